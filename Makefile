@@ -1,0 +1,81 @@
+# Developer entry points. Every target needs only Go (and, for `proto`, the
+# tools pinned under tools/, which `go tool` builds on first use).
+
+GO       ?= go
+BUF      := $(GO) tool -modfile=tools/buf/go.mod buf
+BIN      := bin
+PKGS     := ./...
+# Packages whose coverage the project holds at 80% or more.
+CORE_PKGS := ./storage/... ./control/...
+
+.PHONY: all run build test test-short vet lint fmt proto verify-proto bench cover fuzz clean
+
+all: build
+
+## run: start a single-machine deployment with embedded defaults (relayd dev).
+run: build
+	$(BIN)/relayd dev
+
+## build: compile the binaries into bin/.
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+## test: everything CI checks: generated code fresh, vet, formatting, tests with -race.
+test: verify-proto vet lint-fmt
+	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+
+## test-short: the tests without the race detector, for a quick loop.
+test-short:
+	$(GO) test -count=1 $(PKGS)
+
+vet:
+	$(GO) vet $(PKGS)
+
+## lint: vet, gofmt check, buf lint.
+lint: vet lint-fmt
+	$(BUF) lint
+
+lint-fmt:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed (run make fmt):"; echo "$$out"; exit 1; fi
+
+## fmt: rewrite Go files with gofmt.
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+## proto: regenerate the committed Go code from proto/.
+proto:
+	$(BUF) lint
+	$(BUF) generate
+
+## verify-proto: fail when the committed generated code differs from what proto/ generates.
+verify-proto:
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	$(BUF) lint && $(BUF) generate -o $$tmp && \
+	for f in $$(cd $$tmp && find proto -name '*.go'); do \
+		cmp -s $$tmp/$$f $$f || { echo "stale generated file: $$f (run make proto)"; exit 1; }; \
+	done; \
+	for f in $$(find proto -name '*.go'); do \
+		[ -f $$tmp/$$f ] || { echo "generated file without a source: $$f (run make proto)"; exit 1; }; \
+	done; echo "generated code is up to date"
+
+## bench: run the benchmarks (figures go to docs/benchmarks.md by hand, with this command).
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
+
+## cover: print test coverage per package.
+cover:
+	$(GO) test -count=1 -cover $(PKGS) | sed -e 's/^ok *//'
+
+## fuzz: run each fuzz target for FUZZTIME (default 30s).
+FUZZTIME ?= 30s
+fuzz:
+	@for pkg in $$($(GO) list $(PKGS)); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "== $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+		done; \
+	done
+
+clean:
+	rm -rf $(BIN)

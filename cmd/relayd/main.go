@@ -1,0 +1,133 @@
+// Command relayd is the relay's daemon: `relayd control` runs a control
+// plane node, `relayd dev` a complete single-machine deployment with
+// defaults that need no flags.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/edge-relay/relay/control/server"
+	"github.com/edge-relay/relay/internal/flagenv"
+)
+
+const envPrefix = "RELAY_"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr, os.Getenv); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "relayd:", err)
+		}
+		os.Exit(2)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, topUsage)
+		return errors.New("missing command")
+	}
+	switch args[0] {
+	case "control":
+		return runControl(ctx, args[1:], stderr, getenv)
+	case "dev":
+		return runDev(ctx, args[1:], stdout, stderr, getenv)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, topUsage)
+		return nil
+	}
+	fmt.Fprint(stderr, topUsage)
+	return fmt.Errorf("unknown command %q", args[0])
+}
+
+const topUsage = `Usage: relayd <command> [flags]
+
+Commands:
+  control   run a control-plane node (Raft member serving the Connect API)
+  dev       run a single-machine deployment with embedded defaults
+
+Run "relayd <command> --help" for the flags of a command.
+`
+
+// commonFlags are the logging flags every command has.
+type commonFlags struct {
+	logLevel  string
+	logFormat string
+}
+
+func (c *commonFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
+}
+
+func (c *commonFlags) logger(w io.Writer) (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(c.logLevel)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: %w", c.logLevel, err)
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	switch c.logFormat {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", c.logFormat)
+}
+
+// controlFlags registers the flags of a control node into cfg.
+func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shutdown *time.Duration) {
+	fs.StringVar(&cfg.NodeID, "node-id", "", "this node's stable id (letters, digits, '-', '_', '.')")
+	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory for the Raft log, snapshots and state")
+	fs.StringVar(&cfg.RaftAddr, "raft-addr", "127.0.0.1:7401", "address Raft listens on")
+	fs.StringVar(&cfg.RaftAdvertise, "raft-advertise", "", "Raft address other members dial (default: --raft-addr)")
+	fs.StringVar(&cfg.APIAddr, "api-addr", "127.0.0.1:7400", "address the Connect API listens on")
+	fs.StringVar(&cfg.APIAdvertise, "api-advertise", "", "API address other members and clients use (default: --api-addr)")
+	fs.StringVar(&cfg.AdminAddr, "admin-addr", "127.0.0.1:7402", "address for /metrics, /healthz and /readyz (empty: off)")
+	fs.BoolVar(&cfg.Bootstrap, "bootstrap", false, "start a new cluster with this node as its only voter (first start only)")
+	fs.Var(join, "join", "API address of an existing member to join through (repeatable, comma-separated; first start only)")
+	fs.StringVar(&cfg.RestoreFrom, "restore", "", "seed a new single-node cluster from this backup file (empty data dir only)")
+	fs.StringVar(&cfg.CertFile, "tls-cert", "", "PEM certificate for Raft and API TLS")
+	fs.StringVar(&cfg.KeyFile, "tls-key", "", "PEM private key for --tls-cert")
+	fs.StringVar(&cfg.CAFile, "tls-ca", "", "PEM CA bundle that signs every member's certificate")
+	fs.DurationVar(&cfg.SlowThreshold, "slow-threshold", 100*time.Millisecond, "log Raft applies and reads slower than this")
+	fs.DurationVar(&cfg.SlowRPCThreshold, "slow-rpc-threshold", 300*time.Millisecond, "log API calls slower than this")
+	fs.DurationVar(shutdown, "shutdown-timeout", 30*time.Second, "how long a graceful shutdown may take")
+}
+
+func runControl(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
+	fs := flag.NewFlagSet("relayd control", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		cfg      server.Config
+		join     flagenv.List
+		shutdown time.Duration
+		common   commonFlags
+	)
+	controlFlags(fs, &cfg, &join, &shutdown)
+	common.register(fs)
+	fs.Usage = flagenv.Usage(fs, envPrefix, "relayd control --node-id ID --data-dir DIR [--bootstrap | --join ADDR] [flags]")
+	if err := flagenv.Parse(fs, envPrefix, args, getenv); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	cfg.Join = join
+	log, err := common.logger(stderr)
+	if err != nil {
+		return err
+	}
+	cfg.Logger = log
+	return server.Run(ctx, cfg, shutdown)
+}

@@ -1,0 +1,232 @@
+// Package api serves the control plane's Connect services on a control
+// node: ClusterService (membership, status, backup) and the node-to-node
+// PeerService. Requests that need the leader are forwarded to it, so a
+// client can talk to any member.
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/raftnode"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+)
+
+// ClusterServer serves ClusterService on one node.
+type ClusterServer struct {
+	node   *raftnode.Node
+	dialer *Dialer
+}
+
+var _ controlv1connect.ClusterServiceHandler = (*ClusterServer)(nil)
+
+// NewClusterServer returns the ClusterService handler of node; dialer
+// reaches the leader for forwarded requests.
+func NewClusterServer(node *raftnode.Node, dialer *Dialer) *ClusterServer {
+	return &ClusterServer{node: node, dialer: dialer}
+}
+
+// Status reports this node's view of the cluster.
+func (s *ClusterServer) Status(_ context.Context, _ *connect.Request[controlv1.StatusRequest]) (*connect.Response[controlv1.StatusResponse], error) {
+	st, err := s.node.Status()
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	out := &controlv1.StatusResponse{
+		NodeId: st.NodeID, State: st.State, LeaderId: st.LeaderID, LeaderApiAddr: st.LeaderAPIAddr,
+		Term: st.Term, CommitIndex: st.CommitIndex, AppliedIndex: st.AppliedIndex,
+		LastSnapshotIndex: st.LastSnapshotIndex,
+	}
+	for _, m := range st.Members {
+		suf := controlv1.Suffrage_SUFFRAGE_NONVOTER
+		if m.Voter {
+			suf = controlv1.Suffrage_SUFFRAGE_VOTER
+		}
+		out.Members = append(out.Members, &controlv1.Member{
+			Id: m.ID, RaftAddr: m.RaftAddr, ApiAddr: m.APIAddr, Suffrage: suf, Leader: m.Leader,
+		})
+	}
+	return connect.NewResponse(out), nil
+}
+
+// onLeader runs local when this node leads; otherwise it calls remote on
+// the leader's ClusterService. While no leader is known it retries until
+// ctx ends.
+func onLeader[T any](ctx context.Context, s *ClusterServer, local func() (*T, error), remote func(controlv1connect.ClusterServiceClient) (*T, error)) (*T, error) {
+	backoff := 20 * time.Millisecond
+	for {
+		if s.node.IsLeader() {
+			v, err := local()
+			if !errors.Is(err, raftnode.ErrNotLeader) {
+				return v, err
+			}
+		} else if _, addr := s.node.Leader(); addr != "" {
+			return remote(s.dialer.Cluster(addr))
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w: %v", raftnode.ErrNoLeader, ctx.Err())
+		case <-time.After(backoff):
+		}
+		if backoff < time.Second {
+			backoff *= 2
+		}
+	}
+}
+
+func withDeadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, 30*time.Second)
+}
+
+// AddVoter adds a node as a voter.
+func (s *ClusterServer) AddVoter(ctx context.Context, req *connect.Request[controlv1.AddVoterRequest]) (*connect.Response[controlv1.AddVoterResponse], error) {
+	m := req.Msg
+	if err := fsm.ValidateID("id", m.GetId()); err != nil {
+		return nil, invalidArg(err)
+	}
+	if err := fsm.ValidateText("raft_addr", m.GetRaftAddr(), fsm.MaxAddrLen, true); err != nil {
+		return nil, invalidArg(err)
+	}
+	if err := fsm.ValidateText("api_addr", m.GetApiAddr(), fsm.MaxAddrLen, false); err != nil {
+		return nil, invalidArg(err)
+	}
+	ctx, cancel := withDeadline(ctx)
+	defer cancel()
+	out, err := onLeader(ctx, s,
+		func() (*controlv1.AddVoterResponse, error) {
+			idx, err := s.node.AddVoter(ctx, m.GetId(), m.GetRaftAddr(), m.GetApiAddr())
+			return &controlv1.AddVoterResponse{Index: idx}, err
+		},
+		func(c controlv1connect.ClusterServiceClient) (*controlv1.AddVoterResponse, error) {
+			r, err := c.AddVoter(ctx, connect.NewRequest(m))
+			if err != nil {
+				return nil, err
+			}
+			return r.Msg, nil
+		})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(out), nil
+}
+
+// RemoveServer removes a member.
+func (s *ClusterServer) RemoveServer(ctx context.Context, req *connect.Request[controlv1.RemoveServerRequest]) (*connect.Response[controlv1.RemoveServerResponse], error) {
+	m := req.Msg
+	if err := fsm.ValidateID("id", m.GetId()); err != nil {
+		return nil, invalidArg(err)
+	}
+	ctx, cancel := withDeadline(ctx)
+	defer cancel()
+	out, err := onLeader(ctx, s,
+		func() (*controlv1.RemoveServerResponse, error) {
+			idx, err := s.node.RemoveServer(ctx, m.GetId())
+			return &controlv1.RemoveServerResponse{Index: idx}, err
+		},
+		func(c controlv1connect.ClusterServiceClient) (*controlv1.RemoveServerResponse, error) {
+			r, err := c.RemoveServer(ctx, connect.NewRequest(m))
+			if err != nil {
+				return nil, err
+			}
+			return r.Msg, nil
+		})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(out), nil
+}
+
+// TransferLeadership hands leadership to another voter.
+func (s *ClusterServer) TransferLeadership(ctx context.Context, req *connect.Request[controlv1.TransferLeadershipRequest]) (*connect.Response[controlv1.TransferLeadershipResponse], error) {
+	m := req.Msg
+	if m.GetId() != "" {
+		if err := fsm.ValidateID("id", m.GetId()); err != nil {
+			return nil, invalidArg(err)
+		}
+	}
+	ctx, cancel := withDeadline(ctx)
+	defer cancel()
+	out, err := onLeader(ctx, s,
+		func() (*controlv1.TransferLeadershipResponse, error) {
+			if m.GetId() == s.node.ID() {
+				return &controlv1.TransferLeadershipResponse{LeaderId: s.node.ID()}, nil
+			}
+			id, err := s.node.TransferLeadership(ctx, m.GetId())
+			return &controlv1.TransferLeadershipResponse{LeaderId: id}, err
+		},
+		func(c controlv1connect.ClusterServiceClient) (*controlv1.TransferLeadershipResponse, error) {
+			r, err := c.TransferLeadership(ctx, connect.NewRequest(m))
+			if err != nil {
+				return nil, err
+			}
+			return r.Msg, nil
+		})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(out), nil
+}
+
+// backupChunk is the size of one BackupResponse message.
+const backupChunk = 256 << 10
+
+// Backup streams a consistent copy of the state. It first waits for a
+// linearizable read barrier, so the copy holds every write acknowledged
+// before the call.
+func (s *ClusterServer) Backup(ctx context.Context, _ *connect.Request[controlv1.BackupRequest], stream *connect.ServerStream[controlv1.BackupResponse]) error {
+	if err := s.node.Barrier(ctx); err != nil {
+		return toConnect(err)
+	}
+	w := &chunkWriter{send: func(b []byte) error {
+		return stream.Send(&controlv1.BackupResponse{Data: b})
+	}}
+	if _, err := s.node.FSM().WriteBackup(w); err != nil {
+		return toConnect(err)
+	}
+	if err := w.flush(); err != nil {
+		return toConnect(err)
+	}
+	return nil
+}
+
+// chunkWriter buffers writes into messages of backupChunk bytes.
+type chunkWriter struct {
+	buf  []byte
+	send func([]byte) error
+}
+
+func (w *chunkWriter) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		room := backupChunk - len(w.buf)
+		if room > len(p) {
+			room = len(p)
+		}
+		w.buf = append(w.buf, p[:room]...)
+		p = p[room:]
+		if len(w.buf) == backupChunk {
+			if err := w.flush(); err != nil {
+				return 0, err
+			}
+		}
+	}
+	return n, nil
+}
+
+func (w *chunkWriter) flush() error {
+	if len(w.buf) == 0 {
+		return nil
+	}
+	err := w.send(w.buf)
+	w.buf = make([]byte, 0, backupChunk)
+	return err
+}

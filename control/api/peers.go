@@ -1,0 +1,120 @@
+package api
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net/http"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/raftnode"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+)
+
+// Dialer builds Connect clients for other control nodes' APIs. It caches
+// one client per address and is safe for concurrent use.
+type Dialer struct {
+	http   *http.Client
+	scheme string
+
+	mu      sync.Mutex // guards the maps below
+	peers   map[string]controlv1connect.PeerServiceClient
+	cluster map[string]controlv1connect.ClusterServiceClient
+}
+
+// NewDialer returns a Dialer. With tlsConfig nil it speaks HTTP/2 over
+// cleartext (h2c); otherwise HTTPS with that configuration.
+func NewDialer(tlsConfig *tls.Config) *Dialer {
+	tr := &http.Transport{
+		MaxIdleConnsPerHost: 8,
+		IdleConnTimeout:     90 * time.Second,
+		ForceAttemptHTTP2:   true,
+	}
+	scheme := "https://"
+	if tlsConfig == nil {
+		var p http.Protocols
+		p.SetUnencryptedHTTP2(true)
+		tr.Protocols = &p
+		scheme = "http://"
+	} else {
+		tr.TLSClientConfig = tlsConfig
+	}
+	return &Dialer{
+		http:    &http.Client{Transport: tr},
+		scheme:  scheme,
+		peers:   map[string]controlv1connect.PeerServiceClient{},
+		cluster: map[string]controlv1connect.ClusterServiceClient{},
+	}
+}
+
+// Close releases idle connections.
+func (d *Dialer) Close() { d.http.CloseIdleConnections() }
+
+// URL returns the base URL of the API at addr.
+func (d *Dialer) URL(addr string) string { return d.scheme + addr }
+
+func (d *Dialer) peer(addr string) controlv1connect.PeerServiceClient {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c, ok := d.peers[addr]
+	if !ok {
+		c = controlv1connect.NewPeerServiceClient(d.http, d.URL(addr))
+		d.peers[addr] = c
+	}
+	return c
+}
+
+// Cluster returns a ClusterService client for the node at addr.
+func (d *Dialer) Cluster(addr string) controlv1connect.ClusterServiceClient {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c, ok := d.cluster[addr]
+	if !ok {
+		c = controlv1connect.NewClusterServiceClient(d.http, d.URL(addr))
+		d.cluster[addr] = c
+	}
+	return c
+}
+
+var _ raftnode.PeerClient = (*Dialer)(nil)
+
+// Apply forwards an encoded command to the leader at addr. Any failure
+// that may have happened after the leader received it is reported as
+// raftnode.ErrUnknownOutcome, which the node retries with the same request
+// id.
+func (d *Dialer) Apply(ctx context.Context, addr string, cmd []byte) ([]byte, error) {
+	resp, err := d.peer(addr).Apply(ctx, connect.NewRequest(&controlv1.ApplyRequest{Command: cmd}))
+	if err != nil {
+		return nil, fromPeer("forward apply", addr, err)
+	}
+	return resp.Msg.GetResult(), nil
+}
+
+// ReadIndex asks the leader at addr for a read index.
+func (d *Dialer) ReadIndex(ctx context.Context, addr string) (uint64, error) {
+	resp, err := d.peer(addr).ReadIndex(ctx, connect.NewRequest(&controlv1.ReadIndexRequest{}))
+	if err != nil {
+		return 0, fromPeer("read index", addr, err)
+	}
+	return resp.Msg.GetIndex(), nil
+}
+
+// fromPeer maps a peer's error back onto the node's sentinels so the
+// node's retry logic can act on it.
+func fromPeer(op, addr string, err error) error {
+	switch connect.CodeOf(err) {
+	case connect.CodeUnavailable, connect.CodeUnknown, connect.CodeDeadlineExceeded, connect.CodeAborted, connect.CodeInternal:
+		if op == "read index" {
+			return fmt.Errorf("%s at %s: %w: %v", op, addr, raftnode.ErrNoLeader, err)
+		}
+		return fmt.Errorf("%s at %s: %w: %v", op, addr, raftnode.ErrUnknownOutcome, err)
+	case connect.CodeFailedPrecondition:
+		// The peer is not (or no longer) the leader: nothing was proposed.
+		return fmt.Errorf("%s at %s: %w: %v", op, addr, raftnode.ErrNoLeader, err)
+	}
+	return fmt.Errorf("%s at %s: %w", op, addr, err)
+}

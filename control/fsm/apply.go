@@ -1,0 +1,441 @@
+package fsm
+
+import (
+	"errors"
+	"fmt"
+	"unicode"
+	"unicode/utf8"
+
+	"google.golang.org/protobuf/proto"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/state"
+)
+
+// Field limits enforced inside apply (the API checks them first with
+// friendlier messages; apply is the authority).
+const (
+	MaxIDLen          = 64
+	MaxLoginLen       = 64
+	MaxDisplayNameLen = 256
+	MaxDeviceNameLen  = 128
+	MaxAddrLen        = 256
+	PublicKeyLen      = 32
+)
+
+var marshalOpts = proto.MarshalOptions{Deterministic: true}
+
+// txn is the context of one command's apply: the shared batch, the
+// revision (Raft index) and the proposer's clock.
+type txn struct {
+	b   *state.Batch
+	rev uint64
+	now int64
+	seq uint32
+}
+
+func (t *txn) put(key []byte, m proto.Message) error {
+	v, err := marshalOpts.Marshal(m)
+	if err != nil {
+		return fmt.Errorf("marshal %T: %w", m, err)
+	}
+	return t.b.Set(key, v)
+}
+
+// get decodes the record under key into m; found is false when absent.
+func (t *txn) get(key []byte, m proto.Message) (found bool, err error) {
+	v, err := t.b.Get(key)
+	if errors.Is(err, state.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if err := proto.Unmarshal(v, m); err != nil {
+		return false, fmt.Errorf("decode %T at %q: %w", m, key, err)
+	}
+	return true, nil
+}
+
+func (t *txn) emit(c *statev1.Change) error {
+	c.Revision = t.rev
+	c.Seq = t.seq
+	t.seq++
+	return t.put(changeKey(t.rev, c.Seq), c)
+}
+
+// dispatch validates and applies one command. A rejection is returned as
+// *applyError after nothing was written; any other error is a storage
+// failure.
+func (f *FSM) dispatch(t *txn, cmd *statev1.Command) (*statev1.Result, error) {
+	switch op := cmd.GetOp().(type) {
+	case *statev1.Command_CreateUser:
+		return t.createUser(op.CreateUser)
+	case *statev1.Command_UpdateUser:
+		return t.updateUser(op.UpdateUser)
+	case *statev1.Command_DeleteUser:
+		return t.deleteUser(op.DeleteUser)
+	case *statev1.Command_RegisterDevice:
+		return t.registerDevice(op.RegisterDevice)
+	case *statev1.Command_RevokeDevice:
+		return t.revokeDevice(op.RevokeDevice)
+	case *statev1.Command_DeleteDevice:
+		return t.deleteDevice(op.DeleteDevice)
+	case *statev1.Command_PutNode:
+		return t.putNode(op.PutNode)
+	case *statev1.Command_RemoveNode:
+		return t.removeNode(op.RemoveNode)
+	case *statev1.Command_Noop:
+		return &statev1.Result{}, nil
+	case nil:
+		return nil, invalid("command has no operation")
+	default:
+		return nil, invalid("unknown operation %T", op)
+	}
+}
+
+// ValidateID checks an id of a user, device or node.
+func ValidateID(field, id string) error {
+	if id == "" {
+		return fmt.Errorf("%s is empty", field)
+	}
+	if len(id) > MaxIDLen {
+		return fmt.Errorf("%s is %d bytes, at most %d allowed", field, len(id), MaxIDLen)
+	}
+	for _, r := range id {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return fmt.Errorf("%s has character %q; allowed are letters, digits, '-', '_' and '.'", field, r)
+		}
+	}
+	return nil
+}
+
+// ValidateText checks a human-readable field: valid UTF-8, no control
+// characters, at most max bytes, and (if required) not empty.
+func ValidateText(field, s string, max int, required bool) error {
+	if s == "" {
+		if required {
+			return fmt.Errorf("%s is empty", field)
+		}
+		return nil
+	}
+	if len(s) > max {
+		return fmt.Errorf("%s is %d bytes, at most %d allowed", field, len(s), max)
+	}
+	if !utf8.ValidString(s) {
+		return fmt.Errorf("%s is not valid UTF-8", field)
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return fmt.Errorf("%s contains a control character", field)
+		}
+	}
+	return nil
+}
+
+func asInvalid(err error) error {
+	if err == nil {
+		return nil
+	}
+	return invalid("%s", err.Error())
+}
+
+func validStatus(s statev1.UserStatus) bool {
+	return s == statev1.UserStatus_USER_STATUS_ACTIVE || s == statev1.UserStatus_USER_STATUS_DISABLED
+}
+
+func (t *txn) createUser(op *statev1.CreateUser) (*statev1.Result, error) {
+	u := proto.Clone(op.GetUser()).(*statev1.User)
+	if u == nil {
+		return nil, invalid("user is missing")
+	}
+	if err := ValidateID("user.id", u.GetId()); err != nil {
+		return nil, asInvalid(err)
+	}
+	if err := ValidateText("user.login", u.GetLogin(), MaxLoginLen, true); err != nil {
+		return nil, asInvalid(err)
+	}
+	if err := ValidateText("user.display_name", u.GetDisplayName(), MaxDisplayNameLen, false); err != nil {
+		return nil, asInvalid(err)
+	}
+	if u.Status == statev1.UserStatus_USER_STATUS_UNSPECIFIED {
+		u.Status = statev1.UserStatus_USER_STATUS_ACTIVE
+	}
+	if !validStatus(u.Status) {
+		return nil, invalid("user.status %d is not a known status", u.Status)
+	}
+	if u.CreatedAtMs == 0 {
+		u.CreatedAtMs = t.now
+	}
+	var existing statev1.User
+	if found, err := t.get(userKey(u.Id), &existing); err != nil {
+		return nil, err
+	} else if found {
+		return nil, exists("user %q already exists", u.Id)
+	}
+	if _, err := t.b.Get(loginKey(u.Login)); err == nil {
+		return nil, exists("login %q is taken", u.Login)
+	} else if !errors.Is(err, state.ErrNotFound) {
+		return nil, err
+	}
+	if err := t.put(userKey(u.Id), u); err != nil {
+		return nil, err
+	}
+	if err := t.b.Set(loginKey(u.Login), []byte(u.Id)); err != nil {
+		return nil, err
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_USER_PUT, Object: &statev1.Change_User{User: u}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{Object: &statev1.Result_User{User: u}}, nil
+}
+
+func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
+	var u statev1.User
+	if found, err := t.get(userKey(op.GetId()), &u); err != nil {
+		return nil, err
+	} else if !found {
+		return nil, notFound("user %q not found", op.GetId())
+	}
+	in := op.GetUser()
+	if in == nil {
+		in = &statev1.User{}
+	}
+	oldLogin := u.Login
+	if len(op.GetFields()) == 0 {
+		return nil, invalid("fields is empty: name at least one field to update")
+	}
+	for _, f := range op.GetFields() {
+		switch f {
+		case "display_name":
+			if err := ValidateText("user.display_name", in.GetDisplayName(), MaxDisplayNameLen, false); err != nil {
+				return nil, asInvalid(err)
+			}
+			u.DisplayName = in.GetDisplayName()
+		case "status":
+			if !validStatus(in.GetStatus()) {
+				return nil, invalid("user.status %d is not a known status", in.GetStatus())
+			}
+			u.Status = in.GetStatus()
+		case "password_hash":
+			u.PasswordHash = in.GetPasswordHash()
+		case "role":
+			u.Role = in.GetRole()
+		case "login":
+			if err := ValidateText("user.login", in.GetLogin(), MaxLoginLen, true); err != nil {
+				return nil, asInvalid(err)
+			}
+			u.Login = in.GetLogin()
+		default:
+			return nil, invalid("field %q cannot be updated", f)
+		}
+	}
+	if u.Login != oldLogin {
+		if _, err := t.b.Get(loginKey(u.Login)); err == nil {
+			return nil, exists("login %q is taken", u.Login)
+		} else if !errors.Is(err, state.ErrNotFound) {
+			return nil, err
+		}
+		if err := t.b.Delete(loginKey(oldLogin)); err != nil {
+			return nil, err
+		}
+		if err := t.b.Set(loginKey(u.Login), []byte(u.Id)); err != nil {
+			return nil, err
+		}
+	}
+	if err := t.put(userKey(u.Id), &u); err != nil {
+		return nil, err
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_USER_PUT, Object: &statev1.Change_User{User: &u}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{Object: &statev1.Result_User{User: &u}}, nil
+}
+
+func (t *txn) deleteUser(op *statev1.DeleteUser) (*statev1.Result, error) {
+	var u statev1.User
+	if found, err := t.get(userKey(op.GetId()), &u); err != nil {
+		return nil, err
+	} else if !found {
+		return nil, notFound("user %q not found", op.GetId())
+	}
+	// Devices go in the same entry, before the user, so a watcher never
+	// sees a device whose user is gone.
+	var devices []*statev1.Device
+	p := userDevicesPrefix(u.Id)
+	err := t.b.Iterate(p, prefixEnd(p), func(_, v []byte) (bool, error) {
+		var d statev1.Device
+		if err := proto.Unmarshal(v, &d); err != nil {
+			return false, err
+		}
+		devices = append(devices, &d)
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range devices {
+		if err := t.removeDevice(d); err != nil {
+			return nil, err
+		}
+	}
+	if err := t.b.Delete(loginKey(u.Login)); err != nil {
+		return nil, err
+	}
+	if err := t.b.Delete(userKey(u.Id)); err != nil {
+		return nil, err
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_USER_DELETED, Object: &statev1.Change_User{User: &u}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{Object: &statev1.Result_User{User: &u}}, nil
+}
+
+func (t *txn) removeDevice(d *statev1.Device) error {
+	if err := t.b.Delete(deviceKey(d.UserId, d.Id)); err != nil {
+		return err
+	}
+	if err := t.b.Delete(deviceOwnerKey(d.Id)); err != nil {
+		return err
+	}
+	return t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_DEVICE_DELETED, Object: &statev1.Change_Device{Device: d}})
+}
+
+func (t *txn) registerDevice(op *statev1.RegisterDevice) (*statev1.Result, error) {
+	d := proto.Clone(op.GetDevice()).(*statev1.Device)
+	if d == nil {
+		return nil, invalid("device is missing")
+	}
+	if err := ValidateID("device.id", d.GetId()); err != nil {
+		return nil, asInvalid(err)
+	}
+	if err := ValidateID("device.user_id", d.GetUserId()); err != nil {
+		return nil, asInvalid(err)
+	}
+	if err := ValidateText("device.name", d.GetName(), MaxDeviceNameLen, true); err != nil {
+		return nil, asInvalid(err)
+	}
+	if len(d.GetPublicKey()) != PublicKeyLen {
+		return nil, invalid("device.public_key is %d bytes, an Ed25519 public key is %d", len(d.GetPublicKey()), PublicKeyLen)
+	}
+	var u statev1.User
+	if found, err := t.get(userKey(d.UserId), &u); err != nil {
+		return nil, err
+	} else if !found {
+		return nil, notFound("user %q not found", d.UserId)
+	}
+	if u.Status != statev1.UserStatus_USER_STATUS_ACTIVE {
+		return nil, precondition("user %q is not active", d.UserId)
+	}
+	if _, err := t.b.Get(deviceOwnerKey(d.Id)); err == nil {
+		return nil, exists("device %q already exists", d.Id)
+	} else if !errors.Is(err, state.ErrNotFound) {
+		return nil, err
+	}
+	d.Revoked, d.RevokedAtMs = false, 0
+	if d.CreatedAtMs == 0 {
+		d.CreatedAtMs = t.now
+	}
+	if err := t.put(deviceKey(d.UserId, d.Id), d); err != nil {
+		return nil, err
+	}
+	if err := t.b.Set(deviceOwnerKey(d.Id), []byte(d.UserId)); err != nil {
+		return nil, err
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_DEVICE_PUT, Object: &statev1.Change_Device{Device: d}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{Object: &statev1.Result_Device{Device: d}}, nil
+}
+
+// ownedDevice loads a device that must belong to userID; a device of
+// another user is reported exactly like a missing one.
+func (t *txn) ownedDevice(userID, deviceID string) (*statev1.Device, error) {
+	var d statev1.Device
+	found, err := t.get(deviceKey(userID, deviceID), &d)
+	if err != nil {
+		return nil, err
+	}
+	if !found {
+		return nil, notFound("device %q not found", deviceID)
+	}
+	return &d, nil
+}
+
+func (t *txn) revokeDevice(op *statev1.RevokeDevice) (*statev1.Result, error) {
+	d, err := t.ownedDevice(op.GetUserId(), op.GetDeviceId())
+	if err != nil {
+		return nil, err
+	}
+	if d.Revoked {
+		return &statev1.Result{Object: &statev1.Result_Device{Device: d}}, nil
+	}
+	d.Revoked, d.RevokedAtMs = true, t.now
+	if err := t.put(deviceKey(d.UserId, d.Id), d); err != nil {
+		return nil, err
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_DEVICE_PUT, Object: &statev1.Change_Device{Device: d}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{Object: &statev1.Result_Device{Device: d}}, nil
+}
+
+func (t *txn) deleteDevice(op *statev1.DeleteDevice) (*statev1.Result, error) {
+	d, err := t.ownedDevice(op.GetUserId(), op.GetDeviceId())
+	if err != nil {
+		return nil, err
+	}
+	if err := t.removeDevice(d); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{Object: &statev1.Result_Device{Device: d}}, nil
+}
+
+func (t *txn) putNode(op *statev1.PutNode) (*statev1.Result, error) {
+	n := op.GetNode()
+	if n == nil {
+		return nil, invalid("node is missing")
+	}
+	if err := ValidateID("node.id", n.GetId()); err != nil {
+		return nil, asInvalid(err)
+	}
+	if err := ValidateText("node.raft_addr", n.GetRaftAddr(), MaxAddrLen, true); err != nil {
+		return nil, asInvalid(err)
+	}
+	if err := ValidateText("node.api_addr", n.GetApiAddr(), MaxAddrLen, true); err != nil {
+		return nil, asInvalid(err)
+	}
+	var old statev1.Node
+	found, err := t.get(nodeKey(n.Id), &old)
+	if err != nil {
+		return nil, err
+	}
+	if found && proto.Equal(&old, n) {
+		return &statev1.Result{}, nil
+	}
+	if err := t.put(nodeKey(n.Id), n); err != nil {
+		return nil, err
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_NODE_PUT, Object: &statev1.Change_Node{Node: n}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{}, nil
+}
+
+func (t *txn) removeNode(op *statev1.RemoveNode) (*statev1.Result, error) {
+	var n statev1.Node
+	found, err := t.get(nodeKey(op.GetId()), &n)
+	if err != nil {
+		return nil, err
+	}
+	if !found {
+		return &statev1.Result{}, nil
+	}
+	if err := t.b.Delete(nodeKey(n.Id)); err != nil {
+		return nil, err
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_NODE_DELETED, Object: &statev1.Change_Node{Node: &n}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{}, nil
+}

@@ -1,0 +1,362 @@
+// Package fsm is the control plane's replicated state machine: it applies
+// the typed commands of the Raft log (proto state.v1) to the Pebble state
+// store, deterministically, keeps the revisioned change feed that edges
+// watch, and takes and restores snapshots.
+//
+// See DESIGN.md in this directory for the invariants.
+package fsm
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"google.golang.org/protobuf/proto"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/state"
+)
+
+// Config configures an FSM.
+type Config struct {
+	// Store is the state store the FSM owns. Required.
+	Store *state.Store
+	// Logger for apply failures and snapshots. Default: slog.Default().
+	Logger *slog.Logger
+	// ChangeRetention is how many revisions of the change feed are kept
+	// behind the newest one. Default 100000.
+	ChangeRetention uint64
+	// RequestRetention is how many revisions a request id is remembered
+	// for deduplication. Default 100000.
+	RequestRetention uint64
+	// PruneEvery is the revision interval at which old changes and request
+	// ids are pruned (at revisions divisible by it, so every replica prunes
+	// the same entries). Default 1024.
+	PruneEvery uint64
+	// OnApply, if set, observes every applied batch of entries.
+	OnApply func(took time.Duration, entries int)
+	// OnSnapshot, if set, observes every persisted snapshot.
+	OnSnapshot func(took time.Duration, records uint64, err error)
+}
+
+func (c *Config) applyDefaults() error {
+	if c.Store == nil {
+		return errors.New("fsm: Config.Store is required")
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.ChangeRetention == 0 {
+		c.ChangeRetention = 100_000
+	}
+	if c.RequestRetention == 0 {
+		c.RequestRetention = 100_000
+	}
+	if c.PruneEvery == 0 {
+		c.PruneEvery = 1024
+	}
+	return nil
+}
+
+// FSM implements raft.BatchingFSM over the state store.
+type FSM struct {
+	cfg   Config
+	store *state.Store
+	log   *slog.Logger
+
+	mu        sync.Mutex    // guards the fields below
+	applied   uint64        // index of the last entry applied (durable with the state)
+	term      uint64        // term of that entry
+	appliedCh chan struct{} // closed and replaced whenever applied advances
+}
+
+var _ raft.BatchingFSM = (*FSM)(nil)
+
+// New returns an FSM over cfg.Store, resuming from the applied index the
+// store holds.
+func New(cfg Config) (*FSM, error) {
+	if err := cfg.applyDefaults(); err != nil {
+		return nil, err
+	}
+	f := &FSM{cfg: cfg, store: cfg.Store, log: cfg.Logger, appliedCh: make(chan struct{})}
+	idx, term, err := ReadApplied(cfg.Store)
+	if err != nil {
+		return nil, err
+	}
+	f.applied, f.term = idx, term
+	return f, nil
+}
+
+// ReadApplied returns the applied index and term recorded in a state
+// store (zero for an empty one).
+func ReadApplied(r state.Reader) (index, term uint64, err error) {
+	v, err := r.Get(keyApplied)
+	if errors.Is(err, state.ErrNotFound) {
+		return 0, 0, nil
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("read applied index: %w", err)
+	}
+	if len(v) != 16 {
+		return 0, 0, fmt.Errorf("read applied index: %d bytes, want 16", len(v))
+	}
+	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), nil
+}
+
+// AppliedIndex returns the index of the last log entry the FSM applied.
+// Raft's own no-op entries (written at each election) are never shown to
+// the FSM, so this can trail raft.AppliedIndex by those.
+func (f *FSM) AppliedIndex() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.applied
+}
+
+// WaitApplied blocks until the FSM has applied index or ctx ends.
+func (f *FSM) WaitApplied(ctx context.Context, index uint64) error {
+	for {
+		f.mu.Lock()
+		applied, ch := f.applied, f.appliedCh
+		f.mu.Unlock()
+		if applied >= index {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("wait for index %d (applied %d): %w", index, applied, ctx.Err())
+		}
+	}
+}
+
+// Changed returns a channel that is closed the next time the applied index
+// advances. Watchers read the change feed, then wait on it.
+func (f *FSM) Changed() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.appliedCh
+}
+
+func (f *FSM) setApplied(index, term uint64) {
+	f.mu.Lock()
+	f.applied, f.term = index, term
+	close(f.appliedCh)
+	f.appliedCh = make(chan struct{})
+	f.mu.Unlock()
+}
+
+// Apply applies one committed entry. It returns a *statev1.Result for a
+// command entry (nil for entries that carry none).
+func (f *FSM) Apply(l *raft.Log) any {
+	return f.ApplyBatch([]*raft.Log{l})[0]
+}
+
+// ApplyBatch applies committed entries in one atomic store batch together
+// with the new applied index, so a crash never applies an entry twice or
+// loses one the FSM reported applied.
+func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
+	out := make([]any, len(logs))
+	f.mu.Lock()
+	applied := f.applied
+	f.mu.Unlock()
+
+	start := time.Now()
+	b := f.store.NewBatch()
+	var last *raft.Log
+	for i, l := range logs {
+		if l.Index <= applied {
+			// Already applied before a restart: the store has its effect.
+			continue
+		}
+		out[i] = f.applyEntry(b, l)
+		last = l
+	}
+	if last == nil {
+		b.Discard()
+		return out
+	}
+	var v [16]byte
+	binary.BigEndian.PutUint64(v[:], last.Index)
+	binary.BigEndian.PutUint64(v[8:], last.Term)
+	if err := b.Set(keyApplied, v[:]); err != nil {
+		f.fatal("record applied index", err)
+	}
+	if err := b.Commit(); err != nil {
+		f.fatal("commit applied batch", err)
+	}
+	f.setApplied(last.Index, last.Term)
+	if f.cfg.OnApply != nil {
+		f.cfg.OnApply(time.Since(start), len(logs))
+	}
+	return out
+}
+
+// fatal stops the process: a replica that cannot write its state cannot
+// stay deterministic, and restarting replays the log from the last durable
+// applied index.
+func (f *FSM) fatal(what string, err error) {
+	f.log.Error("fsm: storage failure, stopping", "op", what, "err", err)
+	panic(fmt.Sprintf("fsm: %s: %v", what, err))
+}
+
+func (f *FSM) applyEntry(b *state.Batch, l *raft.Log) *statev1.Result {
+	if l.Type != raft.LogCommand {
+		// Configuration entries only advance the applied index.
+		return nil
+	}
+	var cmd statev1.Command
+	if err := proto.Unmarshal(l.Data, &cmd); err != nil {
+		return &statev1.Result{
+			Code:     statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT,
+			Message:  "undecodable command: " + err.Error(),
+			Revision: l.Index,
+		}
+	}
+	tx := &txn{b: b, rev: l.Index, now: cmd.GetProposedAtMs()}
+	if id := cmd.GetRequestId(); id != "" {
+		if prev, err := b.Get(requestKey(id)); err == nil {
+			var r statev1.Result
+			if err := proto.Unmarshal(prev, &r); err != nil {
+				f.fatal("decode remembered result", err)
+			}
+			return &r
+		} else if !errors.Is(err, state.ErrNotFound) {
+			f.fatal("read request id", err)
+		}
+	}
+	res, err := f.dispatch(tx, &cmd)
+	if err != nil {
+		var ae *applyError
+		if !errors.As(err, &ae) {
+			f.fatal("apply command", err)
+		}
+		res = &statev1.Result{Code: ae.code, Message: ae.msg}
+	} else {
+		res.Code = statev1.ResultCode_RESULT_CODE_OK
+	}
+	res.Revision = l.Index
+	if id := cmd.GetRequestId(); id != "" {
+		if err := tx.put(requestKey(id), res); err != nil {
+			f.fatal("remember request id", err)
+		}
+		if err := b.Set(requestRevKey(l.Index, id), nil); err != nil {
+			f.fatal("index request id", err)
+		}
+	}
+	if l.Index%f.cfg.PruneEvery == 0 {
+		if err := f.prune(b, l.Index); err != nil {
+			f.fatal("prune", err)
+		}
+	}
+	return res
+}
+
+// prune drops change feed entries and remembered request ids that fell out
+// of their retention windows. It runs at fixed revisions, so every replica
+// drops exactly the same entries.
+func (f *FSM) prune(b *state.Batch, rev uint64) error {
+	if rev > f.cfg.ChangeRetention {
+		horizon := rev - f.cfg.ChangeRetention
+		if err := b.DeleteRange(prefixChange, changeKey(horizon, 0)); err != nil {
+			return err
+		}
+		var v [8]byte
+		binary.BigEndian.PutUint64(v[:], horizon)
+		if err := b.Set(keyHorizon, v[:]); err != nil {
+			return err
+		}
+	}
+	if rev > f.cfg.RequestRetention {
+		end := requestRevKey(rev-f.cfg.RequestRetention, "")
+		var ids []string
+		err := b.Iterate(prefixRequestRev, end, func(k, _ []byte) (bool, error) {
+			ids = append(ids, string(k[len(prefixRequestRev)+8:]))
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, id := range ids {
+			if err := b.Delete(requestKey(id)); err != nil {
+				return err
+			}
+		}
+		if err := b.DeleteRange(prefixRequestRev, end); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Snapshot captures a point-in-time view; the copying happens in Persist,
+// concurrently with later applies.
+func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
+	// Applies commit without fsync. Raft may truncate its log once this
+	// snapshot is persisted, so everything the snapshot covers must be
+	// durable in the store first: one synced write flushes the WAL.
+	if err := f.store.Sync(); err != nil {
+		return nil, fmt.Errorf("fsm snapshot: %w", err)
+	}
+	return &snapshot{snap: f.store.Snapshot(), onDone: f.cfg.OnSnapshot}, nil
+}
+
+// Restore replaces the whole state with a snapshot's.
+func (f *FSM) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	n, err := f.store.Import(rc)
+	if err != nil {
+		return fmt.Errorf("fsm restore: %w", err)
+	}
+	idx, term, err := ReadApplied(f.store)
+	if err != nil {
+		return fmt.Errorf("fsm restore: %w", err)
+	}
+	f.log.Info("fsm restored from snapshot", "records", n, "applied_index", idx)
+	f.setApplied(idx, term)
+	return nil
+}
+
+// WriteBackup writes a consistent copy of the current state in the
+// snapshot format to w and returns the applied index it reflects.
+func (f *FSM) WriteBackup(w io.Writer) (uint64, error) {
+	snap := f.store.Snapshot()
+	defer snap.Close()
+	idx, _, err := ReadApplied(snap)
+	if err != nil {
+		return 0, err
+	}
+	if _, err := state.Export(w, snap); err != nil {
+		return 0, fmt.Errorf("write backup: %w", err)
+	}
+	return idx, nil
+}
+
+type snapshot struct {
+	snap   *state.Snapshot
+	onDone func(time.Duration, uint64, error)
+}
+
+func (s *snapshot) Persist(sink raft.SnapshotSink) error {
+	start := time.Now()
+	n, err := state.Export(sink, s.snap)
+	if err == nil {
+		err = sink.Close()
+	} else {
+		_ = sink.Cancel()
+	}
+	if s.onDone != nil {
+		s.onDone(time.Since(start), n, err)
+	}
+	if err != nil {
+		return fmt.Errorf("persist snapshot: %w", err)
+	}
+	return nil
+}
+
+func (s *snapshot) Release() { _ = s.snap.Close() }

@@ -1,0 +1,288 @@
+package raftnode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// Member is one server of the Raft configuration.
+type Member struct {
+	ID       string
+	RaftAddr string
+	APIAddr  string // empty until recorded
+	Voter    bool
+	Leader   bool
+}
+
+// Status is this node's view of the cluster.
+type Status struct {
+	NodeID            string
+	State             string
+	LeaderID          string
+	LeaderAPIAddr     string
+	Term              uint64
+	CommitIndex       uint64
+	AppliedIndex      uint64
+	LastSnapshotIndex uint64
+	Members           []Member
+}
+
+// Status reports the node's view of the cluster.
+func (n *Node) Status() (Status, error) {
+	stats := n.raft.Stats()
+	u := func(k string) uint64 { v, _ := strconv.ParseUint(stats[k], 10, 64); return v }
+	lid, laddr := n.Leader()
+	st := Status{
+		NodeID:            n.cfg.NodeID,
+		State:             n.raft.State().String(),
+		LeaderID:          lid,
+		LeaderAPIAddr:     laddr,
+		Term:              u("term"),
+		CommitIndex:       n.raft.CommitIndex(),
+		AppliedIndex:      n.fsm.AppliedIndex(),
+		LastSnapshotIndex: u("last_snapshot_index"),
+	}
+	cf := n.raft.GetConfiguration()
+	if err := cf.Error(); err != nil {
+		return st, fmt.Errorf("read raft configuration: %w", err)
+	}
+	for _, s := range cf.Configuration().Servers {
+		m := Member{ID: string(s.ID), RaftAddr: string(s.Address), Voter: s.Suffrage == raft.Voter, Leader: string(s.ID) == lid}
+		if rec, err := n.fsm.GetNode(string(s.ID)); err == nil {
+			m.APIAddr = rec.GetApiAddr()
+		}
+		st.Members = append(st.Members, m)
+	}
+	return st, nil
+}
+
+func (n *Node) requireLeader() error {
+	if n.shutdown.Load() {
+		return ErrShutdown
+	}
+	if !n.IsLeader() {
+		return ErrNotLeader
+	}
+	return nil
+}
+
+func timeoutOf(ctx context.Context, def time.Duration) time.Duration {
+	if dl, ok := ctx.Deadline(); ok {
+		if d := time.Until(dl); d > 0 {
+			return d
+		}
+		return time.Millisecond
+	}
+	return def
+}
+
+func mapRaftErr(op string, err error) error {
+	switch {
+	case errors.Is(err, raft.ErrNotLeader):
+		return fmt.Errorf("%s: %w", op, ErrNotLeader)
+	case errors.Is(err, raft.ErrRaftShutdown):
+		return fmt.Errorf("%s: %w", op, ErrShutdown)
+	case errors.Is(err, raft.ErrLeadershipLost), errors.Is(err, raft.ErrEnqueueTimeout):
+		return fmt.Errorf("%s: %w: %v", op, ErrUnknownOutcome, err)
+	}
+	return fmt.Errorf("%s: %w", op, err)
+}
+
+// AddVoter adds (or promotes) a voter; this node must be the leader. The
+// new node's API address is recorded in the same step so that it can be
+// forwarded to as soon as it leads.
+func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint64, error) {
+	if err := n.requireLeader(); err != nil {
+		return 0, err
+	}
+	f := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, timeoutOf(ctx, n.cfg.ApplyTimeout))
+	if err := f.Error(); err != nil {
+		return 0, mapRaftErr("add voter "+id, err)
+	}
+	if apiAddr != "" {
+		if _, err := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{
+			Node: &statev1.Node{Id: id, RaftAddr: raftAddr, ApiAddr: apiAddr}}}}); err != nil {
+			return f.Index(), fmt.Errorf("record addresses of %s: %w", id, err)
+		}
+	}
+	n.log.Info("added voter", "id", id, "raft_addr", raftAddr, "api_addr", apiAddr)
+	return f.Index(), nil
+}
+
+// RemoveServer removes a member; this node must be the leader. Removing
+// the leader itself makes it step down once the change commits.
+func (n *Node) RemoveServer(ctx context.Context, id string) (uint64, error) {
+	if err := n.requireLeader(); err != nil {
+		return 0, err
+	}
+	f := n.raft.RemoveServer(raft.ServerID(id), 0, timeoutOf(ctx, n.cfg.ApplyTimeout))
+	if err := f.Error(); err != nil {
+		return 0, mapRaftErr("remove server "+id, err)
+	}
+	n.log.Info("removed server", "id", id)
+	if id != n.cfg.NodeID {
+		if _, err := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: id}}}); err != nil {
+			n.log.Warn("forget removed node's addresses", "id", id, "err", err)
+		}
+	}
+	return f.Index(), nil
+}
+
+// TransferLeadership hands leadership to the voter with the given id, or
+// to the most up-to-date one when id is empty; this node must be the
+// leader. It returns the new leader's id.
+func (n *Node) TransferLeadership(ctx context.Context, id string) (string, error) {
+	if err := n.requireLeader(); err != nil {
+		return "", err
+	}
+	var f raft.Future
+	if id == "" {
+		f = n.raft.LeadershipTransfer()
+	} else {
+		var addr raft.ServerAddress
+		cf := n.raft.GetConfiguration()
+		if err := cf.Error(); err != nil {
+			return "", fmt.Errorf("read configuration: %w", err)
+		}
+		for _, s := range cf.Configuration().Servers {
+			if string(s.ID) == id && s.Suffrage == raft.Voter {
+				addr = s.Address
+			}
+		}
+		if addr == "" {
+			return "", fmt.Errorf("transfer leadership: %q is not a voter of this cluster", id)
+		}
+		f = n.raft.LeadershipTransferToServer(raft.ServerID(id), addr)
+	}
+	if err := f.Error(); err != nil {
+		return "", mapRaftErr("transfer leadership", err)
+	}
+	// Wait until this node has seen the new leader.
+	for {
+		if lid, _ := n.Leader(); lid != "" && lid != n.cfg.NodeID {
+			n.log.Info("transferred leadership", "to", lid)
+			return lid, nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("transfer leadership: wait for new leader: %w", ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// Snapshot asks Raft to take a snapshot now and compact its log.
+func (n *Node) Snapshot() error {
+	if err := n.raft.Snapshot().Error(); err != nil {
+		return fmt.Errorf("snapshot: %w", err)
+	}
+	return nil
+}
+
+// Shutdown stops the node: a leader with other voters hands leadership
+// over first (bounded by ctx), then Raft stops and the stores close. It is
+// safe to call more than once.
+func (n *Node) Shutdown(ctx context.Context) error {
+	return n.stop(ctx, true)
+}
+
+// Kill stops the node abruptly, as a crash would: no leadership transfer,
+// nothing sent to peers. The stores are closed so the same data dir can be
+// opened again. Meant for fault tests.
+func (n *Node) Kill() error {
+	return n.stop(context.Background(), false)
+}
+
+func (n *Node) stop(ctx context.Context, graceful bool) error {
+	n.closeOnce.Do(func() {
+		if graceful && n.raft != nil && n.IsLeader() && n.otherVoters() > 0 {
+			tctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if lid, err := n.TransferLeadership(tctx, ""); err != nil {
+				n.log.Warn("leadership transfer before shutdown failed", "err", err)
+			} else {
+				n.log.Info("handed leadership over before shutdown", "to", lid)
+			}
+			cancel()
+		}
+		n.shutdown.Store(true)
+		if n.cancel != nil {
+			n.cancel()
+		}
+		var errs []error
+		if n.raft != nil {
+			if err := n.raft.Shutdown().Error(); err != nil {
+				errs = append(errs, fmt.Errorf("raft shutdown: %w", err))
+			}
+		}
+		n.wg.Wait()
+		n.trans.CloseStreams()
+		if err := n.trans.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close transport: %w", err))
+		}
+		n.trans = nil
+		if err := n.closeStores(); err != nil {
+			errs = append(errs, err)
+		}
+		n.closeErr = errors.Join(errs...)
+		n.log.Info("control node stopped")
+	})
+	return n.closeErr
+}
+
+func (n *Node) otherVoters() int {
+	cf := n.raft.GetConfiguration()
+	if cf.Error() != nil {
+		return 0
+	}
+	c := 0
+	for _, s := range cf.Configuration().Servers {
+		if s.Suffrage == raft.Voter && string(s.ID) != n.cfg.NodeID {
+			c++
+		}
+	}
+	return c
+}
+
+func (n *Node) closeStores() error {
+	var errs []error
+	if n.trans != nil {
+		n.trans.CloseStreams()
+		_ = n.trans.Close()
+		n.trans = nil
+	}
+	if n.logs != nil {
+		if err := n.logs.Close(); err != nil {
+			errs = append(errs, err)
+		}
+		n.logs = nil
+	}
+	if n.state != nil {
+		if err := n.state.Close(); err != nil {
+			errs = append(errs, err)
+		}
+		n.state = nil
+	}
+	return errors.Join(errs...)
+}
+
+// IsMemberOrHasState reports whether this node already belongs to a
+// cluster (it has Raft state or appears in a configuration), in which case
+// joining again is unnecessary.
+func (n *Node) IsMemberOrHasState() bool {
+	if n.isMember() {
+		return true
+	}
+	last, err := n.raftLastIndex()
+	return err == nil && last > 0
+}
+
+func (n *Node) raftLastIndex() (uint64, error) {
+	return n.raft.LastIndex(), nil
+}

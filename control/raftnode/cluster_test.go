@@ -1,0 +1,286 @@
+package raftnode_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+func ctxT(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// Writes through any node; a linearizable read on every node right after
+// each write sees it.
+func TestThreeNodesWriteAnywhereReadLinearizable(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, time.Minute)
+	for i := 0; i < 30; i++ {
+		via := i % 3
+		id := fmt.Sprintf("u%d", i)
+		res, err := c.CreateUser(ctx, via, id)
+		if err != nil {
+			t.Fatalf("create %s via %s: %v", id, c.Nodes[via].ID, err)
+		}
+		if res.GetRevision() == 0 || res.GetUser().GetId() != id {
+			t.Fatalf("create %s: unexpected result %v", id, res)
+		}
+		for j, n := range c.Nodes {
+			node := n.Server.Node()
+			if err := node.Barrier(ctx); err != nil {
+				t.Fatalf("barrier on node %d: %v", j, err)
+			}
+			if _, err := node.FSM().GetUser(id); err != nil {
+				t.Fatalf("linearizable read of %s on %s after write via %s: %v", id, n.ID, c.Nodes[via].ID, err)
+			}
+		}
+	}
+	// A rejected command surfaces its typed error on every path.
+	if _, err := c.CreateUser(ctx, c.Follower(), "u0"); !errors.Is(err, fsm.ErrAlreadyExists) {
+		t.Fatalf("duplicate create via follower: got %v, want ErrAlreadyExists", err)
+	}
+	c.WaitConverged()
+}
+
+// The leader dies without warning during a stream of writes: every write
+// that returned success is present once a new leader is elected, and
+// writes resume.
+func TestKillLeaderDuringWrites(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, 2*time.Minute)
+	leader := c.Leader()
+
+	var (
+		mu    sync.Mutex
+		acked []string
+		seq   atomic.Int64
+	)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < 3; w++ {
+		if w == leader {
+			continue
+		}
+		wg.Add(1)
+		go func(via int) {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				id := fmt.Sprintf("w%d", seq.Add(1))
+				wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				_, err := c.CreateUser(wctx, via, id)
+				cancel()
+				if err == nil {
+					mu.Lock()
+					acked = append(acked, id)
+					mu.Unlock()
+				}
+			}
+		}(w)
+	}
+	count := func() int { mu.Lock(); defer mu.Unlock(); return len(acked) }
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if count() < 50 {
+			return fmt.Errorf("%d writes acked", count())
+		}
+		return nil
+	})
+	c.Kill(leader)
+	killedAt := count()
+	newLeader := c.Leader()
+	if newLeader == leader {
+		t.Fatal("killed node still leader")
+	}
+	// Writes continue under the new leader.
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if count() < killedAt+50 {
+			return fmt.Errorf("%d writes acked, %d at kill", count(), killedAt)
+		}
+		return nil
+	})
+	close(stop)
+	wg.Wait()
+	node := c.Nodes[newLeader].Server.Node()
+	if err := node.Barrier(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range acked {
+		if _, err := node.FSM().GetUser(id); err != nil {
+			t.Fatalf("acknowledged write %s lost after leader crash: %v", id, err)
+		}
+	}
+	t.Logf("%d acknowledged writes, all present", len(acked))
+
+	// The crashed node comes back from disk and catches up.
+	c.Restart(leader)
+	c.WaitReady()
+	c.WaitConverged()
+}
+
+// All nodes stop and start again from their data dirs: identical state.
+func TestRestartAllFromDisk(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, time.Minute)
+	for i := 0; i < 50; i++ {
+		if _, err := c.CreateUser(ctx, i%3, fmt.Sprintf("r%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := c.WaitConverged()
+	applied := c.Nodes[0].Server.Node().FSM().AppliedIndex()
+	for i := range c.Nodes {
+		c.Shutdown(i)
+	}
+	for i := range c.Nodes {
+		c.Restart(i)
+	}
+	c.WaitReady()
+	after := c.WaitConverged()
+	if before != after {
+		t.Fatalf("state changed across restart: %x -> %x", before, after)
+	}
+	// The restarted cluster keeps working and revisions keep growing.
+	res, err := c.CreateUser(ctx, 1, "after-restart")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.GetRevision() <= applied {
+		t.Fatalf("revision went back: %d after restart, %d before", res.GetRevision(), applied)
+	}
+}
+
+// A node that was down while the leader compacted its log catches up by
+// snapshot install.
+func TestLaggingNodeCatchesUpBySnapshot(t *testing.T) {
+	raft := clustertest.FastRaft()
+	raft.TrailingLogs = 10
+	raft.SnapshotThreshold = 50
+	raft.SnapshotInterval = 50 * time.Millisecond
+	c := clustertest.Start(t, 3, clustertest.Options{Raft: raft})
+	ctx := ctxT(t, 2*time.Minute)
+	lag := c.Follower()
+	c.Shutdown(lag)
+	lagApplied := func() uint64 { return 0 }
+	_ = lagApplied
+	via := c.Leader()
+	for i := 0; i < 300; i++ {
+		if _, err := c.CreateUser(ctx, via, fmt.Sprintf("s%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	leader := c.Nodes[via].Server.Node()
+	if err := leader.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := leader.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.LastSnapshotIndex < 250 {
+		t.Fatalf("leader's last snapshot at %d, want the log compacted past 250", st.LastSnapshotIndex)
+	}
+	c.Restart(lag)
+	c.WaitReady()
+	c.WaitConverged()
+	lst, err := c.Nodes[lag].Server.Node().Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The lagging node can only have caught up through a snapshot: the
+	// entries it missed are gone from the leader's log.
+	if lst.LastSnapshotIndex == 0 {
+		t.Fatalf("lagging node shows no installed snapshot: %+v", lst)
+	}
+	if _, err := c.Nodes[lag].Server.Node().FSM().GetUser("s0"); err != nil {
+		t.Fatalf("state from the snapshot missing: %v", err)
+	}
+}
+
+// Voters are added up to five, one is removed, leadership moves.
+func TestMembershipChanges(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, 2*time.Minute)
+	c.AddNode()
+	c.AddNode()
+	c.WaitReady()
+	if got := c.VoterIDs(c.Leader()); len(got) != 5 {
+		t.Fatalf("voters %v, want 5", got)
+	}
+	if _, err := c.CreateUser(ctx, 4, "five"); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitConverged()
+
+	// Remove a follower through the leader.
+	l := c.Leader()
+	victim := c.Follower()
+	if _, err := c.Nodes[l].Server.Node().RemoveServer(ctx, c.Nodes[victim].ID); err != nil {
+		t.Fatal(err)
+	}
+	c.Shutdown(victim)
+	if got := c.VoterIDs(l); len(got) != 4 {
+		t.Fatalf("voters after remove %v, want 4", got)
+	}
+	// Its node record is forgotten too.
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if _, err := c.Nodes[l].Server.Node().FSM().GetNode(c.Nodes[victim].ID); !errors.Is(err, fsm.ErrNotFound) {
+			return fmt.Errorf("node record of removed member: %v", err)
+		}
+		return nil
+	})
+
+	// Transfer leadership to a chosen voter.
+	var target int
+	for i, n := range c.Nodes {
+		if i != l && n.Server != nil {
+			target = i
+		}
+	}
+	got, err := c.Nodes[l].Server.Node().TransferLeadership(ctx, c.Nodes[target].ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != c.Nodes[target].ID {
+		t.Fatalf("leadership went to %s, want %s", got, c.Nodes[target].ID)
+	}
+	if nl := c.Leader(); nl != target {
+		t.Fatalf("leader is %s, want %s", c.Nodes[nl].ID, c.Nodes[target].ID)
+	}
+	// Writes through the old leader are forwarded to the new one.
+	if _, err := c.CreateUser(ctx, l, "after-transfer"); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitConverged()
+}
+
+// A single-node cluster works on its own.
+func TestSingleNode(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx := ctxT(t, 30*time.Second)
+	if _, err := c.CreateUser(ctx, 0, "solo"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := c.Nodes[0].Server.Node().Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterDevice{
+		RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d1", UserId: "solo", Name: "phone", PublicKey: make([]byte, 32)}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.GetDevice().GetId() != "d1" {
+		t.Fatalf("unexpected result %v", res)
+	}
+}

@@ -1,0 +1,136 @@
+package raftnode
+
+import (
+	"time"
+
+	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the node's Prometheus metrics. A nil registerer gives a
+// metrics value whose observers do nothing.
+type metrics struct {
+	commit    prometheus.Histogram
+	apply     prometheus.Histogram
+	applied   prometheus.Counter
+	read      prometheus.Histogram
+	snapshots *prometheus.CounterVec
+	snapTime  prometheus.Histogram
+}
+
+func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
+	if reg == nil {
+		return &metrics{}
+	}
+	buckets := prometheus.ExponentialBuckets(0.0001, 2, 16) // 100us .. ~3.3s
+	m := &metrics{
+		commit: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "relay_control_raft_commit_seconds", Buckets: buckets,
+			Help: "Time from proposing a command on the leader to its result (committed and applied).",
+		}),
+		apply: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "relay_control_fsm_apply_seconds", Buckets: buckets,
+			Help: "Time the state machine took to apply one batch of entries.",
+		}),
+		applied: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_control_fsm_applied_entries_total",
+			Help: "Log entries applied by the state machine.",
+		}),
+		read: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "relay_control_read_barrier_seconds", Buckets: buckets,
+			Help: "Time to establish a linearizable read (read index and wait for apply).",
+		}),
+		snapshots: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_control_snapshots_total",
+			Help: "Snapshots persisted, by result.",
+		}, []string{"result"}),
+		snapTime: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "relay_control_snapshot_seconds", Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
+			Help: "Time to persist one snapshot.",
+		}),
+	}
+	reg.MustRegister(m.commit, m.apply, m.applied, m.read, m.snapshots, m.snapTime, &raftCollector{n: n})
+	return m
+}
+
+func (m *metrics) observeCommit(d time.Duration) {
+	if m.commit != nil {
+		m.commit.Observe(d.Seconds())
+	}
+}
+
+func (m *metrics) observeApply(d time.Duration, entries int) {
+	if m.apply != nil {
+		m.apply.Observe(d.Seconds())
+		m.applied.Add(float64(entries))
+	}
+}
+
+func (m *metrics) observeRead(d time.Duration) {
+	if m.read != nil {
+		m.read.Observe(d.Seconds())
+	}
+}
+
+func (m *metrics) observeSnapshot(d time.Duration, _ uint64, err error) {
+	if m.snapshots == nil {
+		return
+	}
+	if err != nil {
+		m.snapshots.WithLabelValues("error").Inc()
+		return
+	}
+	m.snapshots.WithLabelValues("ok").Inc()
+	m.snapTime.Observe(d.Seconds())
+}
+
+// raftCollector reads Raft's state at scrape time.
+type raftCollector struct{ n *Node }
+
+var (
+	descState = prometheus.NewDesc("relay_control_raft_state",
+		"1 for the Raft state this node is in.", []string{"state"}, nil)
+	descTerm = prometheus.NewDesc("relay_control_raft_term",
+		"Current Raft term.", nil, nil)
+	descCommit = prometheus.NewDesc("relay_control_raft_commit_index",
+		"Raft commit index known to this node.", nil, nil)
+	descApplied = prometheus.NewDesc("relay_control_fsm_applied_index",
+		"Index of the last entry the state machine applied.", nil, nil)
+	descLeader = prometheus.NewDesc("relay_control_raft_has_leader",
+		"1 when this node knows a leader.", nil, nil)
+	descReady = prometheus.NewDesc("relay_control_ready",
+		"1 when the node is ready (sees a leader and caught up at start).", nil, nil)
+)
+
+func (c *raftCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descState, descTerm, descCommit, descApplied, descLeader, descReady} {
+		ch <- d
+	}
+}
+
+func (c *raftCollector) Collect(ch chan<- prometheus.Metric) {
+	n := c.n
+	if n.raft == nil || n.shutdown.Load() {
+		return
+	}
+	cur := n.raft.State()
+	for _, s := range []raft.RaftState{raft.Follower, raft.Candidate, raft.Leader, raft.Shutdown} {
+		v := 0.0
+		if s == cur {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, v, s.String())
+	}
+	ch <- prometheus.MustNewConstMetric(descTerm, prometheus.GaugeValue, float64(n.currentTerm()))
+	ch <- prometheus.MustNewConstMetric(descCommit, prometheus.GaugeValue, float64(n.raft.CommitIndex()))
+	ch <- prometheus.MustNewConstMetric(descApplied, prometheus.GaugeValue, float64(n.fsm.AppliedIndex()))
+	b2f := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	lid, _ := n.Leader()
+	ch <- prometheus.MustNewConstMetric(descLeader, prometheus.GaugeValue, b2f(lid != ""))
+	ch <- prometheus.MustNewConstMetric(descReady, prometheus.GaugeValue, b2f(n.Ready()))
+}

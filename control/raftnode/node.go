@@ -1,0 +1,800 @@
+// Package raftnode runs one member of the control plane's Raft group: it
+// wires hashicorp/raft to the Pebble log store (storage/raftlog), the state
+// machine (control/fsm) and a TCP or TLS transport, and gives the API layer
+// what it needs: writes that reach the leader from any node, linearizable
+// and stale reads, membership changes, backups and a clean shutdown.
+//
+// See DESIGN.md in this directory for the read and write paths.
+package raftnode
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/edge-relay/relay/control/fsm"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/raftlog"
+	"github.com/edge-relay/relay/storage/state"
+)
+
+// Errors a caller branches on.
+var (
+	// ErrNotLeader: the operation needs the leader and this node is not it.
+	ErrNotLeader = errors.New("not the leader")
+	// ErrNoLeader: no leader is known right now (election in progress or
+	// no quorum). Retrying later may succeed.
+	ErrNoLeader = errors.New("no leader known")
+	// ErrUnknownOutcome: a write may or may not have been committed (the
+	// leader changed or the request timed out mid-flight). Retrying the
+	// same command with the same request id is safe.
+	ErrUnknownOutcome = errors.New("outcome unknown")
+	// ErrShutdown: the node is shutting down.
+	ErrShutdown = errors.New("node is shutting down")
+)
+
+// Tuning holds Raft timing and log compaction settings. Zero values take
+// hashicorp/raft's defaults, except where noted.
+type Tuning struct {
+	HeartbeatTimeout   time.Duration
+	ElectionTimeout    time.Duration
+	LeaderLeaseTimeout time.Duration
+	CommitTimeout      time.Duration
+	// SnapshotInterval is how often Raft checks whether to snapshot.
+	SnapshotInterval time.Duration
+	// SnapshotThreshold is how many new entries trigger a snapshot.
+	SnapshotThreshold uint64
+	// TrailingLogs is how many entries stay in the log after a snapshot.
+	TrailingLogs uint64
+	// MaxAppendEntries caps entries per AppendEntries RPC (and per batch
+	// handed to the FSM).
+	MaxAppendEntries int
+	// NoBatchApply turns off raft's BatchApplyCh: each Apply then goes
+	// through the leader loop on its own. Only benchmarks want this.
+	NoBatchApply bool
+}
+
+// PeerClient is what a node needs from another control node: the
+// PeerService of the leader. The API layer provides it (a Connect client).
+type PeerClient interface {
+	// Apply proposes an encoded command on the node at apiAddr.
+	Apply(ctx context.Context, apiAddr string, cmd []byte) (result []byte, err error)
+	// ReadIndex asks the node at apiAddr for its read index.
+	ReadIndex(ctx context.Context, apiAddr string) (uint64, error)
+}
+
+// Config configures a Node.
+type Config struct {
+	// NodeID is this member's stable id. Required.
+	NodeID string
+	// DataDir holds the Raft log, snapshots and the state store. Required.
+	DataDir string
+	// RaftBind is the TCP address Raft listens on. Required.
+	RaftBind string
+	// RaftAdvertise is the address other members dial; default: the bound
+	// address (RaftBind with its port resolved).
+	RaftAdvertise string
+	// APIAdvertise is the address of this node's Connect API, recorded in
+	// the replicated state so followers can forward to the leader.
+	// Required.
+	APIAdvertise string
+	// Bootstrap starts a new single-voter cluster when the data dir is
+	// empty. Ignored when the node has state already.
+	Bootstrap bool
+	// RestoreFrom is a backup file to seed a new cluster from (implies
+	// Bootstrap; the data dir must be empty).
+	RestoreFrom string
+	// TLSServer / TLSClient enable TLS for Raft; both or neither.
+	TLSServer, TLSClient *tls.Config
+	// Peers reaches other nodes' PeerService. Required for followers to
+	// forward writes and reads.
+	Peers PeerClient
+	// Logger; default slog.Default().
+	Logger *slog.Logger
+	// SlowThreshold: applies and reads slower than this are logged.
+	// Default 100ms.
+	SlowThreshold time.Duration
+	// ApplyTimeout bounds a write when the context has no deadline.
+	// Default 10s.
+	ApplyTimeout time.Duration
+	// Metrics registers the node's metrics; nil disables them.
+	Metrics prometheus.Registerer
+	// FSM tunes the state machine (retention windows).
+	FSM fsm.Config
+	// Raft tunes Raft.
+	Raft Tuning
+}
+
+func (c *Config) applyDefaults() error {
+	if err := fsm.ValidateID("node id", c.NodeID); err != nil {
+		return fmt.Errorf("raftnode: %w", err)
+	}
+	if c.DataDir == "" {
+		return errors.New("raftnode: Config.DataDir is required")
+	}
+	if c.RaftBind == "" {
+		return errors.New("raftnode: Config.RaftBind is required")
+	}
+	if c.APIAdvertise == "" {
+		return errors.New("raftnode: Config.APIAdvertise is required")
+	}
+	if (c.TLSServer == nil) != (c.TLSClient == nil) {
+		return errors.New("raftnode: TLSServer and TLSClient go together")
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.SlowThreshold <= 0 {
+		c.SlowThreshold = 100 * time.Millisecond
+	}
+	if c.ApplyTimeout <= 0 {
+		c.ApplyTimeout = 10 * time.Second
+	}
+	if c.RestoreFrom != "" {
+		c.Bootstrap = true
+	}
+	return nil
+}
+
+// leadership is this node's current leader term, if it leads.
+type leadership struct {
+	term  uint64
+	ready chan struct{} // closed once an entry of this term committed
+}
+
+// Node is one running control-plane member.
+type Node struct {
+	cfg   Config
+	log   *slog.Logger
+	raft  *raft.Raft
+	fsm   *fsm.FSM
+	logs  *raftlog.Store
+	state *state.Store
+	trans *raft.NetworkTransport
+	snaps *raft.FileSnapshotStore
+	m     *metrics
+
+	notifyCh chan bool // Raft's leadership notifications
+
+	lead     atomic.Pointer[leadership] // nil when not leader
+	ready    atomic.Bool                // caught up with the leader at start
+	shutdown atomic.Bool
+
+	ctx    context.Context // cancelled by Shutdown; owns the goroutines below
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Open starts the node. It returns once Raft runs; the node may not have
+// a leader yet (see Ready).
+func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
+	if err := cfg.applyDefaults(); err != nil {
+		return nil, err
+	}
+	log := cfg.Logger.With("node", cfg.NodeID)
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
+	}
+	n := &Node{cfg: cfg, log: log, notifyCh: make(chan bool, 16)}
+	defer func() {
+		if err != nil {
+			n.closeStores()
+		}
+	}()
+
+	n.logs, err = raftlog.Open(raftlog.Config{Dir: filepath.Join(cfg.DataDir, "raft"), Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	n.state, err = state.Open(state.Config{Dir: filepath.Join(cfg.DataDir, "state"), Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	n.m = newMetrics(cfg.Metrics, n)
+	n.snaps, err = raft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 2, newHCLogger(log, "snapshots"))
+	if err != nil {
+		return nil, fmt.Errorf("open snapshot store in %s: %w", cfg.DataDir, err)
+	}
+
+	n.trans, err = n.newTransport()
+	if err != nil {
+		return nil, err
+	}
+	local := raft.ServerAddress(n.trans.LocalAddr())
+
+	hasState, err := raft.HasExistingState(n.logs, n.logs, n.snaps)
+	if err != nil {
+		return nil, fmt.Errorf("inspect raft state: %w", err)
+	}
+	if cfg.RestoreFrom != "" {
+		if hasState {
+			return nil, fmt.Errorf("restore from %s: data dir %s already holds a cluster's state; restore needs an empty one", cfg.RestoreFrom, cfg.DataDir)
+		}
+		if err := n.restoreBackup(cfg.RestoreFrom, local); err != nil {
+			return nil, err
+		}
+		hasState = true
+	}
+	fcfg := cfg.FSM
+	fcfg.Store, fcfg.Logger = n.state, log
+	fcfg.OnSnapshot = n.m.observeSnapshot
+	fcfg.OnApply = n.m.observeApply
+	if n.fsm, err = fsm.New(fcfg); err != nil {
+		return nil, err
+	}
+	if err := n.catchUpWithSnapshot(); err != nil {
+		return nil, err
+	}
+
+	rc := n.raftConfig()
+	n.raft, err = raft.NewRaft(rc, n.fsm, n.logs, n.logs, n.snaps, n.trans)
+	if err != nil {
+		return nil, fmt.Errorf("start raft: %w", err)
+	}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+
+	if cfg.Bootstrap && !hasState {
+		f := n.raft.BootstrapCluster(raft.Configuration{Servers: []raft.Server{{
+			ID: raft.ServerID(cfg.NodeID), Address: local, Suffrage: raft.Voter,
+		}}})
+		if err := f.Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
+			_ = n.Shutdown(ctx)
+			return nil, fmt.Errorf("bootstrap cluster: %w", err)
+		}
+		log.Info("bootstrapped a new cluster", "raft_addr", local)
+	} else if cfg.Bootstrap {
+		log.Info("data dir holds state; --bootstrap ignored")
+	}
+
+	n.wg.Add(3)
+	go n.watchLeadership(n.notifyCh)
+	go n.registerSelf()
+	go n.catchUp()
+	log.Info("control node started", "raft_addr", local, "api_addr", cfg.APIAdvertise,
+		"applied_index", n.fsm.AppliedIndex())
+	return n, nil
+}
+
+func (n *Node) newTransport() (*raft.NetworkTransport, error) {
+	var adv net.Addr
+	if n.cfg.RaftAdvertise != "" {
+		a, err := net.ResolveTCPAddr("tcp", n.cfg.RaftAdvertise)
+		if err != nil {
+			return nil, fmt.Errorf("resolve raft advertise address %q: %w", n.cfg.RaftAdvertise, err)
+		}
+		adv = a
+	}
+	layer, err := newStreamLayer(n.cfg.RaftBind, adv, n.cfg.TLSServer, n.cfg.TLSClient)
+	if err != nil {
+		return nil, err
+	}
+	return raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+		Stream: layer, MaxPool: 3, Timeout: 10 * time.Second, Logger: newHCLogger(n.log, "raft-net"),
+	}), nil
+}
+
+func (n *Node) raftConfig() *raft.Config {
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(n.cfg.NodeID)
+	rc.Logger = newHCLogger(n.log, "raft")
+	// Buffered and always drained (see watchLeadership): LeaderCh can drop
+	// transitions and an undrained NotifyCh blocks Raft.
+	rc.NotifyCh = n.notifyCh
+	// The FSM is on disk and skips entries it already applied, so
+	// re-restoring the newest snapshot on every start is wasted work.
+	rc.NoSnapshotRestoreOnStart = true
+	rc.BatchApplyCh = !n.cfg.Raft.NoBatchApply
+	rc.NoLegacyTelemetry = true
+	t := n.cfg.Raft
+	if t.HeartbeatTimeout > 0 {
+		rc.HeartbeatTimeout = t.HeartbeatTimeout
+	}
+	if t.ElectionTimeout > 0 {
+		rc.ElectionTimeout = t.ElectionTimeout
+	}
+	if t.LeaderLeaseTimeout > 0 {
+		rc.LeaderLeaseTimeout = t.LeaderLeaseTimeout
+	}
+	if t.CommitTimeout > 0 {
+		rc.CommitTimeout = t.CommitTimeout
+	}
+	if t.SnapshotInterval > 0 {
+		rc.SnapshotInterval = t.SnapshotInterval
+	}
+	if t.SnapshotThreshold > 0 {
+		rc.SnapshotThreshold = t.SnapshotThreshold
+	}
+	if t.TrailingLogs > 0 {
+		rc.TrailingLogs = t.TrailingLogs
+	}
+	if t.MaxAppendEntries > 0 {
+		rc.MaxAppendEntries = t.MaxAppendEntries
+	}
+	return rc
+}
+
+// catchUpWithSnapshot restores the FSM from the newest Raft snapshot when
+// the state store is older than it (a state dir lost or replaced while the
+// Raft log was compacted past it). With NoSnapshotRestoreOnStart Raft
+// would otherwise resume after the snapshot and leave a gap.
+func (n *Node) catchUpWithSnapshot() error {
+	metas, err := n.snaps.List()
+	if err != nil {
+		return fmt.Errorf("list snapshots: %w", err)
+	}
+	if len(metas) == 0 || metas[0].Index <= n.fsm.AppliedIndex() {
+		return nil
+	}
+	n.log.Warn("state store is behind the newest snapshot; restoring it",
+		"applied_index", n.fsm.AppliedIndex(), "snapshot_index", metas[0].Index)
+	_, rc, err := n.snaps.Open(metas[0].ID)
+	if err != nil {
+		return fmt.Errorf("open snapshot %s: %w", metas[0].ID, err)
+	}
+	return n.fsm.Restore(rc)
+}
+
+// restoreBackup seeds an empty data dir from a backup file: the state
+// store gets the backup's content, and Raft gets a snapshot at the
+// backup's index whose configuration holds only this node, so the new
+// cluster continues the old one's revisions. It runs before the FSM is
+// created.
+func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("open backup: %w", err)
+	}
+	defer f.Close()
+	count, err := n.state.Import(f)
+	if err != nil {
+		return fmt.Errorf("restore from %s: %w", path, err)
+	}
+	index, _, err := fsm.ReadApplied(n.state)
+	if err != nil {
+		return fmt.Errorf("restore from %s: %w", path, err)
+	}
+	if index == 0 {
+		return fmt.Errorf("restore from %s: backup holds no applied index", path)
+	}
+	// The Raft snapshot carries the same bytes, so members that join later
+	// receive the restored state by snapshot install.
+	const term = 1
+	conf := raft.Configuration{Servers: []raft.Server{{ID: raft.ServerID(n.cfg.NodeID), Address: local, Suffrage: raft.Voter}}}
+	sink, err := n.snaps.Create(raft.SnapshotVersionMax, index, term, conf, index, n.trans)
+	if err != nil {
+		return fmt.Errorf("create restore snapshot: %w", err)
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		_ = sink.Cancel()
+		return fmt.Errorf("rewind backup: %w", err)
+	}
+	if _, err := io.Copy(sink, f); err != nil {
+		_ = sink.Cancel()
+		return fmt.Errorf("write restore snapshot: %w", err)
+	}
+	if err := sink.Close(); err != nil {
+		return fmt.Errorf("write restore snapshot: %w", err)
+	}
+	if err := n.logs.SetUint64([]byte("CurrentTerm"), term); err != nil {
+		return fmt.Errorf("restore: set term: %w", err)
+	}
+	n.log.Info("restored state from backup", "file", path, "records", count, "index", index)
+	return nil
+}
+
+// newRequestID returns a random id for a command's idempotency check.
+func newRequestID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// FSM returns the node's state machine, for reads.
+func (n *Node) FSM() *fsm.FSM { return n.fsm }
+
+// ID returns the node id.
+func (n *Node) ID() string { return n.cfg.NodeID }
+
+// RaftAddr returns the address other members reach this node's Raft at.
+func (n *Node) RaftAddr() string { return string(n.trans.LocalAddr()) }
+
+// IsLeader reports whether this node is the leader now.
+func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// Leader returns the current leader's id and API address as far as this
+// node knows; empty strings when no leader is known.
+func (n *Node) Leader() (id, apiAddr string) {
+	_, lid := n.raft.LeaderWithID()
+	if lid == "" {
+		return "", ""
+	}
+	if string(lid) == n.cfg.NodeID {
+		return n.cfg.NodeID, n.cfg.APIAdvertise
+	}
+	rec, err := n.fsm.GetNode(string(lid))
+	if err != nil {
+		return string(lid), ""
+	}
+	return string(lid), rec.GetApiAddr()
+}
+
+// Apply commits cmd through Raft and returns its result. On a follower it
+// forwards the command to the leader. A command without a request id gets
+// one, and a write whose outcome is unknown is retried with the same id
+// until ctx ends, so Apply takes effect at most once and, if it returns
+// nil, exactly once. A result with a non-OK code is returned as an error
+// wrapping the fsm sentinel (fsm.ErrNotFound, ...), together with the
+// result.
+func (n *Node) Apply(ctx context.Context, cmd *statev1.Command) (*statev1.Result, error) {
+	if cmd.RequestId == "" {
+		cmd.RequestId = newRequestID()
+	}
+	if cmd.ProposedAtMs == 0 {
+		cmd.ProposedAtMs = time.Now().UnixMilli()
+	}
+	data, err := proto.Marshal(cmd)
+	if err != nil {
+		return nil, fmt.Errorf("encode command: %w", err)
+	}
+	if _, has := ctx.Deadline(); !has {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
+		defer cancel()
+	}
+	start := time.Now()
+	res, err := retry(ctx, func() (*statev1.Result, error) { return n.applyOnce(ctx, data) })
+	took := time.Since(start)
+	if took > n.cfg.SlowThreshold {
+		n.log.WarnContext(ctx, "slow raft apply", "op", opName(cmd), "duration", took,
+			"revision", res.GetRevision(), "err", err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return res, fsm.ResultError(res)
+}
+
+// retry runs op until it succeeds, fails with a final error, or ctx ends.
+// ErrNoLeader and ErrUnknownOutcome are retried (safe thanks to the
+// request id); everything else is final.
+func retry[T any](ctx context.Context, op func() (T, error)) (T, error) {
+	backoff := 10 * time.Millisecond
+	for {
+		v, err := op()
+		if err == nil || !(errors.Is(err, ErrNoLeader) || errors.Is(err, ErrUnknownOutcome)) {
+			return v, err
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return v, fmt.Errorf("%w (gave up: %v)", err, ctx.Err())
+		case <-t.C:
+		}
+		if backoff < 500*time.Millisecond {
+			backoff *= 2
+		}
+	}
+}
+
+func (n *Node) applyOnce(ctx context.Context, data []byte) (*statev1.Result, error) {
+	if n.shutdown.Load() {
+		return nil, ErrShutdown
+	}
+	if n.IsLeader() {
+		return n.ApplyLocal(ctx, data)
+	}
+	_, addr := n.Leader()
+	if addr == "" {
+		return nil, ErrNoLeader
+	}
+	if n.cfg.Peers == nil {
+		return nil, fmt.Errorf("%w: no peer client configured to forward to the leader", ErrNotLeader)
+	}
+	out, err := n.cfg.Peers.Apply(ctx, addr, data)
+	if err != nil {
+		return nil, err
+	}
+	var res statev1.Result
+	if err := proto.Unmarshal(out, &res); err != nil {
+		return nil, fmt.Errorf("decode forwarded result: %w", err)
+	}
+	return &res, nil
+}
+
+// ApplyLocal proposes an encoded command on this node, which must be the
+// leader. The API's PeerService calls it for forwarded writes.
+func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, error) {
+	if n.shutdown.Load() {
+		return nil, ErrShutdown
+	}
+	timeout := n.cfg.ApplyTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		timeout = time.Until(dl)
+		if timeout <= 0 {
+			return nil, fmt.Errorf("%w: %v", ErrUnknownOutcome, context.DeadlineExceeded)
+		}
+	}
+	start := time.Now()
+	f := n.raft.Apply(data, timeout)
+	if err := f.Error(); err != nil {
+		switch {
+		case errors.Is(err, raft.ErrNotLeader):
+			// Not appended here: nothing was written; the caller may retry
+			// against the new leader.
+			return nil, fmt.Errorf("%w: %v", ErrNoLeader, err)
+		case errors.Is(err, raft.ErrRaftShutdown):
+			return nil, ErrShutdown
+		case errors.Is(err, raft.ErrLeadershipLost), errors.Is(err, raft.ErrEnqueueTimeout),
+			errors.Is(err, raft.ErrLeadershipTransferInProgress):
+			return nil, fmt.Errorf("%w: %v", ErrUnknownOutcome, err)
+		default:
+			return nil, fmt.Errorf("raft apply: %w", err)
+		}
+	}
+	n.m.observeCommit(time.Since(start))
+	res, ok := f.Response().(*statev1.Result)
+	if !ok || res == nil {
+		return nil, fmt.Errorf("raft apply: unexpected response %T", f.Response())
+	}
+	return res, nil
+}
+
+func opName(cmd *statev1.Command) string {
+	if cmd.GetOp() == nil {
+		return "none"
+	}
+	return string(cmd.ProtoReflect().WhichOneof(cmd.ProtoReflect().Descriptor().Oneofs().ByName("op")).Name())
+}
+
+// ReadIndexLocal returns an index that a linearizable read must wait for,
+// computed on the leader: the commit index, confirmed by a heartbeat round
+// that this node still leads. It waits until the leader has committed an
+// entry of its own term first: before that, its commit index may trail
+// what an earlier leader acknowledged.
+func (n *Node) ReadIndexLocal(ctx context.Context) (uint64, error) {
+	ls := n.lead.Load()
+	if ls == nil {
+		return 0, ErrNotLeader
+	}
+	select {
+	case <-ls.ready:
+	case <-ctx.Done():
+		return 0, fmt.Errorf("wait for leader's first commit: %w", ctx.Err())
+	}
+	idx := n.raft.CommitIndex()
+	if err := n.raft.VerifyLeader().Error(); err != nil {
+		return 0, fmt.Errorf("%w: %v", ErrNoLeader, err)
+	}
+	if cur := n.lead.Load(); cur != ls {
+		return 0, fmt.Errorf("%w: leadership changed during read", ErrNoLeader)
+	}
+	return idx, nil
+}
+
+// ReadIndex returns the index a linearizable read must wait for, asking
+// the leader when this node is a follower.
+func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
+	return retry(ctx, func() (uint64, error) {
+		if n.shutdown.Load() {
+			return 0, ErrShutdown
+		}
+		if n.IsLeader() {
+			idx, err := n.ReadIndexLocal(ctx)
+			if errors.Is(err, ErrNotLeader) {
+				return 0, ErrNoLeader
+			}
+			return idx, err
+		}
+		_, addr := n.Leader()
+		if addr == "" {
+			return 0, ErrNoLeader
+		}
+		if n.cfg.Peers == nil {
+			return 0, fmt.Errorf("%w: no peer client configured", ErrNotLeader)
+		}
+		return n.cfg.Peers.ReadIndex(ctx, addr)
+	})
+}
+
+// Barrier makes a linearizable read possible on this node: when it
+// returns nil, the local state reflects every write acknowledged to any
+// client before Barrier was called.
+func (n *Node) Barrier(ctx context.Context) error {
+	start := time.Now()
+	idx, err := n.ReadIndex(ctx)
+	if err == nil {
+		err = n.fsm.WaitApplied(ctx, idx)
+	}
+	took := time.Since(start)
+	n.m.observeRead(took)
+	if took > n.cfg.SlowThreshold {
+		n.log.WarnContext(ctx, "slow linearizable read barrier", "op", "read_index", "duration", took,
+			"revision", idx, "err", err)
+	}
+	if err != nil {
+		return fmt.Errorf("linearizable read: %w", err)
+	}
+	return nil
+}
+
+// watchLeadership drains NotifyCh. On gaining leadership it commits a
+// no-op command so reads can be served in the new term, records this
+// node's API address, and drops records of nodes that left.
+func (n *Node) watchLeadership(ch <-chan bool) {
+	defer n.wg.Done()
+	var termCancel context.CancelFunc = func() {}
+	defer func() { termCancel() }()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case isLeader := <-ch:
+			termCancel()
+			if !isLeader {
+				n.lead.Store(nil)
+				n.log.Info("lost leadership")
+				continue
+			}
+			ls := &leadership{term: n.currentTerm(), ready: make(chan struct{})}
+			n.lead.Store(ls)
+			n.log.Info("became leader", "term", ls.term)
+			tctx, cancel := context.WithCancel(n.ctx)
+			termCancel = cancel
+			n.wg.Add(1)
+			go n.onElected(tctx, ls)
+		}
+	}
+}
+
+func (n *Node) currentTerm() uint64 {
+	var t uint64
+	_, _ = fmt.Sscan(n.raft.Stats()["term"], &t)
+	return t
+}
+
+func (n *Node) onElected(ctx context.Context, ls *leadership) {
+	defer n.wg.Done()
+	noop, _ := proto.Marshal(&statev1.Command{Op: &statev1.Command_Noop{Noop: &statev1.Noop{}}})
+	for {
+		if _, err := n.ApplyLocal(ctx, noop); err == nil {
+			close(ls.ready)
+			break
+		} else if errors.Is(err, ErrShutdown) || errors.Is(err, ErrNoLeader) || ctx.Err() != nil {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	n.reconcileNodes(ctx)
+}
+
+// reconcileNodes makes the recorded node addresses match the Raft
+// configuration: this node's own record is current and members that left
+// are forgotten (after a restore, the backup's nodes are all gone).
+func (n *Node) reconcileNodes(ctx context.Context) {
+	cf := n.raft.GetConfiguration()
+	if err := cf.Error(); err != nil {
+		return
+	}
+	members := map[string]bool{}
+	for _, s := range cf.Configuration().Servers {
+		members[string(s.ID)] = true
+	}
+	recs, err := n.fsm.Nodes()
+	if err != nil {
+		n.log.Warn("read node records", "err", err)
+		return
+	}
+	for _, r := range recs {
+		if !members[r.GetId()] {
+			if _, err := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: r.GetId()}}}); err != nil {
+				n.log.Warn("forget departed node", "id", r.GetId(), "err", err)
+			}
+		}
+	}
+}
+
+// registerSelf records this node's addresses in the replicated state
+// whenever they are missing or out of date, through whoever leads.
+func (n *Node) registerSelf() {
+	defer n.wg.Done()
+	want := &statev1.Node{Id: n.cfg.NodeID, RaftAddr: n.RaftAddr(), ApiAddr: n.cfg.APIAdvertise}
+	backoff := 50 * time.Millisecond
+	for {
+		rec, err := n.fsm.GetNode(n.cfg.NodeID)
+		if err == nil && proto.Equal(rec, want) {
+			// Re-check when the state changes (a restore may drop it).
+			select {
+			case <-n.ctx.Done():
+				return
+			case <-n.fsm.Changed():
+				continue
+			}
+		}
+		if n.isMember() {
+			ctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
+			_, err = n.Apply(ctx, &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: want}}})
+			cancel()
+			if err == nil {
+				backoff = 50 * time.Millisecond
+				continue
+			}
+			n.log.Debug("record node addresses", "err", err)
+		}
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-n.fsm.Changed():
+		case <-time.After(backoff):
+		}
+		if backoff < 2*time.Second {
+			backoff *= 2
+		}
+	}
+}
+
+func (n *Node) isMember() bool {
+	cf := n.raft.GetConfiguration()
+	if cf.Error() != nil {
+		return false
+	}
+	for _, s := range cf.Configuration().Servers {
+		if string(s.ID) == n.cfg.NodeID {
+			return true
+		}
+	}
+	return false
+}
+
+// catchUp marks the node ready once it has applied everything the leader
+// had committed when the node started.
+func (n *Node) catchUp() {
+	defer n.wg.Done()
+	for n.ctx.Err() == nil {
+		ctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
+		err := n.Barrier(ctx)
+		cancel()
+		if err == nil {
+			n.ready.Store(true)
+			n.log.Info("caught up with the leader", "applied_index", n.fsm.AppliedIndex())
+			return
+		}
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// Ready reports whether the node sees a leader and has caught up with the
+// log it had at start (what /readyz answers).
+func (n *Node) Ready() bool {
+	if !n.ready.Load() || n.shutdown.Load() {
+		return false
+	}
+	id, _ := n.Leader()
+	return id != ""
+}

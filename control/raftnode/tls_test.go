@@ -1,0 +1,94 @@
+package raftnode_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/server"
+	"github.com/edge-relay/relay/internal/testcerts"
+)
+
+// With certificates configured, Raft and node-to-node calls use mutual
+// TLS: a cluster forms and replicates, and a node whose certificate comes
+// from another CA cannot join it.
+func TestTLSClusterRefusesForeignCA(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := testcerts.NewCA(dir, "cluster")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := testcerts.NewCA(dir, "other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	withCert := func(ca *testcerts.CA, name string, join []string) func(*server.Config) {
+		return func(cfg *server.Config) {
+			cert, key, err := ca.Issue(name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.CertFile, cfg.KeyFile, cfg.CAFile = cert, key, ca.CertFile
+			cfg.Bootstrap = len(join) == 0
+			cfg.Join = join
+		}
+	}
+	c := clustertest.Empty(t, clustertest.Options{})
+	first := c.StartNode(withCert(ca, "n1", nil))
+	c.StartNode(withCert(ca, "n2", []string{first.Server.APIAddr()}))
+	c.StartNode(withCert(ca, "n3", []string{first.Server.APIAddr()}))
+	c.WaitReady()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i := 0; i < 10; i++ {
+		if _, err := c.CreateUser(ctx, i%3, fmt.Sprintf("tls%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.WaitConverged()
+
+	// An intruder with a certificate of another CA: its join call fails
+	// the TLS handshake, so Start gives up when its context ends.
+	jctx, jcancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer jcancel()
+	cert, key, err := other.Issue("intruder")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := server.Start(jctx, server.Config{
+		NodeID: "intruder", DataDir: t.TempDir(), RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",
+		Join: []string{first.Server.APIAddr()}, CertFile: cert, KeyFile: key, CAFile: other.CertFile,
+		Raft: clustertest.FastRaft(),
+	})
+	if err == nil {
+		_ = s.Shutdown(context.Background())
+		t.Fatal("a node with a foreign CA's certificate joined the cluster")
+	}
+	if got := c.VoterIDs(c.Leader()); len(got) != 3 {
+		t.Fatalf("voters %v, want the 3 original ones", got)
+	}
+}
+
+// A graceful stop of the leader hands leadership over before the node is
+// gone: when Shutdown returns, another node already leads.
+func TestGracefulLeaderShutdownTransfersLeadership(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	l := c.Leader()
+	c.Shutdown(l)
+	leaders := 0
+	for i, n := range c.Nodes {
+		if i != l && n.Server.Node().IsLeader() {
+			leaders++
+		}
+	}
+	if leaders != 1 {
+		t.Fatalf("right after the leader's graceful shutdown, %d nodes lead; want 1 (leadership handed over)", leaders)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.CreateUser(ctx, c.Follower(), "after-handover"); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,375 @@
+// Package server assembles a control-plane node for `relayd control`: the
+// Raft node, the Connect API on its own listener, and the admin HTTP
+// endpoints (/metrics, /healthz, /readyz). It owns start-up (bootstrap,
+// join, restore) and the ordered shutdown.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/raftnode"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+)
+
+// Config configures a control node.
+type Config struct {
+	// NodeID is this member's stable id. Required.
+	NodeID string
+	// DataDir holds all of the node's state. Required.
+	DataDir string
+	// RaftAddr is the address Raft listens on (host:port).
+	RaftAddr string
+	// RaftAdvertise is the Raft address other members dial; default RaftAddr.
+	RaftAdvertise string
+	// APIAddr is the address the Connect API listens on.
+	APIAddr string
+	// APIAdvertise is the API address other members and clients use;
+	// default APIAddr with the port actually bound.
+	APIAdvertise string
+	// AdminAddr serves /metrics, /healthz and /readyz; empty disables it.
+	AdminAddr string
+	// Bootstrap starts a new cluster when the data dir is empty.
+	Bootstrap bool
+	// Join lists API addresses of existing members to join through (when
+	// the data dir is empty).
+	Join []string
+	// RestoreFrom seeds a new single-node cluster from a backup file.
+	RestoreFrom string
+	// CertFile, KeyFile and CAFile enable TLS: mutual TLS for Raft and for
+	// node-to-node API calls, TLS for the API. All three or none.
+	CertFile, KeyFile, CAFile string
+	// SlowThreshold: Raft applies and reads slower than this are logged.
+	// Default 100ms.
+	SlowThreshold time.Duration
+	// SlowRPCThreshold: API calls slower than this are logged. Default 300ms.
+	SlowRPCThreshold time.Duration
+	// Logger; default slog.Default().
+	Logger *slog.Logger
+	// Raft tunes Raft; FSM tunes the state machine.
+	Raft raftnode.Tuning
+	FSM  fsm.Config
+}
+
+func (c *Config) applyDefaults() error {
+	if c.NodeID == "" {
+		return errors.New("node id is required (--node-id)")
+	}
+	if c.DataDir == "" {
+		return errors.New("data dir is required (--data-dir)")
+	}
+	if c.RaftAddr == "" {
+		return errors.New("raft address is required (--raft-addr)")
+	}
+	if c.APIAddr == "" {
+		return errors.New("api address is required (--api-addr)")
+	}
+	if c.Bootstrap && len(c.Join) > 0 {
+		return errors.New("--bootstrap and --join exclude each other")
+	}
+	n := 0
+	for _, f := range []string{c.CertFile, c.KeyFile, c.CAFile} {
+		if f != "" {
+			n++
+		}
+	}
+	if n != 0 && n != 3 {
+		return errors.New("TLS needs --tls-cert, --tls-key and --tls-ca together")
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.SlowRPCThreshold <= 0 {
+		c.SlowRPCThreshold = 300 * time.Millisecond
+	}
+	return nil
+}
+
+// Server is a running control node.
+type Server struct {
+	cfg    Config
+	log    *slog.Logger
+	node   *raftnode.Node
+	dialer *api.Dialer
+	reg    *prometheus.Registry
+
+	apiLn, adminLn net.Listener
+	apiSrv         *http.Server
+	adminSrv       *http.Server
+	tls            *tls.Config
+
+	wg       sync.WaitGroup
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// Start brings a node up: listeners bound, Raft running, API served, and
+// (with Join) membership requested. It returns without waiting for a
+// leader; see Ready.
+func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
+	if err := cfg.applyDefaults(); err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), reg: prometheus.NewRegistry()}
+	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	defer func() {
+		if err != nil {
+			_ = s.Shutdown(context.Background())
+		}
+	}()
+
+	var serverTLS, clientTLS *tls.Config
+	if cfg.CertFile != "" {
+		serverTLS, clientTLS, err = loadTLS(cfg.CertFile, cfg.KeyFile, cfg.CAFile)
+		if err != nil {
+			return nil, err
+		}
+	}
+	s.tls = serverTLS
+
+	s.apiLn, err = net.Listen("tcp", cfg.APIAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen for api on %s: %w", cfg.APIAddr, err)
+	}
+	apiAdv := cfg.APIAdvertise
+	if apiAdv == "" {
+		apiAdv = s.apiLn.Addr().String()
+	}
+	if cfg.AdminAddr != "" {
+		s.adminLn, err = net.Listen("tcp", cfg.AdminAddr)
+		if err != nil {
+			return nil, fmt.Errorf("listen for admin on %s: %w", cfg.AdminAddr, err)
+		}
+	}
+	s.dialer = api.NewDialer(clientTLS)
+
+	var raftServerTLS *tls.Config
+	if serverTLS != nil {
+		raftServerTLS = serverTLS.Clone()
+		raftServerTLS.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	s.node, err = raftnode.Open(ctx, raftnode.Config{
+		NodeID: cfg.NodeID, DataDir: cfg.DataDir,
+		RaftBind: cfg.RaftAddr, RaftAdvertise: cfg.RaftAdvertise, APIAdvertise: apiAdv,
+		Bootstrap: cfg.Bootstrap, RestoreFrom: cfg.RestoreFrom,
+		TLSServer: raftServerTLS, TLSClient: clientTLS,
+		Peers: s.dialer, Logger: cfg.Logger, SlowThreshold: cfg.SlowThreshold,
+		Metrics: s.reg, FSM: cfg.FSM, Raft: cfg.Raft,
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	mux := http.NewServeMux()
+	opts := connect.WithInterceptors(newLoggingInterceptor(s.log, cfg.SlowRPCThreshold, s.reg))
+	mux.Handle(controlv1connect.NewClusterServiceHandler(api.NewClusterServer(s.node, s.dialer), opts))
+	mux.Handle(controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts))
+	s.apiSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetHTTP2(true)
+	if serverTLS == nil {
+		protos.SetUnencryptedHTTP2(true)
+	}
+	s.apiSrv.Protocols = &protos
+	apiLn := s.apiLn
+	if serverTLS != nil {
+		t := serverTLS.Clone()
+		t.ClientAuth = tls.VerifyClientCertIfGiven
+		t.NextProtos = []string{"h2", "http/1.1"}
+		apiLn = tls.NewListener(apiLn, t)
+	}
+	s.serve(s.apiSrv, apiLn, "api")
+
+	if s.adminLn != nil {
+		s.adminSrv = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
+		s.serve(s.adminSrv, s.adminLn, "admin")
+	}
+
+	if len(cfg.Join) > 0 && !s.node.IsMemberOrHasState() {
+		if err := s.join(ctx, apiAdv); err != nil {
+			return nil, err
+		}
+	}
+	s.log.Info("control node serving", "api", apiAdv, "raft", s.node.RaftAddr(), "admin", s.AdminAddr())
+	return s, nil
+}
+
+func (s *Server) serve(srv *http.Server, ln net.Listener, name string) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("http server stopped", "server", name, "err", err)
+		}
+	}()
+}
+
+// join asks the members in cfg.Join, in turn, to add this node, until one
+// accepts or ctx ends.
+func (s *Server) join(ctx context.Context, apiAdv string) error {
+	req := &controlv1.AddVoterRequest{Id: s.cfg.NodeID, RaftAddr: s.node.RaftAddr(), ApiAddr: apiAdv}
+	backoff := 100 * time.Millisecond
+	for {
+		var lastErr error
+		for _, addr := range s.cfg.Join {
+			cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+			_, err := s.dialer.Cluster(addr).AddVoter(cctx, connect.NewRequest(req))
+			cancel()
+			if err == nil {
+				s.log.Info("joined the cluster", "via", addr)
+				return nil
+			}
+			lastErr = err
+			s.log.Warn("join attempt failed", "via", addr, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("join cluster via %v: %w (last error: %v)", s.cfg.Join, ctx.Err(), lastErr)
+		case <-time.After(backoff):
+		}
+		if backoff < 5*time.Second {
+			backoff *= 2
+		}
+	}
+}
+
+func (s *Server) adminMux() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !s.node.Ready() {
+			http.Error(w, "not ready: no leader known or not caught up with the log yet", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	return mux
+}
+
+// Node returns the Raft node.
+func (s *Server) Node() *raftnode.Node { return s.node }
+
+// APIAddr returns the address the API listens on.
+func (s *Server) APIAddr() string { return s.apiLn.Addr().String() }
+
+// APIURL returns the base URL of the API.
+func (s *Server) APIURL() string { return s.dialer.URL(s.APIAddr()) }
+
+// AdminAddr returns the admin listener's address, or "" when disabled.
+func (s *Server) AdminAddr() string {
+	if s.adminLn == nil {
+		return ""
+	}
+	return s.adminLn.Addr().String()
+}
+
+// Registry returns the node's Prometheus registry.
+func (s *Server) Registry() *prometheus.Registry { return s.reg }
+
+// Shutdown stops the node in order: the API stops taking requests and
+// finishes those in flight, the node hands leadership over if it leads and
+// stops Raft and its stores, then the admin endpoints close. Safe to call
+// more than once.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.stopOnce.Do(func() {
+		var errs []error
+		if s.apiSrv != nil {
+			if err := s.apiSrv.Shutdown(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("api shutdown: %w", err))
+			}
+		} else if s.apiLn != nil {
+			_ = s.apiLn.Close()
+		}
+		if s.node != nil {
+			if err := s.node.Shutdown(ctx); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if s.adminSrv != nil {
+			if err := s.adminSrv.Shutdown(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("admin shutdown: %w", err))
+			}
+		} else if s.adminLn != nil {
+			_ = s.adminLn.Close()
+		}
+		s.wg.Wait()
+		if s.dialer != nil {
+			s.dialer.Close()
+		}
+		s.stopErr = errors.Join(errs...)
+	})
+	return s.stopErr
+}
+
+// Kill stops the node abruptly, as a crash would (listeners closed, no
+// leadership transfer, in-flight requests cut). For fault tests.
+func (s *Server) Kill() {
+	s.stopOnce.Do(func() {
+		if s.apiSrv != nil {
+			_ = s.apiSrv.Close()
+		}
+		if s.node != nil {
+			_ = s.node.Kill()
+		}
+		if s.adminSrv != nil {
+			_ = s.adminSrv.Close()
+		}
+		s.wg.Wait()
+		if s.dialer != nil {
+			s.dialer.Close()
+		}
+	})
+}
+
+// Run starts a node and serves until ctx ends, then shuts it down within
+// shutdownTimeout.
+func Run(ctx context.Context, cfg Config, shutdownTimeout time.Duration) error {
+	s, err := Start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	s.log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	return s.Shutdown(sctx)
+}
+
+func loadTLS(certFile, keyFile, caFile string) (server, client *tls.Config, err error) {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, nil, fmt.Errorf("load TLS key pair %s, %s: %w", certFile, keyFile, err)
+	}
+	caPEM, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read CA %s: %w", caFile, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, nil, fmt.Errorf("no certificates in CA file %s", caFile)
+	}
+	server = &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool, MinVersion: tls.VersionTLS13}
+	client = &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS13}
+	return server, client, nil
+}

@@ -1,0 +1,251 @@
+// Package state is the control plane's state store: an ordered key-value
+// store on Pebble with atomic batches, consistent point-in-time views and a
+// self-checking export format used for Raft snapshots and backups.
+//
+// The store knows nothing about what the keys mean; control/fsm owns the
+// layout. It does own durability: batches are committed without fsync
+// (the Raft log is the durable record and replays anything lost), and Sync
+// makes every earlier write durable before a snapshot is taken.
+package state
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// ErrNotFound is returned by Get when a key does not exist.
+var ErrNotFound = errors.New("state: key not found")
+
+// Config configures a Store.
+type Config struct {
+	// Dir is the Pebble directory; created if missing. Required.
+	Dir string
+	// Logger receives Pebble's own messages at debug level. Default: slog.Default().
+	Logger *slog.Logger
+	// CacheBytes is Pebble's block cache size. Default: 64 MiB.
+	CacheBytes int64
+}
+
+func (c *Config) applyDefaults() error {
+	if c.Dir == "" {
+		return errors.New("state: Config.Dir is required")
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.CacheBytes <= 0 {
+		c.CacheBytes = 64 << 20
+	}
+	return nil
+}
+
+// Store is the state machine's Pebble database. It is safe for concurrent
+// use; the FSM is its only writer.
+type Store struct {
+	db  *pebble.DB
+	dir string
+}
+
+// Open opens (or creates) the store in cfg.Dir.
+func Open(cfg Config) (*Store, error) {
+	if err := cfg.applyDefaults(); err != nil {
+		return nil, err
+	}
+	cache := pebble.NewCache(cfg.CacheBytes)
+	defer cache.Unref()
+	opts := &pebble.Options{
+		Cache:  cache,
+		Logger: pebbleLogger{l: cfg.Logger.With("component", "pebble", "db", "state")},
+	}
+	db, err := pebble.Open(cfg.Dir, opts)
+	if err != nil {
+		return nil, fmt.Errorf("open state store at %s: %w", cfg.Dir, err)
+	}
+	return &Store{db: db, dir: cfg.Dir}, nil
+}
+
+// Close closes the database.
+func (s *Store) Close() error {
+	if err := s.db.Close(); err != nil {
+		return fmt.Errorf("close state store at %s: %w", s.dir, err)
+	}
+	return nil
+}
+
+// Get returns a copy of the value stored under key, or ErrNotFound.
+func (s *Store) Get(key []byte) ([]byte, error) {
+	return get(s.db, key)
+}
+
+// Iterate calls fn for every key in [start, end) in key order, stopping
+// early when fn returns false or an error. The key and value passed to fn
+// are only valid during the call. The iteration sees one consistent
+// point-in-time view.
+func (s *Store) Iterate(start, end []byte, fn func(key, value []byte) (bool, error)) error {
+	return iterate(s.db, start, end, fn)
+}
+
+// Sync makes every write committed so far durable.
+func (s *Store) Sync() error {
+	if err := s.db.LogData(nil, pebble.Sync); err != nil {
+		return fmt.Errorf("sync state store: %w", err)
+	}
+	return nil
+}
+
+// NewBatch starts an atomic write batch.
+func (s *Store) NewBatch() *Batch {
+	return &Batch{b: s.db.NewIndexedBatch()}
+}
+
+// Snapshot returns a consistent read-only view of the store as it is now.
+// The caller must Close it.
+func (s *Store) Snapshot() *Snapshot {
+	return &Snapshot{snap: s.db.NewSnapshot()}
+}
+
+// Batch is an atomic set of writes. Reads through the batch see its own
+// pending writes on top of the store.
+type Batch struct {
+	b *pebble.Batch
+}
+
+// Set stores value under key.
+func (b *Batch) Set(key, value []byte) error {
+	if err := b.b.Set(key, value, nil); err != nil {
+		return fmt.Errorf("batch set: %w", err)
+	}
+	return nil
+}
+
+// Delete removes key.
+func (b *Batch) Delete(key []byte) error {
+	if err := b.b.Delete(key, nil); err != nil {
+		return fmt.Errorf("batch delete: %w", err)
+	}
+	return nil
+}
+
+// DeleteRange removes every key in [start, end).
+func (b *Batch) DeleteRange(start, end []byte) error {
+	if err := b.b.DeleteRange(start, end, nil); err != nil {
+		return fmt.Errorf("batch delete range: %w", err)
+	}
+	return nil
+}
+
+// Get reads key as the batch would leave it.
+func (b *Batch) Get(key []byte) ([]byte, error) {
+	return get(b.b, key)
+}
+
+// Iterate is Store.Iterate over the store with the batch's writes applied.
+func (b *Batch) Iterate(start, end []byte, fn func(key, value []byte) (bool, error)) error {
+	return iterate(b.b, start, end, fn)
+}
+
+// Commit writes the batch atomically, without waiting for fsync (see the
+// package comment), and releases it.
+func (b *Batch) Commit() error {
+	defer b.b.Close()
+	if err := b.b.Commit(pebble.NoSync); err != nil {
+		return fmt.Errorf("commit state batch: %w", err)
+	}
+	return nil
+}
+
+// Discard drops the batch without writing it.
+func (b *Batch) Discard() {
+	_ = b.b.Close()
+}
+
+// Snapshot is a consistent point-in-time view of the store.
+type Snapshot struct {
+	snap *pebble.Snapshot
+}
+
+// Get reads key in the snapshot.
+func (s *Snapshot) Get(key []byte) ([]byte, error) {
+	return get(s.snap, key)
+}
+
+// Iterate is Store.Iterate over the snapshot.
+func (s *Snapshot) Iterate(start, end []byte, fn func(key, value []byte) (bool, error)) error {
+	return iterate(s.snap, start, end, fn)
+}
+
+// Close releases the snapshot.
+func (s *Snapshot) Close() error {
+	return s.snap.Close()
+}
+
+// Reader is what Store, Batch and Snapshot have in common for reading.
+type Reader interface {
+	Get(key []byte) ([]byte, error)
+	Iterate(start, end []byte, fn func(key, value []byte) (bool, error)) error
+}
+
+var (
+	_ Reader = (*Store)(nil)
+	_ Reader = (*Batch)(nil)
+	_ Reader = (*Snapshot)(nil)
+)
+
+func get(r pebble.Reader, key []byte) ([]byte, error) {
+	v, closer, err := r.Get(key)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("get %q: %w", key, err)
+	}
+	out := bytes.Clone(v)
+	if out == nil {
+		out = []byte{}
+	}
+	_ = closer.Close()
+	return out, nil
+}
+
+func iterate(r pebble.Reader, start, end []byte, fn func(key, value []byte) (bool, error)) error {
+	it, err := r.NewIter(&pebble.IterOptions{LowerBound: start, UpperBound: end})
+	if err != nil {
+		return fmt.Errorf("new iterator: %w", err)
+	}
+	for ok := it.First(); ok; ok = it.Next() {
+		v, err := it.ValueAndErr()
+		if err != nil {
+			_ = it.Close()
+			return fmt.Errorf("read value of %q: %w", it.Key(), err)
+		}
+		more, err := fn(it.Key(), v)
+		if err != nil {
+			_ = it.Close()
+			return err
+		}
+		if !more {
+			break
+		}
+	}
+	if err := it.Close(); err != nil {
+		return fmt.Errorf("iterate: %w", err)
+	}
+	return nil
+}
+
+// pebbleLogger routes Pebble's messages to slog.
+type pebbleLogger struct{ l *slog.Logger }
+
+func (p pebbleLogger) Infof(format string, args ...any)  { p.l.Debug(fmt.Sprintf(format, args...)) }
+func (p pebbleLogger) Errorf(format string, args ...any) { p.l.Error(fmt.Sprintf(format, args...)) }
+func (p pebbleLogger) Fatalf(format string, args ...any) {
+	p.l.Error(fmt.Sprintf(format, args...))
+	panic(fmt.Sprintf(format, args...))
+}
+
+var _ io.Closer = (*Snapshot)(nil)
