@@ -48,12 +48,12 @@ func join(prefix []byte, parts ...string) []byte {
 	return k
 }
 
-func userKey(id string) []byte          { return join(prefixUser, id) }
-func loginKey(login string) []byte      { return join(prefixLogin, login) }
-func deviceKey(uid, did string) []byte  { return join(prefixDevice, uid, did) }
-func deviceOwnerKey(did string) []byte  { return join(prefixDeviceOwner, did) }
-func nodeKey(id string) []byte          { return join(prefixNode, id) }
-func requestKey(id string) []byte       { return join(prefixRequest, id) }
+func userKey(id string) []byte         { return join(prefixUser, id) }
+func loginKey(login string) []byte     { return join(prefixLogin, login) }
+func deviceKey(uid, did string) []byte { return join(prefixDevice, uid, did) }
+func deviceOwnerKey(did string) []byte { return join(prefixDeviceOwner, did) }
+func nodeKey(id string) []byte         { return join(prefixNode, id) }
+func requestKey(id string) []byte      { return join(prefixRequest, id) }
 func userDevicesPrefix(uid string) []byte {
 	k := join(prefixDevice, uid)
 	return append(k, 0)
