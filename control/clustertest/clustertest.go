@@ -98,6 +98,9 @@ func Empty(t testing.TB, opts Options) *Cluster {
 func (c *Cluster) StartNode(mod func(*server.Config)) *Node {
 	c.t.Helper()
 	nd := &Node{ID: fmt.Sprintf("n%d", len(c.Nodes)+1), DataDir: c.t.TempDir()}
+	// Cleanups run last-in first-out: registered after TempDir, the stop
+	// runs before the directory is removed.
+	c.t.Cleanup(func() { nd.stop(false) })
 	cfg := c.config(nd)
 	mod(&cfg)
 	c.Nodes = append(c.Nodes, nd)

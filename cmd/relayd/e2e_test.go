@@ -1,0 +1,296 @@
+package main_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The binaries under test, built once by TestMain.
+var bins struct{ relayd, relayctl string }
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "relay-e2e-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bins.relayd = filepath.Join(dir, "relayd")
+	bins.relayctl = filepath.Join(dir, "relayctl")
+	for _, b := range []struct{ out, pkg string }{{bins.relayd, "."}, {bins.relayctl, "../relayctl"}} {
+		cmd := exec.Command("go", "build", "-o", b.out, b.pkg)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "build", b.pkg, err)
+			os.Exit(1)
+		}
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// proc is a relayd process whose JSON log lines are watched.
+type proc struct {
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	logs []map[string]any
+	cond chan struct{} // closed and replaced on each new line
+	done chan struct{}
+	err  error
+}
+
+func startRelayd(t *testing.T, args ...string) *proc {
+	t.Helper()
+	args = append(args, "--log-format", "json")
+	cmd := exec.Command(bins.relayd, args...)
+	cmd.Env = append(os.Environ(), "RELAY_SLOW_THRESHOLD=1s")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout = io.Discard
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{cmd: cmd, cond: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			var rec map[string]any
+			if json.Unmarshal(sc.Bytes(), &rec) != nil {
+				rec = map[string]any{"msg": sc.Text()}
+			}
+			if os.Getenv("RELAY_TEST_LOG") != "" {
+				t.Log(sc.Text())
+			}
+			p.mu.Lock()
+			p.logs = append(p.logs, rec)
+			close(p.cond)
+			p.cond = make(chan struct{})
+			p.mu.Unlock()
+		}
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			_ = cmd.Process.Kill()
+			<-p.done
+		}
+	})
+	return p
+}
+
+// waitLog waits for a log record with the given message and returns it.
+func (p *proc) waitLog(t *testing.T, msg string, within time.Duration) map[string]any {
+	t.Helper()
+	deadline := time.After(within)
+	seen := 0
+	for {
+		p.mu.Lock()
+		logs, ch := p.logs, p.cond
+		p.mu.Unlock()
+		for ; seen < len(logs); seen++ {
+			if logs[seen]["msg"] == msg {
+				return logs[seen]
+			}
+		}
+		select {
+		case <-ch:
+		case <-p.done:
+			t.Fatalf("relayd exited (%v) before logging %q", p.err, msg)
+		case <-deadline:
+			t.Fatalf("relayd did not log %q within %v", msg, within)
+		}
+	}
+}
+
+func relayctl(t *testing.T, server string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bins.relayctl, append([]string{"--server", "http://" + server}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("relayctl %v: %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+type status struct {
+	NodeID       string `json:"nodeId"`
+	State        string `json:"state"`
+	LeaderID     string `json:"leaderId"`
+	AppliedIndex string `json:"appliedIndex"`
+	Members      []struct {
+		ID      string `json:"id"`
+		APIAddr string `json:"apiAddr"`
+	} `json:"members"`
+}
+
+func clusterStatus(t *testing.T, server string) status {
+	t.Helper()
+	var st status
+	out := relayctl(t, server, "-o", "json", "cluster", "status")
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("decode status %q: %v", out, err)
+	}
+	return st
+}
+
+func eventually(t *testing.T, within time.Duration, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not met within %v: %v", within, err)
+		}
+		time.Sleep(50 * time.Millisecond) // polling interval, not synchronisation
+	}
+}
+
+type node struct {
+	id, dir, raft, api, admin string
+	p                         *proc
+}
+
+func (n *node) start(t *testing.T, extra ...string) {
+	args := append([]string{"control", "--node-id", n.id, "--data-dir", n.dir,
+		"--raft-addr", n.raft, "--api-addr", n.api, "--admin-addr", n.admin}, extra...)
+	n.p = startRelayd(t, args...)
+	n.p.waitLog(t, "control node serving", 60*time.Second)
+}
+
+func (n *node) stop(t *testing.T) {
+	t.Helper()
+	if err := n.p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-n.p.done:
+		if n.p.err != nil {
+			t.Fatalf("%s exited with %v after SIGTERM", n.id, n.p.err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("%s did not exit after SIGTERM", n.id)
+	}
+}
+
+// The binaries end to end: bootstrap and join a 3-node cluster, status and
+// backup through relayctl, SIGTERM on the leader hands leadership over
+// and exits cleanly, the node restarts from its data dir with no extra
+// flags, and a backup seeds a new cluster through --restore.
+func TestBinariesClusterBackupRestore(t *testing.T) {
+	base := t.TempDir()
+	nodes := make([]*node, 3)
+	for i := range nodes {
+		nodes[i] = &node{id: fmt.Sprintf("n%d", i+1), dir: filepath.Join(base, fmt.Sprintf("n%d", i+1)),
+			raft: freePort(t), api: freePort(t), admin: freePort(t)}
+	}
+	nodes[0].start(t, "--bootstrap")
+	nodes[1].start(t, "--join", nodes[0].api)
+	nodes[2].start(t, "--join", nodes[0].api)
+
+	var st status
+	eventually(t, 30*time.Second, func() error {
+		st = clusterStatus(t, nodes[2].api)
+		if st.LeaderID == "" || len(st.Members) != 3 {
+			return fmt.Errorf("status %+v", st)
+		}
+		for _, m := range st.Members {
+			if m.APIAddr == "" {
+				return fmt.Errorf("member %s without api address", m.ID)
+			}
+		}
+		return nil
+	})
+	table := relayctl(t, nodes[1].api, "cluster", "status")
+	if !strings.Contains(table, "RAFT ADDRESS") || !strings.Contains(table, nodes[2].raft) {
+		t.Fatalf("status table:\n%s", table)
+	}
+
+	backup := filepath.Join(base, "backup.bin")
+	if out := relayctl(t, nodes[1].api, "backup", backup); !strings.Contains(out, "verified") {
+		t.Fatalf("backup output: %s", out)
+	}
+
+	// SIGTERM the leader.
+	var leader *node
+	for _, n := range nodes {
+		if n.id == st.LeaderID {
+			leader = n
+		}
+	}
+	leader.stop(t)
+	var other *node
+	for _, n := range nodes {
+		if n != leader {
+			other = n
+		}
+	}
+	eventually(t, 30*time.Second, func() error {
+		s := clusterStatus(t, other.api)
+		if s.LeaderID == "" || s.LeaderID == leader.id {
+			return fmt.Errorf("leader %q", s.LeaderID)
+		}
+		return nil
+	})
+	// Restart it from its data dir: no --bootstrap, no --join.
+	leader.start(t)
+	eventually(t, 30*time.Second, func() error {
+		s := clusterStatus(t, leader.api)
+		if s.LeaderID == "" || s.State == "Candidate" {
+			return fmt.Errorf("restarted node: %+v", s)
+		}
+		return nil
+	})
+
+	// Restore into a fresh single-node cluster.
+	r := &node{id: "r1", dir: filepath.Join(base, "r1"), raft: freePort(t), api: freePort(t), admin: freePort(t)}
+	r.start(t, "--restore", backup)
+	eventually(t, 30*time.Second, func() error {
+		s := clusterStatus(t, r.api)
+		if s.LeaderID != "r1" || len(s.Members) != 1 {
+			return fmt.Errorf("restored cluster: %+v", s)
+		}
+		return nil
+	})
+	// Restoring into a data dir that has state is refused.
+	r.stop(t)
+	out, err := exec.Command(bins.relayd, "control", "--node-id", "r1", "--data-dir", r.dir,
+		"--raft-addr", r.raft, "--api-addr", r.api, "--admin-addr", "", "--restore", backup).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "restore needs an empty one") {
+		t.Fatalf("restore over existing state: err=%v\n%s", err, out)
+	}
+	for _, n := range nodes {
+		n.stop(t)
+	}
+}
