@@ -9,6 +9,8 @@ import (
 
 	"github.com/hashicorp/raft"
 
+	"github.com/edge-relay/relay/control/fsm"
+
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -285,4 +287,39 @@ func (n *Node) IsMemberOrHasState() bool {
 
 func (n *Node) raftLastIndex() (uint64, error) {
 	return n.raft.LastIndex(), nil
+}
+
+// ReadMode chooses the consistency of a read.
+type ReadMode int
+
+const (
+	// Linearizable reads reflect every write acknowledged before the read
+	// started, on any node (the default everywhere in the API).
+	Linearizable ReadMode = iota
+	// Stale reads answer from this node's state as it is, without
+	// contacting the leader: they keep working without a quorum but may
+	// miss recent writes (never return uncommitted ones).
+	Stale
+)
+
+// String names the mode as the API and logs spell it.
+func (m ReadMode) String() string {
+	if m == Stale {
+		return "stale"
+	}
+	return "linearizable"
+}
+
+// Read prepares a read in the given mode and returns the state machine to
+// read from: for Linearizable it first waits for a read barrier.
+func (n *Node) Read(ctx context.Context, mode ReadMode) (*fsm.FSM, error) {
+	if n.shutdown.Load() {
+		return nil, ErrShutdown
+	}
+	if mode == Linearizable {
+		if err := n.Barrier(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return n.fsm, nil
 }

@@ -2,13 +2,21 @@ package raftnode_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/testcerts"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 )
 
 // With certificates configured, Raft and node-to-node calls use mutual
@@ -68,6 +76,26 @@ func TestTLSClusterRefusesForeignCA(t *testing.T) {
 	}
 	if got := c.VoterIDs(c.Leader()); len(got) != 3 {
 		t.Fatalf("voters %v, want the 3 original ones", got)
+	}
+
+	// A client that trusts the cluster's CA but has no certificate of its
+	// own cannot use the node-to-node API to push commands into the log.
+	pem, err := os.ReadFile(ca.CertFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	d := api.NewDialer(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13})
+	defer d.Close()
+	leaderAPI := c.Nodes[c.Leader()].Server.APIAddr()
+	_, err = d.Apply(ctx, leaderAPI, []byte{})
+	if err == nil || !strings.Contains(err.Error(), "client certificate") {
+		t.Fatalf("PeerService.Apply without a client certificate: %v", err)
+	}
+	// The public ClusterService still answers such a client over TLS.
+	if _, err := d.Cluster(leaderAPI).Status(ctx, connect.NewRequest(&controlv1.StatusRequest{})); err != nil {
+		t.Fatalf("status over TLS without a client certificate: %v", err)
 	}
 }
 

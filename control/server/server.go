@@ -180,7 +180,13 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	mux := http.NewServeMux()
 	opts := connect.WithInterceptors(newLoggingInterceptor(s.log, cfg.SlowRPCThreshold, s.reg))
 	mux.Handle(controlv1connect.NewClusterServiceHandler(api.NewClusterServer(s.node, s.dialer), opts))
-	mux.Handle(controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts))
+	peerPath, peerHandler := controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts)
+	if serverTLS != nil {
+		// Node-to-node calls carry writes straight into the log: only
+		// holders of a certificate from the cluster's CA may make them.
+		peerHandler = requireClientCert(peerHandler)
+	}
+	mux.Handle(peerPath, peerHandler)
 	s.apiSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 	var protos http.Protocols
 	protos.SetHTTP1(true)
@@ -354,6 +360,20 @@ func Run(ctx context.Context, cfg Config, shutdownTimeout time.Duration) error {
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	return s.Shutdown(sctx)
+}
+
+// requireClientCert refuses requests that did not present a client
+// certificate verified against the cluster's CA.
+func requireClientCert(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusForbidden)
+			_, _ = w.Write([]byte(`{"code":"permission_denied","message":"node-to-node API: a client certificate from the cluster CA is required"}`))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 func loadTLS(certFile, keyFile, caFile string) (server, client *tls.Config, err error) {

@@ -1,0 +1,199 @@
+package raftnode_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/raftnode"
+	"github.com/edge-relay/relay/control/server"
+)
+
+func TestOpenValidatesConfig(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	cases := map[string]raftnode.Config{
+		"bad node id":   {NodeID: "a b", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x"},
+		"no data dir":   {NodeID: "a", RaftBind: "127.0.0.1:0", APIAdvertise: "x"},
+		"no bind":       {NodeID: "a", DataDir: dir, APIAdvertise: "x"},
+		"no api":        {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0"},
+		"half tls":      {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", TLSServer: nil, TLSClient: nil, RaftAdvertise: "not an address"},
+		"bad advertise": {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", RaftAdvertise: "nohostport"},
+		"bind in use":   {NodeID: "a", DataDir: dir, RaftBind: "256.0.0.1:1", APIAdvertise: "x"},
+	}
+	for name, cfg := range cases {
+		t.Run(name, func(t *testing.T) {
+			n, err := raftnode.Open(ctx, cfg)
+			if err == nil {
+				_ = n.Shutdown(ctx)
+				t.Fatal("opened with an invalid config")
+			}
+		})
+	}
+}
+
+// A backup file written by one cluster seeds a new one that continues its
+// revisions; restoring over existing state is refused.
+func TestRestoreFromBackupFile(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i := 0; i < 20; i++ {
+		if _, err := c.CreateUser(ctx, 0, fmt.Sprintf("b%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	src := c.Nodes[0].Server.Node()
+	file := filepath.Join(t.TempDir(), "backup.bin")
+	f, err := os.Create(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := src.FSM().WriteBackup(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	r := clustertest.Empty(t, clustertest.Options{})
+	rn := r.StartNode(func(cfg *server.Config) { cfg.RestoreFrom = file })
+	r.WaitReady()
+	node := rn.Server.Node()
+	for i := 0; i < 20; i++ {
+		if _, err := node.FSM().GetUser(fmt.Sprintf("b%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := r.CreateUser(ctx, 0, "new")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.GetRevision() <= idx {
+		t.Fatalf("revision %d after restore, backup was at %d", res.GetRevision(), idx)
+	}
+	// The old cluster's node record is dropped, the new node's kept.
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		nodes, err := node.FSM().Nodes()
+		if err != nil {
+			return err
+		}
+		if len(nodes) != 1 || nodes[0].GetId() != rn.ID {
+			return fmt.Errorf("node records %v", nodes)
+		}
+		return nil
+	})
+	// A joining node receives the restored state by snapshot install.
+	r.AddNode()
+	r.WaitReady()
+	r.WaitConverged()
+
+	// Restoring into a data dir that has state is refused.
+	r.Shutdown(0)
+	_, err = server.Start(ctx, server.Config{NodeID: rn.ID, DataDir: filepath.Join(rn.DataDir, "data"),
+		RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", RestoreFrom: file})
+	if err == nil || !strings.Contains(err.Error(), "restore needs an empty one") {
+		t.Fatalf("restore over existing state: %v", err)
+	}
+	// A missing file is reported as such.
+	_, err = server.Start(ctx, server.Config{NodeID: "z", DataDir: t.TempDir(),
+		RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", RestoreFrom: filepath.Join(t.TempDir(), "none")})
+	if !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("restore from a missing file: %v", err)
+	}
+}
+
+// A node whose state store was lost while its Raft log had been compacted
+// rebuilds the state from its newest snapshot at start and converges.
+func TestLostStateDirRecoversFromSnapshot(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i := 0; i < 30; i++ {
+		if _, err := c.CreateUser(ctx, 0, fmt.Sprintf("l%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.WaitConverged()
+	victim := c.Follower()
+	if err := c.Nodes[victim].Server.Node().Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	c.Shutdown(victim)
+	if err := os.RemoveAll(filepath.Join(c.Nodes[victim].DataDir, "data", "state")); err != nil {
+		t.Fatal(err)
+	}
+	c.Restart(victim)
+	c.WaitReady()
+	c.WaitConverged()
+	if _, err := c.Nodes[victim].Server.Node().FSM().GetUser("l0"); err != nil {
+		t.Fatalf("state not rebuilt: %v", err)
+	}
+}
+
+// The node's Prometheus collector reports Raft state and indexes.
+func TestMetricsCollector(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.CreateUser(ctx, 0, "m"); err != nil {
+		t.Fatal(err)
+	}
+	node := c.Nodes[0].Server.Node()
+	if err := node.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	mfs, err := c.Nodes[0].Server.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			switch {
+			case m.GetGauge() != nil:
+				key := mf.GetName()
+				for _, l := range m.GetLabel() {
+					key += "{" + l.GetValue() + "}"
+				}
+				got[key] = m.GetGauge().GetValue()
+			case m.GetCounter() != nil:
+				key := mf.GetName()
+				for _, l := range m.GetLabel() {
+					key += "{" + l.GetValue() + "}"
+				}
+				got[key] = m.GetCounter().GetValue()
+			case m.GetHistogram() != nil:
+				got[mf.GetName()+"_count"] = float64(m.GetHistogram().GetSampleCount())
+			}
+		}
+	}
+	checks := map[string]func(float64) bool{
+		"relay_control_raft_state{Leader}":         func(v float64) bool { return v == 1 },
+		"relay_control_raft_state{Follower}":       func(v float64) bool { return v == 0 },
+		"relay_control_raft_has_leader":            func(v float64) bool { return v == 1 },
+		"relay_control_ready":                      func(v float64) bool { return v == 1 },
+		"relay_control_raft_term":                  func(v float64) bool { return v >= 1 },
+		"relay_control_fsm_applied_index":          func(v float64) bool { return v >= 3 },
+		"relay_control_raft_commit_index":          func(v float64) bool { return v >= 3 },
+		"relay_control_snapshots_total{ok}":        func(v float64) bool { return v >= 1 },
+		"relay_control_snapshot_seconds_count":     func(v float64) bool { return v >= 1 },
+		"relay_control_raft_commit_seconds_count":  func(v float64) bool { return v >= 1 },
+		"relay_control_fsm_apply_seconds_count":    func(v float64) bool { return v >= 1 },
+		"relay_control_fsm_applied_entries_total":  func(v float64) bool { return v >= 3 },
+		"relay_control_read_barrier_seconds_count": func(v float64) bool { return v >= 1 },
+	}
+	for k, ok := range checks {
+		v, present := got[k]
+		if !present || !ok(v) {
+			t.Errorf("metric %s = %v (present %v)", k, v, present)
+		}
+	}
+}

@@ -1,0 +1,113 @@
+package server_test
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/server"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreTopFunction("github.com/cockroachdb/pebble/v2/internal/cache.(*shard).releaseLoop"),
+	)
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// /healthz answers while the process lives; /readyz only while the node
+// sees a leader; /metrics carries the Raft and FSM figures.
+func TestAdminEndpoints(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := c.CreateUser(ctx, 0, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	watch := c.Nodes[c.Follower()]
+	admin := "http://" + watch.Server.AdminAddr()
+	if code, _ := get(t, admin+"/healthz"); code != 200 {
+		t.Fatalf("/healthz = %d", code)
+	}
+	if code, body := get(t, admin+"/readyz"); code != 200 {
+		t.Fatalf("/readyz = %d %s", code, body)
+	}
+	_, metrics := get(t, admin+"/metrics")
+	for _, want := range []string{
+		`relay_control_raft_state{state="Follower"} 1`,
+		"relay_control_fsm_applied_index",
+		"relay_control_fsm_apply_seconds_bucket",
+		"relay_control_raft_commit_index",
+		"relay_control_read_barrier_seconds",
+		"relay_control_raft_has_leader 1",
+		"relay_control_ready 1",
+		"go_goroutines",
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	leaderAdmin := "http://" + c.Nodes[c.Leader()].Server.AdminAddr()
+	_, lm := get(t, leaderAdmin+"/metrics")
+	for _, want := range []string{`relay_control_raft_state{state="Leader"} 1`, "relay_control_raft_commit_seconds_count", "relay_control_rpc_seconds"} {
+		if !strings.Contains(lm, want) {
+			t.Errorf("leader /metrics lacks %q", want)
+		}
+	}
+
+	// Take away the quorum: the survivor stops being ready.
+	for i, n := range c.Nodes {
+		if n != watch {
+			c.Kill(i)
+		}
+	}
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		if code, _ := get(t, admin+"/readyz"); code != http.StatusServiceUnavailable {
+			return errStatus(code)
+		}
+		return nil
+	})
+	if code, _ := get(t, admin+"/healthz"); code != 200 {
+		t.Fatalf("/healthz without quorum = %d; the process is alive", code)
+	}
+}
+
+type errStatus int
+
+func (e errStatus) Error() string { return http.StatusText(int(e)) }
+
+func TestConfigValidation(t *testing.T) {
+	ctx := context.Background()
+	cases := map[string]server.Config{
+		"no node id":         {DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0"},
+		"no data dir":        {NodeID: "a", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0"},
+		"no raft addr":       {NodeID: "a", DataDir: "x", APIAddr: "127.0.0.1:0"},
+		"no api addr":        {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0"},
+		"bootstrap and join": {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", Bootstrap: true, Join: []string{"b"}},
+		"half tls":           {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", CertFile: "c"},
+	}
+	for name, cfg := range cases {
+		t.Run(name, func(t *testing.T) {
+			if s, err := server.Start(ctx, cfg); err == nil {
+				_ = s.Shutdown(ctx)
+				t.Fatal("started with an invalid config")
+			}
+		})
+	}
+}
