@@ -87,6 +87,28 @@ func (f *FSM) dispatch(t *txn, cmd *statev1.Command) (*statev1.Result, error) {
 		return t.removeNode(op.RemoveNode)
 	case *statev1.Command_Noop:
 		return &statev1.Result{}, nil
+	case *statev1.Command_RenameDevice:
+		return t.renameDevice(op.RenameDevice)
+	case *statev1.Command_IssueRefreshToken:
+		return t.issueRefreshToken(op.IssueRefreshToken)
+	case *statev1.Command_RotateRefreshToken:
+		return t.rotateRefreshToken(op.RotateRefreshToken)
+	case *statev1.Command_RevokeTokenFamily:
+		return t.revokeTokenFamily(op.RevokeTokenFamily)
+	case *statev1.Command_RotateSigningKey:
+		return t.rotateSigningKey(op.RotateSigningKey)
+	case *statev1.Command_RotateSessionKey:
+		return t.rotateSessionKey(op.RotateSessionKey)
+	case *statev1.Command_RecordActivity:
+		return t.recordActivity(op.RecordActivity)
+	case *statev1.Command_RegisterEdge:
+		return t.registerEdge(op.RegisterEdge)
+	case *statev1.Command_ExpireEdges:
+		return t.expireEdges()
+	case *statev1.Command_DeregisterEdge:
+		return t.deregisterEdge(op.DeregisterEdge)
+	case *statev1.Command_InitCluster:
+		return t.initCluster(op.InitCluster)
 	case nil:
 		return nil, invalid("command has no operation")
 	default:
@@ -278,6 +300,9 @@ func (t *txn) deleteUser(op *statev1.DeleteUser) (*statev1.Result, error) {
 		if err := t.removeDevice(d); err != nil {
 			return nil, err
 		}
+	}
+	if err := t.deleteUserTokens(u.Id); err != nil {
+		return nil, err
 	}
 	if err := t.b.Delete(loginKey(u.Login)); err != nil {
 		return nil, err

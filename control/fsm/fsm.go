@@ -253,6 +253,9 @@ func (f *FSM) applyEntry(b *state.Batch, l *raft.Log) *statev1.Result {
 		if err := f.prune(b, l.Index); err != nil {
 			f.fatal("prune", err)
 		}
+		if err := tx.pruneTokens(); err != nil {
+			f.fatal("prune refresh tokens", err)
+		}
 	}
 	return res
 }

@@ -18,6 +18,16 @@ import (
 //	c:<rev:8><seq:4>          state.v1.Change
 //	q:<request id>            state.v1.Result of the first apply of that id
 //	Q:<rev:8><request id>     empty; orders request ids for pruning
+//	t:<token id>              state.v1.RefreshToken
+//	X:<expires:8><token id>   empty; orders refresh tokens for expiry
+//	f:<family id>             state.v1.TokenFamily
+//	x:<user>\x00<family>\x00<token>  empty; a user's tokens, for deletion
+//	s:<key id>                state.v1.SigningKey
+//	k:<key id>                state.v1.SessionKey
+//	m:initialized             present once InitCluster applied
+//	m:signing                 id of the current signing key
+//	m:session                 id of the current session key
+//	e:<edge id>               state.v1.Edge
 var (
 	keyApplied = []byte("m:applied")
 	keyHorizon = []byte("m:horizon")
@@ -30,7 +40,37 @@ var (
 	prefixChange      = []byte("c:")
 	prefixRequest     = []byte("q:")
 	prefixRequestRev  = []byte("Q:")
+	prefixToken       = []byte("t:")
+	prefixTokenExpiry = []byte("X:")
+	prefixFamily      = []byte("f:")
+	prefixUserTokens  = []byte("x:")
+	prefixSigningKey  = []byte("s:")
+	prefixSessionKey  = []byte("k:")
+	prefixEdge        = []byte("e:")
+
+	keyInitialized    = []byte("m:initialized")
+	keyCurrentSigning = []byte("m:signing")
+	keyCurrentSession = []byte("m:session")
 )
+
+func tokenKey(id string) []byte      { return join(prefixToken, id) }
+func familyKey(id string) []byte     { return join(prefixFamily, id) }
+func signingKeyKey(id string) []byte { return join(prefixSigningKey, id) }
+func sessionKeyKey(id string) []byte { return join(prefixSessionKey, id) }
+func edgeKey(id string) []byte       { return join(prefixEdge, id) }
+func userTokenKey(uid, fid, tid string) []byte {
+	return join(prefixUserTokens, uid, fid, tid)
+}
+func userTokensPrefix(uid string) []byte {
+	return append(join(prefixUserTokens, uid), 0)
+}
+
+func tokenExpiryKey(expires int64, id string) []byte {
+	k := make([]byte, 0, len(prefixTokenExpiry)+8+len(id))
+	k = append(k, prefixTokenExpiry...)
+	k = binary.BigEndian.AppendUint64(k, uint64(expires))
+	return append(k, id...)
+}
 
 func join(prefix []byte, parts ...string) []byte {
 	n := len(prefix)

@@ -192,3 +192,105 @@ func (f *FSM) Digest() ([32]byte, error) {
 	copy(sum[:], h.Sum(nil))
 	return sum, nil
 }
+
+// GetRefreshToken returns a refresh token by id, or ErrNotFound.
+func (f *FSM) GetRefreshToken(id string) (*statev1.RefreshToken, error) {
+	var t statev1.RefreshToken
+	if err := getRecord(f.store, tokenKey(id), &t, "refresh token"); err != nil {
+		return nil, err
+	}
+	return &t, nil
+}
+
+// GetTokenFamily returns a refresh-token family by id, or ErrNotFound.
+func (f *FSM) GetTokenFamily(id string) (*statev1.TokenFamily, error) {
+	var t statev1.TokenFamily
+	if err := getRecord(f.store, familyKey(id), &t, "token family"); err != nil {
+		return nil, err
+	}
+	return &t, nil
+}
+
+// SigningKeys returns every signing key still valid for verification, in
+// id order, and the id of the current one ("" when none was created yet).
+func (f *FSM) SigningKeys() ([]*statev1.SigningKey, string, error) {
+	snap := f.store.Snapshot()
+	defer snap.Close()
+	var cur string
+	if v, err := snap.Get(keyCurrentSigning); err == nil {
+		cur = string(v)
+	} else if !errors.Is(err, state.ErrNotFound) {
+		return nil, "", fmt.Errorf("read current signing key: %w", err)
+	}
+	var out []*statev1.SigningKey
+	err := snap.Iterate(prefixSigningKey, prefixEnd(prefixSigningKey), func(_, v []byte) (bool, error) {
+		var k statev1.SigningKey
+		if err := proto.Unmarshal(v, &k); err != nil {
+			return false, fmt.Errorf("decode signing key: %w", err)
+		}
+		out = append(out, &k)
+		return true, nil
+	})
+	return out, cur, err
+}
+
+// SessionKeyRing returns the session-key ring.
+func (f *FSM) SessionKeyRing() (*statev1.SessionKeyRing, error) {
+	snap := f.store.Snapshot()
+	defer snap.Close()
+	ring, err := sessionRing(snap)
+	if err != nil {
+		return nil, fmt.Errorf("read session key ring: %w", err)
+	}
+	return ring, nil
+}
+
+// Edges returns the registered edges in id order.
+func (f *FSM) Edges() ([]*statev1.Edge, error) {
+	var out []*statev1.Edge
+	err := f.store.Iterate(prefixEdge, prefixEnd(prefixEdge), func(_, v []byte) (bool, error) {
+		var e statev1.Edge
+		if err := proto.Unmarshal(v, &e); err != nil {
+			return false, fmt.Errorf("decode edge: %w", err)
+		}
+		out = append(out, &e)
+		return true, nil
+	})
+	return out, err
+}
+
+// DeviceOwner returns the id of the user that owns a device, or
+// ErrNotFound.
+func (f *FSM) DeviceOwner(deviceID string) (string, error) {
+	v, err := f.store.Get(deviceOwnerKey(deviceID))
+	if errors.Is(err, state.ErrNotFound) {
+		return "", fmt.Errorf("device %q: %w", deviceID, ErrNotFound)
+	}
+	if err != nil {
+		return "", fmt.Errorf("read device owner: %w", err)
+	}
+	return string(v), nil
+}
+
+// Initialized reports whether InitCluster has applied.
+func (f *FSM) Initialized() (bool, error) {
+	_, err := f.store.Get(keyInitialized)
+	if errors.Is(err, state.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("read initialized flag: %w", err)
+	}
+	return true, nil
+}
+
+// UserTokenCount returns how many refresh tokens a user has.
+func (f *FSM) UserTokenCount(userID string) (int, error) {
+	p := userTokensPrefix(userID)
+	n := 0
+	err := f.store.Iterate(p, prefixEnd(p), func(_, _ []byte) (bool, error) {
+		n++
+		return true, nil
+	})
+	return n, err
+}

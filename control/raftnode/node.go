@@ -118,6 +118,12 @@ type Config struct {
 	FSM fsm.Config
 	// Raft tunes Raft.
 	Raft Tuning
+	// OnLeader, if set, runs on this node for as long as it leads, each
+	// time it becomes leader, once the leader can serve reads. Its context
+	// ends when leadership is lost or the node stops; it must return then.
+	// Work only the leader should do (expiring leases, rotating keys,
+	// initializing a new cluster) goes here.
+	OnLeader func(ctx context.Context)
 }
 
 func (c *Config) applyDefaults() error {
@@ -688,6 +694,9 @@ func (n *Node) onElected(ctx context.Context, ls *leadership) {
 		}
 	}
 	n.reconcileNodes(ctx)
+	if n.cfg.OnLeader != nil {
+		n.cfg.OnLeader(ctx)
+	}
 }
 
 // reconcileNodes makes the recorded node addresses match the Raft

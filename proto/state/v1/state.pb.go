@@ -88,6 +88,9 @@ const (
 	ChangeKind_CHANGE_KIND_DEVICE_DELETED ChangeKind = 4
 	ChangeKind_CHANGE_KIND_NODE_PUT       ChangeKind = 5
 	ChangeKind_CHANGE_KIND_NODE_DELETED   ChangeKind = 6
+	ChangeKind_CHANGE_KIND_SESSION_KEYS   ChangeKind = 7
+	ChangeKind_CHANGE_KIND_EDGE_PUT       ChangeKind = 8
+	ChangeKind_CHANGE_KIND_EDGE_DELETED   ChangeKind = 9
 )
 
 // Enum value maps for ChangeKind.
@@ -100,6 +103,9 @@ var (
 		4: "CHANGE_KIND_DEVICE_DELETED",
 		5: "CHANGE_KIND_NODE_PUT",
 		6: "CHANGE_KIND_NODE_DELETED",
+		7: "CHANGE_KIND_SESSION_KEYS",
+		8: "CHANGE_KIND_EDGE_PUT",
+		9: "CHANGE_KIND_EDGE_DELETED",
 	}
 	ChangeKind_value = map[string]int32{
 		"CHANGE_KIND_UNSPECIFIED":    0,
@@ -109,6 +115,9 @@ var (
 		"CHANGE_KIND_DEVICE_DELETED": 4,
 		"CHANGE_KIND_NODE_PUT":       5,
 		"CHANGE_KIND_NODE_DELETED":   6,
+		"CHANGE_KIND_SESSION_KEYS":   7,
+		"CHANGE_KIND_EDGE_PUT":       8,
+		"CHANGE_KIND_EDGE_DELETED":   9,
 	}
 )
 
@@ -487,6 +496,8 @@ type Change struct {
 	//	*Change_User
 	//	*Change_Device
 	//	*Change_Node
+	//	*Change_SessionKeys
+	//	*Change_Edge
 	Object        isChange_Object `protobuf_oneof:"object"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -577,6 +588,24 @@ func (x *Change) GetNode() *Node {
 	return nil
 }
 
+func (x *Change) GetSessionKeys() *SessionKeyRing {
+	if x != nil {
+		if x, ok := x.Object.(*Change_SessionKeys); ok {
+			return x.SessionKeys
+		}
+	}
+	return nil
+}
+
+func (x *Change) GetEdge() *Edge {
+	if x != nil {
+		if x, ok := x.Object.(*Change_Edge); ok {
+			return x.Edge
+		}
+	}
+	return nil
+}
+
 type isChange_Object interface {
 	isChange_Object()
 }
@@ -593,11 +622,560 @@ type Change_Node struct {
 	Node *Node `protobuf:"bytes,12,opt,name=node,proto3,oneof"`
 }
 
+type Change_SessionKeys struct {
+	SessionKeys *SessionKeyRing `protobuf:"bytes,13,opt,name=session_keys,json=sessionKeys,proto3,oneof"`
+}
+
+type Change_Edge struct {
+	Edge *Edge `protobuf:"bytes,14,opt,name=edge,proto3,oneof"`
+}
+
 func (*Change_User) isChange_Object() {}
 
 func (*Change_Device) isChange_Object() {}
 
 func (*Change_Node) isChange_Object() {}
+
+func (*Change_SessionKeys) isChange_Object() {}
+
+func (*Change_Edge) isChange_Object() {}
+
+// RefreshToken is one token of a refresh-token family. Only a hash of its
+// secret is stored.
+type RefreshToken struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Id       string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	FamilyId string                 `protobuf:"bytes,2,opt,name=family_id,json=familyId,proto3" json:"family_id,omitempty"`
+	UserId   string                 `protobuf:"bytes,3,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// SHA-256 of the token's secret.
+	SecretHash  []byte `protobuf:"bytes,4,opt,name=secret_hash,json=secretHash,proto3" json:"secret_hash,omitempty"`
+	CreatedAtMs int64  `protobuf:"varint,5,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	ExpiresAtMs int64  `protobuf:"varint,6,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	// Set once the token was exchanged for its successor: presenting it
+	// again is reuse, and revokes the whole family.
+	Rotated       bool `protobuf:"varint,7,opt,name=rotated,proto3" json:"rotated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RefreshToken) Reset() {
+	*x = RefreshToken{}
+	mi := &file_state_v1_state_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RefreshToken) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RefreshToken) ProtoMessage() {}
+
+func (x *RefreshToken) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RefreshToken.ProtoReflect.Descriptor instead.
+func (*RefreshToken) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *RefreshToken) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RefreshToken) GetFamilyId() string {
+	if x != nil {
+		return x.FamilyId
+	}
+	return ""
+}
+
+func (x *RefreshToken) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *RefreshToken) GetSecretHash() []byte {
+	if x != nil {
+		return x.SecretHash
+	}
+	return nil
+}
+
+func (x *RefreshToken) GetCreatedAtMs() int64 {
+	if x != nil {
+		return x.CreatedAtMs
+	}
+	return 0
+}
+
+func (x *RefreshToken) GetExpiresAtMs() int64 {
+	if x != nil {
+		return x.ExpiresAtMs
+	}
+	return 0
+}
+
+func (x *RefreshToken) GetRotated() bool {
+	if x != nil {
+		return x.Rotated
+	}
+	return false
+}
+
+// TokenFamily is the chain of refresh tokens that descend from one login.
+type TokenFamily struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	UserId        string                 `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	CreatedAtMs   int64                  `protobuf:"varint,3,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	Revoked       bool                   `protobuf:"varint,4,opt,name=revoked,proto3" json:"revoked,omitempty"`
+	RevokedAtMs   int64                  `protobuf:"varint,5,opt,name=revoked_at_ms,json=revokedAtMs,proto3" json:"revoked_at_ms,omitempty"`
+	RevokeReason  string                 `protobuf:"bytes,6,opt,name=revoke_reason,json=revokeReason,proto3" json:"revoke_reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenFamily) Reset() {
+	*x = TokenFamily{}
+	mi := &file_state_v1_state_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenFamily) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenFamily) ProtoMessage() {}
+
+func (x *TokenFamily) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenFamily.ProtoReflect.Descriptor instead.
+func (*TokenFamily) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *TokenFamily) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *TokenFamily) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *TokenFamily) GetCreatedAtMs() int64 {
+	if x != nil {
+		return x.CreatedAtMs
+	}
+	return 0
+}
+
+func (x *TokenFamily) GetRevoked() bool {
+	if x != nil {
+		return x.Revoked
+	}
+	return false
+}
+
+func (x *TokenFamily) GetRevokedAtMs() int64 {
+	if x != nil {
+		return x.RevokedAtMs
+	}
+	return 0
+}
+
+func (x *TokenFamily) GetRevokeReason() string {
+	if x != nil {
+		return x.RevokeReason
+	}
+	return ""
+}
+
+// SigningKey is a key that signs access tokens (Ed25519).
+type SigningKey struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Ed25519 seed, 32 bytes. Secret: never leaves the control plane except
+	// in snapshots and backups.
+	PrivateSeed []byte `protobuf:"bytes,2,opt,name=private_seed,json=privateSeed,proto3" json:"private_seed,omitempty"`
+	PublicKey   []byte `protobuf:"bytes,3,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	CreatedAtMs int64  `protobuf:"varint,4,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	// When it stopped signing (0 while current).
+	RetiredAtMs int64 `protobuf:"varint,5,opt,name=retired_at_ms,json=retiredAtMs,proto3" json:"retired_at_ms,omitempty"`
+	// After this time it no longer verifies and is dropped (0: current).
+	VerifyUntilMs int64 `protobuf:"varint,6,opt,name=verify_until_ms,json=verifyUntilMs,proto3" json:"verify_until_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SigningKey) Reset() {
+	*x = SigningKey{}
+	mi := &file_state_v1_state_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SigningKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SigningKey) ProtoMessage() {}
+
+func (x *SigningKey) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SigningKey.ProtoReflect.Descriptor instead.
+func (*SigningKey) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *SigningKey) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *SigningKey) GetPrivateSeed() []byte {
+	if x != nil {
+		return x.PrivateSeed
+	}
+	return nil
+}
+
+func (x *SigningKey) GetPublicKey() []byte {
+	if x != nil {
+		return x.PublicKey
+	}
+	return nil
+}
+
+func (x *SigningKey) GetCreatedAtMs() int64 {
+	if x != nil {
+		return x.CreatedAtMs
+	}
+	return 0
+}
+
+func (x *SigningKey) GetRetiredAtMs() int64 {
+	if x != nil {
+		return x.RetiredAtMs
+	}
+	return 0
+}
+
+func (x *SigningKey) GetVerifyUntilMs() int64 {
+	if x != nil {
+		return x.VerifyUntilMs
+	}
+	return 0
+}
+
+// SessionKey is one key of the ring that seals resume tickets.
+type SessionKey struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// 32-byte AEAD key. Secret: shared with edges only.
+	Secret      []byte `protobuf:"bytes,2,opt,name=secret,proto3" json:"secret,omitempty"`
+	CreatedAtMs int64  `protobuf:"varint,3,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	RetiredAtMs int64  `protobuf:"varint,4,opt,name=retired_at_ms,json=retiredAtMs,proto3" json:"retired_at_ms,omitempty"`
+	// After this time tickets sealed with it are refused and it is dropped
+	// (0 while current).
+	ExpiresAtMs   int64 `protobuf:"varint,5,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SessionKey) Reset() {
+	*x = SessionKey{}
+	mi := &file_state_v1_state_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SessionKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SessionKey) ProtoMessage() {}
+
+func (x *SessionKey) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SessionKey.ProtoReflect.Descriptor instead.
+func (*SessionKey) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SessionKey) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *SessionKey) GetSecret() []byte {
+	if x != nil {
+		return x.Secret
+	}
+	return nil
+}
+
+func (x *SessionKey) GetCreatedAtMs() int64 {
+	if x != nil {
+		return x.CreatedAtMs
+	}
+	return 0
+}
+
+func (x *SessionKey) GetRetiredAtMs() int64 {
+	if x != nil {
+		return x.RetiredAtMs
+	}
+	return 0
+}
+
+func (x *SessionKey) GetExpiresAtMs() int64 {
+	if x != nil {
+		return x.ExpiresAtMs
+	}
+	return 0
+}
+
+// SessionKeyRing is the current session key and the previous ones still
+// in their grace period.
+type SessionKeyRing struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CurrentId     string                 `protobuf:"bytes,1,opt,name=current_id,json=currentId,proto3" json:"current_id,omitempty"`
+	Keys          []*SessionKey          `protobuf:"bytes,2,rep,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SessionKeyRing) Reset() {
+	*x = SessionKeyRing{}
+	mi := &file_state_v1_state_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SessionKeyRing) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SessionKeyRing) ProtoMessage() {}
+
+func (x *SessionKeyRing) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SessionKeyRing.ProtoReflect.Descriptor instead.
+func (*SessionKeyRing) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SessionKeyRing) GetCurrentId() string {
+	if x != nil {
+		return x.CurrentId
+	}
+	return ""
+}
+
+func (x *SessionKeyRing) GetKeys() []*SessionKey {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+// Edge is a registered edge server, alive while its lease runs.
+type Edge struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Addresses devices and other edges reach it at.
+	Addrs            []string `protobuf:"bytes,2,rep,name=addrs,proto3" json:"addrs,omitempty"`
+	RegisteredAtMs   int64    `protobuf:"varint,3,opt,name=registered_at_ms,json=registeredAtMs,proto3" json:"registered_at_ms,omitempty"`
+	LeaseExpiresAtMs int64    `protobuf:"varint,4,opt,name=lease_expires_at_ms,json=leaseExpiresAtMs,proto3" json:"lease_expires_at_ms,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *Edge) Reset() {
+	*x = Edge{}
+	mi := &file_state_v1_state_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Edge) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Edge) ProtoMessage() {}
+
+func (x *Edge) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Edge.ProtoReflect.Descriptor instead.
+func (*Edge) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *Edge) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Edge) GetAddrs() []string {
+	if x != nil {
+		return x.Addrs
+	}
+	return nil
+}
+
+func (x *Edge) GetRegisteredAtMs() int64 {
+	if x != nil {
+		return x.RegisteredAtMs
+	}
+	return 0
+}
+
+func (x *Edge) GetLeaseExpiresAtMs() int64 {
+	if x != nil {
+		return x.LeaseExpiresAtMs
+	}
+	return 0
+}
+
+// Activity reports that a device (or, with device_id empty, a user
+// through the API) was active at seen_at_ms.
+type Activity struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	DeviceId      string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	SeenAtMs      int64                  `protobuf:"varint,3,opt,name=seen_at_ms,json=seenAtMs,proto3" json:"seen_at_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Activity) Reset() {
+	*x = Activity{}
+	mi := &file_state_v1_state_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Activity) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Activity) ProtoMessage() {}
+
+func (x *Activity) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Activity.ProtoReflect.Descriptor instead.
+func (*Activity) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *Activity) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *Activity) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *Activity) GetSeenAtMs() int64 {
+	if x != nil {
+		return x.SeenAtMs
+	}
+	return 0
+}
 
 // Command is one state change proposed through Raft.
 type Command struct {
@@ -619,6 +1197,17 @@ type Command struct {
 	//	*Command_PutNode
 	//	*Command_RemoveNode
 	//	*Command_Noop
+	//	*Command_RenameDevice
+	//	*Command_IssueRefreshToken
+	//	*Command_RotateRefreshToken
+	//	*Command_RevokeTokenFamily
+	//	*Command_RotateSigningKey
+	//	*Command_RotateSessionKey
+	//	*Command_RecordActivity
+	//	*Command_RegisterEdge
+	//	*Command_ExpireEdges
+	//	*Command_DeregisterEdge
+	//	*Command_InitCluster
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -626,7 +1215,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_state_v1_state_proto_msgTypes[4]
+	mi := &file_state_v1_state_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +1227,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[4]
+	mi := &file_state_v1_state_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +1240,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{4}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Command) GetRequestId() string {
@@ -756,6 +1345,105 @@ func (x *Command) GetNoop() *Noop {
 	return nil
 }
 
+func (x *Command) GetRenameDevice() *RenameDevice {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RenameDevice); ok {
+			return x.RenameDevice
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetIssueRefreshToken() *IssueRefreshToken {
+	if x != nil {
+		if x, ok := x.Op.(*Command_IssueRefreshToken); ok {
+			return x.IssueRefreshToken
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRotateRefreshToken() *RotateRefreshToken {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RotateRefreshToken); ok {
+			return x.RotateRefreshToken
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRevokeTokenFamily() *RevokeTokenFamily {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RevokeTokenFamily); ok {
+			return x.RevokeTokenFamily
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRotateSigningKey() *RotateSigningKey {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RotateSigningKey); ok {
+			return x.RotateSigningKey
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRotateSessionKey() *RotateSessionKey {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RotateSessionKey); ok {
+			return x.RotateSessionKey
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRecordActivity() *RecordActivity {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RecordActivity); ok {
+			return x.RecordActivity
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRegisterEdge() *RegisterEdge {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RegisterEdge); ok {
+			return x.RegisterEdge
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetExpireEdges() *ExpireEdges {
+	if x != nil {
+		if x, ok := x.Op.(*Command_ExpireEdges); ok {
+			return x.ExpireEdges
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDeregisterEdge() *DeregisterEdge {
+	if x != nil {
+		if x, ok := x.Op.(*Command_DeregisterEdge); ok {
+			return x.DeregisterEdge
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetInitCluster() *InitCluster {
+	if x != nil {
+		if x, ok := x.Op.(*Command_InitCluster); ok {
+			return x.InitCluster
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -796,6 +1484,50 @@ type Command_Noop struct {
 	Noop *Noop `protobuf:"bytes,18,opt,name=noop,proto3,oneof"`
 }
 
+type Command_RenameDevice struct {
+	RenameDevice *RenameDevice `protobuf:"bytes,19,opt,name=rename_device,json=renameDevice,proto3,oneof"`
+}
+
+type Command_IssueRefreshToken struct {
+	IssueRefreshToken *IssueRefreshToken `protobuf:"bytes,20,opt,name=issue_refresh_token,json=issueRefreshToken,proto3,oneof"`
+}
+
+type Command_RotateRefreshToken struct {
+	RotateRefreshToken *RotateRefreshToken `protobuf:"bytes,21,opt,name=rotate_refresh_token,json=rotateRefreshToken,proto3,oneof"`
+}
+
+type Command_RevokeTokenFamily struct {
+	RevokeTokenFamily *RevokeTokenFamily `protobuf:"bytes,22,opt,name=revoke_token_family,json=revokeTokenFamily,proto3,oneof"`
+}
+
+type Command_RotateSigningKey struct {
+	RotateSigningKey *RotateSigningKey `protobuf:"bytes,23,opt,name=rotate_signing_key,json=rotateSigningKey,proto3,oneof"`
+}
+
+type Command_RotateSessionKey struct {
+	RotateSessionKey *RotateSessionKey `protobuf:"bytes,24,opt,name=rotate_session_key,json=rotateSessionKey,proto3,oneof"`
+}
+
+type Command_RecordActivity struct {
+	RecordActivity *RecordActivity `protobuf:"bytes,25,opt,name=record_activity,json=recordActivity,proto3,oneof"`
+}
+
+type Command_RegisterEdge struct {
+	RegisterEdge *RegisterEdge `protobuf:"bytes,26,opt,name=register_edge,json=registerEdge,proto3,oneof"`
+}
+
+type Command_ExpireEdges struct {
+	ExpireEdges *ExpireEdges `protobuf:"bytes,27,opt,name=expire_edges,json=expireEdges,proto3,oneof"`
+}
+
+type Command_DeregisterEdge struct {
+	DeregisterEdge *DeregisterEdge `protobuf:"bytes,28,opt,name=deregister_edge,json=deregisterEdge,proto3,oneof"`
+}
+
+type Command_InitCluster struct {
+	InitCluster *InitCluster `protobuf:"bytes,29,opt,name=init_cluster,json=initCluster,proto3,oneof"`
+}
+
 func (*Command_CreateUser) isCommand_Op() {}
 
 func (*Command_UpdateUser) isCommand_Op() {}
@@ -814,6 +1546,606 @@ func (*Command_RemoveNode) isCommand_Op() {}
 
 func (*Command_Noop) isCommand_Op() {}
 
+func (*Command_RenameDevice) isCommand_Op() {}
+
+func (*Command_IssueRefreshToken) isCommand_Op() {}
+
+func (*Command_RotateRefreshToken) isCommand_Op() {}
+
+func (*Command_RevokeTokenFamily) isCommand_Op() {}
+
+func (*Command_RotateSigningKey) isCommand_Op() {}
+
+func (*Command_RotateSessionKey) isCommand_Op() {}
+
+func (*Command_RecordActivity) isCommand_Op() {}
+
+func (*Command_RegisterEdge) isCommand_Op() {}
+
+func (*Command_ExpireEdges) isCommand_Op() {}
+
+func (*Command_DeregisterEdge) isCommand_Op() {}
+
+func (*Command_InitCluster) isCommand_Op() {}
+
+// InitCluster creates what a new cluster needs before anyone can log in:
+// the first admin account, the first signing key and the first session
+// key. It applies once in a cluster's life; later ones are no-ops that
+// report initialized = false.
+type InitCluster struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Admin         *User                  `protobuf:"bytes,1,opt,name=admin,proto3" json:"admin,omitempty"`
+	SigningKey    *SigningKey            `protobuf:"bytes,2,opt,name=signing_key,json=signingKey,proto3" json:"signing_key,omitempty"`
+	SessionKey    *SessionKey            `protobuf:"bytes,3,opt,name=session_key,json=sessionKey,proto3" json:"session_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InitCluster) Reset() {
+	*x = InitCluster{}
+	mi := &file_state_v1_state_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InitCluster) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InitCluster) ProtoMessage() {}
+
+func (x *InitCluster) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InitCluster.ProtoReflect.Descriptor instead.
+func (*InitCluster) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *InitCluster) GetAdmin() *User {
+	if x != nil {
+		return x.Admin
+	}
+	return nil
+}
+
+func (x *InitCluster) GetSigningKey() *SigningKey {
+	if x != nil {
+		return x.SigningKey
+	}
+	return nil
+}
+
+func (x *InitCluster) GetSessionKey() *SessionKey {
+	if x != nil {
+		return x.SessionKey
+	}
+	return nil
+}
+
+// RenameDevice changes a device's name.
+type RenameDevice struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	DeviceId      string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	Name          string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenameDevice) Reset() {
+	*x = RenameDevice{}
+	mi := &file_state_v1_state_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenameDevice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenameDevice) ProtoMessage() {}
+
+func (x *RenameDevice) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenameDevice.ProtoReflect.Descriptor instead.
+func (*RenameDevice) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *RenameDevice) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *RenameDevice) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *RenameDevice) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// IssueRefreshToken starts a new token family (at login) with its first
+// token.
+type IssueRefreshToken struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         *RefreshToken          `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IssueRefreshToken) Reset() {
+	*x = IssueRefreshToken{}
+	mi := &file_state_v1_state_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssueRefreshToken) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssueRefreshToken) ProtoMessage() {}
+
+func (x *IssueRefreshToken) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssueRefreshToken.ProtoReflect.Descriptor instead.
+func (*IssueRefreshToken) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *IssueRefreshToken) GetToken() *RefreshToken {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+// RotateRefreshToken exchanges a token for its successor. Apply checks the
+// presented secret's hash; presenting a token that was already rotated
+// revokes its family (reuse detection) and returns reuse_detected.
+type RotateRefreshToken struct {
+	state               protoimpl.MessageState `protogen:"open.v1"`
+	TokenId             string                 `protobuf:"bytes,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	PresentedSecretHash []byte                 `protobuf:"bytes,2,opt,name=presented_secret_hash,json=presentedSecretHash,proto3" json:"presented_secret_hash,omitempty"`
+	Next                *RefreshToken          `protobuf:"bytes,3,opt,name=next,proto3" json:"next,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *RotateRefreshToken) Reset() {
+	*x = RotateRefreshToken{}
+	mi := &file_state_v1_state_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateRefreshToken) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateRefreshToken) ProtoMessage() {}
+
+func (x *RotateRefreshToken) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateRefreshToken.ProtoReflect.Descriptor instead.
+func (*RotateRefreshToken) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *RotateRefreshToken) GetTokenId() string {
+	if x != nil {
+		return x.TokenId
+	}
+	return ""
+}
+
+func (x *RotateRefreshToken) GetPresentedSecretHash() []byte {
+	if x != nil {
+		return x.PresentedSecretHash
+	}
+	return nil
+}
+
+func (x *RotateRefreshToken) GetNext() *RefreshToken {
+	if x != nil {
+		return x.Next
+	}
+	return nil
+}
+
+// RevokeTokenFamily ends a family (logout).
+type RevokeTokenFamily struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	FamilyId string                 `protobuf:"bytes,1,opt,name=family_id,json=familyId,proto3" json:"family_id,omitempty"`
+	// The family must belong to this user.
+	UserId        string `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeTokenFamily) Reset() {
+	*x = RevokeTokenFamily{}
+	mi := &file_state_v1_state_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeTokenFamily) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeTokenFamily) ProtoMessage() {}
+
+func (x *RevokeTokenFamily) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeTokenFamily.ProtoReflect.Descriptor instead.
+func (*RevokeTokenFamily) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *RevokeTokenFamily) GetFamilyId() string {
+	if x != nil {
+		return x.FamilyId
+	}
+	return ""
+}
+
+func (x *RevokeTokenFamily) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *RevokeTokenFamily) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// RotateSigningKey makes key the current signing key; the previous one
+// keeps verifying until retain_ms after now.
+type RotateSigningKey struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *SigningKey            `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	RetainMs      int64                  `protobuf:"varint,2,opt,name=retain_ms,json=retainMs,proto3" json:"retain_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateSigningKey) Reset() {
+	*x = RotateSigningKey{}
+	mi := &file_state_v1_state_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateSigningKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateSigningKey) ProtoMessage() {}
+
+func (x *RotateSigningKey) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateSigningKey.ProtoReflect.Descriptor instead.
+func (*RotateSigningKey) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *RotateSigningKey) GetKey() *SigningKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *RotateSigningKey) GetRetainMs() int64 {
+	if x != nil {
+		return x.RetainMs
+	}
+	return 0
+}
+
+// RotateSessionKey makes key the current session key; the previous one
+// stays in the ring for grace_ms.
+type RotateSessionKey struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *SessionKey            `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	GraceMs       int64                  `protobuf:"varint,2,opt,name=grace_ms,json=graceMs,proto3" json:"grace_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateSessionKey) Reset() {
+	*x = RotateSessionKey{}
+	mi := &file_state_v1_state_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateSessionKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateSessionKey) ProtoMessage() {}
+
+func (x *RotateSessionKey) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateSessionKey.ProtoReflect.Descriptor instead.
+func (*RotateSessionKey) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *RotateSessionKey) GetKey() *SessionKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *RotateSessionKey) GetGraceMs() int64 {
+	if x != nil {
+		return x.GraceMs
+	}
+	return 0
+}
+
+// RecordActivity raises last_seen / last_activity times (never lowers
+// them); entries for users or devices that no longer exist are ignored.
+type RecordActivity struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entries       []*Activity            `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordActivity) Reset() {
+	*x = RecordActivity{}
+	mi := &file_state_v1_state_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordActivity) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordActivity) ProtoMessage() {}
+
+func (x *RecordActivity) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordActivity.ProtoReflect.Descriptor instead.
+func (*RecordActivity) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *RecordActivity) GetEntries() []*Activity {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+// RegisterEdge registers an edge or renews its lease.
+type RegisterEdge struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Edge          *Edge                  `protobuf:"bytes,1,opt,name=edge,proto3" json:"edge,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterEdge) Reset() {
+	*x = RegisterEdge{}
+	mi := &file_state_v1_state_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterEdge) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterEdge) ProtoMessage() {}
+
+func (x *RegisterEdge) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterEdge.ProtoReflect.Descriptor instead.
+func (*RegisterEdge) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RegisterEdge) GetEdge() *Edge {
+	if x != nil {
+		return x.Edge
+	}
+	return nil
+}
+
+// ExpireEdges removes edges whose lease ran out before the command's
+// proposed time. The leader proposes it periodically.
+type ExpireEdges struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpireEdges) Reset() {
+	*x = ExpireEdges{}
+	mi := &file_state_v1_state_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpireEdges) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpireEdges) ProtoMessage() {}
+
+func (x *ExpireEdges) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpireEdges.ProtoReflect.Descriptor instead.
+func (*ExpireEdges) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{21}
+}
+
+// DeregisterEdge removes an edge (graceful shutdown).
+type DeregisterEdge struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeregisterEdge) Reset() {
+	*x = DeregisterEdge{}
+	mi := &file_state_v1_state_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeregisterEdge) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeregisterEdge) ProtoMessage() {}
+
+func (x *DeregisterEdge) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeregisterEdge.ProtoReflect.Descriptor instead.
+func (*DeregisterEdge) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *DeregisterEdge) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
 // CreateUser adds an account. The id and login must both be new.
 type CreateUser struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -824,7 +2156,7 @@ type CreateUser struct {
 
 func (x *CreateUser) Reset() {
 	*x = CreateUser{}
-	mi := &file_state_v1_state_proto_msgTypes[5]
+	mi := &file_state_v1_state_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -836,7 +2168,7 @@ func (x *CreateUser) String() string {
 func (*CreateUser) ProtoMessage() {}
 
 func (x *CreateUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[5]
+	mi := &file_state_v1_state_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -849,7 +2181,7 @@ func (x *CreateUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateUser.ProtoReflect.Descriptor instead.
 func (*CreateUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{5}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CreateUser) GetUser() *User {
@@ -873,7 +2205,7 @@ type UpdateUser struct {
 
 func (x *UpdateUser) Reset() {
 	*x = UpdateUser{}
-	mi := &file_state_v1_state_proto_msgTypes[6]
+	mi := &file_state_v1_state_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -885,7 +2217,7 @@ func (x *UpdateUser) String() string {
 func (*UpdateUser) ProtoMessage() {}
 
 func (x *UpdateUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[6]
+	mi := &file_state_v1_state_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -898,7 +2230,7 @@ func (x *UpdateUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateUser.ProtoReflect.Descriptor instead.
 func (*UpdateUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{6}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *UpdateUser) GetId() string {
@@ -932,7 +2264,7 @@ type DeleteUser struct {
 
 func (x *DeleteUser) Reset() {
 	*x = DeleteUser{}
-	mi := &file_state_v1_state_proto_msgTypes[7]
+	mi := &file_state_v1_state_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -944,7 +2276,7 @@ func (x *DeleteUser) String() string {
 func (*DeleteUser) ProtoMessage() {}
 
 func (x *DeleteUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[7]
+	mi := &file_state_v1_state_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -957,7 +2289,7 @@ func (x *DeleteUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteUser.ProtoReflect.Descriptor instead.
 func (*DeleteUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{7}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *DeleteUser) GetId() string {
@@ -977,7 +2309,7 @@ type RegisterDevice struct {
 
 func (x *RegisterDevice) Reset() {
 	*x = RegisterDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[8]
+	mi := &file_state_v1_state_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -989,7 +2321,7 @@ func (x *RegisterDevice) String() string {
 func (*RegisterDevice) ProtoMessage() {}
 
 func (x *RegisterDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[8]
+	mi := &file_state_v1_state_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1002,7 +2334,7 @@ func (x *RegisterDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterDevice.ProtoReflect.Descriptor instead.
 func (*RegisterDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{8}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RegisterDevice) GetDevice() *Device {
@@ -1023,7 +2355,7 @@ type RevokeDevice struct {
 
 func (x *RevokeDevice) Reset() {
 	*x = RevokeDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[9]
+	mi := &file_state_v1_state_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1035,7 +2367,7 @@ func (x *RevokeDevice) String() string {
 func (*RevokeDevice) ProtoMessage() {}
 
 func (x *RevokeDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[9]
+	mi := &file_state_v1_state_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1048,7 +2380,7 @@ func (x *RevokeDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDevice.ProtoReflect.Descriptor instead.
 func (*RevokeDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{9}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RevokeDevice) GetUserId() string {
@@ -1076,7 +2408,7 @@ type DeleteDevice struct {
 
 func (x *DeleteDevice) Reset() {
 	*x = DeleteDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[10]
+	mi := &file_state_v1_state_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1088,7 +2420,7 @@ func (x *DeleteDevice) String() string {
 func (*DeleteDevice) ProtoMessage() {}
 
 func (x *DeleteDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[10]
+	mi := &file_state_v1_state_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1101,7 +2433,7 @@ func (x *DeleteDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDevice.ProtoReflect.Descriptor instead.
 func (*DeleteDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{10}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DeleteDevice) GetUserId() string {
@@ -1128,7 +2460,7 @@ type PutNode struct {
 
 func (x *PutNode) Reset() {
 	*x = PutNode{}
-	mi := &file_state_v1_state_proto_msgTypes[11]
+	mi := &file_state_v1_state_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1140,7 +2472,7 @@ func (x *PutNode) String() string {
 func (*PutNode) ProtoMessage() {}
 
 func (x *PutNode) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[11]
+	mi := &file_state_v1_state_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1153,7 +2485,7 @@ func (x *PutNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutNode.ProtoReflect.Descriptor instead.
 func (*PutNode) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{11}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PutNode) GetNode() *Node {
@@ -1173,7 +2505,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_state_v1_state_proto_msgTypes[12]
+	mi := &file_state_v1_state_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1185,7 +2517,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[12]
+	mi := &file_state_v1_state_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1198,7 +2530,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{12}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RemoveNode) GetId() string {
@@ -1219,7 +2551,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_state_v1_state_proto_msgTypes[13]
+	mi := &file_state_v1_state_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1231,7 +2563,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[13]
+	mi := &file_state_v1_state_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1244,7 +2576,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{13}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Noop) GetPadding() []byte {
@@ -1265,14 +2597,21 @@ type Result struct {
 	//
 	//	*Result_User
 	//	*Result_Device
-	Object        isResult_Object `protobuf_oneof:"object"`
+	//	*Result_RefreshToken
+	//	*Result_Edge
+	Object isResult_Object `protobuf_oneof:"object"`
+	// Set by RotateRefreshToken when a rotated token was presented again;
+	// the family is revoked (the code is OK so that revocation commits).
+	ReuseDetected bool `protobuf:"varint,20,opt,name=reuse_detected,json=reuseDetected,proto3" json:"reuse_detected,omitempty"`
+	// Set by InitCluster when this command initialized the cluster.
+	Initialized   bool `protobuf:"varint,21,opt,name=initialized,proto3" json:"initialized,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_state_v1_state_proto_msgTypes[14]
+	mi := &file_state_v1_state_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1284,7 +2623,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[14]
+	mi := &file_state_v1_state_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1297,7 +2636,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{14}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -1346,6 +2685,38 @@ func (x *Result) GetDevice() *Device {
 	return nil
 }
 
+func (x *Result) GetRefreshToken() *RefreshToken {
+	if x != nil {
+		if x, ok := x.Object.(*Result_RefreshToken); ok {
+			return x.RefreshToken
+		}
+	}
+	return nil
+}
+
+func (x *Result) GetEdge() *Edge {
+	if x != nil {
+		if x, ok := x.Object.(*Result_Edge); ok {
+			return x.Edge
+		}
+	}
+	return nil
+}
+
+func (x *Result) GetReuseDetected() bool {
+	if x != nil {
+		return x.ReuseDetected
+	}
+	return false
+}
+
+func (x *Result) GetInitialized() bool {
+	if x != nil {
+		return x.Initialized
+	}
+	return false
+}
+
 type isResult_Object interface {
 	isResult_Object()
 }
@@ -1358,9 +2729,21 @@ type Result_Device struct {
 	Device *Device `protobuf:"bytes,11,opt,name=device,proto3,oneof"`
 }
 
+type Result_RefreshToken struct {
+	RefreshToken *RefreshToken `protobuf:"bytes,12,opt,name=refresh_token,json=refreshToken,proto3,oneof"`
+}
+
+type Result_Edge struct {
+	Edge *Edge `protobuf:"bytes,13,opt,name=edge,proto3,oneof"`
+}
+
 func (*Result_User) isResult_Object() {}
 
 func (*Result_Device) isResult_Object() {}
+
+func (*Result_RefreshToken) isResult_Object() {}
+
+func (*Result_Edge) isResult_Object() {}
 
 var File_state_v1_state_proto protoreflect.FileDescriptor
 
@@ -1390,7 +2773,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x19\n" +
-	"\bapi_addr\x18\x03 \x01(\tR\aapiAddr\"\xe2\x01\n" +
+	"\bapi_addr\x18\x03 \x01(\tR\aapiAddr\"\xc7\x02\n" +
 	"\x06Change\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\rR\x03seq\x12(\n" +
@@ -1398,8 +2781,57 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x04user\x18\n" +
 	" \x01(\v2\x0e.state.v1.UserH\x00R\x04user\x12*\n" +
 	"\x06device\x18\v \x01(\v2\x10.state.v1.DeviceH\x00R\x06device\x12$\n" +
-	"\x04node\x18\f \x01(\v2\x0e.state.v1.NodeH\x00R\x04nodeB\b\n" +
-	"\x06object\"\xd1\x04\n" +
+	"\x04node\x18\f \x01(\v2\x0e.state.v1.NodeH\x00R\x04node\x12=\n" +
+	"\fsession_keys\x18\r \x01(\v2\x18.state.v1.SessionKeyRingH\x00R\vsessionKeys\x12$\n" +
+	"\x04edge\x18\x0e \x01(\v2\x0e.state.v1.EdgeH\x00R\x04edgeB\b\n" +
+	"\x06object\"\xd7\x01\n" +
+	"\fRefreshToken\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
+	"\tfamily_id\x18\x02 \x01(\tR\bfamilyId\x12\x17\n" +
+	"\auser_id\x18\x03 \x01(\tR\x06userId\x12\x1f\n" +
+	"\vsecret_hash\x18\x04 \x01(\fR\n" +
+	"secretHash\x12\"\n" +
+	"\rcreated_at_ms\x18\x05 \x01(\x03R\vcreatedAtMs\x12\"\n" +
+	"\rexpires_at_ms\x18\x06 \x01(\x03R\vexpiresAtMs\x12\x18\n" +
+	"\arotated\x18\a \x01(\bR\arotated\"\xbd\x01\n" +
+	"\vTokenFamily\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
+	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\"\n" +
+	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\x12\x18\n" +
+	"\arevoked\x18\x04 \x01(\bR\arevoked\x12\"\n" +
+	"\rrevoked_at_ms\x18\x05 \x01(\x03R\vrevokedAtMs\x12#\n" +
+	"\rrevoke_reason\x18\x06 \x01(\tR\frevokeReason\"\xce\x01\n" +
+	"\n" +
+	"SigningKey\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
+	"\fprivate_seed\x18\x02 \x01(\fR\vprivateSeed\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x03 \x01(\fR\tpublicKey\x12\"\n" +
+	"\rcreated_at_ms\x18\x04 \x01(\x03R\vcreatedAtMs\x12\"\n" +
+	"\rretired_at_ms\x18\x05 \x01(\x03R\vretiredAtMs\x12&\n" +
+	"\x0fverify_until_ms\x18\x06 \x01(\x03R\rverifyUntilMs\"\xa0\x01\n" +
+	"\n" +
+	"SessionKey\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06secret\x18\x02 \x01(\fR\x06secret\x12\"\n" +
+	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\x12\"\n" +
+	"\rretired_at_ms\x18\x04 \x01(\x03R\vretiredAtMs\x12\"\n" +
+	"\rexpires_at_ms\x18\x05 \x01(\x03R\vexpiresAtMs\"Y\n" +
+	"\x0eSessionKeyRing\x12\x1d\n" +
+	"\n" +
+	"current_id\x18\x01 \x01(\tR\tcurrentId\x12(\n" +
+	"\x04keys\x18\x02 \x03(\v2\x14.state.v1.SessionKeyR\x04keys\"\x85\x01\n" +
+	"\x04Edge\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05addrs\x18\x02 \x03(\tR\x05addrs\x12(\n" +
+	"\x10registered_at_ms\x18\x03 \x01(\x03R\x0eregisteredAtMs\x12-\n" +
+	"\x13lease_expires_at_ms\x18\x04 \x01(\x03R\x10leaseExpiresAtMs\"^\n" +
+	"\bActivity\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
+	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x1c\n" +
+	"\n" +
+	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\xd9\n" +
+	"\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -1417,8 +2849,52 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\bput_node\x18\x10 \x01(\v2\x11.state.v1.PutNodeH\x00R\aputNode\x127\n" +
 	"\vremove_node\x18\x11 \x01(\v2\x14.state.v1.RemoveNodeH\x00R\n" +
 	"removeNode\x12$\n" +
-	"\x04noop\x18\x12 \x01(\v2\x0e.state.v1.NoopH\x00R\x04noopB\x04\n" +
-	"\x02op\"0\n" +
+	"\x04noop\x18\x12 \x01(\v2\x0e.state.v1.NoopH\x00R\x04noop\x12=\n" +
+	"\rrename_device\x18\x13 \x01(\v2\x16.state.v1.RenameDeviceH\x00R\frenameDevice\x12M\n" +
+	"\x13issue_refresh_token\x18\x14 \x01(\v2\x1b.state.v1.IssueRefreshTokenH\x00R\x11issueRefreshToken\x12P\n" +
+	"\x14rotate_refresh_token\x18\x15 \x01(\v2\x1c.state.v1.RotateRefreshTokenH\x00R\x12rotateRefreshToken\x12M\n" +
+	"\x13revoke_token_family\x18\x16 \x01(\v2\x1b.state.v1.RevokeTokenFamilyH\x00R\x11revokeTokenFamily\x12J\n" +
+	"\x12rotate_signing_key\x18\x17 \x01(\v2\x1a.state.v1.RotateSigningKeyH\x00R\x10rotateSigningKey\x12J\n" +
+	"\x12rotate_session_key\x18\x18 \x01(\v2\x1a.state.v1.RotateSessionKeyH\x00R\x10rotateSessionKey\x12C\n" +
+	"\x0frecord_activity\x18\x19 \x01(\v2\x18.state.v1.RecordActivityH\x00R\x0erecordActivity\x12=\n" +
+	"\rregister_edge\x18\x1a \x01(\v2\x16.state.v1.RegisterEdgeH\x00R\fregisterEdge\x12:\n" +
+	"\fexpire_edges\x18\x1b \x01(\v2\x15.state.v1.ExpireEdgesH\x00R\vexpireEdges\x12C\n" +
+	"\x0fderegister_edge\x18\x1c \x01(\v2\x18.state.v1.DeregisterEdgeH\x00R\x0ederegisterEdge\x12:\n" +
+	"\finit_cluster\x18\x1d \x01(\v2\x15.state.v1.InitClusterH\x00R\vinitClusterB\x04\n" +
+	"\x02op\"\xa1\x01\n" +
+	"\vInitCluster\x12$\n" +
+	"\x05admin\x18\x01 \x01(\v2\x0e.state.v1.UserR\x05admin\x125\n" +
+	"\vsigning_key\x18\x02 \x01(\v2\x14.state.v1.SigningKeyR\n" +
+	"signingKey\x125\n" +
+	"\vsession_key\x18\x03 \x01(\v2\x14.state.v1.SessionKeyR\n" +
+	"sessionKey\"X\n" +
+	"\fRenameDevice\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
+	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"A\n" +
+	"\x11IssueRefreshToken\x12,\n" +
+	"\x05token\x18\x01 \x01(\v2\x16.state.v1.RefreshTokenR\x05token\"\x8f\x01\n" +
+	"\x12RotateRefreshToken\x12\x19\n" +
+	"\btoken_id\x18\x01 \x01(\tR\atokenId\x122\n" +
+	"\x15presented_secret_hash\x18\x02 \x01(\fR\x13presentedSecretHash\x12*\n" +
+	"\x04next\x18\x03 \x01(\v2\x16.state.v1.RefreshTokenR\x04next\"a\n" +
+	"\x11RevokeTokenFamily\x12\x1b\n" +
+	"\tfamily_id\x18\x01 \x01(\tR\bfamilyId\x12\x17\n" +
+	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"W\n" +
+	"\x10RotateSigningKey\x12&\n" +
+	"\x03key\x18\x01 \x01(\v2\x14.state.v1.SigningKeyR\x03key\x12\x1b\n" +
+	"\tretain_ms\x18\x02 \x01(\x03R\bretainMs\"U\n" +
+	"\x10RotateSessionKey\x12&\n" +
+	"\x03key\x18\x01 \x01(\v2\x14.state.v1.SessionKeyR\x03key\x12\x19\n" +
+	"\bgrace_ms\x18\x02 \x01(\x03R\agraceMs\">\n" +
+	"\x0eRecordActivity\x12,\n" +
+	"\aentries\x18\x01 \x03(\v2\x12.state.v1.ActivityR\aentries\"2\n" +
+	"\fRegisterEdge\x12\"\n" +
+	"\x04edge\x18\x01 \x01(\v2\x0e.state.v1.EdgeR\x04edge\"\r\n" +
+	"\vExpireEdges\" \n" +
+	"\x0eDeregisterEdge\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"0\n" +
 	"\n" +
 	"CreateUser\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.state.v1.UserR\x04user\"X\n" +
@@ -1444,20 +2920,24 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"RemoveNode\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\" \n" +
 	"\x04Noop\x12\x18\n" +
-	"\apadding\x18\x01 \x01(\fR\apadding\"\xc4\x01\n" +
+	"\apadding\x18\x01 \x01(\fR\apadding\"\xf2\x02\n" +
 	"\x06Result\x12(\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x14.state.v1.ResultCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1a\n" +
 	"\brevision\x18\x03 \x01(\x04R\brevision\x12$\n" +
 	"\x04user\x18\n" +
 	" \x01(\v2\x0e.state.v1.UserH\x00R\x04user\x12*\n" +
-	"\x06device\x18\v \x01(\v2\x10.state.v1.DeviceH\x00R\x06deviceB\b\n" +
+	"\x06device\x18\v \x01(\v2\x10.state.v1.DeviceH\x00R\x06device\x12=\n" +
+	"\rrefresh_token\x18\f \x01(\v2\x16.state.v1.RefreshTokenH\x00R\frefreshToken\x12$\n" +
+	"\x04edge\x18\r \x01(\v2\x0e.state.v1.EdgeH\x00R\x04edge\x12%\n" +
+	"\x0ereuse_detected\x18\x14 \x01(\bR\rreuseDetected\x12 \n" +
+	"\vinitialized\x18\x15 \x01(\bR\vinitializedB\b\n" +
 	"\x06object*[\n" +
 	"\n" +
 	"UserStatus\x12\x1b\n" +
 	"\x17USER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12USER_STATUS_ACTIVE\x10\x01\x12\x18\n" +
-	"\x14USER_STATUS_DISABLED\x10\x02*\xd5\x01\n" +
+	"\x14USER_STATUS_DISABLED\x10\x02*\xab\x02\n" +
 	"\n" +
 	"ChangeKind\x12\x1b\n" +
 	"\x17CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
@@ -1466,7 +2946,10 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x16CHANGE_KIND_DEVICE_PUT\x10\x03\x12\x1e\n" +
 	"\x1aCHANGE_KIND_DEVICE_DELETED\x10\x04\x12\x18\n" +
 	"\x14CHANGE_KIND_NODE_PUT\x10\x05\x12\x1c\n" +
-	"\x18CHANGE_KIND_NODE_DELETED\x10\x06*\xbf\x01\n" +
+	"\x18CHANGE_KIND_NODE_DELETED\x10\x06\x12\x1c\n" +
+	"\x18CHANGE_KIND_SESSION_KEYS\x10\a\x12\x18\n" +
+	"\x14CHANGE_KIND_EDGE_PUT\x10\b\x12\x1c\n" +
+	"\x18CHANGE_KIND_EDGE_DELETED\x10\t*\xbf\x01\n" +
 	"\n" +
 	"ResultCode\x12\x1b\n" +
 	"\x17RESULT_CODE_UNSPECIFIED\x10\x00\x12\x12\n" +
@@ -1489,26 +2972,44 @@ func file_state_v1_state_proto_rawDescGZIP() []byte {
 }
 
 var file_state_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_state_v1_state_proto_goTypes = []any{
-	(UserStatus)(0),        // 0: state.v1.UserStatus
-	(ChangeKind)(0),        // 1: state.v1.ChangeKind
-	(ResultCode)(0),        // 2: state.v1.ResultCode
-	(*User)(nil),           // 3: state.v1.User
-	(*Device)(nil),         // 4: state.v1.Device
-	(*Node)(nil),           // 5: state.v1.Node
-	(*Change)(nil),         // 6: state.v1.Change
-	(*Command)(nil),        // 7: state.v1.Command
-	(*CreateUser)(nil),     // 8: state.v1.CreateUser
-	(*UpdateUser)(nil),     // 9: state.v1.UpdateUser
-	(*DeleteUser)(nil),     // 10: state.v1.DeleteUser
-	(*RegisterDevice)(nil), // 11: state.v1.RegisterDevice
-	(*RevokeDevice)(nil),   // 12: state.v1.RevokeDevice
-	(*DeleteDevice)(nil),   // 13: state.v1.DeleteDevice
-	(*PutNode)(nil),        // 14: state.v1.PutNode
-	(*RemoveNode)(nil),     // 15: state.v1.RemoveNode
-	(*Noop)(nil),           // 16: state.v1.Noop
-	(*Result)(nil),         // 17: state.v1.Result
+	(UserStatus)(0),            // 0: state.v1.UserStatus
+	(ChangeKind)(0),            // 1: state.v1.ChangeKind
+	(ResultCode)(0),            // 2: state.v1.ResultCode
+	(*User)(nil),               // 3: state.v1.User
+	(*Device)(nil),             // 4: state.v1.Device
+	(*Node)(nil),               // 5: state.v1.Node
+	(*Change)(nil),             // 6: state.v1.Change
+	(*RefreshToken)(nil),       // 7: state.v1.RefreshToken
+	(*TokenFamily)(nil),        // 8: state.v1.TokenFamily
+	(*SigningKey)(nil),         // 9: state.v1.SigningKey
+	(*SessionKey)(nil),         // 10: state.v1.SessionKey
+	(*SessionKeyRing)(nil),     // 11: state.v1.SessionKeyRing
+	(*Edge)(nil),               // 12: state.v1.Edge
+	(*Activity)(nil),           // 13: state.v1.Activity
+	(*Command)(nil),            // 14: state.v1.Command
+	(*InitCluster)(nil),        // 15: state.v1.InitCluster
+	(*RenameDevice)(nil),       // 16: state.v1.RenameDevice
+	(*IssueRefreshToken)(nil),  // 17: state.v1.IssueRefreshToken
+	(*RotateRefreshToken)(nil), // 18: state.v1.RotateRefreshToken
+	(*RevokeTokenFamily)(nil),  // 19: state.v1.RevokeTokenFamily
+	(*RotateSigningKey)(nil),   // 20: state.v1.RotateSigningKey
+	(*RotateSessionKey)(nil),   // 21: state.v1.RotateSessionKey
+	(*RecordActivity)(nil),     // 22: state.v1.RecordActivity
+	(*RegisterEdge)(nil),       // 23: state.v1.RegisterEdge
+	(*ExpireEdges)(nil),        // 24: state.v1.ExpireEdges
+	(*DeregisterEdge)(nil),     // 25: state.v1.DeregisterEdge
+	(*CreateUser)(nil),         // 26: state.v1.CreateUser
+	(*UpdateUser)(nil),         // 27: state.v1.UpdateUser
+	(*DeleteUser)(nil),         // 28: state.v1.DeleteUser
+	(*RegisterDevice)(nil),     // 29: state.v1.RegisterDevice
+	(*RevokeDevice)(nil),       // 30: state.v1.RevokeDevice
+	(*DeleteDevice)(nil),       // 31: state.v1.DeleteDevice
+	(*PutNode)(nil),            // 32: state.v1.PutNode
+	(*RemoveNode)(nil),         // 33: state.v1.RemoveNode
+	(*Noop)(nil),               // 34: state.v1.Noop
+	(*Result)(nil),             // 35: state.v1.Result
 }
 var file_state_v1_state_proto_depIdxs = []int32{
 	0,  // 0: state.v1.User.status:type_name -> state.v1.UserStatus
@@ -1516,27 +3017,52 @@ var file_state_v1_state_proto_depIdxs = []int32{
 	3,  // 2: state.v1.Change.user:type_name -> state.v1.User
 	4,  // 3: state.v1.Change.device:type_name -> state.v1.Device
 	5,  // 4: state.v1.Change.node:type_name -> state.v1.Node
-	8,  // 5: state.v1.Command.create_user:type_name -> state.v1.CreateUser
-	9,  // 6: state.v1.Command.update_user:type_name -> state.v1.UpdateUser
-	10, // 7: state.v1.Command.delete_user:type_name -> state.v1.DeleteUser
-	11, // 8: state.v1.Command.register_device:type_name -> state.v1.RegisterDevice
-	12, // 9: state.v1.Command.revoke_device:type_name -> state.v1.RevokeDevice
-	13, // 10: state.v1.Command.delete_device:type_name -> state.v1.DeleteDevice
-	14, // 11: state.v1.Command.put_node:type_name -> state.v1.PutNode
-	15, // 12: state.v1.Command.remove_node:type_name -> state.v1.RemoveNode
-	16, // 13: state.v1.Command.noop:type_name -> state.v1.Noop
-	3,  // 14: state.v1.CreateUser.user:type_name -> state.v1.User
-	3,  // 15: state.v1.UpdateUser.user:type_name -> state.v1.User
-	4,  // 16: state.v1.RegisterDevice.device:type_name -> state.v1.Device
-	5,  // 17: state.v1.PutNode.node:type_name -> state.v1.Node
-	2,  // 18: state.v1.Result.code:type_name -> state.v1.ResultCode
-	3,  // 19: state.v1.Result.user:type_name -> state.v1.User
-	4,  // 20: state.v1.Result.device:type_name -> state.v1.Device
-	21, // [21:21] is the sub-list for method output_type
-	21, // [21:21] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	11, // 5: state.v1.Change.session_keys:type_name -> state.v1.SessionKeyRing
+	12, // 6: state.v1.Change.edge:type_name -> state.v1.Edge
+	10, // 7: state.v1.SessionKeyRing.keys:type_name -> state.v1.SessionKey
+	26, // 8: state.v1.Command.create_user:type_name -> state.v1.CreateUser
+	27, // 9: state.v1.Command.update_user:type_name -> state.v1.UpdateUser
+	28, // 10: state.v1.Command.delete_user:type_name -> state.v1.DeleteUser
+	29, // 11: state.v1.Command.register_device:type_name -> state.v1.RegisterDevice
+	30, // 12: state.v1.Command.revoke_device:type_name -> state.v1.RevokeDevice
+	31, // 13: state.v1.Command.delete_device:type_name -> state.v1.DeleteDevice
+	32, // 14: state.v1.Command.put_node:type_name -> state.v1.PutNode
+	33, // 15: state.v1.Command.remove_node:type_name -> state.v1.RemoveNode
+	34, // 16: state.v1.Command.noop:type_name -> state.v1.Noop
+	16, // 17: state.v1.Command.rename_device:type_name -> state.v1.RenameDevice
+	17, // 18: state.v1.Command.issue_refresh_token:type_name -> state.v1.IssueRefreshToken
+	18, // 19: state.v1.Command.rotate_refresh_token:type_name -> state.v1.RotateRefreshToken
+	19, // 20: state.v1.Command.revoke_token_family:type_name -> state.v1.RevokeTokenFamily
+	20, // 21: state.v1.Command.rotate_signing_key:type_name -> state.v1.RotateSigningKey
+	21, // 22: state.v1.Command.rotate_session_key:type_name -> state.v1.RotateSessionKey
+	22, // 23: state.v1.Command.record_activity:type_name -> state.v1.RecordActivity
+	23, // 24: state.v1.Command.register_edge:type_name -> state.v1.RegisterEdge
+	24, // 25: state.v1.Command.expire_edges:type_name -> state.v1.ExpireEdges
+	25, // 26: state.v1.Command.deregister_edge:type_name -> state.v1.DeregisterEdge
+	15, // 27: state.v1.Command.init_cluster:type_name -> state.v1.InitCluster
+	3,  // 28: state.v1.InitCluster.admin:type_name -> state.v1.User
+	9,  // 29: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
+	10, // 30: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
+	7,  // 31: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
+	7,  // 32: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
+	9,  // 33: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
+	10, // 34: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
+	13, // 35: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
+	12, // 36: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
+	3,  // 37: state.v1.CreateUser.user:type_name -> state.v1.User
+	3,  // 38: state.v1.UpdateUser.user:type_name -> state.v1.User
+	4,  // 39: state.v1.RegisterDevice.device:type_name -> state.v1.Device
+	5,  // 40: state.v1.PutNode.node:type_name -> state.v1.Node
+	2,  // 41: state.v1.Result.code:type_name -> state.v1.ResultCode
+	3,  // 42: state.v1.Result.user:type_name -> state.v1.User
+	4,  // 43: state.v1.Result.device:type_name -> state.v1.Device
+	7,  // 44: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
+	12, // 45: state.v1.Result.edge:type_name -> state.v1.Edge
+	46, // [46:46] is the sub-list for method output_type
+	46, // [46:46] is the sub-list for method input_type
+	46, // [46:46] is the sub-list for extension type_name
+	46, // [46:46] is the sub-list for extension extendee
+	0,  // [0:46] is the sub-list for field type_name
 }
 
 func init() { file_state_v1_state_proto_init() }
@@ -1548,8 +3074,10 @@ func file_state_v1_state_proto_init() {
 		(*Change_User)(nil),
 		(*Change_Device)(nil),
 		(*Change_Node)(nil),
+		(*Change_SessionKeys)(nil),
+		(*Change_Edge)(nil),
 	}
-	file_state_v1_state_proto_msgTypes[4].OneofWrappers = []any{
+	file_state_v1_state_proto_msgTypes[11].OneofWrappers = []any{
 		(*Command_CreateUser)(nil),
 		(*Command_UpdateUser)(nil),
 		(*Command_DeleteUser)(nil),
@@ -1559,10 +3087,23 @@ func file_state_v1_state_proto_init() {
 		(*Command_PutNode)(nil),
 		(*Command_RemoveNode)(nil),
 		(*Command_Noop)(nil),
+		(*Command_RenameDevice)(nil),
+		(*Command_IssueRefreshToken)(nil),
+		(*Command_RotateRefreshToken)(nil),
+		(*Command_RevokeTokenFamily)(nil),
+		(*Command_RotateSigningKey)(nil),
+		(*Command_RotateSessionKey)(nil),
+		(*Command_RecordActivity)(nil),
+		(*Command_RegisterEdge)(nil),
+		(*Command_ExpireEdges)(nil),
+		(*Command_DeregisterEdge)(nil),
+		(*Command_InitCluster)(nil),
 	}
-	file_state_v1_state_proto_msgTypes[14].OneofWrappers = []any{
+	file_state_v1_state_proto_msgTypes[32].OneofWrappers = []any{
 		(*Result_User)(nil),
 		(*Result_Device)(nil),
+		(*Result_RefreshToken)(nil),
+		(*Result_Edge)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1570,7 +3111,7 @@ func file_state_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_v1_state_proto_rawDesc), len(file_state_v1_state_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   15,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

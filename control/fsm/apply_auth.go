@@ -1,0 +1,648 @@
+package fsm
+
+import (
+	"bytes"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+
+	"google.golang.org/protobuf/proto"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/state"
+)
+
+// Limits of the auth and edge records.
+const (
+	SecretHashLen    = 32 // SHA-256
+	SigningSeedLen   = 32 // Ed25519 seed
+	SessionSecretLen = 32 // AEAD key
+	MaxEdgeAddrs     = 8
+	MaxActivityBatch = 10_000
+)
+
+func (t *txn) renameDevice(op *statev1.RenameDevice) (*statev1.Result, error) {
+	if err := ValidateText("name", op.GetName(), MaxDeviceNameLen, true); err != nil {
+		return nil, asInvalid(err)
+	}
+	d, err := t.ownedDevice(op.GetUserId(), op.GetDeviceId())
+	if err != nil {
+		return nil, err
+	}
+	if d.Name == op.GetName() {
+		return &statev1.Result{Object: &statev1.Result_Device{Device: d}}, nil
+	}
+	d.Name = op.GetName()
+	if err := t.put(deviceKey(d.UserId, d.Id), d); err != nil {
+		return nil, err
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_DEVICE_PUT, Object: &statev1.Change_Device{Device: d}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{Object: &statev1.Result_Device{Device: d}}, nil
+}
+
+func validToken(tok *statev1.RefreshToken) error {
+	if tok == nil {
+		return invalid("token is missing")
+	}
+	if err := ValidateID("token.id", tok.GetId()); err != nil {
+		return asInvalid(err)
+	}
+	if err := ValidateID("token.family_id", tok.GetFamilyId()); err != nil {
+		return asInvalid(err)
+	}
+	if err := ValidateID("token.user_id", tok.GetUserId()); err != nil {
+		return asInvalid(err)
+	}
+	if len(tok.GetSecretHash()) != SecretHashLen {
+		return invalid("token.secret_hash is %d bytes, want %d", len(tok.GetSecretHash()), SecretHashLen)
+	}
+	if tok.GetExpiresAtMs() <= 0 {
+		return invalid("token.expires_at_ms is not set")
+	}
+	return nil
+}
+
+func (t *txn) putToken(tok *statev1.RefreshToken) error {
+	if err := t.put(tokenKey(tok.Id), tok); err != nil {
+		return err
+	}
+	if err := t.b.Set(tokenExpiryKey(tok.ExpiresAtMs, tok.Id), nil); err != nil {
+		return err
+	}
+	return t.b.Set(userTokenKey(tok.UserId, tok.FamilyId, tok.Id), nil)
+}
+
+func (t *txn) deleteToken(tok *statev1.RefreshToken) error {
+	for _, k := range [][]byte{tokenKey(tok.Id), tokenExpiryKey(tok.ExpiresAtMs, tok.Id), userTokenKey(tok.UserId, tok.FamilyId, tok.Id)} {
+		if err := t.b.Delete(k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// activeUser loads a user that must exist and be active.
+func (t *txn) activeUser(id string) (*statev1.User, error) {
+	var u statev1.User
+	found, err := t.get(userKey(id), &u)
+	if err != nil {
+		return nil, err
+	}
+	if !found {
+		return nil, notFound("user %q not found", id)
+	}
+	if u.Status != statev1.UserStatus_USER_STATUS_ACTIVE {
+		return nil, precondition("user %q is not active", id)
+	}
+	return &u, nil
+}
+
+func (t *txn) issueRefreshToken(op *statev1.IssueRefreshToken) (*statev1.Result, error) {
+	tok := proto.Clone(op.GetToken()).(*statev1.RefreshToken)
+	if err := validToken(tok); err != nil {
+		return nil, err
+	}
+	if _, err := t.activeUser(tok.UserId); err != nil {
+		return nil, err
+	}
+	var fam statev1.TokenFamily
+	if found, err := t.get(familyKey(tok.FamilyId), &fam); err != nil {
+		return nil, err
+	} else if found {
+		return nil, exists("token family %q already exists", tok.FamilyId)
+	}
+	if found, err := t.get(tokenKey(tok.Id), &statev1.RefreshToken{}); err != nil {
+		return nil, err
+	} else if found {
+		return nil, exists("token %q already exists", tok.Id)
+	}
+	tok.Rotated = false
+	if tok.CreatedAtMs == 0 {
+		tok.CreatedAtMs = t.now
+	}
+	fam = statev1.TokenFamily{Id: tok.FamilyId, UserId: tok.UserId, CreatedAtMs: t.now}
+	if err := t.put(familyKey(fam.Id), &fam); err != nil {
+		return nil, err
+	}
+	if err := t.putToken(tok); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{Object: &statev1.Result_RefreshToken{RefreshToken: tok}}, nil
+}
+
+// rotateRefreshToken checks the presented token inside apply, so two
+// racing refreshes with the same token cannot both succeed: the second
+// sees it rotated and revokes the family.
+func (t *txn) rotateRefreshToken(op *statev1.RotateRefreshToken) (*statev1.Result, error) {
+	next := proto.Clone(op.GetNext()).(*statev1.RefreshToken)
+	if err := validToken(next); err != nil {
+		return nil, err
+	}
+	var cur statev1.RefreshToken
+	found, err := t.get(tokenKey(op.GetTokenId()), &cur)
+	if err != nil {
+		return nil, err
+	}
+	if !found || subtle.ConstantTimeCompare(cur.SecretHash, op.GetPresentedSecretHash()) != 1 {
+		return nil, notFound("refresh token not recognised")
+	}
+	var fam statev1.TokenFamily
+	if ok, err := t.get(familyKey(cur.FamilyId), &fam); err != nil {
+		return nil, err
+	} else if !ok || fam.Revoked {
+		return nil, precondition("refresh token family was revoked")
+	}
+	if cur.ExpiresAtMs <= t.now {
+		return nil, precondition("refresh token expired")
+	}
+	if cur.Rotated {
+		// Reuse: someone holds a token that was already exchanged. Revoke
+		// the family so neither holder can continue.
+		fam.Revoked, fam.RevokedAtMs, fam.RevokeReason = true, t.now, "refresh token reuse"
+		if err := t.put(familyKey(fam.Id), &fam); err != nil {
+			return nil, err
+		}
+		return &statev1.Result{ReuseDetected: true}, nil
+	}
+	if next.FamilyId != cur.FamilyId || next.UserId != cur.UserId {
+		return nil, invalid("next token must continue family %q of user %q", cur.FamilyId, cur.UserId)
+	}
+	if _, err := t.activeUser(cur.UserId); err != nil {
+		return nil, err
+	}
+	if found, err := t.get(tokenKey(next.Id), &statev1.RefreshToken{}); err != nil {
+		return nil, err
+	} else if found {
+		return nil, exists("token %q already exists", next.Id)
+	}
+	cur.Rotated = true
+	if err := t.put(tokenKey(cur.Id), &cur); err != nil {
+		return nil, err
+	}
+	next.Rotated = false
+	if next.CreatedAtMs == 0 {
+		next.CreatedAtMs = t.now
+	}
+	if err := t.putToken(next); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{Object: &statev1.Result_RefreshToken{RefreshToken: next}}, nil
+}
+
+func (t *txn) revokeTokenFamily(op *statev1.RevokeTokenFamily) (*statev1.Result, error) {
+	var fam statev1.TokenFamily
+	found, err := t.get(familyKey(op.GetFamilyId()), &fam)
+	if err != nil {
+		return nil, err
+	}
+	if !found || fam.UserId != op.GetUserId() {
+		return nil, notFound("token family %q not found", op.GetFamilyId())
+	}
+	if fam.Revoked {
+		return &statev1.Result{}, nil
+	}
+	fam.Revoked, fam.RevokedAtMs, fam.RevokeReason = true, t.now, op.GetReason()
+	if err := t.put(familyKey(fam.Id), &fam); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{}, nil
+}
+
+// deleteUserTokens removes every token and family of a user.
+func (t *txn) deleteUserTokens(uid string) error {
+	p := userTokensPrefix(uid)
+	type ref struct{ fam, tok string }
+	var refs []ref
+	err := t.b.Iterate(p, prefixEnd(p), func(k, _ []byte) (bool, error) {
+		parts := bytes.SplitN(k[len(p):], []byte{0}, 2)
+		if len(parts) != 2 {
+			return false, fmt.Errorf("malformed user token key %q", k)
+		}
+		refs = append(refs, ref{string(parts[0]), string(parts[1])})
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, r := range refs {
+		var tok statev1.RefreshToken
+		found, err := t.get(tokenKey(r.tok), &tok)
+		if err != nil {
+			return err
+		}
+		if found {
+			if err := t.deleteToken(&tok); err != nil {
+				return err
+			}
+		} else if err := t.b.Delete(userTokenKey(uid, r.fam, r.tok)); err != nil {
+			return err
+		}
+		if err := t.b.Delete(familyKey(r.fam)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// pruneTokens drops refresh tokens that expired before now.
+func (t *txn) pruneTokens() error {
+	if t.now <= 0 {
+		return nil
+	}
+	end := tokenExpiryKey(t.now, "")
+	var ids []string
+	err := t.b.Iterate(prefixTokenExpiry, end, func(k, _ []byte) (bool, error) {
+		ids = append(ids, string(k[len(prefixTokenExpiry)+8:]))
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		var tok statev1.RefreshToken
+		found, err := t.get(tokenKey(id), &tok)
+		if err != nil {
+			return err
+		}
+		if found {
+			if err := t.deleteToken(&tok); err != nil {
+				return err
+			}
+		}
+	}
+	return t.b.DeleteRange(prefixTokenExpiry, end)
+}
+
+func (t *txn) rotateSigningKey(op *statev1.RotateSigningKey) (*statev1.Result, error) {
+	k := proto.Clone(op.GetKey()).(*statev1.SigningKey)
+	if err := validSigningKey(k); err != nil {
+		return nil, err
+	}
+	if op.GetRetainMs() < 0 {
+		return nil, invalid("retain_ms is negative")
+	}
+	if found, err := t.get(signingKeyKey(k.Id), &statev1.SigningKey{}); err != nil {
+		return nil, err
+	} else if found {
+		return nil, exists("signing key %q already exists", k.Id)
+	}
+	if err := t.retireCurrent(keyCurrentSigning, prefixSigningKey, func(v []byte) (proto.Message, error) {
+		var old statev1.SigningKey
+		if err := proto.Unmarshal(v, &old); err != nil {
+			return nil, err
+		}
+		old.RetiredAtMs, old.VerifyUntilMs = t.now, t.now+op.GetRetainMs()
+		return &old, nil
+	}); err != nil {
+		return nil, err
+	}
+	if err := t.dropExpired(prefixSigningKey, func(v []byte) (bool, error) {
+		var old statev1.SigningKey
+		if err := proto.Unmarshal(v, &old); err != nil {
+			return false, err
+		}
+		return old.VerifyUntilMs != 0 && old.VerifyUntilMs <= t.now, nil
+	}); err != nil {
+		return nil, err
+	}
+	k.RetiredAtMs, k.VerifyUntilMs = 0, 0
+	if k.CreatedAtMs == 0 {
+		k.CreatedAtMs = t.now
+	}
+	if err := t.put(signingKeyKey(k.Id), k); err != nil {
+		return nil, err
+	}
+	if err := t.b.Set(keyCurrentSigning, []byte(k.Id)); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{}, nil
+}
+
+func (t *txn) rotateSessionKey(op *statev1.RotateSessionKey) (*statev1.Result, error) {
+	k := proto.Clone(op.GetKey()).(*statev1.SessionKey)
+	if err := validSessionKey(k); err != nil {
+		return nil, err
+	}
+	if op.GetGraceMs() < 0 {
+		return nil, invalid("grace_ms is negative")
+	}
+	if found, err := t.get(sessionKeyKey(k.Id), &statev1.SessionKey{}); err != nil {
+		return nil, err
+	} else if found {
+		return nil, exists("session key %q already exists", k.Id)
+	}
+	if err := t.retireCurrent(keyCurrentSession, prefixSessionKey, func(v []byte) (proto.Message, error) {
+		var old statev1.SessionKey
+		if err := proto.Unmarshal(v, &old); err != nil {
+			return nil, err
+		}
+		old.RetiredAtMs, old.ExpiresAtMs = t.now, t.now+op.GetGraceMs()
+		return &old, nil
+	}); err != nil {
+		return nil, err
+	}
+	if err := t.dropExpired(prefixSessionKey, func(v []byte) (bool, error) {
+		var old statev1.SessionKey
+		if err := proto.Unmarshal(v, &old); err != nil {
+			return false, err
+		}
+		return old.ExpiresAtMs != 0 && old.ExpiresAtMs <= t.now, nil
+	}); err != nil {
+		return nil, err
+	}
+	k.RetiredAtMs, k.ExpiresAtMs = 0, 0
+	if k.CreatedAtMs == 0 {
+		k.CreatedAtMs = t.now
+	}
+	if err := t.put(sessionKeyKey(k.Id), k); err != nil {
+		return nil, err
+	}
+	if err := t.b.Set(keyCurrentSession, []byte(k.Id)); err != nil {
+		return nil, err
+	}
+	ring, err := sessionRing(t.b)
+	if err != nil {
+		return nil, err
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_SESSION_KEYS, Object: &statev1.Change_SessionKeys{SessionKeys: ring}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{}, nil
+}
+
+// retireCurrent rewrites the current key (named under curKey) with
+// retire applied.
+func (t *txn) retireCurrent(curKey, prefix []byte, retire func([]byte) (proto.Message, error)) error {
+	id, err := t.b.Get(curKey)
+	if errors.Is(err, state.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	k := join(prefix, string(id))
+	v, err := t.b.Get(k)
+	if errors.Is(err, state.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	m, err := retire(v)
+	if err != nil {
+		return err
+	}
+	return t.put(k, m)
+}
+
+// dropExpired deletes the records under prefix for which expired says so.
+func (t *txn) dropExpired(prefix []byte, expired func([]byte) (bool, error)) error {
+	var drop [][]byte
+	err := t.b.Iterate(prefix, prefixEnd(prefix), func(k, v []byte) (bool, error) {
+		gone, err := expired(v)
+		if err != nil {
+			return false, err
+		}
+		if gone {
+			drop = append(drop, bytes.Clone(k))
+		}
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, k := range drop {
+		if err := t.b.Delete(k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// sessionRing reads the session-key ring.
+func sessionRing(r state.Reader) (*statev1.SessionKeyRing, error) {
+	ring := &statev1.SessionKeyRing{}
+	if id, err := r.Get(keyCurrentSession); err == nil {
+		ring.CurrentId = string(id)
+	} else if !errors.Is(err, state.ErrNotFound) {
+		return nil, err
+	}
+	err := r.Iterate(prefixSessionKey, prefixEnd(prefixSessionKey), func(_, v []byte) (bool, error) {
+		var k statev1.SessionKey
+		if err := proto.Unmarshal(v, &k); err != nil {
+			return false, err
+		}
+		ring.Keys = append(ring.Keys, &k)
+		return true, nil
+	})
+	return ring, err
+}
+
+func (t *txn) recordActivity(op *statev1.RecordActivity) (*statev1.Result, error) {
+	if len(op.GetEntries()) > MaxActivityBatch {
+		return nil, invalid("entries holds %d reports, at most %d allowed", len(op.GetEntries()), MaxActivityBatch)
+	}
+	for _, a := range op.GetEntries() {
+		var u statev1.User
+		found, err := t.get(userKey(a.GetUserId()), &u)
+		if err != nil {
+			return nil, err
+		}
+		if !found {
+			continue // deleted meanwhile: nothing to record
+		}
+		if a.GetDeviceId() != "" {
+			var d statev1.Device
+			found, err := t.get(deviceKey(a.GetUserId(), a.GetDeviceId()), &d)
+			if err != nil {
+				return nil, err
+			}
+			if !found {
+				continue
+			}
+			if a.GetSeenAtMs() > d.LastSeenMs {
+				d.LastSeenMs = a.GetSeenAtMs()
+				if err := t.put(deviceKey(d.UserId, d.Id), &d); err != nil {
+					return nil, err
+				}
+			}
+		}
+		if a.GetSeenAtMs() > u.LastActivityMs {
+			u.LastActivityMs = a.GetSeenAtMs()
+			if err := t.put(userKey(u.Id), &u); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return &statev1.Result{}, nil
+}
+
+func (t *txn) registerEdge(op *statev1.RegisterEdge) (*statev1.Result, error) {
+	e := proto.Clone(op.GetEdge()).(*statev1.Edge)
+	if e == nil {
+		return nil, invalid("edge is missing")
+	}
+	if err := ValidateID("edge.id", e.GetId()); err != nil {
+		return nil, asInvalid(err)
+	}
+	if len(e.GetAddrs()) == 0 || len(e.GetAddrs()) > MaxEdgeAddrs {
+		return nil, invalid("edge.addrs has %d entries, want 1 to %d", len(e.GetAddrs()), MaxEdgeAddrs)
+	}
+	for i, a := range e.GetAddrs() {
+		if err := ValidateText(fmt.Sprintf("edge.addrs[%d]", i), a, MaxAddrLen, true); err != nil {
+			return nil, asInvalid(err)
+		}
+	}
+	if e.GetLeaseExpiresAtMs() <= t.now {
+		return nil, invalid("edge.lease_expires_at_ms is not in the future")
+	}
+	var old statev1.Edge
+	found, err := t.get(edgeKey(e.Id), &old)
+	if err != nil {
+		return nil, err
+	}
+	if found {
+		e.RegisteredAtMs = old.RegisteredAtMs
+	} else {
+		e.RegisteredAtMs = t.now
+	}
+	if err := t.put(edgeKey(e.Id), e); err != nil {
+		return nil, err
+	}
+	// A renewal that changes nothing but the lease is not news to watchers.
+	if !found || !slicesEqual(old.Addrs, e.Addrs) {
+		if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_EDGE_PUT, Object: &statev1.Change_Edge{Edge: e}}); err != nil {
+			return nil, err
+		}
+	}
+	return &statev1.Result{Object: &statev1.Result_Edge{Edge: e}}, nil
+}
+
+func slicesEqual(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func (t *txn) removeEdge(e *statev1.Edge) error {
+	if err := t.b.Delete(edgeKey(e.Id)); err != nil {
+		return err
+	}
+	return t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_EDGE_DELETED, Object: &statev1.Change_Edge{Edge: e}})
+}
+
+func (t *txn) expireEdges() (*statev1.Result, error) {
+	var gone []*statev1.Edge
+	err := t.b.Iterate(prefixEdge, prefixEnd(prefixEdge), func(_, v []byte) (bool, error) {
+		var e statev1.Edge
+		if err := proto.Unmarshal(v, &e); err != nil {
+			return false, err
+		}
+		if e.LeaseExpiresAtMs <= t.now {
+			gone = append(gone, &e)
+		}
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range gone {
+		if err := t.removeEdge(e); err != nil {
+			return nil, err
+		}
+	}
+	return &statev1.Result{}, nil
+}
+
+func (t *txn) deregisterEdge(op *statev1.DeregisterEdge) (*statev1.Result, error) {
+	var e statev1.Edge
+	found, err := t.get(edgeKey(op.GetId()), &e)
+	if err != nil {
+		return nil, err
+	}
+	if !found {
+		return nil, notFound("edge %q not found", op.GetId())
+	}
+	if err := t.removeEdge(&e); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{}, nil
+}
+
+func (t *txn) initCluster(op *statev1.InitCluster) (*statev1.Result, error) {
+	if _, err := t.b.Get(keyInitialized); err == nil {
+		return &statev1.Result{}, nil
+	} else if !errors.Is(err, state.ErrNotFound) {
+		return nil, err
+	}
+	// Validate all three parts before writing any.
+	admin := op.GetAdmin()
+	if admin.GetRole() != "admin" {
+		return nil, invalid("admin.role must be \"admin\"")
+	}
+	if err := validSigningKey(op.GetSigningKey()); err != nil {
+		return nil, err
+	}
+	if err := validSessionKey(op.GetSessionKey()); err != nil {
+		return nil, err
+	}
+	for _, k := range [][]byte{signingKeyKey(op.GetSigningKey().GetId()), sessionKeyKey(op.GetSessionKey().GetId())} {
+		if _, err := t.b.Get(k); err == nil {
+			return nil, exists("key %q already exists", k)
+		} else if !errors.Is(err, state.ErrNotFound) {
+			return nil, err
+		}
+	}
+	// createUser is the only step left that can reject; it does so before
+	// writing anything, and the key rotations below cannot fail any more.
+	var res *statev1.Result
+	var err error
+	if res, err = t.createUser(&statev1.CreateUser{User: admin}); err != nil {
+		return nil, err
+	}
+	if _, err := t.rotateSigningKey(&statev1.RotateSigningKey{Key: op.GetSigningKey()}); err != nil {
+		return nil, err
+	}
+	if _, err := t.rotateSessionKey(&statev1.RotateSessionKey{Key: op.GetSessionKey()}); err != nil {
+		return nil, err
+	}
+	if err := t.b.Set(keyInitialized, nil); err != nil {
+		return nil, err
+	}
+	res.Initialized = true
+	return res, nil
+}
+
+func validSigningKey(k *statev1.SigningKey) error {
+	if k == nil {
+		return invalid("signing key is missing")
+	}
+	if err := ValidateID("key.id", k.GetId()); err != nil {
+		return asInvalid(err)
+	}
+	if len(k.GetPrivateSeed()) != SigningSeedLen || len(k.GetPublicKey()) != PublicKeyLen {
+		return invalid("key.private_seed and key.public_key must be %d bytes", SigningSeedLen)
+	}
+	return nil
+}
+
+func validSessionKey(k *statev1.SessionKey) error {
+	if k == nil {
+		return invalid("session key is missing")
+	}
+	if err := ValidateID("key.id", k.GetId()); err != nil {
+		return asInvalid(err)
+	}
+	if len(k.GetSecret()) != SessionSecretLen {
+		return invalid("key.secret is %d bytes, want %d", len(k.GetSecret()), SessionSecretLen)
+	}
+	return nil
+}
