@@ -32,7 +32,7 @@ const envPrefix = "RELAYCTL_"
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr, os.Getenv)
+	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr, os.Getenv)
 	stop()
 	if err != nil {
 		if !errors.Is(err, flag.ErrHelp) {
@@ -54,21 +54,40 @@ func oneLine(err error) string {
 		return msg + " (the cluster has no leader right now; retry shortly)"
 	case connect.CodeInvalidArgument:
 		return msg + " (fix the argument named above)"
+	case connect.CodeUnauthenticated:
+		if !strings.Contains(msg, "relayctl login") {
+			return msg + " (run relayctl login)"
+		}
+	case connect.CodePermissionDenied:
+		return msg + " (your role does not allow this; ask an admin)"
 	}
 	return msg
 }
 
 type app struct {
+	stdin          io.Reader
 	stdout, stderr io.Writer
 	server         string
 	output         string
 	timeout        time.Duration
 	http           *http.Client
+	tokens         *tokenStore
+	envToken       string // RELAYCTL_TOKEN: an access token used as is
 }
 
 const usage = `Usage: relayctl [global flags] <command> [args]
 
 Commands:
+  login [--password-stdin] LOGIN          log in; tokens are cached and refreshed
+  logout                                  end the session
+  token                                   print a valid access token (e.g. for relayd --join-token)
+  user create --login L [--display-name N] [--role R] [--password-stdin | --no-password]
+  user get ID | list | me | delete ID
+  user update ID [--display-name N] [--login L] [--status active|disabled] [--role R] [--password-stdin]
+  device register --name N (--public-key B64 | --generate-key FILE) [--user ID]
+  device list [--user ID]
+  device rename ID NAME | revoke ID | delete ID   [--user ID]
+  keys rotate-signing | rotate-session | list
   cluster status                          show members, leader and indexes
   cluster join --id ID --raft-addr A [--api-addr B]
                                           add a node as a voter
@@ -79,8 +98,13 @@ Commands:
 Global flags (also from the environment variables shown):
 `
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
-	a := &app{stdout: stdout, stderr: stderr}
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer, getenv func(string) string) error {
+	a := &app{stdin: stdin, stdout: stdout, stderr: stderr, envToken: getenv("RELAYCTL_TOKEN")}
+	store, err := newTokenStore(getenv)
+	if err != nil {
+		return err
+	}
+	a.tokens = store
 	fs := flag.NewFlagSet("relayctl", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var caFile, certFile, keyFile string
@@ -96,7 +120,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 			fmt.Fprintf(stderr, "  -%s  [%s]  %s (default %q)\n", f.Name, flagenv.EnvName(envPrefix, f.Name), f.Usage, f.DefValue)
 		})
 	}
-	if err := flagenv.Parse(fs, envPrefix, args, getenv); err != nil {
+	if err = flagenv.Parse(fs, envPrefix, args, getenv); err != nil {
 		return err
 	}
 	if a.output != "table" && a.output != "json" {
@@ -113,6 +137,26 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return errors.New("missing command (see usage above)")
 	}
 	switch rest[0] {
+	case "login":
+		return a.login(ctx, rest[1:])
+	case "logout":
+		return a.logout(ctx)
+	case "token":
+		tok, err := a.accessToken(ctx)
+		if err != nil {
+			return err
+		}
+		if tok == "" {
+			return errors.New("not logged in: run relayctl login")
+		}
+		fmt.Fprintln(a.stdout, tok)
+		return nil
+	case "user":
+		return a.user(ctx, rest[1:])
+	case "device":
+		return a.device(ctx, rest[1:])
+	case "keys":
+		return a.keys(ctx, rest[1:])
 	case "cluster":
 		return a.cluster(ctx, rest[1:])
 	case "backup":
@@ -160,7 +204,7 @@ func httpClient(server, caFile, certFile, keyFile string) (*http.Client, error) 
 }
 
 func (a *app) clusterClient() controlv1connect.ClusterServiceClient {
-	return controlv1connect.NewClusterServiceClient(a.http, strings.TrimRight(a.server, "/"))
+	return controlv1connect.NewClusterServiceClient(a.http, a.base(), a.opts())
 }
 
 func (a *app) ctx(parent context.Context) (context.Context, context.CancelFunc) {

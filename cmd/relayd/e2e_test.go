@@ -65,7 +65,7 @@ func startRelayd(t *testing.T, args ...string) *proc {
 	t.Helper()
 	args = append(args, "--log-format", "json")
 	cmd := exec.Command(bins.relayd, args...)
-	cmd.Env = append(os.Environ(), "RELAY_SLOW_THRESHOLD=1s")
+	cmd.Env = append(os.Environ(), "RELAY_SLOW_THRESHOLD=1s", "RELAY_ADMIN_PASSWORD="+adminPassword)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -130,15 +130,36 @@ func (p *proc) waitLog(t *testing.T, msg string, within time.Duration) map[strin
 	}
 }
 
-func relayctl(t *testing.T, server string, args ...string) string {
+// ctlConfig is the relayctl config dir (token cache) of the test run.
+var ctlConfig string
+
+// ctlToken is the admin access token every relayctl call uses once set
+// (RELAYCTL_TOKEN), so calls to any node carry it.
+var ctlToken string
+
+const adminPassword = "e2e-admin-password"
+
+func relayctlIn(t *testing.T, stdin, server string, args ...string) (string, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, bins.relayctl, append([]string{"--server", "http://" + server}, args...)...).CombinedOutput()
+	cmd := exec.CommandContext(ctx, bins.relayctl, append([]string{"--server", "http://" + server}, args...)...)
+	cmd.Env = append(os.Environ(), "RELAYCTL_CONFIG_DIR="+ctlConfig)
+	if ctlToken != "" {
+		cmd.Env = append(cmd.Env, "RELAYCTL_TOKEN="+ctlToken)
+	}
+	cmd.Stdin = strings.NewReader(stdin)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func relayctl(t *testing.T, server string, args ...string) string {
+	t.Helper()
+	out, err := relayctlIn(t, "", server, args...)
 	if err != nil {
 		t.Fatalf("relayctl %v: %v\n%s", args, err, out)
 	}
-	return string(out)
+	return out
 }
 
 type status struct {
@@ -215,9 +236,22 @@ func TestBinariesClusterBackupRestore(t *testing.T) {
 		nodes[i] = &node{id: fmt.Sprintf("n%d", i+1), dir: filepath.Join(base, fmt.Sprintf("n%d", i+1)),
 			raft: freePort(t), api: freePort(t), admin: freePort(t)}
 	}
+	ctlConfig = t.TempDir()
 	nodes[0].start(t, "--bootstrap")
-	nodes[1].start(t, "--join", nodes[0].api)
-	nodes[2].start(t, "--join", nodes[0].api)
+	// Log in as the first admin and join the others with an access token.
+	var out string
+	eventually(t, 30*time.Second, func() error {
+		var err error
+		out, err = relayctlIn(t, adminPassword+"\n", nodes[0].api, "login", "--password-stdin", "admin")
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
+	token := strings.TrimSpace(relayctl(t, nodes[0].api, "token"))
+	ctlToken = token
+	nodes[1].start(t, "--join", nodes[0].api, "--join-token", token)
+	nodes[2].start(t, "--join", nodes[0].api, "--join-token", token)
 
 	var st status
 	eventually(t, 30*time.Second, func() error {
@@ -285,10 +319,10 @@ func TestBinariesClusterBackupRestore(t *testing.T) {
 	})
 	// Restoring into a data dir that has state is refused.
 	r.stop(t)
-	out, err := exec.Command(bins.relayd, "control", "--node-id", "r1", "--data-dir", r.dir,
+	rout, err := exec.Command(bins.relayd, "control", "--node-id", "r1", "--data-dir", r.dir,
 		"--raft-addr", r.raft, "--api-addr", r.api, "--admin-addr", "", "--restore", backup).CombinedOutput()
-	if err == nil || !strings.Contains(string(out), "restore needs an empty one") {
-		t.Fatalf("restore over existing state: err=%v\n%s", err, out)
+	if err == nil || !strings.Contains(string(rout), "restore needs an empty one") {
+		t.Fatalf("restore over existing state: err=%v\n%s", err, rout)
 	}
 	for _, n := range nodes {
 		n.stop(t)

@@ -103,6 +103,12 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.DurationVar(&cfg.SlowThreshold, "slow-threshold", 100*time.Millisecond, "log Raft applies and reads slower than this")
 	fs.DurationVar(&cfg.SlowRPCThreshold, "slow-rpc-threshold", 300*time.Millisecond, "log API calls slower than this")
 	fs.DurationVar(shutdown, "shutdown-timeout", 30*time.Second, "how long a graceful shutdown may take")
+	fs.StringVar(&cfg.JoinToken, "join-token", "", "admin access token for --join when the cluster has no TLS client certificates (relayctl prints one with: relayctl login ... && relayctl token)")
+	fs.DurationVar(&cfg.Auth.AccessTTL, "access-token-ttl", 15*time.Minute, "lifetime of access tokens")
+	fs.DurationVar(&cfg.Auth.RefreshTTL, "refresh-token-ttl", 30*24*time.Hour, "lifetime of refresh tokens")
+	fs.DurationVar(&cfg.SessionKeyRotateEvery, "session-key-rotate", 24*time.Hour, "rotate the resume-ticket key this often")
+	fs.DurationVar(&cfg.SessionKeyGrace, "session-key-grace", 24*time.Hour, "keep accepting tickets of a rotated-out key this long")
+	fs.DurationVar(&cfg.SigningKeyRotateEvery, "signing-key-rotate", 30*24*time.Hour, "rotate the access-token signing key this often")
 }
 
 func runControl(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
@@ -124,6 +130,9 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg.Join = join
+	// Secrets come from the environment only, never from flags (which
+	// other users of the machine can read in the process list).
+	cfg.AdminPassword = getenv("RELAY_ADMIN_PASSWORD")
 	log, err := common.logger(stderr)
 	if err != nil {
 		return err

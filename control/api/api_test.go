@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -32,10 +33,44 @@ func ctxT(t *testing.T, d time.Duration) context.Context {
 	return ctx
 }
 
-func client(t *testing.T, n *clustertest.Node) controlv1connect.ClusterServiceClient {
+// bearer adds a fixed access token to every call of a client.
+type bearer string
+
+func (b bearer) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if b != "" {
+			req.Header().Set("Authorization", "Bearer "+string(b))
+		}
+		return next(ctx, req)
+	}
+}
+
+func (b bearer) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return func(ctx context.Context, spec connect.Spec) connect.StreamingClientConn {
+		conn := next(ctx, spec)
+		if b != "" {
+			conn.RequestHeader().Set("Authorization", "Bearer "+string(b))
+		}
+		return conn
+	}
+}
+
+func (b bearer) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return next
+}
+
+// httpClient returns an h2c client closed at the end of the test.
+func httpClient(t *testing.T) *http.Client {
 	d := api.NewDialer(nil)
 	t.Cleanup(d.Close)
-	return d.Cluster(n.Server.APIAddr())
+	return d.HTTPClient()
+}
+
+func url(n *clustertest.Node) string { return "http://" + n.Server.APIAddr() }
+
+// client returns a ClusterService client of node n acting as the admin.
+func client(t *testing.T, c *clustertest.Cluster, n *clustertest.Node) controlv1connect.ClusterServiceClient {
+	return controlv1connect.NewClusterServiceClient(httpClient(t), url(n), connect.WithInterceptors(bearer(c.AdminToken())))
 }
 
 func TestStatusFromEveryNode(t *testing.T) {
@@ -44,7 +79,7 @@ func TestStatusFromEveryNode(t *testing.T) {
 	leader := c.Nodes[c.Leader()].ID
 	for _, n := range c.Nodes {
 		clustertest.Eventually(t, 10*time.Second, func() error {
-			resp, err := client(t, n).Status(ctx, connect.NewRequest(&controlv1.StatusRequest{}))
+			resp, err := client(t, c, n).Status(ctx, connect.NewRequest(&controlv1.StatusRequest{}))
 			if err != nil {
 				return err
 			}
@@ -70,7 +105,7 @@ func TestMembershipThroughFollower(t *testing.T) {
 	c := clustertest.Start(t, 3, clustertest.Options{})
 	ctx := ctxT(t, time.Minute)
 	f := c.Nodes[c.Follower()]
-	cl := client(t, f)
+	cl := client(t, c, f)
 
 	target := c.Nodes[c.Follower()]
 	if target == f {
@@ -103,7 +138,7 @@ func TestMembershipThroughFollower(t *testing.T) {
 			victim = n
 		}
 	}
-	if _, err := client(t, asker).RemoveServer(ctx, connect.NewRequest(&controlv1.RemoveServerRequest{Id: victim.ID})); err != nil {
+	if _, err := client(t, c, asker).RemoveServer(ctx, connect.NewRequest(&controlv1.RemoveServerRequest{Id: victim.ID})); err != nil {
 		t.Fatal(err)
 	}
 	if got := c.VoterIDs(c.Leader()); len(got) != 2 {
@@ -114,7 +149,7 @@ func TestMembershipThroughFollower(t *testing.T) {
 func TestInvalidArguments(t *testing.T) {
 	c := clustertest.Start(t, 1, clustertest.Options{})
 	ctx := ctxT(t, 30*time.Second)
-	cl := client(t, c.Nodes[0])
+	cl := client(t, c, c.Nodes[0])
 	cases := []struct {
 		name  string
 		call  func() error
@@ -223,7 +258,7 @@ func TestBackupUnderWritesRestoreAndGrow(t *testing.T) {
 	mu.Unlock()
 	close(backupStarted)
 	var buf bytes.Buffer
-	if err := fetchBackup(ctx, client(t, c.Nodes[c.Follower()]), &buf); err != nil {
+	if err := fetchBackup(ctx, client(t, c, c.Nodes[c.Follower()]), &buf); err != nil {
 		t.Fatal(err)
 	}
 	close(stop)
@@ -306,7 +341,7 @@ func TestRestoreRefusesCorruptBackup(t *testing.T) {
 		t.Fatal(err)
 	}
 	var buf bytes.Buffer
-	if err := fetchBackup(ctx, client(t, c.Nodes[0]), &buf); err != nil {
+	if err := fetchBackup(ctx, client(t, c, c.Nodes[0]), &buf); err != nil {
 		t.Fatal(err)
 	}
 	b := buf.Bytes()

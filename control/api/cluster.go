@@ -80,6 +80,19 @@ func onLeader[T any](ctx context.Context, s *ClusterServer, local func() (*T, er
 	}
 }
 
+// forward builds the request to the leader: the caller's credentials go
+// along, so the leader authorizes the original caller; a caller known by
+// its certificate is forwarded with this node's own credentials.
+func forward[T any](d *Dialer, in *connect.Request[T], m *T) *connect.Request[T] {
+	out := connect.NewRequest(m)
+	if a := in.Header().Get("Authorization"); a != "" {
+		out.Header().Set("Authorization", a)
+	} else {
+		d.authorize(out.Header())
+	}
+	return out
+}
+
 func withDeadline(ctx context.Context) (context.Context, context.CancelFunc) {
 	if _, ok := ctx.Deadline(); ok {
 		return ctx, func() {}
@@ -107,7 +120,7 @@ func (s *ClusterServer) AddVoter(ctx context.Context, req *connect.Request[contr
 			return &controlv1.AddVoterResponse{Index: idx}, err
 		},
 		func(c controlv1connect.ClusterServiceClient) (*controlv1.AddVoterResponse, error) {
-			r, err := c.AddVoter(ctx, connect.NewRequest(m))
+			r, err := c.AddVoter(ctx, forward(s.dialer, req, m))
 			if err != nil {
 				return nil, err
 			}
@@ -133,7 +146,7 @@ func (s *ClusterServer) RemoveServer(ctx context.Context, req *connect.Request[c
 			return &controlv1.RemoveServerResponse{Index: idx}, err
 		},
 		func(c controlv1connect.ClusterServiceClient) (*controlv1.RemoveServerResponse, error) {
-			r, err := c.RemoveServer(ctx, connect.NewRequest(m))
+			r, err := c.RemoveServer(ctx, forward(s.dialer, req, m))
 			if err != nil {
 				return nil, err
 			}
@@ -164,7 +177,7 @@ func (s *ClusterServer) TransferLeadership(ctx context.Context, req *connect.Req
 			return &controlv1.TransferLeadershipResponse{LeaderId: id}, err
 		},
 		func(c controlv1connect.ClusterServiceClient) (*controlv1.TransferLeadershipResponse, error) {
-			r, err := c.TransferLeadership(ctx, connect.NewRequest(m))
+			r, err := c.TransferLeadership(ctx, forward(s.dialer, req, m))
 			if err != nil {
 				return nil, err
 			}

@@ -21,9 +21,32 @@ type Dialer struct {
 	http   *http.Client
 	scheme string
 
-	mu      sync.Mutex // guards the maps below
+	mu      sync.Mutex // guards the fields below
 	peers   map[string]controlv1connect.PeerServiceClient
 	cluster map[string]controlv1connect.ClusterServiceClient
+	token   func() (string, error)
+}
+
+// SetTokenSource makes node-to-node calls carry a bearer token from fn
+// (the node's own token, minted with the cluster's signing key). Without
+// it they rely on the TLS client certificate alone.
+func (d *Dialer) SetTokenSource(fn func() (string, error)) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.token = fn
+}
+
+// authorize adds the node's token to an outgoing peer request.
+func (d *Dialer) authorize(h http.Header) {
+	d.mu.Lock()
+	fn := d.token
+	d.mu.Unlock()
+	if fn == nil || h.Get("Authorization") != "" {
+		return
+	}
+	if tok, err := fn(); err == nil && tok != "" {
+		h.Set("Authorization", "Bearer "+tok)
+	}
 }
 
 // NewDialer returns a Dialer. With tlsConfig nil it speaks HTTP/2 over
@@ -87,7 +110,9 @@ var _ raftnode.PeerClient = (*Dialer)(nil)
 // raftnode.ErrUnknownOutcome, which the node retries with the same request
 // id.
 func (d *Dialer) Apply(ctx context.Context, addr string, cmd []byte) ([]byte, error) {
-	resp, err := d.peer(addr).Apply(ctx, connect.NewRequest(&controlv1.ApplyRequest{Command: cmd}))
+	req := connect.NewRequest(&controlv1.ApplyRequest{Command: cmd})
+	d.authorize(req.Header())
+	resp, err := d.peer(addr).Apply(ctx, req)
 	if err != nil {
 		return nil, fromPeer("forward apply", addr, err)
 	}
@@ -96,7 +121,9 @@ func (d *Dialer) Apply(ctx context.Context, addr string, cmd []byte) ([]byte, er
 
 // ReadIndex asks the leader at addr for a read index.
 func (d *Dialer) ReadIndex(ctx context.Context, addr string) (uint64, error) {
-	resp, err := d.peer(addr).ReadIndex(ctx, connect.NewRequest(&controlv1.ReadIndexRequest{}))
+	req := connect.NewRequest(&controlv1.ReadIndexRequest{})
+	d.authorize(req.Header())
+	resp, err := d.peer(addr).ReadIndex(ctx, req)
 	if err != nil {
 		return 0, fromPeer("read index", addr, err)
 	}
@@ -118,3 +145,7 @@ func fromPeer(op, addr string, err error) error {
 	}
 	return fmt.Errorf("%s at %s: %w", op, addr, err)
 }
+
+// HTTPClient returns the dialer's HTTP client, for building other
+// service clients that share its connections and TLS settings.
+func (d *Dialer) HTTPClient() *http.Client { return d.http }

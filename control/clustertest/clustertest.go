@@ -15,9 +15,15 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/control/server"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -29,7 +35,13 @@ type Options struct {
 	FSM fsm.Config
 	// Logger; default discards (set RELAY_TEST_LOG=1 to see logs).
 	Logger *slog.Logger
+	// Auth tunes tokens; password hashing defaults to the cheap
+	// auth.TestParams.
+	Auth api.AuthConfig
 }
+
+// AdminPassword is the first admin's password in every test cluster.
+const AdminPassword = "test-admin-password"
 
 // Cluster is a set of control nodes started by a test.
 type Cluster struct {
@@ -61,6 +73,9 @@ func FastRaft() raftnode.Tuning {
 func (o *Options) defaults() {
 	if o.Raft == (raftnode.Tuning{}) {
 		o.Raft = FastRaft()
+	}
+	if o.Auth.Password == (auth.Params{}) {
+		o.Auth.Password = auth.TestParams
 	}
 	if o.Logger == nil {
 		if os.Getenv("RELAY_TEST_LOG") != "" {
@@ -112,17 +127,22 @@ func (c *Cluster) StartNode(mod func(*server.Config)) *Node {
 // through every running member.
 func (c *Cluster) AddNode() *Node {
 	c.t.Helper()
-	return c.StartNode(func(cfg *server.Config) {
-		var join []string
-		for _, o := range c.Nodes {
-			if o.Server != nil {
-				join = append(join, o.Server.APIAddr())
-			}
+	var join []string
+	for _, o := range c.Nodes {
+		if o.Server != nil {
+			join = append(join, o.Server.APIAddr())
 		}
+	}
+	token := ""
+	if len(join) > 0 {
+		token = c.AdminToken()
+	}
+	return c.StartNode(func(cfg *server.Config) {
 		if len(join) == 0 {
 			cfg.Bootstrap = true
 		}
 		cfg.Join = join
+		cfg.JoinToken = token
 	})
 }
 
@@ -138,6 +158,7 @@ func (c *Cluster) config(nd *Node) server.Config {
 		NodeID: nd.ID, DataDir: filepath.Join(nd.DataDir, "data"),
 		RaftAddr: raftAddr, APIAddr: apiAddr, AdminAddr: "127.0.0.1:0",
 		Logger: c.opts.Logger.With("test_node", nd.ID), Raft: c.opts.Raft, FSM: c.opts.FSM,
+		Auth: c.opts.Auth, AdminPassword: AdminPassword,
 	}
 }
 
@@ -320,4 +341,34 @@ func (c *Cluster) VoterIDs(i int) []string {
 	}
 	slices.Sort(ids)
 	return ids
+}
+
+// Login logs in through any running node and returns the tokens.
+func (c *Cluster) Login(login, password string) *controlv1.Tokens {
+	c.t.Helper()
+	var out *controlv1.Tokens
+	Eventually(c.t, 30*time.Second, func() error {
+		run := c.Running()
+		if len(run) == 0 {
+			return fmt.Errorf("no running node")
+		}
+		d := api.NewDialer(nil)
+		defer d.Close()
+		cl := controlv1connect.NewAuthServiceClient(d.HTTPClient(), d.URL(run[0].Server.APIAddr()))
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		resp, err := cl.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: login, Password: password}))
+		if err != nil {
+			return err
+		}
+		out = resp.Msg.GetTokens()
+		return nil
+	})
+	return out
+}
+
+// AdminToken returns an access token of the first admin.
+func (c *Cluster) AdminToken() string {
+	c.t.Helper()
+	return c.Login("admin", AdminPassword).GetAccessToken()
 }

@@ -66,6 +66,23 @@ type Config struct {
 	// Raft tunes Raft; FSM tunes the state machine.
 	Raft raftnode.Tuning
 	FSM  fsm.Config
+	// Auth configures tokens, password hashing and login throttling.
+	Auth api.AuthConfig
+	// AdminPassword is the first admin's password when this node
+	// initializes a new cluster; empty generates one and logs it once.
+	AdminPassword string
+	// JoinToken is an admin access token presented when joining without
+	// TLS client certificates.
+	JoinToken string
+	// SessionKeyRotateEvery rotates the resume-ticket key on this
+	// schedule (leader only). Default 24h.
+	SessionKeyRotateEvery time.Duration
+	// SessionKeyGrace keeps a rotated-out session key valid this long.
+	// Default 24h.
+	SessionKeyGrace time.Duration
+	// SigningKeyRotateEvery rotates the access-token signing key on this
+	// schedule. Default 30 days.
+	SigningKeyRotateEvery time.Duration
 }
 
 func (c *Config) applyDefaults() error {
@@ -99,6 +116,15 @@ func (c *Config) applyDefaults() error {
 	if c.SlowRPCThreshold <= 0 {
 		c.SlowRPCThreshold = 300 * time.Millisecond
 	}
+	if c.SessionKeyRotateEvery <= 0 {
+		c.SessionKeyRotateEvery = 24 * time.Hour
+	}
+	if c.SessionKeyGrace <= 0 {
+		c.SessionKeyGrace = 24 * time.Hour
+	}
+	if c.SigningKeyRotateEvery <= 0 {
+		c.SigningKeyRotateEvery = 30 * 24 * time.Hour
+	}
 	return nil
 }
 
@@ -114,6 +140,9 @@ type Server struct {
 	apiSrv         *http.Server
 	adminSrv       *http.Server
 	tls            *tls.Config
+	authn          *api.Authenticator
+	ready          chan struct{} // closed once everything is wired
+	bg             context.CancelFunc
 
 	wg       sync.WaitGroup
 	stopOnce sync.Once
@@ -127,7 +156,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := cfg.applyDefaults(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), reg: prometheus.NewRegistry()}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), reg: prometheus.NewRegistry(), ready: make(chan struct{})}
 	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	defer func() {
 		if err != nil {
@@ -172,22 +201,28 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		TLSServer: raftServerTLS, TLSClient: clientTLS,
 		Peers: s.dialer, Logger: cfg.Logger, SlowThreshold: cfg.SlowThreshold,
 		Metrics: s.reg, FSM: cfg.FSM, Raft: cfg.Raft,
+		OnLeader: s.leaderTasks,
 	})
+	if err != nil {
+		return nil, err
+	}
+	s.authn = api.NewAuthenticator(s.node, cfg.Auth)
+	s.dialer.SetTokenSource(s.authn.NodeToken)
+	authServer, err := api.NewAuthServer(s.node, s.authn)
 	if err != nil {
 		return nil, err
 	}
 
 	mux := http.NewServeMux()
-	opts := connect.WithInterceptors(newLoggingInterceptor(s.log, cfg.SlowRPCThreshold, s.reg))
+	opts := connect.WithInterceptors(newLoggingInterceptor(s.log, cfg.SlowRPCThreshold, s.reg), s.authn)
 	mux.Handle(controlv1connect.NewClusterServiceHandler(api.NewClusterServer(s.node, s.dialer), opts))
-	peerPath, peerHandler := controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts)
-	if serverTLS != nil {
-		// Node-to-node calls carry writes straight into the log: only
-		// holders of a certificate from the cluster's CA may make them.
-		peerHandler = requireClientCert(peerHandler)
-	}
-	mux.Handle(peerPath, peerHandler)
-	s.apiSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+	mux.Handle(controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts))
+	mux.Handle(controlv1connect.NewAuthServiceHandler(authServer, opts))
+	mux.Handle(controlv1connect.NewUserServiceHandler(api.NewUserServer(s.node, s.authn), opts))
+	mux.Handle(controlv1connect.NewDeviceServiceHandler(api.NewDeviceServer(s.node), opts))
+	mux.Handle(controlv1connect.NewKeyServiceHandler(api.NewKeyServer(s.node, s.authn, cfg.SessionKeyGrace), opts))
+	mux.Handle("GET /.well-known/jwks.json", api.JWKSHandler(s.authn.Keys()))
+	s.apiSrv = &http.Server{Handler: api.WithClientCert(mux), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 	var protos http.Protocols
 	protos.SetHTTP1(true)
 	protos.SetHTTP2(true)
@@ -208,6 +243,15 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		s.adminSrv = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
 		s.serve(s.adminSrv, s.adminLn, "admin")
 	}
+
+	bgctx, bg := context.WithCancel(context.Background())
+	s.bg = bg
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.authn.RunActivity(bgctx)
+	}()
+	close(s.ready)
 
 	if len(cfg.Join) > 0 && !s.node.IsMemberOrHasState() {
 		if err := s.join(ctx, apiAdv); err != nil {
@@ -237,7 +281,11 @@ func (s *Server) join(ctx context.Context, apiAdv string) error {
 		var lastErr error
 		for _, addr := range s.cfg.Join {
 			cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-			_, err := s.dialer.Cluster(addr).AddVoter(cctx, connect.NewRequest(req))
+			r := connect.NewRequest(req)
+			if s.cfg.JoinToken != "" {
+				r.Header().Set("Authorization", "Bearer "+s.cfg.JoinToken)
+			}
+			_, err := s.dialer.Cluster(addr).AddVoter(cctx, r)
 			cancel()
 			if err == nil {
 				s.log.Info("joined the cluster", "via", addr)
@@ -245,6 +293,9 @@ func (s *Server) join(ctx context.Context, apiAdv string) error {
 			}
 			lastErr = err
 			s.log.Warn("join attempt failed", "via", addr, "err", err)
+			if c := connect.CodeOf(err); c == connect.CodeUnauthenticated || c == connect.CodePermissionDenied {
+				return fmt.Errorf("join cluster via %s: %w (give --join-token with an admin access token, or TLS certificates from the cluster CA)", addr, err)
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -307,6 +358,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		} else if s.apiLn != nil {
 			_ = s.apiLn.Close()
 		}
+		if s.bg != nil {
+			s.bg()
+		}
 		if s.node != nil {
 			if err := s.node.Shutdown(ctx); err != nil {
 				errs = append(errs, err)
@@ -335,6 +389,9 @@ func (s *Server) Kill() {
 		if s.apiSrv != nil {
 			_ = s.apiSrv.Close()
 		}
+		if s.bg != nil {
+			s.bg()
+		}
 		if s.node != nil {
 			_ = s.node.Kill()
 		}
@@ -360,20 +417,6 @@ func Run(ctx context.Context, cfg Config, shutdownTimeout time.Duration) error {
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	return s.Shutdown(sctx)
-}
-
-// requireClientCert refuses requests that did not present a client
-// certificate verified against the cluster's CA.
-func requireClientCert(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusForbidden)
-			_, _ = w.Write([]byte(`{"code":"permission_denied","message":"node-to-node API: a client certificate from the cluster CA is required"}`))
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
 }
 
 func loadTLS(certFile, keyFile, caFile string) (server, client *tls.Config, err error) {

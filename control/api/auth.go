@@ -1,0 +1,236 @@
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/edge-relay/relay/control/auth"
+	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/raftnode"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// AuthServer serves AuthService: logins, token refresh with rotation and
+// reuse detection, logout.
+type AuthServer struct {
+	node  *raftnode.Node
+	authn *Authenticator
+	cfg   AuthConfig
+	// dummy is a hash verified for unknown logins so that a wrong login
+	// and a wrong password take the same time.
+	dummy string
+}
+
+var _ controlv1connect.AuthServiceHandler = (*AuthServer)(nil)
+
+// NewAuthServer returns the AuthService handler.
+func NewAuthServer(node *raftnode.Node, authn *Authenticator) (*AuthServer, error) {
+	cfg := authn.Config()
+	dummy, err := auth.HashPassword("not a real password, only for timing", cfg.Password)
+	if err != nil {
+		return nil, fmt.Errorf("prepare auth server: %w", err)
+	}
+	return &AuthServer{node: node, authn: authn, cfg: cfg, dummy: dummy}, nil
+}
+
+var errBadCredentials = errors.New("invalid login or password")
+
+func clientAddr(peer connect.Peer) string {
+	host, _, err := net.SplitHostPort(peer.Addr)
+	if err != nil {
+		return peer.Addr
+	}
+	return host
+}
+
+// Login checks the credentials and issues tokens.
+func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.LoginRequest]) (*connect.Response[controlv1.LoginResponse], error) {
+	m := req.Msg
+	if err := fsm.ValidateText("login", m.GetLogin(), fsm.MaxLoginLen, true); err != nil {
+		return nil, invalidArg(err)
+	}
+	if m.GetPassword() == "" || len(m.GetPassword()) > 1024 {
+		return nil, invalidArg(errors.New("password is empty or longer than 1024 bytes"))
+	}
+	if ok, retry := s.cfg.Limiter.Allow(m.GetLogin(), clientAddr(req.Peer())); !ok {
+		err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("too many login attempts; retry in %s", retry.Round(time.Second)))
+		err.Meta().Set("Retry-After", fmt.Sprint(int(retry.Seconds()+1)))
+		return nil, err
+	}
+	f, err := s.node.Read(ctx, raftnode.Linearizable)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	u, err := f.GetUserByLogin(m.GetLogin())
+	if err != nil {
+		if errors.Is(err, fsm.ErrNotFound) {
+			_, _ = auth.VerifyPassword(s.dummy, m.GetPassword())
+			return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
+		}
+		return nil, toConnect(err)
+	}
+	if u.GetPasswordHash() == "" {
+		_, _ = auth.VerifyPassword(s.dummy, m.GetPassword())
+		return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
+	}
+	ok, err := auth.VerifyPassword(u.GetPasswordHash(), m.GetPassword())
+	if err != nil || !ok {
+		return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
+	}
+	if u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {
+		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("this account is disabled"))
+	}
+	tokID, secret, refresh, err := auth.NewRefreshToken(rand.Reader)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	now := s.cfg.Now()
+	expires := now.Add(s.cfg.RefreshTTL)
+	_, err = s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
+		Token: &statev1.RefreshToken{Id: tokID, FamilyId: newID("f"), UserId: u.GetId(), SecretHash: auth.HashSecret(secret), ExpiresAtMs: expires.UnixMilli()},
+	}}})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	tokens, err := s.tokens(u, refresh, expires)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&controlv1.LoginResponse{Tokens: tokens}), nil
+}
+
+func (s *AuthServer) tokens(u *statev1.User, refresh string, refreshExpires time.Time) (*controlv1.Tokens, error) {
+	access, exp, err := s.authn.Issue(u)
+	if err != nil {
+		return nil, err
+	}
+	return &controlv1.Tokens{
+		AccessToken: access, AccessTokenExpiresAt: timestamppb.New(exp),
+		RefreshToken: refresh, RefreshTokenExpiresAt: timestamppb.New(refreshExpires),
+		UserId: u.GetId(), Role: apiRole(u.GetRole()),
+	}, nil
+}
+
+// Issue signs an access token for an account.
+func (a *Authenticator) Issue(u *statev1.User) (string, time.Time, error) {
+	key, err := a.keys.Current()
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	role, err := auth.ParseRole(u.GetRole())
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	now := a.cfg.Now()
+	exp := now.Add(a.cfg.AccessTTL)
+	tok, err := auth.Sign(key, auth.Claims{
+		Issuer: a.cfg.Issuer, Audience: a.cfg.Audience, Subject: u.GetId(), Login: u.GetLogin(),
+		Role: role, IssuedAt: now, NotBefore: now, ExpiresAt: exp, ID: newID("at"),
+	})
+	return tok, exp, err
+}
+
+// Refresh rotates a refresh token.
+func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1.RefreshRequest]) (*connect.Response[controlv1.RefreshResponse], error) {
+	id, secret, err := auth.ParseRefreshToken(req.Msg.GetRefreshToken())
+	if err != nil {
+		return nil, invalidArg(fmt.Errorf("refresh_token: %w", err))
+	}
+	cur, err := s.node.FSM().GetRefreshToken(id)
+	if err != nil {
+		if errors.Is(err, fsm.ErrNotFound) {
+			// Perhaps issued moments ago on another node: catch up once.
+			if f, rerr := s.node.Read(ctx, raftnode.Linearizable); rerr == nil {
+				cur, err = f.GetRefreshToken(id)
+			}
+		}
+		if err != nil {
+			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("refresh token not recognised; log in again"))
+		}
+	}
+	nextID, nextSecret, next, err := auth.NewRefreshToken(rand.Reader)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	now := s.cfg.Now()
+	expires := now.Add(s.cfg.RefreshTTL)
+	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
+		TokenId: id, PresentedSecretHash: auth.HashSecret(secret),
+		Next: &statev1.RefreshToken{Id: nextID, FamilyId: cur.GetFamilyId(), UserId: cur.GetUserId(), SecretHash: auth.HashSecret(nextSecret), ExpiresAtMs: expires.UnixMilli()},
+	}}})
+	if err != nil {
+		if errors.Is(err, fsm.ErrNotFound) || errors.Is(err, fsm.ErrFailedPrecondition) {
+			return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("refresh token refused (%v); log in again", err))
+		}
+		return nil, toConnect(err)
+	}
+	if res.GetReuseDetected() {
+		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("refresh token was already used: every token of this login is revoked; log in again"))
+	}
+	u, err := s.node.FSM().GetUser(cur.GetUserId())
+	if err != nil {
+		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("account no longer exists"))
+	}
+	tokens, err := s.tokens(u, next, expires)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&controlv1.RefreshResponse{Tokens: tokens}), nil
+}
+
+// Logout revokes the refresh token's family. The caller's access token
+// must belong to the same account.
+func (s *AuthServer) Logout(ctx context.Context, req *connect.Request[controlv1.LogoutRequest]) (*connect.Response[controlv1.LogoutResponse], error) {
+	claims, _ := auth.ClaimsFrom(ctx)
+	id, _, err := auth.ParseRefreshToken(req.Msg.GetRefreshToken())
+	if err != nil {
+		return nil, invalidArg(fmt.Errorf("refresh_token: %w", err))
+	}
+	f, err := s.node.Read(ctx, raftnode.Linearizable)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	cur, err := f.GetRefreshToken(id)
+	if err != nil || cur.GetUserId() != claims.Subject {
+		return nil, connect.NewError(connect.CodeNotFound, errors.New("refresh token not found"))
+	}
+	_, err = s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{
+		FamilyId: cur.GetFamilyId(), UserId: claims.Subject, Reason: "logout",
+	}}})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&controlv1.LogoutResponse{}), nil
+}
+
+// newID returns a random id with a prefix, e.g. "u_3q2...".
+func newID(prefix string) string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return prefix + "_" + base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+// JWKSHandler serves the public signing keys at /.well-known/jwks.json.
+func JWKSHandler(keys Keys) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		b, err := auth.JWKS(keys.Verify())
+		if err != nil {
+			http.Error(w, "keys unavailable", http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "application/jwk-set+json")
+		w.Header().Set("Cache-Control", "max-age=60")
+		_, _ = w.Write(b)
+	})
+}

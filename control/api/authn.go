@@ -1,0 +1,338 @@
+package api
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/auth"
+	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/raftnode"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// AuthConfig configures token issuing and checking.
+type AuthConfig struct {
+	// Issuer and Audience go into every access token and are required on
+	// every token presented. Defaults "relay" and "relay-api".
+	Issuer, Audience string
+	// AccessTTL is an access token's lifetime. Default 15 minutes.
+	AccessTTL time.Duration
+	// RefreshTTL is a refresh token's lifetime. Default 30 days.
+	RefreshTTL time.Duration
+	// Leeway tolerates clock differences between nodes. Default 30s.
+	Leeway time.Duration
+	// Password hashing parameters. Default auth.DefaultParams.
+	Password auth.Params
+	// Limiter throttles logins; default 5/min per login, 30/min per
+	// address.
+	Limiter *auth.LoginLimiter
+	// ActivityEvery throttles last_activity writes per user. Default 1m.
+	ActivityEvery time.Duration
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+}
+
+func (c *AuthConfig) applyDefaults() {
+	if c.Issuer == "" {
+		c.Issuer = "relay"
+	}
+	if c.Audience == "" {
+		c.Audience = "relay-api"
+	}
+	if c.AccessTTL <= 0 {
+		c.AccessTTL = 15 * time.Minute
+	}
+	if c.RefreshTTL <= 0 {
+		c.RefreshTTL = 30 * 24 * time.Hour
+	}
+	if c.Leeway <= 0 {
+		c.Leeway = 30 * time.Second
+	}
+	if c.Password == (auth.Params{}) {
+		c.Password = auth.DefaultParams
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Limiter == nil {
+		c.Limiter = auth.NewLoginLimiter(auth.LimiterConfig{
+			PerLogin: 5.0 / 60, PerLoginBurst: 5, PerAddr: 30.0 / 60, PerAddrBurst: 30,
+			MaxEntries: 100_000, Now: c.Now,
+		})
+	}
+	if c.ActivityEvery <= 0 {
+		c.ActivityEvery = time.Minute
+	}
+}
+
+// Keys gives access to the cluster's signing keys as the local replica
+// holds them.
+type Keys struct {
+	node *raftnode.Node
+}
+
+// Verify returns the keys that may verify tokens now.
+func (k Keys) Verify() []auth.VerifyKey {
+	list, _, err := k.node.FSM().SigningKeys()
+	if err != nil {
+		return nil
+	}
+	out := make([]auth.VerifyKey, 0, len(list))
+	for _, s := range list {
+		vk := auth.VerifyKey{ID: s.GetId(), Public: ed25519.PublicKey(s.GetPublicKey())}
+		if s.GetVerifyUntilMs() != 0 {
+			vk.NotAfter = time.UnixMilli(s.GetVerifyUntilMs())
+		}
+		out = append(out, vk)
+	}
+	return out
+}
+
+// Current returns the key that signs new tokens.
+func (k Keys) Current() (auth.SigningKey, error) {
+	list, cur, err := k.node.FSM().SigningKeys()
+	if err != nil {
+		return auth.SigningKey{}, err
+	}
+	for _, s := range list {
+		if s.GetId() == cur {
+			return auth.SigningKey{ID: s.GetId(), Private: ed25519.NewKeyFromSeed(s.GetPrivateSeed()), CreatedAt: time.UnixMilli(s.GetCreatedAtMs())}, nil
+		}
+	}
+	return auth.SigningKey{}, errors.New("the cluster has no signing key yet (not initialized)")
+}
+
+// Authenticator is the Connect interceptor that establishes who calls:
+// a bearer access token, or (for node-to-node calls) a client certificate
+// verified against the cluster CA. It enforces the RBAC table, checks that
+// the account still exists and is active, and records API activity.
+type Authenticator struct {
+	node     *raftnode.Node
+	cfg      AuthConfig
+	keys     Keys
+	verifier *auth.Verifier
+	policy   auth.Policy
+	activity *activityThrottle
+	nodeTok  nodeToken
+}
+
+// NewAuthenticator returns the interceptor for node.
+func NewAuthenticator(node *raftnode.Node, cfg AuthConfig) *Authenticator {
+	cfg.applyDefaults()
+	keys := Keys{node: node}
+	return &Authenticator{
+		node: node, cfg: cfg, keys: keys, policy: Policy(),
+		verifier: auth.NewVerifier(cfg.Issuer, cfg.Audience, keys.Verify, cfg.Now, cfg.Leeway),
+		activity: newActivityThrottle(cfg.ActivityEvery),
+	}
+}
+
+// Keys returns the key accessor.
+func (a *Authenticator) Keys() Keys { return a.keys }
+
+// Config returns the effective configuration.
+func (a *Authenticator) Config() AuthConfig { return a.cfg }
+
+type certKey struct{}
+
+// WithClientCert marks requests that presented a client certificate
+// verified against the cluster CA, for the interceptor to see. Wrap the
+// API's HTTP handler with it.
+func WithClientCert(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
+			cn := r.TLS.VerifiedChains[0][0].Subject.CommonName
+			r = r.WithContext(context.WithValue(r.Context(), certKey{}, cn))
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (a *Authenticator) authenticate(ctx context.Context, procedure string, h http.Header) (context.Context, error) {
+	if a.policy.Public[procedure] {
+		return ctx, nil
+	}
+	var claims *auth.Claims
+	if authz := h.Get("Authorization"); authz != "" {
+		tok, ok := strings.CutPrefix(authz, "Bearer ")
+		if !ok {
+			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("Authorization header must be \"Bearer <access token>\""))
+		}
+		c, err := a.verifier.Verify(tok)
+		if errors.Is(err, auth.ErrUnknownKey) {
+			// A key rotated in moments ago may not have reached this
+			// replica yet: catch up once and retry.
+			if berr := a.node.Barrier(ctx); berr == nil {
+				c, err = a.verifier.Verify(tok)
+			}
+		}
+		if err != nil {
+			return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("access token rejected: %w", err))
+		}
+		claims = &c
+	} else if cn, ok := ctx.Value(certKey{}).(string); ok {
+		claims = &auth.Claims{Subject: "node:" + cn, Role: RoleNode}
+	}
+	if err := a.policy.Check(procedure, claims); err != nil {
+		switch {
+		case errors.Is(err, auth.ErrUnauthenticated):
+			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("this call needs an access token (Authorization: Bearer ...); log in first"))
+		case errors.Is(err, auth.ErrPermissionDenied):
+			return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("role %q may not call %s", claims.Role, procedure))
+		default:
+			return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("no access rule for %s: %w", procedure, err))
+		}
+	}
+	if claims.Role != RoleNode && !strings.HasPrefix(claims.Subject, "node:") {
+		// A token outlives neither its account nor the account's access.
+		u, err := a.node.FSM().GetUser(claims.Subject)
+		if err != nil || u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE || u.GetRole() != string(claims.Role) && !(u.GetRole() == "" && claims.Role == auth.RoleUser) {
+			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("the account behind this token no longer exists, is disabled, or changed role; log in again"))
+		}
+		a.activity.touch(claims.Subject, a.cfg.Now())
+	}
+	return auth.WithClaims(ctx, *claims), nil
+}
+
+// WrapUnary checks unary calls.
+func (a *Authenticator) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if req.Spec().IsClient {
+			return next(ctx, req)
+		}
+		ctx, err := a.authenticate(ctx, req.Spec().Procedure, req.Header())
+		if err != nil {
+			return nil, err
+		}
+		return next(ctx, req)
+	}
+}
+
+// WrapStreamingClient passes client streams through.
+func (a *Authenticator) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+// WrapStreamingHandler checks streaming calls.
+func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
+		ctx, err := a.authenticate(ctx, conn.Spec().Procedure, conn.RequestHeader())
+		if err != nil {
+			return err
+		}
+		return next(ctx, conn)
+	}
+}
+
+// RunActivity writes throttled API activity (users' last_activity) in
+// batches until ctx ends. The control node runs it for its whole life.
+func (a *Authenticator) RunActivity(ctx context.Context) {
+	t := time.NewTicker(a.cfg.ActivityEvery / 4)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		batch := a.activity.drain(a.cfg.Now())
+		if len(batch) == 0 {
+			continue
+		}
+		entries := make([]*statev1.Activity, 0, len(batch))
+		for uid, at := range batch {
+			entries = append(entries, &statev1.Activity{UserId: uid, SeenAtMs: at.UnixMilli()})
+		}
+		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if _, err := a.node.Apply(actx, &statev1.Command{Op: &statev1.Command_RecordActivity{
+			RecordActivity: &statev1.RecordActivity{Entries: entries}}}); err != nil && !errors.Is(err, fsm.ErrNotFound) {
+			// Activity is advisory; the next batch will carry newer times.
+			_ = err
+		}
+		cancel()
+	}
+}
+
+// activityThrottle remembers, per user, the last activity time not yet
+// written and when it was last written, so that reads cause at most one
+// write per user per interval.
+type activityThrottle struct {
+	every   time.Duration
+	mu      sync.Mutex // guards the maps below
+	written map[string]time.Time
+	pending map[string]time.Time
+}
+
+func newActivityThrottle(every time.Duration) *activityThrottle {
+	return &activityThrottle{every: every, written: map[string]time.Time{}, pending: map[string]time.Time{}}
+}
+
+func (t *activityThrottle) touch(uid string, now time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if last, ok := t.written[uid]; ok && now.Sub(last) < t.every {
+		return
+	}
+	t.pending[uid] = now
+}
+
+func (t *activityThrottle) drain(now time.Time) map[string]time.Time {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := t.pending
+	t.pending = map[string]time.Time{}
+	for uid, at := range out {
+		t.written[uid] = at
+	}
+	// Forget users whose window has passed, so the map stays bounded by
+	// the users active in one interval.
+	for uid, at := range t.written {
+		if now.Sub(at) > 2*t.every {
+			delete(t.written, uid)
+		}
+	}
+	return out
+}
+
+// nodeTokenTTL is the lifetime of the tokens nodes mint for each other.
+const nodeTokenTTL = 5 * time.Minute
+
+type nodeToken struct {
+	mu  sync.Mutex // guards tok and exp
+	tok string
+	exp time.Time
+}
+
+// NodeToken returns a short-lived token that identifies this node to the
+// others (role node), minted with the cluster's current signing key and
+// cached until shortly before it expires.
+func (a *Authenticator) NodeToken() (string, error) {
+	a.nodeTok.mu.Lock()
+	defer a.nodeTok.mu.Unlock()
+	now := a.cfg.Now()
+	if a.nodeTok.tok != "" && now.Add(time.Minute).Before(a.nodeTok.exp) {
+		return a.nodeTok.tok, nil
+	}
+	key, err := a.keys.Current()
+	if err != nil {
+		return "", err
+	}
+	exp := now.Add(nodeTokenTTL)
+	tok, err := auth.Sign(key, auth.Claims{
+		Issuer: a.cfg.Issuer, Audience: a.cfg.Audience, Subject: "node:" + a.node.ID(),
+		Role: RoleNode, IssuedAt: now, NotBefore: now, ExpiresAt: exp, ID: newID("nt"),
+	})
+	if err != nil {
+		return "", err
+	}
+	a.nodeTok.tok, a.nodeTok.exp = tok, exp
+	return tok, nil
+}

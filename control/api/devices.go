@@ -1,0 +1,147 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/auth"
+	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/raftnode"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// DeviceServer serves DeviceService.
+type DeviceServer struct {
+	node *raftnode.Node
+}
+
+var _ controlv1connect.DeviceServiceHandler = (*DeviceServer)(nil)
+
+// NewDeviceServer returns the DeviceService handler.
+func NewDeviceServer(node *raftnode.Node) *DeviceServer { return &DeviceServer{node: node} }
+
+// owner resolves the account a device request acts on: the caller's own
+// when userID is empty; another account only for staff.
+func owner(ctx context.Context, userID string) (string, error) {
+	caller, _ := auth.ClaimsFrom(ctx)
+	if userID == "" || userID == caller.Subject {
+		return caller.Subject, nil
+	}
+	if err := fsm.ValidateID("user_id", userID); err != nil {
+		return "", invalidArg(err)
+	}
+	if !caller.Role.IsStaff() {
+		return "", connect.NewError(connect.CodePermissionDenied, errors.New("user_id: a user acts only on its own devices"))
+	}
+	return userID, nil
+}
+
+// RegisterDevice adds a device.
+func (s *DeviceServer) RegisterDevice(ctx context.Context, req *connect.Request[controlv1.RegisterDeviceRequest]) (*connect.Response[controlv1.RegisterDeviceResponse], error) {
+	m := req.Msg
+	uid, err := owner(ctx, m.GetUserId())
+	if err != nil {
+		return nil, err
+	}
+	if err := fsm.ValidateText("name", m.GetName(), fsm.MaxDeviceNameLen, true); err != nil {
+		return nil, invalidArg(err)
+	}
+	if len(m.GetPublicKey()) != fsm.PublicKeyLen {
+		return nil, invalidArg(fmt.Errorf("public_key is %d bytes; an Ed25519 public key is %d", len(m.GetPublicKey()), fsm.PublicKeyLen))
+	}
+	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{
+		Id: newID("d"), UserId: uid, Name: m.GetName(), PublicKey: m.GetPublicKey(),
+	}}}})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&controlv1.RegisterDeviceResponse{Device: deviceToAPI(res.GetDevice())}), nil
+}
+
+// ListDevices lists an account's devices.
+func (s *DeviceServer) ListDevices(ctx context.Context, req *connect.Request[controlv1.ListDevicesRequest]) (*connect.Response[controlv1.ListDevicesResponse], error) {
+	uid, err := owner(ctx, req.Msg.GetUserId())
+	if err != nil {
+		return nil, err
+	}
+	mode, err := readMode(req.Msg.GetConsistency())
+	if err != nil {
+		return nil, err
+	}
+	f, err := s.node.Read(ctx, mode)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	list, err := f.ListDevices(uid)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	out := &controlv1.ListDevicesResponse{}
+	for _, d := range list {
+		out.Devices = append(out.Devices, deviceToAPI(d))
+	}
+	return connect.NewResponse(out), nil
+}
+
+func deviceTarget(ctx context.Context, userID, deviceID string) (string, error) {
+	uid, err := owner(ctx, userID)
+	if err != nil {
+		return "", err
+	}
+	if err := fsm.ValidateID("device_id", deviceID); err != nil {
+		return "", invalidArg(err)
+	}
+	return uid, nil
+}
+
+// RenameDevice renames a device.
+func (s *DeviceServer) RenameDevice(ctx context.Context, req *connect.Request[controlv1.RenameDeviceRequest]) (*connect.Response[controlv1.RenameDeviceResponse], error) {
+	uid, err := deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
+	if err != nil {
+		return nil, err
+	}
+	if err := fsm.ValidateText("name", req.Msg.GetName(), fsm.MaxDeviceNameLen, true); err != nil {
+		return nil, invalidArg(err)
+	}
+	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{
+		UserId: uid, DeviceId: req.Msg.GetDeviceId(), Name: req.Msg.GetName(),
+	}}})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&controlv1.RenameDeviceResponse{Device: deviceToAPI(res.GetDevice())}), nil
+}
+
+// RevokeDevice revokes a device.
+func (s *DeviceServer) RevokeDevice(ctx context.Context, req *connect.Request[controlv1.RevokeDeviceRequest]) (*connect.Response[controlv1.RevokeDeviceResponse], error) {
+	uid, err := deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
+	if err != nil {
+		return nil, err
+	}
+	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{
+		UserId: uid, DeviceId: req.Msg.GetDeviceId(),
+	}}})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&controlv1.RevokeDeviceResponse{Device: deviceToAPI(res.GetDevice())}), nil
+}
+
+// DeleteDevice deletes a device.
+func (s *DeviceServer) DeleteDevice(ctx context.Context, req *connect.Request[controlv1.DeleteDeviceRequest]) (*connect.Response[controlv1.DeleteDeviceResponse], error) {
+	uid, err := deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{
+		UserId: uid, DeviceId: req.Msg.GetDeviceId(),
+	}}}); err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&controlv1.DeleteDeviceResponse{}), nil
+}

@@ -1,0 +1,115 @@
+package api
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/raftnode"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// KeyServer serves KeyService.
+type KeyServer struct {
+	node  *raftnode.Node
+	authn *Authenticator
+	// SessionGrace is how long a rotated-out session key still opens
+	// tickets. Default 24h.
+	sessionGrace time.Duration
+}
+
+var _ controlv1connect.KeyServiceHandler = (*KeyServer)(nil)
+
+// NewKeyServer returns the KeyService handler.
+func NewKeyServer(node *raftnode.Node, authn *Authenticator, sessionGrace time.Duration) *KeyServer {
+	if sessionGrace <= 0 {
+		sessionGrace = 24 * time.Hour
+	}
+	return &KeyServer{node: node, authn: authn, sessionGrace: sessionGrace}
+}
+
+// NewSigningKeyCommand builds a command that rotates in a fresh signing
+// key, keeping the previous one for as long as tokens it signed live.
+func NewSigningKeyCommand(retain time.Duration) (*statev1.Command, string, error) {
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, "", err
+	}
+	id := newID("sk")
+	return &statev1.Command{Op: &statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{
+		Key: &statev1.SigningKey{Id: id, PrivateSeed: priv.Seed(), PublicKey: pub}, RetainMs: retain.Milliseconds(),
+	}}}, id, nil
+}
+
+// NewSessionKeyCommand builds a command that rotates in a fresh session
+// key, keeping the previous one for grace.
+func NewSessionKeyCommand(grace time.Duration) (*statev1.Command, string, error) {
+	secret := make([]byte, 32)
+	if _, err := rand.Read(secret); err != nil {
+		return nil, "", err
+	}
+	id := newID("ss")
+	return &statev1.Command{Op: &statev1.Command_RotateSessionKey{RotateSessionKey: &statev1.RotateSessionKey{
+		Key: &statev1.SessionKey{Id: id, Secret: secret}, GraceMs: grace.Milliseconds(),
+	}}}, id, nil
+}
+
+// RotateSigningKey rotates the token signing key.
+func (s *KeyServer) RotateSigningKey(ctx context.Context, _ *connect.Request[controlv1.RotateSigningKeyRequest]) (*connect.Response[controlv1.RotateSigningKeyResponse], error) {
+	cfg := s.authn.Config()
+	cmd, id, err := NewSigningKeyCommand(cfg.AccessTTL + cfg.Leeway)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	if _, err := s.node.Apply(ctx, cmd); err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&controlv1.RotateSigningKeyResponse{KeyId: id}), nil
+}
+
+// RotateSessionKey rotates the ticket-sealing key.
+func (s *KeyServer) RotateSessionKey(ctx context.Context, _ *connect.Request[controlv1.RotateSessionKeyRequest]) (*connect.Response[controlv1.RotateSessionKeyResponse], error) {
+	cmd, id, err := NewSessionKeyCommand(s.sessionGrace)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	if _, err := s.node.Apply(ctx, cmd); err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&controlv1.RotateSessionKeyResponse{KeyId: id}), nil
+}
+
+// ListKeys lists key ids and ages, never material.
+func (s *KeyServer) ListKeys(ctx context.Context, _ *connect.Request[controlv1.ListKeysRequest]) (*connect.Response[controlv1.ListKeysResponse], error) {
+	f, err := s.node.Read(ctx, raftnode.Linearizable)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	sk, cur, err := f.SigningKeys()
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	out := &controlv1.ListKeysResponse{}
+	for _, k := range sk {
+		out.SigningKeys = append(out.SigningKeys, &controlv1.KeyInfo{
+			Id: k.GetId(), CreatedAt: ts(k.GetCreatedAtMs()), RetiredAt: ts(k.GetRetiredAtMs()),
+			ExpiresAt: ts(k.GetVerifyUntilMs()), Current: k.GetId() == cur,
+		})
+	}
+	ring, err := f.SessionKeyRing()
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	for _, k := range ring.GetKeys() {
+		out.SessionKeys = append(out.SessionKeys, &controlv1.KeyInfo{
+			Id: k.GetId(), CreatedAt: ts(k.GetCreatedAtMs()), RetiredAt: ts(k.GetRetiredAtMs()),
+			ExpiresAt: ts(k.GetExpiresAtMs()), Current: k.GetId() == ring.GetCurrentId(),
+		})
+	}
+	return connect.NewResponse(out), nil
+}

@@ -1,0 +1,405 @@
+package api_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+type clients struct {
+	auth    controlv1connect.AuthServiceClient
+	users   controlv1connect.UserServiceClient
+	devices controlv1connect.DeviceServiceClient
+	keys    controlv1connect.KeyServiceClient
+}
+
+func clientsAs(t *testing.T, n *clustertest.Node, token string) clients {
+	hc, u, o := httpClient(t), url(n), connect.WithInterceptors(bearer(token))
+	return clients{
+		auth:    controlv1connect.NewAuthServiceClient(hc, u, o),
+		users:   controlv1connect.NewUserServiceClient(hc, u, o),
+		devices: controlv1connect.NewDeviceServiceClient(hc, u, o),
+		keys:    controlv1connect.NewKeyServiceClient(hc, u, o),
+	}
+}
+
+func pubKey(t *testing.T) []byte {
+	pk, _, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pk
+}
+
+func TestRefreshRotationAndReuse(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	first := c.Login("admin", clustertest.AdminPassword)
+	anon := clientsAs(t, c.Nodes[c.Follower()], "")
+
+	r1, err := anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: first.GetRefreshToken()}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := r1.Msg.GetTokens()
+	if second.GetRefreshToken() == first.GetRefreshToken() || second.GetAccessToken() == "" {
+		t.Fatal("refresh did not rotate the token")
+	}
+	// The new access token works.
+	me, err := clientsAs(t, c.Nodes[0], second.GetAccessToken()).users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{}))
+	if err != nil || me.Msg.GetUser().GetLogin() != "admin" {
+		t.Fatalf("GetMe with refreshed token: %v %v", me, err)
+	}
+	// Presenting the used token again is reuse: refused, and the family
+	// dies, so the legitimate successor stops working too.
+	_, err = anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: first.GetRefreshToken()}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "already used") {
+		t.Fatalf("reuse: %v", err)
+	}
+	_, err = anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: second.GetRefreshToken()}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("successor after reuse: %v, want Unauthenticated", err)
+	}
+	// Another login is a separate family, unaffected; logout ends it.
+	third := c.Login("admin", clustertest.AdminPassword)
+	cl := clientsAs(t, c.Nodes[1], third.GetAccessToken())
+	if _, err := cl.auth.Logout(ctx, connect.NewRequest(&controlv1.LogoutRequest{RefreshToken: third.GetRefreshToken()})); err != nil {
+		t.Fatal(err)
+	}
+	_, err = anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: third.GetRefreshToken()}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("refresh after logout: %v", err)
+	}
+	// Malformed tokens and wrong passwords.
+	_, err = anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: "garbage"}))
+	if connect.CodeOf(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), "refresh_token") {
+		t.Fatalf("malformed refresh token: %v", err)
+	}
+	_, err = anon.auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "admin", Password: "wrong-password"}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("wrong password: %v", err)
+	}
+	_, err = anon.auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "nobody", Password: "wrong-password"}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "invalid login or password") {
+		t.Fatalf("unknown login: %v", err)
+	}
+}
+
+func TestLoginRateLimited(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	anon := clientsAs(t, c.Nodes[0], "")
+	var last error
+	for i := 0; i < 10; i++ {
+		_, last = anon.auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "admin", Password: "guess-" + fmt.Sprint(i)}))
+		if connect.CodeOf(last) == connect.CodeResourceExhausted {
+			break
+		}
+	}
+	if connect.CodeOf(last) != connect.CodeResourceExhausted {
+		t.Fatalf("10 wrong passwords in a row: last error %v, want ResourceExhausted", last)
+	}
+}
+
+func TestUsersAndDevicesThroughTheAPI(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	admin := clientsAs(t, c.Nodes[0], c.AdminToken())
+
+	mk := func(login string) *controlv1.User {
+		r, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: login, DisplayName: login, Password: "password-" + login}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Msg.GetUser()
+	}
+	alice, bob := mk("alice"), mk("bob")
+	aliceCl := clientsAs(t, c.Nodes[1], c.Login("alice", "password-alice").GetAccessToken())
+	bobCl := clientsAs(t, c.Nodes[2], c.Login("bob", "password-bob").GetAccessToken())
+
+	reg, err := aliceCl.devices.RegisterDevice(ctx, connect.NewRequest(&controlv1.RegisterDeviceRequest{Name: "phone", PublicKey: pubKey(t)}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	phone := reg.Msg.GetDevice()
+	if phone.GetUserId() != alice.GetId() {
+		t.Fatalf("device registered to %s, want alice", phone.GetUserId())
+	}
+	list, err := aliceCl.devices.ListDevices(ctx, connect.NewRequest(&controlv1.ListDevicesRequest{}))
+	if err != nil || len(list.Msg.GetDevices()) != 1 {
+		t.Fatalf("alice's devices: %v %v", list, err)
+	}
+	// Bob cannot see, rename, revoke or delete alice's device: NotFound,
+	// exactly like a device that does not exist.
+	for name, call := range map[string]func(id string) error{
+		"rename": func(id string) error {
+			_, err := bobCl.devices.RenameDevice(ctx, connect.NewRequest(&controlv1.RenameDeviceRequest{DeviceId: id, Name: "x"}))
+			return err
+		},
+		"revoke": func(id string) error {
+			_, err := bobCl.devices.RevokeDevice(ctx, connect.NewRequest(&controlv1.RevokeDeviceRequest{DeviceId: id}))
+			return err
+		},
+		"delete": func(id string) error {
+			_, err := bobCl.devices.DeleteDevice(ctx, connect.NewRequest(&controlv1.DeleteDeviceRequest{DeviceId: id}))
+			return err
+		},
+	} {
+		errOther, errMissing := call(phone.GetId()), call("d_does-not-exist")
+		if connect.CodeOf(errOther) != connect.CodeNotFound || connect.CodeOf(errMissing) != connect.CodeNotFound {
+			t.Fatalf("%s another user's device: %v; a missing one: %v; want NotFound for both", name, errOther, errMissing)
+		}
+		if strings.ReplaceAll(errOther.Error(), phone.GetId(), "ID") != strings.ReplaceAll(errMissing.Error(), "d_does-not-exist", "ID") {
+			t.Fatalf("%s: messages differ, revealing existence: %q vs %q", name, errOther, errMissing)
+		}
+	}
+	if _, err := bobCl.devices.ListDevices(ctx, connect.NewRequest(&controlv1.ListDevicesRequest{UserId: alice.GetId()})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("bob lists alice's devices: %v", err)
+	}
+	if _, err := bobCl.users.GetUser(ctx, connect.NewRequest(&controlv1.GetUserRequest{Id: alice.GetId()})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("bob reads alice: %v", err)
+	}
+	// Alice renames and revokes her own device.
+	ren, err := aliceCl.devices.RenameDevice(ctx, connect.NewRequest(&controlv1.RenameDeviceRequest{DeviceId: phone.GetId(), Name: "old phone"}))
+	if err != nil || ren.Msg.GetDevice().GetName() != "old phone" {
+		t.Fatalf("rename: %v %v", ren, err)
+	}
+	rev, err := aliceCl.devices.RevokeDevice(ctx, connect.NewRequest(&controlv1.RevokeDeviceRequest{DeviceId: phone.GetId()}))
+	if err != nil || !rev.Msg.GetDevice().GetRevoked() {
+		t.Fatalf("revoke: %v %v", rev, err)
+	}
+	// Staff see everyone; pagination walks all users.
+	seen := map[string]bool{}
+	token := ""
+	for {
+		page, err := admin.users.ListUsers(ctx, connect.NewRequest(&controlv1.ListUsersRequest{PageSize: 1, PageToken: token}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, u := range page.Msg.GetUsers() {
+			seen[u.GetLogin()] = true
+		}
+		if token = page.Msg.GetNextPageToken(); token == "" {
+			break
+		}
+	}
+	if !seen["admin"] || !seen["alice"] || !seen["bob"] || len(seen) != 3 {
+		t.Fatalf("paged users %v", seen)
+	}
+	// Disabling bob cuts his token off at once.
+	st := controlv1.UserStatus_USER_STATUS_DISABLED
+	if _, err := admin.users.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: bob.GetId(), Status: &st})); err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		_, err := bobCl.users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{}))
+		if connect.CodeOf(err) != connect.CodeUnauthenticated {
+			return fmt.Errorf("disabled bob's token: %v", err)
+		}
+		return nil
+	})
+	// Deleting alice removes her devices.
+	if _, err := admin.users.DeleteUser(ctx, connect.NewRequest(&controlv1.DeleteUserRequest{Id: alice.GetId()})); err != nil {
+		t.Fatal(err)
+	}
+	node := c.Nodes[0].Server.Node()
+	if err := node.Barrier(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := node.FSM().ListDevices(alice.GetId()); len(d) != 0 {
+		t.Fatalf("devices of deleted user remain: %v", d)
+	}
+}
+
+func TestMalformedRequestsNameTheField(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	admin := clientsAs(t, c.Nodes[0], c.AdminToken())
+	long := strings.Repeat("x", 300)
+	bad := controlv1.Role(99)
+	cases := []struct {
+		field string
+		call  func() error
+	}{
+		{"login", func() error {
+			_, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{}))
+			return err
+		}},
+		{"login", func() error {
+			_, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: long}))
+			return err
+		}},
+		{"display_name", func() error {
+			_, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: "ok", DisplayName: long}))
+			return err
+		}},
+		{"password", func() error {
+			_, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: "ok", Password: "short"}))
+			return err
+		}},
+		{"role", func() error {
+			_, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: "ok", Role: bad}))
+			return err
+		}},
+		{"public_key", func() error {
+			_, err := admin.devices.RegisterDevice(ctx, connect.NewRequest(&controlv1.RegisterDeviceRequest{Name: "x", PublicKey: []byte{1, 2, 3}}))
+			return err
+		}},
+		{"name", func() error {
+			_, err := admin.devices.RegisterDevice(ctx, connect.NewRequest(&controlv1.RegisterDeviceRequest{PublicKey: pubKey(t)}))
+			return err
+		}},
+		{"page_size", func() error {
+			_, err := admin.users.ListUsers(ctx, connect.NewRequest(&controlv1.ListUsersRequest{PageSize: 5000}))
+			return err
+		}},
+		{"consistency", func() error {
+			_, err := admin.users.ListUsers(ctx, connect.NewRequest(&controlv1.ListUsersRequest{Consistency: 7}))
+			return err
+		}},
+		{"id", func() error {
+			_, err := admin.users.GetUser(ctx, connect.NewRequest(&controlv1.GetUserRequest{Id: "bad id"}))
+			return err
+		}},
+		{"status", func() error {
+			st := controlv1.UserStatus(42)
+			_, err := admin.users.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: "admin", Status: &st}))
+			return err
+		}},
+		{"device_id", func() error {
+			_, err := admin.devices.RevokeDevice(ctx, connect.NewRequest(&controlv1.RevokeDeviceRequest{}))
+			return err
+		}},
+	}
+	for _, tc := range cases {
+		err := tc.call()
+		if connect.CodeOf(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), tc.field) {
+			t.Errorf("want InvalidArgument naming %q, got %v", tc.field, err)
+		}
+	}
+}
+
+// Deleting a user while its devices are being registered and activity
+// for them streams in leaves no device, token or activity of that user on
+// any replica.
+func TestDeleteUserDuringRegistrationsAndActivity(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	admin := clientsAs(t, c.Nodes[0], c.AdminToken())
+	u, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: "victim", Password: "password-victim"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid := u.Msg.GetUser().GetId()
+	victimTok := c.Login("victim", "password-victim")
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var registered sync.Map
+	for i := range 3 {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			cl := clientsAs(t, c.Nodes[i], victimTok.GetAccessToken())
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				r, err := cl.devices.RegisterDevice(ctx, connect.NewRequest(&controlv1.RegisterDeviceRequest{Name: fmt.Sprintf("d%d-%d", i, n), PublicKey: pubKey(t)}))
+				if err == nil {
+					registered.Store(r.Msg.GetDevice().GetId(), true)
+				}
+			}
+		}(i)
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		node := c.Nodes[1].Server.Node()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			var entries []*statev1.Activity
+			registered.Range(func(k, _ any) bool {
+				entries = append(entries, &statev1.Activity{UserId: uid, DeviceId: k.(string), SeenAtMs: time.Now().UnixMilli()})
+				return len(entries) < 50
+			})
+			entries = append(entries, &statev1.Activity{UserId: uid, SeenAtMs: time.Now().UnixMilli()})
+			_, _ = node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: entries}}})
+		}
+	}()
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		n := 0
+		registered.Range(func(_, _ any) bool { n++; return true })
+		if n < 10 {
+			return fmt.Errorf("%d devices registered", n)
+		}
+		return nil
+	})
+	if _, err := admin.users.DeleteUser(ctx, connect.NewRequest(&controlv1.DeleteUserRequest{Id: uid})); err != nil {
+		t.Fatal(err)
+	}
+	// Let the writers run on against the deleted user for a while: wait
+	// until each of them has seen a refusal.
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		cl := clientsAs(t, c.Nodes[2], victimTok.GetAccessToken())
+		_, err := cl.devices.RegisterDevice(ctx, connect.NewRequest(&controlv1.RegisterDeviceRequest{Name: "late", PublicKey: pubKey(t)}))
+		if connect.CodeOf(err) != connect.CodeUnauthenticated {
+			return fmt.Errorf("registration after delete: %v", err)
+		}
+		return nil
+	})
+	close(stop)
+	wg.Wait()
+	c.WaitConverged()
+	for _, n := range c.Nodes {
+		f := n.Server.Node().FSM()
+		if _, err := f.GetUser(uid); !errors.Is(err, fsm.ErrNotFound) {
+			t.Fatalf("%s: user still there: %v", n.ID, err)
+		}
+		if d, _ := f.ListDevices(uid); len(d) != 0 {
+			t.Fatalf("%s: %d devices of the deleted user remain", n.ID, len(d))
+		}
+		count := 0
+		registered.Range(func(k, _ any) bool {
+			if _, err := f.DeviceOwner(k.(string)); !errors.Is(err, fsm.ErrNotFound) {
+				count++
+			}
+			return true
+		})
+		if count != 0 {
+			t.Fatalf("%s: %d device owner records remain", n.ID, count)
+		}
+		if tn, err := f.UserTokenCount(uid); err != nil || tn != 0 {
+			t.Fatalf("%s: %d tokens of the deleted user remain (%v)", n.ID, tn, err)
+		}
+	}
+	// And the refresh token is dead.
+	_, err = clientsAs(t, c.Nodes[0], "").auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: victimTok.GetRefreshToken()}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("refresh of deleted user's token: %v", err)
+	}
+}
