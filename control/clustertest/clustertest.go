@@ -38,6 +38,8 @@ type Options struct {
 	// Auth tunes tokens; password hashing defaults to the cheap
 	// auth.TestParams.
 	Auth api.AuthConfig
+	// Watch tunes the watch feed.
+	Watch api.WatchConfig
 }
 
 // AdminPassword is the first admin's password in every test cluster.
@@ -158,7 +160,7 @@ func (c *Cluster) config(nd *Node) server.Config {
 		NodeID: nd.ID, DataDir: filepath.Join(nd.DataDir, "data"),
 		RaftAddr: raftAddr, APIAddr: apiAddr, AdminAddr: "127.0.0.1:0",
 		Logger: c.opts.Logger.With("test_node", nd.ID), Raft: c.opts.Raft, FSM: c.opts.FSM,
-		Auth: c.opts.Auth, AdminPassword: AdminPassword,
+		Auth: c.opts.Auth, AdminPassword: AdminPassword, Watch: c.opts.Watch,
 	}
 }
 
@@ -371,4 +373,22 @@ func (c *Cluster) Login(login, password string) *controlv1.Tokens {
 func (c *Cluster) AdminToken() string {
 	c.t.Helper()
 	return c.Login("admin", AdminPassword).GetAccessToken()
+}
+
+// TokenFor creates an account with the given role (through the admin)
+// and returns an access token of it.
+func (c *Cluster) TokenFor(login string, role controlv1.Role) string {
+	c.t.Helper()
+	d := api.NewDialer(nil)
+	defer d.Close()
+	run := c.Running()
+	cl := controlv1connect.NewUserServiceClient(d.HTTPClient(), d.URL(run[0].Server.APIAddr()))
+	req := connect.NewRequest(&controlv1.CreateUserRequest{Login: login, Password: "password-of-" + login, Role: role})
+	req.Header().Set("Authorization", "Bearer "+c.AdminToken())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := cl.CreateUser(ctx, req); err != nil {
+		c.t.Fatalf("create %s: %v", login, err)
+	}
+	return c.Login(login, "password-of-"+login).GetAccessToken()
 }

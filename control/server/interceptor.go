@@ -40,6 +40,12 @@ func requestID(h interface{ Get(string) string }) string {
 }
 
 func (i *loggingInterceptor) done(ctx context.Context, procedure, rid string, start time.Time, err error) {
+	i.finish(ctx, procedure, rid, start, err, true)
+}
+
+// finish records a call; slow marks calls whose duration means something
+// (not long-lived streams, which last as long as their client wants).
+func (i *loggingInterceptor) finish(ctx context.Context, procedure, rid string, start time.Time, err error, slow bool) {
 	took := time.Since(start)
 	code := "ok"
 	if err != nil {
@@ -49,7 +55,7 @@ func (i *loggingInterceptor) done(ctx context.Context, procedure, rid string, st
 	switch {
 	case err != nil && connect.CodeOf(err) == connect.CodeInternal:
 		i.log.ErrorContext(ctx, "rpc failed", "procedure", procedure, "request_id", rid, "duration", took, "err", err)
-	case took > i.slow:
+	case slow && took > i.slow:
 		i.log.WarnContext(ctx, "slow rpc", "procedure", procedure, "request_id", rid, "duration", took, "err", err)
 	case err != nil:
 		i.log.DebugContext(ctx, "rpc error", "procedure", procedure, "request_id", rid, "duration", took, "err", err)
@@ -80,7 +86,7 @@ func (i *loggingInterceptor) WrapStreamingHandler(next connect.StreamingHandlerF
 		start, rid := time.Now(), requestID(conn.RequestHeader())
 		conn.ResponseHeader().Set("X-Request-Id", rid)
 		err := next(ctx, conn)
-		i.done(ctx, conn.Spec().Procedure, rid, start, err)
+		i.finish(ctx, conn.Spec().Procedure, rid, start, err, false)
 		return err
 	}
 }

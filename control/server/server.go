@@ -21,12 +21,15 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/protobuf/reflect/protoregistry"
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/openapi"
 	"github.com/edge-relay/relay/control/raftnode"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 )
 
 // Config configures a control node.
@@ -83,6 +86,8 @@ type Config struct {
 	// SigningKeyRotateEvery rotates the access-token signing key on this
 	// schedule. Default 30 days.
 	SigningKeyRotateEvery time.Duration
+	// Watch tunes the edges' watch feed.
+	Watch api.WatchConfig
 }
 
 func (c *Config) applyDefaults() error {
@@ -221,8 +226,19 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	mux.Handle(controlv1connect.NewUserServiceHandler(api.NewUserServer(s.node, s.authn), opts))
 	mux.Handle(controlv1connect.NewDeviceServiceHandler(api.NewDeviceServer(s.node), opts))
 	mux.Handle(controlv1connect.NewKeyServiceHandler(api.NewKeyServer(s.node, s.authn, cfg.SessionKeyGrace), opts))
+	mux.Handle(edgev1connect.NewWatchServiceHandler(api.NewWatchServer(s.node, watchConfig(cfg.Watch, s.log, s.reg)), opts))
+	mux.Handle(edgev1connect.NewActivityServiceHandler(api.NewActivityServer(s.node), opts))
 	mux.Handle("GET /.well-known/jwks.json", api.JWKSHandler(s.authn.Keys()))
-	s.apiSrv = &http.Server{Handler: api.WithClientCert(mux), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+	doc, err := openapi.Generate(openapi.Info{Title: "relay control API", Version: "v1"},
+		openapi.Services(protoregistry.GlobalFiles, "control.v1", "edge.v1"), api.Policy().Public)
+	if err != nil {
+		return nil, err
+	}
+	mux.HandleFunc("GET /openapi.json", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(doc)
+	})
+	s.apiSrv = &http.Server{Handler: api.WithClientCert(api.WithResponseController(mux)), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 	var protos http.Protocols
 	protos.SetHTTP1(true)
 	protos.SetHTTP2(true)
@@ -435,4 +451,14 @@ func loadTLS(certFile, keyFile, caFile string) (server, client *tls.Config, err 
 	server = &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool, MinVersion: tls.VersionTLS13}
 	client = &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS13}
 	return server, client, nil
+}
+
+func watchConfig(c api.WatchConfig, log *slog.Logger, reg prometheus.Registerer) api.WatchConfig {
+	if c.Logger == nil {
+		c.Logger = log
+	}
+	if c.Metrics == nil {
+		c.Metrics = reg
+	}
+	return c
 }

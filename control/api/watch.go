@@ -1,0 +1,284 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/raftnode"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// WatchConfig tunes the watch feed.
+type WatchConfig struct {
+	// ProgressInterval: an idle stream gets a Progress message this often.
+	// Default 5s.
+	ProgressInterval time.Duration
+	// SendTimeout: a watcher that does not take a message for this long is
+	// cut off (it resumes from its last revision). Default 10s.
+	SendTimeout time.Duration
+	// BatchLimit: changes read per query of the change feed. Default 512.
+	BatchLimit int
+	// Logger; default slog.Default().
+	Logger *slog.Logger
+	// Metrics registers the feed's metrics; nil disables them.
+	Metrics prometheus.Registerer
+}
+
+func (c *WatchConfig) applyDefaults() {
+	if c.ProgressInterval <= 0 {
+		c.ProgressInterval = 5 * time.Second
+	}
+	if c.SendTimeout <= 0 {
+		c.SendTimeout = 10 * time.Second
+	}
+	if c.BatchLimit <= 0 {
+		c.BatchLimit = 512
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// WatchServer serves WatchService: the revisioned change feed edges
+// follow.
+type WatchServer struct {
+	node    *raftnode.Node
+	cfg     WatchConfig
+	streams prometheus.Gauge
+	cutoffs prometheus.Counter
+	resyncs prometheus.Counter
+}
+
+var _ edgev1connect.WatchServiceHandler = (*WatchServer)(nil)
+
+// NewWatchServer returns the WatchService handler.
+func NewWatchServer(node *raftnode.Node, cfg WatchConfig) *WatchServer {
+	cfg.applyDefaults()
+	s := &WatchServer{node: node, cfg: cfg,
+		streams: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_control_watch_streams", Help: "Open watch streams."}),
+		cutoffs: prometheus.NewCounter(prometheus.CounterOpts{Name: "relay_control_watch_cutoffs_total", Help: "Watch streams ended because the watcher stopped reading."}),
+		resyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "relay_control_watch_resyncs_total", Help: "Full copies sent to watchers (new, or behind the compacted horizon)."}),
+	}
+	if cfg.Metrics != nil {
+		cfg.Metrics.MustRegister(s.streams, s.cutoffs, s.resyncs)
+	}
+	return s
+}
+
+type responseControllerKey struct{}
+
+// WithResponseController gives streaming handlers the response's
+// http.ResponseController, through which the watch feed sets a write
+// deadline per message. Wrap the API's HTTP handler with it.
+func WithResponseController(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), responseControllerKey{}, rc)))
+	})
+}
+
+// errTooSlow ends a stream whose reader stopped taking messages.
+var errTooSlow = errors.New("watcher too slow")
+
+// watchStream sends messages with a write deadline per message: when the
+// client stops reading and HTTP/2 flow control holds a message for longer
+// than the timeout, the write fails and the stream ends.
+type watchStream struct {
+	send    func(*edgev1.WatchResponse) error
+	timeout time.Duration
+	rc      *http.ResponseController // nil: no deadline possible
+	last    uint64                   // revision of the last message taken by the transport
+}
+
+func (w *watchStream) Send(m *edgev1.WatchResponse) error {
+	if w.rc != nil {
+		_ = w.rc.SetWriteDeadline(time.Now().Add(w.timeout))
+	}
+	err := w.send(m)
+	if w.rc != nil && err == nil {
+		// An armed deadline would also fire on an idle stream.
+		_ = w.rc.SetWriteDeadline(time.Time{})
+	}
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) || connect.CodeOf(err) == connect.CodeDeadlineExceeded {
+			return fmt.Errorf("%w: %v", errTooSlow, err)
+		}
+		return err
+	}
+	if m.GetRevision() > w.last {
+		w.last = m.GetRevision()
+	}
+	return nil
+}
+
+// Watch streams changes after from_revision; see the service comment in
+// proto/edge/v1/control.proto.
+func (s *WatchServer) Watch(ctx context.Context, req *connect.Request[edgev1.WatchRequest], stream *connect.ServerStream[edgev1.WatchResponse]) error {
+	rc, _ := ctx.Value(responseControllerKey{}).(*http.ResponseController)
+	ws := &watchStream{send: stream.Send, timeout: s.cfg.SendTimeout, rc: rc}
+	s.streams.Inc()
+	defer s.streams.Dec()
+	err := s.watch(ctx, req.Msg.GetFromRevision(), ws)
+	if errors.Is(err, errTooSlow) {
+		s.cutoffs.Inc()
+		s.cfg.Logger.Warn("watch stream cut off: the watcher stopped reading", "last_revision", ws.last, "timeout", s.cfg.SendTimeout)
+		// The stream is broken, so this rarely reaches the client; any
+		// error tells it to resume from the last revision it applied.
+		return connect.NewError(connect.CodeResourceExhausted,
+			fmt.Errorf("no message taken for %s; resume from revision %d", s.cfg.SendTimeout, ws.last))
+	}
+	return err
+}
+
+func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) error {
+	f := s.node.FSM()
+	// A watch resumed on a node that is behind must not go back in time:
+	// wait until this replica has applied what the client already saw.
+	if err := f.WaitApplied(ctx, from); err != nil {
+		return toConnect(err)
+	}
+	last := from
+	if from == 0 {
+		rev, err := s.resync(ws, f)
+		if err != nil {
+			return err
+		}
+		last = rev
+	}
+	progress := time.NewTicker(s.cfg.ProgressInterval)
+	defer progress.Stop()
+	for {
+		changed := f.Changed()
+		changes, err := f.Changes(last, s.cfg.BatchLimit)
+		if errors.Is(err, fsm.ErrCompacted) {
+			rev, err := s.resync(ws, f)
+			if err != nil {
+				return err
+			}
+			last = rev
+			continue
+		}
+		if err != nil {
+			return toConnect(err)
+		}
+		for _, c := range changes {
+			if ev := eventOf(c); ev != nil {
+				if err := ws.Send(&edgev1.WatchResponse{Revision: c.GetRevision(), Kind: &edgev1.WatchResponse_Event{Event: ev}}); err != nil {
+					return err
+				}
+			}
+			last = c.GetRevision()
+		}
+		if len(changes) == s.cfg.BatchLimit {
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		case <-progress.C:
+			applied := f.AppliedIndex()
+			if applied > last {
+				// Entries without watched changes (noops, activity):
+				// everything up to here has been sent.
+				last = applied
+			}
+			if err := ws.Send(&edgev1.WatchResponse{Revision: last, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}}); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// resync sends a full copy of the watched state from one consistent view
+// and returns the revision it reflects.
+func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
+	v, err := f.View()
+	if err != nil {
+		return 0, toConnect(err)
+	}
+	defer v.Close()
+	s.resyncs.Inc()
+	rev := v.AppliedIndex()
+	send := func(ev *edgev1.WatchEvent) error {
+		return ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_Event{Event: ev}})
+	}
+	if err := ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}}); err != nil {
+		return 0, err
+	}
+	if err := v.EachUser(func(u *statev1.User) error {
+		return send(&edgev1.WatchEvent{Kind: &edgev1.WatchEvent_UserPut{UserPut: userState(u)}})
+	}); err != nil {
+		return 0, err
+	}
+	if err := v.EachDevice(func(d *statev1.Device) error {
+		return send(&edgev1.WatchEvent{Kind: &edgev1.WatchEvent_DevicePut{DevicePut: deviceState(d)}})
+	}); err != nil {
+		return 0, err
+	}
+	if err := v.EachEdge(func(e *statev1.Edge) error {
+		return send(&edgev1.WatchEvent{Kind: &edgev1.WatchEvent_EdgePut{EdgePut: &edgev1.EdgeMember{Id: e.GetId(), Addrs: e.GetAddrs()}}})
+	}); err != nil {
+		return 0, err
+	}
+	ring, err := v.SessionKeyRing()
+	if err != nil {
+		return 0, toConnect(err)
+	}
+	if err := send(&edgev1.WatchEvent{Kind: &edgev1.WatchEvent_SessionKeys{SessionKeys: ringOf(ring)}}); err != nil {
+		return 0, err
+	}
+	if err := ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{}}}); err != nil {
+		return 0, err
+	}
+	return rev, nil
+}
+
+func userState(u *statev1.User) *edgev1.UserState {
+	return &edgev1.UserState{Id: u.GetId(), Active: u.GetStatus() == statev1.UserStatus_USER_STATUS_ACTIVE}
+}
+
+func deviceState(d *statev1.Device) *edgev1.DeviceState {
+	return &edgev1.DeviceState{Id: d.GetId(), UserId: d.GetUserId(), PublicKey: d.GetPublicKey(), Revoked: d.GetRevoked()}
+}
+
+func ringOf(r *statev1.SessionKeyRing) *edgev1.SessionKeyRing {
+	out := &edgev1.SessionKeyRing{CurrentId: r.GetCurrentId()}
+	for _, k := range r.GetKeys() {
+		out.Keys = append(out.Keys, &edgev1.SessionKey{Id: k.GetId(), Secret: k.GetSecret(), ExpiresAtMs: k.GetExpiresAtMs()})
+	}
+	return out
+}
+
+// eventOf maps a change to what edges see; nil for changes they do not
+// watch (control node records).
+func eventOf(c *statev1.Change) *edgev1.WatchEvent {
+	switch c.GetKind() {
+	case statev1.ChangeKind_CHANGE_KIND_USER_PUT:
+		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_UserPut{UserPut: userState(c.GetUser())}}
+	case statev1.ChangeKind_CHANGE_KIND_USER_DELETED:
+		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_UserDeleted{UserDeleted: c.GetUser().GetId()}}
+	case statev1.ChangeKind_CHANGE_KIND_DEVICE_PUT:
+		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_DevicePut{DevicePut: deviceState(c.GetDevice())}}
+	case statev1.ChangeKind_CHANGE_KIND_DEVICE_DELETED:
+		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_DeviceDeleted{DeviceDeleted: deviceState(c.GetDevice())}}
+	case statev1.ChangeKind_CHANGE_KIND_SESSION_KEYS:
+		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_SessionKeys{SessionKeys: ringOf(c.GetSessionKeys())}}
+	case statev1.ChangeKind_CHANGE_KIND_EDGE_PUT:
+		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_EdgePut{EdgePut: &edgev1.EdgeMember{Id: c.GetEdge().GetId(), Addrs: c.GetEdge().GetAddrs()}}}
+	case statev1.ChangeKind_CHANGE_KIND_EDGE_DELETED:
+		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_EdgeDeleted{EdgeDeleted: c.GetEdge().GetId()}}
+	}
+	return nil
+}

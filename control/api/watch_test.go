@@ -1,0 +1,478 @@
+package api_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// watcher reads one Watch stream into a channel from a goroutine the
+// test owns.
+type watcher struct {
+	msgs   chan *edgev1.WatchResponse
+	done   chan struct{}
+	err    error
+	cancel context.CancelFunc
+	stream *connect.ServerStreamForClient[edgev1.WatchResponse]
+}
+
+func startWatch(t *testing.T, n *clustertest.Node, token string, from uint64, read bool) *watcher {
+	return startWatchWith(t, httpClient(t), n, token, from, read)
+}
+
+// smallWindowClient is an h2c client that lets at most 64 KiB of a
+// response wait unread, so a server writing to a reader that stopped
+// blocks quickly (HTTP/2 flow control) instead of filling socket buffers.
+func smallWindowClient(t *testing.T) *http.Client {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{Protocols: &p, HTTP2: &http.HTTP2Config{
+		MaxReceiveBufferPerStream: 64 << 10, MaxReceiveBufferPerConnection: 64 << 10,
+	}}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr}
+}
+
+func startWatchWith(t *testing.T, hc *http.Client, n *clustertest.Node, token string, from uint64, read bool) *watcher {
+	t.Helper()
+	cl := edgev1connect.NewWatchServiceClient(hc, url(n), connect.WithInterceptors(bearer(token)))
+	ctx, cancel := context.WithCancel(context.Background())
+	s, err := cl.Watch(ctx, connect.NewRequest(&edgev1.WatchRequest{FromRevision: from}))
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	w := &watcher{msgs: make(chan *edgev1.WatchResponse, 1<<16), done: make(chan struct{}), cancel: cancel, stream: s}
+	if read {
+		go w.loop()
+	}
+	t.Cleanup(w.stop)
+	return w
+}
+
+func (w *watcher) loop() {
+	defer close(w.done)
+	for w.stream.Receive() {
+		w.msgs <- w.stream.Msg()
+	}
+	w.err = w.stream.Err()
+}
+
+func (w *watcher) stop() {
+	w.cancel()
+	_ = w.stream.Close()
+	select {
+	case <-w.done:
+	case <-time.After(10 * time.Second):
+		// Only a watcher that was never read from lands here.
+	}
+}
+
+// next returns the next message that is not a progress heartbeat.
+func (w *watcher) next(t *testing.T) *edgev1.WatchResponse {
+	t.Helper()
+	deadline := time.After(20 * time.Second)
+	for {
+		select {
+		case m := <-w.msgs:
+			if m.GetProgress() != nil {
+				continue
+			}
+			return m
+		case <-w.done:
+			t.Fatalf("stream ended: %v", w.err)
+		case <-deadline:
+			t.Fatal("no watch message within 20s")
+		}
+	}
+}
+
+func mkUser(t *testing.T, c *clustertest.Cluster, via int, id string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := c.CreateUser(ctx, via, id); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// expectedEvents returns the edge-visible changes after `after` from the
+// feed itself, in order, as "revision:kind:id" strings.
+func expectedEvents(t *testing.T, f *fsm.FSM, after uint64) []string {
+	t.Helper()
+	cs, err := f.Changes(after, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, c := range cs {
+		switch c.GetKind() {
+		case statev1.ChangeKind_CHANGE_KIND_NODE_PUT, statev1.ChangeKind_CHANGE_KIND_NODE_DELETED:
+			continue
+		}
+		out = append(out, fmt.Sprintf("%d:%s", c.GetRevision(), c.GetKind()))
+	}
+	return out
+}
+
+func describe(m *edgev1.WatchResponse) string {
+	kinds := map[string]string{
+		"user_put": "CHANGE_KIND_USER_PUT", "user_deleted": "CHANGE_KIND_USER_DELETED",
+		"device_put": "CHANGE_KIND_DEVICE_PUT", "device_deleted": "CHANGE_KIND_DEVICE_DELETED",
+		"session_keys": "CHANGE_KIND_SESSION_KEYS", "edge_put": "CHANGE_KIND_EDGE_PUT", "edge_deleted": "CHANGE_KIND_EDGE_DELETED",
+	}
+	ev := m.GetEvent().ProtoReflect()
+	fd := ev.WhichOneof(ev.Descriptor().Oneofs().ByName("kind"))
+	return fmt.Sprintf("%d:%s", m.GetRevision(), kinds[string(fd.Name())])
+}
+
+// collect reads events until the stream has reached revision `until`
+// (from the FSM), returning them as described strings.
+func (w *watcher) collect(t *testing.T, until uint64) []string {
+	t.Helper()
+	var out []string
+	var last uint64
+	deadline := time.After(30 * time.Second)
+	for last < until {
+		select {
+		case m := <-w.msgs:
+			if m.GetRevision() < last {
+				t.Fatalf("revision went back from %d to %d", last, m.GetRevision())
+			}
+			last = m.GetRevision()
+			if m.GetEvent() != nil {
+				out = append(out, describe(m))
+			}
+		case <-w.done:
+			t.Fatalf("stream ended at %d before %d: %v", last, until, w.err)
+		case <-deadline:
+			t.Fatalf("stream stuck at revision %d, want %d", last, until)
+		}
+	}
+	return out
+}
+
+func equalSeq(t *testing.T, got, want []string) {
+	t.Helper()
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("events differ:\n got  %v\n want %v", got, want)
+	}
+}
+
+func TestWatchFullCopyThenLiveThenResume(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: 50 * time.Millisecond}})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	mkUser(t, c, 0, "before")
+	node := c.Nodes[c.Follower()]
+	f := node.Server.Node().FSM()
+	if err := node.Server.Node().Barrier(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	w := startWatch(t, node, edge, 0, true)
+	first := w.next(t)
+	if first.GetResync() == nil {
+		t.Fatalf("first message %v, want resync", first)
+	}
+	users := map[string]bool{}
+	var ring *edgev1.SessionKeyRing
+	for {
+		m := w.next(t)
+		if m.GetSnapshotDone() != nil {
+			if m.GetRevision() != first.GetRevision() {
+				t.Fatalf("copy spans revisions %d..%d", first.GetRevision(), m.GetRevision())
+			}
+			break
+		}
+		if u := m.GetEvent().GetUserPut(); u != nil {
+			users[u.GetId()] = u.GetActive()
+		}
+		if r := m.GetEvent().GetSessionKeys(); r != nil {
+			ring = r
+		}
+	}
+	if !users["before"] || !users["admin"] || ring == nil || ring.GetCurrentId() == "" || len(ring.GetKeys()[0].GetSecret()) != 32 {
+		t.Fatalf("full copy: users %v ring %v", users, ring)
+	}
+	base := first.GetRevision()
+	for i := 0; i < 5; i++ {
+		mkUser(t, c, i%3, fmt.Sprintf("live%d", i))
+	}
+	if err := node.Server.Node().Barrier(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	live := w.collect(t, f.AppliedIndex())
+	equalSeq(t, live, expectedEvents(t, f, base))
+
+	// Disconnect, change more, resume from the last revision seen on
+	// another node: every later change exactly once.
+	w.stop()
+	seen := base
+	if n := len(live); n > 0 {
+		fmt.Sscanf(live[n-1], "%d:", &seen)
+	}
+	for i := 0; i < 5; i++ {
+		mkUser(t, c, i%3, fmt.Sprintf("offline%d", i))
+	}
+	other := c.Nodes[c.Leader()]
+	w2 := startWatch(t, other, edge, seen, true)
+	if err := other.Server.Node().Barrier(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	of := other.Server.Node().FSM()
+	equalSeq(t, w2.collect(t, of.AppliedIndex()), expectedEvents(t, of, seen))
+
+	// Idle streams get progress at the applied revision.
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case m := <-w2.msgs:
+			if m.GetProgress() != nil && m.GetRevision() >= seen {
+				return
+			}
+		case <-deadline:
+			t.Fatal("no progress message on an idle stream")
+		}
+	}
+}
+
+func TestWatchBehindHorizonGetsFullCopy(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{FSM: fsm.Config{ChangeRetention: 20, PruneEvery: 8}})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	for i := 0; i < 60; i++ {
+		mkUser(t, c, 0, fmt.Sprintf("h%d", i))
+	}
+	f := c.Nodes[0].Server.Node().FSM()
+	if h, _ := f.Horizon(); h < 5 {
+		t.Fatalf("horizon %d: nothing was compacted", h)
+	}
+	w := startWatch(t, c.Nodes[0], edge, 2, true)
+	if m := w.next(t); m.GetResync() == nil {
+		t.Fatalf("resume behind the horizon: first message %v, want resync", m)
+	}
+	users := 0
+	for {
+		m := w.next(t)
+		if m.GetSnapshotDone() != nil {
+			break
+		}
+		if m.GetEvent().GetUserPut() != nil {
+			users++
+		}
+	}
+	all, _, _ := f.ListUsers("", 1000)
+	if users != len(all) {
+		t.Fatalf("full copy had %d users, state has %d", users, len(all))
+	}
+	// And the live stream continues.
+	mkUser(t, c, 0, "after-resync")
+	for {
+		m := w.next(t)
+		if u := m.GetEvent().GetUserPut(); u != nil && u.GetId() == "after-resync" {
+			return
+		}
+	}
+}
+
+// A watcher that stops reading is cut off with an error it can resume
+// from; resuming yields every later change, none skipped.
+func TestSlowWatcherIsCutOffAndResumes(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Watch: api.WatchConfig{SendTimeout: 300 * time.Millisecond, ProgressInterval: 100 * time.Millisecond}})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	node := c.Nodes[0].Server.Node()
+	start := node.FSM().AppliedIndex()
+	w := startWatchWith(t, smallWindowClient(t), c.Nodes[0], edge, start, false)
+	metric := func(name string) float64 {
+		mfs, err := c.Nodes[0].Server.Registry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == name {
+				m := mf.GetMetric()[0]
+				return m.GetCounter().GetValue() + m.GetGauge().GetValue()
+			}
+		}
+		return 0
+	}
+	// The server handler must be running before the data is made.
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if metric("relay_control_watch_streams") < 1 {
+			return fmt.Errorf("watch stream not open on the server yet")
+		}
+		return nil
+	})
+	// ~2.4 MB of edge registrations the watcher does not read while they
+	// are made: far more than its 64 KiB window.
+	// Random, so that the stream's compression cannot shrink them.
+	addrs := make([]string, 8)
+	for i := range addrs {
+		b := make([]byte, 120)
+		_, _ = rand.Read(b)
+		addrs[i] = hex.EncodeToString(b)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < 150; i++ {
+				_, err := node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{
+					Id: fmt.Sprintf("e%d-%d", g, i), Addrs: addrs, LeaseExpiresAtMs: time.Now().Add(time.Hour).UnixMilli(),
+				}}}})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}(g)
+	}
+	wg.Wait()
+	// The server gives up on the watcher once a message waits longer than
+	// the send timeout; wait for that (its metric), then read what the
+	// window held and see the stream end in an error.
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		if metric("relay_control_watch_cutoffs_total") < 1 {
+			return fmt.Errorf("no watch cut off yet")
+		}
+		return nil
+	})
+	var last uint64
+	received := 0
+	go func() {
+		// Bound the read so that a server that never cuts off fails the
+		// test instead of hanging it.
+		select {
+		case <-w.done:
+		case <-time.After(30 * time.Second):
+			w.cancel()
+		}
+	}()
+	for w.stream.Receive() {
+		last = w.stream.Msg().GetRevision()
+		received++
+	}
+	close(w.done)
+	if w.stream.Err() == nil || connect.CodeOf(w.stream.Err()) == connect.CodeCanceled {
+		t.Fatalf("slow watcher: stream ended with %v, want an error from the server", w.stream.Err())
+	}
+	if received >= 1200 {
+		t.Fatalf("watcher received all %d messages; the test did not stall it", received)
+	}
+	// Resume from the last revision received: the rest arrives.
+	w2 := startWatch(t, c.Nodes[0], edge, last, true)
+	got := w2.collect(t, node.FSM().AppliedIndex())
+	equalSeq(t, got, expectedEvents(t, node.FSM(), last))
+	if received+len(got) < 1200 {
+		t.Fatalf("received %d + %d events, want all 1200", received, len(got))
+	}
+}
+
+// A watch resumed on another node after a leadership change never sees
+// revisions go backwards nor misses one.
+func TestWatchResumeAcrossLeaderChange(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	l := c.Leader()
+	w := startWatch(t, c.Nodes[l], edge, 0, true)
+	for {
+		if w.next(t).GetSnapshotDone() != nil {
+			break
+		}
+	}
+	for i := 0; i < 10; i++ {
+		mkUser(t, c, l, fmt.Sprintf("a%d", i))
+	}
+	f := c.Nodes[l].Server.Node().FSM()
+	got := w.collect(t, f.AppliedIndex())
+	var seen uint64
+	fmt.Sscanf(got[len(got)-1], "%d:", &seen)
+	w.stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.Nodes[l].Server.Node().TransferLeadership(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 10; i++ {
+		mkUser(t, c, c.Leader(), fmt.Sprintf("b%d", i))
+	}
+	// Resume on a node other than the old leader.
+	var other *clustertest.Node
+	for i, n := range c.Nodes {
+		if i != l {
+			other = n
+		}
+	}
+	w2 := startWatch(t, other, edge, seen, true)
+	if err := other.Server.Node().Barrier(ctx); err != nil {
+		t.Fatal(err)
+	}
+	of := other.Server.Node().FSM()
+	equalSeq(t, w2.collect(t, of.AppliedIndex()), expectedEvents(t, of, seen))
+}
+
+func TestReportActivity(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	node := c.Nodes[0].Server.Node()
+	mkUser(t, c, 0, "act")
+	if _, err := node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{
+		Device: &statev1.Device{Id: "dev1", UserId: "act", Name: "phone", PublicKey: pubKey(t)}}}}); err != nil {
+		t.Fatal(err)
+	}
+	cl := edgev1connect.NewActivityServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(edge)))
+	at := time.Now().Add(-time.Minute).UnixMilli()
+	_, err := cl.ReportActivity(ctx, connect.NewRequest(&edgev1.ReportActivityRequest{Entries: []*edgev1.Activity{
+		{UserId: "act", DeviceId: "dev1", SeenAtMs: at},
+		{UserId: "act", DeviceId: "gone", SeenAtMs: at},
+		{UserId: "nobody", DeviceId: "x", SeenAtMs: at},
+	}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := node.FSM().GetDevice("act", "dev1")
+	if err != nil || d.GetLastSeenMs() != at {
+		t.Fatalf("last_seen %v (%v), want %d", d.GetLastSeenMs(), err, at)
+	}
+	u, _ := node.FSM().GetUser("act")
+	if u.GetLastActivityMs() < at {
+		t.Fatalf("last_activity %d < %d", u.GetLastActivityMs(), at)
+	}
+	// Older reports never lower the time.
+	if _, err := cl.ReportActivity(ctx, connect.NewRequest(&edgev1.ReportActivityRequest{Entries: []*edgev1.Activity{{UserId: "act", DeviceId: "dev1", SeenAtMs: at - 1000}}})); err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := node.FSM().GetDevice("act", "dev1"); d.GetLastSeenMs() != at {
+		t.Fatal("an older report lowered last_seen")
+	}
+	for field, e := range map[string]*edgev1.Activity{
+		"entries[0].user_id":    {DeviceId: "d", SeenAtMs: 1},
+		"entries[0].device_id":  {UserId: "act", DeviceId: "bad id", SeenAtMs: 1},
+		"entries[0].seen_at_ms": {UserId: "act"},
+	} {
+		_, err := cl.ReportActivity(ctx, connect.NewRequest(&edgev1.ReportActivityRequest{Entries: []*edgev1.Activity{e}}))
+		if connect.CodeOf(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), field) {
+			t.Errorf("want InvalidArgument naming %s, got %v", field, err)
+		}
+	}
+}
