@@ -40,10 +40,16 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	if err != nil {
 		return err
 	}
+	tel, stop, err := common.startTracing(ctx, "relay-dev", "dev")
+	if err != nil {
+		return err
+	}
+	defer stop()
 	cfg := server.Config{
 		NodeID: "dev", DataDir: filepath.Join(dataDir, "control"),
 		RaftAddr: raftAddr, APIAddr: apiAddr, AdminAddr: adminAddr,
 		Bootstrap: true, Logger: log, AdminPassword: password,
+		TracerProvider: tel.TracerProvider(),
 	}
 	s, err := server.Start(ctx, cfg)
 	if err != nil {

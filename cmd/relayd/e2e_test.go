@@ -266,6 +266,7 @@ func TestBinariesClusterBackupRestore(t *testing.T) {
 		}
 		return nil
 	})
+	relayctlAccountFlow(t, nodes)
 	table := relayctl(t, nodes[1].api, "cluster", "status")
 	if !strings.Contains(table, "RAFT ADDRESS") || !strings.Contains(table, nodes[2].raft) {
 		t.Fatalf("status table:\n%s", table)
@@ -326,5 +327,78 @@ func TestBinariesClusterBackupRestore(t *testing.T) {
 	}
 	for _, n := range nodes {
 		n.stop(t)
+	}
+}
+
+// relayctlAccountFlow drives the account commands of relayctl against
+// different nodes of the cluster.
+func relayctlAccountFlow(t *testing.T, nodes []*node) {
+	t.Helper()
+	out, err := relayctlIn(t, "alice-password-123\n", nodes[1].api, "-o", "json", "user", "create", "--login", "alice", "--display-name", "Alice", "--password-stdin")
+	if err != nil {
+		t.Fatalf("user create: %v\n%s", err, out)
+	}
+	var alice struct {
+		ID string `json:"id"`
+	}
+	if err := json.Unmarshal([]byte(out), &alice); err != nil || alice.ID == "" {
+		t.Fatalf("user create output %q: %v", out, err)
+	}
+	keyFile := filepath.Join(t.TempDir(), "phone.key")
+	out = relayctl(t, nodes[2].api, "device", "register", "--user", alice.ID, "--name", "phone", "--generate-key", keyFile)
+	if !strings.Contains(out, "phone") {
+		t.Fatalf("device register output:\n%s", out)
+	}
+	if fi, err := os.Stat(keyFile); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("private key file: %v %v", fi, err)
+	}
+	var list struct {
+		Devices []struct {
+			ID   string `json:"id"`
+			Name string `json:"name"`
+		} `json:"devices"`
+	}
+	out = relayctl(t, nodes[0].api, "-o", "json", "device", "list", "--user", alice.ID)
+	if err := json.Unmarshal([]byte(out), &list); err != nil || len(list.Devices) != 1 || list.Devices[0].Name != "phone" {
+		t.Fatalf("device list %q: %v", out, err)
+	}
+	if out := relayctl(t, nodes[1].api, "device", "revoke", list.Devices[0].ID, "--user", alice.ID); !strings.Contains(out, "yes") {
+		t.Fatalf("device revoke output:\n%s", out)
+	}
+	if out := relayctl(t, nodes[2].api, "user", "list"); !strings.Contains(out, "alice") || !strings.Contains(out, "admin") {
+		t.Fatalf("user list:\n%s", out)
+	}
+	if out := relayctl(t, nodes[0].api, "keys", "list"); !strings.Contains(out, "signing") || !strings.Contains(out, "session") {
+		t.Fatalf("keys list:\n%s", out)
+	}
+	relayctl(t, nodes[0].api, "user", "delete", alice.ID)
+	out = relayctl(t, nodes[1].api, "-o", "json", "device", "list", "--user", alice.ID)
+	if strings.Contains(out, "phone") {
+		t.Fatalf("devices of a deleted user still listed:\n%s", out)
+	}
+	// Errors: one line, non-zero exit, with what to do.
+	out, err = relayctlIn(t, "", nodes[0].api, "user", "get", "u_nobody")
+	if err == nil || strings.Count(strings.TrimSpace(out), "\n") != 0 || !strings.Contains(out, "not found") {
+		t.Fatalf("user get of a missing user: err=%v out=%q", err, out)
+	}
+	// The new user logs in with the password given on stdin... after
+	// being recreated, since alice was deleted.
+	if _, err := relayctlIn(t, "bob-password-1234\n", nodes[0].api, "user", "create", "--login", "bob", "--password-stdin"); err != nil {
+		t.Fatal(err)
+	}
+	saved := ctlToken
+	ctlToken = ""
+	defer func() { ctlToken = saved }()
+	if out, err := relayctlIn(t, "bob-password-1234\n", nodes[2].api, "login", "--password-stdin", "bob"); err != nil || !strings.Contains(out, "logged in") {
+		t.Fatalf("bob login: %v %s", err, out)
+	}
+	if out := relayctl(t, nodes[2].api, "user", "me"); !strings.Contains(out, "bob") {
+		t.Fatalf("user me:\n%s", out)
+	}
+	if out, err := relayctlIn(t, "", nodes[2].api, "user", "list"); err == nil || !strings.Contains(out, "PermissionDenied") && !strings.Contains(out, "permission_denied") {
+		t.Fatalf("a user listing accounts: err=%v out=%s", err, out)
+	}
+	if out := relayctl(t, nodes[2].api, "logout"); !strings.Contains(out, "logged out") {
+		t.Fatalf("logout: %s", out)
 	}
 }

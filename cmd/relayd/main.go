@@ -17,6 +17,7 @@ import (
 
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/flagenv"
+	"github.com/edge-relay/relay/internal/telemetry"
 )
 
 const envPrefix = "RELAY_"
@@ -59,15 +60,34 @@ Commands:
 Run "relayd <command> --help" for the flags of a command.
 `
 
-// commonFlags are the logging flags every command has.
+// commonFlags are the logging and tracing flags every command has.
 type commonFlags struct {
 	logLevel  string
 	logFormat string
+	tracing   telemetry.Config
 }
 
 func (c *commonFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&c.tracing.OTLPEndpoint, "otlp-endpoint", "", "host:port of an OTLP/HTTP trace collector (empty: export no traces)")
+	fs.BoolVar(&c.tracing.OTLPInsecure, "otlp-insecure", false, "send traces to the collector without TLS")
+	fs.Float64Var(&c.tracing.SampleRatio, "trace-sample-ratio", 1, "fraction of new traces to sample (callers' decisions are kept)")
+}
+
+// telemetry starts tracing for a process; stop flushes it.
+func (c *commonFlags) startTracing(ctx context.Context, service, instance string) (*telemetry.Telemetry, func(), error) {
+	cfg := c.tracing
+	cfg.ServiceName, cfg.InstanceID = service, instance
+	t, err := telemetry.New(ctx, cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	return t, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = t.Shutdown(sctx)
+	}, nil
 }
 
 func (c *commonFlags) logger(w io.Writer) (*slog.Logger, error) {
@@ -138,5 +158,11 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 		return err
 	}
 	cfg.Logger = log
+	tel, stop, err := common.startTracing(ctx, "relay-control", cfg.NodeID)
+	if err != nil {
+		return err
+	}
+	defer stop()
+	cfg.TracerProvider = tel.TracerProvider()
 	return server.Run(ctx, cfg, shutdown)
 }

@@ -25,6 +25,7 @@ type Dialer struct {
 	peers   map[string]controlv1connect.PeerServiceClient
 	cluster map[string]controlv1connect.ClusterServiceClient
 	token   func() (string, error)
+	opts    []connect.ClientOption
 }
 
 // SetTokenSource makes node-to-node calls carry a bearer token from fn
@@ -50,8 +51,9 @@ func (d *Dialer) authorize(h http.Header) {
 }
 
 // NewDialer returns a Dialer. With tlsConfig nil it speaks HTTP/2 over
-// cleartext (h2c); otherwise HTTPS with that configuration.
-func NewDialer(tlsConfig *tls.Config) *Dialer {
+// cleartext (h2c); otherwise HTTPS with that configuration. opts apply to
+// every client it builds (tracing, for one).
+func NewDialer(tlsConfig *tls.Config, opts ...connect.ClientOption) *Dialer {
 	tr := &http.Transport{
 		MaxIdleConnsPerHost: 8,
 		IdleConnTimeout:     90 * time.Second,
@@ -71,6 +73,7 @@ func NewDialer(tlsConfig *tls.Config) *Dialer {
 		scheme:  scheme,
 		peers:   map[string]controlv1connect.PeerServiceClient{},
 		cluster: map[string]controlv1connect.ClusterServiceClient{},
+		opts:    opts,
 	}
 }
 
@@ -85,7 +88,7 @@ func (d *Dialer) peer(addr string) controlv1connect.PeerServiceClient {
 	defer d.mu.Unlock()
 	c, ok := d.peers[addr]
 	if !ok {
-		c = controlv1connect.NewPeerServiceClient(d.http, d.URL(addr))
+		c = controlv1connect.NewPeerServiceClient(d.http, d.URL(addr), d.opts...)
 		d.peers[addr] = c
 	}
 	return c
@@ -97,7 +100,7 @@ func (d *Dialer) Cluster(addr string) controlv1connect.ClusterServiceClient {
 	defer d.mu.Unlock()
 	c, ok := d.cluster[addr]
 	if !ok {
-		c = controlv1connect.NewClusterServiceClient(d.http, d.URL(addr))
+		c = controlv1connect.NewClusterServiceClient(d.http, d.URL(addr), d.opts...)
 		d.cluster[addr] = c
 	}
 	return c

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/auth"
@@ -40,6 +41,8 @@ type Options struct {
 	Auth api.AuthConfig
 	// Watch tunes the watch feed.
 	Watch api.WatchConfig
+	// TracerProvider, if set, traces every node.
+	TracerProvider trace.TracerProvider
 }
 
 // AdminPassword is the first admin's password in every test cluster.
@@ -161,6 +164,7 @@ func (c *Cluster) config(nd *Node) server.Config {
 		RaftAddr: raftAddr, APIAddr: apiAddr, AdminAddr: "127.0.0.1:0",
 		Logger: c.opts.Logger.With("test_node", nd.ID), Raft: c.opts.Raft, FSM: c.opts.FSM,
 		Auth: c.opts.Auth, AdminPassword: AdminPassword, Watch: c.opts.Watch,
+		TracerProvider: c.opts.TracerProvider,
 	}
 }
 

@@ -25,6 +25,10 @@ import (
 
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/control/fsm"
@@ -124,6 +128,8 @@ type Config struct {
 	// Work only the leader should do (expiring leases, rotating keys,
 	// initializing a new cluster) goes here.
 	OnLeader func(ctx context.Context)
+	// Tracer traces writes and read barriers; default: no tracing.
+	Tracer trace.Tracer
 }
 
 func (c *Config) applyDefaults() error {
@@ -153,6 +159,9 @@ func (c *Config) applyDefaults() error {
 	}
 	if c.RestoreFrom != "" {
 		c.Bootstrap = true
+	}
+	if c.Tracer == nil {
+		c.Tracer = noop.NewTracerProvider().Tracer("")
 	}
 	return nil
 }
@@ -465,12 +474,18 @@ func (n *Node) Apply(ctx context.Context, cmd *statev1.Command) (*statev1.Result
 		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
 		defer cancel()
 	}
+	ctx, span := n.cfg.Tracer.Start(ctx, "raft.apply", trace.WithAttributes(attribute.String("relay.op", opName(cmd))))
+	defer span.End()
 	start := time.Now()
 	res, err := retry(ctx, func() (*statev1.Result, error) { return n.applyOnce(ctx, data) })
 	took := time.Since(start)
+	span.SetAttributes(attribute.Int64("relay.revision", int64(res.GetRevision())), attribute.Bool("relay.leader", n.IsLeader()))
+	if err != nil {
+		span.SetStatus(codes.Error, err.Error())
+	}
 	if took > n.cfg.SlowThreshold {
 		n.log.WarnContext(ctx, "slow raft apply", "op", opName(cmd), "duration", took,
-			"revision", res.GetRevision(), "err", err)
+			"revision", res.GetRevision(), "trace_id", span.SpanContext().TraceID().String(), "err", err)
 	}
 	if err != nil {
 		return nil, err
@@ -625,6 +640,8 @@ func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
 // returns nil, the local state reflects every write acknowledged to any
 // client before Barrier was called.
 func (n *Node) Barrier(ctx context.Context) error {
+	ctx, span := n.cfg.Tracer.Start(ctx, "raft.read_barrier")
+	defer span.End()
 	start := time.Now()
 	idx, err := n.ReadIndex(ctx)
 	if err == nil {

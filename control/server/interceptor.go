@@ -9,6 +9,7 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // loggingInterceptor gives every RPC a request id (taken from the
@@ -46,6 +47,10 @@ func (i *loggingInterceptor) done(ctx context.Context, procedure, rid string, st
 // finish records a call; slow marks calls whose duration means something
 // (not long-lived streams, which last as long as their client wants).
 func (i *loggingInterceptor) finish(ctx context.Context, procedure, rid string, start time.Time, err error, slow bool) {
+	traceID := ""
+	if sc := trace.SpanContextFromContext(ctx); sc.HasTraceID() {
+		traceID = sc.TraceID().String()
+	}
 	took := time.Since(start)
 	code := "ok"
 	if err != nil {
@@ -54,11 +59,11 @@ func (i *loggingInterceptor) finish(ctx context.Context, procedure, rid string, 
 	i.duration.WithLabelValues(procedure, code).Observe(took.Seconds())
 	switch {
 	case err != nil && connect.CodeOf(err) == connect.CodeInternal:
-		i.log.ErrorContext(ctx, "rpc failed", "procedure", procedure, "request_id", rid, "duration", took, "err", err)
+		i.log.ErrorContext(ctx, "rpc failed", "procedure", procedure, "request_id", rid, "trace_id", traceID, "duration", took, "err", err)
 	case slow && took > i.slow:
-		i.log.WarnContext(ctx, "slow rpc", "procedure", procedure, "request_id", rid, "duration", took, "err", err)
+		i.log.WarnContext(ctx, "slow rpc", "procedure", procedure, "request_id", rid, "trace_id", traceID, "duration", took, "err", err)
 	case err != nil:
-		i.log.DebugContext(ctx, "rpc error", "procedure", procedure, "request_id", rid, "duration", took, "err", err)
+		i.log.DebugContext(ctx, "rpc error", "procedure", procedure, "request_id", rid, "trace_id", traceID, "duration", took, "err", err)
 	}
 }
 

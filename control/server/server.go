@@ -18,15 +18,19 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"connectrpc.com/otelconnect"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 	"google.golang.org/protobuf/reflect/protoregistry"
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/openapi"
 	"github.com/edge-relay/relay/control/raftnode"
+	"github.com/edge-relay/relay/internal/telemetry"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
@@ -88,6 +92,9 @@ type Config struct {
 	SigningKeyRotateEvery time.Duration
 	// Watch tunes the edges' watch feed.
 	Watch api.WatchConfig
+	// TracerProvider traces API calls and Raft applies; nil traces
+	// nothing (trace context from callers is still passed on).
+	TracerProvider trace.TracerProvider
 }
 
 func (c *Config) applyDefaults() error {
@@ -192,7 +199,21 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 			return nil, fmt.Errorf("listen for admin on %s: %w", cfg.AdminAddr, err)
 		}
 	}
-	s.dialer = api.NewDialer(clientTLS)
+	tp := cfg.TracerProvider
+	if tp == nil {
+		tp = noop.NewTracerProvider()
+	}
+	otelOpts := []otelconnect.Option{otelconnect.WithTracerProvider(tp), otelconnect.WithPropagator(telemetry.Propagator()),
+		otelconnect.WithTrustRemote(), otelconnect.WithoutMetrics()}
+	clientOtel, err := otelconnect.NewInterceptor(otelOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("tracing interceptor: %w", err)
+	}
+	serverOtel, err := otelconnect.NewInterceptor(otelOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("tracing interceptor: %w", err)
+	}
+	s.dialer = api.NewDialer(clientTLS, connect.WithInterceptors(clientOtel))
 
 	var raftServerTLS *tls.Config
 	if serverTLS != nil {
@@ -206,7 +227,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		TLSServer: raftServerTLS, TLSClient: clientTLS,
 		Peers: s.dialer, Logger: cfg.Logger, SlowThreshold: cfg.SlowThreshold,
 		Metrics: s.reg, FSM: cfg.FSM, Raft: cfg.Raft,
-		OnLeader: s.leaderTasks,
+		OnLeader: s.leaderTasks, Tracer: tp.Tracer("github.com/edge-relay/relay/control/raftnode"),
 	})
 	if err != nil {
 		return nil, err
@@ -219,7 +240,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 
 	mux := http.NewServeMux()
-	opts := connect.WithInterceptors(newLoggingInterceptor(s.log, cfg.SlowRPCThreshold, s.reg), s.authn)
+	opts := connect.WithInterceptors(serverOtel, newLoggingInterceptor(s.log, cfg.SlowRPCThreshold, s.reg), s.authn)
 	mux.Handle(controlv1connect.NewClusterServiceHandler(api.NewClusterServer(s.node, s.dialer), opts))
 	mux.Handle(controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts))
 	mux.Handle(controlv1connect.NewAuthServiceHandler(authServer, opts))
