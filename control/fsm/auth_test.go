@@ -1,0 +1,289 @@
+package fsm
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+func tok(id, fam, uid string, hash byte, exp int64) *statev1.RefreshToken {
+	return &statev1.RefreshToken{Id: id, FamilyId: fam, UserId: uid, SecretHash: key32(hash), ExpiresAtMs: exp}
+}
+
+func TestRefreshTokenLifecycle(t *testing.T) {
+	f := newFSM(t, Config{PruneEvery: 4})
+	a := &applier{t: t, f: f}
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
+	far := int64(1 << 50)
+	if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t1", "f1", "u", 1, far)}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t9", "f1", "u", 1, far)}}); r.Code != statev1.ResultCode_RESULT_CODE_ALREADY_EXISTS {
+		t.Fatalf("second family with the same id: %v", r)
+	}
+	rotate := func(id string, hash byte, next *statev1.RefreshToken) *statev1.Result {
+		return a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: id, PresentedSecretHash: key32(hash), Next: next}})
+	}
+	if r := rotate("t1", 7, tok("t2", "f1", "u", 2, far)); r.Code != statev1.ResultCode_RESULT_CODE_NOT_FOUND {
+		t.Fatalf("wrong secret: %v", r)
+	}
+	if r := rotate("t1", 1, tok("t2", "f2", "u", 2, far)); r.Code != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+		t.Fatalf("next in another family: %v", r)
+	}
+	if r := rotate("t1", 1, tok("t2", "f1", "u", 2, far)); r.Code != ok || r.GetRefreshToken().GetId() != "t2" {
+		t.Fatalf("rotate: %v", r)
+	}
+	// Presenting t1 again is reuse: family revoked, successor dead.
+	if r := rotate("t1", 1, tok("t3", "f1", "u", 3, far)); r.Code != ok || !r.ReuseDetected {
+		t.Fatalf("reuse: %v", r)
+	}
+	if fam, _ := f.GetTokenFamily("f1"); !fam.GetRevoked() {
+		t.Fatal("family not revoked after reuse")
+	}
+	if r := rotate("t2", 2, tok("t4", "f1", "u", 4, far)); r.Code != statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION {
+		t.Fatalf("successor after reuse: %v", r)
+	}
+	// Logout: another family, revoked by its owner only.
+	a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t5", "f5", "u", 5, far)}})
+	if r := a.apply(&statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: "f5", UserId: "other"}}); r.Code != statev1.ResultCode_RESULT_CODE_NOT_FOUND {
+		t.Fatalf("revoke by another user: %v", r)
+	}
+	for i := 0; i < 2; i++ { // twice: idempotent
+		if r := a.apply(&statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: "f5", UserId: "u", Reason: "logout"}}); r.Code != ok {
+			t.Fatal(r)
+		}
+	}
+	// Expired tokens are refused and pruned at the next pruning revision.
+	a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t6", "f6", "u", 6, 1_000_000+int64(a.idx)+2)}})
+	for i := 0; i < 8; i++ {
+		a.apply(&statev1.Command_Noop{Noop: &statev1.Noop{}})
+	}
+	if r := rotate("t6", 6, tok("t7", "f6", "u", 7, far)); r.Code == ok {
+		t.Fatalf("expired token rotated: %v", r)
+	}
+	if _, err := f.GetRefreshToken("t6"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("expired token not pruned: %v", err)
+	}
+}
+
+func TestKeysEdgesActivityAndInit(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	sk := func(id string) *statev1.SigningKey {
+		return &statev1.SigningKey{Id: id, PrivateSeed: key32(1), PublicKey: key32(2)}
+	}
+	ss := func(id string) *statev1.SessionKey { return &statev1.SessionKey{Id: id, Secret: key32(3)} }
+	init := &statev1.Command_InitCluster{InitCluster: &statev1.InitCluster{
+		Admin:      &statev1.User{Id: "admin", Login: "admin", Role: "admin"},
+		SigningKey: sk("s1"), SessionKey: ss("k1"),
+	}}
+	if r := a.apply(init); r.Code != ok || !r.Initialized {
+		t.Fatalf("init: %v", r)
+	}
+	if done, _ := f.Initialized(); !done {
+		t.Fatal("not initialized")
+	}
+	if r := a.apply(init); r.Code != ok || r.Initialized {
+		t.Fatalf("second init: %v", r)
+	}
+	// Rotations keep the previous key for its window, then drop it.
+	if r := a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: sk("s2"), RetainMs: 5}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	keys, cur, _ := f.SigningKeys()
+	if cur != "s2" || len(keys) != 2 || keys[0].GetVerifyUntilMs() == 0 {
+		t.Fatalf("signing keys %v current %s", keys, cur)
+	}
+	if r := a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: sk("s2")}}); r.Code != statev1.ResultCode_RESULT_CODE_ALREADY_EXISTS {
+		t.Fatal(r)
+	}
+	for i := 0; i < 10; i++ {
+		a.apply(&statev1.Command_Noop{Noop: &statev1.Noop{}})
+	}
+	a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: sk("s3"), RetainMs: 1000}})
+	keys, cur, _ = f.SigningKeys()
+	if cur != "s3" || len(keys) != 2 || keys[0].GetId() != "s2" {
+		t.Fatalf("after the window: %v", keys)
+	}
+	before := a.idx
+	if r := a.apply(&statev1.Command_RotateSessionKey{RotateSessionKey: &statev1.RotateSessionKey{Key: ss("k2"), GraceMs: 1000}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	ring, _ := f.SessionKeyRing()
+	if ring.GetCurrentId() != "k2" || len(ring.GetKeys()) != 2 {
+		t.Fatalf("ring %v", ring)
+	}
+	cs, _ := f.Changes(before, 10)
+	if len(cs) != 1 || cs[0].Kind != statev1.ChangeKind_CHANGE_KIND_SESSION_KEYS || len(cs[0].GetSessionKeys().GetKeys()) != 2 {
+		t.Fatalf("session key change %v", cs)
+	}
+	// Edges: register, renew (no change event), expire.
+	edge := func(id string, addrs []string, lease int64) *statev1.Result {
+		return a.apply(&statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{Id: id, Addrs: addrs, LeaseExpiresAtMs: lease}}})
+	}
+	now := func() int64 { return 1_000_000 + int64(a.idx) + 1 }
+	if r := edge("e1", []string{"a:1"}, now()+3); r.Code != ok {
+		t.Fatal(r)
+	}
+	before = a.idx
+	edge("e1", []string{"a:1"}, now()+3)
+	if cs, _ := f.Changes(before, 10); len(cs) != 0 {
+		t.Fatalf("lease renewal announced: %v", cs)
+	}
+	edge("e2", []string{"b:1"}, now()+1000)
+	for i := 0; i < 5; i++ {
+		a.apply(&statev1.Command_Noop{Noop: &statev1.Noop{}})
+	}
+	before = a.idx
+	a.apply(&statev1.Command_ExpireEdges{ExpireEdges: &statev1.ExpireEdges{}})
+	edges, _ := f.Edges()
+	if len(edges) != 1 || edges[0].GetId() != "e2" {
+		t.Fatalf("edges after expiry %v", edges)
+	}
+	if cs, _ := f.Changes(before, 10); len(cs) != 1 || cs[0].Kind != statev1.ChangeKind_CHANGE_KIND_EDGE_DELETED {
+		t.Fatalf("expiry changes %v", cs)
+	}
+	if r := a.apply(&statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{Id: "e2"}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	// Activity only raises times, skips what is gone, bounds batch size.
+	a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d", UserId: "admin", Name: "x", PublicKey: key32(4)}}})
+	act := func(at int64) *statev1.Result {
+		return a.apply(&statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: []*statev1.Activity{
+			{UserId: "admin", DeviceId: "d", SeenAtMs: at}, {UserId: "admin", DeviceId: "gone", SeenAtMs: at}, {UserId: "gone", SeenAtMs: at},
+		}}})
+	}
+	act(500)
+	act(100)
+	if d, _ := f.GetDevice("admin", "d"); d.GetLastSeenMs() != 500 {
+		t.Fatalf("last seen %d", d.GetLastSeenMs())
+	}
+	big := make([]*statev1.Activity, MaxActivityBatch+1)
+	if r := a.apply(&statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: big}}); r.Code != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+		t.Fatal(r)
+	}
+	// Rename, and the view sees everything consistently.
+	if r := a.apply(&statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{UserId: "admin", DeviceId: "d", Name: "tablet"}}); r.GetDevice().GetName() != "tablet" {
+		t.Fatal(r)
+	}
+	v, err := f.View()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	var users, devs int
+	_ = v.EachUser(func(*statev1.User) error { users++; return nil })
+	_ = v.EachDevice(func(*statev1.Device) error { devs++; return nil })
+	_ = v.EachEdge(func(*statev1.Edge) error { return fmt.Errorf("no edges expected") })
+	r2, _ := v.SessionKeyRing()
+	if users != 1 || devs != 1 || v.AppliedIndex() != a.idx || r2.GetCurrentId() != "k2" {
+		t.Fatalf("view: %d users %d devices at %d", users, devs, v.AppliedIndex())
+	}
+}
+
+func TestReads(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	for i := 0; i < 5; i++ {
+		a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: fmt.Sprint("u", i), Login: fmt.Sprint("l", i)}}})
+	}
+	page, more, err := f.ListUsers("", 2)
+	if err != nil || len(page) != 2 || !more || page[0].GetId() != "u0" {
+		t.Fatalf("page 1: %v %v %v", page, more, err)
+	}
+	page, more, _ = f.ListUsers("u3", 2)
+	if len(page) != 1 || more || page[0].GetId() != "u4" {
+		t.Fatalf("last page: %v %v", page, more)
+	}
+	if u, err := f.GetUserByLogin("l2"); err != nil || u.GetId() != "u2" {
+		t.Fatal(u, err)
+	}
+	for _, err := range []error{
+		func() error { _, err := f.GetUser("x"); return err }(),
+		func() error { _, err := f.GetUserByLogin("x"); return err }(),
+		func() error { _, err := f.GetDevice("u0", "x"); return err }(),
+		func() error { _, err := f.GetNode("x"); return err }(),
+		func() error { _, err := f.GetTokenFamily("x"); return err }(),
+		func() error { _, err := f.DeviceOwner("x"); return err }(),
+	} {
+		if !errors.Is(err, ErrNotFound) {
+			t.Errorf("missing record: %v", err)
+		}
+	}
+	a.apply(&statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "r", ApiAddr: "a"}}})
+	a.apply(&statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "r", ApiAddr: "a"}}})
+	a.apply(&statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: "n1"}})
+	a.apply(&statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: "n1"}})
+	if nodes, _ := f.Nodes(); len(nodes) != 0 {
+		t.Fatal(nodes)
+	}
+	cs, _ := f.Changes(0, 100)
+	kinds := map[statev1.ChangeKind]int{}
+	for _, c := range cs {
+		kinds[c.Kind]++
+	}
+	if kinds[statev1.ChangeKind_CHANGE_KIND_NODE_PUT] != 1 || kinds[statev1.ChangeKind_CHANGE_KIND_NODE_DELETED] != 1 {
+		t.Fatalf("an unchanged put or a missing remove made a change: %v", kinds)
+	}
+	if got, _ := f.Changes(0, 2); len(got) != 2 {
+		t.Fatal("limit")
+	}
+	if _, err := New(Config{}); err == nil {
+		t.Fatal("New without a store")
+	}
+}
+
+func TestUpdateUserFields(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "old"}}})
+	a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d1", UserId: "u", Name: "a", PublicKey: key32(1)}}})
+	a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d2", UserId: "u", Name: "b", PublicKey: key32(2)}}})
+	a.apply(&statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "r", ApiAddr: "a"}}})
+	r := a.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u",
+		Fields: []string{"display_name", "status", "password_hash", "role", "login"},
+		User:   &statev1.User{DisplayName: "New", Status: statev1.UserStatus_USER_STATUS_DISABLED, PasswordHash: "h", Role: "viewer", Login: "new"}}})
+	u := r.GetUser()
+	if r.Code != statev1.ResultCode_RESULT_CODE_OK || u.GetLogin() != "new" || u.GetRole() != "viewer" || u.GetPasswordHash() != "h" || u.GetStatus() != statev1.UserStatus_USER_STATUS_DISABLED {
+		t.Fatal(r)
+	}
+	if _, err := f.GetUserByLogin("old"); !errors.Is(err, ErrNotFound) {
+		t.Fatal("old login still indexed")
+	}
+	if got, err := f.GetUserByLogin("new"); err != nil || got.GetId() != "u" {
+		t.Fatal(got, err)
+	}
+	if r := a.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u", Fields: []string{"status"}, User: &statev1.User{Status: 7}}}); r.Code != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+		t.Fatal(r)
+	}
+	if r := a.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u", Fields: []string{"login"}, User: &statev1.User{}}}); r.Code != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+		t.Fatal(r)
+	}
+	devs, _ := f.ListDevices("u")
+	nodes, _ := f.Nodes()
+	if len(devs) != 2 || devs[0].GetId() != "d1" || len(nodes) != 1 {
+		t.Fatalf("devices %v nodes %v", devs, nodes)
+	}
+	if owner, err := f.DeviceOwner("d2"); err != nil || owner != "u" {
+		t.Fatal(owner, err)
+	}
+	// Revoking twice is idempotent; a revoked device keeps its record.
+	for i := 0; i < 2; i++ {
+		if r := a.apply(&statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "u", DeviceId: "d1"}}); !r.GetDevice().GetRevoked() {
+			t.Fatal(r)
+		}
+	}
+	if r := a.apply(&statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "u", DeviceId: "d2"}}); r.Code != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatal(r)
+	}
+	if n, err := f.UserTokenCount("u"); n != 0 || err != nil {
+		t.Fatal(n, err)
+	}
+	if ok, err := f.Initialized(); ok || err != nil {
+		t.Fatal(ok, err)
+	}
+}

@@ -1,0 +1,505 @@
+package fsm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"go.uber.org/goleak"
+	"google.golang.org/protobuf/proto"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/state"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("github.com/cockroachdb/pebble/v2/internal/cache.(*shard).releaseLoop"))
+}
+
+func openStore(t *testing.T, dir string) *state.Store {
+	t.Helper()
+	s, err := state.Open(state.Config{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func newFSM(t *testing.T, cfg Config) *FSM {
+	t.Helper()
+	if cfg.Store == nil {
+		cfg.Store = openStore(t, t.TempDir())
+		t.Cleanup(func() { _ = cfg.Store.Close() })
+	}
+	f, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func entry(t testing.TB, index uint64, cmd *statev1.Command) *raft.Log {
+	b, err := proto.Marshal(cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &raft.Log{Index: index, Term: 1, Type: raft.LogCommand, Data: b}
+}
+
+// applier feeds numbered commands to an FSM.
+type applier struct {
+	t   *testing.T
+	f   *FSM
+	idx uint64
+}
+
+func (a *applier) apply(op isCommandOp) *statev1.Result {
+	a.t.Helper()
+	a.idx++
+	cmd := &statev1.Command{ProposedAtMs: 1_000_000 + int64(a.idx)}
+	if op != nil {
+		// Command.Op's interface type is unexported; set it by reflection.
+		reflect.ValueOf(cmd).Elem().FieldByName("Op").Set(reflect.ValueOf(op))
+	}
+	res, _ := a.f.Apply(entry(a.t, a.idx, cmd)).(*statev1.Result)
+	return res
+}
+
+// isCommandOp is any of the statev1.Command_* oneof wrappers.
+type isCommandOp = any
+
+func exportBytes(t *testing.T, f *FSM) []byte {
+	t.Helper()
+	snap := f.store.Snapshot()
+	defer snap.Close()
+	var b bytes.Buffer
+	if _, err := state.Export(&b, snap); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+func key32(seed byte) []byte { return bytes.Repeat([]byte{seed}, 32) }
+
+// randomLog builds a reproducible mix of valid, invalid, duplicate and
+// undecodable entries, plus configuration entries.
+func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
+	r := rand.New(rand.NewPCG(seed, seed))
+	var logs []*raft.Log
+	users, devices := []string{}, map[string]string{}
+	var reqIDs []string
+	for i := 1; i <= n; i++ {
+		idx := uint64(i)
+		if r.IntN(50) == 0 {
+			logs = append(logs, &raft.Log{Index: idx, Term: 1, Type: raft.LogConfiguration, Data: []byte("conf")})
+			continue
+		}
+		if r.IntN(60) == 0 {
+			logs = append(logs, &raft.Log{Index: idx, Term: 1, Type: raft.LogCommand, Data: []byte{0xff, 0x01, 0x02}})
+			continue
+		}
+		cmd := &statev1.Command{ProposedAtMs: int64(1_000_000 + i*10)}
+		if r.IntN(4) == 0 {
+			if len(reqIDs) > 0 && r.IntN(3) == 0 {
+				cmd.RequestId = reqIDs[r.IntN(len(reqIDs))]
+			} else {
+				cmd.RequestId = fmt.Sprintf("req-%d", i)
+				reqIDs = append(reqIDs, cmd.RequestId)
+			}
+		}
+		pickUser := func() string {
+			if len(users) == 0 || r.IntN(10) == 0 {
+				return fmt.Sprintf("u%d", r.IntN(1000))
+			}
+			return users[r.IntN(len(users))]
+		}
+		switch r.IntN(12) {
+		case 0, 1, 2:
+			id := fmt.Sprintf("u%d", r.IntN(400))
+			users = append(users, id)
+			cmd.Op = &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: id, Login: "login-" + id, DisplayName: "User " + id}}}
+		case 3:
+			cmd.Op = &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: pickUser(), Fields: []string{"display_name", "status"},
+				User: &statev1.User{DisplayName: fmt.Sprint("name ", i), Status: statev1.UserStatus(1 + r.IntN(2))}}}
+		case 4:
+			cmd.Op = &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: pickUser()}}
+		case 5, 6, 7:
+			uid, did := pickUser(), fmt.Sprintf("d%d", r.IntN(800))
+			devices[did] = uid
+			cmd.Op = &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: did, UserId: uid, Name: "dev", PublicKey: key32(byte(i))}}}
+		case 8:
+			did := fmt.Sprintf("d%d", r.IntN(800))
+			cmd.Op = &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: devices[did], DeviceId: did}}
+		case 9:
+			did := fmt.Sprintf("d%d", r.IntN(800))
+			cmd.Op = &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: devices[did], DeviceId: did}}
+		case 10:
+			cmd.Op = &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: fmt.Sprintf("n%d", r.IntN(5)), RaftAddr: "a:1", ApiAddr: fmt.Sprintf("b:%d", r.IntN(3))}}}
+		case 11:
+			if r.IntN(2) == 0 {
+				cmd.Op = &statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: []*statev1.Activity{{UserId: pickUser(), SeenAtMs: int64(i)}}}}
+			} else {
+				cmd.Op = &statev1.Command_Noop{Noop: &statev1.Noop{}}
+			}
+		}
+		logs = append(logs, entry(t, idx, cmd))
+	}
+	return logs
+}
+
+// Replaying the same log on two fresh FSMs, one entry at a time and in
+// random batches, gives byte-identical state and identical results.
+func TestDeterminism(t *testing.T) {
+	cfg := Config{PruneEvery: 64, ChangeRetention: 200, RequestRetention: 150}
+	logs := randomLog(t, 2000, 42)
+	a, b := newFSM(t, cfg), newFSM(t, cfg)
+	var resA, resB []any
+	for _, l := range logs {
+		resA = append(resA, a.Apply(l))
+	}
+	r := rand.New(rand.NewPCG(7, 7))
+	for i := 0; i < len(logs); {
+		n := 1 + r.IntN(100)
+		if i+n > len(logs) {
+			n = len(logs) - i
+		}
+		resB = append(resB, b.ApplyBatch(logs[i:i+n])...)
+		i += n
+	}
+	if !bytes.Equal(exportBytes(t, a), exportBytes(t, b)) {
+		t.Fatal("the same log gave different state")
+	}
+	for i := range resA {
+		ra, _ := resA[i].(*statev1.Result)
+		rb, _ := resB[i].(*statev1.Result)
+		if !proto.Equal(ra, rb) {
+			t.Fatalf("entry %d: results differ: %v vs %v", i+1, ra, rb)
+		}
+	}
+	if a.AppliedIndex() != 2000 {
+		t.Fatalf("applied %d", a.AppliedIndex())
+	}
+	ok, rejected := 0, 0
+	for _, r := range resA {
+		if res, _ := r.(*statev1.Result); res != nil {
+			if res.Code == statev1.ResultCode_RESULT_CODE_OK {
+				ok++
+			} else {
+				rejected++
+			}
+		}
+	}
+	if ok < 200 || rejected < 200 {
+		t.Fatalf("log exercised too little: %d ok, %d rejected", ok, rejected)
+	}
+	if h, _ := a.Horizon(); h == 0 {
+		t.Fatal("change feed never pruned")
+	}
+}
+
+// Every rejection leaves the state exactly as it was and names the field.
+func TestRejectionsChangeNothing(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "alice", Login: "alice"}}})
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "bob", Login: "bob"}}})
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "off", Login: "off", Status: statev1.UserStatus_USER_STATUS_DISABLED}}})
+	a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d1", UserId: "alice", Name: "phone", PublicKey: key32(1)}}})
+	long := string(bytes.Repeat([]byte("x"), 300))
+	dev := func(d *statev1.Device) isCommandOp {
+		return &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: d}}
+	}
+	user := func(u *statev1.User) isCommandOp { return &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: u}} }
+	cases := []struct {
+		name  string
+		op    isCommandOp
+		code  statev1.ResultCode
+		field string
+	}{
+		{"nil op", nil, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "operation"},
+		{"missing user", user(nil), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user"},
+		{"empty id", user(&statev1.User{Login: "x"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.id"},
+		{"long id", user(&statev1.User{Id: long, Login: "x"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.id"},
+		{"bad id char", user(&statev1.User{Id: "a/b", Login: "x"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.id"},
+		{"empty login", user(&statev1.User{Id: "x"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.login"},
+		{"control char", user(&statev1.User{Id: "x", Login: "a\x01"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.login"},
+		{"long display name", user(&statev1.User{Id: "x", Login: "x", DisplayName: long}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.display_name"},
+		{"unknown status", user(&statev1.User{Id: "x", Login: "x", Status: 9}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.status"},
+		{"duplicate id", user(&statev1.User{Id: "alice", Login: "other"}), statev1.ResultCode_RESULT_CODE_ALREADY_EXISTS, "alice"},
+		{"duplicate login", user(&statev1.User{Id: "carol", Login: "alice"}), statev1.ResultCode_RESULT_CODE_ALREADY_EXISTS, "login"},
+		{"update unknown field", &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "alice", Fields: []string{"id"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "field"},
+		{"update no fields", &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "alice"}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "fields"},
+		{"update to taken login", &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "alice", Fields: []string{"display_name", "login"}, User: &statev1.User{DisplayName: "changed", Login: "bob"}}}, statev1.ResultCode_RESULT_CODE_ALREADY_EXISTS, "login"},
+		{"update missing user", &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "nobody", Fields: []string{"display_name"}}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nobody"},
+		{"delete missing user", &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "nobody"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nobody"},
+		{"missing device", dev(nil), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "device"},
+		{"short key", dev(&statev1.Device{Id: "d2", UserId: "alice", Name: "x", PublicKey: []byte{1}}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "public_key"},
+		{"no device name", dev(&statev1.Device{Id: "d2", UserId: "alice", PublicKey: key32(2)}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "device.name"},
+		{"long device name", dev(&statev1.Device{Id: "d2", UserId: "alice", Name: long, PublicKey: key32(2)}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "device.name"},
+		{"device for missing user", dev(&statev1.Device{Id: "d2", UserId: "nobody", Name: "x", PublicKey: key32(2)}), statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nobody"},
+		{"device for disabled user", dev(&statev1.Device{Id: "d2", UserId: "off", Name: "x", PublicKey: key32(2)}), statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION, "not active"},
+		{"duplicate device", dev(&statev1.Device{Id: "d1", UserId: "bob", Name: "x", PublicKey: key32(2)}), statev1.ResultCode_RESULT_CODE_ALREADY_EXISTS, "d1"},
+		{"revoke another user's device", &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "bob", DeviceId: "d1"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "d1"},
+		{"delete another user's device", &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "bob", DeviceId: "d1"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "d1"},
+		{"rename another user's device", &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{UserId: "bob", DeviceId: "d1", Name: "x"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "d1"},
+		{"rename to empty", &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{UserId: "alice", DeviceId: "d1"}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "name"},
+		{"node without api addr", &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "a"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "node.api_addr"},
+		{"missing node", &statev1.Command_PutNode{PutNode: &statev1.PutNode{}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "node"},
+		{"session key too short", &statev1.Command_RotateSessionKey{RotateSessionKey: &statev1.RotateSessionKey{Key: &statev1.SessionKey{Id: "k", Secret: []byte{1}}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "secret"},
+		{"signing key missing", &statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "signing key"},
+		{"edge without addrs", &statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{Id: "e1", LeaseExpiresAtMs: 1 << 50}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "edge.addrs"},
+		{"edge lease in the past", &statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{Id: "e1", Addrs: []string{"a"}, LeaseExpiresAtMs: 1}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "lease"},
+		{"deregister missing edge", &statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{Id: "nope"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nope"},
+		{"token for missing user", &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "nobody", SecretHash: key32(3), ExpiresAtMs: 1 << 50}}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nobody"},
+		{"token with short hash", &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "alice", SecretHash: []byte{1}, ExpiresAtMs: 1 << 50}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "secret_hash"},
+		{"init with a non-admin", &statev1.Command_InitCluster{InitCluster: &statev1.InitCluster{Admin: &statev1.User{Id: "root", Login: "root"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "admin.role"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			before, err := f.Digest()
+			if err != nil {
+				t.Fatal(err)
+			}
+			res := a.apply(tc.op)
+			if res.GetCode() != tc.code {
+				t.Fatalf("code %v (%s), want %v", res.GetCode(), res.GetMessage(), tc.code)
+			}
+			if !bytes.Contains([]byte(res.GetMessage()), []byte(tc.field)) {
+				t.Fatalf("message %q does not name %q", res.GetMessage(), tc.field)
+			}
+			after, _ := f.Digest()
+			if before != after {
+				t.Fatal("a rejected command changed the state")
+			}
+			if res.GetRevision() != a.idx || f.AppliedIndex() != a.idx {
+				t.Fatalf("revision %d / applied %d, want %d", res.GetRevision(), f.AppliedIndex(), a.idx)
+			}
+		})
+	}
+}
+
+func TestResultError(t *testing.T) {
+	for code, want := range map[statev1.ResultCode]error{
+		statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT:    ErrInvalidArgument,
+		statev1.ResultCode_RESULT_CODE_NOT_FOUND:           ErrNotFound,
+		statev1.ResultCode_RESULT_CODE_ALREADY_EXISTS:      ErrAlreadyExists,
+		statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION: ErrFailedPrecondition,
+	} {
+		if err := ResultError(&statev1.Result{Code: code, Message: "m"}); !errors.Is(err, want) {
+			t.Errorf("%v -> %v", code, err)
+		}
+	}
+	if ResultError(&statev1.Result{Code: statev1.ResultCode_RESULT_CODE_OK}) != nil {
+		t.Error("OK is an error")
+	}
+	if ResultError(nil) == nil || ResultError(&statev1.Result{Code: 99}) == nil {
+		t.Error("nil / unknown codes")
+	}
+}
+
+// A command re-applied with the same request id returns the first result
+// and changes nothing, until the id falls out of its window.
+func TestRequestIDIdempotency(t *testing.T) {
+	f := newFSM(t, Config{PruneEvery: 16, RequestRetention: 32})
+	create := &statev1.Command{RequestId: "r1", ProposedAtMs: 5, Op: &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u1", Login: "u1"}}}}
+	first := f.Apply(entry(t, 1, create)).(*statev1.Result)
+	if first.Code != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatal(first)
+	}
+	before, _ := f.Digest()
+	again := f.Apply(entry(t, 2, create)).(*statev1.Result)
+	if !proto.Equal(first, again) {
+		t.Fatalf("retry answered %v, first was %v", again, first)
+	}
+	if after, _ := f.Digest(); after != before {
+		t.Fatal("retry changed the state")
+	}
+	// Far later, the id is forgotten: the same command now conflicts.
+	for i := uint64(3); i <= 80; i++ {
+		f.Apply(entry(t, i, &statev1.Command{Op: &statev1.Command_Noop{Noop: &statev1.Noop{}}}))
+	}
+	late := f.Apply(entry(t, 81, create)).(*statev1.Result)
+	if late.Code != statev1.ResultCode_RESULT_CODE_ALREADY_EXISTS {
+		t.Fatalf("after the window: %v, want ALREADY_EXISTS", late)
+	}
+}
+
+// After a restart the applied index comes back from the store and
+// entries Raft replays are skipped (hashicorp/raft#142).
+func TestRestartSkipsAppliedEntries(t *testing.T) {
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	f := newFSM(t, Config{Store: s})
+	a := &applier{t: t, f: f}
+	for i := 0; i < 10; i++ {
+		a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: fmt.Sprint("u", i), Login: fmt.Sprint("l", i)}}})
+	}
+	want, _ := f.Digest()
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s2 := openStore(t, dir)
+	defer s2.Close()
+	f2 := newFSM(t, Config{Store: s2})
+	if f2.AppliedIndex() != 10 {
+		t.Fatalf("applied index after restart %d, want 10", f2.AppliedIndex())
+	}
+	// Replay entry 5 (a create of u4): it must be skipped, not rejected.
+	if r := f2.Apply(entry(t, 5, &statev1.Command{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u4"}}})); r != nil {
+		t.Fatalf("replayed entry produced %v", r)
+	}
+	if got, _ := f2.Digest(); got != want {
+		t.Fatal("replay changed the state")
+	}
+	r := f2.Apply(entry(t, 11, &statev1.Command{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u4"}}})).(*statev1.Result)
+	if r.Code != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatal(r)
+	}
+}
+
+func TestDeleteUserCascades(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
+	for i := 0; i < 3; i++ {
+		a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: fmt.Sprint("d", i), UserId: "u", Name: "x", PublicKey: key32(byte(i))}}})
+	}
+	a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "u", SecretHash: key32(9), ExpiresAtMs: 1 << 50}}})
+	before := a.idx
+	res := a.apply(&statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u"}})
+	if res.Code != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatal(res)
+	}
+	cs, err := f.Changes(before, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cs) != 4 {
+		t.Fatalf("%d changes, want 3 device deletions and the user's", len(cs))
+	}
+	for i, c := range cs {
+		if c.Revision != a.idx || c.Seq != uint32(i) {
+			t.Fatalf("change %d: revision %d seq %d", i, c.Revision, c.Seq)
+		}
+		want := statev1.ChangeKind_CHANGE_KIND_DEVICE_DELETED
+		if i == 3 {
+			want = statev1.ChangeKind_CHANGE_KIND_USER_DELETED
+		}
+		if c.Kind != want {
+			t.Fatalf("change %d is %v, want %v", i, c.Kind, want)
+		}
+	}
+	if d, _ := f.ListDevices("u"); len(d) != 0 {
+		t.Fatal("devices remain")
+	}
+	if _, err := f.DeviceOwner("d0"); !errors.Is(err, ErrNotFound) {
+		t.Fatal("device owner index remains")
+	}
+	if _, err := f.GetUserByLogin("u"); !errors.Is(err, ErrNotFound) {
+		t.Fatal("login index remains")
+	}
+	if n, _ := f.UserTokenCount("u"); n != 0 {
+		t.Fatal("tokens remain")
+	}
+	if _, err := f.GetRefreshToken("t1"); !errors.Is(err, ErrNotFound) {
+		t.Fatal("token remains")
+	}
+}
+
+type bufSink struct {
+	bytes.Buffer
+	cancelled bool
+}
+
+func (s *bufSink) ID() string    { return "test" }
+func (s *bufSink) Cancel() error { s.cancelled = true; return nil }
+func (s *bufSink) Close() error  { return nil }
+
+func TestSnapshotRestoreAndWaits(t *testing.T) {
+	var snaps int
+	f := newFSM(t, Config{OnSnapshot: func(time.Duration, uint64, error) { snaps++ }})
+	a := &applier{t: t, f: f}
+	for i := 0; i < 20; i++ {
+		a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: fmt.Sprint("u", i), Login: fmt.Sprint("l", i)}}})
+	}
+	want, _ := f.Digest()
+	snap, err := f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Applies after Snapshot() do not leak into it.
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "later", Login: "later"}}})
+	var sink bufSink
+	if err := snap.Persist(&sink); err != nil {
+		t.Fatal(err)
+	}
+	snap.Release()
+	if snaps != 1 {
+		t.Fatalf("OnSnapshot called %d times", snaps)
+	}
+	g := newFSM(t, Config{})
+	ga := &applier{t: t, f: g}
+	ga.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "stale", Login: "stale"}}})
+	if err := g.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := g.Digest(); got != want {
+		t.Fatal("restored state differs from the snapshot")
+	}
+	if _, err := g.GetUser("stale"); !errors.Is(err, ErrNotFound) {
+		t.Fatal("restore kept earlier state")
+	}
+	if g.AppliedIndex() != 20 {
+		t.Fatalf("applied %d after restore", g.AppliedIndex())
+	}
+	// A truncated snapshot is refused and changes nothing.
+	before, _ := g.Digest()
+	if err := g.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()[:sink.Len()/2]))); !errors.Is(err, state.ErrCorrupt) {
+		t.Fatalf("truncated snapshot: %v", err)
+	}
+	if after, _ := g.Digest(); after != before {
+		t.Fatal("a refused restore changed the state")
+	}
+	// WaitApplied: immediate, then woken by an apply, then deadline.
+	if err := f.WaitApplied(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	target := a.idx + 1
+	go func() { done <- f.WaitApplied(context.Background(), target) }()
+	changed := f.Changed()
+	a.apply(&statev1.Command_Noop{Noop: &statev1.Noop{}})
+	<-changed
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := f.WaitApplied(ctx, a.idx+100); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("WaitApplied past the deadline: %v", err)
+	}
+	// A backup decodes and imports to the same state.
+	var b bytes.Buffer
+	idx, err := f.WriteBackup(&b)
+	if err != nil || idx != a.idx {
+		t.Fatalf("backup at %d: %v", idx, err)
+	}
+	h := newFSM(t, Config{})
+	if err := h.Restore(io.NopCloser(&b)); err != nil {
+		t.Fatal(err)
+	}
+	fd, _ := f.Digest()
+	if hd, _ := h.Digest(); hd != fd {
+		t.Fatal("backup does not restore to the same state")
+	}
+}
