@@ -61,6 +61,9 @@ func Open(cfg Config) (*Store, error) {
 	opts := &pebble.Options{
 		Cache:  cache,
 		Logger: pebbleLogger{l: cfg.Logger.With("component", "pebble", "db", "state")},
+		// Pinned so that a Pebble upgrade never ratchets the on-disk format
+		// by itself (which would prevent rolling the binary back).
+		FormatMajorVersion: pebble.FormatValueSeparation,
 	}
 	db, err := pebble.Open(cfg.Dir, opts)
 	if err != nil {
