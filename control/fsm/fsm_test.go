@@ -216,7 +216,9 @@ func TestRejectionsChangeNothing(t *testing.T) {
 	dev := func(d *statev1.Device) isCommandOp {
 		return &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: d}}
 	}
-	user := func(u *statev1.User) isCommandOp { return &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: u}} }
+	user := func(u *statev1.User) isCommandOp {
+		return &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: u}}
+	}
 	cases := []struct {
 		name  string
 		op    isCommandOp
