@@ -188,10 +188,19 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) e
 			return nil
 		case <-changed:
 		case <-progress.C:
+			// Claim progress only up to what has really been sent: read
+			// the applied index first, then make sure no change after
+			// `last` exists; otherwise go round and send it.
 			applied := f.AppliedIndex()
+			pending, err := f.Changes(last, 1)
+			if err != nil && !errors.Is(err, fsm.ErrCompacted) {
+				return toConnect(err)
+			}
+			if err != nil || len(pending) > 0 {
+				continue
+			}
 			if applied > last {
-				// Entries without watched changes (noops, activity):
-				// everything up to here has been sent.
+				// Entries with no change for watchers (noops, activity).
 				last = applied
 			}
 			if err := ws.Send(&edgev1.WatchResponse{Revision: last, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}}); err != nil {

@@ -367,8 +367,14 @@ func TestSlowWatcherIsCutOffAndResumes(t *testing.T) {
 		}
 	}()
 	for w.stream.Receive() {
-		last = w.stream.Msg().GetRevision()
-		received++
+		m := w.stream.Msg()
+		if m.GetRevision() < last {
+			t.Fatalf("revision went back from %d to %d", last, m.GetRevision())
+		}
+		last = m.GetRevision()
+		if m.GetEvent() != nil {
+			received++
+		}
 	}
 	close(w.done)
 	if w.stream.Err() == nil || connect.CodeOf(w.stream.Err()) == connect.CodeCanceled {

@@ -1,0 +1,178 @@
+package api_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/auth"
+	"github.com/edge-relay/relay/control/clustertest"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// The JWKS endpoint publishes keys that verify the tokens the API issues.
+func TestJWKSVerifiesIssuedTokens(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	tok := c.AdminToken()
+	resp, err := http.Get(url(c.Nodes[0]) + "/.well-known/jwks.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var set struct {
+		Keys []struct{ Kid, X string } `json:"keys"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&set); err != nil || len(set.Keys) == 0 {
+		t.Fatalf("jwks: %v %v", set, err)
+	}
+	var keys []auth.VerifyKey
+	for _, k := range set.Keys {
+		x, _ := base64.RawURLEncoding.DecodeString(k.X)
+		keys = append(keys, auth.VerifyKey{ID: k.Kid, Public: ed25519.PublicKey(x)})
+	}
+	v := auth.NewVerifier("relay", "relay-api", func() []auth.VerifyKey { return keys }, time.Now, time.Minute)
+	claims, err := v.Verify(tok)
+	if err != nil || claims.Subject != "admin" || claims.Role != auth.RoleAdmin {
+		t.Fatalf("verify with published keys: %+v %v", claims, err)
+	}
+	// After a rotation the new key is published and the old one kept.
+	admin := clientsAs(t, c.Nodes[0], tok)
+	r, err := admin.keys.RotateSigningKey(context.Background(), connect.NewRequest(&controlv1.RotateSigningKeyRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, err := admin.keys.ListKeys(context.Background(), connect.NewRequest(&controlv1.ListKeysRequest{}))
+	if err != nil || len(list.Msg.GetSigningKeys()) != 2 || len(list.Msg.GetSessionKeys()) != 1 {
+		t.Fatalf("keys after rotation: %v %v", list, err)
+	}
+	for _, k := range list.Msg.GetSigningKeys() {
+		if k.GetCurrent() != (k.GetId() == r.Msg.GetKeyId()) {
+			t.Fatalf("current flag wrong: %v", k)
+		}
+	}
+	// The old token still verifies; a new one is signed with the new key.
+	if _, err := admin.users.GetMe(context.Background(), connect.NewRequest(&controlv1.GetMeRequest{})); err != nil {
+		t.Fatalf("token of the previous key: %v", err)
+	}
+}
+
+func TestAccountManagementRules(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{ActivityEvery: 50 * time.Millisecond}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	admin := clientsAs(t, c.Nodes[0], c.AdminToken())
+	op := clientsAs(t, c.Nodes[0], c.TokenFor("op", controlv1.Role_ROLE_OPERATOR))
+	u, err := op.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: "carol", Password: "password-carol"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := u.Msg.GetUser().GetId()
+	if _, err := op.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: "boss", Role: controlv1.Role_ROLE_ADMIN})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("operator creating an admin: %v", err)
+	}
+	role := controlv1.Role_ROLE_ADMIN
+	if _, err := op.users.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: id, Role: &role})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("operator granting admin: %v", err)
+	}
+	name := "Carol C."
+	if _, err := op.users.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: "admin", DisplayName: &name})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("operator changing the admin: %v", err)
+	}
+	if _, err := op.users.DeleteUser(ctx, connect.NewRequest(&controlv1.DeleteUserRequest{Id: "admin"})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("operator deleting the admin: %v", err)
+	}
+	if _, err := admin.users.DeleteUser(ctx, connect.NewRequest(&controlv1.DeleteUserRequest{Id: "admin"})); connect.CodeOf(err) != connect.CodeFailedPrecondition {
+		t.Fatalf("admin deleting itself: %v", err)
+	}
+	if _, err := admin.users.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: id})); connect.CodeOf(err) != connect.CodeInvalidArgument {
+		t.Fatalf("update without fields: %v", err)
+	}
+	pw, login := "new-carol-password", "carol2"
+	up, err := op.users.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: id, DisplayName: &name, Password: &pw, Login: &login}))
+	if err != nil || up.Msg.GetUser().GetDisplayName() != name || up.Msg.GetUser().GetLogin() != "carol2" {
+		t.Fatalf("update: %v %v", up, err)
+	}
+	carol := clientsAs(t, c.Nodes[0], c.Login("carol2", pw).GetAccessToken())
+	got, err := op.users.GetUser(ctx, connect.NewRequest(&controlv1.GetUserRequest{Id: id, Consistency: controlv1.ReadConsistency_READ_CONSISTENCY_STALE}))
+	if err != nil || got.Msg.GetUser().GetLogin() != "carol2" {
+		t.Fatal(got, err)
+	}
+	if _, err := op.users.GetUser(ctx, connect.NewRequest(&controlv1.GetUserRequest{Id: "u_missing"})); connect.CodeOf(err) != connect.CodeNotFound {
+		t.Fatalf("missing user: %v", err)
+	}
+	// API calls record the caller's activity, throttled.
+	if _, err := carol.users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{})); err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		u, err := c.Nodes[0].Server.Node().FSM().GetUser(id)
+		if err != nil || u.GetLastActivityMs() == 0 {
+			return fmt.Errorf("last activity not recorded: %v %v", u, err)
+		}
+		return nil
+	})
+	// A role change cuts the old token off.
+	viewer := controlv1.Role_ROLE_VIEWER
+	if _, err := admin.users.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: id, Role: &viewer})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := carol.users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{})); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("token after a role change: %v", err)
+	}
+}
+
+// Device changes reach watchers; node records never do.
+func TestWatchDeviceEvents(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	node := c.Nodes[0].Server.Node()
+	start := node.FSM().AppliedIndex()
+	w := startWatch(t, c.Nodes[0], edge, start, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	mkUser(t, c, 0, "wd")
+	for _, cmd := range []*statev1.Command{
+		{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "dv", UserId: "wd", Name: "x", PublicKey: pubKey(t)}}}},
+		{Op: &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "wd", DeviceId: "dv"}}},
+		{Op: &statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{Id: "e1", Addrs: []string{"a:1"}, LeaseExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}}}},
+		{Op: &statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{Id: "e1"}}},
+		{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "wd"}}},
+	} {
+		if _, err := node.Apply(ctx, cmd); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var kinds []string
+	for len(kinds) < 7 {
+		m := w.next(t)
+		ev := m.GetEvent()
+		switch {
+		case ev.GetUserPut() != nil:
+			kinds = append(kinds, "user_put")
+		case ev.GetDevicePut() != nil:
+			kinds = append(kinds, fmt.Sprintf("device_put(revoked=%v)", ev.GetDevicePut().GetRevoked()))
+		case ev.GetEdgePut() != nil:
+			kinds = append(kinds, "edge_put")
+		case ev.GetEdgeDeleted() != "":
+			kinds = append(kinds, "edge_deleted")
+		case ev.GetDeviceDeleted() != nil:
+			kinds = append(kinds, "device_deleted")
+		case ev.GetUserDeleted() != "":
+			kinds = append(kinds, "user_deleted")
+		}
+	}
+	want := "user_put device_put(revoked=false) device_put(revoked=true) edge_put edge_deleted device_deleted user_deleted"
+	if strings.Join(kinds, " ") != want {
+		t.Fatalf("events %v\nwant %s", kinds, want)
+	}
+}
