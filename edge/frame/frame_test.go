@@ -1,0 +1,145 @@
+package frame
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+func sample() []*relayv1.Frame {
+	return []*relayv1.Frame{
+		{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u", DeviceId: "d", ProtocolVersion: 1, ClientTimeMs: 42}}},
+		{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e1", Targets: []string{"d2"}, Seq: 1, CreatedAtMs: 5, TtlMs: 60000, Type: "note", Payload: []byte("hi")}}},
+		{Kind: &relayv1.Frame_Reject{Reject: &relayv1.Reject{EventId: "e1", Code: relayv1.ErrorCode_ERROR_CODE_EXPIRED}}},
+		{Kind: &relayv1.Frame_Ping{Ping: &relayv1.Ping{}}},
+	}
+}
+
+func TestRoundTrip(t *testing.T) {
+	var buf bytes.Buffer
+	w := NewWriter(&buf, 0)
+	for _, f := range sample() {
+		if err := w.Write(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := NewReader(&buf, 0)
+	for i, want := range sample() {
+		var got relayv1.Frame
+		if err := r.Read(&got); err != nil {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+		if !proto.Equal(&got, want) {
+			t.Fatalf("frame %d: %v, want %v", i, &got, want)
+		}
+	}
+	var f relayv1.Frame
+	if err := r.Read(&f); !errors.Is(err, io.EOF) {
+		t.Fatalf("at the end: %v", err)
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	ev := &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Payload: bytes.Repeat([]byte("x"), 200)}}}
+	whole, _ := Append(nil, ev)
+	empty, _ := Append(nil, &relayv1.Frame{})
+	cases := []struct {
+		name string
+		in   []byte
+		max  int
+		want error
+	}{
+		{"too large", whole, 100, ErrTooLarge},
+		{"huge length", binary.AppendUvarint(nil, 1<<40), 0, ErrTooLarge},
+		{"overflowing length", bytes.Repeat([]byte{0xff}, 11), 0, ErrMalformed},
+		{"no kind", empty, 0, ErrMalformed},
+		{"garbage body", append(binary.AppendUvarint(nil, 3), 0xff, 0xff, 0xff), 0, ErrMalformed},
+		{"truncated body", whole[:len(whole)-5], 0, io.ErrUnexpectedEOF},
+		{"truncated length", []byte{0x80}, 0, io.ErrUnexpectedEOF},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var f relayv1.Frame
+			err := NewReader(bytes.NewReader(tc.in), tc.max).Read(&f)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+			var pe *Error
+			if errors.As(err, &pe) && !strings.Contains(err.Error(), "ERROR_CODE_") {
+				t.Fatalf("error %q does not name its code", err)
+			}
+		})
+	}
+	// The writer refuses to send what the peer would refuse.
+	if err := NewWriter(io.Discard, 100).Write(ev); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("writer: %v", err)
+	}
+	// Datagram bodies decode with the same rules.
+	var f relayv1.Frame
+	if err := Decode(whole[2:], 0, &f); err != nil || f.GetEvent() == nil {
+		t.Fatalf("datagram: %v", err)
+	}
+	if err := Decode(whole[2:], 10, &f); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("large datagram: %v", err)
+	}
+}
+
+func FuzzRead(f *testing.F) {
+	var stream []byte
+	for _, fr := range sample() {
+		stream, _ = Append(stream, fr)
+	}
+	f.Add(stream)
+	f.Add([]byte{0})
+	f.Add(bytes.Repeat([]byte{0xff}, 12))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r := NewReader(bytes.NewReader(data), 4096)
+		for i := 0; i < 1000; i++ {
+			var fr relayv1.Frame
+			err := r.Read(&fr)
+			if err != nil {
+				var pe *Error
+				if !errors.As(err, &pe) && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
+					t.Fatalf("untyped error %v", err)
+				}
+				return
+			}
+			if fr.GetKind() == nil {
+				t.Fatal("accepted a frame without a kind")
+			}
+			// What was accepted re-encodes and decodes to the same frame.
+			b, err := Append(nil, &fr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var again relayv1.Frame
+			if err := NewReader(bytes.NewReader(b), 1<<20).Read(&again); err != nil || !proto.Equal(&fr, &again) {
+				t.Fatalf("re-decode: %v", err)
+			}
+		}
+	})
+}
+
+func BenchmarkWriteRead(b *testing.B) {
+	ev := &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "0123456789abcdef", Seq: 7, CreatedAtMs: 1, TtlMs: 1000, Payload: make([]byte, 64)}}}
+	var buf bytes.Buffer
+	w := NewWriter(&buf, 0)
+	r := NewReader(&buf, 0)
+	var f relayv1.Frame
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		if err := w.Write(ev); err != nil {
+			b.Fatal(err)
+		}
+		if err := r.Read(&f); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
