@@ -1,0 +1,135 @@
+package session
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"crypto/rand"
+	"errors"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func transcript() Transcript {
+	return Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 1000,
+		EdgeID: "edge-a", Nonce: bytes.Repeat([]byte{7}, NonceSize), ServerTimeMs: 1001}
+}
+
+func TestTranscriptSignatures(t *testing.T) {
+	pub, priv, _ := ed25519.GenerateKey(rand.Reader)
+	tr := transcript()
+	sig := tr.Sign(priv)
+	if err := tr.Verify(pub, sig); err != nil {
+		t.Fatal(err)
+	}
+	// A captured signature is useless with any other field changed:
+	// another edge, another nonce (replay), another device, time.
+	mods := map[string]func(*Transcript){
+		"edge":        func(t *Transcript) { t.EdgeID = "edge-b" },
+		"nonce":       func(t *Transcript) { t.Nonce = bytes.Repeat([]byte{8}, NonceSize) },
+		"device":      func(t *Transcript) { t.DeviceID = "d2" },
+		"user":        func(t *Transcript) { t.UserID = "u2" },
+		"server time": func(t *Transcript) { t.ServerTimeMs++ },
+		"client time": func(t *Transcript) { t.ClientTimeMs++ },
+		"version":     func(t *Transcript) { t.ProtocolVersion = 2 },
+		// Length prefixes keep field boundaries: moving a byte between
+		// adjacent fields changes the encoding.
+		"boundary": func(t *Transcript) { t.UserID, t.DeviceID = "u1d", "1" },
+	}
+	for name, mod := range mods {
+		other := transcript()
+		mod(&other)
+		if err := other.Verify(pub, sig); !errors.Is(err, ErrBadSignature) {
+			t.Errorf("%s changed but the signature still verifies: %v", name, err)
+		}
+	}
+	otherPub, _, _ := ed25519.GenerateKey(rand.Reader)
+	if err := tr.Verify(otherPub, sig); !errors.Is(err, ErrBadSignature) {
+		t.Fatal("wrong key verified")
+	}
+	if err := tr.Verify(pub[:10], sig); !errors.Is(err, ErrBadSignature) {
+		t.Fatal("short key")
+	}
+	short := tr
+	short.Nonce = []byte{1}
+	if err := short.Verify(pub, short.Sign(priv)); !errors.Is(err, ErrBadSignature) {
+		t.Fatal("short nonce accepted")
+	}
+}
+
+func key(id string, b byte, expiry time.Time) SessionKey {
+	return SessionKey{ID: id, Secret: bytes.Repeat([]byte{b}, 32), Expiry: expiry}
+}
+
+func TestTickets(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	r := NewRing()
+	if _, err := r.Seal(Ticket{}); !errors.Is(err, ErrNoSessionKey) {
+		t.Fatal(err)
+	}
+	r.Set("k1", []SessionKey{key("k1", 1, time.Time{})})
+	tk := Ticket{UserID: "u1", DeviceID: "d1", AuthAt: now, ExpiresAt: now.Add(time.Hour)}
+	b, err := r.Seal(tk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another edge with the same ring opens it.
+	other := NewRing()
+	other.Set("k1", []SessionKey{key("k1", 1, time.Time{})})
+	got, err := other.Open(b, now.Add(time.Minute))
+	if err != nil || got.UserID != "u1" || got.DeviceID != "d1" || !got.ExpiresAt.Equal(tk.ExpiresAt) || !got.AuthAt.Equal(now) {
+		t.Fatalf("open: %+v %v", got, err)
+	}
+	if _, err := other.Open(b, now.Add(2*time.Hour)); !errors.Is(err, ErrTicketExpired) {
+		t.Fatalf("expired: %v", err)
+	}
+	// Rotation: the old key stays valid for its grace period, then not.
+	other.Set("k2", []SessionKey{key("k1", 1, now.Add(10*time.Minute)), key("k2", 2, time.Time{})})
+	if _, err := other.Open(b, now.Add(5*time.Minute)); err != nil {
+		t.Fatalf("within grace: %v", err)
+	}
+	if _, err := other.Open(b, now.Add(11*time.Minute)); !errors.Is(err, ErrTicketUnknownKey) {
+		t.Fatalf("after grace: %v", err)
+	}
+	other.Set("k2", []SessionKey{key("k2", 2, time.Time{})})
+	if _, err := other.Open(b, now.Add(time.Minute)); !errors.Is(err, ErrTicketUnknownKey) {
+		t.Fatalf("key left the ring: %v", err)
+	}
+	// Forged: any flipped byte in the sealed part, or a key with the right
+	// id but other secret.
+	for i := 2 + 2; i < len(b); i++ {
+		f := bytes.Clone(b)
+		f[i] ^= 1
+		if _, err := r.Open(f, now); err == nil {
+			t.Fatalf("flipped byte %d accepted", i)
+		}
+	}
+	impostor := NewRing()
+	impostor.Set("k1", []SessionKey{key("k1", 9, time.Time{})})
+	if _, err := impostor.Open(b, now); !errors.Is(err, ErrTicketForged) {
+		t.Fatalf("other secret: %v", err)
+	}
+	for _, bad := range [][]byte{nil, {1}, {2, 0}, {1, 200}, bytes.Repeat([]byte{1}, 600)} {
+		if _, err := r.Open(bad, now); !errors.Is(err, ErrTicketMalformed) {
+			t.Errorf("malformed %v: %v", bad, err)
+		}
+	}
+}
+
+func FuzzOpenTicket(f *testing.F) {
+	now := time.Unix(1_800_000_000, 0)
+	r := NewRing()
+	r.Set("k1", []SessionKey{key("k1", 1, time.Time{})})
+	good, _ := r.Seal(Ticket{UserID: "u", DeviceID: "d", AuthAt: now, ExpiresAt: now.Add(time.Hour)})
+	f.Add(good)
+	f.Add([]byte{1, 2, 'k', '1'})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		tk, err := r.Open(b, now)
+		if err == nil && (tk.UserID != "u" || tk.DeviceID != "d") {
+			t.Fatalf("opened a ticket nobody sealed: %+v", tk)
+		}
+	})
+}

@@ -1,0 +1,73 @@
+package session
+
+import (
+	"crypto/ed25519"
+	"encoding/binary"
+	"errors"
+	"fmt"
+)
+
+// ProtocolVersion is the device protocol version this edge speaks.
+const ProtocolVersion = 1
+
+// NonceSize is the size of a challenge nonce.
+const NonceSize = 32
+
+// transcriptLabel separates these signatures from any other use of a
+// device key.
+const transcriptLabel = "relay/1 device handshake"
+
+// Transcript is what a device signs to prove its key: everything both
+// sides said in the handshake, including the edge's nonce and id, so a
+// captured signature is worthless on another edge or in another session.
+type Transcript struct {
+	UserID          string
+	DeviceID        string
+	ProtocolVersion uint32
+	ClientTimeMs    int64
+	EdgeID          string
+	Nonce           []byte
+	ServerTimeMs    int64
+}
+
+// Bytes returns the canonical encoding that is signed: the label, then
+// every field length-prefixed (strings, nonce) or fixed-width (numbers),
+// in a fixed order, so no two transcripts encode alike.
+func (t Transcript) Bytes() []byte {
+	b := make([]byte, 0, 128)
+	str := func(s string) {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(s)))
+		b = append(b, s...)
+	}
+	str(transcriptLabel)
+	str(t.UserID)
+	str(t.DeviceID)
+	b = binary.BigEndian.AppendUint32(b, t.ProtocolVersion)
+	b = binary.BigEndian.AppendUint64(b, uint64(t.ClientTimeMs))
+	str(t.EdgeID)
+	str(string(t.Nonce))
+	b = binary.BigEndian.AppendUint64(b, uint64(t.ServerTimeMs))
+	return b
+}
+
+// ErrBadSignature is returned when a handshake signature does not verify.
+var ErrBadSignature = errors.New("handshake signature does not verify")
+
+// Sign signs the transcript with a device key (what clients do).
+func (t Transcript) Sign(key ed25519.PrivateKey) []byte {
+	return ed25519.Sign(key, t.Bytes())
+}
+
+// Verify checks a device's signature over the transcript.
+func (t Transcript) Verify(pub []byte, sig []byte) error {
+	if len(pub) != ed25519.PublicKeySize {
+		return fmt.Errorf("%w: device key is %d bytes", ErrBadSignature, len(pub))
+	}
+	if len(t.Nonce) != NonceSize {
+		return fmt.Errorf("%w: nonce is %d bytes", ErrBadSignature, len(t.Nonce))
+	}
+	if !ed25519.Verify(ed25519.PublicKey(pub), t.Bytes(), sig) {
+		return ErrBadSignature
+	}
+	return nil
+}
