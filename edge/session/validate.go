@@ -1,0 +1,95 @@
+package session
+
+import (
+	"fmt"
+	"time"
+	"unicode/utf8"
+
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// Limits are the per-session limits an edge enforces and announces in
+// its Welcome.
+type Limits struct {
+	MaxFrameBytes   int
+	MaxPayloadBytes int
+	MaxTTL          time.Duration
+	// SkewTolerance is how far a client's clock may be off: an event may
+	// claim a creation time up to this far in the future, and is still
+	// accepted up to this long after its TTL ran out.
+	SkewTolerance   time.Duration
+	EventsPerSecond int
+	BytesPerSecond  int
+	MaxTargets      int
+	MaxIDBytes      int
+	MaxTypeBytes    int
+}
+
+// DefaultLimits are the limits of an edge configured with nothing.
+func DefaultLimits() Limits {
+	return Limits{
+		MaxFrameBytes: 64 << 10, MaxPayloadBytes: 48 << 10, MaxTTL: 7 * 24 * time.Hour,
+		SkewTolerance: 5 * time.Minute, EventsPerSecond: 200, BytesPerSecond: 1 << 20,
+		MaxTargets: 64, MaxIDBytes: 64, MaxTypeBytes: 64,
+	}
+}
+
+// Proto returns the limits as announced to the client.
+func (l Limits) Proto() *relayv1.Limits {
+	return &relayv1.Limits{
+		MaxFrameBytes: uint32(l.MaxFrameBytes), MaxPayloadBytes: uint32(l.MaxPayloadBytes),
+		MaxTtlMs: l.MaxTTL.Milliseconds(), SkewToleranceMs: l.SkewTolerance.Milliseconds(),
+		EventsPerSecond: uint32(l.EventsPerSecond), BytesPerSecond: uint32(l.BytesPerSecond),
+	}
+}
+
+// RejectError is an event refused with a protocol code; the session
+// goes on.
+type RejectError struct {
+	Code relayv1.ErrorCode
+	Msg  string
+}
+
+func (e *RejectError) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Msg) }
+
+func reject(code relayv1.ErrorCode, format string, args ...any) *RejectError {
+	return &RejectError{Code: code, Msg: fmt.Sprintf(format, args...)}
+}
+
+// ValidateEvent checks an event's own fields at time now (the edge's
+// clock): sizes, TTL, creation time against the skew tolerance, and the
+// shape of ids. Checks that need state (targets, revocation, rate)
+// belong to the session. It returns nil or a *RejectError.
+func ValidateEvent(ev *relayv1.Event, l Limits, now time.Time) *RejectError {
+	malformed := relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME
+	if ev.GetId() == "" || len(ev.GetId()) > l.MaxIDBytes || !utf8.ValidString(ev.GetId()) {
+		return reject(malformed, "event id must be 1 to %d bytes of UTF-8", l.MaxIDBytes)
+	}
+	if ev.GetSeq() == 0 {
+		return reject(malformed, "event %s: seq must start at 1", ev.GetId())
+	}
+	if len(ev.GetType()) > l.MaxTypeBytes {
+		return reject(malformed, "event %s: type longer than %d bytes", ev.GetId(), l.MaxTypeBytes)
+	}
+	if len(ev.GetTargets()) > l.MaxTargets {
+		return reject(malformed, "event %s: %d targets, at most %d", ev.GetId(), len(ev.GetTargets()), l.MaxTargets)
+	}
+	if len(ev.GetPayload()) > l.MaxPayloadBytes {
+		return reject(relayv1.ErrorCode_ERROR_CODE_PAYLOAD_TOO_LARGE, "event %s: payload of %d bytes, at most %d", ev.GetId(), len(ev.GetPayload()), l.MaxPayloadBytes)
+	}
+	ttl := time.Duration(ev.GetTtlMs()) * time.Millisecond
+	if ttl <= 0 {
+		return reject(malformed, "event %s: ttl_ms must be positive", ev.GetId())
+	}
+	if ttl > l.MaxTTL {
+		return reject(relayv1.ErrorCode_ERROR_CODE_TTL_TOO_LONG, "event %s: ttl %s above the maximum %s", ev.GetId(), ttl, l.MaxTTL)
+	}
+	created := time.UnixMilli(ev.GetCreatedAtMs())
+	if created.After(now.Add(l.SkewTolerance)) {
+		return reject(relayv1.ErrorCode_ERROR_CODE_CREATED_IN_FUTURE, "event %s: created %s in the future, tolerance %s", ev.GetId(), created.Sub(now).Round(time.Millisecond), l.SkewTolerance)
+	}
+	if !now.Before(created.Add(ttl).Add(l.SkewTolerance)) {
+		return reject(relayv1.ErrorCode_ERROR_CODE_EXPIRED, "event %s: expired %s ago, tolerance %s", ev.GetId(), now.Sub(created.Add(ttl)).Round(time.Millisecond), l.SkewTolerance)
+	}
+	return nil
+}
