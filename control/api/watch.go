@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -55,6 +56,8 @@ func (c *WatchConfig) applyDefaults() {
 type WatchServer struct {
 	node    *raftnode.Node
 	cfg     WatchConfig
+	closing chan struct{} // closed by Close: open streams end
+	once    sync.Once
 	streams prometheus.Gauge
 	cutoffs prometheus.Counter
 	resyncs prometheus.Counter
@@ -65,7 +68,7 @@ var _ edgev1connect.WatchServiceHandler = (*WatchServer)(nil)
 // NewWatchServer returns the WatchService handler.
 func NewWatchServer(node *raftnode.Node, cfg WatchConfig) *WatchServer {
 	cfg.applyDefaults()
-	s := &WatchServer{node: node, cfg: cfg,
+	s := &WatchServer{node: node, cfg: cfg, closing: make(chan struct{}),
 		streams: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_control_watch_streams", Help: "Open watch streams."}),
 		cutoffs: prometheus.NewCounter(prometheus.CounterOpts{Name: "relay_control_watch_cutoffs_total", Help: "Watch streams ended because the watcher stopped reading."}),
 		resyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "relay_control_watch_resyncs_total", Help: "Full copies sent to watchers (new, or behind the compacted horizon)."}),
@@ -74,6 +77,13 @@ func NewWatchServer(node *raftnode.Node, cfg WatchConfig) *WatchServer {
 		cfg.Metrics.MustRegister(s.streams, s.cutoffs, s.resyncs)
 	}
 	return s
+}
+
+// Close ends every open stream (with Unavailable, so watchers resume on
+// another node) and refuses new ones. A server shutting down calls it
+// first: streams would otherwise hold the shutdown until its timeout.
+func (s *WatchServer) Close() {
+	s.once.Do(func() { close(s.closing) })
 }
 
 type responseControllerKey struct{}
@@ -183,9 +193,19 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) e
 		if len(changes) == s.cfg.BatchLimit {
 			continue
 		}
+		if len(changes) > 0 {
+			// One revision may carry several changes: a progress message
+			// tells the watcher that revision `last` is complete, so it can
+			// resume from it without missing the rest of it.
+			if err := ws.Send(&edgev1.WatchResponse{Revision: last, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}}); err != nil {
+				return err
+			}
+		}
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-s.closing:
+			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("control node shutting down; resume from revision %d on another node", last))
 		case <-changed:
 		case <-progress.C:
 			// Claim progress only up to what has really been sent: read

@@ -247,7 +247,8 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	mux.Handle(controlv1connect.NewUserServiceHandler(api.NewUserServer(s.node, s.authn), opts))
 	mux.Handle(controlv1connect.NewDeviceServiceHandler(api.NewDeviceServer(s.node), opts))
 	mux.Handle(controlv1connect.NewKeyServiceHandler(api.NewKeyServer(s.node, s.authn, cfg.SessionKeyGrace), opts))
-	mux.Handle(edgev1connect.NewWatchServiceHandler(api.NewWatchServer(s.node, watchConfig(cfg.Watch, s.log, s.reg)), opts))
+	watch := api.NewWatchServer(s.node, watchConfig(cfg.Watch, s.log, s.reg))
+	mux.Handle(edgev1connect.NewWatchServiceHandler(watch, opts))
 	mux.Handle(edgev1connect.NewActivityServiceHandler(api.NewActivityServer(s.node), opts))
 	mux.Handle("GET /.well-known/jwks.json", api.JWKSHandler(s.authn.Keys()))
 	doc, err := openapi.Generate(openapi.Info{Title: "relay control API", Version: "v1"},
@@ -267,6 +268,8 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		protos.SetUnencryptedHTTP2(true)
 	}
 	s.apiSrv.Protocols = &protos
+	// Watch streams never end by themselves: end them as shutdown begins.
+	s.apiSrv.RegisterOnShutdown(watch.Close)
 	apiLn := s.apiLn
 	if serverTLS != nil {
 		t := serverTLS.Clone()

@@ -640,7 +640,8 @@ type WatchResponse_SnapshotDone struct {
 }
 
 type WatchResponse_Progress struct {
-	// Nothing changed up to `revision` (sent when idle).
+	// Every change up to `revision` has been sent: sent after each burst
+	// of changes (one revision may carry several) and when idle.
 	Progress *Progress `protobuf:"bytes,13,opt,name=progress,proto3,oneof"`
 }
 

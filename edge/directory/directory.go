@@ -1,0 +1,306 @@
+// Package directory is the edge's in-memory copy of what it needs from
+// the control plane: devices with their keys, which users are active, the
+// session-key ring and the edge members. It follows the control plane's
+// watch feed (full copy, then changes; resumes from its revision after any
+// error) and tells the edge whose sessions must close.
+package directory
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/edge/session"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
+)
+
+// Device is what the edge knows of a device.
+type Device struct {
+	ID        string
+	UserID    string
+	PublicKey []byte
+	Revoked   bool
+}
+
+// Removal says that sessions of a device (or of all devices of a user,
+// when DeviceID is empty) must close, and why.
+type Removal struct {
+	UserID   string
+	DeviceID string
+	Reason   string // "device revoked", "device deleted", "user deleted", "user disabled"
+}
+
+// Config configures a Directory.
+type Config struct {
+	// Ring receives the session-key ring; required.
+	Ring *session.Ring
+	// OnRemove is called (from the following goroutine) for every device
+	// or user whose sessions must close. It must not block for long.
+	OnRemove func(Removal)
+	// Logger; default slog.Default().
+	Logger *slog.Logger
+}
+
+type snapshot struct {
+	devices map[string]Device
+	users   map[string]bool // id -> active
+	edges   map[string][]string
+}
+
+func newSnapshot() snapshot {
+	return snapshot{devices: map[string]Device{}, users: map[string]bool{}, edges: map[string][]string{}}
+}
+
+// Directory is safe for concurrent use: one goroutine applies the feed,
+// sessions read.
+type Directory struct {
+	cfg Config
+
+	mu       sync.RWMutex // guards the fields below
+	cur      snapshot
+	staging  *snapshot // non-nil during a full copy
+	revision uint64
+	synced   bool
+	changed  chan struct{} // closed and replaced when synced or revision moves
+}
+
+// New returns an empty, unsynced directory.
+func New(cfg Config) *Directory {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.OnRemove == nil {
+		cfg.OnRemove = func(Removal) {}
+	}
+	return &Directory{cfg: cfg, cur: newSnapshot(), changed: make(chan struct{})}
+}
+
+// Device returns a device by id.
+func (d *Directory) Device(id string) (Device, bool) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	dev, ok := d.cur.devices[id]
+	return dev, ok
+}
+
+// UserActive reports whether a user exists and is active.
+func (d *Directory) UserActive(id string) bool {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.cur.users[id]
+}
+
+// Edges returns the edge members and their addresses.
+func (d *Directory) Edges() map[string][]string {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	out := make(map[string][]string, len(d.cur.edges))
+	for k, v := range d.cur.edges {
+		out[k] = v
+	}
+	return out
+}
+
+// Synced reports whether a full copy has been received.
+func (d *Directory) Synced() bool {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.synced
+}
+
+// Revision is the last revision applied completely (every change of it).
+func (d *Directory) Revision() uint64 {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.revision
+}
+
+// WaitRevision blocks until the directory is synced and has applied rev.
+func (d *Directory) WaitRevision(ctx context.Context, rev uint64) error {
+	for {
+		d.mu.RLock()
+		ok, ch := d.synced && d.revision >= rev, d.changed
+		d.mu.RUnlock()
+		if ok {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (d *Directory) notify() {
+	close(d.changed)
+	d.changed = make(chan struct{})
+}
+
+// Apply applies one watch message. Removals it implies are reported after
+// the lock is released.
+func (d *Directory) Apply(m *edgev1.WatchResponse) {
+	var removals []Removal
+	if d.cfg.Logger.Enabled(context.Background(), slog.LevelDebug) {
+		d.cfg.Logger.Debug("watch message", "revision", m.GetRevision(), "message", m.String())
+	}
+	d.mu.Lock()
+	switch k := m.GetKind().(type) {
+	case *edgev1.WatchResponse_Resync:
+		s := newSnapshot()
+		d.staging = &s
+	case *edgev1.WatchResponse_SnapshotDone:
+		if d.staging != nil {
+			removals = diff(d.cur, *d.staging)
+			d.cur, d.staging = *d.staging, nil
+			d.synced = true
+		}
+	case *edgev1.WatchResponse_Event:
+		target := &d.cur
+		if d.staging != nil {
+			target = d.staging
+		}
+		removals = d.applyEvent(target, k.Event, d.staging == nil)
+	case *edgev1.WatchResponse_Progress:
+	}
+	// d.revision is the last *complete* revision, the one to resume from:
+	// an event says every earlier revision is complete (one revision can
+	// carry several changes); progress and the end of a full copy say
+	// their own revision is.
+	if d.staging == nil {
+		complete := m.GetRevision()
+		if _, isEvent := m.GetKind().(*edgev1.WatchResponse_Event); isEvent && complete > 0 {
+			complete--
+		}
+		if complete > d.revision {
+			d.revision = complete
+		}
+	}
+	d.notify()
+	d.mu.Unlock()
+	for _, r := range removals {
+		d.cfg.OnRemove(r)
+	}
+}
+
+func (d *Directory) applyEvent(s *snapshot, ev *edgev1.WatchEvent, live bool) []Removal {
+	var out []Removal
+	switch k := ev.GetKind().(type) {
+	case *edgev1.WatchEvent_UserPut:
+		u := k.UserPut
+		if live && s.users[u.GetId()] && !u.GetActive() {
+			out = append(out, Removal{UserID: u.GetId(), Reason: "user disabled"})
+		}
+		s.users[u.GetId()] = u.GetActive()
+	case *edgev1.WatchEvent_UserDeleted:
+		delete(s.users, k.UserDeleted)
+		if live {
+			out = append(out, Removal{UserID: k.UserDeleted, Reason: "user deleted"})
+		}
+	case *edgev1.WatchEvent_DevicePut:
+		dv := k.DevicePut
+		old, had := s.devices[dv.GetId()]
+		s.devices[dv.GetId()] = Device{ID: dv.GetId(), UserID: dv.GetUserId(), PublicKey: dv.GetPublicKey(), Revoked: dv.GetRevoked()}
+		if live && dv.GetRevoked() && (!had || !old.Revoked) {
+			out = append(out, Removal{UserID: dv.GetUserId(), DeviceID: dv.GetId(), Reason: "device revoked"})
+		}
+	case *edgev1.WatchEvent_DeviceDeleted:
+		delete(s.devices, k.DeviceDeleted.GetId())
+		if live {
+			out = append(out, Removal{UserID: k.DeviceDeleted.GetUserId(), DeviceID: k.DeviceDeleted.GetId(), Reason: "device deleted"})
+		}
+	case *edgev1.WatchEvent_SessionKeys:
+		keys := make([]session.SessionKey, 0, len(k.SessionKeys.GetKeys()))
+		for _, sk := range k.SessionKeys.GetKeys() {
+			key := session.SessionKey{ID: sk.GetId(), Secret: sk.GetSecret()}
+			if sk.GetExpiresAtMs() != 0 {
+				key.Expiry = time.UnixMilli(sk.GetExpiresAtMs())
+			}
+			keys = append(keys, key)
+		}
+		d.cfg.Ring.Set(k.SessionKeys.GetCurrentId(), keys)
+	case *edgev1.WatchEvent_EdgePut:
+		s.edges[k.EdgePut.GetId()] = k.EdgePut.GetAddrs()
+	case *edgev1.WatchEvent_EdgeDeleted:
+		delete(s.edges, k.EdgeDeleted)
+	}
+	return out
+}
+
+// diff finds what a full copy removed or revoked compared with before.
+func diff(old, cur snapshot) []Removal {
+	var out []Removal
+	for id, active := range old.users {
+		if now, ok := cur.users[id]; !ok {
+			out = append(out, Removal{UserID: id, Reason: "user deleted"})
+		} else if active && !now {
+			out = append(out, Removal{UserID: id, Reason: "user disabled"})
+		}
+	}
+	for id, dv := range old.devices {
+		if now, ok := cur.devices[id]; !ok {
+			out = append(out, Removal{UserID: dv.UserID, DeviceID: id, Reason: "device deleted"})
+		} else if now.Revoked && !dv.Revoked {
+			out = append(out, Removal{UserID: dv.UserID, DeviceID: id, Reason: "device revoked"})
+		}
+	}
+	return out
+}
+
+// Follow keeps the directory in step with the watch feed until ctx ends,
+// resuming from the last revision after every error with backoff. token
+// supplies the edge's access token for each (re)connection.
+func (d *Directory) Follow(ctx context.Context, client edgev1connect.WatchServiceClient, token func(context.Context) (string, error)) error {
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		err := d.followOnce(ctx, client, token)
+		if ctx.Err() != nil {
+			break
+		}
+		d.cfg.Logger.Warn("watch feed interrupted; resuming", "revision", d.Revision(), "err", err, "backoff", backoff)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		if backoff < 5*time.Second {
+			backoff *= 2
+		}
+	}
+	return ctx.Err()
+}
+
+func (d *Directory) followOnce(ctx context.Context, client edgev1connect.WatchServiceClient, token func(context.Context) (string, error)) error {
+	// A full copy cut off halfway is discarded; the server sends a new
+	// one if it is still needed.
+	d.mu.Lock()
+	d.staging = nil
+	d.mu.Unlock()
+	tok, err := token(ctx)
+	if err != nil {
+		return fmt.Errorf("edge token: %w", err)
+	}
+	from := uint64(0)
+	if d.Synced() {
+		from = d.Revision()
+	}
+	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from})
+	req.Header().Set("Authorization", "Bearer "+tok)
+	stream, err := client.Watch(ctx, req)
+	if err != nil {
+		return err
+	}
+	defer stream.Close()
+	for stream.Receive() {
+		d.Apply(stream.Msg())
+	}
+	if err := stream.Err(); err != nil {
+		return err
+	}
+	return errors.New("watch stream ended")
+}

@@ -1,0 +1,153 @@
+package directory_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/edge/directory"
+	"github.com/edge-relay/relay/edge/session"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("github.com/cockroachdb/pebble/v2/internal/cache.(*shard).releaseLoop"))
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+type removals struct {
+	mu  sync.Mutex
+	got []directory.Removal
+}
+
+func (r *removals) add(x directory.Removal) { r.mu.Lock(); r.got = append(r.got, x); r.mu.Unlock() }
+func (r *removals) has(want directory.Removal) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, g := range r.got {
+		if g == want {
+			return true
+		}
+	}
+	return false
+}
+
+// The directory follows a real control plane: full copy, live changes,
+// removals for revoked and deleted devices and users, the session-key
+// ring, and a resume after the node it follows restarts.
+func TestFollowsTheControlPlane(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	edgeTok := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	apply := func(cmd *statev1.Command) uint64 {
+		t.Helper()
+		res, err := c.Nodes[c.Leader()].Server.Node().Apply(ctx, cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.GetRevision()
+	}
+	apply(&statev1.Command{Op: &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u1", Login: "u1"}}}})
+	key := bytes.Repeat([]byte{1}, 32)
+	apply(&statev1.Command{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d1", UserId: "u1", Name: "a", PublicKey: key}}}})
+
+	var rm removals
+	ring := session.NewRing()
+	var logs bytes.Buffer
+	var logMu sync.Mutex
+	logger := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+		logMu.Lock()
+		defer logMu.Unlock()
+		return logs.Write(p)
+	}), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	defer func() {
+		if t.Failed() {
+			logMu.Lock()
+			t.Log(logs.String())
+			logMu.Unlock()
+		}
+	}()
+	dir := directory.New(directory.Config{Ring: ring, OnRemove: rm.add, Logger: logger})
+	follow := c.Follower()
+	// The copy comes from the follower: let it catch up first.
+	if err := c.Nodes[follow].Server.Node().Barrier(ctx); err != nil {
+		t.Fatal(err)
+	}
+	d := api.NewDialer(nil)
+	defer d.Close()
+	client := edgev1connect.NewWatchServiceClient(d.HTTPClient(), d.URL(c.Nodes[follow].Server.APIAddr()))
+	fctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		done <- dir.Follow(fctx, client, func(context.Context) (string, error) { return edgeTok, nil })
+	}()
+	defer func() { stop(); <-done }()
+
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		if !dir.Synced() {
+			return fmt.Errorf("not synced")
+		}
+		return nil
+	})
+	if dv, ok := dir.Device("d1"); !ok || dv.UserID != "u1" || !bytes.Equal(dv.PublicKey, key) || !dir.UserActive("u1") {
+		t.Fatalf("full copy: %+v %v", dv, ok)
+	}
+	// The ring came with the copy: tickets seal and open.
+	tk, err := ring.Seal(session.Ticket{UserID: "u1", DeviceID: "d1", AuthAt: time.Now(), ExpiresAt: time.Now().Add(time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Live: a new device, a revocation, a session key rotation.
+	apply(&statev1.Command{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d2", UserId: "u1", Name: "b", PublicKey: key}}}})
+	rev := apply(&statev1.Command{Op: &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "u1", DeviceId: "d1"}}})
+	cmd, _, err := api.NewSessionKeyCommand(time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev2 := apply(cmd)
+	if err := dir.WaitRevision(ctx, max(rev, rev2)); err != nil {
+		t.Fatal(err)
+	}
+	if dv, _ := dir.Device("d1"); !dv.Revoked {
+		t.Fatal("revocation not applied")
+	}
+	if !rm.has(directory.Removal{UserID: "u1", DeviceID: "d1", Reason: "device revoked"}) {
+		t.Fatalf("no removal for the revoked device: %v", rm.got)
+	}
+	if _, err := ring.Open(tk, time.Now()); err != nil {
+		t.Fatalf("ticket of the previous key within its grace: %v", err)
+	}
+
+	// The followed node restarts; changes made meanwhile arrive on resume.
+	c.Shutdown(follow)
+	rev = apply(&statev1.Command{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u1"}}})
+	c.Restart(follow)
+	if err := dir.WaitRevision(ctx, rev); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := dir.Device("d2"); ok || dir.UserActive("u1") {
+		t.Fatalf("deletion (revision %d) not applied after resume; directory at %d", rev, dir.Revision())
+	}
+	for _, want := range []directory.Removal{
+		{UserID: "u1", DeviceID: "d2", Reason: "device deleted"},
+		{UserID: "u1", Reason: "user deleted"},
+	} {
+		if !rm.has(want) {
+			t.Fatalf("missing removal %+v in %v", want, rm.got)
+		}
+	}
+}
