@@ -168,15 +168,20 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) e
 	}
 	progress := time.NewTicker(s.cfg.ProgressInterval)
 	defer progress.Stop()
+	// pos is where the next read of the feed starts. It is a (revision,
+	// seq) position, not a revision: a page of BatchLimit changes may end
+	// inside a revision, and the rest of that revision must follow.
+	pos := fsm.ChangePos{Revision: last + 1}
 	for {
 		changed := f.Changed()
-		changes, err := f.Changes(last, s.cfg.BatchLimit)
+		changes, err := f.ChangesFrom(pos, s.cfg.BatchLimit)
 		if errors.Is(err, fsm.ErrCompacted) {
 			rev, err := s.resync(ws, f)
 			if err != nil {
 				return err
 			}
 			last = rev
+			pos = fsm.ChangePos{Revision: last + 1}
 			continue
 		}
 		if err != nil {
@@ -188,15 +193,20 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) e
 					return err
 				}
 			}
-			last = c.GetRevision()
+			pos = fsm.After(c)
 		}
 		if len(changes) == s.cfg.BatchLimit {
+			// The page may have ended inside a revision: read on before
+			// claiming anything complete.
 			continue
 		}
-		if len(changes) > 0 {
-			// One revision may carry several changes: a progress message
-			// tells the watcher that revision `last` is complete, so it can
-			// resume from it without missing the rest of it.
+		if pos.Seq > 0 {
+			// A short page read everything up to the view's end, so the
+			// revision of the last change read is complete: a progress
+			// message tells the watcher it can resume from it without
+			// missing the rest of it.
+			last = pos.Revision
+			pos = fsm.ChangePos{Revision: last + 1}
 			if err := ws.Send(&edgev1.WatchResponse{Revision: last, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}}); err != nil {
 				return err
 			}
@@ -222,6 +232,7 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) e
 			if applied > last {
 				// Entries with no change for watchers (noops, activity).
 				last = applied
+				pos = fsm.ChangePos{Revision: last + 1}
 			}
 			if err := ws.Send(&edgev1.WatchResponse{Revision: last, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}}); err != nil {
 				return err

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -142,14 +143,17 @@ func describe(m *edgev1.WatchResponse) string {
 	return fmt.Sprintf("%d:%s", m.GetRevision(), kinds[string(fd.Name())])
 }
 
-// collect reads events until the stream has reached revision `until`
-// (from the FSM), returning them as described strings.
+// collect reads events until the stream confirms revision `until`
+// complete with a progress message, returning them as described strings.
+// An event at revision `until` does not end it: one revision may carry
+// several changes, and only a progress message says that all of them
+// were sent.
 func (w *watcher) collect(t *testing.T, until uint64) []string {
 	t.Helper()
 	var out []string
 	var last uint64
 	deadline := time.After(30 * time.Second)
-	for last < until {
+	for {
 		select {
 		case m := <-w.msgs:
 			if m.GetRevision() < last {
@@ -159,13 +163,30 @@ func (w *watcher) collect(t *testing.T, until uint64) []string {
 			if m.GetEvent() != nil {
 				out = append(out, describe(m))
 			}
+			if m.GetProgress() != nil && last >= until {
+				return out
+			}
 		case <-w.done:
-			t.Fatalf("stream ended at %d before %d: %v", last, until, w.err)
+			t.Fatalf("stream ended at %d before %d was confirmed: %v", last, until, w.err)
 		case <-deadline:
-			t.Fatalf("stream stuck at revision %d, want %d", last, until)
+			t.Fatalf("stream stuck at revision %d, want progress at %d", last, until)
 		}
 	}
-	return out
+}
+
+// feedEnd returns the revision of the newest change in f's feed (after
+// `after`), the revision a watcher's progress must reach once it has been
+// sent everything.
+func feedEnd(t *testing.T, f *fsm.FSM, after uint64) uint64 {
+	t.Helper()
+	cs, err := f.Changes(after, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cs) == 0 {
+		return after
+	}
+	return cs[len(cs)-1].GetRevision()
 }
 
 func equalSeq(t *testing.T, got, want []string) {
@@ -217,7 +238,7 @@ func TestWatchFullCopyThenLiveThenResume(t *testing.T) {
 	if err := node.Server.Node().Barrier(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	live := w.collect(t, f.AppliedIndex())
+	live := w.collect(t, feedEnd(t, f, base))
 	equalSeq(t, live, expectedEvents(t, f, base))
 
 	// Disconnect, change more, resume from the last revision seen on
@@ -236,7 +257,7 @@ func TestWatchFullCopyThenLiveThenResume(t *testing.T) {
 		t.Fatal(err)
 	}
 	of := other.Server.Node().FSM()
-	equalSeq(t, w2.collect(t, of.AppliedIndex()), expectedEvents(t, of, seen))
+	equalSeq(t, w2.collect(t, feedEnd(t, of, seen)), expectedEvents(t, of, seen))
 
 	// Idle streams get progress at the applied revision.
 	deadline := time.After(10 * time.Second)
@@ -385,7 +406,7 @@ func TestSlowWatcherIsCutOffAndResumes(t *testing.T) {
 	}
 	// Resume from the last revision received: the rest arrives.
 	w2 := startWatch(t, c.Nodes[0], edge, last, true)
-	got := w2.collect(t, node.FSM().AppliedIndex())
+	got := w2.collect(t, feedEnd(t, node.FSM(), last))
 	equalSeq(t, got, expectedEvents(t, node.FSM(), last))
 	if received+len(got) < 1200 {
 		t.Fatalf("received %d + %d events, want all 1200", received, len(got))
@@ -408,7 +429,7 @@ func TestWatchResumeAcrossLeaderChange(t *testing.T) {
 		mkUser(t, c, l, fmt.Sprintf("a%d", i))
 	}
 	f := c.Nodes[l].Server.Node().FSM()
-	got := w.collect(t, f.AppliedIndex())
+	got := w.collect(t, feedEnd(t, f, 0))
 	var seen uint64
 	fmt.Sscanf(got[len(got)-1], "%d:", &seen)
 	w.stop()
@@ -432,7 +453,7 @@ func TestWatchResumeAcrossLeaderChange(t *testing.T) {
 		t.Fatal(err)
 	}
 	of := other.Server.Node().FSM()
-	equalSeq(t, w2.collect(t, of.AppliedIndex()), expectedEvents(t, of, seen))
+	equalSeq(t, w2.collect(t, feedEnd(t, of, seen)), expectedEvents(t, of, seen))
 }
 
 func TestReportActivity(t *testing.T) {
@@ -479,6 +500,116 @@ func TestReportActivity(t *testing.T) {
 		_, err := cl.ReportActivity(ctx, connect.NewRequest(&edgev1.ReportActivityRequest{Entries: []*edgev1.Activity{e}}))
 		if connect.CodeOf(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), field) {
 			t.Errorf("want InvalidArgument naming %s, got %v", field, err)
+		}
+	}
+}
+
+// progressHonest reads the stream until a progress confirms `until` and
+// checks every progress message on the way: a progress at revision R comes
+// only after every change of R (and before) was sent. It returns the
+// events read.
+func (w *watcher) progressHonest(t *testing.T, f *fsm.FSM, after, until uint64) []string {
+	t.Helper()
+	want := expectedEvents(t, f, after)
+	var got []string
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case m := <-w.msgs:
+			if m.GetEvent() != nil {
+				got = append(got, describe(m))
+				continue
+			}
+			if m.GetProgress() == nil {
+				continue
+			}
+			for _, e := range want {
+				var rev uint64
+				fmt.Sscanf(e, "%d:", &rev)
+				if rev <= m.GetRevision() && !slices.Contains(got, e) {
+					t.Fatalf("progress at %d before change %s was sent (sent %v)", m.GetRevision(), e, got)
+				}
+			}
+			if m.GetRevision() >= until {
+				return got
+			}
+		case <-w.done:
+			t.Fatalf("stream ended before %d: %v", until, w.err)
+		case <-deadline:
+			t.Fatalf("no progress at %d within 30s; events %v", until, got)
+		}
+	}
+}
+
+// Regression: a page of the change feed (BatchLimit) that ends inside a
+// revision must not skip the rest of that revision, and progress must
+// not claim such a revision complete early. Deleting a user with three
+// devices is one revision with four changes; pages hold two.
+func TestWatchPagesSplitInsideARevision(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{Watch: api.WatchConfig{BatchLimit: 2, ProgressInterval: 50 * time.Millisecond}})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	l := c.Leader()
+	node := c.Nodes[l].Server.Node()
+	for _, u := range []string{"victim1", "victim2", "victim3"} {
+		mkUser(t, c, l, u)
+		for d := 0; d < 3; d++ {
+			if _, err := node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{
+				Device: &statev1.Device{Id: fmt.Sprintf("%s-d%d", u, d), UserId: u, Name: "dev", PublicKey: pubKey(t)}}}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	deleteUser := func(id string) uint64 {
+		t.Helper()
+		res, err := node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: id}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.GetRevision()
+	}
+	fol := c.Nodes[c.Follower()]
+	ff := fol.Server.Node().FSM()
+	if err := fol.Server.Node().Barrier(ctx); err != nil {
+		t.Fatal(err)
+	}
+	start := ff.AppliedIndex()
+	w := startWatch(t, fol, edge, start, true)
+	rev1 := deleteUser("victim1")
+	if err := fol.Server.Node().Barrier(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(expectedEvents(t, ff, rev1-1)) - len(expectedEvents(t, ff, rev1)); n != 4 {
+		t.Fatalf("revision %d holds %d changes, want 4 (3 devices and the user)", rev1, n)
+	}
+	got := w.progressHonest(t, ff, start, rev1)
+	equalSeq(t, got, expectedEvents(t, ff, start))
+
+	// Resume from the revision the progress confirmed, on another node,
+	// after two more multi-change revisions were made while away.
+	w.stop()
+	rev2 := deleteUser("victim2")
+	rev3 := deleteUser("victim3")
+	if rev3 <= rev2 {
+		t.Fatalf("revisions %d, %d", rev2, rev3)
+	}
+	if err := node.Barrier(ctx); err != nil {
+		t.Fatal(err)
+	}
+	w2 := startWatch(t, c.Nodes[l], edge, rev1, true)
+	got2 := w2.progressHonest(t, node.FSM(), rev1, rev3)
+	want2 := expectedEvents(t, node.FSM(), rev1)
+	equalSeq(t, got2, want2)
+	for _, r := range []uint64{rev2, rev3} {
+		n := 0
+		for _, e := range got2 {
+			if strings.HasPrefix(e, fmt.Sprintf("%d:", r)) {
+				n++
+			}
+		}
+		if n != 4 {
+			t.Fatalf("revision %d: %d events after resume, want 4 (%v)", r, n, got2)
 		}
 	}
 }

@@ -401,6 +401,28 @@ func TestDeleteUserCascades(t *testing.T) {
 			t.Fatalf("change %d is %v, want %v", i, c.Kind, want)
 		}
 	}
+	// Paging through the feed one change at a time with ChangesFrom
+	// yields the same four changes: a page may end inside a revision.
+	var paged []*statev1.Change
+	for pos := (ChangePos{Revision: before + 1}); ; {
+		page, err := f.ChangesFrom(pos, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(page) == 0 {
+			break
+		}
+		paged = append(paged, page...)
+		pos = After(page[0])
+	}
+	if len(paged) != len(cs) {
+		t.Fatalf("paging by one change found %d changes, want %d", len(paged), len(cs))
+	}
+	for i := range cs {
+		if !proto.Equal(paged[i], cs[i]) {
+			t.Fatalf("paged change %d is %v, want %v", i, paged[i], cs[i])
+		}
+	}
 	if d, _ := f.ListDevices("u"); len(d) != 0 {
 		t.Fatal("devices remain")
 	}

@@ -140,7 +140,34 @@ func (f *FSM) Horizon() (uint64, error) {
 // in order, read from one consistent view. It returns ErrCompacted when
 // changes after `after` were already pruned; the caller must resync from
 // a full copy of the state.
+//
+// One revision may hold several changes (deleting a user emits one per
+// device, then the user's), so a full page may end inside a revision:
+// continue with ChangesFrom at the position after the last change
+// returned, never with Changes(lastRevision), which would skip the rest
+// of that revision.
 func (f *FSM) Changes(after uint64, limit int) ([]*statev1.Change, error) {
+	return f.ChangesFrom(ChangePos{Revision: after + 1}, limit)
+}
+
+// ChangePos is a position in the change feed: the change with this
+// revision and sequence number within it, or the first one after it.
+type ChangePos struct {
+	Revision uint64
+	Seq      uint32
+}
+
+// After returns the position just past change c.
+func After(c *statev1.Change) ChangePos {
+	return ChangePos{Revision: c.GetRevision(), Seq: c.GetSeq() + 1}
+}
+
+// ChangesFrom returns up to limit changes at or after pos, in order, read
+// from one consistent view. It returns ErrCompacted when changes at pos
+// were already pruned. When it returns fewer than limit changes, the last
+// one's revision is complete: a revision's changes are written in one
+// atomic batch, so the view holds all of them or none.
+func (f *FSM) ChangesFrom(pos ChangePos, limit int) ([]*statev1.Change, error) {
 	snap := f.store.Snapshot()
 	defer snap.Close()
 	var horizon uint64
@@ -149,11 +176,11 @@ func (f *FSM) Changes(after uint64, limit int) ([]*statev1.Change, error) {
 	} else if !errors.Is(err, state.ErrNotFound) {
 		return nil, fmt.Errorf("read horizon: %w", err)
 	}
-	if after+1 < horizon {
-		return nil, fmt.Errorf("changes after revision %d (horizon %d): %w", after, horizon, ErrCompacted)
+	if pos.Revision < horizon {
+		return nil, fmt.Errorf("changes from revision %d (horizon %d): %w", pos.Revision, horizon, ErrCompacted)
 	}
 	var out []*statev1.Change
-	err := snap.Iterate(changeKey(after+1, 0), prefixEnd(prefixChange), func(_, v []byte) (bool, error) {
+	err := snap.Iterate(changeKey(pos.Revision, pos.Seq), prefixEnd(prefixChange), func(_, v []byte) (bool, error) {
 		if len(out) == limit {
 			return false, nil
 		}
