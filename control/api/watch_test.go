@@ -30,7 +30,9 @@ type watcher struct {
 	done   chan struct{}
 	err    error
 	cancel context.CancelFunc
-	stream *connect.ServerStreamForClient[edgev1.WatchResponse]
+	// stream is owned by the reading goroutine when reading is set.
+	stream  *connect.ServerStreamForClient[edgev1.WatchResponse]
+	reading bool
 }
 
 func startWatch(t *testing.T, n *clustertest.Node, token string, from uint64, read bool) *watcher {
@@ -54,21 +56,31 @@ func startWatchWith(t *testing.T, hc *http.Client, n *clustertest.Node, token st
 	t.Helper()
 	cl := edgev1connect.NewWatchServiceClient(hc, url(n), connect.WithInterceptors(bearer(token)))
 	ctx, cancel := context.WithCancel(context.Background())
-	s, err := cl.Watch(ctx, connect.NewRequest(&edgev1.WatchRequest{FromRevision: from}))
-	if err != nil {
+	w := &watcher{msgs: make(chan *edgev1.WatchResponse, 1<<16), done: make(chan struct{}), cancel: cancel, reading: read}
+	open := func() error {
+		// The call returns once the server sent its headers, which a
+		// node still waiting to catch up has not done yet.
+		s, err := cl.Watch(ctx, connect.NewRequest(&edgev1.WatchRequest{FromRevision: from}))
+		w.stream = s
+		return err
+	}
+	if read {
+		go w.loop(open)
+	} else if err := open(); err != nil {
 		cancel()
 		t.Fatal(err)
-	}
-	w := &watcher{msgs: make(chan *edgev1.WatchResponse, 1<<16), done: make(chan struct{}), cancel: cancel, stream: s}
-	if read {
-		go w.loop()
 	}
 	t.Cleanup(w.stop)
 	return w
 }
 
-func (w *watcher) loop() {
+func (w *watcher) loop(open func() error) {
 	defer close(w.done)
+	if err := open(); err != nil {
+		w.err = err
+		return
+	}
+	defer w.stream.Close()
 	for w.stream.Receive() {
 		w.msgs <- w.stream.Msg()
 	}
@@ -77,6 +89,11 @@ func (w *watcher) loop() {
 
 func (w *watcher) stop() {
 	w.cancel()
+	if w.reading {
+		// The reading goroutine owns the stream; cancelling ends it.
+		<-w.done
+		return
+	}
 	_ = w.stream.Close()
 	select {
 	case <-w.done:
@@ -414,46 +431,115 @@ func TestSlowWatcherIsCutOffAndResumes(t *testing.T) {
 }
 
 // A watch resumed on another node after a leadership change never sees
-// revisions go backwards nor misses one.
+// revisions go backwards nor misses one, even when that node is behind
+// the revision the watcher already saw: the stream waits until the node
+// has caught up, then serves revisions from there on.
 func TestWatchResumeAcrossLeaderChange(t *testing.T) {
-	c := clustertest.Start(t, 3, clustertest.Options{})
+	c := clustertest.Start(t, 3, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: 20 * time.Millisecond}})
 	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
 	l := c.Leader()
-	w := startWatch(t, c.Nodes[l], edge, 0, true)
-	for {
-		if w.next(t).GetSnapshotDone() != nil {
-			break
+	var lagging, next int
+	for i := range c.Nodes {
+		if i == l {
+			continue
+		}
+		if lagging == 0 {
+			lagging = i
+		} else {
+			next = i
 		}
 	}
+	w := startWatch(t, c.Nodes[l], edge, 0, true)
+	for w.next(t).GetSnapshotDone() == nil {
+	}
+	// The lagging node is cut off before the watcher's changes are made,
+	// so it never applies them until it heals.
+	c.Isolate(lagging)
 	for i := 0; i < 10; i++ {
 		mkUser(t, c, l, fmt.Sprintf("a%d", i))
 	}
 	f := c.Nodes[l].Server.Node().FSM()
-	got := w.collect(t, feedEnd(t, f, 0))
-	var seen uint64
-	fmt.Sscanf(got[len(got)-1], "%d:", &seen)
+	seen := feedEnd(t, f, 0)
+	w.collect(t, seen)
 	w.stop()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if _, err := c.Nodes[l].Server.Node().TransferLeadership(ctx, ""); err != nil {
-		t.Fatal(err)
+	lf := c.Nodes[lagging].Server.Node().FSM()
+	if lf.AppliedIndex() >= seen {
+		t.Fatalf("the isolated node applied %d, the watcher saw %d: it does not lag", lf.AppliedIndex(), seen)
+	}
+
+	// Leadership moves to the third node; more changes follow.
+	if got, err := c.Nodes[l].Server.Node().TransferLeadership(ctx, c.Nodes[next].ID); err != nil || got != c.Nodes[next].ID {
+		t.Fatalf("transfer leadership to %s: %s, %v", c.Nodes[next].ID, got, err)
 	}
 	for i := 0; i < 10; i++ {
-		mkUser(t, c, c.Leader(), fmt.Sprintf("b%d", i))
+		mkUser(t, c, next, fmt.Sprintf("b%d", i))
 	}
-	// Resume on a node other than the old leader.
-	var other *clustertest.Node
-	for i, n := range c.Nodes {
-		if i != l {
-			other = n
+
+	// Resume on the lagging node: the stream opens but waits.
+	metric := func(name string) float64 {
+		mfs, err := c.Nodes[lagging].Server.Registry().Gather()
+		if err != nil {
+			t.Fatal(err)
 		}
+		for _, mf := range mfs {
+			if mf.GetName() == name {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		return 0
 	}
-	w2 := startWatch(t, other, edge, seen, true)
-	if err := other.Server.Node().Barrier(ctx); err != nil {
+	w2 := startWatch(t, c.Nodes[lagging], edge, seen, true)
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if metric("relay_control_watch_streams") < 1 {
+			return fmt.Errorf("watch stream not open on the lagging node yet")
+		}
+		return nil
+	})
+	// A node serving from its own (older) state would send a progress
+	// within one ProgressInterval; give it fifty.
+	select {
+	case m := <-w2.msgs:
+		t.Fatalf("lagging node (applied %d) sent %v to a watcher resuming from %d", lf.AppliedIndex(), m, seen)
+	case <-w2.done:
+		t.Fatalf("stream ended: %v", w2.err)
+	case <-time.After(50 * 20 * time.Millisecond):
+	}
+	if lf.AppliedIndex() >= seen {
+		t.Fatalf("isolated node caught up to %d while cut off", lf.AppliedIndex())
+	}
+
+	// Healed, it catches up and the stream continues from `seen`, never
+	// lower, with every later change exactly once.
+	c.Heal(lagging)
+	nf := c.Nodes[next].Server.Node().FSM()
+	if err := c.Nodes[next].Server.Node().Barrier(ctx); err != nil {
 		t.Fatal(err)
 	}
-	of := other.Server.Node().FSM()
-	equalSeq(t, w2.collect(t, feedEnd(t, of, seen)), expectedEvents(t, of, seen))
+	end := feedEnd(t, nf, seen)
+	var got []string
+	deadline := time.After(30 * time.Second)
+	for done := false; !done; {
+		select {
+		case m := <-w2.msgs:
+			if m.GetRevision() < seen {
+				t.Fatalf("resumed from %d, got revision %d", seen, m.GetRevision())
+			}
+			if m.GetEvent() != nil {
+				got = append(got, describe(m))
+			}
+			done = m.GetProgress() != nil && m.GetRevision() >= end
+		case <-w2.done:
+			t.Fatalf("stream ended: %v", w2.err)
+		case <-deadline:
+			t.Fatalf("no progress at %d within 30s; events %v", end, got)
+		}
+	}
+	equalSeq(t, got, expectedEvents(t, nf, seen))
+	if len(got) < 10 {
+		t.Fatalf("%d events after resume, want the 10 users made after it at least", len(got))
+	}
 }
 
 func TestReportActivity(t *testing.T) {

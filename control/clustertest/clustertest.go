@@ -60,8 +60,11 @@ type Node struct {
 	ID      string
 	DataDir string
 	Server  *server.Server
-	raft    string // raft address, kept across restarts
-	api     string // api address, kept across restarts
+	// Faults cuts the node's Raft traffic (Cluster.Isolate); it stays
+	// with the node across restarts.
+	Faults *raftnode.Faults
+	raft   string // raft address, kept across restarts
+	api    string // api address, kept across restarts
 }
 
 // FastRaft are timings that elect within a few hundred milliseconds on
@@ -117,7 +120,7 @@ func Empty(t testing.TB, opts Options) *Cluster {
 // StartNode starts a new node with custom settings applied by mod.
 func (c *Cluster) StartNode(mod func(*server.Config)) *Node {
 	c.t.Helper()
-	nd := &Node{ID: fmt.Sprintf("n%d", len(c.Nodes)+1), DataDir: c.t.TempDir()}
+	nd := &Node{ID: fmt.Sprintf("n%d", len(c.Nodes)+1), DataDir: c.t.TempDir(), Faults: &raftnode.Faults{}}
 	// Cleanups run last-in first-out: registered after TempDir, the stop
 	// runs before the directory is removed.
 	c.t.Cleanup(func() { nd.stop(false) })
@@ -164,7 +167,7 @@ func (c *Cluster) config(nd *Node) server.Config {
 		RaftAddr: raftAddr, APIAddr: apiAddr, AdminAddr: "127.0.0.1:0",
 		Logger: c.opts.Logger.With("test_node", nd.ID), Raft: c.opts.Raft, FSM: c.opts.FSM,
 		Auth: c.opts.Auth, AdminPassword: AdminPassword, Watch: c.opts.Watch,
-		TracerProvider: c.opts.TracerProvider,
+		TracerProvider: c.opts.TracerProvider, RaftFaults: nd.Faults,
 	}
 }
 
@@ -219,6 +222,14 @@ func (n *Node) stop(kill bool) {
 	}
 	n.Server = nil
 }
+
+// Isolate cuts node i's Raft traffic in both directions, as a network
+// partition would; its API stays reachable. It lasts across restarts
+// until Heal.
+func (c *Cluster) Isolate(i int) { c.Nodes[i].Faults.Isolate() }
+
+// Heal ends Isolate.
+func (c *Cluster) Heal(i int) { c.Nodes[i].Faults.Heal() }
 
 // Restart starts node i again from its data dir on the same addresses,
 // with no flags beyond what every start has.

@@ -130,6 +130,9 @@ type Config struct {
 	OnLeader func(ctx context.Context)
 	// Tracer traces writes and read barriers; default: no tracing.
 	Tracer trace.Tracer
+	// Faults, if set, lets a test cut this node's Raft traffic (see
+	// Faults). Nil in production.
+	Faults *Faults
 }
 
 func (c *Config) applyDefaults() error {
@@ -297,7 +300,7 @@ func (n *Node) newTransport() (*raft.NetworkTransport, error) {
 		}
 		adv = a
 	}
-	layer, err := newStreamLayer(n.cfg.RaftBind, adv, n.cfg.TLSServer, n.cfg.TLSClient)
+	layer, err := newStreamLayer(n.cfg.RaftBind, adv, n.cfg.TLSServer, n.cfg.TLSClient, n.cfg.Faults)
 	if err != nil {
 		return nil, err
 	}

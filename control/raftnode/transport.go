@@ -2,6 +2,7 @@ package raftnode
 
 import (
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
 	"sync"
@@ -21,6 +22,7 @@ type streamLayer struct {
 	ln        net.Listener
 	advertise net.Addr
 	client    *tls.Config // nil: plain TCP
+	faults    *Faults     // nil outside fault tests
 
 	mu     sync.Mutex // guards the fields below
 	conns  map[*trackedConn]struct{}
@@ -29,7 +31,7 @@ type streamLayer struct {
 
 var _ raft.StreamLayer = (*streamLayer)(nil)
 
-func newStreamLayer(bind string, advertise net.Addr, server, client *tls.Config) (*streamLayer, error) {
+func newStreamLayer(bind string, advertise net.Addr, server, client *tls.Config, faults *Faults) (*streamLayer, error) {
 	ln, err := net.Listen("tcp", bind)
 	if err != nil {
 		return nil, fmt.Errorf("listen for raft on %s: %w", bind, err)
@@ -41,14 +43,29 @@ func newStreamLayer(bind string, advertise net.Addr, server, client *tls.Config)
 		// A ":0" bind advertises the port the kernel chose.
 		advertise = ln.Addr()
 	}
-	return &streamLayer{ln: ln, advertise: advertise, client: client, conns: map[*trackedConn]struct{}{}}, nil
+	l := &streamLayer{ln: ln, advertise: advertise, client: client, faults: faults, conns: map[*trackedConn]struct{}{}}
+	faults.attach(l)
+	return l, nil
 }
 
 func (s *streamLayer) Accept() (net.Conn, error) {
-	c, err := s.ln.Accept()
-	if err != nil {
-		return nil, err
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if s.faults.isolated() {
+			// A cut link: the peer sees its connection drop.
+			_ = c.Close()
+			continue
+		}
+		return s.track(c)
 	}
+}
+
+// track registers a connection so that Close (and a fault test's Isolate)
+// can close it.
+func (s *streamLayer) track(c net.Conn) (net.Conn, error) {
 	tc := &trackedConn{Conn: c, layer: s}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -60,23 +77,33 @@ func (s *streamLayer) Accept() (net.Conn, error) {
 	return tc, nil
 }
 
-// Close stops the listener and closes every accepted connection.
-func (s *streamLayer) Close() error {
+// cut closes every open connection, accepted and dialed.
+func (s *streamLayer) cut() {
 	s.mu.Lock()
-	s.closed = true
 	conns := s.conns
 	s.conns = map[*trackedConn]struct{}{}
 	s.mu.Unlock()
-	err := s.ln.Close()
 	for c := range conns {
 		_ = c.Conn.Close()
 	}
+}
+
+// Close stops the listener and closes every connection.
+func (s *streamLayer) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	err := s.ln.Close()
+	s.cut()
 	return err
 }
 
 func (s *streamLayer) Addr() net.Addr { return s.advertise }
 
 func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	if s.faults.isolated() {
+		return nil, fmt.Errorf("dial raft peer %s: %w", address, errIsolated)
+	}
 	d := &net.Dialer{Timeout: timeout}
 	var (
 		c   net.Conn
@@ -90,7 +117,7 @@ func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (n
 	if err != nil {
 		return nil, fmt.Errorf("dial raft peer %s: %w", address, err)
 	}
-	return c, nil
+	return s.track(c)
 }
 
 type trackedConn struct {
@@ -106,4 +133,55 @@ func (c *trackedConn) Close() error {
 		c.layer.mu.Unlock()
 	})
 	return c.Conn.Close()
+}
+
+var errIsolated = errors.New("raft traffic cut by a fault test")
+
+// Faults lets a test cut one node's Raft traffic, as a network partition
+// would, while its API stays reachable: the node neither sends nor
+// receives AppendEntries, votes or snapshots until Heal. Production code
+// leaves Config.Faults nil.
+type Faults struct {
+	mu     sync.Mutex // guards the fields below
+	cutOff bool
+	layer  *streamLayer
+}
+
+// Isolate cuts the node off from its peers: open Raft connections close,
+// new ones are refused in both directions.
+func (f *Faults) Isolate() {
+	f.mu.Lock()
+	f.cutOff = true
+	l := f.layer
+	f.mu.Unlock()
+	if l != nil {
+		l.cut()
+	}
+}
+
+// Heal lets Raft traffic flow again.
+func (f *Faults) Heal() {
+	f.mu.Lock()
+	f.cutOff = false
+	f.mu.Unlock()
+}
+
+func (f *Faults) isolated() bool {
+	if f == nil {
+		return false
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.cutOff
+}
+
+// attach binds the faults to a node's (new) transport; a node restarted
+// with the same Faults starts isolated if it was.
+func (f *Faults) attach(l *streamLayer) {
+	if f == nil {
+		return
+	}
+	f.mu.Lock()
+	f.layer = l
+	f.mu.Unlock()
 }

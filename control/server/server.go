@@ -95,6 +95,9 @@ type Config struct {
 	// TracerProvider traces API calls and Raft applies; nil traces
 	// nothing (trace context from callers is still passed on).
 	TracerProvider trace.TracerProvider
+	// RaftFaults lets fault tests cut this node's Raft traffic; nil in
+	// production.
+	RaftFaults *raftnode.Faults
 }
 
 func (c *Config) applyDefaults() error {
@@ -228,6 +231,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		Peers: s.dialer, Logger: cfg.Logger, SlowThreshold: cfg.SlowThreshold,
 		Metrics: s.reg, FSM: cfg.FSM, Raft: cfg.Raft,
 		OnLeader: s.leaderTasks, Tracer: tp.Tracer("github.com/edge-relay/relay/control/raftnode"),
+		Faults: cfg.RaftFaults,
 	})
 	if err != nil {
 		return nil, err
