@@ -104,6 +104,15 @@ func parsePHC(s string) (phc, error) {
 	return phc{p: Params{Memory: m, Time: t, Threads: th, SaltLen: uint32(len(salt)), KeyLen: uint32(len(key))}, salt: salt, key: key}, nil
 }
 
+// CheckHash reports whether hash is a well-formed argon2id PHC string with
+// parameters in bounds (what VerifyPassword accepts). The state machine
+// checks every stored hash with it, so a garbage hash is refused when it
+// is written, not found at the next login.
+func CheckHash(hash string) error {
+	_, err := parsePHC(hash)
+	return err
+}
+
 // VerifyPassword reports whether password matches the PHC string, in
 // constant time with respect to the password.
 func VerifyPassword(hash, password string) (bool, error) {

@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/edge-relay/relay/control/auth"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 	"github.com/edge-relay/relay/storage/state"
 )
@@ -162,6 +163,31 @@ func asInvalid(err error) error {
 	return invalid("%s", err.Error())
 }
 
+// validRole checks an account's stored role: one of control/auth's role
+// names ("" is a user), never "node", which only control nodes hold.
+func validRole(field, r string) error {
+	role, err := auth.ParseRole(r)
+	if err != nil {
+		return invalid("%s: %v", field, err)
+	}
+	if role == auth.RoleNode {
+		return invalid("%s: %q is reserved for control nodes", field, r)
+	}
+	return nil
+}
+
+// validPasswordHash checks a stored password hash: empty (an account that
+// cannot log in with a password) or a well-formed argon2id PHC string.
+func validPasswordHash(field, h string) error {
+	if h == "" {
+		return nil
+	}
+	if err := auth.CheckHash(h); err != nil {
+		return invalid("%s: %v", field, err)
+	}
+	return nil
+}
+
 func validStatus(s statev1.UserStatus) bool {
 	return s == statev1.UserStatus_USER_STATUS_ACTIVE || s == statev1.UserStatus_USER_STATUS_DISABLED
 }
@@ -185,6 +211,12 @@ func (t *txn) createUser(op *statev1.CreateUser) (*statev1.Result, error) {
 	}
 	if !validStatus(u.Status) {
 		return nil, invalid("user.status %d is not a known status", u.Status)
+	}
+	if err := validRole("user.role", u.GetRole()); err != nil {
+		return nil, err
+	}
+	if err := validPasswordHash("user.password_hash", u.GetPasswordHash()); err != nil {
+		return nil, err
 	}
 	if u.CreatedAtMs == 0 {
 		u.CreatedAtMs = t.now
@@ -240,8 +272,14 @@ func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
 			}
 			u.Status = in.GetStatus()
 		case "password_hash":
+			if err := validPasswordHash("user.password_hash", in.GetPasswordHash()); err != nil {
+				return nil, err
+			}
 			u.PasswordHash = in.GetPasswordHash()
 		case "role":
+			if err := validRole("user.role", in.GetRole()); err != nil {
+				return nil, err
+			}
 			u.Role = in.GetRole()
 		case "login":
 			if err := ValidateText("user.login", in.GetLogin(), MaxLoginLen, true); err != nil {

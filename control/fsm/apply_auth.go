@@ -444,7 +444,29 @@ func (t *txn) recordActivity(op *statev1.RecordActivity) (*statev1.Result, error
 	if len(op.GetEntries()) > MaxActivityBatch {
 		return nil, invalid("entries holds %d reports, at most %d allowed", len(op.GetEntries()), MaxActivityBatch)
 	}
+	// Validate every entry before the first write.
+	for i, a := range op.GetEntries() {
+		if err := ValidateID(fmt.Sprintf("entries[%d].user_id", i), a.GetUserId()); err != nil {
+			return nil, asInvalid(err)
+		}
+		if a.GetDeviceId() != "" {
+			if err := ValidateID(fmt.Sprintf("entries[%d].device_id", i), a.GetDeviceId()); err != nil {
+				return nil, asInvalid(err)
+			}
+		}
+		if a.GetSeenAtMs() <= 0 {
+			return nil, invalid("entries[%d].seen_at_ms must be positive", i)
+		}
+	}
 	for _, a := range op.GetEntries() {
+		// A reporter's clock may run ahead of the proposer's; a time after
+		// the command was proposed is taken as "now", so one bad clock
+		// cannot pin last_seen in the future (where later, true reports
+		// could never raise it).
+		seen := a.GetSeenAtMs()
+		if t.now > 0 && seen > t.now {
+			seen = t.now
+		}
 		var u statev1.User
 		found, err := t.get(userKey(a.GetUserId()), &u)
 		if err != nil {
@@ -462,15 +484,15 @@ func (t *txn) recordActivity(op *statev1.RecordActivity) (*statev1.Result, error
 			if !found {
 				continue
 			}
-			if a.GetSeenAtMs() > d.LastSeenMs {
-				d.LastSeenMs = a.GetSeenAtMs()
+			if seen > d.LastSeenMs {
+				d.LastSeenMs = seen
 				if err := t.put(deviceKey(d.UserId, d.Id), &d); err != nil {
 					return nil, err
 				}
 			}
 		}
-		if a.GetSeenAtMs() > u.LastActivityMs {
-			u.LastActivityMs = a.GetSeenAtMs()
+		if seen > u.LastActivityMs {
+			u.LastActivityMs = seen
 			if err := t.put(userKey(u.Id), &u); err != nil {
 				return nil, err
 			}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/edge-relay/relay/control/auth"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -244,11 +245,19 @@ func TestUpdateUserFields(t *testing.T) {
 	a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d1", UserId: "u", Name: "a", PublicKey: key32(1)}}})
 	a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d2", UserId: "u", Name: "b", PublicKey: key32(2)}}})
 	a.apply(&statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "r", ApiAddr: "a"}}})
+	hash, err := auth.HashPassword("a long enough password", auth.TestParams)
+	if err != nil {
+		t.Fatal(err)
+	}
 	r := a.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u",
 		Fields: []string{"display_name", "status", "password_hash", "role", "login"},
-		User:   &statev1.User{DisplayName: "New", Status: statev1.UserStatus_USER_STATUS_DISABLED, PasswordHash: "h", Role: "viewer", Login: "new"}}})
+		User:   &statev1.User{DisplayName: "New", Status: statev1.UserStatus_USER_STATUS_DISABLED, PasswordHash: hash, Role: "viewer", Login: "new"}}})
 	u := r.GetUser()
-	if r.Code != statev1.ResultCode_RESULT_CODE_OK || u.GetLogin() != "new" || u.GetRole() != "viewer" || u.GetPasswordHash() != "h" || u.GetStatus() != statev1.UserStatus_USER_STATUS_DISABLED {
+	if r.Code != statev1.ResultCode_RESULT_CODE_OK || u.GetLogin() != "new" || u.GetRole() != "viewer" || u.GetPasswordHash() != hash || u.GetStatus() != statev1.UserStatus_USER_STATUS_DISABLED {
+		t.Fatal(r)
+	}
+	// Clearing the hash (no password login) and the role (a user) is allowed.
+	if r := a.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u", Fields: []string{"password_hash", "role"}, User: &statev1.User{}}}); r.Code != statev1.ResultCode_RESULT_CODE_OK || r.GetUser().GetPasswordHash() != "" || r.GetUser().GetRole() != "" {
 		t.Fatal(r)
 	}
 	if _, err := f.GetUserByLogin("old"); !errors.Is(err, ErrNotFound) {
@@ -285,5 +294,63 @@ func TestUpdateUserFields(t *testing.T) {
 	}
 	if ok, err := f.Initialized(); ok || err != nil {
 		t.Fatal(ok, err)
+	}
+}
+
+// Activity never moves last_seen or last_activity backwards, and a time
+// after the command's proposed_at_ms (a reporter whose clock runs ahead,
+// or garbage) counts as that proposal time: it cannot pin the record in
+// the future, where later true reports could not raise it.
+func TestActivityNeverBackwardsNorInTheFuture(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
+	a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d", UserId: "u", Name: "x", PublicKey: key32(1)}}})
+	// The applier proposes command i at 1_000_000 + i.
+	report := func(at int64) (now int64) {
+		t.Helper()
+		r := a.apply(&statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: []*statev1.Activity{{UserId: "u", DeviceId: "d", SeenAtMs: at}}}})
+		if r.Code != statev1.ResultCode_RESULT_CODE_OK {
+			t.Fatal(r)
+		}
+		return 1_000_000 + int64(a.idx)
+	}
+	times := func() (seen, active int64) {
+		t.Helper()
+		d, err := f.GetDevice("u", "d")
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, err := f.GetUser("u")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.GetLastSeenMs(), u.GetLastActivityMs()
+	}
+	cases := []struct {
+		name string
+		at   func(prev int64) int64 // seen_at from the current last_seen
+		want func(prev, now int64) int64
+	}{
+		{"in the past", func(int64) int64 { return 999_000 }, func(_, _ int64) int64 { return 999_000 }},
+		{"older than recorded", func(p int64) int64 { return p - 500 }, func(p, _ int64) int64 { return p }},
+		{"far in the future", func(int64) int64 { return 1 << 50 }, func(_, now int64) int64 { return now }},
+		{"just after the proposal", func(int64) int64 { return 2_000_000 }, func(_, now int64) int64 { return now }},
+		{"older than the clamped time", func(p int64) int64 { return p - 1 }, func(p, _ int64) int64 { return p }},
+		{"at the proposal time", func(int64) int64 { return 1_000_000 + int64(a.idx) + 1 }, func(_, now int64) int64 { return now }},
+	}
+	for _, tc := range cases {
+		prev, _ := times()
+		at := tc.at(prev)
+		now := report(at)
+		want := tc.want(prev, now)
+		seen, active := times()
+		if seen != want || active != want {
+			t.Fatalf("%s: report at %d (proposed at %d, last seen %d): last_seen %d, last_activity %d, want %d",
+				tc.name, at, now, prev, seen, active, want)
+		}
+		if seen < prev {
+			t.Fatalf("%s: last_seen went back from %d to %d", tc.name, prev, seen)
+		}
 	}
 }

@@ -261,6 +261,16 @@ func TestRejectionsChangeNothing(t *testing.T) {
 		{"deregister missing edge", &statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{Id: "nope"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nope"},
 		{"token for missing user", &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "nobody", SecretHash: key32(3), ExpiresAtMs: 1 << 50}}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nobody"},
 		{"token with short hash", &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "alice", SecretHash: []byte{1}, ExpiresAtMs: 1 << 50}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "secret_hash"},
+		{"unknown role", user(&statev1.User{Id: "x", Login: "x", Role: "root"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.role"},
+		{"node role for an account", user(&statev1.User{Id: "x", Login: "x", Role: "node"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.role"},
+		{"garbage password hash", user(&statev1.User{Id: "x", Login: "x", PasswordHash: "hunter2"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.password_hash"},
+		{"hash of another scheme", user(&statev1.User{Id: "x", Login: "x", PasswordHash: "$2y$10$abcdefghijklmnopqrstuv"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.password_hash"},
+		{"hash with absurd memory", user(&statev1.User{Id: "x", Login: "x", PasswordHash: "$argon2id$v=19$m=99999999,t=1,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.password_hash"},
+		{"update to unknown role", &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "alice", Fields: []string{"role"}, User: &statev1.User{Role: "superuser"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.role"},
+		{"update to node role", &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "alice", Fields: []string{"display_name", "role"}, User: &statev1.User{DisplayName: "changed", Role: "node"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.role"},
+		{"update to garbage hash", &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "alice", Fields: []string{"password_hash"}, User: &statev1.User{PasswordHash: "plaintext-password"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.password_hash"},
+		{"activity without a time", &statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: []*statev1.Activity{{UserId: "alice", SeenAtMs: 5}, {UserId: "alice"}}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[1].seen_at_ms"},
+		{"activity with a bad id", &statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: []*statev1.Activity{{UserId: "alice", SeenAtMs: 5}, {UserId: "alice", DeviceId: "a b", SeenAtMs: 5}}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[1].device_id"},
 		{"init with a non-admin", &statev1.Command_InitCluster{InitCluster: &statev1.InitCluster{Admin: &statev1.User{Id: "root", Login: "root"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "admin.role"},
 	}
 	for _, tc := range cases {
