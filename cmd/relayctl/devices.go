@@ -138,8 +138,7 @@ func (a *app) device(ctx context.Context, args []string) error {
 			return fmt.Errorf("%s device: %w", args[0], err)
 		}
 		if dev == nil {
-			fmt.Fprintf(a.stdout, "deleted device %s\n", id)
-			return nil
+			return a.report(map[string]any{"id": id, "deleted": true}, "deleted device %s", id)
 		}
 		if a.output == "json" {
 			return a.printJSON(dev)

@@ -24,12 +24,18 @@ func (a *app) keys(ctx context.Context, args []string) error {
 		if err != nil {
 			return fmt.Errorf("rotate signing key: %w", err)
 		}
+		if a.output == "json" {
+			return a.printJSON(r.Msg)
+		}
 		fmt.Fprintf(a.stdout, "new signing key %s\n", r.Msg.GetKeyId())
 		return nil
 	case "rotate-session":
 		r, err := cl.RotateSessionKey(cctx, connect.NewRequest(&controlv1.RotateSessionKeyRequest{}))
 		if err != nil {
 			return fmt.Errorf("rotate session key: %w", err)
+		}
+		if a.output == "json" {
+			return a.printJSON(r.Msg)
 		}
 		fmt.Fprintf(a.stdout, "new session key %s\n", r.Msg.GetKeyId())
 		return nil

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 
@@ -38,10 +39,39 @@ func (a *app) readSecret(prompt string, fromStdin bool) (string, error) {
 	return string(b), nil
 }
 
+// stdinIsTerminal reports whether standard input is an interactive
+// terminal (prompts make sense only there).
+func (a *app) stdinIsTerminal() bool {
+	f, ok := a.stdin.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+// readLine reads one line from r a byte at a time, so that nothing after
+// it (the password typed next) is consumed.
+func readLine(r io.Reader) (string, error) {
+	var b []byte
+	var c [1]byte
+	for {
+		n, err := r.Read(c[:])
+		if n == 1 {
+			if c[0] == '\n' {
+				return strings.TrimRight(string(b), "\r"), nil
+			}
+			b = append(b, c[0])
+		}
+		if err != nil {
+			if len(b) > 0 && errors.Is(err, io.EOF) {
+				return strings.TrimRight(string(b), "\r"), nil
+			}
+			return "", err
+		}
+	}
+}
+
 func (a *app) login(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("relayctl login", flag.ContinueOnError)
 	fs.SetOutput(a.stderr)
-	name := fs.String("login", "", "login name (default: prompt)")
+	name := fs.String("login", "", "login name (default: the argument, else a prompt on a terminal)")
 	fromStdin := fs.Bool("password-stdin", false, "read the password from standard input")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -49,8 +79,24 @@ func (a *app) login(ctx context.Context, args []string) error {
 	if *name == "" && fs.NArg() == 1 {
 		*name = fs.Arg(0)
 	}
+	if fs.NArg() > 1 {
+		return errors.New("usage: relayctl login [--password-stdin] [LOGIN]")
+	}
 	if *name == "" {
-		return errors.New("usage: relayctl login [--password-stdin] LOGIN")
+		switch {
+		case *fromStdin:
+			return errors.New("login name missing: with --password-stdin give it as an argument (relayctl login --password-stdin LOGIN)")
+		case !a.stdinIsTerminal():
+			return errors.New("login name missing and standard input is not a terminal: give it as an argument (relayctl login LOGIN)")
+		}
+		fmt.Fprint(a.stderr, "login: ")
+		line, err := readLine(a.stdin)
+		if err != nil {
+			return fmt.Errorf("read login name: %w", err)
+		}
+		if *name = strings.TrimSpace(line); *name == "" {
+			return errors.New("login name is empty")
+		}
 	}
 	pw, err := a.readSecret("password for "+*name+": ", *fromStdin)
 	if err != nil {
@@ -62,29 +108,33 @@ func (a *app) login(ctx context.Context, args []string) error {
 	if err != nil {
 		return fmt.Errorf("login: %w", err)
 	}
-	if err := a.tokens.put(a.base(), fromTokens(resp.Msg.GetTokens())); err != nil {
+	toks := resp.Msg.GetTokens()
+	saved := fromTokens(toks)
+	saved.Members = a.memberURLs(cctx, toks.GetAccessToken())
+	if err := a.tokens.put(a.base(), saved); err != nil {
 		return err
 	}
-	fmt.Fprintf(a.stdout, "logged in to %s as %s (%s)\n", a.base(), *name, roleName(resp.Msg.GetTokens().GetRole()))
-	return nil
+	role := roleName(toks.GetRole())
+	return a.report(map[string]any{
+		"server": a.base(), "login": *name, "userId": toks.GetUserId(), "role": role,
+		"accessTokenExpiresAt": saved.AccessExpires, "alsoFor": saved.Members,
+	}, "logged in to %s as %s (%s)", a.base(), *name, role)
 }
 
 func (a *app) logout(ctx context.Context) error {
-	t, ok := a.tokens.get(a.base())
+	key, t, ok := a.tokens.find(a.base())
 	if !ok {
-		fmt.Fprintln(a.stdout, "not logged in")
-		return nil
+		return a.report(map[string]any{"loggedOut": false, "reason": "not logged in"}, "not logged in")
 	}
 	cctx, cancel := a.ctx(ctx)
 	defer cancel()
 	req := connect.NewRequest(&controlv1.LogoutRequest{RefreshToken: t.RefreshToken})
 	_, err := a.authedAuthClient().Logout(cctx, req)
-	_ = a.tokens.put(a.base(), nil)
+	_ = a.tokens.put(key, nil)
 	if err != nil && connect.CodeOf(err) != connect.CodeUnauthenticated {
 		return fmt.Errorf("logout: %w (local tokens removed)", err)
 	}
-	fmt.Fprintln(a.stdout, "logged out")
-	return nil
+	return a.report(map[string]any{"loggedOut": true}, "logged out")
 }
 
 func roleName(r controlv1.Role) string {

@@ -78,7 +78,8 @@ type app struct {
 const usage = `Usage: relayctl [global flags] <command> [args]
 
 Commands:
-  login [--password-stdin] LOGIN          log in; tokens are cached and refreshed
+  login [--password-stdin] [LOGIN]        log in (prompts for LOGIN on a terminal); tokens are
+                                          cached, refreshed, and shared with the cluster's other nodes
   logout                                  end the session
   token                                   print a valid access token (e.g. for relayd --join-token)
   user create --login L [--display-name N] [--role R] [--password-stdin | --no-password]
@@ -131,6 +132,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return err
 	}
 	a.http = client
+	defer client.CloseIdleConnections()
 	rest := fs.Args()
 	if len(rest) == 0 {
 		fs.Usage()
@@ -149,8 +151,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		if tok == "" {
 			return errors.New("not logged in: run relayctl login")
 		}
-		fmt.Fprintln(a.stdout, tok)
-		return nil
+		return a.report(map[string]any{"accessToken": tok}, "%s", tok)
 	case "user":
 		return a.user(ctx, rest[1:])
 	case "device":
@@ -223,6 +224,17 @@ func (a *app) printJSON(m proto.Message) error {
 
 func (a *app) table() *tabwriter.Writer {
 	return tabwriter.NewWriter(a.stdout, 2, 4, 2, ' ', 0)
+}
+
+// report prints the outcome of a command that returns no record: v as
+// JSON with -o json (keys in the API's lowerCamel style), else the
+// sentence.
+func (a *app) report(v map[string]any, format string, args ...any) error {
+	if a.output == "json" {
+		return printValue(a.stdout, v)
+	}
+	_, err := fmt.Fprintf(a.stdout, format+"\n", args...)
+	return err
 }
 
 func printValue(w io.Writer, v any) error {

@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
+	"sort"
 	"strings"
 	"time"
 
@@ -17,17 +19,24 @@ import (
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
-// savedTokens is what relayctl keeps per server between runs.
+// savedTokens is what relayctl keeps per login between runs.
 type savedTokens struct {
 	AccessToken    string    `json:"access_token"`
 	AccessExpires  time.Time `json:"access_expires"`
 	RefreshToken   string    `json:"refresh_token"`
 	RefreshExpires time.Time `json:"refresh_expires"`
 	UserID         string    `json:"user_id"`
+	// Members are the API base URLs of the cluster's nodes as the server
+	// logged in to listed them (staff accounts only: users may not read
+	// the member list). The tokens are used for those URLs too.
+	Members []string `json:"members,omitempty"`
 }
 
 // tokenStore is the token cache: one JSON file, mode 0600, in the user's
-// config directory (RELAYCTL_CONFIG_DIR overrides), keyed by server URL.
+// config directory (RELAYCTL_CONFIG_DIR overrides), keyed by the server
+// URL logged in to. Tokens go only to that URL and to the member URLs
+// that server named: a cluster has no id a client could check, and a
+// URL merely claiming to be in the same cluster must not receive them.
 type tokenStore struct {
 	path string
 }
@@ -59,13 +68,28 @@ func (s *tokenStore) load() (map[string]savedTokens, error) {
 	return m, nil
 }
 
-func (s *tokenStore) get(server string) (savedTokens, bool) {
+// find returns the cached session for server: the one logged in to that
+// URL, else one whose cluster lists it as a member. key is the entry to
+// update or delete.
+func (s *tokenStore) find(server string) (key string, t savedTokens, ok bool) {
 	m, err := s.load()
 	if err != nil {
-		return savedTokens{}, false
+		return "", savedTokens{}, false
 	}
-	t, ok := m[server]
-	return t, ok
+	if t, ok := m[server]; ok {
+		return server, t, true
+	}
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys) // deterministic when several clusters list the URL
+	for _, k := range keys {
+		if slices.Contains(m[k].Members, server) {
+			return k, m[k], true
+		}
+	}
+	return "", savedTokens{}, false
 }
 
 func (s *tokenStore) put(server string, t *savedTokens) error {
@@ -113,7 +137,7 @@ func (a *app) accessToken(ctx context.Context) (string, error) {
 	if a.envToken != "" {
 		return a.envToken, nil
 	}
-	t, ok := a.tokens.get(a.base())
+	key, t, ok := a.tokens.find(a.base())
 	if !ok {
 		return "", nil
 	}
@@ -126,16 +150,37 @@ func (a *app) accessToken(ctx context.Context) (string, error) {
 	resp, err := a.authClient().Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: t.RefreshToken}))
 	if err != nil {
 		if connect.CodeOf(err) == connect.CodeUnauthenticated {
-			_ = a.tokens.put(a.base(), nil)
+			_ = a.tokens.put(key, nil)
 			return "", fmt.Errorf("your session ended (%v): run relayctl login", err)
 		}
 		return "", fmt.Errorf("refresh session: %w", err)
 	}
 	nt := fromTokens(resp.Msg.GetTokens())
-	if err := a.tokens.put(a.base(), nt); err != nil {
+	nt.Members = t.Members
+	if err := a.tokens.put(key, nt); err != nil {
 		return "", err
 	}
 	return nt.AccessToken, nil
+}
+
+// memberURLs asks the server, with a fresh access token, for the API
+// URLs of the cluster's members. Only staff may read them; for anyone
+// else (or on any error) the session stays tied to the one URL.
+func (a *app) memberURLs(ctx context.Context, accessToken string) []string {
+	req := connect.NewRequest(&controlv1.StatusRequest{})
+	req.Header().Set("Authorization", "Bearer "+accessToken)
+	resp, err := controlv1connect.NewClusterServiceClient(a.http, a.base()).Status(ctx, req)
+	if err != nil {
+		return nil
+	}
+	scheme := a.base()[:strings.Index(a.base(), "://")+3]
+	var out []string
+	for _, m := range resp.Msg.GetMembers() {
+		if addr := m.GetApiAddr(); addr != "" && scheme+addr != a.base() {
+			out = append(out, scheme+addr)
+		}
+	}
+	return out
 }
 
 // bearer is a client interceptor that adds the access token.

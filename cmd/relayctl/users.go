@@ -195,8 +195,7 @@ func (a *app) user(ctx context.Context, args []string) error {
 		if _, err := a.userClient().DeleteUser(cctx, connect.NewRequest(&controlv1.DeleteUserRequest{Id: args[1]})); err != nil {
 			return fmt.Errorf("delete user: %w", err)
 		}
-		fmt.Fprintf(a.stdout, "deleted user %s with its devices and tokens\n", args[1])
-		return nil
+		return a.report(map[string]any{"id": args[1], "deleted": true}, "deleted user %s with its devices and tokens", args[1])
 	}
 	return fmt.Errorf("user: unknown subcommand %q: want create, get, list, update, delete or me", args[0])
 }

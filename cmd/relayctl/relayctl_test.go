@@ -1,0 +1,229 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"go.uber.org/goleak"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/clustertest"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreTopFunction("github.com/cockroachdb/pebble/v2/internal/cache.(*shard).releaseLoop"),
+	)
+}
+
+// cli runs relayctl in-process against a cluster, with its own token
+// cache.
+type cli struct {
+	t   *testing.T
+	dir string
+}
+
+func newCLI(t *testing.T) *cli { return &cli{t: t, dir: t.TempDir()} }
+
+func (c *cli) run(server, stdin string, args ...string) (string, error) {
+	c.t.Helper()
+	env := map[string]string{"RELAYCTL_CONFIG_DIR": c.dir, "RELAYCTL_SERVER": "http://" + server}
+	var out, errOut bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err := run(ctx, args, strings.NewReader(stdin), &out, &errOut, func(k string) string { return env[k] })
+	return out.String(), err
+}
+
+func (c *cli) must(server, stdin string, args ...string) string {
+	c.t.Helper()
+	out, err := c.run(server, stdin, args...)
+	if err != nil {
+		c.t.Fatalf("relayctl %v: %v", args, err)
+	}
+	return out
+}
+
+// json runs a command with -o json and decodes its output.
+func (c *cli) json(server, stdin string, args ...string) map[string]any {
+	c.t.Helper()
+	out := c.must(server, stdin, append([]string{"-o", "json"}, args...)...)
+	var v map[string]any
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		c.t.Fatalf("relayctl -o json %v printed %q, not one JSON object: %v", args, out, err)
+	}
+	return v
+}
+
+func (c *cli) cache() map[string]savedTokens {
+	c.t.Helper()
+	m, err := (&tokenStore{path: filepath.Join(c.dir, "tokens.json")}).load()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return m
+}
+
+// Every command answers -o json with one JSON object.
+func TestJSONOutputForEveryCommand(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	srv := c.Nodes[0].Server.APIAddr()
+	r := newCLI(t)
+	if v := r.json(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin"); v["role"] != "admin" || v["userId"] != "admin" {
+		t.Fatalf("login: %v", v)
+	}
+	if v := r.json(srv, "", "token"); !strings.HasPrefix(v["accessToken"].(string), "ey") {
+		t.Fatalf("token: %v", v)
+	}
+	u := r.json(srv, "", "user", "create", "--login", "dora", "--no-password")
+	id, _ := u["id"].(string)
+	if id == "" || u["login"] != "dora" {
+		t.Fatalf("user create: %v", u)
+	}
+	r.json(srv, "", "user", "get", id)
+	r.json(srv, "", "user", "me")
+	r.json(srv, "", "user", "update", id, "--display-name", "Dora")
+	if v := r.json(srv, "", "user", "list"); len(v["users"].([]any)) < 2 {
+		t.Fatalf("user list: %v", v)
+	}
+	keyFile := filepath.Join(t.TempDir(), "phone.key")
+	d := r.json(srv, "", "device", "register", "--user", id, "--name", "phone", "--generate-key", keyFile)
+	dev, _ := d["id"].(string)
+	if dev == "" {
+		t.Fatalf("device register: %v", d)
+	}
+	r.json(srv, "", "device", "list", "--user", id)
+	r.json(srv, "", "device", "rename", dev, "tablet", "--user", id)
+	if v := r.json(srv, "", "device", "revoke", dev, "--user", id); v["revoked"] != true {
+		t.Fatalf("device revoke: %v", v)
+	}
+	if v := r.json(srv, "", "device", "delete", dev, "--user", id); v["id"] != dev || v["deleted"] != true {
+		t.Fatalf("device delete: %v", v)
+	}
+	for _, k := range []string{"rotate-signing", "rotate-session"} {
+		if v := r.json(srv, "", "keys", k); v["keyId"] == "" || v["keyId"] == nil {
+			t.Fatalf("keys %s: %v", k, v)
+		}
+	}
+	r.json(srv, "", "keys", "list")
+	r.json(srv, "", "cluster", "status")
+	if v := r.json(srv, "", "cluster", "transfer-leader"); v["leaderId"] == nil {
+		t.Fatalf("cluster transfer-leader: %v", v)
+	}
+	if v := r.json(srv, "", "backup", filepath.Join(t.TempDir(), "b.bin")); v["records"].(float64) == 0 {
+		t.Fatalf("backup: %v", v)
+	}
+	if v := r.json(srv, "", "user", "delete", id); v["id"] != id || v["deleted"] != true {
+		t.Fatalf("user delete: %v", v)
+	}
+	if v := r.json(srv, "", "logout"); v["loggedOut"] != true {
+		t.Fatalf("logout: %v", v)
+	}
+	if v := r.json(srv, "", "logout"); v["loggedOut"] != false {
+		t.Fatalf("second logout: %v", v)
+	}
+}
+
+// A staff login through one node is used for the cluster's other nodes;
+// a user's login (who may not read the member list) stays with its URL.
+func TestLoginSharedAcrossClusterNodes(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	n0, n1, n2 := c.Nodes[0].Server.APIAddr(), c.Nodes[1].Server.APIAddr(), c.Nodes[2].Server.APIAddr()
+	admin := newCLI(t)
+	v := admin.json(n0, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	if also := v["alsoFor"].([]any); len(also) != 2 {
+		t.Fatalf("login lists %v as the other members, want the two other nodes", also)
+	}
+	for _, n := range []string{n1, n2} {
+		if me := admin.json(n, "", "user", "me"); me["id"] != "admin" {
+			t.Fatalf("user me on %s with the login made on %s: %v", n, n0, me)
+		}
+	}
+	if len(admin.cache()) != 1 {
+		t.Fatalf("cache holds %d sessions, want the one", len(admin.cache()))
+	}
+	// Logging out through another member ends the one session.
+	admin.must(n2, "", "logout")
+	if _, err := admin.run(n0, "", "user", "me"); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("after logout: %v", err)
+	}
+
+	admin.must(n0, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	admin.must(n0, "password-of-erin\n", "user", "create", "--login", "erin", "--password-stdin")
+	user := newCLI(t)
+	user.must(n0, "password-of-erin\n", "login", "--password-stdin", "erin")
+	user.must(n0, "", "user", "me")
+	_, err := user.run(n1, "", "user", "me")
+	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(oneLine(err), "relayctl login") {
+		t.Fatalf("a user's session used on another URL: %v (%s)", err, oneLine(err))
+	}
+}
+
+// An access token the server no longer accepts is replaced through the
+// refresh token without the user noticing; the rotated tokens are saved.
+func TestExpiredAccessTokenIsRefreshed(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{AccessTTL: time.Second, Leeway: time.Millisecond}})
+	srv := c.Nodes[0].Server.APIAddr()
+	r := newCLI(t)
+	r.must(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	before := r.cache()["http://"+srv]
+	// Wait until the server itself refuses the cached access token.
+	cl := controlv1connect.NewUserServiceClient(httpClientForTest(t), "http://"+srv)
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		req := connect.NewRequest(&controlv1.GetMeRequest{})
+		req.Header().Set("Authorization", "Bearer "+before.AccessToken)
+		_, err := cl.GetMe(context.Background(), req)
+		if connect.CodeOf(err) != connect.CodeUnauthenticated {
+			return errString("the access token is still accepted")
+		}
+		return nil
+	})
+	if me := r.json(srv, "", "user", "me"); me["id"] != "admin" {
+		t.Fatalf("user me with an expired access token: %v", me)
+	}
+	after := r.cache()["http://"+srv]
+	if after.AccessToken == before.AccessToken || after.RefreshToken == before.RefreshToken || after.RefreshToken == "" {
+		t.Fatal("the tokens were not refreshed and saved")
+	}
+	if info, err := os.Stat(filepath.Join(r.dir, "tokens.json")); err != nil || info.Mode().Perm() != 0o600 {
+		t.Fatalf("token cache mode %v (%v), want 0600", info.Mode().Perm(), err)
+	}
+}
+
+// Without a login name and without a terminal to ask on, login says what
+// to do instead of waiting.
+func TestLoginNeedsNameWithoutTerminal(t *testing.T) {
+	r := newCLI(t)
+	for _, args := range [][]string{{"login"}, {"login", "--password-stdin"}} {
+		_, err := r.run("127.0.0.1:1", "secret\n", args...)
+		if err == nil || !strings.Contains(err.Error(), "login name missing") {
+			t.Fatalf("relayctl %v: %v", args, err)
+		}
+	}
+	if got, err := readLine(strings.NewReader("alice\r\nrest")); got != "alice" || err != nil {
+		t.Fatalf("readLine: %q %v", got, err)
+	}
+}
+
+type errString string
+
+func (e errString) Error() string { return string(e) }
+
+func httpClientForTest(t *testing.T) *http.Client {
+	c, err := httpClient("http://x", "", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.CloseIdleConnections)
+	return c
+}
