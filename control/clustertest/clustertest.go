@@ -43,6 +43,9 @@ type Options struct {
 	Watch api.WatchConfig
 	// TracerProvider, if set, traces every node.
 	TracerProvider trace.TracerProvider
+	// Configure, if set, adjusts every node's configuration (after the
+	// test defaults, at every start).
+	Configure func(*server.Config)
 }
 
 // AdminPassword is the first admin's password in every test cluster.
@@ -125,7 +128,9 @@ func (c *Cluster) StartNode(mod func(*server.Config)) *Node {
 	// runs before the directory is removed.
 	c.t.Cleanup(func() { nd.stop(false) })
 	cfg := c.config(nd)
-	mod(&cfg)
+	if mod != nil {
+		mod(&cfg)
+	}
 	c.Nodes = append(c.Nodes, nd)
 	c.start(nd, cfg)
 	return nd
@@ -162,13 +167,17 @@ func (c *Cluster) config(nd *Node) server.Config {
 	if apiAddr == "" {
 		apiAddr = "127.0.0.1:0"
 	}
-	return server.Config{
+	cfg := server.Config{
 		NodeID: nd.ID, DataDir: filepath.Join(nd.DataDir, "data"),
 		RaftAddr: raftAddr, APIAddr: apiAddr, AdminAddr: "127.0.0.1:0",
 		Logger: c.opts.Logger.With("test_node", nd.ID), Raft: c.opts.Raft, FSM: c.opts.FSM,
 		Auth: c.opts.Auth, AdminPassword: AdminPassword, Watch: c.opts.Watch,
 		TracerProvider: c.opts.TracerProvider, RaftFaults: nd.Faults,
 	}
+	if c.opts.Configure != nil {
+		c.opts.Configure(&cfg)
+	}
+	return cfg
 }
 
 func (c *Cluster) start(nd *Node, cfg server.Config) {

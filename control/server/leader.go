@@ -50,8 +50,12 @@ func (s *Server) leaderTasks(ctx context.Context) {
 func (s *Server) initCluster(ctx context.Context) error {
 	f := s.node.FSM()
 	done, err := f.Initialized()
-	if err != nil || done {
+	if err != nil {
 		return err
+	}
+	if done {
+		s.log.Debug("cluster already initialized; nothing to do")
+		return nil
 	}
 	password, generated := s.cfg.AdminPassword, false
 	if password == "" {
