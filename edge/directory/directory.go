@@ -53,6 +53,32 @@ type snapshot struct {
 	edges   map[string][]string
 }
 
+// maxTombstones bounds how many deleted devices are remembered (to tell a
+// sender "deleted" rather than "unknown"); the oldest are forgotten first.
+const maxTombstones = 1 << 16
+
+// tombstones remembers devices deleted while this edge followed the
+// feed: id -> owning user.
+type tombstones struct {
+	owner map[string]string
+	order []string
+}
+
+func (t *tombstones) add(deviceID, userID string) {
+	if t.owner == nil {
+		t.owner = map[string]string{}
+	}
+	if _, ok := t.owner[deviceID]; ok {
+		return
+	}
+	if len(t.order) >= maxTombstones {
+		delete(t.owner, t.order[0])
+		t.order = t.order[1:]
+	}
+	t.owner[deviceID] = userID
+	t.order = append(t.order, deviceID)
+}
+
 func newSnapshot() snapshot {
 	return snapshot{devices: map[string]Device{}, users: map[string]bool{}, edges: map[string][]string{}}
 }
@@ -65,6 +91,7 @@ type Directory struct {
 	mu       sync.RWMutex // guards the fields below
 	cur      snapshot
 	staging  *snapshot // non-nil during a full copy
+	deleted  tombstones
 	revision uint64
 	synced   bool
 	changed  chan struct{} // closed and replaced when synced or revision moves
@@ -87,6 +114,23 @@ func (d *Directory) Device(id string) (Device, bool) {
 	defer d.mu.RUnlock()
 	dev, ok := d.cur.devices[id]
 	return dev, ok
+}
+
+// LookupDevice tells the session core what is known of a device id.
+func (d *Directory) LookupDevice(id string) session.DeviceInfo {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if dev, ok := d.cur.devices[id]; ok {
+		st := session.DeviceActive
+		if dev.Revoked {
+			st = session.DeviceRevoked
+		}
+		return session.DeviceInfo{ID: id, UserID: dev.UserID, PublicKey: dev.PublicKey, State: st}
+	}
+	if user, ok := d.deleted.owner[id]; ok {
+		return session.DeviceInfo{ID: id, UserID: user, State: session.DeviceDeleted}
+	}
+	return session.DeviceInfo{ID: id}
 }
 
 // UserActive reports whether a user exists and is active.
@@ -158,6 +202,11 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	case *edgev1.WatchResponse_SnapshotDone:
 		if d.staging != nil {
 			removals = diff(d.cur, *d.staging)
+			for _, r := range removals {
+				if r.DeviceID != "" && r.Reason == "device deleted" {
+					d.deleted.add(r.DeviceID, r.UserID)
+				}
+			}
 			d.cur, d.staging = *d.staging, nil
 			d.synced = true
 		}
@@ -212,6 +261,7 @@ func (d *Directory) applyEvent(s *snapshot, ev *edgev1.WatchEvent, live bool) []
 		}
 	case *edgev1.WatchEvent_DeviceDeleted:
 		delete(s.devices, k.DeviceDeleted.GetId())
+		d.deleted.add(k.DeviceDeleted.GetId(), k.DeviceDeleted.GetUserId())
 		if live {
 			out = append(out, Removal{UserID: k.DeviceDeleted.GetUserId(), DeviceID: k.DeviceDeleted.GetId(), Reason: "device deleted"})
 		}

@@ -71,6 +71,16 @@ const (
 	ErrorCode_ERROR_CODE_REVOKED ErrorCode = 17
 	// An event id seen before from this sender with different content.
 	ErrorCode_ERROR_CODE_DUPLICATE_ID ErrorCode = 18
+	// A durable event's target is not connected and has no mailbox to wait
+	// in. Retry later.
+	ErrorCode_ERROR_CODE_TARGET_OFFLINE ErrorCode = 19
+	// The device stopped reading what the edge sends; the session is closed
+	// so it cannot hold memory or delay others.
+	ErrorCode_ERROR_CODE_SLOW_CONSUMER ErrorCode = 20
+	// An event's seq is not above the previous event's seq in this session.
+	ErrorCode_ERROR_CODE_SEQ_OUT_OF_ORDER ErrorCode = 21
+	// The edge failed in a way that is not the client's fault. Retry.
+	ErrorCode_ERROR_CODE_INTERNAL ErrorCode = 22
 )
 
 // Enum value maps for ErrorCode.
@@ -95,6 +105,10 @@ var (
 		16: "ERROR_CODE_SESSION_EXPIRED",
 		17: "ERROR_CODE_REVOKED",
 		18: "ERROR_CODE_DUPLICATE_ID",
+		19: "ERROR_CODE_TARGET_OFFLINE",
+		20: "ERROR_CODE_SLOW_CONSUMER",
+		21: "ERROR_CODE_SEQ_OUT_OF_ORDER",
+		22: "ERROR_CODE_INTERNAL",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED":         0,
@@ -116,6 +130,10 @@ var (
 		"ERROR_CODE_SESSION_EXPIRED":     16,
 		"ERROR_CODE_REVOKED":             17,
 		"ERROR_CODE_DUPLICATE_ID":        18,
+		"ERROR_CODE_TARGET_OFFLINE":      19,
+		"ERROR_CODE_SLOW_CONSUMER":       20,
+		"ERROR_CODE_SEQ_OUT_OF_ORDER":    21,
+		"ERROR_CODE_INTERNAL":            22,
 	}
 )
 
@@ -505,9 +523,14 @@ func (x *Hello) GetResumeTicket() []byte {
 type Challenge struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// 32 random bytes.
-	Nonce         []byte `protobuf:"bytes,1,opt,name=nonce,proto3" json:"nonce,omitempty"`
-	ServerTimeMs  int64  `protobuf:"varint,2,opt,name=server_time_ms,json=serverTimeMs,proto3" json:"server_time_ms,omitempty"`
-	EdgeId        string `protobuf:"bytes,3,opt,name=edge_id,json=edgeId,proto3" json:"edge_id,omitempty"`
+	Nonce        []byte `protobuf:"bytes,1,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	ServerTimeMs int64  `protobuf:"varint,2,opt,name=server_time_ms,json=serverTimeMs,proto3" json:"server_time_ms,omitempty"`
+	EdgeId       string `protobuf:"bytes,3,opt,name=edge_id,json=edgeId,proto3" json:"edge_id,omitempty"`
+	// Why the Hello's resume ticket was not accepted (unset when there was
+	// none): the client drops it. A Challenge after the Welcome asks a
+	// session that reached its maximum age to prove its key again; it is
+	// answered with Authenticate like the first one.
+	TicketError   ErrorCode `protobuf:"varint,4,opt,name=ticket_error,json=ticketError,proto3,enum=relay.v1.ErrorCode" json:"ticket_error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -561,6 +584,13 @@ func (x *Challenge) GetEdgeId() string {
 		return x.EdgeId
 	}
 	return ""
+}
+
+func (x *Challenge) GetTicketError() ErrorCode {
+	if x != nil {
+		return x.TicketError
+	}
+	return ErrorCode_ERROR_CODE_UNSPECIFIED
 }
 
 // Authenticate answers a Challenge: an Ed25519 signature with the
@@ -843,7 +873,11 @@ type Event struct {
 	SenderDeviceId string `protobuf:"bytes,2,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
 	// Empty: all the user's other devices.
 	Targets []string `protobuf:"bytes,3,rep,name=targets,proto3" json:"targets,omitempty"`
-	// Per-sender sequence number, from 1, increasing.
+	// Per-sender sequence number: above 0 and strictly increasing within a
+	// session (the edge refuses a lower one). Receivers get a sender's
+	// events in seq order. Clients start from a clock-based value so that a
+	// restarted client continues upwards, and resend unacknowledged events
+	// with their original seq and id after a reconnect.
 	Seq         uint64 `protobuf:"varint,4,opt,name=seq,proto3" json:"seq,omitempty"`
 	CreatedAtMs int64  `protobuf:"varint,5,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
 	TtlMs       int64  `protobuf:"varint,6,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"`
@@ -995,8 +1029,11 @@ func (x *Ack) GetEventId() string {
 
 // Deliver carries an event to a receiving device.
 type Deliver struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Event         *Event                 `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Event *Event                 `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	// Per-session number of this delivery, answered in Received. 0 for
+	// ephemeral events, which are never acknowledged.
+	DeliveryId    uint64 `protobuf:"varint,2,opt,name=delivery_id,json=deliveryId,proto3" json:"delivery_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1038,10 +1075,18 @@ func (x *Deliver) GetEvent() *Event {
 	return nil
 }
 
-// Received acknowledges delivered events (receiver -> edge).
+func (x *Deliver) GetDeliveryId() uint64 {
+	if x != nil {
+		return x.DeliveryId
+	}
+	return 0
+}
+
+// Received acknowledges delivered events (receiver -> edge): once every
+// target has acknowledged an event, its sender gets the Ack.
 type Received struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	EventIds      []string               `protobuf:"bytes,1,rep,name=event_ids,json=eventIds,proto3" json:"event_ids,omitempty"`
+	DeliveryIds   []uint64               `protobuf:"varint,2,rep,packed,name=delivery_ids,json=deliveryIds,proto3" json:"delivery_ids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1076,9 +1121,9 @@ func (*Received) Descriptor() ([]byte, []int) {
 	return file_relay_v1_frames_proto_rawDescGZIP(), []int{10}
 }
 
-func (x *Received) GetEventIds() []string {
+func (x *Received) GetDeliveryIds() []uint64 {
 	if x != nil {
-		return x.EventIds
+		return x.DeliveryIds
 	}
 	return nil
 }
@@ -1377,11 +1422,12 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12)\n" +
 	"\x10protocol_version\x18\x03 \x01(\rR\x0fprotocolVersion\x12$\n" +
 	"\x0eclient_time_ms\x18\x04 \x01(\x03R\fclientTimeMs\x12#\n" +
-	"\rresume_ticket\x18\x05 \x01(\fR\fresumeTicket\"`\n" +
+	"\rresume_ticket\x18\x05 \x01(\fR\fresumeTicket\"\x98\x01\n" +
 	"\tChallenge\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12$\n" +
 	"\x0eserver_time_ms\x18\x02 \x01(\x03R\fserverTimeMs\x12\x17\n" +
-	"\aedge_id\x18\x03 \x01(\tR\x06edgeId\",\n" +
+	"\aedge_id\x18\x03 \x01(\tR\x06edgeId\x126\n" +
+	"\fticket_error\x18\x04 \x01(\x0e2\x13.relay.v1.ErrorCodeR\vticketError\",\n" +
 	"\fAuthenticate\x12\x1c\n" +
 	"\tsignature\x18\x01 \x01(\fR\tsignature\"\xfc\x01\n" +
 	"\x06Limits\x12&\n" +
@@ -1414,11 +1460,13 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\apayload\x18\b \x01(\fR\apayload\x12\x1c\n" +
 	"\tephemeral\x18\t \x01(\bR\tephemeral\" \n" +
 	"\x03Ack\x12\x19\n" +
-	"\bevent_id\x18\x01 \x01(\tR\aeventId\"0\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\"Q\n" +
 	"\aDeliver\x12%\n" +
-	"\x05event\x18\x01 \x01(\v2\x0f.relay.v1.EventR\x05event\"'\n" +
-	"\bReceived\x12\x1b\n" +
-	"\tevent_ids\x18\x01 \x03(\tR\beventIds\"f\n" +
+	"\x05event\x18\x01 \x01(\v2\x0f.relay.v1.EventR\x05event\x12\x1f\n" +
+	"\vdelivery_id\x18\x02 \x01(\x04R\n" +
+	"deliveryId\">\n" +
+	"\bReceived\x12!\n" +
+	"\fdelivery_ids\x18\x02 \x03(\x04R\vdeliveryIdsJ\x04\b\x01\x10\x02R\tevent_ids\"f\n" +
 	"\x06Reject\x12\x19\n" +
 	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12'\n" +
 	"\x04code\x18\x02 \x01(\x0e2\x13.relay.v1.ErrorCodeR\x04code\x12\x18\n" +
@@ -1433,7 +1481,7 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x04Ping\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\x04R\x05nonce\"\x1c\n" +
 	"\x04Pong\x12\x14\n" +
-	"\x05nonce\x18\x01 \x01(\x04R\x05nonce*\xbe\x04\n" +
+	"\x05nonce\x18\x01 \x01(\x04R\x05nonce*\xb5\x05\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aERROR_CODE_FRAME_TOO_LARGE\x10\x01\x12 \n" +
@@ -1454,7 +1502,11 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x15ERROR_CODE_GOING_AWAY\x10\x0f\x12\x1e\n" +
 	"\x1aERROR_CODE_SESSION_EXPIRED\x10\x10\x12\x16\n" +
 	"\x12ERROR_CODE_REVOKED\x10\x11\x12\x1b\n" +
-	"\x17ERROR_CODE_DUPLICATE_ID\x10\x12B4Z2github.com/edge-relay/relay/proto/relay/v1;relayv1b\x06proto3"
+	"\x17ERROR_CODE_DUPLICATE_ID\x10\x12\x12\x1d\n" +
+	"\x19ERROR_CODE_TARGET_OFFLINE\x10\x13\x12\x1c\n" +
+	"\x18ERROR_CODE_SLOW_CONSUMER\x10\x14\x12\x1f\n" +
+	"\x1bERROR_CODE_SEQ_OUT_OF_ORDER\x10\x15\x12\x17\n" +
+	"\x13ERROR_CODE_INTERNAL\x10\x16B4Z2github.com/edge-relay/relay/proto/relay/v1;relayv1b\x06proto3"
 
 var (
 	file_relay_v1_frames_proto_rawDescOnce sync.Once
@@ -1504,15 +1556,16 @@ var file_relay_v1_frames_proto_depIdxs = []int32{
 	15, // 11: relay.v1.Frame.ping:type_name -> relay.v1.Ping
 	16, // 12: relay.v1.Frame.pong:type_name -> relay.v1.Pong
 	7,  // 13: relay.v1.Frame.ticket:type_name -> relay.v1.Ticket
-	5,  // 14: relay.v1.Welcome.limits:type_name -> relay.v1.Limits
-	8,  // 15: relay.v1.Deliver.event:type_name -> relay.v1.Event
-	0,  // 16: relay.v1.Reject.code:type_name -> relay.v1.ErrorCode
-	0,  // 17: relay.v1.Close.code:type_name -> relay.v1.ErrorCode
-	18, // [18:18] is the sub-list for method output_type
-	18, // [18:18] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	0,  // 14: relay.v1.Challenge.ticket_error:type_name -> relay.v1.ErrorCode
+	5,  // 15: relay.v1.Welcome.limits:type_name -> relay.v1.Limits
+	8,  // 16: relay.v1.Deliver.event:type_name -> relay.v1.Event
+	0,  // 17: relay.v1.Reject.code:type_name -> relay.v1.ErrorCode
+	0,  // 18: relay.v1.Close.code:type_name -> relay.v1.ErrorCode
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_relay_v1_frames_proto_init() }

@@ -1,0 +1,210 @@
+package session
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"time"
+	"unicode/utf8"
+
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// DeviceState is what the edge's directory says of a device id.
+type DeviceState int
+
+// Device states.
+const (
+	// DeviceUnknown: no such device (or one the directory never saw).
+	DeviceUnknown DeviceState = iota
+	// DeviceActive: registered and not revoked.
+	DeviceActive
+	// DeviceRevoked: registered and revoked.
+	DeviceRevoked
+	// DeviceDeleted: deleted while this edge was following the feed.
+	DeviceDeleted
+)
+
+// DeviceInfo is a device as the directory knows it.
+type DeviceInfo struct {
+	ID        string
+	UserID    string
+	PublicKey []byte
+	State     DeviceState
+}
+
+// Directory is what the session core needs to know of the control plane's
+// state. edge/directory provides it, following the watch feed.
+type Directory interface {
+	// LookupDevice returns what is known of a device id.
+	LookupDevice(id string) DeviceInfo
+	// UserActive reports whether an account exists and is active.
+	UserActive(id string) bool
+}
+
+// CloseError ends a session with a protocol code, sent to the client in
+// a Close frame.
+type CloseError struct {
+	Code relayv1.ErrorCode
+	Msg  string
+}
+
+func (e *CloseError) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Msg) }
+
+// Is makes errors.Is(err, &CloseError{Code: c}) match any CloseError with
+// code c.
+func (e *CloseError) Is(target error) bool {
+	var t *CloseError
+	return errors.As(target, &t) && t.Code == e.Code && t.Msg == ""
+}
+
+func closeErr(code relayv1.ErrorCode, format string, args ...any) *CloseError {
+	return &CloseError{Code: code, Msg: fmt.Sprintf(format, args...)}
+}
+
+// authFailed is the one answer to every failed proof of identity: it never
+// says whether the device exists, belongs to the user or was revoked.
+func authFailed() *CloseError {
+	return closeErr(relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED, "authentication failed")
+}
+
+type hsState int
+
+const (
+	hsAwaitHello hsState = iota
+	hsAwaitAuth
+	hsDone
+)
+
+// handshake is the server side of the device handshake as a pure state
+// machine: frames in, frames out, no I/O, so it can be tested and fuzzed
+// alone. The session feeds it until done() or an error.
+type handshake struct {
+	edgeID string
+	dir    Directory
+	ring   *Ring
+	now    func() time.Time
+	random io.Reader
+	maxAge time.Duration
+
+	state  hsState
+	hello  *relayv1.Hello
+	device DeviceInfo
+	tr     Transcript
+
+	// Results, valid once done.
+	authAt  time.Time
+	resumed bool
+}
+
+// done reports whether the device proved who it is.
+func (h *handshake) done() bool { return h.state == hsDone }
+
+// step consumes one client frame and returns the frame to answer with (a
+// Challenge, or nil once done: the session sends the Welcome). Any error
+// is a *CloseError.
+func (h *handshake) step(f *relayv1.Frame) (*relayv1.Frame, error) {
+	switch h.state {
+	case hsAwaitHello:
+		hello := f.GetHello()
+		if hello == nil {
+			return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "expected hello, got %T", f.GetKind())
+		}
+		return h.onHello(hello)
+	case hsAwaitAuth:
+		auth := f.GetAuthenticate()
+		if auth == nil {
+			return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "expected authenticate, got %T", f.GetKind())
+		}
+		if err := h.tr.Verify(h.device.PublicKey, auth.GetSignature()); err != nil {
+			return nil, authFailed()
+		}
+		// The device may have been revoked while it was signing.
+		if !h.usable() {
+			return nil, authFailed()
+		}
+		h.state, h.authAt = hsDone, h.now()
+		return nil, nil
+	default:
+		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "handshake already complete")
+	}
+}
+
+func validID(s string) bool { return s != "" && len(s) <= 128 && utf8.ValidString(s) }
+
+func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
+	if hello.GetProtocolVersion() != ProtocolVersion {
+		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION,
+			"protocol version %d not supported, this edge speaks %d", hello.GetProtocolVersion(), ProtocolVersion)
+	}
+	if !validID(hello.GetUserId()) || !validID(hello.GetDeviceId()) {
+		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "hello needs a user id and a device id of 1 to 128 bytes of UTF-8")
+	}
+	h.hello = hello
+	h.device = h.dir.LookupDevice(hello.GetDeviceId())
+	now := h.now()
+
+	var ticketErr relayv1.ErrorCode
+	if t := hello.GetResumeTicket(); len(t) > 0 {
+		tk, err := h.ring.Open(t, now)
+		switch {
+		case err != nil:
+			ticketErr = ticketCode(err)
+		case tk.UserID != hello.GetUserId() || tk.DeviceID != hello.GetDeviceId():
+			ticketErr = relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED
+		case h.maxAge > 0 && !now.Before(tk.AuthAt.Add(h.maxAge)):
+			ticketErr = relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED
+		case !h.usable():
+			// A ticket outlives neither its device nor its account.
+			return nil, authFailed()
+		default:
+			h.state, h.authAt, h.resumed = hsDone, tk.AuthAt, true
+			return nil, nil
+		}
+	}
+	nonce := make([]byte, NonceSize)
+	if _, err := io.ReadFull(h.random, nonce); err != nil {
+		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "no randomness for a challenge")
+	}
+	// The challenge goes out even for a device that does not exist or is
+	// not this user's, so the answer never tells which ids are real; the
+	// signature check then fails.
+	h.tr = Transcript{
+		UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
+		ClientTimeMs: hello.GetClientTimeMs(), EdgeID: h.edgeID, Nonce: nonce, ServerTimeMs: now.UnixMilli(),
+	}
+	if !h.usable() {
+		h.device.PublicKey = nil // Verify refuses an empty key
+	}
+	h.state = hsAwaitAuth
+	return &relayv1.Frame{Kind: &relayv1.Frame_Challenge{Challenge: &relayv1.Challenge{
+		Nonce: nonce, ServerTimeMs: h.tr.ServerTimeMs, EdgeId: h.edgeID, TicketError: ticketErr,
+	}}}, nil
+}
+
+// usable reports whether the hello's device is an active device of the
+// hello's user, and the user is active.
+func (h *handshake) usable() bool {
+	d := h.dir.LookupDevice(h.hello.GetDeviceId())
+	return d.State == DeviceActive && d.UserID == h.hello.GetUserId() && h.dir.UserActive(d.UserID)
+}
+
+// reauth prepares a fresh challenge for a session that reached its
+// maximum age; verifyReauth checks the answer.
+func (h *handshake) reauth() (*relayv1.Challenge, error) {
+	nonce := make([]byte, NonceSize)
+	if _, err := io.ReadFull(h.random, nonce); err != nil {
+		return nil, fmt.Errorf("challenge nonce: %w", err)
+	}
+	h.tr.Nonce, h.tr.ServerTimeMs = nonce, h.now().UnixMilli()
+	h.device = h.dir.LookupDevice(h.hello.GetDeviceId())
+	h.state = hsAwaitAuth
+	return &relayv1.Challenge{Nonce: nonce, ServerTimeMs: h.tr.ServerTimeMs, EdgeId: h.edgeID}, nil
+}
+
+func ticketCode(err error) relayv1.ErrorCode {
+	if errors.Is(err, ErrTicketExpired) {
+		return relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED
+	}
+	return relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED
+}

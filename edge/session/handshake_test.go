@@ -1,0 +1,150 @@
+package session
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/edge/frame"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// fuzzWorld is a fixed handshake setting: one device with a known key,
+// a fixed clock and fixed "randomness", so a seed can carry a valid
+// signature.
+type fuzzWorld struct {
+	dir  *memDir
+	ring *Ring
+	key  ed25519.PrivateKey
+	now  time.Time
+}
+
+func newFuzzWorld() fuzzWorld {
+	w := fuzzWorld{dir: newMemDir(), ring: NewRing(), now: time.Unix(1_800_000_000, 0)}
+	w.key = ed25519.NewKeyFromSeed(bytes.Repeat([]byte{5}, 32))
+	w.dir.set(DeviceInfo{ID: "d1", UserID: "u1", PublicKey: w.key.Public().(ed25519.PublicKey), State: DeviceActive})
+	w.dir.set(DeviceInfo{ID: "r1", UserID: "u1", PublicKey: w.key.Public().(ed25519.PublicKey), State: DeviceRevoked})
+	w.ring.Set("k1", []SessionKey{{ID: "k1", Secret: bytes.Repeat([]byte{1}, 32)}})
+	return w
+}
+
+func (w fuzzWorld) handshake() *handshake {
+	return &handshake{edgeID: "edge-f", dir: w.dir, ring: w.ring, now: func() time.Time { return w.now },
+		random: bytes.NewReader(bytes.Repeat([]byte{9}, 1<<10)), maxAge: 24 * time.Hour}
+}
+
+// nonce is what the fixed randomness yields.
+func (w fuzzWorld) nonce() []byte { return bytes.Repeat([]byte{9}, NonceSize) }
+
+func stream(frames ...*relayv1.Frame) []byte {
+	var b []byte
+	for _, f := range frames {
+		b, _ = frame.Append(b, f)
+	}
+	return b
+}
+
+func TestHandshakeStateMachine(t *testing.T) {
+	w := newFuzzWorld()
+	hello := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 42}
+	tr := Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 42, EdgeID: "edge-f",
+		Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli()}
+	good := &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: tr.Sign(w.key)}}}
+	helloF := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: hello}}
+
+	h := w.handshake()
+	out, err := h.step(helloF)
+	if err != nil || out.GetChallenge() == nil || !bytes.Equal(out.GetChallenge().GetNonce(), w.nonce()) {
+		t.Fatalf("hello: %v %v", out, err)
+	}
+	if _, err := h.step(good); err != nil || !h.done() || h.resumed {
+		t.Fatalf("authenticate: %v", err)
+	}
+	if _, err := h.step(good); !errors.Is(err, &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME}) {
+		t.Fatalf("frame after done: %v", err)
+	}
+	// A second authenticate before a hello, a hello twice, a revoked
+	// device's valid signature: all refused.
+	h = w.handshake()
+	if _, err := h.step(good); !errors.Is(err, &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME}) {
+		t.Fatalf("authenticate first: %v", err)
+	}
+	h = w.handshake()
+	_, _ = h.step(helloF)
+	if _, err := h.step(helloF); !errors.Is(err, &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME}) {
+		t.Fatalf("hello twice: %v", err)
+	}
+	h = w.handshake()
+	rh := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "r1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 42}}}
+	_, _ = h.step(rh)
+	rtr := tr
+	rtr.DeviceID = "r1"
+	if _, err := h.step(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: rtr.Sign(w.key)}}}); !errors.Is(err, &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED}) {
+		t.Fatalf("revoked device: %v", err)
+	}
+	// No randomness: an internal error, not a panic or a weak nonce.
+	h = w.handshake()
+	h.random = bytes.NewReader(nil)
+	if _, err := h.step(helloF); !errors.Is(err, &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_INTERNAL}) {
+		t.Fatalf("no randomness: %v", err)
+	}
+}
+
+// FuzzHandshake feeds arbitrary frame streams to the handshake state
+// machine: it must never panic, and never complete unless the input
+// carried a valid signature over the transcript or a valid ticket.
+func FuzzHandshake(f *testing.F) {
+	w := newFuzzWorld()
+	hello := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 42}
+	tr := Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 42, EdgeID: "edge-f",
+		Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli()}
+	auth := &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: tr.Sign(w.key)}}}
+	ticket, _ := w.ring.Seal(Ticket{UserID: "u1", DeviceID: "d1", AuthAt: w.now, ExpiresAt: w.now.Add(time.Hour)})
+	helloF := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: hello}}
+	f.Add(stream(helloF, auth))
+	f.Add(stream(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: ProtocolVersion, ResumeTicket: ticket}}}))
+	f.Add(stream(auth, helloF))
+	f.Add(stream(helloF, helloF))
+	f.Add([]byte{2, 0x0a, 0x00})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h := w.handshake()
+		r := frame.NewReader(bytes.NewReader(b), 4096)
+		var last *relayv1.Frame
+		var hello *relayv1.Hello
+		for !h.done() {
+			fr := &relayv1.Frame{}
+			if err := r.Read(fr); err != nil {
+				return
+			}
+			if fr.GetHello() != nil && hello == nil {
+				hello = fr.GetHello()
+			}
+			last = fr
+			if _, err := h.step(fr); err != nil {
+				var ce *CloseError
+				if !errors.As(err, &ce) {
+					t.Fatalf("error is not a *CloseError: %v", err)
+				}
+				return
+			}
+		}
+		if h.resumed {
+			tk, err := w.ring.Open(hello.GetResumeTicket(), w.now)
+			if err != nil || tk.DeviceID != hello.GetDeviceId() || tk.UserID != hello.GetUserId() {
+				t.Fatalf("resumed without a valid ticket: %v", err)
+			}
+			return
+		}
+		want := Transcript{UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
+			ClientTimeMs: hello.GetClientTimeMs(), EdgeID: "edge-f", Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli()}
+		dev := w.dir.LookupDevice(hello.GetDeviceId())
+		if dev.State != DeviceActive || dev.UserID != hello.GetUserId() {
+			t.Fatalf("authenticated an unusable device %+v", dev)
+		}
+		if err := want.Verify(dev.PublicKey, last.GetAuthenticate().GetSignature()); err != nil {
+			t.Fatalf("authenticated without a valid signature: %v", err)
+		}
+	})
+}

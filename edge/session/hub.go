@@ -1,0 +1,493 @@
+package session
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"io"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+	"golang.org/x/time/rate"
+
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// Config configures a Hub. Zero fields take the defaults in brackets.
+type Config struct {
+	// EdgeID names this edge in challenges (and so in every signed
+	// transcript); required.
+	EdgeID string
+	// Directory answers who devices and users are; required.
+	Directory Directory
+	// Ring seals and opens resume tickets; required.
+	Ring *Ring
+	// Limits are enforced per session and announced in the Welcome
+	// [DefaultLimits()].
+	Limits Limits
+	// TicketTTL is how long a resume ticket is valid [1h]. A fresh one is
+	// sent when two thirds of it have passed.
+	TicketTTL time.Duration
+	// MaxSessionAge is how long a proof of key lasts, across resumes
+	// [24h]: then the session must sign a new challenge or is closed.
+	MaxSessionAge time.Duration
+	// HandshakeTimeout bounds the handshake, and the answer to a
+	// re-authentication challenge [10s].
+	HandshakeTimeout time.Duration
+	// QueueLen and QueueBytes bound a session's queue of deliveries
+	// [256, 1 MiB]; ControlQueueLen bounds its acks, rejects and presence
+	// frames [4096], beyond which the device counts as not reading.
+	QueueLen, QueueBytes, ControlQueueLen int
+	// DedupWindow is how many recent event ids per session are remembered
+	// to ack duplicates without relaying them again [1024].
+	DedupWindow int
+	// HandshakesPerSecond and HandshakeBurst limit new sessions per
+	// client IP address [20, 50].
+	HandshakesPerSecond float64
+	HandshakeBurst      int
+	// CloseLinger is how long a closing session waits for its last frames
+	// to reach the device before the connection is cut [2s].
+	CloseLinger time.Duration
+	// Now is the clock [time.Now]; Random the randomness [crypto/rand].
+	Now    func() time.Time
+	Random io.Reader
+	// Logger [slog.Default()]; Metrics [unregistered]; Tracer [no-op].
+	Logger  *slog.Logger
+	Metrics *Metrics
+	Tracer  trace.Tracer
+}
+
+func (c *Config) setDefaults() error {
+	if c.EdgeID == "" || c.Directory == nil || c.Ring == nil {
+		return errors.New("session: EdgeID, Directory and Ring are required")
+	}
+	if c.Limits == (Limits{}) {
+		c.Limits = DefaultLimits()
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	defInt := func(d *int, v int) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&c.TicketTTL, time.Hour)
+	def(&c.MaxSessionAge, 24*time.Hour)
+	def(&c.HandshakeTimeout, 10*time.Second)
+	def(&c.CloseLinger, 2*time.Second)
+	defInt(&c.QueueLen, 256)
+	defInt(&c.QueueBytes, 1<<20)
+	defInt(&c.ControlQueueLen, 4096)
+	defInt(&c.DedupWindow, 1024)
+	defInt(&c.HandshakeBurst, 50)
+	if c.HandshakesPerSecond <= 0 {
+		c.HandshakesPerSecond = 20
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Random == nil {
+		c.Random = rand.Reader
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Metrics == nil {
+		c.Metrics = NewMetrics(nil)
+	}
+	if c.Tracer == nil {
+		c.Tracer = noop.NewTracerProvider().Tracer("")
+	}
+	return nil
+}
+
+// ErrDraining is returned by Serve once the hub is draining or closed.
+var ErrDraining = errors.New("edge is draining")
+
+const shardCount = 64
+
+// shard holds the rooms of the users hashing to it. The per-event path
+// never takes a shard lock: a session keeps a pointer to its room.
+type shard struct {
+	mu    sync.Mutex // guards rooms
+	rooms map[string]*room
+}
+
+// room is one user's sessions on this edge.
+type room struct {
+	userID string
+	refs   int // sessions registered or registering; guarded by the shard's mu
+
+	mu      sync.RWMutex // guards devices
+	devices map[string]*Session
+}
+
+// Hub is the registry of the sessions on one edge and the router between
+// them. Transports hand it connections (Serve); the directory tells it
+// whose sessions must close (CloseDevice, CloseUser).
+type Hub struct {
+	cfg    Config
+	seed   maphash.Seed
+	shards [shardCount]shard
+	addrs  *addrLimiter
+
+	mu       sync.Mutex // guards the fields below
+	draining bool
+	active   int           // Serve calls running
+	idle     chan struct{} // closed when draining and active reaches 0
+}
+
+// NewHub returns a hub ready to serve.
+func NewHub(cfg Config) (*Hub, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), idle: make(chan struct{})}
+	for i := range h.shards {
+		h.shards[i].rooms = map[string]*room{}
+	}
+	h.addrs = newAddrLimiter(rate.Limit(cfg.HandshakesPerSecond), cfg.HandshakeBurst)
+	return h, nil
+}
+
+// Limits returns the limits sessions run under.
+func (h *Hub) Limits() Limits { return h.cfg.Limits }
+
+func (h *Hub) shardOf(userID string) *shard {
+	return &h.shards[maphash.String(h.seed, userID)%shardCount]
+}
+
+// Serve runs one session on c until it ends, and returns why. The caller
+// owns the goroutine; the hub closes c before Serve returns.
+func (h *Hub) Serve(ctx context.Context, c Conn) error {
+	if !h.enter() {
+		_ = c.Close(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
+		return ErrDraining
+	}
+	defer h.leave()
+	if !h.addrs.allow(c.RemoteAddr(), h.cfg.Now()) {
+		h.cfg.Metrics.handshakes.WithLabelValues(codeLabel(relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED)).Inc()
+		err := closeErr(relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, "too many new sessions from this address")
+		writeClose(c, err, 0)
+		_ = c.Close(err.Code, err.Msg)
+		return err
+	}
+	s := newSession(h, c)
+	return s.run(ctx)
+}
+
+func (h *Hub) enter() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.draining {
+		return false
+	}
+	h.active++
+	return true
+}
+
+func (h *Hub) leave() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.active--
+	if h.draining && h.active == 0 {
+		close(h.idle)
+	}
+}
+
+// register adds s to its user's room, closing an older session of the
+// same device (the newer wins), and tells the user's other devices and s
+// who is online.
+//
+// It returns false, registering nothing, once the hub is draining: a
+// session that finished its handshake after Drain looked must not stay.
+func (h *Hub) register(s *Session) bool {
+	sh := h.shardOf(s.userID)
+	h.mu.Lock()
+	draining := h.draining
+	if !draining {
+		// Under h.mu so Drain, which sets draining first, then walks the
+		// rooms, either sees this session or refuses it.
+		sh.mu.Lock()
+	}
+	h.mu.Unlock()
+	if draining {
+		return false
+	}
+	r := sh.rooms[s.userID]
+	if r == nil {
+		r = &room{userID: s.userID, devices: map[string]*Session{}}
+		sh.rooms[s.userID] = r
+	}
+	r.refs++
+	sh.mu.Unlock()
+
+	r.mu.Lock()
+	old := r.devices[s.deviceID]
+	r.devices[s.deviceID] = s
+	s.room = r
+	var others []*Session
+	for id, o := range r.devices {
+		if id != s.deviceID {
+			others = append(others, o)
+		}
+	}
+	r.mu.Unlock()
+
+	if old != nil {
+		old.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_REPLACED, "a newer session of this device took over"), 0)
+	}
+	for _, o := range others {
+		s.out.control(presence(o.deviceID, true))
+		if old == nil {
+			o.out.control(presence(s.deviceID, true))
+		}
+	}
+	return true
+}
+
+// unregister removes s if it is still its device's session, and tells the
+// others the device went offline. The room goes when its last session
+// does, so nothing per user outlives the user's last session.
+func (h *Hub) unregister(s *Session) {
+	r := s.room
+	if r == nil {
+		return
+	}
+	r.mu.Lock()
+	var others []*Session
+	if r.devices[s.deviceID] == s {
+		delete(r.devices, s.deviceID)
+		for _, o := range r.devices {
+			others = append(others, o)
+		}
+	}
+	r.mu.Unlock()
+	for _, o := range others {
+		o.out.control(presence(s.deviceID, false))
+	}
+	sh := h.shardOf(s.userID)
+	sh.mu.Lock()
+	r.refs--
+	if r.refs == 0 {
+		delete(sh.rooms, s.userID)
+	}
+	sh.mu.Unlock()
+}
+
+func presence(deviceID string, online bool) *relayv1.Frame {
+	return &relayv1.Frame{Kind: &relayv1.Frame_Presence{Presence: &relayv1.Presence{DeviceId: deviceID, Online: online}}}
+}
+
+// sessionsOf returns the sessions of a user, or of one device when
+// deviceID is not empty.
+func (h *Hub) sessionsOf(userID, deviceID string) []*Session {
+	sh := h.shardOf(userID)
+	sh.mu.Lock()
+	r := sh.rooms[userID]
+	sh.mu.Unlock()
+	if r == nil {
+		return nil
+	}
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if deviceID != "" {
+		if s := r.devices[deviceID]; s != nil {
+			return []*Session{s}
+		}
+		return nil
+	}
+	out := make([]*Session, 0, len(r.devices))
+	for _, s := range r.devices {
+		out = append(out, s)
+	}
+	return out
+}
+
+// CloseDevice closes the session of a device, if it has one here, with
+// code (REVOKED when the device was revoked or deleted).
+func (h *Hub) CloseDevice(userID, deviceID string, code relayv1.ErrorCode, msg string) {
+	for _, s := range h.sessionsOf(userID, deviceID) {
+		s.closeWith(closeErr(code, "%s", msg), 0)
+	}
+}
+
+// CloseUser closes every session of a user here.
+func (h *Hub) CloseUser(userID string, code relayv1.ErrorCode, msg string) {
+	for _, s := range h.sessionsOf(userID, "") {
+		s.closeWith(closeErr(code, "%s", msg), 0)
+	}
+}
+
+// Online reports whether a device has a session on this edge.
+func (h *Hub) Online(userID, deviceID string) bool {
+	return len(h.sessionsOf(userID, deviceID)) > 0
+}
+
+// OnlineDevices returns every device with a session here, by user (for
+// activity reports).
+func (h *Hub) OnlineDevices() map[string][]string {
+	out := map[string][]string{}
+	for i := range h.shards {
+		sh := &h.shards[i]
+		sh.mu.Lock()
+		rooms := make([]*room, 0, len(sh.rooms))
+		for _, r := range sh.rooms {
+			rooms = append(rooms, r)
+		}
+		sh.mu.Unlock()
+		for _, r := range rooms {
+			r.mu.RLock()
+			for id := range r.devices {
+				out[r.userID] = append(out[r.userID], id)
+			}
+			r.mu.RUnlock()
+		}
+	}
+	return out
+}
+
+// Stats are the sizes of the hub's tables, for leak checks and metrics.
+type Stats struct {
+	Sessions int // registered sessions
+	Rooms    int // users with at least one session
+	Serving  int // Serve calls running (handshaking or registered)
+}
+
+// Stats returns the current table sizes.
+func (h *Hub) Stats() Stats {
+	var st Stats
+	for i := range h.shards {
+		sh := &h.shards[i]
+		sh.mu.Lock()
+		st.Rooms += len(sh.rooms)
+		for _, r := range sh.rooms {
+			r.mu.RLock()
+			st.Sessions += len(r.devices)
+			r.mu.RUnlock()
+		}
+		sh.mu.Unlock()
+	}
+	h.mu.Lock()
+	st.Serving = h.active
+	h.mu.Unlock()
+	return st
+}
+
+// Drain stops taking sessions and closes every open one with GOING_AWAY,
+// each told to wait a random time below window before reconnecting (so
+// thousands of clients do not come back in the same second). It returns
+// when every session has ended or ctx is done.
+func (h *Hub) Drain(ctx context.Context, window time.Duration) error {
+	h.mu.Lock()
+	if !h.draining {
+		h.draining = true
+		if h.active == 0 {
+			close(h.idle)
+		}
+	}
+	idle := h.idle
+	h.mu.Unlock()
+	for i := range h.shards {
+		sh := &h.shards[i]
+		sh.mu.Lock()
+		var all []*Session
+		for _, r := range sh.rooms {
+			r.mu.RLock()
+			for _, s := range r.devices {
+				all = append(all, s)
+			}
+			r.mu.RUnlock()
+		}
+		sh.mu.Unlock()
+		for _, s := range all {
+			var after time.Duration
+			if window > 0 {
+				n, err := rand.Int(h.cfg.Random, big.NewInt(int64(window)))
+				if err == nil {
+					after = time.Duration(n.Int64())
+				}
+			}
+			s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down; reconnect"), after)
+		}
+	}
+	select {
+	case <-idle:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("drain: %d sessions still open: %w", h.Stats().Serving, ctx.Err())
+	}
+}
+
+// addrLimiter limits new sessions per client IP address. Entries idle
+// for a minute are swept on use, so it needs no goroutine of its own.
+type addrLimiter struct {
+	limit rate.Limit
+	burst int
+
+	mu        sync.Mutex // guards the fields below
+	m         map[netip.Addr]*addrEntry
+	lastSweep time.Time
+}
+
+type addrEntry struct {
+	lim  *rate.Limiter
+	seen time.Time
+}
+
+func newAddrLimiter(limit rate.Limit, burst int) *addrLimiter {
+	return &addrLimiter{limit: limit, burst: burst, m: map[netip.Addr]*addrEntry{}}
+}
+
+func (l *addrLimiter) allow(addr net.Addr, now time.Time) bool {
+	ip, ok := addrIP(addr)
+	if !ok {
+		return true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if now.Sub(l.lastSweep) > time.Minute {
+		for k, e := range l.m {
+			if now.Sub(e.seen) > time.Minute {
+				delete(l.m, k)
+			}
+		}
+		l.lastSweep = now
+	}
+	e := l.m[ip]
+	if e == nil {
+		e = &addrEntry{lim: rate.NewLimiter(l.limit, l.burst)}
+		l.m[ip] = e
+	}
+	e.seen = now
+	return e.lim.AllowN(now, 1)
+}
+
+func addrIP(a net.Addr) (netip.Addr, bool) {
+	switch a := a.(type) {
+	case *net.UDPAddr:
+		ip, ok := netip.AddrFromSlice(a.IP)
+		return ip.Unmap(), ok
+	case *net.TCPAddr:
+		ip, ok := netip.AddrFromSlice(a.IP)
+		return ip.Unmap(), ok
+	case nil:
+		return netip.Addr{}, false
+	}
+	ap, err := netip.ParseAddrPort(a.String())
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	return ap.Addr().Unmap(), true
+}

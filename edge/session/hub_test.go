@@ -1,0 +1,672 @@
+package session
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/edge/frame"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+func TestFullHandshakeAndResume(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "d1")
+	d := e.online("d1")
+	w := d.welcome
+	if w.GetSessionId() == "" || w.GetResumed() || len(w.GetResumeTicket()) == 0 || w.GetLimits().GetMaxPayloadBytes() == 0 {
+		t.Fatalf("welcome: %v", w)
+	}
+	if skew := time.Since(time.UnixMilli(w.GetServerTimeMs())); skew < -time.Second || skew > time.Second {
+		t.Fatalf("server time off by %s", skew)
+	}
+	// The ticket resumes without a signature round trip.
+	d2 := e.connect("d1")
+	d2.send(d2.hello(w.GetResumeTicket()))
+	w2 := d2.readDirect().GetWelcome()
+	if w2 == nil || !w2.GetResumed() || w2.GetSessionId() == w.GetSessionId() {
+		t.Fatalf("resume: %v", w2)
+	}
+	// The resumed session replaced the first one.
+	if c := d.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_REPLACED {
+		t.Fatalf("first session closed with %v", c)
+	}
+	if got := e.metric("relay_edge_handshakes_total", "result", "resumed"); got != 1 {
+		t.Fatalf("resumed handshakes metric = %v", got)
+	}
+}
+
+func TestTicketsThatAreRefused(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "d1")
+	e.device("u1", "d2")
+	valid := e.online("d1").welcome.GetResumeTicket()
+
+	forged := bytes.Clone(valid)
+	forged[len(forged)-1] ^= 1
+	other := NewRing()
+	other.Set("k1", []SessionKey{{ID: "k1", Secret: bytes.Repeat([]byte{9}, 32)}})
+	foreign, _ := other.Seal(Ticket{UserID: "u1", DeviceID: "d1", AuthAt: time.Now(), ExpiresAt: time.Now().Add(time.Hour)})
+	expired, _ := e.ring.Seal(Ticket{UserID: "u1", DeviceID: "d1", AuthAt: time.Now().Add(-2 * time.Hour), ExpiresAt: time.Now().Add(-time.Minute)})
+	tooOld, _ := e.ring.Seal(Ticket{UserID: "u1", DeviceID: "d1", AuthAt: time.Now().Add(-25 * time.Hour), ExpiresAt: time.Now().Add(time.Hour)})
+	d2Ticket, _ := e.ring.Seal(Ticket{UserID: "u1", DeviceID: "d2", AuthAt: time.Now(), ExpiresAt: time.Now().Add(time.Hour)})
+
+	cases := []struct {
+		name   string
+		ticket []byte
+		want   relayv1.ErrorCode
+	}{
+		{"forged", forged, relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED},
+		{"sealed by another cluster", foreign, relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED},
+		{"expired", expired, relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED},
+		{"proof of key older than the maximum age", tooOld, relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED},
+		{"another device's ticket", d2Ticket, relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED},
+		{"garbage", []byte("not a ticket"), relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d := e.connect("d1")
+			d.send(d.hello(c.ticket))
+			ch := d.readDirect().GetChallenge()
+			if ch == nil || ch.GetTicketError() != c.want {
+				t.Fatalf("want a challenge with ticket error %v, got %v", c.want, ch)
+			}
+		})
+	}
+
+	// A key that left the ring (rotated out) no longer opens its tickets.
+	e.ring.Set("k2", []SessionKey{{ID: "k2", Secret: bytes.Repeat([]byte{2}, 32)}})
+	d := e.connect("d1")
+	d.send(d.hello(valid))
+	if ch := d.readDirect().GetChallenge(); ch == nil || ch.GetTicketError() != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {
+		t.Fatalf("rotated-out ticket: %v", ch)
+	}
+}
+
+func TestAuthenticationFailures(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "d1")
+	e.device("u2", "x1")
+	e.device("u1", "gone")
+	e.dir.setState("gone", DeviceRevoked)
+	_, wrongKey, _ := ed25519.GenerateKey(rand.Reader)
+
+	run := func(t *testing.T, d *dev, hello *relayv1.Frame, answer func(*relayv1.Challenge) *relayv1.Frame) {
+		t.Helper()
+		d.send(hello)
+		ch := d.readDirect().GetChallenge()
+		if ch == nil {
+			t.Fatal("expected a challenge, whatever the device")
+		}
+		d.send(answer(ch))
+		c := d.readDirect().GetClose()
+		if c.GetCode() != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED || c.GetMessage() != "authentication failed" {
+			t.Fatalf("close: %v", c)
+		}
+		if err := <-d.serve; codeOf(err) != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {
+			t.Fatalf("Serve returned %v", err)
+		}
+	}
+	t.Run("wrong key", func(t *testing.T) {
+		d := e.connect("d1")
+		h := d.hello(nil)
+		run(t, d, h, func(ch *relayv1.Challenge) *relayv1.Frame { return sign(h.GetHello(), ch, wrongKey) })
+	})
+	t.Run("replayed signature", func(t *testing.T) {
+		// A signature captured from one session is useless in the next:
+		// the nonce differs.
+		first := e.connect("d1")
+		h := first.hello(nil)
+		first.send(h)
+		ch1 := first.readDirect().GetChallenge()
+		captured := sign(h.GetHello(), ch1, e.keys["d1"])
+		first.send(captured)
+		if first.readDirect().GetWelcome() == nil {
+			t.Fatal("original handshake failed")
+		}
+		d := e.connect("d1")
+		run(t, d, h, func(*relayv1.Challenge) *relayv1.Frame { return captured })
+	})
+	t.Run("signature for another edge", func(t *testing.T) {
+		d := e.connect("d1")
+		h := d.hello(nil)
+		run(t, d, h, func(ch *relayv1.Challenge) *relayv1.Frame {
+			other := &relayv1.Challenge{Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(), EdgeId: "edge-other"}
+			return sign(h.GetHello(), other, e.keys["d1"])
+		})
+	})
+	t.Run("device of another user", func(t *testing.T) {
+		d := e.connect("d1")
+		h := d.hello(nil)
+		h.GetHello().DeviceId = "x1" // u1 claims u2's device, even with its key
+		run(t, d, h, func(ch *relayv1.Challenge) *relayv1.Frame { return sign(h.GetHello(), ch, e.keys["x1"]) })
+	})
+	t.Run("unknown device", func(t *testing.T) {
+		d := e.connect("d1")
+		h := d.hello(nil)
+		h.GetHello().DeviceId = "nope"
+		run(t, d, h, func(ch *relayv1.Challenge) *relayv1.Frame { return sign(h.GetHello(), ch, e.keys["d1"]) })
+	})
+	t.Run("revoked device", func(t *testing.T) {
+		d := e.connect("gone")
+		h := d.hello(nil)
+		run(t, d, h, func(ch *relayv1.Challenge) *relayv1.Frame { return sign(h.GetHello(), ch, e.keys["gone"]) })
+	})
+}
+
+func TestHandshakeProtocolErrors(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.HandshakeTimeout = 300 * time.Millisecond })
+	e.device("u1", "d1")
+	t.Run("unsupported version", func(t *testing.T) {
+		d := e.connect("d1")
+		h := d.hello(nil)
+		h.GetHello().ProtocolVersion = 99
+		d.send(h)
+		if c := d.readDirect().GetClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION {
+			t.Fatalf("close: %v", c)
+		}
+	})
+	t.Run("event before hello", func(t *testing.T) {
+		d := e.connect("d1")
+		d.sendEvent(d.event())
+		if c := d.readDirect().GetClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME {
+			t.Fatalf("close: %v", c)
+		}
+	})
+	t.Run("empty ids", func(t *testing.T) {
+		d := e.connect("d1")
+		h := d.hello(nil)
+		h.GetHello().UserId = ""
+		d.send(h)
+		if c := d.readDirect().GetClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME {
+			t.Fatalf("close: %v", c)
+		}
+	})
+	t.Run("garbage bytes", func(t *testing.T) {
+		d := e.connect("d1")
+		if _, err := d.conn.Write([]byte{3, 0xff, 0xff, 0xff}); err != nil {
+			t.Fatal(err)
+		}
+		if c := d.readDirect().GetClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME {
+			t.Fatalf("close: %v", c)
+		}
+	})
+	t.Run("frame too large", func(t *testing.T) {
+		d := e.connect("d1")
+		if _, err := d.conn.Write([]byte{0xff, 0xff, 0xff, 0x7f}); err != nil {
+			t.Fatal(err)
+		}
+		if c := d.readDirect().GetClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE {
+			t.Fatalf("close: %v", c)
+		}
+	})
+	t.Run("silent client times out", func(t *testing.T) {
+		d := e.connect("d1")
+		if err := <-d.serve; codeOf(err) != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {
+			t.Fatalf("Serve returned %v", err)
+		}
+	})
+}
+
+func TestHandshakesPerAddressAreLimited(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.HandshakesPerSecond, c.HandshakeBurst = 0.001, 2 })
+	e.device("u1", "d1")
+	e.connectFrom("d1", "10.0.0.1:1", true).login()
+	e.connectFrom("d1", "10.0.0.1:2", true).login()
+	d := e.connectFrom("d1", "10.0.0.1:3", true)
+	if c := d.readDirect().GetClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED {
+		t.Fatalf("third handshake from one address: %v", c)
+	}
+	// Another address is not affected.
+	e.connectFrom("d1", "10.0.0.2:1", true).login()
+}
+
+func TestFanOutAckAndOrder(t *testing.T) {
+	e := newEnv(t, nil)
+	for _, id := range []string{"a", "b", "c"} {
+		e.device("u1", id)
+	}
+	a, b, c := e.online("a"), e.online("b"), e.online("c")
+	const n = 200
+	for range n {
+		a.sendEvent(a.event())
+	}
+	for _, r := range []*dev{b, c} {
+		for i := 1; i <= n; i++ {
+			dl := r.nextDeliver()
+			ev := dl.GetEvent()
+			if ev.GetSeq() != uint64(i) || ev.GetSenderDeviceId() != "a" || string(ev.GetPayload()) != "hello" {
+				t.Fatalf("%s got %v as delivery %d", r.id, ev, i)
+			}
+			if dl.GetDeliveryId() == 0 {
+				t.Fatal("durable delivery without an id")
+			}
+			// Only once both receivers acknowledged it may a be acked.
+			if r == c {
+				c.received(dl.GetDeliveryId())
+			} else {
+				b.received(dl.GetDeliveryId())
+			}
+		}
+	}
+	for i := 1; i <= n; i++ {
+		f := a.nextAckOrReject()
+		if f.GetAck().GetEventId() != fmt.Sprintf("a-%d", i) {
+			t.Fatalf("ack %d: %v", i, f)
+		}
+	}
+}
+
+func TestAckWaitsForEveryTarget(t *testing.T) {
+	e := newEnv(t, nil)
+	for _, id := range []string{"a", "b", "c"} {
+		e.device("u1", id)
+	}
+	a, b, c := e.online("a"), e.online("b"), e.online("c")
+	a.sendEvent(a.event("b", "c"))
+	db, dc := b.nextDeliver(), c.nextDeliver()
+	b.received(db.GetDeliveryId())
+	a.expectNothing("ack before every target received", func(f *relayv1.Frame) bool { return f.GetAck() != nil })
+	c.received(dc.GetDeliveryId())
+	if f := a.nextAckOrReject(); f.GetAck() == nil {
+		t.Fatalf("want ack, got %v", f)
+	}
+	// Targeting one device reaches only it.
+	a.sendEvent(a.event("c"))
+	c.received(c.nextDeliver().GetDeliveryId())
+	if f := a.nextAckOrReject(); f.GetAck() == nil {
+		t.Fatalf("want ack, got %v", f)
+	}
+	b.expectNothing("delivery meant for c", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+}
+
+func TestEventRejections(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		l := DefaultLimits()
+		l.MaxPayloadBytes, l.MaxTTL, l.EventsPerSecond = 100, time.Hour, 1000
+		c.Limits = l
+	})
+	e.device("u1", "a")
+	e.device("u1", "b")
+	e.device("u1", "off")
+	e.device("u1", "del")
+	e.dir.setState("del", DeviceDeleted)
+	e.device("u1", "rev")
+	e.dir.setState("rev", DeviceRevoked)
+	e.device("u2", "x")
+	a := e.online("a")
+	b := e.online("b")
+	now := time.Now()
+	cases := []struct {
+		name string
+		mod  func(*relayv1.Event)
+		want relayv1.ErrorCode
+	}{
+		{"payload too large", func(ev *relayv1.Event) { ev.Payload = make([]byte, 101) }, relayv1.ErrorCode_ERROR_CODE_PAYLOAD_TOO_LARGE},
+		{"ttl above maximum", func(ev *relayv1.Event) { ev.TtlMs = (2 * time.Hour).Milliseconds() }, relayv1.ErrorCode_ERROR_CODE_TTL_TOO_LONG},
+		{"created 6 min in the future", func(ev *relayv1.Event) { ev.CreatedAtMs = now.Add(6 * time.Minute).UnixMilli() }, relayv1.ErrorCode_ERROR_CODE_CREATED_IN_FUTURE},
+		{"expired 6 min ago", func(ev *relayv1.Event) { ev.CreatedAtMs = now.Add(-7 * time.Minute).UnixMilli() }, relayv1.ErrorCode_ERROR_CODE_EXPIRED},
+		{"another user's device", func(ev *relayv1.Event) { ev.Targets = []string{"x"} }, relayv1.ErrorCode_ERROR_CODE_UNKNOWN_TARGET},
+		{"no such device", func(ev *relayv1.Event) { ev.Targets = []string{"nope"} }, relayv1.ErrorCode_ERROR_CODE_UNKNOWN_TARGET},
+		{"deleted target", func(ev *relayv1.Event) { ev.Targets = []string{"del"} }, relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED},
+		{"revoked target", func(ev *relayv1.Event) { ev.Targets = []string{"rev"} }, relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED},
+		{"offline target", func(ev *relayv1.Event) { ev.Targets = []string{"b", "off"} }, relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE},
+		{"itself", func(ev *relayv1.Event) { ev.Targets = []string{"a"} }, relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{"target twice", func(ev *relayv1.Event) { ev.Targets = []string{"b", "b"} }, relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{"no id", func(ev *relayv1.Event) { ev.Id = "" }, relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{"seq not increasing", func(ev *relayv1.Event) { ev.Seq = 1 }, relayv1.ErrorCode_ERROR_CODE_SEQ_OUT_OF_ORDER},
+	}
+	// One accepted event first, so seq 1 is taken.
+	a.sendEvent(a.event("b"))
+	b.received(b.nextDeliver().GetDeliveryId())
+	if f := a.nextAckOrReject(); f.GetAck() == nil {
+		t.Fatalf("first event: %v", f)
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ev := a.event("b")
+			c.mod(ev)
+			a.sendEvent(ev)
+			f := a.nextAckOrReject()
+			if f.GetReject().GetCode() != c.want || f.GetReject().GetEventId() != ev.GetId() {
+				t.Fatalf("want reject %v, got %v", c.want, f)
+			}
+		})
+	}
+	// Nothing of any refused event reached b, and the session goes on.
+	b.expectNothing("a refused event", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	a.sendEvent(a.event("b"))
+	b.received(b.nextDeliver().GetDeliveryId())
+	if f := a.nextAckOrReject(); f.GetAck() == nil {
+		t.Fatalf("after the rejections: %v", f)
+	}
+	// A revoked sender is refused.
+	e.dir.setState("a", DeviceRevoked)
+	a.sendEvent(a.event("b"))
+	if f := a.nextAckOrReject(); f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_SENDER_REVOKED {
+		t.Fatalf("revoked sender: %v", f)
+	}
+	if got := e.metric("relay_edge_events_total", "result", "unknown_target"); got != 2 {
+		t.Fatalf("unknown_target metric = %v", got)
+	}
+}
+
+// The skew tolerance is five minutes either way.
+func TestClockSkewTolerance(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	a, b := e.online("a"), e.online("b")
+	now := time.Now()
+	for _, c := range []struct {
+		name    string
+		created time.Time
+		ttl     time.Duration
+		ok      bool
+	}{
+		{"4 min in the future", now.Add(4 * time.Minute), time.Minute, true},
+		{"4 min past expiry", now.Add(-5 * time.Minute), time.Minute, true},
+		{"6 min in the future", now.Add(6 * time.Minute), time.Minute, false},
+		{"6 min past expiry", now.Add(-7 * time.Minute), time.Minute, false},
+	} {
+		ev := a.event()
+		ev.CreatedAtMs, ev.TtlMs = c.created.UnixMilli(), c.ttl.Milliseconds()
+		a.sendEvent(ev)
+		if c.ok {
+			b.received(b.nextDeliver().GetDeliveryId())
+		}
+		f := a.nextAckOrReject()
+		if (f.GetAck() != nil) != c.ok {
+			t.Errorf("%s: got %v", c.name, f)
+		}
+	}
+}
+
+func TestDuplicatesAreAckedNotRelayed(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	a, b := e.online("a"), e.online("b")
+	ev := a.event()
+	a.sendEvent(ev)
+	dl := b.nextDeliver()
+	// Resent before the first is acked: no second delivery, one ack.
+	again := &relayv1.Event{Id: ev.GetId(), Seq: ev.GetSeq() + 5, CreatedAtMs: ev.GetCreatedAtMs(), TtlMs: ev.GetTtlMs(), Type: ev.GetType(), Payload: ev.GetPayload()}
+	a.sendEvent(again)
+	b.received(dl.GetDeliveryId())
+	if f := a.nextAckOrReject(); f.GetAck().GetEventId() != ev.GetId() {
+		t.Fatalf("ack: %v", f)
+	}
+	// Resent after the ack: acked at once.
+	a.sendEvent(again)
+	if f := a.nextAckOrReject(); f.GetAck().GetEventId() != ev.GetId() {
+		t.Fatalf("second ack: %v", f)
+	}
+	b.expectNothing("a duplicate", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	// The same id with other content is refused.
+	changed := a.event()
+	changed.Id = ev.GetId()
+	changed.Payload = []byte("different")
+	a.sendEvent(changed)
+	if f := a.nextAckOrReject(); f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_DUPLICATE_ID {
+		t.Fatalf("reused id: %v", f)
+	}
+	if got := e.metric("relay_edge_events_total", "result", "duplicate"); got != 2 {
+		t.Fatalf("duplicate metric = %v", got)
+	}
+}
+
+func TestRateLimit(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		l := DefaultLimits()
+		l.EventsPerSecond = 5
+		c.Limits = l
+	})
+	e.device("u1", "a")
+	a := e.online("a")
+	var acks, limited int
+	for range 20 {
+		a.sendEvent(a.event())
+	}
+	for range 20 {
+		f := a.nextAckOrReject()
+		switch {
+		case f.GetAck() != nil:
+			acks++
+		case f.GetReject().GetCode() == relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED:
+			limited++
+		default:
+			t.Fatalf("unexpected %v", f)
+		}
+	}
+	// The burst is one second's worth; the test runs well within 3 s.
+	if acks < 5 || acks > 8 || limited != 20-acks {
+		t.Fatalf("acks=%d limited=%d", acks, limited)
+	}
+}
+
+func TestSlowReceiverDoesNotSlowOthers(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.QueueLen = 16
+		c.Limits = DefaultLimits()
+		c.Limits.EventsPerSecond = 1e6
+	})
+	for _, id := range []string{"a", "fast", "slow"} {
+		e.device("u1", id)
+	}
+	a, fast := e.online("a"), e.online("fast")
+	// "slow" completes its handshake and then never reads again.
+	slow := e.connect("slow")
+	h := slow.hello(nil)
+	slow.send(h)
+	slow.send(sign(h.GetHello(), slow.readDirect().GetChallenge(), e.keys["slow"]))
+	if slow.readDirect().GetWelcome() == nil {
+		t.Fatal("no welcome")
+	}
+
+	// Rounds of 8 events for fast and one for slow: fast receives every
+	// one of its events, in order, while slow's fill its queue and are
+	// then refused at once with QUEUE_FULL.
+	const rounds = 40
+	full, seq := 0, uint64(0)
+	toSlow := map[string]bool{}
+	for range rounds {
+		want := map[string]bool{}
+		for range 8 {
+			ev := a.event("fast")
+			want[ev.GetId()] = true
+			a.sendEvent(ev)
+		}
+		ev := a.event("slow")
+		toSlow[ev.GetId()] = true
+		a.sendEvent(ev)
+		for range 8 {
+			dl := fast.nextDeliver()
+			if dl.GetEvent().GetSeq() <= seq {
+				t.Fatalf("fast got seq %d after %d", dl.GetEvent().GetSeq(), seq)
+			}
+			seq = dl.GetEvent().GetSeq()
+			fast.received(dl.GetDeliveryId())
+		}
+		for len(want) > 0 {
+			f := a.nextAckOrReject()
+			switch {
+			case f.GetAck() != nil && want[f.GetAck().GetEventId()]:
+				delete(want, f.GetAck().GetEventId())
+			case toSlow[f.GetReject().GetEventId()] && f.GetReject().GetCode() == relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL:
+				full++
+			default:
+				t.Fatalf("unexpected %v", f)
+			}
+		}
+	}
+	if full < rounds-20 {
+		t.Fatalf("only %d of %d events for the stalled device refused with QUEUE_FULL", full, rounds)
+	}
+	eph := a.event("slow")
+	eph.Ephemeral = true
+	a.sendEvent(eph)
+	waitFor(t, "a dropped ephemeral event", func() bool { return e.metric("relay_edge_dropped_total", "reason", "queue_full") >= 1 })
+}
+
+func TestPresence(t *testing.T) {
+	e := newEnv(t, nil)
+	for _, id := range []string{"a", "b"} {
+		e.device("u1", id)
+	}
+	e.device("u2", "x")
+	a := e.online("a")
+	x := e.online("x")
+	b := e.online("b")
+	isPresence := func(dev string, online bool) func(*relayv1.Frame) bool {
+		return func(f *relayv1.Frame) bool {
+			p := f.GetPresence()
+			return p != nil && p.GetDeviceId() == dev && p.GetOnline() == online
+		}
+	}
+	a.next("b online", isPresence("b", true))
+	b.next("a online (already there)", isPresence("a", true))
+	x.expectNothing("presence of another user", func(f *relayv1.Frame) bool { return f.GetPresence() != nil })
+	b.send(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
+	a.next("b offline", isPresence("b", false))
+}
+
+func TestRevocationClosesAndFailsInFlight(t *testing.T) {
+	e := newEnv(t, nil)
+	for _, id := range []string{"a", "b"} {
+		e.device("u1", id)
+	}
+	a, b := e.online("a"), e.online("b")
+	a.sendEvent(a.event("b"))
+	b.nextDeliver() // received, never acknowledged
+	e.dir.setState("b", DeviceRevoked)
+	e.hub.CloseDevice("u1", "b", relayv1.ErrorCode_ERROR_CODE_REVOKED, "device revoked")
+	if c := b.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_REVOKED {
+		t.Fatalf("close: %v", c)
+	}
+	if f := a.nextAckOrReject(); f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED {
+		t.Fatalf("in-flight event: %v", f)
+	}
+	if err := <-b.serve; codeOf(err) != relayv1.ErrorCode_ERROR_CODE_REVOKED {
+		t.Fatalf("Serve: %v", err)
+	}
+	e.hub.CloseUser("u1", relayv1.ErrorCode_ERROR_CODE_REVOKED, "user deleted")
+	if c := a.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_REVOKED {
+		t.Fatalf("close: %v", c)
+	}
+	waitFor(t, "empty tables", func() bool { return e.hub.Stats() == Stats{} })
+}
+
+func TestTicketRefreshAndReauthentication(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.TicketTTL = 300 * time.Millisecond
+		c.MaxSessionAge = 600 * time.Millisecond
+		c.HandshakeTimeout = 5 * time.Second
+	})
+	e.device("u1", "a")
+	a := e.online("a")
+	first := a.welcome.GetResumeTicket()
+	tk := a.next("ticket", func(f *relayv1.Frame) bool { return f.GetTicket() != nil }).GetTicket()
+	if bytes.Equal(tk.GetResumeTicket(), first) || tk.GetExpiresAtMs() <= a.welcome.GetTicketExpiresAtMs() {
+		t.Fatalf("refreshed ticket: %v", tk)
+	}
+	// At the maximum age the edge asks for a new signature.
+	ch := a.next("re-authentication challenge", func(f *relayv1.Frame) bool { return f.GetChallenge() != nil }).GetChallenge()
+	a.send(signReauth(a, ch))
+	a.next("ticket after re-authentication", func(f *relayv1.Frame) bool { return f.GetTicket() != nil })
+	a.expectNothing("close after a good answer", func(f *relayv1.Frame) bool { return f.GetClose() != nil })
+
+	// A device that does not answer is closed.
+	e2 := newEnv(t, func(c *Config) {
+		c.MaxSessionAge = 200 * time.Millisecond
+		c.HandshakeTimeout = 200 * time.Millisecond
+	})
+	e2.device("u1", "a")
+	b := e2.online("a")
+	b.next("challenge", func(f *relayv1.Frame) bool { return f.GetChallenge() != nil })
+	if c := b.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED {
+		t.Fatalf("close: %v", c)
+	}
+}
+
+// signReauth answers a mid-session challenge: the transcript keeps the
+// session's hello (the harness's login sent one with this client time).
+func signReauth(d *dev, ch *relayv1.Challenge) *relayv1.Frame {
+	return sign(d.lastHello, ch, d.e.keys[d.id])
+}
+
+func TestDrainSendsGoingAway(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "a")
+	a := e.online("a")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.hub.Drain(ctx, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	c := a.nextClose()
+	if c.GetCode() != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY || c.GetReconnectAfterMs() < 0 || c.GetReconnectAfterMs() >= 60_000 {
+		t.Fatalf("close: %v", c)
+	}
+	d := e.connect("a")
+	if err := <-d.serve; err != ErrDraining {
+		t.Fatalf("new session while draining: %v", err)
+	}
+}
+
+func TestEphemeralEventsAsDatagrams(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	a, b := e.online("a"), e.online("b")
+	ev := a.event()
+	ev.Ephemeral = true
+	body, err := marshalDeterministic.Marshal(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.conn.SendDatagram(body); err != nil {
+		t.Fatal(err)
+	}
+	got, err := b.conn.ReceiveDatagram(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var f relayv1.Frame
+	if err := frame.Decode(got, 0, &f); err != nil {
+		t.Fatal(err)
+	}
+	if f.GetDeliver().GetEvent().GetId() != ev.GetId() || f.GetDeliver().GetDeliveryId() != 0 {
+		t.Fatalf("datagram: %v", &f)
+	}
+	// Ephemeral events get no Ack.
+	a.expectNothing("ack of an ephemeral event", func(f *relayv1.Frame) bool { return f.GetAck() != nil })
+	// A durable event may not come as a datagram.
+	ev2 := a.event()
+	body, _ = marshalDeterministic.Marshal(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev2}})
+	_ = a.conn.SendDatagram(body)
+	if c := a.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME {
+		t.Fatalf("close: %v", c)
+	}
+}
+
+func TestStatsReturnToZero(t *testing.T) {
+	e := newEnv(t, nil)
+	var devs []*dev
+	for i := range 50 {
+		id := fmt.Sprintf("d%d", i)
+		e.device(fmt.Sprintf("u%d", i%7), id)
+		devs = append(devs, e.online(id))
+	}
+	if st := e.hub.Stats(); st.Sessions != 50 || st.Rooms != 7 {
+		t.Fatalf("stats: %+v", st)
+	}
+	for _, d := range devs {
+		_ = d.conn.Close(0, "")
+	}
+	waitFor(t, "empty tables", func() bool { return e.hub.Stats() == Stats{} })
+}

@@ -1,0 +1,167 @@
+package session
+
+import (
+	"sync"
+
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// item is one thing waiting to be written to a device: a control frame,
+// or a delivery whose event is already encoded (one encoding shared by
+// every receiver of a fan-out).
+type item struct {
+	frame    *relayv1.Frame // control frame, or nil for a delivery
+	event    []byte         // encoded relay.v1.Event with the sender filled in
+	delivery uint64         // 0 for ephemeral deliveries
+	datagram bool           // try a datagram first (ephemeral only)
+}
+
+// Outcome of offering a delivery to a queue.
+type offerResult int
+
+const (
+	offered offerResult = iota
+	queueFull
+	queueClosed
+)
+
+// queue is a session's bounded outbound queue. Deliveries are bounded by
+// count and bytes, so one slow receiver holds a bounded amount of memory
+// and a sender learns at once that it is full; control frames (acks,
+// rejects, presence) have a separate, larger bound whose overflow means
+// the device stopped reading altogether.
+type queue struct {
+	maxItems, maxBytes, maxControl int
+
+	mu       sync.Mutex // guards the fields below
+	items    []item
+	spare    []item // the slice handed to the writer last time, for reuse
+	nItems   int    // deliveries queued
+	nBytes   int    // bytes of deliveries queued
+	nControl int
+	nextID   uint64 // last delivery id handed out
+	closed   bool
+	overflow bool // control bound exceeded
+
+	wake chan struct{} // capacity 1: something was queued, or closed
+}
+
+func newQueue(maxItems, maxBytes, maxControl int) *queue {
+	return &queue{maxItems: maxItems, maxBytes: maxBytes, maxControl: maxControl, wake: make(chan struct{}, 1)}
+}
+
+func (q *queue) signal() {
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+// offer queues a delivery. For a durable delivery it assigns the delivery
+// id and calls track with it before the writer can see the item, so a
+// Received for it always finds its record.
+func (q *queue) offer(event []byte, durable, datagram bool, track func(id uint64)) offerResult {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return queueClosed
+	}
+	if q.nItems >= q.maxItems || (q.nItems > 0 && q.nBytes+len(event) > q.maxBytes) {
+		q.mu.Unlock()
+		return queueFull
+	}
+	it := item{event: event, datagram: datagram && !durable}
+	if durable {
+		q.nextID++
+		it.delivery = q.nextID
+		track(it.delivery)
+	}
+	q.items = append(q.items, it)
+	q.nItems++
+	q.nBytes += len(event)
+	q.mu.Unlock()
+	q.signal()
+	return offered
+}
+
+// control queues a control frame. It reports false when the queue is
+// closed or the device stopped reading (the session must then close).
+func (q *queue) control(f *relayv1.Frame) bool {
+	q.mu.Lock()
+	if q.closed || q.overflow {
+		q.mu.Unlock()
+		return false
+	}
+	if q.nControl >= q.maxControl {
+		q.overflow = true
+		q.mu.Unlock()
+		q.signal()
+		return false
+	}
+	q.items = append(q.items, item{frame: f})
+	q.nControl++
+	q.mu.Unlock()
+	q.signal()
+	return true
+}
+
+// take hands the writer everything queued, in order. The slice is valid
+// until the next take.
+func (q *queue) take() (batch []item, closed, overflow bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	batch, q.items = q.items, q.spare[:0]
+	q.spare = batch
+	q.nItems, q.nBytes, q.nControl = 0, 0, 0
+	return batch, q.closed, q.overflow
+}
+
+// close stops the queue taking more; the writer still gets what is
+// queued.
+func (q *queue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.mu.Unlock()
+	q.signal()
+}
+
+// Frame field numbers used to wrap a shared encoded event without
+// re-encoding it per receiver.
+const (
+	frameDeliverField    = 7 // Frame.deliver
+	deliverEventField    = 1 // Deliver.event
+	deliverDeliveryField = 2 // Deliver.delivery_id
+)
+
+// appendDeliverBody appends the protobuf encoding of
+// Frame{Deliver{Event: <event>, DeliveryId: id}} given the event's
+// encoding. It produces the same bytes proto.Marshal would.
+func appendDeliverBody(dst, event []byte, id uint64) []byte {
+	inner := protowire.SizeTag(deliverEventField) + protowire.SizeBytes(len(event))
+	if id != 0 {
+		inner += protowire.SizeTag(deliverDeliveryField) + protowire.SizeVarint(id)
+	}
+	dst = protowire.AppendTag(dst, frameDeliverField, protowire.BytesType)
+	dst = protowire.AppendVarint(dst, uint64(inner))
+	dst = protowire.AppendTag(dst, deliverEventField, protowire.BytesType)
+	dst = protowire.AppendBytes(dst, event)
+	if id != 0 {
+		dst = protowire.AppendTag(dst, deliverDeliveryField, protowire.VarintType)
+		dst = protowire.AppendVarint(dst, id)
+	}
+	return dst
+}
+
+// deliverBodySize is len(appendDeliverBody(nil, event, id)).
+func deliverBodySize(eventLen int, id uint64) int {
+	inner := protowire.SizeTag(deliverEventField) + protowire.SizeBytes(eventLen)
+	if id != 0 {
+		inner += protowire.SizeTag(deliverDeliveryField) + protowire.SizeVarint(id)
+	}
+	return protowire.SizeTag(frameDeliverField) + protowire.SizeBytes(inner)
+}
+
+var marshalDeterministic = proto.MarshalOptions{Deterministic: true}
