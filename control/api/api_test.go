@@ -3,13 +3,14 @@ package api_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
-	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -282,12 +283,9 @@ func TestBackupUnderWritesRestoreAndGrow(t *testing.T) {
 		t.Fatal(err)
 	}
 	backupIndex := sf.AppliedIndex()
-	backupUsers, _, err := sf.ListUsers("", 10000)
-	if err != nil {
-		t.Fatal(err)
-	}
 	_ = scratch.Close()
 
+	restoredAt := time.Now()
 	r := clustertest.Empty(t, clustertest.Options{})
 	restored := r.StartNode(func(cfg *server.Config) { cfg.RestoreFrom = file })
 	r.WaitReady()
@@ -312,25 +310,109 @@ func TestBackupUnderWritesRestoreAndGrow(t *testing.T) {
 	if res.GetRevision() <= backupIndex {
 		t.Fatalf("restored cluster revision %d not past the backup's %d", res.GetRevision(), backupIndex)
 	}
-	// The restored users are exactly the backup's (plus the one written
-	// after the restore), on every member of the grown cluster.
+	// The whole state is the backup's, on every member of the grown
+	// cluster: every record of the backup is there unchanged, and every
+	// record that is not in the backup is one the new cluster wrote
+	// itself after the backup's revision (its node records, its change
+	// feed and request ids, the user written after the restore). Only
+	// the applied index and node records of the old cluster may differ.
 	r.WaitConverged()
-	users, _, err := node.FSM().ListUsers("", 10000)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(users) != len(backupUsers)+1 {
-		t.Fatalf("restored %d users, backup holds %d (+1 written after)", len(users), len(backupUsers))
-	}
-	users = slices.DeleteFunc(users, func(u *statev1.User) bool { return u.GetId() == "after-restore" })
-	for i, u := range backupUsers {
-		if got := users[i]; !proto.Equal(got, u) {
-			t.Fatalf("restored user %v differs from backup's %v", got, u)
+	want := records(t, buf.Bytes())
+	for _, n := range r.Running() {
+		var b bytes.Buffer
+		if _, err := n.Server.Node().FSM().WriteBackup(&b); err != nil {
+			t.Fatal(err)
+		}
+		got := records(t, b.Bytes())
+		for k, v := range want {
+			if k == "m:applied" || strings.HasPrefix(k, "n:") {
+				continue
+			}
+			if gv, ok := got[k]; !ok || gv != v {
+				t.Fatalf("%s: record %q of the backup is missing or changed after restore", n.ID, k)
+			}
+		}
+		for k, v := range got {
+			if _, ok := want[k]; ok || k == "m:applied" {
+				continue
+			}
+			if !writtenAfter(t, k, v, backupIndex, restoredAt.UnixMilli(), got) {
+				t.Fatalf("%s: record %q is neither the backup's nor written by the restored cluster after revision %d", n.ID, k, backupIndex)
+			}
 		}
 	}
-	if len(backupUsers) < 40+len(mustHave) {
-		t.Fatalf("backup holds %d users, want at least %d", len(backupUsers), 40+len(mustHave))
+	backupUsers := 0
+	for k := range want {
+		if strings.HasPrefix(k, "u:") {
+			backupUsers++
+		}
 	}
+	if backupUsers < 40+len(mustHave) {
+		t.Fatalf("backup holds %d users, want at least %d", backupUsers, 40+len(mustHave))
+	}
+}
+
+// records decodes an export into key -> value.
+func records(t *testing.T, export []byte) map[string]string {
+	t.Helper()
+	d := state.NewDecoder(bytes.NewReader(export))
+	out := map[string]string{}
+	for {
+		k, v, err := d.Next()
+		if errors.Is(err, io.EOF) {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[string(k)] = string(v)
+	}
+}
+
+// writtenAfter reports whether a state record (by the key layout in
+// control/fsm/keys.go) was written by the restored cluster: a node
+// record, a change or request id of a revision after rev, the user the
+// test created after the restore, or a refresh token (with its family
+// and index records) issued at or after sinceMs by the logins made to
+// grow the cluster. all is the restored state, for the index records.
+func writtenAfter(t *testing.T, k, v string, rev uint64, sinceMs int64, all map[string]string) bool {
+	t.Helper()
+	revAt := func(p string) uint64 { return binary.BigEndian.Uint64([]byte(k[len(p) : len(p)+8])) }
+	newToken := func(id string) bool {
+		var tok statev1.RefreshToken
+		if err := proto.Unmarshal([]byte(all["t:"+id]), &tok); err != nil {
+			t.Fatal(err)
+		}
+		return tok.GetId() == id && tok.GetCreatedAtMs() >= sinceMs
+	}
+	switch {
+	case strings.HasPrefix(k, "n:"):
+		return true
+	case strings.HasPrefix(k, "c:"), strings.HasPrefix(k, "Q:"):
+		return revAt(k[:2]) > rev
+	case strings.HasPrefix(k, "q:"):
+		var res statev1.Result
+		if err := proto.Unmarshal([]byte(v), &res); err != nil {
+			t.Fatal(err)
+		}
+		return res.GetRevision() > rev
+	case strings.HasPrefix(k, "t:"):
+		return newToken(k[2:])
+	case strings.HasPrefix(k, "X:"):
+		return newToken(k[2+8:])
+	case strings.HasPrefix(k, "x:"):
+		parts := strings.Split(k[2:], "\x00")
+		return len(parts) == 3 && newToken(parts[2])
+	case strings.HasPrefix(k, "f:"):
+		var fam statev1.TokenFamily
+		if err := proto.Unmarshal([]byte(v), &fam); err != nil {
+			t.Fatal(err)
+		}
+		return fam.GetCreatedAtMs() >= sinceMs
+	case k == "u:after-restore", k == "l:login-after-restore":
+		return true
+	}
+	return false
 }
 
 // A corrupt backup is refused before anything starts.

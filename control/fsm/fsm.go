@@ -43,6 +43,10 @@ type Config struct {
 	OnApply func(took time.Duration, entries int)
 	// OnSnapshot, if set, observes every persisted snapshot.
 	OnSnapshot func(took time.Duration, records uint64, err error)
+	// OnRestore, if set, observes every restore from a snapshot (one
+	// installed from the leader, or the local one a node behind it starts
+	// from).
+	OnRestore func(took time.Duration, err error)
 }
 
 func (c *Config) applyDefaults() error {
@@ -310,8 +314,12 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 }
 
 // Restore replaces the whole state with a snapshot's.
-func (f *FSM) Restore(rc io.ReadCloser) error {
+func (f *FSM) Restore(rc io.ReadCloser) (err error) {
 	defer rc.Close()
+	if f.cfg.OnRestore != nil {
+		start := time.Now()
+		defer func() { f.cfg.OnRestore(time.Since(start), err) }()
+	}
 	n, err := f.store.Import(rc)
 	if err != nil {
 		return fmt.Errorf("fsm restore: %w", err)

@@ -54,15 +54,23 @@ func TestThreeNodesWriteAnywhereReadLinearizable(t *testing.T) {
 
 // The leader dies without warning during a stream of writes: every write
 // that returned success is present once a new leader is elected, and
-// writes resume.
+// writes continue within the election time: the first write started
+// after the crash is acknowledged within a bound derived from the Raft
+// timeouts (a correctness property, with a generous factor; not a
+// benchmark).
 func TestKillLeaderDuringWrites(t *testing.T) {
-	c := clustertest.Start(t, 3, clustertest.Options{})
+	tuning := clustertest.FastRaft()
+	c := clustertest.Start(t, 3, clustertest.Options{Raft: tuning})
 	ctx := ctxT(t, 2*time.Minute)
 	leader := c.Leader()
 
+	type ack struct {
+		id         string
+		start, end time.Time
+	}
 	var (
 		mu    sync.Mutex
-		acked []string
+		acked []ack
 		seq   atomic.Int64
 	)
 	stop := make(chan struct{})
@@ -81,12 +89,13 @@ func TestKillLeaderDuringWrites(t *testing.T) {
 				default:
 				}
 				id := fmt.Sprintf("w%d", seq.Add(1))
+				start := time.Now()
 				wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 				_, err := c.CreateUser(wctx, via, id)
 				cancel()
 				if err == nil {
 					mu.Lock()
-					acked = append(acked, id)
+					acked = append(acked, ack{id, start, time.Now()})
 					mu.Unlock()
 				}
 			}
@@ -99,28 +108,50 @@ func TestKillLeaderDuringWrites(t *testing.T) {
 		}
 		return nil
 	})
+	killedAt := time.Now()
 	c.Kill(leader)
-	killedAt := count()
-	newLeader := c.Leader()
-	if newLeader == leader {
-		t.Fatal("killed node still leader")
-	}
+	killed := time.Now()
+	ackedAtKill := count()
 	// Writes continue under the new leader.
 	clustertest.Eventually(t, 30*time.Second, func() error {
-		if count() < killedAt+50 {
-			return fmt.Errorf("%d writes acked, %d at kill", count(), killedAt)
+		if count() < ackedAtKill+50 {
+			return fmt.Errorf("%d writes acked, %d at kill", count(), ackedAtKill)
 		}
 		return nil
 	})
 	close(stop)
 	wg.Wait()
+	newLeader := c.Leader()
+	if newLeader == leader {
+		t.Fatal("killed node still leader")
+	}
+
+	// A follower notices the silence after at most 2 heartbeat timeouts
+	// and wins an election after at most 2 election timeouts; allow ten
+	// times the larger of the two for both together plus the retry.
+	bound := 10 * max(tuning.HeartbeatTimeout, tuning.ElectionTimeout)
+	var first *ack
+	for i := range acked {
+		if a := &acked[i]; a.start.After(killed) && (first == nil || a.end.Before(first.end)) {
+			first = a
+		}
+	}
+	if first == nil {
+		t.Fatal("no write started after the crash was acknowledged")
+	}
+	if took := first.end.Sub(killedAt); took > bound {
+		t.Fatalf("first write after the leader crash acknowledged %v after it, want within %v (10x the Raft timeouts)", took, bound)
+	} else {
+		t.Logf("first write after the crash acknowledged %v after it (bound %v)", took, bound)
+	}
+
 	node := c.Nodes[newLeader].Server.Node()
 	if err := node.Barrier(ctx); err != nil {
 		t.Fatal(err)
 	}
-	for _, id := range acked {
-		if _, err := node.FSM().GetUser(id); err != nil {
-			t.Fatalf("acknowledged write %s lost after leader crash: %v", id, err)
+	for _, a := range acked {
+		if _, err := node.FSM().GetUser(a.id); err != nil {
+			t.Fatalf("acknowledged write %s lost after leader crash: %v", a.id, err)
 		}
 	}
 	t.Logf("%d acknowledged writes, all present", len(acked))
@@ -173,9 +204,8 @@ func TestLaggingNodeCatchesUpBySnapshot(t *testing.T) {
 	c := clustertest.Start(t, 3, clustertest.Options{Raft: raft})
 	ctx := ctxT(t, 2*time.Minute)
 	lag := c.Follower()
+	lagApplied := c.Nodes[lag].Server.Node().FSM().AppliedIndex()
 	c.Shutdown(lag)
-	lagApplied := func() uint64 { return 0 }
-	_ = lagApplied
 	via := c.Leader()
 	for i := 0; i < 300; i++ {
 		if _, err := c.CreateUser(ctx, via, fmt.Sprintf("s%d", i)); err != nil {
@@ -193,21 +223,57 @@ func TestLaggingNodeCatchesUpBySnapshot(t *testing.T) {
 	if st.LastSnapshotIndex < 250 {
 		t.Fatalf("leader's last snapshot at %d, want the log compacted past 250", st.LastSnapshotIndex)
 	}
+	if lagApplied+1 >= st.LastSnapshotIndex-raft.TrailingLogs {
+		t.Fatalf("stopped node at %d: not behind the leader's compacted log (snapshot %d)", lagApplied, st.LastSnapshotIndex)
+	}
 	c.Restart(lag)
+	lagNode := c.Nodes[lag].Server.Node()
 	c.WaitReady()
 	c.WaitConverged()
-	lst, err := c.Nodes[lag].Server.Node().Status()
+	// The entries the node missed are gone from the leader's log, so it
+	// can only have caught up through the leader's snapshot: its
+	// snapshot store now holds one at least as new as the leader's, and
+	// its state machine was restored from a snapshot exactly once (the
+	// install; at start it had nothing newer than its own state).
+	lst, err := lagNode.Status()
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The lagging node can only have caught up through a snapshot: the
-	// entries it missed are gone from the leader's log.
-	if lst.LastSnapshotIndex == 0 {
-		t.Fatalf("lagging node shows no installed snapshot: %+v", lst)
+	if lst.LastSnapshotIndex < st.LastSnapshotIndex {
+		t.Fatalf("lagging node's last snapshot at %d, the leader's at %d: no snapshot was installed", lst.LastSnapshotIndex, st.LastSnapshotIndex)
 	}
-	if _, err := c.Nodes[lag].Server.Node().FSM().GetUser("s0"); err != nil {
+	if got := counterValue(t, c.Nodes[lag], "relay_control_snapshot_restores_total", "ok"); got != 1 {
+		t.Fatalf("lagging node restored from a snapshot %v times, want 1 (the install)", got)
+	}
+	if got := counterValue(t, c.Nodes[via], "relay_control_snapshot_restores_total", "ok"); got != 0 {
+		t.Fatalf("leader restored from a snapshot %v times", got)
+	}
+	if _, err := lagNode.FSM().GetUser("s0"); err != nil {
 		t.Fatalf("state from the snapshot missing: %v", err)
 	}
+}
+
+// counterValue returns a counter of node n with the given result label
+// (0 when absent).
+func counterValue(t *testing.T, n *clustertest.Node, name, result string) float64 {
+	t.Helper()
+	mfs, err := n.Server.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "result" && l.GetValue() == result {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
 }
 
 // Voters are added up to five, one is removed, leadership moves.

@@ -16,6 +16,7 @@ type metrics struct {
 	read      prometheus.Histogram
 	snapshots *prometheus.CounterVec
 	snapTime  prometheus.Histogram
+	restores  *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
@@ -49,7 +50,11 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 			Help: "Time to persist one snapshot.",
 		}),
 	}
-	reg.MustRegister(m.commit, m.apply, m.applied, m.read, m.snapshots, m.snapTime, &raftCollector{n: n})
+	m.restores = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "relay_control_snapshot_restores_total",
+		Help: "State restored from a snapshot (installed from the leader, or a local one at start), by result.",
+	}, []string{"result"})
+	reg.MustRegister(m.commit, m.apply, m.applied, m.read, m.snapshots, m.snapTime, m.restores, &raftCollector{n: n})
 	return m
 }
 
@@ -82,6 +87,17 @@ func (m *metrics) observeSnapshot(d time.Duration, _ uint64, err error) {
 	}
 	m.snapshots.WithLabelValues("ok").Inc()
 	m.snapTime.Observe(d.Seconds())
+}
+
+func (m *metrics) observeRestore(_ time.Duration, err error) {
+	if m.restores == nil {
+		return
+	}
+	if err != nil {
+		m.restores.WithLabelValues("error").Inc()
+		return
+	}
+	m.restores.WithLabelValues("ok").Inc()
 }
 
 // raftCollector reads Raft's state at scrape time.

@@ -255,6 +255,7 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	fcfg.Store, fcfg.Logger = n.state, log
 	fcfg.OnSnapshot = n.m.observeSnapshot
 	fcfg.OnApply = n.m.observeApply
+	fcfg.OnRestore = n.m.observeRestore
 	if n.fsm, err = fsm.New(fcfg); err != nil {
 		return nil, err
 	}
