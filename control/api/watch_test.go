@@ -39,19 +39,6 @@ func startWatch(t *testing.T, n *clustertest.Node, token string, from uint64, re
 	return startWatchWith(t, httpClient(t), n, token, from, read)
 }
 
-// smallWindowClient is an h2c client that lets at most 64 KiB of a
-// response wait unread, so a server writing to a reader that stopped
-// blocks quickly (HTTP/2 flow control) instead of filling socket buffers.
-func smallWindowClient(t *testing.T) *http.Client {
-	var p http.Protocols
-	p.SetUnencryptedHTTP2(true)
-	tr := &http.Transport{Protocols: &p, HTTP2: &http.HTTP2Config{
-		MaxReceiveBufferPerStream: 64 << 10, MaxReceiveBufferPerConnection: 64 << 10,
-	}}
-	t.Cleanup(tr.CloseIdleConnections)
-	return &http.Client{Transport: tr}
-}
-
 func startWatchWith(t *testing.T, hc *http.Client, n *clustertest.Node, token string, from uint64, read bool) *watcher {
 	t.Helper()
 	cl := edgev1connect.NewWatchServiceClient(hc, url(n), connect.WithInterceptors(bearer(token)))
@@ -335,7 +322,7 @@ func TestSlowWatcherIsCutOffAndResumes(t *testing.T) {
 	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
 	node := c.Nodes[0].Server.Node()
 	start := node.FSM().AppliedIndex()
-	w := startWatchWith(t, smallWindowClient(t), c.Nodes[0], edge, start, false)
+	w := startWatchWith(t, clustertest.SmallWindowClient(t), c.Nodes[0], edge, start, false)
 	metric := func(name string) float64 {
 		mfs, err := c.Nodes[0].Server.Registry().Gather()
 		if err != nil {

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -268,6 +269,20 @@ func Eventually(t testing.TB, within time.Duration, cond func() error) {
 		}
 		<-tick.C
 	}
+}
+
+// SmallWindowClient is an h2c client that lets at most 64 KiB of a
+// response wait unread, so a server writing to a reader that stopped
+// blocks quickly (HTTP/2 flow control) instead of filling socket buffers.
+// Tests use it to hold a streaming call in flight.
+func SmallWindowClient(t testing.TB) *http.Client {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{Protocols: &p, HTTP2: &http.HTTP2Config{
+		MaxReceiveBufferPerStream: 64 << 10, MaxReceiveBufferPerConnection: 64 << 10,
+	}}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr}
 }
 
 // WaitReady waits until every running node is ready.

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -158,6 +159,11 @@ type Server struct {
 	authn          *api.Authenticator
 	ready          chan struct{} // closed once everything is wired
 	bg             context.CancelFunc
+
+	// stopping is set as soon as Shutdown begins: /readyz answers 503
+	// from then on, so load balancers stop sending requests while the
+	// ones in flight finish.
+	stopping atomic.Bool
 
 	wg       sync.WaitGroup
 	stopOnce sync.Once
@@ -359,6 +365,10 @@ func (s *Server) adminMux() http.Handler {
 		_, _ = w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if s.stopping.Load() {
+			http.Error(w, "not ready: shutting down", http.StatusServiceUnavailable)
+			return
+		}
 		if !s.node.Ready() {
 			http.Error(w, "not ready: no leader known or not caught up with the log yet", http.StatusServiceUnavailable)
 			return
@@ -388,11 +398,12 @@ func (s *Server) AdminAddr() string {
 // Registry returns the node's Prometheus registry.
 func (s *Server) Registry() *prometheus.Registry { return s.reg }
 
-// Shutdown stops the node in order: the API stops taking requests and
-// finishes those in flight, the node hands leadership over if it leads and
-// stops Raft and its stores, then the admin endpoints close. Safe to call
-// more than once.
+// Shutdown stops the node in order: /readyz turns 503 at once, the API
+// stops taking requests and finishes those in flight, the node hands
+// leadership over if it leads and stops Raft and its stores, then the
+// admin endpoints close. Safe to call more than once.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.stopping.Store(true)
 	s.stopOnce.Do(func() {
 		var errs []error
 		if s.apiSrv != nil {
@@ -429,6 +440,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // Kill stops the node abruptly, as a crash would (listeners closed, no
 // leadership transfer, in-flight requests cut). For fault tests.
 func (s *Server) Kill() {
+	s.stopping.Store(true)
 	s.stopOnce.Do(func() {
 		if s.apiSrv != nil {
 			_ = s.apiSrv.Close()

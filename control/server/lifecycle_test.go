@@ -1,0 +1,152 @@
+package server_test
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/state"
+)
+
+func readyz(t *testing.T, n *clustertest.Node) (int, string) {
+	t.Helper()
+	return get(t, "http://"+n.Server.AdminAddr()+"/readyz")
+}
+
+// Shutdown (what SIGTERM runs) with a request in flight: /readyz answers
+// 503 at once, the request (a backup stream the client reads slowly)
+// still completes whole, and only then does Shutdown return.
+func TestShutdownFinishesRequestInFlight(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, 2*time.Minute)
+	// Most of a megabyte of state that does not compress, far more than the
+	// reading client's 64 KiB window.
+	leader := c.Nodes[c.Leader()].Server.Node()
+	for i := 0; i < 150; i++ {
+		addrs := make([]string, 8)
+		for j := range addrs {
+			b := make([]byte, 120)
+			_, _ = rand.Read(b)
+			addrs[j] = hex.EncodeToString(b)
+		}
+		if _, err := leader.Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{
+			Id: fmt.Sprintf("e%d", i), Addrs: addrs, LeaseExpiresAtMs: time.Now().Add(time.Hour).UnixMilli(),
+		}}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := c.Nodes[c.Follower()]
+	if code, body := readyz(t, s); code != http.StatusOK {
+		t.Fatalf("/readyz before shutdown: %d %s", code, body)
+	}
+	cl := controlv1connect.NewClusterServiceClient(clustertest.SmallWindowClient(t), "http://"+s.Server.APIAddr())
+	req := connect.NewRequest(&controlv1.BackupRequest{})
+	req.Header().Set("Authorization", "Bearer "+c.AdminToken())
+	stream, err := cl.Backup(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	var buf bytes.Buffer
+	if !stream.Receive() {
+		t.Fatalf("no first backup chunk: %v", stream.Err())
+	}
+	buf.Write(stream.Msg().GetData())
+
+	// The handler is running (it sent a chunk) and cannot finish until
+	// the client reads on.
+	done := make(chan error, 1)
+	go func() { done <- s.Server.Shutdown(ctx) }()
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if code, body := readyz(t, s); code != http.StatusServiceUnavailable || !strings.Contains(body, "shutting down") {
+			return fmt.Errorf("/readyz during shutdown: %d %s", code, body)
+		}
+		return nil
+	})
+	select {
+	case err := <-done:
+		t.Fatalf("Shutdown returned (%v) while a backup was still being sent", err)
+	default:
+	}
+
+	for stream.Receive() {
+		buf.Write(stream.Msg().GetData())
+	}
+	if err := stream.Err(); err != nil {
+		t.Fatalf("the backup in flight was cut by the shutdown: %v", err)
+	}
+	dec := state.NewDecoder(bytes.NewReader(buf.Bytes()))
+	for {
+		if _, _, err := dec.Next(); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			t.Fatalf("backup received during shutdown does not verify: %v", err)
+		}
+	}
+	if dec.Count() < 150 || buf.Len() < 512<<10 {
+		t.Fatalf("backup of %d records, %d bytes", dec.Count(), buf.Len())
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+}
+
+// A node restarted behind the cluster answers /readyz 503 until it has
+// applied what the leader had committed; the first 200 comes only after.
+func TestReadyzWaitsUntilCaughtUp(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, 2*time.Minute)
+	x := c.Follower()
+	c.Shutdown(x)
+	l := c.Leader()
+	for i := 0; i < 100; i++ {
+		if _, err := c.CreateUser(ctx, l, fmt.Sprintf("r%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err := c.Nodes[l].Server.Node().Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	committed := st.CommitIndex
+
+	// Restarted while cut off from the others, it cannot catch up: it
+	// stays unready (observed over many election timeouts).
+	c.Isolate(x)
+	c.Restart(x)
+	n := c.Nodes[x]
+	for end := time.Now().Add(time.Second); time.Now().Before(end); {
+		if code, body := readyz(t, n); code != http.StatusServiceUnavailable {
+			t.Fatalf("/readyz of a node behind the cluster: %d %s", code, body)
+		}
+	}
+	if a := n.Server.Node().FSM().AppliedIndex(); a >= committed {
+		t.Fatalf("isolated node applied %d, the leader had committed %d", a, committed)
+	}
+
+	// Healed, it catches up; the first 200 comes with the log applied.
+	c.Heal(x)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		code, _ := readyz(t, n)
+		if code != http.StatusOK {
+			return fmt.Errorf("/readyz %d", code)
+		}
+		if a := n.Server.Node().FSM().AppliedIndex(); a < committed {
+			t.Fatalf("/readyz 200 at applied index %d, the leader had committed %d before the restart", a, committed)
+		}
+		return nil
+	})
+}
