@@ -225,38 +225,40 @@ func (n *node) stop(t *testing.T) {
 	}
 }
 
-// The binaries end to end: bootstrap and join a 3-node cluster, status and
-// backup through relayctl, SIGTERM on the leader hands leadership over
-// and exits cleanly, the node restarts from its data dir with no extra
-// flags, and a backup seeds a new cluster through --restore.
-func TestBinariesClusterBackupRestore(t *testing.T) {
-	base := t.TempDir()
-	nodes := make([]*node, 3)
+// newNodes describes n nodes with free ports and data dirs under base.
+func newNodes(t *testing.T, base string, n int) []*node {
+	nodes := make([]*node, n)
 	for i := range nodes {
 		nodes[i] = &node{id: fmt.Sprintf("n%d", i+1), dir: filepath.Join(base, fmt.Sprintf("n%d", i+1)),
 			raft: freePort(t), api: freePort(t), admin: freePort(t)}
 	}
-	ctlConfig = t.TempDir()
+	return nodes
+}
+
+// startCluster bootstraps nodes[0], logs relayctl in as the first admin
+// (its access token becomes ctlToken), joins the other nodes with that
+// token and waits until the last one sees a leader and every member with
+// its API address.
+func startCluster(t *testing.T, nodes []*node) status {
+	t.Helper()
+	ctlConfig, ctlToken = t.TempDir(), ""
 	nodes[0].start(t, "--bootstrap")
-	// Log in as the first admin and join the others with an access token.
-	var out string
 	eventually(t, 30*time.Second, func() error {
-		var err error
-		out, err = relayctlIn(t, adminPassword+"\n", nodes[0].api, "login", "--password-stdin", "admin")
+		out, err := relayctlIn(t, adminPassword+"\n", nodes[0].api, "login", "--password-stdin", "admin")
 		if err != nil {
 			return fmt.Errorf("%v: %s", err, out)
 		}
 		return nil
 	})
-	token := strings.TrimSpace(relayctl(t, nodes[0].api, "token"))
-	ctlToken = token
-	nodes[1].start(t, "--join", nodes[0].api, "--join-token", token)
-	nodes[2].start(t, "--join", nodes[0].api, "--join-token", token)
-
+	ctlToken = strings.TrimSpace(relayctl(t, nodes[0].api, "token"))
+	t.Cleanup(func() { ctlToken = "" })
+	for _, n := range nodes[1:] {
+		n.start(t, "--join", nodes[0].api, "--join-token", ctlToken)
+	}
 	var st status
 	eventually(t, 30*time.Second, func() error {
-		st = clusterStatus(t, nodes[2].api)
-		if st.LeaderID == "" || len(st.Members) != 3 {
+		st = clusterStatus(t, nodes[len(nodes)-1].api)
+		if st.LeaderID == "" || len(st.Members) != len(nodes) {
 			return fmt.Errorf("status %+v", st)
 		}
 		for _, m := range st.Members {
@@ -266,6 +268,17 @@ func TestBinariesClusterBackupRestore(t *testing.T) {
 		}
 		return nil
 	})
+	return st
+}
+
+// The binaries end to end: bootstrap and join a 3-node cluster, status and
+// backup through relayctl, SIGTERM on the leader hands leadership over
+// and exits cleanly, the node restarts from its data dir with no extra
+// flags, and a backup seeds a new cluster through --restore.
+func TestBinariesClusterBackupRestore(t *testing.T) {
+	base := t.TempDir()
+	nodes := newNodes(t, base, 3)
+	st := startCluster(t, nodes)
 	relayctlAccountFlow(t, nodes)
 	table := relayctl(t, nodes[1].api, "cluster", "status")
 	if !strings.Contains(table, "RAFT ADDRESS") || !strings.Contains(table, nodes[2].raft) {
@@ -400,5 +413,93 @@ func relayctlAccountFlow(t *testing.T, nodes []*node) {
 	}
 	if out := relayctl(t, nodes[2].api, "logout"); !strings.Contains(out, "logged out") {
 		t.Fatalf("logout: %s", out)
+	}
+}
+
+// Membership through relayctl and the binaries: a node started with
+// neither --bootstrap nor --join is added with `relayctl cluster join`
+// sent to a follower, takes leadership with `cluster transfer-leader`,
+// and removes another member with `cluster remove`; the cluster keeps
+// taking writes.
+func TestBinariesMembershipThroughRelayctl(t *testing.T) {
+	base := t.TempDir()
+	nodes := newNodes(t, base, 4)
+	st := startCluster(t, nodes[:3])
+	byID := map[string]*node{}
+	for _, n := range nodes {
+		byID[n.id] = n
+	}
+	var follower *node
+	for _, n := range nodes[:3] {
+		if n.id != st.LeaderID {
+			follower = n
+			break
+		}
+	}
+
+	// n4 waits to be added; the join goes through a follower.
+	n4 := nodes[3]
+	n4.start(t)
+	var joined struct {
+		Index string `json:"index"`
+	}
+	out := relayctl(t, follower.api, "-o", "json", "cluster", "join", "--id", n4.id, "--raft-addr", n4.raft, "--api-addr", n4.api)
+	if err := json.Unmarshal([]byte(out), &joined); err != nil || joined.Index == "" {
+		t.Fatalf("cluster join via follower %s: %q %v", follower.id, out, err)
+	}
+	eventually(t, 30*time.Second, func() error {
+		s := clusterStatus(t, n4.api)
+		if len(s.Members) != 4 || s.LeaderID == "" || s.AppliedIndex == "" || s.AppliedIndex == "0" {
+			return fmt.Errorf("n4 after join: %+v", s)
+		}
+		return nil
+	})
+
+	// Leadership to the new node, asked through the follower.
+	if out := relayctl(t, follower.api, "cluster", "transfer-leader", n4.id); !strings.Contains(out, "leader is now "+n4.id) {
+		t.Fatalf("transfer-leader: %s", out)
+	}
+	eventually(t, 30*time.Second, func() error {
+		if s := clusterStatus(t, follower.api); s.LeaderID != n4.id {
+			return fmt.Errorf("leader %q, want %s", s.LeaderID, n4.id)
+		}
+		return nil
+	})
+
+	// Remove the old leader through the new one, then stop it.
+	old := byID[st.LeaderID]
+	if out := relayctl(t, n4.api, "cluster", "remove", old.id); !strings.Contains(out, "removed "+old.id) {
+		t.Fatalf("cluster remove: %s", out)
+	}
+	old.stop(t)
+	eventually(t, 30*time.Second, func() error {
+		s := clusterStatus(t, follower.api)
+		if len(s.Members) != 3 || s.LeaderID != n4.id {
+			return fmt.Errorf("after remove: %+v", s)
+		}
+		for _, m := range s.Members {
+			if m.ID == old.id {
+				return fmt.Errorf("%s still a member", old.id)
+			}
+		}
+		return nil
+	})
+	// Writes go on, through any remaining member.
+	for _, n := range nodes {
+		if n == old {
+			continue
+		}
+		login := "after-" + n.id
+		if out, err := relayctlIn(t, "", n.api, "user", "create", "--login", login, "--no-password"); err != nil {
+			t.Fatalf("user create via %s: %v %s", n.id, err, out)
+		}
+	}
+	if out := relayctl(t, n4.api, "user", "list"); strings.Count(out, "after-") != 3 {
+		t.Fatalf("user list after membership changes:\n%s", out)
+	}
+	for _, n := range nodes {
+		if n != old {
+			n.stop(t)
+		}
 	}
 }
