@@ -88,6 +88,10 @@ func NewReader(r io.Reader, max int) *Reader {
 	return &Reader{r: bufio.NewReaderSize(r, 16<<10), max: max}
 }
 
+// Buffered is how many bytes are already read from the stream but not
+// yet returned as frames: 0 means the next Read may block.
+func (r *Reader) Buffered() int { return r.r.Buffered() }
+
 // Read reads the next frame into f. It returns io.EOF when the stream
 // ends cleanly between frames, io.ErrUnexpectedEOF inside one, and an
 // *Error for a frame that is too large or malformed.

@@ -1,0 +1,510 @@
+// Package client is the Go client of the device protocol: a device
+// connects to an edge over QUIC (or WebTransport), proves its key, sends
+// events with acknowledgement and receives the events of its user's other
+// devices exactly once and in per-sender order. It reconnects by itself
+// (resume tickets, backoff with jitter) and resends what was not
+// acknowledged.
+package client
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/edge-relay/relay/edge/session"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// Transport selects how the client reaches the edge.
+type Transport int
+
+// Transports.
+const (
+	// QUIC is native QUIC with the relay's own ALPN (the default).
+	QUIC Transport = iota
+	// WebTransport is HTTP/3 WebTransport, what browsers use.
+	WebTransport
+)
+
+func (t Transport) String() string {
+	if t == WebTransport {
+		return "webtransport"
+	}
+	return "quic"
+}
+
+// Config configures a Client. Zero fields take the defaults in brackets.
+type Config struct {
+	// Addr is the edge's UDP address, host:port; required.
+	Addr string
+	// UserID and DeviceID name the device; Key is its Ed25519 private
+	// key. Required.
+	UserID, DeviceID string
+	Key              ed25519.PrivateKey
+	// Transport [QUIC].
+	Transport Transport
+	// TLS verifies the edge: RootCAs and ServerName as for any TLS
+	// client. Ignored for verification when CertHashes is set.
+	TLS *tls.Config
+	// CertHashes pins the edge's certificate by the SHA-256 of its DER
+	// encoding (edges with a self-signed certificate publish it).
+	CertHashes [][]byte
+	// ReconnectMin and ReconnectMax bound the backoff between attempts
+	// [100ms, 10s]; each wait is drawn at random up to the current bound.
+	ReconnectMin, ReconnectMax time.Duration
+	// ReceiveBuffer is how many received events wait for the
+	// application before the client stops reading (and so the edge stops
+	// sending) [1024].
+	ReceiveBuffer int
+	// DedupWindow is how many event ids per sender are remembered to
+	// drop duplicates [4096].
+	DedupWindow int
+	// Logger [slog.Default()].
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() error {
+	if c.Addr == "" || c.UserID == "" || c.DeviceID == "" || len(c.Key) != ed25519.PrivateKeySize {
+		return errors.New("client: Addr, UserID, DeviceID and an Ed25519 Key are required")
+	}
+	if c.ReconnectMin <= 0 {
+		c.ReconnectMin = 100 * time.Millisecond
+	}
+	if c.ReconnectMax < c.ReconnectMin {
+		c.ReconnectMax = max(10*time.Second, c.ReconnectMin)
+	}
+	if c.ReceiveBuffer <= 0 {
+		c.ReceiveBuffer = 1024
+	}
+	if c.DedupWindow <= 0 {
+		c.DedupWindow = 4096
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return nil
+}
+
+// Message is an event to send.
+type Message struct {
+	// ID identifies the event for dedup and acks; one is made when empty.
+	// Sending the same ID again (after an error) never delivers twice.
+	ID string
+	// Targets are device ids of the same user; empty: all other devices.
+	Targets []string
+	Type    string
+	Payload []byte
+	// TTL [1 minute] bounds how long the event may wait for a target.
+	TTL time.Duration
+}
+
+// Event is an event received from another device of the user.
+type Event struct {
+	ID        string
+	Sender    string // device id
+	Seq       uint64
+	Type      string
+	Payload   []byte
+	CreatedAt time.Time // the sender's clock, corrected by its offset
+	TTL       time.Duration
+	Ephemeral bool
+}
+
+// Presence says another device of the user came online or went offline.
+type Presence struct {
+	DeviceID string
+	Online   bool
+}
+
+// Error is a protocol error from the edge: an event refused (Reject) or
+// the session closed (Close), with its code.
+type Error struct {
+	Code    relayv1.ErrorCode
+	Message string
+	// ReconnectAfter is the edge's hint for GOING_AWAY.
+	ReconnectAfter time.Duration
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
+
+// Is makes errors.Is(err, &Error{Code: c}) match any Error with code c.
+func (e *Error) Is(target error) bool {
+	var t *Error
+	return errors.As(target, &t) && t.Code == e.Code && t.Message == ""
+}
+
+// Retryable reports whether sending the same message again later may
+// succeed.
+func (e *Error) Retryable() bool {
+	switch e.Code {
+	case relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED,
+		relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, relayv1.ErrorCode_ERROR_CODE_INTERNAL,
+		relayv1.ErrorCode_ERROR_CODE_GOING_AWAY:
+		return true
+	}
+	return false
+}
+
+// ErrClosed is returned for operations on a closed client.
+var ErrClosed = errors.New("client closed")
+
+// Client is a device's connection to the relay. It is safe for concurrent
+// use.
+type Client struct {
+	cfg Config
+	log *slog.Logger
+
+	events   chan Event
+	presence chan Presence
+
+	ctx    context.Context // ends with Close
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the connection loop ended
+
+	// sendMu serialises seq assignment with the write, so events reach
+	// the edge in seq order.
+	sendMu sync.Mutex
+
+	mu        sync.Mutex // guards the fields below
+	cur       *conn
+	ready     chan struct{} // closed while cur != nil
+	ticket    []byte
+	seq       uint64
+	pending   map[string]*pendingSend
+	order     []*pendingSend // pending in seq order
+	online    map[string]bool
+	offset    time.Duration
+	sessionID string
+	err       error // why the client stopped, once it did
+
+	dedupMu sync.Mutex
+	seen    map[string]*senderWindow
+}
+
+type pendingSend struct {
+	ev   *relayv1.Event
+	done chan error // buffered: one result
+}
+
+// Dial connects to the edge and completes the handshake, then keeps the
+// connection up until Close. The first connection's failure is returned
+// as is (for example an *Error with AUTH_FAILED).
+func Dial(ctx context.Context, cfg Config) (*Client, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	c := &Client{
+		cfg:      cfg,
+		log:      cfg.Logger.With("device", cfg.DeviceID),
+		events:   make(chan Event, cfg.ReceiveBuffer),
+		presence: make(chan Presence, 256),
+		done:     make(chan struct{}),
+		ready:    make(chan struct{}),
+		pending:  map[string]*pendingSend{},
+		online:   map[string]bool{},
+		seen:     map[string]*senderWindow{},
+		// Sequence numbers continue upwards across restarts of the
+		// process: they start from the clock.
+		seq: uint64(time.Now().UnixMicro()),
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	cn, err := c.connect(ctx)
+	if err != nil {
+		c.cancel()
+		return nil, err
+	}
+	go c.loop(cn)
+	if err := c.WaitConnected(ctx); err != nil {
+		_ = c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// SessionID is the current session's id ("" while reconnecting).
+func (c *Client) SessionID() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cur == nil {
+		return ""
+	}
+	return c.sessionID
+}
+
+// ClockOffset is how far the edge's clock is ahead of this machine's, as
+// learnt in the last handshake. Event times sent are corrected by it.
+func (c *Client) ClockOffset() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.offset
+}
+
+// Online returns the user's other devices currently online, as the edge
+// last said.
+func (c *Client) Online() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]string, 0, len(c.online))
+	for id, on := range c.online {
+		if on {
+			out = append(out, id)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Events delivers received events, each once, in per-sender order. It is
+// closed after Close. An application that stops reading stops the client
+// reading from the edge once ReceiveBuffer events wait.
+func (c *Client) Events() <-chan Event { return c.events }
+
+// Presence delivers changes of the other devices' presence. Changes the
+// application does not read in time are dropped; Online is always
+// current.
+func (c *Client) Presence() <-chan Presence { return c.presence }
+
+// Receive waits for the next event.
+func (c *Client) Receive(ctx context.Context) (Event, error) {
+	select {
+	case ev, ok := <-c.events:
+		if !ok {
+			return Event{}, c.Err()
+		}
+		return ev, nil
+	case <-ctx.Done():
+		return Event{}, ctx.Err()
+	}
+}
+
+// Err is why the client stopped (ErrClosed after Close), or nil while it
+// runs.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+func newID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (c *Client) build(m Message, ephemeral bool) *relayv1.Event {
+	id := m.ID
+	if id == "" {
+		id = newID()
+	}
+	ttl := m.TTL
+	if ttl <= 0 {
+		ttl = time.Minute
+	}
+	c.mu.Lock()
+	off := c.offset
+	c.mu.Unlock()
+	return &relayv1.Event{
+		Id: id, Targets: m.Targets, CreatedAtMs: time.Now().Add(off).UnixMilli(), TtlMs: ttl.Milliseconds(),
+		Type: m.Type, Payload: m.Payload, Ephemeral: ephemeral,
+	}
+}
+
+// Send sends a durable event and waits until every target has it (nil),
+// the edge refuses it (an *Error, see Retryable), or ctx ends. While
+// disconnected the event waits and is sent after the reconnect; an event
+// sent but not acknowledged is sent again then (receivers drop the
+// duplicate).
+func (c *Client) Send(ctx context.Context, m Message) error {
+	ev := c.build(m, false)
+	p := &pendingSend{ev: ev, done: make(chan error, 1)}
+	c.sendMu.Lock()
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		c.sendMu.Unlock()
+		return err
+	}
+	if _, dup := c.pending[ev.GetId()]; dup {
+		c.mu.Unlock()
+		c.sendMu.Unlock()
+		return fmt.Errorf("client: event %s is already being sent", ev.GetId())
+	}
+	c.seq++
+	ev.Seq = c.seq
+	c.pending[ev.GetId()] = p
+	c.order = append(c.order, p)
+	cur := c.cur
+	c.mu.Unlock()
+	if cur != nil {
+		// A failed write ends that connection; the event is resent on
+		// the next.
+		_ = cur.write(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}})
+	}
+	c.sendMu.Unlock()
+	select {
+	case err := <-p.done:
+		return err
+	case <-ctx.Done():
+		c.forget(ev.GetId())
+		return ctx.Err()
+	}
+}
+
+// SendEphemeral sends an ephemeral event: never stored, never
+// acknowledged, dropped where a receiver is slow; as a datagram when it
+// fits. It fails only when the client is disconnected or closed.
+func (c *Client) SendEphemeral(m Message) error {
+	ev := c.build(m, true)
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return c.err
+	}
+	c.seq++
+	ev.Seq = c.seq
+	cur := c.cur
+	c.mu.Unlock()
+	if cur == nil {
+		return &Error{Code: relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, Message: "not connected"}
+	}
+	return cur.writeEphemeral(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}})
+}
+
+// forget drops a pending send (its caller gave up).
+func (c *Client) forget(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if p := c.pending[id]; p != nil {
+		delete(c.pending, id)
+		c.order = slices.DeleteFunc(c.order, func(q *pendingSend) bool { return q == p })
+	}
+}
+
+// resolve finishes a pending send with its result.
+func (c *Client) resolve(id string, err error) {
+	c.mu.Lock()
+	p := c.pending[id]
+	if p != nil {
+		delete(c.pending, id)
+		if len(c.order) > 0 && c.order[0] == p {
+			c.order = c.order[1:]
+		} else {
+			c.order = slices.DeleteFunc(c.order, func(q *pendingSend) bool { return q == p })
+		}
+	}
+	c.mu.Unlock()
+	if p != nil {
+		p.done <- err
+	}
+}
+
+// Close ends the session and stops reconnecting. Sends still waiting
+// return ErrClosed.
+func (c *Client) Close() error {
+	c.cancel()
+	<-c.done
+	return nil
+}
+
+// senderWindow remembers the recent event ids of one sender.
+type senderWindow struct {
+	ids  map[string]struct{}
+	ring []string
+	next int
+}
+
+// firstTime reports whether an event id from sender is new, remembering
+// it.
+func (c *Client) firstTime(sender, id string) bool {
+	c.dedupMu.Lock()
+	defer c.dedupMu.Unlock()
+	w := c.seen[sender]
+	if w == nil {
+		w = &senderWindow{ids: map[string]struct{}{}, ring: make([]string, c.cfg.DedupWindow)}
+		c.seen[sender] = w
+	}
+	if _, dup := w.ids[id]; dup {
+		return false
+	}
+	if old := w.ring[w.next]; old != "" {
+		delete(w.ids, old)
+	}
+	w.ring[w.next] = id
+	w.next = (w.next + 1) % len(w.ring)
+	w.ids[id] = struct{}{}
+	return true
+}
+
+// jitter returns a random duration in [d/2, d].
+func jitter(d time.Duration) time.Duration {
+	if d <= 1 {
+		return d
+	}
+	n, err := rand.Int(rand.Reader, big.NewInt(int64(d/2)+1))
+	if err != nil {
+		return d
+	}
+	return d/2 + time.Duration(n.Int64())
+}
+
+// pinnedTLS returns the TLS configuration for an edge: verified as usual,
+// or by certificate hash when pins are given.
+func (c *Client) tlsConfig(alpn string) *tls.Config {
+	var conf *tls.Config
+	if c.cfg.TLS != nil {
+		conf = c.cfg.TLS.Clone()
+	} else {
+		conf = &tls.Config{}
+	}
+	conf.NextProtos = []string{alpn}
+	conf.MinVersion = tls.VersionTLS13
+	if len(c.cfg.CertHashes) > 0 {
+		pins := c.cfg.CertHashes
+		conf.InsecureSkipVerify = true // replaced by the pin check below
+		conf.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("edge sent no certificate")
+			}
+			leaf := cs.PeerCertificates[0]
+			sum := sha256.Sum256(leaf.Raw)
+			for _, p := range pins {
+				if string(p) == string(sum[:]) {
+					now := time.Now()
+					if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
+						return x509.CertificateInvalidError{Cert: leaf, Reason: x509.Expired}
+					}
+					return nil
+				}
+			}
+			return fmt.Errorf("edge certificate %x is not pinned", sum[:8])
+		}
+	}
+	if conf.ServerName == "" && len(c.cfg.CertHashes) == 0 {
+		if host, _, err := splitHost(c.cfg.Addr); err == nil {
+			conf.ServerName = host
+		}
+	}
+	return conf
+}
+
+// transcriptFor is what this device signs for a challenge.
+func transcriptFor(h *relayv1.Hello, ch *relayv1.Challenge) session.Transcript {
+	return session.Transcript{
+		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(),
+		ClientTimeMs: h.GetClientTimeMs(), EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(),
+	}
+}

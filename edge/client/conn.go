@@ -1,0 +1,425 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/webtransport-go"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/edge/transport"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// conn is one session with the edge.
+type conn struct {
+	c     session.Conn
+	r     *frame.Reader
+	hello *relayv1.Hello
+	// closeHook releases what the dial created besides c (WebTransport's
+	// dialer).
+	closeHook func()
+
+	wmu sync.Mutex // guards w
+	w   *frame.Writer
+}
+
+func (cn *conn) write(f *relayv1.Frame) error {
+	cn.wmu.Lock()
+	defer cn.wmu.Unlock()
+	return cn.w.Write(f)
+}
+
+func (cn *conn) writeEphemeral(f *relayv1.Frame) error {
+	body, err := proto.Marshal(f)
+	if err != nil {
+		return err
+	}
+	if err := cn.c.SendDatagram(body); err == nil {
+		return nil
+	}
+	return cn.write(f)
+}
+
+func (cn *conn) close(code relayv1.ErrorCode, msg string) {
+	_ = cn.c.Close(code, msg)
+	if cn.closeHook != nil {
+		cn.closeHook()
+	}
+}
+
+const dialTimeout = 10 * time.Second
+
+// dial opens a transport connection and its session stream.
+func (c *Client) dial(ctx context.Context) (*conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
+	defer cancel()
+	qc := transport.QUICConfig(30 * time.Second)
+	qc.KeepAlivePeriod = 10 * time.Second
+	switch c.cfg.Transport {
+	case WebTransport:
+		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3"), QUICConfig: qc}
+		_, sess, err := d.Dial(ctx, "https://"+c.cfg.Addr+transport.WebTransportPath, nil)
+		if err != nil {
+			_ = d.Close()
+			return nil, fmt.Errorf("webtransport dial %s: %w", c.cfg.Addr, err)
+		}
+		str, err := sess.OpenStreamSync(ctx)
+		if err != nil {
+			_ = sess.CloseWithError(0, "")
+			_ = d.Close()
+			return nil, fmt.Errorf("open session stream: %w", err)
+		}
+		return &conn{c: transport.NewWebTransportConn(sess, str), closeHook: func() { _ = d.Close() }}, nil
+	default:
+		qconn, err := quic.DialAddr(ctx, c.cfg.Addr, c.tlsConfig(transport.ALPN), qc)
+		if err != nil {
+			return nil, fmt.Errorf("quic dial %s: %w", c.cfg.Addr, err)
+		}
+		str, err := qconn.OpenStreamSync(ctx)
+		if err != nil {
+			_ = qconn.CloseWithError(0, "")
+			return nil, fmt.Errorf("open session stream: %w", err)
+		}
+		return &conn{c: transport.NewQUICConn(qconn, str)}, nil
+	}
+}
+
+// connect dials and runs the handshake, resuming with the last ticket
+// when there is one.
+func (c *Client) connect(ctx context.Context) (*conn, error) {
+	cn, err := c.dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	cn.r = frame.NewReader(cn.c, 0)
+	cn.w = frame.NewWriter(cn.c, 0)
+	if err := c.handshake(ctx, cn); err != nil {
+		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+		return nil, err
+	}
+	return cn, nil
+}
+
+func (c *Client) handshake(ctx context.Context, cn *conn) error {
+	// Reads below block; the context (and the dial timeout) bound them by
+	// closing the connection.
+	hsCtx, cancel := context.WithTimeout(ctx, dialTimeout)
+	defer cancel()
+	stop := context.AfterFunc(hsCtx, func() { _ = cn.c.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "") })
+	defer stop()
+
+	c.mu.Lock()
+	ticket := c.ticket
+	c.mu.Unlock()
+	sent := time.Now()
+	cn.hello = &relayv1.Hello{UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: session.ProtocolVersion,
+		ClientTimeMs: sent.UnixMilli(), ResumeTicket: ticket}
+	if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: cn.hello}}); err != nil {
+		return fmt.Errorf("send hello: %w", err)
+	}
+	for {
+		var f relayv1.Frame
+		if err := cn.r.Read(&f); err != nil {
+			if hsCtx.Err() != nil {
+				return fmt.Errorf("handshake: %w", hsCtx.Err())
+			}
+			return fmt.Errorf("handshake: %w", closeReason(cn, err))
+		}
+		switch k := f.GetKind().(type) {
+		case *relayv1.Frame_Challenge:
+			if k.Challenge.GetTicketError() != 0 {
+				c.log.Debug("resume ticket refused", "code", k.Challenge.GetTicketError().String())
+				c.mu.Lock()
+				c.ticket = nil
+				c.mu.Unlock()
+			}
+			sig := transcriptFor(cn.hello, k.Challenge).Sign(c.cfg.Key)
+			if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}}); err != nil {
+				return fmt.Errorf("send signature: %w", err)
+			}
+		case *relayv1.Frame_Welcome:
+			w := k.Welcome
+			rtt := time.Since(sent)
+			// The edge stamped server_time about half a round trip ago.
+			offset := time.UnixMilli(w.GetServerTimeMs()).Add(rtt / 2).Sub(time.Now())
+			c.mu.Lock()
+			if len(w.GetResumeTicket()) > 0 {
+				c.ticket = w.GetResumeTicket()
+			}
+			c.offset, c.sessionID = offset, w.GetSessionId()
+			c.mu.Unlock()
+			return nil
+		case *relayv1.Frame_Close:
+			return &Error{Code: k.Close.GetCode(), Message: k.Close.GetMessage(), ReconnectAfter: time.Duration(k.Close.GetReconnectAfterMs()) * time.Millisecond}
+		default:
+			return &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Message: fmt.Sprintf("unexpected %T in the handshake", k)}
+		}
+	}
+}
+
+// closeReason turns a read error into the edge's close code where the
+// transport carried one.
+func closeReason(cn *conn, err error) error {
+	var appErr *quic.ApplicationError
+	if errors.As(err, &appErr) && appErr.Remote && appErr.ErrorCode != 0 {
+		return &Error{Code: relayv1.ErrorCode(appErr.ErrorCode), Message: appErr.ErrorMessage}
+	}
+	var sessErr *webtransport.SessionError
+	if errors.As(err, &sessErr) && sessErr.Remote && sessErr.ErrorCode != 0 {
+		return &Error{Code: relayv1.ErrorCode(sessErr.ErrorCode), Message: sessErr.Message}
+	}
+	return err
+}
+
+// fatal reports whether a session end means reconnecting is pointless.
+func fatal(err error) bool {
+	var e *Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	switch e.Code {
+	case relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED, relayv1.ErrorCode_ERROR_CODE_REVOKED,
+		relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION, relayv1.ErrorCode_ERROR_CODE_REPLACED,
+		relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE:
+		return true
+	}
+	return false
+}
+
+// loop keeps a session up until Close or a fatal error.
+func (c *Client) loop(first *conn) {
+	defer close(c.done)
+	cn := first
+	backoff := c.cfg.ReconnectMin
+	for {
+		var wait time.Duration
+		if cn != nil {
+			backoff = c.cfg.ReconnectMin
+			err := c.serve(cn)
+			if c.ctx.Err() != nil {
+				c.stop(ErrClosed)
+				return
+			}
+			if fatal(err) {
+				c.log.Warn("session ended for good", "err", err)
+				c.stop(err)
+				return
+			}
+			c.log.Debug("session ended; reconnecting", "err", err)
+			var e *Error
+			if errors.As(err, &e) && e.Code == relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+				wait = e.ReconnectAfter
+			}
+		} else {
+			wait = jitter(backoff)
+			backoff = min(backoff*2, c.cfg.ReconnectMax)
+		}
+		if wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-c.ctx.Done():
+				t.Stop()
+				c.stop(ErrClosed)
+				return
+			}
+		}
+		var err error
+		cn, err = c.connect(c.ctx)
+		if err != nil {
+			if c.ctx.Err() != nil {
+				c.stop(ErrClosed)
+				return
+			}
+			if fatal(err) {
+				c.log.Warn("cannot reconnect", "err", err)
+				c.stop(err)
+				return
+			}
+			c.log.Debug("reconnect failed", "err", err, "backoff", backoff)
+		}
+	}
+}
+
+// stop ends the client: pending sends fail with err, Events closes.
+func (c *Client) stop(err error) {
+	c.mu.Lock()
+	c.err = err
+	pending := c.order
+	c.order, c.pending = nil, map[string]*pendingSend{}
+	c.mu.Unlock()
+	for _, p := range pending {
+		p.done <- err
+	}
+	close(c.events)
+}
+
+// serve runs one established session: resend what is unacknowledged,
+// then read until it ends. It returns why it ended.
+func (c *Client) serve(cn *conn) error {
+	c.sendMu.Lock()
+	c.mu.Lock()
+	resend := make([]*relayv1.Event, 0, len(c.order))
+	for _, p := range c.order {
+		resend = append(resend, p.ev)
+	}
+	c.online = map[string]bool{}
+	c.cur = cn
+	close(c.ready)
+	c.mu.Unlock()
+	for _, ev := range resend {
+		if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}); err != nil {
+			break // the reader sees the connection end
+		}
+	}
+	c.sendMu.Unlock()
+
+	ctx, cancel := context.WithCancel(c.ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		<-ctx.Done()
+		if c.ctx.Err() != nil {
+			// Close: say goodbye so the edge tells the others at once.
+			_ = cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
+		}
+		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+	})
+	wg.Go(func() { c.readDatagrams(ctx, cn) })
+	err := c.readStream(ctx, cn)
+	cancel()
+	wg.Wait()
+
+	c.mu.Lock()
+	c.cur = nil
+	c.ready = make(chan struct{})
+	c.mu.Unlock()
+	return err
+}
+
+func (c *Client) readStream(ctx context.Context, cn *conn) error {
+	var receipts []uint64
+	for {
+		f := &relayv1.Frame{}
+		if err := cn.r.Read(f); err != nil {
+			if errors.Is(err, io.EOF) {
+				return io.EOF
+			}
+			return closeReason(cn, err)
+		}
+		switch k := f.GetKind().(type) {
+		case *relayv1.Frame_Deliver:
+			if !c.deliver(ctx, k.Deliver.GetEvent()) {
+				return ctx.Err()
+			}
+			if id := k.Deliver.GetDeliveryId(); id != 0 {
+				receipts = append(receipts, id)
+			}
+		case *relayv1.Frame_Ack:
+			c.resolve(k.Ack.GetEventId(), nil)
+		case *relayv1.Frame_Reject:
+			r := k.Reject
+			c.resolve(r.GetEventId(), &Error{Code: r.GetCode(), Message: r.GetMessage()})
+		case *relayv1.Frame_Presence:
+			p := Presence{DeviceID: k.Presence.GetDeviceId(), Online: k.Presence.GetOnline()}
+			c.mu.Lock()
+			c.online[p.DeviceID] = p.Online
+			c.mu.Unlock()
+			select {
+			case c.presence <- p:
+			default:
+			}
+		case *relayv1.Frame_Ticket:
+			c.mu.Lock()
+			c.ticket = k.Ticket.GetResumeTicket()
+			c.mu.Unlock()
+		case *relayv1.Frame_Challenge:
+			// The session reached its maximum age: prove the key again.
+			sig := transcriptFor(cn.hello, k.Challenge).Sign(c.cfg.Key)
+			if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}}); err != nil {
+				return err
+			}
+		case *relayv1.Frame_Ping:
+			if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Pong{Pong: &relayv1.Pong{Nonce: k.Ping.GetNonce()}}}); err != nil {
+				return err
+			}
+		case *relayv1.Frame_Pong:
+		case *relayv1.Frame_Close:
+			cl := k.Close
+			return &Error{Code: cl.GetCode(), Message: cl.GetMessage(), ReconnectAfter: time.Duration(cl.GetReconnectAfterMs()) * time.Millisecond}
+		default:
+			return &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Message: fmt.Sprintf("unexpected %T from the edge", k)}
+		}
+		// Acknowledge in batches: whatever arrived together.
+		if len(receipts) > 0 && (cn.r.Buffered() == 0 || len(receipts) >= 256) {
+			if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: receipts}}}); err != nil {
+				return err
+			}
+			receipts = receipts[:0]
+		}
+	}
+}
+
+func (c *Client) readDatagrams(ctx context.Context, cn *conn) {
+	for {
+		b, err := cn.c.ReceiveDatagram(ctx)
+		if err != nil {
+			return
+		}
+		var f relayv1.Frame
+		if err := frame.Decode(b, 0, &f); err != nil || f.GetDeliver() == nil {
+			continue // a datagram is only ever an ephemeral delivery
+		}
+		if !c.deliver(ctx, f.GetDeliver().GetEvent()) {
+			return
+		}
+	}
+}
+
+// deliver hands an event to the application once; false when the client
+// is closing.
+func (c *Client) deliver(ctx context.Context, ev *relayv1.Event) bool {
+	if !c.firstTime(ev.GetSenderDeviceId(), ev.GetId()) {
+		return true
+	}
+	out := Event{
+		ID: ev.GetId(), Sender: ev.GetSenderDeviceId(), Seq: ev.GetSeq(), Type: ev.GetType(), Payload: ev.GetPayload(),
+		CreatedAt: time.UnixMilli(ev.GetCreatedAtMs()), TTL: time.Duration(ev.GetTtlMs()) * time.Millisecond, Ephemeral: ev.GetEphemeral(),
+	}
+	select {
+	case c.events <- out:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// WaitConnected waits until a session is up (for example after a
+// reconnect).
+func (c *Client) WaitConnected(ctx context.Context) error {
+	for {
+		c.mu.Lock()
+		ready, err := c.ready, c.err
+		c.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		select {
+		case <-ready:
+			return nil
+		case <-c.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func splitHost(addr string) (string, string, error) { return net.SplitHostPort(addr) }

@@ -1,0 +1,191 @@
+// Package controlconn is the edge's link to the control plane: HTTP
+// clients for the control nodes' API URLs (failing over between them),
+// and the edge's credential, logged in once and refreshed before it
+// expires. The edge talks to the control plane only through the
+// generated Connect clients this package hands out.
+package controlconn
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
+)
+
+// Config configures a Conn.
+type Config struct {
+	// URLs of control nodes' APIs (http:// for cleartext HTTP/2, or
+	// https://); at least one.
+	URLs []string
+	// TLS for https URLs (RootCAs to trust the cluster's certificates);
+	// nil uses the system roots.
+	TLS *tls.Config
+	// Login and Password are the edge's credential: an account with the
+	// edge role.
+	Login, Password string
+	// Options apply to every Connect client (tracing, for one).
+	Options []connect.ClientOption
+}
+
+// Conn is safe for concurrent use.
+type Conn struct {
+	cfg  Config
+	http *http.Client
+
+	mu      sync.Mutex // guards the fields below
+	next    int        // index of the URL to use
+	access  string
+	expires time.Time
+	refresh string
+}
+
+// New checks the configuration and builds the HTTP client; it does not
+// connect yet.
+func New(cfg Config) (*Conn, error) {
+	if len(cfg.URLs) == 0 || cfg.Login == "" || cfg.Password == "" {
+		return nil, errors.New("controlconn: URLs, Login and Password are required")
+	}
+	tr := &http.Transport{ForceAttemptHTTP2: true, MaxIdleConnsPerHost: 4, IdleConnTimeout: 90 * time.Second}
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetHTTP2(true)
+	for i, u := range cfg.URLs {
+		u = strings.TrimRight(u, "/")
+		cfg.URLs[i] = u
+		switch {
+		case strings.HasPrefix(u, "http://"):
+			p.SetUnencryptedHTTP2(true)
+		case strings.HasPrefix(u, "https://"):
+		default:
+			return nil, fmt.Errorf("controlconn: %q is not an http:// or https:// URL", u)
+		}
+	}
+	tr.Protocols = &p
+	if cfg.TLS != nil {
+		tr.TLSClientConfig = cfg.TLS.Clone()
+	}
+	return &Conn{cfg: cfg, http: &http.Client{Transport: tr}}, nil
+}
+
+// Close releases idle connections.
+func (c *Conn) Close() { c.http.CloseIdleConnections() }
+
+// url returns the URL to use now; failover moves to the next.
+func (c *Conn) url() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cfg.URLs[c.next%len(c.cfg.URLs)]
+}
+
+// failover moves to the next URL after a call to u failed in a way that
+// another node may not.
+func (c *Conn) failover(u string, err error) {
+	switch connect.CodeOf(err) {
+	case connect.CodeUnavailable, connect.CodeUnknown, connect.CodeDeadlineExceeded, connect.CodeInternal:
+	default:
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cfg.URLs[c.next%len(c.cfg.URLs)] == u {
+		c.next++
+	}
+}
+
+// Token returns a valid access token of the edge's account, logging in
+// or refreshing as needed.
+func (c *Conn) Token(ctx context.Context) (string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.access != "" && time.Until(c.expires) > time.Minute {
+		return c.access, nil
+	}
+	var lastErr error
+	for range len(c.cfg.URLs) {
+		u := c.cfg.URLs[c.next%len(c.cfg.URLs)]
+		auth := controlv1connect.NewAuthServiceClient(c.http, u, c.cfg.Options...)
+		var tokens *controlv1.Tokens
+		if c.refresh != "" {
+			resp, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: c.refresh}))
+			if err == nil {
+				tokens = resp.Msg.GetTokens()
+			} else if connect.CodeOf(err) == connect.CodeUnauthenticated {
+				c.refresh = "" // log in afresh below
+			} else {
+				lastErr = err
+				c.next++
+				continue
+			}
+		}
+		if tokens == nil {
+			resp, err := auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: c.cfg.Login, Password: c.cfg.Password}))
+			if err != nil {
+				lastErr = err
+				if connect.CodeOf(err) == connect.CodeUnauthenticated || connect.CodeOf(err) == connect.CodePermissionDenied {
+					return "", fmt.Errorf("edge credential refused: %w", err)
+				}
+				c.next++
+				continue
+			}
+			tokens = resp.Msg.GetTokens()
+		}
+		if tokens.GetRole() != controlv1.Role_ROLE_EDGE {
+			return "", fmt.Errorf("account %q has role %s, not edge", c.cfg.Login, tokens.GetRole())
+		}
+		c.access, c.expires, c.refresh = tokens.GetAccessToken(), tokens.GetAccessTokenExpiresAt().AsTime(), tokens.GetRefreshToken()
+		return c.access, nil
+	}
+	return "", fmt.Errorf("log in to the control plane: %w", lastErr)
+}
+
+func (c *Conn) authorize(ctx context.Context, h http.Header) error {
+	tok, err := c.Token(ctx)
+	if err != nil {
+		return err
+	}
+	h.Set("Authorization", "Bearer "+tok)
+	return nil
+}
+
+// Watch is a WatchServiceClient that authenticates as the edge and fails
+// over to the next control node when one is unavailable.
+func (c *Conn) Watch() edgev1connect.WatchServiceClient { return watchClient{c} }
+
+type watchClient struct{ c *Conn }
+
+func (w watchClient) Watch(ctx context.Context, req *connect.Request[edgev1.WatchRequest]) (*connect.ServerStreamForClient[edgev1.WatchResponse], error) {
+	if err := w.c.authorize(ctx, req.Header()); err != nil {
+		return nil, err
+	}
+	u := w.c.url()
+	s, err := edgev1connect.NewWatchServiceClient(w.c.http, u, w.c.cfg.Options...).Watch(ctx, req)
+	if err != nil {
+		w.c.failover(u, err)
+	}
+	return s, err
+}
+
+// ReportActivity reports when devices were last seen.
+func (c *Conn) ReportActivity(ctx context.Context, entries []*edgev1.Activity) error {
+	req := connect.NewRequest(&edgev1.ReportActivityRequest{Entries: entries})
+	if err := c.authorize(ctx, req.Header()); err != nil {
+		return err
+	}
+	u := c.url()
+	_, err := edgev1connect.NewActivityServiceClient(c.http, u, c.cfg.Options...).ReportActivity(ctx, req)
+	if err != nil {
+		c.failover(u, err)
+	}
+	return err
+}

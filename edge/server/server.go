@@ -1,0 +1,348 @@
+// Package server assembles an edge: the UDP listener for QUIC and
+// WebTransport, the HTTPS port (certificate hashes, health, metrics), an
+// optional plain-HTTP admin port, the certificate (from files, or
+// self-signed and renewed), the link to the control plane, the directory
+// that follows its watch feed, activity reports, and an ordered shutdown.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"connectrpc.com/connect"
+	"connectrpc.com/otelconnect"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
+	"github.com/edge-relay/relay/edge/controlconn"
+	"github.com/edge-relay/relay/edge/directory"
+	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/edge/transport"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// Config configures an edge. Zero fields take the defaults in brackets.
+type Config struct {
+	// EdgeID names the edge in handshakes and logs; required.
+	EdgeID string
+	// Addr is where devices connect: UDP for QUIC and WebTransport, and
+	// TCP (same port number) for HTTPS ["127.0.0.1:7443"]. Port 0 picks a
+	// free UDP port and uses the same number for TCP when it is free.
+	Addr string
+	// AdminAddr serves /metrics, /healthz, /readyz and the certificate
+	// hashes over plain HTTP; empty disables it.
+	AdminAddr string
+	// CertFile and KeyFile hold the edge's certificate; without them a
+	// self-signed ECDSA certificate valid for 10 days is made, renewed 3
+	// days before it expires, and its SHA-256 published.
+	CertFile, KeyFile string
+	// Control reaches the control plane with the edge's credential;
+	// required.
+	Control controlconn.Config
+	// Session tunes the session core (EdgeID, Directory, Ring, Logger,
+	// Metrics and Tracer are set by the server).
+	Session session.Config
+	// AllowedOrigins for WebTransport (see transport.Config).
+	AllowedOrigins []string
+	// DrainWindow spreads the clients' reconnects over this long on
+	// shutdown [10s].
+	DrainWindow time.Duration
+	// ActivityEvery is how often device activity is reported [30s].
+	ActivityEvery time.Duration
+	// Logger [slog.Default()]; TracerProvider [none]; Registry for
+	// metrics [a new one, served on /metrics].
+	Logger         *slog.Logger
+	TracerProvider trace.TracerProvider
+	Registry       *prometheus.Registry
+}
+
+// Server is a running edge.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	certs    *certSource
+	ring     *session.Ring
+	dir      *directory.Directory
+	hub      *session.Hub
+	listener *transport.Listener
+	control  *controlconn.Conn
+	https    *http.Server
+	httpsLn  net.Listener
+	admin    *http.Server
+	adminLn  net.Listener
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	ready  atomic.Bool // listeners up; the directory's sync is checked live
+	once   sync.Once
+}
+
+// Start starts an edge. It returns once the listeners are up; Ready
+// reports when the directory has synced and sessions can be served.
+func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
+	if cfg.EdgeID == "" {
+		return nil, errors.New("edge: EdgeID is required")
+	}
+	if cfg.Addr == "" {
+		cfg.Addr = "127.0.0.1:7443"
+	}
+	if cfg.DrainWindow <= 0 {
+		cfg.DrainWindow = 10 * time.Second
+	}
+	if cfg.ActivityEvery <= 0 {
+		cfg.ActivityEvery = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.TracerProvider == nil {
+		cfg.TracerProvider = noop.NewTracerProvider()
+	}
+	if cfg.Registry == nil {
+		cfg.Registry = prometheus.NewRegistry()
+		cfg.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("edge", cfg.EdgeID), ring: session.NewRing()}
+	defer func() {
+		if err != nil {
+			s.closeAll()
+		}
+	}()
+
+	if cfg.CertFile != "" || cfg.KeyFile != "" {
+		s.certs, err = staticCert(cfg.CertFile, cfg.KeyFile)
+	} else {
+		s.certs, err = selfSigned(s.log, selfSignedValidity, selfSignedRenew)
+	}
+	if err != nil {
+		return nil, err
+	}
+
+	otel, err := otelconnect.NewInterceptor(otelconnect.WithTracerProvider(cfg.TracerProvider))
+	if err != nil {
+		return nil, err
+	}
+	cc := cfg.Control
+	cc.Options = append(cc.Options, connect.WithInterceptors(otel))
+	if s.control, err = controlconn.New(cc); err != nil {
+		return nil, err
+	}
+
+	metrics := session.NewMetrics(cfg.Registry)
+	s.dir = directory.New(directory.Config{Ring: s.ring, Logger: s.log, OnRemove: s.onRemove})
+	sc := cfg.Session
+	sc.EdgeID, sc.Directory, sc.Ring, sc.Logger, sc.Metrics = cfg.EdgeID, s.dir, s.ring, s.log, metrics
+	sc.Tracer = cfg.TracerProvider.Tracer("github.com/edge-relay/relay/edge")
+	if s.hub, err = session.NewHub(sc); err != nil {
+		return nil, err
+	}
+
+	tlsConf := &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS13}
+	s.listener, err = transport.Listen(transport.Config{
+		Addr: cfg.Addr, TLS: tlsConf, Hub: s.hub, AllowedOrigins: cfg.AllowedOrigins,
+		Logger: s.log, Registerer: cfg.Registry,
+	})
+	if err != nil {
+		return nil, err
+	}
+	// HTTPS on the TCP port with the UDP port's number.
+	udpPort := s.listener.Addr().(*net.UDPAddr).Port
+	host, _, err := net.SplitHostPort(cfg.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("edge address %q: %w", cfg.Addr, err)
+	}
+	tcpAddr := net.JoinHostPort(host, fmt.Sprint(udpPort))
+	ln, err := net.Listen("tcp", tcpAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen tcp %s: %w", tcpAddr, err)
+	}
+	s.httpsLn = tls.NewListener(ln, &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}})
+	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
+	if cfg.AdminAddr != "" {
+		if s.adminLn, err = net.Listen("tcp", cfg.AdminAddr); err != nil {
+			return nil, fmt.Errorf("listen admin %s: %w", cfg.AdminAddr, err)
+		}
+		s.admin = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second}
+	}
+
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	s.cancel = cancel
+	s.wg.Go(func() { _ = s.listener.Serve() })
+	s.wg.Go(func() { serveHTTP(s.log, s.https, s.httpsLn) })
+	if s.admin != nil {
+		s.wg.Go(func() { serveHTTP(s.log, s.admin, s.adminLn) })
+	}
+	s.wg.Go(func() { s.certs.run(runCtx) })
+	s.wg.Go(func() { _ = s.dir.Follow(runCtx, s.control.Watch(), s.control.Token) })
+	s.wg.Go(func() { s.reportActivity(runCtx) })
+	s.ready.Store(true)
+	s.log.Info("edge listening", "quic", s.listener.Addr().String(), "https", s.httpsLn.Addr().String(), "admin", cfg.AdminAddr)
+	return s, nil
+}
+
+func serveHTTP(log *slog.Logger, srv *http.Server, ln net.Listener) {
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		log.Error("http server", "addr", ln.Addr().String(), "err", err)
+	}
+}
+
+// onRemove closes the sessions the control plane just took away.
+func (s *Server) onRemove(r directory.Removal) {
+	if r.DeviceID != "" {
+		s.hub.CloseDevice(r.UserID, r.DeviceID, relayv1.ErrorCode_ERROR_CODE_REVOKED, r.Reason)
+		return
+	}
+	s.hub.CloseUser(r.UserID, relayv1.ErrorCode_ERROR_CODE_REVOKED, r.Reason)
+}
+
+// reportActivity tells the control plane which devices were online, in
+// batches.
+func (s *Server) reportActivity(ctx context.Context) {
+	t := time.NewTicker(s.cfg.ActivityEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			var entries []*edgev1.Activity
+			for user, devices := range s.hub.OnlineDevices() {
+				for _, d := range devices {
+					entries = append(entries, &edgev1.Activity{UserId: user, DeviceId: d, SeenAtMs: now.UnixMilli()})
+				}
+			}
+			if len(entries) == 0 {
+				continue
+			}
+			rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			if err := s.control.ReportActivity(rctx, entries); err != nil && ctx.Err() == nil {
+				s.log.Warn("activity report failed", "devices", len(entries), "err", err)
+			}
+			cancel()
+		}
+	}
+}
+
+// Ready reports whether the edge serves sessions: listeners up and the
+// directory synced with the control plane.
+func (s *Server) Ready() bool { return s.ready.Load() && s.dir.Synced() }
+
+// Addr is the UDP address devices connect to.
+func (s *Server) Addr() string { return s.listener.Addr().String() }
+
+// HTTPSURL is the base URL of the HTTPS port.
+func (s *Server) HTTPSURL() string { return "https://" + s.httpsLn.Addr().String() }
+
+// AdminURL is the base URL of the admin port ("" when disabled).
+func (s *Server) AdminURL() string {
+	if s.adminLn == nil {
+		return ""
+	}
+	return "http://" + s.adminLn.Addr().String()
+}
+
+// CertHashes are the SHA-256 hashes of the certificates clients may pin.
+func (s *Server) CertHashes() []CertHash { return s.certs.Hashes(time.Now()) }
+
+// Hub is the session core (for tests and tools).
+func (s *Server) Hub() *session.Hub { return s.hub }
+
+// Directory is the edge's copy of the control plane's state.
+func (s *Server) Directory() *directory.Directory { return s.dir }
+
+// CertHashesPath serves the certificate hashes as JSON.
+const CertHashesPath = "/.well-known/relay/certificate-hashes"
+
+// CertHashesDoc is the JSON document served at CertHashesPath.
+type CertHashesDoc struct {
+	Hashes []CertHashJSON `json:"hashes"`
+}
+
+// CertHashJSON is one hash: base64 of the SHA-256 of the certificate's
+// DER, as WebTransport's serverCertificateHashes wants it.
+type CertHashJSON struct {
+	Algorithm string    `json:"algorithm"`
+	Value     string    `json:"value"`
+	NotAfter  time.Time `json:"notAfter"`
+}
+
+func (s *Server) publicMux() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !s.Ready() {
+			http.Error(w, "not ready: watch feed not synced", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ready\n"))
+	})
+	mux.HandleFunc("GET "+CertHashesPath, func(w http.ResponseWriter, _ *http.Request) {
+		var doc CertHashesDoc
+		for _, h := range s.CertHashes() {
+			doc.Hashes = append(doc.Hashes, CertHashJSON{Algorithm: "sha-256", Value: base64.StdEncoding.EncodeToString(h.SHA256[:]), NotAfter: h.NotAfter})
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		// Pages on other origins (the console, a developer's app) read it.
+		w.Header().Set("Access-Control-Allow-Origin", "*")
+		_ = json.NewEncoder(w).Encode(doc)
+	})
+	return mux
+}
+
+// Shutdown stops the edge in order: no new sessions, every client told to
+// go away (spread over DrainWindow) and its queued frames flushed, then
+// listeners and the link to the control plane closed.
+func (s *Server) Shutdown(ctx context.Context) error {
+	var err error
+	s.once.Do(func() {
+		s.ready.Store(false)
+		dctx, cancel := context.WithTimeout(ctx, s.cfg.DrainWindow+5*time.Second)
+		err = s.hub.Drain(dctx, s.cfg.DrainWindow)
+		cancel()
+		s.closeAll()
+	})
+	return err
+}
+
+func (s *Server) closeAll() {
+	if s.cancel != nil {
+		s.cancel()
+	}
+	if s.listener != nil {
+		_ = s.listener.Close()
+	}
+	for _, srv := range []*http.Server{s.https, s.admin} {
+		if srv != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = srv.Shutdown(ctx)
+			cancel()
+		}
+	}
+	for _, ln := range []net.Listener{s.httpsLn, s.adminLn} {
+		if ln != nil {
+			_ = ln.Close()
+		}
+	}
+	s.wg.Wait()
+	if s.control != nil {
+		s.control.Close()
+	}
+}

@@ -1,0 +1,300 @@
+package server_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/internal/relaytest"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreTopFunction("github.com/cockroachdb/pebble/v2/internal/cache.(*shard).releaseLoop"),
+		// net/http keeps idle client connections' goroutines briefly.
+		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
+	)
+}
+
+var transports = []client.Transport{client.QUIC, client.WebTransport}
+
+// waitOnline waits until every client sees all the others online.
+func waitOnline(t *testing.T, cs []*client.Client) {
+	t.Helper()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		for i, c := range cs {
+			if got := len(c.Online()); got != len(cs)-1 {
+				return fmt.Errorf("client %d sees %d others online, want %d", i, got, len(cs)-1)
+			}
+		}
+		return nil
+	})
+}
+
+// Devices of one user exchange events both ways: every event delivered
+// once, in per-sender order, and acknowledged to its sender.
+func TestDevicesExchangeEvents(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{})
+	for _, tr := range transports {
+		for _, n := range []int{2, 5} {
+			t.Run(fmt.Sprintf("%s/%d devices", tr, n), func(t *testing.T) {
+				user := r.User(fmt.Sprintf("u-%s-%d", tr, n))
+				var cs []*client.Client
+				var ids []string
+				for i := range n {
+					d := r.Device(user, fmt.Sprintf("d%d", i))
+					cs = append(cs, r.Dial(0, d, tr))
+					ids = append(ids, d.ID)
+				}
+				waitOnline(t, cs)
+				const perSender = 100
+				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+				defer cancel()
+				var wg sync.WaitGroup
+				errs := make(chan error, n*perSender)
+				for i, c := range cs {
+					wg.Go(func() {
+						for k := range perSender {
+							if err := c.Send(ctx, client.Message{Type: "t", Payload: fmt.Appendf(nil, "%d/%d", i, k)}); err != nil {
+								errs <- fmt.Errorf("sender %d event %d: %w", i, k, err)
+								return
+							}
+						}
+					})
+				}
+				for i, c := range cs {
+					wg.Go(func() {
+						next := map[string]int{}
+						var lastSeq = map[string]uint64{}
+						for range (n - 1) * perSender {
+							ev, err := c.Receive(ctx)
+							if err != nil {
+								errs <- fmt.Errorf("receiver %d: %w", i, err)
+								return
+							}
+							if ev.Sender == ids[i] {
+								errs <- fmt.Errorf("receiver %d got its own event", i)
+								return
+							}
+							if ev.Seq <= lastSeq[ev.Sender] {
+								errs <- fmt.Errorf("receiver %d: seq %d after %d from %s", i, ev.Seq, lastSeq[ev.Sender], ev.Sender)
+								return
+							}
+							lastSeq[ev.Sender] = ev.Seq
+							var from, k int
+							if _, err := fmt.Sscanf(string(ev.Payload), "%d/%d", &from, &k); err != nil || ids[from] != ev.Sender || k != next[ev.Sender] {
+								errs <- fmt.Errorf("receiver %d: payload %q from %s, want event %d", i, ev.Payload, ev.Sender, next[ev.Sender])
+								return
+							}
+							next[ev.Sender]++
+						}
+					})
+				}
+				wg.Wait()
+				close(errs)
+				for err := range errs {
+					t.Error(err)
+				}
+			})
+		}
+	}
+}
+
+// A device of user B can never receive, learn of, or target anything of
+// user A.
+func TestUsersAreIsolated(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{})
+	ua, ub := r.User("alice"), r.User("bob")
+	a1, a2, b1 := r.Device(ua, "a1"), r.Device(ua, "a2"), r.Device(ub, "b1")
+	ca1, ca2, cb1 := r.Dial(0, a1, client.QUIC), r.Dial(0, a2, client.QUIC), r.Dial(0, b1, client.QUIC)
+	waitOnline(t, []*client.Client{ca1, ca2})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// Bob targets Alice's device: the same answer as for a device that
+	// does not exist.
+	errA := cb1.Send(ctx, client.Message{Targets: []string{a1.ID}, Payload: []byte("x")})
+	errNone := cb1.Send(ctx, client.Message{Targets: []string{"no-such-device"}, Payload: []byte("x")})
+	if !errors.Is(errA, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_UNKNOWN_TARGET}) ||
+		!errors.Is(errNone, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_UNKNOWN_TARGET}) {
+		t.Fatalf("cross-user target: %v / %v", errA, errNone)
+	}
+	var ea, en *client.Error
+	errors.As(errA, &ea)
+	errors.As(errNone, &en)
+	// Bob's broadcast reaches no one of Alice's; Alice's reaches only Alice's.
+	if err := cb1.Send(ctx, client.Message{Payload: []byte("bob to all")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca1.Send(ctx, client.Message{Payload: []byte("alice to all")}); err != nil {
+		t.Fatal(err)
+	}
+	if ev, err := ca2.Receive(ctx); err != nil || string(ev.Payload) != "alice to all" {
+		t.Fatalf("a2 got %q, %v", ev.Payload, err)
+	}
+	if got := cb1.Online(); len(got) != 0 {
+		t.Fatalf("bob sees %v online", got)
+	}
+	short, cancel2 := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel2()
+	if ev, err := cb1.Receive(short); err == nil {
+		t.Fatalf("bob received %q", ev.Payload)
+	}
+	// Bob cannot log in as Alice's device, not even with his own key.
+	cfg := r.ClientConfig(0, relaytest.Device{ID: a1.ID, UserID: ub, Key: b1.Key}, client.QUIC)
+	if _, err := client.Dial(ctx, cfg); !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED}) {
+		t.Fatalf("bob as alice's device: %v", err)
+	}
+	cfg = r.ClientConfig(0, relaytest.Device{ID: a1.ID, UserID: ua, Key: b1.Key}, client.QUIC)
+	if _, err := client.Dial(ctx, cfg); !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED}) {
+		t.Fatalf("alice's device with bob's key: %v", err)
+	}
+}
+
+// Revoking a device or deleting a user closes its sessions within a
+// second of the control plane committing it; events on their way to it
+// end with a clean error for their senders.
+func TestRevocationDuringTraffic(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{ControlNodes: 3, Edge: func(_ int, cfg *server.Config) {
+		cfg.Session.Limits = session.DefaultLimits()
+		cfg.Session.Limits.EventsPerSecond = 1e6
+	}})
+	u := r.User("carol")
+	a, b, c := r.Device(u, "a"), r.Device(u, "b"), r.Device(u, "c")
+	ca, cb, cc := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.WebTransport), r.Dial(0, c, client.QUIC)
+	waitOnline(t, []*client.Client{ca, cb, cc})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	// a sends to b without pause; b reads slowly (never, in fact).
+	results := make(chan error, 10_000)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
+			results <- ca.Send(sctx, client.Message{Targets: []string{b.ID}, Payload: []byte("to b")})
+			scancel()
+		}
+	})
+	// Wait until traffic flows.
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if len(results) == 0 {
+			return errors.New("no send finished yet")
+		}
+		return nil
+	})
+	r.RevokeDevice(b)
+	revoked := time.Now()
+	for cb.Err() == nil {
+		if time.Since(revoked) > time.Second {
+			t.Fatal("revoked device still connected after 1s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if !errors.Is(cb.Err(), &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_REVOKED}) {
+		t.Fatalf("revoked device ended with %v", cb.Err())
+	}
+	close(stop)
+	wg.Wait()
+	close(results)
+	for err := range results {
+		if err != nil && !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED}) &&
+			!errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE}) &&
+			!errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL}) {
+			t.Fatalf("send to the revoked device ended with %v", err)
+		}
+	}
+	if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}}); !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED}) {
+		t.Fatalf("send after revocation: %v", err)
+	}
+
+	// Deleting the user closes the others.
+	r.DeleteUser(u)
+	deleted := time.Now()
+	for ca.Err() == nil || cc.Err() == nil {
+		if time.Since(deleted) > time.Second {
+			t.Fatal("deleted user's devices still connected after 1s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	r.WaitEdges(func(s *server.Server) error {
+		if st := s.Hub().Stats(); st.Sessions != 0 || st.Rooms != 0 {
+			return fmt.Errorf("tables not empty: %+v", st)
+		}
+		return nil
+	})
+}
+
+func TestEdgeEndpoints(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) { cfg.AdminAddr = "127.0.0.1:0" }})
+	e := r.Edges[0]
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	defer hc.CloseIdleConnections()
+	for _, base := range []string{e.HTTPSURL(), e.AdminURL()} {
+		for path, want := range map[string]int{"/healthz": 200, "/readyz": 200, "/metrics": 200} {
+			resp, err := hc.Get(base + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = resp.Body.Close()
+			if resp.StatusCode != want {
+				t.Fatalf("%s%s: %d", base, path, resp.StatusCode)
+			}
+		}
+		resp, err := hc.Get(base + server.CertHashesPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc server.CertHashesDoc
+		err = json.NewDecoder(resp.Body).Decode(&doc)
+		_ = resp.Body.Close()
+		if err != nil || len(doc.Hashes) != 1 {
+			t.Fatalf("hashes: %+v %v", doc, err)
+		}
+		h := e.CertHashes()[0]
+		if doc.Hashes[0].Value != base64.StdEncoding.EncodeToString(h.SHA256[:]) || doc.Hashes[0].Algorithm != "sha-256" {
+			t.Fatalf("published %+v, serving %x", doc.Hashes[0], h.SHA256)
+		}
+		// Browsers pin only certificates valid for less than 14 days.
+		if until := time.Until(h.NotAfter); until <= 0 || until >= 14*24*time.Hour {
+			t.Fatalf("self-signed certificate valid for %s", until)
+		}
+	}
+	// A client pinning another hash refuses the edge.
+	u := r.User("dave")
+	d := r.Device(u, "d")
+	cfg := r.ClientConfig(0, d, client.QUIC)
+	cfg.CertHashes = [][]byte{make([]byte, 32)}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := client.Dial(ctx, cfg); err == nil {
+		t.Fatal("connected to an edge whose certificate is not pinned")
+	}
+	// An unknown key is refused with AUTH_FAILED, and the client says so.
+	_, otherKey, _ := ed25519.GenerateKey(rand.Reader)
+	cfg = r.ClientConfig(0, relaytest.Device{ID: d.ID, UserID: u, Key: otherKey}, client.WebTransport)
+	if _, err := client.Dial(ctx, cfg); !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED}) {
+		t.Fatalf("wrong key over WebTransport: %v", err)
+	}
+}

@@ -1,0 +1,139 @@
+// Package transport adapts the network to the session core: native QUIC
+// connections (ALPN relay/1) and WebTransport sessions (HTTP/3) on one UDP
+// socket, each turned into a session.Conn. It owns the UDP listener and
+// the per-connection goroutines; everything above the session stream is
+// edge/session's.
+package transport
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/webtransport-go"
+
+	"github.com/edge-relay/relay/edge/session"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// ALPN is the native QUIC application protocol of the device protocol.
+const ALPN = "relay/1"
+
+// WebTransportPath is the HTTP/3 path browsers open WebTransport sessions
+// on.
+const WebTransportPath = "/relay/v1/wt"
+
+// closeWait bounds how long a closing connection waits for the device to
+// read the Close frame and hang up itself, which lets the frames written
+// before it arrive (a QUIC CONNECTION_CLOSE discards unsent stream data).
+const closeWait = time.Second
+
+// quicConn is a native QUIC connection with its session stream.
+type quicConn struct {
+	conn *quic.Conn
+	str  *quic.Stream
+	once sync.Once
+}
+
+// NewQUICConn adapts a native QUIC connection whose session stream is
+// str.
+func NewQUICConn(conn *quic.Conn, str *quic.Stream) session.Conn {
+	return &quicConn{conn: conn, str: str}
+}
+
+func (c *quicConn) Read(p []byte) (int, error)  { return c.str.Read(p) }
+func (c *quicConn) Write(p []byte) (int, error) { return c.str.Write(p) }
+func (c *quicConn) RemoteAddr() net.Addr        { return c.conn.RemoteAddr() }
+func (c *quicConn) Transport() string           { return "quic" }
+
+func (c *quicConn) SendDatagram(b []byte) error {
+	if !c.conn.ConnectionState().SupportsDatagrams.Remote {
+		return session.ErrNoDatagrams
+	}
+	err := c.conn.SendDatagram(b)
+	var tooLarge *quic.DatagramTooLargeError
+	if errors.As(err, &tooLarge) {
+		return session.ErrNoDatagrams
+	}
+	return err
+}
+
+func (c *quicConn) ReceiveDatagram(ctx context.Context) ([]byte, error) {
+	if !c.conn.ConnectionState().SupportsDatagrams.Remote {
+		return nil, session.ErrNoDatagrams
+	}
+	return c.conn.ReceiveDatagram(ctx)
+}
+
+func (c *quicConn) Close(code relayv1.ErrorCode, msg string) error {
+	c.once.Do(func() {
+		_ = c.str.Close()
+		if code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
+			t := time.NewTimer(closeWait)
+			select {
+			case <-c.conn.Context().Done():
+			case <-t.C:
+			}
+			t.Stop()
+		}
+		_ = c.conn.CloseWithError(quic.ApplicationErrorCode(code), msg)
+	})
+	return nil
+}
+
+// wtConn is a WebTransport session with its session stream.
+type wtConn struct {
+	sess *webtransport.Session
+	str  *webtransport.Stream
+	once sync.Once
+}
+
+// NewWebTransportConn adapts a WebTransport session whose session stream
+// is str.
+func NewWebTransportConn(sess *webtransport.Session, str *webtransport.Stream) session.Conn {
+	return &wtConn{sess: sess, str: str}
+}
+
+func (c *wtConn) Read(p []byte) (int, error)  { return c.str.Read(p) }
+func (c *wtConn) Write(p []byte) (int, error) { return c.str.Write(p) }
+func (c *wtConn) RemoteAddr() net.Addr        { return c.sess.RemoteAddr() }
+func (c *wtConn) Transport() string           { return "webtransport" }
+
+// maxWTDatagram keeps a datagram within one QUIC packet after the
+// HTTP/3 datagram header; larger ones go on the stream.
+const maxWTDatagram = 1100
+
+func (c *wtConn) SendDatagram(b []byte) error {
+	if len(b) > maxWTDatagram {
+		return session.ErrNoDatagrams
+	}
+	err := c.sess.SendDatagram(b)
+	var tooLarge *quic.DatagramTooLargeError
+	if errors.As(err, &tooLarge) {
+		return session.ErrNoDatagrams
+	}
+	return err
+}
+
+func (c *wtConn) ReceiveDatagram(ctx context.Context) ([]byte, error) {
+	return c.sess.ReceiveDatagram(ctx)
+}
+
+func (c *wtConn) Close(code relayv1.ErrorCode, msg string) error {
+	c.once.Do(func() {
+		_ = c.str.Close()
+		if code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
+			t := time.NewTimer(closeWait)
+			select {
+			case <-c.sess.Context().Done():
+			case <-t.C:
+			}
+			t.Stop()
+		}
+		_ = c.sess.CloseWithError(webtransport.SessionErrorCode(code), msg)
+	})
+	return nil
+}

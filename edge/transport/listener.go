@@ -1,0 +1,203 @@
+package transport
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+	"github.com/quic-go/webtransport-go"
+
+	"github.com/edge-relay/relay/edge/session"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// Config configures a Listener.
+type Config struct {
+	// Addr is the UDP address to listen on ("127.0.0.1:0" picks a port).
+	Addr string
+	// TLS carries the certificate (Certificates or GetCertificate); the
+	// listener sets NextProtos itself.
+	TLS *tls.Config
+	// Hub runs the sessions; required.
+	Hub *session.Hub
+	// AllowedOrigins lists the web origins whose pages may open
+	// WebTransport sessions ("*" or empty: any). Devices prove themselves
+	// with their keys, not with ambient credentials, so a foreign page
+	// gains nothing; operators may still narrow it.
+	AllowedOrigins []string
+	// StreamTimeout bounds the wait for a new connection's session stream
+	// [10s].
+	StreamTimeout time.Duration
+	// IdleTimeout closes connections that send nothing, not even
+	// keep-alives [30s].
+	IdleTimeout time.Duration
+	// Logger [slog.Default()]; Registerer for metrics [none].
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Listener serves native QUIC and WebTransport on one UDP socket,
+// telling them apart by ALPN.
+type Listener struct {
+	cfg   Config
+	udp   net.PacketConn
+	tr    *quic.Transport
+	ln    *quic.EarlyListener
+	wt    *webtransport.Server
+	conns *prometheus.CounterVec
+
+	ctx    context.Context // ends when Close starts
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // connection goroutines
+	once   sync.Once
+}
+
+// QUICConfig is the QUIC configuration edges and clients share: datagrams
+// and partial-delivery resets on (WebTransport needs both).
+func QUICConfig(idle time.Duration) *quic.Config {
+	return &quic.Config{
+		MaxIdleTimeout:                   idle,
+		EnableDatagrams:                  true,
+		EnableStreamResetPartialDelivery: true,
+		HandshakeIdleTimeout:             5 * time.Second,
+	}
+}
+
+// Listen opens the UDP socket. Serve then accepts connections.
+func Listen(cfg Config) (*Listener, error) {
+	if cfg.Hub == nil || cfg.TLS == nil {
+		return nil, errors.New("transport: Hub and TLS are required")
+	}
+	if cfg.StreamTimeout <= 0 {
+		cfg.StreamTimeout = 10 * time.Second
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	udp, err := net.ListenPacket("udp", cfg.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen udp %s: %w", cfg.Addr, err)
+	}
+	tlsConf := cfg.TLS.Clone()
+	tlsConf.NextProtos = []string{http3.NextProtoH3, ALPN}
+	tlsConf.MinVersion = tls.VersionTLS13
+	tr := &quic.Transport{Conn: udp}
+	ln, err := tr.ListenEarly(tlsConf, QUICConfig(cfg.IdleTimeout))
+	if err != nil {
+		_ = udp.Close()
+		return nil, fmt.Errorf("listen quic: %w", err)
+	}
+	l := &Listener{cfg: cfg, udp: udp, tr: tr, ln: ln}
+	l.ctx, l.cancel = context.WithCancel(context.Background())
+	l.conns = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "relay_edge_connections_total", Help: "QUIC connections accepted, by application protocol.",
+	}, []string{"alpn"})
+	if cfg.Registerer != nil {
+		if err := cfg.Registerer.Register(l.conns); err != nil {
+			_ = ln.Close()
+			_ = udp.Close()
+			return nil, err
+		}
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc(WebTransportPath, l.serveWebTransport)
+	l.wt = &webtransport.Server{
+		H3:                &http3.Server{Handler: mux, TLSConfig: tlsConf, QUICConfig: QUICConfig(cfg.IdleTimeout)},
+		CheckOrigin:       l.checkOrigin,
+		ReorderingTimeout: 5 * time.Second,
+	}
+	return l, nil
+}
+
+// Addr is the UDP address the listener is bound to.
+func (l *Listener) Addr() net.Addr { return l.udp.LocalAddr() }
+
+func (l *Listener) checkOrigin(r *http.Request) bool {
+	o := l.cfg.AllowedOrigins
+	if len(o) == 0 || slices.Contains(o, "*") {
+		return true
+	}
+	return slices.Contains(o, r.Header.Get("Origin"))
+}
+
+// Serve accepts connections until Close. It returns nil after Close.
+func (l *Listener) Serve() error {
+	for {
+		conn, err := l.ln.Accept(l.ctx)
+		if err != nil {
+			if l.ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		alpn := conn.ConnectionState().TLS.NegotiatedProtocol
+		l.conns.WithLabelValues(alpn).Inc()
+		l.wg.Go(func() {
+			switch alpn {
+			case ALPN:
+				l.serveNative(conn)
+			case http3.NextProtoH3:
+				if err := l.wt.ServeQUICConn(conn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+					l.cfg.Logger.Debug("http/3 connection ended", "remote", conn.RemoteAddr().String(), "err", err)
+				}
+			default:
+				_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION), "unknown application protocol")
+			}
+		})
+	}
+}
+
+func (l *Listener) serveNative(conn *quic.Conn) {
+	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.StreamTimeout)
+	str, err := conn.AcceptStream(ctx)
+	cancel()
+	if err != nil {
+		_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME), "no session stream")
+		return
+	}
+	_ = l.cfg.Hub.Serve(l.ctx, NewQUICConn(conn, str))
+}
+
+func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
+	sess, err := l.wt.Upgrade(w, r)
+	if err != nil {
+		l.cfg.Logger.Debug("webtransport upgrade refused", "remote", r.RemoteAddr, "err", err)
+		w.WriteHeader(http.StatusBadRequest)
+		return
+	}
+	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.StreamTimeout)
+	str, err := sess.AcceptStream(ctx)
+	cancel()
+	if err != nil {
+		_ = sess.CloseWithError(webtransport.SessionErrorCode(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME), "no session stream")
+		return
+	}
+	_ = l.cfg.Hub.Serve(l.ctx, NewWebTransportConn(sess, str))
+}
+
+// Close stops accepting, ends every session (the hub should have been
+// drained before, for a graceful stop) and waits for the connection
+// goroutines.
+func (l *Listener) Close() error {
+	var err error
+	l.once.Do(func() {
+		l.cancel()
+		err = errors.Join(l.wt.Close(), l.ln.Close())
+		l.wg.Wait()
+		err = errors.Join(err, l.tr.Close(), l.udp.Close())
+	})
+	return err
+}
