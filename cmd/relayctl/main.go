@@ -95,6 +95,10 @@ Commands:
   cluster remove ID                       remove a node from the cluster
   cluster transfer-leader [ID]            hand leadership to ID (or the best voter)
   backup FILE                             write a consistent backup of the state to FILE
+  relay listen --user U --device D --key FILE [--edge ADDR] [--cert-hash B64] [--for DUR]
+                                          connect to an edge as a device and print what arrives
+  relay send --user U --device D --key FILE [--to D2] [--type T] [--ephemeral] TEXT...
+                                          send an event as a device and wait for its delivery
 
 Global flags (also from the environment variables shown):
 `
@@ -162,6 +166,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return a.cluster(ctx, rest[1:])
 	case "backup":
 		return a.backup(ctx, rest[1:])
+	case "relay":
+		return a.relay(ctx, rest[1:])
 	case "help":
 		fs.Usage()
 		return nil

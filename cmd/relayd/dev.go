@@ -4,16 +4,24 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"connectrpc.com/connect"
+
 	"github.com/edge-relay/relay/control/server"
+	"github.com/edge-relay/relay/edge/controlconn"
+	edgeserver "github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/internal/flagenv"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
 func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
@@ -21,12 +29,15 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	fs.SetOutput(stderr)
 	var (
 		dataDir, apiAddr, raftAddr, adminAddr string
+		edgeAddr, edgeAdminAddr               string
 		common                                commonFlags
 	)
-	fs.StringVar(&dataDir, "data-dir", "./data", "where the single node keeps its state")
+	fs.StringVar(&dataDir, "data-dir", "./data", "where the deployment keeps its state")
 	fs.StringVar(&apiAddr, "api-addr", "127.0.0.1:7400", "control API address")
 	fs.StringVar(&raftAddr, "raft-addr", "127.0.0.1:7401", "Raft address")
-	fs.StringVar(&adminAddr, "admin-addr", "127.0.0.1:7402", "metrics and health address")
+	fs.StringVar(&adminAddr, "admin-addr", "127.0.0.1:7402", "control node's metrics and health address")
+	fs.StringVar(&edgeAddr, "edge-addr", "127.0.0.1:7443", "edge address: UDP for QUIC and WebTransport, TCP for HTTPS")
+	fs.StringVar(&edgeAdminAddr, "edge-admin-addr", "127.0.0.1:7444", "edge's plain-HTTP metrics, health and certificate hashes")
 	common.register(fs)
 	fs.Usage = flagenv.Usage(fs, envPrefix, "relayd dev [flags]")
 	if err := flagenv.Parse(fs, envPrefix, args, getenv); err != nil {
@@ -40,6 +51,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	if err != nil {
 		return err
 	}
+	edgePassword, err := devSecret(filepath.Join(dataDir, "edge-password"))
+	if err != nil {
+		return err
+	}
 	tel, stop, err := common.startTracing(ctx, "relay-dev", "dev")
 	if err != nil {
 		return err
@@ -48,53 +63,138 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	cfg := server.Config{
 		NodeID: "dev", DataDir: filepath.Join(dataDir, "control"),
 		RaftAddr: raftAddr, APIAddr: apiAddr, AdminAddr: adminAddr,
-		Bootstrap: true, Logger: log, AdminPassword: password,
+		Bootstrap: true, Logger: log.With("part", "control"), AdminPassword: password,
 		TracerProvider: tel.TracerProvider(),
 	}
 	s, err := server.Start(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	// Wait for the single node to elect itself before telling the user
-	// the deployment is usable.
+	stopControl := func() error {
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		return s.Shutdown(sctx)
+	}
+	// Wait for the single node to elect itself and create the first
+	// admin, then give the edge its account (once: a restart finds it).
 	tick := time.NewTicker(20 * time.Millisecond)
-	for !s.Node().Ready() {
+	initialized := func() bool { ok, _ := s.Node().FSM().Initialized(); return ok }
+	for !s.Node().Ready() || !initialized() {
 		select {
 		case <-ctx.Done():
 			tick.Stop()
-			return s.Shutdown(context.Background())
+			return stopControl()
 		case <-tick.C:
 		}
 	}
 	tick.Stop()
-	fmt.Fprintf(stdout, devBanner, s.APIURL(), s.AdminAddr(), s.AdminAddr(), dataDir, pwNote, dataDir)
+	if err := ensureEdgeAccount(ctx, s.APIURL(), password, edgePassword); err != nil {
+		return errors.Join(err, stopControl())
+	}
+	e, err := edgeserver.Start(ctx, edgeserver.Config{
+		EdgeID: "dev-edge", Addr: edgeAddr, AdminAddr: edgeAdminAddr,
+		Control: controlconn.Config{URLs: []string{s.APIURL()}, Login: devEdgeLogin, Password: edgePassword},
+		Logger:  log.With("part", "edge"), TracerProvider: tel.TracerProvider(),
+	})
+	if err != nil {
+		return errors.Join(fmt.Errorf("start the edge: %w", err), stopControl())
+	}
+	tick = time.NewTicker(20 * time.Millisecond)
+	for !e.Ready() {
+		select {
+		case <-ctx.Done():
+			tick.Stop()
+			return errors.Join(e.Shutdown(context.Background()), stopControl())
+		case <-tick.C:
+		}
+	}
+	tick.Stop()
+	hash := ""
+	if hs := e.CertHashes(); len(hs) > 0 {
+		hash = base64.StdEncoding.EncodeToString(hs[0].SHA256[:])
+	}
+	fmt.Fprintf(stdout, devBanner, s.APIURL(), s.AdminAddr(), e.Addr(), e.HTTPSURL(), e.AdminURL(), hash,
+		dataDir, pwNote, dataDir, e.Addr(), hash, e.Addr(), hash)
 	<-ctx.Done()
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	return s.Shutdown(sctx)
+	return errors.Join(e.Shutdown(sctx), stopControl())
+}
+
+// devEdgeLogin is the account the dev edge logs in with.
+const devEdgeLogin = "dev-edge"
+
+// ensureEdgeAccount creates the dev edge's account through the API, as
+// an operator would with relayctl, unless it exists.
+func ensureEdgeAccount(ctx context.Context, apiURL, adminPassword, edgePassword string) error {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	hc := &http.Client{Transport: &http.Transport{Protocols: &p}}
+	defer hc.CloseIdleConnections()
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	login, err := controlv1connect.NewAuthServiceClient(hc, apiURL).Login(ctx,
+		connect.NewRequest(&controlv1.LoginRequest{Login: "admin", Password: adminPassword}))
+	if err != nil {
+		return fmt.Errorf("log in as admin to create the edge's account: %w", err)
+	}
+	req := connect.NewRequest(&controlv1.CreateUserRequest{Login: devEdgeLogin, DisplayName: "dev edge", Password: edgePassword, Role: controlv1.Role_ROLE_EDGE})
+	req.Header().Set("Authorization", "Bearer "+login.Msg.GetTokens().GetAccessToken())
+	_, err = controlv1connect.NewUserServiceClient(hc, apiURL).CreateUser(ctx, req)
+	if err != nil && connect.CodeOf(err) != connect.CodeAlreadyExists {
+		return fmt.Errorf("create the edge's account: %w", err)
+	}
+	return nil
 }
 
 const devBanner = `
-relayd dev is running: a single-node control plane.
+relayd dev is running: a control node and an edge on this machine.
 
-  control API   %s   (Connect / gRPC / JSON)
-  metrics       http://%s/metrics
-  health        http://%s/readyz
-  data          %s   (delete it to start from scratch)
-  admin login   admin, password %s
+  control API     %s   (Connect / gRPC / JSON)
+  control health  http://%s/readyz
+  edge (devices)  %s   (UDP: QUIC relay/1 and WebTransport)
+  edge HTTPS      %s
+  edge admin      %s/metrics
+  edge cert hash  %s   (self-signed; clients pin it)
+  data            %s   (delete it to start from scratch)
+  admin login     admin, password %s
 
 Try it from another terminal:
 
   bin/relayctl login --password-stdin admin < %s/admin-password
-  bin/relayctl cluster status
   bin/relayctl user create --login alice --no-password
   bin/relayctl device register --user <alice's id> --name phone --generate-key phone.key
   bin/relayctl device register --user <alice's id> --name laptop --generate-key laptop.key
-  bin/relayctl device list --user <alice's id>
-  bin/relayctl backup /tmp/relay-backup.bin
+
+Then connect the two devices through the edge, each in its own terminal:
+
+  bin/relayctl relay listen --edge %s --cert-hash %s \
+      --user <alice's id> --device <laptop's id> --key laptop.key
+  bin/relayctl relay send --edge %s --cert-hash %s \
+      --user <alice's id> --device <phone's id> --key phone.key hello
 
 Stop with Ctrl-C.
 `
+
+// devSecret returns the secret saved at path, or a new random one saved
+// there (mode 0600).
+func devSecret(path string) (string, error) {
+	if b, err := os.ReadFile(path); err == nil {
+		return strings.TrimSpace(string(b)), nil
+	}
+	var raw [18]byte
+	if _, err := rand.Read(raw[:]); err != nil {
+		return "", err
+	}
+	pw := base64.RawURLEncoding.EncodeToString(raw[:])
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return "", fmt.Errorf("create %s: %w", filepath.Dir(path), err)
+	}
+	if err := os.WriteFile(path, []byte(pw+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("save %s: %w", path, err)
+	}
+	return pw, nil
+}
 
 // devAdminPassword returns the admin password of the dev deployment: the
 // one in RELAY_ADMIN_PASSWORD, else the one saved in DATA/admin-password

@@ -1,6 +1,6 @@
 // Command relayd is the relay's daemon: `relayd control` runs a control
-// plane node, `relayd dev` a complete single-machine deployment with
-// defaults that need no flags.
+// plane node, `relayd edge` an edge, `relayd dev` a complete
+// single-machine deployment with defaults that need no flags.
 package main
 
 import (
@@ -41,6 +41,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	switch args[0] {
 	case "control":
 		return runControl(ctx, args[1:], stderr, getenv)
+	case "edge":
+		return runEdge(ctx, args[1:], stderr, getenv)
 	case "dev":
 		return runDev(ctx, args[1:], stdout, stderr, getenv)
 	case "help", "-h", "--help":
@@ -55,7 +57,8 @@ const topUsage = `Usage: relayd <command> [flags]
 
 Commands:
   control   run a control-plane node (Raft member serving the Connect API)
-  dev       run a single-machine deployment with embedded defaults
+  edge      run an edge (devices connect over QUIC and WebTransport)
+  dev       run a single-machine deployment (a control node and an edge) with embedded defaults
 
 Run "relayd <command> --help" for the flags of a command.
 `

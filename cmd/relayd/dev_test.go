@@ -1,0 +1,160 @@
+package main_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	edgeserver "github.com/edge-relay/relay/edge/server"
+)
+
+// What the README promises: `relayd dev` needs no flags beyond its
+// addresses, and the commands it prints make two devices talk through
+// the edge. Everything through the binaries.
+func TestDevDeploymentRelaysBetweenDevices(t *testing.T) {
+	dir := t.TempDir()
+	api, raft, admin, edgeAdmin := freePort(t), freePort(t), freePort(t), freePort(t)
+	edge := freeUDPPort(t)
+	p := startRelayd(t, "dev", "--data-dir", filepath.Join(dir, "data"), "--api-addr", api, "--raft-addr", raft,
+		"--admin-addr", admin, "--edge-addr", edge, "--edge-admin-addr", edgeAdmin)
+	p.waitLog(t, "edge listening", 60*time.Second)
+	var hashes edgeserver.CertHashesDoc
+	eventually(t, 30*time.Second, func() error {
+		resp, err := http.Get("http://" + edgeAdmin + "/readyz")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("edge /readyz: %d", resp.StatusCode)
+		}
+		resp, err = http.Get("http://" + edgeAdmin + edgeserver.CertHashesPath)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		return json.NewDecoder(resp.Body).Decode(&hashes)
+	})
+	if len(hashes.Hashes) == 0 {
+		t.Fatal("the edge publishes no certificate hash")
+	}
+	hash := hashes.Hashes[0].Value
+
+	env := append(os.Environ(), "RELAYCTL_CONFIG_DIR="+filepath.Join(dir, "ctl"), "RELAYCTL_SERVER=http://"+api)
+	ctl := func(stdin string, args ...string) string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, bins.relayctl, args...)
+		cmd.Env, cmd.Dir, cmd.Stdin = env, dir, strings.NewReader(stdin)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("relayctl %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	id := func(out string) string {
+		t.Helper()
+		var v struct{ ID string }
+		if err := json.Unmarshal([]byte(out), &v); err != nil || v.ID == "" {
+			t.Fatalf("no id in %q: %v", out, err)
+		}
+		return v.ID
+	}
+	ctl(adminPassword, "login", "--password-stdin", "admin")
+	user := id(ctl("", "-o", "json", "user", "create", "--login", "alice", "--no-password"))
+	phone := id(ctl("", "-o", "json", "device", "register", "--user", user, "--name", "phone", "--generate-key", "phone.key"))
+	laptop := id(ctl("", "-o", "json", "device", "register", "--user", user, "--name", "laptop", "--generate-key", "laptop.key"))
+
+	common := []string{"--edge", edge, "--cert-hash", hash, "--user", user}
+	listen := exec.Command(bins.relayctl, append(append([]string{"-o", "json", "relay", "listen"}, common...), "--device", laptop, "--key", "laptop.key", "--for", "60s")...)
+	got := &syncWriter{w: &bytes.Buffer{}}
+	listen.Env, listen.Dir, listen.Stdout = env, dir, got
+	if err := listen.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = listen.Process.Kill(); _ = listen.Wait() })
+	// The listener is connected once the sender sees it online; until
+	// then a broadcast reaches nobody, so target it and retry.
+	eventually(t, 30*time.Second, func() error {
+		cmd := exec.Command(bins.relayctl, append(append([]string{"relay", "send"}, common...), "--device", phone, "--key", "phone.key", "--to", laptop, "hello", "laptop")...)
+		cmd.Env, cmd.Dir = env, dir
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("send: %v: %s", err, out)
+		}
+		if !strings.Contains(string(out), "delivered") {
+			return fmt.Errorf("send said %q", out)
+		}
+		return nil
+	})
+	eventually(t, 10*time.Second, func() error {
+		if s := got.String(); !strings.Contains(s, `"sender":"`+phone+`"`) || !strings.Contains(s, `"payload":"aGVsbG8gbGFwdG9w"`) {
+			return fmt.Errorf("listener printed %q", s)
+		}
+		return nil
+	})
+
+	// SIGTERM stops both parts cleanly.
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.done:
+		if p.err != nil {
+			t.Fatalf("relayd dev exited with %v", p.err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("relayd dev did not stop within 60s of SIGTERM")
+	}
+}
+
+// freeUDPPort returns 127.0.0.1:PORT with PORT free for both UDP and TCP
+// (an edge listens on both).
+func freeUDPPort(t *testing.T) string {
+	t.Helper()
+	for range 50 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		pc, err := net.ListenPacket("udp", addr)
+		ln.Close()
+		if err == nil {
+			pc.Close()
+			return addr
+		}
+	}
+	t.Fatal("no port free for both UDP and TCP")
+	return ""
+}
+
+// syncWriter lets a test read what a process writes while it runs.
+type syncWriter struct {
+	mu sync.Mutex
+	w  *bytes.Buffer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
+}
+
+func (s *syncWriter) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.String()
+}

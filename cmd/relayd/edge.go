@@ -1,0 +1,133 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	edgeserver "github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/internal/flagenv"
+)
+
+// edgeFlags registers the flags of an edge into cfg.
+type edgeFlags struct {
+	control      flagenv.List
+	controlCA    string
+	passwordFile string
+	origins      flagenv.List
+	shutdown     time.Duration
+}
+
+func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
+	host, _ := os.Hostname()
+	l := session.DefaultLimits()
+	cfg.Session.Limits = l
+	fs.StringVar(&cfg.EdgeID, "edge-id", host, "this edge's id, signed into every device handshake")
+	fs.StringVar(&cfg.Addr, "addr", "127.0.0.1:7443", "where devices connect: UDP (QUIC, WebTransport) and TCP (HTTPS) on this port")
+	fs.StringVar(&cfg.AdminAddr, "admin-addr", "", "plain-HTTP address for /metrics, /healthz, /readyz and certificate hashes (empty: off)")
+	fs.StringVar(&cfg.CertFile, "tls-cert", "", "PEM certificate for devices (empty: self-signed, 10 days, renewed, hash published)")
+	fs.StringVar(&cfg.KeyFile, "tls-key", "", "PEM private key for --tls-cert")
+	fs.Var(&f.control, "control", "control-plane API URL, http:// or https:// (repeatable, comma-separated; default http://127.0.0.1:7400)")
+	fs.StringVar(&f.controlCA, "control-ca", "", "PEM CA bundle to verify https:// control URLs")
+	fs.StringVar(&cfg.Control.Login, "edge-login", "edge", "the edges' account on the control plane (role edge)")
+	fs.StringVar(&f.passwordFile, "edge-password-file", "", "file holding the account's password (or set RELAY_EDGE_PASSWORD)")
+	fs.Var(&f.origins, "allowed-origin", "web origin allowed to open WebTransport sessions (repeatable; default: any)")
+	fs.IntVar(&cfg.Session.Limits.MaxPayloadBytes, "max-payload-bytes", l.MaxPayloadBytes, "largest event payload")
+	fs.IntVar(&cfg.Session.Limits.MaxFrameBytes, "max-frame-bytes", l.MaxFrameBytes, "largest frame")
+	fs.DurationVar(&cfg.Session.Limits.MaxTTL, "max-ttl", l.MaxTTL, "longest event TTL")
+	fs.DurationVar(&cfg.Session.Limits.SkewTolerance, "skew-tolerance", l.SkewTolerance, "how far a device's clock may be off")
+	fs.IntVar(&cfg.Session.Limits.EventsPerSecond, "events-per-second", l.EventsPerSecond, "events per second per device")
+	fs.IntVar(&cfg.Session.Limits.BytesPerSecond, "bytes-per-second", l.BytesPerSecond, "payload bytes per second per device")
+	fs.DurationVar(&cfg.Session.TicketTTL, "ticket-ttl", time.Hour, "lifetime of resume tickets")
+	fs.DurationVar(&cfg.Session.MaxSessionAge, "max-session-age", 24*time.Hour, "how long a proof of key lasts before the device must sign again")
+	fs.IntVar(&cfg.Session.QueueLen, "queue-len", 256, "events waiting per receiving device before senders get QUEUE_FULL")
+	fs.Float64Var(&cfg.Session.HandshakesPerSecond, "handshakes-per-second", 20, "new sessions per second per client IP address")
+	fs.DurationVar(&cfg.DrainWindow, "drain-window", 10*time.Second, "on shutdown, spread clients' reconnects over this long")
+	fs.DurationVar(&f.shutdown, "shutdown-timeout", 30*time.Second, "how long a graceful shutdown may take")
+}
+
+// apply completes cfg from the flags that need more than a value.
+func (f *edgeFlags) apply(cfg *edgeserver.Config, getenv func(string) string) error {
+	cfg.Control.URLs = f.control
+	if len(cfg.Control.URLs) == 0 {
+		cfg.Control.URLs = []string{"http://127.0.0.1:7400"}
+	}
+	cfg.AllowedOrigins = f.origins
+	// Secrets come from the environment or a file, never from flags.
+	cfg.Control.Password = getenv("RELAY_EDGE_PASSWORD")
+	if f.passwordFile != "" {
+		b, err := os.ReadFile(f.passwordFile)
+		if err != nil {
+			return fmt.Errorf("read --edge-password-file: %w", err)
+		}
+		cfg.Control.Password = strings.TrimSpace(string(b))
+	}
+	if cfg.Control.Password == "" {
+		return errors.New("the edge needs its account's password: set RELAY_EDGE_PASSWORD or --edge-password-file")
+	}
+	if f.controlCA != "" {
+		pem, err := os.ReadFile(f.controlCA)
+		if err != nil {
+			return fmt.Errorf("read --control-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("--control-ca %s holds no PEM certificates", f.controlCA)
+		}
+		cfg.Control.TLS = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	if cfg.EdgeID == "" {
+		return errors.New("--edge-id is required (the host name was not available)")
+	}
+	return nil
+}
+
+func runEdge(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
+	fs := flag.NewFlagSet("relayd edge", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		cfg    edgeserver.Config
+		f      edgeFlags
+		common commonFlags
+	)
+	f.register(fs, &cfg)
+	common.register(fs)
+	fs.Usage = flagenv.Usage(fs, envPrefix, "relayd edge --control URL [flags]   (password in RELAY_EDGE_PASSWORD)")
+	if err := flagenv.Parse(fs, envPrefix, args, getenv); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if err := f.apply(&cfg, getenv); err != nil {
+		return err
+	}
+	log, err := common.logger(stderr)
+	if err != nil {
+		return err
+	}
+	cfg.Logger = log
+	tel, stop, err := common.startTracing(ctx, "relay-edge", cfg.EdgeID)
+	if err != nil {
+		return err
+	}
+	defer stop()
+	cfg.TracerProvider = tel.TracerProvider()
+	s, err := edgeserver.Start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	log.Info("shutting down: draining sessions", "window", cfg.DrainWindow)
+	sctx, cancel := context.WithTimeout(context.Background(), f.shutdown)
+	defer cancel()
+	return s.Shutdown(sctx)
+}
