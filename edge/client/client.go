@@ -48,6 +48,10 @@ func (t Transport) String() string {
 type Config struct {
 	// Addr is the edge's UDP address, host:port; required.
 	Addr string
+	// OtherAddrs are further edges: after a failed connection attempt,
+	// or when an edge goes away, the client moves to the next (resume
+	// tickets work on every edge of the cluster).
+	OtherAddrs []string
 	// UserID and DeviceID name the device; Key is its Ed25519 private
 	// key. Required.
 	UserID, DeviceID string
@@ -188,18 +192,42 @@ type Client struct {
 	sessionID string
 	err       error // why the client stopped, once it did
 
+	addr int // index into addrs() of the edge to try next; guarded by mu
+
 	dedupMu sync.Mutex
 	seen    map[string]*senderWindow
 }
+
+func (c *Client) addrs() []string { return append([]string{c.cfg.Addr}, c.cfg.OtherAddrs...) }
+
+// edgeAddr is the edge to connect to now.
+func (c *Client) edgeAddr() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	a := c.addrs()
+	return a[c.addr%len(a)]
+}
+
+// moveOn makes the next connection attempt go to the next edge.
+func (c *Client) moveOn() {
+	c.mu.Lock()
+	c.addr++
+	c.mu.Unlock()
+}
+
+// Edge is the address of the edge the client is (or was last) connected
+// to.
+func (c *Client) Edge() string { return c.edgeAddr() }
 
 type pendingSend struct {
 	ev   *relayv1.Event
 	done chan error // buffered: one result
 }
 
-// Dial connects to the edge and completes the handshake, then keeps the
-// connection up until Close. The first connection's failure is returned
-// as is (for example an *Error with AUTH_FAILED).
+// Dial connects to the edge (Addr, else each of OtherAddrs in turn) and
+// completes the handshake, then keeps the connection up until Close.
+// When no edge takes the device, the last failure is returned as is (for
+// example an *Error with AUTH_FAILED).
 func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
@@ -219,7 +247,14 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		seq: uint64(time.Now().UnixMicro()),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
-	cn, err := c.connect(ctx)
+	var cn *conn
+	var err error
+	for range len(c.addrs()) {
+		if cn, err = c.connect(ctx); err == nil || fatal(err) || ctx.Err() != nil {
+			break
+		}
+		c.moveOn()
+	}
 	if err != nil {
 		c.cancel()
 		return nil, err
@@ -463,7 +498,7 @@ func jitter(d time.Duration) time.Duration {
 
 // pinnedTLS returns the TLS configuration for an edge: verified as usual,
 // or by certificate hash when pins are given.
-func (c *Client) tlsConfig(alpn string) *tls.Config {
+func (c *Client) tlsConfig(alpn, addr string) *tls.Config {
 	var conf *tls.Config
 	if c.cfg.TLS != nil {
 		conf = c.cfg.TLS.Clone()
@@ -494,7 +529,7 @@ func (c *Client) tlsConfig(alpn string) *tls.Config {
 		}
 	}
 	if conf.ServerName == "" && len(c.cfg.CertHashes) == 0 {
-		if host, _, err := splitHost(c.cfg.Addr); err == nil {
+		if host, _, err := splitHost(addr); err == nil {
 			conf.ServerName = host
 		}
 	}

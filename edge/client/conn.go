@@ -62,15 +62,16 @@ const dialTimeout = 10 * time.Second
 func (c *Client) dial(ctx context.Context) (*conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
+	addr := c.edgeAddr()
 	qc := transport.QUICConfig(30 * time.Second)
 	qc.KeepAlivePeriod = 10 * time.Second
 	switch c.cfg.Transport {
 	case WebTransport:
-		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3"), QUICConfig: qc}
-		_, sess, err := d.Dial(ctx, "https://"+c.cfg.Addr+transport.WebTransportPath, nil)
+		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3", addr), QUICConfig: qc}
+		_, sess, err := d.Dial(ctx, "https://"+addr+transport.WebTransportPath, nil)
 		if err != nil {
 			_ = d.Close()
-			return nil, fmt.Errorf("webtransport dial %s: %w", c.cfg.Addr, err)
+			return nil, fmt.Errorf("webtransport dial %s: %w", addr, err)
 		}
 		str, err := sess.OpenStreamSync(ctx)
 		if err != nil {
@@ -80,9 +81,9 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		}
 		return &conn{c: transport.NewWebTransportConn(sess, str), closeHook: func() { _ = d.Close() }}, nil
 	default:
-		qconn, err := quic.DialAddr(ctx, c.cfg.Addr, c.tlsConfig(transport.ALPN), qc)
+		qconn, err := quic.DialAddr(ctx, addr, c.tlsConfig(transport.ALPN, addr), qc)
 		if err != nil {
-			return nil, fmt.Errorf("quic dial %s: %w", c.cfg.Addr, err)
+			return nil, fmt.Errorf("quic dial %s: %w", addr, err)
 		}
 		str, err := qconn.OpenStreamSync(ctx)
 		if err != nil {
@@ -218,6 +219,7 @@ func (c *Client) loop(first *conn) {
 			var e *Error
 			if errors.As(err, &e) && e.Code == relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
 				wait = e.ReconnectAfter
+				c.moveOn()
 			}
 		} else {
 			wait = jitter(backoff)
@@ -246,6 +248,7 @@ func (c *Client) loop(first *conn) {
 				return
 			}
 			c.log.Debug("reconnect failed", "err", err, "backoff", backoff)
+			c.moveOn()
 		}
 	}
 }

@@ -261,6 +261,9 @@ func (s *Server) CertHashes() []CertHash { return s.certs.Hashes(time.Now()) }
 // Hub is the session core (for tests and tools).
 func (s *Server) Hub() *session.Hub { return s.hub }
 
+// Registry holds the edge's metrics.
+func (s *Server) Registry() *prometheus.Registry { return s.cfg.Registry }
+
 // Directory is the edge's copy of the control plane's state.
 func (s *Server) Directory() *directory.Directory { return s.dir }
 

@@ -528,6 +528,7 @@ func (s *Session) handleReauth(f *relayv1.Frame) bool {
 	}
 	s.authAt, s.reauthUntil = s.hs.authAt, time.Time{}
 	s.authMu.Unlock()
+	s.hub.cfg.Metrics.handshakes.WithLabelValues("reauthenticated").Inc()
 	select {
 	case s.authChanged <- struct{}{}:
 	default:

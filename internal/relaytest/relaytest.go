@@ -230,16 +230,26 @@ func (r *Relay) WaitEdges(cond func(*server.Server) error) {
 	})
 }
 
-// ClientConfig is a client configuration for a device on edge i, pinning
-// the edge's self-signed certificate.
+// ClientConfig is a client configuration for a device on edge i, with the
+// other running edges to move to, pinning every edge's self-signed
+// certificate.
 func (r *Relay) ClientConfig(i int, d Device, tr client.Transport) client.Config {
 	s := r.Edges[i]
 	var pins [][]byte
-	for _, h := range s.CertHashes() {
-		pins = append(pins, h.SHA256[:])
+	var others []string
+	for j, e := range r.Edges {
+		if e == nil {
+			continue
+		}
+		for _, h := range e.CertHashes() {
+			pins = append(pins, h.SHA256[:])
+		}
+		if j != i {
+			others = append(others, e.Addr())
+		}
 	}
 	return client.Config{
-		Addr: s.Addr(), UserID: d.UserID, DeviceID: d.ID, Key: d.Key, Transport: tr, CertHashes: pins,
+		Addr: s.Addr(), OtherAddrs: others, UserID: d.UserID, DeviceID: d.ID, Key: d.Key, Transport: tr, CertHashes: pins,
 		ReconnectMin: 20 * time.Millisecond, ReconnectMax: 500 * time.Millisecond, Logger: r.logger.With("device", d.ID),
 	}
 }

@@ -1,0 +1,230 @@
+package client_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/goleak"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/internal/relaytest"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreTopFunction("github.com/cockroachdb/pebble/v2/internal/cache.(*shard).releaseLoop"),
+		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
+	)
+}
+
+func counter(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
+}
+
+func waitOnline(t *testing.T, c *client.Client, id string) {
+	t.Helper()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		for _, o := range c.Online() {
+			if o == id {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s not online yet", id)
+	})
+}
+
+// When an edge goes away, its devices move to another edge with their
+// resume tickets (no new signature), and a sender that retries what was
+// refused while its target moved gets every event delivered exactly
+// once, in order.
+func TestDevicesMoveToAnotherEdge(t *testing.T) {
+	for _, tr := range []client.Transport{client.QUIC, client.WebTransport} {
+		t.Run(tr.String(), func(t *testing.T) {
+			r := relaytest.Start(t, relaytest.Options{Edges: 2, Edge: func(_ int, cfg *server.Config) {
+				cfg.DrainWindow = 200 * time.Millisecond
+			}})
+			u := r.User("mover")
+			a, b := r.Device(u, "a"), r.Device(u, "b")
+			ca, cb := r.Dial(0, a, tr), r.Dial(0, b, tr)
+			waitOnline(t, ca, b.ID)
+			edge1 := r.Edges[1]
+
+			const n = 300
+			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+			defer cancel()
+			var wg sync.WaitGroup
+			sendErr := make(chan error, 1)
+			acked := make(chan int, n)
+			wg.Go(func() {
+				for k := range n {
+					m := client.Message{ID: fmt.Sprintf("ev-%d", k), Targets: []string{b.ID}, Payload: fmt.Appendf(nil, "%d", k)}
+					for {
+						err := ca.Send(ctx, m)
+						var ce *client.Error
+						if err == nil {
+							break
+						}
+						if errors.As(err, &ce) && ce.Retryable() {
+							continue
+						}
+						sendErr <- fmt.Errorf("event %d: %w", k, err)
+						return
+					}
+					acked <- k
+				}
+			})
+			// Move both devices halfway through.
+			for range n / 2 {
+				<-acked
+			}
+			r.StopEdge(0)
+			got := 0
+			for got < n {
+				ev, err := cb.Receive(ctx)
+				if err != nil {
+					t.Fatalf("after %d events: %v", got, err)
+				}
+				if string(ev.Payload) != fmt.Sprint(got) {
+					t.Fatalf("event %d arrived as %q", got, ev.Payload)
+				}
+				got++
+			}
+			wg.Wait()
+			select {
+			case err := <-sendErr:
+				t.Fatal(err)
+			default:
+			}
+			if ca.Edge() != edge1.Addr() || cb.Edge() != edge1.Addr() {
+				t.Fatalf("devices on %s and %s, want %s", ca.Edge(), cb.Edge(), edge1.Addr())
+			}
+			if got := counter(t, edge1.Registry(), "relay_edge_handshakes_total", "result", "resumed"); got < 2 {
+				t.Fatalf("%v resumed handshakes on the second edge, want 2", got)
+			}
+			// Nothing more arrives: no duplicates reached the application.
+			short, cancel2 := context.WithTimeout(ctx, 300*time.Millisecond)
+			defer cancel2()
+			if ev, err := cb.Receive(short); err == nil {
+				t.Fatalf("extra event %q", ev.Payload)
+			}
+		})
+	}
+}
+
+// The client learns the edge's clock and stamps its events in it: with
+// the edge ten minutes ahead, far beyond the skew tolerance, events are
+// still accepted.
+func TestClockOffsetIsLearnt(t *testing.T) {
+	ahead := 10 * time.Minute
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.Session.Now = func() time.Time { return time.Now().Add(ahead) }
+	}})
+	u := r.User("clock")
+	a, b := r.Device(u, "a"), r.Device(u, "b")
+	ca, cb := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.QUIC)
+	if off := ca.ClockOffset(); off < ahead-time.Second || off > ahead+time.Second {
+		t.Fatalf("offset %s, want about %s", off, ahead)
+	}
+	waitOnline(t, ca, b.ID)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: []byte("now")}); err != nil {
+		t.Fatal(err)
+	}
+	ev, err := cb.Receive(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := ev.CreatedAt.Sub(time.Now().Add(ahead)); d > time.Second || d < -5*time.Second {
+		t.Fatalf("created at %s, %s off the edge's clock", ev.CreatedAt, d)
+	}
+}
+
+// A session older than the maximum age is asked to sign again; the
+// client does, and the session goes on.
+func TestReauthenticationKeepsTheSession(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.Session.MaxSessionAge = 500 * time.Millisecond
+		cfg.Session.TicketTTL = 300 * time.Millisecond
+	}})
+	u := r.User("old")
+	a, b := r.Device(u, "a"), r.Device(u, "b")
+	ca, cb := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.WebTransport)
+	sa, sb := ca.SessionID(), cb.SessionID()
+	reg := r.Edges[0].Registry()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// Traffic across three maximum ages, paced below the rate limit.
+	pace := time.NewTicker(20 * time.Millisecond)
+	defer pace.Stop()
+	for deadline := time.Now().Add(1500 * time.Millisecond); time.Now().Before(deadline); <-pace.C {
+		if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: []byte("still here")}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cb.Receive(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ca.SessionID() != sa || cb.SessionID() != sb {
+		t.Fatal("a session was replaced")
+	}
+	if got := counter(t, reg, "relay_edge_session_closes_total", "code", "session_expired"); got != 0 {
+		t.Fatalf("%v sessions expired", got)
+	}
+	if got := counter(t, reg, "relay_edge_handshakes_total", "result", "reauthenticated"); got < 4 {
+		t.Fatalf("%v re-authentications, want at least 2 per session", got)
+	}
+}
+
+func TestClose(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{})
+	u := r.User("closer")
+	a, b := r.Device(u, "a"), r.Device(u, "b")
+	ca, cb := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.QUIC)
+	waitOnline(t, ca, b.ID)
+	if err := cb.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The edge learns at once (the client says goodbye).
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if len(ca.Online()) != 0 {
+			return errors.New("b still online")
+		}
+		return nil
+	})
+	ctx := context.Background()
+	if err := cb.Send(ctx, client.Message{}); !errors.Is(err, client.ErrClosed) {
+		t.Fatalf("send after close: %v", err)
+	}
+	if _, err := cb.Receive(ctx); !errors.Is(err, client.ErrClosed) {
+		t.Fatalf("receive after close: %v", err)
+	}
+	if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}}); !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE}) {
+		t.Fatalf("send to a closed device: %v", err)
+	}
+}
