@@ -214,6 +214,7 @@ func (n *Node) stop(ctx context.Context, graceful bool) error {
 			cancel()
 		}
 		n.shutdown.Store(true)
+		n.drainApplies(ctx)
 		if n.cancel != nil {
 			n.cancel()
 		}
@@ -236,6 +237,30 @@ func (n *Node) stop(ctx context.Context, graceful bool) error {
 		n.log.Info("control node stopped")
 	})
 	return n.closeErr
+}
+
+// drainApplies refuses new applies and waits, bounded by ctx and the
+// apply timeout, for those in flight: while Raft runs, each gets an
+// answer (committed, or leadership lost); after Raft stops, one still
+// queued would never get any.
+func (n *Node) drainApplies(ctx context.Context) {
+	n.applyMu.Lock()
+	n.stopping = true
+	n.applyMu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		n.applies.Wait()
+		close(done)
+	}()
+	t := time.NewTimer(n.cfg.ApplyTimeout)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		n.log.Warn("stopping with Raft applies still in flight", "err", ctx.Err())
+	case <-t.C:
+		n.log.Warn("stopping with Raft applies still in flight", "waited", n.cfg.ApplyTimeout)
+	}
 }
 
 func (n *Node) otherVoters() int {

@@ -7,12 +7,15 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/control/server"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
 func TestOpenValidatesConfig(t *testing.T) {
@@ -194,6 +197,52 @@ func TestMetricsCollector(t *testing.T) {
 		v, present := got[k]
 		if !present || !ok(v) {
 			t.Errorf("metric %s = %v (present %v)", k, v, present)
+		}
+	}
+}
+
+// A node stopped (killed or shut down) while writes pour in answers every
+// one of them: hashicorp/raft never answers an apply still queued in its
+// buffered apply channel once it has shut down (hashicorp/raft#498), so
+// the node lets the applies in flight finish before it stops Raft.
+func TestStopAnswersEveryApplyInFlight(t *testing.T) {
+	for round := 0; round < 6; round++ {
+		c := clustertest.Start(t, 1, clustertest.Options{})
+		node := c.Nodes[0].Server.Node()
+		var acked atomic.Int64
+		var wg sync.WaitGroup
+		returned := make(chan struct{})
+		for g := 0; g < 32; g++ {
+			wg.Add(1)
+			go func(g int) {
+				defer wg.Done()
+				for i := 0; ; i++ {
+					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+					_, err := node.Apply(ctx, &statev1.Command{Op: &statev1.Command_Noop{Noop: &statev1.Noop{}}})
+					cancel()
+					if err != nil {
+						return // the node is stopping
+					}
+					acked.Add(1)
+				}
+			}(g)
+		}
+		go func() { wg.Wait(); close(returned) }()
+		clustertest.Eventually(t, 20*time.Second, func() error {
+			if acked.Load() < 200 {
+				return fmt.Errorf("%d applies acknowledged", acked.Load())
+			}
+			return nil
+		})
+		if round%2 == 0 {
+			c.Kill(0)
+		} else {
+			c.Shutdown(0)
+		}
+		select {
+		case <-returned:
+		case <-time.After(20 * time.Second):
+			t.Fatalf("round %d: applies still waiting 20s after the node stopped", round)
 		}
 	}
 }

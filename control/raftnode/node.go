@@ -193,6 +193,14 @@ type Node struct {
 	ready    atomic.Bool                // caught up with the leader at start
 	shutdown atomic.Bool
 
+	// Raft never answers an apply future still queued in its (buffered)
+	// apply channel when it shuts down (hashicorp/raft#498), so its
+	// caller would wait forever. stop therefore lets the applies in
+	// flight finish, while Raft still runs, before shutting Raft down.
+	applyMu  sync.Mutex     // guards stopping and additions to applies
+	stopping bool           // no new applies
+	applies  sync.WaitGroup // ApplyLocal calls waiting on Raft
+
 	ctx    context.Context // cancelled by Shutdown; owns the goroutines below
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -548,9 +556,14 @@ func (n *Node) applyOnce(ctx context.Context, data []byte) (*statev1.Result, err
 // ApplyLocal proposes an encoded command on this node, which must be the
 // leader. The API's PeerService calls it for forwarded writes.
 func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, error) {
-	if n.shutdown.Load() {
+	n.applyMu.Lock()
+	if n.stopping {
+		n.applyMu.Unlock()
 		return nil, ErrShutdown
 	}
+	n.applies.Add(1)
+	n.applyMu.Unlock()
+	defer n.applies.Done()
 	timeout := n.cfg.ApplyTimeout
 	if dl, ok := ctx.Deadline(); ok {
 		timeout = time.Until(dl)
