@@ -19,6 +19,7 @@ import (
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/edge/controlconn"
 	edgeserver "github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/internal/flagenv"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
@@ -30,6 +31,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	var (
 		dataDir, apiAddr, raftAddr, adminAddr string
 		edgeAddr, edgeAdminAddr               string
+		edgeSession                           session.Config
 		common                                commonFlags
 	)
 	fs.StringVar(&dataDir, "data-dir", "./data", "where the deployment keeps its state")
@@ -38,6 +40,9 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	fs.StringVar(&adminAddr, "admin-addr", "127.0.0.1:7402", "control node's metrics and health address")
 	fs.StringVar(&edgeAddr, "edge-addr", "127.0.0.1:7443", "edge address: UDP for QUIC and WebTransport, TCP for HTTPS")
 	fs.StringVar(&edgeAdminAddr, "edge-admin-addr", "127.0.0.1:7444", "edge's plain-HTTP metrics, health and certificate hashes")
+	edgeSession.Limits = session.DefaultLimits()
+	fs.Float64Var(&edgeSession.HandshakesPerSecond, "edge-handshakes-per-second", 20, "new sessions per second per client address (raise for load tests)")
+	fs.IntVar(&edgeSession.Limits.EventsPerSecond, "edge-events-per-second", edgeSession.Limits.EventsPerSecond, "events per second per device")
 	common.register(fs)
 	fs.Usage = flagenv.Usage(fs, envPrefix, "relayd dev [flags]")
 	if err := flagenv.Parse(fs, envPrefix, args, getenv); err != nil {
@@ -94,7 +99,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	e, err := edgeserver.Start(ctx, edgeserver.Config{
 		EdgeID: "dev-edge", Addr: edgeAddr, AdminAddr: edgeAdminAddr,
 		Control: controlconn.Config{URLs: []string{s.APIURL()}, Login: devEdgeLogin, Password: edgePassword},
-		Logger:  log.With("part", "edge"), TracerProvider: tel.TracerProvider(),
+		Session: edgeSession,
+		Logger:  log.With("part", "edge"), TracerProvider: common.edgeTracing(tel),
 	})
 	if err != nil {
 		return errors.Join(fmt.Errorf("start the edge: %w", err), stopControl())

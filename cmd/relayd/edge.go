@@ -120,7 +120,7 @@ func runEdge(ctx context.Context, args []string, stderr io.Writer, getenv func(s
 		return err
 	}
 	defer stop()
-	cfg.TracerProvider = tel.TracerProvider()
+	cfg.TracerProvider = common.edgeTracing(tel)
 	s, err := edgeserver.Start(ctx, cfg)
 	if err != nil {
 		return err

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/flagenv"
 	"github.com/edge-relay/relay/internal/telemetry"
@@ -91,6 +93,16 @@ func (c *commonFlags) startTracing(ctx context.Context, service, instance string
 		defer cancel()
 		_ = t.Shutdown(sctx)
 	}, nil
+}
+
+// edgeTracing is the tracer provider for an edge: spans per event cost
+// time on the hot path, so the edge records them only when they go
+// somewhere.
+func (c *commonFlags) edgeTracing(t *telemetry.Telemetry) trace.TracerProvider {
+	if c.tracing.OTLPEndpoint == "" {
+		return nil
+	}
+	return t.TracerProvider()
 }
 
 func (c *commonFlags) logger(w io.Writer) (*slog.Logger, error) {

@@ -22,6 +22,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/edge-relay/relay/edge/session"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -74,6 +76,13 @@ type Config struct {
 	// DedupWindow is how many event ids per sender are remembered to
 	// drop duplicates [4096].
 	DedupWindow int
+	// QUICTransport, if set, carries the QUIC connections (one UDP socket
+	// shared by many clients, as load drivers do); the client never closes
+	// it.
+	QUICTransport *quic.Transport
+	// ResumeTicket, from ResumeTicket of an earlier client of this
+	// device, lets the first handshake skip the signature.
+	ResumeTicket []byte
 	// Logger [slog.Default()].
 	Logger *slog.Logger
 }
@@ -190,6 +199,7 @@ type Client struct {
 	online    map[string]bool
 	offset    time.Duration
 	sessionID string
+	resumed   bool
 	err       error // why the client stopped, once it did
 
 	addr int // index into addrs() of the edge to try next; guarded by mu
@@ -242,6 +252,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		pending:  map[string]*pendingSend{},
 		online:   map[string]bool{},
 		seen:     map[string]*senderWindow{},
+		ticket:   cfg.ResumeTicket,
 		// Sequence numbers continue upwards across restarts of the
 		// process: they start from the clock.
 		seq: uint64(time.Now().UnixMicro()),
@@ -275,6 +286,22 @@ func (c *Client) SessionID() string {
 		return ""
 	}
 	return c.sessionID
+}
+
+// ResumeTicket is the latest resume ticket the edge gave this device: a
+// device may keep it (it is a secret) to resume after a restart.
+func (c *Client) ResumeTicket() []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ticket
+}
+
+// Resumed reports whether the last handshake used a resume ticket
+// instead of a signature.
+func (c *Client) Resumed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.resumed
 }
 
 // ClockOffset is how far the edge's clock is ahead of this machine's, as

@@ -81,7 +81,16 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		}
 		return &conn{c: transport.NewWebTransportConn(sess, str), closeHook: func() { _ = d.Close() }}, nil
 	default:
-		qconn, err := quic.DialAddr(ctx, addr, c.tlsConfig(transport.ALPN, addr), qc)
+		var qconn *quic.Conn
+		var err error
+		if tr := c.cfg.QUICTransport; tr != nil {
+			var ua *net.UDPAddr
+			if ua, err = net.ResolveUDPAddr("udp", addr); err == nil {
+				qconn, err = tr.Dial(ctx, ua, c.tlsConfig(transport.ALPN, addr), qc)
+			}
+		} else {
+			qconn, err = quic.DialAddr(ctx, addr, c.tlsConfig(transport.ALPN, addr), qc)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("quic dial %s: %w", addr, err)
 		}
@@ -156,7 +165,7 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 			if len(w.GetResumeTicket()) > 0 {
 				c.ticket = w.GetResumeTicket()
 			}
-			c.offset, c.sessionID = offset, w.GetSessionId()
+			c.offset, c.sessionID, c.resumed = offset, w.GetSessionId(), w.GetResumed()
 			c.mu.Unlock()
 			return nil
 		case *relayv1.Frame_Close:

@@ -81,12 +81,21 @@ type Reader struct {
 
 // NewReader returns a reader refusing frames longer than max bytes
 // (DefaultMaxFrame when max <= 0).
-func NewReader(r io.Reader, max int) *Reader {
+func NewReader(r io.Reader, max int) *Reader { return NewReaderSize(r, max, 16<<10) }
+
+// NewReaderSize is NewReader with a read buffer of the given size: small
+// for the many idle sessions of an edge, larger for bulk readers.
+func NewReaderSize(r io.Reader, max, bufSize int) *Reader {
 	if max <= 0 {
 		max = DefaultMaxFrame
 	}
-	return &Reader{r: bufio.NewReaderSize(r, 16<<10), max: max}
+	return &Reader{r: bufio.NewReaderSize(r, bufSize), max: max}
 }
+
+// keepBuf is the largest frame buffer a Reader keeps between frames; a
+// larger one (for a rare large frame) is dropped after use, so idle
+// sessions hold little memory.
+const keepBuf = 4 << 10
 
 // Buffered is how many bytes are already read from the stream but not
 // yet returned as frames: 0 means the next Read may block.
@@ -126,7 +135,11 @@ func (r *Reader) Read(f *relayv1.Frame) error {
 		}
 		return err
 	}
-	return Decode(body, r.max, f)
+	err = Decode(body, r.max, f)
+	if cap(r.buf) > keepBuf {
+		r.buf = nil // the decoded frame holds copies, not this buffer
+	}
+	return err
 }
 
 var marshal = proto.MarshalOptions{}

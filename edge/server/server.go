@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -176,7 +177,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		if s.adminLn, err = net.Listen("tcp", cfg.AdminAddr); err != nil {
 			return nil, fmt.Errorf("listen admin %s: %w", cfg.AdminAddr, err)
 		}
-		s.admin = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second}
+		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
 	}
 
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
@@ -307,6 +308,19 @@ func (s *Server) publicMux() http.Handler {
 		w.Header().Set("Access-Control-Allow-Origin", "*")
 		_ = json.NewEncoder(w).Encode(doc)
 	})
+	return mux
+}
+
+// adminMux is the public endpoints plus the Go profiler, which only the
+// admin port (meant for localhost or a private network) serves.
+func (s *Server) adminMux() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/", s.publicMux())
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
 }
 

@@ -132,7 +132,7 @@ func (d *memDir) setState(id string, st DeviceState) {
 
 // env is a hub with a directory of devices and their keys.
 type env struct {
-	t     *testing.T
+	t     testing.TB
 	hub   *Hub
 	dir   *memDir
 	ring  *Ring
@@ -142,7 +142,7 @@ type env struct {
 	wg    sync.WaitGroup
 }
 
-func newEnv(t *testing.T, mod func(*Config)) *env {
+func newEnv(t testing.TB, mod func(*Config)) *env {
 	t.Helper()
 	e := &env{t: t, dir: newMemDir(), ring: NewRing(), keys: map[string]ed25519.PrivateKey{}, users: map[string]string{}, reg: prometheus.NewRegistry()}
 	e.ring.Set("k1", []SessionKey{{ID: "k1", Secret: bytes.Repeat([]byte{1}, 32)}})
@@ -215,7 +215,7 @@ func hasLabel(m *dto.Metric, k, v string) bool {
 // dev is a raw protocol client over a pipe: it shows exactly what the
 // edge sends.
 type dev struct {
-	t      *testing.T
+	t      testing.TB
 	e      *env
 	id     string
 	user   string

@@ -670,3 +670,33 @@ func TestStatsReturnToZero(t *testing.T) {
 	}
 	waitFor(t, "empty tables", func() bool { return e.hub.Stats() == Stats{} })
 }
+
+// BenchmarkHandshake is the session core's cost of opening a session,
+// without any transport: a full handshake (challenge, Ed25519 signature
+// by the device, verification) and a resume (ticket opened, no
+// signature). Client and edge run in this process.
+func BenchmarkHandshake(b *testing.B) {
+	e := newEnv(b, func(c *Config) { c.HandshakesPerSecond, c.HandshakeBurst = 1e9, 1e9 })
+	e.device("u1", "d1")
+	first := e.online("d1")
+	ticket := first.welcome.GetResumeTicket()
+	for _, mode := range []string{"full", "resume"} {
+		b.Run(mode, func(b *testing.B) {
+			for range b.N {
+				d := e.connect("d1")
+				if mode == "full" {
+					h := d.hello(nil)
+					d.send(h)
+					d.send(sign(h.GetHello(), d.readDirect().GetChallenge(), e.keys["d1"]))
+				} else {
+					d.send(d.hello(ticket))
+				}
+				if w := d.readDirect().GetWelcome(); w == nil || w.GetResumed() != (mode == "resume") {
+					b.Fatalf("welcome: %v", w)
+				}
+				_ = d.conn.Close(0, "")
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "handshakes/s")
+		})
+	}
+}

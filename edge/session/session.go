@@ -67,7 +67,7 @@ func newSession(h *Hub, c Conn) *Session {
 		hub:         h,
 		conn:        c,
 		out:         newQueue(h.cfg.QueueLen, h.cfg.QueueBytes, h.cfg.ControlQueueLen),
-		reader:      frame.NewReader(c, l.MaxFrameBytes),
+		reader:      frame.NewReaderSize(c, l.MaxFrameBytes, 2<<10),
 		authChanged: make(chan struct{}, 1),
 		closing:     make(chan struct{}),
 		writerDone:  make(chan struct{}),
@@ -137,15 +137,12 @@ func (s *Session) run(ctx context.Context) error {
 	wg.Go(s.writeLoop)
 	dctx, stopDatagrams := context.WithCancel(ctx)
 	wg.Go(func() { s.datagramLoop(dctx) })
-	wg.Go(func() {
-		// The owner's context ending closes the session like any other
-		// reason; this goroutine ends with the session either way.
-		select {
-		case <-ctx.Done():
-			s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down"), 0)
-		case <-s.closing:
-		}
+	// The owner's context ending closes the session like any other reason
+	// (without a goroutine per idle session).
+	stopWatch := context.AfterFunc(ctx, func() {
+		s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down"), 0)
 	})
+	defer stopWatch()
 
 	s.readLoop(ctx)
 	// The reader ended: the device left, or closeWith cut the connection.

@@ -1,0 +1,387 @@
+package server_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"io"
+	"math/big"
+	"runtime"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/edge/transport"
+	"github.com/edge-relay/relay/internal/relaytest"
+)
+
+// reportPercentiles reports p50 and p99 of the samples in microseconds.
+func reportPercentiles(b *testing.B, samples []time.Duration) {
+	if len(samples) == 0 {
+		return
+	}
+	slices.Sort(samples)
+	p := func(q float64) float64 {
+		return float64(samples[int(q*float64(len(samples)-1))].Nanoseconds()) / 1e3
+	}
+	b.ReportMetric(p(0.50), "p50-µs")
+	b.ReportMetric(p(0.99), "p99-µs")
+	b.ReportMetric(0, "ns/op")
+}
+
+func benchRelay(b *testing.B) *relaytest.Relay {
+	return relaytest.Start(b, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.Session.Limits = session.DefaultLimits()
+		cfg.Session.Limits.EventsPerSecond = 1e7
+		cfg.Session.Limits.BytesPerSecond = 1e9
+		cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 1e6, 1e6
+		cfg.Session.QueueLen = 4096
+	}})
+}
+
+// BenchmarkRoundTrip times 64-byte events between two devices of one
+// user on one edge, each path twice through the edge:
+//
+//   - ack: device A sends a durable event to B; Send returns when the
+//     edge relays B's receipt as A's Ack (A -> edge -> B -> edge -> A).
+//   - echo: A sends an ephemeral event (a datagram) to B, B sends it back.
+//
+// The floors, in the same process and run: a bare quic-go forwarder on
+// the same path (A -> forwarder -> B -> forwarder -> A, streams), and a
+// bare stream echo (A -> server -> A).
+func BenchmarkRoundTrip(b *testing.B) {
+	payload := make([]byte, 64)
+	for _, tr := range []client.Transport{client.QUIC, client.WebTransport} {
+		b.Run("relay/"+tr.String()+"/ack", func(b *testing.B) { benchRelayRTT(b, tr, payload, false) })
+		b.Run("relay/"+tr.String()+"/echo", func(b *testing.B) { benchRelayRTT(b, tr, payload, true) })
+	}
+	b.Run("floor/quic-forward", func(b *testing.B) { benchQUICForward(b, payload) })
+	b.Run("floor/quic-echo", func(b *testing.B) { benchQUICEcho(b, payload) })
+}
+
+func benchRelayRTT(b *testing.B, tr client.Transport, payload []byte, echo bool) {
+	r := benchRelay(b)
+	u := r.User("rtt")
+	da, db := r.Device(u, "a"), r.Device(u, "b")
+	ca, cb := r.Dial(0, da, tr), r.Dial(0, db, tr)
+	waitOnlineB(b, ca, db.ID)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	wg.Go(func() {
+		for {
+			ev, err := cb.Receive(ctx)
+			if err != nil {
+				return
+			}
+			if ev.Ephemeral {
+				_ = cb.SendEphemeral(client.Message{Targets: []string{da.ID}, Payload: ev.Payload})
+			}
+		}
+	})
+	one := func() time.Duration {
+		start := time.Now()
+		if echo {
+			if err := ca.SendEphemeral(client.Message{Targets: []string{db.ID}, Payload: payload}); err != nil {
+				b.Fatal(err)
+			}
+			// A datagram may be lost; a lost round trip is retried, its
+			// time not counted.
+			wctx, wcancel := context.WithTimeout(ctx, time.Second)
+			_, err := ca.Receive(wctx)
+			wcancel()
+			if err != nil {
+				return -1
+			}
+		} else if err := ca.Send(ctx, client.Message{Targets: []string{db.ID}, Payload: payload}); err != nil {
+			b.Fatal(err)
+		}
+		return time.Since(start)
+	}
+	for range 200 {
+		one()
+	}
+	samples := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for len(samples) < b.N {
+		if d := one(); d >= 0 {
+			samples = append(samples, d)
+		}
+	}
+	b.StopTimer()
+	reportPercentiles(b, samples)
+}
+
+func waitOnlineB(b *testing.B, c *client.Client, id string) {
+	deadline := time.Now().Add(30 * time.Second)
+	for !slices.Contains(c.Online(), id) {
+		if time.Now().After(deadline) {
+			b.Fatal("peer not online")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func benchTLS(b *testing.B) (*tls.Config, *tls.Config) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv := &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}, NextProtos: []string{"bench"}}
+	cli := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"bench"}} //nolint:gosec // a benchmark's own server
+	return srv, cli
+}
+
+// benchQUICEcho is the floor: a quic-go stream echo of the same payload.
+func benchQUICEcho(b *testing.B, payload []byte) {
+	srvTLS, cliTLS := benchTLS(b)
+	ln, err := quic.ListenAddr("127.0.0.1:0", srvTLS, transport.QUICConfig(30*time.Second))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer ln.Close()
+	wg.Go(func() {
+		conn, err := ln.Accept(context.Background())
+		if err != nil {
+			return
+		}
+		str, err := conn.AcceptStream(context.Background())
+		if err != nil {
+			return
+		}
+		_, _ = io.Copy(str, str)
+		_ = conn.CloseWithError(0, "")
+	})
+	conn, err := quic.DialAddr(context.Background(), ln.Addr().String(), cliTLS, transport.QUICConfig(30*time.Second))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.CloseWithError(0, "")
+	str, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		b.Fatal(err)
+	}
+	buf := make([]byte, len(payload))
+	samples := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		if _, err := str.Write(payload); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(str, buf); err != nil {
+			b.Fatal(err)
+		}
+		samples = append(samples, time.Since(start))
+	}
+	b.StopTimer()
+	_ = str.Close()
+	reportPercentiles(b, samples)
+}
+
+// benchQUICForward is the floor with the relay's path: A's bytes go
+// through a forwarder to B, which sends them back through it to A.
+func benchQUICForward(b *testing.B, payload []byte) {
+	srvTLS, cliTLS := benchTLS(b)
+	ln, err := quic.ListenAddr("127.0.0.1:0", srvTLS, transport.QUICConfig(30*time.Second))
+	if err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer ln.Close()
+	wg.Go(func() {
+		var strs []*quic.Stream
+		var conns []*quic.Conn
+		for range 2 {
+			conn, err := ln.Accept(context.Background())
+			if err != nil {
+				return
+			}
+			str, err := conn.AcceptStream(context.Background())
+			if err != nil {
+				return
+			}
+			conns, strs = append(conns, conn), append(strs, str)
+		}
+		var fw sync.WaitGroup
+		fw.Go(func() { _, _ = io.Copy(strs[1], strs[0]) })
+		fw.Go(func() { _, _ = io.Copy(strs[0], strs[1]) })
+		fw.Wait()
+		for _, c := range conns {
+			_ = c.CloseWithError(0, "")
+		}
+	})
+	dial := func() (*quic.Conn, *quic.Stream) {
+		conn, err := quic.DialAddr(context.Background(), ln.Addr().String(), cliTLS, transport.QUICConfig(30*time.Second))
+		if err != nil {
+			b.Fatal(err)
+		}
+		str, err := conn.OpenStreamSync(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		// The forwarder accepts a stream once bytes arrive.
+		if _, err := str.Write([]byte{0}); err != nil {
+			b.Fatal(err)
+		}
+		return conn, str
+	}
+	ca, sa := dial()
+	defer ca.CloseWithError(0, "")
+	cb, sb := dial()
+	defer cb.CloseWithError(0, "")
+	// Each side reads the other's hello byte.
+	one := make([]byte, 1)
+	if _, err := io.ReadFull(sa, one); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := io.ReadFull(sb, one); err != nil {
+		b.Fatal(err)
+	}
+	wg.Go(func() {
+		buf := make([]byte, len(payload))
+		for {
+			if _, err := io.ReadFull(sb, buf); err != nil {
+				return
+			}
+			if _, err := sb.Write(buf); err != nil {
+				return
+			}
+		}
+	})
+	buf := make([]byte, len(payload))
+	samples := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		if _, err := sa.Write(payload); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(sa, buf); err != nil {
+			b.Fatal(err)
+		}
+		samples = append(samples, time.Since(start))
+	}
+	b.StopTimer()
+	_ = sa.Close()
+	_ = sb.Close()
+	reportPercentiles(b, samples)
+}
+
+// BenchmarkHandshake measures sessions opened per second: a full
+// handshake (challenge and Ed25519 signature) and a resume with a ticket.
+// Each op is one connection: dial, handshake, close.
+func BenchmarkHandshake(b *testing.B) {
+	r := benchRelay(b)
+	u := r.User("hs")
+	d := r.Device(u, "d")
+	cfg := r.ClientConfig(0, d, client.QUIC)
+	for _, mode := range []string{"full", "resume"} {
+		b.Run(mode, func(b *testing.B) {
+			ctx := context.Background()
+			warm, err := client.Dial(ctx, cfg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			_ = warm.Close()
+			b.ResetTimer()
+			for range b.N {
+				c := cfg
+				if mode == "resume" {
+					c.ResumeTicket = warm.ResumeTicket()
+				}
+				cl, err := client.Dial(ctx, c)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if mode == "resume" && !cl.Resumed() {
+					b.Fatal("not resumed")
+				}
+				_ = cl.Close()
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "handshakes/s")
+		})
+	}
+}
+
+// BenchmarkThroughput pushes durable 64-byte events through one edge:
+// 8 users, each with a sender and a receiver, every sender keeping up to
+// 64 events in flight. Reported: events delivered and acknowledged per
+// second, and per core (GOMAXPROCS) of this process, which also runs the
+// clients and the control plane.
+func BenchmarkThroughput(b *testing.B) {
+	r := benchRelay(b)
+	const pairs, window = 8, 64
+	type pair struct{ tx, rx *client.Client }
+	var ps []pair
+	for i := range pairs {
+		u := r.User("tp" + string(rune('a'+i)))
+		dt, dr := r.Device(u, "tx"), r.Device(u, "rx")
+		ctx := context.Background()
+		cfgT, cfgR := r.ClientConfig(0, dt, client.QUIC), r.ClientConfig(0, dr, client.QUIC)
+		tx, err := client.Dial(ctx, cfgT)
+		if err != nil {
+			b.Fatal(err)
+		}
+		rx, err := client.Dial(ctx, cfgR)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { _ = tx.Close(); _ = rx.Close() })
+		waitOnlineB(b, tx, dr.ID)
+		ps = append(ps, pair{tx, rx})
+	}
+	payload := make([]byte, 64)
+	per := b.N/pairs + 1
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	b.ResetTimer()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for _, p := range ps {
+		wg.Go(func() {
+			for range per {
+				if _, err := p.rx.Receive(ctx); err != nil {
+					return
+				}
+			}
+		})
+		wg.Go(func() {
+			sem := make(chan struct{}, window)
+			var inner sync.WaitGroup
+			for range per {
+				sem <- struct{}{}
+				inner.Go(func() {
+					defer func() { <-sem }()
+					if err := p.tx.Send(ctx, client.Message{Payload: payload}); err != nil {
+						b.Error(err)
+					}
+				})
+			}
+			inner.Wait()
+		})
+	}
+	wg.Wait()
+	el := time.Since(start)
+	b.StopTimer()
+	rate := float64(per*pairs) / el.Seconds()
+	b.ReportMetric(rate, "events/s")
+	b.ReportMetric(rate/float64(runtime.GOMAXPROCS(0)), "events/s/core")
+}

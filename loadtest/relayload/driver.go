@@ -1,0 +1,299 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/quic-go/quic-go"
+
+	"github.com/edge-relay/relay/edge/client"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+)
+
+// driverConfig is what every scenario shares.
+type driverConfig struct {
+	control           string
+	adminPasswordFile string
+	adminPassword     string
+	edge              string
+	edgeAdmin         string
+	transport         string
+	concurrency       int
+	asJSON            bool
+
+	log  *slog.Logger
+	out  io.Writer
+	http *http.Client
+}
+
+func (d *driverConfig) register(fs *flag.FlagSet) {
+	fs.StringVar(&d.control, "control", "http://127.0.0.1:7400", "control API URL (cleartext HTTP/2)")
+	fs.StringVar(&d.adminPasswordFile, "admin-password-file", "data/admin-password", "file with the admin's password (or set RELAY_ADMIN_PASSWORD)")
+	fs.StringVar(&d.edge, "edge", "127.0.0.1:7443", "the edge's UDP address")
+	fs.StringVar(&d.edgeAdmin, "edge-admin", "http://127.0.0.1:7444", "the edge's admin URL (certificate hashes, /metrics)")
+	fs.StringVar(&d.transport, "transport", "quic", "quic or webtransport")
+	fs.IntVar(&d.concurrency, "concurrency", 32, "parallel API calls and connection attempts while setting up")
+	fs.BoolVar(&d.asJSON, "json", false, "print the result as one JSON object")
+}
+
+// device is a provisioned device.
+type device struct {
+	user, id string
+	key      ed25519.PrivateKey
+}
+
+func (d *driverConfig) setup() (token string, err error) {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	d.http = &http.Client{Transport: &http.Transport{Protocols: &p, MaxIdleConnsPerHost: 64}}
+	if d.adminPassword == "" {
+		b, err := os.ReadFile(d.adminPasswordFile)
+		if err != nil {
+			return "", fmt.Errorf("admin password: set RELAY_ADMIN_PASSWORD or --admin-password-file: %w", err)
+		}
+		d.adminPassword = strings.TrimSpace(string(b))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := controlv1connect.NewAuthServiceClient(d.http, d.control).Login(ctx,
+		connect.NewRequest(&controlv1.LoginRequest{Login: "admin", Password: d.adminPassword}))
+	if err != nil {
+		return "", fmt.Errorf("log in as admin at %s: %w", d.control, err)
+	}
+	return resp.Msg.GetTokens().GetAccessToken(), nil
+}
+
+func authed[T any](m *T, token string) *connect.Request[T] {
+	r := connect.NewRequest(m)
+	r.Header().Set("Authorization", "Bearer "+token)
+	return r
+}
+
+// provision creates `users` accounts with `per` devices each.
+func (d *driverConfig) provision(ctx context.Context, users, per int) ([][]device, error) {
+	token, err := d.setup()
+	if err != nil {
+		return nil, err
+	}
+	uc := controlv1connect.NewUserServiceClient(d.http, d.control)
+	dc := controlv1connect.NewDeviceServiceClient(d.http, d.control)
+	run := newRunID()
+	out := make([][]device, users)
+	err = parallel(ctx, users, d.concurrency, func(ctx context.Context, i int) error {
+		u, err := uc.CreateUser(ctx, authed(&controlv1.CreateUserRequest{Login: fmt.Sprintf("load-%s-%d", run, i)}, token))
+		if err != nil {
+			return fmt.Errorf("create user: %w", err)
+		}
+		uid := u.Msg.GetUser().GetId()
+		for j := range per {
+			pub, priv, _ := ed25519.GenerateKey(rand.Reader)
+			r, err := dc.RegisterDevice(ctx, authed(&controlv1.RegisterDeviceRequest{UserId: uid, Name: fmt.Sprintf("d%d", j), PublicKey: pub}, token))
+			if err != nil {
+				return fmt.Errorf("register device: %w", err)
+			}
+			out[i] = append(out[i], device{user: uid, id: r.Msg.GetDevice().GetId(), key: priv})
+		}
+		return nil
+	})
+	return out, err
+}
+
+func newRunID() string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return fmt.Sprintf("%x", b)
+}
+
+// parallel runs f(0..n-1) with at most conc at once; the first error
+// cancels the rest.
+func parallel(ctx context.Context, n, conc int, f func(context.Context, int) error) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	sem := make(chan struct{}, max(conc, 1))
+	var wg sync.WaitGroup
+	for i := range n {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			if err := f(ctx, i); err != nil {
+				cancel(err)
+			}
+		})
+	}
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return ctx.Err()
+}
+
+// certHashes fetches the edge's published certificate hashes.
+func (d *driverConfig) certHashes(ctx context.Context) ([][]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, d.edgeAdmin+"/.well-known/relay/certificate-hashes", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("fetch the edge's certificate hashes: %w", err)
+	}
+	defer resp.Body.Close()
+	var doc struct {
+		Hashes []struct{ Value string } `json:"hashes"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+		return nil, err
+	}
+	var out [][]byte
+	for _, h := range doc.Hashes {
+		b, err := base64.StdEncoding.DecodeString(h.Value)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, b)
+	}
+	return out, nil
+}
+
+// dialer connects devices, sharing UDP sockets (one per 1000 QUIC
+// connections) so that thousands of sessions need few file descriptors.
+type dialer struct {
+	d      *driverConfig
+	pins   [][]byte
+	mu     sync.Mutex
+	trs    []*quic.Transport
+	socks  []net.PacketConn
+	onSock int
+}
+
+func (d *driverConfig) newDialer(ctx context.Context) (*dialer, error) {
+	pins, err := d.certHashes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &dialer{d: d, pins: pins}, nil
+}
+
+func (dl *dialer) transport() (*quic.Transport, error) {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
+	if len(dl.trs) == 0 || dl.onSock >= 1000 {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		dl.socks = append(dl.socks, pc)
+		dl.trs = append(dl.trs, &quic.Transport{Conn: pc})
+		dl.onSock = 0
+	}
+	dl.onSock++
+	return dl.trs[len(dl.trs)-1], nil
+}
+
+func (dl *dialer) dial(ctx context.Context, dev device) (*client.Client, error) {
+	cfg := client.Config{Addr: dl.d.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192}
+	if dl.d.transport == "webtransport" {
+		cfg.Transport = client.WebTransport
+	} else {
+		tr, err := dl.transport()
+		if err != nil {
+			return nil, err
+		}
+		cfg.QUICTransport = tr
+	}
+	return client.Dial(ctx, cfg)
+}
+
+func (dl *dialer) close() {
+	for _, tr := range dl.trs {
+		_ = tr.Close()
+	}
+	for _, s := range dl.socks {
+		_ = s.Close()
+	}
+}
+
+// percentile of sorted samples.
+func percentile(sorted []time.Duration, q float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[int(q*float64(len(sorted)-1))]
+}
+
+func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 }
+
+// report prints a result as aligned text or one JSON object.
+func (d *driverConfig) report(title string, fields [][2]any) error {
+	if d.asJSON {
+		m := map[string]any{"scenario": title}
+		for _, f := range fields {
+			m[f[0].(string)] = f[1]
+		}
+		return json.NewEncoder(d.out).Encode(m)
+	}
+	fmt.Fprintf(d.out, "%s\n", title)
+	for _, f := range fields {
+		fmt.Fprintf(d.out, "  %-24s %v\n", f[0], f[1])
+	}
+	return nil
+}
+
+// edgeMetrics reads gauges from the edge's /metrics.
+func (d *driverConfig) edgeMetrics(ctx context.Context, names ...string) (map[string]float64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, d.edgeAdmin+"/metrics", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("read the edge's metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	out := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, "#") {
+			continue
+		}
+		name, value, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		base, _, _ := strings.Cut(name, "{")
+		if !slices.Contains(names, base) {
+			continue
+		}
+		v, err := strconv.ParseFloat(value, 64)
+		if err == nil {
+			out[base] += v
+		}
+	}
+	return out, sc.Err()
+}
