@@ -13,7 +13,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"testing"
 	"time"
 
 	"connectrpc.com/connect"
@@ -28,6 +27,18 @@ import (
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
+
+// TB is what the helpers need of a test: *testing.T and *testing.B have
+// it, and so does relaytest.Standalone, which runs clusters outside tests
+// (examples, tools).
+type TB interface {
+	Helper()
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Errorf(format string, args ...any)
+	Cleanup(func())
+	TempDir() string
+}
 
 // Options tune a test cluster.
 type Options struct {
@@ -54,7 +65,7 @@ const AdminPassword = "test-admin-password"
 
 // Cluster is a set of control nodes started by a test.
 type Cluster struct {
-	t     testing.TB
+	t     TB
 	opts  Options
 	Nodes []*Node
 }
@@ -100,7 +111,7 @@ func (o *Options) defaults() {
 
 // Start starts an n-node cluster: node 0 bootstraps, the others join
 // through it. It returns once every node is ready.
-func Start(t testing.TB, n int, opts Options) *Cluster {
+func Start(t TB, n int, opts Options) *Cluster {
 	t.Helper()
 	opts.defaults()
 	c := &Cluster{t: t, opts: opts}
@@ -114,7 +125,7 @@ func Start(t testing.TB, n int, opts Options) *Cluster {
 
 // Empty returns a cluster with no nodes, for tests that start nodes
 // themselves (for example from a backup).
-func Empty(t testing.TB, opts Options) *Cluster {
+func Empty(t TB, opts Options) *Cluster {
 	opts.defaults()
 	c := &Cluster{t: t, opts: opts}
 	t.Cleanup(c.Stop)
@@ -254,7 +265,7 @@ func (c *Cluster) Restart(i int) {
 
 // Eventually polls cond every 10ms until it returns nil or the deadline
 // passes, then fails the test with cond's last error.
-func Eventually(t testing.TB, within time.Duration, cond func() error) {
+func Eventually(t TB, within time.Duration, cond func() error) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	tick := time.NewTicker(10 * time.Millisecond)
@@ -275,7 +286,7 @@ func Eventually(t testing.TB, within time.Duration, cond func() error) {
 // response wait unread, so a server writing to a reader that stopped
 // blocks quickly (HTTP/2 flow control) instead of filling socket buffers.
 // Tests use it to hold a streaming call in flight.
-func SmallWindowClient(t testing.TB) *http.Client {
+func SmallWindowClient(t TB) *http.Client {
 	var p http.Protocols
 	p.SetUnencryptedHTTP2(true)
 	tr := &http.Transport{Protocols: &p, HTTP2: &http.HTTP2Config{

@@ -13,7 +13,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"testing"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -45,7 +45,7 @@ const EdgePassword = "test-edge-password"
 
 // Relay is a running test relay.
 type Relay struct {
-	t       testing.TB
+	t       clustertest.TB
 	Cluster *clustertest.Cluster
 	Edges   []*server.Server
 	dialer  *api.Dialer
@@ -55,7 +55,7 @@ type Relay struct {
 }
 
 // Start starts a relay and waits until every edge is ready.
-func Start(t testing.TB, opts Options) *Relay {
+func Start(t clustertest.TB, opts Options) *Relay {
 	t.Helper()
 	if opts.ControlNodes == 0 {
 		opts.ControlNodes = 1
@@ -271,4 +271,52 @@ func withToken[T any](m *T, token string) *connect.Request[T] {
 	req := connect.NewRequest(m)
 	req.Header().Set("Authorization", "Bearer "+token)
 	return req
+}
+
+// Standalone is a clustertest.TB for running a relay outside a test (a
+// runnable example, a tool): a fatal error panics, and Close runs the
+// cleanups, newest first.
+type Standalone struct {
+	mu       sync.Mutex
+	cleanups []func()
+}
+
+// Helper does nothing.
+func (s *Standalone) Helper() {}
+
+// Fatal panics.
+func (s *Standalone) Fatal(args ...any) { panic(fmt.Sprint(args...)) }
+
+// Fatalf panics.
+func (s *Standalone) Fatalf(format string, args ...any) { panic(fmt.Sprintf(format, args...)) }
+
+// Errorf panics: outside a test there is no one to report to later.
+func (s *Standalone) Errorf(format string, args ...any) { panic(fmt.Sprintf(format, args...)) }
+
+// Cleanup registers f for Close.
+func (s *Standalone) Cleanup(f func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cleanups = append(s.cleanups, f)
+}
+
+// TempDir returns a new directory that Close removes.
+func (s *Standalone) TempDir() string {
+	d, err := os.MkdirTemp("", "relaytest")
+	if err != nil {
+		panic(err)
+	}
+	s.Cleanup(func() { _ = os.RemoveAll(d) })
+	return d
+}
+
+// Close runs the cleanups.
+func (s *Standalone) Close() {
+	s.mu.Lock()
+	cs := s.cleanups
+	s.cleanups = nil
+	s.mu.Unlock()
+	for i := len(cs) - 1; i >= 0; i-- {
+		cs[i]()
+	}
 }
