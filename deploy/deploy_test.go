@@ -24,7 +24,13 @@ type rules struct {
 }
 
 func TestAlertRules(t *testing.T) {
-	b, err := os.ReadFile("prometheus/control-alerts.yml")
+	for _, f := range []string{"prometheus/control-alerts.yml", "prometheus/edge-alerts.yml"} {
+		t.Run(f, func(t *testing.T) { checkRules(t, f) })
+	}
+}
+
+func checkRules(t *testing.T, file string) {
+	b, err := os.ReadFile(file)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,7 +40,8 @@ func TestAlertRules(t *testing.T) {
 	}
 	// Every relay_* metric a rule uses must be one the code defines.
 	src := ""
-	for _, f := range []string{"../control/raftnode/metrics.go", "../control/server/interceptor.go", "../control/api/watch.go"} {
+	for _, f := range []string{"../control/raftnode/metrics.go", "../control/server/interceptor.go", "../control/api/watch.go",
+		"../edge/session/metrics.go", "../edge/transport/listener.go", "../edge/server/server.go"} {
 		s, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)

@@ -144,32 +144,50 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 
 	metrics := session.NewMetrics(cfg.Registry)
+	if err := cfg.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "relay_edge_ready", Help: "1 when the edge serves sessions: listeners up, watch feed synced.",
+	}, func() float64 {
+		if s.Ready() {
+			return 1
+		}
+		return 0
+	})); err != nil {
+		return nil, err
+	}
 	s.dir = directory.New(directory.Config{Ring: s.ring, Logger: s.log, OnRemove: s.onRemove})
 	sc := cfg.Session
 	sc.EdgeID, sc.Directory, sc.Ring, sc.Logger, sc.Metrics = cfg.EdgeID, s.dir, s.ring, s.log, metrics
 	sc.Tracer = cfg.TracerProvider.Tracer("github.com/edge-relay/relay/edge")
+	sc.Ready = s.dir.Synced
 	if s.hub, err = session.NewHub(sc); err != nil {
 		return nil, err
 	}
 
 	tlsConf := &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS13}
-	s.listener, err = transport.Listen(transport.Config{
-		Addr: cfg.Addr, TLS: tlsConf, Hub: s.hub, AllowedOrigins: cfg.AllowedOrigins,
-		Logger: s.log, Registerer: cfg.Registry,
-	})
-	if err != nil {
-		return nil, err
-	}
-	// HTTPS on the TCP port with the UDP port's number.
-	udpPort := s.listener.Addr().(*net.UDPAddr).Port
-	host, _, err := net.SplitHostPort(cfg.Addr)
+	host, port, err := net.SplitHostPort(cfg.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("edge address %q: %w", cfg.Addr, err)
 	}
-	tcpAddr := net.JoinHostPort(host, fmt.Sprint(udpPort))
-	ln, err := net.Listen("tcp", tcpAddr)
-	if err != nil {
-		return nil, fmt.Errorf("listen tcp %s: %w", tcpAddr, err)
+	// UDP and TCP on the same port number. With port 0 the UDP port is
+	// picked first; if its number is taken for TCP, pick again.
+	var ln net.Listener
+	for attempt := 0; ; attempt++ {
+		s.listener, err = transport.Listen(transport.Config{
+			Addr: cfg.Addr, TLS: tlsConf, Hub: s.hub, AllowedOrigins: cfg.AllowedOrigins,
+			Logger: s.log, Registerer: cfg.Registry,
+		})
+		if err != nil {
+			return nil, err
+		}
+		tcpAddr := net.JoinHostPort(host, fmt.Sprint(s.listener.Addr().(*net.UDPAddr).Port))
+		if ln, err = net.Listen("tcp", tcpAddr); err == nil {
+			break
+		}
+		_ = s.listener.Close()
+		s.listener = nil
+		if port != "0" || attempt >= 20 {
+			return nil, fmt.Errorf("listen tcp %s: %w", tcpAddr, err)
+		}
 	}
 	s.httpsLn = tls.NewListener(ln, &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}})
 	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
@@ -191,7 +209,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.wg.Go(func() { _ = s.dir.Follow(runCtx, s.control.Watch(), s.control.Token) })
 	s.wg.Go(func() { s.reportActivity(runCtx) })
 	s.ready.Store(true)
-	s.log.Info("edge listening", "quic", s.listener.Addr().String(), "https", s.httpsLn.Addr().String(), "admin", cfg.AdminAddr)
+	s.log.Info("edge listening", "quic", s.listener.Addr().String(), "https", s.httpsLn.Addr().String(), "admin", s.AdminURL())
 	return s, nil
 }
 

@@ -9,6 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net/http"
 	"sync"
 	"testing"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/controlconn"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/internal/relaytest"
@@ -296,5 +299,41 @@ func TestEdgeEndpoints(t *testing.T) {
 	cfg = r.ClientConfig(0, relaytest.Device{ID: d.ID, UserID: u, Key: otherKey}, client.WebTransport)
 	if _, err := client.Dial(ctx, cfg); !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED}) {
 		t.Fatalf("wrong key over WebTransport: %v", err)
+	}
+}
+
+// An edge that cannot reach the control plane is alive but not ready,
+// and sends devices elsewhere instead of failing their authentication.
+func TestNotReadyWithoutTheControlPlane(t *testing.T) {
+	s, err := server.Start(context.Background(), server.Config{
+		EdgeID: "lonely", Addr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0", Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Control: controlconn.Config{URLs: []string{"http://127.0.0.1:1"}, Login: "edges", Password: "x"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Shutdown(context.Background())
+	for path, want := range map[string]int{"/healthz": 200, "/readyz": 503} {
+		resp, err := http.Get(s.AdminURL() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Fatalf("%s: %d, want %d", path, resp.StatusCode, want)
+		}
+	}
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var pins [][]byte
+	for _, h := range s.CertHashes() {
+		pins = append(pins, h.SHA256[:])
+	}
+	_, err = client.Dial(ctx, client.Config{Addr: s.Addr(), UserID: "u", DeviceID: "d", Key: key, CertHashes: pins})
+	// Told to come back (or try another edge), not refused: the device
+	// did nothing wrong.
+	if !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_GOING_AWAY}) {
+		t.Fatalf("session on an unsynced edge: %v", err)
 	}
 }

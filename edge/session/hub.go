@@ -56,6 +56,11 @@ type Config struct {
 	// CloseLinger is how long a closing session waits for its last frames
 	// to reach the device before the connection is cut [2s].
 	CloseLinger time.Duration
+	// Ready, when set, says whether the edge can serve sessions (its
+	// directory is synced); until it does, new sessions are told to go
+	// away and come back or try another edge, rather than failing
+	// authentication against an empty directory.
+	Ready func() bool
 	// Now is the clock [time.Now]; Random the randomness [crypto/rand].
 	Now    func() time.Time
 	Random io.Reader
@@ -176,6 +181,13 @@ func (h *Hub) Serve(ctx context.Context, c Conn) error {
 		return ErrDraining
 	}
 	defer h.leave()
+	if h.cfg.Ready != nil && !h.cfg.Ready() {
+		h.cfg.Metrics.handshakes.WithLabelValues(codeLabel(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY)).Inc()
+		err := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge not ready yet; try another edge or come back")
+		writeClose(c, err, time.Second)
+		_ = c.Close(err.Code, err.Msg)
+		return err
+	}
 	if !h.addrs.allow(c.RemoteAddr(), h.cfg.Now()) {
 		h.cfg.Metrics.handshakes.WithLabelValues(codeLabel(relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED)).Inc()
 		err := closeErr(relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, "too many new sessions from this address")

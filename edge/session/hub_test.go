@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -699,4 +700,22 @@ func BenchmarkHandshake(b *testing.B) {
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "handshakes/s")
 		})
 	}
+}
+
+func TestNotReadySendsDevicesAway(t *testing.T) {
+	ready := false
+	var mu sync.Mutex
+	e := newEnv(t, func(c *Config) {
+		c.Ready = func() bool { mu.Lock(); defer mu.Unlock(); return ready }
+	})
+	e.device("u1", "a")
+	d := e.connect("a")
+	c := d.readDirect().GetClose()
+	if c.GetCode() != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY || c.GetReconnectAfterMs() <= 0 {
+		t.Fatalf("close: %v", c)
+	}
+	mu.Lock()
+	ready = true
+	mu.Unlock()
+	e.online("a")
 }

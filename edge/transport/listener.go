@@ -107,9 +107,14 @@ func Listen(cfg Config) (*Listener, error) {
 	}, []string{"alpn"})
 	if cfg.Registerer != nil {
 		if err := cfg.Registerer.Register(l.conns); err != nil {
-			_ = ln.Close()
-			_ = udp.Close()
-			return nil, err
+			var are prometheus.AlreadyRegisteredError
+			if !errors.As(err, &are) {
+				_ = ln.Close()
+				_ = udp.Close()
+				return nil, err
+			}
+			// A listener opened again (a port retry) keeps counting.
+			l.conns = are.ExistingCollector.(*prometheus.CounterVec)
 		}
 	}
 	mux := http.NewServeMux()
