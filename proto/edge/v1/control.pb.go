@@ -5,7 +5,7 @@
 // source: edge/v1/control.proto
 
 // Package edge.v1 is what edges speak: to the control plane (watch,
-// activity) and, later, to each other.
+// activity, registration, mailboxes) and to each other (mesh.proto).
 
 package edgev1
 
@@ -23,6 +23,68 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+// MailboxStatus is the outcome of storing one entry.
+type MailboxStatus int32
+
+const (
+	MailboxStatus_MAILBOX_STATUS_UNSPECIFIED MailboxStatus = 0
+	// Stored (or already stored: the same event id from the same sender
+	// for the same device is kept once).
+	MailboxStatus_MAILBOX_STATUS_STORED MailboxStatus = 1
+	// The device's mailbox is at its count or byte quota; nothing already
+	// stored was dropped.
+	MailboxStatus_MAILBOX_STATUS_FULL MailboxStatus = 2
+	// The device does not exist, was revoked, or belongs to another user.
+	MailboxStatus_MAILBOX_STATUS_TARGET_GONE MailboxStatus = 3
+	// expires_at_ms is not after the command's time.
+	MailboxStatus_MAILBOX_STATUS_EXPIRED MailboxStatus = 4
+)
+
+// Enum value maps for MailboxStatus.
+var (
+	MailboxStatus_name = map[int32]string{
+		0: "MAILBOX_STATUS_UNSPECIFIED",
+		1: "MAILBOX_STATUS_STORED",
+		2: "MAILBOX_STATUS_FULL",
+		3: "MAILBOX_STATUS_TARGET_GONE",
+		4: "MAILBOX_STATUS_EXPIRED",
+	}
+	MailboxStatus_value = map[string]int32{
+		"MAILBOX_STATUS_UNSPECIFIED": 0,
+		"MAILBOX_STATUS_STORED":      1,
+		"MAILBOX_STATUS_FULL":        2,
+		"MAILBOX_STATUS_TARGET_GONE": 3,
+		"MAILBOX_STATUS_EXPIRED":     4,
+	}
+)
+
+func (x MailboxStatus) Enum() *MailboxStatus {
+	p := new(MailboxStatus)
+	*p = x
+	return p
+}
+
+func (x MailboxStatus) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MailboxStatus) Descriptor() protoreflect.EnumDescriptor {
+	return file_edge_v1_control_proto_enumTypes[0].Descriptor()
+}
+
+func (MailboxStatus) Type() protoreflect.EnumType {
+	return &file_edge_v1_control_proto_enumTypes[0]
+}
+
+func (x MailboxStatus) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MailboxStatus.Descriptor instead.
+func (MailboxStatus) EnumDescriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{0}
+}
 
 // WatchRequest says where to resume.
 type WatchRequest struct {
@@ -309,9 +371,12 @@ func (x *SessionKeyRing) GetKeys() []*SessionKey {
 
 // EdgeMember is a registered edge.
 type EdgeMember struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Addrs         []string               `protobuf:"bytes,2,rep,name=addrs,proto3" json:"addrs,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Where devices connect (informational).
+	Addrs []string `protobuf:"bytes,2,rep,name=addrs,proto3" json:"addrs,omitempty"`
+	// Where other edges connect (host:port of its mesh listener).
+	MeshAddr      string `protobuf:"bytes,3,opt,name=mesh_addr,json=meshAddr,proto3" json:"mesh_addr,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -360,6 +425,75 @@ func (x *EdgeMember) GetAddrs() []string {
 	return nil
 }
 
+func (x *EdgeMember) GetMeshAddr() string {
+	if x != nil {
+		return x.MeshAddr
+	}
+	return ""
+}
+
+// MailboxChanged says a device's mailbox received entries, up to seq.
+// Only the edge holding the device acts on it (it fetches them).
+type MailboxChanged struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId      string                 `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	UserId        string                 `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	Seq           uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MailboxChanged) Reset() {
+	*x = MailboxChanged{}
+	mi := &file_edge_v1_control_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MailboxChanged) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MailboxChanged) ProtoMessage() {}
+
+func (x *MailboxChanged) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MailboxChanged.ProtoReflect.Descriptor instead.
+func (*MailboxChanged) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *MailboxChanged) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *MailboxChanged) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *MailboxChanged) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
 // WatchEvent is one change, or one record of a full copy.
 type WatchEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -372,6 +506,7 @@ type WatchEvent struct {
 	//	*WatchEvent_SessionKeys
 	//	*WatchEvent_EdgePut
 	//	*WatchEvent_EdgeDeleted
+	//	*WatchEvent_MailboxChanged
 	Kind          isWatchEvent_Kind `protobuf_oneof:"kind"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -379,7 +514,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_edge_v1_control_proto_msgTypes[6]
+	mi := &file_edge_v1_control_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -391,7 +526,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_control_proto_msgTypes[6]
+	mi := &file_edge_v1_control_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -404,7 +539,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_edge_v1_control_proto_rawDescGZIP(), []int{6}
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *WatchEvent) GetKind() isWatchEvent_Kind {
@@ -477,6 +612,15 @@ func (x *WatchEvent) GetEdgeDeleted() string {
 	return ""
 }
 
+func (x *WatchEvent) GetMailboxChanged() *MailboxChanged {
+	if x != nil {
+		if x, ok := x.Kind.(*WatchEvent_MailboxChanged); ok {
+			return x.MailboxChanged
+		}
+	}
+	return nil
+}
+
 type isWatchEvent_Kind interface {
 	isWatchEvent_Kind()
 }
@@ -509,6 +653,10 @@ type WatchEvent_EdgeDeleted struct {
 	EdgeDeleted string `protobuf:"bytes,7,opt,name=edge_deleted,json=edgeDeleted,proto3,oneof"`
 }
 
+type WatchEvent_MailboxChanged struct {
+	MailboxChanged *MailboxChanged `protobuf:"bytes,8,opt,name=mailbox_changed,json=mailboxChanged,proto3,oneof"`
+}
+
 func (*WatchEvent_UserPut) isWatchEvent_Kind() {}
 
 func (*WatchEvent_UserDeleted) isWatchEvent_Kind() {}
@@ -522,6 +670,8 @@ func (*WatchEvent_SessionKeys) isWatchEvent_Kind() {}
 func (*WatchEvent_EdgePut) isWatchEvent_Kind() {}
 
 func (*WatchEvent_EdgeDeleted) isWatchEvent_Kind() {}
+
+func (*WatchEvent_MailboxChanged) isWatchEvent_Kind() {}
 
 // WatchResponse is one message of the stream.
 type WatchResponse struct {
@@ -542,7 +692,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_edge_v1_control_proto_msgTypes[7]
+	mi := &file_edge_v1_control_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -554,7 +704,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_control_proto_msgTypes[7]
+	mi := &file_edge_v1_control_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -567,7 +717,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_edge_v1_control_proto_rawDescGZIP(), []int{7}
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *WatchResponse) GetRevision() uint64 {
@@ -662,7 +812,7 @@ type Resync struct {
 
 func (x *Resync) Reset() {
 	*x = Resync{}
-	mi := &file_edge_v1_control_proto_msgTypes[8]
+	mi := &file_edge_v1_control_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -674,7 +824,7 @@ func (x *Resync) String() string {
 func (*Resync) ProtoMessage() {}
 
 func (x *Resync) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_control_proto_msgTypes[8]
+	mi := &file_edge_v1_control_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -687,7 +837,7 @@ func (x *Resync) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resync.ProtoReflect.Descriptor instead.
 func (*Resync) Descriptor() ([]byte, []int) {
-	return file_edge_v1_control_proto_rawDescGZIP(), []int{8}
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{9}
 }
 
 // SnapshotDone ends a full copy.
@@ -699,7 +849,7 @@ type SnapshotDone struct {
 
 func (x *SnapshotDone) Reset() {
 	*x = SnapshotDone{}
-	mi := &file_edge_v1_control_proto_msgTypes[9]
+	mi := &file_edge_v1_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -711,7 +861,7 @@ func (x *SnapshotDone) String() string {
 func (*SnapshotDone) ProtoMessage() {}
 
 func (x *SnapshotDone) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_control_proto_msgTypes[9]
+	mi := &file_edge_v1_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -724,7 +874,7 @@ func (x *SnapshotDone) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotDone.ProtoReflect.Descriptor instead.
 func (*SnapshotDone) Descriptor() ([]byte, []int) {
-	return file_edge_v1_control_proto_rawDescGZIP(), []int{9}
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{10}
 }
 
 // Progress is a heartbeat.
@@ -736,7 +886,7 @@ type Progress struct {
 
 func (x *Progress) Reset() {
 	*x = Progress{}
-	mi := &file_edge_v1_control_proto_msgTypes[10]
+	mi := &file_edge_v1_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -748,7 +898,7 @@ func (x *Progress) String() string {
 func (*Progress) ProtoMessage() {}
 
 func (x *Progress) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_control_proto_msgTypes[10]
+	mi := &file_edge_v1_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -761,7 +911,7 @@ func (x *Progress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Progress.ProtoReflect.Descriptor instead.
 func (*Progress) Descriptor() ([]byte, []int) {
-	return file_edge_v1_control_proto_rawDescGZIP(), []int{10}
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{11}
 }
 
 // Activity reports one device's last activity.
@@ -777,7 +927,7 @@ type Activity struct {
 
 func (x *Activity) Reset() {
 	*x = Activity{}
-	mi := &file_edge_v1_control_proto_msgTypes[11]
+	mi := &file_edge_v1_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -789,7 +939,7 @@ func (x *Activity) String() string {
 func (*Activity) ProtoMessage() {}
 
 func (x *Activity) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_control_proto_msgTypes[11]
+	mi := &file_edge_v1_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -802,7 +952,7 @@ func (x *Activity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Activity.ProtoReflect.Descriptor instead.
 func (*Activity) Descriptor() ([]byte, []int) {
-	return file_edge_v1_control_proto_rawDescGZIP(), []int{11}
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Activity) GetUserId() string {
@@ -836,7 +986,7 @@ type ReportActivityRequest struct {
 
 func (x *ReportActivityRequest) Reset() {
 	*x = ReportActivityRequest{}
-	mi := &file_edge_v1_control_proto_msgTypes[12]
+	mi := &file_edge_v1_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -848,7 +998,7 @@ func (x *ReportActivityRequest) String() string {
 func (*ReportActivityRequest) ProtoMessage() {}
 
 func (x *ReportActivityRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_control_proto_msgTypes[12]
+	mi := &file_edge_v1_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -861,7 +1011,7 @@ func (x *ReportActivityRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportActivityRequest.ProtoReflect.Descriptor instead.
 func (*ReportActivityRequest) Descriptor() ([]byte, []int) {
-	return file_edge_v1_control_proto_rawDescGZIP(), []int{12}
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ReportActivityRequest) GetEntries() []*Activity {
@@ -880,7 +1030,7 @@ type ReportActivityResponse struct {
 
 func (x *ReportActivityResponse) Reset() {
 	*x = ReportActivityResponse{}
-	mi := &file_edge_v1_control_proto_msgTypes[13]
+	mi := &file_edge_v1_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -892,7 +1042,7 @@ func (x *ReportActivityResponse) String() string {
 func (*ReportActivityResponse) ProtoMessage() {}
 
 func (x *ReportActivityResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_control_proto_msgTypes[13]
+	mi := &file_edge_v1_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -905,7 +1055,697 @@ func (x *ReportActivityResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportActivityResponse.ProtoReflect.Descriptor instead.
 func (*ReportActivityResponse) Descriptor() ([]byte, []int) {
-	return file_edge_v1_control_proto_rawDescGZIP(), []int{13}
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{14}
+}
+
+// RegisterEdgeRequest describes the calling edge.
+type RegisterEdgeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The edge's id: 1 to 64 bytes of [A-Za-z0-9._-]. The caller must hold
+	// the edge role; any edge account may register any id.
+	EdgeId string `protobuf:"bytes,1,opt,name=edge_id,json=edgeId,proto3" json:"edge_id,omitempty"`
+	// host:port where other edges reach this edge's mesh listener.
+	MeshAddr string `protobuf:"bytes,2,opt,name=mesh_addr,json=meshAddr,proto3" json:"mesh_addr,omitempty"`
+	// host:port where devices connect (informational).
+	DeviceAddrs []string `protobuf:"bytes,3,rep,name=device_addrs,json=deviceAddrs,proto3" json:"device_addrs,omitempty"`
+	// Ed25519 public key (32 bytes) the mesh certificate is issued for.
+	MeshPublicKey []byte `protobuf:"bytes,4,opt,name=mesh_public_key,json=meshPublicKey,proto3" json:"mesh_public_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterEdgeRequest) Reset() {
+	*x = RegisterEdgeRequest{}
+	mi := &file_edge_v1_control_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterEdgeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterEdgeRequest) ProtoMessage() {}
+
+func (x *RegisterEdgeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterEdgeRequest.ProtoReflect.Descriptor instead.
+func (*RegisterEdgeRequest) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *RegisterEdgeRequest) GetEdgeId() string {
+	if x != nil {
+		return x.EdgeId
+	}
+	return ""
+}
+
+func (x *RegisterEdgeRequest) GetMeshAddr() string {
+	if x != nil {
+		return x.MeshAddr
+	}
+	return ""
+}
+
+func (x *RegisterEdgeRequest) GetDeviceAddrs() []string {
+	if x != nil {
+		return x.DeviceAddrs
+	}
+	return nil
+}
+
+func (x *RegisterEdgeRequest) GetMeshPublicKey() []byte {
+	if x != nil {
+		return x.MeshPublicKey
+	}
+	return nil
+}
+
+// RegisterEdgeResponse carries the lease and the mesh credentials.
+type RegisterEdgeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Unix milliseconds.
+	LeaseExpiresAtMs int64 `protobuf:"varint,1,opt,name=lease_expires_at_ms,json=leaseExpiresAtMs,proto3" json:"lease_expires_at_ms,omitempty"`
+	// Register again after this (Unix milliseconds), well before the lease
+	// or the certificate runs out.
+	RenewAfterMs int64 `protobuf:"varint,2,opt,name=renew_after_ms,json=renewAfterMs,proto3" json:"renew_after_ms,omitempty"`
+	// DER X.509 certificate for mesh_public_key: subject CN and URI SAN
+	// name the edge id, usable for client and server authentication.
+	MeshCertificate []byte `protobuf:"bytes,3,opt,name=mesh_certificate,json=meshCertificate,proto3" json:"mesh_certificate,omitempty"`
+	// DER X.509 certificate of the cluster CA, the mesh's only trust root.
+	CaCertificate []byte `protobuf:"bytes,4,opt,name=ca_certificate,json=caCertificate,proto3" json:"ca_certificate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterEdgeResponse) Reset() {
+	*x = RegisterEdgeResponse{}
+	mi := &file_edge_v1_control_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterEdgeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterEdgeResponse) ProtoMessage() {}
+
+func (x *RegisterEdgeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterEdgeResponse.ProtoReflect.Descriptor instead.
+func (*RegisterEdgeResponse) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *RegisterEdgeResponse) GetLeaseExpiresAtMs() int64 {
+	if x != nil {
+		return x.LeaseExpiresAtMs
+	}
+	return 0
+}
+
+func (x *RegisterEdgeResponse) GetRenewAfterMs() int64 {
+	if x != nil {
+		return x.RenewAfterMs
+	}
+	return 0
+}
+
+func (x *RegisterEdgeResponse) GetMeshCertificate() []byte {
+	if x != nil {
+		return x.MeshCertificate
+	}
+	return nil
+}
+
+func (x *RegisterEdgeResponse) GetCaCertificate() []byte {
+	if x != nil {
+		return x.CaCertificate
+	}
+	return nil
+}
+
+// DeregisterEdgeRequest names the edge to remove.
+type DeregisterEdgeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	EdgeId        string                 `protobuf:"bytes,1,opt,name=edge_id,json=edgeId,proto3" json:"edge_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeregisterEdgeRequest) Reset() {
+	*x = DeregisterEdgeRequest{}
+	mi := &file_edge_v1_control_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeregisterEdgeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeregisterEdgeRequest) ProtoMessage() {}
+
+func (x *DeregisterEdgeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeregisterEdgeRequest.ProtoReflect.Descriptor instead.
+func (*DeregisterEdgeRequest) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *DeregisterEdgeRequest) GetEdgeId() string {
+	if x != nil {
+		return x.EdgeId
+	}
+	return ""
+}
+
+// DeregisterEdgeResponse confirms it.
+type DeregisterEdgeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeregisterEdgeResponse) Reset() {
+	*x = DeregisterEdgeResponse{}
+	mi := &file_edge_v1_control_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeregisterEdgeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeregisterEdgeResponse) ProtoMessage() {}
+
+func (x *DeregisterEdgeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeregisterEdgeResponse.ProtoReflect.Descriptor instead.
+func (*DeregisterEdgeResponse) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{18}
+}
+
+// MailboxEntry is one event waiting for one device.
+type MailboxEntry struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Per device, increasing in commit order; set by the control plane
+	// (ignored in PutMailbox).
+	Seq      uint64 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	DeviceId string `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	UserId   string `protobuf:"bytes,3,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// The event as it is delivered: an encoded relay.v1.Event with
+	// sender_device_id set.
+	Event []byte `protobuf:"bytes,4,opt,name=event,proto3" json:"event,omitempty"`
+	// The event's id and sender, copied out for cancellation and dedup.
+	EventId        string `protobuf:"bytes,5,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	SenderDeviceId string `protobuf:"bytes,6,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
+	// Unix milliseconds after which the entry is never delivered and is
+	// removed (creation time + TTL + the skew tolerance).
+	ExpiresAtMs   int64 `protobuf:"varint,7,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MailboxEntry) Reset() {
+	*x = MailboxEntry{}
+	mi := &file_edge_v1_control_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MailboxEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MailboxEntry) ProtoMessage() {}
+
+func (x *MailboxEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MailboxEntry.ProtoReflect.Descriptor instead.
+func (*MailboxEntry) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *MailboxEntry) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *MailboxEntry) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *MailboxEntry) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *MailboxEntry) GetEvent() []byte {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *MailboxEntry) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *MailboxEntry) GetSenderDeviceId() string {
+	if x != nil {
+		return x.SenderDeviceId
+	}
+	return ""
+}
+
+func (x *MailboxEntry) GetExpiresAtMs() int64 {
+	if x != nil {
+		return x.ExpiresAtMs
+	}
+	return 0
+}
+
+// PutMailboxRequest carries entries for any devices.
+type PutMailboxRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entries       []*MailboxEntry        `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutMailboxRequest) Reset() {
+	*x = PutMailboxRequest{}
+	mi := &file_edge_v1_control_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutMailboxRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutMailboxRequest) ProtoMessage() {}
+
+func (x *PutMailboxRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutMailboxRequest.ProtoReflect.Descriptor instead.
+func (*PutMailboxRequest) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *PutMailboxRequest) GetEntries() []*MailboxEntry {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+// PutMailboxResult is one entry's outcome.
+type PutMailboxResult struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Status MailboxStatus          `protobuf:"varint,1,opt,name=status,proto3,enum=edge.v1.MailboxStatus" json:"status,omitempty"`
+	// The entry's seq when stored.
+	Seq           uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutMailboxResult) Reset() {
+	*x = PutMailboxResult{}
+	mi := &file_edge_v1_control_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutMailboxResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutMailboxResult) ProtoMessage() {}
+
+func (x *PutMailboxResult) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutMailboxResult.ProtoReflect.Descriptor instead.
+func (*PutMailboxResult) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *PutMailboxResult) GetStatus() MailboxStatus {
+	if x != nil {
+		return x.Status
+	}
+	return MailboxStatus_MAILBOX_STATUS_UNSPECIFIED
+}
+
+func (x *PutMailboxResult) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+// PutMailboxResponse has one result per entry, in order.
+type PutMailboxResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The revision (Raft index) that stored them.
+	Revision      uint64              `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	Results       []*PutMailboxResult `protobuf:"bytes,2,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutMailboxResponse) Reset() {
+	*x = PutMailboxResponse{}
+	mi := &file_edge_v1_control_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutMailboxResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutMailboxResponse) ProtoMessage() {}
+
+func (x *PutMailboxResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutMailboxResponse.ProtoReflect.Descriptor instead.
+func (*PutMailboxResponse) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *PutMailboxResponse) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *PutMailboxResponse) GetResults() []*PutMailboxResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// FetchMailboxRequest asks for a device's entries after after_seq.
+type FetchMailboxRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId string                 `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	AfterSeq uint64                 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
+	// At most this many (default and maximum 256).
+	Limit         uint32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FetchMailboxRequest) Reset() {
+	*x = FetchMailboxRequest{}
+	mi := &file_edge_v1_control_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FetchMailboxRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FetchMailboxRequest) ProtoMessage() {}
+
+func (x *FetchMailboxRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FetchMailboxRequest.ProtoReflect.Descriptor instead.
+func (*FetchMailboxRequest) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *FetchMailboxRequest) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *FetchMailboxRequest) GetAfterSeq() uint64 {
+	if x != nil {
+		return x.AfterSeq
+	}
+	return 0
+}
+
+func (x *FetchMailboxRequest) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+// FetchMailboxResponse returns them, oldest first, unexpired only.
+type FetchMailboxResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Entries []*MailboxEntry        `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	// More entries follow the last one returned.
+	More          bool `protobuf:"varint,2,opt,name=more,proto3" json:"more,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FetchMailboxResponse) Reset() {
+	*x = FetchMailboxResponse{}
+	mi := &file_edge_v1_control_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FetchMailboxResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FetchMailboxResponse) ProtoMessage() {}
+
+func (x *FetchMailboxResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FetchMailboxResponse.ProtoReflect.Descriptor instead.
+func (*FetchMailboxResponse) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *FetchMailboxResponse) GetEntries() []*MailboxEntry {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+func (x *FetchMailboxResponse) GetMore() bool {
+	if x != nil {
+		return x.More
+	}
+	return false
+}
+
+// AckMailboxRequest deletes a device's entries.
+type AckMailboxRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId      string                 `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	Seqs          []uint64               `protobuf:"varint,2,rep,packed,name=seqs,proto3" json:"seqs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AckMailboxRequest) Reset() {
+	*x = AckMailboxRequest{}
+	mi := &file_edge_v1_control_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AckMailboxRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AckMailboxRequest) ProtoMessage() {}
+
+func (x *AckMailboxRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AckMailboxRequest.ProtoReflect.Descriptor instead.
+func (*AckMailboxRequest) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *AckMailboxRequest) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *AckMailboxRequest) GetSeqs() []uint64 {
+	if x != nil {
+		return x.Seqs
+	}
+	return nil
+}
+
+// AckMailboxResponse confirms the deletion.
+type AckMailboxResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AckMailboxResponse) Reset() {
+	*x = AckMailboxResponse{}
+	mi := &file_edge_v1_control_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AckMailboxResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AckMailboxResponse) ProtoMessage() {}
+
+func (x *AckMailboxResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AckMailboxResponse.ProtoReflect.Descriptor instead.
+func (*AckMailboxResponse) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{26}
 }
 
 var File_edge_v1_control_proto protoreflect.FileDescriptor
@@ -932,11 +1772,16 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x0eSessionKeyRing\x12\x1d\n" +
 	"\n" +
 	"current_id\x18\x01 \x01(\tR\tcurrentId\x12'\n" +
-	"\x04keys\x18\x02 \x03(\v2\x13.edge.v1.SessionKeyR\x04keys\"2\n" +
+	"\x04keys\x18\x02 \x03(\v2\x13.edge.v1.SessionKeyR\x04keys\"O\n" +
 	"\n" +
 	"EdgeMember\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
-	"\x05addrs\x18\x02 \x03(\tR\x05addrs\"\xf5\x02\n" +
+	"\x05addrs\x18\x02 \x03(\tR\x05addrs\x12\x1b\n" +
+	"\tmesh_addr\x18\x03 \x01(\tR\bmeshAddr\"X\n" +
+	"\x0eMailboxChanged\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x17\n" +
+	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x10\n" +
+	"\x03seq\x18\x03 \x01(\x04R\x03seq\"\xb9\x03\n" +
 	"\n" +
 	"WatchEvent\x12/\n" +
 	"\buser_put\x18\x01 \x01(\v2\x12.edge.v1.UserStateH\x00R\auserPut\x12#\n" +
@@ -946,7 +1791,8 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x0edevice_deleted\x18\x04 \x01(\v2\x14.edge.v1.DeviceStateH\x00R\rdeviceDeleted\x12<\n" +
 	"\fsession_keys\x18\x05 \x01(\v2\x17.edge.v1.SessionKeyRingH\x00R\vsessionKeys\x120\n" +
 	"\bedge_put\x18\x06 \x01(\v2\x13.edge.v1.EdgeMemberH\x00R\aedgePut\x12#\n" +
-	"\fedge_deleted\x18\a \x01(\tH\x00R\vedgeDeletedB\x06\n" +
+	"\fedge_deleted\x18\a \x01(\tH\x00R\vedgeDeleted\x12B\n" +
+	"\x0fmailbox_changed\x18\b \x01(\v2\x17.edge.v1.MailboxChangedH\x00R\x0emailboxChangedB\x06\n" +
 	"\x04kind\"\xfa\x01\n" +
 	"\rWatchResponse\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\x12)\n" +
@@ -967,9 +1813,64 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"D\n" +
 	"\x15ReportActivityRequest\x12+\n" +
 	"\aentries\x18\x01 \x03(\v2\x11.edge.v1.ActivityR\aentries\"\x18\n" +
-	"\x16ReportActivityResponse2H\n" +
+	"\x16ReportActivityResponse\"\x96\x01\n" +
+	"\x13RegisterEdgeRequest\x12\x17\n" +
+	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\x12\x1b\n" +
+	"\tmesh_addr\x18\x02 \x01(\tR\bmeshAddr\x12!\n" +
+	"\fdevice_addrs\x18\x03 \x03(\tR\vdeviceAddrs\x12&\n" +
+	"\x0fmesh_public_key\x18\x04 \x01(\fR\rmeshPublicKey\"\xbd\x01\n" +
+	"\x14RegisterEdgeResponse\x12-\n" +
+	"\x13lease_expires_at_ms\x18\x01 \x01(\x03R\x10leaseExpiresAtMs\x12$\n" +
+	"\x0erenew_after_ms\x18\x02 \x01(\x03R\frenewAfterMs\x12)\n" +
+	"\x10mesh_certificate\x18\x03 \x01(\fR\x0fmeshCertificate\x12%\n" +
+	"\x0eca_certificate\x18\x04 \x01(\fR\rcaCertificate\"0\n" +
+	"\x15DeregisterEdgeRequest\x12\x17\n" +
+	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\"\x18\n" +
+	"\x16DeregisterEdgeResponse\"\xd5\x01\n" +
+	"\fMailboxEntry\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x1b\n" +
+	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x17\n" +
+	"\auser_id\x18\x03 \x01(\tR\x06userId\x12\x14\n" +
+	"\x05event\x18\x04 \x01(\fR\x05event\x12\x19\n" +
+	"\bevent_id\x18\x05 \x01(\tR\aeventId\x12(\n" +
+	"\x10sender_device_id\x18\x06 \x01(\tR\x0esenderDeviceId\x12\"\n" +
+	"\rexpires_at_ms\x18\a \x01(\x03R\vexpiresAtMs\"D\n" +
+	"\x11PutMailboxRequest\x12/\n" +
+	"\aentries\x18\x01 \x03(\v2\x15.edge.v1.MailboxEntryR\aentries\"T\n" +
+	"\x10PutMailboxResult\x12.\n" +
+	"\x06status\x18\x01 \x01(\x0e2\x16.edge.v1.MailboxStatusR\x06status\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\"e\n" +
+	"\x12PutMailboxResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x04R\brevision\x123\n" +
+	"\aresults\x18\x02 \x03(\v2\x19.edge.v1.PutMailboxResultR\aresults\"e\n" +
+	"\x13FetchMailboxRequest\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x1b\n" +
+	"\tafter_seq\x18\x02 \x01(\x04R\bafterSeq\x12\x14\n" +
+	"\x05limit\x18\x03 \x01(\rR\x05limit\"[\n" +
+	"\x14FetchMailboxResponse\x12/\n" +
+	"\aentries\x18\x01 \x03(\v2\x15.edge.v1.MailboxEntryR\aentries\x12\x12\n" +
+	"\x04more\x18\x02 \x01(\bR\x04more\"D\n" +
+	"\x11AckMailboxRequest\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x12\n" +
+	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"\x14\n" +
+	"\x12AckMailboxResponse*\x9f\x01\n" +
+	"\rMailboxStatus\x12\x1e\n" +
+	"\x1aMAILBOX_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15MAILBOX_STATUS_STORED\x10\x01\x12\x17\n" +
+	"\x13MAILBOX_STATUS_FULL\x10\x02\x12\x1e\n" +
+	"\x1aMAILBOX_STATUS_TARGET_GONE\x10\x03\x12\x1a\n" +
+	"\x16MAILBOX_STATUS_EXPIRED\x10\x042H\n" +
 	"\fWatchService\x128\n" +
-	"\x05Watch\x12\x15.edge.v1.WatchRequest\x1a\x16.edge.v1.WatchResponse0\x012d\n" +
+	"\x05Watch\x12\x15.edge.v1.WatchRequest\x1a\x16.edge.v1.WatchResponse0\x012\xad\x01\n" +
+	"\vEdgeService\x12K\n" +
+	"\fRegisterEdge\x12\x1c.edge.v1.RegisterEdgeRequest\x1a\x1d.edge.v1.RegisterEdgeResponse\x12Q\n" +
+	"\x0eDeregisterEdge\x12\x1e.edge.v1.DeregisterEdgeRequest\x1a\x1f.edge.v1.DeregisterEdgeResponse2\xf0\x01\n" +
+	"\x0eMailboxService\x12E\n" +
+	"\n" +
+	"PutMailbox\x12\x1a.edge.v1.PutMailboxRequest\x1a\x1b.edge.v1.PutMailboxResponse\x12P\n" +
+	"\fFetchMailbox\x12\x1c.edge.v1.FetchMailboxRequest\x1a\x1d.edge.v1.FetchMailboxResponse\"\x03\x90\x02\x01\x12E\n" +
+	"\n" +
+	"AckMailbox\x12\x1a.edge.v1.AckMailboxRequest\x1a\x1b.edge.v1.AckMailboxResponse2d\n" +
 	"\x0fActivityService\x12Q\n" +
 	"\x0eReportActivity\x12\x1e.edge.v1.ReportActivityRequest\x1a\x1f.edge.v1.ReportActivityResponseB2Z0github.com/edge-relay/relay/proto/edge/v1;edgev1b\x06proto3"
 
@@ -985,44 +1886,74 @@ func file_edge_v1_control_proto_rawDescGZIP() []byte {
 	return file_edge_v1_control_proto_rawDescData
 }
 
-var file_edge_v1_control_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_edge_v1_control_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_edge_v1_control_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_edge_v1_control_proto_goTypes = []any{
-	(*WatchRequest)(nil),           // 0: edge.v1.WatchRequest
-	(*UserState)(nil),              // 1: edge.v1.UserState
-	(*DeviceState)(nil),            // 2: edge.v1.DeviceState
-	(*SessionKey)(nil),             // 3: edge.v1.SessionKey
-	(*SessionKeyRing)(nil),         // 4: edge.v1.SessionKeyRing
-	(*EdgeMember)(nil),             // 5: edge.v1.EdgeMember
-	(*WatchEvent)(nil),             // 6: edge.v1.WatchEvent
-	(*WatchResponse)(nil),          // 7: edge.v1.WatchResponse
-	(*Resync)(nil),                 // 8: edge.v1.Resync
-	(*SnapshotDone)(nil),           // 9: edge.v1.SnapshotDone
-	(*Progress)(nil),               // 10: edge.v1.Progress
-	(*Activity)(nil),               // 11: edge.v1.Activity
-	(*ReportActivityRequest)(nil),  // 12: edge.v1.ReportActivityRequest
-	(*ReportActivityResponse)(nil), // 13: edge.v1.ReportActivityResponse
+	(MailboxStatus)(0),             // 0: edge.v1.MailboxStatus
+	(*WatchRequest)(nil),           // 1: edge.v1.WatchRequest
+	(*UserState)(nil),              // 2: edge.v1.UserState
+	(*DeviceState)(nil),            // 3: edge.v1.DeviceState
+	(*SessionKey)(nil),             // 4: edge.v1.SessionKey
+	(*SessionKeyRing)(nil),         // 5: edge.v1.SessionKeyRing
+	(*EdgeMember)(nil),             // 6: edge.v1.EdgeMember
+	(*MailboxChanged)(nil),         // 7: edge.v1.MailboxChanged
+	(*WatchEvent)(nil),             // 8: edge.v1.WatchEvent
+	(*WatchResponse)(nil),          // 9: edge.v1.WatchResponse
+	(*Resync)(nil),                 // 10: edge.v1.Resync
+	(*SnapshotDone)(nil),           // 11: edge.v1.SnapshotDone
+	(*Progress)(nil),               // 12: edge.v1.Progress
+	(*Activity)(nil),               // 13: edge.v1.Activity
+	(*ReportActivityRequest)(nil),  // 14: edge.v1.ReportActivityRequest
+	(*ReportActivityResponse)(nil), // 15: edge.v1.ReportActivityResponse
+	(*RegisterEdgeRequest)(nil),    // 16: edge.v1.RegisterEdgeRequest
+	(*RegisterEdgeResponse)(nil),   // 17: edge.v1.RegisterEdgeResponse
+	(*DeregisterEdgeRequest)(nil),  // 18: edge.v1.DeregisterEdgeRequest
+	(*DeregisterEdgeResponse)(nil), // 19: edge.v1.DeregisterEdgeResponse
+	(*MailboxEntry)(nil),           // 20: edge.v1.MailboxEntry
+	(*PutMailboxRequest)(nil),      // 21: edge.v1.PutMailboxRequest
+	(*PutMailboxResult)(nil),       // 22: edge.v1.PutMailboxResult
+	(*PutMailboxResponse)(nil),     // 23: edge.v1.PutMailboxResponse
+	(*FetchMailboxRequest)(nil),    // 24: edge.v1.FetchMailboxRequest
+	(*FetchMailboxResponse)(nil),   // 25: edge.v1.FetchMailboxResponse
+	(*AckMailboxRequest)(nil),      // 26: edge.v1.AckMailboxRequest
+	(*AckMailboxResponse)(nil),     // 27: edge.v1.AckMailboxResponse
 }
 var file_edge_v1_control_proto_depIdxs = []int32{
-	3,  // 0: edge.v1.SessionKeyRing.keys:type_name -> edge.v1.SessionKey
-	1,  // 1: edge.v1.WatchEvent.user_put:type_name -> edge.v1.UserState
-	2,  // 2: edge.v1.WatchEvent.device_put:type_name -> edge.v1.DeviceState
-	2,  // 3: edge.v1.WatchEvent.device_deleted:type_name -> edge.v1.DeviceState
-	4,  // 4: edge.v1.WatchEvent.session_keys:type_name -> edge.v1.SessionKeyRing
-	5,  // 5: edge.v1.WatchEvent.edge_put:type_name -> edge.v1.EdgeMember
-	8,  // 6: edge.v1.WatchResponse.resync:type_name -> edge.v1.Resync
-	6,  // 7: edge.v1.WatchResponse.event:type_name -> edge.v1.WatchEvent
-	9,  // 8: edge.v1.WatchResponse.snapshot_done:type_name -> edge.v1.SnapshotDone
-	10, // 9: edge.v1.WatchResponse.progress:type_name -> edge.v1.Progress
-	11, // 10: edge.v1.ReportActivityRequest.entries:type_name -> edge.v1.Activity
-	0,  // 11: edge.v1.WatchService.Watch:input_type -> edge.v1.WatchRequest
-	12, // 12: edge.v1.ActivityService.ReportActivity:input_type -> edge.v1.ReportActivityRequest
-	7,  // 13: edge.v1.WatchService.Watch:output_type -> edge.v1.WatchResponse
-	13, // 14: edge.v1.ActivityService.ReportActivity:output_type -> edge.v1.ReportActivityResponse
-	13, // [13:15] is the sub-list for method output_type
-	11, // [11:13] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	4,  // 0: edge.v1.SessionKeyRing.keys:type_name -> edge.v1.SessionKey
+	2,  // 1: edge.v1.WatchEvent.user_put:type_name -> edge.v1.UserState
+	3,  // 2: edge.v1.WatchEvent.device_put:type_name -> edge.v1.DeviceState
+	3,  // 3: edge.v1.WatchEvent.device_deleted:type_name -> edge.v1.DeviceState
+	5,  // 4: edge.v1.WatchEvent.session_keys:type_name -> edge.v1.SessionKeyRing
+	6,  // 5: edge.v1.WatchEvent.edge_put:type_name -> edge.v1.EdgeMember
+	7,  // 6: edge.v1.WatchEvent.mailbox_changed:type_name -> edge.v1.MailboxChanged
+	10, // 7: edge.v1.WatchResponse.resync:type_name -> edge.v1.Resync
+	8,  // 8: edge.v1.WatchResponse.event:type_name -> edge.v1.WatchEvent
+	11, // 9: edge.v1.WatchResponse.snapshot_done:type_name -> edge.v1.SnapshotDone
+	12, // 10: edge.v1.WatchResponse.progress:type_name -> edge.v1.Progress
+	13, // 11: edge.v1.ReportActivityRequest.entries:type_name -> edge.v1.Activity
+	20, // 12: edge.v1.PutMailboxRequest.entries:type_name -> edge.v1.MailboxEntry
+	0,  // 13: edge.v1.PutMailboxResult.status:type_name -> edge.v1.MailboxStatus
+	22, // 14: edge.v1.PutMailboxResponse.results:type_name -> edge.v1.PutMailboxResult
+	20, // 15: edge.v1.FetchMailboxResponse.entries:type_name -> edge.v1.MailboxEntry
+	1,  // 16: edge.v1.WatchService.Watch:input_type -> edge.v1.WatchRequest
+	16, // 17: edge.v1.EdgeService.RegisterEdge:input_type -> edge.v1.RegisterEdgeRequest
+	18, // 18: edge.v1.EdgeService.DeregisterEdge:input_type -> edge.v1.DeregisterEdgeRequest
+	21, // 19: edge.v1.MailboxService.PutMailbox:input_type -> edge.v1.PutMailboxRequest
+	24, // 20: edge.v1.MailboxService.FetchMailbox:input_type -> edge.v1.FetchMailboxRequest
+	26, // 21: edge.v1.MailboxService.AckMailbox:input_type -> edge.v1.AckMailboxRequest
+	14, // 22: edge.v1.ActivityService.ReportActivity:input_type -> edge.v1.ReportActivityRequest
+	9,  // 23: edge.v1.WatchService.Watch:output_type -> edge.v1.WatchResponse
+	17, // 24: edge.v1.EdgeService.RegisterEdge:output_type -> edge.v1.RegisterEdgeResponse
+	19, // 25: edge.v1.EdgeService.DeregisterEdge:output_type -> edge.v1.DeregisterEdgeResponse
+	23, // 26: edge.v1.MailboxService.PutMailbox:output_type -> edge.v1.PutMailboxResponse
+	25, // 27: edge.v1.MailboxService.FetchMailbox:output_type -> edge.v1.FetchMailboxResponse
+	27, // 28: edge.v1.MailboxService.AckMailbox:output_type -> edge.v1.AckMailboxResponse
+	15, // 29: edge.v1.ActivityService.ReportActivity:output_type -> edge.v1.ReportActivityResponse
+	23, // [23:30] is the sub-list for method output_type
+	16, // [16:23] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_edge_v1_control_proto_init() }
@@ -1030,7 +1961,7 @@ func file_edge_v1_control_proto_init() {
 	if File_edge_v1_control_proto != nil {
 		return
 	}
-	file_edge_v1_control_proto_msgTypes[6].OneofWrappers = []any{
+	file_edge_v1_control_proto_msgTypes[7].OneofWrappers = []any{
 		(*WatchEvent_UserPut)(nil),
 		(*WatchEvent_UserDeleted)(nil),
 		(*WatchEvent_DevicePut)(nil),
@@ -1038,8 +1969,9 @@ func file_edge_v1_control_proto_init() {
 		(*WatchEvent_SessionKeys)(nil),
 		(*WatchEvent_EdgePut)(nil),
 		(*WatchEvent_EdgeDeleted)(nil),
+		(*WatchEvent_MailboxChanged)(nil),
 	}
-	file_edge_v1_control_proto_msgTypes[7].OneofWrappers = []any{
+	file_edge_v1_control_proto_msgTypes[8].OneofWrappers = []any{
 		(*WatchResponse_Resync)(nil),
 		(*WatchResponse_Event)(nil),
 		(*WatchResponse_SnapshotDone)(nil),
@@ -1050,13 +1982,14 @@ func file_edge_v1_control_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_edge_v1_control_proto_rawDesc), len(file_edge_v1_control_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   14,
+			NumEnums:      1,
+			NumMessages:   27,
 			NumExtensions: 0,
-			NumServices:   2,
+			NumServices:   4,
 		},
 		GoTypes:           file_edge_v1_control_proto_goTypes,
 		DependencyIndexes: file_edge_v1_control_proto_depIdxs,
+		EnumInfos:         file_edge_v1_control_proto_enumTypes,
 		MessageInfos:      file_edge_v1_control_proto_msgTypes,
 	}.Build()
 	File_edge_v1_control_proto = out.File

@@ -3,7 +3,7 @@
 // Source: edge/v1/control.proto
 
 // Package edge.v1 is what edges speak: to the control plane (watch,
-// activity) and, later, to each other.
+// activity, registration, mailboxes) and to each other (mesh.proto).
 package edgev1connect
 
 import (
@@ -25,6 +25,10 @@ const _ = connect.IsAtLeastVersion1_13_0
 const (
 	// WatchServiceName is the fully-qualified name of the WatchService service.
 	WatchServiceName = "edge.v1.WatchService"
+	// EdgeServiceName is the fully-qualified name of the EdgeService service.
+	EdgeServiceName = "edge.v1.EdgeService"
+	// MailboxServiceName is the fully-qualified name of the MailboxService service.
+	MailboxServiceName = "edge.v1.MailboxService"
 	// ActivityServiceName is the fully-qualified name of the ActivityService service.
 	ActivityServiceName = "edge.v1.ActivityService"
 )
@@ -39,6 +43,21 @@ const (
 const (
 	// WatchServiceWatchProcedure is the fully-qualified name of the WatchService's Watch RPC.
 	WatchServiceWatchProcedure = "/edge.v1.WatchService/Watch"
+	// EdgeServiceRegisterEdgeProcedure is the fully-qualified name of the EdgeService's RegisterEdge
+	// RPC.
+	EdgeServiceRegisterEdgeProcedure = "/edge.v1.EdgeService/RegisterEdge"
+	// EdgeServiceDeregisterEdgeProcedure is the fully-qualified name of the EdgeService's
+	// DeregisterEdge RPC.
+	EdgeServiceDeregisterEdgeProcedure = "/edge.v1.EdgeService/DeregisterEdge"
+	// MailboxServicePutMailboxProcedure is the fully-qualified name of the MailboxService's PutMailbox
+	// RPC.
+	MailboxServicePutMailboxProcedure = "/edge.v1.MailboxService/PutMailbox"
+	// MailboxServiceFetchMailboxProcedure is the fully-qualified name of the MailboxService's
+	// FetchMailbox RPC.
+	MailboxServiceFetchMailboxProcedure = "/edge.v1.MailboxService/FetchMailbox"
+	// MailboxServiceAckMailboxProcedure is the fully-qualified name of the MailboxService's AckMailbox
+	// RPC.
+	MailboxServiceAckMailboxProcedure = "/edge.v1.MailboxService/AckMailbox"
 	// ActivityServiceReportActivityProcedure is the fully-qualified name of the ActivityService's
 	// ReportActivity RPC.
 	ActivityServiceReportActivityProcedure = "/edge.v1.ActivityService/ReportActivity"
@@ -120,6 +139,250 @@ type UnimplementedWatchServiceHandler struct{}
 
 func (UnimplementedWatchServiceHandler) Watch(context.Context, *connect.Request[v1.WatchRequest], *connect.ServerStream[v1.WatchResponse]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("edge.v1.WatchService.Watch is not implemented"))
+}
+
+// EdgeServiceClient is a client for the edge.v1.EdgeService service.
+type EdgeServiceClient interface {
+	// RegisterEdge registers the calling edge, or renews its lease, and issues
+	// it a short-lived mesh certificate for mesh_public_key, signed by the
+	// cluster CA. Call it again before renew_after_ms.
+	RegisterEdge(context.Context, *connect.Request[v1.RegisterEdgeRequest]) (*connect.Response[v1.RegisterEdgeResponse], error)
+	// DeregisterEdge removes the edge from the member list at once (graceful
+	// shutdown); its lease would otherwise run out.
+	DeregisterEdge(context.Context, *connect.Request[v1.DeregisterEdgeRequest]) (*connect.Response[v1.DeregisterEdgeResponse], error)
+}
+
+// NewEdgeServiceClient constructs a client for the edge.v1.EdgeService service. By default, it uses
+// the Connect protocol with the binary Protobuf Codec, asks for gzipped responses, and sends
+// uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the connect.WithGRPC() or
+// connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewEdgeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) EdgeServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	edgeServiceMethods := v1.File_edge_v1_control_proto.Services().ByName("EdgeService").Methods()
+	return &edgeServiceClient{
+		registerEdge: connect.NewClient[v1.RegisterEdgeRequest, v1.RegisterEdgeResponse](
+			httpClient,
+			baseURL+EdgeServiceRegisterEdgeProcedure,
+			connect.WithSchema(edgeServiceMethods.ByName("RegisterEdge")),
+			connect.WithClientOptions(opts...),
+		),
+		deregisterEdge: connect.NewClient[v1.DeregisterEdgeRequest, v1.DeregisterEdgeResponse](
+			httpClient,
+			baseURL+EdgeServiceDeregisterEdgeProcedure,
+			connect.WithSchema(edgeServiceMethods.ByName("DeregisterEdge")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// edgeServiceClient implements EdgeServiceClient.
+type edgeServiceClient struct {
+	registerEdge   *connect.Client[v1.RegisterEdgeRequest, v1.RegisterEdgeResponse]
+	deregisterEdge *connect.Client[v1.DeregisterEdgeRequest, v1.DeregisterEdgeResponse]
+}
+
+// RegisterEdge calls edge.v1.EdgeService.RegisterEdge.
+func (c *edgeServiceClient) RegisterEdge(ctx context.Context, req *connect.Request[v1.RegisterEdgeRequest]) (*connect.Response[v1.RegisterEdgeResponse], error) {
+	return c.registerEdge.CallUnary(ctx, req)
+}
+
+// DeregisterEdge calls edge.v1.EdgeService.DeregisterEdge.
+func (c *edgeServiceClient) DeregisterEdge(ctx context.Context, req *connect.Request[v1.DeregisterEdgeRequest]) (*connect.Response[v1.DeregisterEdgeResponse], error) {
+	return c.deregisterEdge.CallUnary(ctx, req)
+}
+
+// EdgeServiceHandler is an implementation of the edge.v1.EdgeService service.
+type EdgeServiceHandler interface {
+	// RegisterEdge registers the calling edge, or renews its lease, and issues
+	// it a short-lived mesh certificate for mesh_public_key, signed by the
+	// cluster CA. Call it again before renew_after_ms.
+	RegisterEdge(context.Context, *connect.Request[v1.RegisterEdgeRequest]) (*connect.Response[v1.RegisterEdgeResponse], error)
+	// DeregisterEdge removes the edge from the member list at once (graceful
+	// shutdown); its lease would otherwise run out.
+	DeregisterEdge(context.Context, *connect.Request[v1.DeregisterEdgeRequest]) (*connect.Response[v1.DeregisterEdgeResponse], error)
+}
+
+// NewEdgeServiceHandler builds an HTTP handler from the service implementation. It returns the path
+// on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewEdgeServiceHandler(svc EdgeServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	edgeServiceMethods := v1.File_edge_v1_control_proto.Services().ByName("EdgeService").Methods()
+	edgeServiceRegisterEdgeHandler := connect.NewUnaryHandler(
+		EdgeServiceRegisterEdgeProcedure,
+		svc.RegisterEdge,
+		connect.WithSchema(edgeServiceMethods.ByName("RegisterEdge")),
+		connect.WithHandlerOptions(opts...),
+	)
+	edgeServiceDeregisterEdgeHandler := connect.NewUnaryHandler(
+		EdgeServiceDeregisterEdgeProcedure,
+		svc.DeregisterEdge,
+		connect.WithSchema(edgeServiceMethods.ByName("DeregisterEdge")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/edge.v1.EdgeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case EdgeServiceRegisterEdgeProcedure:
+			edgeServiceRegisterEdgeHandler.ServeHTTP(w, r)
+		case EdgeServiceDeregisterEdgeProcedure:
+			edgeServiceDeregisterEdgeHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedEdgeServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedEdgeServiceHandler struct{}
+
+func (UnimplementedEdgeServiceHandler) RegisterEdge(context.Context, *connect.Request[v1.RegisterEdgeRequest]) (*connect.Response[v1.RegisterEdgeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("edge.v1.EdgeService.RegisterEdge is not implemented"))
+}
+
+func (UnimplementedEdgeServiceHandler) DeregisterEdge(context.Context, *connect.Request[v1.DeregisterEdgeRequest]) (*connect.Response[v1.DeregisterEdgeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("edge.v1.EdgeService.DeregisterEdge is not implemented"))
+}
+
+// MailboxServiceClient is a client for the edge.v1.MailboxService service.
+type MailboxServiceClient interface {
+	// PutMailbox stores events in their targets' mailboxes, all in one Raft entry
+	// and in the order given; each entry gets its own result. A stored
+	// entry is committed (durable on a quorum) when PutMailbox returns.
+	PutMailbox(context.Context, *connect.Request[v1.PutMailboxRequest]) (*connect.Response[v1.PutMailboxResponse], error)
+	// FetchMailbox returns a device's entries after a sequence number, oldest
+	// first (a linearizable read).
+	FetchMailbox(context.Context, *connect.Request[v1.FetchMailboxRequest]) (*connect.Response[v1.FetchMailboxResponse], error)
+	// AckMailbox deletes entries a device received (or that were cancelled).
+	// Unknown sequence numbers are ignored.
+	AckMailbox(context.Context, *connect.Request[v1.AckMailboxRequest]) (*connect.Response[v1.AckMailboxResponse], error)
+}
+
+// NewMailboxServiceClient constructs a client for the edge.v1.MailboxService service. By default,
+// it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses, and
+// sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the connect.WithGRPC()
+// or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewMailboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) MailboxServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	mailboxServiceMethods := v1.File_edge_v1_control_proto.Services().ByName("MailboxService").Methods()
+	return &mailboxServiceClient{
+		putMailbox: connect.NewClient[v1.PutMailboxRequest, v1.PutMailboxResponse](
+			httpClient,
+			baseURL+MailboxServicePutMailboxProcedure,
+			connect.WithSchema(mailboxServiceMethods.ByName("PutMailbox")),
+			connect.WithClientOptions(opts...),
+		),
+		fetchMailbox: connect.NewClient[v1.FetchMailboxRequest, v1.FetchMailboxResponse](
+			httpClient,
+			baseURL+MailboxServiceFetchMailboxProcedure,
+			connect.WithSchema(mailboxServiceMethods.ByName("FetchMailbox")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		ackMailbox: connect.NewClient[v1.AckMailboxRequest, v1.AckMailboxResponse](
+			httpClient,
+			baseURL+MailboxServiceAckMailboxProcedure,
+			connect.WithSchema(mailboxServiceMethods.ByName("AckMailbox")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// mailboxServiceClient implements MailboxServiceClient.
+type mailboxServiceClient struct {
+	putMailbox   *connect.Client[v1.PutMailboxRequest, v1.PutMailboxResponse]
+	fetchMailbox *connect.Client[v1.FetchMailboxRequest, v1.FetchMailboxResponse]
+	ackMailbox   *connect.Client[v1.AckMailboxRequest, v1.AckMailboxResponse]
+}
+
+// PutMailbox calls edge.v1.MailboxService.PutMailbox.
+func (c *mailboxServiceClient) PutMailbox(ctx context.Context, req *connect.Request[v1.PutMailboxRequest]) (*connect.Response[v1.PutMailboxResponse], error) {
+	return c.putMailbox.CallUnary(ctx, req)
+}
+
+// FetchMailbox calls edge.v1.MailboxService.FetchMailbox.
+func (c *mailboxServiceClient) FetchMailbox(ctx context.Context, req *connect.Request[v1.FetchMailboxRequest]) (*connect.Response[v1.FetchMailboxResponse], error) {
+	return c.fetchMailbox.CallUnary(ctx, req)
+}
+
+// AckMailbox calls edge.v1.MailboxService.AckMailbox.
+func (c *mailboxServiceClient) AckMailbox(ctx context.Context, req *connect.Request[v1.AckMailboxRequest]) (*connect.Response[v1.AckMailboxResponse], error) {
+	return c.ackMailbox.CallUnary(ctx, req)
+}
+
+// MailboxServiceHandler is an implementation of the edge.v1.MailboxService service.
+type MailboxServiceHandler interface {
+	// PutMailbox stores events in their targets' mailboxes, all in one Raft entry
+	// and in the order given; each entry gets its own result. A stored
+	// entry is committed (durable on a quorum) when PutMailbox returns.
+	PutMailbox(context.Context, *connect.Request[v1.PutMailboxRequest]) (*connect.Response[v1.PutMailboxResponse], error)
+	// FetchMailbox returns a device's entries after a sequence number, oldest
+	// first (a linearizable read).
+	FetchMailbox(context.Context, *connect.Request[v1.FetchMailboxRequest]) (*connect.Response[v1.FetchMailboxResponse], error)
+	// AckMailbox deletes entries a device received (or that were cancelled).
+	// Unknown sequence numbers are ignored.
+	AckMailbox(context.Context, *connect.Request[v1.AckMailboxRequest]) (*connect.Response[v1.AckMailboxResponse], error)
+}
+
+// NewMailboxServiceHandler builds an HTTP handler from the service implementation. It returns the
+// path on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewMailboxServiceHandler(svc MailboxServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	mailboxServiceMethods := v1.File_edge_v1_control_proto.Services().ByName("MailboxService").Methods()
+	mailboxServicePutMailboxHandler := connect.NewUnaryHandler(
+		MailboxServicePutMailboxProcedure,
+		svc.PutMailbox,
+		connect.WithSchema(mailboxServiceMethods.ByName("PutMailbox")),
+		connect.WithHandlerOptions(opts...),
+	)
+	mailboxServiceFetchMailboxHandler := connect.NewUnaryHandler(
+		MailboxServiceFetchMailboxProcedure,
+		svc.FetchMailbox,
+		connect.WithSchema(mailboxServiceMethods.ByName("FetchMailbox")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	mailboxServiceAckMailboxHandler := connect.NewUnaryHandler(
+		MailboxServiceAckMailboxProcedure,
+		svc.AckMailbox,
+		connect.WithSchema(mailboxServiceMethods.ByName("AckMailbox")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/edge.v1.MailboxService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case MailboxServicePutMailboxProcedure:
+			mailboxServicePutMailboxHandler.ServeHTTP(w, r)
+		case MailboxServiceFetchMailboxProcedure:
+			mailboxServiceFetchMailboxHandler.ServeHTTP(w, r)
+		case MailboxServiceAckMailboxProcedure:
+			mailboxServiceAckMailboxHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedMailboxServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedMailboxServiceHandler struct{}
+
+func (UnimplementedMailboxServiceHandler) PutMailbox(context.Context, *connect.Request[v1.PutMailboxRequest]) (*connect.Response[v1.PutMailboxResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("edge.v1.MailboxService.PutMailbox is not implemented"))
+}
+
+func (UnimplementedMailboxServiceHandler) FetchMailbox(context.Context, *connect.Request[v1.FetchMailboxRequest]) (*connect.Response[v1.FetchMailboxResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("edge.v1.MailboxService.FetchMailbox is not implemented"))
+}
+
+func (UnimplementedMailboxServiceHandler) AckMailbox(context.Context, *connect.Request[v1.AckMailboxRequest]) (*connect.Response[v1.AckMailboxResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("edge.v1.MailboxService.AckMailbox is not implemented"))
 }
 
 // ActivityServiceClient is a client for the edge.v1.ActivityService service.
