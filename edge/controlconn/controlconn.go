@@ -189,3 +189,56 @@ func (c *Conn) ReportActivity(ctx context.Context, entries []*edgev1.Activity) e
 	}
 	return err
 }
+
+// call runs one unary call with the edge's token against the current URL,
+// failing over to the next URL for the next call when this one is down.
+func call[Req, Resp any](ctx context.Context, c *Conn, msg *Req, do func(u string, req *connect.Request[Req]) (*connect.Response[Resp], error)) (*Resp, error) {
+	req := connect.NewRequest(msg)
+	if err := c.authorize(ctx, req.Header()); err != nil {
+		return nil, err
+	}
+	u := c.url()
+	resp, err := do(u, req)
+	if err != nil {
+		c.failover(u, err)
+		return nil, err
+	}
+	return resp.Msg, nil
+}
+
+// RegisterEdge registers the edge or renews its lease.
+func (c *Conn) RegisterEdge(ctx context.Context, m *edgev1.RegisterEdgeRequest) (*edgev1.RegisterEdgeResponse, error) {
+	return call(ctx, c, m, func(u string, r *connect.Request[edgev1.RegisterEdgeRequest]) (*connect.Response[edgev1.RegisterEdgeResponse], error) {
+		return edgev1connect.NewEdgeServiceClient(c.http, u, c.cfg.Options...).RegisterEdge(ctx, r)
+	})
+}
+
+// DeregisterEdge removes the edge from the member list.
+func (c *Conn) DeregisterEdge(ctx context.Context, edgeID string) error {
+	_, err := call(ctx, c, &edgev1.DeregisterEdgeRequest{EdgeId: edgeID}, func(u string, r *connect.Request[edgev1.DeregisterEdgeRequest]) (*connect.Response[edgev1.DeregisterEdgeResponse], error) {
+		return edgev1connect.NewEdgeServiceClient(c.http, u, c.cfg.Options...).DeregisterEdge(ctx, r)
+	})
+	return err
+}
+
+// PutMailbox stores entries in mailboxes.
+func (c *Conn) PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
+	return call(ctx, c, &edgev1.PutMailboxRequest{Entries: entries}, func(u string, r *connect.Request[edgev1.PutMailboxRequest]) (*connect.Response[edgev1.PutMailboxResponse], error) {
+		return edgev1connect.NewMailboxServiceClient(c.http, u, c.cfg.Options...).PutMailbox(ctx, r)
+	})
+}
+
+// FetchMailbox reads a device's entries after a seq.
+func (c *Conn) FetchMailbox(ctx context.Context, deviceID string, after uint64, limit uint32) (*edgev1.FetchMailboxResponse, error) {
+	return call(ctx, c, &edgev1.FetchMailboxRequest{DeviceId: deviceID, AfterSeq: after, Limit: limit}, func(u string, r *connect.Request[edgev1.FetchMailboxRequest]) (*connect.Response[edgev1.FetchMailboxResponse], error) {
+		return edgev1connect.NewMailboxServiceClient(c.http, u, c.cfg.Options...).FetchMailbox(ctx, r)
+	})
+}
+
+// AckMailbox deletes delivered entries.
+func (c *Conn) AckMailbox(ctx context.Context, deviceID string, seqs []uint64) error {
+	_, err := call(ctx, c, &edgev1.AckMailboxRequest{DeviceId: deviceID, Seqs: seqs}, func(u string, r *connect.Request[edgev1.AckMailboxRequest]) (*connect.Response[edgev1.AckMailboxResponse], error) {
+		return edgev1connect.NewMailboxServiceClient(c.http, u, c.cfg.Options...).AckMailbox(ctx, r)
+	})
+	return err
+}

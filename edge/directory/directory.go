@@ -10,6 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -43,14 +45,59 @@ type Config struct {
 	// OnRemove is called (from the following goroutine) for every device
 	// or user whose sessions must close. It must not block for long.
 	OnRemove func(Removal)
+	// OnMailbox is called (from the following goroutine) when a device's
+	// mailbox received entries up to seq. It must not block for long.
+	OnMailbox func(userID, deviceID string, seq uint64)
+	// OnEdges is called (from the following goroutine) after the member
+	// list changed, with the new list.
+	OnEdges func([]Edge)
 	// Logger; default slog.Default().
 	Logger *slog.Logger
 }
 
 type snapshot struct {
 	devices map[string]Device
-	users   map[string]bool // id -> active
-	edges   map[string][]string
+	byUser  map[string]map[string]struct{} // user -> its active devices
+	users   map[string]bool                // id -> active
+	edges   map[string]Edge
+}
+
+// Edge is a member of the mesh.
+type Edge struct {
+	ID       string
+	Addrs    []string // where devices connect
+	MeshAddr string   // where edges connect
+}
+
+func (s *snapshot) putDevice(d Device) {
+	if old, ok := s.devices[d.ID]; ok {
+		s.dropFromUser(old)
+	}
+	s.devices[d.ID] = d
+	if !d.Revoked {
+		set := s.byUser[d.UserID]
+		if set == nil {
+			set = map[string]struct{}{}
+			s.byUser[d.UserID] = set
+		}
+		set[d.ID] = struct{}{}
+	}
+}
+
+func (s *snapshot) deleteDevice(id string) {
+	if old, ok := s.devices[id]; ok {
+		s.dropFromUser(old)
+		delete(s.devices, id)
+	}
+}
+
+func (s *snapshot) dropFromUser(d Device) {
+	if set := s.byUser[d.UserID]; set != nil {
+		delete(set, d.ID)
+		if len(set) == 0 {
+			delete(s.byUser, d.UserID)
+		}
+	}
 }
 
 // maxTombstones bounds how many deleted devices are remembered (to tell a
@@ -80,7 +127,7 @@ func (t *tombstones) add(deviceID, userID string) {
 }
 
 func newSnapshot() snapshot {
-	return snapshot{devices: map[string]Device{}, users: map[string]bool{}, edges: map[string][]string{}}
+	return snapshot{devices: map[string]Device{}, byUser: map[string]map[string]struct{}{}, users: map[string]bool{}, edges: map[string]Edge{}}
 }
 
 // Directory is safe for concurrent use: one goroutine applies the feed,
@@ -104,6 +151,12 @@ func New(cfg Config) *Directory {
 	}
 	if cfg.OnRemove == nil {
 		cfg.OnRemove = func(Removal) {}
+	}
+	if cfg.OnMailbox == nil {
+		cfg.OnMailbox = func(string, string, uint64) {}
+	}
+	if cfg.OnEdges == nil {
+		cfg.OnEdges = func([]Edge) {}
 	}
 	return &Directory{cfg: cfg, cur: newSnapshot(), changed: make(chan struct{})}
 }
@@ -140,14 +193,32 @@ func (d *Directory) UserActive(id string) bool {
 	return d.cur.users[id]
 }
 
-// Edges returns the edge members and their addresses.
-func (d *Directory) Edges() map[string][]string {
+// Edges returns the edge members, ordered by id.
+func (d *Directory) Edges() []Edge {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
-	out := make(map[string][]string, len(d.cur.edges))
-	for k, v := range d.cur.edges {
-		out[k] = v
+	return d.edgesLocked()
+}
+
+func (d *Directory) edgesLocked() []Edge {
+	out := make([]Edge, 0, len(d.cur.edges))
+	for _, e := range d.cur.edges {
+		out = append(out, e)
 	}
+	slices.SortFunc(out, func(a, b Edge) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// UserDevices lists a user's active devices, ordered by id.
+func (d *Directory) UserDevices(userID string) []string {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	set := d.cur.byUser[userID]
+	out := make([]string, 0, len(set))
+	for id := range set {
+		out = append(out, id)
+	}
+	slices.Sort(out)
 	return out
 }
 
@@ -191,6 +262,9 @@ func (d *Directory) notify() {
 // the lock is released.
 func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	var removals []Removal
+	var notes []mailboxNote
+	var edges []Edge
+	edgesChanged := false
 	if d.cfg.Logger.Enabled(context.Background(), slog.LevelDebug) {
 		d.cfg.Logger.Debug("watch message", "revision", m.GetRevision(), "message", m.String())
 	}
@@ -201,6 +275,7 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 		d.staging = &s
 	case *edgev1.WatchResponse_SnapshotDone:
 		if d.staging != nil {
+			edgesChanged = true
 			removals = diff(d.cur, *d.staging)
 			for _, r := range removals {
 				if r.DeviceID != "" && r.Reason == "device deleted" {
@@ -216,6 +291,13 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 			target = d.staging
 		}
 		removals = d.applyEvent(target, k.Event, d.staging == nil)
+		if mc := k.Event.GetMailboxChanged(); mc != nil && d.staging == nil {
+			notes = append(notes, mailboxNote{mc.GetUserId(), mc.GetDeviceId(), mc.GetSeq()})
+		}
+		switch k.Event.GetKind().(type) {
+		case *edgev1.WatchEvent_EdgePut, *edgev1.WatchEvent_EdgeDeleted:
+			edgesChanged = d.staging == nil
+		}
 	case *edgev1.WatchResponse_Progress:
 	}
 	// d.revision is the last *complete* revision, the one to resume from:
@@ -231,11 +313,25 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 			d.revision = complete
 		}
 	}
+	if edgesChanged {
+		edges = d.edgesLocked()
+	}
 	d.notify()
 	d.mu.Unlock()
 	for _, r := range removals {
 		d.cfg.OnRemove(r)
 	}
+	for _, n := range notes {
+		d.cfg.OnMailbox(n.user, n.device, n.seq)
+	}
+	if edgesChanged {
+		d.cfg.OnEdges(edges)
+	}
+}
+
+type mailboxNote struct {
+	user, device string
+	seq          uint64
 }
 
 func (d *Directory) applyEvent(s *snapshot, ev *edgev1.WatchEvent, live bool) []Removal {
@@ -255,12 +351,12 @@ func (d *Directory) applyEvent(s *snapshot, ev *edgev1.WatchEvent, live bool) []
 	case *edgev1.WatchEvent_DevicePut:
 		dv := k.DevicePut
 		old, had := s.devices[dv.GetId()]
-		s.devices[dv.GetId()] = Device{ID: dv.GetId(), UserID: dv.GetUserId(), PublicKey: dv.GetPublicKey(), Revoked: dv.GetRevoked()}
+		s.putDevice(Device{ID: dv.GetId(), UserID: dv.GetUserId(), PublicKey: dv.GetPublicKey(), Revoked: dv.GetRevoked()})
 		if live && dv.GetRevoked() && (!had || !old.Revoked) {
 			out = append(out, Removal{UserID: dv.GetUserId(), DeviceID: dv.GetId(), Reason: "device revoked"})
 		}
 	case *edgev1.WatchEvent_DeviceDeleted:
-		delete(s.devices, k.DeviceDeleted.GetId())
+		s.deleteDevice(k.DeviceDeleted.GetId())
 		d.deleted.add(k.DeviceDeleted.GetId(), k.DeviceDeleted.GetUserId())
 		if live {
 			out = append(out, Removal{UserID: k.DeviceDeleted.GetUserId(), DeviceID: k.DeviceDeleted.GetId(), Reason: "device deleted"})
@@ -276,7 +372,8 @@ func (d *Directory) applyEvent(s *snapshot, ev *edgev1.WatchEvent, live bool) []
 		}
 		d.cfg.Ring.Set(k.SessionKeys.GetCurrentId(), keys)
 	case *edgev1.WatchEvent_EdgePut:
-		s.edges[k.EdgePut.GetId()] = k.EdgePut.GetAddrs()
+		e := k.EdgePut
+		s.edges[e.GetId()] = Edge{ID: e.GetId(), Addrs: e.GetAddrs(), MeshAddr: e.GetMeshAddr()}
 	case *edgev1.WatchEvent_EdgeDeleted:
 		delete(s.edges, k.EdgeDeleted)
 	}

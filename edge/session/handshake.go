@@ -40,6 +40,8 @@ type Directory interface {
 	LookupDevice(id string) DeviceInfo
 	// UserActive reports whether an account exists and is active.
 	UserActive(id string) bool
+	// UserDevices lists a user's active (not revoked) devices.
+	UserDevices(userID string) []string
 }
 
 // CloseError ends a session with a protocol code, sent to the client in

@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -113,6 +114,19 @@ func (d *memDir) UserActive(id string) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.users[id]
+}
+
+func (d *memDir) UserDevices(user string) []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []string
+	for id, dev := range d.devices {
+		if dev.UserID == user && dev.State == DeviceActive {
+			out = append(out, id)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 func (d *memDir) set(dev DeviceInfo) {

@@ -46,6 +46,12 @@ type Config struct {
 	// [256, 1 MiB]; ControlQueueLen bounds its acks, rejects and presence
 	// frames [4096], beyond which the device counts as not reading.
 	QueueLen, QueueBytes, ControlQueueLen int
+	// Mailbox keeps durable events for devices that are not connected
+	// here; nil: such events are refused with TARGET_OFFLINE.
+	Mailbox Mailbox
+	// MailboxWindow bounds a device's mailbox deliveries awaiting its
+	// acknowledgement, and the entries fetched at once [64].
+	MailboxWindow int
 	// DedupWindow is how many recent event ids per session are remembered
 	// to ack duplicates without relaying them again [1024].
 	DedupWindow int
@@ -95,6 +101,7 @@ func (c *Config) setDefaults() error {
 	defInt(&c.QueueBytes, 1<<20)
 	defInt(&c.ControlQueueLen, 4096)
 	defInt(&c.DedupWindow, 1024)
+	defInt(&c.MailboxWindow, 64)
 	defInt(&c.HandshakeBurst, 50)
 	if c.HandshakesPerSecond <= 0 {
 		c.HandshakesPerSecond = 20

@@ -7,6 +7,7 @@ import (
 	"hash/maphash"
 	"io"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -51,7 +52,17 @@ type Session struct {
 
 	// Deliveries to this device that it has not acknowledged yet.
 	awaitMu  sync.Mutex
-	awaiting map[uint64]*inflight
+	awaiting map[uint64]await
+
+	// As a sender: mailbox writes in flight and the last seq stored, per
+	// target device, so a later event for the same target never overtakes
+	// an earlier one that went to the mailbox.
+	routeMu   sync.Mutex
+	mbPending map[string]int
+	mbLast    map[string]uint64
+
+	// As a receiver: this device's mailbox (see mailbox.go).
+	mb mailboxState
 
 	closeOnce   sync.Once
 	closeReason *CloseError
@@ -124,6 +135,7 @@ func (s *Session) run(ctx context.Context) error {
 	m.sessions.WithLabelValues(s.conn.Transport()).Inc()
 	defer m.sessions.WithLabelValues(s.conn.Transport()).Dec()
 
+	s.primeMailbox(ctx)
 	if !s.hub.register(s) {
 		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 		writeClose(s.conn, ce, 0)
@@ -144,14 +156,21 @@ func (s *Session) run(ctx context.Context) error {
 	})
 	defer stopWatch()
 
+	// Anything stored while this session was being set up is fetched now
+	// that the session is reachable.
+	s.kickMailbox(0)
 	s.readLoop(ctx)
 	// The reader ended: the device left, or closeWith cut the connection.
 	s.closeWith(&CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "connection closed"}, 0)
-	s.hub.unregister(s)
 	stopDatagrams()
 	wg.Wait()
 	s.linger.Stop()
-	s.failAwaiting()
+	s.stopMailbox()
+	// Hand what the device did not acknowledge to its mailbox before the
+	// session leaves the routing table: until then, later events for it
+	// are refused (queue closed), so none can overtake these.
+	s.handOff()
+	s.hub.unregister(s)
 	reason := s.closeReason
 	m.closes.WithLabelValues(codeLabel(reason.Code)).Inc()
 	s.log.Debug("session closed", "code", reason.Code.String(), "reason", reason.Msg)
@@ -641,7 +660,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 		s.reject(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, "event %s: above %d events/s or %d bytes/s", ev.GetId(), cfg.Limits.EventsPerSecond, cfg.Limits.BytesPerSecond))
 		return
 	}
-	dests, rej := s.resolveTargets(ev, durable)
+	routes, rej := s.resolveTargets(ev, durable)
 	if rej != nil {
 		s.reject(ev.GetId(), rej)
 		return
@@ -652,27 +671,32 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 		s.reject(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "encode event: %v", err))
 		return
 	}
-	span.SetAttributes(attribute.Int("relay.targets", len(dests)), attribute.Bool("relay.ephemeral", !durable))
+	span.SetAttributes(attribute.Int("relay.targets", len(routes)), attribute.Bool("relay.ephemeral", !durable))
 	if !durable {
-		for _, d := range dests {
-			if d.out.offer(enc, false, true, nil) == queueFull {
+		for _, r := range routes {
+			if r.to != nil && r.to.out.offer(enc, false, true, nil) == queueFull {
 				cfg.Metrics.dropped.WithLabelValues("queue_full").Inc()
 			}
 		}
 		cfg.Metrics.events.WithLabelValues("accepted").Inc()
 		return
 	}
-	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, remaining: len(dests)}
+	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, remaining: len(routes)}
 	s.remember(f)
 	s.lastSeq = ev.GetSeq()
 	cfg.Metrics.events.WithLabelValues("accepted").Inc()
-	if len(dests) == 0 {
+	if len(routes) == 0 {
 		f.remaining = 1
 		f.confirm()
 		return
 	}
-	for _, d := range dests {
-		switch d.out.offer(enc, true, false, func(id uint64) { d.track(id, f) }) {
+	expires := time.UnixMilli(ev.GetCreatedAtMs()).Add(time.Duration(ev.GetTtlMs())*time.Millisecond + cfg.Limits.SkewTolerance)
+	for _, r := range routes {
+		if r.to == nil {
+			s.storeMailbox(f, r.device, enc, expires)
+			continue
+		}
+		switch r.to.deliverLive(enc, f, r.need) {
 		case queueFull:
 			f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
 		case queueClosed:
@@ -681,52 +705,97 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	}
 }
 
-// resolveTargets finds the sessions an event goes to. Every explicit
-// target must be an active device of the sender's user; a durable event
-// for a target that is not connected is refused whole, before anything is
-// delivered.
-func (s *Session) resolveTargets(ev *relayv1.Event, durable bool) ([]*Session, *RejectError) {
+// route is where an event goes for one target: a session here (to), or
+// the target's mailbox (to == nil). need is the target's mailbox seq the
+// device must have been given first.
+type route struct {
+	to     *Session
+	device string
+	need   uint64
+}
+
+// resolveTargets finds where an event goes. Every explicit target must be
+// an active device of the sender's user. With mailboxes, a durable event
+// reaches every target: the connected ones live, the others through
+// their mailboxes; without, a durable event for a target that is not
+// connected is refused whole, before anything is delivered.
+func (s *Session) resolveTargets(ev *relayv1.Event, durable bool) ([]route, *RejectError) {
 	dir := s.hub.cfg.Directory
+	mailboxes := durable && s.hub.cfg.Mailbox != nil
 	r := s.room
+	var out []route
 	if len(ev.GetTargets()) == 0 {
-		r.mu.RLock()
-		out := make([]*Session, 0, len(r.devices))
-		for id, o := range r.devices {
-			if id != s.deviceID {
-				out = append(out, o)
+		if mailboxes {
+			devs := dir.UserDevices(s.userID)
+			out = make([]route, 0, len(devs))
+			r.mu.RLock()
+			for _, id := range devs {
+				if id != s.deviceID {
+					out = append(out, route{to: r.devices[id], device: id})
+				}
 			}
-		}
-		r.mu.RUnlock()
-		return out, nil
-	}
-	out := make([]*Session, 0, len(ev.GetTargets()))
-	for i, t := range ev.GetTargets() {
-		for _, prev := range ev.GetTargets()[:i] {
-			if prev == t {
-				return nil, reject(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "event %s: target %q listed twice", ev.GetId(), t)
+			r.mu.RUnlock()
+		} else {
+			r.mu.RLock()
+			out = make([]route, 0, len(r.devices))
+			for id, o := range r.devices {
+				if id != s.deviceID {
+					out = append(out, route{to: o, device: id})
+				}
 			}
+			r.mu.RUnlock()
 		}
-		if t == s.deviceID {
-			return nil, reject(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "event %s: a device cannot target itself", ev.GetId())
-		}
-		d := dir.LookupDevice(t)
-		if d.State == DeviceUnknown || d.UserID != s.userID {
-			// One answer for "another user's" and "no such device".
-			return nil, reject(relayv1.ErrorCode_ERROR_CODE_UNKNOWN_TARGET, "event %s: %q is not one of your devices", ev.GetId(), t)
-		}
-		if d.State != DeviceActive {
-			return nil, reject(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "event %s: device %q was deleted or revoked", ev.GetId(), t)
-		}
-		r.mu.RLock()
-		o := r.devices[t]
-		r.mu.RUnlock()
-		if o == nil {
-			if durable {
+	} else {
+		out = make([]route, 0, len(ev.GetTargets()))
+		for i, t := range ev.GetTargets() {
+			for _, prev := range ev.GetTargets()[:i] {
+				if prev == t {
+					return nil, reject(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "event %s: target %q listed twice", ev.GetId(), t)
+				}
+			}
+			if t == s.deviceID {
+				return nil, reject(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "event %s: a device cannot target itself", ev.GetId())
+			}
+			d := dir.LookupDevice(t)
+			if d.State == DeviceUnknown || d.UserID != s.userID {
+				// One answer for "another user's" and "no such device".
+				return nil, reject(relayv1.ErrorCode_ERROR_CODE_UNKNOWN_TARGET, "event %s: %q is not one of your devices", ev.GetId(), t)
+			}
+			if d.State != DeviceActive {
+				return nil, reject(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "event %s: device %q was deleted or revoked", ev.GetId(), t)
+			}
+			r.mu.RLock()
+			o := r.devices[t]
+			r.mu.RUnlock()
+			if o == nil && durable && !mailboxes {
 				return nil, reject(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "event %s: device %q is offline", ev.GetId(), t)
 			}
-			continue
+			out = append(out, route{to: o, device: t})
 		}
-		out = append(out, o)
+	}
+	if !durable {
+		// Ephemeral events go to connected devices only, in no order.
+		n := 0
+		for _, rt := range out {
+			if rt.to != nil {
+				out[n] = rt
+				n++
+			}
+		}
+		return out[:n], nil
+	}
+	if mailboxes {
+		// A target with mailbox writes of this sender still in flight gets
+		// this event through its mailbox too, behind them; a connected one
+		// must first be given what this sender stored for it.
+		s.routeMu.Lock()
+		for i := range out {
+			if out[i].to != nil && s.mbPending[out[i].device] > 0 {
+				out[i].to = nil
+			}
+			out[i].need = s.mbLast[out[i].device]
+		}
+		s.routeMu.Unlock()
 	}
 	return out, nil
 }
@@ -768,41 +837,87 @@ func eventDigest(seed maphash.Seed, ev *relayv1.Event) uint64 {
 	return h.Sum64()
 }
 
+// await is a delivery the device has not acknowledged yet: a live event
+// (f, with its encoding for a hand-off to the mailbox) or a mailbox entry
+// (mbSeq).
+type await struct {
+	f     *inflight
+	event []byte
+	mbSeq uint64
+}
+
 // track records a delivery this device must acknowledge.
-func (s *Session) track(id uint64, f *inflight) {
+func (s *Session) track(id uint64, a await) {
 	s.awaitMu.Lock()
 	if s.awaiting == nil {
-		s.awaiting = make(map[uint64]*inflight)
+		s.awaiting = make(map[uint64]await)
 	}
-	s.awaiting[id] = f
+	s.awaiting[id] = a
 	s.awaitMu.Unlock()
 }
 
 // handleReceived takes the device's acknowledgements.
 func (s *Session) handleReceived(ids []uint64) {
+	var acked []uint64
 	for _, id := range ids {
 		s.awaitMu.Lock()
-		f := s.awaiting[id]
+		a, ok := s.awaiting[id]
 		delete(s.awaiting, id)
 		s.awaitMu.Unlock()
-		if f != nil {
-			f.confirm()
+		switch {
+		case !ok:
+		case a.mbSeq != 0:
+			acked = append(acked, a.mbSeq)
+		default:
+			a.f.confirm()
 		}
+	}
+	if len(acked) > 0 {
+		s.hub.cfg.Mailbox.Ack(s.deviceID, acked...)
+		s.mailboxAcked(len(acked))
 	}
 }
 
-// failAwaiting refuses to their senders the events this device never
-// acknowledged: they must not count as delivered.
-func (s *Session) failAwaiting() {
+// handOff gives the events this device never acknowledged to its
+// mailbox (they count as delivered once stored), or, without mailboxes
+// or when the device was revoked, refuses them to their senders: they
+// must not count as delivered.
+func (s *Session) handOff() {
 	s.awaitMu.Lock()
 	pending := s.awaiting
 	s.awaiting = nil
 	s.awaitMu.Unlock()
-	code, msg := relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline before receiving it; retry later"
-	if s.closeReason.Code == relayv1.ErrorCode_ERROR_CODE_REVOKED {
-		code, msg = relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was revoked or deleted"
+	held := s.takeHeld()
+	ids := make([]uint64, 0, len(pending))
+	for id, a := range pending {
+		if a.f != nil {
+			ids = append(ids, id)
+		}
 	}
-	for _, f := range pending {
-		f.fail(code, msg)
+	// In the order they were queued, so each sender's order holds in the
+	// mailbox.
+	slices.Sort(ids)
+	revoked := s.closeReason.Code == relayv1.ErrorCode_ERROR_CODE_REVOKED
+	give := func(f *inflight, event []byte) {
+		switch {
+		case revoked:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was revoked or deleted")
+		case s.hub.cfg.Mailbox == nil:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline before receiving it; retry later")
+		default:
+			var ev relayv1.Event
+			exp := time.Now().Add(time.Minute)
+			if err := unmarshalEvent(event, &ev); err == nil {
+				exp = time.UnixMilli(ev.GetCreatedAtMs()).Add(time.Duration(ev.GetTtlMs())*time.Millisecond + s.hub.cfg.Limits.SkewTolerance)
+			}
+			f.sender.storeMailbox(f, s.deviceID, event, exp)
+		}
+	}
+	for _, id := range ids {
+		a := pending[id]
+		give(a.f, a.event)
+	}
+	for _, h := range held {
+		give(h.f, h.event)
 	}
 }

@@ -71,8 +71,8 @@ const (
 	ErrorCode_ERROR_CODE_REVOKED ErrorCode = 17
 	// An event id seen before from this sender with different content.
 	ErrorCode_ERROR_CODE_DUPLICATE_ID ErrorCode = 18
-	// A durable event's target is not connected and has no mailbox to wait
-	// in. Retry later.
+	// A durable event's target is not connected and there is no mailbox to
+	// keep it in (an edge without mailboxes). Retry later.
 	ErrorCode_ERROR_CODE_TARGET_OFFLINE ErrorCode = 19
 	// The device stopped reading what the edge sends; the session is closed
 	// so it cannot hold memory or delay others.
@@ -81,6 +81,9 @@ const (
 	ErrorCode_ERROR_CODE_SEQ_OUT_OF_ORDER ErrorCode = 21
 	// The edge failed in a way that is not the client's fault. Retry.
 	ErrorCode_ERROR_CODE_INTERNAL ErrorCode = 22
+	// A target is offline and its mailbox is at its quota; nothing stored
+	// was dropped. Retry later.
+	ErrorCode_ERROR_CODE_MAILBOX_FULL ErrorCode = 23
 )
 
 // Enum value maps for ErrorCode.
@@ -109,6 +112,7 @@ var (
 		20: "ERROR_CODE_SLOW_CONSUMER",
 		21: "ERROR_CODE_SEQ_OUT_OF_ORDER",
 		22: "ERROR_CODE_INTERNAL",
+		23: "ERROR_CODE_MAILBOX_FULL",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED":         0,
@@ -134,6 +138,7 @@ var (
 		"ERROR_CODE_SLOW_CONSUMER":       20,
 		"ERROR_CODE_SEQ_OUT_OF_ORDER":    21,
 		"ERROR_CODE_INTERNAL":            22,
+		"ERROR_CODE_MAILBOX_FULL":        23,
 	}
 )
 
@@ -1481,7 +1486,7 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x04Ping\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\x04R\x05nonce\"\x1c\n" +
 	"\x04Pong\x12\x14\n" +
-	"\x05nonce\x18\x01 \x01(\x04R\x05nonce*\xb5\x05\n" +
+	"\x05nonce\x18\x01 \x01(\x04R\x05nonce*\xd2\x05\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aERROR_CODE_FRAME_TOO_LARGE\x10\x01\x12 \n" +
@@ -1506,7 +1511,8 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x19ERROR_CODE_TARGET_OFFLINE\x10\x13\x12\x1c\n" +
 	"\x18ERROR_CODE_SLOW_CONSUMER\x10\x14\x12\x1f\n" +
 	"\x1bERROR_CODE_SEQ_OUT_OF_ORDER\x10\x15\x12\x17\n" +
-	"\x13ERROR_CODE_INTERNAL\x10\x16B4Z2github.com/edge-relay/relay/proto/relay/v1;relayv1b\x06proto3"
+	"\x13ERROR_CODE_INTERNAL\x10\x16\x12\x1b\n" +
+	"\x17ERROR_CODE_MAILBOX_FULL\x10\x17B4Z2github.com/edge-relay/relay/proto/relay/v1;relayv1b\x06proto3"
 
 var (
 	file_relay_v1_frames_proto_rawDescOnce sync.Once

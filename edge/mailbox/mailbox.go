@@ -1,0 +1,315 @@
+// Package mailbox is the edge's client of the control plane's mailboxes.
+// Entries from every session of the edge go through one writer that
+// batches them into ordered PutMailbox calls (one Raft entry each), so
+// many sessions share a commit and a sender's entries keep their order;
+// acknowledged entries are deleted in batches too.
+package mailbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+)
+
+// API is the part of the control plane's MailboxService the client uses
+// (edge/controlconn provides it).
+type API interface {
+	PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error)
+	FetchMailbox(ctx context.Context, deviceID string, after uint64, limit uint32) (*edgev1.FetchMailboxResponse, error)
+	AckMailbox(ctx context.Context, deviceID string, seqs []uint64) error
+}
+
+// Result is the outcome of storing one entry.
+type Result struct {
+	Status edgev1.MailboxStatus
+	// Seq is the entry's sequence in its device's mailbox, when stored.
+	Seq uint64
+	// Err is set when the control plane could not be reached in time; the
+	// entry may or may not be stored.
+	Err error
+}
+
+// ErrOverloaded is the result of Store when too many entries wait.
+var ErrOverloaded = errors.New("mailbox writer overloaded")
+
+// Config configures a Client. Zero fields take the defaults in brackets.
+type Config struct {
+	API API
+	// MaxBatch bounds the entries of one PutMailbox [256].
+	MaxBatch int
+	// MaxPending bounds the entries waiting to be written [65536].
+	MaxPending int
+	// RetryFor is how long a batch is retried while the control plane is
+	// unavailable (retries are safe: a stored entry is stored once) [30s].
+	RetryFor time.Duration
+	// Logger [slog.Default()]; Registerer for metrics [none].
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+type pending struct {
+	entry *edgev1.MailboxEntry
+	done  func(Result)
+}
+
+// Client is safe for concurrent use; Run drives it.
+type Client struct {
+	cfg Config
+
+	mu     sync.Mutex // guards the fields below
+	queue  []pending
+	acks   map[string][]uint64
+	closed bool
+	wake   chan struct{} // capacity 1: entries queued
+	ackNow chan struct{} // capacity 1: acks queued
+
+	batchSize prometheus.Histogram
+	commit    prometheus.Histogram
+	results   *prometheus.CounterVec
+}
+
+// New returns a client; call Run to start it.
+func New(cfg Config) (*Client, error) {
+	if cfg.API == nil {
+		return nil, errors.New("mailbox: API is required")
+	}
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = 256
+	}
+	if cfg.MaxPending <= 0 {
+		cfg.MaxPending = 1 << 16
+	}
+	if cfg.RetryFor <= 0 {
+		cfg.RetryFor = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	c := &Client{
+		cfg: cfg, acks: map[string][]uint64{}, wake: make(chan struct{}, 1), ackNow: make(chan struct{}, 1),
+		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "relay_edge_mailbox_batch_entries", Help: "Entries per PutMailbox call.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 10),
+		}),
+		commit: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "relay_edge_mailbox_commit_seconds", Help: "PutMailbox calls, from sending to the committed result.",
+			Buckets: prometheus.ExponentialBuckets(250e-6, 2, 14),
+		}),
+		results: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_edge_mailbox_entries_total", Help: "Mailbox entries written, by outcome.",
+		}, []string{"result"}),
+	}
+	if cfg.Registerer != nil {
+		for _, m := range []prometheus.Collector{c.batchSize, c.commit, c.results} {
+			if err := cfg.Registerer.Register(m); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return c, nil
+}
+
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// Store queues an entry; done is called exactly once, from the writer,
+// with its outcome. Entries are written in the order Store was called.
+func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
+	c.mu.Lock()
+	if c.closed || len(c.queue) >= c.cfg.MaxPending {
+		closed := c.closed
+		c.mu.Unlock()
+		err := ErrOverloaded
+		if closed {
+			err = errors.New("mailbox writer stopped")
+		}
+		done(Result{Err: err})
+		return
+	}
+	c.queue = append(c.queue, pending{entry: e, done: done})
+	c.mu.Unlock()
+	signal(c.wake)
+}
+
+// Fetch reads a device's entries after seq.
+func (c *Client) Fetch(ctx context.Context, deviceID string, after uint64, limit int) ([]*edgev1.MailboxEntry, bool, error) {
+	resp, err := c.cfg.API.FetchMailbox(ctx, deviceID, after, uint32(limit))
+	if err != nil {
+		return nil, false, fmt.Errorf("fetch mailbox of %s: %w", deviceID, err)
+	}
+	return resp.GetEntries(), resp.GetMore(), nil
+}
+
+// Ack queues deletions of a device's entries (written in batches).
+func (c *Client) Ack(deviceID string, seqs ...uint64) {
+	if len(seqs) == 0 {
+		return
+	}
+	c.mu.Lock()
+	c.acks[deviceID] = append(c.acks[deviceID], seqs...)
+	c.mu.Unlock()
+	signal(c.ackNow)
+}
+
+// Run writes entries and acknowledgements until ctx ends, then fails what
+// is still queued.
+func (c *Client) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	wg.Go(func() { c.ackLoop(ctx) })
+	c.writeLoop(ctx)
+	wg.Wait()
+	c.mu.Lock()
+	c.closed = true
+	rest := c.queue
+	c.queue = nil
+	c.mu.Unlock()
+	for _, p := range rest {
+		p.done(Result{Err: errors.New("edge shutting down")})
+	}
+}
+
+// Flush waits until everything queued so far was written (or ctx ends).
+func (c *Client) Flush(ctx context.Context) error {
+	done := make(chan struct{})
+	c.Store(nil, func(Result) { close(done) })
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (c *Client) writeLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.wake:
+		}
+		for {
+			c.mu.Lock()
+			n := min(len(c.queue), c.cfg.MaxBatch)
+			batch := make([]pending, n)
+			copy(batch, c.queue[:n])
+			c.queue = c.queue[n:]
+			if len(c.queue) == 0 {
+				c.queue = nil // let the backing array go
+			}
+			c.mu.Unlock()
+			if n == 0 {
+				break
+			}
+			c.write(ctx, batch)
+		}
+	}
+}
+
+// write stores one batch, retrying while the control plane is
+// unavailable, and reports every entry's result in order.
+func (c *Client) write(ctx context.Context, batch []pending) {
+	entries := make([]*edgev1.MailboxEntry, 0, len(batch))
+	for _, p := range batch {
+		if p.entry != nil { // nil: a Flush marker
+			entries = append(entries, p.entry)
+		}
+	}
+	var resp *edgev1.PutMailboxResponse
+	var err error
+	if len(entries) > 0 {
+		resp, err = c.put(ctx, entries)
+	}
+	i := 0
+	for _, p := range batch {
+		if p.entry == nil {
+			p.done(Result{})
+			continue
+		}
+		r := Result{Err: err}
+		if err == nil && i < len(resp.GetResults()) {
+			r.Status, r.Seq = resp.GetResults()[i].GetStatus(), resp.GetResults()[i].GetSeq()
+		} else if err == nil {
+			r.Err = errors.New("control plane returned fewer results than entries")
+		}
+		i++
+		label := "error"
+		if r.Err == nil {
+			label = r.Status.String()
+		}
+		c.results.WithLabelValues(label).Inc()
+		p.done(r)
+	}
+}
+
+func (c *Client) put(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
+	c.batchSize.Observe(float64(len(entries)))
+	deadline := time.Now().Add(c.cfg.RetryFor)
+	backoff := 20 * time.Millisecond
+	for {
+		start := time.Now()
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		resp, err := c.cfg.API.PutMailbox(cctx, entries)
+		cancel()
+		if err == nil {
+			c.commit.Observe(time.Since(start).Seconds())
+			return resp, nil
+		}
+		switch connect.CodeOf(err) {
+		case connect.CodeInvalidArgument, connect.CodePermissionDenied, connect.CodeUnauthenticated:
+			return nil, err
+		}
+		if ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
+			return nil, err
+		}
+		c.cfg.Logger.Warn("mailbox write failed; retrying", "entries", len(entries), "err", err, "backoff", backoff)
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		}
+		backoff = min(backoff*2, time.Second)
+	}
+}
+
+func (c *Client) ackLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			c.flushAcks(context.WithoutCancel(ctx), time.Second)
+			return
+		case <-c.ackNow:
+		}
+		c.flushAcks(ctx, 10*time.Second)
+	}
+}
+
+func (c *Client) flushAcks(ctx context.Context, timeout time.Duration) {
+	c.mu.Lock()
+	acks := c.acks
+	c.acks = map[string][]uint64{}
+	c.mu.Unlock()
+	for dev, seqs := range acks {
+		actx, cancel := context.WithTimeout(ctx, timeout)
+		err := c.cfg.API.AckMailbox(actx, dev, seqs)
+		cancel()
+		if err != nil {
+			// Unacked entries are delivered again on the device's next
+			// fetch (and dropped there as duplicates), or expire.
+			c.cfg.Logger.Warn("mailbox ack failed", "device", dev, "entries", len(seqs), "err", err)
+		}
+	}
+}

@@ -1,0 +1,337 @@
+package session
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// MailboxResult is the outcome of storing one mailbox entry.
+type MailboxResult struct {
+	Status edgev1.MailboxStatus
+	Seq    uint64 // the entry's seq in its device's mailbox, when stored
+	Err    error  // the control plane could not be reached in time
+}
+
+// Mailbox is the control plane's mailboxes as the session core uses them
+// (edge/mailbox provides it).
+type Mailbox interface {
+	// Store queues an entry; done is called once with the outcome. Entries
+	// are stored in the order Store was called.
+	Store(e *edgev1.MailboxEntry, done func(MailboxResult))
+	// Fetch reads a device's entries after seq, oldest first.
+	Fetch(ctx context.Context, deviceID string, after uint64, limit int) (entries []*edgev1.MailboxEntry, more bool, err error)
+	// Ack deletes entries the device received.
+	Ack(deviceID string, seqs ...uint64)
+}
+
+// mailboxState is a session's view of its device's mailbox: what has been
+// queued to the device, what is known to exist, and live deliveries that
+// must wait until the mailbox entries before them are queued.
+type mailboxState struct {
+	mu      sync.Mutex // guards the fields below
+	cursor  uint64     // highest seq queued to the device
+	wanted  uint64     // highest seq known to exist
+	more    bool       // the last fetch was not complete
+	unacked int        // mailbox deliveries not acknowledged yet
+	running bool       // the pump goroutine runs
+	stopped bool
+	held    []heldDelivery
+
+	wake   chan struct{} // capacity 1: acks arrived or work appeared
+	done   chan struct{} // closed when the pump goroutine ends
+	cancel context.CancelFunc
+}
+
+type heldDelivery struct {
+	f     *inflight
+	event []byte
+	need  uint64
+}
+
+// storeMailbox stores an event for a device that is not reachable live;
+// f counts it delivered once stored. While it is in flight, this sender's
+// later events for the same device follow it into the mailbox.
+func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires time.Time) {
+	s.routeMu.Lock()
+	if s.mbPending == nil {
+		s.mbPending, s.mbLast = map[string]int{}, map[string]uint64{}
+	}
+	s.mbPending[device]++
+	s.routeMu.Unlock()
+	e := &edgev1.MailboxEntry{
+		DeviceId: device, UserId: s.userID, Event: event, EventId: f.eventID,
+		SenderDeviceId: s.deviceID, ExpiresAtMs: expires.UnixMilli(),
+	}
+	s.hub.cfg.Mailbox.Store(e, func(r MailboxResult) {
+		s.routeMu.Lock()
+		if s.mbPending[device]--; s.mbPending[device] <= 0 {
+			delete(s.mbPending, device)
+		}
+		if r.Err == nil && r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_STORED && r.Seq > s.mbLast[device] {
+			s.mbLast[device] = r.Seq
+		}
+		s.routeMu.Unlock()
+		switch {
+		case r.Err != nil:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "could not store the event for an offline target; retry")
+		case r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_STORED:
+			// The device may have connected here meanwhile: tell its
+			// session (the watch feed will too).
+			s.hub.MailboxChanged(s.userID, device, r.Seq)
+			f.confirm()
+		case r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_FULL:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_MAILBOX_FULL, "an offline target's mailbox is full; retry later")
+		case r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_EXPIRED:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_EXPIRED, "the event expired before it could be stored")
+		default:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was deleted or revoked")
+		}
+	})
+}
+
+// deliverLive queues a live event for this device, or holds it until the
+// mailbox entries it must follow (up to need) are queued.
+func (s *Session) deliverLive(event []byte, f *inflight, need uint64) offerResult {
+	m := &s.mb
+	if need > 0 {
+		m.mu.Lock()
+		if m.cursor < need {
+			if m.stopped {
+				m.mu.Unlock()
+				return queueClosed
+			}
+			if len(m.held) >= s.hub.cfg.QueueLen {
+				m.mu.Unlock()
+				return queueFull
+			}
+			m.held = append(m.held, heldDelivery{f: f, event: event, need: need})
+			m.mu.Unlock()
+			s.kickMailbox(need)
+			return offered
+		}
+		m.mu.Unlock()
+	}
+	return s.out.offer(event, true, false, func(id uint64) { s.track(id, await{f: f, event: event}) })
+}
+
+// primeMailbox queues the first page of the device's mailbox before the
+// session is registered, so stored events come before live ones.
+func (s *Session) primeMailbox(ctx context.Context) {
+	mb := s.hub.cfg.Mailbox
+	if mb == nil {
+		return
+	}
+	m := &s.mb
+	m.wake, m.done = make(chan struct{}, 1), make(chan struct{})
+	close(m.done) // no pump yet
+	fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	entries, more, err := mb.Fetch(fctx, s.deviceID, 0, s.hub.cfg.MailboxWindow)
+	cancel()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err != nil {
+		s.log.Warn("mailbox fetch failed; retrying in the background", "err", err)
+		m.more = true
+		return
+	}
+	s.queueEntries(entries, more)
+}
+
+// queueEntries queues fetched entries (with m.mu held). It reports false
+// when the queue took no more.
+func (s *Session) queueEntries(entries []*edgev1.MailboxEntry, more bool) bool {
+	m := &s.mb
+	for _, e := range entries {
+		if e.GetSeq() <= m.cursor {
+			continue
+		}
+		seq := e.GetSeq()
+		switch s.out.offer(e.GetEvent(), true, false, func(id uint64) { s.track(id, await{mbSeq: seq}) }) {
+		case offered:
+			m.cursor = seq
+			m.unacked++
+		default:
+			m.more = true
+			return false
+		}
+	}
+	m.more = more
+	if !more && m.wanted > m.cursor {
+		// A complete fetch returned everything that exists up to now: the
+		// rest of what was announced was acked or expired.
+		m.cursor = m.wanted
+	}
+	s.releaseHeld()
+	return true
+}
+
+// releaseHeld queues held live deliveries whose mailbox predecessors are
+// queued (with m.mu held).
+func (s *Session) releaseHeld() {
+	m := &s.mb
+	n := 0
+	for i, h := range m.held {
+		if h.need > m.cursor {
+			// Keep order: a later one waits behind an earlier one.
+			n = copy(m.held, m.held[i:])
+			break
+		}
+		res := s.out.offer(h.event, true, false, func(id uint64) { s.track(id, await{f: h.f, event: h.event}) })
+		if res == queueFull {
+			h.f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
+		} else if res == queueClosed {
+			n = copy(m.held, m.held[i:])
+			break
+		}
+	}
+	clear(m.held[n:])
+	m.held = m.held[:n]
+}
+
+// kickMailbox notes that the mailbox holds entries up to seq (0: unknown,
+// look anyway) and starts the pump if it is not running.
+func (s *Session) kickMailbox(seq uint64) {
+	if s.hub.cfg.Mailbox == nil {
+		return
+	}
+	m := &s.mb
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if seq == 0 {
+		m.more = true
+	} else if seq > m.wanted {
+		m.wanted = seq
+	}
+	if m.stopped || (m.wanted <= m.cursor && !m.more) {
+		return
+	}
+	if m.running {
+		signal(m.wake)
+		return
+	}
+	m.running = true
+	m.done = make(chan struct{})
+	ctx, cancel := context.WithCancel(context.Background())
+	m.cancel = cancel
+	go s.pump(ctx, m.done)
+}
+
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// pump fetches and queues mailbox entries while there are some, at most
+// MailboxWindow unacknowledged at a time.
+func (s *Session) pump(pctx context.Context, done chan struct{}) {
+	defer close(done)
+	m := &s.mb
+	window := s.hub.cfg.MailboxWindow
+	backoff := 50 * time.Millisecond
+	wait := func(d time.Duration) bool {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-m.wake:
+		case <-t.C:
+		case <-s.closing:
+			return false
+		}
+		return true
+	}
+	for {
+		m.mu.Lock()
+		switch {
+		case m.stopped:
+			m.running = false
+			m.mu.Unlock()
+			return
+		case m.unacked >= window:
+			m.mu.Unlock()
+			if !wait(time.Minute) {
+				return
+			}
+			continue
+		case m.wanted <= m.cursor && !m.more:
+			m.running = false
+			m.mu.Unlock()
+			return
+		}
+		after := m.cursor
+		m.mu.Unlock()
+		ctx, cancel := context.WithTimeout(pctx, 5*time.Second)
+		entries, more, err := s.hub.cfg.Mailbox.Fetch(ctx, s.deviceID, after, window)
+		cancel()
+		if err != nil {
+			s.log.Warn("mailbox fetch failed", "err", err, "backoff", backoff)
+			if !wait(backoff) {
+				return
+			}
+			backoff = min(2*backoff, 5*time.Second)
+			continue
+		}
+		backoff = 50 * time.Millisecond
+		m.mu.Lock()
+		full := !s.queueEntries(entries, more)
+		m.mu.Unlock()
+		if full && !wait(10*time.Millisecond) {
+			return
+		}
+	}
+}
+
+// mailboxAcked notes acknowledged mailbox deliveries (the pump may go on).
+func (s *Session) mailboxAcked(n int) {
+	m := &s.mb
+	m.mu.Lock()
+	m.unacked -= n
+	m.mu.Unlock()
+	signal(m.wake)
+}
+
+// stopMailbox stops the pump and waits for it.
+func (s *Session) stopMailbox() {
+	if s.hub.cfg.Mailbox == nil {
+		return
+	}
+	m := &s.mb
+	m.mu.Lock()
+	m.stopped = true
+	done, cancel := m.done, m.cancel
+	m.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	signal(m.wake)
+	if done != nil {
+		<-done
+	}
+}
+
+// takeHeld returns and forgets the held live deliveries.
+func (s *Session) takeHeld() []heldDelivery {
+	m := &s.mb
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	h := m.held
+	m.held = nil
+	return h
+}
+
+// MailboxChanged tells the session of a device, if it is here, that its
+// mailbox holds entries up to seq (the watch feed says so).
+func (h *Hub) MailboxChanged(userID, deviceID string, seq uint64) {
+	for _, s := range h.sessionsOf(userID, deviceID) {
+		s.kickMailbox(seq)
+	}
+}
+
+func unmarshalEvent(b []byte, ev *relayv1.Event) error { return proto.Unmarshal(b, ev) }
