@@ -110,6 +110,14 @@ func (f *FSM) dispatch(t *txn, cmd *statev1.Command) (*statev1.Result, error) {
 		return t.deregisterEdge(op.DeregisterEdge)
 	case *statev1.Command_InitCluster:
 		return t.initCluster(op.InitCluster)
+	case *statev1.Command_PutMailbox:
+		return t.putMailbox(op.PutMailbox)
+	case *statev1.Command_AckMailbox:
+		return t.ackMailbox(op.AckMailbox)
+	case *statev1.Command_ExpireMailboxes:
+		return t.expireMailboxes(op.ExpireMailboxes)
+	case *statev1.Command_SetClusterCa:
+		return t.setClusterCA(op.SetClusterCa)
 	case nil:
 		return nil, invalid("command has no operation")
 	default:
@@ -354,11 +362,15 @@ func (t *txn) deleteUser(op *statev1.DeleteUser) (*statev1.Result, error) {
 	return &statev1.Result{Object: &statev1.Result_User{User: &u}}, nil
 }
 
+// removeDevice deletes a device with its mailbox, in the same entry.
 func (t *txn) removeDevice(d *statev1.Device) error {
 	if err := t.b.Delete(deviceKey(d.UserId, d.Id)); err != nil {
 		return err
 	}
 	if err := t.b.Delete(deviceOwnerKey(d.Id)); err != nil {
+		return err
+	}
+	if err := t.deleteMailbox(d.Id); err != nil {
 		return err
 	}
 	return t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_DEVICE_DELETED, Object: &statev1.Change_Device{Device: d}})
@@ -435,6 +447,10 @@ func (t *txn) revokeDevice(op *statev1.RevokeDevice) (*statev1.Result, error) {
 	}
 	d.Revoked, d.RevokedAtMs = true, t.now
 	if err := t.put(deviceKey(d.UserId, d.Id), d); err != nil {
+		return nil, err
+	}
+	// Revocation is final: nothing in the mailbox can be delivered any more.
+	if err := t.deleteMailbox(d.Id); err != nil {
 		return nil, err
 	}
 	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_DEVICE_PUT, Object: &statev1.Change_Device{Device: d}}); err != nil {

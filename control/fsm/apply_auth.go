@@ -509,13 +509,16 @@ func (t *txn) registerEdge(op *statev1.RegisterEdge) (*statev1.Result, error) {
 	if err := ValidateID("edge.id", e.GetId()); err != nil {
 		return nil, asInvalid(err)
 	}
-	if len(e.GetAddrs()) == 0 || len(e.GetAddrs()) > MaxEdgeAddrs {
-		return nil, invalid("edge.addrs has %d entries, want 1 to %d", len(e.GetAddrs()), MaxEdgeAddrs)
+	if len(e.GetAddrs()) > MaxEdgeAddrs || len(e.GetAddrs()) == 0 && e.GetMeshAddr() == "" {
+		return nil, invalid("edge.addrs has %d entries, want 1 to %d (or 0 with edge.mesh_addr set)", len(e.GetAddrs()), MaxEdgeAddrs)
 	}
 	for i, a := range e.GetAddrs() {
 		if err := ValidateText(fmt.Sprintf("edge.addrs[%d]", i), a, MaxAddrLen, true); err != nil {
 			return nil, asInvalid(err)
 		}
+	}
+	if err := ValidateText("edge.mesh_addr", e.GetMeshAddr(), MaxAddrLen, false); err != nil {
+		return nil, asInvalid(err)
 	}
 	if e.GetLeaseExpiresAtMs() <= t.now {
 		return nil, invalid("edge.lease_expires_at_ms is not in the future")
@@ -534,7 +537,7 @@ func (t *txn) registerEdge(op *statev1.RegisterEdge) (*statev1.Result, error) {
 		return nil, err
 	}
 	// A renewal that changes nothing but the lease is not news to watchers.
-	if !found || !slicesEqual(old.Addrs, e.Addrs) {
+	if !found || !slicesEqual(old.Addrs, e.Addrs) || old.MeshAddr != e.MeshAddr {
 		if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_EDGE_PUT, Object: &statev1.Change_Edge{Edge: e}}); err != nil {
 			return nil, err
 		}
@@ -605,10 +608,15 @@ func (t *txn) initCluster(op *statev1.InitCluster) (*statev1.Result, error) {
 	} else if !errors.Is(err, state.ErrNotFound) {
 		return nil, err
 	}
-	// Validate all three parts before writing any.
+	// Validate every part before writing any.
 	admin := op.GetAdmin()
 	if admin.GetRole() != "admin" {
 		return nil, invalid("admin.role must be \"admin\"")
+	}
+	if op.GetClusterCa() != nil {
+		if err := validClusterCA("cluster_ca", op.GetClusterCa()); err != nil {
+			return nil, err
+		}
 	}
 	if err := validSigningKey(op.GetSigningKey()); err != nil {
 		return nil, err
@@ -635,6 +643,15 @@ func (t *txn) initCluster(op *statev1.InitCluster) (*statev1.Result, error) {
 	}
 	if _, err := t.rotateSessionKey(&statev1.RotateSessionKey{Key: op.GetSessionKey()}); err != nil {
 		return nil, err
+	}
+	if op.GetClusterCa() != nil {
+		if has, err := t.hasClusterCA(); err != nil {
+			return nil, err
+		} else if !has {
+			if err := t.storeClusterCA(op.GetClusterCa()); err != nil {
+				return nil, err
+			}
+		}
 	}
 	if err := t.b.Set(keyInitialized, nil); err != nil {
 		return nil, err

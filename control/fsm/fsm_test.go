@@ -94,9 +94,28 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 	r := rand.New(rand.NewPCG(seed, seed))
 	var logs []*raft.Log
 	users, devices := []string{}, map[string]string{}
+	var devList []string
 	var reqIDs []string
 	for i := 1; i <= n; i++ {
 		idx := uint64(i)
+		// Mailbox owners no other random command touches (users mu0..mu2
+		// with devices md0..md5), and the cluster CA.
+		if i <= 10 {
+			cmd := &statev1.Command{ProposedAtMs: int64(1_000_000 + i*10)}
+			if i == 10 {
+				cmd.Op = &statev1.Command_SetClusterCa{SetClusterCa: &statev1.SetClusterCA{Ca: testCA(t, 7, 7)}}
+			} else if i <= 3 {
+				id := fmt.Sprint("mu", i-1)
+				cmd.Op = &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: id, Login: id}}}
+			} else {
+				did, uid := fmt.Sprint("md", i-4), fmt.Sprint("mu", (i-4)%3)
+				devices[did] = uid
+				devList = append(devList, did)
+				cmd.Op = &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: did, UserId: uid, Name: "m", PublicKey: key32(byte(i))}}}
+			}
+			logs = append(logs, entry(t, idx, cmd))
+			continue
+		}
 		if r.IntN(50) == 0 {
 			logs = append(logs, &raft.Log{Index: idx, Term: 1, Type: raft.LogConfiguration, Data: []byte("conf")})
 			continue
@@ -120,7 +139,19 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			}
 			return users[r.IntN(len(users))]
 		}
-		switch r.IntN(12) {
+		pickDevice := func() (string, string) {
+			// Mostly a few devices registered early, so mailboxes fill up.
+			did := fmt.Sprintf("d%d", r.IntN(800))
+			if r.IntN(8) != 0 {
+				did = devList[r.IntN(min(len(devList), 8))]
+			}
+			uid := devices[did]
+			if uid == "" || r.IntN(20) == 0 {
+				uid = pickUser()
+			}
+			return uid, did
+		}
+		switch r.IntN(15) {
 		case 0, 1, 2:
 			id := fmt.Sprintf("u%d", r.IntN(400))
 			users = append(users, id)
@@ -133,6 +164,7 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 		case 5, 6, 7:
 			uid, did := pickUser(), fmt.Sprintf("d%d", r.IntN(800))
 			devices[did] = uid
+			devList = append(devList, did)
 			cmd.Op = &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: did, UserId: uid, Name: "dev", PublicKey: key32(byte(i))}}}
 		case 8:
 			did := fmt.Sprintf("d%d", r.IntN(800))
@@ -142,6 +174,25 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			cmd.Op = &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: devices[did], DeviceId: did}}
 		case 10:
 			cmd.Op = &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: fmt.Sprintf("n%d", r.IntN(5)), RaftAddr: "a:1", ApiAddr: fmt.Sprintf("b:%d", r.IntN(3))}}}
+		case 12:
+			// Few senders and event ids, so retries (dedup) happen; small
+			// quotas, so mailboxes fill; some entries already expired.
+			var entries []*statev1.MailboxEntry
+			for n := 1 + r.IntN(6); n > 0; n-- {
+				uid, did := pickDevice()
+				exp := cmd.ProposedAtMs + int64(r.IntN(2000)) - 100
+				if r.IntN(40) == 0 {
+					exp = 0 // invalid: rejects the whole command
+				}
+				entries = append(entries, &statev1.MailboxEntry{UserId: uid, DeviceId: did, SenderDeviceId: fmt.Sprint("s", r.IntN(3)),
+					EventId: fmt.Sprint("ev", r.IntN(20)), Event: make([]byte, 1+r.IntN(100)), ExpiresAtMs: exp})
+			}
+			cmd.Op = &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: entries, MaxEntriesPerDevice: 4, MaxBytesPerDevice: 200}}
+		case 13:
+			_, did := pickDevice()
+			cmd.Op = &statev1.Command_AckMailbox{AckMailbox: &statev1.AckMailbox{DeviceId: did, Seqs: []uint64{uint64(1 + r.IntN(8)), uint64(1 + r.IntN(8))}}}
+		case 14:
+			cmd.Op = &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: uint32(r.IntN(4))}}
 		case 11:
 			if r.IntN(2) == 0 {
 				cmd.Op = &statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: []*statev1.Activity{{UserId: pickUser(), SeenAtMs: int64(i)}}}}
@@ -187,6 +238,7 @@ func TestDeterminism(t *testing.T) {
 		t.Fatalf("applied %d", a.AppliedIndex())
 	}
 	ok, rejected := 0, 0
+	mailbox := map[statev1.MailboxStatus]int{}
 	for _, r := range resA {
 		if res, _ := r.(*statev1.Result); res != nil {
 			if res.Code == statev1.ResultCode_RESULT_CODE_OK {
@@ -194,10 +246,19 @@ func TestDeterminism(t *testing.T) {
 			} else {
 				rejected++
 			}
+			for _, m := range res.GetMailboxResults() {
+				mailbox[m.GetStatus()]++
+			}
 		}
 	}
 	if ok < 200 || rejected < 200 {
 		t.Fatalf("log exercised too little: %d ok, %d rejected", ok, rejected)
+	}
+	for _, st := range []statev1.MailboxStatus{statev1.MailboxStatus_MAILBOX_STATUS_STORED, statev1.MailboxStatus_MAILBOX_STATUS_FULL,
+		statev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE, statev1.MailboxStatus_MAILBOX_STATUS_EXPIRED} {
+		if mailbox[st] < 10 {
+			t.Fatalf("log exercised mailboxes too little: %v", mailbox)
+		}
 	}
 	if h, _ := a.Horizon(); h == 0 {
 		t.Fatal("change feed never pruned")
@@ -271,6 +332,20 @@ func TestRejectionsChangeNothing(t *testing.T) {
 		{"update to garbage hash", &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "alice", Fields: []string{"password_hash"}, User: &statev1.User{PasswordHash: "plaintext-password"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.password_hash"},
 		{"activity without a time", &statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: []*statev1.Activity{{UserId: "alice", SeenAtMs: 5}, {UserId: "alice"}}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[1].seen_at_ms"},
 		{"activity with a bad id", &statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: []*statev1.Activity{{UserId: "alice", SeenAtMs: 5}, {UserId: "alice", DeviceId: "a b", SeenAtMs: 5}}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[1].device_id"},
+		{"mailbox without entries", putOp(), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries"},
+		{"mailbox entry with a bad device id", putOp(mail("alice", "d 1", "d1", "e", 1, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].device_id"},
+		{"mailbox entry without a user", putOp(mail("", "d1", "d1", "e", 1, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].user_id"},
+		{"mailbox entry without an event", putOp(mail("alice", "d1", "d1", "e", 0, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].event"},
+		{"mailbox entry too large", putOp(mail("alice", "d1", "d1", "e", MaxMailboxEventBytes+1, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].event"},
+		{"mailbox entry without expiry", putOp(mail("alice", "d1", "d1", "e", 1, 0)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].expires_at_ms"},
+		{"mailbox entry for a century", putOp(mail("alice", "d1", "d1", "e", 1, 1<<42)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].expires_at_ms"},
+		{"mailbox entry without an event id", putOp(mail("alice", "d1", "d1", "", 1, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].event_id"},
+		{"mailbox entry with a bad sender", putOp(mail("alice", "d1", "d1", "ok", 1, far), mail("alice", "d1", "", "e", 1, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[1].sender_device_id"},
+		{"mailbox quota above the cap", &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: []*statev1.MailboxEntry{mail("alice", "d1", "d1", "e", 1, far)}, MaxEntriesPerDevice: MaxMailboxQuotaEntries + 1}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "max_entries_per_device"},
+		{"mailbox ack with a bad device id", ackOp("a b", 1), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "device_id"},
+		{"mailbox ack of too many seqs", ackOp("d1", make([]uint64, MaxMailboxAck+1)...), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "seqs"},
+		{"mailbox expiry limit above the cap", &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: MaxExpireLimit + 1}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "limit"},
+		{"cluster CA without a key", &statev1.Command_SetClusterCa{SetClusterCa: &statev1.SetClusterCA{Ca: &statev1.ClusterCA{}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "ca.private_seed"},
 		{"init with a non-admin", &statev1.Command_InitCluster{InitCluster: &statev1.InitCluster{Admin: &statev1.User{Id: "root", Login: "root"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "admin.role"},
 	}
 	for _, tc := range cases {

@@ -28,6 +28,13 @@ import (
 //	m:signing                 id of the current signing key
 //	m:session                 id of the current session key
 //	e:<edge id>               state.v1.Edge
+//	m:ca                      state.v1.ClusterCA (present once created)
+//	b:<dev id>\x00<seq:8>     state.v1.MailboxEntry
+//	B:<dev id>                state.v1.Mailbox (seq counter, count, bytes)
+//	w:<expires:8><dev id>\x00<seq:8>   empty; orders mailbox entries for expiry
+//	W:<dev id>\x00<sender id>\x00<event id>  8 bytes: seq of that stored
+//	                          event (dedup; the event id is last, so it may
+//	                          hold any bytes)
 var (
 	keyApplied = []byte("m:applied")
 	keyHorizon = []byte("m:horizon")
@@ -47,10 +54,15 @@ var (
 	prefixSigningKey  = []byte("s:")
 	prefixSessionKey  = []byte("k:")
 	prefixEdge        = []byte("e:")
+	prefixMailEntry   = []byte("b:")
+	prefixMailbox     = []byte("B:")
+	prefixMailExpiry  = []byte("w:")
+	prefixMailDedup   = []byte("W:")
 
 	keyInitialized    = []byte("m:initialized")
 	keyCurrentSigning = []byte("m:signing")
 	keyCurrentSession = []byte("m:session")
+	keyClusterCA      = []byte("m:ca")
 )
 
 func tokenKey(id string) []byte      { return join(prefixToken, id) }
@@ -123,4 +135,43 @@ func prefixEnd(p []byte) []byte {
 		}
 	}
 	return nil
+}
+
+func mailboxKey(did string) []byte { return join(prefixMailbox, did) }
+
+// mailEntriesPrefix is the prefix of every entry of one device's mailbox.
+func mailEntriesPrefix(did string) []byte { return append(join(prefixMailEntry, did), 0) }
+
+func mailEntryKey(did string, seq uint64) []byte {
+	return binary.BigEndian.AppendUint64(mailEntriesPrefix(did), seq)
+}
+
+func mailExpiryKey(expires int64, did string, seq uint64) []byte {
+	k := make([]byte, 0, len(prefixMailExpiry)+8+len(did)+1+8)
+	k = append(k, prefixMailExpiry...)
+	k = binary.BigEndian.AppendUint64(k, uint64(expires))
+	k = append(k, did...)
+	k = append(k, 0)
+	return binary.BigEndian.AppendUint64(k, seq)
+}
+
+// mailExpiryEnd is the first expiry key after every entry that expires at
+// or before t.
+func mailExpiryEnd(t int64) []byte {
+	k := make([]byte, 0, len(prefixMailExpiry)+8)
+	k = append(k, prefixMailExpiry...)
+	return binary.BigEndian.AppendUint64(k, uint64(t)+1)
+}
+
+// parseMailExpiryKey returns the device id and seq of an expiry key.
+func parseMailExpiryKey(k []byte) (did string, seq uint64, ok bool) {
+	rest := k[len(prefixMailExpiry):]
+	if len(rest) < 8+1+8 || rest[len(rest)-9] != 0 {
+		return "", 0, false
+	}
+	return string(rest[8 : len(rest)-9]), binary.BigEndian.Uint64(rest[len(rest)-8:]), true
+}
+
+func mailDedupKey(did, sender, eventID string) []byte {
+	return join(prefixMailDedup, did, sender, eventID)
 }

@@ -91,33 +91,38 @@ const (
 	ChangeKind_CHANGE_KIND_SESSION_KEYS   ChangeKind = 7
 	ChangeKind_CHANGE_KIND_EDGE_PUT       ChangeKind = 8
 	ChangeKind_CHANGE_KIND_EDGE_DELETED   ChangeKind = 9
+	// A device's mailbox received entries (live feed only; never part of a
+	// full copy).
+	ChangeKind_CHANGE_KIND_MAILBOX_CHANGED ChangeKind = 10
 )
 
 // Enum value maps for ChangeKind.
 var (
 	ChangeKind_name = map[int32]string{
-		0: "CHANGE_KIND_UNSPECIFIED",
-		1: "CHANGE_KIND_USER_PUT",
-		2: "CHANGE_KIND_USER_DELETED",
-		3: "CHANGE_KIND_DEVICE_PUT",
-		4: "CHANGE_KIND_DEVICE_DELETED",
-		5: "CHANGE_KIND_NODE_PUT",
-		6: "CHANGE_KIND_NODE_DELETED",
-		7: "CHANGE_KIND_SESSION_KEYS",
-		8: "CHANGE_KIND_EDGE_PUT",
-		9: "CHANGE_KIND_EDGE_DELETED",
+		0:  "CHANGE_KIND_UNSPECIFIED",
+		1:  "CHANGE_KIND_USER_PUT",
+		2:  "CHANGE_KIND_USER_DELETED",
+		3:  "CHANGE_KIND_DEVICE_PUT",
+		4:  "CHANGE_KIND_DEVICE_DELETED",
+		5:  "CHANGE_KIND_NODE_PUT",
+		6:  "CHANGE_KIND_NODE_DELETED",
+		7:  "CHANGE_KIND_SESSION_KEYS",
+		8:  "CHANGE_KIND_EDGE_PUT",
+		9:  "CHANGE_KIND_EDGE_DELETED",
+		10: "CHANGE_KIND_MAILBOX_CHANGED",
 	}
 	ChangeKind_value = map[string]int32{
-		"CHANGE_KIND_UNSPECIFIED":    0,
-		"CHANGE_KIND_USER_PUT":       1,
-		"CHANGE_KIND_USER_DELETED":   2,
-		"CHANGE_KIND_DEVICE_PUT":     3,
-		"CHANGE_KIND_DEVICE_DELETED": 4,
-		"CHANGE_KIND_NODE_PUT":       5,
-		"CHANGE_KIND_NODE_DELETED":   6,
-		"CHANGE_KIND_SESSION_KEYS":   7,
-		"CHANGE_KIND_EDGE_PUT":       8,
-		"CHANGE_KIND_EDGE_DELETED":   9,
+		"CHANGE_KIND_UNSPECIFIED":     0,
+		"CHANGE_KIND_USER_PUT":        1,
+		"CHANGE_KIND_USER_DELETED":    2,
+		"CHANGE_KIND_DEVICE_PUT":      3,
+		"CHANGE_KIND_DEVICE_DELETED":  4,
+		"CHANGE_KIND_NODE_PUT":        5,
+		"CHANGE_KIND_NODE_DELETED":    6,
+		"CHANGE_KIND_SESSION_KEYS":    7,
+		"CHANGE_KIND_EDGE_PUT":        8,
+		"CHANGE_KIND_EDGE_DELETED":    9,
+		"CHANGE_KIND_MAILBOX_CHANGED": 10,
 	}
 )
 
@@ -146,6 +151,67 @@ func (x ChangeKind) Number() protoreflect.EnumNumber {
 // Deprecated: Use ChangeKind.Descriptor instead.
 func (ChangeKind) EnumDescriptor() ([]byte, []int) {
 	return file_state_v1_state_proto_rawDescGZIP(), []int{1}
+}
+
+// MailboxStatus is the outcome of storing one mailbox entry.
+type MailboxStatus int32
+
+const (
+	MailboxStatus_MAILBOX_STATUS_UNSPECIFIED MailboxStatus = 0
+	// Stored now, or already stored earlier (same device, sender, event id).
+	MailboxStatus_MAILBOX_STATUS_STORED MailboxStatus = 1
+	// The device's mailbox is at its count or byte quota.
+	MailboxStatus_MAILBOX_STATUS_FULL MailboxStatus = 2
+	// The device does not exist, is revoked, belongs to another user, or
+	// its user is missing or not active.
+	MailboxStatus_MAILBOX_STATUS_TARGET_GONE MailboxStatus = 3
+	// expires_at_ms is not after the command's proposed time.
+	MailboxStatus_MAILBOX_STATUS_EXPIRED MailboxStatus = 4
+)
+
+// Enum value maps for MailboxStatus.
+var (
+	MailboxStatus_name = map[int32]string{
+		0: "MAILBOX_STATUS_UNSPECIFIED",
+		1: "MAILBOX_STATUS_STORED",
+		2: "MAILBOX_STATUS_FULL",
+		3: "MAILBOX_STATUS_TARGET_GONE",
+		4: "MAILBOX_STATUS_EXPIRED",
+	}
+	MailboxStatus_value = map[string]int32{
+		"MAILBOX_STATUS_UNSPECIFIED": 0,
+		"MAILBOX_STATUS_STORED":      1,
+		"MAILBOX_STATUS_FULL":        2,
+		"MAILBOX_STATUS_TARGET_GONE": 3,
+		"MAILBOX_STATUS_EXPIRED":     4,
+	}
+)
+
+func (x MailboxStatus) Enum() *MailboxStatus {
+	p := new(MailboxStatus)
+	*p = x
+	return p
+}
+
+func (x MailboxStatus) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MailboxStatus) Descriptor() protoreflect.EnumDescriptor {
+	return file_state_v1_state_proto_enumTypes[2].Descriptor()
+}
+
+func (MailboxStatus) Type() protoreflect.EnumType {
+	return &file_state_v1_state_proto_enumTypes[2]
+}
+
+func (x MailboxStatus) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MailboxStatus.Descriptor instead.
+func (MailboxStatus) EnumDescriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{2}
 }
 
 // ResultCode classifies the outcome of applying a command. Anything but OK
@@ -192,11 +258,11 @@ func (x ResultCode) String() string {
 }
 
 func (ResultCode) Descriptor() protoreflect.EnumDescriptor {
-	return file_state_v1_state_proto_enumTypes[2].Descriptor()
+	return file_state_v1_state_proto_enumTypes[3].Descriptor()
 }
 
 func (ResultCode) Type() protoreflect.EnumType {
-	return &file_state_v1_state_proto_enumTypes[2]
+	return &file_state_v1_state_proto_enumTypes[3]
 }
 
 func (x ResultCode) Number() protoreflect.EnumNumber {
@@ -205,7 +271,7 @@ func (x ResultCode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ResultCode.Descriptor instead.
 func (ResultCode) EnumDescriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{2}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{3}
 }
 
 // User is one person's account.
@@ -498,6 +564,7 @@ type Change struct {
 	//	*Change_Node
 	//	*Change_SessionKeys
 	//	*Change_Edge
+	//	*Change_MailboxChanged
 	Object        isChange_Object `protobuf_oneof:"object"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -606,6 +673,15 @@ func (x *Change) GetEdge() *Edge {
 	return nil
 }
 
+func (x *Change) GetMailboxChanged() *MailboxChanged {
+	if x != nil {
+		if x, ok := x.Object.(*Change_MailboxChanged); ok {
+			return x.MailboxChanged
+		}
+	}
+	return nil
+}
+
 type isChange_Object interface {
 	isChange_Object()
 }
@@ -630,6 +706,10 @@ type Change_Edge struct {
 	Edge *Edge `protobuf:"bytes,14,opt,name=edge,proto3,oneof"`
 }
 
+type Change_MailboxChanged struct {
+	MailboxChanged *MailboxChanged `protobuf:"bytes,15,opt,name=mailbox_changed,json=mailboxChanged,proto3,oneof"`
+}
+
 func (*Change_User) isChange_Object() {}
 
 func (*Change_Device) isChange_Object() {}
@@ -639,6 +719,8 @@ func (*Change_Node) isChange_Object() {}
 func (*Change_SessionKeys) isChange_Object() {}
 
 func (*Change_Edge) isChange_Object() {}
+
+func (*Change_MailboxChanged) isChange_Object() {}
 
 // RefreshToken is one token of a refresh-token family. Only a hash of its
 // secret is stored.
@@ -1053,8 +1135,10 @@ type Edge struct {
 	Addrs            []string `protobuf:"bytes,2,rep,name=addrs,proto3" json:"addrs,omitempty"`
 	RegisteredAtMs   int64    `protobuf:"varint,3,opt,name=registered_at_ms,json=registeredAtMs,proto3" json:"registered_at_ms,omitempty"`
 	LeaseExpiresAtMs int64    `protobuf:"varint,4,opt,name=lease_expires_at_ms,json=leaseExpiresAtMs,proto3" json:"lease_expires_at_ms,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// host:port of its mesh listener, where other edges connect.
+	MeshAddr      string `protobuf:"bytes,5,opt,name=mesh_addr,json=meshAddr,proto3" json:"mesh_addr,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Edge) Reset() {
@@ -1115,6 +1199,377 @@ func (x *Edge) GetLeaseExpiresAtMs() int64 {
 	return 0
 }
 
+func (x *Edge) GetMeshAddr() string {
+	if x != nil {
+		return x.MeshAddr
+	}
+	return ""
+}
+
+// ClusterCA is the cluster's certificate authority for the edge mesh: an
+// Ed25519 key and its self-signed certificate. Created once by a leader
+// (the key is drawn outside apply) and never replaced.
+type ClusterCA struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Ed25519 seed, 32 bytes. Secret: never leaves the control plane except
+	// in snapshots and backups.
+	PrivateSeed []byte `protobuf:"bytes,1,opt,name=private_seed,json=privateSeed,proto3" json:"private_seed,omitempty"`
+	// DER X.509 certificate of the CA (self-signed, for the seed's key).
+	Certificate   []byte `protobuf:"bytes,2,opt,name=certificate,proto3" json:"certificate,omitempty"`
+	CreatedAtMs   int64  `protobuf:"varint,3,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterCA) Reset() {
+	*x = ClusterCA{}
+	mi := &file_state_v1_state_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterCA) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterCA) ProtoMessage() {}
+
+func (x *ClusterCA) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterCA.ProtoReflect.Descriptor instead.
+func (*ClusterCA) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *ClusterCA) GetPrivateSeed() []byte {
+	if x != nil {
+		return x.PrivateSeed
+	}
+	return nil
+}
+
+func (x *ClusterCA) GetCertificate() []byte {
+	if x != nil {
+		return x.Certificate
+	}
+	return nil
+}
+
+func (x *ClusterCA) GetCreatedAtMs() int64 {
+	if x != nil {
+		return x.CreatedAtMs
+	}
+	return 0
+}
+
+// MailboxEntry is one event waiting in one device's mailbox.
+type MailboxEntry struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Per device, from the device's mailbox counter; set by apply (ignored
+	// in PutMailbox).
+	Seq      uint64 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	DeviceId string `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	// The device's owner; apply checks it.
+	UserId string `protobuf:"bytes,3,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// The event as it is delivered (an encoded relay.v1.Event), opaque here.
+	Event []byte `protobuf:"bytes,4,opt,name=event,proto3" json:"event,omitempty"`
+	// Sender and event id: (device_id, sender_device_id, event_id) is stored
+	// at most once.
+	EventId        string `protobuf:"bytes,5,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	SenderDeviceId string `protobuf:"bytes,6,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
+	// Unix milliseconds; removed by ExpireMailboxes once passed.
+	ExpiresAtMs int64 `protobuf:"varint,7,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	// Set by apply: the command's proposed time.
+	StoredAtMs    int64 `protobuf:"varint,8,opt,name=stored_at_ms,json=storedAtMs,proto3" json:"stored_at_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MailboxEntry) Reset() {
+	*x = MailboxEntry{}
+	mi := &file_state_v1_state_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MailboxEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MailboxEntry) ProtoMessage() {}
+
+func (x *MailboxEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MailboxEntry.ProtoReflect.Descriptor instead.
+func (*MailboxEntry) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *MailboxEntry) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *MailboxEntry) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *MailboxEntry) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *MailboxEntry) GetEvent() []byte {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *MailboxEntry) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *MailboxEntry) GetSenderDeviceId() string {
+	if x != nil {
+		return x.SenderDeviceId
+	}
+	return ""
+}
+
+func (x *MailboxEntry) GetExpiresAtMs() int64 {
+	if x != nil {
+		return x.ExpiresAtMs
+	}
+	return 0
+}
+
+func (x *MailboxEntry) GetStoredAtMs() int64 {
+	if x != nil {
+		return x.StoredAtMs
+	}
+	return 0
+}
+
+// Mailbox is the bookkeeping of one device's mailbox. It outlives its
+// entries (acks and expiry) so that seqs are never reused, and goes with
+// the device.
+type Mailbox struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId string                 `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	// The highest seq ever given out for this device.
+	LastSeq uint64 `protobuf:"varint,2,opt,name=last_seq,json=lastSeq,proto3" json:"last_seq,omitempty"`
+	// Entries stored now, and the sum of their event sizes.
+	Count         uint64 `protobuf:"varint,3,opt,name=count,proto3" json:"count,omitempty"`
+	Bytes         uint64 `protobuf:"varint,4,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Mailbox) Reset() {
+	*x = Mailbox{}
+	mi := &file_state_v1_state_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Mailbox) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Mailbox) ProtoMessage() {}
+
+func (x *Mailbox) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Mailbox.ProtoReflect.Descriptor instead.
+func (*Mailbox) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *Mailbox) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *Mailbox) GetLastSeq() uint64 {
+	if x != nil {
+		return x.LastSeq
+	}
+	return 0
+}
+
+func (x *Mailbox) GetCount() uint64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *Mailbox) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+// MailboxChanged reports that a device's mailbox received entries up to
+// seq.
+type MailboxChanged struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId      string                 `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	UserId        string                 `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	Seq           uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MailboxChanged) Reset() {
+	*x = MailboxChanged{}
+	mi := &file_state_v1_state_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MailboxChanged) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MailboxChanged) ProtoMessage() {}
+
+func (x *MailboxChanged) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MailboxChanged.ProtoReflect.Descriptor instead.
+func (*MailboxChanged) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *MailboxChanged) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *MailboxChanged) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *MailboxChanged) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+// MailboxResult is one PutMailbox entry's outcome.
+type MailboxResult struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Status MailboxStatus          `protobuf:"varint,1,opt,name=status,proto3,enum=state.v1.MailboxStatus" json:"status,omitempty"`
+	// The entry's seq when stored.
+	Seq           uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MailboxResult) Reset() {
+	*x = MailboxResult{}
+	mi := &file_state_v1_state_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MailboxResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MailboxResult) ProtoMessage() {}
+
+func (x *MailboxResult) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MailboxResult.ProtoReflect.Descriptor instead.
+func (*MailboxResult) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *MailboxResult) GetStatus() MailboxStatus {
+	if x != nil {
+		return x.Status
+	}
+	return MailboxStatus_MAILBOX_STATUS_UNSPECIFIED
+}
+
+func (x *MailboxResult) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
 // Activity reports that a device (or, with device_id empty, a user
 // through the API) was active at seen_at_ms.
 type Activity struct {
@@ -1128,7 +1583,7 @@ type Activity struct {
 
 func (x *Activity) Reset() {
 	*x = Activity{}
-	mi := &file_state_v1_state_proto_msgTypes[10]
+	mi := &file_state_v1_state_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1140,7 +1595,7 @@ func (x *Activity) String() string {
 func (*Activity) ProtoMessage() {}
 
 func (x *Activity) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[10]
+	mi := &file_state_v1_state_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1153,7 +1608,7 @@ func (x *Activity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Activity.ProtoReflect.Descriptor instead.
 func (*Activity) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{10}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Activity) GetUserId() string {
@@ -1208,6 +1663,10 @@ type Command struct {
 	//	*Command_ExpireEdges
 	//	*Command_DeregisterEdge
 	//	*Command_InitCluster
+	//	*Command_PutMailbox
+	//	*Command_AckMailbox
+	//	*Command_ExpireMailboxes
+	//	*Command_SetClusterCa
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1215,7 +1674,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_state_v1_state_proto_msgTypes[11]
+	mi := &file_state_v1_state_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1227,7 +1686,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[11]
+	mi := &file_state_v1_state_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1240,7 +1699,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{11}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Command) GetRequestId() string {
@@ -1444,6 +1903,42 @@ func (x *Command) GetInitCluster() *InitCluster {
 	return nil
 }
 
+func (x *Command) GetPutMailbox() *PutMailbox {
+	if x != nil {
+		if x, ok := x.Op.(*Command_PutMailbox); ok {
+			return x.PutMailbox
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetAckMailbox() *AckMailbox {
+	if x != nil {
+		if x, ok := x.Op.(*Command_AckMailbox); ok {
+			return x.AckMailbox
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetExpireMailboxes() *ExpireMailboxes {
+	if x != nil {
+		if x, ok := x.Op.(*Command_ExpireMailboxes); ok {
+			return x.ExpireMailboxes
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetSetClusterCa() *SetClusterCA {
+	if x != nil {
+		if x, ok := x.Op.(*Command_SetClusterCa); ok {
+			return x.SetClusterCa
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -1528,6 +2023,22 @@ type Command_InitCluster struct {
 	InitCluster *InitCluster `protobuf:"bytes,29,opt,name=init_cluster,json=initCluster,proto3,oneof"`
 }
 
+type Command_PutMailbox struct {
+	PutMailbox *PutMailbox `protobuf:"bytes,30,opt,name=put_mailbox,json=putMailbox,proto3,oneof"`
+}
+
+type Command_AckMailbox struct {
+	AckMailbox *AckMailbox `protobuf:"bytes,31,opt,name=ack_mailbox,json=ackMailbox,proto3,oneof"`
+}
+
+type Command_ExpireMailboxes struct {
+	ExpireMailboxes *ExpireMailboxes `protobuf:"bytes,32,opt,name=expire_mailboxes,json=expireMailboxes,proto3,oneof"`
+}
+
+type Command_SetClusterCa struct {
+	SetClusterCa *SetClusterCA `protobuf:"bytes,33,opt,name=set_cluster_ca,json=setClusterCa,proto3,oneof"`
+}
+
 func (*Command_CreateUser) isCommand_Op() {}
 
 func (*Command_UpdateUser) isCommand_Op() {}
@@ -1568,22 +2079,31 @@ func (*Command_DeregisterEdge) isCommand_Op() {}
 
 func (*Command_InitCluster) isCommand_Op() {}
 
+func (*Command_PutMailbox) isCommand_Op() {}
+
+func (*Command_AckMailbox) isCommand_Op() {}
+
+func (*Command_ExpireMailboxes) isCommand_Op() {}
+
+func (*Command_SetClusterCa) isCommand_Op() {}
+
 // InitCluster creates what a new cluster needs before anyone can log in:
 // the first admin account, the first signing key and the first session
-// key. It applies once in a cluster's life; later ones are no-ops that
-// report initialized = false.
+// key, and (when given) the cluster CA. It applies once in a cluster's
+// life; later ones are no-ops that report initialized = false.
 type InitCluster struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Admin         *User                  `protobuf:"bytes,1,opt,name=admin,proto3" json:"admin,omitempty"`
 	SigningKey    *SigningKey            `protobuf:"bytes,2,opt,name=signing_key,json=signingKey,proto3" json:"signing_key,omitempty"`
 	SessionKey    *SessionKey            `protobuf:"bytes,3,opt,name=session_key,json=sessionKey,proto3" json:"session_key,omitempty"`
+	ClusterCa     *ClusterCA             `protobuf:"bytes,4,opt,name=cluster_ca,json=clusterCa,proto3" json:"cluster_ca,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *InitCluster) Reset() {
 	*x = InitCluster{}
-	mi := &file_state_v1_state_proto_msgTypes[12]
+	mi := &file_state_v1_state_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1595,7 +2115,7 @@ func (x *InitCluster) String() string {
 func (*InitCluster) ProtoMessage() {}
 
 func (x *InitCluster) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[12]
+	mi := &file_state_v1_state_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1608,7 +2128,7 @@ func (x *InitCluster) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InitCluster.ProtoReflect.Descriptor instead.
 func (*InitCluster) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{12}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *InitCluster) GetAdmin() *User {
@@ -1632,6 +2152,224 @@ func (x *InitCluster) GetSessionKey() *SessionKey {
 	return nil
 }
 
+func (x *InitCluster) GetClusterCa() *ClusterCA {
+	if x != nil {
+		return x.ClusterCa
+	}
+	return nil
+}
+
+// SetClusterCA stores the cluster CA when the cluster has none (clusters
+// initialized before the CA existed). It applies at most once; later ones
+// are no-ops that report initialized = false.
+type SetClusterCA struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ca            *ClusterCA             `protobuf:"bytes,1,opt,name=ca,proto3" json:"ca,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetClusterCA) Reset() {
+	*x = SetClusterCA{}
+	mi := &file_state_v1_state_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetClusterCA) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetClusterCA) ProtoMessage() {}
+
+func (x *SetClusterCA) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetClusterCA.ProtoReflect.Descriptor instead.
+func (*SetClusterCA) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *SetClusterCA) GetCa() *ClusterCA {
+	if x != nil {
+		return x.Ca
+	}
+	return nil
+}
+
+// PutMailbox stores entries for any devices, in the order given, each
+// checked against the state at this revision. Quotas travel in the
+// command (from the proposer's configuration), so replicas configured
+// differently still apply it identically; 0 takes the built-in default.
+type PutMailbox struct {
+	state               protoimpl.MessageState `protogen:"open.v1"`
+	Entries             []*MailboxEntry        `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	MaxEntriesPerDevice uint64                 `protobuf:"varint,2,opt,name=max_entries_per_device,json=maxEntriesPerDevice,proto3" json:"max_entries_per_device,omitempty"`
+	MaxBytesPerDevice   uint64                 `protobuf:"varint,3,opt,name=max_bytes_per_device,json=maxBytesPerDevice,proto3" json:"max_bytes_per_device,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *PutMailbox) Reset() {
+	*x = PutMailbox{}
+	mi := &file_state_v1_state_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutMailbox) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutMailbox) ProtoMessage() {}
+
+func (x *PutMailbox) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutMailbox.ProtoReflect.Descriptor instead.
+func (*PutMailbox) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *PutMailbox) GetEntries() []*MailboxEntry {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+func (x *PutMailbox) GetMaxEntriesPerDevice() uint64 {
+	if x != nil {
+		return x.MaxEntriesPerDevice
+	}
+	return 0
+}
+
+func (x *PutMailbox) GetMaxBytesPerDevice() uint64 {
+	if x != nil {
+		return x.MaxBytesPerDevice
+	}
+	return 0
+}
+
+// AckMailbox deletes a device's entries; unknown seqs are ignored.
+type AckMailbox struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId      string                 `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	Seqs          []uint64               `protobuf:"varint,2,rep,packed,name=seqs,proto3" json:"seqs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AckMailbox) Reset() {
+	*x = AckMailbox{}
+	mi := &file_state_v1_state_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AckMailbox) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AckMailbox) ProtoMessage() {}
+
+func (x *AckMailbox) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AckMailbox.ProtoReflect.Descriptor instead.
+func (*AckMailbox) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *AckMailbox) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *AckMailbox) GetSeqs() []uint64 {
+	if x != nil {
+		return x.Seqs
+	}
+	return nil
+}
+
+// ExpireMailboxes deletes up to limit entries (0: the built-in default)
+// whose expires_at_ms is not after the command's proposed time, oldest
+// expiry first. The leader proposes it when its state holds such entries.
+type ExpireMailboxes struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Limit         uint32                 `protobuf:"varint,1,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpireMailboxes) Reset() {
+	*x = ExpireMailboxes{}
+	mi := &file_state_v1_state_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpireMailboxes) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpireMailboxes) ProtoMessage() {}
+
+func (x *ExpireMailboxes) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpireMailboxes.ProtoReflect.Descriptor instead.
+func (*ExpireMailboxes) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ExpireMailboxes) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
 // RenameDevice changes a device's name.
 type RenameDevice struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1644,7 +2382,7 @@ type RenameDevice struct {
 
 func (x *RenameDevice) Reset() {
 	*x = RenameDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[13]
+	mi := &file_state_v1_state_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1656,7 +2394,7 @@ func (x *RenameDevice) String() string {
 func (*RenameDevice) ProtoMessage() {}
 
 func (x *RenameDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[13]
+	mi := &file_state_v1_state_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1669,7 +2407,7 @@ func (x *RenameDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameDevice.ProtoReflect.Descriptor instead.
 func (*RenameDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{13}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RenameDevice) GetUserId() string {
@@ -1704,7 +2442,7 @@ type IssueRefreshToken struct {
 
 func (x *IssueRefreshToken) Reset() {
 	*x = IssueRefreshToken{}
-	mi := &file_state_v1_state_proto_msgTypes[14]
+	mi := &file_state_v1_state_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1716,7 +2454,7 @@ func (x *IssueRefreshToken) String() string {
 func (*IssueRefreshToken) ProtoMessage() {}
 
 func (x *IssueRefreshToken) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[14]
+	mi := &file_state_v1_state_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1729,7 +2467,7 @@ func (x *IssueRefreshToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueRefreshToken.ProtoReflect.Descriptor instead.
 func (*IssueRefreshToken) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{14}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *IssueRefreshToken) GetToken() *RefreshToken {
@@ -1753,7 +2491,7 @@ type RotateRefreshToken struct {
 
 func (x *RotateRefreshToken) Reset() {
 	*x = RotateRefreshToken{}
-	mi := &file_state_v1_state_proto_msgTypes[15]
+	mi := &file_state_v1_state_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1765,7 +2503,7 @@ func (x *RotateRefreshToken) String() string {
 func (*RotateRefreshToken) ProtoMessage() {}
 
 func (x *RotateRefreshToken) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[15]
+	mi := &file_state_v1_state_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1778,7 +2516,7 @@ func (x *RotateRefreshToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRefreshToken.ProtoReflect.Descriptor instead.
 func (*RotateRefreshToken) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{15}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RotateRefreshToken) GetTokenId() string {
@@ -1815,7 +2553,7 @@ type RevokeTokenFamily struct {
 
 func (x *RevokeTokenFamily) Reset() {
 	*x = RevokeTokenFamily{}
-	mi := &file_state_v1_state_proto_msgTypes[16]
+	mi := &file_state_v1_state_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1827,7 +2565,7 @@ func (x *RevokeTokenFamily) String() string {
 func (*RevokeTokenFamily) ProtoMessage() {}
 
 func (x *RevokeTokenFamily) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[16]
+	mi := &file_state_v1_state_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1840,7 +2578,7 @@ func (x *RevokeTokenFamily) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenFamily.ProtoReflect.Descriptor instead.
 func (*RevokeTokenFamily) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{16}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RevokeTokenFamily) GetFamilyId() string {
@@ -1876,7 +2614,7 @@ type RotateSigningKey struct {
 
 func (x *RotateSigningKey) Reset() {
 	*x = RotateSigningKey{}
-	mi := &file_state_v1_state_proto_msgTypes[17]
+	mi := &file_state_v1_state_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1888,7 +2626,7 @@ func (x *RotateSigningKey) String() string {
 func (*RotateSigningKey) ProtoMessage() {}
 
 func (x *RotateSigningKey) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[17]
+	mi := &file_state_v1_state_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1901,7 +2639,7 @@ func (x *RotateSigningKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateSigningKey.ProtoReflect.Descriptor instead.
 func (*RotateSigningKey) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{17}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RotateSigningKey) GetKey() *SigningKey {
@@ -1930,7 +2668,7 @@ type RotateSessionKey struct {
 
 func (x *RotateSessionKey) Reset() {
 	*x = RotateSessionKey{}
-	mi := &file_state_v1_state_proto_msgTypes[18]
+	mi := &file_state_v1_state_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1942,7 +2680,7 @@ func (x *RotateSessionKey) String() string {
 func (*RotateSessionKey) ProtoMessage() {}
 
 func (x *RotateSessionKey) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[18]
+	mi := &file_state_v1_state_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1955,7 +2693,7 @@ func (x *RotateSessionKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateSessionKey.ProtoReflect.Descriptor instead.
 func (*RotateSessionKey) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{18}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RotateSessionKey) GetKey() *SessionKey {
@@ -1983,7 +2721,7 @@ type RecordActivity struct {
 
 func (x *RecordActivity) Reset() {
 	*x = RecordActivity{}
-	mi := &file_state_v1_state_proto_msgTypes[19]
+	mi := &file_state_v1_state_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1995,7 +2733,7 @@ func (x *RecordActivity) String() string {
 func (*RecordActivity) ProtoMessage() {}
 
 func (x *RecordActivity) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[19]
+	mi := &file_state_v1_state_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2008,7 +2746,7 @@ func (x *RecordActivity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecordActivity.ProtoReflect.Descriptor instead.
 func (*RecordActivity) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{19}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RecordActivity) GetEntries() []*Activity {
@@ -2028,7 +2766,7 @@ type RegisterEdge struct {
 
 func (x *RegisterEdge) Reset() {
 	*x = RegisterEdge{}
-	mi := &file_state_v1_state_proto_msgTypes[20]
+	mi := &file_state_v1_state_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2040,7 +2778,7 @@ func (x *RegisterEdge) String() string {
 func (*RegisterEdge) ProtoMessage() {}
 
 func (x *RegisterEdge) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[20]
+	mi := &file_state_v1_state_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2053,7 +2791,7 @@ func (x *RegisterEdge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterEdge.ProtoReflect.Descriptor instead.
 func (*RegisterEdge) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{20}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RegisterEdge) GetEdge() *Edge {
@@ -2073,7 +2811,7 @@ type ExpireEdges struct {
 
 func (x *ExpireEdges) Reset() {
 	*x = ExpireEdges{}
-	mi := &file_state_v1_state_proto_msgTypes[21]
+	mi := &file_state_v1_state_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2085,7 +2823,7 @@ func (x *ExpireEdges) String() string {
 func (*ExpireEdges) ProtoMessage() {}
 
 func (x *ExpireEdges) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[21]
+	mi := &file_state_v1_state_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2098,7 +2836,7 @@ func (x *ExpireEdges) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireEdges.ProtoReflect.Descriptor instead.
 func (*ExpireEdges) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{21}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{30}
 }
 
 // DeregisterEdge removes an edge (graceful shutdown).
@@ -2111,7 +2849,7 @@ type DeregisterEdge struct {
 
 func (x *DeregisterEdge) Reset() {
 	*x = DeregisterEdge{}
-	mi := &file_state_v1_state_proto_msgTypes[22]
+	mi := &file_state_v1_state_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2123,7 +2861,7 @@ func (x *DeregisterEdge) String() string {
 func (*DeregisterEdge) ProtoMessage() {}
 
 func (x *DeregisterEdge) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[22]
+	mi := &file_state_v1_state_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2136,7 +2874,7 @@ func (x *DeregisterEdge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterEdge.ProtoReflect.Descriptor instead.
 func (*DeregisterEdge) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{22}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *DeregisterEdge) GetId() string {
@@ -2156,7 +2894,7 @@ type CreateUser struct {
 
 func (x *CreateUser) Reset() {
 	*x = CreateUser{}
-	mi := &file_state_v1_state_proto_msgTypes[23]
+	mi := &file_state_v1_state_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2168,7 +2906,7 @@ func (x *CreateUser) String() string {
 func (*CreateUser) ProtoMessage() {}
 
 func (x *CreateUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[23]
+	mi := &file_state_v1_state_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2181,7 +2919,7 @@ func (x *CreateUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateUser.ProtoReflect.Descriptor instead.
 func (*CreateUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{23}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CreateUser) GetUser() *User {
@@ -2205,7 +2943,7 @@ type UpdateUser struct {
 
 func (x *UpdateUser) Reset() {
 	*x = UpdateUser{}
-	mi := &file_state_v1_state_proto_msgTypes[24]
+	mi := &file_state_v1_state_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2217,7 +2955,7 @@ func (x *UpdateUser) String() string {
 func (*UpdateUser) ProtoMessage() {}
 
 func (x *UpdateUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[24]
+	mi := &file_state_v1_state_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2230,7 +2968,7 @@ func (x *UpdateUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateUser.ProtoReflect.Descriptor instead.
 func (*UpdateUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{24}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *UpdateUser) GetId() string {
@@ -2264,7 +3002,7 @@ type DeleteUser struct {
 
 func (x *DeleteUser) Reset() {
 	*x = DeleteUser{}
-	mi := &file_state_v1_state_proto_msgTypes[25]
+	mi := &file_state_v1_state_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2276,7 +3014,7 @@ func (x *DeleteUser) String() string {
 func (*DeleteUser) ProtoMessage() {}
 
 func (x *DeleteUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[25]
+	mi := &file_state_v1_state_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2289,7 +3027,7 @@ func (x *DeleteUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteUser.ProtoReflect.Descriptor instead.
 func (*DeleteUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{25}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *DeleteUser) GetId() string {
@@ -2309,7 +3047,7 @@ type RegisterDevice struct {
 
 func (x *RegisterDevice) Reset() {
 	*x = RegisterDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[26]
+	mi := &file_state_v1_state_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2321,7 +3059,7 @@ func (x *RegisterDevice) String() string {
 func (*RegisterDevice) ProtoMessage() {}
 
 func (x *RegisterDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[26]
+	mi := &file_state_v1_state_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2334,7 +3072,7 @@ func (x *RegisterDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterDevice.ProtoReflect.Descriptor instead.
 func (*RegisterDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{26}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RegisterDevice) GetDevice() *Device {
@@ -2355,7 +3093,7 @@ type RevokeDevice struct {
 
 func (x *RevokeDevice) Reset() {
 	*x = RevokeDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[27]
+	mi := &file_state_v1_state_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2367,7 +3105,7 @@ func (x *RevokeDevice) String() string {
 func (*RevokeDevice) ProtoMessage() {}
 
 func (x *RevokeDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[27]
+	mi := &file_state_v1_state_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2380,7 +3118,7 @@ func (x *RevokeDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDevice.ProtoReflect.Descriptor instead.
 func (*RevokeDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{27}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *RevokeDevice) GetUserId() string {
@@ -2408,7 +3146,7 @@ type DeleteDevice struct {
 
 func (x *DeleteDevice) Reset() {
 	*x = DeleteDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[28]
+	mi := &file_state_v1_state_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2420,7 +3158,7 @@ func (x *DeleteDevice) String() string {
 func (*DeleteDevice) ProtoMessage() {}
 
 func (x *DeleteDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[28]
+	mi := &file_state_v1_state_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2433,7 +3171,7 @@ func (x *DeleteDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDevice.ProtoReflect.Descriptor instead.
 func (*DeleteDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{28}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DeleteDevice) GetUserId() string {
@@ -2460,7 +3198,7 @@ type PutNode struct {
 
 func (x *PutNode) Reset() {
 	*x = PutNode{}
-	mi := &file_state_v1_state_proto_msgTypes[29]
+	mi := &file_state_v1_state_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2472,7 +3210,7 @@ func (x *PutNode) String() string {
 func (*PutNode) ProtoMessage() {}
 
 func (x *PutNode) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[29]
+	mi := &file_state_v1_state_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2485,7 +3223,7 @@ func (x *PutNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutNode.ProtoReflect.Descriptor instead.
 func (*PutNode) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{29}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *PutNode) GetNode() *Node {
@@ -2505,7 +3243,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_state_v1_state_proto_msgTypes[30]
+	mi := &file_state_v1_state_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2517,7 +3255,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[30]
+	mi := &file_state_v1_state_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2530,7 +3268,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{30}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RemoveNode) GetId() string {
@@ -2551,7 +3289,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_state_v1_state_proto_msgTypes[31]
+	mi := &file_state_v1_state_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2563,7 +3301,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[31]
+	mi := &file_state_v1_state_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2576,7 +3314,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{31}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Noop) GetPadding() []byte {
@@ -2603,15 +3341,18 @@ type Result struct {
 	// Set by RotateRefreshToken when a rotated token was presented again;
 	// the family is revoked (the code is OK so that revocation commits).
 	ReuseDetected bool `protobuf:"varint,20,opt,name=reuse_detected,json=reuseDetected,proto3" json:"reuse_detected,omitempty"`
-	// Set by InitCluster when this command initialized the cluster.
-	Initialized   bool `protobuf:"varint,21,opt,name=initialized,proto3" json:"initialized,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Set by InitCluster when this command initialized the cluster, and by
+	// SetClusterCA when it stored the CA.
+	Initialized bool `protobuf:"varint,21,opt,name=initialized,proto3" json:"initialized,omitempty"`
+	// PutMailbox: one result per entry, in the command's order.
+	MailboxResults []*MailboxResult `protobuf:"bytes,22,rep,name=mailbox_results,json=mailboxResults,proto3" json:"mailbox_results,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_state_v1_state_proto_msgTypes[32]
+	mi := &file_state_v1_state_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2623,7 +3364,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[32]
+	mi := &file_state_v1_state_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2636,7 +3377,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{32}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -2717,6 +3458,13 @@ func (x *Result) GetInitialized() bool {
 	return false
 }
 
+func (x *Result) GetMailboxResults() []*MailboxResult {
+	if x != nil {
+		return x.MailboxResults
+	}
+	return nil
+}
+
 type isResult_Object interface {
 	isResult_Object()
 }
@@ -2773,7 +3521,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x19\n" +
-	"\bapi_addr\x18\x03 \x01(\tR\aapiAddr\"\xc7\x02\n" +
+	"\bapi_addr\x18\x03 \x01(\tR\aapiAddr\"\x8c\x03\n" +
 	"\x06Change\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\rR\x03seq\x12(\n" +
@@ -2783,7 +3531,8 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x06device\x18\v \x01(\v2\x10.state.v1.DeviceH\x00R\x06device\x12$\n" +
 	"\x04node\x18\f \x01(\v2\x0e.state.v1.NodeH\x00R\x04node\x12=\n" +
 	"\fsession_keys\x18\r \x01(\v2\x18.state.v1.SessionKeyRingH\x00R\vsessionKeys\x12$\n" +
-	"\x04edge\x18\x0e \x01(\v2\x0e.state.v1.EdgeH\x00R\x04edgeB\b\n" +
+	"\x04edge\x18\x0e \x01(\v2\x0e.state.v1.EdgeH\x00R\x04edge\x12C\n" +
+	"\x0fmailbox_changed\x18\x0f \x01(\v2\x18.state.v1.MailboxChangedH\x00R\x0emailboxChangedB\b\n" +
 	"\x06object\"\xd7\x01\n" +
 	"\fRefreshToken\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
@@ -2820,18 +3569,44 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x0eSessionKeyRing\x12\x1d\n" +
 	"\n" +
 	"current_id\x18\x01 \x01(\tR\tcurrentId\x12(\n" +
-	"\x04keys\x18\x02 \x03(\v2\x14.state.v1.SessionKeyR\x04keys\"\x85\x01\n" +
+	"\x04keys\x18\x02 \x03(\v2\x14.state.v1.SessionKeyR\x04keys\"\xa2\x01\n" +
 	"\x04Edge\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05addrs\x18\x02 \x03(\tR\x05addrs\x12(\n" +
 	"\x10registered_at_ms\x18\x03 \x01(\x03R\x0eregisteredAtMs\x12-\n" +
-	"\x13lease_expires_at_ms\x18\x04 \x01(\x03R\x10leaseExpiresAtMs\"^\n" +
+	"\x13lease_expires_at_ms\x18\x04 \x01(\x03R\x10leaseExpiresAtMs\x12\x1b\n" +
+	"\tmesh_addr\x18\x05 \x01(\tR\bmeshAddr\"t\n" +
+	"\tClusterCA\x12!\n" +
+	"\fprivate_seed\x18\x01 \x01(\fR\vprivateSeed\x12 \n" +
+	"\vcertificate\x18\x02 \x01(\fR\vcertificate\x12\"\n" +
+	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\"\xf7\x01\n" +
+	"\fMailboxEntry\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x1b\n" +
+	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x17\n" +
+	"\auser_id\x18\x03 \x01(\tR\x06userId\x12\x14\n" +
+	"\x05event\x18\x04 \x01(\fR\x05event\x12\x19\n" +
+	"\bevent_id\x18\x05 \x01(\tR\aeventId\x12(\n" +
+	"\x10sender_device_id\x18\x06 \x01(\tR\x0esenderDeviceId\x12\"\n" +
+	"\rexpires_at_ms\x18\a \x01(\x03R\vexpiresAtMs\x12 \n" +
+	"\fstored_at_ms\x18\b \x01(\x03R\n" +
+	"storedAtMs\"m\n" +
+	"\aMailbox\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x19\n" +
+	"\blast_seq\x18\x02 \x01(\x04R\alastSeq\x12\x14\n" +
+	"\x05count\x18\x03 \x01(\x04R\x05count\x12\x14\n" +
+	"\x05bytes\x18\x04 \x01(\x04R\x05bytes\"X\n" +
+	"\x0eMailboxChanged\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x17\n" +
+	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x10\n" +
+	"\x03seq\x18\x03 \x01(\x04R\x03seq\"R\n" +
+	"\rMailboxResult\x12/\n" +
+	"\x06status\x18\x01 \x01(\x0e2\x17.state.v1.MailboxStatusR\x06status\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\"^\n" +
 	"\bActivity\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x1c\n" +
 	"\n" +
-	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\xd9\n" +
-	"\n" +
+	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\xd3\f\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -2860,14 +3635,35 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\rregister_edge\x18\x1a \x01(\v2\x16.state.v1.RegisterEdgeH\x00R\fregisterEdge\x12:\n" +
 	"\fexpire_edges\x18\x1b \x01(\v2\x15.state.v1.ExpireEdgesH\x00R\vexpireEdges\x12C\n" +
 	"\x0fderegister_edge\x18\x1c \x01(\v2\x18.state.v1.DeregisterEdgeH\x00R\x0ederegisterEdge\x12:\n" +
-	"\finit_cluster\x18\x1d \x01(\v2\x15.state.v1.InitClusterH\x00R\vinitClusterB\x04\n" +
-	"\x02op\"\xa1\x01\n" +
+	"\finit_cluster\x18\x1d \x01(\v2\x15.state.v1.InitClusterH\x00R\vinitCluster\x127\n" +
+	"\vput_mailbox\x18\x1e \x01(\v2\x14.state.v1.PutMailboxH\x00R\n" +
+	"putMailbox\x127\n" +
+	"\vack_mailbox\x18\x1f \x01(\v2\x14.state.v1.AckMailboxH\x00R\n" +
+	"ackMailbox\x12F\n" +
+	"\x10expire_mailboxes\x18  \x01(\v2\x19.state.v1.ExpireMailboxesH\x00R\x0fexpireMailboxes\x12>\n" +
+	"\x0eset_cluster_ca\x18! \x01(\v2\x16.state.v1.SetClusterCAH\x00R\fsetClusterCaB\x04\n" +
+	"\x02op\"\xd5\x01\n" +
 	"\vInitCluster\x12$\n" +
 	"\x05admin\x18\x01 \x01(\v2\x0e.state.v1.UserR\x05admin\x125\n" +
 	"\vsigning_key\x18\x02 \x01(\v2\x14.state.v1.SigningKeyR\n" +
 	"signingKey\x125\n" +
 	"\vsession_key\x18\x03 \x01(\v2\x14.state.v1.SessionKeyR\n" +
-	"sessionKey\"X\n" +
+	"sessionKey\x122\n" +
+	"\n" +
+	"cluster_ca\x18\x04 \x01(\v2\x13.state.v1.ClusterCAR\tclusterCa\"3\n" +
+	"\fSetClusterCA\x12#\n" +
+	"\x02ca\x18\x01 \x01(\v2\x13.state.v1.ClusterCAR\x02ca\"\xa4\x01\n" +
+	"\n" +
+	"PutMailbox\x120\n" +
+	"\aentries\x18\x01 \x03(\v2\x16.state.v1.MailboxEntryR\aentries\x123\n" +
+	"\x16max_entries_per_device\x18\x02 \x01(\x04R\x13maxEntriesPerDevice\x12/\n" +
+	"\x14max_bytes_per_device\x18\x03 \x01(\x04R\x11maxBytesPerDevice\"=\n" +
+	"\n" +
+	"AckMailbox\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x12\n" +
+	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"'\n" +
+	"\x0fExpireMailboxes\x12\x14\n" +
+	"\x05limit\x18\x01 \x01(\rR\x05limit\"X\n" +
 	"\fRenameDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x12\n" +
@@ -2920,7 +3716,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"RemoveNode\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\" \n" +
 	"\x04Noop\x12\x18\n" +
-	"\apadding\x18\x01 \x01(\fR\apadding\"\xf2\x02\n" +
+	"\apadding\x18\x01 \x01(\fR\apadding\"\xb4\x03\n" +
 	"\x06Result\x12(\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x14.state.v1.ResultCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1a\n" +
@@ -2931,13 +3727,14 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\rrefresh_token\x18\f \x01(\v2\x16.state.v1.RefreshTokenH\x00R\frefreshToken\x12$\n" +
 	"\x04edge\x18\r \x01(\v2\x0e.state.v1.EdgeH\x00R\x04edge\x12%\n" +
 	"\x0ereuse_detected\x18\x14 \x01(\bR\rreuseDetected\x12 \n" +
-	"\vinitialized\x18\x15 \x01(\bR\vinitializedB\b\n" +
+	"\vinitialized\x18\x15 \x01(\bR\vinitialized\x12@\n" +
+	"\x0fmailbox_results\x18\x16 \x03(\v2\x17.state.v1.MailboxResultR\x0emailboxResultsB\b\n" +
 	"\x06object*[\n" +
 	"\n" +
 	"UserStatus\x12\x1b\n" +
 	"\x17USER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12USER_STATUS_ACTIVE\x10\x01\x12\x18\n" +
-	"\x14USER_STATUS_DISABLED\x10\x02*\xab\x02\n" +
+	"\x14USER_STATUS_DISABLED\x10\x02*\xcc\x02\n" +
 	"\n" +
 	"ChangeKind\x12\x1b\n" +
 	"\x17CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
@@ -2949,7 +3746,15 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x18CHANGE_KIND_NODE_DELETED\x10\x06\x12\x1c\n" +
 	"\x18CHANGE_KIND_SESSION_KEYS\x10\a\x12\x18\n" +
 	"\x14CHANGE_KIND_EDGE_PUT\x10\b\x12\x1c\n" +
-	"\x18CHANGE_KIND_EDGE_DELETED\x10\t*\xbf\x01\n" +
+	"\x18CHANGE_KIND_EDGE_DELETED\x10\t\x12\x1f\n" +
+	"\x1bCHANGE_KIND_MAILBOX_CHANGED\x10\n" +
+	"*\x9f\x01\n" +
+	"\rMailboxStatus\x12\x1e\n" +
+	"\x1aMAILBOX_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15MAILBOX_STATUS_STORED\x10\x01\x12\x17\n" +
+	"\x13MAILBOX_STATUS_FULL\x10\x02\x12\x1e\n" +
+	"\x1aMAILBOX_STATUS_TARGET_GONE\x10\x03\x12\x1a\n" +
+	"\x16MAILBOX_STATUS_EXPIRED\x10\x04*\xbf\x01\n" +
 	"\n" +
 	"ResultCode\x12\x1b\n" +
 	"\x17RESULT_CODE_UNSPECIFIED\x10\x00\x12\x12\n" +
@@ -2971,98 +3776,118 @@ func file_state_v1_state_proto_rawDescGZIP() []byte {
 	return file_state_v1_state_proto_rawDescData
 }
 
-var file_state_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_state_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_state_v1_state_proto_goTypes = []any{
 	(UserStatus)(0),            // 0: state.v1.UserStatus
 	(ChangeKind)(0),            // 1: state.v1.ChangeKind
-	(ResultCode)(0),            // 2: state.v1.ResultCode
-	(*User)(nil),               // 3: state.v1.User
-	(*Device)(nil),             // 4: state.v1.Device
-	(*Node)(nil),               // 5: state.v1.Node
-	(*Change)(nil),             // 6: state.v1.Change
-	(*RefreshToken)(nil),       // 7: state.v1.RefreshToken
-	(*TokenFamily)(nil),        // 8: state.v1.TokenFamily
-	(*SigningKey)(nil),         // 9: state.v1.SigningKey
-	(*SessionKey)(nil),         // 10: state.v1.SessionKey
-	(*SessionKeyRing)(nil),     // 11: state.v1.SessionKeyRing
-	(*Edge)(nil),               // 12: state.v1.Edge
-	(*Activity)(nil),           // 13: state.v1.Activity
-	(*Command)(nil),            // 14: state.v1.Command
-	(*InitCluster)(nil),        // 15: state.v1.InitCluster
-	(*RenameDevice)(nil),       // 16: state.v1.RenameDevice
-	(*IssueRefreshToken)(nil),  // 17: state.v1.IssueRefreshToken
-	(*RotateRefreshToken)(nil), // 18: state.v1.RotateRefreshToken
-	(*RevokeTokenFamily)(nil),  // 19: state.v1.RevokeTokenFamily
-	(*RotateSigningKey)(nil),   // 20: state.v1.RotateSigningKey
-	(*RotateSessionKey)(nil),   // 21: state.v1.RotateSessionKey
-	(*RecordActivity)(nil),     // 22: state.v1.RecordActivity
-	(*RegisterEdge)(nil),       // 23: state.v1.RegisterEdge
-	(*ExpireEdges)(nil),        // 24: state.v1.ExpireEdges
-	(*DeregisterEdge)(nil),     // 25: state.v1.DeregisterEdge
-	(*CreateUser)(nil),         // 26: state.v1.CreateUser
-	(*UpdateUser)(nil),         // 27: state.v1.UpdateUser
-	(*DeleteUser)(nil),         // 28: state.v1.DeleteUser
-	(*RegisterDevice)(nil),     // 29: state.v1.RegisterDevice
-	(*RevokeDevice)(nil),       // 30: state.v1.RevokeDevice
-	(*DeleteDevice)(nil),       // 31: state.v1.DeleteDevice
-	(*PutNode)(nil),            // 32: state.v1.PutNode
-	(*RemoveNode)(nil),         // 33: state.v1.RemoveNode
-	(*Noop)(nil),               // 34: state.v1.Noop
-	(*Result)(nil),             // 35: state.v1.Result
+	(MailboxStatus)(0),         // 2: state.v1.MailboxStatus
+	(ResultCode)(0),            // 3: state.v1.ResultCode
+	(*User)(nil),               // 4: state.v1.User
+	(*Device)(nil),             // 5: state.v1.Device
+	(*Node)(nil),               // 6: state.v1.Node
+	(*Change)(nil),             // 7: state.v1.Change
+	(*RefreshToken)(nil),       // 8: state.v1.RefreshToken
+	(*TokenFamily)(nil),        // 9: state.v1.TokenFamily
+	(*SigningKey)(nil),         // 10: state.v1.SigningKey
+	(*SessionKey)(nil),         // 11: state.v1.SessionKey
+	(*SessionKeyRing)(nil),     // 12: state.v1.SessionKeyRing
+	(*Edge)(nil),               // 13: state.v1.Edge
+	(*ClusterCA)(nil),          // 14: state.v1.ClusterCA
+	(*MailboxEntry)(nil),       // 15: state.v1.MailboxEntry
+	(*Mailbox)(nil),            // 16: state.v1.Mailbox
+	(*MailboxChanged)(nil),     // 17: state.v1.MailboxChanged
+	(*MailboxResult)(nil),      // 18: state.v1.MailboxResult
+	(*Activity)(nil),           // 19: state.v1.Activity
+	(*Command)(nil),            // 20: state.v1.Command
+	(*InitCluster)(nil),        // 21: state.v1.InitCluster
+	(*SetClusterCA)(nil),       // 22: state.v1.SetClusterCA
+	(*PutMailbox)(nil),         // 23: state.v1.PutMailbox
+	(*AckMailbox)(nil),         // 24: state.v1.AckMailbox
+	(*ExpireMailboxes)(nil),    // 25: state.v1.ExpireMailboxes
+	(*RenameDevice)(nil),       // 26: state.v1.RenameDevice
+	(*IssueRefreshToken)(nil),  // 27: state.v1.IssueRefreshToken
+	(*RotateRefreshToken)(nil), // 28: state.v1.RotateRefreshToken
+	(*RevokeTokenFamily)(nil),  // 29: state.v1.RevokeTokenFamily
+	(*RotateSigningKey)(nil),   // 30: state.v1.RotateSigningKey
+	(*RotateSessionKey)(nil),   // 31: state.v1.RotateSessionKey
+	(*RecordActivity)(nil),     // 32: state.v1.RecordActivity
+	(*RegisterEdge)(nil),       // 33: state.v1.RegisterEdge
+	(*ExpireEdges)(nil),        // 34: state.v1.ExpireEdges
+	(*DeregisterEdge)(nil),     // 35: state.v1.DeregisterEdge
+	(*CreateUser)(nil),         // 36: state.v1.CreateUser
+	(*UpdateUser)(nil),         // 37: state.v1.UpdateUser
+	(*DeleteUser)(nil),         // 38: state.v1.DeleteUser
+	(*RegisterDevice)(nil),     // 39: state.v1.RegisterDevice
+	(*RevokeDevice)(nil),       // 40: state.v1.RevokeDevice
+	(*DeleteDevice)(nil),       // 41: state.v1.DeleteDevice
+	(*PutNode)(nil),            // 42: state.v1.PutNode
+	(*RemoveNode)(nil),         // 43: state.v1.RemoveNode
+	(*Noop)(nil),               // 44: state.v1.Noop
+	(*Result)(nil),             // 45: state.v1.Result
 }
 var file_state_v1_state_proto_depIdxs = []int32{
 	0,  // 0: state.v1.User.status:type_name -> state.v1.UserStatus
 	1,  // 1: state.v1.Change.kind:type_name -> state.v1.ChangeKind
-	3,  // 2: state.v1.Change.user:type_name -> state.v1.User
-	4,  // 3: state.v1.Change.device:type_name -> state.v1.Device
-	5,  // 4: state.v1.Change.node:type_name -> state.v1.Node
-	11, // 5: state.v1.Change.session_keys:type_name -> state.v1.SessionKeyRing
-	12, // 6: state.v1.Change.edge:type_name -> state.v1.Edge
-	10, // 7: state.v1.SessionKeyRing.keys:type_name -> state.v1.SessionKey
-	26, // 8: state.v1.Command.create_user:type_name -> state.v1.CreateUser
-	27, // 9: state.v1.Command.update_user:type_name -> state.v1.UpdateUser
-	28, // 10: state.v1.Command.delete_user:type_name -> state.v1.DeleteUser
-	29, // 11: state.v1.Command.register_device:type_name -> state.v1.RegisterDevice
-	30, // 12: state.v1.Command.revoke_device:type_name -> state.v1.RevokeDevice
-	31, // 13: state.v1.Command.delete_device:type_name -> state.v1.DeleteDevice
-	32, // 14: state.v1.Command.put_node:type_name -> state.v1.PutNode
-	33, // 15: state.v1.Command.remove_node:type_name -> state.v1.RemoveNode
-	34, // 16: state.v1.Command.noop:type_name -> state.v1.Noop
-	16, // 17: state.v1.Command.rename_device:type_name -> state.v1.RenameDevice
-	17, // 18: state.v1.Command.issue_refresh_token:type_name -> state.v1.IssueRefreshToken
-	18, // 19: state.v1.Command.rotate_refresh_token:type_name -> state.v1.RotateRefreshToken
-	19, // 20: state.v1.Command.revoke_token_family:type_name -> state.v1.RevokeTokenFamily
-	20, // 21: state.v1.Command.rotate_signing_key:type_name -> state.v1.RotateSigningKey
-	21, // 22: state.v1.Command.rotate_session_key:type_name -> state.v1.RotateSessionKey
-	22, // 23: state.v1.Command.record_activity:type_name -> state.v1.RecordActivity
-	23, // 24: state.v1.Command.register_edge:type_name -> state.v1.RegisterEdge
-	24, // 25: state.v1.Command.expire_edges:type_name -> state.v1.ExpireEdges
-	25, // 26: state.v1.Command.deregister_edge:type_name -> state.v1.DeregisterEdge
-	15, // 27: state.v1.Command.init_cluster:type_name -> state.v1.InitCluster
-	3,  // 28: state.v1.InitCluster.admin:type_name -> state.v1.User
-	9,  // 29: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
-	10, // 30: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
-	7,  // 31: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
-	7,  // 32: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
-	9,  // 33: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
-	10, // 34: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
-	13, // 35: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
-	12, // 36: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
-	3,  // 37: state.v1.CreateUser.user:type_name -> state.v1.User
-	3,  // 38: state.v1.UpdateUser.user:type_name -> state.v1.User
-	4,  // 39: state.v1.RegisterDevice.device:type_name -> state.v1.Device
-	5,  // 40: state.v1.PutNode.node:type_name -> state.v1.Node
-	2,  // 41: state.v1.Result.code:type_name -> state.v1.ResultCode
-	3,  // 42: state.v1.Result.user:type_name -> state.v1.User
-	4,  // 43: state.v1.Result.device:type_name -> state.v1.Device
-	7,  // 44: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
-	12, // 45: state.v1.Result.edge:type_name -> state.v1.Edge
-	46, // [46:46] is the sub-list for method output_type
-	46, // [46:46] is the sub-list for method input_type
-	46, // [46:46] is the sub-list for extension type_name
-	46, // [46:46] is the sub-list for extension extendee
-	0,  // [0:46] is the sub-list for field type_name
+	4,  // 2: state.v1.Change.user:type_name -> state.v1.User
+	5,  // 3: state.v1.Change.device:type_name -> state.v1.Device
+	6,  // 4: state.v1.Change.node:type_name -> state.v1.Node
+	12, // 5: state.v1.Change.session_keys:type_name -> state.v1.SessionKeyRing
+	13, // 6: state.v1.Change.edge:type_name -> state.v1.Edge
+	17, // 7: state.v1.Change.mailbox_changed:type_name -> state.v1.MailboxChanged
+	11, // 8: state.v1.SessionKeyRing.keys:type_name -> state.v1.SessionKey
+	2,  // 9: state.v1.MailboxResult.status:type_name -> state.v1.MailboxStatus
+	36, // 10: state.v1.Command.create_user:type_name -> state.v1.CreateUser
+	37, // 11: state.v1.Command.update_user:type_name -> state.v1.UpdateUser
+	38, // 12: state.v1.Command.delete_user:type_name -> state.v1.DeleteUser
+	39, // 13: state.v1.Command.register_device:type_name -> state.v1.RegisterDevice
+	40, // 14: state.v1.Command.revoke_device:type_name -> state.v1.RevokeDevice
+	41, // 15: state.v1.Command.delete_device:type_name -> state.v1.DeleteDevice
+	42, // 16: state.v1.Command.put_node:type_name -> state.v1.PutNode
+	43, // 17: state.v1.Command.remove_node:type_name -> state.v1.RemoveNode
+	44, // 18: state.v1.Command.noop:type_name -> state.v1.Noop
+	26, // 19: state.v1.Command.rename_device:type_name -> state.v1.RenameDevice
+	27, // 20: state.v1.Command.issue_refresh_token:type_name -> state.v1.IssueRefreshToken
+	28, // 21: state.v1.Command.rotate_refresh_token:type_name -> state.v1.RotateRefreshToken
+	29, // 22: state.v1.Command.revoke_token_family:type_name -> state.v1.RevokeTokenFamily
+	30, // 23: state.v1.Command.rotate_signing_key:type_name -> state.v1.RotateSigningKey
+	31, // 24: state.v1.Command.rotate_session_key:type_name -> state.v1.RotateSessionKey
+	32, // 25: state.v1.Command.record_activity:type_name -> state.v1.RecordActivity
+	33, // 26: state.v1.Command.register_edge:type_name -> state.v1.RegisterEdge
+	34, // 27: state.v1.Command.expire_edges:type_name -> state.v1.ExpireEdges
+	35, // 28: state.v1.Command.deregister_edge:type_name -> state.v1.DeregisterEdge
+	21, // 29: state.v1.Command.init_cluster:type_name -> state.v1.InitCluster
+	23, // 30: state.v1.Command.put_mailbox:type_name -> state.v1.PutMailbox
+	24, // 31: state.v1.Command.ack_mailbox:type_name -> state.v1.AckMailbox
+	25, // 32: state.v1.Command.expire_mailboxes:type_name -> state.v1.ExpireMailboxes
+	22, // 33: state.v1.Command.set_cluster_ca:type_name -> state.v1.SetClusterCA
+	4,  // 34: state.v1.InitCluster.admin:type_name -> state.v1.User
+	10, // 35: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
+	11, // 36: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
+	14, // 37: state.v1.InitCluster.cluster_ca:type_name -> state.v1.ClusterCA
+	14, // 38: state.v1.SetClusterCA.ca:type_name -> state.v1.ClusterCA
+	15, // 39: state.v1.PutMailbox.entries:type_name -> state.v1.MailboxEntry
+	8,  // 40: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
+	8,  // 41: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
+	10, // 42: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
+	11, // 43: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
+	19, // 44: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
+	13, // 45: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
+	4,  // 46: state.v1.CreateUser.user:type_name -> state.v1.User
+	4,  // 47: state.v1.UpdateUser.user:type_name -> state.v1.User
+	5,  // 48: state.v1.RegisterDevice.device:type_name -> state.v1.Device
+	6,  // 49: state.v1.PutNode.node:type_name -> state.v1.Node
+	3,  // 50: state.v1.Result.code:type_name -> state.v1.ResultCode
+	4,  // 51: state.v1.Result.user:type_name -> state.v1.User
+	5,  // 52: state.v1.Result.device:type_name -> state.v1.Device
+	8,  // 53: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
+	13, // 54: state.v1.Result.edge:type_name -> state.v1.Edge
+	18, // 55: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
+	56, // [56:56] is the sub-list for method output_type
+	56, // [56:56] is the sub-list for method input_type
+	56, // [56:56] is the sub-list for extension type_name
+	56, // [56:56] is the sub-list for extension extendee
+	0,  // [0:56] is the sub-list for field type_name
 }
 
 func init() { file_state_v1_state_proto_init() }
@@ -3076,8 +3901,9 @@ func file_state_v1_state_proto_init() {
 		(*Change_Node)(nil),
 		(*Change_SessionKeys)(nil),
 		(*Change_Edge)(nil),
+		(*Change_MailboxChanged)(nil),
 	}
-	file_state_v1_state_proto_msgTypes[11].OneofWrappers = []any{
+	file_state_v1_state_proto_msgTypes[16].OneofWrappers = []any{
 		(*Command_CreateUser)(nil),
 		(*Command_UpdateUser)(nil),
 		(*Command_DeleteUser)(nil),
@@ -3098,8 +3924,12 @@ func file_state_v1_state_proto_init() {
 		(*Command_ExpireEdges)(nil),
 		(*Command_DeregisterEdge)(nil),
 		(*Command_InitCluster)(nil),
+		(*Command_PutMailbox)(nil),
+		(*Command_AckMailbox)(nil),
+		(*Command_ExpireMailboxes)(nil),
+		(*Command_SetClusterCa)(nil),
 	}
-	file_state_v1_state_proto_msgTypes[32].OneofWrappers = []any{
+	file_state_v1_state_proto_msgTypes[41].OneofWrappers = []any{
 		(*Result_User)(nil),
 		(*Result_Device)(nil),
 		(*Result_RefreshToken)(nil),
@@ -3110,8 +3940,8 @@ func file_state_v1_state_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_v1_state_proto_rawDesc), len(file_state_v1_state_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   33,
+			NumEnums:      4,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,452 @@
+package fsm
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"unicode/utf8"
+
+	"google.golang.org/protobuf/proto"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/state"
+)
+
+// Mailbox limits. The per-device quotas travel in each PutMailbox command
+// (the proposer's configuration), bounded by the caps here; apply never
+// reads a node-local setting, so replicas configured differently cannot
+// diverge.
+const (
+	// MaxMailboxBatch bounds the entries of one PutMailbox command.
+	MaxMailboxBatch = 1024
+	// MaxMailboxBatchBytes bounds the summed event sizes of one command
+	// (one Raft entry).
+	MaxMailboxBatchBytes = 16 << 20
+	// MaxMailboxEventBytes bounds one stored event.
+	MaxMailboxEventBytes = 256 << 10
+	// MaxMailboxTTLMs bounds how far after the command's time an entry may
+	// expire (a year and a day: far beyond any TTL an edge allows, so it
+	// only catches garbage).
+	MaxMailboxTTLMs = 366 * 24 * 3600 * 1000
+	// MaxMailboxAck bounds the seqs of one AckMailbox command.
+	MaxMailboxAck = 4096
+
+	// DefaultMailboxMaxEntries and DefaultMailboxMaxBytes are the quotas
+	// per device when a command carries none.
+	DefaultMailboxMaxEntries = 1000
+	DefaultMailboxMaxBytes   = 4 << 20
+	// MaxMailboxQuotaEntries and MaxMailboxQuotaBytes cap the quotas a
+	// command may carry.
+	MaxMailboxQuotaEntries = 1 << 20
+	MaxMailboxQuotaBytes   = 1 << 30
+
+	// DefaultExpireLimit is how many entries one ExpireMailboxes removes
+	// when it names no limit; MaxExpireLimit caps the limit it may name.
+	DefaultExpireLimit = 4096
+	MaxExpireLimit     = 1 << 16
+)
+
+// ValidateEventID checks the id of an event: 1 to MaxIDLen bytes of
+// UTF-8 (ids are client-generated; any characters are allowed).
+func ValidateEventID(field, id string) error {
+	if id == "" || len(id) > MaxIDLen || !utf8.ValidString(id) {
+		return fmt.Errorf("%s must be 1 to %d bytes of UTF-8", field, MaxIDLen)
+	}
+	return nil
+}
+
+// ValidateMailboxEntry checks one entry's own fields (not the state) at
+// time nowMs; field prefixes the field names in the error. The API calls
+// it before proposing, apply again.
+func ValidateMailboxEntry(field string, e *statev1.MailboxEntry, nowMs int64) error {
+	if e == nil {
+		return fmt.Errorf("%s is missing", field)
+	}
+	if err := ValidateID(field+".device_id", e.GetDeviceId()); err != nil {
+		return err
+	}
+	if err := ValidateID(field+".user_id", e.GetUserId()); err != nil {
+		return err
+	}
+	if err := ValidateID(field+".sender_device_id", e.GetSenderDeviceId()); err != nil {
+		return err
+	}
+	if err := ValidateEventID(field+".event_id", e.GetEventId()); err != nil {
+		return err
+	}
+	if n := len(e.GetEvent()); n == 0 || n > MaxMailboxEventBytes {
+		return fmt.Errorf("%s.event is %d bytes, want 1 to %d", field, n, MaxMailboxEventBytes)
+	}
+	if e.GetExpiresAtMs() <= 0 {
+		return fmt.Errorf("%s.expires_at_ms must be positive", field)
+	}
+	if nowMs > 0 && e.GetExpiresAtMs()-nowMs > MaxMailboxTTLMs {
+		return fmt.Errorf("%s.expires_at_ms is more than %d days ahead", field, MaxMailboxTTLMs/(24*3600*1000))
+	}
+	return nil
+}
+
+// mailboxQuotas returns a command's quotas, defaults filled in.
+func mailboxQuotas(op *statev1.PutMailbox) (entries, bytes uint64, err error) {
+	entries, bytes = op.GetMaxEntriesPerDevice(), op.GetMaxBytesPerDevice()
+	if entries == 0 {
+		entries = DefaultMailboxMaxEntries
+	}
+	if bytes == 0 {
+		bytes = DefaultMailboxMaxBytes
+	}
+	if entries > MaxMailboxQuotaEntries {
+		return 0, 0, invalid("max_entries_per_device %d is above the cap %d", entries, MaxMailboxQuotaEntries)
+	}
+	if bytes > MaxMailboxQuotaBytes {
+		return 0, 0, invalid("max_bytes_per_device %d is above the cap %d", bytes, MaxMailboxQuotaBytes)
+	}
+	return entries, bytes, nil
+}
+
+func (t *txn) putMailbox(op *statev1.PutMailbox) (*statev1.Result, error) {
+	entries := op.GetEntries()
+	if len(entries) == 0 || len(entries) > MaxMailboxBatch {
+		return nil, invalid("entries holds %d entries, want 1 to %d", len(entries), MaxMailboxBatch)
+	}
+	maxEntries, maxBytes, err := mailboxQuotas(op)
+	if err != nil {
+		return nil, err
+	}
+	// Validate every entry before the first write.
+	total := 0
+	for i, e := range entries {
+		if err := ValidateMailboxEntry(fmt.Sprintf("entries[%d]", i), e, t.now); err != nil {
+			return nil, asInvalid(err)
+		}
+		total += len(e.GetEvent())
+	}
+	if total > MaxMailboxBatchBytes {
+		return nil, invalid("entries hold %d event bytes, at most %d per command", total, MaxMailboxBatchBytes)
+	}
+	res := &statev1.Result{MailboxResults: make([]*statev1.MailboxResult, len(entries))}
+	// One change per device that received entries, with its highest seq,
+	// in the order the devices first appear in the command.
+	var changed []*statev1.MailboxChanged
+	gone := map[string]bool{} // target checks, per user/device (nothing here changes them)
+	for i, e := range entries {
+		target := e.GetUserId() + "\x00" + e.GetDeviceId()
+		g, known := gone[target]
+		if !known {
+			if g, err = t.mailTargetGone(e.GetUserId(), e.GetDeviceId()); err != nil {
+				return nil, err
+			}
+			gone[target] = g
+		}
+		if g {
+			res.MailboxResults[i] = &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE}
+			continue
+		}
+		r, stored, err := t.putMailEntry(e, maxEntries, maxBytes)
+		if err != nil {
+			return nil, err
+		}
+		res.MailboxResults[i] = r
+		if !stored {
+			continue
+		}
+		found := false
+		for _, c := range changed {
+			if c.DeviceId == e.GetDeviceId() {
+				c.Seq, found = r.Seq, true
+				break
+			}
+		}
+		if !found {
+			changed = append(changed, &statev1.MailboxChanged{DeviceId: e.GetDeviceId(), UserId: e.GetUserId(), Seq: r.Seq})
+		}
+	}
+	for _, c := range changed {
+		if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_MAILBOX_CHANGED, Object: &statev1.Change_MailboxChanged{MailboxChanged: c}}); err != nil {
+			return nil, err
+		}
+	}
+	return res, nil
+}
+
+// mailTargetGone reports whether a device cannot receive mailbox entries:
+// it does not exist, belongs to another user, is revoked, or its user is
+// missing or not active.
+func (t *txn) mailTargetGone(userID, deviceID string) (bool, error) {
+	var d statev1.Device
+	found, err := t.get(deviceKey(userID, deviceID), &d)
+	if err != nil || !found || d.Revoked {
+		return true, err
+	}
+	var u statev1.User
+	found, err = t.get(userKey(userID), &u)
+	if err != nil || !found {
+		return true, err
+	}
+	return u.Status != statev1.UserStatus_USER_STATUS_ACTIVE, nil
+}
+
+// putMailEntry stores one entry for a live target; stored is false when
+// nothing was written (a duplicate, expired, or a full mailbox).
+func (t *txn) putMailEntry(e *statev1.MailboxEntry, maxEntries, maxBytes uint64) (*statev1.MailboxResult, bool, error) {
+	did := e.GetDeviceId()
+	dedup := mailDedupKey(did, e.GetSenderDeviceId(), e.GetEventId())
+	if v, err := t.b.Get(dedup); err == nil {
+		if len(v) != 8 {
+			return nil, false, fmt.Errorf("mailbox dedup record %q: %d bytes", dedup, len(v))
+		}
+		return &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: binary.BigEndian.Uint64(v)}, false, nil
+	} else if !errors.Is(err, state.ErrNotFound) {
+		return nil, false, err
+	}
+	if e.GetExpiresAtMs() <= t.now {
+		return &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_EXPIRED}, false, nil
+	}
+	mb := &statev1.Mailbox{DeviceId: did}
+	if _, err := t.get(mailboxKey(did), mb); err != nil {
+		return nil, false, err
+	}
+	size := uint64(len(e.GetEvent()))
+	if mb.Count+1 > maxEntries || mb.Bytes+size > maxBytes {
+		return &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_FULL}, false, nil
+	}
+	mb.LastSeq++
+	mb.Count++
+	mb.Bytes += size
+	stored := &statev1.MailboxEntry{
+		Seq: mb.LastSeq, DeviceId: did, UserId: e.GetUserId(), Event: e.GetEvent(),
+		EventId: e.GetEventId(), SenderDeviceId: e.GetSenderDeviceId(),
+		ExpiresAtMs: e.GetExpiresAtMs(), StoredAtMs: t.now,
+	}
+	if err := t.put(mailEntryKey(did, stored.Seq), stored); err != nil {
+		return nil, false, err
+	}
+	if err := t.b.Set(mailExpiryKey(stored.ExpiresAtMs, did, stored.Seq), nil); err != nil {
+		return nil, false, err
+	}
+	if err := t.b.Set(dedup, binary.BigEndian.AppendUint64(nil, stored.Seq)); err != nil {
+		return nil, false, err
+	}
+	if err := t.put(mailboxKey(did), mb); err != nil {
+		return nil, false, err
+	}
+	return &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: stored.Seq}, true, nil
+}
+
+// dropMailEntry deletes one stored entry with its index records and takes
+// it off mb's counters (the caller writes mb).
+func (t *txn) dropMailEntry(e *statev1.MailboxEntry, mb *statev1.Mailbox) error {
+	for _, k := range [][]byte{
+		mailEntryKey(e.GetDeviceId(), e.GetSeq()),
+		mailExpiryKey(e.GetExpiresAtMs(), e.GetDeviceId(), e.GetSeq()),
+		mailDedupKey(e.GetDeviceId(), e.GetSenderDeviceId(), e.GetEventId()),
+	} {
+		if err := t.b.Delete(k); err != nil {
+			return err
+		}
+	}
+	size := uint64(len(e.GetEvent()))
+	if mb.Count > 0 {
+		mb.Count--
+	}
+	if mb.Bytes >= size {
+		mb.Bytes -= size
+	} else {
+		mb.Bytes = 0
+	}
+	return nil
+}
+
+func (t *txn) ackMailbox(op *statev1.AckMailbox) (*statev1.Result, error) {
+	did := op.GetDeviceId()
+	if err := ValidateID("device_id", did); err != nil {
+		return nil, asInvalid(err)
+	}
+	if len(op.GetSeqs()) > MaxMailboxAck {
+		return nil, invalid("seqs holds %d seqs, at most %d allowed", len(op.GetSeqs()), MaxMailboxAck)
+	}
+	mb := &statev1.Mailbox{}
+	found, err := t.get(mailboxKey(did), mb)
+	if err != nil {
+		return nil, err
+	}
+	if !found {
+		return &statev1.Result{}, nil // no mailbox: nothing to delete
+	}
+	dropped := false
+	for _, seq := range op.GetSeqs() {
+		var e statev1.MailboxEntry
+		ok, err := t.get(mailEntryKey(did, seq), &e)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			continue // unknown, or acked twice in this list
+		}
+		if err := t.dropMailEntry(&e, mb); err != nil {
+			return nil, err
+		}
+		dropped = true
+	}
+	if dropped {
+		if err := t.put(mailboxKey(did), mb); err != nil {
+			return nil, err
+		}
+	}
+	return &statev1.Result{}, nil
+}
+
+func (t *txn) expireMailboxes(op *statev1.ExpireMailboxes) (*statev1.Result, error) {
+	limit := int(op.GetLimit())
+	if limit == 0 {
+		limit = DefaultExpireLimit
+	}
+	if limit > MaxExpireLimit {
+		return nil, invalid("limit %d is above the cap %d", limit, MaxExpireLimit)
+	}
+	if t.now <= 0 {
+		return nil, invalid("proposed_at_ms is not set")
+	}
+	type ref struct {
+		did string
+		seq uint64
+		key []byte
+	}
+	var due []ref
+	err := t.b.Iterate(prefixMailExpiry, mailExpiryEnd(t.now), func(k, _ []byte) (bool, error) {
+		if len(due) == limit {
+			return false, nil
+		}
+		did, seq, ok := parseMailExpiryKey(k)
+		if !ok {
+			return false, fmt.Errorf("malformed mailbox expiry key %q", k)
+		}
+		due = append(due, ref{did, seq, append([]byte(nil), k...)})
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	// Counters are updated in memory and written once per device, in the
+	// order the devices were first met (expiry order): deterministic.
+	boxes := map[string]*statev1.Mailbox{}
+	var order []string
+	for _, r := range due {
+		var e statev1.MailboxEntry
+		ok, err := t.get(mailEntryKey(r.did, r.seq), &e)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			// An index record without its entry cannot happen (they are
+			// written and deleted together); drop it rather than loop on it.
+			if err := t.b.Delete(r.key); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		mb, seen := boxes[r.did]
+		if !seen {
+			mb = &statev1.Mailbox{DeviceId: r.did}
+			if _, err := t.get(mailboxKey(r.did), mb); err != nil {
+				return nil, err
+			}
+			boxes[r.did] = mb
+			order = append(order, r.did)
+		}
+		if err := t.dropMailEntry(&e, mb); err != nil {
+			return nil, err
+		}
+	}
+	for _, did := range order {
+		if err := t.put(mailboxKey(did), boxes[did]); err != nil {
+			return nil, err
+		}
+	}
+	return &statev1.Result{}, nil
+}
+
+// deleteMailbox removes a device's whole mailbox: entries, index records
+// and counters.
+func (t *txn) deleteMailbox(did string) error {
+	p := mailEntriesPrefix(did)
+	var entries []*statev1.MailboxEntry
+	err := t.b.Iterate(p, prefixEnd(p), func(_, v []byte) (bool, error) {
+		var e statev1.MailboxEntry
+		if err := proto.Unmarshal(v, &e); err != nil {
+			return false, fmt.Errorf("decode mailbox entry: %w", err)
+		}
+		entries = append(entries, &e)
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	mb := &statev1.Mailbox{}
+	for _, e := range entries {
+		if err := t.dropMailEntry(e, mb); err != nil {
+			return err
+		}
+	}
+	return t.b.Delete(mailboxKey(did))
+}
+
+// FetchMailbox returns up to limit entries of a device's mailbox with
+// seqs after afterSeq, oldest first, skipping entries that expired at or
+// before nowMs (expiry may not have removed them yet), and whether more
+// unexpired entries follow. One consistent view. A device that does not
+// exist answers ErrNotFound.
+func (f *FSM) FetchMailbox(deviceID string, afterSeq uint64, limit int, nowMs int64) ([]*statev1.MailboxEntry, bool, error) {
+	snap := f.store.Snapshot()
+	defer snap.Close()
+	if _, err := snap.Get(deviceOwnerKey(deviceID)); errors.Is(err, state.ErrNotFound) {
+		return nil, false, fmt.Errorf("device %q: %w", deviceID, ErrNotFound)
+	} else if err != nil {
+		return nil, false, fmt.Errorf("read device owner: %w", err)
+	}
+	if afterSeq == ^uint64(0) {
+		return nil, false, nil // nothing can follow
+	}
+	var out []*statev1.MailboxEntry
+	more := false
+	err := snap.Iterate(mailEntryKey(deviceID, afterSeq+1), prefixEnd(mailEntriesPrefix(deviceID)), func(_, v []byte) (bool, error) {
+		var e statev1.MailboxEntry
+		if err := proto.Unmarshal(v, &e); err != nil {
+			return false, fmt.Errorf("decode mailbox entry: %w", err)
+		}
+		if e.GetExpiresAtMs() <= nowMs {
+			return true, nil
+		}
+		if len(out) == limit {
+			more = true
+			return false, nil
+		}
+		out = append(out, &e)
+		return true, nil
+	})
+	if err != nil {
+		return nil, false, err
+	}
+	return out, more, nil
+}
+
+// Mailbox returns a device's mailbox counters, or ErrNotFound when it
+// never received an entry (or the device is gone).
+func (f *FSM) Mailbox(deviceID string) (*statev1.Mailbox, error) {
+	var mb statev1.Mailbox
+	if err := getRecord(f.store, mailboxKey(deviceID), &mb, fmt.Sprintf("mailbox of %q", deviceID)); err != nil {
+		return nil, err
+	}
+	return &mb, nil
+}
+
+// MailboxExpiryDue reports whether some mailbox entry expires at or
+// before nowMs: the leader proposes ExpireMailboxes only then.
+func (f *FSM) MailboxExpiryDue(nowMs int64) (bool, error) {
+	due := false
+	err := f.store.Iterate(prefixMailExpiry, mailExpiryEnd(nowMs), func(_, _ []byte) (bool, error) {
+		due = true
+		return false, nil
+	})
+	return due, err
+}

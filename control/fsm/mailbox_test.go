@@ -1,0 +1,358 @@
+package fsm
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"math/big"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+const (
+	stored  = statev1.MailboxStatus_MAILBOX_STATUS_STORED
+	full    = statev1.MailboxStatus_MAILBOX_STATUS_FULL
+	gone    = statev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE
+	expired = statev1.MailboxStatus_MAILBOX_STATUS_EXPIRED
+)
+
+// far is an expiry no test command reaches (test commands run at about
+// 1_000_000 ms), within the maximum TTL.
+const far = int64(20_000_000_000)
+
+func mail(uid, did, sender, id string, size int, exp int64) *statev1.MailboxEntry {
+	return &statev1.MailboxEntry{UserId: uid, DeviceId: did, SenderDeviceId: sender, EventId: id,
+		Event: bytes.Repeat([]byte{'e'}, size), ExpiresAtMs: exp}
+}
+
+func putOp(entries ...*statev1.MailboxEntry) isCommandOp {
+	return &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: entries}}
+}
+
+func ackOp(did string, seqs ...uint64) isCommandOp {
+	return &statev1.Command_AckMailbox{AckMailbox: &statev1.AckMailbox{DeviceId: did, Seqs: seqs}}
+}
+
+// outcomes renders a result's per-entry outcomes as "STATUS/seq".
+func outcomes(r *statev1.Result) string {
+	var out []string
+	for _, m := range r.GetMailboxResults() {
+		out = append(out, fmt.Sprintf("%s/%d", strings.TrimPrefix(m.GetStatus().String(), "MAILBOX_STATUS_"), m.GetSeq()))
+	}
+	return strings.Join(out, " ")
+}
+
+// mailboxWorld sets up users alice (devices a1, a2, revoked r1), bob (b1)
+// and a disabled user off (o1).
+func mailboxWorld(t *testing.T, cfg Config) (*FSM, *applier) {
+	t.Helper()
+	f := newFSM(t, cfg)
+	a := &applier{t: t, f: f}
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	for _, u := range []string{"alice", "bob", "off"} {
+		if r := a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: u, Login: u}}}); r.Code != ok {
+			t.Fatal(r)
+		}
+	}
+	for i, d := range [][2]string{{"alice", "a1"}, {"alice", "a2"}, {"alice", "r1"}, {"bob", "b1"}, {"off", "o1"}} {
+		if r := a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: d[1], UserId: d[0], Name: "n", PublicKey: key32(byte(i))}}}); r.Code != ok {
+			t.Fatal(r)
+		}
+	}
+	a.apply(&statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "alice", DeviceId: "r1"}})
+	a.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "off", Fields: []string{"status"}, User: &statev1.User{Status: statev1.UserStatus_USER_STATUS_DISABLED}}})
+	return f, a
+}
+
+func TestMailboxPutFetchAck(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	before := a.idx
+	now := 1_000_000 + int64(a.idx) + 1 // the next command's time
+	r := a.apply(putOp(
+		mail("alice", "a1", "a2", "e1", 10, far),
+		mail("alice", "a1", "a2", "e2", 20, far),
+		mail("alice", "a2", "a1", "e3", 30, far),
+		mail("alice", "b1", "a1", "e4", 10, far), // bob's device named as alice's
+		mail("alice", "nope", "a1", "e5", 10, far),
+		mail("alice", "r1", "a1", "e6", 10, far), // revoked
+		mail("off", "o1", "a1", "e7", 10, far),   // disabled user
+		mail("alice", "a1", "a2", "e8", 10, now), // expires at the command's time
+		mail("alice", "a1", "a2", "e1", 10, far), // the same event again
+	))
+	if r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatal(r)
+	}
+	want := "STORED/1 STORED/2 STORED/1 TARGET_GONE/0 TARGET_GONE/0 TARGET_GONE/0 TARGET_GONE/0 EXPIRED/0 STORED/1"
+	if got := outcomes(r); got != want {
+		t.Fatalf("outcomes\n got  %s\n want %s", got, want)
+	}
+	// One change per device that got entries, with its highest seq.
+	cs, _ := f.Changes(before, 10)
+	if len(cs) != 2 {
+		t.Fatalf("%d changes, want 2: %v", len(cs), cs)
+	}
+	for i, w := range []*statev1.MailboxChanged{{DeviceId: "a1", UserId: "alice", Seq: 2}, {DeviceId: "a2", UserId: "alice", Seq: 1}} {
+		if cs[i].GetKind() != statev1.ChangeKind_CHANGE_KIND_MAILBOX_CHANGED || !proto.Equal(cs[i].GetMailboxChanged(), w) {
+			t.Fatalf("change %d: %v, want %v", i, cs[i], w)
+		}
+	}
+
+	got, more, err := f.FetchMailbox("a1", 0, 1, now)
+	if err != nil || len(got) != 1 || !more || got[0].GetSeq() != 1 || got[0].GetEventId() != "e1" || got[0].GetStoredAtMs() != now {
+		t.Fatalf("fetch 1: %v more=%v err=%v", got, more, err)
+	}
+	got, more, _ = f.FetchMailbox("a1", 1, 10, now)
+	if len(got) != 1 || more || got[0].GetSeq() != 2 || len(got[0].GetEvent()) != 20 || got[0].GetSenderDeviceId() != "a2" {
+		t.Fatalf("fetch after 1: %v more=%v", got, more)
+	}
+	// Entries whose time has passed are not returned, even before expiry
+	// removed them.
+	if got, _, _ := f.FetchMailbox("a1", 0, 10, far); len(got) != 0 {
+		t.Fatalf("fetch at a later time returned %d expired entries", len(got))
+	}
+	if _, _, err := f.FetchMailbox("nope", 0, 10, now); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("fetch of a missing device: %v", err)
+	}
+	if got, more, err := f.FetchMailbox("b1", 0, 10, now); err != nil || len(got) != 0 || more {
+		t.Fatalf("empty mailbox: %v %v %v", got, more, err)
+	}
+
+	// Retrying the put stores nothing and answers the same seqs.
+	digest, _ := f.Digest()
+	r = a.apply(putOp(mail("alice", "a1", "a2", "e2", 20, far), mail("alice", "a2", "a1", "e3", 30, far)))
+	if outcomes(r) != "STORED/2 STORED/1" {
+		t.Fatalf("retry: %s", outcomes(r))
+	}
+	if d, _ := f.Digest(); d != digest {
+		t.Fatal("a retried put changed the state")
+	}
+
+	// Acks delete; unknown seqs are ignored; seqs are never reused.
+	if r := a.apply(ackOp("a1", 1, 99, 1)); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatal(r)
+	}
+	if r := a.apply(ackOp("nope", 1)); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatalf("ack for a device without a mailbox: %v", r)
+	}
+	mb, _ := f.Mailbox("a1")
+	if mb.GetCount() != 1 || mb.GetBytes() != 20 || mb.GetLastSeq() != 2 {
+		t.Fatalf("counters after ack: %v", mb)
+	}
+	a.apply(ackOp("a1", 2))
+	if r := a.apply(putOp(mail("alice", "a1", "a2", "e9", 10, far))); outcomes(r) != "STORED/3" {
+		t.Fatalf("after acking everything: %s, want seq 3", outcomes(r))
+	}
+	// An acked event may be stored again (its dedup record went with it).
+	if r := a.apply(putOp(mail("alice", "a1", "a2", "e1", 10, far))); outcomes(r) != "STORED/4" {
+		t.Fatalf("acked event put again: %s", outcomes(r))
+	}
+}
+
+func TestMailboxQuotas(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	quota := func(entries ...*statev1.MailboxEntry) *statev1.Result {
+		return a.apply(&statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: entries, MaxEntriesPerDevice: 2, MaxBytesPerDevice: 100}})
+	}
+	r := quota(mail("alice", "a1", "x", "1", 10, far), mail("alice", "a1", "x", "2", 10, far), mail("alice", "a1", "x", "3", 10, far),
+		mail("alice", "a2", "x", "4", 60, far), mail("alice", "a2", "x", "5", 41, far), mail("alice", "a2", "x", "6", 40, far))
+	if got, want := outcomes(r), "STORED/1 STORED/2 FULL/0 STORED/1 FULL/0 STORED/2"; got != want {
+		t.Fatalf("outcomes\n got  %s\n want %s", got, want)
+	}
+	// A full mailbox keeps what it holds.
+	for did, n := range map[string]int{"a1": 2, "a2": 2} {
+		if got, _, _ := f.FetchMailbox(did, 0, 10, 0); len(got) != n {
+			t.Fatalf("%s holds %d entries, want %d", did, len(got), n)
+		}
+	}
+	// Nothing stored: no change for watchers.
+	before := a.idx
+	if r := quota(mail("alice", "a1", "x", "7", 1, far)); outcomes(r) != "FULL/0" {
+		t.Fatal(outcomes(r))
+	}
+	if cs, _ := f.Changes(before, 10); len(cs) != 0 {
+		t.Fatalf("a refused put emitted %v", cs)
+	}
+	a.apply(ackOp("a1", 1))
+	if r := quota(mail("alice", "a1", "x", "7", 1, far)); outcomes(r) != "STORED/3" {
+		t.Fatalf("after an ack: %s", outcomes(r))
+	}
+	// Without quotas in the command the defaults apply.
+	big := make([]*statev1.MailboxEntry, 0, MaxMailboxBatch)
+	for i := 0; i < DefaultMailboxMaxEntries; i++ {
+		big = append(big, mail("bob", "b1", "x", fmt.Sprint("b", i), 1, far))
+	}
+	if r := a.apply(putOp(big...)); r.GetMailboxResults()[DefaultMailboxMaxEntries-1].GetSeq() != DefaultMailboxMaxEntries {
+		t.Fatalf("default quota: %v", r.GetMailboxResults()[DefaultMailboxMaxEntries-1])
+	}
+	if r := a.apply(putOp(mail("bob", "b1", "x", "over", 1, far))); outcomes(r) != "FULL/0" {
+		t.Fatalf("beyond the default count quota: %s", outcomes(r))
+	}
+}
+
+func TestMailboxExpiry(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	base := 1_000_000 + int64(a.idx)
+	r := a.apply(putOp(
+		mail("alice", "a1", "x", "soon", 10, base+5),
+		mail("alice", "a2", "x", "soon2", 10, base+6),
+		mail("alice", "a1", "x", "later", 10, base+50),
+		mail("alice", "a1", "x", "never", 10, far),
+	))
+	if outcomes(r) != "STORED/1 STORED/1 STORED/2 STORED/3" {
+		t.Fatal(outcomes(r))
+	}
+	if due, _ := f.MailboxExpiryDue(base + 4); due {
+		t.Fatal("expiry due before any entry expired")
+	}
+	for a.idx < uint64(base+6-1_000_000) {
+		a.apply(&statev1.Command_Noop{Noop: &statev1.Noop{}})
+	}
+	// The next command's time is base+7: both "soon" entries are due, but
+	// a limit of 1 removes one, oldest expiry first.
+	if due, _ := f.MailboxExpiryDue(base + 7); !due {
+		t.Fatal("expiry not due")
+	}
+	a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: 1}})
+	if got, _, _ := f.FetchMailbox("a1", 0, 10, 0); len(got) != 2 || got[0].GetEventId() != "later" {
+		t.Fatalf("a1 after expiring one: %v", got)
+	}
+	if got, _, _ := f.FetchMailbox("a2", 0, 10, 0); len(got) != 1 {
+		t.Fatalf("a2 lost its entry to a limited expiry: %v", got)
+	}
+	a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{}})
+	if got, _, _ := f.FetchMailbox("a2", 0, 10, 0); len(got) != 0 {
+		t.Fatalf("a2 after expiry: %v", got)
+	}
+	for did, want := range map[string][2]uint64{"a1": {2, 20}, "a2": {0, 0}} {
+		mb, _ := f.Mailbox(did)
+		if mb.GetCount() != want[0] || mb.GetBytes() != want[1] {
+			t.Fatalf("%s counters %v, want %v", did, mb, want)
+		}
+	}
+	if due, _ := f.MailboxExpiryDue(base + 49); due {
+		t.Fatal("expiry still due")
+	}
+	// The expired event's dedup record went with it: put again, it is new.
+	if r := a.apply(putOp(mail("alice", "a1", "x", "soon", 10, far))); outcomes(r) != "STORED/4" {
+		t.Fatal(outcomes(r))
+	}
+}
+
+// mailKeys lists every mailbox record that mentions a device.
+func mailKeys(t *testing.T, f *FSM, did string) []string {
+	t.Helper()
+	var out []string
+	err := f.store.Iterate(nil, nil, func(k, _ []byte) (bool, error) {
+		for _, p := range [][]byte{prefixMailEntry, prefixMailbox, prefixMailExpiry, prefixMailDedup} {
+			if bytes.HasPrefix(k, p) && bytes.Contains(k, []byte(did)) {
+				out = append(out, fmt.Sprintf("%q", k))
+			}
+		}
+		return true, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// Deleting or revoking a device, or deleting its user, removes its
+// mailbox in the same entry.
+func TestMailboxGoesWithDeviceAndUser(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "a3", UserId: "alice", Name: "n", PublicKey: key32(9)}}})
+	for _, did := range []string{"a1", "a2", "a3"} {
+		if r := a.apply(putOp(mail("alice", did, "x", "1", 10, far), mail("alice", did, "x", "2", 10, far))); outcomes(r) != "STORED/1 STORED/2" {
+			t.Fatal(outcomes(r))
+		}
+		if len(mailKeys(t, f, did)) != 7 { // 2 entries x 3 records + counters
+			t.Fatalf("%s: %v", did, mailKeys(t, f, did))
+		}
+	}
+	a.apply(&statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "alice", DeviceId: "a1"}})
+	if k := mailKeys(t, f, "a1"); len(k) != 0 {
+		t.Fatalf("deleted device's mailbox left %v", k)
+	}
+	a.apply(&statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "alice", DeviceId: "a3"}})
+	if k := mailKeys(t, f, "a3"); len(k) != 0 {
+		t.Fatalf("revoked device's mailbox left %v", k)
+	}
+	a.apply(&statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "alice"}})
+	if k := mailKeys(t, f, "a2"); len(k) != 0 {
+		t.Fatalf("deleted user's mailbox left %v", k)
+	}
+	if due, _ := f.MailboxExpiryDue(far); due {
+		t.Fatal("expiry index still holds entries")
+	}
+}
+
+// testCA returns a CA record for an Ed25519 key made from seed byte s.
+func testCA(t testing.TB, s byte, certFor byte) *statev1.ClusterCA {
+	t.Helper()
+	seed := bytes.Repeat([]byte{s}, ed25519.SeedSize)
+	key := ed25519.NewKeyFromSeed(bytes.Repeat([]byte{certFor}, ed25519.SeedSize))
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
+		NotBefore: time.Unix(0, 0), NotAfter: time.Unix(1<<33, 0),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &statev1.ClusterCA{PrivateSeed: seed, Certificate: der}
+}
+
+func TestClusterCA(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	set := func(ca *statev1.ClusterCA) *statev1.Result {
+		return a.apply(&statev1.Command_SetClusterCa{SetClusterCa: &statev1.SetClusterCA{Ca: ca}})
+	}
+	if _, err := f.ClusterCA(); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("new FSM has a CA: %v", err)
+	}
+	if r := set(testCA(t, 1, 2)); r.GetCode() != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT || !strings.Contains(r.GetMessage(), "private_seed") {
+		t.Fatalf("certificate for another key: %v", r)
+	}
+	ca := testCA(t, 1, 1)
+	if r := set(ca); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK || !r.GetInitialized() {
+		t.Fatalf("first CA: %v", r)
+	}
+	if r := set(testCA(t, 3, 3)); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK || r.GetInitialized() {
+		t.Fatalf("second CA: %v", r)
+	}
+	got, err := f.ClusterCA()
+	if err != nil || !bytes.Equal(got.GetCertificate(), ca.GetCertificate()) || got.GetCreatedAtMs() == 0 {
+		t.Fatalf("CA replaced or missing: %v", err)
+	}
+
+	// InitCluster carries the CA for a new cluster.
+	g := newFSM(t, Config{})
+	ga := &applier{t: t, f: g}
+	init := &statev1.InitCluster{
+		Admin:      &statev1.User{Id: "admin", Login: "admin", Role: "admin"},
+		SigningKey: &statev1.SigningKey{Id: "s1", PrivateSeed: key32(1), PublicKey: key32(2)},
+		SessionKey: &statev1.SessionKey{Id: "k1", Secret: key32(3)},
+		ClusterCa:  testCA(t, 4, 5),
+	}
+	if r := ga.apply(&statev1.Command_InitCluster{InitCluster: init}); r.GetCode() != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT || !strings.Contains(r.GetMessage(), "cluster_ca") {
+		t.Fatalf("init with a bad CA: %v", r)
+	}
+	init.ClusterCa = testCA(t, 4, 4)
+	if r := ga.apply(&statev1.Command_InitCluster{InitCluster: init}); !r.GetInitialized() {
+		t.Fatalf("init: %v", r)
+	}
+	if got, err := g.ClusterCA(); err != nil || !bytes.Equal(got.GetPrivateSeed(), init.ClusterCa.GetPrivateSeed()) {
+		t.Fatalf("CA after init: %v", err)
+	}
+}
