@@ -49,6 +49,8 @@ type Config struct {
 	// Mailbox keeps durable events for devices that are not connected
 	// here; nil: such events are refused with TARGET_OFFLINE.
 	Mailbox Mailbox
+	// Remote reaches devices on other edges; nil: this edge is alone.
+	Remote Remote
 	// MailboxWindow bounds a device's mailbox deliveries awaiting its
 	// acknowledgement, and the entries fetched at once [64].
 	MailboxWindow int
@@ -256,6 +258,10 @@ func (h *Hub) register(s *Session) bool {
 	old := r.devices[s.deviceID]
 	r.devices[s.deviceID] = s
 	s.room = r
+	s.since = h.cfg.Now()
+	if old != nil && !s.since.After(old.since) {
+		s.since = old.since.Add(time.Nanosecond)
+	}
 	var others []*Session
 	for id, o := range r.devices {
 		if id != s.deviceID {
@@ -266,6 +272,9 @@ func (h *Hub) register(s *Session) bool {
 
 	if old != nil {
 		old.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_REPLACED, "a newer session of this device took over"), 0)
+	}
+	if h.cfg.Remote != nil {
+		h.cfg.Remote.Announce(s.presence(), true)
 	}
 	for _, o := range others {
 		s.out.control(presence(o.deviceID, true))
@@ -286,13 +295,17 @@ func (h *Hub) unregister(s *Session) {
 	}
 	r.mu.Lock()
 	var others []*Session
-	if r.devices[s.deviceID] == s {
+	current := r.devices[s.deviceID] == s
+	if current {
 		delete(r.devices, s.deviceID)
 		for _, o := range r.devices {
 			others = append(others, o)
 		}
 	}
 	r.mu.Unlock()
+	if current && h.cfg.Remote != nil {
+		h.cfg.Remote.Announce(s.presence(), false)
+	}
 	for _, o := range others {
 		o.out.control(presence(s.deviceID, false))
 	}

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/edge-relay/relay/edge/frame"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -57,9 +58,14 @@ type Session struct {
 	// As a sender: mailbox writes in flight and the last seq stored, per
 	// target device, so a later event for the same target never overtakes
 	// an earlier one that went to the mailbox.
-	routeMu   sync.Mutex
-	mbPending map[string]int
-	mbLast    map[string]uint64
+	routeMu    sync.Mutex
+	mbPending  map[string]int
+	mbLast     map[string]uint64
+	fwdPending map[string]pendingForward
+
+	// since is when the session was registered (it is announced to other
+	// edges; the newer session of a device wins).
+	since time.Time
 
 	// As a receiver: this device's mailbox (see mailbox.go).
 	mb mailboxState
@@ -555,15 +561,28 @@ func (s *Session) handleReauth(f *relayv1.Frame) bool {
 // inflight is a durable event on its way to its targets on this edge:
 // the sender's Ack goes out when every target acknowledged it.
 type inflight struct {
-	sender  *Session
+	sender  *Session // nil for an event forwarded from another edge
 	eventID string
 	digest  uint64
 	arrived time.Time
+	// fwd reports the outcome of an event another edge forwarded here.
+	fwd func(edgev1.ForwardOutcome)
 
 	mu        sync.Mutex // guards the fields below
 	remaining int
 	done      bool
 	failed    bool
+}
+
+// finish marks the event done (once); false when it already was.
+func (f *inflight) finish(failed bool) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.done {
+		return false
+	}
+	f.done, f.failed = true, failed
+	return true
 }
 
 // confirm records one target's acknowledgement.
@@ -580,18 +599,29 @@ func (f *inflight) confirm() {
 	}
 	f.done = true
 	f.mu.Unlock()
+	if f.fwd != nil {
+		f.fwd(edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED)
+		return
+	}
 	f.sender.acked(f)
 }
 
 // fail refuses the event to its sender (once).
 func (f *inflight) fail(code relayv1.ErrorCode, msg string) {
-	f.mu.Lock()
-	if f.done {
-		f.mu.Unlock()
+	if !f.finish(true) {
 		return
 	}
-	f.done, f.failed = true, true
-	f.mu.Unlock()
+	if f.fwd != nil {
+		switch code {
+		case relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL:
+			f.fwd(edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL)
+		case relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED:
+			f.fwd(edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE)
+		default:
+			f.fwd(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+		}
+		return
+	}
 	f.sender.reject(f.eventID, &RejectError{Code: code, Msg: msg})
 }
 
@@ -674,6 +704,10 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	span.SetAttributes(attribute.Int("relay.targets", len(routes)), attribute.Bool("relay.ephemeral", !durable))
 	if !durable {
 		for _, r := range routes {
+			if r.edge != "" {
+				cfg.Remote.Forward(r.edge, &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: enc}, nil)
+				continue
+			}
 			if r.to != nil && r.to.out.offer(enc, false, true, nil) == queueFull {
 				cfg.Metrics.dropped.WithLabelValues("queue_full").Inc()
 			}
@@ -692,6 +726,10 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	}
 	expires := time.UnixMilli(ev.GetCreatedAtMs()).Add(time.Duration(ev.GetTtlMs())*time.Millisecond + cfg.Limits.SkewTolerance)
 	for _, r := range routes {
+		if r.edge != "" {
+			s.forward(f, r, enc, expires)
+			continue
+		}
 		if r.to == nil {
 			s.storeMailbox(f, r.device, enc, expires)
 			continue
@@ -710,6 +748,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 // device must have been given first.
 type route struct {
 	to     *Session
+	edge   string // another edge holds the device (to == nil)
 	device string
 	need   uint64
 }
@@ -735,6 +774,7 @@ func (s *Session) resolveTargets(ev *relayv1.Event, durable bool) ([]route, *Rej
 				}
 			}
 			r.mu.RUnlock()
+			s.locateRemote(out)
 		} else {
 			r.mu.RLock()
 			out = make([]route, 0, len(r.devices))
@@ -767,17 +807,21 @@ func (s *Session) resolveTargets(ev *relayv1.Event, durable bool) ([]route, *Rej
 			r.mu.RLock()
 			o := r.devices[t]
 			r.mu.RUnlock()
-			if o == nil && durable && !mailboxes {
+			rt := route{to: o, device: t}
+			if o == nil {
+				rt.edge = s.locate(t)
+			}
+			if o == nil && rt.edge == "" && durable && !mailboxes {
 				return nil, reject(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "event %s: device %q is offline", ev.GetId(), t)
 			}
-			out = append(out, route{to: o, device: t})
+			out = append(out, rt)
 		}
 	}
 	if !durable {
 		// Ephemeral events go to connected devices only, in no order.
 		n := 0
 		for _, rt := range out {
-			if rt.to != nil {
+			if rt.to != nil || rt.edge != "" {
 				out[n] = rt
 				n++
 			}
@@ -785,19 +829,42 @@ func (s *Session) resolveTargets(ev *relayv1.Event, durable bool) ([]route, *Rej
 		return out[:n], nil
 	}
 	if mailboxes {
-		// A target with mailbox writes of this sender still in flight gets
-		// this event through its mailbox too, behind them; a connected one
+		// Nothing may overtake this sender's earlier events for a target:
+		// while some are on their way to its mailbox, this one follows
+		// them there; while some are forwarded to an edge, this one goes
+		// the same way (that edge answers in order). A target reached live
 		// must first be given what this sender stored for it.
 		s.routeMu.Lock()
 		for i := range out {
-			if out[i].to != nil && s.mbPending[out[i].device] > 0 {
-				out[i].to = nil
+			rt := &out[i]
+			if s.mbPending[rt.device] > 0 {
+				rt.to, rt.edge = nil, ""
+			} else if pf, ok := s.fwdPending[rt.device]; ok {
+				rt.to, rt.edge = nil, pf.edge
 			}
-			out[i].need = s.mbLast[out[i].device]
+			rt.need = s.mbLast[rt.device]
 		}
 		s.routeMu.Unlock()
 	}
 	return out, nil
+}
+
+// locate says which other edge holds a device ("" for none).
+func (s *Session) locate(device string) string {
+	if s.hub.cfg.Remote == nil {
+		return ""
+	}
+	e, _ := s.hub.cfg.Remote.Locate(device)
+	return e
+}
+
+// locateRemote fills in the edge of routes whose device is not here.
+func (s *Session) locateRemote(rs []route) {
+	for i := range rs {
+		if rs[i].to == nil {
+			rs[i].edge = s.locate(rs[i].device)
+		}
+	}
 }
 
 // remember records a durable event for duplicate detection, forgetting
@@ -900,6 +967,13 @@ func (s *Session) handOff() {
 	revoked := s.closeReason.Code == relayv1.ErrorCode_ERROR_CODE_REVOKED
 	give := func(f *inflight, event []byte) {
 		switch {
+		case f.fwd != nil:
+			// The sending edge stores it (keeping its sender's order).
+			if revoked {
+				f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "")
+			} else {
+				f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "")
+			}
 		case revoked:
 			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was revoked or deleted")
 		case s.hub.cfg.Mailbox == nil:

@@ -1,0 +1,170 @@
+package mesh
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+)
+
+// inbound is a peer's link to this edge: its presence and forwards come
+// in, outcomes go back.
+type inbound struct {
+	peer string
+	conn *quic.Conn
+
+	mu   sync.Mutex // guards out
+	out  []*edgev1.MeshFrame
+	wake chan struct{}
+}
+
+func (in *inbound) send(f *edgev1.MeshFrame) {
+	in.mu.Lock()
+	in.out = append(in.out, f)
+	in.mu.Unlock()
+	select {
+	case in.wake <- struct{}{}:
+	default:
+	}
+}
+
+func resolveUDP(addr string) (*net.UDPAddr, error) {
+	a, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("mesh address %q: %w", addr, err)
+	}
+	return a, nil
+}
+
+func (m *Mesh) serveInbound(conn *quic.Conn) {
+	defer conn.CloseWithError(0, "")
+	log := m.cfg.Logger.With("remote", conn.RemoteAddr().String())
+	certs := conn.ConnectionState().TLS.PeerCertificates
+	if len(certs) == 0 {
+		return
+	}
+	peer, err := EdgeIDOf(certs[0])
+	if err != nil {
+		log.Warn("mesh peer refused", "err", err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, 5*time.Second)
+	str, err := conn.AcceptStream(ctx)
+	cancel()
+	if err != nil {
+		return
+	}
+	r := bufio.NewReaderSize(str, 16<<10)
+	var buf []byte
+	f := &edgev1.MeshFrame{}
+	if buf, err = readFrame(r, buf, f); err != nil || f.GetHello() == nil {
+		log.Warn("mesh peer sent no hello", "peer", peer, "err", err)
+		return
+	}
+	if h := f.GetHello(); h.GetEdgeId() != peer || h.GetPeerId() != m.cfg.EdgeID {
+		log.Warn("mesh hello does not match the certificate", "certificate", peer, "hello", h.GetEdgeId(), "to", h.GetPeerId())
+		return
+	}
+	in := &inbound{peer: peer, conn: conn, wake: make(chan struct{}, 1)}
+	m.mu.Lock()
+	if old := m.inbound[peer]; old != nil {
+		// The peer reconnected: its new link replaces the old one.
+		_ = old.conn.CloseWithError(0, "replaced")
+	}
+	m.inbound[peer] = in
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		current := m.inbound[peer] == in
+		if current {
+			delete(m.inbound, peer)
+		}
+		m.mu.Unlock()
+		if current {
+			m.dropPeer(peer)
+		}
+	}()
+
+	var wg sync.WaitGroup
+	wctx, stopWriter := context.WithCancel(m.ctx)
+	wg.Go(func() { in.writeLoop(wctx, str) })
+	defer wg.Wait()
+	defer stopWriter()
+	for {
+		f = &edgev1.MeshFrame{}
+		if buf, err = readFrame(r, buf, f); err != nil {
+			if !errors.Is(err, context.Canceled) {
+				log.Debug("mesh link from peer ended", "peer", peer, "err", err)
+			}
+			return
+		}
+		switch k := f.GetKind().(type) {
+		case *edgev1.MeshFrame_PresenceSet:
+			m.presMu.Lock()
+			old := m.byPeer[peer]
+			delete(m.byPeer, peer)
+			for dev := range old {
+				m.recomputeWhere(dev)
+			}
+			moved := m.applyPresence(peer, k.PresenceSet.GetDevices(), nil)
+			m.presMu.Unlock()
+			m.notifyMoved(moved)
+		case *edgev1.MeshFrame_PresenceDelta:
+			m.presMu.Lock()
+			moved := m.applyPresence(peer, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
+			m.presMu.Unlock()
+			m.notifyMoved(moved)
+		case *edgev1.MeshFrame_Forward:
+			fw := k.Forward
+			if fw.GetId() == 0 {
+				m.cfg.Local.DeliverForwarded(fw, nil)
+				continue
+			}
+			id := fw.GetId()
+			var once sync.Once
+			m.cfg.Local.DeliverForwarded(fw, func(o edgev1.ForwardOutcome) {
+				once.Do(func() {
+					in.send(&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_ForwardResult{ForwardResult: &edgev1.ForwardResult{Id: id, Outcome: o}}})
+				})
+			})
+		default:
+			log.Warn("unexpected mesh frame", "peer", peer, "kind", fmt.Sprintf("%T", k))
+			return
+		}
+	}
+}
+
+func (m *Mesh) notifyMoved(ps []*edgev1.DevicePresence) {
+	for _, p := range ps {
+		m.cfg.Local.PeerHolds(p.GetUserId(), p.GetDeviceId(), time.Unix(0, p.GetSinceNs()))
+	}
+}
+
+func (in *inbound) writeLoop(ctx context.Context, str *quic.Stream) {
+	var buf []byte
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-in.wake:
+		}
+		in.mu.Lock()
+		batch := in.out
+		in.out = nil
+		in.mu.Unlock()
+		for _, f := range batch {
+			var err error
+			if buf, err = writeFrame(str, buf, f); err != nil {
+				_ = in.conn.CloseWithError(0, "write failed")
+				return
+			}
+		}
+	}
+}

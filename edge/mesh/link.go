@@ -1,0 +1,212 @@
+package mesh
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+)
+
+// link is this edge's connection to one peer: it carries this edge's
+// presence and forwards, and brings back the forwards' outcomes.
+type link struct {
+	m          *Mesh
+	peer, addr string
+	ctx        context.Context
+	cancel     context.CancelFunc
+
+	mu      sync.Mutex // guards the fields below
+	up      bool
+	queue   []*edgev1.MeshFrame
+	nextID  uint64
+	dials   int
+	pending map[uint64]func(edgev1.ForwardOutcome)
+	wake    chan struct{} // capacity 1
+}
+
+func newLink(m *Mesh, peer, addr string) *link {
+	l := &link{m: m, peer: peer, addr: addr, pending: map[uint64]func(edgev1.ForwardOutcome){}, wake: make(chan struct{}, 1)}
+	l.ctx, l.cancel = context.WithCancel(m.ctx)
+	return l
+}
+
+func (l *link) stop() { l.cancel() }
+
+func (l *link) signal() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
+// sendPresence queues a presence frame if the link is up (with the
+// mesh's presMu held). A link that is down gets a full set when it comes
+// up.
+func (l *link) sendPresence(f *edgev1.MeshFrame) {
+	l.mu.Lock()
+	if l.up {
+		l.queue = append(l.queue, f)
+	}
+	l.mu.Unlock()
+	l.signal()
+}
+
+func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
+	l.mu.Lock()
+	if !l.up || len(l.queue) >= l.m.cfg.QueueLen {
+		l.mu.Unlock()
+		l.m.metrics.forwards.WithLabelValues("link_down").Inc()
+		if done != nil {
+			done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+		}
+		return
+	}
+	if done != nil {
+		l.nextID++
+		f.Id = l.nextID
+		l.pending[f.Id] = done
+	}
+	l.queue = append(l.queue, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: f}})
+	l.mu.Unlock()
+	l.signal()
+}
+
+// run keeps the link up until stopped, reconnecting with backoff.
+func (l *link) run() {
+	backoff := 50 * time.Millisecond
+	log := l.m.cfg.Logger.With("peer", l.peer, "mesh_addr", l.addr)
+	for l.ctx.Err() == nil {
+		start := time.Now()
+		err := l.session()
+		if l.ctx.Err() != nil {
+			return
+		}
+		if time.Since(start) > 10*time.Second {
+			backoff = 50 * time.Millisecond
+		}
+		log.Debug("mesh link down; reconnecting", "err", err, "backoff", backoff)
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-l.ctx.Done():
+			t.Stop()
+			return
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// session runs one connection to the peer until it fails.
+func (l *link) session() error {
+	l.mu.Lock()
+	l.dials++
+	l.mu.Unlock()
+	if !l.m.cfg.Identity.Ready() {
+		return errors.New("no mesh certificate yet")
+	}
+	ctx, cancel := context.WithTimeout(l.ctx, 5*time.Second)
+	defer cancel()
+	udpAddr, err := resolveUDP(l.addr)
+	if err != nil {
+		return err
+	}
+	conn, err := l.m.tr.Dial(ctx, udpAddr, l.m.cfg.Identity.clientTLS(l.peer), quicConfig())
+	if err != nil {
+		return fmt.Errorf("dial: %w", err)
+	}
+	defer conn.CloseWithError(0, "")
+	str, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		return fmt.Errorf("open stream: %w", err)
+	}
+	var buf []byte
+	if buf, err = writeFrame(str, buf, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: l.m.cfg.EdgeID, PeerId: l.peer}}}); err != nil {
+		return err
+	}
+	// The full set, then (the link now up) every delta after it.
+	l.m.presMu.Lock()
+	set := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: l.m.cfg.Local.LocalPresence()}}}
+	l.mu.Lock()
+	l.up = true
+	l.queue = append([]*edgev1.MeshFrame{set}, l.queue...)
+	l.mu.Unlock()
+	l.m.presMu.Unlock()
+	l.m.metrics.links.Inc()
+	defer l.down()
+	l.signal()
+
+	var wg sync.WaitGroup
+	readErr := make(chan error, 1)
+	wg.Go(func() { readErr <- l.readResults(str) })
+	defer wg.Wait()
+	defer conn.CloseWithError(0, "")
+	for {
+		select {
+		case <-l.ctx.Done():
+			return l.ctx.Err()
+		case err := <-readErr:
+			return err
+		case <-conn.Context().Done():
+			return context.Cause(conn.Context())
+		case <-l.wake:
+		}
+		l.mu.Lock()
+		batch := l.queue
+		l.queue = nil
+		l.mu.Unlock()
+		for _, f := range batch {
+			if buf, err = writeFrame(str, buf, f); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func (l *link) readResults(str *quic.Stream) error {
+	r := bufio.NewReaderSize(str, 4<<10)
+	var buf []byte
+	f := &edgev1.MeshFrame{}
+	for {
+		var err error
+		if buf, err = readFrame(r, buf, f); err != nil {
+			return err
+		}
+		res := f.GetForwardResult()
+		if res == nil {
+			return fmt.Errorf("unexpected %T from the peer", f.GetKind())
+		}
+		l.mu.Lock()
+		done := l.pending[res.GetId()]
+		delete(l.pending, res.GetId())
+		l.mu.Unlock()
+		if done != nil {
+			l.m.metrics.forwards.WithLabelValues(res.GetOutcome().String()).Inc()
+			done(res.GetOutcome())
+		}
+	}
+}
+
+// down marks the link down: what was queued or awaits an outcome is
+// answered NOT_DELIVERED, in the order it was sent, so the senders' edges
+// store it in the mailboxes in that order.
+func (l *link) down() {
+	l.m.metrics.links.Dec()
+	l.m.presMu.Lock()
+	l.mu.Lock()
+	l.up = false
+	l.queue = nil
+	pending := l.pending
+	l.pending = map[uint64]func(edgev1.ForwardOutcome){}
+	l.mu.Unlock()
+	l.m.presMu.Unlock()
+	for _, id := range sortedIDs(pending) {
+		l.m.metrics.forwards.WithLabelValues("link_down").Inc()
+		pending[id](edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+	}
+}

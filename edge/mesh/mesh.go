@@ -1,0 +1,391 @@
+// Package mesh links the edges of a cluster: every edge dials every other
+// member over QUIC with mutual TLS against the cluster CA, announces the
+// devices it holds (a full set when the link comes up, deltas after), and
+// forwards events for devices a peer holds, getting each one's outcome
+// back. It keeps the table of which edge holds which device; a device
+// announced by two edges is where its newer session is.
+package mesh
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go"
+	"google.golang.org/protobuf/proto"
+
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+)
+
+// Local is this edge's sessions as the mesh needs them (session.Hub
+// provides it).
+type Local interface {
+	// LocalPresence lists the devices with a session here.
+	LocalPresence() []*edgev1.DevicePresence
+	// DeliverForwarded hands a forwarded event to the device's session
+	// here; report is called once with the outcome (never for an
+	// ephemeral event, whose Forward.id is 0).
+	DeliverForwarded(f *edgev1.Forward, report func(edgev1.ForwardOutcome))
+	// PeerHolds says a peer holds a device since a time: an older session
+	// of it here must close (the device moved).
+	PeerHolds(userID, deviceID string, since time.Time)
+}
+
+// Member is a peer to link to.
+type Member struct {
+	ID       string
+	MeshAddr string
+}
+
+// Config configures a Mesh. Zero fields take the defaults in brackets.
+type Config struct {
+	// EdgeID is this edge's id (the one in its certificate); required.
+	EdgeID string
+	// Addr is the UDP address of the mesh listener ["127.0.0.1:0"].
+	Addr string
+	// Identity holds the mesh certificate; required. Links wait until it
+	// has one.
+	Identity *Identity
+	// Local is this edge's sessions; required.
+	Local Local
+	// QueueLen bounds the frames waiting on one link; beyond it forwards
+	// are answered NOT_DELIVERED [65536].
+	QueueLen int
+	// Logger [slog.Default()]; Registerer for metrics [none].
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Mesh is safe for concurrent use.
+type Mesh struct {
+	cfg     Config
+	udp     net.PacketConn
+	tr      *quic.Transport
+	ln      *quic.Listener
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	metrics metrics
+
+	mu      sync.Mutex // guards links and inbound
+	links   map[string]*link
+	inbound map[string]*inbound
+
+	// presMu orders presence announcements with link set-up, so a link
+	// gets a full set and then every later delta, none missed; it also
+	// guards the table of where devices are.
+	presMu sync.Mutex
+	where  map[string]holder              // device -> newest holder
+	byPeer map[string]map[string]DevPres // peer -> devices it announced
+}
+
+type holder struct {
+	edge  string
+	user  string
+	since int64
+}
+
+// DevPres is a device as a peer announced it.
+type DevPres struct {
+	User  string
+	Since int64
+}
+
+type metrics struct {
+	links    prometheus.Gauge
+	forwards *prometheus.CounterVec
+	devices  prometheus.Gauge
+}
+
+// New opens the mesh listener; Run serves it.
+func New(cfg Config) (*Mesh, error) {
+	if cfg.EdgeID == "" || cfg.Identity == nil || cfg.Local == nil {
+		return nil, errors.New("mesh: EdgeID, Identity and Local are required")
+	}
+	if cfg.Addr == "" {
+		cfg.Addr = "127.0.0.1:0"
+	}
+	if cfg.QueueLen <= 0 {
+		cfg.QueueLen = 1 << 16
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	udp, err := net.ListenPacket("udp", cfg.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen mesh %s: %w", cfg.Addr, err)
+	}
+	tr := &quic.Transport{Conn: udp}
+	ln, err := tr.Listen(cfg.Identity.serverTLS(), quicConfig())
+	if err != nil {
+		_ = udp.Close()
+		return nil, fmt.Errorf("listen mesh: %w", err)
+	}
+	m := &Mesh{cfg: cfg, udp: udp, tr: tr, ln: ln, links: map[string]*link{}, inbound: map[string]*inbound{},
+		where: map[string]holder{}, byPeer: map[string]map[string]DevPres{}}
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	m.metrics = metrics{
+		links: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_links", Help: "Mesh links this edge dialed that are up."}),
+		forwards: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_edge_mesh_forwards_total", Help: "Events forwarded to peer edges, by outcome.",
+		}, []string{"outcome"}),
+		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_remote_devices", Help: "Devices peers announced as theirs."}),
+	}
+	if cfg.Registerer != nil {
+		for _, c := range []prometheus.Collector{m.metrics.links, m.metrics.forwards, m.metrics.devices} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				_ = ln.Close()
+				_ = udp.Close()
+				return nil, err
+			}
+		}
+	}
+	return m, nil
+}
+
+func quicConfig() *quic.Config {
+	return &quic.Config{MaxIdleTimeout: 15 * time.Second, KeepAlivePeriod: 5 * time.Second, HandshakeIdleTimeout: 5 * time.Second}
+}
+
+// Addr is the mesh listener's address.
+func (m *Mesh) Addr() net.Addr { return m.udp.LocalAddr() }
+
+// Run accepts peers' links until Close.
+func (m *Mesh) Run() {
+	for {
+		conn, err := m.ln.Accept(m.ctx)
+		if err != nil {
+			return
+		}
+		m.wg.Go(func() { m.serveInbound(conn) })
+	}
+}
+
+// Close ends every link and the listener, and waits for their goroutines.
+func (m *Mesh) Close() error {
+	m.cancel()
+	m.mu.Lock()
+	for _, l := range m.links {
+		l.stop()
+	}
+	for _, in := range m.inbound {
+		_ = in.conn.CloseWithError(0, "edge shutting down")
+	}
+	m.mu.Unlock()
+	err := m.ln.Close()
+	m.wg.Wait()
+	return errors.Join(err, m.tr.Close(), m.udp.Close())
+}
+
+// SetMembers makes the mesh link to exactly these peers (others are
+// dropped; this edge's own entry is ignored).
+func (m *Mesh) SetMembers(members []Member) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.ctx.Err() != nil {
+		return
+	}
+	want := map[string]string{}
+	for _, mb := range members {
+		if mb.ID != m.cfg.EdgeID && mb.MeshAddr != "" {
+			want[mb.ID] = mb.MeshAddr
+		}
+	}
+	for id, l := range m.links {
+		if addr, ok := want[id]; !ok || addr != l.addr {
+			l.stop()
+			delete(m.links, id)
+		}
+	}
+	for id, addr := range want {
+		if _, ok := m.links[id]; !ok {
+			l := newLink(m, id, addr)
+			m.links[id] = l
+			m.wg.Go(l.run)
+		}
+	}
+}
+
+// Locate says which peer holds a device.
+func (m *Mesh) Locate(deviceID string) (string, bool) {
+	m.presMu.Lock()
+	defer m.presMu.Unlock()
+	h, ok := m.where[deviceID]
+	return h.edge, ok
+}
+
+// Announce tells every peer that a device came online here, or left.
+func (m *Mesh) Announce(p *edgev1.DevicePresence, online bool) {
+	d := &edgev1.PresenceDelta{}
+	if online {
+		d.Online = []*edgev1.DevicePresence{p}
+	} else {
+		d.Offline = []*edgev1.DevicePresence{p}
+	}
+	f := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceDelta{PresenceDelta: d}}
+	m.presMu.Lock()
+	defer m.presMu.Unlock()
+	m.mu.Lock()
+	links := make([]*link, 0, len(m.links))
+	for _, l := range m.links {
+		links = append(links, l)
+	}
+	m.mu.Unlock()
+	for _, l := range links {
+		l.sendPresence(f)
+	}
+}
+
+// Forward sends an event to the peer holding its device. done (nil for
+// an ephemeral event) gets the outcome exactly once: NOT_DELIVERED when
+// the link is down or breaks before the peer answers.
+func (m *Mesh) Forward(peer string, f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
+	m.mu.Lock()
+	l := m.links[peer]
+	m.mu.Unlock()
+	if l == nil {
+		m.metrics.forwards.WithLabelValues("no_link").Inc()
+		if done != nil {
+			done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+		}
+		return
+	}
+	l.forward(f, done)
+}
+
+// Stats are the sizes of the mesh's tables, for leak checks.
+type Stats struct {
+	RemoteDevices int // devices peers announced
+	PeerSets      int // peers with at least one announced device
+	Pending       int // forwards waiting for their outcome
+	LinksUp       int // links this edge dialed that are up
+	Dials         int // connection attempts of this edge's links so far
+}
+
+// Stats returns the current table sizes.
+func (m *Mesh) Stats() Stats {
+	m.presMu.Lock()
+	st := Stats{RemoteDevices: len(m.where), PeerSets: len(m.byPeer)}
+	m.presMu.Unlock()
+	m.mu.Lock()
+	for _, l := range m.links {
+		l.mu.Lock()
+		st.Pending += len(l.pending)
+		if l.up {
+			st.LinksUp++
+		}
+		st.Dials += l.dials
+		l.mu.Unlock()
+	}
+	m.mu.Unlock()
+	return st
+}
+
+// applyPresence records what a peer announced (with presMu held) and
+// returns the devices whose older local sessions must close.
+func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresence) []*edgev1.DevicePresence {
+	set := m.byPeer[peer]
+	var moved []*edgev1.DevicePresence
+	for _, p := range offline {
+		if cur, ok := set[p.GetDeviceId()]; ok && cur.Since == p.GetSinceNs() {
+			delete(set, p.GetDeviceId())
+			m.recomputeWhere(p.GetDeviceId())
+		}
+	}
+	for _, p := range online {
+		if set == nil {
+			set = map[string]DevPres{}
+			m.byPeer[peer] = set
+		}
+		set[p.GetDeviceId()] = DevPres{User: p.GetUserId(), Since: p.GetSinceNs()}
+		m.recomputeWhere(p.GetDeviceId())
+		moved = append(moved, p)
+	}
+	if len(set) == 0 {
+		delete(m.byPeer, peer)
+	}
+	m.metrics.devices.Set(float64(len(m.where)))
+	return moved
+}
+
+// recomputeWhere sets where a device is: the peer with its newest
+// session (with presMu held).
+func (m *Mesh) recomputeWhere(device string) {
+	var best holder
+	found := false
+	for peer, set := range m.byPeer {
+		if p, ok := set[device]; ok && (!found || p.Since > best.since || (p.Since == best.since && peer < best.edge)) {
+			best, found = holder{edge: peer, user: p.User, since: p.Since}, true
+		}
+	}
+	if found {
+		m.where[device] = best
+	} else {
+		delete(m.where, device)
+	}
+}
+
+// dropPeer forgets what a peer announced (its link went away).
+func (m *Mesh) dropPeer(peer string) {
+	m.presMu.Lock()
+	defer m.presMu.Unlock()
+	set := m.byPeer[peer]
+	delete(m.byPeer, peer)
+	for dev := range set {
+		m.recomputeWhere(dev)
+	}
+	m.metrics.devices.Set(float64(len(m.where)))
+}
+
+// Frames on a link: uvarint length, then the encoded MeshFrame.
+const maxFrame = 1 << 20
+
+func writeFrame(w io.Writer, buf []byte, f *edgev1.MeshFrame) ([]byte, error) {
+	buf = buf[:0]
+	size := proto.Size(f)
+	buf = binary.AppendUvarint(buf, uint64(size))
+	buf, err := proto.MarshalOptions{}.MarshalAppend(buf, f)
+	if err != nil {
+		return buf, err
+	}
+	_, err = w.Write(buf)
+	return buf, err
+}
+
+func readFrame(r *bufio.Reader, buf []byte, f *edgev1.MeshFrame) ([]byte, error) {
+	n, err := binary.ReadUvarint(r)
+	if err != nil {
+		return buf, err
+	}
+	if n > maxFrame {
+		return buf, fmt.Errorf("mesh frame of %d bytes", n)
+	}
+	if cap(buf) < int(n) {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(r, buf); err != nil {
+		return buf, err
+	}
+	f.Reset()
+	return buf, proto.Unmarshal(buf, f)
+}
+
+// sortedIDs returns a map's keys in order.
+func sortedIDs[V any](m map[uint64]V) []uint64 {
+	ids := make([]uint64, 0, len(m))
+	for id := range m {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
+}

@@ -1,0 +1,234 @@
+package mesh
+
+import (
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"io"
+	"log/slog"
+	"math/big"
+	"net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// testCA issues mesh certificates as the control plane does.
+type testCA struct {
+	key  ed25519.PrivateKey
+	cert *x509.Certificate
+	der  []byte
+}
+
+func newTestCA(t *testing.T) *testCA {
+	t.Helper()
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test cluster CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	return &testCA{key: key, cert: cert, der: der}
+}
+
+func (ca *testCA) issue(t *testing.T, id string, pub ed25519.PublicKey) []byte {
+	t.Helper()
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: id},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour), URIs: []*url.URL{EdgeURI(id)},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+// fakeLocal records what the mesh asks of the edge's sessions.
+type fakeLocal struct {
+	mu       sync.Mutex
+	devices  []*edgev1.DevicePresence
+	outcome  edgev1.ForwardOutcome
+	got      []*edgev1.Forward
+	moved    []string
+	deliverC chan struct{}
+}
+
+func (f *fakeLocal) LocalPresence() []*edgev1.DevicePresence {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]*edgev1.DevicePresence(nil), f.devices...)
+}
+
+func (f *fakeLocal) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOutcome)) {
+	f.mu.Lock()
+	f.got = append(f.got, fw)
+	o := f.outcome
+	f.mu.Unlock()
+	if report != nil && o != 0 {
+		report(o)
+	}
+}
+
+func (f *fakeLocal) PeerHolds(user, device string, since time.Time) {
+	f.mu.Lock()
+	f.moved = append(f.moved, device)
+	f.mu.Unlock()
+}
+
+func (f *fakeLocal) forwards() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.got)
+}
+
+func startMesh(t *testing.T, ca *testCA, id string, local *fakeLocal) *Mesh {
+	t.Helper()
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	idn := NewIdentity(key)
+	if err := idn.Set(ca.issue(t, id, idn.PublicKey()), ca.der); err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(Config{EdgeID: id, Identity: idn, Local: local, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { m.Run(); close(done) }()
+	t.Cleanup(func() { _ = m.Close(); <-done })
+	return m
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func TestPresenceAndForwarding(t *testing.T) {
+	ca := newTestCA(t)
+	la := &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "d1", UserId: "u", SinceNs: 10}}, outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED}
+	lb := &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "d9", UserId: "u", SinceNs: 5}}}
+	a, b := startMesh(t, ca, "edge-a", la), startMesh(t, ca, "edge-b", lb)
+	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
+	a.SetMembers(members)
+	b.SetMembers(members)
+	// Full sets when the links come up.
+	waitFor(t, "b learns d1 is on a", func() bool { e, ok := b.Locate("d1"); return ok && e == "edge-a" })
+	waitFor(t, "a learns d9 is on b", func() bool { e, ok := a.Locate("d9"); return ok && e == "edge-b" })
+	// Deltas.
+	a.Announce(&edgev1.DevicePresence{DeviceId: "d2", UserId: "u", SinceNs: 11}, true)
+	waitFor(t, "b learns d2", func() bool { _, ok := b.Locate("d2"); return ok })
+	a.Announce(&edgev1.DevicePresence{DeviceId: "d2", UserId: "u", SinceNs: 11}, false)
+	waitFor(t, "b forgets d2", func() bool { _, ok := b.Locate("d2"); return !ok })
+	// An offline delta for an older session of a device does not remove
+	// its newer one.
+	a.Announce(&edgev1.DevicePresence{DeviceId: "d1", UserId: "u", SinceNs: 3}, false)
+
+	// Forwards get their outcome; in order.
+	outcomes := make(chan edgev1.ForwardOutcome, 10)
+	for range 5 {
+		b.Forward("edge-a", &edgev1.Forward{DeviceId: "d1", UserId: "u", Event: []byte("x")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
+	}
+	for range 5 {
+		if o := <-outcomes; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
+			t.Fatalf("outcome %v", o)
+		}
+	}
+	if _, ok := b.Locate("d1"); !ok {
+		t.Fatal("an offline delta of an older session removed the newer one")
+	}
+	// A forward to an edge that is not a member: NOT_DELIVERED at once.
+	b.Forward("edge-x", &edgev1.Forward{DeviceId: "d1"}, func(o edgev1.ForwardOutcome) { outcomes <- o })
+	if o := <-outcomes; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+		t.Fatalf("outcome %v", o)
+	}
+
+	// A peer that never answers, then goes away: its pending forwards
+	// are answered NOT_DELIVERED, and what it announced is forgotten.
+	la.mu.Lock()
+	la.outcome = 0
+	la.mu.Unlock()
+	b.Forward("edge-a", &edgev1.Forward{DeviceId: "d1", UserId: "u"}, func(o edgev1.ForwardOutcome) { outcomes <- o })
+	waitFor(t, "a got the forward", func() bool { return la.forwards() == 6 })
+	if st := b.Stats(); st.Pending != 1 || st.RemoteDevices != 1 {
+		t.Fatalf("b's tables: %+v", st)
+	}
+	_ = a.Close()
+	if o := <-outcomes; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+		t.Fatalf("outcome after the peer left: %v", o)
+	}
+	waitFor(t, "b forgets a's devices", func() bool {
+		st := b.Stats()
+		return st.RemoteDevices == 0 && st.PeerSets == 0 && st.Pending == 0 && st.LinksUp == 0
+	})
+}
+
+// A device announced by another edge with a newer session makes the
+// local one close.
+func TestNewerSessionElsewhereWins(t *testing.T) {
+	ca := newTestCA(t)
+	la := &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "d1", UserId: "u", SinceNs: 20}}}
+	lb := &fakeLocal{}
+	a, b := startMesh(t, ca, "edge-a", la), startMesh(t, ca, "edge-b", lb)
+	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
+	a.SetMembers(members)
+	b.SetMembers(members)
+	waitFor(t, "b told to close its older d1", func() bool {
+		lb.mu.Lock()
+		defer lb.mu.Unlock()
+		return len(lb.moved) == 1 && lb.moved[0] == "d1"
+	})
+}
+
+// Only certificates from the cluster CA get into the mesh, in either
+// direction.
+func TestForeignCertificatesAreRefused(t *testing.T) {
+	ca, other := newTestCA(t), newTestCA(t)
+	la := &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "d1", UserId: "u", SinceNs: 1}}}
+	lx := &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "dx", UserId: "u", SinceNs: 1}}}
+	a := startMesh(t, ca, "edge-a", la)
+	x := startMesh(t, other, "edge-x", lx) // its own CA, which a does not trust
+	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-x", MeshAddr: x.Addr().String()}}
+	a.SetMembers(members)
+	x.SetMembers(members)
+	// Give both time to try: a never learns x's device, x never a's.
+	b := startMesh(t, ca, "edge-b", &fakeLocal{})
+	b.SetMembers(append(members, Member{ID: "edge-b", MeshAddr: b.Addr().String()}))
+	a.SetMembers(append(members, Member{ID: "edge-b", MeshAddr: b.Addr().String()}))
+	waitFor(t, "b learns a's device (the mesh works)", func() bool { _, ok := b.Locate("d1"); return ok })
+	waitFor(t, "x tried to reach a and b several times", func() bool { return x.Stats().Dials >= 4 })
+	waitFor(t, "a tried to reach x several times", func() bool { return a.Stats().Dials >= 4 })
+	if x.Stats().LinksUp != 0 || a.Stats().LinksUp != 1 {
+		t.Fatalf("links up: x %d, a %d", x.Stats().LinksUp, a.Stats().LinksUp)
+	}
+	if _, ok := a.Locate("dx"); ok {
+		t.Fatal("a accepted presence from a peer with a foreign certificate")
+	}
+	if _, ok := x.Locate("d1"); ok {
+		t.Fatal("a foreign peer learnt a's devices")
+	}
+	if _, ok := b.Locate("dx"); ok {
+		t.Fatal("b accepted a foreign peer")
+	}
+	// A certificate for another edge's id does not pass as that edge.
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	idn := NewIdentity(key)
+	if err := idn.Set(ca.issue(t, "edge-a", ed25519.PublicKey(make([]byte, 32))), ca.der); err == nil {
+		t.Fatal("installed a certificate for another key")
+	}
+}

@@ -1,0 +1,132 @@
+package session
+
+import (
+	"time"
+
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// Remote is the mesh of edges as the session core uses it (edge/mesh
+// provides it).
+type Remote interface {
+	// Locate says which other edge holds a device.
+	Locate(deviceID string) (edgeID string, ok bool)
+	// Forward sends an event to the edge holding its device; done (nil
+	// for an ephemeral event) gets the outcome once.
+	Forward(edgeID string, f *edgev1.Forward, done func(edgev1.ForwardOutcome))
+	// Announce tells the other edges a device came online here or left.
+	Announce(p *edgev1.DevicePresence, online bool)
+}
+
+// pendingForward counts a sender's forwards to one device still waiting
+// for their outcome, and the edge they went to.
+type pendingForward struct {
+	edge string
+	n    int
+}
+
+// forward sends a durable event to the edge holding its target. What
+// that edge could not deliver is stored in the target's mailbox by this
+// edge, which keeps the sender's order there.
+func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time) {
+	s.routeMu.Lock()
+	if s.fwdPending == nil {
+		s.fwdPending = map[string]pendingForward{}
+	}
+	pf := s.fwdPending[r.device]
+	pf.edge, pf.n = r.edge, pf.n+1
+	s.fwdPending[r.device] = pf
+	s.routeMu.Unlock()
+	fw := &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: event, NeedMailboxSeq: r.need}
+	s.hub.cfg.Remote.Forward(r.edge, fw, func(o edgev1.ForwardOutcome) {
+		switch o {
+		case edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED:
+			f.confirm()
+		case edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
+		case edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was deleted or revoked")
+		default:
+			if s.hub.cfg.Mailbox != nil {
+				// Stored before the pending count drops, so no later event
+				// finds both paths clear and overtakes it.
+				s.storeMailbox(f, r.device, event, expires)
+			} else {
+				f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline; retry later")
+			}
+		}
+		s.routeMu.Lock()
+		if pf := s.fwdPending[r.device]; pf.n <= 1 {
+			delete(s.fwdPending, r.device)
+		} else {
+			pf.n--
+			s.fwdPending[r.device] = pf
+		}
+		s.routeMu.Unlock()
+	})
+}
+
+// DeliverForwarded hands an event another edge forwarded to the device's
+// session here; report (nil for an ephemeral event) gets the outcome.
+func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOutcome)) {
+	if d := h.cfg.Directory.LookupDevice(fw.GetDeviceId()); d.UserID != fw.GetUserId() || d.State != DeviceActive {
+		if report != nil {
+			report(edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE)
+		}
+		return
+	}
+	ss := h.sessionsOf(fw.GetUserId(), fw.GetDeviceId())
+	if len(ss) == 0 {
+		if report != nil {
+			report(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+		}
+		return
+	}
+	d := ss[0]
+	if report == nil {
+		if d.out.offer(fw.GetEvent(), false, true, nil) == queueFull {
+			h.cfg.Metrics.dropped.WithLabelValues("queue_full").Inc()
+		}
+		return
+	}
+	f := &inflight{fwd: report, remaining: 1, arrived: h.cfg.Now()}
+	switch d.deliverLive(fw.GetEvent(), f, fw.GetNeedMailboxSeq()) {
+	case queueFull:
+		f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "")
+	case queueClosed:
+		f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "")
+	}
+}
+
+// LocalPresence lists the devices with a session here, for other edges.
+func (h *Hub) LocalPresence() []*edgev1.DevicePresence {
+	var out []*edgev1.DevicePresence
+	for i := range h.shards {
+		sh := &h.shards[i]
+		sh.mu.Lock()
+		for _, r := range sh.rooms {
+			r.mu.RLock()
+			for _, s := range r.devices {
+				out = append(out, s.presence())
+			}
+			r.mu.RUnlock()
+		}
+		sh.mu.Unlock()
+	}
+	return out
+}
+
+// PeerHolds closes the session of a device here that is older than its
+// session on another edge: the device moved, the newer session wins.
+func (h *Hub) PeerHolds(userID, deviceID string, since time.Time) {
+	for _, s := range h.sessionsOf(userID, deviceID) {
+		if s.since.Before(since) {
+			s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_REPLACED, "a newer session of this device is on another edge"), 0)
+		}
+	}
+}
+
+func (s *Session) presence() *edgev1.DevicePresence {
+	return &edgev1.DevicePresence{DeviceId: s.deviceID, UserId: s.userID, SinceNs: s.since.UnixNano()}
+}
