@@ -84,7 +84,7 @@ type Mesh struct {
 	// gets a full set and then every later delta, none missed; it also
 	// guards the table of where devices are.
 	presMu sync.Mutex
-	where  map[string]holder              // device -> newest holder
+	where  map[string]holder             // device -> newest holder
 	byPeer map[string]map[string]DevPres // peer -> devices it announced
 }
 
