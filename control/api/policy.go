@@ -63,6 +63,11 @@ func Policy() auth.Policy {
 
 			edgev1connect.WatchServiceWatchProcedure:             edges,
 			edgev1connect.ActivityServiceReportActivityProcedure: edges,
+			edgev1connect.EdgeServiceRegisterEdgeProcedure:       edges,
+			edgev1connect.EdgeServiceDeregisterEdgeProcedure:     edges,
+			edgev1connect.MailboxServicePutMailboxProcedure:      edges,
+			edgev1connect.MailboxServiceFetchMailboxProcedure:    edges,
+			edgev1connect.MailboxServiceAckMailboxProcedure:      edges,
 		},
 	}
 }

@@ -242,7 +242,9 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) e
 }
 
 // resync sends a full copy of the watched state from one consistent view
-// and returns the revision it reflects.
+// and returns the revision it reflects. Mailboxes are not part of it: an
+// edge fetches a device's mailbox when the device connects, and
+// mailbox_changed only reports entries stored while it follows the feed.
 func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	v, err := f.View()
 	if err != nil {
@@ -268,7 +270,7 @@ func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 		return 0, err
 	}
 	if err := v.EachEdge(func(e *statev1.Edge) error {
-		return send(&edgev1.WatchEvent{Kind: &edgev1.WatchEvent_EdgePut{EdgePut: &edgev1.EdgeMember{Id: e.GetId(), Addrs: e.GetAddrs()}}})
+		return send(&edgev1.WatchEvent{Kind: &edgev1.WatchEvent_EdgePut{EdgePut: edgeMember(e)}})
 	}); err != nil {
 		return 0, err
 	}
@@ -301,6 +303,10 @@ func ringOf(r *statev1.SessionKeyRing) *edgev1.SessionKeyRing {
 	return out
 }
 
+func edgeMember(e *statev1.Edge) *edgev1.EdgeMember {
+	return &edgev1.EdgeMember{Id: e.GetId(), Addrs: e.GetAddrs(), MeshAddr: e.GetMeshAddr()}
+}
+
 // eventOf maps a change to what edges see; nil for changes they do not
 // watch (control node records).
 func eventOf(c *statev1.Change) *edgev1.WatchEvent {
@@ -316,9 +322,14 @@ func eventOf(c *statev1.Change) *edgev1.WatchEvent {
 	case statev1.ChangeKind_CHANGE_KIND_SESSION_KEYS:
 		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_SessionKeys{SessionKeys: ringOf(c.GetSessionKeys())}}
 	case statev1.ChangeKind_CHANGE_KIND_EDGE_PUT:
-		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_EdgePut{EdgePut: &edgev1.EdgeMember{Id: c.GetEdge().GetId(), Addrs: c.GetEdge().GetAddrs()}}}
+		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_EdgePut{EdgePut: edgeMember(c.GetEdge())}}
 	case statev1.ChangeKind_CHANGE_KIND_EDGE_DELETED:
 		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_EdgeDeleted{EdgeDeleted: c.GetEdge().GetId()}}
+	case statev1.ChangeKind_CHANGE_KIND_MAILBOX_CHANGED:
+		mc := c.GetMailboxChanged()
+		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_MailboxChanged{MailboxChanged: &edgev1.MailboxChanged{
+			DeviceId: mc.GetDeviceId(), UserId: mc.GetUserId(), Seq: mc.GetSeq(),
+		}}}
 	}
 	return nil
 }

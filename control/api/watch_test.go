@@ -141,6 +141,7 @@ func describe(m *edgev1.WatchResponse) string {
 		"user_put": "CHANGE_KIND_USER_PUT", "user_deleted": "CHANGE_KIND_USER_DELETED",
 		"device_put": "CHANGE_KIND_DEVICE_PUT", "device_deleted": "CHANGE_KIND_DEVICE_DELETED",
 		"session_keys": "CHANGE_KIND_SESSION_KEYS", "edge_put": "CHANGE_KIND_EDGE_PUT", "edge_deleted": "CHANGE_KIND_EDGE_DELETED",
+		"mailbox_changed": "CHANGE_KIND_MAILBOX_CHANGED",
 	}
 	ev := m.GetEvent().ProtoReflect()
 	fd := ev.WhichOneof(ev.Descriptor().Oneofs().ByName("kind"))

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -378,6 +379,14 @@ func (c *Cluster) CreateUser(ctx context.Context, i int, id string) (*statev1.Re
 	}})
 }
 
+// RegisterDevice applies a RegisterDevice command through node i: device
+// id of user uid, with a fixed test key.
+func (c *Cluster) RegisterDevice(ctx context.Context, i int, uid, id string) (*statev1.Result, error) {
+	return c.Nodes[i].Server.Node().Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterDevice{
+		RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: id, UserId: uid, Name: "device " + id, PublicKey: make([]byte, 32)}},
+	}})
+}
+
 // VoterIDs returns the sorted ids of the voters node i sees.
 func (c *Cluster) VoterIDs(i int) []string {
 	c.t.Helper()
@@ -441,4 +450,55 @@ func (c *Cluster) TokenFor(login string, role controlv1.Role) string {
 		c.t.Fatalf("create %s: %v", login, err)
 	}
 	return c.Login(login, "password-of-"+login).GetAccessToken()
+}
+
+// Load calls op n times from `writers` goroutines at once (a closed loop,
+// as the commit benchmarks drive a cluster) and returns every call's
+// latency, sorted, and the first error (calls stop at it).
+func Load(writers, n int, op func() error) ([]time.Duration, error) {
+	work := make(chan struct{}, n)
+	for range n {
+		work <- struct{}{}
+	}
+	close(work)
+	var mu sync.Mutex // guards lat and first
+	lat := make([]time.Duration, 0, n)
+	var first error
+	var wg sync.WaitGroup
+	for range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			mine := make([]time.Duration, 0, n/writers+1)
+			defer func() {
+				mu.Lock()
+				lat = append(lat, mine...)
+				mu.Unlock()
+			}()
+			for range work {
+				start := time.Now()
+				if err := op(); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+					return
+				}
+				mine = append(mine, time.Since(start))
+			}
+		}()
+	}
+	wg.Wait()
+	slices.Sort(lat)
+	return lat, first
+}
+
+// Percentile returns the p-th percentile (0 to 100) of sorted latencies;
+// 0 for none.
+func Percentile(sorted []time.Duration, p int) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[min(len(sorted)*p/100, len(sorted)-1)]
 }

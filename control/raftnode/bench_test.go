@@ -3,8 +3,6 @@ package raftnode_test
 import (
 	"context"
 	"fmt"
-	"slices"
-	"sync"
 	"testing"
 	"time"
 
@@ -44,44 +42,23 @@ func BenchmarkCommit(b *testing.B) {
 				c := clustertest.Start(b, 3, clustertest.Options{Raft: raft})
 				node := c.Nodes[c.Leader()].Server.Node()
 				ctx := context.Background()
-				var mu sync.Mutex
-				lat := make([]time.Duration, 0, b.N)
-				work := make(chan struct{}, b.N)
-				for i := 0; i < b.N; i++ {
-					work <- struct{}{}
-				}
-				close(work)
 				b.SetBytes(int64(size))
 				b.ResetTimer()
-				var wg sync.WaitGroup
-				for w := 0; w < mode.writers; w++ {
-					wg.Add(1)
-					go func() {
-						defer wg.Done()
-						mine := make([]time.Duration, 0, b.N/mode.writers+1)
-						for range work {
-							cmd := paddedNoop(size)
-							cmd.RequestId = ""
-							start := time.Now()
-							if _, err := node.Apply(ctx, cmd); err != nil {
-								b.Error(err)
-								return
-							}
-							mine = append(mine, time.Since(start))
-						}
-						mu.Lock()
-						lat = append(lat, mine...)
-						mu.Unlock()
-					}()
-				}
-				wg.Wait()
+				lat, err := clustertest.Load(mode.writers, b.N, func() error {
+					cmd := paddedNoop(size)
+					cmd.RequestId = ""
+					_, err := node.Apply(ctx, cmd)
+					return err
+				})
 				elapsed := b.Elapsed()
 				b.StopTimer()
-				slices.Sort(lat)
+				if err != nil {
+					b.Fatal(err)
+				}
 				if len(lat) > 0 {
 					b.ReportMetric(float64(len(lat))/elapsed.Seconds(), "writes/s")
-					b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-us")
-					b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-us")
+					b.ReportMetric(float64(clustertest.Percentile(lat, 50).Microseconds()), "p50-us")
+					b.ReportMetric(float64(clustertest.Percentile(lat, 99).Microseconds()), "p99-us")
 				}
 			})
 		}

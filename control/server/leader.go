@@ -5,17 +5,22 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/auth"
+	"github.com/edge-relay/relay/control/fsm"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
 // leaderTasks runs while this node leads: it initializes a new cluster
-// (first admin, first keys) and rotates keys on schedule. Every step is
-// a Raft command whose effect the FSM decides, so two leaders in quick
-// succession cannot both initialize or double-rotate.
+// (first admin, first keys, the cluster CA), creates the CA of a cluster
+// that has none, rotates keys on schedule, and removes expired mailbox
+// entries and edges whose lease ran out. Every step is a Raft command
+// whose effect the FSM decides, so two leaders in quick succession cannot
+// both initialize, create two CAs or double-rotate, and every replica
+// expires exactly the same entries.
 func (s *Server) leaderTasks(ctx context.Context) {
 	select {
 	case <-s.ready:
@@ -23,9 +28,13 @@ func (s *Server) leaderTasks(ctx context.Context) {
 		return
 	}
 	for ctx.Err() == nil {
-		if err := s.initCluster(ctx); err == nil {
-			break
-		} else if ctx.Err() == nil {
+		err := s.initCluster(ctx)
+		if err == nil {
+			if err = s.ensureClusterCA(ctx); err == nil {
+				break
+			}
+		}
+		if ctx.Err() == nil {
 			s.log.Warn("initialize cluster", "err", err)
 		}
 		select {
@@ -34,15 +43,87 @@ func (s *Server) leaderTasks(ctx context.Context) {
 		case <-time.After(time.Second):
 		}
 	}
-	check := min(s.cfg.SessionKeyRotateEvery/10, time.Minute)
-	t := time.NewTicker(check)
-	defer t.Stop()
+	rotate := time.NewTicker(min(s.cfg.SessionKeyRotateEvery/10, time.Minute))
+	defer rotate.Stop()
+	mail := time.NewTicker(s.cfg.MailboxExpireEvery)
+	defer mail.Stop()
+	edges := time.NewTicker(s.cfg.EdgeExpireEvery)
+	defer edges.Stop()
+	s.rotateDueKeys(ctx)
 	for {
-		s.rotateDueKeys(ctx)
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-rotate.C:
+			s.rotateDueKeys(ctx)
+		case <-mail.C:
+			s.expireMailboxes(ctx)
+		case <-edges.C:
+			s.expireEdges(ctx)
+		}
+	}
+}
+
+// ensureClusterCA creates the cluster CA when the state has none (a
+// cluster initialized before the CA existed). The key is drawn here, on
+// the proposer; SetClusterCA applies at most once.
+func (s *Server) ensureClusterCA(ctx context.Context) error {
+	if _, err := s.node.FSM().ClusterCA(); err == nil {
+		return nil
+	} else if !errors.Is(err, fsm.ErrNotFound) {
+		return err
+	}
+	ca, err := api.NewClusterCA(time.Now(), api.CAValidity)
+	if err != nil {
+		return err
+	}
+	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_SetClusterCa{SetClusterCa: &statev1.SetClusterCA{Ca: ca}}})
+	if err != nil {
+		return fmt.Errorf("create the cluster CA: %w", err)
+	}
+	if res.GetInitialized() {
+		s.log.Info("created the cluster CA for the edge mesh")
+	}
+	return nil
+}
+
+// maxExpireRounds bounds the ExpireMailboxes commands of one tick; the
+// next tick continues.
+const maxExpireRounds = 64
+
+// expireMailboxes proposes ExpireMailboxes while this replica holds
+// entries whose time has passed (each command removes a bounded number).
+// Nothing is proposed when nothing expired.
+func (s *Server) expireMailboxes(ctx context.Context) {
+	f := s.node.FSM()
+	for range maxExpireRounds {
+		now := time.Now().UnixMilli()
+		due, err := f.MailboxExpiryDue(now)
+		if err != nil || !due {
+			return
+		}
+		if _, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{}}}); err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn("expire mailbox entries", "err", err)
+			}
+			return
+		}
+	}
+}
+
+// expireEdges proposes ExpireEdges when some edge's lease ran out.
+func (s *Server) expireEdges(ctx context.Context) {
+	now := time.Now().UnixMilli()
+	list, err := s.node.FSM().Edges()
+	if err != nil {
+		return
+	}
+	for _, e := range list {
+		if e.GetLeaseExpiresAtMs() <= now {
+			if _, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ExpireEdges{ExpireEdges: &statev1.ExpireEdges{}}}); err != nil && ctx.Err() == nil {
+				s.log.Warn("expire edges", "err", err)
+			}
+			return
 		}
 	}
 }
@@ -78,11 +159,16 @@ func (s *Server) initCluster(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	ca, err := api.NewClusterCA(time.Now(), api.CAValidity)
+	if err != nil {
+		return err
+	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_InitCluster{InitCluster: &statev1.InitCluster{
 		Admin: &statev1.User{Id: "admin", Login: "admin", DisplayName: "Administrator", Role: string(auth.RoleAdmin),
 			PasswordHash: hash, Status: statev1.UserStatus_USER_STATUS_ACTIVE},
 		SigningKey: sk.GetRotateSigningKey().GetKey(),
 		SessionKey: ss.GetRotateSessionKey().GetKey(),
+		ClusterCa:  ca,
 	}}})
 	if err != nil {
 		return err

@@ -93,6 +93,19 @@ type Config struct {
 	SigningKeyRotateEvery time.Duration
 	// Watch tunes the edges' watch feed.
 	Watch api.WatchConfig
+	// Edges tunes edge registration: lease TTL (default 30s) and mesh
+	// certificate lifetime (default 24h).
+	Edges api.EdgeConfig
+	// Mailbox tunes mailboxes: per-device quotas (default 1000 entries and
+	// 4 MiB).
+	Mailbox api.MailboxConfig
+	// MailboxExpireEvery: the leader looks for expired mailbox entries this
+	// often and proposes their removal. Default 10s.
+	MailboxExpireEvery time.Duration
+	// EdgeExpireEvery: the leader looks for edges whose lease ran out this
+	// often and proposes their removal, so a dead edge leaves the member
+	// list within its lease plus this. Default 5s.
+	EdgeExpireEvery time.Duration
 	// TracerProvider traces API calls and Raft applies; nil traces
 	// nothing (trace context from callers is still passed on).
 	TracerProvider trace.TracerProvider
@@ -140,6 +153,12 @@ func (c *Config) applyDefaults() error {
 	}
 	if c.SigningKeyRotateEvery <= 0 {
 		c.SigningKeyRotateEvery = 30 * 24 * time.Hour
+	}
+	if c.MailboxExpireEvery <= 0 {
+		c.MailboxExpireEvery = 10 * time.Second
+	}
+	if c.EdgeExpireEvery <= 0 {
+		c.EdgeExpireEvery = 5 * time.Second
 	}
 	return nil
 }
@@ -260,6 +279,12 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	watch := api.NewWatchServer(s.node, watchConfig(cfg.Watch, s.log, s.reg))
 	mux.Handle(edgev1connect.NewWatchServiceHandler(watch, opts))
 	mux.Handle(edgev1connect.NewActivityServiceHandler(api.NewActivityServer(s.node), opts))
+	mux.Handle(edgev1connect.NewEdgeServiceHandler(api.NewEdgeServer(s.node, cfg.Edges), opts))
+	mailboxCfg := cfg.Mailbox
+	if mailboxCfg.Metrics == nil {
+		mailboxCfg.Metrics = s.reg
+	}
+	mux.Handle(edgev1connect.NewMailboxServiceHandler(api.NewMailboxServer(s.node, mailboxCfg), opts))
 	mux.Handle("GET /.well-known/jwks.json", api.JWKSHandler(s.authn.Keys()))
 	doc, err := openapi.Generate(openapi.Info{Title: "relay control API", Version: "v1"},
 		openapi.Services(protoregistry.GlobalFiles, "control.v1", "edge.v1"), api.Policy().Public)

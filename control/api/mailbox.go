@@ -1,0 +1,177 @@
+package api
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/raftnode"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// MaxFetch is FetchMailbox's default and largest page.
+const MaxFetch = 256
+
+// MailboxConfig tunes MailboxService.
+type MailboxConfig struct {
+	// MaxEntriesPerDevice and MaxBytesPerDevice are each device's quotas
+	// (entries, and summed event bytes). Defaults fsm.DefaultMailboxMaxEntries
+	// (1000) and fsm.DefaultMailboxMaxBytes (4 MiB). They travel in every
+	// PutMailbox command, so the proposing node's values apply.
+	MaxEntriesPerDevice uint64
+	MaxBytesPerDevice   uint64
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+	// Metrics registers the service's metrics; nil disables them.
+	Metrics prometheus.Registerer
+}
+
+func (c *MailboxConfig) applyDefaults() {
+	if c.MaxEntriesPerDevice == 0 {
+		c.MaxEntriesPerDevice = fsm.DefaultMailboxMaxEntries
+	}
+	if c.MaxBytesPerDevice == 0 {
+		c.MaxBytesPerDevice = fsm.DefaultMailboxMaxBytes
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+}
+
+// MailboxServer serves MailboxService: events waiting for devices that
+// are on no edge.
+type MailboxServer struct {
+	node    *raftnode.Node
+	cfg     MailboxConfig
+	entries *prometheus.CounterVec
+}
+
+var _ edgev1connect.MailboxServiceHandler = (*MailboxServer)(nil)
+
+// NewMailboxServer returns the MailboxService handler.
+func NewMailboxServer(node *raftnode.Node, cfg MailboxConfig) *MailboxServer {
+	cfg.applyDefaults()
+	s := &MailboxServer{node: node, cfg: cfg,
+		entries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_control_mailbox_put_entries_total",
+			Help: "Mailbox entries proposed through this node, by outcome (stored, full, target_gone, expired).",
+		}, []string{"status"}),
+	}
+	if cfg.Metrics != nil {
+		cfg.Metrics.MustRegister(s.entries)
+	}
+	return s
+}
+
+var statusToAPI = map[statev1.MailboxStatus]edgev1.MailboxStatus{
+	statev1.MailboxStatus_MAILBOX_STATUS_STORED:      edgev1.MailboxStatus_MAILBOX_STATUS_STORED,
+	statev1.MailboxStatus_MAILBOX_STATUS_FULL:        edgev1.MailboxStatus_MAILBOX_STATUS_FULL,
+	statev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE: edgev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE,
+	statev1.MailboxStatus_MAILBOX_STATUS_EXPIRED:     edgev1.MailboxStatus_MAILBOX_STATUS_EXPIRED,
+}
+
+var statusLabel = map[edgev1.MailboxStatus]string{
+	edgev1.MailboxStatus_MAILBOX_STATUS_STORED:      "stored",
+	edgev1.MailboxStatus_MAILBOX_STATUS_FULL:        "full",
+	edgev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE: "target_gone",
+	edgev1.MailboxStatus_MAILBOX_STATUS_EXPIRED:     "expired",
+}
+
+// PutMailbox stores a batch in one Raft entry and answers each entry's
+// outcome.
+func (s *MailboxServer) PutMailbox(ctx context.Context, req *connect.Request[edgev1.PutMailboxRequest]) (*connect.Response[edgev1.PutMailboxResponse], error) {
+	in := req.Msg.GetEntries()
+	if len(in) == 0 || len(in) > fsm.MaxMailboxBatch {
+		return nil, invalidArg(fmt.Errorf("entries holds %d entries, want 1 to %d per call", len(in), fsm.MaxMailboxBatch))
+	}
+	now := s.cfg.Now().UnixMilli()
+	out := make([]*statev1.MailboxEntry, len(in))
+	total := 0
+	for i, e := range in {
+		se := &statev1.MailboxEntry{
+			DeviceId: e.GetDeviceId(), UserId: e.GetUserId(), Event: e.GetEvent(),
+			EventId: e.GetEventId(), SenderDeviceId: e.GetSenderDeviceId(), ExpiresAtMs: e.GetExpiresAtMs(),
+		}
+		if err := fsm.ValidateMailboxEntry(fmt.Sprintf("entries[%d]", i), se, now); err != nil {
+			return nil, invalidArg(err)
+		}
+		total += len(se.Event)
+		out[i] = se
+	}
+	if total > fsm.MaxMailboxBatchBytes {
+		return nil, invalidArg(fmt.Errorf("entries hold %d event bytes, at most %d per call", total, fsm.MaxMailboxBatchBytes))
+	}
+	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{
+		Entries: out, MaxEntriesPerDevice: s.cfg.MaxEntriesPerDevice, MaxBytesPerDevice: s.cfg.MaxBytesPerDevice,
+	}}})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	if len(res.GetMailboxResults()) != len(in) {
+		return nil, toConnect(fmt.Errorf("put mailbox: %d results for %d entries", len(res.GetMailboxResults()), len(in)))
+	}
+	resp := &edgev1.PutMailboxResponse{Revision: res.GetRevision(), Results: make([]*edgev1.PutMailboxResult, len(in))}
+	for i, r := range res.GetMailboxResults() {
+		st := statusToAPI[r.GetStatus()]
+		resp.Results[i] = &edgev1.PutMailboxResult{Status: st, Seq: r.GetSeq()}
+		if l, ok := statusLabel[st]; ok {
+			s.entries.WithLabelValues(l).Inc()
+		}
+	}
+	return connect.NewResponse(resp), nil
+}
+
+// FetchMailbox returns a device's unexpired entries after after_seq,
+// oldest first, from a linearizable read.
+func (s *MailboxServer) FetchMailbox(ctx context.Context, req *connect.Request[edgev1.FetchMailboxRequest]) (*connect.Response[edgev1.FetchMailboxResponse], error) {
+	m := req.Msg
+	if err := fsm.ValidateID("device_id", m.GetDeviceId()); err != nil {
+		return nil, invalidArg(err)
+	}
+	limit := int(m.GetLimit())
+	if limit <= 0 || limit > MaxFetch {
+		limit = MaxFetch
+	}
+	f, err := s.node.Read(ctx, raftnode.Linearizable)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	list, more, err := f.FetchMailbox(m.GetDeviceId(), m.GetAfterSeq(), limit, s.cfg.Now().UnixMilli())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	resp := &edgev1.FetchMailboxResponse{More: more, Entries: make([]*edgev1.MailboxEntry, len(list))}
+	for i, e := range list {
+		resp.Entries[i] = &edgev1.MailboxEntry{
+			Seq: e.GetSeq(), DeviceId: e.GetDeviceId(), UserId: e.GetUserId(), Event: e.GetEvent(),
+			EventId: e.GetEventId(), SenderDeviceId: e.GetSenderDeviceId(), ExpiresAtMs: e.GetExpiresAtMs(),
+		}
+	}
+	return connect.NewResponse(resp), nil
+}
+
+// AckMailbox deletes a device's entries in one Raft entry.
+func (s *MailboxServer) AckMailbox(ctx context.Context, req *connect.Request[edgev1.AckMailboxRequest]) (*connect.Response[edgev1.AckMailboxResponse], error) {
+	m := req.Msg
+	if err := fsm.ValidateID("device_id", m.GetDeviceId()); err != nil {
+		return nil, invalidArg(err)
+	}
+	if len(m.GetSeqs()) > fsm.MaxMailboxAck {
+		return nil, invalidArg(fmt.Errorf("seqs holds %d seqs, at most %d per call", len(m.GetSeqs()), fsm.MaxMailboxAck))
+	}
+	if len(m.GetSeqs()) == 0 {
+		return connect.NewResponse(&edgev1.AckMailboxResponse{}), nil
+	}
+	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_AckMailbox{AckMailbox: &statev1.AckMailbox{
+		DeviceId: m.GetDeviceId(), Seqs: m.GetSeqs(),
+	}}}); err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&edgev1.AckMailboxResponse{}), nil
+}

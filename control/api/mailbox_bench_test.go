@@ -1,0 +1,112 @@
+package api_test
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/server"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// BenchmarkMailboxPut measures mailbox commits on a 3-node loopback
+// cluster: 64 writers keep PutMailbox calls in flight on the leader, each
+// carrying `batch` entries of 256-byte events spread over 256 devices, so
+// Raft batches concurrent commands into shared log rounds. "apply"
+// proposes through the node (raftnode.Apply), "api" calls MailboxService
+// over HTTP/2 as an edge does. A call's latency runs from sending to the
+// committed result (replicated to a quorum, fsynced, applied). b.N counts
+// calls; entries/s counts stored entries.
+func BenchmarkMailboxPut(b *testing.B) {
+	const writers, devices, eventBytes = 64, 256, 256
+	for _, path := range []string{"apply", "api"} {
+		for _, batch := range []int{1, 32} {
+			b.Run(fmt.Sprintf("%s/batch=%d", path, batch), func(b *testing.B) {
+				c := clustertest.Start(b, 3, clustertest.Options{Configure: func(cfg *server.Config) {
+					// Unbounded for the benchmark: quotas would refuse once
+					// b.N grows.
+					cfg.Mailbox = api.MailboxConfig{MaxEntriesPerDevice: fsm.MaxMailboxQuotaEntries, MaxBytesPerDevice: fsm.MaxMailboxQuotaBytes}
+				}})
+				li := c.Leader()
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+				defer cancel()
+				for u := 0; u < devices/16; u++ {
+					if _, err := c.CreateUser(ctx, li, fmt.Sprint("u", u)); err != nil {
+						b.Fatal(err)
+					}
+					for d := 0; d < 16; d++ {
+						if _, err := c.RegisterDevice(ctx, li, fmt.Sprint("u", u), fmt.Sprintf("d%d-%d", u, d)); err != nil {
+							b.Fatal(err)
+						}
+					}
+				}
+				node := c.Nodes[li].Server.Node()
+				var cl edgev1connect.MailboxServiceClient
+				if path == "api" {
+					token := c.TokenFor("bench-edge", controlv1.Role_ROLE_EDGE)
+					d := api.NewDialer(nil)
+					defer d.Close()
+					cl = edgev1connect.NewMailboxServiceClient(d.HTTPClient(), d.URL(c.Nodes[li].Server.APIAddr()), connect.WithInterceptors(bearer(token)))
+				}
+				event := make([]byte, eventBytes)
+				var seq atomic.Int64
+				entries := func() []*edgev1.MailboxEntry {
+					out := make([]*edgev1.MailboxEntry, batch)
+					exp := time.Now().Add(time.Hour).UnixMilli()
+					for i := range out {
+						n := seq.Add(1)
+						u, d := n%(devices/16), (n/(devices/16))%16
+						out[i] = &edgev1.MailboxEntry{UserId: fmt.Sprint("u", u), DeviceId: fmt.Sprintf("d%d-%d", u, d),
+							SenderDeviceId: "sender", EventId: fmt.Sprint("ev", n), Event: event, ExpiresAtMs: exp}
+					}
+					return out
+				}
+				call := func() error {
+					in := entries()
+					if cl != nil {
+						resp, err := cl.PutMailbox(ctx, connect.NewRequest(&edgev1.PutMailboxRequest{Entries: in}))
+						if err == nil && resp.Msg.GetResults()[batch-1].GetStatus() != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+							err = fmt.Errorf("not stored: %v", resp.Msg.GetResults()[batch-1])
+						}
+						return err
+					}
+					se := make([]*statev1.MailboxEntry, len(in))
+					for i, e := range in {
+						se[i] = &statev1.MailboxEntry{UserId: e.UserId, DeviceId: e.DeviceId, SenderDeviceId: e.SenderDeviceId,
+							EventId: e.EventId, Event: e.Event, ExpiresAtMs: e.ExpiresAtMs}
+					}
+					res, err := node.Apply(ctx, &statev1.Command{Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{
+						Entries: se, MaxEntriesPerDevice: fsm.MaxMailboxQuotaEntries, MaxBytesPerDevice: fsm.MaxMailboxQuotaBytes}}})
+					if err == nil && res.GetMailboxResults()[batch-1].GetStatus() != statev1.MailboxStatus_MAILBOX_STATUS_STORED {
+						err = fmt.Errorf("not stored: %v", res.GetMailboxResults()[batch-1])
+					}
+					return err
+				}
+				b.SetBytes(int64(batch * eventBytes))
+				b.ResetTimer()
+				lat, err := clustertest.Load(writers, b.N, call)
+				elapsed := b.Elapsed()
+				b.StopTimer()
+				if err != nil {
+					b.Fatal(err)
+				}
+				if len(lat) > 0 {
+					b.ReportMetric(float64(len(lat)*batch)/elapsed.Seconds(), "entries/s")
+					b.ReportMetric(float64(len(lat))/elapsed.Seconds(), "calls/s")
+					b.ReportMetric(float64(clustertest.Percentile(lat, 50).Microseconds()), "p50-us")
+					b.ReportMetric(float64(clustertest.Percentile(lat, 99).Microseconds()), "p99-us")
+				}
+			})
+		}
+	}
+}
