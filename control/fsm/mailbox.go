@@ -128,12 +128,14 @@ func (t *txn) putMailbox(op *statev1.PutMailbox) (*statev1.Result, error) {
 	// One change per device that received entries, with its highest seq,
 	// in the order the devices first appear in the command.
 	var changed []*statev1.MailboxChanged
-	gone := map[string]bool{} // target checks, per user/device (nothing here changes them)
+	// Target checks, cached per command (nothing in it changes devices or
+	// users): by user/device, and users' status by user.
+	gone, active := map[string]bool{}, map[string]bool{}
 	for i, e := range entries {
 		target := e.GetUserId() + "\x00" + e.GetDeviceId()
 		g, known := gone[target]
 		if !known {
-			if g, err = t.mailTargetGone(e.GetUserId(), e.GetDeviceId()); err != nil {
+			if g, err = t.mailTargetGone(e.GetUserId(), e.GetDeviceId(), active); err != nil {
 				return nil, err
 			}
 			gone[target] = g
@@ -171,19 +173,24 @@ func (t *txn) putMailbox(op *statev1.PutMailbox) (*statev1.Result, error) {
 
 // mailTargetGone reports whether a device cannot receive mailbox entries:
 // it does not exist, belongs to another user, is revoked, or its user is
-// missing or not active.
-func (t *txn) mailTargetGone(userID, deviceID string) (bool, error) {
+// missing or not active. active caches users' status across calls.
+func (t *txn) mailTargetGone(userID, deviceID string, active map[string]bool) (bool, error) {
 	var d statev1.Device
 	found, err := t.get(deviceKey(userID, deviceID), &d)
 	if err != nil || !found || d.Revoked {
 		return true, err
 	}
-	var u statev1.User
-	found, err = t.get(userKey(userID), &u)
-	if err != nil || !found {
-		return true, err
+	ok, known := active[userID]
+	if !known {
+		var u statev1.User
+		found, err = t.get(userKey(userID), &u)
+		if err != nil {
+			return true, err
+		}
+		ok = found && u.Status == statev1.UserStatus_USER_STATUS_ACTIVE
+		active[userID] = ok
 	}
-	return u.Status != statev1.UserStatus_USER_STATUS_ACTIVE, nil
+	return !ok, nil
 }
 
 // putMailEntry stores one entry for a live target; stored is false when
