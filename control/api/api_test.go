@@ -220,6 +220,21 @@ func TestBackupUnderWritesRestoreAndGrow(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Mailboxes (entries, counters, expiry and dedup indexes) and the
+	// cluster CA are part of the state like everything else.
+	for i := 0; i < 3; i++ {
+		if _, err := c.RegisterDevice(ctx, 0, "pre0", fmt.Sprint("mbox", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var mail []*statev1.MailboxEntry
+	for i := 0; i < 9; i++ {
+		mail = append(mail, &statev1.MailboxEntry{UserId: "pre0", DeviceId: fmt.Sprint("mbox", i%3), SenderDeviceId: "mbox0",
+			EventId: fmt.Sprint("ev", i), Event: []byte("event"), ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()})
+	}
+	if _, err := c.Nodes[1].Server.Node().Apply(ctx, &statev1.Command{Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: mail}}}); err != nil {
+		t.Fatal(err)
+	}
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -349,6 +364,15 @@ func TestBackupUnderWritesRestoreAndGrow(t *testing.T) {
 	}
 	if backupUsers < 40+len(mustHave) {
 		t.Fatalf("backup holds %d users, want at least %d", backupUsers, 40+len(mustHave))
+	}
+	mailRecords := map[byte]int{}
+	for k := range want {
+		if p := k[0]; strings.HasPrefix(k[1:], ":") && strings.ContainsRune("bBwW", rune(p)) {
+			mailRecords[p]++
+		}
+	}
+	if mailRecords['b'] != 9 || mailRecords['B'] != 3 || mailRecords['w'] != 9 || mailRecords['W'] != 9 || want["m:ca"] == "" {
+		t.Fatalf("backup holds mailbox records %v, CA %v", mailRecords, want["m:ca"] != "")
 	}
 }
 
