@@ -66,6 +66,10 @@ type Config struct {
 	// CertHashes pins the edge's certificate by the SHA-256 of its DER
 	// encoding (edges with a self-signed certificate publish it).
 	CertHashes [][]byte
+	// IdleTimeout is how long a silent edge is given before the client
+	// counts the connection as broken and reconnects; keep-alives go at a
+	// third of it [30s].
+	IdleTimeout time.Duration
 	// ReconnectMin and ReconnectMax bound the backoff between attempts
 	// [100ms, 10s]; each wait is drawn at random up to the current bound.
 	ReconnectMin, ReconnectMax time.Duration
@@ -90,6 +94,9 @@ type Config struct {
 func (c *Config) setDefaults() error {
 	if c.Addr == "" || c.UserID == "" || c.DeviceID == "" || len(c.Key) != ed25519.PrivateKeySize {
 		return errors.New("client: Addr, UserID, DeviceID and an Ed25519 Key are required")
+	}
+	if c.IdleTimeout <= 0 {
+		c.IdleTimeout = 30 * time.Second
 	}
 	if c.ReconnectMin <= 0 {
 		c.ReconnectMin = 100 * time.Millisecond
@@ -163,7 +170,7 @@ func (e *Error) Retryable() bool {
 	switch e.Code {
 	case relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED,
 		relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, relayv1.ErrorCode_ERROR_CODE_INTERNAL,
-		relayv1.ErrorCode_ERROR_CODE_GOING_AWAY:
+		relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, relayv1.ErrorCode_ERROR_CODE_MAILBOX_FULL:
 		return true
 	}
 	return false

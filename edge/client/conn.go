@@ -63,8 +63,8 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
 	addr := c.edgeAddr()
-	qc := transport.QUICConfig(30 * time.Second)
-	qc.KeepAlivePeriod = 10 * time.Second
+	qc := transport.QUICConfig(c.cfg.IdleTimeout)
+	qc.KeepAlivePeriod = c.cfg.IdleTimeout / 3
 	switch c.cfg.Transport {
 	case WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3", addr), QUICConfig: qc}

@@ -114,12 +114,16 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 				m.recomputeWhere(dev)
 			}
 			moved := m.applyPresence(peer, k.PresenceSet.GetDevices(), nil)
+			ev := m.takeEvents()
 			m.presMu.Unlock()
+			m.tellPresence(ev)
 			m.notifyMoved(moved)
 		case *edgev1.MeshFrame_PresenceDelta:
 			m.presMu.Lock()
 			moved := m.applyPresence(peer, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
+			ev := m.takeEvents()
 			m.presMu.Unlock()
+			m.tellPresence(ev)
 			m.notifyMoved(moved)
 		case *edgev1.MeshFrame_Forward:
 			fw := k.Forward

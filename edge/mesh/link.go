@@ -116,7 +116,7 @@ func (l *link) session() error {
 	if err != nil {
 		return err
 	}
-	conn, err := l.m.tr.Dial(ctx, udpAddr, l.m.cfg.Identity.clientTLS(l.peer), quicConfig())
+	conn, err := l.m.tr.Dial(ctx, udpAddr, l.m.cfg.Identity.clientTLS(l.peer), quicConfig(l.m.cfg.IdleTimeout))
 	if err != nil {
 		return fmt.Errorf("dial: %w", err)
 	}

@@ -38,6 +38,9 @@ type Local interface {
 	// PeerHolds says a peer holds a device since a time: an older session
 	// of it here must close (the device moved).
 	PeerHolds(userID, deviceID string, since time.Time)
+	// PeerPresence says a device came online on some peer, or is on none
+	// any more, for the presence frames of its user's devices here.
+	PeerPresence(userID, deviceID string, online bool)
 }
 
 // Member is a peer to link to.
@@ -60,6 +63,9 @@ type Config struct {
 	// QueueLen bounds the frames waiting on one link; beyond it forwards
 	// are answered NOT_DELIVERED [65536].
 	QueueLen int
+	// IdleTimeout is how long a silent peer is given before its link
+	// counts as broken (keep-alives go at a third of it) [15s].
+	IdleTimeout time.Duration
 	// Logger [slog.Default()]; Registerer for metrics [none].
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -84,8 +90,15 @@ type Mesh struct {
 	// gets a full set and then every later delta, none missed; it also
 	// guards the table of where devices are.
 	presMu sync.Mutex
-	where  map[string]holder             // device -> newest holder
-	byPeer map[string]map[string]DevPres // peer -> devices it announced
+	where  map[string]holder              // device -> newest holder
+	byPeer map[string]map[string]DevPres  // peer -> devices it announced
+	byUser map[string]map[string]struct{} // user -> its devices in where
+	events []presenceEvent                // to tell Local once presMu is released
+}
+
+type presenceEvent struct {
+	user, device string
+	online       bool
 }
 
 type holder struct {
@@ -117,6 +130,9 @@ func New(cfg Config) (*Mesh, error) {
 	if cfg.QueueLen <= 0 {
 		cfg.QueueLen = 1 << 16
 	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = 15 * time.Second
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -125,13 +141,13 @@ func New(cfg Config) (*Mesh, error) {
 		return nil, fmt.Errorf("listen mesh %s: %w", cfg.Addr, err)
 	}
 	tr := &quic.Transport{Conn: udp}
-	ln, err := tr.Listen(cfg.Identity.serverTLS(), quicConfig())
+	ln, err := tr.Listen(cfg.Identity.serverTLS(), quicConfig(cfg.IdleTimeout))
 	if err != nil {
 		_ = udp.Close()
 		return nil, fmt.Errorf("listen mesh: %w", err)
 	}
 	m := &Mesh{cfg: cfg, udp: udp, tr: tr, ln: ln, links: map[string]*link{}, inbound: map[string]*inbound{},
-		where: map[string]holder{}, byPeer: map[string]map[string]DevPres{}}
+		where: map[string]holder{}, byPeer: map[string]map[string]DevPres{}, byUser: map[string]map[string]struct{}{}}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.metrics = metrics{
 		links: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_links", Help: "Mesh links this edge dialed that are up."}),
@@ -152,8 +168,8 @@ func New(cfg Config) (*Mesh, error) {
 	return m, nil
 }
 
-func quicConfig() *quic.Config {
-	return &quic.Config{MaxIdleTimeout: 15 * time.Second, KeepAlivePeriod: 5 * time.Second, HandshakeIdleTimeout: 5 * time.Second}
+func quicConfig(idle time.Duration) *quic.Config {
+	return &quic.Config{MaxIdleTimeout: idle, KeepAlivePeriod: idle / 3, HandshakeIdleTimeout: min(idle, 5*time.Second)}
 }
 
 // Addr is the mesh listener's address.
@@ -169,6 +185,11 @@ func (m *Mesh) Run() {
 		m.wg.Go(func() { m.serveInbound(conn) })
 	}
 }
+
+// Kill drops the mesh's socket at once, as a crash would: peers learn of
+// it only when their links time out. For fault tests. Close still has
+// to be called.
+func (m *Mesh) Kill() { _ = m.udp.Close() }
 
 // Close ends every link and the listener, and waits for their goroutines.
 func (m *Mesh) Close() error {
@@ -265,6 +286,7 @@ func (m *Mesh) Forward(peer string, f *edgev1.Forward, done func(edgev1.ForwardO
 // Stats are the sizes of the mesh's tables, for leak checks.
 type Stats struct {
 	RemoteDevices int // devices peers announced
+	RemoteUsers   int // users with devices on peers
 	PeerSets      int // peers with at least one announced device
 	Pending       int // forwards waiting for their outcome
 	LinksUp       int // links this edge dialed that are up
@@ -274,7 +296,7 @@ type Stats struct {
 // Stats returns the current table sizes.
 func (m *Mesh) Stats() Stats {
 	m.presMu.Lock()
-	st := Stats{RemoteDevices: len(m.where), PeerSets: len(m.byPeer)}
+	st := Stats{RemoteDevices: len(m.where), RemoteUsers: len(m.byUser), PeerSets: len(m.byPeer)}
 	m.presMu.Unlock()
 	m.mu.Lock()
 	for _, l := range m.links {
@@ -318,7 +340,8 @@ func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresen
 }
 
 // recomputeWhere sets where a device is: the peer with its newest
-// session (with presMu held).
+// session (with presMu held). A device appearing or disappearing is
+// queued for Local (takeEvents).
 func (m *Mesh) recomputeWhere(device string) {
 	var best holder
 	found := false
@@ -327,23 +350,70 @@ func (m *Mesh) recomputeWhere(device string) {
 			best, found = holder{edge: peer, user: p.User, since: p.Since}, true
 		}
 	}
-	if found {
+	old, had := m.where[device]
+	switch {
+	case found:
 		m.where[device] = best
-	} else {
+		if !had {
+			set := m.byUser[best.user]
+			if set == nil {
+				set = map[string]struct{}{}
+				m.byUser[best.user] = set
+			}
+			set[device] = struct{}{}
+			m.events = append(m.events, presenceEvent{best.user, device, true})
+		}
+	case had:
 		delete(m.where, device)
+		if set := m.byUser[old.user]; set != nil {
+			delete(set, device)
+			if len(set) == 0 {
+				delete(m.byUser, old.user)
+			}
+		}
+		m.events = append(m.events, presenceEvent{old.user, device, false})
 	}
+}
+
+// takeEvents returns the queued presence changes (with presMu held).
+func (m *Mesh) takeEvents() []presenceEvent {
+	ev := m.events
+	m.events = nil
+	return ev
+}
+
+// tellPresence passes presence changes to Local (presMu not held).
+func (m *Mesh) tellPresence(ev []presenceEvent) {
+	for _, e := range ev {
+		m.cfg.Local.PeerPresence(e.user, e.device, e.online)
+	}
+}
+
+// Online lists a user's devices that peers hold.
+func (m *Mesh) Online(userID string) []string {
+	m.presMu.Lock()
+	defer m.presMu.Unlock()
+	set := m.byUser[userID]
+	out := make([]string, 0, len(set))
+	for d := range set {
+		out = append(out, d)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // dropPeer forgets what a peer announced (its link went away).
 func (m *Mesh) dropPeer(peer string) {
 	m.presMu.Lock()
-	defer m.presMu.Unlock()
 	set := m.byPeer[peer]
 	delete(m.byPeer, peer)
 	for dev := range set {
 		m.recomputeWhere(dev)
 	}
 	m.metrics.devices.Set(float64(len(m.where)))
+	ev := m.takeEvents()
+	m.presMu.Unlock()
+	m.tellPresence(ev)
 }
 
 // Frames on a link: uvarint length, then the encoded MeshFrame.

@@ -85,6 +85,8 @@ func (f *fakeLocal) PeerHolds(user, device string, since time.Time) {
 	f.mu.Unlock()
 }
 
+func (f *fakeLocal) PeerPresence(user, device string, online bool) {}
+
 func (f *fakeLocal) forwards() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -174,7 +176,7 @@ func TestPresenceAndForwarding(t *testing.T) {
 	}
 	waitFor(t, "b forgets a's devices", func() bool {
 		st := b.Stats()
-		return st.RemoteDevices == 0 && st.PeerSets == 0 && st.Pending == 0 && st.LinksUp == 0
+		return st.RemoteDevices == 0 && st.RemoteUsers == 0 && st.PeerSets == 0 && st.Pending == 0 && st.LinksUp == 0
 	})
 }
 

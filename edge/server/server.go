@@ -7,6 +7,8 @@ package server
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
@@ -30,6 +32,8 @@ import (
 
 	"github.com/edge-relay/relay/edge/controlconn"
 	"github.com/edge-relay/relay/edge/directory"
+	"github.com/edge-relay/relay/edge/mailbox"
+	"github.com/edge-relay/relay/edge/mesh"
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/edge/transport"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -59,6 +63,18 @@ type Config struct {
 	Session session.Config
 	// AllowedOrigins for WebTransport (see transport.Config).
 	AllowedOrigins []string
+	// MeshAddr is the UDP address of the mesh listener (other edges
+	// connect there) [the host of Addr, a free port]; MeshAdvertise the
+	// address other edges are told [MeshAddr as bound].
+	MeshAddr, MeshAdvertise string
+	// IdleTimeout closes device connections that send nothing, not even
+	// keep-alives [30s]; MeshIdleTimeout does the same for mesh links
+	// [15s].
+	IdleTimeout, MeshIdleTimeout time.Duration
+	// NoMailbox runs the edge without the control plane's mailboxes:
+	// events for devices that are not connected are refused
+	// (TARGET_OFFLINE). For tests and single-edge setups that want it.
+	NoMailbox bool
 	// DrainWindow spreads the clients' reconnects over this long on
 	// shutdown [10s].
 	DrainWindow time.Duration
@@ -86,10 +102,17 @@ type Server struct {
 	admin    *http.Server
 	adminLn  net.Listener
 
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	ready  atomic.Bool // listeners up; the directory's sync is checked live
-	once   sync.Once
+	mailbox    *mailbox.Client
+	mesh       *mesh.Mesh
+	identity   *mesh.Identity
+	registered atomic.Bool
+
+	cancel     context.CancelFunc
+	stopBgWork context.CancelFunc // mailbox writer and registration, stopped last
+	wg         sync.WaitGroup
+	bg         sync.WaitGroup
+	ready      atomic.Bool // listeners up; the directory's sync is checked live
+	once       sync.Once
 }
 
 // Start starts an edge. It returns once the listeners are up; Ready
@@ -154,14 +177,47 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	})); err != nil {
 		return nil, err
 	}
-	s.dir = directory.New(directory.Config{Ring: s.ring, Logger: s.log, OnRemove: s.onRemove})
+	s.dir = directory.New(directory.Config{
+		Ring: s.ring, Logger: s.log, OnRemove: s.onRemove,
+		OnMailbox: func(user, device string, seq uint64) { s.hub.MailboxChanged(user, device, seq) },
+		OnEdges:   s.onEdges,
+	})
 	sc := cfg.Session
 	sc.EdgeID, sc.Directory, sc.Ring, sc.Logger, sc.Metrics = cfg.EdgeID, s.dir, s.ring, s.log, metrics
 	sc.Tracer = cfg.TracerProvider.Tracer("github.com/edge-relay/relay/edge")
 	sc.Ready = s.dir.Synced
+	if !cfg.NoMailbox {
+		if s.mailbox, err = mailbox.New(mailbox.Config{API: s.control, Logger: s.log, Registerer: cfg.Registry}); err != nil {
+			return nil, err
+		}
+		sc.Mailbox = mailboxAdapter{s.mailbox}
+	}
+	_, meshKey, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	s.identity = mesh.NewIdentity(meshKey)
+	meshAddr := cfg.MeshAddr
+	if meshAddr == "" {
+		h, _, err := net.SplitHostPort(cfg.Addr)
+		if err != nil {
+			return nil, fmt.Errorf("edge address %q: %w", cfg.Addr, err)
+		}
+		meshAddr = net.JoinHostPort(h, "0")
+	}
+	hubReady := make(chan struct{})
+	s.mesh, err = mesh.New(mesh.Config{
+		EdgeID: cfg.EdgeID, Addr: meshAddr, Identity: s.identity, Local: lateLocal{s, hubReady},
+		Logger: s.log, Registerer: cfg.Registry, IdleTimeout: cfg.MeshIdleTimeout,
+	})
+	if err != nil {
+		return nil, err
+	}
+	sc.Remote = s.mesh
 	if s.hub, err = session.NewHub(sc); err != nil {
 		return nil, err
 	}
+	close(hubReady)
 
 	tlsConf := &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS13}
 	host, port, err := net.SplitHostPort(cfg.Addr)
@@ -174,7 +230,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	for attempt := 0; ; attempt++ {
 		s.listener, err = transport.Listen(transport.Config{
 			Addr: cfg.Addr, TLS: tlsConf, Hub: s.hub, AllowedOrigins: cfg.AllowedOrigins,
-			Logger: s.log, Registerer: cfg.Registry,
+			Logger: s.log, Registerer: cfg.Registry, IdleTimeout: cfg.IdleTimeout,
 		})
 		if err != nil {
 			return nil, err
@@ -208,6 +264,16 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.wg.Go(func() { s.certs.run(runCtx) })
 	s.wg.Go(func() { _ = s.dir.Follow(runCtx, s.control.Watch(), s.control.Token) })
 	s.wg.Go(func() { s.reportActivity(runCtx) })
+	s.wg.Go(s.mesh.Run)
+	// The mailbox writer and the registration outlive the sessions on
+	// shutdown: the drain hands events to mailboxes, then the edge leaves
+	// the member list.
+	bgCtx, stopBg := context.WithCancel(context.WithoutCancel(ctx))
+	s.stopBgWork = stopBg
+	if s.mailbox != nil {
+		s.bg.Go(func() { s.mailbox.Run(bgCtx) })
+	}
+	s.bg.Go(func() { s.register(bgCtx) })
 	s.ready.Store(true)
 	s.log.Info("edge listening", "quic", s.listener.Addr().String(), "https", s.httpsLn.Addr().String(), "admin", s.AdminURL())
 	return s, nil
@@ -256,9 +322,9 @@ func (s *Server) reportActivity(ctx context.Context) {
 	}
 }
 
-// Ready reports whether the edge serves sessions: listeners up and the
-// directory synced with the control plane.
-func (s *Server) Ready() bool { return s.ready.Load() && s.dir.Synced() }
+// Ready reports whether the edge serves sessions: listeners up, the
+// directory synced with the control plane, and registered as a member.
+func (s *Server) Ready() bool { return s.ready.Load() && s.dir.Synced() && s.registered.Load() }
 
 // Addr is the UDP address devices connect to.
 func (s *Server) Addr() string { return s.listener.Addr().String() }
@@ -279,6 +345,9 @@ func (s *Server) CertHashes() []CertHash { return s.certs.Hashes(time.Now()) }
 
 // Hub is the session core (for tests and tools).
 func (s *Server) Hub() *session.Hub { return s.hub }
+
+// Mesh is the edge's links to the other edges.
+func (s *Server) Mesh() *mesh.Mesh { return s.mesh }
 
 // Registry holds the edge's metrics.
 func (s *Server) Registry() *prometheus.Registry { return s.cfg.Registry }
@@ -342,25 +411,58 @@ func (s *Server) adminMux() http.Handler {
 	return mux
 }
 
-// Shutdown stops the edge in order: no new sessions, every client told to
-// go away (spread over DrainWindow) and its queued frames flushed, then
-// listeners and the link to the control plane closed.
+// Shutdown stops the edge in order: no new sessions; every client told
+// to go away (spread over DrainWindow) and its queued frames flushed;
+// what devices did not acknowledge handed to their mailboxes (or back to
+// the edges that forwarded it); the edge leaves the member list; then
+// listeners, the mesh and the link to the control plane close.
 func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	s.once.Do(func() {
 		s.ready.Store(false)
 		dctx, cancel := context.WithTimeout(ctx, s.cfg.DrainWindow+5*time.Second)
 		err = s.hub.Drain(dctx, s.cfg.DrainWindow)
+		if s.mailbox != nil {
+			err = errors.Join(err, s.mailbox.Flush(dctx))
+		}
+		cancel()
+		dctx, cancel = context.WithTimeout(ctx, 5*time.Second)
+		if derr := s.control.DeregisterEdge(dctx, s.cfg.EdgeID); derr != nil && s.registered.Load() {
+			s.log.Warn("could not leave the member list; the lease will run out", "err", derr)
+		}
 		cancel()
 		s.closeAll()
 	})
 	return err
 }
 
+// Kill stops the edge as a crash would: its sockets go at once, so
+// devices and peers learn of it only when their connections time out;
+// nothing queued is handed off and the edge stays a member until its
+// lease runs out. For fault tests.
+func (s *Server) Kill() {
+	s.once.Do(func() {
+		s.ready.Store(false)
+		s.listener.Kill()
+		s.mesh.Kill()
+		if s.stopBgWork != nil {
+			s.stopBgWork() // no more mailbox writes, no renewals
+		}
+		s.closeAll()
+	})
+}
+
 func (s *Server) closeAll() {
 	if s.cancel != nil {
 		s.cancel()
 	}
+	if s.mesh != nil {
+		_ = s.mesh.Close()
+	}
+	if s.stopBgWork != nil {
+		s.stopBgWork()
+	}
+	s.bg.Wait()
 	if s.listener != nil {
 		_ = s.listener.Close()
 	}

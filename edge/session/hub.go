@@ -275,6 +275,11 @@ func (h *Hub) register(s *Session) bool {
 	}
 	if h.cfg.Remote != nil {
 		h.cfg.Remote.Announce(s.presence(), true)
+		for _, d := range h.cfg.Remote.Online(s.userID) {
+			if d != s.deviceID {
+				s.out.control(presence(d, true))
+			}
+		}
 	}
 	for _, o := range others {
 		s.out.control(presence(o.deviceID, true))

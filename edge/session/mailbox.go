@@ -140,12 +140,13 @@ func (s *Session) primeMailbox(ctx context.Context) {
 		m.more = true
 		return
 	}
-	s.queueEntries(entries, more)
+	s.queueEntries(entries, more, 0)
 }
 
-// queueEntries queues fetched entries (with m.mu held). It reports false
-// when the queue took no more.
-func (s *Session) queueEntries(entries []*edgev1.MailboxEntry, more bool) bool {
+// queueEntries queues fetched entries (with m.mu held). known is the
+// highest seq known to exist when the fetch was sent: a complete fetch
+// covers it. It reports false when the queue took no more.
+func (s *Session) queueEntries(entries []*edgev1.MailboxEntry, more bool, known uint64) bool {
 	m := &s.mb
 	for _, e := range entries {
 		if e.GetSeq() <= m.cursor {
@@ -162,10 +163,12 @@ func (s *Session) queueEntries(entries []*edgev1.MailboxEntry, more bool) bool {
 		}
 	}
 	m.more = more
-	if !more && m.wanted > m.cursor {
-		// A complete fetch returned everything that exists up to now: the
-		// rest of what was announced was acked or expired.
-		m.cursor = m.wanted
+	if !more && known > m.cursor {
+		// A complete fetch (a linearizable read) returned everything
+		// committed before it was sent: what else was announced by then
+		// was acked or expired. Entries announced while it was in flight
+		// may be newer than what it saw; they are fetched next.
+		m.cursor = known
 	}
 	s.releaseHeld()
 	return true
@@ -265,7 +268,7 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 			m.mu.Unlock()
 			return
 		}
-		after := m.cursor
+		after, known := m.cursor, m.wanted
 		m.mu.Unlock()
 		ctx, cancel := context.WithTimeout(pctx, 5*time.Second)
 		entries, more, err := s.hub.cfg.Mailbox.Fetch(ctx, s.deviceID, after, window)
@@ -280,7 +283,7 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 		}
 		backoff = 50 * time.Millisecond
 		m.mu.Lock()
-		full := !s.queueEntries(entries, more)
+		full := !s.queueEntries(entries, more, known)
 		m.mu.Unlock()
 		if full && !wait(10*time.Millisecond) {
 			return

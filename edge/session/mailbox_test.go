@@ -25,6 +25,7 @@ type memMailbox struct {
 	quota     int
 	fails     map[string]int           // fail this many fetches of a device
 	fetchGate map[string]chan struct{} // if set, a device's fetches wait for it
+	snapshots chan string              // if set, told the device of each fetch once it read
 	acked     map[string][]uint64
 
 	queue chan func()
@@ -66,6 +67,8 @@ func (m *memMailbox) Store(e *edgev1.MailboxEntry, done func(MailboxResult)) {
 	}
 }
 
+// Fetch reads like a linearizable read: what is stored when the request
+// arrives, answered after the device's gate (if any) opens.
 func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, limit int) ([]*edgev1.MailboxEntry, bool, error) {
 	m.mu.Lock()
 	gate := m.fetchGate[device]
@@ -74,7 +77,22 @@ func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, lim
 		m.mu.Unlock()
 		return nil, false, errors.New("control plane unavailable")
 	}
+	var out []*edgev1.MailboxEntry
+	more := false
+	for _, e := range m.boxes[device] {
+		if e.GetSeq() > after {
+			if len(out) == limit {
+				more = true
+				break
+			}
+			out = append(out, e)
+		}
+	}
+	snaps := m.snapshots
 	m.mu.Unlock()
+	if snaps != nil {
+		snaps <- device
+	}
 	if gate != nil {
 		select {
 		case <-gate:
@@ -82,18 +100,7 @@ func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, lim
 			return nil, false, ctx.Err()
 		}
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var out []*edgev1.MailboxEntry
-	for _, e := range m.boxes[device] {
-		if e.GetSeq() > after {
-			if len(out) == limit {
-				return out, true, nil
-			}
-			out = append(out, e)
-		}
-	}
-	return out, false, nil
+	return out, more, nil
 }
 
 func (m *memMailbox) Ack(device string, seqs ...uint64) {
@@ -326,4 +333,48 @@ func TestMailboxFlowControl(t *testing.T) {
 		}
 	}
 	waitFor(t, "all acked", func() bool { return mb.stored("b") == 0 })
+}
+
+// An entry announced while a fetch is in flight, committed after the
+// fetch read the mailbox, is fetched next, not skipped.
+func TestEntryAnnouncedDuringAFetch(t *testing.T) {
+	e, mb := mailboxEnv(t, nil)
+	e.device("u1", "b")
+	b := e.online("b")
+	gate := make(chan struct{})
+	snaps := make(chan string, 16)
+	mb.mu.Lock()
+	mb.fetchGate["b"], mb.snapshots = gate, snaps
+	mb.mu.Unlock()
+	e.hub.MailboxChanged("u1", "b", 0) // a fetch starts and reads an empty mailbox
+	for d := range snaps {
+		if d == "b" {
+			break
+		}
+	}
+	mb.mu.Lock()
+	mb.snapshots = nil
+	mb.mu.Unlock()
+	// Meanwhile another edge stores an entry and the feed announces it.
+	done := make(chan MailboxResult, 1)
+	mb.Store(&edgev1.MailboxEntry{DeviceId: "b", UserId: "u1", Event: mustEvent(t, "late"), EventId: "x", SenderDeviceId: "a"},
+		func(r MailboxResult) { done <- r })
+	r := <-done
+	e.hub.MailboxChanged("u1", "b", r.Seq)
+	mb.mu.Lock()
+	delete(mb.fetchGate, "b")
+	mb.mu.Unlock()
+	close(gate)
+	if got := b.payloads(1); got[0] != "late" {
+		t.Fatalf("b got %v", got)
+	}
+}
+
+func mustEvent(t *testing.T, payload string) []byte {
+	t.Helper()
+	b, err := proto.Marshal(&relayv1.Event{Id: "x", SenderDeviceId: "a", Seq: 1, CreatedAtMs: 1, TtlMs: 1, Payload: []byte(payload)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

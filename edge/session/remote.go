@@ -17,6 +17,8 @@ type Remote interface {
 	Forward(edgeID string, f *edgev1.Forward, done func(edgev1.ForwardOutcome))
 	// Announce tells the other edges a device came online here or left.
 	Announce(p *edgev1.DevicePresence, online bool)
+	// Online lists a user's devices that other edges hold.
+	Online(userID string) []string
 }
 
 // pendingForward counts a sender's forwards to one device still waiting
@@ -129,4 +131,14 @@ func (h *Hub) PeerHolds(userID, deviceID string, since time.Time) {
 
 func (s *Session) presence() *edgev1.DevicePresence {
 	return &edgev1.DevicePresence{DeviceId: s.deviceID, UserId: s.userID, SinceNs: s.since.UnixNano()}
+}
+
+// PeerPresence tells the user's devices here that one of their devices
+// came online on another edge, or is on none any more.
+func (h *Hub) PeerPresence(userID, deviceID string, online bool) {
+	for _, s := range h.sessionsOf(userID, "") {
+		if s.deviceID != deviceID {
+			s.out.control(presence(deviceID, online))
+		}
+	}
 }

@@ -193,6 +193,11 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	_ = l.cfg.Hub.Serve(l.ctx, NewWebTransportConn(sess, str))
 }
 
+// Kill drops the UDP socket at once, as a crash would: devices learn of
+// it only when their connections time out. For fault tests. Close still
+// has to be called.
+func (l *Listener) Kill() { _ = l.udp.Close() }
+
 // Close stops accepting, ends every session (the hub should have been
 // drained before, for a graceful stop) and waits for the connection
 // goroutines.

@@ -148,6 +148,16 @@ func (r *Relay) StopEdge(i int) {
 	}
 }
 
+// KillEdge stops edge i as a crash would (see server.Kill).
+func (r *Relay) KillEdge(i int) {
+	s := r.Edges[i]
+	if s == nil {
+		return
+	}
+	r.Edges[i] = nil
+	s.Kill()
+}
+
 func (r *Relay) url() string { return r.ControlURLs()[0] }
 
 func (r *Relay) users() controlv1connect.UserServiceClient {

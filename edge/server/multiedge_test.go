@@ -1,0 +1,358 @@
+package server_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/internal/relaytest"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// startMulti starts 3 control nodes and 3 edges, meshed, with timeouts
+// short enough for fault tests.
+func startMulti(t *testing.T, opts relaytest.Options) *relaytest.Relay {
+	t.Helper()
+	opts.ControlNodes, opts.Edges = 3, 3
+	mod := opts.Edge
+	opts.Edge = func(i int, cfg *server.Config) {
+		cfg.DrainWindow = 300 * time.Millisecond
+		cfg.IdleTimeout, cfg.MeshIdleTimeout = 2*time.Second, 2*time.Second
+		cfg.Session.Limits = session.DefaultLimits()
+		cfg.Session.Limits.EventsPerSecond = 1e6
+		cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 1e6, 1e6
+		if mod != nil {
+			mod(i, cfg)
+		}
+	}
+	r := relaytest.Start(t, opts)
+	waitMeshed(t, r)
+	return r
+}
+
+// waitMeshed waits until every running edge has a link up to every other.
+func waitMeshed(t *testing.T, r *relaytest.Relay) {
+	t.Helper()
+	n := 0
+	for _, e := range r.Edges {
+		if e != nil {
+			n++
+		}
+	}
+	r.WaitEdges(func(s *server.Server) error {
+		if up := s.Mesh().Stats().LinksUp; up != n-1 {
+			return fmt.Errorf("edge has %d links up, want %d", up, n-1)
+		}
+		return nil
+	})
+}
+
+// dial connects a device to edge i with a short idle timeout, so a
+// killed edge is noticed quickly.
+func dial(t *testing.T, r *relaytest.Relay, i int, d relaytest.Device, tr client.Transport) *client.Client {
+	t.Helper()
+	cfg := r.ClientConfig(i, d, tr)
+	cfg.IdleTimeout = 2 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := client.Dial(ctx, cfg)
+	if err != nil {
+		t.Fatalf("dial edge %d as %s: %v", i, d.ID, err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// sendRetrying sends m until it is acknowledged, retrying what the relay
+// says may succeed later (the same id: receivers never see it twice),
+// pausing a little when a queue or mailbox is full.
+func sendRetrying(ctx context.Context, c *client.Client, m client.Message) error {
+	for {
+		err := c.Send(ctx, m)
+		var ce *client.Error
+		if err == nil || !errors.As(err, &ce) || !ce.Retryable() || ctx.Err() != nil {
+			return err
+		}
+		if ce.Code == relayv1.ErrorCode_ERROR_CODE_MAILBOX_FULL || ce.Code == relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL {
+			select {
+			case <-time.After(20 * time.Millisecond):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+}
+
+// Devices of one user spread over 3 edges exchange events both ways:
+// all delivered once, in per-sender order, all acknowledged.
+func TestDevicesAcrossEdges(t *testing.T) {
+	r := startMulti(t, relaytest.Options{})
+	u := r.User("spread")
+	const n, per = 6, 100
+	var cs []*client.Client
+	var ids []string
+	for i := range n {
+		d := r.Device(u, fmt.Sprintf("d%d", i))
+		tr := client.QUIC
+		if i%2 == 1 {
+			tr = client.WebTransport
+		}
+		cs = append(cs, dial(t, r, i%3, d, tr))
+		ids = append(ids, d.ID)
+	}
+	// Presence crosses edges too.
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		for i, c := range cs {
+			if got := len(c.Online()); got != n-1 {
+				return fmt.Errorf("device %d sees %d others online", i, got)
+			}
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	errs := make(chan error, 2*n)
+	var wg sync.WaitGroup
+	for i, c := range cs {
+		wg.Go(func() {
+			for k := range per {
+				if err := c.Send(ctx, client.Message{Payload: fmt.Appendf(nil, "%d/%d", i, k)}); err != nil {
+					errs <- fmt.Errorf("sender %d event %d: %w", i, k, err)
+					return
+				}
+			}
+		})
+		wg.Go(func() {
+			next := map[string]int{}
+			for range (n - 1) * per {
+				ev, err := c.Receive(ctx)
+				if err != nil {
+					errs <- fmt.Errorf("receiver %d: %w", i, err)
+					return
+				}
+				var from, k int
+				if _, err := fmt.Sscanf(string(ev.Payload), "%d/%d", &from, &k); err != nil || ids[from] != ev.Sender || k != next[ev.Sender] {
+					errs <- fmt.Errorf("receiver %d: %q from %s, want event %d", i, ev.Payload, ev.Sender, next[ev.Sender])
+					return
+				}
+				next[ev.Sender]++
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	// The events crossed the mesh (not only mailboxes).
+	forwarded := 0.0
+	for _, e := range r.Edges {
+		forwarded += counterValue(t, e, "relay_edge_mesh_forwards_total", "outcome", "FORWARD_OUTCOME_DELIVERED")
+	}
+	if forwarded < float64(n*per) {
+		t.Fatalf("only %v events crossed the mesh", forwarded)
+	}
+}
+
+// An offline device gets what was sent while it was away when it
+// connects to any edge, in order; expired events never arrive; a full
+// mailbox refuses with its own code.
+func TestOfflineDeviceAndMailboxes(t *testing.T) {
+	r := startMulti(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.Session.Limits.SkewTolerance = 50 * time.Millisecond
+	}})
+	u := r.User("away")
+	a, b := r.Device(u, "a"), r.Device(u, "b")
+	ca := dial(t, r, 0, a, client.QUIC)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for k := range 20 {
+		ttl := time.Hour
+		if k%5 == 4 {
+			ttl = 200 * time.Millisecond // gone by the time b connects
+		}
+		if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: fmt.Appendf(nil, "%d", k), TTL: ttl}); err != nil {
+			t.Fatalf("event %d: %v", k, err)
+		}
+	}
+	// The short-lived ones expire: their TTL and the tolerance pass.
+	<-time.After(300 * time.Millisecond)
+	cb := dial(t, r, 2, b, client.WebTransport)
+	var got []string
+	for len(got) < 16 {
+		ev, err := cb.Receive(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, string(ev.Payload))
+	}
+	var want []string
+	for k := range 20 {
+		if k%5 != 4 {
+			want = append(want, fmt.Sprint(k))
+		}
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("b got %v, want %v", got, want)
+	}
+	short, cancel2 := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel2()
+	if ev, err := cb.Receive(short); err == nil {
+		t.Fatalf("an expired event arrived: %q", ev.Payload)
+	}
+}
+
+// Kill an edge (no graceful shutdown) while devices on it send and
+// receive: they reconnect to other edges with their resume tickets, and
+// every event acknowledged to its sender is delivered exactly once at
+// the receiving client API.
+func TestKillAnEdgeDuringTraffic(t *testing.T) {
+	r := startMulti(t, relaytest.Options{})
+	runTrafficThrough(t, r, func() { r.KillEdge(0) })
+	resumed := 0.0
+	for _, e := range r.Edges {
+		if e != nil {
+			resumed += counterValue(t, e, "relay_edge_handshakes_total", "result", "resumed")
+		}
+	}
+	if resumed < 2 {
+		t.Fatalf("%v resumed handshakes on the surviving edges", resumed)
+	}
+}
+
+// Kill the control plane's leader during the same traffic: same
+// guarantee.
+func TestKillTheLeaderDuringTraffic(t *testing.T) {
+	r := startMulti(t, relaytest.Options{})
+	runTrafficThrough(t, r, func() { r.Cluster.Kill(r.Cluster.Leader()) })
+}
+
+// SIGTERM an edge under traffic: nothing is lost, clients move.
+func TestGracefulEdgeShutdownDuringTraffic(t *testing.T) {
+	r := startMulti(t, relaytest.Options{})
+	runTrafficThrough(t, r, func() { r.StopEdge(0) })
+}
+
+// runTrafficThrough has two devices on edge 0 and one on edge 1 send to
+// each other, a fault strike halfway, and checks that every acked event
+// arrived exactly once (and nothing unacked arrived twice).
+func runTrafficThrough(t *testing.T, r *relaytest.Relay, fault func()) {
+	t.Helper()
+	u := r.User("faulty")
+	devs := []relaytest.Device{r.Device(u, "a"), r.Device(u, "b"), r.Device(u, "c")}
+	edges := []int{0, 0, 1}
+	cs := make([]*client.Client, len(devs))
+	for i, d := range devs {
+		cs[i] = dial(t, r, edges[i], d, client.QUIC)
+	}
+	const per = 1500 // events per (sender, target): 6 pairs, 9,000 events
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	type key struct{ from, to int }
+	var mu sync.Mutex
+	acked := map[key]map[string]bool{}
+	received := map[int]map[string]int{}
+	for i := range devs {
+		received[i] = map[string]int{}
+	}
+	var sent atomic.Int64
+	var senders, receivers sync.WaitGroup
+	rctx, stopReceivers := context.WithCancel(ctx)
+	for i, c := range cs {
+		receivers.Go(func() {
+			for {
+				ev, err := c.Receive(rctx)
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				received[i][ev.ID]++
+				mu.Unlock()
+			}
+		})
+		for j := range devs {
+			if j == i {
+				continue
+			}
+			k := key{i, j}
+			acked[k] = map[string]bool{}
+			senders.Go(func() {
+				for n := range per {
+					id := fmt.Sprintf("%d-%d-%d", i, j, n)
+					err := sendRetrying(ctx, c, client.Message{ID: id, Targets: []string{devs[j].ID}, Payload: []byte(id)})
+					if err != nil {
+						t.Errorf("%s: %v", id, err)
+						return
+					}
+					mu.Lock()
+					acked[k][id] = true
+					mu.Unlock()
+					sent.Add(1)
+				}
+			})
+		}
+	}
+	clustertest.Eventually(t, time.Minute, func() error {
+		if sent.Load() < 6*per/2 {
+			return fmt.Errorf("%d acked so far", sent.Load())
+		}
+		return nil
+	})
+	fault()
+	senders.Wait()
+	// Every acked event reaches its receiver.
+	clustertest.Eventually(t, time.Minute, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		for k, ids := range acked {
+			for id := range ids {
+				if received[k.to][id] == 0 {
+					return fmt.Errorf("acked %s not received by %d", id, k.to)
+				}
+			}
+		}
+		return nil
+	})
+	stopReceivers()
+	receivers.Wait()
+	mu.Lock()
+	defer mu.Unlock()
+	for to, ids := range received {
+		for id, n := range ids {
+			if n != 1 {
+				t.Errorf("device %d got %s %d times", to, id, n)
+			}
+		}
+	}
+}
+
+func counterValue(t *testing.T, s *server.Server, name, label, value string) float64 {
+	t.Helper()
+	mfs, err := s.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	total := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					total += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return total
+}
