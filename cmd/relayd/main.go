@@ -144,6 +144,11 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.DurationVar(&cfg.SessionKeyRotateEvery, "session-key-rotate", 24*time.Hour, "rotate the resume-ticket key this often")
 	fs.DurationVar(&cfg.SessionKeyGrace, "session-key-grace", 24*time.Hour, "keep accepting tickets of a rotated-out key this long")
 	fs.DurationVar(&cfg.SigningKeyRotateEvery, "signing-key-rotate", 30*24*time.Hour, "rotate the access-token signing key this often")
+	fs.Uint64Var(&cfg.Mailbox.MaxEntriesPerDevice, "mailbox-max-entries", 1000, "events a device's mailbox keeps at most while it is offline")
+	fs.Uint64Var(&cfg.Mailbox.MaxBytesPerDevice, "mailbox-max-bytes", 4<<20, "event bytes a device's mailbox keeps at most")
+	fs.DurationVar(&cfg.MailboxExpireEvery, "mailbox-expire-every", 10*time.Second, "how often the leader removes expired mailbox entries")
+	fs.DurationVar(&cfg.Edges.LeaseTTL, "edge-lease-ttl", 30*time.Second, "an edge leaves the member list this long after its last renewal")
+	fs.DurationVar(&cfg.Edges.CertTTL, "edge-cert-ttl", 24*time.Hour, "lifetime of the mesh certificates issued to edges")
 }
 
 func runControl(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {

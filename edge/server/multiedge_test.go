@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/edge-relay/relay/control/clustertest"
+	controlserver "github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
@@ -167,9 +168,12 @@ func TestDevicesAcrossEdges(t *testing.T) {
 // connects to any edge, in order; expired events never arrive; a full
 // mailbox refuses with its own code.
 func TestOfflineDeviceAndMailboxes(t *testing.T) {
-	r := startMulti(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
-		cfg.Session.Limits.SkewTolerance = 50 * time.Millisecond
-	}})
+	r := startMulti(t, relaytest.Options{
+		Edge: func(_ int, cfg *server.Config) { cfg.Session.Limits.SkewTolerance = 50 * time.Millisecond },
+		Cluster: clustertest.Options{Configure: func(c *controlserver.Config) {
+			c.Mailbox.MaxEntriesPerDevice = 25
+		}},
+	})
 	u := r.User("away")
 	a, b := r.Device(u, "a"), r.Device(u, "b")
 	ca := dial(t, r, 0, a, client.QUIC)
@@ -208,6 +212,25 @@ func TestOfflineDeviceAndMailboxes(t *testing.T) {
 	defer cancel2()
 	if ev, err := cb.Receive(short); err == nil {
 		t.Fatalf("an expired event arrived: %q", ev.Payload)
+	}
+
+	// A full mailbox refuses with MAILBOX_FULL and keeps what it holds.
+	c := r.Device(u, "c")
+	for k := range 30 {
+		err := ca.Send(ctx, client.Message{Targets: []string{c.ID}, Payload: fmt.Appendf(nil, "%d", k)})
+		switch {
+		case k < 25 && err != nil:
+			t.Fatalf("event %d: %v", k, err)
+		case k >= 25 && !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_MAILBOX_FULL}):
+			t.Fatalf("event %d beyond the quota: %v", k, err)
+		}
+	}
+	cc := dial(t, r, 1, c, client.QUIC)
+	for k := range 25 {
+		ev, err := cc.Receive(ctx)
+		if err != nil || string(ev.Payload) != fmt.Sprint(k) {
+			t.Fatalf("c's event %d: %q %v", k, ev.Payload, err)
+		}
 	}
 }
 
@@ -355,4 +378,76 @@ func counterValue(t *testing.T, s *server.Server, name, label, value string) flo
 		}
 	}
 	return total
+}
+
+// Routing state does not leak: 10,000 device sessions connect to and
+// leave 3 edges (with events crossing the mesh while they are up), and
+// then every table is back to its starting size. goleak (TestMain)
+// checks that no goroutine is left.
+func TestNoRoutingStateLeaks(t *testing.T) {
+	r := startMulti(t, relaytest.Options{})
+	const users, perUser, rounds = 50, 10, 20 // 500 devices, 10,000 sessions
+	var devs [][]relaytest.Device
+	for u := range users {
+		uid := r.User(fmt.Sprintf("leak%d", u))
+		var ds []relaytest.Device
+		for d := range perUser {
+			ds = append(ds, r.Device(uid, fmt.Sprintf("d%d", d)))
+		}
+		devs = append(devs, ds)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	sem := make(chan struct{}, 32)
+	for round := range rounds {
+		clients := make([][]*client.Client, users)
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		for u := range users {
+			clients[u] = make([]*client.Client, perUser)
+			for d := range perUser {
+				sem <- struct{}{}
+				wg.Go(func() {
+					defer func() { <-sem }()
+					cfg := r.ClientConfig((u+d+round)%3, devs[u][d], client.QUIC)
+					c, err := client.Dial(ctx, cfg)
+					if err != nil {
+						t.Errorf("round %d: %v", round, err)
+						return
+					}
+					mu.Lock()
+					clients[u][d] = c
+					mu.Unlock()
+				})
+			}
+		}
+		wg.Wait()
+		if t.Failed() {
+			return
+		}
+		// One event per user, to a device on another edge.
+		for u := range users {
+			wg.Go(func() {
+				if err := sendRetrying(ctx, clients[u][0], client.Message{Targets: []string{devs[u][1].ID}, Payload: []byte("x")}); err != nil {
+					t.Errorf("round %d: %v", round, err)
+				}
+			})
+		}
+		wg.Wait()
+		for u := range users {
+			for _, c := range clients[u] {
+				wg.Go(func() { _ = c.Close() })
+			}
+		}
+		wg.Wait()
+	}
+	r.WaitEdges(func(s *server.Server) error {
+		if st := s.Hub().Stats(); st != (session.Stats{}) {
+			return fmt.Errorf("hub tables: %+v", st)
+		}
+		if st := s.Mesh().Stats(); st.RemoteDevices != 0 || st.RemoteUsers != 0 || st.PeerSets != 0 || st.Pending != 0 {
+			return fmt.Errorf("mesh tables: %+v", st)
+		}
+		return nil
+	})
 }
