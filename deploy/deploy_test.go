@@ -41,7 +41,8 @@ func checkRules(t *testing.T, file string) {
 	// Every relay_* metric a rule uses must be one the code defines.
 	src := ""
 	for _, f := range []string{"../control/raftnode/metrics.go", "../control/server/interceptor.go", "../control/api/watch.go",
-		"../edge/session/metrics.go", "../edge/transport/listener.go", "../edge/server/server.go"} {
+		"../edge/session/metrics.go", "../edge/transport/listener.go", "../edge/server/server.go",
+		"../edge/mesh/mesh.go", "../edge/mailbox/mailbox.go"} {
 		s, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)

@@ -15,7 +15,6 @@ import (
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/internal/relaytest"
-	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 func TestMain(m *testing.M) {
@@ -224,7 +223,12 @@ func TestClose(t *testing.T) {
 	if _, err := cb.Receive(ctx); !errors.Is(err, client.ErrClosed) {
 		t.Fatalf("receive after close: %v", err)
 	}
-	if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}}); !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE}) {
+	// What is sent to it meanwhile waits in its mailbox.
+	if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: []byte("later")}); err != nil {
 		t.Fatalf("send to a closed device: %v", err)
+	}
+	cb2 := r.Dial(0, b, client.QUIC)
+	if ev, err := cb2.Receive(ctx); err != nil || string(ev.Payload) != "later" {
+		t.Fatalf("after reconnecting: %q %v", ev.Payload, err)
 	}
 }

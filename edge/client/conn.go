@@ -226,8 +226,13 @@ func (c *Client) loop(first *conn) {
 			}
 			c.log.Debug("session ended; reconnecting", "err", err)
 			var e *Error
-			if errors.As(err, &e) && e.Code == relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+			switch {
+			case errors.As(err, &e) && e.Code == relayv1.ErrorCode_ERROR_CODE_GOING_AWAY:
 				wait = e.ReconnectAfter
+				c.moveOn()
+			case !errors.As(err, &e):
+				// The connection broke without a word from the edge: it may
+				// be gone, so try another first (the ticket works there).
 				c.moveOn()
 			}
 		} else {

@@ -7,8 +7,12 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
+	"fmt"
 	"io"
 	"math/big"
+	"net"
+	"os"
 	"runtime"
 	"slices"
 	"sync"
@@ -384,4 +388,161 @@ func BenchmarkThroughput(b *testing.B) {
 	rate := float64(per*pairs) / el.Seconds()
 	b.ReportMetric(rate, "events/s")
 	b.ReportMetric(rate/float64(runtime.GOMAXPROCS(0)), "events/s/core")
+}
+
+// BenchmarkCrossEdge times a durable 64-byte event from A to B and its
+// ack back, with A and B on the same edge and on two meshed edges (the
+// mesh hop's cost), everything in one process.
+func BenchmarkCrossEdge(b *testing.B) {
+	for _, mode := range []string{"same-edge", "cross-edge"} {
+		b.Run(mode, func(b *testing.B) {
+			r := relaytest.Start(b, relaytest.Options{Edges: 2, Edge: func(_ int, cfg *server.Config) {
+				cfg.Session.Limits = session.DefaultLimits()
+				cfg.Session.Limits.EventsPerSecond = 1e7
+			}})
+			r.WaitEdges(func(s *server.Server) error {
+				if s.Mesh().Stats().LinksUp != 1 {
+					return errors.New("not meshed")
+				}
+				return nil
+			})
+			u := r.User("x")
+			da, db := r.Device(u, "a"), r.Device(u, "b")
+			other := 0
+			if mode == "cross-edge" {
+				other = 1
+			}
+			ca, cb := r.Dial(0, da, client.QUIC), r.Dial(other, db, client.QUIC)
+			waitOnlineB(b, ca, db.ID)
+			ctx, cancel := context.WithCancel(context.Background())
+			var wg sync.WaitGroup
+			defer wg.Wait()
+			defer cancel()
+			wg.Go(func() {
+				for {
+					if _, err := cb.Receive(ctx); err != nil {
+						return
+					}
+				}
+			})
+			payload := make([]byte, 64)
+			for range 200 {
+				if err := ca.Send(ctx, client.Message{Targets: []string{db.ID}, Payload: payload}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			samples := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			for range b.N {
+				start := time.Now()
+				if err := ca.Send(ctx, client.Message{Targets: []string{db.ID}, Payload: payload}); err != nil {
+					b.Fatal(err)
+				}
+				samples = append(samples, time.Since(start))
+			}
+			b.StopTimer()
+			reportPercentiles(b, samples)
+		})
+	}
+}
+
+// BenchmarkEdgeFailover: devices on an edge that dies (no goodbye) move
+// to the other edges with their resume tickets. Reported: from the kill
+// to every device connected again (device idle timeout 1s included),
+// and the reconnect storm alone (from the first to the last device
+// back). b.N is ignored: one failover of FAILOVER_DEVICES (default 1000)
+// devices per run.
+func BenchmarkEdgeFailover(b *testing.B) {
+	n := 1000
+	if v := os.Getenv("FAILOVER_DEVICES"); v != "" {
+		fmt.Sscan(v, &n)
+	}
+	r := relaytest.Start(b, relaytest.Options{Edges: 3, Edge: func(_ int, cfg *server.Config) {
+		cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 1e9, 1e9
+		cfg.IdleTimeout = time.Second
+	}})
+	const perUser = 10
+	var devs []relaytest.Device
+	for u := 0; len(devs) < n; u++ {
+		uid := r.User(fmt.Sprintf("f%d", u))
+		for d := 0; d < perUser && len(devs) < n; d++ {
+			devs = append(devs, r.Device(uid, fmt.Sprintf("d%d", d)))
+		}
+	}
+	ctx := context.Background()
+	clients := make([]*client.Client, n)
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 64)
+	// Clients share UDP sockets (1,000 connections each), as many devices
+	// behind few addresses would; file descriptors stay few.
+	var trs []*quic.Transport
+	for range (n + 999) / 1000 {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		tr := &quic.Transport{Conn: pc}
+		trs = append(trs, tr)
+		b.Cleanup(func() { _ = tr.Close(); _ = pc.Close() })
+	}
+	for i, d := range devs {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			cfg := r.ClientConfig(0, d, client.QUIC)
+			cfg.QUICTransport = trs[i/1000]
+			cfg.IdleTimeout = time.Second
+			cfg.ReconnectMin, cfg.ReconnectMax = 50*time.Millisecond, 2*time.Second
+			c, err := client.Dial(ctx, cfg)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			clients[i] = c
+		})
+	}
+	wg.Wait()
+	if b.Failed() {
+		return
+	}
+	defer func() {
+		for _, c := range clients {
+			if c != nil {
+				_ = c.Close()
+			}
+		}
+	}()
+	edge0 := r.Edges[0].Addr()
+	b.ResetTimer()
+	kill := time.Now()
+	r.KillEdge(0)
+	var mu sync.Mutex
+	var first, last time.Time
+	for _, c := range clients {
+		wg.Go(func() {
+			// Moved: connected again, to another edge.
+			for c.Edge() == edge0 || c.SessionID() == "" {
+				time.Sleep(time.Millisecond)
+			}
+			now := time.Now()
+			mu.Lock()
+			if first.IsZero() || now.Before(first) {
+				first = now
+			}
+			if now.After(last) {
+				last = now
+			}
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	b.StopTimer()
+	resumed := 0.0
+	for _, e := range r.Edges[1:] {
+		resumed += counterValue(b, e, "relay_edge_handshakes_total", "result", "resumed")
+	}
+	b.ReportMetric(last.Sub(kill).Seconds(), "s-kill-to-all-back")
+	b.ReportMetric(last.Sub(first).Seconds(), "s-storm")
+	b.ReportMetric(resumed/float64(n), "resumed-fraction")
+	b.ReportMetric(0, "ns/op")
 }
