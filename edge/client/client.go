@@ -87,8 +87,18 @@ type Config struct {
 	// ResumeTicket, from ResumeTicket of an earlier client of this
 	// device, lets the first handshake skip the signature.
 	ResumeTicket []byte
+	// OnSession, if set, is called (from the client's goroutine; keep it
+	// short) each time a session is up: the first and every reconnect.
+	OnSession func(SessionInfo)
 	// Logger [slog.Default()].
 	Logger *slog.Logger
+}
+
+// SessionInfo describes a session that just came up.
+type SessionInfo struct {
+	Edge      string // the edge's address
+	SessionID string
+	Resumed   bool // the handshake used a resume ticket
 }
 
 func (c *Config) setDefaults() error {

@@ -292,7 +292,11 @@ func (c *Client) serve(cn *conn) error {
 	c.online = map[string]bool{}
 	c.cur = cn
 	close(c.ready)
+	info := SessionInfo{Edge: c.addrs()[c.addr%len(c.addrs())], SessionID: c.sessionID, Resumed: c.resumed}
 	c.mu.Unlock()
+	if c.cfg.OnSession != nil {
+		c.cfg.OnSession(info)
+	}
 	for _, ev := range resend {
 		if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}); err != nil {
 			break // the reader sees the connection end

@@ -448,7 +448,7 @@ func BenchmarkCrossEdge(b *testing.B) {
 
 // BenchmarkEdgeFailover: devices on an edge that dies (no goodbye) move
 // to the other edges with their resume tickets. Reported: from the kill
-// to every device connected again (device idle timeout 1s included),
+// to every device connected again (device idle timeout 3s included),
 // and the reconnect storm alone (from the first to the last device
 // back). b.N is ignored: one failover of FAILOVER_DEVICES (default 1000)
 // devices per run.
@@ -459,7 +459,7 @@ func BenchmarkEdgeFailover(b *testing.B) {
 	}
 	r := relaytest.Start(b, relaytest.Options{Edges: 3, Edge: func(_ int, cfg *server.Config) {
 		cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 1e9, 1e9
-		cfg.IdleTimeout = time.Second
+		cfg.IdleTimeout = 3 * time.Second
 	}})
 	const perUser = 10
 	var devs []relaytest.Device
@@ -485,14 +485,38 @@ func BenchmarkEdgeFailover(b *testing.B) {
 		trs = append(trs, tr)
 		b.Cleanup(func() { _ = tr.Close(); _ = pc.Close() })
 	}
+	// Each client reports its sessions; after the kill, the first one on
+	// another edge is its move.
+	edge0 := r.Edges[0].Addr()
+	var mu sync.Mutex
+	var killed bool
+	var kill, first, last time.Time
+	moved := map[int]bool{}
+	allMoved := make(chan struct{})
 	for i, d := range devs {
 		sem <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-sem }()
 			cfg := r.ClientConfig(0, d, client.QUIC)
 			cfg.QUICTransport = trs[i/1000]
-			cfg.IdleTimeout = time.Second
+			cfg.IdleTimeout = 3 * time.Second
 			cfg.ReconnectMin, cfg.ReconnectMax = 50*time.Millisecond, 2*time.Second
+			cfg.OnSession = func(si client.SessionInfo) {
+				mu.Lock()
+				defer mu.Unlock()
+				if !killed || si.Edge == edge0 || moved[i] {
+					return
+				}
+				now := time.Now()
+				moved[i] = true
+				if first.IsZero() {
+					first = now
+				}
+				last = now
+				if len(moved) == n {
+					close(allMoved)
+				}
+			}
 			c, err := client.Dial(ctx, cfg)
 			if err != nil {
 				b.Error(err)
@@ -512,31 +536,20 @@ func BenchmarkEdgeFailover(b *testing.B) {
 			}
 		}
 	}()
-	edge0 := r.Edges[0].Addr()
 	b.ResetTimer()
-	kill := time.Now()
+	mu.Lock()
+	killed, kill = true, time.Now()
+	mu.Unlock()
 	r.KillEdge(0)
-	var mu sync.Mutex
-	var first, last time.Time
-	for _, c := range clients {
-		wg.Go(func() {
-			// Moved: connected again, to another edge.
-			for c.Edge() == edge0 || c.SessionID() == "" {
-				time.Sleep(time.Millisecond)
-			}
-			now := time.Now()
-			mu.Lock()
-			if first.IsZero() || now.Before(first) {
-				first = now
-			}
-			if now.After(last) {
-				last = now
-			}
-			mu.Unlock()
-		})
+	select {
+	case <-allMoved:
+	case <-time.After(5 * time.Minute):
+		mu.Lock()
+		b.Fatalf("only %d of %d devices moved within 5 minutes", len(moved), n)
 	}
-	wg.Wait()
 	b.StopTimer()
+	mu.Lock()
+	defer mu.Unlock()
 	resumed := 0.0
 	for _, e := range r.Edges[1:] {
 		resumed += counterValue(b, e, "relay_edge_handshakes_total", "result", "resumed")
