@@ -1,0 +1,147 @@
+package mailbox_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/goleak"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/edge/controlconn"
+	"github.com/edge-relay/relay/edge/mailbox"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreTopFunction("github.com/cockroachdb/pebble/v2/internal/cache.(*shard).releaseLoop"),
+		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
+	)
+}
+
+func authed[T any](m *T, tok string) *connect.Request[T] {
+	r := connect.NewRequest(m)
+	r.Header().Set("Authorization", "Bearer "+tok)
+	return r
+}
+
+// Entries are written in the order they were queued, many to a call,
+// each caller told its own outcome; fetch and ack work against a real
+// control plane; an unreachable control plane ends in an error, not a
+// hang.
+func TestWriterAgainstAControlPlane(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	admin := c.AdminToken()
+	d := api.NewDialer(nil)
+	defer d.Close()
+	url := d.URL(c.Nodes[0].Server.APIAddr())
+	users := controlv1connect.NewUserServiceClient(d.HTTPClient(), url)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := users.CreateUser(ctx, authed(&controlv1.CreateUserRequest{Login: "edges", Password: "edge-password-1", Role: controlv1.Role_ROLE_EDGE}, admin)); err != nil {
+		t.Fatal(err)
+	}
+	u, err := users.CreateUser(ctx, authed(&controlv1.CreateUserRequest{Login: "u"}, admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _, _ := ed25519.GenerateKey(rand.Reader)
+	dev, err := controlv1connect.NewDeviceServiceClient(d.HTTPClient(), url).RegisterDevice(ctx,
+		authed(&controlv1.RegisterDeviceRequest{UserId: u.Msg.GetUser().GetId(), Name: "d", PublicKey: pub}, admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	userID, devID := u.Msg.GetUser().GetId(), dev.Msg.GetDevice().GetId()
+
+	cc, err := controlconn.New(controlconn.Config{URLs: []string{url}, Login: "edges", Password: "edge-password-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	reg := prometheus.NewRegistry()
+	mb, err := mailbox.New(mailbox.Config{API: cc, MaxBatch: 8, RetryFor: 500 * time.Millisecond, Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, stop := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { mb.Run(runCtx) })
+	defer wg.Wait()
+	defer stop()
+
+	const n = 50
+	results := make([]mailbox.Result, n)
+	var done sync.WaitGroup
+	for i := range n {
+		done.Add(1)
+		mb.Store(&edgev1.MailboxEntry{DeviceId: devID, UserId: userID, Event: fmt.Appendf(nil, "e%d", i), EventId: fmt.Sprint(i),
+			SenderDeviceId: "s", ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) {
+			results[i] = r
+			done.Done()
+		})
+	}
+	done.Wait()
+	for i, r := range results {
+		if r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED || (i > 0 && r.Seq <= results[i-1].Seq) {
+			t.Fatalf("entry %d: %+v (previous %+v)", i, r, results[max(i-1, 0)])
+		}
+	}
+	entries, more, err := mb.Fetch(ctx, devID, 0, 100)
+	if err != nil || more || len(entries) != n {
+		t.Fatalf("fetch: %d entries, more %v, %v", len(entries), more, err)
+	}
+	for i, e := range entries {
+		if string(e.GetEvent()) != fmt.Sprintf("e%d", i) {
+			t.Fatalf("entry %d is %q", i, e.GetEvent())
+		}
+	}
+	// Fewer calls than entries: they were batched.
+	mfs, _ := reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() == "relay_edge_mailbox_batch_entries" {
+			if calls := mf.GetMetric()[0].GetHistogram().GetSampleCount(); calls >= n || calls < n/8 {
+				t.Fatalf("%d calls for %d entries (at most 8 per call)", calls, n)
+			}
+		}
+	}
+	// Acks delete, in the background.
+	var seqs []uint64
+	for _, e := range entries[:10] {
+		seqs = append(seqs, e.GetSeq())
+	}
+	mb.Ack(devID, seqs...)
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		left, _, err := mb.Fetch(ctx, devID, 0, 100)
+		if err != nil || len(left) != n-10 {
+			return fmt.Errorf("%d left, %v", len(left), err)
+		}
+		return nil
+	})
+	// A device that does not exist: TARGET_GONE.
+	res := make(chan mailbox.Result, 1)
+	mb.Store(&edgev1.MailboxEntry{DeviceId: "d_nope", UserId: userID, Event: []byte("x"), EventId: "x", SenderDeviceId: "s",
+		ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) { res <- r })
+	if r := <-res; r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE {
+		t.Fatalf("unknown device: %+v", r)
+	}
+	if err := mb.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The control plane gone: an error after RetryFor, not a hang.
+	c.Stop()
+	mb.Store(&edgev1.MailboxEntry{DeviceId: devID, UserId: userID, Event: []byte("x"), EventId: "late", SenderDeviceId: "s",
+		ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) { res <- r })
+	if r := <-res; r.Err == nil {
+		t.Fatalf("stored with no control plane: %+v", r)
+	}
+}
