@@ -358,7 +358,7 @@ func runTrafficThrough(t *testing.T, r *relaytest.Relay, fault func()) {
 	}
 }
 
-func counterValue(t *testing.T, s *server.Server, name, label, value string) float64 {
+func counterValue(t testing.TB, s *server.Server, name, label, value string) float64 {
 	t.Helper()
 	mfs, err := s.Registry().Gather()
 	if err != nil {
