@@ -50,6 +50,7 @@ type MailboxServer struct {
 	node    *raftnode.Node
 	cfg     MailboxConfig
 	entries *prometheus.CounterVec
+	claims  *prometheus.CounterVec
 }
 
 var _ edgev1connect.MailboxServiceHandler = (*MailboxServer)(nil)
@@ -62,9 +63,13 @@ func NewMailboxServer(node *raftnode.Node, cfg MailboxConfig) *MailboxServer {
 			Name: "relay_control_mailbox_put_entries_total",
 			Help: "Mailbox entries proposed through this node, by outcome (stored, full, target_gone, expired).",
 		}, []string{"status"}),
+		claims: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_control_event_claims_total",
+			Help: "Claims of \"any one\" events proposed through this node, by outcome (won, lost).",
+		}, []string{"outcome"}),
 	}
 	if cfg.Metrics != nil {
-		cfg.Metrics.MustRegister(s.entries)
+		cfg.Metrics.MustRegister(s.entries, s.claims)
 	}
 	return s
 }
@@ -97,6 +102,7 @@ func (s *MailboxServer) PutMailbox(ctx context.Context, req *connect.Request[edg
 		se := &statev1.MailboxEntry{
 			DeviceId: e.GetDeviceId(), UserId: e.GetUserId(), Event: e.GetEvent(),
 			EventId: e.GetEventId(), SenderDeviceId: e.GetSenderDeviceId(), ExpiresAtMs: e.GetExpiresAtMs(),
+			AnyOne: e.GetAnyOne(),
 		}
 		if err := fsm.ValidateMailboxEntry(fmt.Sprintf("entries[%d]", i), se, now); err != nil {
 			return nil, invalidArg(err)
@@ -151,6 +157,7 @@ func (s *MailboxServer) FetchMailbox(ctx context.Context, req *connect.Request[e
 		resp.Entries[i] = &edgev1.MailboxEntry{
 			Seq: e.GetSeq(), DeviceId: e.GetDeviceId(), UserId: e.GetUserId(), Event: e.GetEvent(),
 			EventId: e.GetEventId(), SenderDeviceId: e.GetSenderDeviceId(), ExpiresAtMs: e.GetExpiresAtMs(),
+			AnyOne: e.GetAnyOne(),
 		}
 	}
 	return connect.NewResponse(resp), nil
@@ -174,4 +181,42 @@ func (s *MailboxServer) AckMailbox(ctx context.Context, req *connect.Request[edg
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&edgev1.AckMailboxResponse{}), nil
+}
+
+// ClaimEvents decides "any one" events in one Raft entry: each claim wins
+// or loses against the state as the earlier claims left it, and a winning
+// first claim deletes the event's entries from the other devices'
+// mailboxes in the same entry.
+func (s *MailboxServer) ClaimEvents(ctx context.Context, req *connect.Request[edgev1.ClaimEventsRequest]) (*connect.Response[edgev1.ClaimEventsResponse], error) {
+	in := req.Msg.GetClaims()
+	if len(in) == 0 || len(in) > fsm.MaxClaimBatch {
+		return nil, invalidArg(fmt.Errorf("claims holds %d claims, want 1 to %d per call", len(in), fsm.MaxClaimBatch))
+	}
+	now := s.cfg.Now().UnixMilli()
+	out := make([]*statev1.EventClaim, len(in))
+	for i, c := range in {
+		sc := &statev1.EventClaim{
+			SenderDeviceId: c.GetSenderDeviceId(), EventId: c.GetEventId(),
+			DeviceId: c.GetDeviceId(), UserId: c.GetUserId(), ExpiresAtMs: c.GetExpiresAtMs(),
+		}
+		if err := fsm.ValidateEventClaim(fmt.Sprintf("claims[%d]", i), sc, now); err != nil {
+			return nil, invalidArg(err)
+		}
+		out[i] = sc
+	}
+	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ClaimEvents{ClaimEvents: &statev1.ClaimEvents{Claims: out}}})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	if len(res.GetClaimsWon()) != len(in) {
+		return nil, toConnect(fmt.Errorf("claim events: %d outcomes for %d claims", len(res.GetClaimsWon()), len(in)))
+	}
+	for _, won := range res.GetClaimsWon() {
+		if won {
+			s.claims.WithLabelValues("won").Inc()
+		} else {
+			s.claims.WithLabelValues("lost").Inc()
+		}
+	}
+	return connect.NewResponse(&edgev1.ClaimEventsResponse{Revision: res.GetRevision(), Won: res.GetClaimsWon()}), nil
 }

@@ -45,6 +45,20 @@ func mailboxUsers(t *testing.T, c *clustertest.Cluster) {
 	}
 }
 
+// mailboxClients returns clients of a 3-node cluster's two followers and
+// of its leader.
+func mailboxClients(t *testing.T, c *clustertest.Cluster, token string) (follower0, follower1, leader edgev1connect.MailboxServiceClient) {
+	t.Helper()
+	l := c.Leader()
+	var fs []edgev1connect.MailboxServiceClient
+	for i, n := range c.Nodes {
+		if i != l {
+			fs = append(fs, mailboxClient(t, n, token))
+		}
+	}
+	return fs[0], fs[1], mailboxClient(t, c.Nodes[l], token)
+}
+
 func entry(uid, did, id string, size int, expires time.Time) *edgev1.MailboxEntry {
 	ev := bytes.Repeat([]byte(id), size/len(id)+1)[:size]
 	return &edgev1.MailboxEntry{UserId: uid, DeviceId: did, SenderDeviceId: "sender", EventId: id, Event: ev, ExpiresAtMs: expires.UnixMilli()}
@@ -93,17 +107,7 @@ func TestMailboxThroughTheAPI(t *testing.T) {
 		cfg.Mailbox = api.MailboxConfig{MaxEntriesPerDevice: 3, MaxBytesPerDevice: 1000}
 	}})
 	mailboxUsers(t, c)
-	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
-	leader := c.Leader()
-	var followers []int
-	for i := range c.Nodes {
-		if i != leader {
-			followers = append(followers, i)
-		}
-	}
-	putter := mailboxClient(t, c.Nodes[followers[0]], edge)
-	reader := mailboxClient(t, c.Nodes[followers[1]], edge)
-	acker := mailboxClient(t, c.Nodes[leader], edge)
+	putter, reader, acker := mailboxClients(t, c, c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE))
 	hour := time.Now().Add(time.Hour)
 
 	r := put(t, putter,
@@ -231,15 +235,21 @@ func TestMailboxThroughTheAPI(t *testing.T) {
 	c.WaitConverged()
 }
 
-// Expiry is a command the leader proposes: every replica removes the same
-// entries, and ends with the same state.
-func TestMailboxExpiryOnEveryReplica(t *testing.T) {
+// expiryCluster starts 3 nodes whose leader looks for expired records
+// every 50ms, with mailboxUsers, and a follower's client.
+func expiryCluster(t *testing.T) (*clustertest.Cluster, edgev1connect.MailboxServiceClient) {
+	t.Helper()
 	c := clustertest.Start(t, 3, clustertest.Options{Configure: func(cfg *server.Config) {
 		cfg.MailboxExpireEvery = 50 * time.Millisecond
 	}})
 	mailboxUsers(t, c)
-	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
-	cl := mailboxClient(t, c.Nodes[c.Follower()], edge)
+	return c, mailboxClient(t, c.Nodes[c.Follower()], c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE))
+}
+
+// Expiry is a command the leader proposes: every replica removes the same
+// entries, and ends with the same state.
+func TestMailboxExpiryOnEveryReplica(t *testing.T) {
+	c, cl := expiryCluster(t)
 	soon, hour := time.Now().Add(700*time.Millisecond), time.Now().Add(time.Hour)
 	r := put(t, cl,
 		entry("alice", "a1", "s1", 10, soon), entry("alice", "a1", "s2", 10, soon),

@@ -68,6 +68,7 @@ func Policy() auth.Policy {
 			edgev1connect.MailboxServicePutMailboxProcedure:      edges,
 			edgev1connect.MailboxServiceFetchMailboxProcedure:    edges,
 			edgev1connect.MailboxServiceAckMailboxProcedure:      edges,
+			edgev1connect.MailboxServiceClaimEventsProcedure:     edges,
 		},
 	}
 }

@@ -118,6 +118,8 @@ func (f *FSM) dispatch(t *txn, cmd *statev1.Command) (*statev1.Result, error) {
 		return t.expireMailboxes(op.ExpireMailboxes)
 	case *statev1.Command_SetClusterCa:
 		return t.setClusterCA(op.SetClusterCa)
+	case *statev1.Command_ClaimEvents:
+		return t.claimEvents(op.ClaimEvents)
 	case nil:
 		return nil, invalid("command has no operation")
 	default:

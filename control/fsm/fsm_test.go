@@ -72,6 +72,15 @@ func (a *applier) apply(op isCommandOp) *statev1.Result {
 	return res
 }
 
+// advanceTo applies no-ops until the last command's time is at least ms
+// (command i runs at 1_000_000 + i).
+func (a *applier) advanceTo(ms int64) {
+	a.t.Helper()
+	for 1_000_000+int64(a.idx) < ms {
+		a.apply(&statev1.Command_Noop{Noop: &statev1.Noop{}})
+	}
+}
+
 // isCommandOp is any of the statev1.Command_* oneof wrappers.
 type isCommandOp = any
 
@@ -151,7 +160,19 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			}
 			return uid, did
 		}
-		switch r.IntN(15) {
+		// pickEvent draws a target and an event among few senders and ids
+		// (so retries and claims meet), expiring from early ms before the
+		// command's time on; one in 40 has no expiry (invalid: rejects the
+		// whole command).
+		pickEvent := func(now, early int64) (uid, did, sender, id string, exp int64) {
+			uid, did = pickDevice()
+			exp = now + int64(r.IntN(2000)) - early
+			if r.IntN(40) == 0 {
+				exp = 0
+			}
+			return uid, did, fmt.Sprint("s", r.IntN(3)), fmt.Sprint("ev", r.IntN(20)), exp
+		}
+		switch r.IntN(17) {
 		case 0, 1, 2:
 			id := fmt.Sprintf("u%d", r.IntN(400))
 			users = append(users, id)
@@ -179,13 +200,9 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			// quotas, so mailboxes fill; some entries already expired.
 			var entries []*statev1.MailboxEntry
 			for n := 1 + r.IntN(6); n > 0; n-- {
-				uid, did := pickDevice()
-				exp := cmd.ProposedAtMs + int64(r.IntN(2000)) - 100
-				if r.IntN(40) == 0 {
-					exp = 0 // invalid: rejects the whole command
-				}
-				entries = append(entries, &statev1.MailboxEntry{UserId: uid, DeviceId: did, SenderDeviceId: fmt.Sprint("s", r.IntN(3)),
-					EventId: fmt.Sprint("ev", r.IntN(20)), Event: make([]byte, 1+r.IntN(100)), ExpiresAtMs: exp})
+				uid, did, sender, id, exp := pickEvent(cmd.ProposedAtMs, 200)
+				entries = append(entries, &statev1.MailboxEntry{UserId: uid, DeviceId: did, SenderDeviceId: sender,
+					EventId: id, Event: make([]byte, 1+r.IntN(100)), ExpiresAtMs: exp, AnyOne: r.IntN(2) == 0})
 			}
 			cmd.Op = &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: entries, MaxEntriesPerDevice: 4, MaxBytesPerDevice: 200}}
 		case 13:
@@ -193,6 +210,15 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			cmd.Op = &statev1.Command_AckMailbox{AckMailbox: &statev1.AckMailbox{DeviceId: did, Seqs: []uint64{uint64(1 + r.IntN(8)), uint64(1 + r.IntN(8))}}}
 		case 14:
 			cmd.Op = &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: uint32(r.IntN(4))}}
+		case 15, 16:
+			// Claims of the events the puts above store (same senders and
+			// ids), by live, dead and foreign devices; some already over.
+			var claims []*statev1.EventClaim
+			for n := 1 + r.IntN(4); n > 0; n-- {
+				uid, did, sender, id, exp := pickEvent(cmd.ProposedAtMs, 100)
+				claims = append(claims, &statev1.EventClaim{UserId: uid, DeviceId: did, SenderDeviceId: sender, EventId: id, ExpiresAtMs: exp})
+			}
+			cmd.Op = &statev1.Command_ClaimEvents{ClaimEvents: &statev1.ClaimEvents{Claims: claims}}
 		case 11:
 			if r.IntN(2) == 0 {
 				cmd.Op = &statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: []*statev1.Activity{{UserId: pickUser(), SeenAtMs: int64(i)}}}}
@@ -234,11 +260,12 @@ func TestDeterminism(t *testing.T) {
 			t.Fatalf("entry %d: results differ: %v vs %v", i+1, ra, rb)
 		}
 	}
-	if a.AppliedIndex() != 2000 {
+	if a.AppliedIndex() != uint64(len(logs)) {
 		t.Fatalf("applied %d", a.AppliedIndex())
 	}
 	ok, rejected := 0, 0
 	mailbox := map[statev1.MailboxStatus]int{}
+	claims := map[bool]int{}
 	for _, r := range resA {
 		if res, _ := r.(*statev1.Result); res != nil {
 			if res.Code == statev1.ResultCode_RESULT_CODE_OK {
@@ -249,7 +276,18 @@ func TestDeterminism(t *testing.T) {
 			for _, m := range res.GetMailboxResults() {
 				mailbox[m.GetStatus()]++
 			}
+			for _, w := range res.GetClaimsWon() {
+				claims[w]++
+			}
 		}
+	}
+	if claims[true] < 10 || claims[false] < 10 {
+		t.Fatalf("log exercised claims too little: %v", claims)
+	}
+	// The export comparison above covered the event index and the claim
+	// records; make sure the log left some of each.
+	if len(keysWith(t, a, prefixEventIndex)) == 0 || len(keysWith(t, a, prefixClaim)) == 0 {
+		t.Fatal("the log left no event index records or claims")
 	}
 	if ok < 200 || rejected < 200 {
 		t.Fatalf("log exercised too little: %d ok, %d rejected", ok, rejected)
@@ -345,6 +383,16 @@ func TestRejectionsChangeNothing(t *testing.T) {
 		{"mailbox ack with a bad device id", ackOp("a b", 1), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "device_id"},
 		{"mailbox ack of too many seqs", ackOp("d1", make([]uint64, MaxMailboxAck+1)...), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "seqs"},
 		{"mailbox expiry limit above the cap", &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: MaxExpireLimit + 1}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "limit"},
+		{"claim nothing", claimOp(), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "claims"},
+		{"too many claims", claimOp(make([]*statev1.EventClaim, MaxClaimBatch+1)...), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "claims"},
+		{"claim missing", claimOp(claim("alice", "d1", "d1", "e", far), nil), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "claims[1]"},
+		{"claim with a bad sender", claimOp(claim("alice", "d1", "", "e", far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "claims[0].sender_device_id"},
+		{"claim without an event id", claimOp(claim("alice", "d1", "d1", "e", far), claim("alice", "d1", "d1", "", far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "claims[1].event_id"},
+		{"claim with a long event id", claimOp(claim("alice", "d1", "d1", long, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "claims[0].event_id"},
+		{"claim with a bad device id", claimOp(claim("alice", "d/1", "d1", "e", far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "claims[0].device_id"},
+		{"claim without a user", claimOp(claim("", "d1", "d1", "e", far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "claims[0].user_id"},
+		{"claim without expiry", claimOp(claim("alice", "d1", "d1", "e", 0)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "claims[0].expires_at_ms"},
+		{"claim for a century", claimOp(claim("alice", "d1", "d1", "e", 1<<42)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "claims[0].expires_at_ms"},
 		{"cluster CA without a key", &statev1.Command_SetClusterCa{SetClusterCa: &statev1.SetClusterCA{Ca: &statev1.ClusterCA{}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "ca.private_seed"},
 		{"init with a non-admin", &statev1.Command_InitCluster{InitCluster: &statev1.InitCluster{Admin: &statev1.User{Id: "root", Login: "root"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "admin.role"},
 	}

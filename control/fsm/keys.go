@@ -35,6 +35,13 @@ import (
 //	W:<dev id>\x00<sender id>\x00<event id>  8 bytes: seq of that stored
 //	                          event (dedup; the event id is last, so it may
 //	                          hold any bytes)
+//	v:<event><dev id>\x00<seq:8>   empty; the any_one entries of one event
+//	a:<event>                 state.v1.EventClaim: who took that event
+//	A:<expires:8><event>      empty; orders claims for expiry
+//
+// where <event> is <sender id>\x00<len:1><event id>: the length makes
+// one event's keys a prefix of no other event's, whatever bytes its id
+// holds.
 var (
 	keyApplied = []byte("m:applied")
 	keyHorizon = []byte("m:horizon")
@@ -58,6 +65,9 @@ var (
 	prefixMailbox     = []byte("B:")
 	prefixMailExpiry  = []byte("w:")
 	prefixMailDedup   = []byte("W:")
+	prefixEventIndex  = []byte("v:")
+	prefixClaim       = []byte("a:")
+	prefixClaimExpiry = []byte("A:")
 
 	keyInitialized    = []byte("m:initialized")
 	keyCurrentSigning = []byte("m:signing")
@@ -174,4 +184,57 @@ func parseMailExpiryKey(k []byte) (did string, seq uint64, ok bool) {
 
 func mailDedupKey(did, sender, eventID string) []byte {
 	return join(prefixMailDedup, did, sender, eventID)
+}
+
+// eventPart encodes an event (sender, event id) inside a key. Event ids
+// are at most MaxIDLen (< 256) bytes, validated before any key is built.
+func eventPart(k []byte, sender, eventID string) []byte {
+	k = append(k, sender...)
+	k = append(k, 0, byte(len(eventID)))
+	return append(k, eventID...)
+}
+
+// eventIndexPrefix is the prefix of every index record of one event.
+func eventIndexPrefix(sender, eventID string) []byte {
+	return eventPart(append([]byte(nil), prefixEventIndex...), sender, eventID)
+}
+
+func eventIndexKey(sender, eventID, did string, seq uint64) []byte {
+	k := append(eventIndexPrefix(sender, eventID), did...)
+	k = append(k, 0)
+	return binary.BigEndian.AppendUint64(k, seq)
+}
+
+// parseEventIndexKey returns the device id and seq of an index record
+// whose event prefix is p.
+func parseEventIndexKey(k, p []byte) (did string, seq uint64, ok bool) {
+	rest := k[len(p):]
+	if len(rest) < 1+8 || rest[len(rest)-9] != 0 {
+		return "", 0, false
+	}
+	return string(rest[:len(rest)-9]), binary.BigEndian.Uint64(rest[len(rest)-8:]), true
+}
+
+func claimKey(sender, eventID string) []byte {
+	return eventPart(append([]byte(nil), prefixClaim...), sender, eventID)
+}
+
+func claimExpiryKey(expires int64, sender, eventID string) []byte {
+	k := binary.BigEndian.AppendUint64(append([]byte(nil), prefixClaimExpiry...), uint64(expires))
+	return eventPart(k, sender, eventID)
+}
+
+// claimExpiryEnd is the first claim expiry key after every claim that
+// expires at or before t.
+func claimExpiryEnd(t int64) []byte {
+	return binary.BigEndian.AppendUint64(append([]byte(nil), prefixClaimExpiry...), uint64(t)+1)
+}
+
+// parseClaimExpiryKey returns the claim key a claim expiry key orders.
+func parseClaimExpiryKey(k []byte) ([]byte, bool) {
+	rest := k[len(prefixClaimExpiry):]
+	if len(rest) < 8+2 {
+		return nil, false
+	}
+	return append(append([]byte(nil), prefixClaim...), rest[8:]...), true
 }

@@ -77,11 +77,63 @@ func ValidateMailboxEntry(field string, e *statev1.MailboxEntry, nowMs int64) er
 	if n := len(e.GetEvent()); n == 0 || n > MaxMailboxEventBytes {
 		return fmt.Errorf("%s.event is %d bytes, want 1 to %d", field, n, MaxMailboxEventBytes)
 	}
-	if e.GetExpiresAtMs() <= 0 {
-		return fmt.Errorf("%s.expires_at_ms must be positive", field)
+	return validExpiry(field+".expires_at_ms", e.GetExpiresAtMs(), nowMs)
+}
+
+// validExpiry checks an expiry time: positive, and at most MaxMailboxTTLMs
+// after nowMs (when nowMs is known).
+func validExpiry(field string, exp, nowMs int64) error {
+	if exp <= 0 {
+		return fmt.Errorf("%s must be positive", field)
 	}
-	if nowMs > 0 && e.GetExpiresAtMs()-nowMs > MaxMailboxTTLMs {
-		return fmt.Errorf("%s.expires_at_ms is more than %d days ahead", field, MaxMailboxTTLMs/(24*3600*1000))
+	if nowMs > 0 && exp-nowMs > MaxMailboxTTLMs {
+		return fmt.Errorf("%s is more than %d days ahead", field, MaxMailboxTTLMs/(24*3600*1000))
+	}
+	return nil
+}
+
+// mailboxes holds the counters of the mailboxes one command changes, each
+// read once and written once by flush, in the order the devices were first
+// met: deterministic.
+type mailboxes struct {
+	t     *txn
+	boxes map[string]*statev1.Mailbox
+	order []string
+}
+
+func (t *txn) mailboxes() *mailboxes {
+	return &mailboxes{t: t, boxes: map[string]*statev1.Mailbox{}}
+}
+
+// get returns the device's counters (zero when it has no mailbox yet).
+func (m *mailboxes) get(did string) (*statev1.Mailbox, error) {
+	if mb, ok := m.boxes[did]; ok {
+		return mb, nil
+	}
+	mb := &statev1.Mailbox{DeviceId: did}
+	if _, err := m.t.get(mailboxKey(did), mb); err != nil {
+		return nil, err
+	}
+	m.boxes[did] = mb
+	m.order = append(m.order, did)
+	return mb, nil
+}
+
+// drop deletes a stored entry (see dropMailEntry) and counts it off its
+// device's counters.
+func (m *mailboxes) drop(e *statev1.MailboxEntry) error {
+	mb, err := m.get(e.GetDeviceId())
+	if err != nil {
+		return err
+	}
+	return m.t.dropMailEntry(e, mb)
+}
+
+func (m *mailboxes) flush() error {
+	for _, did := range m.order {
+		if err := m.t.put(mailboxKey(did), m.boxes[did]); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -223,10 +275,15 @@ func (t *txn) putMailEntry(e *statev1.MailboxEntry, maxEntries, maxBytes uint64)
 	stored := &statev1.MailboxEntry{
 		Seq: mb.LastSeq, DeviceId: did, UserId: e.GetUserId(), Event: e.GetEvent(),
 		EventId: e.GetEventId(), SenderDeviceId: e.GetSenderDeviceId(),
-		ExpiresAtMs: e.GetExpiresAtMs(), StoredAtMs: t.now,
+		ExpiresAtMs: e.GetExpiresAtMs(), StoredAtMs: t.now, AnyOne: e.GetAnyOne(),
 	}
 	if err := t.put(mailEntryKey(did, stored.Seq), stored); err != nil {
 		return nil, false, err
+	}
+	if stored.AnyOne {
+		if err := t.b.Set(eventIndexKey(stored.SenderDeviceId, stored.EventId, did, stored.Seq), nil); err != nil {
+			return nil, false, err
+		}
 	}
 	if err := t.b.Set(mailExpiryKey(stored.ExpiresAtMs, did, stored.Seq), nil); err != nil {
 		return nil, false, err
@@ -243,11 +300,15 @@ func (t *txn) putMailEntry(e *statev1.MailboxEntry, maxEntries, maxBytes uint64)
 // dropMailEntry deletes one stored entry with its index records and takes
 // it off mb's counters (the caller writes mb).
 func (t *txn) dropMailEntry(e *statev1.MailboxEntry, mb *statev1.Mailbox) error {
-	for _, k := range [][]byte{
+	keys := [][]byte{
 		mailEntryKey(e.GetDeviceId(), e.GetSeq()),
 		mailExpiryKey(e.GetExpiresAtMs(), e.GetDeviceId(), e.GetSeq()),
 		mailDedupKey(e.GetDeviceId(), e.GetSenderDeviceId(), e.GetEventId()),
-	} {
+	}
+	if e.GetAnyOne() {
+		keys = append(keys, eventIndexKey(e.GetSenderDeviceId(), e.GetEventId(), e.GetDeviceId(), e.GetSeq()))
+	}
+	for _, k := range keys {
 		if err := t.b.Delete(k); err != nil {
 			return err
 		}
@@ -334,10 +395,7 @@ func (t *txn) expireMailboxes(op *statev1.ExpireMailboxes) (*statev1.Result, err
 	if err != nil {
 		return nil, err
 	}
-	// Counters are updated in memory and written once per device, in the
-	// order the devices were first met (expiry order): deterministic.
-	boxes := map[string]*statev1.Mailbox{}
-	var order []string
+	boxes := t.mailboxes()
 	for _, r := range due {
 		var e statev1.MailboxEntry
 		ok, err := t.get(mailEntryKey(r.did, r.seq), &e)
@@ -352,23 +410,16 @@ func (t *txn) expireMailboxes(op *statev1.ExpireMailboxes) (*statev1.Result, err
 			}
 			continue
 		}
-		mb, seen := boxes[r.did]
-		if !seen {
-			mb = &statev1.Mailbox{DeviceId: r.did}
-			if _, err := t.get(mailboxKey(r.did), mb); err != nil {
-				return nil, err
-			}
-			boxes[r.did] = mb
-			order = append(order, r.did)
-		}
-		if err := t.dropMailEntry(&e, mb); err != nil {
+		if err := boxes.drop(&e); err != nil {
 			return nil, err
 		}
 	}
-	for _, did := range order {
-		if err := t.put(mailboxKey(did), boxes[did]); err != nil {
-			return nil, err
-		}
+	if err := boxes.flush(); err != nil {
+		return nil, err
+	}
+	// Claim records share the limit, after the entries.
+	if err := t.expireClaims(limit - len(due)); err != nil {
+		return nil, err
 	}
 	return &statev1.Result{}, nil
 }
@@ -447,13 +498,18 @@ func (f *FSM) Mailbox(deviceID string) (*statev1.Mailbox, error) {
 	return &mb, nil
 }
 
-// MailboxExpiryDue reports whether some mailbox entry expires at or
-// before nowMs: the leader proposes ExpireMailboxes only then.
+// MailboxExpiryDue reports whether some mailbox entry or claim record
+// expires at or before nowMs: the leader proposes ExpireMailboxes only
+// then.
 func (f *FSM) MailboxExpiryDue(nowMs int64) (bool, error) {
 	due := false
-	err := f.store.Iterate(prefixMailExpiry, mailExpiryEnd(nowMs), func(_, _ []byte) (bool, error) {
+	found := func(_, _ []byte) (bool, error) {
 		due = true
 		return false, nil
-	})
+	}
+	if err := f.store.Iterate(prefixMailExpiry, mailExpiryEnd(nowMs), found); err != nil || due {
+		return due, err
+	}
+	err := f.store.Iterate(prefixClaimExpiry, claimExpiryEnd(nowMs), found)
 	return due, err
 }

@@ -213,9 +213,7 @@ func TestMailboxExpiry(t *testing.T) {
 	if due, _ := f.MailboxExpiryDue(base + 4); due {
 		t.Fatal("expiry due before any entry expired")
 	}
-	for a.idx < uint64(base+6-1_000_000) {
-		a.apply(&statev1.Command_Noop{Noop: &statev1.Noop{}})
-	}
+	a.advanceTo(base + 6)
 	// The next command's time is base+7: both "soon" entries are due, but
 	// a limit of 1 removes one, oldest expiry first.
 	if due, _ := f.MailboxExpiryDue(base + 7); !due {

@@ -92,8 +92,8 @@ func (s *Server) ensureClusterCA(ctx context.Context) error {
 const maxExpireRounds = 64
 
 // expireMailboxes proposes ExpireMailboxes while this replica holds
-// entries whose time has passed (each command removes a bounded number).
-// Nothing is proposed when nothing expired.
+// mailbox entries or event claims whose time has passed (each command
+// removes a bounded number). Nothing is proposed when nothing expired.
 func (s *Server) expireMailboxes(ctx context.Context) {
 	f := s.node.FSM()
 	for range maxExpireRounds {

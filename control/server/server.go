@@ -99,8 +99,8 @@ type Config struct {
 	// Mailbox tunes mailboxes: per-device quotas (default 1000 entries and
 	// 4 MiB).
 	Mailbox api.MailboxConfig
-	// MailboxExpireEvery: the leader looks for expired mailbox entries this
-	// often and proposes their removal. Default 10s.
+	// MailboxExpireEvery: the leader looks for expired mailbox entries and
+	// event claims this often and proposes their removal. Default 10s.
 	MailboxExpireEvery time.Duration
 	// EdgeExpireEvery: the leader looks for edges whose lease ran out this
 	// often and proposes their removal, so a dead edge leaves the member

@@ -1305,7 +1305,10 @@ type MailboxEntry struct {
 	SenderDeviceId string `protobuf:"bytes,6,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
 	// Unix milliseconds after which the entry is never delivered and is
 	// removed (creation time + TTL + the skew tolerance).
-	ExpiresAtMs   int64 `protobuf:"varint,7,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	ExpiresAtMs int64 `protobuf:"varint,7,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	// The event goes to any one of its targets: the device that receives
+	// it must claim it (ClaimEvents) before it counts as delivered.
+	AnyOne        bool `protobuf:"varint,8,opt,name=any_one,json=anyOne,proto3" json:"any_one,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1387,6 +1390,13 @@ func (x *MailboxEntry) GetExpiresAtMs() int64 {
 		return x.ExpiresAtMs
 	}
 	return 0
+}
+
+func (x *MailboxEntry) GetAnyOne() bool {
+	if x != nil {
+		return x.AnyOne
+	}
+	return false
 }
 
 // PutMailboxRequest carries entries for any devices.
@@ -1748,6 +1758,186 @@ func (*AckMailboxResponse) Descriptor() ([]byte, []int) {
 	return file_edge_v1_control_proto_rawDescGZIP(), []int{26}
 }
 
+// EventClaim says a device received an "any one" event.
+type EventClaim struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	SenderDeviceId string                 `protobuf:"bytes,1,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
+	EventId        string                 `protobuf:"bytes,2,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	DeviceId       string                 `protobuf:"bytes,3,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	UserId         string                 `protobuf:"bytes,4,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Unix milliseconds after which the claim record may be forgotten (the
+	// event's own expiry).
+	ExpiresAtMs   int64 `protobuf:"varint,5,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EventClaim) Reset() {
+	*x = EventClaim{}
+	mi := &file_edge_v1_control_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventClaim) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventClaim) ProtoMessage() {}
+
+func (x *EventClaim) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventClaim.ProtoReflect.Descriptor instead.
+func (*EventClaim) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *EventClaim) GetSenderDeviceId() string {
+	if x != nil {
+		return x.SenderDeviceId
+	}
+	return ""
+}
+
+func (x *EventClaim) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *EventClaim) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *EventClaim) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *EventClaim) GetExpiresAtMs() int64 {
+	if x != nil {
+		return x.ExpiresAtMs
+	}
+	return 0
+}
+
+// ClaimEventsRequest carries claims for any events.
+type ClaimEventsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Claims        []*EventClaim          `protobuf:"bytes,1,rep,name=claims,proto3" json:"claims,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClaimEventsRequest) Reset() {
+	*x = ClaimEventsRequest{}
+	mi := &file_edge_v1_control_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimEventsRequest) ProtoMessage() {}
+
+func (x *ClaimEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimEventsRequest.ProtoReflect.Descriptor instead.
+func (*ClaimEventsRequest) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ClaimEventsRequest) GetClaims() []*EventClaim {
+	if x != nil {
+		return x.Claims
+	}
+	return nil
+}
+
+// ClaimEventsResponse answers each claim, in order.
+type ClaimEventsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The revision (Raft index) that decided them.
+	Revision uint64 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	// True where the claiming device has the event; false where another
+	// device claimed it first.
+	Won           []bool `protobuf:"varint,2,rep,packed,name=won,proto3" json:"won,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClaimEventsResponse) Reset() {
+	*x = ClaimEventsResponse{}
+	mi := &file_edge_v1_control_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimEventsResponse) ProtoMessage() {}
+
+func (x *ClaimEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_control_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimEventsResponse.ProtoReflect.Descriptor instead.
+func (*ClaimEventsResponse) Descriptor() ([]byte, []int) {
+	return file_edge_v1_control_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ClaimEventsResponse) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *ClaimEventsResponse) GetWon() []bool {
+	if x != nil {
+		return x.Won
+	}
+	return nil
+}
+
 var File_edge_v1_control_proto protoreflect.FileDescriptor
 
 const file_edge_v1_control_proto_rawDesc = "" +
@@ -1826,7 +2016,7 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x0eca_certificate\x18\x04 \x01(\fR\rcaCertificate\"0\n" +
 	"\x15DeregisterEdgeRequest\x12\x17\n" +
 	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\"\x18\n" +
-	"\x16DeregisterEdgeResponse\"\xd5\x01\n" +
+	"\x16DeregisterEdgeResponse\"\xee\x01\n" +
 	"\fMailboxEntry\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x17\n" +
@@ -1834,7 +2024,8 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x05event\x18\x04 \x01(\fR\x05event\x12\x19\n" +
 	"\bevent_id\x18\x05 \x01(\tR\aeventId\x12(\n" +
 	"\x10sender_device_id\x18\x06 \x01(\tR\x0esenderDeviceId\x12\"\n" +
-	"\rexpires_at_ms\x18\a \x01(\x03R\vexpiresAtMs\"D\n" +
+	"\rexpires_at_ms\x18\a \x01(\x03R\vexpiresAtMs\x12\x17\n" +
+	"\aany_one\x18\b \x01(\bR\x06anyOne\"D\n" +
 	"\x11PutMailboxRequest\x12/\n" +
 	"\aentries\x18\x01 \x03(\v2\x15.edge.v1.MailboxEntryR\aentries\"T\n" +
 	"\x10PutMailboxResult\x12.\n" +
@@ -1853,7 +2044,19 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x11AckMailboxRequest\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x12\n" +
 	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"\x14\n" +
-	"\x12AckMailboxResponse*\x9f\x01\n" +
+	"\x12AckMailboxResponse\"\xab\x01\n" +
+	"\n" +
+	"EventClaim\x12(\n" +
+	"\x10sender_device_id\x18\x01 \x01(\tR\x0esenderDeviceId\x12\x19\n" +
+	"\bevent_id\x18\x02 \x01(\tR\aeventId\x12\x1b\n" +
+	"\tdevice_id\x18\x03 \x01(\tR\bdeviceId\x12\x17\n" +
+	"\auser_id\x18\x04 \x01(\tR\x06userId\x12\"\n" +
+	"\rexpires_at_ms\x18\x05 \x01(\x03R\vexpiresAtMs\"A\n" +
+	"\x12ClaimEventsRequest\x12+\n" +
+	"\x06claims\x18\x01 \x03(\v2\x13.edge.v1.EventClaimR\x06claims\"C\n" +
+	"\x13ClaimEventsResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x04R\brevision\x12\x10\n" +
+	"\x03won\x18\x02 \x03(\bR\x03won*\x9f\x01\n" +
 	"\rMailboxStatus\x12\x1e\n" +
 	"\x1aMAILBOX_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15MAILBOX_STATUS_STORED\x10\x01\x12\x17\n" +
@@ -1864,13 +2067,14 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x05Watch\x12\x15.edge.v1.WatchRequest\x1a\x16.edge.v1.WatchResponse0\x012\xad\x01\n" +
 	"\vEdgeService\x12K\n" +
 	"\fRegisterEdge\x12\x1c.edge.v1.RegisterEdgeRequest\x1a\x1d.edge.v1.RegisterEdgeResponse\x12Q\n" +
-	"\x0eDeregisterEdge\x12\x1e.edge.v1.DeregisterEdgeRequest\x1a\x1f.edge.v1.DeregisterEdgeResponse2\xf0\x01\n" +
+	"\x0eDeregisterEdge\x12\x1e.edge.v1.DeregisterEdgeRequest\x1a\x1f.edge.v1.DeregisterEdgeResponse2\xba\x02\n" +
 	"\x0eMailboxService\x12E\n" +
 	"\n" +
 	"PutMailbox\x12\x1a.edge.v1.PutMailboxRequest\x1a\x1b.edge.v1.PutMailboxResponse\x12P\n" +
 	"\fFetchMailbox\x12\x1c.edge.v1.FetchMailboxRequest\x1a\x1d.edge.v1.FetchMailboxResponse\"\x03\x90\x02\x01\x12E\n" +
 	"\n" +
-	"AckMailbox\x12\x1a.edge.v1.AckMailboxRequest\x1a\x1b.edge.v1.AckMailboxResponse2d\n" +
+	"AckMailbox\x12\x1a.edge.v1.AckMailboxRequest\x1a\x1b.edge.v1.AckMailboxResponse\x12H\n" +
+	"\vClaimEvents\x12\x1b.edge.v1.ClaimEventsRequest\x1a\x1c.edge.v1.ClaimEventsResponse2d\n" +
 	"\x0fActivityService\x12Q\n" +
 	"\x0eReportActivity\x12\x1e.edge.v1.ReportActivityRequest\x1a\x1f.edge.v1.ReportActivityResponseB2Z0github.com/edge-relay/relay/proto/edge/v1;edgev1b\x06proto3"
 
@@ -1887,7 +2091,7 @@ func file_edge_v1_control_proto_rawDescGZIP() []byte {
 }
 
 var file_edge_v1_control_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_edge_v1_control_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_edge_v1_control_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_edge_v1_control_proto_goTypes = []any{
 	(MailboxStatus)(0),             // 0: edge.v1.MailboxStatus
 	(*WatchRequest)(nil),           // 1: edge.v1.WatchRequest
@@ -1917,6 +2121,9 @@ var file_edge_v1_control_proto_goTypes = []any{
 	(*FetchMailboxResponse)(nil),   // 25: edge.v1.FetchMailboxResponse
 	(*AckMailboxRequest)(nil),      // 26: edge.v1.AckMailboxRequest
 	(*AckMailboxResponse)(nil),     // 27: edge.v1.AckMailboxResponse
+	(*EventClaim)(nil),             // 28: edge.v1.EventClaim
+	(*ClaimEventsRequest)(nil),     // 29: edge.v1.ClaimEventsRequest
+	(*ClaimEventsResponse)(nil),    // 30: edge.v1.ClaimEventsResponse
 }
 var file_edge_v1_control_proto_depIdxs = []int32{
 	4,  // 0: edge.v1.SessionKeyRing.keys:type_name -> edge.v1.SessionKey
@@ -1935,25 +2142,28 @@ var file_edge_v1_control_proto_depIdxs = []int32{
 	0,  // 13: edge.v1.PutMailboxResult.status:type_name -> edge.v1.MailboxStatus
 	22, // 14: edge.v1.PutMailboxResponse.results:type_name -> edge.v1.PutMailboxResult
 	20, // 15: edge.v1.FetchMailboxResponse.entries:type_name -> edge.v1.MailboxEntry
-	1,  // 16: edge.v1.WatchService.Watch:input_type -> edge.v1.WatchRequest
-	16, // 17: edge.v1.EdgeService.RegisterEdge:input_type -> edge.v1.RegisterEdgeRequest
-	18, // 18: edge.v1.EdgeService.DeregisterEdge:input_type -> edge.v1.DeregisterEdgeRequest
-	21, // 19: edge.v1.MailboxService.PutMailbox:input_type -> edge.v1.PutMailboxRequest
-	24, // 20: edge.v1.MailboxService.FetchMailbox:input_type -> edge.v1.FetchMailboxRequest
-	26, // 21: edge.v1.MailboxService.AckMailbox:input_type -> edge.v1.AckMailboxRequest
-	14, // 22: edge.v1.ActivityService.ReportActivity:input_type -> edge.v1.ReportActivityRequest
-	9,  // 23: edge.v1.WatchService.Watch:output_type -> edge.v1.WatchResponse
-	17, // 24: edge.v1.EdgeService.RegisterEdge:output_type -> edge.v1.RegisterEdgeResponse
-	19, // 25: edge.v1.EdgeService.DeregisterEdge:output_type -> edge.v1.DeregisterEdgeResponse
-	23, // 26: edge.v1.MailboxService.PutMailbox:output_type -> edge.v1.PutMailboxResponse
-	25, // 27: edge.v1.MailboxService.FetchMailbox:output_type -> edge.v1.FetchMailboxResponse
-	27, // 28: edge.v1.MailboxService.AckMailbox:output_type -> edge.v1.AckMailboxResponse
-	15, // 29: edge.v1.ActivityService.ReportActivity:output_type -> edge.v1.ReportActivityResponse
-	23, // [23:30] is the sub-list for method output_type
-	16, // [16:23] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	28, // 16: edge.v1.ClaimEventsRequest.claims:type_name -> edge.v1.EventClaim
+	1,  // 17: edge.v1.WatchService.Watch:input_type -> edge.v1.WatchRequest
+	16, // 18: edge.v1.EdgeService.RegisterEdge:input_type -> edge.v1.RegisterEdgeRequest
+	18, // 19: edge.v1.EdgeService.DeregisterEdge:input_type -> edge.v1.DeregisterEdgeRequest
+	21, // 20: edge.v1.MailboxService.PutMailbox:input_type -> edge.v1.PutMailboxRequest
+	24, // 21: edge.v1.MailboxService.FetchMailbox:input_type -> edge.v1.FetchMailboxRequest
+	26, // 22: edge.v1.MailboxService.AckMailbox:input_type -> edge.v1.AckMailboxRequest
+	29, // 23: edge.v1.MailboxService.ClaimEvents:input_type -> edge.v1.ClaimEventsRequest
+	14, // 24: edge.v1.ActivityService.ReportActivity:input_type -> edge.v1.ReportActivityRequest
+	9,  // 25: edge.v1.WatchService.Watch:output_type -> edge.v1.WatchResponse
+	17, // 26: edge.v1.EdgeService.RegisterEdge:output_type -> edge.v1.RegisterEdgeResponse
+	19, // 27: edge.v1.EdgeService.DeregisterEdge:output_type -> edge.v1.DeregisterEdgeResponse
+	23, // 28: edge.v1.MailboxService.PutMailbox:output_type -> edge.v1.PutMailboxResponse
+	25, // 29: edge.v1.MailboxService.FetchMailbox:output_type -> edge.v1.FetchMailboxResponse
+	27, // 30: edge.v1.MailboxService.AckMailbox:output_type -> edge.v1.AckMailboxResponse
+	30, // 31: edge.v1.MailboxService.ClaimEvents:output_type -> edge.v1.ClaimEventsResponse
+	15, // 32: edge.v1.ActivityService.ReportActivity:output_type -> edge.v1.ReportActivityResponse
+	25, // [25:33] is the sub-list for method output_type
+	17, // [17:25] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_edge_v1_control_proto_init() }
@@ -1983,7 +2193,7 @@ func file_edge_v1_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_edge_v1_control_proto_rawDesc), len(file_edge_v1_control_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   27,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

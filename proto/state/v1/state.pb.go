@@ -1290,7 +1290,11 @@ type MailboxEntry struct {
 	// Unix milliseconds; removed by ExpireMailboxes once passed.
 	ExpiresAtMs int64 `protobuf:"varint,7,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
 	// Set by apply: the command's proposed time.
-	StoredAtMs    int64 `protobuf:"varint,8,opt,name=stored_at_ms,json=storedAtMs,proto3" json:"stored_at_ms,omitempty"`
+	StoredAtMs int64 `protobuf:"varint,8,opt,name=stored_at_ms,json=storedAtMs,proto3" json:"stored_at_ms,omitempty"`
+	// The event goes to any one of its targets: its entries are indexed by
+	// (sender_device_id, event_id), so that the ClaimEvents that decides the
+	// event deletes them from every other device's mailbox.
+	AnyOne        bool `protobuf:"varint,9,opt,name=any_one,json=anyOne,proto3" json:"any_one,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1381,6 +1385,104 @@ func (x *MailboxEntry) GetStoredAtMs() int64 {
 	return 0
 }
 
+func (x *MailboxEntry) GetAnyOne() bool {
+	if x != nil {
+		return x.AnyOne
+	}
+	return false
+}
+
+// EventClaim records which device took an "any one" event (sender,
+// event id). In ClaimEvents it is one device's claim; stored, it is the
+// decision, kept until expires_at_ms and then removed by ExpireMailboxes.
+type EventClaim struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	SenderDeviceId string                 `protobuf:"bytes,1,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
+	EventId        string                 `protobuf:"bytes,2,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	// The claiming (stored: the winning) device and its owner.
+	DeviceId string `protobuf:"bytes,3,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	UserId   string `protobuf:"bytes,4,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Unix milliseconds after which the record is removed (the event's own
+	// expiry).
+	ExpiresAtMs int64 `protobuf:"varint,5,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	// Set by apply in the stored record: the deciding command's time.
+	ClaimedAtMs   int64 `protobuf:"varint,6,opt,name=claimed_at_ms,json=claimedAtMs,proto3" json:"claimed_at_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EventClaim) Reset() {
+	*x = EventClaim{}
+	mi := &file_state_v1_state_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventClaim) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventClaim) ProtoMessage() {}
+
+func (x *EventClaim) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventClaim.ProtoReflect.Descriptor instead.
+func (*EventClaim) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *EventClaim) GetSenderDeviceId() string {
+	if x != nil {
+		return x.SenderDeviceId
+	}
+	return ""
+}
+
+func (x *EventClaim) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *EventClaim) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *EventClaim) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *EventClaim) GetExpiresAtMs() int64 {
+	if x != nil {
+		return x.ExpiresAtMs
+	}
+	return 0
+}
+
+func (x *EventClaim) GetClaimedAtMs() int64 {
+	if x != nil {
+		return x.ClaimedAtMs
+	}
+	return 0
+}
+
 // Mailbox is the bookkeeping of one device's mailbox. It outlives its
 // entries (acks and expiry) so that seqs are never reused, and goes with
 // the device.
@@ -1398,7 +1500,7 @@ type Mailbox struct {
 
 func (x *Mailbox) Reset() {
 	*x = Mailbox{}
-	mi := &file_state_v1_state_proto_msgTypes[12]
+	mi := &file_state_v1_state_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1410,7 +1512,7 @@ func (x *Mailbox) String() string {
 func (*Mailbox) ProtoMessage() {}
 
 func (x *Mailbox) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[12]
+	mi := &file_state_v1_state_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1423,7 +1525,7 @@ func (x *Mailbox) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Mailbox.ProtoReflect.Descriptor instead.
 func (*Mailbox) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{12}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Mailbox) GetDeviceId() string {
@@ -1467,7 +1569,7 @@ type MailboxChanged struct {
 
 func (x *MailboxChanged) Reset() {
 	*x = MailboxChanged{}
-	mi := &file_state_v1_state_proto_msgTypes[13]
+	mi := &file_state_v1_state_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1479,7 +1581,7 @@ func (x *MailboxChanged) String() string {
 func (*MailboxChanged) ProtoMessage() {}
 
 func (x *MailboxChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[13]
+	mi := &file_state_v1_state_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1492,7 +1594,7 @@ func (x *MailboxChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MailboxChanged.ProtoReflect.Descriptor instead.
 func (*MailboxChanged) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{13}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *MailboxChanged) GetDeviceId() string {
@@ -1528,7 +1630,7 @@ type MailboxResult struct {
 
 func (x *MailboxResult) Reset() {
 	*x = MailboxResult{}
-	mi := &file_state_v1_state_proto_msgTypes[14]
+	mi := &file_state_v1_state_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1540,7 +1642,7 @@ func (x *MailboxResult) String() string {
 func (*MailboxResult) ProtoMessage() {}
 
 func (x *MailboxResult) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[14]
+	mi := &file_state_v1_state_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1553,7 +1655,7 @@ func (x *MailboxResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MailboxResult.ProtoReflect.Descriptor instead.
 func (*MailboxResult) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{14}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *MailboxResult) GetStatus() MailboxStatus {
@@ -1583,7 +1685,7 @@ type Activity struct {
 
 func (x *Activity) Reset() {
 	*x = Activity{}
-	mi := &file_state_v1_state_proto_msgTypes[15]
+	mi := &file_state_v1_state_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1595,7 +1697,7 @@ func (x *Activity) String() string {
 func (*Activity) ProtoMessage() {}
 
 func (x *Activity) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[15]
+	mi := &file_state_v1_state_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1608,7 +1710,7 @@ func (x *Activity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Activity.ProtoReflect.Descriptor instead.
 func (*Activity) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{15}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Activity) GetUserId() string {
@@ -1667,6 +1769,7 @@ type Command struct {
 	//	*Command_AckMailbox
 	//	*Command_ExpireMailboxes
 	//	*Command_SetClusterCa
+	//	*Command_ClaimEvents
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1674,7 +1777,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_state_v1_state_proto_msgTypes[16]
+	mi := &file_state_v1_state_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1686,7 +1789,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[16]
+	mi := &file_state_v1_state_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1699,7 +1802,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{16}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Command) GetRequestId() string {
@@ -1939,6 +2042,15 @@ func (x *Command) GetSetClusterCa() *SetClusterCA {
 	return nil
 }
 
+func (x *Command) GetClaimEvents() *ClaimEvents {
+	if x != nil {
+		if x, ok := x.Op.(*Command_ClaimEvents); ok {
+			return x.ClaimEvents
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -2039,6 +2151,10 @@ type Command_SetClusterCa struct {
 	SetClusterCa *SetClusterCA `protobuf:"bytes,33,opt,name=set_cluster_ca,json=setClusterCa,proto3,oneof"`
 }
 
+type Command_ClaimEvents struct {
+	ClaimEvents *ClaimEvents `protobuf:"bytes,34,opt,name=claim_events,json=claimEvents,proto3,oneof"`
+}
+
 func (*Command_CreateUser) isCommand_Op() {}
 
 func (*Command_UpdateUser) isCommand_Op() {}
@@ -2087,6 +2203,8 @@ func (*Command_ExpireMailboxes) isCommand_Op() {}
 
 func (*Command_SetClusterCa) isCommand_Op() {}
 
+func (*Command_ClaimEvents) isCommand_Op() {}
+
 // InitCluster creates what a new cluster needs before anyone can log in:
 // the first admin account, the first signing key and the first session
 // key, and (when given) the cluster CA. It applies once in a cluster's
@@ -2103,7 +2221,7 @@ type InitCluster struct {
 
 func (x *InitCluster) Reset() {
 	*x = InitCluster{}
-	mi := &file_state_v1_state_proto_msgTypes[17]
+	mi := &file_state_v1_state_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2115,7 +2233,7 @@ func (x *InitCluster) String() string {
 func (*InitCluster) ProtoMessage() {}
 
 func (x *InitCluster) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[17]
+	mi := &file_state_v1_state_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2128,7 +2246,7 @@ func (x *InitCluster) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InitCluster.ProtoReflect.Descriptor instead.
 func (*InitCluster) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{17}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *InitCluster) GetAdmin() *User {
@@ -2171,7 +2289,7 @@ type SetClusterCA struct {
 
 func (x *SetClusterCA) Reset() {
 	*x = SetClusterCA{}
-	mi := &file_state_v1_state_proto_msgTypes[18]
+	mi := &file_state_v1_state_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2183,7 +2301,7 @@ func (x *SetClusterCA) String() string {
 func (*SetClusterCA) ProtoMessage() {}
 
 func (x *SetClusterCA) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[18]
+	mi := &file_state_v1_state_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2196,7 +2314,7 @@ func (x *SetClusterCA) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetClusterCA.ProtoReflect.Descriptor instead.
 func (*SetClusterCA) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{18}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SetClusterCA) GetCa() *ClusterCA {
@@ -2221,7 +2339,7 @@ type PutMailbox struct {
 
 func (x *PutMailbox) Reset() {
 	*x = PutMailbox{}
-	mi := &file_state_v1_state_proto_msgTypes[19]
+	mi := &file_state_v1_state_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2233,7 +2351,7 @@ func (x *PutMailbox) String() string {
 func (*PutMailbox) ProtoMessage() {}
 
 func (x *PutMailbox) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[19]
+	mi := &file_state_v1_state_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2246,7 +2364,7 @@ func (x *PutMailbox) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutMailbox.ProtoReflect.Descriptor instead.
 func (*PutMailbox) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{19}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PutMailbox) GetEntries() []*MailboxEntry {
@@ -2281,7 +2399,7 @@ type AckMailbox struct {
 
 func (x *AckMailbox) Reset() {
 	*x = AckMailbox{}
-	mi := &file_state_v1_state_proto_msgTypes[20]
+	mi := &file_state_v1_state_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2293,7 +2411,7 @@ func (x *AckMailbox) String() string {
 func (*AckMailbox) ProtoMessage() {}
 
 func (x *AckMailbox) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[20]
+	mi := &file_state_v1_state_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2306,7 +2424,7 @@ func (x *AckMailbox) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckMailbox.ProtoReflect.Descriptor instead.
 func (*AckMailbox) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{20}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AckMailbox) GetDeviceId() string {
@@ -2335,7 +2453,7 @@ type ExpireMailboxes struct {
 
 func (x *ExpireMailboxes) Reset() {
 	*x = ExpireMailboxes{}
-	mi := &file_state_v1_state_proto_msgTypes[21]
+	mi := &file_state_v1_state_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2347,7 +2465,7 @@ func (x *ExpireMailboxes) String() string {
 func (*ExpireMailboxes) ProtoMessage() {}
 
 func (x *ExpireMailboxes) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[21]
+	mi := &file_state_v1_state_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2360,7 +2478,7 @@ func (x *ExpireMailboxes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireMailboxes.ProtoReflect.Descriptor instead.
 func (*ExpireMailboxes) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{21}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ExpireMailboxes) GetLimit() uint32 {
@@ -2368,6 +2486,59 @@ func (x *ExpireMailboxes) GetLimit() uint32 {
 		return x.Limit
 	}
 	return 0
+}
+
+// ClaimEvents decides "any one" events, in the order given, each against
+// the state as the earlier claims left it: the first claim of an event
+// (sender, event id) by a live device wins and, in the same entry, deletes
+// the event's any_one mailbox entries of every other device; a later claim
+// by another device loses, one by the winner wins again. A claim by a
+// device that is missing, revoked, not user_id's, or whose user is missing
+// or not active loses, as does a first claim whose expires_at_ms is not
+// after the command's time (nothing is recorded). Result.claims_won holds
+// the outcomes.
+type ClaimEvents struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Claims        []*EventClaim          `protobuf:"bytes,1,rep,name=claims,proto3" json:"claims,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClaimEvents) Reset() {
+	*x = ClaimEvents{}
+	mi := &file_state_v1_state_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimEvents) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimEvents) ProtoMessage() {}
+
+func (x *ClaimEvents) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimEvents.ProtoReflect.Descriptor instead.
+func (*ClaimEvents) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ClaimEvents) GetClaims() []*EventClaim {
+	if x != nil {
+		return x.Claims
+	}
+	return nil
 }
 
 // RenameDevice changes a device's name.
@@ -2382,7 +2553,7 @@ type RenameDevice struct {
 
 func (x *RenameDevice) Reset() {
 	*x = RenameDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[22]
+	mi := &file_state_v1_state_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2394,7 +2565,7 @@ func (x *RenameDevice) String() string {
 func (*RenameDevice) ProtoMessage() {}
 
 func (x *RenameDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[22]
+	mi := &file_state_v1_state_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2407,7 +2578,7 @@ func (x *RenameDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameDevice.ProtoReflect.Descriptor instead.
 func (*RenameDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{22}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RenameDevice) GetUserId() string {
@@ -2442,7 +2613,7 @@ type IssueRefreshToken struct {
 
 func (x *IssueRefreshToken) Reset() {
 	*x = IssueRefreshToken{}
-	mi := &file_state_v1_state_proto_msgTypes[23]
+	mi := &file_state_v1_state_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2454,7 +2625,7 @@ func (x *IssueRefreshToken) String() string {
 func (*IssueRefreshToken) ProtoMessage() {}
 
 func (x *IssueRefreshToken) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[23]
+	mi := &file_state_v1_state_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2467,7 +2638,7 @@ func (x *IssueRefreshToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueRefreshToken.ProtoReflect.Descriptor instead.
 func (*IssueRefreshToken) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{23}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *IssueRefreshToken) GetToken() *RefreshToken {
@@ -2491,7 +2662,7 @@ type RotateRefreshToken struct {
 
 func (x *RotateRefreshToken) Reset() {
 	*x = RotateRefreshToken{}
-	mi := &file_state_v1_state_proto_msgTypes[24]
+	mi := &file_state_v1_state_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2503,7 +2674,7 @@ func (x *RotateRefreshToken) String() string {
 func (*RotateRefreshToken) ProtoMessage() {}
 
 func (x *RotateRefreshToken) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[24]
+	mi := &file_state_v1_state_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2516,7 +2687,7 @@ func (x *RotateRefreshToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRefreshToken.ProtoReflect.Descriptor instead.
 func (*RotateRefreshToken) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{24}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RotateRefreshToken) GetTokenId() string {
@@ -2553,7 +2724,7 @@ type RevokeTokenFamily struct {
 
 func (x *RevokeTokenFamily) Reset() {
 	*x = RevokeTokenFamily{}
-	mi := &file_state_v1_state_proto_msgTypes[25]
+	mi := &file_state_v1_state_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2565,7 +2736,7 @@ func (x *RevokeTokenFamily) String() string {
 func (*RevokeTokenFamily) ProtoMessage() {}
 
 func (x *RevokeTokenFamily) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[25]
+	mi := &file_state_v1_state_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2578,7 +2749,7 @@ func (x *RevokeTokenFamily) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenFamily.ProtoReflect.Descriptor instead.
 func (*RevokeTokenFamily) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{25}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RevokeTokenFamily) GetFamilyId() string {
@@ -2614,7 +2785,7 @@ type RotateSigningKey struct {
 
 func (x *RotateSigningKey) Reset() {
 	*x = RotateSigningKey{}
-	mi := &file_state_v1_state_proto_msgTypes[26]
+	mi := &file_state_v1_state_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2626,7 +2797,7 @@ func (x *RotateSigningKey) String() string {
 func (*RotateSigningKey) ProtoMessage() {}
 
 func (x *RotateSigningKey) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[26]
+	mi := &file_state_v1_state_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2639,7 +2810,7 @@ func (x *RotateSigningKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateSigningKey.ProtoReflect.Descriptor instead.
 func (*RotateSigningKey) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{26}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RotateSigningKey) GetKey() *SigningKey {
@@ -2668,7 +2839,7 @@ type RotateSessionKey struct {
 
 func (x *RotateSessionKey) Reset() {
 	*x = RotateSessionKey{}
-	mi := &file_state_v1_state_proto_msgTypes[27]
+	mi := &file_state_v1_state_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2680,7 +2851,7 @@ func (x *RotateSessionKey) String() string {
 func (*RotateSessionKey) ProtoMessage() {}
 
 func (x *RotateSessionKey) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[27]
+	mi := &file_state_v1_state_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2693,7 +2864,7 @@ func (x *RotateSessionKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateSessionKey.ProtoReflect.Descriptor instead.
 func (*RotateSessionKey) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{27}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RotateSessionKey) GetKey() *SessionKey {
@@ -2721,7 +2892,7 @@ type RecordActivity struct {
 
 func (x *RecordActivity) Reset() {
 	*x = RecordActivity{}
-	mi := &file_state_v1_state_proto_msgTypes[28]
+	mi := &file_state_v1_state_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2733,7 +2904,7 @@ func (x *RecordActivity) String() string {
 func (*RecordActivity) ProtoMessage() {}
 
 func (x *RecordActivity) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[28]
+	mi := &file_state_v1_state_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2746,7 +2917,7 @@ func (x *RecordActivity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecordActivity.ProtoReflect.Descriptor instead.
 func (*RecordActivity) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{28}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RecordActivity) GetEntries() []*Activity {
@@ -2766,7 +2937,7 @@ type RegisterEdge struct {
 
 func (x *RegisterEdge) Reset() {
 	*x = RegisterEdge{}
-	mi := &file_state_v1_state_proto_msgTypes[29]
+	mi := &file_state_v1_state_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2778,7 +2949,7 @@ func (x *RegisterEdge) String() string {
 func (*RegisterEdge) ProtoMessage() {}
 
 func (x *RegisterEdge) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[29]
+	mi := &file_state_v1_state_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2791,7 +2962,7 @@ func (x *RegisterEdge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterEdge.ProtoReflect.Descriptor instead.
 func (*RegisterEdge) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{29}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RegisterEdge) GetEdge() *Edge {
@@ -2811,7 +2982,7 @@ type ExpireEdges struct {
 
 func (x *ExpireEdges) Reset() {
 	*x = ExpireEdges{}
-	mi := &file_state_v1_state_proto_msgTypes[30]
+	mi := &file_state_v1_state_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2823,7 +2994,7 @@ func (x *ExpireEdges) String() string {
 func (*ExpireEdges) ProtoMessage() {}
 
 func (x *ExpireEdges) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[30]
+	mi := &file_state_v1_state_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2836,7 +3007,7 @@ func (x *ExpireEdges) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireEdges.ProtoReflect.Descriptor instead.
 func (*ExpireEdges) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{30}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{32}
 }
 
 // DeregisterEdge removes an edge (graceful shutdown).
@@ -2849,7 +3020,7 @@ type DeregisterEdge struct {
 
 func (x *DeregisterEdge) Reset() {
 	*x = DeregisterEdge{}
-	mi := &file_state_v1_state_proto_msgTypes[31]
+	mi := &file_state_v1_state_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2861,7 +3032,7 @@ func (x *DeregisterEdge) String() string {
 func (*DeregisterEdge) ProtoMessage() {}
 
 func (x *DeregisterEdge) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[31]
+	mi := &file_state_v1_state_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2874,7 +3045,7 @@ func (x *DeregisterEdge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterEdge.ProtoReflect.Descriptor instead.
 func (*DeregisterEdge) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{31}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DeregisterEdge) GetId() string {
@@ -2894,7 +3065,7 @@ type CreateUser struct {
 
 func (x *CreateUser) Reset() {
 	*x = CreateUser{}
-	mi := &file_state_v1_state_proto_msgTypes[32]
+	mi := &file_state_v1_state_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2906,7 +3077,7 @@ func (x *CreateUser) String() string {
 func (*CreateUser) ProtoMessage() {}
 
 func (x *CreateUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[32]
+	mi := &file_state_v1_state_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2919,7 +3090,7 @@ func (x *CreateUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateUser.ProtoReflect.Descriptor instead.
 func (*CreateUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{32}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CreateUser) GetUser() *User {
@@ -2943,7 +3114,7 @@ type UpdateUser struct {
 
 func (x *UpdateUser) Reset() {
 	*x = UpdateUser{}
-	mi := &file_state_v1_state_proto_msgTypes[33]
+	mi := &file_state_v1_state_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2955,7 +3126,7 @@ func (x *UpdateUser) String() string {
 func (*UpdateUser) ProtoMessage() {}
 
 func (x *UpdateUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[33]
+	mi := &file_state_v1_state_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2968,7 +3139,7 @@ func (x *UpdateUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateUser.ProtoReflect.Descriptor instead.
 func (*UpdateUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{33}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *UpdateUser) GetId() string {
@@ -3002,7 +3173,7 @@ type DeleteUser struct {
 
 func (x *DeleteUser) Reset() {
 	*x = DeleteUser{}
-	mi := &file_state_v1_state_proto_msgTypes[34]
+	mi := &file_state_v1_state_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3014,7 +3185,7 @@ func (x *DeleteUser) String() string {
 func (*DeleteUser) ProtoMessage() {}
 
 func (x *DeleteUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[34]
+	mi := &file_state_v1_state_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3027,7 +3198,7 @@ func (x *DeleteUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteUser.ProtoReflect.Descriptor instead.
 func (*DeleteUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{34}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *DeleteUser) GetId() string {
@@ -3047,7 +3218,7 @@ type RegisterDevice struct {
 
 func (x *RegisterDevice) Reset() {
 	*x = RegisterDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[35]
+	mi := &file_state_v1_state_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3059,7 +3230,7 @@ func (x *RegisterDevice) String() string {
 func (*RegisterDevice) ProtoMessage() {}
 
 func (x *RegisterDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[35]
+	mi := &file_state_v1_state_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3072,7 +3243,7 @@ func (x *RegisterDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterDevice.ProtoReflect.Descriptor instead.
 func (*RegisterDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{35}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *RegisterDevice) GetDevice() *Device {
@@ -3093,7 +3264,7 @@ type RevokeDevice struct {
 
 func (x *RevokeDevice) Reset() {
 	*x = RevokeDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[36]
+	mi := &file_state_v1_state_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3105,7 +3276,7 @@ func (x *RevokeDevice) String() string {
 func (*RevokeDevice) ProtoMessage() {}
 
 func (x *RevokeDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[36]
+	mi := &file_state_v1_state_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3118,7 +3289,7 @@ func (x *RevokeDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDevice.ProtoReflect.Descriptor instead.
 func (*RevokeDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{36}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RevokeDevice) GetUserId() string {
@@ -3146,7 +3317,7 @@ type DeleteDevice struct {
 
 func (x *DeleteDevice) Reset() {
 	*x = DeleteDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[37]
+	mi := &file_state_v1_state_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3158,7 +3329,7 @@ func (x *DeleteDevice) String() string {
 func (*DeleteDevice) ProtoMessage() {}
 
 func (x *DeleteDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[37]
+	mi := &file_state_v1_state_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3171,7 +3342,7 @@ func (x *DeleteDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDevice.ProtoReflect.Descriptor instead.
 func (*DeleteDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{37}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *DeleteDevice) GetUserId() string {
@@ -3198,7 +3369,7 @@ type PutNode struct {
 
 func (x *PutNode) Reset() {
 	*x = PutNode{}
-	mi := &file_state_v1_state_proto_msgTypes[38]
+	mi := &file_state_v1_state_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3210,7 +3381,7 @@ func (x *PutNode) String() string {
 func (*PutNode) ProtoMessage() {}
 
 func (x *PutNode) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[38]
+	mi := &file_state_v1_state_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3223,7 +3394,7 @@ func (x *PutNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutNode.ProtoReflect.Descriptor instead.
 func (*PutNode) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{38}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *PutNode) GetNode() *Node {
@@ -3243,7 +3414,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_state_v1_state_proto_msgTypes[39]
+	mi := &file_state_v1_state_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3255,7 +3426,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[39]
+	mi := &file_state_v1_state_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3268,7 +3439,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{39}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RemoveNode) GetId() string {
@@ -3289,7 +3460,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_state_v1_state_proto_msgTypes[40]
+	mi := &file_state_v1_state_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3301,7 +3472,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[40]
+	mi := &file_state_v1_state_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3314,7 +3485,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{40}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *Noop) GetPadding() []byte {
@@ -3346,13 +3517,15 @@ type Result struct {
 	Initialized bool `protobuf:"varint,21,opt,name=initialized,proto3" json:"initialized,omitempty"`
 	// PutMailbox: one result per entry, in the command's order.
 	MailboxResults []*MailboxResult `protobuf:"bytes,22,rep,name=mailbox_results,json=mailboxResults,proto3" json:"mailbox_results,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// ClaimEvents: one outcome per claim, in the command's order.
+	ClaimsWon     []bool `protobuf:"varint,23,rep,packed,name=claims_won,json=claimsWon,proto3" json:"claims_won,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_state_v1_state_proto_msgTypes[41]
+	mi := &file_state_v1_state_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3364,7 +3537,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[41]
+	mi := &file_state_v1_state_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3377,7 +3550,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{41}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -3461,6 +3634,13 @@ func (x *Result) GetInitialized() bool {
 func (x *Result) GetMailboxResults() []*MailboxResult {
 	if x != nil {
 		return x.MailboxResults
+	}
+	return nil
+}
+
+func (x *Result) GetClaimsWon() []bool {
+	if x != nil {
+		return x.ClaimsWon
 	}
 	return nil
 }
@@ -3579,7 +3759,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\tClusterCA\x12!\n" +
 	"\fprivate_seed\x18\x01 \x01(\fR\vprivateSeed\x12 \n" +
 	"\vcertificate\x18\x02 \x01(\fR\vcertificate\x12\"\n" +
-	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\"\xf7\x01\n" +
+	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\"\x90\x02\n" +
 	"\fMailboxEntry\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x17\n" +
@@ -3589,7 +3769,16 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x10sender_device_id\x18\x06 \x01(\tR\x0esenderDeviceId\x12\"\n" +
 	"\rexpires_at_ms\x18\a \x01(\x03R\vexpiresAtMs\x12 \n" +
 	"\fstored_at_ms\x18\b \x01(\x03R\n" +
-	"storedAtMs\"m\n" +
+	"storedAtMs\x12\x17\n" +
+	"\aany_one\x18\t \x01(\bR\x06anyOne\"\xcf\x01\n" +
+	"\n" +
+	"EventClaim\x12(\n" +
+	"\x10sender_device_id\x18\x01 \x01(\tR\x0esenderDeviceId\x12\x19\n" +
+	"\bevent_id\x18\x02 \x01(\tR\aeventId\x12\x1b\n" +
+	"\tdevice_id\x18\x03 \x01(\tR\bdeviceId\x12\x17\n" +
+	"\auser_id\x18\x04 \x01(\tR\x06userId\x12\"\n" +
+	"\rexpires_at_ms\x18\x05 \x01(\x03R\vexpiresAtMs\x12\"\n" +
+	"\rclaimed_at_ms\x18\x06 \x01(\x03R\vclaimedAtMs\"m\n" +
 	"\aMailbox\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x19\n" +
 	"\blast_seq\x18\x02 \x01(\x04R\alastSeq\x12\x14\n" +
@@ -3606,7 +3795,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x1c\n" +
 	"\n" +
-	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\xd3\f\n" +
+	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\x8f\r\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -3641,7 +3830,8 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\vack_mailbox\x18\x1f \x01(\v2\x14.state.v1.AckMailboxH\x00R\n" +
 	"ackMailbox\x12F\n" +
 	"\x10expire_mailboxes\x18  \x01(\v2\x19.state.v1.ExpireMailboxesH\x00R\x0fexpireMailboxes\x12>\n" +
-	"\x0eset_cluster_ca\x18! \x01(\v2\x16.state.v1.SetClusterCAH\x00R\fsetClusterCaB\x04\n" +
+	"\x0eset_cluster_ca\x18! \x01(\v2\x16.state.v1.SetClusterCAH\x00R\fsetClusterCa\x12:\n" +
+	"\fclaim_events\x18\" \x01(\v2\x15.state.v1.ClaimEventsH\x00R\vclaimEventsB\x04\n" +
 	"\x02op\"\xd5\x01\n" +
 	"\vInitCluster\x12$\n" +
 	"\x05admin\x18\x01 \x01(\v2\x0e.state.v1.UserR\x05admin\x125\n" +
@@ -3663,7 +3853,9 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x12\n" +
 	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"'\n" +
 	"\x0fExpireMailboxes\x12\x14\n" +
-	"\x05limit\x18\x01 \x01(\rR\x05limit\"X\n" +
+	"\x05limit\x18\x01 \x01(\rR\x05limit\";\n" +
+	"\vClaimEvents\x12,\n" +
+	"\x06claims\x18\x01 \x03(\v2\x14.state.v1.EventClaimR\x06claims\"X\n" +
 	"\fRenameDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x12\n" +
@@ -3716,7 +3908,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"RemoveNode\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\" \n" +
 	"\x04Noop\x12\x18\n" +
-	"\apadding\x18\x01 \x01(\fR\apadding\"\xb4\x03\n" +
+	"\apadding\x18\x01 \x01(\fR\apadding\"\xd3\x03\n" +
 	"\x06Result\x12(\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x14.state.v1.ResultCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1a\n" +
@@ -3728,7 +3920,9 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x04edge\x18\r \x01(\v2\x0e.state.v1.EdgeH\x00R\x04edge\x12%\n" +
 	"\x0ereuse_detected\x18\x14 \x01(\bR\rreuseDetected\x12 \n" +
 	"\vinitialized\x18\x15 \x01(\bR\vinitialized\x12@\n" +
-	"\x0fmailbox_results\x18\x16 \x03(\v2\x17.state.v1.MailboxResultR\x0emailboxResultsB\b\n" +
+	"\x0fmailbox_results\x18\x16 \x03(\v2\x17.state.v1.MailboxResultR\x0emailboxResults\x12\x1d\n" +
+	"\n" +
+	"claims_won\x18\x17 \x03(\bR\tclaimsWonB\b\n" +
 	"\x06object*[\n" +
 	"\n" +
 	"UserStatus\x12\x1b\n" +
@@ -3777,7 +3971,7 @@ func file_state_v1_state_proto_rawDescGZIP() []byte {
 }
 
 var file_state_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_state_v1_state_proto_goTypes = []any{
 	(UserStatus)(0),            // 0: state.v1.UserStatus
 	(ChangeKind)(0),            // 1: state.v1.ChangeKind
@@ -3795,36 +3989,38 @@ var file_state_v1_state_proto_goTypes = []any{
 	(*Edge)(nil),               // 13: state.v1.Edge
 	(*ClusterCA)(nil),          // 14: state.v1.ClusterCA
 	(*MailboxEntry)(nil),       // 15: state.v1.MailboxEntry
-	(*Mailbox)(nil),            // 16: state.v1.Mailbox
-	(*MailboxChanged)(nil),     // 17: state.v1.MailboxChanged
-	(*MailboxResult)(nil),      // 18: state.v1.MailboxResult
-	(*Activity)(nil),           // 19: state.v1.Activity
-	(*Command)(nil),            // 20: state.v1.Command
-	(*InitCluster)(nil),        // 21: state.v1.InitCluster
-	(*SetClusterCA)(nil),       // 22: state.v1.SetClusterCA
-	(*PutMailbox)(nil),         // 23: state.v1.PutMailbox
-	(*AckMailbox)(nil),         // 24: state.v1.AckMailbox
-	(*ExpireMailboxes)(nil),    // 25: state.v1.ExpireMailboxes
-	(*RenameDevice)(nil),       // 26: state.v1.RenameDevice
-	(*IssueRefreshToken)(nil),  // 27: state.v1.IssueRefreshToken
-	(*RotateRefreshToken)(nil), // 28: state.v1.RotateRefreshToken
-	(*RevokeTokenFamily)(nil),  // 29: state.v1.RevokeTokenFamily
-	(*RotateSigningKey)(nil),   // 30: state.v1.RotateSigningKey
-	(*RotateSessionKey)(nil),   // 31: state.v1.RotateSessionKey
-	(*RecordActivity)(nil),     // 32: state.v1.RecordActivity
-	(*RegisterEdge)(nil),       // 33: state.v1.RegisterEdge
-	(*ExpireEdges)(nil),        // 34: state.v1.ExpireEdges
-	(*DeregisterEdge)(nil),     // 35: state.v1.DeregisterEdge
-	(*CreateUser)(nil),         // 36: state.v1.CreateUser
-	(*UpdateUser)(nil),         // 37: state.v1.UpdateUser
-	(*DeleteUser)(nil),         // 38: state.v1.DeleteUser
-	(*RegisterDevice)(nil),     // 39: state.v1.RegisterDevice
-	(*RevokeDevice)(nil),       // 40: state.v1.RevokeDevice
-	(*DeleteDevice)(nil),       // 41: state.v1.DeleteDevice
-	(*PutNode)(nil),            // 42: state.v1.PutNode
-	(*RemoveNode)(nil),         // 43: state.v1.RemoveNode
-	(*Noop)(nil),               // 44: state.v1.Noop
-	(*Result)(nil),             // 45: state.v1.Result
+	(*EventClaim)(nil),         // 16: state.v1.EventClaim
+	(*Mailbox)(nil),            // 17: state.v1.Mailbox
+	(*MailboxChanged)(nil),     // 18: state.v1.MailboxChanged
+	(*MailboxResult)(nil),      // 19: state.v1.MailboxResult
+	(*Activity)(nil),           // 20: state.v1.Activity
+	(*Command)(nil),            // 21: state.v1.Command
+	(*InitCluster)(nil),        // 22: state.v1.InitCluster
+	(*SetClusterCA)(nil),       // 23: state.v1.SetClusterCA
+	(*PutMailbox)(nil),         // 24: state.v1.PutMailbox
+	(*AckMailbox)(nil),         // 25: state.v1.AckMailbox
+	(*ExpireMailboxes)(nil),    // 26: state.v1.ExpireMailboxes
+	(*ClaimEvents)(nil),        // 27: state.v1.ClaimEvents
+	(*RenameDevice)(nil),       // 28: state.v1.RenameDevice
+	(*IssueRefreshToken)(nil),  // 29: state.v1.IssueRefreshToken
+	(*RotateRefreshToken)(nil), // 30: state.v1.RotateRefreshToken
+	(*RevokeTokenFamily)(nil),  // 31: state.v1.RevokeTokenFamily
+	(*RotateSigningKey)(nil),   // 32: state.v1.RotateSigningKey
+	(*RotateSessionKey)(nil),   // 33: state.v1.RotateSessionKey
+	(*RecordActivity)(nil),     // 34: state.v1.RecordActivity
+	(*RegisterEdge)(nil),       // 35: state.v1.RegisterEdge
+	(*ExpireEdges)(nil),        // 36: state.v1.ExpireEdges
+	(*DeregisterEdge)(nil),     // 37: state.v1.DeregisterEdge
+	(*CreateUser)(nil),         // 38: state.v1.CreateUser
+	(*UpdateUser)(nil),         // 39: state.v1.UpdateUser
+	(*DeleteUser)(nil),         // 40: state.v1.DeleteUser
+	(*RegisterDevice)(nil),     // 41: state.v1.RegisterDevice
+	(*RevokeDevice)(nil),       // 42: state.v1.RevokeDevice
+	(*DeleteDevice)(nil),       // 43: state.v1.DeleteDevice
+	(*PutNode)(nil),            // 44: state.v1.PutNode
+	(*RemoveNode)(nil),         // 45: state.v1.RemoveNode
+	(*Noop)(nil),               // 46: state.v1.Noop
+	(*Result)(nil),             // 47: state.v1.Result
 }
 var file_state_v1_state_proto_depIdxs = []int32{
 	0,  // 0: state.v1.User.status:type_name -> state.v1.UserStatus
@@ -3834,60 +4030,62 @@ var file_state_v1_state_proto_depIdxs = []int32{
 	6,  // 4: state.v1.Change.node:type_name -> state.v1.Node
 	12, // 5: state.v1.Change.session_keys:type_name -> state.v1.SessionKeyRing
 	13, // 6: state.v1.Change.edge:type_name -> state.v1.Edge
-	17, // 7: state.v1.Change.mailbox_changed:type_name -> state.v1.MailboxChanged
+	18, // 7: state.v1.Change.mailbox_changed:type_name -> state.v1.MailboxChanged
 	11, // 8: state.v1.SessionKeyRing.keys:type_name -> state.v1.SessionKey
 	2,  // 9: state.v1.MailboxResult.status:type_name -> state.v1.MailboxStatus
-	36, // 10: state.v1.Command.create_user:type_name -> state.v1.CreateUser
-	37, // 11: state.v1.Command.update_user:type_name -> state.v1.UpdateUser
-	38, // 12: state.v1.Command.delete_user:type_name -> state.v1.DeleteUser
-	39, // 13: state.v1.Command.register_device:type_name -> state.v1.RegisterDevice
-	40, // 14: state.v1.Command.revoke_device:type_name -> state.v1.RevokeDevice
-	41, // 15: state.v1.Command.delete_device:type_name -> state.v1.DeleteDevice
-	42, // 16: state.v1.Command.put_node:type_name -> state.v1.PutNode
-	43, // 17: state.v1.Command.remove_node:type_name -> state.v1.RemoveNode
-	44, // 18: state.v1.Command.noop:type_name -> state.v1.Noop
-	26, // 19: state.v1.Command.rename_device:type_name -> state.v1.RenameDevice
-	27, // 20: state.v1.Command.issue_refresh_token:type_name -> state.v1.IssueRefreshToken
-	28, // 21: state.v1.Command.rotate_refresh_token:type_name -> state.v1.RotateRefreshToken
-	29, // 22: state.v1.Command.revoke_token_family:type_name -> state.v1.RevokeTokenFamily
-	30, // 23: state.v1.Command.rotate_signing_key:type_name -> state.v1.RotateSigningKey
-	31, // 24: state.v1.Command.rotate_session_key:type_name -> state.v1.RotateSessionKey
-	32, // 25: state.v1.Command.record_activity:type_name -> state.v1.RecordActivity
-	33, // 26: state.v1.Command.register_edge:type_name -> state.v1.RegisterEdge
-	34, // 27: state.v1.Command.expire_edges:type_name -> state.v1.ExpireEdges
-	35, // 28: state.v1.Command.deregister_edge:type_name -> state.v1.DeregisterEdge
-	21, // 29: state.v1.Command.init_cluster:type_name -> state.v1.InitCluster
-	23, // 30: state.v1.Command.put_mailbox:type_name -> state.v1.PutMailbox
-	24, // 31: state.v1.Command.ack_mailbox:type_name -> state.v1.AckMailbox
-	25, // 32: state.v1.Command.expire_mailboxes:type_name -> state.v1.ExpireMailboxes
-	22, // 33: state.v1.Command.set_cluster_ca:type_name -> state.v1.SetClusterCA
-	4,  // 34: state.v1.InitCluster.admin:type_name -> state.v1.User
-	10, // 35: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
-	11, // 36: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
-	14, // 37: state.v1.InitCluster.cluster_ca:type_name -> state.v1.ClusterCA
-	14, // 38: state.v1.SetClusterCA.ca:type_name -> state.v1.ClusterCA
-	15, // 39: state.v1.PutMailbox.entries:type_name -> state.v1.MailboxEntry
-	8,  // 40: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
-	8,  // 41: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
-	10, // 42: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
-	11, // 43: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
-	19, // 44: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
-	13, // 45: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
-	4,  // 46: state.v1.CreateUser.user:type_name -> state.v1.User
-	4,  // 47: state.v1.UpdateUser.user:type_name -> state.v1.User
-	5,  // 48: state.v1.RegisterDevice.device:type_name -> state.v1.Device
-	6,  // 49: state.v1.PutNode.node:type_name -> state.v1.Node
-	3,  // 50: state.v1.Result.code:type_name -> state.v1.ResultCode
-	4,  // 51: state.v1.Result.user:type_name -> state.v1.User
-	5,  // 52: state.v1.Result.device:type_name -> state.v1.Device
-	8,  // 53: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
-	13, // 54: state.v1.Result.edge:type_name -> state.v1.Edge
-	18, // 55: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
-	56, // [56:56] is the sub-list for method output_type
-	56, // [56:56] is the sub-list for method input_type
-	56, // [56:56] is the sub-list for extension type_name
-	56, // [56:56] is the sub-list for extension extendee
-	0,  // [0:56] is the sub-list for field type_name
+	38, // 10: state.v1.Command.create_user:type_name -> state.v1.CreateUser
+	39, // 11: state.v1.Command.update_user:type_name -> state.v1.UpdateUser
+	40, // 12: state.v1.Command.delete_user:type_name -> state.v1.DeleteUser
+	41, // 13: state.v1.Command.register_device:type_name -> state.v1.RegisterDevice
+	42, // 14: state.v1.Command.revoke_device:type_name -> state.v1.RevokeDevice
+	43, // 15: state.v1.Command.delete_device:type_name -> state.v1.DeleteDevice
+	44, // 16: state.v1.Command.put_node:type_name -> state.v1.PutNode
+	45, // 17: state.v1.Command.remove_node:type_name -> state.v1.RemoveNode
+	46, // 18: state.v1.Command.noop:type_name -> state.v1.Noop
+	28, // 19: state.v1.Command.rename_device:type_name -> state.v1.RenameDevice
+	29, // 20: state.v1.Command.issue_refresh_token:type_name -> state.v1.IssueRefreshToken
+	30, // 21: state.v1.Command.rotate_refresh_token:type_name -> state.v1.RotateRefreshToken
+	31, // 22: state.v1.Command.revoke_token_family:type_name -> state.v1.RevokeTokenFamily
+	32, // 23: state.v1.Command.rotate_signing_key:type_name -> state.v1.RotateSigningKey
+	33, // 24: state.v1.Command.rotate_session_key:type_name -> state.v1.RotateSessionKey
+	34, // 25: state.v1.Command.record_activity:type_name -> state.v1.RecordActivity
+	35, // 26: state.v1.Command.register_edge:type_name -> state.v1.RegisterEdge
+	36, // 27: state.v1.Command.expire_edges:type_name -> state.v1.ExpireEdges
+	37, // 28: state.v1.Command.deregister_edge:type_name -> state.v1.DeregisterEdge
+	22, // 29: state.v1.Command.init_cluster:type_name -> state.v1.InitCluster
+	24, // 30: state.v1.Command.put_mailbox:type_name -> state.v1.PutMailbox
+	25, // 31: state.v1.Command.ack_mailbox:type_name -> state.v1.AckMailbox
+	26, // 32: state.v1.Command.expire_mailboxes:type_name -> state.v1.ExpireMailboxes
+	23, // 33: state.v1.Command.set_cluster_ca:type_name -> state.v1.SetClusterCA
+	27, // 34: state.v1.Command.claim_events:type_name -> state.v1.ClaimEvents
+	4,  // 35: state.v1.InitCluster.admin:type_name -> state.v1.User
+	10, // 36: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
+	11, // 37: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
+	14, // 38: state.v1.InitCluster.cluster_ca:type_name -> state.v1.ClusterCA
+	14, // 39: state.v1.SetClusterCA.ca:type_name -> state.v1.ClusterCA
+	15, // 40: state.v1.PutMailbox.entries:type_name -> state.v1.MailboxEntry
+	16, // 41: state.v1.ClaimEvents.claims:type_name -> state.v1.EventClaim
+	8,  // 42: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
+	8,  // 43: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
+	10, // 44: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
+	11, // 45: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
+	20, // 46: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
+	13, // 47: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
+	4,  // 48: state.v1.CreateUser.user:type_name -> state.v1.User
+	4,  // 49: state.v1.UpdateUser.user:type_name -> state.v1.User
+	5,  // 50: state.v1.RegisterDevice.device:type_name -> state.v1.Device
+	6,  // 51: state.v1.PutNode.node:type_name -> state.v1.Node
+	3,  // 52: state.v1.Result.code:type_name -> state.v1.ResultCode
+	4,  // 53: state.v1.Result.user:type_name -> state.v1.User
+	5,  // 54: state.v1.Result.device:type_name -> state.v1.Device
+	8,  // 55: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
+	13, // 56: state.v1.Result.edge:type_name -> state.v1.Edge
+	19, // 57: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
+	58, // [58:58] is the sub-list for method output_type
+	58, // [58:58] is the sub-list for method input_type
+	58, // [58:58] is the sub-list for extension type_name
+	58, // [58:58] is the sub-list for extension extendee
+	0,  // [0:58] is the sub-list for field type_name
 }
 
 func init() { file_state_v1_state_proto_init() }
@@ -3903,7 +4101,7 @@ func file_state_v1_state_proto_init() {
 		(*Change_Edge)(nil),
 		(*Change_MailboxChanged)(nil),
 	}
-	file_state_v1_state_proto_msgTypes[16].OneofWrappers = []any{
+	file_state_v1_state_proto_msgTypes[17].OneofWrappers = []any{
 		(*Command_CreateUser)(nil),
 		(*Command_UpdateUser)(nil),
 		(*Command_DeleteUser)(nil),
@@ -3928,8 +4126,9 @@ func file_state_v1_state_proto_init() {
 		(*Command_AckMailbox)(nil),
 		(*Command_ExpireMailboxes)(nil),
 		(*Command_SetClusterCa)(nil),
+		(*Command_ClaimEvents)(nil),
 	}
-	file_state_v1_state_proto_msgTypes[41].OneofWrappers = []any{
+	file_state_v1_state_proto_msgTypes[43].OneofWrappers = []any{
 		(*Result_User)(nil),
 		(*Result_Device)(nil),
 		(*Result_RefreshToken)(nil),
@@ -3941,7 +4140,7 @@ func file_state_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_v1_state_proto_rawDesc), len(file_state_v1_state_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   42,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

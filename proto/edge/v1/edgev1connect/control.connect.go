@@ -58,6 +58,9 @@ const (
 	// MailboxServiceAckMailboxProcedure is the fully-qualified name of the MailboxService's AckMailbox
 	// RPC.
 	MailboxServiceAckMailboxProcedure = "/edge.v1.MailboxService/AckMailbox"
+	// MailboxServiceClaimEventsProcedure is the fully-qualified name of the MailboxService's
+	// ClaimEvents RPC.
+	MailboxServiceClaimEventsProcedure = "/edge.v1.MailboxService/ClaimEvents"
 	// ActivityServiceReportActivityProcedure is the fully-qualified name of the ActivityService's
 	// ReportActivity RPC.
 	ActivityServiceReportActivityProcedure = "/edge.v1.ActivityService/ReportActivity"
@@ -259,6 +262,12 @@ type MailboxServiceClient interface {
 	// AckMailbox deletes entries a device received (or that were cancelled).
 	// Unknown sequence numbers are ignored.
 	AckMailbox(context.Context, *connect.Request[v1.AckMailboxRequest]) (*connect.Response[v1.AckMailboxResponse], error)
+	// ClaimEvents decides which device takes each "any one" event: the
+	// first claim of an event (sender, event id) wins, and in the same Raft
+	// entry the event's mailbox entries for every other device are deleted.
+	// A later claim by another device loses; the winner claiming again
+	// wins again (retries are safe).
+	ClaimEvents(context.Context, *connect.Request[v1.ClaimEventsRequest]) (*connect.Response[v1.ClaimEventsResponse], error)
 }
 
 // NewMailboxServiceClient constructs a client for the edge.v1.MailboxService service. By default,
@@ -291,6 +300,12 @@ func NewMailboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithSchema(mailboxServiceMethods.ByName("AckMailbox")),
 			connect.WithClientOptions(opts...),
 		),
+		claimEvents: connect.NewClient[v1.ClaimEventsRequest, v1.ClaimEventsResponse](
+			httpClient,
+			baseURL+MailboxServiceClaimEventsProcedure,
+			connect.WithSchema(mailboxServiceMethods.ByName("ClaimEvents")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -299,6 +314,7 @@ type mailboxServiceClient struct {
 	putMailbox   *connect.Client[v1.PutMailboxRequest, v1.PutMailboxResponse]
 	fetchMailbox *connect.Client[v1.FetchMailboxRequest, v1.FetchMailboxResponse]
 	ackMailbox   *connect.Client[v1.AckMailboxRequest, v1.AckMailboxResponse]
+	claimEvents  *connect.Client[v1.ClaimEventsRequest, v1.ClaimEventsResponse]
 }
 
 // PutMailbox calls edge.v1.MailboxService.PutMailbox.
@@ -316,6 +332,11 @@ func (c *mailboxServiceClient) AckMailbox(ctx context.Context, req *connect.Requ
 	return c.ackMailbox.CallUnary(ctx, req)
 }
 
+// ClaimEvents calls edge.v1.MailboxService.ClaimEvents.
+func (c *mailboxServiceClient) ClaimEvents(ctx context.Context, req *connect.Request[v1.ClaimEventsRequest]) (*connect.Response[v1.ClaimEventsResponse], error) {
+	return c.claimEvents.CallUnary(ctx, req)
+}
+
 // MailboxServiceHandler is an implementation of the edge.v1.MailboxService service.
 type MailboxServiceHandler interface {
 	// PutMailbox stores events in their targets' mailboxes, all in one Raft entry
@@ -328,6 +349,12 @@ type MailboxServiceHandler interface {
 	// AckMailbox deletes entries a device received (or that were cancelled).
 	// Unknown sequence numbers are ignored.
 	AckMailbox(context.Context, *connect.Request[v1.AckMailboxRequest]) (*connect.Response[v1.AckMailboxResponse], error)
+	// ClaimEvents decides which device takes each "any one" event: the
+	// first claim of an event (sender, event id) wins, and in the same Raft
+	// entry the event's mailbox entries for every other device are deleted.
+	// A later claim by another device loses; the winner claiming again
+	// wins again (retries are safe).
+	ClaimEvents(context.Context, *connect.Request[v1.ClaimEventsRequest]) (*connect.Response[v1.ClaimEventsResponse], error)
 }
 
 // NewMailboxServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -356,6 +383,12 @@ func NewMailboxServiceHandler(svc MailboxServiceHandler, opts ...connect.Handler
 		connect.WithSchema(mailboxServiceMethods.ByName("AckMailbox")),
 		connect.WithHandlerOptions(opts...),
 	)
+	mailboxServiceClaimEventsHandler := connect.NewUnaryHandler(
+		MailboxServiceClaimEventsProcedure,
+		svc.ClaimEvents,
+		connect.WithSchema(mailboxServiceMethods.ByName("ClaimEvents")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/edge.v1.MailboxService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case MailboxServicePutMailboxProcedure:
@@ -364,6 +397,8 @@ func NewMailboxServiceHandler(svc MailboxServiceHandler, opts ...connect.Handler
 			mailboxServiceFetchMailboxHandler.ServeHTTP(w, r)
 		case MailboxServiceAckMailboxProcedure:
 			mailboxServiceAckMailboxHandler.ServeHTTP(w, r)
+		case MailboxServiceClaimEventsProcedure:
+			mailboxServiceClaimEventsHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -383,6 +418,10 @@ func (UnimplementedMailboxServiceHandler) FetchMailbox(context.Context, *connect
 
 func (UnimplementedMailboxServiceHandler) AckMailbox(context.Context, *connect.Request[v1.AckMailboxRequest]) (*connect.Response[v1.AckMailboxResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("edge.v1.MailboxService.AckMailbox is not implemented"))
+}
+
+func (UnimplementedMailboxServiceHandler) ClaimEvents(context.Context, *connect.Request[v1.ClaimEventsRequest]) (*connect.Response[v1.ClaimEventsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("edge.v1.MailboxService.ClaimEvents is not implemented"))
 }
 
 // ActivityServiceClient is a client for the edge.v1.ActivityService service.
