@@ -79,6 +79,7 @@ var statusToAPI = map[statev1.MailboxStatus]edgev1.MailboxStatus{
 	statev1.MailboxStatus_MAILBOX_STATUS_FULL:        edgev1.MailboxStatus_MAILBOX_STATUS_FULL,
 	statev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE: edgev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE,
 	statev1.MailboxStatus_MAILBOX_STATUS_EXPIRED:     edgev1.MailboxStatus_MAILBOX_STATUS_EXPIRED,
+	statev1.MailboxStatus_MAILBOX_STATUS_TAKEN:       edgev1.MailboxStatus_MAILBOX_STATUS_TAKEN,
 }
 
 var statusLabel = map[edgev1.MailboxStatus]string{
@@ -86,6 +87,7 @@ var statusLabel = map[edgev1.MailboxStatus]string{
 	edgev1.MailboxStatus_MAILBOX_STATUS_FULL:        "full",
 	edgev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE: "target_gone",
 	edgev1.MailboxStatus_MAILBOX_STATUS_EXPIRED:     "expired",
+	edgev1.MailboxStatus_MAILBOX_STATUS_TAKEN:       "taken",
 }
 
 // PutMailbox stores a batch in one Raft entry and answers each entry's

@@ -237,3 +237,19 @@ func TestClaimOutlivesDevice(t *testing.T) {
 		t.Fatalf("claims of gone devices outlived expiry: %v", got)
 	}
 }
+
+// An any_one entry written after its event was claimed (the write raced
+// the claim) is not stored: no other device may see a taken event.
+func TestPutAfterClaimIsTaken(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	if w := won(t, a.apply(claimOp(claim("alice", "a1", "s", "call", far)))); w != "true" {
+		t.Fatalf("claim: %s", w)
+	}
+	r := a.apply(putOp(anyOne("alice", "a2", "s", "call", 10, far), anyOne("alice", "a2", "s", "other", 10, far), mail("alice", "a2", "s", "call", 10, far)))
+	if got := outcomes(r); got != "TAKEN/0 STORED/1 STORED/2" {
+		t.Fatalf("outcomes %s", got)
+	}
+	if got := eventIDs(t, f, "a2"); got != "other* call" {
+		t.Fatalf("a2 holds %q", got)
+	}
+}

@@ -261,6 +261,15 @@ func (t *txn) putMailEntry(e *statev1.MailboxEntry, maxEntries, maxBytes uint64)
 	if e.GetExpiresAtMs() <= t.now {
 		return &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_EXPIRED}, false, nil
 	}
+	if e.GetAnyOne() {
+		// Stored after its event was claimed (the claim raced the write):
+		// no device but the one that took it may see it.
+		if _, err := t.b.Get(claimKey(e.GetSenderDeviceId(), e.GetEventId())); err == nil {
+			return &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_TAKEN}, false, nil
+		} else if !errors.Is(err, state.ErrNotFound) {
+			return nil, false, err
+		}
+	}
 	mb := &statev1.Mailbox{DeviceId: did}
 	if _, err := t.get(mailboxKey(did), mb); err != nil {
 		return nil, false, err

@@ -137,6 +137,10 @@ type Message struct {
 	Payload []byte
 	// TTL [1 minute] bounds how long the event may wait for a target.
 	TTL time.Duration
+	// AnyOne delivers the event to any one of the targets (a call, a
+	// task): every target receives it, the first to take it keeps it, the
+	// others get a cancellation. Not with SendEphemeral.
+	AnyOne bool
 }
 
 // Event is an event received from another device of the user.
@@ -149,6 +153,12 @@ type Event struct {
 	CreatedAt time.Time // the sender's clock, corrected by its offset
 	TTL       time.Duration
 	Ephemeral bool
+	// AnyOne: this device may have to give the event up; a later Event
+	// with Cancelled set says another device took it.
+	AnyOne bool
+	// Cancelled: another device took this "any one" event (ID, Sender);
+	// the other fields are empty.
+	Cancelled bool
 }
 
 // Presence says another device of the user came online or went offline.
@@ -164,6 +174,8 @@ type Error struct {
 	Message string
 	// ReconnectAfter is the edge's hint for GOING_AWAY.
 	ReconnectAfter time.Duration
+	// ReplacedBy is, for REPLACED, the client instance that took over.
+	ReplacedBy string
 }
 
 func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
@@ -221,6 +233,9 @@ type Client struct {
 
 	addr int // index into addrs() of the edge to try next; guarded by mu
 
+	// instance names this client in its Hellos (see Hello.instance).
+	instance string
+
 	dedupMu sync.Mutex
 	seen    map[string]*senderWindow
 }
@@ -270,6 +285,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		online:   map[string]bool{},
 		seen:     map[string]*senderWindow{},
 		ticket:   cfg.ResumeTicket,
+		instance: newID(),
 		// Sequence numbers continue upwards across restarts of the
 		// process: they start from the clock.
 		seq: uint64(time.Now().UnixMicro()),
@@ -395,7 +411,7 @@ func (c *Client) build(m Message, ephemeral bool) *relayv1.Event {
 	c.mu.Unlock()
 	return &relayv1.Event{
 		Id: id, Targets: m.Targets, CreatedAtMs: time.Now().Add(off).UnixMilli(), TtlMs: ttl.Milliseconds(),
-		Type: m.Type, Payload: m.Payload, Ephemeral: ephemeral,
+		Type: m.Type, Payload: m.Payload, Ephemeral: ephemeral, AnyOne: m.AnyOne && !ephemeral,
 	}
 }
 

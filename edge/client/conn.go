@@ -132,7 +132,7 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	c.mu.Unlock()
 	sent := time.Now()
 	cn.hello = &relayv1.Hello{UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: session.ProtocolVersion,
-		ClientTimeMs: sent.UnixMilli(), ResumeTicket: ticket}
+		ClientTimeMs: sent.UnixMilli(), ResumeTicket: ticket, Instance: c.instance}
 	if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: cn.hello}}); err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}
@@ -191,6 +191,17 @@ func closeReason(cn *conn, err error) error {
 }
 
 // fatal reports whether a session end means reconnecting is pointless.
+// Being replaced by this very client (an attempt it gave up on that the
+// edge completed later) is not.
+func (c *Client) fatal(err error) bool {
+	var e *Error
+	if errors.As(err, &e) && e.Code == relayv1.ErrorCode_ERROR_CODE_REPLACED && e.ReplacedBy == c.instance {
+		return false
+	}
+	return fatal(err)
+}
+
+// fatal reports whether a session end means reconnecting is pointless.
 func fatal(err error) bool {
 	var e *Error
 	if !errors.As(err, &e) {
@@ -219,7 +230,7 @@ func (c *Client) loop(first *conn) {
 				c.stop(ErrClosed)
 				return
 			}
-			if fatal(err) {
+			if c.fatal(err) {
 				c.log.Warn("session ended for good", "err", err)
 				c.stop(err)
 				return
@@ -256,7 +267,7 @@ func (c *Client) loop(first *conn) {
 				c.stop(ErrClosed)
 				return
 			}
-			if fatal(err) {
+			if c.fatal(err) {
 				c.log.Warn("cannot reconnect", "err", err)
 				c.stop(err)
 				return
@@ -344,6 +355,17 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 			if id := k.Deliver.GetDeliveryId(); id != 0 {
 				receipts = append(receipts, id)
 			}
+		case *relayv1.Frame_Cancel:
+			// Only an event the application was given needs undoing; one
+			// it was not is just never given (a late copy is a duplicate).
+			cl := k.Cancel
+			if !c.firstTime(cl.GetSenderDeviceId(), cl.GetEventId()) {
+				select {
+				case c.events <- Event{ID: cl.GetEventId(), Sender: cl.GetSenderDeviceId(), Cancelled: true}:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			}
 		case *relayv1.Frame_Ack:
 			c.resolve(k.Ack.GetEventId(), nil)
 		case *relayv1.Frame_Reject:
@@ -375,7 +397,8 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 		case *relayv1.Frame_Pong:
 		case *relayv1.Frame_Close:
 			cl := k.Close
-			return &Error{Code: cl.GetCode(), Message: cl.GetMessage(), ReconnectAfter: time.Duration(cl.GetReconnectAfterMs()) * time.Millisecond}
+			return &Error{Code: cl.GetCode(), Message: cl.GetMessage(), ReconnectAfter: time.Duration(cl.GetReconnectAfterMs()) * time.Millisecond,
+				ReplacedBy: cl.GetReplacingInstance()}
 		default:
 			return &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Message: fmt.Sprintf("unexpected %T from the edge", k)}
 		}
@@ -414,6 +437,7 @@ func (c *Client) deliver(ctx context.Context, ev *relayv1.Event) bool {
 	out := Event{
 		ID: ev.GetId(), Sender: ev.GetSenderDeviceId(), Seq: ev.GetSeq(), Type: ev.GetType(), Payload: ev.GetPayload(),
 		CreatedAt: time.UnixMilli(ev.GetCreatedAtMs()), TTL: time.Duration(ev.GetTtlMs()) * time.Millisecond, Ephemeral: ev.GetEphemeral(),
+		AnyOne: ev.GetAnyOne(),
 	}
 	select {
 	case c.events <- out:

@@ -242,3 +242,10 @@ func (c *Conn) AckMailbox(ctx context.Context, deviceID string, seqs []uint64) e
 	})
 	return err
 }
+
+// ClaimEvents decides which devices take "any one" events.
+func (c *Conn) ClaimEvents(ctx context.Context, claims []*edgev1.EventClaim) (*edgev1.ClaimEventsResponse, error) {
+	return call(ctx, c, &edgev1.ClaimEventsRequest{Claims: claims}, func(u string, r *connect.Request[edgev1.ClaimEventsRequest]) (*connect.Response[edgev1.ClaimEventsResponse], error) {
+		return edgev1connect.NewMailboxServiceClient(c.http, u, c.cfg.Options...).ClaimEvents(ctx, r)
+	})
+}

@@ -25,6 +25,7 @@ type API interface {
 	PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error)
 	FetchMailbox(ctx context.Context, deviceID string, after uint64, limit uint32) (*edgev1.FetchMailboxResponse, error)
 	AckMailbox(ctx context.Context, deviceID string, seqs []uint64) error
+	ClaimEvents(ctx context.Context, claims []*edgev1.EventClaim) (*edgev1.ClaimEventsResponse, error)
 }
 
 // Result is the outcome of storing one entry.
@@ -60,16 +61,23 @@ type pending struct {
 	done  func(Result)
 }
 
+type pendingClaim struct {
+	claim *edgev1.EventClaim
+	done  func(won bool)
+}
+
 // Client is safe for concurrent use; Run drives it.
 type Client struct {
 	cfg Config
 
-	mu     sync.Mutex // guards the fields below
-	queue  []pending
-	acks   map[string][]uint64
-	closed bool
-	wake   chan struct{} // capacity 1: entries queued
-	ackNow chan struct{} // capacity 1: acks queued
+	mu       sync.Mutex // guards the fields below
+	queue    []pending
+	claims   []pendingClaim
+	acks     map[string][]uint64
+	closed   bool
+	wake     chan struct{} // capacity 1: entries queued
+	ackNow   chan struct{} // capacity 1: acks queued
+	claimNow chan struct{} // capacity 1: claims queued
 
 	batchSize prometheus.Histogram
 	commit    prometheus.Histogram
@@ -94,7 +102,7 @@ func New(cfg Config) (*Client, error) {
 		cfg.Logger = slog.Default()
 	}
 	c := &Client{
-		cfg: cfg, acks: map[string][]uint64{}, wake: make(chan struct{}, 1), ackNow: make(chan struct{}, 1),
+		cfg: cfg, acks: map[string][]uint64{}, wake: make(chan struct{}, 1), ackNow: make(chan struct{}, 1), claimNow: make(chan struct{}, 1),
 		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "relay_edge_mailbox_batch_entries", Help: "Entries per PutMailbox call.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 10),
@@ -168,15 +176,90 @@ func (c *Client) Ack(deviceID string, seqs ...uint64) {
 func (c *Client) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	wg.Go(func() { c.ackLoop(ctx) })
+	wg.Go(func() { c.claimLoop(ctx) })
 	c.writeLoop(ctx)
 	wg.Wait()
 	c.mu.Lock()
 	c.closed = true
-	rest := c.queue
-	c.queue = nil
+	rest, claims := c.queue, c.claims
+	c.queue, c.claims = nil, nil
 	c.mu.Unlock()
 	for _, p := range rest {
 		p.done(Result{Err: errors.New("edge shutting down")})
+	}
+	for _, p := range claims {
+		p.done(true)
+	}
+}
+
+// Claim asks the control plane whether a device takes an "any one"
+// event; done gets the answer once (true too when the control plane
+// could not be asked in time: a duplicate is better than a loss).
+// Claims are sent in batches.
+func (c *Client) Claim(cl *edgev1.EventClaim, done func(won bool)) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		done(true)
+		return
+	}
+	c.claims = append(c.claims, pendingClaim{claim: cl, done: done})
+	c.mu.Unlock()
+	signal(c.claimNow)
+}
+
+func (c *Client) claimLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.claimNow:
+		}
+		for {
+			c.mu.Lock()
+			n := min(len(c.claims), c.cfg.MaxBatch)
+			batch := append([]pendingClaim(nil), c.claims[:n]...)
+			c.claims = c.claims[n:]
+			c.mu.Unlock()
+			if n == 0 {
+				break
+			}
+			claims := make([]*edgev1.EventClaim, n)
+			for i, p := range batch {
+				claims[i] = p.claim
+			}
+			won, err := c.claim(ctx, claims)
+			if err != nil {
+				c.cfg.Logger.Warn("could not claim events; delivering them as claimed", "claims", n, "err", err)
+			}
+			for i, p := range batch {
+				p.done(err != nil || (i < len(won) && won[i]))
+			}
+		}
+	}
+}
+
+func (c *Client) claim(ctx context.Context, claims []*edgev1.EventClaim) ([]bool, error) {
+	deadline := time.Now().Add(c.cfg.RetryFor)
+	backoff := 20 * time.Millisecond
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		resp, err := c.cfg.API.ClaimEvents(cctx, claims)
+		cancel()
+		if err == nil {
+			return resp.GetWon(), nil
+		}
+		if connect.CodeOf(err) == connect.CodeInvalidArgument || ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
+			return nil, err
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		}
+		backoff = min(backoff*2, time.Second)
 	}
 }
 

@@ -147,7 +147,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 
 func (m *Mesh) notifyMoved(ps []*edgev1.DevicePresence) {
 	for _, p := range ps {
-		m.cfg.Local.PeerHolds(p.GetUserId(), p.GetDeviceId(), time.Unix(0, p.GetSinceNs()))
+		m.cfg.Local.PeerHolds(p.GetUserId(), p.GetDeviceId(), time.Unix(0, p.GetSinceNs()), p.GetInstance())
 	}
 }
 

@@ -37,7 +37,7 @@ type Local interface {
 	DeliverForwarded(f *edgev1.Forward, report func(edgev1.ForwardOutcome))
 	// PeerHolds says a peer holds a device since a time: an older session
 	// of it here must close (the device moved).
-	PeerHolds(userID, deviceID string, since time.Time)
+	PeerHolds(userID, deviceID string, since time.Time, instance string)
 	// PeerPresence says a device came online on some peer, or is on none
 	// any more, for the presence frames of its user's devices here.
 	PeerPresence(userID, deviceID string, online bool)

@@ -79,7 +79,7 @@ func (f *fakeLocal) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.Forw
 	}
 }
 
-func (f *fakeLocal) PeerHolds(user, device string, since time.Time) {
+func (f *fakeLocal) PeerHolds(user, device string, since time.Time, instance string) {
 	f.mu.Lock()
 	f.moved = append(f.moved, device)
 	f.mu.Unlock()

@@ -81,8 +81,8 @@ func (l lateLocal) LocalPresence() []*edgev1.DevicePresence { return l.hub().Loc
 func (l lateLocal) DeliverForwarded(f *edgev1.Forward, report func(edgev1.ForwardOutcome)) {
 	l.hub().DeliverForwarded(f, report)
 }
-func (l lateLocal) PeerHolds(user, device string, since time.Time) {
-	l.hub().PeerHolds(user, device, since)
+func (l lateLocal) PeerHolds(user, device string, since time.Time, instance string) {
+	l.hub().PeerHolds(user, device, since, instance)
 }
 func (l lateLocal) PeerPresence(user, device string, online bool) {
 	l.hub().PeerPresence(user, device, online)
@@ -100,3 +100,5 @@ func (a mailboxAdapter) Fetch(ctx context.Context, device string, after uint64, 
 }
 
 func (a mailboxAdapter) Ack(device string, seqs ...uint64) { a.c.Ack(device, seqs...) }
+
+func (a mailboxAdapter) Claim(c *edgev1.EventClaim, done func(bool)) { a.c.Claim(c, done) }

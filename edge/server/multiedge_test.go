@@ -451,3 +451,77 @@ func TestNoRoutingStateLeaks(t *testing.T) {
 		return nil
 	})
 }
+
+// An "any one" event across edges and a mailbox: both online targets
+// receive it, exactly one keeps it (the other is told it was taken), and
+// the offline target never gets it.
+func TestAnyOneAcrossEdges(t *testing.T) {
+	r := startMulti(t, relaytest.Options{})
+	u := r.User("caller")
+	a, b, c, d := r.Device(u, "a"), r.Device(u, "b"), r.Device(u, "c"), r.Device(u, "d")
+	ca, cb, cc := dial(t, r, 0, a, client.QUIC), dial(t, r, 1, b, client.QUIC), dial(t, r, 2, c, client.WebTransport)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if len(ca.Online()) != 2 {
+			return fmt.Errorf("a sees %v", ca.Online())
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const calls = 20
+	for k := range calls {
+		if err := ca.Send(ctx, client.Message{ID: fmt.Sprintf("call-%d", k), Payload: []byte("ring"), AnyOne: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Each of b and c gets every call; for each call exactly one of them
+	// is told afterwards that the other took it.
+	got := map[string]map[string]int{} // call -> device -> events
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for name, cl := range map[string]*client.Client{"b": cb, "c": cc} {
+		wg.Go(func() {
+			for {
+				mu.Lock()
+				n := 0
+				for _, m := range got {
+					n += m[name]
+				}
+				mu.Unlock()
+				rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+				ev, err := cl.Receive(rctx)
+				rcancel()
+				if err != nil {
+					return // quiet for 2 s: all arrived
+				}
+				if !ev.AnyOne && !ev.Cancelled {
+					t.Errorf("%s: not an any-one event: %+v", name, ev)
+				}
+				mu.Lock()
+				if got[ev.ID] == nil {
+					got[ev.ID] = map[string]int{}
+				}
+				got[ev.ID][name]++
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if len(got) != calls {
+		t.Fatalf("%d calls arrived, want %d", len(got), calls)
+	}
+	for id, m := range got {
+		// One device: the event only (it took it); the other: the event
+		// and its cancellation.
+		if !(m["b"] == 1 && m["c"] == 2) && !(m["b"] == 2 && m["c"] == 1) {
+			t.Errorf("%s: %v", id, m)
+		}
+	}
+	// The offline device's copies were withdrawn when the calls were taken.
+	cd := dial(t, r, 0, d, client.QUIC)
+	short, cancel2 := context.WithTimeout(ctx, time.Second)
+	defer cancel2()
+	if ev, err := cd.Receive(short); err == nil {
+		t.Fatalf("the offline device got %s after it was taken", ev.ID)
+	}
+}

@@ -49,6 +49,8 @@ type Directory interface {
 type CloseError struct {
 	Code relayv1.ErrorCode
 	Msg  string
+	// ReplacedBy is, for REPLACED, the client instance that took over.
+	ReplacedBy string
 }
 
 func (e *CloseError) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Msg) }

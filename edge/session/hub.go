@@ -271,7 +271,9 @@ func (h *Hub) register(s *Session) bool {
 	r.mu.Unlock()
 
 	if old != nil {
-		old.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_REPLACED, "a newer session of this device took over"), 0)
+		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_REPLACED, "a newer session of this device took over")
+		ce.ReplacedBy = s.instance
+		old.closeWith(ce, 0)
 	}
 	if h.cfg.Remote != nil {
 		h.cfg.Remote.Announce(s.presence(), true)

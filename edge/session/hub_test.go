@@ -719,3 +719,30 @@ func TestNotReadySendsDevicesAway(t *testing.T) {
 	mu.Unlock()
 	e.online("a")
 }
+
+// A replaced session is told which client instance took over, so a
+// client can tell its own abandoned attempt from another instance.
+func TestReplacedNamesTheNewInstance(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "d1")
+	first := e.connect("d1")
+	h := first.hello(nil)
+	h.GetHello().Instance = "phone-app-1"
+	first.send(h)
+	first.send(sign(h.GetHello(), first.readDirect().GetChallenge(), e.keys["d1"]))
+	if first.readDirect().GetWelcome() == nil {
+		t.Fatal("no welcome")
+	}
+	first.startReading()
+	second := e.connect("d1")
+	h2 := second.hello(nil)
+	h2.GetHello().Instance = "phone-app-2"
+	second.send(h2)
+	second.send(sign(h2.GetHello(), second.readDirect().GetChallenge(), e.keys["d1"]))
+	if second.readDirect().GetWelcome() == nil {
+		t.Fatal("no welcome")
+	}
+	if c := first.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_REPLACED || c.GetReplacingInstance() != "phone-app-2" {
+		t.Fatalf("close: %v", c)
+	}
+}

@@ -28,6 +28,10 @@ type Mailbox interface {
 	Fetch(ctx context.Context, deviceID string, after uint64, limit int) (entries []*edgev1.MailboxEntry, more bool, err error)
 	// Ack deletes entries the device received.
 	Ack(deviceID string, seqs ...uint64)
+	// Claim asks whether a device takes an "any one" event; done is
+	// called once (won is true also when the control plane could not
+	// decide: a duplicate is better than a loss).
+	Claim(c *edgev1.EventClaim, done func(won bool))
 }
 
 // mailboxState is a session's view of its device's mailbox: what has been
@@ -66,7 +70,7 @@ func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires
 	s.routeMu.Unlock()
 	e := &edgev1.MailboxEntry{
 		DeviceId: device, UserId: s.userID, Event: event, EventId: f.eventID,
-		SenderDeviceId: s.deviceID, ExpiresAtMs: expires.UnixMilli(),
+		SenderDeviceId: s.deviceID, ExpiresAtMs: expires.UnixMilli(), AnyOne: f.anyOne,
 	}
 	s.hub.cfg.Mailbox.Store(e, func(r MailboxResult) {
 		s.routeMu.Lock()
@@ -80,6 +84,9 @@ func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires
 		switch {
 		case r.Err != nil:
 			f.fail(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "could not store the event for an offline target; retry")
+		case r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_TAKEN:
+			// An "any one" event another device already took.
+			f.confirm()
 		case r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_STORED:
 			// The device may have connected here meanwhile: tell its
 			// session (the watch feed will too).
@@ -117,7 +124,7 @@ func (s *Session) deliverLive(event []byte, f *inflight, need uint64) offerResul
 		}
 		m.mu.Unlock()
 	}
-	return s.out.offer(event, true, false, func(id uint64) { s.track(id, await{f: f, event: event}) })
+	return s.out.offer(event, true, false, func(id uint64) { s.track(id, await{f: f, event: event, claim: f.claim}) })
 }
 
 // primeMailbox queues the first page of the device's mailbox before the
@@ -153,7 +160,11 @@ func (s *Session) queueEntries(entries []*edgev1.MailboxEntry, more bool, known 
 			continue
 		}
 		seq := e.GetSeq()
-		switch s.out.offer(e.GetEvent(), true, false, func(id uint64) { s.track(id, await{mbSeq: seq}) }) {
+		var claim *edgev1.EventClaim
+		if e.GetAnyOne() {
+			claim = &edgev1.EventClaim{SenderDeviceId: e.GetSenderDeviceId(), EventId: e.GetEventId(), ExpiresAtMs: e.GetExpiresAtMs()}
+		}
+		switch s.out.offer(e.GetEvent(), true, false, func(id uint64) { s.track(id, await{mbSeq: seq, claim: claim}) }) {
 		case offered:
 			m.cursor = seq
 			m.unacked++
@@ -185,7 +196,7 @@ func (s *Session) releaseHeld() {
 			n = copy(m.held, m.held[i:])
 			break
 		}
-		res := s.out.offer(h.event, true, false, func(id uint64) { s.track(id, await{f: h.f, event: h.event}) })
+		res := s.out.offer(h.event, true, false, func(id uint64) { s.track(id, await{f: h.f, event: h.event, claim: h.f.claim}) })
 		if res == queueFull {
 			h.f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
 		} else if res == queueClosed {

@@ -27,6 +27,7 @@ type memMailbox struct {
 	fetchGate map[string]chan struct{} // if set, a device's fetches wait for it
 	snapshots chan string              // if set, told the device of each fetch once it read
 	acked     map[string][]uint64
+	claims    map[string]string // sender/event -> the device that took it
 
 	queue chan func()
 	hold  sync.Mutex // held by tests to pause the writer
@@ -108,6 +109,32 @@ func (m *memMailbox) Ack(device string, seqs ...uint64) {
 	defer m.mu.Unlock()
 	m.acked[device] = append(m.acked[device], seqs...)
 	m.boxes[device] = slices.DeleteFunc(m.boxes[device], func(e *edgev1.MailboxEntry) bool { return slices.Contains(seqs, e.GetSeq()) })
+}
+
+// Claim: the first device to claim an event takes it, and the event's
+// entries for the other devices go.
+func (m *memMailbox) Claim(c *edgev1.EventClaim, done func(bool)) {
+	m.queue <- func() {
+		m.mu.Lock()
+		if m.claims == nil {
+			m.claims = map[string]string{}
+		}
+		key := c.GetSenderDeviceId() + "/" + c.GetEventId()
+		winner, ok := m.claims[key]
+		if !ok {
+			winner = c.GetDeviceId()
+			m.claims[key] = winner
+			for dev, box := range m.boxes {
+				if dev != winner {
+					m.boxes[dev] = slices.DeleteFunc(box, func(e *edgev1.MailboxEntry) bool {
+						return e.GetSenderDeviceId() == c.GetSenderDeviceId() && e.GetEventId() == c.GetEventId()
+					})
+				}
+			}
+		}
+		m.mu.Unlock()
+		done(winner == c.GetDeviceId())
+	}
 }
 
 func (m *memMailbox) stored(device string) int {
@@ -377,4 +404,49 @@ func mustEvent(t *testing.T, payload string) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// An "any one" event reaches every target; the first to acknowledge it
+// takes it, a later one gets a Cancel, and the copy waiting in an
+// offline target's mailbox is withdrawn.
+func TestAnyOneDelivery(t *testing.T) {
+	e, mb := mailboxEnv(t, nil)
+	for _, id := range []string{"a", "b", "c", "off"} {
+		e.device("u1", id)
+	}
+	a, b, c := e.online("a"), e.online("b"), e.online("c")
+	ev := a.event()
+	ev.AnyOne = true
+	a.sendEvent(ev)
+	db, dc := b.nextDeliver(), c.nextDeliver()
+	waitFor(t, "the offline device's copy stored", func() bool { return mb.stored("off") == 1 })
+	// The sender's ack comes with the first copy taken care of (here the
+	// offline device's copy, once stored), and only once.
+	a.expectAck(ev)
+	b.received(db.GetDeliveryId())
+	waitFor(t, "b's claim decided", func() bool {
+		mb.mu.Lock()
+		defer mb.mu.Unlock()
+		return len(mb.claims) == 1
+	})
+	c.received(dc.GetDeliveryId())
+	cancel := c.next("cancel", func(f *relayv1.Frame) bool { return f.GetCancel() != nil }).GetCancel()
+	if cancel.GetEventId() != ev.GetId() || cancel.GetSenderDeviceId() != "a" {
+		t.Fatalf("cancel: %v", cancel)
+	}
+	b.expectNothing("a cancel for the winner", func(f *relayv1.Frame) bool { return f.GetCancel() != nil })
+	if got := mb.stored("off"); got != 0 {
+		t.Fatalf("the offline device's copy was not withdrawn: %d left", got)
+	}
+	off := e.online("off")
+	off.expectNothing("the withdrawn event", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	a.expectNothing("a second ack", func(f *relayv1.Frame) bool { return f.GetAck() != nil })
+
+	// Not with ephemeral.
+	bad := a.event()
+	bad.AnyOne, bad.Ephemeral = true, true
+	a.sendEvent(bad)
+	if f := a.nextAckOrReject(); f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME {
+		t.Fatalf("ephemeral any-one: %v", f)
+	}
 }

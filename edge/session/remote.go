@@ -41,6 +41,9 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 	s.fwdPending[r.device] = pf
 	s.routeMu.Unlock()
 	fw := &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: event, NeedMailboxSeq: r.need}
+	if f.anyOne {
+		fw.AnyOne, fw.EventId, fw.SenderDeviceId, fw.ExpiresAtMs = true, f.eventID, s.deviceID, f.claim.GetExpiresAtMs()
+	}
 	s.hub.cfg.Remote.Forward(r.edge, fw, func(o edgev1.ForwardOutcome) {
 		switch o {
 		case edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED:
@@ -93,6 +96,9 @@ func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOut
 		return
 	}
 	f := &inflight{fwd: report, remaining: 1, arrived: h.cfg.Now()}
+	if fw.GetAnyOne() {
+		f.claim = &edgev1.EventClaim{SenderDeviceId: fw.GetSenderDeviceId(), EventId: fw.GetEventId(), ExpiresAtMs: fw.GetExpiresAtMs()}
+	}
 	switch d.deliverLive(fw.GetEvent(), f, fw.GetNeedMailboxSeq()) {
 	case queueFull:
 		f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "")
@@ -121,16 +127,18 @@ func (h *Hub) LocalPresence() []*edgev1.DevicePresence {
 
 // PeerHolds closes the session of a device here that is older than its
 // session on another edge: the device moved, the newer session wins.
-func (h *Hub) PeerHolds(userID, deviceID string, since time.Time) {
+func (h *Hub) PeerHolds(userID, deviceID string, since time.Time, instance string) {
 	for _, s := range h.sessionsOf(userID, deviceID) {
 		if s.since.Before(since) {
-			s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_REPLACED, "a newer session of this device is on another edge"), 0)
+			ce := closeErr(relayv1.ErrorCode_ERROR_CODE_REPLACED, "a newer session of this device is on another edge")
+			ce.ReplacedBy = instance
+			s.closeWith(ce, 0)
 		}
 	}
 }
 
 func (s *Session) presence() *edgev1.DevicePresence {
-	return &edgev1.DevicePresence{DeviceId: s.deviceID, UserId: s.userID, SinceNs: s.since.UnixNano()}
+	return &edgev1.DevicePresence{DeviceId: s.deviceID, UserId: s.userID, SinceNs: s.since.UnixNano(), Instance: s.instance}
 }
 
 // PeerPresence tells the user's devices here that one of their devices

@@ -15,6 +15,7 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/time/rate"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/edge/frame"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -66,6 +67,8 @@ type Session struct {
 	// since is when the session was registered (it is announced to other
 	// edges; the newer session of a device wins).
 	since time.Time
+	// instance is the client instance the device's Hello named.
+	instance string
 
 	// As a receiver: this device's mailbox (see mailbox.go).
 	mb mailboxState
@@ -228,6 +231,10 @@ func (s *Session) handshake(ctx context.Context) error {
 		return closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 	}
 	s.userID, s.deviceID, s.authAt = s.hs.hello.GetUserId(), s.hs.hello.GetDeviceId(), s.hs.authAt
+	s.instance = s.hs.hello.GetInstance()
+	if len(s.instance) > 64 {
+		return closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "hello.instance longer than 64 bytes")
+	}
 	return nil
 }
 
@@ -307,7 +314,7 @@ func writeClose(c Conn, ce *CloseError, reconnectIn time.Duration) {
 
 func closeFrame(ce *CloseError, reconnectIn time.Duration) *relayv1.Frame {
 	return &relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{
-		Code: ce.Code, Message: ce.Msg, ReconnectAfterMs: reconnectIn.Milliseconds(),
+		Code: ce.Code, Message: ce.Msg, ReconnectAfterMs: reconnectIn.Milliseconds(), ReplacingInstance: ce.ReplacedBy,
 	}}}
 }
 
@@ -567,9 +574,15 @@ type inflight struct {
 	arrived time.Time
 	// fwd reports the outcome of an event another edge forwarded here.
 	fwd func(edgev1.ForwardOutcome)
+	// An "any one" event: the first copy delivered (or stored) completes
+	// it, and it fails only when every copy did. claim identifies it for
+	// the control plane's claims.
+	anyOne bool
+	claim  *edgev1.EventClaim
 
 	mu        sync.Mutex // guards the fields below
 	remaining int
+	failures  int
 	done      bool
 	failed    bool
 }
@@ -593,7 +606,7 @@ func (f *inflight) confirm() {
 		return
 	}
 	f.remaining--
-	if f.remaining > 0 {
+	if f.remaining > 0 && !f.anyOne {
 		f.mu.Unlock()
 		return
 	}
@@ -606,8 +619,18 @@ func (f *inflight) confirm() {
 	f.sender.acked(f)
 }
 
-// fail refuses the event to its sender (once).
+// fail refuses the event to its sender (once); an "any one" event only
+// when its last copy failed.
 func (f *inflight) fail(code relayv1.ErrorCode, msg string) {
+	if f.anyOne {
+		f.mu.Lock()
+		f.failures++
+		last := f.failures >= f.remaining
+		f.mu.Unlock()
+		if !last {
+			return
+		}
+	}
 	if !f.finish(true) {
 		return
 	}
@@ -650,7 +673,10 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	_, span := cfg.Tracer.Start(ctx, "relay.event")
 	defer span.End()
 	now := cfg.Now()
-	if rej := ValidateEvent(ev, cfg.Limits, now); rej != nil {
+	if rej := ValidateEvent(ev, cfg.Limits, now); rej == nil && ev.GetAnyOne() && ev.GetEphemeral() {
+		s.reject(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "event %s: an ephemeral event cannot go to any one device", ev.GetId()))
+		return
+	} else if rej != nil {
 		span.SetStatus(codes.Error, rej.Error())
 		s.reject(ev.GetId(), rej)
 		return
@@ -715,7 +741,11 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 		cfg.Metrics.events.WithLabelValues("accepted").Inc()
 		return
 	}
-	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, remaining: len(routes)}
+	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, remaining: len(routes), anyOne: ev.GetAnyOne()}
+	if f.anyOne {
+		f.claim = &edgev1.EventClaim{SenderDeviceId: s.deviceID, EventId: ev.GetId(), UserId: s.userID,
+			ExpiresAtMs: time.UnixMilli(ev.GetCreatedAtMs()).Add(time.Duration(ev.GetTtlMs())*time.Millisecond + cfg.Limits.SkewTolerance).UnixMilli()}
+	}
 	s.remember(f)
 	s.lastSeq = ev.GetSeq()
 	cfg.Metrics.events.WithLabelValues("accepted").Inc()
@@ -911,6 +941,8 @@ type await struct {
 	f     *inflight
 	event []byte
 	mbSeq uint64
+	// For an "any one" event: what to claim when the device acknowledges.
+	claim *edgev1.EventClaim
 }
 
 // track records a delivery this device must acknowledge.
@@ -933,6 +965,8 @@ func (s *Session) handleReceived(ids []uint64) {
 		s.awaitMu.Unlock()
 		switch {
 		case !ok:
+		case a.claim != nil && s.hub.cfg.Mailbox != nil:
+			s.claim(a)
 		case a.mbSeq != 0:
 			acked = append(acked, a.mbSeq)
 		default:
@@ -943,6 +977,25 @@ func (s *Session) handleReceived(ids []uint64) {
 		s.hub.cfg.Mailbox.Ack(s.deviceID, acked...)
 		s.mailboxAcked(len(acked))
 	}
+}
+
+// claim asks the control plane whether this device is the one that takes
+// an "any one" event it acknowledged. Either way the delivery counts as
+// done (the event was taken care of); a device that lost gets a Cancel.
+func (s *Session) claim(a await) {
+	c := proto.Clone(a.claim).(*edgev1.EventClaim)
+	c.DeviceId, c.UserId = s.deviceID, s.userID
+	s.hub.cfg.Mailbox.Claim(c, func(won bool) {
+		if !won {
+			s.out.control(&relayv1.Frame{Kind: &relayv1.Frame_Cancel{Cancel: &relayv1.Cancel{EventId: c.GetEventId(), SenderDeviceId: c.GetSenderDeviceId()}}})
+		}
+		if a.mbSeq != 0 {
+			s.hub.cfg.Mailbox.Ack(s.deviceID, a.mbSeq)
+			s.mailboxAcked(1)
+			return
+		}
+		a.f.confirm()
+	})
 }
 
 // handOff gives the events this device never acknowledged to its

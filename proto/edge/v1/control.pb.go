@@ -39,6 +39,9 @@ const (
 	MailboxStatus_MAILBOX_STATUS_TARGET_GONE MailboxStatus = 3
 	// expires_at_ms is not after the command's time.
 	MailboxStatus_MAILBOX_STATUS_EXPIRED MailboxStatus = 4
+	// An "any one" entry whose event a device already claimed: nothing is
+	// stored, and the event counts as taken care of.
+	MailboxStatus_MAILBOX_STATUS_TAKEN MailboxStatus = 5
 )
 
 // Enum value maps for MailboxStatus.
@@ -49,6 +52,7 @@ var (
 		2: "MAILBOX_STATUS_FULL",
 		3: "MAILBOX_STATUS_TARGET_GONE",
 		4: "MAILBOX_STATUS_EXPIRED",
+		5: "MAILBOX_STATUS_TAKEN",
 	}
 	MailboxStatus_value = map[string]int32{
 		"MAILBOX_STATUS_UNSPECIFIED": 0,
@@ -56,6 +60,7 @@ var (
 		"MAILBOX_STATUS_FULL":        2,
 		"MAILBOX_STATUS_TARGET_GONE": 3,
 		"MAILBOX_STATUS_EXPIRED":     4,
+		"MAILBOX_STATUS_TAKEN":       5,
 	}
 )
 
@@ -2056,13 +2061,14 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x06claims\x18\x01 \x03(\v2\x13.edge.v1.EventClaimR\x06claims\"C\n" +
 	"\x13ClaimEventsResponse\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\x12\x10\n" +
-	"\x03won\x18\x02 \x03(\bR\x03won*\x9f\x01\n" +
+	"\x03won\x18\x02 \x03(\bR\x03won*\xb9\x01\n" +
 	"\rMailboxStatus\x12\x1e\n" +
 	"\x1aMAILBOX_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15MAILBOX_STATUS_STORED\x10\x01\x12\x17\n" +
 	"\x13MAILBOX_STATUS_FULL\x10\x02\x12\x1e\n" +
 	"\x1aMAILBOX_STATUS_TARGET_GONE\x10\x03\x12\x1a\n" +
-	"\x16MAILBOX_STATUS_EXPIRED\x10\x042H\n" +
+	"\x16MAILBOX_STATUS_EXPIRED\x10\x04\x12\x18\n" +
+	"\x14MAILBOX_STATUS_TAKEN\x10\x052H\n" +
 	"\fWatchService\x128\n" +
 	"\x05Watch\x12\x15.edge.v1.WatchRequest\x1a\x16.edge.v1.WatchResponse0\x012\xad\x01\n" +
 	"\vEdgeService\x12K\n" +

@@ -275,7 +275,9 @@ type DevicePresence struct {
 	UserId   string                 `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// When the session started, Unix nanoseconds: a device announced by two
 	// edges (it moved) is where its newer session is.
-	SinceNs       int64 `protobuf:"varint,3,opt,name=since_ns,json=sinceNs,proto3" json:"since_ns,omitempty"`
+	SinceNs int64 `protobuf:"varint,3,opt,name=since_ns,json=sinceNs,proto3" json:"since_ns,omitempty"`
+	// The client instance of that session (relay.v1 Hello.instance).
+	Instance      string `protobuf:"bytes,4,opt,name=instance,proto3" json:"instance,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -329,6 +331,13 @@ func (x *DevicePresence) GetSinceNs() int64 {
 		return x.SinceNs
 	}
 	return 0
+}
+
+func (x *DevicePresence) GetInstance() string {
+	if x != nil {
+		return x.Instance
+	}
+	return ""
 }
 
 // PresenceSet replaces everything the dialer announced before (sent when
@@ -443,6 +452,12 @@ type Forward struct {
 	Event []byte `protobuf:"bytes,4,opt,name=event,proto3" json:"event,omitempty"`
 	// The device's mailbox seq that must reach it first (0: none).
 	NeedMailboxSeq uint64 `protobuf:"varint,5,opt,name=need_mailbox_seq,json=needMailboxSeq,proto3" json:"need_mailbox_seq,omitempty"`
+	// For an "any one" event: the receiving edge claims it (ClaimEvents)
+	// when the device acknowledges it; these identify it.
+	AnyOne         bool   `protobuf:"varint,6,opt,name=any_one,json=anyOne,proto3" json:"any_one,omitempty"`
+	EventId        string `protobuf:"bytes,7,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	SenderDeviceId string `protobuf:"bytes,8,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
+	ExpiresAtMs    int64  `protobuf:"varint,9,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -508,6 +523,34 @@ func (x *Forward) GetEvent() []byte {
 func (x *Forward) GetNeedMailboxSeq() uint64 {
 	if x != nil {
 		return x.NeedMailboxSeq
+	}
+	return 0
+}
+
+func (x *Forward) GetAnyOne() bool {
+	if x != nil {
+		return x.AnyOne
+	}
+	return false
+}
+
+func (x *Forward) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *Forward) GetSenderDeviceId() string {
+	if x != nil {
+		return x.SenderDeviceId
+	}
+	return ""
+}
+
+func (x *Forward) GetExpiresAtMs() int64 {
+	if x != nil {
+		return x.ExpiresAtMs
 	}
 	return 0
 }
@@ -579,22 +622,27 @@ const file_edge_v1_mesh_proto_rawDesc = "" +
 	"\x04kind\"=\n" +
 	"\tMeshHello\x12\x17\n" +
 	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\x12\x17\n" +
-	"\apeer_id\x18\x02 \x01(\tR\x06peerId\"a\n" +
+	"\apeer_id\x18\x02 \x01(\tR\x06peerId\"}\n" +
 	"\x0eDevicePresence\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x19\n" +
-	"\bsince_ns\x18\x03 \x01(\x03R\asinceNs\"@\n" +
+	"\bsince_ns\x18\x03 \x01(\x03R\asinceNs\x12\x1a\n" +
+	"\binstance\x18\x04 \x01(\tR\binstance\"@\n" +
 	"\vPresenceSet\x121\n" +
 	"\adevices\x18\x01 \x03(\v2\x17.edge.v1.DevicePresenceR\adevices\"s\n" +
 	"\rPresenceDelta\x12/\n" +
 	"\x06online\x18\x01 \x03(\v2\x17.edge.v1.DevicePresenceR\x06online\x121\n" +
-	"\aoffline\x18\x02 \x03(\v2\x17.edge.v1.DevicePresenceR\aoffline\"\x8f\x01\n" +
+	"\aoffline\x18\x02 \x03(\v2\x17.edge.v1.DevicePresenceR\aoffline\"\x91\x02\n" +
 	"\aForward\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x17\n" +
 	"\auser_id\x18\x03 \x01(\tR\x06userId\x12\x14\n" +
 	"\x05event\x18\x04 \x01(\fR\x05event\x12(\n" +
-	"\x10need_mailbox_seq\x18\x05 \x01(\x04R\x0eneedMailboxSeq\"R\n" +
+	"\x10need_mailbox_seq\x18\x05 \x01(\x04R\x0eneedMailboxSeq\x12\x17\n" +
+	"\aany_one\x18\x06 \x01(\bR\x06anyOne\x12\x19\n" +
+	"\bevent_id\x18\a \x01(\tR\aeventId\x12(\n" +
+	"\x10sender_device_id\x18\b \x01(\tR\x0esenderDeviceId\x12\"\n" +
+	"\rexpires_at_ms\x18\t \x01(\x03R\vexpiresAtMs\"R\n" +
 	"\rForwardResult\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x121\n" +
 	"\aoutcome\x18\x02 \x01(\x0e2\x17.edge.v1.ForwardOutcomeR\aoutcome*\xb4\x01\n" +

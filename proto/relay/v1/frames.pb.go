@@ -188,6 +188,7 @@ type Frame struct {
 	//	*Frame_Ping
 	//	*Frame_Pong
 	//	*Frame_Ticket
+	//	*Frame_Cancel
 	Kind          isFrame_Kind `protobuf_oneof:"kind"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -356,6 +357,15 @@ func (x *Frame) GetTicket() *Ticket {
 	return nil
 }
 
+func (x *Frame) GetCancel() *Cancel {
+	if x != nil {
+		if x, ok := x.Kind.(*Frame_Cancel); ok {
+			return x.Cancel
+		}
+	}
+	return nil
+}
+
 type isFrame_Kind interface {
 	isFrame_Kind()
 }
@@ -416,6 +426,10 @@ type Frame_Ticket struct {
 	Ticket *Ticket `protobuf:"bytes,14,opt,name=ticket,proto3,oneof"`
 }
 
+type Frame_Cancel struct {
+	Cancel *Cancel `protobuf:"bytes,15,opt,name=cancel,proto3,oneof"`
+}
+
 func (*Frame_Hello) isFrame_Kind() {}
 
 func (*Frame_Challenge) isFrame_Kind() {}
@@ -444,6 +458,8 @@ func (*Frame_Pong) isFrame_Kind() {}
 
 func (*Frame_Ticket) isFrame_Kind() {}
 
+func (*Frame_Cancel) isFrame_Kind() {}
+
 // Hello opens a session (client -> edge).
 type Hello struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
@@ -454,7 +470,12 @@ type Hello struct {
 	ClientTimeMs int64 `protobuf:"varint,4,opt,name=client_time_ms,json=clientTimeMs,proto3" json:"client_time_ms,omitempty"`
 	// A ticket from an earlier Welcome or Ticket: if valid, the edge skips
 	// the challenge.
-	ResumeTicket  []byte `protobuf:"bytes,5,opt,name=resume_ticket,json=resumeTicket,proto3" json:"resume_ticket,omitempty"`
+	ResumeTicket []byte `protobuf:"bytes,5,opt,name=resume_ticket,json=resumeTicket,proto3" json:"resume_ticket,omitempty"`
+	// Random, one per client instance (process): a session that replaces
+	// another says which instance it is, so a client can tell its own
+	// abandoned attempt (which it ignores) from another instance of the
+	// device (which it yields to).
+	Instance      string `protobuf:"bytes,6,opt,name=instance,proto3" json:"instance,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -522,6 +543,13 @@ func (x *Hello) GetResumeTicket() []byte {
 		return x.ResumeTicket
 	}
 	return nil
+}
+
+func (x *Hello) GetInstance() string {
+	if x != nil {
+		return x.Instance
+	}
+	return ""
 }
 
 // Challenge asks the client to prove its key (edge -> client).
@@ -889,7 +917,12 @@ type Event struct {
 	Type        string `protobuf:"bytes,7,opt,name=type,proto3" json:"type,omitempty"`
 	Payload     []byte `protobuf:"bytes,8,opt,name=payload,proto3" json:"payload,omitempty"`
 	// Never stored; may travel as a datagram; dropped when a queue is full.
-	Ephemeral     bool `protobuf:"varint,9,opt,name=ephemeral,proto3" json:"ephemeral,omitempty"`
+	Ephemeral bool `protobuf:"varint,9,opt,name=ephemeral,proto3" json:"ephemeral,omitempty"`
+	// Deliver to any one of the targets (a call, a task): every target gets
+	// it, the first to acknowledge it claims it, and the others get a
+	// Cancel (when they acknowledge it, or instead of it if it was still in
+	// their mailbox). Not with ephemeral.
+	AnyOne        bool `protobuf:"varint,10,opt,name=any_one,json=anyOne,proto3" json:"any_one,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -983,6 +1016,13 @@ func (x *Event) GetPayload() []byte {
 func (x *Event) GetEphemeral() bool {
 	if x != nil {
 		return x.Ephemeral
+	}
+	return false
+}
+
+func (x *Event) GetAnyOne() bool {
+	if x != nil {
+		return x.AnyOne
 	}
 	return false
 }
@@ -1201,8 +1241,10 @@ type Close struct {
 	Message string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
 	// For GOING_AWAY: wait this long before reconnecting.
 	ReconnectAfterMs int64 `protobuf:"varint,3,opt,name=reconnect_after_ms,json=reconnectAfterMs,proto3" json:"reconnect_after_ms,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// For REPLACED: the instance of the session that took over.
+	ReplacingInstance string `protobuf:"bytes,4,opt,name=replacing_instance,json=replacingInstance,proto3" json:"replacing_instance,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Close) Reset() {
@@ -1256,6 +1298,68 @@ func (x *Close) GetReconnectAfterMs() int64 {
 	return 0
 }
 
+func (x *Close) GetReplacingInstance() string {
+	if x != nil {
+		return x.ReplacingInstance
+	}
+	return ""
+}
+
+// Cancel withdraws an "any one" event another device claimed first
+// (edge -> client): the client drops it, or tells the application it was
+// taken elsewhere if it already handed it over.
+type Cancel struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	EventId        string                 `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	SenderDeviceId string                 `protobuf:"bytes,2,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *Cancel) Reset() {
+	*x = Cancel{}
+	mi := &file_relay_v1_frames_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Cancel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Cancel) ProtoMessage() {}
+
+func (x *Cancel) ProtoReflect() protoreflect.Message {
+	mi := &file_relay_v1_frames_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Cancel.ProtoReflect.Descriptor instead.
+func (*Cancel) Descriptor() ([]byte, []int) {
+	return file_relay_v1_frames_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *Cancel) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *Cancel) GetSenderDeviceId() string {
+	if x != nil {
+		return x.SenderDeviceId
+	}
+	return ""
+}
+
 // Presence tells a device that another device of its user came online or
 // went offline.
 type Presence struct {
@@ -1268,7 +1372,7 @@ type Presence struct {
 
 func (x *Presence) Reset() {
 	*x = Presence{}
-	mi := &file_relay_v1_frames_proto_msgTypes[13]
+	mi := &file_relay_v1_frames_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1280,7 +1384,7 @@ func (x *Presence) String() string {
 func (*Presence) ProtoMessage() {}
 
 func (x *Presence) ProtoReflect() protoreflect.Message {
-	mi := &file_relay_v1_frames_proto_msgTypes[13]
+	mi := &file_relay_v1_frames_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1293,7 +1397,7 @@ func (x *Presence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Presence.ProtoReflect.Descriptor instead.
 func (*Presence) Descriptor() ([]byte, []int) {
-	return file_relay_v1_frames_proto_rawDescGZIP(), []int{13}
+	return file_relay_v1_frames_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Presence) GetDeviceId() string {
@@ -1320,7 +1424,7 @@ type Ping struct {
 
 func (x *Ping) Reset() {
 	*x = Ping{}
-	mi := &file_relay_v1_frames_proto_msgTypes[14]
+	mi := &file_relay_v1_frames_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1332,7 +1436,7 @@ func (x *Ping) String() string {
 func (*Ping) ProtoMessage() {}
 
 func (x *Ping) ProtoReflect() protoreflect.Message {
-	mi := &file_relay_v1_frames_proto_msgTypes[14]
+	mi := &file_relay_v1_frames_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1345,7 +1449,7 @@ func (x *Ping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ping.ProtoReflect.Descriptor instead.
 func (*Ping) Descriptor() ([]byte, []int) {
-	return file_relay_v1_frames_proto_rawDescGZIP(), []int{14}
+	return file_relay_v1_frames_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Ping) GetNonce() uint64 {
@@ -1365,7 +1469,7 @@ type Pong struct {
 
 func (x *Pong) Reset() {
 	*x = Pong{}
-	mi := &file_relay_v1_frames_proto_msgTypes[15]
+	mi := &file_relay_v1_frames_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1377,7 +1481,7 @@ func (x *Pong) String() string {
 func (*Pong) ProtoMessage() {}
 
 func (x *Pong) ProtoReflect() protoreflect.Message {
-	mi := &file_relay_v1_frames_proto_msgTypes[15]
+	mi := &file_relay_v1_frames_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1390,7 +1494,7 @@ func (x *Pong) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pong.ProtoReflect.Descriptor instead.
 func (*Pong) Descriptor() ([]byte, []int) {
-	return file_relay_v1_frames_proto_rawDescGZIP(), []int{15}
+	return file_relay_v1_frames_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Pong) GetNonce() uint64 {
@@ -1404,7 +1508,7 @@ var File_relay_v1_frames_proto protoreflect.FileDescriptor
 
 const file_relay_v1_frames_proto_rawDesc = "" +
 	"\n" +
-	"\x15relay/v1/frames.proto\x12\brelay.v1\"\x86\x05\n" +
+	"\x15relay/v1/frames.proto\x12\brelay.v1\"\xb2\x05\n" +
 	"\x05Frame\x12'\n" +
 	"\x05hello\x18\x01 \x01(\v2\x0f.relay.v1.HelloH\x00R\x05hello\x123\n" +
 	"\tchallenge\x18\x02 \x01(\v2\x13.relay.v1.ChallengeH\x00R\tchallenge\x12<\n" +
@@ -1420,14 +1524,16 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\bpresence\x18\v \x01(\v2\x12.relay.v1.PresenceH\x00R\bpresence\x12$\n" +
 	"\x04ping\x18\f \x01(\v2\x0e.relay.v1.PingH\x00R\x04ping\x12$\n" +
 	"\x04pong\x18\r \x01(\v2\x0e.relay.v1.PongH\x00R\x04pong\x12*\n" +
-	"\x06ticket\x18\x0e \x01(\v2\x10.relay.v1.TicketH\x00R\x06ticketB\x06\n" +
-	"\x04kind\"\xb3\x01\n" +
+	"\x06ticket\x18\x0e \x01(\v2\x10.relay.v1.TicketH\x00R\x06ticket\x12*\n" +
+	"\x06cancel\x18\x0f \x01(\v2\x10.relay.v1.CancelH\x00R\x06cancelB\x06\n" +
+	"\x04kind\"\xcf\x01\n" +
 	"\x05Hello\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12)\n" +
 	"\x10protocol_version\x18\x03 \x01(\rR\x0fprotocolVersion\x12$\n" +
 	"\x0eclient_time_ms\x18\x04 \x01(\x03R\fclientTimeMs\x12#\n" +
-	"\rresume_ticket\x18\x05 \x01(\fR\fresumeTicket\"\x98\x01\n" +
+	"\rresume_ticket\x18\x05 \x01(\fR\fresumeTicket\x12\x1a\n" +
+	"\binstance\x18\x06 \x01(\tR\binstance\"\x98\x01\n" +
 	"\tChallenge\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12$\n" +
 	"\x0eserver_time_ms\x18\x02 \x01(\x03R\fserverTimeMs\x12\x17\n" +
@@ -1453,7 +1559,7 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\aresumed\x18\x06 \x01(\bR\aresumed\"Q\n" +
 	"\x06Ticket\x12#\n" +
 	"\rresume_ticket\x18\x01 \x01(\fR\fresumeTicket\x12\"\n" +
-	"\rexpires_at_ms\x18\x02 \x01(\x03R\vexpiresAtMs\"\xf4\x01\n" +
+	"\rexpires_at_ms\x18\x02 \x01(\x03R\vexpiresAtMs\"\x8d\x02\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x10sender_device_id\x18\x02 \x01(\tR\x0esenderDeviceId\x12\x18\n" +
@@ -1463,7 +1569,9 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x06ttl_ms\x18\x06 \x01(\x03R\x05ttlMs\x12\x12\n" +
 	"\x04type\x18\a \x01(\tR\x04type\x12\x18\n" +
 	"\apayload\x18\b \x01(\fR\apayload\x12\x1c\n" +
-	"\tephemeral\x18\t \x01(\bR\tephemeral\" \n" +
+	"\tephemeral\x18\t \x01(\bR\tephemeral\x12\x17\n" +
+	"\aany_one\x18\n" +
+	" \x01(\bR\x06anyOne\" \n" +
 	"\x03Ack\x12\x19\n" +
 	"\bevent_id\x18\x01 \x01(\tR\aeventId\"Q\n" +
 	"\aDeliver\x12%\n" +
@@ -1475,11 +1583,15 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x06Reject\x12\x19\n" +
 	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12'\n" +
 	"\x04code\x18\x02 \x01(\x0e2\x13.relay.v1.ErrorCodeR\x04code\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage\"x\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\xa7\x01\n" +
 	"\x05Close\x12'\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x13.relay.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12,\n" +
-	"\x12reconnect_after_ms\x18\x03 \x01(\x03R\x10reconnectAfterMs\"?\n" +
+	"\x12reconnect_after_ms\x18\x03 \x01(\x03R\x10reconnectAfterMs\x12-\n" +
+	"\x12replacing_instance\x18\x04 \x01(\tR\x11replacingInstance\"M\n" +
+	"\x06Cancel\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12(\n" +
+	"\x10sender_device_id\x18\x02 \x01(\tR\x0esenderDeviceId\"?\n" +
 	"\bPresence\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x16\n" +
 	"\x06online\x18\x02 \x01(\bR\x06online\"\x1c\n" +
@@ -1527,7 +1639,7 @@ func file_relay_v1_frames_proto_rawDescGZIP() []byte {
 }
 
 var file_relay_v1_frames_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_relay_v1_frames_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_relay_v1_frames_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_relay_v1_frames_proto_goTypes = []any{
 	(ErrorCode)(0),       // 0: relay.v1.ErrorCode
 	(*Frame)(nil),        // 1: relay.v1.Frame
@@ -1543,9 +1655,10 @@ var file_relay_v1_frames_proto_goTypes = []any{
 	(*Received)(nil),     // 11: relay.v1.Received
 	(*Reject)(nil),       // 12: relay.v1.Reject
 	(*Close)(nil),        // 13: relay.v1.Close
-	(*Presence)(nil),     // 14: relay.v1.Presence
-	(*Ping)(nil),         // 15: relay.v1.Ping
-	(*Pong)(nil),         // 16: relay.v1.Pong
+	(*Cancel)(nil),       // 14: relay.v1.Cancel
+	(*Presence)(nil),     // 15: relay.v1.Presence
+	(*Ping)(nil),         // 16: relay.v1.Ping
+	(*Pong)(nil),         // 17: relay.v1.Pong
 }
 var file_relay_v1_frames_proto_depIdxs = []int32{
 	2,  // 0: relay.v1.Frame.hello:type_name -> relay.v1.Hello
@@ -1558,20 +1671,21 @@ var file_relay_v1_frames_proto_depIdxs = []int32{
 	11, // 7: relay.v1.Frame.received:type_name -> relay.v1.Received
 	12, // 8: relay.v1.Frame.reject:type_name -> relay.v1.Reject
 	13, // 9: relay.v1.Frame.close:type_name -> relay.v1.Close
-	14, // 10: relay.v1.Frame.presence:type_name -> relay.v1.Presence
-	15, // 11: relay.v1.Frame.ping:type_name -> relay.v1.Ping
-	16, // 12: relay.v1.Frame.pong:type_name -> relay.v1.Pong
+	15, // 10: relay.v1.Frame.presence:type_name -> relay.v1.Presence
+	16, // 11: relay.v1.Frame.ping:type_name -> relay.v1.Ping
+	17, // 12: relay.v1.Frame.pong:type_name -> relay.v1.Pong
 	7,  // 13: relay.v1.Frame.ticket:type_name -> relay.v1.Ticket
-	0,  // 14: relay.v1.Challenge.ticket_error:type_name -> relay.v1.ErrorCode
-	5,  // 15: relay.v1.Welcome.limits:type_name -> relay.v1.Limits
-	8,  // 16: relay.v1.Deliver.event:type_name -> relay.v1.Event
-	0,  // 17: relay.v1.Reject.code:type_name -> relay.v1.ErrorCode
-	0,  // 18: relay.v1.Close.code:type_name -> relay.v1.ErrorCode
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	14, // 14: relay.v1.Frame.cancel:type_name -> relay.v1.Cancel
+	0,  // 15: relay.v1.Challenge.ticket_error:type_name -> relay.v1.ErrorCode
+	5,  // 16: relay.v1.Welcome.limits:type_name -> relay.v1.Limits
+	8,  // 17: relay.v1.Deliver.event:type_name -> relay.v1.Event
+	0,  // 18: relay.v1.Reject.code:type_name -> relay.v1.ErrorCode
+	0,  // 19: relay.v1.Close.code:type_name -> relay.v1.ErrorCode
+	20, // [20:20] is the sub-list for method output_type
+	20, // [20:20] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_relay_v1_frames_proto_init() }
@@ -1594,6 +1708,7 @@ func file_relay_v1_frames_proto_init() {
 		(*Frame_Ping)(nil),
 		(*Frame_Pong)(nil),
 		(*Frame_Ticket)(nil),
+		(*Frame_Cancel)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1601,7 +1716,7 @@ func file_relay_v1_frames_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_relay_v1_frames_proto_rawDesc), len(file_relay_v1_frames_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   16,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -167,6 +167,9 @@ const (
 	MailboxStatus_MAILBOX_STATUS_TARGET_GONE MailboxStatus = 3
 	// expires_at_ms is not after the command's proposed time.
 	MailboxStatus_MAILBOX_STATUS_EXPIRED MailboxStatus = 4
+	// An "any one" entry whose event a device already claimed: nothing is
+	// stored.
+	MailboxStatus_MAILBOX_STATUS_TAKEN MailboxStatus = 5
 )
 
 // Enum value maps for MailboxStatus.
@@ -177,6 +180,7 @@ var (
 		2: "MAILBOX_STATUS_FULL",
 		3: "MAILBOX_STATUS_TARGET_GONE",
 		4: "MAILBOX_STATUS_EXPIRED",
+		5: "MAILBOX_STATUS_TAKEN",
 	}
 	MailboxStatus_value = map[string]int32{
 		"MAILBOX_STATUS_UNSPECIFIED": 0,
@@ -184,6 +188,7 @@ var (
 		"MAILBOX_STATUS_FULL":        2,
 		"MAILBOX_STATUS_TARGET_GONE": 3,
 		"MAILBOX_STATUS_EXPIRED":     4,
+		"MAILBOX_STATUS_TAKEN":       5,
 	}
 )
 
@@ -3942,13 +3947,14 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x14CHANGE_KIND_EDGE_PUT\x10\b\x12\x1c\n" +
 	"\x18CHANGE_KIND_EDGE_DELETED\x10\t\x12\x1f\n" +
 	"\x1bCHANGE_KIND_MAILBOX_CHANGED\x10\n" +
-	"*\x9f\x01\n" +
+	"*\xb9\x01\n" +
 	"\rMailboxStatus\x12\x1e\n" +
 	"\x1aMAILBOX_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15MAILBOX_STATUS_STORED\x10\x01\x12\x17\n" +
 	"\x13MAILBOX_STATUS_FULL\x10\x02\x12\x1e\n" +
 	"\x1aMAILBOX_STATUS_TARGET_GONE\x10\x03\x12\x1a\n" +
-	"\x16MAILBOX_STATUS_EXPIRED\x10\x04*\xbf\x01\n" +
+	"\x16MAILBOX_STATUS_EXPIRED\x10\x04\x12\x18\n" +
+	"\x14MAILBOX_STATUS_TAKEN\x10\x05*\xbf\x01\n" +
 	"\n" +
 	"ResultCode\x12\x1b\n" +
 	"\x17RESULT_CODE_UNSPECIFIED\x10\x00\x12\x12\n" +
