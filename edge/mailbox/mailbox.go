@@ -209,55 +209,76 @@ func (c *Client) Claim(cl *edgev1.EventClaim, done func(won bool)) {
 }
 
 func (c *Client) claimLoop(ctx context.Context) {
+	drain(ctx, c, c.claimNow, &c.claims, func(batch []pendingClaim) {
+		claims := make([]*edgev1.EventClaim, len(batch))
+		for i, p := range batch {
+			claims[i] = p.claim
+		}
+		resp, err := retry(ctx, c, func(ctx context.Context) (*edgev1.ClaimEventsResponse, error) {
+			return c.cfg.API.ClaimEvents(ctx, claims)
+		})
+		if err != nil {
+			c.cfg.Logger.Warn("could not claim events; delivering them as claimed", "claims", len(batch), "err", err)
+		}
+		won := resp.GetWon()
+		for i, p := range batch {
+			p.done(err != nil || (i < len(won) && won[i]))
+		}
+	})
+}
+
+// drain hands handle the queued items in batches of at most MaxBatch,
+// one batch at a time, each time wake fires, until ctx ends.
+func drain[T any](ctx context.Context, c *Client, wake chan struct{}, queue *[]T, handle func([]T)) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-c.claimNow:
+		case <-wake:
 		}
 		for {
 			c.mu.Lock()
-			n := min(len(c.claims), c.cfg.MaxBatch)
-			batch := append([]pendingClaim(nil), c.claims[:n]...)
-			c.claims = c.claims[n:]
+			n := min(len(*queue), c.cfg.MaxBatch)
+			batch := append([]T(nil), (*queue)[:n]...)
+			*queue = (*queue)[n:]
+			if len(*queue) == 0 {
+				*queue = nil // let the backing array go
+			}
 			c.mu.Unlock()
 			if n == 0 {
 				break
 			}
-			claims := make([]*edgev1.EventClaim, n)
-			for i, p := range batch {
-				claims[i] = p.claim
-			}
-			won, err := c.claim(ctx, claims)
-			if err != nil {
-				c.cfg.Logger.Warn("could not claim events; delivering them as claimed", "claims", n, "err", err)
-			}
-			for i, p := range batch {
-				p.done(err != nil || (i < len(won) && won[i]))
-			}
+			handle(batch)
 		}
 	}
 }
 
-func (c *Client) claim(ctx context.Context, claims []*edgev1.EventClaim) ([]bool, error) {
+// retry calls the control plane until it answers, while it is unavailable
+// and RetryFor allows (the calls are idempotent).
+func retry[T any](ctx context.Context, c *Client, call func(context.Context) (T, error)) (T, error) {
 	deadline := time.Now().Add(c.cfg.RetryFor)
 	backoff := 20 * time.Millisecond
 	for {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		resp, err := c.cfg.API.ClaimEvents(cctx, claims)
+		resp, err := call(cctx)
 		cancel()
 		if err == nil {
-			return resp.GetWon(), nil
+			return resp, nil
 		}
-		if connect.CodeOf(err) == connect.CodeInvalidArgument || ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
-			return nil, err
+		switch connect.CodeOf(err) {
+		case connect.CodeInvalidArgument, connect.CodePermissionDenied, connect.CodeUnauthenticated:
+			return resp, err
 		}
+		if ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
+			return resp, err
+		}
+		c.cfg.Logger.Warn("control plane call failed; retrying", "err", err, "backoff", backoff)
 		t := time.NewTimer(backoff)
 		select {
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			return nil, ctx.Err()
+			return resp, ctx.Err()
 		}
 		backoff = min(backoff*2, time.Second)
 	}
@@ -276,28 +297,7 @@ func (c *Client) Flush(ctx context.Context) error {
 }
 
 func (c *Client) writeLoop(ctx context.Context) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-c.wake:
-		}
-		for {
-			c.mu.Lock()
-			n := min(len(c.queue), c.cfg.MaxBatch)
-			batch := make([]pending, n)
-			copy(batch, c.queue[:n])
-			c.queue = c.queue[n:]
-			if len(c.queue) == 0 {
-				c.queue = nil // let the backing array go
-			}
-			c.mu.Unlock()
-			if n == 0 {
-				break
-			}
-			c.write(ctx, batch)
-		}
-	}
+	drain(ctx, c, c.wake, &c.queue, func(batch []pending) { c.write(ctx, batch) })
 }
 
 // write stores one batch, retrying while the control plane is
@@ -338,34 +338,14 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 
 func (c *Client) put(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
 	c.batchSize.Observe(float64(len(entries)))
-	deadline := time.Now().Add(c.cfg.RetryFor)
-	backoff := 20 * time.Millisecond
-	for {
+	return retry(ctx, c, func(ctx context.Context) (*edgev1.PutMailboxResponse, error) {
 		start := time.Now()
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		resp, err := c.cfg.API.PutMailbox(cctx, entries)
-		cancel()
+		resp, err := c.cfg.API.PutMailbox(ctx, entries)
 		if err == nil {
 			c.commit.Observe(time.Since(start).Seconds())
-			return resp, nil
 		}
-		switch connect.CodeOf(err) {
-		case connect.CodeInvalidArgument, connect.CodePermissionDenied, connect.CodeUnauthenticated:
-			return nil, err
-		}
-		if ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
-			return nil, err
-		}
-		c.cfg.Logger.Warn("mailbox write failed; retrying", "entries", len(entries), "err", err, "backoff", backoff)
-		t := time.NewTimer(backoff)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return nil, ctx.Err()
-		}
-		backoff = min(backoff*2, time.Second)
-	}
+		return resp, err
+	})
 }
 
 func (c *Client) ackLoop(ctx context.Context) {
