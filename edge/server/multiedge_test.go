@@ -277,7 +277,7 @@ func runTrafficThrough(t *testing.T, r *relaytest.Relay, fault func()) {
 	for i, d := range devs {
 		cs[i] = dial(t, r, edges[i], d, client.QUIC)
 	}
-	const per = 1500 // events per (sender, target): 6 pairs, 9,000 events
+	const per = 1667 // events per (sender, target): 6 pairs, 10,002 events
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	type key struct{ from, to int }
