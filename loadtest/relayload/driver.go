@@ -34,6 +34,7 @@ type driverConfig struct {
 	control           string
 	adminPasswordFile string
 	adminPassword     string
+	adminToken        string
 	edge              string
 	edgeAdmin         string
 	transport         string
@@ -65,6 +66,11 @@ func (d *driverConfig) setup() (token string, err error) {
 	var p http.Protocols
 	p.SetUnencryptedHTTP2(true)
 	d.http = &http.Client{Transport: &http.Transport{Protocols: &p, MaxIdleConnsPerHost: 64}}
+	if d.adminToken != "" {
+		// An access token (relayctl token prints one): no login, which
+		// the control plane throttles per account.
+		return d.adminToken, nil
+	}
 	if d.adminPassword == "" {
 		b, err := os.ReadFile(d.adminPasswordFile)
 		if err != nil {

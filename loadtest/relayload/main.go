@@ -8,8 +8,11 @@
 //
 //	relayload [flags] rtt|rate|sessions
 //
-// Run it against a deployment whose edge allows the driver's handshake
-// rate (relayd edge --handshakes-per-second).
+// It logs in as admin with the password in RELAY_ADMIN_PASSWORD (or
+// --admin-password-file), or uses the access token in RELAYCTL_TOKEN
+// (relayctl token prints one), which spares the login throttle when it is
+// run many times. Run it against a deployment whose edge allows the
+// driver's handshake rate (relayd edge --handshakes-per-second).
 package main
 
 import (
@@ -62,6 +65,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return errors.New("missing scenario")
 	}
 	d.adminPassword = getenv("RELAY_ADMIN_PASSWORD")
+	d.adminToken = getenv("RELAYCTL_TOKEN")
 	d.log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	d.out = stdout
 	scenario, rest := fs.Arg(0), fs.Args()[1:]

@@ -31,15 +31,23 @@ func TestScenarios(t *testing.T) {
 		cfg.Session.Limits.EventsPerSecond = 1e6
 	}})
 	e := r.Edges[0]
+	// The first run logs in with the password; the others use a token, as
+	// repeated runs should (logins are throttled per account).
+	token := r.Cluster.AdminToken()
+	runs := 0
 	getenv := func(k string) string {
-		if k == "RELAY_ADMIN_PASSWORD" {
+		switch {
+		case k == "RELAY_ADMIN_PASSWORD":
 			return clustertest.AdminPassword
+		case k == "RELAYCTL_TOKEN" && runs > 1:
+			return token
 		}
 		return ""
 	}
 	common := []string{"--control", r.ControlURLs()[0], "--edge", e.Addr(), "--edge-admin", e.AdminURL(), "--json"}
 	runScenario := func(args ...string) map[string]any {
 		t.Helper()
+		runs++
 		var out, errOut bytes.Buffer
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
