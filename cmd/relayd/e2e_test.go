@@ -109,6 +109,27 @@ func startRelayd(t *testing.T, args ...string) *proc {
 // waitLog waits for a log record with the given message and returns it.
 func (p *proc) waitLog(t *testing.T, msg string, within time.Duration) map[string]any {
 	t.Helper()
+	rec, err := p.waitLogOrExit(msg, within)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rec
+}
+
+// lastLogs renders the last n log records, for failure messages.
+func (p *proc) lastLogs(n int) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	logs := p.logs[max(0, len(p.logs)-n):]
+	var b strings.Builder
+	for _, l := range logs {
+		fmt.Fprintf(&b, "\n  %v", l)
+	}
+	return b.String()
+}
+
+// waitLogOrExit is waitLog returning an error instead of failing.
+func (p *proc) waitLogOrExit(msg string, within time.Duration) (map[string]any, error) {
 	deadline := time.After(within)
 	seen := 0
 	for {
@@ -117,15 +138,15 @@ func (p *proc) waitLog(t *testing.T, msg string, within time.Duration) map[strin
 		p.mu.Unlock()
 		for ; seen < len(logs); seen++ {
 			if logs[seen]["msg"] == msg {
-				return logs[seen]
+				return logs[seen], nil
 			}
 		}
 		select {
 		case <-ch:
 		case <-p.done:
-			t.Fatalf("relayd exited (%v) before logging %q", p.err, msg)
+			return nil, fmt.Errorf("relayd exited (%v) before logging %q; its last words:%s", p.err, msg, p.lastLogs(5))
 		case <-deadline:
-			t.Fatalf("relayd did not log %q within %v", msg, within)
+			return nil, fmt.Errorf("relayd did not log %q within %v; its last words:%s", msg, within, p.lastLogs(5))
 		}
 	}
 }
@@ -204,10 +225,24 @@ type node struct {
 }
 
 func (n *node) start(t *testing.T, extra ...string) {
-	args := append([]string{"control", "--node-id", n.id, "--data-dir", n.dir,
-		"--raft-addr", n.raft, "--api-addr", n.api, "--admin-addr", n.admin}, extra...)
-	n.p = startRelayd(t, args...)
-	n.p.waitLog(t, "control node serving", 60*time.Second)
+	t.Helper()
+	first := n.p == nil
+	for attempt := 0; ; attempt++ {
+		args := append([]string{"control", "--node-id", n.id, "--data-dir", n.dir,
+			"--raft-addr", n.raft, "--api-addr", n.api, "--admin-addr", n.admin}, extra...)
+		n.p = startRelayd(t, args...)
+		_, err := n.p.waitLogOrExit("control node serving", 60*time.Second)
+		if err == nil {
+			return
+		}
+		// freePort's ports can be taken by another test package between
+		// the check and relayd's bind; on a first start, pick others.
+		if !first || attempt >= 3 || !strings.Contains(err.Error(), "address already in use") {
+			t.Fatal(err)
+		}
+		_ = os.RemoveAll(n.dir)
+		n.raft, n.api, n.admin = freePort(t), freePort(t), freePort(t)
+	}
 }
 
 func (n *node) stop(t *testing.T) {
