@@ -193,8 +193,19 @@ func (a *Authenticator) authenticate(ctx context.Context, procedure string, h ht
 	}
 	if claims.Role != RoleNode && !strings.HasPrefix(claims.Subject, "node:") {
 		// A token outlives neither its account nor the account's access.
+		valid := func(u *statev1.User, err error) bool {
+			return err == nil && u.GetStatus() == statev1.UserStatus_USER_STATUS_ACTIVE &&
+				(u.GetRole() == string(claims.Role) || u.GetRole() == "" && claims.Role == auth.RoleUser)
+		}
 		u, err := a.node.FSM().GetUser(claims.Subject)
-		if err != nil || u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE || u.GetRole() != string(claims.Role) && !(u.GetRole() == "" && claims.Role == auth.RoleUser) {
+		if !valid(u, err) {
+			// This replica may not have applied the account's creation
+			// (or a change back) yet: catch up once before refusing.
+			if berr := a.node.Barrier(ctx); berr == nil {
+				u, err = a.node.FSM().GetUser(claims.Subject)
+			}
+		}
+		if !valid(u, err) {
 			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("the account behind this token no longer exists, is disabled, or changed role; log in again"))
 		}
 		a.activity.touch(claims.Subject, a.cfg.Now())
