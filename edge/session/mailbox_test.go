@@ -178,11 +178,26 @@ func (d *dev) sendPayload(p string, targets ...string) *relayv1.Event {
 
 func (d *dev) expectAck(ev *relayv1.Event) {
 	d.t.Helper()
-	f := d.next("ack of "+ev.GetId(), func(f *relayv1.Frame) bool {
-		return f.GetAck().GetEventId() == ev.GetId() || f.GetReject().GetEventId() == ev.GetId()
-	})
-	if f.GetAck() == nil {
-		d.t.Fatalf("%s: want an ack of %s, got %v", d.id, ev.GetId(), f)
+	d.expectAcks(ev)
+}
+
+// expectAcks waits for the acks of all the events, in any order (acks
+// come as targets answer, not in the order events were sent), skipping
+// other frames.
+func (d *dev) expectAcks(evs ...*relayv1.Event) {
+	d.t.Helper()
+	want := map[string]bool{}
+	for _, ev := range evs {
+		want[ev.GetId()] = true
+	}
+	for len(want) > 0 {
+		f := d.next("acks", func(f *relayv1.Frame) bool {
+			return want[f.GetAck().GetEventId()] || want[f.GetReject().GetEventId()]
+		})
+		if f.GetAck() == nil {
+			d.t.Fatalf("%s: want acks of %v, got %v", d.id, want, f)
+		}
+		delete(want, f.GetAck().GetEventId())
 	}
 }
 
@@ -197,8 +212,7 @@ func TestOfflineTargetGetsItsMailboxOnConnect(t *testing.T) {
 	e1 := a.sendPayload("one")
 	c.payloads(1)
 	e2 := a.sendPayload("two", "b")
-	a.expectAck(e1)
-	a.expectAck(e2)
+	a.expectAcks(e1, e2)
 	if got := mb.stored("b"); got != 2 {
 		t.Fatalf("b's mailbox holds %d", got)
 	}
@@ -220,9 +234,7 @@ func TestMailboxBeforeLive(t *testing.T) {
 	for i := range 5 {
 		evs = append(evs, a.sendPayload(fmt.Sprint(i), "b"))
 	}
-	for _, ev := range evs {
-		a.expectAck(ev)
-	}
+	a.expectAcks(evs...)
 	b := e.online("b")
 	for i := 5; i < 10; i++ {
 		a.sendPayload(fmt.Sprint(i), "b")
@@ -256,8 +268,7 @@ func TestNothingOvertakesAMailboxWrite(t *testing.T) {
 	if got := b.payloads(2); !slices.Equal(got, []string{"first", "second"}) {
 		t.Fatalf("b got %v", got)
 	}
-	a.expectAck(e1)
-	a.expectAck(e2)
+	a.expectAcks(e1, e2)
 }
 
 // A live event that must follow a stored one waits until the stored one
@@ -312,8 +323,7 @@ func TestMailboxRefusals(t *testing.T) {
 	a := e.online("a")
 	e1, e2 := a.sendPayload("1", "b"), a.sendPayload("2", "b")
 	e3 := a.sendPayload("3", "b")
-	a.expectAck(e1)
-	a.expectAck(e2)
+	a.expectAcks(e1, e2)
 	f := a.next("reject", func(f *relayv1.Frame) bool { return f.GetReject().GetEventId() == e3.GetId() })
 	if f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_MAILBOX_FULL {
 		t.Fatalf("third event: %v", f)
