@@ -37,11 +37,17 @@ const (
 	QUIC Transport = iota
 	// WebTransport is HTTP/3 WebTransport, what browsers use.
 	WebTransport
+	// WebSocket is the fallback over TCP (TLS), for networks that block
+	// UDP. No datagrams; the client sends keep-alive pings.
+	WebSocket
 )
 
 func (t Transport) String() string {
-	if t == WebTransport {
+	switch t {
+	case WebTransport:
 		return "webtransport"
+	case WebSocket:
+		return "websocket"
 	}
 	return "quic"
 }

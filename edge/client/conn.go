@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"sync"
 	"time"
 
+	"github.com/coder/websocket"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/webtransport-go"
 	"google.golang.org/protobuf/proto"
@@ -27,6 +29,9 @@ type conn struct {
 	// closeHook releases what the dial created besides c (WebTransport's
 	// dialer).
 	closeHook func()
+	// keepalive, if set, is how often the client pings (transports without
+	// keep-alives of their own).
+	keepalive time.Duration
 
 	wmu sync.Mutex // guards w
 	w   *frame.Writer
@@ -66,6 +71,18 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	qc := transport.QUICConfig(c.cfg.IdleTimeout)
 	qc.KeepAlivePeriod = c.cfg.IdleTimeout / 3
 	switch c.cfg.Transport {
+	case WebSocket:
+		tlsConf := c.tlsConfig("http/1.1", addr)
+		hc := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf, ForceAttemptHTTP2: false}}
+		ws, _, err := websocket.Dial(ctx, "wss://"+addr+transport.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
+		if err != nil {
+			hc.CloseIdleConnections()
+			return nil, fmt.Errorf("websocket dial %s: %w", addr, err)
+		}
+		remote, _ := net.ResolveTCPAddr("tcp", addr)
+		// The edge sends nothing while idle; the client pings (serve) so
+		// both directions see traffic well within the idle timeout.
+		return &conn{c: transport.NewWebSocketConn(ws, remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections, keepalive: c.cfg.IdleTimeout / 3}, nil
 	case WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3", addr), QUICConfig: qc}
 		_, sess, err := d.Dial(ctx, "https://"+addr+transport.WebTransportPath, nil)
@@ -186,6 +203,9 @@ func closeReason(cn *conn, err error) error {
 	var sessErr *webtransport.SessionError
 	if errors.As(err, &sessErr) && sessErr.Remote && sessErr.ErrorCode != 0 {
 		return &Error{Code: relayv1.ErrorCode(sessErr.ErrorCode), Message: sessErr.Message}
+	}
+	if code, msg, ok := transport.WebSocketCode(err); ok {
+		return &Error{Code: code, Message: msg}
 	}
 	return err
 }
@@ -326,6 +346,22 @@ func (c *Client) serve(cn *conn) error {
 		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
 	})
 	wg.Go(func() { c.readDatagrams(ctx, cn) })
+	if cn.keepalive > 0 {
+		wg.Go(func() {
+			t := time.NewTicker(cn.keepalive)
+			defer t.Stop()
+			for n := uint64(1); ; n++ {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Ping{Ping: &relayv1.Ping{Nonce: n}}}); err != nil {
+						return
+					}
+				}
+			}
+		})
+	}
 	err := c.readStream(ctx, cn)
 	cancel()
 	wg.Wait()

@@ -103,10 +103,7 @@ func TestDevicesAcrossEdges(t *testing.T) {
 	var ids []string
 	for i := range n {
 		d := r.Device(u, fmt.Sprintf("d%d", i))
-		tr := client.QUIC
-		if i%2 == 1 {
-			tr = client.WebTransport
-		}
+		tr := []client.Transport{client.QUIC, client.WebTransport, client.WebSocket}[i%3]
 		cs = append(cs, dial(t, r, i%3, d, tr))
 		ids = append(ids, d.ID)
 	}

@@ -102,6 +102,8 @@ type Server struct {
 	admin    *http.Server
 	adminLn  net.Listener
 
+	ws         *transport.WebSocketHandler
+	wsSessions sync.WaitGroup // WebSocket sessions (their HTTP handlers)
 	mailbox    *mailbox.Client
 	mesh       *mesh.Mesh
 	identity   *mesh.Identity
@@ -246,6 +248,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		}
 	}
 	s.httpsLn = tls.NewListener(ln, &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}})
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	s.cancel = cancel
+	s.ws = &transport.WebSocketHandler{Hub: s.hub, AllowedOrigins: cfg.AllowedOrigins, IdleTimeout: cfg.IdleTimeout, Ctx: runCtx}
 	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	if cfg.AdminAddr != "" {
 		if s.adminLn, err = net.Listen("tcp", cfg.AdminAddr); err != nil {
@@ -254,8 +259,6 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
 	}
 
-	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	s.cancel = cancel
 	s.wg.Go(func() { _ = s.listener.Serve() })
 	s.wg.Go(func() { serveHTTP(s.log, s.https, s.httpsLn) })
 	if s.admin != nil {
@@ -373,6 +376,13 @@ type CertHashJSON struct {
 
 func (s *Server) publicMux() http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+transport.WebSocketPath, func(w http.ResponseWriter, r *http.Request) {
+		// A hijacked connection is no longer the HTTP server's: the edge
+		// tracks the session itself so shutdown waits for it.
+		s.wsSessions.Add(1)
+		defer s.wsSessions.Done()
+		s.ws.ServeHTTP(w, r)
+	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
@@ -479,6 +489,7 @@ func (s *Server) closeAll() {
 		}
 	}
 	s.wg.Wait()
+	s.wsSessions.Wait()
 	if s.control != nil {
 		s.control.Close()
 	}

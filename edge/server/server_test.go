@@ -35,7 +35,7 @@ func TestMain(m *testing.M) {
 	)
 }
 
-var transports = []client.Transport{client.QUIC, client.WebTransport}
+var transports = []client.Transport{client.QUIC, client.WebTransport, client.WebSocket}
 
 // waitOnline waits until every client sees all the others online.
 func waitOnline(t *testing.T, cs []*client.Client) {
@@ -179,7 +179,7 @@ func TestRevocationDuringTraffic(t *testing.T) {
 	}})
 	u := r.User("carol")
 	a, b, c := r.Device(u, "a"), r.Device(u, "b"), r.Device(u, "c")
-	ca, cb, cc := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.WebTransport), r.Dial(0, c, client.QUIC)
+	ca, cb, cc := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.WebTransport), r.Dial(0, c, client.WebSocket)
 	waitOnline(t, []*client.Client{ca, cb, cc})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -240,6 +240,12 @@ func TestRevocationDuringTraffic(t *testing.T) {
 			t.Fatal("deleted user's devices still connected after 1s")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+	// Each transport carries the reason: QUIC and WebSocket alike.
+	for _, c := range []*client.Client{ca, cc} {
+		if !errors.Is(c.Err(), &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_REVOKED}) {
+			t.Fatalf("deleted user's device ended with %v", c.Err())
+		}
 	}
 	r.WaitEdges(func(s *server.Server) error {
 		if st := s.Hub().Stats(); st.Sessions != 0 || st.Rooms != 0 {
