@@ -30,8 +30,8 @@ type Config struct {
 	Directory Directory
 	// Ring seals and opens resume tickets; required.
 	Ring *Ring
-	// Limits are enforced per session and announced in the Welcome
-	// [DefaultLimits()].
+	// Limits are enforced per session and announced in the Welcome; each
+	// field left zero takes its value from [DefaultLimits].
 	Limits Limits
 	// TicketTTL is how long a resume ticket is valid [1h]. A fresh one is
 	// sent when two thirds of it have passed.
@@ -82,9 +82,7 @@ func (c *Config) setDefaults() error {
 	if c.EdgeID == "" || c.Directory == nil || c.Ring == nil {
 		return errors.New("session: EdgeID, Directory and Ring are required")
 	}
-	if c.Limits == (Limits{}) {
-		c.Limits = DefaultLimits()
-	}
+	c.Limits = c.Limits.withDefaults()
 	def := func(d *time.Duration, v time.Duration) {
 		if *d <= 0 {
 			*d = v

@@ -34,6 +34,31 @@ func DefaultLimits() Limits {
 	}
 }
 
+// withDefaults fills each zero field from DefaultLimits, so that setting
+// one limit does not zero the others.
+func (l Limits) withDefaults() Limits {
+	d := DefaultLimits()
+	pick := func(v *int, def int) {
+		if *v <= 0 {
+			*v = def
+		}
+	}
+	pick(&l.MaxFrameBytes, d.MaxFrameBytes)
+	pick(&l.MaxPayloadBytes, d.MaxPayloadBytes)
+	pick(&l.EventsPerSecond, d.EventsPerSecond)
+	pick(&l.BytesPerSecond, d.BytesPerSecond)
+	pick(&l.MaxTargets, d.MaxTargets)
+	pick(&l.MaxIDBytes, d.MaxIDBytes)
+	pick(&l.MaxTypeBytes, d.MaxTypeBytes)
+	if l.MaxTTL <= 0 {
+		l.MaxTTL = d.MaxTTL
+	}
+	if l.SkewTolerance <= 0 {
+		l.SkewTolerance = d.SkewTolerance
+	}
+	return l
+}
+
 // Proto returns the limits as announced to the client.
 func (l Limits) Proto() *relayv1.Limits {
 	return &relayv1.Limits{

@@ -68,3 +68,17 @@ func TestValidateEvent(t *testing.T) {
 		t.Fatalf("announced limits %v", p)
 	}
 }
+
+// Setting one limit keeps the defaults of the others (a config that
+// raises the event rate must not make every event id too long).
+func TestLimitsDefaultFieldByField(t *testing.T) {
+	got := Limits{EventsPerSecond: 5000, MaxTTL: time.Hour}.withDefaults()
+	want := DefaultLimits()
+	want.EventsPerSecond, want.MaxTTL = 5000, time.Hour
+	if got != want {
+		t.Fatalf("got %+v, want %+v", got, want)
+	}
+	if (Limits{}).withDefaults() != DefaultLimits() {
+		t.Fatal("zero limits are not the defaults")
+	}
+}

@@ -127,11 +127,19 @@ func (w *wsConn) Close(code relayv1.ErrorCode, msg string) error {
 }
 
 // WebSocketCode returns the protocol error code a WebSocket close
-// carried, if it was one.
+// carried, if it was one. A message over the edge's read limit is closed
+// by the WebSocket layer itself with 1009 (message too big): that is
+// FRAME_TOO_LARGE.
 func WebSocketCode(err error) (relayv1.ErrorCode, string, bool) {
 	var ce websocket.CloseError
-	if errors.As(err, &ce) && int(ce.Code) > WebSocketCloseBase && int(ce.Code) < WebSocketCloseBase+1000 {
+	if !errors.As(err, &ce) {
+		return 0, "", false
+	}
+	switch {
+	case int(ce.Code) > WebSocketCloseBase && int(ce.Code) < WebSocketCloseBase+1000:
 		return relayv1.ErrorCode(int(ce.Code) - WebSocketCloseBase), ce.Reason, true
+	case ce.Code == websocket.StatusMessageTooBig:
+		return relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, ce.Reason, true
 	}
 	return 0, "", false
 }
