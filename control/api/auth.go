@@ -63,7 +63,11 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	if m.GetPassword() == "" || len(m.GetPassword()) > 1024 {
 		return nil, invalidArg(errors.New("password is empty or longer than 1024 bytes"))
 	}
-	if ok, retry := s.cfg.Limiter.Allow(m.GetLogin(), clientAddr(req.Peer())); !ok {
+	addr := clientAddr(req.Peer())
+	if fwd, ok := s.authn.forwardedFor(req.Header()); ok {
+		addr = fwd
+	}
+	if ok, retry := s.cfg.Limiter.Allow(m.GetLogin(), addr); !ok {
 		err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("too many login attempts; retry in %s", retry.Round(time.Second)))
 		err.Meta().Set("Retry-After", fmt.Sprint(int(retry.Seconds()+1)))
 		return nil, err

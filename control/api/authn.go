@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -154,6 +155,38 @@ func WithClientCert(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// Headers an edge sets on the control-plane calls it passes on for
+// browser pages (edge/controlconn.Proxy): the page's address, vouched
+// for by the edge's own access token. Login throttles by that address
+// rather than by the edge's, so one abusive page behind an edge does not
+// lock out every other page behind it.
+const (
+	ForwardedForHeader = "Relay-Forwarded-For"
+	ForwardedByHeader  = "Relay-Forwarded-By"
+)
+
+// forwardedFor returns the client address an edge vouches for in h, if
+// the call carries one with a valid edge token. Anyone else's claim is
+// ignored.
+func (a *Authenticator) forwardedFor(h http.Header) (string, bool) {
+	by, ok := strings.CutPrefix(h.Get(ForwardedByHeader), "Bearer ")
+	if !ok {
+		return "", false
+	}
+	addr, err := netip.ParseAddr(h.Get(ForwardedForHeader))
+	if err != nil {
+		return "", false
+	}
+	c, err := a.verifier.Verify(by)
+	if err != nil || c.Role != auth.RoleEdge {
+		return "", false
+	}
+	if u, err := a.node.FSM().GetUser(c.Subject); err != nil || u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE || u.GetRole() != string(auth.RoleEdge) {
+		return "", false // the edge's account was disabled or changed
+	}
+	return addr.Unmap().String(), true
 }
 
 func (a *Authenticator) authenticate(ctx context.Context, procedure string, h http.Header) (context.Context, error) {
