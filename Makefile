@@ -9,7 +9,7 @@ PKGS     := ./...
 # core (handshake, validation, relay), the auth code, the state machine.
 CORE_PKGS := edge/session control/auth control/fsm control/api
 
-.PHONY: all run build test test-short vet lint fmt proto verify-proto bench cover fuzz clean
+.PHONY: all run build test test-short vet lint fmt proto verify-proto web bench cover fuzz clean
 
 all: build
 
@@ -49,6 +49,14 @@ fmt:
 proto:
 	$(BUF) lint
 	$(BUF) generate
+
+## web: rebuild the browser client and console page (edge/web/dist, committed
+## and embedded in relayd) after changing edge/web or proto/relay; needs npm,
+## with the tools pinned in edge/web/package-lock.json.
+web:
+	cd edge/web && npm ci --no-audit --no-fund
+	$(BUF) generate --template edge/web/buf.gen.yaml
+	cd edge/web && npx tsc --noEmit -p . && node build.mjs
 
 ## verify-proto: fail when the committed generated code differs from what proto/ generates.
 verify-proto:

@@ -119,7 +119,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	if hs := e.CertHashes(); len(hs) > 0 {
 		hash = base64.StdEncoding.EncodeToString(hs[0].SHA256[:])
 	}
-	fmt.Fprintf(stdout, devBanner, s.APIURL(), s.AdminAddr(), e.Addr(), e.HTTPSURL(), e.AdminURL(), hash,
+	fmt.Fprintf(stdout, devBanner, s.APIURL(), s.AdminAddr(), e.Addr(), e.HTTPSURL(), e.AdminURL(), e.AdminURL(), hash,
 		dataDir, pwNote, dataDir, e.Addr(), hash, e.Addr(), hash)
 	<-ctx.Done()
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -161,6 +161,7 @@ relayd dev is running: a control node and an edge on this machine.
   edge (devices)  %s   (UDP: QUIC relay/1 and WebTransport)
   edge HTTPS      %s
   edge admin      %s/metrics
+  device console  %s/   (open it in a browser; sign in as a user)
   edge cert hash  %s   (self-signed; clients pin it)
   data            %s   (delete it to start from scratch)
   admin login     admin, password %s
@@ -171,6 +172,10 @@ Try it from another terminal:
   bin/relayctl user create --login alice --no-password
   bin/relayctl device register --user <alice's id> --name phone --generate-key phone.key
   bin/relayctl device register --user <alice's id> --name laptop --generate-key laptop.key
+
+In a browser, open the device console above and sign in as a user with a
+password (bin/relayctl user create --login bob, which asks for one): the
+tab registers itself as a device and talks to the others.
 
 Then connect the two devices through the edge, each in its own terminal:
 

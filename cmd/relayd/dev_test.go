@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -48,6 +49,17 @@ func TestDevDeploymentRelaysBetweenDevices(t *testing.T) {
 	})
 	if len(hashes.Hashes) == 0 {
 		t.Fatal("the edge publishes no certificate hash")
+	}
+	// The banner points a browser at the device console on the edge's
+	// admin port.
+	resp, err := http.Get("http://" + edgeAdmin + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(page), "Relay device console") {
+		t.Fatalf("console page: %d %.200s", resp.StatusCode, page)
 	}
 	hash := hashes.Hashes[0].Value
 

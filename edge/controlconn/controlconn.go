@@ -8,9 +8,13 @@ package controlconn
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -248,4 +252,81 @@ func (c *Conn) ClaimEvents(ctx context.Context, claims []*edgev1.EventClaim) (*e
 	return call(ctx, c, &edgev1.ClaimEventsRequest{Claims: claims}, func(u string, r *connect.Request[edgev1.ClaimEventsRequest]) (*connect.Response[edgev1.ClaimEventsResponse], error) {
 		return edgev1connect.NewMailboxServiceClient(c.http, u, c.cfg.Options...).ClaimEvents(ctx, r)
 	})
+}
+
+// Proxied reports whether the edge passes procedure (a path such as
+// "/control.v1.AuthService/Login") on for browser pages (the device
+// console): a user signs in, sees and manages its own devices. The
+// control plane authenticates and authorizes each call as usual; the
+// list keeps staff and node procedures off the edges.
+func Proxied(procedure string) bool {
+	switch procedure {
+	case "/control.v1.AuthService/Login", "/control.v1.AuthService/Refresh", "/control.v1.AuthService/Logout",
+		"/control.v1.UserService/GetMe",
+		"/control.v1.DeviceService/RegisterDevice", "/control.v1.DeviceService/ListDevices",
+		"/control.v1.DeviceService/RenameDevice", "/control.v1.DeviceService/RevokeDevice",
+		"/control.v1.DeviceService/DeleteDevice":
+		return true
+	}
+	return false
+}
+
+// maxProxiedBody bounds a proxied request's body.
+const maxProxiedBody = 64 << 10
+
+// The headers with which the edge vouches for a proxied caller's address
+// (control/api.ForwardedForHeader and ForwardedByHeader; the edge does
+// not link the control plane's packages).
+const (
+	forwardedForHeader = "Relay-Forwarded-For"
+	forwardedByHeader  = "Relay-Forwarded-By"
+)
+
+// Proxy passes POSTs under prefix for the Proxied procedures to the
+// control plane (the current URL) with the caller's own credentials.
+// The edge adds only the caller's address, vouched for by its own token
+// (control/api.ForwardedForHeader and ForwardedByHeader), so that login
+// throttling counts each browser rather than the edge.
+func (c *Conn) Proxy(prefix string) http.Handler {
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(r *httputil.ProxyRequest) {
+			u, err := url.Parse(c.url())
+			if err != nil {
+				u = &url.URL{Scheme: "http", Host: "invalid."} // answered by ErrorHandler
+			}
+			r.SetURL(u)
+			r.Out.URL.Path = strings.TrimPrefix(r.In.URL.Path, prefix)
+			r.Out.URL.RawPath = ""
+			r.SetXForwarded()
+		},
+		Transport: c.http.Transport,
+		ErrorHandler: func(w http.ResponseWriter, _ *http.Request, err error) {
+			writeJSONError(w, http.StatusServiceUnavailable, "unavailable", "control plane unreachable: "+err.Error())
+		},
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost || !Proxied(strings.TrimPrefix(r.URL.Path, prefix)) {
+			writeJSONError(w, http.StatusNotFound, "not_found", "not a procedure this edge passes on")
+			return
+		}
+		// Only this edge may vouch for an address.
+		r.Header.Del(forwardedForHeader)
+		r.Header.Del(forwardedByHeader)
+		if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+			if tok, err := c.Token(r.Context()); err == nil {
+				r.Header.Set(forwardedForHeader, host)
+				r.Header.Set(forwardedByHeader, "Bearer "+tok)
+			}
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, maxProxiedBody)
+		rp.ServeHTTP(w, r)
+	})
+}
+
+// writeJSONError answers in the Connect protocol's JSON error shape.
+func writeJSONError(w http.ResponseWriter, status int, code, msg string) {
+	b, _ := json.Marshal(map[string]string{"code": code, "message": msg})
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
 }

@@ -18,6 +18,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,6 +38,7 @@ import (
 	"github.com/edge-relay/relay/edge/mesh"
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/edge/transport"
+	"github.com/edge-relay/relay/edge/web"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -61,6 +64,10 @@ type Config struct {
 	// Session tunes the session core (EdgeID, Directory, Ring, Logger,
 	// Metrics and Tracer are set by the server).
 	Session session.Config
+	// PublicAddr is the UDP host:port browsers are told to reach for
+	// WebTransport (EdgeInfoPath) [Addr as bound; an unspecified host
+	// such as 0.0.0.0 is replaced by the host the page was loaded from].
+	PublicAddr string
 	// AllowedOrigins for WebTransport (see transport.Config).
 	AllowedOrigins []string
 	// MeshAddr is the UDP address of the mesh listener (other edges
@@ -358,6 +365,39 @@ func (s *Server) Registry() *prometheus.Registry { return s.cfg.Registry }
 // Directory is the edge's copy of the control plane's state.
 func (s *Server) Directory() *directory.Directory { return s.dir }
 
+// EdgeInfoPath serves EdgeInfo as JSON: what a page needs to reach the
+// edge's UDP side.
+const EdgeInfoPath = "/.well-known/relay/edge"
+
+// EdgeInfo describes the edge to pages.
+type EdgeInfo struct {
+	ID   string `json:"id"`
+	Addr string `json:"addr"` // UDP host:port for WebTransport
+}
+
+// publicAddr is the UDP address a page that reached the edge as
+// requestHost should use for WebTransport.
+func (s *Server) publicAddr(requestHost string) string {
+	if s.cfg.PublicAddr != "" {
+		return s.cfg.PublicAddr
+	}
+	bound := s.Addr()
+	host, port, err := net.SplitHostPort(bound)
+	if err != nil {
+		return bound
+	}
+	if ip, err := netip.ParseAddr(host); err == nil && !ip.IsUnspecified() {
+		return bound
+	}
+	if h, _, err := net.SplitHostPort(requestHost); err == nil {
+		requestHost = h
+	}
+	if requestHost == "" {
+		return bound
+	}
+	return net.JoinHostPort(strings.Trim(requestHost, "[]"), port)
+}
+
 // CertHashesPath serves the certificate hashes as JSON.
 const CertHashesPath = "/.well-known/relay/certificate-hashes"
 
@@ -376,6 +416,16 @@ type CertHashJSON struct {
 
 func (s *Server) publicMux() http.Handler {
 	mux := http.NewServeMux()
+	page := web.Handler()
+	for _, p := range []string{"GET /{$}", "GET /index.html", "GET /console.js", "GET /relay.js"} {
+		mux.Handle(p, page)
+	}
+	mux.Handle("/api/", s.control.Proxy("/api"))
+	mux.HandleFunc("GET "+EdgeInfoPath, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		_ = json.NewEncoder(w).Encode(EdgeInfo{ID: s.cfg.EdgeID, Addr: s.publicAddr(r.Host)})
+	})
 	mux.HandleFunc("GET "+transport.WebSocketPath, func(w http.ResponseWriter, r *http.Request) {
 		// A hijacked connection is no longer the HTTP server's: the edge
 		// tracks the session itself so shutdown waits for it.

@@ -1,0 +1,367 @@
+package web_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/chromedp/cdproto/fetch"
+	"github.com/chromedp/cdproto/page"
+	"github.com/chromedp/cdproto/runtime"
+	"github.com/chromedp/chromedp"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/internal/relaytest"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+)
+
+// chromium finds the browser, or skips (fails where RELAY_BROWSER_TESTS
+// is "required", as in CI).
+func chromium(t testing.TB) string {
+	t.Helper()
+	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	msg := "Chromium is not installed: apt-get install -y chromium (Debian), then run the browser tests again"
+	if os.Getenv("RELAY_BROWSER_TESTS") == "required" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+	return ""
+}
+
+// browser starts a headless Chromium for the test.
+func browser(t testing.TB) context.Context {
+	t.Helper()
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(chromium(t)), chromedp.NoSandbox, chromedp.DisableGPU,
+		chromedp.UserDataDir(t.TempDir()),
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+	)
+	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	ctx, cancelCtx := chromedp.NewContext(actx)
+	t.Cleanup(func() { cancelCtx(); cancelAlloc() })
+	// The page's console and uncaught errors go to the test log.
+	if err := chromedp.Listen(ctx, func(ev any) {
+		switch ev := ev.(type) {
+		case *runtime.EventConsoleAPICalled:
+			var parts []string
+			for _, a := range ev.Args {
+				if a.Value != nil {
+					parts = append(parts, string(a.Value))
+				} else {
+					parts = append(parts, a.Description)
+				}
+			}
+			t.Logf("page console.%s: %s", ev.Type, strings.Join(parts, " "))
+		case *runtime.EventExceptionThrown:
+			d := ev.ExceptionDetails
+			msg := d.Text
+			if d.Exception != nil {
+				msg += " " + d.Exception.Description
+			}
+			t.Logf("page exception at %s:%d: %s", d.URL, d.LineNumber+1, msg)
+		}
+	}); err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	if err := chromedp.Do(ctx); err != nil {
+		t.Fatalf("start chromium: %v", err)
+	}
+	return ctx
+}
+
+// do runs steps with a deadline; on failure it says what the page shows.
+func do(ctx context.Context, t testing.TB, what string, steps ...chromedp.Action[chromedp.Void]) {
+	t.Helper()
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := chromedp.Do(sctx, steps...); err != nil {
+		status, _ := chromedp.Run(ctx, chromedp.TextContent(chromedp.CSS("#status")))
+		errText, _ := chromedp.Run(ctx, chromedp.TextContent(chromedp.CSS("#error")))
+		t.Fatalf("%s: %v (status %q, page error %q)", what, err, status, errText)
+	}
+}
+
+// artifact writes a file where CI keeps test artifacts
+// (RELAY_ARTIFACT_DIR, else a directory under the system's temp dir).
+func artifact(t testing.TB, name string, b []byte) {
+	t.Helper()
+	dir := os.Getenv("RELAY_ARTIFACT_DIR")
+	if dir == "" {
+		dir = filepath.Join(os.TempDir(), "relay-artifacts")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("wrote %s", p)
+}
+
+// waitText waits until the element's text contains want.
+func waitText(ctx context.Context, t testing.TB, sel, want string) {
+	t.Helper()
+	js := fmt.Sprintf(`(() => { const e = document.querySelector(%q); return !!e && e.textContent.includes(%q); })()`, sel, want)
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if _, err := chromedp.Run(wctx, chromedp.Poll[bool](js, chromedp.WithPollingInterval(20*time.Millisecond))); err != nil {
+		got, _ := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
+		errText, _ := chromedp.Run(ctx, chromedp.Text(chromedp.CSS("#error")))
+		t.Fatalf("%s never said %q (it says %q; page error %q): %v", sel, want, got, errText, err)
+	}
+}
+
+// fixture is a relay (one control node, one edge with its admin port),
+// a user alice with a native phone connected over QUIC, and a headless
+// Chromium.
+type fixture struct {
+	r       *relaytest.Relay
+	edge    *server.Server
+	browser context.Context
+	alice   string
+	phone   *client.Client
+	phoneID string
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) { cfg.AdminAddr = "127.0.0.1:0" }})
+	ctx := browser(t) // started after the relay, so closed before it (cleanups run last first)
+	d := api.NewDialer(nil)
+	t.Cleanup(func() { d.Close() })
+	req := connect.NewRequest(&controlv1.CreateUserRequest{Login: "alice", Password: "alice-password-1"})
+	req.Header().Set("Authorization", "Bearer "+r.Cluster.AdminToken())
+	resp, err := controlv1connect.NewUserServiceClient(d.HTTPClient(), r.ControlURLs()[0]).CreateUser(context.Background(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	alice := resp.Msg.GetUser().GetId()
+	phoneDev := r.Device(alice, "phone")
+	return &fixture{r: r, edge: r.Edges[0], browser: ctx, alice: alice, phone: r.Dial(0, phoneDev, client.QUIC), phoneID: phoneDev.ID}
+}
+
+// signIn opens the console (on the edge's admin port: http://127.0.0.1
+// is a secure context, and WebTransport pins the self-signed
+// certificate) and signs in as alice.
+func (f *fixture) signIn(t *testing.T) {
+	t.Helper()
+	do(f.browser, t, "open the console", chromedp.Navigate(f.edge.AdminURL()+"/"), chromedp.WaitVisible(chromedp.CSS("#login-form")))
+	do(f.browser, t, "sign in",
+		chromedp.SendKeys(chromedp.CSS("#login"), "alice"),
+		chromedp.SendKeys(chromedp.CSS("#password"), "alice-password-1"),
+		chromedp.Click(chromedp.CSS("#login-button")),
+		chromedp.WaitVisible(chromedp.CSS("#register-form")))
+}
+
+// register registers the browser as a device, connecting with the
+// transport chosen on the page, and returns its device id.
+func (f *fixture) register(t *testing.T, transport string) string {
+	t.Helper()
+	do(f.browser, t, "register the browser",
+		chromedp.SetValue(chromedp.CSS("#transport"), transport),
+		chromedp.Click(chromedp.CSS("#register-button")))
+	waitText(f.browser, t, "#status", "Connected over")
+	return f.deviceID(t)
+}
+
+func (f *fixture) deviceID(t *testing.T) string {
+	t.Helper()
+	id, err := chromedp.Run(f.browser, chromedp.Evaluate[string](`document.getElementById("device-info").dataset.deviceId`))
+	if err != nil || id == "" {
+		t.Fatalf("the page shows no device id (%v)", err)
+	}
+	return id
+}
+
+// exchange sends an event from the phone to the browser and one back.
+func (f *fixture) exchange(t *testing.T, browserID, label string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if !slices.Contains(f.phone.Online(), browserID) {
+			return errors.New("the browser is not online for the phone yet")
+		}
+		return nil
+	})
+	// Native -> browser.
+	if err := f.phone.Send(ctx, client.Message{Targets: []string{browserID}, Type: "text", Payload: []byte("hello browser over " + label)}); err != nil {
+		t.Fatalf("%s: phone -> browser: %v", label, err)
+	}
+	waitText(f.browser, t, "#log", "hello browser over "+label)
+	// Browser -> native.
+	do(f.browser, t, label+": send from the page",
+		chromedp.SetValue(chromedp.CSS("#target"), f.phoneID),
+		chromedp.SetValue(chromedp.CSS("#text"), "hello phone over "+label),
+		chromedp.Click(chromedp.CSS("#send-button")))
+	for {
+		ev, err := f.phone.Receive(ctx)
+		if err != nil {
+			t.Fatalf("%s: browser -> phone: %v", label, err)
+		}
+		if string(ev.Payload) == "hello phone over "+label && ev.Sender == browserID {
+			break
+		}
+	}
+	waitText(f.browser, t, "#send-result", "Delivered")
+}
+
+func (f *fixture) screenshot(t *testing.T, name string) {
+	t.Helper()
+	shot, err := chromedp.Run(f.browser, chromedp.FullScreenshot(100))
+	if err != nil {
+		t.Fatal(err)
+	}
+	artifact(t, name, shot)
+}
+
+// The console page, in a real Chromium: sign in, register the browser as
+// a device, exchange events both ways with a native Go device over
+// WebTransport; reload with WebTransport disabled in the page: the
+// device (its key in IndexedDB) reconnects by itself over the WebSocket
+// and exchanges again; revoking it with relayctl disconnects the page,
+// which says why.
+func TestConsoleInChromium(t *testing.T) {
+	f := newFixture(t)
+	f.signIn(t)
+	browserID := f.register(t, "webtransport")
+	waitText(f.browser, t, "#status", "Connected over webtransport")
+	f.exchange(t, browserID, "webtransport")
+	f.screenshot(t, "console-webtransport.png")
+
+	// The same page without WebTransport: it falls back on its own.
+	if _, err := chromedp.Call(f.browser, page.AddScriptToEvaluateOnNewDocument,
+		page.AddScriptToEvaluateOnNewDocumentParams{Source: "delete globalThis.WebTransport;"}); err != nil {
+		t.Fatal(err)
+	}
+	do(f.browser, t, "reload", chromedp.Reload())
+	waitText(f.browser, t, "#status", "Connected over websocket")
+	if got := f.deviceID(t); got != browserID {
+		t.Fatalf("after a reload the page is device %s, want %s (kept in IndexedDB)", got, browserID)
+	}
+	f.exchange(t, browserID, "websocket")
+	f.screenshot(t, "console-websocket.png")
+
+	// Revoked by an administrator with relayctl.
+	out, err := relayctl(t, f.r.Cluster.AdminToken(), "--server", f.r.ControlURLs()[0], "device", "revoke", browserID, "--user", f.alice)
+	if err != nil {
+		t.Fatalf("relayctl device revoke: %v\n%s", err, out)
+	}
+	waitText(f.browser, t, "#status", "Disconnected for good: This device was revoked")
+	waitText(f.browser, t, "#error", "revoked")
+	// The page forgot the revoked device and offers to register again.
+	do(f.browser, t, "register form", chromedp.WaitVisible(chromedp.CSS("#register-form")))
+	waitText(f.browser, t, "#devices", "revoked")
+	f.screenshot(t, "console-revoked.png")
+}
+
+// Where UDP does not get through, the page's automatic choice connects
+// over the WebSocket (after WebTransport's head start), remembers it for
+// this edge, and goes straight to the WebSocket next time.
+func TestConsoleWhereUDPIsBlocked(t *testing.T) {
+	f := newFixture(t)
+	// A UDP socket that never answers: packets to it vanish, as behind a
+	// firewall that drops UDP. The page learns the edge's UDP address
+	// from /.well-known/relay/edge; the browser is given this one.
+	hole, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hole.Close() })
+	info, err := json.Marshal(map[string]string{"id": "edge-0", "addr": hole.LocalAddr().String()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	intercept(t, f.browser, "*"+server.EdgeInfoPath, info)
+	f.signIn(t)
+	browserID := f.register(t, "auto")
+	waitText(f.browser, t, "#status", "Connected over websocket")
+	remembered, err := chromedp.Run(f.browser, chromedp.Evaluate[string](fmt.Sprintf(`localStorage.getItem("relay.transport." + %q)`, hole.LocalAddr().String())))
+	if err != nil || remembered != "websocket" {
+		t.Fatalf("remembered transport for the edge: %q (%v), want websocket", remembered, err)
+	}
+	f.exchange(t, browserID, "websocket")
+	// Connecting again goes to the WebSocket at once.
+	do(f.browser, t, "connect again", chromedp.Click(chromedp.CSS("#connect-button")))
+	waitText(f.browser, t, "#status", "Connected over websocket")
+	f.exchange(t, browserID, "websocket again")
+}
+
+// intercept answers the page's requests for URLs matching pattern with
+// body (application/json), as a network in between could.
+func intercept(t *testing.T, ctx context.Context, pattern string, body []byte) {
+	t.Helper()
+	paused := make(chan fetch.RequestID, 16)
+	if err := chromedp.Listen(ctx, func(ev any) {
+		if ev, ok := ev.(*fetch.EventRequestPaused); ok {
+			select {
+			case paused <- ev.RequestID:
+			default:
+			}
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := chromedp.Call(ctx, fetch.Enable, fetch.EnableParams{Patterns: []*fetch.RequestPattern{{URLPattern: pattern}}}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for {
+			select {
+			case <-done:
+				return
+			case id := <-paused:
+				_, err := chromedp.Call(ctx, fetch.FulfillRequest, fetch.FulfillRequestParams{
+					RequestID: id, ResponseCode: 200, Body: body,
+					ResponseHeaders: []*fetch.HeaderEntry{{Name: "Content-Type", Value: "application/json"}},
+				})
+				if err != nil && ctx.Err() == nil {
+					t.Errorf("fulfill %s: %v", pattern, err)
+				}
+			}
+		}
+	}()
+	t.Cleanup(func() { close(done); <-stopped })
+}
+
+// relayctl runs the relayctl command, built from this module, with an
+// admin's token.
+func relayctl(t *testing.T, token string, args ...string) (string, error) {
+	t.Helper()
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "relayctl")
+	build := exec.Command("go", "build", "-o", bin, "github.com/edge-relay/relay/cmd/relayctl")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build relayctl: %v\n%s", err, out)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Env = append(os.Environ(), "RELAYCTL_TOKEN="+token, "RELAYCTL_CONFIG_DIR="+dir)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}

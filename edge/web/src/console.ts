@@ -1,0 +1,238 @@
+// The device console page: sign in as a user, register this browser as a
+// device (its key stays in the browser, non-extractable), see the user's
+// devices and which are online, send events, watch what arrives with its
+// latency, revoke a device. Control-plane calls go through the edge
+// (/api/, a fixed set of procedures) in the Connect JSON protocol.
+
+import {
+  CERT_HASHES_PATH,
+  RelayClient,
+  RelayError,
+  type RelayEvent,
+  b64,
+  describe,
+  forgetDevice,
+  generateDeviceKey,
+  loadDevice,
+  saveDevice,
+  type StoredDevice,
+} from "./relay.js";
+
+const $ = <T extends HTMLElement = HTMLElement>(id: string) => document.getElementById(id) as T;
+
+let token = sessionStorage.getItem("relay.token") ?? "";
+let device: StoredDevice | undefined;
+let client: RelayClient | null = null;
+let devices: { id: string; name: string; revoked: boolean }[] = [];
+
+function setStatus(text: string, state = "idle"): void {
+  const s = $("status");
+  s.textContent = text;
+  s.dataset.state = state;
+}
+
+function showError(e: unknown): void {
+  let text: string;
+  if (e instanceof RelayError) text = `${describe(e.code)} (${e.message})`;
+  else if (e instanceof Error) text = e.message;
+  else text = String(e);
+  $("error").textContent = text;
+}
+
+/** Calls a control-plane procedure through the edge. */
+async function call<T>(procedure: string, body: unknown): Promise<T> {
+  const r = await fetch(`/api/${procedure}`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) },
+    body: JSON.stringify(body),
+  });
+  const json = (await r.json().catch(() => ({}))) as { message?: string; code?: string } & T;
+  if (r.status === 401 && token) {
+    // The session ended (expired, or the account changed): sign in again.
+    token = "";
+    sessionStorage.removeItem("relay.token");
+    $("login-section").hidden = false;
+    setStatus("Signed out: sign in again.", "idle");
+  }
+  if (!r.ok) throw new Error(json.message ? `${json.code}: ${json.message}` : `${procedure}: HTTP ${r.status}`);
+  return json;
+}
+
+interface EdgeInfo { addr: string; webSocketUrl: string }
+let edge: EdgeInfo;
+
+async function edgeInfo(): Promise<EdgeInfo> {
+  const r = await fetch("/.well-known/relay/edge", { cache: "no-store" });
+  const info = (await r.json()) as { addr: string };
+  const wsScheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return { addr: info.addr, webSocketUrl: `${wsScheme}//${location.host}/relay/v1/ws` };
+}
+
+async function refreshDevices(): Promise<void> {
+  const r = await call<{ devices?: { id: string; name: string; revoked?: boolean }[] }>("control.v1.DeviceService/ListDevices", {});
+  devices = (r.devices ?? []).map((d) => ({ id: d.id, name: d.name, revoked: !!d.revoked }));
+  render();
+}
+
+function render(): void {
+  const online = new Set(client?.online() ?? []);
+  const tbody = $("devices");
+  tbody.replaceChildren();
+  const target = $<HTMLSelectElement>("target");
+  const keep = target.value;
+  target.replaceChildren(new Option("all my other devices", ""));
+  for (const d of devices) {
+    const tr = document.createElement("tr");
+    tr.dataset.device = d.id;
+    const me = d.id === device?.deviceId;
+    const state = d.revoked ? "revoked" : me ? (client ? "this browser" : "this browser (offline)") : online.has(d.id) ? "online" : "offline";
+    for (const text of [d.name, d.id, state]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    const td = document.createElement("td");
+    if (!d.revoked) {
+      const b = document.createElement("button");
+      b.textContent = "Revoke";
+      b.className = "revoke";
+      b.onclick = () => void revoke(d.id).catch(showError);
+      td.append(b);
+    }
+    tr.append(td);
+    tbody.append(tr);
+    if (!me && !d.revoked) target.append(new Option(d.name, d.id));
+  }
+  target.value = keep;
+}
+
+async function revoke(id: string): Promise<void> {
+  await call("control.v1.DeviceService/RevokeDevice", { deviceId: id });
+  await refreshDevices();
+}
+
+function logEvent(ev: RelayEvent): void {
+  const tr = document.createElement("tr");
+  tr.className = ev.cancelled ? "event cancelled" : "event";
+  const latency = Date.now() + (client?.clockOffsetMs ?? 0) - ev.createdAt.getTime();
+  const text = ev.cancelled ? "(taken by another device)" : new TextDecoder().decode(ev.payload);
+  for (const v of [new Date().toLocaleTimeString(), ev.sender, ev.type, text, ev.cancelled ? "" : `${latency} ms`]) {
+    const td = document.createElement("td");
+    td.textContent = v;
+    tr.append(td);
+  }
+  $("log").prepend(tr);
+}
+
+async function connect(): Promise<void> {
+  if (!device) throw new Error("register this browser first");
+  client?.close();
+  setStatus("Connecting...", "connecting");
+  const transport = $<HTMLSelectElement>("transport").value as "auto" | "webtransport" | "websocket";
+  client = await RelayClient.connect({
+    edge: edge.addr, userId: device.userId, deviceId: device.deviceId, key: device.key, transport,
+    certHashesUrl: location.origin + CERT_HASHES_PATH, webSocketUrl: edge.webSocketUrl,
+  });
+  client.addEventListener("event", (e) => logEvent((e as CustomEvent<RelayEvent>).detail));
+  client.addEventListener("presence", () => render());
+  client.addEventListener("state", (e) => {
+    const d = (e as CustomEvent<{ connected: boolean; transport?: string; reason?: RelayError | null }>).detail;
+    if (d.connected) setStatus(`Connected over ${d.transport}.`, "connected");
+    else setStatus(d.reason ? `Disconnected: ${describe(d.reason.code)} Reconnecting...` : "Disconnected. Reconnecting...", "connecting");
+    $("transport-used").textContent = client?.transport ?? "-";
+  });
+  client.addEventListener("closed", (e) => {
+    const why = (e as CustomEvent<RelayError>).detail;
+    client = null;
+    $("send-section").hidden = true;
+    const done = () => {
+      setStatus(`Disconnected for good: ${describe(why.code)}`, "error");
+      showError(why);
+    };
+    done();
+    // The device list shows what happened (a revoked device is forgotten
+    // here, and this browser can register again).
+    void signedIn().catch(() => {}).finally(done);
+  });
+  $("transport-used").textContent = client.transport ?? "-";
+  setStatus(`Connected over ${client.transport}.`, "connected");
+  $("send-section").hidden = false;
+  render();
+}
+
+async function main(): Promise<void> {
+  edge = await edgeInfo();
+  device = await loadDevice();
+  $("login-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    void (async () => {
+      $("error").textContent = "";
+      const r = await call<{ tokens: { accessToken: string } }>("control.v1.AuthService/Login", {
+        login: $<HTMLInputElement>("login").value, password: $<HTMLInputElement>("password").value,
+      });
+      token = r.tokens.accessToken;
+      sessionStorage.setItem("relay.token", token);
+      await signedIn();
+    })().catch(showError);
+  });
+  $("register-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    void (async () => {
+      $("error").textContent = "";
+      const me = await call<{ user: { id: string } }>("control.v1.UserService/GetMe", {});
+      const { privateKey, publicKey } = await generateDeviceKey();
+      const name = $<HTMLInputElement>("device-name").value;
+      const r = await call<{ device: { id: string } }>("control.v1.DeviceService/RegisterDevice", { name, publicKey: b64(publicKey) });
+      device = { userId: me.user.id, deviceId: r.device.id, key: privateKey, name };
+      await saveDevice(device);
+      await signedIn();
+      await connect();
+    })().catch(showError);
+  });
+  $("connect-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    $("error").textContent = "";
+    void connect().catch((err) => { setStatus("Not connected.", "error"); showError(err); });
+  });
+  $("send-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    void (async () => {
+      if (!client) throw new Error("not connected");
+      const target = $<HTMLSelectElement>("target").value;
+      const started = performance.now();
+      $("send-result").textContent = "Sending...";
+      await client.send({ type: "text", payload: $<HTMLInputElement>("text").value, targets: target ? [target] : [], anyOne: $<HTMLInputElement>("any-one").checked });
+      $("send-result").textContent = `Delivered (${(performance.now() - started).toFixed(2)} ms).`;
+    })().catch((err) => {
+      $("send-result").textContent = err instanceof RelayError ? describe(err.code) : String(err);
+      showError(err);
+    });
+  });
+  if (token) {
+    const ok = await signedIn().then(() => true, () => { token = ""; sessionStorage.removeItem("relay.token"); return false; });
+    // A browser registered before connects on its own.
+    if (ok && device) await connect().catch((err) => { setStatus("Not connected.", "error"); showError(err); });
+  }
+}
+
+async function signedIn(): Promise<void> {
+  $("login-section").hidden = true;
+  $("device-section").hidden = false;
+  $("devices-section").hidden = false;
+  await refreshDevices();
+  if (device && !devices.some((d) => d.id === device!.deviceId && !d.revoked)) {
+    await forgetDevice(); // revoked or not this account's
+    device = undefined;
+  }
+  const info = $("device-info");
+  info.textContent = device ? `Registered as ${device.name ?? device.deviceId} (${device.deviceId}).` : "Not registered yet.";
+  info.dataset.deviceId = device?.deviceId ?? "";
+  $("register-form").hidden = !!device;
+  $("connect-form").hidden = !device;
+  setStatus(device ? "Signed in; not connected." : "Signed in.", "idle");
+}
+
+void main().catch(showError);
+
+// For tests and the curious.
+(window as unknown as { relayConsole: unknown }).relayConsole = { get client() { return client; } };

@@ -1,0 +1,726 @@
+// The relay's browser client: a device of a user talks to an edge over
+// WebTransport (HTTP/3), or over a WebSocket where UDP is blocked, proves
+// its Ed25519 key (WebCrypto), sends events with acknowledgement and
+// receives the events of its user's other devices once each, in
+// per-sender order. It reconnects by itself (resume tickets, backoff with
+// jitter) and resends what was not acknowledged: the same behaviour as
+// the Go client (edge/client).
+
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import {
+  ErrorCode,
+  EventSchema,
+  FrameSchema,
+  HelloSchema,
+  type Event as WireEvent,
+  type Frame,
+} from "./gen/relay/v1/frames_pb.js";
+
+export { ErrorCode };
+
+export const PROTOCOL_VERSION = 1;
+export const WEBTRANSPORT_PATH = "/relay/v1/wt";
+export const WEBSOCKET_PATH = "/relay/v1/ws";
+export const CERT_HASHES_PATH = "/.well-known/relay/certificate-hashes";
+
+/** A protocol error: an event refused, or the session closed. */
+export class RelayError extends Error {
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    readonly reconnectAfterMs = 0,
+    readonly replacedBy = "",
+  ) {
+    super(message || describe(code));
+    this.name = "RelayError";
+  }
+  /** Sending the same event again later may succeed. */
+  get retryable(): boolean {
+    return [
+      ErrorCode.QUEUE_FULL,
+      ErrorCode.RATE_LIMITED,
+      ErrorCode.TARGET_OFFLINE,
+      ErrorCode.INTERNAL,
+      ErrorCode.GOING_AWAY,
+      ErrorCode.MAILBOX_FULL,
+    ].includes(this.code);
+  }
+}
+
+/** Every protocol code in words, for people. */
+export function describe(code: ErrorCode): string {
+  switch (code) {
+    case ErrorCode.FRAME_TOO_LARGE: return "The message was too large for the relay.";
+    case ErrorCode.PAYLOAD_TOO_LARGE: return "The event's content is too large.";
+    case ErrorCode.TTL_TOO_LONG: return "The event asked to wait longer than the relay allows.";
+    case ErrorCode.CREATED_IN_FUTURE: return "This device's clock is too far ahead.";
+    case ErrorCode.EXPIRED: return "The event expired before it could be delivered.";
+    case ErrorCode.UNKNOWN_TARGET: return "That is not one of your devices.";
+    case ErrorCode.TARGET_DELETED: return "That device was removed or revoked.";
+    case ErrorCode.SENDER_REVOKED: return "This device was revoked.";
+    case ErrorCode.RATE_LIMITED: return "Too much at once: slow down and try again.";
+    case ErrorCode.MALFORMED_FRAME: return "The relay did not understand this device (a bug or an old version).";
+    case ErrorCode.AUTH_FAILED: return "This device could not prove who it is (unknown, revoked, or wrong key).";
+    case ErrorCode.REPLACED: return "This device connected somewhere else, which took over.";
+    case ErrorCode.UNSUPPORTED_VERSION: return "This version is too old for the relay: update it.";
+    case ErrorCode.QUEUE_FULL: return "The other device is not keeping up: try again in a moment.";
+    case ErrorCode.GOING_AWAY: return "The relay is restarting: reconnecting.";
+    case ErrorCode.SESSION_EXPIRED: return "The session was too old and had to sign in again.";
+    case ErrorCode.REVOKED: return "This device was revoked or its account deleted.";
+    case ErrorCode.DUPLICATE_ID: return "An event with the same id but other content was sent before.";
+    case ErrorCode.TARGET_OFFLINE: return "The other device is offline and the event could not wait for it.";
+    case ErrorCode.SLOW_CONSUMER: return "This device stopped reading; reconnecting.";
+    case ErrorCode.SEQ_OUT_OF_ORDER: return "Events were sent out of order (a bug).";
+    case ErrorCode.INTERNAL: return "The relay had a problem: try again.";
+    case ErrorCode.MAILBOX_FULL: return "The other device has too much waiting while offline: try later.";
+    default: return "Something went wrong.";
+  }
+}
+
+/** An event to send. */
+export interface Message {
+  /** Identifies the event for dedup and acks; one is made when empty. */
+  id?: string;
+  /** Device ids of the same user; empty: all the user's other devices. */
+  targets?: string[];
+  type?: string;
+  payload?: Uint8Array | string;
+  /** How long the event may wait for a target [60 s]. */
+  ttlMs?: number;
+  /** Deliver to any one of the targets (see the protocol). */
+  anyOne?: boolean;
+}
+
+/** An event received from another device of the user. */
+export interface RelayEvent {
+  id: string;
+  sender: string;
+  seq: bigint;
+  type: string;
+  payload: Uint8Array;
+  createdAt: Date;
+  ephemeral: boolean;
+  anyOne: boolean;
+  /** Another device took this "any one" event. */
+  cancelled: boolean;
+}
+
+export type TransportName = "webtransport" | "websocket";
+
+export interface RelayOptions {
+  /** The edge, host:port (UDP for WebTransport, TCP for the WebSocket). */
+  edge: string;
+  userId: string;
+  deviceId: string;
+  /** The device's Ed25519 private key (it may be non-extractable). */
+  key: CryptoKey;
+  /** "auto" (default): WebTransport first, raced against the WebSocket. */
+  transport?: "auto" | TransportName;
+  /** Head start WebTransport gets in the race [300 ms]. */
+  headStartMs?: number;
+  /** SHA-256 hashes of the edge's self-signed certificate; fetched from
+   * certHashesUrl when not given (and the edge's certificate is not
+   * trusted by the browser). */
+  certHashes?: Uint8Array[];
+  /** Where to fetch the hashes [https://<edge>/.well-known/...]. */
+  certHashesUrl?: string;
+  /** WebSocket URL [wss://<edge>/relay/v1/ws]. */
+  webSocketUrl?: string;
+  reconnectMinMs?: number;
+  reconnectMaxMs?: number;
+}
+
+interface Conn {
+  name: TransportName;
+  send(frameBody: Uint8Array): Promise<void>;
+  sendDatagram?(body: Uint8Array): boolean;
+  next(): Promise<Uint8Array | null>; // a frame body, or null at the end
+  close(code?: number, reason?: string): void;
+  closeReason(): RelayError | null;
+}
+
+const enc = new TextEncoder();
+
+function b64(bytes: Uint8Array): string {
+  let s = "";
+  for (const b of bytes) s += String.fromCharCode(b);
+  return btoa(s);
+}
+
+function unb64(s: string): Uint8Array {
+  const bin = atob(s);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+function randomId(): string {
+  const b = new Uint8Array(12);
+  crypto.getRandomValues(b);
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+/** The transcript a device signs (docs/protocol.md). */
+export function transcript(f: {
+  userId: string; deviceId: string; version: number; clientTimeMs: bigint;
+  edgeId: string; nonce: Uint8Array; serverTimeMs: bigint;
+}): Uint8Array {
+  const parts: number[] = [];
+  const u32 = (n: number) => parts.push((n >>> 24) & 255, (n >>> 16) & 255, (n >>> 8) & 255, n & 255);
+  const i64 = (n: bigint) => {
+    const v = BigInt.asUintN(64, n);
+    for (let i = 7; i >= 0; i--) parts.push(Number((v >> BigInt(i * 8)) & 255n));
+  };
+  const str = (b: Uint8Array) => { u32(b.length); parts.push(...b); };
+  str(enc.encode("relay/1 device handshake"));
+  str(enc.encode(f.userId));
+  str(enc.encode(f.deviceId));
+  u32(f.version);
+  i64(f.clientTimeMs);
+  str(enc.encode(f.edgeId));
+  str(f.nonce);
+  i64(f.serverTimeMs);
+  return new Uint8Array(parts);
+}
+
+/** Reads uvarint-length-prefixed frames out of a byte stream. */
+class FrameReader {
+  private buf = new Uint8Array(0);
+  constructor(private reader: ReadableStreamDefaultReader<Uint8Array>) {}
+  async next(): Promise<Uint8Array | null> {
+    for (;;) {
+      let n = 0, shift = 0, i = 0, ok = false;
+      for (; i < this.buf.length && i < 10; i++) {
+        n += (this.buf[i] & 127) * 2 ** shift;
+        shift += 7;
+        if (this.buf[i] < 128) { ok = true; i++; break; }
+      }
+      if (ok && this.buf.length - i >= n) {
+        const body = this.buf.slice(i, i + n);
+        this.buf = this.buf.slice(i + n);
+        return body;
+      }
+      const { value, done } = await this.reader.read();
+      if (done) return null;
+      const merged = new Uint8Array(this.buf.length + value.length);
+      merged.set(this.buf);
+      merged.set(value, this.buf.length);
+      this.buf = merged;
+    }
+  }
+}
+
+function prefixed(body: Uint8Array): Uint8Array {
+  const head: number[] = [];
+  let n = body.length;
+  while (n >= 128) { head.push((n & 127) | 128); n = Math.floor(n / 128); }
+  head.push(n);
+  const out = new Uint8Array(head.length + body.length);
+  out.set(head);
+  out.set(body, head.length);
+  return out;
+}
+
+async function dialWebTransport(opts: RelayOptions, hashes: Uint8Array[] | undefined, signal: AbortSignal): Promise<Conn> {
+  if (typeof WebTransport === "undefined") throw new Error("WebTransport is not available here");
+  const init: WebTransportOptions = {};
+  if (hashes && hashes.length > 0) {
+    init.serverCertificateHashes = hashes.map((value) => ({ algorithm: "sha-256", value: value as BufferSource }));
+  }
+  const wt = new WebTransport(`https://${opts.edge}${WEBTRANSPORT_PATH}`, init);
+  wt.closed.catch(() => {}); // a failed or abandoned attempt is reported through ready
+  const abort = () => wt.close();
+  signal.addEventListener("abort", abort);
+  try {
+    await wt.ready;
+  } finally {
+    signal.removeEventListener("abort", abort);
+  }
+  if (signal.aborted) { wt.close(); throw new Error("aborted"); }
+  const stream = await wt.createBidirectionalStream();
+  const writer = stream.writable.getWriter();
+  const reader = new FrameReader(stream.readable.getReader() as ReadableStreamDefaultReader<Uint8Array>);
+  const dgWriter = wt.datagrams.writable.getWriter();
+  let reason: RelayError | null = null;
+  wt.closed.then(
+    (info) => { if (info.closeCode) reason = new RelayError(info.closeCode as ErrorCode, info.reason ?? ""); },
+    () => {},
+  );
+  return {
+    name: "webtransport",
+    send: (body) => writer.write(prefixed(body)),
+    sendDatagram: (body) => {
+      if (body.length > 1100) return false;
+      dgWriter.write(body).catch(() => {});
+      return true;
+    },
+    next: () => reader.next().catch(() => null),
+    close: (code, msg) => { try { wt.close({ closeCode: code ?? 0, reason: msg ?? "" }); } catch { /* closed */ } },
+    closeReason: () => reason,
+  };
+}
+
+function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
+  const url = opts.webSocketUrl ?? `wss://${opts.edge}${WEBSOCKET_PATH}`;
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url);
+    ws.binaryType = "arraybuffer";
+    const queue: Uint8Array[] = [];
+    const waiting: ((b: Uint8Array | null) => void)[] = [];
+    let ended = false;
+    let reason: RelayError | null = null;
+    let closeInfo = "";
+    const abort = () => ws.close();
+    signal.addEventListener("abort", abort);
+    ws.onmessage = (m) => {
+      const b = new Uint8Array(m.data as ArrayBuffer);
+      const w = waiting.shift();
+      if (w) w(b); else queue.push(b);
+    };
+    ws.onclose = (c) => {
+      ended = true;
+      if (c.code > 4000 && c.code < 5000) reason = new RelayError((c.code - 4000) as ErrorCode, c.reason);
+      else if (c.code === 1009) reason = new RelayError(ErrorCode.FRAME_TOO_LARGE, c.reason); // over the edge's read limit
+      else closeInfo = `websocket closed (${c.code}${c.reason ? ": " + c.reason : ""})`;
+      for (const w of waiting.splice(0)) w(null);
+      reject(reason ?? new Error(closeInfo));
+    };
+    ws.onopen = () => {
+      signal.removeEventListener("abort", abort);
+      resolve({
+        name: "websocket",
+        send: async (body) => { ws.send(body); },
+        next: () => new Promise((res) => {
+          const b = queue.shift();
+          if (b) res(b); else if (ended) res(null); else waiting.push(res);
+        }),
+        close: () => ws.close(1000),
+        closeReason: () => reason,
+      });
+    };
+  });
+}
+
+interface Pending { ev: WireEvent; resolve: () => void; reject: (e: unknown) => void }
+
+/** Keeps a device connected to the relay. Listen for "event",
+ * "presence", "state" and "closed" (CustomEvent) on it. */
+export class RelayClient extends EventTarget {
+  /** The transport of the current (or last) session. */
+  transport: TransportName | null = null;
+  /** How far the edge's clock is ahead of this one, in ms. */
+  clockOffsetMs = 0;
+  sessionId = "";
+  /** Why the client stopped for good, once it did. */
+  error: RelayError | null = null;
+
+  private conn: Conn | null = null;
+  private ticket: Uint8Array = new Uint8Array(0);
+  private seq = BigInt(Date.now()) * 1000n;
+  private pending = new Map<string, Pending>();
+  private order: Pending[] = [];
+  private seen = new Map<string, Set<string>>();
+  private onlineSet = new Set<string>();
+  private stopped = false;
+  private readonly instance = randomId();
+  private hashes: Uint8Array[] | undefined;
+
+  private constructor(private readonly opts: RelayOptions) {
+    super();
+    this.hashes = opts.certHashes;
+  }
+
+  /** Connects (the first session) and keeps the connection up. */
+  static async connect(opts: RelayOptions): Promise<RelayClient> {
+    const c = new RelayClient(opts);
+    await c.establish();
+    void c.loop();
+    return c;
+  }
+
+  /** The user's other devices that are online. */
+  online(): string[] { return [...this.onlineSet].sort(); }
+
+  /** Sends a durable event; resolves when every target has it, rejects
+   * with a RelayError when refused (see retryable). */
+  send(m: Message): Promise<void> {
+    if (this.stopped) return Promise.reject(this.error ?? new Error("closed"));
+    const ev = this.build(m, false);
+    return new Promise((resolve, reject) => {
+      const p = { ev, resolve, reject };
+      this.pending.set(ev.id, p);
+      this.order.push(p);
+      this.conn?.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "event", value: ev } }))).catch(() => {});
+    });
+  }
+
+  /** Sends an ephemeral event: never stored, never acknowledged; a
+   * datagram when it fits. */
+  sendEphemeral(m: Message): void {
+    const c = this.conn;
+    if (!c) throw new RelayError(ErrorCode.TARGET_OFFLINE, "not connected");
+    const body = toBinary(FrameSchema, create(FrameSchema, { kind: { case: "event", value: this.build(m, true) } }));
+    if (!c.sendDatagram?.(body)) void c.send(body).catch(() => {});
+  }
+
+  /** Ends the session and stops reconnecting. */
+  close(): void {
+    this.stopped = true;
+    const c = this.conn;
+    this.conn = null;
+    if (c) {
+      void c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "close", value: {} } }))).catch(() => {});
+      c.close();
+    }
+    this.fail(new RelayError(ErrorCode.UNSPECIFIED, "closed"));
+  }
+
+  private build(m: Message, ephemeral: boolean): WireEvent {
+    this.seq++;
+    const payload = typeof m.payload === "string" ? enc.encode(m.payload) : (m.payload ?? new Uint8Array(0));
+    return create(EventSchema, {
+      id: m.id || randomId(),
+      targets: m.targets ?? [],
+      seq: this.seq,
+      createdAtMs: BigInt(Math.round(Date.now() + this.clockOffsetMs)),
+      ttlMs: BigInt(m.ttlMs ?? 60_000),
+      type: m.type ?? "",
+      payload,
+      ephemeral,
+      anyOne: !!m.anyOne && !ephemeral,
+    });
+  }
+
+  private emit(type: string, detail: unknown): void {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  private async certHashes(): Promise<Uint8Array[] | undefined> {
+    if (this.hashes) return this.hashes;
+    const url = this.opts.certHashesUrl ?? `https://${this.opts.edge}${CERT_HASHES_PATH}`;
+    try {
+      const r = await fetch(url, { cache: "no-store" });
+      const doc = (await r.json()) as { hashes?: { value: string }[] };
+      return (doc.hashes ?? []).map((h) => unb64(h.value));
+    } catch {
+      return undefined; // a trusted certificate needs none
+    }
+  }
+
+  private rememberKey(): string { return `relay.transport.${this.opts.edge}`; }
+
+  /** Dials: WebTransport first, raced against the WebSocket after a head
+   * start, unless one is forced or remembered as the one that works. */
+  private async dial(): Promise<Conn> {
+    const want = this.opts.transport ?? "auto";
+    const hashes = await this.certHashes();
+    const ctl = new AbortController();
+    const wt = () => dialWebTransport(this.opts, hashes, ctl.signal);
+    const ws = () => dialWebSocket(this.opts, ctl.signal);
+    if (want === "webtransport") return wt();
+    if (want === "websocket") return ws();
+    let remembered: string | null = null;
+    try { remembered = localStorage.getItem(this.rememberKey()); } catch { /* no storage */ }
+    if (remembered === "websocket" || typeof WebTransport === "undefined") return ws();
+    const head = this.opts.headStartMs ?? 300;
+    const first = wt();
+    let timer = 0;
+    const second = new Promise<Conn>((resolve, reject) => {
+      let started = false;
+      const start = () => {
+        if (started) return;
+        started = true;
+        if (ctl.signal.aborted) reject(new Error("not needed"));
+        else ws().then(resolve, reject);
+      };
+      timer = setTimeout(start, head) as unknown as number;
+      first.catch(() => { clearTimeout(timer); start(); });
+    });
+    const attempts = [first, second];
+    let winner: Conn;
+    try {
+      winner = await Promise.any(attempts);
+    } catch (e) {
+      // Both failed: say why, the WebTransport attempt's reason first.
+      const why = (e as AggregateError).errors ?? [e];
+      throw why.find((x) => x instanceof RelayError) ?? new Error(`cannot reach the edge: ${why.map((x) => String((x as Error)?.message ?? x)).join("; ")}`);
+    }
+    // Stop the other attempt (or close it, should it have connected).
+    clearTimeout(timer);
+    ctl.abort();
+    for (const a of attempts) void a.then((c) => { if (c !== winner) c.close(); }, () => {});
+    try { localStorage.setItem(this.rememberKey(), winner.name); } catch { /* no storage */ }
+    return winner;
+  }
+
+  private async establish(): Promise<void> {
+    const c = await this.dial();
+    try {
+      await this.handshake(c);
+    } catch (e) {
+      c.close();
+      throw e;
+    }
+    this.conn = c;
+    this.transport = c.name;
+    this.onlineSet.clear();
+    this.emit("state", { connected: true, transport: c.name, sessionId: this.sessionId });
+    // Resend what was not acknowledged, in order.
+    for (const p of this.order) {
+      void c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "event", value: p.ev } }))).catch(() => {});
+    }
+  }
+
+  private async handshake(c: Conn): Promise<void> {
+    const sent = Date.now();
+    const hello = create(HelloSchema, {
+      userId: this.opts.userId, deviceId: this.opts.deviceId, protocolVersion: PROTOCOL_VERSION,
+      clientTimeMs: BigInt(sent), resumeTicket: this.ticket, instance: this.instance,
+    });
+    await c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "hello", value: hello } })));
+    for (;;) {
+      const body = await c.next();
+      if (!body) throw c.closeReason() ?? new Error("the edge closed the connection during the handshake");
+      const f = fromBinary(FrameSchema, body);
+      switch (f.kind.case) {
+        case "challenge": {
+          const ch = f.kind.value;
+          if (ch.ticketError) this.ticket = new Uint8Array(0);
+          const tr = transcript({
+            userId: hello.userId, deviceId: hello.deviceId, version: hello.protocolVersion, clientTimeMs: hello.clientTimeMs,
+            edgeId: ch.edgeId, nonce: ch.nonce, serverTimeMs: ch.serverTimeMs,
+          });
+          const sig = new Uint8Array(await crypto.subtle.sign("Ed25519", this.opts.key, tr as BufferSource));
+          await c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "authenticate", value: { signature: sig } } })));
+          break;
+        }
+        case "welcome": {
+          const w = f.kind.value;
+          const rtt = Date.now() - sent;
+          this.clockOffsetMs = Number(w.serverTimeMs) + rtt / 2 - Date.now();
+          if (w.resumeTicket.length > 0) this.ticket = w.resumeTicket;
+          this.sessionId = w.sessionId;
+          (c as Conn & { hello?: typeof hello }).hello = hello;
+          return;
+        }
+        case "close": {
+          const cl = f.kind.value;
+          throw new RelayError(cl.code, cl.message, Number(cl.reconnectAfterMs), cl.replacingInstance);
+        }
+        default:
+          throw new RelayError(ErrorCode.MALFORMED_FRAME, `unexpected ${f.kind.case} in the handshake`);
+      }
+    }
+  }
+
+  private firstTime(sender: string, id: string): boolean {
+    let s = this.seen.get(sender);
+    if (!s) { s = new Set(); this.seen.set(sender, s); }
+    if (s.has(id)) return false;
+    s.add(id);
+    if (s.size > 4096) s.delete(s.values().next().value as string);
+    return true;
+  }
+
+  private resolve(id: string, err?: RelayError): void {
+    const p = this.pending.get(id);
+    if (!p) return;
+    this.pending.delete(id);
+    this.order = this.order.filter((q) => q !== p);
+    if (err) p.reject(err); else p.resolve();
+  }
+
+  private fail(err: RelayError): void {
+    for (const p of this.order) p.reject(err);
+    this.order = [];
+    this.pending.clear();
+  }
+
+  /** Reads one session until it ends; returns why. */
+  private async serve(c: Conn): Promise<RelayError | null> {
+    const keepalive = c.name === "websocket" ? setInterval(() => {
+      void c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "ping", value: { nonce: 1n } } }))).catch(() => {});
+    }, 10_000) : 0;
+    let receipts: bigint[] = [];
+    let flushing = false;
+    const flush = () => {
+      if (flushing || receipts.length === 0) return;
+      flushing = true;
+      queueMicrotask(() => {
+        flushing = false;
+        const ids = receipts;
+        receipts = [];
+        void c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "received", value: { deliveryIds: ids } } }))).catch(() => {});
+      });
+    };
+    try {
+      for (;;) {
+        const body = await c.next();
+        if (!body) return c.closeReason();
+        const f: Frame = fromBinary(FrameSchema, body);
+        switch (f.kind.case) {
+          case "deliver": {
+            const d = f.kind.value;
+            const ev = d.event;
+            if (ev && this.firstTime(ev.senderDeviceId, ev.id)) {
+              const out: RelayEvent = {
+                id: ev.id, sender: ev.senderDeviceId, seq: ev.seq, type: ev.type, payload: ev.payload,
+                createdAt: new Date(Number(ev.createdAtMs)), ephemeral: ev.ephemeral, anyOne: ev.anyOne, cancelled: false,
+              };
+              this.emit("event", out);
+            }
+            if (d.deliveryId) { receipts.push(d.deliveryId); flush(); }
+            break;
+          }
+          case "ack": this.resolve(f.kind.value.eventId); break;
+          case "reject": {
+            const r = f.kind.value;
+            this.resolve(r.eventId, new RelayError(r.code, r.message));
+            break;
+          }
+          case "cancel": {
+            const cl = f.kind.value;
+            if (!this.firstTime(cl.senderDeviceId, cl.eventId)) {
+              this.emit("event", {
+                id: cl.eventId, sender: cl.senderDeviceId, seq: 0n, type: "", payload: new Uint8Array(0),
+                createdAt: new Date(), ephemeral: false, anyOne: true, cancelled: true,
+              } satisfies RelayEvent);
+            }
+            break;
+          }
+          case "presence": {
+            const p = f.kind.value;
+            if (p.online) this.onlineSet.add(p.deviceId); else this.onlineSet.delete(p.deviceId);
+            this.emit("presence", { deviceId: p.deviceId, online: p.online });
+            break;
+          }
+          case "ticket": this.ticket = f.kind.value.resumeTicket; break;
+          case "challenge": {
+            const ch = f.kind.value;
+            const hello = (c as Conn & { hello?: { userId: string; deviceId: string; protocolVersion: number; clientTimeMs: bigint } }).hello!;
+            const tr = transcript({ userId: hello.userId, deviceId: hello.deviceId, version: hello.protocolVersion, clientTimeMs: hello.clientTimeMs, edgeId: ch.edgeId, nonce: ch.nonce, serverTimeMs: ch.serverTimeMs });
+            const sig = new Uint8Array(await crypto.subtle.sign("Ed25519", this.opts.key, tr as BufferSource));
+            await c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "authenticate", value: { signature: sig } } })));
+            break;
+          }
+          case "ping":
+            await c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "pong", value: { nonce: f.kind.value.nonce } } })));
+            break;
+          case "close": {
+            const cl = f.kind.value;
+            return new RelayError(cl.code, cl.message, Number(cl.reconnectAfterMs), cl.replacingInstance);
+          }
+          default:
+            break;
+        }
+      }
+    } finally {
+      if (keepalive) clearInterval(keepalive);
+      c.close();
+    }
+  }
+
+  private fatal(e: RelayError | null): boolean {
+    if (!e) return false;
+    if (e.code === ErrorCode.REPLACED && e.replacedBy === this.instance) return false;
+    return [ErrorCode.AUTH_FAILED, ErrorCode.REVOKED, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.REPLACED,
+      ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE].includes(e.code);
+  }
+
+  private async loop(): Promise<void> {
+    const min = this.opts.reconnectMinMs ?? 100, max = this.opts.reconnectMaxMs ?? 10_000;
+    let backoff = min;
+    for (;;) {
+      const c = this.conn;
+      let wait = 0;
+      if (c) {
+        backoff = min;
+        const why = await this.serve(c);
+        this.conn = null;
+        this.emit("state", { connected: false, reason: why });
+        if (this.stopped) return;
+        if (this.fatal(why)) {
+          this.stopped = true;
+          this.error = why;
+          this.fail(why!);
+          this.emit("closed", why);
+          return;
+        }
+        if (why?.code === ErrorCode.GOING_AWAY) wait = why.reconnectAfterMs;
+      } else {
+        wait = backoff / 2 + Math.random() * (backoff / 2);
+        backoff = Math.min(backoff * 2, max);
+      }
+      if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+      if (this.stopped) return;
+      try {
+        await this.establish();
+      } catch (e) {
+        if (e instanceof RelayError && this.fatal(e)) {
+          this.stopped = true;
+          this.error = e;
+          this.fail(e);
+          this.emit("closed", e);
+          return;
+        }
+      }
+    }
+  }
+}
+
+/** A new device key pair: the private key non-extractable (it can sign,
+ * never leave the browser), the public key raw (32 bytes) to register. */
+export async function generateDeviceKey(): Promise<{ privateKey: CryptoKey; publicKey: Uint8Array }> {
+  const kp = (await crypto.subtle.generateKey({ name: "Ed25519" }, false, ["sign", "verify"])) as CryptoKeyPair;
+  const publicKey = new Uint8Array(await crypto.subtle.exportKey("raw", kp.publicKey));
+  return { privateKey: kp.privateKey, publicKey };
+}
+
+/** A device as this browser remembers it. */
+export interface StoredDevice { userId: string; deviceId: string; key: CryptoKey; name?: string }
+
+function db(): Promise<IDBDatabase> {
+  return new Promise((resolve, reject) => {
+    const r = indexedDB.open("relay", 1);
+    r.onupgradeneeded = () => r.result.createObjectStore("devices");
+    r.onsuccess = () => resolve(r.result);
+    r.onerror = () => reject(r.error);
+  });
+}
+
+/** Keeps a device (with its non-extractable key) in IndexedDB. */
+export async function saveDevice(d: StoredDevice): Promise<void> {
+  const conn = await db();
+  await new Promise<void>((resolve, reject) => {
+    const tx = conn.transaction("devices", "readwrite");
+    tx.objectStore("devices").put(d, "current");
+    tx.oncomplete = () => resolve();
+    tx.onerror = () => reject(tx.error);
+  });
+  conn.close();
+}
+
+/** The device saved in this browser, if any. */
+export async function loadDevice(): Promise<StoredDevice | undefined> {
+  const conn = await db();
+  const d = await new Promise<StoredDevice | undefined>((resolve, reject) => {
+    const r = conn.transaction("devices").objectStore("devices").get("current");
+    r.onsuccess = () => resolve(r.result as StoredDevice | undefined);
+    r.onerror = () => reject(r.error);
+  });
+  conn.close();
+  return d;
+}
+
+/** Forgets the device saved in this browser. */
+export async function forgetDevice(): Promise<void> {
+  const conn = await db();
+  await new Promise<void>((resolve) => {
+    const tx = conn.transaction("devices", "readwrite");
+    tx.objectStore("devices").delete("current");
+    tx.oncomplete = () => resolve();
+  });
+  conn.close();
+}
+
+export { b64, unb64 };
