@@ -142,11 +142,15 @@ type fixture struct {
 	alice   string
 	phone   *client.Client
 	phoneID string
+	phoneDv relaytest.Device
 }
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) { cfg.AdminAddr = "127.0.0.1:0" }})
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.AdminAddr = "127.0.0.1:0"
+		cfg.DrainWindow = 200 * time.Millisecond // clients come back quickly after a restart
+	}})
 	ctx := browser(t) // started after the relay, so closed before it (cleanups run last first)
 	d := api.NewDialer(nil)
 	t.Cleanup(func() { d.Close() })
@@ -158,7 +162,7 @@ func newFixture(t *testing.T) *fixture {
 	}
 	alice := resp.Msg.GetUser().GetId()
 	phoneDev := r.Device(alice, "phone")
-	return &fixture{r: r, edge: r.Edges[0], browser: ctx, alice: alice, phone: r.Dial(0, phoneDev, client.QUIC), phoneID: phoneDev.ID}
+	return &fixture{r: r, edge: r.Edges[0], browser: ctx, alice: alice, phone: r.Dial(0, phoneDev, client.QUIC), phoneID: phoneDev.ID, phoneDv: phoneDev}
 }
 
 // signIn opens the console (on the edge's admin port: http://127.0.0.1
@@ -274,6 +278,77 @@ func TestConsoleInChromium(t *testing.T) {
 	do(f.browser, t, "register form", chromedp.WaitVisible(chromedp.CSS("#register-form")))
 	waitText(f.browser, t, "#devices", "revoked")
 	f.screenshot(t, "console-revoked.png")
+}
+
+// The edge restarts (with a new self-signed certificate) while the page
+// is connected: the page reconnects by itself, resumes with its ticket,
+// and an event sent while the edge was away is delivered once it is
+// back.
+func TestConsoleReconnectsAfterAnEdgeRestart(t *testing.T) {
+	f := newFixture(t)
+	f.signIn(t)
+	browserID := f.register(t, "webtransport")
+	f.exchange(t, browserID, "webtransport")
+
+	addr, admin := f.edge.Addr(), strings.TrimPrefix(f.edge.AdminURL(), "http://")
+	oldHash := f.edge.CertHashes()[0].SHA256
+	f.r.StopEdge(0)
+	waitText(f.browser, t, "#status", "Disconnected")
+	do(f.browser, t, "send while the edge is away",
+		chromedp.SetValue(chromedp.CSS("#target"), f.phoneID),
+		chromedp.SetValue(chromedp.CSS("#text"), "sent while the edge was away"),
+		chromedp.Click(chromedp.CSS("#send-button")))
+	waitText(f.browser, t, "#send-result", "Sending")
+
+	cfg := f.r.EdgeConfig(0)
+	cfg.Addr, cfg.AdminAddr = addr, admin
+	f.edge = f.r.StartEdgeWith(0, cfg)
+	if f.edge.CertHashes()[0].SHA256 == oldHash {
+		t.Fatal("the restarted edge kept its certificate; the test wants a new one")
+	}
+	// The phone pinned the old certificate: it comes back as a new client.
+	_ = f.phone.Close()
+	f.phone = f.r.Dial(0, f.phoneDv, client.QUIC)
+	waitText(f.browser, t, "#status", "Connected over webtransport")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		ev, err := f.phone.Receive(ctx)
+		if err != nil {
+			t.Fatalf("the event sent while the edge was away: %v", err)
+		}
+		if string(ev.Payload) == "sent while the edge was away" {
+			break
+		}
+	}
+	waitText(f.browser, t, "#send-result", "Delivered")
+	if n := handshakes(t, f.edge, "resumed"); n < 1 {
+		t.Fatalf("the page did not resume its session (resumed handshakes: %v)", n)
+	}
+	f.exchange(t, browserID, "webtransport after the restart")
+}
+
+// handshakes reads relay_edge_handshakes_total for an outcome.
+func handshakes(t *testing.T, e *server.Server, outcome string) float64 {
+	t.Helper()
+	mfs, err := e.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, mf := range mfs {
+		if mf.GetName() != "relay_edge_handshakes_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetValue() == outcome {
+					n += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return n
 }
 
 // Where UDP does not get through, the page's automatic choice connects

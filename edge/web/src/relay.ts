@@ -395,6 +395,8 @@ export class RelayClient extends EventTarget {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
 
+  /** The hashes to pin: the ones given, else fetched again for every
+   * dial (a restarted or renewed edge has a new certificate). */
   private async certHashes(): Promise<Uint8Array[] | undefined> {
     if (this.hashes) return this.hashes;
     const url = this.opts.certHashesUrl ?? `https://${this.opts.edge}${CERT_HASHES_PATH}`;
