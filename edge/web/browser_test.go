@@ -27,6 +27,7 @@ import (
 	"github.com/edge-relay/relay/internal/relaytest"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 // chromium finds the browser, or skips (fails where RELAY_BROWSER_TESTS
@@ -353,7 +354,8 @@ func handshakes(t *testing.T, e *server.Server, outcome string) float64 {
 
 // Where UDP does not get through, the page's automatic choice connects
 // over the WebSocket (after WebTransport's head start), remembers it for
-// this edge, and goes straight to the WebSocket next time.
+// this edge, and goes straight to the WebSocket next time. The page also
+// revokes another device of the user.
 func TestConsoleWhereUDPIsBlocked(t *testing.T) {
 	f := newFixture(t)
 	// A UDP socket that never answers: packets to it vanish, as behind a
@@ -369,6 +371,8 @@ func TestConsoleWhereUDPIsBlocked(t *testing.T) {
 		t.Fatal(err)
 	}
 	intercept(t, f.browser, "*"+server.EdgeInfoPath, info)
+	tabletDev := f.r.Device(f.alice, "tablet")
+	tablet := f.r.Dial(0, tabletDev, client.WebSocket)
 	f.signIn(t)
 	browserID := f.register(t, "auto")
 	waitText(f.browser, t, "#status", "Connected over websocket")
@@ -381,6 +385,17 @@ func TestConsoleWhereUDPIsBlocked(t *testing.T) {
 	do(f.browser, t, "connect again", chromedp.Click(chromedp.CSS("#connect-button")))
 	waitText(f.browser, t, "#status", "Connected over websocket")
 	f.exchange(t, browserID, "websocket again")
+
+	// The page revokes the tablet: its session ends with REVOKED, and the
+	// page's list says so.
+	do(f.browser, t, "revoke the tablet", chromedp.Click(chromedp.CSS(fmt.Sprintf(`tr[data-device=%q] button.revoke`, tabletDev.ID))))
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if !errors.Is(tablet.Err(), &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_REVOKED}) {
+			return fmt.Errorf("the tablet's client: %v, want REVOKED", tablet.Err())
+		}
+		return nil
+	})
+	waitText(f.browser, t, fmt.Sprintf(`tr[data-device=%q]`, tabletDev.ID), "revoked")
 }
 
 // intercept answers the page's requests for URLs matching pattern with
