@@ -402,7 +402,10 @@ func TestDuplicatesAreAckedNotRelayed(t *testing.T) {
 	if f := a.nextAckOrReject(); f.GetAck().GetEventId() != ev.GetId() {
 		t.Fatalf("ack: %v", f)
 	}
-	// Resent after the ack: acked at once.
+	// Resent after the ack: acked at once, also when built again later
+	// (a retry has a newer creation time).
+	again.CreatedAtMs += 1500
+	again.Seq += 5
 	a.sendEvent(again)
 	if f := a.nextAckOrReject(); f.GetAck().GetEventId() != ev.GetId() {
 		t.Fatalf("second ack: %v", f)

@@ -912,8 +912,10 @@ func (s *Session) remember(f *inflight) {
 	s.dedup[f.eventID] = f
 }
 
-// eventDigest identifies an event's content (not its seq, which a resend
-// may change) to tell a duplicate from a reused id.
+// eventDigest identifies an event's content to tell a duplicate from a
+// reused id: its targets, type, payload and TTL. Not its seq, which a
+// resend may change, nor its creation time: a sender retrying a refused
+// event (QUEUE_FULL, TARGET_OFFLINE) builds it again a moment later.
 func eventDigest(seed maphash.Seed, ev *relayv1.Event) uint64 {
 	var h maphash.Hash
 	h.SetSeed(seed)
@@ -925,10 +927,9 @@ func eventDigest(seed maphash.Seed, ev *relayv1.Event) uint64 {
 	_, _ = h.WriteString(ev.GetType())
 	_ = h.WriteByte(0)
 	_, _ = h.Write(ev.GetPayload())
-	var n [16]byte
+	var n [8]byte
 	for i := range 8 {
-		n[i] = byte(uint64(ev.GetCreatedAtMs()) >> (8 * i))
-		n[8+i] = byte(uint64(ev.GetTtlMs()) >> (8 * i))
+		n[i] = byte(uint64(ev.GetTtlMs()) >> (8 * i))
 	}
 	_, _ = h.Write(n[:])
 	return h.Sum64()
