@@ -95,6 +95,7 @@ function render(): void {
     if (!d.revoked) {
       const b = document.createElement("button");
       b.textContent = "Revoke";
+      b.setAttribute("aria-label", `Revoke ${d.name} (${d.id})`);
       b.className = "revoke";
       b.onclick = () => void revoke(d.id).catch(showError);
       td.append(b);
