@@ -64,7 +64,7 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 		return nil, invalidArg(errors.New("password is empty or longer than 1024 bytes"))
 	}
 	addr := clientAddr(req.Peer())
-	if fwd, ok := s.authn.forwardedFor(req.Header()); ok {
+	if fwd, ok := s.authn.forwardedFor(ctx, req.Header()); ok {
 		addr = fwd
 	}
 	if ok, retry := s.cfg.Limiter.Allow(m.GetLogin(), addr); !ok {

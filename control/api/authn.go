@@ -170,7 +170,7 @@ const (
 // forwardedFor returns the client address an edge vouches for in h, if
 // the call carries one with a valid edge token. Anyone else's claim is
 // ignored.
-func (a *Authenticator) forwardedFor(h http.Header) (string, bool) {
+func (a *Authenticator) forwardedFor(ctx context.Context, h http.Header) (string, bool) {
 	by, ok := strings.CutPrefix(h.Get(ForwardedByHeader), "Bearer ")
 	if !ok {
 		return "", false
@@ -179,14 +179,39 @@ func (a *Authenticator) forwardedFor(h http.Header) (string, bool) {
 	if err != nil {
 		return "", false
 	}
-	c, err := a.verifier.Verify(by)
-	if err != nil || c.Role != auth.RoleEdge {
+	c, err := a.verifyToken(ctx, by)
+	if err != nil || c.Role != auth.RoleEdge || !a.accountValid(ctx, c) {
 		return "", false
 	}
-	if u, err := a.node.FSM().GetUser(c.Subject); err != nil || u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE || u.GetRole() != string(auth.RoleEdge) {
-		return "", false // the edge's account was disabled or changed
-	}
 	return addr.Unmap().String(), true
+}
+
+// verifyToken checks an access token. A key rotated in moments ago may
+// not have reached this replica yet: it catches up once and retries.
+func (a *Authenticator) verifyToken(ctx context.Context, tok string) (auth.Claims, error) {
+	c, err := a.verifier.Verify(tok)
+	if errors.Is(err, auth.ErrUnknownKey) {
+		if berr := a.node.Barrier(ctx); berr == nil {
+			c, err = a.verifier.Verify(tok)
+		}
+	}
+	return c, err
+}
+
+// accountValid reports whether the account behind a token still exists,
+// is active and has the token's role: a token outlives neither its
+// account nor the account's access. This replica may not have applied
+// the account's creation (or a change back) yet, so it catches up once
+// before saying no.
+func (a *Authenticator) accountValid(ctx context.Context, c auth.Claims) bool {
+	valid := func(u *statev1.User, err error) bool {
+		return err == nil && u.GetStatus() == statev1.UserStatus_USER_STATUS_ACTIVE &&
+			(u.GetRole() == string(c.Role) || u.GetRole() == "" && c.Role == auth.RoleUser)
+	}
+	if valid(a.node.FSM().GetUser(c.Subject)) {
+		return true
+	}
+	return a.node.Barrier(ctx) == nil && valid(a.node.FSM().GetUser(c.Subject))
 }
 
 func (a *Authenticator) authenticate(ctx context.Context, procedure string, h http.Header) (context.Context, error) {
@@ -199,14 +224,7 @@ func (a *Authenticator) authenticate(ctx context.Context, procedure string, h ht
 		if !ok {
 			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("Authorization header must be \"Bearer <access token>\""))
 		}
-		c, err := a.verifier.Verify(tok)
-		if errors.Is(err, auth.ErrUnknownKey) {
-			// A key rotated in moments ago may not have reached this
-			// replica yet: catch up once and retry.
-			if berr := a.node.Barrier(ctx); berr == nil {
-				c, err = a.verifier.Verify(tok)
-			}
-		}
+		c, err := a.verifyToken(ctx, tok)
 		if err != nil {
 			return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("access token rejected: %w", err))
 		}
@@ -225,20 +243,7 @@ func (a *Authenticator) authenticate(ctx context.Context, procedure string, h ht
 		}
 	}
 	if claims.Role != RoleNode && !strings.HasPrefix(claims.Subject, "node:") {
-		// A token outlives neither its account nor the account's access.
-		valid := func(u *statev1.User, err error) bool {
-			return err == nil && u.GetStatus() == statev1.UserStatus_USER_STATUS_ACTIVE &&
-				(u.GetRole() == string(claims.Role) || u.GetRole() == "" && claims.Role == auth.RoleUser)
-		}
-		u, err := a.node.FSM().GetUser(claims.Subject)
-		if !valid(u, err) {
-			// This replica may not have applied the account's creation
-			// (or a change back) yet: catch up once before refusing.
-			if berr := a.node.Barrier(ctx); berr == nil {
-				u, err = a.node.FSM().GetUser(claims.Subject)
-			}
-		}
-		if !valid(u, err) {
+		if !a.accountValid(ctx, *claims) {
 			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("the account behind this token no longer exists, is disabled, or changed role; log in again"))
 		}
 		a.activity.touch(claims.Subject, a.cfg.Now())

@@ -552,7 +552,7 @@ func BenchmarkEdgeFailover(b *testing.B) {
 	defer mu.Unlock()
 	resumed := 0.0
 	for _, e := range r.Edges[1:] {
-		resumed += counterValue(b, e, "relay_edge_handshakes_total", "result", "resumed")
+		resumed += relaytest.Counter(b, e, "relay_edge_handshakes_total", "result", "resumed")
 	}
 	b.ReportMetric(last.Sub(kill).Seconds(), "s-kill-to-all-back")
 	b.ReportMetric(last.Sub(first).Seconds(), "s-storm")

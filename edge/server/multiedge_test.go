@@ -154,7 +154,7 @@ func TestDevicesAcrossEdges(t *testing.T) {
 	// The events crossed the mesh (not only mailboxes).
 	forwarded := 0.0
 	for _, e := range r.Edges {
-		forwarded += counterValue(t, e, "relay_edge_mesh_forwards_total", "outcome", "FORWARD_OUTCOME_DELIVERED")
+		forwarded += relaytest.Counter(t, e, "relay_edge_mesh_forwards_total", "outcome", "FORWARD_OUTCOME_DELIVERED")
 	}
 	if forwarded < float64(n*per) {
 		t.Fatalf("only %v events crossed the mesh", forwarded)
@@ -241,7 +241,7 @@ func TestKillAnEdgeDuringTraffic(t *testing.T) {
 	resumed := 0.0
 	for _, e := range r.Edges {
 		if e != nil {
-			resumed += counterValue(t, e, "relay_edge_handshakes_total", "result", "resumed")
+			resumed += relaytest.Counter(t, e, "relay_edge_handshakes_total", "result", "resumed")
 		}
 	}
 	if resumed < 2 {
@@ -353,28 +353,6 @@ func runTrafficThrough(t *testing.T, r *relaytest.Relay, fault func()) {
 			}
 		}
 	}
-}
-
-func counterValue(t testing.TB, s *server.Server, name, label, value string) float64 {
-	t.Helper()
-	mfs, err := s.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	total := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					total += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return total
 }
 
 // Routing state does not leak: 10,000 device sessions connect to and

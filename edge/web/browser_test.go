@@ -323,33 +323,10 @@ func TestConsoleReconnectsAfterAnEdgeRestart(t *testing.T) {
 		}
 	}
 	waitText(f.browser, t, "#send-result", "Delivered")
-	if n := handshakes(t, f.edge, "resumed"); n < 1 {
+	if n := relaytest.Counter(t, f.edge, "relay_edge_handshakes_total", "result", "resumed"); n < 1 {
 		t.Fatalf("the page did not resume its session (resumed handshakes: %v)", n)
 	}
 	f.exchange(t, browserID, "webtransport after the restart")
-}
-
-// handshakes reads relay_edge_handshakes_total for an outcome.
-func handshakes(t *testing.T, e *server.Server, outcome string) float64 {
-	t.Helper()
-	mfs, err := e.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n float64
-	for _, mf := range mfs {
-		if mf.GetName() != "relay_edge_handshakes_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetValue() == outcome {
-					n += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return n
 }
 
 // Where UDP does not get through, the page's automatic choice connects

@@ -330,3 +330,27 @@ func (s *Standalone) Close() {
 		cs[i]()
 	}
 }
+
+// Counter sums the counter name of edge s over the series whose label
+// has value (0 when there is none).
+func Counter(t clustertest.TB, s *server.Server, name, label, value string) float64 {
+	t.Helper()
+	mfs, err := s.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	total := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					total += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return total
+}
