@@ -177,9 +177,12 @@ func (t *txn) putMailbox(op *statev1.PutMailbox) (*statev1.Result, error) {
 		return nil, invalid("entries hold %d event bytes, at most %d per command", total, MaxMailboxBatchBytes)
 	}
 	res := &statev1.Result{MailboxResults: make([]*statev1.MailboxResult, len(entries))}
+	// Each device's counters are read once and written once.
+	boxes := t.mailboxes()
 	// One change per device that received entries, with its highest seq,
-	// in the order the devices first appear in the command.
+	// in the order the devices first had an entry stored.
 	var changed []*statev1.MailboxChanged
+	changedAt := map[string]int{}
 	// Target checks, cached per command (nothing in it changes devices or
 	// users): by user/device, and users' status by user.
 	gone, active := map[string]bool{}, map[string]bool{}
@@ -196,7 +199,7 @@ func (t *txn) putMailbox(op *statev1.PutMailbox) (*statev1.Result, error) {
 			res.MailboxResults[i] = &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE}
 			continue
 		}
-		r, stored, err := t.putMailEntry(e, maxEntries, maxBytes)
+		r, stored, err := t.putMailEntry(e, boxes, maxEntries, maxBytes)
 		if err != nil {
 			return nil, err
 		}
@@ -204,16 +207,15 @@ func (t *txn) putMailbox(op *statev1.PutMailbox) (*statev1.Result, error) {
 		if !stored {
 			continue
 		}
-		found := false
-		for _, c := range changed {
-			if c.DeviceId == e.GetDeviceId() {
-				c.Seq, found = r.Seq, true
-				break
-			}
-		}
-		if !found {
+		if j, ok := changedAt[e.GetDeviceId()]; ok {
+			changed[j].Seq = r.Seq
+		} else {
+			changedAt[e.GetDeviceId()] = len(changed)
 			changed = append(changed, &statev1.MailboxChanged{DeviceId: e.GetDeviceId(), UserId: e.GetUserId(), Seq: r.Seq})
 		}
+	}
+	if err := boxes.flush(); err != nil {
+		return nil, err
 	}
 	for _, c := range changed {
 		if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_MAILBOX_CHANGED, Object: &statev1.Change_MailboxChanged{MailboxChanged: c}}); err != nil {
@@ -245,9 +247,10 @@ func (t *txn) mailTargetGone(userID, deviceID string, active map[string]bool) (b
 	return !ok, nil
 }
 
-// putMailEntry stores one entry for a live target; stored is false when
-// nothing was written (a duplicate, expired, or a full mailbox).
-func (t *txn) putMailEntry(e *statev1.MailboxEntry, maxEntries, maxBytes uint64) (*statev1.MailboxResult, bool, error) {
+// putMailEntry stores one entry for a live target, counting it on its
+// device's counters in boxes (flushed by the caller); stored is false
+// when nothing was written (a duplicate, expired, or a full mailbox).
+func (t *txn) putMailEntry(e *statev1.MailboxEntry, boxes *mailboxes, maxEntries, maxBytes uint64) (*statev1.MailboxResult, bool, error) {
 	did := e.GetDeviceId()
 	dedup := mailDedupKey(did, e.GetSenderDeviceId(), e.GetEventId())
 	if v, err := t.b.Get(dedup); err == nil {
@@ -270,8 +273,8 @@ func (t *txn) putMailEntry(e *statev1.MailboxEntry, maxEntries, maxBytes uint64)
 			return nil, false, err
 		}
 	}
-	mb := &statev1.Mailbox{DeviceId: did}
-	if _, err := t.get(mailboxKey(did), mb); err != nil {
+	mb, err := boxes.get(did)
+	if err != nil {
 		return nil, false, err
 	}
 	size := uint64(len(e.GetEvent()))
@@ -298,9 +301,6 @@ func (t *txn) putMailEntry(e *statev1.MailboxEntry, maxEntries, maxBytes uint64)
 		return nil, false, err
 	}
 	if err := t.b.Set(dedup, binary.BigEndian.AppendUint64(nil, stored.Seq)); err != nil {
-		return nil, false, err
-	}
-	if err := t.put(mailboxKey(did), mb); err != nil {
 		return nil, false, err
 	}
 	return &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: stored.Seq}, true, nil
