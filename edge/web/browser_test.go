@@ -215,6 +215,19 @@ func (f *fixture) exchange(t *testing.T, browserID, label string) {
 		t.Fatalf("%s: phone -> browser: %v", label, err)
 	}
 	waitText(f.browser, t, "#log", "hello browser over "+label)
+	// Ephemeral: a datagram over WebTransport, on the stream over the
+	// WebSocket; never stored, so sent again until one arrives.
+	eph := "ephemeral hello over " + label
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		shown, err := chromedp.Run(f.browser, chromedp.Evaluate[bool](fmt.Sprintf(`document.getElementById("log").textContent.includes(%q)`, eph)))
+		if err != nil || shown {
+			return err
+		}
+		if err := f.phone.SendEphemeral(client.Message{Targets: []string{browserID}, Type: "text", Payload: []byte(eph)}); err != nil {
+			return err
+		}
+		return errors.New("the page has not shown the ephemeral event yet")
+	})
 	// Browser -> native.
 	do(f.browser, t, label+": send from the page",
 		chromedp.SetValue(chromedp.CSS("#target"), f.phoneID),
@@ -351,8 +364,28 @@ func TestConsoleWhereUDPIsBlocked(t *testing.T) {
 	tabletDev := f.r.Device(f.alice, "tablet")
 	tablet := f.r.Dial(0, tabletDev, client.WebSocket)
 	f.signIn(t)
+	// Count the page's WebTransport attempts.
+	if _, err := chromedp.Run(f.browser, chromedp.Evaluate[bool](`(() => {
+		window.wtAttempts = 0;
+		const WT = window.WebTransport;
+		window.WebTransport = class extends WT { constructor(...a) { super(...a); window.wtAttempts++; } };
+		return true;
+	})()`)); err != nil {
+		t.Fatal(err)
+	}
+	attempts := func() int {
+		t.Helper()
+		n, err := chromedp.Run(f.browser, chromedp.Evaluate[int](`window.wtAttempts`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
 	browserID := f.register(t, "auto")
 	waitText(f.browser, t, "#status", "Connected over websocket")
+	if n := attempts(); n != 1 {
+		t.Fatalf("%d WebTransport attempts before falling back, want 1", n)
+	}
 	remembered, err := chromedp.Run(f.browser, chromedp.Evaluate[string](fmt.Sprintf(`localStorage.getItem("relay.transport." + %q)`, hole.LocalAddr().String())))
 	if err != nil || remembered != "websocket" {
 		t.Fatalf("remembered transport for the edge: %q (%v), want websocket", remembered, err)
@@ -361,6 +394,9 @@ func TestConsoleWhereUDPIsBlocked(t *testing.T) {
 	// Connecting again goes to the WebSocket at once.
 	do(f.browser, t, "connect again", chromedp.Click(chromedp.CSS("#connect-button")))
 	waitText(f.browser, t, "#status", "Connected over websocket")
+	if n := attempts(); n != 1 {
+		t.Fatalf("%d WebTransport attempts in all, want 1: the remembered WebSocket was not used", n)
+	}
 	f.exchange(t, browserID, "websocket again")
 
 	// The page revokes the tablet: its session ends with REVOKED, and the

@@ -130,20 +130,23 @@ async function connect(): Promise<void> {
   client?.close();
   setStatus("Connecting...", "connecting");
   const transport = $<HTMLSelectElement>("transport").value as "auto" | "webtransport" | "websocket";
-  client = await RelayClient.connect({
+  const me = await RelayClient.connect({
     edge: edge.addr, userId: device.userId, deviceId: device.deviceId, key: device.key, transport,
     certHashesUrl: location.origin + CERT_HASHES_PATH, webSocketUrl: edge.webSocketUrl,
   });
-  client.addEventListener("event", (e) => logEvent((e as CustomEvent<RelayEvent>).detail));
-  client.addEventListener("presence", () => render());
-  client.addEventListener("state", (e) => {
-    const d = (e as CustomEvent<{ connected: boolean; transport?: string; reason?: RelayError | null }>).detail;
+  client = me;
+  // Only the current client speaks to the page (a replaced one may still
+  // report its end).
+  const on = <T>(type: string, fn: (detail: T) => void) =>
+    me.addEventListener(type, (e) => { if (client === me) fn((e as CustomEvent<T>).detail); });
+  on<RelayEvent>("event", logEvent);
+  on("presence", () => render());
+  on<{ connected: boolean; transport?: string; reason?: RelayError | null }>("state", (d) => {
     if (d.connected) setStatus(`Connected over ${d.transport}.`, "connected");
     else setStatus(d.reason ? `Disconnected: ${describe(d.reason.code)} Reconnecting...` : "Disconnected. Reconnecting...", "connecting");
-    $("transport-used").textContent = client?.transport ?? "-";
+    $("transport-used").textContent = me.transport ?? "-";
   });
-  client.addEventListener("closed", (e) => {
-    const why = (e as CustomEvent<RelayError>).detail;
+  on<RelayError>("closed", (why) => {
     client = null;
     $("send-section").hidden = true;
     const done = () => {
@@ -155,8 +158,8 @@ async function connect(): Promise<void> {
     // here, and this browser can register again).
     void signedIn().catch(() => {}).finally(done);
   });
-  $("transport-used").textContent = client.transport ?? "-";
-  setStatus(`Connected over ${client.transport}.`, "connected");
+  $("transport-used").textContent = me.transport ?? "-";
+  setStatus(`Connected over ${me.transport}.`, "connected");
   $("send-section").hidden = false;
   render();
 }

@@ -6,7 +6,7 @@
 // jitter) and resends what was not acknowledged: the same behaviour as
 // the Go client (edge/client).
 
-import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { create, fromBinary, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import {
   ErrorCode,
   EventSchema,
@@ -134,9 +134,22 @@ interface Conn {
   name: TransportName;
   send(frameBody: Uint8Array): Promise<void>;
   sendDatagram?(body: Uint8Array): boolean;
+  /** Calls fn with each datagram received (WebTransport only). */
+  onDatagram?(fn: (body: Uint8Array) => void): void;
   next(): Promise<Uint8Array | null>; // a frame body, or null at the end
+  /** Whether a whole frame is already here, so next() will not wait. */
+  buffered(): boolean;
   close(code?: number, reason?: string): void;
   closeReason(): RelayError | null;
+  /** The Hello of this connection's handshake, for re-authentication. */
+  hello?: Hello;
+}
+
+type Hello = { userId: string; deviceId: string; protocolVersion: number; clientTimeMs: bigint };
+
+/** A frame body with the given kind. */
+function frame(kind: MessageInitShape<typeof FrameSchema>["kind"]): Uint8Array {
+  return toBinary(FrameSchema, create(FrameSchema, { kind }));
 }
 
 const enc = new TextEncoder();
@@ -187,17 +200,30 @@ export function transcript(f: {
 class FrameReader {
   private buf = new Uint8Array(0);
   constructor(private reader: ReadableStreamDefaultReader<Uint8Array>) {}
+
+  /** The header of the first frame in buf: [body start, body length], or
+   * null while it is incomplete. */
+  private head(): [number, number] | null {
+    let n = 0, shift = 0;
+    for (let i = 0; i < this.buf.length && i < 10; i++) {
+      n += (this.buf[i] & 127) * 2 ** shift;
+      shift += 7;
+      if (this.buf[i] < 128) return [i + 1, n];
+    }
+    return null;
+  }
+
+  buffered(): boolean {
+    const h = this.head();
+    return h !== null && this.buf.length - h[0] >= h[1];
+  }
+
   async next(): Promise<Uint8Array | null> {
     for (;;) {
-      let n = 0, shift = 0, i = 0, ok = false;
-      for (; i < this.buf.length && i < 10; i++) {
-        n += (this.buf[i] & 127) * 2 ** shift;
-        shift += 7;
-        if (this.buf[i] < 128) { ok = true; i++; break; }
-      }
-      if (ok && this.buf.length - i >= n) {
-        const body = this.buf.slice(i, i + n);
-        this.buf = this.buf.slice(i + n);
+      const h = this.head();
+      if (h && this.buf.length - h[0] >= h[1]) {
+        const body = this.buf.slice(h[0], h[0] + h[1]);
+        this.buf = this.buf.subarray(h[0] + h[1]);
         return body;
       }
       const { value, done } = await this.reader.read();
@@ -254,7 +280,18 @@ async function dialWebTransport(opts: RelayOptions, hashes: Uint8Array[] | undef
       dgWriter.write(body).catch(() => {});
       return true;
     },
+    onDatagram: (fn) => {
+      const dg = wt.datagrams.readable.getReader() as ReadableStreamDefaultReader<Uint8Array>;
+      void (async () => {
+        for (;;) {
+          const { value, done } = await dg.read();
+          if (done) return;
+          fn(value);
+        }
+      })().catch(() => { /* the session ended */ });
+    },
     next: () => reader.next().catch(() => null),
+    buffered: () => reader.buffered(),
     close: (code, msg) => { try { wt.close({ closeCode: code ?? 0, reason: msg ?? "" }); } catch { /* closed */ } },
     closeReason: () => reason,
   };
@@ -294,12 +331,22 @@ function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
           const b = queue.shift();
           if (b) res(b); else if (ended) res(null); else waiting.push(res);
         }),
+        buffered: () => queue.length > 0,
         close: () => ws.close(1000),
         closeReason: () => reason,
       });
     };
   });
 }
+
+/** How long dialing and the handshake may take together. */
+const HANDSHAKE_TIMEOUT_MS = 10_000;
+/** On a WebSocket (no transport keep-alive): how often to ping, and how
+ * long a silent edge counts as alive. */
+const PING_EVERY_MS = 10_000;
+const SILENT_EDGE_MS = 30_000;
+/** Receipts sent in one Received frame at most. */
+const MAX_RECEIPTS = 256;
 
 interface Pending { ev: WireEvent; resolve: () => void; reject: (e: unknown) => void }
 
@@ -317,17 +364,16 @@ export class RelayClient extends EventTarget {
   private conn: Conn | null = null;
   private ticket: Uint8Array = new Uint8Array(0);
   private seq = BigInt(Date.now()) * 1000n;
+  /** Events sent and not acknowledged yet, in the order they were sent
+   * (a Map iterates in insertion order). */
   private pending = new Map<string, Pending>();
-  private order: Pending[] = [];
   private seen = new Map<string, Set<string>>();
   private onlineSet = new Set<string>();
   private stopped = false;
   private readonly instance = randomId();
-  private hashes: Uint8Array[] | undefined;
 
   private constructor(private readonly opts: RelayOptions) {
     super();
-    this.hashes = opts.certHashes;
   }
 
   /** Connects (the first session) and keeps the connection up. */
@@ -346,11 +392,10 @@ export class RelayClient extends EventTarget {
   send(m: Message): Promise<void> {
     if (this.stopped) return Promise.reject(this.error ?? new Error("closed"));
     const ev = this.build(m, false);
+    if (this.pending.has(ev.id)) return Promise.reject(new Error(`event ${ev.id} is already being sent`));
     return new Promise((resolve, reject) => {
-      const p = { ev, resolve, reject };
-      this.pending.set(ev.id, p);
-      this.order.push(p);
-      this.conn?.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "event", value: ev } }))).catch(() => {});
+      this.pending.set(ev.id, { ev, resolve, reject });
+      this.conn?.send(frame({ case: "event", value: ev })).catch(() => {});
     });
   }
 
@@ -359,7 +404,7 @@ export class RelayClient extends EventTarget {
   sendEphemeral(m: Message): void {
     const c = this.conn;
     if (!c) throw new RelayError(ErrorCode.TARGET_OFFLINE, "not connected");
-    const body = toBinary(FrameSchema, create(FrameSchema, { kind: { case: "event", value: this.build(m, true) } }));
+    const body = frame({ case: "event", value: this.build(m, true) });
     if (!c.sendDatagram?.(body)) void c.send(body).catch(() => {});
   }
 
@@ -369,7 +414,7 @@ export class RelayClient extends EventTarget {
     const c = this.conn;
     this.conn = null;
     if (c) {
-      void c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "close", value: {} } }))).catch(() => {});
+      void c.send(frame({ case: "close", value: {} })).catch(() => {});
       c.close();
     }
     this.fail(new RelayError(ErrorCode.UNSPECIFIED, "closed"));
@@ -398,7 +443,7 @@ export class RelayClient extends EventTarget {
   /** The hashes to pin: the ones given, else fetched again for every
    * dial (a restarted or renewed edge has a new certificate). */
   private async certHashes(): Promise<Uint8Array[] | undefined> {
-    if (this.hashes) return this.hashes;
+    if (this.opts.certHashes) return this.opts.certHashes;
     const url = this.opts.certHashesUrl ?? `https://${this.opts.edge}${CERT_HASHES_PATH}`;
     try {
       const r = await fetch(url, { cache: "no-store" });
@@ -455,22 +500,58 @@ export class RelayClient extends EventTarget {
     return winner;
   }
 
+  /** Dials and shakes hands within HANDSHAKE_TIMEOUT_MS, then resends
+   * what was not acknowledged before telling listeners. */
   private async establish(): Promise<void> {
-    const c = await this.dial();
+    let timer = 0;
+    let late = false;
+    let dialed: Conn | null = null;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        late = true;
+        dialed?.close(); // ends a handshake the edge does not answer
+        reject(new Error("the edge did not answer the handshake in time"));
+      }, HANDSHAKE_TIMEOUT_MS) as unknown as number;
+    });
+    const attempt = (async () => {
+      const c = await this.dial();
+      if (late) { c.close(); throw new Error("late"); }
+      dialed = c;
+      try {
+        await this.handshake(c);
+      } catch (e) {
+        c.close();
+        throw e;
+      }
+      return c;
+    })();
+    let c: Conn;
     try {
-      await this.handshake(c);
-    } catch (e) {
+      c = await Promise.race([attempt, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+    attempt.catch(() => {}); // settled, or given up on above
+    if (this.stopped) { // closed while connecting
       c.close();
-      throw e;
+      throw new RelayError(ErrorCode.UNSPECIFIED, "closed");
     }
     this.conn = c;
     this.transport = c.name;
     this.onlineSet.clear();
+    // Resend what was not acknowledged, in order, before anything new.
+    for (const p of this.pending.values()) void c.send(frame({ case: "event", value: p.ev })).catch(() => {});
     this.emit("state", { connected: true, transport: c.name, sessionId: this.sessionId });
-    // Resend what was not acknowledged, in order.
-    for (const p of this.order) {
-      void c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "event", value: p.ev } }))).catch(() => {});
-    }
+  }
+
+  /** Signs a challenge with the device key (docs/protocol.md). */
+  private async answer(c: Conn, hello: Hello, ch: { edgeId: string; nonce: Uint8Array; serverTimeMs: bigint }): Promise<void> {
+    const tr = transcript({
+      userId: hello.userId, deviceId: hello.deviceId, version: hello.protocolVersion, clientTimeMs: hello.clientTimeMs,
+      edgeId: ch.edgeId, nonce: ch.nonce, serverTimeMs: ch.serverTimeMs,
+    });
+    const sig = new Uint8Array(await crypto.subtle.sign("Ed25519", this.opts.key, tr as BufferSource));
+    await c.send(frame({ case: "authenticate", value: { signature: sig } }));
   }
 
   private async handshake(c: Conn): Promise<void> {
@@ -479,36 +560,27 @@ export class RelayClient extends EventTarget {
       userId: this.opts.userId, deviceId: this.opts.deviceId, protocolVersion: PROTOCOL_VERSION,
       clientTimeMs: BigInt(sent), resumeTicket: this.ticket, instance: this.instance,
     });
-    await c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "hello", value: hello } })));
+    await c.send(frame({ case: "hello", value: hello }));
     for (;;) {
       const body = await c.next();
       if (!body) throw c.closeReason() ?? new Error("the edge closed the connection during the handshake");
       const f = fromBinary(FrameSchema, body);
       switch (f.kind.case) {
-        case "challenge": {
-          const ch = f.kind.value;
-          if (ch.ticketError) this.ticket = new Uint8Array(0);
-          const tr = transcript({
-            userId: hello.userId, deviceId: hello.deviceId, version: hello.protocolVersion, clientTimeMs: hello.clientTimeMs,
-            edgeId: ch.edgeId, nonce: ch.nonce, serverTimeMs: ch.serverTimeMs,
-          });
-          const sig = new Uint8Array(await crypto.subtle.sign("Ed25519", this.opts.key, tr as BufferSource));
-          await c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "authenticate", value: { signature: sig } } })));
+        case "challenge":
+          if (f.kind.value.ticketError) this.ticket = new Uint8Array(0);
+          await this.answer(c, hello, f.kind.value);
           break;
-        }
         case "welcome": {
           const w = f.kind.value;
           const rtt = Date.now() - sent;
           this.clockOffsetMs = Number(w.serverTimeMs) + rtt / 2 - Date.now();
           if (w.resumeTicket.length > 0) this.ticket = w.resumeTicket;
           this.sessionId = w.sessionId;
-          (c as Conn & { hello?: typeof hello }).hello = hello;
+          c.hello = hello;
           return;
         }
-        case "close": {
-          const cl = f.kind.value;
-          throw new RelayError(cl.code, cl.message, Number(cl.reconnectAfterMs), cl.replacingInstance);
-        }
+        case "close":
+          throw closeError(f.kind.value);
         default:
           throw new RelayError(ErrorCode.MALFORMED_FRAME, `unexpected ${f.kind.case} in the handshake`);
       }
@@ -524,54 +596,62 @@ export class RelayClient extends EventTarget {
     return true;
   }
 
+  /** Passes a delivered event on, once per sender and id. */
+  private deliver(ev: WireEvent | undefined): void {
+    if (!ev || !this.firstTime(ev.senderDeviceId, ev.id)) return;
+    this.emit("event", {
+      id: ev.id, sender: ev.senderDeviceId, seq: ev.seq, type: ev.type, payload: ev.payload,
+      createdAt: new Date(Number(ev.createdAtMs)), ephemeral: ev.ephemeral, anyOne: ev.anyOne, cancelled: false,
+    } satisfies RelayEvent);
+  }
+
   private resolve(id: string, err?: RelayError): void {
     const p = this.pending.get(id);
     if (!p) return;
     this.pending.delete(id);
-    this.order = this.order.filter((q) => q !== p);
     if (err) p.reject(err); else p.resolve();
   }
 
   private fail(err: RelayError): void {
-    for (const p of this.order) p.reject(err);
-    this.order = [];
+    for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
   }
 
   /** Reads one session until it ends; returns why. */
   private async serve(c: Conn): Promise<RelayError | null> {
+    let lastHeard = Date.now();
+    // A WebSocket has no keep-alive of its own: ping, and give up on an
+    // edge that stays silent (a half-open TCP connection).
     const keepalive = c.name === "websocket" ? setInterval(() => {
-      void c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "ping", value: { nonce: 1n } } }))).catch(() => {});
-    }, 10_000) : 0;
+      if (Date.now() - lastHeard > SILENT_EDGE_MS) { c.close(); return; }
+      void c.send(frame({ case: "ping", value: { nonce: 1n } })).catch(() => {});
+    }, PING_EVERY_MS) : 0;
+    // Ephemeral deliveries come as datagrams when they fit.
+    c.onDatagram?.((body) => {
+      try {
+        const f = fromBinary(FrameSchema, body);
+        if (f.kind.case === "deliver" && !f.kind.value.deliveryId) this.deliver(f.kind.value.event);
+      } catch { /* a malformed datagram is dropped */ }
+    });
+    // Receipts go out in one Received frame per burst: when no further
+    // frame is already here to read.
     let receipts: bigint[] = [];
-    let flushing = false;
     const flush = () => {
-      if (flushing || receipts.length === 0) return;
-      flushing = true;
-      queueMicrotask(() => {
-        flushing = false;
-        const ids = receipts;
-        receipts = [];
-        void c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "received", value: { deliveryIds: ids } } }))).catch(() => {});
-      });
+      const ids = receipts;
+      receipts = [];
+      void c.send(frame({ case: "received", value: { deliveryIds: ids } })).catch(() => {});
     };
     try {
       for (;;) {
         const body = await c.next();
         if (!body) return c.closeReason();
+        lastHeard = Date.now();
         const f: Frame = fromBinary(FrameSchema, body);
         switch (f.kind.case) {
           case "deliver": {
             const d = f.kind.value;
-            const ev = d.event;
-            if (ev && this.firstTime(ev.senderDeviceId, ev.id)) {
-              const out: RelayEvent = {
-                id: ev.id, sender: ev.senderDeviceId, seq: ev.seq, type: ev.type, payload: ev.payload,
-                createdAt: new Date(Number(ev.createdAtMs)), ephemeral: ev.ephemeral, anyOne: ev.anyOne, cancelled: false,
-              };
-              this.emit("event", out);
-            }
-            if (d.deliveryId) { receipts.push(d.deliveryId); flush(); }
+            this.deliver(d.event);
+            if (d.deliveryId) receipts.push(d.deliveryId);
             break;
           }
           case "ack": this.resolve(f.kind.value.eventId); break;
@@ -597,24 +677,12 @@ export class RelayClient extends EventTarget {
             break;
           }
           case "ticket": this.ticket = f.kind.value.resumeTicket; break;
-          case "challenge": {
-            const ch = f.kind.value;
-            const hello = (c as Conn & { hello?: { userId: string; deviceId: string; protocolVersion: number; clientTimeMs: bigint } }).hello!;
-            const tr = transcript({ userId: hello.userId, deviceId: hello.deviceId, version: hello.protocolVersion, clientTimeMs: hello.clientTimeMs, edgeId: ch.edgeId, nonce: ch.nonce, serverTimeMs: ch.serverTimeMs });
-            const sig = new Uint8Array(await crypto.subtle.sign("Ed25519", this.opts.key, tr as BufferSource));
-            await c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "authenticate", value: { signature: sig } } })));
-            break;
-          }
-          case "ping":
-            await c.send(toBinary(FrameSchema, create(FrameSchema, { kind: { case: "pong", value: { nonce: f.kind.value.nonce } } })));
-            break;
-          case "close": {
-            const cl = f.kind.value;
-            return new RelayError(cl.code, cl.message, Number(cl.reconnectAfterMs), cl.replacingInstance);
-          }
-          default:
-            break;
+          case "challenge": await this.answer(c, c.hello!, f.kind.value); break;
+          case "ping": await c.send(frame({ case: "pong", value: { nonce: f.kind.value.nonce } })); break;
+          case "close": return closeError(f.kind.value);
+          default: break;
         }
+        if (receipts.length > 0 && (receipts.length >= MAX_RECEIPTS || !c.buffered())) flush();
       }
     } finally {
       if (keepalive) clearInterval(keepalive);
@@ -629,6 +697,14 @@ export class RelayClient extends EventTarget {
       ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE].includes(e.code);
   }
 
+  /** Stops for good, telling listeners why. */
+  private stop(why: RelayError): void {
+    this.stopped = true;
+    this.error = why;
+    this.fail(why);
+    this.emit("closed", why);
+  }
+
   private async loop(): Promise<void> {
     const min = this.opts.reconnectMinMs ?? 100, max = this.opts.reconnectMaxMs ?? 10_000;
     let backoff = min;
@@ -639,15 +715,9 @@ export class RelayClient extends EventTarget {
         backoff = min;
         const why = await this.serve(c);
         this.conn = null;
-        this.emit("state", { connected: false, reason: why });
         if (this.stopped) return;
-        if (this.fatal(why)) {
-          this.stopped = true;
-          this.error = why;
-          this.fail(why!);
-          this.emit("closed", why);
-          return;
-        }
+        this.emit("state", { connected: false, reason: why });
+        if (this.fatal(why)) { this.stop(why!); return; }
         if (why?.code === ErrorCode.GOING_AWAY) wait = why.reconnectAfterMs;
       } else {
         wait = backoff / 2 + Math.random() * (backoff / 2);
@@ -658,16 +728,16 @@ export class RelayClient extends EventTarget {
       try {
         await this.establish();
       } catch (e) {
-        if (e instanceof RelayError && this.fatal(e)) {
-          this.stopped = true;
-          this.error = e;
-          this.fail(e);
-          this.emit("closed", e);
-          return;
-        }
+        if (this.stopped) return;
+        if (e instanceof RelayError && this.fatal(e)) { this.stop(e); return; }
       }
     }
   }
+}
+
+/** The error a Close frame carries. */
+function closeError(cl: { code: ErrorCode; message: string; reconnectAfterMs: bigint; replacingInstance: string }): RelayError {
+  return new RelayError(cl.code, cl.message, Number(cl.reconnectAfterMs), cl.replacingInstance);
 }
 
 /** A new device key pair: the private key non-extractable (it can sign,
