@@ -35,8 +35,9 @@ type wsConn struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	rbuf []byte // the rest of the current message, prefixed, for Read
-	wbuf []byte // written bytes not yet a whole frame
+	rbuf []byte // the current message, prefixed, for Read (reused)
+	roff int    // how much of rbuf Read has returned
+	wbuf []byte // written bytes not yet a whole frame (reused)
 	once sync.Once
 }
 
@@ -49,7 +50,7 @@ func NewWebSocketConn(c *websocket.Conn, remote net.Addr, idle time.Duration, ma
 }
 
 func (w *wsConn) Read(p []byte) (int, error) {
-	for len(w.rbuf) == 0 {
+	for w.roff == len(w.rbuf) {
 		ctx, cancel := context.WithTimeout(w.ctx, w.idle)
 		typ, msg, err := w.c.Read(ctx)
 		cancel()
@@ -61,32 +62,39 @@ func (w *wsConn) Read(p []byte) (int, error) {
 		}
 		w.rbuf = binary.AppendUvarint(w.rbuf[:0], uint64(len(msg)))
 		w.rbuf = append(w.rbuf, msg...)
+		w.roff = 0
 	}
-	n := copy(p, w.rbuf)
-	w.rbuf = w.rbuf[n:]
+	n := copy(p, w.rbuf[w.roff:])
+	w.roff += n
 	return n, nil
 }
 
 // Write takes length-prefixed frames (the session stream) and sends each
-// frame body as one message.
+// frame body as one message. Whole frames go straight from p; only an
+// incomplete tail is kept for the next Write.
 func (w *wsConn) Write(p []byte) (int, error) {
-	w.wbuf = append(w.wbuf, p...)
+	data := p
+	if len(w.wbuf) > 0 {
+		w.wbuf = append(w.wbuf, p...)
+		data = w.wbuf
+	}
+	off := 0
 	for {
-		n, k := binary.Uvarint(w.wbuf)
-		if k <= 0 || uint64(len(w.wbuf)-k) < n {
+		n, k := binary.Uvarint(data[off:])
+		if k <= 0 || uint64(len(data)-off-k) < n {
 			break
 		}
+		body := data[off+k : off+k+int(n)]
 		ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
-		err := w.c.Write(ctx, websocket.MessageBinary, w.wbuf[k:k+int(n)])
+		err := w.c.Write(ctx, websocket.MessageBinary, body)
 		cancel()
 		if err != nil {
 			return 0, err
 		}
-		w.wbuf = w.wbuf[k+int(n):]
+		off += k + int(n)
 	}
-	if len(w.wbuf) == 0 {
-		w.wbuf = w.wbuf[:0]
-	}
+	// copy moves the tail to the front (the regions may overlap).
+	w.wbuf = append(w.wbuf[:0], data[off:]...)
 	return len(p), nil
 }
 
