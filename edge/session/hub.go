@@ -367,11 +367,6 @@ func (h *Hub) CloseUser(userID string, code relayv1.ErrorCode, msg string) {
 	}
 }
 
-// Online reports whether a device has a session on this edge.
-func (h *Hub) Online(userID, deviceID string) bool {
-	return len(h.sessionsOf(userID, deviceID)) > 0
-}
-
 // OnlineDevices returns every device with a session here, by user (for
 // activity reports).
 func (h *Hub) OnlineDevices() map[string][]string {

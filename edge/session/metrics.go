@@ -18,6 +18,12 @@ type Metrics struct {
 	dropped       *prometheus.CounterVec
 	ackLatency    prometheus.Histogram
 	handshakeTime prometheus.Histogram
+
+	// The series the per-event path counts, looked up once.
+	accepted, duplicate                  prometheus.Counter
+	rejected                             map[relayv1.ErrorCode]prometheus.Counter
+	deliveredDurable, deliveredEphemeral prometheus.Counter
+	droppedQueueFull                     prometheus.Counter
 }
 
 // NewMetrics creates the metrics and registers them with reg (nil: not
@@ -56,7 +62,26 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	if reg != nil {
 		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.deliveries, m.dropped, m.ackLatency, m.handshakeTime)
 	}
+	m.accepted = m.events.WithLabelValues("accepted")
+	m.duplicate = m.events.WithLabelValues("duplicate")
+	m.rejected = make(map[relayv1.ErrorCode]prometheus.Counter, len(relayv1.ErrorCode_name))
+	for c := range relayv1.ErrorCode_name {
+		code := relayv1.ErrorCode(c)
+		m.rejected[code] = m.events.WithLabelValues(codeLabel(code))
+	}
+	m.deliveredDurable = m.deliveries.WithLabelValues("durable")
+	m.deliveredEphemeral = m.deliveries.WithLabelValues("ephemeral")
+	m.droppedQueueFull = m.dropped.WithLabelValues("queue_full")
 	return m
+}
+
+// reject counts an event refused with code.
+func (m *Metrics) reject(code relayv1.ErrorCode) {
+	if c, ok := m.rejected[code]; ok {
+		c.Inc()
+		return
+	}
+	m.events.WithLabelValues(codeLabel(code)).Inc() // a code newer than this table
 }
 
 // codeLabel is a short, stable label for a protocol code.

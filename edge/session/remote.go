@@ -91,7 +91,7 @@ func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOut
 	d := ss[0]
 	if report == nil {
 		if d.out.offer(fw.GetEvent(), false, true, nil) == queueFull {
-			h.cfg.Metrics.dropped.WithLabelValues("queue_full").Inc()
+			h.cfg.Metrics.droppedQueueFull.Inc()
 		}
 		return
 	}

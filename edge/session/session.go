@@ -2,6 +2,7 @@ package session
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"hash/maphash"
@@ -47,7 +48,7 @@ type Session struct {
 	evMu      sync.Mutex
 	lastSeq   uint64
 	dedup     map[string]*inflight
-	dedupRing []string
+	dedupRing []*inflight
 	dedupNext int
 	events    *rate.Limiter
 	bytes     *rate.Limiter
@@ -482,10 +483,10 @@ func (s *Session) writeLoop() {
 			it.event = nil
 		}
 		if durable > 0 {
-			m.deliveries.WithLabelValues("durable").Add(float64(durable))
+			m.deliveredDurable.Add(float64(durable))
 		}
 		if ephemeral > 0 {
-			m.deliveries.WithLabelValues("ephemeral").Add(float64(ephemeral))
+			m.deliveredEphemeral.Add(float64(ephemeral))
 		}
 		if closed && s.closeReason.Code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
 			buf, _ = frame.Append(buf, closeFrame(s.closeReason, s.reconnectIn))
@@ -506,16 +507,8 @@ func (s *Session) writeLoop() {
 // appendFramed appends a length-prefixed Deliver frame.
 func appendFramed(dst, event []byte, id uint64) []byte {
 	n := deliverBodySize(len(event), id)
-	dst = appendUvarint(dst, uint64(n))
+	dst = binary.AppendUvarint(dst, uint64(n))
 	return appendDeliverBody(dst, event, id)
-}
-
-func appendUvarint(dst []byte, v uint64) []byte {
-	for v >= 0x80 {
-		dst = append(dst, byte(v)|0x80)
-		v >>= 7
-	}
-	return append(dst, byte(v))
 }
 
 func (s *Session) nextTicketRefresh(now time.Time) time.Duration {
@@ -661,7 +654,7 @@ func (s *Session) acked(f *inflight) {
 }
 
 func (s *Session) reject(eventID string, r *RejectError) {
-	s.hub.cfg.Metrics.events.WithLabelValues(codeLabel(r.Code)).Inc()
+	s.hub.cfg.Metrics.reject(r.Code)
 	s.control(&relayv1.Frame{Kind: &relayv1.Frame_Reject{Reject: &relayv1.Reject{EventId: eventID, Code: r.Code, Message: r.Msg}}})
 }
 
@@ -695,7 +688,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 				return
 			case !failed:
 				// Acked already, or its Ack will come: not relayed again.
-				cfg.Metrics.events.WithLabelValues("duplicate").Inc()
+				cfg.Metrics.duplicate.Inc()
 				if done {
 					s.control(&relayv1.Frame{Kind: &relayv1.Frame_Ack{Ack: &relayv1.Ack{EventId: ev.GetId()}}})
 				}
@@ -735,10 +728,10 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 				continue
 			}
 			if r.to != nil && r.to.out.offer(enc, false, true, nil) == queueFull {
-				cfg.Metrics.dropped.WithLabelValues("queue_full").Inc()
+				cfg.Metrics.droppedQueueFull.Inc()
 			}
 		}
-		cfg.Metrics.events.WithLabelValues("accepted").Inc()
+		cfg.Metrics.accepted.Inc()
 		return
 	}
 	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, remaining: len(routes), anyOne: ev.GetAnyOne()}
@@ -748,7 +741,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	}
 	s.remember(f)
 	s.lastSeq = ev.GetSeq()
-	cfg.Metrics.events.WithLabelValues("accepted").Inc()
+	cfg.Metrics.accepted.Inc()
 	if len(routes) == 0 {
 		f.remaining = 1
 		f.confirm()
@@ -902,12 +895,14 @@ func (s *Session) locateRemote(rs []route) {
 func (s *Session) remember(f *inflight) {
 	if s.dedup == nil {
 		s.dedup = make(map[string]*inflight)
-		s.dedupRing = make([]string, s.hub.cfg.DedupWindow)
+		s.dedupRing = make([]*inflight, s.hub.cfg.DedupWindow)
 	}
-	if old := s.dedupRing[s.dedupNext]; old != "" && s.dedup[old] != nil && s.dedup[old] != f {
-		delete(s.dedup, old)
+	// The slot's event leaves the window, unless its id was sent again
+	// since (a refused event resent): then a newer slot holds it.
+	if old := s.dedupRing[s.dedupNext]; old != nil && s.dedup[old.eventID] == old {
+		delete(s.dedup, old.eventID)
 	}
-	s.dedupRing[s.dedupNext] = f.eventID
+	s.dedupRing[s.dedupNext] = f
 	s.dedupNext = (s.dedupNext + 1) % len(s.dedupRing)
 	s.dedup[f.eventID] = f
 }

@@ -133,3 +133,21 @@ func FuzzOpenTicket(f *testing.F) {
 		}
 	})
 }
+
+// A refused event sent again takes a second slot in the dedup window;
+// its first slot leaving the window must not forget the resend.
+func TestDedupWindowKeepsAResentID(t *testing.T) {
+	s := &Session{hub: &Hub{cfg: Config{DedupWindow: 2}}}
+	first := &inflight{eventID: "x"}
+	resent := &inflight{eventID: "x"}
+	s.remember(first)
+	s.remember(resent)
+	s.remember(&inflight{eventID: "y"}) // first's slot is reused
+	if s.dedup["x"] != resent {
+		t.Fatal("the resent event left the window with its first attempt")
+	}
+	s.remember(&inflight{eventID: "z"}) // now resent's slot is reused
+	if s.dedup["x"] != nil || s.dedup["y"] == nil || s.dedup["z"] == nil {
+		t.Fatalf("window holds %v, want y and z", s.dedup)
+	}
+}
