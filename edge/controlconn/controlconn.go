@@ -44,8 +44,9 @@ type Config struct {
 
 // Conn is safe for concurrent use.
 type Conn struct {
-	cfg  Config
-	http *http.Client
+	cfg   Config
+	http  *http.Client
+	peers map[string]*peer // by URL; built once, read-only
 
 	mu      sync.Mutex // guards the fields below
 	next    int        // index of the URL to use
@@ -79,7 +80,26 @@ func New(cfg Config) (*Conn, error) {
 	if cfg.TLS != nil {
 		tr.TLSClientConfig = cfg.TLS.Clone()
 	}
-	return &Conn{cfg: cfg, http: &http.Client{Transport: tr}}, nil
+	c := &Conn{cfg: cfg, http: &http.Client{Transport: tr}, peers: map[string]*peer{}}
+	for _, u := range cfg.URLs {
+		c.peers[u] = &peer{
+			auth:     controlv1connect.NewAuthServiceClient(c.http, u, cfg.Options...),
+			edges:    edgev1connect.NewEdgeServiceClient(c.http, u, cfg.Options...),
+			mailbox:  edgev1connect.NewMailboxServiceClient(c.http, u, cfg.Options...),
+			activity: edgev1connect.NewActivityServiceClient(c.http, u, cfg.Options...),
+			watch:    edgev1connect.NewWatchServiceClient(c.http, u, cfg.Options...),
+		}
+	}
+	return c, nil
+}
+
+// peer holds the Connect clients of one control node, built once.
+type peer struct {
+	auth     controlv1connect.AuthServiceClient
+	edges    edgev1connect.EdgeServiceClient
+	mailbox  edgev1connect.MailboxServiceClient
+	activity edgev1connect.ActivityServiceClient
+	watch    edgev1connect.WatchServiceClient
 }
 
 // Close releases idle connections.
@@ -118,7 +138,7 @@ func (c *Conn) Token(ctx context.Context) (string, error) {
 	var lastErr error
 	for range len(c.cfg.URLs) {
 		u := c.cfg.URLs[c.next%len(c.cfg.URLs)]
-		auth := controlv1connect.NewAuthServiceClient(c.http, u, c.cfg.Options...)
+		auth := c.peers[u].auth
 		var tokens *controlv1.Tokens
 		if c.refresh != "" {
 			resp, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: c.refresh}))
@@ -173,7 +193,7 @@ func (w watchClient) Watch(ctx context.Context, req *connect.Request[edgev1.Watc
 		return nil, err
 	}
 	u := w.c.url()
-	s, err := edgev1connect.NewWatchServiceClient(w.c.http, u, w.c.cfg.Options...).Watch(ctx, req)
+	s, err := w.c.peers[u].watch.Watch(ctx, req)
 	if err != nil {
 		w.c.failover(u, err)
 	}
@@ -182,27 +202,21 @@ func (w watchClient) Watch(ctx context.Context, req *connect.Request[edgev1.Watc
 
 // ReportActivity reports when devices were last seen.
 func (c *Conn) ReportActivity(ctx context.Context, entries []*edgev1.Activity) error {
-	req := connect.NewRequest(&edgev1.ReportActivityRequest{Entries: entries})
-	if err := c.authorize(ctx, req.Header()); err != nil {
-		return err
-	}
-	u := c.url()
-	_, err := edgev1connect.NewActivityServiceClient(c.http, u, c.cfg.Options...).ReportActivity(ctx, req)
-	if err != nil {
-		c.failover(u, err)
-	}
+	_, err := call(ctx, c, &edgev1.ReportActivityRequest{Entries: entries}, func(p *peer, r *connect.Request[edgev1.ReportActivityRequest]) (*connect.Response[edgev1.ReportActivityResponse], error) {
+		return p.activity.ReportActivity(ctx, r)
+	})
 	return err
 }
 
 // call runs one unary call with the edge's token against the current URL,
 // failing over to the next URL for the next call when this one is down.
-func call[Req, Resp any](ctx context.Context, c *Conn, msg *Req, do func(u string, req *connect.Request[Req]) (*connect.Response[Resp], error)) (*Resp, error) {
+func call[Req, Resp any](ctx context.Context, c *Conn, msg *Req, do func(p *peer, req *connect.Request[Req]) (*connect.Response[Resp], error)) (*Resp, error) {
 	req := connect.NewRequest(msg)
 	if err := c.authorize(ctx, req.Header()); err != nil {
 		return nil, err
 	}
 	u := c.url()
-	resp, err := do(u, req)
+	resp, err := do(c.peers[u], req)
 	if err != nil {
 		c.failover(u, err)
 		return nil, err
@@ -212,45 +226,45 @@ func call[Req, Resp any](ctx context.Context, c *Conn, msg *Req, do func(u strin
 
 // RegisterEdge registers the edge or renews its lease.
 func (c *Conn) RegisterEdge(ctx context.Context, m *edgev1.RegisterEdgeRequest) (*edgev1.RegisterEdgeResponse, error) {
-	return call(ctx, c, m, func(u string, r *connect.Request[edgev1.RegisterEdgeRequest]) (*connect.Response[edgev1.RegisterEdgeResponse], error) {
-		return edgev1connect.NewEdgeServiceClient(c.http, u, c.cfg.Options...).RegisterEdge(ctx, r)
+	return call(ctx, c, m, func(p *peer, r *connect.Request[edgev1.RegisterEdgeRequest]) (*connect.Response[edgev1.RegisterEdgeResponse], error) {
+		return p.edges.RegisterEdge(ctx, r)
 	})
 }
 
 // DeregisterEdge removes the edge from the member list.
 func (c *Conn) DeregisterEdge(ctx context.Context, edgeID string) error {
-	_, err := call(ctx, c, &edgev1.DeregisterEdgeRequest{EdgeId: edgeID}, func(u string, r *connect.Request[edgev1.DeregisterEdgeRequest]) (*connect.Response[edgev1.DeregisterEdgeResponse], error) {
-		return edgev1connect.NewEdgeServiceClient(c.http, u, c.cfg.Options...).DeregisterEdge(ctx, r)
+	_, err := call(ctx, c, &edgev1.DeregisterEdgeRequest{EdgeId: edgeID}, func(p *peer, r *connect.Request[edgev1.DeregisterEdgeRequest]) (*connect.Response[edgev1.DeregisterEdgeResponse], error) {
+		return p.edges.DeregisterEdge(ctx, r)
 	})
 	return err
 }
 
 // PutMailbox stores entries in mailboxes.
 func (c *Conn) PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
-	return call(ctx, c, &edgev1.PutMailboxRequest{Entries: entries}, func(u string, r *connect.Request[edgev1.PutMailboxRequest]) (*connect.Response[edgev1.PutMailboxResponse], error) {
-		return edgev1connect.NewMailboxServiceClient(c.http, u, c.cfg.Options...).PutMailbox(ctx, r)
+	return call(ctx, c, &edgev1.PutMailboxRequest{Entries: entries}, func(p *peer, r *connect.Request[edgev1.PutMailboxRequest]) (*connect.Response[edgev1.PutMailboxResponse], error) {
+		return p.mailbox.PutMailbox(ctx, r)
 	})
 }
 
 // FetchMailbox reads a device's entries after a seq.
 func (c *Conn) FetchMailbox(ctx context.Context, deviceID string, after uint64, limit uint32) (*edgev1.FetchMailboxResponse, error) {
-	return call(ctx, c, &edgev1.FetchMailboxRequest{DeviceId: deviceID, AfterSeq: after, Limit: limit}, func(u string, r *connect.Request[edgev1.FetchMailboxRequest]) (*connect.Response[edgev1.FetchMailboxResponse], error) {
-		return edgev1connect.NewMailboxServiceClient(c.http, u, c.cfg.Options...).FetchMailbox(ctx, r)
+	return call(ctx, c, &edgev1.FetchMailboxRequest{DeviceId: deviceID, AfterSeq: after, Limit: limit}, func(p *peer, r *connect.Request[edgev1.FetchMailboxRequest]) (*connect.Response[edgev1.FetchMailboxResponse], error) {
+		return p.mailbox.FetchMailbox(ctx, r)
 	})
 }
 
 // AckMailbox deletes delivered entries.
 func (c *Conn) AckMailbox(ctx context.Context, deviceID string, seqs []uint64) error {
-	_, err := call(ctx, c, &edgev1.AckMailboxRequest{DeviceId: deviceID, Seqs: seqs}, func(u string, r *connect.Request[edgev1.AckMailboxRequest]) (*connect.Response[edgev1.AckMailboxResponse], error) {
-		return edgev1connect.NewMailboxServiceClient(c.http, u, c.cfg.Options...).AckMailbox(ctx, r)
+	_, err := call(ctx, c, &edgev1.AckMailboxRequest{DeviceId: deviceID, Seqs: seqs}, func(p *peer, r *connect.Request[edgev1.AckMailboxRequest]) (*connect.Response[edgev1.AckMailboxResponse], error) {
+		return p.mailbox.AckMailbox(ctx, r)
 	})
 	return err
 }
 
 // ClaimEvents decides which devices take "any one" events.
 func (c *Conn) ClaimEvents(ctx context.Context, claims []*edgev1.EventClaim) (*edgev1.ClaimEventsResponse, error) {
-	return call(ctx, c, &edgev1.ClaimEventsRequest{Claims: claims}, func(u string, r *connect.Request[edgev1.ClaimEventsRequest]) (*connect.Response[edgev1.ClaimEventsResponse], error) {
-		return edgev1connect.NewMailboxServiceClient(c.http, u, c.cfg.Options...).ClaimEvents(ctx, r)
+	return call(ctx, c, &edgev1.ClaimEventsRequest{Claims: claims}, func(p *peer, r *connect.Request[edgev1.ClaimEventsRequest]) (*connect.Response[edgev1.ClaimEventsResponse], error) {
+		return p.mailbox.ClaimEvents(ctx, r)
 	})
 }
 
