@@ -8,7 +8,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -130,12 +132,23 @@ func Listen(cfg Config) (*Listener, error) {
 // Addr is the UDP address the listener is bound to.
 func (l *Listener) Addr() net.Addr { return l.udp.LocalAddr() }
 
-func (l *Listener) checkOrigin(r *http.Request) bool {
-	o := l.cfg.AllowedOrigins
-	if len(o) == 0 || slices.Contains(o, "*") {
+func (l *Listener) checkOrigin(r *http.Request) bool { return originAllowed(l.cfg.AllowedOrigins, r) }
+
+// originAllowed is the one origin check of WebTransport and the
+// WebSocket: any origin when allowed is empty or holds "*"; else the
+// page's origin must be listed exactly ("https://app.example"), or be
+// the edge itself (a page it served), or the request must come from no
+// page at all (no Origin header: a native client).
+func originAllowed(allowed []string, r *http.Request) bool {
+	if len(allowed) == 0 || slices.Contains(allowed, "*") {
 		return true
 	}
-	return slices.Contains(o, r.Header.Get("Origin"))
+	origin := r.Header.Get("Origin")
+	if origin == "" || slices.Contains(allowed, origin) {
+		return true
+	}
+	u, err := url.Parse(origin)
+	return err == nil && u.Host != "" && strings.EqualFold(u.Host, r.Host)
 }
 
 // Serve accepts connections until Close. It returns nil after Close.
