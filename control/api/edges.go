@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -65,6 +66,13 @@ func (c *EdgeConfig) applyDefaults() {
 type EdgeServer struct {
 	node *raftnode.Node
 	cfg  EdgeConfig
+	ca   atomic.Pointer[parsedCA] // once found: it never changes
+}
+
+// parsedCA is the cluster CA with its certificate parsed.
+type parsedCA struct {
+	ca   *statev1.ClusterCA
+	cert *x509.Certificate
 }
 
 var _ edgev1connect.EdgeServiceHandler = (*EdgeServer)(nil)
@@ -169,9 +177,13 @@ func (s *EdgeServer) DeregisterEdge(ctx context.Context, req *connect.Request[ed
 }
 
 // clusterCA returns the CA and its parsed certificate. The CA never
-// changes once created, so the local replica's copy is good; only when
-// it has none yet does the node catch up with the leader first.
+// changes once created, so the local replica's copy is good and is
+// parsed once; only when it has none yet does the node catch up with
+// the leader first.
 func (s *EdgeServer) clusterCA(ctx context.Context) (*statev1.ClusterCA, *x509.Certificate, error) {
+	if p := s.ca.Load(); p != nil {
+		return p.ca, p.cert, nil
+	}
 	f := s.node.FSM()
 	ca, err := f.ClusterCA()
 	if errors.Is(err, fsm.ErrNotFound) {
@@ -190,6 +202,7 @@ func (s *EdgeServer) clusterCA(ctx context.Context) (*statev1.ClusterCA, *x509.C
 	if err != nil {
 		return nil, nil, fmt.Errorf("parse the cluster CA certificate: %w", err)
 	}
+	s.ca.Store(&parsedCA{ca: ca, cert: cert})
 	return ca, cert, nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -178,11 +179,15 @@ func TestEdgeLeaseExpires(t *testing.T) {
 	}
 	// "alive" renews as an edge does, once renew_after has passed; only
 	// this goroutine touches `alive` until it reports.
-	stop, renewed := make(chan struct{}), make(chan int)
+	// The goroutine ends by the test's end whatever happens (cleanup).
+	stop, done := make(chan struct{}), make(chan struct{})
+	var stopOnce sync.Once
+	halt := func() { stopOnce.Do(func() { close(stop) }); <-done }
+	t.Cleanup(halt)
+	renewals := 0
 	go func() {
+		defer close(done)
 		alive := alive
-		n := 0
-		defer func() { renewed <- n }()
 		tick := time.NewTicker(20 * time.Millisecond)
 		defer tick.Stop()
 		for {
@@ -202,7 +207,7 @@ func TestEdgeLeaseExpires(t *testing.T) {
 				return
 			}
 			alive = resp.Msg
-			n++
+			renewals++
 		}
 	}()
 	var events []string
@@ -219,9 +224,9 @@ func TestEdgeLeaseExpires(t *testing.T) {
 			break
 		}
 	}
-	close(stop)
-	if n := <-renewed; n < 2 {
-		t.Fatalf("alive renewed %d times", n)
+	halt()
+	if renewals < 2 {
+		t.Fatalf("alive renewed %d times", renewals)
 	}
 	equalSeq(t, events, []string{"put:dead", "put:alive", "deleted:dead"})
 	list, err := follower.Server.Node().FSM().Edges()
