@@ -16,6 +16,7 @@ import (
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/edge-relay/relay/edge/session"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 )
 
@@ -28,15 +29,11 @@ type API interface {
 	ClaimEvents(ctx context.Context, claims []*edgev1.EventClaim) (*edgev1.ClaimEventsResponse, error)
 }
 
-// Result is the outcome of storing one entry.
-type Result struct {
-	Status edgev1.MailboxStatus
-	// Seq is the entry's sequence in its device's mailbox, when stored.
-	Seq uint64
-	// Err is set when the control plane could not be reached in time; the
-	// entry may or may not be stored.
-	Err error
-}
+// Result is the outcome of storing one entry: the session core's type,
+// so that a Client is a session.Mailbox as it is.
+type Result = session.MailboxResult
+
+var _ session.Mailbox = (*Client)(nil)
 
 // ErrOverloaded is the result of Store when too many entries wait.
 var ErrOverloaded = errors.New("mailbox writer overloaded")

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/edge-relay/relay/edge/directory"
-	"github.com/edge-relay/relay/edge/mailbox"
 	"github.com/edge-relay/relay/edge/mesh"
 	"github.com/edge-relay/relay/edge/session"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -87,18 +86,3 @@ func (l lateLocal) PeerHolds(user, device string, since time.Time, instance stri
 func (l lateLocal) PeerPresence(user, device string, online bool) {
 	l.hub().PeerPresence(user, device, online)
 }
-
-// mailboxAdapter is the mailbox client as the session core's Mailbox.
-type mailboxAdapter struct{ c *mailbox.Client }
-
-func (a mailboxAdapter) Store(e *edgev1.MailboxEntry, done func(session.MailboxResult)) {
-	a.c.Store(e, func(r mailbox.Result) { done(session.MailboxResult{Status: r.Status, Seq: r.Seq, Err: r.Err}) })
-}
-
-func (a mailboxAdapter) Fetch(ctx context.Context, device string, after uint64, limit int) ([]*edgev1.MailboxEntry, bool, error) {
-	return a.c.Fetch(ctx, device, after, limit)
-}
-
-func (a mailboxAdapter) Ack(device string, seqs ...uint64) { a.c.Ack(device, seqs...) }
-
-func (a mailboxAdapter) Claim(c *edgev1.EventClaim, done func(bool)) { a.c.Claim(c, done) }

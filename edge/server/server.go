@@ -199,7 +199,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		if s.mailbox, err = mailbox.New(mailbox.Config{API: s.control, Logger: s.log, Registerer: cfg.Registry}); err != nil {
 			return nil, err
 		}
-		sc.Mailbox = mailboxAdapter{s.mailbox}
+		sc.Mailbox = s.mailbox
 	}
 	_, meshKey, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
