@@ -5,12 +5,14 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/goleak"
 
 	"github.com/edge-relay/relay/control/api"
@@ -106,13 +108,16 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 		}
 	}
 	// Fewer calls than entries: they were batched.
-	mfs, _ := reg.Gather()
-	for _, mf := range mfs {
-		if mf.GetName() == "relay_edge_mailbox_batch_entries" {
-			if calls := mf.GetMetric()[0].GetHistogram().GetSampleCount(); calls >= n || calls < n/8 {
-				t.Fatalf("%d calls for %d entries (at most 8 per call)", calls, n)
-			}
-		}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := slices.IndexFunc(mfs, func(mf *dto.MetricFamily) bool { return mf.GetName() == "relay_edge_mailbox_batch_entries" })
+	if i < 0 {
+		t.Fatal("no relay_edge_mailbox_batch_entries histogram")
+	}
+	if calls := mfs[i].GetMetric()[0].GetHistogram().GetSampleCount(); calls >= n || calls < n/8 {
+		t.Fatalf("%d calls for %d entries (at most 8 per call)", calls, n)
 	}
 	// Acks delete, in the background.
 	var seqs []uint64
