@@ -136,6 +136,9 @@ func (h *handshake) step(f *relayv1.Frame) (*relayv1.Frame, error) {
 
 func validID(s string) bool { return s != "" && len(s) <= 128 && utf8.ValidString(s) }
 
+// maxInstanceBytes bounds Hello.instance.
+const maxInstanceBytes = 64
+
 func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 	if hello.GetProtocolVersion() != ProtocolVersion {
 		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION,
@@ -143,6 +146,9 @@ func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 	}
 	if !validID(hello.GetUserId()) || !validID(hello.GetDeviceId()) {
 		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "hello needs a user id and a device id of 1 to 128 bytes of UTF-8")
+	}
+	if len(hello.GetInstance()) > maxInstanceBytes {
+		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "hello.instance longer than %d bytes", maxInstanceBytes)
 	}
 	h.hello = hello
 	h.device = h.dir.LookupDevice(hello.GetDeviceId())

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -83,6 +84,12 @@ func TestHandshakeStateMachine(t *testing.T) {
 	rtr.DeviceID = "r1"
 	if _, err := h.step(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: rtr.Sign(w.key)}}}); !errors.Is(err, &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED}) {
 		t.Fatalf("revoked device: %v", err)
+	}
+	// An instance id above 64 bytes is refused before any challenge.
+	h = w.handshake()
+	long := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: ProtocolVersion, Instance: strings.Repeat("i", 65)}}}
+	if out, err := h.step(long); out != nil || !errors.Is(err, &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME}) {
+		t.Fatalf("long instance: %v %v", out, err)
 	}
 	// No randomness: an internal error, not a panic or a weak nonce.
 	h = w.handshake()

@@ -39,9 +39,7 @@ type Session struct {
 	// Guards the handshake state, shared by the reader (answers) and the
 	// writer (re-authentication challenges).
 	authMu      sync.Mutex
-	hs          handshake
-	authAt      time.Time
-	reauthUntil time.Time // non-zero while a re-authentication is pending
+	hs          handshake // hs.authAt: when the key was last proven; not done: a re-authentication is pending
 	authChanged chan struct{}
 
 	// Event intake; the stream reader and the datagram reader share it.
@@ -231,11 +229,8 @@ func (s *Session) handshake(ctx context.Context) error {
 	if ctx.Err() != nil {
 		return closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 	}
-	s.userID, s.deviceID, s.authAt = s.hs.hello.GetUserId(), s.hs.hello.GetDeviceId(), s.hs.authAt
+	s.userID, s.deviceID = s.hs.hello.GetUserId(), s.hs.hello.GetDeviceId()
 	s.instance = s.hs.hello.GetInstance()
-	if len(s.instance) > 64 {
-		return closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "hello.instance longer than 64 bytes")
-	}
 	return nil
 }
 
@@ -273,7 +268,7 @@ func (s *Session) ticketExpiry(now, authAt time.Time) time.Time {
 
 func (s *Session) sealTicket(now time.Time) ([]byte, time.Time, bool) {
 	s.authMu.Lock()
-	authAt := s.authAt
+	authAt := s.hs.authAt
 	s.authMu.Unlock()
 	exp := s.ticketExpiry(now, authAt)
 	if !exp.After(now) {
@@ -424,9 +419,6 @@ func (s *Session) writeLoop() {
 		case <-ageT.C:
 			s.authMu.Lock()
 			ch, err := s.hs.reauth()
-			if err == nil {
-				s.reauthUntil = cfg.Now().Add(cfg.HandshakeTimeout)
-			}
 			s.authMu.Unlock()
 			if err != nil {
 				s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "re-authentication: %v", err), 0)
@@ -437,7 +429,7 @@ func (s *Session) writeLoop() {
 			continue
 		case <-reauthT.C:
 			s.authMu.Lock()
-			pending := !s.reauthUntil.IsZero()
+			pending := !s.hs.done()
 			s.authMu.Unlock()
 			if pending {
 				s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED, "the session reached its maximum age and did not authenticate again"), 0)
@@ -513,7 +505,7 @@ func appendFramed(dst, event []byte, id uint64) []byte {
 
 func (s *Session) nextTicketRefresh(now time.Time) time.Duration {
 	s.authMu.Lock()
-	authAt := s.authAt
+	authAt := s.hs.authAt
 	s.authMu.Unlock()
 	limit := authAt.Add(s.hub.cfg.MaxSessionAge)
 	if !limit.After(now.Add(s.hub.cfg.TicketTTL)) {
@@ -527,7 +519,7 @@ func (s *Session) nextTicketRefresh(now time.Time) time.Duration {
 func (s *Session) untilMaxAge(now time.Time) time.Duration {
 	s.authMu.Lock()
 	defer s.authMu.Unlock()
-	d := s.authAt.Add(s.hub.cfg.MaxSessionAge).Sub(now)
+	d := s.hs.authAt.Add(s.hub.cfg.MaxSessionAge).Sub(now)
 	if d < 0 {
 		d = 0
 	}
@@ -537,18 +529,12 @@ func (s *Session) untilMaxAge(now time.Time) time.Duration {
 // handleReauth checks the answer to a re-authentication challenge.
 func (s *Session) handleReauth(f *relayv1.Frame) bool {
 	s.authMu.Lock()
-	if s.reauthUntil.IsZero() {
-		s.authMu.Unlock()
-		s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "authenticate without a challenge"), 0)
-		return false
-	}
-	_, err := s.hs.step(f)
+	_, err := s.hs.step(f) // refused unless a challenge is pending
 	if err != nil {
 		s.authMu.Unlock()
 		s.closeWith(asCloseError(err), 0)
 		return false
 	}
-	s.authAt, s.reauthUntil = s.hs.authAt, time.Time{}
 	s.authMu.Unlock()
 	s.hub.cfg.Metrics.handshakes.WithLabelValues("reauthenticated").Inc()
 	select {
@@ -666,10 +652,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	_, span := cfg.Tracer.Start(ctx, "relay.event")
 	defer span.End()
 	now := cfg.Now()
-	if rej := ValidateEvent(ev, cfg.Limits, now); rej == nil && ev.GetAnyOne() && ev.GetEphemeral() {
-		s.reject(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "event %s: an ephemeral event cannot go to any one device", ev.GetId()))
-		return
-	} else if rej != nil {
+	if rej := ValidateEvent(ev, cfg.Limits, now); rej != nil {
 		span.SetStatus(codes.Error, rej.Error())
 		s.reject(ev.GetId(), rej)
 		return

@@ -99,6 +99,9 @@ func ValidateEvent(ev *relayv1.Event, l Limits, now time.Time) *RejectError {
 	if len(ev.GetTargets()) > l.MaxTargets {
 		return reject(malformed, "event %s: %d targets, at most %d", ev.GetId(), len(ev.GetTargets()), l.MaxTargets)
 	}
+	if ev.GetAnyOne() && ev.GetEphemeral() {
+		return reject(malformed, "event %s: an ephemeral event cannot go to any one device", ev.GetId())
+	}
 	if len(ev.GetPayload()) > l.MaxPayloadBytes {
 		return reject(relayv1.ErrorCode_ERROR_CODE_PAYLOAD_TOO_LARGE, "event %s: payload of %d bytes, at most %d", ev.GetId(), len(ev.GetPayload()), l.MaxPayloadBytes)
 	}

@@ -39,6 +39,8 @@ func TestValidateEvent(t *testing.T) {
 		{"seq 0", ev(func(e *relayv1.Event) { e.Seq = 0 }), relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
 		{"long type", ev(func(e *relayv1.Event) { e.Type = strings.Repeat("t", 65) }), relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
 		{"too many targets", ev(func(e *relayv1.Event) { e.Targets = make([]string, 65) }), relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{"ephemeral to any one", ev(func(e *relayv1.Event) { e.Ephemeral, e.AnyOne = true, true }), relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{"durable to any one", ev(func(e *relayv1.Event) { e.AnyOne = true }), 0},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
