@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+	"net"
 	"slices"
 	"sync"
 	"time"
@@ -595,7 +596,7 @@ func (c *Client) tlsConfig(alpn, addr string) *tls.Config {
 		}
 	}
 	if conf.ServerName == "" && len(c.cfg.CertHashes) == 0 {
-		if host, _, err := splitHost(addr); err == nil {
+		if host, _, err := net.SplitHostPort(addr); err == nil {
 			conf.ServerName = host
 		}
 	}

@@ -32,6 +32,9 @@ type conn struct {
 	// keepalive, if set, is how often the client pings (transports without
 	// keep-alives of their own).
 	keepalive time.Duration
+	// noDatagrams: the transport carries none (a WebSocket), so ephemeral
+	// events go straight to the stream.
+	noDatagrams bool
 
 	wmu sync.Mutex // guards w
 	w   *frame.Writer
@@ -44,6 +47,9 @@ func (cn *conn) write(f *relayv1.Frame) error {
 }
 
 func (cn *conn) writeEphemeral(f *relayv1.Frame) error {
+	if cn.noDatagrams {
+		return cn.write(f)
+	}
 	body, err := proto.Marshal(f)
 	if err != nil {
 		return err
@@ -82,7 +88,7 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
 		// The edge sends nothing while idle; the client pings (serve) so
 		// both directions see traffic well within the idle timeout.
-		return &conn{c: transport.NewWebSocketConn(ws, remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections, keepalive: c.cfg.IdleTimeout / 3}, nil
+		return &conn{c: transport.NewWebSocketConn(ws, remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections, keepalive: c.cfg.IdleTimeout / 3, noDatagrams: true}, nil
 	case WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3", addr), QUICConfig: qc}
 		_, sess, err := d.Dial(ctx, "https://"+addr+transport.WebTransportPath, nil)
@@ -169,8 +175,7 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 				c.ticket = nil
 				c.mu.Unlock()
 			}
-			sig := transcriptFor(cn.hello, k.Challenge).Sign(c.cfg.Key)
-			if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}}); err != nil {
+			if err := c.answer(cn, k.Challenge); err != nil {
 				return fmt.Errorf("send signature: %w", err)
 			}
 		case *relayv1.Frame_Welcome:
@@ -186,11 +191,23 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 			c.mu.Unlock()
 			return nil
 		case *relayv1.Frame_Close:
-			return &Error{Code: k.Close.GetCode(), Message: k.Close.GetMessage(), ReconnectAfter: time.Duration(k.Close.GetReconnectAfterMs()) * time.Millisecond}
+			return closeError(k.Close)
 		default:
 			return &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Message: fmt.Sprintf("unexpected %T in the handshake", k)}
 		}
 	}
+}
+
+// answer signs a challenge with the device key (docs/protocol.md).
+func (c *Client) answer(cn *conn, ch *relayv1.Challenge) error {
+	sig := transcriptFor(cn.hello, ch).Sign(c.cfg.Key)
+	return cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}})
+}
+
+// closeError is the error a Close frame carries.
+func closeError(cl *relayv1.Close) *Error {
+	return &Error{Code: cl.GetCode(), Message: cl.GetMessage(), ReconnectAfter: time.Duration(cl.GetReconnectAfterMs()) * time.Millisecond,
+		ReplacedBy: cl.GetReplacingInstance()}
 }
 
 // closeReason turns a read error into the edge's close code where the
@@ -422,8 +439,7 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 			c.mu.Unlock()
 		case *relayv1.Frame_Challenge:
 			// The session reached its maximum age: prove the key again.
-			sig := transcriptFor(cn.hello, k.Challenge).Sign(c.cfg.Key)
-			if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}}); err != nil {
+			if err := c.answer(cn, k.Challenge); err != nil {
 				return err
 			}
 		case *relayv1.Frame_Ping:
@@ -432,9 +448,7 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 			}
 		case *relayv1.Frame_Pong:
 		case *relayv1.Frame_Close:
-			cl := k.Close
-			return &Error{Code: cl.GetCode(), Message: cl.GetMessage(), ReconnectAfter: time.Duration(cl.GetReconnectAfterMs()) * time.Millisecond,
-				ReplacedBy: cl.GetReplacingInstance()}
+			return closeError(k.Close)
 		default:
 			return &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Message: fmt.Sprintf("unexpected %T from the edge", k)}
 		}
@@ -502,5 +516,3 @@ func (c *Client) WaitConnected(ctx context.Context) error {
 		}
 	}
 }
-
-func splitHost(addr string) (string, string, error) { return net.SplitHostPort(addr) }
