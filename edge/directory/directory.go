@@ -35,8 +35,16 @@ type Device struct {
 type Removal struct {
 	UserID   string
 	DeviceID string
-	Reason   string // "device revoked", "device deleted", "user deleted", "user disabled"
+	Reason   string // one of the Reason constants: also the sessions' close message
 }
+
+// Why devices and users are removed (Removal.Reason).
+const (
+	ReasonDeviceRevoked = "device revoked"
+	ReasonDeviceDeleted = "device deleted"
+	ReasonUserDeleted   = "user deleted"
+	ReasonUserDisabled  = "user disabled"
+)
 
 // Config configures a Directory.
 type Config struct {
@@ -278,7 +286,7 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 			edgesChanged = true
 			removals = diff(d.cur, *d.staging)
 			for _, r := range removals {
-				if r.DeviceID != "" && r.Reason == "device deleted" {
+				if r.DeviceID != "" && r.Reason == ReasonDeviceDeleted {
 					d.deleted.add(r.DeviceID, r.UserID)
 				}
 			}
@@ -340,26 +348,26 @@ func (d *Directory) applyEvent(s *snapshot, ev *edgev1.WatchEvent, live bool) []
 	case *edgev1.WatchEvent_UserPut:
 		u := k.UserPut
 		if live && s.users[u.GetId()] && !u.GetActive() {
-			out = append(out, Removal{UserID: u.GetId(), Reason: "user disabled"})
+			out = append(out, Removal{UserID: u.GetId(), Reason: ReasonUserDisabled})
 		}
 		s.users[u.GetId()] = u.GetActive()
 	case *edgev1.WatchEvent_UserDeleted:
 		delete(s.users, k.UserDeleted)
 		if live {
-			out = append(out, Removal{UserID: k.UserDeleted, Reason: "user deleted"})
+			out = append(out, Removal{UserID: k.UserDeleted, Reason: ReasonUserDeleted})
 		}
 	case *edgev1.WatchEvent_DevicePut:
 		dv := k.DevicePut
 		old, had := s.devices[dv.GetId()]
 		s.putDevice(Device{ID: dv.GetId(), UserID: dv.GetUserId(), PublicKey: dv.GetPublicKey(), Revoked: dv.GetRevoked()})
 		if live && dv.GetRevoked() && (!had || !old.Revoked) {
-			out = append(out, Removal{UserID: dv.GetUserId(), DeviceID: dv.GetId(), Reason: "device revoked"})
+			out = append(out, Removal{UserID: dv.GetUserId(), DeviceID: dv.GetId(), Reason: ReasonDeviceRevoked})
 		}
 	case *edgev1.WatchEvent_DeviceDeleted:
 		s.deleteDevice(k.DeviceDeleted.GetId())
 		d.deleted.add(k.DeviceDeleted.GetId(), k.DeviceDeleted.GetUserId())
 		if live {
-			out = append(out, Removal{UserID: k.DeviceDeleted.GetUserId(), DeviceID: k.DeviceDeleted.GetId(), Reason: "device deleted"})
+			out = append(out, Removal{UserID: k.DeviceDeleted.GetUserId(), DeviceID: k.DeviceDeleted.GetId(), Reason: ReasonDeviceDeleted})
 		}
 	case *edgev1.WatchEvent_SessionKeys:
 		keys := make([]session.SessionKey, 0, len(k.SessionKeys.GetKeys()))
@@ -385,16 +393,16 @@ func diff(old, cur snapshot) []Removal {
 	var out []Removal
 	for id, active := range old.users {
 		if now, ok := cur.users[id]; !ok {
-			out = append(out, Removal{UserID: id, Reason: "user deleted"})
+			out = append(out, Removal{UserID: id, Reason: ReasonUserDeleted})
 		} else if active && !now {
-			out = append(out, Removal{UserID: id, Reason: "user disabled"})
+			out = append(out, Removal{UserID: id, Reason: ReasonUserDisabled})
 		}
 	}
 	for id, dv := range old.devices {
 		if now, ok := cur.devices[id]; !ok {
-			out = append(out, Removal{UserID: dv.UserID, DeviceID: id, Reason: "device deleted"})
+			out = append(out, Removal{UserID: dv.UserID, DeviceID: id, Reason: ReasonDeviceDeleted})
 		} else if now.Revoked && !dv.Revoked {
-			out = append(out, Removal{UserID: dv.UserID, DeviceID: id, Reason: "device revoked"})
+			out = append(out, Removal{UserID: dv.UserID, DeviceID: id, Reason: ReasonDeviceRevoked})
 		}
 	}
 	return out
