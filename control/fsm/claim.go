@@ -45,19 +45,11 @@ func (t *txn) claimEvents(op *statev1.ClaimEvents) (*statev1.Result, error) {
 		}
 	}
 	res := &statev1.Result{ClaimsWon: make([]bool, len(claims))}
-	// Target checks are cached per command (nothing in it changes devices
-	// or users).
-	gone, active := map[string]bool{}, map[string]bool{}
 	boxes := t.mailboxes()
 	for i, c := range claims {
-		target := c.GetUserId() + "\x00" + c.GetDeviceId()
-		g, known := gone[target]
-		if !known {
-			var err error
-			if g, err = t.mailTargetGone(c.GetUserId(), c.GetDeviceId(), active); err != nil {
-				return nil, err
-			}
-			gone[target] = g
+		g, err := boxes.targetGone(c.GetUserId(), c.GetDeviceId())
+		if err != nil {
+			return nil, err
 		}
 		if g {
 			continue // a gone device takes nothing
@@ -102,40 +94,21 @@ func (t *txn) claimEvents(op *statev1.ClaimEvents) (*statev1.Result, error) {
 // them off boxes.
 func (t *txn) dropSiblings(rec *statev1.EventClaim, boxes *mailboxes) error {
 	p := eventIndexPrefix(rec.GetSenderDeviceId(), rec.GetEventId())
-	var keys [][]byte
+	var refs []indexRef
 	err := t.b.Iterate(p, prefixEnd(p), func(k, _ []byte) (bool, error) {
-		did, _, ok := parseEventIndexKey(k, p)
+		did, seq, ok := parseEventIndexKey(k, p)
 		if !ok {
 			return false, fmt.Errorf("malformed event index key %q", k)
 		}
 		if did != rec.GetDeviceId() {
-			keys = append(keys, append([]byte(nil), k...))
+			refs = append(refs, indexRef{did, seq, append([]byte(nil), k...)})
 		}
 		return true, nil
 	})
 	if err != nil {
 		return err
 	}
-	for _, k := range keys {
-		did, seq, _ := parseEventIndexKey(k, p)
-		var e statev1.MailboxEntry
-		ok, err := t.get(mailEntryKey(did, seq), &e)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			// An index record without its entry cannot happen (they are
-			// written and deleted together); drop it.
-			if err := t.b.Delete(k); err != nil {
-				return err
-			}
-			continue
-		}
-		if err := boxes.drop(&e); err != nil {
-			return err
-		}
-	}
-	return nil
+	return boxes.dropIndexed(refs)
 }
 
 // expireClaims removes up to limit claim records whose time is at or

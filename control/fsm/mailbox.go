@@ -99,6 +99,8 @@ type mailboxes struct {
 	t     *txn
 	boxes map[string]*statev1.Mailbox
 	order []string
+	// gone and active cache target checks (see targetGone).
+	gone, active map[string]bool
 }
 
 func (t *txn) mailboxes() *mailboxes {
@@ -127,6 +129,55 @@ func (m *mailboxes) drop(e *statev1.MailboxEntry) error {
 		return err
 	}
 	return m.t.dropMailEntry(e, mb)
+}
+
+// indexRef is an index record pointing at a device's entry.
+type indexRef struct {
+	did string
+	seq uint64
+	key []byte // the index record's own key
+}
+
+// dropIndexed drops the entries the index records point at. A record
+// without its entry cannot happen (they are written and deleted
+// together); it is deleted rather than looped on.
+func (m *mailboxes) dropIndexed(refs []indexRef) error {
+	for _, r := range refs {
+		var e statev1.MailboxEntry
+		ok, err := m.t.get(mailEntryKey(r.did, r.seq), &e)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			if err := m.t.b.Delete(r.key); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := m.drop(&e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// targetGone reports, cached for the command (nothing in it changes
+// devices or users), whether a device cannot receive entries (see
+// mailTargetGone).
+func (m *mailboxes) targetGone(userID, deviceID string) (bool, error) {
+	if m.gone == nil {
+		m.gone, m.active = map[string]bool{}, map[string]bool{}
+	}
+	key := userID + "\x00" + deviceID
+	if g, ok := m.gone[key]; ok {
+		return g, nil
+	}
+	g, err := m.t.mailTargetGone(userID, deviceID, m.active)
+	if err != nil {
+		return true, err
+	}
+	m.gone[key] = g
+	return g, nil
 }
 
 func (m *mailboxes) flush() error {
@@ -183,17 +234,10 @@ func (t *txn) putMailbox(op *statev1.PutMailbox) (*statev1.Result, error) {
 	// in the order the devices first had an entry stored.
 	var changed []*statev1.MailboxChanged
 	changedAt := map[string]int{}
-	// Target checks, cached per command (nothing in it changes devices or
-	// users): by user/device, and users' status by user.
-	gone, active := map[string]bool{}, map[string]bool{}
 	for i, e := range entries {
-		target := e.GetUserId() + "\x00" + e.GetDeviceId()
-		g, known := gone[target]
-		if !known {
-			if g, err = t.mailTargetGone(e.GetUserId(), e.GetDeviceId(), active); err != nil {
-				return nil, err
-			}
-			gone[target] = g
+		g, err := boxes.targetGone(e.GetUserId(), e.GetDeviceId())
+		if err != nil {
+			return nil, err
 		}
 		if g {
 			res.MailboxResults[i] = &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE}
@@ -384,12 +428,7 @@ func (t *txn) expireMailboxes(op *statev1.ExpireMailboxes) (*statev1.Result, err
 	if t.now <= 0 {
 		return nil, invalid("proposed_at_ms is not set")
 	}
-	type ref struct {
-		did string
-		seq uint64
-		key []byte
-	}
-	var due []ref
+	var due []indexRef
 	err := t.b.Iterate(prefixMailExpiry, mailExpiryEnd(t.now), func(k, _ []byte) (bool, error) {
 		if len(due) == limit {
 			return false, nil
@@ -398,30 +437,15 @@ func (t *txn) expireMailboxes(op *statev1.ExpireMailboxes) (*statev1.Result, err
 		if !ok {
 			return false, fmt.Errorf("malformed mailbox expiry key %q", k)
 		}
-		due = append(due, ref{did, seq, append([]byte(nil), k...)})
+		due = append(due, indexRef{did, seq, append([]byte(nil), k...)})
 		return true, nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	boxes := t.mailboxes()
-	for _, r := range due {
-		var e statev1.MailboxEntry
-		ok, err := t.get(mailEntryKey(r.did, r.seq), &e)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			// An index record without its entry cannot happen (they are
-			// written and deleted together); drop it rather than loop on it.
-			if err := t.b.Delete(r.key); err != nil {
-				return nil, err
-			}
-			continue
-		}
-		if err := boxes.drop(&e); err != nil {
-			return nil, err
-		}
+	if err := boxes.dropIndexed(due); err != nil {
+		return nil, err
 	}
 	if err := boxes.flush(); err != nil {
 		return nil, err
