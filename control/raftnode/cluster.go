@@ -213,7 +213,6 @@ func (n *Node) stop(ctx context.Context, graceful bool) error {
 			}
 			cancel()
 		}
-		n.shutdown.Store(true)
 		n.drainApplies(ctx)
 		if n.cancel != nil {
 			n.cancel()
@@ -245,9 +244,12 @@ func (n *Node) stop(ctx context.Context, graceful bool) error {
 // queued would never get any.
 func (n *Node) drainApplies(ctx context.Context) {
 	n.applyMu.Lock()
-	n.stopping = true
+	n.shutdown.Store(true)
 	n.applyMu.Unlock()
 	done := make(chan struct{})
+	// After a timed-out drain this waiter lives on until the last apply
+	// returns; an apply Raft never answers (hashicorp/raft#498) keeps it,
+	// like its caller, waiting. Only a drain that timed out can leave it.
 	go func() {
 		n.applies.Wait()
 		close(done)

@@ -197,9 +197,9 @@ type Node struct {
 	// apply channel when it shuts down (hashicorp/raft#498), so its
 	// caller would wait forever. stop therefore lets the applies in
 	// flight finish, while Raft still runs, before shutting Raft down.
-	applyMu  sync.Mutex     // guards stopping and additions to applies
-	stopping bool           // no new applies
-	applies  sync.WaitGroup // ApplyLocal calls waiting on Raft
+	// stop sets shutdown under applyMu, so no apply is added after it.
+	applyMu sync.Mutex     // orders setting shutdown with additions to applies
+	applies sync.WaitGroup // ApplyLocal calls waiting on Raft
 
 	ctx    context.Context // cancelled by Shutdown; owns the goroutines below
 	cancel context.CancelFunc
@@ -557,7 +557,7 @@ func (n *Node) applyOnce(ctx context.Context, data []byte) (*statev1.Result, err
 // leader. The API's PeerService calls it for forwarded writes.
 func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, error) {
 	n.applyMu.Lock()
-	if n.stopping {
+	if n.shutdown.Load() {
 		n.applyMu.Unlock()
 		return nil, ErrShutdown
 	}
