@@ -292,15 +292,10 @@ func (d *dev) send(f *relayv1.Frame) {
 func (d *dev) readDirect() *relayv1.Frame {
 	d.t.Helper()
 	f := &relayv1.Frame{}
-	done := make(chan error, 1)
-	go func() { done <- d.r.Read(f) }()
-	select {
-	case err := <-done:
-		if err != nil {
-			d.t.Fatalf("%s: read: %v", d.id, err)
-		}
-	case <-time.After(10 * time.Second):
-		d.t.Fatalf("%s: no frame within 10s", d.id)
+	_ = d.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	defer func() { _ = d.conn.SetReadDeadline(time.Time{}) }()
+	if err := d.r.Read(f); err != nil {
+		d.t.Fatalf("%s: no frame within 10s: %v", d.id, err)
 	}
 	return f
 }

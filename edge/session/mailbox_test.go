@@ -254,6 +254,14 @@ func TestNothingOvertakesAMailboxWrite(t *testing.T) {
 	e.device("u1", "b")
 	a := e.online("a")
 	mb.hold.Lock() // the writer stalls
+	held := true
+	release := func() {
+		if held {
+			held = false
+			mb.hold.Unlock()
+		}
+	}
+	t.Cleanup(release) // a failure below must not leave the writer stalled
 	e1 := a.sendPayload("first", "b")
 	b := e.connect("b")
 	h := b.hello(nil)
@@ -264,7 +272,7 @@ func TestNothingOvertakesAMailboxWrite(t *testing.T) {
 	}
 	b.startReading()
 	e2 := a.sendPayload("second", "b")
-	mb.hold.Unlock()
+	release()
 	if got := b.payloads(2); !slices.Equal(got, []string{"first", "second"}) {
 		t.Fatalf("b got %v", got)
 	}
