@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
@@ -15,6 +16,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/edge-relay/relay/control/clustertest"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 )
 
@@ -112,13 +114,12 @@ func startMesh(t *testing.T, ca *testCA, id string, local *fakeLocal) *Mesh {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if !cond() {
+			return fmt.Errorf("still waiting for %s", what)
 		}
-		time.Sleep(2 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 func TestPresenceAndForwarding(t *testing.T) {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
@@ -34,11 +35,9 @@ func reportPercentiles(b *testing.B, samples []time.Duration) {
 		return
 	}
 	slices.Sort(samples)
-	p := func(q float64) float64 {
-		return float64(samples[int(q*float64(len(samples)-1))].Nanoseconds()) / 1e3
-	}
-	b.ReportMetric(p(0.50), "p50-µs")
-	b.ReportMetric(p(0.99), "p99-µs")
+	us := func(p int) float64 { return float64(clustertest.Percentile(samples, p).Nanoseconds()) / 1e3 }
+	b.ReportMetric(us(50), "p50-µs")
+	b.ReportMetric(us(99), "p99-µs")
 	b.ReportMetric(0, "ns/op")
 }
 
@@ -127,13 +126,13 @@ func benchRelayRTT(b *testing.B, tr client.Transport, payload []byte, echo bool)
 }
 
 func waitOnlineB(b *testing.B, c *client.Client, id string) {
-	deadline := time.Now().Add(30 * time.Second)
-	for !slices.Contains(c.Online(), id) {
-		if time.Now().After(deadline) {
-			b.Fatal("peer not online")
+	b.Helper()
+	clustertest.Eventually(b, 30*time.Second, func() error {
+		if !slices.Contains(c.Online(), id) {
+			return fmt.Errorf("%s is not online yet", id)
 		}
-		time.Sleep(time.Millisecond)
-	}
+		return nil
+	})
 }
 
 func benchTLS(b *testing.B) (*tls.Config, *tls.Config) {
