@@ -5,8 +5,6 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/protobuf/proto"
-
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -347,5 +345,3 @@ func (h *Hub) MailboxChanged(userID, deviceID string, seq uint64) {
 		s.kickMailbox(seq)
 	}
 }
-
-func unmarshalEvent(b []byte, ev *relayv1.Event) error { return proto.Unmarshal(b, ev) }

@@ -551,6 +551,7 @@ type inflight struct {
 	eventID string
 	digest  uint64
 	arrived time.Time
+	expires time.Time // when it may no longer be delivered (TTL plus skew)
 	// fwd reports the outcome of an event another edge forwarded here.
 	fwd func(edgev1.ForwardOutcome)
 	// An "any one" event: the first copy delivered (or stored) completes
@@ -717,10 +718,10 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 		cfg.Metrics.accepted.Inc()
 		return
 	}
-	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, remaining: len(routes), anyOne: ev.GetAnyOne()}
+	expires := time.UnixMilli(ev.GetCreatedAtMs()).Add(time.Duration(ev.GetTtlMs())*time.Millisecond + cfg.Limits.SkewTolerance)
+	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, expires: expires, remaining: len(routes), anyOne: ev.GetAnyOne()}
 	if f.anyOne {
-		f.claim = &edgev1.EventClaim{SenderDeviceId: s.deviceID, EventId: ev.GetId(), UserId: s.userID,
-			ExpiresAtMs: time.UnixMilli(ev.GetCreatedAtMs()).Add(time.Duration(ev.GetTtlMs())*time.Millisecond + cfg.Limits.SkewTolerance).UnixMilli()}
+		f.claim = &edgev1.EventClaim{SenderDeviceId: s.deviceID, EventId: ev.GetId(), UserId: s.userID, ExpiresAtMs: expires.UnixMilli()}
 	}
 	s.remember(f)
 	s.lastSeq = ev.GetSeq()
@@ -730,7 +731,6 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 		f.confirm()
 		return
 	}
-	expires := time.UnixMilli(ev.GetCreatedAtMs()).Add(time.Duration(ev.GetTtlMs())*time.Millisecond + cfg.Limits.SkewTolerance)
 	for _, r := range routes {
 		if r.edge != "" {
 			s.forward(f, r, enc, expires)
@@ -1011,12 +1011,7 @@ func (s *Session) handOff() {
 		case s.hub.cfg.Mailbox == nil:
 			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline before receiving it; retry later")
 		default:
-			var ev relayv1.Event
-			exp := time.Now().Add(time.Minute)
-			if err := unmarshalEvent(event, &ev); err == nil {
-				exp = time.UnixMilli(ev.GetCreatedAtMs()).Add(time.Duration(ev.GetTtlMs())*time.Millisecond + s.hub.cfg.Limits.SkewTolerance)
-			}
-			f.sender.storeMailbox(f, s.deviceID, event, exp)
+			f.sender.storeMailbox(f, s.deviceID, event, f.expires)
 		}
 	}
 	for _, id := range ids {
