@@ -416,11 +416,10 @@ type CertHashJSON struct {
 
 func (s *Server) publicMux() http.Handler {
 	mux := http.NewServeMux()
-	page := web.Handler()
-	for _, p := range []string{"GET /{$}", "GET /index.html", "GET /console.js", "GET /relay.js"} {
-		mux.Handle(p, page)
-	}
-	mux.Handle("/api/", s.control.Proxy("/api"))
+	// The console page and relay.js; web.Handler answers 404 for any
+	// other path the more specific routes below do not take.
+	mux.Handle("GET /", web.Handler())
+	mux.Handle("POST /api/", s.control.Proxy("/api"))
 	mux.HandleFunc("GET "+EdgeInfoPath, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("Cache-Control", "no-store")

@@ -17,8 +17,8 @@ import (
 //go:embed dist
 var dist embed.FS
 
-// Files are the bundled files: index.html, console.js, relay.js.
-func Files() fs.FS {
+// files are the bundled files: index.html, console.js, relay.js.
+func files() fs.FS {
 	sub, err := fs.Sub(dist, "dist")
 	if err != nil {
 		panic(err) // the embedded tree always has dist/
@@ -30,7 +30,7 @@ func Files() fs.FS {
 // page is cross-origin isolated (COOP/COEP), which gives it precise
 // timers for latency figures and still allows WebTransport.
 func Handler() http.Handler {
-	files := http.FileServerFS(Files())
+	serve := http.FileServerFS(files())
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/", "/index.html", "/console.js", "/relay.js":
@@ -54,6 +54,6 @@ func Handler() http.Handler {
 		} else {
 			h.Set("Content-Security-Policy", "default-src 'self'; connect-src 'self' https: wss: ws:; style-src 'self' 'unsafe-inline'")
 		}
-		files.ServeHTTP(w, r)
+		serve.ServeHTTP(w, r)
 	})
 }
