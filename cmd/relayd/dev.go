@@ -82,17 +82,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	}
 	// Wait for the single node to elect itself and create the first
 	// admin, then give the edge its account (once: a restart finds it).
-	tick := time.NewTicker(20 * time.Millisecond)
 	initialized := func() bool { ok, _ := s.Node().FSM().Initialized(); return ok }
-	for !s.Node().Ready() || !initialized() {
-		select {
-		case <-ctx.Done():
-			tick.Stop()
-			return stopControl()
-		case <-tick.C:
-		}
+	if !waitUntil(ctx, func() bool { return s.Node().Ready() && initialized() }) {
+		return stopControl()
 	}
-	tick.Stop()
 	if err := ensureEdgeAccount(ctx, s.APIURL(), password, edgePassword); err != nil {
 		return errors.Join(err, stopControl())
 	}
@@ -105,16 +98,9 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	if err != nil {
 		return errors.Join(fmt.Errorf("start the edge: %w", err), stopControl())
 	}
-	tick = time.NewTicker(20 * time.Millisecond)
-	for !e.Ready() {
-		select {
-		case <-ctx.Done():
-			tick.Stop()
-			return errors.Join(e.Shutdown(context.Background()), stopControl())
-		case <-tick.C:
-		}
+	if !waitUntil(ctx, e.Ready) {
+		return errors.Join(e.Shutdown(context.Background()), stopControl())
 	}
-	tick.Stop()
 	hash := ""
 	if hs := e.CertHashes(); len(hs) > 0 {
 		hash = base64.StdEncoding.EncodeToString(hs[0].SHA256[:])
@@ -187,6 +173,21 @@ Then connect the two devices through the edge, each in its own terminal:
 Stop with Ctrl-C.
 `
 
+// waitUntil polls cond every 20 ms until it holds (true) or ctx ends
+// (false).
+func waitUntil(ctx context.Context, cond func() bool) bool {
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-tick.C:
+		}
+	}
+	return true
+}
+
 // devSecret returns the secret saved at path, or a new random one saved
 // there (mode 0600).
 func devSecret(path string) (string, error) {
@@ -222,20 +223,13 @@ func devAdminPassword(dataDir, fromEnv string) (password, note string, err error
 		}
 		return fromEnv, "from RELAY_ADMIN_PASSWORD", nil
 	}
-	if b, err := os.ReadFile(path); err == nil {
-		pw := strings.TrimSpace(string(b))
+	_, statErr := os.Stat(path)
+	pw, err := devSecret(path)
+	if err != nil {
+		return "", "", fmt.Errorf("admin password: %w", err)
+	}
+	if statErr == nil {
 		return pw, "in " + path, nil
-	}
-	var raw [15]byte
-	if _, err := rand.Read(raw[:]); err != nil {
-		return "", "", err
-	}
-	pw := base64.RawURLEncoding.EncodeToString(raw[:])
-	if err := os.MkdirAll(dataDir, 0o700); err != nil {
-		return "", "", fmt.Errorf("create %s: %w", dataDir, err)
-	}
-	if err := os.WriteFile(path, []byte(pw+"\n"), 0o600); err != nil {
-		return "", "", fmt.Errorf("save admin password: %w", err)
 	}
 	return pw, pw + " (saved in " + path + ")", nil
 }
