@@ -107,24 +107,9 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		}
 		switch k := f.GetKind().(type) {
 		case *edgev1.MeshFrame_PresenceSet:
-			m.presMu.Lock()
-			old := m.byPeer[peer]
-			delete(m.byPeer, peer)
-			for dev := range old {
-				m.recomputeWhere(dev)
-			}
-			moved := m.applyPresence(peer, k.PresenceSet.GetDevices(), nil)
-			ev := m.takeEvents()
-			m.presMu.Unlock()
-			m.tellPresence(ev)
-			m.notifyMoved(moved)
+			m.presenceFromPeer(peer, true, k.PresenceSet.GetDevices(), nil)
 		case *edgev1.MeshFrame_PresenceDelta:
-			m.presMu.Lock()
-			moved := m.applyPresence(peer, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
-			ev := m.takeEvents()
-			m.presMu.Unlock()
-			m.tellPresence(ev)
-			m.notifyMoved(moved)
+			m.presenceFromPeer(peer, false, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
 		case *edgev1.MeshFrame_Forward:
 			fw := k.Forward
 			if fw.GetId() == 0 {

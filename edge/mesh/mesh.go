@@ -405,15 +405,34 @@ func (m *Mesh) Online(userID string) []string {
 // dropPeer forgets what a peer announced (its link went away).
 func (m *Mesh) dropPeer(peer string) {
 	m.presMu.Lock()
+	m.forgetPeerLocked(peer)
+	m.metrics.devices.Set(float64(len(m.where)))
+	ev := m.takeEvents()
+	m.presMu.Unlock()
+	m.tellPresence(ev)
+}
+
+// forgetPeerLocked drops everything peer announced; presMu is held.
+func (m *Mesh) forgetPeerLocked(peer string) {
 	set := m.byPeer[peer]
 	delete(m.byPeer, peer)
 	for dev := range set {
 		m.recomputeWhere(dev)
 	}
-	m.metrics.devices.Set(float64(len(m.where)))
+}
+
+// presenceFromPeer applies a peer's announcement: its full set (replace:
+// what it announced before is forgotten first) or a delta.
+func (m *Mesh) presenceFromPeer(peer string, replace bool, online, offline []*edgev1.DevicePresence) {
+	m.presMu.Lock()
+	if replace {
+		m.forgetPeerLocked(peer)
+	}
+	moved := m.applyPresence(peer, online, offline)
 	ev := m.takeEvents()
 	m.presMu.Unlock()
 	m.tellPresence(ev)
+	m.notifyMoved(moved)
 }
 
 // Frames on a link: uvarint length, then the encoded MeshFrame.
