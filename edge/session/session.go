@@ -266,6 +266,13 @@ func (s *Session) ticketExpiry(now, authAt time.Time) time.Time {
 	return exp
 }
 
+// sendTicket queues a fresh resume ticket, when one can be made.
+func (s *Session) sendTicket(now time.Time) {
+	if tk, exp, ok := s.sealTicket(now); ok {
+		s.control(&relayv1.Frame{Kind: &relayv1.Frame_Ticket{Ticket: &relayv1.Ticket{ResumeTicket: tk, ExpiresAtMs: exp.UnixMilli()}}})
+	}
+}
+
 func (s *Session) sealTicket(now time.Time) ([]byte, time.Time, bool) {
 	s.authMu.Lock()
 	authAt := s.hs.authAt
@@ -411,9 +418,7 @@ func (s *Session) writeLoop() {
 		case <-s.out.wake:
 		case <-ticketT.C:
 			now := cfg.Now()
-			if tk, exp, ok := s.sealTicket(now); ok {
-				s.control(&relayv1.Frame{Kind: &relayv1.Frame_Ticket{Ticket: &relayv1.Ticket{ResumeTicket: tk, ExpiresAtMs: exp.UnixMilli()}}})
-			}
+			s.sendTicket(now)
 			ticketT.Reset(s.nextTicketRefresh(now))
 			continue
 		case <-ageT.C:
@@ -439,9 +444,7 @@ func (s *Session) writeLoop() {
 			now := cfg.Now()
 			reauthT.Stop()
 			ageT.Reset(s.untilMaxAge(now))
-			if tk, exp, ok := s.sealTicket(now); ok {
-				s.control(&relayv1.Frame{Kind: &relayv1.Frame_Ticket{Ticket: &relayv1.Ticket{ResumeTicket: tk, ExpiresAtMs: exp.UnixMilli()}}})
-			}
+			s.sendTicket(now)
 			ticketT.Reset(s.nextTicketRefresh(now))
 			continue
 		}
