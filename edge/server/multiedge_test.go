@@ -303,8 +303,11 @@ func runTrafficThrough(t *testing.T, r *relaytest.Relay, fault func()) {
 			if j == i {
 				continue
 			}
-			k := key{i, j}
-			acked[k] = map[string]bool{}
+			// Under mu: senders started earlier read acked meanwhile.
+			mine := map[string]bool{}
+			mu.Lock()
+			acked[key{i, j}] = mine
+			mu.Unlock()
 			senders.Go(func() {
 				for n := range per {
 					id := fmt.Sprintf("%d-%d-%d", i, j, n)
@@ -314,7 +317,7 @@ func runTrafficThrough(t *testing.T, r *relaytest.Relay, fault func()) {
 						return
 					}
 					mu.Lock()
-					acked[k][id] = true
+					mine[id] = true
 					mu.Unlock()
 					sent.Add(1)
 				}
