@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"runtime"
 	"time"
 
 	"connectrpc.com/connect"
@@ -30,6 +31,10 @@ type AuthServer struct {
 	// dummy is a hash verified for unknown logins so that a wrong login
 	// and a wrong password take the same time.
 	dummy string
+	// hashSlots bounds the password verifications running at once: each
+	// holds the hash's memory (64 MiB with the default parameters) and a
+	// core, so more at once only queue for CPU and add memory.
+	hashSlots chan struct{}
 }
 
 var _ controlv1connect.AuthServiceHandler = (*AuthServer)(nil)
@@ -41,7 +46,20 @@ func NewAuthServer(node *raftnode.Node, authn *Authenticator) (*AuthServer, erro
 	if err != nil {
 		return nil, fmt.Errorf("prepare auth server: %w", err)
 	}
-	return &AuthServer{node: node, authn: authn, cfg: cfg, dummy: dummy}, nil
+	return &AuthServer{node: node, authn: authn, cfg: cfg, dummy: dummy,
+		hashSlots: make(chan struct{}, max(1, runtime.GOMAXPROCS(0)))}, nil
+}
+
+// verifyPassword checks a password against a stored hash, waiting for one
+// of the hash slots.
+func (s *AuthServer) verifyPassword(ctx context.Context, hash, password string) (bool, error) {
+	select {
+	case s.hashSlots <- struct{}{}:
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+	defer func() { <-s.hashSlots }()
+	return auth.VerifyPassword(hash, password)
 }
 
 var errBadCredentials = errors.New("invalid login or password")
@@ -79,16 +97,16 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	u, err := f.GetUserByLogin(m.GetLogin())
 	if err != nil {
 		if errors.Is(err, fsm.ErrNotFound) {
-			_, _ = auth.VerifyPassword(s.dummy, m.GetPassword())
+			_, _ = s.verifyPassword(ctx, s.dummy, m.GetPassword())
 			return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
 		}
 		return nil, toConnect(err)
 	}
 	if u.GetPasswordHash() == "" {
-		_, _ = auth.VerifyPassword(s.dummy, m.GetPassword())
+		_, _ = s.verifyPassword(ctx, s.dummy, m.GetPassword())
 		return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
 	}
-	ok, err := auth.VerifyPassword(u.GetPasswordHash(), m.GetPassword())
+	ok, err := s.verifyPassword(ctx, u.GetPasswordHash(), m.GetPassword())
 	if err != nil || !ok {
 		return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
 	}

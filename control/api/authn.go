@@ -218,19 +218,15 @@ func (a *Authenticator) authenticate(ctx context.Context, procedure string, h ht
 	if a.policy.Public[procedure] {
 		return ctx, nil
 	}
-	var claims *auth.Claims
-	if authz := h.Get("Authorization"); authz != "" {
-		tok, ok := strings.CutPrefix(authz, "Bearer ")
-		if !ok {
-			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("Authorization header must be \"Bearer <access token>\""))
+	// Guard verified the credentials before the body was read; without
+	// it (handlers mounted on their own) they are verified here.
+	claims, ok := ctx.Value(preauthKey{}).(*auth.Claims)
+	if !ok {
+		c, err := a.preauthenticate(ctx, h)
+		if err != nil && h.Get("Authorization") != "" {
+			return nil, err
 		}
-		c, err := a.verifyToken(ctx, tok)
-		if err != nil {
-			return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("access token rejected: %w", err))
-		}
-		claims = &c
-	} else if cn, ok := ctx.Value(certKey{}).(string); ok {
-		claims = &auth.Claims{Subject: "node:" + cn, Role: RoleNode}
+		claims = c
 	}
 	if err := a.policy.Check(procedure, claims); err != nil {
 		switch {

@@ -206,6 +206,25 @@ func (c *Cluster) start(nd *Node, cfg server.Config) {
 	nd.api = s.APIAddr()
 }
 
+// Metric returns the value of a counter or gauge of node n's registry,
+// summed over its label sets; 0 when it has none.
+func (n *Node) Metric(t TB, name string) float64 {
+	t.Helper()
+	mfs, err := n.Server.Registry().Gather()
+	if err != nil {
+		t.Fatalf("gather metrics of %s: %v", n.ID, err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			for _, m := range mf.GetMetric() {
+				sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
+			}
+		}
+	}
+	return sum
+}
+
 // Running returns the nodes that are up.
 func (c *Cluster) Running() []*Node {
 	var out []*Node
@@ -328,6 +347,28 @@ func (c *Cluster) Leader() int {
 		return nil
 	})
 	return li
+}
+
+// TransferLeadership moves leadership to node target and waits until it
+// leads. A transfer that times out (the target did not win its election
+// in time, as happens on a loaded machine) is tried again: only a
+// transfer that keeps failing for the deadline fails the test.
+func (c *Cluster) TransferLeadership(ctx context.Context, target int) {
+	c.t.Helper()
+	Eventually(c.t, 60*time.Second, func() error {
+		l := c.Leader()
+		if l == target {
+			return nil
+		}
+		got, err := c.Nodes[l].Server.Node().TransferLeadership(ctx, c.Nodes[target].ID)
+		if err != nil {
+			return fmt.Errorf("transfer leadership from %s to %s: %w", c.Nodes[l].ID, c.Nodes[target].ID, err)
+		}
+		if got != c.Nodes[target].ID {
+			return fmt.Errorf("leadership went to %s, want %s", got, c.Nodes[target].ID)
+		}
+		return nil
+	})
 }
 
 // Follower returns the index of some running non-leader.

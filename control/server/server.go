@@ -76,6 +76,9 @@ type Config struct {
 	FSM  fsm.Config
 	// Auth configures tokens, password hashing and login throttling.
 	Auth api.AuthConfig
+	// Limits bound request sizes, body arrival time and the calls without
+	// credentials in flight (api.Limits has the defaults).
+	Limits api.Limits
 	// AdminPassword is the first admin's password when this node
 	// initializes a new cluster; empty generates one and logs it once.
 	AdminPassword string
@@ -269,22 +272,27 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 
 	mux := http.NewServeMux()
-	opts := connect.WithInterceptors(serverOtel, newLoggingInterceptor(s.log, cfg.SlowRPCThreshold, s.reg), s.authn)
-	mux.Handle(controlv1connect.NewClusterServiceHandler(api.NewClusterServer(s.node, s.dialer), opts))
-	mux.Handle(controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts))
-	mux.Handle(controlv1connect.NewAuthServiceHandler(authServer, opts))
-	mux.Handle(controlv1connect.NewUserServiceHandler(api.NewUserServer(s.node, s.authn), opts))
-	mux.Handle(controlv1connect.NewDeviceServiceHandler(api.NewDeviceServer(s.node), opts))
-	mux.Handle(controlv1connect.NewKeyServiceHandler(api.NewKeyServer(s.node, s.authn, cfg.SessionKeyGrace), opts))
+	interceptors := connect.WithInterceptors(serverOtel, newLoggingInterceptor(s.log, cfg.SlowRPCThreshold, s.reg), s.authn)
+	// opts returns the handler options of a service: the interceptors
+	// and its request size limit.
+	opts := func(service string) connect.HandlerOption {
+		return connect.WithHandlerOptions(interceptors, cfg.Limits.HandlerOptions(service))
+	}
+	mux.Handle(controlv1connect.NewClusterServiceHandler(api.NewClusterServer(s.node, s.dialer), opts(controlv1connect.ClusterServiceName)))
+	mux.Handle(controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts(controlv1connect.PeerServiceName)))
+	mux.Handle(controlv1connect.NewAuthServiceHandler(authServer, opts(controlv1connect.AuthServiceName)))
+	mux.Handle(controlv1connect.NewUserServiceHandler(api.NewUserServer(s.node, s.authn), opts(controlv1connect.UserServiceName)))
+	mux.Handle(controlv1connect.NewDeviceServiceHandler(api.NewDeviceServer(s.node), opts(controlv1connect.DeviceServiceName)))
+	mux.Handle(controlv1connect.NewKeyServiceHandler(api.NewKeyServer(s.node, s.authn, cfg.SessionKeyGrace), opts(controlv1connect.KeyServiceName)))
 	watch := api.NewWatchServer(s.node, watchConfig(cfg.Watch, s.log, s.reg))
-	mux.Handle(edgev1connect.NewWatchServiceHandler(watch, opts))
-	mux.Handle(edgev1connect.NewActivityServiceHandler(api.NewActivityServer(s.node), opts))
-	mux.Handle(edgev1connect.NewEdgeServiceHandler(api.NewEdgeServer(s.node, cfg.Edges), opts))
+	mux.Handle(edgev1connect.NewWatchServiceHandler(watch, opts(edgev1connect.WatchServiceName)))
+	mux.Handle(edgev1connect.NewActivityServiceHandler(api.NewActivityServer(s.node), opts(edgev1connect.ActivityServiceName)))
+	mux.Handle(edgev1connect.NewEdgeServiceHandler(api.NewEdgeServer(s.node, cfg.Edges), opts(edgev1connect.EdgeServiceName)))
 	mailboxCfg := cfg.Mailbox
 	if mailboxCfg.Metrics == nil {
 		mailboxCfg.Metrics = s.reg
 	}
-	mux.Handle(edgev1connect.NewMailboxServiceHandler(api.NewMailboxServer(s.node, mailboxCfg), opts))
+	mux.Handle(edgev1connect.NewMailboxServiceHandler(api.NewMailboxServer(s.node, mailboxCfg), opts(edgev1connect.MailboxServiceName)))
 	mux.Handle("GET /.well-known/jwks.json", api.JWKSHandler(s.authn.Keys()))
 	doc, err := openapi.Generate(openapi.Info{Title: "relay control API", Version: "v1"},
 		openapi.Services(protoregistry.GlobalFiles, "control.v1", "edge.v1"), api.Policy().Public)
@@ -295,7 +303,17 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = w.Write(doc)
 	})
-	s.apiSrv = &http.Server{Handler: api.WithClientCert(api.WithResponseController(mux)), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+	limits := cfg.Limits
+	if limits.Metrics == nil {
+		limits.Metrics = s.reg
+	}
+	// No ReadTimeout or WriteTimeout: watch and backup streams live long.
+	// Guard gives each request body its own deadline instead.
+	s.apiSrv = &http.Server{
+		Handler:           api.WithClientCert(s.authn.Guard(api.WithResponseController(mux), limits)),
+		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+	}
 	var protos http.Protocols
 	protos.SetHTTP1(true)
 	protos.SetHTTP2(true)
@@ -315,7 +333,8 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.serve(s.apiSrv, apiLn, "api")
 
 	if s.adminLn != nil {
-		s.adminSrv = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
+		s.adminSrv = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout: 30 * time.Second, WriteTimeout: time.Minute, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10}
 		s.serve(s.adminSrv, s.adminLn, "admin")
 	}
 

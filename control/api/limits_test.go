@@ -1,0 +1,188 @@
+package api_test
+
+import (
+	"bytes"
+	"compress/gzip"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/server"
+)
+
+// gzipBomb returns a gzip stream of about size bytes that inflates to
+// about 1000 times that: a run of gzip members of 1 MiB of zeros each
+// (a gzip reader reads concatenated members as one stream).
+func gzipBomb(t *testing.T, size int) []byte {
+	t.Helper()
+	var member bytes.Buffer
+	zw, err := gzip.NewWriterLevel(&member, gzip.BestCompression)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := zw.Write(make([]byte, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	out := bytes.Repeat(member.Bytes(), size/member.Len()+1)
+	return out[:len(out)-len(out)%member.Len()]
+}
+
+// connectError is a Connect unary error in its JSON form.
+type connectError struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// postJSON sends a Connect unary call in JSON with the given headers and
+// returns the HTTP status and the decoded error (if any).
+func postJSON(t *testing.T, hc *http.Client, url string, body io.Reader, header map[string]string) (int, connectError) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, url, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatalf("post %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	var ce connectError
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		if err := json.Unmarshal(b, &ce); err != nil {
+			t.Fatalf("error body %q: %v", b, err)
+		}
+	}
+	return resp.StatusCode, ce
+}
+
+// The gzip bomb of issue 11 (1 MB that inflates to a gigabyte) sent to
+// Login, the one procedure anybody may call: the node refuses it with a
+// clear error, and the memory it allocates meanwhile stays far below the
+// bomb's size. TotalAlloc counts every byte allocated in the process, so
+// it bounds the heap's growth from above, however short-lived.
+func TestGzipBombAgainstLoginIsRefusedInBoundedMemory(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	hc := httpClient(t)
+	login := url(c.Nodes[0]) + "/control.v1.AuthService/Login"
+	for _, tc := range []struct {
+		name string
+		size int
+	}{
+		// Refused as it arrives: more than Login's 64 KiB as sent.
+		{"1 MB as sent", 1 << 20},
+		// Small enough as sent, refused while inflating.
+		{"60 KiB as sent", 60 << 10},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bomb := gzipBomb(t, tc.size)
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			var wg sync.WaitGroup
+			for range 4 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					status, ce := postJSON(t, hc, login, bytes.NewReader(bomb), map[string]string{"Content-Encoding": "gzip"})
+					if status != http.StatusTooManyRequests || ce.Code != "resource_exhausted" || !strings.Contains(ce.Message, "larger than configured max") {
+						t.Errorf("bomb of %d bytes: status %d, error %+v; want 429 resource_exhausted naming the limit", len(bomb), status, ce)
+					}
+				}()
+			}
+			wg.Wait()
+			runtime.ReadMemStats(&after)
+			if grew := after.TotalAlloc - before.TotalAlloc; grew > 64<<20 {
+				t.Errorf("four bombs of %d bytes (inflating to %d MiB each) made the process allocate %d MiB; want < 64 MiB",
+					len(bomb), len(bomb)/1000, grew>>20)
+			}
+		})
+	}
+}
+
+// A call that needs credentials and has none is refused before its body
+// is read: the body below never ends, yet the answer comes.
+func TestCallWithoutCredentialsRefusedBeforeItsBody(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	hc := httpClient(t)
+	for _, header := range []map[string]string{nil, {"Authorization": "Bearer not.a.token"}} {
+		pr, pw := io.Pipe()
+		t.Cleanup(func() { _ = pw.Close() })
+		go func() { _, _ = pw.Write([]byte(`{"login":"`)) }() // and nothing more
+		status, ce := postJSON(t, hc, url(c.Nodes[0])+"/control.v1.UserService/CreateUser", pr, header)
+		if status != http.StatusUnauthorized || ce.Code != "unauthenticated" {
+			t.Errorf("headers %v: status %d, error %+v; want 401 unauthenticated", header, status, ce)
+		}
+	}
+}
+
+// At most Limits.MaxUnauthenticated logins are in flight: with both slots
+// held by logins whose bodies trickle in, the next is refused at once;
+// the held ones end when their body deadline passes, freeing the slots.
+func TestCallsWithoutCredentialsAreCapped(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) {
+		cfg.Limits = api.Limits{MaxUnauthenticated: 2, BodyTimeout: 10 * time.Second}
+	}})
+	hc := httpClient(t)
+	login := url(c.Nodes[0]) + "/control.v1.AuthService/Login"
+	type result struct {
+		status int
+		err    connectError
+	}
+	held := make(chan result, 2)
+	// Two logins whose bodies never end hold the two slots.
+	for range 2 {
+		pr, pw := io.Pipe()
+		t.Cleanup(func() { _ = pw.Close() })
+		go func() { _, _ = pw.Write([]byte(`{"login":"admin",`)) }() // and nothing more
+		go func() {
+			status, ce := postJSON(t, hc, login, pr, nil)
+			held <- result{status, ce}
+		}()
+	}
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		if n := c.Nodes[0].Metric(t, "relay_control_unauthenticated_in_flight"); n != 2 {
+			return fmt.Errorf("%v calls without credentials in flight, want the 2 held ones", n)
+		}
+		return nil
+	})
+	status, ce := postJSON(t, hc, login, strings.NewReader(fmt.Sprintf(`{"login":"admin","password":%q}`, clustertest.AdminPassword)), nil)
+	if status != http.StatusTooManyRequests || ce.Code != "resource_exhausted" || !strings.Contains(ce.Message, "without credentials") {
+		t.Errorf("a third login: status %d, error %+v; want 429 resource_exhausted", status, ce)
+	}
+	if n := c.Nodes[0].Metric(t, "relay_control_requests_refused_total"); n != 1 {
+		t.Errorf("relay_control_requests_refused_total = %v, want 1", n)
+	}
+	for range 2 {
+		select {
+		case r := <-held:
+			if r.status == http.StatusOK {
+				t.Errorf("a login whose body never ended succeeded")
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("a login whose body never ended was not cut by the body deadline")
+		}
+	}
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		status, ce := postJSON(t, hc, login, strings.NewReader(fmt.Sprintf(`{"login":"admin","password":%q}`, clustertest.AdminPassword)), nil)
+		if status != http.StatusOK {
+			return fmt.Errorf("login after the slots were freed: status %d, error %+v", status, ce)
+		}
+		return nil
+	})
+}
