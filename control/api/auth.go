@@ -119,21 +119,22 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	}
 	now := s.cfg.Now()
 	expires := now.Add(s.cfg.RefreshTTL)
+	session := newID("f")
 	_, err = s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
-		Token: &statev1.RefreshToken{Id: tokID, FamilyId: newID("f"), UserId: u.GetId(), SecretHash: auth.HashSecret(secret), ExpiresAtMs: expires.UnixMilli()},
+		Token: &statev1.RefreshToken{Id: tokID, FamilyId: session, UserId: u.GetId(), SecretHash: auth.HashSecret(secret), ExpiresAtMs: expires.UnixMilli()},
 	}}})
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	tokens, err := s.tokens(u, refresh, expires)
+	tokens, err := s.tokens(u, session, refresh, expires)
 	if err != nil {
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.LoginResponse{Tokens: tokens}), nil
 }
 
-func (s *AuthServer) tokens(u *statev1.User, refresh string, refreshExpires time.Time) (*controlv1.Tokens, error) {
-	access, exp, err := s.authn.Issue(u)
+func (s *AuthServer) tokens(u *statev1.User, session, refresh string, refreshExpires time.Time) (*controlv1.Tokens, error) {
+	access, exp, err := s.authn.Issue(u, session)
 	if err != nil {
 		return nil, err
 	}
@@ -144,8 +145,9 @@ func (s *AuthServer) tokens(u *statev1.User, refresh string, refreshExpires time
 	}, nil
 }
 
-// Issue signs an access token for an account.
-func (a *Authenticator) Issue(u *statev1.User) (string, time.Time, error) {
+// Issue signs an access token for an account, in a session (the refresh
+// token family it was issued with).
+func (a *Authenticator) Issue(u *statev1.User, session string) (string, time.Time, error) {
 	key, err := a.keys.Current()
 	if err != nil {
 		return "", time.Time{}, err
@@ -158,7 +160,7 @@ func (a *Authenticator) Issue(u *statev1.User) (string, time.Time, error) {
 	exp := now.Add(a.cfg.AccessTTL)
 	tok, err := auth.Sign(key, auth.Claims{
 		Issuer: a.cfg.Issuer, Audience: a.cfg.Audience, Subject: u.GetId(), Login: u.GetLogin(),
-		Role: role, IssuedAt: now, NotBefore: now, ExpiresAt: exp, ID: newID("at"),
+		Role: role, IssuedAt: now, NotBefore: now, ExpiresAt: exp, ID: newID("at"), Session: session,
 	})
 	return tok, exp, err
 }
@@ -204,7 +206,7 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 	if err != nil {
 		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("account no longer exists"))
 	}
-	tokens, err := s.tokens(u, next, expires)
+	tokens, err := s.tokens(u, cur.GetFamilyId(), next, expires)
 	if err != nil {
 		return nil, toConnect(err)
 	}

@@ -180,7 +180,7 @@ func (a *Authenticator) forwardedFor(ctx context.Context, h http.Header) (string
 		return "", false
 	}
 	c, err := a.verifyToken(ctx, by)
-	if err != nil || c.Role != auth.RoleEdge || !a.accountValid(ctx, c) {
+	if err != nil || c.Role != auth.RoleEdge || a.accountValid(ctx, c) != nil {
 		return "", false
 	}
 	return addr.Unmap().String(), true
@@ -198,20 +198,51 @@ func (a *Authenticator) verifyToken(ctx context.Context, tok string) (auth.Claim
 	return c, err
 }
 
+// Why a verified token is refused: the account or the session behind it.
+var (
+	errAccountGone = errors.New("the account behind this token no longer exists, is disabled, or changed role; log in again")
+	errSessionGone = errors.New("the session of this token was revoked (logout, refresh token reuse, or a change of password, role or status); log in again")
+)
+
 // accountValid reports whether the account behind a token still exists,
-// is active and has the token's role: a token outlives neither its
-// account nor the account's access. This replica may not have applied
-// the account's creation (or a change back) yet, so it catches up once
-// before saying no.
-func (a *Authenticator) accountValid(ctx context.Context, c auth.Claims) bool {
-	valid := func(u *statev1.User, err error) bool {
+// is active and has the token's role, and whether the token's session
+// (its refresh-token family) is still open: a token outlives neither its
+// account, nor the account's access, nor its session. This replica may
+// not have applied the account's or session's creation yet, so it catches
+// up once before saying no; a revocation it has applied is final.
+func (a *Authenticator) accountValid(ctx context.Context, c auth.Claims) error {
+	f := a.node.FSM()
+	userOK := func() bool {
+		u, err := f.GetUser(c.Subject)
 		return err == nil && u.GetStatus() == statev1.UserStatus_USER_STATUS_ACTIVE &&
 			(u.GetRole() == string(c.Role) || u.GetRole() == "" && c.Role == auth.RoleUser)
 	}
-	if valid(a.node.FSM().GetUser(c.Subject)) {
-		return true
+	// Tokens issued before sessions were carried have none; they live out
+	// their lifetime (15 minutes by default).
+	sessionOK := func() (ok, final bool) {
+		if c.Session == "" {
+			return true, true
+		}
+		fam, err := f.GetTokenFamily(c.Session)
+		if err != nil {
+			return false, !errors.Is(err, fsm.ErrNotFound)
+		}
+		return !fam.GetRevoked() && fam.GetUserId() == c.Subject, true
 	}
-	return a.node.Barrier(ctx) == nil && valid(a.node.FSM().GetUser(c.Subject))
+	sOK, sFinal := sessionOK()
+	if sOK && userOK() {
+		return nil
+	}
+	if !sOK && sFinal {
+		return errSessionGone
+	}
+	if a.node.Barrier(ctx) != nil || !userOK() {
+		return errAccountGone
+	}
+	if ok, _ := sessionOK(); !ok {
+		return errSessionGone
+	}
+	return nil
 }
 
 func (a *Authenticator) authenticate(ctx context.Context, procedure string, h http.Header) (context.Context, error) {
@@ -239,8 +270,8 @@ func (a *Authenticator) authenticate(ctx context.Context, procedure string, h ht
 		}
 	}
 	if claims.Role != RoleNode && !strings.HasPrefix(claims.Subject, "node:") {
-		if !a.accountValid(ctx, *claims) {
-			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("the account behind this token no longer exists, is disabled, or changed role; log in again"))
+		if err := a.accountValid(ctx, *claims); err != nil {
+			return nil, connect.NewError(connect.CodeUnauthenticated, err)
 		}
 		a.activity.touch(claims.Subject, a.cfg.Now())
 	}

@@ -205,6 +205,10 @@ func (s *UserServer) UpdateUser(ctx context.Context, req *connect.Request[contro
 			}
 		}
 	}
+	if caller.Subject == m.GetId() {
+		// Changing one's own password ends one's other sessions, not this.
+		up.KeepSessionId = caller.Session
+	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_UpdateUser{UpdateUser: up}})
 	if err != nil {
 		return nil, toConnect(err)

@@ -56,6 +56,10 @@ type Claims struct {
 	ExpiresAt time.Time
 	ID        string
 	Login     string
+	// Session is the session (refresh-token family) the token was issued
+	// in: revoking the session revokes the token. Empty in tokens that
+	// belong to no session (those control nodes mint for each other).
+	Session string
 }
 
 type header struct {
@@ -75,6 +79,7 @@ type wireClaims struct {
 	Exp   int64  `json:"exp"`
 	Jti   string `json:"jti,omitempty"`
 	Login string `json:"login,omitempty"`
+	Sid   string `json:"sid,omitempty"`
 }
 
 var b64 = base64.RawURLEncoding.Strict()
@@ -103,7 +108,7 @@ func Sign(key SigningKey, c Claims) (string, error) {
 	}
 	p, err := json.Marshal(wireClaims{
 		Iss: c.Issuer, Sub: c.Subject, Aud: c.Audience, Role: string(c.Role),
-		Iat: c.IssuedAt.Unix(), Nbf: c.NotBefore.Unix(), Exp: c.ExpiresAt.Unix(), Jti: c.ID, Login: c.Login,
+		Iat: c.IssuedAt.Unix(), Nbf: c.NotBefore.Unix(), Exp: c.ExpiresAt.Unix(), Jti: c.ID, Login: c.Login, Sid: c.Session,
 	})
 	if err != nil {
 		return "", err
@@ -215,7 +220,7 @@ func (v *Verifier) Verify(token string) (Claims, error) {
 	return Claims{
 		Issuer: wc.Iss, Subject: wc.Sub, Audience: wc.Aud, Role: role,
 		IssuedAt: time.Unix(wc.Iat, 0), NotBefore: time.Unix(wc.Nbf, 0), ExpiresAt: time.Unix(wc.Exp, 0),
-		ID: wc.Jti, Login: wc.Login,
+		ID: wc.Jti, Login: wc.Login, Session: wc.Sid,
 	}, nil
 }
 

@@ -265,7 +265,13 @@ func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
 	if in == nil {
 		in = &statev1.User{}
 	}
-	oldLogin := u.Login
+	oldLogin, oldRole, oldStatus := u.Login, u.Role, u.Status
+	if op.GetKeepSessionId() != "" {
+		if err := ValidateID("keep_session_id", op.GetKeepSessionId()); err != nil {
+			return nil, asInvalid(err)
+		}
+	}
+	revoke := false
 	if len(op.GetFields()) == 0 {
 		return nil, invalid("fields is empty: name at least one field to update")
 	}
@@ -286,6 +292,7 @@ func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
 				return nil, err
 			}
 			u.PasswordHash = in.GetPasswordHash()
+			revoke = true
 		case "role":
 			if err := validRole("user.role", in.GetRole()); err != nil {
 				return nil, err
@@ -315,6 +322,16 @@ func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
 	}
 	if err := t.put(userKey(u.Id), &u); err != nil {
 		return nil, err
+	}
+	// Access tokens outlive neither the password they were got with nor
+	// the role and status they were issued for.
+	if u.Role != oldRole || u.Status != oldStatus && u.Status != statev1.UserStatus_USER_STATUS_ACTIVE {
+		revoke = true
+	}
+	if revoke {
+		if err := t.revokeUserSessions(u.Id, op.GetKeepSessionId(), "account changed (password, role or status)"); err != nil {
+			return nil, err
+		}
 	}
 	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_USER_PUT, Object: &statev1.Change_User{User: &u}}); err != nil {
 		return nil, err

@@ -210,6 +210,41 @@ func (t *txn) revokeTokenFamily(op *statev1.RevokeTokenFamily) (*statev1.Result,
 	return &statev1.Result{}, nil
 }
 
+// revokeUserSessions revokes every token family (session) of a user that
+// is not revoked yet, except keep.
+func (t *txn) revokeUserSessions(uid, keep, reason string) error {
+	p := userTokensPrefix(uid)
+	var fams []string
+	err := t.b.Iterate(p, prefixEnd(p), func(k, _ []byte) (bool, error) {
+		fam, _, ok := bytes.Cut(k[len(p):], []byte{0})
+		if !ok {
+			return false, fmt.Errorf("malformed user token key %q", k)
+		}
+		if id := string(fam); id != keep && (len(fams) == 0 || fams[len(fams)-1] != id) {
+			fams = append(fams, id) // keys are sorted: one family's are adjacent
+		}
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, id := range fams {
+		var fam statev1.TokenFamily
+		found, err := t.get(familyKey(id), &fam)
+		if err != nil {
+			return err
+		}
+		if !found || fam.Revoked {
+			continue
+		}
+		fam.Revoked, fam.RevokedAtMs, fam.RevokeReason = true, t.now, reason
+		if err := t.put(familyKey(fam.Id), &fam); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // deleteUserTokens removes every token and family of a user.
 func (t *txn) deleteUserTokens(uid string) error {
 	p := userTokensPrefix(uid)

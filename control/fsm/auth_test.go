@@ -354,3 +354,84 @@ func TestActivityNeverBackwardsNorInTheFuture(t *testing.T) {
 		}
 	}
 }
+
+// A new password, a new role and disabling an account revoke its
+// sessions (token families), so the access tokens issued in them stop
+// working; the caller's own session survives its own password change.
+// Other changes, and a status set back to active, revoke nothing.
+func TestAccountChangesRevokeSessions(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	far := int64(1 << 50)
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "v", Login: "v"}}})
+	n := 0
+	login := func(uid string) string {
+		n++
+		fam := fmt.Sprintf("f%d", n)
+		if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok(fmt.Sprintf("t%d", n), fam, uid, byte(n), far)}}); r.Code != statev1.ResultCode_RESULT_CODE_OK {
+			t.Fatal(r)
+		}
+		return fam
+	}
+	open := func(fam string) bool {
+		t.Helper()
+		got, err := f.GetTokenFamily(fam)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return !got.GetRevoked()
+	}
+	update := func(keep string, fields []string, u *statev1.User) {
+		t.Helper()
+		if r := a.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u", Fields: fields, User: u, KeepSessionId: keep}}); r.Code != statev1.ResultCode_RESULT_CODE_OK {
+			t.Fatal(r)
+		}
+	}
+	hash, err := auth.HashPassword("a new password", auth.TestParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		fields []string
+		user   *statev1.User
+		revoke bool
+	}{
+		{"display name", []string{"display_name"}, &statev1.User{DisplayName: "U"}, false},
+		{"login", []string{"login"}, &statev1.User{Login: "u2"}, false},
+		{"same role", []string{"role"}, &statev1.User{Role: ""}, false},
+		{"password", []string{"password_hash"}, &statev1.User{PasswordHash: hash}, true},
+		{"role", []string{"role"}, &statev1.User{Role: "viewer"}, true},
+		{"disabled", []string{"status"}, &statev1.User{Status: statev1.UserStatus_USER_STATUS_DISABLED}, true},
+	} {
+		mine, other, theirs := login("u"), login("u"), login("v")
+		update(mine, tc.fields, tc.user)
+		if !open(mine) {
+			t.Errorf("%s: the caller's own session was revoked", tc.name)
+		}
+		if open(other) == tc.revoke {
+			t.Errorf("%s: another session of the account open = %v, want %v", tc.name, open(other), !tc.revoke)
+		}
+		if !open(theirs) {
+			t.Errorf("%s: another account's session was revoked", tc.name)
+		}
+	}
+	// Enabled again (no session can be opened while disabled), and set
+	// active while active: nothing revoked.
+	active := &statev1.User{Status: statev1.UserStatus_USER_STATUS_ACTIVE}
+	update("", []string{"status"}, active)
+	s := login("u")
+	update("", []string{"status"}, active)
+	if !open(s) {
+		t.Error("setting an active account active revoked its session")
+	}
+	// Without a session to keep, every one goes.
+	update("", []string{"password_hash"}, &statev1.User{PasswordHash: hash})
+	if open(s) {
+		t.Error("password change without keep_session_id left a session open")
+	}
+	if r := a.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u", Fields: []string{"display_name"}, KeepSessionId: "bad id!"}}); r.Code != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+		t.Errorf("malformed keep_session_id: %v", r)
+	}
+}

@@ -824,7 +824,9 @@ func (x *RefreshToken) GetRotated() bool {
 	return false
 }
 
-// TokenFamily is the chain of refresh tokens that descend from one login.
+// TokenFamily is the chain of refresh tokens that descend from one login:
+// a session. Its id is the session id (sid) of every access token issued
+// in it, so revoking it ends those too.
 type TokenFamily struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -3105,7 +3107,10 @@ func (x *CreateUser) GetUser() *User {
 	return nil
 }
 
-// UpdateUser changes the mutable fields of an account.
+// UpdateUser changes the mutable fields of an account. A new password, a
+// change of role and disabling the account revoke every session (token
+// family) of the account, except keep_session_id: the session of a caller
+// that changes its own account.
 type UpdateUser struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -3113,6 +3118,7 @@ type UpdateUser struct {
 	// "password_hash", "role", "login".
 	Fields        []string `protobuf:"bytes,2,rep,name=fields,proto3" json:"fields,omitempty"`
 	User          *User    `protobuf:"bytes,3,opt,name=user,proto3" json:"user,omitempty"`
+	KeepSessionId string   `protobuf:"bytes,4,opt,name=keep_session_id,json=keepSessionId,proto3" json:"keep_session_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3166,6 +3172,13 @@ func (x *UpdateUser) GetUser() *User {
 		return x.User
 	}
 	return nil
+}
+
+func (x *UpdateUser) GetKeepSessionId() string {
+	if x != nil {
+		return x.KeepSessionId
+	}
+	return ""
 }
 
 // DeleteUser removes an account with all its devices in the same entry.
@@ -3890,12 +3903,13 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"0\n" +
 	"\n" +
 	"CreateUser\x12\"\n" +
-	"\x04user\x18\x01 \x01(\v2\x0e.state.v1.UserR\x04user\"X\n" +
+	"\x04user\x18\x01 \x01(\v2\x0e.state.v1.UserR\x04user\"\x80\x01\n" +
 	"\n" +
 	"UpdateUser\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06fields\x18\x02 \x03(\tR\x06fields\x12\"\n" +
-	"\x04user\x18\x03 \x01(\v2\x0e.state.v1.UserR\x04user\"\x1c\n" +
+	"\x04user\x18\x03 \x01(\v2\x0e.state.v1.UserR\x04user\x12&\n" +
+	"\x0fkeep_session_id\x18\x04 \x01(\tR\rkeepSessionId\"\x1c\n" +
 	"\n" +
 	"DeleteUser\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\":\n" +
