@@ -37,6 +37,12 @@ type AuthConfig struct {
 	Limiter *auth.LoginLimiter
 	// ActivityEvery throttles last_activity writes per user. Default 1m.
 	ActivityEvery time.Duration
+	// KeyRefreshEvery: a token signed by a key this replica does not know
+	// makes it refresh its key set (a read barrier through the leader) at
+	// most once in this interval. Default 1s.
+	KeyRefreshEvery time.Duration
+	// KeyRefreshTimeout bounds one such refresh. Default 1s.
+	KeyRefreshTimeout time.Duration
 	// Now is the clock; default time.Now.
 	Now func() time.Time
 }
@@ -71,6 +77,12 @@ func (c *AuthConfig) applyDefaults() {
 	}
 	if c.ActivityEvery <= 0 {
 		c.ActivityEvery = time.Minute
+	}
+	if c.KeyRefreshEvery <= 0 {
+		c.KeyRefreshEvery = time.Second
+	}
+	if c.KeyRefreshTimeout <= 0 {
+		c.KeyRefreshTimeout = time.Second
 	}
 }
 
@@ -123,6 +135,9 @@ type Authenticator struct {
 	policy   auth.Policy
 	activity *activityThrottle
 	nodeTok  nodeToken
+	// keyRefresh bounds the refreshes of the key set that tokens signed
+	// by unknown keys cause.
+	keyRefresh *keyRefresher
 }
 
 // NewAuthenticator returns the interceptor for node.
@@ -133,6 +148,8 @@ func NewAuthenticator(node *raftnode.Node, cfg AuthConfig) *Authenticator {
 		node: node, cfg: cfg, keys: keys, policy: Policy(),
 		verifier: auth.NewVerifier(cfg.Issuer, cfg.Audience, keys.Verify, cfg.Now, cfg.Leeway),
 		activity: newActivityThrottle(cfg.ActivityEvery),
+		keyRefresh: &keyRefresher{every: cfg.KeyRefreshEvery, timeout: cfg.KeyRefreshTimeout,
+			barrier: node.Barrier, now: cfg.Now},
 	}
 }
 
@@ -186,16 +203,65 @@ func (a *Authenticator) forwardedFor(ctx context.Context, h http.Header) (string
 	return addr.Unmap().String(), true
 }
 
-// verifyToken checks an access token. A key rotated in moments ago may
-// not have reached this replica yet: it catches up once and retries.
+// verifyToken checks an access token against the local key set. A key
+// rotated in moments ago may not have reached this replica yet, so a
+// token signed by a key it does not know gets at most one bounded refresh
+// of the key set (keyRefresher) before it is refused.
 func (a *Authenticator) verifyToken(ctx context.Context, tok string) (auth.Claims, error) {
 	c, err := a.verifier.Verify(tok)
-	if errors.Is(err, auth.ErrUnknownKey) {
-		if berr := a.node.Barrier(ctx); berr == nil {
-			c, err = a.verifier.Verify(tok)
-		}
+	if errors.Is(err, auth.ErrUnknownKey) && a.keyRefresh.refresh(ctx) {
+		c, err = a.verifier.Verify(tok)
 	}
 	return c, err
+}
+
+// keyRefresher catches the local replica up with the leader (a read
+// barrier, which costs the leader a heartbeat round) for tokens signed by
+// a key it does not know. Anyone can make such tokens, so the refreshes
+// are bounded: one at a time (callers that arrive meanwhile share it), at
+// most one per interval, each within a timeout; outside them a token of
+// an unknown key is refused from the local key set at once.
+type keyRefresher struct {
+	every, timeout time.Duration
+	barrier        func(context.Context) error
+	now            func() time.Time
+
+	mu      sync.Mutex    // guards the fields below
+	last    time.Time     // when the last refresh started
+	running chan struct{} // closed when the refresh in flight ends; nil when none
+}
+
+// refresh brings the local key set up to date if it may now; it reports
+// whether a refresh ran (or was shared), so that checking again is worth
+// it.
+func (k *keyRefresher) refresh(ctx context.Context) bool {
+	k.mu.Lock()
+	if ch := k.running; ch != nil {
+		k.mu.Unlock()
+		select {
+		case <-ch:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	now := k.now()
+	if !k.last.IsZero() && now.Sub(k.last) < k.every {
+		k.mu.Unlock()
+		return false
+	}
+	ch := make(chan struct{})
+	k.running, k.last = ch, now
+	k.mu.Unlock()
+	defer func() {
+		k.mu.Lock()
+		k.running = nil
+		k.mu.Unlock()
+		close(ch)
+	}()
+	rctx, cancel := context.WithTimeout(ctx, k.timeout)
+	defer cancel()
+	return k.barrier(rctx) == nil
 }
 
 // Why a verified token is refused: the account or the session behind it.

@@ -3,6 +3,8 @@ package api_test
 import (
 	"bytes"
 	"compress/gzip"
+	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -14,6 +16,7 @@ import (
 	"time"
 
 	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/server"
 )
@@ -185,4 +188,47 @@ func TestCallsWithoutCredentialsAreCapped(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// Tokens signed by keys the node does not know are refused from its own
+// key set: however many arrive, at once or one after the other, they
+// cost at most one read barrier per KeyRefreshEvery.
+func TestUnknownKeyIDsCostAtMostOneRefresh(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{KeyRefreshEvery: time.Hour}})
+	n := c.Nodes[0]
+	hc := httpClient(t)
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	junk := func(i int) string {
+		now := time.Now()
+		tok, err := auth.Sign(auth.SigningKey{ID: fmt.Sprintf("junk-%d", i), Private: priv}, auth.Claims{
+			Issuer: "relay", Audience: "relay-api", Subject: "admin", Role: auth.RoleAdmin,
+			IssuedAt: now, NotBefore: now, ExpiresAt: now.Add(time.Minute),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	call := func(i int) {
+		status, ce := postJSON(t, hc, url(n)+"/control.v1.UserService/GetMe", strings.NewReader("{}"), map[string]string{"Authorization": "Bearer " + junk(i)})
+		if status != http.StatusUnauthorized || !strings.Contains(ce.Message, "unknown key") {
+			t.Errorf("token of an unknown key: %d %+v; want unauthenticated, unknown key", status, ce)
+		}
+	}
+	before := n.Metric(t, "relay_control_read_barrier_seconds")
+	var wg sync.WaitGroup
+	for i := range 50 {
+		wg.Add(1)
+		go func() { defer wg.Done(); call(i) }()
+	}
+	wg.Wait()
+	for i := range 50 {
+		call(50 + i)
+	}
+	if got := n.Metric(t, "relay_control_read_barrier_seconds") - before; got > 1 {
+		t.Errorf("100 tokens of unknown keys made %v read barriers, want at most 1", got)
+	}
 }

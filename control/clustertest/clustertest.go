@@ -206,8 +206,9 @@ func (c *Cluster) start(nd *Node, cfg server.Config) {
 	nd.api = s.APIAddr()
 }
 
-// Metric returns the value of a counter or gauge of node n's registry,
-// summed over its label sets; 0 when it has none.
+// Metric returns the value of a counter or gauge of node n's registry
+// (of a histogram: its count of observations), summed over its label
+// sets; 0 when it has none.
 func (n *Node) Metric(t TB, name string) float64 {
 	t.Helper()
 	mfs, err := n.Server.Registry().Gather()
@@ -218,7 +219,7 @@ func (n *Node) Metric(t TB, name string) float64 {
 	for _, mf := range mfs {
 		if mf.GetName() == name {
 			for _, m := range mf.GetMetric() {
-				sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
+				sum += m.GetCounter().GetValue() + m.GetGauge().GetValue() + float64(m.GetHistogram().GetSampleCount())
 			}
 		}
 	}
