@@ -85,10 +85,27 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	if fwd, ok := s.authn.forwardedFor(ctx, req.Header()); ok {
 		addr = fwd
 	}
-	if ok, retry := s.cfg.Limiter.Allow(m.GetLogin(), addr); !ok {
-		err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("too many login attempts; retry in %s", retry.Round(time.Second)))
-		err.Meta().Set("Retry-After", fmt.Sprint(int(retry.Seconds()+1)))
-		return nil, err
+	if s.cfg.Limiter != nil {
+		if ok, retry := s.cfg.Limiter.Allow(m.GetLogin(), addr); !ok {
+			return nil, throttled(retry)
+		}
+	}
+	attempt := &statev1.LoginAttempt{Login: m.GetLogin(), AddrHash: addrHash(addr), Policy: s.cfg.Throttle.policy()}
+	// This replica's counts first: a throttled attempt costs no write.
+	if wait, err := s.node.FSM().LoginWait(attempt, s.cfg.Now().UnixMilli()); err != nil {
+		return nil, toConnect(err)
+	} else if wait > 0 {
+		return nil, throttled(time.Duration(wait) * time.Millisecond)
+	}
+	// The cluster's counts decide, in the log: the attempt is counted as
+	// a failure until the login succeeds, so parallel guesses cannot all
+	// pass before the first failure is recorded.
+	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: s.cfg.Now().UnixMilli(), Op: &statev1.Command_LoginAttempt{LoginAttempt: attempt}})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	if wait := res.GetRetryAfterMs(); wait > 0 {
+		return nil, throttled(time.Duration(wait) * time.Millisecond)
 	}
 	f, err := s.node.Read(ctx, raftnode.Linearizable)
 	if err != nil {
@@ -121,7 +138,8 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	expires := now.Add(s.cfg.RefreshTTL)
 	session := newID("f")
 	_, err = s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
-		Token: &statev1.RefreshToken{Id: tokID, FamilyId: session, UserId: u.GetId(), SecretHash: auth.HashSecret(secret), ExpiresAtMs: expires.UnixMilli()},
+		Token:     &statev1.RefreshToken{Id: tokID, FamilyId: session, UserId: u.GetId(), SecretHash: auth.HashSecret(secret), ExpiresAtMs: expires.UnixMilli()},
+		Succeeded: attempt,
 	}}})
 	if err != nil {
 		return nil, toConnect(err)
@@ -131,6 +149,14 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.LoginResponse{Tokens: tokens}), nil
+}
+
+// throttled is the error of a login attempt that must wait.
+func throttled(wait time.Duration) error {
+	secs := int((wait + time.Second - 1) / time.Second)
+	err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("too many failed login attempts; retry in %ds", secs))
+	err.Meta().Set("Retry-After", fmt.Sprint(secs))
+	return err
 }
 
 func (s *AuthServer) tokens(u *statev1.User, session, refresh string, refreshExpires time.Time) (*controlv1.Tokens, error) {

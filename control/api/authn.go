@@ -32,8 +32,12 @@ type AuthConfig struct {
 	Leeway time.Duration
 	// Password hashing parameters. Default auth.DefaultParams.
 	Password auth.Params
-	// Limiter throttles logins; default 5/min per login, 30/min per
-	// address.
+	// Throttle is the cluster-wide login throttling policy
+	// (docs/api.md); zero fields take the defaults.
+	Throttle Throttle
+	// Limiter, if set, throttles logins on this node alone before the
+	// cluster-wide Throttle. Deprecated: it counts per node, so a
+	// cluster of n nodes allows n times its budget; use Throttle.
 	Limiter *auth.LoginLimiter
 	// ActivityEvery throttles last_activity writes per user. Default 1m.
 	ActivityEvery time.Duration
@@ -69,12 +73,7 @@ func (c *AuthConfig) applyDefaults() {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
-	if c.Limiter == nil {
-		c.Limiter = auth.NewLoginLimiter(auth.LimiterConfig{
-			PerLogin: 5.0 / 60, PerLoginBurst: 5, PerAddr: 30.0 / 60, PerAddrBurst: 30,
-			MaxEntries: 100_000, Now: c.Now,
-		})
-	}
+	c.Throttle.applyDefaults()
 	if c.ActivityEvery <= 0 {
 		c.ActivityEvery = time.Minute
 	}

@@ -120,6 +120,8 @@ func (f *FSM) dispatch(t *txn, cmd *statev1.Command) (*statev1.Result, error) {
 		return t.setClusterCA(op.SetClusterCa)
 	case *statev1.Command_ClaimEvents:
 		return t.claimEvents(op.ClaimEvents)
+	case *statev1.Command_LoginAttempt:
+		return t.loginAttempt(op.LoginAttempt)
 	case nil:
 		return nil, invalid("command has no operation")
 	default:

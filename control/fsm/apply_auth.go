@@ -104,6 +104,11 @@ func (t *txn) issueRefreshToken(op *statev1.IssueRefreshToken) (*statev1.Result,
 	if err := validToken(tok); err != nil {
 		return nil, err
 	}
+	if op.GetSucceeded() != nil {
+		if err := validAttempt(op.GetSucceeded()); err != nil {
+			return nil, err
+		}
+	}
 	if _, err := t.activeUser(tok.UserId); err != nil {
 		return nil, err
 	}
@@ -128,6 +133,11 @@ func (t *txn) issueRefreshToken(op *statev1.IssueRefreshToken) (*statev1.Result,
 	}
 	if err := t.putToken(tok); err != nil {
 		return nil, err
+	}
+	if op.GetSucceeded() != nil {
+		if err := t.loginSucceeded(op.GetSucceeded()); err != nil {
+			return nil, err
+		}
 	}
 	return &statev1.Result{Object: &statev1.Result_RefreshToken{RefreshToken: tok}}, nil
 }

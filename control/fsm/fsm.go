@@ -260,6 +260,9 @@ func (f *FSM) applyEntry(b *state.Batch, l *raft.Log) *statev1.Result {
 		if err := tx.pruneTokens(); err != nil {
 			f.fatal("prune refresh tokens", err)
 		}
+		if err := tx.pruneThrottle(); err != nil {
+			f.fatal("prune login throttle records", err)
+		}
 	}
 	return res
 }

@@ -172,7 +172,19 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			}
 			return uid, did, fmt.Sprint("s", r.IntN(3)), fmt.Sprint("ev", r.IntN(20)), exp
 		}
-		switch r.IntN(17) {
+		// Login attempts of few logins from few addresses, with a small
+		// policy, so that waits, trust and pruning all happen.
+		policy := &statev1.ThrottlePolicy{AddrFree: 2, LoginFree: 1, BaseDelayMs: 10, MaxDelayMs: 40, WindowMs: 100, TrustMs: 300}
+		pickAttempt := func() *statev1.LoginAttempt {
+			return &statev1.LoginAttempt{Login: "login-" + pickUser(), AddrHash: bytes.Repeat([]byte{0xf0 | byte(r.IntN(4))}, AddrHashLen), Policy: policy}
+		}
+		switch r.IntN(19) {
+		case 17:
+			cmd.Op = &statev1.Command_LoginAttempt{LoginAttempt: pickAttempt()}
+		case 18:
+			uid := pickUser()
+			cmd.Op = &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
+				Token: tok(fmt.Sprint("rt", i), fmt.Sprint("rf", i), uid, byte(i), cmd.ProposedAtMs+int64(r.IntN(3000))), Succeeded: pickAttempt()}}
 		case 0, 1, 2:
 			id := fmt.Sprintf("u%d", r.IntN(400))
 			users = append(users, id)

@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"encoding/binary"
+	"encoding/hex"
 )
 
 // Key layout of the state store. Every key starts with a one-byte prefix
@@ -38,6 +39,9 @@ import (
 //	v:<event><dev id>\x00<seq:8>   empty; the any_one entries of one event
 //	a:<event>                 state.v1.EventClaim: who took that event
 //	A:<expires:8><event>      empty; orders claims for expiry
+//	g:a<address hash, hex>    state.v1.LoginThrottle of a client address
+//	g:l<login>                state.v1.LoginThrottle of a login name
+//	G:<expires:8><g: key>     empty; orders throttle records for pruning
 //
 // where <event> is <sender id>\x00<len:1><event id>: the length makes
 // one event's keys a prefix of no other event's, whatever bytes its id
@@ -68,6 +72,8 @@ var (
 	prefixEventIndex  = []byte("v:")
 	prefixClaim       = []byte("a:")
 	prefixClaimExpiry = []byte("A:")
+	prefixThrottle    = []byte("g:")
+	prefixThrottleExp = []byte("G:")
 
 	keyInitialized    = []byte("m:initialized")
 	keyCurrentSigning = []byte("m:signing")
@@ -92,6 +98,16 @@ func tokenExpiryKey(expires int64, id string) []byte {
 	k = append(k, prefixTokenExpiry...)
 	k = binary.BigEndian.AppendUint64(k, uint64(expires))
 	return append(k, id...)
+}
+
+func throttleAddrKey(hash []byte) []byte   { return join(prefixThrottle, "a"+hex.EncodeToString(hash)) }
+func throttleLoginKey(login string) []byte { return join(prefixThrottle, "l"+login) }
+
+func throttleExpiryKey(expires int64, key []byte) []byte {
+	k := make([]byte, 0, len(prefixThrottleExp)+8+len(key))
+	k = append(k, prefixThrottleExp...)
+	k = binary.BigEndian.AppendUint64(k, uint64(expires))
+	return append(k, key...)
 }
 
 func join(prefix []byte, parts ...string) []byte {

@@ -1777,6 +1777,7 @@ type Command struct {
 	//	*Command_ExpireMailboxes
 	//	*Command_SetClusterCa
 	//	*Command_ClaimEvents
+	//	*Command_LoginAttempt
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2058,6 +2059,15 @@ func (x *Command) GetClaimEvents() *ClaimEvents {
 	return nil
 }
 
+func (x *Command) GetLoginAttempt() *LoginAttempt {
+	if x != nil {
+		if x, ok := x.Op.(*Command_LoginAttempt); ok {
+			return x.LoginAttempt
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -2162,6 +2172,10 @@ type Command_ClaimEvents struct {
 	ClaimEvents *ClaimEvents `protobuf:"bytes,34,opt,name=claim_events,json=claimEvents,proto3,oneof"`
 }
 
+type Command_LoginAttempt struct {
+	LoginAttempt *LoginAttempt `protobuf:"bytes,35,opt,name=login_attempt,json=loginAttempt,proto3,oneof"`
+}
+
 func (*Command_CreateUser) isCommand_Op() {}
 
 func (*Command_UpdateUser) isCommand_Op() {}
@@ -2211,6 +2225,8 @@ func (*Command_ExpireMailboxes) isCommand_Op() {}
 func (*Command_SetClusterCa) isCommand_Op() {}
 
 func (*Command_ClaimEvents) isCommand_Op() {}
+
+func (*Command_LoginAttempt) isCommand_Op() {}
 
 // InitCluster creates what a new cluster needs before anyone can log in:
 // the first admin account, the first signing key and the first session
@@ -2612,8 +2628,12 @@ func (x *RenameDevice) GetName() string {
 // IssueRefreshToken starts a new token family (at login) with its first
 // token.
 type IssueRefreshToken struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Token         *RefreshToken          `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Token *RefreshToken          `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// The LoginAttempt this login passed, now known to have succeeded: the
+	// failures it reserved are given back and the address becomes trusted
+	// for the login.
+	Succeeded     *LoginAttempt `protobuf:"bytes,2,opt,name=succeeded,proto3" json:"succeeded,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2655,6 +2675,310 @@ func (x *IssueRefreshToken) GetToken() *RefreshToken {
 	return nil
 }
 
+func (x *IssueRefreshToken) GetSucceeded() *LoginAttempt {
+	if x != nil {
+		return x.Succeeded
+	}
+	return nil
+}
+
+// ThrottlePolicy is the login throttling policy (docs/api.md). It travels
+// in every LoginAttempt, so replicas configured differently still decide
+// alike.
+type ThrottlePolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Failures an address may make within the window before each further
+	// attempt must wait.
+	AddrFree uint32 `protobuf:"varint,1,opt,name=addr_free,json=addrFree,proto3" json:"addr_free,omitempty"`
+	// Failures a login may take within the window before each further
+	// attempt from an address that is neither clean nor trusted must wait.
+	LoginFree uint32 `protobuf:"varint,2,opt,name=login_free,json=loginFree,proto3" json:"login_free,omitempty"`
+	// The wait after the first failure past the free ones; it doubles with
+	// each further failure, up to max_delay_ms.
+	BaseDelayMs int64 `protobuf:"varint,3,opt,name=base_delay_ms,json=baseDelayMs,proto3" json:"base_delay_ms,omitempty"`
+	MaxDelayMs  int64 `protobuf:"varint,4,opt,name=max_delay_ms,json=maxDelayMs,proto3" json:"max_delay_ms,omitempty"`
+	// Failures are forgotten this long after the last one (at least
+	// max_delay_ms).
+	WindowMs int64 `protobuf:"varint,5,opt,name=window_ms,json=windowMs,proto3" json:"window_ms,omitempty"`
+	// An address a login succeeded from stays trusted for it this long.
+	TrustMs       int64 `protobuf:"varint,6,opt,name=trust_ms,json=trustMs,proto3" json:"trust_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ThrottlePolicy) Reset() {
+	*x = ThrottlePolicy{}
+	mi := &file_state_v1_state_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ThrottlePolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ThrottlePolicy) ProtoMessage() {}
+
+func (x *ThrottlePolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ThrottlePolicy.ProtoReflect.Descriptor instead.
+func (*ThrottlePolicy) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *ThrottlePolicy) GetAddrFree() uint32 {
+	if x != nil {
+		return x.AddrFree
+	}
+	return 0
+}
+
+func (x *ThrottlePolicy) GetLoginFree() uint32 {
+	if x != nil {
+		return x.LoginFree
+	}
+	return 0
+}
+
+func (x *ThrottlePolicy) GetBaseDelayMs() int64 {
+	if x != nil {
+		return x.BaseDelayMs
+	}
+	return 0
+}
+
+func (x *ThrottlePolicy) GetMaxDelayMs() int64 {
+	if x != nil {
+		return x.MaxDelayMs
+	}
+	return 0
+}
+
+func (x *ThrottlePolicy) GetWindowMs() int64 {
+	if x != nil {
+		return x.WindowMs
+	}
+	return 0
+}
+
+func (x *ThrottlePolicy) GetTrustMs() int64 {
+	if x != nil {
+		return x.TrustMs
+	}
+	return 0
+}
+
+// LoginThrottle counts the recent failed logins of one client address
+// (key "a" + address hash) or of one login name (key "l" + login).
+type LoginThrottle struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Failures      uint32                 `protobuf:"varint,2,opt,name=failures,proto3" json:"failures,omitempty"`
+	LastFailureMs int64                  `protobuf:"varint,3,opt,name=last_failure_ms,json=lastFailureMs,proto3" json:"last_failure_ms,omitempty"`
+	// Login records only: the addresses that logged in to it, most recent
+	// last.
+	Trusted []*TrustedAddress `protobuf:"bytes,4,rep,name=trusted,proto3" json:"trusted,omitempty"`
+	// When the record may be dropped (its failures forgotten and its
+	// trusted addresses expired); indexes it for pruning.
+	ExpiresAtMs   int64 `protobuf:"varint,5,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LoginThrottle) Reset() {
+	*x = LoginThrottle{}
+	mi := &file_state_v1_state_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LoginThrottle) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LoginThrottle) ProtoMessage() {}
+
+func (x *LoginThrottle) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LoginThrottle.ProtoReflect.Descriptor instead.
+func (*LoginThrottle) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *LoginThrottle) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *LoginThrottle) GetFailures() uint32 {
+	if x != nil {
+		return x.Failures
+	}
+	return 0
+}
+
+func (x *LoginThrottle) GetLastFailureMs() int64 {
+	if x != nil {
+		return x.LastFailureMs
+	}
+	return 0
+}
+
+func (x *LoginThrottle) GetTrusted() []*TrustedAddress {
+	if x != nil {
+		return x.Trusted
+	}
+	return nil
+}
+
+func (x *LoginThrottle) GetExpiresAtMs() int64 {
+	if x != nil {
+		return x.ExpiresAtMs
+	}
+	return 0
+}
+
+// TrustedAddress is an address a login succeeded from.
+type TrustedAddress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AddrHash      []byte                 `protobuf:"bytes,1,opt,name=addr_hash,json=addrHash,proto3" json:"addr_hash,omitempty"`
+	LastSuccessMs int64                  `protobuf:"varint,2,opt,name=last_success_ms,json=lastSuccessMs,proto3" json:"last_success_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TrustedAddress) Reset() {
+	*x = TrustedAddress{}
+	mi := &file_state_v1_state_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TrustedAddress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TrustedAddress) ProtoMessage() {}
+
+func (x *TrustedAddress) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TrustedAddress.ProtoReflect.Descriptor instead.
+func (*TrustedAddress) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *TrustedAddress) GetAddrHash() []byte {
+	if x != nil {
+		return x.AddrHash
+	}
+	return nil
+}
+
+func (x *TrustedAddress) GetLastSuccessMs() int64 {
+	if x != nil {
+		return x.LastSuccessMs
+	}
+	return 0
+}
+
+// LoginAttempt asks whether a login attempt may proceed now and, if so,
+// counts it as a failure of its address and (unless the address is
+// trusted for the login) of its login until IssueRefreshToken.succeeded
+// says otherwise. A throttled attempt changes nothing and reports
+// Result.retry_after_ms.
+type LoginAttempt struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Login string                 `protobuf:"bytes,1,opt,name=login,proto3" json:"login,omitempty"`
+	// A hash of the client's address (IPv4, or the /64 of IPv6), 16 bytes.
+	AddrHash      []byte          `protobuf:"bytes,2,opt,name=addr_hash,json=addrHash,proto3" json:"addr_hash,omitempty"`
+	Policy        *ThrottlePolicy `protobuf:"bytes,3,opt,name=policy,proto3" json:"policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LoginAttempt) Reset() {
+	*x = LoginAttempt{}
+	mi := &file_state_v1_state_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LoginAttempt) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LoginAttempt) ProtoMessage() {}
+
+func (x *LoginAttempt) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LoginAttempt.ProtoReflect.Descriptor instead.
+func (*LoginAttempt) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *LoginAttempt) GetLogin() string {
+	if x != nil {
+		return x.Login
+	}
+	return ""
+}
+
+func (x *LoginAttempt) GetAddrHash() []byte {
+	if x != nil {
+		return x.AddrHash
+	}
+	return nil
+}
+
+func (x *LoginAttempt) GetPolicy() *ThrottlePolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
 // RotateRefreshToken exchanges a token for its successor. Apply checks the
 // presented secret's hash; presenting a token that was already rotated
 // revokes its family (reuse detection) and returns reuse_detected.
@@ -2669,7 +2993,7 @@ type RotateRefreshToken struct {
 
 func (x *RotateRefreshToken) Reset() {
 	*x = RotateRefreshToken{}
-	mi := &file_state_v1_state_proto_msgTypes[26]
+	mi := &file_state_v1_state_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2681,7 +3005,7 @@ func (x *RotateRefreshToken) String() string {
 func (*RotateRefreshToken) ProtoMessage() {}
 
 func (x *RotateRefreshToken) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[26]
+	mi := &file_state_v1_state_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2694,7 +3018,7 @@ func (x *RotateRefreshToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRefreshToken.ProtoReflect.Descriptor instead.
 func (*RotateRefreshToken) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{26}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RotateRefreshToken) GetTokenId() string {
@@ -2731,7 +3055,7 @@ type RevokeTokenFamily struct {
 
 func (x *RevokeTokenFamily) Reset() {
 	*x = RevokeTokenFamily{}
-	mi := &file_state_v1_state_proto_msgTypes[27]
+	mi := &file_state_v1_state_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2743,7 +3067,7 @@ func (x *RevokeTokenFamily) String() string {
 func (*RevokeTokenFamily) ProtoMessage() {}
 
 func (x *RevokeTokenFamily) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[27]
+	mi := &file_state_v1_state_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2756,7 +3080,7 @@ func (x *RevokeTokenFamily) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenFamily.ProtoReflect.Descriptor instead.
 func (*RevokeTokenFamily) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{27}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RevokeTokenFamily) GetFamilyId() string {
@@ -2792,7 +3116,7 @@ type RotateSigningKey struct {
 
 func (x *RotateSigningKey) Reset() {
 	*x = RotateSigningKey{}
-	mi := &file_state_v1_state_proto_msgTypes[28]
+	mi := &file_state_v1_state_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2804,7 +3128,7 @@ func (x *RotateSigningKey) String() string {
 func (*RotateSigningKey) ProtoMessage() {}
 
 func (x *RotateSigningKey) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[28]
+	mi := &file_state_v1_state_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2817,7 +3141,7 @@ func (x *RotateSigningKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateSigningKey.ProtoReflect.Descriptor instead.
 func (*RotateSigningKey) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{28}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RotateSigningKey) GetKey() *SigningKey {
@@ -2846,7 +3170,7 @@ type RotateSessionKey struct {
 
 func (x *RotateSessionKey) Reset() {
 	*x = RotateSessionKey{}
-	mi := &file_state_v1_state_proto_msgTypes[29]
+	mi := &file_state_v1_state_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2858,7 +3182,7 @@ func (x *RotateSessionKey) String() string {
 func (*RotateSessionKey) ProtoMessage() {}
 
 func (x *RotateSessionKey) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[29]
+	mi := &file_state_v1_state_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2871,7 +3195,7 @@ func (x *RotateSessionKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateSessionKey.ProtoReflect.Descriptor instead.
 func (*RotateSessionKey) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{29}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RotateSessionKey) GetKey() *SessionKey {
@@ -2899,7 +3223,7 @@ type RecordActivity struct {
 
 func (x *RecordActivity) Reset() {
 	*x = RecordActivity{}
-	mi := &file_state_v1_state_proto_msgTypes[30]
+	mi := &file_state_v1_state_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2911,7 +3235,7 @@ func (x *RecordActivity) String() string {
 func (*RecordActivity) ProtoMessage() {}
 
 func (x *RecordActivity) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[30]
+	mi := &file_state_v1_state_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2924,7 +3248,7 @@ func (x *RecordActivity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecordActivity.ProtoReflect.Descriptor instead.
 func (*RecordActivity) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{30}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RecordActivity) GetEntries() []*Activity {
@@ -2944,7 +3268,7 @@ type RegisterEdge struct {
 
 func (x *RegisterEdge) Reset() {
 	*x = RegisterEdge{}
-	mi := &file_state_v1_state_proto_msgTypes[31]
+	mi := &file_state_v1_state_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2956,7 +3280,7 @@ func (x *RegisterEdge) String() string {
 func (*RegisterEdge) ProtoMessage() {}
 
 func (x *RegisterEdge) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[31]
+	mi := &file_state_v1_state_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2969,7 +3293,7 @@ func (x *RegisterEdge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterEdge.ProtoReflect.Descriptor instead.
 func (*RegisterEdge) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{31}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RegisterEdge) GetEdge() *Edge {
@@ -2989,7 +3313,7 @@ type ExpireEdges struct {
 
 func (x *ExpireEdges) Reset() {
 	*x = ExpireEdges{}
-	mi := &file_state_v1_state_proto_msgTypes[32]
+	mi := &file_state_v1_state_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3001,7 +3325,7 @@ func (x *ExpireEdges) String() string {
 func (*ExpireEdges) ProtoMessage() {}
 
 func (x *ExpireEdges) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[32]
+	mi := &file_state_v1_state_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3014,7 +3338,7 @@ func (x *ExpireEdges) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireEdges.ProtoReflect.Descriptor instead.
 func (*ExpireEdges) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{32}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{36}
 }
 
 // DeregisterEdge removes an edge (graceful shutdown).
@@ -3027,7 +3351,7 @@ type DeregisterEdge struct {
 
 func (x *DeregisterEdge) Reset() {
 	*x = DeregisterEdge{}
-	mi := &file_state_v1_state_proto_msgTypes[33]
+	mi := &file_state_v1_state_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3039,7 +3363,7 @@ func (x *DeregisterEdge) String() string {
 func (*DeregisterEdge) ProtoMessage() {}
 
 func (x *DeregisterEdge) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[33]
+	mi := &file_state_v1_state_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3052,7 +3376,7 @@ func (x *DeregisterEdge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterEdge.ProtoReflect.Descriptor instead.
 func (*DeregisterEdge) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{33}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DeregisterEdge) GetId() string {
@@ -3072,7 +3396,7 @@ type CreateUser struct {
 
 func (x *CreateUser) Reset() {
 	*x = CreateUser{}
-	mi := &file_state_v1_state_proto_msgTypes[34]
+	mi := &file_state_v1_state_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3084,7 +3408,7 @@ func (x *CreateUser) String() string {
 func (*CreateUser) ProtoMessage() {}
 
 func (x *CreateUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[34]
+	mi := &file_state_v1_state_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3097,7 +3421,7 @@ func (x *CreateUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateUser.ProtoReflect.Descriptor instead.
 func (*CreateUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{34}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CreateUser) GetUser() *User {
@@ -3125,7 +3449,7 @@ type UpdateUser struct {
 
 func (x *UpdateUser) Reset() {
 	*x = UpdateUser{}
-	mi := &file_state_v1_state_proto_msgTypes[35]
+	mi := &file_state_v1_state_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3137,7 +3461,7 @@ func (x *UpdateUser) String() string {
 func (*UpdateUser) ProtoMessage() {}
 
 func (x *UpdateUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[35]
+	mi := &file_state_v1_state_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3150,7 +3474,7 @@ func (x *UpdateUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateUser.ProtoReflect.Descriptor instead.
 func (*UpdateUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{35}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *UpdateUser) GetId() string {
@@ -3191,7 +3515,7 @@ type DeleteUser struct {
 
 func (x *DeleteUser) Reset() {
 	*x = DeleteUser{}
-	mi := &file_state_v1_state_proto_msgTypes[36]
+	mi := &file_state_v1_state_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3203,7 +3527,7 @@ func (x *DeleteUser) String() string {
 func (*DeleteUser) ProtoMessage() {}
 
 func (x *DeleteUser) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[36]
+	mi := &file_state_v1_state_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3216,7 +3540,7 @@ func (x *DeleteUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteUser.ProtoReflect.Descriptor instead.
 func (*DeleteUser) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{36}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DeleteUser) GetId() string {
@@ -3236,7 +3560,7 @@ type RegisterDevice struct {
 
 func (x *RegisterDevice) Reset() {
 	*x = RegisterDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[37]
+	mi := &file_state_v1_state_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3248,7 +3572,7 @@ func (x *RegisterDevice) String() string {
 func (*RegisterDevice) ProtoMessage() {}
 
 func (x *RegisterDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[37]
+	mi := &file_state_v1_state_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3261,7 +3585,7 @@ func (x *RegisterDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterDevice.ProtoReflect.Descriptor instead.
 func (*RegisterDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{37}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RegisterDevice) GetDevice() *Device {
@@ -3282,7 +3606,7 @@ type RevokeDevice struct {
 
 func (x *RevokeDevice) Reset() {
 	*x = RevokeDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[38]
+	mi := &file_state_v1_state_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3294,7 +3618,7 @@ func (x *RevokeDevice) String() string {
 func (*RevokeDevice) ProtoMessage() {}
 
 func (x *RevokeDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[38]
+	mi := &file_state_v1_state_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3307,7 +3631,7 @@ func (x *RevokeDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDevice.ProtoReflect.Descriptor instead.
 func (*RevokeDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{38}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RevokeDevice) GetUserId() string {
@@ -3335,7 +3659,7 @@ type DeleteDevice struct {
 
 func (x *DeleteDevice) Reset() {
 	*x = DeleteDevice{}
-	mi := &file_state_v1_state_proto_msgTypes[39]
+	mi := &file_state_v1_state_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3347,7 +3671,7 @@ func (x *DeleteDevice) String() string {
 func (*DeleteDevice) ProtoMessage() {}
 
 func (x *DeleteDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[39]
+	mi := &file_state_v1_state_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3360,7 +3684,7 @@ func (x *DeleteDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDevice.ProtoReflect.Descriptor instead.
 func (*DeleteDevice) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{39}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *DeleteDevice) GetUserId() string {
@@ -3387,7 +3711,7 @@ type PutNode struct {
 
 func (x *PutNode) Reset() {
 	*x = PutNode{}
-	mi := &file_state_v1_state_proto_msgTypes[40]
+	mi := &file_state_v1_state_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3399,7 +3723,7 @@ func (x *PutNode) String() string {
 func (*PutNode) ProtoMessage() {}
 
 func (x *PutNode) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[40]
+	mi := &file_state_v1_state_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3412,7 +3736,7 @@ func (x *PutNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutNode.ProtoReflect.Descriptor instead.
 func (*PutNode) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{40}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *PutNode) GetNode() *Node {
@@ -3432,7 +3756,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_state_v1_state_proto_msgTypes[41]
+	mi := &file_state_v1_state_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3444,7 +3768,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[41]
+	mi := &file_state_v1_state_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3457,7 +3781,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{41}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *RemoveNode) GetId() string {
@@ -3478,7 +3802,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_state_v1_state_proto_msgTypes[42]
+	mi := &file_state_v1_state_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3490,7 +3814,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[42]
+	mi := &file_state_v1_state_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3503,7 +3827,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{42}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *Noop) GetPadding() []byte {
@@ -3536,14 +3860,16 @@ type Result struct {
 	// PutMailbox: one result per entry, in the command's order.
 	MailboxResults []*MailboxResult `protobuf:"bytes,22,rep,name=mailbox_results,json=mailboxResults,proto3" json:"mailbox_results,omitempty"`
 	// ClaimEvents: one outcome per claim, in the command's order.
-	ClaimsWon     []bool `protobuf:"varint,23,rep,packed,name=claims_won,json=claimsWon,proto3" json:"claims_won,omitempty"`
+	ClaimsWon []bool `protobuf:"varint,23,rep,packed,name=claims_won,json=claimsWon,proto3" json:"claims_won,omitempty"`
+	// LoginAttempt: how long the attempt must wait; 0 when it may proceed.
+	RetryAfterMs  int64 `protobuf:"varint,24,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_state_v1_state_proto_msgTypes[43]
+	mi := &file_state_v1_state_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3555,7 +3881,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[43]
+	mi := &file_state_v1_state_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3568,7 +3894,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{43}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -3661,6 +3987,13 @@ func (x *Result) GetClaimsWon() []bool {
 		return x.ClaimsWon
 	}
 	return nil
+}
+
+func (x *Result) GetRetryAfterMs() int64 {
+	if x != nil {
+		return x.RetryAfterMs
+	}
+	return 0
 }
 
 type isResult_Object interface {
@@ -3813,7 +4146,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x1c\n" +
 	"\n" +
-	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\x8f\r\n" +
+	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\xce\r\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -3849,7 +4182,8 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"ackMailbox\x12F\n" +
 	"\x10expire_mailboxes\x18  \x01(\v2\x19.state.v1.ExpireMailboxesH\x00R\x0fexpireMailboxes\x12>\n" +
 	"\x0eset_cluster_ca\x18! \x01(\v2\x16.state.v1.SetClusterCAH\x00R\fsetClusterCa\x12:\n" +
-	"\fclaim_events\x18\" \x01(\v2\x15.state.v1.ClaimEventsH\x00R\vclaimEventsB\x04\n" +
+	"\fclaim_events\x18\" \x01(\v2\x15.state.v1.ClaimEventsH\x00R\vclaimEvents\x12=\n" +
+	"\rlogin_attempt\x18# \x01(\v2\x16.state.v1.LoginAttemptH\x00R\floginAttemptB\x04\n" +
 	"\x02op\"\xd5\x01\n" +
 	"\vInitCluster\x12$\n" +
 	"\x05admin\x18\x01 \x01(\v2\x0e.state.v1.UserR\x05admin\x125\n" +
@@ -3877,9 +4211,32 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\fRenameDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\"A\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"w\n" +
 	"\x11IssueRefreshToken\x12,\n" +
-	"\x05token\x18\x01 \x01(\v2\x16.state.v1.RefreshTokenR\x05token\"\x8f\x01\n" +
+	"\x05token\x18\x01 \x01(\v2\x16.state.v1.RefreshTokenR\x05token\x124\n" +
+	"\tsucceeded\x18\x02 \x01(\v2\x16.state.v1.LoginAttemptR\tsucceeded\"\xca\x01\n" +
+	"\x0eThrottlePolicy\x12\x1b\n" +
+	"\taddr_free\x18\x01 \x01(\rR\baddrFree\x12\x1d\n" +
+	"\n" +
+	"login_free\x18\x02 \x01(\rR\tloginFree\x12\"\n" +
+	"\rbase_delay_ms\x18\x03 \x01(\x03R\vbaseDelayMs\x12 \n" +
+	"\fmax_delay_ms\x18\x04 \x01(\x03R\n" +
+	"maxDelayMs\x12\x1b\n" +
+	"\twindow_ms\x18\x05 \x01(\x03R\bwindowMs\x12\x19\n" +
+	"\btrust_ms\x18\x06 \x01(\x03R\atrustMs\"\xbd\x01\n" +
+	"\rLoginThrottle\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1a\n" +
+	"\bfailures\x18\x02 \x01(\rR\bfailures\x12&\n" +
+	"\x0flast_failure_ms\x18\x03 \x01(\x03R\rlastFailureMs\x122\n" +
+	"\atrusted\x18\x04 \x03(\v2\x18.state.v1.TrustedAddressR\atrusted\x12\"\n" +
+	"\rexpires_at_ms\x18\x05 \x01(\x03R\vexpiresAtMs\"U\n" +
+	"\x0eTrustedAddress\x12\x1b\n" +
+	"\taddr_hash\x18\x01 \x01(\fR\baddrHash\x12&\n" +
+	"\x0flast_success_ms\x18\x02 \x01(\x03R\rlastSuccessMs\"s\n" +
+	"\fLoginAttempt\x12\x14\n" +
+	"\x05login\x18\x01 \x01(\tR\x05login\x12\x1b\n" +
+	"\taddr_hash\x18\x02 \x01(\fR\baddrHash\x120\n" +
+	"\x06policy\x18\x03 \x01(\v2\x18.state.v1.ThrottlePolicyR\x06policy\"\x8f\x01\n" +
 	"\x12RotateRefreshToken\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\tR\atokenId\x122\n" +
 	"\x15presented_secret_hash\x18\x02 \x01(\fR\x13presentedSecretHash\x12*\n" +
@@ -3927,7 +4284,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"RemoveNode\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\" \n" +
 	"\x04Noop\x12\x18\n" +
-	"\apadding\x18\x01 \x01(\fR\apadding\"\xd3\x03\n" +
+	"\apadding\x18\x01 \x01(\fR\apadding\"\xf9\x03\n" +
 	"\x06Result\x12(\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x14.state.v1.ResultCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1a\n" +
@@ -3941,7 +4298,8 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\vinitialized\x18\x15 \x01(\bR\vinitialized\x12@\n" +
 	"\x0fmailbox_results\x18\x16 \x03(\v2\x17.state.v1.MailboxResultR\x0emailboxResults\x12\x1d\n" +
 	"\n" +
-	"claims_won\x18\x17 \x03(\bR\tclaimsWonB\b\n" +
+	"claims_won\x18\x17 \x03(\bR\tclaimsWon\x12$\n" +
+	"\x0eretry_after_ms\x18\x18 \x01(\x03R\fretryAfterMsB\b\n" +
 	"\x06object*[\n" +
 	"\n" +
 	"UserStatus\x12\x1b\n" +
@@ -3991,7 +4349,7 @@ func file_state_v1_state_proto_rawDescGZIP() []byte {
 }
 
 var file_state_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
+var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_state_v1_state_proto_goTypes = []any{
 	(UserStatus)(0),            // 0: state.v1.UserStatus
 	(ChangeKind)(0),            // 1: state.v1.ChangeKind
@@ -4023,24 +4381,28 @@ var file_state_v1_state_proto_goTypes = []any{
 	(*ClaimEvents)(nil),        // 27: state.v1.ClaimEvents
 	(*RenameDevice)(nil),       // 28: state.v1.RenameDevice
 	(*IssueRefreshToken)(nil),  // 29: state.v1.IssueRefreshToken
-	(*RotateRefreshToken)(nil), // 30: state.v1.RotateRefreshToken
-	(*RevokeTokenFamily)(nil),  // 31: state.v1.RevokeTokenFamily
-	(*RotateSigningKey)(nil),   // 32: state.v1.RotateSigningKey
-	(*RotateSessionKey)(nil),   // 33: state.v1.RotateSessionKey
-	(*RecordActivity)(nil),     // 34: state.v1.RecordActivity
-	(*RegisterEdge)(nil),       // 35: state.v1.RegisterEdge
-	(*ExpireEdges)(nil),        // 36: state.v1.ExpireEdges
-	(*DeregisterEdge)(nil),     // 37: state.v1.DeregisterEdge
-	(*CreateUser)(nil),         // 38: state.v1.CreateUser
-	(*UpdateUser)(nil),         // 39: state.v1.UpdateUser
-	(*DeleteUser)(nil),         // 40: state.v1.DeleteUser
-	(*RegisterDevice)(nil),     // 41: state.v1.RegisterDevice
-	(*RevokeDevice)(nil),       // 42: state.v1.RevokeDevice
-	(*DeleteDevice)(nil),       // 43: state.v1.DeleteDevice
-	(*PutNode)(nil),            // 44: state.v1.PutNode
-	(*RemoveNode)(nil),         // 45: state.v1.RemoveNode
-	(*Noop)(nil),               // 46: state.v1.Noop
-	(*Result)(nil),             // 47: state.v1.Result
+	(*ThrottlePolicy)(nil),     // 30: state.v1.ThrottlePolicy
+	(*LoginThrottle)(nil),      // 31: state.v1.LoginThrottle
+	(*TrustedAddress)(nil),     // 32: state.v1.TrustedAddress
+	(*LoginAttempt)(nil),       // 33: state.v1.LoginAttempt
+	(*RotateRefreshToken)(nil), // 34: state.v1.RotateRefreshToken
+	(*RevokeTokenFamily)(nil),  // 35: state.v1.RevokeTokenFamily
+	(*RotateSigningKey)(nil),   // 36: state.v1.RotateSigningKey
+	(*RotateSessionKey)(nil),   // 37: state.v1.RotateSessionKey
+	(*RecordActivity)(nil),     // 38: state.v1.RecordActivity
+	(*RegisterEdge)(nil),       // 39: state.v1.RegisterEdge
+	(*ExpireEdges)(nil),        // 40: state.v1.ExpireEdges
+	(*DeregisterEdge)(nil),     // 41: state.v1.DeregisterEdge
+	(*CreateUser)(nil),         // 42: state.v1.CreateUser
+	(*UpdateUser)(nil),         // 43: state.v1.UpdateUser
+	(*DeleteUser)(nil),         // 44: state.v1.DeleteUser
+	(*RegisterDevice)(nil),     // 45: state.v1.RegisterDevice
+	(*RevokeDevice)(nil),       // 46: state.v1.RevokeDevice
+	(*DeleteDevice)(nil),       // 47: state.v1.DeleteDevice
+	(*PutNode)(nil),            // 48: state.v1.PutNode
+	(*RemoveNode)(nil),         // 49: state.v1.RemoveNode
+	(*Noop)(nil),               // 50: state.v1.Noop
+	(*Result)(nil),             // 51: state.v1.Result
 }
 var file_state_v1_state_proto_depIdxs = []int32{
 	0,  // 0: state.v1.User.status:type_name -> state.v1.UserStatus
@@ -4053,59 +4415,63 @@ var file_state_v1_state_proto_depIdxs = []int32{
 	18, // 7: state.v1.Change.mailbox_changed:type_name -> state.v1.MailboxChanged
 	11, // 8: state.v1.SessionKeyRing.keys:type_name -> state.v1.SessionKey
 	2,  // 9: state.v1.MailboxResult.status:type_name -> state.v1.MailboxStatus
-	38, // 10: state.v1.Command.create_user:type_name -> state.v1.CreateUser
-	39, // 11: state.v1.Command.update_user:type_name -> state.v1.UpdateUser
-	40, // 12: state.v1.Command.delete_user:type_name -> state.v1.DeleteUser
-	41, // 13: state.v1.Command.register_device:type_name -> state.v1.RegisterDevice
-	42, // 14: state.v1.Command.revoke_device:type_name -> state.v1.RevokeDevice
-	43, // 15: state.v1.Command.delete_device:type_name -> state.v1.DeleteDevice
-	44, // 16: state.v1.Command.put_node:type_name -> state.v1.PutNode
-	45, // 17: state.v1.Command.remove_node:type_name -> state.v1.RemoveNode
-	46, // 18: state.v1.Command.noop:type_name -> state.v1.Noop
+	42, // 10: state.v1.Command.create_user:type_name -> state.v1.CreateUser
+	43, // 11: state.v1.Command.update_user:type_name -> state.v1.UpdateUser
+	44, // 12: state.v1.Command.delete_user:type_name -> state.v1.DeleteUser
+	45, // 13: state.v1.Command.register_device:type_name -> state.v1.RegisterDevice
+	46, // 14: state.v1.Command.revoke_device:type_name -> state.v1.RevokeDevice
+	47, // 15: state.v1.Command.delete_device:type_name -> state.v1.DeleteDevice
+	48, // 16: state.v1.Command.put_node:type_name -> state.v1.PutNode
+	49, // 17: state.v1.Command.remove_node:type_name -> state.v1.RemoveNode
+	50, // 18: state.v1.Command.noop:type_name -> state.v1.Noop
 	28, // 19: state.v1.Command.rename_device:type_name -> state.v1.RenameDevice
 	29, // 20: state.v1.Command.issue_refresh_token:type_name -> state.v1.IssueRefreshToken
-	30, // 21: state.v1.Command.rotate_refresh_token:type_name -> state.v1.RotateRefreshToken
-	31, // 22: state.v1.Command.revoke_token_family:type_name -> state.v1.RevokeTokenFamily
-	32, // 23: state.v1.Command.rotate_signing_key:type_name -> state.v1.RotateSigningKey
-	33, // 24: state.v1.Command.rotate_session_key:type_name -> state.v1.RotateSessionKey
-	34, // 25: state.v1.Command.record_activity:type_name -> state.v1.RecordActivity
-	35, // 26: state.v1.Command.register_edge:type_name -> state.v1.RegisterEdge
-	36, // 27: state.v1.Command.expire_edges:type_name -> state.v1.ExpireEdges
-	37, // 28: state.v1.Command.deregister_edge:type_name -> state.v1.DeregisterEdge
+	34, // 21: state.v1.Command.rotate_refresh_token:type_name -> state.v1.RotateRefreshToken
+	35, // 22: state.v1.Command.revoke_token_family:type_name -> state.v1.RevokeTokenFamily
+	36, // 23: state.v1.Command.rotate_signing_key:type_name -> state.v1.RotateSigningKey
+	37, // 24: state.v1.Command.rotate_session_key:type_name -> state.v1.RotateSessionKey
+	38, // 25: state.v1.Command.record_activity:type_name -> state.v1.RecordActivity
+	39, // 26: state.v1.Command.register_edge:type_name -> state.v1.RegisterEdge
+	40, // 27: state.v1.Command.expire_edges:type_name -> state.v1.ExpireEdges
+	41, // 28: state.v1.Command.deregister_edge:type_name -> state.v1.DeregisterEdge
 	22, // 29: state.v1.Command.init_cluster:type_name -> state.v1.InitCluster
 	24, // 30: state.v1.Command.put_mailbox:type_name -> state.v1.PutMailbox
 	25, // 31: state.v1.Command.ack_mailbox:type_name -> state.v1.AckMailbox
 	26, // 32: state.v1.Command.expire_mailboxes:type_name -> state.v1.ExpireMailboxes
 	23, // 33: state.v1.Command.set_cluster_ca:type_name -> state.v1.SetClusterCA
 	27, // 34: state.v1.Command.claim_events:type_name -> state.v1.ClaimEvents
-	4,  // 35: state.v1.InitCluster.admin:type_name -> state.v1.User
-	10, // 36: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
-	11, // 37: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
-	14, // 38: state.v1.InitCluster.cluster_ca:type_name -> state.v1.ClusterCA
-	14, // 39: state.v1.SetClusterCA.ca:type_name -> state.v1.ClusterCA
-	15, // 40: state.v1.PutMailbox.entries:type_name -> state.v1.MailboxEntry
-	16, // 41: state.v1.ClaimEvents.claims:type_name -> state.v1.EventClaim
-	8,  // 42: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
-	8,  // 43: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
-	10, // 44: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
-	11, // 45: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
-	20, // 46: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
-	13, // 47: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
-	4,  // 48: state.v1.CreateUser.user:type_name -> state.v1.User
-	4,  // 49: state.v1.UpdateUser.user:type_name -> state.v1.User
-	5,  // 50: state.v1.RegisterDevice.device:type_name -> state.v1.Device
-	6,  // 51: state.v1.PutNode.node:type_name -> state.v1.Node
-	3,  // 52: state.v1.Result.code:type_name -> state.v1.ResultCode
-	4,  // 53: state.v1.Result.user:type_name -> state.v1.User
-	5,  // 54: state.v1.Result.device:type_name -> state.v1.Device
-	8,  // 55: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
-	13, // 56: state.v1.Result.edge:type_name -> state.v1.Edge
-	19, // 57: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
-	58, // [58:58] is the sub-list for method output_type
-	58, // [58:58] is the sub-list for method input_type
-	58, // [58:58] is the sub-list for extension type_name
-	58, // [58:58] is the sub-list for extension extendee
-	0,  // [0:58] is the sub-list for field type_name
+	33, // 35: state.v1.Command.login_attempt:type_name -> state.v1.LoginAttempt
+	4,  // 36: state.v1.InitCluster.admin:type_name -> state.v1.User
+	10, // 37: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
+	11, // 38: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
+	14, // 39: state.v1.InitCluster.cluster_ca:type_name -> state.v1.ClusterCA
+	14, // 40: state.v1.SetClusterCA.ca:type_name -> state.v1.ClusterCA
+	15, // 41: state.v1.PutMailbox.entries:type_name -> state.v1.MailboxEntry
+	16, // 42: state.v1.ClaimEvents.claims:type_name -> state.v1.EventClaim
+	8,  // 43: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
+	33, // 44: state.v1.IssueRefreshToken.succeeded:type_name -> state.v1.LoginAttempt
+	32, // 45: state.v1.LoginThrottle.trusted:type_name -> state.v1.TrustedAddress
+	30, // 46: state.v1.LoginAttempt.policy:type_name -> state.v1.ThrottlePolicy
+	8,  // 47: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
+	10, // 48: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
+	11, // 49: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
+	20, // 50: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
+	13, // 51: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
+	4,  // 52: state.v1.CreateUser.user:type_name -> state.v1.User
+	4,  // 53: state.v1.UpdateUser.user:type_name -> state.v1.User
+	5,  // 54: state.v1.RegisterDevice.device:type_name -> state.v1.Device
+	6,  // 55: state.v1.PutNode.node:type_name -> state.v1.Node
+	3,  // 56: state.v1.Result.code:type_name -> state.v1.ResultCode
+	4,  // 57: state.v1.Result.user:type_name -> state.v1.User
+	5,  // 58: state.v1.Result.device:type_name -> state.v1.Device
+	8,  // 59: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
+	13, // 60: state.v1.Result.edge:type_name -> state.v1.Edge
+	19, // 61: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
+	62, // [62:62] is the sub-list for method output_type
+	62, // [62:62] is the sub-list for method input_type
+	62, // [62:62] is the sub-list for extension type_name
+	62, // [62:62] is the sub-list for extension extendee
+	0,  // [0:62] is the sub-list for field type_name
 }
 
 func init() { file_state_v1_state_proto_init() }
@@ -4147,8 +4513,9 @@ func file_state_v1_state_proto_init() {
 		(*Command_ExpireMailboxes)(nil),
 		(*Command_SetClusterCa)(nil),
 		(*Command_ClaimEvents)(nil),
+		(*Command_LoginAttempt)(nil),
 	}
-	file_state_v1_state_proto_msgTypes[43].OneofWrappers = []any{
+	file_state_v1_state_proto_msgTypes[47].OneofWrappers = []any{
 		(*Result_User)(nil),
 		(*Result_Device)(nil),
 		(*Result_RefreshToken)(nil),
@@ -4160,7 +4527,7 @@ func file_state_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_v1_state_proto_rawDesc), len(file_state_v1_state_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   44,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

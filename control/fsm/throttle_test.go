@@ -1,0 +1,163 @@
+package fsm
+
+import (
+	"bytes"
+	"fmt"
+	"testing"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// addr is an address hash; its bytes are not UTF-8, as real ones are not.
+func addr(b byte) []byte { return bytes.Repeat([]byte{0x80 | b}, AddrHashLen) }
+
+// throttler drives LoginAttempt and IssueRefreshToken.succeeded as the
+// API does, on an FSM whose clock is its command count (1 ms each).
+type throttler struct {
+	*applier
+	t      *testing.T
+	policy *statev1.ThrottlePolicy
+	logins int
+}
+
+func (th *throttler) attempt(login string, a []byte) *statev1.LoginAttempt {
+	return &statev1.LoginAttempt{Login: login, AddrHash: a, Policy: th.policy}
+}
+
+// try makes an attempt and returns how long it must wait (0: it passed
+// and counts as a failure).
+func (th *throttler) try(login string, a []byte) int64 {
+	th.t.Helper()
+	at := th.attempt(login, a)
+	local, err := th.f.LoginWait(at, 1_000_000+int64(th.idx)+1)
+	if err != nil {
+		th.t.Fatal(err)
+	}
+	r := th.apply(&statev1.Command_LoginAttempt{LoginAttempt: at})
+	if r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+		th.t.Fatalf("attempt: %v", r)
+	}
+	if local != r.GetRetryAfterMs() {
+		th.t.Fatalf("LoginWait said %d, apply %d", local, r.GetRetryAfterMs())
+	}
+	return r.GetRetryAfterMs()
+}
+
+// succeed makes an attempt that passes and logs in.
+func (th *throttler) succeed(uid, login string, a []byte) {
+	th.t.Helper()
+	if w := th.try(login, a); w != 0 {
+		th.t.Fatalf("login of %s must wait %d ms", login, w)
+	}
+	th.logins++
+	id := string(rune('a' + th.logins))
+	r := th.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
+		Token: tok("t"+id, "f"+id, uid, byte(th.logins), 1<<50), Succeeded: th.attempt(login, a)}})
+	if r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+		th.t.Fatalf("issue: %v", r)
+	}
+}
+
+func (th *throttler) records() int {
+	n := 0
+	_ = th.f.store.Iterate(prefixThrottle, prefixEnd(prefixThrottle), func(_, _ []byte) (bool, error) { n++; return true, nil })
+	return n
+}
+
+func TestLoginThrottle(t *testing.T) {
+	f := newFSM(t, Config{PruneEvery: 64})
+	th := &throttler{applier: &applier{t: t, f: f}, t: t, policy: &statev1.ThrottlePolicy{
+		AddrFree: 3, LoginFree: 2, BaseDelayMs: 10, MaxDelayMs: 40, WindowMs: 200, TrustMs: 1000,
+	}}
+	th.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "alice", Login: "alice"}}})
+	owner, attacker := addr(1), addr(2)
+	th.succeed("alice", "alice", owner)
+
+	// One address trying many logins: its 3 free failures, then waits
+	// that double (10, 20, 40 ms) up to the cap.
+	spray := addr(3)
+	for i := range 3 {
+		if w := th.try(fmt.Sprint("login", i), spray); w != 0 {
+			t.Fatalf("free failure %d must wait %d", i, w)
+		}
+	}
+	for i, want := range []int64{10, 20, 40, 40} {
+		w := th.try(fmt.Sprint("other", i), spray)
+		if w < want-1 || w > want {
+			t.Fatalf("after a failure past the free ones: wait %d, want about %d", w, want)
+		}
+		th.advanceTo(1_000_000 + int64(th.idx) + w)
+		if w := th.try(fmt.Sprint("next", i), spray); w != 0 {
+			t.Fatalf("attempt after waiting: wait %d", w)
+		}
+	}
+	// One address guessing one login: the login's 2 free failures, then
+	// it waits, although the address has free failures left.
+	for i := range 2 {
+		if w := th.try("alice", attacker); w != 0 {
+			t.Fatalf("free failure %d at alice must wait %d", i, w)
+		}
+	}
+	if w := th.try("alice", attacker); w == 0 {
+		t.Fatal("a third guess at alice got through")
+	}
+	// The owner, from the address it logged in from before, is not held
+	// back by alice's failures; the attacker still is.
+	th.succeed("alice", "alice", owner)
+	if w := th.try("alice", attacker); w == 0 {
+		t.Fatal("the guessing address got through right after its failure")
+	}
+
+	// Many addresses, one guess each, at bob: once bob's free failures
+	// are used, a clean address still gets its one attempt, an address
+	// that failed before (on any login) waits, and a trusted one passes.
+	th.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "bob", Login: "bob"}}})
+	bobHome := addr(9)
+	th.succeed("bob", "bob", bobHome)
+	for i := range 4 {
+		if w := th.try("bob", addr(byte(10+i))); w != 0 {
+			t.Fatalf("clean address %d must wait %d", i, w)
+		}
+	}
+	if w := th.try("bob", addr(10)); w == 0 {
+		t.Fatal("an address that failed at bob got through while bob is being guessed")
+	}
+	if w := th.try("bob", addr(99)); w != 0 {
+		t.Fatalf("a clean address must wait %d", w)
+	}
+	th.succeed("bob", "bob", bobHome) // the owner from home
+	// A successful login gives its reserved failure back: an address
+	// that only logs in is never throttled.
+	for range 10 {
+		th.succeed("bob", "bob", bobHome)
+	}
+
+	// Failures are forgotten after the window; expired records are
+	// pruned at the next pruning revision, trusted ones after their trust.
+	before := th.records()
+	th.advanceTo(1_000_000 + int64(th.idx) + 201)
+	if w := th.try("alice", attacker); w != 0 {
+		t.Fatalf("failures outlived the window: wait %d", w)
+	}
+	th.advanceTo(1_000_000 + int64(th.idx) + 1001 + 64)
+	if n := th.records(); n != 0 {
+		t.Fatalf("%d throttle records left after every window and trust ended (%d before)", n, before)
+	}
+
+	// Malformed attempts are refused whole.
+	for name, at := range map[string]*statev1.LoginAttempt{
+		"short hash":   {Login: "alice", AddrHash: []byte{1}, Policy: th.policy},
+		"no policy":    {Login: "alice", AddrHash: owner},
+		"no login":     {AddrHash: owner, Policy: th.policy},
+		"window < max": {Login: "alice", AddrHash: owner, Policy: &statev1.ThrottlePolicy{BaseDelayMs: 10, MaxDelayMs: 40, WindowMs: 20}},
+		"no delay":     {Login: "alice", AddrHash: owner, Policy: &statev1.ThrottlePolicy{WindowMs: 20}},
+	} {
+		if r := th.apply(&statev1.Command_LoginAttempt{LoginAttempt: at}); r.GetCode() != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+			t.Errorf("%s: %v", name, r)
+		}
+		if r := th.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
+			Token: tok("tz", "fz", "alice", 1, 1<<50), Succeeded: at}}); r.GetCode() != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+			t.Errorf("issue with %s: %v", name, r)
+		}
+	}
+}
