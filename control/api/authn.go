@@ -353,6 +353,9 @@ func (a *Authenticator) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 		if err != nil {
 			return nil, err
 		}
+		if ctx, err = withIdempotencyKey(ctx, req.Spec().Procedure, req.Header(), req.Any()); err != nil {
+			return nil, err
+		}
 		return next(ctx, req)
 	}
 }

@@ -270,7 +270,12 @@ func (n *Node) stop(kill bool) {
 // until Heal.
 func (c *Cluster) Isolate(i int) { c.Nodes[i].Faults.Isolate() }
 
-// Heal ends Isolate.
+// Pause makes node i look stopped to the others (SIGSTOP): its Raft
+// traffic is cut and the writes and read indexes forwarded to it hang,
+// until Heal.
+func (c *Cluster) Pause(i int) { c.Nodes[i].Faults.Pause() }
+
+// Heal ends Isolate and Pause.
 func (c *Cluster) Heal(i int) { c.Nodes[i].Faults.Heal() }
 
 // Restart starts node i again from its data dir on the same addresses,

@@ -7,6 +7,7 @@
 package fsm
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -229,6 +230,12 @@ func (f *FSM) applyEntry(b *state.Batch, l *raft.Log) *statev1.Result {
 			if err := proto.Unmarshal(prev, &r); err != nil {
 				f.fatal("decode remembered result", err)
 			}
+			if !bytes.Equal(r.GetRequestDigest(), cmd.GetRequestDigest()) {
+				// The same id for another request: a client's mistake,
+				// answered without touching the first result.
+				return &statev1.Result{Code: statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, Revision: l.Index,
+					Message: fmt.Sprintf("request id %q was already used for a different request", id)}
+			}
 			return &r
 		} else if !errors.Is(err, state.ErrNotFound) {
 			f.fatal("read request id", err)
@@ -245,6 +252,7 @@ func (f *FSM) applyEntry(b *state.Batch, l *raft.Log) *statev1.Result {
 		res.Code = statev1.ResultCode_RESULT_CODE_OK
 	}
 	res.Revision = l.Index
+	res.RequestDigest = cmd.GetRequestDigest()
 	if id := cmd.GetRequestId(); id != "" {
 		if err := tx.put(requestKey(id), res); err != nil {
 			f.fatal("remember request id", err)

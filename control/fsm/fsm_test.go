@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -468,8 +469,25 @@ func TestRequestIDIdempotency(t *testing.T) {
 	if after, _ := f.Digest(); after != before {
 		t.Fatal("retry changed the state")
 	}
+	// A client's id carries the digest of its request: the same id with
+	// another digest is refused, and changes neither the state nor what
+	// the id answers.
+	keyed := &statev1.Command{RequestId: "k1", RequestDigest: []byte("one"), ProposedAtMs: 6, Op: &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u2", Login: "u2"}}}}
+	kfirst := f.Apply(entry(t, 3, keyed)).(*statev1.Result)
+	other := proto.Clone(keyed).(*statev1.Command)
+	other.RequestDigest = []byte("two")
+	before, _ = f.Digest()
+	if r := f.Apply(entry(t, 4, other)).(*statev1.Result); r.Code != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT || !strings.Contains(r.Message, "different request") {
+		t.Fatalf("id reused with another digest: %v", r)
+	}
+	if after, _ := f.Digest(); after != before {
+		t.Fatal("a refused reuse changed the state")
+	}
+	if r := f.Apply(entry(t, 5, keyed)).(*statev1.Result); !proto.Equal(r, kfirst) {
+		t.Fatalf("retry with the same digest answered %v, first was %v", r, kfirst)
+	}
 	// Far later, the id is forgotten: the same command now conflicts.
-	for i := uint64(3); i <= 80; i++ {
+	for i := uint64(6); i <= 80; i++ {
 		f.Apply(entry(t, i, &statev1.Command{Op: &statev1.Command_Noop{Noop: &statev1.Noop{}}}))
 	}
 	late := f.Apply(entry(t, 81, create)).(*statev1.Result)

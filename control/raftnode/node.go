@@ -71,6 +71,11 @@ type Tuning struct {
 	// NoBatchApply turns off raft's BatchApplyCh: each Apply then goes
 	// through the leader loop on its own. Only benchmarks want this.
 	NoBatchApply bool
+	// ForwardTimeout bounds one attempt to forward a write or a read
+	// index request to the leader, within the caller's deadline: a leader
+	// that stopped answering (a paused process) costs one attempt, after
+	// which the node retries with whoever leads by then. Default 5s.
+	ForwardTimeout time.Duration
 }
 
 // PeerClient is what a node needs from another control node: the
@@ -116,6 +121,7 @@ type Config struct {
 	// ApplyTimeout bounds a write when the context has no deadline.
 	// Default 10s.
 	ApplyTimeout time.Duration
+
 	// Metrics registers the node's metrics; nil disables them.
 	Metrics prometheus.Registerer
 	// FSM tunes the state machine (retention windows).
@@ -159,6 +165,9 @@ func (c *Config) applyDefaults() error {
 	}
 	if c.ApplyTimeout <= 0 {
 		c.ApplyTimeout = 10 * time.Second
+	}
+	if c.Raft.ForwardTimeout <= 0 {
+		c.Raft.ForwardTimeout = 5 * time.Second
 	}
 	if c.RestoreFrom != "" {
 		c.Bootstrap = true
@@ -463,16 +472,36 @@ func (n *Node) Leader() (id, apiAddr string) {
 	return string(lid), rec.GetApiAddr()
 }
 
+type requestIDKey struct{}
+
+type clientRequest struct {
+	id     string
+	digest []byte
+}
+
+// WithRequestID makes the write Apply proposes under ctx use id as its
+// request id, with digest identifying the request it stands for: a client
+// that retries a call whose outcome it does not know gets the first
+// outcome, and one that reuses the id for another request an error. The
+// API sets it for calls that make exactly one write.
+func WithRequestID(ctx context.Context, id string, digest []byte) context.Context {
+	return context.WithValue(ctx, requestIDKey{}, clientRequest{id: id, digest: digest})
+}
+
 // Apply commits cmd through Raft and returns its result. On a follower it
 // forwards the command to the leader. A command without a request id gets
-// one, and a write whose outcome is unknown is retried with the same id
-// until ctx ends, so Apply takes effect at most once and, if it returns
-// nil, exactly once. A result with a non-OK code is returned as an error
-// wrapping the fsm sentinel (fsm.ErrNotFound, ...), together with the
-// result.
+// the one ctx carries (WithRequestID) or a new one, and a write whose
+// outcome is unknown is retried with the same id until ctx ends, so Apply
+// takes effect at most once and, if it returns nil, exactly once. A
+// result with a non-OK code is returned as an error wrapping the fsm
+// sentinel (fsm.ErrNotFound, ...), together with the result.
 func (n *Node) Apply(ctx context.Context, cmd *statev1.Command) (*statev1.Result, error) {
 	if cmd.RequestId == "" {
-		cmd.RequestId = newRequestID()
+		if r, ok := ctx.Value(requestIDKey{}).(clientRequest); ok {
+			cmd.RequestId, cmd.RequestDigest = r.id, r.digest
+		} else {
+			cmd.RequestId = newRequestID()
+		}
 	}
 	if cmd.ProposedAtMs == 0 {
 		cmd.ProposedAtMs = time.Now().UnixMilli()
@@ -542,7 +571,9 @@ func (n *Node) applyOnce(ctx context.Context, data []byte) (*statev1.Result, err
 	if n.cfg.Peers == nil {
 		return nil, fmt.Errorf("%w: no peer client configured to forward to the leader", ErrNotLeader)
 	}
-	out, err := n.cfg.Peers.Apply(ctx, addr, data)
+	actx, cancel := context.WithTimeout(ctx, n.cfg.Raft.ForwardTimeout)
+	defer cancel()
+	out, err := n.cfg.Peers.Apply(actx, addr, data)
 	if err != nil {
 		return nil, err
 	}
@@ -556,6 +587,9 @@ func (n *Node) applyOnce(ctx context.Context, data []byte) (*statev1.Result, err
 // ApplyLocal proposes an encoded command on this node, which must be the
 // leader. The API's PeerService calls it for forwarded writes.
 func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, error) {
+	if err := n.cfg.Faults.waitUnpaused(ctx); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnknownOutcome, err)
+	}
 	n.applyMu.Lock()
 	if n.shutdown.Load() {
 		n.applyMu.Unlock()
@@ -609,6 +643,9 @@ func opName(cmd *statev1.Command) string {
 // entry of its own term first: before that, its commit index may trail
 // what an earlier leader acknowledged.
 func (n *Node) ReadIndexLocal(ctx context.Context) (uint64, error) {
+	if err := n.cfg.Faults.waitUnpaused(ctx); err != nil {
+		return 0, err
+	}
 	ls := n.lead.Load()
 	if ls == nil {
 		return 0, ErrNotLeader
@@ -649,7 +686,9 @@ func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
 		if n.cfg.Peers == nil {
 			return 0, fmt.Errorf("%w: no peer client configured", ErrNotLeader)
 		}
-		return n.cfg.Peers.ReadIndex(ctx, addr)
+		actx, cancel := context.WithTimeout(ctx, n.cfg.Raft.ForwardTimeout)
+		defer cancel()
+		return n.cfg.Peers.ReadIndex(actx, addr)
 	})
 }
 

@@ -1,6 +1,7 @@
 package raftnode
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -144,7 +145,40 @@ var errIsolated = errors.New("raft traffic cut by a fault test")
 type Faults struct {
 	mu     sync.Mutex // guards the fields below
 	cutOff bool
+	paused chan struct{} // non-nil while paused; closed by Heal
 	layer  *streamLayer
+}
+
+// Pause makes the node behave, to the others, like a process that was
+// stopped (SIGSTOP): its Raft traffic is cut as by Isolate, and the
+// writes and read indexes other nodes forward to it hang, unanswered,
+// until Heal.
+func (f *Faults) Pause() {
+	f.mu.Lock()
+	if f.paused == nil {
+		f.paused = make(chan struct{})
+	}
+	f.mu.Unlock()
+	f.Isolate()
+}
+
+// waitUnpaused blocks while the node is paused, or until ctx ends.
+func (f *Faults) waitUnpaused(ctx context.Context) error {
+	if f == nil {
+		return nil
+	}
+	f.mu.Lock()
+	ch := f.paused
+	f.mu.Unlock()
+	if ch == nil {
+		return nil
+	}
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Isolate cuts the node off from its peers: open Raft connections close,
@@ -159,10 +193,14 @@ func (f *Faults) Isolate() {
 	}
 }
 
-// Heal lets Raft traffic flow again.
+// Heal lets Raft traffic flow again and ends a pause.
 func (f *Faults) Heal() {
 	f.mu.Lock()
 	f.cutOff = false
+	if f.paused != nil {
+		close(f.paused)
+		f.paused = nil
+	}
 	f.mu.Unlock()
 }
 

@@ -1750,6 +1750,10 @@ type Command struct {
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Proposer's clock, Unix milliseconds: the only notion of time apply has.
 	ProposedAtMs int64 `protobuf:"varint,2,opt,name=proposed_at_ms,json=proposedAtMs,proto3" json:"proposed_at_ms,omitempty"`
+	// For request ids a client chose: a digest of the client's request. A
+	// repeat of the id with another digest is refused (INVALID_ARGUMENT)
+	// instead of answered with the first result.
+	RequestDigest []byte `protobuf:"bytes,3,opt,name=request_digest,json=requestDigest,proto3" json:"request_digest,omitempty"`
 	// Types that are valid to be assigned to Op:
 	//
 	//	*Command_CreateUser
@@ -1825,6 +1829,13 @@ func (x *Command) GetProposedAtMs() int64 {
 		return x.ProposedAtMs
 	}
 	return 0
+}
+
+func (x *Command) GetRequestDigest() []byte {
+	if x != nil {
+		return x.RequestDigest
+	}
+	return nil
 }
 
 func (x *Command) GetOp() isCommand_Op {
@@ -3862,7 +3873,10 @@ type Result struct {
 	// ClaimEvents: one outcome per claim, in the command's order.
 	ClaimsWon []bool `protobuf:"varint,23,rep,packed,name=claims_won,json=claimsWon,proto3" json:"claims_won,omitempty"`
 	// LoginAttempt: how long the attempt must wait; 0 when it may proceed.
-	RetryAfterMs  int64 `protobuf:"varint,24,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"`
+	RetryAfterMs int64 `protobuf:"varint,24,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"`
+	// The request_digest of the command that produced this result, kept
+	// with it while its request id is remembered.
+	RequestDigest []byte `protobuf:"bytes,25,opt,name=request_digest,json=requestDigest,proto3" json:"request_digest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3994,6 +4008,13 @@ func (x *Result) GetRetryAfterMs() int64 {
 		return x.RetryAfterMs
 	}
 	return 0
+}
+
+func (x *Result) GetRequestDigest() []byte {
+	if x != nil {
+		return x.RequestDigest
+	}
+	return nil
 }
 
 type isResult_Object interface {
@@ -4146,11 +4167,12 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x1c\n" +
 	"\n" +
-	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\xce\r\n" +
+	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\xf5\r\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
-	"\x0eproposed_at_ms\x18\x02 \x01(\x03R\fproposedAtMs\x127\n" +
+	"\x0eproposed_at_ms\x18\x02 \x01(\x03R\fproposedAtMs\x12%\n" +
+	"\x0erequest_digest\x18\x03 \x01(\fR\rrequestDigest\x127\n" +
 	"\vcreate_user\x18\n" +
 	" \x01(\v2\x14.state.v1.CreateUserH\x00R\n" +
 	"createUser\x127\n" +
@@ -4284,7 +4306,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"RemoveNode\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\" \n" +
 	"\x04Noop\x12\x18\n" +
-	"\apadding\x18\x01 \x01(\fR\apadding\"\xf9\x03\n" +
+	"\apadding\x18\x01 \x01(\fR\apadding\"\xa0\x04\n" +
 	"\x06Result\x12(\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x14.state.v1.ResultCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1a\n" +
@@ -4299,7 +4321,8 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x0fmailbox_results\x18\x16 \x03(\v2\x17.state.v1.MailboxResultR\x0emailboxResults\x12\x1d\n" +
 	"\n" +
 	"claims_won\x18\x17 \x03(\bR\tclaimsWon\x12$\n" +
-	"\x0eretry_after_ms\x18\x18 \x01(\x03R\fretryAfterMsB\b\n" +
+	"\x0eretry_after_ms\x18\x18 \x01(\x03R\fretryAfterMs\x12%\n" +
+	"\x0erequest_digest\x18\x19 \x01(\fR\rrequestDigestB\b\n" +
 	"\x06object*[\n" +
 	"\n" +
 	"UserStatus\x12\x1b\n" +
