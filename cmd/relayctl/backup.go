@@ -9,19 +9,26 @@ import (
 	"path/filepath"
 
 	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
 
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/storage/state"
 )
 
-// backup streams a backup into a temporary file next to FILE, verifies it
-// end to end (format, record order, checksum), and only then renames it
-// into place, so FILE is either a complete backup or untouched.
-func (a *app) backup(ctx context.Context, args []string) error {
-	if len(args) != 1 {
-		return errors.New("usage: relayctl backup FILE")
+func (a *app) backupCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "backup FILE",
+		Short: "Write a consistent backup of the state to FILE, verified before it is renamed into place",
+		Args:  cobra.ExactArgs(1),
+		RunE:  func(cmd *cobra.Command, args []string) error { return a.backup(cmd.Context(), args[0]) },
 	}
-	dst := args[0]
+}
+
+// backup streams a backup into a temporary file next to dst, verifies it
+// end to end (format, record order, checksum), and only then renames it
+// into place, so dst is either a complete backup or untouched. A stream
+// that fails is started again, from scratch, on the next member.
+func (a *app) backup(ctx context.Context, dst string) error {
 	tmp, err := os.CreateTemp(filepath.Dir(dst), ".relay-backup-*")
 	if err != nil {
 		return fmt.Errorf("backup: %w", err)
@@ -29,22 +36,35 @@ func (a *app) backup(ctx context.Context, args []string) error {
 	defer os.Remove(tmp.Name())
 	defer tmp.Close()
 
-	cctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stream, err := a.clusterClient().Backup(cctx, connect.NewRequest(&controlv1.BackupRequest{}))
-	if err != nil {
-		return fmt.Errorf("backup: %w", err)
-	}
 	var size int64
-	for stream.Receive() {
-		n, err := tmp.Write(stream.Msg().GetData())
-		if err != nil {
-			return fmt.Errorf("backup: write %s: %w", tmp.Name(), err)
+	// A backup takes as long as it takes: --timeout bounds each attempt
+	// to start it only.
+	err = a.call(ctx, "backup", retryAlways, func(actx context.Context, base string) error {
+		if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+			return err
 		}
-		size += int64(n)
-	}
-	if err := stream.Err(); err != nil {
-		return fmt.Errorf("backup: %w", err)
+		if err := tmp.Truncate(0); err != nil {
+			return err
+		}
+		size = 0
+		sctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		stream, err := a.clusterClient(base).Backup(sctx, connect.NewRequest(&controlv1.BackupRequest{}))
+		if err != nil {
+			return err
+		}
+		defer stream.Close()
+		for stream.Receive() {
+			n, err := tmp.Write(stream.Msg().GetData())
+			if err != nil {
+				return fmt.Errorf("write %s: %w", tmp.Name(), err)
+			}
+			size += int64(n)
+		}
+		return stream.Err()
+	})
+	if err != nil {
+		return err
 	}
 	if err := tmp.Sync(); err != nil {
 		return fmt.Errorf("backup: %w", err)

@@ -3,116 +3,123 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 
 	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
 
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
-func (a *app) cluster(ctx context.Context, args []string) error {
-	if len(args) == 0 {
-		return errors.New("cluster: missing subcommand: status, join, remove or transfer-leader")
+func (a *app) clusterClient(base string) controlv1connect.ClusterServiceClient {
+	return controlv1connect.NewClusterServiceClient(a.http, base, a.opts(base))
+}
+
+func (a *app) clusterCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "cluster", Short: "Show and change the control plane's membership"}
+	cmd.AddCommand(&cobra.Command{
+		Use: "status", Short: "Show members, leader and indexes (as the member that answers sees them)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return a.clusterStatus(cmd.Context()) },
+	})
+
+	join := &controlv1.AddVoterRequest{}
+	j := &cobra.Command{
+		Use: "join --id ID --raft-addr HOST:PORT [--api-addr HOST:PORT]", Short: "Add a node as a voter", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if join.Id == "" || join.RaftAddr == "" {
+				return errors.New("--id and --raft-addr are required")
+			}
+			var resp *connect.Response[controlv1.AddVoterResponse]
+			// Adding the same voter again changes nothing: safe to retry.
+			err := a.call(cmd.Context(), "join "+join.Id, retryAlways, func(ctx context.Context, base string) (err error) {
+				resp, err = a.clusterClient(base).AddVoter(ctx, connect.NewRequest(join))
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			return a.print(resp.Msg, func() error {
+				_, err := fmt.Fprintf(a.stdout, "added %s as a voter (configuration index %d)\n", join.Id, resp.Msg.GetIndex())
+				return err
+			})
+		},
 	}
-	switch args[0] {
-	case "status":
-		return a.clusterStatus(ctx)
-	case "join":
-		return a.clusterJoin(ctx, args[1:])
-	case "remove":
-		if len(args) != 2 {
-			return errors.New("usage: relayctl cluster remove ID")
-		}
-		cctx, cancel := a.ctx(ctx)
-		defer cancel()
-		resp, err := a.clusterClient().RemoveServer(cctx, connect.NewRequest(&controlv1.RemoveServerRequest{Id: args[1]}))
-		if err != nil {
-			return fmt.Errorf("remove %s: %w", args[1], err)
-		}
-		if a.output == "json" {
-			return a.printJSON(resp.Msg)
-		}
-		fmt.Fprintf(a.stdout, "removed %s (configuration index %d)\n", args[1], resp.Msg.GetIndex())
-		return nil
-	case "transfer-leader":
-		var id string
-		if len(args) > 2 {
-			return errors.New("usage: relayctl cluster transfer-leader [ID]")
-		}
-		if len(args) == 2 {
-			id = args[1]
-		}
-		cctx, cancel := a.ctx(ctx)
-		defer cancel()
-		resp, err := a.clusterClient().TransferLeadership(cctx, connect.NewRequest(&controlv1.TransferLeadershipRequest{Id: id}))
-		if err != nil {
-			return fmt.Errorf("transfer leadership: %w", err)
-		}
-		if a.output == "json" {
-			return a.printJSON(resp.Msg)
-		}
-		fmt.Fprintf(a.stdout, "leader is now %s\n", resp.Msg.GetLeaderId())
-		return nil
-	}
-	return fmt.Errorf("cluster: unknown subcommand %q: want status, join, remove or transfer-leader", args[0])
+	j.Flags().StringVar(&join.Id, "id", "", "node id to add")
+	j.Flags().StringVar(&join.RaftAddr, "raft-addr", "", "the node's Raft address")
+	j.Flags().StringVar(&join.ApiAddr, "api-addr", "", "the node's API address")
+	cmd.AddCommand(j)
+
+	cmd.AddCommand(&cobra.Command{
+		Use: "remove ID", Short: "Remove a node from the cluster", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var resp *connect.Response[controlv1.RemoveServerResponse]
+			err := a.call(cmd.Context(), "remove "+args[0], retryIfNotSent, func(ctx context.Context, base string) (err error) {
+				resp, err = a.clusterClient(base).RemoveServer(ctx, connect.NewRequest(&controlv1.RemoveServerRequest{Id: args[0]}))
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			return a.print(resp.Msg, func() error {
+				_, err := fmt.Fprintf(a.stdout, "removed %s (configuration index %d)\n", args[0], resp.Msg.GetIndex())
+				return err
+			})
+		},
+	}, &cobra.Command{
+		Use: "transfer-leader [ID]", Short: "Hand leadership to ID (or the best voter)", Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id := ""
+			if len(args) == 1 {
+				id = args[0]
+			}
+			var resp *connect.Response[controlv1.TransferLeadershipResponse]
+			err := a.call(cmd.Context(), "transfer leadership", retryIfNotSent, func(ctx context.Context, base string) (err error) {
+				resp, err = a.clusterClient(base).TransferLeadership(ctx, connect.NewRequest(&controlv1.TransferLeadershipRequest{Id: id}))
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			return a.print(resp.Msg, func() error {
+				_, err := fmt.Fprintf(a.stdout, "leader is now %s\n", resp.Msg.GetLeaderId())
+				return err
+			})
+		},
+	})
+	return cmd
 }
 
 func (a *app) clusterStatus(ctx context.Context) error {
-	cctx, cancel := a.ctx(ctx)
-	defer cancel()
-	resp, err := a.clusterClient().Status(cctx, connect.NewRequest(&controlv1.StatusRequest{}))
+	var resp *connect.Response[controlv1.StatusResponse]
+	err := a.call(ctx, "cluster status", retryAlways, func(ctx context.Context, base string) (err error) {
+		resp, err = a.clusterClient(base).Status(ctx, connect.NewRequest(&controlv1.StatusRequest{}))
+		return err
+	})
 	if err != nil {
-		return fmt.Errorf("cluster status: %w", err)
-	}
-	st := resp.Msg
-	if a.output == "json" {
-		return a.printJSON(st)
-	}
-	leader := st.GetLeaderId()
-	if leader == "" {
-		leader = "(none)"
-	}
-	fmt.Fprintf(a.stdout, "node %s is %s, term %d, leader %s\ncommit index %d, applied index %d, last snapshot %d\n\n",
-		st.GetNodeId(), st.GetState(), st.GetTerm(), leader, st.GetCommitIndex(), st.GetAppliedIndex(), st.GetLastSnapshotIndex())
-	w := a.table()
-	fmt.Fprintln(w, "ID\tROLE\tRAFT ADDRESS\tAPI ADDRESS\tLEADER")
-	for _, m := range st.GetMembers() {
-		role := "voter"
-		if m.GetSuffrage() == controlv1.Suffrage_SUFFRAGE_NONVOTER {
-			role = "nonvoter"
-		}
-		l := ""
-		if m.GetLeader() {
-			l = "*"
-		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", m.GetId(), role, m.GetRaftAddr(), m.GetApiAddr(), l)
-	}
-	return w.Flush()
-}
-
-func (a *app) clusterJoin(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("relayctl cluster join", flag.ContinueOnError)
-	fs.SetOutput(a.stderr)
-	req := &controlv1.AddVoterRequest{}
-	fs.StringVar(&req.Id, "id", "", "node id to add")
-	fs.StringVar(&req.RaftAddr, "raft-addr", "", "the node's Raft address")
-	fs.StringVar(&req.ApiAddr, "api-addr", "", "the node's API address")
-	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if req.Id == "" || req.RaftAddr == "" {
-		return errors.New("usage: relayctl cluster join --id ID --raft-addr HOST:PORT [--api-addr HOST:PORT]")
-	}
-	cctx, cancel := a.ctx(ctx)
-	defer cancel()
-	resp, err := a.clusterClient().AddVoter(cctx, connect.NewRequest(req))
-	if err != nil {
-		return fmt.Errorf("join %s: %w", req.Id, err)
-	}
-	if a.output == "json" {
-		return a.printJSON(resp.Msg)
-	}
-	fmt.Fprintf(a.stdout, "added %s as a voter (configuration index %d)\n", req.Id, resp.Msg.GetIndex())
-	return nil
+	st := resp.Msg
+	return a.print(st, func() error {
+		leader := st.GetLeaderId()
+		if leader == "" {
+			leader = "(none)"
+		}
+		fmt.Fprintf(a.stdout, "node %s is %s, term %d, leader %s\ncommit index %d, applied index %d, last snapshot %d\n\n",
+			st.GetNodeId(), st.GetState(), st.GetTerm(), leader, st.GetCommitIndex(), st.GetAppliedIndex(), st.GetLastSnapshotIndex())
+		w := a.table()
+		fmt.Fprintln(w, "ID\tROLE\tRAFT ADDRESS\tAPI ADDRESS\tLEADER")
+		for _, m := range st.GetMembers() {
+			role := "voter"
+			if m.GetSuffrage() == controlv1.Suffrage_SUFFRAGE_NONVOTER {
+				role = "nonvoter"
+			}
+			l := ""
+			if m.GetLeader() {
+				l = "*"
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", m.GetId(), role, m.GetRaftAddr(), m.GetApiAddr(), l)
+		}
+		return w.Flush()
+	})
 }

@@ -6,19 +6,15 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"errors"
-	"flag"
 	"fmt"
 	"os"
 
 	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
 
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
-
-func (a *app) deviceClient() controlv1connect.DeviceServiceClient {
-	return controlv1connect.NewDeviceServiceClient(a.http, a.base(), a.opts())
-}
 
 func (a *app) printDevices(ds ...*controlv1.Device) error {
 	w := a.table()
@@ -34,116 +30,126 @@ func (a *app) printDevices(ds ...*controlv1.Device) error {
 	return w.Flush()
 }
 
-func (a *app) device(ctx context.Context, args []string) error {
-	if len(args) == 0 {
-		return errors.New("device: missing subcommand: register, list, rename, revoke or delete")
+func (a *app) deviceCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "device", Short: "Manage devices (staff name the account with --user)"}
+	var user string
+	cmd.PersistentFlags().StringVar(&user, "user", "", "the owning account (staff only; default: your own)")
+	devices := func(base string) controlv1connect.DeviceServiceClient {
+		return controlv1connect.NewDeviceServiceClient(a.http, base, a.opts(base))
 	}
-	fs := flag.NewFlagSet("relayctl device "+args[0], flag.ContinueOnError)
-	fs.SetOutput(a.stderr)
-	user := fs.String("user", "", "the owning account (staff only; default: your own)")
-	cctx, cancel := a.ctx(ctx)
-	defer cancel()
-	switch args[0] {
-	case "register":
-		name := fs.String("name", "", "device name (required)")
-		pub := fs.String("public-key", "", "the device's Ed25519 public key, base64")
-		gen := fs.String("generate-key", "", "generate a key pair and write the private key (base64 seed) to this file, mode 0600")
-		if err := fs.Parse(args[1:]); err != nil {
+	// one makes a DeviceService call that returns a device and prints it.
+	one := func(ctx context.Context, what string, fn func(context.Context, controlv1connect.DeviceServiceClient) (*controlv1.Device, error)) error {
+		var d *controlv1.Device
+		err := a.call(ctx, what, retryAlways, func(ctx context.Context, base string) (err error) {
+			d, err = fn(ctx, devices(base))
+			return err
+		})
+		if err != nil {
 			return err
 		}
-		if *name == "" || (*pub == "") == (*gen == "") {
-			return errors.New("usage: relayctl device register --name NAME (--public-key B64 | --generate-key FILE) [--user ID]")
-		}
-		var key []byte
-		if *gen != "" {
-			pk, sk, err := ed25519.GenerateKey(rand.Reader)
+		return a.print(d, func() error { return a.printDevices(d) })
+	}
+
+	var name, pub, gen string
+	register := &cobra.Command{
+		Use:   "register --name NAME (--public-key B64 | --generate-key FILE) [--user ID]",
+		Short: "Register a device with its Ed25519 public key",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if name == "" || (pub == "") == (gen == "") {
+				return errors.New("give --name and one of --public-key and --generate-key")
+			}
+			var key []byte
+			if gen != "" {
+				pk, sk, err := ed25519.GenerateKey(rand.Reader)
+				if err != nil {
+					return err
+				}
+				f, err := os.OpenFile(gen, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+				if err != nil {
+					return fmt.Errorf("--generate-key: %w", err)
+				}
+				_, werr := fmt.Fprintln(f, base64.StdEncoding.EncodeToString(sk.Seed()))
+				if cerr := f.Close(); werr == nil {
+					werr = cerr
+				}
+				if werr != nil {
+					return fmt.Errorf("write private key: %w", werr)
+				}
+				key = pk
+			} else {
+				k, err := base64.StdEncoding.DecodeString(pub)
+				if err != nil {
+					return fmt.Errorf("--public-key is not base64: %w", err)
+				}
+				key = k
+			}
+			err := one(cmd.Context(), "register device", func(ctx context.Context, cl controlv1connect.DeviceServiceClient) (*controlv1.Device, error) {
+				resp, err := cl.RegisterDevice(ctx, keyed(a, &controlv1.RegisterDeviceRequest{UserId: user, Name: name, PublicKey: key}))
+				if err != nil {
+					return nil, err
+				}
+				return resp.Msg.GetDevice(), nil
+			})
+			if err != nil && gen != "" {
+				_ = os.Remove(gen)
+			}
+			return err
+		},
+	}
+	register.Flags().StringVar(&name, "name", "", "device name (required)")
+	register.Flags().StringVar(&pub, "public-key", "", "the device's Ed25519 public key, base64")
+	register.Flags().StringVar(&gen, "generate-key", "", "generate a key pair and write the private key (base64 seed) to this file, mode 0600")
+	register.MarkFlagsMutuallyExclusive("public-key", "generate-key")
+	cmd.AddCommand(register)
+
+	cmd.AddCommand(&cobra.Command{
+		Use: "list [--user ID]", Short: "List devices", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var resp *connect.Response[controlv1.ListDevicesResponse]
+			err := a.call(cmd.Context(), "list devices", retryAlways, func(ctx context.Context, base string) (err error) {
+				resp, err = devices(base).ListDevices(ctx, connect.NewRequest(&controlv1.ListDevicesRequest{UserId: user}))
+				return err
+			})
 			if err != nil {
 				return err
 			}
-			f, err := os.OpenFile(*gen, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+			return a.print(resp.Msg, func() error { return a.printDevices(resp.Msg.GetDevices()...) })
+		},
+	}, &cobra.Command{
+		Use: "rename ID NAME [--user ID]", Short: "Rename a device", Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return one(cmd.Context(), "rename device", func(ctx context.Context, cl controlv1connect.DeviceServiceClient) (*controlv1.Device, error) {
+				resp, err := cl.RenameDevice(ctx, keyed(a, &controlv1.RenameDeviceRequest{UserId: user, DeviceId: args[0], Name: args[1]}))
+				if err != nil {
+					return nil, err
+				}
+				return resp.Msg.GetDevice(), nil
+			})
+		},
+	}, &cobra.Command{
+		Use: "revoke ID [--user ID]", Short: "Revoke a device: it stays listed and cannot connect", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return one(cmd.Context(), "revoke device", func(ctx context.Context, cl controlv1connect.DeviceServiceClient) (*controlv1.Device, error) {
+				resp, err := cl.RevokeDevice(ctx, keyed(a, &controlv1.RevokeDeviceRequest{UserId: user, DeviceId: args[0]}))
+				if err != nil {
+					return nil, err
+				}
+				return resp.Msg.GetDevice(), nil
+			})
+		},
+	}, &cobra.Command{
+		Use: "delete ID [--user ID]", Short: "Delete a device", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			err := a.call(cmd.Context(), "delete device", retryAlways, func(ctx context.Context, base string) error {
+				_, err := devices(base).DeleteDevice(ctx, keyed(a, &controlv1.DeleteDeviceRequest{UserId: user, DeviceId: args[0]}))
+				return err
+			})
 			if err != nil {
-				return fmt.Errorf("--generate-key: %w", err)
+				return err
 			}
-			_, werr := fmt.Fprintln(f, base64.StdEncoding.EncodeToString(sk.Seed()))
-			if cerr := f.Close(); werr == nil {
-				werr = cerr
-			}
-			if werr != nil {
-				return fmt.Errorf("write private key: %w", werr)
-			}
-			key = pk
-		} else {
-			k, err := base64.StdEncoding.DecodeString(*pub)
-			if err != nil {
-				return fmt.Errorf("--public-key is not base64: %w", err)
-			}
-			key = k
-		}
-		resp, err := a.deviceClient().RegisterDevice(cctx, connect.NewRequest(&controlv1.RegisterDeviceRequest{UserId: *user, Name: *name, PublicKey: key}))
-		if err != nil {
-			if *gen != "" {
-				_ = os.Remove(*gen)
-			}
-			return fmt.Errorf("register device: %w", err)
-		}
-		if a.output == "json" {
-			return a.printJSON(resp.Msg.GetDevice())
-		}
-		return a.printDevices(resp.Msg.GetDevice())
-	case "list":
-		if err := fs.Parse(args[1:]); err != nil {
-			return err
-		}
-		resp, err := a.deviceClient().ListDevices(cctx, connect.NewRequest(&controlv1.ListDevicesRequest{UserId: *user}))
-		if err != nil {
-			return fmt.Errorf("list devices: %w", err)
-		}
-		if a.output == "json" {
-			return a.printJSON(resp.Msg)
-		}
-		return a.printDevices(resp.Msg.GetDevices()...)
-	case "rename", "revoke", "delete":
-		want := 2
-		if args[0] == "rename" {
-			want = 3
-		}
-		if len(args) < want {
-			return fmt.Errorf("usage: relayctl device %s ID%s [--user ID]", args[0], map[bool]string{true: " NAME"}[want == 3])
-		}
-		if err := fs.Parse(args[want:]); err != nil {
-			return err
-		}
-		id := args[1]
-		var (
-			dev *controlv1.Device
-			err error
-		)
-		switch args[0] {
-		case "rename":
-			var r *connect.Response[controlv1.RenameDeviceResponse]
-			r, err = a.deviceClient().RenameDevice(cctx, connect.NewRequest(&controlv1.RenameDeviceRequest{UserId: *user, DeviceId: id, Name: args[2]}))
-			if err == nil {
-				dev = r.Msg.GetDevice()
-			}
-		case "revoke":
-			var r *connect.Response[controlv1.RevokeDeviceResponse]
-			r, err = a.deviceClient().RevokeDevice(cctx, connect.NewRequest(&controlv1.RevokeDeviceRequest{UserId: *user, DeviceId: id}))
-			if err == nil {
-				dev = r.Msg.GetDevice()
-			}
-		case "delete":
-			_, err = a.deviceClient().DeleteDevice(cctx, connect.NewRequest(&controlv1.DeleteDeviceRequest{UserId: *user, DeviceId: id}))
-		}
-		if err != nil {
-			return fmt.Errorf("%s device: %w", args[0], err)
-		}
-		if dev == nil {
-			return a.report(map[string]any{"id": id, "deleted": true}, "deleted device %s", id)
-		}
-		if a.output == "json" {
-			return a.printJSON(dev)
-		}
-		return a.printDevices(dev)
-	}
-	return fmt.Errorf("device: unknown subcommand %q: want register, list, rename, revoke or delete", args[0])
+			return a.report(map[string]any{"id": args[0], "deleted": true}, "deleted device %s", args[0])
+		},
+	})
+	return cmd
 }

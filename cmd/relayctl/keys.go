@@ -2,66 +2,83 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 
 	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/proto"
 
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
-func (a *app) keys(ctx context.Context, args []string) error {
-	if len(args) != 1 {
-		return errors.New("usage: relayctl keys rotate-signing|rotate-session|list")
+func (a *app) keysCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "keys", Short: "Rotate and list the token signing and resume-ticket keys"}
+	keys := func(base string) controlv1connect.KeyServiceClient {
+		return controlv1connect.NewKeyServiceClient(a.http, base, a.opts(base))
 	}
-	cl := controlv1connect.NewKeyServiceClient(a.http, a.base(), a.opts())
-	cctx, cancel := a.ctx(ctx)
-	defer cancel()
-	switch args[0] {
-	case "rotate-signing":
-		r, err := cl.RotateSigningKey(cctx, connect.NewRequest(&controlv1.RotateSigningKeyRequest{}))
-		if err != nil {
-			return fmt.Errorf("rotate signing key: %w", err)
-		}
-		if a.output == "json" {
-			return a.printJSON(r.Msg)
-		}
-		fmt.Fprintf(a.stdout, "new signing key %s\n", r.Msg.GetKeyId())
-		return nil
-	case "rotate-session":
-		r, err := cl.RotateSessionKey(cctx, connect.NewRequest(&controlv1.RotateSessionKeyRequest{}))
-		if err != nil {
-			return fmt.Errorf("rotate session key: %w", err)
-		}
-		if a.output == "json" {
-			return a.printJSON(r.Msg)
-		}
-		fmt.Fprintf(a.stdout, "new session key %s\n", r.Msg.GetKeyId())
-		return nil
-	case "list":
-		r, err := cl.ListKeys(cctx, connect.NewRequest(&controlv1.ListKeysRequest{}))
-		if err != nil {
-			return fmt.Errorf("list keys: %w", err)
-		}
-		if a.output == "json" {
-			return a.printJSON(r.Msg)
-		}
-		w := a.table()
-		fmt.Fprintln(w, "KIND\tID\tCURRENT\tCREATED\tRETIRED\tEXPIRES")
-		for _, group := range []struct {
-			kind string
-			list []*controlv1.KeyInfo
-		}{{"signing", r.Msg.GetSigningKeys()}, {"session", r.Msg.GetSessionKeys()}} {
-			for _, k := range group.list {
-				cur := ""
-				if k.GetCurrent() {
-					cur = "*"
+	// rotate is a rotation command. One the cluster may have taken is
+	// not repeated: the retry would rotate once more.
+	rotate := func(use, short, kind string, do func(context.Context, controlv1connect.KeyServiceClient) (proto.Message, string, error)) *cobra.Command {
+		return &cobra.Command{
+			Use: use, Short: short, Args: cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				var msg proto.Message
+				var id string
+				err := a.call(cmd.Context(), "rotate "+kind+" key", retryIfNotSent, func(ctx context.Context, base string) (err error) {
+					msg, id, err = do(ctx, keys(base))
+					return err
+				})
+				if err != nil {
+					return err
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", group.kind, k.GetId(), cur, when(k.GetCreatedAt()), when(k.GetRetiredAt()), when(k.GetExpiresAt()))
-			}
+				return a.print(msg, func() error { _, err := fmt.Fprintf(a.stdout, "new %s key %s\n", kind, id); return err })
+			},
 		}
-		return w.Flush()
 	}
-	return fmt.Errorf("keys: unknown subcommand %q: want rotate-signing, rotate-session or list", args[0])
+	cmd.AddCommand(rotate("rotate-signing", "Rotate the access-token signing key", "signing",
+		func(ctx context.Context, cl controlv1connect.KeyServiceClient) (proto.Message, string, error) {
+			r, err := cl.RotateSigningKey(ctx, connect.NewRequest(&controlv1.RotateSigningKeyRequest{}))
+			if err != nil {
+				return nil, "", err
+			}
+			return r.Msg, r.Msg.GetKeyId(), nil
+		}), rotate("rotate-session", "Rotate the resume-ticket (session) key", "session",
+		func(ctx context.Context, cl controlv1connect.KeyServiceClient) (proto.Message, string, error) {
+			r, err := cl.RotateSessionKey(ctx, connect.NewRequest(&controlv1.RotateSessionKeyRequest{}))
+			if err != nil {
+				return nil, "", err
+			}
+			return r.Msg, r.Msg.GetKeyId(), nil
+		}), &cobra.Command{
+		Use: "list", Short: "List key ids and ages (never key material)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var r *connect.Response[controlv1.ListKeysResponse]
+			err := a.call(cmd.Context(), "list keys", retryAlways, func(ctx context.Context, base string) (err error) {
+				r, err = keys(base).ListKeys(ctx, connect.NewRequest(&controlv1.ListKeysRequest{}))
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			return a.print(r.Msg, func() error {
+				w := a.table()
+				fmt.Fprintln(w, "KIND\tID\tCURRENT\tCREATED\tRETIRED\tEXPIRES")
+				for _, group := range []struct {
+					kind string
+					list []*controlv1.KeyInfo
+				}{{"signing", r.Msg.GetSigningKeys()}, {"session", r.Msg.GetSessionKeys()}} {
+					for _, k := range group.list {
+						cur := ""
+						if k.GetCurrent() {
+							cur = "*"
+						}
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", group.kind, k.GetId(), cur, when(k.GetCreatedAt()), when(k.GetRetiredAt()), when(k.GetExpiresAt()))
+					}
+				}
+				return w.Flush()
+			})
+		},
+	})
+	return cmd
 }

@@ -4,16 +4,17 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"strings"
 
 	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
 // readSecret reads a password: from stdin when --password-stdin was
@@ -68,23 +69,33 @@ func readLine(r io.Reader) (string, error) {
 	}
 }
 
-func (a *app) login(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("relayctl login", flag.ContinueOnError)
-	fs.SetOutput(a.stderr)
-	name := fs.String("login", "", "login name (default: the argument, else a prompt on a terminal)")
-	fromStdin := fs.Bool("password-stdin", false, "read the password from standard input")
-	if err := fs.Parse(args); err != nil {
-		return err
+func (a *app) loginCommand() *cobra.Command {
+	var name string
+	var fromStdin bool
+	cmd := &cobra.Command{
+		Use:   "login [LOGIN]",
+		Short: "Log in; the tokens are cached, refreshed, and used for the cluster's other members too",
+		Long: `Log in with a password (asked on the terminal, or read from standard input with
+--password-stdin). The tokens are kept in the token cache (RELAYCTL_CONFIG_DIR,
+mode 0600), refreshed when they expire, and used for every member of the cluster
+(staff accounts: the member list is asked of the cluster on every run).`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if name == "" && len(args) == 1 {
+				name = args[0]
+			}
+			return a.login(cmd.Context(), name, fromStdin)
+		},
 	}
-	if *name == "" && fs.NArg() == 1 {
-		*name = fs.Arg(0)
-	}
-	if fs.NArg() > 1 {
-		return errors.New("usage: relayctl login [--password-stdin] [LOGIN]")
-	}
-	if *name == "" {
+	cmd.Flags().StringVar(&name, "login", "", "login name (default: the argument, else a prompt on a terminal)")
+	cmd.Flags().BoolVar(&fromStdin, "password-stdin", false, "read the password from standard input")
+	return cmd
+}
+
+func (a *app) login(ctx context.Context, name string, fromStdin bool) error {
+	if name == "" {
 		switch {
-		case *fromStdin:
+		case fromStdin:
 			return errors.New("login name missing: with --password-stdin give it as an argument (relayctl login --password-stdin LOGIN)")
 		case !a.stdinIsTerminal():
 			return errors.New("login name missing and standard input is not a terminal: give it as an argument (relayctl login LOGIN)")
@@ -94,47 +105,87 @@ func (a *app) login(ctx context.Context, args []string) error {
 		if err != nil {
 			return fmt.Errorf("read login name: %w", err)
 		}
-		if *name = strings.TrimSpace(line); *name == "" {
+		if name = strings.TrimSpace(line); name == "" {
 			return errors.New("login name is empty")
 		}
 	}
-	pw, err := a.readSecret("password for "+*name+": ", *fromStdin)
+	pw, err := a.readSecret("password for "+name+": ", fromStdin)
 	if err != nil {
 		return err
 	}
-	cctx, cancel := a.ctx(ctx)
-	defer cancel()
-	resp, err := a.authClient().Login(cctx, connect.NewRequest(&controlv1.LoginRequest{Login: *name, Password: pw}))
+	var (
+		resp *connect.Response[controlv1.LoginResponse]
+		at   string
+	)
+	// A login the node may have taken is not repeated (it would open a
+	// second session); one that reached no node is, on the next server.
+	err = a.callOn(ctx, a.servers, "login", retryIfNotSent, func(ctx context.Context, base string) (err error) {
+		resp, err = controlv1connect.NewAuthServiceClient(a.http, base).Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: name, Password: pw}))
+		at = base
+		return err
+	})
 	if err != nil {
-		return fmt.Errorf("login: %w", err)
+		return err
 	}
 	toks := resp.Msg.GetTokens()
-	saved := fromTokens(toks)
-	saved.Members = a.memberURLs(cctx, toks.GetAccessToken())
-	if err := a.tokens.put(a.base(), saved); err != nil {
+	a.sess = &session{key: at, t: *fromTokens(toks)}
+	a.prepared = true
+	a.refreshMembers(ctx, a.sess)
+	if err := a.tokens.put(at, &a.sess.t); err != nil {
 		return err
 	}
 	role := roleName(toks.GetRole())
+	also := a.sess.t.Members
+	if also == nil {
+		also = []string{}
+	}
 	return a.report(map[string]any{
-		"server": a.base(), "login": *name, "userId": toks.GetUserId(), "role": role,
-		"accessTokenExpiresAt": saved.AccessExpires, "alsoFor": saved.Members,
-	}, "logged in to %s as %s (%s)", a.base(), *name, role)
+		"server": at, "login": name, "userId": toks.GetUserId(), "role": role,
+		"accessTokenExpiresAt": a.sess.t.AccessExpires, "alsoFor": also,
+	}, "logged in to %s as %s (%s)", at, name, role)
 }
 
-func (a *app) logout(ctx context.Context) error {
-	key, t, ok := a.tokens.find(a.base())
-	if !ok {
-		return a.report(map[string]any{"loggedOut": false, "reason": "not logged in"}, "not logged in")
+func (a *app) logoutCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "logout",
+		Short: "End the session (its access tokens stop working on every member)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			a.prepare(ctx)
+			if a.sess == nil {
+				return a.report(map[string]any{"loggedOut": false, "reason": "not logged in"}, "not logged in")
+			}
+			refresh := a.sess.t.RefreshToken
+			err := a.call(ctx, "logout", retryAlways, func(ctx context.Context, base string) error {
+				_, err := controlv1connect.NewAuthServiceClient(a.http, base, a.opts(base)).Logout(ctx, keyed(a, &controlv1.LogoutRequest{RefreshToken: refresh}))
+				return err
+			})
+			_ = a.tokens.put(a.sess.key, nil)
+			if err != nil && connect.CodeOf(err) != connect.CodeUnauthenticated {
+				return fmt.Errorf("%w (local tokens removed)", err)
+			}
+			return a.report(map[string]any{"loggedOut": true}, "logged out")
+		},
 	}
-	cctx, cancel := a.ctx(ctx)
-	defer cancel()
-	req := connect.NewRequest(&controlv1.LogoutRequest{RefreshToken: t.RefreshToken})
-	_, err := a.authedAuthClient().Logout(cctx, req)
-	_ = a.tokens.put(key, nil)
-	if err != nil && connect.CodeOf(err) != connect.CodeUnauthenticated {
-		return fmt.Errorf("logout: %w (local tokens removed)", err)
+}
+
+func (a *app) tokenCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "token",
+		Short: "Print a valid access token (e.g. for relayd --join-token)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			tok, err := a.accessToken(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if tok == "" {
+				return errors.New("not logged in: run relayctl login")
+			}
+			return a.report(map[string]any{"accessToken": tok}, "%s", tok)
+		},
 	}
-	return a.report(map[string]any{"loggedOut": true}, "logged out")
 }
 
 func roleName(r controlv1.Role) string {

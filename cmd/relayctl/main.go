@@ -4,11 +4,12 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -20,11 +21,10 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
-
-	"github.com/edge-relay/relay/internal/flagenv"
-	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
 const envPrefix = "RELAYCTL_"
@@ -35,9 +35,7 @@ func main() {
 	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr, os.Getenv)
 	stop()
 	if err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(os.Stderr, "relayctl:", oneLine(err))
-		}
+		fmt.Fprintln(os.Stderr, "relayctl:", oneLine(err))
 		os.Exit(1)
 	}
 }
@@ -64,129 +62,151 @@ func oneLine(err error) string {
 	return msg
 }
 
+// app is one run of relayctl: its global flags, the HTTP client, the
+// token cache and the session resolved for the servers named.
 type app struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
-	server         string
-	output         string
-	timeout        time.Duration
-	http           *http.Client
-	tokens         *tokenStore
-	envToken       string // RELAYCTL_TOKEN: an access token used as is
+	getenv         func(string) string
+
+	servers                   []string // --server: API base URLs, in order
+	output                    string
+	timeout                   time.Duration
+	caFile, certFile, keyFile string
+
+	http     *http.Client
+	tokens   *tokenStore
+	envToken string // RELAYCTL_TOKEN: an access token used as is
+	sess     *session
+	prepared bool // sess was resolved (see prepare)
+	// key is the Idempotency-Key of this run's write: the same for every
+	// retry of it, on any member.
+	key string
 }
 
-const usage = `Usage: relayctl [global flags] <command> [args]
-
-Commands:
-  login [--password-stdin] [LOGIN]        log in (prompts for LOGIN on a terminal); tokens are
-                                          cached, refreshed, and shared with the cluster's other nodes
-  logout                                  end the session
-  token                                   print a valid access token (e.g. for relayd --join-token)
-  user create --login L [--display-name N] [--role R] [--password-stdin | --no-password]
-  user get ID | list | me | delete ID
-  user update ID [--display-name N] [--login L] [--status active|disabled] [--role R] [--password-stdin]
-  device register --name N (--public-key B64 | --generate-key FILE) [--user ID]
-  device list [--user ID]
-  device rename ID NAME | revoke ID | delete ID   [--user ID]
-  keys rotate-signing | rotate-session | list
-  cluster status                          show members, leader and indexes
-  cluster join --id ID --raft-addr A [--api-addr B]
-                                          add a node as a voter
-  cluster remove ID                       remove a node from the cluster
-  cluster transfer-leader [ID]            hand leadership to ID (or the best voter)
-  backup FILE                             write a consistent backup of the state to FILE
-  relay listen --user U --device D --key FILE [--edge ADDR] [--cert-hash B64] [--for DUR]
-                                          connect to an edge as a device and print what arrives
-  relay send --user U --device D --key FILE [--to D2] [--type T] [--ephemeral] TEXT...
-                                          send an event as a device and wait for its delivery
-
-Global flags (also from the environment variables shown):
-`
-
 func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer, getenv func(string) string) error {
-	a := &app{stdin: stdin, stdout: stdout, stderr: stderr, envToken: getenv("RELAYCTL_TOKEN")}
-	store, err := newTokenStore(getenv)
+	a := &app{stdin: stdin, stdout: stdout, stderr: stderr, getenv: getenv, envToken: getenv("RELAYCTL_TOKEN")}
+	root := a.rootCommand()
+	root.SetArgs(args)
+	root.SetIn(stdin)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	defer func() {
+		if a.http != nil {
+			a.http.CloseIdleConnections()
+		}
+	}()
+	return root.ExecuteContext(ctx)
+}
+
+func (a *app) rootCommand() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "relayctl",
+		Short: "Command-line client of the relay's control plane",
+		Long: `relayctl manages a relay's control plane through its Connect API: accounts,
+devices, keys, cluster membership and backups; "relayctl relay" acts as a
+device on an edge.
+
+Global flags may come before or after the command, and each can also be set
+from the environment variable named in its help (RELAYCTL_SERVER, ...). With
+several --server endpoints (or the members a login learnt), calls that are safe
+to repeat are retried on another member when one fails.`,
+		SilenceUsage:      true,
+		SilenceErrors:     true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error { return a.setup(cmd) },
+	}
+	pf := root.PersistentFlags()
+	pf.StringSliceVar(&a.servers, "server", []string{"http://127.0.0.1:7400"}, "control API base URL; repeat or separate with commas to name several members [RELAYCTL_SERVER]")
+	pf.StringVarP(&a.output, "output", "o", "table", "output format: table or json [RELAYCTL_OUTPUT]")
+	pf.DurationVar(&a.timeout, "timeout", 30*time.Second, "how long a command may take, retries included [RELAYCTL_TIMEOUT]")
+	pf.StringVar(&a.caFile, "tls-ca", "", "PEM CA bundle to trust for an https server [RELAYCTL_TLS_CA]")
+	pf.StringVar(&a.certFile, "tls-cert", "", "PEM client certificate (for clusters that require one) [RELAYCTL_TLS_CERT]")
+	pf.StringVar(&a.keyFile, "tls-key", "", "PEM key of --tls-cert [RELAYCTL_TLS_KEY]")
+	_ = root.RegisterFlagCompletionFunc("output", cobra.FixedCompletions([]string{"table", "json"}, cobra.ShellCompDirectiveNoFileComp))
+	root.AddGroup(&cobra.Group{ID: "api", Title: "Control plane:"}, &cobra.Group{ID: "device", Title: "Acting as a device:"})
+	for _, c := range []*cobra.Command{a.loginCommand(), a.logoutCommand(), a.tokenCommand(), a.userCommand(),
+		a.deviceCommand(), a.keysCommand(), a.clusterCommand(), a.backupCommand()} {
+		c.GroupID = "api"
+		root.AddCommand(c)
+	}
+	relay := a.relayCommand()
+	relay.GroupID = "device"
+	root.AddCommand(relay)
+	return root
+}
+
+// setup reads the environment for global flags not given, checks them,
+// and builds the HTTP client and token cache.
+func (a *app) setup(cmd *cobra.Command) error {
+	var err error
+	cmd.Root().PersistentFlags().VisitAll(func(f *pflag.Flag) {
+		if err != nil || f.Changed {
+			return
+		}
+		names := []string{envPrefix + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))}
+		if f.Shorthand != "" {
+			names = append(names, envPrefix+strings.ToUpper(f.Shorthand)) // RELAYCTL_O, as before
+		}
+		for _, name := range names {
+			if v := a.getenv(name); v != "" {
+				if f.Value.Type() == "stringSlice" {
+					err = f.Value.(pflag.SliceValue).Replace(strings.Split(v, ","))
+				} else {
+					err = f.Value.Set(v)
+				}
+				if err != nil {
+					err = fmt.Errorf("environment variable %s=%q: %w", name, v, err)
+				}
+				return
+			}
+		}
+	})
 	if err != nil {
-		return err
-	}
-	a.tokens = store
-	fs := flag.NewFlagSet("relayctl", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var caFile, certFile, keyFile string
-	fs.StringVar(&a.server, "server", "http://127.0.0.1:7400", "control API base URL")
-	fs.StringVar(&a.output, "o", "table", "output format: table or json")
-	fs.DurationVar(&a.timeout, "timeout", 30*time.Second, "timeout of each request")
-	fs.StringVar(&caFile, "tls-ca", "", "PEM CA bundle to trust for an https server")
-	fs.StringVar(&certFile, "tls-cert", "", "PEM client certificate (for clusters that require one)")
-	fs.StringVar(&keyFile, "tls-key", "", "PEM key of --tls-cert")
-	fs.Usage = func() {
-		fmt.Fprint(stderr, usage)
-		fs.VisitAll(func(f *flag.Flag) {
-			fmt.Fprintf(stderr, "  -%s  [%s]  %s (default %q)\n", f.Name, flagenv.EnvName(envPrefix, f.Name), f.Usage, f.DefValue)
-		})
-	}
-	if err = flagenv.Parse(fs, envPrefix, args, getenv); err != nil {
 		return err
 	}
 	if a.output != "table" && a.output != "json" {
 		return fmt.Errorf("-o %q: want table or json", a.output)
 	}
-	client, err := httpClient(a.server, caFile, certFile, keyFile)
-	if err != nil {
+	var servers []string
+	for _, s := range a.servers {
+		if s = strings.TrimRight(strings.TrimSpace(s), "/"); s != "" && !contains(servers, s) {
+			servers = append(servers, s)
+		}
+	}
+	if len(servers) == 0 {
+		return errors.New("--server is empty")
+	}
+	a.servers = servers
+	if a.http, err = httpClient(a.servers, a.caFile, a.certFile, a.keyFile); err != nil {
 		return err
 	}
-	a.http = client
-	defer client.CloseIdleConnections()
-	rest := fs.Args()
-	if len(rest) == 0 {
-		fs.Usage()
-		return errors.New("missing command (see usage above)")
-	}
-	switch rest[0] {
-	case "login":
-		return a.login(ctx, rest[1:])
-	case "logout":
-		return a.logout(ctx)
-	case "token":
-		tok, err := a.accessToken(ctx)
-		if err != nil {
-			return err
-		}
-		if tok == "" {
-			return errors.New("not logged in: run relayctl login")
-		}
-		return a.report(map[string]any{"accessToken": tok}, "%s", tok)
-	case "user":
-		return a.user(ctx, rest[1:])
-	case "device":
-		return a.device(ctx, rest[1:])
-	case "keys":
-		return a.keys(ctx, rest[1:])
-	case "cluster":
-		return a.cluster(ctx, rest[1:])
-	case "backup":
-		return a.backup(ctx, rest[1:])
-	case "relay":
-		return a.relay(ctx, rest[1:])
-	case "help":
-		fs.Usage()
-		return nil
-	}
-	return fmt.Errorf("unknown command %q (run relayctl help)", rest[0])
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	a.key = hex.EncodeToString(b[:])
+	a.tokens, err = newTokenStore(a.getenv)
+	return err
 }
 
-func httpClient(server, caFile, certFile, keyFile string) (*http.Client, error) {
-	tr := &http.Transport{ForceAttemptHTTP2: true}
-	if strings.HasPrefix(server, "http://") {
-		// Cleartext HTTP/2 (h2c), which the API speaks without TLS.
-		var p http.Protocols
-		p.SetUnencryptedHTTP2(true)
-		tr.Protocols = &p
-		return &http.Client{Transport: tr}, nil
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
 	}
-	if !strings.HasPrefix(server, "https://") {
-		return nil, fmt.Errorf("--server %q: want an http:// or https:// URL", server)
+	return false
+}
+
+// httpClient returns a client for the servers: HTTP/2 over cleartext
+// (h2c) for http:// URLs, TLS with the given CA and client certificate
+// for https:// ones.
+func httpClient(servers []string, caFile, certFile, keyFile string) (*http.Client, error) {
+	for _, s := range servers {
+		if !strings.HasPrefix(s, "http://") && !strings.HasPrefix(s, "https://") {
+			return nil, fmt.Errorf("--server %q: want an http:// or https:// URL", s)
+		}
 	}
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if caFile != "" {
 		pem, err := os.ReadFile(caFile)
@@ -206,16 +226,27 @@ func httpClient(server, caFile, certFile, keyFile string) (*http.Client, error) 
 		}
 		cfg.Certificates = []tls.Certificate{cert}
 	}
-	tr.TLSClientConfig = cfg
-	return &http.Client{Transport: tr}, nil
+	return &http.Client{Transport: bySchemeTransport{
+		h2c: &http.Transport{Protocols: &p},
+		tls: &http.Transport{ForceAttemptHTTP2: true, TLSClientConfig: cfg},
+	}}, nil
 }
 
-func (a *app) clusterClient() controlv1connect.ClusterServiceClient {
-	return controlv1connect.NewClusterServiceClient(a.http, a.base(), a.opts())
+// bySchemeTransport sends http:// requests as h2c (which the API speaks
+// without TLS) and https:// ones over TLS.
+type bySchemeTransport struct{ h2c, tls *http.Transport }
+
+func (t bySchemeTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.URL.Scheme == "http" {
+		return t.h2c.RoundTrip(r)
+	}
+	return t.tls.RoundTrip(r)
 }
 
-func (a *app) ctx(parent context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(parent, a.timeout)
+// CloseIdleConnections lets http.Client.CloseIdleConnections reach both.
+func (t bySchemeTransport) CloseIdleConnections() {
+	t.h2c.CloseIdleConnections()
+	t.tls.CloseIdleConnections()
 }
 
 // printJSON writes a message in the API's JSON form.
@@ -226,6 +257,15 @@ func (a *app) printJSON(m proto.Message) error {
 	}
 	_, err = fmt.Fprintln(a.stdout, string(b))
 	return err
+}
+
+// print writes a record: in the API's JSON form with -o json, else as a
+// table.
+func (a *app) print(m proto.Message, table func() error) error {
+	if a.output == "json" {
+		return a.printJSON(m)
+	}
+	return table()
 }
 
 func (a *app) table() *tabwriter.Writer {

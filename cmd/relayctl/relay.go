@@ -3,10 +3,13 @@ package main
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,109 +18,217 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/spf13/cobra"
+
 	"github.com/edge-relay/relay/edge/client"
-	"github.com/edge-relay/relay/internal/flagenv"
 )
 
-// relay runs `relayctl relay listen|send`: act as one device on an edge,
-// with the Go client, to see the relay work or to debug a device.
-func (a *app) relay(ctx context.Context, args []string) error {
-	if len(args) == 0 {
-		return errors.New("relay: missing subcommand: listen or send")
+// relayFlags are the flags of `relayctl relay listen|send`: act as one
+// device on an edge, with the Go client, to see the relay work or to
+// debug a device.
+type relayFlags struct {
+	cfg       client.Config
+	keyFile   string
+	hashes    []string
+	transport string
+}
+
+func (f *relayFlags) register(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.StringVar(&f.cfg.Addr, "edge", "127.0.0.1:7443", "the edge's UDP address")
+	fl.StringVar(&f.cfg.UserID, "user", "", "the device's user id (required)")
+	fl.StringVar(&f.cfg.DeviceID, "device", "", "the device id (required)")
+	fl.StringVar(&f.keyFile, "key", "", "file with the device's private key, base64 seed as written by device register --generate-key (required)")
+	fl.StringSliceVar(&f.hashes, "cert-hash", nil, "base64 SHA-256 of the edge's self-signed certificate to pin (relayd prints it; repeatable)")
+	fl.StringVar(&f.transport, "transport", "quic", "quic or webtransport")
+	for _, name := range []string{"user", "device", "key"} {
+		_ = cmd.MarkFlagRequired(name)
 	}
-	fs := flag.NewFlagSet("relayctl relay "+args[0], flag.ContinueOnError)
-	fs.SetOutput(a.stderr)
-	var (
-		cfg      client.Config
-		keyFile  string
-		hashes   flagenv.List
-		tr       string
-		targets  flagenv.List
-		typ      string
-		ttl      time.Duration
-		eph      bool
-		duration time.Duration
-	)
-	fs.StringVar(&cfg.Addr, "edge", "127.0.0.1:7443", "the edge's UDP address")
-	fs.StringVar(&cfg.UserID, "user", "", "the device's user id (required)")
-	fs.StringVar(&cfg.DeviceID, "device", "", "the device id (required)")
-	fs.StringVar(&keyFile, "key", "", "file with the device's private key, base64 seed as written by device register --generate-key (required)")
-	fs.Var(&hashes, "cert-hash", "base64 SHA-256 of the edge's self-signed certificate to pin (relayd prints it; repeatable)")
-	fs.StringVar(&tr, "transport", "quic", "quic or webtransport")
-	switch args[0] {
-	case "send":
-		fs.Var(&targets, "to", "target device id (repeatable; default: all the user's other devices)")
-		fs.StringVar(&typ, "type", "text", "event type")
-		fs.DurationVar(&ttl, "ttl", time.Minute, "how long the event may wait for its targets")
-		fs.BoolVar(&eph, "ephemeral", false, "send without storage or acknowledgement")
-	case "listen":
-		fs.DurationVar(&duration, "for", 0, "stop after this long (default: until interrupted)")
-	default:
-		return fmt.Errorf("relay: unknown subcommand %q: want listen or send", args[0])
-	}
-	if err := fs.Parse(args[1:]); err != nil {
-		return err
-	}
-	if cfg.UserID == "" || cfg.DeviceID == "" || keyFile == "" {
-		return errors.New("usage: relayctl relay " + args[0] + " --user ID --device ID --key FILE [--edge ADDR] [--cert-hash B64] ...")
-	}
-	key, err := readDeviceKey(keyFile)
+	_ = cmd.RegisterFlagCompletionFunc("transport", cobra.FixedCompletions([]string{"quic", "webtransport"}, cobra.ShellCompDirectiveNoFileComp))
+}
+
+// dial connects to the edge as the device.
+func (a *app) dial(ctx context.Context, f *relayFlags) (*client.Client, error) {
+	cfg := f.cfg
+	key, err := readDeviceKey(f.keyFile)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	cfg.Key = key
-	for _, h := range hashes {
-		b, err := base64.StdEncoding.DecodeString(h)
-		if err != nil || len(b) != 32 {
-			return fmt.Errorf("--cert-hash %q: want the base64 of a SHA-256", h)
+	for _, h := range f.hashes {
+		b, err := parseCertHash(h)
+		if err != nil {
+			return nil, err
 		}
 		cfg.CertHashes = append(cfg.CertHashes, b)
 	}
-	switch tr {
+	switch f.transport {
 	case "quic":
 	case "webtransport":
 		cfg.Transport = client.WebTransport
 	default:
-		return fmt.Errorf("--transport %q: want quic or webtransport", tr)
+		return nil, fmt.Errorf("--transport %q: want quic or webtransport", f.transport)
 	}
 	cfg.Logger = discardLogger()
+	cfg.OnSession = f.cfg.OnSession
 	dctx, cancel := context.WithTimeout(ctx, a.timeout)
+	defer cancel()
 	c, err := client.Dial(dctx, cfg)
-	cancel()
 	if err != nil {
-		return fmt.Errorf("connect to the edge at %s: %w", cfg.Addr, err)
+		err = fmt.Errorf("connect to the edge at %s: %w", cfg.Addr, err)
+		if len(cfg.CertHashes) == 0 && isCertError(err) {
+			err = fmt.Errorf("%w (the edge's certificate is not one this machine trusts; a self-signed edge publishes the hash to pin: pass --cert-hash with the value relayd dev prints in its banner, or the one served at http://EDGE-ADMIN/.well-known/relay/certificate-hashes)", err)
+		}
+		return nil, err
 	}
-	defer c.Close()
-	if args[0] == "send" {
-		payload := strings.Join(fs.Args(), " ")
-		m := client.Message{Targets: targets, Type: typ, Payload: []byte(payload), TTL: ttl}
-		start := time.Now()
-		if eph {
-			if err := c.SendEphemeral(m); err != nil {
+	return c, nil
+}
+
+// isCertError reports whether a dial failed on the edge's certificate.
+func isCertError(err error) bool {
+	var unknown x509.UnknownAuthorityError
+	var invalid x509.CertificateInvalidError
+	var hostname x509.HostnameError
+	var verify *tls.CertificateVerificationError
+	return errors.As(err, &unknown) || errors.As(err, &invalid) || errors.As(err, &hostname) || errors.As(err, &verify) ||
+		strings.Contains(err.Error(), "certificate")
+}
+
+// parseCertHash reads a --cert-hash: the base64 of a SHA-256, as relayd
+// and the edge's certificate-hashes document show it (base64url and hex
+// are taken too).
+func parseCertHash(h string) ([]byte, error) {
+	for _, dec := range []func(string) ([]byte, error){
+		base64.StdEncoding.DecodeString, base64.RawStdEncoding.DecodeString,
+		base64.URLEncoding.DecodeString, base64.RawURLEncoding.DecodeString, hex.DecodeString,
+	} {
+		if b, err := dec(h); err == nil && len(b) == sha256.Size {
+			return b, nil
+		}
+	}
+	return nil, fmt.Errorf("--cert-hash %q: want the base64 of a SHA-256 (as relayd dev prints it)", h)
+}
+
+func (a *app) relayCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "relay", Short: "Act as a device on an edge: listen for events, or send one"}
+	var (
+		send    relayFlags
+		targets []string
+		typ     string
+		ttl     time.Duration
+		eph     bool
+	)
+	sendCmd := &cobra.Command{
+		Use:   "send --user U --device D --key FILE [--to D2] [--type T] [--ephemeral] TEXT...",
+		Short: "Send an event as a device and wait for its delivery",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.dial(cmd.Context(), &send)
+			if err != nil {
 				return err
 			}
-			return a.report(map[string]any{"sent": true}, "sent (ephemeral: no acknowledgement)")
-		}
-		sctx, cancel := context.WithTimeout(ctx, a.timeout)
-		defer cancel()
-		if err := c.Send(sctx, m); err != nil {
-			return fmt.Errorf("send: %w", err)
-		}
-		took := time.Since(start)
-		return a.report(map[string]any{"delivered": true, "ackMs": float64(took.Microseconds()) / 1000},
-			"delivered to every target (acknowledged after %s)", took.Round(10*time.Microsecond))
+			defer c.Close()
+			m := client.Message{Targets: targets, Type: typ, Payload: []byte(strings.Join(args, " ")), TTL: ttl}
+			start := time.Now()
+			if eph {
+				if err := c.SendEphemeral(m); err != nil {
+					return err
+				}
+				return a.report(map[string]any{"sent": true}, "sent (ephemeral: no acknowledgement)")
+			}
+			sctx, cancel := context.WithTimeout(cmd.Context(), a.timeout)
+			defer cancel()
+			if err := c.Send(sctx, m); err != nil {
+				return fmt.Errorf("send: %w", err)
+			}
+			took := time.Since(start)
+			return a.report(map[string]any{"delivered": true, "ackMs": float64(took.Microseconds()) / 1000},
+				"delivered to every target (acknowledged after %s)", took.Round(10*time.Microsecond))
+		},
 	}
+	send.register(sendCmd)
+	sendCmd.Flags().StringSliceVar(&targets, "to", nil, "target device id (repeatable; default: all the user's other devices)")
+	sendCmd.Flags().StringVar(&typ, "type", "text", "event type")
+	sendCmd.Flags().DurationVar(&ttl, "ttl", time.Minute, "how long the event may wait for its targets")
+	sendCmd.Flags().BoolVar(&eph, "ephemeral", false, "send without storage or acknowledgement")
+
+	var listen relayFlags
+	var duration time.Duration
+	listenCmd := &cobra.Command{
+		Use:   "listen --user U --device D --key FILE [--edge ADDR] [--cert-hash B64] [--for DUR]",
+		Short: "Connect to an edge as a device and print what arrives",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return a.listen(cmd.Context(), &listen, duration)
+		},
+	}
+	listen.register(listenCmd)
+	listenCmd.Flags().DurationVar(&duration, "for", 0, "stop after this long (default: until interrupted)")
+	cmd.AddCommand(sendCmd, listenCmd)
+	return cmd
+}
+
+// listen prints what arrives for the device, and when the edge goes
+// away and when the session is back.
+func (a *app) listen(ctx context.Context, f *relayFlags, duration time.Duration) error {
+	sessions := make(chan client.SessionInfo, 16)
+	f.cfg.OnSession = func(s client.SessionInfo) {
+		select {
+		case sessions <- s:
+		default: // listen prints the latest state anyway
+		}
+	}
+	c, err := a.dial(ctx, f)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
 	if duration > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, duration)
 		defer cancel()
 	}
-	fmt.Fprintf(a.stderr, "listening as %s (session %s, clock offset %s); Ctrl-C to stop\n", cfg.DeviceID, c.SessionID(), c.ClockOffset().Round(time.Millisecond))
+	first := c.SessionID() // OnSession reports it too
+	fmt.Fprintf(a.stderr, "listening as %s on %s (session %s, clock offset %s); Ctrl-C to stop\n",
+		f.cfg.DeviceID, c.Edge(), c.SessionID(), c.ClockOffset().Round(time.Millisecond))
 	enc := json.NewEncoder(a.stdout)
+	// The client reconnects by itself; a session id of "" means it is
+	// between sessions. Polling it tells when the edge went away.
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	away := false
+	status := func(state, edge string, extra map[string]any) {
+		if a.output == "json" {
+			v := map[string]any{"connection": state, "edge": edge}
+			for k, x := range extra {
+				v[k] = x
+			}
+			_ = enc.Encode(v)
+			return
+		}
+		if state == "lost" {
+			fmt.Fprintf(a.stderr, "%s  the edge at %s went away; reconnecting...\n", time.Now().Format("15:04:05.000"), edge)
+		} else {
+			fmt.Fprintf(a.stderr, "%s  connected again, to %s (session %s, resumed %v)\n", time.Now().Format("15:04:05.000"), edge, extra["session"], extra["resumed"])
+		}
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-tick.C:
+			if !away && c.SessionID() == "" {
+				away = true
+				status("lost", c.Edge(), nil)
+			}
+		case s := <-sessions:
+			if !away && s.SessionID == first {
+				continue
+			}
+			if !away {
+				status("lost", s.Edge, nil) // it went and came back between two looks
+			}
+			away = false
+			status("back", s.Edge, map[string]any{"session": s.SessionID, "resumed": s.Resumed})
 		case p := <-c.Presence():
 			state := "offline"
 			if p.Online {

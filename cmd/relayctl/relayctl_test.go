@@ -220,7 +220,7 @@ type errString string
 func (e errString) Error() string { return string(e) }
 
 func httpClientForTest(t *testing.T) *http.Client {
-	c, err := httpClient("http://x", "", "", "")
+	c, err := httpClient([]string{"http://x"}, "", "", "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,17 +26,21 @@ type savedTokens struct {
 	RefreshToken   string    `json:"refresh_token"`
 	RefreshExpires time.Time `json:"refresh_expires"`
 	UserID         string    `json:"user_id"`
-	// Members are the API base URLs of the cluster's nodes as the server
-	// logged in to listed them (staff accounts only: users may not read
-	// the member list). The tokens are used for those URLs too.
-	Members []string `json:"members,omitempty"`
+	// Members are the API base URLs of the cluster's other nodes as the
+	// cluster last listed them (staff accounts only: users may not read
+	// the member list); the tokens are used for those URLs too.
+	// MemberIDs names the node behind each URL, the one logged in to
+	// included, for messages.
+	Members   []string          `json:"members,omitempty"`
+	MemberIDs map[string]string `json:"member_ids,omitempty"`
 }
 
 // tokenStore is the token cache: one JSON file, mode 0600, in the user's
 // config directory (RELAYCTL_CONFIG_DIR overrides), keyed by the server
 // URL logged in to. Tokens go only to that URL and to the member URLs
-// that server named: a cluster has no id a client could check, and a
-// URL merely claiming to be in the same cluster must not receive them.
+// the cluster named when asked with them: a cluster has no id a client
+// could check, and a URL merely claiming to be in the same cluster must
+// not receive them.
 type tokenStore struct {
 	path string
 }
@@ -69,27 +73,30 @@ func (s *tokenStore) load() (map[string]savedTokens, error) {
 }
 
 // find returns the cached session for server: the one logged in to that
-// URL, else one whose cluster lists it as a member. key is the entry to
-// update or delete.
-func (s *tokenStore) find(server string) (key string, t savedTokens, ok bool) {
+// URL, else one whose cluster lists it as a member.
+func (s *tokenStore) find(server string) (*session, bool) {
 	m, err := s.load()
 	if err != nil {
-		return "", savedTokens{}, false
+		return nil, false
 	}
 	if t, ok := m[server]; ok {
-		return server, t, true
+		return &session{key: server, t: t}, true
 	}
+	for _, k := range sortedKeys(m) { // deterministic when several clusters list the URL
+		if slices.Contains(m[k].Members, server) {
+			return &session{key: k, t: m[k]}, true
+		}
+	}
+	return nil, false
+}
+
+func sortedKeys(m map[string]savedTokens) []string {
 	keys := make([]string, 0, len(m))
 	for k := range m {
 		keys = append(keys, k)
 	}
-	sort.Strings(keys) // deterministic when several clusters list the URL
-	for _, k := range keys {
-		if slices.Contains(m[k].Members, server) {
-			return k, m[k], true
-		}
-	}
-	return "", savedTokens{}, false
+	sort.Strings(keys)
+	return keys
 }
 
 func (s *tokenStore) put(server string, t *savedTokens) error {
@@ -124,69 +131,162 @@ func fromTokens(t *controlv1.Tokens) *savedTokens {
 	}
 }
 
-func (a *app) authClient() controlv1connect.AuthServiceClient {
-	return controlv1connect.NewAuthServiceClient(a.http, a.base())
+// session is the cached login this run uses.
+type session struct {
+	key string // the URL logged in to: its entry in the cache
+	t   savedTokens
 }
 
-func (a *app) base() string { return strings.TrimRight(a.server, "/") }
+// urls are the API URLs the session's tokens may go to.
+func (s *session) urls() []string { return append([]string{s.key}, s.t.Members...) }
 
-// accessToken returns a valid access token for the server, refreshing
-// (and saving) it when it is about to expire. RELAYCTL_TOKEN, when set,
-// is used as is.
+func (s *session) trusts(base string) bool { return s != nil && slices.Contains(s.urls(), base) }
+
+// prepare resolves the session for the servers named, once per run: one
+// logged in to (or listing as a member) one of them, else one whose
+// cluster lists one of them now (it grew since the login). Then it asks
+// the cluster for its member list, so that retries can go to every
+// member.
+func (a *app) prepare(ctx context.Context) {
+	if a.prepared || a.envToken != "" || a.tokens == nil {
+		return
+	}
+	a.prepared = true
+	for _, s := range a.servers {
+		if sess, ok := a.tokens.find(s); ok {
+			a.sess = sess
+			break
+		}
+	}
+	if a.sess == nil {
+		a.sess = a.discover(ctx)
+	}
+	if a.sess != nil {
+		a.refreshMembers(ctx, a.sess)
+	}
+}
+
+// discover looks for a cached session whose cluster now lists one of the
+// servers among its members.
+func (a *app) discover(ctx context.Context) *session {
+	m, err := a.tokens.load()
+	if err != nil {
+		return nil
+	}
+	for _, k := range sortedKeys(m) {
+		sess := &session{key: k, t: m[k]}
+		a.refreshMembers(ctx, sess)
+		for _, s := range a.servers {
+			if sess.trusts(s) {
+				return sess
+			}
+		}
+	}
+	return nil
+}
+
+// refreshMembers asks the session's cluster (any member that answers)
+// for its members and saves them. Only staff may read them; for anyone
+// else, or when no member answers, the session stays as it is.
+func (a *app) refreshMembers(ctx context.Context, sess *session) {
+	tok, err := a.tokenOf(ctx, sess)
+	if err != nil || tok == "" {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, min(a.timeout, 5*time.Second))
+	defer cancel()
+	for _, base := range sess.urls() {
+		req := connect.NewRequest(&controlv1.StatusRequest{})
+		req.Header().Set("Authorization", "Bearer "+tok)
+		resp, err := controlv1connect.NewClusterServiceClient(a.http, base).Status(ctx, req)
+		if err != nil {
+			if c := connect.CodeOf(err); c == connect.CodePermissionDenied || c == connect.CodeUnauthenticated {
+				return
+			}
+			continue
+		}
+		scheme := base[:strings.Index(base, "://")+3]
+		ids := map[string]string{}
+		var members []string
+		for _, m := range resp.Msg.GetMembers() {
+			if m.GetApiAddr() == "" {
+				continue
+			}
+			u := scheme + m.GetApiAddr()
+			ids[u] = m.GetId()
+			if u != sess.key {
+				members = append(members, u)
+			}
+		}
+		if !slices.Equal(members, sess.t.Members) || len(ids) != len(sess.t.MemberIDs) {
+			sess.t.Members, sess.t.MemberIDs = members, ids
+			_ = a.tokens.put(sess.key, &sess.t)
+		}
+		return
+	}
+}
+
+// accessToken returns a valid access token for this run (refreshing and
+// saving it when it is about to expire), "" when not logged in.
+// RELAYCTL_TOKEN, when set, is used as is.
 func (a *app) accessToken(ctx context.Context) (string, error) {
 	if a.envToken != "" {
 		return a.envToken, nil
 	}
-	key, t, ok := a.tokens.find(a.base())
-	if !ok {
+	a.prepare(ctx)
+	if a.sess == nil {
 		return "", nil
 	}
+	return a.tokenOf(ctx, a.sess)
+}
+
+// tokenOf returns a valid access token of a session, refreshing it
+// through any of its members when it is about to expire.
+func (a *app) tokenOf(ctx context.Context, sess *session) (string, error) {
+	t := sess.t
 	if time.Until(t.AccessExpires) > 30*time.Second {
 		return t.AccessToken, nil
 	}
 	if t.RefreshToken == "" || time.Until(t.RefreshExpires) <= 0 {
 		return "", errors.New("your session has expired: run relayctl login")
 	}
-	resp, err := a.authClient().Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: t.RefreshToken}))
+	var resp *connect.Response[controlv1.RefreshResponse]
+	// A refresh token is single-use: a refresh is repeated only when it
+	// cannot have reached a node.
+	err := a.callOn(ctx, sess.urls(), "refresh session", retryIfNotSent, func(ctx context.Context, base string) (err error) {
+		resp, err = controlv1connect.NewAuthServiceClient(a.http, base).Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: t.RefreshToken}))
+		return err
+	})
 	if err != nil {
 		if connect.CodeOf(err) == connect.CodeUnauthenticated {
-			_ = a.tokens.put(key, nil)
+			_ = a.tokens.put(sess.key, nil)
 			return "", fmt.Errorf("your session ended (%v): run relayctl login", err)
 		}
-		return "", fmt.Errorf("refresh session: %w", err)
-	}
-	nt := fromTokens(resp.Msg.GetTokens())
-	nt.Members = t.Members
-	if err := a.tokens.put(key, nt); err != nil {
 		return "", err
 	}
+	nt := fromTokens(resp.Msg.GetTokens())
+	nt.Members, nt.MemberIDs = t.Members, t.MemberIDs
+	if err := a.tokens.put(sess.key, nt); err != nil {
+		return "", err
+	}
+	sess.t = *nt
 	return nt.AccessToken, nil
 }
 
-// memberURLs asks the server, with a fresh access token, for the API
-// URLs of the cluster's members. Only staff may read them; for anyone
-// else (or on any error) the session stays tied to the one URL.
-func (a *app) memberURLs(ctx context.Context, accessToken string) []string {
-	req := connect.NewRequest(&controlv1.StatusRequest{})
-	req.Header().Set("Authorization", "Bearer "+accessToken)
-	resp, err := controlv1connect.NewClusterServiceClient(a.http, a.base()).Status(ctx, req)
-	if err != nil {
-		return nil
-	}
-	scheme := a.base()[:strings.Index(a.base(), "://")+3]
-	var out []string
-	for _, m := range resp.Msg.GetMembers() {
-		if addr := m.GetApiAddr(); addr != "" && scheme+addr != a.base() {
-			out = append(out, scheme+addr)
-		}
-	}
-	return out
+// bearer is a client interceptor that adds the access token to calls to
+// base, when the session's tokens may go there.
+type bearer struct {
+	a    *app
+	base string
 }
 
-// bearer is a client interceptor that adds the access token.
-type bearer struct{ a *app }
-
 func (b bearer) set(ctx context.Context, h http.Header) error {
+	if b.a.envToken == "" {
+		b.a.prepare(ctx)
+		if !b.a.sess.trusts(b.base) {
+			return nil
+		}
+	}
 	tok, err := b.a.accessToken(ctx)
 	if err != nil {
 		return err
@@ -218,8 +318,7 @@ func (b bearer) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.
 	return next
 }
 
-func (a *app) opts() connect.ClientOption { return connect.WithInterceptors(bearer{a}) }
-
-func (a *app) authedAuthClient() controlv1connect.AuthServiceClient {
-	return controlv1connect.NewAuthServiceClient(a.http, a.base(), a.opts())
+// opts are the client options for calls to base: the access token.
+func (a *app) opts(base string) connect.ClientOption {
+	return connect.WithInterceptors(bearer{a: a, base: base})
 }

@@ -3,21 +3,17 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"strings"
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
-
-func (a *app) userClient() controlv1connect.UserServiceClient {
-	return controlv1connect.NewUserServiceClient(a.http, a.base(), a.opts())
-}
 
 func parseRole(s string) (controlv1.Role, error) {
 	v, ok := controlv1.Role_value["ROLE_"+strings.ToUpper(s)]
@@ -52,150 +48,183 @@ func (a *app) printUsers(users ...*controlv1.User) error {
 	return w.Flush()
 }
 
-func (a *app) user(ctx context.Context, args []string) error {
-	if len(args) == 0 {
-		return errors.New("user: missing subcommand: create, get, list, update, delete or me")
-	}
-	cctx, cancel := a.ctx(ctx)
-	defer cancel()
-	switch args[0] {
-	case "create":
-		fs := flag.NewFlagSet("relayctl user create", flag.ContinueOnError)
-		fs.SetOutput(a.stderr)
-		req := &controlv1.CreateUserRequest{}
-		fs.StringVar(&req.Login, "login", "", "login name (required)")
-		fs.StringVar(&req.DisplayName, "display-name", "", "display name")
-		role := fs.String("role", "user", "admin, operator, viewer, user or edge")
-		pwStdin := fs.Bool("password-stdin", false, "read the password from standard input")
-		noPw := fs.Bool("no-password", false, "create the account without password login")
-		if err := fs.Parse(args[1:]); err != nil {
-			return err
-		}
-		if req.Login == "" {
-			return errors.New("usage: relayctl user create --login NAME [--display-name N] [--role R] [--password-stdin | --no-password]")
-		}
-		r, err := parseRole(*role)
-		if err != nil {
-			return err
-		}
-		req.Role = r
-		if !*noPw {
-			if req.Password, err = a.readSecret("password for "+req.Login+": ", *pwStdin); err != nil {
-				return err
-			}
-		}
-		resp, err := a.userClient().CreateUser(cctx, connect.NewRequest(req))
-		if err != nil {
-			return fmt.Errorf("create user: %w", err)
-		}
-		if a.output == "json" {
-			return a.printJSON(resp.Msg.GetUser())
-		}
-		return a.printUsers(resp.Msg.GetUser())
-	case "get":
-		if len(args) != 2 {
-			return errors.New("usage: relayctl user get ID")
-		}
-		resp, err := a.userClient().GetUser(cctx, connect.NewRequest(&controlv1.GetUserRequest{Id: args[1]}))
-		if err != nil {
-			return fmt.Errorf("get user: %w", err)
-		}
-		if a.output == "json" {
-			return a.printJSON(resp.Msg.GetUser())
-		}
-		return a.printUsers(resp.Msg.GetUser())
-	case "me":
-		resp, err := a.userClient().GetMe(cctx, connect.NewRequest(&controlv1.GetMeRequest{}))
-		if err != nil {
-			return fmt.Errorf("get me: %w", err)
-		}
-		if a.output == "json" {
-			return a.printJSON(resp.Msg.GetUser())
-		}
-		return a.printUsers(resp.Msg.GetUser())
-	case "list":
-		fs := flag.NewFlagSet("relayctl user list", flag.ContinueOnError)
-		fs.SetOutput(a.stderr)
-		size := fs.Int("page-size", 100, "accounts per request")
-		if err := fs.Parse(args[1:]); err != nil {
-			return err
-		}
-		all := &controlv1.ListUsersResponse{}
-		token := ""
-		for {
-			resp, err := a.userClient().ListUsers(cctx, connect.NewRequest(&controlv1.ListUsersRequest{PageSize: int32(*size), PageToken: token}))
-			if err != nil {
-				return fmt.Errorf("list users: %w", err)
-			}
-			all.Users = append(all.Users, resp.Msg.GetUsers()...)
-			if token = resp.Msg.GetNextPageToken(); token == "" {
-				break
-			}
-		}
-		if a.output == "json" {
-			return a.printJSON(all)
-		}
-		return a.printUsers(all.GetUsers()...)
-	case "update":
-		fs := flag.NewFlagSet("relayctl user update", flag.ContinueOnError)
-		fs.SetOutput(a.stderr)
-		display := fs.String("display-name", "", "new display name")
-		login := fs.String("login", "", "new login name")
-		status := fs.String("status", "", "active or disabled")
-		role := fs.String("role", "", "admin, operator, viewer, user or edge")
-		pwStdin := fs.Bool("password-stdin", false, "set a new password read from standard input")
-		if len(args) < 2 {
-			return errors.New("usage: relayctl user update ID [--display-name N] [--login L] [--status S] [--role R] [--password-stdin]")
-		}
-		if err := fs.Parse(args[2:]); err != nil {
-			return err
-		}
-		req := &controlv1.UpdateUserRequest{Id: args[1]}
-		set := map[string]bool{}
-		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-		if set["display-name"] {
-			req.DisplayName = display
-		}
-		if set["login"] {
-			req.Login = login
-		}
-		if set["status"] {
-			st, err := parseStatus(*status)
-			if err != nil {
-				return err
-			}
-			req.Status = &st
-		}
-		if set["role"] {
-			r, err := parseRole(*role)
-			if err != nil {
-				return err
-			}
-			req.Role = &r
-		}
-		if *pwStdin {
-			pw, err := a.readSecret("", true)
-			if err != nil {
-				return err
-			}
-			req.Password = &pw
-		}
-		resp, err := a.userClient().UpdateUser(cctx, connect.NewRequest(req))
-		if err != nil {
-			return fmt.Errorf("update user: %w", err)
-		}
-		if a.output == "json" {
-			return a.printJSON(resp.Msg.GetUser())
-		}
-		return a.printUsers(resp.Msg.GetUser())
-	case "delete":
-		if len(args) != 2 {
-			return errors.New("usage: relayctl user delete ID")
-		}
-		if _, err := a.userClient().DeleteUser(cctx, connect.NewRequest(&controlv1.DeleteUserRequest{Id: args[1]})); err != nil {
-			return fmt.Errorf("delete user: %w", err)
-		}
-		return a.report(map[string]any{"id": args[1], "deleted": true}, "deleted user %s with its devices and tokens", args[1])
-	}
-	return fmt.Errorf("user: unknown subcommand %q: want create, get, list, update, delete or me", args[0])
+func (a *app) users(base string) controlv1connect.UserServiceClient {
+	return controlv1connect.NewUserServiceClient(a.http, base, a.opts(base))
 }
+
+// userCall makes one UserService call on whichever member answers and
+// prints the account it returns.
+func (a *app) userCall(ctx context.Context, what string, mode retryMode, fn func(context.Context, controlv1connect.UserServiceClient) (*controlv1.User, error)) error {
+	var u *controlv1.User
+	err := a.call(ctx, what, mode, func(ctx context.Context, base string) (err error) {
+		u, err = fn(ctx, a.users(base))
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return a.print(u, func() error { return a.printUsers(u) })
+}
+
+func (a *app) userCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "user", Short: "Manage accounts"}
+	var create controlv1.CreateUserRequest
+	var createRole string
+	var pwStdin, noPw bool
+	c := &cobra.Command{
+		Use:   "create --login LOGIN [--display-name N] [--role R] [--password-stdin | --no-password]",
+		Short: "Create an account",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if create.Login == "" {
+				return errors.New("--login is required")
+			}
+			r, err := parseRole(createRole)
+			if err != nil {
+				return err
+			}
+			create.Role = r
+			if !noPw {
+				if create.Password, err = a.readSecret("password for "+create.Login+": ", pwStdin); err != nil {
+					return err
+				}
+			}
+			return a.userCall(cmd.Context(), "create user", retryAlways, func(ctx context.Context, cl controlv1connect.UserServiceClient) (*controlv1.User, error) {
+				resp, err := cl.CreateUser(ctx, keyed(a, &create))
+				if err != nil {
+					return nil, err
+				}
+				return resp.Msg.GetUser(), nil
+			})
+		},
+	}
+	c.Flags().StringVar(&create.Login, "login", "", "login name (required)")
+	c.Flags().StringVar(&create.DisplayName, "display-name", "", "display name")
+	c.Flags().StringVar(&createRole, "role", "user", "admin, operator, viewer, user or edge")
+	c.Flags().BoolVar(&pwStdin, "password-stdin", false, "read the password from standard input")
+	c.Flags().BoolVar(&noPw, "no-password", false, "create the account without password login")
+	c.MarkFlagsMutuallyExclusive("password-stdin", "no-password")
+	_ = c.RegisterFlagCompletionFunc("role", roleCompletion)
+	cmd.AddCommand(c)
+
+	cmd.AddCommand(&cobra.Command{
+		Use: "get ID", Short: "Show an account", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.userCall(cmd.Context(), "get user", retryAlways, func(ctx context.Context, cl controlv1connect.UserServiceClient) (*controlv1.User, error) {
+				resp, err := cl.GetUser(ctx, connect.NewRequest(&controlv1.GetUserRequest{Id: args[0]}))
+				if err != nil {
+					return nil, err
+				}
+				return resp.Msg.GetUser(), nil
+			})
+		},
+	}, &cobra.Command{
+		Use: "me", Short: "Show your own account", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return a.userCall(cmd.Context(), "get me", retryAlways, func(ctx context.Context, cl controlv1connect.UserServiceClient) (*controlv1.User, error) {
+				resp, err := cl.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{}))
+				if err != nil {
+					return nil, err
+				}
+				return resp.Msg.GetUser(), nil
+			})
+		},
+	})
+
+	var pageSize int32
+	list := &cobra.Command{
+		Use: "list", Short: "List accounts", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			all := &controlv1.ListUsersResponse{}
+			token := ""
+			for {
+				var resp *connect.Response[controlv1.ListUsersResponse]
+				err := a.call(cmd.Context(), "list users", retryAlways, func(ctx context.Context, base string) (err error) {
+					resp, err = a.users(base).ListUsers(ctx, connect.NewRequest(&controlv1.ListUsersRequest{PageSize: pageSize, PageToken: token}))
+					return err
+				})
+				if err != nil {
+					return err
+				}
+				all.Users = append(all.Users, resp.Msg.GetUsers()...)
+				if token = resp.Msg.GetNextPageToken(); token == "" {
+					break
+				}
+			}
+			return a.print(all, func() error { return a.printUsers(all.GetUsers()...) })
+		},
+	}
+	list.Flags().Int32Var(&pageSize, "page-size", 100, "accounts per request")
+	cmd.AddCommand(list)
+
+	var display, login, status, role string
+	var newPw bool
+	update := &cobra.Command{
+		Use:   "update ID [--display-name N] [--login L] [--status active|disabled] [--role R] [--password-stdin]",
+		Short: "Change an account (a new password, role or status ends its sessions)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := &controlv1.UpdateUserRequest{Id: args[0]}
+			f := cmd.Flags()
+			if f.Changed("display-name") {
+				req.DisplayName = &display
+			}
+			if f.Changed("login") {
+				req.Login = &login
+			}
+			if f.Changed("status") {
+				st, err := parseStatus(status)
+				if err != nil {
+					return err
+				}
+				req.Status = &st
+			}
+			if f.Changed("role") {
+				r, err := parseRole(role)
+				if err != nil {
+					return err
+				}
+				req.Role = &r
+			}
+			if newPw {
+				pw, err := a.readSecret("", true)
+				if err != nil {
+					return err
+				}
+				req.Password = &pw
+			}
+			return a.userCall(cmd.Context(), "update user", retryAlways, func(ctx context.Context, cl controlv1connect.UserServiceClient) (*controlv1.User, error) {
+				resp, err := cl.UpdateUser(ctx, keyed(a, req))
+				if err != nil {
+					return nil, err
+				}
+				return resp.Msg.GetUser(), nil
+			})
+		},
+	}
+	update.Flags().StringVar(&display, "display-name", "", "new display name")
+	update.Flags().StringVar(&login, "login", "", "new login name")
+	update.Flags().StringVar(&status, "status", "", "active or disabled")
+	update.Flags().StringVar(&role, "role", "", "admin, operator, viewer, user or edge")
+	update.Flags().BoolVar(&newPw, "password-stdin", false, "set a new password read from standard input")
+	_ = update.RegisterFlagCompletionFunc("role", roleCompletion)
+	_ = update.RegisterFlagCompletionFunc("status", cobra.FixedCompletions([]string{"active", "disabled"}, cobra.ShellCompDirectiveNoFileComp))
+	cmd.AddCommand(update)
+
+	cmd.AddCommand(&cobra.Command{
+		Use: "delete ID", Short: "Delete an account with its devices and tokens", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			err := a.call(cmd.Context(), "delete user", retryAlways, func(ctx context.Context, base string) error {
+				_, err := a.users(base).DeleteUser(ctx, keyed(a, &controlv1.DeleteUserRequest{Id: args[0]}))
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			return a.report(map[string]any{"id": args[0], "deleted": true}, "deleted user %s with its devices and tokens", args[0])
+		},
+	})
+	return cmd
+}
+
+var roleCompletion = cobra.FixedCompletions([]string{"admin", "operator", "viewer", "user", "edge"}, cobra.ShellCompDirectiveNoFileComp)

@@ -226,6 +226,10 @@ func (n *Node) Metric(t TB, name string) float64 {
 	return sum
 }
 
+// APIAddr is the node's API address, also while it is stopped (a
+// restart binds it again).
+func (n *Node) APIAddr() string { return n.api }
+
 // Running returns the nodes that are up.
 func (c *Cluster) Running() []*Node {
 	var out []*Node

@@ -1,0 +1,159 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/clustertest"
+)
+
+// runEnv runs relayctl with an environment and returns stdout, stderr
+// and the error.
+func runEnv(t *testing.T, env map[string]string, args ...string) (string, string, error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err := run(ctx, args, strings.NewReader(""), &out, &errOut, func(k string) string { return env[k] })
+	return out.String(), errOut.String(), err
+}
+
+// Every command answers --help (and -h) with its usage and succeeds,
+// doing nothing else: `backup --help` writes no file named --help.
+func TestHelpEverywhere(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	env := map[string]string{"RELAYCTL_CONFIG_DIR": dir, "RELAYCTL_SERVER": "http://127.0.0.1:1"}
+	var paths [][]string
+	var walk func(c *cobra.Command, path []string)
+	walk = func(c *cobra.Command, path []string) {
+		paths = append(paths, path)
+		for _, sub := range c.Commands() {
+			walk(sub, append(append([]string{}, path...), sub.Name()))
+		}
+	}
+	walk((&app{}).rootCommand(), nil)
+	if len(paths) < 25 {
+		t.Fatalf("only %d commands found", len(paths))
+	}
+	for _, p := range paths {
+		for _, h := range []string{"--help", "-h"} {
+			out, _, err := runEnv(t, env, append(append([]string{}, p...), h)...)
+			if err != nil || !strings.Contains(out, "Usage:") {
+				t.Errorf("relayctl %s %s: %v, printed %q", strings.Join(p, " "), h, err, out)
+			}
+		}
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("--help left files behind: %v", entries)
+	}
+	if _, _, err := runEnv(t, env, "backup"); err == nil || !strings.Contains(err.Error(), "arg") {
+		t.Errorf("backup without FILE: %v", err)
+	}
+	if _, _, err := runEnv(t, env, "nosuch"); err == nil || !strings.Contains(err.Error(), "unknown command") {
+		t.Errorf("unknown command: %v", err)
+	}
+	out, _, err := runEnv(t, env, "completion", "bash")
+	if err != nil || !strings.Contains(out, "relayctl") {
+		t.Errorf("completion bash: %v", err)
+	}
+	if idempotencyKeyHeader != api.IdempotencyKeyHeader {
+		t.Errorf("relayctl sends %q, the API reads %q", idempotencyKeyHeader, api.IdempotencyKeyHeader)
+	}
+}
+
+// Global flags go before or after the command, or come from the
+// environment.
+func TestFlagsBeforeOrAfterTheCommand(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	srv := c.Nodes[0].Server.APIAddr()
+	r := newCLI(t)
+	r.must(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	isJSON := func(args []string, env map[string]string) {
+		t.Helper()
+		e := map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + srv}
+		for k, v := range env {
+			e[k] = v
+		}
+		out, _, err := runEnv(t, e, args...)
+		var v map[string]any
+		if err != nil || json.Unmarshal([]byte(out), &v) != nil {
+			t.Errorf("relayctl %v (env %v): %v, printed %q; want one JSON object", args, env, err, out)
+		}
+	}
+	isJSON([]string{"-o", "json", "cluster", "status"}, nil)
+	isJSON([]string{"cluster", "status", "-o", "json"}, nil)
+	isJSON([]string{"cluster", "-o", "json", "status"}, nil)
+	isJSON([]string{"user", "create", "-o", "json", "--login", "ann", "--no-password"}, nil)
+	isJSON([]string{"user", "create", "--login", "bea", "--no-password", "--output=json"}, nil)
+	isJSON([]string{"--server", "http://" + srv, "user", "me"}, map[string]string{"RELAYCTL_OUTPUT": "json", "RELAYCTL_SERVER": "http://127.0.0.1:1"})
+	isJSON([]string{"user", "me"}, map[string]string{"RELAYCTL_O": "json"})
+	if _, _, err := runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir}, "-o", "yaml", "user", "me"); err == nil || !strings.Contains(err.Error(), "table or json") {
+		t.Errorf("-o yaml: %v", err)
+	}
+}
+
+// A session outlives the member it was made on: with that member down,
+// reads and writes go to the others (named in a note on stderr), a write
+// retried there acts once, and a node that joined after the login is
+// used because the cluster lists it.
+func TestFailingMemberAndGrowingCluster(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	addr := func(i int) string { return c.Nodes[i].Server.APIAddr() }
+	r := newCLI(t)
+	r.must(addr(0), clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	env := map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + addr(0)}
+	first := c.Nodes[0]
+	c.Kill(0)
+
+	out, stderr, err := runEnv(t, env, "-o", "json", "user", "create", "--login", "cara", "--no-password")
+	if err != nil {
+		t.Fatalf("user create with %s down: %v", first.ID, err)
+	}
+	if !strings.Contains(stderr, "node "+first.ID+" (http://"+first.APIAddr()+")") || !strings.Contains(stderr, "answered") {
+		t.Errorf("stderr %q does not name the member that failed", stderr)
+	}
+	var u map[string]any
+	if err := json.Unmarshal([]byte(out), &u); err != nil || u["login"] != "cara" {
+		t.Fatalf("user create printed %q", out)
+	}
+	list, _, err := runEnv(t, env, "-o", "json", "user", "list")
+	var users struct{ Users []struct{ Login string } }
+	if err != nil || json.Unmarshal([]byte(list), &users) != nil {
+		t.Fatalf("user list with %s down: %v\n%s", first.ID, err, list)
+	}
+	caras := 0
+	for _, u := range users.Users {
+		if u.Login == "cara" {
+			caras++
+		}
+	}
+	if caras != 1 {
+		t.Fatalf("%d accounts cara after one create", caras)
+	}
+
+	// The cluster grows: a node that joined after the login is listed by
+	// the cluster, so the session is used there too.
+	c.Restart(0)
+	c.WaitReady()
+	n := c.AddNode()
+	out, _, err = runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + n.Server.APIAddr()}, "-o", "json", "user", "me")
+	var me map[string]any
+	if err != nil || json.Unmarshal([]byte(out), &me) != nil || me["id"] != "admin" {
+		t.Fatalf("user me on %s, which joined after the login: %v %q", n.ID, err, out)
+	}
+	// An unknown URL gets no token: it is not the cluster's.
+	other := clustertest.Start(t, 1, clustertest.Options{})
+	_, _, err = runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + other.Nodes[0].Server.APIAddr()}, "user", "me")
+	if err == nil || !strings.Contains(oneLine(err), "relayctl login") {
+		t.Fatalf("user me on another cluster: %v", err)
+	}
+}
