@@ -23,6 +23,7 @@ import (
 	"github.com/edge-relay/relay/internal/flagenv"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
 func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
@@ -52,7 +53,13 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	if err != nil {
 		return err
 	}
-	password, pwNote, err := devAdminPassword(dataDir, getenv("RELAY_ADMIN_PASSWORD"))
+	password, pwNote, pwSource, err := devAdminPassword(dataDir, getenv("RELAY_ADMIN_PASSWORD"))
+	if err != nil {
+		return err
+	}
+	_, statErr := os.Stat(filepath.Join(dataDir, "control"))
+	fresh := errors.Is(statErr, os.ErrNotExist)
+	certFile, keyFile, certUntil, certReused, err := devEdgeCert(dataDir, time.Now())
 	if err != nil {
 		return err
 	}
@@ -68,7 +75,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	cfg := server.Config{
 		NodeID: "dev", DataDir: filepath.Join(dataDir, "control"),
 		RaftAddr: raftAddr, APIAddr: apiAddr, AdminAddr: adminAddr,
-		Bootstrap: true, Logger: log.With("part", "control"), AdminPassword: password,
+		Bootstrap: true, Logger: log.With("part", "control"), AdminPassword: password, AdminPasswordSource: pwSource,
 		TracerProvider: tel.TracerProvider(),
 	}
 	s, err := server.Start(ctx, cfg)
@@ -90,7 +97,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 		return errors.Join(err, stopControl())
 	}
 	e, err := edgeserver.Start(ctx, edgeserver.Config{
-		EdgeID: "dev-edge", Addr: edgeAddr, AdminAddr: edgeAdminAddr,
+		EdgeID: "dev-edge", Addr: edgeAddr, AdminAddr: edgeAdminAddr, CertFile: certFile, KeyFile: keyFile,
 		Control: controlconn.Config{URLs: []string{s.APIURL()}, Login: devEdgeLogin, Password: edgePassword},
 		Session: edgeSession,
 		Logger:  log.With("part", "edge"), TracerProvider: common.edgeTracing(tel),
@@ -105,8 +112,13 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	if hs := e.CertHashes(); len(hs) > 0 {
 		hash = base64.StdEncoding.EncodeToString(hs[0].SHA256[:])
 	}
-	fmt.Fprintf(stdout, devBanner, s.APIURL(), s.AdminAddr(), e.Addr(), e.HTTPSURL(), e.AdminURL(), e.AdminURL(), hash,
-		dataDir, pwNote, dataDir, e.Addr(), hash, e.Addr(), hash)
+	certNote := "new, kept in " + certFile
+	if certReused {
+		certNote = "the one kept in " + certFile
+	}
+	certNote += fmt.Sprintf(" until %s", certUntil.Local().Format(time.DateOnly))
+	fmt.Fprintf(stdout, devBanner, devState(s, fresh, dataDir), s.APIURL(), s.AdminAddr(), e.Addr(), e.HTTPSURL(), e.AdminURL(), e.AdminURL(), hash,
+		certNote, dataDir, pwNote, dataDir, e.Addr(), hash, e.Addr(), hash)
 	<-ctx.Done()
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -141,14 +153,15 @@ func ensureEdgeAccount(ctx context.Context, apiURL, adminPassword, edgePassword 
 
 const devBanner = `
 relayd dev is running: a control node and an edge on this machine.
-
+%s
   control API     %s   (Connect / gRPC / JSON)
   control health  http://%s/readyz
   edge (devices)  %s   (UDP: QUIC relay/1 and WebTransport)
   edge HTTPS      %s
   edge admin      %s/metrics
   device console  %s/   (open it in a browser; sign in as a user)
-  edge cert hash  %s   (self-signed; clients pin it)
+  edge cert hash  %s   (self-signed, %s;
+                  clients pin the hash, which a restart keeps)
   data            %s   (delete it to start from scratch)
   admin login     admin, password %s
 
@@ -211,25 +224,45 @@ func devSecret(path string) (string, error) {
 // devAdminPassword returns the admin password of the dev deployment: the
 // one in RELAY_ADMIN_PASSWORD, else the one saved in DATA/admin-password
 // by an earlier run, else a new random one saved there (mode 0600) so the
-// next run can tell it again.
-func devAdminPassword(dataDir, fromEnv string) (password, note string, err error) {
+// next run can tell it again. note is for the banner, source for the
+// control node's first-start log line.
+func devAdminPassword(dataDir, fromEnv string) (password, note, source string, err error) {
 	path := filepath.Join(dataDir, "admin-password")
 	if fromEnv != "" {
 		if err := os.MkdirAll(dataDir, 0o700); err != nil {
-			return "", "", err
+			return "", "", "", err
 		}
 		if err := os.WriteFile(path, []byte(fromEnv+"\n"), 0o600); err != nil {
-			return "", "", err
+			return "", "", "", err
 		}
-		return fromEnv, "from RELAY_ADMIN_PASSWORD", nil
+		return fromEnv, "from RELAY_ADMIN_PASSWORD", "given in RELAY_ADMIN_PASSWORD (saved in " + path + ")", nil
 	}
 	_, statErr := os.Stat(path)
 	pw, err := devSecret(path)
 	if err != nil {
-		return "", "", fmt.Errorf("admin password: %w", err)
+		return "", "", "", fmt.Errorf("admin password: %w", err)
 	}
 	if statErr == nil {
-		return pw, "in " + path, nil
+		return pw, "in " + path, "saved in " + path + " by an earlier run of relayd dev", nil
 	}
-	return pw, pw + " (saved in " + path + ")", nil
+	return pw, pw + " (saved in " + path + ")", "generated by relayd dev and saved in " + path, nil
+}
+
+// devState is the banner's line about the state the control node started
+// from: new, or what it loaded from the data dir.
+func devState(s *server.Server, fresh bool, dataDir string) string {
+	if fresh {
+		return "It started from an empty data dir (" + dataDir + ").\n"
+	}
+	f := s.Node().FSM()
+	v, err := f.View()
+	if err != nil {
+		return ""
+	}
+	defer v.Close()
+	users, devices := 0, 0
+	_ = v.EachUser(func(*statev1.User) error { users++; return nil })
+	_ = v.EachDevice(func(*statev1.Device) error { devices++; return nil })
+	return fmt.Sprintf("It loaded the state kept in %s: %d accounts, %d devices, applied index %d.\n",
+		dataDir, users, devices, v.AppliedIndex())
 }

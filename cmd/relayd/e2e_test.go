@@ -63,14 +63,21 @@ type proc struct {
 
 func startRelayd(t *testing.T, args ...string) *proc {
 	t.Helper()
+	return startRelaydWith(t, append(os.Environ(), "RELAY_ADMIN_PASSWORD="+adminPassword), io.Discard, args...)
+}
+
+// startRelaydWith starts relayd with an environment, writing its standard
+// output to stdout.
+func startRelaydWith(t *testing.T, env []string, stdout io.Writer, args ...string) *proc {
+	t.Helper()
 	args = append(args, "--log-format", "json")
 	cmd := exec.Command(bins.relayd, args...)
-	cmd.Env = append(os.Environ(), "RELAY_SLOW_THRESHOLD=1s", "RELAY_ADMIN_PASSWORD="+adminPassword)
+	cmd.Env = append(env, "RELAY_SLOW_THRESHOLD=1s")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stdout = io.Discard
+	cmd.Stdout = stdout
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -180,7 +180,11 @@ func (s *Server) initCluster(ctx context.Context) error {
 		s.log.Warn("initialized a new cluster; the first admin's password is shown only this once: log in and change it",
 			"login", "admin", "password", password)
 	} else {
-		s.log.Info("initialized a new cluster; the first admin's password is the one given in RELAY_ADMIN_PASSWORD", "login", "admin")
+		source := s.cfg.AdminPasswordSource
+		if source == "" {
+			source = "given in RELAY_ADMIN_PASSWORD"
+		}
+		s.log.Info("initialized a new cluster; the first admin's password is the one "+source, "login", "admin")
 	}
 	return nil
 }

@@ -82,6 +82,10 @@ type Config struct {
 	// AdminPassword is the first admin's password when this node
 	// initializes a new cluster; empty generates one and logs it once.
 	AdminPassword string
+	// AdminPasswordSource says where AdminPassword came from, for the
+	// log line of the first start. Default "given in
+	// RELAY_ADMIN_PASSWORD".
+	AdminPasswordSource string
 	// JoinToken is an admin access token presented when joining without
 	// TLS client certificates.
 	JoinToken string
