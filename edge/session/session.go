@@ -656,7 +656,8 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	_, span := cfg.Tracer.Start(ctx, "relay.event")
 	defer span.End()
 	now := cfg.Now()
-	if rej := ValidateEvent(ev, cfg.Limits, now); rej != nil {
+	expires, rej := ValidateEvent(ev, cfg.Limits, now)
+	if rej != nil {
 		span.SetStatus(codes.Error, rej.Error())
 		s.reject(ev.GetId(), rej)
 		return
@@ -721,7 +722,6 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 		cfg.Metrics.accepted.Inc()
 		return
 	}
-	expires := time.UnixMilli(ev.GetCreatedAtMs()).Add(time.Duration(ev.GetTtlMs())*time.Millisecond + cfg.Limits.SkewTolerance)
 	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, expires: expires, remaining: len(routes), anyOne: ev.GetAnyOne()}
 	if f.anyOne {
 		f.claim = &edgev1.EventClaim{SenderDeviceId: s.deviceID, EventId: ev.GetId(), UserId: s.userID, ExpiresAtMs: expires.UnixMilli()}
