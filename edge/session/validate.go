@@ -18,12 +18,20 @@ type Limits struct {
 	// SkewTolerance is how far a client's clock may be off: an event may
 	// claim a creation time up to this far in the future, and is still
 	// accepted up to this long after its TTL ran out.
-	SkewTolerance   time.Duration
+	SkewTolerance time.Duration
+	// EventsPerSecond, BytesPerSecond and FramesPerSecond are what a
+	// device may send: every frame counts against frames and its bytes
+	// on the wire, events also against events. Above them the edge reads
+	// the device's stream more slowly; nothing is refused.
 	EventsPerSecond int
 	BytesPerSecond  int
-	MaxTargets      int
-	MaxIDBytes      int
-	MaxTypeBytes    int
+	FramesPerSecond int
+	// FrameTimeout is how long a frame may take from its first byte to
+	// its last.
+	FrameTimeout time.Duration
+	MaxTargets   int
+	MaxIDBytes   int
+	MaxTypeBytes int
 }
 
 // DefaultLimits are the limits of an edge configured with nothing.
@@ -31,6 +39,7 @@ func DefaultLimits() Limits {
 	return Limits{
 		MaxFrameBytes: 64 << 10, MaxPayloadBytes: 48 << 10, MaxTTL: 7 * 24 * time.Hour,
 		SkewTolerance: 5 * time.Minute, EventsPerSecond: 200, BytesPerSecond: 1 << 20,
+		FramesPerSecond: 1000, FrameTimeout: 10 * time.Second,
 		MaxTargets: 64, MaxIDBytes: 64, MaxTypeBytes: 64,
 	}
 }
@@ -48,6 +57,7 @@ func (l Limits) withDefaults() Limits {
 	pick(&l.MaxPayloadBytes, d.MaxPayloadBytes)
 	pick(&l.EventsPerSecond, d.EventsPerSecond)
 	pick(&l.BytesPerSecond, d.BytesPerSecond)
+	pick(&l.FramesPerSecond, d.FramesPerSecond)
 	pick(&l.MaxTargets, d.MaxTargets)
 	pick(&l.MaxIDBytes, d.MaxIDBytes)
 	pick(&l.MaxTypeBytes, d.MaxTypeBytes)
@@ -56,6 +66,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.SkewTolerance <= 0 {
 		l.SkewTolerance = d.SkewTolerance
+	}
+	if l.FrameTimeout <= 0 {
+		l.FrameTimeout = d.FrameTimeout
 	}
 	return l
 }
@@ -66,6 +79,7 @@ func (l Limits) Proto() *relayv1.Limits {
 		MaxFrameBytes: uint32(l.MaxFrameBytes), MaxPayloadBytes: uint32(l.MaxPayloadBytes),
 		MaxTtlMs: l.MaxTTL.Milliseconds(), SkewToleranceMs: l.SkewTolerance.Milliseconds(),
 		EventsPerSecond: uint32(l.EventsPerSecond), BytesPerSecond: uint32(l.BytesPerSecond),
+		FramesPerSecond: uint32(l.FramesPerSecond), FrameTimeoutMs: l.FrameTimeout.Milliseconds(),
 	}
 }
 
