@@ -196,6 +196,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 			}
 		}
 		cfg.Metrics.accepted.Inc()
+		s.noteActive(now)
 		return
 	}
 	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, expires: expires, remaining: len(routes), anyOne: ev.GetAnyOne()}
@@ -205,6 +206,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	s.remember(f)
 	s.lastSeq = ev.GetSeq()
 	cfg.Metrics.accepted.Inc()
+	s.noteActive(now)
 	if len(routes) == 0 {
 		f.remaining = 1
 		f.confirm()

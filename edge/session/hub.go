@@ -81,9 +81,9 @@ type Config struct {
 	// second use [200000].
 	ResumeWindow    time.Duration
 	MaxResumeProofs int
-	// OnSessionStart, when set, is called as each session is registered
-	// (activity reporting); it must not block.
-	OnSessionStart func(userID, deviceID string)
+	// MaxEndedActivity bounds the activity of ended sessions kept until
+	// the next TakeActivity [100000]; beyond it the oldest is dropped.
+	MaxEndedActivity int
 	// Ready, when set, says whether the edge can serve sessions (its
 	// directory is synced); until it does, new sessions are told to go
 	// away and come back or try another edge, rather than failing
@@ -124,6 +124,7 @@ func (c *Config) setDefaults() error {
 	def(&c.ResumeWindow, 30*time.Second)
 	defInt(&c.RefusalBurst, 100)
 	defInt(&c.MaxResumeProofs, 200_000)
+	defInt(&c.MaxEndedActivity, 100_000)
 	if c.RefusalsPerSecond <= 0 {
 		c.RefusalsPerSecond = 10
 	}
@@ -190,6 +191,7 @@ type Hub struct {
 	replays  *replayCache
 
 	mu       sync.Mutex // guards the fields below
+	ended    []Activity // activity of sessions that ended since TakeActivity
 	draining bool
 	active   int           // Serve calls running
 	idle     chan struct{} // closed when draining and active reaches 0
@@ -352,6 +354,12 @@ func (h *Hub) unregister(s *Session) {
 	for _, o := range others {
 		o.out.control(presence(s.deviceID, false))
 	}
+	h.mu.Lock()
+	if len(h.ended) >= h.cfg.MaxEndedActivity {
+		h.ended = h.ended[1:]
+	}
+	h.ended = append(h.ended, s.activity())
+	h.mu.Unlock()
 	sh := h.shardOf(s.userID)
 	sh.mu.Lock()
 	r.refs--
@@ -405,10 +413,22 @@ func (h *Hub) CloseUser(userID string, code relayv1.ErrorCode, msg string) {
 	}
 }
 
-// OnlineDevices returns every device with a session here, by user (for
-// activity reports).
-func (h *Hub) OnlineDevices() map[string][]string {
-	out := map[string][]string{}
+// Activity is when a device was last active on this edge: its session
+// started, or it sent an event.
+type Activity struct {
+	UserID, DeviceID string
+	At               time.Time
+}
+
+// TakeActivity returns the activity of every device with a session here
+// and of every session that ended since the last call, which it forgets:
+// a device that connected, sent and left between two reports is still
+// reported.
+func (h *Hub) TakeActivity() []Activity {
+	h.mu.Lock()
+	out := h.ended
+	h.ended = nil
+	h.mu.Unlock()
 	for i := range h.shards {
 		sh := &h.shards[i]
 		sh.mu.Lock()
@@ -419,8 +439,8 @@ func (h *Hub) OnlineDevices() map[string][]string {
 		sh.mu.Unlock()
 		for _, r := range rooms {
 			r.mu.RLock()
-			for id := range r.devices {
-				out[r.userID] = append(out[r.userID], id)
+			for _, s := range r.devices {
+				out = append(out, s.activity())
 			}
 			r.mu.RUnlock()
 		}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -68,6 +69,9 @@ type Session struct {
 	// since is when the session was registered (it is announced to other
 	// edges; the newer session of a device wins).
 	since time.Time
+	// active is when the device last sent an event (Unix ms), for
+	// activity reports; kept to the second.
+	active atomic.Int64
 	// instance is the client instance the device's Hello named.
 	instance string
 
@@ -120,6 +124,24 @@ func addrString(c Conn) string {
 	return ""
 }
 
+// noteActive records that the device acted at now.
+func (s *Session) noteActive(now time.Time) {
+	ms := now.UnixMilli()
+	if ms-s.active.Load() >= 1000 {
+		s.active.Store(ms)
+	}
+}
+
+// activity is the device's last activity: the start of the session or
+// its last event.
+func (s *Session) activity() Activity {
+	at := s.since
+	if ms := s.active.Load(); ms > at.UnixMilli() {
+		at = time.UnixMilli(ms)
+	}
+	return Activity{UserID: s.userID, DeviceID: s.deviceID, At: at}
+}
+
 // ID is the session id told to the device in its Welcome.
 func (s *Session) ID() string { return s.id }
 
@@ -159,9 +181,6 @@ func (s *Session) run(ctx context.Context) error {
 		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
 		return ErrDraining
-	}
-	if s.hub.cfg.OnSessionStart != nil {
-		s.hub.cfg.OnSessionStart(s.userID, s.deviceID)
 	}
 	if err := s.writeWelcome(); err != nil {
 		s.closeWith(&CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "write welcome: " + err.Error()}, 0)

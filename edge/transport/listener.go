@@ -8,9 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/url"
-	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -32,11 +29,9 @@ type Config struct {
 	TLS *tls.Config
 	// Hub runs the sessions; required.
 	Hub *session.Hub
-	// AllowedOrigins lists the web origins whose pages may open
-	// WebTransport sessions ("*" or empty: any). Devices prove themselves
-	// with their keys, not with ambient credentials, so a foreign page
-	// gains nothing; operators may still narrow it.
-	AllowedOrigins []string
+	// Origins says which web pages may open WebTransport sessions [the
+	// edge's own page only; see OriginPolicy].
+	Origins OriginPolicy
 	// StreamTimeout bounds the wait for a new connection's session stream
 	// [10s].
 	StreamTimeout time.Duration
@@ -153,24 +148,7 @@ func Listen(cfg Config) (*Listener, error) {
 // Addr is the UDP address the listener is bound to.
 func (l *Listener) Addr() net.Addr { return l.udp.LocalAddr() }
 
-func (l *Listener) checkOrigin(r *http.Request) bool { return originAllowed(l.cfg.AllowedOrigins, r) }
-
-// originAllowed is the one origin check of WebTransport and the
-// WebSocket: any origin when allowed is empty or holds "*"; else the
-// page's origin must be listed exactly ("https://app.example"), or be
-// the edge itself (a page it served), or the request must come from no
-// page at all (no Origin header: a native client).
-func originAllowed(allowed []string, r *http.Request) bool {
-	if len(allowed) == 0 || slices.Contains(allowed, "*") {
-		return true
-	}
-	origin := r.Header.Get("Origin")
-	if origin == "" || slices.Contains(allowed, origin) {
-		return true
-	}
-	u, err := url.Parse(origin)
-	return err == nil && u.Host != "" && strings.EqualFold(u.Host, r.Host)
-}
+func (l *Listener) checkOrigin(r *http.Request) bool { return l.cfg.Origins.allows(r) }
 
 // Serve accepts connections until Close. It returns nil after Close.
 func (l *Listener) Serve() error {

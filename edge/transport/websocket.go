@@ -286,8 +286,8 @@ func remoteAddr(s string) net.Addr {
 // session of hub.
 type WebSocketHandler struct {
 	Hub *session.Hub
-	// AllowedOrigins as for WebTransport ("*" or empty: any).
-	AllowedOrigins []string
+	// Origins as for WebTransport (see OriginPolicy).
+	Origins OriginPolicy
 	// IdleTimeout closes a WebSocket silent this long [30s].
 	IdleTimeout time.Duration
 	// Ctx ends the sessions when it ends (the edge shutting down).
@@ -296,7 +296,7 @@ type WebSocketHandler struct {
 
 // ServeHTTP upgrades the request and runs the session.
 func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if !originAllowed(h.AllowedOrigins, r) {
+	if !h.Origins.allows(r) {
 		http.Error(w, "origin not allowed", http.StatusForbidden)
 		return
 	}
