@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/session"
 )
 
 // sessionFrames are functions that appear only in the stacks of an
@@ -62,4 +64,11 @@ func WaitSessionGoroutines(t clustertest.TB, want int, within time.Duration) {
 		}
 		return nil
 	})
+}
+
+// WaitEdge waits until cond holds for the sizes of edge e's session
+// tables.
+func WaitEdge(t clustertest.TB, e *server.Server, within time.Duration, cond func(session.Stats) error) {
+	t.Helper()
+	clustertest.Eventually(t, within, func() error { return cond(e.Hub().Stats()) })
 }

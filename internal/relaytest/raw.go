@@ -2,6 +2,8 @@ package relaytest
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -57,6 +59,21 @@ func (r *Relay) DialRaw(t TB, i int, tr client.Transport) *Raw {
 // DialRaw opens a connection to the edge at addr over tr.
 func DialRaw(t TB, addr string, tr client.Transport) *Raw {
 	t.Helper()
+	raw, err := DialRawOrigin(t, addr, tr, "")
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return raw
+}
+
+// DialRawOrigin is DialRaw as a web page on origin would connect (no
+// Origin header when origin is empty); the edge may refuse it.
+func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw, error) {
+	t.Helper()
+	hdr := http.Header{}
+	if origin != "" {
+		hdr.Set("Origin", origin)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	raw := &Raw{t: t, tr: tr}
@@ -69,9 +86,10 @@ func DialRaw(t TB, addr string, tr client.Transport) *Raw {
 	switch tr {
 	case client.WebSocket:
 		hc := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf("http/1.1")}}
-		ws, _, err := websocket.Dial(ctx, "wss://"+addr+transport.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
+		ws, _, err := websocket.Dial(ctx, "wss://"+addr+transport.WebSocketPath, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: hdr})
 		if err != nil {
-			t.Fatalf("websocket dial %s: %v", addr, err)
+			hc.CloseIdleConnections()
+			return nil, fmt.Errorf("websocket dial %s: %w", addr, err)
 		}
 		ws.SetReadLimit(1 << 20)
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
@@ -80,14 +98,15 @@ func DialRaw(t TB, addr string, tr client.Transport) *Raw {
 		raw.done = hc.CloseIdleConnections
 	case client.WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: tlsConf("h3"), QUICConfig: qconf}
-		_, sess, err := d.Dial(ctx, "https://"+addr+transport.WebTransportPath, nil)
+		_, sess, err := d.Dial(ctx, "https://"+addr+transport.WebTransportPath, hdr)
 		if err != nil {
 			_ = d.Close()
-			t.Fatalf("webtransport dial %s: %v", addr, err)
+			return nil, fmt.Errorf("webtransport dial %s: %w", addr, err)
 		}
 		str, err := sess.OpenStreamSync(ctx)
 		if err != nil {
-			t.Fatalf("open session stream: %v", err)
+			_ = d.Close()
+			return nil, fmt.Errorf("open session stream: %w", err)
 		}
 		raw.wts = sess
 		raw.fin = str.Close
@@ -96,11 +115,12 @@ func DialRaw(t TB, addr string, tr client.Transport) *Raw {
 	default:
 		qc, err := quic.DialAddr(ctx, addr, tlsConf(transport.ALPN), qconf)
 		if err != nil {
-			t.Fatalf("quic dial %s: %v", addr, err)
+			return nil, fmt.Errorf("quic dial %s: %w", addr, err)
 		}
 		str, err := qc.OpenStreamSync(ctx)
 		if err != nil {
-			t.Fatalf("open session stream: %v", err)
+			_ = qc.CloseWithError(0, "")
+			return nil, fmt.Errorf("open session stream: %w", err)
 		}
 		raw.qc = qc
 		raw.fin = str.Close
@@ -108,7 +128,7 @@ func DialRaw(t TB, addr string, tr client.Transport) *Raw {
 	}
 	raw.r = frame.NewReader(raw.conn, 1<<20)
 	t.Cleanup(raw.Close)
-	return raw
+	return raw, nil
 }
 
 // Close drops the connection without a goodbye.
@@ -175,19 +195,48 @@ func (c *Raw) Login(d Device) *relayv1.Welcome {
 	if err != nil || f.GetChallenge() == nil {
 		c.t.Fatalf("want a challenge, got %v (%v)", f, err)
 	}
-	ch := f.GetChallenge()
-	sig := session.Transcript{
-		UserID: d.UserID, DeviceID: d.ID, ProtocolVersion: session.ProtocolVersion, ClientTimeMs: c.hello.GetClientTimeMs(),
-		EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(),
-	}.Sign(d.Key)
-	if err := c.Send(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}}); err != nil {
-		c.t.Fatalf("send signature: %v", err)
-	}
+	c.Answer(f.GetChallenge(), d.Key)
 	f, err = c.Next(20 * time.Second)
 	if err != nil || f.GetWelcome() == nil {
 		c.t.Fatalf("want a welcome, got %v (%v)", f, err)
 	}
 	return f.GetWelcome()
+}
+
+// Answer signs a challenge (the handshake's, or a re-authentication's)
+// for the last Hello.
+func (c *Raw) Answer(ch *relayv1.Challenge, key ed25519.PrivateKey) {
+	c.t.Helper()
+	h := c.hello
+	sig := session.Transcript{
+		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
+		EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(),
+	}.Sign(key)
+	if err := c.Send(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}}); err != nil {
+		c.t.Fatalf("send signature: %v", err)
+	}
+}
+
+// ResumeHello is a Hello resuming as d with ticket, proven with key (nil:
+// no proof, as a thief holding only the ticket would send).
+func ResumeHello(d Device, ticket []byte, key ed25519.PrivateKey) *relayv1.Hello {
+	h := &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: session.ProtocolVersion,
+		ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket, Instance: "raw"}
+	if key != nil {
+		h.ResumeNonce = make([]byte, session.ResumeNonceSize)
+		_, _ = rand.Read(h.ResumeNonce)
+		h.ResumeProof = session.ResumeTranscript{
+			UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
+			Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: ticket,
+		}.Sign(key)
+	}
+	return h
+}
+
+// SendHello sends a Hello and remembers it (for Answer).
+func (c *Raw) SendHello(h *relayv1.Hello) error {
+	c.hello = h
+	return c.Send(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: h}})
 }
 
 // End is how a connection ended as the device saw it.
