@@ -77,42 +77,14 @@ func event(payload []byte, targets ...string) *relayv1.Frame {
 	}}}
 }
 
-// stall logs a victim device in over tr on edge i and fills its stream
-// until its queue is full, so the edge's writer for it is blocked in a
-// write it cannot finish: the device reads nothing. The sender is a
-// device of the same user on the same edge, over QUIC.
+// stall logs a victim in on edge i over tr and blocks the edge's writer
+// for it (relaytest.Stall).
 func stall(t *testing.T, r *relaytest.Relay, i int, tr client.Transport) (victim *relaytest.Raw, dev relaytest.Device, sender *relaytest.Raw) {
 	t.Helper()
 	user := r.User(fmt.Sprintf("stall-%d", seq.Add(1)))
 	dev = r.Device(user, "victim")
-	sdev := r.Device(user, "sender")
-	sender = r.DialRaw(t, i, client.QUIC)
-	sender.Login(sdev)
-	victim = r.DialRaw(t, i, tr)
-	victim.Login(dev)
-	payload := bytes.Repeat([]byte("x"), 48<<10)
-	deadline := time.Now().Add(90 * time.Second)
-	for time.Now().Before(deadline) {
-		for range 16 {
-			if err := sender.Send(event(payload, dev.ID)); err != nil {
-				t.Fatalf("sender: %v", err)
-			}
-		}
-		for {
-			f, err := sender.Next(200 * time.Millisecond)
-			if err != nil {
-				break // nothing more for now
-			}
-			if ch := f.GetChallenge(); ch != nil {
-				sender.Answer(ch, sdev.Key)
-			}
-			if f.GetReject().GetCode() == relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL {
-				return victim, dev, sender
-			}
-		}
-	}
-	t.Fatalf("the victim's queue never filled")
-	return nil, relaytest.Device{}, nil
+	victim, sender = relaytest.Stall(t, r.Edges[i].Addr(), tr, dev, r.Device(user, "sender"))
+	return victim, dev, sender
 }
 
 // settled waits until edge e has no more sessions than base, and no
