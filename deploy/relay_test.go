@@ -217,6 +217,14 @@ func startRelay(t *testing.T, controls, edges int) *relay {
 	return r
 }
 
+// in returns the relay for use by the subtest t: helpers fail t, and
+// processes they start stop with it.
+func (r *relay) in(t *testing.T) *relay {
+	c := *r
+	c.t = t
+	return &c
+}
+
 func (r *relay) startControl(n *controlNode, extra ...string) {
 	r.t.Helper()
 	args := append([]string{"control", "--node-id", n.id, "--data-dir", n.dir,
