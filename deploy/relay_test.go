@@ -22,13 +22,25 @@ import (
 // operator would: control nodes and edges are relayd processes on
 // 127.0.0.1, administered with relayctl.
 
+// binDir holds the binaries once built; TestMain removes it.
+var binDir string
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		_ = os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
 // binaries builds relayd and relayctl from the repository (once per test
-// binary) into a temporary directory.
+// binary, when a test needs them) into a temporary directory.
 var binaries = sync.OnceValues(func() (dir string, err error) {
 	dir, err = os.MkdirTemp("", "relay-deploy-bin")
 	if err != nil {
 		return "", err
 	}
+	binDir = dir
 	cmd := exec.Command("go", "build", "-o", dir+string(filepath.Separator), "./cmd/relayd", "./cmd/relayctl")
 	cmd.Dir = ".."
 	if out, err := cmd.CombinedOutput(); err != nil {
@@ -208,7 +220,9 @@ func startRelay(t *testing.T, controls, edges int) *relay {
 	for _, n := range r.controls {
 		r.waitReady("http://" + n.admin + "/readyz")
 	}
-	r.relayctl("user", "create", "--login", edgeLogin, "--role", "edge", "--password-stdin")
+	if _, err := r.relayctlIn(edgePassword+"\n", "user", "create", "--login", edgeLogin, "--role", "edge", "--password-stdin"); err != nil {
+		t.Fatal(err)
+	}
 	for i := range edges {
 		e := &edgeNode{id: fmt.Sprintf("e%d", i+1), admin: freePort(t)}
 		r.edges = append(r.edges, e)
@@ -290,11 +304,7 @@ func (r *relay) relayctlIn(stdin string, args ...string) (string, error) {
 
 func (r *relay) relayctl(args ...string) string {
 	r.t.Helper()
-	stdin := ""
-	if args[len(args)-1] == "--password-stdin" {
-		stdin = edgePassword + "\n"
-	}
-	out, err := r.relayctlIn(stdin, args...)
+	out, err := r.relayctlIn("", args...)
 	if err != nil {
 		r.t.Fatal(err)
 	}
