@@ -208,6 +208,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	s.identity = mesh.NewIdentity(meshKey)
+	if err := registerAll(cfg.Registry, certCollector{s}, s.dir.Collector()); err != nil {
+		return nil, err
+	}
 	meshAddr := cfg.MeshAddr
 	if meshAddr == "" {
 		h, _, err := net.SplitHostPort(cfg.Addr)
