@@ -218,6 +218,9 @@ func NewHub(cfg Config) (*Hub, error) {
 // Limits returns the limits sessions run under.
 func (h *Hub) Limits() Limits { return h.cfg.Limits }
 
+// HandshakeTimeout is how long a new session has to prove its device.
+func (h *Hub) HandshakeTimeout() time.Duration { return h.cfg.HandshakeTimeout }
+
 func (h *Hub) shardOf(userID string) *shard {
 	return &h.shards[maphash.String(h.seed, userID)%shardCount]
 }
