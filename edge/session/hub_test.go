@@ -767,3 +767,25 @@ func TestReplacedNamesTheNewInstance(t *testing.T) {
 		t.Fatalf("close: %v", c)
 	}
 }
+
+// A full edge sends new devices elsewhere, and takes them again once a
+// session left.
+func TestMaxSessions(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.MaxSessions = 2 })
+	for _, id := range []string{"a", "b", "c"} {
+		e.device("u1", id)
+	}
+	a := e.online("a")
+	e.online("b")
+	c := e.connect("c")
+	cl := c.readDirect().GetClose()
+	if cl.GetCode() != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY || cl.GetReconnectAfterMs() <= 0 {
+		t.Fatalf("a third device on a full edge: %v", cl)
+	}
+	if got := e.metric("relay_edge_handshakes_total", "result", "edge_full"); got != 1 {
+		t.Fatalf("edge_full handshakes = %v", got)
+	}
+	a.send(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
+	waitFor(t, "a's session gone", func() bool { return e.hub.Stats().Serving == 1 })
+	e.online("c")
+}
