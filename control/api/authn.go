@@ -301,14 +301,26 @@ func (a *Authenticator) accountValid(ctx context.Context, c auth.Claims) error {
 	if !sOK && sFinal {
 		return errSessionGone
 	}
-	if a.node.Barrier(ctx) != nil || !userOK() {
+	// Catch up, within a bound: a node cut off from the leader must not
+	// hold calls forever.
+	bctx, cancel := context.WithTimeout(ctx, catchUpTimeout)
+	caughtUp := a.node.Barrier(bctx) == nil
+	cancel()
+	if !userOK() {
 		return errAccountGone
 	}
-	if ok, _ := sessionOK(); !ok {
+	if ok, final := sessionOK(); !ok && (final || caughtUp) {
 		return errSessionGone
 	}
+	// A node that cannot reach the leader cannot tell a session opened
+	// since it lost touch from one that never was: it serves its own
+	// state, as for every read, and refuses what it knows is revoked.
 	return nil
 }
+
+// catchUpTimeout bounds the catching up of a replica that does not know
+// a token's account or session yet.
+const catchUpTimeout = 2 * time.Second
 
 func (a *Authenticator) authenticate(ctx context.Context, procedure string, h http.Header) (context.Context, error) {
 	if a.policy.Public[procedure] {

@@ -535,6 +535,11 @@ func TestWatchResumeAcrossLeaderChange(t *testing.T) {
 	w2 := startWatch(t, c.Nodes[lagging], edge, seen, true)
 	clustertest.Eventually(t, 10*time.Second, func() error {
 		if metric("relay_control_watch_streams") < 1 {
+			select {
+			case <-w2.done:
+				t.Fatalf("the resumed watch ended: %v", w2.err)
+			default:
+			}
 			return fmt.Errorf("watch stream not open on the lagging node yet")
 		}
 		return nil
