@@ -2,7 +2,10 @@ package api
 
 import (
 	"context"
+
 	"errors"
+	"github.com/edge-relay/relay/control/fsm"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -87,4 +90,22 @@ func TestKeyRefresherIsBounded(t *testing.T) {
 		t.Fatal("a waiter with a cancelled context reported a refresh")
 	}
 	close(block)
+}
+
+// Whatever the configuration, the throttle policy is one apply accepts.
+func TestThrottleDefaultsAreValid(t *testing.T) {
+	for _, in := range []Throttle{{}, {AddrFree: 1 << 30, LoginFree: 1 << 30, Window: 1 << 62, Trust: 1 << 62, MaxDelay: 1 << 62, BaseDelay: 1 << 62},
+		{BaseDelay: time.Hour, MaxDelay: time.Second, Window: time.Millisecond}} {
+		in.applyDefaults()
+		at := &statev1.LoginAttempt{Login: "x", AddrHash: addrHash("192.0.2.1"), Policy: in.policy()}
+		if err := fsm.ValidateLoginAttempt(at); err != nil {
+			t.Errorf("%+v: %v", in, err)
+		}
+	}
+	if a, b := addrHash("2001:db8::1"), addrHash("2001:db8::2"); string(a) != string(b) {
+		t.Error("two addresses of one /64 count apart")
+	}
+	if a, b := addrHash("192.0.2.1"), addrHash("::ffff:192.0.2.1"); string(a) != string(b) {
+		t.Error("an IPv4 address and its IPv6-mapped form count apart")
+	}
 }

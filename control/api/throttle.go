@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/edge-relay/relay/control/fsm"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -54,6 +55,12 @@ func (t *Throttle) applyDefaults() {
 	if t.Trust <= 0 {
 		t.Trust = 30 * 24 * time.Hour
 	}
+	// Within what apply accepts, so that a configuration cannot make
+	// every login fail.
+	t.AddrFree, t.LoginFree = min(t.AddrFree, fsm.MaxThrottleFree), min(t.LoginFree, fsm.MaxThrottleFree)
+	t.Window = min(t.Window, fsm.MaxThrottleWindow*time.Millisecond)
+	t.MaxDelay, t.BaseDelay = min(t.MaxDelay, t.Window), min(t.BaseDelay, t.Window)
+	t.Trust = min(t.Trust, fsm.MaxThrottleTrust*time.Millisecond)
 }
 
 func (t Throttle) policy() *statev1.ThrottlePolicy {

@@ -105,7 +105,7 @@ func (t *txn) issueRefreshToken(op *statev1.IssueRefreshToken) (*statev1.Result,
 		return nil, err
 	}
 	if op.GetSucceeded() != nil {
-		if err := validAttempt(op.GetSucceeded()); err != nil {
+		if err := ValidateLoginAttempt(op.GetSucceeded()); err != nil {
 			return nil, err
 		}
 	}

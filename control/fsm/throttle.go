@@ -36,7 +36,8 @@ func validPolicy(p *statev1.ThrottlePolicy) error {
 	return nil
 }
 
-func validAttempt(a *statev1.LoginAttempt) error {
+// ValidateLoginAttempt checks a LoginAttempt as apply does.
+func ValidateLoginAttempt(a *statev1.LoginAttempt) error {
 	if err := ValidateText("login", a.GetLogin(), MaxLoginLen, true); err != nil {
 		return asInvalid(err)
 	}
@@ -121,7 +122,7 @@ func readThrottle(r state.Reader, key []byte) (*statev1.LoginThrottle, error) {
 // proposes the LoginAttempt, so throttled attempts cost no Raft write;
 // apply decides again.
 func (f *FSM) LoginWait(a *statev1.LoginAttempt, now int64) (int64, error) {
-	if err := validAttempt(a); err != nil {
+	if err := ValidateLoginAttempt(a); err != nil {
 		return 0, err
 	}
 	addr, err := readThrottle(f.store, throttleAddrKey(a.GetAddrHash()))
@@ -159,7 +160,7 @@ func (t *txn) putThrottle(key []byte, r *statev1.LoginThrottle, p *statev1.Throt
 // a failure of its address and (when they apply) of its login, until
 // IssueRefreshToken.succeeded gives them back.
 func (t *txn) loginAttempt(a *statev1.LoginAttempt) (*statev1.Result, error) {
-	if err := validAttempt(a); err != nil {
+	if err := ValidateLoginAttempt(a); err != nil {
 		return nil, err
 	}
 	p := a.GetPolicy()
