@@ -2,14 +2,14 @@ package api
 
 import (
 	"context"
-
 	"errors"
-	"github.com/edge-relay/relay/control/fsm"
-	statev1 "github.com/edge-relay/relay/proto/state/v1"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/edge-relay/relay/control/fsm"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
 // The refresher runs one barrier at a time, shares it with the callers
