@@ -3,6 +3,8 @@
 
 GO       ?= go
 BUF      := $(GO) tool -modfile=tools/buf/go.mod buf
+ACTIONLINT := $(GO) tool -modfile=tools/actionlint/go.mod actionlint
+SBOM     := $(GO) tool -modfile=tools/sbom/go.mod cyclonedx-gomod
 BIN      := bin
 PKGS     := ./...
 # deploy/ is a module of its own, so the heavy Kubernetes and Prometheus
@@ -12,7 +14,7 @@ SUBMODS  := deploy
 # core (handshake, validation, relay), the auth code, the state machine.
 CORE_PKGS := edge/session control/auth control/fsm control/api
 
-.PHONY: all run build test test-short vet lint fmt proto verify-proto web bench cover fuzz clean
+.PHONY: all run build test test-short vet lint fmt proto verify-proto web bench cover fuzz clean image image-bin release-local
 
 all: build
 
@@ -39,9 +41,10 @@ vet:
 	$(GO) vet $(PKGS)
 	@for m in $(SUBMODS); do (cd $$m && $(GO) vet ./...) || exit 1; done
 
-## lint: vet, gofmt check, buf lint.
+## lint: vet, gofmt check, buf lint, actionlint on .github/workflows.
 lint: vet lint-fmt
 	$(BUF) lint
+	$(ACTIONLINT)
 
 lint-fmt:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -100,3 +103,43 @@ fuzz:
 
 clean:
 	rm -rf $(BIN)
+
+# The container image (Containerfile): static binaries built here, copied
+# onto IMAGE_BASE. IMAGE_BASE=scratch builds without pulling anything (the
+# deploy tests do that); the release workflow compiles inside the builder
+# stage instead and pushes for linux/amd64 and linux/arm64.
+IMAGE      ?= localhost/relay:dev
+IMAGE_BASE ?= gcr.io/distroless/static-debian12:nonroot
+IMAGE_ARCH ?= $(shell $(GO) env GOARCH)
+VERSION    ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+REVISION   ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+GO_LDFLAGS := -s -w
+
+## image-bin: static linux binaries for the image into bin/image/linux/$(IMAGE_ARCH).
+image-bin:
+	CGO_ENABLED=0 GOOS=linux GOARCH=$(IMAGE_ARCH) $(GO) build -trimpath -buildvcs=false -ldflags='$(GO_LDFLAGS)' \
+		-o $(BIN)/image/linux/$(IMAGE_ARCH)/ ./cmd/relayd ./cmd/relayctl
+
+## image: build the container image $(IMAGE) with podman from image-bin's binaries.
+image: image-bin
+	podman build --platform linux/$(IMAGE_ARCH) --build-arg BASE=$(IMAGE_BASE) --build-arg BINARIES=prebuilt \
+		--build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) -f Containerfile -t $(IMAGE) .
+
+## release-local: what the release workflow publishes, built here into
+## $(BIN)/release: binaries for linux/amd64 and linux/arm64 (tar.gz), an
+## SBOM (CycloneDX JSON) per binary and platform, and SHA256SUMS.
+RELEASE_DIR := $(BIN)/release
+release-local:
+	rm -rf $(RELEASE_DIR) && mkdir -p $(RELEASE_DIR)
+	@set -e; for arch in amd64 arm64; do \
+		d=$(BIN)/release-stage/relay-$(VERSION)-linux-$$arch; rm -rf $$d; mkdir -p $$d; \
+		CGO_ENABLED=0 GOOS=linux GOARCH=$$arch $(GO) build -trimpath -buildvcs=false -ldflags='$(GO_LDFLAGS)' -o $$d/ ./cmd/relayd ./cmd/relayctl; \
+		cp README.md $$d/; mkdir -p $$d/deploy && cp -r deploy/systemd $$d/deploy/; \
+		tar -C $(BIN)/release-stage --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -czf $(RELEASE_DIR)/relay-$(VERSION)-linux-$$arch.tar.gz relay-$(VERSION)-linux-$$arch; \
+		for cmd in relayd relayctl; do \
+			$(SBOM) bin -json -version $(VERSION) \
+				-output $(RELEASE_DIR)/relay-$(VERSION)-linux-$$arch.$$cmd.cdx.json $$d/$$cmd; \
+		done; \
+		echo "built $(RELEASE_DIR)/relay-$(VERSION)-linux-$$arch.tar.gz and its SBOMs"; \
+	done
+	cd $(RELEASE_DIR) && sha256sum relay-* > SHA256SUMS && cat SHA256SUMS
