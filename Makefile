@@ -119,6 +119,7 @@ GO_LDFLAGS := -s -w
 image-bin:
 	CGO_ENABLED=0 GOOS=linux GOARCH=$(IMAGE_ARCH) $(GO) build -trimpath -buildvcs=false -ldflags='$(GO_LDFLAGS)' \
 		-o $(BIN)/image/linux/$(IMAGE_ARCH)/ ./cmd/relayd ./cmd/relayctl
+	mkdir -p $(BIN)/image/linux/$(IMAGE_ARCH)/state
 
 ## image: build the container image $(IMAGE) with podman from image-bin's binaries.
 image: image-bin

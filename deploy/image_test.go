@@ -104,7 +104,10 @@ func TestImage(t *testing.T) {
 	if out, err := exec.Command(podman, "save", "--format", "docker-archive", "-o", archive, tag).CombinedOutput(); err != nil {
 		t.Fatalf("podman save: %v\n%s", err, out)
 	}
-	files := imageFiles(t, archive)
+	files, dirs := imageFiles(t, archive)
+	if d, ok := dirs["var/lib/relay"]; !ok || d.Uid != 65532 || d.Mode&0o200 == 0 {
+		t.Errorf("/var/lib/relay: %+v, want a directory that uid 65532 owns and may write (a fresh volume mounted there inherits it)", d)
+	}
 	var names []string
 	for n := range files {
 		names = append(names, n)
@@ -155,9 +158,10 @@ type imageFile struct {
 	data []byte
 }
 
-// imageFiles reads the regular files of a docker-archive's layers (the
-// last layer that has a path wins, as in the image).
-func imageFiles(t *testing.T, archive string) map[string]imageFile {
+// imageFiles reads the regular files and directories of a
+// docker-archive's layers (the last layer that has a path wins, as in the
+// image).
+func imageFiles(t *testing.T, archive string) (map[string]imageFile, map[string]*tar.Header) {
 	t.Helper()
 	f, err := os.Open(archive)
 	if err != nil {
@@ -184,7 +188,7 @@ func imageFiles(t *testing.T, archive string) map[string]imageFile {
 	if err := json.Unmarshal(blobs["manifest.json"], &manifest); err != nil || len(manifest) != 1 {
 		t.Fatalf("docker-archive manifest: %v", err)
 	}
-	files := map[string]imageFile{}
+	files, dirs := map[string]imageFile{}, map[string]*tar.Header{}
 	for _, l := range manifest[0].Layers {
 		lr := tar.NewReader(bytes.NewReader(blobs[l]))
 		for {
@@ -194,6 +198,9 @@ func imageFiles(t *testing.T, archive string) map[string]imageFile {
 			}
 			if err != nil {
 				t.Fatalf("layer %s: %v", l, err)
+			}
+			if h.Typeflag == tar.TypeDir {
+				dirs[path.Clean(strings.TrimPrefix(h.Name, "./"))] = h
 			}
 			if h.Typeflag != tar.TypeReg {
 				continue
@@ -205,5 +212,5 @@ func imageFiles(t *testing.T, archive string) map[string]imageFile {
 			files[path.Clean(strings.TrimPrefix(h.Name, "./"))] = imageFile{hdr: h, data: b}
 		}
 	}
-	return files
+	return files, dirs
 }
