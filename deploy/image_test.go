@@ -18,16 +18,16 @@ import (
 	"testing"
 )
 
-// requirePodman returns podman's path, or skips (fails where CI demands
-// the image tests: RELAY_IMAGE_TESTS=required).
-func requirePodman(t *testing.T) string {
+// requireTool returns the path of a command a deploy test runs, or skips
+// saying why (fails where CI demands these tests: RELAY_DEPLOY_TESTS=required).
+func requireTool(t *testing.T, name, pkg string) string {
 	t.Helper()
-	p, err := exec.LookPath("podman")
+	p, err := exec.LookPath(name)
 	if err != nil {
-		if os.Getenv("RELAY_IMAGE_TESTS") == "required" {
-			t.Fatal("podman is not installed and RELAY_IMAGE_TESTS=required (apt-get install podman)")
+		if os.Getenv("RELAY_DEPLOY_TESTS") == "required" {
+			t.Fatalf("%s is not installed and RELAY_DEPLOY_TESTS=required (apt-get install %s)", name, pkg)
 		}
-		t.Skip("podman is not installed (apt-get install podman): the container image is not built")
+		t.Skipf("%s is not installed (apt-get install %s)", name, pkg)
 	}
 	return p
 }
@@ -37,7 +37,7 @@ func requirePodman(t *testing.T) string {
 // what it holds: the two static binaries, a non-root user, the entry
 // point, the documented ports, the OCI labels.
 func TestImage(t *testing.T) {
-	podman := requirePodman(t)
+	podman := requireTool(t, "podman", "podman")
 	tag := fmt.Sprintf("localhost/relay-test:%d", os.Getpid())
 	mk := exec.Command("make", "image", "IMAGE="+tag, "IMAGE_BASE=scratch", "VERSION=v9.9.9-test", "REVISION=0123abcd")
 	mk.Dir = repoRoot
