@@ -103,8 +103,16 @@ func TestCompose(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, name := range controls {
-		if !strings.Contains(string(script), " "+name+" ") {
+		if !certNames(string(script))[name] {
 			t.Errorf("up.sh's certificate does not name %s", name)
+		}
+		// Raft peers dial the address a node's advertise name resolved to
+		// at its start, and check the certificate for that address.
+		nets := p.Services[name].Networks
+		if nets["relay"] == nil || nets["relay"].Ipv4Address == "" {
+			t.Errorf("%s has no fixed address on the relay network", name)
+		} else if !certNames(string(script))[nets["relay"].Ipv4Address] {
+			t.Errorf("up.sh's certificate does not name %s's address %s", name, nets["relay"].Ipv4Address)
 		}
 	}
 
@@ -133,6 +141,21 @@ func TestCompose(t *testing.T) {
 			}
 		}
 	}
+}
+
+// certNames returns the names up.sh passes to relay-certs.sh.
+func certNames(script string) map[string]bool {
+	_, call, ok := strings.Cut(script, "relay-certs.sh certs")
+	if !ok {
+		return nil
+	}
+	call = strings.ReplaceAll(call, "\\\n", " ")
+	call, _, _ = strings.Cut(call, "\n")
+	names := map[string]bool{}
+	for _, f := range strings.Fields(call) {
+		names[f] = true
+	}
+	return names
 }
 
 func mustAbs(t *testing.T, p string) string {

@@ -381,4 +381,3 @@ func (h *hostCluster) clusterStatus(server string) []string {
 	}
 	return ids
 }
-

@@ -26,7 +26,10 @@ set -a
 set +a
 
 if [ ! -f certs/tls.crt ]; then
-	../scripts/relay-certs.sh certs control-1 control-2 control-3 localhost 127.0.0.1
+	# The names, and the fixed addresses: a node's peers dial the address
+	# its Raft advertise name resolved to when it started.
+	../scripts/relay-certs.sh certs control-1 control-2 control-3 \
+		172.28.10.11 172.28.10.12 172.28.10.13 localhost 127.0.0.1
 	# The containers run as uid 65532 and the key is bind-mounted as it is:
 	# on a laptop, let them read it (it never leaves this directory).
 	chmod 0644 certs/tls.key
