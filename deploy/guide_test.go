@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"bytes"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -317,7 +318,7 @@ func (g *guideChecker) checkKubectl(line int, w []string) {
 		switch w[i] {
 		case "-n":
 			ns = w[i+1]
-			if !slices.ContainsFunc(mapsValues(overlays), func(o overlay) bool { return o.namespace == ns }) {
+			if !slices.ContainsFunc(slices.Collect(maps.Values(overlays)), func(o overlay) bool { return o.namespace == ns }) {
 				g.errorf(line, w, "no overlay deploys the namespace %s", ns)
 			}
 		case "-k":
@@ -411,14 +412,6 @@ func (g *guideChecker) referenced(kind, name string) bool {
 		}
 	}
 	return false
-}
-
-func mapsValues[K comparable, V any](m map[K]V) []V {
-	out := make([]V, 0, len(m))
-	for _, v := range m {
-		out = append(out, v)
-	}
-	return out
 }
 
 // relayctlUsage is relayctl's usage text (commands and global flags).

@@ -3,10 +3,10 @@ package deploy
 import (
 	"bufio"
 	"bytes"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -15,22 +15,18 @@ import (
 // repoRoot is the relay's module, one directory up from this one.
 const repoRoot = ".."
 
-// builtBinaries builds relayd and relayctl from the relay's module once per
-// test binary, into bin/deploytest (ignored by git; go build makes the
-// second run cheap), so that the deployment files are checked against the
-// flags of the code they deploy, not against a list kept by hand.
+// builtBinaries builds relayd and relayctl once per test binary with
+// `make image-bin` (static, the flags of the image, into
+// bin/image/linux/GOARCH; go build's cache makes later runs, and TestImage's
+// `make image`, cheap), so that the deployment files are checked against
+// the flags of the code they deploy, not against a list kept by hand.
 var builtBinaries = sync.OnceValues(func() (string, error) {
-	dir, err := filepath.Abs(filepath.Join(repoRoot, "bin", "deploytest"))
-	if err != nil {
-		return "", err
-	}
-	cmd := exec.Command("go", "build", "-o", dir+string(filepath.Separator), "./cmd/relayd", "./cmd/relayctl")
+	cmd := exec.Command("make", "image-bin", "IMAGE_ARCH="+runtime.GOARCH)
 	cmd.Dir = repoRoot
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", &buildError{out: out, err: err}
 	}
-	return dir, nil
+	return filepath.Abs(filepath.Join(repoRoot, "bin", "image", "linux", runtime.GOARCH))
 })
 
 type buildError struct {

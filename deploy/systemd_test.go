@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -96,7 +97,7 @@ func TestSystemdUnits(t *testing.T) {
 				t.Fatalf("%s runs relayd %v", unit, args)
 			}
 			env, alt := envFile(t, filepath.Join("systemd", c+".env"))
-			for k := range mergeMaps(env, alt) {
+			for k := range joined(env, alt) {
 				if _, ok := flags[c].byEnv[k]; !ok && !secretEnv[k] {
 					t.Errorf("%s.env sets %s, which is not a flag of relayd %s", c, k, c)
 				}
@@ -112,17 +113,6 @@ func TestSystemdUnits(t *testing.T) {
 			}
 		})
 	}
-}
-
-func mergeMaps(a, b map[string]string) map[string]string {
-	out := map[string]string{}
-	for k, v := range a {
-		out[k] = v
-	}
-	for k, v := range b {
-		out[k] = v
-	}
-	return out
 }
 
 // hostCluster is the guide's "systemd hosts" deployment run on this
@@ -290,7 +280,7 @@ func TestHostCluster(t *testing.T) {
 	// n2 and n3: "change RELAY_NODE_ID and the three addresses", and
 	// RELAY_JOIN instead of RELAY_BOOTSTRAP and the password.
 	node := func(n int) map[string]string {
-		env := maps(control)
+		env := maps.Clone(control)
 		if n > 1 {
 			delete(env, "RELAY_BOOTSTRAP")
 			delete(env, "RELAY_ADMIN_PASSWORD")
@@ -361,7 +351,12 @@ func TestHostCluster(t *testing.T) {
 	}
 }
 
-func maps(m map[string]string) map[string]string { return mergeMaps(m, nil) }
+// joined returns the assignments of a and b in one map.
+func joined(a, b map[string]string) map[string]string {
+	out := maps.Clone(a)
+	maps.Copy(out, b)
+	return out
+}
 
 // clusterStatus returns the voters' ids as relayctl -o json reports them.
 func (h *hostCluster) clusterStatus(server string) []string {
