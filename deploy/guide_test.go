@@ -295,7 +295,7 @@ func (g *guideChecker) checkRelayctl(line int, w []string) {
 	}
 	if len(subs) > 0 {
 		if i+1 >= len(w) || !subs[w[i+1]] {
-			g.errorf(line, w, "relayctl %s has no command %q (it has %v)", sub, strings.Join(w[i+1:min(i+2, len(w))], ""), keys(subs))
+			g.errorf(line, w, "relayctl %s has no command %q (it has %v)", sub, strings.Join(w[i+1:min(i+2, len(w))], ""), sortedKeys(subs))
 			return
 		}
 		sub += " " + w[i+1]
@@ -418,7 +418,7 @@ func (g *guideChecker) referenced(kind, name string) bool {
 func relayctlUsage(t *testing.T) string {
 	t.Helper()
 	var out bytes.Buffer
-	cmd := exec.Command(binary(t, "relayctl"), "--help")
+	cmd := exec.Command(bin(t, "relayctl"), "--help")
 	cmd.Stdout, cmd.Stderr = &out, &out
 	_ = cmd.Run()
 	if !strings.Contains(out.String(), "Commands:") {

@@ -256,7 +256,7 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 	seed, ok1 := r.statefulSets["relay-control-seed"]
 	nodes, ok2 := r.statefulSets["relay-control"]
 	if !ok1 || !ok2 || len(r.statefulSets) != 2 {
-		t.Fatalf("want the StatefulSets relay-control-seed and relay-control, got %v", keys(r.statefulSets))
+		t.Fatalf("want the StatefulSets relay-control-seed and relay-control, got %v", sortedKeys(r.statefulSets))
 	}
 	if n := ptrOr(seed.Spec.Replicas, 1); n != 1 {
 		t.Errorf("the seed has %d replicas, want 1: more would each found a cluster", n)
@@ -339,7 +339,7 @@ func checkEdges(t *testing.T, r *rendered, want overlay, edge, control commandFl
 	if want.edgeDaemon {
 		ds, ok := r.daemonSets["relay-edge"]
 		if !ok || len(r.deployments) != 0 {
-			t.Fatalf("want the DaemonSet relay-edge and no Deployment, got %v, %v", keys(r.daemonSets), keys(r.deployments))
+			t.Fatalf("want the DaemonSet relay-edge and no Deployment, got %v, %v", sortedKeys(r.daemonSets), sortedKeys(r.deployments))
 		}
 		spec = &ds.Spec.Template.Spec
 		if !spec.HostNetwork || spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
@@ -361,7 +361,7 @@ func checkEdges(t *testing.T, r *rendered, want overlay, edge, control commandFl
 	} else {
 		d, ok := r.deployments["relay-edge"]
 		if !ok || len(r.daemonSets) != 0 {
-			t.Fatalf("want the Deployment relay-edge, got %v", keys(r.deployments))
+			t.Fatalf("want the Deployment relay-edge, got %v", sortedKeys(r.deployments))
 		}
 		if n := int(ptrOr(d.Spec.Replicas, 1)); n != want.edges {
 			t.Errorf("%d edges, want %d", n, want.edges)
@@ -653,7 +653,7 @@ func checkMonitoring(t *testing.T, r *rendered, want overlay) {
 		return
 	}
 	if len(r.serviceMonitors) != 2 {
-		t.Errorf("want ServiceMonitors for control and edges, got %v", keys(r.serviceMonitors))
+		t.Errorf("want ServiceMonitors for control and edges, got %v", sortedKeys(r.serviceMonitors))
 	}
 	for name, sm := range r.serviceMonitors {
 		sel, _ := metav1.LabelSelectorAsSelector(&sm.Spec.Selector)
@@ -762,7 +762,7 @@ func matchHostname(pattern, host string) bool {
 	return pattern == host
 }
 
-func keys[V any](m map[string]V) []string { return slices.Sorted(maps.Keys(m)) }
+func sortedKeys[V any](m map[string]V) []string { return slices.Sorted(maps.Keys(m)) }
 
 // The PrometheusRule of components/monitoring is generated from the rule
 // files in deploy/prometheus, so the alerts live in one place.

@@ -4,47 +4,17 @@ import (
 	"bufio"
 	"bytes"
 	"os/exec"
-	"path/filepath"
 	"regexp"
-	"runtime"
 	"strings"
-	"sync"
 	"testing"
 )
 
 // repoRoot is the relay's module, one directory up from this one.
 const repoRoot = ".."
 
-// builtBinaries builds relayd and relayctl once per test binary with
-// `make image-bin` (static, the flags of the image, into
-// bin/image/linux/GOARCH; go build's cache makes later runs, and TestImage's
-// `make image`, cheap), so that the deployment files are checked against
-// the flags of the code they deploy, not against a list kept by hand.
-var builtBinaries = sync.OnceValues(func() (string, error) {
-	cmd := exec.Command("make", "image-bin", "IMAGE_ARCH="+runtime.GOARCH)
-	cmd.Dir = repoRoot
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", &buildError{out: out, err: err}
-	}
-	return filepath.Abs(filepath.Join(repoRoot, "bin", "image", "linux", runtime.GOARCH))
-})
-
-type buildError struct {
-	out []byte
-	err error
-}
-
-func (e *buildError) Error() string { return "go build: " + e.err.Error() + "\n" + string(e.out) }
-
-// binary returns the path of a freshly built relayd or relayctl.
-func binary(t *testing.T, name string) string {
-	t.Helper()
-	dir, err := builtBinaries()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return filepath.Join(dir, name)
-}
+// The deployment files are checked against the flags of relayd and
+// relayctl built from repoRoot (bin, in relay_test.go), not against a list
+// kept by hand.
 
 // flagInfo is one flag as a command's --help lists it.
 type flagInfo struct {
@@ -80,7 +50,7 @@ var helpDefault = regexp.MustCompile(`\(default "([^"]*)"\)$`)
 func relaydFlags(t *testing.T, command string) commandFlags {
 	t.Helper()
 	var out bytes.Buffer
-	cmd := exec.Command(binary(t, "relayd"), command, "--help")
+	cmd := exec.Command(bin(t, "relayd"), command, "--help")
 	cmd.Stdout, cmd.Stderr = &out, &out
 	_ = cmd.Run() // --help exits 2
 	c := commandFlags{byName: map[string]flagInfo{}, byEnv: map[string]flagInfo{}}
@@ -125,7 +95,7 @@ func port(t *testing.T, hostport string) string {
 func relayctlEnv(t *testing.T) map[string]bool {
 	t.Helper()
 	var out bytes.Buffer
-	cmd := exec.Command(binary(t, "relayctl"), "--help")
+	cmd := exec.Command(bin(t, "relayctl"), "--help")
 	cmd.Stdout, cmd.Stderr = &out, &out
 	_ = cmd.Run()
 	vars := map[string]bool{"RELAYCTL_CONFIG_DIR": true, "RELAYCTL_TOKEN": true}

@@ -70,7 +70,7 @@ func unitExecStart(t *testing.T, unit string) []string {
 // TestSystemdUnits checks the units with systemd-analyze and their
 // example environment files against relayd's flags.
 func TestSystemdUnits(t *testing.T) {
-	analyze := requireTool(t, "systemd-analyze", "systemd")
+	analyze := tool(t, "systemd-analyze", "systemd")
 	flags := map[string]commandFlags{"control": relaydFlags(t, "control"), "edge": relaydFlags(t, "edge")}
 	for _, c := range []string{"control", "edge"} {
 		t.Run(c, func(t *testing.T) {
@@ -82,7 +82,7 @@ func TestSystemdUnits(t *testing.T) {
 				t.Fatal(err)
 			}
 			tmp := filepath.Join(t.TempDir(), filepath.Base(unit))
-			if err := os.WriteFile(tmp, bytes.ReplaceAll(b, []byte("/usr/local/bin/relayd"), []byte(binary(t, "relayd"))), 0o644); err != nil {
+			if err := os.WriteFile(tmp, bytes.ReplaceAll(b, []byte("/usr/local/bin/relayd"), []byte(bin(t, "relayd"))), 0o644); err != nil {
 				t.Fatal(err)
 			}
 			out, err := exec.Command(analyze, "verify", tmp).CombinedOutput()
@@ -149,14 +149,14 @@ func (h *hostCluster) port(addr string) string {
 	if p, ok := h.ports[addr]; ok {
 		return p
 	}
-	p := freePort(h.t)
+	p := freeUDPTCPPort(h.t)
 	h.ports[addr] = "127.0.0.1:" + p
 	return h.ports[addr]
 }
 
-// freePort finds a port free for both TCP and UDP on 127.0.0.1 (an edge
+// freeUDPTCPPort finds a port free for both TCP and UDP on 127.0.0.1 (an edge
 // listens on both).
-func freePort(t *testing.T) string {
+func freeUDPTCPPort(t *testing.T) string {
 	for range 50 {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -179,7 +179,7 @@ func freePort(t *testing.T) string {
 func (h *hostCluster) start(name, unit string, env []string, extra ...string) {
 	h.t.Helper()
 	args := append(unitExecStart(h.t, unit), extra...)
-	cmd := exec.Command(binary(h.t, "relayd"), args...)
+	cmd := exec.Command(bin(h.t, "relayd"), args...)
 	cmd.Env = env
 	logf, err := os.Create(filepath.Join(h.dir, name+".log"))
 	if err != nil {
@@ -247,7 +247,7 @@ func (h *hostCluster) waitReady(name, addr string) {
 // relayctl runs relayctl against server with stdin.
 func (h *hostCluster) relayctl(server, stdin string, args ...string) string {
 	h.t.Helper()
-	cmd := exec.Command(binary(h.t, "relayctl"), args...)
+	cmd := exec.Command(bin(h.t, "relayctl"), args...)
 	cmd.Env = append(slices.Clone(h.ctlEnv), "RELAYCTL_SERVER=https://"+server)
 	cmd.Stdin = strings.NewReader(stdin)
 	out, err := cmd.CombinedOutput()
@@ -264,7 +264,7 @@ func (h *hostCluster) relayctl(server, stdin string, args ...string) string {
 // restart of a member, removing a member, a backup, and a restore of it
 // into a new cluster.
 func TestHostCluster(t *testing.T) {
-	requireTool(t, "openssl", "openssl")
+	tool(t, "openssl", "openssl")
 	h := &hostCluster{t: t, dir: t.TempDir(), ports: map[string]string{}, procs: map[string]*exec.Cmd{}}
 	h.tls = filepath.Join(h.dir, "tls")
 	out, err := exec.Command("scripts/relay-certs.sh", h.tls, "localhost", "127.0.0.1").CombinedOutput()

@@ -216,6 +216,14 @@ func (r *Relay) RevokeDevice(d Device) {
 	}
 }
 
+// DeleteDevice deletes a device through the API.
+func (r *Relay) DeleteDevice(d Device) {
+	r.t.Helper()
+	if _, err := r.devices().DeleteDevice(context.Background(), withToken(&controlv1.DeleteDeviceRequest{UserId: d.UserID, DeviceId: d.ID}, r.admin)); err != nil {
+		r.t.Fatalf("delete %s: %v", d.ID, err)
+	}
+}
+
 // DeleteUser deletes an account through the API.
 func (r *Relay) DeleteUser(userID string) {
 	r.t.Helper()
@@ -332,7 +340,8 @@ func (s *Standalone) Close() {
 }
 
 // Counter sums the counter name of edge s over the series whose label
-// has value (0 when there is none).
+// has value, or over every series when label is "" (0 when there is
+// none).
 func Counter(t clustertest.TB, s *server.Server, name, label, value string) float64 {
 	t.Helper()
 	mfs, err := s.Registry().Gather()
@@ -345,6 +354,10 @@ func Counter(t clustertest.TB, s *server.Server, name, label, value string) floa
 			continue
 		}
 		for _, m := range mf.GetMetric() {
+			if label == "" {
+				total += m.GetCounter().GetValue()
+				continue
+			}
 			for _, l := range m.GetLabel() {
 				if l.GetName() == label && l.GetValue() == value {
 					total += m.GetCounter().GetValue()
