@@ -672,6 +672,17 @@ func checkMonitoring(t *testing.T, r *rendered, want overlay) {
 		if hits != 1 {
 			t.Errorf("ServiceMonitor %s selects %d Services, want 1", name, hits)
 		}
+		// The rules and dashboards select their targets by job.
+		for _, svc := range r.services {
+			if sel.Matches(labels.Set(svc.Labels)) && (sm.Spec.JobLabel == "" || svc.Labels[sm.Spec.JobLabel] != name) {
+				t.Errorf("ServiceMonitor %s would scrape Service %s as job %q, want %q (the rules' job)", name, svc.Name, svc.Labels[sm.Spec.JobLabel], name)
+			}
+		}
+		for _, job := range ruleJobs(t) {
+			if _, ok := r.serviceMonitors[job]; !ok {
+				t.Errorf("the rules select job %q, which no ServiceMonitor scrapes", job)
+			}
+		}
 	}
 	rule, ok := r.rules["relay"]
 	if !ok {
@@ -760,6 +771,22 @@ func matchHostname(pattern, host string) bool {
 		return i > 0 && host[i+1:] == rest
 	}
 	return pattern == host
+}
+
+// ruleJobs returns the job names the alert rules select.
+func ruleJobs(t *testing.T) []string {
+	files, _ := filepath.Glob("prometheus/*-alerts.yml")
+	set := map[string]bool{}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range regexp.MustCompile(`job="([a-z-]+)"`).FindAllStringSubmatch(string(b), -1) {
+			set[m[1]] = true
+		}
+	}
+	return sortedKeys(set)
 }
 
 func sortedKeys[V any](m map[string]V) []string { return slices.Sorted(maps.Keys(m)) }
