@@ -114,6 +114,8 @@ IMAGE_ARCH ?= $(shell $(GO) env GOARCH)
 VERSION    ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REVISION   ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 GO_LDFLAGS := -s -w
+# Extra podman build flags.
+IMAGE_BUILD_FLAGS ?=
 
 ## image-bin: static linux binaries for the image into bin/image/linux/$(IMAGE_ARCH).
 image-bin:
@@ -123,7 +125,7 @@ image-bin:
 
 ## image: build the container image $(IMAGE) with podman from image-bin's binaries.
 image: image-bin
-	podman build --platform linux/$(IMAGE_ARCH) --build-arg BASE=$(IMAGE_BASE) --build-arg BINARIES=prebuilt \
+	podman build $(IMAGE_BUILD_FLAGS) --platform linux/$(IMAGE_ARCH) --build-arg BASE=$(IMAGE_BASE) --build-arg BINARIES=prebuilt \
 		--build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) -f Containerfile -t $(IMAGE) .
 
 ## release-local: what the release workflow publishes, built here into

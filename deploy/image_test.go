@@ -25,6 +25,16 @@ import (
 func TestImage(t *testing.T) {
 	podman := tool(t, "podman", "podman")
 	tag := fmt.Sprintf("localhost/relay-test:%d", os.Getpid())
+	// The build leaves the prebuilt stage's image behind as a cache layer:
+	// remove the images this test made, and those only.
+	before := imageIDs(t, podman)
+	t.Cleanup(func() {
+		for id := range imageIDs(t, podman) {
+			if !before[id] {
+				_ = exec.Command(podman, "rmi", "-f", id).Run()
+			}
+		}
+	})
 	mk := exec.Command("make", "image", "IMAGE="+tag, "IMAGE_BASE=scratch", "VERSION=v9.9.9-test", "REVISION=0123abcd")
 	mk.Dir = repoRoot
 	if out, err := mk.CombinedOutput(); err != nil {
@@ -119,6 +129,19 @@ func TestImage(t *testing.T) {
 			t.Errorf("%s is for %v", n, e.Machine)
 		}
 	}
+}
+
+// imageIDs lists podman's images, intermediate ones included.
+func imageIDs(t *testing.T, podman string) map[string]bool {
+	out, err := exec.Command(podman, "images", "-a", "-q", "--no-trunc").Output()
+	if err != nil {
+		t.Fatalf("podman images: %v", err)
+	}
+	ids := map[string]bool{}
+	for _, id := range strings.Fields(string(out)) {
+		ids[id] = true
+	}
+	return ids
 }
 
 // documentedPorts are the ports the Kubernetes manifests give relayd's
