@@ -273,6 +273,16 @@ func (c *Raw) WaitEnd(d time.Duration) (End, error) {
 		}
 		if !end.Frame {
 			end.Code, end.Msg = transportCode(err)
+			if c.wts != nil && end.Code == relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
+				// The stream may fail with the connection's error before the
+				// session's close capsule is read; the session keeps that.
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				_, serr := c.wts.AcceptStream(ctx)
+				cancel()
+				if code, msg := transportCode(serr); code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
+					end.Code, end.Msg = code, msg
+				}
+			}
 		}
 		return end, nil
 	}
@@ -280,6 +290,9 @@ func (c *Raw) WaitEnd(d time.Duration) (End, error) {
 
 // transportCode is the protocol code a transport's close carried.
 func transportCode(err error) (relayv1.ErrorCode, string) {
+	if err == nil {
+		return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, ""
+	}
 	var appErr *quic.ApplicationError
 	if errors.As(err, &appErr) && appErr.Remote {
 		return relayv1.ErrorCode(appErr.ErrorCode), appErr.ErrorMessage
