@@ -114,8 +114,6 @@ IMAGE_ARCH ?= $(shell $(GO) env GOARCH)
 VERSION    ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REVISION   ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 GO_LDFLAGS := -s -w
-# Extra podman build flags.
-IMAGE_BUILD_FLAGS ?=
 
 ## image-bin: static linux binaries for the image into bin/image/linux/$(IMAGE_ARCH).
 image-bin:
@@ -125,7 +123,7 @@ image-bin:
 
 ## image: build the container image $(IMAGE) with podman from image-bin's binaries.
 image: image-bin
-	podman build $(IMAGE_BUILD_FLAGS) --platform linux/$(IMAGE_ARCH) --build-arg BASE=$(IMAGE_BASE) --build-arg BINARIES=prebuilt \
+	podman build --platform linux/$(IMAGE_ARCH) --build-arg BASE=$(IMAGE_BASE) --build-arg BINARIES=prebuilt \
 		--build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) -f Containerfile -t $(IMAGE) .
 
 ## release-local: what the release workflow publishes, built here into
@@ -137,7 +135,7 @@ release-local:
 	@set -e; for arch in amd64 arm64; do \
 		d=$(BIN)/release-stage/relay-$(VERSION)-linux-$$arch; rm -rf $$d; mkdir -p $$d; \
 		CGO_ENABLED=0 GOOS=linux GOARCH=$$arch $(GO) build -trimpath -buildvcs=false -ldflags='$(GO_LDFLAGS)' -o $$d/ ./cmd/relayd ./cmd/relayctl; \
-		cp README.md $$d/; mkdir -p $$d/deploy && cp -r deploy/systemd $$d/deploy/; \
+		cp README.md $$d/; mkdir -p $$d/deploy && cp -r deploy/systemd deploy/scripts $$d/deploy/; \
 		tar -C $(BIN)/release-stage --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -czf $(RELEASE_DIR)/relay-$(VERSION)-linux-$$arch.tar.gz relay-$(VERSION)-linux-$$arch; \
 		for cmd in relayd relayctl; do \
 			$(SBOM) bin -json -version $(VERSION) \
