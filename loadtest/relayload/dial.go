@@ -124,10 +124,9 @@ func retryable(err error) bool {
 
 // connect brings one device's session up: paced, retried with
 // exponential backoff and jitter, every failed attempt counted by cause
-// in r (as "<cause>"), and the session's time to come up observed as
-// latency `metric` (first attempt to Welcome).
+// in r (as "<cause>"), and the successful attempt's time (dial to
+// Welcome, not the wait for a slot) observed as latency `metric`.
 func (dl *dialer) connect(ctx context.Context, p *pacer, r *result, metric string, dev device, ticket []byte) (*client.Client, error) {
-	start := time.Now()
 	backoff := 100 * time.Millisecond
 	var last error
 	for attempt := 0; attempt < max(dl.d.retries, 1); attempt++ {
@@ -149,7 +148,7 @@ func (dl *dialer) connect(ctx context.Context, p *pacer, r *result, metric strin
 		c, err := dl.dialTicket(ctx, dev, ticket)
 		p.release(err == nil, time.Since(t0))
 		if err == nil {
-			r.observe(metric, time.Since(start))
+			r.observe(metric, time.Since(t0))
 			return c, nil
 		}
 		last = err

@@ -22,6 +22,8 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -125,22 +127,11 @@ func (d *driverConfig) merge(args []string) error {
 	}
 	var rs []*result
 	for _, name := range fs.Args() {
-		f, err := os.Open(name)
+		got, err := readResults(name)
 		if err != nil {
 			return err
 		}
-		dec := json.NewDecoder(f)
-		for {
-			var r result
-			if err := dec.Decode(&r); errors.Is(err, io.EOF) {
-				break
-			} else if err != nil {
-				_ = f.Close()
-				return fmt.Errorf("%s: %w", name, err)
-			}
-			rs = append(rs, &r)
-		}
-		_ = f.Close()
+		rs = append(rs, got...)
 	}
 	m, err := mergeResults(rs)
 	if err != nil {
@@ -154,6 +145,41 @@ func (d *driverConfig) merge(args []string) error {
 		return err
 	}
 	return terr
+}
+
+// readResults reads the results in a file: one JSON object per line, as
+// --json prints them; other lines (what a pod logged besides, when the
+// file is `kubectl logs` of a Job) are skipped.
+func readResults(name string) ([]*result, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var rs []*result
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 0, 1<<20), 64<<20)
+	for n := 1; sc.Scan(); n++ {
+		line := bytes.TrimSpace(sc.Bytes())
+		if len(line) == 0 || line[0] != '{' {
+			continue
+		}
+		var r result
+		if err := json.Unmarshal(line, &r); err != nil {
+			return nil, fmt.Errorf("%s:%d: %w", name, n, err)
+		}
+		if r.Scenario == "" {
+			return nil, fmt.Errorf("%s:%d: not a relayload result", name, n)
+		}
+		rs = append(rs, &r)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if len(rs) == 0 {
+		return nil, fmt.Errorf("%s: no results (print them with --json)", name)
+	}
+	return rs, nil
 }
 
 func plotCommand(args []string) error {

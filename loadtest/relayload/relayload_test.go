@@ -232,6 +232,7 @@ func TestMerge(t *testing.T) {
 	for i, r := range []*result{mk(900, time.Millisecond, 0), mk(100, 100*time.Millisecond, 10)} {
 		p := filepath.Join(dir, "pod"+string(rune('a'+i))+".json")
 		var b bytes.Buffer
+		b.WriteString("relayload 2.0s a progress line, as in kubectl logs\n")
 		if err := r.write(&b, true); err != nil {
 			t.Fatal(err)
 		}
