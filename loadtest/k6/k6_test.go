@@ -93,7 +93,7 @@ func TestBundlesAreFresh(t *testing.T) {
 
 // testRelay starts a control node and an edge that admit the scripts'
 // handshake rate from one address.
-func testRelay(t *testing.T) *relaytest.Relay {
+func testRelay(t testing.TB) *relaytest.Relay {
 	return relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
 		cfg.AdminAddr = "127.0.0.1:0"
 		cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 1e6, 1e6
@@ -106,7 +106,7 @@ func wsURL(e *server.Server) string {
 	return "wss://" + strings.TrimPrefix(e.HTTPSURL(), "https://") + "/relay/v1/ws"
 }
 
-func runScenario(t *testing.T, r *relaytest.Relay, edgeURL, bundle string, vus, iterations int, env map[string]string) *simResult {
+func runScenario(t testing.TB, r *relaytest.Relay, edgeURL, bundle string, vus, iterations int, env map[string]string) *simResult {
 	t.Helper()
 	dir := t.TempDir()
 	e := map[string]string{
@@ -275,5 +275,38 @@ func TestAdapterRefusesWhatK6DoesNotOffer(t *testing.T) {
 	res, err := runBundle(context.Background(), simRun{Bundle: p, Env: map[string]string{"X": "y"}, VUs: 1, Iterations: 1, IterationTimeout: 10 * time.Second, Dir: t.TempDir()})
 	if err != nil || !res.Passed() {
 		t.Fatalf("%v %+v", err, res)
+	}
+}
+
+// BenchmarkWebSocketEvents: the average scenario's sessions (two devices
+// a user, each sending acknowledged events to the other at EVENT_RATE)
+// over the edge's WebSocket, driven by the k6 script in the test
+// runtime, K6_VUS users at once. It reports the acknowledged events per
+// second and the ack latency's p99 as the script measured them (the
+// runtime, one goroutine a VU, shares the cores with the relay).
+//
+//	K6_VUS=20 EVENT_RATE=50 go test -run '^$' -bench WebSocketEvents -benchtime 1x ./loadtest/k6/
+func BenchmarkWebSocketEvents(b *testing.B) {
+	vus := os.Getenv("K6_VUS")
+	if vus == "" {
+		vus = "10"
+	}
+	rate := os.Getenv("EVENT_RATE")
+	if rate == "" {
+		rate = "50"
+	}
+	n := 0
+	_, _ = fmt.Sscan(vus, &n)
+	r := testRelay(b)
+	for b.Loop() {
+		res := runScenario(b, r, wsURL(r.Edges[0]), "average", n, 1, map[string]string{
+			"VUS": vus, "EVENT_RATE": rate, "EVENTS": os.Getenv("EVENTS"), "ACK_P95_MS": "1e9", "ACK_P99_MS": "1e9",
+		})
+		acked := res.Metrics["relay_event_failed"]["fails"]
+		secs := res.Metrics["iteration_duration"]["max"] / 1e3
+		b.ReportMetric(acked/secs, "acked/s")
+		b.ReportMetric(res.Metrics["relay_ack_latency"]["p(99)"], "ack-p99-ms")
+		b.ReportMetric(res.Metrics["relay_ack_latency"]["med"], "ack-p50-ms")
+		b.ReportMetric(res.Metrics["relay_event_failed"]["rate"], "error-rate")
 	}
 }
