@@ -40,7 +40,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.StringVar(&cfg.Control.Login, "edge-login", "edge", "the edges' account on the control plane (role edge)")
 	fs.StringVar(&f.passwordFile, "edge-password-file", "", "file holding the account's password (or set RELAY_EDGE_PASSWORD)")
 	fs.StringVar(&cfg.PublicAddr, "public-addr", "", "UDP host:port browsers are told for WebTransport (default: --addr as bound; an unspecified host becomes the host the page was loaded from)")
-	fs.Var(&f.origins, "allowed-origin", "web origin (scheme://host[:port]) allowed to open WebTransport and WebSocket sessions (repeatable; default: any)")
+	fs.Var(&f.origins, "allowed-origin", "web origin (scheme://host[:port]) allowed, besides the edge's own page, to open WebTransport and WebSocket sessions (repeatable; * admits any page)")
 	fs.StringVar(&cfg.MeshAddr, "mesh-addr", "", "UDP address of the mesh listener other edges connect to (default: the host of --addr, a free port)")
 	fs.StringVar(&cfg.MeshAdvertise, "mesh-advertise", "", "mesh address other edges are told (default: --mesh-addr as bound)")
 	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", 30*time.Second, "close device connections silent this long")

@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -60,8 +61,16 @@ func (cn *conn) writeEphemeral(f *relayv1.Frame) error {
 	return cn.write(f)
 }
 
+// close ends the connection: gracefully when no write is in progress
+// (Close must not race a Write), else at once, rather than wait for a
+// writer stuck on a dead edge.
 func (cn *conn) close(code relayv1.ErrorCode, msg string) {
-	_ = cn.c.Close(code, msg)
+	if cn.wmu.TryLock() {
+		_ = cn.c.Close(code, msg)
+		cn.wmu.Unlock()
+	} else {
+		_ = cn.c.Abort(code, msg)
+	}
 	if cn.closeHook != nil {
 		cn.closeHook()
 	}
@@ -147,15 +156,22 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	// closing the connection.
 	hsCtx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
-	stop := context.AfterFunc(hsCtx, func() { _ = cn.c.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "") })
+	stop := context.AfterFunc(hsCtx, func() { _ = cn.c.Abort(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "") })
 	defer stop()
 
 	c.mu.Lock()
-	ticket := c.ticket
+	ticket, offset := c.ticket, c.offset
 	c.mu.Unlock()
 	sent := time.Now()
+	// In the edge's time as far as this client knows it: a resume proof
+	// must be within the edge's resume window of its clock.
 	cn.hello = &relayv1.Hello{UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: session.ProtocolVersion,
-		ClientTimeMs: sent.UnixMilli(), ResumeTicket: ticket, Instance: c.instance}
+		ClientTimeMs: sent.Add(offset).UnixMilli(), ResumeTicket: ticket, Instance: c.instance}
+	if len(ticket) > 0 {
+		if err := c.proveResume(cn.hello); err != nil {
+			return err
+		}
+	}
 	if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: cn.hello}}); err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}
@@ -196,6 +212,20 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 			return &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Message: fmt.Sprintf("unexpected %T in the handshake", k)}
 		}
 	}
+}
+
+// proveResume signs the resume transcript of a Hello that carries a
+// ticket: the ticket is worth nothing without the device's key.
+func (c *Client) proveResume(h *relayv1.Hello) error {
+	h.ResumeNonce = make([]byte, session.ResumeNonceSize)
+	if _, err := rand.Read(h.ResumeNonce); err != nil {
+		return fmt.Errorf("resume nonce: %w", err)
+	}
+	h.ResumeProof = session.ResumeTranscript{
+		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
+		Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: h.GetResumeTicket(),
+	}.Sign(c.cfg.Key)
+	return nil
 }
 
 // answer signs a challenge with the device key (docs/protocol.md).

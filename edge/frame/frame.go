@@ -12,6 +12,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"slices"
+	"sync/atomic"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -51,7 +55,10 @@ func malformed(format string, args ...any) error {
 	return &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Msg: fmt.Sprintf(format, args...)}
 }
 
-var unmarshal = proto.UnmarshalOptions{DiscardUnknown: false}
+// unmarshal drops fields this version does not know: what a device sends
+// beyond the schema is never kept, counted, stored or relayed
+// (docs/protocol.md, "Unknown fields").
+var unmarshal = proto.UnmarshalOptions{DiscardUnknown: true}
 
 // Decode decodes one frame body (without the length prefix), as a
 // datagram carries it. A body that decodes but sets no kind is malformed.
@@ -72,24 +79,68 @@ func Decode(body []byte, max int, f *relayv1.Frame) error {
 	return nil
 }
 
+// Deadliner is a stream whose blocked reads a deadline can end, as a
+// net.Conn's or a QUIC stream's. A reader over one bounds each frame.
+type Deadliner interface {
+	SetReadDeadline(t time.Time) error
+}
+
+// ErrStopped is returned by Read once Stop was called.
+var ErrStopped = errors.New("frame reader stopped")
+
+// ReaderConfig configures a Reader.
+type ReaderConfig struct {
+	// Max is the largest frame accepted, in bytes [DefaultMaxFrame].
+	Max int
+	// BufSize is the read buffer: small for the many idle sessions of an
+	// edge, larger for bulk readers [16 KiB].
+	BufSize int
+	// FrameTimeout bounds the time from a frame's first byte to its last,
+	// when the stream is a Deadliner; 0 means no bound. Between frames
+	// only the idle deadline (SetIdleDeadline) applies.
+	FrameTimeout time.Duration
+}
+
 // Reader reads length-prefixed frames from a stream.
+//
+// It never sizes a buffer from a length prefix alone: a frame that is
+// not in the read buffer whole is collected in a buffer that grows with
+// the bytes that actually arrive, and a frame must arrive whole within
+// FrameTimeout of its first byte.
 type Reader struct {
-	r   *bufio.Reader
-	max int
-	buf []byte
+	r        *bufio.Reader
+	dl       Deadliner // nil: the stream has no deadlines
+	max      int
+	timeout  time.Duration
+	idle     time.Time // the deadline between frames (zero: none)
+	armed    bool      // a frame deadline is set on the stream
+	stopped  atomic.Bool
+	buf      []byte
+	lastSize int
 }
 
 // NewReader returns a reader refusing frames longer than max bytes
 // (DefaultMaxFrame when max <= 0).
 func NewReader(r io.Reader, max int) *Reader { return NewReaderSize(r, max, 16<<10) }
 
-// NewReaderSize is NewReader with a read buffer of the given size: small
-// for the many idle sessions of an edge, larger for bulk readers.
+// NewReaderSize is NewReader with a read buffer of the given size.
 func NewReaderSize(r io.Reader, max, bufSize int) *Reader {
-	if max <= 0 {
-		max = DefaultMaxFrame
+	return NewReaderConfig(r, ReaderConfig{Max: max, BufSize: bufSize})
+}
+
+// NewReaderConfig returns a reader configured by cfg.
+func NewReaderConfig(r io.Reader, cfg ReaderConfig) *Reader {
+	if cfg.Max <= 0 {
+		cfg.Max = DefaultMaxFrame
 	}
-	return &Reader{r: bufio.NewReaderSize(r, bufSize), max: max}
+	if cfg.BufSize <= 0 {
+		cfg.BufSize = 16 << 10
+	}
+	rd := &Reader{r: bufio.NewReaderSize(r, cfg.BufSize), max: cfg.Max}
+	if d, ok := r.(Deadliner); ok && cfg.FrameTimeout > 0 {
+		rd.dl, rd.timeout = d, cfg.FrameTimeout
+	}
+	return rd
 }
 
 // keepBuf is the largest frame buffer a Reader keeps between frames; a
@@ -97,49 +148,179 @@ func NewReaderSize(r io.Reader, max, bufSize int) *Reader {
 // sessions hold little memory.
 const keepBuf = 4 << 10
 
+// growStep is how much a frame buffer grows by at least, and at most
+// beyond what has arrived.
+const growStep = 4 << 10
+
 // Buffered is how many bytes are already read from the stream but not
 // yet returned as frames: 0 means the next Read may block.
 func (r *Reader) Buffered() int { return r.r.Buffered() }
 
+// LastSize is the size on the wire of the frame the last successful
+// Read returned, length prefix included.
+func (r *Reader) LastSize() int { return r.lastSize }
+
+// SetIdleDeadline sets the deadline for reads between frames (a
+// handshake's, say); the zero time removes it. Not safe to call
+// concurrently with Read.
+func (r *Reader) SetIdleDeadline(t time.Time) error {
+	r.idle = t
+	if r.dl == nil {
+		return nil
+	}
+	return r.setDeadline(t)
+}
+
+// Stop makes a blocked Read, and every later one, return ErrStopped. It
+// is safe to call from any goroutine, and does nothing for a stream
+// without deadlines (close the stream instead).
+func (r *Reader) Stop() {
+	r.stopped.Store(true)
+	if r.dl != nil {
+		_ = r.dl.SetReadDeadline(time.Unix(1, 0))
+	}
+}
+
+// setDeadline sets the stream's read deadline unless the reader was
+// stopped. The deadline is set before the flag is checked and Stop sets
+// the flag before its deadline, so one of the two always wins over a
+// concurrent Stop.
+func (r *Reader) setDeadline(t time.Time) error {
+	err := r.dl.SetReadDeadline(t)
+	if r.stopped.Load() {
+		_ = r.dl.SetReadDeadline(time.Unix(1, 0))
+	}
+	return err
+}
+
+// arm bounds the rest of the current frame by FrameTimeout, once per
+// frame, when reading it may block.
+func (r *Reader) arm() {
+	if r.dl == nil || r.armed {
+		return
+	}
+	r.armed = true
+	d := time.Now().Add(r.timeout)
+	if !r.idle.IsZero() && r.idle.Before(d) {
+		d = r.idle
+	}
+	_ = r.setDeadline(d)
+}
+
+// disarm restores the idle deadline after a frame.
+func (r *Reader) disarm() {
+	if r.armed {
+		r.armed = false
+		_ = r.setDeadline(r.idle)
+	}
+}
+
 // Read reads the next frame into f. It returns io.EOF when the stream
-// ends cleanly between frames, io.ErrUnexpectedEOF inside one, and an
-// *Error for a frame that is too large or malformed.
+// ends cleanly between frames, io.ErrUnexpectedEOF inside one, an *Error
+// for a frame that is too large, malformed or not completed within
+// FrameTimeout (ERROR_CODE_TIMEOUT), ErrStopped after Stop, and the
+// stream's own error otherwise (a timeout of the idle deadline among
+// them).
 func (r *Reader) Read(f *relayv1.Frame) error {
-	n, err := binary.ReadUvarint(r.r)
+	if r.stopped.Load() {
+		return ErrStopped
+	}
+	defer r.disarm()
+	n, prefix, err := r.readLength()
 	if err != nil {
-		if errors.Is(err, io.EOF) {
-			return io.EOF
-		}
-		if errors.Is(err, io.ErrUnexpectedEOF) {
-			return io.ErrUnexpectedEOF
-		}
-		var ce *Error
-		if errors.As(err, &ce) {
-			return err
-		}
-		if err.Error() == "binary: varint overflows a 64-bit integer" {
-			return malformed("frame length overflows")
-		}
-		return fmt.Errorf("read frame length: %w", err)
+		return err
 	}
 	if n > uint64(r.max) {
 		return tooLarge(n, r.max)
 	}
-	if cap(r.buf) < int(n) {
-		r.buf = make([]byte, n)
+	size := int(n)
+	if r.r.Buffered() >= size {
+		// The common case: the whole frame is in the read buffer and is
+		// decoded where it lies (the decoded frame copies what it keeps).
+		body, _ := r.r.Peek(size)
+		err := Decode(body, r.max, f)
+		_, _ = r.r.Discard(size)
+		r.lastSize = prefix + size
+		return err
 	}
-	body := r.buf[:n]
-	if _, err := io.ReadFull(r.r, body); err != nil {
-		if errors.Is(err, io.EOF) {
-			return io.ErrUnexpectedEOF
-		}
+	r.arm()
+	body, err := r.collect(size)
+	if err != nil {
 		return err
 	}
 	err = Decode(body, r.max, f)
 	if cap(r.buf) > keepBuf {
 		r.buf = nil // the decoded frame holds copies, not this buffer
 	}
+	r.lastSize = prefix + size
 	return err
+}
+
+// readLength reads the uvarint length prefix and reports its size.
+func (r *Reader) readLength() (uint64, int, error) {
+	var x uint64
+	var s uint
+	for i := 0; ; i++ {
+		if i > 0 && r.r.Buffered() == 0 {
+			r.arm()
+		}
+		b, err := r.r.ReadByte()
+		if err != nil {
+			return 0, 0, r.streamErr(err, i > 0)
+		}
+		if i == binary.MaxVarintLen64-1 && b > 1 {
+			return 0, 0, malformed("frame length overflows")
+		}
+		if b < 0x80 {
+			return x | uint64(b)<<s, i + 1, nil
+		}
+		x |= uint64(b&0x7f) << s
+		s += 7
+	}
+}
+
+// collect reads a frame body of size bytes that is not buffered yet,
+// growing the buffer with what arrives.
+func (r *Reader) collect(size int) ([]byte, error) {
+	buf := r.buf[:0]
+	for len(buf) < size {
+		if cap(buf) == len(buf) {
+			want := min(size, max(2*cap(buf), len(buf)+growStep))
+			buf = slices.Grow(buf, want-len(buf))
+		}
+		k, err := r.r.Read(buf[len(buf):min(cap(buf), size)])
+		buf = buf[:len(buf)+k]
+		if err != nil && len(buf) < size {
+			r.buf = buf
+			return nil, r.streamErr(err, true)
+		}
+	}
+	r.buf = buf
+	return buf, nil
+}
+
+// streamErr types an error of the stream; inFrame says whether part of
+// a frame had arrived.
+func (r *Reader) streamErr(err error, inFrame bool) error {
+	var fe *Error
+	switch {
+	case r.stopped.Load():
+		return ErrStopped
+	case errors.As(err, &fe):
+		return err
+	case errors.Is(err, io.EOF):
+		if inFrame {
+			return io.ErrUnexpectedEOF
+		}
+		return io.EOF
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return io.ErrUnexpectedEOF
+	}
+	var ne net.Error
+	if inFrame && r.armed && errors.As(err, &ne) && ne.Timeout() && (r.idle.IsZero() || time.Now().Before(r.idle)) {
+		return &Error{Code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT, Msg: fmt.Sprintf("frame not completed within %s of its first byte", r.timeout)}
+	}
+	return fmt.Errorf("read frame: %w", err)
 }
 
 var marshal = proto.MarshalOptions{}

@@ -68,7 +68,9 @@ type Config struct {
 	// WebTransport (EdgeInfoPath) [Addr as bound; an unspecified host
 	// such as 0.0.0.0 is replaced by the host the page was loaded from].
 	PublicAddr string
-	// AllowedOrigins for WebTransport (see transport.Config).
+	// AllowedOrigins lists the web origins, besides the edge's own page,
+	// whose pages may open WebTransport and WebSocket sessions; "*" admits
+	// any (see transport.OriginPolicy) [none].
 	AllowedOrigins []string
 	// MeshAddr is the UDP address of the mesh listener (other edges
 	// connect there) [the host of Addr, a free port]; MeshAdvertise the
@@ -228,6 +230,14 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	close(hubReady)
 
+	if cfg.AdminAddr != "" {
+		// Bound before the device listeners: the admin port serves the
+		// console page, and that page's origin is one of the edge's own.
+		if s.adminLn, err = net.Listen("tcp", cfg.AdminAddr); err != nil {
+			return nil, fmt.Errorf("listen admin %s: %w", cfg.AdminAddr, err)
+		}
+	}
+	origins := s.originPolicy()
 	tlsConf := &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS13}
 	host, port, err := net.SplitHostPort(cfg.Addr)
 	if err != nil {
@@ -238,7 +248,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	var ln net.Listener
 	for attempt := 0; ; attempt++ {
 		s.listener, err = transport.Listen(transport.Config{
-			Addr: cfg.Addr, TLS: tlsConf, Hub: s.hub, AllowedOrigins: cfg.AllowedOrigins,
+			Addr: cfg.Addr, TLS: tlsConf, Hub: s.hub, Origins: origins,
 			Logger: s.log, Registerer: cfg.Registry, IdleTimeout: cfg.IdleTimeout,
 		})
 		if err != nil {
@@ -257,12 +267,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.httpsLn = tls.NewListener(ln, &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}})
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.cancel = cancel
-	s.ws = &transport.WebSocketHandler{Hub: s.hub, AllowedOrigins: cfg.AllowedOrigins, IdleTimeout: cfg.IdleTimeout, Ctx: runCtx}
+	s.ws = &transport.WebSocketHandler{Hub: s.hub, Origins: origins, IdleTimeout: cfg.IdleTimeout, Ctx: runCtx}
 	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	if cfg.AdminAddr != "" {
-		if s.adminLn, err = net.Listen("tcp", cfg.AdminAddr); err != nil {
-			return nil, fmt.Errorf("listen admin %s: %w", cfg.AdminAddr, err)
-		}
 		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
 	}
 
@@ -289,6 +296,31 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	return s, nil
 }
 
+// originPolicy is which pages may open sessions: the edge's own console
+// (on its HTTPS port, whose number is the UDP port's, and on the admin
+// port), reached by the session's host, the public address's host, or
+// "localhost" for an edge on the loopback; plus AllowedOrigins.
+func (s *Server) originPolicy() transport.OriginPolicy {
+	p := transport.OriginPolicy{Allowed: s.cfg.AllowedOrigins, Pages: []transport.Page{{Scheme: "https"}}}
+	if s.adminLn != nil {
+		_, port, _ := net.SplitHostPort(s.adminLn.Addr().String())
+		p.Pages = append(p.Pages, transport.Page{Scheme: "http", Port: port})
+	}
+	if s.cfg.PublicAddr != "" {
+		if h, _, err := net.SplitHostPort(s.cfg.PublicAddr); err == nil {
+			p.Hosts = append(p.Hosts, h)
+		}
+	}
+	if h, _, err := net.SplitHostPort(s.cfg.Addr); err == nil {
+		if ip, err := netip.ParseAddr(h); err == nil && ip.IsLoopback() {
+			p.Hosts = append(p.Hosts, "localhost", "127.0.0.1", "::1")
+		} else if h == "localhost" {
+			p.Hosts = append(p.Hosts, "localhost", "127.0.0.1", "::1")
+		}
+	}
+	return p
+}
+
 func serveHTTP(log *slog.Logger, srv *http.Server, ln net.Listener) {
 	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		log.Error("http server", "addr", ln.Addr().String(), "err", err)
@@ -304,8 +336,9 @@ func (s *Server) onRemove(r directory.Removal) {
 	s.hub.CloseUser(r.UserID, relayv1.ErrorCode_ERROR_CODE_REVOKED, r.Reason)
 }
 
-// reportActivity tells the control plane which devices were online, in
-// batches.
+// reportActivity tells the control plane when devices were last active
+// (session start or last event), in batches: the devices online now and
+// those whose sessions ended since the last report.
 func (s *Server) reportActivity(ctx context.Context) {
 	t := time.NewTicker(s.cfg.ActivityEvery)
 	defer t.Stop()
@@ -313,22 +346,31 @@ func (s *Server) reportActivity(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case now := <-t.C:
-			var entries []*edgev1.Activity
-			for user, devices := range s.hub.OnlineDevices() {
-				for _, d := range devices {
-					entries = append(entries, &edgev1.Activity{UserId: user, DeviceId: d, SeenAtMs: now.UnixMilli()})
-				}
-			}
-			if len(entries) == 0 {
-				continue
-			}
-			rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			if err := s.control.ReportActivity(rctx, entries); err != nil && ctx.Err() == nil {
-				s.log.Warn("activity report failed", "devices", len(entries), "err", err)
-			}
-			cancel()
+		case <-t.C:
+			s.sendActivity(ctx, s.hub.TakeActivity())
 		}
+	}
+}
+
+func (s *Server) sendActivity(ctx context.Context, acts []session.Activity) {
+	if len(acts) == 0 {
+		return
+	}
+	// One entry per device: its latest activity.
+	latest := make(map[string]session.Activity, len(acts))
+	for _, a := range acts {
+		if cur, ok := latest[a.DeviceID]; !ok || a.At.After(cur.At) {
+			latest[a.DeviceID] = a
+		}
+	}
+	entries := make([]*edgev1.Activity, 0, len(latest))
+	for _, a := range latest {
+		entries = append(entries, &edgev1.Activity{UserId: a.UserID, DeviceId: a.DeviceID, SeenAtMs: a.At.UnixMilli()})
+	}
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := s.control.ReportActivity(rctx, entries); err != nil && ctx.Err() == nil {
+		s.log.Warn("activity report failed", "devices", len(entries), "err", err)
 	}
 }
 
@@ -484,6 +526,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		if s.mailbox != nil {
 			err = errors.Join(err, s.mailbox.Flush(dctx))
 		}
+		// What the drained sessions did since the last report.
+		s.sendActivity(dctx, s.hub.TakeActivity())
 		cancel()
 		dctx, cancel = context.WithTimeout(ctx, 5*time.Second)
 		if derr := s.control.DeregisterEdge(dctx, s.cfg.EdgeID); derr != nil && s.registered.Load() {

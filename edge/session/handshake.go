@@ -1,6 +1,7 @@
 package session
 
 import (
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"io"
@@ -90,6 +91,17 @@ type handshake struct {
 	now    func() time.Time
 	random io.Reader
 	maxAge time.Duration
+	// dummyKey stands in for the key of a device that cannot sign in, so
+	// a failed proof costs one signature check whether the device exists
+	// or not (no timing oracle for device ids).
+	dummyKey []byte
+	// resumeWindow bounds how far a resume proof's client time may be
+	// from now; replays refuses a proof seen before.
+	resumeWindow time.Duration
+	replays      *replayCache
+	// verify checks an Ed25519 signature [ed25519.Verify]; tests count
+	// its calls.
+	verify func(pub, msg, sig []byte) bool
 
 	state  hsState
 	hello  *relayv1.Hello
@@ -120,11 +132,11 @@ func (h *handshake) step(f *relayv1.Frame) (*relayv1.Frame, error) {
 		if auth == nil {
 			return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "expected authenticate, got %T", f.GetKind())
 		}
-		if err := h.tr.Verify(h.device.PublicKey, auth.GetSignature()); err != nil {
-			return nil, authFailed()
-		}
+		// One signature check on every path: against the device's key, or
+		// the dummy key for a device that cannot sign in.
+		ok := h.tr.verifyWith(h.verifier(), h.keyFor(h.device), auth.GetSignature())
 		// The device may have been revoked while it was signing.
-		if !h.usable() {
+		if !ok || !h.usable() {
 			return nil, authFailed()
 		}
 		h.state, h.authAt = hsDone, h.now()
@@ -164,6 +176,10 @@ func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 			ticketErr = relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED
 		case h.maxAge > 0 && !now.Before(tk.AuthAt.Add(h.maxAge)):
 			ticketErr = relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED
+		case !h.resumeProofValid(hello, now):
+			// The ticket is bound to the device's key: without a fresh
+			// signature it proves nothing (a stolen ticket).
+			ticketErr = relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED
 		case !h.usable():
 			// A ticket outlives neither its device nor its account.
 			return nil, authFailed()
@@ -183,13 +199,52 @@ func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 		UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
 		ClientTimeMs: hello.GetClientTimeMs(), EdgeID: h.edgeID, Nonce: nonce, ServerTimeMs: now.UnixMilli(),
 	}
-	if !h.usable() {
-		h.device.PublicKey = nil // Verify refuses an empty key
-	}
 	h.state = hsAwaitAuth
 	return &relayv1.Frame{Kind: &relayv1.Frame_Challenge{Challenge: &relayv1.Challenge{
 		Nonce: nonce, ServerTimeMs: h.tr.ServerTimeMs, EdgeId: h.edgeID, TicketError: ticketErr,
 	}}}, nil
+}
+
+// resumeProofValid checks a Hello's resume proof: a signature with the
+// device's key over the resume transcript, a client time within the
+// resume window of now, and a nonce not seen before. It checks one
+// signature whether the device exists or not.
+func (h *handshake) resumeProofValid(hello *relayv1.Hello, now time.Time) bool {
+	rt := ResumeTranscript{
+		UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
+		ClientTimeMs: hello.GetClientTimeMs(), Instance: hello.GetInstance(), Nonce: hello.GetResumeNonce(),
+		Ticket: hello.GetResumeTicket(),
+	}
+	if !rt.verifyWith(h.verifier(), h.keyFor(h.device), hello.GetResumeProof()) {
+		return false
+	}
+	skew := time.UnixMilli(hello.GetClientTimeMs()).Sub(now)
+	if skew > h.resumeWindow || skew < -h.resumeWindow {
+		return false
+	}
+	return h.replays.first(hello.GetDeviceId()+"\x00"+string(hello.GetResumeNonce()), now.Add(2*h.resumeWindow), now)
+}
+
+// keyFor is the key a device's signatures are checked against: its own
+// while it may sign in, else the dummy key (which nothing signs with).
+func (h *handshake) keyFor(d DeviceInfo) []byte {
+	if d.State == DeviceActive && d.UserID == h.hello.GetUserId() && len(d.PublicKey) == ed25519.PublicKeySize {
+		return d.PublicKey
+	}
+	return h.dummyKey
+}
+
+func (h *handshake) verifier() func(pub, msg, sig []byte) bool {
+	if h.verify != nil {
+		return h.verify
+	}
+	return verifyEd25519
+}
+
+// verifyEd25519 is ed25519.Verify without its panic on a key of the wrong
+// size (keyFor always passes 32 bytes; this is the belt to its braces).
+func verifyEd25519(pub, msg, sig []byte) bool {
+	return len(pub) == ed25519.PublicKeySize && ed25519.Verify(pub, msg, sig)
 }
 
 // usable reports whether the hello's device is an active device of the

@@ -33,7 +33,9 @@ func newFuzzWorld() fuzzWorld {
 
 func (w fuzzWorld) handshake() *handshake {
 	return &handshake{edgeID: "edge-f", dir: w.dir, ring: w.ring, now: func() time.Time { return w.now },
-		random: bytes.NewReader(bytes.Repeat([]byte{9}, 1<<10)), maxAge: 24 * time.Hour}
+		random: bytes.NewReader(bytes.Repeat([]byte{9}, 1<<10)), maxAge: 24 * time.Hour,
+		dummyKey:     ed25519.NewKeyFromSeed(bytes.Repeat([]byte{7}, 32)).Public().(ed25519.PublicKey),
+		resumeWindow: 30 * time.Second, replays: newReplayCache(1000)}
 }
 
 // nonce is what the fixed randomness yields.

@@ -87,6 +87,9 @@ func (p *pipeConn) Close(code relayv1.ErrorCode, msg string) error {
 	return nil
 }
 
+// Abort is Close: a pipe has nothing to flush.
+func (p *pipeConn) Abort(code relayv1.ErrorCode, msg string) error { return p.Close(code, msg) }
+
 func (p *pipeConn) RemoteAddr() net.Addr { return p.addr }
 func (p *pipeConn) Transport() string    { return "pipe" }
 
@@ -300,10 +303,32 @@ func (d *dev) readDirect() *relayv1.Frame {
 	return f
 }
 
+// hello opens a session, resuming with ticket (signed with the device's
+// key, as clients do) when one is given.
 func (d *dev) hello(ticket []byte) *relayv1.Frame {
+	f := d.helloUnproven(ticket)
+	if len(ticket) > 0 {
+		proveResume(f.GetHello(), d.e.keys[d.id])
+	}
+	return f
+}
+
+// helloUnproven is hello with a ticket but no resume proof: what a thief
+// holding only the ticket can send.
+func (d *dev) helloUnproven(ticket []byte) *relayv1.Frame {
 	return &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{
 		UserId: d.user, DeviceId: d.id, ProtocolVersion: ProtocolVersion, ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket,
 	}}}
+}
+
+// proveResume adds a fresh resume proof to h, signed with key.
+func proveResume(h *relayv1.Hello, key ed25519.PrivateKey) {
+	h.ResumeNonce = make([]byte, ResumeNonceSize)
+	_, _ = rand.Read(h.ResumeNonce)
+	h.ResumeProof = ResumeTranscript{
+		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
+		Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: h.GetResumeTicket(),
+	}.Sign(key)
 }
 
 // sign answers a challenge for hello h with key.

@@ -2,6 +2,7 @@ package session
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -64,6 +65,25 @@ type Config struct {
 	// CloseLinger is how long a closing session waits for its last frames
 	// to reach the device before the connection is cut [2s].
 	CloseLinger time.Duration
+	// WriteTimeout is how long one write to a device may wait for the
+	// device to take it; a device that takes nothing for this long is
+	// closed with SLOW_CONSUMER [20s].
+	WriteTimeout time.Duration
+	// RefusalsPerSecond and RefusalBurst bound the frames a device may
+	// have refused for its own fault (invalid events, datagrams over its
+	// rate); beyond them the session is closed with RATE_LIMITED
+	// [10/s, 100].
+	RefusalsPerSecond float64
+	RefusalBurst      int
+	// ResumeWindow is how far a resume proof's client time may be from
+	// the edge's clock [30s] (clients stamp it with the offset they
+	// learnt); MaxResumeProofs bounds the proofs remembered to refuse a
+	// second use [200000].
+	ResumeWindow    time.Duration
+	MaxResumeProofs int
+	// MaxEndedActivity bounds the activity of ended sessions kept until
+	// the next TakeActivity [100000]; beyond it the oldest is dropped.
+	MaxEndedActivity int
 	// Ready, when set, says whether the edge can serve sessions (its
 	// directory is synced); until it does, new sessions are told to go
 	// away and come back or try another edge, rather than failing
@@ -76,6 +96,9 @@ type Config struct {
 	Logger  *slog.Logger
 	Metrics *Metrics
 	Tracer  trace.Tracer
+
+	// verify replaces ed25519.Verify in tests that count signature checks.
+	verify func(pub, msg, sig []byte) bool
 }
 
 func (c *Config) setDefaults() error {
@@ -97,6 +120,14 @@ func (c *Config) setDefaults() error {
 	def(&c.MaxSessionAge, 24*time.Hour)
 	def(&c.HandshakeTimeout, 10*time.Second)
 	def(&c.CloseLinger, 2*time.Second)
+	def(&c.WriteTimeout, 20*time.Second)
+	def(&c.ResumeWindow, 30*time.Second)
+	defInt(&c.RefusalBurst, 100)
+	defInt(&c.MaxResumeProofs, 200_000)
+	defInt(&c.MaxEndedActivity, 100_000)
+	if c.RefusalsPerSecond <= 0 {
+		c.RefusalsPerSecond = 10
+	}
 	defInt(&c.QueueLen, 256)
 	defInt(&c.QueueBytes, 1<<20)
 	defInt(&c.ControlQueueLen, 4096)
@@ -153,8 +184,14 @@ type Hub struct {
 	seed   maphash.Seed
 	shards [shardCount]shard
 	addrs  *addrLimiter
+	limits *relayv1.Limits // as announced in every Welcome; read-only
+	// dummyKey is checked against when a device cannot sign in, so that
+	// costs what a wrong signature of a real device costs.
+	dummyKey []byte
+	replays  *replayCache
 
 	mu       sync.Mutex // guards the fields below
+	ended    []Activity // activity of sessions that ended since TakeActivity
 	draining bool
 	active   int           // Serve calls running
 	idle     chan struct{} // closed when draining and active reaches 0
@@ -165,7 +202,12 @@ func NewHub(cfg Config) (*Hub, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), idle: make(chan struct{})}
+	dummy, _, err := ed25519.GenerateKey(cfg.Random)
+	if err != nil {
+		return nil, fmt.Errorf("session: dummy key: %w", err)
+	}
+	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), idle: make(chan struct{}), limits: cfg.Limits.Proto(),
+		dummyKey: dummy, replays: newReplayCache(cfg.MaxResumeProofs)}
 	for i := range h.shards {
 		h.shards[i].rooms = map[string]*room{}
 	}
@@ -184,22 +226,20 @@ func (h *Hub) shardOf(userID string) *shard {
 // owns the goroutine; the hub closes c before Serve returns.
 func (h *Hub) Serve(ctx context.Context, c Conn) error {
 	if !h.enter() {
-		_ = c.Close(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
+		_ = c.Abort(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 		return ErrDraining
 	}
 	defer h.leave()
 	if h.cfg.Ready != nil && !h.cfg.Ready() {
 		h.cfg.Metrics.handshakes.WithLabelValues(codeLabel(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY)).Inc()
 		err := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge not ready yet; try another edge or come back")
-		writeClose(c, err, time.Second)
-		_ = c.Close(err.Code, err.Msg)
+		refuse(c, err, time.Second, h.cfg.CloseLinger)
 		return err
 	}
 	if !h.addrs.allow(c.RemoteAddr(), h.cfg.Now()) {
 		h.cfg.Metrics.handshakes.WithLabelValues(codeLabel(relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED)).Inc()
 		err := closeErr(relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, "too many new sessions from this address")
-		writeClose(c, err, 0)
-		_ = c.Close(err.Code, err.Msg)
+		refuse(c, err, 0, h.cfg.CloseLinger)
 		return err
 	}
 	s := newSession(h, c)
@@ -314,6 +354,12 @@ func (h *Hub) unregister(s *Session) {
 	for _, o := range others {
 		o.out.control(presence(s.deviceID, false))
 	}
+	h.mu.Lock()
+	if len(h.ended) >= h.cfg.MaxEndedActivity {
+		h.ended = h.ended[1:]
+	}
+	h.ended = append(h.ended, s.activity())
+	h.mu.Unlock()
 	sh := h.shardOf(s.userID)
 	sh.mu.Lock()
 	r.refs--
@@ -367,10 +413,22 @@ func (h *Hub) CloseUser(userID string, code relayv1.ErrorCode, msg string) {
 	}
 }
 
-// OnlineDevices returns every device with a session here, by user (for
-// activity reports).
-func (h *Hub) OnlineDevices() map[string][]string {
-	out := map[string][]string{}
+// Activity is when a device was last active on this edge: its session
+// started, or it sent an event.
+type Activity struct {
+	UserID, DeviceID string
+	At               time.Time
+}
+
+// TakeActivity returns the activity of every device with a session here
+// and of every session that ended since the last call, which it forgets:
+// a device that connected, sent and left between two reports is still
+// reported.
+func (h *Hub) TakeActivity() []Activity {
+	h.mu.Lock()
+	out := h.ended
+	h.ended = nil
+	h.mu.Unlock()
 	for i := range h.shards {
 		sh := &h.shards[i]
 		sh.mu.Lock()
@@ -381,8 +439,8 @@ func (h *Hub) OnlineDevices() map[string][]string {
 		sh.mu.Unlock()
 		for _, r := range rooms {
 			r.mu.RLock()
-			for id := range r.devices {
-				out[r.userID] = append(out[r.userID], id)
+			for _, s := range r.devices {
+				out = append(out, s.activity())
 			}
 			r.mu.RUnlock()
 		}

@@ -24,6 +24,8 @@ type Metrics struct {
 	rejected                             map[relayv1.ErrorCode]prometheus.Counter
 	deliveredDurable, deliveredEphemeral prometheus.Counter
 	droppedQueueFull                     prometheus.Counter
+	droppedRate, droppedNotEphemeral     prometheus.Counter
+	paced                                prometheus.Counter
 }
 
 // NewMetrics creates the metrics and registers them with reg (nil: not
@@ -46,12 +48,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "relay_edge_deliveries_total", Help: "Events queued to receiving devices on this edge.",
 		}, []string{"kind"}),
 		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_edge_dropped_total", Help: "Ephemeral deliveries dropped because the receiver's queue was full.",
+			Name: "relay_edge_dropped_total", Help: "Ephemeral events dropped, by reason: queue_full (the receiver's queue was full), rate_limited (a datagram above the sender's rate), not_ephemeral (a datagram that did not carry an ephemeral event).",
 		}, []string{"reason"}),
 		ackLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "relay_edge_ack_seconds",
 			Help:    "From an event's arrival at the edge to its sender's Ack (every target received it).",
 			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 16),
+		}),
+		paced: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_edge_paced_seconds_total", Help: "Time the edge held back reading from devices that sent above their rate (a flooding device shows here, not as rejects).",
 		}),
 		handshakeTime: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "relay_edge_handshake_seconds",
@@ -60,7 +65,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.deliveries, m.dropped, m.ackLatency, m.handshakeTime)
+		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.deliveries, m.dropped, m.ackLatency, m.handshakeTime, m.paced)
 	}
 	m.accepted = m.events.WithLabelValues("accepted")
 	m.duplicate = m.events.WithLabelValues("duplicate")
@@ -72,6 +77,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m.deliveredDurable = m.deliveries.WithLabelValues("durable")
 	m.deliveredEphemeral = m.deliveries.WithLabelValues("ephemeral")
 	m.droppedQueueFull = m.dropped.WithLabelValues("queue_full")
+	m.droppedRate = m.dropped.WithLabelValues("rate_limited")
+	m.droppedNotEphemeral = m.dropped.WithLabelValues("not_ephemeral")
 	return m
 }
 

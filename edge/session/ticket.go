@@ -146,3 +146,60 @@ func (r *Ring) Open(b []byte, now time.Time) (Ticket, error) {
 	}
 	return t, nil
 }
+
+// replayCache remembers the resume proofs an edge accepted until they
+// are too old to be accepted again, so a proof works once. It is bounded:
+// when full, proofs are refused (the device falls back to a full
+// handshake), never forgotten early.
+type replayCache struct {
+	max int
+
+	mu    sync.Mutex // guards the fields below
+	seen  map[string]time.Time
+	order []replayEntry // in insertion order; expiries grow with it within the window
+	head  int
+}
+
+type replayEntry struct {
+	key     string
+	expires time.Time
+}
+
+func newReplayCache(max int) *replayCache {
+	return &replayCache{max: max, seen: map[string]time.Time{}}
+}
+
+// first records key until expires and reports whether it was new (and
+// there was room for it).
+func (c *replayCache) first(key string, expires, now time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for c.head < len(c.order) && !c.order[c.head].expires.After(now) {
+		e := c.order[c.head]
+		if exp, ok := c.seen[e.key]; ok && !exp.After(now) {
+			delete(c.seen, e.key)
+		}
+		c.order[c.head] = replayEntry{}
+		c.head++
+	}
+	if c.head > len(c.order)/2 && c.head > 64 {
+		c.order = append(c.order[:0], c.order[c.head:]...)
+		c.head = 0
+	}
+	if exp, ok := c.seen[key]; ok && exp.After(now) {
+		return false
+	}
+	if len(c.seen) >= c.max {
+		return false
+	}
+	c.seen[key] = expires
+	c.order = append(c.order, replayEntry{key: key, expires: expires})
+	return true
+}
+
+// size is how many proofs are remembered.
+func (c *replayCache) size() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.seen)
+}

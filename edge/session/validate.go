@@ -2,6 +2,7 @@ package session
 
 import (
 	"fmt"
+	"math"
 	"time"
 	"unicode/utf8"
 
@@ -17,12 +18,20 @@ type Limits struct {
 	// SkewTolerance is how far a client's clock may be off: an event may
 	// claim a creation time up to this far in the future, and is still
 	// accepted up to this long after its TTL ran out.
-	SkewTolerance   time.Duration
+	SkewTolerance time.Duration
+	// EventsPerSecond, BytesPerSecond and FramesPerSecond are what a
+	// device may send: every frame counts against frames and its bytes
+	// on the wire, events also against events. Above them the edge reads
+	// the device's stream more slowly; nothing is refused.
 	EventsPerSecond int
 	BytesPerSecond  int
-	MaxTargets      int
-	MaxIDBytes      int
-	MaxTypeBytes    int
+	FramesPerSecond int
+	// FrameTimeout is how long a frame may take from its first byte to
+	// its last.
+	FrameTimeout time.Duration
+	MaxTargets   int
+	MaxIDBytes   int
+	MaxTypeBytes int
 }
 
 // DefaultLimits are the limits of an edge configured with nothing.
@@ -30,6 +39,7 @@ func DefaultLimits() Limits {
 	return Limits{
 		MaxFrameBytes: 64 << 10, MaxPayloadBytes: 48 << 10, MaxTTL: 7 * 24 * time.Hour,
 		SkewTolerance: 5 * time.Minute, EventsPerSecond: 200, BytesPerSecond: 1 << 20,
+		FramesPerSecond: 1000, FrameTimeout: 10 * time.Second,
 		MaxTargets: 64, MaxIDBytes: 64, MaxTypeBytes: 64,
 	}
 }
@@ -47,6 +57,7 @@ func (l Limits) withDefaults() Limits {
 	pick(&l.MaxPayloadBytes, d.MaxPayloadBytes)
 	pick(&l.EventsPerSecond, d.EventsPerSecond)
 	pick(&l.BytesPerSecond, d.BytesPerSecond)
+	pick(&l.FramesPerSecond, d.FramesPerSecond)
 	pick(&l.MaxTargets, d.MaxTargets)
 	pick(&l.MaxIDBytes, d.MaxIDBytes)
 	pick(&l.MaxTypeBytes, d.MaxTypeBytes)
@@ -55,6 +66,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.SkewTolerance <= 0 {
 		l.SkewTolerance = d.SkewTolerance
+	}
+	if l.FrameTimeout <= 0 {
+		l.FrameTimeout = d.FrameTimeout
 	}
 	return l
 }
@@ -65,6 +79,7 @@ func (l Limits) Proto() *relayv1.Limits {
 		MaxFrameBytes: uint32(l.MaxFrameBytes), MaxPayloadBytes: uint32(l.MaxPayloadBytes),
 		MaxTtlMs: l.MaxTTL.Milliseconds(), SkewToleranceMs: l.SkewTolerance.Milliseconds(),
 		EventsPerSecond: uint32(l.EventsPerSecond), BytesPerSecond: uint32(l.BytesPerSecond),
+		FramesPerSecond: uint32(l.FramesPerSecond), FrameTimeoutMs: l.FrameTimeout.Milliseconds(),
 	}
 }
 
@@ -84,40 +99,65 @@ func reject(code relayv1.ErrorCode, format string, args ...any) *RejectError {
 // ValidateEvent checks an event's own fields at time now (the edge's
 // clock): sizes, TTL, creation time against the skew tolerance, and the
 // shape of ids. Checks that need state (targets, revocation, rate)
-// belong to the session. It returns nil or a *RejectError.
-func ValidateEvent(ev *relayv1.Event, l Limits, now time.Time) *RejectError {
+// belong to the session. It returns when the event stops being
+// deliverable, or a *RejectError.
+//
+// Times are checked in integer milliseconds against explicit bounds
+// before anything is converted to a time.Duration, so no value a client
+// sends can overflow into an accepted one. The expiry counts the TTL
+// from the creation time, but never from later than now (a creation
+// time in the future is clock skew, not a longer life), plus the skew
+// tolerance: an accepted event always expires after now and no later
+// than now + MaxTTL + SkewTolerance.
+func ValidateEvent(ev *relayv1.Event, l Limits, now time.Time) (time.Time, *RejectError) {
 	malformed := relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME
 	if ev.GetId() == "" || len(ev.GetId()) > l.MaxIDBytes || !utf8.ValidString(ev.GetId()) {
-		return reject(malformed, "event id must be 1 to %d bytes of UTF-8", l.MaxIDBytes)
+		return time.Time{}, reject(malformed, "event id must be 1 to %d bytes of UTF-8", l.MaxIDBytes)
 	}
 	if ev.GetSeq() == 0 {
-		return reject(malformed, "event %s: seq must start at 1", ev.GetId())
+		return time.Time{}, reject(malformed, "event %s: seq must start at 1", ev.GetId())
 	}
 	if len(ev.GetType()) > l.MaxTypeBytes {
-		return reject(malformed, "event %s: type longer than %d bytes", ev.GetId(), l.MaxTypeBytes)
+		return time.Time{}, reject(malformed, "event %s: type longer than %d bytes", ev.GetId(), l.MaxTypeBytes)
 	}
 	if len(ev.GetTargets()) > l.MaxTargets {
-		return reject(malformed, "event %s: %d targets, at most %d", ev.GetId(), len(ev.GetTargets()), l.MaxTargets)
+		return time.Time{}, reject(malformed, "event %s: %d targets, at most %d", ev.GetId(), len(ev.GetTargets()), l.MaxTargets)
 	}
 	if ev.GetAnyOne() && ev.GetEphemeral() {
-		return reject(malformed, "event %s: an ephemeral event cannot go to any one device", ev.GetId())
+		return time.Time{}, reject(malformed, "event %s: an ephemeral event cannot go to any one device", ev.GetId())
 	}
 	if len(ev.GetPayload()) > l.MaxPayloadBytes {
-		return reject(relayv1.ErrorCode_ERROR_CODE_PAYLOAD_TOO_LARGE, "event %s: payload of %d bytes, at most %d", ev.GetId(), len(ev.GetPayload()), l.MaxPayloadBytes)
+		return time.Time{}, reject(relayv1.ErrorCode_ERROR_CODE_PAYLOAD_TOO_LARGE, "event %s: payload of %d bytes, at most %d", ev.GetId(), len(ev.GetPayload()), l.MaxPayloadBytes)
 	}
-	ttl := time.Duration(ev.GetTtlMs()) * time.Millisecond
-	if ttl <= 0 {
-		return reject(malformed, "event %s: ttl_ms must be positive", ev.GetId())
+	ttlMs, maxTTLMs, skewMs := ev.GetTtlMs(), l.MaxTTL.Milliseconds(), l.SkewTolerance.Milliseconds()
+	if ttlMs <= 0 {
+		return time.Time{}, reject(malformed, "event %s: ttl_ms must be positive", ev.GetId())
 	}
-	if ttl > l.MaxTTL {
-		return reject(relayv1.ErrorCode_ERROR_CODE_TTL_TOO_LONG, "event %s: ttl %s above the maximum %s", ev.GetId(), ttl, l.MaxTTL)
+	if ttlMs > maxTTLMs {
+		return time.Time{}, reject(relayv1.ErrorCode_ERROR_CODE_TTL_TOO_LONG, "event %s: ttl of %d ms above the maximum %s", ev.GetId(), ttlMs, l.MaxTTL)
 	}
-	created := time.UnixMilli(ev.GetCreatedAtMs())
-	if created.After(now.Add(l.SkewTolerance)) {
-		return reject(relayv1.ErrorCode_ERROR_CODE_CREATED_IN_FUTURE, "event %s: created %s in the future, tolerance %s", ev.GetId(), created.Sub(now).Round(time.Millisecond), l.SkewTolerance)
+	// Bounded from here on: 0 < ttlMs <= maxTTLMs, and nowMs, skewMs are
+	// the edge's own values.
+	nowMs, createdMs := now.UnixMilli(), ev.GetCreatedAtMs()
+	if createdMs > nowMs+skewMs {
+		return time.Time{}, reject(relayv1.ErrorCode_ERROR_CODE_CREATED_IN_FUTURE, "event %s: created %s in the future, tolerance %s", ev.GetId(), msDuration(createdMs-nowMs), l.SkewTolerance)
 	}
-	if !now.Before(created.Add(ttl).Add(l.SkewTolerance)) {
-		return reject(relayv1.ErrorCode_ERROR_CODE_EXPIRED, "event %s: expired %s ago, tolerance %s", ev.GetId(), now.Sub(created.Add(ttl)).Round(time.Millisecond), l.SkewTolerance)
+	// createdMs may be any value down to MinInt64: anything older than
+	// the longest life is expired before its age is worked out.
+	if createdMs < nowMs-(maxTTLMs+skewMs) {
+		return time.Time{}, reject(relayv1.ErrorCode_ERROR_CODE_EXPIRED, "event %s: created more than %s ago", ev.GetId(), l.MaxTTL+l.SkewTolerance)
 	}
-	return nil
+	if age := nowMs - min(createdMs, nowMs); age >= ttlMs+skewMs {
+		return time.Time{}, reject(relayv1.ErrorCode_ERROR_CODE_EXPIRED, "event %s: created %s ago with a ttl of %d ms, tolerance %s", ev.GetId(), msDuration(age), ttlMs, l.SkewTolerance)
+	}
+	return time.UnixMilli(min(createdMs, nowMs) + ttlMs + skewMs), nil
+}
+
+// msDuration formats a span of milliseconds that may exceed what a
+// time.Duration holds.
+func msDuration(ms int64) string {
+	if ms > math.MaxInt64/int64(time.Millisecond) || ms < -math.MaxInt64/int64(time.Millisecond) {
+		return fmt.Sprintf("%d ms", ms)
+	}
+	return (time.Duration(ms) * time.Millisecond).String()
 }

@@ -2,9 +2,13 @@ package session
 
 import (
 	"bytes"
+	"math"
+	"math/big"
 	"strings"
 	"testing"
 	"time"
+
+	"google.golang.org/protobuf/proto"
 
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -41,14 +45,26 @@ func TestValidateEvent(t *testing.T) {
 		{"too many targets", ev(func(e *relayv1.Event) { e.Targets = make([]string, 65) }), relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
 		{"ephemeral to any one", ev(func(e *relayv1.Event) { e.Ephemeral, e.AnyOne = true, true }), relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
 		{"durable to any one", ev(func(e *relayv1.Event) { e.AnyOne = true }), 0},
+		// Values that overflow a time.Duration in milliseconds.
+		{"ttl 2^58 + 1 min", ev(func(e *relayv1.Event) { e.TtlMs = 1<<58 + 60000 }), relayv1.ErrorCode_ERROR_CODE_TTL_TOO_LONG},
+		{"ttl MaxInt64", ev(func(e *relayv1.Event) { e.TtlMs = math.MaxInt64 }), relayv1.ErrorCode_ERROR_CODE_TTL_TOO_LONG},
+		{"ttl just above max", ev(func(e *relayv1.Event) { e.TtlMs = l.MaxTTL.Milliseconds() + 1 }), relayv1.ErrorCode_ERROR_CODE_TTL_TOO_LONG},
+		{"ttl at max", ev(func(e *relayv1.Event) { e.TtlMs = l.MaxTTL.Milliseconds() }), 0},
+		{"ttl negative", ev(func(e *relayv1.Event) { e.TtlMs = -1 }), relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{"ttl MinInt64", ev(func(e *relayv1.Event) { e.TtlMs = math.MinInt64 }), relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{"created MaxInt64", ev(func(e *relayv1.Event) { e.CreatedAtMs = math.MaxInt64 }), relayv1.ErrorCode_ERROR_CODE_CREATED_IN_FUTURE},
+		{"created MinInt64", ev(func(e *relayv1.Event) { e.CreatedAtMs = math.MinInt64 }), relayv1.ErrorCode_ERROR_CODE_EXPIRED},
+		{"created MinInt64, max ttl", ev(func(e *relayv1.Event) { e.CreatedAtMs, e.TtlMs = math.MinInt64, l.MaxTTL.Milliseconds() }), relayv1.ErrorCode_ERROR_CODE_EXPIRED},
+		{"created at 0", ev(func(e *relayv1.Event) { e.CreatedAtMs = 0 }), relayv1.ErrorCode_ERROR_CODE_EXPIRED},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			err := ValidateEvent(tc.e, l, now)
+			exp, err := ValidateEvent(tc.e, l, now)
 			if tc.want == 0 {
 				if err != nil {
 					t.Fatalf("refused: %v", err)
 				}
+				checkExpiry(t, tc.e, l, now, exp)
 				return
 			}
 			if err == nil || err.Code != tc.want {
@@ -62,8 +78,13 @@ func TestValidateEvent(t *testing.T) {
 	// The tolerance is configurable.
 	strict := l
 	strict.SkewTolerance = time.Minute
-	if err := ValidateEvent(ev(func(e *relayv1.Event) { e.CreatedAtMs = ms(2 * time.Minute) }), strict, now); err == nil || err.Code != relayv1.ErrorCode_ERROR_CODE_CREATED_IN_FUTURE {
+	if _, err := ValidateEvent(ev(func(e *relayv1.Event) { e.CreatedAtMs = ms(2 * time.Minute) }), strict, now); err == nil || err.Code != relayv1.ErrorCode_ERROR_CODE_CREATED_IN_FUTURE {
 		t.Fatalf("1 min tolerance, 2 min ahead: %v", err)
+	}
+	// A creation time in the future is skew: the life counts from now.
+	exp, err := ValidateEvent(ev(func(e *relayv1.Event) { e.CreatedAtMs, e.TtlMs = ms(4*time.Minute), l.MaxTTL.Milliseconds() }), l, now)
+	if err != nil || !exp.Equal(now.Add(l.MaxTTL+l.SkewTolerance)) {
+		t.Fatalf("created 4 min ahead with the longest ttl: expires %v (%v), want %v", exp, err, now.Add(l.MaxTTL+l.SkewTolerance))
 	}
 	p := l.Proto()
 	if p.GetSkewToleranceMs() != 300000 || p.GetMaxPayloadBytes() != uint32(l.MaxPayloadBytes) {
@@ -83,4 +104,113 @@ func TestLimitsDefaultFieldByField(t *testing.T) {
 	if (Limits{}).withDefaults() != DefaultLimits() {
 		t.Fatal("zero limits are not the defaults")
 	}
+}
+
+// checkExpiry asserts the properties of an accepted event's expiry: after
+// now, no later than now + MaxTTL + SkewTolerance, and equal to the
+// reference computed with unbounded integers (so no overflow can make
+// the two differ).
+func checkExpiry(t *testing.T, ev *relayv1.Event, l Limits, now, exp time.Time) {
+	t.Helper()
+	if !exp.After(now) {
+		t.Fatalf("accepted event %v expires at %v, not after now %v", ev, exp, now)
+	}
+	if limit := now.Add(l.MaxTTL + l.SkewTolerance); exp.After(limit) {
+		t.Fatalf("accepted event %v expires at %v, after now + max ttl + skew %v", ev, exp, limit)
+	}
+	nowMs := big.NewInt(now.UnixMilli())
+	start := big.NewInt(ev.GetCreatedAtMs())
+	if start.Cmp(nowMs) > 0 {
+		start = nowMs
+	}
+	want := new(big.Int).Add(start, big.NewInt(ev.GetTtlMs()))
+	want.Add(want, big.NewInt(l.SkewTolerance.Milliseconds()))
+	if !want.IsInt64() || want.Int64() != exp.UnixMilli() {
+		t.Fatalf("accepted event %v expires at %d ms, reference %s ms", ev, exp.UnixMilli(), want)
+	}
+}
+
+// refusedByReference is ValidateEvent's time checks computed with
+// unbounded integers: the code it should refuse the event with, or
+// UNSPECIFIED.
+func refusedByReference(ev *relayv1.Event, l Limits, now time.Time) relayv1.ErrorCode {
+	ttl, created := big.NewInt(ev.GetTtlMs()), big.NewInt(ev.GetCreatedAtMs())
+	nowMs, skew := big.NewInt(now.UnixMilli()), big.NewInt(l.SkewTolerance.Milliseconds())
+	switch {
+	case ttl.Sign() <= 0:
+		return relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME
+	case ttl.Cmp(big.NewInt(l.MaxTTL.Milliseconds())) > 0:
+		return relayv1.ErrorCode_ERROR_CODE_TTL_TOO_LONG
+	case created.Cmp(new(big.Int).Add(nowMs, skew)) > 0:
+		return relayv1.ErrorCode_ERROR_CODE_CREATED_IN_FUTURE
+	}
+	end := new(big.Int).Add(created, ttl)
+	if nowMs.Cmp(end.Add(end, skew)) >= 0 {
+		return relayv1.ErrorCode_ERROR_CODE_EXPIRED
+	}
+	return 0
+}
+
+// FuzzValidateEvent decodes an event from bytes, as the edge does, and
+// validates it: no panic, every refusal typed, the time checks agree
+// with an overflow-free reference, and an accepted event's expiry obeys
+// checkExpiry.
+func FuzzValidateEvent(f *testing.F) {
+	now := time.Unix(1_800_000_000, 0)
+	l := DefaultLimits()
+	seed := func(ev *relayv1.Event) {
+		b, err := proto.Marshal(ev)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	base := func() *relayv1.Event {
+		return &relayv1.Event{Id: "e1", Seq: 1, CreatedAtMs: now.UnixMilli(), TtlMs: 60000, Type: "t", Payload: []byte("x")}
+	}
+	for _, mod := range []func(*relayv1.Event){
+		func(*relayv1.Event) {},
+		func(e *relayv1.Event) { e.TtlMs = 1<<58 + 60000 },
+		func(e *relayv1.Event) { e.TtlMs = math.MaxInt64 },
+		func(e *relayv1.Event) { e.TtlMs = math.MinInt64 },
+		func(e *relayv1.Event) { e.CreatedAtMs = math.MaxInt64 },
+		func(e *relayv1.Event) { e.CreatedAtMs = math.MinInt64 },
+		func(e *relayv1.Event) { e.CreatedAtMs += 299_999 },
+		func(e *relayv1.Event) { e.CreatedAtMs -= 359_999 },
+		func(e *relayv1.Event) { e.Targets = []string{"a", "b"}; e.AnyOne = true },
+		func(e *relayv1.Event) { e.Ephemeral = true },
+	} {
+		e := base()
+		mod(e)
+		seed(e)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var ev relayv1.Event
+		if proto.Unmarshal(b, &ev) != nil {
+			return
+		}
+		exp, rej := ValidateEvent(&ev, l, now)
+		if rej != nil {
+			if rej.Code == relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED || rej.Msg == "" {
+				t.Fatalf("untyped refusal %+v", rej)
+			}
+		}
+		// The time checks come after the shape checks; compare them only
+		// where the shape is fine.
+		shapeOK := rej == nil || rej.Code == relayv1.ErrorCode_ERROR_CODE_TTL_TOO_LONG ||
+			rej.Code == relayv1.ErrorCode_ERROR_CODE_CREATED_IN_FUTURE || rej.Code == relayv1.ErrorCode_ERROR_CODE_EXPIRED ||
+			(rej.Code == relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME && ev.GetTtlMs() <= 0 && strings.Contains(rej.Msg, "ttl"))
+		if shapeOK {
+			var got relayv1.ErrorCode
+			if rej != nil {
+				got = rej.Code
+			}
+			if want := refusedByReference(&ev, l, now); got != want {
+				t.Fatalf("event %v: got %v, reference %v", &ev, got, want)
+			}
+		}
+		if rej == nil {
+			checkExpiry(t, &ev, l, now, exp)
+		}
+	})
 }

@@ -44,10 +44,12 @@ func NewQUICConn(conn *quic.Conn, str *quic.Stream) session.Conn {
 	return &quicConn{conn: conn, str: str}
 }
 
-func (c *quicConn) Read(p []byte) (int, error)  { return c.str.Read(p) }
-func (c *quicConn) Write(p []byte) (int, error) { return c.str.Write(p) }
-func (c *quicConn) RemoteAddr() net.Addr        { return c.conn.RemoteAddr() }
-func (c *quicConn) Transport() string           { return "quic" }
+func (c *quicConn) Read(p []byte) (int, error)         { return c.str.Read(p) }
+func (c *quicConn) Write(p []byte) (int, error)        { return c.str.Write(p) }
+func (c *quicConn) SetReadDeadline(t time.Time) error  { return c.str.SetReadDeadline(t) }
+func (c *quicConn) SetWriteDeadline(t time.Time) error { return c.str.SetWriteDeadline(t) }
+func (c *quicConn) RemoteAddr() net.Addr               { return c.conn.RemoteAddr() }
+func (c *quicConn) Transport() string                  { return "quic" }
 
 func (c *quicConn) SendDatagram(b []byte) error {
 	if !c.conn.ConnectionState().SupportsDatagrams.Remote {
@@ -68,20 +70,34 @@ func (c *quicConn) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 	return c.conn.ReceiveDatagram(ctx)
 }
 
+// Close finishes the stream (the writer is done, so this never races a
+// Write), waits at most closeWait for the peer to read what was sent and
+// hang up, then closes the connection with the code.
 func (c *quicConn) Close(code relayv1.ErrorCode, msg string) error {
 	c.once.Do(func() {
 		_ = c.str.Close()
 		if code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
-			t := time.NewTimer(closeWait)
-			select {
-			case <-c.conn.Context().Done():
-			case <-t.C:
-			}
-			t.Stop()
+			waitDone(c.conn.Context(), closeWait)
 		}
 		_ = c.conn.CloseWithError(quic.ApplicationErrorCode(code), msg)
 	})
 	return nil
+}
+
+// Abort closes the connection at once: quic-go fails blocked stream
+// reads and writes with the connection's error.
+func (c *quicConn) Abort(code relayv1.ErrorCode, msg string) error {
+	return c.conn.CloseWithError(quic.ApplicationErrorCode(code), msg)
+}
+
+// waitDone waits until ctx ends or d passes.
+func waitDone(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
 }
 
 // wtConn is a WebTransport session with its session stream.
@@ -97,10 +113,12 @@ func NewWebTransportConn(sess *webtransport.Session, str *webtransport.Stream) s
 	return &wtConn{sess: sess, str: str}
 }
 
-func (c *wtConn) Read(p []byte) (int, error)  { return c.str.Read(p) }
-func (c *wtConn) Write(p []byte) (int, error) { return c.str.Write(p) }
-func (c *wtConn) RemoteAddr() net.Addr        { return c.sess.RemoteAddr() }
-func (c *wtConn) Transport() string           { return "webtransport" }
+func (c *wtConn) Read(p []byte) (int, error)         { return c.str.Read(p) }
+func (c *wtConn) Write(p []byte) (int, error)        { return c.str.Write(p) }
+func (c *wtConn) SetReadDeadline(t time.Time) error  { return c.str.SetReadDeadline(t) }
+func (c *wtConn) SetWriteDeadline(t time.Time) error { return c.str.SetWriteDeadline(t) }
+func (c *wtConn) RemoteAddr() net.Addr               { return c.sess.RemoteAddr() }
+func (c *wtConn) Transport() string                  { return "webtransport" }
 
 // maxWTDatagram keeps a datagram within one QUIC packet after the
 // HTTP/3 datagram header; larger ones go on the stream.
@@ -122,18 +140,22 @@ func (c *wtConn) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 	return c.sess.ReceiveDatagram(ctx)
 }
 
+// Close finishes the stream, waits at most closeWait for the peer to
+// hang up, then closes the session with the code.
 func (c *wtConn) Close(code relayv1.ErrorCode, msg string) error {
 	c.once.Do(func() {
 		_ = c.str.Close()
 		if code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
-			t := time.NewTimer(closeWait)
-			select {
-			case <-c.sess.Context().Done():
-			case <-t.C:
-			}
-			t.Stop()
+			waitDone(c.sess.Context(), closeWait)
 		}
 		_ = c.sess.CloseWithError(webtransport.SessionErrorCode(code), msg)
 	})
 	return nil
+}
+
+// Abort closes the session at once: webtransport-go fails its streams'
+// blocked reads and writes and gives the close capsule a few
+// milliseconds. The QUIC connection under it is the listener's to reap.
+func (c *wtConn) Abort(code relayv1.ErrorCode, msg string) error {
+	return c.sess.CloseWithError(webtransport.SessionErrorCode(code), msg)
 }

@@ -8,9 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/url"
-	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -32,17 +29,18 @@ type Config struct {
 	TLS *tls.Config
 	// Hub runs the sessions; required.
 	Hub *session.Hub
-	// AllowedOrigins lists the web origins whose pages may open
-	// WebTransport sessions ("*" or empty: any). Devices prove themselves
-	// with their keys, not with ambient credentials, so a foreign page
-	// gains nothing; operators may still narrow it.
-	AllowedOrigins []string
+	// Origins says which web pages may open WebTransport sessions [the
+	// edge's own page only; see OriginPolicy].
+	Origins OriginPolicy
 	// StreamTimeout bounds the wait for a new connection's session stream
 	// [10s].
 	StreamTimeout time.Duration
 	// IdleTimeout closes connections that send nothing, not even
 	// keep-alives [30s].
 	IdleTimeout time.Duration
+	// CloseTimeout bounds how long Close waits for the sessions to end
+	// before it cuts every connection [10s].
+	CloseTimeout time.Duration
 	// Logger [slog.Default()]; Registerer for metrics [none].
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -62,7 +60,21 @@ type Listener struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // connection goroutines
 	once   sync.Once
+
+	h3mu    sync.Mutex // guards h3conns
+	h3conns map[*quic.Conn]*h3Conn
 }
+
+// h3Conn is an HTTP/3 connection's WebTransport sessions. A connection
+// that carries none for StreamTimeout (it never opened one, or its last
+// ended) is closed, so no peer holds a connection open without a session.
+type h3Conn struct {
+	sessions int
+	reap     *time.Timer
+}
+
+// connKey carries a request's QUIC connection in its context.
+type connKey struct{}
 
 // QUICConfig is the QUIC configuration edges and clients share: datagrams
 // and partial-delivery resets on (WebTransport needs both).
@@ -86,6 +98,9 @@ func Listen(cfg Config) (*Listener, error) {
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = 30 * time.Second
 	}
+	if cfg.CloseTimeout <= 0 {
+		cfg.CloseTimeout = 10 * time.Second
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -102,7 +117,7 @@ func Listen(cfg Config) (*Listener, error) {
 		_ = udp.Close()
 		return nil, fmt.Errorf("listen quic: %w", err)
 	}
-	l := &Listener{cfg: cfg, udp: udp, tr: tr, ln: ln}
+	l := &Listener{cfg: cfg, udp: udp, tr: tr, ln: ln, h3conns: map[*quic.Conn]*h3Conn{}}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.conns = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "relay_edge_connections_total", Help: "QUIC connections accepted, by application protocol.",
@@ -122,7 +137,8 @@ func Listen(cfg Config) (*Listener, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc(WebTransportPath, l.serveWebTransport)
 	l.wt = &webtransport.Server{
-		H3:                &http3.Server{Handler: mux, TLSConfig: tlsConf, QUICConfig: QUICConfig(cfg.IdleTimeout)},
+		H3: &http3.Server{Handler: mux, TLSConfig: tlsConf, QUICConfig: QUICConfig(cfg.IdleTimeout),
+			ConnContext: func(ctx context.Context, c *quic.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) }},
 		CheckOrigin:       l.checkOrigin,
 		ReorderingTimeout: 5 * time.Second,
 	}
@@ -132,24 +148,7 @@ func Listen(cfg Config) (*Listener, error) {
 // Addr is the UDP address the listener is bound to.
 func (l *Listener) Addr() net.Addr { return l.udp.LocalAddr() }
 
-func (l *Listener) checkOrigin(r *http.Request) bool { return originAllowed(l.cfg.AllowedOrigins, r) }
-
-// originAllowed is the one origin check of WebTransport and the
-// WebSocket: any origin when allowed is empty or holds "*"; else the
-// page's origin must be listed exactly ("https://app.example"), or be
-// the edge itself (a page it served), or the request must come from no
-// page at all (no Origin header: a native client).
-func originAllowed(allowed []string, r *http.Request) bool {
-	if len(allowed) == 0 || slices.Contains(allowed, "*") {
-		return true
-	}
-	origin := r.Header.Get("Origin")
-	if origin == "" || slices.Contains(allowed, origin) {
-		return true
-	}
-	u, err := url.Parse(origin)
-	return err == nil && u.Host != "" && strings.EqualFold(u.Host, r.Host)
-}
+func (l *Listener) checkOrigin(r *http.Request) bool { return l.cfg.Origins.allows(r) }
 
 // Serve accepts connections until Close. It returns nil after Close.
 func (l *Listener) Serve() error {
@@ -168,9 +167,11 @@ func (l *Listener) Serve() error {
 			case ALPN:
 				l.serveNative(conn)
 			case http3.NextProtoH3:
+				l.h3Opened(conn)
 				if err := l.wt.ServeQUICConn(conn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 					l.cfg.Logger.Debug("http/3 connection ended", "remote", conn.RemoteAddr().String(), "err", err)
 				}
+				l.h3Closed(conn)
 			default:
 				_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION), "unknown application protocol")
 			}
@@ -189,7 +190,56 @@ func (l *Listener) serveNative(conn *quic.Conn) {
 	_ = l.cfg.Hub.Serve(l.ctx, NewQUICConn(conn, str))
 }
 
+// h3Opened starts tracking an HTTP/3 connection, to be reaped unless a
+// session comes.
+func (l *Listener) h3Opened(conn *quic.Conn) {
+	l.h3mu.Lock()
+	defer l.h3mu.Unlock()
+	l.h3conns[conn] = &h3Conn{reap: time.AfterFunc(l.cfg.StreamTimeout, func() { l.reapH3(conn) })}
+}
+
+func (l *Listener) h3Closed(conn *quic.Conn) {
+	l.h3mu.Lock()
+	defer l.h3mu.Unlock()
+	if c := l.h3conns[conn]; c != nil {
+		c.reap.Stop()
+		delete(l.h3conns, conn)
+	}
+}
+
+// h3Session counts a WebTransport session starting (+1) or ending (-1)
+// on conn.
+func (l *Listener) h3Session(conn *quic.Conn, delta int) {
+	l.h3mu.Lock()
+	defer l.h3mu.Unlock()
+	c := l.h3conns[conn]
+	if c == nil {
+		return
+	}
+	c.sessions += delta
+	if c.sessions > 0 {
+		c.reap.Stop()
+	} else {
+		c.reap.Reset(l.cfg.StreamTimeout)
+	}
+}
+
+func (l *Listener) reapH3(conn *quic.Conn) {
+	l.h3mu.Lock()
+	c := l.h3conns[conn]
+	idle := c != nil && c.sessions == 0
+	l.h3mu.Unlock()
+	if idle {
+		_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT), "no WebTransport session")
+	}
+}
+
 func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
+	conn, _ := r.Context().Value(connKey{}).(*quic.Conn)
+	if conn != nil {
+		l.h3Session(conn, 1)
+		defer l.h3Session(conn, -1)
+	}
 	sess, err := l.wt.Upgrade(w, r)
 	if err != nil {
 		l.cfg.Logger.Debug("webtransport upgrade refused", "remote", r.RemoteAddr, "err", err)
@@ -213,13 +263,28 @@ func (l *Listener) Kill() { _ = l.udp.Close() }
 
 // Close stops accepting, ends every session (the hub should have been
 // drained before, for a graceful stop) and waits for the connection
-// goroutines.
+// goroutines: for CloseTimeout at most, then every connection is cut and
+// the wait is short.
 func (l *Listener) Close() error {
 	var err error
 	l.once.Do(func() {
 		l.cancel()
 		err = errors.Join(l.wt.Close(), l.ln.Close())
-		l.wg.Wait()
+		done := make(chan struct{})
+		go func() {
+			l.wg.Wait()
+			close(done)
+		}()
+		t := time.NewTimer(l.cfg.CloseTimeout)
+		defer t.Stop()
+		select {
+		case <-done:
+		case <-t.C:
+			l.cfg.Logger.Warn("connections still open after the close timeout; cutting them", "timeout", l.cfg.CloseTimeout)
+			// Closing the transport closes every connection on it.
+			_ = l.tr.Close()
+			<-done
+		}
 		err = errors.Join(err, l.tr.Close(), l.udp.Close())
 	})
 	return err

@@ -4,13 +4,16 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"time"
 
 	"github.com/coder/websocket"
 
+	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/session"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -27,12 +30,25 @@ const WebSocketCloseBase = 4000
 // message is one frame body (the message boundary is its length, so the
 // uvarint prefix of the stream is not sent). There are no datagrams:
 // ephemeral events go on the stream.
+//
+// The WebSocket layer closes the connection when the context of a read
+// ends, which would leave no way to send a close code after a deadline.
+// So one goroutine (pump) reads messages with the connection's own
+// context and hands them over one at a time; Read waits for the next
+// with its deadline and the idle timeout, and the connection survives
+// both. A message is read whole by the WebSocket layer, bounded by the
+// read limit, so a frame never arrives in part.
 type wsConn struct {
 	c      *websocket.Conn
 	remote net.Addr
 	idle   time.Duration
-	ctx    context.Context
+	ctx    context.Context // ends with Close or Abort
 	cancel context.CancelFunc
+	rdl    deadline
+	wdl    deadline
+	msgs   chan wsMessage // from pump, unbuffered: one message read ahead at most
+	pumped chan struct{}  // closed when pump returns
+	idleT  *time.Timer    // Read's idle timer (Read is never concurrent)
 
 	rbuf []byte // the current message, prefixed, for Read (reused)
 	roff int    // how much of rbuf Read has returned
@@ -40,27 +56,66 @@ type wsConn struct {
 	once sync.Once
 }
 
+type wsMessage struct {
+	b   []byte
+	err error
+}
+
 // NewWebSocketConn adapts a WebSocket. A peer silent for longer than idle
 // (no message at all; clients send Ping frames) counts as gone.
 func NewWebSocketConn(c *websocket.Conn, remote net.Addr, idle time.Duration, maxFrame int) session.Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	c.SetReadLimit(int64(maxFrame) + 16)
-	return &wsConn{c: c, remote: remote, idle: idle, ctx: ctx, cancel: cancel}
+	w := &wsConn{c: c, remote: remote, idle: idle, ctx: ctx, cancel: cancel,
+		msgs: make(chan wsMessage), pumped: make(chan struct{}), idleT: time.NewTimer(idle)}
+	w.idleT.Stop()
+	w.rdl.init(ctx)
+	w.wdl.init(ctx)
+	go w.pump()
+	return w
+}
+
+// pump reads messages until the connection ends. It is owned by the
+// wsConn: Close and Abort end it and wait for it.
+func (w *wsConn) pump() {
+	defer close(w.pumped)
+	for {
+		typ, msg, err := w.c.Read(w.ctx)
+		if err == nil && typ != websocket.MessageBinary {
+			err = &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Msg: "a text message: frames are binary messages"}
+		}
+		select {
+		case w.msgs <- wsMessage{b: msg, err: err}:
+		case <-w.ctx.Done():
+			return
+		}
+		if err != nil {
+			return
+		}
+	}
 }
 
 func (w *wsConn) Read(p []byte) (int, error) {
 	for w.roff == len(w.rbuf) {
-		ctx, cancel := context.WithTimeout(w.ctx, w.idle)
-		typ, msg, err := w.c.Read(ctx)
-		cancel()
-		if err != nil {
-			return 0, err
+		w.idleT.Reset(w.idle)
+		var m wsMessage
+		select {
+		case m = <-w.msgs:
+		case <-w.rdl.context().Done():
+			w.idleT.Stop()
+			return 0, fmt.Errorf("websocket read: %w", os.ErrDeadlineExceeded)
+		case <-w.idleT.C:
+			return 0, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT, Msg: fmt.Sprintf("no message for %s on the WebSocket", w.idle)}
+		case <-w.pumped:
+			w.idleT.Stop()
+			return 0, net.ErrClosed
 		}
-		if typ != websocket.MessageBinary {
-			return 0, errors.New("websocket: text message; frames are binary")
+		w.idleT.Stop()
+		if m.err != nil {
+			return 0, m.err
 		}
-		w.rbuf = binary.AppendUvarint(w.rbuf[:0], uint64(len(msg)))
-		w.rbuf = append(w.rbuf, msg...)
+		w.rbuf = binary.AppendUvarint(w.rbuf[:0], uint64(len(m.b)))
+		w.rbuf = append(w.rbuf, m.b...)
 		w.roff = 0
 	}
 	n := copy(p, w.rbuf[w.roff:])
@@ -70,7 +125,9 @@ func (w *wsConn) Read(p []byte) (int, error) {
 
 // Write takes length-prefixed frames (the session stream) and sends each
 // frame body as one message. Whole frames go straight from p; only an
-// incomplete tail is kept for the next Write.
+// incomplete tail is kept for the next Write. A write deadline that
+// passes closes the WebSocket (a half-written message cannot be taken
+// back).
 func (w *wsConn) Write(p []byte) (int, error) {
 	data := p
 	if len(w.wbuf) > 0 {
@@ -84,10 +141,11 @@ func (w *wsConn) Write(p []byte) (int, error) {
 			break
 		}
 		body := data[off+k : off+k+int(n)]
-		ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
-		err := w.c.Write(ctx, websocket.MessageBinary, body)
-		cancel()
-		if err != nil {
+		dctx := w.wdl.context()
+		if err := w.c.Write(dctx, websocket.MessageBinary, body); err != nil {
+			if dctx.Err() != nil && w.ctx.Err() == nil {
+				return 0, fmt.Errorf("websocket write: %w", os.ErrDeadlineExceeded)
+			}
 			return 0, err
 		}
 		off += k + int(n)
@@ -97,6 +155,9 @@ func (w *wsConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+func (w *wsConn) SetReadDeadline(t time.Time) error  { w.rdl.set(t); return nil }
+func (w *wsConn) SetWriteDeadline(t time.Time) error { w.wdl.set(t); return nil }
+
 func (w *wsConn) SendDatagram([]byte) error { return session.ErrNoDatagrams }
 func (w *wsConn) ReceiveDatagram(context.Context) ([]byte, error) {
 	return nil, session.ErrNoDatagrams
@@ -105,7 +166,7 @@ func (w *wsConn) RemoteAddr() net.Addr { return w.remote }
 func (w *wsConn) Transport() string    { return "websocket" }
 
 // Close sends the WebSocket close frame with the protocol code (4000 +
-// code) and waits briefly for the peer's.
+// code) and waits at most closeWait for the peer's.
 func (w *wsConn) Close(code relayv1.ErrorCode, msg string) error {
 	w.once.Do(func() {
 		status := websocket.StatusNormalClosure
@@ -128,9 +189,71 @@ func (w *wsConn) Close(code relayv1.ErrorCode, msg string) error {
 			<-done
 		}
 		t.Stop()
-		w.cancel()
+		w.stop()
 	})
 	return nil
+}
+
+// Abort drops the connection at once (a peer that is not reading could
+// not take a close frame anyway).
+func (w *wsConn) Abort(relayv1.ErrorCode, string) error {
+	err := w.c.CloseNow()
+	w.stop()
+	return err
+}
+
+// stop ends the pump and the deadlines once the WebSocket is closed.
+func (w *wsConn) stop() {
+	w.cancel()
+	<-w.pumped
+	w.rdl.set(time.Time{})
+	w.wdl.set(time.Time{})
+}
+
+// deadline is a net.Conn-style deadline as a context that ends when it
+// passes.
+type deadline struct {
+	parent context.Context
+
+	mu     sync.Mutex // guards the fields below
+	ctx    context.Context
+	cancel context.CancelFunc
+	timer  *time.Timer
+}
+
+func (d *deadline) init(parent context.Context) {
+	d.parent = parent
+	d.ctx, d.cancel = context.WithCancel(parent)
+}
+
+// context is the context of the current deadline.
+func (d *deadline) context() context.Context {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ctx
+}
+
+// set moves the deadline; the zero time removes it.
+func (d *deadline) set(t time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.timer != nil {
+		d.timer.Stop()
+		d.timer = nil
+	}
+	if d.ctx.Err() != nil {
+		// The last deadline passed: start afresh (a WebSocket closed by
+		// it stays closed, but the context may be asked again).
+		d.ctx, d.cancel = context.WithCancel(d.parent)
+	}
+	if t.IsZero() {
+		return
+	}
+	if dur := time.Until(t); dur > 0 {
+		d.timer = time.AfterFunc(dur, d.cancel)
+	} else {
+		d.cancel()
+	}
 }
 
 // WebSocketCode returns the protocol error code a WebSocket close
@@ -163,8 +286,8 @@ func remoteAddr(s string) net.Addr {
 // session of hub.
 type WebSocketHandler struct {
 	Hub *session.Hub
-	// AllowedOrigins as for WebTransport ("*" or empty: any).
-	AllowedOrigins []string
+	// Origins as for WebTransport (see OriginPolicy).
+	Origins OriginPolicy
 	// IdleTimeout closes a WebSocket silent this long [30s].
 	IdleTimeout time.Duration
 	// Ctx ends the sessions when it ends (the edge shutting down).
@@ -173,7 +296,7 @@ type WebSocketHandler struct {
 
 // ServeHTTP upgrades the request and runs the session.
 func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if !originAllowed(h.AllowedOrigins, r) {
+	if !h.Origins.allows(r) {
 		http.Error(w, "origin not allowed", http.StatusForbidden)
 		return
 	}

@@ -171,7 +171,7 @@ func newFixture(t *testing.T) *fixture {
 // certificate) and signs in as alice.
 func (f *fixture) signIn(t *testing.T) {
 	t.Helper()
-	do(f.browser, t, "open the console", chromedp.Navigate(f.edge.AdminURL()+"/"), chromedp.WaitVisible(chromedp.CSS("#login-form")))
+	do(f.browser, t, "open the console", chromedp.Navigate(f.edge.AdminURL()+"/"), chromedp.WaitEnabled(chromedp.CSS("#login-button")))
 	do(f.browser, t, "sign in",
 		chromedp.SendKeys(chromedp.CSS("#login"), "alice"),
 		chromedp.SendKeys(chromedp.CSS("#password"), "alice-password-1"),

@@ -332,7 +332,8 @@ func (s *Standalone) Close() {
 }
 
 // Counter sums the counter name of edge s over the series whose label
-// has value (0 when there is none).
+// has value, or over every series when label is "" (0 when there is
+// none).
 func Counter(t clustertest.TB, s *server.Server, name, label, value string) float64 {
 	t.Helper()
 	mfs, err := s.Registry().Gather()
@@ -345,6 +346,10 @@ func Counter(t clustertest.TB, s *server.Server, name, label, value string) floa
 			continue
 		}
 		for _, m := range mf.GetMetric() {
+			if label == "" {
+				total += m.GetCounter().GetValue()
+				continue
+			}
 			for _, l := range m.GetLabel() {
 				if l.GetName() == label && l.GetValue() == value {
 					total += m.GetCounter().GetValue()

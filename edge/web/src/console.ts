@@ -164,12 +164,22 @@ async function connect(): Promise<void> {
   render();
 }
 
+/** Settles once the edge's address and this browser's device are known;
+ * every handler waits for it. */
+let ready: Promise<void> = Promise.resolve();
+
 async function main(): Promise<void> {
-  edge = await edgeInfo();
-  device = await loadDevice();
+  ready = (async () => {
+    edge = await edgeInfo();
+    device = await loadDevice();
+  })();
+  // The handlers go on before anything is awaited, and the buttons are
+  // disabled in the page until then: a form submitted before the script
+  // runs would navigate, with the password in the URL.
   $("login-form").addEventListener("submit", (e) => {
     e.preventDefault();
     void (async () => {
+      await ready;
       $("error").textContent = "";
       const r = await call<{ tokens: { accessToken: string } }>("control.v1.AuthService/Login", {
         login: $<HTMLInputElement>("login").value, password: $<HTMLInputElement>("password").value,
@@ -182,6 +192,7 @@ async function main(): Promise<void> {
   $("register-form").addEventListener("submit", (e) => {
     e.preventDefault();
     void (async () => {
+      await ready;
       $("error").textContent = "";
       const me = await call<{ user: { id: string } }>("control.v1.UserService/GetMe", {});
       const { privateKey, publicKey } = await generateDeviceKey();
@@ -196,7 +207,7 @@ async function main(): Promise<void> {
   $("connect-form").addEventListener("submit", (e) => {
     e.preventDefault();
     $("error").textContent = "";
-    void connect().catch((err) => { setStatus("Not connected.", "error"); showError(err); });
+    void ready.then(connect).catch((err) => { setStatus("Not connected.", "error"); showError(err); });
   });
   $("send-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -212,6 +223,10 @@ async function main(): Promise<void> {
       showError(err);
     });
   });
+  for (const id of ["login-button", "register-button", "connect-button", "send-button"]) {
+    $<HTMLButtonElement>(id).disabled = false;
+  }
+  await ready;
   if (token) {
     const ok = await signedIn().then(() => true, () => { token = ""; sessionStorage.removeItem("relay.token"); return false; });
     // A browser registered before connects on its own.

@@ -73,6 +73,7 @@ export function describe(code: ErrorCode): string {
     case ErrorCode.SEQ_OUT_OF_ORDER: return "Events were sent out of order (a bug).";
     case ErrorCode.INTERNAL: return "The relay had a problem: try again.";
     case ErrorCode.MAILBOX_FULL: return "The other device has too much waiting while offline: try later.";
+    case ErrorCode.TIMEOUT: return "The connection stalled; reconnecting.";
     default: return "Something went wrong.";
   }
 }
@@ -193,6 +194,30 @@ export function transcript(f: {
   str(enc.encode(f.edgeId));
   str(f.nonce);
   i64(f.serverTimeMs);
+  return new Uint8Array(parts);
+}
+
+/** The resume transcript a device signs to resume with a ticket
+ * (docs/protocol.md): the ticket is worth nothing without the key. */
+export function resumeTranscript(f: {
+  userId: string; deviceId: string; version: number; clientTimeMs: bigint;
+  instance: string; nonce: Uint8Array; ticket: Uint8Array;
+}): Uint8Array {
+  const parts: number[] = [];
+  const u32 = (n: number) => parts.push((n >>> 24) & 255, (n >>> 16) & 255, (n >>> 8) & 255, n & 255);
+  const i64 = (n: bigint) => {
+    const v = BigInt.asUintN(64, n);
+    for (let i = 7; i >= 0; i--) parts.push(Number((v >> BigInt(i * 8)) & 255n));
+  };
+  const str = (b: Uint8Array) => { u32(b.length); for (const x of b) parts.push(x); };
+  str(enc.encode("relay/1 device resume"));
+  str(enc.encode(f.userId));
+  str(enc.encode(f.deviceId));
+  u32(f.version);
+  i64(f.clientTimeMs);
+  str(enc.encode(f.instance));
+  str(f.nonce);
+  str(f.ticket);
   return new Uint8Array(parts);
 }
 
@@ -556,10 +581,20 @@ export class RelayClient extends EventTarget {
 
   private async handshake(c: Conn): Promise<void> {
     const sent = Date.now();
+    // In the edge's time as far as this client knows it: a resume proof
+    // must be within the edge's resume window of its clock.
     const hello = create(HelloSchema, {
       userId: this.opts.userId, deviceId: this.opts.deviceId, protocolVersion: PROTOCOL_VERSION,
-      clientTimeMs: BigInt(sent), resumeTicket: this.ticket, instance: this.instance,
+      clientTimeMs: BigInt(Math.round(sent + this.clockOffsetMs)), resumeTicket: this.ticket, instance: this.instance,
     });
+    if (hello.resumeTicket.length > 0) {
+      hello.resumeNonce = crypto.getRandomValues(new Uint8Array(16));
+      const rt = resumeTranscript({
+        userId: hello.userId, deviceId: hello.deviceId, version: hello.protocolVersion, clientTimeMs: hello.clientTimeMs,
+        instance: hello.instance, nonce: hello.resumeNonce, ticket: hello.resumeTicket,
+      });
+      hello.resumeProof = new Uint8Array(await crypto.subtle.sign("Ed25519", this.opts.key, rt as BufferSource));
+    }
     await c.send(frame({ case: "hello", value: hello }));
     for (;;) {
       const body = await c.next();

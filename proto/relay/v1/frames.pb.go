@@ -84,6 +84,9 @@ const (
 	// A target is offline and its mailbox is at its quota; nothing stored
 	// was dropped. Retry later.
 	ErrorCode_ERROR_CODE_MAILBOX_FULL ErrorCode = 23
+	// The device started a frame and did not finish it within the edge's
+	// frame timeout, or did not finish the handshake in time. Reconnect.
+	ErrorCode_ERROR_CODE_TIMEOUT ErrorCode = 24
 )
 
 // Enum value maps for ErrorCode.
@@ -113,6 +116,7 @@ var (
 		21: "ERROR_CODE_SEQ_OUT_OF_ORDER",
 		22: "ERROR_CODE_INTERNAL",
 		23: "ERROR_CODE_MAILBOX_FULL",
+		24: "ERROR_CODE_TIMEOUT",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED":         0,
@@ -139,6 +143,7 @@ var (
 		"ERROR_CODE_SEQ_OUT_OF_ORDER":    21,
 		"ERROR_CODE_INTERNAL":            22,
 		"ERROR_CODE_MAILBOX_FULL":        23,
+		"ERROR_CODE_TIMEOUT":             24,
 	}
 )
 
@@ -475,7 +480,15 @@ type Hello struct {
 	// another says which instance it is, so a client can tell its own
 	// abandoned attempt (which it ignores) from another instance of the
 	// device (which it yields to).
-	Instance      string `protobuf:"bytes,6,opt,name=instance,proto3" json:"instance,omitempty"`
+	Instance string `protobuf:"bytes,6,opt,name=instance,proto3" json:"instance,omitempty"`
+	// With resume_ticket: an Ed25519 signature with the device key over the
+	// resume transcript (see docs/protocol.md), which binds the ticket to
+	// the key, so a stolen ticket alone is worthless. A ticket without a
+	// valid proof is not accepted (the challenge follows).
+	ResumeProof []byte `protobuf:"bytes,7,opt,name=resume_proof,json=resumeProof,proto3" json:"resume_proof,omitempty"`
+	// 16 random bytes, new for every Hello that carries a resume_proof; the
+	// edge refuses a proof it has seen before.
+	ResumeNonce   []byte `protobuf:"bytes,8,opt,name=resume_nonce,json=resumeNonce,proto3" json:"resume_nonce,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -550,6 +563,20 @@ func (x *Hello) GetInstance() string {
 		return x.Instance
 	}
 	return ""
+}
+
+func (x *Hello) GetResumeProof() []byte {
+	if x != nil {
+		return x.ResumeProof
+	}
+	return nil
+}
+
+func (x *Hello) GetResumeNonce() []byte {
+	if x != nil {
+		return x.ResumeNonce
+	}
+	return nil
 }
 
 // Challenge asks the client to prove its key (edge -> client).
@@ -681,8 +708,13 @@ type Limits struct {
 	SkewToleranceMs int64                  `protobuf:"varint,4,opt,name=skew_tolerance_ms,json=skewToleranceMs,proto3" json:"skew_tolerance_ms,omitempty"`
 	EventsPerSecond uint32                 `protobuf:"varint,5,opt,name=events_per_second,json=eventsPerSecond,proto3" json:"events_per_second,omitempty"`
 	BytesPerSecond  uint32                 `protobuf:"varint,6,opt,name=bytes_per_second,json=bytesPerSecond,proto3" json:"bytes_per_second,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Every frame counts, whatever its kind; above the rate the edge reads
+	// more slowly.
+	FramesPerSecond uint32 `protobuf:"varint,7,opt,name=frames_per_second,json=framesPerSecond,proto3" json:"frames_per_second,omitempty"`
+	// A frame must arrive whole within this long of its first byte.
+	FrameTimeoutMs int64 `protobuf:"varint,8,opt,name=frame_timeout_ms,json=frameTimeoutMs,proto3" json:"frame_timeout_ms,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Limits) Reset() {
@@ -753,6 +785,20 @@ func (x *Limits) GetEventsPerSecond() uint32 {
 func (x *Limits) GetBytesPerSecond() uint32 {
 	if x != nil {
 		return x.BytesPerSecond
+	}
+	return 0
+}
+
+func (x *Limits) GetFramesPerSecond() uint32 {
+	if x != nil {
+		return x.FramesPerSecond
+	}
+	return 0
+}
+
+func (x *Limits) GetFrameTimeoutMs() int64 {
+	if x != nil {
+		return x.FrameTimeoutMs
 	}
 	return 0
 }
@@ -1526,21 +1572,23 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x04pong\x18\r \x01(\v2\x0e.relay.v1.PongH\x00R\x04pong\x12*\n" +
 	"\x06ticket\x18\x0e \x01(\v2\x10.relay.v1.TicketH\x00R\x06ticket\x12*\n" +
 	"\x06cancel\x18\x0f \x01(\v2\x10.relay.v1.CancelH\x00R\x06cancelB\x06\n" +
-	"\x04kind\"\xcf\x01\n" +
+	"\x04kind\"\x95\x02\n" +
 	"\x05Hello\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12)\n" +
 	"\x10protocol_version\x18\x03 \x01(\rR\x0fprotocolVersion\x12$\n" +
 	"\x0eclient_time_ms\x18\x04 \x01(\x03R\fclientTimeMs\x12#\n" +
 	"\rresume_ticket\x18\x05 \x01(\fR\fresumeTicket\x12\x1a\n" +
-	"\binstance\x18\x06 \x01(\tR\binstance\"\x98\x01\n" +
+	"\binstance\x18\x06 \x01(\tR\binstance\x12!\n" +
+	"\fresume_proof\x18\a \x01(\fR\vresumeProof\x12!\n" +
+	"\fresume_nonce\x18\b \x01(\fR\vresumeNonce\"\x98\x01\n" +
 	"\tChallenge\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12$\n" +
 	"\x0eserver_time_ms\x18\x02 \x01(\x03R\fserverTimeMs\x12\x17\n" +
 	"\aedge_id\x18\x03 \x01(\tR\x06edgeId\x126\n" +
 	"\fticket_error\x18\x04 \x01(\x0e2\x13.relay.v1.ErrorCodeR\vticketError\",\n" +
 	"\fAuthenticate\x12\x1c\n" +
-	"\tsignature\x18\x01 \x01(\fR\tsignature\"\xfc\x01\n" +
+	"\tsignature\x18\x01 \x01(\fR\tsignature\"\xd2\x02\n" +
 	"\x06Limits\x12&\n" +
 	"\x0fmax_frame_bytes\x18\x01 \x01(\rR\rmaxFrameBytes\x12*\n" +
 	"\x11max_payload_bytes\x18\x02 \x01(\rR\x0fmaxPayloadBytes\x12\x1c\n" +
@@ -1548,7 +1596,9 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"max_ttl_ms\x18\x03 \x01(\x03R\bmaxTtlMs\x12*\n" +
 	"\x11skew_tolerance_ms\x18\x04 \x01(\x03R\x0fskewToleranceMs\x12*\n" +
 	"\x11events_per_second\x18\x05 \x01(\rR\x0feventsPerSecond\x12(\n" +
-	"\x10bytes_per_second\x18\x06 \x01(\rR\x0ebytesPerSecond\"\xe8\x01\n" +
+	"\x10bytes_per_second\x18\x06 \x01(\rR\x0ebytesPerSecond\x12*\n" +
+	"\x11frames_per_second\x18\a \x01(\rR\x0fframesPerSecond\x12(\n" +
+	"\x10frame_timeout_ms\x18\b \x01(\x03R\x0eframeTimeoutMs\"\xe8\x01\n" +
 	"\aWelcome\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12$\n" +
@@ -1598,7 +1648,7 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x04Ping\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\x04R\x05nonce\"\x1c\n" +
 	"\x04Pong\x12\x14\n" +
-	"\x05nonce\x18\x01 \x01(\x04R\x05nonce*\xd2\x05\n" +
+	"\x05nonce\x18\x01 \x01(\x04R\x05nonce*\xea\x05\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aERROR_CODE_FRAME_TOO_LARGE\x10\x01\x12 \n" +
@@ -1624,7 +1674,8 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x18ERROR_CODE_SLOW_CONSUMER\x10\x14\x12\x1f\n" +
 	"\x1bERROR_CODE_SEQ_OUT_OF_ORDER\x10\x15\x12\x17\n" +
 	"\x13ERROR_CODE_INTERNAL\x10\x16\x12\x1b\n" +
-	"\x17ERROR_CODE_MAILBOX_FULL\x10\x17B4Z2github.com/edge-relay/relay/proto/relay/v1;relayv1b\x06proto3"
+	"\x17ERROR_CODE_MAILBOX_FULL\x10\x17\x12\x16\n" +
+	"\x12ERROR_CODE_TIMEOUT\x10\x18B4Z2github.com/edge-relay/relay/proto/relay/v1;relayv1b\x06proto3"
 
 var (
 	file_relay_v1_frames_proto_rawDescOnce sync.Once

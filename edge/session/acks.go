@@ -1,0 +1,120 @@
+package session
+
+import (
+	"slices"
+
+	"google.golang.org/protobuf/proto"
+
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// await is a delivery the device has not acknowledged yet: a live event
+// (f, with its encoding for a hand-off to the mailbox) or a mailbox entry
+// (mbSeq).
+type await struct {
+	f     *inflight
+	event []byte
+	mbSeq uint64
+	// For an "any one" event: what to claim when the device acknowledges.
+	claim *edgev1.EventClaim
+}
+
+// track records a delivery this device must acknowledge.
+func (s *Session) track(id uint64, a await) {
+	s.awaitMu.Lock()
+	if s.awaiting == nil {
+		s.awaiting = make(map[uint64]await)
+	}
+	s.awaiting[id] = a
+	s.awaitMu.Unlock()
+}
+
+// handleReceived takes the device's acknowledgements.
+func (s *Session) handleReceived(ids []uint64) {
+	var acked []uint64
+	for _, id := range ids {
+		s.awaitMu.Lock()
+		a, ok := s.awaiting[id]
+		delete(s.awaiting, id)
+		s.awaitMu.Unlock()
+		switch {
+		case !ok:
+		case a.claim != nil && s.hub.cfg.Mailbox != nil:
+			s.claim(a)
+		case a.mbSeq != 0:
+			acked = append(acked, a.mbSeq)
+		default:
+			a.f.confirm()
+		}
+	}
+	if len(acked) > 0 {
+		s.hub.cfg.Mailbox.Ack(s.deviceID, acked...)
+		s.mailboxAcked(len(acked))
+	}
+}
+
+// claim asks the control plane whether this device is the one that takes
+// an "any one" event it acknowledged. Either way the delivery counts as
+// done (the event was taken care of); a device that lost gets a Cancel.
+func (s *Session) claim(a await) {
+	c := proto.Clone(a.claim).(*edgev1.EventClaim)
+	c.DeviceId, c.UserId = s.deviceID, s.userID
+	s.hub.cfg.Mailbox.Claim(c, func(won bool) {
+		if !won {
+			s.out.control(&relayv1.Frame{Kind: &relayv1.Frame_Cancel{Cancel: &relayv1.Cancel{EventId: c.GetEventId(), SenderDeviceId: c.GetSenderDeviceId()}}})
+		}
+		if a.mbSeq != 0 {
+			s.hub.cfg.Mailbox.Ack(s.deviceID, a.mbSeq)
+			s.mailboxAcked(1)
+			return
+		}
+		a.f.confirm()
+	})
+}
+
+// handOff gives the events this device never acknowledged to its
+// mailbox (they count as delivered once stored), or, without mailboxes
+// or when the device was revoked, refuses them to their senders: they
+// must not count as delivered.
+func (s *Session) handOff() {
+	s.awaitMu.Lock()
+	pending := s.awaiting
+	s.awaiting = nil
+	s.awaitMu.Unlock()
+	held := s.takeHeld()
+	ids := make([]uint64, 0, len(pending))
+	for id, a := range pending {
+		if a.f != nil {
+			ids = append(ids, id)
+		}
+	}
+	// In the order they were queued, so each sender's order holds in the
+	// mailbox.
+	slices.Sort(ids)
+	revoked := s.closeReason.Code == relayv1.ErrorCode_ERROR_CODE_REVOKED
+	give := func(f *inflight, event []byte) {
+		switch {
+		case f.fwd != nil:
+			// The sending edge stores it (keeping its sender's order).
+			if revoked {
+				f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "")
+			} else {
+				f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "")
+			}
+		case revoked:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was revoked or deleted")
+		case s.hub.cfg.Mailbox == nil:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline before receiving it; retry later")
+		default:
+			f.sender.storeMailbox(f, s.deviceID, event, f.expires)
+		}
+	}
+	for _, id := range ids {
+		a := pending[id]
+		give(a.f, a.event)
+	}
+	for _, h := range held {
+		give(h.f, h.event)
+	}
+}

@@ -1,0 +1,395 @@
+package session
+
+import (
+	"context"
+	"hash/maphash"
+	"sync"
+	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// inflight is a durable event on its way to its targets on this edge:
+// the sender's Ack goes out when every target acknowledged it.
+type inflight struct {
+	sender  *Session // nil for an event forwarded from another edge
+	eventID string
+	digest  uint64
+	arrived time.Time
+	expires time.Time // when it may no longer be delivered (TTL plus skew)
+	// fwd reports the outcome of an event another edge forwarded here.
+	fwd func(edgev1.ForwardOutcome)
+	// An "any one" event: the first copy delivered (or stored) completes
+	// it, and it fails only when every copy did. claim identifies it for
+	// the control plane's claims.
+	anyOne bool
+	claim  *edgev1.EventClaim
+
+	mu        sync.Mutex // guards the fields below
+	remaining int
+	failures  int
+	done      bool
+	failed    bool
+}
+
+// finish marks the event done (once); false when it already was.
+func (f *inflight) finish(failed bool) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.done {
+		return false
+	}
+	f.done, f.failed = true, failed
+	return true
+}
+
+// confirm records one target's acknowledgement.
+func (f *inflight) confirm() {
+	f.mu.Lock()
+	if f.done {
+		f.mu.Unlock()
+		return
+	}
+	f.remaining--
+	if f.remaining > 0 && !f.anyOne {
+		f.mu.Unlock()
+		return
+	}
+	f.done = true
+	f.mu.Unlock()
+	if f.fwd != nil {
+		f.fwd(edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED)
+		return
+	}
+	f.sender.acked(f)
+}
+
+// fail refuses the event to its sender (once); an "any one" event only
+// when its last copy failed.
+func (f *inflight) fail(code relayv1.ErrorCode, msg string) {
+	if f.anyOne {
+		f.mu.Lock()
+		f.failures++
+		last := f.failures >= f.remaining
+		f.mu.Unlock()
+		if !last {
+			return
+		}
+	}
+	if !f.finish(true) {
+		return
+	}
+	if f.fwd != nil {
+		switch code {
+		case relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL:
+			f.fwd(edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL)
+		case relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED:
+			f.fwd(edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE)
+		default:
+			f.fwd(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+		}
+		return
+	}
+	f.sender.reject(f.eventID, &RejectError{Code: code, Msg: msg})
+}
+
+// state returns (done, failed).
+func (f *inflight) state() (bool, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.done, f.failed
+}
+
+func (s *Session) acked(f *inflight) {
+	s.hub.cfg.Metrics.ackLatency.Observe(s.hub.cfg.Now().Sub(f.arrived).Seconds())
+	s.control(&relayv1.Frame{Kind: &relayv1.Frame_Ack{Ack: &relayv1.Ack{EventId: f.eventID}}})
+}
+
+// refuse rejects an event for the device's own fault (it was invalid,
+// reused an id, named a target it may not): a device that keeps doing
+// that runs out of refusals (see refused).
+func (s *Session) refuse(eventID string, r *RejectError) {
+	s.reject(eventID, r)
+	switch r.Code {
+	case relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL,
+		relayv1.ErrorCode_ERROR_CODE_MAILBOX_FULL, relayv1.ErrorCode_ERROR_CODE_INTERNAL:
+		// The edge's or the targets' state, not the device's fault.
+	default:
+		s.refused()
+	}
+}
+
+func (s *Session) reject(eventID string, r *RejectError) {
+	s.hub.cfg.Metrics.reject(r.Code)
+	s.control(&relayv1.Frame{Kind: &relayv1.Frame_Reject{Reject: &relayv1.Reject{EventId: eventID, Code: r.Code, Message: r.Msg}}})
+}
+
+// handleEvent validates an event and hands it to its targets on this
+// edge. It runs on the sender's reader goroutine, so the events of one
+// sender reach every receiver's queue in the order they were sent.
+func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
+	cfg := &s.hub.cfg
+	_, span := cfg.Tracer.Start(ctx, "relay.event")
+	defer span.End()
+	now := cfg.Now()
+	expires, rej := ValidateEvent(ev, cfg.Limits, now)
+	if rej != nil {
+		span.SetStatus(codes.Error, rej.Error())
+		s.refuse(ev.GetId(), rej)
+		return
+	}
+	s.evMu.Lock()
+	defer s.evMu.Unlock()
+	durable := !ev.GetEphemeral()
+	var digest uint64
+	if durable {
+		digest = eventDigest(s.hub.seed, ev)
+		if prev := s.dedup[ev.GetId()]; prev != nil {
+			done, failed := prev.state()
+			switch {
+			case prev.digest != digest:
+				s.refuse(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_DUPLICATE_ID, "event id %s was used for a different event", ev.GetId()))
+				return
+			case !failed:
+				// Acked already, or its Ack will come: not relayed again.
+				cfg.Metrics.duplicate.Inc()
+				if done {
+					s.control(&relayv1.Frame{Kind: &relayv1.Frame_Ack{Ack: &relayv1.Ack{EventId: ev.GetId()}}})
+				}
+				return
+			}
+			// A refused event may be sent again.
+		}
+		if ev.GetSeq() <= s.lastSeq {
+			s.refuse(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_SEQ_OUT_OF_ORDER, "event %s: seq %d not above %d", ev.GetId(), ev.GetSeq(), s.lastSeq))
+			return
+		}
+	}
+	if d := cfg.Directory.LookupDevice(s.deviceID); d.State != DeviceActive || !cfg.Directory.UserActive(s.userID) {
+		s.reject(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_SENDER_REVOKED, "this device was revoked"))
+		return
+	}
+	routes, rej := s.resolveTargets(ev, durable)
+	if rej != nil {
+		s.refuse(ev.GetId(), rej)
+		return
+	}
+	ev.SenderDeviceId = s.deviceID
+	enc, err := marshalDeterministic.Marshal(ev)
+	if err != nil {
+		s.reject(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "encode event: %v", err))
+		return
+	}
+	span.SetAttributes(attribute.Int("relay.targets", len(routes)), attribute.Bool("relay.ephemeral", !durable))
+	if !durable {
+		for _, r := range routes {
+			if r.edge != "" {
+				cfg.Remote.Forward(r.edge, &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: enc}, nil)
+				continue
+			}
+			if r.to != nil && r.to.out.offer(enc, false, true, nil) == queueFull {
+				cfg.Metrics.droppedQueueFull.Inc()
+			}
+		}
+		cfg.Metrics.accepted.Inc()
+		s.noteActive(now)
+		return
+	}
+	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, expires: expires, remaining: len(routes), anyOne: ev.GetAnyOne()}
+	if f.anyOne {
+		f.claim = &edgev1.EventClaim{SenderDeviceId: s.deviceID, EventId: ev.GetId(), UserId: s.userID, ExpiresAtMs: expires.UnixMilli()}
+	}
+	s.remember(f)
+	s.lastSeq = ev.GetSeq()
+	cfg.Metrics.accepted.Inc()
+	s.noteActive(now)
+	if len(routes) == 0 {
+		f.remaining = 1
+		f.confirm()
+		return
+	}
+	for _, r := range routes {
+		if r.edge != "" {
+			s.forward(f, r, enc, expires)
+			continue
+		}
+		if r.to == nil {
+			s.storeMailbox(f, r.device, enc, expires)
+			continue
+		}
+		switch r.to.deliverLive(enc, f, r.need) {
+		case queueFull:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
+		case queueClosed:
+			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline; retry later")
+		}
+	}
+}
+
+// route is where an event goes for one target: a session here (to), or
+// the target's mailbox (to == nil). need is the target's mailbox seq the
+// device must have been given first.
+type route struct {
+	to     *Session
+	edge   string // another edge holds the device (to == nil)
+	device string
+	need   uint64
+}
+
+// resolveTargets finds where an event goes. Every explicit target must be
+// an active device of the sender's user. With mailboxes, a durable event
+// reaches every target: the connected ones live, the others through
+// their mailboxes; without, a durable event for a target that is not
+// connected is refused whole, before anything is delivered.
+func (s *Session) resolveTargets(ev *relayv1.Event, durable bool) ([]route, *RejectError) {
+	dir := s.hub.cfg.Directory
+	mailboxes := durable && s.hub.cfg.Mailbox != nil
+	r := s.room
+	var out []route
+	if len(ev.GetTargets()) == 0 {
+		if mailboxes {
+			devs := dir.UserDevices(s.userID)
+			out = make([]route, 0, len(devs))
+			r.mu.RLock()
+			for _, id := range devs {
+				if id != s.deviceID {
+					out = append(out, route{to: r.devices[id], device: id})
+				}
+			}
+			r.mu.RUnlock()
+			s.locateRemote(out)
+		} else {
+			r.mu.RLock()
+			out = make([]route, 0, len(r.devices))
+			for id, o := range r.devices {
+				if id != s.deviceID {
+					out = append(out, route{to: o, device: id})
+				}
+			}
+			r.mu.RUnlock()
+		}
+	} else {
+		out = make([]route, 0, len(ev.GetTargets()))
+		for i, t := range ev.GetTargets() {
+			for _, prev := range ev.GetTargets()[:i] {
+				if prev == t {
+					return nil, reject(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "event %s: target %q listed twice", ev.GetId(), t)
+				}
+			}
+			if t == s.deviceID {
+				return nil, reject(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "event %s: a device cannot target itself", ev.GetId())
+			}
+			d := dir.LookupDevice(t)
+			if d.State == DeviceUnknown || d.UserID != s.userID {
+				// One answer for "another user's" and "no such device".
+				return nil, reject(relayv1.ErrorCode_ERROR_CODE_UNKNOWN_TARGET, "event %s: %q is not one of your devices", ev.GetId(), t)
+			}
+			if d.State != DeviceActive {
+				return nil, reject(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "event %s: device %q was deleted or revoked", ev.GetId(), t)
+			}
+			r.mu.RLock()
+			o := r.devices[t]
+			r.mu.RUnlock()
+			rt := route{to: o, device: t}
+			if o == nil {
+				rt.edge = s.locate(t)
+			}
+			if o == nil && rt.edge == "" && durable && !mailboxes {
+				return nil, reject(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "event %s: device %q is offline", ev.GetId(), t)
+			}
+			out = append(out, rt)
+		}
+	}
+	if !durable {
+		// Ephemeral events go to connected devices only, in no order.
+		n := 0
+		for _, rt := range out {
+			if rt.to != nil || rt.edge != "" {
+				out[n] = rt
+				n++
+			}
+		}
+		return out[:n], nil
+	}
+	if mailboxes {
+		// Nothing may overtake this sender's earlier events for a target:
+		// while some are on their way to its mailbox, this one follows
+		// them there; while some are forwarded to an edge, this one goes
+		// the same way (that edge answers in order). A target reached live
+		// must first be given what this sender stored for it.
+		s.routeMu.Lock()
+		for i := range out {
+			rt := &out[i]
+			if s.mbPending[rt.device] > 0 {
+				rt.to, rt.edge = nil, ""
+			} else if pf, ok := s.fwdPending[rt.device]; ok {
+				rt.to, rt.edge = nil, pf.edge
+			}
+			rt.need = s.mbLast[rt.device]
+		}
+		s.routeMu.Unlock()
+	}
+	return out, nil
+}
+
+// locate says which other edge holds a device ("" for none).
+func (s *Session) locate(device string) string {
+	if s.hub.cfg.Remote == nil {
+		return ""
+	}
+	e, _ := s.hub.cfg.Remote.Locate(device)
+	return e
+}
+
+// locateRemote fills in the edge of routes whose device is not here.
+func (s *Session) locateRemote(rs []route) {
+	for i := range rs {
+		if rs[i].to == nil {
+			rs[i].edge = s.locate(rs[i].device)
+		}
+	}
+}
+
+// remember records a durable event for duplicate detection, forgetting
+// the oldest beyond DedupWindow.
+func (s *Session) remember(f *inflight) {
+	if s.dedup == nil {
+		s.dedup = make(map[string]*inflight)
+		s.dedupRing = make([]*inflight, s.hub.cfg.DedupWindow)
+	}
+	// The slot's event leaves the window, unless its id was sent again
+	// since (a refused event resent): then a newer slot holds it.
+	if old := s.dedupRing[s.dedupNext]; old != nil && s.dedup[old.eventID] == old {
+		delete(s.dedup, old.eventID)
+	}
+	s.dedupRing[s.dedupNext] = f
+	s.dedupNext = (s.dedupNext + 1) % len(s.dedupRing)
+	s.dedup[f.eventID] = f
+}
+
+// eventDigest identifies an event's content to tell a duplicate from a
+// reused id: its targets, type, payload and TTL. Not its seq, which a
+// resend may change, nor its creation time: a sender retrying a refused
+// event (QUEUE_FULL, TARGET_OFFLINE) builds it again a moment later.
+func eventDigest(seed maphash.Seed, ev *relayv1.Event) uint64 {
+	var h maphash.Hash
+	h.SetSeed(seed)
+	for _, t := range ev.GetTargets() {
+		_, _ = h.WriteString(t)
+		_ = h.WriteByte(0)
+	}
+	_ = h.WriteByte(1)
+	_, _ = h.WriteString(ev.GetType())
+	_ = h.WriteByte(0)
+	_, _ = h.Write(ev.GetPayload())
+	var n [8]byte
+	for i := range 8 {
+		n[i] = byte(uint64(ev.GetTtlMs()) >> (8 * i))
+	}
+	_, _ = h.Write(n[:])
+	return h.Sum64()
+}

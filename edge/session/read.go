@@ -1,0 +1,173 @@
+package session
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"time"
+
+	"github.com/edge-relay/relay/edge/frame"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// readLoop reads the device's frames until the session ends, and returns
+// why it ended (nil when closeWith already has a reason). Every frame is
+// paced before it is handled, so a device above its rate finds the edge
+// reading more slowly rather than answering faster.
+func (s *Session) readLoop(ctx context.Context) *CloseError {
+	f := &relayv1.Frame{}
+	for {
+		if err := s.reader.Read(f); err != nil {
+			return readEnd(err)
+		}
+		if !s.pace(f.GetEvent() != nil, s.reader.LastSize()) {
+			return nil
+		}
+		if !s.handle(ctx, f) {
+			return nil
+		}
+		// A Frame keeps pointers to its parts; handlers may keep the
+		// event, so the next read starts from a new Frame.
+		f = &relayv1.Frame{}
+	}
+}
+
+// readEnd types the end of the stream as a close reason: every way a
+// read can fail has one (docs/protocol.md, "Ending a session").
+func readEnd(err error) *CloseError {
+	switch {
+	case errors.Is(err, frame.ErrStopped):
+		return nil // closeWith stopped the reader and holds the reason
+	case errors.Is(err, io.EOF):
+		return &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "the device ended the stream"}
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "the stream ended inside a frame")
+	case isProtocolError(err):
+		return asCloseError(err)
+	}
+	return &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "connection lost: " + err.Error()}
+}
+
+// isTimeout reports whether err is a deadline's.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// pace takes a frame of size bytes (an event or not) from the device's
+// budgets, waiting while they are empty; false when the session closed
+// meanwhile. Only the stream reader calls it.
+func (s *Session) pace(event bool, size int) bool {
+	now := time.Now()
+	wait := s.frames.ReserveN(now, 1).DelayFrom(now)
+	if event {
+		wait = max(wait, s.events.ReserveN(now, 1).DelayFrom(now))
+	}
+	wait = max(wait, s.bytes.ReserveN(now, size).DelayFrom(now))
+	if wait <= 0 {
+		return true
+	}
+	s.hub.cfg.Metrics.paced.Add(wait.Seconds())
+	if s.paceT == nil {
+		s.paceT = time.NewTimer(wait)
+	} else {
+		s.paceT.Reset(wait)
+	}
+	select {
+	case <-s.paceT.C:
+		return true
+	case <-s.closing:
+		s.paceT.Stop()
+		return false
+	}
+}
+
+// admitDatagram takes a datagram from the device's budgets without
+// waiting (a datagram cannot be held back): false drops it.
+func (s *Session) admitDatagram(size int) bool {
+	now := time.Now()
+	return s.frames.AllowN(now, 1) && s.events.AllowN(now, 1) && s.bytes.AllowN(now, size)
+}
+
+// refused counts a frame refused for the device's own fault (an invalid
+// event, a datagram over the rate); a device that keeps sending them is
+// closed with RATE_LIMITED. Honest clients get a Reject now and then,
+// never a stream of them.
+func (s *Session) refused() {
+	if !s.refusals.Allow() {
+		s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, "too many refused frames: above %g per second", s.hub.cfg.RefusalsPerSecond), 0)
+	}
+}
+
+// handle acts on one frame from the device (datagrams reach it only with
+// an ephemeral event); false ends the session.
+func (s *Session) handle(ctx context.Context, f *relayv1.Frame) bool {
+	switch k := f.GetKind().(type) {
+	case *relayv1.Frame_Event:
+		s.handleEvent(ctx, k.Event)
+	case *relayv1.Frame_Received:
+		s.handleReceived(k.Received.GetDeliveryIds())
+	case *relayv1.Frame_Ping:
+		s.control(&relayv1.Frame{Kind: &relayv1.Frame_Pong{Pong: &relayv1.Pong{Nonce: k.Ping.GetNonce()}}})
+	case *relayv1.Frame_Pong:
+	case *relayv1.Frame_Authenticate:
+		return s.handleReauth(f)
+	case *relayv1.Frame_Close:
+		s.closeWith(&CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "closed by the device"}, 0)
+		return false
+	default:
+		s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "unexpected %T from a device", k), 0)
+		return false
+	}
+	return true
+}
+
+// datagramLoop reads the device's datagrams: ephemeral events only,
+// within the device's budgets. Anything else, or anything over the rate,
+// is dropped and counted as refused.
+func (s *Session) datagramLoop(ctx context.Context) {
+	m := s.hub.cfg.Metrics
+	for {
+		b, err := s.conn.ReceiveDatagram(ctx)
+		if err != nil {
+			return
+		}
+		if !s.admitDatagram(len(b)) {
+			m.droppedRate.Inc()
+			s.refused()
+			continue
+		}
+		var f relayv1.Frame
+		if err := frame.Decode(b, s.hub.cfg.Limits.MaxFrameBytes, &f); err != nil {
+			s.closeWith(asCloseError(err), 0)
+			return
+		}
+		if ev := f.GetEvent(); ev == nil || !ev.GetEphemeral() {
+			m.droppedNotEphemeral.Inc()
+			s.refused()
+			continue
+		}
+		if !s.handle(ctx, &f) {
+			return
+		}
+	}
+}
+
+// handleReauth checks the answer to a re-authentication challenge.
+func (s *Session) handleReauth(f *relayv1.Frame) bool {
+	s.authMu.Lock()
+	_, err := s.hs.step(f) // refused unless a challenge is pending
+	if err != nil {
+		s.authMu.Unlock()
+		s.closeWith(asCloseError(err), 0)
+		return false
+	}
+	s.authMu.Unlock()
+	s.hub.cfg.Metrics.handshakes.WithLabelValues("reauthenticated").Inc()
+	select {
+	case s.authChanged <- struct{}{}:
+	default:
+	}
+	return true
+}

@@ -1,0 +1,295 @@
+package relaytest
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/webtransport-go"
+
+	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/edge/transport"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// Raw is a device connection driven frame by frame, byte by byte if need
+// be: the test plays a broken or hostile client that the Go client would
+// never be (it stops reading, sends half frames, floods, pads events).
+// It speaks the same transports as the client, without its manners.
+type Raw struct {
+	t  TB
+	tr client.Transport
+	// WS is the WebSocket, for tests that send what the session stream
+	// cannot express (a text message); nil on QUIC and WebTransport.
+	WS *websocket.Conn
+
+	conn  session.Conn
+	r     *frame.Reader
+	hello *relayv1.Hello
+	qc    *quic.Conn            // QUIC
+	wts   *webtransport.Session // WebTransport
+	fin   func() error          // finishes the stream's write side (QUIC, WebTransport)
+	done  func()
+}
+
+// TB is what Raw needs of a test.
+type TB interface {
+	Helper()
+	Fatalf(format string, args ...any)
+	Cleanup(func())
+}
+
+// DialRaw opens a connection to edge i over tr and its session stream,
+// sending nothing yet. It is closed by t.Cleanup.
+func (r *Relay) DialRaw(t TB, i int, tr client.Transport) *Raw {
+	t.Helper()
+	return DialRaw(t, r.Edges[i].Addr(), tr)
+}
+
+// DialRaw opens a connection to the edge at addr over tr.
+func DialRaw(t TB, addr string, tr client.Transport) *Raw {
+	t.Helper()
+	raw, err := DialRawOrigin(t, addr, tr, "")
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return raw
+}
+
+// DialRawOrigin is DialRaw as a web page on origin would connect (no
+// Origin header when origin is empty); the edge may refuse it.
+func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw, error) {
+	t.Helper()
+	hdr := http.Header{}
+	if origin != "" {
+		hdr.Set("Origin", origin)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	raw := &Raw{t: t, tr: tr}
+	// An attacker checks nothing: the edge's certificate is taken as is.
+	tlsConf := func(alpn string) *tls.Config {
+		return &tls.Config{InsecureSkipVerify: true, NextProtos: []string{alpn}, MinVersion: tls.VersionTLS13} //nolint:gosec // a test's hostile client
+	}
+	qconf := transport.QUICConfig(30 * time.Second)
+	qconf.KeepAlivePeriod = 5 * time.Second
+	switch tr {
+	case client.WebSocket:
+		hc := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf("http/1.1")}}
+		ws, _, err := websocket.Dial(ctx, "wss://"+addr+transport.WebSocketPath, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: hdr})
+		if err != nil {
+			hc.CloseIdleConnections()
+			return nil, fmt.Errorf("websocket dial %s: %w", addr, err)
+		}
+		ws.SetReadLimit(1 << 20)
+		remote, _ := net.ResolveTCPAddr("tcp", addr)
+		raw.WS = ws
+		raw.conn = transport.NewWebSocketConn(ws, remote, time.Hour, 1<<20)
+		raw.done = hc.CloseIdleConnections
+	case client.WebTransport:
+		d := &webtransport.Transport{TLSClientConfig: tlsConf("h3"), QUICConfig: qconf}
+		_, sess, err := d.Dial(ctx, "https://"+addr+transport.WebTransportPath, hdr)
+		if err != nil {
+			_ = d.Close()
+			return nil, fmt.Errorf("webtransport dial %s: %w", addr, err)
+		}
+		str, err := sess.OpenStreamSync(ctx)
+		if err != nil {
+			_ = d.Close()
+			return nil, fmt.Errorf("open session stream: %w", err)
+		}
+		raw.wts = sess
+		raw.fin = str.Close
+		raw.conn = transport.NewWebTransportConn(sess, str)
+		raw.done = func() { _ = d.Close() }
+	default:
+		qc, err := quic.DialAddr(ctx, addr, tlsConf(transport.ALPN), qconf)
+		if err != nil {
+			return nil, fmt.Errorf("quic dial %s: %w", addr, err)
+		}
+		str, err := qc.OpenStreamSync(ctx)
+		if err != nil {
+			_ = qc.CloseWithError(0, "")
+			return nil, fmt.Errorf("open session stream: %w", err)
+		}
+		raw.qc = qc
+		raw.fin = str.Close
+		raw.conn = transport.NewQUICConn(qc, str)
+	}
+	raw.r = frame.NewReader(raw.conn, 1<<20)
+	t.Cleanup(raw.Close)
+	return raw, nil
+}
+
+// Close drops the connection without a goodbye.
+func (c *Raw) Close() {
+	_ = c.conn.Abort(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+	if c.done != nil {
+		c.done()
+	}
+}
+
+// CloseWrite ends the stream's write side (a FIN) and keeps reading. A
+// WebSocket has no half-close: it fails the test.
+func (c *Raw) CloseWrite() {
+	c.t.Helper()
+	if c.fin == nil {
+		c.t.Fatalf("%s has no half-close", c.tr)
+	}
+	if err := c.fin(); err != nil {
+		c.t.Fatalf("close the write side: %v", err)
+	}
+}
+
+// Hello is the Hello of the last Login.
+func (c *Raw) Hello() *relayv1.Hello { return c.hello }
+
+// Write sends bytes on the session stream as they are (on a WebSocket,
+// each whole length-prefixed frame becomes one message).
+func (c *Raw) Write(b []byte) error {
+	_, err := c.conn.Write(b)
+	return err
+}
+
+// Send sends one frame.
+func (c *Raw) Send(f *relayv1.Frame) error {
+	b, err := frame.Append(nil, f)
+	if err != nil {
+		return err
+	}
+	return c.Write(b)
+}
+
+// SendDatagram sends one frame body as a datagram.
+func (c *Raw) SendDatagram(body []byte) error { return c.conn.SendDatagram(body) }
+
+// Next reads the next frame, waiting at most d.
+func (c *Raw) Next(d time.Duration) (*relayv1.Frame, error) {
+	_ = c.conn.SetReadDeadline(time.Now().Add(d))
+	defer func() { _ = c.conn.SetReadDeadline(time.Time{}) }()
+	var f relayv1.Frame
+	if err := c.r.Read(&f); err != nil {
+		return nil, err
+	}
+	return &f, nil
+}
+
+// Login runs the full handshake as device d.
+func (c *Raw) Login(d Device) *relayv1.Welcome {
+	c.t.Helper()
+	c.hello = &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: session.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli()}
+	if err := c.Send(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: c.hello}}); err != nil {
+		c.t.Fatalf("send hello: %v", err)
+	}
+	f, err := c.Next(20 * time.Second)
+	if err != nil || f.GetChallenge() == nil {
+		c.t.Fatalf("want a challenge, got %v (%v)", f, err)
+	}
+	c.Answer(f.GetChallenge(), d.Key)
+	f, err = c.Next(20 * time.Second)
+	if err != nil || f.GetWelcome() == nil {
+		c.t.Fatalf("want a welcome, got %v (%v)", f, err)
+	}
+	return f.GetWelcome()
+}
+
+// Answer signs a challenge (the handshake's, or a re-authentication's)
+// for the last Hello.
+func (c *Raw) Answer(ch *relayv1.Challenge, key ed25519.PrivateKey) {
+	c.t.Helper()
+	h := c.hello
+	sig := session.Transcript{
+		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
+		EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(),
+	}.Sign(key)
+	if err := c.Send(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}}); err != nil {
+		c.t.Fatalf("send signature: %v", err)
+	}
+}
+
+// ResumeHello is a Hello resuming as d with ticket, proven with key (nil:
+// no proof, as a thief holding only the ticket would send).
+func ResumeHello(d Device, ticket []byte, key ed25519.PrivateKey) *relayv1.Hello {
+	h := &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: session.ProtocolVersion,
+		ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket, Instance: "raw"}
+	if key != nil {
+		h.ResumeNonce = make([]byte, session.ResumeNonceSize)
+		_, _ = rand.Read(h.ResumeNonce)
+		h.ResumeProof = session.ResumeTranscript{
+			UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
+			Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: ticket,
+		}.Sign(key)
+	}
+	return h
+}
+
+// SendHello sends a Hello and remembers it (for Answer).
+func (c *Raw) SendHello(h *relayv1.Hello) error {
+	c.hello = h
+	return c.Send(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: h}})
+}
+
+// End is how a connection ended as the device saw it.
+type End struct {
+	// Code is the protocol code: from the Close frame when one arrived,
+	// else from the transport's close (QUIC application error,
+	// WebTransport session error, WebSocket close code).
+	Code relayv1.ErrorCode
+	// Frame reports whether a Close frame arrived.
+	Frame bool
+	Msg   string
+}
+
+// WaitEnd reads (and drops) frames until the connection ends, for at
+// most d, and reports how it ended.
+func (c *Raw) WaitEnd(d time.Duration) (End, error) {
+	deadline := time.Now().Add(d)
+	var end End
+	for {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return end, errors.New("the connection did not end in time")
+		}
+		f, err := c.Next(left)
+		if err == nil {
+			if cl := f.GetClose(); cl != nil {
+				end = End{Code: cl.GetCode(), Frame: true, Msg: cl.GetMessage()}
+			}
+			continue
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return end, fmt.Errorf("the connection did not end in time: %w", err)
+		}
+		if !end.Frame {
+			end.Code, end.Msg = transportCode(err)
+		}
+		return end, nil
+	}
+}
+
+// transportCode is the protocol code a transport's close carried.
+func transportCode(err error) (relayv1.ErrorCode, string) {
+	var appErr *quic.ApplicationError
+	if errors.As(err, &appErr) && appErr.Remote {
+		return relayv1.ErrorCode(appErr.ErrorCode), appErr.ErrorMessage
+	}
+	var sessErr *webtransport.SessionError
+	if errors.As(err, &sessErr) && sessErr.Remote {
+		return relayv1.ErrorCode(sessErr.ErrorCode), sessErr.Message
+	}
+	if code, msg, ok := transport.WebSocketCode(err); ok {
+		return code, msg
+	}
+	return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, err.Error()
+}
