@@ -4,14 +4,14 @@
 // checks that every event was acknowledged and delivered once.
 import { check } from "k6";
 import exec from "k6/execution";
-import { delay, Session, type DeviceIdentity } from "./session.js";
+import { delay, Session, type DeviceIdentity, type Resume } from "./session.js";
 import { fromBase64 } from "./bytes.js";
 import { edgeURL, num } from "./env.js";
 import type { Device, SetupData, User } from "./provision.js";
 
 /** Tickets of this VU's devices from their last sessions (per VU: each
  * VU has its own copy of module state). */
-const tickets = new Map<string, Uint8Array>();
+const tickets = new Map<string, Resume>();
 
 export interface ExchangeConfig {
   /** Events each device sends per iteration. */
@@ -57,7 +57,7 @@ export async function connectAll(user: User): Promise<(Session | null)[]> {
 export async function closeAll(user: User, sessions: (Session | null)[]): Promise<void> {
   await Promise.all(sessions.map((s, i) => {
     if (!s) return undefined;
-    if (s.ticket.length > 0) tickets.set(user.devices[i].id, s.ticket);
+    if (s.ticket.length > 0) tickets.set(user.devices[i].id, s.resume());
     return s.close();
   }));
 }

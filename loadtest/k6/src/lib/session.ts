@@ -11,6 +11,7 @@ import { ErrorCode, EventSchema, FrameSchema, type Frame, type Event as WireEven
 import { encodeUtf8 } from "./utf8.js";
 import { sign } from "./ed25519.js";
 import { randomHex } from "./bytes.js";
+import { randomBytes } from "k6/crypto";
 
 export { ErrorCode };
 
@@ -75,6 +76,34 @@ export function transcript(f: { userId: string; deviceId: string; version: numbe
   return new Uint8Array(out);
 }
 
+/** The resume transcript a device signs to resume with a ticket
+ * (docs/protocol.md): the ticket is worth nothing without the key. */
+export function resumeTranscript(f: { userId: string; deviceId: string; version: number; clientTimeMs: bigint; instance: string; nonce: Uint8Array; ticket: Uint8Array }): Uint8Array {
+  const out: number[] = [];
+  const u32 = (n: number) => out.push((n >>> 24) & 255, (n >>> 16) & 255, (n >>> 8) & 255, n & 255);
+  const str = (b: Uint8Array) => {
+    u32(b.length);
+    for (const x of b) out.push(x);
+  };
+  str(encodeUtf8("relay/1 device resume"));
+  str(encodeUtf8(f.userId));
+  str(encodeUtf8(f.deviceId));
+  u32(f.version);
+  const v = BigInt.asUintN(64, f.clientTimeMs);
+  for (let i = 7; i >= 0; i--) out.push(Number((v >> BigInt(i * 8)) & 255n));
+  str(encodeUtf8(f.instance));
+  str(f.nonce);
+  str(f.ticket);
+  return new Uint8Array(out);
+}
+
+/** What a device keeps from a session to resume the next one. */
+export interface Resume {
+  ticket: Uint8Array;
+  /** The edge's clock offset learnt then: a resume proof is stamped in the edge's time. */
+  clockOffsetMs: number;
+}
+
 function frame(kind: MessageInitShape<typeof FrameSchema>["kind"]): Uint8Array {
   return toBinary(FrameSchema, create(FrameSchema, { kind }));
 }
@@ -114,10 +143,10 @@ export class Session {
 
   /** Connects and shakes hands; resolves on the Welcome. The metrics
    * count every attempt. */
-  static connect(url: string, dev: DeviceIdentity, ticket?: Uint8Array, timeoutMs = 10_000): Promise<Session> {
+  static connect(url: string, dev: DeviceIdentity, resume?: Resume, timeoutMs = 10_000): Promise<Session> {
     const s = new Session(dev);
     const started = Date.now();
-    return s.handshake(url, ticket ?? new Uint8Array(0), timeoutMs).then(
+    return s.handshake(url, resume, timeoutMs).then(
       () => {
         handshakeTime.add(Date.now() - started);
         handshakeFailed.add(false);
@@ -131,7 +160,12 @@ export class Session {
     );
   }
 
-  private handshake(url: string, ticket: Uint8Array, timeoutMs: number): Promise<void> {
+  /** This session's resume state, for the next one. */
+  resume(): Resume {
+    return { ticket: this.ticket, clockOffsetMs: this.clockOffsetMs };
+  }
+
+  private handshake(url: string, resume: Resume | undefined, timeoutMs: number): Promise<void> {
     return new Promise((resolve, reject) => {
       let done = false;
       const finish = (e?: Error) => {
@@ -146,14 +180,23 @@ export class Session {
         }
       };
       const timer = setTimeout(() => finish(new Error(`no Welcome within ${timeoutMs} ms`)), timeoutMs);
+      // A resume proves the key too (a ticket alone resumes nothing),
+      // stamped in the edge's time as far as the last session learnt it.
+      const ticket = resume?.ticket ?? new Uint8Array(0);
       const hello = {
         userId: this.dev.userId,
         deviceId: this.dev.deviceId,
         protocolVersion: PROTOCOL_VERSION,
-        clientTimeMs: BigInt(Date.now()),
+        clientTimeMs: BigInt(Math.round(Date.now() + (resume?.clockOffsetMs ?? 0))),
         resumeTicket: ticket,
         instance: randomHex(8),
+        resumeNonce: new Uint8Array(0) as Uint8Array,
+        resumeProof: new Uint8Array(0) as Uint8Array,
       };
+      if (ticket.length > 0) {
+        hello.resumeNonce = new Uint8Array(randomBytes(16));
+        hello.resumeProof = sign(resumeTranscript({ ...hello, version: hello.protocolVersion, nonce: hello.resumeNonce, ticket }), this.dev.secret);
+      }
       const sentAt = Date.now();
       this.ws = new WebSocket(url);
       this.ws.binaryType = "arraybuffer";

@@ -27,7 +27,7 @@ export async function storm(data: SetupData): Promise<void> {
     return;
   }
   await delay(data.stormAt - Date.now());
-  const tickets = (first as Session[]).map((s) => s.ticket);
+  const tickets = (first as Session[]).map((s) => s.resume());
   await Promise.all((first as Session[]).map((s) => s.drop()));
   const { attempts } = stormConfig();
   // Everyone comes back at once; a refused attempt (the edge's handshake
