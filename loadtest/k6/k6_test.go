@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -299,6 +300,7 @@ func BenchmarkWebSocketEvents(b *testing.B) {
 	_, _ = fmt.Sscan(vus, &n)
 	r := testRelay(b)
 	for b.Loop() {
+		cpu0 := cpuTime()
 		res := runScenario(b, r, wsURL(r.Edges[0]), "average", n, 1, map[string]string{
 			"VUS": vus, "EVENT_RATE": rate, "EVENTS": os.Getenv("EVENTS"), "ACK_P95_MS": "1e9", "ACK_P99_MS": "1e9",
 		})
@@ -308,5 +310,15 @@ func BenchmarkWebSocketEvents(b *testing.B) {
 		b.ReportMetric(res.Metrics["relay_ack_latency"]["p(99)"], "ack-p99-ms")
 		b.ReportMetric(res.Metrics["relay_ack_latency"]["med"], "ack-p50-ms")
 		b.ReportMetric(res.Metrics["relay_event_failed"]["rate"], "error-rate")
+		// CPU of the whole process (script runtime, edge, control node)
+		// per acknowledged event: what the figure costs, however busy the
+		// machine is.
+		b.ReportMetric((cpuTime()-cpu0).Seconds()*1e3/acked, "cpu-ms/event")
 	}
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
