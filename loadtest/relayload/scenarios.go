@@ -369,11 +369,16 @@ func (d *driverConfig) storm(ctx context.Context, args []string) error {
 		}
 	}()
 	p := newPacer(d.concurrency, d.slowDial)
-	if err := parallel(ctx, n, d.concurrency, func(ctx context.Context, i int) error {
+	var up atomic.Int64
+	stopUp := d.showProgress(func() string { return fmt.Sprintf("before the storm: up=%d/%d window=%.1f", up.Load(), n, p.current()) })
+	err = parallel(ctx, n, d.concurrency, func(ctx context.Context, i int) error {
 		c, err := dl.connect(ctx, p, r, "handshake", devs[i/2][i%2], nil)
 		clients[i] = c
+		up.Add(1)
 		return err
-	}); err != nil {
+	})
+	stopUp()
+	if err != nil {
 		return fmt.Errorf("connect before the storm: %w", err)
 	}
 	tickets := make([][]byte, n)
