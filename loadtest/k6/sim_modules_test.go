@@ -217,7 +217,7 @@ type httpRes struct {
 
 func (v *vu) httpModule(ctx context.Context) map[string]any {
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, TLSClientConfig: v.tlsConfig()}}
-	v.own(client.CloseIdleConnections)
+	v.onClose = append(v.onClose, client.CloseIdleConnections)
 	do := func(r httpReq) httpRes {
 		cctx, cancel := context.WithTimeout(ctx, r.timeout)
 		defer cancel()

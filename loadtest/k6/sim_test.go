@@ -284,6 +284,7 @@ type vu struct {
 
 	closers map[int]func() // open connections and timers, stopped with the iteration
 	nextID  int
+	onClose []func() // run when the VU ends
 }
 
 // own registers what must be stopped when an iteration ends abnormally;
@@ -442,6 +443,9 @@ func (v *vu) closeConns() {
 func (v *vu) close() {
 	v.closeConns()
 	v.loop.reset()
+	for _, f := range v.onClose {
+		f()
+	}
 }
 
 // eventLoop runs callbacks on the VU's goroutine: what timers and
