@@ -10,7 +10,7 @@
 // k6 does); --json prints a result that `relayload merge` adds up with
 // the results of other pods (deploy/loadtest runs it as a Kubernetes Job).
 //
-//	relayload [flags] rtt|rate|sessions|resume|storm|soak [scenario flags]
+//	relayload [flags] rtt|rate|breakpoint|sessions|resume|storm|soak [scenario flags]
 //	relayload merge [--threshold ...] [--json] result.json...
 //	relayload plot soak.csv soak.png
 //
@@ -55,6 +55,7 @@ const usage = `Usage: relayload [flags] <scenario> [scenario flags]
 Scenarios:
   rtt        one pair of devices, events back and forth one at a time: round-trip percentiles
   rate       pairs of devices, durable events at a fixed total rate, open loop: acked/s, ack latency, failures
+  breakpoint the rate scenario in growing steps until the ack p99 passes a limit: the sustained rate
   sessions   open many idle sessions, paced and retried: sessions/s, failures by cause, the edge's memory per session
   resume     devices close and resume on their tickets over and over: resumes/s, resume latency
   storm      devices all lose their connection at once and come back on their tickets: time to all back
@@ -98,6 +99,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return d.rate(ctx, rest)
 	case "sessions":
 		return d.sessions(ctx, rest)
+	case "breakpoint":
+		return d.breakpoint(ctx, rest)
 	case "resume":
 		return d.resume(ctx, rest)
 	case "storm":

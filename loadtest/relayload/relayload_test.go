@@ -126,6 +126,18 @@ func TestScenarios(t *testing.T) {
 		t.Errorf("no progress line on stderr: %q", stderr)
 	}
 
+	// Steps of 50, 100 and 150 events/s, each held (the limit is wide):
+	// the sustained rate is the last.
+	res = e.mustRun("breakpoint", "--pairs", "2", "--start", "50", "--step", "50", "--max-rate", "150", "--step-duration", "400ms", "--p99", "1m")
+	if steps, _ := res["steps"].([]any); len(steps) != 3 || num(res, "peaks", "sustained_rate") != 150 || num(res, "counts", "acked") != 20+40+60 {
+		t.Fatalf("breakpoint: %v", res)
+	}
+	// A limit nothing meets breaks at the first step.
+	res = e.mustRun("breakpoint", "--pairs", "2", "--start", "50", "--step", "50", "--step-duration", "200ms", "--p99", "1ns")
+	if num(res, "peaks", "first_broken_rate") != 50 || num(res, "peaks", "sustained_rate") != 0 {
+		t.Fatalf("breakpoint that breaks: %v", res)
+	}
+
 	res = e.mustRun("sessions", "--sessions", "40", "--hold", "10ms")
 	if num(res, "counts", "opened") != 40 || num(res, "peaks", "edge_sessions") < 40 || num(res, "peaks", "edge_heap_per_session_bytes") == 0 {
 		t.Fatalf("sessions: %v", res)

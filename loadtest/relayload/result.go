@@ -86,6 +86,8 @@ type result struct {
 	Figures   map[string]float64    `json:"figures"`
 	// Thresholds are the verdicts of --threshold, by expression.
 	Thresholds map[string]bool `json:"thresholds,omitempty"`
+	// Steps of a breakpoint run, in order.
+	Steps []rateStep `json:"steps,omitempty"`
 
 	mu sync.Mutex // guards the maps while the scenario runs
 }
@@ -173,6 +175,35 @@ func (r *result) derive() {
 	}
 }
 
+// rateStep is one step of a breakpoint run.
+type rateStep struct {
+	Rate      float64 `json:"rate"`
+	AckedPerS float64 `json:"acked_per_s"`
+	AckP50Ms  float64 `json:"ack_p50_ms"`
+	AckP99Ms  float64 `json:"ack_p99_ms"`
+	Failed    float64 `json:"failed"`
+	Held      bool    `json:"held"`
+}
+
+// merge adds o's counts, failures and latencies into r.
+func (r *result) merge(o *result) {
+	for k, v := range o.Counts {
+		r.Counts[k] += v
+	}
+	for k, v := range o.Errors {
+		r.Errors[k] += v
+	}
+	for k, h := range o.Latency {
+		if r.Latency[k] == nil {
+			r.Latency[k] = newHistogram()
+		}
+		r.Latency[k].merge(h)
+	}
+	for k, v := range o.Peaks {
+		r.Peaks[k] = math.Max(r.Peaks[k], v)
+	}
+}
+
 // mergeResults adds up results of the same scenario (pods of one Job).
 func mergeResults(rs []*result) (*result, error) {
 	if len(rs) == 0 {
@@ -187,21 +218,7 @@ func mergeResults(rs []*result) (*result, error) {
 		}
 		out.Runs += max(r.Runs, 1)
 		out.Seconds = math.Max(out.Seconds, r.Seconds) // the pods ran side by side
-		for k, v := range r.Counts {
-			out.Counts[k] += v
-		}
-		for k, v := range r.Errors {
-			out.Errors[k] += v
-		}
-		for k, h := range r.Latency {
-			if out.Latency[k] == nil {
-				out.Latency[k] = newHistogram()
-			}
-			out.Latency[k].merge(h)
-		}
-		for k, v := range r.Peaks {
-			out.Peaks[k] = math.Max(out.Peaks[k], v)
-		}
+		out.merge(r)
 	}
 	out.derive()
 	return out, nil
@@ -345,6 +362,16 @@ func (r *result) write(w io.Writer, asJSON bool) error {
 		fmt.Fprintf(w, "  failures by cause\n")
 		for _, k := range slices.Sorted(mapKeys(r.Errors)) {
 			fmt.Fprintf(w, "    %-30s %d\n", k, r.Errors[k])
+		}
+	}
+	if len(r.Steps) > 0 {
+		fmt.Fprintf(w, "  steps\n    %10s %10s %10s %10s %7s\n", "rate", "acked/s", "p50 ms", "p99 ms", "failed")
+		for _, s := range r.Steps {
+			verdict := "held"
+			if !s.Held {
+				verdict = "broke"
+			}
+			fmt.Fprintf(w, "    %10.0f %10.1f %10.2f %10.2f %7.0f %s\n", s.Rate, s.AckedPerS, s.AckP50Ms, s.AckP99Ms, s.Failed, verdict)
 		}
 	}
 	if len(r.Thresholds) > 0 {

@@ -205,6 +205,58 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	return d.finish(r)
 }
 
+// breakpoint: the rate scenario in steps of growing rate, each on the
+// same pairs, until a step's ack p99 passes --p99 or an event fails: the
+// last step that held is the edge's sustained rate at that latency.
+func (d *driverConfig) breakpoint(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("breakpoint", flag.ContinueOnError)
+	pairs := fs.Int("pairs", 50, "sender/receiver pairs")
+	start := fs.Float64("start", 1000, "events per second of the first step")
+	step := fs.Float64("step", 1000, "events per second added each step")
+	stepDur := fs.Duration("step-duration", 10*time.Second, "how long each step sends")
+	limit := fs.Duration("p99", 50*time.Millisecond, "a step holds while its ack p99 stays below this")
+	maxRate := fs.Float64("max-rate", 1e6, "stop after the step at this rate")
+	size := fs.Int("size", 64, "payload bytes")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	r := newResult("breakpoint", d.transport)
+	r.Params["pairs"], r.Params["start"], r.Params["step"], r.Params["p99_limit_ms"] = float64(*pairs), *start, *step, float64(limit.Milliseconds())
+	devs, dl, err := d.prepare(ctx, *pairs)
+	if err != nil {
+		return err
+	}
+	defer dl.close()
+	ps, err := d.openPairs(ctx, dl, r, devs)
+	if err != nil {
+		return err
+	}
+	defer closePairs(ps)
+	begin := time.Now()
+	held := 0.0
+	for rate := *start; rate <= *maxRate && ctx.Err() == nil; rate += *step {
+		sr := newResult("breakpoint", d.transport)
+		d.drive(ctx, ps, rate, *stepDur, *size, sr)
+		sr.Seconds = stepDur.Seconds()
+		sr.derive()
+		p99 := sr.Figures["ack_p99_ms"]
+		ok := sr.Counts["failed"] == 0 && p99 < float64(limit.Microseconds())/1e3
+		r.Steps = append(r.Steps, rateStep{Rate: rate, AckedPerS: sr.Figures["acked_per_s"], AckP50Ms: sr.Figures["ack_p50_ms"], AckP99Ms: p99, Failed: sr.Counts["failed"], Held: ok})
+		if d.errw != nil && d.progress > 0 {
+			fmt.Fprintf(d.errw, "relayload breakpoint %8.0f/s: acked %.0f/s, ack p50 %.2f ms, p99 %.2f ms, failed %.0f: %s\n", rate, sr.Figures["acked_per_s"], sr.Figures["ack_p50_ms"], p99, sr.Counts["failed"], map[bool]string{true: "held", false: "broke"}[ok])
+		}
+		r.merge(sr)
+		if !ok {
+			r.peak("first_broken_rate", rate)
+			break
+		}
+		held = rate
+	}
+	r.Seconds = time.Since(begin).Seconds()
+	r.peak("sustained_rate", held)
+	return d.finish(r)
+}
+
 // sessions: open many idle sessions, paced by what the edge accepts and
 // retried, and read the edge's memory before and after from its own
 // metrics.
