@@ -68,6 +68,11 @@ func NewMailboxServer(node *raftnode.Node, cfg MailboxConfig) *MailboxServer {
 			Help: "Claims of \"any one\" events proposed through this node, by outcome (won, lost).",
 		}, []string{"outcome"}),
 	}
+	for _, l := range statusLabel { // every outcome exists from the start, for rate()
+		s.entries.WithLabelValues(l)
+	}
+	s.claims.WithLabelValues("won")
+	s.claims.WithLabelValues("lost")
 	if cfg.Metrics != nil {
 		cfg.Metrics.MustRegister(s.entries, s.claims)
 	}

@@ -54,7 +54,13 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 		Name: "relay_control_snapshot_restores_total",
 		Help: "State restored from a snapshot (installed from the leader, or a local one at start), by result.",
 	}, []string{"result"})
-	reg.MustRegister(m.commit, m.apply, m.applied, m.read, m.snapshots, m.snapTime, m.restores, &raftCollector{n: n})
+	// Every result exists from the start, so increase() sees the first
+	// failure.
+	for _, r := range []string{"ok", "error"} {
+		m.snapshots.WithLabelValues(r)
+		m.restores.WithLabelValues(r)
+	}
+	reg.MustRegister(m.commit, m.apply, m.applied, m.read, m.snapshots, m.snapTime, m.restores, &raftCollector{n: n}, &diskCollector{n: n, logs: n.logs})
 	return m
 }
 

@@ -210,6 +210,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		if err != nil {
 			return nil, err
 		}
+		if err := registerTLSCertMetrics(s.reg, serverTLS, cfg.CAFile); err != nil {
+			return nil, err
+		}
 	}
 	s.tls = serverTLS
 

@@ -150,6 +150,9 @@ type Directory struct {
 	revision uint64
 	synced   bool
 	changed  chan struct{} // closed and replaced when synced or revision moves
+	// current is when the control plane last said the copy is complete
+	// (a progress message, or the end of a full copy): see metrics.go.
+	current time.Time
 }
 
 // New returns an empty, unsynced directory.
@@ -292,6 +295,7 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 			}
 			d.cur, d.staging = *d.staging, nil
 			d.synced = true
+			d.current = time.Now()
 		}
 	case *edgev1.WatchResponse_Event:
 		target := &d.cur
@@ -307,6 +311,9 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 			edgesChanged = d.staging == nil
 		}
 	case *edgev1.WatchResponse_Progress:
+		if d.staging == nil {
+			d.current = time.Now()
+		}
 	}
 	// d.revision is the last *complete* revision, the one to resume from:
 	// an event says every earlier revision is complete (one revision can

@@ -5,8 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -142,4 +144,96 @@ func BenchmarkWriteRead(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// A frame must arrive whole within the frame timeout of its first byte;
+// between frames the idle deadline alone applies; Stop ends a blocked
+// read; and a frame that trickles in grows its buffer with what arrived,
+// not with what its prefix declared.
+func TestReaderDeadlines(t *testing.T) {
+	ev := &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte("x"), 100)}}}
+	whole, _ := Append(nil, ev)
+	setup := func(t *testing.T) (*Reader, net.Conn) {
+		t.Helper()
+		a, b := net.Pipe()
+		t.Cleanup(func() { a.Close(); b.Close() })
+		return NewReaderConfig(a, ReaderConfig{Max: 1 << 20, BufSize: 64, FrameTimeout: 200 * time.Millisecond}), b
+	}
+	write := func(c net.Conn, p []byte) {
+		go func() { _, _ = c.Write(p) }()
+	}
+	t.Run("half a frame times out", func(t *testing.T) {
+		r, peer := setup(t)
+		write(peer, whole[:len(whole)/2])
+		var f relayv1.Frame
+		err := r.Read(&f)
+		var fe *Error
+		if !errors.As(err, &fe) || fe.Code != relayv1.ErrorCode_ERROR_CODE_TIMEOUT {
+			t.Fatalf("got %v, want a TIMEOUT error", err)
+		}
+	})
+	t.Run("a length prefix cut in two times out", func(t *testing.T) {
+		r, peer := setup(t)
+		write(peer, []byte{0x80})
+		var f relayv1.Frame
+		if err := r.Read(&f); !errors.Is(err, &Error{Code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT}) {
+			t.Fatalf("got %v", err)
+		}
+	})
+	t.Run("a frame in pieces within the timeout", func(t *testing.T) {
+		r, peer := setup(t)
+		go func() {
+			for _, part := range [][]byte{whole[:1], whole[1:30], whole[30:]} {
+				if _, err := peer.Write(part); err != nil {
+					return
+				}
+			}
+		}()
+		var f relayv1.Frame
+		if err := r.Read(&f); err != nil || !proto.Equal(&f, ev) {
+			t.Fatalf("got %v (%v)", &f, err)
+		}
+		if r.LastSize() != len(whole) {
+			t.Fatalf("LastSize %d, want %d", r.LastSize(), len(whole))
+		}
+	})
+	t.Run("idle between frames is not a frame timeout", func(t *testing.T) {
+		r, _ := setup(t)
+		if err := r.SetIdleDeadline(time.Now().Add(300 * time.Millisecond)); err != nil {
+			t.Fatal(err)
+		}
+		var f relayv1.Frame
+		err := r.Read(&f)
+		var fe *Error
+		var ne net.Error
+		if errors.As(err, &fe) || !errors.As(err, &ne) || !ne.Timeout() {
+			t.Fatalf("got %v, want the stream's own timeout", err)
+		}
+	})
+	t.Run("stop", func(t *testing.T) {
+		r, _ := setup(t)
+		done := make(chan error, 1)
+		go func() {
+			var f relayv1.Frame
+			done <- r.Read(&f)
+		}()
+		r.Stop()
+		if err := <-done; !errors.Is(err, ErrStopped) {
+			t.Fatalf("got %v", err)
+		}
+		var f relayv1.Frame
+		if err := r.Read(&f); !errors.Is(err, ErrStopped) {
+			t.Fatalf("after Stop: %v", err)
+		}
+	})
+	t.Run("the buffer grows with what arrives", func(t *testing.T) {
+		r, peer := setup(t)
+		// A prefix for 60 KiB, then 100 bytes, then silence.
+		write(peer, append(binary.AppendUvarint(nil, 60<<10), bytes.Repeat([]byte{1}, 100)...))
+		var f relayv1.Frame
+		_ = r.Read(&f)
+		if c := cap(r.buf); c > growStep+100 {
+			t.Fatalf("a buffer of %d bytes for 100 received", c)
+		}
+	})
 }

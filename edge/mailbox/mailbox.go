@@ -112,6 +112,12 @@ func New(cfg Config) (*Client, error) {
 			Name: "relay_edge_mailbox_entries_total", Help: "Mailbox entries written, by outcome.",
 		}, []string{"result"}),
 	}
+	// Every outcome exists from the start, so rate() and increase() see
+	// the first failure.
+	c.results.WithLabelValues("error")
+	for _, name := range edgev1.MailboxStatus_name {
+		c.results.WithLabelValues(name)
+	}
 	if cfg.Registerer != nil {
 		for _, m := range []prometheus.Collector{c.batchSize, c.commit, c.results} {
 			if err := cfg.Registerer.Register(m); err != nil {

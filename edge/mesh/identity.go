@@ -25,6 +25,7 @@ type Identity struct {
 
 	mu    sync.RWMutex // guards the fields below
 	cert  *tls.Certificate
+	ca    *x509.Certificate
 	roots *x509.CertPool
 }
 
@@ -56,6 +57,7 @@ func (i *Identity) Set(certDER, caDER []byte) error {
 	}
 	i.mu.Lock()
 	i.cert = &tls.Certificate{Certificate: [][]byte{certDER}, PrivateKey: i.key, Leaf: leaf}
+	i.ca = ca
 	i.roots = roots
 	i.mu.Unlock()
 	return nil

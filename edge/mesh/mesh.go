@@ -156,6 +156,13 @@ func New(cfg Config) (*Mesh, error) {
 		}, []string{"outcome"}),
 		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_remote_devices", Help: "Devices peers announced as theirs."}),
 	}
+	// Every outcome exists from the start, so rate() and increase() see
+	// the first failure.
+	m.metrics.forwards.WithLabelValues("no_link")
+	m.metrics.forwards.WithLabelValues("link_down")
+	for _, name := range edgev1.ForwardOutcome_name {
+		m.metrics.forwards.WithLabelValues(name)
+	}
 	if cfg.Registerer != nil {
 		for _, c := range []prometheus.Collector{m.metrics.links, m.metrics.forwards, m.metrics.devices} {
 			if err := cfg.Registerer.Register(c); err != nil {

@@ -27,6 +27,7 @@ import (
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/edge/transport"
 	"github.com/edge-relay/relay/internal/relaytest"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 // reportPercentiles reports p50 and p99 of the samples in microseconds.
@@ -557,4 +558,91 @@ func BenchmarkEdgeFailover(b *testing.B) {
 	b.ReportMetric(last.Sub(first).Seconds(), "s-storm")
 	b.ReportMetric(resumed/float64(n), "resumed-fraction")
 	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkNeighbourUnderFlood times another user's round trips (a
+// durable 64-byte event and its ack, one every 10 ms, well within the
+// edge's default limits) on an edge with its default limits, quiet and
+// while one device floods events and another floods pings, each as fast
+// as its transport lets it. The flooders are paced at the edge's reader
+// (their own QUIC flow control holds them back), so the neighbour's
+// p99 should barely move.
+func BenchmarkNeighbourUnderFlood(b *testing.B) {
+	for _, flood := range []bool{false, true} {
+		name := "quiet"
+		if flood {
+			name = "flood"
+		}
+		b.Run(name, func(b *testing.B) {
+			r := relaytest.Start(b, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+				cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 1e6, 1e6
+			}})
+			addr := r.Edges[0].Addr()
+			ctx, cancel := context.WithCancel(context.Background())
+			var wg sync.WaitGroup
+			defer wg.Wait()
+			defer cancel()
+			if flood {
+				mallory := r.User("mallory")
+				sink := r.Device(mallory, "sink")
+				r.Dial(0, sink, client.QUIC) // reads and acknowledges
+				events, pings := relaytest.DialRaw(b, addr, client.QUIC), relaytest.DialRaw(b, addr, client.QUIC)
+				events.Login(r.Device(mallory, "events"))
+				pings.Login(r.Device(mallory, "pings"))
+				payload := make([]byte, 1000)
+				wg.Go(func() {
+					for n := uint64(1); ctx.Err() == nil; n++ {
+						ev := &relayv1.Event{Id: fmt.Sprintf("f%d", n), Seq: n, CreatedAtMs: time.Now().UnixMilli(), TtlMs: 60000, Payload: payload, Targets: []string{sink.ID}}
+						if events.Send(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}) != nil {
+							return
+						}
+					}
+				})
+				wg.Go(func() {
+					for n := uint64(1); ctx.Err() == nil; n++ {
+						if pings.Send(&relayv1.Frame{Kind: &relayv1.Frame_Ping{Ping: &relayv1.Ping{Nonce: n}}}) != nil {
+							return
+						}
+					}
+				})
+				// The flooders read what comes back, as a real client would.
+				for _, raw := range []*relaytest.Raw{events, pings} {
+					wg.Go(func() {
+						for ctx.Err() == nil {
+							if _, err := raw.Next(time.Second); err != nil && ctx.Err() == nil && !isTimeout(err) {
+								return
+							}
+						}
+					})
+				}
+				defer events.Close()
+				defer pings.Close()
+			}
+			u := r.User("neighbour")
+			da, db := r.Device(u, "a"), r.Device(u, "b")
+			ca := r.Dial(0, da, client.QUIC)
+			r.Dial(0, db, client.QUIC)
+			waitOnlineB(b, ca, db.ID)
+			tick := time.NewTicker(10 * time.Millisecond)
+			defer tick.Stop()
+			samples := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			for range b.N {
+				<-tick.C
+				start := time.Now()
+				if err := ca.Send(ctx, client.Message{Targets: []string{db.ID}, Payload: make([]byte, 64)}); err != nil {
+					b.Fatal(err)
+				}
+				samples = append(samples, time.Since(start))
+			}
+			b.StopTimer()
+			reportPercentiles(b, samples)
+			b.ReportMetric(relaytest.Counter(b, r.Edges[0], "relay_edge_paced_seconds_total", "", ""), "paced-s")
+		})
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }

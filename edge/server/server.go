@@ -188,6 +188,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	})); err != nil {
 		return nil, err
 	}
+	if err := cfg.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "relay_edge_session_limit", Help: "The most sessions this edge takes (handshakes included); 0 when unbounded.",
+	}, func() float64 { return float64(cfg.Session.MaxSessions) })); err != nil {
+		return nil, err
+	}
 	s.dir = directory.New(directory.Config{
 		Ring: s.ring, Logger: s.log, OnRemove: s.onRemove,
 		OnMailbox: func(user, device string, seq uint64) { s.hub.MailboxChanged(user, device, seq) },
@@ -208,6 +213,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	s.identity = mesh.NewIdentity(meshKey)
+	if err := registerAll(cfg.Registry, certCollector{s}, s.dir.Collector()); err != nil {
+		return nil, err
+	}
 	meshAddr := cfg.MeshAddr
 	if meshAddr == "" {
 		h, _, err := net.SplitHostPort(cfg.Addr)

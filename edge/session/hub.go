@@ -58,6 +58,10 @@ type Config struct {
 	// DedupWindow is how many recent event ids per session are remembered
 	// to ack duplicates without relaying them again [1024].
 	DedupWindow int
+	// MaxSessions bounds the sessions on this edge, handshakes included;
+	// beyond it new ones are told to go to another edge (GOING_AWAY)
+	// [0: no bound].
+	MaxSessions int
 	// HandshakesPerSecond and HandshakeBurst limit new sessions per
 	// client IP address [20, 50].
 	HandshakesPerSecond float64
@@ -218,6 +222,9 @@ func NewHub(cfg Config) (*Hub, error) {
 // Limits returns the limits sessions run under.
 func (h *Hub) Limits() Limits { return h.cfg.Limits }
 
+// HandshakeTimeout is how long a new session has to prove its device.
+func (h *Hub) HandshakeTimeout() time.Duration { return h.cfg.HandshakeTimeout }
+
 func (h *Hub) shardOf(userID string) *shard {
 	return &h.shards[maphash.String(h.seed, userID)%shardCount]
 }
@@ -225,9 +232,15 @@ func (h *Hub) shardOf(userID string) *shard {
 // Serve runs one session on c until it ends, and returns why. The caller
 // owns the goroutine; the hub closes c before Serve returns.
 func (h *Hub) Serve(ctx context.Context, c Conn) error {
-	if !h.enter() {
+	switch h.enter() {
+	case enterDraining:
 		_ = c.Abort(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 		return ErrDraining
+	case enterFull:
+		h.cfg.Metrics.handshakes.WithLabelValues("edge_full").Inc()
+		err := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge full (%d sessions); try another edge", h.cfg.MaxSessions)
+		refuse(c, err, time.Second, h.cfg.CloseLinger)
+		return err
 	}
 	defer h.leave()
 	if h.cfg.Ready != nil && !h.cfg.Ready() {
@@ -246,15 +259,29 @@ func (h *Hub) Serve(ctx context.Context, c Conn) error {
 	return s.run(ctx)
 }
 
-func (h *Hub) enter() bool {
+type enterResult int
+
+const (
+	entered enterResult = iota
+	enterDraining
+	enterFull
+)
+
+func (h *Hub) enter() enterResult {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.draining {
-		return false
+	switch {
+	case h.draining:
+		return enterDraining
+	case h.cfg.MaxSessions > 0 && h.active >= h.cfg.MaxSessions:
+		return enterFull
 	}
 	h.active++
-	return true
+	return entered
 }
+
+// MaxSessions is the bound on sessions (0: none).
+func (h *Hub) MaxSessions() int { return h.cfg.MaxSessions }
 
 func (h *Hub) leave() {
 	h.mu.Lock()

@@ -160,6 +160,9 @@ func (s *Session) run(ctx context.Context) error {
 		span.End()
 		s.log.Debug("handshake failed", "err", err)
 		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
+		if ce.Code == relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
+			return nil // the device left, or the connection broke
+		}
 		return ce
 	}
 	result := "full"

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -77,42 +78,14 @@ func event(payload []byte, targets ...string) *relayv1.Frame {
 	}}}
 }
 
-// stall logs a victim device in over tr on edge i and fills its stream
-// until its queue is full, so the edge's writer for it is blocked in a
-// write it cannot finish: the device reads nothing. The sender is a
-// device of the same user on the same edge, over QUIC.
+// stall logs a victim in on edge i over tr and blocks the edge's writer
+// for it (relaytest.Stall).
 func stall(t *testing.T, r *relaytest.Relay, i int, tr client.Transport) (victim *relaytest.Raw, dev relaytest.Device, sender *relaytest.Raw) {
 	t.Helper()
 	user := r.User(fmt.Sprintf("stall-%d", seq.Add(1)))
 	dev = r.Device(user, "victim")
-	sdev := r.Device(user, "sender")
-	sender = r.DialRaw(t, i, client.QUIC)
-	sender.Login(sdev)
-	victim = r.DialRaw(t, i, tr)
-	victim.Login(dev)
-	payload := bytes.Repeat([]byte("x"), 48<<10)
-	deadline := time.Now().Add(90 * time.Second)
-	for time.Now().Before(deadline) {
-		for range 16 {
-			if err := sender.Send(event(payload, dev.ID)); err != nil {
-				t.Fatalf("sender: %v", err)
-			}
-		}
-		for {
-			f, err := sender.Next(200 * time.Millisecond)
-			if err != nil {
-				break // nothing more for now
-			}
-			if ch := f.GetChallenge(); ch != nil {
-				sender.Answer(ch, sdev.Key)
-			}
-			if f.GetReject().GetCode() == relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL {
-				return victim, dev, sender
-			}
-		}
-	}
-	t.Fatalf("the victim's queue never filled")
-	return nil, relaytest.Device{}, nil
+	victim, sender = relaytest.Stall(t, r.Edges[i].Addr(), tr, dev, r.Device(user, "sender"))
+	return victim, dev, sender
 }
 
 // settled waits until edge e has no more sessions than base, and no
@@ -561,4 +534,167 @@ func mustKey(t *testing.T) ed25519.PrivateKey {
 		t.Fatal(err)
 	}
 	return k
+}
+
+// Every way a session can end, as docs/protocol.md's table lists them,
+// walked over QUIC, WebTransport and the WebSocket with a device that
+// reads: each ends with the code the table gives, in the Close frame or
+// in the transport's own close. (The ends that need a device that does
+// not read, SLOW_CONSUMER among them, are TestClosesWithABlockedWriter's;
+// the edge not being ready is TestNotReadySendsDevicesAway's.)
+func TestEveryEndIsTyped(t *testing.T) {
+	const (
+		main      = 0
+		shortAge  = 1 // MaxSessionAge of 3 s
+		fewHellos = 2 // two handshakes per address at most
+	)
+	r := startRelay(t, 3, func(i int, cfg *server.Config) {
+		cfg.IdleTimeout = 3 * time.Second // an unfinished WebSocket message ends by it
+		cfg.Session.HandshakeTimeout = 2 * time.Second
+		cfg.Session.ControlQueueLen = 0
+		switch i {
+		case shortAge:
+			cfg.IdleTimeout = time.Minute // the raw WebSocket device does not ping
+			cfg.Session.MaxSessionAge = 3 * time.Second
+		case fewHellos:
+			cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 0.01, 2
+		}
+	})
+	user := r.User("ends")
+	dev := r.Device(user, "d")
+	body := func(f *relayv1.Frame) []byte { b, _ := marshal(f); return b }
+	prefixed := func(b []byte) []byte { return append(binary.AppendUvarint(nil, uint64(len(b))), b...) }
+	type row struct {
+		name  string
+		edge  int
+		code  relayv1.ErrorCode
+		only  []client.Transport // nil: all three
+		login bool
+		do    func(t *testing.T, raw *relaytest.Raw, tr client.Transport)
+	}
+	rows := []row{
+		{name: "the device says goodbye", login: true, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
+			_ = raw.Send(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
+		}},
+		{name: "the device ends the stream", login: true, only: []client.Transport{client.QUIC, client.WebTransport},
+			do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) { raw.CloseWrite() }},
+		{name: "the device closes the websocket", login: true, only: []client.Transport{client.WebSocket},
+			do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
+				go func() { _ = raw.WS.Close(websocket.StatusNormalClosure, "bye") }()
+			}},
+		{name: "the stream ends inside a frame", login: true, code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME,
+			only: []client.Transport{client.QUIC, client.WebTransport}, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
+				whole := prefixed(body(event([]byte("x"))))
+				_ = raw.Write(whole[:len(whole)-2])
+				raw.CloseWrite()
+			}},
+		{name: "a frame too large", login: true, code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, do: func(t *testing.T, raw *relaytest.Raw, tr client.Transport) {
+			if tr == client.WebSocket {
+				// The message is the frame: one over the read limit.
+				_ = raw.WS.Write(context.Background(), websocket.MessageBinary, make([]byte, 70<<10))
+				return
+			}
+			_ = raw.Write(binary.AppendUvarint(nil, 1<<20))
+		}},
+		{name: "a frame that does not decode", login: true, code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
+			_ = raw.Write(prefixed([]byte{0xff, 0xff, 0xff}))
+		}},
+		{name: "a frame of a kind a device may not send", login: true, code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
+			_ = raw.Send(&relayv1.Frame{Kind: &relayv1.Frame_Welcome{Welcome: &relayv1.Welcome{}}})
+		}},
+		{name: "a text message", login: true, code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, only: []client.Transport{client.WebSocket},
+			do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
+				_ = raw.WS.Write(context.Background(), websocket.MessageText, []byte("hi"))
+			}},
+		{name: "half a frame", login: true, code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT, do: func(t *testing.T, raw *relaytest.Raw, tr client.Transport) {
+			whole := prefixed(body(event([]byte("x"))))
+			if tr == client.WebSocket {
+				w, err := raw.WS.Writer(context.Background(), websocket.MessageBinary)
+				if err == nil {
+					_, _ = w.Write(whole[1:4]) // an unfinished message
+				}
+				return
+			}
+			_ = raw.Write(whole[:4])
+		}},
+		{name: "no handshake in time", code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT, do: func(*testing.T, *relaytest.Raw, client.Transport) {}},
+		{name: "a wrong signature", code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
+			_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: session.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli()})
+			if f, err := raw.Next(10 * time.Second); err == nil && f.GetChallenge() != nil {
+				raw.Answer(f.GetChallenge(), mustKey(t))
+			}
+		}},
+		{name: "an unsupported version", code: relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
+			_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: 99})
+		}},
+		{name: "refused frame after refused frame", login: true, code: relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
+			for range 200 {
+				if raw.Send(event([]byte("x"), "nobody")) != nil {
+					return
+				}
+			}
+		}},
+		{name: "a newer session of the device", login: true, code: relayv1.ErrorCode_ERROR_CODE_REPLACED, do: func(t *testing.T, _ *relaytest.Raw, tr client.Transport) {
+			r.DialRaw(t, main, tr).Login(dev)
+		}},
+		{name: "no answer at the maximum age", edge: shortAge, login: true, code: relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED,
+			do: func(*testing.T, *relaytest.Raw, client.Transport) {}},
+	}
+	run := func(t *testing.T, c row, tr client.Transport, raw *relaytest.Raw, d relaytest.Device) {
+		t.Helper()
+		if c.login {
+			raw.Login(d)
+		}
+		c.do(t, raw, tr)
+		end, err := raw.WaitEnd(30 * time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if end.Code != c.code {
+			t.Fatalf("ended with %v (%q), want %v", end.Code, end.Msg, c.code)
+		}
+	}
+	for _, c := range rows {
+		for _, tr := range transports {
+			if c.only != nil && !slices.Contains(c.only, tr) {
+				continue
+			}
+			t.Run(c.name+"/"+tr.String(), func(t *testing.T) {
+				run(t, c, tr, r.DialRaw(t, c.edge, tr), dev)
+			})
+		}
+	}
+	// Ends that take a device or an edge of their own.
+	for _, tr := range transports {
+		t.Run("the device is revoked/"+tr.String(), func(t *testing.T) {
+			d := r.Device(user, "revoked-"+tr.String())
+			run(t, row{login: true, code: relayv1.ErrorCode_ERROR_CODE_REVOKED, do: func(*testing.T, *relaytest.Raw, client.Transport) {
+				r.RevokeDevice(d)
+			}}, tr, r.DialRaw(t, main, tr), d)
+		})
+		t.Run("too many handshakes from one address/"+tr.String(), func(t *testing.T) {
+			// The edge takes two handshakes per address (about one a
+			// minute after that): the third is refused.
+			var raw *relaytest.Raw
+			for range 3 {
+				raw = r.DialRaw(t, fewHellos, tr)
+				_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: session.ProtocolVersion})
+			}
+			run(t, row{code: relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
+				// A QUIC stream reaches the edge with its first bytes.
+				_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: session.ProtocolVersion})
+			}}, tr, raw, dev)
+		})
+		t.Run("the edge shuts down/"+tr.String(), func(t *testing.T) {
+			i := len(r.Edges)
+			r.StartEdge(i)
+			raw := r.DialRaw(t, i, tr)
+			raw.Login(dev)
+			go r.StopEdge(i)
+			end, err := raw.WaitEnd(30 * time.Second)
+			if err != nil || end.Code != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY || !end.Frame {
+				t.Fatalf("ended with %+v (%v), want a Close frame with GOING_AWAY", end, err)
+			}
+		})
+	}
 }

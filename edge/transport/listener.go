@@ -32,8 +32,9 @@ type Config struct {
 	// Origins says which web pages may open WebTransport sessions [the
 	// edge's own page only; see OriginPolicy].
 	Origins OriginPolicy
-	// StreamTimeout bounds the wait for a new connection's session stream
-	// [10s].
+	// StreamTimeout bounds the wait for a new connection's session stream,
+	// and how long an HTTP/3 connection may go without a WebTransport
+	// session [the hub's handshake timeout].
 	StreamTimeout time.Duration
 	// IdleTimeout closes connections that send nothing, not even
 	// keep-alives [30s].
@@ -93,7 +94,7 @@ func Listen(cfg Config) (*Listener, error) {
 		return nil, errors.New("transport: Hub and TLS are required")
 	}
 	if cfg.StreamTimeout <= 0 {
-		cfg.StreamTimeout = 10 * time.Second
+		cfg.StreamTimeout = cfg.Hub.HandshakeTimeout()
 	}
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = 30 * time.Second
@@ -184,7 +185,7 @@ func (l *Listener) serveNative(conn *quic.Conn) {
 	str, err := conn.AcceptStream(ctx)
 	cancel()
 	if err != nil {
-		_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME), "no session stream")
+		_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT), "no session stream in time")
 		return
 	}
 	_ = l.cfg.Hub.Serve(l.ctx, NewQUICConn(conn, str))
@@ -250,7 +251,7 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	str, err := sess.AcceptStream(ctx)
 	cancel()
 	if err != nil {
-		_ = sess.CloseWithError(webtransport.SessionErrorCode(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME), "no session stream")
+		_ = sess.CloseWithError(webtransport.SessionErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT), "no session stream in time")
 		return
 	}
 	_ = l.cfg.Hub.Serve(l.ctx, NewWebTransportConn(sess, str))

@@ -273,6 +273,16 @@ func (c *Raw) WaitEnd(d time.Duration) (End, error) {
 		}
 		if !end.Frame {
 			end.Code, end.Msg = transportCode(err)
+			if c.wts != nil && end.Code == relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
+				// The stream may fail with the connection's error before the
+				// session's close capsule is read; the session keeps that.
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				_, serr := c.wts.AcceptStream(ctx)
+				cancel()
+				if code, msg := transportCode(serr); code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
+					end.Code, end.Msg = code, msg
+				}
+			}
 		}
 		return end, nil
 	}
@@ -280,6 +290,9 @@ func (c *Raw) WaitEnd(d time.Duration) (End, error) {
 
 // transportCode is the protocol code a transport's close carried.
 func transportCode(err error) (relayv1.ErrorCode, string) {
+	if err == nil {
+		return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, ""
+	}
 	var appErr *quic.ApplicationError
 	if errors.As(err, &appErr) && appErr.Remote {
 		return relayv1.ErrorCode(appErr.ErrorCode), appErr.ErrorMessage
@@ -292,4 +305,44 @@ func transportCode(err error) (relayv1.ErrorCode, string) {
 		return code, msg
 	}
 	return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, err.Error()
+}
+
+// Stall logs victim in over tr at the edge at addr and fills its stream
+// until its queue is full, so the edge's writer for it is blocked in a
+// write it cannot finish: the victim reads nothing. The sender, another
+// device of the same user, logs in over QUIC and sends events of 48 KiB
+// to the victim until the edge answers QUEUE_FULL. Both stay connected.
+func Stall(t TB, addr string, tr client.Transport, victim, sender Device) (v, s *Raw) {
+	t.Helper()
+	s = DialRaw(t, addr, client.QUIC)
+	s.Login(sender)
+	v = DialRaw(t, addr, tr)
+	v.Login(victim)
+	payload := make([]byte, 48<<10)
+	deadline := time.Now().Add(90 * time.Second)
+	var seq uint64
+	for time.Now().Before(deadline) {
+		for range 16 {
+			seq++
+			ev := &relayv1.Event{Id: fmt.Sprintf("stall-%d", seq), Seq: seq, CreatedAtMs: time.Now().UnixMilli(), TtlMs: 60000,
+				Type: "t", Payload: payload, Targets: []string{victim.ID}}
+			if err := s.Send(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}); err != nil {
+				t.Fatalf("sender: %v", err)
+			}
+		}
+		for {
+			f, err := s.Next(200 * time.Millisecond)
+			if err != nil {
+				break // nothing more for now
+			}
+			if ch := f.GetChallenge(); ch != nil {
+				s.Answer(ch, sender.Key)
+			}
+			if f.GetReject().GetCode() == relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL {
+				return v, s
+			}
+		}
+	}
+	t.Fatalf("the victim's queue never filled")
+	return nil, nil
 }

@@ -216,6 +216,14 @@ func (r *Relay) RevokeDevice(d Device) {
 	}
 }
 
+// DeleteDevice deletes a device through the API.
+func (r *Relay) DeleteDevice(d Device) {
+	r.t.Helper()
+	if _, err := r.devices().DeleteDevice(context.Background(), withToken(&controlv1.DeleteDeviceRequest{UserId: d.UserID, DeviceId: d.ID}, r.admin)); err != nil {
+		r.t.Fatalf("delete %s: %v", d.ID, err)
+	}
+}
+
 // DeleteUser deletes an account through the API.
 func (r *Relay) DeleteUser(userID string) {
 	r.t.Helper()
