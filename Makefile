@@ -14,7 +14,7 @@ SUBMODS  := deploy
 # core (handshake, validation, relay), the auth code, the state machine.
 CORE_PKGS := edge/session control/auth control/fsm control/api
 
-.PHONY: all run build test test-short vet lint fmt proto verify-proto web bench cover fuzz clean image image-bin release-local
+.PHONY: all run build test test-short vet lint fmt proto verify-proto web k6 bench cover fuzz clean image image-bin release-local
 
 all: build
 
@@ -66,6 +66,14 @@ web:
 	cd edge/web && npm ci --no-audit --no-fund
 	$(BUF) generate --template edge/web/buf.gen.yaml
 	cd edge/web && npx tsc --noEmit -p . && node build.mjs
+
+## k6: rebuild the k6 suite's bundles (loadtest/k6/dist, committed) after
+## changing loadtest/k6/src or proto/relay; needs npm, with the tools
+## pinned in loadtest/k6/package-lock.json.
+k6:
+	cd loadtest/k6 && npm ci --no-audit --no-fund
+	$(BUF) generate --template loadtest/k6/buf.gen.yaml
+	cd loadtest/k6 && npx tsc --noEmit -p . && node build.mjs
 
 ## verify-proto: fail when the committed generated code differs from what proto/ generates.
 verify-proto:
