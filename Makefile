@@ -3,6 +3,8 @@
 
 GO       ?= go
 BUF      := $(GO) tool -modfile=tools/buf/go.mod buf
+ACTIONLINT := $(GO) tool -modfile=tools/actionlint/go.mod actionlint
+SBOM     := $(GO) tool -modfile=tools/sbom/go.mod cyclonedx-gomod
 BIN      := bin
 PKGS     := ./...
 # deploy/ is a module of its own, so the heavy Kubernetes and Prometheus
@@ -19,7 +21,7 @@ PROTO_FILES = $$(find proto -name '*.proto' -o -name '*.go' | LC_ALL=C sort) buf
 	tools/buf/go.mod tools/buf/go.sum tools/protogen/go.mod tools/protogen/go.sum
 PROTO_SUM   = sha256sum $(PROTO_FILES) | sha256sum | cut -c1-64
 
-.PHONY: all run build test test-short vet lint fmt proto verify-proto verify-proto-full web bench cover fuzz clean
+.PHONY: all run build test test-short vet lint fmt proto verify-proto verify-proto-full web k6 bench cover fuzz clean image image-bin release-local
 
 all: build
 
@@ -31,7 +33,7 @@ run: build
 ## uses its pure-Go zstd, and the first build skips compiling C).
 build:
 	@mkdir -p $(BIN)
-	@[ -f $(BIN)/relayd ] || echo "building bin/relayd and bin/relayctl; the first build compiles every dependency (about 3 minutes on an idle 2-core machine)..."
+	@[ -f $(BIN)/relayd ] || echo "building bin/relayd and bin/relayctl; the first build compiles every dependency (4 to 5 minutes on 2 cores: see README)..."
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/...
 
 ## test: everything CI checks: generated code fresh, vet, formatting, tests with -race.
@@ -49,9 +51,10 @@ vet:
 	$(GO) vet $(PKGS)
 	@for m in $(SUBMODS); do (cd $$m && $(GO) vet ./...) || exit 1; done
 
-## lint: vet, gofmt check, buf lint.
+## lint: vet, gofmt check, buf lint, actionlint on .github/workflows.
 lint: vet lint-fmt
 	$(BUF) lint
+	$(ACTIONLINT)
 
 lint-fmt:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -75,6 +78,14 @@ web:
 	cd edge/web && npm ci --no-audit --no-fund
 	$(BUF) generate --template edge/web/buf.gen.yaml
 	cd edge/web && npx tsc --noEmit -p . && node build.mjs
+
+## k6: rebuild the k6 suite's bundles (loadtest/k6/dist, committed) after
+## changing loadtest/k6/src or proto/relay; needs npm, with the tools
+## pinned in loadtest/k6/package-lock.json.
+k6:
+	cd loadtest/k6 && npm ci --no-audit --no-fund
+	$(BUF) generate --template loadtest/k6/buf.gen.yaml
+	cd loadtest/k6 && npx tsc --noEmit -p . && node build.mjs
 
 ## verify-proto: fail when the committed generated code differs from what proto/ generates.
 ## Outside CI, when nothing under proto/ (nor the pinned tools) changed since
@@ -124,3 +135,44 @@ fuzz:
 
 clean:
 	rm -rf $(BIN)
+
+# The container image (Containerfile): static binaries built here, copied
+# onto IMAGE_BASE. IMAGE_BASE=scratch builds without pulling anything (the
+# deploy tests do that); the release workflow compiles inside the builder
+# stage instead and pushes for linux/amd64 and linux/arm64.
+IMAGE      ?= localhost/relay:dev
+IMAGE_BASE ?= gcr.io/distroless/static-debian12:nonroot
+IMAGE_ARCH ?= $(shell $(GO) env GOARCH)
+VERSION    ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+REVISION   ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+GO_LDFLAGS := -s -w
+
+## image-bin: static linux binaries for the image into bin/image/linux/$(IMAGE_ARCH).
+image-bin:
+	CGO_ENABLED=0 GOOS=linux GOARCH=$(IMAGE_ARCH) $(GO) build -trimpath -buildvcs=false -ldflags='$(GO_LDFLAGS)' \
+		-o $(BIN)/image/linux/$(IMAGE_ARCH)/ ./cmd/relayd ./cmd/relayctl
+	mkdir -p $(BIN)/image/linux/$(IMAGE_ARCH)/state
+
+## image: build the container image $(IMAGE) with podman from image-bin's binaries.
+image: image-bin
+	podman build --platform linux/$(IMAGE_ARCH) --build-arg BASE=$(IMAGE_BASE) --build-arg BINARIES=prebuilt \
+		--build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) -f Containerfile -t $(IMAGE) .
+
+## release-local: what the release workflow publishes, built here into
+## $(BIN)/release: binaries for linux/amd64 and linux/arm64 (tar.gz), an
+## SBOM (CycloneDX JSON) per binary and platform, and SHA256SUMS.
+RELEASE_DIR := $(BIN)/release
+release-local:
+	rm -rf $(RELEASE_DIR) && mkdir -p $(RELEASE_DIR)
+	@set -e; for arch in amd64 arm64; do \
+		d=$(BIN)/release-stage/relay-$(VERSION)-linux-$$arch; rm -rf $$d; mkdir -p $$d; \
+		CGO_ENABLED=0 GOOS=linux GOARCH=$$arch $(GO) build -trimpath -buildvcs=false -ldflags='$(GO_LDFLAGS)' -o $$d/ ./cmd/relayd ./cmd/relayctl; \
+		cp README.md $$d/; mkdir -p $$d/deploy && cp -r deploy/systemd deploy/scripts $$d/deploy/; \
+		tar -C $(BIN)/release-stage --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -czf $(RELEASE_DIR)/relay-$(VERSION)-linux-$$arch.tar.gz relay-$(VERSION)-linux-$$arch; \
+		for cmd in relayd relayctl; do \
+			$(SBOM) bin -json -version $(VERSION) \
+				-output $(RELEASE_DIR)/relay-$(VERSION)-linux-$$arch.$$cmd.cdx.json $$d/$$cmd; \
+		done; \
+		echo "built $(RELEASE_DIR)/relay-$(VERSION)-linux-$$arch.tar.gz and its SBOMs"; \
+	done
+	cd $(RELEASE_DIR) && sha256sum relay-* > SHA256SUMS && cat SHA256SUMS

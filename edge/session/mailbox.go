@@ -283,6 +283,9 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 		entries, more, err := s.hub.cfg.Mailbox.Fetch(ctx, s.deviceID, after, window)
 		cancel()
 		if err != nil {
+			if pctx.Err() != nil {
+				return // the session ended: not a failure
+			}
 			s.log.Warn("mailbox fetch failed", "err", err, "backoff", backoff)
 			if !wait(backoff) {
 				return

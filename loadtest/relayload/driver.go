@@ -40,9 +40,14 @@ type driverConfig struct {
 	transport         string
 	concurrency       int
 	asJSON            bool
+	progress          time.Duration
+	thresholds        thresholds
+	retries           int
+	slowDial          time.Duration
 
 	log  *slog.Logger
 	out  io.Writer
+	errw io.Writer
 	http *http.Client
 }
 
@@ -52,8 +57,12 @@ func (d *driverConfig) register(fs *flag.FlagSet) {
 	fs.StringVar(&d.edge, "edge", "127.0.0.1:7443", "the edge's UDP address")
 	fs.StringVar(&d.edgeAdmin, "edge-admin", "http://127.0.0.1:7444", "the edge's admin URL (certificate hashes, /metrics)")
 	fs.StringVar(&d.transport, "transport", "quic", "quic or webtransport")
-	fs.IntVar(&d.concurrency, "concurrency", 32, "parallel API calls and connection attempts while setting up")
-	fs.BoolVar(&d.asJSON, "json", false, "print the result as one JSON object")
+	fs.IntVar(&d.concurrency, "concurrency", 32, "parallel API calls, and the most connection attempts in flight (dials are paced below it by how fast the edge answers)")
+	fs.IntVar(&d.retries, "retries", 5, "attempts per session before it counts as failed (backoff with jitter between them)")
+	fs.DurationVar(&d.slowDial, "slow-dial", 2*time.Second, "a session that takes longer than this to come up slows the dialing down")
+	fs.BoolVar(&d.asJSON, "json", false, "print the result as one JSON object (relayload merge reads these)")
+	fs.DurationVar(&d.progress, "progress", 2*time.Second, "print a progress line to stderr this often (0: never)")
+	fs.Var(&d.thresholds, "threshold", "fail (exit 99) unless this holds, e.g. ack_p99_ms<50 or error_rate<0.01 (repeatable, or comma-separated)")
 }
 
 // device is a provisioned device.
@@ -121,6 +130,19 @@ func (d *driverConfig) provision(ctx context.Context, users, per int) ([][]devic
 		return nil
 	})
 	return out, err
+}
+
+// prepare provisions `users` users of two devices each and a dialer for them.
+func (d *driverConfig) prepare(ctx context.Context, users int) ([][]device, *dialer, error) {
+	devs, err := d.provision(ctx, users, 2)
+	if err != nil {
+		return nil, nil, err
+	}
+	dl, err := d.newDialer(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	return devs, dl, nil
 }
 
 func newRunID() string {
@@ -222,7 +244,12 @@ func (dl *dialer) transport() (*quic.Transport, error) {
 }
 
 func (dl *dialer) dial(ctx context.Context, dev device) (*client.Client, error) {
-	cfg := client.Config{Addr: dl.d.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192}
+	return dl.dialTicket(ctx, dev, nil)
+}
+
+// dialTicket connects a device, resuming with ticket when one is given.
+func (dl *dialer) dialTicket(ctx context.Context, dev device, ticket []byte) (*client.Client, error) {
+	cfg := client.Config{Addr: dl.d.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, ResumeTicket: ticket}
 	if dl.d.transport == "webtransport" {
 		cfg.Transport = client.WebTransport
 	} else {
@@ -235,39 +262,56 @@ func (dl *dialer) dial(ctx context.Context, dev device) (*client.Client, error) 
 	return client.Dial(ctx, cfg)
 }
 
+// close closes the UDP sockets: every QUIC connection on them is gone
+// at once, without a word to the edge (as when a device loses its
+// network). New dials open new sockets.
 func (dl *dialer) close() {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
 	for _, tr := range dl.trs {
 		_ = tr.Close()
 	}
 	for _, s := range dl.socks {
 		_ = s.Close()
 	}
+	dl.trs, dl.socks, dl.onSock = nil, nil, 0
 }
 
-// percentile of sorted samples.
-func percentile(sorted []time.Duration, q float64) time.Duration {
-	if len(sorted) == 0 {
-		return 0
+// finish derives the figures, checks the thresholds and prints r.
+func (d *driverConfig) finish(r *result) error {
+	r.derive()
+	terr := d.thresholds.check(r)
+	if terr != nil && !errors.Is(terr, errThresholds) {
+		return terr
 	}
-	return sorted[int(q*float64(len(sorted)-1))]
+	if err := r.write(d.out, d.asJSON); err != nil {
+		return err
+	}
+	return terr
 }
 
-func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 }
-
-// report prints a result as aligned text or one JSON object.
-func (d *driverConfig) report(title string, fields [][2]any) error {
-	if d.asJSON {
-		m := map[string]any{"scenario": title}
-		for _, f := range fields {
-			m[f[0].(string)] = f[1]
+// showProgress prints line() to stderr every --progress until stop is
+// called.
+func (d *driverConfig) showProgress(line func() string) (stop func()) {
+	if d.progress <= 0 || d.errw == nil {
+		return func() {}
+	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	start := time.Now()
+	wg.Go(func() {
+		t := time.NewTicker(d.progress)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				fmt.Fprintf(d.errw, "relayload %6.1fs %s\n", time.Since(start).Seconds(), line())
+			}
 		}
-		return json.NewEncoder(d.out).Encode(m)
-	}
-	fmt.Fprintf(d.out, "%s\n", title)
-	for _, f := range fields {
-		fmt.Fprintf(d.out, "  %-24s %v\n", f[0], f[1])
-	}
-	return nil
+	})
+	return func() { close(done); wg.Wait() }
 }
 
 // edgeMetrics reads gauges from the edge's /metrics.

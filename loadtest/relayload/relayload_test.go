@@ -4,9 +4,17 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"image/png"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/goleak"
 
 	"github.com/edge-relay/relay/control/clustertest"
@@ -22,56 +30,271 @@ func TestMain(m *testing.M) {
 	)
 }
 
+type driverEnv struct {
+	t      *testing.T
+	r      *relaytest.Relay
+	common []string
+	getenv func(string) string
+}
+
+func newDriverEnv(t *testing.T) *driverEnv {
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.AdminAddr = "127.0.0.1:0"
+		cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 1e6, 1e6
+		cfg.Session.Limits = session.DefaultLimits()
+		cfg.Session.Limits.EventsPerSecond = 1e6
+		// What relayd registers: the Go runtime's and the process's gauges.
+		cfg.Registry = prometheus.NewRegistry()
+		cfg.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}})
+	e := r.Edges[0]
+	// Repeated runs use a token, as they should (logins are throttled per
+	// account); TestScenarios logs in with the password once.
+	token := r.Cluster.AdminToken()
+	return &driverEnv{t: t, r: r,
+		common: []string{"--control", r.ControlURLs()[0], "--edge", e.Addr(), "--edge-admin", e.AdminURL(), "--json", "--progress", "50ms"},
+		getenv: func(k string) string {
+			if k == "RELAYCTL_TOKEN" {
+				return token
+			}
+			return ""
+		}}
+}
+
+// run runs relayload with args; err is what run returned.
+func (e *driverEnv) run(args ...string) (map[string]any, string, error) {
+	e.t.Helper()
+	var out, errOut bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	err := run(ctx, append(append([]string{}, e.common...), args...), &out, &errOut, e.getenv)
+	if err != nil && !errors.Is(err, errThresholds) {
+		e.t.Fatalf("%v: %v\n%s", args, err, errOut.String())
+	}
+	var res map[string]any
+	if jerr := json.Unmarshal(out.Bytes(), &res); jerr != nil {
+		e.t.Fatalf("%v printed %q: %v", args, out.String(), jerr)
+	}
+	return res, errOut.String(), err
+}
+
+func (e *driverEnv) mustRun(args ...string) map[string]any {
+	e.t.Helper()
+	res, _, err := e.run(args...)
+	if err != nil {
+		e.t.Fatalf("%v: %v", args, err)
+	}
+	return res
+}
+
+func num(m map[string]any, section, key string) float64 {
+	s, _ := m[section].(map[string]any)
+	f, _ := s[key].(float64)
+	return f
+}
+
 // The driver's scenarios against a real relay: each reports what it
 // measured, and the figures are consistent with what was asked.
 func TestScenarios(t *testing.T) {
-	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
-		cfg.AdminAddr = "127.0.0.1:0"
-		cfg.Session.Limits = session.DefaultLimits()
-		cfg.Session.Limits.EventsPerSecond = 1e6
-	}})
-	e := r.Edges[0]
-	// The first run logs in with the password; the others use a token, as
-	// repeated runs should (logins are throttled per account).
-	token := r.Cluster.AdminToken()
-	runs := 0
-	getenv := func(k string) string {
-		switch {
-		case k == "RELAY_ADMIN_PASSWORD":
+	e := newDriverEnv(t)
+	// The first run logs in with the password.
+	pw := e.getenv
+	e.getenv = func(k string) string {
+		if k == "RELAY_ADMIN_PASSWORD" {
 			return clustertest.AdminPassword
-		case k == "RELAYCTL_TOKEN" && runs > 1:
-			return token
 		}
 		return ""
 	}
-	common := []string{"--control", r.ControlURLs()[0], "--edge", e.Addr(), "--edge-admin", e.AdminURL(), "--json"}
-	runScenario := func(args ...string) map[string]any {
-		t.Helper()
-		runs++
-		var out, errOut bytes.Buffer
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		if err := run(ctx, append(append([]string{}, common...), args...), &out, &errOut, getenv); err != nil {
-			t.Fatalf("%v: %v\n%s", args, err, errOut.String())
-		}
-		var res map[string]any
-		if err := json.Unmarshal(out.Bytes(), &res); err != nil {
-			t.Fatalf("%v printed %q: %v", args, out.String(), err)
-		}
-		return res
+	res := e.mustRun("--transport", "quic", "rtt", "--count", "50")
+	e.getenv = pw
+	if num(res, "counts", "round_trips") != 50 || num(res, "figures", "rtt_p50_ms") <= 0 || num(res, "figures", "rtt_p99_ms") < num(res, "figures", "rtt_p50_ms") {
+		t.Fatalf("rtt over quic: %v", res)
 	}
-	for _, tr := range []string{"quic", "webtransport"} {
-		res := runScenario("--transport", tr, "rtt", "--count", "50")
-		if res["round_trips"] != 50.0 || res["p50_us"].(float64) <= 0 || res["p99_us"].(float64) < res["p50_us"].(float64) {
-			t.Fatalf("rtt over %s: %v", tr, res)
-		}
+	res = e.mustRun("--transport", "webtransport", "rtt", "--count", "50")
+	if res["transport"] != "webtransport" || num(res, "counts", "round_trips") != 50 {
+		t.Fatalf("rtt over webtransport: %v", res)
 	}
-	res := runScenario("rate", "--pairs", "4", "--rate", "100", "--duration", "1s")
-	if res["sent"] != 100.0 || res["acked"] != 100.0 || res["received"] != 100.0 {
-		t.Fatalf("rate: %v", res)
+
+	res, stderr, err := e.run("--threshold", "ack_p99_ms<60000", "--threshold", "error_rate<=0", "rate", "--pairs", "4", "--rate", "100", "--duration", "1s")
+	if err != nil || num(res, "counts", "attempts") != 100 || num(res, "counts", "acked") != 100 || num(res, "counts", "received") != 100 {
+		t.Fatalf("rate: %v %v", err, res)
 	}
-	res = runScenario("sessions", "--sessions", "20", "--hold", "10ms")
-	if res["sessions"] != 20.0 || res["edge_heap_per_session_bytes"] == nil {
+	if th, _ := res["thresholds"].(map[string]any); th["ack_p99_ms<60000"] != true || th["error_rate<=0"] != true {
+		t.Fatalf("rate thresholds: %v", res["thresholds"])
+	}
+	if !strings.Contains(stderr, "acked=") {
+		t.Errorf("no progress line on stderr: %q", stderr)
+	}
+
+	// Steps of 50, 100 and 150 events/s, each held (the limit is wide):
+	// the sustained rate is the last.
+	res = e.mustRun("breakpoint", "--pairs", "2", "--start", "50", "--step", "50", "--max-rate", "150", "--step-duration", "400ms", "--p99", "1m")
+	if steps, _ := res["steps"].([]any); len(steps) != 3 || num(res, "peaks", "sustained_rate") != 150 || num(res, "counts", "acked") != 20+40+60 {
+		t.Fatalf("breakpoint: %v", res)
+	}
+	// A limit nothing meets breaks at the first step.
+	res = e.mustRun("breakpoint", "--pairs", "2", "--start", "50", "--step", "50", "--step-duration", "200ms", "--p99", "1ns")
+	if num(res, "peaks", "first_broken_rate") != 50 || num(res, "peaks", "sustained_rate") != 0 {
+		t.Fatalf("breakpoint that breaks: %v", res)
+	}
+
+	res = e.mustRun("sessions", "--sessions", "40", "--hold", "10ms")
+	if num(res, "counts", "opened") != 40 || num(res, "peaks", "edge_sessions") < 40 || num(res, "peaks", "edge_heap_per_session_bytes") == 0 {
 		t.Fatalf("sessions: %v", res)
+	}
+
+	res = e.mustRun("resume", "--devices", "4", "--duration", "500ms")
+	if num(res, "counts", "resumed") == 0 || num(res, "counts", "full") != 0 || num(res, "counts", "failed") != 0 || num(res, "figures", "resume_p50_ms") <= 0 {
+		t.Fatalf("resume: %v", res)
+	}
+
+	res = e.mustRun("--threshold", "failed==0", "storm", "--devices", "20")
+	// Every device back on its ticket (the edge may still count the lost
+	// sessions it is closing as replaced).
+	if num(res, "counts", "back") != 20 || num(res, "counts", "resumed") != 20 || num(res, "peaks", "all_back_s") <= 0 || num(res, "peaks", "edge_sessions_after") < 20 {
+		t.Fatalf("storm: %v", res)
+	}
+}
+
+// A threshold that does not hold fails the run (exit 99 in main) and
+// says which; a threshold on something the scenario does not measure is
+// an error, not a pass.
+func TestThresholds(t *testing.T) {
+	e := newDriverEnv(t)
+	res, _, err := e.run("--threshold", "rtt_p50_ms<0.000001,round_trips>=10", "rtt", "--count", "10")
+	if !errors.Is(err, errThresholds) {
+		t.Fatalf("want a threshold failure, got %v", err)
+	}
+	if th, _ := res["thresholds"].(map[string]any); th["rtt_p50_ms<0.000001"] != false || th["round_trips>=10"] != true {
+		t.Fatalf("verdicts: %v", res["thresholds"])
+	}
+	var out, errOut bytes.Buffer
+	err = run(context.Background(), append(append([]string{}, e.common...), "--threshold", "ack_p99<1", "rtt", "--count", "5"), &out, &errOut, e.getenv)
+	if err == nil || errors.Is(err, errThresholds) || !strings.Contains(err.Error(), `no "ack_p99"`) {
+		t.Fatalf("a threshold on nothing: %v", err)
+	}
+	for _, bad := range []string{"p99", "ack_p99_ms<", "ack_p99_ms=<5", "Ack<1"} {
+		var th thresholds
+		if err := th.Set(bad); err == nil {
+			t.Errorf("%q parsed", bad)
+		}
+	}
+}
+
+// A soak samples the edge's gauges into a CSV and plots them to a PNG;
+// plot draws the same CSV again.
+func TestSoak(t *testing.T) {
+	e := newDriverEnv(t)
+	dir := t.TempDir()
+	csvPath, pngPath := filepath.Join(dir, "soak.csv"), filepath.Join(dir, "soak.png")
+	res := e.mustRun("soak", "--duration", "2s", "--sample", "200ms", "--pairs", "2", "--rate", "50", "--churn", "4", "--csv", csvPath, "--png", pngPath)
+	if num(res, "counts", "acked") != 100 || num(res, "counts", "churned") == 0 || num(res, "peaks", "edge_goroutines_max") == 0 {
+		t.Fatalf("soak: %v", res)
+	}
+	f, err := os.Open(csvPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	samples, err := readSoakCSV(f)
+	_ = f.Close()
+	if err != nil || len(samples) < 5 {
+		t.Fatalf("%d samples: %v", len(samples), err)
+	}
+	for _, row := range samples {
+		if row[1] <= 0 || row[3] <= 0 { // heap, goroutines
+			t.Fatalf("sample %v", row)
+		}
+	}
+	again := filepath.Join(dir, "again.png")
+	if err := plotCommand([]string{csvPath, again}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{pngPath, again} {
+		f, err := os.Open(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := png.Decode(f)
+		_ = f.Close()
+		if err != nil || img.Bounds().Dx() < 500 {
+			t.Fatalf("%s: %v", p, err)
+		}
+	}
+}
+
+// Results of several pods add up: counts and failures sum, histograms
+// merge (so percentiles are of the whole), and thresholds apply to the
+// sum.
+func TestMerge(t *testing.T) {
+	mk := func(acked float64, lat time.Duration, failures int) *result {
+		r := newResult("rate", "quic")
+		r.Seconds = 10
+		r.Counts["acked"], r.Counts["attempts"], r.Counts["failed"] = acked, acked+float64(failures), float64(failures)
+		if failures > 0 {
+			r.Errors["QUEUE_FULL"] = failures
+		}
+		for range int(acked) {
+			r.observe("ack", lat)
+		}
+		r.derive()
+		return r
+	}
+	dir := t.TempDir()
+	var files []string
+	for i, r := range []*result{mk(900, time.Millisecond, 0), mk(100, 100*time.Millisecond, 10)} {
+		p := filepath.Join(dir, "pod"+string(rune('a'+i))+".json")
+		var b bytes.Buffer
+		b.WriteString("relayload 2.0s a progress line, as in kubectl logs\n")
+		if err := r.write(&b, true); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, b.Bytes(), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, p)
+	}
+	var out bytes.Buffer
+	d := &driverConfig{out: &out, asJSON: true}
+	err := d.merge(append([]string{"--threshold", "ack_p99_ms<50", "--threshold", "acked_per_s>=100"}, files...))
+	if !errors.Is(err, errThresholds) {
+		t.Fatalf("merge: %v", err)
+	}
+	var m result
+	if err := json.Unmarshal(out.Bytes(), &m); err != nil {
+		t.Fatal(err)
+	}
+	if m.Runs != 2 || m.Counts["acked"] != 1000 || m.Errors["QUEUE_FULL"] != 10 || m.Figures["acked_per_s"] != 100 {
+		t.Fatalf("merged: %v %v %v", m.Runs, m.Counts, m.Figures)
+	}
+	// 10% of the samples took 100 ms: p50 is 1 ms, p99 100 ms (within a bucket).
+	if p50, p99 := m.Figures["ack_p50_ms"], m.Figures["ack_p99_ms"]; math.Abs(p50-1) > 0.03 || math.Abs(p99-100) > 2 {
+		t.Fatalf("p50 %v, p99 %v", p50, p99)
+	}
+	if math.Abs(m.Figures["error_rate"]-10.0/1010) > 1e-9 {
+		t.Fatalf("error rate %v", m.Figures["error_rate"])
+	}
+	if m.Thresholds["ack_p99_ms<50"] || !m.Thresholds["acked_per_s>=100"] {
+		t.Fatalf("thresholds %v", m.Thresholds)
+	}
+	// Results of different scenarios do not merge.
+	other := newResult("storm", "quic")
+	if _, err := mergeResults([]*result{mk(1, time.Millisecond, 0), other}); err == nil {
+		t.Fatal("merged a storm into a rate")
+	}
+}
+
+func TestHistogram(t *testing.T) {
+	h := newHistogram()
+	for i := 1; i <= 1000; i++ {
+		h.add(time.Duration(i) * time.Microsecond)
+	}
+	for _, q := range []float64{0.5, 0.9, 0.99} {
+		got, want := h.quantile(q), q*1000
+		if math.Abs(got-want)/want > 0.025 {
+			t.Errorf("q%v = %v, want %v within 2.5%%", q, got, want)
+		}
+	}
+	if h.quantile(1) != 1000 || h.N != 1000 {
+		t.Errorf("max %v, n %d", h.quantile(1), h.N)
 	}
 }

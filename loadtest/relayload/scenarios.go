@@ -2,13 +2,11 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net/http"
 	"runtime"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,21 +24,20 @@ func (d *driverConfig) rtt(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	devs, err := d.provision(ctx, 1, 2)
-	if err != nil {
-		return err
-	}
-	dl, err := d.newDialer(ctx)
+	r := newResult("rtt", d.transport)
+	r.Params["count"], r.Params["payload_bytes"] = float64(*count), float64(*size)
+	devs, dl, err := d.prepare(ctx, 1)
 	if err != nil {
 		return err
 	}
 	defer dl.close()
-	a, err := dl.dial(ctx, devs[0][0])
+	p := newPacer(d.concurrency, d.slowDial)
+	a, err := dl.connect(ctx, p, r, "handshake", devs[0][0], nil)
 	if err != nil {
 		return err
 	}
 	defer a.Close()
-	b, err := dl.dial(ctx, devs[0][1])
+	b, err := dl.connect(ctx, p, r, "handshake", devs[0][1], nil)
 	if err != nil {
 		return err
 	}
@@ -56,73 +53,71 @@ func (d *driverConfig) rtt(ctx context.Context, args []string) error {
 			return fmt.Errorf("warm-up: %w", err)
 		}
 	}
-	samples := make([]time.Duration, 0, *count)
+	var done atomic.Int64
+	stop := d.showProgress(func() string { return fmt.Sprintf("rtt %d/%d", done.Load(), *count) })
 	start := time.Now()
 	for range *count {
 		t := time.Now()
 		if err := a.Send(ctx, client.Message{Targets: target, Payload: payload}); err != nil {
+			stop()
 			return err
 		}
-		samples = append(samples, time.Since(t))
+		r.observe("rtt", time.Since(t))
+		done.Add(1)
 	}
-	el := time.Since(start)
-	slices.Sort(samples)
-	return d.report("rtt", [][2]any{
-		{"transport", d.transport}, {"payload_bytes", *size}, {"round_trips", *count},
-		{"p50_us", us(percentile(samples, 0.5))}, {"p90_us", us(percentile(samples, 0.9))},
-		{"p99_us", us(percentile(samples, 0.99))}, {"max_us", us(samples[len(samples)-1])},
-		{"round_trips_per_s", float64(*count) / el.Seconds()},
-	})
+	stop()
+	r.Seconds = time.Since(start).Seconds()
+	r.count("round_trips", float64(*count))
+	return d.finish(r)
 }
 
-// rate: pairs of devices (each pair one user), durable events sent at a
-// fixed total rate, open loop: latency is measured from the scheduled
-// send time, so a slow edge shows up as latency, not as a lower rate.
-func (d *driverConfig) rate(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("rate", flag.ContinueOnError)
-	pairs := fs.Int("pairs", 50, "sender/receiver pairs")
-	rate := fs.Float64("rate", 2000, "events per second in total")
-	dur := fs.Duration("duration", 20*time.Second, "how long to send")
-	size := fs.Int("size", 64, "payload bytes")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	devs, err := d.provision(ctx, *pairs, 2)
-	if err != nil {
-		return err
-	}
-	dl, err := d.newDialer(ctx)
-	if err != nil {
-		return err
-	}
-	defer dl.close()
-	type pair struct{ tx, rx *client.Client }
-	ps := make([]pair, *pairs)
-	err = parallel(ctx, *pairs, d.concurrency, func(ctx context.Context, i int) error {
-		tx, err := dl.dial(ctx, devs[i][0])
+// pair is a sender and a receiver of one user.
+type pair struct {
+	tx, rx   *client.Client
+	txD, rxD device
+}
+
+// openPairs connects every pair (paced, retried).
+func (d *driverConfig) openPairs(ctx context.Context, dl *dialer, r *result, devs [][]device) ([]pair, error) {
+	p := newPacer(d.concurrency, d.slowDial)
+	ps := make([]pair, len(devs))
+	err := parallel(ctx, len(devs), d.concurrency, func(ctx context.Context, i int) error {
+		tx, err := dl.connect(ctx, p, r, "handshake", devs[i][0], nil)
 		if err != nil {
 			return err
 		}
-		rx, err := dl.dial(ctx, devs[i][1])
+		rx, err := dl.connect(ctx, p, r, "handshake", devs[i][1], nil)
 		if err != nil {
 			_ = tx.Close()
 			return err
 		}
-		ps[i] = pair{tx, rx}
+		ps[i] = pair{tx: tx, rx: rx, txD: devs[i][0], rxD: devs[i][1]}
 		return nil
 	})
-	defer func() {
-		for _, p := range ps {
-			if p.tx != nil {
-				_ = p.tx.Close()
-				_ = p.rx.Close()
-			}
-		}
-	}()
 	if err != nil {
-		return err
+		closePairs(ps)
+		return nil, err
 	}
-	var received atomic.Int64
+	return ps, nil
+}
+
+func closePairs(ps []pair) {
+	for _, p := range ps {
+		if p.tx != nil {
+			_ = p.tx.Close()
+		}
+		if p.rx != nil {
+			_ = p.rx.Close()
+		}
+	}
+}
+
+// drive sends durable events at a fixed total rate over the pairs for
+// dur, open loop: event n is due at start + n/rate whatever the acks
+// do, and its latency runs from then, so a slow edge shows as latency,
+// not as a lower rate. It counts sent, acked, received and failed (by
+// cause) into r.
+func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur time.Duration, size int, r *result) {
 	var wg sync.WaitGroup
 	rctx, stopReceivers := context.WithCancel(ctx)
 	for _, p := range ps {
@@ -131,20 +126,15 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 				if _, err := p.rx.Receive(rctx); err != nil {
 					return
 				}
-				received.Add(1)
+				r.count("received", 1)
 			}
 		})
 	}
-	payload := make([]byte, *size)
-	interval := time.Duration(float64(time.Second) / *rate)
-	var (
-		mu      sync.Mutex
-		samples []time.Duration
-		errs    = map[string]int{}
-	)
+	payload := make([]byte, size)
+	interval := time.Duration(float64(time.Second) / rate)
 	start := time.Now()
 	var sends sync.WaitGroup
-	n := int(dur.Seconds() * *rate)
+	n := int(dur.Seconds() * rate)
 	for i := range n {
 		at := start.Add(time.Duration(i) * interval)
 		if w := time.Until(at); w > 0 {
@@ -159,40 +149,117 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 			break
 		}
 		p := ps[i%len(ps)]
-		target := []string{devs[i%len(ps)][1].id}
+		target := []string{p.rxD.id}
+		r.count("attempts", 1)
 		sends.Go(func() {
 			err := p.tx.Send(ctx, client.Message{Targets: target, Payload: payload})
-			lat := time.Since(at)
-			mu.Lock()
-			defer mu.Unlock()
 			if err != nil {
-				var ce *client.Error
-				key := err.Error()
-				if errors.As(err, &ce) {
-					key = ce.Code.String()
-				}
-				errs[key]++
+				r.count("failed", 1)
+				r.fail(cause(err))
 				return
 			}
-			samples = append(samples, lat)
+			r.observe("ack", time.Since(at))
+			r.count("acked", 1)
 		})
 	}
 	sends.Wait()
-	el := time.Since(start)
 	stopReceivers()
 	wg.Wait()
-	slices.Sort(samples)
-	return d.report("rate", [][2]any{
-		{"transport", d.transport}, {"pairs", *pairs}, {"target_rate", *rate}, {"payload_bytes", *size},
-		{"sent", n}, {"acked", len(samples)}, {"received", received.Load()}, {"errors", errs},
-		{"acked_per_s", float64(len(samples)) / el.Seconds()},
-		{"ack_p50_us", us(percentile(samples, 0.5))}, {"ack_p99_us", us(percentile(samples, 0.99))},
-		{"ack_max_us", us(percentile(samples, 1))},
-	})
 }
 
-// sessions: open many idle sessions and read the edge's memory before
-// and after from its own metrics.
+func (d *driverConfig) rateProgress(r *result) func() string {
+	return func() string {
+		c, errs, lat := r.snapshot()
+		return fmt.Sprintf("sent=%.0f acked=%.0f received=%.0f failures=%d ack_p99=%.2fms", c["attempts"], c["acked"], c["received"], errs, lat["ack"]/1e3)
+	}
+}
+
+// rate: pairs of devices (each pair one user), durable events sent at a
+// fixed total rate: acked/s and the ack latency.
+func (d *driverConfig) rate(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("rate", flag.ContinueOnError)
+	pairs := fs.Int("pairs", 50, "sender/receiver pairs")
+	rate := fs.Float64("rate", 2000, "events per second in total")
+	dur := fs.Duration("duration", 20*time.Second, "how long to send")
+	size := fs.Int("size", 64, "payload bytes")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	r := newResult("rate", d.transport)
+	r.Params["pairs"], r.Params["rate"], r.Params["payload_bytes"] = float64(*pairs), *rate, float64(*size)
+	devs, dl, err := d.prepare(ctx, *pairs)
+	if err != nil {
+		return err
+	}
+	defer dl.close()
+	ps, err := d.openPairs(ctx, dl, r, devs)
+	if err != nil {
+		return err
+	}
+	defer closePairs(ps)
+	stop := d.showProgress(d.rateProgress(r))
+	start := time.Now()
+	d.drive(ctx, ps, *rate, *dur, *size, r)
+	r.Seconds = time.Since(start).Seconds()
+	stop()
+	return d.finish(r)
+}
+
+// breakpoint: the rate scenario in steps of growing rate, each on the
+// same pairs, until a step's ack p99 passes --p99 or an event fails: the
+// last step that held is the edge's sustained rate at that latency.
+func (d *driverConfig) breakpoint(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("breakpoint", flag.ContinueOnError)
+	pairs := fs.Int("pairs", 50, "sender/receiver pairs")
+	start := fs.Float64("start", 1000, "events per second of the first step")
+	step := fs.Float64("step", 1000, "events per second added each step")
+	stepDur := fs.Duration("step-duration", 10*time.Second, "how long each step sends")
+	limit := fs.Duration("p99", 50*time.Millisecond, "a step holds while its ack p99 stays below this")
+	maxRate := fs.Float64("max-rate", 1e6, "stop after the step at this rate")
+	size := fs.Int("size", 64, "payload bytes")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	r := newResult("breakpoint", d.transport)
+	r.Params["pairs"], r.Params["start"], r.Params["step"], r.Params["p99_limit_ms"] = float64(*pairs), *start, *step, float64(limit.Milliseconds())
+	devs, dl, err := d.prepare(ctx, *pairs)
+	if err != nil {
+		return err
+	}
+	defer dl.close()
+	ps, err := d.openPairs(ctx, dl, r, devs)
+	if err != nil {
+		return err
+	}
+	defer closePairs(ps)
+	begin := time.Now()
+	held := 0.0
+	for rate := *start; rate <= *maxRate && ctx.Err() == nil; rate += *step {
+		sr := newResult("breakpoint", d.transport)
+		d.drive(ctx, ps, rate, *stepDur, *size, sr)
+		sr.Seconds = stepDur.Seconds()
+		sr.derive()
+		p99 := sr.Figures["ack_p99_ms"]
+		ok := sr.Counts["failed"] == 0 && p99 < float64(limit.Microseconds())/1e3
+		r.Steps = append(r.Steps, rateStep{Rate: rate, AckedPerS: sr.Figures["acked_per_s"], AckP50Ms: sr.Figures["ack_p50_ms"], AckP99Ms: p99, Failed: sr.Counts["failed"], Held: ok})
+		if d.errw != nil && d.progress > 0 {
+			fmt.Fprintf(d.errw, "relayload breakpoint %8.0f/s: acked %.0f/s, ack p50 %.2f ms, p99 %.2f ms, failed %.0f: %s\n", rate, sr.Figures["acked_per_s"], sr.Figures["ack_p50_ms"], p99, sr.Counts["failed"], map[bool]string{true: "held", false: "broke"}[ok])
+		}
+		r.merge(sr)
+		if !ok {
+			r.peak("first_broken_rate", rate)
+			break
+		}
+		held = rate
+	}
+	r.Seconds = time.Since(begin).Seconds()
+	r.peak("sustained_rate", held)
+	return d.finish(r)
+}
+
+// sessions: open many idle sessions, paced by what the edge accepts and
+// retried, and read the edge's memory before and after from its own
+// metrics.
 func (d *driverConfig) sessions(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("sessions", flag.ContinueOnError)
 	count := fs.Int("sessions", 1000, "sessions to open (two devices per user)")
@@ -200,12 +267,10 @@ func (d *driverConfig) sessions(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	r := newResult("sessions", d.transport)
+	r.Params["sessions"] = float64(*count)
 	users := (*count + 1) / 2
-	devs, err := d.provision(ctx, users, 2)
-	if err != nil {
-		return err
-	}
-	dl, err := d.newDialer(ctx)
+	devs, dl, err := d.prepare(ctx, users)
 	if err != nil {
 		return err
 	}
@@ -215,16 +280,29 @@ func (d *driverConfig) sessions(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	clients := make([]*client.Client, users*2)
+	n := users * 2
+	clients := make([]*client.Client, n)
+	p := newPacer(d.concurrency, d.slowDial)
+	stop := d.showProgress(func() string {
+		c, errs, lat := r.snapshot()
+		return fmt.Sprintf("sessions up=%.0f/%d failed attempts=%d window=%.1f p99 up=%.0fms", c["opened"], n, errs, p.current(), lat["handshake"]/1e3)
+	})
 	start := time.Now()
-	err = parallel(ctx, users*2, d.concurrency, func(ctx context.Context, i int) error {
-		c, err := dl.dial(ctx, devs[i/2][i%2])
+	// Every session gets its own attempts; one that fails for good is
+	// counted and the rest go on.
+	_ = parallel(ctx, n, d.concurrency, func(ctx context.Context, i int) error {
+		r.count("attempts", 1)
+		c, err := dl.connect(ctx, p, r, "handshake", devs[i/2][i%2], nil)
 		if err != nil {
-			return fmt.Errorf("session %d: %w", i, err)
+			r.count("failed", 1)
+			return nil
 		}
 		clients[i] = c
+		r.count("opened", 1)
 		return nil
 	})
+	openTime := time.Since(start)
+	stop()
 	defer func() {
 		for _, c := range clients {
 			if c != nil {
@@ -232,10 +310,9 @@ func (d *driverConfig) sessions(ctx context.Context, args []string) error {
 			}
 		}
 	}()
-	if err != nil {
-		return err
+	if ctx.Err() != nil {
+		return ctx.Err()
 	}
-	openTime := time.Since(start)
 	select {
 	case <-time.After(*hold):
 	case <-ctx.Done():
@@ -245,20 +322,164 @@ func (d *driverConfig) sessions(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	n := after["relay_edge_sessions"] - before["relay_edge_sessions"]
-	if n <= 0 {
-		return fmt.Errorf("the edge reports %v new sessions", n)
+	r.Seconds = openTime.Seconds()
+	opened := after["relay_edge_sessions"] - before["relay_edge_sessions"]
+	if opened > 0 {
+		per := func(k string) float64 { return (after[k] - before[k]) / opened }
+		r.peak("edge_sessions", after["relay_edge_sessions"])
+		r.peak("edge_heap_per_session_bytes", per("go_memstats_heap_inuse_bytes"))
+		r.peak("edge_rss_per_session_bytes", per("process_resident_memory_bytes"))
+		r.peak("edge_goroutines_per_session", per("go_goroutines"))
 	}
-	per := func(k string) float64 { return (after[k] - before[k]) / n }
-	return d.report("sessions", [][2]any{
-		{"transport", d.transport}, {"sessions", n}, {"open_seconds", openTime.Seconds()},
-		{"sessions_opened_per_s", n / openTime.Seconds()},
-		{"edge_heap_per_session_bytes", per("go_memstats_heap_inuse_bytes")},
-		{"edge_rss_per_session_bytes", per("process_resident_memory_bytes")},
-		{"edge_goroutines_per_session", per("go_goroutines")},
-		{"edge_heap_inuse_bytes", after["go_memstats_heap_inuse_bytes"]},
-		{"driver_goroutines", runtime.NumGoroutine()},
+	r.peak("edge_heap_inuse_bytes", after["go_memstats_heap_inuse_bytes"])
+	r.peak("driver_goroutines", float64(runtime.NumGoroutine()))
+	return d.finish(r)
+}
+
+// resume: devices connect once, then keep closing their session and
+// resuming it on its ticket for --duration: resumes per second and the
+// time a resume takes (dial to Welcome).
+func (d *driverConfig) resume(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("resume", flag.ContinueOnError)
+	devices := fs.Int("devices", 100, "devices that reconnect over and over")
+	dur := fs.Duration("duration", 20*time.Second, "how long to reconnect")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	r := newResult("resume", d.transport)
+	r.Params["devices"] = float64(*devices)
+	devs, dl, err := d.prepare(ctx, (*devices+1)/2)
+	if err != nil {
+		return err
+	}
+	defer dl.close()
+	p := newPacer(d.concurrency, d.slowDial)
+	stop := d.showProgress(func() string {
+		c, errs, lat := r.snapshot()
+		return fmt.Sprintf("resumed=%.0f full=%.0f failures=%d window=%.1f resume_p99=%.1fms", c["resumed"], c["full"], errs, p.current(), lat["resume"]/1e3)
 	})
+	// Each device: one full handshake (not timed as a resume), then
+	// close-and-resume until the deadline.
+	deadline := time.Now().Add(*dur)
+	start := time.Now()
+	_ = parallel(ctx, *devices, *devices, func(ctx context.Context, i int) error {
+		dev := devs[i/2][i%2]
+		c, err := dl.connect(ctx, p, r, "handshake", dev, nil)
+		if err != nil {
+			r.count("attempts", 1)
+			r.count("failed", 1)
+			return nil
+		}
+		for time.Now().Before(deadline) && ctx.Err() == nil {
+			ticket := c.ResumeTicket()
+			_ = c.Close()
+			r.count("attempts", 1)
+			c, err = dl.connect(ctx, p, r, "resume", dev, ticket)
+			if err != nil {
+				r.count("failed", 1)
+				return nil
+			}
+			if c.Resumed() {
+				r.count("resumed", 1)
+			} else {
+				r.count("full", 1)
+			}
+		}
+		_ = c.Close()
+		return nil
+	})
+	r.Seconds = time.Since(start).Seconds()
+	stop()
+	return d.finish(r)
+}
+
+// storm: devices connect; then all of them lose their connection at the
+// same instant (the driver closes its UDP sockets: nothing reaches the
+// edge, as when the network or an edge dies under them) and come back at
+// once on their resume tickets, paced and retried as clients with
+// backoff do. Time to all back is measured from that instant.
+func (d *driverConfig) storm(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("storm", flag.ContinueOnError)
+	devices := fs.Int("devices", 1000, "devices that lose their edge at once")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	r := newResult("storm", d.transport)
+	r.Params["devices"] = float64(*devices)
+	devs, dl, err := d.prepare(ctx, (*devices+1)/2)
+	if err != nil {
+		return err
+	}
+	defer dl.close()
+	n := (*devices + 1) / 2 * 2
+	clients := make([]*client.Client, n)
+	defer func() {
+		for _, c := range clients {
+			if c != nil {
+				_ = c.Close()
+			}
+		}
+	}()
+	p := newPacer(d.concurrency, d.slowDial)
+	var up atomic.Int64
+	stopUp := d.showProgress(func() string { return fmt.Sprintf("before the storm: up=%d/%d window=%.1f", up.Load(), n, p.current()) })
+	err = parallel(ctx, n, d.concurrency, func(ctx context.Context, i int) error {
+		c, err := dl.connect(ctx, p, r, "handshake", devs[i/2][i%2], nil)
+		clients[i] = c
+		up.Add(1)
+		return err
+	})
+	stopUp()
+	if err != nil {
+		return fmt.Errorf("connect before the storm: %w", err)
+	}
+	tickets := make([][]byte, n)
+	for i, c := range clients {
+		tickets[i] = c.ResumeTicket()
+	}
+	// The storm: every connection gone at once, then everyone back.
+	stormAt := time.Now()
+	dl.close()
+	for i, c := range clients {
+		go func() { _ = c.Close() }() // frees the client; nothing reaches the edge
+		clients[i] = nil
+	}
+	stop := d.showProgress(func() string {
+		c, errs, lat := r.snapshot()
+		return fmt.Sprintf("back=%.0f/%d failed attempts=%d window=%.1f back_p99=%.0fms", c["back"], n, errs, p.current(), lat["back"]/1e3)
+	})
+	var last atomic.Int64
+	_ = parallel(ctx, n, n, func(ctx context.Context, i int) error {
+		r.count("attempts", 1)
+		c, err := dl.connect(ctx, p, r, "reconnect", devs[i/2][i%2], tickets[i])
+		if err != nil {
+			r.count("failed", 1)
+			return nil
+		}
+		clients[i] = c
+		back := time.Since(stormAt)
+		r.observe("back", back)
+		for {
+			old := last.Load()
+			if int64(back) <= old || last.CompareAndSwap(old, int64(back)) {
+				break
+			}
+		}
+		r.count("back", 1)
+		if c.Resumed() {
+			r.count("resumed", 1)
+		}
+		return nil
+	})
+	stop()
+	r.Seconds = time.Since(stormAt).Seconds()
+	r.peak("all_back_s", time.Duration(last.Load()).Seconds())
+	// What the edge counts now: the devices back, and for a moment the
+	// lost sessions they replaced, which it is closing.
+	if m, err := d.edgeMetrics(ctx, "relay_edge_sessions"); err == nil {
+		r.peak("edge_sessions_after", m["relay_edge_sessions"])
+	}
+	return d.finish(r)
 }
 
 // settledMetrics has the edge collect its garbage (the admin port's

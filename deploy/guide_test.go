@@ -1,0 +1,428 @@
+package deploy
+
+import (
+	"bytes"
+	"maps"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+const guide = "../docs/operations.md"
+
+// block is one fenced code block of the guide.
+type block struct {
+	lang, body, file string // file: the <!-- file: PATH --> marker before it
+	line             int
+}
+
+func guideBlocks(t *testing.T) []block {
+	t.Helper()
+	b, err := os.ReadFile(guide)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		out    []block
+		cur    *block
+		marker string
+		body   strings.Builder
+	)
+	fileMarker := regexp.MustCompile(`^<!-- file: (\S+) -->$`)
+	for i, l := range strings.Split(string(b), "\n") {
+		switch {
+		case cur == nil && strings.HasPrefix(l, "```"):
+			cur = &block{lang: strings.TrimPrefix(l, "```"), file: marker, line: i + 1}
+			body.Reset()
+		case cur != nil && l == "```":
+			cur.body = body.String()
+			out = append(out, *cur)
+			cur, marker = nil, ""
+		case cur != nil:
+			body.WriteString(l + "\n")
+		default:
+			if m := fileMarker.FindStringSubmatch(l); m != nil {
+				marker = m[1]
+			} else if strings.TrimSpace(l) != "" {
+				marker = ""
+			}
+		}
+	}
+	if cur != nil {
+		t.Fatalf("%s: unterminated code block at line %d", guide, cur.line)
+	}
+	return out
+}
+
+// commands splits a sh block into commands: continuation lines joined,
+// comments dropped, pipelines and && lists split.
+func commands(body string) []string {
+	body = strings.ReplaceAll(body, "\\\n", " ")
+	var out []string
+	for _, l := range strings.Split(body, "\n") {
+		if i := strings.Index(l, " # "); i >= 0 {
+			l = l[:i]
+		}
+		if l = strings.TrimSpace(l); l == "" || strings.HasPrefix(l, "#") {
+			continue
+		}
+		for _, part := range regexp.MustCompile(` \| | && `).Split(l, -1) {
+			out = append(out, strings.TrimSpace(part))
+		}
+	}
+	return out
+}
+
+// words splits a command like a shell: quotes group, $(...) stays in one
+// word, redirections are dropped with their target.
+func words(cmd string) []string {
+	var (
+		out   []string
+		cur   strings.Builder
+		quote rune
+		depth int
+		in    bool
+	)
+	flush := func() {
+		if in {
+			out = append(out, cur.String())
+		}
+		cur.Reset()
+		in = false
+	}
+	for i, r := range cmd {
+		switch {
+		case quote != 0:
+			if r == quote {
+				quote = 0
+			} else {
+				cur.WriteRune(r)
+			}
+		case r == '\'' || r == '"':
+			quote, in = r, true
+		case r == '(' && i > 0 && cmd[i-1] == '$':
+			depth++
+			cur.WriteRune(r)
+		case r == ')' && depth > 0:
+			depth--
+			cur.WriteRune(r)
+		case r == ' ' && depth == 0:
+			flush()
+		default:
+			cur.WriteRune(r)
+			in = true
+		}
+	}
+	flush()
+	// Drop redirections.
+	var w []string
+	for i := 0; i < len(out); i++ {
+		if out[i] == "<" || out[i] == ">" {
+			i++
+			continue
+		}
+		w = append(w, out[i])
+	}
+	return w
+}
+
+// hostTools are commands of the operating system or of other projects that
+// the guide uses as they are.
+var hostTools = map[string]bool{
+	"useradd": true, "install": true, "systemctl": true, "curl": true, "chgrp": true, "chmod": true,
+	"base64": true, "openssl": true, "docker": true, "kind": true, "minikube": true,
+}
+
+// TestOperationsGuide checks docs/operations.md against the code and the
+// deployment files: the files it shows are the repository's, and every
+// command of its sh blocks uses flags, subcommands, Make targets, paths
+// and Kubernetes objects that exist.
+func TestOperationsGuide(t *testing.T) {
+	g := &guideChecker{
+		t:      t,
+		relayd: map[string]commandFlags{},
+		usage:  relayctlUsage(t),
+		makefile: func() string {
+			b, err := os.ReadFile(filepath.Join(repoRoot, "Makefile"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return string(b)
+		}(),
+		k8s: map[string]*rendered{},
+	}
+	for name := range overlays {
+		g.k8s[name] = render(t, filepath.Join("kubernetes", "overlays", name))
+	}
+	var files, cmds int
+	for _, b := range guideBlocks(t) {
+		if b.file != "" {
+			files++
+			want, err := os.ReadFile(filepath.Join(repoRoot, b.file))
+			if err != nil {
+				t.Errorf("line %d shows %s: %v", b.line, b.file, err)
+			} else if b.body != string(want) {
+				t.Errorf("line %d: the block differs from %s; copy the file in again", b.line, b.file)
+			}
+			continue
+		}
+		if b.lang != "sh" {
+			continue
+		}
+		for _, c := range commands(b.body) {
+			cmds++
+			g.check(b.line, words(c))
+		}
+	}
+	if files < 2 || cmds < 40 {
+		t.Fatalf("found %d files and %d commands in the guide; the parser is off", files, cmds)
+	}
+}
+
+type guideChecker struct {
+	t        *testing.T
+	relayd   map[string]commandFlags
+	usage    string
+	makefile string
+	k8s      map[string]*rendered
+}
+
+func (g *guideChecker) errorf(line int, w []string, format string, args ...any) {
+	g.t.Helper()
+	g.t.Errorf("docs/operations.md block at line %d, `%s`: "+format, append([]any{line, strings.Join(w, " ")}, args...)...)
+}
+
+func (g *guideChecker) check(line int, w []string) {
+	g.t.Helper()
+	if len(w) == 0 {
+		return
+	}
+	// Paths of the repository a command names must exist.
+	for _, a := range w {
+		if strings.HasPrefix(a, "deploy/") {
+			if _, err := os.Stat(filepath.Join(repoRoot, a)); err != nil {
+				g.errorf(line, w, "%s does not exist", a)
+			}
+		}
+	}
+	switch cmd := w[0]; {
+	case cmd == "relayd":
+		g.checkRelayd(line, w)
+	case cmd == "relayctl":
+		g.checkRelayctl(line, w)
+	case cmd == "kubectl":
+		g.checkKubectl(line, w)
+	case cmd == "make":
+		for _, target := range w[1:] {
+			if !regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(target) + `:`).MatchString(g.makefile) {
+				g.errorf(line, w, "the Makefile has no target %s", target)
+			}
+		}
+	case strings.HasPrefix(cmd, "deploy/") && strings.HasSuffix(cmd, ".sh"):
+		st, err := os.Stat(filepath.Join(repoRoot, cmd))
+		if err != nil || st.Mode()&0o111 == 0 {
+			g.errorf(line, w, "%s is not an executable script", cmd)
+		}
+	case hostTools[cmd]:
+	default:
+		g.errorf(line, w, "%s is a command this test does not know; check it and add it", cmd)
+	}
+}
+
+func (g *guideChecker) checkRelayd(line int, w []string) {
+	if len(w) < 2 {
+		g.errorf(line, w, "no relayd command")
+		return
+	}
+	flags, ok := g.relayd[w[1]]
+	if !ok {
+		flags = relaydFlags(g.t, w[1])
+		g.relayd[w[1]] = flags
+	}
+	for _, a := range w[2:] {
+		if name, ok := strings.CutPrefix(a, "--"); ok {
+			name, _, _ = strings.Cut(name, "=")
+			if _, ok := flags.byName[name]; !ok {
+				g.errorf(line, w, "relayd %s has no flag --%s", w[1], name)
+			}
+		}
+	}
+}
+
+// relayctlGlobal are relayctl's global flags; all take a value.
+var relayctlGlobal = regexp.MustCompile(`(?m)^  -([a-z-]+)  \[RELAYCTL_`)
+
+func (g *guideChecker) checkRelayctl(line int, w []string) {
+	global := map[string]bool{}
+	for _, m := range relayctlGlobal.FindAllStringSubmatch(g.usage, -1) {
+		global[m[1]] = true
+	}
+	i := 1
+	for i < len(w) && strings.HasPrefix(w[i], "-") {
+		name := strings.TrimLeft(w[i], "-")
+		name, value, hasValue := strings.Cut(name, "=")
+		_ = value
+		if !global[name] {
+			g.errorf(line, w, "relayctl has no global flag -%s", name)
+		}
+		if !hasValue {
+			i++
+		}
+		i++
+	}
+	if i >= len(w) {
+		g.errorf(line, w, "no relayctl command")
+		return
+	}
+	// The command: a word, and for the groups (user, device, keys,
+	// cluster, relay) one of the group's words, as the usage lists them
+	// ("  user get ID | list | me | delete ID"); its flags must appear on
+	// that usage line.
+	sub := w[i]
+	var lines []string
+	groupWord := regexp.MustCompile(`(?:^  ` + regexp.QuoteMeta(sub) + ` |\| )([a-z][a-z-]*)\b`)
+	subs := map[string]bool{}
+	for _, l := range regexp.MustCompile(`(?m)^  `+regexp.QuoteMeta(sub)+`\b.*$`).FindAllString(g.usage, -1) {
+		lines = append(lines, l)
+		for _, m := range groupWord.FindAllStringSubmatch(l, -1) {
+			subs[m[1]] = true
+		}
+	}
+	if len(subs) > 0 {
+		if i+1 >= len(w) || !subs[w[i+1]] {
+			g.errorf(line, w, "relayctl %s has no command %q (it has %v)", sub, strings.Join(w[i+1:min(i+2, len(w))], ""), sortedKeys(subs))
+			return
+		}
+		sub += " " + w[i+1]
+		lines = slices.DeleteFunc(lines, func(l string) bool { return !strings.Contains(l, " "+w[i+1]) })
+	}
+	if len(lines) == 0 {
+		g.errorf(line, w, "relayctl has no command %q", sub)
+		return
+	}
+	for _, a := range w[i+1:] {
+		if strings.HasPrefix(a, "--") && !slices.ContainsFunc(lines, func(l string) bool { return strings.Contains(l, strings.SplitN(a, "=", 2)[0]) }) {
+			g.errorf(line, w, "relayctl %s has no flag %s", sub, a)
+		}
+	}
+}
+
+func (g *guideChecker) checkKubectl(line int, w []string) {
+	var ns string
+	for i := 1; i < len(w); i++ {
+		switch w[i] {
+		case "-n":
+			ns = w[i+1]
+			if !slices.ContainsFunc(slices.Collect(maps.Values(overlays)), func(o overlay) bool { return o.namespace == ns }) {
+				g.errorf(line, w, "no overlay deploys the namespace %s", ns)
+			}
+		case "-k":
+			if _, err := os.Stat(filepath.Join(repoRoot, w[i+1])); err != nil {
+				g.errorf(line, w, "%s does not exist", w[i+1])
+			}
+		case "--":
+			g.check(line, w[i+1:])
+			w = w[:i]
+		}
+	}
+	r := g.k8s["prod"]
+	pods := map[string]bool{}
+	for name, s := range r.statefulSets {
+		for o := range int(ptrOr(s.Spec.Replicas, 1)) + 2 { // scaled up in the guide
+			pods[name+"-"+strconv.Itoa(o)] = true
+		}
+	}
+	kinds := map[string]func(string) bool{
+		"statefulset": func(n string) bool { _, ok := r.statefulSets[n]; return ok },
+		"deployment":  func(n string) bool { _, ok := r.deployments[n]; return ok },
+	}
+	for _, a := range w[1:] {
+		kind, name, ok := strings.Cut(a, "/")
+		if check, known := kinds[kind]; ok && known && !check(name) {
+			g.errorf(line, w, "the prod overlay has no %s %s", kind, name)
+		}
+	}
+	verb := w[1:]
+	for len(verb) > 0 && (verb[0] == "-n" || verb[0] == "-i") {
+		if verb[0] == "-n" {
+			verb = verb[1:]
+		}
+		verb = verb[1:]
+	}
+	if len(verb) == 0 {
+		return
+	}
+	switch verb[0] {
+	case "exec":
+		rest := slices.DeleteFunc(slices.Clone(verb[1:]), func(s string) bool { return strings.HasPrefix(s, "-") })
+		if len(rest) == 0 || !pods[rest[0]] {
+			g.errorf(line, w, "no control pod %v", rest)
+		}
+	case "create", "get":
+		if len(verb) > 2 && (verb[1] == "secret" || verb[1] == "configmap") {
+			name := verb[2]
+			if verb[1] == "secret" && len(verb) > 3 && (verb[2] == "generic" || verb[2] == "tls") {
+				name = verb[3]
+			}
+			if !g.referenced(verb[1], name) {
+				g.errorf(line, w, "no manifest uses the %s %s", verb[1], name)
+			}
+		}
+	case "delete":
+		if len(verb) > 2 && verb[1] == "pvc" {
+			claim, pod, _ := strings.Cut(verb[2], "-")
+			if !pods[pod] || claim != "data" {
+				g.errorf(line, w, "%s is no control pod's volume claim", verb[2])
+			}
+		}
+	case "set":
+		if len(verb) > 3 && verb[1] == "image" {
+			c, _, _ := strings.Cut(verb[3], "=")
+			if c != "relayd" {
+				g.errorf(line, w, "the container is called relayd")
+			}
+		}
+	}
+}
+
+// referenced reports whether a Secret or ConfigMap is used by the prod
+// overlay's pods.
+func (g *guideChecker) referenced(kind, name string) bool {
+	for _, w := range g.k8s["prod"].pods() {
+		for _, v := range w.spec.Volumes {
+			if kind == "secret" && v.Secret != nil && v.Secret.SecretName == name {
+				return true
+			}
+		}
+		for _, e := range w.spec.Containers[0].Env {
+			if e.ValueFrom == nil {
+				continue
+			}
+			if s := e.ValueFrom.SecretKeyRef; kind == "secret" && s != nil && s.Name == name {
+				return true
+			}
+			if c := e.ValueFrom.ConfigMapKeyRef; kind == "configmap" && c != nil && c.Name == name {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// relayctlUsage is relayctl's usage text (commands and global flags).
+func relayctlUsage(t *testing.T) string {
+	t.Helper()
+	var out bytes.Buffer
+	cmd := exec.Command(bin(t, "relayctl"), "--help")
+	cmd.Stdout, cmd.Stderr = &out, &out
+	_ = cmd.Run()
+	if !strings.Contains(out.String(), "Commands:") {
+		t.Fatalf("relayctl --help:\n%s", out.String())
+	}
+	return out.String()
+}

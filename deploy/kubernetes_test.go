@@ -1,0 +1,860 @@
+package deploy
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+
+	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/yaml"
+)
+
+var update = flag.Bool("update", false, "rewrite generated files (kubernetes/components/monitoring/prometheusrule.yaml)")
+
+// overlay is what one kustomize overlay must deploy.
+type overlay struct {
+	namespace    string
+	controlNodes int  // voters: the seed and the joining nodes
+	edges        int  // Deployment replicas; 0 with edgeDaemon
+	edgeDaemon   bool // edges as a hostNetwork DaemonSet
+	monitoring   bool // ServiceMonitors and PrometheusRule
+	certManager  bool // the control plane's certificate from cert-manager
+	pinnedImage  bool // a released tag, never a moving one
+}
+
+var overlays = map[string]overlay{
+	"dev":              {namespace: "relay-dev", controlNodes: 1, edges: 1},
+	"prod":             {namespace: "relay", controlNodes: 3, edges: 3, monitoring: true, certManager: true, pinnedImage: true},
+	"prod-hostnetwork": {namespace: "relay", controlNodes: 3, edgeDaemon: true, monitoring: true, certManager: true, pinnedImage: true},
+}
+
+// Local, strict mirrors of the two cert-manager kinds the manifests use
+// (cert-manager's own Go module would bring much of Kubernetes with it).
+// Only the fields the manifests set are here, so a typo still fails.
+type certificate struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		IsCA        bool     `json:"isCA,omitempty"`
+		CommonName  string   `json:"commonName,omitempty"`
+		SecretName  string   `json:"secretName"`
+		DNSNames    []string `json:"dnsNames,omitempty"`
+		Duration    string   `json:"duration,omitempty"`
+		RenewBefore string   `json:"renewBefore,omitempty"`
+		PrivateKey  struct {
+			Algorithm      string `json:"algorithm"`
+			Size           int    `json:"size"`
+			RotationPolicy string `json:"rotationPolicy,omitempty"`
+		} `json:"privateKey"`
+		Usages    []string  `json:"usages,omitempty"`
+		IssuerRef issuerRef `json:"issuerRef"`
+	} `json:"spec"`
+}
+
+type issuerRef struct {
+	Kind string `json:"kind"`
+	Name string `json:"name"`
+}
+
+type issuer struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		SelfSigned *struct{} `json:"selfSigned,omitempty"`
+		CA         *struct {
+			SecretName string `json:"secretName"`
+		} `json:"ca,omitempty"`
+	} `json:"spec"`
+}
+
+// rendered is an overlay built by kustomize and decoded into API types.
+type rendered struct {
+	namespaces      []*corev1.Namespace
+	serviceAccounts map[string]*corev1.ServiceAccount
+	services        map[string]*corev1.Service
+	statefulSets    map[string]*appsv1.StatefulSet
+	deployments     map[string]*appsv1.Deployment
+	daemonSets      map[string]*appsv1.DaemonSet
+	pdbs            map[string]*policyv1.PodDisruptionBudget
+	netpols         map[string]*networkingv1.NetworkPolicy
+	serviceMonitors map[string]*monitoringv1.ServiceMonitor
+	rules           map[string]*monitoringv1.PrometheusRule
+	certificates    map[string]*certificate
+	issuers         map[string]*issuer
+	objects         []metav1.Object
+}
+
+// render builds an overlay with kustomize (the library kubectl -k uses)
+// and decodes every object strictly into its API type: a field that the
+// type does not have fails the test.
+func render(t *testing.T, dir string) *rendered {
+	t.Helper()
+	k := krusty.MakeKustomizer(krusty.MakeDefaultOptions())
+	rm, err := k.Run(filesys.MakeFsOnDisk(), dir)
+	if err != nil {
+		t.Fatalf("kustomize build %s: %v", dir, err)
+	}
+	r := &rendered{
+		serviceAccounts: map[string]*corev1.ServiceAccount{}, services: map[string]*corev1.Service{},
+		statefulSets: map[string]*appsv1.StatefulSet{}, deployments: map[string]*appsv1.Deployment{},
+		daemonSets: map[string]*appsv1.DaemonSet{}, pdbs: map[string]*policyv1.PodDisruptionBudget{},
+		netpols: map[string]*networkingv1.NetworkPolicy{}, serviceMonitors: map[string]*monitoringv1.ServiceMonitor{},
+		rules: map[string]*monitoringv1.PrometheusRule{}, certificates: map[string]*certificate{}, issuers: map[string]*issuer{},
+	}
+	for _, res := range rm.Resources() {
+		y, err := res.AsYAML()
+		if err != nil {
+			t.Fatal(err)
+		}
+		kind := res.GetApiVersion() + "/" + res.GetKind()
+		var obj metav1.Object
+		switch kind {
+		case "v1/Namespace":
+			o := &corev1.Namespace{}
+			r.namespaces, obj = append(r.namespaces, o), o
+		case "v1/ServiceAccount":
+			obj = into(r.serviceAccounts, res.GetName(), &corev1.ServiceAccount{})
+		case "v1/Service":
+			obj = into(r.services, res.GetName(), &corev1.Service{})
+		case "apps/v1/StatefulSet":
+			obj = into(r.statefulSets, res.GetName(), &appsv1.StatefulSet{})
+		case "apps/v1/Deployment":
+			obj = into(r.deployments, res.GetName(), &appsv1.Deployment{})
+		case "apps/v1/DaemonSet":
+			obj = into(r.daemonSets, res.GetName(), &appsv1.DaemonSet{})
+		case "policy/v1/PodDisruptionBudget":
+			obj = into(r.pdbs, res.GetName(), &policyv1.PodDisruptionBudget{})
+		case "networking.k8s.io/v1/NetworkPolicy":
+			obj = into(r.netpols, res.GetName(), &networkingv1.NetworkPolicy{})
+		case "monitoring.coreos.com/v1/ServiceMonitor":
+			obj = into(r.serviceMonitors, res.GetName(), &monitoringv1.ServiceMonitor{})
+		case "monitoring.coreos.com/v1/PrometheusRule":
+			obj = into(r.rules, res.GetName(), &monitoringv1.PrometheusRule{})
+		case "cert-manager.io/v1/Certificate":
+			obj = into(r.certificates, res.GetName(), &certificate{})
+		case "cert-manager.io/v1/Issuer":
+			obj = into(r.issuers, res.GetName(), &issuer{})
+		default:
+			t.Fatalf("%s: %s %s is of no kind this test knows; teach it", dir, kind, res.GetName())
+		}
+		if err := yaml.UnmarshalStrict(y, obj); err != nil {
+			t.Fatalf("%s: %s %s does not decode strictly: %v\n%s", dir, kind, res.GetName(), err, y)
+		}
+		r.objects = append(r.objects, obj)
+	}
+	return r
+}
+
+func into[T any](m map[string]*T, name string, v *T) *T {
+	m[name] = v
+	return v
+}
+
+func TestKubernetesOverlays(t *testing.T) {
+	control := relaydFlags(t, "control")
+	edge := relaydFlags(t, "edge")
+	ctl := relayctlEnv(t)
+	for name, want := range overlays {
+		t.Run(name, func(t *testing.T) {
+			r := render(t, filepath.Join("kubernetes", "overlays", name))
+			checkNamespaces(t, r, want)
+			checkControlPlane(t, r, want, control)
+			checkEdges(t, r, want, edge, control)
+			for _, pod := range r.pods() {
+				t.Run(pod.kind+"/"+pod.name, func(t *testing.T) {
+					checkPod(t, r, pod, want, map[string]commandFlags{"control": control, "edge": edge}, ctl)
+				})
+			}
+			checkServices(t, r)
+			checkNetworkPolicies(t, r, want)
+			checkMonitoring(t, r, want)
+			checkCertificates(t, r, want)
+		})
+	}
+}
+
+func checkNamespaces(t *testing.T, r *rendered, want overlay) {
+	if len(r.namespaces) != 1 || r.namespaces[0].Name != want.namespace {
+		t.Errorf("want exactly the namespace %s, got %v", want.namespace, r.namespaces)
+	}
+	for _, o := range r.objects {
+		if _, ok := o.(*corev1.Namespace); !ok && o.GetNamespace() != want.namespace {
+			t.Errorf("%T %s is in namespace %q, want %q", o, o.GetName(), o.GetNamespace(), want.namespace)
+		}
+	}
+}
+
+// workload is the pod template of a StatefulSet, Deployment or DaemonSet.
+type workload struct {
+	kind, name string
+	replicas   int
+	labels     labels.Set
+	spec       *corev1.PodSpec
+}
+
+func (r *rendered) pods() []workload {
+	var out []workload
+	for n, s := range r.statefulSets {
+		out = append(out, workload{"StatefulSet", n, int(ptrOr(s.Spec.Replicas, 1)), s.Spec.Template.Labels, &s.Spec.Template.Spec})
+	}
+	for n, d := range r.deployments {
+		out = append(out, workload{"Deployment", n, int(ptrOr(d.Spec.Replicas, 1)), d.Spec.Template.Labels, &d.Spec.Template.Spec})
+	}
+	for n, d := range r.daemonSets {
+		out = append(out, workload{"DaemonSet", n, -1, d.Spec.Template.Labels, &d.Spec.Template.Spec})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].kind+out[i].name < out[j].kind+out[j].name })
+	return out
+}
+
+func ptrOr[T any](p *T, def T) T {
+	if p == nil {
+		return def
+	}
+	return *p
+}
+
+func env(c *corev1.Container, name string) (corev1.EnvVar, bool) {
+	for _, e := range c.Env {
+		if e.Name == name {
+			return e, true
+		}
+	}
+	return corev1.EnvVar{}, false
+}
+
+func mustEnv(t *testing.T, c *corev1.Container, name string) string {
+	t.Helper()
+	e, ok := env(c, name)
+	if !ok {
+		t.Fatalf("container %s has no %s", c.Name, name)
+	}
+	return e.Value
+}
+
+// checkControlPlane: a seed of one that bootstraps, the others join it;
+// the PDB keeps a quorum of all of them.
+func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFlags) {
+	seed, ok1 := r.statefulSets["relay-control-seed"]
+	nodes, ok2 := r.statefulSets["relay-control"]
+	if !ok1 || !ok2 || len(r.statefulSets) != 2 {
+		t.Fatalf("want the StatefulSets relay-control-seed and relay-control, got %v", sortedKeys(r.statefulSets))
+	}
+	if n := ptrOr(seed.Spec.Replicas, 1); n != 1 {
+		t.Errorf("the seed has %d replicas, want 1: more would each found a cluster", n)
+	}
+	total := 1 + int(ptrOr(nodes.Spec.Replicas, 1))
+	if total != want.controlNodes {
+		t.Errorf("%d control nodes, want %d", total, want.controlNodes)
+	}
+	sc, nc := &seed.Spec.Template.Spec.Containers[0], &nodes.Spec.Template.Spec.Containers[0]
+	if v := mustEnv(t, sc, "RELAY_BOOTSTRAP"); v != "true" {
+		t.Errorf("the seed's RELAY_BOOTSTRAP is %q", v)
+	}
+	if _, ok := env(sc, "RELAY_JOIN"); ok {
+		t.Error("the seed has RELAY_JOIN: relayd refuses --bootstrap with --join")
+	}
+	if _, ok := env(nc, "RELAY_BOOTSTRAP"); ok {
+		t.Error("the joining nodes have RELAY_BOOTSTRAP: each would found a cluster of its own")
+	}
+	// Every join address is a control pod's API address under the
+	// headless Service; the seed's is among them.
+	apiPort := port(t, flags.flag(t, "api-addr").Default)
+	joinHost := regexp.MustCompile(`^(relay-control(?:-seed)?)-(\d+)\.relay-control:(\d+)$`)
+	var haveSeed bool
+	for _, a := range strings.Split(mustEnv(t, nc, "RELAY_JOIN"), ",") {
+		m := joinHost.FindStringSubmatch(a)
+		if m == nil || m[3] != apiPort {
+			t.Errorf("join address %q is not <pod>.relay-control:%s", a, apiPort)
+			continue
+		}
+		haveSeed = haveSeed || m[1] == "relay-control-seed" && m[2] == "0"
+	}
+	if !haveSeed {
+		t.Error("RELAY_JOIN does not name the seed relay-control-seed-0")
+	}
+	for _, s := range []*appsv1.StatefulSet{seed, nodes} {
+		hs, ok := r.services[s.Spec.ServiceName]
+		if !ok || hs.Spec.ClusterIP != corev1.ClusterIPNone || !hs.Spec.PublishNotReadyAddresses {
+			t.Errorf("%s: serviceName %q is not a headless Service that publishes not-ready pods", s.Name, s.Spec.ServiceName)
+		}
+		if len(s.Spec.VolumeClaimTemplates) != 1 || s.Spec.VolumeClaimTemplates[0].Spec.Resources.Requests.Storage().IsZero() {
+			t.Errorf("%s: want one PersistentVolumeClaim template with a size", s.Name)
+		}
+		if p := s.Spec.PersistentVolumeClaimRetentionPolicy; p == nil || p.WhenDeleted != appsv1.RetainPersistentVolumeClaimRetentionPolicyType || p.WhenScaled != appsv1.RetainPersistentVolumeClaimRetentionPolicyType {
+			t.Errorf("%s: the Raft log's volumes must be retained", s.Name)
+		}
+		sel, err := metav1.LabelSelectorAsSelector(s.Spec.Selector)
+		if err != nil || !sel.Matches(labels.Set(s.Spec.Template.Labels)) {
+			t.Errorf("%s: selector does not match its pods", s.Name)
+		}
+	}
+	// The two sets' selectors must not overlap.
+	sel, _ := metav1.LabelSelectorAsSelector(seed.Spec.Selector)
+	if sel.Matches(labels.Set(nodes.Spec.Template.Labels)) {
+		t.Error("the seed's selector matches the joining nodes' pods")
+	}
+
+	pdb, ok := r.pdbs["relay-control"]
+	if !ok || pdb.Spec.MinAvailable == nil {
+		t.Fatal("no PodDisruptionBudget relay-control with minAvailable")
+	}
+	if q := total/2 + 1; pdb.Spec.MinAvailable.IntValue() != q {
+		t.Errorf("PDB minAvailable %s, want the quorum of %d nodes, %d", pdb.Spec.MinAvailable.String(), total, q)
+	}
+	psel, _ := metav1.LabelSelectorAsSelector(pdb.Spec.Selector)
+	for _, s := range []*appsv1.StatefulSet{seed, nodes} {
+		if !psel.Matches(labels.Set(s.Spec.Template.Labels)) {
+			t.Errorf("the control PDB does not cover %s", s.Name)
+		}
+	}
+	if want.controlNodes > 1 {
+		a := nodes.Spec.Template.Spec.Affinity
+		if a == nil || a.PodAntiAffinity == nil || len(a.PodAntiAffinity.RequiredDuringSchedulingIgnoredDuringExecution) == 0 {
+			t.Error("control nodes may share a Kubernetes node: want required pod anti-affinity")
+		}
+	}
+}
+
+func checkEdges(t *testing.T, r *rendered, want overlay, edge, control commandFlags) {
+	var spec *corev1.PodSpec
+	if want.edgeDaemon {
+		ds, ok := r.daemonSets["relay-edge"]
+		if !ok || len(r.deployments) != 0 {
+			t.Fatalf("want the DaemonSet relay-edge and no Deployment, got %v, %v", sortedKeys(r.daemonSets), sortedKeys(r.deployments))
+		}
+		spec = &ds.Spec.Template.Spec
+		if !spec.HostNetwork || spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
+			t.Error("the edge DaemonSet must use the host network with ClusterFirstWithHostNet DNS")
+		}
+		if _, ok := r.services["relay-edge"]; ok {
+			t.Error("the LoadBalancer relay-edge is left with host-network edges")
+		}
+		c := &spec.Containers[0]
+		addrPort := port(t, mustEnv(t, c, "RELAY_ADDR"))
+		if got := mustEnv(t, c, "RELAY_PUBLIC_ADDR"); got != "$(HOST_IP):"+addrPort {
+			t.Errorf("RELAY_PUBLIC_ADDR %q, want the node's address and port %s", got, addrPort)
+		}
+		for _, p := range c.Ports {
+			if p.HostPort != p.ContainerPort {
+				t.Errorf("port %s: hostPort %d, want %d", p.Name, p.HostPort, p.ContainerPort)
+			}
+		}
+	} else {
+		d, ok := r.deployments["relay-edge"]
+		if !ok || len(r.daemonSets) != 0 {
+			t.Fatalf("want the Deployment relay-edge, got %v", sortedKeys(r.deployments))
+		}
+		if n := int(ptrOr(d.Spec.Replicas, 1)); n != want.edges {
+			t.Errorf("%d edges, want %d", n, want.edges)
+		}
+		if ru := d.Spec.Strategy.RollingUpdate; ru == nil || ru.MaxUnavailable == nil || ru.MaxUnavailable.IntValue() != 0 {
+			t.Error("edge rollouts must add an edge before draining one (maxUnavailable 0)")
+		}
+		spec = &d.Spec.Template.Spec
+		lb, ok := r.services["relay-edge"]
+		if !ok || lb.Spec.Type != corev1.ServiceTypeLoadBalancer || lb.Spec.ExternalTrafficPolicy != corev1.ServiceExternalTrafficPolicyLocal {
+			t.Fatal("want the LoadBalancer Service relay-edge with externalTrafficPolicy Local")
+		}
+		protos := map[corev1.Protocol]int32{}
+		for _, p := range lb.Spec.Ports {
+			protos[p.Protocol] = p.Port
+		}
+		if protos[corev1.ProtocolUDP] == 0 || protos[corev1.ProtocolUDP] != protos[corev1.ProtocolTCP] {
+			t.Errorf("relay-edge must offer UDP and TCP on one port, has %v", protos)
+		}
+		if want.edges > 1 && (spec.Affinity == nil || spec.Affinity.PodAntiAffinity == nil) {
+			t.Error("edges have no pod anti-affinity")
+		}
+	}
+	if _, ok := r.pdbs["relay-edge"]; !ok {
+		t.Error("no PodDisruptionBudget for the edges")
+	}
+	// The edges reach the control plane at the API Service, over TLS
+	// checked against the control plane's CA.
+	c := &spec.Containers[0]
+	urls := strings.Split(mustEnv(t, c, "RELAY_CONTROL"), ",")
+	apiPort := port(t, control.flag(t, "api-addr").Default)
+	for _, u := range urls {
+		host, ok := strings.CutPrefix(u, "https://")
+		if !ok {
+			t.Errorf("control URL %q is not https", u)
+			continue
+		}
+		svc, ok := r.services[strings.TrimSuffix(host, ":"+apiPort)]
+		if !ok || !strings.HasSuffix(host, ":"+apiPort) || !servicePort(svc, apiPort) {
+			t.Errorf("control URL %q is not a Service of the control API on port %s", u, apiPort)
+		}
+	}
+	if got, want := port(t, mustEnv(t, c, "RELAY_ADDR")), port(t, edge.flag(t, "addr").Default); got != want {
+		t.Errorf("edges listen on %s, relayd's default is %s: keep one port everywhere", got, want)
+	}
+}
+
+func servicePort(s *corev1.Service, p string) bool {
+	for _, sp := range s.Spec.Ports {
+		if strconv.Itoa(int(sp.Port)) == p {
+			return true
+		}
+	}
+	return false
+}
+
+var envRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
+
+// secretEnv are read by relayd from the environment only, never as flags.
+var secretEnv = map[string]bool{"RELAY_ADMIN_PASSWORD": true, "RELAY_EDGE_PASSWORD": true}
+
+// checkPod holds every relay pod to the same rules.
+func checkPod(t *testing.T, r *rendered, w workload, want overlay, flags map[string]commandFlags, relayctl map[string]bool) {
+	s := w.spec
+	if len(s.Containers) != 1 || len(s.InitContainers) != 0 {
+		t.Fatalf("want one container, got %d (+%d init)", len(s.Containers), len(s.InitContainers))
+	}
+	c := &s.Containers[0]
+	if len(c.Args) != 1 {
+		t.Fatalf("args %q: want the relayd command alone (settings go in RELAY_* variables)", c.Args)
+	}
+	cmd, ok := flags[c.Args[0]]
+	if !ok {
+		t.Fatalf("relayd %s is no command this test knows", c.Args[0])
+	}
+
+	// Security: non-root, no privilege, read-only root, no capabilities.
+	psc := s.SecurityContext
+	if psc == nil || !ptrOr(psc.RunAsNonRoot, false) || ptrOr(psc.RunAsUser, 0) != 65532 || psc.SeccompProfile == nil || psc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault {
+		t.Error("pod securityContext: want runAsNonRoot, runAsUser 65532 and the RuntimeDefault seccomp profile")
+	}
+	sc := c.SecurityContext
+	if sc == nil || ptrOr(sc.AllowPrivilegeEscalation, true) || !ptrOr(sc.ReadOnlyRootFilesystem, false) || ptrOr(sc.Privileged, false) ||
+		sc.Capabilities == nil || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) || len(sc.Capabilities.Add) != 0 {
+		t.Error("container securityContext: want no privilege escalation, a read-only root, not privileged, capabilities drop ALL and add none")
+	}
+	if ptrOr(s.AutomountServiceAccountToken, true) {
+		t.Error("the service account token is mounted; relayd never calls the Kubernetes API")
+	}
+	if _, ok := r.serviceAccounts[s.ServiceAccountName]; !ok {
+		t.Errorf("service account %q is not deployed", s.ServiceAccountName)
+	}
+
+	// Resources: requests for scheduling, a memory limit.
+	req, lim := c.Resources.Requests, c.Resources.Limits
+	if req.Cpu().IsZero() || req.Memory().IsZero() || lim.Memory().IsZero() {
+		t.Errorf("resources: want cpu and memory requests and a memory limit, got %v", c.Resources)
+	}
+	if lim.Memory().Cmp(*req.Memory()) < 0 {
+		t.Error("memory limit below the request")
+	}
+
+	// Image: the overlay's, pinned in production.
+	if !strings.Contains(c.Image, "/relay:") && !strings.Contains(c.Image, "/relay@sha256:") {
+		t.Errorf("image %q is not a tagged relay image", c.Image)
+	}
+	if want.pinnedImage && (strings.HasSuffix(c.Image, ":latest") || strings.HasSuffix(c.Image, ":dev")) {
+		t.Errorf("image %q is a moving tag", c.Image)
+	}
+
+	// Environment: each RELAY_* variable is a flag of this command
+	// (or a secret relayd reads from the environment), each RELAYCTL_* a
+	// relayctl setting, and $(VAR) names a variable defined before it.
+	defined := map[string]bool{}
+	for _, e := range c.Env {
+		for _, m := range envRef.FindAllStringSubmatch(e.Value, -1) {
+			if !defined[m[1]] {
+				t.Errorf("%s uses $(%s), which is not defined before it (Kubernetes would leave it as is)", e.Name, m[1])
+			}
+		}
+		defined[e.Name] = true
+		switch {
+		case strings.HasPrefix(e.Name, "RELAYCTL_"):
+			if !relayctl[e.Name] {
+				t.Errorf("%s is no relayctl setting", e.Name)
+			}
+		case strings.HasPrefix(e.Name, "RELAY_"):
+			if _, ok := cmd.byEnv[e.Name]; !ok && !secretEnv[e.Name] {
+				t.Errorf("%s is not a flag of relayd %s", e.Name, c.Args[0])
+			}
+		}
+	}
+
+	// Ports: each listen address's port is a named container port, and it
+	// is relayd's default port where relayd has one.
+	ports := map[string]corev1.ContainerPort{}
+	for _, p := range c.Ports {
+		ports[p.Name] = p
+	}
+	for envName, portName := range map[string]string{
+		"RELAY_API_ADDR": "api", "RELAY_RAFT_ADDR": "raft", "RELAY_ADMIN_ADDR": "admin",
+		"RELAY_ADDR": "https", "RELAY_MESH_ADDR": "mesh",
+	} {
+		e, ok := env(c, envName)
+		if !ok {
+			continue
+		}
+		p := port(t, e.Value)
+		if cp, ok := ports[portName]; !ok || strconv.Itoa(int(cp.ContainerPort)) != p {
+			t.Errorf("%s=%s but container port %q is %v", envName, e.Value, portName, cp.ContainerPort)
+		}
+		if def := cmd.byEnv[envName].Default; def != "" && port(t, def) != p {
+			t.Errorf("%s port %s differs from relayd's default %s", envName, p, def)
+		}
+		if adv, ok := env(c, strings.Replace(envName, "_ADDR", "_ADVERTISE", 1)); ok && port(t, adv.Value) != p {
+			t.Errorf("%s advertises port %s, listens on %s", envName, port(t, adv.Value), p)
+		}
+	}
+	if _, ok := env(c, "RELAY_ADDR"); ok {
+		if q, ok := ports["quic"]; !ok || q.Protocol != corev1.ProtocolUDP || q.ContainerPort != ports["https"].ContainerPort {
+			t.Error("the edge's QUIC port (UDP) must be its HTTPS port")
+		}
+	}
+
+	// Probes: readiness on /readyz, liveness on /healthz, both on the
+	// plain-HTTP admin port.
+	for probe, path := range map[*corev1.Probe]string{c.ReadinessProbe: "/readyz", c.LivenessProbe: "/healthz"} {
+		if probe == nil || probe.HTTPGet == nil || probe.HTTPGet.Path != path || probe.HTTPGet.Port != intstr.FromString("admin") {
+			t.Errorf("want an HTTP probe of %s on the admin port, got %+v", path, probe)
+		}
+	}
+
+	// Graceful stop: the grace period covers the preStop sleep and
+	// relayd's own --shutdown-timeout.
+	shutdown := mustEnv(t, c, "RELAY_SHUTDOWN_TIMEOUT")
+	d, err := parseSeconds(shutdown)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pre int64
+	if c.Lifecycle != nil && c.Lifecycle.PreStop != nil && c.Lifecycle.PreStop.Sleep != nil {
+		pre = c.Lifecycle.PreStop.Sleep.Seconds
+	}
+	if pre == 0 {
+		t.Error("no preStop sleep: endpoints would still send traffic to a stopping pod")
+	}
+	if g := ptrOr(s.TerminationGracePeriodSeconds, 30); g < pre+d+5 {
+		t.Errorf("terminationGracePeriodSeconds %d < preStop %ds + shutdown timeout %ds + 5s", g, pre, d)
+	}
+
+	// Files: every path relayd is given lies on a mounted volume (the
+	// root is read-only), and every mount names a volume of the pod.
+	vols := map[string]corev1.Volume{}
+	for _, v := range s.Volumes {
+		vols[v.Name] = v
+	}
+	for _, m := range c.VolumeMounts {
+		if _, ok := vols[m.Name]; !ok && !slices.ContainsFunc(claims(r, w), func(n string) bool { return n == m.Name }) {
+			t.Errorf("mount %s names no volume", m.Name)
+		}
+	}
+	for _, e := range c.Env {
+		if !strings.HasPrefix(e.Value, "/") {
+			continue
+		}
+		if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool {
+			return strings.HasPrefix(e.Value, m.MountPath+"/") || e.Value == m.MountPath
+		}) {
+			t.Errorf("%s=%s is on no mounted volume", e.Name, e.Value)
+		}
+	}
+}
+
+func claims(r *rendered, w workload) []string {
+	var out []string
+	if s, ok := r.statefulSets[w.name]; ok && w.kind == "StatefulSet" {
+		for _, c := range s.Spec.VolumeClaimTemplates {
+			out = append(out, c.Name)
+		}
+	}
+	return out
+}
+
+func parseSeconds(s string) (int64, error) {
+	n, ok := strings.CutSuffix(s, "s")
+	if !ok {
+		return 0, fmt.Errorf("duration %q: write it in seconds (30s)", s)
+	}
+	return strconv.ParseInt(n, 10, 64)
+}
+
+// checkServices: every Service selects pods, and its ports name ports
+// those pods have, with the same protocol.
+func checkServices(t *testing.T, r *rendered) {
+	for name, svc := range r.services {
+		var selected []workload
+		for _, w := range r.pods() {
+			if labels.SelectorFromSet(svc.Spec.Selector).Matches(w.labels) {
+				selected = append(selected, w)
+			}
+		}
+		if len(selected) == 0 {
+			t.Errorf("Service %s selects no pods", name)
+			continue
+		}
+		for _, sp := range svc.Spec.Ports {
+			for _, w := range selected {
+				if !slices.ContainsFunc(w.spec.Containers[0].Ports, func(cp corev1.ContainerPort) bool {
+					return cp.Name == sp.TargetPort.StrVal && cp.Protocol == ptrOr(&sp.Protocol, corev1.ProtocolTCP) ||
+						sp.Protocol == "" && cp.Name == sp.TargetPort.StrVal && cp.Protocol == corev1.ProtocolTCP
+				}) {
+					t.Errorf("Service %s port %s: %s %s has no %s port %q", name, sp.Name, w.kind, w.name, sp.Protocol, sp.TargetPort.String())
+				}
+			}
+		}
+	}
+}
+
+func checkNetworkPolicies(t *testing.T, r *rendered, want overlay) {
+	for _, w := range r.pods() {
+		var covered bool
+		for name, np := range r.netpols {
+			sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
+			if err != nil || !sel.Matches(w.labels) {
+				continue
+			}
+			covered = true
+			for _, rule := range np.Spec.Ingress {
+				for _, p := range rule.Ports {
+					if p.Port == nil || !slices.ContainsFunc(w.spec.Containers[0].Ports, func(cp corev1.ContainerPort) bool {
+						return cp.Name == p.Port.StrVal && cp.Protocol == ptrOr(p.Protocol, corev1.ProtocolTCP)
+					}) {
+						t.Errorf("NetworkPolicy %s opens %v, which %s has not", name, p.Port, w.name)
+					}
+				}
+			}
+		}
+		if !covered && !w.spec.HostNetwork {
+			t.Errorf("no NetworkPolicy selects %s %s", w.kind, w.name)
+		}
+	}
+}
+
+func checkMonitoring(t *testing.T, r *rendered, want overlay) {
+	if !want.monitoring {
+		if len(r.serviceMonitors)+len(r.rules) != 0 {
+			t.Error("monitoring objects in an overlay without the Prometheus Operator")
+		}
+		return
+	}
+	if len(r.serviceMonitors) != 2 {
+		t.Errorf("want ServiceMonitors for control and edges, got %v", sortedKeys(r.serviceMonitors))
+	}
+	for name, sm := range r.serviceMonitors {
+		sel, _ := metav1.LabelSelectorAsSelector(&sm.Spec.Selector)
+		var hits int
+		for _, svc := range r.services {
+			if !sel.Matches(labels.Set(svc.Labels)) {
+				continue
+			}
+			hits++
+			for _, ep := range sm.Spec.Endpoints {
+				if !slices.ContainsFunc(svc.Spec.Ports, func(p corev1.ServicePort) bool { return p.Name == ep.Port }) {
+					t.Errorf("ServiceMonitor %s scrapes port %q, which Service %s has not", name, ep.Port, svc.Name)
+				}
+			}
+		}
+		if hits != 1 {
+			t.Errorf("ServiceMonitor %s selects %d Services, want 1", name, hits)
+		}
+		// The rules and dashboards select their targets by job.
+		for _, svc := range r.services {
+			if sel.Matches(labels.Set(svc.Labels)) && (sm.Spec.JobLabel == "" || svc.Labels[sm.Spec.JobLabel] != name) {
+				t.Errorf("ServiceMonitor %s would scrape Service %s as job %q, want %q (the rules' job)", name, svc.Name, svc.Labels[sm.Spec.JobLabel], name)
+			}
+		}
+		for _, job := range ruleJobs(t) {
+			if _, ok := r.serviceMonitors[job]; !ok {
+				t.Errorf("the rules select job %q, which no ServiceMonitor scrapes", job)
+			}
+		}
+	}
+	rule, ok := r.rules["relay"]
+	if !ok {
+		t.Fatal("no PrometheusRule relay")
+	}
+	if len(rule.Spec.Groups) == 0 {
+		t.Error("the PrometheusRule has no rules")
+	}
+}
+
+// checkCertificates: the control plane's certificate names every address
+// its nodes are dialed at, and it serves and authenticates (client auth:
+// a node's certificate authorizes its join).
+func checkCertificates(t *testing.T, r *rendered, want overlay) {
+	if !want.certManager {
+		if len(r.certificates) != 0 {
+			t.Error("cert-manager objects in an overlay without cert-manager")
+		}
+		return
+	}
+	cert, ok := r.certificates["relay-control"]
+	if !ok {
+		t.Fatal("no Certificate relay-control")
+	}
+	for _, s := range r.statefulSets {
+		if !slices.ContainsFunc(s.Spec.Template.Spec.Volumes, func(v corev1.Volume) bool {
+			return v.Secret != nil && v.Secret.SecretName == cert.Spec.SecretName
+		}) {
+			t.Errorf("%s does not mount the Secret %s", s.Name, cert.Spec.SecretName)
+		}
+	}
+	if !slices.Contains(cert.Spec.Usages, "server auth") || !slices.Contains(cert.Spec.Usages, "client auth") {
+		t.Errorf("usages %v: want server auth and client auth", cert.Spec.Usages)
+	}
+	if iss, ok := r.issuers[cert.Spec.IssuerRef.Name]; !ok || iss.Spec.CA == nil {
+		t.Errorf("issuer %s is not a CA issuer of this overlay", cert.Spec.IssuerRef.Name)
+	}
+	for _, host := range controlHosts(t, r) {
+		if !slices.ContainsFunc(cert.Spec.DNSNames, func(p string) bool { return matchHostname(p, host) }) {
+			t.Errorf("the control certificate (%v) does not name %s", cert.Spec.DNSNames, host)
+		}
+	}
+}
+
+// controlHosts lists the host names at which control nodes are dialed,
+// with $(POD_NAME) replaced by every pod's name.
+func controlHosts(t *testing.T, r *rendered) []string {
+	var hosts []string
+	add := func(v string, pods []string) {
+		for _, a := range strings.Split(v, ",") {
+			a = strings.TrimPrefix(a, "https://")
+			h := a[:strings.LastIndexByte(a, ':')]
+			for _, p := range pods {
+				hosts = append(hosts, strings.ReplaceAll(h, "$(POD_NAME)", p))
+			}
+		}
+	}
+	for name, s := range r.statefulSets {
+		var pods []string
+		for i := range int(ptrOr(s.Spec.Replicas, 1)) {
+			pods = append(pods, fmt.Sprintf("%s-%d", name, i))
+		}
+		c := &s.Spec.Template.Spec.Containers[0]
+		for _, e := range []string{"RELAY_API_ADVERTISE", "RELAY_RAFT_ADVERTISE", "RELAY_JOIN", "RELAYCTL_SERVER"} {
+			if v, ok := env(c, e); ok {
+				add(v.Value, pods)
+			}
+		}
+	}
+	for _, w := range r.pods() {
+		if v, ok := env(&w.spec.Containers[0], "RELAY_CONTROL"); ok {
+			add(v.Value, []string{w.name})
+		}
+	}
+	if len(hosts) == 0 {
+		t.Fatal("found no control addresses")
+	}
+	return hosts
+}
+
+// matchHostname is crypto/x509's rule: a leading "*." matches exactly one
+// label.
+func matchHostname(pattern, host string) bool {
+	if rest, ok := strings.CutPrefix(pattern, "*."); ok {
+		i := strings.IndexByte(host, '.')
+		return i > 0 && host[i+1:] == rest
+	}
+	return pattern == host
+}
+
+// ruleJobs returns the job names the alert rules select.
+func ruleJobs(t *testing.T) []string {
+	files, _ := filepath.Glob("prometheus/*-alerts.yml")
+	set := map[string]bool{}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range regexp.MustCompile(`job="([a-z-]+)"`).FindAllStringSubmatch(string(b), -1) {
+			set[m[1]] = true
+		}
+	}
+	return sortedKeys(set)
+}
+
+func sortedKeys[V any](m map[string]V) []string { return slices.Sorted(maps.Keys(m)) }
+
+// The PrometheusRule of components/monitoring is generated from the rule
+// files in deploy/prometheus, so the alerts live in one place.
+const prometheusRuleFile = "kubernetes/components/monitoring/prometheusrule.yaml"
+
+func TestPrometheusRuleIsGenerated(t *testing.T) {
+	want := generatePrometheusRule(t)
+	if *update {
+		if err := os.WriteFile(prometheusRuleFile, want, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := os.ReadFile(prometheusRuleFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("%s is stale: regenerate it with `cd deploy && go test -run TestPrometheusRuleIsGenerated -update`", prometheusRuleFile)
+	}
+}
+
+func generatePrometheusRule(t *testing.T) []byte {
+	t.Helper()
+	files, err := filepath.Glob("prometheus/*.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Strings(files)
+	rule := monitoringv1.PrometheusRule{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "monitoring.coreos.com/v1", Kind: "PrometheusRule"},
+		ObjectMeta: metav1.ObjectMeta{Name: "relay", Labels: map[string]string{"app.kubernetes.io/name": "relay"}},
+	}
+	var sources []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rf struct {
+			Groups []monitoringv1.RuleGroup `json:"groups"`
+		}
+		// Only rule files (deploy/prometheus may hold other configuration).
+		var probe map[string]any
+		if err := yaml.Unmarshal(b, &probe); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		if _, ok := probe["groups"]; !ok {
+			continue
+		}
+		if err := yaml.UnmarshalStrict(b, &rf); err != nil {
+			t.Fatalf("%s is not a rule file the Prometheus Operator takes: %v", f, err)
+		}
+		rule.Spec.Groups = append(rule.Spec.Groups, rf.Groups...)
+		sources = append(sources, "deploy/"+f)
+	}
+	if len(rule.Spec.Groups) == 0 {
+		t.Fatal("no rule groups in deploy/prometheus/*.yml")
+	}
+	out, err := yaml.Marshal(rule)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// creationTimestamp: null is what an empty metav1.Time marshals to.
+	out = bytes.Replace(out, []byte("  creationTimestamp: null\n"), nil, 1)
+	head := "# Generated from " + strings.Join(sources, ", ") + " by deploy/kubernetes_test.go\n" +
+		"# (go test -run TestPrometheusRuleIsGenerated -update). Do not edit.\n"
+	return append([]byte(head), out...)
+}
