@@ -77,7 +77,8 @@ func (c *commonFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&c.tracing.OTLPEndpoint, "otlp-endpoint", "", "host:port of an OTLP/HTTP trace collector (empty: export no traces)")
 	fs.BoolVar(&c.tracing.OTLPInsecure, "otlp-insecure", false, "send traces to the collector without TLS")
-	fs.Float64Var(&c.tracing.SampleRatio, "trace-sample-ratio", 1, "fraction of new traces to sample (callers' decisions are kept)")
+	fs.StringVar(&c.tracing.OTLPCAFile, "otlp-ca", "", "PEM CA bundle to verify the collector's certificate (default: the system's roots)")
+	fs.Float64Var(&c.tracing.SampleRatio, "trace-sample-ratio", 1, "fraction of new traces to sample, 0 to 1 (callers' decisions are kept)")
 }
 
 // telemetry starts tracing for a process; stop flushes it.
@@ -111,11 +112,12 @@ func (c *commonFlags) logger(w io.Writer) (*slog.Logger, error) {
 		return nil, fmt.Errorf("--log-level %q: %w", c.logLevel, err)
 	}
 	opts := &slog.HandlerOptions{Level: lvl}
+	// Lines logged with a traced context carry its trace and span ids.
 	switch c.logFormat {
 	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
+		return slog.New(telemetry.LogHandler(slog.NewTextHandler(w, opts))), nil
 	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
+		return slog.New(telemetry.LogHandler(slog.NewJSONHandler(w, opts))), nil
 	}
 	return nil, fmt.Errorf("--log-format %q: want text or json", c.logFormat)
 }

@@ -109,7 +109,7 @@ func (s *MailboxServer) PutMailbox(ctx context.Context, req *connect.Request[edg
 		se := &statev1.MailboxEntry{
 			DeviceId: e.GetDeviceId(), UserId: e.GetUserId(), Event: e.GetEvent(),
 			EventId: e.GetEventId(), SenderDeviceId: e.GetSenderDeviceId(), ExpiresAtMs: e.GetExpiresAtMs(),
-			AnyOne: e.GetAnyOne(),
+			AnyOne: e.GetAnyOne(), Traceparent: e.GetTraceparent(),
 		}
 		if err := fsm.ValidateMailboxEntry(fmt.Sprintf("entries[%d]", i), se, now); err != nil {
 			return nil, invalidArg(err)
@@ -164,7 +164,7 @@ func (s *MailboxServer) FetchMailbox(ctx context.Context, req *connect.Request[e
 		resp.Entries[i] = &edgev1.MailboxEntry{
 			Seq: e.GetSeq(), DeviceId: e.GetDeviceId(), UserId: e.GetUserId(), Event: e.GetEvent(),
 			EventId: e.GetEventId(), SenderDeviceId: e.GetSenderDeviceId(), ExpiresAtMs: e.GetExpiresAtMs(),
-			AnyOne: e.GetAnyOne(),
+			AnyOne: e.GetAnyOne(), Traceparent: e.GetTraceparent(),
 		}
 	}
 	return connect.NewResponse(resp), nil

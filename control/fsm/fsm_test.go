@@ -388,6 +388,8 @@ func TestRejectionsChangeNothing(t *testing.T) {
 		{"mailbox entry without a user", putOp(mail("", "d1", "d1", "e", 1, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].user_id"},
 		{"mailbox entry without an event", putOp(mail("alice", "d1", "d1", "e", 0, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].event"},
 		{"mailbox entry too large", putOp(mail("alice", "d1", "d1", "e", MaxMailboxEventBytes+1, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].event"},
+		{"mailbox entry with a long traceparent", putOp(withTraceparent(mail("alice", "d1", "d1", "e", 1, far), strings.Repeat("0", MaxTraceparentBytes+1))), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].traceparent"},
+		{"mailbox entry with a binary traceparent", putOp(withTraceparent(mail("alice", "d1", "d1", "e", 1, far), "00-\x00")), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].traceparent"},
 		{"mailbox entry without expiry", putOp(mail("alice", "d1", "d1", "e", 1, 0)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].expires_at_ms"},
 		{"mailbox entry for a century", putOp(mail("alice", "d1", "d1", "e", 1, 1<<42)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].expires_at_ms"},
 		{"mailbox entry without an event id", putOp(mail("alice", "d1", "d1", "", 1, far)), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "entries[0].event_id"},
@@ -689,4 +691,9 @@ func TestSnapshotRestoreAndWaits(t *testing.T) {
 	if hd, _ := h.Digest(); hd != fd {
 		t.Fatal("backup does not restore to the same state")
 	}
+}
+
+func withTraceparent(e *statev1.MailboxEntry, tp string) *statev1.MailboxEntry {
+	e.Traceparent = tp
+	return e
 }

@@ -77,7 +77,23 @@ func ValidateMailboxEntry(field string, e *statev1.MailboxEntry, nowMs int64) er
 	if n := len(e.GetEvent()); n == 0 || n > MaxMailboxEventBytes {
 		return fmt.Errorf("%s.event is %d bytes, want 1 to %d", field, n, MaxMailboxEventBytes)
 	}
+	if tp := e.GetTraceparent(); len(tp) > MaxTraceparentBytes || !printableASCII(tp) {
+		return fmt.Errorf("%s.traceparent must be at most %d bytes of printable ASCII", field, MaxTraceparentBytes)
+	}
 	return validExpiry(field+".expires_at_ms", e.GetExpiresAtMs(), nowMs)
+}
+
+// MaxTraceparentBytes bounds a mailbox entry's trace context (a W3C
+// traceparent is 55 bytes).
+const MaxTraceparentBytes = 64
+
+func printableASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
 }
 
 // validExpiry checks an expiry time: positive, and at most MaxMailboxTTLMs
@@ -331,7 +347,7 @@ func (t *txn) putMailEntry(e *statev1.MailboxEntry, boxes *mailboxes, maxEntries
 	stored := &statev1.MailboxEntry{
 		Seq: mb.LastSeq, DeviceId: did, UserId: e.GetUserId(), Event: e.GetEvent(),
 		EventId: e.GetEventId(), SenderDeviceId: e.GetSenderDeviceId(),
-		ExpiresAtMs: e.GetExpiresAtMs(), StoredAtMs: t.now, AnyOne: e.GetAnyOne(),
+		ExpiresAtMs: e.GetExpiresAtMs(), StoredAtMs: t.now, AnyOne: e.GetAnyOne(), Traceparent: e.GetTraceparent(),
 	}
 	if err := t.put(mailEntryKey(did, stored.Seq), stored); err != nil {
 		return nil, false, err

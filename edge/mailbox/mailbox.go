@@ -15,8 +15,12 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/internal/telemetry"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 )
 
@@ -48,9 +52,13 @@ type Config struct {
 	// RetryFor is how long a batch is retried while the control plane is
 	// unavailable (retries are safe: a stored entry is stored once) [30s].
 	RetryFor time.Duration
-	// Logger [slog.Default()]; Registerer for metrics [none].
+	// Logger [slog.Default()]; Registerer for metrics [none]; Tracer
+	// [none]: with one, a PutMailbox call is a span in the trace of its
+	// first traced entry, linked to the others' (a batch serves many
+	// events, a span has one parent).
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
+	Tracer     trace.Tracer
 }
 
 type pending struct {
@@ -339,8 +347,20 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 	}
 }
 
-func (c *Client) put(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
+func (c *Client) put(ctx context.Context, entries []*edgev1.MailboxEntry) (_ *edgev1.PutMailboxResponse, err error) {
 	c.batchSize.Observe(float64(len(entries)))
+	if c.cfg.Tracer != nil {
+		var span trace.Span
+		ctx, span = c.traceBatch(ctx, entries)
+		if span != nil {
+			defer func() {
+				if err != nil {
+					span.SetStatus(codes.Error, err.Error())
+				}
+				span.End()
+			}()
+		}
+	}
 	return retry(ctx, c, func(ctx context.Context) (*edgev1.PutMailboxResponse, error) {
 		start := time.Now()
 		resp, err := c.cfg.API.PutMailbox(ctx, entries)
@@ -349,6 +369,29 @@ func (c *Client) put(ctx context.Context, entries []*edgev1.MailboxEntry) (*edge
 		}
 		return resp, err
 	})
+}
+
+// traceBatch starts the span of a PutMailbox call under its first traced
+// entry, linked to the others; no span when no entry is traced.
+func (c *Client) traceBatch(ctx context.Context, entries []*edgev1.MailboxEntry) (context.Context, trace.Span) {
+	var parent trace.SpanContext
+	var links []trace.Link
+	for _, e := range entries {
+		sc := telemetry.SpanContext(e.GetTraceparent())
+		switch {
+		case !sc.IsValid():
+		case !parent.IsValid():
+			parent = sc
+		default:
+			links = append(links, trace.Link{SpanContext: sc})
+		}
+	}
+	if !parent.IsValid() {
+		return ctx, nil
+	}
+	return c.cfg.Tracer.Start(trace.ContextWithRemoteSpanContext(ctx, parent), "relay.mailbox.put",
+		trace.WithSpanKind(trace.SpanKindClient), trace.WithLinks(links...),
+		trace.WithAttributes(attribute.Int("relay.mailbox.entries", len(entries))))
 }
 
 func (c *Client) ackLoop(ctx context.Context) {

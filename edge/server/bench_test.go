@@ -16,10 +16,13 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/quic-go/quic-go"
+
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
@@ -43,13 +46,18 @@ func reportPercentiles(b *testing.B, samples []time.Duration) {
 }
 
 func benchRelay(b *testing.B) *relaytest.Relay {
-	return relaytest.Start(b, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
-		cfg.Session.Limits = session.DefaultLimits()
-		cfg.Session.Limits.EventsPerSecond = 1e7
-		cfg.Session.Limits.BytesPerSecond = 1e9
-		cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 1e6, 1e6
-		cfg.Session.QueueLen = 4096
-	}})
+	return relaytest.Start(b, relaytest.Options{Edge: func(_ int, cfg *server.Config) { benchLimits(cfg) }})
+}
+
+// benchLimits lifts the per-device budgets, so benchmarks measure the
+// edge, not its limits.
+func benchLimits(cfg *server.Config) {
+	cfg.Session.Limits = session.DefaultLimits()
+	cfg.Session.Limits.EventsPerSecond = 1e7
+	cfg.Session.Limits.BytesPerSecond = 1e9
+	cfg.Session.Limits.FramesPerSecond = 1e7
+	cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 1e6, 1e6
+	cfg.Session.QueueLen = 4096
 }
 
 // BenchmarkRoundTrip times 64-byte events between two devices of one
@@ -330,8 +338,43 @@ func BenchmarkHandshake(b *testing.B) {
 // 64 events in flight. Reported: events delivered and acknowledged per
 // second, and per core (GOMAXPROCS) of this process, which also runs the
 // clients and the control plane.
-func BenchmarkThroughput(b *testing.B) {
-	r := benchRelay(b)
+func BenchmarkThroughput(b *testing.B) { throughput(b, benchRelay(b)) }
+
+// BenchmarkTracingCost is BenchmarkThroughput with tracing off (no
+// provider: the per-event path builds no span), and with an SDK provider
+// sampling 1% and 100% of events into a batcher whose exporter discards.
+// Reported besides events/s: the process's CPU time per event (clients
+// and control plane included, the same in each case).
+func BenchmarkTracingCost(b *testing.B) {
+	for _, c := range []struct {
+		name  string
+		ratio float64
+	}{{"off", -1}, {"sampled-1pct", 0.01}, {"sampled-100pct", 1}} {
+		b.Run(c.name, func(b *testing.B) {
+			var tp *sdktrace.TracerProvider
+			if c.ratio >= 0 {
+				tp = sdktrace.NewTracerProvider(sdktrace.WithBatcher(discard{}),
+					sdktrace.WithSampler(sdktrace.ParentBased(sdktrace.TraceIDRatioBased(c.ratio))))
+				b.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
+			}
+			r := relaytest.Start(b, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+				benchLimits(cfg)
+				if tp != nil {
+					cfg.TracerProvider = tp
+				}
+			}})
+			throughput(b, r)
+		})
+	}
+}
+
+// discard is a span exporter that drops what it gets.
+type discard struct{}
+
+func (discard) ExportSpans(context.Context, []sdktrace.ReadOnlySpan) error { return nil }
+func (discard) Shutdown(context.Context) error                             { return nil }
+
+func throughput(b *testing.B, r *relaytest.Relay) {
 	const pairs, window = 8, 64
 	type pair struct{ tx, rx *client.Client }
 	var ps []pair
@@ -357,7 +400,7 @@ func BenchmarkThroughput(b *testing.B) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	b.ResetTimer()
-	start := time.Now()
+	start, cpu := time.Now(), cpuTime()
 	var wg sync.WaitGroup
 	for _, p := range ps {
 		wg.Go(func() {
@@ -386,6 +429,7 @@ func BenchmarkThroughput(b *testing.B) {
 	el := time.Since(start)
 	b.StopTimer()
 	rate := float64(per*pairs) / el.Seconds()
+	b.ReportMetric(float64((cpuTime()-cpu).Nanoseconds())/1e3/float64(per*pairs), "cpu-µs/event")
 	b.ReportMetric(rate, "events/s")
 	b.ReportMetric(rate/float64(runtime.GOMAXPROCS(0)), "events/s/core")
 }
@@ -645,4 +689,11 @@ func BenchmarkNeighbourUnderFlood(b *testing.B) {
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// cpuTime is the CPU time this process has used, user and system.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -39,6 +39,7 @@ import (
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/edge/transport"
 	"github.com/edge-relay/relay/edge/web"
+	"github.com/edge-relay/relay/internal/telemetry"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -144,6 +145,13 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	// Without a provider nothing is traced, and the per-event path
+	// builds no span at all (the session core and the mailbox writer get
+	// no tracer); the Connect interceptor gets the no-op provider.
+	var tracer trace.Tracer
+	if cfg.TracerProvider != nil {
+		tracer = cfg.TracerProvider.Tracer("github.com/edge-relay/relay/edge")
+	}
 	if cfg.TracerProvider == nil {
 		cfg.TracerProvider = noop.NewTracerProvider()
 	}
@@ -167,7 +175,10 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 
-	otel, err := otelconnect.NewInterceptor(otelconnect.WithTracerProvider(cfg.TracerProvider))
+	// The W3C trace context goes with every call, so the control plane's
+	// spans join the edge's traces.
+	otel, err := otelconnect.NewInterceptor(otelconnect.WithTracerProvider(cfg.TracerProvider),
+		otelconnect.WithPropagator(telemetry.Propagator()), otelconnect.WithoutMetrics())
 	if err != nil {
 		return nil, err
 	}
@@ -200,10 +211,10 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	})
 	sc := cfg.Session
 	sc.EdgeID, sc.Directory, sc.Ring, sc.Logger, sc.Metrics = cfg.EdgeID, s.dir, s.ring, s.log, metrics
-	sc.Tracer = cfg.TracerProvider.Tracer("github.com/edge-relay/relay/edge")
+	sc.Tracer = tracer
 	sc.Ready = s.dir.Synced
 	if !cfg.NoMailbox {
-		if s.mailbox, err = mailbox.New(mailbox.Config{API: s.control, Logger: s.log, Registerer: cfg.Registry}); err != nil {
+		if s.mailbox, err = mailbox.New(mailbox.Config{API: s.control, Logger: s.log, Registerer: cfg.Registry, Tracer: tracer}); err != nil {
 			return nil, err
 		}
 		sc.Mailbox = s.mailbox

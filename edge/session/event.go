@@ -6,9 +6,6 @@ import (
 	"sync"
 	"time"
 
-	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
-
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -28,6 +25,8 @@ type inflight struct {
 	// the control plane's claims.
 	anyOne bool
 	claim  *edgev1.EventClaim
+	// trace is the event's span on this edge, ended with its outcome.
+	trace eventTrace
 
 	mu        sync.Mutex // guards the fields below
 	remaining int
@@ -61,6 +60,7 @@ func (f *inflight) confirm() {
 	}
 	f.done = true
 	f.mu.Unlock()
+	f.trace.end(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED)
 	if f.fwd != nil {
 		f.fwd(edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED)
 		return
@@ -83,6 +83,7 @@ func (f *inflight) fail(code relayv1.ErrorCode, msg string) {
 	if !f.finish(true) {
 		return
 	}
+	f.trace.end(code)
 	if f.fwd != nil {
 		switch code {
 		case relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL:
@@ -133,12 +134,20 @@ func (s *Session) reject(eventID string, r *RejectError) {
 // sender reach every receiver's queue in the order they were sent.
 func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	cfg := &s.hub.cfg
-	_, span := cfg.Tracer.Start(ctx, "relay.event")
-	defer span.End()
+	tr := s.traceEvent(ctx, ev)
+	// Until an inflight takes the span over, it ends here with the
+	// event's fate at intake.
+	var outcome relayv1.ErrorCode
+	handedOver := false
+	defer func() {
+		if !handedOver {
+			tr.end(outcome)
+		}
+	}()
 	now := cfg.Now()
 	expires, rej := ValidateEvent(ev, cfg.Limits, now)
 	if rej != nil {
-		span.SetStatus(codes.Error, rej.Error())
+		outcome = rej.Code
 		s.refuse(ev.GetId(), rej)
 		return
 	}
@@ -152,7 +161,8 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 			done, failed := prev.state()
 			switch {
 			case prev.digest != digest:
-				s.refuse(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_DUPLICATE_ID, "event id %s was used for a different event", ev.GetId()))
+				outcome = relayv1.ErrorCode_ERROR_CODE_DUPLICATE_ID
+				s.refuse(ev.GetId(), reject(outcome, "event id %s was used for a different event", ev.GetId()))
 				return
 			case !failed:
 				// Acked already, or its Ack will come: not relayed again.
@@ -165,30 +175,33 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 			// A refused event may be sent again.
 		}
 		if ev.GetSeq() <= s.lastSeq {
-			s.refuse(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_SEQ_OUT_OF_ORDER, "event %s: seq %d not above %d", ev.GetId(), ev.GetSeq(), s.lastSeq))
+			outcome = relayv1.ErrorCode_ERROR_CODE_SEQ_OUT_OF_ORDER
+			s.refuse(ev.GetId(), reject(outcome, "event %s: seq %d not above %d", ev.GetId(), ev.GetSeq(), s.lastSeq))
 			return
 		}
 	}
 	if d := cfg.Directory.LookupDevice(s.deviceID); d.State != DeviceActive || !cfg.Directory.UserActive(s.userID) {
-		s.reject(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_SENDER_REVOKED, "this device was revoked"))
+		outcome = relayv1.ErrorCode_ERROR_CODE_SENDER_REVOKED
+		s.reject(ev.GetId(), reject(outcome, "this device was revoked"))
 		return
 	}
 	routes, rej := s.resolveTargets(ev, durable)
 	if rej != nil {
+		outcome = rej.Code
 		s.refuse(ev.GetId(), rej)
 		return
 	}
 	ev.SenderDeviceId = s.deviceID
 	enc, err := marshalDeterministic.Marshal(ev)
 	if err != nil {
-		s.reject(ev.GetId(), reject(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "encode event: %v", err))
+		outcome = relayv1.ErrorCode_ERROR_CODE_INTERNAL
+		s.reject(ev.GetId(), reject(outcome, "encode event: %v", err))
 		return
 	}
-	span.SetAttributes(attribute.Int("relay.targets", len(routes)), attribute.Bool("relay.ephemeral", !durable))
 	if !durable {
 		for _, r := range routes {
 			if r.edge != "" {
-				cfg.Remote.Forward(r.edge, &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: enc}, nil)
+				cfg.Remote.Forward(r.edge, &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: enc, Traceparent: tr.traceparent()}, nil)
 				continue
 			}
 			if r.to != nil && r.to.out.offer(enc, false, true, nil) == queueFull {
@@ -199,7 +212,8 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 		s.noteActive(now)
 		return
 	}
-	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, expires: expires, remaining: len(routes), anyOne: ev.GetAnyOne()}
+	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, expires: expires, remaining: len(routes), anyOne: ev.GetAnyOne(), trace: tr}
+	handedOver = true
 	if f.anyOne {
 		f.claim = &edgev1.EventClaim{SenderDeviceId: s.deviceID, EventId: ev.GetId(), UserId: s.userID, ExpiresAtMs: expires.UnixMilli()}
 	}

@@ -96,7 +96,8 @@ type Config struct {
 	// Now is the clock [time.Now]; Random the randomness [crypto/rand].
 	Now    func() time.Time
 	Random io.Reader
-	// Logger [slog.Default()]; Metrics [unregistered]; Tracer [no-op].
+	// Logger [slog.Default()]; Metrics [unregistered]; Tracer [none:
+	// events get no spans, and cost nothing for it].
 	Logger  *slog.Logger
 	Metrics *Metrics
 	Tracer  trace.Tracer
@@ -193,6 +194,7 @@ type Hub struct {
 	// costs what a wrong signature of a real device costs.
 	dummyKey []byte
 	replays  *replayCache
+	traced   bool // a Tracer was configured: events get spans
 
 	mu       sync.Mutex // guards the fields below
 	ended    []Activity // activity of sessions that ended since TakeActivity
@@ -203,6 +205,7 @@ type Hub struct {
 
 // NewHub returns a hub ready to serve.
 func NewHub(cfg Config) (*Hub, error) {
+	traced := cfg.Tracer != nil
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
@@ -211,7 +214,7 @@ func NewHub(cfg Config) (*Hub, error) {
 		return nil, fmt.Errorf("session: dummy key: %w", err)
 	}
 	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), idle: make(chan struct{}), limits: cfg.Limits.Proto(),
-		dummyKey: dummy, replays: newReplayCache(cfg.MaxResumeProofs)}
+		dummyKey: dummy, replays: newReplayCache(cfg.MaxResumeProofs), traced: traced}
 	for i := range h.shards {
 		h.shards[i].rooms = map[string]*room{}
 	}

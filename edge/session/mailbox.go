@@ -5,8 +5,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/edge-relay/relay/internal/telemetry"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // MailboxResult is the outcome of storing one mailbox entry.
@@ -66,11 +69,16 @@ func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires
 	}
 	s.mbPending[device]++
 	s.routeMu.Unlock()
+	tr := f.trace.child(s.hub.cfg.Tracer, "relay.mailbox.store", trace.SpanKindProducer, attribute.String("relay.device", telemetry.HashID(device)))
 	e := &edgev1.MailboxEntry{
 		DeviceId: device, UserId: s.userID, Event: event, EventId: f.eventID,
-		SenderDeviceId: s.deviceID, ExpiresAtMs: expires.UnixMilli(), AnyOne: f.anyOne,
+		SenderDeviceId: s.deviceID, ExpiresAtMs: expires.UnixMilli(), AnyOne: f.anyOne, Traceparent: tr.traceparent(),
 	}
 	s.hub.cfg.Mailbox.Store(e, func(r MailboxResult) {
+		if tr.span != nil {
+			tr.span.SetAttributes(attribute.String("relay.mailbox.status", r.Status.String()))
+		}
+		tr.end(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED)
 		s.routeMu.Lock()
 		if s.mbPending[device]--; s.mbPending[device] <= 0 {
 			delete(s.mbPending, device)
@@ -161,6 +169,13 @@ func (s *Session) queueEntries(entries []*edgev1.MailboxEntry, more bool, known 
 		var claim *edgev1.EventClaim
 		if e.GetAnyOne() {
 			claim = &edgev1.EventClaim{SenderDeviceId: e.GetSenderDeviceId(), EventId: e.GetEventId(), ExpiresAtMs: e.GetExpiresAtMs()}
+		}
+		if tp := e.GetTraceparent(); tp != "" {
+			// The entry's delivery, later: a trace of its own, linked to
+			// the event's.
+			s.hub.remoteTrace("relay.mailbox.deliver", tp, false,
+				attribute.String("relay.device", telemetry.HashID(s.deviceID)), attribute.Int64("relay.mailbox.seq", int64(seq))).
+				end(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED)
 		}
 		switch s.out.offer(e.GetEvent(), true, false, func(id uint64) { s.track(id, await{mbSeq: seq, claim: claim}) }) {
 		case offered:

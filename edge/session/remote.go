@@ -3,8 +3,11 @@ package session
 import (
 	"time"
 
+	"github.com/edge-relay/relay/internal/telemetry"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Remote is the mesh of edges as the session core uses it (edge/mesh
@@ -40,11 +43,16 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 	pf.edge, pf.n = r.edge, pf.n+1
 	s.fwdPending[r.device] = pf
 	s.routeMu.Unlock()
-	fw := &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: event, NeedMailboxSeq: r.need}
+	tr := f.trace.child(s.hub.cfg.Tracer, "relay.mesh.forward", trace.SpanKindProducer, attribute.String("relay.edge", r.edge))
+	fw := &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: event, NeedMailboxSeq: r.need, Traceparent: tr.traceparent()}
 	if f.anyOne {
 		fw.AnyOne, fw.EventId, fw.SenderDeviceId, fw.ExpiresAtMs = true, f.eventID, s.deviceID, f.claim.GetExpiresAtMs()
 	}
 	s.hub.cfg.Remote.Forward(r.edge, fw, func(o edgev1.ForwardOutcome) {
+		if tr.span != nil {
+			tr.span.SetAttributes(attribute.String("relay.forward.outcome", o.String()))
+		}
+		tr.end(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED)
 		switch o {
 		case edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED:
 			f.confirm()
@@ -95,7 +103,8 @@ func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOut
 		}
 		return
 	}
-	f := &inflight{fwd: report, remaining: 1, arrived: h.cfg.Now()}
+	f := &inflight{fwd: report, remaining: 1, arrived: h.cfg.Now(),
+		trace: h.remoteTrace("relay.mesh.deliver", fw.GetTraceparent(), true, attribute.String("relay.device", telemetry.HashID(fw.GetDeviceId())))}
 	if fw.GetAnyOne() {
 		f.claim = &edgev1.EventClaim{SenderDeviceId: fw.GetSenderDeviceId(), EventId: fw.GetEventId(), ExpiresAtMs: fw.GetExpiresAtMs()}
 	}

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/internal/telemetry"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -171,7 +172,7 @@ func (s *Session) run(ctx context.Context) error {
 	}
 	m.handshakes.WithLabelValues(result).Inc()
 	m.handshakeTime.Observe(s.hub.cfg.Now().Sub(start).Seconds())
-	span.SetAttributes(attribute.String("relay.device", s.deviceID), attribute.Bool("relay.resumed", s.hs.resumed))
+	span.SetAttributes(attribute.String("relay.device", telemetry.HashID(s.deviceID)), attribute.Bool("relay.resumed", s.hs.resumed))
 	span.End()
 	s.log = s.log.With("user", s.userID, "device", s.deviceID)
 	s.log.Debug("session open", "resumed", s.hs.resumed)

@@ -8,8 +8,11 @@ package telemetry
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"os"
 
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
 	"go.opentelemetry.io/otel/propagation"
@@ -30,8 +33,12 @@ type Config struct {
 	OTLPEndpoint string
 	// OTLPInsecure sends to the collector without TLS.
 	OTLPInsecure bool
-	// SampleRatio samples root spans with this probability (0..1);
-	// default 1. Spans with a parent follow the parent's decision.
+	// OTLPCAFile is a PEM bundle to verify the collector's certificate
+	// with (empty: the system's roots).
+	OTLPCAFile string
+	// SampleRatio samples new traces with this probability, 0 to 1 (a
+	// value outside that range is 1). Spans with a parent follow the
+	// parent's decision, so one trace is sampled whole or not at all.
 	SampleRatio float64
 	// Exporter, if set, receives spans (tests use an in-memory one).
 	Exporter sdktrace.SpanExporter
@@ -49,7 +56,7 @@ func Propagator() propagation.TextMapPropagator {
 
 // New builds the tracer provider.
 func New(ctx context.Context, cfg Config) (*Telemetry, error) {
-	if cfg.SampleRatio <= 0 || cfg.SampleRatio > 1 {
+	if cfg.SampleRatio < 0 || cfg.SampleRatio > 1 {
 		cfg.SampleRatio = 1
 	}
 	res := resource.NewWithAttributes(semconv.SchemaURL,
@@ -62,6 +69,16 @@ func New(ctx context.Context, cfg Config) (*Telemetry, error) {
 		eopts := []otlptracehttp.Option{otlptracehttp.WithEndpoint(cfg.OTLPEndpoint)}
 		if cfg.OTLPInsecure {
 			eopts = append(eopts, otlptracehttp.WithInsecure())
+		} else if cfg.OTLPCAFile != "" {
+			pem, err := os.ReadFile(cfg.OTLPCAFile)
+			if err != nil {
+				return nil, fmt.Errorf("read the collector's CA: %w", err)
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("no certificate in %s", cfg.OTLPCAFile)
+			}
+			eopts = append(eopts, otlptracehttp.WithTLSClientConfig(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}))
 		}
 		exp, err := otlptracehttp.New(ctx, eopts...)
 		if err != nil {

@@ -1313,7 +1313,10 @@ type MailboxEntry struct {
 	ExpiresAtMs int64 `protobuf:"varint,7,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
 	// The event goes to any one of its targets: the device that receives
 	// it must claim it (ClaimEvents) before it counts as delivered.
-	AnyOne        bool `protobuf:"varint,8,opt,name=any_one,json=anyOne,proto3" json:"any_one,omitempty"`
+	AnyOne bool `protobuf:"varint,8,opt,name=any_one,json=anyOne,proto3" json:"any_one,omitempty"`
+	// W3C traceparent of the event's span when it is traced, at most 64
+	// bytes; kept with the entry so its delivery, later, links to it.
+	Traceparent   string `protobuf:"bytes,9,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1402,6 +1405,13 @@ func (x *MailboxEntry) GetAnyOne() bool {
 		return x.AnyOne
 	}
 	return false
+}
+
+func (x *MailboxEntry) GetTraceparent() string {
+	if x != nil {
+		return x.Traceparent
+	}
+	return ""
 }
 
 // PutMailboxRequest carries entries for any devices.
@@ -2021,7 +2031,7 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x0eca_certificate\x18\x04 \x01(\fR\rcaCertificate\"0\n" +
 	"\x15DeregisterEdgeRequest\x12\x17\n" +
 	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\"\x18\n" +
-	"\x16DeregisterEdgeResponse\"\xee\x01\n" +
+	"\x16DeregisterEdgeResponse\"\x90\x02\n" +
 	"\fMailboxEntry\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x17\n" +
@@ -2030,7 +2040,8 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\bevent_id\x18\x05 \x01(\tR\aeventId\x12(\n" +
 	"\x10sender_device_id\x18\x06 \x01(\tR\x0esenderDeviceId\x12\"\n" +
 	"\rexpires_at_ms\x18\a \x01(\x03R\vexpiresAtMs\x12\x17\n" +
-	"\aany_one\x18\b \x01(\bR\x06anyOne\"D\n" +
+	"\aany_one\x18\b \x01(\bR\x06anyOne\x12 \n" +
+	"\vtraceparent\x18\t \x01(\tR\vtraceparent\"D\n" +
 	"\x11PutMailboxRequest\x12/\n" +
 	"\aentries\x18\x01 \x03(\v2\x15.edge.v1.MailboxEntryR\aentries\"T\n" +
 	"\x10PutMailboxResult\x12.\n" +

@@ -458,8 +458,11 @@ type Forward struct {
 	EventId        string `protobuf:"bytes,7,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
 	SenderDeviceId string `protobuf:"bytes,8,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
 	ExpiresAtMs    int64  `protobuf:"varint,9,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// W3C traceparent of the sending edge's span for the event, when it is
+	// traced: the receiving edge's spans join its trace.
+	Traceparent   string `protobuf:"bytes,10,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Forward) Reset() {
@@ -555,6 +558,13 @@ func (x *Forward) GetExpiresAtMs() int64 {
 	return 0
 }
 
+func (x *Forward) GetTraceparent() string {
+	if x != nil {
+		return x.Traceparent
+	}
+	return ""
+}
+
 // ForwardResult answers a Forward (peer -> dialer).
 type ForwardResult struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -632,7 +642,7 @@ const file_edge_v1_mesh_proto_rawDesc = "" +
 	"\adevices\x18\x01 \x03(\v2\x17.edge.v1.DevicePresenceR\adevices\"s\n" +
 	"\rPresenceDelta\x12/\n" +
 	"\x06online\x18\x01 \x03(\v2\x17.edge.v1.DevicePresenceR\x06online\x121\n" +
-	"\aoffline\x18\x02 \x03(\v2\x17.edge.v1.DevicePresenceR\aoffline\"\x91\x02\n" +
+	"\aoffline\x18\x02 \x03(\v2\x17.edge.v1.DevicePresenceR\aoffline\"\xb3\x02\n" +
 	"\aForward\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x17\n" +
@@ -642,7 +652,9 @@ const file_edge_v1_mesh_proto_rawDesc = "" +
 	"\aany_one\x18\x06 \x01(\bR\x06anyOne\x12\x19\n" +
 	"\bevent_id\x18\a \x01(\tR\aeventId\x12(\n" +
 	"\x10sender_device_id\x18\b \x01(\tR\x0esenderDeviceId\x12\"\n" +
-	"\rexpires_at_ms\x18\t \x01(\x03R\vexpiresAtMs\"R\n" +
+	"\rexpires_at_ms\x18\t \x01(\x03R\vexpiresAtMs\x12 \n" +
+	"\vtraceparent\x18\n" +
+	" \x01(\tR\vtraceparent\"R\n" +
 	"\rForwardResult\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x121\n" +
 	"\aoutcome\x18\x02 \x01(\x0e2\x17.edge.v1.ForwardOutcomeR\aoutcome*\xb4\x01\n" +

@@ -1301,7 +1301,10 @@ type MailboxEntry struct {
 	// The event goes to any one of its targets: its entries are indexed by
 	// (sender_device_id, event_id), so that the ClaimEvents that decides the
 	// event deletes them from every other device's mailbox.
-	AnyOne        bool `protobuf:"varint,9,opt,name=any_one,json=anyOne,proto3" json:"any_one,omitempty"`
+	AnyOne bool `protobuf:"varint,9,opt,name=any_one,json=anyOne,proto3" json:"any_one,omitempty"`
+	// W3C traceparent of the event's span when it was traced (at most 64
+	// bytes): the delivery links to it.
+	Traceparent   string `protobuf:"bytes,10,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1397,6 +1400,13 @@ func (x *MailboxEntry) GetAnyOne() bool {
 		return x.AnyOne
 	}
 	return false
+}
+
+func (x *MailboxEntry) GetTraceparent() string {
+	if x != nil {
+		return x.Traceparent
+	}
+	return ""
 }
 
 // EventClaim records which device took an "any one" event (sender,
@@ -4131,7 +4141,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\tClusterCA\x12!\n" +
 	"\fprivate_seed\x18\x01 \x01(\fR\vprivateSeed\x12 \n" +
 	"\vcertificate\x18\x02 \x01(\fR\vcertificate\x12\"\n" +
-	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\"\x90\x02\n" +
+	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\"\xb2\x02\n" +
 	"\fMailboxEntry\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x17\n" +
@@ -4142,7 +4152,9 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\rexpires_at_ms\x18\a \x01(\x03R\vexpiresAtMs\x12 \n" +
 	"\fstored_at_ms\x18\b \x01(\x03R\n" +
 	"storedAtMs\x12\x17\n" +
-	"\aany_one\x18\t \x01(\bR\x06anyOne\"\xcf\x01\n" +
+	"\aany_one\x18\t \x01(\bR\x06anyOne\x12 \n" +
+	"\vtraceparent\x18\n" +
+	" \x01(\tR\vtraceparent\"\xcf\x01\n" +
 	"\n" +
 	"EventClaim\x12(\n" +
 	"\x10sender_device_id\x18\x01 \x01(\tR\x0esenderDeviceId\x12\x19\n" +
