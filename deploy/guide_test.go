@@ -144,9 +144,10 @@ var hostTools = map[string]bool{
 // and Kubernetes objects that exist.
 func TestOperationsGuide(t *testing.T) {
 	g := &guideChecker{
-		t:      t,
-		relayd: map[string]commandFlags{},
-		usage:  relayctlUsage(t),
+		t:           t,
+		relayd:      map[string]commandFlags{},
+		relayctlBin: bin(t, "relayctl"),
+		relayctl:    map[string]relayctlHelp{},
 		makefile: func() string {
 			b, err := os.ReadFile(filepath.Join(repoRoot, "Makefile"))
 			if err != nil {
@@ -185,11 +186,12 @@ func TestOperationsGuide(t *testing.T) {
 }
 
 type guideChecker struct {
-	t        *testing.T
-	relayd   map[string]commandFlags
-	usage    string
-	makefile string
-	k8s      map[string]*rendered
+	t           *testing.T
+	relayd      map[string]commandFlags
+	relayctlBin string
+	relayctl    map[string]relayctlHelp
+	makefile    string
+	k8s         map[string]*rendered
 }
 
 func (g *guideChecker) errorf(line int, w []string, format string, args ...any) {
@@ -254,60 +256,88 @@ func (g *guideChecker) checkRelayd(line int, w []string) {
 	}
 }
 
-// relayctlGlobal are relayctl's global flags; all take a value.
-var relayctlGlobal = regexp.MustCompile(`(?m)^  -([a-z-]+)  \[RELAYCTL_`)
+// relayctlHelp is what `relayctl <path> --help` says of a command: its
+// subcommands, and its flags (local and global) with whether each takes
+// a value.
+type relayctlHelp struct {
+	subs  map[string]bool
+	flags map[string]bool // name -> takes a value
+}
 
+var (
+	cobraCommand = regexp.MustCompile(`^  ([a-z][a-z-]*)\s+\S`)
+	cobraFlag    = regexp.MustCompile(`^\s+(?:-[a-zA-Z], )?--([a-z][a-z-]*)(?: ([a-zA-Z]+))?\s`)
+)
+
+// help runs relayctl with --help for a command path, once per path.
+func (g *guideChecker) help(path []string) relayctlHelp {
+	key := strings.Join(path, " ")
+	if h, ok := g.relayctl[key]; ok {
+		return h
+	}
+	var out bytes.Buffer
+	cmd := exec.Command(g.relayctlBin, append(append([]string{}, path...), "--help")...)
+	cmd.Stdout, cmd.Stderr = &out, &out
+	_ = cmd.Run()
+	h := relayctlHelp{subs: map[string]bool{}, flags: map[string]bool{}}
+	section := ""
+	for _, l := range strings.Split(out.String(), "\n") {
+		if l != "" && !strings.HasPrefix(l, " ") {
+			section = l
+			continue
+		}
+		if m := cobraFlag.FindStringSubmatch(l); m != nil && strings.Contains(section, "Flags:") {
+			h.flags[m[1]] = m[2] != ""
+		} else if m := cobraCommand.FindStringSubmatch(l); m != nil && strings.HasSuffix(section, ":") && !strings.Contains(section, "Usage") && !strings.Contains(section, "Examples") {
+			h.subs[m[1]] = true
+		}
+	}
+	g.relayctl[key] = h
+	return h
+}
+
+// checkRelayctl walks a relayctl command line the way cobra parses it:
+// flags anywhere, the command path made of the words that name
+// subcommands, every flag one the command or the root has.
 func (g *guideChecker) checkRelayctl(line int, w []string) {
-	global := map[string]bool{}
-	for _, m := range relayctlGlobal.FindAllStringSubmatch(g.usage, -1) {
-		global[m[1]] = true
-	}
-	i := 1
-	for i < len(w) && strings.HasPrefix(w[i], "-") {
-		name := strings.TrimLeft(w[i], "-")
-		name, value, hasValue := strings.Cut(name, "=")
-		_ = value
-		if !global[name] {
-			g.errorf(line, w, "relayctl has no global flag -%s", name)
+	var path, flags []string
+	h := g.help(nil)
+	for i := 1; i < len(w); i++ {
+		a := w[i]
+		if name, ok := strings.CutPrefix(a, "-"); ok {
+			name = strings.TrimPrefix(name, "-")
+			name, _, hasValue := strings.Cut(name, "=")
+			if name == "o" {
+				name = "output"
+			}
+			flags = append(flags, name)
+			if takes, known := h.flags[name]; known && takes && !hasValue {
+				i++ // its value
+			}
+			continue
 		}
-		if !hasValue {
-			i++
+		if h.subs[a] {
+			path = append(path, a)
+			h = g.help(path)
+			continue
 		}
-		i++
+		if len(path) == 0 {
+			g.errorf(line, w, "relayctl has no command %q", a)
+			return
+		}
+		// An argument: the rest may still hold flags.
 	}
-	if i >= len(w) {
+	if len(path) == 0 {
 		g.errorf(line, w, "no relayctl command")
 		return
 	}
-	// The command: a word, and for the groups (user, device, keys,
-	// cluster, relay) one of the group's words, as the usage lists them
-	// ("  user get ID | list | me | delete ID"); its flags must appear on
-	// that usage line.
-	sub := w[i]
-	var lines []string
-	groupWord := regexp.MustCompile(`(?:^  ` + regexp.QuoteMeta(sub) + ` |\| )([a-z][a-z-]*)\b`)
-	subs := map[string]bool{}
-	for _, l := range regexp.MustCompile(`(?m)^  `+regexp.QuoteMeta(sub)+`\b.*$`).FindAllString(g.usage, -1) {
-		lines = append(lines, l)
-		for _, m := range groupWord.FindAllStringSubmatch(l, -1) {
-			subs[m[1]] = true
-		}
-	}
-	if len(subs) > 0 {
-		if i+1 >= len(w) || !subs[w[i+1]] {
-			g.errorf(line, w, "relayctl %s has no command %q (it has %v)", sub, strings.Join(w[i+1:min(i+2, len(w))], ""), sortedKeys(subs))
-			return
-		}
-		sub += " " + w[i+1]
-		lines = slices.DeleteFunc(lines, func(l string) bool { return !strings.Contains(l, " "+w[i+1]) })
-	}
-	if len(lines) == 0 {
-		g.errorf(line, w, "relayctl has no command %q", sub)
+	if len(h.subs) > 0 && !slices.Contains([]string{"help", "completion"}, path[len(path)-1]) {
+		g.errorf(line, w, "relayctl %s needs one of its commands %v", strings.Join(path, " "), sortedKeys(h.subs))
 		return
 	}
-	for _, a := range w[i+1:] {
-		if strings.HasPrefix(a, "--") && !slices.ContainsFunc(lines, func(l string) bool { return strings.Contains(l, strings.SplitN(a, "=", 2)[0]) }) {
-			g.errorf(line, w, "relayctl %s has no flag %s", sub, a)
+	for _, f := range flags {
+		if _, ok := h.flags[f]; !ok {
+			g.errorf(line, w, "relayctl %s has no flag --%s", strings.Join(path, " "), f)
 		}
 	}
 }
@@ -412,17 +442,4 @@ func (g *guideChecker) referenced(kind, name string) bool {
 		}
 	}
 	return false
-}
-
-// relayctlUsage is relayctl's usage text (commands and global flags).
-func relayctlUsage(t *testing.T) string {
-	t.Helper()
-	var out bytes.Buffer
-	cmd := exec.Command(bin(t, "relayctl"), "--help")
-	cmd.Stdout, cmd.Stderr = &out, &out
-	_ = cmd.Run()
-	if !strings.Contains(out.String(), "Commands:") {
-		t.Fatalf("relayctl --help:\n%s", out.String())
-	}
-	return out.String()
 }
