@@ -172,9 +172,10 @@ Try it from another terminal:
   bin/relayctl device register --user <alice's id> --name phone --generate-key phone.key
   bin/relayctl device register --user <alice's id> --name laptop --generate-key laptop.key
 
-In a browser, open the device console above and sign in as a user with a
-password (bin/relayctl user create --login bob, which asks for one): the
-tab registers itself as a device and talks to the others.
+In a browser, open the device console above, sign in as a user with a
+password (bin/relayctl user create --login bob, which asks for one) and
+press "Register this browser as a device": the tab becomes one of its
+devices and talks to the others.
 
 Then connect the two devices through the edge, each in its own terminal:
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -243,6 +244,12 @@ func (f *fixture) exchange(t *testing.T, browserID, label string) {
 		}
 	}
 	waitText(f.browser, t, "#send-result", "Delivered")
+	// The page names the sender, lists what it sent, and empties the box.
+	waitText(f.browser, t, "#log", "from phone")
+	waitText(f.browser, t, "#log", "to phone")
+	if left, err := chromedp.Run(f.browser, chromedp.Value(chromedp.CSS("#text"))); err != nil || left != "" {
+		t.Fatalf("%s: the text box kept %q after Send (%v)", label, left, err)
+	}
 }
 
 func (f *fixture) screenshot(t *testing.T, name string) {
@@ -287,11 +294,39 @@ func TestConsoleInChromium(t *testing.T) {
 		t.Fatalf("relayctl device revoke: %v\n%s", err, out)
 	}
 	waitText(f.browser, t, "#status", "Disconnected for good: This device was revoked")
-	waitText(f.browser, t, "#error", "revoked")
 	// The page forgot the revoked device and offers to register again.
 	do(f.browser, t, "register form", chromedp.WaitVisible(chromedp.CSS("#register-form")))
 	waitText(f.browser, t, "#devices", "revoked")
+	// The reason is shown once; without a session the page does not
+	// claim to know who is online.
+	if n, err := chromedp.Run(f.browser, chromedp.Evaluate[int](`document.body.textContent.split("This device was revoked").length - 1`)); err != nil || n != 1 {
+		t.Fatalf("the revocation is shown %d times (%v)", n, err)
+	}
+	waitText(f.browser, t, "#devices", "unknown (connect to see)")
 	f.screenshot(t, "console-revoked.png")
+
+	// Signing out ends the session on the control plane: the page's
+	// access token stops working.
+	tok, err := chromedp.Run(f.browser, chromedp.Evaluate[string](`sessionStorage.getItem("relay.token")`))
+	if err != nil || tok == "" {
+		t.Fatalf("no access token in the page: %v", err)
+	}
+	do(f.browser, t, "sign out", chromedp.Click(chromedp.CSS("#signout-button")), chromedp.WaitVisible(chromedp.CSS("#login-form")))
+	waitText(f.browser, t, "#status", "Signed out")
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		req, _ := http.NewRequest("POST", f.edge.AdminURL()+"/api/control.v1.UserService/GetMe", strings.NewReader("{}"))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return err
+		}
+		_ = resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			return fmt.Errorf("the signed-out token still gets %d", resp.StatusCode)
+		}
+		return nil
+	})
 }
 
 // The edge restarts (with a new self-signed certificate) while the page

@@ -13,6 +13,7 @@ const common = { bundle: true, format: "esm", target: "es2022", minify: true, so
 await build({ ...common, entryPoints: ["src/relay.ts"], outfile: "dist/relay.js" });
 await build({ ...common, entryPoints: ["src/console.ts"], outfile: "dist/console.js", external: ["./relay.js"] });
 copyFileSync("static/index.html", "dist/index.html");
+copyFileSync("static/favicon.svg", "dist/favicon.svg");
 writeFileSync("dist/SOURCES.sha256", `sources ${sourcesHash()}\nbundle ${bundleHash()}\n`);
 
 // The stamp's two hashes must match web_test.go's TestBundleIsFresh:
@@ -42,5 +43,5 @@ export function sourcesHash() {
 }
 
 export function bundleHash() {
-  return hashFiles(["dist/console.js", "dist/index.html", "dist/relay.js"]);
+  return hashFiles(["dist/console.js", "dist/favicon.svg", "dist/index.html", "dist/relay.js"]);
 }

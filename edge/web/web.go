@@ -17,7 +17,8 @@ import (
 //go:embed dist
 var dist embed.FS
 
-// files are the bundled files: index.html, console.js, relay.js.
+// files are the bundled files: index.html, console.js, relay.js,
+// favicon.svg.
 func files() fs.FS {
 	sub, err := fs.Sub(dist, "dist")
 	if err != nil {
@@ -33,7 +34,10 @@ func Handler() http.Handler {
 	serve := http.FileServerFS(files())
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
-		case "/", "/index.html", "/console.js", "/relay.js":
+		case "/", "/index.html", "/console.js", "/relay.js", "/favicon.svg":
+		case "/favicon.ico":
+			// Browsers ask for it whatever the page's link says.
+			r.URL.Path = "/favicon.svg"
 		default:
 			http.NotFound(w, r)
 			return

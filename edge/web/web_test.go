@@ -66,7 +66,7 @@ func TestBundleIsFresh(t *testing.T) {
 	}
 	sources = append(sources, "build.mjs", "package-lock.json", "tsconfig.json")
 	want := fmt.Sprintf("sources %s\nbundle %s\n",
-		hashFiles(t, sources), hashFiles(t, []string{"dist/console.js", "dist/index.html", "dist/relay.js"}))
+		hashFiles(t, sources), hashFiles(t, []string{"dist/console.js", "dist/favicon.svg", "dist/index.html", "dist/relay.js"}))
 	if string(stamp) != want {
 		t.Fatalf("edge/web/dist is stale: its stamp says\n%swhat is committed hashes to\n%srun make web", stamp, want)
 	}
@@ -75,7 +75,8 @@ func TestBundleIsFresh(t *testing.T) {
 func TestHandler(t *testing.T) {
 	srv := httptest.NewServer(Handler())
 	defer srv.Close()
-	for path, want := range map[string]string{"/": "text/html", "/relay.js": "text/javascript", "/console.js": "text/javascript"} {
+	for path, want := range map[string]string{"/": "text/html", "/relay.js": "text/javascript", "/console.js": "text/javascript",
+		"/favicon.svg": "image/svg+xml", "/favicon.ico": "image/svg+xml"} {
 		resp, err := http.Get(srv.URL + path)
 		if err != nil {
 			t.Fatal(err)

@@ -21,6 +21,7 @@ import {
 const $ = <T extends HTMLElement = HTMLElement>(id: string) => document.getElementById(id) as T;
 
 let token = sessionStorage.getItem("relay.token") ?? "";
+let refreshToken = sessionStorage.getItem("relay.refresh") ?? "";
 let device: StoredDevice | undefined;
 let client: RelayClient | null = null;
 let devices: { id: string; name: string; revoked: boolean }[] = [];
@@ -85,7 +86,10 @@ function render(): void {
     const tr = document.createElement("tr");
     tr.dataset.device = d.id;
     const me = d.id === device?.deviceId;
-    const state = d.revoked ? "revoked" : me ? (client ? "this browser" : "this browser (offline)") : online.has(d.id) ? "online" : "offline";
+    // Presence comes over the session: without one, the page cannot
+    // tell who is online, and says so rather than "offline".
+    const state = d.revoked ? "revoked" : me ? (client ? "this browser" : "this browser (not connected)")
+      : !client ? "unknown (connect to see)" : online.has(d.id) ? "online" : "offline";
     for (const text of [d.name, d.id, state]) {
       const td = document.createElement("td");
       td.textContent = text;
@@ -112,17 +116,28 @@ async function revoke(id: string): Promise<void> {
   await refreshDevices();
 }
 
-function logEvent(ev: RelayEvent): void {
+/** A device's name as the account knows it, else its id. */
+function deviceName(id: string): string {
+  return devices.find((d) => d.id === id)?.name ?? id;
+}
+
+function logRow(className: string, cells: string[], sender = ""): void {
   const tr = document.createElement("tr");
-  tr.className = ev.cancelled ? "event cancelled" : "event";
-  const latency = Date.now() + (client?.clockOffsetMs ?? 0) - ev.createdAt.getTime();
-  const text = ev.cancelled ? "(taken by another device)" : new TextDecoder().decode(ev.payload);
-  for (const v of [new Date().toLocaleTimeString(), ev.sender, ev.type, text, ev.cancelled ? "" : `${latency} ms`]) {
+  tr.className = className;
+  if (sender) tr.dataset.sender = sender;
+  for (const v of cells) {
     const td = document.createElement("td");
     td.textContent = v;
     tr.append(td);
   }
   $("log").prepend(tr);
+}
+
+function logEvent(ev: RelayEvent): void {
+  const latency = Date.now() + (client?.clockOffsetMs ?? 0) - ev.createdAt.getTime();
+  const text = ev.cancelled ? "(taken by another device)" : new TextDecoder().decode(ev.payload);
+  logRow(ev.cancelled ? "event cancelled" : "event",
+    [new Date().toLocaleTimeString(), `from ${deviceName(ev.sender)}`, ev.type, text, ev.cancelled ? "" : `${latency} ms`], ev.sender);
 }
 
 async function connect(): Promise<void> {
@@ -149,10 +164,9 @@ async function connect(): Promise<void> {
   on<RelayError>("closed", (why) => {
     client = null;
     $("send-section").hidden = true;
-    const done = () => {
-      setStatus(`Disconnected for good: ${describe(why.code)}`, "error");
-      showError(why);
-    };
+    // The reason once, in the status line (the error line stays for
+    // errors of the page's own actions).
+    const done = () => setStatus(`Disconnected for good: ${describe(why.code)}`, "error");
     done();
     // The device list shows what happened (a revoked device is forgotten
     // here, and this browser can register again).
@@ -181,11 +195,14 @@ async function main(): Promise<void> {
     void (async () => {
       await ready;
       $("error").textContent = "";
-      const r = await call<{ tokens: { accessToken: string } }>("control.v1.AuthService/Login", {
+      const r = await call<{ tokens: { accessToken: string; refreshToken: string } }>("control.v1.AuthService/Login", {
         login: $<HTMLInputElement>("login").value, password: $<HTMLInputElement>("password").value,
       });
       token = r.tokens.accessToken;
+      refreshToken = r.tokens.refreshToken;
       sessionStorage.setItem("relay.token", token);
+      sessionStorage.setItem("relay.refresh", refreshToken);
+      $<HTMLInputElement>("password").value = "";
       await signedIn();
     })().catch(showError);
   });
@@ -214,14 +231,37 @@ async function main(): Promise<void> {
     void (async () => {
       if (!client) throw new Error("not connected");
       const target = $<HTMLSelectElement>("target").value;
+      const input = $<HTMLInputElement>("text");
+      const text = input.value;
       const started = performance.now();
       $("send-result").textContent = "Sending...";
-      await client.send({ type: "text", payload: $<HTMLInputElement>("text").value, targets: target ? [target] : [], anyOne: $<HTMLInputElement>("any-one").checked });
-      $("send-result").textContent = `Delivered (${(performance.now() - started).toFixed(2)} ms).`;
+      await client.send({ type: "text", payload: text, targets: target ? [target] : [], anyOne: $<HTMLInputElement>("any-one").checked });
+      const took = `${(performance.now() - started).toFixed(2)} ms`;
+      $("send-result").textContent = `Delivered (${took}).`;
+      input.value = "";
+      logRow("sent", [new Date().toLocaleTimeString(), `to ${target ? deviceName(target) : "all my other devices"}`, "text", text, took]);
     })().catch((err) => {
       $("send-result").textContent = err instanceof RelayError ? describe(err.code) : String(err);
       showError(err);
     });
+  });
+  $("signout-button").addEventListener("click", () => {
+    void (async () => {
+      await ready;
+      // Logout ends the session on the control plane: its access tokens
+      // stop working on every node. The device's key stays in this
+      // browser, so signing in again reconnects it.
+      if (refreshToken) await call("control.v1.AuthService/Logout", { refreshToken }).catch(() => {});
+      client?.close();
+      client = null;
+      token = refreshToken = "";
+      sessionStorage.removeItem("relay.token");
+      sessionStorage.removeItem("relay.refresh");
+      for (const id of ["device-section", "devices-section", "send-section"]) $(id).hidden = true;
+      $("login-section").hidden = false;
+      $("log").replaceChildren();
+      setStatus("Signed out.", "idle");
+    })().catch(showError);
   });
   for (const id of ["login-button", "register-button", "connect-button", "send-button"]) {
     $<HTMLButtonElement>(id).disabled = false;
@@ -236,6 +276,8 @@ async function main(): Promise<void> {
 
 async function signedIn(): Promise<void> {
   $("login-section").hidden = true;
+  const me = await call<{ user: { login: string } }>("control.v1.UserService/GetMe", {});
+  $("signed-in-as").textContent = me.user.login;
   $("device-section").hidden = false;
   $("devices-section").hidden = false;
   await refreshDevices();
