@@ -177,6 +177,13 @@ func (a *app) listen(ctx context.Context, f *relayFlags, duration time.Duration)
 		default: // listen prints the latest state anyway
 		}
 	}
+	lost := make(chan client.SessionLost, 16)
+	f.cfg.OnSessionLost = func(l client.SessionLost) {
+		select {
+		case lost <- l:
+		default:
+		}
+	}
 	c, err := a.dial(ctx, f)
 	if err != nil {
 		return err
@@ -191,10 +198,8 @@ func (a *app) listen(ctx context.Context, f *relayFlags, duration time.Duration)
 	fmt.Fprintf(a.stderr, "listening as %s on %s (session %s, clock offset %s); Ctrl-C to stop\n",
 		f.cfg.DeviceID, c.Edge(), c.SessionID(), c.ClockOffset().Round(time.Millisecond))
 	enc := json.NewEncoder(a.stdout)
-	// The client reconnects by itself; a session id of "" means it is
-	// between sessions. Polling it tells when the edge went away.
-	tick := time.NewTicker(250 * time.Millisecond)
-	defer tick.Stop()
+	// The client reconnects by itself and says when a session went and
+	// when one is back.
 	away := false
 	status := func(state, edge string, extra map[string]any) {
 		if a.output == "json" {
@@ -215,17 +220,17 @@ func (a *app) listen(ctx context.Context, f *relayFlags, duration time.Duration)
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-tick.C:
-			if !away && c.SessionID() == "" {
+		case l := <-lost:
+			if !away {
 				away = true
-				status("lost", c.Edge(), nil)
+				status("lost", l.Edge, nil)
 			}
 		case s := <-sessions:
 			if !away && s.SessionID == first {
 				continue
 			}
 			if !away {
-				status("lost", s.Edge, nil) // it went and came back between two looks
+				status("lost", s.Edge, nil) // its loss was not seen (a full channel)
 			}
 			away = false
 			status("back", s.Edge, map[string]any{"session": s.SessionID, "resumed": s.Resumed})

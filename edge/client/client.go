@@ -97,8 +97,20 @@ type Config struct {
 	// OnSession, if set, is called (from the client's goroutine; keep it
 	// short) each time a session is up: the first and every reconnect.
 	OnSession func(SessionInfo)
+	// OnSessionLost, if set, is called (from the client's goroutine) each
+	// time a session ends and the client goes on reconnecting, with why it
+	// ended (an *Error when the edge said). It is not called for Close or
+	// an end for good (Err then says why).
+	OnSessionLost func(SessionLost)
 	// Logger [slog.Default()].
 	Logger *slog.Logger
+}
+
+// SessionLost describes a session that just ended.
+type SessionLost struct {
+	Edge      string // the edge's address
+	SessionID string
+	Err       error
 }
 
 // SessionInfo describes a session that just came up.

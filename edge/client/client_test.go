@@ -15,6 +15,7 @@ import (
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/internal/relaytest"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 func TestMain(m *testing.M) {
@@ -69,9 +70,21 @@ func TestDevicesMoveToAnotherEdge(t *testing.T) {
 			}})
 			u := r.User("mover")
 			a, b := r.Device(u, "a"), r.Device(u, "b")
-			ca, cb := r.Dial(0, a, tr), r.Dial(0, b, tr)
+			// b's client says when its session goes, and why.
+			lost := make(chan client.SessionLost, 4)
+			cfgB := r.ClientConfig(0, b, tr)
+			cfgB.OnSessionLost = func(l client.SessionLost) { lost <- l }
+			dctx, dcancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer dcancel()
+			cb, err := client.Dial(dctx, cfgB)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = cb.Close() })
+			firstSession := cb.SessionID()
+			ca := r.Dial(0, a, tr)
 			waitOnline(t, ca, b.ID)
-			edge1 := r.Edges[1]
+			edge0, edge1 := r.Edges[0].Addr(), r.Edges[1]
 
 			const n = 300
 			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
@@ -118,6 +131,15 @@ func TestDevicesMoveToAnotherEdge(t *testing.T) {
 			case err := <-sendErr:
 				t.Fatal(err)
 			default:
+			}
+			select {
+			case l := <-lost:
+				var ce *client.Error
+				if l.SessionID != firstSession || l.Edge != edge0 || !errors.As(l.Err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+					t.Fatalf("session lost: %+v, want session %s on the first edge, GOING_AWAY", l, firstSession)
+				}
+			default:
+				t.Fatal("OnSessionLost was not called when the edge went away")
 			}
 			if ca.Edge() != edge1.Addr() || cb.Edge() != edge1.Addr() {
 				t.Fatalf("devices on %s and %s, want %s", ca.Edge(), cb.Edge(), edge1.Addr())

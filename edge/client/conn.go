@@ -292,6 +292,10 @@ func (c *Client) loop(first *conn) {
 		var wait time.Duration
 		if cn != nil {
 			backoff = c.cfg.ReconnectMin
+			c.mu.Lock()
+			lost := SessionLost{SessionID: c.sessionID} // the handshake just set it
+			c.mu.Unlock()
+			lost.Edge = c.Edge()
 			err := c.serve(cn)
 			if c.ctx.Err() != nil {
 				c.stop(ErrClosed)
@@ -303,6 +307,10 @@ func (c *Client) loop(first *conn) {
 				return
 			}
 			c.log.Debug("session ended; reconnecting", "err", err)
+			if c.cfg.OnSessionLost != nil {
+				lost.Err = err
+				c.cfg.OnSessionLost(lost)
+			}
 			var e *Error
 			switch {
 			case errors.As(err, &e) && e.Code == relayv1.ErrorCode_ERROR_CODE_GOING_AWAY:
