@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"fmt"
 	"log/slog"
 	"math/big"
@@ -100,7 +101,9 @@ func (s *certSource) rotate(now time.Time) error {
 		s.hashes = s.hashes[:2]
 	}
 	s.mu.Unlock()
-	s.log.Info("self-signed certificate", "sha256", fmt.Sprintf("%x", h.SHA256), "not_after", leaf.NotAfter)
+	// The encoding clients pin with (relayctl --cert-hash, the banner,
+	// /.well-known/relay/certificate-hashes).
+	s.log.Info("self-signed certificate", "sha256", base64.StdEncoding.EncodeToString(h.SHA256[:]), "not_after", leaf.NotAfter)
 	return nil
 }
 
