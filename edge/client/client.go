@@ -94,6 +94,11 @@ type Config struct {
 	// ResumeTicket, from ResumeTicket of an earlier client of this
 	// device, lets the first handshake skip the signature.
 	ResumeTicket []byte
+	// TLSSessions keeps TLS session tickets, so a reconnect resumes the
+	// TLS handshake too (no certificate signature to make or check) [a
+	// cache of this client's own]. Share one between clients of a
+	// process that reconnect to the same edges.
+	TLSSessions tls.ClientSessionCache
 	// OnSession, if set, is called (from the client's goroutine; keep it
 	// short) each time a session is up: the first and every reconnect.
 	OnSession func(SessionInfo)
@@ -132,6 +137,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.ReconnectMax < c.ReconnectMin {
 		c.ReconnectMax = max(10*time.Second, c.ReconnectMin)
+	}
+	if c.TLSSessions == nil {
+		c.TLSSessions = tls.NewLRUClientSessionCache(8)
 	}
 	if c.ReceiveBuffer <= 0 {
 		c.ReceiveBuffer = 1024
@@ -586,6 +594,9 @@ func (c *Client) tlsConfig(alpn, addr string) *tls.Config {
 	}
 	conf.NextProtos = []string{alpn}
 	conf.MinVersion = tls.VersionTLS13
+	if conf.ClientSessionCache == nil {
+		conf.ClientSessionCache = c.cfg.TLSSessions
+	}
 	if len(c.cfg.CertHashes) > 0 {
 		pins := c.cfg.CertHashes
 		conf.InsecureSkipVerify = true // replaced by the pin check below
@@ -607,7 +618,9 @@ func (c *Client) tlsConfig(alpn, addr string) *tls.Config {
 			return fmt.Errorf("edge certificate %x is not pinned", sum[:8])
 		}
 	}
-	if conf.ServerName == "" && len(c.cfg.CertHashes) == 0 {
+	// Also with pins (which check no name): the name is the TLS session
+	// cache's key, and without one nothing is resumed.
+	if conf.ServerName == "" {
 		if host, _, err := net.SplitHostPort(addr); err == nil {
 			conf.ServerName = host
 		}
