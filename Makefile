@@ -21,7 +21,7 @@ PROTO_FILES = $$(find proto -name '*.proto' -o -name '*.go' | LC_ALL=C sort) buf
 	tools/buf/go.mod tools/buf/go.sum tools/protogen/go.mod tools/protogen/go.sum
 PROTO_SUM   = sha256sum $(PROTO_FILES) | sha256sum | cut -c1-64
 
-.PHONY: all run build test test-short vet lint fmt proto verify-proto verify-proto-full web k6 bench cover fuzz clean image image-bin release-local
+.PHONY: all run build test test-short vet lint fmt proto verify-proto verify-proto-full web k6 bench bench-compare cover fuzz clean image image-bin release-local
 
 all: build
 
@@ -113,6 +113,12 @@ verify-proto-full:
 ## bench: run the benchmarks (figures go to docs/benchmarks.md by hand, with this command).
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
+
+## bench-compare: the relay against quic-go's own floor, servers and clients
+## pinned to separate cores, in separate processes (docs/benchmarks.md).
+BENCH_OUT ?= bin/bench-compare
+bench-compare:
+	loadtest/compare.sh $(BENCH_OUT)
 
 ## cover: print test coverage per package; fail when a core package is below 80%.
 cover:

@@ -61,6 +61,10 @@ Scenarios:
   storm      devices all lose their connection at once and come back on their tickets: time to all back
   soak       steady load plus session churn for a long time; samples the edge's heap and goroutines to CSV and a PNG plot
 
+  oneway     device A sends to device B at a fixed rate: one-way latency through the edge (or --floor: through a bare quic-go forwarder)
+  stream     64-byte messages one way into the floor's sink: the floor server's CPU per message
+  floor      run the bare quic-go server the floor figures are measured against (forwarder and sink)
+
   merge      add up --json results of several runs (pods of a Job) and check thresholds on the whole
   plot       plot a soak's CSV again
 
@@ -107,6 +111,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return d.storm(ctx, rest)
 	case "soak":
 		return d.soak(ctx, rest)
+	case "oneway":
+		return d.oneway(ctx, rest)
+	case "stream":
+		return d.stream(ctx, rest)
+	case "floor":
+		return floorCommand(ctx, rest, stdout)
 	case "merge":
 		return d.merge(rest)
 	case "plot":

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Holds the relay against quic-go's own floor on this machine, in one run,
+# with the servers pinned to CPU 0 and the clients to CPU 1 (taskset), and
+# prints the figures and ratios docs/benchmarks.md records (issue 15):
+#
+#   one-way latency, device A -> edge -> device B, against a bare quic-go
+#     forwarder on the same path (relayload oneway, with and without --floor)
+#   the edge's CPU per acknowledged event at saturation (relayload rate)
+#     against quic-go's CPU per one-way 64-byte message (relayload stream)
+#   acknowledged events per second through the edge
+#   heap and goroutines per idle session (relayload sessions)
+#
+#   loadtest/compare.sh OUT_DIR          (make bench-compare)
+#
+# Compare figures only from runs with the same layout and pinning, on a
+# quiet machine (load average well under 1 per core).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: loadtest/compare.sh OUT_DIR}
+base=${PORT_BASE:-27400}
+mkdir -p "$out"
+go build -o bin/ ./cmd/relayd ./cmd/relayctl ./loadtest/relayload
+server=(taskset -c 0)
+clients=(taskset -c 1)
+[ "$(nproc)" -ge 2 ] || { server=(); clients=(); }
+. loadtest/lib.sh
+floor_pid=""
+cleanup() { [ -z "$floor_pid" ] || kill "$floor_pid" 2>/dev/null || true; stop_relay; }
+trap cleanup EXIT
+echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+"${server[@]}" bin/relayload floor --listen 127.0.0.1:$((base + 90)) --admin 127.0.0.1:$((base + 91)) >"$out/floor.log" 2>&1 &
+floor_pid=$!
+start_relay "$base" "$out" "${server[@]}"
+run() { # NAME RELAYLOAD-ARGS...
+	local name=$1
+	shift
+	echo "== $name"
+	"${clients[@]}" bin/relayload --control "$API" --edge "$EDGE" --edge-admin "$EDGE_ADMIN" --json --progress 0 "$@" >"$out/$name.json"
+}
+run oneway-floor oneway --floor 127.0.0.1:$((base + 90)) --count 20000 --rate 2000
+run oneway-relay oneway --count 20000 --rate 2000
+run stream-floor stream --floor 127.0.0.1:$((base + 90)) --floor-admin http://127.0.0.1:$((base + 91)) --count 1000000
+run rate-relay rate --pairs 8 --inflight 64 --duration 20s
+run sessions-relay sessions --sessions 2000
+python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+def load(n):
+    with open(f"{out}/{n}.json") as f:
+        return json.load(f)
+of, orl = load("oneway-floor"), load("oneway-relay")
+sf, rr, ss = load("stream-floor"), load("rate-relay"), load("sessions-relay")
+fig = lambda r, k: r["figures"].get(k, float("nan"))
+peak = lambda r, k: r.get("peaks", {}).get(k, float("nan"))
+rows = [
+    ("one-way p50 (µs)", fig(orl, "oneway_p50_ms") * 1e3, fig(of, "oneway_p50_ms") * 1e3),
+    ("one-way p99 (µs)", fig(orl, "oneway_p99_ms") * 1e3, fig(of, "oneway_p99_ms") * 1e3),
+    ("CPU per event / message (µs)", peak(rr, "edge_cpu_us_per_event"), peak(sf, "server_cpu_us_per_message")),
+]
+print(f"{'what':32} {'relay':>10} {'floor':>10} {'ratio':>7}")
+for name, relay, floor in rows:
+    print(f"{name:32} {relay:10.2f} {floor:10.2f} {relay / floor:7.2f}")
+print(f"acknowledged events/s through the edge: {fig(rr, 'acked_per_s'):.0f} (ack p99 {fig(rr, 'ack_p99_ms'):.2f} ms)")
+print(f"floor one-way messages/s: {fig(sf, 'messages_per_s'):.0f}")
+print(f"per idle QUIC session: heap {peak(ss, 'edge_heap_per_session_bytes') / 1024:.1f} KiB, "
+      f"RSS {peak(ss, 'edge_rss_per_session_bytes') / 1024:.1f} KiB, goroutines {peak(ss, 'edge_goroutines_per_session'):.2f}")
+PY

@@ -1,0 +1,55 @@
+# Shell helpers of the load scripts (soak.sh, compare.sh): source it.
+#
+# start_relay BASE OUT [EDGE_PREFIX...] starts a fresh control node and an
+# edge, each its own process (so the edge's /metrics are the edge's
+# alone), with ports from BASE, logs in OUT, state in a temporary
+# directory; EDGE_PREFIX (e.g. taskset -c 0) runs the edge under it. It
+# sets API, EDGE, EDGE_ADMIN and RELAYCTL_TOKEN, and stop_relay (run on
+# exit) stops both and removes the state.
+
+relay_pids=()
+relay_data=""
+
+stop_relay() {
+	for p in "${relay_pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	for p in "${relay_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+	[ -z "$relay_data" ] || rm -rf "$relay_data"
+}
+
+wait_ready() { # URL
+	for _ in $(seq 150); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done
+	echo "not ready: $1" >&2
+	return 1
+}
+
+start_relay() { # BASE OUT [EDGE_PREFIX...]
+	local base=$1 out=$2
+	shift 2
+	relay_data=$(mktemp -d)
+	API=http://127.0.0.1:$base
+	EDGE=127.0.0.1:$((base + 43))
+	EDGE_ADMIN=http://127.0.0.1:$((base + 44))
+	head -c 18 /dev/urandom | base64 >"$relay_data/admin-password"
+	head -c 18 /dev/urandom | base64 >"$relay_data/edge-password"
+	RELAY_ADMIN_PASSWORD=$(cat "$relay_data/admin-password") bin/relayd control --node-id load --bootstrap \
+		--data-dir "$relay_data/control" --api-addr 127.0.0.1:$base --raft-addr 127.0.0.1:$((base + 1)) \
+		--admin-addr 127.0.0.1:$((base + 2)) --log-level warn >"$out/control.log" 2>&1 &
+	relay_pids+=($!)
+	wait_ready "http://127.0.0.1:$((base + 2))/readyz"
+	export HOME=$relay_data # relayctl caches its tokens there
+	# The first admin is created just after the node becomes ready: retry.
+	for i in $(seq 50); do
+		bin/relayctl --server "$API" login --password-stdin admin <"$relay_data/admin-password" >/dev/null 2>&1 && break
+		[ "$i" -lt 50 ] || { echo "cannot log in as admin" >&2; return 1; }
+		sleep 0.2
+	done
+	bin/relayctl --server "$API" user create --login edges --role edge --password-stdin <"$relay_data/edge-password" >/dev/null
+	RELAY_EDGE_PASSWORD=$(cat "$relay_data/edge-password") "$@" bin/relayd edge --edge-id load-edge --control "$API" --edge-login edges \
+		--addr "$EDGE" --admin-addr "${EDGE_ADMIN#http://}" \
+		--handshakes-per-second 100000 --events-per-second 1000000 --bytes-per-second 1000000000 \
+		--frames-per-second 10000000 --queue-len 4096 --log-level warn >"$out/edge.log" 2>&1 &
+	relay_pids+=($!)
+	wait_ready "$EDGE_ADMIN/readyz"
+	RELAYCTL_TOKEN=$(bin/relayctl --server "$API" token)
+	export RELAYCTL_TOKEN
+}

@@ -1,0 +1,339 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/edge-relay/relay/edge/client"
+)
+
+// The floor: what quic-go alone costs on the same path, to hold the
+// relay's figures against (`relayload floor`, docs/benchmarks.md). A
+// connection's first stream says what it is with its first byte:
+//
+//	'r' a receiver: what senders send is written to it
+//	's' a sender: its bytes are forwarded to the latest receiver
+//	'k' a sink: its bytes are read and dropped (one-way stream cost)
+//
+// The floor serves its own CPU time at GET /cpu (seconds, as text) on
+// --admin, so a client can take the difference around a run.
+const floorALPN = "relay-floor"
+
+// floorMessage is the size of the messages the floor scenarios send: 64
+// bytes, an 8-byte send time in nanoseconds first.
+const floorMessage = 64
+
+func floorCommand(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("floor", flag.ContinueOnError)
+	listen := fs.String("listen", "127.0.0.1:7500", "UDP address of the bare quic-go server")
+	admin := fs.String("admin", "127.0.0.1:7501", "HTTP address serving /cpu")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cert, err := selfSigned()
+	if err != nil {
+		return err
+	}
+	ln, err := quic.ListenAddr(*listen, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{floorALPN}, MinVersion: tls.VersionTLS13},
+		&quic.Config{MaxIdleTimeout: 30 * time.Second})
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	hl, err := net.Listen("tcp", *admin)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintf(w, "%.6f\n", processCPU().Seconds())
+	}), ReadHeaderTimeout: 5 * time.Second}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { _ = srv.Serve(hl) })
+	defer srv.Close()
+	fmt.Fprintf(stdout, "floor listening on %s (QUIC) and %s (/cpu)\n", ln.Addr(), hl.Addr())
+	f := &floor{}
+	for {
+		conn, err := ln.Accept(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		wg.Go(func() { f.serve(ctx, conn) })
+	}
+}
+
+type floor struct {
+	mu       sync.Mutex // guards receiver
+	receiver *quic.Stream
+}
+
+func (f *floor) serve(ctx context.Context, conn *quic.Conn) {
+	defer conn.CloseWithError(0, "")
+	str, err := conn.AcceptStream(ctx)
+	if err != nil {
+		return
+	}
+	var role [1]byte
+	if _, err := io.ReadFull(str, role[:]); err != nil {
+		return
+	}
+	switch role[0] {
+	case 'r':
+		f.mu.Lock()
+		f.receiver = str
+		f.mu.Unlock()
+		_, _ = str.Write([]byte{'R'}) // registered: senders may come
+		<-conn.Context().Done()
+	case 's':
+		f.mu.Lock()
+		to := f.receiver
+		f.mu.Unlock()
+		if to != nil {
+			_, _ = io.Copy(to, str)
+		}
+	case 'k':
+		_, _ = io.Copy(io.Discard, str)
+	}
+}
+
+// processCPU is this process's CPU time, user and system.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func selfSigned() (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}
+
+// floorStream opens a stream of the given role to the floor at addr.
+func floorStream(ctx context.Context, addr string, role byte) (*quic.Conn, *quic.Stream, error) {
+	conn, err := quic.DialAddr(ctx, addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{floorALPN}, MinVersion: tls.VersionTLS13}, //nolint:gosec // a benchmark's own server
+		&quic.Config{MaxIdleTimeout: 30 * time.Second, KeepAlivePeriod: 5 * time.Second})
+	if err != nil {
+		return nil, nil, fmt.Errorf("dial the floor at %s: %w", addr, err)
+	}
+	str, err := conn.OpenStreamSync(ctx)
+	if err == nil {
+		_, err = str.Write([]byte{role})
+	}
+	if err != nil {
+		_ = conn.CloseWithError(0, "")
+		return nil, nil, err
+	}
+	return conn, str, nil
+}
+
+// cpuAt reads a process's CPU seconds: the floor's /cpu, or an edge's
+// process_cpu_seconds_total.
+func (d *driverConfig) cpuAt(ctx context.Context, floorAdmin string) (time.Duration, error) {
+	if floorAdmin != "" {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, floorAdmin+"/cpu", nil)
+		if err != nil {
+			return 0, err
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		var s float64
+		if _, err := fmt.Fscan(resp.Body, &s); err != nil {
+			return 0, err
+		}
+		return time.Duration(s * float64(time.Second)), nil
+	}
+	m, err := d.edgeMetrics(ctx, "process_cpu_seconds_total")
+	if err != nil {
+		return 0, err
+	}
+	s, ok := m["process_cpu_seconds_total"]
+	if !ok {
+		return 0, errors.New("the edge exports no process_cpu_seconds_total")
+	}
+	return time.Duration(s * float64(time.Second)), nil
+}
+
+// oneway: device A sends events to device B at a fixed rate, each
+// carrying its send time; B records how long each took to arrive (one
+// process, one clock): the one-way latency through the edge. With
+// --floor, the same over the bare quic-go forwarder instead.
+func (d *driverConfig) oneway(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("oneway", flag.ContinueOnError)
+	count := fs.Int("count", 20000, "messages to time")
+	rate := fs.Float64("rate", 2000, "messages per second")
+	floorAddr := fs.String("floor", "", "time the bare quic-go forwarder at this address instead of the relay")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	r := newResult("oneway", d.transport)
+	if *floorAddr != "" {
+		r.Transport = "floor"
+	}
+	r.Params["count"], r.Params["rate"] = float64(*count), *rate
+	var send func(i int) error
+	var received func() (time.Duration, error)
+	start := time.Now()
+	stamp := func(b []byte) { binary.BigEndian.PutUint64(b, uint64(time.Since(start))) }
+	took := func(b []byte) time.Duration { return time.Since(start) - time.Duration(binary.BigEndian.Uint64(b)) }
+	if *floorAddr != "" {
+		rconn, rx, err := floorStream(ctx, *floorAddr, 'r')
+		if err != nil {
+			return err
+		}
+		defer rconn.CloseWithError(0, "")
+		// The floor forwards to the latest receiver, and says when this
+		// one is registered.
+		if _, err := io.ReadFull(rx, make([]byte, 1)); err != nil {
+			return fmt.Errorf("floor receiver: %w", err)
+		}
+		sconn, tx, err := floorStream(ctx, *floorAddr, 's')
+		if err != nil {
+			return err
+		}
+		defer sconn.CloseWithError(0, "")
+		msg := make([]byte, floorMessage)
+		send = func(int) error { stamp(msg); _, err := tx.Write(msg); return err }
+		in := make([]byte, floorMessage)
+		received = func() (time.Duration, error) {
+			if _, err := io.ReadFull(rx, in); err != nil {
+				return 0, err
+			}
+			return took(in), nil
+		}
+	} else {
+		devs, dl, err := d.prepare(ctx, 1)
+		if err != nil {
+			return err
+		}
+		defer dl.close()
+		p := newPacer(d.concurrency, d.slowDial)
+		a, err := dl.connect(ctx, p, r, "handshake", devs[0][0], nil)
+		if err != nil {
+			return err
+		}
+		defer a.Close()
+		b, err := dl.connect(ctx, p, r, "handshake", devs[0][1], nil)
+		if err != nil {
+			return err
+		}
+		defer b.Close()
+		target := []string{devs[0][1].id}
+		var sends sync.WaitGroup
+		defer sends.Wait()
+		send = func(int) error {
+			payload := make([]byte, floorMessage)
+			stamp(payload)
+			// Not waiting for the ack: the one-way time is what B sees.
+			sends.Go(func() { _ = a.Send(ctx, client.Message{Targets: target, Payload: payload}) })
+			return nil
+		}
+		received = func() (time.Duration, error) {
+			ev, err := b.Receive(ctx)
+			if err != nil {
+				return 0, err
+			}
+			return took(ev.Payload), nil
+		}
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	wg.Go(func() {
+		for range *count {
+			d, err := received()
+			if err != nil {
+				errs <- err
+				return
+			}
+			r.observe("oneway", d)
+		}
+	})
+	tick := time.NewTicker(time.Duration(float64(time.Second) / *rate))
+	defer tick.Stop()
+	began := time.Now()
+	for i := range *count {
+		<-tick.C
+		if err := send(i); err != nil {
+			return err
+		}
+	}
+	wg.Wait()
+	select {
+	case err := <-errs:
+		return err
+	default:
+	}
+	r.Seconds = time.Since(began).Seconds()
+	r.count("messages", float64(*count))
+	return d.finish(r)
+}
+
+// stream: one-way 64-byte messages as fast as QUIC takes them to the
+// floor's sink, and the floor's CPU per message: the transport's own
+// cost per message, which the relay's CPU per event is held against.
+func (d *driverConfig) stream(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("stream", flag.ContinueOnError)
+	count := fs.Int("count", 1_000_000, "messages")
+	floorAddr := fs.String("floor", "127.0.0.1:7500", "the floor's QUIC address")
+	floorAdmin := fs.String("floor-admin", "http://127.0.0.1:7501", "the floor's /cpu")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	r := newResult("stream", "floor")
+	conn, str, err := floorStream(ctx, *floorAddr, 'k')
+	if err != nil {
+		return err
+	}
+	defer conn.CloseWithError(0, "")
+	before, err := d.cpuAt(ctx, *floorAdmin)
+	if err != nil {
+		return err
+	}
+	msg := make([]byte, floorMessage)
+	began := time.Now()
+	for range *count {
+		if _, err := str.Write(msg); err != nil {
+			return err
+		}
+	}
+	_ = str.Close()
+	<-conn.Context().Done() // the sink closes when it has read everything
+	r.Seconds = time.Since(began).Seconds()
+	after, err := d.cpuAt(ctx, *floorAdmin)
+	if err != nil {
+		return err
+	}
+	r.count("messages", float64(*count))
+	r.Peaks["server_cpu_us_per_message"] = float64((after - before).Nanoseconds()) / 1e3 / float64(*count)
+	return d.finish(r)
+}
