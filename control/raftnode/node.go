@@ -108,6 +108,11 @@ type Config struct {
 	// RestoreFrom is a backup file to seed a new cluster from (implies
 	// Bootstrap; the data dir must be empty).
 	RestoreFrom string
+	// OpenBackup opens RestoreFrom and returns its plaintext state export
+	// (control/backup.OpenFile decrypts an encrypted backup); default
+	// os.Open. It is called twice: once to import, once to copy the
+	// export into the first Raft snapshot.
+	OpenBackup func(path string) (io.ReadCloser, error)
 	// TLSServer / TLSClient enable TLS for Raft; both or neither.
 	TLSServer, TLSClient *tls.Config
 	// Peers reaches other nodes' PeerService. Required for followers to
@@ -394,7 +399,11 @@ func (n *Node) catchUpWithSnapshot() error {
 // cluster continues the old one's revisions. It runs before the FSM is
 // created.
 func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
-	f, err := os.Open(path)
+	open := n.cfg.OpenBackup
+	if open == nil {
+		open = func(path string) (io.ReadCloser, error) { return os.Open(path) }
+	}
+	f, err := open(path)
 	if err != nil {
 		return fmt.Errorf("open backup: %w", err)
 	}
@@ -418,11 +427,13 @@ func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
 	if err != nil {
 		return fmt.Errorf("create restore snapshot: %w", err)
 	}
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
+	again, err := open(path)
+	if err != nil {
 		_ = sink.Cancel()
-		return fmt.Errorf("rewind backup: %w", err)
+		return fmt.Errorf("reopen backup: %w", err)
 	}
-	if _, err := io.Copy(sink, f); err != nil {
+	defer again.Close()
+	if _, err := io.Copy(sink, again); err != nil {
 		_ = sink.Cancel()
 		return fmt.Errorf("write restore snapshot: %w", err)
 	}
