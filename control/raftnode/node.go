@@ -405,7 +405,7 @@ func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
 	}
 	f, err := open(path)
 	if err != nil {
-		return fmt.Errorf("open backup: %w", err)
+		return fmt.Errorf("restore: %w", err)
 	}
 	defer f.Close()
 	count, err := n.state.Import(f)
@@ -430,7 +430,7 @@ func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
 	again, err := open(path)
 	if err != nil {
 		_ = sink.Cancel()
-		return fmt.Errorf("reopen backup: %w", err)
+		return fmt.Errorf("restore: reopen: %w", err)
 	}
 	defer again.Close()
 	if _, err := io.Copy(sink, again); err != nil {
