@@ -291,6 +291,23 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 	if !haveSeed {
 		t.Error("RELAY_JOIN does not name the seed relay-control-seed-0")
 	}
+	// Each node advertises its pod's stable DNS name under the headless
+	// Service, never a pod IP: relayd keeps the name in the Raft
+	// configuration and resolves it at each dial, so a pod rescheduled
+	// onto another IP is found again.
+	raftPort := port(t, flags.flag(t, "raft-addr").Default)
+	for _, s := range []*appsv1.StatefulSet{seed, nodes} {
+		c := &s.Spec.Template.Spec.Containers[0]
+		pod, ok := env(c, "POD_NAME")
+		if !ok || pod.ValueFrom == nil || pod.ValueFrom.FieldRef == nil || pod.ValueFrom.FieldRef.FieldPath != "metadata.name" {
+			t.Errorf("%s: POD_NAME is not the pod's name from the downward API", s.Name)
+		}
+		for name, p := range map[string]string{"RELAY_RAFT_ADVERTISE": raftPort, "RELAY_API_ADVERTISE": apiPort} {
+			if v := mustEnv(t, c, name); v != "$(POD_NAME)."+s.Spec.ServiceName+":"+p {
+				t.Errorf("%s: %s=%q, want $(POD_NAME).%s:%s (the pod's stable name)", s.Name, name, v, s.Spec.ServiceName, p)
+			}
+		}
+	}
 	for _, s := range []*appsv1.StatefulSet{seed, nodes} {
 		hs, ok := r.services[s.Spec.ServiceName]
 		if !ok || hs.Spec.ClusterIP != corev1.ClusterIPNone || !hs.Spec.PublishNotReadyAddresses {
