@@ -386,10 +386,10 @@ func TestKeys(t *testing.T) {
 	if err := os.WriteFile(p, []byte(testKey+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := backup.LoadKey(p); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+	if _, err := backup.LoadKey(p); err == nil || !strings.Contains(err.Error(), "chmod o-rwx") {
 		t.Fatalf("world-readable key file: %v", err)
 	}
-	if err := os.Chmod(p, 0o600); err != nil {
+	if err := os.Chmod(p, 0o640); err != nil {
 		t.Fatal(err)
 	}
 	if k, err := backup.LoadKey(p); err != nil || k.Recipient() != mustKey(t, testKey).Recipient() {

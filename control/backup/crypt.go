@@ -76,15 +76,15 @@ func ParseKey(text string) (*Key, error) {
 	return nil, fmt.Errorf("parse backup key: unsupported identity type %T", ids[0])
 }
 
-// LoadKey reads a key file (see ParseKey). It refuses a file that other
-// users may read.
+// LoadKey reads a key file (see ParseKey). It refuses a file that users
+// outside its owner and group may read (root:relay 0640 is fine).
 func LoadKey(path string) (*Key, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("backup key: %w", err)
 	}
-	if fi.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("backup key %s: mode %v lets other users read it; chmod 600 it", path, fi.Mode().Perm())
+	if fi.Mode().Perm()&0o007 != 0 {
+		return nil, fmt.Errorf("backup key %s: mode %v lets every user read it; chmod o-rwx it", path, fi.Mode().Perm())
 	}
 	b, err := os.ReadFile(path)
 	if err != nil {
