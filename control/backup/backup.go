@@ -257,8 +257,9 @@ func (s *Scheduler) Backup(ctx context.Context) (Result, error) {
 	res, err := s.write(ctx, start)
 	res.Duration = s.cfg.Now().Sub(start)
 	if err != nil {
-		s.m.failures.Inc()
+		// A backup cut short by Close (the node stops) is no failure.
 		if ctx.Err() == nil || !errors.Is(err, context.Canceled) {
+			s.m.failures.Inc()
 			s.log.Error("scheduled backup failed", "err", err, "duration", res.Duration)
 		}
 		return res, err

@@ -410,3 +410,34 @@ func TestConfigErrors(t *testing.T) {
 		}
 	}
 }
+
+// Close cancels a backup in progress: its temporary file goes, and a
+// backup cut short by a stopping node is not counted as a failure.
+func TestCloseCancelsBackupInProgress(t *testing.T) {
+	dir := t.TempDir()
+	reg := prometheus.NewRegistry()
+	started := make(chan struct{})
+	s, err := backup.Start(backup.Config{Dir: dir, Every: time.Hour, Logger: quiet, Metrics: reg,
+		Source: func(ctx context.Context, w io.Writer) error {
+			_, _ = w.Write([]byte("RLYSTAT1 partial"))
+			close(started)
+			<-ctx.Done()
+			return ctx.Err()
+		},
+		Leading: func() bool { return true }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the schedule did not start a backup")
+	}
+	s.Close()
+	if n := gauge(t, reg, "relay_backup_failures_total"); n != 0 {
+		t.Fatalf("%v failures counted for a cancelled backup", n)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("a cancelled backup left %v", ents)
+	}
+}
