@@ -61,33 +61,71 @@ func (a *app) backupKey(file string) (*backup.Key, error) {
 func (a *app) backupVerifyCommand() *cobra.Command {
 	var keyFile string
 	cmd := &cobra.Command{
-		Use:   "verify FILE",
-		Short: "Check a backup file offline: decrypt it, decode every record, check its checksums",
+		Use:   "verify FILE|DIR",
+		Short: "Check a backup file (or every backup in a directory) offline: decrypt, decode every record, check the checksums",
 		Long: `Check a backup file offline, without a cluster: an encrypted backup is
 decrypted with --key-file (every chunk authenticated), every record is decoded
 and the export's order, record count and CRC-32C are checked. It exits non-zero
 with the reason when the file is truncated, modified, encrypted to another key,
-or not a backup; a backup that verifies restores with "relayd control --restore".`,
+or not a backup; a backup that verifies restores with "relayd control --restore".
+
+Given a directory (a control node's --backup-dir), it checks every scheduled
+backup in it, oldest first, and fails if any does not verify.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			key, err := a.backupKey(keyFile)
 			if err != nil {
 				return err
 			}
-			info, err := backup.VerifyFile(args[0], key)
-			if err != nil {
-				return err
+			files := []string{args[0]}
+			if fi, err := os.Stat(args[0]); err == nil && fi.IsDir() {
+				list, err := backup.List(args[0])
+				if err != nil {
+					return err
+				}
+				if len(list) == 0 {
+					return fmt.Errorf("no backups in %s", args[0])
+				}
+				files = files[:0]
+				for _, f := range list {
+					files = append(files, f.Path)
+				}
+			}
+			var results []map[string]any
+			var failed error
+			for _, f := range files {
+				info, err := backup.VerifyFile(f, key)
+				if err != nil {
+					if len(files) == 1 {
+						return err
+					}
+					fmt.Fprintf(a.stderr, "%v\n", err)
+					failed = fmt.Errorf("some backups in %s do not verify", args[0])
+					continue
+				}
+				if a.output == "json" {
+					results = append(results, map[string]any{"file": f, "encrypted": info.Encrypted, "records": info.Records,
+						"applied_index": info.AppliedIndex, "bytes": info.Size, "sha256": hex.EncodeToString(info.PlainSHA256[:])})
+					continue
+				}
+				enc := "not encrypted"
+				if info.Encrypted {
+					enc = "encrypted to " + key.Recipient()
+				}
+				fmt.Fprintf(a.stdout, "%s verified: %d records, applied index %d, %d bytes, %s\n", f, info.Records, info.AppliedIndex, info.Size, enc)
 			}
 			if a.output == "json" {
-				return printValue(a.stdout, map[string]any{"file": args[0], "encrypted": info.Encrypted, "records": info.Records,
-					"applied_index": info.AppliedIndex, "bytes": info.Size, "sha256": hex.EncodeToString(info.PlainSHA256[:])})
+				var err error
+				if len(files) == 1 && len(results) == 1 {
+					err = printValue(a.stdout, results[0])
+				} else {
+					err = printValue(a.stdout, results)
+				}
+				if err != nil {
+					return err
+				}
 			}
-			enc := "not encrypted"
-			if info.Encrypted {
-				enc = "encrypted to " + key.Recipient()
-			}
-			fmt.Fprintf(a.stdout, "%s verified: %d records, applied index %d, %d bytes, %s\n", args[0], info.Records, info.AppliedIndex, info.Size, enc)
-			return nil
+			return failed
 		},
 	}
 	cmd.Flags().StringVar(&keyFile, "key-file", "", "age identity file the backup is encrypted to [RELAYCTL_BACKUP_KEY_FILE]")

@@ -266,6 +266,27 @@ func testBackupKeys(t *testing.T, r *cli, srv string) {
 	if err := os.WriteFile(bad, raw, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// A backup directory: every scheduled backup in it, oldest first.
+	bdir := filepath.Join(dir, "backups")
+	if err := os.Mkdir(bdir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	good, _ := os.ReadFile(file)
+	now := time.Now()
+	for i, b := range [][]byte{good, good} {
+		if err := os.WriteFile(filepath.Join(bdir, backup.FileName(now.Add(time.Duration(i)*time.Hour), true)), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out := r.must(srv, "", "backup", "verify", "--key-file", keyFile, bdir); strings.Count(out, "verified") != 2 {
+		t.Fatalf("backup verify DIR: %s", out)
+	}
+	if err := os.WriteFile(filepath.Join(bdir, backup.FileName(now.Add(-time.Hour), true)), raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.run(srv, "", "backup", "verify", "--key-file", keyFile, bdir); err == nil {
+		t.Error("backup verify DIR passed with a tampered backup in it")
+	}
 	for _, c := range []struct {
 		args []string
 		want error
