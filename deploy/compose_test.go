@@ -18,7 +18,7 @@ import (
 func TestCompose(t *testing.T) {
 	opts, err := cli.NewProjectOptions([]string{"compose/compose.yaml"},
 		cli.WithWorkingDirectory("compose"),
-		cli.WithEnv([]string{"RELAY_ADMIN_PASSWORD=admin-secret", "RELAY_EDGE_PASSWORD=edge-secret"}),
+		cli.WithEnv([]string{"RELAY_ADMIN_PASSWORD=admin-secret", "RELAY_EDGE_PASSWORD=edge-secret", "RELAY_BACKUP_KEY=AGE-SECRET-KEY-1X43GLUTKFAQLLT8RC22CRLUHXX2KNKVGNE3Q3J5Z08YE7DHF0V9QU6QVPR"}),
 		cli.WithInterpolation(true), cli.WithNormalization(true), cli.WithConsistency(true), cli.WithResolvedPaths(true))
 	if err != nil {
 		t.Fatal(err)
@@ -102,8 +102,8 @@ func TestCompose(t *testing.T) {
 		if !certNames(string(script))[name] {
 			t.Errorf("up.sh's certificate does not name %s", name)
 		}
-		// Raft peers dial the address a node's advertise name resolved to
-		// at its start, and check the certificate for that address.
+		// Raft peers dial a node's advertised name and check the
+		// certificate for it; the fixed addresses are in it too.
 		nets := p.Services[name].Networks
 		if nets["relay"] == nil || nets["relay"].Ipv4Address == "" {
 			t.Errorf("%s has no fixed address on the relay network", name)
@@ -177,6 +177,23 @@ func checkComposeRelay(t *testing.T, p *types.Project, name string, s types.Serv
 					t.Errorf("%s is empty", k)
 				}
 			}
+		}
+		// Scheduled backups on a volume of their own, apart from the data.
+		if dir := s.Environment["RELAY_BACKUP_DIR"]; dir != nil {
+			var dataVol, backupVol string
+			for _, v := range s.Volumes {
+				switch v.Target {
+				case *s.Environment["RELAY_DATA_DIR"]:
+					dataVol = v.Source
+				case *dir:
+					backupVol = v.Source
+				}
+			}
+			if backupVol == "" || backupVol == dataVol {
+				t.Errorf("RELAY_BACKUP_DIR=%s is not a volume of its own", *dir)
+			}
+		} else if s.Environment["RELAY_DATA_DIR"] != nil {
+			t.Error("a control node without scheduled backups (RELAY_BACKUP_DIR)")
 		}
 		// Listen addresses on relayd's default ports; advertised ports
 		// are the listened ones.

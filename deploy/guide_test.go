@@ -262,6 +262,10 @@ func (g *guideChecker) checkRelayd(line int, w []string) {
 type relayctlHelp struct {
 	subs  map[string]bool
 	flags map[string]bool // name -> takes a value
+	// runnable: the command runs by itself too (its usage has a line
+	// other than "... [command]"), as `relayctl backup FILE` does beside
+	// `relayctl backup verify`.
+	runnable bool
 }
 
 var (
@@ -285,6 +289,9 @@ func (g *guideChecker) help(path []string) relayctlHelp {
 		if l != "" && !strings.HasPrefix(l, " ") {
 			section = l
 			continue
+		}
+		if section == "Usage:" && strings.HasPrefix(l, "  ") && !strings.HasSuffix(l, "[command]") {
+			h.runnable = true
 		}
 		if m := cobraFlag.FindStringSubmatch(l); m != nil && strings.Contains(section, "Flags:") {
 			h.flags[m[1]] = m[2] != ""
@@ -331,7 +338,7 @@ func (g *guideChecker) checkRelayctl(line int, w []string) {
 		g.errorf(line, w, "no relayctl command")
 		return
 	}
-	if len(h.subs) > 0 && !slices.Contains([]string{"help", "completion"}, path[len(path)-1]) {
+	if len(h.subs) > 0 && !h.runnable && !slices.Contains([]string{"help", "completion"}, path[len(path)-1]) {
 		g.errorf(line, w, "relayctl %s needs one of its commands %v", strings.Join(path, " "), sortedKeys(h.subs))
 		return
 	}

@@ -291,13 +291,52 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 	if !haveSeed {
 		t.Error("RELAY_JOIN does not name the seed relay-control-seed-0")
 	}
+	// Each node advertises its pod's stable DNS name under the headless
+	// Service, never a pod IP: relayd keeps the name in the Raft
+	// configuration and resolves it at each dial, so a pod rescheduled
+	// onto another IP is found again.
+	raftPort := port(t, flags.flag(t, "raft-addr").Default)
+	for _, s := range []*appsv1.StatefulSet{seed, nodes} {
+		c := &s.Spec.Template.Spec.Containers[0]
+		pod, ok := env(c, "POD_NAME")
+		if !ok || pod.ValueFrom == nil || pod.ValueFrom.FieldRef == nil || pod.ValueFrom.FieldRef.FieldPath != "metadata.name" {
+			t.Errorf("%s: POD_NAME is not the pod's name from the downward API", s.Name)
+		}
+		for name, p := range map[string]string{"RELAY_RAFT_ADVERTISE": raftPort, "RELAY_API_ADVERTISE": apiPort} {
+			if v := mustEnv(t, c, name); v != "$(POD_NAME)."+s.Spec.ServiceName+":"+p {
+				t.Errorf("%s: %s=%q, want $(POD_NAME).%s:%s (the pod's stable name)", s.Name, name, v, s.Spec.ServiceName, p)
+			}
+		}
+	}
 	for _, s := range []*appsv1.StatefulSet{seed, nodes} {
 		hs, ok := r.services[s.Spec.ServiceName]
 		if !ok || hs.Spec.ClusterIP != corev1.ClusterIPNone || !hs.Spec.PublishNotReadyAddresses {
 			t.Errorf("%s: serviceName %q is not a headless Service that publishes not-ready pods", s.Name, s.Spec.ServiceName)
 		}
-		if len(s.Spec.VolumeClaimTemplates) != 1 || s.Spec.VolumeClaimTemplates[0].Spec.Resources.Requests.Storage().IsZero() {
-			t.Errorf("%s: want one PersistentVolumeClaim template with a size", s.Name)
+		var claimNames []string
+		for _, c := range s.Spec.VolumeClaimTemplates {
+			claimNames = append(claimNames, c.Name)
+			if c.Spec.Resources.Requests.Storage().IsZero() {
+				t.Errorf("%s: volume claim %s has no size", s.Name, c.Name)
+			}
+		}
+		if !slices.Equal(claimNames, []string{"data", "backups"}) {
+			t.Errorf("%s: volume claims %v, want data and backups (scheduled backups apart from the data)", s.Name, claimNames)
+		}
+		// Scheduled backups are on, on their own volume, encrypted with the
+		// key of a Secret when it exists.
+		c := &s.Spec.Template.Spec.Containers[0]
+		dir := mustEnv(t, c, "RELAY_BACKUP_DIR")
+		if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool {
+			return m.Name == "backups" && (dir == m.MountPath || strings.HasPrefix(dir, m.MountPath+"/"))
+		}) {
+			t.Errorf("%s: RELAY_BACKUP_DIR=%s is not on the backups volume", s.Name, dir)
+		}
+		for _, name := range []string{"RELAY_BACKUP_EVERY", "RELAY_BACKUP_KEEP"} {
+			mustEnv(t, c, name)
+		}
+		if k, ok := env(c, "RELAY_BACKUP_KEY"); !ok || k.ValueFrom == nil || k.ValueFrom.SecretKeyRef == nil {
+			t.Errorf("%s: RELAY_BACKUP_KEY does not come from a Secret", s.Name)
 		}
 		if p := s.Spec.PersistentVolumeClaimRetentionPolicy; p == nil || p.WhenDeleted != appsv1.RetainPersistentVolumeClaimRetentionPolicyType || p.WhenScaled != appsv1.RetainPersistentVolumeClaimRetentionPolicyType {
 			t.Errorf("%s: the Raft log's volumes must be retained", s.Name)
@@ -421,7 +460,7 @@ func servicePort(s *corev1.Service, p string) bool {
 var envRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
 
 // secretEnv are read by relayd from the environment only, never as flags.
-var secretEnv = map[string]bool{"RELAY_ADMIN_PASSWORD": true, "RELAY_EDGE_PASSWORD": true}
+var secretEnv = map[string]bool{"RELAY_ADMIN_PASSWORD": true, "RELAY_EDGE_PASSWORD": true, "RELAY_BACKUP_KEY": true}
 
 // checkPod holds every relay pod to the same rules.
 func checkPod(t *testing.T, r *rendered, w workload, want overlay, flags map[string]commandFlags, relayctl map[string]bool) {

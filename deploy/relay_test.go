@@ -241,8 +241,10 @@ func (r *relay) in(t *testing.T) *relay {
 
 func (r *relay) startControl(n *controlNode, extra ...string) {
 	r.t.Helper()
+	// Scheduled backups on, as in the shipped examples (their metrics are
+	// exported only then).
 	args := append([]string{"control", "--node-id", n.id, "--data-dir", n.dir,
-		"--raft-addr", n.raft, "--api-addr", n.api, "--admin-addr", n.admin}, extra...)
+		"--raft-addr", n.raft, "--api-addr", n.api, "--admin-addr", n.admin, "--backup-dir", n.dir + "-backups"}, extra...)
 	n.p = startProcess(r.t, "control-"+n.id, []string{"RELAY_ADMIN_PASSWORD=" + adminPassword}, bin(r.t, "relayd"), args...)
 }
 

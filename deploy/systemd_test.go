@@ -137,6 +137,7 @@ func (h *hostCluster) localize(env map[string]string, node string) []string {
 	for k, v := range env {
 		v = hostPort.ReplaceAllStringFunc(v, h.port)
 		v = strings.ReplaceAll(v, "/etc/relay/tls", h.tls)
+		v = strings.ReplaceAll(v, "/etc/relay/backup.key", filepath.Join(h.dir, "backup.key"))
 		v = strings.ReplaceAll(v, "/var/lib/relay", filepath.Join(h.dir, node))
 		out = append(out, k+"="+v)
 	}
@@ -274,8 +275,14 @@ func TestHostCluster(t *testing.T) {
 	h.ctlEnv = []string{"PATH=" + os.Getenv("PATH"), "RELAYCTL_TLS_CA=" + filepath.Join(h.tls, "ca.crt"),
 		"RELAYCTL_CONFIG_DIR=" + filepath.Join(h.dir, "relayctl")}
 
+	// The backup key, as the guide makes it.
+	h.relayctl("127.0.0.1:1", "", "backup", "keygen", filepath.Join(h.dir, "backup.key"))
+
 	control, alt := envFile(t, "systemd/control.env")
 	h.adminPW = control["RELAY_ADMIN_PASSWORD"]
+	// Backups every hour would mean the first one only, taken before
+	// anything below: this test wants one every two seconds.
+	control["RELAY_BACKUP_EVERY"] = "2s"
 	unit := "systemd/relayd-control.service"
 	// n2 and n3: "change RELAY_NODE_ID and the three addresses", and
 	// RELAY_JOIN instead of RELAY_BOOTSTRAP and the password.
@@ -330,10 +337,38 @@ func TestHostCluster(t *testing.T) {
 		t.Fatalf("after removing n3: %v", s)
 	}
 
-	// Backup, and a new cluster restored from it.
-	backup := filepath.Join(h.dir, "relay.bin")
-	if out := h.relayctl(n1API, "", "backup", backup); !strings.Contains(out, "verified") {
+	// Backup, and a new cluster restored from it: relayctl's, encrypted
+	// to the same key, and the newest scheduled one, which is restored.
+	key := filepath.Join(h.dir, "backup.key")
+	if out := h.relayctl(n1API, "", "backup", "--key-file", key, filepath.Join(h.dir, "relay.bin.age")); !strings.Contains(out, "verified") {
 		t.Fatalf("relayctl backup: %s", out)
+	}
+	since := time.Now()
+	var backup string
+	deadline := time.Now().Add(time.Minute)
+	for backup == "" {
+		for _, n := range []string{"n1", "n2", "n3"} {
+			names, _ := filepath.Glob(filepath.Join(h.dir, n+"-backups", "relay-backup-*.bin.age"))
+			for _, name := range names {
+				if fi, err := os.Stat(name); err == nil && fi.ModTime().After(since) {
+					backup = filepath.Join(h.dir, "scheduled.bin.age")
+					b, err := os.ReadFile(name) // a copy, before the schedule prunes it
+					if err == nil {
+						err = os.WriteFile(backup, b, 0o600)
+					}
+					if err != nil {
+						backup = ""
+					}
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no scheduled backup within a minute")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if out := h.relayctl(n1API, "", "backup", "verify", "--key-file", key, backup); !strings.Contains(out, "verified") {
+		t.Fatalf("relayctl backup verify: %s", out)
 	}
 	restored := node(1)
 	delete(restored, "RELAY_BOOTSTRAP")

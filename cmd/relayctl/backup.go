@@ -2,25 +2,171 @@ package main
 
 import (
 	"context"
-	"errors"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"time"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
 
+	"github.com/edge-relay/relay/control/backup"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
-	"github.com/edge-relay/relay/storage/state"
 )
 
 func (a *app) backupCommand() *cobra.Command {
-	return &cobra.Command{
+	var keyFile string
+	cmd := &cobra.Command{
 		Use:   "backup FILE",
 		Short: "Write a consistent backup of the state to FILE, verified before it is renamed into place",
-		Args:  cobra.ExactArgs(1),
-		RunE:  func(cmd *cobra.Command, args []string) error { return a.backup(cmd.Context(), args[0]) },
+		Long: `Write a consistent backup of the state to FILE, verified before it is renamed
+into place. The backup holds password hashes, token signing keys and session
+keys: with --key-file (an age identity, see "relayctl backup keygen") it is
+encrypted to that key.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			key, err := a.backupKey(keyFile)
+			if err != nil {
+				return err
+			}
+			return a.backup(cmd.Context(), args[0], key)
+		},
+	}
+	cmd.Flags().StringVar(&keyFile, "key-file", "", "age identity file to encrypt the backup to [RELAYCTL_BACKUP_KEY_FILE]")
+	cmd.AddCommand(a.backupVerifyCommand(), a.backupKeygenCommand())
+	return cmd
+}
+
+// backupKey reads --key-file, or RELAYCTL_BACKUP_KEY_FILE, or the key
+// itself from RELAY_BACKUP_KEY (as relayd reads it); nil when none is set.
+func (a *app) backupKey(file string) (*backup.Key, error) {
+	if file == "" {
+		file = a.getenv("RELAYCTL_BACKUP_KEY_FILE")
+	}
+	if file != "" {
+		return backup.LoadKey(file)
+	}
+	if v := a.getenv("RELAY_BACKUP_KEY"); v != "" {
+		k, err := backup.ParseKey(v)
+		if err != nil {
+			return nil, fmt.Errorf("RELAY_BACKUP_KEY: %w", err)
+		}
+		return k, nil
+	}
+	return nil, nil
+}
+
+func (a *app) backupVerifyCommand() *cobra.Command {
+	var keyFile string
+	cmd := &cobra.Command{
+		Use:   "verify FILE|DIR",
+		Short: "Check a backup file (or every backup in a directory) offline: decrypt, decode every record, check the checksums",
+		Long: `Check a backup file offline, without a cluster: an encrypted backup is
+decrypted with --key-file (every chunk authenticated), every record is decoded
+and the export's order, record count and CRC-32C are checked. It exits non-zero
+with the reason when the file is truncated, modified, encrypted to another key,
+or not a backup; a backup that verifies restores with "relayd control --restore".
+
+Given a directory (a control node's --backup-dir), it checks every scheduled
+backup in it, oldest first, and fails if any does not verify.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			key, err := a.backupKey(keyFile)
+			if err != nil {
+				return err
+			}
+			files := []string{args[0]}
+			if fi, err := os.Stat(args[0]); err == nil && fi.IsDir() {
+				list, err := backup.List(args[0])
+				if err != nil {
+					return err
+				}
+				if len(list) == 0 {
+					return fmt.Errorf("no backups in %s", args[0])
+				}
+				files = files[:0]
+				for _, f := range list {
+					files = append(files, f.Path)
+				}
+			}
+			var results []map[string]any
+			var failed error
+			for _, f := range files {
+				info, err := backup.VerifyFile(f, key)
+				if err != nil {
+					if len(files) == 1 {
+						return err
+					}
+					fmt.Fprintf(a.stderr, "%v\n", err)
+					failed = fmt.Errorf("some backups in %s do not verify", args[0])
+					continue
+				}
+				if a.output == "json" {
+					results = append(results, map[string]any{"file": f, "encrypted": info.Encrypted, "records": info.Records,
+						"applied_index": info.AppliedIndex, "bytes": info.Size, "sha256": hex.EncodeToString(info.PlainSHA256[:])})
+					continue
+				}
+				enc := "not encrypted"
+				if info.Encrypted {
+					enc = "encrypted to " + key.Recipient()
+				}
+				fmt.Fprintf(a.stdout, "%s verified: %d records, applied index %d, %d bytes, %s\n", f, info.Records, info.AppliedIndex, info.Size, enc)
+			}
+			if a.output == "json" {
+				var err error
+				if len(files) == 1 && len(results) == 1 {
+					err = printValue(a.stdout, results[0])
+				} else {
+					err = printValue(a.stdout, results)
+				}
+				if err != nil {
+					return err
+				}
+			}
+			return failed
+		},
+	}
+	cmd.Flags().StringVar(&keyFile, "key-file", "", "age identity file the backup is encrypted to [RELAYCTL_BACKUP_KEY_FILE]")
+	return cmd
+}
+
+func (a *app) backupKeygenCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "keygen FILE",
+		Short: "Write a new backup encryption key (an age identity) to FILE, mode 0600, and print its public half",
+		Long: `Write a new backup encryption key (an X25519 age identity, the format of
+age-keygen) to FILE with mode 0600; FILE must not exist. Give it to relayd
+control as --backup-key-file, keep a copy apart from the backups (without it
+they cannot be restored), and never store it next to them.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			key, secret, err := backup.GenerateKey()
+			if err != nil {
+				return err
+			}
+			f, err := os.OpenFile(args[0], os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+			if err != nil {
+				return fmt.Errorf("keygen: %w", err)
+			}
+			_, err = fmt.Fprintf(f, "# relay backup key, created %s\n# public key: %s\n%s\n", time.Now().UTC().Format(time.RFC3339), key.Recipient(), secret)
+			if err == nil {
+				err = f.Sync()
+			}
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				_ = os.Remove(args[0])
+				return fmt.Errorf("keygen: %w", err)
+			}
+			if a.output == "json" {
+				return printValue(a.stdout, map[string]any{"file": args[0], "recipient": key.Recipient()})
+			}
+			fmt.Fprintf(a.stdout, "wrote %s; public key: %s\n", args[0], key.Recipient())
+			return nil
+		},
 	}
 }
 
@@ -28,7 +174,7 @@ func (a *app) backupCommand() *cobra.Command {
 // end to end (format, record order, checksum), and only then renames it
 // into place, so dst is either a complete backup or untouched. A stream
 // that fails is started again, from scratch, on the next member.
-func (a *app) backup(ctx context.Context, dst string) error {
+func (a *app) backup(ctx context.Context, dst string, key *backup.Key) error {
 	tmp, err := os.CreateTemp(filepath.Dir(dst), ".relay-backup-*")
 	if err != nil {
 		return fmt.Errorf("backup: %w", err)
@@ -36,7 +182,6 @@ func (a *app) backup(ctx context.Context, dst string) error {
 	defer os.Remove(tmp.Name())
 	defer tmp.Close()
 
-	var size int64
 	// A backup takes as long as it takes: --timeout bounds each attempt
 	// to start it only.
 	err = a.call(ctx, "backup", retryAlways, func(actx context.Context, base string) error {
@@ -46,7 +191,10 @@ func (a *app) backup(ctx context.Context, dst string) error {
 		if err := tmp.Truncate(0); err != nil {
 			return err
 		}
-		size = 0
+		sealer, err := backup.Seal(tmp, key)
+		if err != nil {
+			return err
+		}
 		sctx, cancel := context.WithCancel(ctx)
 		defer cancel()
 		stream, err := a.clusterClient(base).Backup(sctx, connect.NewRequest(&controlv1.BackupRequest{}))
@@ -55,13 +203,14 @@ func (a *app) backup(ctx context.Context, dst string) error {
 		}
 		defer stream.Close()
 		for stream.Receive() {
-			n, err := tmp.Write(stream.Msg().GetData())
-			if err != nil {
+			if _, err := sealer.Write(stream.Msg().GetData()); err != nil {
 				return fmt.Errorf("write %s: %w", tmp.Name(), err)
 			}
-			size += int64(n)
 		}
-		return stream.Err()
+		if err := stream.Err(); err != nil {
+			return err
+		}
+		return sealer.Close()
 	})
 	if err != nil {
 		return err
@@ -69,25 +218,28 @@ func (a *app) backup(ctx context.Context, dst string) error {
 	if err := tmp.Sync(); err != nil {
 		return fmt.Errorf("backup: %w", err)
 	}
-	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-		return fmt.Errorf("backup: %w", err)
-	}
-	dec := state.NewDecoder(tmp)
-	for {
-		_, _, err := dec.Next()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("backup: received file does not verify: %w", err)
-		}
+	info, err := backup.VerifyFile(tmp.Name(), key)
+	if err != nil {
+		return fmt.Errorf("backup: received file does not verify: %w", err)
 	}
 	if err := os.Rename(tmp.Name(), dst); err != nil {
 		return fmt.Errorf("backup: %w", err)
 	}
-	if a.output == "json" {
-		return printValue(a.stdout, map[string]any{"file": dst, "bytes": size, "records": dec.Count()})
+	if d, err := os.Open(filepath.Dir(dst)); err == nil {
+		err = d.Sync() // the rename itself survives a crash
+		_ = d.Close()
+		if err != nil {
+			return fmt.Errorf("backup: sync %s: %w", filepath.Dir(dst), err)
+		}
 	}
-	fmt.Fprintf(a.stdout, "wrote %s: %d bytes, %d records, verified\n", dst, size, dec.Count())
+	if a.output == "json" {
+		return printValue(a.stdout, map[string]any{"file": dst, "bytes": info.Size, "records": info.Records,
+			"applied_index": info.AppliedIndex, "encrypted": info.Encrypted})
+	}
+	enc := ""
+	if info.Encrypted {
+		enc = ", encrypted"
+	}
+	fmt.Fprintf(a.stdout, "wrote %s: %d bytes, %d records%s, verified\n", dst, info.Size, info.Records, enc)
 	return nil
 }

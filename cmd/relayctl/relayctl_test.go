@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/backup"
 	"github.com/edge-relay/relay/control/clustertest"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
@@ -123,6 +125,7 @@ func TestJSONOutputForEveryCommand(t *testing.T) {
 	if v := r.json(srv, "", "backup", filepath.Join(t.TempDir(), "b.bin")); v["records"].(float64) == 0 {
 		t.Fatalf("backup: %v", v)
 	}
+	testBackupKeys(t, r, srv)
 	if v := r.json(srv, "", "user", "delete", id); v["id"] != id || v["deleted"] != true {
 		t.Fatalf("user delete: %v", v)
 	}
@@ -226,4 +229,74 @@ func httpClientForTest(t *testing.T) *http.Client {
 	}
 	t.Cleanup(c.CloseIdleConnections)
 	return c
+}
+
+// An encrypted backup from relayctl: keygen writes a key only its owner
+// reads, backup --key-file encrypts to it, and backup verify checks the
+// file offline and tells a missing key, another key and a modified file
+// apart.
+func testBackupKeys(t *testing.T, r *cli, srv string) {
+	dir := t.TempDir()
+	keyFile, otherKey := filepath.Join(dir, "backup.key"), filepath.Join(dir, "other.key")
+	k := r.json(srv, "", "backup", "keygen", keyFile)
+	r.must(srv, "", "backup", "keygen", otherKey)
+	if fi, err := os.Stat(keyFile); err != nil || fi.Mode().Perm() != 0o600 || !strings.HasPrefix(k["recipient"].(string), "age1") {
+		t.Fatalf("keygen: %v %v", k, err)
+	}
+	if _, err := r.run(srv, "", "backup", "keygen", keyFile); err == nil {
+		t.Fatal("keygen overwrote an existing key file")
+	}
+	file := filepath.Join(dir, "b.bin.age")
+	if v := r.json(srv, "", "backup", "--key-file", keyFile, file); v["encrypted"] != true || v["records"].(float64) == 0 {
+		t.Fatalf("encrypted backup: %v", v)
+	}
+	v := r.json(srv, "", "backup", "verify", "--key-file", keyFile, file)
+	if v["encrypted"] != true || v["records"].(float64) == 0 || v["applied_index"].(float64) == 0 {
+		t.Fatalf("backup verify: %v", v)
+	}
+	if out := r.must(srv, "", "backup", "verify", "--key-file", keyFile, file); !strings.Contains(out, "verified") || !strings.Contains(out, k["recipient"].(string)) {
+		t.Fatalf("backup verify: %s", out)
+	}
+	raw, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw[len(raw)-10] ^= 1
+	bad := filepath.Join(dir, "bad.bin.age")
+	if err := os.WriteFile(bad, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A backup directory: every scheduled backup in it, oldest first.
+	bdir := filepath.Join(dir, "backups")
+	if err := os.Mkdir(bdir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	good, _ := os.ReadFile(file)
+	now := time.Now()
+	for i, b := range [][]byte{good, good} {
+		if err := os.WriteFile(filepath.Join(bdir, backup.FileName(now.Add(time.Duration(i)*time.Hour), true)), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out := r.must(srv, "", "backup", "verify", "--key-file", keyFile, bdir); strings.Count(out, "verified") != 2 {
+		t.Fatalf("backup verify DIR: %s", out)
+	}
+	if err := os.WriteFile(filepath.Join(bdir, backup.FileName(now.Add(-time.Hour), true)), raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.run(srv, "", "backup", "verify", "--key-file", keyFile, bdir); err == nil {
+		t.Error("backup verify DIR passed with a tampered backup in it")
+	}
+	for _, c := range []struct {
+		args []string
+		want error
+	}{
+		{[]string{file}, backup.ErrKeyRequired},
+		{[]string{"--key-file", otherKey, file}, backup.ErrWrongKey},
+		{[]string{"--key-file", keyFile, bad}, backup.ErrTampered},
+	} {
+		if _, err := r.run(srv, "", append([]string{"backup", "verify"}, c.args...)...); !errors.Is(err, c.want) {
+			t.Errorf("backup verify %v: %v, want %v", c.args, err, c.want)
+		}
+	}
 }

@@ -17,6 +17,7 @@ import (
 
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/edge-relay/relay/control/backup"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/flagenv"
 	"github.com/edge-relay/relay/internal/telemetry"
@@ -123,7 +124,7 @@ func (c *commonFlags) logger(w io.Writer) (*slog.Logger, error) {
 }
 
 // controlFlags registers the flags of a control node into cfg.
-func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shutdown *time.Duration) {
+func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shutdown *time.Duration, backupKeyFile *string) {
 	fs.StringVar(&cfg.NodeID, "node-id", "", "this node's stable id (letters, digits, '-', '_', '.')")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "directory for the Raft log, snapshots and state")
 	fs.StringVar(&cfg.RaftAddr, "raft-addr", "127.0.0.1:7401", "address Raft listens on")
@@ -151,6 +152,30 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.DurationVar(&cfg.MailboxExpireEvery, "mailbox-expire-every", 10*time.Second, "how often the leader removes expired mailbox entries")
 	fs.DurationVar(&cfg.Edges.LeaseTTL, "edge-lease-ttl", 30*time.Second, "an edge leaves the member list this long after its last renewal")
 	fs.DurationVar(&cfg.Edges.CertTTL, "edge-cert-ttl", 24*time.Hour, "lifetime of the mesh certificates issued to edges")
+	fs.StringVar(&cfg.BackupDir, "backup-dir", "", "write a verified backup of the state here on schedule while this node leads (empty: no scheduled backups)")
+	fs.DurationVar(&cfg.BackupEvery, "backup-every", time.Hour, "time between two scheduled backups")
+	fs.IntVar(&cfg.BackupKeep, "backup-keep", 7, "scheduled backups kept in --backup-dir (older ones are removed)")
+	fs.StringVar(backupKeyFile, "backup-key-file", "", "age identity file: encrypt scheduled backups and decrypt --restore with it (or the key itself in RELAY_BACKUP_KEY)")
+}
+
+// loadBackupKey reads the backup key from --backup-key-file, or from
+// RELAY_BACKUP_KEY (the key itself, for secret stores that hand out
+// environment variables); nil when neither is set.
+func loadBackupKey(file string, getenv func(string) string) (*backup.Key, error) {
+	inline := getenv("RELAY_BACKUP_KEY")
+	switch {
+	case file != "" && inline != "":
+		return nil, errors.New("give the backup key in --backup-key-file or RELAY_BACKUP_KEY, not both")
+	case file != "":
+		return backup.LoadKey(file)
+	case inline != "":
+		k, err := backup.ParseKey(inline)
+		if err != nil {
+			return nil, fmt.Errorf("RELAY_BACKUP_KEY: %w", err)
+		}
+		return k, nil
+	}
+	return nil, nil
 }
 
 func runControl(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
@@ -161,8 +186,9 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 		join     flagenv.List
 		shutdown time.Duration
 		common   commonFlags
+		keyFile  string
 	)
-	controlFlags(fs, &cfg, &join, &shutdown)
+	controlFlags(fs, &cfg, &join, &shutdown, &keyFile)
 	common.register(fs)
 	fs.Usage = flagenv.Usage(fs, envPrefix, "relayd control --node-id ID --data-dir DIR [--bootstrap | --join ADDR] [flags]")
 	if err := flagenv.Parse(fs, envPrefix, args, getenv); err != nil {
@@ -175,6 +201,11 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 	// Secrets come from the environment only, never from flags (which
 	// other users of the machine can read in the process list).
 	cfg.AdminPassword = getenv("RELAY_ADMIN_PASSWORD")
+	key, err := loadBackupKey(keyFile, getenv)
+	if err != nil {
+		return err
+	}
+	cfg.BackupKey = key
 	log, err := common.logger(stderr)
 	if err != nil {
 		return err

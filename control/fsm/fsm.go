@@ -382,3 +382,13 @@ func (s *snapshot) Persist(sink raft.SnapshotSink) error {
 }
 
 func (s *snapshot) Release() { _ = s.snap.Close() }
+
+// AppliedFromRecord reads the applied index and term from one record of
+// an export, for tools that look at a backup without importing it; ok is
+// false for every other record.
+func AppliedFromRecord(key, value []byte) (index, term uint64, ok bool) {
+	if string(key) != string(keyApplied) || len(value) != 16 {
+		return 0, 0, false
+	}
+	return binary.BigEndian.Uint64(value), binary.BigEndian.Uint64(value[8:]), true
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -22,13 +23,16 @@ func TestOpenValidatesConfig(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	cases := map[string]raftnode.Config{
-		"bad node id":   {NodeID: "a b", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x"},
-		"no data dir":   {NodeID: "a", RaftBind: "127.0.0.1:0", APIAdvertise: "x"},
-		"no bind":       {NodeID: "a", DataDir: dir, APIAdvertise: "x"},
-		"no api":        {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0"},
-		"half tls":      {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", TLSServer: nil, TLSClient: nil, RaftAdvertise: "not an address"},
-		"bad advertise": {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", RaftAdvertise: "nohostport"},
-		"bind in use":   {NodeID: "a", DataDir: dir, RaftBind: "256.0.0.1:1", APIAdvertise: "x"},
+		"bad node id":           {NodeID: "a b", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x"},
+		"no data dir":           {NodeID: "a", RaftBind: "127.0.0.1:0", APIAdvertise: "x"},
+		"no bind":               {NodeID: "a", DataDir: dir, APIAdvertise: "x"},
+		"no api":                {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0"},
+		"half tls":              {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", TLSServer: nil, TLSClient: nil, RaftAdvertise: "not an address"},
+		"bad advertise":         {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", RaftAdvertise: "nohostport"},
+		"unspecified advertise": {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", RaftAdvertise: "0.0.0.0:7401"},
+		"no advertise host":     {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", RaftAdvertise: ":7401"},
+		"bad advertise port":    {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", RaftAdvertise: "host:http"},
+		"bind in use":           {NodeID: "a", DataDir: dir, RaftBind: "256.0.0.1:1", APIAdvertise: "x"},
 	}
 	for name, cfg := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -245,4 +249,61 @@ func TestStopAnswersEveryApplyInFlight(t *testing.T) {
 			t.Fatalf("round %d: applies still waiting 20s after the node stopped", round)
 		}
 	}
+}
+
+// A Raft address advertised by DNS name (a Kubernetes pod's name under
+// its headless Service) stays a name in the cluster's configuration, and
+// is resolved at each dial: a member that comes back on another IP is
+// found again under its name. Resolving it once at start would pin the
+// pod's first IP for ever.
+func TestRaftAdvertisedByName(t *testing.T) {
+	ports := make([]string, 3)
+	for i := range ports {
+		ports[i] = freeTCPPort(t)
+	}
+	c := clustertest.Start(t, 3, clustertest.Options{Configure: func(cfg *server.Config) {
+		i := int(cfg.NodeID[1] - '1')
+		cfg.RaftAddr = "127.0.0.1:" + ports[i]
+		cfg.RaftAdvertise = "localhost:" + ports[i]
+	}})
+	for i := range c.Nodes {
+		st, err := c.Nodes[i].Server.Node().Status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range st.Members {
+			if !strings.HasPrefix(m.RaftAddr, "localhost:") {
+				t.Fatalf("%s sees member %s at %q, want its advertised name", c.Nodes[i].ID, m.ID, m.RaftAddr)
+			}
+		}
+	}
+	// The cluster replicates over the names, and a restarted member
+	// (resolved again) rejoins.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := c.CreateUser(ctx, c.Follower(), "by-name"); err != nil {
+		t.Fatal(err)
+	}
+	c.Shutdown(c.Leader())
+	for i, n := range c.Nodes {
+		if n.Server == nil {
+			c.Restart(i)
+		}
+	}
+	c.WaitReady()
+	if _, err := c.CreateUser(ctx, 0, "after-restart"); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitConverged()
+}
+
+func freeTCPPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	return port
 }

@@ -19,6 +19,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -108,6 +109,11 @@ type Config struct {
 	// RestoreFrom is a backup file to seed a new cluster from (implies
 	// Bootstrap; the data dir must be empty).
 	RestoreFrom string
+	// OpenBackup opens RestoreFrom and returns its plaintext state export
+	// (control/backup.OpenFile decrypts an encrypted backup); default
+	// os.Open. It is called twice: once to import, once to copy the
+	// export into the first Raft snapshot.
+	OpenBackup func(path string) (io.ReadCloser, error)
 	// TLSServer / TLSClient enable TLS for Raft; both or neither.
 	TLSServer, TLSClient *tls.Config
 	// Peers reaches other nodes' PeerService. Required for followers to
@@ -312,9 +318,9 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 func (n *Node) newTransport() (*raft.NetworkTransport, error) {
 	var adv net.Addr
 	if n.cfg.RaftAdvertise != "" {
-		a, err := net.ResolveTCPAddr("tcp", n.cfg.RaftAdvertise)
+		a, err := parseAdvertise(n.cfg.RaftAdvertise)
 		if err != nil {
-			return nil, fmt.Errorf("resolve raft advertise address %q: %w", n.cfg.RaftAdvertise, err)
+			return nil, err
 		}
 		adv = a
 	}
@@ -325,6 +331,35 @@ func (n *Node) newTransport() (*raft.NetworkTransport, error) {
 	return raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 		Stream: layer, MaxPool: 3, Timeout: 10 * time.Second, Logger: newHCLogger(n.log, "raft-net"),
 	}), nil
+}
+
+// advertiseAddr is a Raft address as the operator wrote it. A DNS name
+// stays a name in the cluster's configuration and is resolved at each
+// dial: a member whose IP changes (a rescheduled Kubernetes pod under its
+// headless Service) stays reachable, where an address resolved once at
+// start would point at the old IP for ever.
+type advertiseAddr string
+
+func (a advertiseAddr) Network() string { return "tcp" }
+func (a advertiseAddr) String() string  { return string(a) }
+
+// parseAdvertise checks an advertised address: host:port with a host
+// others can dial (a name or a specific IP) and a numeric port.
+func parseAdvertise(s string) (net.Addr, error) {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return nil, fmt.Errorf("raft advertise address %q: %w", s, err)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return nil, fmt.Errorf("raft advertise address %q: port must be 1 to 65535", s)
+	}
+	if host == "" {
+		return nil, fmt.Errorf("raft advertise address %q: no host", s)
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		return nil, fmt.Errorf("raft advertise address %q: %s is not an address others can dial", s, host)
+	}
+	return advertiseAddr(s), nil
 }
 
 func (n *Node) raftConfig() *raft.Config {
@@ -394,9 +429,13 @@ func (n *Node) catchUpWithSnapshot() error {
 // cluster continues the old one's revisions. It runs before the FSM is
 // created.
 func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
-	f, err := os.Open(path)
+	open := n.cfg.OpenBackup
+	if open == nil {
+		open = func(path string) (io.ReadCloser, error) { return os.Open(path) }
+	}
+	f, err := open(path)
 	if err != nil {
-		return fmt.Errorf("open backup: %w", err)
+		return fmt.Errorf("restore: %w", err)
 	}
 	defer f.Close()
 	count, err := n.state.Import(f)
@@ -418,11 +457,13 @@ func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
 	if err != nil {
 		return fmt.Errorf("create restore snapshot: %w", err)
 	}
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
+	again, err := open(path)
+	if err != nil {
 		_ = sink.Cancel()
-		return fmt.Errorf("rewind backup: %w", err)
+		return fmt.Errorf("restore: reopen: %w", err)
 	}
-	if _, err := io.Copy(sink, f); err != nil {
+	defer again.Close()
+	if _, err := io.Copy(sink, again); err != nil {
 		_ = sink.Cancel()
 		return fmt.Errorf("write restore snapshot: %w", err)
 	}

@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -28,6 +29,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoregistry"
 
 	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/backup"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/openapi"
 	"github.com/edge-relay/relay/control/raftnode"
@@ -59,8 +61,18 @@ type Config struct {
 	// Join lists API addresses of existing members to join through (when
 	// the data dir is empty).
 	Join []string
-	// RestoreFrom seeds a new single-node cluster from a backup file.
+	// RestoreFrom seeds a new single-node cluster from a backup file
+	// (plaintext, or encrypted to BackupKey).
 	RestoreFrom string
+	// BackupDir, if set, turns on scheduled backups: while this node
+	// leads it writes a verified backup there every BackupEvery (default
+	// 1h) and keeps the newest BackupKeep (default 7).
+	BackupDir   string
+	BackupEvery time.Duration
+	BackupKeep  int
+	// BackupKey encrypts scheduled backups and decrypts RestoreFrom; nil
+	// writes plaintext backups (which hold password hashes and keys).
+	BackupKey *backup.Key
 	// CertFile, KeyFile and CAFile enable TLS: mutual TLS for Raft and for
 	// node-to-node API calls, TLS for the API. All three or none.
 	CertFile, KeyFile, CAFile string
@@ -167,6 +179,9 @@ func (c *Config) applyDefaults() error {
 	if c.EdgeExpireEvery <= 0 {
 		c.EdgeExpireEvery = 5 * time.Second
 	}
+	if c.BackupEvery <= 0 {
+		c.BackupEvery = time.Hour
+	}
 	return nil
 }
 
@@ -183,7 +198,8 @@ type Server struct {
 	adminSrv       *http.Server
 	tls            *tls.Config
 	authn          *api.Authenticator
-	ready          chan struct{} // closed once everything is wired
+	ready          chan struct{}     // closed once everything is wired
+	backups        *backup.Scheduler // nil unless BackupDir is set
 	bg             context.CancelFunc
 
 	// stopping is set as soon as Shutdown begins: /readyz answers 503
@@ -262,7 +278,8 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		NodeID: cfg.NodeID, DataDir: cfg.DataDir,
 		RaftBind: cfg.RaftAddr, RaftAdvertise: cfg.RaftAdvertise, APIAdvertise: apiAdv,
 		Bootstrap: cfg.Bootstrap, RestoreFrom: cfg.RestoreFrom,
-		TLSServer: raftServerTLS, TLSClient: clientTLS,
+		OpenBackup: func(path string) (io.ReadCloser, error) { return backup.OpenFile(path, cfg.BackupKey) },
+		TLSServer:  raftServerTLS, TLSClient: clientTLS,
 		Peers: s.dialer, Logger: cfg.Logger, SlowThreshold: cfg.SlowThreshold,
 		Metrics: s.reg, FSM: cfg.FSM, Raft: cfg.Raft,
 		OnLeader: s.leaderTasks, Tracer: tp.Tracer("github.com/edge-relay/relay/control/raftnode"),
@@ -352,6 +369,15 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		defer s.wg.Done()
 		s.authn.RunActivity(bgctx)
 	}()
+	if cfg.BackupDir != "" {
+		s.backups, err = backup.Start(backup.Config{
+			Dir: cfg.BackupDir, Every: cfg.BackupEvery, Keep: cfg.BackupKeep, Key: cfg.BackupKey,
+			Source: s.writeBackup, Leading: s.node.IsLeader, Logger: s.log, Metrics: s.reg,
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
 	close(s.ready)
 
 	if len(cfg.Join) > 0 && !s.node.IsMemberOrHasState() {
@@ -429,6 +455,20 @@ func (s *Server) adminMux() http.Handler {
 	return mux
 }
 
+// writeBackup is the source of scheduled backups: the same consistent copy
+// ClusterService.Backup streams (a linearizable read barrier, then the
+// FSM's export).
+func (s *Server) writeBackup(ctx context.Context, w io.Writer) error {
+	if err := s.node.Barrier(ctx); err != nil {
+		return err
+	}
+	_, err := s.node.FSM().WriteBackup(w)
+	return err
+}
+
+// Backups returns the backup scheduler, nil unless BackupDir is set.
+func (s *Server) Backups() *backup.Scheduler { return s.backups }
+
 // Node returns the Raft node.
 func (s *Server) Node() *raftnode.Node { return s.node }
 
@@ -467,6 +507,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		if s.bg != nil {
 			s.bg()
 		}
+		if s.backups != nil {
+			_ = s.backups.Close()
+		}
 		if s.node != nil {
 			if err := s.node.Shutdown(ctx); err != nil {
 				errs = append(errs, err)
@@ -498,6 +541,9 @@ func (s *Server) Kill() {
 		}
 		if s.bg != nil {
 			s.bg()
+		}
+		if s.backups != nil {
+			_ = s.backups.Close()
 		}
 		if s.node != nil {
 			_ = s.node.Kill()

@@ -26,8 +26,8 @@ set -a
 set +a
 
 if [ ! -f certs/tls.crt ]; then
-	# The names, and the fixed addresses: a node's peers dial the address
-	# its Raft advertise name resolved to when it started.
+	# The names the nodes advertise (their peers dial those and check the
+	# certificate for them), and their fixed addresses.
 	../scripts/relay-certs.sh certs control-1 control-2 control-3 \
 		172.28.10.11 172.28.10.12 172.28.10.13 localhost 127.0.0.1
 	# The containers run as uid 65532 and the key is bind-mounted as it is:
