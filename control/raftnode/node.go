@@ -76,6 +76,13 @@ type Tuning struct {
 	// that stopped answering (a paused process) costs one attempt, after
 	// which the node retries with whoever leads by then. Default 5s.
 	ForwardTimeout time.Duration
+	// LeaderWait bounds how long a write or a linearizable read waits,
+	// within the caller's deadline, while the node knows no leader: a
+	// node cut off from the majority then answers Unavailable (which
+	// clients retry elsewhere) instead of holding the call until the
+	// caller gives up. An election takes a few heartbeat timeouts, well
+	// below it. Default 5s.
+	LeaderWait time.Duration
 }
 
 // PeerClient is what a node needs from another control node: the
@@ -168,6 +175,9 @@ func (c *Config) applyDefaults() error {
 	}
 	if c.Raft.ForwardTimeout <= 0 {
 		c.Raft.ForwardTimeout = 5 * time.Second
+	}
+	if c.Raft.LeaderWait <= 0 {
+		c.Raft.LeaderWait = 5 * time.Second
 	}
 	if c.RestoreFrom != "" {
 		c.Bootstrap = true
@@ -518,7 +528,7 @@ func (n *Node) Apply(ctx context.Context, cmd *statev1.Command) (*statev1.Result
 	ctx, span := n.cfg.Tracer.Start(ctx, "raft.apply", trace.WithAttributes(attribute.String("relay.op", opName(cmd))))
 	defer span.End()
 	start := time.Now()
-	res, err := retry(ctx, func() (*statev1.Result, error) { return n.applyOnce(ctx, data) })
+	res, err := retry(ctx, n.cfg.Raft.LeaderWait, func() (*statev1.Result, error) { return n.applyOnce(ctx, data) })
 	took := time.Since(start)
 	span.SetAttributes(attribute.Int64("relay.revision", int64(res.GetRevision())), attribute.Bool("relay.leader", n.IsLeader()))
 	if err != nil {
@@ -536,13 +546,30 @@ func (n *Node) Apply(ctx context.Context, cmd *statev1.Command) (*statev1.Result
 
 // retry runs op until it succeeds, fails with a final error, or ctx ends.
 // ErrNoLeader and ErrUnknownOutcome are retried (safe thanks to the
-// request id); everything else is final.
-func retry[T any](ctx context.Context, op func() (T, error)) (T, error) {
+// request id); everything else is final. After leaderWait without a
+// known leader it gives up with ErrNoLeader (wrapping ErrUnknownOutcome
+// as well when an earlier attempt's outcome is unknown).
+func retry[T any](ctx context.Context, leaderWait time.Duration, op func() (T, error)) (T, error) {
 	backoff := 10 * time.Millisecond
+	var noLeaderSince time.Time
+	unknown := false
 	for {
 		v, err := op()
 		if err == nil || !(errors.Is(err, ErrNoLeader) || errors.Is(err, ErrUnknownOutcome)) {
 			return v, err
+		}
+		if errors.Is(err, ErrUnknownOutcome) {
+			unknown = true
+		}
+		if !errors.Is(err, ErrNoLeader) {
+			noLeaderSince = time.Time{}
+		} else if noLeaderSince.IsZero() {
+			noLeaderSince = time.Now()
+		} else if time.Since(noLeaderSince) >= leaderWait {
+			if unknown && !errors.Is(err, ErrUnknownOutcome) {
+				err = fmt.Errorf("%w (%w: an earlier attempt may have taken effect)", err, ErrUnknownOutcome)
+			}
+			return v, fmt.Errorf("%w (no leader for %v)", err, leaderWait)
 		}
 		t := time.NewTimer(backoff)
 		select {
@@ -668,7 +695,7 @@ func (n *Node) ReadIndexLocal(ctx context.Context) (uint64, error) {
 // ReadIndex returns the index a linearizable read must wait for, asking
 // the leader when this node is a follower.
 func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
-	return retry(ctx, func() (uint64, error) {
+	return retry(ctx, n.cfg.Raft.LeaderWait, func() (uint64, error) {
 		if n.shutdown.Load() {
 			return 0, ErrShutdown
 		}

@@ -39,7 +39,7 @@ const SystemAdminPassword = "system-admin-password"
 type SystemOptions struct {
 	// Relayd is the relayd binary (BuildRelayd); required.
 	Relayd string
-	// ControlNodes [3] and Edges [2] to start.
+	// ControlNodes [3] and Edges [2] to start (Edges < 0: none).
 	ControlNodes, Edges int
 	// ControlArgs and EdgeArgs are extra flags for control node i and
 	// edge i.
@@ -97,6 +97,9 @@ func StartSystem(t clustertest.TB, opts SystemOptions) *System {
 	}
 	if opts.Edges == 0 {
 		opts.Edges = 2
+	}
+	if opts.Edges < 0 {
+		opts.Edges = 0
 	}
 	s := &System{t: t, opts: opts, Net: NewNet(t), dialer: api.NewDialer(nil),
 		plain: &http.Client{Timeout: 5 * time.Second}}
