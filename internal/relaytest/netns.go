@@ -229,8 +229,10 @@ func NewNet(t clustertest.TB) *Net {
 }
 
 func (n *Net) close() {
-	// Deleting the hub deletes the bridge's ends of every veth, and with
-	// them the other ends (the test process's included).
+	// The test process's end first: a deleted namespace goes away (with
+	// the veths in it) only once the kernel gets to it, and the next
+	// network may reuse this one's number right away.
+	_ = exec.Command("ip", "link", "del", fmt.Sprintf("rl%d", n.subnet[2])).Run()
 	for _, h := range n.hosts {
 		_ = exec.Command("ip", "netns", "del", h.NS).Run()
 	}
