@@ -81,9 +81,15 @@ func (w *Watcher) once(ctx context.Context, n *relaytest.ControlNode) {
 		from = 0
 	}
 	w.streams++
+	streams := w.streams
 	w.mu.Unlock()
 	stall := time.AfterFunc(stallAfter, cancel)
 	defer stall.Stop()
+	// Streams end by themselves too, every few seconds, so the watcher
+	// resumes on every node, including those just restarted or healed
+	// (and behind): a resume must never go back in time.
+	life := time.AfterFunc(2*time.Second+time.Duration(streams%4)*time.Second, cancel)
+	defer life.Stop()
 	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from})
 	req.Header().Set("Authorization", "Bearer "+w.token)
 	stream, err := edgev1connect.NewWatchServiceClient(w.s.HTTPClient(), w.s.URL(n)).Watch(ctx, req)
