@@ -18,8 +18,11 @@ type Nemesis struct {
 	Rng *rand.Rand
 	// Logf reports each step.
 	Logf func(format string, args ...any)
-	// Faults to draw from [every kind]: "partition-leader",
-	// "partition-node", "one-way-leader", "kill", "pause".
+	// Faults to draw from [the control plane's]: "partition-leader",
+	// "partition-node", "one-way-leader", "kill", "pause" (of control
+	// nodes); "edge-split" (the edges from each other), "edge-cut-control"
+	// (an edge from every control node), "device-cut-edge" (the test's
+	// devices from an edge), "edge-kill" (SIGKILL, then a restart).
 	Faults []string
 	// Hold is the longest a fault lasts [5s]; Calm the longest healthy
 	// stretch between faults [2s].
@@ -63,11 +66,39 @@ func (n *Nemesis) Run(ctx context.Context) {
 				target = l
 			}
 		}
-		step := fmt.Sprintf("%6.1fs %s %s", time.Since(start).Seconds(), kind, target.ID)
+		edge := 0
+		if len(n.S.Edges) > 0 {
+			edge = n.Rng.IntN(len(n.S.Edges))
+		}
+		name := target.ID
+		if strings.HasPrefix(kind, "edge") || strings.HasPrefix(kind, "device") {
+			name = n.S.Edges[edge].ID
+		}
+		step := fmt.Sprintf("%6.1fs %s %s", time.Since(start).Seconds(), kind, name)
 		n.Steps = append(n.Steps, step)
 		n.Logf("nemesis: %s", step)
 		var undo func()
 		switch kind {
+		case "edge-split":
+			var groups [][]*relaytest.Host
+			for _, e := range n.S.Edges {
+				groups = append(groups, []*relaytest.Host{e.Host})
+			}
+			n.S.Net.Partition(groups...)
+			undo = n.S.Net.Heal
+		case "edge-cut-control":
+			var control []*relaytest.Host
+			for _, c := range n.S.Control {
+				control = append(control, c.Host)
+			}
+			n.S.Net.Partition([]*relaytest.Host{n.S.Edges[edge].Host}, control)
+			undo = n.S.Net.Heal
+		case "device-cut-edge":
+			n.S.Net.Cut(n.S.Net.Client, n.S.Edges[edge].Host)
+			undo = n.S.Net.Heal
+		case "edge-kill":
+			n.S.Edges[edge].Proc.Kill()
+			undo = func() { n.S.StartEdge(edge) }
 		case "partition-leader", "partition-node":
 			n.S.Net.Partition([]*relaytest.Host{target.Host}, n.others(target))
 			undo = n.S.Net.Heal
@@ -85,7 +116,7 @@ func (n *Nemesis) Run(ctx context.Context) {
 			undo = func() { _ = target.Proc.Resume() }
 		}
 		sleep(n.Hold)
-		n.Logf("nemesis: %6.1fs heal %s %s", time.Since(start).Seconds(), kind, target.ID)
+		n.Logf("nemesis: %6.1fs heal %s %s", time.Since(start).Seconds(), kind, name)
 		undo()
 	}
 }
