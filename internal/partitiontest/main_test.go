@@ -22,8 +22,13 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
-	if os.Getenv("RELAYTEST_NETNS_PREFIX") != "" || os.Geteuid() != 0 {
-		// Inside the namespace (or where there is none): build and run.
+	if os.Getenv("RELAYTEST_NETNS_PREFIX") != "" {
+		// The inner run, in the namespace: the outer one built relayd
+		// (where the module proxy can be reached, if it must be).
+		relayd = os.Getenv("RELAYTEST_RELAYD")
+		return relaytest.MainInNetns(leakChecked{m})
+	}
+	if os.Geteuid() == 0 {
 		dir, err := os.MkdirTemp("", "relay-partition-bin")
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
@@ -34,6 +39,7 @@ func run(m *testing.M) int {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
+		os.Setenv("RELAYTEST_RELAYD", relayd)
 	}
 	return relaytest.MainInNetns(leakChecked{m})
 }
