@@ -157,7 +157,9 @@ func TestDeviceCutOffFromItsEdge(t *testing.T) {
 	tr.send(cs, snd.ID, []string{rcv.ID})
 	time.Sleep(2 * time.Second) // traffic before the cut (workload time)
 	cut := time.Now()
-	s.Net.Cut(s.Net.Client, s.Edges[0].Host)
+	// The devices' port only: the test still reads the edge's metrics.
+	s.Net.CutPort(s.Net.Client, s.Edges[0].Host, "udp", relaytest.PortEdge)
+	s.Net.CutPort(s.Net.Client, s.Edges[0].Host, "tcp", relaytest.PortEdge)
 	clustertest.Eventually(t, 30*time.Second, func() error {
 		mu.Lock()
 		defer mu.Unlock()
@@ -169,6 +171,19 @@ func TestDeviceCutOffFromItsEdge(t *testing.T) {
 	mu.Lock()
 	t.Logf("receiver on the other edge %v after the cut (idle timeout 4 s; resumed with its ticket: %v)", moved.Sub(cut).Round(10*time.Millisecond), resumed)
 	mu.Unlock()
+	// The edge it left lets the session go within its idle timeout (4 s).
+	clustertest.Eventually(t, 15*time.Second, func() error {
+		n, err := s.EdgeMetric(s.Edges[0], "relay_edge_sessions")
+		if err != nil {
+			return err
+		}
+		if n != 0 {
+			return fmt.Errorf("edge 1 holds %v sessions", n)
+		}
+		return nil
+	})
+	t.Logf("edge 1 dropped the receiver's session %v after the cut (its idle timeout 4 s)", time.Since(cut).Round(10*time.Millisecond))
+
 	time.Sleep(3 * time.Second) // traffic after the move (workload time)
 	s.Net.Heal()
 	tr.finish(t, 60*time.Second, cs, cr)

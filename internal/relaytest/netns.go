@@ -161,6 +161,7 @@ type Net struct {
 	mu    sync.Mutex // guards the fields below
 	hosts []*Host
 	cuts  map[[2]*Host]bool // from, to: packets from -> to dropped
+	dirty map[*Host]bool    // hosts whose INPUT chain has rules
 }
 
 // Host is a namespace on a Net with one address.
@@ -200,7 +201,7 @@ func NewNet(t clustertest.TB) *Net {
 	t.Helper()
 	NeedNetns(t)
 	base := os.Getenv(envNetnsChild)
-	n := &Net{t: t, cuts: map[[2]*Host]bool{}}
+	n := &Net{t: t, cuts: map[[2]*Host]bool{}, dirty: map[*Host]bool{}}
 	// Pick a network number nobody in this run holds: creating the hub
 	// namespace is the claim.
 	for k := 1; ; k++ {
@@ -309,6 +310,23 @@ func (n *Net) CutOneWay(from, to *Host) {
 		n.t.Fatal(err)
 	}
 	n.cuts[[2]*Host{from, to}] = true
+	n.dirty[to] = true
+}
+
+// CutPort drops the traffic between a host and one port of another (udp
+// or tcp), both ways; the hosts' other traffic flows.
+func (n *Net) CutPort(from, to *Host, proto string, port int) {
+	n.t.Helper()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	p := fmt.Sprint(port)
+	if err := to.iptables("-A", "INPUT", "-s", from.Addr.String(), "-p", proto, "--dport", p, "-j", "DROP"); err != nil {
+		n.t.Fatal(err)
+	}
+	if err := from.iptables("-A", "INPUT", "-s", to.Addr.String(), "-p", proto, "--sport", p, "-j", "DROP"); err != nil {
+		n.t.Fatal(err)
+	}
+	n.dirty[from], n.dirty[to] = true, true
 }
 
 // Cut drops every packet between two hosts, both ways.
@@ -351,17 +369,12 @@ func (n *Net) Heal() {
 	n.t.Helper()
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	flushed := map[*Host]bool{}
-	for c := range n.cuts {
-		to := c[1]
-		if flushed[to] {
-			continue
-		}
-		if err := to.iptables("-F", "INPUT"); err != nil {
+	for h := range n.dirty {
+		if err := h.iptables("-F", "INPUT"); err != nil {
 			n.t.Fatal(err)
 		}
-		flushed[to] = true
 	}
+	clear(n.dirty)
 	clear(n.cuts)
 }
 
