@@ -121,12 +121,28 @@ func TestEdgesSplitFromEachOther(t *testing.T) {
 	tr.send(cs2, s2.ID, []string{r1.ID, r2.ID})
 	time.Sleep(2 * time.Second) // traffic before the split (workload time)
 	_, before, _ := tr.log.Stats()
+	stored := func() float64 {
+		total := 0.0
+		for _, e := range s.Edges {
+			v, err := s.EdgeMetric(e, "relay_edge_mailbox_entries_total")
+			if err != nil {
+				t.Fatal(err)
+			}
+			total += v
+		}
+		return total
+	}
+	storedBefore := stored()
 	s.Net.Cut(s.Edges[0].Host, s.Edges[1].Host)
 	time.Sleep(8 * time.Second) // the split lasts (workload time)
 	_, during, _ := tr.log.Stats()
+	storedDuring := stored() - storedBefore
 	s.Net.Heal()
 	time.Sleep(3 * time.Second) // traffic after healing (workload time)
-	t.Logf("acknowledged: %d before the split, %d during it (8 s)", before, during-before)
+	t.Logf("acknowledged: %d before the split, %d during it (8 s); mailbox entries written during it: %v", before, during-before, storedDuring)
+	if storedDuring == 0 {
+		t.Errorf("no event went to a mailbox during the split")
+	}
 	tr.finish(t, 60*time.Second, cs1, cr1, cs2, cr2)
 }
 
