@@ -1,7 +1,10 @@
 package partitiontest
 
 import (
+	"os"
+	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/anishathalye/porcupine"
 )
@@ -75,5 +78,26 @@ func TestModel(t *testing.T) {
 				t.Fatalf("linearizable = %v, want %v", got, tt.ok)
 			}
 		})
+	}
+}
+
+// A history that is not linearizable is kept, as JSON and as porcupine's
+// visualisation, for the failing run's report.
+func TestHistoryKeptOnFailure(t *testing.T) {
+	h := NewHistory()
+	h.Invoke(0, Input{Key: "user:a", Kind: OpCreate, Name: "x"})(Output{ID: "u1"})
+	h.Invoke(1, Input{Key: "user:a", Kind: OpRead, ID: "u1"})(Output{Name: "stale"})
+	dir := t.TempDir()
+	res, where, err := h.Check(Model(nil), time.Minute, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res != porcupine.Illegal || where != dir {
+		t.Fatalf("check = %s, kept in %q", res, where)
+	}
+	for _, f := range []string{"history.json", "history.html"} {
+		if fi, err := os.Stat(filepath.Join(dir, f)); err != nil || fi.Size() == 0 {
+			t.Errorf("%s: %v", f, err)
+		}
 	}
 }
