@@ -11,7 +11,8 @@ import (
 // at the client API (after the client's own deduplication), and checks
 // the relay's promise: every event a sender saw acknowledged reaches each
 // target exactly once, in the order the sender sent them, and nothing
-// arrives after its TTL; an event whose send failed arrives at most once.
+// arrives after its TTL; an event whose send failed arrives at most once,
+// and one the edge refused never.
 type RelayLog struct {
 	mu   sync.Mutex // guards the fields below
 	sent map[string]*sentEvent
@@ -25,6 +26,7 @@ type sentEvent struct {
 	targets []string
 	index   int // position in the sender's order
 	acked   bool
+	refused bool // the edge refused it: it must never arrive
 	sentAt  time.Time
 	ttl     time.Duration
 }
@@ -53,6 +55,14 @@ func (l *RelayLog) Acked(id string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.sent[id].acked = true
+}
+
+// Refused marks an event the edge refused (a Reject): it must never
+// arrive.
+func (l *RelayLog) Refused(id string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.sent[id].refused = true
 }
 
 // Received notes an event a target got from its client.
@@ -119,6 +129,9 @@ func (l *RelayLog) Check() []string {
 			}
 			if r.sender != s.sender {
 				bad = append(bad, fmt.Sprintf("%s received %s from %s, sent by %s", target, r.id, r.sender, s.sender))
+			}
+			if s.refused {
+				bad = append(bad, fmt.Sprintf("%s received %s, which the edge refused", target, r.id))
 			}
 			if prev, ok := last[s.sender]; ok && s.index < prev {
 				bad = append(bad, fmt.Sprintf("%s received %s (#%d of %s) after #%d: out of the sender's order", target, r.id, s.index, s.sender, prev))

@@ -14,16 +14,19 @@ func TestRelayLogCheck(t *testing.T) {
 		l.Acked(id)
 	}
 	l.Sending("s", "e", []string{"r"}, time.Minute) // not acknowledged: may be lost
+	l.Sending("s", "f", []string{"r"}, time.Minute)
+	l.Refused("f")
 	l.Received("r", "s", "a")
 	l.Received("r", "s", "c") // b missing, then out of order
 	l.Received("r", "s", "b")
 	l.Received("r", "s", "c") // c twice
 	l.Received("r", "x", "z") // never sent
+	l.Received("r", "s", "f") // refused
 	if l.Missing() != 1 {
 		t.Fatalf("missing = %d, want 1 (d)", l.Missing())
 	}
 	got := strings.Join(l.Check(), "\n")
-	for _, want := range []string{"out of the sender's order", "received c 2 times", "never received d", "nobody sent"} {
+	for _, want := range []string{"out of the sender's order", "received c 2 times", "never received d", "nobody sent", "which the edge refused"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("violations lack %q:\n%s", want, got)
 		}
