@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -57,6 +58,15 @@ func chaosConfig(t *testing.T, short time.Duration) (seed uint64, d time.Duratio
 	return seed, d, out
 }
 
+// faultsFromEnv is RELAY_CHAOS_FAULTS, a comma-separated list of the
+// nemesis's fault kinds (default: all of the test's).
+func faultsFromEnv() []string {
+	if v := os.Getenv("RELAY_CHAOS_FAULTS"); v != "" {
+		return strings.Split(v, ",")
+	}
+	return nil
+}
+
 // startClients runs perNode workload clients against each control node
 // until the returned stop is called.
 func startClients(w *Workload, s *relaytest.System, perNode int, seed uint64) (stop func()) {
@@ -72,6 +82,29 @@ func startClients(w *Workload, s *relaytest.System, perNode int, seed uint64) (s
 		}
 	}
 	return func() { cancel(); wg.Wait() }
+}
+
+// keepOnFailure keeps, when the test fails, what a report needs in out:
+// every process's log and the history (even one that checked as
+// linearizable); and logs answers that did not come from the API.
+func keepOnFailure(t *testing.T, s *relaytest.System, w *Workload, out string) {
+	t.Cleanup(func() {
+		for _, o := range s.Odd() {
+			t.Logf("an answer not from the API: %s", o)
+		}
+		if !t.Failed() {
+			return
+		}
+		if err := s.DumpLogs(out); err != nil {
+			t.Logf("keep the logs: %v", err)
+		}
+		if w != nil {
+			if err := w.History.Save(out); err != nil {
+				t.Logf("keep the history: %v", err)
+			}
+		}
+		t.Logf("logs and history kept in %s", out)
+	})
 }
 
 // checkHistory checks the workload's history for linearizability,
@@ -108,6 +141,7 @@ func TestMinorityLeaderStepsDown(t *testing.T) {
 	seed, _, out := chaosConfig(t, 0)
 	s := relaytest.StartSystem(t, relaytest.SystemOptions{Relayd: relayd, ControlNodes: 3, Edges: -1})
 	w := NewWorkload(s, 4, 2, 2*time.Second)
+	keepOnFailure(t, s, w, out)
 	stop := startClients(w, s, 2, seed)
 	defer stop()
 	time.Sleep(time.Second) // let the clients build some history before the split (workload time, not synchronisation)
@@ -223,6 +257,7 @@ func TestControlPlaneNemesis(t *testing.T) {
 	seed, d, out := chaosConfig(t, 20*time.Second)
 	s := relaytest.StartSystem(t, relaytest.SystemOptions{Relayd: relayd, ControlNodes: 3, Edges: -1})
 	w := NewWorkload(s, 4, 2, 2*time.Second)
+	keepOnFailure(t, s, w, out)
 	watcher := NewWatcher(t, s)
 	wctx, wcancel := context.WithCancel(context.Background())
 	var wwg sync.WaitGroup
@@ -231,7 +266,7 @@ func TestControlPlaneNemesis(t *testing.T) {
 
 	stop := startClients(w, s, 2, seed)
 	defer stop()
-	nem := &Nemesis{S: s, Rng: rand.New(rand.NewPCG(seed, 1<<32)), Logf: t.Logf}
+	nem := &Nemesis{S: s, Rng: rand.New(rand.NewPCG(seed, 1<<32)), Logf: t.Logf, Faults: faultsFromEnv()}
 	nctx, ncancel := context.WithTimeout(context.Background(), d)
 	defer ncancel()
 	nem.Run(nctx)

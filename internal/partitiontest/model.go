@@ -234,14 +234,7 @@ func (h *History) Check(model porcupine.Model, timeout time.Duration, dir string
 	if res == porcupine.Ok {
 		return res, "", nil
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return res, "", err
-	}
-	b, err := json.MarshalIndent(ops, "", " ")
-	if err != nil {
-		return res, "", err
-	}
-	if err := os.WriteFile(filepath.Join(dir, "history.json"), b, 0o644); err != nil {
+	if err := h.Save(dir); err != nil {
 		return res, "", err
 	}
 	vis := filepath.Join(dir, "history.html")
@@ -249,4 +242,16 @@ func (h *History) Check(model porcupine.Model, timeout time.Duration, dir string
 		return res, "", err
 	}
 	return res, dir, nil
+}
+
+// Save writes the history as JSON into dir (history.json).
+func (h *History) Save(dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(h.Ops(), "", " ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "history.json"), b, 0o644)
 }

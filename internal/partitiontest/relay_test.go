@@ -212,8 +212,9 @@ func TestDeviceCutOffFromItsEdge(t *testing.T) {
 // they must). Every event a sender saw acknowledged reaches each target
 // exactly once, in order, within its TTL.
 func TestRelayNemesis(t *testing.T) {
-	seed, d, _ := chaosConfig(t, 20*time.Second)
+	seed, d, out := chaosConfig(t, 20*time.Second)
 	s := relaySystem(t)
+	keepOnFailure(t, s, nil, out)
 	user := s.User("erin")
 	var devs []relaytest.SystemDevice
 	var clients []*client.Client
@@ -229,8 +230,11 @@ func TestRelayNemesis(t *testing.T) {
 	// d0 (edge 1) and d1 (edge 2) send to everyone else.
 	tr.send(clients[0], devs[0].ID, []string{devs[1].ID, devs[2].ID, devs[3].ID})
 	tr.send(clients[1], devs[1].ID, []string{devs[0].ID, devs[2].ID, devs[3].ID})
-	nem := &Nemesis{S: s, Rng: rand.New(rand.NewPCG(seed, 2<<32)), Logf: t.Logf,
-		Faults: []string{"partition-leader", "kill", "pause", "edge-split", "edge-cut-control", "device-cut-edge", "edge-kill"}}
+	faults := faultsFromEnv()
+	if faults == nil {
+		faults = []string{"partition-leader", "kill", "pause", "edge-split", "edge-cut-control", "device-cut-edge", "edge-kill"}
+	}
+	nem := &Nemesis{S: s, Rng: rand.New(rand.NewPCG(seed, 2<<32)), Logf: t.Logf, Faults: faults}
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	nem.Run(ctx)

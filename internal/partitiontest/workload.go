@@ -58,9 +58,9 @@ func (w *Workload) Run(ctx context.Context, client int, node *relaytest.ControlN
 	users, devices := w.s.Users(node), w.s.Devices(node)
 	for seq := 0; ctx.Err() == nil; seq++ {
 		if rng.IntN(10) < 3 && len(w.devices) > 0 {
-			w.deviceOp(client, rng, devices)
+			w.deviceOp(client, node.ID, rng, devices)
 		} else {
-			w.userOp(client, rng, seq, users)
+			w.userOp(client, node.ID, rng, seq, users)
 		}
 		select {
 		case <-ctx.Done():
@@ -69,7 +69,7 @@ func (w *Workload) Run(ctx context.Context, client int, node *relaytest.ControlN
 	}
 }
 
-func (w *Workload) userOp(client int, rng *rand.Rand, seq int, users interface {
+func (w *Workload) userOp(client int, node string, rng *rand.Rand, seq int, users interface {
 	CreateUser(context.Context, *connect.Request[controlv1.CreateUserRequest]) (*connect.Response[controlv1.CreateUserResponse], error)
 	GetUser(context.Context, *connect.Request[controlv1.GetUserRequest]) (*connect.Response[controlv1.GetUserResponse], error)
 	UpdateUser(context.Context, *connect.Request[controlv1.UpdateUserRequest]) (*connect.Response[controlv1.UpdateUserResponse], error)
@@ -88,7 +88,7 @@ func (w *Workload) userOp(client int, rng *rand.Rand, seq int, users interface {
 	case id == "" || r < 15:
 		done := w.History.Invoke(client, Input{Key: key, Kind: OpCreate, Name: name})
 		resp, err := users.CreateUser(ctx, relaytest.Admin(w.s, &controlv1.CreateUserRequest{Login: login, DisplayName: name}))
-		out := w.outcome(OpCreate, err)
+		out := w.outcome(node, OpCreate, err)
 		if err == nil {
 			out.ID = resp.Msg.GetUser().GetId()
 			w.mu.Lock()
@@ -99,15 +99,15 @@ func (w *Workload) userOp(client int, rng *rand.Rand, seq int, users interface {
 	case r < 45:
 		done := w.History.Invoke(client, Input{Key: key, Kind: OpUpdate, ID: id, Name: name})
 		_, err := users.UpdateUser(ctx, relaytest.Admin(w.s, &controlv1.UpdateUserRequest{Id: id, DisplayName: &name}))
-		done(w.outcome(OpUpdate, err))
+		done(w.outcome(node, OpUpdate, err))
 	case r < 55:
 		done := w.History.Invoke(client, Input{Key: key, Kind: OpDelete, ID: id})
 		_, err := users.DeleteUser(ctx, relaytest.Admin(w.s, &controlv1.DeleteUserRequest{Id: id}))
-		done(w.outcome(OpDelete, err))
+		done(w.outcome(node, OpDelete, err))
 	default:
 		done := w.History.Invoke(client, Input{Key: key, Kind: OpRead, ID: id})
 		resp, err := users.GetUser(ctx, relaytest.Admin(w.s, &controlv1.GetUserRequest{Id: id}))
-		out := w.outcome(OpRead, err)
+		out := w.outcome(node, OpRead, err)
 		if err == nil {
 			out.Name = resp.Msg.GetUser().GetDisplayName()
 		}
@@ -117,7 +117,7 @@ func (w *Workload) userOp(client int, rng *rand.Rand, seq int, users interface {
 	}
 }
 
-func (w *Workload) deviceOp(client int, rng *rand.Rand, devices interface {
+func (w *Workload) deviceOp(client int, node string, rng *rand.Rand, devices interface {
 	ListDevices(context.Context, *connect.Request[controlv1.ListDevicesRequest]) (*connect.Response[controlv1.ListDevicesResponse], error)
 	RenameDevice(context.Context, *connect.Request[controlv1.RenameDeviceRequest]) (*connect.Response[controlv1.RenameDeviceResponse], error)
 	RevokeDevice(context.Context, *connect.Request[controlv1.RevokeDeviceRequest]) (*connect.Response[controlv1.RevokeDeviceResponse], error)
@@ -133,19 +133,19 @@ func (w *Workload) deviceOp(client int, rng *rand.Rand, devices interface {
 		name := fmt.Sprintf("d%d-%d", client, rng.IntN(1e6))
 		done := w.History.Invoke(client, Input{Key: key, Kind: OpUpdate, ID: id, Name: name})
 		_, err := devices.RenameDevice(ctx, relaytest.Admin(w.s, &controlv1.RenameDeviceRequest{UserId: w.owner, DeviceId: id, Name: name}))
-		done(w.outcome(OpUpdate, err))
+		done(w.outcome(node, OpUpdate, err))
 	case r < 40:
 		done := w.History.Invoke(client, Input{Key: key, Kind: OpRevoke, ID: id})
 		_, err := devices.RevokeDevice(ctx, relaytest.Admin(w.s, &controlv1.RevokeDeviceRequest{UserId: w.owner, DeviceId: id}))
-		done(w.outcome(OpRevoke, err))
+		done(w.outcome(node, OpRevoke, err))
 	case r < 42:
 		done := w.History.Invoke(client, Input{Key: key, Kind: OpDelete, ID: id})
 		_, err := devices.DeleteDevice(ctx, relaytest.Admin(w.s, &controlv1.DeleteDeviceRequest{UserId: w.owner, DeviceId: id}))
-		done(w.outcome(OpDelete, err))
+		done(w.outcome(node, OpDelete, err))
 	default:
 		done := w.History.Invoke(client, Input{Key: key, Kind: OpRead, ID: id})
 		resp, err := devices.ListDevices(ctx, relaytest.Admin(w.s, &controlv1.ListDevicesRequest{UserId: w.owner}))
-		out := w.outcome(OpRead, err)
+		out := w.outcome(node, OpRead, err)
 		if out.Unknown {
 			return
 		}
@@ -160,7 +160,7 @@ func (w *Workload) deviceOp(client int, rng *rand.Rand, devices interface {
 }
 
 // outcome classifies an API error.
-func (w *Workload) outcome(kind string, err error) Output {
+func (w *Workload) outcome(node, kind string, err error) Output {
 	var out Output
 	code := "ok"
 	switch c := connect.CodeOf(err); {
@@ -175,7 +175,7 @@ func (w *Workload) outcome(kind string, err error) Output {
 	default:
 		out.Err, code = err.Error(), "unexpected "+c.String()
 		w.mu.Lock()
-		w.bad = append(w.bad, fmt.Sprintf("%s: %v", kind, err))
+		w.bad = append(w.bad, fmt.Sprintf("%s on %s at %s: %v", kind, node, time.Now().Format(time.RFC3339Nano), err))
 		w.mu.Unlock()
 		out.Unknown = true
 	}

@@ -2,6 +2,7 @@ package relaytest
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -203,6 +204,19 @@ func (p *Proc) CountLogs(msg string) int {
 		}
 	}
 	return n
+}
+
+// AllLogs renders every log record, one JSON object a line.
+func (p *Proc) AllLogs() []byte {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var b bytes.Buffer
+	for _, l := range p.logs {
+		line, _ := json.Marshal(l)
+		b.Write(line)
+		b.WriteByte('\n')
+	}
+	return b.Bytes()
 }
 
 // LastLogs renders the last n log records, for failure messages.

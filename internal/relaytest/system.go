@@ -1,6 +1,7 @@
 package relaytest
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -9,9 +10,11 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -61,6 +64,11 @@ type System struct {
 	AdminToken string
 	dialer     *api.Dialer
 	plain      *http.Client
+	client     *http.Client // the dialer's, noting odd answers
+
+	mu    sync.Mutex // guards the fields below
+	procs []*Proc    // every process started, restarts included
+	odd   []string   // answers that are not the API's (see Odd)
 }
 
 // ControlNode is a `relayd control` process on its host.
@@ -106,6 +114,7 @@ func StartSystem(t clustertest.TB, opts SystemOptions) *System {
 	s := &System{t: t, opts: opts, Net: NewNet(t), dialer: api.NewDialer(nil),
 		plain: &http.Client{Timeout: 5 * time.Second}}
 	t.Cleanup(s.dialer.Close)
+	s.client = &http.Client{Transport: oddNoter{s: s, next: s.dialer.HTTPClient().Transport}}
 	base := t.TempDir()
 	for i := range opts.ControlNodes {
 		id := fmt.Sprintf("n%d", i+1)
@@ -160,7 +169,7 @@ func (s *System) startControl(i int, first ...string) {
 
 func (s *System) runControl(n *ControlNode) {
 	s.t.Helper()
-	n.Proc = n.Host.Start(s.t, n.ID, []string{"RELAY_ADMIN_PASSWORD=" + SystemAdminPassword}, s.opts.Relayd, n.args...)
+	n.Proc = s.track(n.Host.Start(s.t, n.ID, []string{"RELAY_ADMIN_PASSWORD=" + SystemAdminPassword}, s.opts.Relayd, n.args...))
 	if _, err := n.Proc.WaitLog("control node serving", 60*time.Second, nil); err != nil {
 		s.t.Fatal(err)
 	}
@@ -205,7 +214,7 @@ func (s *System) StartEdge(i int) {
 	if e.Proc != nil {
 		e.Proc.Kill()
 	}
-	e.Proc = e.Host.Start(s.t, e.ID, []string{"RELAY_EDGE_PASSWORD=" + EdgePassword}, s.opts.Relayd, args...)
+	e.Proc = s.track(e.Host.Start(s.t, e.ID, []string{"RELAY_EDGE_PASSWORD=" + EdgePassword}, s.opts.Relayd, args...))
 	if _, err := e.Proc.WaitLog("edge listening", 60*time.Second, nil); err != nil {
 		s.t.Fatal(err)
 	}
@@ -296,19 +305,77 @@ func (s *System) login(user, password string) string {
 }
 
 // HTTPClient is the client the System's Connect clients use.
-func (s *System) HTTPClient() *http.Client { return s.dialer.HTTPClient() }
+func (s *System) HTTPClient() *http.Client { return s.client }
+
+// oddNoter notes every answer with HTTP status 404: the API answers
+// every call it serves with a Connect error, so a bare 404 comes from
+// something else on the way (and connect-go reports it as
+// Unimplemented).
+type oddNoter struct {
+	s    *System
+	next http.RoundTripper
+}
+
+func (o oddNoter) RoundTrip(req *http.Request) (*http.Response, error) {
+	start := time.Now()
+	resp, err := o.next.RoundTrip(req)
+	if err != nil || resp.StatusCode != http.StatusNotFound {
+		return resp, err
+	}
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	resp.Body.Close()
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	o.s.mu.Lock()
+	o.s.odd = append(o.s.odd, fmt.Sprintf("%s %s %s at %s (took %v): %s %s, headers %v, body %q",
+		req.Method, req.Host, req.URL.Path, start.Format(time.RFC3339Nano), time.Since(start), resp.Proto, resp.Status, resp.Header, body))
+	o.s.mu.Unlock()
+	return resp, nil
+}
+
+// Odd returns the answers that did not come from the API (see oddNoter).
+func (s *System) Odd() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.odd...)
+}
+
+// DumpLogs writes every process's log (each start of each node) into
+// dir, for a failed run's report.
+func (s *System) DumpLogs(dir string) error {
+	s.mu.Lock()
+	procs := append([]*Proc(nil), s.procs...)
+	s.mu.Unlock()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	seen := map[string]int{}
+	for _, p := range procs {
+		seen[p.Name]++
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s.%d.log", p.Name, seen[p.Name])), p.AllLogs(), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *System) track(p *Proc) *Proc {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.procs = append(s.procs, p)
+	return p
+}
 
 // URL is the API base URL of a node.
 func (s *System) URL(n *ControlNode) string { return s.dialer.URL(n.API()) }
 
 // Users is a UserService client of node n.
 func (s *System) Users(n *ControlNode) controlv1connect.UserServiceClient {
-	return controlv1connect.NewUserServiceClient(s.dialer.HTTPClient(), s.URL(n))
+	return controlv1connect.NewUserServiceClient(s.client, s.URL(n))
 }
 
 // Devices is a DeviceService client of node n.
 func (s *System) Devices(n *ControlNode) controlv1connect.DeviceServiceClient {
-	return controlv1connect.NewDeviceServiceClient(s.dialer.HTTPClient(), s.URL(n))
+	return controlv1connect.NewDeviceServiceClient(s.client, s.URL(n))
 }
 
 func authorize[T any](m *T, token string) *connect.Request[T] {
