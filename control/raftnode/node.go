@@ -547,35 +547,42 @@ func (n *Node) Apply(ctx context.Context, cmd *statev1.Command) (*statev1.Result
 // retry runs op until it succeeds, fails with a final error, or ctx ends.
 // ErrNoLeader and ErrUnknownOutcome are retried (safe thanks to the
 // request id); everything else is final. After leaderWait without a
-// known leader it gives up with ErrNoLeader (wrapping ErrUnknownOutcome
-// as well when an earlier attempt's outcome is unknown).
+// known leader it gives up with ErrNoLeader. Whatever it returns wraps
+// ErrUnknownOutcome when any attempt's outcome was unknown, so an error
+// without it means no attempt took effect.
 func retry[T any](ctx context.Context, leaderWait time.Duration, op func() (T, error)) (T, error) {
 	backoff := 10 * time.Millisecond
 	var noLeaderSince time.Time
 	unknown := false
+	fail := func(err error) error {
+		if unknown && !errors.Is(err, ErrUnknownOutcome) {
+			return fmt.Errorf("%w (%w: an earlier attempt may have taken effect)", err, ErrUnknownOutcome)
+		}
+		return err
+	}
 	for {
 		v, err := op()
-		if err == nil || !(errors.Is(err, ErrNoLeader) || errors.Is(err, ErrUnknownOutcome)) {
-			return v, err
+		if err == nil {
+			return v, nil
 		}
 		if errors.Is(err, ErrUnknownOutcome) {
 			unknown = true
+		}
+		if !(errors.Is(err, ErrNoLeader) || errors.Is(err, ErrUnknownOutcome)) {
+			return v, fail(err)
 		}
 		if !errors.Is(err, ErrNoLeader) {
 			noLeaderSince = time.Time{}
 		} else if noLeaderSince.IsZero() {
 			noLeaderSince = time.Now()
 		} else if time.Since(noLeaderSince) >= leaderWait {
-			if unknown && !errors.Is(err, ErrUnknownOutcome) {
-				err = fmt.Errorf("%w (%w: an earlier attempt may have taken effect)", err, ErrUnknownOutcome)
-			}
-			return v, fmt.Errorf("%w (no leader for %v)", err, leaderWait)
+			return v, fail(fmt.Errorf("%w (no leader for %v)", err, leaderWait))
 		}
 		t := time.NewTimer(backoff)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return v, fmt.Errorf("%w (gave up: %v)", err, ctx.Err())
+			return v, fail(fmt.Errorf("%w (gave up: %v)", err, ctx.Err()))
 		case <-t.C:
 		}
 		if backoff < 500*time.Millisecond {
@@ -641,7 +648,9 @@ func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, er
 			// against the new leader.
 			return nil, fmt.Errorf("%w: %v", ErrNoLeader, err)
 		case errors.Is(err, raft.ErrRaftShutdown):
-			return nil, ErrShutdown
+			// Raft stopped with the entry handed to it: it may be in
+			// followers' logs and commit under the next leader.
+			return nil, fmt.Errorf("%w (%w)", ErrShutdown, ErrUnknownOutcome)
 		case errors.Is(err, raft.ErrLeadershipLost), errors.Is(err, raft.ErrEnqueueTimeout),
 			errors.Is(err, raft.ErrLeadershipTransferInProgress):
 			return nil, fmt.Errorf("%w: %v", ErrUnknownOutcome, err)

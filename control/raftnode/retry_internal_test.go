@@ -35,6 +35,33 @@ func TestRetryBoundsTheWaitForALeader(t *testing.T) {
 		t.Fatalf("err = %v, want ErrNoLeader and ErrUnknownOutcome", err)
 	}
 
+	// A final error after an attempt of unknown outcome says so too.
+	calls = 0
+	_, err = retry(ctx, time.Minute, func() (int, error) {
+		calls++
+		if calls == 1 {
+			return 0, ErrUnknownOutcome
+		}
+		return 0, ErrShutdown
+	})
+	if !errors.Is(err, ErrShutdown) || !errors.Is(err, ErrUnknownOutcome) {
+		t.Fatalf("err = %v, want ErrShutdown and ErrUnknownOutcome", err)
+	}
+	// And when the caller's deadline ends it.
+	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancelShort()
+	calls = 0
+	_, err = retry(short, time.Minute, func() (int, error) {
+		calls++
+		if calls == 1 {
+			return 0, ErrUnknownOutcome
+		}
+		return 0, ErrNoLeader
+	})
+	if !errors.Is(err, ErrNoLeader) || !errors.Is(err, ErrUnknownOutcome) {
+		t.Fatalf("err = %v, want ErrNoLeader and ErrUnknownOutcome", err)
+	}
+
 	calls = 0
 	v, err := retry(ctx, 200*time.Millisecond, func() (int, error) {
 		calls++

@@ -58,6 +58,10 @@ type Output struct {
 	Revoked bool   `json:"revoked,omitempty"`
 	// Err is any other error (recorded, and a checker failure).
 	Err string `json:"err,omitempty"`
+	// Failed: the call certainly had no effect (the node says no attempt
+	// may have taken effect, or the request never left the client); such
+	// an operation is left out of the history.
+	Failed bool `json:"-"`
 }
 
 // objState is one object's state; comparable, so porcupine's == works.
@@ -207,6 +211,9 @@ func NewHistory() *History { return &History{start: time.Now()} }
 func (h *History) Invoke(client int, in Input) func(Output) {
 	call := time.Since(h.start).Nanoseconds()
 	return func(out Output) {
+		if out.Failed {
+			return
+		}
 		ret := time.Since(h.start).Nanoseconds()
 		if out.Unknown {
 			// It may take effect at any later time.

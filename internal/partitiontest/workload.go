@@ -169,9 +169,20 @@ func (w *Workload) outcome(node, kind string, err error) Output {
 		out.NotFound, code = true, "not_found"
 	case c == connect.CodeAlreadyExists && kind == OpCreate:
 		out.Exists, code = true, "already_exists"
+	case c == connect.CodeUnavailable && certainlyFailed(err):
+		// The node made no attempt that may have taken effect (it knew
+		// no leader, or a leader refused before proposing: the API says
+		// "outcome unknown" otherwise), or the request never left.
+		out.Failed, code = true, "unavailable (no effect)"
 	case c == connect.CodeUnavailable, c == connect.CodeDeadlineExceeded, c == connect.CodeCanceled, c == connect.CodeUnknown,
 		errors.Is(err, context.DeadlineExceeded):
 		out.Unknown, code = true, c.String()
+	case c == connect.CodeUnimplemented && strings.Contains(err.Error(), "404"):
+		// A NotFound whose body the dying server did not finish sending:
+		// connect-go then derives the code from the HTTP status (404 ->
+		// Unimplemented). The answer was NotFound, but the client cannot
+		// tell, so it counts as unknown.
+		out.Unknown, code = true, "unimplemented (a cut 404)"
 	default:
 		out.Err, code = err.Error(), "unexpected "+c.String()
 		w.mu.Lock()
@@ -183,6 +194,16 @@ func (w *Workload) outcome(node, kind string, err error) Output {
 	w.codes[kind+" "+code]++
 	w.mu.Unlock()
 	return out
+}
+
+// certainlyFailed reports an Unavailable that says no attempt took
+// effect.
+func certainlyFailed(err error) bool {
+	msg := err.Error()
+	if strings.Contains(msg, "outcome unknown") {
+		return false
+	}
+	return strings.Contains(msg, "no leader known") || strings.Contains(msg, "connection refused")
 }
 
 // Unexpected are the answers outside the model (codes it does not

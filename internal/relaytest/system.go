@@ -307,10 +307,10 @@ func (s *System) login(user, password string) string {
 // HTTPClient is the client the System's Connect clients use.
 func (s *System) HTTPClient() *http.Client { return s.client }
 
-// oddNoter notes every answer with HTTP status 404: the API answers
-// every call it serves with a Connect error, so a bare 404 comes from
-// something else on the way (and connect-go reports it as
-// Unimplemented).
+// oddNoter notes every answer with HTTP status 404 that does not carry
+// a Connect error (the API's NotFound does): a bare or cut 404 is
+// reported by connect-go as Unimplemented, and the chaos runs found one
+// whose body a killed node never finished sending.
 type oddNoter struct {
 	s    *System
 	next http.RoundTripper
@@ -322,12 +322,18 @@ func (o oddNoter) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil || resp.StatusCode != http.StatusNotFound {
 		return resp, err
 	}
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	body, rerr := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	resp.Body.Close()
 	resp.Body = io.NopCloser(bytes.NewReader(body))
+	var connectErr struct {
+		Code string `json:"code"`
+	}
+	if rerr == nil && json.Unmarshal(body, &connectErr) == nil && connectErr.Code != "" {
+		return resp, nil // the API's NotFound
+	}
 	o.s.mu.Lock()
-	o.s.odd = append(o.s.odd, fmt.Sprintf("%s %s %s at %s (took %v): %s %s, headers %v, body %q",
-		req.Method, req.Host, req.URL.Path, start.Format(time.RFC3339Nano), time.Since(start), resp.Proto, resp.Status, resp.Header, body))
+	o.s.odd = append(o.s.odd, fmt.Sprintf("%s %s %s at %s (took %v): %s %s, headers %v, body %q (read: %v)",
+		req.Method, req.Host, req.URL.Path, start.Format(time.RFC3339Nano), time.Since(start), resp.Proto, resp.Status, resp.Header, body, rerr))
 	o.s.mu.Unlock()
 	return resp, nil
 }
