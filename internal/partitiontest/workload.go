@@ -146,7 +146,12 @@ func (w *Workload) deviceOp(client int, node string, rng *rand.Rand, devices int
 		done := w.History.Invoke(client, Input{Key: key, Kind: OpRead, ID: id})
 		resp, err := devices.ListDevices(ctx, relaytest.Admin(w.s, &controlv1.ListDevicesRequest{UserId: w.owner}))
 		out := w.outcome(node, OpRead, err)
-		if out.Unknown {
+		if err != nil {
+			// A failed read tells nothing; the owner is never deleted, so
+			// any other error is one the model flags.
+			if out.Err != "" {
+				done(out)
+			}
 			return
 		}
 		out.NotFound = true
