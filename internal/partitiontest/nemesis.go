@@ -19,10 +19,11 @@ type Nemesis struct {
 	// Logf reports each step.
 	Logf func(format string, args ...any)
 	// Faults to draw from [the control plane's]: "partition-leader",
-	// "partition-node", "one-way-leader", "kill", "pause" (of control
-	// nodes); "edge-split" (the edges from each other), "edge-cut-control"
+	// "partition-node", "one-way-leader", "kill", "pause", "stop"
+	// (SIGTERM, then a restart) of control nodes; "edge-split" (the edges from each other), "edge-cut-control"
 	// (an edge from every control node), "device-cut-edge" (the test's
-	// devices from an edge), "edge-kill" (SIGKILL, then a restart).
+	// devices from an edge), "edge-kill" (SIGKILL, then a restart),
+	// "edge-pause" (SIGSTOP, SIGCONT).
 	Faults []string
 	// Hold is the longest a fault lasts [5s]; Calm the longest healthy
 	// stretch between faults [2s].
@@ -36,7 +37,7 @@ type Nemesis struct {
 // node is restarted, a paused one continued).
 func (n *Nemesis) Run(ctx context.Context) {
 	if len(n.Faults) == 0 {
-		n.Faults = []string{"partition-leader", "partition-node", "one-way-leader", "kill", "pause"}
+		n.Faults = []string{"partition-leader", "partition-node", "one-way-leader", "kill", "pause", "stop"}
 	}
 	if n.Hold <= 0 {
 		n.Hold = 5 * time.Second
@@ -114,6 +115,18 @@ func (n *Nemesis) Run(ctx context.Context) {
 		case "pause":
 			_ = target.Proc.Pause()
 			undo = func() { _ = target.Proc.Resume() }
+		case "stop":
+			// A graceful stop hands leadership over and finishes what it
+			// can; whatever it cuts off must answer "outcome unknown".
+			if err := target.Proc.Stop(30 * time.Second); err != nil {
+				n.Logf("nemesis: stop %s: %v", target.ID, err)
+			}
+			i := n.index(target)
+			undo = func() { n.S.RestartControl(i) }
+		case "edge-pause":
+			e := n.S.Edges[edge]
+			_ = e.Proc.Pause()
+			undo = func() { _ = e.Proc.Resume() }
 		}
 		sleep(n.Hold)
 		n.Logf("nemesis: %6.1fs heal %s %s", time.Since(start).Seconds(), kind, name)

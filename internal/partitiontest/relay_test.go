@@ -232,14 +232,21 @@ func TestRelayNemesis(t *testing.T) {
 	tr.send(clients[1], devs[1].ID, []string{devs[0].ID, devs[2].ID, devs[3].ID})
 	faults := faultsFromEnv()
 	if faults == nil {
-		faults = []string{"partition-leader", "kill", "pause", "edge-split", "edge-cut-control", "device-cut-edge", "edge-kill"}
+		faults = []string{"partition-leader", "kill", "pause", "edge-split", "edge-cut-control", "device-cut-edge", "edge-kill", "edge-pause"}
 	}
 	nem := &Nemesis{S: s, Rng: rand.New(rand.NewPCG(seed, 2<<32)), Logf: t.Logf, Faults: faults}
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	nem.Run(ctx)
 	s.Net.Heal()
-	time.Sleep(2 * time.Second) // traffic after the last heal (workload time)
+	// Everyone gets going again: the senders' events are acknowledged.
+	_, ackedAtHeal, _ := tr.log.Stats()
+	clustertest.Eventually(t, 60*time.Second, func() error {
+		if _, acked, _ := tr.log.Stats(); acked < ackedAtHeal+20 {
+			return fmt.Errorf("%d events acknowledged since the last heal", acked-ackedAtHeal)
+		}
+		return nil
+	})
 	t.Logf("nemesis steps: %d", len(nem.Steps))
 	tr.finish(t, 90*time.Second, clients...)
 }

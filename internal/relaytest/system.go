@@ -3,12 +3,19 @@ package relaytest
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"math/big"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -89,6 +96,9 @@ type EdgeNode struct {
 	Host *Host
 	Proc *Proc
 	args []string
+	// certFile and keyFile hold the edge's certificate, made once: a
+	// restarted edge keeps it, so the devices' pins still hold.
+	certFile, keyFile string
 }
 
 // Addr is where devices connect.
@@ -204,7 +214,14 @@ func (s *System) StartEdge(i int) {
 	for _, n := range s.Control {
 		urls = append(urls, "http://"+n.API())
 	}
+	if e.certFile == "" {
+		var err error
+		if e.certFile, e.keyFile, err = selfSignedFiles(s.t.TempDir(), e.Host.Addr.String()); err != nil {
+			s.t.Fatalf("certificate for %s: %v", e.ID, err)
+		}
+	}
 	args := []string{"edge", "--edge-id", e.ID, "--addr", e.Addr(), "--admin-addr", e.Host.AddrPort(PortEdgeAdmin),
+		"--tls-cert", e.certFile, "--tls-key", e.keyFile,
 		"--mesh-addr", e.Host.AddrPort(PortEdgeMesh), "--edge-login", "edges", "--control", strings.Join(urls, ","),
 		"--log-format", "json"}
 	if s.opts.EdgeArgs != nil {
@@ -224,6 +241,40 @@ func (s *System) StartEdge(i int) {
 		}
 		return nil
 	})
+}
+
+// selfSignedFiles writes a self-signed ECDSA P-256 certificate for host,
+// valid for 10 days (WebTransport's certificate hashes accept less than
+// 14), and its key, as PEM files in dir.
+func selfSignedFiles(dir, host string) (certFile, keyFile string, err error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", "", err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: host},
+		NotBefore:    time.Now().Add(-time.Hour), NotAfter: time.Now().Add(10 * 24 * time.Hour),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses: []net.IP{net.ParseIP(host)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return "", "", err
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return "", "", err
+	}
+	certFile, keyFile = filepath.Join(dir, "edge.pem"), filepath.Join(dir, "edge-key.pem")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		return "", "", err
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+		return "", "", err
+	}
+	return certFile, keyFile, nil
 }
 
 // EdgeReady asks the edge's /readyz.
