@@ -21,7 +21,7 @@ PROTO_FILES = $$(find proto -name '*.proto' -o -name '*.go' | LC_ALL=C sort) buf
 	tools/buf/go.mod tools/buf/go.sum tools/protogen/go.mod tools/protogen/go.sum
 PROTO_SUM   = sha256sum $(PROTO_FILES) | sha256sum | cut -c1-64
 
-.PHONY: all run build test test-short vet lint fmt proto verify-proto verify-proto-full web k6 bench bench-compare cover fuzz clean image image-bin release-local
+.PHONY: all run build test test-short vet lint fmt proto verify-proto verify-proto-full web k6 bench bench-compare cover fuzz chaos clean image image-bin release-local
 
 all: build
 
@@ -138,6 +138,22 @@ fuzz:
 			echo "== $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
 		done; \
 	done
+
+## chaos: the seeded nemesis tests of internal/partitiontest (real relayd
+## processes in network namespaces; needs root, ip and iptables) for
+## DURATION each, with SEED (default: drawn and printed). The log goes to
+## CHAOS_OUT/chaos.log; on a failure the seed is printed and the history
+## (JSON, and porcupine's HTML view) is kept under CHAOS_OUT.
+## Example: make chaos DURATION=30m SEED=1234 [RUN=TestControlPlaneNemesis]
+DURATION  ?= 30m
+SEED      ?=
+RUN       ?= Nemesis
+CHAOS_OUT ?= $(BIN)/chaos
+chaos:
+	@mkdir -p $(CHAOS_OUT)
+	@{ RELAY_CHAOS_DURATION=$(DURATION) RELAY_CHAOS_SEED=$(SEED) RELAY_CHAOS_OUT=$(abspath $(CHAOS_OUT)) RELAY_REQUIRE_NETNS=1 \
+		$(GO) test -count=1 -timeout 0 -v -run '$(RUN)' ./internal/partitiontest; echo $$? > $(CHAOS_OUT)/.rc; } 2>&1 | tee $(CHAOS_OUT)/chaos.log
+	@exit $$(cat $(CHAOS_OUT)/.rc)
 
 clean:
 	rm -rf $(BIN)

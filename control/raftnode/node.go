@@ -77,6 +77,13 @@ type Tuning struct {
 	// that stopped answering (a paused process) costs one attempt, after
 	// which the node retries with whoever leads by then. Default 5s.
 	ForwardTimeout time.Duration
+	// LeaderWait bounds how long a write or a linearizable read waits,
+	// within the caller's deadline, while the node knows no leader: a
+	// node cut off from the majority then answers Unavailable (which
+	// clients retry elsewhere) instead of holding the call until the
+	// caller gives up. An election takes a few heartbeat timeouts, well
+	// below it. Default 5s.
+	LeaderWait time.Duration
 }
 
 // PeerClient is what a node needs from another control node: the
@@ -174,6 +181,9 @@ func (c *Config) applyDefaults() error {
 	}
 	if c.Raft.ForwardTimeout <= 0 {
 		c.Raft.ForwardTimeout = 5 * time.Second
+	}
+	if c.Raft.LeaderWait <= 0 {
+		c.Raft.LeaderWait = 5 * time.Second
 	}
 	if c.RestoreFrom != "" {
 		c.Bootstrap = true
@@ -559,7 +569,7 @@ func (n *Node) Apply(ctx context.Context, cmd *statev1.Command) (*statev1.Result
 	ctx, span := n.cfg.Tracer.Start(ctx, "raft.apply", trace.WithAttributes(attribute.String("relay.op", opName(cmd))))
 	defer span.End()
 	start := time.Now()
-	res, err := retry(ctx, func() (*statev1.Result, error) { return n.applyOnce(ctx, data) })
+	res, err := retry(ctx, n.cfg.Raft.LeaderWait, func() (*statev1.Result, error) { return n.applyOnce(ctx, data) })
 	took := time.Since(start)
 	span.SetAttributes(attribute.Int64("relay.revision", int64(res.GetRevision())), attribute.Bool("relay.leader", n.IsLeader()))
 	if err != nil {
@@ -577,19 +587,43 @@ func (n *Node) Apply(ctx context.Context, cmd *statev1.Command) (*statev1.Result
 
 // retry runs op until it succeeds, fails with a final error, or ctx ends.
 // ErrNoLeader and ErrUnknownOutcome are retried (safe thanks to the
-// request id); everything else is final.
-func retry[T any](ctx context.Context, op func() (T, error)) (T, error) {
+// request id); everything else is final. After leaderWait without a
+// known leader it gives up with ErrNoLeader. Whatever it returns wraps
+// ErrUnknownOutcome when any attempt's outcome was unknown, so an error
+// without it means no attempt took effect.
+func retry[T any](ctx context.Context, leaderWait time.Duration, op func() (T, error)) (T, error) {
 	backoff := 10 * time.Millisecond
+	var noLeaderSince time.Time
+	unknown := false
+	fail := func(err error) error {
+		if unknown && !errors.Is(err, ErrUnknownOutcome) {
+			return fmt.Errorf("%w (%w: an earlier attempt may have taken effect)", err, ErrUnknownOutcome)
+		}
+		return err
+	}
 	for {
 		v, err := op()
-		if err == nil || !(errors.Is(err, ErrNoLeader) || errors.Is(err, ErrUnknownOutcome)) {
-			return v, err
+		if err == nil {
+			return v, nil
+		}
+		if errors.Is(err, ErrUnknownOutcome) {
+			unknown = true
+		}
+		if !(errors.Is(err, ErrNoLeader) || errors.Is(err, ErrUnknownOutcome)) {
+			return v, fail(err)
+		}
+		if !errors.Is(err, ErrNoLeader) {
+			noLeaderSince = time.Time{}
+		} else if noLeaderSince.IsZero() {
+			noLeaderSince = time.Now()
+		} else if time.Since(noLeaderSince) >= leaderWait {
+			return v, fail(fmt.Errorf("%w (no leader for %v)", err, leaderWait))
 		}
 		t := time.NewTimer(backoff)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return v, fmt.Errorf("%w (gave up: %v)", err, ctx.Err())
+			return v, fail(fmt.Errorf("%w (gave up: %v)", err, ctx.Err()))
 		case <-t.C:
 		}
 		if backoff < 500*time.Millisecond {
@@ -655,7 +689,9 @@ func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, er
 			// against the new leader.
 			return nil, fmt.Errorf("%w: %v", ErrNoLeader, err)
 		case errors.Is(err, raft.ErrRaftShutdown):
-			return nil, ErrShutdown
+			// Raft stopped with the entry handed to it: it may be in
+			// followers' logs and commit under the next leader.
+			return nil, fmt.Errorf("%w (%w)", ErrShutdown, ErrUnknownOutcome)
 		case errors.Is(err, raft.ErrLeadershipLost), errors.Is(err, raft.ErrEnqueueTimeout),
 			errors.Is(err, raft.ErrLeadershipTransferInProgress):
 			return nil, fmt.Errorf("%w: %v", ErrUnknownOutcome, err)
@@ -709,7 +745,7 @@ func (n *Node) ReadIndexLocal(ctx context.Context) (uint64, error) {
 // ReadIndex returns the index a linearizable read must wait for, asking
 // the leader when this node is a follower.
 func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
-	return retry(ctx, func() (uint64, error) {
+	return retry(ctx, n.cfg.Raft.LeaderWait, func() (uint64, error) {
 		if n.shutdown.Load() {
 			return 0, ErrShutdown
 		}

@@ -40,6 +40,18 @@ type Config struct {
 	Login, Password string
 	// Options apply to every Connect client (tracing, for one).
 	Options []connect.ClientOption
+	// DialTimeout bounds each TCP connection attempt [500ms]. An attempt
+	// that gets no answer (the control plane cut off by a partition) is
+	// given up and made again, which, right after the network heals,
+	// connects sooner than the kernel's SYN retransmission would.
+	DialTimeout time.Duration
+	// PingAfter is how long a connection may stay silent before the edge
+	// checks it with an HTTP/2 ping, and PingTimeout how long the answer
+	// may take before the connection counts as dead and every stream on
+	// it (the watch feed) fails [2s, 1s]. Without it, a stream over a
+	// connection that a partition cut hangs until TCP gives up, minutes
+	// later, and resumes only as TCP's backed-off retransmissions allow.
+	PingAfter, PingTimeout time.Duration
 }
 
 // Conn is safe for concurrent use.
@@ -53,6 +65,8 @@ type Conn struct {
 	access  string
 	expires time.Time
 	refresh string
+	// watchURL is where the last watch stream went.
+	watchURL string
 }
 
 // New checks the configuration and builds the HTTP client; it does not
@@ -61,21 +75,40 @@ func New(cfg Config) (*Conn, error) {
 	if len(cfg.URLs) == 0 || cfg.Login == "" || cfg.Password == "" {
 		return nil, errors.New("controlconn: URLs, Login and Password are required")
 	}
-	tr := &http.Transport{ForceAttemptHTTP2: true, MaxIdleConnsPerHost: 4, IdleConnTimeout: 90 * time.Second}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = 500 * time.Millisecond
+	}
+	if cfg.PingAfter <= 0 {
+		cfg.PingAfter = 2 * time.Second
+	}
+	if cfg.PingTimeout <= 0 {
+		cfg.PingTimeout = time.Second
+	}
+	dialer := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 15 * time.Second}
+	tr := &http.Transport{ForceAttemptHTTP2: true, MaxIdleConnsPerHost: 4, IdleConnTimeout: 90 * time.Second,
+		DialContext: dialer.DialContext, TLSHandshakeTimeout: 10 * time.Second,
+		HTTP2: &http.HTTP2Config{SendPingTimeout: cfg.PingAfter, PingTimeout: cfg.PingTimeout}}
+	// HTTP/2 everywhere, so the health pings above apply: over TLS by
+	// ALPN, on http:// URLs with prior knowledge (net/http speaks that
+	// only when HTTP/1 is off; with both, http:// goes over HTTP/1 and a
+	// cut connection goes unnoticed). HTTP/1 stays on for https:// only.
 	var p http.Protocols
-	p.SetHTTP1(true)
 	p.SetHTTP2(true)
+	plain, tlsURLs := false, false
 	for i, u := range cfg.URLs {
 		u = strings.TrimRight(u, "/")
 		cfg.URLs[i] = u
 		switch {
 		case strings.HasPrefix(u, "http://"):
-			p.SetUnencryptedHTTP2(true)
+			plain = true
 		case strings.HasPrefix(u, "https://"):
+			tlsURLs = true
 		default:
 			return nil, fmt.Errorf("controlconn: %q is not an http:// or https:// URL", u)
 		}
 	}
+	p.SetUnencryptedHTTP2(plain)
+	p.SetHTTP1(tlsURLs && !plain)
 	tr.Protocols = &p
 	if cfg.TLS != nil {
 		tr.TLSClientConfig = cfg.TLS.Clone()
@@ -193,11 +226,27 @@ func (w watchClient) Watch(ctx context.Context, req *connect.Request[edgev1.Watc
 		return nil, err
 	}
 	u := w.c.url()
+	w.c.mu.Lock()
+	w.c.watchURL = u
+	w.c.mu.Unlock()
 	s, err := w.c.peers[u].watch.Watch(ctx, req)
 	if err != nil {
 		w.c.failover(u, err)
 	}
 	return s, err
+}
+
+// StreamFailed tells the client how the last stream ended: a stream's
+// error arrives with its messages, after Watch returned, so the caller
+// reports it for the next Watch to go to another node when this one is
+// unavailable.
+func (w watchClient) StreamFailed(err error) {
+	w.c.mu.Lock()
+	u := w.c.watchURL
+	w.c.mu.Unlock()
+	if u != "" {
+		w.c.failover(u, err)
+	}
 }
 
 // ReportActivity reports when devices were last seen.

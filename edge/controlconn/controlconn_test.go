@@ -3,18 +3,23 @@ package controlconn_test
 import (
 	"context"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
 	"go.uber.org/goleak"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/controlconn"
+	"github.com/edge-relay/relay/edge/directory"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 )
 
 func TestMain(m *testing.M) {
@@ -97,5 +102,89 @@ func TestCredentialAndFailover(t *testing.T) {
 	_, err = controlconn.New(controlconn.Config{})
 	if err == nil || errors.As(err, &ce) {
 		t.Fatalf("empty config: %v", err)
+	}
+}
+
+// fakeControl is a control node's API reduced to what the test needs:
+// logins for the edge, and a watch that fails or sends one message.
+type fakeControl struct {
+	controlv1connect.UnimplementedAuthServiceHandler
+	edgev1connect.UnimplementedWatchServiceHandler
+	name   string
+	fail   bool
+	protos chan string
+	served chan string
+}
+
+func (f *fakeControl) Login(context.Context, *connect.Request[controlv1.LoginRequest]) (*connect.Response[controlv1.LoginResponse], error) {
+	return connect.NewResponse(&controlv1.LoginResponse{Tokens: &controlv1.Tokens{AccessToken: "t",
+		AccessTokenExpiresAt: timestamppb.New(time.Now().Add(time.Hour)), Role: controlv1.Role_ROLE_EDGE}}), nil
+}
+
+func (f *fakeControl) Watch(_ context.Context, _ *connect.Request[edgev1.WatchRequest], s *connect.ServerStream[edgev1.WatchResponse]) error {
+	f.served <- f.name
+	if f.fail {
+		return connect.NewError(connect.CodeUnavailable, errors.New("down"))
+	}
+	return s.Send(&edgev1.WatchResponse{Revision: 1, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}})
+}
+
+func (f *fakeControl) start(t *testing.T) string {
+	mux := http.NewServeMux()
+	mux.Handle(controlv1connect.NewAuthServiceHandler(f))
+	mux.Handle(edgev1connect.NewWatchServiceHandler(f))
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	p.SetHTTP1(true)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case f.protos <- r.Proto:
+		default:
+		}
+		mux.ServeHTTP(w, r)
+	}))
+	srv.Config.Protocols = &p
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// On http:// URLs the edge speaks HTTP/2 (prior knowledge), so its
+// health pings can find a connection a partition cut; and a watch
+// stream that failed (its error comes after Watch returned) sends the
+// next watch to the next node.
+func TestHTTP2AndWatchFailover(t *testing.T) {
+	protos, served := make(chan string, 64), make(chan string, 64)
+	down := &fakeControl{name: "down", fail: true, protos: protos, served: served}
+	up := &fakeControl{name: "up", protos: protos, served: served}
+	cc, err := controlconn.New(controlconn.Config{URLs: []string{down.start(t), up.start(t)}, Login: "edges", Password: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := cc.Token(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if proto := <-protos; proto != "HTTP/2.0" {
+		t.Fatalf("control API reached over %s, want HTTP/2.0", proto)
+	}
+	w := cc.Watch()
+	var got []string
+	for range 2 {
+		stream, err := w.Watch(ctx, connect.NewRequest(&edgev1.WatchRequest{}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for stream.Receive() {
+		}
+		err = stream.Err()
+		_ = stream.Close()
+		got = append(got, <-served)
+		w.(directory.StreamFailer).StreamFailed(err)
+	}
+	if got[0] != "down" || got[1] != "up" {
+		t.Fatalf("watches went to %v, want down then up", got)
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -153,6 +155,8 @@ type Directory struct {
 	// current is when the control plane last said the copy is complete
 	// (a progress message, or the end of a full copy): see metrics.go.
 	current time.Time
+	// heard is when the last message of the feed arrived.
+	heard time.Time
 }
 
 // New returns an empty, unsynced directory.
@@ -240,6 +244,16 @@ func (d *Directory) Synced() bool {
 	return d.synced
 }
 
+// LastHeard is when the last message of the watch feed arrived (zero
+// before the first). The control plane sends one at least every few
+// seconds on a healthy feed, so its age is how long the edge has been
+// cut off from the control plane.
+func (d *Directory) LastHeard() time.Time {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.heard
+}
+
 // Revision is the last revision applied completely (every change of it).
 func (d *Directory) Revision() uint64 {
 	d.mu.RLock()
@@ -280,6 +294,7 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 		d.cfg.Logger.Debug("watch message", "revision", m.GetRevision(), "message", m.String())
 	}
 	d.mu.Lock()
+	d.heard = time.Now()
 	switch k := m.GetKind().(type) {
 	case *edgev1.WatchResponse_Resync:
 		s := newSnapshot()
@@ -419,22 +434,51 @@ func diff(old, cur snapshot) []Removal {
 // resuming from the last revision after every error with backoff. token
 // supplies the edge's access token for each (re)connection.
 func (d *Directory) Follow(ctx context.Context, client edgev1connect.WatchServiceClient, token func(context.Context) (string, error)) error {
-	backoff := 100 * time.Millisecond
+	const minBackoff, maxBackoff = 100 * time.Millisecond, 5 * time.Second
+	backoff := minBackoff
 	for ctx.Err() == nil {
+		before := d.LastHeard()
 		err := d.followOnce(ctx, client, token)
 		if ctx.Err() != nil {
 			break
 		}
-		d.cfg.Logger.Warn("watch feed interrupted; resuming", "revision", d.Revision(), "err", err, "backoff", backoff)
+		if f, ok := client.(StreamFailer); ok {
+			f.StreamFailed(err)
+		}
+		wait := backoff
+		switch {
+		case d.LastHeard() != before:
+			// The stream worked for a while: resume right away.
+			backoff, wait = minBackoff, minBackoff
+		case isTimeout(err):
+			// Nothing answered (a partition, a paused node): the attempt
+			// itself took its timeout, so try again at once. Right after
+			// the network heals, the next attempt gets through and
+			// revocations decided meanwhile arrive.
+			wait = minBackoff
+		default:
+			backoff = min(2*backoff, maxBackoff)
+		}
+		d.cfg.Logger.Warn("watch feed interrupted; resuming", "revision", d.Revision(), "err", err, "backoff", wait)
 		select {
 		case <-ctx.Done():
-		case <-time.After(backoff):
-		}
-		if backoff < 5*time.Second {
-			backoff *= 2
+		case <-time.After(wait):
 		}
 	}
 	return ctx.Err()
+}
+
+// StreamFailer is a watch client that wants to know how each stream
+// ended (to move to another control node when one is unavailable).
+type StreamFailer interface {
+	StreamFailed(err error)
+}
+
+// isTimeout reports whether an attempt failed because nothing answered.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
+		(errors.As(err, &ne) && ne.Timeout()) || connect.CodeOf(err) == connect.CodeDeadlineExceeded
 }
 
 func (d *Directory) followOnce(ctx context.Context, client edgev1connect.WatchServiceClient, token func(context.Context) (string, error)) error {

@@ -85,6 +85,14 @@ type Config struct {
 	// events for devices that are not connected are refused
 	// (TARGET_OFFLINE). For tests and single-edge setups that want it.
 	NoMailbox bool
+	// ControlGrace is how long the edge goes on admitting sessions
+	// without hearing from the control plane (its watch feed, which
+	// carries a message at least every few seconds when healthy). Past
+	// it, the edge cannot know of revocations, deletions or key
+	// rotations, so it refuses new sessions and resumes (GOING_AWAY, so
+	// devices try another edge) while the sessions it has go on relaying;
+	// admission comes back with the feed. 0 turns the fail-safe off.
+	ControlGrace time.Duration
 	// DrainWindow spreads the clients' reconnects over this long on
 	// shutdown [10s].
 	DrainWindow time.Duration
@@ -118,6 +126,7 @@ type Server struct {
 	mesh       *mesh.Mesh
 	identity   *mesh.Identity
 	registered atomic.Bool
+	cutOff     atomic.Bool // last logged state of controlSilent
 
 	cancel     context.CancelFunc
 	stopBgWork context.CancelFunc // mailbox writer and registration, stopped last
@@ -190,9 +199,19 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 
 	metrics := session.NewMetrics(cfg.Registry)
 	if err := cfg.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "relay_edge_ready", Help: "1 when the edge serves sessions: listeners up, watch feed synced.",
+		Name: "relay_edge_ready", Help: "1 when the edge serves sessions: listeners up, watch feed synced, control plane heard within the grace.",
 	}, func() float64 {
 		if s.Ready() {
+			return 1
+		}
+		return 0
+	})); err != nil {
+		return nil, err
+	}
+	if err := cfg.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "relay_edge_control_cut_off", Help: "1 while the control plane has been silent for longer than --control-grace (new sessions refused).",
+	}, func() float64 {
+		if s.controlSilent() {
 			return 1
 		}
 		return 0
@@ -212,7 +231,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	sc := cfg.Session
 	sc.EdgeID, sc.Directory, sc.Ring, sc.Logger, sc.Metrics = cfg.EdgeID, s.dir, s.ring, s.log, metrics
 	sc.Tracer = tracer
-	sc.Ready = s.dir.Synced
+	sc.Ready = func() bool { return s.dir.Synced() && !s.controlSilent() }
 	if !cfg.NoMailbox {
 		if s.mailbox, err = mailbox.New(mailbox.Config{API: s.control, Logger: s.log, Registerer: cfg.Registry, Tracer: tracer}); err != nil {
 			return nil, err
@@ -300,6 +319,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.wg.Go(func() { s.certs.run(runCtx) })
 	s.wg.Go(func() { _ = s.dir.Follow(runCtx, s.control.Watch(), s.control.Token) })
 	s.wg.Go(func() { s.reportActivity(runCtx) })
+	if cfg.ControlGrace > 0 {
+		s.wg.Go(func() { s.watchControlGrace(runCtx) })
+	}
 	s.wg.Go(s.mesh.Run)
 	// The mailbox writer and the registration outlive the sessions on
 	// shutdown: the drain hands events to mailboxes, then the edge leaves
@@ -395,7 +417,45 @@ func (s *Server) sendActivity(ctx context.Context, acts []session.Activity) {
 
 // Ready reports whether the edge serves sessions: listeners up, the
 // directory synced with the control plane, and registered as a member.
-func (s *Server) Ready() bool { return s.ready.Load() && s.dir.Synced() && s.registered.Load() }
+func (s *Server) Ready() bool {
+	return s.ready.Load() && s.dir.Synced() && s.registered.Load() && !s.controlSilent()
+}
+
+// CutOff reports whether the edge has not heard from the control plane
+// for longer than ControlGrace, and so admits no sessions.
+func (s *Server) CutOff() bool { return s.controlSilent() }
+
+func (s *Server) controlSilent() bool {
+	if s.cfg.ControlGrace <= 0 {
+		return false
+	}
+	heard := s.dir.LastHeard()
+	return !heard.IsZero() && time.Since(heard) > s.cfg.ControlGrace
+}
+
+// watchControlGrace logs when the edge stops and starts admitting
+// sessions because of the control plane's silence.
+func (s *Server) watchControlGrace(ctx context.Context) {
+	tick := time.NewTicker(min(s.cfg.ControlGrace/4, 250*time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		cut := s.controlSilent()
+		if s.cutOff.Swap(cut) != cut {
+			silent := time.Since(s.dir.LastHeard())
+			if cut {
+				s.log.Warn("control plane silent for longer than the grace; refusing new sessions, relaying for those in place",
+					"silent", silent.Round(time.Millisecond), "grace", s.cfg.ControlGrace)
+			} else {
+				s.log.Info("control plane heard again; admitting sessions", "revision", s.dir.Revision())
+			}
+		}
+	}
+}
 
 // Addr is the UDP address devices connect to.
 func (s *Server) Addr() string { return s.listener.Addr().String() }

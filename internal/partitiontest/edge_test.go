@@ -1,0 +1,199 @@
+package partitiontest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/internal/relaytest"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// dial connects a device to edge i, closed by t.Cleanup.
+func dial(t *testing.T, s *relaytest.System, i int, d relaytest.SystemDevice, adjust func(*client.Config)) (*client.Client, error) {
+	t.Helper()
+	cfg := s.ClientConfig(i, d)
+	if adjust != nil {
+		adjust(&cfg)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := client.Dial(ctx, cfg)
+	if err == nil {
+		t.Cleanup(func() { _ = c.Close() })
+	}
+	return c, err
+}
+
+// sendAndReceive sends one event from a to b and waits until b has it.
+func sendAndReceive(t *testing.T, a, b *client.Client, bID, payload string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := a.Send(ctx, client.Message{Targets: []string{bID}, Type: "t", Payload: []byte(payload)}); err != nil {
+		t.Fatalf("send %s: %v", payload, err)
+	}
+	for {
+		ev, err := b.Receive(ctx)
+		if err != nil {
+			t.Fatalf("receive %s: %v", payload, err)
+		}
+		if string(ev.Payload) == payload {
+			return
+		}
+	}
+}
+
+// An edge cut off from every control node keeps relaying among the
+// sessions it has; once the control plane has been silent for longer
+// than --control-grace it refuses new sessions (GOING_AWAY) and is not
+// ready; after healing, a revocation decided during the split closes the
+// revoked device's session within about a second, and the edge admits
+// sessions again.
+func TestEdgeCutOffFromControlPlane(t *testing.T) {
+	const grace = 7 * time.Second // above the feed's 5 s progress interval
+	s := relaytest.StartSystem(t, relaytest.SystemOptions{Relayd: relayd, ControlNodes: 3, Edges: 1,
+		EdgeArgs: func(int) []string { return []string{"--control-grace", grace.String()} }})
+	user := s.User("alice")
+	devA, devB, devC := s.Device(user, "a"), s.Device(user, "b"), s.Device(user, "c")
+	// Every device known to the edge before the split.
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if _, err := dial(t, s, 0, devC, nil); err != nil {
+			return err
+		}
+		return nil
+	})
+	a, err := dial(t, s, 0, devA, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var bLost time.Time
+	var bWhy error
+	b, err := dial(t, s, 0, devB, func(c *client.Config) {
+		c.OnSessionLost = func(l client.SessionLost) {
+			mu.Lock()
+			defer mu.Unlock()
+			if bLost.IsZero() {
+				bLost, bWhy = time.Now(), l.Err
+			}
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sendAndReceive(t, a, b, devB.ID, "before the split")
+
+	e := s.Edges[0]
+	var control []*relaytest.Host
+	for _, n := range s.Control {
+		control = append(control, n.Host)
+	}
+	cut := time.Now()
+	s.Net.Partition([]*relaytest.Host{e.Host}, control)
+	sendAndReceive(t, a, b, devB.ID, "during the split")
+
+	// B is revoked while the edge cannot hear of it.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := s.Devices(s.Control[0]).RevokeDevice(ctx, relaytest.Admin(s, &controlv1.RevokeDeviceRequest{UserId: user, DeviceId: devB.ID})); err != nil {
+		t.Fatal(err)
+	}
+
+	// Past the grace: not ready, new sessions refused with GOING_AWAY.
+	clustertest.Eventually(t, grace+20*time.Second, func() error {
+		if s.EdgeReady(e) {
+			return errors.New("edge still ready")
+		}
+		return nil
+	})
+	t.Logf("edge stopped admitting sessions %v after the cut (grace %v)", time.Since(cut).Round(10*time.Millisecond), grace)
+	// The grace counts from the last message heard, up to one progress
+	// interval (5 s) before the cut (and a little more on a busy machine).
+	if time.Since(cut) < grace-7*time.Second {
+		t.Errorf("edge refused sessions %v after the cut, before the grace", time.Since(cut))
+	}
+	_, err = dial(t, s, 0, devC, nil)
+	var ce *client.Error
+	if !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+		t.Fatalf("new session on the cut-off edge: %v, want GOING_AWAY", err)
+	}
+	// The sessions in place still relay.
+	sendAndReceive(t, a, b, devB.ID, "past the grace")
+
+	s.Net.Heal()
+	healed := time.Now()
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if bLost.IsZero() && b.Err() == nil {
+			return errors.New("revoked device's session still up")
+		}
+		if bLost.IsZero() {
+			bLost, bWhy = time.Now(), b.Err()
+		}
+		return nil
+	})
+	mu.Lock()
+	took := bLost.Sub(healed)
+	t.Logf("revocation decided during the split closed the session %v after healing (%v)", took.Round(time.Millisecond), bWhy)
+	mu.Unlock()
+	if took > 3*time.Second {
+		t.Errorf("revocation took effect %v after healing, want about 1s", took)
+	}
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		if !s.EdgeReady(e) {
+			return fmt.Errorf("edge not ready after healing")
+		}
+		_, err := dial(t, s, 0, devC, nil)
+		return err
+	})
+	t.Logf("edge admits sessions again %v after healing", time.Since(healed).Round(10*time.Millisecond))
+}
+
+// The edge follows the feed through the control node it watches dying
+// for good (SIGKILL, never restarted): it moves to another node, and a
+// revocation made meanwhile closes the device's session.
+func TestEdgeWatchMovesOffADeadControlNode(t *testing.T) {
+	s := relaytest.StartSystem(t, relaytest.SystemOptions{Relayd: relayd, ControlNodes: 3, Edges: 1})
+	user := s.User("bob")
+	devA, devB := s.Device(user, "a"), s.Device(user, "b")
+	var a *client.Client
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		var err error
+		a, err = dial(t, s, 0, devA, nil)
+		return err
+	})
+	b, err := dial(t, s, 0, devB, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sendAndReceive(t, a, b, devB.ID, "before")
+	// The edge's first watch goes to the first URL: n1.
+	s.Control[0].Proc.Kill()
+	killed := time.Now()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err := s.Devices(s.Control[1]).RevokeDevice(ctx, relaytest.Admin(s, &controlv1.RevokeDeviceRequest{UserId: user, DeviceId: devB.ID}))
+		return err
+	})
+	revoked := time.Now()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if b.Err() == nil {
+			return errors.New("revoked device's session still up")
+		}
+		return nil
+	})
+	t.Logf("n1 killed; revocation through n2 %v later; session closed %v after the revocation (%v)",
+		revoked.Sub(killed).Round(10*time.Millisecond), time.Since(revoked).Round(10*time.Millisecond), b.Err())
+	if took := time.Since(revoked); took > 10*time.Second {
+		t.Errorf("revocation reached the edge %v after it was made", took)
+	}
+}

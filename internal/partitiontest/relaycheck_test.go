@@ -1,0 +1,41 @@
+package partitiontest
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// The relay checker finds each kind of violation, and none in a clean log.
+func TestRelayLogCheck(t *testing.T) {
+	l := NewRelayLog()
+	for _, id := range []string{"a", "b", "c", "d"} {
+		l.Sending("s", id, []string{"r"}, time.Minute)
+		l.Acked(id)
+	}
+	l.Sending("s", "e", []string{"r"}, time.Minute) // not acknowledged: may be lost
+	l.Sending("s", "f", []string{"r"}, time.Minute)
+	l.Refused("f")
+	l.Received("r", "s", "a")
+	l.Received("r", "s", "c") // b missing, then out of order
+	l.Received("r", "s", "b")
+	l.Received("r", "s", "c") // c twice
+	l.Received("r", "x", "z") // never sent
+	l.Received("r", "s", "f") // refused
+	if l.Missing() != 1 {
+		t.Fatalf("missing = %d, want 1 (d)", l.Missing())
+	}
+	got := strings.Join(l.Check(), "\n")
+	for _, want := range []string{"out of the sender's order", "received c 2 times", "never received d", "nobody sent", "which the edge refused"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("violations lack %q:\n%s", want, got)
+		}
+	}
+	clean := NewRelayLog()
+	clean.Sending("s", "a", []string{"r"}, time.Minute)
+	clean.Acked("a")
+	clean.Received("r", "s", "a")
+	if bad := clean.Check(); len(bad) != 0 {
+		t.Fatalf("clean log: %v", bad)
+	}
+}

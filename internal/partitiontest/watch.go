@@ -1,0 +1,232 @@
+package partitiontest
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/internal/relaytest"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
+)
+
+// Watcher follows the control plane's watch feed the way an edge does
+// (with the edges' account), through every fault: it moves to the next
+// node when a stream fails or stays silent longer than the feed's
+// progress interval allows, and resumes from the last complete revision.
+// It records every change once and notes every violation: a revision
+// going back, a change repeated within what was already complete.
+type Watcher struct {
+	s     *relaytest.System
+	token string
+
+	mu         sync.Mutex // guards the fields below
+	synced     bool
+	base       uint64 // revision of the first full copy
+	complete   uint64 // last revision whose changes are all recorded
+	lastEvent  uint64
+	events     []watchRecord
+	violations []string
+	streams    int
+	resyncs    int
+}
+
+type watchRecord struct {
+	rev  uint64
+	body string
+}
+
+// stallAfter: the control plane sends progress at least every 5 s on an
+// idle stream, so a silent stream is a broken one.
+const stallAfter = 8 * time.Second
+
+// NewWatcher logs in as the edges' account.
+func NewWatcher(t *testing.T, s *relaytest.System) *Watcher {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := controlv1connect.NewAuthServiceClient(s.HTTPClient(), s.URL(s.Control[0])).
+		Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "edges", Password: relaytest.EdgePassword}))
+	if err != nil {
+		t.Fatalf("log in as the edges: %v", err)
+	}
+	return &Watcher{s: s, token: resp.Msg.GetTokens().GetAccessToken()}
+}
+
+// Run follows the feed until ctx ends.
+func (w *Watcher) Run(ctx context.Context) {
+	for i := 0; ctx.Err() == nil; i++ {
+		w.once(ctx, w.s.Control[i%len(w.s.Control)])
+		select {
+		case <-ctx.Done():
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (w *Watcher) once(ctx context.Context, n *relaytest.ControlNode) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	w.mu.Lock()
+	from := w.complete
+	if !w.synced {
+		from = 0
+	}
+	w.streams++
+	streams := w.streams
+	w.mu.Unlock()
+	stall := time.AfterFunc(stallAfter, cancel)
+	defer stall.Stop()
+	// Streams end by themselves too, every few seconds, so the watcher
+	// resumes on every node, including those just restarted or healed
+	// (and behind): a resume must never go back in time.
+	life := time.AfterFunc(2*time.Second+time.Duration(streams%4)*time.Second, cancel)
+	defer life.Stop()
+	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from})
+	req.Header().Set("Authorization", "Bearer "+w.token)
+	stream, err := edgev1connect.NewWatchServiceClient(w.s.HTTPClient(), w.s.URL(n)).Watch(ctx, req)
+	if err != nil {
+		return
+	}
+	defer stream.Close()
+	for stream.Receive() {
+		stall.Reset(stallAfter)
+		w.apply(from, stream.Msg())
+	}
+	// Changes of a revision only partly received come again on resume.
+	w.mu.Lock()
+	keep := len(w.events)
+	for keep > 0 && w.events[keep-1].rev > w.complete {
+		keep--
+	}
+	w.events = w.events[:keep]
+	w.lastEvent = w.complete
+	w.mu.Unlock()
+}
+
+func (w *Watcher) apply(from uint64, m *edgev1.WatchResponse) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	rev := m.GetRevision()
+	switch k := m.GetKind().(type) {
+	case *edgev1.WatchResponse_Resync:
+		if w.synced {
+			w.resyncs++
+			w.violations = append(w.violations, fmt.Sprintf("full resync on a resume from %d (compacted?)", from))
+		}
+	case *edgev1.WatchResponse_SnapshotDone:
+		if !w.synced {
+			w.synced, w.base, w.complete, w.lastEvent = true, rev, rev, rev
+		}
+	case *edgev1.WatchResponse_Event:
+		if !w.synced {
+			return // part of the first full copy
+		}
+		if rev <= w.complete {
+			w.violations = append(w.violations, fmt.Sprintf("change at revision %d after revision %d was complete (stream resumed from %d): repeated or back in time", rev, w.complete, from))
+			return
+		}
+		if rev < w.lastEvent {
+			w.violations = append(w.violations, fmt.Sprintf("change at revision %d after one at %d: back in time", rev, w.lastEvent))
+		}
+		b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(k.Event)
+		w.events = append(w.events, watchRecord{rev, string(b)})
+		w.lastEvent = rev
+		if rev-1 > w.complete {
+			w.complete = rev - 1
+		}
+	case *edgev1.WatchResponse_Progress:
+		if !w.synced {
+			return
+		}
+		if rev < w.complete {
+			w.violations = append(w.violations, fmt.Sprintf("progress at revision %d after %d was complete: back in time", rev, w.complete))
+			return
+		}
+		w.complete = rev
+	}
+}
+
+// CheckAgainstFreshRead writes a marker, waits until the watcher has it,
+// then reads the feed afresh from the watcher's first revision on a
+// node and requires the same changes, in the same order, once each.
+func (w *Watcher) CheckAgainstFreshRead(t *testing.T, within time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	var marker uint64
+	clustertest.Eventually(t, within, func() error {
+		resp, err := w.s.Users(w.s.Control[0]).CreateUser(ctx, relaytest.Admin(w.s, &controlv1.CreateUserRequest{Login: fmt.Sprintf("marker-%d", time.Now().UnixNano())}))
+		if err != nil {
+			return err
+		}
+		_ = resp
+		st, err := w.s.Status(w.s.Control[0], 5*time.Second)
+		if err != nil {
+			return err
+		}
+		marker = st.GetAppliedIndex()
+		return nil
+	})
+	clustertest.Eventually(t, within, func() error {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if w.complete < marker {
+			return fmt.Errorf("watcher complete up to %d, marker at %d", w.complete, marker)
+		}
+		return nil
+	})
+	w.mu.Lock()
+	base, events, violations := w.base, w.events, w.violations
+	var mine []watchRecord
+	for _, e := range events {
+		if e.rev <= marker {
+			mine = append(mine, e)
+		}
+	}
+	streams := w.streams
+	w.mu.Unlock()
+	for _, v := range violations {
+		t.Errorf("watch: %s", v)
+	}
+	// The fresh read.
+	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: base})
+	req.Header().Set("Authorization", "Bearer "+w.token)
+	stream, err := edgev1connect.NewWatchServiceClient(w.s.HTTPClient(), w.s.URL(w.s.Control[1])).Watch(ctx, req)
+	if err != nil {
+		t.Fatalf("fresh watch: %v", err)
+	}
+	defer stream.Close()
+	var fresh []watchRecord
+	for stream.Receive() {
+		m := stream.Msg()
+		if _, ok := m.GetKind().(*edgev1.WatchResponse_Resync); ok {
+			t.Fatalf("fresh watch from %d answered with a full copy: compacted, cannot compare", base)
+		}
+		if ev := m.GetEvent(); ev != nil && m.GetRevision() <= marker {
+			b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(ev)
+			fresh = append(fresh, watchRecord{m.GetRevision(), string(b)})
+		}
+		if m.GetRevision() >= marker && m.GetEvent() == nil {
+			break
+		}
+	}
+	t.Logf("watch: %d changes from revision %d to %d over %d streams; fresh read: %d", len(mine), base, marker, streams, len(fresh))
+	if len(fresh) != len(mine) {
+		t.Errorf("watcher recorded %d changes, a fresh read has %d", len(mine), len(fresh))
+	}
+	for i := range min(len(fresh), len(mine)) {
+		if fresh[i] != mine[i] {
+			t.Errorf("change %d: watcher has revision %d, a fresh read %d (or different content)", i, mine[i].rev, fresh[i].rev)
+			break
+		}
+	}
+}
