@@ -107,7 +107,7 @@ func (f *inflight) state() (bool, bool) {
 
 func (s *Session) acked(f *inflight) {
 	s.hub.cfg.Metrics.ackLatency.Observe(s.hub.cfg.Now().Sub(f.arrived).Seconds())
-	s.control(&relayv1.Frame{Kind: &relayv1.Frame_Ack{Ack: &relayv1.Ack{EventId: f.eventID}}})
+	s.ack(f.eventID)
 }
 
 // refuse rejects an event for the device's own fault (it was invalid,
@@ -168,7 +168,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 				// Acked already, or its Ack will come: not relayed again.
 				cfg.Metrics.duplicate.Inc()
 				if done {
-					s.control(&relayv1.Frame{Kind: &relayv1.Frame_Ack{Ack: &relayv1.Ack{EventId: ev.GetId()}}})
+					s.ack(ev.GetId())
 				}
 				return
 			}

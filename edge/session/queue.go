@@ -13,10 +13,12 @@ import (
 // or a delivery whose event is already encoded (one encoding shared by
 // every receiver of a fan-out).
 type item struct {
-	frame    *relayv1.Frame // control frame, or nil for a delivery
-	event    []byte         // encoded relay.v1.Event with the sender filled in
-	delivery uint64         // 0 for ephemeral deliveries
-	datagram bool           // try a datagram first (ephemeral only)
+	frame    *relayv1.Frame // control frame, or nil for a delivery or an ack
+	ack      string         // the event id of an Ack (isAck)
+	isAck    bool
+	event    []byte // encoded relay.v1.Event with the sender filled in
+	delivery uint64 // 0 for ephemeral deliveries
+	datagram bool   // try a datagram first (ephemeral only)
 }
 
 // Outcome of offering a delivery to a queue.
@@ -90,6 +92,16 @@ func (q *queue) offer(event []byte, durable, datagram bool, track func(id uint64
 // control queues a control frame. It reports false when the queue is
 // closed or the device stopped reading (the session must then close).
 func (q *queue) control(f *relayv1.Frame) bool {
+	return q.controlItem(item{frame: f})
+}
+
+// ack queues an Ack for eventID, counted as a control frame: the most
+// frequent control frame goes without a Frame to build and encode.
+func (q *queue) ack(eventID string) bool {
+	return q.controlItem(item{ack: eventID, isAck: true})
+}
+
+func (q *queue) controlItem(it item) bool {
 	q.mu.Lock()
 	if q.closed || q.overflow {
 		q.mu.Unlock()
@@ -101,7 +113,7 @@ func (q *queue) control(f *relayv1.Frame) bool {
 		q.signal()
 		return false
 	}
-	q.items = append(q.items, item{frame: f})
+	q.items = append(q.items, it)
 	q.nControl++
 	q.mu.Unlock()
 	q.signal()
@@ -134,7 +146,27 @@ const (
 	frameDeliverField    = 7 // Frame.deliver
 	deliverEventField    = 1 // Deliver.event
 	deliverDeliveryField = 2 // Deliver.delivery_id
+	frameAckField        = 6 // Frame.ack
+	ackEventIDField      = 1 // Ack.event_id
 )
+
+// appendAckFrame appends Frame{Ack{EventId: id}} with its length prefix,
+// the same bytes frame.Append writes for it, built without a Frame.
+func appendAckFrame(dst []byte, id string) []byte {
+	inner := 0
+	if id != "" {
+		inner = protowire.SizeTag(ackEventIDField) + protowire.SizeBytes(len(id))
+	}
+	body := protowire.SizeTag(frameAckField) + protowire.SizeBytes(inner)
+	dst = protowire.AppendVarint(dst, uint64(body))
+	dst = protowire.AppendTag(dst, frameAckField, protowire.BytesType)
+	dst = protowire.AppendVarint(dst, uint64(inner))
+	if id != "" {
+		dst = protowire.AppendTag(dst, ackEventIDField, protowire.BytesType)
+		dst = protowire.AppendString(dst, id)
+	}
+	return dst
+}
 
 // appendDeliverBody appends the protobuf encoding of
 // Frame{Deliver{Event: <event>, DeliveryId: id}} given the event's

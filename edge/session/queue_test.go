@@ -36,6 +36,20 @@ func TestDeliverEncodingMatchesProtobuf(t *testing.T) {
 	}
 }
 
+// The hand-built Ack frame must be byte for byte what frame.Append
+// writes, for ids whose lengths take one and two varint bytes.
+func TestAckEncodingMatchesProtobuf(t *testing.T) {
+	for _, id := range []string{"", "e1", string(bytes.Repeat([]byte{'x'}, 200)), string(bytes.Repeat([]byte{'y'}, 20000))} {
+		want, err := frame.Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Ack{Ack: &relayv1.Ack{EventId: id}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := appendAckFrame([]byte("prefix"), id); !bytes.Equal(got[6:], want) || string(got[:6]) != "prefix" {
+			t.Fatalf("ack of a %d-byte id: encoding differs", len(id))
+		}
+	}
+}
+
 func TestQueueBounds(t *testing.T) {
 	q := newQueue(2, 100, 1)
 	track := func(uint64) {}

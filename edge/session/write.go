@@ -16,6 +16,13 @@ func (s *Session) control(f *relayv1.Frame) {
 	}
 }
 
+// ack queues the Ack of a durable event, as control does a frame.
+func (s *Session) ack(eventID string) {
+	if !s.out.ack(eventID) {
+		s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the device stopped reading"), 0)
+	}
+}
+
 // writeLoop owns writes to the connection once the session is open: it
 // drains the queue in batches (one write per batch), refreshes the resume
 // ticket, runs re-authentication at the maximum age, and finally sends
@@ -80,6 +87,11 @@ func (s *Session) writeLoop() {
 			if it.frame != nil {
 				buf, _ = frame.Append(buf, it.frame)
 				it.frame = nil
+				continue
+			}
+			if it.isAck {
+				buf = appendAckFrame(buf, it.ack)
+				it.ack, it.isAck = "", false
 				continue
 			}
 			if it.delivery != 0 {
