@@ -201,6 +201,10 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 		r.Transport = "floor"
 	}
 	r.Params["count"], r.Params["rate"] = float64(*count), *rate
+	// The first failure on either side cancels ctx, which ends the other.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	fail := func(err error) { cancel(err) }
 	var send func(i int) error
 	var received func() (time.Duration, error)
 	start := time.Now()
@@ -212,6 +216,9 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 			return err
 		}
 		defer rconn.CloseWithError(0, "")
+		// A failure elsewhere ends the receiver's blocked read.
+		stopRx := context.AfterFunc(ctx, func() { _ = rconn.CloseWithError(0, "") })
+		defer stopRx()
 		// The floor forwards to the latest receiver, and says when this
 		// one is registered.
 		if _, err := io.ReadFull(rx, make([]byte, 1)); err != nil {
@@ -237,25 +244,26 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 			return err
 		}
 		defer dl.close()
-		p := newPacer(d.concurrency, d.slowDial)
-		a, err := dl.connect(ctx, p, r, "handshake", devs[0][0], nil)
+		ps, err := d.openPairs(ctx, dl, r, devs)
 		if err != nil {
 			return err
 		}
-		defer a.Close()
-		b, err := dl.connect(ctx, p, r, "handshake", devs[0][1], nil)
-		if err != nil {
-			return err
-		}
-		defer b.Close()
-		target := []string{devs[0][1].id}
+		defer closePairs(ps)
+		a, b := ps[0].tx, ps[0].rx
+		target := []string{ps[0].rxD.id}
 		var sends sync.WaitGroup
 		defer sends.Wait()
 		send = func(int) error {
 			payload := make([]byte, floorMessage)
 			stamp(payload)
 			// Not waiting for the ack: the one-way time is what B sees.
-			sends.Go(func() { _ = a.Send(ctx, client.Message{Targets: target, Payload: payload}) })
+			// A send that fails ends the run: its message would never
+			// reach the receiver, which would wait for it for ever.
+			sends.Go(func() {
+				if err := a.Send(ctx, client.Message{Targets: target, Payload: payload}); err != nil {
+					fail(fmt.Errorf("send: %w", err))
+				}
+			})
 			return nil
 		}
 		received = func() (time.Duration, error) {
@@ -267,12 +275,11 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 		}
 	}
 	var wg sync.WaitGroup
-	errs := make(chan error, 2)
 	wg.Go(func() {
 		for range *count {
 			d, err := received()
 			if err != nil {
-				errs <- err
+				fail(fmt.Errorf("receive: %w", err))
 				return
 			}
 			r.observe("oneway", d)
@@ -282,16 +289,21 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 	defer tick.Stop()
 	began := time.Now()
 	for i := range *count {
-		<-tick.C
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
 		if err := send(i); err != nil {
-			return err
+			fail(err)
+			break
 		}
 	}
 	wg.Wait()
-	select {
-	case err := <-errs:
+	if err := context.Cause(ctx); err != nil {
 		return err
-	default:
 	}
 	r.Seconds = time.Since(began).Seconds()
 	r.count("messages", float64(*count))
@@ -327,7 +339,11 @@ func (d *driverConfig) stream(ctx context.Context, args []string) error {
 		}
 	}
 	_ = str.Close()
-	<-conn.Context().Done() // the sink closes when it has read everything
+	select {
+	case <-conn.Context().Done(): // the sink closes when it has read everything
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	r.Seconds = time.Since(began).Seconds()
 	after, err := d.cpuAt(ctx, *floorAdmin)
 	if err != nil {

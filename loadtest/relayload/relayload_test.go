@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"image/png"
+	"io"
 	"math"
 	"os"
 	"path/filepath"
@@ -153,6 +155,49 @@ func TestScenarios(t *testing.T) {
 	// sessions it is closing as replaced).
 	if num(res, "counts", "back") != 20 || num(res, "counts", "resumed") != 20 || num(res, "peaks", "all_back_s") <= 0 || num(res, "peaks", "edge_sessions_after") < 20 {
 		t.Fatalf("storm: %v", res)
+	}
+}
+
+// The floor comparison (make bench-compare): the bare quic-go server, the
+// one-way scenario through it and through the relay, the sink's CPU per
+// message, and the closed-loop rate.
+func TestFloorScenarios(t *testing.T) {
+	e := newDriverEnv(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe()
+	floorDone := make(chan error, 1)
+	go func() {
+		floorDone <- floorCommand(ctx, []string{"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"}, pw)
+		_ = pw.Close()
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-floorDone; err != nil {
+			t.Errorf("floor: %v", err)
+		}
+	})
+	var quicAddr, adminAddr string
+	if _, err := fmt.Fscanf(pr, "floor listening on %s (QUIC) and %s (/cpu)\n", &quicAddr, &adminAddr); err != nil {
+		t.Fatalf("floor's first line: %v", err)
+	}
+	go func() { _, _ = io.Copy(io.Discard, pr) }()
+
+	res := e.mustRun("oneway", "--floor", quicAddr, "--count", "200", "--rate", "2000")
+	if res["transport"] != "floor" || num(res, "counts", "messages") != 200 || num(res, "figures", "oneway_p50_ms") <= 0 {
+		t.Fatalf("oneway through the floor: %v", res)
+	}
+	res = e.mustRun("oneway", "--count", "200", "--rate", "2000")
+	if res["transport"] != "quic" || num(res, "counts", "messages") != 200 || num(res, "figures", "oneway_p50_ms") <= 0 {
+		t.Fatalf("oneway through the relay: %v", res)
+	}
+	res = e.mustRun("stream", "--floor", quicAddr, "--floor-admin", "http://"+adminAddr, "--count", "20000")
+	if num(res, "counts", "messages") != 20000 || num(res, "peaks", "server_cpu_us_per_message") <= 0 {
+		t.Fatalf("stream into the floor: %v", res)
+	}
+	res = e.mustRun("--threshold", "failed==0", "rate", "--pairs", "2", "--inflight", "4", "--duration", "500ms")
+	if acked := num(res, "counts", "acked"); acked == 0 || acked != num(res, "counts", "attempts") || num(res, "counts", "received") != acked ||
+		num(res, "params", "inflight") != 4 || num(res, "peaks", "edge_cpu_us_per_event") <= 0 {
+		t.Fatalf("closed-loop rate: %v", res)
 	}
 }
 

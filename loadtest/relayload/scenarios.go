@@ -31,23 +31,18 @@ func (d *driverConfig) rtt(ctx context.Context, args []string) error {
 		return err
 	}
 	defer dl.close()
-	p := newPacer(d.concurrency, d.slowDial)
-	a, err := dl.connect(ctx, p, r, "handshake", devs[0][0], nil)
+	ps, err := d.openPairs(ctx, dl, r, devs)
 	if err != nil {
 		return err
 	}
-	defer a.Close()
-	b, err := dl.connect(ctx, p, r, "handshake", devs[0][1], nil)
-	if err != nil {
-		return err
-	}
-	defer b.Close()
+	defer closePairs(ps)
+	a, b := ps[0].tx, ps[0].rx
 	go func() {
 		for range b.Events() {
 		}
 	}()
 	payload := make([]byte, *size)
-	target := []string{devs[0][1].id}
+	target := []string{ps[0].rxD.id}
 	for range 500 { // warm up
 		if err := a.Send(ctx, client.Message{Targets: target, Payload: payload}); err != nil {
 			return fmt.Errorf("warm-up: %w", err)
@@ -118,18 +113,7 @@ func closePairs(ps []pair) {
 // not as a lower rate. It counts sent, acked, received and failed (by
 // cause) into r.
 func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur time.Duration, size int, r *result) {
-	var wg sync.WaitGroup
-	rctx, stopReceivers := context.WithCancel(ctx)
-	for _, p := range ps {
-		wg.Go(func() {
-			for {
-				if _, err := p.rx.Receive(rctx); err != nil {
-					return
-				}
-				r.count("received", 1)
-			}
-		})
-	}
+	stopReceivers := receiveAll(ctx, ps, r)
 	payload := make([]byte, size)
 	interval := time.Duration(float64(time.Second) / rate)
 	start := time.Now()
@@ -164,7 +148,6 @@ func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur t
 	}
 	sends.Wait()
 	stopReceivers()
-	wg.Wait()
 }
 
 // saturate sends durable events closed loop for dur: each pair keeps
@@ -172,18 +155,7 @@ func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur t
 // acknowledged, so the rate is whatever the edge (or this process)
 // sustains; latency runs from each send.
 func (d *driverConfig) saturate(ctx context.Context, ps []pair, inflight int, dur time.Duration, size int, r *result) {
-	var wg sync.WaitGroup
-	rctx, stopReceivers := context.WithCancel(ctx)
-	for _, p := range ps {
-		wg.Go(func() {
-			for {
-				if _, err := p.rx.Receive(rctx); err != nil {
-					return
-				}
-				r.count("received", 1)
-			}
-		})
-	}
+	stopReceivers := receiveAll(ctx, ps, r)
 	payload := make([]byte, size)
 	sctx, stop := context.WithTimeout(ctx, dur)
 	defer stop()
@@ -212,7 +184,24 @@ func (d *driverConfig) saturate(ctx context.Context, ps []pair, inflight int, du
 	}
 	senders.Wait()
 	stopReceivers()
-	wg.Wait()
+}
+
+// receiveAll counts what every pair's receiver gets as "received" until
+// the returned stop is called; stop waits for the receivers to end.
+func receiveAll(ctx context.Context, ps []pair, r *result) (stop func()) {
+	var wg sync.WaitGroup
+	rctx, cancel := context.WithCancel(ctx)
+	for _, p := range ps {
+		wg.Go(func() {
+			for {
+				if _, err := p.rx.Receive(rctx); err != nil {
+					return
+				}
+				r.count("received", 1)
+			}
+		})
+	}
+	return func() { cancel(); wg.Wait() }
 }
 
 func (d *driverConfig) rateProgress(r *result) func() string {
