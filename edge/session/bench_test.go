@@ -9,22 +9,6 @@ import (
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
-// handshake logs d in without starting the harness's reader, so a
-// benchmark reads d's frames itself.
-func (d *dev) handshake() {
-	d.t.Helper()
-	h := d.hello(nil)
-	d.send(h)
-	ch := d.readDirect().GetChallenge()
-	if ch == nil {
-		d.t.Fatalf("%s: expected a challenge", d.id)
-	}
-	d.send(sign(h.GetHello(), ch, d.e.keys[d.id]))
-	if d.welcome = d.readDirect().GetWelcome(); d.welcome == nil {
-		d.t.Fatalf("%s: expected a welcome", d.id)
-	}
-}
-
 // BenchmarkEventPath is the session core's per-event path without a
 // transport: a durable 64-byte event from one device to another of its
 // user, the delivery, the receipt and the sender's ack, with up to 64

@@ -341,6 +341,15 @@ func sign(h *relayv1.Hello, ch *relayv1.Challenge, key ed25519.PrivateKey) *rela
 // login runs a full handshake and starts reading.
 func (d *dev) login() *dev {
 	d.t.Helper()
+	d.handshake()
+	d.startReading()
+	return d
+}
+
+// handshake runs a full handshake without starting the reader, so a
+// caller (a benchmark) may read d's frames itself.
+func (d *dev) handshake() {
+	d.t.Helper()
 	h := d.hello(nil)
 	d.lastHello = h.GetHello()
 	d.send(h)
@@ -349,12 +358,9 @@ func (d *dev) login() *dev {
 		d.t.Fatalf("%s: expected a challenge", d.id)
 	}
 	d.send(sign(h.GetHello(), ch, d.e.keys[d.id]))
-	d.welcome = d.readDirect().GetWelcome()
-	if d.welcome == nil {
+	if d.welcome = d.readDirect().GetWelcome(); d.welcome == nil {
 		d.t.Fatalf("%s: expected a welcome", d.id)
 	}
-	d.startReading()
-	return d
 }
 
 // online connects and logs in a device.

@@ -14,11 +14,10 @@ import (
 // every receiver of a fan-out).
 type item struct {
 	frame    *relayv1.Frame // control frame, or nil for a delivery or an ack
-	ack      string         // the event id of an Ack (isAck)
-	isAck    bool
-	event    []byte // encoded relay.v1.Event with the sender filled in
-	delivery uint64 // 0 for ephemeral deliveries
-	datagram bool   // try a datagram first (ephemeral only)
+	ack      string         // the event id of an Ack (never empty: ValidateEvent refuses empty ids)
+	event    []byte         // encoded relay.v1.Event with the sender filled in
+	delivery uint64         // 0 for ephemeral deliveries
+	datagram bool           // try a datagram first (ephemeral only)
 }
 
 // Outcome of offering a delivery to a queue.
@@ -98,7 +97,7 @@ func (q *queue) control(f *relayv1.Frame) bool {
 // ack queues an Ack for eventID, counted as a control frame: the most
 // frequent control frame goes without a Frame to build and encode.
 func (q *queue) ack(eventID string) bool {
-	return q.controlItem(item{ack: eventID, isAck: true})
+	return q.controlItem(item{ack: eventID})
 }
 
 func (q *queue) controlItem(it item) bool {

@@ -89,9 +89,9 @@ func (s *Session) writeLoop() {
 				it.frame = nil
 				continue
 			}
-			if it.isAck {
+			if it.ack != "" {
 				buf = appendAckFrame(buf, it.ack)
-				it.ack, it.isAck = "", false
+				it.ack = ""
 				continue
 			}
 			if it.delivery != 0 {
