@@ -239,18 +239,13 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 			return took(in), nil
 		}
 	} else {
-		devs, dl, err := d.prepare(ctx, 1)
+		pr, closePair, err := d.onePair(ctx, r)
 		if err != nil {
 			return err
 		}
-		defer dl.close()
-		ps, err := d.openPairs(ctx, dl, r, devs)
-		if err != nil {
-			return err
-		}
-		defer closePairs(ps)
-		a, b := ps[0].tx, ps[0].rx
-		target := []string{ps[0].rxD.id}
+		defer closePair()
+		a, b := pr.tx, pr.rx
+		target := []string{pr.rxD.id}
 		var sends sync.WaitGroup
 		defer sends.Wait()
 		send = func(int) error {

@@ -26,23 +26,18 @@ func (d *driverConfig) rtt(ctx context.Context, args []string) error {
 	}
 	r := newResult("rtt", d.transport)
 	r.Params["count"], r.Params["payload_bytes"] = float64(*count), float64(*size)
-	devs, dl, err := d.prepare(ctx, 1)
+	pr, closePair, err := d.onePair(ctx, r)
 	if err != nil {
 		return err
 	}
-	defer dl.close()
-	ps, err := d.openPairs(ctx, dl, r, devs)
-	if err != nil {
-		return err
-	}
-	defer closePairs(ps)
-	a, b := ps[0].tx, ps[0].rx
+	defer closePair()
+	a, b := pr.tx, pr.rx
 	go func() {
 		for range b.Events() {
 		}
 	}()
 	payload := make([]byte, *size)
-	target := []string{ps[0].rxD.id}
+	target := []string{pr.rxD.id}
 	for range 500 { // warm up
 		if err := a.Send(ctx, client.Message{Targets: target, Payload: payload}); err != nil {
 			return fmt.Errorf("warm-up: %w", err)
@@ -70,6 +65,21 @@ func (d *driverConfig) rtt(ctx context.Context, args []string) error {
 type pair struct {
 	tx, rx   *client.Client
 	txD, rxD device
+}
+
+// onePair provisions one user with two devices and connects them;
+// closePair closes both and the dialer.
+func (d *driverConfig) onePair(ctx context.Context, r *result) (p pair, closePair func(), err error) {
+	devs, dl, err := d.prepare(ctx, 1)
+	if err != nil {
+		return pair{}, nil, err
+	}
+	ps, err := d.openPairs(ctx, dl, r, devs)
+	if err != nil {
+		dl.close()
+		return pair{}, nil, err
+	}
+	return ps[0], func() { closePairs(ps); dl.close() }, nil
 }
 
 // openPairs connects every pair (paced, retried).
