@@ -332,13 +332,13 @@ func TestBackupUnderWritesRestoreAndGrow(t *testing.T) {
 	// feed and request ids, the user written after the restore). Only
 	// the applied index and node records of the old cluster may differ.
 	r.WaitConverged()
-	want := records(t, buf.Bytes())
+	want := clustertest.Records(t, buf.Bytes())
 	for _, n := range r.Running() {
 		var b bytes.Buffer
 		if _, err := n.Server.Node().FSM().WriteBackup(&b); err != nil {
 			t.Fatal(err)
 		}
-		got := records(t, b.Bytes())
+		got := clustertest.Records(t, b.Bytes())
 		for k, v := range want {
 			if k == "m:applied" || strings.HasPrefix(k, "n:") {
 				continue
@@ -375,23 +375,6 @@ func TestBackupUnderWritesRestoreAndGrow(t *testing.T) {
 	}
 	if mailRecords['b'] != 9 || mailRecords['B'] != 3 || mailRecords['w'] != 9 || mailRecords['W'] != 9 || want["m:ca"] == "" {
 		t.Fatalf("backup holds mailbox records %v, CA %v", mailRecords, want["m:ca"] != "")
-	}
-}
-
-// records decodes an export into key -> value.
-func records(t *testing.T, export []byte) map[string]string {
-	t.Helper()
-	d := state.NewDecoder(bytes.NewReader(export))
-	out := map[string]string{}
-	for {
-		k, v, err := d.Next()
-		if errors.Is(err, io.EOF) {
-			return out
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		out[string(k)] = string(v)
 	}
 }
 

@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/edge-relay/relay/control/backup"
+	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/storage/state"
 )
 
@@ -83,21 +84,6 @@ func mustKey(t testing.TB, s string) *backup.Key {
 	return k
 }
 
-func eventually(t *testing.T, within time.Duration, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %v: %v", within, err)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()
@@ -141,7 +127,7 @@ func TestScheduleLeaderOnlyPruneAndMetrics(t *testing.T) {
 	defer s.Close()
 
 	// A follower looks, and writes nothing.
-	eventually(t, 10*time.Second, func() error {
+	clustertest.Eventually(t, 10*time.Second, func() error {
 		if asked.Load() < 5 {
 			return fmt.Errorf("leadership asked %d times", asked.Load())
 		}
@@ -159,7 +145,7 @@ func TestScheduleLeaderOnlyPruneAndMetrics(t *testing.T) {
 
 	before := time.Now()
 	leading.Store(true)
-	eventually(t, 20*time.Second, func() error {
+	clustertest.Eventually(t, 20*time.Second, func() error {
 		if n := gauge(t, reg, "relay_backups_total"); n < 4 {
 			return fmt.Errorf("%v backups", n)
 		}
@@ -229,7 +215,7 @@ func TestStartReadsDirectory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, func() error {
+	clustertest.Eventually(t, 10*time.Second, func() error {
 		if asked.Load() < 3 {
 			return errors.New("not asked yet")
 		}

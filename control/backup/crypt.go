@@ -42,8 +42,13 @@ const (
 // manager, another machine), or an attacker with the backups has both.
 type Key struct {
 	identity  age.Identity
-	recipient age.Recipient
-	public    string
+	recipient recipient
+}
+
+// recipient is what both age key types' public halves provide.
+type recipient interface {
+	age.Recipient
+	String() string
 }
 
 // GenerateKey returns a new X25519 age identity.
@@ -52,7 +57,7 @@ func GenerateKey() (*Key, string, error) {
 	if err != nil {
 		return nil, "", fmt.Errorf("generate backup key: %w", err)
 	}
-	return &Key{identity: id, recipient: id.Recipient(), public: id.Recipient().String()}, id.String(), nil
+	return &Key{identity: id, recipient: id.Recipient()}, id.String(), nil
 }
 
 // ParseKey reads a key in age's identity file format: one
@@ -69,9 +74,9 @@ func ParseKey(text string) (*Key, error) {
 	}
 	switch id := ids[0].(type) {
 	case *age.X25519Identity:
-		return &Key{identity: id, recipient: id.Recipient(), public: id.Recipient().String()}, nil
+		return &Key{identity: id, recipient: id.Recipient()}, nil
 	case *age.HybridIdentity:
-		return &Key{identity: id, recipient: id.Recipient(), public: id.Recipient().String()}, nil
+		return &Key{identity: id, recipient: id.Recipient()}, nil
 	}
 	return nil, fmt.Errorf("parse backup key: unsupported identity type %T", ids[0])
 }
@@ -100,7 +105,7 @@ func LoadKey(path string) (*Key, error) {
 // Recipient is the key's public half (age1...), which names it in logs
 // and lets a backup be checked against the right key without showing the
 // secret.
-func (k *Key) Recipient() string { return k.public }
+func (k *Key) Recipient() string { return k.recipient.String() }
 
 // Seal returns a writer that encrypts everything written to it to w. Its
 // Close writes the final chunk; it does not close w. With a nil key it
@@ -150,7 +155,7 @@ func Open(r io.Reader, k *Key) (plain io.Reader, encrypted bool, err error) {
 		}
 		var nomatch *age.NoIdentityMatchError
 		if errors.As(err, &nomatch) {
-			return nil, true, fmt.Errorf("%w (this key is %s): %v", ErrWrongKey, k.public, err)
+			return nil, true, fmt.Errorf("%w (this key is %s): %v", ErrWrongKey, k.Recipient(), err)
 		}
 		return nil, true, fmt.Errorf("%w: header: %v", ErrTampered, err)
 	}

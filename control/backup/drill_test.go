@@ -4,9 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,7 +19,6 @@ import (
 	"github.com/edge-relay/relay/control/server"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
-	"github.com/edge-relay/relay/storage/state"
 )
 
 // The restore drill: a 3-node cluster writes encrypted backups on
@@ -121,7 +120,7 @@ func TestRestoreDrill(t *testing.T) {
 	if _, err := c.Nodes[l].Server.Node().FSM().WriteBackup(&live); err != nil {
 		t.Fatal(err)
 	}
-	if got := records(t, live.Bytes()); !sameRecords(got, want) {
+	if got := clustertest.Records(t, live.Bytes()); !maps.Equal(got, want) {
 		t.Fatalf("the backup (index %d) differs from the live state", info.AppliedIndex)
 	}
 	for prefix, min := range map[string]int{"u:": 14, "l:": 14, "d:": 4, "t:": 2, "s:": 1, "k:": 1, "b:": 6, "B:": 4, "m:ca": 1, "m:initialized": 1} {
@@ -151,7 +150,7 @@ func TestRestoreDrill(t *testing.T) {
 		if _, err := n.Server.Node().FSM().WriteBackup(&b); err != nil {
 			t.Fatal(err)
 		}
-		got := records(t, b.Bytes())
+		got := clustertest.Records(t, b.Bytes())
 		for k, v := range want {
 			if k == "m:applied" || strings.HasPrefix(k, "n:") {
 				continue
@@ -199,35 +198,7 @@ func dump(t *testing.T, path string, key *backup.Key) map[string]string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return records(t, b)
-}
-
-func records(t *testing.T, export []byte) map[string]string {
-	t.Helper()
-	d := state.NewDecoder(bytes.NewReader(export))
-	out := map[string]string{}
-	for {
-		k, v, err := d.Next()
-		if errors.Is(err, io.EOF) {
-			return out
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		out[string(k)] = string(v)
-	}
-}
-
-func sameRecords(a, b map[string]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if bv, ok := b[k]; !ok || bv != v {
-			return false
-		}
-	}
-	return true
+	return clustertest.Records(t, b)
 }
 
 func countPrefix(m map[string]string, p string) int {

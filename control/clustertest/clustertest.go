@@ -5,7 +5,9 @@
 package clustertest
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -27,6 +29,7 @@ import (
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/state"
 )
 
 // TB is what the helpers need of a test: *testing.T and *testing.B have
@@ -309,6 +312,24 @@ func Eventually(t TB, within time.Duration, cond func() error) {
 			t.Fatalf("condition not met within %v: %v", within, err)
 		}
 		<-tick.C
+	}
+}
+
+// Records decodes a state export (a backup, or what a node holds) into
+// key -> value, failing the test if it does not verify.
+func Records(t TB, export []byte) map[string]string {
+	t.Helper()
+	d := state.NewDecoder(bytes.NewReader(export))
+	out := map[string]string{}
+	for {
+		k, v, err := d.Next()
+		if errors.Is(err, io.EOF) {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[string(k)] = string(v)
 	}
 }
 

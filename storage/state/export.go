@@ -8,6 +8,7 @@ import (
 	"hash"
 	"hash/crc32"
 	"io"
+	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
 )
@@ -114,6 +115,26 @@ func (d *Decoder) readFull(buf []byte, what string) error {
 	return nil
 }
 
+// readChunk is the most readN allocates ahead of the bytes it has read.
+const readChunk = 64 << 10
+
+// readN reads n bytes. The length comes from the export, which may be
+// hostile: a few bytes claiming a MaxValueLen value must not cost
+// MaxValueLen of memory, so the buffer grows only as bytes arrive.
+func (d *Decoder) readN(n uint64, what string) ([]byte, error) {
+	buf := make([]byte, 0, min(n, readChunk))
+	for uint64(len(buf)) < n {
+		next := min(n-uint64(len(buf)), readChunk)
+		buf = slices.Grow(buf, int(next))
+		part := buf[len(buf) : len(buf)+int(next)]
+		if err := d.readFull(part, what); err != nil {
+			return nil, err
+		}
+		buf = buf[:len(buf)+int(next)]
+	}
+	return buf, nil
+}
+
 func (d *Decoder) readUvarint(what string) (uint64, error) {
 	var buf [binary.MaxVarintLen64]byte
 	for i := range buf {
@@ -164,8 +185,8 @@ func (d *Decoder) Next() (key, value []byte, err error) {
 	if klen > MaxKeyLen {
 		return nil, nil, corrupt("key length %d exceeds %d", klen, MaxKeyLen)
 	}
-	key = make([]byte, klen)
-	if err := d.readFull(key, "key"); err != nil {
+	key, err = d.readN(klen, "key")
+	if err != nil {
 		return nil, nil, err
 	}
 	if d.lastKey != nil && string(key) <= string(d.lastKey) {
@@ -178,8 +199,8 @@ func (d *Decoder) Next() (key, value []byte, err error) {
 	if vlen > MaxValueLen {
 		return nil, nil, corrupt("value length %d exceeds %d", vlen, MaxValueLen)
 	}
-	value = make([]byte, vlen)
-	if err := d.readFull(value, "value"); err != nil {
+	value, err = d.readN(vlen, "value")
+	if err != nil {
 		return nil, nil, err
 	}
 	d.count++

@@ -2,9 +2,11 @@ package state
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"testing"
 
 	"go.uber.org/goleak"
@@ -275,5 +277,26 @@ func BenchmarkExportImport(b *testing.B) {
 		if _, err := dst.Import(bytes.NewReader(data)); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// A record length is read from the export, which may be hostile: a short
+// file claiming a MaxValueLen value is refused as truncated without the
+// decoder allocating anything near that length first.
+func TestDecoderDoesNotTrustLengths(t *testing.T) {
+	in := []byte(exportMagic)
+	in = binary.AppendUvarint(in, 1)
+	in = append(in, 'k')
+	in = binary.AppendUvarint(in, MaxValueLen)
+	in = append(in, "only a few bytes"...)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, _, err := NewDecoder(bytes.NewReader(in)).Next()
+	runtime.ReadMemStats(&after)
+	if !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("err = %v, want ErrCorrupt", err)
+	}
+	if got := after.TotalAlloc - before.TotalAlloc; got > 4<<20 {
+		t.Fatalf("decoding a %d-byte export allocated %d bytes", len(in), got)
 	}
 }
