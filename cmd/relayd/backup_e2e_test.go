@@ -1,12 +1,10 @@
 package main_test
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -88,12 +86,8 @@ func TestBinariesScheduledEncryptedBackups(t *testing.T) {
 
 	// Without the key, --restore says what is missing; with it, it works.
 	r := &node{id: "r1", dir: filepath.Join(base, "r1"), raft: freePort(t), api: freePort(t), admin: freePort(t)}
-	// Bounded: were the key check gone, relayd would start and serve.
-	rctx, rcancel := context.WithTimeout(context.Background(), time.Minute)
-	defer rcancel()
-	rout, err := exec.CommandContext(rctx, bins.relayd, "control", "--node-id", "r1", "--data-dir", r.dir,
-		"--raft-addr", r.raft, "--api-addr", r.api, "--admin-addr", "", "--restore", file).CombinedOutput()
-	if err == nil || !strings.Contains(string(rout), "backup is encrypted") {
+	rout, err := restoreOutput(r, file)
+	if err == nil || !strings.Contains(rout, "backup is encrypted") {
 		t.Fatalf("restore without the key: err=%v\n%s", err, rout)
 	}
 	_ = os.RemoveAll(r.dir)

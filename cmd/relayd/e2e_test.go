@@ -375,9 +375,8 @@ func TestBinariesClusterBackupRestore(t *testing.T) {
 	})
 	// Restoring into a data dir that has state is refused.
 	r.stop(t)
-	rout, err := exec.Command(bins.relayd, "control", "--node-id", "r1", "--data-dir", r.dir,
-		"--raft-addr", r.raft, "--api-addr", r.api, "--admin-addr", "", "--restore", backup).CombinedOutput()
-	if err == nil || !strings.Contains(string(rout), "restore needs an empty one") {
+	rout, err := restoreOutput(r, backup)
+	if err == nil || !strings.Contains(rout, "restore needs an empty one") {
 		t.Fatalf("restore over existing state: err=%v\n%s", err, rout)
 	}
 	for _, n := range nodes {
@@ -544,4 +543,16 @@ func TestBinariesMembershipThroughRelayctl(t *testing.T) {
 			n.stop(t)
 		}
 	}
+}
+
+// restoreOutput runs `relayd control --restore file` on r's data dir and
+// returns what it printed, for a restore that must be refused. Bounded: a
+// restore that wrongly went ahead would start a node and serve until
+// killed.
+func restoreOutput(r *node, file string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bins.relayd, "control", "--node-id", r.id, "--data-dir", r.dir,
+		"--raft-addr", r.raft, "--api-addr", r.api, "--admin-addr", "", "--restore", file).CombinedOutput()
+	return string(out), err
 }
