@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"time"
 
 	"connectrpc.com/connect"
@@ -175,62 +174,31 @@ they cannot be restored), and never store it next to them.`,
 // into place, so dst is either a complete backup or untouched. A stream
 // that fails is started again, from scratch, on the next member.
 func (a *app) backup(ctx context.Context, dst string, key *backup.Key) error {
-	tmp, err := os.CreateTemp(filepath.Dir(dst), ".relay-backup-*")
-	if err != nil {
-		return fmt.Errorf("backup: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	defer tmp.Close()
-
 	// A backup takes as long as it takes: --timeout bounds each attempt
-	// to start it only.
-	err = a.call(ctx, "backup", retryAlways, func(actx context.Context, base string) error {
-		if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-			return err
-		}
-		if err := tmp.Truncate(0); err != nil {
-			return err
-		}
-		sealer, err := backup.Seal(tmp, key)
-		if err != nil {
-			return err
-		}
+	// to start it only. Each attempt writes a file of its own, so a
+	// retried stream never appends to a cut one.
+	var info backup.Info
+	err := a.call(ctx, "backup", retryAlways, func(actx context.Context, base string) error {
 		sctx, cancel := context.WithCancel(ctx)
 		defer cancel()
-		stream, err := a.clusterClient(base).Backup(sctx, connect.NewRequest(&controlv1.BackupRequest{}))
-		if err != nil {
-			return err
-		}
-		defer stream.Close()
-		for stream.Receive() {
-			if _, err := sealer.Write(stream.Msg().GetData()); err != nil {
-				return fmt.Errorf("write %s: %w", tmp.Name(), err)
+		var err error
+		info, err = backup.WriteFile(dst, key, func(w io.Writer) error {
+			stream, err := a.clusterClient(base).Backup(sctx, connect.NewRequest(&controlv1.BackupRequest{}))
+			if err != nil {
+				return err
 			}
-		}
-		if err := stream.Err(); err != nil {
-			return err
-		}
-		return sealer.Close()
+			defer stream.Close()
+			for stream.Receive() {
+				if _, err := w.Write(stream.Msg().GetData()); err != nil {
+					return fmt.Errorf("write: %w", err)
+				}
+			}
+			return stream.Err()
+		})
+		return err
 	})
 	if err != nil {
 		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("backup: %w", err)
-	}
-	info, err := backup.VerifyFile(tmp.Name(), key)
-	if err != nil {
-		return fmt.Errorf("backup: received file does not verify: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), dst); err != nil {
-		return fmt.Errorf("backup: %w", err)
-	}
-	if d, err := os.Open(filepath.Dir(dst)); err == nil {
-		err = d.Sync() // the rename itself survives a crash
-		_ = d.Close()
-		if err != nil {
-			return fmt.Errorf("backup: sync %s: %w", filepath.Dir(dst), err)
-		}
 	}
 	if a.output == "json" {
 		return printValue(a.stdout, map[string]any{"file": dst, "bytes": info.Size, "records": info.Records,

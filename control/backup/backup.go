@@ -280,14 +280,34 @@ func (s *Scheduler) Backup(ctx context.Context) (Result, error) {
 	return res, nil
 }
 
-// write streams the source through the encryption into a temporary file,
-// syncs it, reads it back whole (decrypting and checking the export's
-// checksum, and that the plaintext is the one written), and only then
-// renames it into place and syncs the directory.
-func (s *Scheduler) write(ctx context.Context, start time.Time) (res Result, err error) {
-	tmp, err := os.CreateTemp(s.cfg.Dir, tmpPattern)
+// write writes the source's export as the backup of start (WriteFile).
+func (s *Scheduler) write(ctx context.Context, start time.Time) (Result, error) {
+	f := File{Path: filepath.Join(s.cfg.Dir, FileName(start, s.cfg.Key != nil)), Time: start, Encrypted: s.cfg.Key != nil}
+	info, err := WriteFile(f.Path, s.cfg.Key, func(w io.Writer) error {
+		if err := s.cfg.Source(ctx, w); err != nil {
+			return fmt.Errorf("read state: %w", err)
+		}
+		return nil
+	})
 	if err != nil {
-		return res, fmt.Errorf("backup: %w", err)
+		return Result{}, err
+	}
+	return Result{File: f, Info: info}, nil
+}
+
+// WriteFile writes a backup to path, so that path never holds a partial
+// or unverified one: write streams the export (through the encryption
+// when key is set) into a temporary file beside path, which is synced,
+// read back whole (decrypting, checking every record and the export's
+// checksum, and that the plaintext is the one written), and only then
+// renamed to path, with the directory synced after. On error the
+// temporary file is removed and path is untouched. The scheduler and
+// `relayctl backup` both write through it.
+func WriteFile(path string, key *Key, write func(io.Writer) error) (info Info, err error) {
+	dir := filepath.Dir(path)
+	tmp, err := os.CreateTemp(dir, tmpPattern)
+	if err != nil {
+		return info, fmt.Errorf("backup: %w", err)
 	}
 	defer func() {
 		if err != nil {
@@ -295,40 +315,39 @@ func (s *Scheduler) write(ctx context.Context, start time.Time) (res Result, err
 			_ = os.Remove(tmp.Name())
 		}
 	}()
-	sealer, err := Seal(tmp, s.cfg.Key)
+	sealer, err := Seal(tmp, key)
 	if err != nil {
-		return res, err
+		return info, err
 	}
 	sum := sha256.New()
-	if err := s.cfg.Source(ctx, io.MultiWriter(sealer, sum)); err != nil {
-		return res, fmt.Errorf("backup: read state: %w", err)
+	if err := write(io.MultiWriter(sealer, sum)); err != nil {
+		return info, fmt.Errorf("backup: %w", err)
 	}
 	if err := sealer.Close(); err != nil {
-		return res, fmt.Errorf("backup: %w", err)
+		return info, fmt.Errorf("backup: %w", err)
 	}
 	if err := tmp.Sync(); err != nil {
-		return res, fmt.Errorf("backup: sync %s: %w", tmp.Name(), err)
+		return info, fmt.Errorf("backup: sync %s: %w", tmp.Name(), err)
 	}
 	if err := tmp.Close(); err != nil {
-		return res, fmt.Errorf("backup: %w", err)
+		return info, fmt.Errorf("backup: %w", err)
 	}
-	info, err := VerifyFile(tmp.Name(), s.cfg.Key)
+	info, err = VerifyFile(tmp.Name(), key)
 	if err != nil {
-		return res, fmt.Errorf("backup: written file does not verify: %w", err)
+		return info, fmt.Errorf("backup: written file does not verify: %w", err)
 	}
 	var want [32]byte
 	sum.Sum(want[:0])
 	if info.PlainSHA256 != want {
-		return res, errors.New("backup: written file does not verify: its content differs from the state written")
+		return info, errors.New("backup: written file does not verify: its content differs from the export written")
 	}
-	f := File{Path: filepath.Join(s.cfg.Dir, FileName(start, s.cfg.Key != nil)), Time: start, Encrypted: s.cfg.Key != nil}
-	if err := os.Rename(tmp.Name(), f.Path); err != nil {
-		return res, fmt.Errorf("backup: %w", err)
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return info, fmt.Errorf("backup: %w", err)
 	}
-	if err := syncDir(s.cfg.Dir); err != nil {
-		return res, fmt.Errorf("backup: %w", err)
+	if err := syncDir(dir); err != nil {
+		return info, fmt.Errorf("backup: %w", err)
 	}
-	return Result{File: f, Info: info}, nil
+	return info, nil
 }
 
 // prune removes all but the newest Keep backups.
