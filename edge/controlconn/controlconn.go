@@ -97,7 +97,7 @@ func New(cfg Config) (*Conn, error) {
 	// does).
 	var p http.Protocols
 	p.SetHTTP2(true)
-	plain, tlsURLs := false, false
+	plain := false
 	for i, u := range cfg.URLs {
 		u = strings.TrimRight(u, "/")
 		cfg.URLs[i] = u
@@ -105,13 +105,12 @@ func New(cfg Config) (*Conn, error) {
 		case strings.HasPrefix(u, "http://"):
 			plain = true
 		case strings.HasPrefix(u, "https://"):
-			tlsURLs = true
 		default:
 			return nil, fmt.Errorf("controlconn: %q is not an http:// or https:// URL", u)
 		}
 	}
 	p.SetUnencryptedHTTP2(plain)
-	p.SetHTTP1(tlsURLs && !plain)
+	p.SetHTTP1(!plain) // every URL is https:// (there is at least one)
 	tr.Protocols = &p
 	if cfg.TLS != nil {
 		tr.TLSClientConfig = cfg.TLS.Clone()
