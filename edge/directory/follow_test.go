@@ -2,6 +2,7 @@ package directory_test
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"testing"
@@ -42,7 +43,8 @@ func (f failRecorder) StreamFailed(err error) {
 }
 
 // A stream's error, which arrives after Watch returned, reaches the
-// client's StreamFailed (so it can move to another control node).
+// client's StreamFailed (so it can move to another control node); a
+// failure to get a token, before any stream, does not.
 func TestFollowReportsStreamFailures(t *testing.T) {
 	// The unimplemented handler fails every watch stream.
 	mux := http.NewServeMux()
@@ -53,7 +55,15 @@ func TestFollowReportsStreamFailures(t *testing.T) {
 	d := directory.New(directory.Config{Ring: session.NewRing()})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- d.Follow(ctx, rec, func(context.Context) (string, error) { return "t", nil }) }()
+	// The first tokens fail: no stream is tried, so nothing to report.
+	tokens := 0
+	token := func(context.Context) (string, error) {
+		if tokens++; tokens <= 2 {
+			return "", connect.NewError(connect.CodeUnavailable, errors.New("no control node"))
+		}
+		return "t", nil
+	}
+	go func() { done <- d.Follow(ctx, rec, token) }()
 	defer func() { cancel(); <-done }()
 	select {
 	case err := <-rec.failed:
