@@ -73,7 +73,7 @@ func TestSIGTERMWithStuckDevices(t *testing.T) {
 		return nil
 	})
 	if end, err := v.WaitEnd(60 * time.Second); err != nil || end.Code != relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER {
-		t.Fatalf("the stuck device ended with %+v (%v), want SLOW_CONSUMER\n%s", end, err, p.lastLogs(30))
+		t.Fatalf("the stuck device ended with %+v (%v), want SLOW_CONSUMER\n%s", end, err, p.LastLogs(30))
 	}
 	s.Close()
 	eventually(t, 30*time.Second, func() error {
@@ -90,18 +90,18 @@ func TestSIGTERMWithStuckDevices(t *testing.T) {
 		}
 	}
 	start := time.Now()
-	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := p.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	// relayd dev drains for 10 s, each session lingers 2 s and its
 	// transport waits 1 s; the rest is slack for a busy machine.
 	select {
-	case <-p.done:
-		if p.err != nil {
-			t.Fatalf("relayd exited with %v\n%s", p.err, p.lastLogs(20))
+	case <-p.Done():
+		if p.Err() != nil {
+			t.Fatalf("relayd exited with %v\n%s", p.Err(), p.LastLogs(20))
 		}
 	case <-time.After(45 * time.Second):
-		t.Fatalf("relayd did not stop within 45 s of SIGTERM\n%s", p.lastLogs(20))
+		t.Fatalf("relayd did not stop within 45 s of SIGTERM\n%s", p.LastLogs(20))
 	}
 	t.Logf("relayd stopped %s after SIGTERM", time.Since(start).Round(time.Millisecond))
 }

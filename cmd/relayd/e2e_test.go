@@ -1,7 +1,6 @@
 package main_test
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -11,10 +10,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/edge-relay/relay/internal/relaytest"
 )
 
 // The binaries under test, built once by TestMain.
@@ -52,14 +52,7 @@ func freePort(t *testing.T) string {
 }
 
 // proc is a relayd process whose JSON log lines are watched.
-type proc struct {
-	cmd  *exec.Cmd
-	mu   sync.Mutex
-	logs []map[string]any
-	cond chan struct{} // closed and replaced on each new line
-	done chan struct{}
-	err  error
-}
+type proc struct{ *relaytest.Proc }
 
 func startRelayd(t *testing.T, args ...string) *proc {
 	t.Helper()
@@ -73,89 +66,18 @@ func startRelaydWith(t *testing.T, env []string, stdout io.Writer, args ...strin
 	args = append(args, "--log-format", "json")
 	cmd := exec.Command(bins.relayd, args...)
 	cmd.Env = append(env, "RELAY_SLOW_THRESHOLD=1s")
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
 	cmd.Stdout = stdout
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p := &proc{cmd: cmd, cond: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		sc.Buffer(make([]byte, 1<<20), 1<<20)
-		for sc.Scan() {
-			var rec map[string]any
-			if json.Unmarshal(sc.Bytes(), &rec) != nil {
-				rec = map[string]any{"msg": sc.Text()}
-			}
-			if os.Getenv("RELAY_TEST_LOG") != "" {
-				t.Log(sc.Text())
-			}
-			p.mu.Lock()
-			p.logs = append(p.logs, rec)
-			close(p.cond)
-			p.cond = make(chan struct{})
-			p.mu.Unlock()
-		}
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-p.done:
-		default:
-			_ = cmd.Process.Kill()
-			<-p.done
-		}
-	})
-	return p
+	return &proc{relaytest.StartCmd(t, "relayd", cmd)}
 }
 
 // waitLog waits for a log record with the given message and returns it.
 func (p *proc) waitLog(t *testing.T, msg string, within time.Duration) map[string]any {
 	t.Helper()
-	rec, err := p.waitLogOrExit(msg, within)
+	rec, err := p.WaitLog(msg, within, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return rec
-}
-
-// lastLogs renders the last n log records, for failure messages.
-func (p *proc) lastLogs(n int) string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	logs := p.logs[max(0, len(p.logs)-n):]
-	var b strings.Builder
-	for _, l := range logs {
-		fmt.Fprintf(&b, "\n  %v", l)
-	}
-	return b.String()
-}
-
-// waitLogOrExit is waitLog returning an error instead of failing.
-func (p *proc) waitLogOrExit(msg string, within time.Duration) (map[string]any, error) {
-	deadline := time.After(within)
-	seen := 0
-	for {
-		p.mu.Lock()
-		logs, ch := p.logs, p.cond
-		p.mu.Unlock()
-		for ; seen < len(logs); seen++ {
-			if logs[seen]["msg"] == msg {
-				return logs[seen], nil
-			}
-		}
-		select {
-		case <-ch:
-		case <-p.done:
-			return nil, fmt.Errorf("relayd exited (%v) before logging %q; its last words:%s", p.err, msg, p.lastLogs(5))
-		case <-deadline:
-			return nil, fmt.Errorf("relayd did not log %q within %v; its last words:%s", msg, within, p.lastLogs(5))
-		}
-	}
 }
 
 // ctlConfig is the relayctl config dir (token cache) of the test run.
@@ -238,7 +160,7 @@ func (n *node) start(t *testing.T, extra ...string) {
 		args := append([]string{"control", "--node-id", n.id, "--data-dir", n.dir,
 			"--raft-addr", n.raft, "--api-addr", n.api, "--admin-addr", n.admin}, extra...)
 		n.p = startRelayd(t, args...)
-		_, err := n.p.waitLogOrExit("control node serving", 60*time.Second)
+		_, err := n.p.WaitLog("control node serving", 60*time.Second, nil)
 		if err == nil {
 			return
 		}
@@ -254,13 +176,13 @@ func (n *node) start(t *testing.T, extra ...string) {
 
 func (n *node) stop(t *testing.T) {
 	t.Helper()
-	if err := n.p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := n.p.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	select {
-	case <-n.p.done:
-		if n.p.err != nil {
-			t.Fatalf("%s exited with %v after SIGTERM", n.id, n.p.err)
+	case <-n.p.Done():
+		if n.p.Err() != nil {
+			t.Fatalf("%s exited with %v after SIGTERM", n.id, n.p.Err())
 		}
 	case <-time.After(60 * time.Second):
 		t.Fatalf("%s did not exit after SIGTERM", n.id)

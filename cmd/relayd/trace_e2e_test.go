@@ -129,7 +129,6 @@ func startTracedRelay(t *testing.T, controlFlags, edgeFlags []string) *tracedRel
 	e := startRelayd(t, append([]string{"edge", "--edge-id", "e1", "--addr", edge, "--admin-addr", freePort(t),
 		"--control", "http://" + n.api, "--edge-login", "edges", "--edge-password-file", pw}, edgeFlags...)...)
 	e.waitLog(t, "edge listening", 60*time.Second)
-	t.Cleanup(func() { _ = e.cmd.Process.Kill() })
 	return &tracedRelay{api: n.api, edge: edge, devices: devices, user: users(&controlv1.CreateUserRequest{Login: "tracy"})}
 }
 

@@ -91,10 +91,13 @@ func New(cfg Config) (*Conn, error) {
 	// HTTP/2 everywhere, so the health pings above apply: over TLS by
 	// ALPN, on http:// URLs with prior knowledge (net/http speaks that
 	// only when HTTP/1 is off; with both, http:// goes over HTTP/1 and a
-	// cut connection goes unnoticed). HTTP/1 stays on for https:// only.
+	// cut connection goes unnoticed). HTTP/1 stays on only when every URL
+	// is https:// (one transport serves all URLs, so a mix of http:// and
+	// https:// needs control nodes that speak HTTP/2 over TLS, as relayd
+	// does).
 	var p http.Protocols
 	p.SetHTTP2(true)
-	plain, tlsURLs := false, false
+	plain := false
 	for i, u := range cfg.URLs {
 		u = strings.TrimRight(u, "/")
 		cfg.URLs[i] = u
@@ -102,13 +105,12 @@ func New(cfg Config) (*Conn, error) {
 		case strings.HasPrefix(u, "http://"):
 			plain = true
 		case strings.HasPrefix(u, "https://"):
-			tlsURLs = true
 		default:
 			return nil, fmt.Errorf("controlconn: %q is not an http:// or https:// URL", u)
 		}
 	}
 	p.SetUnencryptedHTTP2(plain)
-	p.SetHTTP1(tlsURLs && !plain)
+	p.SetHTTP1(!plain) // every URL is https:// (there is at least one)
 	tr.Protocols = &p
 	if cfg.TLS != nil {
 		tr.TLSClientConfig = cfg.TLS.Clone()

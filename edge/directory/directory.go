@@ -442,7 +442,9 @@ func (d *Directory) Follow(ctx context.Context, client edgev1connect.WatchServic
 		if ctx.Err() != nil {
 			break
 		}
-		if f, ok := client.(StreamFailer); ok {
+		if f, ok := client.(StreamFailer); ok && !errors.Is(err, errToken) {
+			// Not a token failure: controlconn's Token moves between
+			// nodes itself, and no stream was tried.
 			f.StreamFailed(err)
 		}
 		wait := backoff
@@ -474,6 +476,9 @@ type StreamFailer interface {
 	StreamFailed(err error)
 }
 
+// errToken marks a failure to get the edge's token (no stream opened).
+var errToken = errors.New("edge token")
+
 // isTimeout reports whether an attempt failed because nothing answered.
 func isTimeout(err error) bool {
 	var ne net.Error
@@ -489,7 +494,7 @@ func (d *Directory) followOnce(ctx context.Context, client edgev1connect.WatchSe
 	d.mu.Unlock()
 	tok, err := token(ctx)
 	if err != nil {
-		return fmt.Errorf("edge token: %w", err)
+		return fmt.Errorf("%w: %w", errToken, err)
 	}
 	from := uint64(0)
 	if d.Synced() {

@@ -436,7 +436,9 @@ func (s *Server) controlSilent() bool {
 // watchControlGrace logs when the edge stops and starts admitting
 // sessions because of the control plane's silence.
 func (s *Server) watchControlGrace(ctx context.Context) {
-	tick := time.NewTicker(min(s.cfg.ControlGrace/4, 250*time.Millisecond))
+	// A quarter of the grace, at most 250 ms; above 0 (NewTicker panics
+	// on 0), which a grace under 4ns would give.
+	tick := time.NewTicker(max(min(s.cfg.ControlGrace/4, 250*time.Millisecond), time.Millisecond))
 	defer tick.Stop()
 	for {
 		select {

@@ -65,10 +65,7 @@ func (tr *traffic) receive(c *client.Client, device string) {
 func (tr *traffic) finish(t *testing.T, within time.Duration, clients ...*client.Client) {
 	t.Helper()
 	close(tr.stop)
-	deadline := time.Now().Add(within)
-	for tr.log.Missing() > 0 && time.Now().Before(deadline) {
-		time.Sleep(100 * time.Millisecond) // polling interval
-	}
+	tr.log.WaitComplete(within)
 	for _, c := range clients {
 		_ = c.Close()
 	}

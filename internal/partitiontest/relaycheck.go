@@ -19,6 +19,8 @@ type RelayLog struct {
 	// order: per sender, ids in the order they were sent.
 	order map[string][]string
 	recv  map[string][]received // by target device
+	// changed is closed and replaced on every ack and receipt.
+	changed chan struct{}
 }
 
 type sentEvent struct {
@@ -38,7 +40,7 @@ type received struct {
 
 // NewRelayLog returns an empty log.
 func NewRelayLog() *RelayLog {
-	return &RelayLog{sent: map[string]*sentEvent{}, order: map[string][]string{}, recv: map[string][]received{}}
+	return &RelayLog{sent: map[string]*sentEvent{}, order: map[string][]string{}, recv: map[string][]received{}, changed: make(chan struct{})}
 }
 
 // Sending notes an event about to be sent (one sender sends one at a
@@ -55,6 +57,7 @@ func (l *RelayLog) Acked(id string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.sent[id].acked = true
+	l.notify()
 }
 
 // Refused marks an event the edge refused (a Reject): it must never
@@ -70,6 +73,34 @@ func (l *RelayLog) Received(target, sender, id string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.recv[target] = append(l.recv[target], received{id: id, sender: sender, at: time.Now()})
+	l.notify()
+}
+
+// notify wakes WaitComplete; l.mu is held.
+func (l *RelayLog) notify() {
+	close(l.changed)
+	l.changed = make(chan struct{})
+}
+
+// WaitComplete waits until every acknowledged event has reached each of
+// its targets, or within has passed, and returns how many (event,
+// target) pairs are still missing.
+func (l *RelayLog) WaitComplete(within time.Duration) int {
+	deadline := time.After(within)
+	for {
+		l.mu.Lock()
+		ch := l.changed
+		l.mu.Unlock()
+		n := l.Missing()
+		if n == 0 {
+			return 0
+		}
+		select {
+		case <-ch:
+		case <-deadline:
+			return n
+		}
+	}
 }
 
 // Missing counts acknowledged (event, target) pairs not yet received.

@@ -39,3 +39,26 @@ func TestRelayLogCheck(t *testing.T) {
 		t.Fatalf("clean log: %v", bad)
 	}
 }
+
+// WaitComplete returns as soon as the last acknowledged event arrives,
+// and with the count still missing when the time is up.
+func TestRelayLogWaitComplete(t *testing.T) {
+	l := NewRelayLog()
+	l.Sending("s", "a", []string{"r", "q"}, time.Minute)
+	l.Acked("a")
+	if n := l.WaitComplete(10 * time.Millisecond); n != 2 {
+		t.Fatalf("nothing received: %d missing, want 2", n)
+	}
+	done := make(chan int, 1)
+	go func() { done <- l.WaitComplete(time.Minute) }()
+	l.Received("r", "s", "a")
+	l.Received("q", "s", "a")
+	select {
+	case n := <-done:
+		if n != 0 {
+			t.Fatalf("all received: %d missing", n)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("WaitComplete did not return once everything arrived")
+	}
+}

@@ -50,14 +50,25 @@ func (h *Host) Start(t clustertest.TB, name string, env []string, bin string, ar
 	t.Helper()
 	cmd := h.Command(bin, args...)
 	cmd.Env = append(os.Environ(), env...)
+	return StartCmd(t, name, cmd)
+}
+
+// StartCmd starts cmd, whose standard error carries JSON log lines, as
+// a Proc; t.Cleanup kills it if it still runs. Its log lines go to the
+// test log when RELAY_TEST_LOG is set.
+func StartCmd(t clustertest.TB, name string, cmd *exec.Cmd) *Proc {
+	t.Helper()
 	// A test binary that dies takes its processes with it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s on %s: %v", name, h.Name, err)
+		t.Fatalf("start %s: %v", name, err)
 	}
 	p := &Proc{Name: name, cmd: cmd, cond: make(chan struct{}), done: make(chan struct{})}
 	verbose := os.Getenv("RELAY_TEST_LOG") != ""
@@ -120,6 +131,9 @@ func (p *Proc) Kill() {
 	_ = p.cmd.Process.Signal(syscall.SIGKILL)
 	<-p.done
 }
+
+// Signal sends sig to the process.
+func (p *Proc) Signal(sig os.Signal) error { return p.cmd.Process.Signal(sig) }
 
 // Pause stops the process with SIGSTOP.
 func (p *Proc) Pause() error {
