@@ -13,6 +13,7 @@ import (
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/server"
 )
 
 // runEnv runs relayctl with an environment and returns stdout, stderr
@@ -141,10 +142,17 @@ func TestFailingMemberAndGrowingCluster(t *testing.T) {
 	}
 
 	// The cluster grows: a node that joined after the login is listed by
-	// the cluster, so the session is used there too.
+	// the cluster, so the session is used there too. The member the login
+	// was made on is cut off from Raft while the node joins, so its own
+	// list does not name the new node: the others' lists must be asked.
 	c.Restart(0)
 	c.WaitReady()
-	n := c.AddNode()
+	tok := c.AdminToken()
+	c.Isolate(0)
+	defer c.Heal(0)
+	n := c.StartNode(func(cfg *server.Config) {
+		cfg.Join, cfg.JoinToken = []string{addr(1), addr(2)}, tok
+	})
 	out, _, err = runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + n.Server.APIAddr()}, "-o", "json", "user", "me")
 	var me map[string]any
 	if err != nil || json.Unmarshal([]byte(out), &me) != nil || me["id"] != "admin" {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -155,15 +156,12 @@ func (a *app) prepare(ctx context.Context) {
 	for _, s := range a.servers {
 		if sess, ok := a.tokens.find(s); ok {
 			a.sess = sess
-			break
+			a.refreshMembers(ctx, a.sess, a.servers...)
+			return
 		}
 	}
-	if a.sess == nil {
-		a.sess = a.discover(ctx)
-	}
-	if a.sess != nil {
-		a.refreshMembers(ctx, a.sess)
-	}
+	// discover has just refreshed the session's members.
+	a.sess = a.discover(ctx)
 }
 
 // discover looks for a cached session whose cluster now lists one of the
@@ -175,7 +173,7 @@ func (a *app) discover(ctx context.Context) *session {
 	}
 	for _, k := range sortedKeys(m) {
 		sess := &session{key: k, t: m[k]}
-		a.refreshMembers(ctx, sess)
+		a.refreshMembers(ctx, sess, a.servers...)
 		for _, s := range a.servers {
 			if sess.trusts(s) {
 				return sess
@@ -188,13 +186,24 @@ func (a *app) discover(ctx context.Context) *session {
 // refreshMembers asks the session's cluster (any member that answers)
 // for its members and saves them. Only staff may read them; for anyone
 // else, or when no member answers, the session stays as it is.
-func (a *app) refreshMembers(ctx context.Context, sess *session) {
+//
+// A follower learns of a membership change after the leader does, so a
+// member whose list names none of the servers in want (a node that has
+// just joined) is not the last word: the others are asked too, and the
+// first list that names one is kept (else the first answer).
+func (a *app) refreshMembers(ctx context.Context, sess *session, want ...string) {
 	tok, err := a.tokenOf(ctx, sess)
 	if err != nil || tok == "" {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, min(a.timeout, 5*time.Second))
 	defer cancel()
+	var first *savedTokens
+	defer func() {
+		if first != nil {
+			a.saveMembers(sess, first.Members, first.MemberIDs)
+		}
+	}()
 	for _, base := range sess.urls() {
 		req := connect.NewRequest(&controlv1.StatusRequest{})
 		req.Header().Set("Authorization", "Bearer "+tok)
@@ -218,11 +227,27 @@ func (a *app) refreshMembers(ctx context.Context, sess *session) {
 				members = append(members, u)
 			}
 		}
-		if !slices.Equal(members, sess.t.Members) || len(ids) != len(sess.t.MemberIDs) {
-			sess.t.Members, sess.t.MemberIDs = members, ids
-			_ = a.tokens.put(sess.key, &sess.t)
+		listed := len(want) == 0
+		for _, w := range want {
+			listed = listed || w == sess.key || ids[w] != ""
 		}
-		return
+		if listed {
+			first = nil
+			a.saveMembers(sess, members, ids)
+			return
+		}
+		if first == nil {
+			first = &savedTokens{Members: members, MemberIDs: ids}
+		}
+	}
+}
+
+// saveMembers records a cluster's member list in the session, and in the
+// token cache when it changed.
+func (a *app) saveMembers(sess *session, members []string, ids map[string]string) {
+	if !slices.Equal(members, sess.t.Members) || !maps.Equal(ids, sess.t.MemberIDs) {
+		sess.t.Members, sess.t.MemberIDs = members, ids
+		_ = a.tokens.put(sess.key, &sess.t)
 	}
 }
 
