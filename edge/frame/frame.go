@@ -222,38 +222,45 @@ func (r *Reader) disarm() {
 // stream's own error otherwise (a timeout of the idle deadline among
 // them).
 func (r *Reader) Read(f *relayv1.Frame) error {
+	body, err := r.Next()
+	if err != nil {
+		return err
+	}
+	return Decode(body, r.max, f)
+}
+
+// Next reads the next frame's body, undecoded: for a caller that decodes
+// some kinds itself (Split). The body is valid until the next call of
+// Next or Read. Its errors are Read's, but for the decoding ones.
+func (r *Reader) Next() ([]byte, error) {
 	if r.stopped.Load() {
-		return ErrStopped
+		return nil, ErrStopped
 	}
 	defer r.disarm()
 	n, prefix, err := r.readLength()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if n > uint64(r.max) {
-		return tooLarge(n, r.max)
+		return nil, tooLarge(n, r.max)
 	}
 	size := int(n)
 	if r.r.Buffered() >= size {
 		// The common case: the whole frame is in the read buffer and is
-		// decoded where it lies (the decoded frame copies what it keeps).
+		// returned where it lies; bufio does not overwrite it before the
+		// next read.
 		body, _ := r.r.Peek(size)
-		err := Decode(body, r.max, f)
 		_, _ = r.r.Discard(size)
 		r.lastSize = prefix + size
-		return err
+		return body, nil
 	}
 	r.arm()
 	body, err := r.collect(size)
 	if err != nil {
-		return err
-	}
-	err = Decode(body, r.max, f)
-	if cap(r.buf) > keepBuf {
-		r.buf = nil // the decoded frame holds copies, not this buffer
+		return nil, err
 	}
 	r.lastSize = prefix + size
-	return err
+	return body, nil
 }
 
 // readLength reads the uvarint length prefix and reports its size.
@@ -280,9 +287,16 @@ func (r *Reader) readLength() (uint64, int, error) {
 }
 
 // collect reads a frame body of size bytes that is not buffered yet,
-// growing the buffer with what arrives.
+// growing the buffer with what arrives. A buffer larger than keepBuf
+// (for a rare large frame) is not kept by the reader: it is the caller's
+// until the next frame, then garbage, so idle sessions hold little.
 func (r *Reader) collect(size int) ([]byte, error) {
 	buf := r.buf[:0]
+	defer func() {
+		if cap(buf) <= keepBuf {
+			r.buf = buf[:0]
+		}
+	}()
 	for len(buf) < size {
 		if cap(buf) == len(buf) {
 			want := min(size, max(2*cap(buf), len(buf)+growStep))
@@ -291,11 +305,9 @@ func (r *Reader) collect(size int) ([]byte, error) {
 		k, err := r.r.Read(buf[len(buf):min(cap(buf), size)])
 		buf = buf[:len(buf)+k]
 		if err != nil && len(buf) < size {
-			r.buf = buf
 			return nil, r.streamErr(err, true)
 		}
 	}
-	r.buf = buf
 	return buf, nil
 }
 

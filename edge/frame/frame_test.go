@@ -226,14 +226,28 @@ func TestReaderDeadlines(t *testing.T) {
 			t.Fatalf("after Stop: %v", err)
 		}
 	})
+	t.Run("a large frame's buffer is not kept", func(t *testing.T) {
+		r, peer := setup(t)
+		big, _ := Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte{1}, 20<<10)}}})
+		write(peer, big)
+		var f relayv1.Frame
+		if err := r.Read(&f); err != nil || len(f.GetEvent().GetPayload()) != 20<<10 {
+			t.Fatalf("read: %v", err)
+		}
+		if c := cap(r.buf); c > keepBuf {
+			t.Fatalf("the reader keeps a buffer of %d bytes after a 20 KiB frame", c)
+		}
+	})
 	t.Run("the buffer grows with what arrives", func(t *testing.T) {
 		r, peer := setup(t)
 		// A prefix for 60 KiB, then 100 bytes, then silence.
 		write(peer, append(binary.AppendUvarint(nil, 60<<10), bytes.Repeat([]byte{1}, 100)...))
 		var f relayv1.Frame
 		_ = r.Read(&f)
-		if c := cap(r.buf); c > growStep+100 {
-			t.Fatalf("a buffer of %d bytes for 100 received", c)
+		// A small buffer is kept for the next frame: one sized from the
+		// prefix would be too large to keep, and the reader would hold none.
+		if c := cap(r.buf); c == 0 || c > growStep+100 {
+			t.Fatalf("a buffer of %d bytes kept for 100 received", c)
 		}
 	})
 }

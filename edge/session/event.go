@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/edge-relay/relay/edge/frame"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -131,7 +132,9 @@ func (s *Session) reject(eventID string, r *RejectError) {
 
 // handleEvent validates an event and hands it to its targets on this
 // edge. It runs on the sender's reader goroutine, so the events of one
-// sender reach every receiver's queue in the order they were sent.
+// sender reach every receiver's queue in the order they were sent. The
+// event's payload may point into the reader's buffer: nothing keeps it
+// beyond this call (the encoding made here is a copy).
 func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	cfg := &s.hub.cfg
 	tr := s.traceEvent(ctx, ev)
@@ -191,13 +194,10 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 		s.refuse(ev.GetId(), rej)
 		return
 	}
+	// The encoding every receiver gets (the sender filled in, unknown
+	// fields gone), which also copies the payload out of the read buffer.
 	ev.SenderDeviceId = s.deviceID
-	enc, err := marshalDeterministic.Marshal(ev)
-	if err != nil {
-		outcome = relayv1.ErrorCode_ERROR_CODE_INTERNAL
-		s.reject(ev.GetId(), reject(outcome, "encode event: %v", err))
-		return
-	}
+	enc := frame.AppendEvent(make([]byte, 0, frame.EventSize(ev)), ev)
 	if !durable {
 		for _, r := range routes {
 			if r.edge != "" {

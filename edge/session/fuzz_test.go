@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/edge-relay/relay/edge/frame"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -225,7 +227,7 @@ func FuzzSessionFrames(f *testing.F) {
 				send(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
 			case opDatagram:
 				ev := d.nextEvent(func(e *relayv1.Event) { e.Ephemeral = arg()%2 == 0 })
-				body, _ := marshalDeterministic.Marshal(ev)
+				body, _ := proto.Marshal(ev)
 				_ = cli.SendDatagram(body)
 			case opResume:
 				d.mu.Lock()

@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/edge/frame"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
@@ -457,3 +458,6 @@ func codeOf(err error) relayv1.ErrorCode {
 	}
 	return -1
 }
+
+// marshalDeterministic encodes what tests send outside the frame writer.
+var marshalDeterministic = proto.MarshalOptions{Deterministic: true}

@@ -4,7 +4,6 @@ import (
 	"sync"
 
 	"google.golang.org/protobuf/encoding/protowire"
-	"google.golang.org/protobuf/proto"
 
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -194,5 +193,3 @@ func deliverBodySize(eventLen int, id uint64) int {
 	}
 	return protowire.SizeTag(frameDeliverField) + protowire.SizeBytes(inner)
 }
-
-var marshalDeterministic = proto.MarshalOptions{Deterministic: true}

@@ -15,23 +15,59 @@ import (
 // why it ended (nil when closeWith already has a reason). Every frame is
 // paced before it is handled, so a device above its rate finds the edge
 // reading more slowly rather than answering faster.
+//
+// Events and receipts, nearly every frame of a busy session, are decoded
+// by the frame package's protobuf-free decoders; an event's payload then
+// points into the read buffer until the next read.
 func (s *Session) readLoop(ctx context.Context) *CloseError {
-	f := &relayv1.Frame{}
+	var ids []uint64
 	for {
-		if err := s.reader.Read(f); err != nil {
+		body, err := s.reader.Next()
+		if err != nil {
 			return readEnd(err)
 		}
-		if !s.pace(f.GetEvent() != nil, s.reader.LastSize()) {
-			return nil
+		size := s.reader.LastSize()
+		switch kind, inner, ok := frame.Split(body); {
+		case ok && kind == frame.KindEvent:
+			ev := &relayv1.Event{}
+			if err := frame.DecodeEvent(inner, ev); err != nil {
+				return readEnd(err)
+			}
+			if !s.pace(true, size) {
+				return nil
+			}
+			s.handleEvent(ctx, ev)
+		case ok && kind == frame.KindReceived:
+			if ids, err = frame.AppendReceivedIDs(ids[:0], inner); err != nil {
+				return readEnd(err)
+			}
+			if !s.pace(false, size) {
+				return nil
+			}
+			s.handleReceived(ids)
+			if cap(ids) > keepIDs {
+				ids = nil // a burst's receipt does not stay with an idle session
+			}
+		default:
+			// A Frame keeps pointers to its parts and handlers may keep
+			// them, so every frame gets a new one.
+			f := &relayv1.Frame{}
+			if err := frame.Decode(body, s.hub.cfg.Limits.MaxFrameBytes, f); err != nil {
+				return readEnd(err)
+			}
+			if !s.pace(f.GetEvent() != nil, size) {
+				return nil
+			}
+			if !s.handle(ctx, f) {
+				return nil
+			}
 		}
-		if !s.handle(ctx, f) {
-			return nil
-		}
-		// A Frame keeps pointers to its parts; handlers may keep the
-		// event, so the next read starts from a new Frame.
-		f = &relayv1.Frame{}
 	}
 }
+
+// keepIDs is the most delivery ids a reader keeps room for between
+// receipts.
+const keepIDs = 1024
 
 // readEnd types the end of the stream as a close reason: every way a
 // read can fail has one (docs/protocol.md, "Ending a session").
@@ -138,20 +174,32 @@ func (s *Session) datagramLoop(ctx context.Context) {
 			s.refused()
 			continue
 		}
-		var f relayv1.Frame
-		if err := frame.Decode(b, s.hub.cfg.Limits.MaxFrameBytes, &f); err != nil {
+		ev, err := decodeDatagram(b, s.hub.cfg.Limits.MaxFrameBytes)
+		if err != nil {
 			s.closeWith(asCloseError(err), 0)
 			return
 		}
-		if ev := f.GetEvent(); ev == nil || !ev.GetEphemeral() {
+		if !ev.GetEphemeral() {
 			m.droppedNotEphemeral.Inc()
 			s.refused()
 			continue
 		}
-		if !s.handle(ctx, &f) {
-			return
-		}
+		s.handleEvent(ctx, ev)
 	}
+}
+
+// decodeDatagram decodes a datagram's frame body: the event it carries,
+// or nil when it is another kind of frame.
+func decodeDatagram(b []byte, max int) (*relayv1.Event, error) {
+	if kind, inner, ok := frame.Split(b); ok && kind == frame.KindEvent && len(b) <= max {
+		ev := &relayv1.Event{}
+		return ev, frame.DecodeEvent(inner, ev)
+	}
+	var f relayv1.Frame
+	if err := frame.Decode(b, max, &f); err != nil {
+		return nil, err
+	}
+	return f.GetEvent(), nil
 }
 
 // handleReauth checks the answer to a re-authentication challenge.
