@@ -167,6 +167,8 @@ func newEnv(t testing.TB, mod func(*Config)) *env {
 	cfg := Config{
 		EdgeID: "edge-test", Directory: e.dir, Ring: e.ring, Metrics: NewMetrics(e.reg),
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CloseLinger: time.Second,
+		// Writers retire quickly, so tests go through their start and end often.
+		WriterLinger: 10 * time.Millisecond,
 	}
 	if mod != nil {
 		mod(&cfg)

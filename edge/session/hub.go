@@ -66,6 +66,10 @@ type Config struct {
 	// client IP address [20, 50].
 	HandshakesPerSecond float64
 	HandshakeBurst      int
+	// WriterLinger is how long a session's writer waits for more to
+	// write once its queue is empty before it ends [1s]: a busy session
+	// keeps its writer, an idle one holds none.
+	WriterLinger time.Duration
 	// CloseLinger is how long a closing session waits for its last frames
 	// to reach the device before the connection is cut [2s].
 	CloseLinger time.Duration
@@ -125,6 +129,7 @@ func (c *Config) setDefaults() error {
 	def(&c.MaxSessionAge, 24*time.Hour)
 	def(&c.HandshakeTimeout, 10*time.Second)
 	def(&c.CloseLinger, 2*time.Second)
+	def(&c.WriterLinger, time.Second)
 	def(&c.WriteTimeout, 20*time.Second)
 	def(&c.ResumeWindow, 30*time.Second)
 	defInt(&c.RefusalBurst, 100)

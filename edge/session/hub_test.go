@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"fmt"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -801,4 +802,30 @@ func cpuTime() time.Duration {
 	var ru syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// An idle session parks no writer: the writer ends when the queue is
+// empty, and the next thing to send starts another.
+func TestIdleSessionsHaveNoWriter(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	a, b := e.online("a"), e.online("b")
+	writers := func() int {
+		buf := make([]byte, 1<<20)
+		buf = buf[:runtime.Stack(buf, true)]
+		return bytes.Count(buf, []byte("session.(*Session).writeLoop("))
+	}
+	for round := 1; round <= 3; round++ {
+		waitFor(t, "no writer left for two idle sessions", func() bool { return writers() == 0 })
+		a.sendEvent(a.event())
+		dl := b.nextDeliver()
+		if dl.GetEvent().GetSeq() != uint64(round) {
+			t.Fatalf("round %d: delivery %v", round, dl.GetEvent())
+		}
+		b.received(dl.GetDeliveryId())
+		if f := a.nextAckOrReject(); f.GetAck() == nil {
+			t.Fatalf("round %d: %v instead of the ack", round, f)
+		}
+	}
 }

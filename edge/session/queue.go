@@ -33,8 +33,18 @@ const (
 // and a sender learns at once that it is full; control frames (acks,
 // rejects, presence) have a separate, larger bound whose overflow means
 // the device stopped reading altogether.
+//
+// The queue also decides when the session has a writer: none while the
+// session is idle, so an idle session parks no goroutine for it. The
+// first thing queued (a frame, timer work, the close) starts one through
+// start; the writer takes batches with next, waits on wake for a while
+// when there is nothing left (a busy session keeps its writer), and then
+// retires; the last one (after the close) never hands over.
 type queue struct {
 	maxItems, maxBytes, maxControl int
+	// start starts a writer goroutine; nil in tests that drive the
+	// queue by hand.
+	start func()
 
 	mu       sync.Mutex // guards the fields below
 	items    []item
@@ -45,19 +55,70 @@ type queue struct {
 	nextID   uint64 // last delivery id handed out
 	closed   bool
 	overflow bool // control bound exceeded
+	due      dueWork
+	// running: a writer runs, or the queue is held (newQueue) until the
+	// session may write (release); no second writer starts meanwhile.
+	running bool
 
-	wake chan struct{} // capacity 1: something was queued, or closed
+	wake chan struct{} // capacity 1: something was queued for the running writer
 }
 
+// dueWork is timer work waiting for the writer, as bits.
+type dueWork uint8
+
+const (
+	dueTicket        dueWork = 1 << iota // refresh the resume ticket
+	dueMaxAge                            // the session reached its maximum age: re-authenticate
+	dueReauthTimeout                     // the re-authentication's answer is late
+	dueAuthChanged                       // the device proved its key again
+)
+
+// newQueue returns a held queue: nothing starts a writer before release.
 func newQueue(maxItems, maxBytes, maxControl int) *queue {
-	return &queue{maxItems: maxItems, maxBytes: maxBytes, maxControl: maxControl, wake: make(chan struct{}, 1)}
+	return &queue{maxItems: maxItems, maxBytes: maxBytes, maxControl: maxControl, running: true, wake: make(chan struct{}, 1)}
 }
 
-func (q *queue) signal() {
-	select {
-	case q.wake <- struct{}{}:
-	default:
+// wakeLocked wakes the running writer, or claims the writer's place when
+// none runs; the caller starts one (after unlocking) when it returns
+// true.
+func (q *queue) wakeLocked() bool {
+	if q.running {
+		select {
+		case q.wake <- struct{}{}:
+		default:
+		}
+		return false
 	}
+	q.running = true
+	return q.start != nil
+}
+
+func (q *queue) startIf(start bool) {
+	if start {
+		q.start()
+	}
+}
+
+// release lets writers start, and starts one at once if anything is
+// waiting.
+func (q *queue) release() {
+	q.mu.Lock()
+	q.running = false
+	start := false
+	if len(q.items) > 0 || q.due != 0 || q.closed || q.overflow {
+		start = q.wakeLocked()
+	}
+	q.mu.Unlock()
+	q.startIf(start)
+}
+
+// schedule records timer work for the writer.
+func (q *queue) schedule(w dueWork) {
+	q.mu.Lock()
+	q.due |= w
+	start := q.wakeLocked()
+	q.mu.Unlock()
+	q.startIf(start)
 }
 
 // offer queues a delivery. For a durable delivery it assigns the delivery
@@ -82,8 +143,9 @@ func (q *queue) offer(event []byte, durable, datagram bool, track func(id uint64
 	q.items = append(q.items, it)
 	q.nItems++
 	q.nBytes += len(event)
+	start := q.wakeLocked()
 	q.mu.Unlock()
-	q.signal()
+	q.startIf(start)
 	return offered
 }
 
@@ -107,35 +169,72 @@ func (q *queue) controlItem(it item) bool {
 	}
 	if q.nControl >= q.maxControl {
 		q.overflow = true
+		start := q.wakeLocked()
 		q.mu.Unlock()
-		q.signal()
+		q.startIf(start)
 		return false
 	}
 	q.items = append(q.items, it)
 	q.nControl++
+	start := q.wakeLocked()
 	q.mu.Unlock()
-	q.signal()
+	q.startIf(start)
 	return true
 }
 
-// take hands the writer everything queued, in order. The slice is valid
-// until the next take.
-func (q *queue) take() (batch []item, closed, overflow bool) {
+// next hands the writer everything queued, in order, and the timer work
+// due. ok is false when there is nothing at all: the writer then waits
+// on wake, or retires. Once the queue is closed or overflowed, next
+// always has something (the writer's last batch ends it). The slice is
+// valid until the next call.
+func (q *queue) next() (batch []item, due dueWork, closed, overflow, ok bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	if q.emptyLocked() {
+		return nil, 0, false, false, false
+	}
 	batch, q.items = q.items, q.spare[:0]
 	q.spare = batch
+	due, q.due = q.due, 0
 	q.nItems, q.nBytes, q.nControl = 0, 0, 0
-	return batch, q.closed, q.overflow
+	return batch, due, q.closed, q.overflow, true
 }
+
+func (q *queue) emptyLocked() bool {
+	return len(q.items) == 0 && q.due == 0 && !q.closed && !q.overflow
+}
+
+// retire gives the writer's place back when there is still nothing to
+// write, and reports whether it did (the writer must then return);
+// otherwise the writer carries on.
+func (q *queue) retire() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if !q.emptyLocked() {
+		return false
+	}
+	q.running = false
+	// A burst's slices do not stay with an idle session.
+	if cap(q.items) > keepItems {
+		q.items = nil
+	}
+	if cap(q.spare) > keepItems {
+		q.spare = nil
+	}
+	return true
+}
+
+// keepItems is the most queue slots an idle session keeps room for.
+const keepItems = 64
 
 // close stops the queue taking more; the writer still gets what is
 // queued.
 func (q *queue) close() {
 	q.mu.Lock()
 	q.closed = true
+	start := q.wakeLocked()
 	q.mu.Unlock()
-	q.signal()
+	q.startIf(start)
 }
 
 // Frame field numbers used to wrap a shared encoded event without

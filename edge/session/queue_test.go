@@ -62,12 +62,68 @@ func TestQueueBounds(t *testing.T) {
 	if !q.control(&relayv1.Frame{}) || q.control(&relayv1.Frame{}) {
 		t.Fatal("control bound not enforced")
 	}
-	batch, closed, overflow := q.take()
-	if len(batch) != 2 || closed || !overflow {
-		t.Fatalf("take: %d %v %v", len(batch), closed, overflow)
+	batch, due, closed, overflow, ok := q.next()
+	if len(batch) != 2 || due != 0 || closed || !overflow || !ok {
+		t.Fatalf("next: %d %v %v %v %v", len(batch), due, closed, overflow, ok)
 	}
 	q.close()
 	if q.offer([]byte{1}, true, false, track) != queueClosed || q.control(&relayv1.Frame{}) {
 		t.Fatal("closed queue took more")
+	}
+}
+
+// The queue starts a writer only when it has something and none runs,
+// never before release, and never after the writer that saw the close.
+func TestQueueStartsOneWriterWhenNeeded(t *testing.T) {
+	q := newQueue(8, 1<<10, 8)
+	starts := 0
+	q.start = func() { starts++ }
+	q.control(&relayv1.Frame{})
+	if starts != 0 {
+		t.Fatal("a held queue started a writer")
+	}
+	q.release()
+	if starts != 1 {
+		t.Fatalf("release with a frame waiting: %d starts, want 1", starts)
+	}
+	q.ack("e1")
+	q.schedule(dueTicket)
+	if starts != 1 {
+		t.Fatalf("%d starts while a writer runs", starts)
+	}
+	if batch, due, _, _, ok := q.next(); !ok || len(batch) != 2 || due != dueTicket {
+		t.Fatalf("next: %d items, due %b, ok %v", len(batch), due, ok)
+	}
+	if _, _, _, _, ok := q.next(); ok {
+		t.Fatal("next on an empty queue had something")
+	}
+	// While the writer waits, what is queued wakes it.
+	q.offer([]byte{1}, false, false, nil)
+	select {
+	case <-q.wake:
+	default:
+		t.Fatal("a delivery did not wake the waiting writer")
+	}
+	if starts != 1 || q.retire() {
+		t.Fatalf("%d starts; the writer retired with a delivery queued", starts)
+	}
+	q.next()
+	if !q.retire() {
+		t.Fatal("the writer could not retire from an empty queue")
+	}
+	q.offer([]byte{1}, false, false, nil)
+	if starts != 2 {
+		t.Fatalf("a delivery to an idle queue: %d starts, want 2", starts)
+	}
+	q.close()
+	if _, _, closed, _, ok := q.next(); !ok || !closed {
+		t.Fatal("the close did not reach the running writer")
+	}
+	// The writer that saw the close ends the session without giving its
+	// place back: nothing starts another.
+	q.schedule(dueTicket)
+	q.control(&relayv1.Frame{})
+	if starts != 2 {
+		t.Fatalf("%d starts after the close", starts)
 	}
 }

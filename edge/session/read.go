@@ -213,9 +213,6 @@ func (s *Session) handleReauth(f *relayv1.Frame) bool {
 	}
 	s.authMu.Unlock()
 	s.hub.cfg.Metrics.handshakes.WithLabelValues("reauthenticated").Inc()
-	select {
-	case s.authChanged <- struct{}{}:
-	default:
-	}
+	s.out.schedule(dueAuthChanged)
 	return true
 }

@@ -36,9 +36,16 @@ type Session struct {
 
 	// Guards the handshake state, shared by the reader (answers) and the
 	// writer (re-authentication challenges).
-	authMu      sync.Mutex
-	hs          handshake // hs.authAt: when the key was last proven; not done: a re-authentication is pending
-	authChanged chan struct{}
+	authMu sync.Mutex
+	hs     handshake // hs.authAt: when the key was last proven; not done: a re-authentication is pending
+
+	// The writer's timers (ticket refresh, maximum age, the answer to a
+	// re-authentication): each schedules work on the queue when it fires.
+	timersMu               sync.Mutex
+	ticketT, ageT, reauthT *time.Timer
+	timersStopped          bool
+	// writerDone is closed by the writer that ends the session.
+	writerDone chan struct{}
 
 	// Event intake; the stream reader and the datagram reader share it.
 	evMu      sync.Mutex
@@ -99,13 +106,14 @@ func newSession(h *Hub, c Conn) *Session {
 		reader: frame.NewReaderConfig(c, frame.ReaderConfig{
 			Max: l.MaxFrameBytes, BufSize: 2 << 10, FrameTimeout: l.FrameTimeout,
 		}),
-		authChanged: make(chan struct{}, 1),
-		closing:     make(chan struct{}),
-		frames:      rate.NewLimiter(rate.Limit(l.FramesPerSecond), l.FramesPerSecond),
-		events:      rate.NewLimiter(rate.Limit(l.EventsPerSecond), max(l.EventsPerSecond, 1)),
-		bytes:       rate.NewLimiter(rate.Limit(l.BytesPerSecond), max(l.BytesPerSecond, l.MaxFrameBytes+binary.MaxVarintLen64)),
-		refusals:    rate.NewLimiter(rate.Limit(h.cfg.RefusalsPerSecond), h.cfg.RefusalBurst),
+		writerDone: make(chan struct{}),
+		closing:    make(chan struct{}),
+		frames:     rate.NewLimiter(rate.Limit(l.FramesPerSecond), l.FramesPerSecond),
+		events:     rate.NewLimiter(rate.Limit(l.EventsPerSecond), max(l.EventsPerSecond, 1)),
+		bytes:      rate.NewLimiter(rate.Limit(l.BytesPerSecond), max(l.BytesPerSecond, l.MaxFrameBytes+binary.MaxVarintLen64)),
+		refusals:   rate.NewLimiter(rate.Limit(h.cfg.RefusalsPerSecond), h.cfg.RefusalBurst),
 	}
+	s.out.start = s.startWriter
 	s.hs = handshake{
 		edgeID: h.cfg.EdgeID, dir: h.cfg.Directory, ring: h.cfg.Ring, now: h.cfg.Now,
 		random: h.cfg.Random, maxAge: h.cfg.MaxSessionAge, dummyKey: h.dummyKey,
@@ -189,8 +197,10 @@ func (s *Session) run(ctx context.Context) error {
 	if err := s.writeWelcome(); err != nil {
 		s.closeWith(&CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "write welcome: " + err.Error()}, 0)
 	}
+	// From here the queue starts a writer whenever it has something.
+	s.startTimers()
+	s.out.release()
 	var wg sync.WaitGroup
-	wg.Go(s.writeLoop)
 	dctx, stopDatagrams := context.WithCancel(ctx)
 	wg.Go(func() { s.datagramLoop(dctx) })
 	// The owner's context ending closes the session like any other reason
@@ -215,6 +225,7 @@ func (s *Session) run(ctx context.Context) error {
 	s.hub.unregister(s)
 	stopDatagrams()
 	wg.Wait()
+	<-s.writerDone
 	s.abortT.Stop()
 	reason := s.closeReason
 	m.closes.WithLabelValues(codeLabel(reason.Code)).Inc()

@@ -23,32 +23,62 @@ func (s *Session) ack(eventID string) {
 	}
 }
 
-// writeLoop owns writes to the connection once the session is open: it
-// drains the queue in batches (one write per batch), refreshes the resume
-// ticket, runs re-authentication at the maximum age, and finally sends
-// the Close frame and closes the connection. Every write has a deadline:
-// WriteTimeout while the session runs (a device that takes nothing for
-// that long is a SLOW_CONSUMER), closeDeadline once it is closing.
-func (s *Session) writeLoop() {
+// startWriter is the queue's start function: the session's writer runs
+// only while there is something to write.
+func (s *Session) startWriter() { go s.writeLoop() }
+
+// startTimers arms the writer's timers once the session is open: the
+// resume ticket's refresh and the maximum age. Each schedules work for
+// the writer instead of keeping a goroutine waiting on it.
+func (s *Session) startTimers() {
+	now := s.hub.cfg.Now()
+	s.timersMu.Lock()
+	defer s.timersMu.Unlock()
+	s.ticketT = time.AfterFunc(s.nextTicketRefresh(now), func() { s.out.schedule(dueTicket) })
+	s.ageT = time.AfterFunc(s.untilMaxAge(now), func() { s.out.schedule(dueMaxAge) })
+	s.reauthT = time.AfterFunc(time.Hour, func() { s.out.schedule(dueReauthTimeout) })
+	s.reauthT.Stop()
+}
+
+// stopTimers stops the writer's timers for good.
+func (s *Session) stopTimers() {
+	s.timersMu.Lock()
+	defer s.timersMu.Unlock()
+	for _, t := range []*time.Timer{s.ticketT, s.ageT, s.reauthT} {
+		if t != nil {
+			t.Stop()
+		}
+	}
+	s.timersStopped = true
+}
+
+// timerWork does the timer work that came due: a fresh resume ticket,
+// the re-authentication challenge at the maximum age (and the close when
+// it goes unanswered), and the new schedule once the device proved its
+// key again. The writer runs it, so the frames it queues follow what was
+// queued before.
+func (s *Session) timerWork(due dueWork) {
 	cfg := &s.hub.cfg
-	var buf, dg []byte
-	ticketT := time.NewTimer(s.nextTicketRefresh(cfg.Now()))
-	defer ticketT.Stop()
-	ageT := time.NewTimer(s.untilMaxAge(cfg.Now()))
-	defer ageT.Stop()
-	reauthT := time.NewTimer(time.Hour)
-	reauthT.Stop()
-	defer reauthT.Stop()
-	m := cfg.Metrics
-	for {
-		select {
-		case <-s.out.wake:
-		case <-ticketT.C:
-			now := cfg.Now()
-			s.sendTicket(now)
-			ticketT.Reset(s.nextTicketRefresh(now))
-			continue
-		case <-ageT.C:
+	s.timersMu.Lock()
+	defer s.timersMu.Unlock()
+	if s.timersStopped {
+		return
+	}
+	now := cfg.Now()
+	if due&dueAuthChanged != 0 {
+		s.reauthT.Stop()
+		s.ageT.Reset(s.untilMaxAge(now))
+		due |= dueTicket
+		due &^= dueMaxAge | dueReauthTimeout
+	}
+	if due&dueTicket != 0 {
+		s.sendTicket(now)
+		s.ticketT.Reset(s.nextTicketRefresh(now))
+	}
+	if due&dueMaxAge != 0 {
+		if d := s.untilMaxAge(now); d > 0 {
+			s.ageT.Reset(d) // early (a timer that fired as it was reset)
+		} else {
 			s.authMu.Lock()
 			ch, err := s.hs.reauth()
 			s.authMu.Unlock()
@@ -56,26 +86,56 @@ func (s *Session) writeLoop() {
 				s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "re-authentication: %v", err), 0)
 			} else {
 				s.control(&relayv1.Frame{Kind: &relayv1.Frame_Challenge{Challenge: ch}})
-				reauthT.Reset(cfg.HandshakeTimeout)
+				s.reauthT.Reset(cfg.HandshakeTimeout)
 			}
-			continue
-		case <-reauthT.C:
-			s.authMu.Lock()
-			pending := !s.hs.done()
-			s.authMu.Unlock()
-			if pending {
-				s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED, "the session reached its maximum age and did not authenticate again"), 0)
+		}
+	}
+	if due&dueReauthTimeout != 0 {
+		s.authMu.Lock()
+		pending := !s.hs.done()
+		s.authMu.Unlock()
+		if pending {
+			s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED, "the session reached its maximum age and did not authenticate again"), 0)
+		}
+	}
+}
+
+// writeLoop writes what the queue holds, in batches (one write per
+// batch); once the queue has stayed empty for WriterLinger it returns,
+// and the next thing queued starts it again. It also does the timer work that came due, and finally sends
+// the Close frame and closes the connection. Every write has a deadline:
+// WriteTimeout while the session runs (a device that takes nothing for
+// that long is a SLOW_CONSUMER), closeDeadline once it is closing. The
+// writer that ends the session closes writerDone.
+func (s *Session) writeLoop() {
+	m := s.hub.cfg.Metrics
+	var buf, dg []byte
+	// The linger timer runs while the writer does and is not reset per
+	// batch (a busy session's writer would pay for that on every wake):
+	// when it fires, a writer that wrote since the last time carries on,
+	// one that did not retires. So an idle session loses its writer
+	// between one and two WriterLinger after its last write.
+	linger := time.NewTimer(s.hub.cfg.WriterLinger)
+	defer linger.Stop()
+	wrote := true
+	for {
+		batch, due, closed, overflow, ok := s.out.next()
+		if !ok {
+			select {
+			case <-s.out.wake:
+			case <-linger.C:
+				if !wrote && s.out.retire() {
+					return
+				}
+				wrote = false
+				linger.Reset(s.hub.cfg.WriterLinger)
 			}
-			continue
-		case <-s.authChanged:
-			now := cfg.Now()
-			reauthT.Stop()
-			ageT.Reset(s.untilMaxAge(now))
-			s.sendTicket(now)
-			ticketT.Reset(s.nextTicketRefresh(now))
 			continue
 		}
-		batch, closed, overflow := s.out.take()
+		wrote = true
+		if due != 0 {
+			s.timerWork(due)
+		}
 		if overflow {
 			s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the device stopped reading"), 0)
 			closed = true
@@ -121,17 +181,27 @@ func (s *Session) writeLoop() {
 		if len(buf) > 0 {
 			if err := s.write(buf); err != nil {
 				s.abort(err)
+				s.writerEnded()
 				return
 			}
 		}
 		if cap(buf) > keepWriteBuf {
-			buf = nil // a burst's buffer is not kept by an idle session
+			buf = nil // a burst's buffer is not kept for the next batch
 		}
 		if closed {
 			_ = s.conn.Close(s.closeReason.Code, s.closeReason.Msg)
+			s.writerEnded()
 			return
 		}
 	}
+}
+
+// writerEnded is the last writer's goodbye: no timer schedules work any
+// more, and run may finish the session. No writer starts after it: the
+// queue is closed and this writer never gave its place back.
+func (s *Session) writerEnded() {
+	s.stopTimers()
+	close(s.writerDone)
 }
 
 // keepWriteBuf is the largest write buffer a session keeps between
