@@ -421,6 +421,7 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 	})
 	// Each device: one full handshake (not timed as a resume), then
 	// close-and-resume until the deadline.
+	cpu, cpuErr := d.cpuAt(ctx, "")
 	deadline := time.Now().Add(*dur)
 	start := time.Now()
 	_ = parallel(ctx, *devices, *devices, func(ctx context.Context, i int) error {
@@ -451,6 +452,14 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 	})
 	r.Seconds = time.Since(start).Seconds()
 	stop()
+	// The edge's CPU per session it set up and tore down (dial, TLS,
+	// handshake, ticket, close), the devices' first full handshakes
+	// included, when its /metrics say (an edge in its own process).
+	if after, err := d.cpuAt(ctx, ""); cpuErr == nil && err == nil {
+		if n := r.Counts["resumed"] + r.Counts["full"] + float64(*devices); n > 0 {
+			r.Peaks["edge_cpu_us_per_session"] = float64((after - cpu).Nanoseconds()) / 1e3 / n
+		}
+	}
 	return d.finish(r)
 }
 
