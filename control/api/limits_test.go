@@ -232,3 +232,43 @@ func TestUnknownKeyIDsCostAtMostOneRefresh(t *testing.T) {
 		t.Errorf("100 tokens of unknown keys made %v read barriers, want at most 1", got)
 	}
 }
+
+// A client that accepts gzip gets small responses as they are and large
+// ones compressed.
+func TestOnlyLargeResponsesAreCompressed(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	tok := c.AdminToken()
+	base := "http://" + c.Nodes[0].Server.APIAddr()
+	call := func(procedure, body string) (encoding string, size int) {
+		t.Helper()
+		req, err := http.NewRequest(http.MethodPost, base+procedure, strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept-Encoding", "gzip")
+		req.Header.Set("Authorization", "Bearer "+tok)
+		// A transport that leaves the encoding to the test.
+		resp, err := (&http.Transport{DisableCompression: true}).RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s: %d %s", procedure, resp.StatusCode, b)
+		}
+		return resp.Header.Get("Content-Encoding"), len(b)
+	}
+	if enc, n := call("/control.v1.UserService/GetMe", "{}"); enc != "" {
+		t.Errorf("GetMe (%d bytes) came %s-encoded", n, enc)
+	}
+	for i := range 40 {
+		if enc, _ := call("/control.v1.UserService/CreateUser", fmt.Sprintf(`{"login":"user-%02d"}`, i)); enc != "" {
+			t.Fatalf("CreateUser came %s-encoded", enc)
+		}
+	}
+	if enc, n := call("/control.v1.UserService/ListUsers", "{}"); enc != "gzip" {
+		t.Errorf("ListUsers of 41 accounts: %q, %d bytes; want gzip", enc, n)
+	}
+}
