@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -69,6 +70,10 @@ func (d *driverConfig) register(fs *flag.FlagSet) {
 type device struct {
 	user, id string
 	key      ed25519.PrivateKey
+	// tls keeps the device's TLS session tickets across its reconnects,
+	// as a device's process does: reconnects resume TLS (and may send
+	// their Hello as 0-RTT data).
+	tls tls.ClientSessionCache
 }
 
 func (d *driverConfig) setup() (token string, err error) {
@@ -125,7 +130,7 @@ func (d *driverConfig) provision(ctx context.Context, users, per int) ([][]devic
 			if err != nil {
 				return fmt.Errorf("register device: %w", err)
 			}
-			out[i] = append(out[i], device{user: uid, id: r.Msg.GetDevice().GetId(), key: priv})
+			out[i] = append(out[i], device{user: uid, id: r.Msg.GetDevice().GetId(), key: priv, tls: tls.NewLRUClientSessionCache(2)})
 		}
 		return nil
 	})
@@ -249,7 +254,7 @@ func (dl *dialer) dial(ctx context.Context, dev device) (*client.Client, error) 
 
 // dialTicket connects a device, resuming with ticket when one is given.
 func (dl *dialer) dialTicket(ctx context.Context, dev device, ticket []byte) (*client.Client, error) {
-	cfg := client.Config{Addr: dl.d.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, ResumeTicket: ticket}
+	cfg := client.Config{Addr: dl.d.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, ResumeTicket: ticket, TLSSessions: dev.tls}
 	if dl.d.transport == "webtransport" {
 		cfg.Transport = client.WebTransport
 	} else {
