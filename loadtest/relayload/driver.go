@@ -38,6 +38,7 @@ type driverConfig struct {
 	adminToken        string
 	edge              string
 	edgeAdmin         string
+	controlAdmin      string
 	transport         string
 	concurrency       int
 	asJSON            bool
@@ -57,6 +58,7 @@ func (d *driverConfig) register(fs *flag.FlagSet) {
 	fs.StringVar(&d.adminPasswordFile, "admin-password-file", "data/admin-password", "file with the admin's password (or set RELAY_ADMIN_PASSWORD)")
 	fs.StringVar(&d.edge, "edge", "127.0.0.1:7443", "the edge's UDP address")
 	fs.StringVar(&d.edgeAdmin, "edge-admin", "http://127.0.0.1:7444", "the edge's admin URL (certificate hashes, /metrics)")
+	fs.StringVar(&d.controlAdmin, "control-admin", "", "a control node's admin URL (/metrics): the rate scenario then also reports its CPU per event (the leader's, for the mailbox path)")
 	fs.StringVar(&d.transport, "transport", "quic", "quic or webtransport")
 	fs.IntVar(&d.concurrency, "concurrency", 32, "parallel API calls, and the most connection attempts in flight (dials are paced below it by how fast the edge answers)")
 	fs.IntVar(&d.retries, "retries", 5, "attempts per session before it counts as failed (backoff with jitter between them)")
@@ -321,13 +323,19 @@ func (d *driverConfig) showProgress(line func() string) (stop func()) {
 
 // edgeMetrics reads gauges from the edge's /metrics.
 func (d *driverConfig) edgeMetrics(ctx context.Context, names ...string) (map[string]float64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, d.edgeAdmin+"/metrics", nil)
+	return metricsAt(ctx, d.edgeAdmin, names...)
+}
+
+// metricsAt reads the named metrics (summed over their labels) from the
+// /metrics of the admin server at base.
+func metricsAt(ctx context.Context, base string, names ...string) (map[string]float64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/metrics", nil)
 	if err != nil {
 		return nil, err
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("read the edge's metrics: %w", err)
+		return nil, fmt.Errorf("read the metrics of %s: %w", base, err)
 	}
 	defer resp.Body.Close()
 	out := map[string]float64{}

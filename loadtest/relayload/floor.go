@@ -8,7 +8,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -173,13 +172,19 @@ func (d *driverConfig) cpuAt(ctx context.Context, floorAdmin string) (time.Durat
 		}
 		return time.Duration(s * float64(time.Second)), nil
 	}
-	m, err := d.edgeMetrics(ctx, "process_cpu_seconds_total")
+	return remoteCPU(ctx, d.edgeAdmin)
+}
+
+// remoteCPU reads process_cpu_seconds_total from the admin server at
+// base.
+func remoteCPU(ctx context.Context, base string) (time.Duration, error) {
+	m, err := metricsAt(ctx, base, "process_cpu_seconds_total")
 	if err != nil {
 		return 0, err
 	}
 	s, ok := m["process_cpu_seconds_total"]
 	if !ok {
-		return 0, errors.New("the edge exports no process_cpu_seconds_total")
+		return 0, fmt.Errorf("%s exports no process_cpu_seconds_total", base)
 	}
 	return time.Duration(s * float64(time.Second)), nil
 }

@@ -200,6 +200,13 @@ func TestFloorScenarios(t *testing.T) {
 		num(res, "params", "inflight") != 4 || num(res, "peaks", "edge_cpu_us_per_event") <= 0 {
 		t.Fatalf("closed-loop rate: %v", res)
 	}
+	// The mailbox path: receivers offline, every event stored and acked
+	// by the control plane, nothing received.
+	res = e.mustRun("--control-admin", "http://"+e.r.Cluster.Nodes[0].Server.AdminAddr(), "rate", "--offline", "--pairs", "2", "--inflight", "4", "--duration", "500ms")
+	if acked := num(res, "counts", "acked"); acked == 0 || num(res, "counts", "received") != 0 || num(res, "params", "offline") != 1 ||
+		num(res, "peaks", "edge_cpu_us_per_event") <= 0 || num(res, "peaks", "control_cpu_us_per_event") <= 0 {
+		t.Fatalf("rate to offline receivers: %v", res)
+	}
 }
 
 // A threshold that does not hold fails the run (exit 99 in main) and

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -74,7 +75,7 @@ func (d *driverConfig) onePair(ctx context.Context, r *result) (p pair, closePai
 	if err != nil {
 		return pair{}, nil, err
 	}
-	ps, err := d.openPairs(ctx, dl, r, devs)
+	ps, err := d.openPairs(ctx, dl, r, devs, false)
 	if err != nil {
 		dl.close()
 		return pair{}, nil, err
@@ -83,7 +84,7 @@ func (d *driverConfig) onePair(ctx context.Context, r *result) (p pair, closePai
 }
 
 // openPairs connects every pair (paced, retried).
-func (d *driverConfig) openPairs(ctx context.Context, dl *dialer, r *result, devs [][]device) ([]pair, error) {
+func (d *driverConfig) openPairs(ctx context.Context, dl *dialer, r *result, devs [][]device, offline bool) ([]pair, error) {
 	p := newPacer(d.concurrency, d.slowDial)
 	ps := make([]pair, len(devs))
 	err := parallel(ctx, len(devs), d.concurrency, func(ctx context.Context, i int) error {
@@ -91,12 +92,16 @@ func (d *driverConfig) openPairs(ctx context.Context, dl *dialer, r *result, dev
 		if err != nil {
 			return err
 		}
+		ps[i] = pair{tx: tx, txD: devs[i][0], rxD: devs[i][1]}
+		if offline {
+			return nil
+		}
 		rx, err := dl.connect(ctx, p, r, "handshake", devs[i][1], nil)
 		if err != nil {
 			_ = tx.Close()
 			return err
 		}
-		ps[i] = pair{tx: tx, rx: rx, txD: devs[i][0], rxD: devs[i][1]}
+		ps[i].rx = rx
 		return nil
 	})
 	if err != nil {
@@ -202,6 +207,9 @@ func receiveAll(ctx context.Context, ps []pair, r *result) (stop func()) {
 	var wg sync.WaitGroup
 	rctx, cancel := context.WithCancel(ctx)
 	for _, p := range ps {
+		if p.rx == nil {
+			continue // an offline receiver
+		}
 		wg.Go(func() {
 			for {
 				if _, err := p.rx.Receive(rctx); err != nil {
@@ -230,6 +238,7 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	dur := fs.Duration("duration", 20*time.Second, "how long to send")
 	size := fs.Int("size", 64, "payload bytes")
 	inflight := fs.Int("inflight", 0, "closed loop instead: keep this many events in flight per pair, as fast as acks come back (--rate ignored): the edge's saturation rate and its CPU per event")
+	offline := fs.Bool("offline", false, "receivers stay offline: every event goes to its target's mailbox through the control plane, and is acked once stored there (the mailbox path's cost)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -243,13 +252,21 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 		return err
 	}
 	defer dl.close()
-	ps, err := d.openPairs(ctx, dl, r, devs)
+	if *offline {
+		r.Params["offline"] = 1
+	}
+	ps, err := d.openPairs(ctx, dl, r, devs, *offline)
 	if err != nil {
 		return err
 	}
 	defer closePairs(ps)
 	stop := d.showProgress(d.rateProgress(r))
 	cpu, cpuErr := d.cpuAt(ctx, "")
+	var ccpu time.Duration
+	ccpuErr := errors.New("no --control-admin")
+	if d.controlAdmin != "" {
+		ccpu, ccpuErr = remoteCPU(ctx, d.controlAdmin)
+	}
 	start := time.Now()
 	if *inflight > 0 {
 		d.saturate(ctx, ps, *inflight, *dur, *size, r)
@@ -262,6 +279,11 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	// edge in its own process: relayd dev's include the control plane).
 	if after, err := d.cpuAt(ctx, ""); cpuErr == nil && err == nil && r.Counts["acked"] > 0 {
 		r.Peaks["edge_cpu_us_per_event"] = float64((after - cpu).Nanoseconds()) / 1e3 / r.Counts["acked"]
+	}
+	if ccpuErr == nil && r.Counts["acked"] > 0 {
+		if after, err := remoteCPU(ctx, d.controlAdmin); err == nil {
+			r.Peaks["control_cpu_us_per_event"] = float64((after - ccpu).Nanoseconds()) / 1e3 / r.Counts["acked"]
+		}
 	}
 	return d.finish(r)
 }
@@ -288,7 +310,7 @@ func (d *driverConfig) breakpoint(ctx context.Context, args []string) error {
 		return err
 	}
 	defer dl.close()
-	ps, err := d.openPairs(ctx, dl, r, devs)
+	ps, err := d.openPairs(ctx, dl, r, devs, false)
 	if err != nil {
 		return err
 	}

@@ -44,7 +44,7 @@ func (d *driverConfig) soak(ctx context.Context, args []string) error {
 		return err
 	}
 	defer dl.close()
-	ps, err := d.openPairs(ctx, dl, r, devs[:*pairs])
+	ps, err := d.openPairs(ctx, dl, r, devs[:*pairs], false)
 	if err != nil {
 		return err
 	}
