@@ -6,6 +6,10 @@
 # directory; EDGE_PREFIX (e.g. taskset -c 0) runs the edge under it. It
 # sets API, EDGE, EDGE_ADMIN and RELAYCTL_TOKEN, and stop_relay (run on
 # exit) stops both and removes the state.
+#
+# start_edge2 BASE OUT [EDGE_PREFIX...], after start_relay, starts a
+# second edge (ports from BASE + 45) on the same control node, for runs
+# across the mesh; it sets EDGE2 and EDGE2_ADMIN.
 
 relay_pids=()
 relay_data=""
@@ -52,4 +56,17 @@ start_relay() { # BASE OUT [EDGE_PREFIX...]
 	wait_ready "$EDGE_ADMIN/readyz"
 	RELAYCTL_TOKEN=$(bin/relayctl --server "$API" token)
 	export RELAYCTL_TOKEN
+}
+
+start_edge2() { # BASE OUT [EDGE_PREFIX...]
+	local base=$1 out=$2
+	shift 2
+	EDGE2=127.0.0.1:$((base + 45))
+	EDGE2_ADMIN=http://127.0.0.1:$((base + 46))
+	RELAY_EDGE_PASSWORD=$(cat "$relay_data/edge-password") "$@" bin/relayd edge --edge-id load-edge-2 --control "$API" --edge-login edges \
+		--addr "$EDGE2" --admin-addr "${EDGE2_ADMIN#http://}" \
+		--handshakes-per-second 100000 --events-per-second 1000000 --bytes-per-second 1000000000 \
+		--frames-per-second 10000000 --queue-len 4096 --log-level warn >"$out/edge2.log" 2>&1 &
+	relay_pids+=($!)
+	wait_ready "$EDGE2_ADMIN/readyz"
 }

@@ -187,9 +187,10 @@ func parallel(ctx context.Context, n, conc int, f func(context.Context, int) err
 	return ctx.Err()
 }
 
-// certHashes fetches the edge's published certificate hashes.
-func (d *driverConfig) certHashes(ctx context.Context) ([][]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, d.edgeAdmin+"/.well-known/relay/certificate-hashes", nil)
+// certHashes fetches the certificate hashes the edge whose admin server
+// is at admin publishes.
+func certHashes(ctx context.Context, admin string) ([][]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, admin+"/.well-known/relay/certificate-hashes", nil)
 	if err != nil {
 		return nil, err
 	}
@@ -219,6 +220,7 @@ func (d *driverConfig) certHashes(ctx context.Context) ([][]byte, error) {
 // connections) so that thousands of sessions need few file descriptors.
 type dialer struct {
 	d      *driverConfig
+	edge   string // the edge's UDP address
 	pins   [][]byte
 	mu     sync.Mutex
 	trs    []*quic.Transport
@@ -227,11 +229,17 @@ type dialer struct {
 }
 
 func (d *driverConfig) newDialer(ctx context.Context) (*dialer, error) {
-	pins, err := d.certHashes(ctx)
+	return d.newDialerFor(ctx, d.edge, d.edgeAdmin)
+}
+
+// newDialerFor is a dialer for the edge at addr, whose admin server is at
+// admin.
+func (d *driverConfig) newDialerFor(ctx context.Context, addr, admin string) (*dialer, error) {
+	pins, err := certHashes(ctx, admin)
 	if err != nil {
 		return nil, err
 	}
-	return &dialer{d: d, pins: pins}, nil
+	return &dialer{d: d, edge: addr, pins: pins}, nil
 }
 
 func (dl *dialer) transport() (*quic.Transport, error) {
@@ -256,7 +264,7 @@ func (dl *dialer) dial(ctx context.Context, dev device) (*client.Client, error) 
 
 // dialTicket connects a device, resuming with ticket when one is given.
 func (dl *dialer) dialTicket(ctx context.Context, dev device, ticket []byte) (*client.Client, error) {
-	cfg := client.Config{Addr: dl.d.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, ResumeTicket: ticket, TLSSessions: dev.tls}
+	cfg := client.Config{Addr: dl.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, ResumeTicket: ticket, TLSSessions: dev.tls}
 	if dl.d.transport == "webtransport" {
 		cfg.Transport = client.WebTransport
 	} else {

@@ -207,6 +207,13 @@ func TestFloorScenarios(t *testing.T) {
 		num(res, "peaks", "edge_cpu_us_per_event") <= 0 || num(res, "peaks", "control_cpu_us_per_event") <= 0 {
 		t.Fatalf("rate to offline receivers: %v", res)
 	}
+	// The mesh hop: receivers on a second edge.
+	rxEdge := e.r.StartEdge(1)
+	res = e.mustRun("rate", "--rx-edge", rxEdge.Addr(), "--rx-edge-admin", rxEdge.AdminURL(), "--pairs", "2", "--inflight", "4", "--duration", "500ms")
+	if acked := num(res, "counts", "acked"); acked == 0 || num(res, "counts", "received") == 0 || num(res, "params", "mesh_hop") != 1 ||
+		num(res, "peaks", "edge_cpu_us_per_event") <= 0 || num(res, "peaks", "rx_edge_cpu_us_per_event") <= 0 {
+		t.Fatalf("rate across two edges: %v", res)
+	}
 }
 
 // A threshold that does not hold fails the run (exit 99 in main) and

@@ -84,7 +84,13 @@ func (d *driverConfig) onePair(ctx context.Context, r *result) (p pair, closePai
 }
 
 // openPairs connects every pair (paced, retried).
-func (d *driverConfig) openPairs(ctx context.Context, dl *dialer, r *result, devs [][]device, offline bool) ([]pair, error) {
+// openPairs connects each pair's sender through dl and its receiver
+// through rxDl (nil: dl too; offline: not at all).
+func (d *driverConfig) openPairs(ctx context.Context, dl *dialer, r *result, devs [][]device, offline bool, rxDl ...*dialer) ([]pair, error) {
+	rdl := dl
+	if len(rxDl) > 0 && rxDl[0] != nil {
+		rdl = rxDl[0]
+	}
 	p := newPacer(d.concurrency, d.slowDial)
 	ps := make([]pair, len(devs))
 	err := parallel(ctx, len(devs), d.concurrency, func(ctx context.Context, i int) error {
@@ -96,7 +102,7 @@ func (d *driverConfig) openPairs(ctx context.Context, dl *dialer, r *result, dev
 		if offline {
 			return nil
 		}
-		rx, err := dl.connect(ctx, p, r, "handshake", devs[i][1], nil)
+		rx, err := rdl.connect(ctx, p, r, "handshake", devs[i][1], nil)
 		if err != nil {
 			_ = tx.Close()
 			return err
@@ -238,6 +244,8 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	dur := fs.Duration("duration", 20*time.Second, "how long to send")
 	size := fs.Int("size", 64, "payload bytes")
 	inflight := fs.Int("inflight", 0, "closed loop instead: keep this many events in flight per pair, as fast as acks come back (--rate ignored): the edge's saturation rate and its CPU per event")
+	rxEdge := fs.String("rx-edge", "", "connect the receivers to this other edge (UDP address), so every event takes the mesh hop between the two edges")
+	rxEdgeAdmin := fs.String("rx-edge-admin", "", "the admin URL of --rx-edge (its certificate hashes, and its CPU per event)")
 	offline := fs.Bool("offline", false, "receivers stay offline: every event goes to its target's mailbox through the control plane, and is acked once stored there (the mailbox path's cost)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -255,7 +263,18 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	if *offline {
 		r.Params["offline"] = 1
 	}
-	ps, err := d.openPairs(ctx, dl, r, devs, *offline)
+	var rxDl *dialer
+	if *rxEdge != "" {
+		if *rxEdgeAdmin == "" || *offline {
+			return errors.New("--rx-edge needs --rx-edge-admin, and receivers that are online")
+		}
+		if rxDl, err = d.newDialerFor(ctx, *rxEdge, *rxEdgeAdmin); err != nil {
+			return err
+		}
+		defer rxDl.close()
+		r.Params["mesh_hop"] = 1
+	}
+	ps, err := d.openPairs(ctx, dl, r, devs, *offline, rxDl)
 	if err != nil {
 		return err
 	}
@@ -266,6 +285,11 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	ccpuErr := errors.New("no --control-admin")
 	if d.controlAdmin != "" {
 		ccpu, ccpuErr = remoteCPU(ctx, d.controlAdmin)
+	}
+	var rxcpu time.Duration
+	rxcpuErr := errors.New("no --rx-edge")
+	if rxDl != nil {
+		rxcpu, rxcpuErr = remoteCPU(ctx, *rxEdgeAdmin)
 	}
 	start := time.Now()
 	if *inflight > 0 {
@@ -279,6 +303,11 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	// edge in its own process: relayd dev's include the control plane).
 	if after, err := d.cpuAt(ctx, ""); cpuErr == nil && err == nil && r.Counts["acked"] > 0 {
 		r.Peaks["edge_cpu_us_per_event"] = float64((after - cpu).Nanoseconds()) / 1e3 / r.Counts["acked"]
+	}
+	if rxcpuErr == nil && r.Counts["acked"] > 0 {
+		if after, err := remoteCPU(ctx, *rxEdgeAdmin); err == nil {
+			r.Peaks["rx_edge_cpu_us_per_event"] = float64((after - rxcpu).Nanoseconds()) / 1e3 / r.Counts["acked"]
+		}
 	}
 	if ccpuErr == nil && r.Counts["acked"] > 0 {
 		if after, err := remoteCPU(ctx, d.controlAdmin); err == nil {
