@@ -123,10 +123,6 @@ type SessionInfo struct {
 	Edge      string // the edge's address
 	SessionID string
 	Resumed   bool // the handshake used a resume ticket
-	// EarlyData: the Hello went as QUIC 0-RTT data with the first flight
-	// (a TLS session ticket of this edge allowed it), which saved a round
-	// trip.
-	EarlyData bool
 }
 
 func (c *Config) setDefaults() error {
@@ -260,7 +256,6 @@ type Client struct {
 	offset    time.Duration
 	sessionID string
 	resumed   bool
-	early     bool  // the session's Hello went as 0-RTT data
 	err       error // why the client stopped, once it did
 
 	addr int // index into addrs() of the edge to try next; guarded by mu
@@ -367,14 +362,6 @@ func (c *Client) Resumed() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.resumed
-}
-
-// EarlyData reports whether the current (or last) session's Hello went
-// as QUIC 0-RTT data, a round trip earlier than otherwise.
-func (c *Client) EarlyData() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.early
 }
 
 // ClockOffset is how far the edge's clock is ahead of this machine's, as

@@ -2,7 +2,6 @@ package client_test
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"sync"
@@ -254,74 +253,4 @@ func TestClose(t *testing.T) {
 	if ev, err := cb2.Receive(ctx); err != nil || string(ev.Payload) != "later" {
 		t.Fatalf("after reconnecting: %q %v", ev.Payload, err)
 	}
-}
-
-// A device that reconnects with a TLS session of the edge sends its
-// Hello as 0-RTT data; an edge that cannot take the early data (it
-// restarted, with new TLS ticket keys) turns it down, and the client
-// goes on in the same connection with a new Hello.
-func TestResumesSendTheHelloAsEarlyData(t *testing.T) {
-	r := relaytest.Start(t, relaytest.Options{Edges: 1})
-	user := r.User("early")
-	a, b := r.Device(user, "a"), r.Device(user, "b")
-	rx := r.Dial(0, b, client.QUIC)
-	cache := tls.NewLRUClientSessionCache(4)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	dial := func(ticket []byte) *client.Client {
-		t.Helper()
-		cfg := r.ClientConfig(0, a, client.QUIC)
-		cfg.TLSSessions, cfg.ResumeTicket = cache, ticket
-		c, err := client.Dial(ctx, cfg)
-		if err != nil {
-			t.Fatalf("dial: %v", err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
-		return c
-	}
-	relay := func(c *client.Client, id string) {
-		t.Helper()
-		if err := c.Send(ctx, client.Message{ID: id, Targets: []string{b.ID}, Payload: []byte(id)}); err != nil {
-			t.Fatalf("send %s: %v", id, err)
-		}
-		for {
-			ev, err := rx.Receive(ctx)
-			if err != nil {
-				t.Fatalf("receive %s: %v", id, err)
-			}
-			if ev.ID == id {
-				return
-			}
-		}
-	}
-
-	first := dial(nil)
-	if first.EarlyData() {
-		t.Fatal("a first connection, without a TLS session, used 0-RTT")
-	}
-	ticket := first.ResumeTicket()
-	_ = first.Close()
-
-	second := dial(ticket)
-	if !second.EarlyData() || !second.Resumed() {
-		t.Fatalf("reconnect: early data %v, resumed %v; want both", second.EarlyData(), second.Resumed())
-	}
-	relay(second, "after-0rtt")
-	ticket = second.ResumeTicket()
-	_ = second.Close()
-
-	addr := r.Edges[0].Addr()
-	r.StopEdge(0)
-	cfg := r.EdgeConfig(0)
-	cfg.Addr = addr
-	r.StartEdgeWith(0, cfg)
-	// The receiver pinned the old edge's certificate: it comes back with
-	// the new one's.
-	_ = rx.Close()
-	rx = r.Dial(0, b, client.QUIC)
-	third := dial(ticket)
-	if third.EarlyData() {
-		t.Fatal("a restarted edge took 0-RTT data sealed for the one before it")
-	}
-	relay(third, "after-rejected-0rtt")
 }

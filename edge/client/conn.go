@@ -36,11 +36,6 @@ type conn struct {
 	// noDatagrams: the transport carries none (a WebSocket), so ephemeral
 	// events go straight to the stream.
 	noDatagrams bool
-	// quic is the native QUIC connection (nil on other transports), dialed
-	// for early data; early: the Hello went as 0-RTT data and the edge
-	// took it.
-	quic  *quic.Conn
-	early bool
 
 	wmu sync.Mutex // guards w
 	w   *frame.Writer
@@ -120,61 +115,24 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	default:
 		var qconn *quic.Conn
 		var err error
-		// Dialed for early data: with a TLS session from this edge that
-		// allows it, the stream and the Hello go out as 0-RTT data with
-		// the client's first flight, and the Welcome comes back a round
-		// trip sooner.
 		if tr := c.cfg.QUICTransport; tr != nil {
 			var ua *net.UDPAddr
 			if ua, err = net.ResolveUDPAddr("udp", addr); err == nil {
-				qconn, err = tr.DialEarly(ctx, ua, c.tlsConfig(transport.ALPN, addr), qc)
+				qconn, err = tr.Dial(ctx, ua, c.tlsConfig(transport.ALPN, addr), qc)
 			}
 		} else {
-			qconn, err = quic.DialAddrEarly(ctx, addr, c.tlsConfig(transport.ALPN, addr), qc)
+			qconn, err = quic.DialAddr(ctx, addr, c.tlsConfig(transport.ALPN, addr), qc)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("quic dial %s: %w", addr, err)
 		}
-		cn := &conn{quic: qconn}
-		err = cn.openQUICStream(ctx, qconn)
-		if errors.Is(err, quic.Err0RTTRejected) {
-			err = cn.after0RTTRejected(ctx)
-		}
+		str, err := qconn.OpenStreamSync(ctx)
 		if err != nil {
-			_ = cn.quic.CloseWithError(0, "")
-			return nil, err
+			_ = qconn.CloseWithError(0, "")
+			return nil, fmt.Errorf("open session stream: %w", err)
 		}
-		return cn, nil
+		return &conn{c: transport.NewQUICConn(qconn, str)}, nil
 	}
-}
-
-// openQUICStream opens the session stream on a native QUIC connection.
-func (cn *conn) openQUICStream(ctx context.Context, qconn *quic.Conn) error {
-	str, err := qconn.OpenStreamSync(ctx)
-	if err != nil {
-		return fmt.Errorf("open session stream: %w", err)
-	}
-	cn.quic, cn.c = qconn, transport.NewQUICConn(qconn, str)
-	return nil
-}
-
-// after0RTTRejected goes on after the edge turned the early data down (it
-// restarted, say, and cannot open this TLS session ticket): nothing of it
-// was read, and the same connection goes on, in 1-RTT, with a new stream
-// (and the caller's new Hello).
-func (cn *conn) after0RTTRejected(ctx context.Context) error {
-	next, err := cn.quic.NextConnection(ctx)
-	if err != nil {
-		return fmt.Errorf("after 0-RTT was rejected: %w", err)
-	}
-	if err := cn.openQUICStream(ctx, next); err != nil {
-		return err
-	}
-	if cn.r != nil {
-		cn.r = frame.NewReader(cn.c, 0)
-		cn.w = frame.NewWriter(cn.c, 0)
-	}
-	return nil
 }
 
 // connect dials and runs the handshake, resuming with the last ticket
@@ -186,22 +144,9 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	}
 	cn.r = frame.NewReader(cn.c, 0)
 	cn.w = frame.NewWriter(cn.c, 0)
-	err = c.handshake(ctx, cn)
-	if cn.quic != nil && errors.Is(err, quic.Err0RTTRejected) {
-		if err = cn.after0RTTRejected(ctx); err == nil {
-			err = c.handshake(ctx, cn)
-		}
-	}
-	if err != nil {
+	if err := c.handshake(ctx, cn); err != nil {
 		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
 		return nil, err
-	}
-	if cn.quic != nil {
-		select {
-		case <-cn.quic.HandshakeComplete():
-			cn.early = cn.quic.ConnectionState().Used0RTT
-		case <-ctx.Done():
-		}
 	}
 	return cn, nil
 }
@@ -432,9 +377,8 @@ func (c *Client) serve(cn *conn) error {
 	}
 	c.online = map[string]bool{}
 	c.cur = cn
-	c.early = cn.early
 	close(c.ready)
-	info := SessionInfo{Edge: c.addrs()[c.addr%len(c.addrs())], SessionID: c.sessionID, Resumed: c.resumed, EarlyData: c.early}
+	info := SessionInfo{Edge: c.addrs()[c.addr%len(c.addrs())], SessionID: c.sessionID, Resumed: c.resumed}
 	c.mu.Unlock()
 	if c.cfg.OnSession != nil {
 		c.cfg.OnSession(info)

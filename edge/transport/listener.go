@@ -78,17 +78,13 @@ type h3Conn struct {
 type connKey struct{}
 
 // QUICConfig is the QUIC configuration edges and clients share: datagrams
-// and partial-delivery resets on (WebTransport needs both), and 0-RTT
-// accepted (an edge's setting; a client offers early data on its own
-// when its TLS session allows it). What a replayed 0-RTT Hello can do is
-// in docs/protocol.md ("0-RTT").
+// and partial-delivery resets on (WebTransport needs both).
 func QUICConfig(idle time.Duration) *quic.Config {
 	return &quic.Config{
 		MaxIdleTimeout:                   idle,
 		EnableDatagrams:                  true,
 		EnableStreamResetPartialDelivery: true,
 		HandshakeIdleTimeout:             5 * time.Second,
-		Allow0RTT:                        true,
 	}
 }
 

@@ -73,8 +73,7 @@ type device struct {
 	user, id string
 	key      ed25519.PrivateKey
 	// tls keeps the device's TLS session tickets across its reconnects,
-	// as a device's process does: reconnects resume TLS (and may send
-	// their Hello as 0-RTT data).
+	// as a device's process does: reconnects resume TLS.
 	tls tls.ClientSessionCache
 }
 

@@ -147,7 +147,7 @@ func TestScenarios(t *testing.T) {
 
 	res = e.mustRun("resume", "--devices", "4", "--duration", "500ms")
 	if num(res, "counts", "resumed") == 0 || num(res, "counts", "full") != 0 || num(res, "counts", "failed") != 0 || num(res, "figures", "resume_p50_ms") <= 0 ||
-		num(res, "peaks", "edge_cpu_us_per_session") <= 0 || num(res, "counts", "early_data") == 0 {
+		num(res, "peaks", "edge_cpu_us_per_session") <= 0 {
 		t.Fatalf("resume: %v", res)
 	}
 

@@ -497,9 +497,6 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 			} else {
 				r.count("full", 1)
 			}
-			if c.EarlyData() {
-				r.count("early_data", 1)
-			}
 		}
 		_ = c.Close()
 		return nil
