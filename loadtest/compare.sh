@@ -8,7 +8,8 @@
 #   the edge's CPU per acknowledged event at saturation (relayload rate)
 #     against quic-go's CPU per one-way 64-byte message (relayload stream)
 #   acknowledged events per second through the edge
-#   heap and goroutines per idle session (relayload sessions)
+#   heap and goroutines per idle session (relayload sessions), also for
+#     clients that send no datagrams (sessions --no-datagrams)
 #
 #   loadtest/compare.sh OUT_DIR          (make bench-compare)
 #
@@ -42,6 +43,7 @@ run oneway-relay oneway --count 20000 --rate 2000
 run stream-floor stream --floor 127.0.0.1:$((base + 90)) --floor-admin http://127.0.0.1:$((base + 91)) --count 1000000
 run rate-relay rate --pairs 8 --inflight 64 --duration 20s
 run sessions-relay sessions --sessions 2000
+run sessions-relay-nodg sessions --sessions 2000 --no-datagrams
 python3 - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
@@ -49,7 +51,7 @@ def load(n):
     with open(f"{out}/{n}.json") as f:
         return json.load(f)
 of, orl = load("oneway-floor"), load("oneway-relay")
-sf, rr, ss = load("stream-floor"), load("rate-relay"), load("sessions-relay")
+sf, rr, ss, sn = load("stream-floor"), load("rate-relay"), load("sessions-relay"), load("sessions-relay-nodg")
 fig = lambda r, k: r["figures"].get(k, float("nan"))
 peak = lambda r, k: r.get("peaks", {}).get(k, float("nan"))
 rows = [
@@ -64,4 +66,8 @@ print(f"acknowledged events/s through the edge: {fig(rr, 'acked_per_s'):.0f} (ac
 print(f"floor one-way messages/s: {fig(sf, 'messages_per_s'):.0f}")
 print(f"per idle QUIC session: heap {peak(ss, 'edge_heap_per_session_bytes') / 1024:.1f} KiB, "
       f"RSS {peak(ss, 'edge_rss_per_session_bytes') / 1024:.1f} KiB, goroutines {peak(ss, 'edge_goroutines_per_session'):.2f}")
+# The second run's RSS is not its own: the edge keeps the pages the first
+# run's sessions used.
+print(f"  ... of a client that sends no datagrams: heap {peak(sn, 'edge_heap_per_session_bytes') / 1024:.1f} KiB, "
+      f"goroutines {peak(sn, 'edge_goroutines_per_session'):.2f}")
 PY

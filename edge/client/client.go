@@ -94,6 +94,12 @@ type Config struct {
 	// ResumeTicket, from ResumeTicket of an earlier client of this
 	// device, lets the first handshake skip the signature.
 	ResumeTicket []byte
+	// NoDatagrams sends ephemeral events on the session stream instead of
+	// as QUIC datagrams, and tells the edge so, which then keeps no
+	// datagram reader for the session: a goroutine less per device on the
+	// edge, for devices that are idle most of the time. Ephemeral events
+	// then wait behind the stream's other frames.
+	NoDatagrams bool
 	// TLSSessions keeps TLS session tickets, so a reconnect resumes the
 	// TLS handshake too (no certificate signature to make or check) [a
 	// cache of this client's own]. Share one between clients of a

@@ -254,3 +254,32 @@ func TestClose(t *testing.T) {
 		t.Fatalf("after reconnecting: %q %v", ev.Payload, err)
 	}
 }
+
+// A client with NoDatagrams sends its ephemeral events on the stream: the
+// edge, told so in the Hello, reads no datagrams from it, so one sent as
+// a datagram would be lost.
+func TestNoDatagramsSendsEphemeralEventsOnTheStream(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edges: 1})
+	user := r.User("no-datagrams")
+	a, b := r.Device(user, "a"), r.Device(user, "b")
+	rx := r.Dial(0, b, client.QUIC)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cfg := r.ClientConfig(0, a, client.QUIC)
+	cfg.NoDatagrams = true
+	tx, err := client.Dial(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Close()
+	waitOnline(t, tx, b.ID)
+	for i := range 3 {
+		if err := tx.SendEphemeral(client.Message{Targets: []string{b.ID}, Payload: []byte{byte(i)}}); err != nil {
+			t.Fatal(err)
+		}
+		ev, err := rx.Receive(ctx)
+		if err != nil || !ev.Ephemeral || len(ev.Payload) != 1 || ev.Payload[0] != byte(i) {
+			t.Fatalf("event %d: %+v, %v", i, ev, err)
+		}
+	}
+}

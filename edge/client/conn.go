@@ -33,8 +33,9 @@ type conn struct {
 	// keepalive, if set, is how often the client pings (transports without
 	// keep-alives of their own).
 	keepalive time.Duration
-	// noDatagrams: the transport carries none (a WebSocket), so ephemeral
-	// events go straight to the stream.
+	// noDatagrams: the transport carries none (a WebSocket), or the client
+	// sends none (Config.NoDatagrams), so ephemeral events go straight to
+	// the stream; the Hello says so.
 	noDatagrams bool
 
 	wmu sync.Mutex // guards w
@@ -165,7 +166,8 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	sent := time.Now()
 	// In the edge's time as far as this client knows it: a resume proof
 	// must be within the edge's resume window of its clock.
-	cn.hello = &relayv1.Hello{UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: session.ProtocolVersion,
+	cn.noDatagrams = cn.noDatagrams || c.cfg.NoDatagrams
+	cn.hello = &relayv1.Hello{NoDatagrams: cn.noDatagrams, UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: session.ProtocolVersion,
 		ClientTimeMs: sent.Add(offset).UnixMilli(), ResumeTicket: ticket, Instance: c.instance}
 	if len(ticket) > 0 {
 		if err := c.proveResume(cn.hello); err != nil {

@@ -12,6 +12,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -39,6 +40,9 @@ type pipeConn struct {
 	closed chan struct{}
 	mu     sync.Mutex
 	code   relayv1.ErrorCode
+	// datagramReads counts ReceiveDatagram calls (a session's datagram
+	// reader makes at least one).
+	datagramReads atomic.Int32
 }
 
 func newPipe(addr string, datagrams bool) (server, client *pipeConn) {
@@ -62,6 +66,7 @@ func (p *pipeConn) SendDatagram(b []byte) error {
 }
 
 func (p *pipeConn) ReceiveDatagram(ctx context.Context) ([]byte, error) {
+	p.datagramReads.Add(1)
 	if !p.datagrams {
 		return nil, ErrNoDatagrams
 	}

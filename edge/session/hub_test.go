@@ -831,3 +831,46 @@ func TestIdleSessionsHaveNoWriter(t *testing.T) {
 		}
 	}
 }
+
+// A client that says it sends no datagrams gets no datagram reader on
+// the edge (one goroutine less per session); its ephemeral events come
+// on the stream and are relayed.
+func TestNoDatagramsMeansNoDatagramReader(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	// a's transport has no datagrams (its deliveries come on the stream),
+	// but its session still starts the reader, which finds none.
+	a := e.connectFrom("a", "127.0.0.1:5000", false).login()
+	b := e.connectFrom("b", "127.0.0.1:5001", true)
+	h := b.hello(nil)
+	h.GetHello().NoDatagrams = true
+	b.send(h)
+	b.send(sign(h.GetHello(), b.readDirect().GetChallenge(), e.keys["b"]))
+	if b.readDirect().GetWelcome() == nil {
+		t.Fatal("no welcome")
+	}
+	b.startReading()
+	ev := b.event("a")
+	ev.Ephemeral = true
+	b.sendEvent(ev)
+	if got := a.nextDeliver().GetEvent(); got.GetId() != ev.GetId() || !got.GetEphemeral() {
+		t.Fatalf("a got %v", got)
+	}
+	// Once both sessions have ended (run waits for its datagram reader),
+	// only a's ever asked for a datagram.
+	for _, d := range []*dev{a, b} {
+		d.send(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
+		select {
+		case <-d.serve:
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%s: the session did not end", d.id)
+		}
+	}
+	if n := a.conn.peer.datagramReads.Load(); n == 0 {
+		t.Fatal("a's session never read datagrams: this check would be blind")
+	}
+	if n := b.conn.peer.datagramReads.Load(); n != 0 {
+		t.Fatalf("b said it sends no datagrams, and its session read them %d times", n)
+	}
+}

@@ -202,7 +202,10 @@ func (s *Session) run(ctx context.Context) error {
 	s.out.release()
 	var wg sync.WaitGroup
 	dctx, stopDatagrams := context.WithCancel(ctx)
-	wg.Go(func() { s.datagramLoop(dctx) })
+	if !s.hs.hello.GetNoDatagrams() {
+		// A client that sends no datagrams gets no reader for them.
+		wg.Go(func() { s.datagramLoop(dctx) })
+	}
 	// The owner's context ending closes the session like any other reason
 	// (without a goroutine per idle session).
 	stopWatch := context.AfterFunc(ctx, func() {

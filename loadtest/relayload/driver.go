@@ -218,13 +218,15 @@ func certHashes(ctx context.Context, admin string) ([][]byte, error) {
 // dialer connects devices, sharing UDP sockets (one per 1000 QUIC
 // connections) so that thousands of sessions need few file descriptors.
 type dialer struct {
-	d      *driverConfig
-	edge   string // the edge's UDP address
-	pins   [][]byte
-	mu     sync.Mutex
-	trs    []*quic.Transport
-	socks  []net.PacketConn
-	onSock int
+	d    *driverConfig
+	edge string // the edge's UDP address
+	pins [][]byte
+	// noDatagrams: the devices say they send no datagrams.
+	noDatagrams bool
+	mu          sync.Mutex
+	trs         []*quic.Transport
+	socks       []net.PacketConn
+	onSock      int
 }
 
 func (d *driverConfig) newDialer(ctx context.Context) (*dialer, error) {
@@ -263,7 +265,7 @@ func (dl *dialer) dial(ctx context.Context, dev device) (*client.Client, error) 
 
 // dialTicket connects a device, resuming with ticket when one is given.
 func (dl *dialer) dialTicket(ctx context.Context, dev device, ticket []byte) (*client.Client, error) {
-	cfg := client.Config{Addr: dl.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, ResumeTicket: ticket, TLSSessions: dev.tls}
+	cfg := client.Config{Addr: dl.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, ResumeTicket: ticket, TLSSessions: dev.tls, NoDatagrams: dl.noDatagrams}
 	if dl.d.transport == "webtransport" {
 		cfg.Transport = client.WebTransport
 	} else {

@@ -144,6 +144,10 @@ func TestScenarios(t *testing.T) {
 	if num(res, "counts", "opened") != 40 || num(res, "peaks", "edge_sessions") < 40 || num(res, "peaks", "edge_heap_per_session_bytes") == 0 {
 		t.Fatalf("sessions: %v", res)
 	}
+	res = e.mustRun("sessions", "--no-datagrams", "--sessions", "20", "--hold", "10ms")
+	if num(res, "counts", "opened") != 20 || num(res, "params", "no_datagrams") != 1 {
+		t.Fatalf("sessions --no-datagrams: %v", res)
+	}
 
 	res = e.mustRun("resume", "--devices", "4", "--duration", "500ms")
 	if num(res, "counts", "resumed") == 0 || num(res, "counts", "full") != 0 || num(res, "counts", "failed") != 0 || num(res, "figures", "resume_p50_ms") <= 0 ||

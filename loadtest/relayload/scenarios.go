@@ -376,6 +376,7 @@ func (d *driverConfig) sessions(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("sessions", flag.ContinueOnError)
 	count := fs.Int("sessions", 1000, "sessions to open (two devices per user)")
 	hold := fs.Duration("hold", 5*time.Second, "how long the sessions stay idle before memory is read")
+	noDatagrams := fs.Bool("no-datagrams", false, "devices say they send no datagrams (client.Config.NoDatagrams): the edge keeps no datagram reader for their sessions")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -387,6 +388,10 @@ func (d *driverConfig) sessions(ctx context.Context, args []string) error {
 		return err
 	}
 	defer dl.close()
+	if *noDatagrams {
+		r.Params["no_datagrams"] = 1
+		dl.noDatagrams = true
+	}
 	mem := []string{"go_memstats_heap_inuse_bytes", "process_resident_memory_bytes", "go_goroutines", "relay_edge_sessions"}
 	before, err := d.settledMetrics(ctx, mem)
 	if err != nil {

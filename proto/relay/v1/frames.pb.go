@@ -488,7 +488,12 @@ type Hello struct {
 	ResumeProof []byte `protobuf:"bytes,7,opt,name=resume_proof,json=resumeProof,proto3" json:"resume_proof,omitempty"`
 	// 16 random bytes, new for every Hello that carries a resume_proof; the
 	// edge refuses a proof it has seen before.
-	ResumeNonce   []byte `protobuf:"bytes,8,opt,name=resume_nonce,json=resumeNonce,proto3" json:"resume_nonce,omitempty"`
+	ResumeNonce []byte `protobuf:"bytes,8,opt,name=resume_nonce,json=resumeNonce,proto3" json:"resume_nonce,omitempty"`
+	// The client sends no datagrams: its ephemeral events go on the session
+	// stream. The edge then keeps no datagram reader for the session (a
+	// goroutine less per idle device) and drops any datagram that comes
+	// anyway. Unset, the edge reads datagrams as before.
+	NoDatagrams   bool `protobuf:"varint,9,opt,name=no_datagrams,json=noDatagrams,proto3" json:"no_datagrams,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -577,6 +582,13 @@ func (x *Hello) GetResumeNonce() []byte {
 		return x.ResumeNonce
 	}
 	return nil
+}
+
+func (x *Hello) GetNoDatagrams() bool {
+	if x != nil {
+		return x.NoDatagrams
+	}
+	return false
 }
 
 // Challenge asks the client to prove its key (edge -> client).
@@ -1572,7 +1584,7 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x04pong\x18\r \x01(\v2\x0e.relay.v1.PongH\x00R\x04pong\x12*\n" +
 	"\x06ticket\x18\x0e \x01(\v2\x10.relay.v1.TicketH\x00R\x06ticket\x12*\n" +
 	"\x06cancel\x18\x0f \x01(\v2\x10.relay.v1.CancelH\x00R\x06cancelB\x06\n" +
-	"\x04kind\"\x95\x02\n" +
+	"\x04kind\"\xb8\x02\n" +
 	"\x05Hello\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12)\n" +
@@ -1581,7 +1593,8 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\rresume_ticket\x18\x05 \x01(\fR\fresumeTicket\x12\x1a\n" +
 	"\binstance\x18\x06 \x01(\tR\binstance\x12!\n" +
 	"\fresume_proof\x18\a \x01(\fR\vresumeProof\x12!\n" +
-	"\fresume_nonce\x18\b \x01(\fR\vresumeNonce\"\x98\x01\n" +
+	"\fresume_nonce\x18\b \x01(\fR\vresumeNonce\x12!\n" +
+	"\fno_datagrams\x18\t \x01(\bR\vnoDatagrams\"\x98\x01\n" +
 	"\tChallenge\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12$\n" +
 	"\x0eserver_time_ms\x18\x02 \x01(\x03R\fserverTimeMs\x12\x17\n" +
