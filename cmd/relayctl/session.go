@@ -198,48 +198,55 @@ func (a *app) refreshMembers(ctx context.Context, sess *session, want ...string)
 	}
 	ctx, cancel := context.WithTimeout(ctx, min(a.timeout, 5*time.Second))
 	defer cancel()
-	var first *savedTokens
-	defer func() {
-		if first != nil {
-			a.saveMembers(sess, first.Members, first.MemberIDs)
-		}
-	}()
+	var fallback []string             // the first answer's members, when it names none of want
+	var fallbackIDs map[string]string // and their ids
+	answered := false
 	for _, base := range sess.urls() {
 		req := connect.NewRequest(&controlv1.StatusRequest{})
 		req.Header().Set("Authorization", "Bearer "+tok)
 		resp, err := controlv1connect.NewClusterServiceClient(a.http, base).Status(ctx, req)
 		if err != nil {
 			if c := connect.CodeOf(err); c == connect.CodePermissionDenied || c == connect.CodeUnauthenticated {
-				return
+				break
 			}
 			continue
 		}
-		scheme := base[:strings.Index(base, "://")+3]
-		ids := map[string]string{}
-		var members []string
-		for _, m := range resp.Msg.GetMembers() {
-			if m.GetApiAddr() == "" {
-				continue
-			}
-			u := scheme + m.GetApiAddr()
-			ids[u] = m.GetId()
-			if u != sess.key {
-				members = append(members, u)
-			}
-		}
+		members, ids := memberURLs(base, sess.key, resp.Msg.GetMembers())
 		listed := len(want) == 0
 		for _, w := range want {
 			listed = listed || w == sess.key || ids[w] != ""
 		}
 		if listed {
-			first = nil
 			a.saveMembers(sess, members, ids)
 			return
 		}
-		if first == nil {
-			first = &savedTokens{Members: members, MemberIDs: ids}
+		if !answered {
+			answered, fallback, fallbackIDs = true, members, ids
 		}
 	}
+	if answered {
+		a.saveMembers(sess, fallback, fallbackIDs)
+	}
+}
+
+// memberURLs turns a Status answer from base into the members' API URLs
+// (with base's scheme; key, the session's own, left out) and each URL's
+// node id.
+func memberURLs(base, key string, ms []*controlv1.Member) ([]string, map[string]string) {
+	scheme := base[:strings.Index(base, "://")+3]
+	ids := map[string]string{}
+	var members []string
+	for _, m := range ms {
+		if m.GetApiAddr() == "" {
+			continue
+		}
+		u := scheme + m.GetApiAddr()
+		ids[u] = m.GetId()
+		if u != key {
+			members = append(members, u)
+		}
+	}
+	return members, ids
 }
 
 // saveMembers records a cluster's member list in the session, and in the
