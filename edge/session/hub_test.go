@@ -680,6 +680,56 @@ func TestEphemeralEventsAsDatagrams(t *testing.T) {
 	a.next("pong after the dropped datagrams", func(f *relayv1.Frame) bool { return f.GetPong().GetNonce() == 7 })
 }
 
+// Ephemeral events that queued up for a receiver together go on its
+// stream in one write (QUIC packs them into shared packets; a datagram
+// takes a packet of its own); one alone still goes as a datagram.
+func TestQueuedEphemeralEventsShareTheStream(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	a, b := e.online("a"), e.connect("b")
+	b.handshake()
+	// b reads nothing yet: its writer is stuck on this delivery while the
+	// ephemeral events queue up behind it.
+	a.sendEvent(a.event("b"))
+	const n = 5
+	var ids []string
+	for range n {
+		ev := a.event("b")
+		ev.Ephemeral = true
+		ids = append(ids, ev.GetId())
+		a.sendEvent(ev)
+	}
+	waitFor(t, "every event accepted", func() bool {
+		return e.metric("relay_edge_events_total", "result", "accepted") == 1+n
+	})
+	b.startReading()
+	if d := b.nextDeliver(); d.GetDeliveryId() == 0 {
+		t.Fatalf("first delivery: %v", d)
+	}
+	for _, id := range ids {
+		if d := b.nextDeliver(); d.GetEvent().GetId() != id || d.GetDeliveryId() != 0 {
+			t.Fatalf("want ephemeral %s on the stream, got %v", id, d)
+		}
+	}
+	if len(b.conn.in) != 0 {
+		t.Fatalf("%d datagrams besides the stream", len(b.conn.in))
+	}
+	ev := a.event("b")
+	ev.Ephemeral = true
+	a.sendEvent(ev)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	got, err := b.conn.ReceiveDatagram(ctx)
+	if err != nil {
+		t.Fatalf("the lone ephemeral event as a datagram: %v", err)
+	}
+	var f relayv1.Frame
+	if err := frame.Decode(got, 0, &f); err != nil || f.GetDeliver().GetEvent().GetId() != ev.GetId() {
+		t.Fatalf("lone ephemeral event: %v, %v", &f, err)
+	}
+}
+
 func TestStatsReturnToZero(t *testing.T) {
 	e := newEnv(t, nil)
 	var devs []*dev

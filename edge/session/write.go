@@ -142,6 +142,11 @@ func (s *Session) writeLoop() {
 		}
 		buf = buf[:0]
 		var durable, ephemeral int
+		// quic-go packs one DATAGRAM frame into a packet: only an event
+		// alone in its batch goes as a datagram (no worse than a stream
+		// frame, and never behind a lost one); events that queued up
+		// together share the stream write, and so QUIC's packets.
+		lone := len(batch) == 1
 		for i := range batch {
 			it := &batch[i]
 			if it.frame != nil {
@@ -159,7 +164,7 @@ func (s *Session) writeLoop() {
 			} else {
 				ephemeral++
 			}
-			if it.datagram {
+			if it.datagram && lone {
 				dg = appendDeliverBody(dg[:0], it.event, 0)
 				if err := s.conn.SendDatagram(dg); err == nil {
 					it.event = nil

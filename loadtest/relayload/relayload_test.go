@@ -204,6 +204,18 @@ func TestFloorScenarios(t *testing.T) {
 		num(res, "params", "inflight") != 4 || num(res, "peaks", "edge_cpu_us_per_event") <= 0 {
 		t.Fatalf("closed-loop rate: %v", res)
 	}
+	// Ephemeral events, closed loop on the stream: every one sent is
+	// delivered, with its one-way latency.
+	res = e.mustRun("--threshold", "failed==0", "rate", "--ephemeral", "--pairs", "2", "--inflight", "4", "--duration", "500ms")
+	if sent := num(res, "counts", "attempts"); sent == 0 || num(res, "counts", "received") != sent || num(res, "counts", "acked") != 0 ||
+		num(res, "params", "ephemeral") != 1 || num(res, "figures", "delivery_p50_ms") <= 0 || num(res, "peaks", "edge_cpu_us_per_event") <= 0 {
+		t.Fatalf("closed-loop ephemeral rate: %v", res)
+	}
+	// And open loop, as datagrams: some may be lost, most arrive.
+	res = e.mustRun("--threshold", "failed==0", "rate", "--ephemeral", "--pairs", "2", "--rate", "200", "--duration", "500ms")
+	if sent, got := num(res, "counts", "attempts"), num(res, "counts", "received"); sent < 50 || got < sent/2 || got > sent || num(res, "peaks", "edge_cpu_us_per_event") <= 0 {
+		t.Fatalf("open-loop ephemeral rate: %v", res)
+	}
 	// The mailbox path: receivers offline, every event stored and acked
 	// by the control plane, nothing received.
 	res = e.mustRun("--control-admin", "http://"+e.r.Cluster.Nodes[0].Server.AdminAddr(), "rate", "--offline", "--pairs", "2", "--inflight", "4", "--duration", "500ms")

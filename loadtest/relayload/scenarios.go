@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
@@ -207,6 +208,109 @@ func (d *driverConfig) saturate(ctx context.Context, ps []pair, inflight int, du
 	stopReceivers()
 }
 
+// driveEphemeral sends ephemeral events over the pairs for dur: closed
+// loop when inflight > 0 (each pair keeps that many events on their way
+// to its receiver, a slot freed when the receiver gets one; the senders
+// then use the session stream, which loses nothing), else open loop at a
+// fixed total rate (as datagrams where they fit; the edge drops what a
+// slow receiver cannot take). The payload carries its send time, so the
+// receiver observes each event's one-way "delivery" latency.
+func (d *driverConfig) driveEphemeral(ctx context.Context, ps []pair, inflight int, rate float64, dur time.Duration, size int, r *result) {
+	start := time.Now()
+	size = max(size, 8)
+	rctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	slots := make([]chan struct{}, len(ps))
+	for i, p := range ps {
+		if inflight > 0 {
+			slots[i] = make(chan struct{}, inflight)
+		}
+		wg.Go(func() {
+			for {
+				m, err := p.rx.Receive(rctx)
+				if err != nil {
+					return
+				}
+				if len(m.Payload) >= 8 {
+					sent := time.Duration(binary.LittleEndian.Uint64(m.Payload))
+					r.observe("delivery", time.Since(start)-sent)
+				}
+				r.count("received", 1)
+				if slots[i] != nil {
+					select {
+					case <-slots[i]:
+					default:
+					}
+				}
+			}
+		})
+	}
+	send := func(p pair, payload []byte) bool {
+		binary.LittleEndian.PutUint64(payload, uint64(time.Since(start)))
+		r.count("attempts", 1)
+		if err := p.tx.SendEphemeral(client.Message{Targets: []string{p.rxD.id}, Payload: payload}); err != nil {
+			r.count("failed", 1)
+			r.fail(cause(err))
+			return false
+		}
+		return true
+	}
+	sctx, stop := context.WithTimeout(ctx, dur)
+	defer stop()
+	if inflight > 0 {
+		var senders sync.WaitGroup
+		for i, p := range ps {
+			senders.Go(func() {
+				payload := make([]byte, size)
+				for {
+					select {
+					case slots[i] <- struct{}{}:
+					case <-sctx.Done():
+						return
+					}
+					if !send(p, payload) {
+						return
+					}
+				}
+			})
+		}
+		senders.Wait()
+	} else {
+		payload := make([]byte, size)
+		interval := time.Duration(float64(time.Second) / rate)
+		for i := 0; sctx.Err() == nil; i++ {
+			if w := time.Until(start.Add(time.Duration(i) * interval)); w > 0 {
+				t := time.NewTimer(w)
+				select {
+				case <-t.C:
+				case <-sctx.Done():
+					t.Stop()
+					continue
+				}
+			}
+			send(ps[i%len(ps)], payload)
+		}
+	}
+	// What is still on its way arrives within moments on a live edge;
+	// wait until the receivers are quiet (or a second passed).
+	deadline := time.Now().Add(time.Second)
+	for last := -1.0; time.Now().Before(deadline); {
+		c, _, _ := r.snapshot()
+		if c["received"] == last {
+			break
+		}
+		last = c["received"]
+		t := time.NewTimer(50 * time.Millisecond)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+		}
+	}
+	cancel()
+	wg.Wait()
+}
+
 // receiveAll counts what every pair's receiver gets as "received" until
 // the returned stop is called; stop waits for the receivers to end.
 func receiveAll(ctx context.Context, ps []pair, r *result) (stop func()) {
@@ -247,8 +351,12 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	rxEdge := fs.String("rx-edge", "", "connect the receivers to this other edge (UDP address), so every event takes the mesh hop between the two edges")
 	rxEdgeAdmin := fs.String("rx-edge-admin", "", "the admin URL of --rx-edge (its certificate hashes, and its CPU per event)")
 	offline := fs.Bool("offline", false, "receivers stay offline: every event goes to its target's mailbox through the control plane, and is acked once stored there (the mailbox path's cost)")
+	ephemeral := fs.Bool("ephemeral", false, "ephemeral events instead (no acks): the delivery latency and the edge's CPU per delivered event; with --inflight on the session stream, closed loop on deliveries, else at --rate as datagrams where they fit")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *ephemeral && (*offline || *rxEdge != "") {
+		return errors.New("--ephemeral goes to online receivers on this edge: not with --offline or --rx-edge")
 	}
 	r := newResult("rate", d.transport)
 	r.Params["pairs"], r.Params["rate"], r.Params["payload_bytes"] = float64(*pairs), *rate, float64(*size)
@@ -262,6 +370,12 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	defer dl.close()
 	if *offline {
 		r.Params["offline"] = 1
+	}
+	if *ephemeral {
+		r.Params["ephemeral"] = 1
+		// A closed loop waits for every event: none may be lost as a
+		// datagram can be.
+		dl.noDatagrams = *inflight > 0
 	}
 	var rxDl *dialer
 	if *rxEdge != "" {
@@ -292,13 +406,23 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 		rxcpu, rxcpuErr = remoteCPU(ctx, *rxEdgeAdmin)
 	}
 	start := time.Now()
-	if *inflight > 0 {
+	switch {
+	case *ephemeral:
+		d.driveEphemeral(ctx, ps, *inflight, *rate, *dur, *size, r)
+	case *inflight > 0:
 		d.saturate(ctx, ps, *inflight, *dur, *size, r)
-	} else {
+	default:
 		d.drive(ctx, ps, *rate, *dur, *size, r)
 	}
 	r.Seconds = time.Since(start).Seconds()
 	stop()
+	if *ephemeral {
+		// The edge's CPU per event it delivered.
+		if after, err := d.cpuAt(ctx, ""); cpuErr == nil && err == nil && r.Counts["received"] > 0 {
+			r.Peaks["edge_cpu_us_per_event"] = float64((after - cpu).Nanoseconds()) / 1e3 / r.Counts["received"]
+		}
+		return d.finish(r)
+	}
 	// The edge's CPU per acknowledged event, when its /metrics say (an
 	// edge in its own process: relayd dev's include the control plane).
 	if after, err := d.cpuAt(ctx, ""); cpuErr == nil && err == nil && r.Counts["acked"] > 0 {
