@@ -474,13 +474,21 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 	c.pending[ev.GetId()] = p
 	c.order = append(c.order, p)
 	cur := c.cur
+	// Other sends waiting for their acks are likely to send again when
+	// those come, together: worth a yield before writing.
+	yield := len(c.pending) > 1
 	c.mu.Unlock()
+	flush := false
 	if cur != nil {
-		// A failed write ends that connection; the event is resent on
-		// the next.
-		_ = cur.write(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}})
+		// Queued in seq order (under sendMu) and written with whatever
+		// other sends queued meanwhile. A failed write ends that
+		// connection; the event is resent on the next.
+		flush, _ = cur.queue(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}})
 	}
 	c.sendMu.Unlock()
+	if flush {
+		_ = cur.flush(yield)
+	}
 	select {
 	case err := <-p.done:
 		return err
@@ -496,10 +504,10 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 func (c *Client) SendEphemeral(m Message) error {
 	ev := c.build(m, true)
 	c.sendMu.Lock()
-	defer c.sendMu.Unlock()
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
+		c.sendMu.Unlock()
 		return c.err
 	}
 	c.seq++
@@ -507,9 +515,20 @@ func (c *Client) SendEphemeral(m Message) error {
 	cur := c.cur
 	c.mu.Unlock()
 	if cur == nil {
+		c.sendMu.Unlock()
 		return &Error{Code: relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, Message: "not connected"}
 	}
-	return cur.writeEphemeral(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}})
+	f := &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}
+	if cur.sendDatagram(f) {
+		c.sendMu.Unlock()
+		return nil
+	}
+	flush, err := cur.queue(f)
+	c.sendMu.Unlock()
+	if err != nil || !flush {
+		return err
+	}
+	return cur.flush(false)
 }
 
 // forget drops a pending send (its caller gave up).

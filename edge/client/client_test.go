@@ -283,3 +283,48 @@ func TestNoDatagramsSendsEphemeralEventsOnTheStream(t *testing.T) {
 		}
 	}
 }
+
+// Sends from many goroutines at once share stream writes (see
+// TestQueuedFramesShareOneWrite); each still gets its ack, the edge sees
+// every event in seq order (it refuses one out of order), and each
+// goroutine's events reach the receiver in the order it sent them.
+func TestConcurrentSendsKeepTheirOrder(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edges: 1})
+	user := r.User("concurrent")
+	a, b := r.Device(user, "a"), r.Device(user, "b")
+	rx := r.Dial(0, b, client.QUIC)
+	tx := r.Dial(0, a, client.QUIC)
+	waitOnline(t, tx, b.ID)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const senders, each = 32, 20
+	var wg sync.WaitGroup
+	errs := make(chan error, senders*each)
+	for g := range senders {
+		wg.Go(func() {
+			for i := range each {
+				if err := tx.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: []byte{byte(g), byte(i)}}); err != nil {
+					errs <- fmt.Errorf("sender %d, event %d: %w", g, i, err)
+					return
+				}
+			}
+		})
+	}
+	next := make([]int, senders)
+	for range senders * each {
+		ev, err := rx.Receive(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		g, i := int(ev.Payload[0]), int(ev.Payload[1])
+		if i != next[g] {
+			t.Fatalf("sender %d: event %d arrived, expected %d", g, i, next[g])
+		}
+		next[g]++
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"runtime"
 	"sync"
 	"time"
 
@@ -40,26 +41,79 @@ type conn struct {
 
 	wmu sync.Mutex // guards w
 	w   *frame.Writer
+
+	// Events sent concurrently share a stream write, so QUIC sends them
+	// in one packet rather than a packet each: a send appends its frame
+	// to pend, and the first of them since the last write writes
+	// everything pending once the other runnable senders had their turn.
+	pmu      sync.Mutex // guards pend and flushing
+	pend     []byte
+	flushing bool
 }
 
+// write writes f now, after the frames sends queued before it.
 func (cn *conn) write(f *relayv1.Frame) error {
 	cn.wmu.Lock()
 	defer cn.wmu.Unlock()
+	if err := cn.writePending(); err != nil {
+		return err
+	}
 	return cn.w.Write(f)
 }
 
-func (cn *conn) writeEphemeral(f *relayv1.Frame) error {
-	if cn.noDatagrams {
-		return cn.write(f)
+// queue appends f to the frames waiting to be written, in the order of
+// the calls (the callers hold sendMu, so in seq order). When it returns
+// true, the caller must call flush: no other sender will write f.
+func (cn *conn) queue(f *relayv1.Frame) (flush bool, err error) {
+	cn.pmu.Lock()
+	defer cn.pmu.Unlock()
+	if cn.pend, err = cn.w.Append(cn.pend, f); err != nil {
+		return false, err
 	}
-	body, err := proto.Marshal(f)
-	if err != nil {
-		return err
+	if cn.flushing {
+		return false, nil
 	}
-	if err := cn.c.SendDatagram(body); err == nil {
+	cn.flushing = true
+	return true, nil
+}
+
+// flush writes the queued frames. With yield, it first lets the other
+// runnable goroutines run, so that senders made runnable together (by a
+// batch of acks, say) queue theirs too; a sender that goes on sending
+// without blocking needs no yield (QUIC's connection goroutine packs its
+// writes while it runs).
+func (cn *conn) flush(yield bool) error {
+	if yield {
+		runtime.Gosched()
+	}
+	cn.wmu.Lock()
+	defer cn.wmu.Unlock()
+	return cn.writePending()
+}
+
+// writePending writes what sends queued; wmu held.
+func (cn *conn) writePending() error {
+	cn.pmu.Lock()
+	b := cn.pend
+	cn.pend, cn.flushing = nil, false
+	cn.pmu.Unlock()
+	if len(b) == 0 {
 		return nil
 	}
-	return cn.write(f)
+	if _, err := cn.c.Write(b); err != nil {
+		return fmt.Errorf("write frames: %w", err)
+	}
+	return nil
+}
+
+// sendDatagram sends f as a datagram; false when it must go on the
+// stream instead (no datagrams, or too large for one).
+func (cn *conn) sendDatagram(f *relayv1.Frame) bool {
+	if cn.noDatagrams {
+		return false
+	}
+	body, err := proto.Marshal(f)
+	return err == nil && cn.c.SendDatagram(body) == nil
 }
 
 // close ends the connection: gracefully when no write is in progress

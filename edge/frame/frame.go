@@ -340,16 +340,25 @@ var marshal = proto.MarshalOptions{}
 // Append appends f, length-prefixed, to dst.
 func Append(dst []byte, f *relayv1.Frame) ([]byte, error) {
 	size := marshal.Size(f)
-	dst = binary.AppendUvarint(dst, uint64(size))
-	out, err := marshal.MarshalAppend(dst, f)
+	out, err := marshal.MarshalAppend(binary.AppendUvarint(dst, uint64(size)), f)
 	if err != nil {
 		return dst, fmt.Errorf("encode frame: %w", err)
 	}
 	return out, nil
 }
 
-// Writer writes length-prefixed frames to a stream. It is not safe for
-// concurrent use: a session has one writer goroutine.
+// Append appends f, length-prefixed, to dst, refusing a frame longer
+// than w's limit as Write does; for frames written later in one batch.
+// Unlike Write, it may be called concurrently.
+func (w *Writer) Append(dst []byte, f *relayv1.Frame) ([]byte, error) {
+	if size := marshal.Size(f); size > w.max {
+		return dst, tooLarge(uint64(size), w.max)
+	}
+	return Append(dst, f)
+}
+
+// Writer writes length-prefixed frames to a stream. Write is not safe
+// for concurrent use: a session has one writer goroutine.
 type Writer struct {
 	w   io.Writer
 	max int
