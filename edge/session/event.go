@@ -160,7 +160,10 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	var digest uint64
 	if durable {
 		digest = eventDigest(s.hub.seed, ev)
-		if prev := s.dedup[ev.GetId()]; prev != nil {
+		if s.dedup == nil {
+			s.dedup = newDedupTable(s.hub.seed, s.hub.cfg.DedupWindow)
+		}
+		if prev := s.dedup.get(ev.GetId()); prev != nil {
 			done, failed := prev.state()
 			switch {
 			case prev.digest != digest:
@@ -217,7 +220,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	if f.anyOne {
 		f.claim = &edgev1.EventClaim{SenderDeviceId: s.deviceID, EventId: ev.GetId(), UserId: s.userID, ExpiresAtMs: expires.UnixMilli()}
 	}
-	s.remember(f)
+	s.dedup.remember(f)
 	s.lastSeq = ev.GetSeq()
 	cfg.Metrics.accepted.Inc()
 	s.noteActive(now)
@@ -366,23 +369,6 @@ func (s *Session) locateRemote(rs []route) {
 			rs[i].edge = s.locate(rs[i].device)
 		}
 	}
-}
-
-// remember records a durable event for duplicate detection, forgetting
-// the oldest beyond DedupWindow.
-func (s *Session) remember(f *inflight) {
-	if s.dedup == nil {
-		s.dedup = make(map[string]*inflight)
-		s.dedupRing = make([]*inflight, s.hub.cfg.DedupWindow)
-	}
-	// The slot's event leaves the window, unless its id was sent again
-	// since (a refused event resent): then a newer slot holds it.
-	if old := s.dedupRing[s.dedupNext]; old != nil && s.dedup[old.eventID] == old {
-		delete(s.dedup, old.eventID)
-	}
-	s.dedupRing[s.dedupNext] = f
-	s.dedupNext = (s.dedupNext + 1) % len(s.dedupRing)
-	s.dedup[f.eventID] = f
 }
 
 // eventDigest identifies an event's content to tell a duplicate from a

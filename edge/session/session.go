@@ -48,11 +48,9 @@ type Session struct {
 	writerDone chan struct{}
 
 	// Event intake; the stream reader and the datagram reader share it.
-	evMu      sync.Mutex
-	lastSeq   uint64
-	dedup     map[string]*inflight
-	dedupRing []*inflight
-	dedupNext int
+	evMu    sync.Mutex
+	lastSeq uint64
+	dedup   *dedupTable
 
 	// What the device may send: every frame counts against frames and
 	// bytes, events also against events. Above the rate the reader waits
