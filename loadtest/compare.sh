@@ -8,6 +8,8 @@
 #   the edge's CPU per acknowledged event at saturation (relayload rate)
 #     against quic-go's CPU per one-way 64-byte message (relayload stream)
 #   acknowledged events per second through the edge
+#   the edge's CPU per delivered ephemeral event at saturation (rate
+#     --ephemeral, closed loop on the stream) against the same floor
 #   heap and goroutines per idle session (relayload sessions), also for
 #     clients that send no datagrams (sessions --no-datagrams)
 #
@@ -42,6 +44,7 @@ run oneway-floor oneway --floor 127.0.0.1:$((base + 90)) --count 20000 --rate 20
 run oneway-relay oneway --count 20000 --rate 2000
 run stream-floor stream --floor 127.0.0.1:$((base + 90)) --floor-admin http://127.0.0.1:$((base + 91)) --count 1000000
 run rate-relay rate --pairs 8 --inflight 64 --duration 20s
+run ephemeral-relay rate --ephemeral --pairs 8 --inflight 64 --duration 20s
 run sessions-relay sessions --sessions 2000
 run sessions-relay-nodg sessions --sessions 2000 --no-datagrams
 python3 - "$out" <<'PY'
@@ -52,17 +55,20 @@ def load(n):
         return json.load(f)
 of, orl = load("oneway-floor"), load("oneway-relay")
 sf, rr, ss, sn = load("stream-floor"), load("rate-relay"), load("sessions-relay"), load("sessions-relay-nodg")
+er = load("ephemeral-relay")
 fig = lambda r, k: r["figures"].get(k, float("nan"))
 peak = lambda r, k: r.get("peaks", {}).get(k, float("nan"))
 rows = [
     ("one-way p50 (µs)", fig(orl, "oneway_p50_ms") * 1e3, fig(of, "oneway_p50_ms") * 1e3),
     ("one-way p99 (µs)", fig(orl, "oneway_p99_ms") * 1e3, fig(of, "oneway_p99_ms") * 1e3),
     ("CPU per event / message (µs)", peak(rr, "edge_cpu_us_per_event"), peak(sf, "server_cpu_us_per_message")),
+    ("CPU per ephemeral event (µs)", peak(er, "edge_cpu_us_per_event"), peak(sf, "server_cpu_us_per_message")),
 ]
 print(f"{'what':32} {'relay':>10} {'floor':>10} {'ratio':>7}")
 for name, relay, floor in rows:
     print(f"{name:32} {relay:10.2f} {floor:10.2f} {relay / floor:7.2f}")
 print(f"acknowledged events/s through the edge: {fig(rr, 'acked_per_s'):.0f} (ack p99 {fig(rr, 'ack_p99_ms'):.2f} ms)")
+print(f"ephemeral events/s delivered through the edge: {fig(er, 'received_per_s'):.0f} (delivery p99 {fig(er, 'delivery_p99_ms'):.2f} ms)")
 print(f"floor one-way messages/s: {fig(sf, 'messages_per_s'):.0f}")
 print(f"per idle QUIC session: heap {peak(ss, 'edge_heap_per_session_bytes') / 1024:.1f} KiB, "
       f"RSS {peak(ss, 'edge_rss_per_session_bytes') / 1024:.1f} KiB, goroutines {peak(ss, 'edge_goroutines_per_session'):.2f}")
