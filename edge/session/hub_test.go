@@ -648,10 +648,15 @@ func TestEphemeralEventsAsDatagrams(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// b's queue must be empty (its ticket, presence written): only an
+	// event alone in a batch goes as a datagram.
+	b.expectNothing("nothing", func(*relayv1.Frame) bool { return false })
 	if err := a.conn.SendDatagram(body); err != nil {
 		t.Fatal(err)
 	}
-	got, err := b.conn.ReceiveDatagram(context.Background())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	got, err := b.conn.ReceiveDatagram(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -715,6 +720,7 @@ func TestQueuedEphemeralEventsShareTheStream(t *testing.T) {
 	if len(b.conn.in) != 0 {
 		t.Fatalf("%d datagrams besides the stream", len(b.conn.in))
 	}
+	b.expectNothing("nothing", func(*relayv1.Frame) bool { return false })
 	ev := a.event("b")
 	ev.Ephemeral = true
 	a.sendEvent(ev)
