@@ -87,6 +87,53 @@ func checkEventCodec(t *testing.T, b []byte) {
 	}
 }
 
+// FuzzEventDecoder decodes two events with one EventDecoder, which
+// reuses the first one's type and targets for the second where equal:
+// each must still decode as proto.Unmarshal does, and decoding the second
+// must leave the first as it was.
+func FuzzEventDecoder(f *testing.F) {
+	ev := func(typ string, targets ...string) []byte {
+		b, _ := proto.Marshal(&relayv1.Event{Id: "e", Type: typ, Targets: targets, Payload: []byte("p")})
+		return b
+	}
+	pairs := [][2][]byte{
+		{ev("t", "a", "b"), ev("t", "a", "b")}, // all shared
+		{ev("t", "a", "b"), ev("t", "a")},      // a prefix
+		{ev("t", "a"), ev("t", "a", "c")},      // longer
+		{ev("t", "a", "b"), ev("u", "a", "x")}, // differ after the first
+		{ev("t", "a", "b"), ev("t", "x", "b")}, // differ at the first
+		{ev("t"), ev("t", "a")},
+		{ev("", "a"), ev("")},
+	}
+	for _, p := range pairs {
+		f.Add(p[0], p[1])
+	}
+	seeds := eventSeeds()
+	for i := range seeds {
+		f.Add(seeds[i], seeds[(i+1)%len(seeds)])
+	}
+	f.Fuzz(func(t *testing.T, a, b []byte) {
+		var d EventDecoder
+		var first relayv1.Event
+		errA := d.Decode(a, &first)
+		kept := proto.Clone(&first).(*relayv1.Event)
+		for _, in := range [][]byte{b, b, a} {
+			var want, got relayv1.Event
+			errWant := unmarshal.Unmarshal(in, &want)
+			errGot := d.Decode(in, &got)
+			if (errWant == nil) != (errGot == nil) {
+				t.Fatalf("proto.Unmarshal: %v; Decode: %v", errWant, errGot)
+			}
+			if errGot == nil && !proto.Equal(&want, &got) {
+				t.Fatalf("Decode gave %v, proto.Unmarshal %v", &got, &want)
+			}
+			if errA == nil && !proto.Equal(kept, &first) {
+				t.Fatalf("the first event changed to %v, was %v", &first, kept)
+			}
+		}
+	})
+}
+
 func receivedSeeds() [][]byte {
 	tag := func(b []byte, n protowire.Number, t protowire.Type) []byte { return protowire.AppendTag(b, n, t) }
 	packed, _ := proto.Marshal(&relayv1.Received{DeliveryIds: []uint64{1, 2, 300, 1 << 40}})

@@ -3,6 +3,7 @@ package session
 import (
 	"context"
 	"hash/maphash"
+	"slices"
 	"sync"
 	"time"
 
@@ -191,7 +192,8 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 		s.reject(ev.GetId(), reject(outcome, "this device was revoked"))
 		return
 	}
-	routes, rej := s.resolveTargets(ev, durable)
+	var routeBuf [4]route // most events have few targets: no allocation
+	routes, rej := s.resolveTargets(ev, durable, routeBuf[:0])
 	if rej != nil {
 		outcome = rej.Code
 		s.refuse(ev.GetId(), rej)
@@ -257,20 +259,19 @@ type route struct {
 	need   uint64
 }
 
-// resolveTargets finds where an event goes. Every explicit target must be
+// resolveTargets finds where an event goes, appending to out. Every explicit target must be
 // an active device of the sender's user. With mailboxes, a durable event
 // reaches every target: the connected ones live, the others through
 // their mailboxes; without, a durable event for a target that is not
 // connected is refused whole, before anything is delivered.
-func (s *Session) resolveTargets(ev *relayv1.Event, durable bool) ([]route, *RejectError) {
+func (s *Session) resolveTargets(ev *relayv1.Event, durable bool, out []route) ([]route, *RejectError) {
 	dir := s.hub.cfg.Directory
 	mailboxes := durable && s.hub.cfg.Mailbox != nil
 	r := s.room
-	var out []route
 	if len(ev.GetTargets()) == 0 {
 		if mailboxes {
 			devs := dir.UserDevices(s.userID)
-			out = make([]route, 0, len(devs))
+			out = slices.Grow(out, len(devs))
 			r.mu.RLock()
 			for _, id := range devs {
 				if id != s.deviceID {
@@ -281,7 +282,7 @@ func (s *Session) resolveTargets(ev *relayv1.Event, durable bool) ([]route, *Rej
 			s.locateRemote(out)
 		} else {
 			r.mu.RLock()
-			out = make([]route, 0, len(r.devices))
+			out = slices.Grow(out, len(r.devices))
 			for id, o := range r.devices {
 				if id != s.deviceID {
 					out = append(out, route{to: o, device: id})
@@ -290,7 +291,7 @@ func (s *Session) resolveTargets(ev *relayv1.Event, durable bool) ([]route, *Rej
 			r.mu.RUnlock()
 		}
 	} else {
-		out = make([]route, 0, len(ev.GetTargets()))
+		out = slices.Grow(out, len(ev.GetTargets()))
 		for i, t := range ev.GetTargets() {
 			for _, prev := range ev.GetTargets()[:i] {
 				if prev == t {

@@ -21,6 +21,7 @@ import (
 // points into the read buffer until the next read.
 func (s *Session) readLoop(ctx context.Context) *CloseError {
 	var ids []uint64
+	var events frame.EventDecoder
 	for {
 		body, err := s.reader.Next()
 		if err != nil {
@@ -30,7 +31,7 @@ func (s *Session) readLoop(ctx context.Context) *CloseError {
 		switch kind, inner, ok := frame.Split(body); {
 		case ok && kind == frame.KindEvent:
 			ev := &relayv1.Event{}
-			if err := frame.DecodeEvent(inner, ev); err != nil {
+			if err := events.Decode(inner, ev); err != nil {
 				return readEnd(err)
 			}
 			if !s.pace(true, size) {
@@ -164,6 +165,7 @@ func (s *Session) handle(ctx context.Context, f *relayv1.Frame) bool {
 // is dropped and counted as refused.
 func (s *Session) datagramLoop(ctx context.Context) {
 	m := s.hub.cfg.Metrics
+	var events frame.EventDecoder
 	for {
 		b, err := s.conn.ReceiveDatagram(ctx)
 		if err != nil {
@@ -174,7 +176,7 @@ func (s *Session) datagramLoop(ctx context.Context) {
 			s.refused()
 			continue
 		}
-		ev, err := decodeDatagram(b, s.hub.cfg.Limits.MaxFrameBytes)
+		ev, err := decodeDatagram(&events, b, s.hub.cfg.Limits.MaxFrameBytes)
 		if err != nil {
 			s.closeWith(asCloseError(err), 0)
 			return
@@ -190,10 +192,10 @@ func (s *Session) datagramLoop(ctx context.Context) {
 
 // decodeDatagram decodes a datagram's frame body: the event it carries,
 // or nil when it is another kind of frame.
-func decodeDatagram(b []byte, max int) (*relayv1.Event, error) {
+func decodeDatagram(events *frame.EventDecoder, b []byte, max int) (*relayv1.Event, error) {
 	if kind, inner, ok := frame.Split(b); ok && kind == frame.KindEvent && len(b) <= max {
 		ev := &relayv1.Event{}
-		return ev, frame.DecodeEvent(inner, ev)
+		return ev, events.Decode(inner, ev)
 	}
 	var f relayv1.Frame
 	if err := frame.Decode(b, max, &f); err != nil {
