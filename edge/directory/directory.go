@@ -58,11 +58,6 @@ type Config struct {
 	// OnMailbox is called (from the following goroutine) when a device's
 	// mailbox received entries up to seq. It must not block for long.
 	OnMailbox func(userID, deviceID string, seq uint64)
-	// OnMailboxFeed is called (from the following goroutine) with true
-	// once OnMailbox hears of every entry stored from then on (the
-	// directory is synced and follows the feed), and with false when a
-	// full copy of the state begins (it announces no entries).
-	OnMailboxFeed func(live bool)
 	// OnEdges is called (from the following goroutine) after the member
 	// list changed, with the new list.
 	OnEdges func([]Edge)
@@ -156,7 +151,6 @@ type Directory struct {
 	deleted  tombstones
 	revision uint64
 	synced   bool
-	feedLive bool          // as last told to OnMailboxFeed
 	changed  chan struct{} // closed and replaced when synced or revision moves
 	// current is when the control plane last said the copy is complete
 	// (a progress message, or the end of a full copy): see metrics.go.
@@ -178,9 +172,6 @@ func New(cfg Config) *Directory {
 	}
 	if cfg.OnEdges == nil {
 		cfg.OnEdges = func([]Edge) {}
-	}
-	if cfg.OnMailboxFeed == nil {
-		cfg.OnMailboxFeed = func(bool) {}
 	}
 	return &Directory{cfg: cfg, cur: newSnapshot(), changed: make(chan struct{})}
 }
@@ -355,25 +346,13 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	if edgesChanged {
 		edges = d.edgesLocked()
 	}
-	// Entries are announced while the feed runs on a complete copy (also
-	// when it resumes from a revision after an interruption: the changes
-	// missed meanwhile are replayed); a full copy announces none.
-	live := d.synced && d.staging == nil
-	feedChanged := live != d.feedLive
-	d.feedLive = live
 	d.notify()
 	d.mu.Unlock()
-	if feedChanged && !live {
-		d.cfg.OnMailboxFeed(false)
-	}
 	for _, r := range removals {
 		d.cfg.OnRemove(r)
 	}
 	for _, n := range notes {
 		d.cfg.OnMailbox(n.user, n.device, n.seq)
-	}
-	if feedChanged && live {
-		d.cfg.OnMailboxFeed(true)
 	}
 	if edgesChanged {
 		d.cfg.OnEdges(edges)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
-	"slices"
 	"testing"
 	"time"
 
@@ -73,40 +72,5 @@ func TestFollowReportsStreamFailures(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("StreamFailed was not called")
-	}
-}
-
-// OnMailboxFeed follows whether the feed announces stored entries: not
-// before the first full copy is in, then yes, no again while another
-// full copy comes (it announces none), and yes once it is in; each
-// change told once, and announcements only while live.
-func TestMailboxFeedState(t *testing.T) {
-	var got []bool
-	var notes []string
-	d := directory.New(directory.Config{Ring: session.NewRing(),
-		OnMailboxFeed: func(live bool) { got = append(got, live) },
-		OnMailbox:     func(_, device string, _ uint64) { notes = append(notes, device) },
-	})
-	resync := &edgev1.WatchResponse{Revision: 1, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}}
-	done := &edgev1.WatchResponse{Revision: 1, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{}}}
-	stored := func(rev uint64, device string) *edgev1.WatchResponse {
-		return &edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_Event{Event: &edgev1.WatchEvent{
-			Kind: &edgev1.WatchEvent_MailboxChanged{MailboxChanged: &edgev1.MailboxChanged{UserId: "u", DeviceId: device, Seq: 1}}}}}
-	}
-	progress := &edgev1.WatchResponse{Revision: 2, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}}
-	d.Apply(resync)
-	d.Apply(stored(1, "during-first-copy"))
-	d.Apply(done)
-	d.Apply(stored(2, "a"))
-	d.Apply(progress)
-	d.Apply(resync)
-	d.Apply(stored(3, "during-second-copy"))
-	d.Apply(done)
-	d.Apply(stored(4, "b"))
-	if want := []bool{true, false, true}; !slices.Equal(got, want) {
-		t.Fatalf("OnMailboxFeed calls %v, want %v", got, want)
-	}
-	if want := []string{"a", "b"}; !slices.Equal(notes, want) {
-		t.Fatalf("announcements %v, want %v", notes, want)
 	}
 }

@@ -225,9 +225,8 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	s.dir = directory.New(directory.Config{
 		Ring: s.ring, Logger: s.log, OnRemove: s.onRemove,
-		OnMailbox:     func(user, device string, seq uint64) { s.hub.MailboxChanged(user, device, seq) },
-		OnMailboxFeed: func(live bool) { s.hub.MailboxFeed(live) },
-		OnEdges:       s.onEdges,
+		OnMailbox: func(user, device string, seq uint64) { s.hub.MailboxChanged(user, device, seq) },
+		OnEdges:   s.onEdges,
 	})
 	sc := cfg.Session
 	sc.EdgeID, sc.Directory, sc.Ring, sc.Logger, sc.Metrics = cfg.EdgeID, s.dir, s.ring, s.log, metrics

@@ -200,7 +200,6 @@ type Hub struct {
 	dummyKey []byte
 	replays  *replayCache
 	traced   bool // a Tracer was configured: events get spans
-	empty    emptyMailboxes
 
 	mu       sync.Mutex // guards the fields below
 	ended    []Activity // activity of sessions that ended since TakeActivity

@@ -133,16 +133,8 @@ func (s *Session) deliverLive(event []byte, f *inflight, need uint64) offerResul
 	return s.out.offer(event, true, false, func(id uint64) { s.track(id, await{f: f, event: event, claim: f.claim}) })
 }
 
-// MailboxFeed tells the hub whether the watch feed announces every
-// stored mailbox entry (MailboxChanged) from now on: true once the edge
-// follows the feed, false when a full copy of the state begins (which
-// announces none). While it does, a device whose mailbox was found empty
-// and has not been announced since reconnects without a fetch.
-func (h *Hub) MailboxFeed(live bool) { h.empty.feed(live) }
-
 // primeMailbox queues the first page of the device's mailbox before the
-// session is registered, so stored events come before live ones. A
-// mailbox known to be empty is not fetched.
+// session is registered, so stored events come before live ones.
 func (s *Session) primeMailbox(ctx context.Context) {
 	mb := s.hub.cfg.Mailbox
 	if mb == nil {
@@ -151,36 +143,17 @@ func (s *Session) primeMailbox(ctx context.Context) {
 	m := &s.mb
 	m.wake, m.done = make(chan struct{}, 1), make(chan struct{})
 	close(m.done) // no pump yet
-	empty, epoch := s.hub.empty.lookup(s.deviceID)
-	if empty {
-		s.hub.cfg.Metrics.mailboxFetches.WithLabelValues("skipped").Inc()
-		return
-	}
 	fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	entries, more, err := mb.Fetch(fctx, s.deviceID, 0, s.hub.cfg.MailboxWindow)
 	cancel()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err != nil {
-		s.hub.cfg.Metrics.mailboxFetches.WithLabelValues("failed").Inc()
 		s.log.Warn("mailbox fetch failed; retrying in the background", "err", err)
 		m.more = true
 		return
 	}
-	s.hub.cfg.Metrics.mailboxFetches.WithLabelValues("fetched").Inc()
-	if len(entries) == 0 && !more {
-		s.hub.empty.mark(s.deviceID, epoch)
-	}
 	s.queueEntries(entries, more, 0)
-}
-
-// mailboxStillEmpty reports, once the session is registered (so every
-// later announcement reaches it), whether its device's mailbox is still
-// known to be empty: if not, something may have been stored while the
-// session was being set up.
-func (s *Session) mailboxStillEmpty() bool {
-	empty, _ := s.hub.empty.lookup(s.deviceID)
-	return empty
 }
 
 // queueEntries queues fetched entries (with m.mu held). known is the
@@ -386,7 +359,6 @@ func (s *Session) takeHeld() []heldDelivery {
 // MailboxChanged tells the session of a device, if it is here, that its
 // mailbox holds entries up to seq (the watch feed says so).
 func (h *Hub) MailboxChanged(userID, deviceID string, seq uint64) {
-	h.empty.changed(deviceID)
 	for _, s := range h.sessionsOf(userID, deviceID) {
 		s.kickMailbox(seq)
 	}

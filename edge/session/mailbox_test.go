@@ -24,7 +24,6 @@ type memMailbox struct {
 	boxes     map[string][]*edgev1.MailboxEntry
 	quota     int
 	fails     map[string]int           // fail this many fetches of a device
-	fetches   map[string]int           // fetches of each device so far
 	fetchGate map[string]chan struct{} // if set, a device's fetches wait for it
 	snapshots chan string              // if set, told the device of each fetch once it read
 	acked     map[string][]uint64
@@ -73,10 +72,6 @@ func (m *memMailbox) Store(e *edgev1.MailboxEntry, done func(MailboxResult)) {
 // arrives, answered after the device's gate (if any) opens.
 func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, limit int) ([]*edgev1.MailboxEntry, bool, error) {
 	m.mu.Lock()
-	if m.fetches == nil {
-		m.fetches = map[string]int{}
-	}
-	m.fetches[device]++
 	gate := m.fetchGate[device]
 	if m.fails[device] > 0 {
 		m.fails[device]--
@@ -226,114 +221,6 @@ func TestOfflineTargetGetsItsMailboxOnConnect(t *testing.T) {
 		t.Fatalf("b got %v", got)
 	}
 	waitFor(t, "acked entries deleted", func() bool { return mb.stored("b") == 0 })
-}
-
-func (m *memMailbox) fetched(device string) int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.fetches[device]
-}
-
-// While the watch feed announces stored entries, a device whose mailbox
-// was found empty reconnects without a fetch; once an entry is stored for
-// it, the next session fetches again and delivers it. Without the feed,
-// every session fetches.
-func TestKnownEmptyMailboxIsNotFetched(t *testing.T) {
-	e, mb := mailboxEnv(t, nil)
-	e.device("u1", "a")
-	e.device("u1", "b")
-	a := e.online("a")
-	reconnect := func(id string) *dev {
-		t.Helper()
-		d := e.online(id)
-		_ = d.conn.Close(0, "")
-		if err := <-d.serve; err != nil {
-			t.Fatalf("%s's session: %v", id, err)
-		}
-		return d
-	}
-	skipped := func() float64 { return e.metric("relay_edge_session_mailbox_fetches_total", "result", "skipped") }
-
-	// Not following a feed: every session opens with a fetch.
-	reconnect("b")
-	reconnect("b")
-	if n := mb.fetched("b"); n < 2 || skipped() != 0 {
-		t.Fatalf("without the feed: %d fetches, %v skipped", n, skipped())
-	}
-	e.hub.MailboxFeed(true)
-	reconnect("b") // found empty, and remembered
-	before := mb.fetched("b")
-	reconnect("b")
-	reconnect("b")
-	if n := mb.fetched("b"); n != before || skipped() != 2 {
-		t.Fatalf("known empty: %d more fetches, %v skipped", n-before, skipped())
-	}
-	// An entry stored for b (its store is announced) makes the next
-	// session fetch it.
-	ev := a.sendPayload("stored", "b")
-	a.expectAck(ev)
-	b := e.online("b")
-	if got := b.payloads(1); !slices.Equal(got, []string{"stored"}) {
-		t.Fatalf("b got %v", got)
-	}
-	if mb.fetched("b") == before {
-		t.Fatal("b's mailbox was not fetched after an entry was stored")
-	}
-	// A full copy of the state (the feed announces nothing meanwhile)
-	// forgets what was known.
-	_ = b.conn.Close(0, "")
-	<-b.serve
-	reconnect("b")
-	e.hub.MailboxFeed(false)
-	before = mb.fetched("b")
-	reconnect("b")
-	if mb.fetched("b") == before {
-		t.Fatal("a mailbox known empty before the feed stopped was not fetched")
-	}
-}
-
-// The set of devices known to have an empty mailbox: marks only hold
-// when nothing was announced and the feed did not change since the
-// fetch began, and an announcement or the feed stopping forgets.
-func TestEmptyMailboxes(t *testing.T) {
-	var e emptyMailboxes
-	_, ep := e.lookup("d")
-	if e.mark("d", ep) {
-		t.Fatal("marked while the feed is not live")
-	}
-	e.feed(true)
-	_, ep = e.lookup("d")
-	e.changed("other") // an announcement during d's fetch
-	if e.mark("d", ep) {
-		t.Fatal("marked across an announcement")
-	}
-	_, ep = e.lookup("d")
-	if !e.mark("d", ep) {
-		t.Fatal("not marked")
-	}
-	if empty, _ := e.lookup("d"); !empty {
-		t.Fatal("mark lost")
-	}
-	e.changed("d")
-	if empty, _ := e.lookup("d"); empty {
-		t.Fatal("an announcement for d did not forget it")
-	}
-	_, ep = e.lookup("d")
-	e.mark("d", ep)
-	e.feed(false)
-	if empty, _ := e.lookup("d"); empty {
-		t.Fatal("known while the feed is not live")
-	}
-	e.feed(true)
-	if empty, _ := e.lookup("d"); empty {
-		t.Fatal("a mark survived the feed stopping")
-	}
-	_, ep = e.lookup("x")
-	e.feed(false)
-	e.feed(true)
-	if e.mark("x", ep) {
-		t.Fatal("marked across a stop of the feed")
-	}
 }
 
 // Stored events come before live ones, in each sender's order, even when

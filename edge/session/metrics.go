@@ -10,17 +10,14 @@ import (
 
 // Metrics are the session core's Prometheus metrics.
 type Metrics struct {
-	sessions   *prometheus.GaugeVec
-	handshakes *prometheus.CounterVec
-	closes     *prometheus.CounterVec
-	events     *prometheus.CounterVec
-	deliveries *prometheus.CounterVec
-	dropped    *prometheus.CounterVec
-	ackLatency prometheus.Histogram
-	// mailboxFetches counts the mailbox fetches sessions make as they
-	// open, by result: fetched, failed, or skipped (known to be empty).
-	mailboxFetches *prometheus.CounterVec
-	handshakeTime  prometheus.Histogram
+	sessions      *prometheus.GaugeVec
+	handshakes    *prometheus.CounterVec
+	closes        *prometheus.CounterVec
+	events        *prometheus.CounterVec
+	deliveries    *prometheus.CounterVec
+	dropped       *prometheus.CounterVec
+	ackLatency    prometheus.Histogram
+	handshakeTime prometheus.Histogram
 
 	// The series the per-event path counts, looked up once.
 	accepted, duplicate                  prometheus.Counter
@@ -61,9 +58,6 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		paced: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "relay_edge_paced_seconds_total", Help: "Time the edge held back reading from devices that sent above their rate (a flooding device shows here, not as rejects).",
 		}),
-		mailboxFetches: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_edge_session_mailbox_fetches_total", Help: "Mailbox fetches as sessions open, by result: fetched, failed, or skipped (the mailbox was known to be empty: found so before, and no entry announced since).",
-		}, []string{"result"}),
 		handshakeTime: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "relay_edge_handshake_seconds",
 			Help:    "From the first byte of a session to its Welcome.",
@@ -71,7 +65,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.deliveries, m.dropped, m.ackLatency, m.handshakeTime, m.paced, m.mailboxFetches)
+		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.deliveries, m.dropped, m.ackLatency, m.handshakeTime, m.paced)
 	}
 	m.accepted = m.events.WithLabelValues("accepted")
 	m.duplicate = m.events.WithLabelValues("duplicate")

@@ -212,11 +212,8 @@ func (s *Session) run(ctx context.Context) error {
 	defer stopWatch()
 
 	// Anything stored while this session was being set up is fetched now
-	// that the session is reachable (unless the mailbox is still known
-	// to be empty: any announcement since would have forgotten that).
-	if !s.mailboxStillEmpty() {
-		s.kickMailbox(0)
-	}
+	// that the session is reachable.
+	s.kickMailbox(0)
 	s.closeWith(s.readLoop(ctx), 0)
 	// The reader has stopped (closeWith stops it): hand what the device
 	// did not acknowledge to its mailbox before the session leaves the
