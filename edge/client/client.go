@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/big"
 	"net"
 	"slices"
@@ -24,7 +25,9 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"google.golang.org/protobuf/proto"
 
+	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/session"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -455,6 +458,12 @@ func (c *Client) build(m Message, ephemeral bool) *relayv1.Event {
 // duplicate).
 func (c *Client) Send(ctx context.Context, m Message) error {
 	ev := c.build(m, false)
+	// An event that cannot fit a frame would never be sent, and would
+	// hold back the resend of every later one after a reconnect.
+	ev.Seq = math.MaxUint64 // the largest seq it may get
+	if n := proto.Size(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}); n > frame.DefaultMaxFrame {
+		return &Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, Message: fmt.Sprintf("event of %d bytes encoded, at most %d", n, frame.DefaultMaxFrame)}
+	}
 	p := &pendingSend{ev: ev, done: make(chan error, 1)}
 	c.sendMu.Lock()
 	c.mu.Lock()
@@ -483,7 +492,13 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 		// Queued in seq order (under sendMu) and written with whatever
 		// other sends queued meanwhile. A failed write ends that
 		// connection; the event is resent on the next.
-		flush, _ = cur.queue(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}})
+		var err error
+		if flush, err = cur.queue(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}); err != nil {
+			// Not encodable within the frame limit: it would never go.
+			c.sendMu.Unlock()
+			c.forget(ev.GetId())
+			return err
+		}
 	}
 	c.sendMu.Unlock()
 	if flush {
@@ -523,12 +538,12 @@ func (c *Client) SendEphemeral(m Message) error {
 		c.sendMu.Unlock()
 		return nil
 	}
-	flush, err := cur.queue(f)
+	// Written now, under sendMu, like a datagram: a sender of ephemeral
+	// events waits while the stream is blocked (the edge paces a fast
+	// device this way) instead of piling frames up in memory.
+	err := cur.write(f)
 	c.sendMu.Unlock()
-	if err != nil || !flush {
-		return err
-	}
-	return cur.flush(false)
+	return err
 }
 
 // forget drops a pending send (its caller gave up).

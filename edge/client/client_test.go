@@ -310,6 +310,13 @@ func TestConcurrentSendsKeepTheirOrder(t *testing.T) {
 			}
 		})
 	}
+	// An event too large for a frame is refused at once (it would never
+	// be sent, and would hold back the resend of later ones).
+	err := tx.Send(context.Background(), client.Message{Targets: []string{b.ID}, Payload: make([]byte, 70<<10)})
+	var ce *client.Error
+	if !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE {
+		t.Fatalf("oversized send: %v", err)
+	}
 	next := make([]int, senders)
 	for range senders * each {
 		ev, err := rx.Receive(ctx)

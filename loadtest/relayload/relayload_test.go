@@ -204,10 +204,11 @@ func TestFloorScenarios(t *testing.T) {
 		num(res, "params", "inflight") != 4 || num(res, "peaks", "edge_cpu_us_per_event") <= 0 {
 		t.Fatalf("closed-loop rate: %v", res)
 	}
-	// Ephemeral events, closed loop on the stream: every one sent is
+	// Ephemeral events, closed loop on deliveries: what is sent is
 	// delivered, with its one-way latency.
 	res = e.mustRun("--threshold", "failed==0", "rate", "--ephemeral", "--pairs", "2", "--inflight", "4", "--duration", "500ms")
-	if sent := num(res, "counts", "attempts"); sent == 0 || num(res, "counts", "received") != sent || num(res, "counts", "acked") != 0 ||
+	// (A delivery the edge sent as a datagram may be lost, rarely.)
+	if sent, got := num(res, "counts", "attempts"), num(res, "counts", "received"); sent == 0 || got < sent*0.9 || got > sent || num(res, "counts", "acked") != 0 ||
 		num(res, "params", "ephemeral") != 1 || num(res, "figures", "delivery_p50_ms") <= 0 || num(res, "peaks", "edge_cpu_us_per_event") <= 0 {
 		t.Fatalf("closed-loop ephemeral rate: %v", res)
 	}

@@ -211,7 +211,9 @@ func (d *driverConfig) saturate(ctx context.Context, ps []pair, inflight int, du
 // driveEphemeral sends ephemeral events over the pairs for dur: closed
 // loop when inflight > 0 (each pair keeps that many events on their way
 // to its receiver, a slot freed when the receiver gets one; the senders
-// then use the session stream, which loses nothing), else open loop at a
+// then use the session stream; the edge may still send one to the
+// receiver as a datagram, and a slot whose event was lost is given up
+// after 250 ms, counted as slots_given_up), else open loop at a
 // fixed total rate (as datagrams where they fit; the edge drops what a
 // slow receiver cannot take). The payload carries its send time, so the
 // receiver observes each event's one-way "delivery" latency.
@@ -265,8 +267,20 @@ func (d *driverConfig) driveEphemeral(ctx context.Context, ps []pair, inflight i
 				for {
 					select {
 					case slots[i] <- struct{}{}:
-					case <-sctx.Done():
-						return
+					default:
+						// The edge sends an event alone in its batch as a
+						// datagram, which may be lost: a slot not freed
+						// in time is given up.
+						t := time.NewTimer(250 * time.Millisecond)
+						select {
+						case slots[i] <- struct{}{}:
+						case <-t.C:
+							r.count("slots_given_up", 1)
+						case <-sctx.Done():
+							t.Stop()
+							return
+						}
+						t.Stop()
 					}
 					if !send(p, payload) {
 						return
