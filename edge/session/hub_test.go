@@ -712,13 +712,29 @@ func TestQueuedEphemeralEventsShareTheStream(t *testing.T) {
 	if d := b.nextDeliver(); d.GetDeliveryId() == 0 {
 		t.Fatalf("first delivery: %v", d)
 	}
-	for _, id := range ids {
-		if d := b.nextDeliver(); d.GetEvent().GetId() != id || d.GetDeliveryId() != 0 {
-			t.Fatalf("want ephemeral %s on the stream, got %v", id, d)
+	// Where the writer's batches split is up to the scheduler (the last
+	// event may still be offered alone as the writer takes the others):
+	// all of them arrive, at most one as a datagram; without the rule all
+	// n would be datagrams.
+	onStream := 0
+	waitFor(t, "every ephemeral event", func() bool {
+		for {
+			select {
+			case f := <-b.frames:
+				if d := f.GetDeliver(); d != nil && d.GetDeliveryId() == 0 {
+					onStream++
+				}
+				continue
+			default:
+			}
+			return onStream+len(b.conn.in) == n
 		}
+	})
+	if onStream < n-1 {
+		t.Fatalf("%d of %d queued ephemeral events came on the stream, %d as datagrams", onStream, n, len(b.conn.in))
 	}
-	if len(b.conn.in) != 0 {
-		t.Fatalf("%d datagrams besides the stream", len(b.conn.in))
+	for len(b.conn.in) > 0 {
+		<-b.conn.in
 	}
 	b.expectNothing("nothing", func(*relayv1.Frame) bool { return false })
 	ev := a.event("b")
