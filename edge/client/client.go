@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"math/big"
 	"net"
 	"slices"
@@ -25,7 +24,6 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/session"
@@ -298,7 +296,7 @@ func (c *Client) moveOn() {
 func (c *Client) Edge() string { return c.edgeAddr() }
 
 type pendingSend struct {
-	ev   *relayv1.Event
+	enc  []byte     // the event's frame, encoded with its seq
 	done chan error // buffered: one result
 }
 
@@ -458,14 +456,15 @@ func (c *Client) build(m Message, ephemeral bool) *relayv1.Event {
 // duplicate).
 func (c *Client) Send(ctx context.Context, m Message) error {
 	ev := c.build(m, false)
-	// An event that cannot fit a frame would never be sent, and would
-	// hold back the resend of every later one after a reconnect.
-	ev.Seq = math.MaxUint64 // the largest seq it may get
-	if n := proto.Size(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}); n > frame.DefaultMaxFrame {
-		return &Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, Message: fmt.Sprintf("event of %d bytes encoded, at most %d", n, frame.DefaultMaxFrame)}
-	}
-	p := &pendingSend{ev: ev, done: make(chan error, 1)}
 	c.sendMu.Lock()
+	enc, err := c.encode(ev)
+	if err != nil {
+		// It could never be sent (and would hold back the resend of later
+		// events after a reconnect).
+		c.sendMu.Unlock()
+		return err
+	}
+	p := &pendingSend{enc: enc, done: make(chan error, 1)}
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
@@ -478,8 +477,7 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 		c.sendMu.Unlock()
 		return fmt.Errorf("client: event %s is already being sent", ev.GetId())
 	}
-	c.seq++
-	ev.Seq = c.seq
+	c.seq = ev.Seq
 	c.pending[ev.GetId()] = p
 	c.order = append(c.order, p)
 	cur := c.cur
@@ -487,19 +485,10 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 	// those come, together: worth a yield before writing.
 	yield := len(c.pending) > 1
 	c.mu.Unlock()
-	flush := false
-	if cur != nil {
-		// Queued in seq order (under sendMu) and written with whatever
-		// other sends queued meanwhile. A failed write ends that
-		// connection; the event is resent on the next.
-		var err error
-		if flush, err = cur.queue(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}); err != nil {
-			// Not encodable within the frame limit: it would never go.
-			c.sendMu.Unlock()
-			c.forget(ev.GetId())
-			return err
-		}
-	}
+	// Queued in seq order (under sendMu) and written with whatever other
+	// sends queued meanwhile. A failed write ends that connection; the
+	// event is resent on the next.
+	flush := cur != nil && cur.queue(enc)
 	c.sendMu.Unlock()
 	if flush {
 		_ = cur.flush(yield)
@@ -513,37 +502,53 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 	}
 }
 
+// encode gives ev the next seq and encodes its frame; sendMu held (the
+// seq changes only under it). An event that cannot be encoded within the
+// frame limit is refused: an *Error with FRAME_TOO_LARGE, or
+// MALFORMED_FRAME when protobuf cannot encode it (invalid UTF-8).
+func (c *Client) encode(ev *relayv1.Event) ([]byte, error) {
+	ev.Seq = c.seq + 1
+	enc, err := frame.AppendMax(nil, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}, frame.DefaultMaxFrame)
+	if err != nil {
+		var fe *frame.Error
+		if errors.As(err, &fe) {
+			return nil, &Error{Code: fe.Code, Message: fe.Msg}
+		}
+		return nil, &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Message: err.Error()}
+	}
+	return enc, nil
+}
+
 // SendEphemeral sends an ephemeral event: never stored, never
 // acknowledged, dropped where a receiver is slow; as a datagram when it
-// fits. It fails only when the client is disconnected or closed.
+// fits. It fails only when the client is disconnected or closed, or the
+// event is too large for a frame.
 func (c *Client) SendEphemeral(m Message) error {
 	ev := c.build(m, true)
 	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	enc, err := c.encode(ev)
+	if err != nil {
+		return err
+	}
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
-		c.sendMu.Unlock()
 		return c.err
 	}
-	c.seq++
-	ev.Seq = c.seq
+	c.seq = ev.Seq
 	cur := c.cur
 	c.mu.Unlock()
 	if cur == nil {
-		c.sendMu.Unlock()
 		return &Error{Code: relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, Message: "not connected"}
 	}
-	f := &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}
-	if cur.sendDatagram(f) {
-		c.sendMu.Unlock()
+	if cur.sendDatagram(enc) {
 		return nil
 	}
-	// Written now, under sendMu, like a datagram: a sender of ephemeral
-	// events waits while the stream is blocked (the edge paces a fast
-	// device this way) instead of piling frames up in memory.
-	err := cur.write(f)
-	c.sendMu.Unlock()
-	return err
+	// Written now, under sendMu: a sender of ephemeral events waits while
+	// the stream is blocked (the edge paces a fast device this way)
+	// instead of piling frames up in memory.
+	return cur.writeEncoded(enc)
 }
 
 // forget drops a pending send (its caller gave up).

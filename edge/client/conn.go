@@ -3,6 +3,7 @@ package client
 import (
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -15,7 +16,6 @@ import (
 	"github.com/coder/websocket"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/webtransport-go"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/session"
@@ -61,20 +61,32 @@ func (cn *conn) write(f *relayv1.Frame) error {
 	return cn.w.Write(f)
 }
 
-// queue appends f to the frames waiting to be written, in the order of
-// the calls (the callers hold sendMu, so in seq order). When it returns
-// true, the caller must call flush: no other sender will write f.
-func (cn *conn) queue(f *relayv1.Frame) (flush bool, err error) {
+// writeEncoded writes frames already encoded (frame.AppendMax) now,
+// after the frames sends queued before them.
+func (cn *conn) writeEncoded(b []byte) error {
+	cn.wmu.Lock()
+	defer cn.wmu.Unlock()
+	if err := cn.writePending(); err != nil {
+		return err
+	}
+	if _, err := cn.c.Write(b); err != nil {
+		return fmt.Errorf("write frames: %w", err)
+	}
+	return nil
+}
+
+// queue appends an encoded frame to those waiting to be written, in the
+// order of the calls (the callers hold sendMu, so in seq order). When it
+// returns true, the caller must call flush: no other sender will write it.
+func (cn *conn) queue(enc []byte) (flush bool) {
 	cn.pmu.Lock()
 	defer cn.pmu.Unlock()
-	if cn.pend, err = cn.w.Append(cn.pend, f); err != nil {
-		return false, err
-	}
+	cn.pend = append(cn.pend, enc...)
 	if cn.flushing {
-		return false, nil
+		return false
 	}
 	cn.flushing = true
-	return true, nil
+	return true
 }
 
 // flush writes the queued frames. With yield, it first lets the other
@@ -106,14 +118,14 @@ func (cn *conn) writePending() error {
 	return nil
 }
 
-// sendDatagram sends f as a datagram; false when it must go on the
-// stream instead (no datagrams, or too large for one).
-func (cn *conn) sendDatagram(f *relayv1.Frame) bool {
+// sendDatagram sends an encoded frame's body as a datagram; false when
+// it must go on the stream instead (no datagrams, or too large for one).
+func (cn *conn) sendDatagram(enc []byte) bool {
 	if cn.noDatagrams {
 		return false
 	}
-	body, err := proto.Marshal(f)
-	return err == nil && cn.c.SendDatagram(body) == nil
+	_, n := binary.Uvarint(enc) // the length prefix
+	return n > 0 && cn.c.SendDatagram(enc[n:]) == nil
 }
 
 // close ends the connection: gracefully when no write is in progress
@@ -427,9 +439,9 @@ func (c *Client) stop(err error) {
 func (c *Client) serve(cn *conn) error {
 	c.sendMu.Lock()
 	c.mu.Lock()
-	resend := make([]*relayv1.Event, 0, len(c.order))
+	var resend []byte // the unacknowledged events, encoded, in seq order
 	for _, p := range c.order {
-		resend = append(resend, p.ev)
+		resend = append(resend, p.enc...)
 	}
 	c.online = map[string]bool{}
 	c.cur = cn
@@ -439,10 +451,10 @@ func (c *Client) serve(cn *conn) error {
 	if c.cfg.OnSession != nil {
 		c.cfg.OnSession(info)
 	}
-	for _, ev := range resend {
-		if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}); err != nil {
-			break // the reader sees the connection end
-		}
+	if len(resend) > 0 {
+		// In one write; a failure ends the connection, which the reader
+		// sees.
+		_ = cn.writeEncoded(resend)
 	}
 	c.sendMu.Unlock()
 

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"slices"
 	"sync/atomic"
@@ -335,30 +336,35 @@ func (r *Reader) streamErr(err error, inFrame bool) error {
 	return fmt.Errorf("read frame: %w", err)
 }
 
-var marshal = proto.MarshalOptions{}
+var (
+	marshal = proto.MarshalOptions{}
+	// marshalSized marshals a frame whose size was just computed, without
+	// computing it again.
+	marshalSized = proto.MarshalOptions{UseCachedSize: true}
+)
 
 // Append appends f, length-prefixed, to dst.
 func Append(dst []byte, f *relayv1.Frame) ([]byte, error) {
+	return AppendMax(dst, f, math.MaxInt)
+}
+
+// AppendMax appends f, length-prefixed, to dst, refusing (with
+// ERROR_CODE_FRAME_TOO_LARGE) a frame longer than max bytes. On error dst
+// is returned unchanged.
+func AppendMax(dst []byte, f *relayv1.Frame, max int) ([]byte, error) {
 	size := marshal.Size(f)
-	out, err := marshal.MarshalAppend(binary.AppendUvarint(dst, uint64(size)), f)
+	if size > max {
+		return dst, tooLarge(uint64(size), max)
+	}
+	out, err := marshalSized.MarshalAppend(binary.AppendUvarint(dst, uint64(size)), f)
 	if err != nil {
 		return dst, fmt.Errorf("encode frame: %w", err)
 	}
 	return out, nil
 }
 
-// Append appends f, length-prefixed, to dst, refusing a frame longer
-// than w's limit as Write does; for frames written later in one batch.
-// Unlike Write, it may be called concurrently.
-func (w *Writer) Append(dst []byte, f *relayv1.Frame) ([]byte, error) {
-	if size := marshal.Size(f); size > w.max {
-		return dst, tooLarge(uint64(size), w.max)
-	}
-	return Append(dst, f)
-}
-
-// Writer writes length-prefixed frames to a stream. Write is not safe
-// for concurrent use: a session has one writer goroutine.
+// Writer writes length-prefixed frames to a stream. It is not safe for
+// concurrent use: a session has one writer goroutine.
 type Writer struct {
 	w   io.Writer
 	max int
@@ -375,11 +381,8 @@ func NewWriter(w io.Writer, max int) *Writer {
 
 // Write encodes and writes one frame.
 func (w *Writer) Write(f *relayv1.Frame) error {
-	if size := marshal.Size(f); size > w.max {
-		return tooLarge(uint64(size), w.max)
-	}
 	var err error
-	w.buf, err = Append(w.buf[:0], f)
+	w.buf, err = AppendMax(w.buf[:0], f, w.max)
 	if err != nil {
 		return err
 	}

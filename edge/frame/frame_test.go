@@ -48,6 +48,29 @@ func TestRoundTrip(t *testing.T) {
 	}
 }
 
+// AppendMax refuses a frame above its limit and one protobuf cannot
+// encode, leaving dst as it was either way (callers append batches).
+func TestAppendMaxLeavesDstOnError(t *testing.T) {
+	dst := []byte("already queued")
+	big := &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Payload: make([]byte, 100)}}}
+	out, err := AppendMax(dst, big, 50)
+	if !errors.Is(err, ErrTooLarge) || string(out) != "already queued" {
+		t.Fatalf("too large: %q, %v", out, err)
+	}
+	bad := &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Type: "\xff"}}}
+	if out, err = AppendMax(dst, bad, DefaultMaxFrame); err == nil || string(out) != "already queued" {
+		t.Fatalf("invalid UTF-8: %q, %v", out, err)
+	}
+	ok := sample()[1]
+	if out, err = AppendMax(dst, ok, DefaultMaxFrame); err != nil || !bytes.HasPrefix(out, dst) {
+		t.Fatalf("a good frame: %v", err)
+	}
+	var got relayv1.Frame
+	if err := NewReader(bytes.NewReader(out[len(dst):]), 0).Read(&got); err != nil || !proto.Equal(&got, ok) {
+		t.Fatalf("decoded %v, %v", &got, err)
+	}
+}
+
 func TestBadInput(t *testing.T) {
 	ev := &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Payload: bytes.Repeat([]byte("x"), 200)}}}
 	whole, _ := Append(nil, ev)
