@@ -358,7 +358,16 @@ func (d *dev) login() *dev {
 // caller (a benchmark) may read d's frames itself.
 func (d *dev) handshake() {
 	d.t.Helper()
+	d.handshakeWith(nil)
+}
+
+// handshakeWith is handshake with a Hello that mod changed first.
+func (d *dev) handshakeWith(mod func(*relayv1.Hello)) {
+	d.t.Helper()
 	h := d.hello(nil)
+	if mod != nil {
+		mod(h.GetHello())
+	}
 	d.lastHello = h.GetHello()
 	d.send(h)
 	ch := d.readDirect().GetChallenge()

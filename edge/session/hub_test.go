@@ -828,13 +828,7 @@ func TestReplacedNamesTheNewInstance(t *testing.T) {
 	e := newEnv(t, nil)
 	e.device("u1", "d1")
 	first := e.connect("d1")
-	h := first.hello(nil)
-	h.GetHello().Instance = "phone-app-1"
-	first.send(h)
-	first.send(sign(h.GetHello(), first.readDirect().GetChallenge(), e.keys["d1"]))
-	if first.readDirect().GetWelcome() == nil {
-		t.Fatal("no welcome")
-	}
+	first.handshakeWith(func(h *relayv1.Hello) { h.Instance = "phone-app-1" })
 	first.startReading()
 	second := e.connect("d1")
 	h2 := second.hello(nil)
@@ -915,13 +909,7 @@ func TestNoDatagramsMeansNoDatagramReader(t *testing.T) {
 	// but its session still starts the reader, which finds none.
 	a := e.connectFrom("a", "127.0.0.1:5000", false).login()
 	b := e.connectFrom("b", "127.0.0.1:5001", true)
-	h := b.hello(nil)
-	h.GetHello().NoDatagrams = true
-	b.send(h)
-	b.send(sign(h.GetHello(), b.readDirect().GetChallenge(), e.keys["b"]))
-	if b.readDirect().GetWelcome() == nil {
-		t.Fatal("no welcome")
-	}
+	b.handshakeWith(func(h *relayv1.Hello) { h.NoDatagrams = true })
 	b.startReading()
 	ev := b.event("a")
 	ev.Ephemeral = true

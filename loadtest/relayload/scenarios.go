@@ -217,7 +217,7 @@ func (d *driverConfig) saturate(ctx context.Context, ps []pair, inflight int, du
 // fixed total rate (as datagrams where they fit; the edge drops what a
 // slow receiver cannot take). The payload carries its send time, so the
 // receiver observes each event's one-way "delivery" latency.
-func (d *driverConfig) driveEphemeral(ctx context.Context, ps []pair, inflight int, rate float64, dur time.Duration, size int, r *result) {
+func (d *driverConfig) driveEphemeral(ctx context.Context, ps []pair, inflight int, rate float64, dur time.Duration, size int, r *result) (sending time.Duration) {
 	start := time.Now()
 	size = max(size, 8)
 	rctx, cancel := context.WithCancel(ctx)
@@ -264,23 +264,24 @@ func (d *driverConfig) driveEphemeral(ctx context.Context, ps []pair, inflight i
 		for i, p := range ps {
 			senders.Go(func() {
 				payload := make([]byte, size)
+				// The edge sends an event alone in its batch as a
+				// datagram, which may be lost: a slot not freed in time
+				// is given up. One timer per sender, reset per wait.
+				giveUp := time.NewTimer(time.Hour)
+				defer giveUp.Stop()
 				for {
 					select {
 					case slots[i] <- struct{}{}:
 					default:
-						// The edge sends an event alone in its batch as a
-						// datagram, which may be lost: a slot not freed
-						// in time is given up.
-						t := time.NewTimer(250 * time.Millisecond)
+						giveUp.Reset(250 * time.Millisecond)
 						select {
 						case slots[i] <- struct{}{}:
-						case <-t.C:
+						case <-giveUp.C:
 							r.count("slots_given_up", 1)
 						case <-sctx.Done():
-							t.Stop()
 							return
 						}
-						t.Stop()
+						giveUp.Stop()
 					}
 					if !send(p, payload) {
 						return
@@ -305,6 +306,7 @@ func (d *driverConfig) driveEphemeral(ctx context.Context, ps []pair, inflight i
 			send(ps[i%len(ps)], payload)
 		}
 	}
+	sending = time.Since(start)
 	// What is still on its way arrives within moments on a live edge;
 	// wait until the receivers are quiet (or a second passed).
 	deadline := time.Now().Add(time.Second)
@@ -323,6 +325,7 @@ func (d *driverConfig) driveEphemeral(ctx context.Context, ps []pair, inflight i
 	}
 	cancel()
 	wg.Wait()
+	return sending
 }
 
 // receiveAll counts what every pair's receiver gets as "received" until
@@ -422,13 +425,16 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	start := time.Now()
 	switch {
 	case *ephemeral:
-		d.driveEphemeral(ctx, ps, *inflight, *rate, *dur, *size, r)
+		// Rates over the sending time, not the wait for stragglers.
+		r.Seconds = d.driveEphemeral(ctx, ps, *inflight, *rate, *dur, *size, r).Seconds()
 	case *inflight > 0:
 		d.saturate(ctx, ps, *inflight, *dur, *size, r)
 	default:
 		d.drive(ctx, ps, *rate, *dur, *size, r)
 	}
-	r.Seconds = time.Since(start).Seconds()
+	if !*ephemeral {
+		r.Seconds = time.Since(start).Seconds()
+	}
 	stop()
 	if *ephemeral {
 		// The edge's CPU per event it delivered.
