@@ -155,11 +155,14 @@ func (s *MailboxServer) FetchMailbox(ctx context.Context, req *connect.Request[e
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	// Read before the entries: everything applied by then is visible to
+	// the read that follows, so the response covers this revision.
+	rev := f.AppliedIndex()
 	list, more, err := f.FetchMailbox(m.GetDeviceId(), m.GetAfterSeq(), limit, s.cfg.Now().UnixMilli())
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	resp := &edgev1.FetchMailboxResponse{More: more, Entries: make([]*edgev1.MailboxEntry, len(list))}
+	resp := &edgev1.FetchMailboxResponse{More: more, Revision: rev, Entries: make([]*edgev1.MailboxEntry, len(list))}
 	for i, e := range list {
 		resp.Entries[i] = &edgev1.MailboxEntry{
 			Seq: e.GetSeq(), DeviceId: e.GetDeviceId(), UserId: e.GetUserId(), Event: e.GetEvent(),

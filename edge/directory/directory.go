@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -157,6 +158,11 @@ type Directory struct {
 	current time.Time
 	// heard is when the last message of the feed arrived.
 	heard time.Time
+
+	// announced is the revision up to which every mailbox announcement
+	// was handed to OnMailbox (it trails revision, which moves before the
+	// announcements are made, outside the lock).
+	announced atomic.Uint64
 }
 
 // New returns an empty, unsynced directory.
@@ -261,6 +267,10 @@ func (d *Directory) Revision() uint64 {
 	return d.revision
 }
 
+// AnnouncedRevision is the revision up to which every mailbox
+// announcement of the feed has been handed to OnMailbox.
+func (d *Directory) AnnouncedRevision() uint64 { return d.announced.Load() }
+
 // WaitRevision blocks until the directory is synced and has applied rev.
 func (d *Directory) WaitRevision(ctx context.Context, rev uint64) error {
 	for {
@@ -283,8 +293,9 @@ func (d *Directory) notify() {
 	d.changed = make(chan struct{})
 }
 
-// Apply applies one watch message. Removals it implies are reported after
-// the lock is released.
+// Apply applies one watch message. Removals and mailbox announcements it
+// implies are reported after the lock is released. Calls must not
+// overlap: one goroutine follows the feed.
 func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	var removals []Removal
 	var notes []mailboxNote
@@ -346,6 +357,7 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	if edgesChanged {
 		edges = d.edgesLocked()
 	}
+	rev := d.revision
 	d.notify()
 	d.mu.Unlock()
 	for _, r := range removals {
@@ -354,6 +366,8 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	for _, n := range notes {
 		d.cfg.OnMailbox(n.user, n.device, n.seq)
 	}
+	// One goroutine applies the feed: this only grows.
+	d.announced.Store(rev)
 	if edgesChanged {
 		d.cfg.OnEdges(edges)
 	}

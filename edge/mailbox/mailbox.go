@@ -163,12 +163,12 @@ func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
 }
 
 // Fetch reads a device's entries after seq.
-func (c *Client) Fetch(ctx context.Context, deviceID string, after uint64, limit int) ([]*edgev1.MailboxEntry, bool, error) {
+func (c *Client) Fetch(ctx context.Context, deviceID string, after uint64, limit int) (session.MailboxPage, error) {
 	resp, err := c.cfg.API.FetchMailbox(ctx, deviceID, after, uint32(limit))
 	if err != nil {
-		return nil, false, fmt.Errorf("fetch mailbox of %s: %w", deviceID, err)
+		return session.MailboxPage{}, fmt.Errorf("fetch mailbox of %s: %w", deviceID, err)
 	}
-	return resp.GetEntries(), resp.GetMore(), nil
+	return session.MailboxPage{Entries: resp.GetEntries(), More: resp.GetMore(), Revision: resp.GetRevision()}, nil
 }
 
 // Ack queues deletions of a device's entries (written in batches).

@@ -98,9 +98,15 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 			t.Fatalf("entry %d: %+v (previous %+v)", i, r, results[max(i-1, 0)])
 		}
 	}
-	entries, more, err := mb.Fetch(ctx, devID, 0, 100)
-	if err != nil || more || len(entries) != n {
-		t.Fatalf("fetch: %d entries, more %v, %v", len(entries), more, err)
+	page, err := mb.Fetch(ctx, devID, 0, 100)
+	entries := page.Entries
+	if err != nil || page.More || len(entries) != n {
+		t.Fatalf("fetch: %d entries, more %v, %v", len(entries), page.More, err)
+	}
+	// The read names a revision that covers every store (each one Raft
+	// entry at least, after the device's own).
+	if page.Revision < n/8 {
+		t.Fatalf("fetch reports revision %d after %d stores", page.Revision, n)
 	}
 	for i, e := range entries {
 		if string(e.GetEvent()) != fmt.Sprintf("e%d", i) {
@@ -126,9 +132,12 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	}
 	mb.Ack(devID, seqs...)
 	clustertest.Eventually(t, 10*time.Second, func() error {
-		left, _, err := mb.Fetch(ctx, devID, 0, 100)
-		if err != nil || len(left) != n-10 {
-			return fmt.Errorf("%d left, %v", len(left), err)
+		left, err := mb.Fetch(ctx, devID, 0, 100)
+		if err != nil || len(left.Entries) != n-10 {
+			return fmt.Errorf("%d left, %v", len(left.Entries), err)
+		}
+		if left.Revision <= page.Revision {
+			return fmt.Errorf("revision %d after the acks, %d before", left.Revision, page.Revision)
 		}
 		return nil
 	})

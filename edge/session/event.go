@@ -240,7 +240,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 			s.storeMailbox(f, r.device, enc, expires)
 			continue
 		}
-		switch r.to.deliverLive(enc, f, r.need) {
+		switch r.to.deliverLive(enc, f, r.need, s.openRev.Load()) {
 		case queueFull:
 			f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
 		case queueClosed:

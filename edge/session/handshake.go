@@ -43,6 +43,9 @@ type Directory interface {
 	UserActive(id string) bool
 	// UserDevices lists a user's active (not revoked) devices.
 	UserDevices(userID string) []string
+	// AnnouncedRevision is the control-plane revision up to which every
+	// mailbox announcement has been made here (Hub.MailboxChanged).
+	AnnouncedRevision() uint64
 }
 
 // CloseError ends a session with a protocol code, sent to the client in

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"slices"
 	"sync"
@@ -99,11 +100,31 @@ func (p *pipeConn) Abort(code relayv1.ErrorCode, msg string) error { return p.Cl
 func (p *pipeConn) RemoteAddr() net.Addr { return p.addr }
 func (p *pipeConn) Transport() string    { return "pipe" }
 
-// memDir is an in-memory Directory.
+// memDir is an in-memory Directory. Its feed is caught up with every
+// revision unless a test holds it back (setFeed).
 type memDir struct {
 	mu      sync.Mutex
 	devices map[string]DeviceInfo
 	users   map[string]bool
+	feed    uint64
+	lagging bool
+}
+
+func (d *memDir) AnnouncedRevision() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.lagging {
+		return math.MaxUint64
+	}
+	return d.feed
+}
+
+// setFeed holds the feed at rev (it is caught up again with
+// math.MaxUint64).
+func (d *memDir) setFeed(rev uint64) {
+	d.mu.Lock()
+	d.feed, d.lagging = rev, rev != math.MaxUint64
+	d.mu.Unlock()
 }
 
 func newMemDir() *memDir {

@@ -3,6 +3,7 @@ package session
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/edge-relay/relay/internal/telemetry"
@@ -25,8 +26,9 @@ type Mailbox interface {
 	// Store queues an entry; done is called once with the outcome. Entries
 	// are stored in the order Store was called.
 	Store(e *edgev1.MailboxEntry, done func(MailboxResult))
-	// Fetch reads a device's entries after seq, oldest first.
-	Fetch(ctx context.Context, deviceID string, after uint64, limit int) (entries []*edgev1.MailboxEntry, more bool, err error)
+	// Fetch reads a device's entries after seq, oldest first, with a
+	// linearizable read.
+	Fetch(ctx context.Context, deviceID string, after uint64, limit int) (MailboxPage, error)
 	// Ack deletes entries the device received.
 	Ack(deviceID string, seqs ...uint64)
 	// Claim asks whether a device takes an "any one" event; done is
@@ -35,18 +37,46 @@ type Mailbox interface {
 	Claim(c *edgev1.EventClaim, done func(won bool))
 }
 
+// MailboxPage is one read of a device's mailbox.
+type MailboxPage struct {
+	Entries []*edgev1.MailboxEntry
+	// More entries follow the last one.
+	More bool
+	// Revision is a control-plane revision the read covers: every entry
+	// stored at or before it (after the seq asked for, and still there)
+	// is in this page or after it. 0 when the control plane does not say.
+	Revision uint64
+}
+
 // mailboxState is a session's view of its device's mailbox: what has been
 // queued to the device, what is known to exist, and live deliveries that
 // must wait until the mailbox entries before them are queued.
+//
+// Two guarantees keep a sender's order when some of its events went to
+// the mailbox: a live event from the session that stored entries waits
+// for those (need, the seq of the sender's last stored entry); and a
+// live event from a session that started at revision rev waits until
+// everything its device's earlier sessions stored is queued: until a
+// complete fetch covered rev, or this edge's feed has passed rev (so the
+// entries were announced) and nothing announced or due is left to fetch.
 type mailboxState struct {
 	mu      sync.Mutex // guards the fields below
 	cursor  uint64     // highest seq queued to the device
 	wanted  uint64     // highest seq known to exist
-	more    bool       // the last fetch was not complete
+	more    bool       // the last fetch was not complete, or one is due
 	unacked int        // mailbox deliveries not acknowledged yet
 	running bool       // the pump goroutine runs
 	stopped bool
 	held    []heldDelivery
+	fence   uint64 // highest revision a held delivery waits for a fetch to cover
+
+	// covered is a revision every entry stored by then was queued for
+	// (or is gone): a complete fetch covers the revision it read, and the
+	// feed check of fenced covers the revision it passed; it only grows.
+	// nheld is len(held). Both are written with mu held and read without
+	// it on the fast path of a live delivery.
+	covered atomic.Uint64
+	nheld   atomic.Int32
 
 	wake   chan struct{} // capacity 1: acks arrived or work appeared
 	done   chan struct{} // closed when the pump goroutine ends
@@ -56,7 +86,8 @@ type mailboxState struct {
 type heldDelivery struct {
 	f     *inflight
 	event []byte
-	need  uint64
+	need  uint64 // the mailbox seq that must be queued first
+	rev   uint64 // the sender session's start revision
 }
 
 // storeMailbox stores an event for a device that is not reachable live;
@@ -109,12 +140,13 @@ func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires
 }
 
 // deliverLive queues a live event for this device, or holds it until the
-// mailbox entries it must follow (up to need) are queued.
-func (s *Session) deliverLive(event []byte, f *inflight, need uint64) offerResult {
+// mailbox entries it must follow are queued: up to need, and what the
+// sender's earlier sessions stored before rev (see mailboxState).
+func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offerResult {
 	m := &s.mb
-	if need > 0 {
+	if need > 0 || rev > m.covered.Load() || m.nheld.Load() > 0 {
 		m.mu.Lock()
-		if m.cursor < need {
+		if s.mustHold(need, rev) {
 			if m.stopped {
 				m.mu.Unlock()
 				return queueClosed
@@ -123,7 +155,12 @@ func (s *Session) deliverLive(event []byte, f *inflight, need uint64) offerResul
 				m.mu.Unlock()
 				return queueFull
 			}
-			m.held = append(m.held, heldDelivery{f: f, event: event, need: need})
+			m.held = append(m.held, heldDelivery{f: f, event: event, need: need, rev: rev})
+			m.nheld.Store(int32(len(m.held)))
+			if rev > m.covered.Load() && rev > m.fence {
+				// The pump fetches until a complete read covers it.
+				m.fence = rev
+			}
 			m.mu.Unlock()
 			s.kickMailbox(need)
 			return offered
@@ -131,6 +168,32 @@ func (s *Session) deliverLive(event []byte, f *inflight, need uint64) offerResul
 		m.mu.Unlock()
 	}
 	return s.out.offer(event, true, false, func(id uint64) { s.track(id, await{f: f, event: event, claim: f.claim}) })
+}
+
+// mustHold reports whether a live delivery must wait (with m.mu held):
+// behind held ones (they keep their order), for the sender's own stored
+// entries (need), or for entries of the sender's earlier sessions (rev).
+func (s *Session) mustHold(need, rev uint64) bool {
+	m := &s.mb
+	return len(m.held) > 0 || need > m.cursor || s.fenced(rev)
+}
+
+// fenced reports whether entries stored before rev may still be missing
+// from what was queued (with m.mu held).
+func (s *Session) fenced(rev uint64) bool {
+	m := &s.mb
+	if rev <= m.covered.Load() {
+		return false
+	}
+	// Entries stored up to rev were announced once the feed passed rev:
+	// to this session if it was registered (wanted), or before it was,
+	// and then the fetch due since registration (more) finds them.
+	if m.more || m.wanted > m.cursor || s.hub.cfg.Directory.AnnouncedRevision() < rev {
+		return true
+	}
+	// Later announcements are of later revisions: rev stays covered.
+	m.covered.Store(rev)
+	return false
 }
 
 // primeMailbox queues the first page of the device's mailbox before the
@@ -144,24 +207,30 @@ func (s *Session) primeMailbox(ctx context.Context) {
 	m.wake, m.done = make(chan struct{}, 1), make(chan struct{})
 	close(m.done) // no pump yet
 	fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	entries, more, err := mb.Fetch(fctx, s.deviceID, 0, s.hub.cfg.MailboxWindow)
+	page, err := mb.Fetch(fctx, s.deviceID, 0, s.hub.cfg.MailboxWindow)
 	cancel()
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	// Entries stored between this read and the registration are announced
+	// while no session of the device is here to hear it: a fetch is due
+	// once it is registered (run kicks it), and until it completes live
+	// deliveries that must follow stored entries wait (fenced).
+	defer func() { m.more = true }()
 	if err != nil {
 		s.log.Warn("mailbox fetch failed; retrying in the background", "err", err)
-		m.more = true
 		return
 	}
-	s.queueEntries(entries, more, 0)
+	s.openRev.Store(page.Revision)
+	s.queueEntries(page, 0, 0)
 }
 
 // queueEntries queues fetched entries (with m.mu held). known is the
-// highest seq known to exist when the fetch was sent: a complete fetch
-// covers it. It reports false when the queue took no more.
-func (s *Session) queueEntries(entries []*edgev1.MailboxEntry, more bool, known uint64) bool {
+// highest seq known to exist when the fetch was sent, and fence the
+// highest revision a held delivery waited for then: a complete fetch
+// covers both. It reports false when the queue took no more.
+func (s *Session) queueEntries(page MailboxPage, known, fence uint64) bool {
 	m := &s.mb
-	for _, e := range entries {
+	for _, e := range page.Entries {
 		if e.GetSeq() <= m.cursor {
 			continue
 		}
@@ -186,13 +255,21 @@ func (s *Session) queueEntries(entries []*edgev1.MailboxEntry, more bool, known 
 			return false
 		}
 	}
-	m.more = more
-	if !more && known > m.cursor {
-		// A complete fetch (a linearizable read) returned everything
-		// committed before it was sent: what else was announced by then
-		// was acked or expired. Entries announced while it was in flight
-		// may be newer than what it saw; they are fetched next.
-		m.cursor = known
+	m.more = page.More
+	if !page.More {
+		if known > m.cursor {
+			// A complete fetch (a linearizable read) returned everything
+			// committed before it was sent: what else was announced by
+			// then was acked or expired. Entries announced while it was in
+			// flight may be newer than what it saw; they are fetched next.
+			m.cursor = known
+		}
+		// For the same reason it covers the revisions held deliveries
+		// waited for when it was sent, also from a control plane that
+		// does not report its revision.
+		if rev := max(page.Revision, fence); rev > m.covered.Load() {
+			m.covered.Store(rev)
+		}
 	}
 	s.releaseHeld()
 	return true
@@ -204,7 +281,7 @@ func (s *Session) releaseHeld() {
 	m := &s.mb
 	n := 0
 	for i, h := range m.held {
-		if h.need > m.cursor {
+		if h.need > m.cursor || s.fenced(h.rev) {
 			// Keep order: a later one waits behind an earlier one.
 			n = copy(m.held, m.held[i:])
 			break
@@ -219,6 +296,7 @@ func (s *Session) releaseHeld() {
 	}
 	clear(m.held[n:])
 	m.held = m.held[:n]
+	m.nheld.Store(int32(n))
 }
 
 // kickMailbox notes that the mailbox holds entries up to seq (0: unknown,
@@ -235,7 +313,7 @@ func (s *Session) kickMailbox(seq uint64) {
 	} else if seq > m.wanted {
 		m.wanted = seq
 	}
-	if m.stopped || (m.wanted <= m.cursor && !m.more) {
+	if m.stopped || !m.dueLocked() {
 		return
 	}
 	if m.running {
@@ -247,6 +325,13 @@ func (s *Session) kickMailbox(seq uint64) {
 	ctx, cancel := context.WithCancel(context.Background())
 	m.cancel = cancel
 	go s.pump(ctx, m.done)
+}
+
+// dueLocked reports whether a fetch is due (with m.mu held): entries are
+// known or may exist beyond what was queued, or a held delivery waits for
+// a complete fetch to cover its sender's revision.
+func (m *mailboxState) dueLocked() bool {
+	return m.wanted > m.cursor || m.more || m.fence > m.covered.Load()
 }
 
 func signal(ch chan struct{}) {
@@ -287,15 +372,15 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 				return
 			}
 			continue
-		case m.wanted <= m.cursor && !m.more:
+		case !m.dueLocked():
 			m.running = false
 			m.mu.Unlock()
 			return
 		}
-		after, known := m.cursor, m.wanted
+		after, known, fence := m.cursor, m.wanted, m.fence
 		m.mu.Unlock()
 		ctx, cancel := context.WithTimeout(pctx, 5*time.Second)
-		entries, more, err := s.hub.cfg.Mailbox.Fetch(ctx, s.deviceID, after, window)
+		page, err := s.hub.cfg.Mailbox.Fetch(ctx, s.deviceID, after, window)
 		cancel()
 		if err != nil {
 			if pctx.Err() != nil {
@@ -309,8 +394,12 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 			continue
 		}
 		backoff = 50 * time.Millisecond
+		if s.openRev.Load() == 0 {
+			// The first read failed: this one bounds the session's start.
+			s.openRev.Store(page.Revision)
+		}
 		m.mu.Lock()
-		full := !s.queueEntries(entries, more, known)
+		full := !s.queueEntries(page, known, fence)
 		m.mu.Unlock()
 		if full && !wait(10*time.Millisecond) {
 			return
@@ -353,6 +442,7 @@ func (s *Session) takeHeld() []heldDelivery {
 	defer m.mu.Unlock()
 	h := m.held
 	m.held = nil
+	m.nheld.Store(0)
 	return h
 }
 

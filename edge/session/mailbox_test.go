@@ -20,12 +20,14 @@ import (
 // its fetches so tests can force the races the core must survive.
 type memMailbox struct {
 	mu        sync.Mutex
+	rev       uint64 // the revision: one per write
 	seq       map[string]uint64
 	boxes     map[string][]*edgev1.MailboxEntry
 	quota     int
 	fails     map[string]int           // fail this many fetches of a device
 	fetchGate map[string]chan struct{} // if set, a device's fetches wait for it
 	snapshots chan string              // if set, told the device of each fetch once it read
+	reads     map[string]int           // fetches that read a device's mailbox
 	acked     map[string][]uint64
 	claims    map[string]string // sender/event -> the device that took it
 
@@ -37,7 +39,7 @@ type memMailbox struct {
 func newMemMailbox(t testing.TB) *memMailbox {
 	m := &memMailbox{seq: map[string]uint64{}, boxes: map[string][]*edgev1.MailboxEntry{}, acked: map[string][]uint64{},
 		queue: make(chan func(), 1024), done: make(chan struct{}), quota: 1000,
-		fails: map[string]int{}, fetchGate: map[string]chan struct{}{}}
+		fails: map[string]int{}, fetchGate: map[string]chan struct{}{}, reads: map[string]int{}}
 	go func() {
 		defer close(m.done)
 		for f := range m.queue {
@@ -58,6 +60,7 @@ func (m *memMailbox) Store(e *edgev1.MailboxEntry, done func(MailboxResult)) {
 			r.Status = edgev1.MailboxStatus_MAILBOX_STATUS_FULL
 		} else {
 			m.seq[e.GetDeviceId()]++
+			m.rev++
 			c := proto.Clone(e).(*edgev1.MailboxEntry)
 			c.Seq = m.seq[e.GetDeviceId()]
 			m.boxes[e.GetDeviceId()] = append(m.boxes[e.GetDeviceId()], c)
@@ -70,14 +73,16 @@ func (m *memMailbox) Store(e *edgev1.MailboxEntry, done func(MailboxResult)) {
 
 // Fetch reads like a linearizable read: what is stored when the request
 // arrives, answered after the device's gate (if any) opens.
-func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, limit int) ([]*edgev1.MailboxEntry, bool, error) {
+func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, limit int) (MailboxPage, error) {
 	m.mu.Lock()
 	gate := m.fetchGate[device]
 	if m.fails[device] > 0 {
 		m.fails[device]--
 		m.mu.Unlock()
-		return nil, false, errors.New("control plane unavailable")
+		return MailboxPage{}, errors.New("control plane unavailable")
 	}
+	rev := m.rev
+	m.reads[device]++
 	var out []*edgev1.MailboxEntry
 	more := false
 	for _, e := range m.boxes[device] {
@@ -98,15 +103,16 @@ func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, lim
 		select {
 		case <-gate:
 		case <-ctx.Done():
-			return nil, false, ctx.Err()
+			return MailboxPage{}, ctx.Err()
 		}
 	}
-	return out, more, nil
+	return MailboxPage{Entries: out, More: more, Revision: rev}, nil
 }
 
 func (m *memMailbox) Ack(device string, seqs ...uint64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.rev++
 	m.acked[device] = append(m.acked[device], seqs...)
 	m.boxes[device] = slices.DeleteFunc(m.boxes[device], func(e *edgev1.MailboxEntry) bool { return slices.Contains(seqs, e.GetSeq()) })
 }
@@ -122,6 +128,7 @@ func (m *memMailbox) Claim(c *edgev1.EventClaim, done func(bool)) {
 		key := c.GetSenderDeviceId() + "/" + c.GetEventId()
 		winner, ok := m.claims[key]
 		if !ok {
+			m.rev++
 			winner = c.GetDeviceId()
 			m.claims[key] = winner
 			for dev, box := range m.boxes {
@@ -135,6 +142,26 @@ func (m *memMailbox) Claim(c *edgev1.EventClaim, done func(bool)) {
 		m.mu.Unlock()
 		done(winner == c.GetDeviceId())
 	}
+}
+
+func (m *memMailbox) readsOf(device string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.reads[device]
+}
+
+// storeAsAnotherEdge stores an entry the way another edge would (no
+// announcement here) and returns its seq.
+func (m *memMailbox) storeAsAnotherEdge(t *testing.T, device, sender, payload string) uint64 {
+	t.Helper()
+	done := make(chan MailboxResult, 1)
+	m.Store(&edgev1.MailboxEntry{DeviceId: device, UserId: "u1", Event: mustEvent(t, payload), EventId: payload, SenderDeviceId: sender},
+		func(r MailboxResult) { done <- r })
+	r := <-done
+	if r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+		t.Fatalf("store for %s: %v", device, r.Status)
+	}
+	return r.Seq
 }
 
 func (m *memMailbox) stored(device string) int {
@@ -466,5 +493,138 @@ func TestAnyOneDelivery(t *testing.T) {
 	a.sendEvent(bad)
 	if f := a.nextAckOrReject(); f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME {
 		t.Fatalf("ephemeral any-one: %v", f)
+	}
+}
+
+// storedWhileTheFeedLags connects b, then stores an event of a for b the
+// way a's earlier session on another edge would have (that edge took b
+// for offline), while this edge's feed has not announced it yet.
+func storedWhileTheFeedLags(t *testing.T) (*env, *memMailbox, *dev) {
+	e, mb := mailboxEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	b := e.online("b")
+	waitFor(t, "b's read after its registration", func() bool { return mb.readsOf("b") >= 2 })
+	e.dir.setFeed(0)
+	mb.storeAsAnotherEdge(t, "b", "a", "stored")
+	return e, mb, b
+}
+
+// A sender's live event never overtakes what its earlier session stored
+// for the target, even when this edge has not heard of the entry yet (its
+// feed lags) and the sender's new session knows nothing of it.
+func TestReconnectedSenderWaitsForItsStoredEvents(t *testing.T) {
+	e, mb, b := storedWhileTheFeedLags(t)
+	a := e.online("a")
+	live := a.sendPayload("live", "b")
+	if got := b.payloads(2); !slices.Equal(got, []string{"stored", "live"}) {
+		t.Fatalf("b got %v", got)
+	}
+	a.expectAck(live)
+	// Once b's mailbox was read past a's start, a's events go straight
+	// through, feed or not.
+	reads := mb.readsOf("b")
+	next := a.sendPayload("next", "b")
+	if got := b.payloads(1); got[0] != "next" {
+		t.Fatalf("b got %v", got)
+	}
+	a.expectAck(next)
+	if n := mb.readsOf("b"); n != reads {
+		t.Fatalf("b's mailbox was read %d more times for a live event", n-reads)
+	}
+}
+
+// An entry stored while the target's session is being set up is
+// announced when the session cannot hear it yet: until the read due
+// after its registration is done, a live event that may have to follow
+// the entry waits.
+func TestEntryStoredWhileTheTargetRegisters(t *testing.T) {
+	e, mb := mailboxEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	gate := make(chan struct{})
+	mb.mu.Lock()
+	mb.fetchGate["b"] = gate
+	mb.mu.Unlock()
+	b := e.connect("b")
+	h := b.hello(nil)
+	b.send(h)
+	b.send(sign(h.GetHello(), b.readDirect().GetChallenge(), e.keys["b"]))
+	waitFor(t, "b's first read", func() bool { return mb.readsOf("b") == 1 })
+	seq := mb.storeAsAnotherEdge(t, "b", "a", "stored")
+	e.hub.MailboxChanged("u1", "b", seq) // nobody here to hear it yet
+	gate <- struct{}{}                   // the first read answers: empty
+	if b.readDirect().GetWelcome() == nil {
+		t.Fatal("no welcome")
+	}
+	b.startReading()
+	// The read due since the registration finds the entry, and answers
+	// when the test says.
+	waitFor(t, "b's second read", func() bool { return mb.readsOf("b") == 2 })
+	a := e.online("a")
+	live := a.sendPayload("live", "b")
+	// a's session has handled the event once it answers a ping.
+	a.expectNothing("an ack before b has the event", func(f *relayv1.Frame) bool { return f.GetAck() != nil })
+	b.expectNothing("the live event before the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	close(gate)
+	if got := b.payloads(2); !slices.Equal(got, []string{"stored", "live"}) {
+		t.Fatalf("b got %v", got)
+	}
+	a.expectAck(live)
+}
+
+// An event another edge forwards carries its sender session's start
+// revision: it waits for what was stored before, like a local one.
+func TestForwardedEventWaitsForStoredEvents(t *testing.T) {
+	e, mb, b := storedWhileTheFeedLags(t)
+	mb.mu.Lock()
+	rev := mb.rev // a's session on the other edge started after the store
+	mb.mu.Unlock()
+	outcome := make(chan edgev1.ForwardOutcome, 1)
+	e.hub.DeliverForwarded(&edgev1.Forward{Id: 1, DeviceId: "b", UserId: "u1", Event: mustEvent(t, "live"), SenderRevision: rev},
+		func(o edgev1.ForwardOutcome) { outcome <- o })
+	if got := b.payloads(2); !slices.Equal(got, []string{"stored", "live"}) {
+		t.Fatalf("b got %v", got)
+	}
+	if o := <-outcome; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
+		t.Fatalf("outcome %v", o)
+	}
+}
+
+// captureRemote is a mesh where every device but the local ones is on
+// edge "e2", which takes every forward.
+type captureRemote struct {
+	mu       sync.Mutex
+	forwards []*edgev1.Forward
+}
+
+func (r *captureRemote) Locate(string) (string, bool) { return "e2", true }
+func (r *captureRemote) Forward(_ string, f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
+	r.mu.Lock()
+	r.forwards = append(r.forwards, f)
+	r.mu.Unlock()
+	if done != nil {
+		done(edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED)
+	}
+}
+func (r *captureRemote) Announce(*edgev1.DevicePresence, bool) {}
+func (r *captureRemote) Online(string) []string                { return nil }
+
+// A forwarded event carries the revision its sender's session started
+// at: the one of its first mailbox read.
+func TestForwardCarriesTheSenderRevision(t *testing.T) {
+	remote := &captureRemote{}
+	e, mb := mailboxEnv(t, func(c *Config) { c.Remote = remote })
+	e.device("u1", "a")
+	e.device("u1", "far")
+	mb.storeAsAnotherEdge(t, "far", "a", "x")
+	mb.storeAsAnotherEdge(t, "far", "a", "y")
+	a := e.online("a")
+	ev := a.sendPayload("over", "far")
+	a.expectAck(ev)
+	remote.mu.Lock()
+	defer remote.mu.Unlock()
+	if len(remote.forwards) != 1 || remote.forwards[0].GetSenderRevision() != 2 {
+		t.Fatalf("forwards: %v", remote.forwards)
 	}
 }

@@ -44,7 +44,7 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 	s.fwdPending[r.device] = pf
 	s.routeMu.Unlock()
 	tr := f.trace.child(s.hub.cfg.Tracer, "relay.mesh.forward", trace.SpanKindProducer, attribute.String("relay.edge", r.edge))
-	fw := &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: event, NeedMailboxSeq: r.need, Traceparent: tr.traceparent()}
+	fw := &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: event, NeedMailboxSeq: r.need, SenderRevision: s.openRev.Load(), Traceparent: tr.traceparent()}
 	if f.anyOne {
 		fw.AnyOne, fw.EventId, fw.SenderDeviceId, fw.ExpiresAtMs = true, f.eventID, s.deviceID, f.claim.GetExpiresAtMs()
 	}
@@ -108,7 +108,7 @@ func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOut
 	if fw.GetAnyOne() {
 		f.claim = &edgev1.EventClaim{SenderDeviceId: fw.GetSenderDeviceId(), EventId: fw.GetEventId(), ExpiresAtMs: fw.GetExpiresAtMs()}
 	}
-	switch d.deliverLive(fw.GetEvent(), f, fw.GetNeedMailboxSeq()) {
+	switch d.deliverLive(fw.GetEvent(), f, fw.GetNeedMailboxSeq(), fw.GetSenderRevision()) {
 	case queueFull:
 		f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "")
 	case queueClosed:

@@ -71,6 +71,11 @@ type Session struct {
 	mbPending  map[string]int
 	mbLast     map[string]uint64
 	fwdPending map[string]pendingForward
+	// openRev is a control-plane revision at or after this session
+	// started (its first mailbox read): whatever the device's earlier
+	// sessions stored in mailboxes was committed by then. Its live events
+	// carry it so a target is first given those entries (0 until known).
+	openRev atomic.Uint64
 
 	// since is when the session was registered (it is announced to other
 	// edges; the newer session of a device wins).

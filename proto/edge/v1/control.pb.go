@@ -1634,7 +1634,12 @@ type FetchMailboxResponse struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Entries []*MailboxEntry        `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
 	// More entries follow the last one returned.
-	More          bool `protobuf:"varint,2,opt,name=more,proto3" json:"more,omitempty"`
+	More bool `protobuf:"varint,2,opt,name=more,proto3" json:"more,omitempty"`
+	// A revision (Raft index) the read reflects: every entry after
+	// after_seq stored at or before it, and not acknowledged or expired
+	// since, is in this response or (with more) after it. 0 from control
+	// planes that predate the field.
+	Revision      uint64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1681,6 +1686,13 @@ func (x *FetchMailboxResponse) GetMore() bool {
 		return x.More
 	}
 	return false
+}
+
+func (x *FetchMailboxResponse) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
 }
 
 // AckMailboxRequest deletes a device's entries.
@@ -2053,10 +2065,11 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x13FetchMailboxRequest\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x1b\n" +
 	"\tafter_seq\x18\x02 \x01(\x04R\bafterSeq\x12\x14\n" +
-	"\x05limit\x18\x03 \x01(\rR\x05limit\"[\n" +
+	"\x05limit\x18\x03 \x01(\rR\x05limit\"w\n" +
 	"\x14FetchMailboxResponse\x12/\n" +
 	"\aentries\x18\x01 \x03(\v2\x15.edge.v1.MailboxEntryR\aentries\x12\x12\n" +
-	"\x04more\x18\x02 \x01(\bR\x04more\"D\n" +
+	"\x04more\x18\x02 \x01(\bR\x04more\x12\x1a\n" +
+	"\brevision\x18\x03 \x01(\x04R\brevision\"D\n" +
 	"\x11AckMailboxRequest\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x12\n" +
 	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"\x14\n" +

@@ -460,9 +460,14 @@ type Forward struct {
 	ExpiresAtMs    int64  `protobuf:"varint,9,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
 	// W3C traceparent of the sending edge's span for the event, when it is
 	// traced: the receiving edge's spans join its trace.
-	Traceparent   string `protobuf:"bytes,10,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Traceparent string `protobuf:"bytes,10,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
+	// The sending session's mailbox revision: every mailbox entry its
+	// device's earlier sessions stored was committed at or before it. The
+	// receiving edge delivers the event only once the device was given
+	// what it must see first (0: no such guarantee asked).
+	SenderRevision uint64 `protobuf:"varint,11,opt,name=sender_revision,json=senderRevision,proto3" json:"sender_revision,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Forward) Reset() {
@@ -565,6 +570,13 @@ func (x *Forward) GetTraceparent() string {
 	return ""
 }
 
+func (x *Forward) GetSenderRevision() uint64 {
+	if x != nil {
+		return x.SenderRevision
+	}
+	return 0
+}
+
 // ForwardResult answers a Forward (peer -> dialer).
 type ForwardResult struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -642,7 +654,7 @@ const file_edge_v1_mesh_proto_rawDesc = "" +
 	"\adevices\x18\x01 \x03(\v2\x17.edge.v1.DevicePresenceR\adevices\"s\n" +
 	"\rPresenceDelta\x12/\n" +
 	"\x06online\x18\x01 \x03(\v2\x17.edge.v1.DevicePresenceR\x06online\x121\n" +
-	"\aoffline\x18\x02 \x03(\v2\x17.edge.v1.DevicePresenceR\aoffline\"\xb3\x02\n" +
+	"\aoffline\x18\x02 \x03(\v2\x17.edge.v1.DevicePresenceR\aoffline\"\xdc\x02\n" +
 	"\aForward\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x17\n" +
@@ -654,7 +666,8 @@ const file_edge_v1_mesh_proto_rawDesc = "" +
 	"\x10sender_device_id\x18\b \x01(\tR\x0esenderDeviceId\x12\"\n" +
 	"\rexpires_at_ms\x18\t \x01(\x03R\vexpiresAtMs\x12 \n" +
 	"\vtraceparent\x18\n" +
-	" \x01(\tR\vtraceparent\"R\n" +
+	" \x01(\tR\vtraceparent\x12'\n" +
+	"\x0fsender_revision\x18\v \x01(\x04R\x0esenderRevision\"R\n" +
 	"\rForwardResult\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x121\n" +
 	"\aoutcome\x18\x02 \x01(\x0e2\x17.edge.v1.ForwardOutcomeR\aoutcome*\xb4\x01\n" +
