@@ -173,8 +173,12 @@ const shardCount = 64
 // shard holds the rooms of the users hashing to it. The per-event path
 // never takes a shard lock: a session keeps a pointer to its room.
 type shard struct {
-	mu    sync.Mutex // guards rooms
+	mu    sync.Mutex // guards rooms and listening
 	rooms map[string]*room
+	// listening holds, per device id, its sessions between their first
+	// mailbox read and their registration: announcements for the device
+	// mark them (Session.heard) since none can reach them yet.
+	listening map[string][]*Session
 }
 
 // room is one user's sessions on this edge.
@@ -222,6 +226,7 @@ func NewHub(cfg Config) (*Hub, error) {
 		dummyKey: dummy, replays: newReplayCache(cfg.MaxResumeProofs), traced: traced}
 	for i := range h.shards {
 		h.shards[i].rooms = map[string]*room{}
+		h.shards[i].listening = map[string][]*Session{}
 	}
 	h.addrs = newAddrLimiter(rate.Limit(cfg.HandshakesPerSecond), cfg.HandshakeBurst)
 	return h, nil

@@ -2,6 +2,7 @@ package session
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -69,6 +70,7 @@ type mailboxState struct {
 	stopped bool
 	held    []heldDelivery
 	fence   uint64 // highest revision a held delivery waits for a fetch to cover
+	primed  bool   // the first read was complete and all of it queued
 
 	// covered is a revision every entry stored by then was queued for
 	// (or is gone): a complete fetch covers the revision it read, and the
@@ -206,22 +208,23 @@ func (s *Session) primeMailbox(ctx context.Context) {
 	m := &s.mb
 	m.wake, m.done = make(chan struct{}, 1), make(chan struct{})
 	close(m.done) // no pump yet
+	s.listen()
 	fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	page, err := mb.Fetch(fctx, s.deviceID, 0, s.hub.cfg.MailboxWindow)
 	cancel()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	// Entries stored between this read and the registration are announced
-	// while no session of the device is here to hear it: a fetch is due
-	// once it is registered (run kicks it), and until it completes live
-	// deliveries that must follow stored entries wait (fenced).
+	// while no session of the device is here to hear it (listen marks it):
+	// until settleMailbox has looked, live deliveries that must follow
+	// stored entries wait (fenced).
 	defer func() { m.more = true }()
 	if err != nil {
 		s.log.Warn("mailbox fetch failed; retrying in the background", "err", err)
 		return
 	}
 	s.openRev.Store(page.Revision)
-	s.queueEntries(page, 0, 0)
+	m.primed = s.queueEntries(page, 0, 0) && !page.More
 }
 
 // queueEntries queues fetched entries (with m.mu held). known is the
@@ -447,9 +450,63 @@ func (s *Session) takeHeld() []heldDelivery {
 }
 
 // MailboxChanged tells the session of a device, if it is here, that its
-// mailbox holds entries up to seq (the watch feed says so).
+// mailbox holds entries up to seq (the watch feed says so). A session
+// still being set up is marked, and fetches once registered.
 func (h *Hub) MailboxChanged(userID, deviceID string, seq uint64) {
+	sh := h.shardOf(userID)
+	sh.mu.Lock()
+	for _, s := range sh.listening[deviceID] {
+		s.heard.Store(true)
+	}
+	sh.mu.Unlock()
 	for _, s := range h.sessionsOf(userID, deviceID) {
 		s.kickMailbox(seq)
 	}
+}
+
+// listen starts marking the session when its device's mailbox is
+// announced (before its first read, so that whatever that read misses is
+// announced later).
+func (s *Session) listen() {
+	sh := s.hub.shardOf(s.userID)
+	sh.mu.Lock()
+	sh.listening[s.deviceID] = append(sh.listening[s.deviceID], s)
+	sh.mu.Unlock()
+}
+
+// stopListening ends what listen started (once the session is
+// registered, announcements reach it) and reports whether one came.
+func (s *Session) stopListening() bool {
+	sh := s.hub.shardOf(s.userID)
+	sh.mu.Lock()
+	l := slices.DeleteFunc(sh.listening[s.deviceID], func(o *Session) bool { return o == s })
+	if len(l) == 0 {
+		delete(sh.listening, s.deviceID)
+	} else {
+		sh.listening[s.deviceID] = l
+	}
+	sh.mu.Unlock()
+	return s.heard.Load()
+}
+
+// settleMailbox runs once the session is registered: a fetch is due when
+// the first read was not complete or failed, or when the mailbox was
+// announced since it was sent (the entry may be newer than what it saw);
+// otherwise the first read covered everything stored before the session
+// became reachable, and what is stored later is announced to it.
+func (s *Session) settleMailbox() {
+	if s.hub.cfg.Mailbox == nil {
+		return
+	}
+	m := &s.mb
+	heard := s.stopListening()
+	m.mu.Lock()
+	if heard || !m.primed {
+		m.mu.Unlock()
+		s.kickMailbox(0)
+		return
+	}
+	m.more = false
+	s.releaseHeld()
+	m.mu.Unlock()
 }

@@ -504,7 +504,6 @@ func storedWhileTheFeedLags(t *testing.T) (*env, *memMailbox, *dev) {
 	e.device("u1", "a")
 	e.device("u1", "b")
 	b := e.online("b")
-	waitFor(t, "b's read after its registration", func() bool { return mb.readsOf("b") >= 2 })
 	e.dir.setFeed(0)
 	mb.storeAsAnotherEdge(t, "b", "a", "stored")
 	return e, mb, b
@@ -558,8 +557,8 @@ func TestEntryStoredWhileTheTargetRegisters(t *testing.T) {
 		t.Fatal("no welcome")
 	}
 	b.startReading()
-	// The read due since the registration finds the entry, and answers
-	// when the test says.
+	// The read due since the registration (the mailbox was announced
+	// meanwhile) finds the entry, and answers when the test says.
 	waitFor(t, "b's second read", func() bool { return mb.readsOf("b") == 2 })
 	a := e.online("a")
 	live := a.sendPayload("live", "b")
@@ -627,4 +626,47 @@ func TestForwardCarriesTheSenderRevision(t *testing.T) {
 	if len(remote.forwards) != 1 || remote.forwards[0].GetSenderRevision() != 2 {
 		t.Fatalf("forwards: %v", remote.forwards)
 	}
+}
+
+// A session whose first read was complete and whose mailbox nobody
+// announced while it was set up reads it once: what is stored later is
+// announced to it.
+func TestOneMailboxReadPerQuietConnect(t *testing.T) {
+	e, mb := mailboxEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	a := e.online("a")
+	stored := a.sendPayload("stored", "b")
+	a.expectAck(stored)
+	b := e.online("b")
+	if got := b.payloads(1); got[0] != "stored" {
+		t.Fatalf("b got %v", got)
+	}
+	live := a.sendPayload("live", "b")
+	if got := b.payloads(1); got[0] != "live" {
+		t.Fatalf("b got %v", got)
+	}
+	a.expectAck(live)
+	b.expectNothing("anything else", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	if n := mb.readsOf("b"); n != 1 {
+		t.Fatalf("b's mailbox was read %d times", n)
+	}
+	// Stored later (another edge took b for offline) and announced: read.
+	seq := mb.storeAsAnotherEdge(t, "b", "a", "later")
+	e.hub.MailboxChanged("u1", "b", seq)
+	if got := b.payloads(1); got[0] != "later" {
+		t.Fatalf("b got %v", got)
+	}
+	waitFor(t, "the listeners gone", func() bool {
+		for i := range e.hub.shards {
+			sh := &e.hub.shards[i]
+			sh.mu.Lock()
+			n := len(sh.listening)
+			sh.mu.Unlock()
+			if n > 0 {
+				return false
+			}
+		}
+		return true
+	})
 }

@@ -76,6 +76,9 @@ type Session struct {
 	// sessions stored in mailboxes was committed by then. Its live events
 	// carry it so a target is first given those entries (0 until known).
 	openRev atomic.Uint64
+	// heard is set when the device's mailbox is announced while the
+	// session is being set up (see listen).
+	heard atomic.Bool
 
 	// since is when the session was registered (it is announced to other
 	// edges; the newer session of a device wins).
@@ -193,6 +196,7 @@ func (s *Session) run(ctx context.Context) error {
 
 	s.primeMailbox(ctx)
 	if !s.hub.register(s) {
+		s.stopListening()
 		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
 		return ErrDraining
@@ -217,8 +221,8 @@ func (s *Session) run(ctx context.Context) error {
 	defer stopWatch()
 
 	// Anything stored while this session was being set up is fetched now
-	// that the session is reachable.
-	s.kickMailbox(0)
+	// that the session is reachable, if it may have been missed.
+	s.settleMailbox()
 	s.closeWith(s.readLoop(ctx), 0)
 	// The reader has stopped (closeWith stops it): hand what the device
 	// did not acknowledge to its mailbox before the session leaves the
