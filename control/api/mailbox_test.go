@@ -330,7 +330,8 @@ func TestMailboxDeletedWithDeviceAndUser(t *testing.T) {
 }
 
 // The watch feed reports live mailbox changes (one per device per put,
-// with the highest seq) and never in a full copy.
+// with the highest seq); a full copy announces each mailbox holding
+// entries once (see TestFullCopyAnnouncesStoredMailboxes).
 func TestWatchMailboxChanged(t *testing.T) {
 	c := clustertest.Start(t, 3, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: 50 * time.Millisecond}})
 	mailboxUsers(t, c)
@@ -344,21 +345,11 @@ func TestWatchMailboxChanged(t *testing.T) {
 		t.Fatal(err)
 	}
 	w := startWatch(t, node, edge, 0, true)
-	if m := w.next(t); m.GetResync() == nil {
-		t.Fatalf("first message %v", m)
+	done, inCopy := w.copyMailboxes(t)
+	if done < first.GetRevision() {
+		t.Fatalf("full copy at %d, before the put at %d", done, first.GetRevision())
 	}
-	for {
-		m := w.next(t)
-		if m.GetSnapshotDone() != nil {
-			if m.GetRevision() < first.GetRevision() {
-				t.Fatalf("full copy at %d, before the put at %d", m.GetRevision(), first.GetRevision())
-			}
-			break
-		}
-		if m.GetEvent().GetMailboxChanged() != nil {
-			t.Fatalf("mailbox change in a full copy: %v", m)
-		}
-	}
+	equalSeq(t, inCopy, []string{"alice/a1/1"})
 	r1 := put(t, cl, entry("alice", "a1", "n1", 10, hour), entry("alice", "a2", "n2", 10, hour), entry("alice", "a1", "n3", 10, hour),
 		entry("alice", "b1", "gone", 10, hour))
 	r2 := put(t, cl, entry("alice", "a1", "n3", 10, hour)) // a retry: nothing stored, nothing to report
@@ -392,15 +383,92 @@ func TestWatchMailboxChanged(t *testing.T) {
 	if len(feed) != 3 {
 		t.Fatalf("feed holds %v", feed)
 	}
-	// A new full copy still holds no mailbox changes.
+	// A new full copy announces each mailbox once, with its highest seq.
 	w2 := startWatch(t, node, edge, 0, true)
+	_, inCopy = w2.copyMailboxes(t)
+	equalSeq(t, inCopy, []string{"alice/a1/4", "alice/a2/1"})
+}
+
+// copyMailboxes reads a full copy, from its resync to its snapshot_done,
+// and returns the copy's revision and the mailbox changes it held, as
+// "user/device/seq". Every message of the copy must carry its revision.
+func (w *watcher) copyMailboxes(t *testing.T) (uint64, []string) {
+	t.Helper()
+	first := w.next(t)
+	if first.GetResync() == nil {
+		t.Fatalf("first message %v, want resync", first)
+	}
+	var out []string
 	for {
-		m := w2.next(t)
-		if m.GetEvent().GetMailboxChanged() != nil {
-			t.Fatalf("mailbox change in a full copy: %v", m)
+		m := w.next(t)
+		if m.GetRevision() != first.GetRevision() {
+			t.Fatalf("copy at %d has a message at %d: %v", first.GetRevision(), m.GetRevision(), m)
 		}
 		if m.GetSnapshotDone() != nil {
+			return m.GetRevision(), out
+		}
+		if mc := m.GetEvent().GetMailboxChanged(); mc != nil {
+			out = append(out, fmt.Sprintf("%s/%s/%d", mc.GetUserId(), mc.GetDeviceId(), mc.GetSeq()))
+		}
+	}
+}
+
+// A watcher whose feed was interrupted long enough to resume with a full
+// copy lost the live announcements of the gap: the copy announces every
+// mailbox that holds entries (its owner, the highest seq), none whose
+// entries were all acked, all before snapshot_done; live ones follow.
+func TestFullCopyAnnouncesStoredMailboxes(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{FSM: fsm.Config{ChangeRetention: 20, PruneEvery: 8}})
+	mailboxUsers(t, c)
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	node := c.Nodes[0]
+	f := node.Server.Node().FSM()
+	w := startWatch(t, node, edge, 0, true)
+	base, inCopy := w.copyMailboxes(t)
+	equalSeq(t, inCopy, nil)
+	w.stop()
+
+	// While the watcher is away: entries for a1 (the oldest acked), a2
+	// (all acked) and b1, then enough changes to compact the gap.
+	cl := mailboxClient(t, node, edge)
+	hour := time.Now().Add(time.Hour)
+	if r := put(t, cl, entry("alice", "a1", "x", 10, hour), entry("alice", "a2", "p", 10, hour),
+		entry("alice", "a1", "y", 10, hour), entry("bob", "b1", "q", 10, hour), entry("alice", "a1", "z", 10, hour)); results(r) != "STORED/1 STORED/1 STORED/2 STORED/1 STORED/3" {
+		t.Fatalf("put: %s", results(r))
+	}
+	for _, ack := range []*edgev1.AckMailboxRequest{{DeviceId: "a1", Seqs: []uint64{1}}, {DeviceId: "a2", Seqs: []uint64{1}}} {
+		if _, err := cl.AckMailbox(ctxT(t, 20*time.Second), connect.NewRequest(ack)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; ; i++ {
+		if h, err := f.Horizon(); err != nil {
+			t.Fatal(err)
+		} else if h > base+1 { // the resume reads from base+1
 			break
+		}
+		mkUser(t, c, 0, fmt.Sprintf("filler%d", i))
+	}
+
+	w2 := startWatch(t, node, edge, base, true)
+	rev, inCopy := w2.copyMailboxes(t)
+	equalSeq(t, inCopy, []string{"alice/a1/3", "bob/b1/1"})
+	if applied := f.AppliedIndex(); rev > applied {
+		t.Fatalf("copy at %d, beyond the applied %d", rev, applied)
+	}
+	// And live announcements follow the copy.
+	r := put(t, cl, entry("alice", "a2", "live", 10, hour))
+	for {
+		m := w2.next(t)
+		if m.GetResync() != nil {
+			t.Fatalf("a second full copy: %v", m)
+		}
+		if mc := m.GetEvent().GetMailboxChanged(); mc != nil {
+			if got, want := fmt.Sprintf("%d:%s/%s/%d", m.GetRevision(), mc.GetUserId(), mc.GetDeviceId(), mc.GetSeq()),
+				fmt.Sprintf("%d:alice/a2/2", r.GetRevision()); got != want {
+				t.Fatalf("live mailbox change %s, want %s", got, want)
+			}
+			return
 		}
 	}
 }

@@ -242,9 +242,14 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) e
 }
 
 // resync sends a full copy of the watched state from one consistent view
-// and returns the revision it reflects. Mailboxes are not part of it: an
-// edge fetches a device's mailbox when the device connects, and
-// mailbox_changed only reports entries stored while it follows the feed.
+// and returns the revision it reflects. It ends, before snapshot_done,
+// with a mailbox_changed for every mailbox that holds entries (seq: the
+// highest given out): a watcher that lost the live announcements of an
+// interrupted feed learns from them which of its open sessions have
+// entries to fetch. A session that already queued up to seq does nothing;
+// one whose newest entries were acked meanwhile makes one fetch that
+// finds nothing new. The copy grows by at most one message per device it
+// already lists.
 func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	v, err := f.View()
 	if err != nil {
@@ -281,6 +286,11 @@ func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	if err := send(&edgev1.WatchEvent{Kind: &edgev1.WatchEvent_SessionKeys{SessionKeys: ringOf(ring)}}); err != nil {
 		return 0, err
 	}
+	if err := v.EachStoredMailbox(func(uid string, mb *statev1.Mailbox) error {
+		return send(mailboxChanged(uid, mb.GetDeviceId(), mb.GetLastSeq()))
+	}); err != nil {
+		return 0, err
+	}
 	if err := ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{}}}); err != nil {
 		return 0, err
 	}
@@ -307,6 +317,12 @@ func edgeMember(e *statev1.Edge) *edgev1.EdgeMember {
 	return &edgev1.EdgeMember{Id: e.GetId(), Addrs: e.GetAddrs(), MeshAddr: e.GetMeshAddr()}
 }
 
+func mailboxChanged(userID, deviceID string, seq uint64) *edgev1.WatchEvent {
+	return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_MailboxChanged{MailboxChanged: &edgev1.MailboxChanged{
+		DeviceId: deviceID, UserId: userID, Seq: seq,
+	}}}
+}
+
 // eventOf maps a change to what edges see; nil for changes they do not
 // watch (control node records).
 func eventOf(c *statev1.Change) *edgev1.WatchEvent {
@@ -327,9 +343,7 @@ func eventOf(c *statev1.Change) *edgev1.WatchEvent {
 		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_EdgeDeleted{EdgeDeleted: c.GetEdge().GetId()}}
 	case statev1.ChangeKind_CHANGE_KIND_MAILBOX_CHANGED:
 		mc := c.GetMailboxChanged()
-		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_MailboxChanged{MailboxChanged: &edgev1.MailboxChanged{
-			DeviceId: mc.GetDeviceId(), UserId: mc.GetUserId(), Seq: mc.GetSeq(),
-		}}}
+		return mailboxChanged(mc.GetUserId(), mc.GetDeviceId(), mc.GetSeq())
 	}
 	return nil
 }

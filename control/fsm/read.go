@@ -289,7 +289,11 @@ func (f *FSM) Edges() ([]*statev1.Edge, error) {
 // DeviceOwner returns the id of the user that owns a device, or
 // ErrNotFound.
 func (f *FSM) DeviceOwner(deviceID string) (string, error) {
-	v, err := f.store.Get(deviceOwnerKey(deviceID))
+	return deviceOwner(f.store, deviceID)
+}
+
+func deviceOwner(r state.Reader, deviceID string) (string, error) {
+	v, err := r.Get(deviceOwnerKey(deviceID))
 	if errors.Is(err, state.ErrNotFound) {
 		return "", fmt.Errorf("device %q: %w", deviceID, ErrNotFound)
 	}

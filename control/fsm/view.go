@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"errors"
 	"fmt"
 
 	"google.golang.org/protobuf/proto"
@@ -65,4 +66,30 @@ func (v *View) EachEdge(fn func(*statev1.Edge) error) error {
 // SessionKeyRing returns the ring as of the view.
 func (v *View) SessionKeyRing() (*statev1.SessionKeyRing, error) {
 	return sessionRing(v.snap)
+}
+
+// EachStoredMailbox calls fn, in device id order, for every mailbox that
+// holds entries now, with the id of the user owning its device. Mailboxes
+// whose entries were all acked or expired are left out: their counters
+// stay (so seqs are never reused), but there is nothing to fetch.
+func (v *View) EachStoredMailbox(fn func(userID string, mb *statev1.Mailbox) error) error {
+	return eachRecord[statev1.Mailbox](v.snap, prefixMailbox, func(mb *statev1.Mailbox) error {
+		if mb.GetCount() == 0 {
+			return nil
+		}
+		owner, err := deviceOwner(v.snap, mb.GetDeviceId())
+		if errors.Is(err, ErrNotFound) {
+			// Not expected: a device's owner record and its whole mailbox
+			// are deleted in one entry (removeDevice), entries are stored
+			// only for existing devices, and this is one view of one
+			// applied index. Should a stray record exist anyway, it has
+			// no device to announce it to; failing here would instead
+			// stop every full copy, and so every edge that needs one.
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("owner of the mailbox of %q: %w", mb.GetDeviceId(), err)
+		}
+		return fn(owner, mb)
+	})
 }

@@ -57,7 +57,9 @@ type Config struct {
 	// or user whose sessions must close. It must not block for long.
 	OnRemove func(Removal)
 	// OnMailbox is called (from the following goroutine) when a device's
-	// mailbox received entries up to seq. It must not block for long.
+	// mailbox received entries up to seq, and after a full copy for every
+	// mailbox that holds entries (the live announcements a gap in the feed
+	// lost are not replayed). It must not block for long.
 	OnMailbox func(userID, deviceID string, seq uint64)
 	// OnEdges is called (from the following goroutine) after the member
 	// list changed, with the new list.
@@ -71,6 +73,10 @@ type snapshot struct {
 	byUser  map[string]map[string]struct{} // user -> its active devices
 	users   map[string]bool                // id -> active
 	edges   map[string]Edge
+	// mail holds, while this is a full copy being staged, the mailboxes
+	// it announced (one per mailbox with entries): they are passed to
+	// OnMailbox once the copy is in place. Always empty in d.cur.
+	mail []mailboxNote
 }
 
 // Edge is a member of the mesh.
@@ -319,6 +325,7 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 					d.deleted.add(r.DeviceID, r.UserID)
 				}
 			}
+			notes, d.staging.mail = d.staging.mail, nil
 			d.cur, d.staging = *d.staging, nil
 			d.synced = true
 			d.current = time.Now()
@@ -329,8 +336,16 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 			target = d.staging
 		}
 		removals = d.applyEvent(target, k.Event, d.staging == nil)
-		if mc := k.Event.GetMailboxChanged(); mc != nil && d.staging == nil {
-			notes = append(notes, mailboxNote{mc.GetUserId(), mc.GetDeviceId(), mc.GetSeq()})
+		if mc := k.Event.GetMailboxChanged(); mc != nil {
+			n := mailboxNote{mc.GetUserId(), mc.GetDeviceId(), mc.GetSeq()}
+			if d.staging != nil {
+				// Told once the copy is complete and in place, as its
+				// removals are: a copy cut off halfway is dropped whole,
+				// and the next one announces them again.
+				d.staging.mail = append(d.staging.mail, n)
+			} else {
+				notes = append(notes, n)
+			}
 		}
 		switch k.Event.GetKind().(type) {
 		case *edgev1.WatchEvent_EdgePut, *edgev1.WatchEvent_EdgeDeleted:

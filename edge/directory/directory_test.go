@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/edge/directory"
 	"github.com/edge-relay/relay/edge/session"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
@@ -149,5 +151,131 @@ func TestFollowsTheControlPlane(t *testing.T) {
 		if !rm.has(want) {
 			t.Fatalf("missing removal %+v in %v", want, rm.got)
 		}
+	}
+}
+
+// mailboxCall is one OnMailbox call and what the directory said at the
+// time.
+type mailboxCall struct {
+	note     string // user/device/seq
+	synced   bool
+	revision uint64
+}
+
+type mailboxCalls struct {
+	mu  sync.Mutex
+	got []mailboxCall
+}
+
+func (m *mailboxCalls) add(c mailboxCall) { m.mu.Lock(); m.got = append(m.got, c); m.mu.Unlock() }
+func (m *mailboxCalls) all() []mailboxCall {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([]mailboxCall(nil), m.got...)
+}
+
+// A full copy's mailbox announcements reach OnMailbox once the copy is in
+// place (synced, at the copy's revision), not while it is staged; live
+// ones reach it as they come; a feed resumed with a full copy after a gap
+// announces what was stored during the gap.
+func TestFullCopyMailboxesReachOnMailboxAfterTheCopy(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{FSM: fsm.Config{ChangeRetention: 20, PruneEvery: 8}})
+	node := c.Nodes[0]
+	edgeTok := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	apply := func(op *statev1.Command) uint64 {
+		t.Helper()
+		res, err := node.Server.Node().Apply(ctx, op)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+			t.Fatalf("%v: %v", op, res)
+		}
+		return res.GetRevision()
+	}
+	put := func(did, id string) uint64 {
+		t.Helper()
+		return apply(&statev1.Command{Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: []*statev1.MailboxEntry{{
+			UserId: "u1", DeviceId: did, SenderDeviceId: "sender", EventId: id, Event: []byte(id), ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli(),
+		}}}}})
+	}
+	apply(&statev1.Command{Op: &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u1", Login: "u1"}}}})
+	for _, did := range []string{"d1", "d2", "d3"} {
+		apply(&statev1.Command{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: did, UserId: "u1", Name: did, PublicKey: bytes.Repeat([]byte{1}, 32)}}}})
+	}
+	put("d1", "before")
+
+	var calls mailboxCalls
+	var dir *directory.Directory
+	dir = directory.New(directory.Config{Ring: session.NewRing(), OnMailbox: func(user, device string, seq uint64) {
+		calls.add(mailboxCall{note: fmt.Sprintf("%s/%s/%d", user, device, seq), synced: dir.Synced(), revision: dir.Revision()})
+	}})
+	d := api.NewDialer(nil)
+	defer d.Close()
+	client := edgev1connect.NewWatchServiceClient(d.HTTPClient(), d.URL(node.Server.APIAddr()))
+	follow := func() (stop func()) {
+		fctx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() {
+			done <- dir.Follow(fctx, client, func(context.Context) (string, error) { return edgeTok, nil })
+		}()
+		return func() { cancel(); <-done }
+	}
+	waitCalls := func(n int) []mailboxCall {
+		t.Helper()
+		clustertest.Eventually(t, 20*time.Second, func() error {
+			if got := len(calls.all()); got < n {
+				return fmt.Errorf("%d OnMailbox calls, want %d", got, n)
+			}
+			return nil
+		})
+		return calls.all()
+	}
+
+	// The first copy announces d1, once it is in place.
+	stop := follow()
+	got := waitCalls(1)
+	if got[0].note != "u1/d1/1" || !got[0].synced {
+		t.Fatalf("first copy: %+v, want u1/d1/1 once synced", got[0])
+	}
+	// Live.
+	put("d2", "live")
+	if got = waitCalls(2); got[1].note != "u1/d2/1" {
+		t.Fatalf("live: %+v, want u1/d2/1", got[1])
+	}
+
+	// A gap: d3 and d1 receive entries, d2 is emptied, and the changes
+	// are compacted, so the feed resumes with a full copy.
+	stop()
+	put("d3", "gap1")
+	put("d1", "gap2")
+	last := apply(&statev1.Command{Op: &statev1.Command_AckMailbox{AckMailbox: &statev1.AckMailbox{DeviceId: "d2", Seqs: []uint64{1}}}})
+	f := node.Server.Node().FSM()
+	for i := 0; ; i++ {
+		if h, err := f.Horizon(); err != nil {
+			t.Fatal(err)
+		} else if h > dir.Revision()+1 { // the resume reads from the next revision
+			break
+		}
+		last = apply(&statev1.Command{Op: &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: fmt.Sprintf("f%d", i), Login: fmt.Sprintf("f%d", i)}}}})
+	}
+	resyncs := node.Metric(t, "relay_control_watch_resyncs_total")
+	stop = follow()
+	defer stop()
+	got = waitCalls(4)
+	if n := node.Metric(t, "relay_control_watch_resyncs_total"); n != resyncs+1 {
+		t.Fatalf("%v full copies sent on resume, want 1", n-resyncs)
+	}
+	var notes []string
+	for _, call := range got[2:] {
+		notes = append(notes, call.note)
+		if !call.synced || call.revision < last {
+			t.Fatalf("%s told at revision %d (synced %v), before the copy at %d or later was in place", call.note, call.revision, call.synced, last)
+		}
+	}
+	if strings.Join(notes, " ") != "u1/d1/2 u1/d3/1" {
+		t.Fatalf("after the gap: %v, want u1/d1/2 u1/d3/1 (d2 was emptied)", notes)
 	}
 }

@@ -438,7 +438,11 @@ func (x *EdgeMember) GetMeshAddr() string {
 }
 
 // MailboxChanged says a device's mailbox received entries, up to seq.
-// Only the edge holding the device acts on it (it fetches them).
+// Only the edge holding the device acts on it (it fetches them). A full
+// copy carries one for every mailbox that holds entries (seq: the
+// highest ever given out), so a watcher whose feed had a gap learns of
+// entries whose live announcements it missed; it acts on those once
+// snapshot_done has arrived.
 type MailboxChanged struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	DeviceId      string                 `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`

@@ -1,0 +1,77 @@
+package fsm
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// storedMailboxes renders what a fresh view's EachStoredMailbox yields as
+// "user/device/last_seq/count".
+func storedMailboxes(t *testing.T, f *FSM) string {
+	t.Helper()
+	v, err := f.View()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	var out []string
+	err = v.EachStoredMailbox(func(uid string, mb *statev1.Mailbox) error {
+		out = append(out, fmt.Sprintf("%s/%s/%d/%d", uid, mb.GetDeviceId(), mb.GetLastSeq(), mb.GetCount()))
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Join(out, " ")
+}
+
+// A view yields the mailboxes that hold entries, with their owners and
+// the highest seq given out; emptied and deleted ones are left out, and
+// a counter record without a device owner is skipped, not an error.
+func TestViewStoredMailboxes(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	if got := storedMailboxes(t, f); got != "" {
+		t.Fatalf("no entries yet: %q", got)
+	}
+	a.apply(putOp(
+		mail("alice", "a1", "a2", "e1", 10, far),
+		mail("alice", "a1", "a2", "e2", 10, far),
+		mail("alice", "a1", "a2", "e3", 10, far),
+		mail("alice", "a2", "a1", "e4", 10, far),
+		mail("bob", "b1", "b1", "e5", 10, far),
+	))
+	if got, want := storedMailboxes(t, f), "alice/a1/3/3 alice/a2/1/1 bob/b1/1/1"; got != want {
+		t.Fatalf("after put: %q, want %q", got, want)
+	}
+	// a1's newest entry acked: still announced with the highest seq given
+	// out (a fetch after the session's cursor finds what is left); a2
+	// emptied; bob's device gone with him.
+	a.apply(ackOp("a1", 3))
+	a.apply(ackOp("a2", 1))
+	a.apply(&statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "bob"}})
+	if got, want := storedMailboxes(t, f), "alice/a1/3/2"; got != want {
+		t.Fatalf("after acks and a deletion: %q, want %q", got, want)
+	}
+
+	// A counter record whose device has no owner (no command leaves one):
+	// skipped, the others still yielded.
+	rec, err := proto.Marshal(&statev1.Mailbox{DeviceId: "ghost", LastSeq: 7, Count: 1, Bytes: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := f.store.NewBatch()
+	if err := b.Set(mailboxKey("ghost"), rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := storedMailboxes(t, f), "alice/a1/3/2"; got != want {
+		t.Fatalf("with an ownerless record: %q, want %q", got, want)
+	}
+}
