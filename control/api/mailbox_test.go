@@ -405,6 +405,9 @@ func (w *watcher) copyMailboxes(t *testing.T) (uint64, []string) {
 			t.Fatalf("copy at %d has a message at %d: %v", first.GetRevision(), m.GetRevision(), m)
 		}
 		if m.GetSnapshotDone() != nil {
+			if !m.GetSnapshotDone().GetMailboxesAnnounced() {
+				t.Fatal("the copy's end does not say it announced the mailboxes")
+			}
 			return m.GetRevision(), out
 		}
 		if mc := m.GetEvent().GetMailboxChanged(); mc != nil {

@@ -291,7 +291,7 @@ func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	}); err != nil {
 		return 0, err
 	}
-	if err := ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{}}}); err != nil {
+	if err := ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{MailboxesAnnounced: true}}}); err != nil {
 		return 0, err
 	}
 	return rev, nil

@@ -9,13 +9,19 @@ import (
 )
 
 // AnnouncedRevision covers a mailbox announcement only once OnMailbox
-// has been called for it: the session core trusts it to mean that every
-// entry stored up to it was announced.
+// has been called for it - live, or from a full copy - and counts the
+// full copies that announced no mailboxes: the session core trusts it to
+// mean that every entry stored up to it was announced.
 func TestAnnouncedRevisionFollowsTheAnnouncements(t *testing.T) {
 	var d *directory.Directory
-	var seenAt []uint64 // AnnouncedRevision while each announcement was made
+	type seen struct {
+		device string
+		at     uint64
+	}
+	var calls []seen // AnnouncedRevision while each announcement was made
 	d = directory.New(directory.Config{Ring: session.NewRing(), OnMailbox: func(user, device string, seq uint64) {
-		seenAt = append(seenAt, d.AnnouncedRevision())
+		rev, _ := d.AnnouncedRevision()
+		calls = append(calls, seen{device, rev})
 	}})
 	apply := func(rev uint64, kind any) {
 		m := &edgev1.WatchResponse{Revision: rev}
@@ -31,38 +37,43 @@ func TestAnnouncedRevisionFollowsTheAnnouncements(t *testing.T) {
 		}
 		d.Apply(m)
 	}
+	announced := func(wantRev, wantBlind uint64) {
+		t.Helper()
+		if rev, blind := d.AnnouncedRevision(); rev != wantRev || blind != wantBlind {
+			t.Fatalf("AnnouncedRevision = %d, %d blind copies; want %d, %d", rev, blind, wantRev, wantBlind)
+		}
+	}
+	mc := func(device string, seq uint64) *edgev1.WatchEvent {
+		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_MailboxChanged{MailboxChanged: &edgev1.MailboxChanged{DeviceId: device, UserId: "u", Seq: seq}}}
+	}
 	apply(3, &edgev1.Resync{})
-	apply(3, &edgev1.SnapshotDone{})
-	if got := d.AnnouncedRevision(); got != 3 {
-		t.Fatalf("after a full copy of revision 3: %d", got)
-	}
-	mc := func(seq uint64) *edgev1.WatchEvent {
-		return &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_MailboxChanged{MailboxChanged: &edgev1.MailboxChanged{DeviceId: "d", UserId: "u", Seq: seq}}}
-	}
+	apply(3, mc("copied", 4))
+	announced(0, 0) // nothing while the copy is staged
+	apply(3, &edgev1.SnapshotDone{MailboxesAnnounced: true})
+	announced(3, 0)
 	// Revision 5 carries two announcements: it is complete only when a
 	// later message says so.
-	apply(5, mc(1))
-	apply(5, mc(2))
-	if got := d.AnnouncedRevision(); got != 4 {
-		t.Fatalf("inside revision 5: %d, want 4", got)
-	}
+	apply(5, mc("d", 1))
+	apply(5, mc("d", 2))
+	announced(4, 0)
 	apply(5, &edgev1.Progress{})
-	if got := d.AnnouncedRevision(); got != 5 {
-		t.Fatalf("after revision 5's progress: %d", got)
-	}
-	apply(8, mc(3))
-	if got := d.AnnouncedRevision(); got != 7 {
-		t.Fatalf("inside revision 8: %d, want 7", got)
-	}
+	announced(5, 0)
+	apply(8, mc("d", 3))
+	announced(7, 0)
+	// A copy from a control plane that does not announce mailboxes: the
+	// gap it covers may hold entries nobody will announce.
+	apply(12, &edgev1.Resync{})
+	apply(12, &edgev1.SnapshotDone{})
+	announced(12, 1)
 	// Each announcement was made before the revision that carried it
 	// counted as announced.
-	carried := []uint64{5, 5, 8}
-	if len(seenAt) != len(carried) {
-		t.Fatalf("%d announcements made, want %d", len(seenAt), len(carried))
+	want := []seen{{"copied", 3}, {"d", 5}, {"d", 5}, {"d", 8}}
+	if len(calls) != len(want) {
+		t.Fatalf("announcements %v, want one each for %v", calls, want)
 	}
-	for i, rev := range carried {
-		if seenAt[i] >= rev {
-			t.Fatalf("announcement %d of revision %d made when AnnouncedRevision was already %d", i, rev, seenAt[i])
+	for i, c := range calls {
+		if c.device != want[i].device || c.at >= want[i].at {
+			t.Fatalf("announcement %d (%s) made when AnnouncedRevision was %d, want below %d", i, c.device, c.at, want[i].at)
 		}
 	}
 }

@@ -167,8 +167,11 @@ type Directory struct {
 
 	// announced is the revision up to which every mailbox announcement
 	// was handed to OnMailbox (it trails revision, which moves before the
-	// announcements are made, outside the lock).
-	announced atomic.Uint64
+	// announcements are made, outside the lock); blind counts full copies
+	// that did not announce the mailboxes holding entries (from control
+	// planes older than that), after which what was stored during the gap
+	// may never be announced.
+	announced, blind atomic.Uint64
 }
 
 // New returns an empty, unsynced directory.
@@ -274,8 +277,15 @@ func (d *Directory) Revision() uint64 {
 }
 
 // AnnouncedRevision is the revision up to which every mailbox
-// announcement of the feed has been handed to OnMailbox.
-func (d *Directory) AnnouncedRevision() uint64 { return d.announced.Load() }
+// announcement of the feed has been handed to OnMailbox, and how many
+// full copies so far announced none (so entries stored before them may
+// not have been announced at all).
+func (d *Directory) AnnouncedRevision() (rev, blindCopies uint64) {
+	// announced first: a copy counts blind before it moves announced, so
+	// whoever sees the revision after a copy sees the count too.
+	rev = d.announced.Load()
+	return rev, d.blind.Load()
+}
 
 // WaitRevision blocks until the directory is synced and has applied rev.
 func (d *Directory) WaitRevision(ctx context.Context, rev uint64) error {
@@ -326,6 +336,9 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 				}
 			}
 			notes, d.staging.mail = d.staging.mail, nil
+			if !k.SnapshotDone.GetMailboxesAnnounced() {
+				d.blind.Add(1)
+			}
 			d.cur, d.staging = *d.staging, nil
 			d.synced = true
 			d.current = time.Now()

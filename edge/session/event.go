@@ -342,7 +342,10 @@ func (s *Session) resolveTargets(ev *relayv1.Event, durable bool, out []route) (
 		s.routeMu.Lock()
 		for i := range out {
 			rt := &out[i]
-			if s.mbPending[rt.device] > 0 {
+			if s.mbPending[rt.device] > 0 || !s.openKnown.Load() {
+				// (Until the session knows its start revision, a target
+				// cannot tell whether this sender's earlier sessions
+				// stored events for it: the mailbox keeps the order.)
 				rt.to, rt.edge = nil, ""
 			} else if pf, ok := s.fwdPending[rt.device]; ok {
 				rt.to, rt.edge = nil, pf.edge

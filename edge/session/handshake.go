@@ -44,8 +44,10 @@ type Directory interface {
 	// UserDevices lists a user's active (not revoked) devices.
 	UserDevices(userID string) []string
 	// AnnouncedRevision is the control-plane revision up to which every
-	// mailbox announcement has been made here (Hub.MailboxChanged).
-	AnnouncedRevision() uint64
+	// mailbox announcement has been made here (Hub.MailboxChanged), and a
+	// count of the full copies of the feed that announced no mailboxes:
+	// entries stored before one of those may never be announced.
+	AnnouncedRevision() (rev, blindCopies uint64)
 }
 
 // CloseError ends a session with a protocol code, sent to the client in

@@ -108,15 +108,23 @@ type memDir struct {
 	users   map[string]bool
 	feed    uint64
 	lagging bool
+	blind   uint64
 }
 
-func (d *memDir) AnnouncedRevision() uint64 {
+func (d *memDir) AnnouncedRevision() (uint64, uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if !d.lagging {
-		return math.MaxUint64
+		return math.MaxUint64, d.blind
 	}
-	return d.feed
+	return d.feed, d.blind
+}
+
+// blindCopy counts a full copy of the feed that announced no mailboxes.
+func (d *memDir) blindCopy() {
+	d.mu.Lock()
+	d.blind++
+	d.mu.Unlock()
 }
 
 // setFeed holds the feed at rev (it is caught up again with
@@ -213,6 +221,13 @@ func newEnv(t testing.TB, mod func(*Config)) *env {
 		e.wg.Wait()
 	})
 	return e
+}
+
+// devices adds several devices of one user.
+func (e *env) devices(user string, ids ...string) {
+	for _, id := range ids {
+		e.device(user, id)
+	}
 }
 
 func (e *env) device(user, id string) {

@@ -71,6 +71,12 @@ type mailboxState struct {
 	held    []heldDelivery
 	fence   uint64 // highest revision a held delivery waits for a fetch to cover
 	primed  bool   // the first read was complete and all of it queued
+	// epoch is the directory's count of full copies that announced no
+	// mailboxes, as of the last complete fetch (see fenced).
+	epoch uint64
+	// failing is set when a fetch failed: deliveries that would wait are
+	// refused until a fetch completes, rather than held without bound.
+	failing bool
 
 	// covered is a revision every entry stored by then was queued for
 	// (or is gone): a complete fetch covers the revision it read, and the
@@ -146,12 +152,23 @@ func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires
 // sender's earlier sessions stored before rev (see mailboxState).
 func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offerResult {
 	m := &s.mb
+	if s.hub.cfg.Mailbox == nil {
+		need, rev = 0, 0 // no mailboxes here: nothing to wait for
+	}
 	if need > 0 || rev > m.covered.Load() || m.nheld.Load() > 0 {
 		m.mu.Lock()
 		if s.mustHold(need, rev) {
 			if m.stopped {
 				m.mu.Unlock()
 				return queueClosed
+			}
+			if m.failing {
+				// The mailbox cannot be read: waiting could last as long
+				// as the control plane is away. Refused (retryable; a
+				// forwarded event goes to the mailbox from its edge).
+				m.mu.Unlock()
+				f.fail(relayv1.ErrorCode_ERROR_CODE_INTERNAL, errUnreadableMailbox)
+				return offered
 			}
 			if len(m.held) >= s.hub.cfg.QueueLen {
 				m.mu.Unlock()
@@ -189,13 +206,35 @@ func (s *Session) fenced(rev uint64) bool {
 	}
 	// Entries stored up to rev were announced once the feed passed rev:
 	// to this session if it was registered (wanted), or before it was,
-	// and then the fetch due since registration (more) finds them.
-	if m.more || m.wanted > m.cursor || s.hub.cfg.Directory.AnnouncedRevision() < rev {
+	// and then the fetch due since registration (more) finds them;
+	// unless a full copy of the feed since the last complete fetch
+	// announced none (from an older control plane).
+	announced, blind := s.hub.cfg.Directory.AnnouncedRevision()
+	if m.more || m.wanted > m.cursor || announced < rev || blind > m.epoch {
 		return true
 	}
 	// Later announcements are of later revisions: rev stays covered.
 	m.covered.Store(rev)
 	return false
+}
+
+// errUnreadableMailbox refuses a live event that must wait for the
+// target's mailbox while it cannot be read.
+const errUnreadableMailbox = "the target's mailbox cannot be read to keep the sender's order; retry later"
+
+// failHeld refuses the held deliveries, and those that would wait until a
+// fetch completes, after a fetch failed.
+func (s *Session) failHeld() {
+	m := &s.mb
+	m.mu.Lock()
+	m.failing = true
+	held := m.held
+	m.held = nil
+	m.nheld.Store(0)
+	m.mu.Unlock()
+	for _, h := range held {
+		h.f.fail(relayv1.ErrorCode_ERROR_CODE_INTERNAL, errUnreadableMailbox)
+	}
 }
 
 // primeMailbox queues the first page of the device's mailbox before the
@@ -209,6 +248,7 @@ func (s *Session) primeMailbox(ctx context.Context) {
 	m.wake, m.done = make(chan struct{}, 1), make(chan struct{})
 	close(m.done) // no pump yet
 	s.listen()
+	_, blind := s.hub.cfg.Directory.AnnouncedRevision()
 	fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	page, err := mb.Fetch(fctx, s.deviceID, 0, s.hub.cfg.MailboxWindow)
 	cancel()
@@ -224,14 +264,16 @@ func (s *Session) primeMailbox(ctx context.Context) {
 		return
 	}
 	s.openRev.Store(page.Revision)
-	m.primed = s.queueEntries(page, 0, 0) && !page.More
+	s.openKnown.Store(true)
+	m.primed = s.queueEntries(page, 0, 0, blind) && !page.More
 }
 
 // queueEntries queues fetched entries (with m.mu held). known is the
-// highest seq known to exist when the fetch was sent, and fence the
-// highest revision a held delivery waited for then: a complete fetch
-// covers both. It reports false when the queue took no more.
-func (s *Session) queueEntries(page MailboxPage, known, fence uint64) bool {
+// highest seq known to exist when the fetch was sent, fence the highest
+// revision a held delivery waited for then, and blind the directory's
+// count of full copies that announced no mailboxes: a complete fetch
+// covers all three. It reports false when the queue took no more.
+func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) bool {
 	m := &s.mb
 	for _, e := range page.Entries {
 		if e.GetSeq() <= m.cursor {
@@ -273,6 +315,8 @@ func (s *Session) queueEntries(page MailboxPage, known, fence uint64) bool {
 		if rev := max(page.Revision, fence); rev > m.covered.Load() {
 			m.covered.Store(rev)
 		}
+		m.epoch = max(m.epoch, blind)
+		m.failing = false
 	}
 	s.releaseHeld()
 	return true
@@ -382,6 +426,7 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 		}
 		after, known, fence := m.cursor, m.wanted, m.fence
 		m.mu.Unlock()
+		_, blind := s.hub.cfg.Directory.AnnouncedRevision()
 		ctx, cancel := context.WithTimeout(pctx, 5*time.Second)
 		page, err := s.hub.cfg.Mailbox.Fetch(ctx, s.deviceID, after, window)
 		cancel()
@@ -390,6 +435,7 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 				return // the session ended: not a failure
 			}
 			s.log.Warn("mailbox fetch failed", "err", err, "backoff", backoff)
+			s.failHeld()
 			if !wait(backoff) {
 				return
 			}
@@ -397,12 +443,13 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 			continue
 		}
 		backoff = 50 * time.Millisecond
-		if s.openRev.Load() == 0 {
+		if !s.openKnown.Load() {
 			// The first read failed: this one bounds the session's start.
 			s.openRev.Store(page.Revision)
+			s.openKnown.Store(true)
 		}
 		m.mu.Lock()
-		full := !s.queueEntries(page, known, fence)
+		full := !s.queueEntries(page, known, fence, blind)
 		m.mu.Unlock()
 		if full && !wait(10*time.Millisecond) {
 			return

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"testing"
@@ -201,6 +202,17 @@ func (d *dev) sendPayload(p string, targets ...string) *relayv1.Event {
 	ev.Payload = []byte(p)
 	d.sendEvent(ev)
 	return ev
+}
+
+// relay sends payload to the device to, which must get it next (acknowledging
+// it), and waits for the sender's ack.
+func (d *dev) relay(to *dev, payload string) {
+	d.t.Helper()
+	ev := d.sendPayload(payload, to.id)
+	if got := to.payloads(1); got[0] != payload {
+		d.t.Fatalf("%s got %q, want %q", to.id, got[0], payload)
+	}
+	d.expectAck(ev)
 }
 
 func (d *dev) expectAck(ev *relayv1.Event) {
@@ -510,27 +522,55 @@ func storedWhileTheFeedLags(t *testing.T) (*env, *memMailbox, *dev) {
 }
 
 // A sender's live event never overtakes what its earlier session stored
-// for the target, even when this edge has not heard of the entry yet (its
-// feed lags) and the sender's new session knows nothing of it.
+// for the target, even when this edge has not heard of the entry yet and
+// the sender's new session knows nothing of it: when its feed lags, or
+// when the feed resumed with a full copy that announced no mailboxes (an
+// older control plane), after which the feed no longer vouches for what
+// was stored before.
 func TestReconnectedSenderWaitsForItsStoredEvents(t *testing.T) {
-	e, mb, b := storedWhileTheFeedLags(t)
-	a := e.online("a")
-	live := a.sendPayload("live", "b")
-	if got := b.payloads(2); !slices.Equal(got, []string{"stored", "live"}) {
-		t.Fatalf("b got %v", got)
+	for _, tc := range []struct {
+		name string
+		feed func(*memDir)
+	}{
+		{"the feed lags", func(*memDir) {}},
+		{"a copy announced no mailboxes", func(d *memDir) { d.blindCopy(); d.setFeed(math.MaxUint64) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, mb, b := storedWhileTheFeedLags(t)
+			tc.feed(e.dir)
+			a := e.online("a")
+			live := a.sendPayload("live", "b")
+			if got := b.payloads(2); !slices.Equal(got, []string{"stored", "live"}) {
+				t.Fatalf("b got %v", got)
+			}
+			a.expectAck(live)
+			// Once b's mailbox was read past a's start, a's events go
+			// straight through.
+			reads := mb.readsOf("b")
+			a.relay(b, "next")
+			if n := mb.readsOf("b"); n != reads {
+				t.Fatalf("b's mailbox was read %d more times for a live event", n-reads)
+			}
+		})
 	}
-	a.expectAck(live)
-	// Once b's mailbox was read past a's start, a's events go straight
-	// through, feed or not.
-	reads := mb.readsOf("b")
-	next := a.sendPayload("next", "b")
-	if got := b.payloads(1); got[0] != "next" {
-		t.Fatalf("b got %v", got)
-	}
-	a.expectAck(next)
-	if n := mb.readsOf("b"); n != reads {
-		t.Fatalf("b's mailbox was read %d more times for a live event", n-reads)
-	}
+}
+
+// storedWhileConnecting starts b's handshake and, while b's first
+// mailbox read waits at gate (having read an empty mailbox), stores an
+// event of a for b and announces it, when no session of b can hear it.
+func storedWhileConnecting(t *testing.T, e *env, mb *memMailbox, gate chan struct{}) *dev {
+	t.Helper()
+	mb.mu.Lock()
+	mb.fetchGate["b"] = gate
+	mb.mu.Unlock()
+	b := e.connect("b")
+	h := b.hello(nil)
+	b.send(h)
+	b.send(sign(h.GetHello(), b.readDirect().GetChallenge(), e.keys["b"]))
+	waitFor(t, "b's first read", func() bool { return mb.readsOf("b") == 1 })
+	seq := mb.storeAsAnotherEdge(t, "b", "a", "stored")
+	e.hub.MailboxChanged("u1", "b", seq)
+	return b
 }
 
 // An entry stored while the target's session is being set up is
@@ -542,17 +582,8 @@ func TestEntryStoredWhileTheTargetRegisters(t *testing.T) {
 	e.device("u1", "a")
 	e.device("u1", "b")
 	gate := make(chan struct{})
-	mb.mu.Lock()
-	mb.fetchGate["b"] = gate
-	mb.mu.Unlock()
-	b := e.connect("b")
-	h := b.hello(nil)
-	b.send(h)
-	b.send(sign(h.GetHello(), b.readDirect().GetChallenge(), e.keys["b"]))
-	waitFor(t, "b's first read", func() bool { return mb.readsOf("b") == 1 })
-	seq := mb.storeAsAnotherEdge(t, "b", "a", "stored")
-	e.hub.MailboxChanged("u1", "b", seq) // nobody here to hear it yet
-	gate <- struct{}{}                   // the first read answers: empty
+	b := storedWhileConnecting(t, e, mb, gate)
+	gate <- struct{}{} // the first read answers: empty
 	if b.readDirect().GetWelcome() == nil {
 		t.Fatal("no welcome")
 	}
@@ -642,11 +673,7 @@ func TestOneMailboxReadPerQuietConnect(t *testing.T) {
 	if got := b.payloads(1); got[0] != "stored" {
 		t.Fatalf("b got %v", got)
 	}
-	live := a.sendPayload("live", "b")
-	if got := b.payloads(1); got[0] != "live" {
-		t.Fatalf("b got %v", got)
-	}
-	a.expectAck(live)
+	a.relay(b, "live")
 	b.expectNothing("anything else", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
 	if n := mb.readsOf("b"); n != 1 {
 		t.Fatalf("b's mailbox was read %d times", n)
@@ -669,4 +696,126 @@ func TestOneMailboxReadPerQuietConnect(t *testing.T) {
 		}
 		return true
 	})
+}
+
+// A sender session whose first mailbox read failed does not know the
+// revision it started at: its events for a device go through the
+// device's mailbox, behind what its earlier sessions stored there.
+func TestSenderWithoutAStartRevisionGoesThroughTheMailbox(t *testing.T) {
+	e, mb, b := storedWhileTheFeedLags(t)
+	mb.mu.Lock()
+	mb.fails["a"] = 1 << 20
+	mb.mu.Unlock()
+	a := e.online("a")
+	live := a.sendPayload("live", "b")
+	a.expectAck(live)                                     // stored
+	seq := mb.storeAsAnotherEdge(t, "b", "x", "announce") // the feed catches up
+	e.hub.MailboxChanged("u1", "b", seq)
+	if got := b.payloads(3); !slices.Equal(got, []string{"stored", "live", "announce"}) {
+		t.Fatalf("b got %v", got)
+	}
+}
+
+// A live event waiting for the target's mailbox is refused (retryably)
+// when the mailbox cannot be read, and so is what would wait behind it,
+// rather than held for as long as the control plane is away; other
+// senders' events that need not wait still go through.
+func TestWaitingEventsAreRefusedWhileTheMailboxCannotBeRead(t *testing.T) {
+	e, mb := mailboxEnv(t, nil)
+	e.devices("u1", "a", "b", "c")
+	b, c := e.online("b"), e.online("c")
+	e.dir.setFeed(0)
+	mb.storeAsAnotherEdge(t, "b", "a", "stored")
+	mb.mu.Lock()
+	mb.fails["b"] = 1 << 20
+	mb.mu.Unlock()
+	a := e.online("a")
+	refused := func(d *dev, ev *relayv1.Event) {
+		t.Helper()
+		f := d.nextAckOrReject()
+		if f.GetReject().GetEventId() != ev.GetId() || f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_INTERNAL {
+			t.Fatalf("%s: want INTERNAL for %s, got %v", d.id, ev.GetId(), f)
+		}
+	}
+	refused(a, a.sendPayload("live", "b"))
+	refused(a, a.sendPayload("again", "b"))
+	// c started before b's last read: nothing for it to wait for.
+	c.relay(b, "from-c")
+	// The control plane is back: the session's next read (it keeps
+	// trying) queues the stored event, and a's retry goes after it.
+	reads := mb.readsOf("b")
+	mb.mu.Lock()
+	mb.fails["b"] = 0
+	mb.mu.Unlock()
+	waitFor(t, "b's mailbox read again", func() bool { return mb.readsOf("b") > reads })
+	if got := b.payloads(1); got[0] != "stored" {
+		t.Fatalf("b got %v", got)
+	}
+	a.relay(b, "retry")
+}
+
+// An edge without mailboxes has nothing to wait for: a forwarded event
+// that names a revision is delivered at once.
+func TestNoMailboxesNoWait(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "b")
+	e.dir.setFeed(0)
+	b := e.online("b")
+	outcome := make(chan edgev1.ForwardOutcome, 1)
+	e.hub.DeliverForwarded(&edgev1.Forward{Id: 1, DeviceId: "b", UserId: "u1", Event: mustEvent(t, "live"), SenderRevision: 5},
+		func(o edgev1.ForwardOutcome) { outcome <- o })
+	if got := b.payloads(1); got[0] != "live" {
+		t.Fatalf("b got %v", got)
+	}
+	if o := <-outcome; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
+		t.Fatalf("outcome %v", o)
+	}
+}
+
+// announceHook is a mesh that runs a function when a device's session is
+// announced (inside the hub's registration, before the session has
+// looked at its mailbox again).
+type announceHook struct {
+	once       sync.Once
+	onAnnounce func()
+}
+
+func (r *announceHook) Locate(string) (string, bool) { return "", false }
+func (r *announceHook) Forward(_ string, _ *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
+	if done != nil {
+		done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+	}
+}
+func (r *announceHook) Announce(p *edgev1.DevicePresence, online bool) {
+	if online && p.GetDeviceId() == "b" {
+		r.once.Do(r.onAnnounce)
+	}
+}
+func (r *announceHook) Online(string) []string { return nil }
+
+// A live event that arrives the moment the target is registered, before
+// its session has looked at what was announced while it was set up,
+// waits for that.
+func TestLiveEventRightAfterRegistration(t *testing.T) {
+	hook := &announceHook{}
+	e, mb := mailboxEnv(t, func(c *Config) { c.Remote = hook })
+	e.device("u1", "b")
+	gate := make(chan struct{})
+	outcome := make(chan edgev1.ForwardOutcome, 1)
+	hook.onAnnounce = func() {
+		e.hub.DeliverForwarded(&edgev1.Forward{Id: 1, DeviceId: "b", UserId: "u1", Event: mustEvent(t, "live"), SenderRevision: 1},
+			func(o edgev1.ForwardOutcome) { outcome <- o })
+	}
+	b := storedWhileConnecting(t, e, mb, gate)
+	close(gate)
+	if b.readDirect().GetWelcome() == nil {
+		t.Fatal("no welcome")
+	}
+	b.startReading()
+	if got := b.payloads(2); !slices.Equal(got, []string{"stored", "live"}) {
+		t.Fatalf("b got %v", got)
+	}
+	if o := <-outcome; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
+		t.Fatalf("outcome %v", o)
+	}
 }

@@ -75,7 +75,8 @@ type Session struct {
 	// started (its first mailbox read): whatever the device's earlier
 	// sessions stored in mailboxes was committed by then. Its live events
 	// carry it so a target is first given those entries (0 until known).
-	openRev atomic.Uint64
+	openRev   atomic.Uint64
+	openKnown atomic.Bool // a mailbox read succeeded: openRev is set
 	// heard is set when the device's mailbox is announced while the
 	// session is being set up (see listen).
 	heard atomic.Bool

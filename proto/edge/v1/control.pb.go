@@ -851,9 +851,13 @@ func (*Resync) Descriptor() ([]byte, []int) {
 
 // SnapshotDone ends a full copy.
 type SnapshotDone struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The copy announced every mailbox holding entries (mailbox_changed
+	// records). Control planes older than that field leave it false: an
+	// edge cannot tell what was stored while its feed was interrupted.
+	MailboxesAnnounced bool `protobuf:"varint,1,opt,name=mailboxes_announced,json=mailboxesAnnounced,proto3" json:"mailboxes_announced,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *SnapshotDone) Reset() {
@@ -884,6 +888,13 @@ func (x *SnapshotDone) ProtoReflect() protoreflect.Message {
 // Deprecated: Use SnapshotDone.ProtoReflect.Descriptor instead.
 func (*SnapshotDone) Descriptor() ([]byte, []int) {
 	return file_edge_v1_control_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *SnapshotDone) GetMailboxesAnnounced() bool {
+	if x != nil {
+		return x.MailboxesAnnounced
+	}
+	return false
 }
 
 // Progress is a heartbeat.
@@ -2023,8 +2034,9 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\rsnapshot_done\x18\f \x01(\v2\x15.edge.v1.SnapshotDoneH\x00R\fsnapshotDone\x12/\n" +
 	"\bprogress\x18\r \x01(\v2\x11.edge.v1.ProgressH\x00R\bprogressB\x06\n" +
 	"\x04kind\"\b\n" +
-	"\x06Resync\"\x0e\n" +
-	"\fSnapshotDone\"\n" +
+	"\x06Resync\"?\n" +
+	"\fSnapshotDone\x12/\n" +
+	"\x13mailboxes_announced\x18\x01 \x01(\bR\x12mailboxesAnnounced\"\n" +
 	"\n" +
 	"\bProgress\"^\n" +
 	"\bActivity\x12\x17\n" +
