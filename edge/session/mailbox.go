@@ -180,8 +180,11 @@ func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offer
 				// The pump fetches until a complete read covers it.
 				m.fence = rev
 			}
+			if need > m.wanted {
+				m.wanted = need
+			}
+			s.startPumpLocked()
 			m.mu.Unlock()
-			s.kickMailbox(need)
 			return offered
 		}
 		m.mu.Unlock()
@@ -360,7 +363,14 @@ func (s *Session) kickMailbox(seq uint64) {
 	} else if seq > m.wanted {
 		m.wanted = seq
 	}
-	if m.stopped || !m.dueLocked() {
+	s.startPumpLocked()
+}
+
+// startPumpLocked starts the pump, or wakes it, when a fetch is due (with
+// m.mu held).
+func (s *Session) startPumpLocked() {
+	m := &s.mb
+	if s.hub.cfg.Mailbox == nil || m.stopped || !m.dueLocked() {
 		return
 	}
 	if m.running {
