@@ -297,7 +297,7 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	}
 
 	rc := n.raftConfig()
-	n.raft, err = raft.NewRaft(rc, n.fsm, n.logs, n.logs, n.snaps, n.trans)
+	n.raft, err = raft.NewRaft(rc, n.fsm, n.logs, n.logs, n.snaps, syncTransport{n.trans})
 	if err != nil {
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
@@ -341,6 +341,22 @@ func (n *Node) newTransport() (*raft.NetworkTransport, error) {
 	return raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 		Stream: layer, MaxPool: 3, Timeout: 10 * time.Second, Logger: newHCLogger(n.log, "raft-net"),
 	}), nil
+}
+
+// syncTransport is the Raft transport with pipelined replication turned
+// off. hashicorp/raft's pipeline (v1.8.0) can deadlock: when a follower
+// refuses an append, the pipeline's decoder is left with nobody reading
+// its results and the next send parks for ever, so that follower gets no
+// more entries (its heartbeats keep coming, so it never calls an
+// election) and the leader's Shutdown hangs (seen in CI: a node's stop
+// never returned). Without the pipeline each follower has one
+// AppendEntries in flight, carrying up to MaxAppendEntries entries.
+type syncTransport struct{ *raft.NetworkTransport }
+
+// AppendEntriesPipeline refuses: raft then replicates with plain
+// AppendEntries calls (and logs nothing for this error).
+func (syncTransport) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
+	return nil, raft.ErrPipelineReplicationNotSupported
 }
 
 // advertiseAddr is a Raft address as the operator wrote it. A DNS name
