@@ -2,6 +2,7 @@ package session
 
 import (
 	"slices"
+	"sync"
 
 	"google.golang.org/protobuf/proto"
 
@@ -76,8 +77,11 @@ func (s *Session) claim(a await) {
 // handOff gives the events this device never acknowledged to its
 // mailbox (they count as delivered once stored), or, without mailboxes
 // or when the device was revoked, refuses them to their senders: they
-// must not count as delivered.
-func (s *Session) handOff() {
+// must not count as delivered. done is called once every store it made
+// is answered, with the highest seq stored (0: none).
+func (s *Session) handOff(done func(maxSeq uint64)) {
+	t := &handoffStores{done: done}
+	defer t.issued()
 	s.awaitMu.Lock()
 	pending := s.awaiting
 	s.awaiting = nil
@@ -107,7 +111,8 @@ func (s *Session) handOff() {
 		case s.hub.cfg.Mailbox == nil:
 			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline before receiving it; retry later")
 		default:
-			f.sender.storeMailbox(f, s.deviceID, event, f.expires)
+			t.add()
+			f.sender.storeMailbox(f, s.deviceID, event, f.expires, t.stored)
 		}
 	}
 	for _, id := range ids {
@@ -116,5 +121,41 @@ func (s *Session) handOff() {
 	}
 	for _, h := range held {
 		give(h.f, h.event)
+	}
+}
+
+// handoffStores counts a hand-off's stores until each is answered.
+type handoffStores struct {
+	mu      sync.Mutex
+	pending int
+	all     bool // every store was issued
+	max     uint64
+	done    func(maxSeq uint64)
+}
+
+func (t *handoffStores) add() {
+	t.mu.Lock()
+	t.pending++
+	t.mu.Unlock()
+}
+
+func (t *handoffStores) stored(seq uint64) {
+	t.mu.Lock()
+	t.pending--
+	t.max = max(t.max, seq)
+	fire := t.all && t.pending == 0
+	t.mu.Unlock()
+	if fire {
+		t.done(t.max)
+	}
+}
+
+func (t *handoffStores) issued() {
+	t.mu.Lock()
+	t.all = true
+	fire := t.pending == 0
+	t.mu.Unlock()
+	if fire {
+		t.done(t.max)
 	}
 }

@@ -237,7 +237,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 			continue
 		}
 		if r.to == nil {
-			s.storeMailbox(f, r.device, enc, expires)
+			s.storeMailbox(f, r.device, enc, expires, nil)
 			continue
 		}
 		switch r.to.deliverLive(enc, f, r.need, s.openRev.Load()) {

@@ -334,6 +334,16 @@ func (h *Hub) register(s *Session) bool {
 
 	r.mu.Lock()
 	old := r.devices[s.deviceID]
+	if old != nil && s.hub.cfg.Mailbox != nil {
+		// Until old's hand-off is stored, live events for the device wait
+		// here, and then until it is queued: none may overtake those.
+		old.succMu.Lock()
+		if !old.handedOff {
+			old.successor, s.predIssued = s, old.issued
+			s.mb.gate.Store(true)
+		}
+		old.succMu.Unlock()
+	}
 	r.devices[s.deviceID] = s
 	s.room = r
 	s.since = h.cfg.Now()

@@ -77,6 +77,13 @@ type mailboxState struct {
 	// failing is set when a fetch failed: deliveries that would wait are
 	// refused until a fetch completes, rather than held without bound.
 	failing bool
+	// floor is the highest seq the session this one replaced here handed
+	// to the mailbox: every live delivery waits until it is queued.
+	floor uint64
+	// gate is set while that session has not finished handing off (its
+	// stores are in flight); floorPending while floor > cursor. Both are
+	// read without mu on the fast path of a live delivery.
+	gate, floorPending atomic.Bool
 
 	// covered is a revision every entry stored by then was queued for
 	// (or is gone): a complete fetch covers the revision it read, and the
@@ -101,7 +108,10 @@ type heldDelivery struct {
 // storeMailbox stores an event for a device that is not reachable live;
 // f counts it delivered once stored. While it is in flight, this sender's
 // later events for the same device follow it into the mailbox.
-func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires time.Time) {
+//
+// stored, if not nil, is called once the store is answered, with the
+// entry's seq (0 when it was not stored), after the sender's bookkeeping.
+func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires time.Time, stored func(seq uint64)) {
 	s.routeMu.Lock()
 	if s.mbPending == nil {
 		s.mbPending, s.mbLast = map[string]int{}, map[string]uint64{}
@@ -126,6 +136,13 @@ func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires
 			s.mbLast[device] = r.Seq
 		}
 		s.routeMu.Unlock()
+		if stored != nil {
+			seq := uint64(0)
+			if r.Err == nil && r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+				seq = r.Seq
+			}
+			stored(seq)
+		}
 		switch {
 		case r.Err != nil:
 			f.fail(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "could not store the event for an offline target; retry")
@@ -155,7 +172,7 @@ func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offer
 	if s.hub.cfg.Mailbox == nil {
 		need, rev = 0, 0 // no mailboxes here: nothing to wait for
 	}
-	if need > 0 || rev > m.covered.Load() || m.nheld.Load() > 0 {
+	if need > 0 || rev > m.covered.Load() || m.nheld.Load() > 0 || m.gate.Load() || m.floorPending.Load() {
 		m.mu.Lock()
 		if s.mustHold(need, rev) {
 			if m.stopped {
@@ -197,7 +214,26 @@ func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offer
 // entries (need), or for entries of the sender's earlier sessions (rev).
 func (s *Session) mustHold(need, rev uint64) bool {
 	m := &s.mb
-	return len(m.held) > 0 || need > m.cursor || s.fenced(rev)
+	return len(m.held) > 0 || m.gate.Load() || m.floor > m.cursor || need > m.cursor || s.fenced(rev)
+}
+
+// predecessorStored is told by the session this one replaced here that
+// what it handed off is stored, up to seq (0: nothing): live deliveries
+// wait until the mailbox up to seq is queued, so none overtakes those.
+func (s *Session) predecessorStored(seq uint64) {
+	m := &s.mb
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if seq > m.floor {
+		m.floor = seq
+	}
+	if seq > m.wanted {
+		m.wanted = seq
+	}
+	m.floorPending.Store(m.floor > m.cursor)
+	m.gate.Store(false)
+	s.releaseHeld()
+	s.startPumpLocked()
 }
 
 // fenced reports whether entries stored before rev may still be missing
@@ -329,6 +365,10 @@ func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) boo
 // queued (with m.mu held).
 func (s *Session) releaseHeld() {
 	m := &s.mb
+	m.floorPending.Store(m.floor > m.cursor)
+	if m.gate.Load() || m.floor > m.cursor {
+		return // behind what a replaced session handed off
+	}
 	n := 0
 	for i, h := range m.held {
 		if h.need > m.cursor || s.fenced(h.rev) {

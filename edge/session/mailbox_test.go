@@ -7,6 +7,7 @@ import (
 	"math"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -772,11 +773,13 @@ func TestNoMailboxesNoWait(t *testing.T) {
 	}
 }
 
-// announceHook is a mesh that runs a function when a device's session is
-// announced (inside the hub's registration, before the session has
-// looked at its mailbox again).
+// announceHook is a mesh that runs a function when the nth session of
+// device b (the first when nth is 0) is announced: inside the hub's
+// registration, before the session has looked at its mailbox again, and
+// with an older session of b told to close but maybe not yet handed off.
 type announceHook struct {
-	once       sync.Once
+	nth        int32
+	seen       atomic.Int32
 	onAnnounce func()
 }
 
@@ -787,8 +790,8 @@ func (r *announceHook) Forward(_ string, _ *edgev1.Forward, done func(edgev1.For
 	}
 }
 func (r *announceHook) Announce(p *edgev1.DevicePresence, online bool) {
-	if online && p.GetDeviceId() == "b" {
-		r.once.Do(r.onAnnounce)
+	if online && p.GetDeviceId() == "b" && r.seen.Add(1) == max(r.nth, 1) {
+		r.onAnnounce()
 	}
 }
 func (r *announceHook) Online(string) []string { return nil }
@@ -818,4 +821,26 @@ func TestLiveEventRightAfterRegistration(t *testing.T) {
 	if o := <-outcome; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
 		t.Fatalf("outcome %v", o)
 	}
+}
+
+// When a device's new session replaces its old one here, the old one
+// hands what the device did not acknowledge to the mailbox after the new
+// one is reachable: a sender's live event arriving in between must not
+// overtake those. (The event is sent the moment the new session
+// registers; whether it is routed before the old session hands off,
+// while that is stored, or after, b gets the events in order.)
+func TestReplacedSessionHandsOffBeforeTheNewOneGetsLiveEvents(t *testing.T) {
+	hook := &announceHook{nth: 2}
+	e, _ := mailboxEnv(t, func(c *Config) { c.Remote = hook })
+	e.devices("u1", "a", "b")
+	a, b1 := e.online("a"), e.online("b")
+	first := a.sendPayload("first", "b")
+	b1.nextDeliver() // never acknowledged
+	sent := make(chan *relayv1.Event, 1)
+	hook.onAnnounce = func() { sent <- a.sendPayload("second", "b") }
+	b2 := e.online("b")
+	if got := b2.payloads(2); !slices.Equal(got, []string{"first", "second"}) {
+		t.Fatalf("b got %v", got)
+	}
+	a.expectAcks(first, <-sent)
 }

@@ -64,7 +64,7 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 			if s.hub.cfg.Mailbox != nil {
 				// Stored before the pending count drops, so no later event
 				// finds both paths clear and overtakes it.
-				s.storeMailbox(f, r.device, event, expires)
+				s.storeMailbox(f, r.device, event, expires, nil)
 			} else {
 				f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline; retry later")
 			}

@@ -93,6 +93,18 @@ type Session struct {
 	// As a receiver: this device's mailbox (see mailbox.go).
 	mb mailboxState
 
+	// A newer session of the same device here that must wait until this
+	// one has handed off (see Hub.register): succMu guards successor and
+	// handedOff; issued is closed once this one's hand-off stores were all
+	// issued, and predIssued is that of the session this one replaced, if
+	// it had not handed off yet (the channel, not the session, so a chain
+	// of reconnects keeps no old session alive).
+	succMu     sync.Mutex
+	successor  *Session
+	handedOff  bool
+	issued     chan struct{}
+	predIssued chan struct{}
+
 	// The one close path (closeWith): the first reason wins; closing is
 	// closed then, and the connection's writes are bounded by
 	// closeDeadline, after which the writer aborts the connection.
@@ -114,6 +126,7 @@ func newSession(h *Hub, c Conn) *Session {
 			Max: l.MaxFrameBytes, BufSize: 2 << 10, FrameTimeout: l.FrameTimeout,
 		}),
 		writerDone: make(chan struct{}),
+		issued:     make(chan struct{}),
 		closing:    make(chan struct{}),
 		frames:     rate.NewLimiter(rate.Limit(l.FramesPerSecond), l.FramesPerSecond),
 		events:     rate.NewLimiter(rate.Limit(l.EventsPerSecond), max(l.EventsPerSecond, 1)),
@@ -232,7 +245,9 @@ func (s *Session) run(ctx context.Context) error {
 	// the mailbox behind them. The writer may still be flushing its last
 	// frames: what it delivers twice, the client drops.
 	s.stopMailbox()
-	s.handOff()
+	s.awaitPredecessor()
+	s.handOff(s.handedOffTo)
+	close(s.issued)
 	s.hub.unregister(s)
 	stopDatagrams()
 	wg.Wait()
@@ -439,3 +454,37 @@ func (s *Session) untilMaxAge(now time.Time) time.Duration {
 	}
 	return d
 }
+
+// handedOffTo tells the session that replaced this one, if any, that what
+// this one handed off is stored (up to maxSeq).
+func (s *Session) handedOffTo(maxSeq uint64) {
+	s.succMu.Lock()
+	s.handedOff = true
+	succ := s.successor
+	s.successor = nil
+	s.succMu.Unlock()
+	if succ != nil {
+		succ.predecessorStored(maxSeq)
+	}
+}
+
+// awaitPredecessor waits (bounded) until the session this one replaced
+// has issued its hand-off stores, before this one hands off in turn: the
+// mailbox stores in the order it is asked, so what this one gives follows
+// what that one gave.
+func (s *Session) awaitPredecessor() {
+	if s.predIssued == nil {
+		return
+	}
+	t := time.NewTimer(predecessorWait)
+	defer t.Stop()
+	select {
+	case <-s.predIssued:
+	case <-t.C:
+		s.log.Warn("the replaced session did not hand off in time", "waited", predecessorWait)
+	}
+}
+
+// predecessorWait bounds awaitPredecessor: a session's end, its hand-off
+// included, is bounded by its close deadline, well below this.
+const predecessorWait = 10 * time.Second
