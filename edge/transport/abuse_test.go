@@ -688,11 +688,21 @@ func TestEveryEndIsTyped(t *testing.T) {
 		})
 		t.Run("too many handshakes from one address/"+tr.String(), func(t *testing.T) {
 			// The edge takes two handshakes per address (about one a
-			// minute after that): the third is refused.
+			// minute after that): the third is refused (on this edge the
+			// first transport's handshakes spend the allowance, so the
+			// later ones see every handshake refused). Each of the first
+			// two is answered (a challenge, or a refusal) before the next
+			// is dialled, so they reach the edge in that order: streams of
+			// separate connections can otherwise be taken in any order.
 			var raw *relaytest.Raw
-			for range 3 {
+			for i := range 3 {
 				raw = r.DialRaw(t, fewHellos, tr)
 				_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: session.ProtocolVersion})
+				if i < 2 {
+					if f, err := raw.Next(10 * time.Second); err != nil || (f.GetChallenge() == nil && f.GetClose() == nil) {
+						t.Fatalf("handshake %d: %v, %v; want an answer", i+1, f, err)
+					}
+				}
 			}
 			run(t, row{code: relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
 				// A QUIC stream reaches the edge with its first bytes.
