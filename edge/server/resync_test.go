@@ -149,6 +149,9 @@ func TestEntryStoredDuringAFeedGapReachesTheOpenSession(t *testing.T) {
 		} else if h > seen+1 { // the edge resumes from seen+1
 			break
 		}
+		if i == 1000 { // the feed keeps 20 changes, pruned every 8
+			t.Fatalf("the feed's horizon is still at or below %d after %d changes", seen+1, i)
+		}
 		r.User(fmt.Sprintf("filler%d", i))
 	}
 

@@ -339,13 +339,14 @@ func (s *Session) resolveTargets(ev *relayv1.Event, durable bool, out []route) (
 		// them there; while some are forwarded to an edge, this one goes
 		// the same way (that edge answers in order). A target reached live
 		// must first be given what this sender stored for it.
+		// Until the session knows its start revision, a target cannot tell
+		// whether this sender's earlier sessions stored events for it: the
+		// mailbox keeps the order.
+		unknownStart := !s.openKnown.Load()
 		s.routeMu.Lock()
 		for i := range out {
 			rt := &out[i]
-			if s.mbPending[rt.device] > 0 || !s.openKnown.Load() {
-				// (Until the session knows its start revision, a target
-				// cannot tell whether this sender's earlier sessions
-				// stored events for it: the mailbox keeps the order.)
+			if s.mbPending[rt.device] > 0 || unknownStart {
 				rt.to, rt.edge = nil, ""
 			} else if pf, ok := s.fwdPending[rt.device]; ok {
 				rt.to, rt.edge = nil, pf.edge

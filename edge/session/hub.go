@@ -340,7 +340,10 @@ func (h *Hub) register(s *Session) bool {
 		old.succMu.Lock()
 		if !old.handedOff {
 			old.successor, s.predIssued = s, old.issued
-			s.mb.gate.Store(true)
+			s.mb.mu.Lock()
+			s.mb.gate = true
+			s.mb.syncSlowLocked()
+			s.mb.mu.Unlock()
 		}
 		old.succMu.Unlock()
 	}

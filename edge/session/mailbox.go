@@ -78,20 +78,20 @@ type mailboxState struct {
 	// refused until a fetch completes, rather than held without bound.
 	failing bool
 	// floor is the highest seq the session this one replaced here handed
-	// to the mailbox: every live delivery waits until it is queued.
+	// to the mailbox: every live delivery waits until it is queued. gate
+	// is set while that session's hand-off stores are in flight.
 	floor uint64
-	// gate is set while that session has not finished handing off (its
-	// stores are in flight); floorPending while floor > cursor. Both are
-	// read without mu on the fast path of a live delivery.
-	gate, floorPending atomic.Bool
+	gate  bool
 
 	// covered is a revision every entry stored by then was queued for
 	// (or is gone): a complete fetch covers the revision it read, and the
 	// feed check of fenced covers the revision it passed; it only grows.
-	// nheld is len(held). Both are written with mu held and read without
-	// it on the fast path of a live delivery.
+	// slow is set while every live delivery must take mu: something is
+	// held, or gate or floor stops them all (see syncSlowLocked). Both are
+	// written with mu held and read without it on the fast path of a live
+	// delivery.
 	covered atomic.Uint64
-	nheld   atomic.Int32
+	slow    atomic.Bool
 
 	wake   chan struct{} // capacity 1: acks arrived or work appeared
 	done   chan struct{} // closed when the pump goroutine ends
@@ -172,7 +172,7 @@ func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offer
 	if s.hub.cfg.Mailbox == nil {
 		need, rev = 0, 0 // no mailboxes here: nothing to wait for
 	}
-	if need > 0 || rev > m.covered.Load() || m.nheld.Load() > 0 || m.gate.Load() || m.floorPending.Load() {
+	if need > 0 || rev > m.covered.Load() || m.slow.Load() {
 		m.mu.Lock()
 		if s.mustHold(need, rev) {
 			if m.stopped {
@@ -192,15 +192,12 @@ func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offer
 				return queueFull
 			}
 			m.held = append(m.held, heldDelivery{f: f, event: event, need: need, rev: rev})
-			m.nheld.Store(int32(len(m.held)))
+			m.syncSlowLocked()
 			if rev > m.covered.Load() && rev > m.fence {
 				// The pump fetches until a complete read covers it.
 				m.fence = rev
 			}
-			if need > m.wanted {
-				m.wanted = need
-			}
-			s.startPumpLocked()
+			s.wantLocked(need)
 			m.mu.Unlock()
 			return offered
 		}
@@ -214,7 +211,21 @@ func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offer
 // entries (need), or for entries of the sender's earlier sessions (rev).
 func (s *Session) mustHold(need, rev uint64) bool {
 	m := &s.mb
-	return len(m.held) > 0 || m.gate.Load() || m.floor > m.cursor || need > m.cursor || s.fenced(rev)
+	return m.blocksAllLocked() || need > m.cursor || s.fenced(rev)
+}
+
+// blocksAllLocked reports whether every live delivery must wait (with
+// m.mu held): behind held ones (they keep their order), or behind what a
+// replaced session handed off.
+func (m *mailboxState) blocksAllLocked() bool {
+	return len(m.held) > 0 || m.gate || m.floor > m.cursor
+}
+
+// syncSlowLocked sets slow from the fields it derives from (with m.mu
+// held), after any of them changed. (cursor only grows, so where it moved
+// without a sync, slow can only be set needlessly, never clear wrongly.)
+func (m *mailboxState) syncSlowLocked() {
+	m.slow.Store(m.blocksAllLocked())
 }
 
 // predecessorStored is told by the session this one replaced here that
@@ -224,16 +235,9 @@ func (s *Session) predecessorStored(seq uint64) {
 	m := &s.mb
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if seq > m.floor {
-		m.floor = seq
-	}
-	if seq > m.wanted {
-		m.wanted = seq
-	}
-	m.floorPending.Store(m.floor > m.cursor)
-	m.gate.Store(false)
+	m.floor, m.gate = max(m.floor, seq), false
 	s.releaseHeld()
-	s.startPumpLocked()
+	s.wantLocked(seq)
 }
 
 // fenced reports whether entries stored before rev may still be missing
@@ -266,12 +270,9 @@ const errUnreadableMailbox = "the target's mailbox cannot be read to keep the se
 func (s *Session) failHeld() {
 	m := &s.mb
 	m.mu.Lock()
-	m.failing = true
-	held := m.held
-	m.held = nil
-	m.nheld.Store(0)
+	m.failing = true // from here nothing more is held
 	m.mu.Unlock()
-	for _, h := range held {
+	for _, h := range s.takeHeld() {
 		h.f.fail(relayv1.ErrorCode_ERROR_CODE_INTERNAL, errUnreadableMailbox)
 	}
 }
@@ -302,8 +303,7 @@ func (s *Session) primeMailbox(ctx context.Context) {
 		s.log.Warn("mailbox fetch failed; retrying in the background", "err", err)
 		return
 	}
-	s.openRev.Store(page.Revision)
-	s.openKnown.Store(true)
+	s.noteStart(page.Revision)
 	m.primed = s.queueEntries(page, 0, 0, blind) && !page.More
 }
 
@@ -365,8 +365,8 @@ func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) boo
 // queued (with m.mu held).
 func (s *Session) releaseHeld() {
 	m := &s.mb
-	m.floorPending.Store(m.floor > m.cursor)
-	if m.gate.Load() || m.floor > m.cursor {
+	defer m.syncSlowLocked()
+	if m.gate || m.floor > m.cursor {
 		return // behind what a replaced session handed off
 	}
 	n := 0
@@ -386,7 +386,6 @@ func (s *Session) releaseHeld() {
 	}
 	clear(m.held[n:])
 	m.held = m.held[:n]
-	m.nheld.Store(int32(n))
 }
 
 // kickMailbox notes that the mailbox holds entries up to seq (0: unknown,
@@ -400,9 +399,15 @@ func (s *Session) kickMailbox(seq uint64) {
 	defer m.mu.Unlock()
 	if seq == 0 {
 		m.more = true
-	} else if seq > m.wanted {
-		m.wanted = seq
 	}
+	s.wantLocked(seq)
+}
+
+// wantLocked notes that the mailbox holds entries up to seq and starts
+// the pump if a fetch is due (with m.mu held).
+func (s *Session) wantLocked(seq uint64) {
+	m := &s.mb
+	m.wanted = max(m.wanted, seq)
 	s.startPumpLocked()
 }
 
@@ -495,8 +500,7 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 		backoff = 50 * time.Millisecond
 		if !s.openKnown.Load() {
 			// The first read failed: this one bounds the session's start.
-			s.openRev.Store(page.Revision)
-			s.openKnown.Store(true)
+			s.noteStart(page.Revision)
 		}
 		m.mu.Lock()
 		full := !s.queueEntries(page, known, fence, blind)
@@ -542,7 +546,7 @@ func (s *Session) takeHeld() []heldDelivery {
 	defer m.mu.Unlock()
 	h := m.held
 	m.held = nil
-	m.nheld.Store(0)
+	m.syncSlowLocked()
 	return h
 }
 
@@ -559,6 +563,13 @@ func (h *Hub) MailboxChanged(userID, deviceID string, seq uint64) {
 	for _, s := range h.sessionsOf(userID, deviceID) {
 		s.kickMailbox(seq)
 	}
+}
+
+// noteStart records the revision of the session's first successful
+// mailbox read, which its live events carry (see Session.openRev).
+func (s *Session) noteStart(rev uint64) {
+	s.openRev.Store(rev)
+	s.openKnown.Store(true)
 }
 
 // listen starts marking the session when its device's mailbox is

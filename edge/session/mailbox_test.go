@@ -319,15 +319,21 @@ func TestNothingOvertakesAMailboxWrite(t *testing.T) {
 	a.expectAcks(e1, e2)
 }
 
+// storedForOfflineB connects a, which sends "stored" to b while b is
+// offline; the event is acknowledged once in b's mailbox.
+func storedForOfflineB(t *testing.T) (*env, *memMailbox, *dev) {
+	t.Helper()
+	e, mb := mailboxEnv(t, nil)
+	e.devices("u1", "a", "b")
+	a := e.online("a")
+	a.expectAck(a.sendPayload("stored", "b"))
+	return e, mb, a
+}
+
 // A live event that must follow a stored one waits until the stored one
 // is queued, even when the mailbox cannot be read for a while.
 func TestLiveEventWaitsForTheMailbox(t *testing.T) {
-	e, mb := mailboxEnv(t, nil)
-	e.device("u1", "a")
-	e.device("u1", "b")
-	a := e.online("a")
-	e1 := a.sendPayload("stored", "b")
-	a.expectAck(e1)
+	e, mb, a := storedForOfflineB(t)
 	// b connects while the mailbox cannot be read, then the mailbox
 	// answers only when the test says.
 	gate := make(chan struct{})
@@ -664,12 +670,7 @@ func TestForwardCarriesTheSenderRevision(t *testing.T) {
 // announced while it was set up reads it once: what is stored later is
 // announced to it.
 func TestOneMailboxReadPerQuietConnect(t *testing.T) {
-	e, mb := mailboxEnv(t, nil)
-	e.device("u1", "a")
-	e.device("u1", "b")
-	a := e.online("a")
-	stored := a.sendPayload("stored", "b")
-	a.expectAck(stored)
+	e, mb, a := storedForOfflineB(t)
 	b := e.online("b")
 	if got := b.payloads(1); got[0] != "stored" {
 		t.Fatalf("b got %v", got)
