@@ -42,6 +42,7 @@ type driverConfig struct {
 	transport         string
 	concurrency       int
 	asJSON            bool
+	cpuProfile        string // --cpuprofile: the driver's own CPU profile
 	progress          time.Duration
 	thresholds        thresholds
 	retries           int
@@ -66,6 +67,7 @@ func (d *driverConfig) register(fs *flag.FlagSet) {
 	fs.BoolVar(&d.asJSON, "json", false, "print the result as one JSON object (relayload merge reads these)")
 	fs.DurationVar(&d.progress, "progress", 2*time.Second, "print a progress line to stderr this often (0: never)")
 	fs.Var(&d.thresholds, "threshold", "fail (exit 99) unless this holds, e.g. ack_p99_ms<50 or error_rate<0.01 (repeatable, or comma-separated)")
+	fs.StringVar(&d.cpuProfile, "cpuprofile", "", "write the driver's own CPU profile of the scenario to this file (go tool pprof), to see whether the driver or the edge is the limit")
 }
 
 // device is a provisioned device.

@@ -33,6 +33,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 )
 
@@ -75,7 +76,7 @@ Flags:
 Flags:
 `
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) (err error) {
 	fs := flag.NewFlagSet("relayload", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var d driverConfig
@@ -84,7 +85,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		fmt.Fprint(stderr, usage)
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
+	if err = fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() == 0 {
@@ -96,6 +97,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	d.log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelError}))
 	d.out, d.errw = stdout, stderr
 	scenario, rest := fs.Arg(0), fs.Args()[1:]
+	if d.cpuProfile != "" {
+		var stopProfile func() error
+		if stopProfile, err = startCPUProfile(d.cpuProfile); err != nil {
+			return err
+		}
+		defer func() { err = errors.Join(err, stopProfile()) }()
+	}
 	switch scenario {
 	case "rtt":
 		return d.rtt(ctx, rest)
@@ -209,4 +217,24 @@ func plotCommand(args []string) error {
 		return fmt.Errorf("%s: %w", args[0], err)
 	}
 	return plotSoak(args[1], "relay edge soak: "+args[0], samples)
+}
+
+// startCPUProfile profiles this process into path until the returned
+// function is called.
+func startCPUProfile(path string) (stop func() error, err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	return func() error {
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			return fmt.Errorf("cpu profile: %w", err)
+		}
+		return nil
+	}, nil
 }
