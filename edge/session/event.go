@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/idwindow"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -36,6 +37,9 @@ type inflight struct {
 	done      bool
 	failed    bool
 }
+
+// key is the event's id, which the sender's duplicate window finds it by.
+func (f *inflight) key() string { return f.eventID }
 
 // finish marks the event done (once); false when it already was.
 func (f *inflight) finish(failed bool) bool {
@@ -162,9 +166,9 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	if durable {
 		digest = eventDigest(s.hub.seed, ev)
 		if s.dedup == nil {
-			s.dedup = newDedupTable(s.hub.seed, s.hub.cfg.DedupWindow)
+			s.dedup = idwindow.New(s.hub.seed, s.hub.cfg.DedupWindow, (*inflight).key)
 		}
-		if prev := s.dedup.get(ev.GetId()); prev != nil {
+		if prev := s.dedup.Get(ev.GetId()); prev != nil {
 			done, failed := prev.state()
 			switch {
 			case prev.digest != digest:
@@ -222,7 +226,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	if f.anyOne {
 		f.claim = &edgev1.EventClaim{SenderDeviceId: s.deviceID, EventId: ev.GetId(), UserId: s.userID, ExpiresAtMs: expires.UnixMilli()}
 	}
-	s.dedup.remember(f)
+	s.dedup.Add(f)
 	s.lastSeq = ev.GetSeq()
 	cfg.Metrics.accepted.Inc()
 	s.noteActive(now)

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/idwindow"
 	"github.com/edge-relay/relay/internal/telemetry"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -50,7 +51,7 @@ type Session struct {
 	// Event intake; the stream reader and the datagram reader share it.
 	evMu    sync.Mutex
 	lastSeq uint64
-	dedup   *dedupTable
+	dedup   *idwindow.Window[*inflight]
 
 	// What the device may send: every frame counts against frames and
 	// bytes, events also against events. Above the rate the reader waits

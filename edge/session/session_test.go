@@ -5,7 +5,6 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
-	"hash/maphash"
 	"testing"
 	"time"
 
@@ -133,22 +132,4 @@ func FuzzOpenTicket(f *testing.F) {
 			t.Fatalf("opened a ticket nobody sealed: %+v", tk)
 		}
 	})
-}
-
-// A refused event sent again takes a second slot in the dedup window;
-// its first slot leaving the window must not forget the resend.
-func TestDedupWindowKeepsAResentID(t *testing.T) {
-	s := newDedupTable(maphash.MakeSeed(), 2)
-	first := &inflight{eventID: "x"}
-	resent := &inflight{eventID: "x"}
-	s.remember(first)
-	s.remember(resent)
-	s.remember(&inflight{eventID: "y"}) // first's slot is reused
-	if s.get("x") != resent {
-		t.Fatal("the resent event left the window with its first attempt")
-	}
-	s.remember(&inflight{eventID: "z"}) // now resent's slot is reused
-	if s.get("x") != nil || s.get("y") == nil || s.get("z") == nil {
-		t.Fatalf("window holds x %p, y %p, z %p; want y and z", s.get("x"), s.get("y"), s.get("z"))
-	}
 }
