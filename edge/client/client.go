@@ -13,11 +13,14 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"math/big"
+	mrand "math/rand/v2"
 	"net"
 	"slices"
 	"sync"
@@ -26,6 +29,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/idwindow"
 	"github.com/edge-relay/relay/edge/session"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -271,7 +275,8 @@ type Client struct {
 	instance string
 
 	dedupMu sync.Mutex
-	seen    map[string]*senderWindow
+	seen    map[string]*idwindow.Window[string] // by sender
+	seed    maphash.Seed                        // the windows' hash seed
 }
 
 func (c *Client) addrs() []string { return append([]string{c.cfg.Addr}, c.cfg.OtherAddrs...) }
@@ -317,7 +322,8 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		ready:    make(chan struct{}),
 		pending:  map[string]*pendingSend{},
 		online:   map[string]bool{},
-		seen:     map[string]*senderWindow{},
+		seen:     map[string]*idwindow.Window[string]{},
+		seed:     maphash.MakeSeed(),
 		ticket:   cfg.ResumeTicket,
 		instance: newID(),
 		// Sequence numbers continue upwards across restarts of the
@@ -425,9 +431,13 @@ func (c *Client) Err() error {
 	return c.err
 }
 
+// newID returns 96 random bits in hex. Event ids must be unique per
+// sender, not secret, so the runtime's generator (ChaCha8, seeded by the
+// system) is enough and costs no system call per event.
 func newID() string {
 	var b [12]byte
-	_, _ = rand.Read(b[:])
+	binary.LittleEndian.PutUint64(b[:8], mrand.Uint64())
+	binary.LittleEndian.PutUint32(b[8:], mrand.Uint32())
 	return hex.EncodeToString(b[:])
 }
 
@@ -505,10 +515,10 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 // encode gives ev the next seq and encodes its frame; sendMu held (the
 // seq changes only under it). An event that cannot be encoded within the
 // frame limit is refused: an *Error with FRAME_TOO_LARGE, or
-// MALFORMED_FRAME when protobuf cannot encode it (invalid UTF-8).
+// MALFORMED_FRAME when protobuf could not encode it (invalid UTF-8).
 func (c *Client) encode(ev *relayv1.Event) ([]byte, error) {
 	ev.Seq = c.seq + 1
-	enc, err := frame.AppendMax(nil, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}}, frame.DefaultMaxFrame)
+	enc, err := frame.AppendEventFrame(nil, ev, frame.DefaultMaxFrame)
 	if err != nil {
 		var fe *frame.Error
 		if errors.As(err, &fe) {
@@ -587,32 +597,23 @@ func (c *Client) Close() error {
 	return nil
 }
 
-// senderWindow remembers the recent event ids of one sender.
-type senderWindow struct {
-	ids  map[string]struct{}
-	ring []string
-	next int
-}
-
 // firstTime reports whether an event id from sender is new, remembering
-// it.
+// it. (The edge relays no event without an id.)
 func (c *Client) firstTime(sender, id string) bool {
+	if id == "" {
+		return true
+	}
 	c.dedupMu.Lock()
 	defer c.dedupMu.Unlock()
 	w := c.seen[sender]
 	if w == nil {
-		w = &senderWindow{ids: map[string]struct{}{}, ring: make([]string, c.cfg.DedupWindow)}
+		w = idwindow.New(c.seed, c.cfg.DedupWindow, func(id string) string { return id })
 		c.seen[sender] = w
 	}
-	if _, dup := w.ids[id]; dup {
+	if w.Get(id) != "" {
 		return false
 	}
-	if old := w.ring[w.next]; old != "" {
-		delete(w.ids, old)
-	}
-	w.ring[w.next] = id
-	w.next = (w.next + 1) % len(w.ring)
-	w.ids[id] = struct{}{}
+	w.Add(id)
 	return true
 }
 

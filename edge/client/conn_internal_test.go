@@ -2,10 +2,18 @@ package client
 
 import (
 	"bytes"
+	"errors"
+	"hash/maphash"
+	"io"
 	"slices"
 	"testing"
+	"testing/iotest"
+
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/idwindow"
 	"github.com/edge-relay/relay/edge/session"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -84,4 +92,88 @@ func TestQueuedFramesShareOneWrite(t *testing.T) {
 		t.Fatalf("empty flush: %v, %d writes", err, len(wc.writes))
 	}
 
+}
+
+// readStream takes the edge's Deliver and Ack frames on the fast path and
+// any other shape of them through the protobuf runtime, with the same
+// result: each event given once, its payload the client's own, every
+// delivery acknowledged, every acked send resolved.
+func TestReadStreamFastAndSlowFrames(t *testing.T) {
+	body := func(kind protowire.Number, msg proto.Message, extra bool) []byte {
+		inner, err := proto.Marshal(msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if extra { // a field this client does not know: not the fast path's shape
+			inner = protowire.AppendVarint(protowire.AppendTag(inner, 99, protowire.VarintType), 1)
+		}
+		b := protowire.AppendBytes(protowire.AppendTag(nil, kind, protowire.BytesType), inner)
+		return protowire.AppendBytes(nil, b) // length-prefixed
+	}
+	deliver := func(id, payload string, deliveryID uint64, extra bool) []byte {
+		return body(frame.KindDeliver, &relayv1.Deliver{
+			Event:      &relayv1.Event{Id: id, SenderDeviceId: "a", Seq: deliveryID, Type: "t", Payload: []byte(payload)},
+			DeliveryId: deliveryID,
+		}, extra)
+	}
+	var stream []byte
+	stream = append(stream, deliver("e1", "p1", 5, false)...)
+	stream = append(stream, deliver("e2", "p2", 6, true)...)
+	stream = append(stream, deliver("e1", "p1", 7, false)...) // a duplicate: acknowledged, not given again
+	stream = append(stream, body(frame.KindAck, &relayv1.Ack{EventId: "s1"}, false)...)
+	stream = append(stream, body(frame.KindAck, &relayv1.Ack{EventId: "s2"}, true)...)
+
+	wc := &writesConn{}
+	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(iotest.OneByteReader(bytes.NewReader(stream)), 0)}
+	c := &Client{
+		cfg:     Config{DedupWindow: 16},
+		events:  make(chan Event, 8),
+		pending: map[string]*pendingSend{},
+		seen:    map[string]*idwindow.Window[string]{},
+		seed:    maphash.MakeSeed(),
+	}
+	sends := map[string]*pendingSend{}
+	for _, id := range []string{"s1", "s2", "s3"} {
+		p := &pendingSend{done: make(chan error, 1)}
+		sends[id] = p
+		c.pending[id] = p
+		c.order = append(c.order, p)
+	}
+	if err := c.readStream(t.Context(), cn); !errors.Is(err, io.EOF) {
+		t.Fatalf("readStream ended with %v, want io.EOF", err)
+	}
+	close(c.events)
+	var got []string
+	for ev := range c.events {
+		got = append(got, ev.ID+":"+string(ev.Payload))
+	}
+	if !slices.Equal(got, []string{"e1:p1", "e2:p2"}) {
+		t.Fatalf("events given: %v", got)
+	}
+	var receipts []uint64
+	for _, w := range wc.writes {
+		r := frame.NewReader(bytes.NewReader(w), 0)
+		for {
+			var f relayv1.Frame
+			if err := r.Read(&f); err != nil {
+				break
+			}
+			receipts = append(receipts, f.GetReceived().GetDeliveryIds()...)
+		}
+	}
+	if !slices.Equal(receipts, []uint64{5, 6, 7}) {
+		t.Fatalf("deliveries acknowledged: %v", receipts)
+	}
+	for id, p := range sends {
+		select {
+		case err := <-p.done:
+			if id == "s3" || err != nil {
+				t.Fatalf("send %s resolved with %v", id, err)
+			}
+		default:
+			if id != "s3" {
+				t.Fatalf("send %s was acked but not resolved", id)
+			}
+		}
+	}
 }
