@@ -19,63 +19,81 @@ import "hash/maphash"
 // cannot be added; items are told apart with ==. Not safe for concurrent
 // use.
 type Window[V comparable] struct {
-	seed  maphash.Seed
-	key   func(V) string
-	slots []slot[V]
-	ring  []slot[V] // the items in the order added, next the oldest
+	seed maphash.Seed
+	key  func(V) string
+	// slots is the table: 0 is empty, else the upper 32 bits of an item's
+	// hash (which also choose its home slot) over its ring index plus one.
+	// Eight bytes a slot, so a sender's window costs the cache half what
+	// a slot holding the item would, and a probe reads the ring only when
+	// 32 bits of the hash match.
+	slots []uint64
+	ring  []entry[V] // the items in the order added, next the oldest
 	next  int
 }
 
-// slot is an item and the hash of its key; the zero V is empty.
-type slot[V comparable] struct {
+// entry is an item and the hash of its key; the zero V is empty.
+type entry[V comparable] struct {
 	h uint64
 	v V
 }
 
-// New returns a window of the last n items (at least 1), keyed by key,
-// hashing with seed.
+// New returns a window of the last n items (at least 1, at most 1<<31),
+// keyed by key, hashing with seed.
 func New[V comparable](seed maphash.Seed, n int, key func(V) string) *Window[V] {
+	n = min(max(n, 1), 1<<31)
 	size := 2
 	for size < 2*n {
 		size <<= 1
 	}
-	return &Window[V]{seed: seed, key: key, slots: make([]slot[V], size), ring: make([]slot[V], max(n, 1))}
+	return &Window[V]{seed: seed, key: key, slots: make([]uint64, size), ring: make([]entry[V], n)}
 }
+
+// tag is the part of a hash a slot keeps.
+func tag(h uint64) uint64 { return h >> 32 }
 
 // Get returns the remembered item with key k, or the zero V.
 func (w *Window[V]) Get(k string) V {
-	var zero V
 	h := maphash.String(w.seed, k)
-	mask := uint64(len(w.slots) - 1)
-	for i := h & mask; ; i = (i + 1) & mask {
-		s := &w.slots[i]
-		if s.v == zero {
+	t, mask := tag(h), uint64(len(w.slots)-1)
+	for i := t & mask; ; i = (i + 1) & mask {
+		s := w.slots[i]
+		if s == 0 {
+			var zero V
 			return zero
 		}
-		if s.h == h && w.key(s.v) == k {
-			return s.v
+		if s>>32 == t {
+			if e := &w.ring[s&0xffffffff-1]; e.h == h && w.key(e.v) == k {
+				return e.v
+			}
 		}
 	}
 }
 
 // Add remembers v, forgetting the oldest item beyond the window. A key
-// remembered before now finds v. v must not be the zero V, nor equal
-// (==) to an item still in the window.
+// remembered before now finds v. v must not be the zero V.
 func (w *Window[V]) Add(v V) {
 	var zero V
-	if old := w.ring[w.next]; old.v != zero {
-		w.forget(old)
+	at := w.next
+	if w.ring[at].v != zero {
+		w.forget(at)
 	}
 	k := w.key(v)
 	h := maphash.String(w.seed, k)
-	w.ring[w.next] = slot[V]{h: h, v: v}
-	w.next = (w.next + 1) % len(w.ring)
-	mask := uint64(len(w.slots) - 1)
-	for i := h & mask; ; i = (i + 1) & mask {
-		s := &w.slots[i]
-		if s.v == zero || (s.h == h && w.key(s.v) == k) {
-			*s = slot[V]{h: h, v: v}
+	w.ring[at] = entry[V]{h: h, v: v}
+	w.next = (at + 1) % len(w.ring)
+	t, mask := tag(h), uint64(len(w.slots)-1)
+	mine := t<<32 | uint64(at+1)
+	for i := t & mask; ; i = (i + 1) & mask {
+		s := w.slots[i]
+		if s == 0 {
+			w.slots[i] = mine
 			return
+		}
+		if s>>32 == t {
+			if e := &w.ring[s&0xffffffff-1]; e.h == h && w.key(e.v) == k {
+				w.slots[i] = mine // the older item's entry leaves the ring unfound
+				return
+			}
 		}
 	}
 }
@@ -83,39 +101,37 @@ func (w *Window[V]) Add(v V) {
 // Len is how many keys the window finds (an item whose key a later one
 // took is not counted).
 func (w *Window[V]) Len() int {
-	var zero V
 	n := 0
 	for _, s := range w.slots {
-		if s.v != zero {
+		if s != 0 {
 			n++
 		}
 	}
 	return n
 }
 
-// forget removes e's item from the table, unless a newer item with its
-// key took its slot.
-func (w *Window[V]) forget(e slot[V]) {
-	var zero V
+// forget removes the ring entry at from the table, unless a newer item
+// with its key took its slot.
+func (w *Window[V]) forget(at int) {
 	mask := uint64(len(w.slots) - 1)
-	i := e.h & mask
-	for ; w.slots[i].v != e.v; i = (i + 1) & mask {
-		if w.slots[i].v == zero {
+	i := tag(w.ring[at].h) & mask
+	for ; w.slots[i]&0xffffffff != uint64(at+1); i = (i + 1) & mask {
+		if w.slots[i] == 0 {
 			return
 		}
 	}
-	// Backward shift: move later entries of the probe run into the hole
+	// Backward shift: move later slots of the probe run into the hole
 	// where their own probe sequence passes it.
 	for {
-		w.slots[i] = slot[V]{}
+		w.slots[i] = 0
 		j := i
 		for {
 			j = (j + 1) & mask
-			if w.slots[j].v == zero {
+			if w.slots[j] == 0 {
 				return
 			}
-			home := w.slots[j].h & mask
-			// j's entry may move to i unless its home lies cyclically
+			home := (w.slots[j] >> 32) & mask
+			// j's slot may move to i unless its home lies cyclically
 			// in (i, j].
 			if (i < j && (home <= i || home > j)) || (i > j && home <= i && home > j) {
 				break
