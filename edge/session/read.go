@@ -22,6 +22,9 @@ import (
 func (s *Session) readLoop(ctx context.Context) *CloseError {
 	var ids []uint64
 	var events frame.EventDecoder
+	// One Event for all of them: handleEvent keeps nothing of it (what
+	// goes on is its encoding, a copy), and Decode resets it.
+	ev := &relayv1.Event{}
 	for {
 		body, err := s.reader.Next()
 		if err != nil {
@@ -30,7 +33,6 @@ func (s *Session) readLoop(ctx context.Context) *CloseError {
 		size := s.reader.LastSize()
 		switch kind, inner, ok := frame.Split(body); {
 		case ok && kind == frame.KindEvent:
-			ev := &relayv1.Event{}
 			if err := events.Decode(inner, ev); err != nil {
 				return readEnd(err)
 			}
