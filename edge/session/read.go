@@ -98,12 +98,7 @@ func isTimeout(err error) bool {
 // budgets, waiting while they are empty; false when the session closed
 // meanwhile. Only the stream reader calls it.
 func (s *Session) pace(event bool, size int) bool {
-	now := time.Now()
-	wait := s.frames.ReserveN(now, 1).DelayFrom(now)
-	if event {
-		wait = max(wait, s.events.ReserveN(now, 1).DelayFrom(now))
-	}
-	wait = max(wait, s.bytes.ReserveN(now, size).DelayFrom(now))
+	wait := s.budget.take(time.Now(), event, size)
 	if wait <= 0 {
 		return true
 	}
@@ -125,8 +120,7 @@ func (s *Session) pace(event bool, size int) bool {
 // admitDatagram takes a datagram from the device's budgets without
 // waiting (a datagram cannot be held back): false drops it.
 func (s *Session) admitDatagram(size int) bool {
-	now := time.Now()
-	return s.frames.AllowN(now, 1) && s.events.AllowN(now, 1) && s.bytes.AllowN(now, size)
+	return s.budget.admit(time.Now(), size)
 }
 
 // refused counts a frame refused for the device's own fault (an invalid

@@ -58,8 +58,9 @@ type Session struct {
 	// (pace), so a flood is slowed by the transport's own flow control;
 	// refusals counts frames the edge refused for the device's own fault,
 	// and running out of it ends the session (RATE_LIMITED).
-	frames, events, bytes, refusals *rate.Limiter
-	paceT                           *time.Timer // the reader's, reused
+	budget   *budget
+	refusals *rate.Limiter
+	paceT    *time.Timer // the reader's, reused
 
 	// Deliveries to this device that it has not acknowledged yet.
 	awaitMu  sync.Mutex
@@ -129,10 +130,11 @@ func newSession(h *Hub, c Conn) *Session {
 		writerDone: make(chan struct{}),
 		issued:     make(chan struct{}),
 		closing:    make(chan struct{}),
-		frames:     rate.NewLimiter(rate.Limit(l.FramesPerSecond), l.FramesPerSecond),
-		events:     rate.NewLimiter(rate.Limit(l.EventsPerSecond), max(l.EventsPerSecond, 1)),
-		bytes:      rate.NewLimiter(rate.Limit(l.BytesPerSecond), max(l.BytesPerSecond, l.MaxFrameBytes+binary.MaxVarintLen64)),
-		refusals:   rate.NewLimiter(rate.Limit(h.cfg.RefusalsPerSecond), h.cfg.RefusalBurst),
+		// Bursts of a second's worth; a frame of the largest size always
+		// fits the byte bucket.
+		budget: newBudget(time.Now(), l.FramesPerSecond, l.EventsPerSecond, l.BytesPerSecond,
+			l.FramesPerSecond, max(l.EventsPerSecond, 1), max(l.BytesPerSecond, l.MaxFrameBytes+binary.MaxVarintLen64)),
+		refusals: rate.NewLimiter(rate.Limit(h.cfg.RefusalsPerSecond), h.cfg.RefusalBurst),
 	}
 	s.out.start = s.startWriter
 	s.hs = handshake{
