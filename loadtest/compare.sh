@@ -7,7 +7,10 @@
 #     forwarder on the same path (relayload oneway, with and without --floor)
 #   the edge's CPU per acknowledged event at saturation (relayload rate)
 #     against quic-go's CPU per one-way 64-byte message (relayload stream)
-#   acknowledged events per second through the edge
+#   acknowledged events per second through the edge, and again with the
+#     edge held to CAP_PCT% (default 50) of its core by a cgroup, so the
+#     driver's one core saturates it: events/s per edge core-second (needs
+#     root and a cgroup cpu controller; said so when not measured)
 #   the edge's CPU per delivered ephemeral event at saturation (rate
 #     --ephemeral, closed loop on the stream) against the same floor
 #   heap and goroutines per idle session (relayload sessions), also for
@@ -44,11 +47,22 @@ run oneway-floor oneway --floor 127.0.0.1:$((base + 90)) --count 20000 --rate 20
 run oneway-relay oneway --count 20000 --rate 2000
 run stream-floor stream --floor 127.0.0.1:$((base + 90)) --floor-admin http://127.0.0.1:$((base + 91)) --count 1000000
 run rate-relay rate --pairs 8 --inflight 64 --duration 20s
+# One driver core cannot keep a whole edge core busy: the same run with
+# the edge held to CAP_PCT% of its core (a cgroup) shows the edge
+# saturated, its events/s per core-second and its ack latency then.
+cap=${CAP_PCT:-50}
+if cap_cpu "$EDGE_PID" "$cap" 2>/dev/null; then
+	run rate-capped rate --pairs 8 --inflight 64 --duration 20s
+	cap_stats >"$out/rate-capped.cgroup"
+	uncap_cpu "$EDGE_PID"
+else
+	echo "== rate-capped: not measured (needs root and a cgroup cpu controller)"
+fi
 run ephemeral-relay rate --ephemeral --pairs 8 --inflight 64 --duration 20s
 run sessions-relay sessions --sessions 2000
 run sessions-relay-nodg sessions --sessions 2000 --no-datagrams
 python3 - "$out" <<'PY'
-import json, sys
+import json, os, sys
 out = sys.argv[1]
 def load(n):
     with open(f"{out}/{n}.json") as f:
@@ -70,6 +84,15 @@ for name, relay, floor in rows:
 print(f"acknowledged events/s through the edge: {fig(rr, 'acked_per_s'):.0f} (ack p99 {fig(rr, 'ack_p99_ms'):.2f} ms)")
 print(f"ephemeral events/s delivered through the edge: {fig(er, 'received_per_s'):.0f} (delivery p99 {fig(er, 'delivery_p99_ms'):.2f} ms)")
 print(f"floor one-way messages/s: {fig(sf, 'messages_per_s'):.0f}")
+try:
+    rc = load("rate-capped")
+    st = dict(zip(*[iter(open(f"{out}/rate-capped.cgroup").read().split())] * 2))
+    cpu = peak(rc, "edge_cpu_us_per_event")
+    print(f"edge held to {os.environ.get('CAP_PCT', '50')}% of a core: {fig(rc, 'acked_per_s'):.0f} acknowledged events/s "
+          f"(ack p99 {fig(rc, 'ack_p99_ms'):.2f} ms), {cpu:.2f} µs of CPU per event, so {1e6 / cpu:.0f} events/s per "
+          f"edge core-second; throttled in {int(st['nr_throttled'])} of {int(st['nr_periods'])} periods")
+except FileNotFoundError:
+    pass
 print(f"per idle QUIC session: heap {peak(ss, 'edge_heap_per_session_bytes') / 1024:.1f} KiB, "
       f"RSS {peak(ss, 'edge_rss_per_session_bytes') / 1024:.1f} KiB, goroutines {peak(ss, 'edge_goroutines_per_session'):.2f}")
 # The second run's RSS is not its own: the edge keeps the pages the first

@@ -3,9 +3,17 @@
 # start_relay BASE OUT [EDGE_PREFIX...] starts a fresh control node and an
 # edge, each its own process (so the edge's /metrics are the edge's
 # alone), with ports from BASE, logs in OUT, state in a temporary
-# directory; EDGE_PREFIX (e.g. taskset -c 0) runs the edge under it. It
-# sets API, EDGE, EDGE_ADMIN and RELAYCTL_TOKEN, and stop_relay (run on
-# exit) stops both and removes the state.
+# directory; EDGE_PREFIX (e.g. taskset -c 0) runs the edge under it (which
+# must exec it). It sets API, EDGE, EDGE_ADMIN, EDGE_PID and
+# RELAYCTL_TOKEN, and stop_relay (run on exit) stops both and removes the
+# state.
+#
+# cap_cpu PID PCT moves PID (every thread) into a cgroup of its own that
+# may use PCT% of one CPU (cgroup v2 cpu.max, else v1 cpu.cfs_quota_us; a
+# 10 ms period), so that a load driver on the other core can saturate it;
+# it fails, changing nothing, without root or a cpu controller. cap_stats
+# prints the cgroup's throttling counters (periods, throttled periods) and
+# uncap_cpu PID moves PID back and removes the cgroup.
 #
 # start_edge2 BASE OUT [EDGE_PREFIX...], after start_relay, starts a
 # second edge (ports from BASE + 45) on the same control node, for runs
@@ -17,7 +25,40 @@ relay_data=""
 stop_relay() {
 	for p in "${relay_pids[@]}"; do kill "$p" 2>/dev/null || true; done
 	for p in "${relay_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+	[ -z "$relay_cgroup" ] || rmdir "$relay_cgroup" 2>/dev/null || true
 	[ -z "$relay_data" ] || rm -rf "$relay_data"
+}
+
+relay_cgroup=""
+
+cap_cpu() { # PID PCT
+	local pid=$1 pct=$2 root
+	if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+		root=/sys/fs/cgroup
+		grep -qw cpu "$root/cgroup.subtree_control" || echo +cpu >"$root/cgroup.subtree_control" || return 1
+		mkdir "$root/relay-cap-$$" || return 1
+		echo "$((pct * 100)) 10000" >"$root/relay-cap-$$/cpu.max" || { rmdir "$root/relay-cap-$$"; return 1; }
+	elif [ -w /sys/fs/cgroup/cpu/cgroup.procs ]; then
+		root=/sys/fs/cgroup/cpu
+		mkdir "$root/relay-cap-$$" || return 1
+		echo 10000 >"$root/relay-cap-$$/cpu.cfs_period_us" && echo $((pct * 100)) >"$root/relay-cap-$$/cpu.cfs_quota_us" ||
+			{ rmdir "$root/relay-cap-$$"; return 1; }
+	else
+		return 1
+	fi
+	relay_cgroup=$root/relay-cap-$$
+	echo "$pid" >"$relay_cgroup/cgroup.procs" || { uncap_cpu "$pid"; return 1; }
+}
+
+cap_stats() {
+	awk '$1 == "nr_periods" || $1 == "nr_throttled" { printf "%s %s ", $1, $2 } END { print "" }' "$relay_cgroup/cpu.stat"
+}
+
+uncap_cpu() { # PID
+	[ -n "$relay_cgroup" ] || return 0
+	echo "$1" >"$(dirname "$relay_cgroup")/cgroup.procs" 2>/dev/null || true
+	rmdir "$relay_cgroup" 2>/dev/null || true
+	relay_cgroup=""
 }
 
 wait_ready() { # URL
@@ -52,6 +93,7 @@ start_relay() { # BASE OUT [EDGE_PREFIX...]
 		--addr "$EDGE" --admin-addr "${EDGE_ADMIN#http://}" \
 		--handshakes-per-second 100000 --events-per-second 1000000 --bytes-per-second 1000000000 \
 		--frames-per-second 10000000 --queue-len 4096 --log-level warn >"$out/edge.log" 2>&1 &
+	EDGE_PID=$!
 	relay_pids+=($!)
 	wait_ready "$EDGE_ADMIN/readyz"
 	RELAYCTL_TOKEN=$(bin/relayctl --server "$API" token)
