@@ -2,6 +2,7 @@ package session
 
 import (
 	"context"
+	"log/slog"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -300,7 +301,7 @@ func (s *Session) primeMailbox(ctx context.Context) {
 	// stored entries wait (fenced).
 	defer func() { m.more = true }()
 	if err != nil {
-		s.log.Warn("mailbox fetch failed; retrying in the background", "err", err)
+		s.logAt(slog.LevelWarn, "mailbox fetch failed; retrying in the background", "err", err)
 		return
 	}
 	s.noteStart(page.Revision)
@@ -489,7 +490,7 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 			if pctx.Err() != nil {
 				return // the session ended: not a failure
 			}
-			s.log.Warn("mailbox fetch failed", "err", err, "backoff", backoff)
+			s.logAt(slog.LevelWarn, "mailbox fetch failed", "err", err, "backoff", backoff)
 			s.failHeld()
 			if !wait(backoff) {
 				return

@@ -5,10 +5,15 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"log/slog"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
+
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -132,4 +137,60 @@ func FuzzOpenTicket(f *testing.F) {
 			t.Fatalf("opened a ticket nobody sealed: %+v", tk)
 		}
 	})
+}
+
+// lockedBuffer is a bytes.Buffer for a logger that several goroutines use.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// A session's log lines carry its id, transport and peer, and once the
+// handshake named them its user and device; with the level off nothing
+// is logged.
+func TestSessionLogLinesCarryTheSession(t *testing.T) {
+	var logs lockedBuffer
+	e := newEnv(t, func(c *Config) {
+		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})
+	e.devices("u1", "d1")
+	d := e.online("d1")
+	id := d.welcome.GetSessionId()
+	d.send(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
+	waitFor(t, "the session closed line", func() bool { return strings.Contains(logs.String(), "session closed") })
+	for _, msg := range []string{"session open", "session closed"} {
+		var line string
+		for l := range strings.Lines(logs.String()) {
+			if strings.Contains(l, "msg=\""+msg+"\"") {
+				line = l
+			}
+		}
+		for _, want := range []string{"session=" + id, "transport=pipe", "user=u1", "device=d1"} {
+			if !strings.Contains(line, want) {
+				t.Errorf("%q line %q lacks %s", msg, line, want)
+			}
+		}
+	}
+
+	var quiet lockedBuffer
+	e2 := newEnv(t, func(c *Config) {
+		c.Logger = slog.New(slog.NewTextHandler(&quiet, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	})
+	e2.devices("u1", "d1")
+	e2.online("d1")
+	if quiet.String() != "" {
+		t.Fatalf("debug lines logged at level info: %s", quiet.String())
+	}
 }
