@@ -7,7 +7,6 @@
 package frame
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -96,6 +95,10 @@ type ReaderConfig struct {
 	// BufSize is the read buffer: small for the many idle sessions of an
 	// edge, larger for bulk readers [16 KiB].
 	BufSize int
+	// Pool, if set, lends the read buffer (of the pool's size; BufSize is
+	// then unused) only while bytes are buffered: a reader waiting for its
+	// next frame holds none.
+	Pool *BufferPool
 	// FrameTimeout bounds the time from a frame's first byte to its last,
 	// when the stream is a Deadliner; 0 means no bound. Between frames
 	// only the idle deadline (SetIdleDeadline) applies.
@@ -109,7 +112,7 @@ type ReaderConfig struct {
 // the bytes that actually arrive, and a frame must arrive whole within
 // FrameTimeout of its first byte.
 type Reader struct {
-	r        *bufio.Reader
+	r        *bufReader
 	dl       Deadliner // nil: the stream has no deadlines
 	max      int
 	timeout  time.Duration
@@ -137,7 +140,7 @@ func NewReaderConfig(r io.Reader, cfg ReaderConfig) *Reader {
 	if cfg.BufSize <= 0 {
 		cfg.BufSize = 16 << 10
 	}
-	rd := &Reader{r: bufio.NewReaderSize(r, cfg.BufSize), max: cfg.Max}
+	rd := &Reader{r: newBufReader(r, cfg.BufSize, cfg.Pool), max: cfg.Max}
 	if d, ok := r.(Deadliner); ok && cfg.FrameTimeout > 0 {
 		rd.dl, rd.timeout = d, cfg.FrameTimeout
 	}
@@ -238,6 +241,7 @@ func (r *Reader) Next() ([]byte, error) {
 		return nil, ErrStopped
 	}
 	defer r.disarm()
+	r.r.idle()
 	n, prefix, err := r.readLength()
 	if err != nil {
 		return nil, err
@@ -248,10 +252,10 @@ func (r *Reader) Next() ([]byte, error) {
 	size := int(n)
 	if r.r.Buffered() >= size {
 		// The common case: the whole frame is in the read buffer and is
-		// returned where it lies; bufio does not overwrite it before the
-		// next read.
-		body, _ := r.r.Peek(size)
-		_, _ = r.r.Discard(size)
+		// returned where it lies; nothing overwrites it, or gives the
+		// buffer back, before the next read.
+		body := r.r.Peek(size)
+		r.r.Discard(size)
 		r.lastSize = prefix + size
 		return body, nil
 	}

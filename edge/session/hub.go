@@ -19,6 +19,7 @@ import (
 	"go.opentelemetry.io/otel/trace/noop"
 	"golang.org/x/time/rate"
 
+	"github.com/edge-relay/relay/edge/frame"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -203,6 +204,9 @@ type Hub struct {
 	// costs what a wrong signature of a real device costs.
 	dummyKey []byte
 	replays  *replayCache
+	// readBufs lends the sessions' stream readers their buffers while
+	// frames are arriving; a session waiting for its next frame holds none.
+	readBufs *frame.BufferPool
 	traced   bool // a Tracer was configured: events get spans
 
 	mu       sync.Mutex // guards the fields below
@@ -223,7 +227,8 @@ func NewHub(cfg Config) (*Hub, error) {
 		return nil, fmt.Errorf("session: dummy key: %w", err)
 	}
 	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), idle: make(chan struct{}), limits: cfg.Limits.Proto(),
-		dummyKey: dummy, replays: newReplayCache(cfg.MaxResumeProofs), traced: traced}
+		dummyKey: dummy, replays: newReplayCache(cfg.MaxResumeProofs), traced: traced,
+		readBufs: frame.NewBufferPool(2 << 10)}
 	for i := range h.shards {
 		h.shards[i].rooms = map[string]*room{}
 		h.shards[i].listening = map[string][]*Session{}

@@ -1,0 +1,163 @@
+package frame
+
+import (
+	"io"
+	"sync"
+)
+
+// BufferPool lends read buffers of one size to Readers that hold one
+// only while bytes are buffered (ReaderConfig.Pool): an edge's idle
+// sessions, each blocked waiting for its next frame, then hold a small
+// array each instead of a whole buffer. Safe for concurrent use.
+type BufferPool struct {
+	size int
+	p    sync.Pool // of *[]byte, len size
+}
+
+// NewBufferPool returns a pool of buffers of size bytes.
+func NewBufferPool(size int) *BufferPool {
+	bp := &BufferPool{size: size}
+	bp.p.New = func() any {
+		b := make([]byte, size)
+		return &b
+	}
+	return bp
+}
+
+// Size is the size of the pool's buffers.
+func (p *BufferPool) Size() int { return p.size }
+
+// waitBytes is how much a lending reader reads into its own array while
+// it holds no buffer: what a wait for the next frame costs it.
+const waitBytes = 32
+
+// bufReader is a buffered reader, as bufio.Reader, whose buffer may be
+// lent by a pool: then it gives the buffer back whenever nothing is
+// buffered at a frame boundary (idle), reads the first bytes of what comes
+// next into a small array, and borrows a buffer again for the rest.
+type bufReader struct {
+	src   io.Reader
+	pool  *BufferPool // nil: buf is the reader's own
+	buf   []byte      // nil while given back
+	held  *[]byte     // the pool's handle on buf
+	r, w  int         // buf[r:w] is buffered
+	err   error       // of the last read, returned once buf[r:w] is used up
+	small [waitBytes]byte
+}
+
+func newBufReader(src io.Reader, size int, pool *BufferPool) *bufReader {
+	b := &bufReader{src: src, pool: pool}
+	if pool == nil {
+		b.buf = make([]byte, size)
+	}
+	return b
+}
+
+// Buffered is how many bytes are buffered.
+func (b *bufReader) Buffered() int { return b.w - b.r }
+
+// take returns the error of the last read, once.
+func (b *bufReader) take() error {
+	err := b.err
+	b.err = nil
+	return err
+}
+
+// borrow makes sure the reader holds a buffer.
+func (b *bufReader) borrow() {
+	if b.buf == nil {
+		b.held = b.pool.p.Get().(*[]byte)
+		b.buf = *b.held
+	}
+}
+
+// idle is called at a frame boundary: with nothing buffered it gives a
+// lent buffer back and waits for the next bytes in the small array, then
+// borrows a buffer and moves them into it. An error of that read is
+// returned by the next read once the bytes are used up.
+func (b *bufReader) idle() {
+	if b.pool == nil || b.r != b.w || b.err != nil {
+		return
+	}
+	if b.buf != nil {
+		b.pool.p.Put(b.held)
+		b.buf, b.held = nil, nil
+	}
+	b.r, b.w = 0, 0
+	for range 100 {
+		n, err := b.src.Read(b.small[:])
+		if n > 0 {
+			b.borrow()
+			b.w = copy(b.buf, b.small[:n])
+		}
+		if n > 0 || err != nil {
+			b.err = err
+			return
+		}
+	}
+	b.err = io.ErrNoProgress
+}
+
+// fill reads more into an empty buffer (r == w).
+func (b *bufReader) fill() error {
+	if b.err != nil {
+		return b.take()
+	}
+	b.borrow()
+	b.r, b.w = 0, 0
+	for range 100 {
+		n, err := b.src.Read(b.buf)
+		b.w = n
+		if n > 0 || err != nil {
+			b.err = err
+			if n > 0 {
+				return nil
+			}
+			return b.take()
+		}
+	}
+	return io.ErrNoProgress
+}
+
+// ReadByte reads one byte.
+func (b *bufReader) ReadByte() (byte, error) {
+	if b.r == b.w {
+		if err := b.fill(); err != nil {
+			return 0, err
+		}
+	}
+	c := b.buf[b.r]
+	b.r++
+	return c, nil
+}
+
+// Peek returns the next n bytes, which must be buffered, without using
+// them up; valid until the next read.
+func (b *bufReader) Peek(n int) []byte { return b.buf[b.r : b.r+n] }
+
+// Discard uses up n buffered bytes.
+func (b *bufReader) Discard(n int) { b.r += n }
+
+// Read reads into p what is buffered, or else what one read of the
+// source gives.
+func (b *bufReader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if b.r == b.w {
+		if b.err != nil {
+			return 0, b.take()
+		}
+		if b.buf == nil || len(p) >= len(b.buf) {
+			// Straight into p: nothing to gain from a copy.
+			n, err := b.src.Read(p)
+			return n, err
+		}
+		if err := b.fill(); err != nil {
+			return 0, err
+		}
+	}
+	n := copy(p, b.buf[b.r:b.w])
+	b.r += n
+	return n, nil
+}

@@ -1,0 +1,137 @@
+package frame
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"slices"
+	"testing"
+
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// chunks is a source that gives at most max bytes a read, and runs hook
+// before each read.
+type chunks struct {
+	data []byte
+	max  int
+	hook func(p []byte)
+}
+
+func (c *chunks) Read(p []byte) (int, error) {
+	if c.hook != nil {
+		c.hook(p)
+	}
+	if len(c.data) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), c.max)], c.data)
+	c.data = c.data[n:]
+	return n, nil
+}
+
+// readAll reads frame bodies until an error, copying each at once (a
+// body is valid only until the next call).
+func readAll(r *Reader) ([][]byte, error) {
+	var out [][]byte
+	for {
+		b, err := r.Next()
+		if err != nil {
+			return out, err
+		}
+		out = append(out, bytes.Clone(b))
+	}
+}
+
+// sameEnd reports whether two readers ended the same way.
+func sameEnd(a, b error) bool {
+	var ea, eb *Error
+	if errors.As(a, &ea) || errors.As(b, &eb) {
+		return errors.As(a, &ea) && errors.As(b, &eb) && ea.Code == eb.Code
+	}
+	return errors.Is(a, io.EOF) == errors.Is(b, io.EOF) && errors.Is(a, io.ErrUnexpectedEOF) == errors.Is(b, io.ErrUnexpectedEOF)
+}
+
+// FuzzPooledReader reads the same bytes, in reads of any size, through a
+// reader with its own buffer and two readers lending from one small pool
+// in turn: the same frames, and the same end.
+func FuzzPooledReader(f *testing.F) {
+	var stream []byte
+	for _, fr := range sample() {
+		stream, _ = Append(stream, fr)
+	}
+	big, _ := Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte("p"), 300)}}})
+	f.Add(stream, uint8(1))
+	f.Add(stream, uint8(7))
+	f.Add(append(slices.Clone(big), stream...), uint8(200))
+	f.Add(stream[:len(stream)-1], uint8(64))
+	f.Add([]byte{0x80}, uint8(1))
+	f.Fuzz(func(t *testing.T, data []byte, chunk uint8) {
+		max := int(chunk) + 1
+		want, wantErr := readAll(NewReaderConfig(&chunks{data: data, max: len(data) + 1}, ReaderConfig{Max: 4096}))
+		pool := NewBufferPool(64)
+		a := NewReaderConfig(&chunks{data: data, max: max}, ReaderConfig{Max: 4096, Pool: pool})
+		b := NewReaderConfig(&chunks{data: data, max: max}, ReaderConfig{Max: 4096, Pool: pool})
+		var gotA, gotB [][]byte
+		var errA, errB error
+		for errA == nil || errB == nil {
+			if errA == nil {
+				var body []byte
+				if body, errA = a.Next(); errA == nil {
+					gotA = append(gotA, bytes.Clone(body))
+				}
+			}
+			if errB == nil {
+				var body []byte
+				if body, errB = b.Next(); errB == nil {
+					gotB = append(gotB, bytes.Clone(body))
+				}
+			}
+		}
+		for _, got := range []struct {
+			frames [][]byte
+			err    error
+		}{{gotA, errA}, {gotB, errB}} {
+			if !slices.EqualFunc(got.frames, want, bytes.Equal) || !sameEnd(got.err, wantErr) {
+				t.Fatalf("pooled reader: %d frames, %v; own buffer: %d frames, %v", len(got.frames), got.err, len(want), wantErr)
+			}
+		}
+	})
+}
+
+// A lending reader waits for the next frame holding no buffer: every read
+// it makes at a frame boundary with nothing buffered is into its small
+// array, the buffer given back; reads inside a frame use the buffer.
+func TestPooledReaderIdlesWithoutABuffer(t *testing.T) {
+	var stream []byte
+	for range 3 {
+		stream, _ = Append(stream, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte("p"), 100)}}})
+	}
+	var r *Reader
+	src := &chunks{data: stream, max: 50}
+	var idleReads, bufferReads int
+	src.hook = func(p []byte) {
+		if r.r.buf == nil {
+			if len(p) != waitBytes {
+				t.Errorf("a read of %d bytes while holding no buffer", len(p))
+			}
+			idleReads++
+		} else {
+			bufferReads++
+		}
+	}
+	r = NewReaderConfig(src, ReaderConfig{Max: 4096, Pool: NewBufferPool(256)})
+	frames, err := readAll(r)
+	if len(frames) != 3 || !errors.Is(err, io.EOF) {
+		t.Fatalf("%d frames, %v", len(frames), err)
+	}
+	// Each frame (about 110 bytes in reads of 50) begins at a boundary
+	// with nothing buffered at least once, and the end of the stream is
+	// one more such wait.
+	if idleReads < 2 || bufferReads == 0 {
+		t.Fatalf("%d reads without a buffer, %d with one", idleReads, bufferReads)
+	}
+	if r.r.buf != nil {
+		t.Fatal("the reader kept its buffer after the stream ended")
+	}
+}
