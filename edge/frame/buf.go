@@ -14,8 +14,10 @@ type BufferPool struct {
 	p    sync.Pool // of *[]byte, len size
 }
 
-// NewBufferPool returns a pool of buffers of size bytes.
+// NewBufferPool returns a pool of buffers of size bytes (at least
+// waitBytes).
 func NewBufferPool(size int) *BufferPool {
+	size = max(size, waitBytes)
 	bp := &BufferPool{size: size}
 	bp.p.New = func() any {
 		b := make([]byte, size)
@@ -55,6 +57,49 @@ func newBufReader(src io.Reader, size int, pool *BufferPool) *bufReader {
 
 // Buffered is how many bytes are buffered.
 func (b *bufReader) Buffered() int { return b.w - b.r }
+
+// Size is the buffer's size: the most fillTo can hold.
+func (b *bufReader) Size() int {
+	if b.pool != nil {
+		return b.pool.size
+	}
+	return len(b.buf)
+}
+
+// fillTo reads until n bytes (at most Size) are buffered, moving what is
+// buffered to the front of the buffer first when the rest would not fit.
+// An error that comes with the last bytes needed is kept for the next
+// read; one before them is returned.
+func (b *bufReader) fillTo(n int) error {
+	if b.w-b.r >= n {
+		return nil
+	}
+	if b.err != nil {
+		return b.take()
+	}
+	b.borrow()
+	if len(b.buf)-b.r < n {
+		b.w = copy(b.buf, b.buf[b.r:b.w])
+		b.r = 0
+	}
+	for stalls := 0; b.w-b.r < n; {
+		k, err := b.src.Read(b.buf[b.w:])
+		b.w += k
+		if err != nil {
+			if b.w-b.r >= n {
+				b.err = err
+				return nil
+			}
+			return err
+		}
+		if k == 0 {
+			if stalls++; stalls == 100 {
+				return io.ErrNoProgress
+			}
+		}
+	}
+	return nil
+}
 
 // take returns the error of the last read, once.
 func (b *bufReader) take() error {

@@ -72,6 +72,11 @@ func FuzzPooledReader(f *testing.F) {
 		pool := NewBufferPool(64)
 		a := NewReaderConfig(&chunks{data: data, max: max}, ReaderConfig{Max: 4096, Pool: pool})
 		b := NewReaderConfig(&chunks{data: data, max: max}, ReaderConfig{Max: 4096, Pool: pool})
+		// An own buffer as small, read in the same pieces.
+		own, ownErr := readAll(NewReaderConfig(&chunks{data: data, max: max}, ReaderConfig{Max: 4096, BufSize: 64}))
+		if !slices.EqualFunc(own, want, bytes.Equal) || !sameEnd(ownErr, wantErr) {
+			t.Fatalf("small own buffer: %d frames, %v; large: %d frames, %v", len(own), ownErr, len(want), wantErr)
+		}
 		var gotA, gotB [][]byte
 		var errA, errB error
 		for errA == nil || errB == nil {
@@ -101,7 +106,8 @@ func FuzzPooledReader(f *testing.F) {
 
 // A lending reader waits for the next frame holding no buffer: every read
 // it makes at a frame boundary with nothing buffered is into its small
-// array, the buffer given back; reads inside a frame use the buffer.
+// array, the buffer given back; reads inside a frame that fits use the
+// borrowed buffer, and no frame buffer of its own is kept.
 func TestPooledReaderIdlesWithoutABuffer(t *testing.T) {
 	var stream []byte
 	for range 3 {
@@ -131,7 +137,7 @@ func TestPooledReaderIdlesWithoutABuffer(t *testing.T) {
 	if idleReads < 2 || bufferReads == 0 {
 		t.Fatalf("%d reads without a buffer, %d with one", idleReads, bufferReads)
 	}
-	if r.r.buf != nil {
-		t.Fatal("the reader kept its buffer after the stream ended")
+	if r.r.buf != nil || r.buf != nil {
+		t.Fatal("the reader kept a buffer after the stream ended")
 	}
 }

@@ -250,6 +250,13 @@ func (r *Reader) Next() ([]byte, error) {
 		return nil, tooLarge(n, r.max)
 	}
 	size := int(n)
+	if r.r.Buffered() < size && size <= r.r.Size() {
+		// It fits the read buffer: read the rest into it.
+		r.arm()
+		if err := r.r.fillTo(size); err != nil {
+			return nil, r.streamErr(err, true)
+		}
+	}
 	if r.r.Buffered() >= size {
 		// The common case: the whole frame is in the read buffer and is
 		// returned where it lies; nothing overwrites it, or gives the
@@ -291,14 +298,15 @@ func (r *Reader) readLength() (uint64, int, error) {
 	}
 }
 
-// collect reads a frame body of size bytes that is not buffered yet,
-// growing the buffer with what arrives. A buffer larger than keepBuf
-// (for a rare large frame) is not kept by the reader: it is the caller's
-// until the next frame, then garbage, so idle sessions hold little.
+// collect reads a frame body of size bytes, larger than the read
+// buffer, growing its own buffer with what arrives. A buffer larger than
+// keepBuf (for a rare large frame), or any for a reader that lends its
+// read buffer, is not kept by the reader: it is the caller's until the
+// next frame, then garbage, so idle sessions hold little.
 func (r *Reader) collect(size int) ([]byte, error) {
 	buf := r.buf[:0]
 	defer func() {
-		if cap(buf) <= keepBuf {
+		if cap(buf) <= keepBuf && r.r.pool == nil {
 			r.buf = buf[:0]
 		}
 	}()
