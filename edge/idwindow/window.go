@@ -37,10 +37,10 @@ type entry[V comparable] struct {
 	v V
 }
 
-// New returns a window of the last n items (at least 1, at most 1<<31),
+// New returns a window of the last n items (at least 1, at most 1<<30),
 // keyed by key, hashing with seed.
 func New[V comparable](seed maphash.Seed, n int, key func(V) string) *Window[V] {
-	n = min(max(n, 1), 1<<31)
+	n = min(max(n, 1), 1<<30) // ring indexes fit 32 bits, 2n fits an int
 	size := 2
 	for size < 2*n {
 		size <<= 1
