@@ -1,6 +1,7 @@
 package session
 
 import (
+	"math"
 	"sync"
 	"time"
 )
@@ -73,11 +74,15 @@ func (b *budget) admit(now time.Time, size int) bool {
 }
 
 // reserve takes n tokens and returns how long until the debt, if any, is
-// paid.
+// paid: without a rate, or beyond what a Duration holds, for ever.
 func (k *bucket) reserve(n float64) time.Duration {
 	k.tokens -= n
 	if k.tokens >= 0 {
 		return 0
 	}
-	return time.Duration(-k.tokens / k.rate * float64(time.Second))
+	wait := -k.tokens / k.rate * float64(time.Second)
+	if k.rate <= 0 || wait >= math.MaxInt64 {
+		return math.MaxInt64
+	}
+	return time.Duration(wait)
 }

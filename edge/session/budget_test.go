@@ -1,6 +1,7 @@
 package session
 
 import (
+	"math"
 	"testing"
 	"time"
 )
@@ -50,5 +51,18 @@ func TestBudget(t *testing.T) {
 	// zero duration must not add or remove anything).
 	if b.admit(t0, 1) {
 		t.Fatal("an earlier time refilled the buckets")
+	}
+}
+
+// A bucket without a rate never repays a debt: the reader waits for ever
+// (until the session closes) rather than reading on unpaced.
+func TestBudgetWithoutARate(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	b := newBudget(t0, 10, 0, 100, 10, 1, 100)
+	if w := b.take(t0, true, 1); w != 0 {
+		t.Fatalf("the burst waits %v", w)
+	}
+	if w := b.take(t0.Add(time.Hour), true, 1); w != math.MaxInt64 {
+		t.Fatalf("with no event rate the second event waits %v", w)
 	}
 }

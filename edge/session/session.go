@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -156,11 +157,15 @@ func (s *Session) logAt(level slog.Level, msg string, args ...any) {
 	if !l.Enabled(context.Background(), level) {
 		return
 	}
-	attrs := []any{"session", s.id, "transport", s.conn.Transport(), "remote", addrString(s.conn)}
+	var pc [1]uintptr
+	runtime.Callers(2, pc[:]) // the caller's line, for handlers that show it
+	r := slog.NewRecord(time.Now(), level, msg, pc[0])
+	r.Add("session", s.id, "transport", s.conn.Transport(), "remote", addrString(s.conn))
 	if s.userID != "" {
-		attrs = append(attrs, "user", s.userID, "device", s.deviceID)
+		r.Add("user", s.userID, "device", s.deviceID)
 	}
-	l.Log(context.Background(), level, msg, append(attrs, args...)...)
+	r.Add(args...)
+	_ = l.Handler().Handle(context.Background(), r)
 }
 
 func addrString(c Conn) string {

@@ -163,13 +163,14 @@ func (l *lockedBuffer) String() string {
 func TestSessionLogLinesCarryTheSession(t *testing.T) {
 	var logs lockedBuffer
 	e := newEnv(t, func(c *Config) {
-		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug, AddSource: true}))
 	})
 	e.devices("u1", "d1")
 	d := e.online("d1")
 	id := d.welcome.GetSessionId()
 	d.send(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
 	waitFor(t, "the session closed line", func() bool { return strings.Contains(logs.String(), "session closed") })
+	sources := map[string]bool{}
 	for _, msg := range []string{"session open", "session closed"} {
 		var line string
 		for l := range strings.Lines(logs.String()) {
@@ -182,6 +183,16 @@ func TestSessionLogLinesCarryTheSession(t *testing.T) {
 				t.Errorf("%q line %q lacks %s", msg, line, want)
 			}
 		}
+		// The source is where the line was logged, not the helper.
+		_, src, ok := strings.Cut(line, "source=")
+		if !ok {
+			t.Fatalf("%q line %q has no source", msg, line)
+		}
+		src, _, _ = strings.Cut(src, " ")
+		sources[src] = true
+	}
+	if len(sources) != 2 {
+		t.Errorf("both lines name one source: %v", sources)
 	}
 
 	var quiet lockedBuffer
