@@ -10,10 +10,12 @@
 #
 # cap_cpu PID PCT moves PID (every thread) into a cgroup of its own that
 # may use PCT% of one CPU (cgroup v2 cpu.max, else v1 cpu.cfs_quota_us; a
-# 10 ms period), so that a load driver on the other core can saturate it;
-# it fails, changing nothing, without root or a cpu controller. cap_stats
-# prints the cgroup's throttling counters (periods, throttled periods) and
-# uncap_cpu PID moves PID back and removes the cgroup.
+# 10 ms period; PCT at least 10), so that a load driver on the other core
+# can saturate it; without root or a cpu controller it fails (having at
+# most enabled the cpu controller of cgroup v2's root). cap_stats prints
+# the cgroup's throttling counters (periods, throttled periods) and
+# uncap_cpu PID moves PID back to the cgroup it came from and removes the
+# one it made, failing if PID would stay capped.
 #
 # start_edge2 BASE OUT [EDGE_PREFIX...], after start_relay, starts a
 # second edge (ports from BASE + 45) on the same control node, for runs
@@ -30,16 +32,20 @@ stop_relay() {
 }
 
 relay_cgroup=""
+relay_cgroup_from=""
 
 cap_cpu() { # PID PCT
-	local pid=$1 pct=$2 root
+	local pid=$1 pct=$2 root from
+	[ "$pct" -ge 10 ] || { echo "cap_cpu: at least 10% (the kernel's smallest quota is 1 ms a period)" >&2; return 1; }
 	if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
 		root=/sys/fs/cgroup
+		from=$(awk -F: '$1 == "0" { print $3 }' "/proc/$pid/cgroup")
 		grep -qw cpu "$root/cgroup.subtree_control" || echo +cpu >"$root/cgroup.subtree_control" || return 1
 		mkdir "$root/relay-cap-$$" || return 1
 		echo "$((pct * 100)) 10000" >"$root/relay-cap-$$/cpu.max" || { rmdir "$root/relay-cap-$$"; return 1; }
 	elif [ -w /sys/fs/cgroup/cpu/cgroup.procs ]; then
 		root=/sys/fs/cgroup/cpu
+		from=$(awk -F: '$2 ~ /(^|,)cpu(,|$)/ { print $3 }' "/proc/$pid/cgroup")
 		mkdir "$root/relay-cap-$$" || return 1
 		echo 10000 >"$root/relay-cap-$$/cpu.cfs_period_us" && echo $((pct * 100)) >"$root/relay-cap-$$/cpu.cfs_quota_us" ||
 			{ rmdir "$root/relay-cap-$$"; return 1; }
@@ -47,6 +53,7 @@ cap_cpu() { # PID PCT
 		return 1
 	fi
 	relay_cgroup=$root/relay-cap-$$
+	relay_cgroup_from=$root${from%/}
 	echo "$pid" >"$relay_cgroup/cgroup.procs" || { uncap_cpu "$pid"; return 1; }
 }
 
@@ -56,8 +63,11 @@ cap_stats() {
 
 uncap_cpu() { # PID
 	[ -n "$relay_cgroup" ] || return 0
-	echo "$1" >"$(dirname "$relay_cgroup")/cgroup.procs" 2>/dev/null || true
-	rmdir "$relay_cgroup" 2>/dev/null || true
+	if kill -0 "$1" 2>/dev/null && ! echo "$1" >"$relay_cgroup_from/cgroup.procs"; then
+		echo "uncap_cpu: cannot move $1 back to $relay_cgroup_from: it stays capped" >&2
+		return 1
+	fi
+	rmdir "$relay_cgroup" || return 1
 	relay_cgroup=""
 }
 
