@@ -27,8 +27,9 @@ type Window[V comparable] struct {
 	// a slot holding the item would, and a probe reads the ring only when
 	// 32 bits of the hash match.
 	slots []uint64
-	ring  []entry[V] // the items in the order added, next the oldest
+	ring  []entry[V] // the items in the order added, next the oldest once full
 	next  int
+	n     int // the window: the most items the ring grows to
 }
 
 // entry is an item and the hash of its key; the zero V is empty.
@@ -37,15 +38,27 @@ type entry[V comparable] struct {
 	v V
 }
 
+// startItems is how many items a new window has room for: it grows,
+// doubling, to its full size as items come, so a sender heard from a few
+// times costs about a kilobyte, not the whole window's 32 bytes an item.
+const startItems = 16
+
 // New returns a window of the last n items (at least 1, at most 1<<30),
 // keyed by key, hashing with seed.
 func New[V comparable](seed maphash.Seed, n int, key func(V) string) *Window[V] {
 	n = min(max(n, 1), 1<<30) // ring indexes fit 32 bits, 2n fits an int
+	first := min(n, startItems)
+	return &Window[V]{seed: seed, key: key, n: n, slots: make([]uint64, tableSize(first)), ring: make([]entry[V], first)}
+}
+
+// tableSize is the table's size for n items: a power of two, at most half
+// full.
+func tableSize(n int) int {
 	size := 2
 	for size < 2*n {
 		size <<= 1
 	}
-	return &Window[V]{seed: seed, key: key, slots: make([]uint64, size), ring: make([]entry[V], n)}
+	return size
 }
 
 // tag is the part of a hash a slot keeps.
@@ -74,13 +87,21 @@ func (w *Window[V]) Get(k string) V {
 func (w *Window[V]) Add(v V) {
 	var zero V
 	at := w.next
+	if at == len(w.ring) {
+		// Still growing (a full ring wraps before this): room for twice
+		// as many, and a table for them.
+		w.ring = append(w.ring, make([]entry[V], min(2*len(w.ring), w.n)-len(w.ring))...)
+		w.grow(tableSize(len(w.ring)))
+	}
 	if w.ring[at].v != zero {
 		w.forget(at)
 	}
 	k := w.key(v)
 	h := maphash.String(w.seed, k)
 	w.ring[at] = entry[V]{h: h, v: v}
-	w.next = (at + 1) % len(w.ring)
+	if w.next = at + 1; w.next == w.n {
+		w.next = 0
+	}
 	t, mask := tag(h), uint64(len(w.slots)-1)
 	mine := t<<32 | uint64(at+1)
 	for i := t & mask; ; i = (i + 1) & mask {
@@ -108,6 +129,26 @@ func (w *Window[V]) Len() int {
 		}
 	}
 	return n
+}
+
+// grow moves the table to one of size slots (when larger).
+func (w *Window[V]) grow(size int) {
+	if size <= len(w.slots) {
+		return
+	}
+	slots := make([]uint64, size)
+	mask := uint64(size - 1)
+	for _, s := range w.slots {
+		if s == 0 {
+			continue
+		}
+		i := (s >> 32) & mask
+		for slots[i] != 0 {
+			i = (i + 1) & mask
+		}
+		slots[i] = s
+	}
+	w.slots = slots
 }
 
 // forget removes the ring entry at from the table, unless a newer item

@@ -15,8 +15,12 @@ type item struct{ id string }
 // events sent again do, and long probe runs in a small table), checked
 // after every step for every key.
 func TestWindowMatchesAMap(t *testing.T) {
-	for _, n := range []int{1, 2, 3, 8, 64} {
-		for seed := range uint64(20) {
+	for _, n := range []int{1, 2, 3, 8, 17, 64, 100} {
+		seeds := uint64(20)
+		if n > 64 {
+			seeds = 3 // growth past 64 items; fewer runs keep the test quick under -race
+		}
+		for seed := range seeds {
 			rng := rand.New(rand.NewPCG(seed, uint64(n)))
 			w := New(maphash.MakeSeed(), n, func(it *item) string { return it.id })
 			model := map[string]*item{}
@@ -60,6 +64,27 @@ func TestWindowKeepsAReaddedKey(t *testing.T) {
 	w.Add(&item{"z"}) // now resent's place is reused
 	if w.Get("x") != nil || w.Get("y") == nil || w.Get("z") == nil {
 		t.Fatalf("window holds x %p, y %p, z %p; want y and z", w.Get("x"), w.Get("y"), w.Get("z"))
+	}
+}
+
+// A window starts small and grows to its full size only as items come: a
+// sender heard from a few times does not cost the whole window.
+func TestWindowGrowsAsItemsCome(t *testing.T) {
+	w := New(maphash.MakeSeed(), 4096, func(s string) string { return s })
+	for i := range 10 {
+		w.Add(fmt.Sprint(i))
+	}
+	if len(w.ring) != startItems || len(w.slots) != tableSize(startItems) {
+		t.Fatalf("after 10 items: ring %d, table %d", len(w.ring), len(w.slots))
+	}
+	for i := 10; i < 5000; i++ {
+		w.Add(fmt.Sprint(i))
+	}
+	if len(w.ring) != 4096 || len(w.slots) != 8192 || w.Len() != 4096 {
+		t.Fatalf("after 5,000 items: ring %d, table %d, %d found", len(w.ring), len(w.slots), w.Len())
+	}
+	if w.Get("903") != "" || w.Get("904") != "904" || w.Get("4999") != "4999" {
+		t.Fatal("the window is not the last 4,096 items")
 	}
 }
 
