@@ -67,7 +67,8 @@ func (b *bufReader) Size() int {
 }
 
 // fillTo reads until n bytes (at most Size) are buffered, moving what is
-// buffered to the front of the buffer first when the rest would not fit.
+// buffered to the front of the buffer first when the rest would not fit
+// (or nothing is buffered).
 // An error that comes with the last bytes needed is kept for the next
 // read; one before them is returned.
 func (b *bufReader) fillTo(n int) error {
@@ -78,7 +79,7 @@ func (b *bufReader) fillTo(n int) error {
 		return b.take()
 	}
 	b.borrow()
-	if len(b.buf)-b.r < n {
+	if b.r == b.w || len(b.buf)-b.r < n {
 		b.w = copy(b.buf, b.buf[b.r:b.w])
 		b.r = 0
 	}
@@ -143,31 +144,10 @@ func (b *bufReader) idle() {
 	b.err = io.ErrNoProgress
 }
 
-// fill reads more into an empty buffer (r == w).
-func (b *bufReader) fill() error {
-	if b.err != nil {
-		return b.take()
-	}
-	b.borrow()
-	b.r, b.w = 0, 0
-	for range 100 {
-		n, err := b.src.Read(b.buf)
-		b.w = n
-		if n > 0 || err != nil {
-			b.err = err
-			if n > 0 {
-				return nil
-			}
-			return b.take()
-		}
-	}
-	return io.ErrNoProgress
-}
-
 // ReadByte reads one byte.
 func (b *bufReader) ReadByte() (byte, error) {
 	if b.r == b.w {
-		if err := b.fill(); err != nil {
+		if err := b.fillTo(1); err != nil {
 			return 0, err
 		}
 	}
@@ -198,7 +178,7 @@ func (b *bufReader) Read(p []byte) (int, error) {
 			n, err := b.src.Read(p)
 			return n, err
 		}
-		if err := b.fill(); err != nil {
+		if err := b.fillTo(1); err != nil {
 			return 0, err
 		}
 	}

@@ -143,19 +143,19 @@ func (t *handoffStores) stored(seq uint64) {
 	t.mu.Lock()
 	t.pending--
 	t.max = max(t.max, seq)
-	fire := t.all && t.pending == 0
+	fire, m := t.all && t.pending == 0, t.max
 	t.mu.Unlock()
 	if fire {
-		t.done(t.max)
+		t.done(m)
 	}
 }
 
 func (t *handoffStores) issued() {
 	t.mu.Lock()
 	t.all = true
-	fire := t.pending == 0
+	fire, m := t.pending == 0, t.max
 	t.mu.Unlock()
 	if fire {
-		t.done(t.max)
+		t.done(m)
 	}
 }

@@ -219,7 +219,13 @@ func (s *Session) mustHold(need, rev uint64) bool {
 // m.mu held): behind held ones (they keep their order), or behind what a
 // replaced session handed off.
 func (m *mailboxState) blocksAllLocked() bool {
-	return len(m.held) > 0 || m.gate || m.floor > m.cursor
+	return len(m.held) > 0 || m.behindPredecessorLocked()
+}
+
+// behindPredecessorLocked reports whether what a replaced session handed
+// off is not stored, or not queued, yet (with m.mu held).
+func (m *mailboxState) behindPredecessorLocked() bool {
+	return m.gate || m.floor > m.cursor
 }
 
 // syncSlowLocked sets slow from the fields it derives from (with m.mu
@@ -367,8 +373,8 @@ func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) boo
 func (s *Session) releaseHeld() {
 	m := &s.mb
 	defer m.syncSlowLocked()
-	if m.gate || m.floor > m.cursor {
-		return // behind what a replaced session handed off
+	if m.behindPredecessorLocked() {
+		return
 	}
 	n := 0
 	for i, h := range m.held {
