@@ -105,6 +105,12 @@ type Config struct {
 	// edge, for devices that are idle most of the time. Ephemeral events
 	// then wait behind the stream's other frames.
 	NoDatagrams bool
+	// MaxPending bounds the durable events waiting for their acks (Send
+	// calls under way) [1024]. A Send beyond it waits, on its context, for
+	// an earlier one to finish: an application sending faster than the
+	// edge acknowledges is held back instead of queueing without bound in
+	// memory (the edge's queues and duplicate window are bounded too).
+	MaxPending int
 	// TLSSessions keeps TLS session tickets, so a reconnect resumes the
 	// TLS handshake too (no certificate signature to make or check) [a
 	// cache of this client's own]. Share one between clients of a
@@ -154,6 +160,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.ReceiveBuffer <= 0 {
 		c.ReceiveBuffer = 1024
+	}
+	if c.MaxPending <= 0 {
+		c.MaxPending = 1024
 	}
 	if c.DedupWindow <= 0 {
 		c.DedupWindow = 4096
@@ -252,6 +261,9 @@ type Client struct {
 	cancel context.CancelFunc
 	done   chan struct{} // closed when the connection loop ended
 
+	// sends holds a token per Send under way (Config.MaxPending).
+	sends chan struct{}
+
 	// sendMu serialises seq assignment with the write, so events reach
 	// the edge in seq order.
 	sendMu sync.Mutex
@@ -319,6 +331,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		events:   make(chan Event, cfg.ReceiveBuffer),
 		presence: make(chan Presence, 256),
 		done:     make(chan struct{}),
+		sends:    make(chan struct{}, cfg.MaxPending),
 		ready:    make(chan struct{}),
 		pending:  map[string]*pendingSend{},
 		online:   map[string]bool{},
@@ -463,8 +476,23 @@ func (c *Client) build(m Message, ephemeral bool) *relayv1.Event {
 // the edge refuses it (an *Error, see Retryable), or ctx ends. While
 // disconnected the event waits and is sent after the reconnect; an event
 // sent but not acknowledged is sent again then (receivers drop the
-// duplicate).
+// duplicate). At most Config.MaxPending sends are under way at once; a
+// further one first waits for a slot.
 func (c *Client) Send(ctx context.Context, m Message) error {
+	select {
+	case c.sends <- struct{}{}:
+	default:
+		select {
+		case c.sends <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-c.done:
+			return c.Err()
+		}
+	}
+	// A send is done with its slot when it returns: by then its event was
+	// acknowledged, refused, given up (forget) or failed with the client.
+	defer func() { <-c.sends }()
 	ev := c.build(m, false)
 	c.sendMu.Lock()
 	enc, err := c.encode(ev)

@@ -335,3 +335,82 @@ func TestConcurrentSendsKeepTheirOrder(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// A sender that gets ahead of its acks is held back at MaxPending sends
+// under way: a further Send waits for a slot and, when its context ends
+// first, was never sent (the receiver never gets it).
+func TestSendWaitsForASlot(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edges: 1})
+	user := r.User("slots")
+	a, b := r.Device(user, "a"), r.Device(user, "b")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// The receiver takes one event into its buffer and acknowledges it;
+	// while nobody reads, its reader then waits with the next one, which
+	// it does not acknowledge.
+	rcfg := r.ClientConfig(0, b, client.QUIC)
+	rcfg.ReceiveBuffer = 1
+	rx, err := client.Dial(ctx, rcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rx.Close()
+	cfg := r.ClientConfig(0, a, client.QUIC)
+	cfg.MaxPending = 2
+	tx, err := client.Dial(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Close()
+	waitOnline(t, tx, b.ID)
+	to := []string{b.ID}
+	if err := tx.Send(ctx, client.Message{Targets: to, Payload: []byte{1}}); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	errs := make(chan error, 2)
+	for _, p := range []byte{2, 3} {
+		wg.Go(func() { errs <- tx.Send(ctx, client.Message{Targets: to, Payload: []byte{p}}) })
+	}
+	reg := r.Edges[0].Registry()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if got := counter(t, reg, "relay_edge_events_total", "result", "accepted"); got != 3 {
+			return fmt.Errorf("%v events accepted, want 3", got)
+		}
+		return nil
+	})
+	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancelShort()
+	if err := tx.Send(short, client.Message{Targets: to, Payload: []byte{4}}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a send beyond MaxPending: %v, want it to wait and give up", err)
+	}
+	var got []byte
+	for range 3 {
+		ev, err := rx.Receive(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, ev.Payload...)
+	}
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	wg.Go(func() { errs <- tx.Send(ctx, client.Message{Targets: to, Payload: []byte{5}}) })
+	ev, err := rx.Receive(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = append(got, ev.Payload...)
+	if got[0] != 1 || got[3] != 5 || got[1]+got[2] != 5 {
+		t.Fatalf("received %v, want 1, then 2 and 3, then 5 (4 was never sent)", got)
+	}
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+	if n := counter(t, reg, "relay_edge_events_total", "result", "accepted"); n != 4 {
+		t.Fatalf("%v events accepted, want 4", n)
+	}
+}

@@ -267,7 +267,7 @@ func (dl *dialer) dial(ctx context.Context, dev device) (*client.Client, error) 
 
 // dialTicket connects a device, resuming with ticket when one is given.
 func (dl *dialer) dialTicket(ctx context.Context, dev device, ticket []byte) (*client.Client, error) {
-	cfg := client.Config{Addr: dl.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, ResumeTicket: ticket, TLSSessions: dev.tls, NoDatagrams: dl.noDatagrams}
+	cfg := client.Config{Addr: dl.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, MaxPending: maxOutstanding, ResumeTicket: ticket, TLSSessions: dev.tls, NoDatagrams: dl.noDatagrams}
 	if dl.d.transport == "webtransport" {
 		cfg.Transport = client.WebTransport
 	} else {

@@ -127,6 +127,17 @@ func TestScenarios(t *testing.T) {
 	if !strings.Contains(stderr, "acked=") {
 		t.Errorf("no progress line on stderr: %q", stderr)
 	}
+	// Open loop faster than one event's round trip, with one outstanding
+	// event allowed: the turns that find it still waiting are dropped,
+	// not queued, and every attempt is accounted for.
+	res = e.mustRun("rate", "--pairs", "1", "--rate", "5000", "--duration", "400ms", "--max-outstanding", "1")
+	if att, acked, dropped := num(res, "counts", "attempts"), num(res, "counts", "acked"), num(res, "counts", "dropped"); att != 2000 || acked < 1 || dropped < 1 ||
+		acked+dropped+num(res, "counts", "failed") != att {
+		t.Fatalf("rate with one outstanding event: %v", res)
+	}
+	if err := run(context.Background(), append(append([]string{}, e.common...), "rate", "--max-outstanding", "0"), io.Discard, io.Discard, e.getenv); err == nil || !strings.Contains(err.Error(), "--max-outstanding") {
+		t.Fatalf("--max-outstanding 0: %v", err)
+	}
 
 	// Steps of 50, 100 and 150 events/s, each held (the limit is wide):
 	// the sustained rate is the last.

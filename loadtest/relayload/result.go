@@ -182,7 +182,10 @@ type rateStep struct {
 	AckP50Ms  float64 `json:"ack_p50_ms"`
 	AckP99Ms  float64 `json:"ack_p99_ms"`
 	Failed    float64 `json:"failed"`
-	Held      bool    `json:"held"`
+	// Dropped counts the events not sent because their pair already had
+	// maxOutstanding waiting for acks.
+	Dropped float64 `json:"dropped"`
+	Held    bool    `json:"held"`
 }
 
 // merge adds o's counts, failures and latencies into r.

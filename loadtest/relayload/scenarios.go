@@ -129,46 +129,96 @@ func closePairs(ps []pair) {
 	}
 }
 
-// drive sends durable events at a fixed total rate over the pairs for
-// dur, open loop: event n is due at start + n/rate whatever the acks
-// do, and its latency runs from then, so a slow edge shows as latency,
-// not as a lower rate. It counts sent, acked, received and failed (by
-// cause) into r.
-func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur time.Duration, size int, r *result) {
+// maxOutstanding is how many durable events one pair's sender may have
+// waiting for their acks at most (its client's MaxPending): --inflight
+// and --max-outstanding may not ask for more.
+const maxOutstanding = 1024
+
+// outstandingFlag adds --max-outstanding to an open-loop scenario's flags.
+func outstandingFlag(fs *flag.FlagSet) *int {
+	return fs.Int("max-outstanding", maxOutstanding, "open loop: the most events one pair may have waiting for their acks; a pair at it skips its turn, counted as dropped")
+}
+
+// checkOutstanding validates --max-outstanding.
+func checkOutstanding(n int) error {
+	if n < 1 || n > maxOutstanding {
+		return fmt.Errorf("--max-outstanding %d: from 1 to %d", n, maxOutstanding)
+	}
+	return nil
+}
+
+// drive sends durable events open loop at rate for dur, round robin
+// over the pairs: event i is due at start + i/rate and its latency runs
+// from then, so a late driver shows as latency, not as a lower rate
+// (no coordinated omission). Each pair's sends run on workers that are
+// kept for the run (a goroutine per event would cost the driver more
+// than the edge); a pair that already has limit events waiting
+// for their acks (limit) skips its turn and counts it as "dropped" (like k6's
+// dropped iterations): an edge or a driver that falls behind shows as
+// drops instead of sends piling up in memory.
+func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur time.Duration, size, limit int, r *result) {
 	stopReceivers := receiveAll(ctx, ps, r)
 	payload := make([]byte, size)
+	send := func(p pair, at time.Time) {
+		err := p.tx.Send(ctx, client.Message{Targets: []string{p.rxD.id}, Payload: payload})
+		if err != nil {
+			r.count("failed", 1)
+			r.fail(cause(err))
+			return
+		}
+		r.observe("ack", time.Since(at))
+		r.count("acked", 1)
+	}
+	type pool struct {
+		due     chan time.Time // unbuffered: taken by an idle worker only
+		workers int
+	}
+	pools := make([]pool, len(ps))
+	for k := range pools {
+		pools[k].due = make(chan time.Time)
+	}
+	var workers sync.WaitGroup
 	interval := time.Duration(float64(time.Second) / rate)
 	start := time.Now()
-	var sends sync.WaitGroup
 	n := int(dur.Seconds() * rate)
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
 	for i := range n {
 		at := start.Add(time.Duration(i) * interval)
 		if w := time.Until(at); w > 0 {
-			t := time.NewTimer(w)
+			timer.Reset(w)
 			select {
-			case <-t.C:
+			case <-timer.C:
 			case <-ctx.Done():
-				t.Stop()
 			}
 		}
 		if ctx.Err() != nil {
 			break
 		}
-		p := ps[i%len(ps)]
-		target := []string{p.rxD.id}
+		k := i % len(ps)
+		pl := &pools[k]
 		r.count("attempts", 1)
-		sends.Go(func() {
-			err := p.tx.Send(ctx, client.Message{Targets: target, Payload: payload})
-			if err != nil {
-				r.count("failed", 1)
-				r.fail(cause(err))
-				return
+		select {
+		case pl.due <- at:
+			continue
+		default:
+		}
+		if pl.workers == limit {
+			r.count("dropped", 1)
+			continue
+		}
+		pl.workers++
+		p, due := ps[k], pl.due
+		workers.Go(func() {
+			for ok := true; ok; at, ok = <-due {
+				send(p, at)
 			}
-			r.observe("ack", time.Since(at))
-			r.count("acked", 1)
 		})
 	}
-	sends.Wait()
+	for k := range pools {
+		close(pools[k].due)
+	}
+	workers.Wait()
 	stopReceivers()
 }
 
@@ -352,7 +402,7 @@ func receiveAll(ctx context.Context, ps []pair, r *result) (stop func()) {
 func (d *driverConfig) rateProgress(r *result) func() string {
 	return func() string {
 		c, errs, lat := r.snapshot()
-		return fmt.Sprintf("sent=%.0f acked=%.0f received=%.0f failures=%d ack_p99=%.2fms", c["attempts"], c["acked"], c["received"], errs, lat["ack"]/1e3)
+		return fmt.Sprintf("sent=%.0f dropped=%.0f acked=%.0f received=%.0f failures=%d ack_p99=%.2fms", c["attempts"]-c["dropped"], c["dropped"], c["acked"], c["received"], errs, lat["ack"]/1e3)
 	}
 }
 
@@ -364,12 +414,19 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	rate := fs.Float64("rate", 2000, "events per second in total")
 	dur := fs.Duration("duration", 20*time.Second, "how long to send")
 	size := fs.Int("size", 64, "payload bytes")
+	outstanding := outstandingFlag(fs)
 	inflight := fs.Int("inflight", 0, "closed loop instead: keep this many events in flight per pair, as fast as acks come back (--rate ignored): the edge's saturation rate and its CPU per event")
 	rxEdge := fs.String("rx-edge", "", "connect the receivers to this other edge (UDP address), so every event takes the mesh hop between the two edges")
 	rxEdgeAdmin := fs.String("rx-edge-admin", "", "the admin URL of --rx-edge (its certificate hashes, and its CPU per event)")
 	offline := fs.Bool("offline", false, "receivers stay offline: every event goes to its target's mailbox through the control plane, and is acked once stored there (the mailbox path's cost)")
 	ephemeral := fs.Bool("ephemeral", false, "ephemeral events instead (no acks): the delivery latency and the edge's CPU per delivered event; with --inflight on the session stream, closed loop on deliveries, else at --rate as datagrams where they fit")
 	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *inflight > maxOutstanding {
+		return fmt.Errorf("--inflight %d: at most %d per pair", *inflight, maxOutstanding)
+	}
+	if err := checkOutstanding(*outstanding); err != nil {
 		return err
 	}
 	if *ephemeral && (*offline || *rxEdge != "") {
@@ -430,7 +487,7 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	case *inflight > 0:
 		d.saturate(ctx, ps, *inflight, *dur, *size, r)
 	default:
-		d.drive(ctx, ps, *rate, *dur, *size, r)
+		d.drive(ctx, ps, *rate, *dur, *size, *outstanding, r)
 	}
 	if !*ephemeral {
 		r.Seconds = time.Since(start).Seconds()
@@ -470,10 +527,14 @@ func (d *driverConfig) breakpoint(ctx context.Context, args []string) error {
 	start := fs.Float64("start", 1000, "events per second of the first step")
 	step := fs.Float64("step", 1000, "events per second added each step")
 	stepDur := fs.Duration("step-duration", 10*time.Second, "how long each step sends")
-	limit := fs.Duration("p99", 50*time.Millisecond, "a step holds while its ack p99 stays below this")
+	outstanding := outstandingFlag(fs)
+	limit := fs.Duration("p99", 50*time.Millisecond, "a step holds while its ack p99 stays below this, and no event failed or was dropped")
 	maxRate := fs.Float64("max-rate", 1e6, "stop after the step at this rate")
 	size := fs.Int("size", 64, "payload bytes")
 	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := checkOutstanding(*outstanding); err != nil {
 		return err
 	}
 	r := newResult("breakpoint", d.transport)
@@ -492,14 +553,14 @@ func (d *driverConfig) breakpoint(ctx context.Context, args []string) error {
 	held := 0.0
 	for rate := *start; rate <= *maxRate && ctx.Err() == nil; rate += *step {
 		sr := newResult("breakpoint", d.transport)
-		d.drive(ctx, ps, rate, *stepDur, *size, sr)
+		d.drive(ctx, ps, rate, *stepDur, *size, *outstanding, sr)
 		sr.Seconds = stepDur.Seconds()
 		sr.derive()
 		p99 := sr.Figures["ack_p99_ms"]
-		ok := sr.Counts["failed"] == 0 && p99 < float64(limit.Microseconds())/1e3
-		r.Steps = append(r.Steps, rateStep{Rate: rate, AckedPerS: sr.Figures["acked_per_s"], AckP50Ms: sr.Figures["ack_p50_ms"], AckP99Ms: p99, Failed: sr.Counts["failed"], Held: ok})
+		ok := sr.Counts["failed"] == 0 && sr.Counts["dropped"] == 0 && p99 < float64(limit.Microseconds())/1e3
+		r.Steps = append(r.Steps, rateStep{Rate: rate, AckedPerS: sr.Figures["acked_per_s"], AckP50Ms: sr.Figures["ack_p50_ms"], AckP99Ms: p99, Failed: sr.Counts["failed"], Dropped: sr.Counts["dropped"], Held: ok})
 		if d.errw != nil && d.progress > 0 {
-			fmt.Fprintf(d.errw, "relayload breakpoint %8.0f/s: acked %.0f/s, ack p50 %.2f ms, p99 %.2f ms, failed %.0f: %s\n", rate, sr.Figures["acked_per_s"], sr.Figures["ack_p50_ms"], p99, sr.Counts["failed"], map[bool]string{true: "held", false: "broke"}[ok])
+			fmt.Fprintf(d.errw, "relayload breakpoint %8.0f/s: acked %.0f/s, ack p50 %.2f ms, p99 %.2f ms, failed %.0f, dropped %.0f: %s\n", rate, sr.Figures["acked_per_s"], sr.Figures["ack_p50_ms"], p99, sr.Counts["failed"], sr.Counts["dropped"], map[bool]string{true: "held", false: "broke"}[ok])
 		}
 		r.merge(sr)
 		if !ok {

@@ -118,9 +118,9 @@ func (d *driverConfig) soak(ctx context.Context, args []string) error {
 	}
 	stop := d.showProgress(func() string {
 		c, errs, lat := r.snapshot()
-		return fmt.Sprintf("sent=%.0f acked=%.0f churned=%.0f failures=%d ack_p99=%.2fms samples=%d", c["attempts"], c["acked"], c["churned"], errs, lat["ack"]/1e3, sampled.Load())
+		return fmt.Sprintf("sent=%.0f dropped=%.0f acked=%.0f churned=%.0f failures=%d ack_p99=%.2fms samples=%d", c["attempts"]-c["dropped"], c["dropped"], c["acked"], c["churned"], errs, lat["ack"]/1e3, sampled.Load())
 	})
-	d.drive(ctx, ps, *rate, *dur, *size, r)
+	d.drive(ctx, ps, *rate, *dur, *size, maxOutstanding, r)
 	r.Seconds = time.Since(start).Seconds()
 	cancel()
 	wg.Wait()
