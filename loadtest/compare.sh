@@ -4,7 +4,10 @@
 # prints the figures and ratios docs/benchmarks.md records (issue 15):
 #
 #   one-way latency, device A -> edge -> device B, against a bare quic-go
-#     forwarder on the same path (relayload oneway, with and without --floor)
+#     forwarder on the same path (relayload oneway, with and without --floor),
+#     at 2,000 and PACED_RATE (default 20,000) messages/s, with each
+#     server's CPU per message (the relay's messages are acknowledged: four
+#     frames, the forwarder's one)
 #   the edge's CPU per acknowledged event at saturation (relayload rate)
 #     against quic-go's CPU per one-way 64-byte message (relayload stream)
 #   acknowledged events per second through the edge, and again with the
@@ -43,9 +46,15 @@ run() { # NAME RELAYLOAD-ARGS...
 	echo "== $name"
 	"${clients[@]}" bin/relayload --control "$API" --edge "$EDGE" --edge-admin "$EDGE_ADMIN" --json --progress 0 "$@" >"$out/$name.json"
 }
-run oneway-floor oneway --floor 127.0.0.1:$((base + 90)) --count 20000 --rate 2000
+floor_admin=http://127.0.0.1:$((base + 91))
+run oneway-floor oneway --floor 127.0.0.1:$((base + 90)) --floor-admin "$floor_admin" --count 20000 --rate 2000
 run oneway-relay oneway --count 20000 --rate 2000
-run stream-floor stream --floor 127.0.0.1:$((base + 90)) --floor-admin http://127.0.0.1:$((base + 91)) --count 1000000
+# Paced ten times faster: packets seldom share a trip, so the servers'
+# CPU per message is mostly per-packet cost (system calls, wake-ups).
+paced=${PACED_RATE:-20000}
+run oneway-floor-paced oneway --floor 127.0.0.1:$((base + 90)) --floor-admin "$floor_admin" --count $((paced * 5)) --rate "$paced"
+run oneway-relay-paced oneway --count $((paced * 5)) --rate "$paced"
+run stream-floor stream --floor 127.0.0.1:$((base + 90)) --floor-admin "$floor_admin" --count 1000000
 run rate-relay rate --pairs 8 --inflight 64 --duration 20s
 # One driver core cannot keep a whole edge core busy: the same run with
 # the edge held to CAP_PCT% of its core (a cgroup) shows the edge
@@ -69,6 +78,8 @@ def load(n):
     with open(f"{out}/{n}.json") as f:
         return json.load(f)
 of, orl = load("oneway-floor"), load("oneway-relay")
+ofp, orp = load("oneway-floor-paced"), load("oneway-relay-paced")
+paced = orp["params"]["rate"]
 sf, rr, ss, sn = load("stream-floor"), load("rate-relay"), load("sessions-relay"), load("sessions-relay-nodg")
 er = load("ephemeral-relay")
 fig = lambda r, k: r["figures"].get(k, float("nan"))
@@ -78,10 +89,14 @@ rows = [
     ("one-way p99 (µs)", fig(orl, "oneway_p99_ms") * 1e3, fig(of, "oneway_p99_ms") * 1e3),
     ("CPU per event / message (µs)", peak(rr, "edge_cpu_us_per_event"), peak(sf, "server_cpu_us_per_message")),
     ("CPU per ephemeral event (µs)", peak(er, "edge_cpu_us_per_event"), peak(sf, "server_cpu_us_per_message")),
+    (f"one-way CPU/message @{orl['params']['rate']:.0f}/s (µs)", peak(orl, "server_cpu_us_per_message"), peak(of, "server_cpu_us_per_message")),
+    (f"one-way p50 @{paced:.0f}/s (µs)", fig(orp, "oneway_p50_ms") * 1e3, fig(ofp, "oneway_p50_ms") * 1e3),
+    (f"one-way p99 @{paced:.0f}/s (µs)", fig(orp, "oneway_p99_ms") * 1e3, fig(ofp, "oneway_p99_ms") * 1e3),
+    (f"one-way CPU/message @{paced:.0f}/s (µs)", peak(orp, "server_cpu_us_per_message"), peak(ofp, "server_cpu_us_per_message")),
 ]
-print(f"{'what':32} {'relay':>10} {'floor':>10} {'ratio':>7}")
+print(f"{'what':36} {'relay':>10} {'floor':>10} {'ratio':>7}")
 for name, relay, floor in rows:
-    print(f"{name:32} {relay:10.2f} {floor:10.2f} {relay / floor:7.2f}")
+    print(f"{name:36} {relay:10.2f} {floor:10.2f} {relay / floor:7.2f}")
 print(f"acknowledged events/s through the edge: {fig(rr, 'acked_per_s'):.0f} (ack p99 {fig(rr, 'ack_p99_ms'):.2f} ms)")
 print(f"ephemeral events/s delivered through the edge: {fig(er, 'received_per_s'):.0f} (delivery p99 {fig(er, 'delivery_p99_ms'):.2f} ms)")
 print(f"floor one-way messages/s: {fig(sf, 'messages_per_s'):.0f}")

@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -198,6 +199,7 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 	count := fs.Int("count", 20000, "messages to time")
 	rate := fs.Float64("rate", 2000, "messages per second")
 	floorAddr := fs.String("floor", "", "time the bare quic-go forwarder at this address instead of the relay")
+	floorAdmin := fs.String("floor-admin", "", "with --floor: the floor's /cpu, for its CPU per message")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -285,6 +287,18 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 			r.observe("oneway", d)
 		}
 	})
+	// The server's CPU per message (the relay's edge from its /metrics,
+	// the floor from --floor-admin): at a paced rate a packet seldom
+	// shares its trip with another, unlike the saturated runs.
+	cpuFrom := *floorAdmin
+	if *floorAddr == "" {
+		cpuFrom = ""
+	}
+	var cpu time.Duration
+	cpuErr := errors.New("no --floor-admin")
+	if *floorAddr == "" || *floorAdmin != "" {
+		cpu, cpuErr = d.cpuAt(ctx, cpuFrom)
+	}
 	tick := time.NewTicker(time.Duration(float64(time.Second) / *rate))
 	defer tick.Stop()
 	began := time.Now()
@@ -307,6 +321,11 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 	}
 	r.Seconds = time.Since(began).Seconds()
 	r.count("messages", float64(*count))
+	if cpuErr == nil {
+		if after, err := d.cpuAt(ctx, cpuFrom); err == nil {
+			r.Peaks["server_cpu_us_per_message"] = float64((after - cpu).Nanoseconds()) / 1e3 / float64(*count)
+		}
+	}
 	return d.finish(r)
 }
 

@@ -198,12 +198,18 @@ func TestFloorScenarios(t *testing.T) {
 	}
 	go func() { _, _ = io.Copy(io.Discard, pr) }()
 
-	res := e.mustRun("oneway", "--floor", quicAddr, "--count", "200", "--rate", "2000")
-	if res["transport"] != "floor" || num(res, "counts", "messages") != 200 || num(res, "figures", "oneway_p50_ms") <= 0 {
+	res := e.mustRun("oneway", "--floor", quicAddr, "--floor-admin", "http://"+adminAddr, "--count", "200", "--rate", "2000")
+	if res["transport"] != "floor" || num(res, "counts", "messages") != 200 || num(res, "figures", "oneway_p50_ms") <= 0 ||
+		num(res, "peaks", "server_cpu_us_per_message") <= 0 {
 		t.Fatalf("oneway through the floor: %v", res)
 	}
+	res = e.mustRun("oneway", "--floor", quicAddr, "--count", "20", "--rate", "2000")
+	if peaks, _ := res["peaks"].(map[string]any); peaks["server_cpu_us_per_message"] != nil {
+		t.Fatalf("oneway through the floor without --floor-admin measured a CPU: %v", res)
+	}
 	res = e.mustRun("oneway", "--count", "200", "--rate", "2000")
-	if res["transport"] != "quic" || num(res, "counts", "messages") != 200 || num(res, "figures", "oneway_p50_ms") <= 0 {
+	if res["transport"] != "quic" || num(res, "counts", "messages") != 200 || num(res, "figures", "oneway_p50_ms") <= 0 ||
+		num(res, "peaks", "server_cpu_us_per_message") <= 0 {
 		t.Fatalf("oneway through the relay: %v", res)
 	}
 	res = e.mustRun("stream", "--floor", quicAddr, "--floor-admin", "http://"+adminAddr, "--count", "20000")
