@@ -53,6 +53,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	if err != nil {
 		return err
 	}
+	applyMemoryLimit(log, getenv)
 	password, pwNote, pwSource, err := devAdminPassword(dataDir, getenv("RELAY_ADMIN_PASSWORD"))
 	if err != nil {
 		return err

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	edgeserver "github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/internal/relaytest"
 )
 
 // What the README promises: `relayd dev` needs no flags beyond its
@@ -236,4 +237,45 @@ func TestDevRestartKeepsThePinAndTellsTheState(t *testing.T) {
 	if !strings.Contains(second, "the one kept in "+filepath.Join(data, "edge-cert.pem")) {
 		t.Errorf("second banner does not say the certificate was kept:\n%s", second)
 	}
+}
+
+// relayd in a cgroup with a memory limit (a pod's limits.memory) gives
+// the Go runtime a soft limit of 90% of it, says so, and exports it.
+func TestRelaydTakesItsCgroupMemoryLimit(t *testing.T) {
+	var limit int64 = 1 << 30
+	cg := relaytest.MemoryCgroup(t, limit)
+	dir := t.TempDir()
+	admin := freePort(t)
+	argv := relaytest.InCgroup(cg, bins.relayd, "dev", "--data-dir", filepath.Join(dir, "data"), "--api-addr", freePort(t),
+		"--raft-addr", freePort(t), "--admin-addr", admin, "--edge-addr", freeUDPPort(t), "--edge-admin-addr", freePort(t),
+		"--log-format", "json")
+	cmd := exec.Command(argv[0], argv[1:]...)
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "GOMEMLIMIT=") {
+			env = append(env, kv)
+		}
+	}
+	cmd.Env = append(env, "RELAY_ADMIN_PASSWORD="+adminPassword)
+	p := &proc{relaytest.StartCmd(t, "relayd", cmd)}
+	want := int64(float64(limit) * 0.9)
+	rec := p.waitLog(t, "soft memory limit set below the cgroup's", 60*time.Second)
+	if rec["limit_bytes"] != float64(want) || rec["cgroup_limit_bytes"] != float64(limit) {
+		t.Fatalf("log line %v, want limit_bytes %d of %d", rec, want, limit)
+	}
+	eventually(t, 60*time.Second, func() error {
+		resp, err := http.Get("http://" + admin + "/metrics")
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			return err
+		}
+		if line := fmt.Sprintf("go_gc_gomemlimit_bytes %g", float64(want)); !strings.Contains(string(b), line+"\n") {
+			return fmt.Errorf("/metrics has no %q", line)
+		}
+		return nil
+	})
 }

@@ -126,6 +126,7 @@ func runEdge(ctx context.Context, args []string, stderr io.Writer, getenv func(s
 	if err != nil {
 		return err
 	}
+	applyMemoryLimit(log, getenv)
 	cfg.Logger = log
 	tel, stop, err := common.startTracing(ctx, "relay-edge", cfg.EdgeID)
 	if err != nil {

@@ -20,6 +20,7 @@ import (
 	"github.com/edge-relay/relay/control/backup"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/flagenv"
+	"github.com/edge-relay/relay/internal/memlimit"
 	"github.com/edge-relay/relay/internal/telemetry"
 )
 
@@ -210,6 +211,7 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 	if err != nil {
 		return err
 	}
+	applyMemoryLimit(log, getenv)
 	cfg.Logger = log
 	tel, stop, err := common.startTracing(ctx, "relay-control", cfg.NodeID)
 	if err != nil {
@@ -218,4 +220,24 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 	defer stop()
 	cfg.TracerProvider = tel.TracerProvider()
 	return server.Run(ctx, cfg, shutdown)
+}
+
+// memoryLimitRatio is the share of its cgroup's memory limit relayd
+// lets the Go runtime use before its garbage collector works harder
+// (debug.SetMemoryLimit); the rest is for what the runtime does not
+// count: thread stacks outside the heap, the kernel's socket buffers
+// charged to the cgroup, Pebble's manually managed block cache.
+const memoryLimitRatio = 0.9
+
+// applyMemoryLimit gives the runtime a soft memory limit below the
+// cgroup's (a pod's limits.memory, a unit's MemoryMax) unless GOMEMLIMIT
+// is set, and says what it did.
+func applyMemoryLimit(log *slog.Logger, getenv func(string) string) {
+	set, cgroup, err := memlimit.Set(getenv, memoryLimitRatio)
+	switch {
+	case err != nil:
+		log.Warn("no soft memory limit: cannot read the cgroup's memory limit", "err", err)
+	case set > 0:
+		log.Info("soft memory limit set below the cgroup's", "limit_bytes", set, "cgroup_limit_bytes", cgroup)
+	}
 }

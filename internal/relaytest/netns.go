@@ -185,9 +185,16 @@ func NeedNetns(t clustertest.TB) {
 	if why == "" {
 		why = "the package's TestMain does not call relaytest.MainInNetns"
 	}
-	msg := "network namespaces are not available (" + why + "); these tests need root, ip(8) and iptables(8)"
-	if os.Getenv(EnvRequireNetns) == "1" {
-		t.Fatalf("%s, and %s=1 requires them", msg, EnvRequireNetns)
+	skipUnlessRequired(t, EnvRequireNetns, "network namespaces are not available ("+why+"); these tests need root, ip(8) and iptables(8)")
+}
+
+// skipUnlessRequired skips the test for want of what msg says, or fails
+// it when the environment variable env is 1 (CI sets it: there the test
+// must run).
+func skipUnlessRequired(t clustertest.TB, env, msg string) {
+	t.Helper()
+	if os.Getenv(env) == "1" {
+		t.Fatalf("%s, and %s=1 requires it", msg, env)
 	}
 	type skipper interface{ Skip(args ...any) }
 	if s, ok := t.(skipper); ok {

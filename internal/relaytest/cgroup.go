@@ -1,0 +1,68 @@
+package relaytest
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+
+	"github.com/edge-relay/relay/control/clustertest"
+)
+
+// EnvRequireCgroup makes MemoryCgroup fail the test, not skip it, where
+// it cannot create a cgroup (.ci/run sets it: CI runs as root).
+const EnvRequireCgroup = "RELAY_REQUIRE_CGROUP"
+
+// cgroupSeq tells apart the cgroups of one test process.
+var cgroupSeq atomic.Int64
+
+// MemoryCgroup creates a memory cgroup limited to limit bytes (cgroup v2
+// at /sys/fs/cgroup, else the v1 hierarchy at /sys/fs/cgroup/memory) and
+// removes it when the test ends; start a process in it with InCgroup.
+// Without root or a memory controller it skips the test (fails it under
+// RELAY_REQUIRE_CGROUP=1).
+func MemoryCgroup(t clustertest.TB, limit int64) string {
+	t.Helper()
+	dir, why := newMemoryCgroup(limit)
+	if why != "" {
+		skipUnlessRequired(t, EnvRequireCgroup, "cannot create a memory cgroup ("+why+"); this test needs root")
+	}
+	t.Cleanup(func() {
+		// Its processes have exited by now, so it is empty.
+		if err := os.Remove(dir); err != nil {
+			t.Errorf("removing cgroup %s: %v", dir, err)
+		}
+	})
+	return dir
+}
+
+func newMemoryCgroup(limit int64) (dir, why string) {
+	if os.Geteuid() != 0 {
+		return "", "not root"
+	}
+	base, file := "/sys/fs/cgroup", "memory.max"
+	if b, err := os.ReadFile(filepath.Join(base, "cgroup.subtree_control")); err != nil || !strings.Contains(string(b), "memory") {
+		base, file = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+		if _, err := os.Stat(filepath.Join(base, file)); err != nil {
+			return "", "no cgroup v2 hierarchy delegating the memory controller at /sys/fs/cgroup, no v1 hierarchy at /sys/fs/cgroup/memory"
+		}
+	}
+	dir = filepath.Join(base, fmt.Sprintf("relaytest-%d-%d", os.Getpid(), cgroupSeq.Add(1)))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		return "", err.Error()
+	}
+	if err := os.WriteFile(filepath.Join(dir, file), []byte(strconv.FormatInt(limit, 10)), 0o644); err != nil {
+		_ = os.Remove(dir)
+		return "", err.Error()
+	}
+	return dir, ""
+}
+
+// InCgroup returns the argv that runs argv in the cgroup dir: a shell
+// that joins it, then becomes the command (so the command's first
+// instruction already runs there).
+func InCgroup(dir string, argv ...string) []string {
+	return append([]string{"sh", "-c", `echo $$ > "$0/cgroup.procs" && shift && exec "$@"`, dir, "--"}, argv...)
+}
