@@ -224,9 +224,9 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 
 // memoryLimitRatio is the share of its cgroup's memory limit relayd
 // lets the Go runtime use before its garbage collector works harder
-// (debug.SetMemoryLimit); the rest is for what the runtime does not
-// count: thread stacks outside the heap, the kernel's socket buffers
-// charged to the cgroup, Pebble's manually managed block cache.
+// (debug.SetMemoryLimit); the rest is for what the cgroup charges and
+// the runtime does not count: the kernel's socket buffers and page
+// cache (Pebble's files), and the binary's own pages.
 const memoryLimitRatio = 0.9
 
 // applyMemoryLimit gives the runtime a soft memory limit below the

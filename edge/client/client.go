@@ -105,11 +105,12 @@ type Config struct {
 	// edge, for devices that are idle most of the time. Ephemeral events
 	// then wait behind the stream's other frames.
 	NoDatagrams bool
-	// MaxPending bounds the durable events waiting for their acks (Send
-	// calls under way) [1024]. A Send beyond it waits, on its context, for
-	// an earlier one to finish: an application sending faster than the
-	// edge acknowledges is held back instead of queueing without bound in
-	// memory (the edge's queues and duplicate window are bounded too).
+	// MaxPending bounds the Send calls under way [1024]: a Send beyond it
+	// waits, on its context, for an earlier one to finish, so an
+	// application sending faster than the edge acknowledges is held back
+	// instead of queueing without bound in memory. (A Send whose context
+	// ends after its event went out gives its slot back at once; its
+	// event may still be on its way, not counted.)
 	MaxPending int
 	// TLSSessions keeps TLS session tickets, so a reconnect resumes the
 	// TLS handshake too (no certificate signature to make or check) [a
@@ -479,6 +480,9 @@ func (c *Client) build(m Message, ephemeral bool) *relayv1.Event {
 // duplicate). At most Config.MaxPending sends are under way at once; a
 // further one first waits for a slot.
 func (c *Client) Send(ctx context.Context, m Message) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	select {
 	case c.sends <- struct{}{}:
 	default:

@@ -34,7 +34,8 @@ const unlimited = 1 << 62
 // hierarchy (memory.limit_in_bytes), else a v2 hierarchy mounted at
 // root/unified that has the memory controller. A path from self that
 // does not exist under root (a container that sees its own cgroup
-// mounted at root, without a cgroup namespace) is read from root.
+// mounted at root, without a cgroup namespace) is read from the deepest
+// part of it that does.
 func Cgroup(root string, self []byte) (int64, error) {
 	v2, v1 := "", ""
 	haveV2, haveV1 := false, false
@@ -74,14 +75,23 @@ func Cgroup(root string, self []byte) (int64, error) {
 
 // smallest reads file in the cgroup p under base and in each cgroup
 // above it up to base, and returns the smallest limit set (0: none).
+// Where p is not under base as a whole (the process sees a cgroup mounted
+// at base that its /proc/self/cgroup names by a longer path), it starts
+// from the deepest part of p that is. A level whose file cannot be read
+// (permissions) adds nothing; one that holds something other than a
+// limit is an error.
 func smallest(base, p, file string) (int64, error) {
 	p = path.Clean("/" + p)
-	if !isDir(filepath.Join(base, filepath.FromSlash(p))) {
-		p = "/"
+	for p != "/" && !isDir(filepath.Join(base, filepath.FromSlash(p))) {
+		p = path.Dir(p)
 	}
 	var least int64
 	for {
 		n, err := readLimit(filepath.Join(base, filepath.FromSlash(p), file))
+		var unread *fs.PathError
+		if errors.As(err, &unread) {
+			n, err = 0, nil
+		}
 		if err != nil {
 			return 0, err
 		}
@@ -103,7 +113,7 @@ func readLimit(file string) (int64, error) {
 		return 0, nil
 	}
 	if err != nil {
-		return 0, fmt.Errorf("memlimit: %w", err)
+		return 0, err // an *fs.PathError: smallest skips the level
 	}
 	s := strings.TrimSpace(string(b))
 	if s == "max" {

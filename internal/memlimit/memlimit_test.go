@@ -81,6 +81,10 @@ func TestCgroup(t *testing.T) {
 			"unified/cgroup.controllers": "memory pids\n",
 			"unified/a/memory.max":       "67108864\n",
 		}, "1:name=systemd:/a\n0::/a\n", 64 << 20},
+		{"v1 leaf not mounted here: its deepest existing ancestor", map[string]string{
+			"memory/memory.limit_in_bytes":             v1Unlimited,
+			"memory/process_api/memory.limit_in_bytes": "209715200\n",
+		}, "4:memory:/process_api/abc\n", 200 << 20},
 		{"no cgroups", map[string]string{}, "", 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -103,6 +107,14 @@ func TestCgroupRefusesWhatItCannotRead(t *testing.T) {
 	root = tree(t, map[string]string{"cgroup.controllers": "memory\n", "a/memory.max": "-5\n"})
 	if _, err := Cgroup(root, []byte("0::/a\n")); err == nil {
 		t.Fatal("a negative limit was accepted")
+	}
+	// A level whose file cannot be read adds nothing; the others count.
+	root = tree(t, map[string]string{"cgroup.controllers": "memory\n", "a/memory.max": "1048576\n", "a/b/memory.max": "max\n"})
+	if err := os.Mkdir(filepath.Join(root, "memory.max"), 0o755); err != nil { // reading a directory fails
+		t.Fatal(err)
+	}
+	if got, err := Cgroup(root, []byte("0::/a/b\n")); err != nil || got != 1<<20 {
+		t.Fatalf("with an unreadable level: %d, %v; want %d", got, err, 1<<20)
 	}
 }
 

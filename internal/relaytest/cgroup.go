@@ -1,12 +1,16 @@
 package relaytest
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
+	"time"
 
 	"github.com/edge-relay/relay/control/clustertest"
 )
@@ -30,12 +34,47 @@ func MemoryCgroup(t clustertest.TB, limit int64) string {
 		skipUnlessRequired(t, EnvRequireCgroup, "cannot create a memory cgroup ("+why+"); this test needs root")
 	}
 	t.Cleanup(func() {
-		// Its processes have exited by now, so it is empty.
-		if err := os.Remove(dir); err != nil {
+		if err := removeCgroup(dir, 10*time.Second); err != nil {
 			t.Errorf("removing cgroup %s: %v", dir, err)
 		}
 	})
 	return dir
+}
+
+// sweepStaleCgroups removes the cgroups of test processes that died
+// before their cleanup ran (a -timeout panic, a kill).
+func sweepStaleCgroups(base string) {
+	dirs, _ := filepath.Glob(filepath.Join(base, "relaytest-*-*"))
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(strings.Split(filepath.Base(d), "-")[1])
+		if err == nil && syscall.Kill(pid, 0) == syscall.ESRCH {
+			_ = removeCgroup(d, time.Second)
+		}
+	}
+}
+
+// removeCgroup kills what is still in the cgroup dir and removes it,
+// retrying until within passes: a cgroup whose last process is still
+// exiting cannot be removed yet (EBUSY).
+func removeCgroup(dir string, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for {
+		if b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs")); err == nil {
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil {
+					_ = syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+		}
+		err := os.Remove(dir)
+		if err == nil || errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond) // polling the kernel, not synchronising with a goroutine
+	}
 }
 
 func newMemoryCgroup(limit int64) (dir, why string) {
@@ -49,6 +88,7 @@ func newMemoryCgroup(limit int64) (dir, why string) {
 			return "", "no cgroup v2 hierarchy delegating the memory controller at /sys/fs/cgroup, no v1 hierarchy at /sys/fs/cgroup/memory"
 		}
 	}
+	sweepStaleCgroups(base)
 	dir = filepath.Join(base, fmt.Sprintf("relaytest-%d-%d", os.Getpid(), cgroupSeq.Add(1)))
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		return "", err.Error()

@@ -212,10 +212,12 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	fail := func(err error) { cancel(err) }
-	var send func(i int) error
+	// send sends a message due at start+due (stamped with that, so a
+	// driver that falls behind shows as latency: no coordinated omission).
+	var send func(due time.Duration) error
 	var received func() (time.Duration, error)
 	start := time.Now()
-	stamp := func(b []byte) { binary.BigEndian.PutUint64(b, uint64(time.Since(start))) }
+	stamp := func(b []byte, due time.Duration) { binary.BigEndian.PutUint64(b, uint64(due)) }
 	took := func(b []byte) time.Duration { return time.Since(start) - time.Duration(binary.BigEndian.Uint64(b)) }
 	if *floorAddr != "" {
 		rconn, rx, err := floorStream(ctx, *floorAddr, 'r')
@@ -237,7 +239,7 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 		}
 		defer sconn.CloseWithError(0, "")
 		msg := make([]byte, floorMessage)
-		send = func(int) error { stamp(msg); _, err := tx.Write(msg); return err }
+		send = func(due time.Duration) error { stamp(msg, due); _, err := tx.Write(msg); return err }
 		in := make([]byte, floorMessage)
 		received = func() (time.Duration, error) {
 			if _, err := io.ReadFull(rx, in); err != nil {
@@ -255,9 +257,9 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 		target := []string{pr.rxD.id}
 		var sends sync.WaitGroup
 		defer sends.Wait()
-		send = func(int) error {
+		send = func(due time.Duration) error {
 			payload := make([]byte, floorMessage)
-			stamp(payload)
+			stamp(payload, due)
 			// Not waiting for the ack: the one-way time is what B sees.
 			// A send that fails ends the run: its message would never
 			// reach the receiver, which would wait for it for ever.
@@ -299,18 +301,23 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 	if *floorAddr == "" || *floorAdmin != "" {
 		cpu, cpuErr = d.cpuAt(ctx, cpuFrom)
 	}
-	tick := time.NewTicker(time.Duration(float64(time.Second) / *rate))
-	defer tick.Stop()
+	interval := time.Duration(float64(time.Second) / *rate)
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
 	began := time.Now()
 	for i := range *count {
-		select {
-		case <-tick.C:
-		case <-ctx.Done():
+		due := began.Sub(start) + time.Duration(i+1)*interval
+		if w := due - time.Since(start); w > 0 {
+			timer.Reset(w)
+			select {
+			case <-timer.C:
+			case <-ctx.Done():
+			}
 		}
 		if ctx.Err() != nil {
 			break
 		}
-		if err := send(i); err != nil {
+		if err := send(due); err != nil {
 			fail(err)
 			break
 		}

@@ -117,11 +117,11 @@ func TestScenarios(t *testing.T) {
 		t.Fatalf("rtt over webtransport: %v", res)
 	}
 
-	res, stderr, err := e.run("--threshold", "ack_p99_ms<60000", "--threshold", "error_rate<=0", "rate", "--pairs", "4", "--rate", "100", "--duration", "1s")
+	res, stderr, err := e.run("--threshold", "ack_p99_ms<60000", "--threshold", "error_rate<=0", "--threshold", "drop_rate<=0", "rate", "--pairs", "4", "--rate", "100", "--duration", "1s")
 	if err != nil || num(res, "counts", "attempts") != 100 || num(res, "counts", "acked") != 100 || num(res, "counts", "received") != 100 {
 		t.Fatalf("rate: %v %v", err, res)
 	}
-	if th, _ := res["thresholds"].(map[string]any); th["ack_p99_ms<60000"] != true || th["error_rate<=0"] != true {
+	if th, _ := res["thresholds"].(map[string]any); th["ack_p99_ms<60000"] != true || th["error_rate<=0"] != true || th["drop_rate<=0"] != true {
 		t.Fatalf("rate thresholds: %v", res["thresholds"])
 	}
 	if !strings.Contains(stderr, "acked=") {

@@ -172,6 +172,11 @@ func (r *result) derive() {
 	r.Figures["errors"] = float64(failures)
 	if a := r.Counts["attempts"]; a > 0 {
 		r.Figures["error_rate"] = r.Counts["failed"] / a
+		if d, ok := r.Counts["dropped"]; ok {
+			// Turns an open loop skipped (see drive): not errors of the
+			// edge's, but the rate asked for was not sent.
+			r.Figures["drop_rate"] = d / a
+		}
 	}
 }
 

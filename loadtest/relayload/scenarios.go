@@ -152,30 +152,23 @@ func checkOutstanding(n int) error {
 // from then, so a late driver shows as latency, not as a lower rate
 // (no coordinated omission). Each pair's sends run on workers that are
 // kept for the run (a goroutine per event would cost the driver more
-// than the edge); a pair that already has limit events waiting
+// than the edge), as many as the pair ever had outstanding; a pair that
+// already has limit events waiting
 // for their acks (limit) skips its turn and counts it as "dropped" (like k6's
 // dropped iterations): an edge or a driver that falls behind shows as
 // drops instead of sends piling up in memory.
 func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur time.Duration, size, limit int, r *result) {
 	stopReceivers := receiveAll(ctx, ps, r)
 	payload := make([]byte, size)
-	send := func(p pair, at time.Time) {
-		err := p.tx.Send(ctx, client.Message{Targets: []string{p.rxD.id}, Payload: payload})
-		if err != nil {
-			r.count("failed", 1)
-			r.fail(cause(err))
-			return
-		}
-		r.observe("ack", time.Since(at))
-		r.count("acked", 1)
-	}
+	r.count("dropped", 0) // a threshold on drops finds it at zero too
 	type pool struct {
-		due     chan time.Time // unbuffered: taken by an idle worker only
-		workers int
+		due         chan time.Time // buffered to limit: never full while outstanding < limit
+		outstanding atomic.Int64   // events handed over and not yet acked or failed
+		workers     int64          // at least outstanding: no due event waits for a worker
 	}
 	pools := make([]pool, len(ps))
 	for k := range pools {
-		pools[k].due = make(chan time.Time)
+		pools[k].due = make(chan time.Time, limit)
 	}
 	var workers sync.WaitGroup
 	interval := time.Duration(float64(time.Second) / rate)
@@ -198,22 +191,30 @@ func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur t
 		k := i % len(ps)
 		pl := &pools[k]
 		r.count("attempts", 1)
-		select {
-		case pl.due <- at:
-			continue
-		default:
-		}
-		if pl.workers == limit {
+		o := pl.outstanding.Add(1)
+		if o > int64(limit) {
+			pl.outstanding.Add(-1)
 			r.count("dropped", 1)
 			continue
 		}
-		pl.workers++
-		p, due := ps[k], pl.due
-		workers.Go(func() {
-			for ok := true; ok; at, ok = <-due {
-				send(p, at)
-			}
-		})
+		pl.due <- at // room: at most limit are outstanding
+		if o > pl.workers {
+			pl.workers++
+			p, due, out := ps[k], pl.due, &pl.outstanding
+			workers.Go(func() {
+				for at := range due {
+					err := p.tx.Send(ctx, client.Message{Targets: []string{p.rxD.id}, Payload: payload})
+					out.Add(-1)
+					if err != nil {
+						r.count("failed", 1)
+						r.fail(cause(err))
+						continue
+					}
+					r.observe("ack", time.Since(at))
+					r.count("acked", 1)
+				}
+			})
+		}
 	}
 	for k := range pools {
 		close(pools[k].due)
@@ -553,8 +554,11 @@ func (d *driverConfig) breakpoint(ctx context.Context, args []string) error {
 	held := 0.0
 	for rate := *start; rate <= *maxRate && ctx.Err() == nil; rate += *step {
 		sr := newResult("breakpoint", d.transport)
+		began := time.Now()
 		d.drive(ctx, ps, rate, *stepDur, *size, *outstanding, sr)
-		sr.Seconds = stepDur.Seconds()
+		// The step's own length, late acks included: a driver that fell
+		// behind shows as a lower rate, not the nominal one.
+		sr.Seconds = time.Since(began).Seconds()
 		sr.derive()
 		p99 := sr.Figures["ack_p99_ms"]
 		ok := sr.Counts["failed"] == 0 && sr.Counts["dropped"] == 0 && p99 < float64(limit.Microseconds())/1e3
