@@ -212,12 +212,15 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	fail := func(err error) { cancel(err) }
-	// send sends a message due at start+due (stamped with that, so a
-	// driver that falls behind shows as latency: no coordinated omission).
-	var send func(due time.Duration) error
+	// send sends a message stamped with the time it leaves. Messages are
+	// due at fixed times (the rate holds, no tick is skipped); how late
+	// the driver sends each is its own figure, send_lag, so the one-way
+	// latency is the path's, and a driver that cannot keep the rate says
+	// so.
+	var send func() error
 	var received func() (time.Duration, error)
 	start := time.Now()
-	stamp := func(b []byte, due time.Duration) { binary.BigEndian.PutUint64(b, uint64(due)) }
+	stamp := func(b []byte) { binary.BigEndian.PutUint64(b, uint64(time.Since(start))) }
 	took := func(b []byte) time.Duration { return time.Since(start) - time.Duration(binary.BigEndian.Uint64(b)) }
 	if *floorAddr != "" {
 		rconn, rx, err := floorStream(ctx, *floorAddr, 'r')
@@ -239,7 +242,7 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 		}
 		defer sconn.CloseWithError(0, "")
 		msg := make([]byte, floorMessage)
-		send = func(due time.Duration) error { stamp(msg, due); _, err := tx.Write(msg); return err }
+		send = func() error { stamp(msg); _, err := tx.Write(msg); return err }
 		in := make([]byte, floorMessage)
 		received = func() (time.Duration, error) {
 			if _, err := io.ReadFull(rx, in); err != nil {
@@ -257,9 +260,9 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 		target := []string{pr.rxD.id}
 		var sends sync.WaitGroup
 		defer sends.Wait()
-		send = func(due time.Duration) error {
+		send = func() error {
 			payload := make([]byte, floorMessage)
-			stamp(payload, due)
+			stamp(payload)
 			// Not waiting for the ack: the one-way time is what B sees.
 			// A send that fails ends the run: its message would never
 			// reach the receiver, which would wait for it for ever.
@@ -302,22 +305,17 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 		cpu, cpuErr = d.cpuAt(ctx, cpuFrom)
 	}
 	interval := time.Duration(float64(time.Second) / *rate)
-	timer := time.NewTimer(time.Hour)
-	defer timer.Stop()
+	pace := newSchedule()
+	defer pace.stop()
 	began := time.Now()
 	for i := range *count {
 		due := began.Sub(start) + time.Duration(i+1)*interval
-		if w := due - time.Since(start); w > 0 {
-			timer.Reset(w)
-			select {
-			case <-timer.C:
-			case <-ctx.Done():
-			}
-		}
+		pace.waitUntil(ctx, start.Add(due))
 		if ctx.Err() != nil {
 			break
 		}
-		if err := send(due); err != nil {
+		r.observe("send_lag", time.Since(start)-due)
+		if err := send(); err != nil {
 			fail(err)
 			break
 		}

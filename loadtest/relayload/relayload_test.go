@@ -199,8 +199,8 @@ func TestFloorScenarios(t *testing.T) {
 	go func() { _, _ = io.Copy(io.Discard, pr) }()
 
 	res := e.mustRun("oneway", "--floor", quicAddr, "--floor-admin", "http://"+adminAddr, "--count", "200", "--rate", "2000")
-	if res["transport"] != "floor" || num(res, "counts", "messages") != 200 || num(res, "figures", "oneway_p50_ms") <= 0 ||
-		num(res, "peaks", "server_cpu_us_per_message") <= 0 {
+	if figs, _ := res["figures"].(map[string]any); res["transport"] != "floor" || num(res, "counts", "messages") != 200 || num(res, "figures", "oneway_p50_ms") <= 0 ||
+		num(res, "peaks", "server_cpu_us_per_message") <= 0 || figs["send_lag_p99_ms"] == nil {
 		t.Fatalf("oneway through the floor: %v", res)
 	}
 	res = e.mustRun("oneway", "--floor", quicAddr, "--count", "20", "--rate", "2000")

@@ -174,17 +174,11 @@ func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur t
 	interval := time.Duration(float64(time.Second) / rate)
 	start := time.Now()
 	n := int(dur.Seconds() * rate)
-	timer := time.NewTimer(time.Hour)
-	defer timer.Stop()
+	pace := newSchedule()
+	defer pace.stop()
 	for i := range n {
 		at := start.Add(time.Duration(i) * interval)
-		if w := time.Until(at); w > 0 {
-			timer.Reset(w)
-			select {
-			case <-timer.C:
-			case <-ctx.Done():
-			}
-		}
+		pace.waitUntil(ctx, at)
 		if ctx.Err() != nil {
 			break
 		}
