@@ -485,14 +485,10 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 	}
 	select {
 	case c.sends <- struct{}{}:
-	default:
-		select {
-		case c.sends <- struct{}{}:
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-c.done:
-			return c.Err()
-		}
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.done:
+		return c.Err()
 	}
 	// A send is done with its slot when it returns: by then its event was
 	// acknowledged, refused, given up (forget) or failed with the client.

@@ -46,6 +46,18 @@ func counter(t *testing.T, reg *prometheus.Registry, name, label, value string) 
 	return 0
 }
 
+// dialWith dials a client with cfg (r.Dial's with a setting changed) and
+// closes it when the test ends.
+func dialWith(ctx context.Context, t *testing.T, cfg client.Config) *client.Client {
+	t.Helper()
+	c, err := client.Dial(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
 func waitOnline(t *testing.T, c *client.Client, id string) {
 	t.Helper()
 	clustertest.Eventually(t, 30*time.Second, func() error {
@@ -267,11 +279,7 @@ func TestNoDatagramsSendsEphemeralEventsOnTheStream(t *testing.T) {
 	defer cancel()
 	cfg := r.ClientConfig(0, a, client.QUIC)
 	cfg.NoDatagrams = true
-	tx, err := client.Dial(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Close()
+	tx := dialWith(ctx, t, cfg)
 	waitOnline(t, tx, b.ID)
 	for i := range 3 {
 		if err := tx.SendEphemeral(client.Message{Targets: []string{b.ID}, Payload: []byte{byte(i)}}); err != nil {
@@ -350,18 +358,10 @@ func TestSendWaitsForASlot(t *testing.T) {
 	// it does not acknowledge.
 	rcfg := r.ClientConfig(0, b, client.QUIC)
 	rcfg.ReceiveBuffer = 1
-	rx, err := client.Dial(ctx, rcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rx.Close()
+	rx := dialWith(ctx, t, rcfg)
 	cfg := r.ClientConfig(0, a, client.QUIC)
 	cfg.MaxPending = 2
-	tx, err := client.Dial(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Close()
+	tx := dialWith(ctx, t, cfg)
 	waitOnline(t, tx, b.ID)
 	to := []string{b.ID}
 	if err := tx.Send(ctx, client.Message{Targets: to, Payload: []byte{1}}); err != nil {

@@ -26,12 +26,11 @@ func NewBufferPool(size int) *BufferPool {
 	return bp
 }
 
-// Size is the size of the pool's buffers.
-func (p *BufferPool) Size() int { return p.size }
-
 // waitBytes is how much a lending reader reads into its own array while
-// it holds no buffer: what a wait for the next frame costs it.
-const waitBytes = 32
+// it holds no buffer: what a wait for the next frame costs it. Enough for
+// a typical event frame (about 150 bytes), which then arrives in one
+// read rather than a first read here and a second into the buffer.
+const waitBytes = 256
 
 // bufReader is a buffered reader, as bufio.Reader, whose buffer may be
 // lent by a pool: then it gives the buffer back whenever nothing is
@@ -83,8 +82,8 @@ func (b *bufReader) fillTo(n int) error {
 		b.w = copy(b.buf, b.buf[b.r:b.w])
 		b.r = 0
 	}
-	for stalls := 0; b.w-b.r < n; {
-		k, err := b.src.Read(b.buf[b.w:])
+	for b.w-b.r < n {
+		k, err := b.readSome(b.buf[b.w:])
 		b.w += k
 		if err != nil {
 			if b.w-b.r >= n {
@@ -93,13 +92,19 @@ func (b *bufReader) fillTo(n int) error {
 			}
 			return err
 		}
-		if k == 0 {
-			if stalls++; stalls == 100 {
-				return io.ErrNoProgress
-			}
-		}
 	}
 	return nil
+}
+
+// readSome reads into p until it gets a byte or an error;
+// io.ErrNoProgress after 100 empty reads, as bufio.
+func (b *bufReader) readSome(p []byte) (int, error) {
+	for range 100 {
+		if n, err := b.src.Read(p); n > 0 || err != nil {
+			return n, err
+		}
+	}
+	return 0, io.ErrNoProgress
 }
 
 // take returns the error of the last read, once.
@@ -130,18 +135,12 @@ func (b *bufReader) idle() {
 		b.buf, b.held = nil, nil
 	}
 	b.r, b.w = 0, 0
-	for range 100 {
-		n, err := b.src.Read(b.small[:])
-		if n > 0 {
-			b.borrow()
-			b.w = copy(b.buf, b.small[:n])
-		}
-		if n > 0 || err != nil {
-			b.err = err
-			return
-		}
+	n, err := b.readSome(b.small[:])
+	if n > 0 {
+		b.borrow()
+		b.w = copy(b.buf, b.small[:n])
 	}
-	b.err = io.ErrNoProgress
+	b.err = err
 }
 
 // ReadByte reads one byte.
@@ -173,10 +172,9 @@ func (b *bufReader) Read(p []byte) (int, error) {
 		if b.err != nil {
 			return 0, b.take()
 		}
-		if b.buf == nil || len(p) >= len(b.buf) {
+		if len(p) >= len(b.buf) {
 			// Straight into p: nothing to gain from a copy.
-			n, err := b.src.Read(p)
-			return n, err
+			return b.src.Read(p)
 		}
 		if err := b.fillTo(1); err != nil {
 			return 0, err

@@ -60,7 +60,7 @@ func FuzzPooledReader(f *testing.F) {
 	for _, fr := range sample() {
 		stream, _ = Append(stream, fr)
 	}
-	big, _ := Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte("p"), 300)}}})
+	big, _ := Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte("p"), 600)}}})
 	f.Add(stream, uint8(1))
 	f.Add(stream, uint8(7))
 	f.Add(append(slices.Clone(big), stream...), uint8(200))
@@ -69,7 +69,7 @@ func FuzzPooledReader(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte, chunk uint8) {
 		max := int(chunk) + 1
 		want, wantErr := readAll(NewReaderConfig(&chunks{data: data, max: len(data) + 1}, ReaderConfig{Max: 4096}))
-		pool := NewBufferPool(64)
+		pool := NewBufferPool(waitBytes) // the smallest pool
 		a := NewReaderConfig(&chunks{data: data, max: max}, ReaderConfig{Max: 4096, Pool: pool})
 		b := NewReaderConfig(&chunks{data: data, max: max}, ReaderConfig{Max: 4096, Pool: pool})
 		// An own buffer as small, read in the same pieces.
@@ -110,8 +110,8 @@ func FuzzPooledReader(f *testing.F) {
 // borrowed buffer, and no frame buffer of its own is kept.
 func TestPooledReaderIdlesWithoutABuffer(t *testing.T) {
 	var stream []byte
-	for range 3 {
-		stream, _ = Append(stream, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte("p"), 100)}}})
+	for _, size := range []int{100, 100, 100, 600} { // the last larger than the pool's buffers
+		stream, _ = Append(stream, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte("p"), size)}}})
 	}
 	var r *Reader
 	src := &chunks{data: stream, max: 50}
@@ -128,7 +128,7 @@ func TestPooledReaderIdlesWithoutABuffer(t *testing.T) {
 	}
 	r = NewReaderConfig(src, ReaderConfig{Max: 4096, Pool: NewBufferPool(256)})
 	frames, err := readAll(r)
-	if len(frames) != 3 || !errors.Is(err, io.EOF) {
+	if len(frames) != 4 || !errors.Is(err, io.EOF) {
 		t.Fatalf("%d frames, %v", len(frames), err)
 	}
 	// Each frame (about 110 bytes in reads of 50) begins at a boundary
@@ -139,5 +139,24 @@ func TestPooledReaderIdlesWithoutABuffer(t *testing.T) {
 	}
 	if r.r.buf != nil || r.buf != nil {
 		t.Fatal("the reader kept a buffer after the stream ended")
+	}
+}
+
+// An event frame that arrives whole at a frame boundary is read with one
+// read of the source, into the reader's waiting array, not a first read
+// there and a second into the borrowed buffer.
+func TestPooledReaderReadsAWholeEventOnce(t *testing.T) {
+	one, _ := Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{
+		Id: "0123456789abcdef01234567", Targets: []string{"0123456789abcdef0123456789abcdef"}, Seq: 1 << 40,
+		CreatedAtMs: 1 << 40, TtlMs: 60000, Payload: bytes.Repeat([]byte("p"), 64)}}})
+	stream := slices.Concat(one, one, one)
+	reads := 0
+	src := &chunks{data: stream, max: len(one), hook: func([]byte) { reads++ }}
+	frames, err := readAll(NewReaderConfig(src, ReaderConfig{Max: 4096, Pool: NewBufferPool(2 << 10)}))
+	if len(frames) != 3 || !errors.Is(err, io.EOF) {
+		t.Fatalf("%d frames, %v", len(frames), err)
+	}
+	if reads != 4 { // one per frame, one for the end
+		t.Fatalf("%d reads of the source for three %d-byte frames, want 4", reads, len(one))
 	}
 }

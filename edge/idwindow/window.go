@@ -46,7 +46,7 @@ const startItems = 16
 // New returns a window of the last n items (at least 1, at most 1<<30),
 // keyed by key, hashing with seed.
 func New[V comparable](seed maphash.Seed, n int, key func(V) string) *Window[V] {
-	n = min(max(n, 1), 1<<30) // ring indexes fit 32 bits, 2n fits an int
+	n = min(max(n, 1), 1<<30) // ring indexes fit 32 bits
 	first := min(n, startItems)
 	return &Window[V]{seed: seed, key: key, n: n, slots: make([]uint64, tableSize(first)), ring: make([]entry[V], first)}
 }

@@ -80,8 +80,11 @@ func (k *bucket) reserve(n float64) time.Duration {
 	if k.tokens >= 0 {
 		return 0
 	}
+	if k.rate <= 0 {
+		return math.MaxInt64
+	}
 	wait := -k.tokens / k.rate * float64(time.Second)
-	if k.rate <= 0 || wait >= math.MaxInt64 {
+	if wait >= math.MaxInt64 {
 		return math.MaxInt64
 	}
 	return time.Duration(wait)

@@ -48,9 +48,15 @@ func TestBudget(t *testing.T) {
 		t.Fatalf("one byte in debt waits %v, want 10ms", w)
 	}
 	// Time going backwards (it cannot with a monotonic clock, but a
-	// zero duration must not add or remove anything).
+	// zero duration must not add or remove anything) neither refills nor
+	// moves the buckets' clock back, which would refill them later.
 	if b.admit(t0, 1) {
 		t.Fatal("an earlier time refilled the buckets")
+	}
+	// Another time before t2: still nothing accrues, one more byte is a
+	// second byte in debt.
+	if w := b.take(t0.Add(time.Second), false, 1); w != 20*time.Millisecond {
+		t.Fatalf("after an earlier time, one more byte waits %v, want 20ms", w)
 	}
 }
 

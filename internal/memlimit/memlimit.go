@@ -37,8 +37,7 @@ const unlimited = 1 << 62
 // mounted at root, without a cgroup namespace) is read from the deepest
 // part of it that does.
 func Cgroup(root string, self []byte) (int64, error) {
-	v2, v1 := "", ""
-	haveV2, haveV1 := false, false
+	v2, v1 := "", "" // the cgroup paths; a path always starts with "/"
 	sc := bufio.NewScanner(bytes.NewReader(self))
 	for sc.Scan() {
 		// hierarchy-ID:controller-list:cgroup-path
@@ -51,11 +50,11 @@ func Cgroup(root string, self []byte) (int64, error) {
 			return 0, fmt.Errorf("memlimit: malformed cgroup line %q", sc.Text())
 		}
 		if id == "0" && ctrls == "" {
-			v2, haveV2 = p, true
+			v2 = p
 		}
 		for c := range strings.SplitSeq(ctrls, ",") {
 			if c == "memory" {
-				v1, haveV1 = p, true
+				v1 = p
 			}
 		}
 	}
@@ -63,11 +62,11 @@ func Cgroup(root string, self []byte) (int64, error) {
 		return 0, fmt.Errorf("memlimit: %w", err)
 	}
 	switch {
-	case haveV2 && hasFile(filepath.Join(root, "cgroup.controllers")):
+	case v2 != "" && hasFile(filepath.Join(root, "cgroup.controllers")):
 		return smallest(root, v2, "memory.max")
-	case haveV1 && isDir(filepath.Join(root, "memory")):
+	case v1 != "" && isDir(filepath.Join(root, "memory")):
 		return smallest(filepath.Join(root, "memory"), v1, "memory.limit_in_bytes")
-	case haveV2 && controls(filepath.Join(root, "unified"), "memory"):
+	case v2 != "" && controls(filepath.Join(root, "unified"), "memory"):
 		return smallest(filepath.Join(root, "unified"), v2, "memory.max")
 	}
 	return 0, nil
@@ -88,10 +87,6 @@ func smallest(base, p, file string) (int64, error) {
 	var least int64
 	for {
 		n, err := readLimit(filepath.Join(base, filepath.FromSlash(p), file))
-		var unread *fs.PathError
-		if errors.As(err, &unread) {
-			n, err = 0, nil
-		}
 		if err != nil {
 			return 0, err
 		}
@@ -105,15 +100,12 @@ func smallest(base, p, file string) (int64, error) {
 	}
 }
 
-// readLimit reads one limit file: 0 for none (or no such file, as at
-// the root of a v2 hierarchy).
+// readLimit reads one limit file: 0 for none, or for a file that is
+// not there (the root of a v2 hierarchy) or cannot be read.
 func readLimit(file string) (int64, error) {
 	b, err := os.ReadFile(file)
-	if errors.Is(err, fs.ErrNotExist) {
-		return 0, nil
-	}
 	if err != nil {
-		return 0, err // an *fs.PathError: smallest skips the level
+		return 0, nil
 	}
 	s := strings.TrimSpace(string(b))
 	if s == "max" {

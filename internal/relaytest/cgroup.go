@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -18,9 +17,6 @@ import (
 // EnvRequireCgroup makes MemoryCgroup fail the test, not skip it, where
 // it cannot create a cgroup (.ci/run sets it: CI runs as root).
 const EnvRequireCgroup = "RELAY_REQUIRE_CGROUP"
-
-// cgroupSeq tells apart the cgroups of one test process.
-var cgroupSeq atomic.Int64
 
 // MemoryCgroup creates a memory cgroup limited to limit bytes (cgroup v2
 // at /sys/fs/cgroup, else the v1 hierarchy at /sys/fs/cgroup/memory) and
@@ -34,9 +30,9 @@ func MemoryCgroup(t clustertest.TB, limit int64) string {
 		skipUnlessRequired(t, EnvRequireCgroup, "cannot create a memory cgroup ("+why+"); this test needs root")
 	}
 	t.Cleanup(func() {
-		if err := removeCgroup(dir, 10*time.Second); err != nil {
-			t.Errorf("removing cgroup %s: %v", dir, err)
-		}
+		// A cgroup whose last process is still exiting cannot be
+		// removed yet (EBUSY).
+		clustertest.Eventually(t, 10*time.Second, func() error { return removeCgroup(dir) })
 	})
 	return dir
 }
@@ -48,33 +44,24 @@ func sweepStaleCgroups(base string) {
 	for _, d := range dirs {
 		pid, err := strconv.Atoi(strings.Split(filepath.Base(d), "-")[1])
 		if err == nil && syscall.Kill(pid, 0) == syscall.ESRCH {
-			_ = removeCgroup(d, time.Second)
+			_ = removeCgroup(d) // still busy: the next sweep
 		}
 	}
 }
 
-// removeCgroup kills what is still in the cgroup dir and removes it,
-// retrying until within passes: a cgroup whose last process is still
-// exiting cannot be removed yet (EBUSY).
-func removeCgroup(dir string, within time.Duration) error {
-	deadline := time.Now().Add(within)
-	for {
-		if b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs")); err == nil {
-			for _, f := range strings.Fields(string(b)) {
-				if pid, err := strconv.Atoi(f); err == nil {
-					_ = syscall.Kill(pid, syscall.SIGKILL)
-				}
+// removeCgroup kills what is still in the cgroup dir and removes it.
+func removeCgroup(dir string) error {
+	if b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs")); err == nil {
+		for _, f := range strings.Fields(string(b)) {
+			if pid, err := strconv.Atoi(f); err == nil {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}
-		err := os.Remove(dir)
-		if err == nil || errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return err
-		}
-		time.Sleep(20 * time.Millisecond) // polling the kernel, not synchronising with a goroutine
 	}
+	if err := os.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 func newMemoryCgroup(limit int64) (dir, why string) {
@@ -89,8 +76,8 @@ func newMemoryCgroup(limit int64) (dir, why string) {
 		}
 	}
 	sweepStaleCgroups(base)
-	dir = filepath.Join(base, fmt.Sprintf("relaytest-%d-%d", os.Getpid(), cgroupSeq.Add(1)))
-	if err := os.Mkdir(dir, 0o755); err != nil {
+	dir, err := os.MkdirTemp(base, fmt.Sprintf("relaytest-%d-", os.Getpid()))
+	if err != nil {
 		return "", err.Error()
 	}
 	if err := os.WriteFile(filepath.Join(dir, file), []byte(strconv.FormatInt(limit, 10)), 0o644); err != nil {

@@ -295,13 +295,12 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 	// The server's CPU per message (the relay's edge from its /metrics,
 	// the floor from --floor-admin): at a paced rate a packet seldom
 	// shares its trip with another, unlike the saturated runs.
-	cpuFrom := *floorAdmin
-	if *floorAddr == "" {
-		cpuFrom = ""
+	cpuFrom := "" // the edge's
+	if *floorAddr != "" {
+		cpuFrom = *floorAdmin
 	}
-	var cpu time.Duration
-	cpuErr := errors.New("no --floor-admin")
-	if *floorAddr == "" || *floorAdmin != "" {
+	cpu, cpuErr := time.Duration(0), errors.New("no --floor-admin")
+	if *floorAddr == "" || cpuFrom != "" {
 		cpu, cpuErr = d.cpuAt(ctx, cpuFrom)
 	}
 	interval := time.Duration(float64(time.Second) / *rate)

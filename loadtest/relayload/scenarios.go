@@ -153,10 +153,10 @@ func checkOutstanding(n int) error {
 // (no coordinated omission). Each pair's sends run on workers that are
 // kept for the run (a goroutine per event would cost the driver more
 // than the edge), as many as the pair ever had outstanding; a pair that
-// already has limit events waiting
-// for their acks (limit) skips its turn and counts it as "dropped" (like k6's
-// dropped iterations): an edge or a driver that falls behind shows as
-// drops instead of sends piling up in memory.
+// already has limit events waiting for their acks skips its turn and
+// counts it as "dropped" (like k6's dropped iterations): an edge or a
+// driver that falls behind shows as drops instead of sends piling up in
+// memory.
 func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur time.Duration, size, limit int, r *result) {
 	stopReceivers := receiveAll(ctx, ps, r)
 	payload := make([]byte, size)
@@ -196,8 +196,9 @@ func (d *driverConfig) drive(ctx context.Context, ps []pair, rate float64, dur t
 			pl.workers++
 			p, due, out := ps[k], pl.due, &pl.outstanding
 			workers.Go(func() {
+				target := []string{p.rxD.id}
 				for at := range due {
-					err := p.tx.Send(ctx, client.Message{Targets: []string{p.rxD.id}, Payload: payload})
+					err := p.tx.Send(ctx, client.Message{Targets: target, Payload: payload})
 					out.Add(-1)
 					if err != nil {
 						r.count("failed", 1)
