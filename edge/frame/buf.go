@@ -3,6 +3,7 @@ package frame
 import (
 	"io"
 	"sync"
+	"sync/atomic"
 )
 
 // BufferPool lends read buffers of one size to Readers that hold one
@@ -12,6 +13,7 @@ import (
 type BufferPool struct {
 	size int
 	p    sync.Pool // of *[]byte, len size
+	lent atomic.Int64
 }
 
 // NewBufferPool returns a pool of buffers of size bytes (at least
@@ -24,6 +26,19 @@ func NewBufferPool(size int) *BufferPool {
 		return &b
 	}
 	return bp
+}
+
+// Lent is how many of the pool's buffers readers hold now.
+func (bp *BufferPool) Lent() int { return int(bp.lent.Load()) }
+
+func (bp *BufferPool) get() *[]byte {
+	bp.lent.Add(1)
+	return bp.p.Get().(*[]byte)
+}
+
+func (bp *BufferPool) put(b *[]byte) {
+	bp.lent.Add(-1)
+	bp.p.Put(b)
 }
 
 // waitBytes is how much a lending reader reads into its own array while
@@ -117,9 +132,19 @@ func (b *bufReader) take() error {
 // borrow makes sure the reader holds a buffer.
 func (b *bufReader) borrow() {
 	if b.buf == nil {
-		b.held = b.pool.p.Get().(*[]byte)
+		b.held = b.pool.get()
 		b.buf = *b.held
 	}
+}
+
+// release gives a lent buffer back, or drops the reader's own, with
+// whatever was buffered in it.
+func (b *bufReader) release() {
+	if b.held != nil {
+		b.pool.put(b.held)
+	}
+	b.buf, b.held = nil, nil
+	b.r, b.w = 0, 0
 }
 
 // idle is called at a frame boundary: with nothing buffered it gives a
@@ -131,7 +156,7 @@ func (b *bufReader) idle() {
 		return
 	}
 	if b.buf != nil {
-		b.pool.p.Put(b.held)
+		b.pool.put(b.held)
 		b.buf, b.held = nil, nil
 	}
 	b.r, b.w = 0, 0

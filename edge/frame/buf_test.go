@@ -160,3 +160,42 @@ func TestPooledReaderReadsAWholeEventOnce(t *testing.T) {
 		t.Fatalf("%d reads of the source for three %d-byte frames, want 4", reads, len(one))
 	}
 }
+
+// A stream that ends inside a frame leaves the reader holding a lent
+// buffer (the frame's first bytes are in it); Release gives it back, and
+// the reader reads nothing more.
+func TestReleaseGivesTheBufferBack(t *testing.T) {
+	whole, _ := Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte("p"), 100)}}})
+	stream := slices.Concat(whole, whole[:len(whole)/2])
+	pool := NewBufferPool(2 << 10)
+	r := NewReaderConfig(&chunks{data: stream, max: len(whole)}, ReaderConfig{Max: 4096, Pool: pool})
+	frames, err := readAll(r)
+	if len(frames) != 1 || !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("%d frames, %v", len(frames), err)
+	}
+	if pool.Lent() != 1 {
+		t.Fatalf("%d buffers lent after a stream that ended inside a frame, want 1", pool.Lent())
+	}
+	r.Release()
+	if pool.Lent() != 0 || r.r.buf != nil {
+		t.Fatalf("after Release: %d buffers lent, buffer kept: %v", pool.Lent(), r.r.buf != nil)
+	}
+	if _, err := r.Next(); !errors.Is(err, ErrStopped) {
+		t.Fatalf("a read after Release: %v, want ErrStopped", err)
+	}
+
+	// A reader with its own buffers drops them, the one that collected
+	// a frame larger than the read buffer among them.
+	big, _ := Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte("p"), 600)}}})
+	own := NewReaderConfig(&chunks{data: big, max: 100}, ReaderConfig{Max: 4096, BufSize: 256})
+	if frames, err := readAll(own); len(frames) != 1 || !errors.Is(err, io.EOF) {
+		t.Fatalf("%d frames, %v", len(frames), err)
+	}
+	if own.buf == nil || own.r.buf == nil {
+		t.Fatal("the reader kept no buffers to drop: the test reads nothing")
+	}
+	own.Release()
+	if own.buf != nil || own.r.buf != nil {
+		t.Fatal("Release kept the reader's own buffers")
+	}
+}

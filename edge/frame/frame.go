@@ -185,6 +185,18 @@ func (r *Reader) Stop() {
 	}
 }
 
+// Release ends the reader's use: it gives a lent read buffer back to its
+// pool, drops what was buffered and the reader's own buffers, and makes
+// every later read return ErrStopped. Call it from the reading goroutine
+// once it stopped reading, when nothing still points into the last frame
+// read: a session that ended mid-frame, or with frames unread, then keeps
+// no buffer while something else still refers to it.
+func (r *Reader) Release() {
+	r.stopped.Store(true)
+	r.r.release()
+	r.buf = nil
+}
+
 // setDeadline sets the stream's read deadline unless the reader was
 // stopped. The deadline is set before the flag is checked and Stop sets
 // the flag before its deadline, so one of the two always wins over a

@@ -934,3 +934,40 @@ func TestNoDatagramsMeansNoDatagramReader(t *testing.T) {
 		t.Fatalf("b said it sends no datagrams, and its session read them %d times", n)
 	}
 }
+
+// A device that stops inside a frame leaves the session's reader holding
+// a buffer lent by the hub's pool (the frame's first bytes are in it);
+// however the session then ends, by the device leaving or by the edge,
+// the buffer goes back to the pool.
+func TestSessionEndingInsideAFrameReturnsItsReadBuffer(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "d1")
+	for _, end := range []struct {
+		name string
+		end  func(d *dev)
+	}{
+		{"device leaves", func(d *dev) { _ = d.conn.Close(0, "") }},
+		{"the edge closes it", func(d *dev) {
+			e.hub.CloseDevice(d.user, d.id, relayv1.ErrorCode_ERROR_CODE_REVOKED, "revoked")
+		}},
+	} {
+		t.Run(end.name, func(t *testing.T) {
+			lent := e.hub.readBufs.Lent()
+			d := e.online("d1")
+			// The length prefix says 100 bytes; 10 of them come.
+			if _, err := d.conn.Write(append([]byte{100}, make([]byte, 10)...)); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "the reader to borrow a buffer", func() bool { return e.hub.readBufs.Lent() == lent+1 })
+			end.end(d)
+			select {
+			case <-d.serve:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the session did not end")
+			}
+			if n := e.hub.readBufs.Lent(); n != lent {
+				t.Fatalf("%d read buffers lent after the session ended, %d before it borrowed one", n, lent)
+			}
+		})
+	}
+}

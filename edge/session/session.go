@@ -200,6 +200,10 @@ func (s *Session) ID() string { return s.id }
 // goodbye). Whatever ends it, it ends through closeWith, and run returns
 // within CloseLinger plus the transport's close wait.
 func (s *Session) run(ctx context.Context) error {
+	// Last: whatever way the session ends (mid-frame among them), its
+	// reader gives back the buffer it borrowed; the session itself may
+	// stay reachable a while (through its inflights' sender).
+	defer s.reader.Release()
 	m := s.hub.cfg.Metrics
 	start := s.hub.cfg.Now()
 	ctx, span := s.hub.cfg.Tracer.Start(ctx, "relay.handshake", trace.WithAttributes(attribute.String("relay.transport", s.conn.Transport())))
