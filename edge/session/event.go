@@ -135,30 +135,33 @@ func (s *Session) reject(eventID string, r *RejectError) {
 	s.control(&relayv1.Frame{Kind: &relayv1.Frame_Reject{Reject: &relayv1.Reject{EventId: eventID, Code: r.Code, Message: r.Msg}}})
 }
 
-// handleEvent validates an event and hands it to its targets on this
-// edge. It runs on the sender's reader goroutine, so the events of one
-// sender reach every receiver's queue in the order they were sent. The
-// event's payload may point into the reader's buffer: nothing keeps it
-// beyond this call (the encoding made here is a copy).
-func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
-	cfg := &s.hub.cfg
+// handleEvent validates an event that arrived at now and hands it to
+// its targets on this edge. It runs on the sender's reader goroutine, so
+// the events of one sender reach every receiver's queue in the order they
+// were sent. The event's payload may point into the reader's buffer:
+// nothing keeps it beyond this call (the encoding made here is a copy).
+func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event, now time.Time) {
 	tr := s.traceEvent(ctx, ev)
-	// Until an inflight takes the span over, it ends here with the
-	// event's fate at intake.
-	var outcome relayv1.ErrorCode
-	handedOver := false
-	defer func() {
-		if !handedOver {
-			tr.end(outcome)
-		}
-	}()
-	now := cfg.Now()
-	expires, rej := ValidateEvent(ev, cfg.Limits, now)
+	expires, rej := ValidateEvent(ev, s.hub.cfg.Limits, now)
 	if rej != nil {
-		outcome = rej.Code
 		s.refuse(ev.GetId(), rej)
+		tr.end(rej.Code)
 		return
 	}
+	// Until an inflight takes the span over, it ends here with the
+	// event's fate at intake.
+	if outcome, handedOver := s.acceptEvent(ev, tr, now, expires); !handedOver {
+		tr.end(outcome)
+	}
+}
+
+// acceptEvent is handleEvent for a valid event, under the sender's event
+// lock: the duplicate and order checks, then the hand-off to each target.
+// It reports the event's outcome at intake, and whether an inflight took
+// the trace over (then it ends the trace with the event's fate). (Its own function, so that its one defer, and none per
+// return, costs nothing on the way through.)
+func (s *Session) acceptEvent(ev *relayv1.Event, tr eventTrace, now, expires time.Time) (relayv1.ErrorCode, bool) {
+	cfg := &s.hub.cfg
 	s.evMu.Lock()
 	defer s.evMu.Unlock()
 	durable := !ev.GetEphemeral()
@@ -172,36 +175,35 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 			done, failed := prev.state()
 			switch {
 			case prev.digest != digest:
-				outcome = relayv1.ErrorCode_ERROR_CODE_DUPLICATE_ID
-				s.refuse(ev.GetId(), reject(outcome, "event id %s was used for a different event", ev.GetId()))
-				return
+				code := relayv1.ErrorCode_ERROR_CODE_DUPLICATE_ID
+				s.refuse(ev.GetId(), reject(code, "event id %s was used for a different event", ev.GetId()))
+				return code, false
 			case !failed:
 				// Acked already, or its Ack will come: not relayed again.
 				cfg.Metrics.duplicate.Inc()
 				if done {
 					s.ack(ev.GetId())
 				}
-				return
+				return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, false
 			}
 			// A refused event may be sent again.
 		}
 		if ev.GetSeq() <= s.lastSeq {
-			outcome = relayv1.ErrorCode_ERROR_CODE_SEQ_OUT_OF_ORDER
-			s.refuse(ev.GetId(), reject(outcome, "event %s: seq %d not above %d", ev.GetId(), ev.GetSeq(), s.lastSeq))
-			return
+			code := relayv1.ErrorCode_ERROR_CODE_SEQ_OUT_OF_ORDER
+			s.refuse(ev.GetId(), reject(code, "event %s: seq %d not above %d", ev.GetId(), ev.GetSeq(), s.lastSeq))
+			return code, false
 		}
 	}
 	if d := cfg.Directory.LookupDevice(s.deviceID); d.State != DeviceActive || !cfg.Directory.UserActive(s.userID) {
-		outcome = relayv1.ErrorCode_ERROR_CODE_SENDER_REVOKED
-		s.reject(ev.GetId(), reject(outcome, "this device was revoked"))
-		return
+		code := relayv1.ErrorCode_ERROR_CODE_SENDER_REVOKED
+		s.reject(ev.GetId(), reject(code, "this device was revoked"))
+		return code, false
 	}
 	var routeBuf [4]route // most events have few targets: no allocation
 	routes, rej := s.resolveTargets(ev, durable, routeBuf[:0])
 	if rej != nil {
-		outcome = rej.Code
 		s.refuse(ev.GetId(), rej)
-		return
+		return rej.Code, false
 	}
 	// The encoding every receiver gets (the sender filled in, unknown
 	// fields gone), which also copies the payload out of the read buffer.
@@ -219,10 +221,9 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 		}
 		cfg.Metrics.accepted.Inc()
 		s.noteActive(now)
-		return
+		return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, false
 	}
 	f := &inflight{sender: s, eventID: ev.GetId(), digest: digest, arrived: now, expires: expires, remaining: len(routes), anyOne: ev.GetAnyOne(), trace: tr}
-	handedOver = true
 	if f.anyOne {
 		f.claim = &edgev1.EventClaim{SenderDeviceId: s.deviceID, EventId: ev.GetId(), UserId: s.userID, ExpiresAtMs: expires.UnixMilli()}
 	}
@@ -233,7 +234,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 	if len(routes) == 0 {
 		f.remaining = 1
 		f.confirm()
-		return
+		return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, true
 	}
 	for _, r := range routes {
 		if r.edge != "" {
@@ -251,6 +252,7 @@ func (s *Session) handleEvent(ctx context.Context, ev *relayv1.Event) {
 			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline; retry later")
 		}
 	}
+	return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, true
 }
 
 // route is where an event goes for one target: a session here (to), or

@@ -36,15 +36,16 @@ func (s *Session) readLoop(ctx context.Context) *CloseError {
 			if err := events.Decode(inner, ev); err != nil {
 				return readEnd(err)
 			}
-			if !s.pace(true, size) {
+			now, ok := s.pace(true, size)
+			if !ok {
 				return nil
 			}
-			s.handleEvent(ctx, ev)
+			s.handleEvent(ctx, ev, now)
 		case ok && kind == frame.KindReceived:
 			if ids, err = frame.AppendReceivedIDs(ids[:0], inner); err != nil {
 				return readEnd(err)
 			}
-			if !s.pace(false, size) {
+			if _, ok := s.pace(false, size); !ok {
 				return nil
 			}
 			s.handleReceived(ids)
@@ -58,10 +59,11 @@ func (s *Session) readLoop(ctx context.Context) *CloseError {
 			if err := frame.Decode(body, s.hub.cfg.Limits.MaxFrameBytes, f); err != nil {
 				return readEnd(err)
 			}
-			if !s.pace(f.GetEvent() != nil, size) {
+			now, ok := s.pace(f.GetEvent() != nil, size)
+			if !ok {
 				return nil
 			}
-			if !s.handle(ctx, f) {
+			if !s.handle(ctx, f, now) {
 				return nil
 			}
 		}
@@ -95,12 +97,15 @@ func isTimeout(err error) bool {
 }
 
 // pace takes a frame of size bytes (an event or not) from the device's
-// budgets, waiting while they are empty; false when the session closed
-// meanwhile. Only the stream reader calls it.
-func (s *Session) pace(event bool, size int) bool {
-	wait := s.budget.take(time.Now(), event, size)
+// budgets, waiting while they are empty, and returns the time it is let
+// through (one clock read serves the budget and the frame's handling);
+// false when the session closed meanwhile. Only the stream reader calls
+// it.
+func (s *Session) pace(event bool, size int) (time.Time, bool) {
+	now := s.hub.cfg.Now()
+	wait := s.budget.take(now, event, size)
 	if wait <= 0 {
-		return true
+		return now, true
 	}
 	s.hub.cfg.Metrics.paced.Add(wait.Seconds())
 	if s.paceT == nil {
@@ -110,17 +115,17 @@ func (s *Session) pace(event bool, size int) bool {
 	}
 	select {
 	case <-s.paceT.C:
-		return true
+		return s.hub.cfg.Now(), true
 	case <-s.closing:
 		s.paceT.Stop()
-		return false
+		return time.Time{}, false
 	}
 }
 
 // admitDatagram takes a datagram from the device's budgets without
 // waiting (a datagram cannot be held back): false drops it.
 func (s *Session) admitDatagram(size int) bool {
-	return s.budget.admit(time.Now(), size)
+	return s.budget.admit(s.hub.cfg.Now(), size)
 }
 
 // refused counts a frame refused for the device's own fault (an invalid
@@ -134,11 +139,11 @@ func (s *Session) refused() {
 }
 
 // handle acts on one frame from the device (datagrams reach it only with
-// an ephemeral event); false ends the session.
-func (s *Session) handle(ctx context.Context, f *relayv1.Frame) bool {
+// an ephemeral event), let through at now; false ends the session.
+func (s *Session) handle(ctx context.Context, f *relayv1.Frame, now time.Time) bool {
 	switch k := f.GetKind().(type) {
 	case *relayv1.Frame_Event:
-		s.handleEvent(ctx, k.Event)
+		s.handleEvent(ctx, k.Event, now)
 	case *relayv1.Frame_Received:
 		s.handleReceived(k.Received.GetDeliveryIds())
 	case *relayv1.Frame_Ping:
@@ -182,7 +187,7 @@ func (s *Session) datagramLoop(ctx context.Context) {
 			s.refused()
 			continue
 		}
-		s.handleEvent(ctx, ev)
+		s.handleEvent(ctx, ev, s.hub.cfg.Now())
 	}
 }
 

@@ -132,7 +132,7 @@ func newSession(h *Hub, c Conn) *Session {
 		closing:    make(chan struct{}),
 		// Bursts of a second's worth; a frame of the largest size always
 		// fits the byte bucket.
-		budget: newBudget(time.Now(), l.FramesPerSecond, l.EventsPerSecond, l.BytesPerSecond,
+		budget: newBudget(h.cfg.Now(), l.FramesPerSecond, l.EventsPerSecond, l.BytesPerSecond,
 			l.FramesPerSecond, max(l.EventsPerSecond, 1), max(l.BytesPerSecond, l.MaxFrameBytes+binary.MaxVarintLen64)),
 		refusals: rate.NewLimiter(rate.Limit(h.cfg.RefusalsPerSecond), h.cfg.RefusalBurst),
 	}
