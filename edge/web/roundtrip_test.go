@@ -2,14 +2,10 @@ package web_test
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http/httptest"
 	"slices"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -106,43 +102,16 @@ func BenchmarkBrowserRoundTrip(b *testing.B) {
 	})
 	b.Cleanup(func() { stopEcho(); wg.Wait() })
 
-	pkcs8, err := x509.MarshalPKCS8PrivateKey(page.Key)
-	if err != nil {
-		b.Fatal(err)
-	}
 	do(ctx, b, "open the page", chromedp.Navigate(edge.AdminURL()+"/"))
 	if isolated, err := chromedp.Run(ctx, chromedp.Evaluate[bool](`crossOriginIsolated`)); err != nil || !isolated {
 		b.Fatalf("the page is not cross-origin isolated (%v): its timers are coarse", err)
-	}
-	info, err := json.Marshal(map[string]string{
-		"edge": edge.Addr(), "ws": "ws" + strings.TrimPrefix(edge.AdminURL(), "http") + "/relay/v1/ws",
-		"user": user, "device": page.ID, "key": base64.StdEncoding.EncodeToString(pkcs8), "target": native.ID,
-	})
-	if err != nil {
-		b.Fatal(err)
 	}
 
 	for _, transport := range []string{"webtransport", "websocket"} {
 		b.Run(transport, func(b *testing.B) {
 			// Connect (not timed), and wait until the native device is
 			// online for the page.
-			connect := fmt.Sprintf(`(async (o, transport) => {
-				const m = await import("/relay.js");
-				const key = await crypto.subtle.importKey("pkcs8", m.unb64(o.key), { name: "Ed25519" }, false, ["sign"]);
-				const c = await m.RelayClient.connect({ edge: o.edge, userId: o.user, deviceId: o.device, key, transport,
-					certHashesUrl: location.origin + m.CERT_HASHES_PATH, webSocketUrl: o.ws });
-				const deadline = performance.now() + 30000;
-				while (!c.online().includes(o.target)) {
-					if (performance.now() > deadline) throw new Error("the native device never came online");
-					await new Promise((r) => setTimeout(r, 10));
-				}
-				window.bench = c;
-				return c.transport;
-			})(%s, %q)`, info, transport)
-			got, err := chromedp.Run(ctx, chromedp.Evaluate[string](connect, chromedp.EvalAwaitPromise))
-			if err != nil || got != transport {
-				b.Fatalf("connect over %s: got %q, %v", transport, got, err)
-			}
+			connectPage(b, ctx, edge, page, transport, "bench", nil, native.ID)
 			run := fmt.Sprintf(`(async (target, n) => {
 				const c = window.bench;
 				let answered = null;

@@ -129,6 +129,22 @@ export interface RelayOptions {
   webSocketUrl?: string;
   reconnectMinMs?: number;
   reconnectMaxMs?: number;
+  /** How many durable sends may wait for their acks at once [1024], a
+   * positive integer: a further send waits, in the order of the send
+   * calls, for one of them to finish, and only then is its event built
+   * (its seq and creation time) and sent. A page that sends faster than
+   * the edge acknowledges is held back instead of queueing without bound
+   * (and resending all of it after every reconnect). */
+  maxPending?: number;
+}
+
+/** Options of one send. */
+export interface SendOptions {
+  /** Gives the send up: one still waiting for a slot (maxPending) is
+   * never sent; one already sent gives its slot back at once, is not sent
+   * again after a reconnect, and may still be delivered. The send rejects
+   * with the signal's reason. */
+  signal?: AbortSignal;
 }
 
 interface Conn {
@@ -373,7 +389,23 @@ const SILENT_EDGE_MS = 30_000;
 /** Receipts sent in one Received frame at most. */
 const MAX_RECEIPTS = 256;
 
-interface Pending { ev: WireEvent; resolve: () => void; reject: (e: unknown) => void }
+/** The default of RelayOptions.maxPending (the Go client's too). */
+const DEFAULT_MAX_PENDING = 1024;
+
+/** A durable send: waiting for a slot (body null: its event is not built
+ * yet), then sent and waiting for its ack. */
+interface Outgoing {
+  id: string;
+  m: Message;
+  body: Uint8Array | null; // the Event frame, once built
+  resolve: () => void;
+  reject: (e: unknown) => void;
+}
+
+/** Why an aborted send failed: the signal's reason, else an AbortError. */
+function abortReason(signal: AbortSignal): unknown {
+  return signal.reason ?? new DOMException("The send was aborted.", "AbortError");
+}
 
 /** Keeps a device connected to the relay. Listen for "event",
  * "presence", "state" and "closed" (CustomEvent) on it. */
@@ -390,8 +422,11 @@ export class RelayClient extends EventTarget {
   private ticket: Uint8Array = new Uint8Array(0);
   private seq = BigInt(Date.now()) * 1000n;
   /** Events sent and not acknowledged yet, in the order they were sent
-   * (a Map iterates in insertion order). */
-  private pending = new Map<string, Pending>();
+   * (a Map iterates in insertion order); at most maxPending. */
+  private pending = new Map<string, Outgoing>();
+  /** Sends waiting for a slot in pending, first come first served. */
+  private waiting = new Map<string, Outgoing>();
+  private readonly maxPending: number;
   private seen = new Map<string, Set<string>>();
   private onlineSet = new Set<string>();
   private stopped = false;
@@ -399,6 +434,9 @@ export class RelayClient extends EventTarget {
 
   private constructor(private readonly opts: RelayOptions) {
     super();
+    const max = opts.maxPending ?? DEFAULT_MAX_PENDING;
+    if (!Number.isSafeInteger(max) || max < 1) throw new RangeError(`maxPending must be a positive integer, not ${String(opts.maxPending)}`);
+    this.maxPending = max;
   }
 
   /** Connects (the first session) and keeps the connection up. */
@@ -413,15 +451,71 @@ export class RelayClient extends EventTarget {
   online(): string[] { return [...this.onlineSet].sort(); }
 
   /** Sends a durable event; resolves when every target has it, rejects
-   * with a RelayError when refused (see retryable). */
-  send(m: Message): Promise<void> {
+   * with a RelayError when refused (see retryable). While maxPending
+   * sends wait for their acks it first waits for one of them to finish;
+   * opts.signal gives it up. */
+  send(m: Message, opts: SendOptions = {}): Promise<void> {
     if (this.stopped) return Promise.reject(this.error ?? new Error("closed"));
-    const ev = this.build(m, false);
-    if (this.pending.has(ev.id)) return Promise.reject(new Error(`event ${ev.id} is already being sent`));
+    const { signal } = opts;
+    if (signal?.aborted) return Promise.reject(abortReason(signal));
+    const id = m.id || randomId();
+    if (this.pending.has(id) || this.waiting.has(id)) return Promise.reject(new Error(`event ${id} is already being sent`));
     return new Promise((resolve, reject) => {
-      this.pending.set(ev.id, { ev, resolve, reject });
-      this.conn?.send(frame({ case: "event", value: ev })).catch(() => {});
+      let unlisten = () => {};
+      const s: Outgoing = {
+        id, m, body: null,
+        resolve: () => { unlisten(); resolve(); },
+        reject: (e) => { unlisten(); reject(e); },
+      };
+      if (signal) {
+        const abort = () => this.abandon(s, abortReason(signal));
+        signal.addEventListener("abort", abort, { once: true });
+        unlisten = () => signal.removeEventListener("abort", abort);
+      }
+      // Behind any earlier send still waiting, so per-sender order (seq
+      // order) is the order of the calls.
+      if (this.waiting.size === 0 && this.pending.size < this.maxPending) {
+        this.start(s);
+      } else {
+        // Built later: a copy, so the event is what was asked for now.
+        s.m = { ...m, targets: m.targets?.slice() };
+        this.waiting.set(id, s);
+      }
     });
+  }
+
+  /** Builds a send's event, now that it has a slot, and sends it. */
+  private start(s: Outgoing): void {
+    try {
+      s.body = frame({ case: "event", value: this.build(s.m, false, s.id) });
+    } catch (e) {
+      s.reject(e); // it cannot be encoded (a bad ttlMs, say): never sent
+      return;
+    }
+    this.pending.set(s.id, s);
+    this.conn?.send(s.body).catch(() => {});
+  }
+
+  /** Gives free slots to the sends waiting for them, in order. */
+  private pump(): void {
+    for (const s of this.waiting.values()) {
+      if (this.stopped || this.pending.size >= this.maxPending) return;
+      this.waiting.delete(s.id);
+      this.start(s);
+    }
+  }
+
+  /** Gives a send up (its signal aborted): a waiting one was never sent;
+   * a sent one is forgotten, its slot free for the next. */
+  private abandon(s: Outgoing, reason: unknown): void {
+    if (this.waiting.get(s.id) === s) {
+      this.waiting.delete(s.id);
+      s.reject(reason);
+    } else if (this.pending.get(s.id) === s) {
+      this.pending.delete(s.id);
+      s.reject(reason);
+      this.pump();
+    }
   }
 
   /** Sends an ephemeral event: never stored, never acknowledged; a
@@ -445,15 +539,16 @@ export class RelayClient extends EventTarget {
     this.fail(new RelayError(ErrorCode.UNSPECIFIED, "closed"));
   }
 
-  private build(m: Message, ephemeral: boolean): WireEvent {
-    this.seq++;
+  private build(m: Message, ephemeral: boolean, id = m.id || randomId()): WireEvent {
     const payload = typeof m.payload === "string" ? enc.encode(m.payload) : (m.payload ?? new Uint8Array(0));
+    const ttlMs = BigInt(m.ttlMs ?? 60_000);
+    this.seq++;
     return create(EventSchema, {
-      id: m.id || randomId(),
+      id,
       targets: m.targets ?? [],
       seq: this.seq,
       createdAtMs: BigInt(Math.round(Date.now() + this.clockOffsetMs)),
-      ttlMs: BigInt(m.ttlMs ?? 60_000),
+      ttlMs,
       type: m.type ?? "",
       payload,
       ephemeral,
@@ -565,7 +660,8 @@ export class RelayClient extends EventTarget {
     this.transport = c.name;
     this.onlineSet.clear();
     // Resend what was not acknowledged, in order, before anything new.
-    for (const p of this.pending.values()) void c.send(frame({ case: "event", value: p.ev })).catch(() => {});
+    // Sends still waiting for a slot follow as acks free slots.
+    for (const p of this.pending.values()) void c.send(p.body!).catch(() => {});
     this.emit("state", { connected: true, transport: c.name, sessionId: this.sessionId });
   }
 
@@ -645,11 +741,15 @@ export class RelayClient extends EventTarget {
     if (!p) return;
     this.pending.delete(id);
     if (err) p.reject(err); else p.resolve();
+    this.pump();
   }
 
+  /** Fails every send, sent or still waiting for a slot. */
   private fail(err: RelayError): void {
-    for (const p of this.pending.values()) p.reject(err);
+    const all = [...this.pending.values(), ...this.waiting.values()];
     this.pending.clear();
+    this.waiting.clear();
+    for (const p of all) p.reject(err);
   }
 
   /** Reads one session until it ends; returns why. */
