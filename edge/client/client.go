@@ -416,7 +416,9 @@ func (c *Client) Online() []string {
 
 // Events delivers received events, each once, in per-sender order. It is
 // closed after Close. An application that stops reading stops the client
-// reading from the edge once ReceiveBuffer events wait.
+// reading from the edge once ReceiveBuffer events wait; the events it was
+// given are acknowledged to the edge (and so to their senders) all the
+// same.
 func (c *Client) Events() <-chan Event { return c.events }
 
 // Presence delivers changes of the other devices' presence. Changes the

@@ -498,7 +498,7 @@ func (c *Client) serve(cn *conn) error {
 }
 
 func (c *Client) readStream(ctx context.Context, cn *conn) error {
-	var receipts []uint64
+	receipts := &receipts{cn: cn}
 	var events frame.EventDecoder
 	for {
 		body, err := cn.r.Next()
@@ -508,21 +508,37 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 			}
 			return closeReason(cn, err)
 		}
-		handled, err := c.readFast(ctx, cn, &events, body, &receipts)
+		handled, err := c.readFast(ctx, cn, &events, body, receipts)
 		if !handled && err == nil {
-			err = c.readFrame(ctx, cn, body, &receipts)
+			err = c.readFrame(ctx, cn, body, receipts)
 		}
 		if err != nil {
 			return err
 		}
 		// Acknowledge in batches: whatever arrived together.
-		if len(receipts) > 0 && (cn.r.Buffered() == 0 || len(receipts) >= 256) {
-			if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: receipts}}}); err != nil {
+		if cn.r.Buffered() == 0 || len(receipts.ids) >= 256 {
+			if err := receipts.flush(); err != nil {
 				return err
 			}
-			receipts = receipts[:0]
 		}
 	}
+}
+
+// receipts are the delivery ids of events handed to the application and
+// not yet acknowledged to the edge.
+type receipts struct {
+	cn  *conn
+	ids []uint64
+}
+
+// flush sends the receipts (if any) in one Received frame.
+func (r *receipts) flush() error {
+	if len(r.ids) == 0 {
+		return nil
+	}
+	err := r.cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: r.ids}}})
+	r.ids = r.ids[:0]
+	return err
 }
 
 // readFast handles the frames a busy client reads most, a Deliver and an
@@ -530,7 +546,7 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 // give what it gives. handled is false for every other frame, and for one
 // of a shape the edge does not write: readFrame takes it. A Deliver's
 // delivery id joins receipts; an error ends the session.
-func (c *Client) readFast(ctx context.Context, cn *conn, events *frame.EventDecoder, body []byte, receipts *[]uint64) (handled bool, err error) {
+func (c *Client) readFast(ctx context.Context, cn *conn, events *frame.EventDecoder, body []byte, receipts *receipts) (handled bool, err error) {
 	kind, inner, ok := frame.Split(body)
 	switch {
 	case ok && kind == frame.KindAck:
@@ -549,11 +565,11 @@ func (c *Client) readFast(ctx context.Context, cn *conn, events *frame.EventDeco
 			return true, closeReason(cn, err)
 		}
 		ev.Payload = bytes.Clone(ev.Payload) // it pointed into the read buffer
-		if !c.deliver(ctx, ev) {
-			return true, ctx.Err()
+		if err := c.deliver(ctx, ev, receipts); err != nil {
+			return true, err
 		}
 		if deliveryID != 0 {
-			*receipts = append(*receipts, deliveryID)
+			receipts.ids = append(receipts.ids, deliveryID)
 		}
 		return true, nil
 	}
@@ -562,29 +578,25 @@ func (c *Client) readFast(ctx context.Context, cn *conn, events *frame.EventDeco
 
 // readFrame decodes a frame from the edge with the protobuf runtime and
 // acts on it; an error ends the session.
-func (c *Client) readFrame(ctx context.Context, cn *conn, body []byte, receipts *[]uint64) error {
+func (c *Client) readFrame(ctx context.Context, cn *conn, body []byte, receipts *receipts) error {
 	f := &relayv1.Frame{}
 	if err := frame.Decode(body, 0, f); err != nil {
 		return closeReason(cn, err)
 	}
 	switch k := f.GetKind().(type) {
 	case *relayv1.Frame_Deliver:
-		if !c.deliver(ctx, k.Deliver.GetEvent()) {
-			return ctx.Err()
+		if err := c.deliver(ctx, k.Deliver.GetEvent(), receipts); err != nil {
+			return err
 		}
 		if id := k.Deliver.GetDeliveryId(); id != 0 {
-			*receipts = append(*receipts, id)
+			receipts.ids = append(receipts.ids, id)
 		}
 	case *relayv1.Frame_Cancel:
 		// Only an event the application was given needs undoing; one
 		// it was not is just never given (a late copy is a duplicate).
 		cl := k.Cancel
 		if !c.firstTime(cl.GetSenderDeviceId(), cl.GetEventId()) {
-			select {
-			case c.events <- Event{ID: cl.GetEventId(), Sender: cl.GetSenderDeviceId(), Cancelled: true}:
-			case <-ctx.Done():
-				return ctx.Err()
-			}
+			return c.handOver(ctx, Event{ID: cl.GetEventId(), Sender: cl.GetSenderDeviceId(), Cancelled: true}, receipts)
 		}
 	case *relayv1.Frame_Ack:
 		c.resolve(k.Ack.GetEventId(), nil)
@@ -628,28 +640,46 @@ func (c *Client) readDatagrams(ctx context.Context, cn *conn) {
 		if err := frame.Decode(b, 0, &f); err != nil || f.GetDeliver() == nil {
 			continue // a datagram is only ever an ephemeral delivery
 		}
-		if !c.deliver(ctx, f.GetDeliver().GetEvent()) {
+		if c.deliver(ctx, f.GetDeliver().GetEvent(), nil) != nil {
 			return
 		}
 	}
 }
 
-// deliver hands an event to the application once; false when the client
-// is closing.
-func (c *Client) deliver(ctx context.Context, ev *relayv1.Event) bool {
+// deliver hands an event to the application once (handOver).
+func (c *Client) deliver(ctx context.Context, ev *relayv1.Event, r *receipts) error {
 	if !c.firstTime(ev.GetSenderDeviceId(), ev.GetId()) {
-		return true
+		return nil
 	}
 	out := Event{
 		ID: ev.GetId(), Sender: ev.GetSenderDeviceId(), Seq: ev.GetSeq(), Type: ev.GetType(), Payload: ev.GetPayload(),
 		CreatedAt: time.UnixMilli(ev.GetCreatedAtMs()), TTL: time.Duration(ev.GetTtlMs()) * time.Millisecond, Ephemeral: ev.GetEphemeral(),
 		AnyOne: ev.GetAnyOne(),
 	}
+	return c.handOver(ctx, out, r)
+}
+
+// handOver puts ev on the application's channel; ctx's error when the
+// client is closing first. When the application lags (the channel is
+// full) it first sends the receipts r holds (nil: none): the events the
+// application was given already are acknowledged to their senders while
+// this one waits, rather than when the application next reads.
+func (c *Client) handOver(ctx context.Context, ev Event, r *receipts) error {
 	select {
-	case c.events <- out:
-		return true
+	case c.events <- ev:
+		return nil
+	default:
+	}
+	if r != nil {
+		if err := r.flush(); err != nil {
+			return err
+		}
+	}
+	select {
+	case c.events <- ev:
+		return nil
 	case <-ctx.Done():
-		return false
+		return ctx.Err()
 	}
 }
 

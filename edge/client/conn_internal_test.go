@@ -3,11 +3,13 @@ package client
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"hash/maphash"
 	"io"
 	"slices"
 	"testing"
 	"testing/iotest"
+	"time"
 
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
@@ -175,5 +177,67 @@ func TestReadStreamFastAndSlowFrames(t *testing.T) {
 				t.Fatalf("send %s was acked but not resolved", id)
 			}
 		}
+	}
+}
+
+// chanConn is a session.Conn whose writes arrive on a channel.
+type chanConn struct {
+	session.Conn // only Write is used
+	writes       chan []byte
+}
+
+func (c *chanConn) Write(b []byte) (int, error) {
+	c.writes <- bytes.Clone(b)
+	return len(b), nil
+}
+
+// An application that lags behind (its channel full) holds back only the
+// events it was not given: the receipts of those it was, which arrived in
+// the same read as the one that waits, go to the edge before the wait, so
+// their senders get their acks now rather than when the application next
+// reads.
+func TestReceiptsGoOutBeforeWaitingForTheApplication(t *testing.T) {
+	var stream []byte
+	for i := range uint64(3) {
+		b, err := frame.Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Deliver{Deliver: &relayv1.Deliver{
+			Event: &relayv1.Event{Id: fmt.Sprintf("e%d", i+1), SenderDeviceId: "a", Seq: i + 1}, DeliveryId: i + 1}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		stream = append(stream, b...)
+	}
+	wc := &chanConn{writes: make(chan []byte, 8)}
+	// One read gives the reader all three deliveries.
+	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(bytes.NewReader(stream), 0)}
+	c := &Client{
+		cfg:     Config{DedupWindow: 16},
+		events:  make(chan Event, 1),
+		pending: map[string]*pendingSend{},
+		seen:    map[string]*idwindow.Window[string]{},
+		seed:    maphash.MakeSeed(),
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.readStream(t.Context(), cn) }()
+	receipt := func(want uint64) {
+		t.Helper()
+		select {
+		case w := <-wc.writes:
+			var f relayv1.Frame
+			if err := frame.NewReader(bytes.NewReader(w), 0).Read(&f); err != nil || !slices.Equal(f.GetReceived().GetDeliveryIds(), []uint64{want}) {
+				t.Fatalf("wrote %v (%v), want the receipt of delivery %d", &f, err, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no receipt of delivery %d while the application is given nothing more", want)
+		}
+	}
+	for i := range uint64(3) {
+		// e(i+1) is in the application's channel; the next waits for room.
+		receipt(i + 1)
+		if ev := <-c.events; ev.ID != fmt.Sprintf("e%d", i+1) {
+			t.Fatalf("event %s, want e%d", ev.ID, i+1)
+		}
+	}
+	if err := <-done; !errors.Is(err, io.EOF) {
+		t.Fatalf("readStream ended with %v, want io.EOF", err)
 	}
 }
