@@ -159,6 +159,12 @@ func TestDevicesMoveToAnotherEdge(t *testing.T) {
 			if got := counter(t, edge1.Registry(), "relay_edge_handshakes_total", "result", "resumed"); got < 2 {
 				t.Fatalf("%v resumed handshakes on the second edge, want 2", got)
 			}
+			// Their TLS sessions resumed there too, on the first edge's
+			// tickets (the cluster's key seals them): no certificate
+			// signature on the way over.
+			if got := counter(t, edge1.Registry(), "relay_edge_connections_total", "tls", "resumed"); got < 2 {
+				t.Fatalf("%v TLS sessions resumed on the second edge, want 2", got)
+			}
 			// Nothing more arrives: no duplicates reached the application.
 			short, cancel2 := context.WithTimeout(ctx, 300*time.Millisecond)
 			defer cancel2()

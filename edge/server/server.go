@@ -277,6 +277,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	origins := s.originPolicy()
 	tlsConf := &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS13}
+	session.ShareTLSTickets(tlsConf, s.ring, time.Now)
 	host, port, err := net.SplitHostPort(cfg.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("edge address %q: %w", cfg.Addr, err)
@@ -302,7 +303,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 			return nil, fmt.Errorf("listen tcp %s: %w", tcpAddr, err)
 		}
 	}
-	s.httpsLn = tls.NewListener(ln, &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}})
+	httpsConf := &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
+	session.ShareTLSTickets(httpsConf, s.ring, time.Now)
+	s.httpsLn = tls.NewListener(ln, httpsConf)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.cancel = cancel
 	s.ws = &transport.WebSocketHandler{Hub: s.hub, Origins: origins, IdleTimeout: cfg.IdleTimeout, Ctx: runCtx}

@@ -68,6 +68,20 @@ func ticketAAD(keyID string) []byte { return []byte("relay/1 resume ticket " + k
 // Seal makes a ticket, sealed (XChaCha20-Poly1305) with the current key.
 // Layout: version(1) | key id length(1) | key id | nonce(24) | sealed.
 func (r *Ring) Seal(t Ticket) ([]byte, error) {
+	plain := make([]byte, 0, 64)
+	str := func(s string) {
+		plain = binary.AppendUvarint(plain, uint64(len(s)))
+		plain = append(plain, s...)
+	}
+	str(t.UserID)
+	str(t.DeviceID)
+	plain = binary.BigEndian.AppendUint64(plain, uint64(t.AuthAt.UnixMilli()))
+	plain = binary.BigEndian.AppendUint64(plain, uint64(t.ExpiresAt.UnixMilli()))
+	return r.seal(ticketVersion, ticketAAD, plain)
+}
+
+// seal seals plain with the current key, in the layout Seal describes.
+func (r *Ring) seal(version byte, aad func(keyID string) []byte, plain []byte) ([]byte, error) {
 	r.mu.RLock()
 	k, ok := r.keys[r.current]
 	r.mu.RUnlock()
@@ -78,50 +92,51 @@ func (r *Ring) Seal(t Ticket) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("seal ticket: %w", err)
 	}
-	plain := make([]byte, 0, 64)
-	str := func(s string) {
-		plain = binary.AppendUvarint(plain, uint64(len(s)))
-		plain = append(plain, s...)
-	}
-	str(t.UserID)
-	str(t.DeviceID)
-	plain = binary.BigEndian.AppendUint64(plain, uint64(t.AuthAt.UnixMilli()))
-	plain = binary.BigEndian.AppendUint64(plain, uint64(t.ExpiresAt.UnixMilli()))
-	out := []byte{ticketVersion, byte(len(k.ID))}
+	out := make([]byte, 0, 2+len(k.ID)+chacha20poly1305.NonceSizeX+len(plain)+chacha20poly1305.Overhead)
+	out = append(out, version, byte(len(k.ID)))
 	out = append(out, k.ID...)
 	nonce := make([]byte, chacha20poly1305.NonceSizeX)
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, err
 	}
 	out = append(out, nonce...)
-	return aead.Seal(out, nonce, plain, ticketAAD(k.ID)), nil
+	return aead.Seal(out, nonce, plain, aad(k.ID)), nil
 }
 
-// Open checks and opens a ticket at time now. A ticket sealed with a key
-// that left the ring, or whose key's grace period ended, is refused.
-func (r *Ring) Open(b []byte, now time.Time) (Ticket, error) {
-	if len(b) < 2 || len(b) > maxTicket || b[0] != ticketVersion {
-		return Ticket{}, ErrTicketMalformed
+// open opens what seal sealed, at most max bytes long, at time now.
+func (r *Ring) open(version byte, aad func(keyID string) []byte, max int, b []byte, now time.Time) ([]byte, error) {
+	if len(b) < 2 || len(b) > max || b[0] != version {
+		return nil, ErrTicketMalformed
 	}
 	idLen := int(b[1])
 	if len(b) < 2+idLen+chacha20poly1305.NonceSizeX+chacha20poly1305.Overhead {
-		return Ticket{}, ErrTicketMalformed
+		return nil, ErrTicketMalformed
 	}
 	keyID := string(b[2 : 2+idLen])
 	r.mu.RLock()
 	k, ok := r.keys[keyID]
 	r.mu.RUnlock()
 	if !ok || (!k.Expiry.IsZero() && !now.Before(k.Expiry)) {
-		return Ticket{}, ErrTicketUnknownKey
+		return nil, ErrTicketUnknownKey
 	}
 	aead, err := chacha20poly1305.NewX(k.Secret)
 	if err != nil {
-		return Ticket{}, ErrTicketUnknownKey
+		return nil, ErrTicketUnknownKey
 	}
 	nonce := b[2+idLen : 2+idLen+chacha20poly1305.NonceSizeX]
-	plain, err := aead.Open(nil, nonce, b[2+idLen+chacha20poly1305.NonceSizeX:], ticketAAD(keyID))
+	plain, err := aead.Open(nil, nonce, b[2+idLen+chacha20poly1305.NonceSizeX:], aad(keyID))
 	if err != nil {
-		return Ticket{}, ErrTicketForged
+		return nil, ErrTicketForged
+	}
+	return plain, nil
+}
+
+// Open checks and opens a ticket at time now. A ticket sealed with a key
+// that left the ring, or whose key's grace period ended, is refused.
+func (r *Ring) Open(b []byte, now time.Time) (Ticket, error) {
+	plain, err := r.open(ticketVersion, ticketAAD, maxTicket, b, now)
+	if err != nil {
+		return Ticket{}, err
 	}
 	var t Ticket
 	str := func() (string, bool) {

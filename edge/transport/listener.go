@@ -121,8 +121,8 @@ func Listen(cfg Config) (*Listener, error) {
 	l := &Listener{cfg: cfg, udp: udp, tr: tr, ln: ln, h3conns: map[*quic.Conn]*h3Conn{}}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.conns = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "relay_edge_connections_total", Help: "QUIC connections accepted, by application protocol.",
-	}, []string{"alpn"})
+		Name: "relay_edge_connections_total", Help: "QUIC connections accepted, by application protocol and TLS handshake (full, or resumed with a session ticket).",
+	}, []string{"alpn", "tls"})
 	if cfg.Registerer != nil {
 		if err := cfg.Registerer.Register(l.conns); err != nil {
 			var are prometheus.AlreadyRegisteredError
@@ -161,8 +161,12 @@ func (l *Listener) Serve() error {
 			}
 			return fmt.Errorf("accept: %w", err)
 		}
-		alpn := conn.ConnectionState().TLS.NegotiatedProtocol
-		l.conns.WithLabelValues(alpn).Inc()
+		st := conn.ConnectionState().TLS
+		alpn, handshake := st.NegotiatedProtocol, "full"
+		if st.DidResume {
+			handshake = "resumed"
+		}
+		l.conns.WithLabelValues(alpn, handshake).Inc()
 		l.wg.Go(func() {
 			switch alpn {
 			case ALPN:
