@@ -3,6 +3,7 @@ package partitiontest
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -197,8 +198,49 @@ func (w *Watcher) CheckAgainstFreshRead(t *testing.T, within time.Duration) {
 	for _, v := range violations {
 		t.Errorf("watch: %s", v)
 	}
-	// The fresh read.
-	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: base})
+	// The fresh read, from the watcher's first revision; a long run's
+	// feed may have been compacted past it (the control plane keeps the
+	// last ChangeRetention revisions), and then the comparison starts at
+	// the oldest revision of the watcher's that the feed still answers
+	// from, found by bisection over them.
+	from := base
+	fresh, compacted := w.freshRead(ctx, t, from, marker, false)
+	if compacted {
+		lo, hi := 0, len(mine) // from mine[i].rev: compacted for i < lo, answered for i >= hi
+		for lo < hi {
+			mid := (lo + hi) / 2
+			if _, c := w.freshRead(ctx, t, mine[mid].rev, marker, true); c {
+				lo = mid + 1
+			} else {
+				hi = mid
+			}
+		}
+		if hi == len(mine) {
+			t.Fatalf("the feed is compacted past every change the watcher recorded (%d, from revision %d)", len(mine), base)
+		}
+		from = mine[hi].rev
+		mine = slices.DeleteFunc(mine, func(e watchRecord) bool { return e.rev <= from })
+		t.Logf("watch: the feed was compacted past revision %d; comparing the %d changes after %d", base, len(mine), from)
+		fresh, _ = w.freshRead(ctx, t, from, marker, false)
+	}
+	t.Logf("watch: %d changes from revision %d to %d over %d streams; fresh read: %d", len(mine), from, marker, streams, len(fresh))
+	if len(fresh) != len(mine) {
+		t.Errorf("watcher recorded %d changes, a fresh read has %d", len(mine), len(fresh))
+	}
+	for i := range min(len(fresh), len(mine)) {
+		if fresh[i] != mine[i] {
+			t.Errorf("change %d: watcher has revision %d, a fresh read %d (or different content)", i, mine[i].rev, fresh[i].rev)
+			break
+		}
+	}
+}
+
+// freshRead reads the feed on a node from revision from (exclusive) up to
+// marker, or reports that it answered with a full copy (compacted); a
+// probe only looks at the first message.
+func (w *Watcher) freshRead(ctx context.Context, t *testing.T, from, marker uint64, probe bool) ([]watchRecord, bool) {
+	t.Helper()
+	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from})
 	req.Header().Set("Authorization", "Bearer "+w.token)
 	stream, err := edgev1connect.NewWatchServiceClient(w.s.HTTPClient(), w.s.URL(w.s.Control[1])).Watch(ctx, req)
 	if err != nil {
@@ -209,24 +251,19 @@ func (w *Watcher) CheckAgainstFreshRead(t *testing.T, within time.Duration) {
 	for stream.Receive() {
 		m := stream.Msg()
 		if _, ok := m.GetKind().(*edgev1.WatchResponse_Resync); ok {
-			t.Fatalf("fresh watch from %d answered with a full copy: compacted, cannot compare", base)
+			return nil, true
+		}
+		if probe {
+			return nil, false
 		}
 		if ev := m.GetEvent(); ev != nil && m.GetRevision() <= marker {
 			b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(ev)
 			fresh = append(fresh, watchRecord{m.GetRevision(), string(b)})
 		}
 		if m.GetRevision() >= marker && m.GetEvent() == nil {
-			break
+			return fresh, false
 		}
 	}
-	t.Logf("watch: %d changes from revision %d to %d over %d streams; fresh read: %d", len(mine), base, marker, streams, len(fresh))
-	if len(fresh) != len(mine) {
-		t.Errorf("watcher recorded %d changes, a fresh read has %d", len(mine), len(fresh))
-	}
-	for i := range min(len(fresh), len(mine)) {
-		if fresh[i] != mine[i] {
-			t.Errorf("change %d: watcher has revision %d, a fresh read %d (or different content)", i, mine[i].rev, fresh[i].rev)
-			break
-		}
-	}
+	t.Fatalf("fresh watch from %d ended before revision %d: %v", from, marker, stream.Err())
+	return nil, false
 }
