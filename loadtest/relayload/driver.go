@@ -338,7 +338,9 @@ func (d *driverConfig) edgeMetrics(ctx context.Context, names ...string) (map[st
 }
 
 // metricsAt reads the named metrics (summed over their labels) from the
-// /metrics of the admin server at base.
+// /metrics of the admin server at base; a name with one label,
+// `name{label="value"}`, sums the series that have it (label values
+// without commas).
 func metricsAt(ctx context.Context, base string, names ...string) (map[string]float64, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/metrics", nil)
 	if err != nil {
@@ -360,13 +362,17 @@ func metricsAt(ctx context.Context, base string, names ...string) (map[string]fl
 		if !ok {
 			continue
 		}
-		base, _, _ := strings.Cut(name, "{")
-		if !slices.Contains(names, base) {
+		base, labels, _ := strings.Cut(name, "{")
+		v, err := strconv.ParseFloat(value, 64)
+		if err != nil {
 			continue
 		}
-		v, err := strconv.ParseFloat(value, 64)
-		if err == nil {
-			out[base] += v
+		for _, want := range names {
+			wbase, wlabel, _ := strings.Cut(want, "{")
+			wlabel = strings.TrimSuffix(wlabel, "}")
+			if wbase == base && (wlabel == "" || slices.Contains(strings.Split(strings.TrimSuffix(labels, "}"), ","), wlabel)) {
+				out[want] += v
+			}
 		}
 	}
 	return out, sc.Err()

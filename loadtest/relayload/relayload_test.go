@@ -162,8 +162,20 @@ func TestScenarios(t *testing.T) {
 
 	res = e.mustRun("resume", "--devices", "4", "--duration", "500ms")
 	if num(res, "counts", "resumed") == 0 || num(res, "counts", "full") != 0 || num(res, "counts", "failed") != 0 || num(res, "figures", "resume_p50_ms") <= 0 ||
-		num(res, "peaks", "edge_cpu_us_per_session") <= 0 {
+		num(res, "peaks", "edge_cpu_us_per_session") <= 0 || num(res, "counts", "tls_resumed") == 0 {
 		t.Fatalf("resume: %v", res)
+	}
+	// Resuming on two edges in turn: every resume lands on the edge the
+	// device was not on, and its TLS session resumes there all the same
+	// (but for a ticket that had not arrived when the device hung up).
+	other := e.r.StartEdge(1)
+	res = e.mustRun("resume", "--devices", "4", "--duration", "500ms", "--other-edge", other.Addr(), "--other-edge-admin", other.AdminURL())
+	if resumed := num(res, "counts", "resumed"); resumed == 0 || num(res, "counts", "full") != 0 || num(res, "counts", "failed") != 0 ||
+		num(res, "params", "edges") != 2 || num(res, "counts", "tls_resumed") < resumed/2 {
+		t.Fatalf("resume on two edges: %v", res)
+	}
+	if err := run(context.Background(), append(append([]string{}, e.common...), "resume", "--other-edge", other.Addr()), io.Discard, io.Discard, e.getenv); err == nil || !strings.Contains(err.Error(), "go together") {
+		t.Fatalf("--other-edge without its admin URL: %v", err)
 	}
 
 	res = e.mustRun("--threshold", "failed==0", "storm", "--devices", "20")

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -664,8 +665,13 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("resume", flag.ContinueOnError)
 	devices := fs.Int("devices", 100, "devices that reconnect over and over")
 	dur := fs.Duration("duration", 20*time.Second, "how long to reconnect")
+	other := fs.String("other-edge", "", "resume on this other edge (UDP address) and on --edge in turn, as devices that move between the edges behind one name: the cluster's tickets, relay and TLS, at work")
+	otherAdmin := fs.String("other-edge-admin", "", "the admin URL of --other-edge (its certificate hashes, CPU and TLS counts)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if (*other == "") != (*otherAdmin == "") {
+		return errors.New("--other-edge and --other-edge-admin go together")
 	}
 	r := newResult("resume", d.transport)
 	r.Params["devices"] = float64(*devices)
@@ -674,6 +680,22 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 		return err
 	}
 	defer dl.close()
+	// The edges whose CPU and TLS handshakes count, and a dialer per edge
+	// (one only without --other-edge).
+	admins, dls := []string{d.edgeAdmin}, []*dialer{dl}
+	if *other != "" {
+		odl, err := d.newDialerFor(ctx, *other, *otherAdmin)
+		if err != nil {
+			return err
+		}
+		defer odl.close()
+		// A TLS session resumed on one edge carries the certificate of
+		// the edge that began it: both pin both.
+		pins := slices.Concat(dl.pins, odl.pins)
+		dl.pins, odl.pins = pins, pins
+		admins, dls = append(admins, *otherAdmin), append(dls, odl)
+		r.Params["edges"] = 2
+	}
 	p := newPacer(d.concurrency, d.slowDial)
 	stop := d.showProgress(func() string {
 		c, errs, lat := r.snapshot()
@@ -681,7 +703,7 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 	})
 	// Each device: one full handshake (not timed as a resume), then
 	// close-and-resume until the deadline.
-	cpu, cpuErr := d.cpuAt(ctx, "")
+	cpu, cpuErr := edgesAt(ctx, admins)
 	deadline := time.Now().Add(*dur)
 	start := time.Now()
 	_ = parallel(ctx, *devices, *devices, func(ctx context.Context, i int) error {
@@ -692,11 +714,11 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 			r.count("failed", 1)
 			return nil
 		}
-		for time.Now().Before(deadline) && ctx.Err() == nil {
+		for n := 1; time.Now().Before(deadline) && ctx.Err() == nil; n++ {
 			ticket := c.ResumeTicket()
 			_ = c.Close()
 			r.count("attempts", 1)
-			c, err = dl.connect(ctx, p, r, "resume", dev, ticket)
+			c, err = dls[n%len(dls)].connect(ctx, p, r, "resume", dev, ticket)
 			if err != nil {
 				r.count("failed", 1)
 				return nil
@@ -712,15 +734,41 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 	})
 	r.Seconds = time.Since(start).Seconds()
 	stop()
-	// The edge's CPU per session it set up and tore down (dial, TLS,
+	// The edges' CPU per session they set up and tore down (dial, TLS,
 	// handshake, ticket, close), the devices' first full handshakes
-	// included, when its /metrics say (an edge in its own process).
-	if after, err := d.cpuAt(ctx, ""); cpuErr == nil && err == nil {
+	// included, and the TLS handshakes that resumed on a session ticket,
+	// when their /metrics say (edges in their own processes).
+	if after, err := edgesAt(ctx, admins); cpuErr == nil && err == nil {
 		if n := r.Counts["resumed"] + r.Counts["full"] + float64(*devices); n > 0 {
-			r.Peaks["edge_cpu_us_per_session"] = float64((after - cpu).Nanoseconds()) / 1e3 / n
+			r.Peaks["edge_cpu_us_per_session"] = float64((after.cpu - cpu.cpu).Nanoseconds()) / 1e3 / n
 		}
+		r.Counts["tls_resumed"] = after.tlsResumed - cpu.tlsResumed
 	}
 	return d.finish(r)
+}
+
+// edgeTotals are what resume reads from its edges' /metrics, summed.
+type edgeTotals struct {
+	cpu        time.Duration
+	tlsResumed float64 // QUIC connections whose TLS handshake resumed
+}
+
+// edgesAt reads the totals of the edges whose admin servers are admins.
+func edgesAt(ctx context.Context, admins []string) (edgeTotals, error) {
+	var t edgeTotals
+	for _, a := range admins {
+		cpu, err := remoteCPU(ctx, a)
+		if err != nil {
+			return t, err
+		}
+		m, err := metricsAt(ctx, a, `relay_edge_connections_total{tls="resumed"}`)
+		if err != nil {
+			return t, err
+		}
+		t.cpu += cpu
+		t.tlsResumed += m[`relay_edge_connections_total{tls="resumed"}`]
+	}
+	return t, nil
 }
 
 // storm: devices connect; then all of them lose their connection at the
