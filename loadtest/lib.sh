@@ -102,7 +102,7 @@ start_relay() { # BASE OUT [EDGE_PREFIX...]
 	RELAY_EDGE_PASSWORD=$(cat "$relay_data/edge-password") "$@" bin/relayd edge --edge-id load-edge --control "$API" --edge-login edges \
 		--addr "$EDGE" --admin-addr "${EDGE_ADMIN#http://}" \
 		--handshakes-per-second 100000 --events-per-second 1000000 --bytes-per-second 1000000000 \
-		--frames-per-second 10000000 --queue-len 4096 --log-level warn >"$out/edge.log" 2>&1 &
+		--frames-per-second 10000000 --queue-len 4096 --cluster-tls-tickets --log-level warn >"$out/edge.log" 2>&1 &
 	EDGE_PID=$!
 	relay_pids+=($!)
 	wait_ready "$EDGE_ADMIN/readyz"
@@ -118,7 +118,7 @@ start_edge2() { # BASE OUT [EDGE_PREFIX...]
 	RELAY_EDGE_PASSWORD=$(cat "$relay_data/edge-password") "$@" bin/relayd edge --edge-id load-edge-2 --control "$API" --edge-login edges \
 		--addr "$EDGE2" --admin-addr "${EDGE2_ADMIN#http://}" \
 		--handshakes-per-second 100000 --events-per-second 1000000 --bytes-per-second 1000000000 \
-		--frames-per-second 10000000 --queue-len 4096 --log-level warn >"$out/edge2.log" 2>&1 &
+		--frames-per-second 10000000 --queue-len 4096 --cluster-tls-tickets --log-level warn >"$out/edge2.log" 2>&1 &
 	relay_pids+=($!)
 	wait_ready "$EDGE2_ADMIN/readyz"
 }

@@ -35,6 +35,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.StringVar(&cfg.AdminAddr, "admin-addr", "", "plain-HTTP address for /metrics, /healthz, /readyz and certificate hashes (empty: off)")
 	fs.StringVar(&cfg.CertFile, "tls-cert", "", "PEM certificate for devices (empty: self-signed, 10 days, renewed, hash published)")
 	fs.StringVar(&cfg.KeyFile, "tls-key", "", "PEM private key for --tls-cert")
+	fs.BoolVar(&cfg.ClusterTLSTickets, "cluster-tls-tickets", false, "seal TLS 1.3 session tickets with the cluster's session keys, so devices resume TLS on any edge (its keys then also let whoever holds them impersonate an edge to a resuming device: see docs/protocol.md)")
 	fs.Var(&f.control, "control", "control-plane API URL, http:// or https:// (repeatable, comma-separated; default http://127.0.0.1:7400)")
 	fs.StringVar(&f.controlCA, "control-ca", "", "PEM CA bundle to verify https:// control URLs")
 	fs.DurationVar(&cfg.ControlGrace, "control-grace", time.Minute, "refuse new sessions (GOING_AWAY) once the control plane has been silent this long; sessions in place keep relaying (0: never refuse)")

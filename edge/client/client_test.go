@@ -79,6 +79,7 @@ func TestDevicesMoveToAnotherEdge(t *testing.T) {
 		t.Run(tr.String(), func(t *testing.T) {
 			r := relaytest.Start(t, relaytest.Options{Edges: 2, Edge: func(_ int, cfg *server.Config) {
 				cfg.DrainWindow = 200 * time.Millisecond
+				cfg.ClusterTLSTickets = true
 			}})
 			u := r.User("mover")
 			a, b := r.Device(u, "a"), r.Device(u, "b")
@@ -160,8 +161,9 @@ func TestDevicesMoveToAnotherEdge(t *testing.T) {
 				t.Fatalf("%v resumed handshakes on the second edge, want 2", got)
 			}
 			// Their TLS sessions resumed there too, on the first edge's
-			// tickets (the cluster's key seals them): no certificate
-			// signature on the way over.
+			// tickets (with --cluster-tls-tickets the cluster's key seals
+			// them; the clients pin both edges' certificates): no
+			// certificate signature on the way over.
 			if got := counter(t, edge1.Registry(), "relay_edge_connections_total", "tls", "resumed"); got < 2 {
 				t.Fatalf("%v TLS sessions resumed on the second edge, want 2", got)
 			}

@@ -498,7 +498,7 @@ func (c *Client) serve(cn *conn) error {
 }
 
 func (c *Client) readStream(ctx context.Context, cn *conn) error {
-	receipts := &receipts{cn: cn}
+	rc := &receipts{cn: cn}
 	var events frame.EventDecoder
 	for {
 		body, err := cn.r.Next()
@@ -508,16 +508,16 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 			}
 			return closeReason(cn, err)
 		}
-		handled, err := c.readFast(ctx, cn, &events, body, receipts)
+		handled, err := c.readFast(ctx, cn, &events, body, rc)
 		if !handled && err == nil {
-			err = c.readFrame(ctx, cn, body, receipts)
+			err = c.readFrame(ctx, cn, body, rc)
 		}
 		if err != nil {
 			return err
 		}
 		// Acknowledge in batches: whatever arrived together.
-		if cn.r.Buffered() == 0 || len(receipts.ids) >= 256 {
-			if err := receipts.flush(); err != nil {
+		if cn.r.Buffered() == 0 || len(rc.ids) >= 256 {
+			if err := rc.flush(); err != nil {
 				return err
 			}
 		}

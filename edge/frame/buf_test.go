@@ -168,6 +168,7 @@ func TestReleaseGivesTheBufferBack(t *testing.T) {
 	whole, _ := Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Id: "e", Payload: bytes.Repeat([]byte("p"), 100)}}})
 	stream := slices.Concat(whole, whole[:len(whole)/2])
 	pool := NewBufferPool(2 << 10)
+	pool.CountLoans()
 	r := NewReaderConfig(&chunks{data: stream, max: len(whole)}, ReaderConfig{Max: 4096, Pool: pool})
 	frames, err := readAll(r)
 	if len(frames) != 1 || !errors.Is(err, io.ErrUnexpectedEOF) {

@@ -81,6 +81,14 @@ type Config struct {
 	// keep-alives [30s]; MeshIdleTimeout does the same for mesh links
 	// [15s].
 	IdleTimeout, MeshIdleTimeout time.Duration
+	// ClusterTLSTickets seals the device ports' TLS 1.3 session tickets
+	// with the cluster's session keys (session.ShareTLSTickets), so a
+	// device resumes TLS on any edge; off, each edge process keeps its
+	// own ticket keys. On, a session key also lets whoever holds it (the
+	// control plane's state and backups hold it) impersonate an edge to a
+	// device that resumes, and clients that pin certificates must pin
+	// every edge's (docs/protocol.md, "TLS session tickets").
+	ClusterTLSTickets bool
 	// NoMailbox runs the edge without the control plane's mailboxes:
 	// events for devices that are not connected are refused
 	// (TARGET_OFFLINE). For tests and single-edge setups that want it.
@@ -277,7 +285,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	origins := s.originPolicy()
 	tlsConf := &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS13}
-	session.ShareTLSTickets(tlsConf, s.ring, time.Now)
+	if cfg.ClusterTLSTickets {
+		session.ShareTLSTickets(tlsConf, s.ring, "quic", time.Now)
+	}
 	host, port, err := net.SplitHostPort(cfg.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("edge address %q: %w", cfg.Addr, err)
@@ -304,7 +314,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		}
 	}
 	httpsConf := &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
-	session.ShareTLSTickets(httpsConf, s.ring, time.Now)
+	if cfg.ClusterTLSTickets {
+		session.ShareTLSTickets(httpsConf, s.ring, "https", time.Now)
+	}
 	s.httpsLn = tls.NewListener(ln, httpsConf)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.cancel = cancel

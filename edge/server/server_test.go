@@ -341,40 +341,48 @@ func TestNotReadyWithoutTheControlPlane(t *testing.T) {
 	}
 }
 
-// The HTTPS port (the WebSocket transport, the certificate hashes) shares
-// the cluster's TLS session tickets as the QUIC port does: a browser or
-// device that comes back through another edge resumes its TLS session
-// there.
+// With --cluster-tls-tickets the HTTPS port (the WebSocket transport,
+// the certificate hashes) shares the cluster's TLS session tickets as the
+// QUIC port does: a browser or device that comes back through another
+// edge resumes its TLS session there. Without it (the default) each edge
+// keeps its own.
 func TestHTTPSSessionsResumeOnAnotherEdge(t *testing.T) {
-	r := relaytest.Start(t, relaytest.Options{Edges: 2})
-	for _, e := range r.Edges {
-		clustertest.Eventually(t, 30*time.Second, func() error {
-			if !e.Ready() {
-				return errors.New("edge not ready (no session keys yet)")
+	for _, cluster := range []bool{true, false} {
+		t.Run(fmt.Sprintf("cluster tickets %v", cluster), func(t *testing.T) {
+			r := relaytest.Start(t, relaytest.Options{Edges: 2, Edge: func(_ int, cfg *server.Config) { cfg.ClusterTLSTickets = cluster }})
+			for _, e := range r.Edges {
+				clustertest.Eventually(t, 30*time.Second, func() error {
+					if !e.Ready() {
+						return errors.New("edge not ready (no session keys yet)")
+					}
+					return nil
+				})
 			}
-			return nil
+			hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, TLSClientConfig: &tls.Config{
+				InsecureSkipVerify: true, ServerName: "edge.test", MinVersion: tls.VersionTLS13, ClientSessionCache: tls.NewLRUClientSessionCache(4),
+			}}}
+			get := func(e *server.Server) *tls.ConnectionState {
+				t.Helper()
+				resp, err := hc.Get(e.HTTPSURL() + "/.well-known/relay/certificate-hashes")
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				_ = resp.Body.Close()
+				if resp.StatusCode != http.StatusOK || resp.TLS == nil {
+					t.Fatalf("status %d, TLS %v", resp.StatusCode, resp.TLS != nil)
+				}
+				return resp.TLS
+			}
+			if get(r.Edges[0]).DidResume {
+				t.Fatal("the first connection resumed")
+			}
+			if got := get(r.Edges[1]).DidResume; got != cluster {
+				t.Fatalf("the first edge's TLS session resumed on the second: %v, want %v", got, cluster)
+			}
+			if !get(r.Edges[1]).DidResume {
+				t.Fatal("an edge did not resume its own TLS session")
+			}
 		})
-	}
-	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, TLSClientConfig: &tls.Config{
-		InsecureSkipVerify: true, ServerName: "edge.test", MinVersion: tls.VersionTLS13, ClientSessionCache: tls.NewLRUClientSessionCache(4),
-	}}}
-	get := func(e *server.Server) *tls.ConnectionState {
-		t.Helper()
-		resp, err := hc.Get(e.HTTPSURL() + "/.well-known/relay/certificate-hashes")
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		_ = resp.Body.Close()
-		if resp.StatusCode != http.StatusOK || resp.TLS == nil {
-			t.Fatalf("status %d, TLS %v", resp.StatusCode, resp.TLS != nil)
-		}
-		return resp.TLS
-	}
-	if get(r.Edges[0]).DidResume {
-		t.Fatal("the first connection resumed")
-	}
-	if !get(r.Edges[1]).DidResume {
-		t.Fatal("the first edge's TLS session did not resume on the second")
 	}
 }

@@ -99,6 +99,8 @@ type Config struct {
 	// authentication against an empty directory.
 	Ready func() bool
 	// Now is the clock [time.Now]; Random the randomness [crypto/rand].
+	// Now must advance with real time (device budgets wait on timers for
+	// what it says is due), as time.Now with its monotonic reading does.
 	Now    func() time.Time
 	Random io.Reader
 	// Logger [slog.Default()]; Metrics [unregistered]; Tracer [none:

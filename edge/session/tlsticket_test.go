@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"io"
 	"math/big"
 	"net"
@@ -87,14 +88,17 @@ func TestTLSTicketsResumeOnAnyEdgeOfTheCluster(t *testing.T) {
 	cert := testCertificate(t)
 	k1 := SessionKey{ID: "k1", Secret: bytes.Repeat([]byte{1}, 32)}
 	k2 := SessionKey{ID: "k2", Secret: bytes.Repeat([]byte{2}, 32)}
-	edge := func(maxVersion uint16, current string, keys ...SessionKey) *tls.Config {
+	port := func(purpose string, maxVersion uint16, current string, keys ...SessionKey) *tls.Config {
 		r := NewRing()
 		if current != "" {
 			r.Set(current, keys)
 		}
 		c := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, MaxVersion: maxVersion}
-		ShareTLSTickets(c, r, time.Now)
+		ShareTLSTickets(c, r, purpose, time.Now)
 		return c
+	}
+	edge := func(maxVersion uint16, current string, keys ...SessionKey) *tls.Config {
+		return port("quic", maxVersion, current, keys...)
 	}
 	device := func() *tls.Config {
 		return &tls.Config{InsecureSkipVerify: true, ServerName: "edge", ClientSessionCache: tls.NewLRUClientSessionCache(4)}
@@ -121,6 +125,7 @@ func TestTLSTicketsResumeOnAnyEdgeOfTheCluster(t *testing.T) {
 		{"another edge, for a ticket of an edge's own", unsynced, a, false},
 		{"TLS 1.2: the same edge", edge(tls.VersionTLS12, "k1", k1), nil, true},
 		{"TLS 1.2: another edge of the cluster", edge(tls.VersionTLS12, "k1", k1), edge(tls.VersionTLS12, "k1", k1), false},
+		{"the other port of an edge of the cluster", a, port("https", tls.VersionTLS13, "k1", k1), false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			then := c.then
@@ -158,5 +163,25 @@ func TestTLSTicketsResumeOnAnyEdgeOfTheCluster(t *testing.T) {
 	dev.ClientSessionCache.Put("edge", forged)
 	if tlsHandshake(t, b, dev) {
 		t.Fatal("a forged ticket resumed")
+	}
+
+	// Neither kind of ticket opens as the other, though one ring seals
+	// both.
+	ring := NewRing()
+	ring.Set("k1", []SessionKey{k1})
+	tlsTicket, err := ring.seal(tlsTicketVersion, tlsTicketAAD("quic"), []byte("state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ring.Open(tlsTicket, time.Now()); !errors.Is(err, ErrTicketMalformed) {
+		t.Fatalf("a TLS ticket opened as a resume ticket: %v", err)
+	}
+	resume, err := ring.Seal(Ticket{UserID: "u", DeviceID: "d", AuthAt: time.Now(), ExpiresAt: time.Now().Add(time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resume[0] = tlsTicketVersion
+	if _, err := ring.open(tlsTicketVersion, tlsTicketAAD("quic"), maxTLSTicket, resume, time.Now()); !errors.Is(err, ErrTicketForged) {
+		t.Fatalf("a resume ticket opened as a TLS ticket: %v", err)
 	}
 }

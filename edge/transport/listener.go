@@ -85,6 +85,9 @@ func QUICConfig(idle time.Duration) *quic.Config {
 		EnableDatagrams:                  true,
 		EnableStreamResetPartialDelivery: true,
 		HandshakeIdleTimeout:             5 * time.Second,
+		// No 0-RTT: a replayed resume Hello is refused per edge only, and
+		// with --cluster-tls-tickets a ticket opens on every edge.
+		Allow0RTT: false,
 	}
 }
 

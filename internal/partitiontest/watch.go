@@ -221,7 +221,9 @@ func (w *Watcher) CheckAgainstFreshRead(t *testing.T, within time.Duration) {
 		from = mine[hi].rev
 		mine = slices.DeleteFunc(mine, func(e watchRecord) bool { return e.rev <= from })
 		t.Logf("watch: the feed was compacted past revision %d; comparing the %d changes after %d", base, len(mine), from)
-		fresh, _ = w.freshRead(ctx, t, from, marker, false)
+		if fresh, compacted = w.freshRead(ctx, t, from, marker, false); compacted {
+			t.Fatalf("the feed was compacted past revision %d while it was being read", from)
+		}
 	}
 	t.Logf("watch: %d changes from revision %d to %d over %d streams; fresh read: %d", len(mine), from, marker, streams, len(fresh))
 	if len(fresh) != len(mine) {

@@ -42,6 +42,7 @@ type driverEnv struct {
 func newDriverEnv(t *testing.T) *driverEnv {
 	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
 		cfg.AdminAddr = "127.0.0.1:0"
+		cfg.ClusterTLSTickets = true // resume --other-edge counts TLS resumptions across edges
 		cfg.Session.HandshakesPerSecond, cfg.Session.HandshakeBurst = 1e6, 1e6
 		cfg.Session.Limits = session.DefaultLimits()
 		cfg.Session.Limits.EventsPerSecond = 1e6

@@ -132,9 +132,10 @@ export interface RelayOptions {
   /** How many durable sends may wait for their acks at once [1024], a
    * positive integer: a further send waits, in the order of the send
    * calls, for one of them to finish, and only then is its event built
-   * (its seq and creation time) and sent. A page that sends faster than
-   * the edge acknowledges is held back instead of queueing without bound
-   * (and resending all of it after every reconnect). */
+   * (its seq and creation time) and sent. What is on the wire, and what
+   * is resent after a reconnect, stays bounded however fast a page sends;
+   * a page that awaits its sends is also held back, one that does not
+   * keeps its waiting sends in memory. */
   maxPending?: number;
 }
 
@@ -478,7 +479,7 @@ export class RelayClient extends EventTarget {
         this.start(s);
       } else {
         // Built later: a copy, so the event is what was asked for now.
-        s.m = { ...m, targets: m.targets?.slice() };
+        s.m = { ...m, targets: m.targets?.slice(), payload: m.payload instanceof Uint8Array ? m.payload.slice() : m.payload };
         this.waiting.set(id, s);
       }
     });
