@@ -314,6 +314,21 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		}
 	}
 	httpsConf := &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
+	httpsHandshakes := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "relay_edge_https_handshakes_total", Help: "TLS handshakes on the HTTPS port (WebSocket sessions, the console page, certificate hashes), by kind: full, or resumed on a session ticket.",
+	}, []string{"tls"})
+	if err := cfg.Registry.Register(httpsHandshakes); err != nil {
+		return nil, err
+	}
+	// Called at the end of every handshake, resumed ones included.
+	httpsConf.VerifyConnection = func(cs tls.ConnectionState) error {
+		kind := "full"
+		if cs.DidResume {
+			kind = "resumed"
+		}
+		httpsHandshakes.WithLabelValues(kind).Inc()
+		return nil
+	}
 	if cfg.ClusterTLSTickets {
 		session.ShareTLSTickets(httpsConf, s.ring, "https", time.Now)
 	}

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"sync"
 	"testing"
@@ -382,6 +383,27 @@ func TestHTTPSSessionsResumeOnAnotherEdge(t *testing.T) {
 			}
 			if !get(r.Edges[1]).DidResume {
 				t.Fatal("an edge did not resume its own TLS session")
+			}
+			// The second edge counted what it saw: two handshakes, the
+			// first resumed only with the cluster's tickets.
+			want := map[string]float64{"full": 1, "resumed": 1}
+			if cluster {
+				want = map[string]float64{"full": 0, "resumed": 2}
+			}
+			mfs, err := r.Edges[1].Registry().Gather()
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := map[string]float64{"full": 0, "resumed": 0}
+			for _, mf := range mfs {
+				if mf.GetName() == "relay_edge_https_handshakes_total" {
+					for _, m := range mf.GetMetric() {
+						got[m.GetLabel()[0].GetValue()] = m.GetCounter().GetValue()
+					}
+				}
+			}
+			if !maps.Equal(got, want) {
+				t.Fatalf("relay_edge_https_handshakes_total on the second edge: %v, want %v", got, want)
 			}
 		})
 	}

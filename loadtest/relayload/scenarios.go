@@ -750,7 +750,7 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 // edgeTotals are what resume reads from its edges' /metrics, summed.
 type edgeTotals struct {
 	cpu        time.Duration
-	tlsResumed float64 // QUIC connections whose TLS handshake resumed
+	tlsResumed float64 // TLS handshakes that resumed, QUIC and HTTPS ports
 }
 
 // edgesAt reads the totals of the edges whose admin servers are admins.
@@ -761,12 +761,13 @@ func edgesAt(ctx context.Context, admins []string) (edgeTotals, error) {
 		if err != nil {
 			return t, err
 		}
-		m, err := metricsAt(ctx, a, `relay_edge_connections_total{tls="resumed"}`)
+		quic, https := `relay_edge_connections_total{tls="resumed"}`, `relay_edge_https_handshakes_total{tls="resumed"}`
+		m, err := metricsAt(ctx, a, quic, https)
 		if err != nil {
 			return t, err
 		}
 		t.cpu += cpu
-		t.tlsResumed += m[`relay_edge_connections_total{tls="resumed"}`]
+		t.tlsResumed += m[quic] + m[https]
 	}
 	return t, nil
 }
