@@ -322,11 +322,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	// Called at the end of every handshake, resumed ones included.
 	httpsConf.VerifyConnection = func(cs tls.ConnectionState) error {
-		kind := "full"
-		if cs.DidResume {
-			kind = "resumed"
-		}
-		httpsHandshakes.WithLabelValues(kind).Inc()
+		httpsHandshakes.WithLabelValues(transport.TLSHandshake(cs)).Inc()
 		return nil
 	}
 	if cfg.ClusterTLSTickets {

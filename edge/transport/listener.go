@@ -149,6 +149,15 @@ func Listen(cfg Config) (*Listener, error) {
 	return l, nil
 }
 
+// TLSHandshake is how a connection's TLS handshake went, as the edge's
+// metrics label it: "resumed" on a session ticket, else "full".
+func TLSHandshake(st tls.ConnectionState) string {
+	if st.DidResume {
+		return "resumed"
+	}
+	return "full"
+}
+
 // Addr is the UDP address the listener is bound to.
 func (l *Listener) Addr() net.Addr { return l.udp.LocalAddr() }
 
@@ -165,11 +174,8 @@ func (l *Listener) Serve() error {
 			return fmt.Errorf("accept: %w", err)
 		}
 		st := conn.ConnectionState().TLS
-		alpn, handshake := st.NegotiatedProtocol, "full"
-		if st.DidResume {
-			handshake = "resumed"
-		}
-		l.conns.WithLabelValues(alpn, handshake).Inc()
+		alpn := st.NegotiatedProtocol
+		l.conns.WithLabelValues(alpn, TLSHandshake(st)).Inc()
 		l.wg.Go(func() {
 			switch alpn {
 			case ALPN:

@@ -202,6 +202,14 @@ func newSlotRig(t *testing.T, login string) *slotRig {
 	return g
 }
 
+// connect connects the page's device as window.c with maxPending 2, once
+// the receiver is online for it, and installs window.note (outcomes).
+func (g *slotRig) connect(t *testing.T) {
+	t.Helper()
+	connectPage(t, g.ctx, g.edge, g.pageDev, "websocket", "c", map[string]any{"maxPending": 2}, g.rxDev.ID)
+	outcomes(g.ctx, t)
+}
+
 // outcomes installs window.note(name, promise), which records in
 // window.outcome[name] how a send's promise settled: "delivered", "the
 // abort reason" (window.abortReason itself), or the error's name and
@@ -244,7 +252,7 @@ func eventIDs(ds []*relayv1.Deliver) []string {
 // waiting; close() fails both kinds.
 func TestRelayJSSendWaitsForASlot(t *testing.T) {
 	g := newSlotRig(t, "slots")
-	ctx, edge, pageDev, rxDev, rx := g.ctx, g.edge, g.pageDev, g.rxDev, g.rx
+	ctx, pageDev, rxDev, rx := g.ctx, g.pageDev, g.rxDev, g.rx
 
 	// maxPending is a positive integer, checked before anything is dialled
 	// (the WebSocket URL refuses connections).
@@ -269,13 +277,11 @@ func TestRelayJSSendWaitsForASlot(t *testing.T) {
 		}
 	}
 
-	connectPage(t, ctx, edge, pageDev, "websocket", "c", map[string]any{"maxPending": 2}, rxDev.ID)
+	g.connect(t)
 	// Six sends at once (the fourth abortable), the ids of a sent and a
 	// waiting one again, then the marker.
 	eval[bool](ctx, t, fmt.Sprintf(`(() => {
 		const c = window.c, to = [%q];
-		window.outcome = {};
-		const note = (name, p) => p.then(() => { outcome[name] = "delivered"; }, (e) => { outcome[name] = e.name + ": " + e.message; });
 		window.giveUp = new AbortController();
 		for (let i = 1; i <= 6; i++) {
 			const id = "e" + i, m = { id, targets: to, type: "slot", payload: id };
@@ -369,8 +375,7 @@ func TestRelayJSSendWaitsForASlot(t *testing.T) {
 func TestRelayJSReconnectResendsOnlyTheSendsInFlight(t *testing.T) {
 	g := newSlotRig(t, "resend")
 	ctx, rx, to := g.ctx, g.rx, g.rxDev.ID
-	connectPage(t, ctx, g.edge, g.pageDev, "websocket", "c", map[string]any{"maxPending": 2}, to)
-	outcomes(ctx, t)
+	g.connect(t)
 	eval[bool](ctx, t, fmt.Sprintf(`(() => {
 		for (const id of ["e1", "e2", "e3", "e4"]) note(id, window.c.send({ id, targets: [%q], type: "slot", payload: id }));
 		return true;
@@ -454,8 +459,7 @@ func TestRelayJSReconnectResendsOnlyTheSendsInFlight(t *testing.T) {
 func TestRelayJSAbortingASentSendFreesItsSlot(t *testing.T) {
 	g := newSlotRig(t, "abort")
 	ctx, rx, to := g.ctx, g.rx, g.rxDev.ID
-	connectPage(t, ctx, g.edge, g.pageDev, "websocket", "c", map[string]any{"maxPending": 2}, to)
-	outcomes(ctx, t)
+	g.connect(t)
 	eval[bool](ctx, t, fmt.Sprintf(`(() => {
 		window.giveUp = new AbortController();
 		window.abortReason = new Error("no longer wanted");
