@@ -972,3 +972,62 @@ func TestSessionEndingInsideAFrameReturnsItsReadBuffer(t *testing.T) {
 		})
 	}
 }
+
+// The sessions gauge counts sessions from their Welcome to their end,
+// however they end; a refused handshake never counts.
+func TestSessionsGaugeFollowsSessions(t *testing.T) {
+	e := newEnv(t, nil)
+	e.devices("u1", "a", "b")
+	gauge := func() float64 { return e.metric("relay_edge_sessions", "transport", "pipe") }
+	waitGauge := func(want float64) {
+		t.Helper()
+		waitFor(t, fmt.Sprintf("relay_edge_sessions = %v", want), func() bool { return gauge() == want })
+	}
+	a := e.online("a")
+	b := e.online("b")
+	waitGauge(2)
+
+	// A handshake that fails (the challenge answered with another key)
+	// is refused and never counted.
+	_, wrongKey, _ := ed25519.GenerateKey(rand.Reader)
+	thief := e.connect("a")
+	h := thief.hello(nil)
+	thief.send(h)
+	thief.send(sign(h.GetHello(), thief.readDirect().GetChallenge(), wrongKey))
+	if err := <-thief.serve; codeOf(err) != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {
+		t.Fatalf("a wrong signature ended the handshake with %v", err)
+	}
+	if got := gauge(); got != 2 {
+		t.Fatalf("after a refused handshake: %v sessions", got)
+	}
+
+	// A session that replaces another: one ends, one begins.
+	a2 := e.online("a")
+	if c := a.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_REPLACED {
+		t.Fatalf("replaced session closed with %v", c)
+	}
+	if err := <-a.serve; err == nil || codeOf(err) != relayv1.ErrorCode_ERROR_CODE_REPLACED {
+		t.Fatalf("replaced session ended with %v", err)
+	}
+	waitGauge(2)
+
+	// The device leaves.
+	_ = b.conn.Close(0, "")
+	<-b.serve
+	waitGauge(1)
+
+	// The edge drains: the last one goes, and a session that comes now is
+	// refused before it opens.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.hub.Drain(ctx, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	a2.nextClose()
+	<-a2.serve
+	late := e.connect("b")
+	if err := <-late.serve; err != ErrDraining {
+		t.Fatalf("session while draining: %v", err)
+	}
+	waitGauge(0)
+}

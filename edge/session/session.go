@@ -204,45 +204,24 @@ func (s *Session) run(ctx context.Context) error {
 	// reader gives back the buffer it borrowed; the session itself may
 	// stay reachable a while (through its inflights' sender).
 	defer s.reader.Release()
+	// The opening (the key's proof, the first mailbox read, the
+	// registration, the Welcome) runs on a goroutine of its own that ends
+	// before this one goes on: its calls grow a stack to 8 KiB, and the
+	// runtime gives a parked goroutine's stack back only while less than a
+	// quarter of it is in use, which the reader parked in the transport
+	// never is. This goroutine, which parks in the reader for the session's
+	// life, keeps the smaller stack it started with (docs/benchmarks.md).
+	var (
+		opened bool
+		err    error
+	)
+	onOwnStack(func() { opened, err = s.open(ctx) })
+	if !opened {
+		return err
+	}
 	m := s.hub.cfg.Metrics
-	start := s.hub.cfg.Now()
-	ctx, span := s.hub.cfg.Tracer.Start(ctx, "relay.handshake", trace.WithAttributes(attribute.String("relay.transport", s.conn.Transport())))
-	err := s.handshake(ctx)
-	if err != nil {
-		ce := asCloseError(err)
-		m.handshakes.WithLabelValues(codeLabel(ce.Code)).Inc()
-		span.SetStatus(codes.Error, ce.Error())
-		span.End()
-		s.logAt(slog.LevelDebug, "handshake failed", "err", err)
-		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
-		if ce.Code == relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
-			return nil // the device left, or the connection broke
-		}
-		return ce
-	}
-	result := "full"
-	if s.hs.resumed {
-		result = "resumed"
-	}
-	m.handshakes.WithLabelValues(result).Inc()
-	m.handshakeTime.Observe(s.hub.cfg.Now().Sub(start).Seconds())
-	span.SetAttributes(attribute.String("relay.device", telemetry.HashID(s.deviceID)), attribute.Bool("relay.resumed", s.hs.resumed))
-	span.End()
-	s.logAt(slog.LevelDebug, "session open", "resumed", s.hs.resumed)
-
-	m.sessions.WithLabelValues(s.conn.Transport()).Inc()
 	defer m.sessions.WithLabelValues(s.conn.Transport()).Dec()
 
-	s.primeMailbox(ctx)
-	if !s.hub.register(s) {
-		s.stopListening()
-		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
-		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
-		return ErrDraining
-	}
-	if err := s.writeWelcome(); err != nil {
-		s.closeWith(&CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "write welcome: " + err.Error()}, 0)
-	}
 	// From here the queue starts a writer whenever it has something.
 	s.startTimers()
 	s.out.release()
@@ -285,6 +264,62 @@ func (s *Session) run(ctx context.Context) error {
 		return nil
 	}
 	return reason
+}
+
+// open runs the handshake, reads the device's mailbox and registers the
+// session. opened false: the session ended (err says why, nil for a device
+// that left); opened true: it counts in the sessions gauge, which run
+// takes down when it ends.
+func (s *Session) open(ctx context.Context) (opened bool, err error) {
+	m := s.hub.cfg.Metrics
+	start := s.hub.cfg.Now()
+	ctx, span := s.hub.cfg.Tracer.Start(ctx, "relay.handshake", trace.WithAttributes(attribute.String("relay.transport", s.conn.Transport())))
+	if err := s.handshake(ctx); err != nil {
+		ce := asCloseError(err)
+		m.handshakes.WithLabelValues(codeLabel(ce.Code)).Inc()
+		span.SetStatus(codes.Error, ce.Error())
+		span.End()
+		s.logAt(slog.LevelDebug, "handshake failed", "err", err)
+		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
+		if ce.Code == relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
+			return false, nil // the device left, or the connection broke
+		}
+		return false, ce
+	}
+	result := "full"
+	if s.hs.resumed {
+		result = "resumed"
+	}
+	m.handshakes.WithLabelValues(result).Inc()
+	m.handshakeTime.Observe(s.hub.cfg.Now().Sub(start).Seconds())
+	span.SetAttributes(attribute.String("relay.device", telemetry.HashID(s.deviceID)), attribute.Bool("relay.resumed", s.hs.resumed))
+	span.End()
+	s.logAt(slog.LevelDebug, "session open", "resumed", s.hs.resumed)
+
+	m.sessions.WithLabelValues(s.conn.Transport()).Inc()
+	s.primeMailbox(ctx)
+	if !s.hub.register(s) {
+		m.sessions.WithLabelValues(s.conn.Transport()).Dec()
+		s.stopListening()
+		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
+		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
+		return false, ErrDraining
+	}
+	if err := s.writeWelcome(); err != nil {
+		s.closeWith(&CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "write welcome: " + err.Error()}, 0)
+	}
+	return true, nil
+}
+
+// onOwnStack runs f on a goroutine of its own and returns when f has
+// returned, so that the stack f grows goes when f is done.
+func onOwnStack(f func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	<-done
 }
 
 func asCloseError(err error) *CloseError {
