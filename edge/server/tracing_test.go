@@ -8,6 +8,7 @@ import (
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
@@ -50,4 +51,19 @@ func TestTracesCrossTheMesh(t *testing.T) {
 		}
 		return fmt.Errorf("no trace with the event, its forward and its delivery: %v", byTrace)
 	})
+	// The event's span links to the handshake span of the session it came
+	// in on.
+	handshakes := map[trace.SpanID]bool{}
+	var event sdktrace.ReadOnlySpan
+	for _, s := range rec.Ended() {
+		switch s.Name() {
+		case "relay.handshake":
+			handshakes[s.SpanContext().SpanID()] = true
+		case "relay.event":
+			event = s
+		}
+	}
+	if len(event.Links()) != 1 || !handshakes[event.Links()[0].SpanContext.SpanID()] {
+		t.Fatalf("relay.event links %v, not one of the handshakes %v", event.Links(), handshakes)
+	}
 }

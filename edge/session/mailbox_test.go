@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -844,4 +845,52 @@ func TestReplacedSessionHandsOffBeforeTheNewOneGetsLiveEvents(t *testing.T) {
 		t.Fatalf("b got %v", got)
 	}
 	a.expectAcks(first, <-sent)
+}
+
+// A session whose handshake succeeded but that the edge started draining
+// before it could register (here: during its first mailbox read) is
+// refused with GOING_AWAY, and the sessions gauge never counted it.
+func TestSessionRefusedWhenTheEdgeDrainsDuringItsOpening(t *testing.T) {
+	e, mb := mailboxEnv(t, nil)
+	e.device("u1", "b")
+	gate := make(chan struct{})
+	snaps := make(chan string, 16)
+	mb.mu.Lock()
+	mb.fetchGate["b"], mb.snapshots = gate, snaps
+	mb.mu.Unlock()
+	b := e.connect("b")
+	h := b.hello(nil)
+	b.send(h)
+	b.send(sign(h.GetHello(), b.readDirect().GetChallenge(), e.keys["b"]))
+	for d := range snaps {
+		if d == "b" {
+			break // the first mailbox read is under way
+		}
+	}
+	if got := e.metric("relay_edge_sessions", "transport", "pipe"); got != 0 {
+		t.Fatalf("a session not yet registered counts: %v", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	drained := make(chan error, 1)
+	go func() { drained <- e.hub.Drain(ctx, time.Minute) }()
+	waitFor(t, "the edge draining", func() bool {
+		e.hub.mu.Lock()
+		defer e.hub.mu.Unlock()
+		return e.hub.draining
+	})
+	b.startReading()
+	close(gate)
+	if c := b.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+		t.Fatalf("device told %v", c)
+	}
+	if err := <-b.serve; err != ErrDraining {
+		t.Fatalf("session ended with %v", err)
+	}
+	if err := <-drained; err != nil {
+		t.Fatal(err)
+	}
+	if got := e.metric("relay_edge_sessions", "transport", "pipe"); got != 0 {
+		t.Fatalf("after the refusal: %v sessions", got)
+	}
 }

@@ -212,13 +212,17 @@ func (s *Session) run(ctx context.Context) error {
 	// never is. This goroutine, which parks in the reader for the session's
 	// life, keeps the smaller stack it started with (docs/benchmarks.md).
 	var (
+		hsSpan trace.SpanContext
 		opened bool
 		err    error
 	)
-	onOwnStack(func() { opened, err = s.open(ctx) })
+	onOwnStack(func() { hsSpan, opened, err = s.open(ctx) })
 	if !opened {
 		return err
 	}
+	// The session's events link to its handshake span (traceEvent); the
+	// context carries the span's identity, not the ended span itself.
+	ctx = trace.ContextWithSpanContext(ctx, hsSpan)
 	m := s.hub.cfg.Metrics
 	defer m.sessions.WithLabelValues(s.conn.Transport()).Dec()
 
@@ -267,10 +271,11 @@ func (s *Session) run(ctx context.Context) error {
 }
 
 // open runs the handshake, reads the device's mailbox and registers the
-// session. opened false: the session ended (err says why, nil for a device
-// that left); opened true: it counts in the sessions gauge, which run
-// takes down when it ends.
-func (s *Session) open(ctx context.Context) (opened bool, err error) {
+// session, and returns the handshake span's context. opened false: the
+// session ended (err says why, nil for a device that left); opened true:
+// it is registered and counts in the sessions gauge, which run takes down
+// when it ends.
+func (s *Session) open(ctx context.Context) (hsSpan trace.SpanContext, opened bool, err error) {
 	m := s.hub.cfg.Metrics
 	start := s.hub.cfg.Now()
 	ctx, span := s.hub.cfg.Tracer.Start(ctx, "relay.handshake", trace.WithAttributes(attribute.String("relay.transport", s.conn.Transport())))
@@ -282,9 +287,9 @@ func (s *Session) open(ctx context.Context) (opened bool, err error) {
 		s.logAt(slog.LevelDebug, "handshake failed", "err", err)
 		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
 		if ce.Code == relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
-			return false, nil // the device left, or the connection broke
+			return span.SpanContext(), false, nil // the device left, or the connection broke
 		}
-		return false, ce
+		return span.SpanContext(), false, ce
 	}
 	result := "full"
 	if s.hs.resumed {
@@ -296,19 +301,18 @@ func (s *Session) open(ctx context.Context) (opened bool, err error) {
 	span.End()
 	s.logAt(slog.LevelDebug, "session open", "resumed", s.hs.resumed)
 
-	m.sessions.WithLabelValues(s.conn.Transport()).Inc()
 	s.primeMailbox(ctx)
 	if !s.hub.register(s) {
-		m.sessions.WithLabelValues(s.conn.Transport()).Dec()
 		s.stopListening()
 		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
-		return false, ErrDraining
+		return span.SpanContext(), false, ErrDraining
 	}
+	m.sessions.WithLabelValues(s.conn.Transport()).Inc()
 	if err := s.writeWelcome(); err != nil {
 		s.closeWith(&CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "write welcome: " + err.Error()}, 0)
 	}
-	return true, nil
+	return span.SpanContext(), true, nil
 }
 
 // onOwnStack runs f on a goroutine of its own and returns when f has
