@@ -222,7 +222,9 @@ func (s *Session) run(ctx context.Context) error {
 	}
 	// The session's events link to its handshake span (traceEvent); the
 	// context carries the span's identity, not the ended span itself.
-	ctx = trace.ContextWithSpanContext(ctx, hsSpan)
+	if hsSpan.IsValid() {
+		ctx = trace.ContextWithSpanContext(ctx, hsSpan)
+	}
 	m := s.hub.cfg.Metrics
 	defer m.sessions.WithLabelValues(s.conn.Transport()).Dec()
 
