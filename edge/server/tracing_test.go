@@ -63,6 +63,9 @@ func TestTracesCrossTheMesh(t *testing.T) {
 			event = s
 		}
 	}
+	if event == nil {
+		t.Fatal("no relay.event span ended")
+	}
 	if len(event.Links()) != 1 || !handshakes[event.Links()[0].SpanContext.SpanID()] {
 		t.Fatalf("relay.event links %v, not one of the handshakes %v", event.Links(), handshakes)
 	}
