@@ -13,6 +13,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -342,16 +344,35 @@ func (d *driverConfig) edgeMetrics(ctx context.Context, names ...string) (map[st
 // `name{label="value"}`, sums the series that have it (label values
 // without commas).
 func metricsAt(ctx context.Context, base string, names ...string) (map[string]float64, error) {
+	out := map[string]float64{}
+	err := scrape(ctx, base, func(name, labels string, v float64) {
+		for _, want := range names {
+			wbase, wlabel, _ := strings.Cut(want, "{")
+			wlabel = strings.TrimSuffix(wlabel, "}")
+			if wbase == name && (wlabel == "" || slices.Contains(strings.Split(labels, ","), wlabel)) {
+				out[want] += v
+			}
+		}
+	})
+	return out, err
+}
+
+// scrape reads the /metrics of the admin server at base (the text
+// format), calling fn with each sample's name, its labels (without the
+// braces) and its value.
+func scrape(ctx context.Context, base string, fn func(name, labels string, v float64)) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/metrics", nil)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("read the metrics of %s: %w", base, err)
+		return fmt.Errorf("read the metrics of %s: %w", base, err)
 	}
 	defer resp.Body.Close()
-	out := map[string]float64{}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("read the metrics of %s: %s", base, resp.Status)
+	}
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		line := sc.Text()
@@ -362,18 +383,67 @@ func metricsAt(ctx context.Context, base string, names ...string) (map[string]fl
 		if !ok {
 			continue
 		}
-		base, labels, _ := strings.Cut(name, "{")
 		v, err := strconv.ParseFloat(value, 64)
 		if err != nil {
 			continue
 		}
-		for _, want := range names {
-			wbase, wlabel, _ := strings.Cut(want, "{")
-			wlabel = strings.TrimSuffix(wlabel, "}")
-			if wbase == base && (wlabel == "" || slices.Contains(strings.Split(strings.TrimSuffix(labels, "}"), ","), wlabel)) {
-				out[want] += v
+		base, labels, _ := strings.Cut(name, "{")
+		fn(base, strings.TrimSuffix(labels, "}"), v)
+	}
+	return sc.Err()
+}
+
+// bucketsAt reads a histogram's cumulative bucket counts from the
+// /metrics at base, by upper bound (+Inf included), summed over its
+// other labels.
+func bucketsAt(ctx context.Context, base, histogram string) (map[float64]float64, error) {
+	out := map[float64]float64{}
+	err := scrape(ctx, base, func(name, labels string, v float64) {
+		if name != histogram+"_bucket" {
+			return
+		}
+		for l := range strings.SplitSeq(labels, ",") {
+			if le, ok := strings.CutPrefix(l, `le="`); ok {
+				if b, err := strconv.ParseFloat(strings.TrimSuffix(le, `"`), 64); err == nil {
+					out[b] += v
+				}
 			}
 		}
+	})
+	if err == nil && len(out) == 0 {
+		err = fmt.Errorf("%s exports no histogram %s", base, histogram)
 	}
-	return out, sc.Err()
+	return out, err
+}
+
+// bucketQuantile estimates the q-quantile of what a histogram counted
+// between two readings (before may be nil) as Prometheus's
+// histogram_quantile does: linear within the bucket it falls in, the
+// highest finite bound when it falls in +Inf. ok is false when nothing
+// was counted.
+func bucketQuantile(q float64, before, after map[float64]float64) (v float64, ok bool) {
+	bounds := slices.Sorted(maps.Keys(after))
+	if len(bounds) == 0 {
+		return 0, false
+	}
+	total := after[bounds[len(bounds)-1]] - before[bounds[len(bounds)-1]]
+	if total <= 0 {
+		return 0, false
+	}
+	rank := q * total
+	lower, below := 0.0, 0.0
+	for _, b := range bounds {
+		n := after[b] - before[b]
+		if n >= rank {
+			if math.IsInf(b, 1) {
+				return lower, true
+			}
+			if n == below {
+				return b, true
+			}
+			return lower + (b-lower)*(rank-below)/(n-below), true
+		}
+		lower, below = b, n
+	}
+	return lower, true
 }

@@ -231,7 +231,8 @@ func TestFloorScenarios(t *testing.T) {
 	}
 	res = e.mustRun("--threshold", "failed==0", "rate", "--pairs", "2", "--inflight", "4", "--duration", "500ms")
 	if acked := num(res, "counts", "acked"); acked == 0 || acked != num(res, "counts", "attempts") || num(res, "counts", "received") != acked ||
-		num(res, "params", "inflight") != 4 || num(res, "peaks", "edge_cpu_us_per_event") <= 0 {
+		num(res, "params", "inflight") != 4 || num(res, "peaks", "edge_cpu_us_per_event") <= 0 ||
+		num(res, "peaks", "edge_ack_p50_ms") <= 0 || num(res, "peaks", "edge_ack_p99_ms") < num(res, "peaks", "edge_ack_p50_ms") {
 		t.Fatalf("closed-loop rate: %v", res)
 	}
 	// Ephemeral events, closed loop on deliveries: what is sent is
@@ -387,6 +388,35 @@ func TestMerge(t *testing.T) {
 	other := newResult("storm", "quic")
 	if _, err := mergeResults([]*result{mk(1, time.Millisecond, 0), other}); err == nil {
 		t.Fatal("merged a storm into a rate")
+	}
+}
+
+// bucketQuantile reads a quantile from the difference of two readings of
+// a Prometheus histogram as histogram_quantile does.
+func TestBucketQuantile(t *testing.T) {
+	inf := math.Inf(1)
+	before := map[float64]float64{0.001: 5, 0.002: 5, 0.004: 5, inf: 5}
+	after := map[float64]float64{0.001: 55, 0.002: 95, 0.004: 104, inf: 105}
+	// 100 counted between them: 50 up to 1 ms, 40 in (1, 2] ms, 9 in
+	// (2, 4] ms, 1 above.
+	for _, c := range []struct{ q, want float64 }{
+		{0.25, 0.0005}, // halfway into the first bucket, from 0
+		{0.5, 0.001},   // its upper bound
+		{0.7, 0.0015},  // halfway into the second
+		{0.99, 0.004},  // the last finite bound
+		{0.995, 0.004}, // in +Inf: the highest finite bound
+	} {
+		if got, ok := bucketQuantile(c.q, before, after); !ok || math.Abs(got-c.want) > 1e-12 {
+			t.Errorf("q %v: %v %v, want %v", c.q, got, ok, c.want)
+		}
+	}
+	if _, ok := bucketQuantile(0.5, after, after); ok {
+		t.Error("nothing counted between two equal readings, yet a quantile")
+	}
+	// From no earlier reading: 105 counted, the median 52.5 of the first
+	// bucket's 55.
+	if got, ok := bucketQuantile(0.5, nil, after); !ok || math.Abs(got-0.001*52.5/55) > 1e-12 {
+		t.Errorf("from nothing: %v %v, want %v", got, ok, 0.001*52.5/55)
 	}
 }
 

@@ -476,6 +476,10 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	if rxDl != nil {
 		rxcpu, rxcpuErr = remoteCPU(ctx, *rxEdgeAdmin)
 	}
+	// The edge's own ack latency (an event's arrival to its sender's
+	// Ack), from its histogram over the run: what the driver's figures
+	// add to it is the driver's queueing and the way back.
+	acks, acksErr := bucketsAt(ctx, d.edgeAdmin, "relay_edge_ack_seconds")
 	start := time.Now()
 	switch {
 	case *ephemeral:
@@ -501,6 +505,16 @@ func (d *driverConfig) rate(ctx context.Context, args []string) error {
 	// edge in its own process: relayd dev's include the control plane).
 	if after, err := d.cpuAt(ctx, ""); cpuErr == nil && err == nil && r.Counts["acked"] > 0 {
 		r.Peaks["edge_cpu_us_per_event"] = float64((after - cpu).Nanoseconds()) / 1e3 / r.Counts["acked"]
+	}
+	if after, err := bucketsAt(ctx, d.edgeAdmin, "relay_edge_ack_seconds"); acksErr == nil && err == nil {
+		for _, q := range []struct {
+			name string
+			q    float64
+		}{{"edge_ack_p50_ms", 0.5}, {"edge_ack_p99_ms", 0.99}} {
+			if v, ok := bucketQuantile(q.q, acks, after); ok {
+				r.Peaks[q.name] = v * 1e3
+			}
+		}
 	}
 	if rxcpuErr == nil && r.Counts["acked"] > 0 {
 		if after, err := remoteCPU(ctx, *rxEdgeAdmin); err == nil {
