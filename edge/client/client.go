@@ -101,9 +101,10 @@ type Config struct {
 	ResumeTicket []byte
 	// NoDatagrams sends ephemeral events on the session stream instead of
 	// as QUIC datagrams, and tells the edge so, which then keeps no
-	// datagram reader for the session: a goroutine less per device on the
-	// edge, for devices that are idle most of the time. Ephemeral events
-	// then wait behind the stream's other frames.
+	// datagram reader for the session. Ephemeral events then wait behind
+	// the stream's other frames. Without it the edge starts that reader
+	// only at a session's first ephemeral event (see SendEphemeral), so
+	// an idle device costs the same either way.
 	NoDatagrams bool
 	// MaxPending bounds the Send calls under way [1024]: a Send beyond it
 	// waits, on its context, for an earlier one to finish, so an
@@ -561,8 +562,10 @@ func (c *Client) encode(ev *relayv1.Event) ([]byte, error) {
 
 // SendEphemeral sends an ephemeral event: never stored, never
 // acknowledged, dropped where a receiver is slow; as a datagram when it
-// fits. It fails only when the client is disconnected or closed, or the
-// event is too large for a frame.
+// fits, but for the first of each connection, which goes on the stream
+// (the edge reads a session's datagrams from then on, so a device that
+// sends none costs it no datagram reader). It fails only when the client
+// is disconnected or closed, or the event is too large for a frame.
 func (c *Client) SendEphemeral(m Message) error {
 	ev := c.build(m, true)
 	c.sendMu.Lock()
@@ -582,13 +585,17 @@ func (c *Client) SendEphemeral(m Message) error {
 	if cur == nil {
 		return &Error{Code: relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, Message: "not connected"}
 	}
-	if cur.sendDatagram(enc) {
+	if cur.datagramsOpen && cur.sendDatagram(enc) {
 		return nil
 	}
 	// Written now, under sendMu: a sender of ephemeral events waits while
 	// the stream is blocked (the edge paces a fast device this way)
 	// instead of piling frames up in memory.
-	return cur.writeEncoded(enc)
+	if err := cur.writeEncoded(enc); err != nil {
+		return err
+	}
+	cur.datagramsOpen = true
+	return nil
 }
 
 // forget drops a pending send (its caller gave up).

@@ -1,9 +1,12 @@
 package client_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -275,14 +278,85 @@ func TestClose(t *testing.T) {
 	}
 }
 
+// A client defers its datagrams (the default): its session on the edge
+// has no datagram reader until the client's first ephemeral event, which
+// goes on the stream; the later ones go as datagrams. Each event is
+// awaited before the next is sent, so one sent as a datagram before the
+// edge reads them would hold the test up - also after a reconnect, where
+// the first one goes on the stream again.
+func TestEphemeralEventsStartTheEdgesDatagramReader(t *testing.T) {
+	r, user, a, b, rx := receiverOnOneEdge(t, "deferred")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	sessions := make(chan client.SessionInfo, 4)
+	cfg := r.ClientConfig(0, a, client.QUIC)
+	cfg.OnSession = func(i client.SessionInfo) { sessions <- i }
+	tx := dialWith(ctx, t, cfg)
+	<-sessions
+	waitOnline(t, tx, b.ID)
+	readers := func(want int) {
+		t.Helper()
+		clustertest.Eventually(t, 10*time.Second, func() error {
+			if n := datagramReaders(); n != want {
+				return fmt.Errorf("%d datagram readers on the edge, want %d", n, want)
+			}
+			return nil
+		})
+	}
+	readers(0) // two idle sessions
+	for conn := range 2 {
+		if conn == 1 {
+			r.Edges[0].Hub().CloseDevice(user, a.ID, relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "move along")
+			select {
+			case <-sessions:
+			case <-ctx.Done():
+				t.Fatal("the client did not reconnect")
+			}
+			readers(0) // the new session's reader waits for an event again
+		}
+		for i := range 3 {
+			if err := tx.SendEphemeral(client.Message{Targets: []string{b.ID}, Payload: []byte{byte(conn), byte(i)}}); err != nil {
+				t.Fatal(err)
+			}
+			short, cancel := context.WithTimeout(ctx, 10*time.Second)
+			ev, err := rx.Receive(short)
+			cancel()
+			if err != nil || !ev.Ephemeral || !bytes.Equal(ev.Payload, []byte{byte(conn), byte(i)}) {
+				t.Fatalf("connection %d, event %d: %+v, %v", conn, i, ev, err)
+			}
+			readers(1) // the sender's; the receiver sent none
+		}
+	}
+}
+
+// receiverOnOneEdge starts a relay with one edge and a user (login) with
+// devices a and b, b connected over QUIC (rx).
+func receiverOnOneEdge(t *testing.T, login string) (r *relaytest.Relay, user string, a, b relaytest.Device, rx *client.Client) {
+	t.Helper()
+	r = relaytest.Start(t, relaytest.Options{Edges: 1})
+	user = r.User(login)
+	a, b = r.Device(user, "a"), r.Device(user, "b")
+	return r, user, a, b, r.Dial(0, b, client.QUIC)
+}
+
+// datagramReaders counts the datagram readers of the edge sessions in
+// this process (the tests' edges run in it).
+func datagramReaders() int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			return strings.Count(string(buf[:n]), "session.(*Session).datagramLoop(")
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+}
+
 // A client with NoDatagrams sends its ephemeral events on the stream: the
 // edge, told so in the Hello, reads no datagrams from it, so one sent as
 // a datagram would be lost.
 func TestNoDatagramsSendsEphemeralEventsOnTheStream(t *testing.T) {
-	r := relaytest.Start(t, relaytest.Options{Edges: 1})
-	user := r.User("no-datagrams")
-	a, b := r.Device(user, "a"), r.Device(user, "b")
-	rx := r.Dial(0, b, client.QUIC)
+	r, _, a, b, rx := receiverOnOneEdge(t, "no-datagrams")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	cfg := r.ClientConfig(0, a, client.QUIC)

@@ -39,6 +39,10 @@ type conn struct {
 	// sends none (Config.NoDatagrams), so ephemeral events go straight to
 	// the stream; the Hello says so.
 	noDatagrams bool
+	// datagramsOpen: an ephemeral event went on the stream, so the edge
+	// reads this connection's datagrams now (the Hello defers them, see
+	// SendEphemeral). Guarded by the client's sendMu.
+	datagramsOpen bool
 
 	wmu sync.Mutex // guards w
 	w   *frame.Writer
@@ -234,7 +238,7 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	// In the edge's time as far as this client knows it: a resume proof
 	// must be within the edge's resume window of its clock.
 	cn.noDatagrams = cn.noDatagrams || c.cfg.NoDatagrams
-	cn.hello = &relayv1.Hello{NoDatagrams: cn.noDatagrams, UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: session.ProtocolVersion,
+	cn.hello = &relayv1.Hello{NoDatagrams: cn.noDatagrams, DeferDatagrams: !cn.noDatagrams, UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: session.ProtocolVersion,
 		ClientTimeMs: sent.Add(offset).UnixMilli(), ResumeTicket: ticket, Instance: c.instance}
 	if len(ticket) > 0 {
 		if err := c.proveResume(cn.hello); err != nil {

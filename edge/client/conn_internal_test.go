@@ -241,3 +241,46 @@ func TestReceiptsGoOutBeforeWaitingForTheApplication(t *testing.T) {
 		t.Fatalf("readStream ended with %v, want io.EOF", err)
 	}
 }
+
+// datagramConn is a session.Conn that keeps what was written to the
+// stream and what went as datagrams.
+type datagramConn struct {
+	writesConn
+	datagrams [][]byte
+}
+
+func (d *datagramConn) SendDatagram(b []byte) error {
+	d.datagrams = append(d.datagrams, bytes.Clone(b))
+	return nil
+}
+
+// The Hello defers the client's datagrams: on each connection the first
+// ephemeral event goes on the stream (the edge starts reading datagrams
+// when it arrives) and the later ones as datagrams; a new connection
+// starts over. With NoDatagrams every one goes on the stream.
+func TestFirstEphemeralEventOfAConnectionGoesOnTheStream(t *testing.T) {
+	c := &Client{}
+	for _, noDatagrams := range []bool{false, true} {
+		for range 2 { // connections
+			dc := &datagramConn{}
+			c.cur = &conn{c: dc, w: frame.NewWriter(dc, 0), noDatagrams: noDatagrams}
+			for i := range 3 {
+				if err := c.SendEphemeral(Message{Payload: []byte{byte(i)}}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			wantStream, wantDatagrams := 1, 2
+			if noDatagrams {
+				wantStream, wantDatagrams = 3, 0
+			}
+			if len(dc.writes) != wantStream || len(dc.datagrams) != wantDatagrams {
+				t.Fatalf("no datagrams %v: %d stream writes and %d datagrams, want %d and %d",
+					noDatagrams, len(dc.writes), len(dc.datagrams), wantStream, wantDatagrams)
+			}
+			var f relayv1.Frame
+			if err := frame.NewReader(bytes.NewReader(dc.writes[0]), 0).Read(&f); err != nil || f.GetEvent().GetPayload()[0] != 0 {
+				t.Fatalf("first stream write: %v %v, want the first event", &f, err)
+			}
+		}
+	}
+}

@@ -935,6 +935,81 @@ func TestNoDatagramsMeansNoDatagramReader(t *testing.T) {
 	}
 }
 
+// A client that defers its datagrams (Hello.defer_datagrams) costs its
+// session no datagram reader until its first ephemeral event on the
+// stream; a datagram it sent before that waits, and is relayed once the
+// reader starts. A durable event does not start it.
+func TestDeferredDatagramsAreReadFromTheFirstStreamEphemeral(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	a := e.connectFrom("a", "127.0.0.1:5000", false).login() // deliveries on the stream
+	ephemeral := func(d *dev) (*relayv1.Event, []byte) {
+		ev := d.event("a")
+		ev.Ephemeral = true
+		body, err := marshalDeterministic.Marshal(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ev, body
+	}
+	end := func(d *dev) {
+		d.send(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
+		select {
+		case <-d.serve:
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%s: the session did not end", d.id)
+		}
+	}
+
+	// A session that sends only durable events never reads datagrams
+	// (run waits for a reader it started, so by its end one would have
+	// read at least once).
+	b := e.connectFrom("b", "127.0.0.1:5001", true)
+	b.handshakeWith(func(h *relayv1.Hello) { h.DeferDatagrams = true })
+	b.startReading()
+	ev := b.event("a")
+	b.sendEvent(ev)
+	if got := a.nextDeliver().GetEvent(); got.GetId() != ev.GetId() {
+		t.Fatalf("a got %v", got)
+	}
+	end(b)
+	if n := b.conn.peer.datagramReads.Load(); n != 0 {
+		t.Fatalf("b deferred its datagrams and sent only durable events; its session read datagrams %d times", n)
+	}
+
+	// The next session sends a datagram first: it waits for the reader,
+	// which the ephemeral event on the stream starts.
+	b = e.connectFrom("b", "127.0.0.1:5001", true)
+	b.seq = 100 // ids apart from the last session's
+	b.handshakeWith(func(h *relayv1.Hello) { h.DeferDatagrams = true })
+	b.startReading()
+	early, body := ephemeral(b)
+	if err := b.conn.SendDatagram(body); err != nil {
+		t.Fatal(err)
+	}
+	onStream, _ := ephemeral(b)
+	b.sendEvent(onStream)
+	late, body := ephemeral(b)
+	got := map[string]bool{}
+	for len(got) < 2 {
+		got[a.nextDeliver().GetEvent().GetId()] = true
+	}
+	if !got[early.GetId()] || !got[onStream.GetId()] {
+		t.Fatalf("a got %v, want %s (sent as a datagram before) and %s (on the stream)", got, early.GetId(), onStream.GetId())
+	}
+	if err := b.conn.SendDatagram(body); err != nil {
+		t.Fatal(err)
+	}
+	if id := a.nextDeliver().GetEvent().GetId(); id != late.GetId() {
+		t.Fatalf("a got %s, want %s (a datagram, once the reader runs)", id, late.GetId())
+	}
+	if b.conn.peer.datagramReads.Load() == 0 {
+		t.Fatal("b's session relayed its datagrams without reading any")
+	}
+	end(b)
+}
+
 // A device that stops inside a frame leaves the session's reader holding
 // a buffer lent by the hub's pool (the frame's first bytes are in it);
 // however the session then ends, by the device leaving or by the edge,

@@ -40,6 +40,9 @@ func (s *Session) readLoop(ctx context.Context) *CloseError {
 			if !ok {
 				return nil
 			}
+			if ev.GetEphemeral() {
+				s.streamEphemeral()
+			}
 			s.handleEvent(ctx, ev, now)
 		case ok && kind == frame.KindReceived:
 			if ids, err = frame.AppendReceivedIDs(ids[:0], inner); err != nil {
@@ -138,11 +141,15 @@ func (s *Session) refused() {
 	}
 }
 
-// handle acts on one frame from the device (datagrams reach it only with
-// an ephemeral event), let through at now; false ends the session.
+// handle acts on one frame from the device's stream (the datagram reader
+// hands its events to handleEvent), let through at now; false ends the
+// session.
 func (s *Session) handle(ctx context.Context, f *relayv1.Frame, now time.Time) bool {
 	switch k := f.GetKind().(type) {
 	case *relayv1.Frame_Event:
+		if k.Event.GetEphemeral() {
+			s.streamEphemeral()
+		}
 		s.handleEvent(ctx, k.Event, now)
 	case *relayv1.Frame_Received:
 		s.handleReceived(k.Received.GetDeliveryIds())
@@ -159,6 +166,16 @@ func (s *Session) handle(ctx context.Context, f *relayv1.Frame, now time.Time) b
 		return false
 	}
 	return true
+}
+
+// streamEphemeral notes an ephemeral event that came on the stream: the
+// first one of a client that defers its datagrams starts their reader.
+// Only the stream reader calls it.
+func (s *Session) streamEphemeral() {
+	if s.startDatagrams != nil {
+		s.startDatagrams()
+		s.startDatagrams = nil
+	}
 }
 
 // datagramLoop reads the device's datagrams: ephemeral events only,

@@ -61,6 +61,11 @@ type Session struct {
 	budget   *budget
 	refusals *rate.Limiter
 	paceT    *time.Timer // the reader's, reused
+	// startDatagrams starts the datagram reader of a client that defers
+	// its datagrams (Hello.defer_datagrams) at its first ephemeral event
+	// on the stream; nil once started, or when there is none to start.
+	// The stream reader's alone.
+	startDatagrams func()
 
 	// Deliveries to this device that it has not acknowledged yet.
 	awaitMu  sync.Mutex
@@ -233,8 +238,14 @@ func (s *Session) run(ctx context.Context) error {
 	s.out.release()
 	var wg sync.WaitGroup
 	dctx, stopDatagrams := context.WithCancel(ctx)
-	if !s.hs.hello.GetNoDatagrams() {
+	switch hello := s.hs.hello; {
+	case hello.GetNoDatagrams():
 		// A client that sends no datagrams gets no reader for them.
+	case hello.GetDeferDatagrams():
+		// Nor one that has sent none yet (see streamEphemeral); run
+		// still waits for it, as it is started on this goroutine.
+		s.startDatagrams = func() { wg.Go(func() { s.datagramLoop(dctx) }) }
+	default:
 		wg.Go(func() { s.datagramLoop(dctx) })
 	}
 	// The owner's context ending closes the session like any other reason

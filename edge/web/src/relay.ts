@@ -161,6 +161,9 @@ interface Conn {
   closeReason(): RelayError | null;
   /** The Hello of this connection's handshake, for re-authentication. */
   hello?: Hello;
+  /** An ephemeral event went on the stream: the edge reads this
+   * connection's datagrams from then on (the Hello defers them). */
+  datagramsOpen?: boolean;
 }
 
 type Hello = { userId: string; deviceId: string; protocolVersion: number; clientTimeMs: bigint };
@@ -520,12 +523,16 @@ export class RelayClient extends EventTarget {
   }
 
   /** Sends an ephemeral event: never stored, never acknowledged; a
-   * datagram when it fits. */
+   * datagram when it fits, but for the first of each connection, which
+   * goes on the stream (the edge reads a session's datagrams from then on,
+   * so a page that sends none costs it no datagram reader). */
   sendEphemeral(m: Message): void {
     const c = this.conn;
     if (!c) throw new RelayError(ErrorCode.TARGET_OFFLINE, "not connected");
     const body = frame({ case: "event", value: this.build(m, true) });
-    if (!c.sendDatagram?.(body)) void c.send(body).catch(() => {});
+    if (c.datagramsOpen && c.sendDatagram?.(body)) return;
+    c.datagramsOpen = true;
+    void c.send(body).catch(() => {});
   }
 
   /** Ends the session and stops reconnecting. */
@@ -683,6 +690,7 @@ export class RelayClient extends EventTarget {
     const hello = create(HelloSchema, {
       userId: this.opts.userId, deviceId: this.opts.deviceId, protocolVersion: PROTOCOL_VERSION,
       clientTimeMs: BigInt(Math.round(sent + this.clockOffsetMs)), resumeTicket: this.ticket, instance: this.instance,
+      deferDatagrams: true,
     });
     if (hello.resumeTicket.length > 0) {
       hello.resumeNonce = crypto.getRandomValues(new Uint8Array(16));

@@ -493,9 +493,16 @@ type Hello struct {
 	// stream. The edge then keeps no datagram reader for the session (a
 	// goroutine less per idle device) and drops any datagram that comes
 	// anyway. Unset, the edge reads datagrams as before.
-	NoDatagrams   bool `protobuf:"varint,9,opt,name=no_datagrams,json=noDatagrams,proto3" json:"no_datagrams,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	NoDatagrams bool `protobuf:"varint,9,opt,name=no_datagrams,json=noDatagrams,proto3" json:"no_datagrams,omitempty"`
+	// The client sends no datagram before its first ephemeral event on the
+	// session stream: the edge starts reading datagrams when that event
+	// arrives, so an idle device, or one that never sends ephemeral events,
+	// costs no datagram reader. A datagram sent earlier waits in the
+	// connection's bounded queue until then. Unset, the edge reads
+	// datagrams from the start; no_datagrams takes precedence.
+	DeferDatagrams bool `protobuf:"varint,10,opt,name=defer_datagrams,json=deferDatagrams,proto3" json:"defer_datagrams,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Hello) Reset() {
@@ -587,6 +594,13 @@ func (x *Hello) GetResumeNonce() []byte {
 func (x *Hello) GetNoDatagrams() bool {
 	if x != nil {
 		return x.NoDatagrams
+	}
+	return false
+}
+
+func (x *Hello) GetDeferDatagrams() bool {
+	if x != nil {
+		return x.DeferDatagrams
 	}
 	return false
 }
@@ -1584,7 +1598,7 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x04pong\x18\r \x01(\v2\x0e.relay.v1.PongH\x00R\x04pong\x12*\n" +
 	"\x06ticket\x18\x0e \x01(\v2\x10.relay.v1.TicketH\x00R\x06ticket\x12*\n" +
 	"\x06cancel\x18\x0f \x01(\v2\x10.relay.v1.CancelH\x00R\x06cancelB\x06\n" +
-	"\x04kind\"\xb8\x02\n" +
+	"\x04kind\"\xe1\x02\n" +
 	"\x05Hello\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12)\n" +
@@ -1594,7 +1608,9 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\binstance\x18\x06 \x01(\tR\binstance\x12!\n" +
 	"\fresume_proof\x18\a \x01(\fR\vresumeProof\x12!\n" +
 	"\fresume_nonce\x18\b \x01(\fR\vresumeNonce\x12!\n" +
-	"\fno_datagrams\x18\t \x01(\bR\vnoDatagrams\"\x98\x01\n" +
+	"\fno_datagrams\x18\t \x01(\bR\vnoDatagrams\x12'\n" +
+	"\x0fdefer_datagrams\x18\n" +
+	" \x01(\bR\x0edeferDatagrams\"\x98\x01\n" +
 	"\tChallenge\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12$\n" +
 	"\x0eserver_time_ms\x18\x02 \x01(\x03R\fserverTimeMs\x12\x17\n" +
