@@ -254,6 +254,11 @@ func (d *datagramConn) SendDatagram(b []byte) error {
 	return nil
 }
 
+// failingConn fails every stream write.
+type failingConn struct{ datagramConn }
+
+func (*failingConn) Write([]byte) (int, error) { return 0, errors.New("stream reset") }
+
 // The Hello defers the client's datagrams: on each connection the first
 // ephemeral event goes on the stream (the edge starts reading datagrams
 // when it arrives) and the later ones as datagrams; a new connection
@@ -282,5 +287,18 @@ func TestFirstEphemeralEventOfAConnectionGoesOnTheStream(t *testing.T) {
 				t.Fatalf("first stream write: %v %v, want the first event", &f, err)
 			}
 		}
+	}
+	// A first event that could not be written leaves the datagrams
+	// closed: the next one tries the stream again.
+	fc := &failingConn{}
+	cn := &conn{c: fc, w: frame.NewWriter(fc, 0)}
+	c.cur = cn
+	for range 2 {
+		if err := c.SendEphemeral(Message{Payload: []byte{1}}); err == nil {
+			t.Fatal("a send whose write failed returned nil")
+		}
+	}
+	if cn.datagramsOpen || len(fc.datagrams) != 0 {
+		t.Fatalf("after failed writes: datagrams open %v, %d sent", cn.datagramsOpen, len(fc.datagrams))
 	}
 }

@@ -5,12 +5,15 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/binary"
 	"fmt"
 	"runtime"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/edge-relay/relay/edge/frame"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
@@ -978,36 +981,53 @@ func TestDeferredDatagramsAreReadFromTheFirstStreamEphemeral(t *testing.T) {
 		t.Fatalf("b deferred its datagrams and sent only durable events; its session read datagrams %d times", n)
 	}
 
-	// The next session sends a datagram first: it waits for the reader,
-	// which the ephemeral event on the stream starts.
-	b = e.connectFrom("b", "127.0.0.1:5001", true)
-	b.seq = 100 // ids apart from the last session's
-	b.handshakeWith(func(h *relayv1.Hello) { h.DeferDatagrams = true })
-	b.startReading()
-	early, body := ephemeral(b)
-	if err := b.conn.SendDatagram(body); err != nil {
-		t.Fatal(err)
+	// The next sessions send a datagram first: it waits for the reader
+	// (other frames do not start it), which the ephemeral event on the
+	// stream starts, whether the event's frame takes the reader's fast
+	// path or its general one (here: a frame with a field this edge does
+	// not know after the event).
+	for i, general := range []bool{false, true} {
+		b = e.connectFrom("b", "127.0.0.1:5001", true)
+		b.seq = 100 * uint64(i+1) // ids apart from the earlier sessions'
+		b.handshakeWith(func(h *relayv1.Hello) { h.DeferDatagrams = true })
+		b.startReading()
+		early, body := ephemeral(b)
+		if err := b.conn.SendDatagram(body); err != nil {
+			t.Fatal(err)
+		}
+		b.send(&relayv1.Frame{Kind: &relayv1.Frame_Ping{Ping: &relayv1.Ping{Nonce: 9}}})
+		b.next("pong", func(f *relayv1.Frame) bool { return f.GetPong().GetNonce() == 9 })
+		if n := b.conn.peer.datagramReads.Load(); n != 0 {
+			t.Fatalf("b's session read datagrams %d times before its first ephemeral event", n)
+		}
+		onStream, body := ephemeral(b)
+		if general {
+			body = protowire.AppendVarint(protowire.AppendTag(body, 999, protowire.VarintType), 1)
+			if _, err := b.conn.Write(append(binary.AppendUvarint(nil, uint64(len(body))), body...)); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			b.sendEvent(onStream)
+		}
+		late, body := ephemeral(b)
+		got := map[string]bool{}
+		for len(got) < 2 {
+			got[a.nextDeliver().GetEvent().GetId()] = true
+		}
+		if !got[early.GetId()] || !got[onStream.GetId()] {
+			t.Fatalf("a got %v, want %s (sent as a datagram before) and %s (on the stream)", got, early.GetId(), onStream.GetId())
+		}
+		if err := b.conn.SendDatagram(body); err != nil {
+			t.Fatal(err)
+		}
+		if id := a.nextDeliver().GetEvent().GetId(); id != late.GetId() {
+			t.Fatalf("a got %s, want %s (a datagram, once the reader runs)", id, late.GetId())
+		}
+		if b.conn.peer.datagramReads.Load() == 0 {
+			t.Fatal("b's session relayed its datagrams without reading any")
+		}
+		end(b)
 	}
-	onStream, _ := ephemeral(b)
-	b.sendEvent(onStream)
-	late, body := ephemeral(b)
-	got := map[string]bool{}
-	for len(got) < 2 {
-		got[a.nextDeliver().GetEvent().GetId()] = true
-	}
-	if !got[early.GetId()] || !got[onStream.GetId()] {
-		t.Fatalf("a got %v, want %s (sent as a datagram before) and %s (on the stream)", got, early.GetId(), onStream.GetId())
-	}
-	if err := b.conn.SendDatagram(body); err != nil {
-		t.Fatal(err)
-	}
-	if id := a.nextDeliver().GetEvent().GetId(); id != late.GetId() {
-		t.Fatalf("a got %s, want %s (a datagram, once the reader runs)", id, late.GetId())
-	}
-	if b.conn.peer.datagramReads.Load() == 0 {
-		t.Fatal("b's session relayed its datagrams without reading any")
-	}
-	end(b)
 }
 
 // A device that stops inside a frame leaves the session's reader holding

@@ -40,10 +40,11 @@ func (s *Session) readLoop(ctx context.Context) *CloseError {
 			if !ok {
 				return nil
 			}
-			if ev.GetEphemeral() {
+			ephemeral := ev.GetEphemeral()
+			s.handleEvent(ctx, ev, now)
+			if ephemeral {
 				s.streamEphemeral()
 			}
-			s.handleEvent(ctx, ev, now)
 		case ok && kind == frame.KindReceived:
 			if ids, err = frame.AppendReceivedIDs(ids[:0], inner); err != nil {
 				return readEnd(err)
@@ -147,10 +148,10 @@ func (s *Session) refused() {
 func (s *Session) handle(ctx context.Context, f *relayv1.Frame, now time.Time) bool {
 	switch k := f.GetKind().(type) {
 	case *relayv1.Frame_Event:
+		s.handleEvent(ctx, k.Event, now)
 		if k.Event.GetEphemeral() {
 			s.streamEphemeral()
 		}
-		s.handleEvent(ctx, k.Event, now)
 	case *relayv1.Frame_Received:
 		s.handleReceived(k.Received.GetDeliveryIds())
 	case *relayv1.Frame_Ping:
@@ -168,14 +169,21 @@ func (s *Session) handle(ctx context.Context, f *relayv1.Frame, now time.Time) b
 	return true
 }
 
-// streamEphemeral notes an ephemeral event that came on the stream: the
-// first one of a client that defers its datagrams starts their reader.
-// Only the stream reader calls it.
+// streamEphemeral notes an ephemeral event that came on the stream and
+// was handled: the first one of a client that defers its datagrams
+// starts their reader (after the event, so datagrams that waited cannot
+// overtake it), unless the session is closing. Only the stream reader
+// calls it.
 func (s *Session) streamEphemeral() {
-	if s.startDatagrams != nil {
-		s.startDatagrams()
-		s.startDatagrams = nil
+	if s.startDatagrams == nil {
+		return
 	}
+	select {
+	case <-s.closing:
+	default:
+		s.startDatagrams()
+	}
+	s.startDatagrams = nil
 }
 
 // datagramLoop reads the device's datagrams: ephemeral events only,

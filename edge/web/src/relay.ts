@@ -531,8 +531,9 @@ export class RelayClient extends EventTarget {
     if (!c) throw new RelayError(ErrorCode.TARGET_OFFLINE, "not connected");
     const body = frame({ case: "event", value: this.build(m, true) });
     if (c.datagramsOpen && c.sendDatagram?.(body)) return;
-    c.datagramsOpen = true;
-    void c.send(body).catch(() => {});
+    // Datagrams from when this frame has gone out (until then they would
+    // wait in the edge's small queue, or be dropped beyond it).
+    void c.send(body).then(() => { c.datagramsOpen = true; }, () => {});
   }
 
   /** Ends the session and stops reconnecting. */
