@@ -21,7 +21,10 @@
 #   the edge's CPU per delivered ephemeral event at saturation (rate
 #     --ephemeral, closed loop on the stream) against the same floor
 #   heap and goroutines per idle session (relayload sessions), also for
-#     clients that send no datagrams (sessions --no-datagrams)
+#     clients that send no datagrams (sessions --no-datagrams) and over
+#     WebTransport
+#   the edge's CPU per resumed session (relayload resume)
+# and ends with issue 15's goals, each met or not in this run.
 #
 #   loadtest/compare.sh OUT_DIR          (make bench-compare)
 #
@@ -81,6 +84,8 @@ run rate-half rate --pairs 8 --rate "$half" --duration 15s
 run ephemeral-relay rate --ephemeral --pairs 8 --inflight 64 --duration 20s
 run sessions-relay sessions --sessions 2000
 run sessions-relay-nodg sessions --sessions 2000 --no-datagrams
+run sessions-relay-wt --transport webtransport sessions --sessions 2000
+run resume-relay resume --devices 100 --duration 15s
 python3 - "$out" <<'PY'
 import json, os, sys
 out = sys.argv[1]
@@ -130,4 +135,34 @@ print(f"per idle QUIC session: heap {peak(ss, 'edge_heap_per_session_bytes') / 1
 # run's sessions used.
 print(f"  ... of a client that sends no datagrams: heap {peak(sn, 'edge_heap_per_session_bytes') / 1024:.1f} KiB, "
       f"goroutines {peak(sn, 'edge_goroutines_per_session'):.2f}")
+sw, rs = load("sessions-relay-wt"), load("resume-relay")
+print(f"  ... over WebTransport: heap {peak(sw, 'edge_heap_per_session_bytes') / 1024:.1f} KiB, "
+      f"goroutines {peak(sw, 'edge_goroutines_per_session'):.2f}")
+print(f"resumed sessions: {fig(rs, 'resumed_per_s'):.0f}/s (driver-bound), {peak(rs, 'edge_cpu_us_per_session'):.0f} µs of edge CPU each")
+
+# Issue 15's goals, each against this run's figures.
+floor = peak(sf, "server_cpu_us_per_message")
+capped = None
+try:
+    capped = 1e6 / peak(load("rate-capped"), "edge_cpu_us_per_event")
+except FileNotFoundError:
+    pass
+half_note = " (driver-bound: it dropped events)" if fig(rh, "drop_rate") > 0 else ""
+goals = [
+    ("one-way p50 <= 1.3x the forwarder's", fig(orl, "oneway_p50_ms") / fig(of, "oneway_p50_ms"), 1.3, "x"),
+    ("one-way p99 <= 2x the forwarder's", fig(orl, "oneway_p99_ms") / fig(of, "oneway_p99_ms"), 2, "x"),
+    ("CPU per acknowledged event <= 5x the floor", peak(rr, "edge_cpu_us_per_event") / floor, 5, "x"),
+    ("CPU per ephemeral event <= 2x the floor", peak(er, "edge_cpu_us_per_event") / floor, 2, "x"),
+    ("acknowledged events per edge core-second >= 150k", -(capped or float("nan")), -150e3, ""),
+    (f"edge's ack p99 at {rh['params']['rate']:.0f}/s < 5 ms{half_note}", peak(rh, "edge_ack_p99_ms"), 5, " ms"),
+    ("edge CPU per resumed session <= 500 µs", peak(rs, "edge_cpu_us_per_session"), 500, " µs"),
+    ("heap per idle QUIC session <= 20 KiB", peak(ss, "edge_heap_per_session_bytes") / 1024, 20, " KiB"),
+    ("goroutines per idle QUIC session <= 3", peak(ss, "edge_goroutines_per_session"), 3, ""),
+    ("WebTransport heap <= 1.5x QUIC's", peak(sw, "edge_heap_per_session_bytes") / peak(ss, "edge_heap_per_session_bytes"), 1.5, "x"),
+]
+print("issue 15's goals:")
+for name, v, limit, unit in goals:
+    state = "not measured" if v != v else ("met" if v <= limit else "not met")
+    shown = abs(v)
+    print(f"  {name:70} {shown:10.2f}{unit:4} {state}")
 PY
