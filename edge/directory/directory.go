@@ -172,6 +172,10 @@ type Directory struct {
 	// planes older than that), after which what was stored during the gap
 	// may never be announced.
 	announced, blind atomic.Uint64
+	// generation moves, under mu, with every message applied (so before
+	// a reader can see what it changed): sessions keep their sender's
+	// state for as long as it stays the same.
+	generation atomic.Uint64
 }
 
 // New returns an empty, unsynced directory.
@@ -188,8 +192,16 @@ func New(cfg Config) *Directory {
 	if cfg.OnEdges == nil {
 		cfg.OnEdges = func([]Edge) {}
 	}
-	return &Directory{cfg: cfg, cur: newSnapshot(), changed: make(chan struct{})}
+	d := &Directory{cfg: cfg, cur: newSnapshot(), changed: make(chan struct{})}
+	d.generation.Store(1) // 0 would say changes are not tracked
+	return d
 }
+
+// Generation changes whenever what LookupDevice, UserActive and
+// UserDevices answer may have changed (see session.Directory): it moves
+// with every watch message applied, before the lock that publishes the
+// message's changes is released.
+func (d *Directory) Generation() uint64 { return d.generation.Load() }
 
 // Device returns a device by id.
 func (d *Directory) Device(id string) (Device, bool) {
@@ -386,6 +398,7 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 		edges = d.edgesLocked()
 	}
 	rev := d.revision
+	d.generation.Add(1)
 	d.notify()
 	d.mu.Unlock()
 	for _, r := range removals {

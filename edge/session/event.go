@@ -194,7 +194,11 @@ func (s *Session) acceptEvent(ev *relayv1.Event, tr eventTrace, now, expires tim
 			return code, false
 		}
 	}
-	if d := cfg.Directory.LookupDevice(s.deviceID); d.State != DeviceActive || !cfg.Directory.UserActive(s.userID) {
+	if s.dirCache == nil {
+		s.dirCache = &dirCache{dir: cfg.Directory}
+	}
+	s.dirCache.refresh()
+	if !s.dirCache.senderActive(s.userID, s.deviceID) {
 		code := relayv1.ErrorCode_ERROR_CODE_SENDER_REVOKED
 		s.reject(ev.GetId(), reject(code, "this device was revoked"))
 		return code, false
@@ -255,6 +259,67 @@ func (s *Session) acceptEvent(ev *relayv1.Event, tr eventTrace, now, expires tim
 	return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, true
 }
 
+// dirCache keeps the directory's answers a sender's events ask for most,
+// for as long as the directory's generation stays the one they were read
+// at: a revocation, a deletion or a new device applied before an event is
+// read is seen by that event, as when every event asked. The session's
+// is made at its first event and used under evMu.
+type dirCache struct {
+	dir Directory
+	gen uint64 // the generation the answers below were read at (0: keep none)
+	// active: the sender's device and user were found active.
+	active bool
+	// target is the last explicit target looked up (ID "": none).
+	target DeviceInfo
+	// userDevs is the user's active devices (nil: not read).
+	userDevs []string
+}
+
+// refresh drops what was read at an older generation; once per event,
+// before the answers it vouches for are read.
+func (c *dirCache) refresh() {
+	if g := c.dir.Generation(); g == 0 || g != c.gen {
+		*c = dirCache{dir: c.dir, gen: g}
+	}
+}
+
+// senderActive reports whether the session's device and its user are
+// active.
+func (c *dirCache) senderActive(user, device string) bool {
+	if c.active {
+		return true
+	}
+	if d := c.dir.LookupDevice(device); d.State != DeviceActive || !c.dir.UserActive(user) {
+		return false
+	}
+	c.active = c.gen != 0
+	return true
+}
+
+// lookup is the directory's LookupDevice.
+func (c *dirCache) lookup(id string) DeviceInfo {
+	if c.target.ID == id && id != "" {
+		return c.target
+	}
+	d := c.dir.LookupDevice(id)
+	if c.gen != 0 {
+		c.target = d
+	}
+	return d
+}
+
+// userDevices is the directory's UserDevices (not to be changed).
+func (c *dirCache) userDevices(user string) []string {
+	if c.userDevs != nil {
+		return c.userDevs
+	}
+	devs := c.dir.UserDevices(user)
+	if c.gen != 0 && devs != nil {
+		c.userDevs = devs
+	}
+	return devs
+}
+
 // route is where an event goes for one target: a session here (to), or
 // the target's mailbox (to == nil). need is the target's mailbox seq the
 // device must have been given first.
@@ -271,12 +336,12 @@ type route struct {
 // their mailboxes; without, a durable event for a target that is not
 // connected is refused whole, before anything is delivered.
 func (s *Session) resolveTargets(ev *relayv1.Event, durable bool, out []route) ([]route, *RejectError) {
-	dir := s.hub.cfg.Directory
+	dir := s.dirCache // refreshed for this event (acceptEvent)
 	mailboxes := durable && s.hub.cfg.Mailbox != nil
 	r := s.room
 	if len(ev.GetTargets()) == 0 {
 		if mailboxes {
-			devs := dir.UserDevices(s.userID)
+			devs := dir.userDevices(s.userID)
 			out = slices.Grow(out, len(devs))
 			r.mu.RLock()
 			for _, id := range devs {
@@ -307,7 +372,7 @@ func (s *Session) resolveTargets(ev *relayv1.Event, durable bool, out []route) (
 			if t == s.deviceID {
 				return nil, reject(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "event %s: a device cannot target itself", ev.GetId())
 			}
-			d := dir.LookupDevice(t)
+			d := dir.lookup(t)
 			if d.State == DeviceUnknown || d.UserID != s.userID {
 				// One answer for "another user's" and "no such device".
 				return nil, reject(relayv1.ErrorCode_ERROR_CODE_UNKNOWN_TARGET, "event %s: %q is not one of your devices", ev.GetId(), t)

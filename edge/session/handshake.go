@@ -48,6 +48,11 @@ type Directory interface {
 	// count of the full copies of the feed that announced no mailboxes:
 	// entries stored before one of those may never be announced.
 	AnnouncedRevision() (rev, blindCopies uint64)
+	// Generation changes (before the change can be seen) whenever what
+	// LookupDevice, UserActive or UserDevices answer may have changed, so
+	// a session may keep an answer for as long as it stays the same. 0
+	// says changes are not tracked: ask every time.
+	Generation() uint64
 }
 
 // CloseError ends a session with a protocol code, sent to the client in

@@ -109,7 +109,21 @@ type memDir struct {
 	feed    uint64
 	lagging bool
 	blind   uint64
+	gen     atomic.Uint64 // moves with every change (Generation)
+	// asked, looked and listed count UserActive, LookupDevice and
+	// UserDevices calls.
+	asked, looked, listed atomic.Int64
 }
+
+// setUser makes a user active or not.
+func (d *memDir) setUser(id string, active bool) {
+	d.mu.Lock()
+	d.users[id] = active
+	d.gen.Add(1)
+	d.mu.Unlock()
+}
+
+func (d *memDir) Generation() uint64 { return d.gen.Load() }
 
 func (d *memDir) AnnouncedRevision() (uint64, uint64) {
 	d.mu.Lock()
@@ -140,6 +154,7 @@ func newMemDir() *memDir {
 }
 
 func (d *memDir) LookupDevice(id string) DeviceInfo {
+	d.looked.Add(1)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if dev, ok := d.devices[id]; ok {
@@ -149,12 +164,14 @@ func (d *memDir) LookupDevice(id string) DeviceInfo {
 }
 
 func (d *memDir) UserActive(id string) bool {
+	d.asked.Add(1)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.users[id]
 }
 
 func (d *memDir) UserDevices(user string) []string {
+	d.listed.Add(1)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var out []string
@@ -171,6 +188,7 @@ func (d *memDir) set(dev DeviceInfo) {
 	d.mu.Lock()
 	d.devices[dev.ID] = dev
 	d.users[dev.UserID] = true
+	d.gen.Add(1)
 	d.mu.Unlock()
 }
 
@@ -179,6 +197,7 @@ func (d *memDir) setState(id string, st DeviceState) {
 	dev := d.devices[id]
 	dev.State = st
 	d.devices[id] = dev
+	d.gen.Add(1)
 	d.mu.Unlock()
 }
 

@@ -938,6 +938,54 @@ func TestNoDatagramsMeansNoDatagramReader(t *testing.T) {
 	}
 }
 
+// What a sender's events ask the directory (its own device and user
+// active, an explicit target, the user's devices for a broadcast) is
+// asked again only when the directory changed: events in between cost no
+// lookup, and a device added, a target or the sender revoked, a user
+// disabled or enabled again is seen by the next event.
+func TestDirectoryAnswersFollowTheDirectory(t *testing.T) {
+	e, mb := mailboxEnv(t, nil)
+	e.device("u1", "a")
+	e.device("u1", "b")
+	a, b := e.online("a"), e.online("b")
+	ok := relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED
+	send := func(want relayv1.ErrorCode, targets ...string) {
+		t.Helper()
+		ev := a.event(targets...)
+		a.sendEvent(ev)
+		if want == ok && (len(targets) == 0 || targets[0] == "b") {
+			b.received(b.nextDeliver().GetDeliveryId())
+		}
+		f := a.nextAckOrReject()
+		if got := f.GetReject().GetCode(); got != want || (want == ok && f.GetAck().GetEventId() != ev.GetId()) {
+			t.Fatalf("event %s to %v: %v, want %v", ev.GetId(), targets, f, want)
+		}
+	}
+	send(ok, "b")
+	asked, looked, listed := e.dir.asked.Load(), e.dir.looked.Load(), e.dir.listed.Load()
+	for range 3 {
+		send(ok, "b")
+	}
+	send(ok) // a broadcast: the user's devices are listed once...
+	send(ok) // ...and not again
+	if n, m, l := e.dir.asked.Load()-asked, e.dir.looked.Load()-looked, e.dir.listed.Load()-listed; n != 0 || m != 0 || l != 1 {
+		t.Fatalf("the directory did not change, yet it was asked %d times whether the user is active, %d times for a device, listed the user's devices %d times", n, m, l)
+	}
+	e.device("u1", "c") // offline: a broadcast reaches its mailbox
+	send(ok)
+	if got := mb.stored("c"); got != 1 {
+		t.Fatalf("the broadcast after c was added: %d entries in c's mailbox", got)
+	}
+	e.dir.setState("b", DeviceRevoked)
+	send(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "b")
+	e.dir.setUser("u1", false)
+	send(relayv1.ErrorCode_ERROR_CODE_SENDER_REVOKED, "c")
+	e.dir.setUser("u1", true)
+	send(ok, "c")
+	e.dir.setState("a", DeviceRevoked)
+	send(relayv1.ErrorCode_ERROR_CODE_SENDER_REVOKED, "c")
+}
+
 // A client that defers its datagrams (Hello.defer_datagrams) costs its
 // session no datagram reader until its first ephemeral event on the
 // stream; a datagram it sent before that waits, and is relayed once the

@@ -52,6 +52,9 @@ type Session struct {
 	evMu    sync.Mutex
 	lastSeq uint64
 	dedup   *idwindow.Window[*inflight]
+	// dirCache keeps the directory's answers its events need (nil until
+	// the first event).
+	dirCache *dirCache
 
 	// What the device may send: every frame counts against frames and
 	// bytes, events also against events. Above the rate the reader waits
