@@ -173,8 +173,8 @@ type Directory struct {
 	// may never be announced.
 	announced, blind atomic.Uint64
 	// generation moves, under mu, with every message applied (so before
-	// a reader can see what it changed): sessions keep their sender's
-	// state for as long as it stays the same.
+	// a reader can see what it changed): sessions keep the answers their
+	// events need for as long as it stays the same.
 	generation atomic.Uint64
 }
 
