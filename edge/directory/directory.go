@@ -398,6 +398,9 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 		edges = d.edgesLocked()
 	}
 	rev := d.revision
+	// Before Unlock: a session that reads the old generation then asks
+	// again at the next event; one that reads the new one waits for the
+	// lock and sees the changes.
 	d.generation.Add(1)
 	d.notify()
 	d.mu.Unlock()

@@ -269,8 +269,9 @@ type dirCache struct {
 	gen uint64 // the generation the answers below were read at (0: keep none)
 	// active: the sender's device and user were found active.
 	active bool
-	// target is the last explicit target looked up (ID "": none).
-	target DeviceInfo
+	// target is what the last explicit target looked up, targetID, is.
+	targetID string
+	target   DeviceInfo
 	// userDevs is the user's active devices (nil: not read).
 	userDevs []string
 }
@@ -298,12 +299,12 @@ func (c *dirCache) senderActive(user, device string) bool {
 
 // lookup is the directory's LookupDevice.
 func (c *dirCache) lookup(id string) DeviceInfo {
-	if c.target.ID == id && id != "" {
+	if c.targetID == id && id != "" {
 		return c.target
 	}
 	d := c.dir.LookupDevice(id)
 	if c.gen != 0 {
-		c.target = d
+		c.targetID, c.target = id, d
 	}
 	return d
 }
