@@ -26,10 +26,11 @@ import (
 
 // The floor: what quic-go alone costs on the same path, to hold the
 // relay's figures against (`relayload floor`, docs/benchmarks.md). A
-// connection's first stream says what it is with its first byte:
+// connection's first stream says what it is with its first byte, and
+// which channel it is on with its second:
 //
-//	'r' a receiver: what senders send is written to it
-//	's' a sender: its bytes are forwarded to the latest receiver
+//	'r' a receiver: what the channel's senders send is written to it
+//	's' a sender: its bytes are forwarded to the channel's latest receiver
 //	'k' a sink: its bytes are read and dropped (one-way stream cost)
 //
 // The floor serves its own CPU time at GET /cpu (seconds, as text) on
@@ -83,8 +84,8 @@ func floorCommand(ctx context.Context, args []string, stdout io.Writer) error {
 }
 
 type floor struct {
-	mu       sync.Mutex // guards receiver
-	receiver *quic.Stream
+	mu        sync.Mutex // guards receivers
+	receivers map[byte]*quic.Stream
 }
 
 func (f *floor) serve(ctx context.Context, conn *quic.Conn) {
@@ -93,20 +94,23 @@ func (f *floor) serve(ctx context.Context, conn *quic.Conn) {
 	if err != nil {
 		return
 	}
-	var role [1]byte
-	if _, err := io.ReadFull(str, role[:]); err != nil {
+	var hdr [2]byte // role, channel
+	if _, err := io.ReadFull(str, hdr[:]); err != nil {
 		return
 	}
-	switch role[0] {
+	switch ch := hdr[1]; hdr[0] {
 	case 'r':
 		f.mu.Lock()
-		f.receiver = str
+		if f.receivers == nil {
+			f.receivers = make(map[byte]*quic.Stream)
+		}
+		f.receivers[ch] = str
 		f.mu.Unlock()
 		_, _ = str.Write([]byte{'R'}) // registered: senders may come
 		<-conn.Context().Done()
 	case 's':
 		f.mu.Lock()
-		to := f.receiver
+		to := f.receivers[ch]
 		f.mu.Unlock()
 		if to != nil {
 			_, _ = io.Copy(to, str)
@@ -136,8 +140,9 @@ func selfSigned() (tls.Certificate, error) {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }
 
-// floorStream opens a stream of the given role to the floor at addr.
-func floorStream(ctx context.Context, addr string, role byte) (*quic.Conn, *quic.Stream, error) {
+// floorStream opens a stream of the given role on channel ch to the
+// floor at addr.
+func floorStream(ctx context.Context, addr string, role, ch byte) (*quic.Conn, *quic.Stream, error) {
 	conn, err := quic.DialAddr(ctx, addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{floorALPN}, MinVersion: tls.VersionTLS13}, //nolint:gosec // a benchmark's own server
 		&quic.Config{MaxIdleTimeout: 30 * time.Second, KeepAlivePeriod: 5 * time.Second})
 	if err != nil {
@@ -145,7 +150,7 @@ func floorStream(ctx context.Context, addr string, role byte) (*quic.Conn, *quic
 	}
 	str, err := conn.OpenStreamSync(ctx)
 	if err == nil {
-		_, err = str.Write([]byte{role})
+		_, err = str.Write([]byte{role, ch})
 	}
 	if err != nil {
 		_ = conn.CloseWithError(0, "")
@@ -223,7 +228,7 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 	stamp := func(b []byte) { binary.BigEndian.PutUint64(b, uint64(time.Since(start))) }
 	took := func(b []byte) time.Duration { return time.Since(start) - time.Duration(binary.BigEndian.Uint64(b)) }
 	if *floorAddr != "" {
-		rconn, rx, err := floorStream(ctx, *floorAddr, 'r')
+		rconn, rx, err := floorStream(ctx, *floorAddr, 'r', 0)
 		if err != nil {
 			return err
 		}
@@ -236,7 +241,7 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 		if _, err := io.ReadFull(rx, make([]byte, 1)); err != nil {
 			return fmt.Errorf("floor receiver: %w", err)
 		}
-		sconn, tx, err := floorStream(ctx, *floorAddr, 's')
+		sconn, tx, err := floorStream(ctx, *floorAddr, 's', 0)
 		if err != nil {
 			return err
 		}
@@ -333,39 +338,145 @@ func (d *driverConfig) oneway(ctx context.Context, args []string) error {
 	return d.finish(r)
 }
 
-// stream: one-way 64-byte messages as fast as QUIC takes them to the
-// floor's sink, and the floor's CPU per message: the transport's own
-// cost per message, which the relay's CPU per event is held against.
+// stream: 64-byte messages one way into the floor's sink, as fast as
+// QUIC takes them (the transport's own cost per message received, which
+// the relay's CPU per event is held against), or with --forward through
+// the floor's forwarder to receivers (a bare forwarder's cost per message
+// taken in and sent on, what the edge does for every frame it relays but
+// without reading the frames), as fast as QUIC takes them or, with
+// --inflight, closed loop as `rate --inflight` drives the relay: each
+// pair keeps that many messages on their way to its receiver. Each
+// reports the floor's CPU per message.
 func (d *driverConfig) stream(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("stream", flag.ContinueOnError)
-	count := fs.Int("count", 1_000_000, "messages")
+	count := fs.Int("count", 1_000_000, "messages, over all pairs")
 	floorAddr := fs.String("floor", "127.0.0.1:7500", "the floor's QUIC address")
 	floorAdmin := fs.String("floor-admin", "http://127.0.0.1:7501", "the floor's /cpu")
+	forward := fs.Bool("forward", false, "through the floor's forwarder to receivers, not into its sink")
+	pairs := fs.Int("pairs", 1, "with --forward: sender-receiver pairs, each on a channel of its own (at most 256)")
+	inflight := fs.Int("inflight", 0, "with --forward: messages each pair keeps on their way to its receiver (closed loop); 0: as fast as QUIC takes them")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	r := newResult("stream", "floor")
-	conn, str, err := floorStream(ctx, *floorAddr, 'k')
-	if err != nil {
-		return err
+	switch {
+	case *count < 1:
+		return errors.New("--count must be at least 1")
+	case !*forward && (*pairs != 1 || *inflight != 0):
+		return errors.New("--pairs and --inflight go with --forward")
+	case *pairs < 1 || *pairs > 256 || *pairs > *count:
+		return errors.New("--pairs must be 1 to 256 (a channel each), and at most --count")
+	case *inflight < 0:
+		return errors.New("--inflight must not be negative")
 	}
-	defer conn.CloseWithError(0, "")
+	r := newResult("stream", "floor")
+	if *forward {
+		r.Params["forward"], r.Params["pairs"], r.Params["inflight"] = 1, float64(*pairs), float64(*inflight)
+	}
+	// The first failure on any side cancels ctx, which ends the others.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	type lane struct {
+		tx    *quic.Stream
+		txc   *quic.Conn
+		rx    *quic.Stream // nil into the sink
+		n     int          // messages it carries
+		slots chan struct{}
+	}
+	lanes := make([]*lane, *pairs)
+	defer func() {
+		for _, l := range lanes {
+			if l != nil && l.txc != nil {
+				_ = l.txc.CloseWithError(0, "")
+			}
+		}
+	}()
+	// Every receiver is registered before the first sender comes: each
+	// pair has a channel of its own through the forwarder.
+	for i := range lanes {
+		l := &lane{n: *count / *pairs}
+		if i < *count%*pairs {
+			l.n++
+		}
+		lanes[i] = l
+		if !*forward {
+			continue
+		}
+		rconn, rx, err := floorStream(ctx, *floorAddr, 'r', byte(i))
+		if err != nil {
+			return err
+		}
+		defer rconn.CloseWithError(0, "")
+		defer context.AfterFunc(ctx, func() { _ = rconn.CloseWithError(0, "") })()
+		if _, err := io.ReadFull(rx, make([]byte, 1)); err != nil { // registered
+			return fmt.Errorf("floor receiver: %w", err)
+		}
+		l.rx = rx
+		if *inflight > 0 {
+			l.slots = make(chan struct{}, *inflight)
+		}
+	}
+	for i, l := range lanes {
+		role := byte('k')
+		if *forward {
+			role = 's'
+		}
+		conn, str, err := floorStream(ctx, *floorAddr, role, byte(i))
+		if err != nil {
+			return err
+		}
+		l.tx, l.txc = str, conn
+	}
 	before, err := d.cpuAt(ctx, *floorAdmin)
 	if err != nil {
 		return err
 	}
-	msg := make([]byte, floorMessage)
 	began := time.Now()
-	for range *count {
-		if _, err := str.Write(msg); err != nil {
-			return err
+	var wg sync.WaitGroup
+	for _, l := range lanes {
+		if l.rx != nil {
+			wg.Go(func() {
+				want := int64(l.n) * floorMessage
+				if l.slots == nil {
+					if n, err := io.CopyN(io.Discard, l.rx, want); err != nil {
+						cancel(fmt.Errorf("floor receiver: %w after %d of %d bytes", err, n, want))
+					}
+					return
+				}
+				in := make([]byte, floorMessage)
+				for range l.n {
+					if _, err := io.ReadFull(l.rx, in); err != nil {
+						cancel(fmt.Errorf("floor receiver: %w", err))
+						return
+					}
+					<-l.slots
+				}
+			})
 		}
+		wg.Go(func() {
+			msg := make([]byte, floorMessage)
+			for range l.n {
+				if l.slots != nil {
+					select {
+					case l.slots <- struct{}{}:
+					case <-ctx.Done():
+						return
+					}
+				}
+				if _, err := l.tx.Write(msg); err != nil {
+					cancel(fmt.Errorf("floor sender: %w", err))
+					return
+				}
+			}
+			_ = l.tx.Close()
+			select {
+			case <-l.txc.Context().Done(): // the floor closes a sink or sender when it has read everything
+			case <-ctx.Done():
+			}
+		})
 	}
-	_ = str.Close()
-	select {
-	case <-conn.Context().Done(): // the sink closes when it has read everything
-	case <-ctx.Done():
-		return ctx.Err()
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil {
+		return err
 	}
 	r.Seconds = time.Since(began).Seconds()
 	after, err := d.cpuAt(ctx, *floorAdmin)

@@ -63,7 +63,7 @@ Scenarios:
   soak       steady load plus session churn for a long time; samples the edge's heap and goroutines to CSV and a PNG plot
 
   oneway     device A sends to device B at a fixed rate: one-way latency through the edge (or --floor: through a bare quic-go forwarder)
-  stream     64-byte messages one way into the floor's sink: the floor server's CPU per message
+  stream     64-byte messages one way into the floor's sink (or --forward: through its forwarder to a receiver): the floor server's CPU per message
   floor      run the bare quic-go server the floor figures are measured against (forwarder and sink)
 
   merge      add up --json results of several runs (pods of a Job) and check thresholds on the whole

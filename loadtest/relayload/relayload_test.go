@@ -229,6 +229,24 @@ func TestFloorScenarios(t *testing.T) {
 	if num(res, "counts", "messages") != 20000 || num(res, "peaks", "server_cpu_us_per_message") <= 0 {
 		t.Fatalf("stream into the floor: %v", res)
 	}
+	res = e.mustRun("stream", "--forward", "--floor", quicAddr, "--floor-admin", "http://"+adminAddr, "--count", "20000")
+	if num(res, "counts", "messages") != 20000 || num(res, "params", "forward") != 1 || num(res, "peaks", "server_cpu_us_per_message") <= 0 {
+		t.Fatalf("stream through the floor's forwarder: %v", res)
+	}
+	// Closed loop over three pairs, an uneven split: every receiver must
+	// get all of its own pair's messages for the run to end.
+	res = e.mustRun("stream", "--forward", "--pairs", "3", "--inflight", "8", "--floor", quicAddr, "--floor-admin", "http://"+adminAddr, "--count", "3001")
+	if num(res, "counts", "messages") != 3001 || num(res, "params", "pairs") != 3 || num(res, "params", "inflight") != 8 ||
+		num(res, "peaks", "server_cpu_us_per_message") <= 0 {
+		t.Fatalf("closed-loop stream through the floor's forwarder: %v", res)
+	}
+	for bad, says := range map[string]string{"--pairs 2": "go with --forward", "--forward --pairs 0": "--pairs", "--forward --pairs 257": "--pairs",
+		"--forward --pairs 11": "--pairs", "--forward --inflight -1": "--inflight", "--count 0": "--count"} {
+		args := append(append([]string{}, e.common...), "stream", "--floor", quicAddr, "--floor-admin", "http://"+adminAddr, "--count", "10")
+		if err := run(context.Background(), append(args, strings.Fields(bad)...), io.Discard, io.Discard, e.getenv); err == nil || !strings.Contains(err.Error(), says) {
+			t.Errorf("stream %s: %v", bad, err)
+		}
+	}
 	res = e.mustRun("--threshold", "failed==0", "rate", "--pairs", "2", "--inflight", "4", "--duration", "500ms")
 	if acked := num(res, "counts", "acked"); acked == 0 || acked != num(res, "counts", "attempts") || num(res, "counts", "received") != acked ||
 		num(res, "params", "inflight") != 4 || num(res, "peaks", "edge_cpu_us_per_event") <= 0 ||
