@@ -3,6 +3,7 @@ package session
 import (
 	"slices"
 	"sync"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -31,8 +32,8 @@ func (s *Session) track(id uint64, a await) {
 	s.awaitMu.Unlock()
 }
 
-// handleReceived takes the device's acknowledgements.
-func (s *Session) handleReceived(ids []uint64) {
+// handleReceived takes the device's acknowledgements, read at now.
+func (s *Session) handleReceived(ids []uint64, now time.Time) {
 	var acked []uint64
 	for _, id := range ids {
 		s.awaitMu.Lock()
@@ -46,7 +47,7 @@ func (s *Session) handleReceived(ids []uint64) {
 		case a.mbSeq != 0:
 			acked = append(acked, a.mbSeq)
 		default:
-			a.f.confirm()
+			a.f.confirm(now)
 		}
 	}
 	if len(acked) > 0 {
@@ -70,7 +71,7 @@ func (s *Session) claim(a await) {
 			s.mailboxAcked(1)
 			return
 		}
-		a.f.confirm()
+		a.f.confirm(s.hub.cfg.Now())
 	})
 }
 

@@ -52,8 +52,9 @@ func (f *inflight) finish(failed bool) bool {
 	return true
 }
 
-// confirm records one target's acknowledgement.
-func (f *inflight) confirm() {
+// confirm records one target's acknowledgement, taken at now (the
+// event's ack latency ends there).
+func (f *inflight) confirm(now time.Time) {
 	f.mu.Lock()
 	if f.done {
 		f.mu.Unlock()
@@ -71,7 +72,7 @@ func (f *inflight) confirm() {
 		f.fwd(edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED)
 		return
 	}
-	f.sender.acked(f)
+	f.sender.acked(f, now)
 }
 
 // fail refuses the event to its sender (once); an "any one" event only
@@ -111,8 +112,8 @@ func (f *inflight) state() (bool, bool) {
 	return f.done, f.failed
 }
 
-func (s *Session) acked(f *inflight) {
-	s.hub.cfg.Metrics.ackLatency.Observe(s.hub.cfg.Now().Sub(f.arrived).Seconds())
+func (s *Session) acked(f *inflight, now time.Time) {
+	s.hub.cfg.Metrics.ackLatency.Observe(now.Sub(f.arrived).Seconds())
 	s.ack(f.eventID)
 }
 
@@ -237,7 +238,7 @@ func (s *Session) acceptEvent(ev *relayv1.Event, tr eventTrace, now, expires tim
 	s.noteActive(now)
 	if len(routes) == 0 {
 		f.remaining = 1
-		f.confirm()
+		f.confirm(now)
 		return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, true
 	}
 	for _, r := range routes {

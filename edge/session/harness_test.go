@@ -283,6 +283,22 @@ func (e *env) metric(name string, labels ...string) float64 {
 	return 0
 }
 
+// histogram returns a histogram's sample count and sum.
+func (e *env) histogram(name string) (uint64, float64) {
+	e.t.Helper()
+	mfs, err := e.reg.Gather()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			h := mf.GetMetric()[0].GetHistogram()
+			return h.GetSampleCount(), h.GetSampleSum()
+		}
+	}
+	return 0, 0
+}
+
 func hasLabel(m *dto.Metric, k, v string) bool {
 	for _, l := range m.GetLabel() {
 		if l.GetName() == k && l.GetValue() == v {

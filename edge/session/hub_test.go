@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -291,6 +292,27 @@ func TestAckWaitsForEveryTarget(t *testing.T) {
 		t.Fatalf("want ack, got %v", f)
 	}
 	b.expectNothing("delivery meant for c", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+}
+
+// The edge's ack latency runs from the event's arrival to the moment the
+// last target's receipt was read: the hub's clock at each end.
+func TestAckLatencyIsArrivalToReceipt(t *testing.T) {
+	var skew atomic.Int64 // added to the wall clock
+	e := newEnv(t, func(c *Config) { c.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) } })
+	e.devices("u1", "a", "b")
+	a, b := e.online("a"), e.online("b")
+	a.sendEvent(a.event("b"))
+	d := b.nextDeliver()
+	const held = 40 * time.Second // the receipt, as the edge's clock sees it
+	skew.Store(int64(held))
+	b.received(d.GetDeliveryId())
+	if f := a.nextAckOrReject(); f.GetAck() == nil {
+		t.Fatalf("want ack, got %v", f)
+	}
+	n, sum := e.histogram("relay_edge_ack_seconds")
+	if n != 1 || sum < held.Seconds() || sum > held.Seconds()+30 {
+		t.Fatalf("ack latency: %d observations, %.3f s in all; want one of %v and a little", n, sum, held)
+	}
 }
 
 func TestEventRejections(t *testing.T) {

@@ -149,12 +149,12 @@ func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires
 			f.fail(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "could not store the event for an offline target; retry")
 		case r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_TAKEN:
 			// An "any one" event another device already took.
-			f.confirm()
+			f.confirm(s.hub.cfg.Now())
 		case r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_STORED:
 			// The device may have connected here meanwhile: tell its
 			// session (the watch feed will too).
 			s.hub.MailboxChanged(s.userID, device, r.Seq)
-			f.confirm()
+			f.confirm(s.hub.cfg.Now())
 		case r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_FULL:
 			f.fail(relayv1.ErrorCode_ERROR_CODE_MAILBOX_FULL, "an offline target's mailbox is full; retry later")
 		case r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_EXPIRED:

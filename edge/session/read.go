@@ -49,10 +49,11 @@ func (s *Session) readLoop(ctx context.Context) *CloseError {
 			if ids, err = frame.AppendReceivedIDs(ids[:0], inner); err != nil {
 				return readEnd(err)
 			}
-			if _, ok := s.pace(false, size); !ok {
+			now, ok := s.pace(false, size)
+			if !ok {
 				return nil
 			}
-			s.handleReceived(ids)
+			s.handleReceived(ids, now)
 			if cap(ids) > keepIDs {
 				ids = nil // a burst's receipt does not stay with an idle session
 			}
@@ -153,7 +154,7 @@ func (s *Session) handle(ctx context.Context, f *relayv1.Frame, now time.Time) b
 			s.streamEphemeral()
 		}
 	case *relayv1.Frame_Received:
-		s.handleReceived(k.Received.GetDeliveryIds())
+		s.handleReceived(k.Received.GetDeliveryIds(), now)
 	case *relayv1.Frame_Ping:
 		s.control(&relayv1.Frame{Kind: &relayv1.Frame_Pong{Pong: &relayv1.Pong{Nonce: k.Ping.GetNonce()}}})
 	case *relayv1.Frame_Pong:

@@ -55,7 +55,7 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 		tr.end(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED)
 		switch o {
 		case edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED:
-			f.confirm()
+			f.confirm(s.hub.cfg.Now())
 		case edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL:
 			f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
 		case edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE:
