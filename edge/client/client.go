@@ -83,7 +83,12 @@ type Config struct {
 	// third of it [30s].
 	IdleTimeout time.Duration
 	// ReconnectMin and ReconnectMax bound the backoff between attempts
-	// [100ms, 10s]; each wait is drawn at random up to the current bound.
+	// [100ms, 10s]; each wait is drawn at random between half the current
+	// bound and the bound, which doubles with each failed attempt and each
+	// session that ended within 30 seconds of its start (or as
+	// RATE_LIMITED), and starts again from ReconnectMin after a session
+	// that lasted. The first attempt after such a session is at once; an
+	// edge that goes away says itself when to come back.
 	ReconnectMin, ReconnectMax time.Duration
 	// ReceiveBuffer is how many received events wait for the
 	// application before the client stops reading (and so the edge stops
@@ -118,13 +123,19 @@ type Config struct {
 	// cache of this client's own]. Share one between clients of a
 	// process that reconnect to the same edges.
 	TLSSessions tls.ClientSessionCache
-	// OnSession, if set, is called (from the client's goroutine; keep it
-	// short) each time a session is up: the first and every reconnect.
+	// OnSession, if set, is called each time a session is up: the first
+	// and every reconnect, after the events still unacknowledged were sent
+	// again. It runs on the client's own goroutine, which reads the
+	// session only once it returns: keep it short, and do not call Send
+	// (it waits for an ack that goroutine reads) or Close (it waits for
+	// that goroutine) from it; SendEphemeral is fine. Start longer work on
+	// a goroutine of its own.
 	OnSession func(SessionInfo)
-	// OnSessionLost, if set, is called (from the client's goroutine) each
-	// time a session ends and the client goes on reconnecting, with why it
-	// ended (an *Error when the edge said). It is not called for Close or
-	// an end for good (Err then says why).
+	// OnSessionLost, if set, is called each time a session ends and the
+	// client goes on reconnecting, with why it ended (an *Error when the
+	// edge said), on the client's goroutine as OnSession is and with the
+	// same rules. It is not called for Close or an end for good (Err then
+	// says why).
 	OnSessionLost func(SessionLost)
 	// Logger [slog.Default()].
 	Logger *slog.Logger

@@ -17,6 +17,7 @@ import (
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/internal/relaytest"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -275,6 +276,87 @@ func TestClose(t *testing.T) {
 	cb2 := r.Dial(0, b, client.QUIC)
 	if ev, err := cb2.Receive(ctx); err != nil || string(ev.Payload) != "later" {
 		t.Fatalf("after reconnecting: %q %v", ev.Payload, err)
+	}
+}
+
+// OnSession may send ephemeral events (it runs once the session is set
+// up, not under the client's send lock), and the client still closes.
+func TestOnSessionMaySendEphemeral(t *testing.T) {
+	r, _, a, b, rx := receiverOnOneEdge(t, "greeter")
+	self := make(chan *client.Client, 1)
+	sent := make(chan error, 1)
+	cfg := r.ClientConfig(0, a, client.QUIC)
+	cfg.OnSession = func(client.SessionInfo) {
+		c := <-self
+		sent <- c.SendEphemeral(client.Message{Targets: []string{b.ID}, Payload: []byte("hello")})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ca, err := client.Dial(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	self <- ca
+	select {
+	case err := <-sent:
+		if err != nil {
+			t.Fatalf("SendEphemeral from OnSession: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("SendEphemeral from OnSession did not return")
+	}
+	if ev, err := rx.Receive(ctx); err != nil || string(ev.Payload) != "hello" {
+		t.Fatalf("received %q, %v", ev.Payload, err)
+	}
+	closeWithin(t, ca, 20*time.Second)
+}
+
+// Close does not wait for a write the edge is not taking: here the edge
+// paces the device to one event a second while megabytes of events wait
+// for the stream.
+func TestCloseIsNotHeldByABlockedWrite(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.Session.Limits = session.DefaultLimits()
+		cfg.Session.Limits.EventsPerSecond = 1
+	}})
+	u := r.User("stuck")
+	a, b := r.Device(u, "a"), r.Device(u, "b")
+	rx := r.Dial(0, b, client.QUIC)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ca, err := client.Dial(ctx, r.ClientConfig(0, a, client.QUIC))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 100 // 4 MB: far beyond what the edge's stream window takes
+	payload := make([]byte, 40<<10)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() { _ = ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: payload}) })
+	}
+	// Two events through: the edge is pacing and the rest wait.
+	for range 2 {
+		if _, err := rx.Receive(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	closeWithin(t, ca, 20*time.Second)
+	wg.Wait() // every Send returned
+}
+
+// closeWithin closes c and fails the test if Close has not returned
+// within d (a hang, not a timing: Close takes a second at most here).
+func closeWithin(t *testing.T, c *client.Client, d time.Duration) {
+	t.Helper()
+	closed := make(chan error, 1)
+	go func() { closed <- c.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatalf("close: %v", err)
+		}
+	case <-time.After(d):
+		t.Fatalf("Close has not returned after %v", d)
 	}
 }
 

@@ -150,6 +150,14 @@ func (cn *conn) close(code relayv1.ErrorCode, msg string) {
 
 const dialTimeout = 10 * time.Second
 
+// goodbyeTimeout bounds the Close frame's write, and any write still in
+// progress when the client closes.
+const goodbyeTimeout = time.Second
+
+// wsPingEvery is the longest a WebSocket session goes without a Ping
+// (docs/protocol.md): the edge closes one silent for its idle timeout.
+const wsPingEvery = 10 * time.Second
+
 // dial opens a transport connection and its session stream.
 func (c *Client) dial(ctx context.Context) (*conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
@@ -169,7 +177,8 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
 		// The edge sends nothing while idle; the client pings (serve) so
 		// both directions see traffic well within the idle timeout.
-		return &conn{c: transport.NewWebSocketConn(ws, remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections, keepalive: c.cfg.IdleTimeout / 3, noDatagrams: true}, nil
+		return &conn{c: transport.NewWebSocketConn(ws, remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections,
+			keepalive: min(c.cfg.IdleTimeout/3, wsPingEvery), noDatagrams: true}, nil
 	case WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3", addr), QUICConfig: qc}
 		_, sess, err := d.Dial(ctx, "https://"+addr+transport.WebTransportPath, nil)
@@ -364,7 +373,7 @@ func (c *Client) loop(first *conn) {
 	for {
 		var wait time.Duration
 		if cn != nil {
-			backoff = c.cfg.ReconnectMin
+			began := time.Now()
 			c.mu.Lock()
 			lost := SessionLost{SessionID: c.sessionID} // the handshake just set it
 			c.mu.Unlock()
@@ -384,16 +393,13 @@ func (c *Client) loop(first *conn) {
 				lost.Err = err
 				c.cfg.OnSessionLost(lost)
 			}
-			var e *Error
-			switch {
-			case errors.As(err, &e) && e.Code == relayv1.ErrorCode_ERROR_CODE_GOING_AWAY:
-				wait = e.ReconnectAfter
-				c.moveOn()
-			case !errors.As(err, &e):
-				// The connection broke without a word from the edge: it may
-				// be gone, so try another first (the ticket works there).
+			if e := (*Error)(nil); !errors.As(err, &e) || e.Code == relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+				// Going away, or the connection broke without a word from
+				// the edge (it may be gone): try another first (the ticket
+				// works there).
 				c.moveOn()
 			}
+			wait, backoff = reconnectWait(err, time.Since(began), backoff, c.cfg.ReconnectMin, c.cfg.ReconnectMax)
 		} else {
 			wait = jitter(backoff)
 			backoff = min(backoff*2, c.cfg.ReconnectMax)
@@ -426,6 +432,34 @@ func (c *Client) loop(first *conn) {
 	}
 }
 
+// stableSession is how long a session must have lasted for its end to
+// reset the reconnect backoff.
+const stableSession = 30 * time.Second
+
+// reconnectWait is how long to wait before reconnecting after a session
+// that lasted for lasted ended with err, and the backoff after that. An
+// edge going away says when to come back. The first reconnect after a
+// session that lasted is at once (a connection lost after a long, healthy
+// session is worth retrying now); a session that ends soon after it began
+// (an edge that accepts and then drops the device, again and again) or
+// one the edge ended as RATE_LIMITED is followed by a wait drawn from
+// the backoff, which doubles up to maxB, so a client cannot spin against
+// its edge.
+func reconnectWait(err error, lasted, backoff, minB, maxB time.Duration) (wait, next time.Duration) {
+	var e *Error
+	isErr := errors.As(err, &e)
+	if isErr && e.Code == relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+		return e.ReconnectAfter, minB
+	}
+	if lasted >= stableSession {
+		backoff = minB
+		if !isErr || e.Code != relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED {
+			return 0, minB
+		}
+	}
+	return jitter(backoff), min(backoff*2, maxB)
+}
+
 // stop ends the client: pending sends fail with err, Events closes.
 func (c *Client) stop(err error) {
 	c.mu.Lock()
@@ -453,22 +487,27 @@ func (c *Client) serve(cn *conn) error {
 	close(c.ready)
 	info := SessionInfo{Edge: c.addrs()[c.addr%len(c.addrs())], SessionID: c.sessionID, Resumed: c.resumed}
 	c.mu.Unlock()
-	if c.cfg.OnSession != nil {
-		c.cfg.OnSession(info)
-	}
 	if len(resend) > 0 {
 		// In one write; a failure ends the connection, which the reader
 		// sees.
 		_ = cn.writeEncoded(resend)
 	}
 	c.sendMu.Unlock()
+	// Not under sendMu: the callback may send ephemeral events.
+	if c.cfg.OnSession != nil {
+		c.cfg.OnSession(info)
+	}
 
 	ctx, cancel := context.WithCancel(c.ctx)
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		<-ctx.Done()
 		if c.ctx.Err() != nil {
-			// Close: say goodbye so the edge tells the others at once.
+			// Close: say goodbye so the edge tells the others at once,
+			// but give it (and a write already stuck on an edge that
+			// stopped reading, which the deadline ends too) no more than
+			// goodbyeTimeout.
+			_ = cn.c.SetWriteDeadline(time.Now().Add(goodbyeTimeout))
 			_ = cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
 		}
 		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")

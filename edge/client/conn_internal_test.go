@@ -302,3 +302,39 @@ func TestFirstEphemeralEventOfAConnectionGoesOnTheStream(t *testing.T) {
 		t.Fatalf("after failed writes: datagrams open %v, %d sent", cn.datagramsOpen, len(fc.datagrams))
 	}
 }
+
+// The wait before a reconnect: at once after a session that lasted, a
+// backoff that doubles after sessions that end soon after they began, and
+// the edge's own word when it goes away.
+func TestReconnectWaitBacksOffFromShortSessions(t *testing.T) {
+	const minB, maxB = 100 * time.Millisecond, 2 * time.Second
+	goingAway := &Error{Code: relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, ReconnectAfter: 3 * time.Second}
+	rateLimited := &Error{Code: relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED}
+	slow := &Error{Code: relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER}
+	within := func(wait, backoff time.Duration) bool { return wait >= backoff/2 && wait <= backoff }
+
+	if wait, next := reconnectWait(goingAway, time.Second, time.Second, minB, maxB); wait != 3*time.Second || next != minB {
+		t.Errorf("going away: wait %v, next %v", wait, next)
+	}
+	for _, err := range []error{io.EOF, slow} {
+		if wait, next := reconnectWait(err, time.Minute, maxB, minB, maxB); wait != 0 || next != minB {
+			t.Errorf("%v after a long session: wait %v, next %v; want at once, backoff reset", err, wait, next)
+		}
+	}
+	if wait, next := reconnectWait(rateLimited, time.Minute, maxB, minB, maxB); !within(wait, minB) || next != 2*minB {
+		t.Errorf("rate limited after a long session: wait %v, next %v; want a wait from the reset backoff", wait, next)
+	}
+	// Sessions that end at once, again and again: the waits grow to the
+	// bound and stay there.
+	backoff := minB
+	for i := range 8 {
+		wait, next := reconnectWait(slow, 50*time.Millisecond, backoff, minB, maxB)
+		if !within(wait, backoff) || next != min(2*backoff, maxB) {
+			t.Fatalf("short session %d at backoff %v: wait %v, next %v", i, backoff, wait, next)
+		}
+		backoff = next
+	}
+	if backoff != maxB {
+		t.Fatalf("backoff %v after eight short sessions, want %v", backoff, maxB)
+	}
+}
