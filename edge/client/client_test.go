@@ -344,6 +344,48 @@ func TestCloseIsNotHeldByABlockedWrite(t *testing.T) {
 	wg.Wait() // every Send returned
 }
 
+// A device whose sessions the edge ends soon after they begin is not
+// reconnected in a tight loop: each short session doubles the wait, drawn
+// between half the backoff and the backoff, so three such ends in a row
+// cost at least 150 + 300 + 600 ms with ReconnectMin 300 ms (a lower
+// bound: a slow machine only adds to it).
+func TestShortSessionsBackOff(t *testing.T) {
+	r, _, a, _, _ := receiverOnOneEdge(t, "flappy")
+	up := make(chan string, 8)
+	cfg := r.ClientConfig(0, a, client.QUIC)
+	cfg.ReconnectMin, cfg.ReconnectMax = 300*time.Millisecond, 10*time.Second
+	cfg.OnSession = func(s client.SessionInfo) { up <- s.SessionID }
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ca := dialWith(ctx, t, cfg)
+	next := func() string {
+		t.Helper()
+		select {
+		case id := <-up:
+			return id
+		case <-ctx.Done():
+			t.Fatal("no new session")
+			return ""
+		}
+	}
+	id := next()
+	began := time.Now()
+	for range 3 {
+		r.Edges[0].Hub().CloseDevice(a.UserID, a.ID, relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the test ends the session")
+		if again := next(); again == id {
+			t.Fatalf("session %s again", id)
+		} else {
+			id = again
+		}
+	}
+	if took, least := time.Since(began), 1050*time.Millisecond; took < least {
+		t.Fatalf("three short sessions reconnected within %v, want at least %v of backoff", took, least)
+	}
+	if ca.Err() != nil {
+		t.Fatalf("client stopped: %v", ca.Err())
+	}
+}
+
 // closeWithin closes c and fails the test if Close has not returned
 // within d (a hang, not a timing: Close takes a second at most here).
 func closeWithin(t *testing.T, c *client.Client, d time.Duration) {

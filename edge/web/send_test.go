@@ -173,6 +173,30 @@ func endPageSession(ctx context.Context, t *testing.T, edge *server.Server, dev 
 		`states[0] === false && states.at(-1) === true && window.c.sessionId !== "" && window.c.sessionId !== %q`, old))
 }
 
+// A page whose sessions the edge ends soon after they begin backs off
+// as a Go client does: each short session doubles the wait, drawn
+// between half the backoff and the backoff, so three such ends in a row
+// cost at least 150 + 300 + 600 ms with reconnectMinMs 300 (a lower
+// bound: a slow machine only adds to it).
+func TestRelayJSShortSessionsBackOff(t *testing.T) {
+	g := newSlotRig(t, "flappy")
+	connectPage(t, g.ctx, g.edge, g.pageDev, "websocket", "c", map[string]any{"reconnectMinMs": 300}, "")
+	eval[bool](g.ctx, t, `(() => {
+		window.ups = [];
+		window.c.addEventListener("state", (e) => { if (e.detail.connected) ups.push(performance.now()); });
+		return true;
+	})()`)
+	began := eval[float64](g.ctx, t, `performance.now()`)
+	for i := range 3 {
+		old := eval[string](g.ctx, t, `window.c.sessionId`)
+		g.edge.Hub().CloseDevice(g.pageDev.UserID, g.pageDev.ID, relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the test ends the session")
+		waitJS(g.ctx, t, fmt.Sprintf("reconnect %d", i+1), fmt.Sprintf(`ups.length === %d && window.c.sessionId !== "" && window.c.sessionId !== %q`, i+1, old))
+	}
+	if took := eval[float64](g.ctx, t, `ups[2]`) - began; took < 1050 {
+		t.Fatalf("three short sessions reconnected within %.0f ms, want at least 1050 ms of backoff", took)
+	}
+}
+
 // slotRig is a relay whose edge has an admin port, a user with two
 // devices, a page and rx, rx connected as a raw device over a WebSocket
 // (no datagrams: ephemeral events come in stream order), and Chromium on

@@ -857,13 +857,13 @@ export class RelayClient extends EventTarget {
       const c = this.conn;
       let wait = 0;
       if (c) {
-        backoff = min;
+        const began = performance.now();
         const why = await this.serve(c);
         this.conn = null;
         if (this.stopped) return;
         this.emit("state", { connected: false, reason: why });
         if (this.fatal(why)) { this.stop(why!); return; }
-        if (why?.code === ErrorCode.GOING_AWAY) wait = why.reconnectAfterMs;
+        [wait, backoff] = reconnectWait(why, performance.now() - began, backoff, min, max);
       } else {
         wait = backoff / 2 + Math.random() * (backoff / 2);
         backoff = Math.min(backoff * 2, max);
@@ -878,6 +878,26 @@ export class RelayClient extends EventTarget {
       }
     }
   }
+}
+
+/** How long a session must have lasted for its end to reset the
+ * reconnect backoff (ms). */
+export const STABLE_SESSION_MS = 30_000;
+
+/** The wait before reconnecting after a session that lasted `lastedMs`
+ * ended with `why`, and the backoff after it (both ms). An edge going away
+ * says when to come back; the first reconnect after a session that lasted
+ * is at once; a session that ended soon after it began, or as
+ * RATE_LIMITED, is followed by a wait between half the backoff and the
+ * backoff, which doubles up to `max`, so a page cannot spin against an
+ * edge that accepts and then drops it. (The Go client's reconnectWait.) */
+export function reconnectWait(why: RelayError | null | undefined, lastedMs: number, backoff: number, min: number, max: number): [number, number] {
+  if (why?.code === ErrorCode.GOING_AWAY) return [why.reconnectAfterMs, min];
+  if (lastedMs >= STABLE_SESSION_MS) {
+    backoff = min;
+    if (why?.code !== ErrorCode.RATE_LIMITED) return [0, min];
+  }
+  return [backoff / 2 + Math.random() * (backoff / 2), Math.min(backoff * 2, max)];
 }
 
 /** The error a Close frame carries. */
