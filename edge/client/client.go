@@ -24,6 +24,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -276,6 +277,9 @@ type Client struct {
 
 	// sends holds a token per Send under way (Config.MaxPending).
 	sends chan struct{}
+	// maxFrame is the edge's frame limit, from the last Welcome (0: none
+	// yet).
+	maxFrame atomic.Int64
 
 	// sendMu serialises seq assignment with the write, so events reach
 	// the edge in seq order.
@@ -556,11 +560,17 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 
 // encode gives ev the next seq and encodes its frame; sendMu held (the
 // seq changes only under it). An event that cannot be encoded within the
-// frame limit is refused: an *Error with FRAME_TOO_LARGE, or
-// MALFORMED_FRAME when protobuf could not encode it (invalid UTF-8).
+// edge's frame limit (from the last Welcome; frame.DefaultMaxFrame before
+// the first) is refused here, rather than have the edge end the session
+// for it: an *Error with FRAME_TOO_LARGE, or MALFORMED_FRAME when
+// protobuf could not encode it (invalid UTF-8).
 func (c *Client) encode(ev *relayv1.Event) ([]byte, error) {
 	ev.Seq = c.seq + 1
-	enc, err := frame.AppendEventFrame(nil, ev, frame.DefaultMaxFrame)
+	limit := int(c.maxFrame.Load())
+	if limit <= 0 {
+		limit = frame.DefaultMaxFrame
+	}
+	enc, err := frame.AppendEventFrame(nil, ev, limit)
 	if err != nil {
 		var fe *frame.Error
 		if errors.As(err, &fe) {

@@ -386,6 +386,56 @@ func TestShortSessionsBackOff(t *testing.T) {
 	}
 }
 
+// The client follows the frame limit its edge tells in the Welcome: an
+// edge that takes larger frames relays larger events between clients
+// (both sending and receiving them), and one that takes only smaller ones
+// gets no frame it would end the session for: the client refuses the
+// event itself, with FRAME_TOO_LARGE, and goes on.
+func TestClientsFollowTheEdgesFrameLimit(t *testing.T) {
+	limits := func(frameBytes, payloadBytes int) relaytest.Options {
+		return relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+			cfg.Session.Limits = session.DefaultLimits()
+			cfg.Session.Limits.MaxFrameBytes, cfg.Session.Limits.MaxPayloadBytes = frameBytes, payloadBytes
+		}}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	t.Run("larger", func(t *testing.T) {
+		r := relaytest.Start(t, limits(256<<10, 200<<10))
+		u := r.User("large")
+		a, b := r.Device(u, "a"), r.Device(u, "b")
+		ca, cb := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.QUIC)
+		payload := bytes.Repeat([]byte{7}, 150<<10)
+		if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: payload}); err != nil {
+			t.Fatalf("send a 150 KiB event: %v", err)
+		}
+		if ev, err := cb.Receive(ctx); err != nil || !bytes.Equal(ev.Payload, payload) {
+			t.Fatalf("received %d bytes, %v", len(ev.Payload), err)
+		}
+	})
+	t.Run("smaller", func(t *testing.T) {
+		r := relaytest.Start(t, limits(16<<10, 12<<10))
+		u := r.User("small")
+		a, b := r.Device(u, "a"), r.Device(u, "b")
+		ca, cb := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.QUIC)
+		var ce *client.Error
+		err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: make([]byte, 20<<10)})
+		if !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE {
+			t.Fatalf("send a 20 KiB event through a 16 KiB limit: %v, want FRAME_TOO_LARGE", err)
+		}
+		if err := ca.SendEphemeral(client.Message{Targets: []string{b.ID}, Payload: make([]byte, 20<<10)}); !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE {
+			t.Fatalf("send a 20 KiB ephemeral event through a 16 KiB limit: %v, want FRAME_TOO_LARGE", err)
+		}
+		// The session goes on.
+		if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: []byte("small")}); err != nil || ca.Err() != nil {
+			t.Fatalf("a small event after: %v (client: %v)", err, ca.Err())
+		}
+		if ev, err := cb.Receive(ctx); err != nil || string(ev.Payload) != "small" {
+			t.Fatalf("received %q, %v", ev.Payload, err)
+		}
+	})
+}
+
 // closeWithin closes c and fails the test if Close has not returned
 // within d (a hang, not a timing: Close takes a second at most here).
 func closeWithin(t *testing.T, c *client.Client, d time.Duration) {

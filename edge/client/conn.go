@@ -150,6 +150,11 @@ func (cn *conn) close(code relayv1.ErrorCode, msg string) {
 
 const dialTimeout = 10 * time.Second
 
+// deliverSlack is how much longer than the edge's frame limit a frame
+// from the edge may be: a Deliver wraps a relayed event, which the edge
+// has given its sender's ids.
+const deliverSlack = 1 << 10
+
 // goodbyeTimeout bounds the Close frame's write, and any write still in
 // progress when the client closes.
 const goodbyeTimeout = time.Second
@@ -281,6 +286,14 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 			rtt := time.Since(sent)
 			// The edge stamped server_time about half a round trip ago.
 			offset := time.UnixMilli(w.GetServerTimeMs()).Add(rtt / 2).Sub(time.Now())
+			if n := int(w.GetLimits().GetMaxFrameBytes()); n > 0 {
+				// The edge refuses (closing the session) a frame longer
+				// than its limit, and relays events up to it, in frames a
+				// little longer: the delivery's wrapping and the sender's
+				// ids.
+				c.maxFrame.Store(int64(n))
+				cn.r.SetMax(max(frame.DefaultMaxFrame, n+deliverSlack))
+			}
 			c.mu.Lock()
 			if len(w.GetResumeTicket()) > 0 {
 				c.ticket = w.GetResumeTicket()

@@ -147,6 +147,17 @@ func NewReaderConfig(r io.Reader, cfg ReaderConfig) *Reader {
 	return rd
 }
 
+// SetMax changes the longest frame the reader accepts, from the next
+// frame on (DefaultMaxFrame when max <= 0): a client learns its edge's
+// limits only from the handshake's last frame. Not safe to call while a
+// read is in progress.
+func (r *Reader) SetMax(max int) {
+	if max <= 0 {
+		max = DefaultMaxFrame
+	}
+	r.max = max
+}
+
 // keepBuf is the largest frame buffer a Reader keeps between frames; a
 // larger one (for a rare large frame) is dropped after use, so idle
 // sessions hold little memory.

@@ -71,6 +71,27 @@ func TestAppendMaxLeavesDstOnError(t *testing.T) {
 	}
 }
 
+// SetMax moves the limit from the next frame on; zero or less is the
+// default.
+func TestReaderSetMax(t *testing.T) {
+	big := &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Payload: bytes.Repeat([]byte("x"), 200)}}}
+	one, _ := Append(nil, big)
+	r := NewReader(bytes.NewReader(bytes.Repeat(one, 3)), 100)
+	var f relayv1.Frame
+	r.SetMax(300)
+	if err := r.Read(&f); err != nil {
+		t.Fatalf("a %d-byte frame under a limit of 300: %v", len(one), err)
+	}
+	r.SetMax(0) // DefaultMaxFrame
+	if err := r.Read(&f); err != nil {
+		t.Fatalf("under the default limit: %v", err)
+	}
+	r.SetMax(100)
+	if err := r.Read(&f); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("a %d-byte frame under a limit of 100: %v, want ErrTooLarge", len(one), err)
+	}
+}
+
 func TestBadInput(t *testing.T) {
 	ev := &relayv1.Frame{Kind: &relayv1.Frame_Event{Event: &relayv1.Event{Payload: bytes.Repeat([]byte("x"), 200)}}}
 	whole, _ := Append(nil, ev)

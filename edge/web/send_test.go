@@ -15,6 +15,7 @@ import (
 
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/internal/relaytest"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -194,6 +195,44 @@ func TestRelayJSShortSessionsBackOff(t *testing.T) {
 	}
 	if took := eval[float64](g.ctx, t, `ups[2]`) - began; took < 1050 {
 		t.Fatalf("three short sessions reconnected within %.0f ms, want at least 1050 ms of backoff", took)
+	}
+}
+
+// relay.js follows the frame limit its edge tells in the Welcome: an
+// event longer than the edge takes (which would end the session for
+// good) is refused in the page with FRAME_TOO_LARGE, and the page goes on.
+func TestRelayJSFollowsTheEdgesFrameLimit(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.AdminAddr = "127.0.0.1:0"
+		cfg.Session.Limits = session.DefaultLimits()
+		cfg.Session.Limits.MaxFrameBytes, cfg.Session.Limits.MaxPayloadBytes = 16<<10, 12<<10
+	}})
+	ctx := browser(t)
+	user := r.User("limited")
+	pageDev, rxDev := r.Device(user, "page"), r.Device(user, "rx")
+	rx := r.Dial(0, rxDev, client.WebSocket)
+	do(ctx, t, "open the page", chromedp.Navigate(r.Edges[0].AdminURL()+"/"))
+	connectPage(t, ctx, r.Edges[0], pageDev, "websocket", "c", nil, rxDev.ID)
+	got := eval[[]string](ctx, t, fmt.Sprintf(`(async () => {
+		const c = window.c, to = [%q], big = new Uint8Array(20 << 10), out = [];
+		try { await c.send({ targets: to, payload: big }); out.push("sent"); } catch (e) { out.push(e.name + " " + e.code); }
+		try { c.sendEphemeral({ targets: to, payload: big }); out.push("sent"); } catch (e) { out.push(e.name + " " + e.code); }
+		await c.send({ targets: to, payload: "small" });
+		out.push("small delivered");
+		return out;
+	})()`, rxDev.ID))
+	want := []string{
+		fmt.Sprintf("RelayError %d", relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE),
+		fmt.Sprintf("RelayError %d", relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE),
+		"small delivered",
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("got %q, want %q", got, want)
+	}
+	rctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if ev, err := rx.Receive(rctx); err != nil || string(ev.Payload) != "small" {
+		t.Fatalf("received %q, %v", ev.Payload, err)
 	}
 }
 

@@ -425,6 +425,9 @@ export class RelayClient extends EventTarget {
   private conn: Conn | null = null;
   private ticket: Uint8Array = new Uint8Array(0);
   private seq = BigInt(Date.now()) * 1000n;
+  /** The edge's frame limit, from the last Welcome: a longer frame would
+   * end the session for good, so such an event is refused here. */
+  private maxFrameBytes = 64 * 1024;
   /** Events sent and not acknowledged yet, in the order they were sent
    * (a Map iterates in insertion order); at most maxPending. */
   private pending = new Map<string, Outgoing>();
@@ -491,7 +494,7 @@ export class RelayClient extends EventTarget {
   /** Builds a send's event, now that it has a slot, and sends it. */
   private start(s: Outgoing): void {
     try {
-      s.body = frame({ case: "event", value: this.build(s.m, false, s.id) });
+      s.body = this.fits(frame({ case: "event", value: this.build(s.m, false, s.id) }));
     } catch (e) {
       s.reject(e); // it cannot be encoded (a bad ttlMs, say): never sent
       return;
@@ -525,11 +528,13 @@ export class RelayClient extends EventTarget {
   /** Sends an ephemeral event: never stored, never acknowledged; a
    * datagram when it fits, but for the first of each connection, which
    * goes on the stream (the edge reads a session's datagrams from then on,
-   * so a page that sends none costs it no datagram reader). */
+   * so a page that sends none costs it no datagram reader). Throws a
+   * RelayError: TARGET_OFFLINE while disconnected, FRAME_TOO_LARGE for an
+   * event longer than the edge's frame limit. */
   sendEphemeral(m: Message): void {
     const c = this.conn;
     if (!c) throw new RelayError(ErrorCode.TARGET_OFFLINE, "not connected");
-    const body = frame({ case: "event", value: this.build(m, true) });
+    const body = this.fits(frame({ case: "event", value: this.build(m, true) }));
     if (c.datagramsOpen && c.sendDatagram?.(body)) return;
     // Datagrams from when this frame has gone out (until then they would
     // wait in the edge's small queue, or be dropped beyond it).
@@ -546,6 +551,15 @@ export class RelayClient extends EventTarget {
       c.close();
     }
     this.fail(new RelayError(ErrorCode.UNSPECIFIED, "closed"));
+  }
+
+  /** body, when the edge takes a frame that long; else a RelayError
+   * (FRAME_TOO_LARGE) is thrown and nothing is sent. */
+  private fits(body: Uint8Array): Uint8Array {
+    if (body.length > this.maxFrameBytes) {
+      throw new RelayError(ErrorCode.FRAME_TOO_LARGE, `frame of ${body.length} bytes, at most ${this.maxFrameBytes} allowed`);
+    }
+    return body;
   }
 
   private build(m: Message, ephemeral: boolean, id = m.id || randomId()): WireEvent {
@@ -716,6 +730,7 @@ export class RelayClient extends EventTarget {
           const rtt = Date.now() - sent;
           this.clockOffsetMs = Number(w.serverTimeMs) + rtt / 2 - Date.now();
           if (w.resumeTicket.length > 0) this.ticket = w.resumeTicket;
+          if (w.limits?.maxFrameBytes) this.maxFrameBytes = w.limits.maxFrameBytes;
           this.sessionId = w.sessionId;
           c.hello = hello;
           return;
