@@ -116,8 +116,9 @@ type Config struct {
 	// waits, on its context, for an earlier one to finish, so an
 	// application sending faster than the edge acknowledges is held back
 	// instead of queueing without bound in memory. (A Send whose context
-	// ends after its event went out gives its slot back at once; its
-	// event may still be on its way, not counted.)
+	// ends before its event was written takes the event back: it is never
+	// sent. One whose context ends after that gives its slot back at once;
+	// its event may still be on its way, not counted.)
 	MaxPending int
 	// TLSSessions keeps TLS session tickets, so a reconnect resumes the
 	// TLS handshake too (no certificate signature to make or check) [a
@@ -496,7 +497,11 @@ func (c *Client) build(m Message, ephemeral bool) *relayv1.Event {
 // disconnected the event waits and is sent after the reconnect; an event
 // sent but not acknowledged is sent again then (receivers drop the
 // duplicate). At most Config.MaxPending sends are under way at once; a
-// further one first waits for a slot.
+// further one first waits for a slot. An error from ctx means the event
+// may or may not have been delivered: if ctx ended while the event was
+// still waiting for the stream it is never sent, but the Send that writes
+// the queued events waits for that write (the edge's flow control) past
+// ctx, as a blocked write cannot be called back.
 func (c *Client) Send(ctx context.Context, m Message) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -544,7 +549,11 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 	// Queued in seq order (under sendMu) and written with whatever other
 	// sends queued meanwhile. A failed write ends that connection; the
 	// event is resent on the next.
-	flush := cur != nil && cur.queue(enc)
+	var ticket uint64
+	flush := false
+	if cur != nil {
+		ticket, flush = cur.queue(enc)
+	}
 	c.sendMu.Unlock()
 	if flush {
 		_ = cur.flush(yield)
@@ -554,6 +563,11 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 		return err
 	case <-ctx.Done():
 		c.forget(ev.GetId())
+		// Not written yet (the stream is held up): it never will be, so
+		// what sends gave up does not pile up behind the stream.
+		if cur != nil {
+			cur.unqueue(ticket)
+		}
 		return ctx.Err()
 	}
 }

@@ -51,9 +51,20 @@ type conn struct {
 	// in one packet rather than a packet each: a send appends its frame
 	// to pend, and the first of them since the last write writes
 	// everything pending once the other runnable senders had their turn.
-	pmu      sync.Mutex // guards pend and flushing
+	pmu      sync.Mutex // guards the fields below
 	pend     []byte
 	flushing bool
+	// queued are the frames in pend, in order: a send that gives up while
+	// its frame is still there takes it out (unqueue), so pend holds at
+	// most the frames of sends that hold a slot (Config.MaxPending).
+	queued []queuedFrame
+	ticket uint64 // the last ticket handed out
+}
+
+// queuedFrame is a frame in pend: its ticket and length.
+type queuedFrame struct {
+	ticket uint64
+	size   int
 }
 
 // write writes f now, after the frames sends queued before it.
@@ -81,17 +92,37 @@ func (cn *conn) writeEncoded(b []byte) error {
 }
 
 // queue appends an encoded frame to those waiting to be written, in the
-// order of the calls (the callers hold sendMu, so in seq order). When it
-// returns true, the caller must call flush: no other sender will write it.
-func (cn *conn) queue(enc []byte) (flush bool) {
+// order of the calls (the callers hold sendMu, so in seq order), and
+// returns its ticket (for unqueue). When flush is true, the caller must
+// call flush: no other sender will write it.
+func (cn *conn) queue(enc []byte) (ticket uint64, flush bool) {
 	cn.pmu.Lock()
 	defer cn.pmu.Unlock()
 	cn.pend = append(cn.pend, enc...)
+	cn.ticket++
+	cn.queued = append(cn.queued, queuedFrame{ticket: cn.ticket, size: len(enc)})
 	if cn.flushing {
-		return false
+		return cn.ticket, false
 	}
 	cn.flushing = true
-	return true
+	return cn.ticket, true
+}
+
+// unqueue takes the frame with ticket out of those waiting to be
+// written; false when it is not there (a write has taken it).
+func (cn *conn) unqueue(ticket uint64) bool {
+	cn.pmu.Lock()
+	defer cn.pmu.Unlock()
+	off := 0
+	for i, q := range cn.queued {
+		if q.ticket == ticket {
+			cn.pend = append(cn.pend[:off], cn.pend[off+q.size:]...)
+			cn.queued = append(cn.queued[:i], cn.queued[i+1:]...)
+			return true
+		}
+		off += q.size
+	}
+	return false
 }
 
 // flush writes the queued frames. With yield, it first lets the other
@@ -112,7 +143,7 @@ func (cn *conn) flush(yield bool) error {
 func (cn *conn) writePending() error {
 	cn.pmu.Lock()
 	b := cn.pend
-	cn.pend, cn.flushing = nil, false
+	cn.pend, cn.queued, cn.flushing = nil, cn.queued[:0], false
 	cn.pmu.Unlock()
 	if len(b) == 0 {
 		return nil

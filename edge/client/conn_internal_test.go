@@ -2,11 +2,13 @@ package client
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"hash/maphash"
 	"io"
 	"slices"
+	"sync"
 	"testing"
 	"testing/iotest"
 	"time"
@@ -66,7 +68,7 @@ func TestQueuedFramesShareOneWrite(t *testing.T) {
 	wc := &writesConn{}
 	cn := &conn{c: wc, w: frame.NewWriter(wc, 0)}
 	for i := range uint64(3) {
-		if flush := cn.queue(encodedPing(t, i+1)); flush != (i == 0) {
+		if _, flush := cn.queue(encodedPing(t, i+1)); flush != (i == 0) {
 			t.Fatalf("queue %d: flush %v", i, flush)
 		}
 	}
@@ -80,7 +82,7 @@ func TestQueuedFramesShareOneWrite(t *testing.T) {
 		t.Fatalf("writes: %d, first %v", len(wc.writes), frames(t, wc.writes[0]))
 	}
 	// Flushed: the next queued frame makes its sender the flusher again.
-	if !cn.queue(encodedPing(t, 4)) {
+	if _, flush := cn.queue(encodedPing(t, 4)); !flush {
 		t.Fatal("the first frame queued after a flush must be flushed by its sender")
 	}
 	if err := cn.write(pingFrame(5)); err != nil {
@@ -336,5 +338,153 @@ func TestReconnectWaitBacksOffFromShortSessions(t *testing.T) {
 	}
 	if backoff != maxB {
 		t.Fatalf("backoff %v after eight short sessions, want %v", backoff, maxB)
+	}
+}
+
+// A frame taken back before it was written is never written; one a write
+// has taken cannot be taken back.
+func TestUnqueueTakesAFrameBackUntilItIsWritten(t *testing.T) {
+	wc := &writesConn{}
+	cn := &conn{c: wc, w: frame.NewWriter(wc, 0)}
+	var tickets []uint64
+	for i := range uint64(4) {
+		ticket, _ := cn.queue(encodedPing(t, i+1))
+		tickets = append(tickets, ticket)
+	}
+	if !cn.unqueue(tickets[1]) || !cn.unqueue(tickets[3]) || cn.unqueue(tickets[3]) {
+		t.Fatal("unqueue of queued frames (once each)")
+	}
+	if err := cn.flush(false); err != nil {
+		t.Fatal(err)
+	}
+	if len(wc.writes) != 1 || !slices.Equal(frames(t, wc.writes[0]), []uint64{1, 3}) {
+		t.Fatalf("written: %v, want pings 1 and 3", frames(t, wc.writes[0]))
+	}
+	if cn.unqueue(tickets[0]) {
+		t.Fatal("a written frame was taken back")
+	}
+	// The next frames queue afresh.
+	ticket, flush := cn.queue(encodedPing(t, 5))
+	if !flush || !cn.unqueue(ticket) {
+		t.Fatal("a frame queued after a flush")
+	}
+	if err := cn.flush(false); err != nil || len(wc.writes) != 1 {
+		t.Fatalf("flush of nothing: %v, %d writes", err, len(wc.writes))
+	}
+}
+
+// blockedConn is a session.Conn whose writes wait until release is
+// closed; entered gets a value as the first write starts.
+type blockedConn struct {
+	session.Conn // only Write is used
+	entered      chan struct{}
+	release      chan struct{}
+	mu           sync.Mutex
+	written      []byte
+}
+
+func (b *blockedConn) Write(p []byte) (int, error) {
+	select {
+	case b.entered <- struct{}{}:
+	default:
+	}
+	<-b.release
+	b.mu.Lock()
+	b.written = append(b.written, p...)
+	b.mu.Unlock()
+	return len(p), nil
+}
+
+// Sends that give up while the stream is held up (an edge pacing the
+// device) take their frames back: what waits for the stream stays within
+// MaxPending frames however many sends come and go, no event of a send
+// that returned is written after it, and what is written keeps seq order.
+func TestSendsThatGiveUpDoNotPileUpBehindTheStream(t *testing.T) {
+	const maxPending, payload, sends = 4, 1 << 10, 1000
+	bc := &blockedConn{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	cn := &conn{c: bc, w: frame.NewWriter(bc, 0)}
+	c := &Client{
+		cfg:     Config{MaxPending: maxPending, DeviceID: "d", UserID: "u"},
+		pending: map[string]*pendingSend{},
+		sends:   make(chan struct{}, maxPending),
+		done:    make(chan struct{}),
+		cur:     cn,
+	}
+	// The first send writes its frame, and its write is held up.
+	first := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		first <- c.Send(ctx, Message{ID: "first", Payload: make([]byte, payload)})
+	}()
+	<-bc.entered
+	// Many sends that give up soon: each waits for a slot, queues its
+	// frame behind the held-up write and takes it back. The one that
+	// queued first after the write began is the next to write: it waits
+	// for the stream (a write cannot be called back), the rest return.
+	type result struct {
+		id  string
+		err error
+	}
+	results := make(chan result, sends)
+	for i := range sends {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
+			defer cancel()
+			id := fmt.Sprint("e", i)
+			results <- result{id, c.Send(ctx, Message{ID: id, Payload: make([]byte, payload)})}
+		}()
+	}
+	gaveUp := map[string]bool{}
+	deadline := time.After(time.Minute)
+	for len(gaveUp) < sends-1 {
+		select {
+		case r := <-results:
+			if !errors.Is(r.err, context.DeadlineExceeded) {
+				t.Fatalf("send %s: %v", r.id, r.err)
+			}
+			gaveUp[r.id] = true
+		case <-deadline:
+			t.Fatalf("%d of %d sends returned while the stream was held up", len(gaveUp), sends)
+		}
+	}
+	cn.pmu.Lock()
+	pend, queued := len(cn.pend), len(cn.queued)
+	cn.pmu.Unlock()
+	if queued > maxPending || pend > maxPending*(payload+256) {
+		t.Fatalf("%d frames (%d bytes) wait for the stream after the sends gave up, want at most %d", queued, pend, maxPending)
+	}
+	close(bc.release)
+	last := <-results
+	c.resolve("first", nil)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	if !errors.Is(last.err, context.DeadlineExceeded) {
+		t.Fatalf("send %s: %v", last.id, last.err)
+	}
+	bc.mu.Lock()
+	written := bytes.Clone(bc.written)
+	bc.mu.Unlock()
+	r := frame.NewReader(bytes.NewReader(written), 0)
+	var ids []string
+	var seq uint64
+	for {
+		var f relayv1.Frame
+		if err := r.Read(&f); err != nil {
+			break
+		}
+		ev := f.GetEvent()
+		if gaveUp[ev.GetId()] {
+			t.Errorf("event %s written after its send returned", ev.GetId())
+		}
+		if ev.GetSeq() <= seq {
+			t.Errorf("seq %d after %d", ev.GetSeq(), seq)
+		}
+		seq = ev.GetSeq()
+		ids = append(ids, ev.GetId())
+	}
+	if len(ids) == 0 || ids[0] != "first" || len(ids) > 2 {
+		t.Fatalf("written: %v, want first and at most the send that waited to write", ids)
 	}
 }
