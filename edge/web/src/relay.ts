@@ -157,6 +157,10 @@ interface Conn {
   next(): Promise<Uint8Array | null>; // a frame body, or null at the end
   /** Whether a whole frame is already here, so next() will not wait. */
   buffered(): boolean;
+  /** Frames from the edge may be as long as its Welcome's limit allows
+   * (a WebSocket's messages are whole when they come: no limit of its
+   * own). */
+  limitFrames?(limit: number): void;
   close(code?: number, reason?: string): void;
   closeReason(): RelayError | null;
   /** The Hello of this connection's handshake, for re-authentication. */
@@ -242,9 +246,33 @@ export function resumeTranscript(f: {
 }
 
 /** Reads uvarint-length-prefixed frames out of a byte stream. */
-class FrameReader {
+/** The edge's frame limit until its Welcome gives one (the Go edge's
+ * default), and how much longer than that limit a frame from the edge may
+ * be: a Deliver wraps a relayed event, which the edge has given its
+ * sender's ids. */
+const DEFAULT_MAX_FRAME_BYTES = 64 * 1024;
+const DELIVER_SLACK = 1024;
+
+/** The longest frame from an edge whose Welcome gave limit. */
+function readLimit(limit: number): number {
+  return Math.max(DEFAULT_MAX_FRAME_BYTES, limit) + DELIVER_SLACK;
+}
+
+/** Reads frames (a varint length, then that many bytes of body) from a
+ * stream. A frame longer than max is refused from its length, before its
+ * body is buffered (RelayError FRAME_TOO_LARGE), and a length that does
+ * not end within 10 bytes is malformed (MALFORMED_FRAME). The chunks of a
+ * frame are joined once it is whole: one copy per frame, however many
+ * packets brought it. Exported for tests. */
+export class FrameReader {
   private buf = new Uint8Array(0);
-  constructor(private reader: ReadableStreamDefaultReader<Uint8Array>) {}
+  private chunks: Uint8Array[] = [];
+  private chunked = 0; // bytes in chunks, after buf
+  constructor(
+    private reader: ReadableStreamDefaultReader<Uint8Array>,
+    /** The longest frame body accepted. */
+    public max = readLimit(DEFAULT_MAX_FRAME_BYTES),
+  ) {}
 
   /** The header of the first frame in buf: [body start, body length], or
    * null while it is incomplete. */
@@ -253,30 +281,55 @@ class FrameReader {
     for (let i = 0; i < this.buf.length && i < 10; i++) {
       n += (this.buf[i] & 127) * 2 ** shift;
       shift += 7;
-      if (this.buf[i] < 128) return [i + 1, n];
+      if (this.buf[i] < 128) {
+        if (n > this.max) throw new RelayError(ErrorCode.FRAME_TOO_LARGE, `frame of ${n} bytes from the edge, at most ${this.max} allowed`);
+        return [i + 1, n];
+      }
     }
+    if (this.buf.length >= 10) throw new RelayError(ErrorCode.MALFORMED_FRAME, "frame length longer than 10 bytes");
     return null;
   }
 
+  /** Moves the chunks read since into buf. */
+  private gather(): void {
+    if (this.chunks.length === 0) return;
+    const merged = new Uint8Array(this.buf.length + this.chunked);
+    merged.set(this.buf);
+    let off = this.buf.length;
+    for (const c of this.chunks) { merged.set(c, off); off += c.length; }
+    this.buf = merged;
+    this.chunks = [];
+    this.chunked = 0;
+  }
+
   buffered(): boolean {
-    const h = this.head();
-    return h !== null && this.buf.length - h[0] >= h[1];
+    try {
+      const h = this.head();
+      return h !== null && this.buf.length + this.chunked - h[0] >= h[1];
+    } catch {
+      return true; // next() says what is wrong, without waiting
+    }
   }
 
   async next(): Promise<Uint8Array | null> {
     for (;;) {
       const h = this.head();
-      if (h && this.buf.length - h[0] >= h[1]) {
+      if (h === null && this.chunked > 0) {
+        this.gather(); // the header is incomplete: buf holds less than 10 bytes
+        continue;
+      }
+      if (h && this.buf.length + this.chunked - h[0] >= h[1]) {
+        this.gather();
         const body = this.buf.slice(h[0], h[0] + h[1]);
         this.buf = this.buf.subarray(h[0] + h[1]);
         return body;
       }
       const { value, done } = await this.reader.read();
       if (done) return null;
-      const merged = new Uint8Array(this.buf.length + value.length);
-      merged.set(this.buf);
-      merged.set(value, this.buf.length);
-      this.buf = merged;
+      if (value.length > 0) {
+        this.chunks.push(value);
+        this.chunked += value.length;
+      }
     }
   }
 }
@@ -335,8 +388,15 @@ async function dialWebTransport(opts: RelayOptions, hashes: Uint8Array[] | undef
         }
       })().catch(() => { /* the session ended */ });
     },
-    next: () => reader.next().catch(() => null),
+    next: () => reader.next().catch((e) => {
+      if (e instanceof RelayError) { // the edge broke the framing: end the session, say why
+        reason = e;
+        try { wt.close({ closeCode: e.code, reason: e.message }); } catch { /* closed */ }
+      }
+      return null;
+    }),
     buffered: () => reader.buffered(),
+    limitFrames: (limit) => { reader.max = readLimit(limit); },
     close: (code, msg) => { try { wt.close({ closeCode: code ?? 0, reason: msg ?? "" }); } catch { /* closed */ } },
     closeReason: () => reason,
   };
@@ -427,7 +487,7 @@ export class RelayClient extends EventTarget {
   private seq = BigInt(Date.now()) * 1000n;
   /** The edge's frame limit, from the last Welcome: a longer frame would
    * end the session for good, so such an event is refused here. */
-  private maxFrameBytes = 64 * 1024;
+  private maxFrameBytes = DEFAULT_MAX_FRAME_BYTES;
   /** Events sent and not acknowledged yet, in the order they were sent
    * (a Map iterates in insertion order); at most maxPending. */
   private pending = new Map<string, Outgoing>();
@@ -730,7 +790,10 @@ export class RelayClient extends EventTarget {
           const rtt = Date.now() - sent;
           this.clockOffsetMs = Number(w.serverTimeMs) + rtt / 2 - Date.now();
           if (w.resumeTicket.length > 0) this.ticket = w.resumeTicket;
-          if (w.limits?.maxFrameBytes) this.maxFrameBytes = w.limits.maxFrameBytes;
+          if (w.limits?.maxFrameBytes) {
+            this.maxFrameBytes = w.limits.maxFrameBytes;
+            c.limitFrames?.(this.maxFrameBytes);
+          }
           this.sessionId = w.sessionId;
           c.hello = hello;
           return;
