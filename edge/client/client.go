@@ -263,6 +263,12 @@ func (e *Error) Retryable() bool {
 // ErrClosed is returned for operations on a closed client.
 var ErrClosed = errors.New("client closed")
 
+// ErrAlreadySending is returned (wrapped, with the id) by a Send whose
+// Message.ID is that of a Send still under way: the edge would drop the
+// second as a duplicate, so its caller would wait for an ack that is the
+// first one's.
+var ErrAlreadySending = errors.New("client: an event with this id is already being sent")
+
 // Client is a device's connection to the relay. It is safe for concurrent
 // use.
 type Client struct {
@@ -536,7 +542,7 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 	if _, dup := c.pending[ev.GetId()]; dup {
 		c.mu.Unlock()
 		c.sendMu.Unlock()
-		return fmt.Errorf("client: event %s is already being sent", ev.GetId())
+		return fmt.Errorf("event %s: %w", ev.GetId(), ErrAlreadySending)
 	}
 	c.seq = ev.Seq
 	c.pending[ev.GetId()] = p
@@ -599,8 +605,13 @@ func (c *Client) encode(ev *relayv1.Event) ([]byte, error) {
 // acknowledged, dropped where a receiver is slow; as a datagram when it
 // fits, but for the first of each connection, which goes on the stream
 // (the edge reads a session's datagrams from then on, so a device that
-// sends none costs it no datagram reader). It fails only when the client
-// is disconnected or closed, or the event is too large for a frame.
+// sends none costs it no datagram reader). It does not wait for a slot
+// (Config.MaxPending) but may wait for the stream, which the edge paces.
+// It fails when the client is disconnected (an *Error with TARGET_OFFLINE)
+// or closed, when the event cannot be encoded (an *Error with
+// FRAME_TOO_LARGE, or MALFORMED_FRAME for invalid UTF-8), or when the
+// write fails (the connection is then lost and the client reconnects);
+// a nil error says it was handed to the connection, not that it arrived.
 func (c *Client) SendEphemeral(m Message) error {
 	ev := c.build(m, true)
 	c.sendMu.Lock()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"io"
+	"runtime"
 	"slices"
 	"sync"
 	"testing"
@@ -486,5 +487,62 @@ func TestSendsThatGiveUpDoNotPileUpBehindTheStream(t *testing.T) {
 	}
 	if len(ids) == 0 || ids[0] != "first" || len(ids) > 2 {
 		t.Fatalf("written: %v, want first and at most the send that waited to write", ids)
+	}
+}
+
+// A Send with the id of a Send still under way is refused with
+// ErrAlreadySending and sends nothing; once the first is done the id
+// may be sent again.
+func TestSendRefusesAnIDAlreadyBeingSent(t *testing.T) {
+	bc := &blockedConn{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	cn := &conn{c: bc, w: frame.NewWriter(bc, 0)}
+	c := &Client{
+		cfg:     Config{MaxPending: 4, DeviceID: "d", UserID: "u"},
+		pending: map[string]*pendingSend{},
+		sends:   make(chan struct{}, 4),
+		done:    make(chan struct{}),
+		cur:     cn,
+	}
+	first := make(chan error, 1)
+	go func() { first <- c.Send(context.Background(), Message{ID: "x"}) }()
+	<-bc.entered
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := c.Send(ctx, Message{ID: "x"}); !errors.Is(err, ErrAlreadySending) {
+		t.Fatalf("second send of x: %v, want ErrAlreadySending", err)
+	}
+	close(bc.release)
+	c.resolve("x", nil)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	again := make(chan error, 1)
+	go func() { again <- c.Send(ctx, Message{ID: "x"}) }()
+	for deadline := time.Now().Add(time.Minute); ; runtime.Gosched() {
+		c.mu.Lock()
+		_, ok := c.pending["x"]
+		c.mu.Unlock()
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the second send of x never got under way")
+		}
+	}
+	c.resolve("x", nil)
+	if err := <-again; err != nil {
+		t.Fatalf("x sent again after the first was acknowledged: %v", err)
+	}
+	r := frame.NewReader(bytes.NewReader(bc.written), 0)
+	var seqs []uint64
+	for {
+		var f relayv1.Frame
+		if err := r.Read(&f); err != nil {
+			break
+		}
+		seqs = append(seqs, f.GetEvent().GetSeq())
+	}
+	if !slices.Equal(seqs, []uint64{1, 2}) {
+		t.Fatalf("written: events with seqs %v, want 1 and 2 (nothing of the refused send)", seqs)
 	}
 }
