@@ -271,7 +271,13 @@ func (h *handshake) reauth() (*relayv1.Challenge, error) {
 	if _, err := io.ReadFull(h.random, nonce); err != nil {
 		return nil, fmt.Errorf("challenge nonce: %w", err)
 	}
-	h.tr.Nonce, h.tr.ServerTimeMs = nonce, h.now().UnixMilli()
+	// From the session's Hello: a session that resumed has no transcript
+	// of its own yet (its opening checked no challenge).
+	hello := h.hello
+	h.tr = Transcript{
+		UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
+		ClientTimeMs: hello.GetClientTimeMs(), EdgeID: h.edgeID, Nonce: nonce, ServerTimeMs: h.now().UnixMilli(),
+	}
 	h.device = h.dir.LookupDevice(h.hello.GetDeviceId())
 	h.state = hsAwaitAuth
 	return &relayv1.Challenge{Nonce: nonce, ServerTimeMs: h.tr.ServerTimeMs, EdgeId: h.edgeID}, nil

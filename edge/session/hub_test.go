@@ -637,6 +637,30 @@ func TestTicketRefreshAndReauthentication(t *testing.T) {
 	}
 }
 
+// A session that opened by resuming (no challenge at its opening) is
+// re-authenticated at its maximum age like any other: the challenge's
+// transcript comes from its Hello.
+func TestResumedSessionReauthenticates(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.MaxSessionAge = 1500 * time.Millisecond
+		c.HandshakeTimeout = 5 * time.Second
+	})
+	e.device("u1", "a")
+	ticket := e.online("a").welcome.GetResumeTicket()
+	d := e.connect("a")
+	h := d.hello(ticket)
+	d.lastHello = h.GetHello()
+	d.send(h)
+	if w := d.readDirect().GetWelcome(); !w.GetResumed() {
+		t.Fatalf("not resumed: %v", w)
+	}
+	d.startReading()
+	ch := d.next("challenge", func(f *relayv1.Frame) bool { return f.GetChallenge() != nil }).GetChallenge()
+	d.send(signReauth(d, ch))
+	d.next("ticket after re-authentication", func(f *relayv1.Frame) bool { return f.GetTicket() != nil })
+	d.expectNothing("close after a good answer", func(f *relayv1.Frame) bool { return f.GetClose() != nil })
+}
+
 // signReauth answers a mid-session challenge: the transcript keeps the
 // session's hello (the harness's login sent one with this client time).
 func signReauth(d *dev, ch *relayv1.Challenge) *relayv1.Frame {
