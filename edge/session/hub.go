@@ -337,9 +337,11 @@ func (h *Hub) register(s *Session) bool {
 		sh.rooms[s.userID] = r
 	}
 	r.refs++
+	// r.mu before sh.mu is let go, and s in r.devices before r.mu is: a
+	// Drain waiting for sh.mu walks the room after s is in it.
+	r.mu.Lock()
 	sh.mu.Unlock()
 
-	r.mu.Lock()
 	old := r.devices[s.deviceID]
 	if old != nil && s.hub.cfg.Mailbox != nil {
 		// Until old's hand-off is stored, live events for the device wait

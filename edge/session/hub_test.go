@@ -686,6 +686,81 @@ func TestDrainSendsGoingAway(t *testing.T) {
 	}
 }
 
+// goroutineWaiting reports whether some goroutine's stack holds every
+// one of frames (function names), in that order from the top.
+func goroutineWaiting(frames ...string) bool {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+		rest := g
+		found := true
+		for _, f := range frames {
+			i := bytes.Index(rest, []byte(f))
+			if i < 0 {
+				found = false
+				break
+			}
+			rest = rest[i+len(f):]
+		}
+		if found {
+			return true
+		}
+	}
+	return false
+}
+
+// A session registering while Drain walks the rooms is either refused or
+// seen by Drain and sent GOING_AWAY: never left open with Drain waiting
+// for it. The room is held so that b's registration waits inside it
+// while Drain starts; when the room is let go, readers (Drain's walk)
+// would go before the waiting writer (b's insertion) if Drain could get
+// that far.
+func TestDrainSeesASessionRegisteringMeanwhile(t *testing.T) {
+	e := newEnv(t, nil)
+	e.devices("u1", "a", "b")
+	a := e.online("a")
+	sh := e.hub.shardOf("u1")
+	sh.mu.Lock()
+	r := sh.rooms["u1"]
+	sh.mu.Unlock()
+	r.mu.Lock()
+	locked := true
+	defer func() {
+		if locked {
+			r.mu.Unlock()
+		}
+	}()
+	b := e.connect("b")
+	hello := b.hello(nil)
+	b.send(hello)
+	ch := b.readDirect().GetChallenge()
+	if ch == nil {
+		t.Fatal("no challenge")
+	}
+	b.send(sign(hello.GetHello(), ch, e.keys["b"]))
+	waitFor(t, "b's registration waiting for the room", func() bool { return goroutineWaiting("sync.(*RWMutex).Lock", "(*Hub).register") })
+	drained := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		drained <- e.hub.Drain(ctx, 0)
+	}()
+	waitFor(t, "Drain waiting", func() bool {
+		return goroutineWaiting("sync.(*Mutex).Lock", "(*Hub).Drain") || goroutineWaiting("sync.(*RWMutex).RLock", "(*Hub).Drain")
+	})
+	b.startReading()
+	r.mu.Unlock()
+	locked = false
+	if err := <-drained; err != nil {
+		t.Fatalf("drain: %v", err)
+	}
+	for _, d := range []*dev{a, b} {
+		if c := d.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+			t.Fatalf("%s: close %v, want GOING_AWAY", d.id, c)
+		}
+	}
+}
+
 func TestEphemeralEventsAsDatagrams(t *testing.T) {
 	e := newEnv(t, nil)
 	e.device("u1", "a")
