@@ -61,7 +61,7 @@ func NewMailboxServer(node *raftnode.Node, cfg MailboxConfig) *MailboxServer {
 	s := &MailboxServer{node: node, cfg: cfg,
 		entries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_control_mailbox_put_entries_total",
-			Help: "Mailbox entries proposed through this node, by outcome (stored, full, target_gone, expired).",
+			Help: "Mailbox entries proposed through this node, by outcome (stored, full, target_gone, expired, taken).",
 		}, []string{"status"}),
 		claims: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_control_event_claims_total",

@@ -332,8 +332,11 @@ func (c *Client) moveOn() {
 	c.mu.Unlock()
 }
 
-// Edge is the address of the edge the client is (or was last) connected
-// to.
+// Edge is the address of the edge the client connects to: while a
+// session is up, that session's edge; between sessions, the edge it will
+// try next, having moved on to the next of Addr and OtherAddrs when the
+// edge went away (GOING_AWAY), the connection broke, or an attempt to
+// connect failed. SessionLost.Edge names the edge a lost session was on.
 func (c *Client) Edge() string { return c.edgeAddr() }
 
 type pendingSend struct {

@@ -207,7 +207,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 
 	metrics := session.NewMetrics(cfg.Registry)
 	if err := cfg.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "relay_edge_ready", Help: "1 when the edge serves sessions: listeners up, watch feed synced, control plane heard within the grace.",
+		Name: "relay_edge_ready", Help: "1 when the edge serves sessions: listeners up, watch feed synced, registered as a member, control plane heard within the grace.",
 	}, func() float64 {
 		if s.Ready() {
 			return 1
@@ -441,10 +441,26 @@ func (s *Server) sendActivity(ctx context.Context, acts []session.Activity) {
 	}
 }
 
-// Ready reports whether the edge serves sessions: listeners up, the
-// directory synced with the control plane, and registered as a member.
-func (s *Server) Ready() bool {
-	return s.ready.Load() && s.dir.Synced() && s.registered.Load() && !s.controlSilent()
+// Ready reports whether the edge serves sessions: listeners up (and no
+// shutdown begun), the directory synced with the control plane's watch
+// feed, registered as a member, and the control plane heard from within
+// ControlGrace (not checked when ControlGrace is 0).
+func (s *Server) Ready() bool { return s.notReady() == "" }
+
+// notReady says why the edge does not serve sessions ("" when it does),
+// for /readyz.
+func (s *Server) notReady() string {
+	switch {
+	case !s.ready.Load():
+		return "listeners not up, or shutting down"
+	case !s.dir.Synced():
+		return "watch feed not synced"
+	case !s.registered.Load():
+		return "not registered as a member yet"
+	case s.controlSilent():
+		return "control plane silent for longer than the control grace"
+	}
+	return ""
 }
 
 // CutOff reports whether the edge has not heard from the control plane
@@ -586,8 +602,8 @@ func (s *Server) publicMux() http.Handler {
 		_, _ = w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !s.Ready() {
-			http.Error(w, "not ready: watch feed not synced", http.StatusServiceUnavailable)
+		if why := s.notReady(); why != "" {
+			http.Error(w, "not ready: "+why, http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = w.Write([]byte("ready\n"))

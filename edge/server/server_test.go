@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"maps"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -322,9 +323,14 @@ func TestNotReadyWithoutTheControlPlane(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		body, _ := io.ReadAll(resp.Body)
 		_ = resp.Body.Close()
 		if resp.StatusCode != want {
 			t.Fatalf("%s: %d, want %d", path, resp.StatusCode, want)
+		}
+		// Says why: the first condition that fails.
+		if path == "/readyz" && !strings.Contains(string(body), "watch feed not synced") {
+			t.Fatalf("/readyz: %q, want the reason", body)
 		}
 	}
 	_, key, _ := ed25519.GenerateKey(rand.Reader)
