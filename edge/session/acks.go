@@ -20,6 +20,9 @@ type await struct {
 	mbSeq uint64
 	// For an "any one" event: what to claim when the device acknowledges.
 	claim *edgev1.EventClaim
+	// size is the encoded event's length, which the queue counts until
+	// the device acknowledges the delivery.
+	size int
 }
 
 // track records a delivery this device must acknowledge.
@@ -35,11 +38,16 @@ func (s *Session) track(id uint64, a await) {
 // handleReceived takes the device's acknowledgements, read at now.
 func (s *Session) handleReceived(ids []uint64, now time.Time) {
 	var acked []uint64
+	settled, settledBytes := 0, 0
 	for _, id := range ids {
 		s.awaitMu.Lock()
 		a, ok := s.awaiting[id]
 		delete(s.awaiting, id)
 		s.awaitMu.Unlock()
+		if ok {
+			settled++
+			settledBytes += a.size
+		}
 		switch {
 		case !ok:
 		case a.claim != nil && s.hub.cfg.Mailbox != nil:
@@ -48,6 +56,13 @@ func (s *Session) handleReceived(ids []uint64, now time.Time) {
 			acked = append(acked, a.mbSeq)
 		default:
 			a.f.confirm(now)
+		}
+	}
+	if settled > 0 {
+		s.out.settle(settled, settledBytes)
+		if s.mb.wake != nil {
+			// A pump waiting for room (ackBound) may go on.
+			signal(s.mb.wake)
 		}
 	}
 	if len(acked) > 0 {

@@ -48,6 +48,13 @@ type Config struct {
 	// [256, 1 MiB]; ControlQueueLen bounds its acks, rejects and presence
 	// frames [4096], beyond which the device counts as not reading.
 	QueueLen, QueueBytes, ControlQueueLen int
+	// UnackedLen and UnackedBytes bound a device's durable deliveries
+	// queued or sent and not yet acknowledged [1024, 4 MiB]: beyond
+	// either, further ones are refused as if its queue were full
+	// (QUEUE_FULL to their senders), so a device that reads its
+	// deliveries but never acknowledges them holds a bounded share of
+	// the edge's memory.
+	UnackedLen, UnackedBytes int
 	// Mailbox keeps durable events for devices that are not connected
 	// here; nil: such events are refused with TARGET_OFFLINE.
 	Mailbox Mailbox
@@ -144,6 +151,8 @@ func (c *Config) setDefaults() error {
 	defInt(&c.QueueLen, 256)
 	defInt(&c.QueueBytes, 1<<20)
 	defInt(&c.ControlQueueLen, 4096)
+	defInt(&c.UnackedLen, 1024)
+	defInt(&c.UnackedBytes, 4<<20)
 	defInt(&c.DedupWindow, 1024)
 	defInt(&c.MailboxWindow, 64)
 	defInt(&c.HandshakeBurst, 50)

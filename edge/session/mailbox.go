@@ -67,11 +67,15 @@ type mailboxState struct {
 	wanted  uint64     // highest seq known to exist
 	more    bool       // the last fetch was not complete, or one is due
 	unacked int        // mailbox deliveries not acknowledged yet
-	running bool       // the pump goroutine runs
-	stopped bool
-	held    []heldDelivery
-	fence   uint64 // highest revision a held delivery waits for a fetch to cover
-	primed  bool   // the first read was complete and all of it queued
+	// ackBound: the queue took no more because the device's deliveries
+	// not acknowledged reached their bound (queue.unackedFull); the pump
+	// then waits for its acks rather than polling.
+	ackBound bool
+	running  bool // the pump goroutine runs
+	stopped  bool
+	held     []heldDelivery
+	fence    uint64 // highest revision a held delivery waits for a fetch to cover
+	primed   bool   // the first read was complete and all of it queued
 	// epoch is the directory's count of full copies that announced no
 	// mailboxes, as of the last complete fetch (see fenced).
 	epoch uint64
@@ -204,7 +208,7 @@ func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offer
 		}
 		m.mu.Unlock()
 	}
-	return s.out.offer(event, true, false, func(id uint64) { s.track(id, await{f: f, event: event, claim: f.claim}) })
+	return s.out.offer(event, true, false, func(id uint64) { s.track(id, await{f: f, event: event, claim: f.claim, size: len(event)}) })
 }
 
 // mustHold reports whether a live delivery must wait (with m.mu held):
@@ -337,12 +341,13 @@ func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) boo
 				attribute.String("relay.device", telemetry.HashID(s.deviceID)), attribute.Int64("relay.mailbox.seq", int64(seq))).
 				end(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED)
 		}
-		switch s.out.offer(e.GetEvent(), true, false, func(id uint64) { s.track(id, await{mbSeq: seq, claim: claim}) }) {
+		switch s.out.offer(e.GetEvent(), true, false, func(id uint64) { s.track(id, await{mbSeq: seq, claim: claim, size: len(e.GetEvent())}) }) {
 		case offered:
 			m.cursor = seq
 			m.unacked++
 		default:
 			m.more = true
+			m.ackBound = s.out.unackedFull(len(e.GetEvent()))
 			return false
 		}
 	}
@@ -383,7 +388,7 @@ func (s *Session) releaseHeld() {
 			n = copy(m.held, m.held[i:])
 			break
 		}
-		res := s.out.offer(h.event, true, false, func(id uint64) { s.track(id, await{f: h.f, event: h.event, claim: h.f.claim}) })
+		res := s.out.offer(h.event, true, false, func(id uint64) { s.track(id, await{f: h.f, event: h.event, claim: h.f.claim, size: len(h.event)}) })
 		if res == queueFull {
 			h.f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
 		} else if res == queueClosed {
@@ -511,8 +516,16 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 		}
 		m.mu.Lock()
 		full := !s.queueEntries(page, known, fence, blind)
+		ackBound := m.ackBound
 		m.mu.Unlock()
-		if full && !wait(10*time.Millisecond) {
+		// A full queue drains as the device reads; deliveries it does not
+		// acknowledge free nothing until it does (handleReceived wakes the
+		// pump then), however long that takes.
+		pause := 10 * time.Millisecond
+		if ackBound {
+			pause = time.Minute
+		}
+		if full && !wait(pause) {
 			return
 		}
 	}

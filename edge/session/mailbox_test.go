@@ -897,3 +897,58 @@ func TestSessionRefusedWhenTheEdgeDrainsDuringItsOpening(t *testing.T) {
 		t.Fatalf("after the refusal: %v sessions", got)
 	}
 }
+
+// Mailbox entries count toward a device's unacknowledged deliveries
+// (UnackedLen) like live ones: a device that reads but does not
+// acknowledge gets no more, and its session waits for its acks without
+// reading the mailbox again and again meanwhile; its acks let the rest
+// come, in order.
+func TestMailboxWaitsForAcksAtTheUnacknowledgedBound(t *testing.T) {
+	const bound = 8
+	e, mb := mailboxEnv(t, func(c *Config) { c.UnackedLen = bound })
+	e.devices("u1", "a", "b")
+	a := e.online("a")
+	var last *relayv1.Event
+	for i := range 20 {
+		last = a.sendPayload(fmt.Sprint(i), "b")
+	}
+	a.expectAck(last)
+	b := e.online("b")
+	reads := func() int {
+		mb.mu.Lock()
+		defer mb.mu.Unlock()
+		return mb.reads["b"]
+	}
+	var got []string
+	for len(got) < 20 {
+		var batch []*relayv1.Deliver
+		for range min(bound, 20-len(got)) {
+			batch = append(batch, b.nextDeliver())
+		}
+		if len(got)+len(batch) < 20 {
+			b.expectNothing("a delivery beyond the bound", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+			// Held at the bound: the mailbox is not polled (a pump that
+			// polled would read it every 10 ms).
+			before := reads()
+			watch := time.NewTicker(20 * time.Millisecond)
+			for range 25 {
+				<-watch.C
+				if n := reads(); n > before+2 {
+					watch.Stop()
+					t.Fatalf("the mailbox was read %d times while the device held %d unacknowledged", n-before, bound)
+				}
+			}
+			watch.Stop()
+		}
+		for _, d := range batch {
+			got = append(got, string(d.GetEvent().GetPayload()))
+			b.received(d.GetDeliveryId())
+		}
+	}
+	for i, p := range got {
+		if p != fmt.Sprint(i) {
+			t.Fatalf("entry %d is %q", i, p)
+		}
+	}
+	waitFor(t, "all acked", func() bool { return mb.stored("b") == 0 })
+}

@@ -42,6 +42,11 @@ const (
 // retires; the last one (after the close) never hands over.
 type queue struct {
 	maxItems, maxBytes, maxControl int
+	// maxUnacked and maxUnackedBytes bound the durable deliveries offered
+	// and not yet settled (acknowledged by the device, or handed off):
+	// a device that reads but never acknowledges holds no more than this
+	// of the edge's memory [0: no bound].
+	maxUnacked, maxUnackedBytes int
 	// start starts a writer goroutine; nil in tests that drive the
 	// queue by hand.
 	start func()
@@ -52,10 +57,13 @@ type queue struct {
 	nItems   int    // deliveries queued
 	nBytes   int    // bytes of deliveries queued
 	nControl int
-	nextID   uint64 // last delivery id handed out
-	closed   bool
-	overflow bool // control bound exceeded
-	due      dueWork
+	// nUnacked and unackedBytes count the durable deliveries offered and
+	// not settled yet.
+	nUnacked, unackedBytes int
+	nextID                 uint64 // last delivery id handed out
+	closed                 bool
+	overflow               bool // control bound exceeded
+	due                    dueWork
 	// running: a writer runs, or the queue is held (newQueue) until the
 	// session may write (release); no second writer starts meanwhile.
 	running bool
@@ -130,12 +138,15 @@ func (q *queue) offer(event []byte, durable, datagram bool, track func(id uint64
 		q.mu.Unlock()
 		return queueClosed
 	}
-	if q.nItems >= q.maxItems || (q.nItems > 0 && q.nBytes+len(event) > q.maxBytes) {
+	if q.nItems >= q.maxItems || (q.nItems > 0 && q.nBytes+len(event) > q.maxBytes) ||
+		(durable && q.unackedFullLocked(len(event))) {
 		q.mu.Unlock()
 		return queueFull
 	}
 	it := item{event: event, datagram: datagram && !durable}
 	if durable {
+		q.nUnacked++
+		q.unackedBytes += len(event)
 		q.nextID++
 		it.delivery = q.nextID
 		track(it.delivery)
@@ -147,6 +158,27 @@ func (q *queue) offer(event []byte, durable, datagram bool, track func(id uint64
 	q.mu.Unlock()
 	q.startIf(start)
 	return offered
+}
+
+// unackedFull reports whether a durable delivery of size bytes would be
+// refused for the deliveries not acknowledged yet.
+func (q *queue) unackedFull(size int) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.unackedFullLocked(size)
+}
+
+func (q *queue) unackedFullLocked(size int) bool {
+	return q.maxUnacked > 0 && (q.nUnacked >= q.maxUnacked || (q.nUnacked > 0 && q.unackedBytes+size > q.maxUnackedBytes))
+}
+
+// settle ends the count of n durable deliveries of size bytes in all
+// (offer counted them): the device acknowledged them.
+func (q *queue) settle(n, size int) {
+	q.mu.Lock()
+	q.nUnacked -= n
+	q.unackedBytes -= size
+	q.mu.Unlock()
 }
 
 // control queues a control frame. It reports false when the queue is

@@ -127,3 +127,80 @@ func TestQueueStartsOneWriterWhenNeeded(t *testing.T) {
 		t.Fatalf("%d starts after the close", starts)
 	}
 }
+
+// A device that reads its deliveries but never acknowledges them holds at
+// most UnackedLen of them (and UnackedBytes) on the edge: further events
+// for it are refused as QUEUE_FULL, nothing already accepted is lost, and
+// once it acknowledges, deliveries flow again.
+func TestUnacknowledgedDeliveriesAreBounded(t *testing.T) {
+	const unacked = 8
+	e := newEnv(t, func(c *Config) {
+		c.UnackedLen, c.UnackedBytes = unacked, 1<<20
+		c.Limits = DefaultLimits()
+		c.Limits.EventsPerSecond, c.Limits.BytesPerSecond = 1e6, 1<<30
+	})
+	e.devices("u1", "a", "b")
+	a, b := e.online("a"), e.online("b")
+	var ids []uint64
+	for i := range 3 * unacked {
+		ev := a.event("b")
+		ev.Payload = bytes.Repeat([]byte{'x'}, 4<<10)
+		a.sendEvent(ev)
+		if i < unacked {
+			ids = append(ids, b.nextDeliver().GetDeliveryId()) // read, not acknowledged
+			continue
+		}
+		r := a.nextAckOrReject().GetReject()
+		if r.GetCode() != relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL || r.GetEventId() != ev.GetId() {
+			t.Fatalf("event %d with %d unacknowledged: %v, want QUEUE_FULL", i, unacked, r)
+		}
+	}
+	bs := e.hub.sessionsOf("u1", "b")[0]
+	bs.awaitMu.Lock()
+	held := len(bs.awaiting)
+	bs.awaitMu.Unlock()
+	if held != unacked {
+		t.Fatalf("the edge holds %d unacknowledged deliveries for b, want %d", held, unacked)
+	}
+	// The first unacked events were accepted: acknowledged once b says so.
+	b.received(ids...)
+	for range unacked {
+		if ack := a.nextAckOrReject(); ack.GetAck() == nil {
+			t.Fatalf("after b's receipts: %v, want acks", ack)
+		}
+	}
+	ev := a.event("b")
+	a.sendEvent(ev)
+	if d := b.nextDeliver(); d.GetEvent().GetId() != ev.GetId() {
+		t.Fatalf("after b's receipts b got %v, want the new event", d)
+	}
+}
+
+// The byte bound holds too: a few large unacknowledged deliveries fill it.
+func TestUnacknowledgedDeliveryBytesAreBounded(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.UnackedLen, c.UnackedBytes = 1000, 40<<10
+		c.Limits = DefaultLimits()
+		c.Limits.EventsPerSecond, c.Limits.BytesPerSecond = 1e6, 1<<30
+	})
+	e.devices("u1", "a", "b")
+	a, b := e.online("a"), e.online("b")
+	var sent []string
+	for range 10 {
+		ev := a.event("b")
+		ev.Payload = bytes.Repeat([]byte{'x'}, 16<<10)
+		a.sendEvent(ev)
+		sent = append(sent, ev.GetId())
+	}
+	// 16 KiB and a little more each: two fit in 40 KiB, a third does not.
+	for _, id := range sent[2:] {
+		if r := a.nextAckOrReject().GetReject(); r.GetCode() != relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL || r.GetEventId() != id {
+			t.Fatalf("event %s: %v, want QUEUE_FULL", id, r)
+		}
+	}
+	for _, id := range sent[:2] {
+		if d := b.nextDeliver(); d.GetEvent().GetId() != id {
+			t.Fatalf("b got %v, want %s", d, id)
+		}
+	}
+}

@@ -145,6 +145,7 @@ func newSession(h *Hub, c Conn) *Session {
 		refusals: rate.NewLimiter(rate.Limit(h.cfg.RefusalsPerSecond), h.cfg.RefusalBurst),
 	}
 	s.out.start = s.startWriter
+	s.out.maxUnacked, s.out.maxUnackedBytes = h.cfg.UnackedLen, h.cfg.UnackedBytes
 	s.hs = handshake{
 		edgeID: h.cfg.EdgeID, dir: h.cfg.Directory, ring: h.cfg.Ring, now: h.cfg.Now,
 		random: h.cfg.Random, maxAge: h.cfg.MaxSessionAge, dummyKey: h.dummyKey,
