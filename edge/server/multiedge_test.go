@@ -159,6 +159,16 @@ func TestDevicesAcrossEdges(t *testing.T) {
 	if forwarded < float64(n*per) {
 		t.Fatalf("only %v events crossed the mesh", forwarded)
 	}
+	// An ephemeral broadcast reaches every other device, on every edge.
+	if err := cs[0].SendEphemeral(client.Message{Type: "wave", Payload: []byte("everyone")}); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range cs[1:] {
+		ev, err := c.Receive(ctx)
+		if err != nil || !ev.Ephemeral || ev.Sender != ids[0] || string(ev.Payload) != "everyone" {
+			t.Fatalf("device %d (edge %d): %+v, %v; want the ephemeral broadcast", i+1, (i+1)%3, ev, err)
+		}
+	}
 }
 
 // An offline device gets what was sent while it was away when it

@@ -333,16 +333,21 @@ type route struct {
 }
 
 // resolveTargets finds where an event goes, appending to out. Every explicit target must be
-// an active device of the sender's user. With mailboxes, a durable event
-// reaches every target: the connected ones live, the others through
-// their mailboxes; without, a durable event for a target that is not
-// connected is refused whole, before anything is delivered.
+// an active device of the sender's user; no targets means every device of
+// the user but the sender, on this edge or another. With mailboxes, a
+// durable event reaches every target: the connected ones live, the others
+// through their mailboxes; without, a durable event for a target that is
+// not connected is refused whole, before anything is delivered (a
+// broadcast goes to the connected ones).
 func (s *Session) resolveTargets(ev *relayv1.Event, durable bool, out []route) ([]route, *RejectError) {
 	dir := s.dirCache // refreshed for this event (acceptEvent)
 	mailboxes := durable && s.hub.cfg.Mailbox != nil
 	r := s.room
 	if len(ev.GetTargets()) == 0 {
-		if mailboxes {
+		// Every device of the user: through the mailbox or on another edge
+		// too, where there are mailboxes or other edges; else the ones
+		// here.
+		if mailboxes || s.hub.cfg.Remote != nil {
 			devs := dir.userDevices(s.userID)
 			out = slices.Grow(out, len(devs))
 			r.mu.RLock()
@@ -395,8 +400,10 @@ func (s *Session) resolveTargets(ev *relayv1.Event, durable bool, out []route) (
 			out = append(out, rt)
 		}
 	}
-	if !durable {
-		// Ephemeral events go to connected devices only, in no order.
+	if !mailboxes {
+		// Ephemeral events go to connected devices only, in no order; so
+		// does a durable broadcast without mailboxes (a durable event's
+		// explicit targets were all found above, or it was refused).
 		n := 0
 		for _, rt := range out {
 			if rt.to != nil || rt.edge != "" {

@@ -952,3 +952,67 @@ func TestMailboxWaitsForAcksAtTheUnacknowledgedBound(t *testing.T) {
 	}
 	waitFor(t, "all acked", func() bool { return mb.stored("b") == 0 })
 }
+
+// farRemote says one device, far, is on another edge, and records what
+// is forwarded there.
+type farRemote struct{ captureRemote }
+
+func (r *farRemote) Locate(device string) (string, bool) {
+	if device == "far" {
+		return "e2", true
+	}
+	return "", false
+}
+
+// A broadcast (no targets) reaches the user's devices on other edges as
+// well as those here, as an event naming them does: ephemeral ones with
+// or without mailboxes, durable ones on an edge without mailboxes (with
+// mailboxes every device gets it anyway). A device nowhere gets an
+// ephemeral or mailbox-less broadcast nowhere.
+func TestBroadcastsReachDevicesOnOtherEdges(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		mailboxes bool
+		durable   bool
+	}{
+		{"ephemeral, mailboxes", true, false},
+		{"ephemeral, no mailboxes", false, false},
+		{"durable, no mailboxes", false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			remote := &farRemote{}
+			mod := func(c *Config) { c.Remote = remote }
+			var e *env
+			if tc.mailboxes {
+				e, _ = mailboxEnv(t, mod)
+			} else {
+				e = newEnv(t, mod)
+			}
+			e.devices("u1", "a", "near", "far", "nowhere")
+			// near takes no datagrams: its ephemeral deliveries come on
+			// the stream, where the harness reads.
+			a, near := e.online("a"), e.connectFrom("near", "127.0.0.1:5000", false).login()
+			ev := a.event()
+			ev.Ephemeral = !tc.durable
+			a.sendEvent(ev)
+			d := near.nextDeliver()
+			if d.GetEvent().GetId() != ev.GetId() {
+				t.Fatalf("near got %v", d)
+			}
+			if tc.durable {
+				near.received(d.GetDeliveryId())
+				a.expectAck(ev)
+			}
+			waitFor(t, "the forward to far's edge", func() bool {
+				remote.mu.Lock()
+				defer remote.mu.Unlock()
+				return len(remote.forwards) > 0
+			})
+			remote.mu.Lock()
+			defer remote.mu.Unlock()
+			if len(remote.forwards) != 1 || remote.forwards[0].GetDeviceId() != "far" || remote.forwards[0].GetEvent() == nil {
+				t.Fatalf("forwards: %v, want one, to far", remote.forwards)
+			}
+		})
+	}
+}
