@@ -102,7 +102,7 @@ func (f *inflight) fail(code relayv1.ErrorCode, msg string) {
 		}
 		return
 	}
-	f.sender.reject(f.eventID, &RejectError{Code: code, Msg: msg})
+	f.sender.sendReject(f.eventID, &RejectError{Code: code, Msg: msg})
 }
 
 // state returns (done, failed).
@@ -131,8 +131,19 @@ func (s *Session) refuse(eventID string, r *RejectError) {
 	}
 }
 
+// reject refuses an event on arrival (counted as its result).
 func (s *Session) reject(eventID string, r *RejectError) {
+	s.hub.cfg.Metrics.refuse(r.Code)
+	s.queueReject(eventID, r)
+}
+
+// sendReject tells the device that an event accepted earlier failed.
+func (s *Session) sendReject(eventID string, r *RejectError) {
 	s.hub.cfg.Metrics.reject(r.Code)
+	s.queueReject(eventID, r)
+}
+
+func (s *Session) queueReject(eventID string, r *RejectError) {
 	s.control(&relayv1.Frame{Kind: &relayv1.Frame_Reject{Reject: &relayv1.Reject{EventId: eventID, Code: r.Code, Message: r.Msg}}})
 }
 

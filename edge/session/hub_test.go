@@ -386,6 +386,54 @@ func TestEventRejections(t *testing.T) {
 	}
 }
 
+// relay_edge_events_total counts each event once, by what the edge did
+// on its arrival; relay_edge_rejects_total counts each Reject sent, also
+// those for accepted events that failed later.
+func TestEventMetricsCountEachEventOnce(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.UnackedLen = 2 })
+	e.devices("u1", "a", "b")
+	a, b := e.online("a"), e.online("b")
+	for i := range 5 {
+		a.sendEvent(a.event("b"))
+		if i < 2 {
+			b.nextDeliver() // read, not acknowledged: the third on fail late
+			continue
+		}
+		if r := a.nextAckOrReject().GetReject(); r.GetCode() != relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL {
+			t.Fatalf("event %d: %v, want QUEUE_FULL", i, r)
+		}
+	}
+	a.sendEvent(a.event("nobody"))
+	if r := a.nextAckOrReject().GetReject(); r.GetCode() != relayv1.ErrorCode_ERROR_CODE_UNKNOWN_TARGET {
+		t.Fatalf("unknown target: %v", r)
+	}
+	sum := func(name string) (total float64, by map[string]float64) {
+		by = map[string]float64{}
+		mfs, err := e.reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() != name {
+				continue
+			}
+			for _, m := range mf.GetMetric() {
+				if v := m.GetCounter().GetValue(); v != 0 {
+					by[m.GetLabel()[0].GetValue()] = v
+					total += v
+				}
+			}
+		}
+		return total, by
+	}
+	if total, by := sum("relay_edge_events_total"); total != 6 || by["accepted"] != 5 || by["unknown_target"] != 1 {
+		t.Fatalf("relay_edge_events_total: %v in all, %v; want 6: 5 accepted, 1 unknown_target", total, by)
+	}
+	if total, by := sum("relay_edge_rejects_total"); total != 4 || by["queue_full"] != 3 || by["unknown_target"] != 1 {
+		t.Fatalf("relay_edge_rejects_total: %v in all, %v; want 4: 3 queue_full, 1 unknown_target", total, by)
+	}
+}
+
 // The skew tolerance is five minutes either way.
 func TestClockSkewTolerance(t *testing.T) {
 	e := newEnv(t, nil)

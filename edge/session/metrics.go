@@ -14,6 +14,7 @@ type Metrics struct {
 	handshakes    *prometheus.CounterVec
 	closes        *prometheus.CounterVec
 	events        *prometheus.CounterVec
+	rejects       *prometheus.CounterVec
 	deliveries    *prometheus.CounterVec
 	dropped       *prometheus.CounterVec
 	ackLatency    prometheus.Histogram
@@ -21,7 +22,8 @@ type Metrics struct {
 
 	// The series the per-event path counts, looked up once.
 	accepted, duplicate                  prometheus.Counter
-	rejected                             map[relayv1.ErrorCode]prometheus.Counter
+	rejected                             map[relayv1.ErrorCode]prometheus.Counter // events_total by refusal code
+	rejectsByCode                        map[relayv1.ErrorCode]prometheus.Counter
 	deliveredDurable, deliveredEphemeral prometheus.Counter
 	droppedQueueFull                     prometheus.Counter
 	droppedRate, droppedNotEphemeral     prometheus.Counter
@@ -42,8 +44,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "relay_edge_session_closes_total", Help: "Sessions closed after the handshake, by reason code.",
 		}, []string{"code"}),
 		events: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_edge_events_total", Help: "Events received from devices, by result: accepted, duplicate, or the reject code.",
+			Name: "relay_edge_events_total", Help: "Events received from devices, once each, by what the edge did on arrival: accepted, duplicate, or the code it refused them with (an accepted event that fails later counts in relay_edge_rejects_total only).",
 		}, []string{"result"}),
+		rejects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_edge_rejects_total", Help: "Rejects sent to devices, by code: events refused on arrival, and accepted events that failed later (QUEUE_FULL, TARGET_OFFLINE, MAILBOX_FULL, INTERNAL, ...).",
+		}, []string{"code"}),
 		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_edge_deliveries_total", Help: "Events queued to receiving devices on this edge.",
 		}, []string{"kind"}),
@@ -65,14 +70,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.deliveries, m.dropped, m.ackLatency, m.handshakeTime, m.paced)
+		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.rejects, m.deliveries, m.dropped, m.ackLatency, m.handshakeTime, m.paced)
 	}
 	m.accepted = m.events.WithLabelValues("accepted")
 	m.duplicate = m.events.WithLabelValues("duplicate")
 	m.rejected = make(map[relayv1.ErrorCode]prometheus.Counter, len(relayv1.ErrorCode_name))
+	m.rejectsByCode = make(map[relayv1.ErrorCode]prometheus.Counter, len(relayv1.ErrorCode_name))
 	for c := range relayv1.ErrorCode_name {
 		code := relayv1.ErrorCode(c)
 		m.rejected[code] = m.events.WithLabelValues(codeLabel(code))
+		m.rejectsByCode[code] = m.rejects.WithLabelValues(codeLabel(code))
 	}
 	m.deliveredDurable = m.deliveries.WithLabelValues("durable")
 	m.deliveredEphemeral = m.deliveries.WithLabelValues("ephemeral")
@@ -82,13 +89,25 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
-// reject counts an event refused with code.
-func (m *Metrics) reject(code relayv1.ErrorCode) {
+// refuse counts an event refused on arrival with code: its result, and
+// the Reject sent.
+func (m *Metrics) refuse(code relayv1.ErrorCode) {
 	if c, ok := m.rejected[code]; ok {
+		c.Inc()
+	} else {
+		m.events.WithLabelValues(codeLabel(code)).Inc() // a code newer than this table
+	}
+	m.reject(code)
+}
+
+// reject counts a Reject sent with code (for an accepted event that
+// failed later, only that: its arrival counted as accepted).
+func (m *Metrics) reject(code relayv1.ErrorCode) {
+	if c, ok := m.rejectsByCode[code]; ok {
 		c.Inc()
 		return
 	}
-	m.events.WithLabelValues(codeLabel(code)).Inc() // a code newer than this table
+	m.rejects.WithLabelValues(codeLabel(code)).Inc()
 }
 
 // codeLabel is a short, stable label for a protocol code.
