@@ -21,8 +21,10 @@ type inflight struct {
 	digest  uint64
 	arrived time.Time
 	expires time.Time // when it may no longer be delivered (TTL plus skew)
-	// fwd reports the outcome of an event another edge forwarded here.
-	fwd func(edgev1.ForwardOutcome)
+	// fwd reports the outcome of an event another edge forwarded here;
+	// origin names its sender and target device.
+	fwd    func(edgev1.ForwardOutcome)
+	origin fwdKey
 	// An "any one" event: the first copy delivered (or stored) completes
 	// it, and it fails only when every copy did. claim identifies it for
 	// the control plane's claims.

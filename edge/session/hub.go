@@ -191,6 +191,12 @@ type shard struct {
 	// mailbox read and their registration: announcements for the device
 	// mark them (Session.heard) since none can reach them yet.
 	listening map[string][]*Session
+
+	// undelivered holds, per sender and target device, the forwards this
+	// edge answered NOT_DELIVERED lately (see Hub.DeliverForwarded).
+	// umu is a leaf: nothing else is locked while it is held.
+	umu         sync.Mutex
+	undelivered map[fwdKey]undelivered
 }
 
 // room is one user's sessions on this edge.
@@ -243,6 +249,7 @@ func NewHub(cfg Config) (*Hub, error) {
 	for i := range h.shards {
 		h.shards[i].rooms = map[string]*room{}
 		h.shards[i].listening = map[string][]*Session{}
+		h.shards[i].undelivered = map[fwdKey]undelivered{}
 	}
 	h.addrs = newAddrLimiter(rate.Limit(cfg.HandshakesPerSecond), cfg.HandshakeBurst)
 	return h, nil

@@ -388,6 +388,13 @@ func (s *Session) releaseHeld() {
 			n = copy(m.held, m.held[i:])
 			break
 		}
+		if h.f.fwd != nil && s.hub.cfg.Mailbox != nil && s.hub.refuseForward(s.userID, h.f.origin, h.need, s.hub.cfg.Now()) {
+			// An earlier forward of its sender was handed back to be
+			// stored meanwhile (the old session's hand-off): this one
+			// follows it there.
+			h.f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "")
+			continue
+		}
 		res := s.out.offer(h.event, true, false, func(id uint64) { s.track(id, await{f: h.f, event: h.event, claim: h.f.claim, size: len(h.event)}) })
 		if res == queueFull {
 			h.f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")

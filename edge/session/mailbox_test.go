@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"math"
 	"slices"
 	"sync"
@@ -11,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/proto"
 
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -1015,4 +1018,152 @@ func TestBroadcastsReachDevicesOnOtherEdges(t *testing.T) {
 			}
 		})
 	}
+}
+
+// heldRemote says every device not here is on edge "B" and keeps each
+// forward for the test to hand to B's hub.
+type heldRemote struct{ ch chan heldForward }
+
+type heldForward struct {
+	fw   *edgev1.Forward
+	done func(edgev1.ForwardOutcome)
+}
+
+func (r *heldRemote) Locate(string) (string, bool) { return "B", true }
+func (r *heldRemote) Forward(_ string, f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
+	r.ch <- heldForward{f, done}
+}
+func (r *heldRemote) Announce(*edgev1.DevicePresence, bool) {}
+func (r *heldRemote) Online(string) []string                { return nil }
+
+// A sender on edge A forwards "one" then "two" to t on edge B before it
+// hears back. "one" reaches B while t is between sessions (NOT_DELIVERED:
+// A stores it); "two" reaches B once t is back. "two" must not be
+// delivered live ahead of "one": B refuses it the same way, A stores it
+// after "one", and t gets both from its mailbox in order. A forward sent
+// after A's store (needing its seq) is delivered live again.
+func TestMeshHopKeepsSenderOrderAcrossAReconnect(t *testing.T) {
+	remote := &heldRemote{ch: make(chan heldForward, 16)}
+	eA, mb := mailboxEnv(t, func(c *Config) { c.Remote = remote })
+	eA.devices("u1", "s", "t")
+	hubB, err := NewHub(Config{EdgeID: "B", Directory: eA.dir, Ring: eA.ring, Mailbox: mb,
+		Metrics: NewMetrics(nil), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CloseLinger: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eB := &env{t: t, hub: hubB, dir: eA.dir, ring: eA.ring, keys: eA.keys, users: eA.users, reg: prometheus.NewRegistry()}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := hubB.Drain(ctx, 0); err != nil {
+			t.Errorf("drain B: %v", err)
+		}
+		eB.wg.Wait()
+	})
+
+	s := eA.online("s")
+	one := s.sendPayload("one", "t")
+	f1 := <-remote.ch
+	two := s.sendPayload("two", "t")
+	f2 := <-remote.ch
+	mb.hold.Lock() // A's store of "one" waits
+	held := true
+	defer func() {
+		if held {
+			mb.hold.Unlock()
+		}
+	}()
+	hubB.DeliverForwarded(f1.fw, f1.done) // t is between sessions on B
+	tt := eB.online("t")
+	hubB.DeliverForwarded(f2.fw, f2.done)
+	tt.expectNothing("a live delivery ahead of the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	mb.hold.Unlock()
+	held = false
+	waitFor(t, "both stored", func() bool { return mb.stored("t") == 2 })
+	hubB.MailboxChanged("u1", "t", 2) // the watch feed's announcement
+	if got := tt.payloads(2); !slices.Equal(got, []string{"one", "two"}) {
+		t.Fatalf("t got %v, want [one two]", got)
+	}
+	s.expectAcks(one, two)
+	// Sent after A's stores: it needs them, so B delivers it live.
+	three := s.sendPayload("three", "t")
+	f3 := <-remote.ch
+	if f3.fw.GetNeedMailboxSeq() == 0 {
+		t.Fatalf("the forward after the stores needs no mailbox seq: %v", f3.fw)
+	}
+	hubB.DeliverForwarded(f3.fw, f3.done)
+	if got := tt.payloads(1); got[0] != "three" {
+		t.Fatalf("t got %v, want three", got)
+	}
+	s.expectAck(three)
+}
+
+// The same with a hand-back: "one" was delivered to b's session on B and
+// not acknowledged; b reconnects to B, and "two" (forwarded before A
+// heard of any of this) arrives as the new session registers, while the
+// old one may not have handed "one" back yet. Whether "two" comes before
+// the hand-back (held in the new session until it) or after, B refuses
+// it, A stores it after "one", and b gets them in order.
+func TestMeshHopKeepsSenderOrderAcrossAHandBack(t *testing.T) {
+	remote := &heldRemote{ch: make(chan heldForward, 16)}
+	eA, mb := mailboxEnv(t, func(c *Config) { c.Remote = remote })
+	eA.devices("u1", "s", "b")
+	hook := &announceHook{nth: 2}
+	hubB, err := NewHub(Config{EdgeID: "B", Directory: eA.dir, Ring: eA.ring, Mailbox: mb, Remote: hook,
+		Metrics: NewMetrics(nil), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CloseLinger: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eB := &env{t: t, hub: hubB, dir: eA.dir, ring: eA.ring, keys: eA.keys, users: eA.users, reg: prometheus.NewRegistry()}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := hubB.Drain(ctx, 0); err != nil {
+			t.Errorf("drain B: %v", err)
+		}
+		eB.wg.Wait()
+	})
+	outcomes := make(chan string, 2)
+	answer := func(name string, f heldForward) func(edgev1.ForwardOutcome) {
+		return func(o edgev1.ForwardOutcome) {
+			outcomes <- name + " " + o.String()
+			f.done(o)
+		}
+	}
+
+	s, b1 := eA.online("s"), eB.online("b")
+	one := s.sendPayload("one", "b")
+	f1 := <-remote.ch
+	hubB.DeliverForwarded(f1.fw, answer("one", f1))
+	b1.nextDeliver() // never acknowledged
+	two := s.sendPayload("two", "b")
+	f2 := <-remote.ch
+	mb.hold.Lock() // A's stores wait
+	held := true
+	defer func() {
+		if held {
+			mb.hold.Unlock()
+		}
+	}()
+	hook.onAnnounce = func() { hubB.DeliverForwarded(f2.fw, answer("two", f2)) }
+	b2 := eB.online("b")
+	for _, want := range []string{"one FORWARD_OUTCOME_NOT_DELIVERED", "two FORWARD_OUTCOME_NOT_DELIVERED"} {
+		select {
+		case got := <-outcomes:
+			if got != want {
+				t.Fatalf("outcome %q, want %q", got, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no outcome within 10s, want %q", want)
+		}
+	}
+	b2.expectNothing("a live delivery ahead of the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	mb.hold.Unlock()
+	held = false
+	waitFor(t, "both stored", func() bool { return mb.stored("b") == 2 })
+	hubB.MailboxChanged("u1", "b", 2)
+	if got := b2.payloads(2); !slices.Equal(got, []string{"one", "two"}) {
+		t.Fatalf("b got %v, want [one two]", got)
+	}
+	s.expectAcks(one, two)
 }

@@ -1,6 +1,7 @@
 package session
 
 import (
+	"maps"
 	"time"
 
 	"github.com/edge-relay/relay/internal/telemetry"
@@ -80,14 +81,97 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 	})
 }
 
+// undeliveredFor is how long a sender's forwards for a device are
+// refused after one of them was answered NOT_DELIVERED (unless they show
+// the sending edge has stored it since): far longer than the answer
+// takes to reach the sending edge, after which it forwards nothing for
+// the device before that store is done.
+const undeliveredFor = 30 * time.Second
+
+// maxUndelivered bounds the refusals remembered per shard; beyond it
+// (after expired ones are swept) no more are noted.
+const maxUndelivered = 10_000
+
+// fwdKey names a sender's forwards for one target device.
+type fwdKey struct{ sender, device string }
+
+// undelivered is a forward this edge answered NOT_DELIVERED: the mailbox
+// seq it needed (what its sender had stored for the device then), and
+// until when later forwards that need no more are refused.
+type undelivered struct {
+	need  uint64
+	until time.Time
+}
+
+// refuseForward reports whether a durable forward must be answered
+// NOT_DELIVERED because an earlier one of its sender for the device was:
+// the sending edge is storing that one in the mailbox, and this one,
+// forwarded before it knew, would overtake it if delivered live now. A
+// forward that needs a later mailbox seq was sent after that store, and
+// ends the refusal.
+func (h *Hub) refuseForward(user string, k fwdKey, need uint64, now time.Time) bool {
+	sh := h.shardOf(user)
+	sh.umu.Lock()
+	defer sh.umu.Unlock()
+	u, ok := sh.undelivered[k]
+	if !ok {
+		return false
+	}
+	if need > u.need || !now.Before(u.until) {
+		delete(sh.undelivered, k)
+		return false
+	}
+	return true
+}
+
+// noteUndelivered remembers that fw was answered NOT_DELIVERED.
+func (h *Hub) noteUndelivered(fw *edgev1.Forward, now time.Time) {
+	sh := h.shardOf(fw.GetUserId())
+	k := fwdKey{fw.GetSenderDeviceId(), fw.GetDeviceId()}
+	sh.umu.Lock()
+	defer sh.umu.Unlock()
+	u, ok := sh.undelivered[k]
+	if !ok && len(sh.undelivered) >= maxUndelivered {
+		maps.DeleteFunc(sh.undelivered, func(_ fwdKey, u undelivered) bool { return !now.Before(u.until) })
+		if len(sh.undelivered) >= maxUndelivered {
+			return
+		}
+	}
+	sh.undelivered[k] = undelivered{need: max(u.need, fw.GetNeedMailboxSeq()), until: now.Add(undeliveredFor)}
+}
+
 // DeliverForwarded hands an event another edge forwarded to the device's
 // session here; report (nil for an ephemeral event) gets the outcome.
+//
+// A durable forward answered NOT_DELIVERED (the device was between
+// sessions, or its session ended before acknowledging it) is stored by
+// the sending edge; the same sender's later forwards for the device may
+// already be on their way, and are refused the same way until one shows
+// that store done (refuseForward), so none is delivered live before it:
+// neither those that arrive later nor those held meanwhile in the
+// device's new session until its old one handed off (releaseHeld).
 func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOutcome)) {
 	if d := h.cfg.Directory.LookupDevice(fw.GetDeviceId()); d.UserID != fw.GetUserId() || d.State != DeviceActive {
 		if report != nil {
 			report(edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE)
 		}
 		return
+	}
+	if report != nil && h.cfg.Mailbox != nil {
+		// (Without mailboxes the sending edge stores nothing: it refuses
+		// the event to its sender, and later ones may go on.)
+		now := h.cfg.Now()
+		if h.refuseForward(fw.GetUserId(), fwdKey{fw.GetSenderDeviceId(), fw.GetDeviceId()}, fw.GetNeedMailboxSeq(), now) {
+			report(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+			return
+		}
+		answer := report
+		report = func(o edgev1.ForwardOutcome) {
+			if o == edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+				h.noteUndelivered(fw, h.cfg.Now())
+			}
+			answer(o)
+		}
 	}
 	ss := h.sessionsOf(fw.GetUserId(), fw.GetDeviceId())
 	if len(ss) == 0 {
@@ -103,7 +187,7 @@ func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOut
 		}
 		return
 	}
-	f := &inflight{fwd: report, remaining: 1, arrived: h.cfg.Now(),
+	f := &inflight{fwd: report, remaining: 1, arrived: h.cfg.Now(), origin: fwdKey{fw.GetSenderDeviceId(), fw.GetDeviceId()},
 		trace: h.remoteTrace("relay.mesh.deliver", fw.GetTraceparent(), true, attribute.String("relay.device", telemetry.HashID(fw.GetDeviceId())))}
 	if fw.GetAnyOne() {
 		f.claim = &edgev1.EventClaim{SenderDeviceId: fw.GetSenderDeviceId(), EventId: fw.GetEventId(), ExpiresAtMs: fw.GetExpiresAtMs()}
