@@ -28,7 +28,34 @@ func NewDeviceServer(node *raftnode.Node) *DeviceServer { return &DeviceServer{n
 // owner resolves the account a device request acts on: the caller's own
 // when userID is empty; another account only for staff.
 func owner(ctx context.Context, userID string) (string, error) {
+	uid, _, err := ownerAndCaller(ctx, userID)
+	return uid, err
+}
+
+// ownerAndCaller is owner, with whether the account is another's.
+func ownerAndCaller(ctx context.Context, userID string) (string, bool, error) {
 	caller, _ := auth.ClaimsFrom(ctx)
+	uid, err := ownerOf(caller, userID)
+	return uid, err == nil && uid != caller.Subject, err
+}
+
+// changeOwner resolves the account a device change acts on, as owner does;
+// another account's devices only where the caller may manage it
+// (manageable: an operator changes no staff or edge account's devices,
+// which would let it add its own key to an admin's).
+func (s *DeviceServer) changeOwner(ctx context.Context, userID string) (string, error) {
+	uid, other, err := ownerAndCaller(ctx, userID)
+	if err != nil || !other {
+		return uid, err
+	}
+	caller, _ := auth.ClaimsFrom(ctx)
+	if err := manageable(ctx, s.node, caller, uid, "change the devices of"); err != nil {
+		return "", err
+	}
+	return uid, nil
+}
+
+func ownerOf(caller auth.Claims, userID string) (string, error) {
 	if userID == "" || userID == caller.Subject {
 		return caller.Subject, nil
 	}
@@ -44,7 +71,7 @@ func owner(ctx context.Context, userID string) (string, error) {
 // RegisterDevice adds a device.
 func (s *DeviceServer) RegisterDevice(ctx context.Context, req *connect.Request[controlv1.RegisterDeviceRequest]) (*connect.Response[controlv1.RegisterDeviceResponse], error) {
 	m := req.Msg
-	uid, err := owner(ctx, m.GetUserId())
+	uid, err := s.changeOwner(ctx, m.GetUserId())
 	if err != nil {
 		return nil, err
 	}
@@ -88,8 +115,8 @@ func (s *DeviceServer) ListDevices(ctx context.Context, req *connect.Request[con
 	return connect.NewResponse(out), nil
 }
 
-func deviceTarget(ctx context.Context, userID, deviceID string) (string, error) {
-	uid, err := owner(ctx, userID)
+func (s *DeviceServer) deviceTarget(ctx context.Context, userID, deviceID string) (string, error) {
+	uid, err := s.changeOwner(ctx, userID)
 	if err != nil {
 		return "", err
 	}
@@ -101,7 +128,7 @@ func deviceTarget(ctx context.Context, userID, deviceID string) (string, error) 
 
 // RenameDevice renames a device.
 func (s *DeviceServer) RenameDevice(ctx context.Context, req *connect.Request[controlv1.RenameDeviceRequest]) (*connect.Response[controlv1.RenameDeviceResponse], error) {
-	uid, err := deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
+	uid, err := s.deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
 	if err != nil {
 		return nil, err
 	}
@@ -119,7 +146,7 @@ func (s *DeviceServer) RenameDevice(ctx context.Context, req *connect.Request[co
 
 // RevokeDevice revokes a device.
 func (s *DeviceServer) RevokeDevice(ctx context.Context, req *connect.Request[controlv1.RevokeDeviceRequest]) (*connect.Response[controlv1.RevokeDeviceResponse], error) {
-	uid, err := deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
+	uid, err := s.deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
 	if err != nil {
 		return nil, err
 	}
@@ -134,7 +161,7 @@ func (s *DeviceServer) RevokeDevice(ctx context.Context, req *connect.Request[co
 
 // DeleteDevice deletes a device.
 func (s *DeviceServer) DeleteDevice(ctx context.Context, req *connect.Request[controlv1.DeleteDeviceRequest]) (*connect.Response[controlv1.DeleteDeviceResponse], error) {
-	uid, err := deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
+	uid, err := s.deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
 	if err != nil {
 		return nil, err
 	}

@@ -197,13 +197,8 @@ func (s *UserServer) UpdateUser(ctx context.Context, req *connect.Request[contro
 	if len(up.Fields) == 0 {
 		return nil, invalidArg(errors.New("set at least one of display_name, login, status, role, password"))
 	}
-	if caller.Role != auth.RoleAdmin {
-		// Operators manage user accounts, not staff or edge accounts.
-		if cur, err := s.node.FSM().GetUser(m.GetId()); err == nil {
-			if r, _ := auth.ParseRole(cur.GetRole()); r != auth.RoleUser {
-				return nil, connect.NewError(connect.CodePermissionDenied, errors.New("only an admin may change a staff or edge account"))
-			}
-		}
+	if err := manageable(ctx, s.node, caller, m.GetId(), "change"); err != nil {
+		return nil, err
 	}
 	if caller.Subject == m.GetId() {
 		// Changing one's own password ends one's other sessions, not this.
@@ -225,17 +220,38 @@ func (s *UserServer) DeleteUser(ctx context.Context, req *connect.Request[contro
 	if req.Msg.GetId() == caller.Subject {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, errors.New("an account cannot delete itself"))
 	}
-	if caller.Role != auth.RoleAdmin {
-		if cur, err := s.node.FSM().GetUser(req.Msg.GetId()); err == nil {
-			if r, _ := auth.ParseRole(cur.GetRole()); r != auth.RoleUser {
-				return nil, connect.NewError(connect.CodePermissionDenied, errors.New("only an admin may delete a staff or edge account"))
-			}
-		}
+	if err := manageable(ctx, s.node, caller, req.Msg.GetId(), "delete"); err != nil {
+		return nil, err
 	}
 	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: req.Msg.GetId()}}}); err != nil {
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.DeleteUserResponse{}), nil
+}
+
+// manageable refuses (permission_denied) a caller other than an admin
+// who would verb the account id, or its devices, when that account is a
+// staff or edge account: operators manage user accounts. The account is
+// read linearizably, so a follower that has not applied its latest role,
+// or its creation, cannot let an operator past (not_found when it does
+// not exist). A promotion committed between this read and the caller's
+// write is not seen; only an admin can make one.
+func manageable(ctx context.Context, node *raftnode.Node, caller auth.Claims, id, verb string) error {
+	if caller.Role == auth.RoleAdmin {
+		return nil
+	}
+	f, err := node.Read(ctx, raftnode.Linearizable)
+	if err != nil {
+		return toConnect(err)
+	}
+	cur, err := f.GetUser(id)
+	if err != nil {
+		return toConnect(err)
+	}
+	if r, _ := auth.ParseRole(cur.GetRole()); r != auth.RoleUser {
+		return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("only an admin may %s a staff or edge account", verb))
+	}
+	return nil
 }
 
 // GetMe returns the caller's account.
