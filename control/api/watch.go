@@ -153,6 +153,16 @@ func (s *WatchServer) Watch(ctx context.Context, req *connect.Request[edgev1.Wat
 
 func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) error {
 	f := s.node.FSM()
+	if from > f.AppliedIndex() && s.beyondLog(ctx, from) {
+		// The client followed another history: this cluster was restored
+		// from a backup older than what it saw, and its revisions go on
+		// from the backup's. Waiting would hold the client without a feed
+		// until this history reached from, and then skip what it had up
+		// to there: it gets a full copy instead.
+		s.cfg.Logger.Warn("watch from a revision this cluster never reached; sending a full copy (was it restored from a backup?)",
+			"from_revision", from, "applied_index", f.AppliedIndex())
+		from = 0
+	}
 	// A watch resumed on a node that is behind must not go back in time:
 	// wait until this replica has applied what the client already saw.
 	if err := f.WaitApplied(ctx, from); err != nil {
@@ -250,6 +260,17 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) e
 // one whose newest entries were acked meanwhile makes one fetch that
 // finds nothing new. The copy grows by at most one message per device it
 // already lists.
+// beyondLog reports whether rev is beyond this cluster's log: past the
+// index the leader has committed (a linearizable read index). When the
+// leader cannot be asked, it says no: the watch then waits, as for a
+// replica that is behind.
+func (s *WatchServer) beyondLog(ctx context.Context, rev uint64) bool {
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	idx, err := s.node.ReadIndex(rctx)
+	return err == nil && rev > idx
+}
+
 func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	v, err := f.View()
 	if err != nil {

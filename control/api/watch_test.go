@@ -354,6 +354,36 @@ func TestWatchBehindHorizonGetsFullCopy(t *testing.T) {
 	}
 }
 
+// A watcher that resumes from a revision beyond this cluster's log (it
+// followed the cluster before a restore from an older backup, whose
+// revisions go on from the backup's) gets a full copy at once, then every
+// later change: it is neither held until this history reaches its
+// revision nor given only what comes after that. On a 3-node cluster,
+// through a follower too (it asks the leader how far the log goes).
+func TestWatchFromBeyondTheLogGetsFullCopy(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	c.WaitConverged()
+	for _, via := range []int{c.Leader(), c.Follower()} {
+		n := c.Nodes[via].Server.Node()
+		from := n.FSM().AppliedIndex() + 1000
+		w := startWatch(t, c.Nodes[via], edge, from, true)
+		if m := w.next(t); m.GetResync() == nil || m.GetRevision() >= from {
+			t.Fatalf("node %d, watch from %d: first message %v, want a resync below it", via, from, m)
+		}
+		for m := w.next(t); m.GetSnapshotDone() == nil; m = w.next(t) {
+		}
+		id := fmt.Sprintf("after-copy-%d", via)
+		mkUser(t, c, via, id)
+		for {
+			if u := w.next(t).GetEvent().GetUserPut(); u != nil && u.GetId() == id {
+				break
+			}
+		}
+		w.stop()
+	}
+}
+
 // A watcher that stops reading is cut off with an error it can resume
 // from; resuming yields every later change, none skipped.
 func TestSlowWatcherIsCutOffAndResumes(t *testing.T) {

@@ -77,3 +77,34 @@ func TestAnnouncedRevisionFollowsTheAnnouncements(t *testing.T) {
 		}
 	}
 }
+
+// A full copy sets the directory's revision even when it is lower than
+// the one the directory had: after a restore from an older backup the
+// control plane's revisions go on from the backup's, and the directory
+// must resume from those (else every resume would be answered with
+// another full copy, and announcements of the new history would count
+// as covered by the old one's).
+func TestAFullCopyFromARestoredClusterSetsTheRevision(t *testing.T) {
+	d := directory.New(directory.Config{Ring: session.NewRing()})
+	d.Apply(&edgev1.WatchResponse{Revision: 100, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}})
+	d.Apply(&edgev1.WatchResponse{Revision: 100, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{MailboxesAnnounced: true}}})
+	d.Apply(&edgev1.WatchResponse{Revision: 120, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}})
+	if got := d.Revision(); got != 120 {
+		t.Fatalf("revision %d, want 120", got)
+	}
+	d.Apply(&edgev1.WatchResponse{Revision: 40, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}})
+	if got := d.Revision(); got != 120 {
+		t.Fatalf("revision %d while the copy is staged, want 120 (the copy is not complete)", got)
+	}
+	d.Apply(&edgev1.WatchResponse{Revision: 40, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{MailboxesAnnounced: true}}})
+	if got := d.Revision(); got != 40 {
+		t.Fatalf("revision %d after the restored cluster's copy at 40, want 40", got)
+	}
+	if rev, _ := d.AnnouncedRevision(); rev != 40 {
+		t.Fatalf("announced revision %d, want 40", rev)
+	}
+	d.Apply(&edgev1.WatchResponse{Revision: 41, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}})
+	if got := d.Revision(); got != 41 {
+		t.Fatalf("revision %d, want 41: the new history goes on", got)
+	}
+}

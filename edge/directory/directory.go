@@ -353,6 +353,11 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 			}
 			d.cur, d.staging = *d.staging, nil
 			d.synced = true
+			// A full copy sets the revision, lower ones too: after a
+			// restore the control plane's revisions go on from its
+			// backup's, and resuming from the old history's would be
+			// answered with a full copy again.
+			d.revision = m.GetRevision()
 			d.current = time.Now()
 		}
 	case *edgev1.WatchResponse_Event:
@@ -410,7 +415,10 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	for _, n := range notes {
 		d.cfg.OnMailbox(n.user, n.device, n.seq)
 	}
-	// One goroutine applies the feed: this only grows.
+	// One goroutine applies the feed: this grows, but for a full copy from
+	// a cluster restored from an older backup (its revisions go on from
+	// the backup's), which makes less count as announced: sessions then
+	// read mailboxes rather than trust announcements.
 	d.announced.Store(rev)
 	if edgesChanged {
 		d.cfg.OnEdges(edges)

@@ -69,9 +69,11 @@ const (
 // WatchServiceClient is a client for the edge.v1.WatchService service.
 type WatchServiceClient interface {
 	// Watch streams changes after from_revision. When that revision is
-	// older than the oldest change kept (or 0), the stream starts with a
-	// full copy of the state (resync ... snapshot_done) and continues live:
-	// never a silent gap. Revisions only grow, also across nodes.
+	// older than the oldest change kept (or 0), or beyond the cluster's log
+	// (the client followed it before a restore from an older backup), the
+	// stream starts with a full copy of the state (resync ... snapshot_done)
+	// and continues live: never a silent gap. Revisions only grow, also
+	// across nodes, but for a restore: they go on from the backup's.
 	Watch(context.Context, *connect.Request[v1.WatchRequest]) (*connect.ServerStreamForClient[v1.WatchResponse], error)
 }
 
@@ -108,9 +110,11 @@ func (c *watchServiceClient) Watch(ctx context.Context, req *connect.Request[v1.
 // WatchServiceHandler is an implementation of the edge.v1.WatchService service.
 type WatchServiceHandler interface {
 	// Watch streams changes after from_revision. When that revision is
-	// older than the oldest change kept (or 0), the stream starts with a
-	// full copy of the state (resync ... snapshot_done) and continues live:
-	// never a silent gap. Revisions only grow, also across nodes.
+	// older than the oldest change kept (or 0), or beyond the cluster's log
+	// (the client followed it before a restore from an older backup), the
+	// stream starts with a full copy of the state (resync ... snapshot_done)
+	// and continues live: never a silent gap. Revisions only grow, also
+	// across nodes, but for a restore: they go on from the backup's.
 	Watch(context.Context, *connect.Request[v1.WatchRequest], *connect.ServerStream[v1.WatchResponse]) error
 }
 
