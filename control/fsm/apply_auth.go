@@ -291,7 +291,10 @@ func (t *txn) deleteUserTokens(uid string) error {
 	return nil
 }
 
-// pruneTokens drops refresh tokens that expired before now.
+// pruneTokens drops refresh tokens that expired before now, and the
+// families (sessions) left without a token: every access token of such a
+// family has expired too (they live shorter than the refresh token they
+// came with), so nothing refers to it any more.
 func (t *txn) pruneTokens() error {
 	if t.now <= 0 {
 		return nil
@@ -305,6 +308,9 @@ func (t *txn) pruneTokens() error {
 	if err != nil {
 		return err
 	}
+	type family struct{ user, id string }
+	var fams []family // in the order their tokens were pruned: deterministic
+	seen := map[family]bool{}
 	for _, id := range ids {
 		var tok statev1.RefreshToken
 		found, err := t.get(tokenKey(id), &tok)
@@ -315,9 +321,31 @@ func (t *txn) pruneTokens() error {
 			if err := t.deleteToken(&tok); err != nil {
 				return err
 			}
+			if f := (family{tok.UserId, tok.FamilyId}); !seen[f] {
+				seen[f] = true
+				fams = append(fams, f)
+			}
 		}
 	}
-	return t.b.DeleteRange(prefixTokenExpiry, end)
+	if err := t.b.DeleteRange(prefixTokenExpiry, end); err != nil {
+		return err
+	}
+	for _, f := range fams {
+		p := append(join(prefixUserTokens, f.user, f.id), 0)
+		left := false
+		if err := t.b.Iterate(p, prefixEnd(p), func(_, _ []byte) (bool, error) {
+			left = true
+			return false, nil
+		}); err != nil {
+			return err
+		}
+		if !left {
+			if err := t.b.Delete(familyKey(f.id)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func (t *txn) rotateSigningKey(op *statev1.RotateSigningKey) (*statev1.Result, error) {

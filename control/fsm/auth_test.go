@@ -435,3 +435,47 @@ func TestAccountChangesRevokeSessions(t *testing.T) {
 		t.Errorf("malformed keep_session_id: %v", r)
 	}
 }
+
+// A family (a login's session) goes with its last refresh token: once
+// every token of it expired and was pruned, so is it, and logins do not
+// pile families up in the state. A family with a token left stays, rotated
+// tokens included (they are what detects reuse).
+func TestExpiredFamiliesArePruned(t *testing.T) {
+	f := newFSM(t, Config{PruneEvery: 4})
+	a := &applier{t: t, f: f}
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
+	soon := 1_000_000 + int64(a.idx) + 100 // after the issues below
+	for i := range 50 {
+		if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
+			Token: tok(fmt.Sprintf("t%d", i), fmt.Sprintf("f%d", i), "u", 1, soon)}}); r.Code != ok {
+			t.Fatal(r)
+		}
+	}
+	// f-live: one token expires with the others, its rotation lives on.
+	far := int64(1 << 50)
+	if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("old", "f-live", "u", 2, soon)}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	if r := a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
+		TokenId: "old", PresentedSecretHash: key32(2), Next: tok("new", "f-live", "u", 3, far)}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	a.advanceTo(soon + 50)
+	families := func() (ids []string) {
+		_ = f.store.Iterate(prefixFamily, prefixEnd(prefixFamily), func(k, _ []byte) (bool, error) {
+			ids = append(ids, string(k[len(prefixFamily):]))
+			return true, nil
+		})
+		return ids
+	}
+	if got := families(); len(got) != 1 || got[0] != "f-live" {
+		t.Fatalf("families after the tokens expired: %v, want only f-live", got)
+	}
+	if _, err := f.GetTokenFamily("f0"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("a pruned family: %v, want not found", err)
+	}
+	if n, _ := f.UserTokenCount("u"); n != 1 {
+		t.Fatalf("%d tokens left, want f-live's new one", n)
+	}
+}
