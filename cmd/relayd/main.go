@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -148,6 +149,14 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.DurationVar(&cfg.SessionKeyRotateEvery, "session-key-rotate", 24*time.Hour, "rotate the resume-ticket key this often")
 	fs.DurationVar(&cfg.SessionKeyGrace, "session-key-grace", 24*time.Hour, "keep accepting tickets of a rotated-out key this long")
 	fs.DurationVar(&cfg.SigningKeyRotateEvery, "signing-key-rotate", 30*24*time.Hour, "rotate the access-token signing key this often")
+	fs.Func("max-devices-per-user", "devices an account may have, revoked ones included (default 100)", func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 32)
+		if err != nil || n == 0 {
+			return fmt.Errorf("want a positive number, got %q", v)
+		}
+		cfg.Devices.MaxDevicesPerUser = uint32(n)
+		return nil
+	})
 	fs.Uint64Var(&cfg.Mailbox.MaxEntriesPerDevice, "mailbox-max-entries", 1000, "events a device's mailbox keeps at most while it is offline")
 	fs.Uint64Var(&cfg.Mailbox.MaxBytesPerDevice, "mailbox-max-bytes", 4<<20, "event bytes a device's mailbox keeps at most")
 	fs.DurationVar(&cfg.MailboxExpireEvery, "mailbox-expire-every", 10*time.Second, "how often the leader removes expired mailbox entries")

@@ -18,12 +18,29 @@ import (
 // DeviceServer serves DeviceService.
 type DeviceServer struct {
 	node *raftnode.Node
+	cfg  DeviceConfig
 }
 
 var _ controlv1connect.DeviceServiceHandler = (*DeviceServer)(nil)
 
+// DeviceConfig tunes the DeviceService.
+type DeviceConfig struct {
+	// MaxDevicesPerUser bounds each account's devices, revoked ones
+	// included [DefaultMaxDevicesPerUser]: registering one more is
+	// refused with failed_precondition. Checked inside the Raft apply.
+	MaxDevicesPerUser uint32
+}
+
+// DefaultMaxDevicesPerUser is DeviceConfig.MaxDevicesPerUser's default.
+const DefaultMaxDevicesPerUser = 100
+
 // NewDeviceServer returns the DeviceService handler.
-func NewDeviceServer(node *raftnode.Node) *DeviceServer { return &DeviceServer{node: node} }
+func NewDeviceServer(node *raftnode.Node, cfg DeviceConfig) *DeviceServer {
+	if cfg.MaxDevicesPerUser == 0 {
+		cfg.MaxDevicesPerUser = DefaultMaxDevicesPerUser
+	}
+	return &DeviceServer{node: node, cfg: cfg}
+}
 
 // owner resolves the account a device request acts on: the caller's own
 // when userID is empty; another account only for staff.
@@ -83,7 +100,7 @@ func (s *DeviceServer) RegisterDevice(ctx context.Context, req *connect.Request[
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{
 		Id: newID("d"), UserId: uid, Name: m.GetName(), PublicKey: m.GetPublicKey(),
-	}}}})
+	}, MaxDevicesPerUser: s.cfg.MaxDevicesPerUser}}})
 	if err != nil {
 		return nil, toConnect(err)
 	}

@@ -2,12 +2,14 @@ package api_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
 
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/server"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 )
 
@@ -105,5 +107,31 @@ func TestOperatorRuleHoldsOnALaggingFollower(t *testing.T) {
 	}
 	if tok := c.Login("boss", "password-of-boss"); tok.GetAccessToken() == "" {
 		t.Fatal("the admin's own password no longer works")
+	}
+}
+
+// An account registers at most --max-devices-per-user devices through
+// the API; one more is failed_precondition, and deleting one makes room.
+func TestDevicesPerUserLimitThroughTheAPI(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) { cfg.Devices.MaxDevicesPerUser = 2 }})
+	ctx := ctxT(t, time.Minute)
+	me := clientsAs(t, c.Nodes[0], c.TokenFor("many", controlv1.Role_ROLE_USER))
+	var first string
+	for i := range 3 {
+		d, err := me.devices.RegisterDevice(ctx, connect.NewRequest(&controlv1.RegisterDeviceRequest{Name: fmt.Sprint("d", i), PublicKey: pubKey(t)}))
+		switch {
+		case i < 2 && err != nil:
+			t.Fatalf("device %d: %v", i, err)
+		case i == 0:
+			first = d.Msg.GetDevice().GetId()
+		case i == 2 && connect.CodeOf(err) != connect.CodeFailedPrecondition:
+			t.Fatalf("a third device with 2 allowed: %v, want failed_precondition", err)
+		}
+	}
+	if _, err := me.devices.DeleteDevice(ctx, connect.NewRequest(&controlv1.DeleteDeviceRequest{DeviceId: first})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := me.devices.RegisterDevice(ctx, connect.NewRequest(&controlv1.RegisterDeviceRequest{Name: "again", PublicKey: pubKey(t)})); err != nil {
+		t.Fatalf("after deleting one: %v", err)
 	}
 }

@@ -428,6 +428,19 @@ func (t *txn) registerDevice(op *statev1.RegisterDevice) (*statev1.Result, error
 	} else if !errors.Is(err, state.ErrNotFound) {
 		return nil, err
 	}
+	if limit := op.GetMaxDevicesPerUser(); limit > 0 {
+		p := append(join(prefixDevice, d.UserId), 0)
+		n := uint32(0)
+		if err := t.b.Iterate(p, prefixEnd(p), func(_, _ []byte) (bool, error) {
+			n++
+			return n < limit, nil
+		}); err != nil {
+			return nil, err
+		}
+		if n >= limit {
+			return nil, precondition("user %q has %d devices, the most allowed: delete one first", d.UserId, limit)
+		}
+	}
 	d.Revoked, d.RevokedAtMs = false, 0
 	if d.CreatedAtMs == 0 {
 		d.CreatedAtMs = t.now

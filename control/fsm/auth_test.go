@@ -479,3 +479,41 @@ func TestExpiredFamiliesArePruned(t *testing.T) {
 		t.Fatalf("%d tokens left, want f-live's new one", n)
 	}
 }
+
+// RegisterDevice's max_devices_per_user bounds an account's devices,
+// revoked ones included; deleting one makes room; other accounts are
+// counted apart; 0 is no limit.
+func TestDevicesPerUserAreBounded(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	for _, u := range []string{"u", "v"} {
+		a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: u, Login: u}}})
+	}
+	register := func(user, id string, limit uint32) statev1.ResultCode {
+		return a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{
+			Device: &statev1.Device{Id: id, UserId: user, Name: id, PublicKey: key32(1)}, MaxDevicesPerUser: limit}}).GetCode()
+	}
+	ok, full := statev1.ResultCode_RESULT_CODE_OK, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION
+	for i, want := range []statev1.ResultCode{ok, ok, ok, full, full} {
+		if got := register("u", fmt.Sprintf("d%d", i), 3); got != want {
+			t.Fatalf("device %d of 3 allowed: %v, want %v", i+1, got, want)
+		}
+	}
+	if got := register("v", "v0", 3); got != ok {
+		t.Fatalf("another account's first device: %v", got)
+	}
+	a.apply(&statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "u", DeviceId: "d0"}})
+	if got := register("u", "d5", 3); got != full {
+		t.Fatalf("after a revocation (still listed): %v, want %v", got, full)
+	}
+	a.apply(&statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "u", DeviceId: "d0"}})
+	if got := register("u", "d6", 3); got != ok {
+		t.Fatalf("after a deletion: %v, want ok", got)
+	}
+	if got := register("u", "d7", 0); got != ok {
+		t.Fatalf("no limit: %v, want ok", got)
+	}
+	if list, _ := f.ListDevices("u"); len(list) != 4 {
+		t.Fatalf("%d devices, want 4", len(list))
+	}
+}

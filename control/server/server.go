@@ -118,6 +118,9 @@ type Config struct {
 	// Mailbox tunes mailboxes: per-device quotas (default 1000 entries and
 	// 4 MiB).
 	Mailbox api.MailboxConfig
+	// Devices tunes device registration: the most devices per account
+	// (default 100).
+	Devices api.DeviceConfig
 	// MailboxExpireEvery: the leader looks for expired mailbox entries and
 	// event claims this often and proposes their removal. Default 10s.
 	MailboxExpireEvery time.Duration
@@ -306,7 +309,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	mux.Handle(controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts(controlv1connect.PeerServiceName)))
 	mux.Handle(controlv1connect.NewAuthServiceHandler(authServer, opts(controlv1connect.AuthServiceName)))
 	mux.Handle(controlv1connect.NewUserServiceHandler(api.NewUserServer(s.node, s.authn), opts(controlv1connect.UserServiceName)))
-	mux.Handle(controlv1connect.NewDeviceServiceHandler(api.NewDeviceServer(s.node), opts(controlv1connect.DeviceServiceName)))
+	mux.Handle(controlv1connect.NewDeviceServiceHandler(api.NewDeviceServer(s.node, s.cfg.Devices), opts(controlv1connect.DeviceServiceName)))
 	mux.Handle(controlv1connect.NewKeyServiceHandler(api.NewKeyServer(s.node, s.authn, cfg.SessionKeyGrace), opts(controlv1connect.KeyServiceName)))
 	watch := api.NewWatchServer(s.node, watchConfig(cfg.Watch, s.log, s.reg))
 	mux.Handle(edgev1connect.NewWatchServiceHandler(watch, opts(edgev1connect.WatchServiceName)))

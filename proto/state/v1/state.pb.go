@@ -3573,10 +3573,15 @@ func (x *DeleteUser) GetId() string {
 
 // RegisterDevice adds a device to an existing, active user.
 type RegisterDevice struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Device        *Device                `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Device *Device                `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	// The most devices (revoked ones included) the user may have: refused
+	// (FAILED_PRECONDITION) when it has that many already. 0: no limit. The
+	// API sets it from its configuration, so every replica applies the
+	// same limit.
+	MaxDevicesPerUser uint32 `protobuf:"varint,2,opt,name=max_devices_per_user,json=maxDevicesPerUser,proto3" json:"max_devices_per_user,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *RegisterDevice) Reset() {
@@ -3614,6 +3619,13 @@ func (x *RegisterDevice) GetDevice() *Device {
 		return x.Device
 	}
 	return nil
+}
+
+func (x *RegisterDevice) GetMaxDevicesPerUser() uint32 {
+	if x != nil {
+		return x.MaxDevicesPerUser
+	}
+	return 0
 }
 
 // RevokeDevice marks a device revoked; it stays listed but cannot connect.
@@ -4303,9 +4315,10 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x0fkeep_session_id\x18\x04 \x01(\tR\rkeepSessionId\"\x1c\n" +
 	"\n" +
 	"DeleteUser\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\":\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"k\n" +
 	"\x0eRegisterDevice\x12(\n" +
-	"\x06device\x18\x01 \x01(\v2\x10.state.v1.DeviceR\x06device\"D\n" +
+	"\x06device\x18\x01 \x01(\v2\x10.state.v1.DeviceR\x06device\x12/\n" +
+	"\x14max_devices_per_user\x18\x02 \x01(\rR\x11maxDevicesPerUser\"D\n" +
 	"\fRevokeDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\"D\n" +
