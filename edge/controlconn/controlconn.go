@@ -339,6 +339,9 @@ func Proxied(procedure string) bool {
 // maxProxiedBody bounds a proxied request's body.
 const maxProxiedBody = 64 << 10
 
+// proxyBodyTimeout bounds the reading of a proxied request's body.
+const proxyBodyTimeout = 30 * time.Second
+
 // The headers with which the edge vouches for a proxied caller's address
 // (control/api.ForwardedForHeader and ForwardedByHeader; the edge does
 // not link the control plane's packages).
@@ -384,6 +387,9 @@ func (c *Conn) Proxy(prefix string) http.Handler {
 			}
 		}
 		r.Body = http.MaxBytesReader(w, r.Body, maxProxiedBody)
+		// A body dripped in slowly must not hold the connection, and a
+		// stream to the control plane, for long.
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(proxyBodyTimeout))
 		rp.ServeHTTP(w, r)
 	})
 }

@@ -81,6 +81,11 @@ type Config struct {
 	// keep-alives [30s]; MeshIdleTimeout does the same for mesh links
 	// [15s].
 	IdleTimeout, MeshIdleTimeout time.Duration
+	// HTTPIdleTimeout closes HTTPS and admin connections (HTTP/1.1
+	// keep-alive and HTTP/2) that carry no request for this long [60s]:
+	// a client that opens connections and goes silent holds none for
+	// long.
+	HTTPIdleTimeout time.Duration
 	// ClusterTLSTickets seals the device ports' TLS 1.3 session tickets
 	// with the cluster's session keys (session.ShareTLSTickets), so a
 	// device resumes TLS on any edge; off, each edge process keeps its
@@ -332,9 +337,14 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.cancel = cancel
 	s.ws = &transport.WebSocketHandler{Hub: s.hub, Origins: origins, IdleTimeout: cfg.IdleTimeout, Ctx: runCtx}
-	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
+	httpIdle := cfg.HTTPIdleTimeout
+	if httpIdle <= 0 {
+		httpIdle = 60 * time.Second
+	}
+	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle,
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	if cfg.AdminAddr != "" {
-		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
+		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle}
 	}
 
 	s.wg.Go(func() { _ = s.listener.Serve() })
