@@ -23,6 +23,11 @@ type inbound struct {
 	mu   sync.Mutex // guards out
 	out  []*edgev1.MeshFrame
 	wake chan struct{}
+	// slots holds a token per forward whose outcome is not written yet
+	// (Config.MaxOutstanding): the reader takes one before it hands a
+	// forward on, the writer gives it back once the outcome is written,
+	// so a peer that does not read its outcomes is read no further.
+	slots chan struct{}
 }
 
 func (in *inbound) send(f *edgev1.MeshFrame) {
@@ -72,7 +77,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		log.Warn("mesh hello does not match the certificate", "certificate", peer, "hello", h.GetEdgeId(), "to", h.GetPeerId())
 		return
 	}
-	in := &inbound{peer: peer, conn: conn, wake: make(chan struct{}, 1)}
+	in := &inbound{peer: peer, conn: conn, wake: make(chan struct{}, 1), slots: make(chan struct{}, m.cfg.MaxOutstanding)}
 	m.mu.Lock()
 	if old := m.inbound[peer]; old != nil {
 		// The peer reconnected: its new link replaces the old one.
@@ -94,9 +99,14 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 
 	var wg sync.WaitGroup
 	wctx, stopWriter := context.WithCancel(m.ctx)
-	wg.Go(func() { in.writeLoop(wctx, str) })
-	defer wg.Wait()
-	defer stopWriter()
+	wg.Go(func() { in.writeLoop(wctx, str, m.cfg.IdleTimeout) })
+	defer func() {
+		// Closed before the wait: a writer blocked on a peer that does
+		// not read returns at once.
+		stopWriter()
+		_ = conn.CloseWithError(0, "")
+		wg.Wait()
+	}()
 	for {
 		f = &edgev1.MeshFrame{}
 		if buf, err = readFrame(r, buf, f); err != nil {
@@ -115,6 +125,13 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 			if fw.GetId() == 0 {
 				m.cfg.Local.DeliverForwarded(fw, nil)
 				continue
+			}
+			select {
+			case in.slots <- struct{}{}:
+			case <-conn.Context().Done():
+				return
+			case <-m.ctx.Done():
+				return
 			}
 			id := fw.GetId()
 			var once sync.Once
@@ -136,7 +153,9 @@ func (m *Mesh) notifyMoved(ps []*edgev1.DevicePresence) {
 	}
 }
 
-func (in *inbound) writeLoop(ctx context.Context, str *quic.Stream) {
+// writeLoop writes the outcomes; a peer that takes nothing for timeout
+// is cut off.
+func (in *inbound) writeLoop(ctx context.Context, str *quic.Stream, timeout time.Duration) {
 	var buf []byte
 	for {
 		select {
@@ -148,12 +167,17 @@ func (in *inbound) writeLoop(ctx context.Context, str *quic.Stream) {
 		batch := in.out
 		in.out = nil
 		in.mu.Unlock()
+		_ = str.SetWriteDeadline(time.Now().Add(timeout))
 		for _, f := range batch {
 			var err error
 			if buf, err = writeFrame(str, buf, f); err != nil {
 				_ = in.conn.CloseWithError(0, "write failed")
 				return
 			}
+			if f.GetForwardResult() != nil {
+				<-in.slots
+			}
 		}
+		_ = str.SetWriteDeadline(time.Time{})
 	}
 }

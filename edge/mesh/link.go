@@ -24,6 +24,7 @@ type link struct {
 	mu      sync.Mutex // guards the fields below
 	up      bool
 	queue   []*edgev1.MeshFrame
+	queued  int // bytes of the events in queue
 	nextID  uint64
 	dials   int
 	pending map[uint64]func(edgev1.ForwardOutcome)
@@ -59,7 +60,8 @@ func (l *link) sendPresence(f *edgev1.MeshFrame) {
 
 func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 	l.mu.Lock()
-	if !l.up || len(l.queue) >= l.m.cfg.QueueLen {
+	size := len(f.GetEvent())
+	if !l.up || len(l.queue) >= l.m.cfg.QueueLen || (len(l.queue) > 0 && l.queued+size > l.m.cfg.QueueBytes) {
 		l.mu.Unlock()
 		l.m.metrics.forwards.WithLabelValues("link_down").Inc()
 		if done != nil {
@@ -73,6 +75,7 @@ func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 		l.pending[f.Id] = done
 	}
 	l.queue = append(l.queue, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: f}})
+	l.queued += size
 	l.mu.Unlock()
 	l.signal()
 }
@@ -121,6 +124,9 @@ func (l *link) session() error {
 		return fmt.Errorf("dial: %w", err)
 	}
 	defer conn.CloseWithError(0, "")
+	// Stopping the link (the peer left the member list, the mesh closes)
+	// ends a write blocked on a peer that does not read, at once.
+	defer context.AfterFunc(l.ctx, func() { _ = conn.CloseWithError(0, "link stopped") })()
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
 		return fmt.Errorf("open stream: %w", err)
@@ -158,13 +164,18 @@ func (l *link) session() error {
 		}
 		l.mu.Lock()
 		batch := l.queue
-		l.queue = nil
+		l.queue, l.queued = nil, 0
 		l.mu.Unlock()
+		// A peer that takes nothing for the idle timeout is as broken as
+		// a silent one: its link goes down, and what it was sent and did
+		// not answer is NOT_DELIVERED (stored by the senders' edges).
+		_ = str.SetWriteDeadline(time.Now().Add(l.m.cfg.IdleTimeout))
 		for _, f := range batch {
 			if buf, err = writeFrame(str, buf, f); err != nil {
-				return err
+				return fmt.Errorf("write to the peer: %w", err)
 			}
 		}
+		_ = str.SetWriteDeadline(time.Time{})
 	}
 }
 
@@ -200,7 +211,7 @@ func (l *link) down() {
 	l.m.presMu.Lock()
 	l.mu.Lock()
 	l.up = false
-	l.queue = nil
+	l.queue, l.queued = nil, 0
 	pending := l.pending
 	l.pending = map[uint64]func(edgev1.ForwardOutcome){}
 	l.mu.Unlock()

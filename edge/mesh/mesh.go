@@ -60,11 +60,17 @@ type Config struct {
 	Identity *Identity
 	// Local is this edge's sessions; required.
 	Local Local
-	// QueueLen bounds the frames waiting on one link; beyond it forwards
-	// are answered NOT_DELIVERED [65536].
-	QueueLen int
+	// QueueLen and QueueBytes bound the frames waiting on one link, by
+	// count and by the bytes of their events; beyond either, forwards are
+	// answered NOT_DELIVERED [65536, 64 MiB].
+	QueueLen, QueueBytes int
+	// MaxOutstanding bounds the forwards a peer has sent this edge whose
+	// outcomes it has not read yet; at the bound this edge stops reading
+	// the peer's link until it does [16384].
+	MaxOutstanding int
 	// IdleTimeout is how long a silent peer is given before its link
-	// counts as broken (keep-alives go at a third of it) [15s].
+	// counts as broken (keep-alives go at a third of it) [15s]; a peer
+	// that takes nothing written to it for as long is cut off too.
 	IdleTimeout time.Duration
 	// Logger [slog.Default()]; Registerer for metrics [none].
 	Logger     *slog.Logger
@@ -129,6 +135,12 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	if cfg.QueueLen <= 0 {
 		cfg.QueueLen = 1 << 16
+	}
+	if cfg.QueueBytes <= 0 {
+		cfg.QueueBytes = 64 << 20
+	}
+	if cfg.MaxOutstanding <= 0 {
+		cfg.MaxOutstanding = 1 << 14
 	}
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = 15 * time.Second

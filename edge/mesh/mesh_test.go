@@ -97,12 +97,23 @@ func (f *fakeLocal) forwards() int {
 
 func startMesh(t *testing.T, ca *testCA, id string, local *fakeLocal) *Mesh {
 	t.Helper()
+	return startMeshWith(t, ca, id, local, nil)
+}
+
+// startMeshWith starts a mesh whose configuration mod may adjust; it
+// returns a function that closes it (and is called at cleanup too).
+func startMeshWith(t *testing.T, ca *testCA, id string, local Local, mod func(*Config)) *Mesh {
+	t.Helper()
 	_, key, _ := ed25519.GenerateKey(rand.Reader)
 	idn := NewIdentity(key)
 	if err := idn.Set(ca.issue(t, id, idn.PublicKey()), ca.der); err != nil {
 		t.Fatal(err)
 	}
-	m, err := New(Config{EdgeID: id, Identity: idn, Local: local, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	cfg := Config{EdgeID: id, Identity: idn, Local: local, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	if mod != nil {
+		mod(&cfg)
+	}
+	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

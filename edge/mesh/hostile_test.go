@@ -1,0 +1,190 @@
+package mesh
+
+import (
+	"bufio"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+)
+
+// stuckLocal stops in DeliverForwarded until release is closed: the
+// peer's reader stops, as a wedged or hostile peer's does, while its
+// QUIC connection stays alive.
+type stuckLocal struct {
+	fakeLocal
+	release chan struct{}
+}
+
+func (s *stuckLocal) DeliverForwarded(*edgev1.Forward, func(edgev1.ForwardOutcome)) { <-s.release }
+
+// outcomes counts the answers forwards get.
+type outcomes struct {
+	mu sync.Mutex
+	n  map[edgev1.ForwardOutcome]int
+}
+
+func (o *outcomes) done(out edgev1.ForwardOutcome) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.n == nil {
+		o.n = map[edgev1.ForwardOutcome]int{}
+	}
+	o.n[out]++
+}
+
+func (o *outcomes) total() int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	sum := 0
+	for _, n := range o.n {
+		sum += n
+	}
+	return sum
+}
+
+// A peer that keeps its connection alive but stops reading: what waits
+// on the link stays within QueueBytes (the rest is answered NOT_DELIVERED
+// at once); once nothing was taken for the idle timeout the link goes
+// down and every forward sent is answered NOT_DELIVERED; and stopping a
+// mesh whose writer is blocked returns at once rather than after the
+// idle timeout.
+func TestAPeerThatStopsReading(t *testing.T) {
+	ca := newTestCA(t)
+	stuck := &stuckLocal{release: make(chan struct{})}
+	defer close(stuck.release) // before the meshes close (cleanups run after)
+	b := startMeshWith(t, ca, "edge-b", stuck, nil)
+	payload := make([]byte, 48<<10)
+	for _, tc := range []struct {
+		name string
+		idle time.Duration
+	}{{"cut off after the idle timeout", time.Second}, {"stopped while blocked", time.Minute}} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := startMeshWith(t, ca, "edge-a-"+map[bool]string{true: "short", false: "long"}[tc.idle < time.Minute], &fakeLocal{},
+				func(c *Config) { c.QueueBytes, c.IdleTimeout = 1<<20, tc.idle })
+			a.SetMembers([]Member{{ID: "edge-b", MeshAddr: b.Addr().String()}})
+			waitFor(t, "the link up", func() bool { return a.Stats().LinksUp == 1 })
+			var got outcomes
+			const n = 2000 // 94 MiB offered
+			for range n {
+				a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "u", Event: payload}, got.done)
+				a.mu.Lock()
+				l := a.links["edge-b"]
+				a.mu.Unlock()
+				l.mu.Lock()
+				queued := l.queued
+				l.mu.Unlock()
+				if queued > 1<<20 {
+					t.Fatalf("%d bytes wait on the link, bound 1 MiB", queued)
+				}
+			}
+			if tc.idle < time.Minute {
+				waitFor(t, "every forward answered", func() bool { return got.total() == n })
+			} else {
+				closed := make(chan struct{})
+				go func() { _ = a.Close(); close(closed) }()
+				select {
+				case <-closed:
+				case <-time.After(20 * time.Second):
+					t.Fatal("Close waited on a writer blocked on a peer that does not read")
+				}
+				if got.total() != n {
+					t.Fatalf("%d of %d forwards answered after Close", got.total(), n)
+				}
+			}
+			got.mu.Lock()
+			defer got.mu.Unlock()
+			if got.n[edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED] != n {
+				t.Fatalf("outcomes %v, want all %d NOT_DELIVERED", got.n, n)
+			}
+		})
+	}
+}
+
+// A peer that sends forwards and never reads their outcomes: this edge
+// stops reading it once MaxOutstanding outcomes wait, instead of queueing
+// them without bound.
+func TestAPeerThatDoesNotReadItsOutcomes(t *testing.T) {
+	ca := newTestCA(t)
+	lb := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE}
+	const outstanding = 1000
+	b := startMeshWith(t, ca, "edge-b", lb, func(c *Config) { c.MaxOutstanding = outstanding })
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	idn := NewIdentity(key)
+	if err := idn.Set(ca.issue(t, "edge-evil", idn.PublicKey()), ca.der); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	conn, err := quic.DialAddr(ctx, b.Addr().String(), idn.clientTLS("edge-b"), quicConfig(15*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.CloseWithError(0, "")
+	str, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := bufio.NewWriterSize(str, 64<<10)
+	var buf []byte
+	if buf, err = writeFrame(w, buf, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: "edge-evil", PeerId: "edge-b"}}}); err != nil {
+		t.Fatal(err)
+	}
+	// Far more than fit in flow control and the bound together; written
+	// from a goroutine, as the writes block once edge-b stops reading.
+	const n = 300_000
+	wrote := make(chan error, 1)
+	go func() {
+		var err error
+		for i := range n {
+			f := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: &edgev1.Forward{Id: uint64(i + 1), DeviceId: "nobody", UserId: "u"}}}
+			if buf, err = writeFrame(w, buf, f); err != nil {
+				break
+			}
+		}
+		if err == nil {
+			err = w.Flush()
+		}
+		wrote <- err
+	}()
+	// edge-b reads until its outcomes fill the stream's flow-control
+	// window and the bound, then no further: the reads stop moving for a
+	// second while the writer is still blocked. (Without the bound it
+	// reads them all and the writer finishes.)
+	finished := false
+	for last, deadline := -1, time.Now().Add(time.Minute); ; {
+		cur := lb.forwards()
+		if cur == last || time.Now().After(deadline) {
+			break
+		}
+		last = cur
+		select {
+		case <-wrote:
+			finished = true
+		case <-time.After(time.Second):
+		}
+		if finished {
+			break
+		}
+	}
+	b.mu.Lock()
+	in := b.inbound["edge-evil"]
+	b.mu.Unlock()
+	in.mu.Lock()
+	queued := len(in.out)
+	in.mu.Unlock()
+	if finished || queued > outstanding || lb.forwards() >= n {
+		t.Fatalf("%d outcomes queued, %d of %d forwards read (all written: %v) from a peer that reads none: want at most %d queued and reading stopped",
+			queued, lb.forwards(), n, finished, outstanding)
+	}
+	_ = conn.CloseWithError(0, "")
+	if !finished {
+		<-wrote
+	}
+}
