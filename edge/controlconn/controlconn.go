@@ -67,6 +67,9 @@ type Conn struct {
 	refresh string
 	// watchURL is where the last watch stream went.
 	watchURL string
+
+	// tokenSem is held by the one caller getting a new token.
+	tokenSem chan struct{}
 }
 
 // New checks the configuration and builds the HTTP client; it does not
@@ -115,7 +118,7 @@ func New(cfg Config) (*Conn, error) {
 	if cfg.TLS != nil {
 		tr.TLSClientConfig = cfg.TLS.Clone()
 	}
-	c := &Conn{cfg: cfg, http: &http.Client{Transport: tr}, peers: map[string]*peer{}}
+	c := &Conn{cfg: cfg, http: &http.Client{Transport: tr}, peers: map[string]*peer{}, tokenSem: make(chan struct{}, 1)}
 	for _, u := range cfg.URLs {
 		c.peers[u] = &peer{
 			auth:     controlv1connect.NewAuthServiceClient(c.http, u, cfg.Options...),
@@ -162,28 +165,53 @@ func (c *Conn) failover(u string, err error) {
 	}
 }
 
-// Token returns a valid access token of the edge's account, logging in
-// or refreshing as needed.
-func (c *Conn) Token(ctx context.Context) (string, error) {
+// tokenTimeout bounds one attempt to log in or refresh the token.
+const tokenTimeout = 10 * time.Second
+
+// validToken returns the access token while it has more than a minute
+// left.
+func (c *Conn) validToken() (string, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.access != "" && time.Until(c.expires) > time.Minute {
-		return c.access, nil
+	return c.access, c.access != "" && time.Until(c.expires) > time.Minute
+}
+
+// Token returns a valid access token of the edge's account, logging in
+// or refreshing as needed. One caller at a time talks to the control
+// plane for it (the others wait for that, or for their ctx); nothing
+// else waits on it: c.mu is not held across the calls.
+func (c *Conn) Token(ctx context.Context) (string, error) {
+	if tok, ok := c.validToken(); ok {
+		return tok, nil
 	}
+	select {
+	case c.tokenSem <- struct{}{}:
+	case <-ctx.Done():
+		return "", fmt.Errorf("log in to the control plane: %w", ctx.Err())
+	}
+	defer func() { <-c.tokenSem }()
+	if tok, ok := c.validToken(); ok {
+		return tok, nil // another caller got one meanwhile
+	}
+	ctx, cancel := context.WithTimeout(ctx, tokenTimeout)
+	defer cancel()
+	c.mu.Lock()
+	refresh := c.refresh
+	c.mu.Unlock()
 	var lastErr error
 	for range len(c.cfg.URLs) {
-		u := c.cfg.URLs[c.next%len(c.cfg.URLs)]
+		u := c.url()
 		auth := c.peers[u].auth
 		var tokens *controlv1.Tokens
-		if c.refresh != "" {
-			resp, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: c.refresh}))
+		if refresh != "" {
+			resp, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: refresh}))
 			if err == nil {
 				tokens = resp.Msg.GetTokens()
 			} else if connect.CodeOf(err) == connect.CodeUnauthenticated {
-				c.refresh = "" // log in afresh below
+				refresh = "" // log in afresh below
 			} else {
 				lastErr = err
-				c.next++
+				c.moveOn(u)
 				continue
 			}
 		}
@@ -194,7 +222,7 @@ func (c *Conn) Token(ctx context.Context) (string, error) {
 				if connect.CodeOf(err) == connect.CodeUnauthenticated || connect.CodeOf(err) == connect.CodePermissionDenied {
 					return "", fmt.Errorf("edge credential refused: %w", err)
 				}
-				c.next++
+				c.moveOn(u)
 				continue
 			}
 			tokens = resp.Msg.GetTokens()
@@ -202,10 +230,22 @@ func (c *Conn) Token(ctx context.Context) (string, error) {
 		if tokens.GetRole() != controlv1.Role_ROLE_EDGE {
 			return "", fmt.Errorf("account %q has role %s, not edge", c.cfg.Login, tokens.GetRole())
 		}
+		c.mu.Lock()
 		c.access, c.expires, c.refresh = tokens.GetAccessToken(), tokens.GetAccessTokenExpiresAt().AsTime(), tokens.GetRefreshToken()
-		return c.access, nil
+		c.mu.Unlock()
+		return tokens.GetAccessToken(), nil
 	}
 	return "", fmt.Errorf("log in to the control plane: %w", lastErr)
+}
+
+// moveOn moves to the next URL after u failed, unless another caller
+// already did.
+func (c *Conn) moveOn(u string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cfg.URLs[c.next%len(c.cfg.URLs)] == u {
+		c.next++
+	}
 }
 
 func (c *Conn) authorize(ctx context.Context, h http.Header) error {

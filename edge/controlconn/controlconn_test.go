@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"sync"
 	"testing"
 	"time"
 
@@ -186,5 +187,76 @@ func TestHTTP2AndWatchFailover(t *testing.T) {
 	}
 	if got[0] != "down" || got[1] != "up" {
 		t.Fatalf("watches went to %v, want down then up", got)
+	}
+}
+
+// hangingControl answers Login only once release is closed.
+type hangingControl struct {
+	fakeControl
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (h *hangingControl) Login(ctx context.Context, req *connect.Request[controlv1.LoginRequest]) (*connect.Response[controlv1.LoginResponse], error) {
+	h.entered <- struct{}{}
+	select {
+	case <-h.release:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return h.fakeControl.Login(ctx, req)
+}
+
+// While one caller waits for a slow control plane to log the edge in,
+// the others wait only as long as their own context allows (a mailbox
+// write's or a renewal's deadline holds), and get the token it brings.
+func TestTokenWaitsOnlyAsLongAsItsContext(t *testing.T) {
+	h := &hangingControl{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	mux := http.NewServeMux()
+	mux.Handle(controlv1connect.NewAuthServiceHandler(h))
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	p.SetHTTP1(true)
+	srv := httptest.NewUnstartedServer(mux)
+	srv.Config.Protocols = &p
+	srv.Start()
+	defer srv.Close()
+	c, err := controlconn.New(controlconn.Config{URLs: []string{srv.URL}, Login: "edges", Password: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	first := make(chan error, 1)
+	go func() {
+		_, err := c.Token(context.Background())
+		first <- err
+	}()
+	<-h.entered // the first caller is in the slow login
+	var release sync.Once
+	defer release.Do(func() { close(h.release) })
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	second := make(chan error, 1)
+	go func() {
+		_, err := c.Token(ctx)
+		second <- err
+	}()
+	select {
+	case err := <-second:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("a second caller while the login hangs: %v, want its own deadline", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("a second caller was held past its deadline by the first one's login")
+	}
+	release.Do(func() { close(h.release) })
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	// The token the first caller got serves the next without a login
+	// (a second Login would block: release is closed, entered is not
+	// read again).
+	if tok, err := c.Token(context.Background()); err != nil || tok != "t" {
+		t.Fatalf("after the login: token %q, %v", tok, err)
 	}
 }
