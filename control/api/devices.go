@@ -45,34 +45,7 @@ func NewDeviceServer(node *raftnode.Node, cfg DeviceConfig) *DeviceServer {
 // owner resolves the account a device request acts on: the caller's own
 // when userID is empty; another account only for staff.
 func owner(ctx context.Context, userID string) (string, error) {
-	uid, _, err := ownerAndCaller(ctx, userID)
-	return uid, err
-}
-
-// ownerAndCaller is owner, with whether the account is another's.
-func ownerAndCaller(ctx context.Context, userID string) (string, bool, error) {
 	caller, _ := auth.ClaimsFrom(ctx)
-	uid, err := ownerOf(caller, userID)
-	return uid, err == nil && uid != caller.Subject, err
-}
-
-// changeOwner resolves the account a device change acts on, as owner does;
-// another account's devices only where the caller may manage it
-// (manageable: an operator changes no staff or edge account's devices,
-// which would let it add its own key to an admin's).
-func (s *DeviceServer) changeOwner(ctx context.Context, userID string) (string, error) {
-	uid, other, err := ownerAndCaller(ctx, userID)
-	if err != nil || !other {
-		return uid, err
-	}
-	caller, _ := auth.ClaimsFrom(ctx)
-	if err := manageable(ctx, s.node, caller, uid, "change the devices of"); err != nil {
-		return "", err
-	}
-	return uid, nil
-}
-
-func ownerOf(caller auth.Claims, userID string) (string, error) {
 	if userID == "" || userID == caller.Subject {
 		return caller.Subject, nil
 	}
@@ -83,6 +56,23 @@ func ownerOf(caller auth.Claims, userID string) (string, error) {
 		return "", connect.NewError(connect.CodePermissionDenied, errors.New("user_id: a user acts only on its own devices"))
 	}
 	return userID, nil
+}
+
+// changeOwner resolves the account a device change acts on, as owner
+// does; another account's devices only where the caller may manage that
+// account (manageable: an operator changes no staff or edge account's
+// devices, which would let it add its own key to an admin's).
+func (s *DeviceServer) changeOwner(ctx context.Context, userID string) (string, error) {
+	uid, err := owner(ctx, userID)
+	if err != nil {
+		return "", err
+	}
+	if caller, _ := auth.ClaimsFrom(ctx); uid != caller.Subject {
+		if err := manageable(ctx, s.node, caller, uid, "change the devices of"); err != nil {
+			return "", err
+		}
+	}
+	return uid, nil
 }
 
 // RegisterDevice adds a device.

@@ -429,7 +429,7 @@ func (t *txn) registerDevice(op *statev1.RegisterDevice) (*statev1.Result, error
 		return nil, err
 	}
 	if limit := op.GetMaxDevicesPerUser(); limit > 0 {
-		p := append(join(prefixDevice, d.UserId), 0)
+		p := userDevicesPrefix(d.UserId)
 		n := uint32(0)
 		if err := t.b.Iterate(p, prefixEnd(p), func(_, _ []byte) (bool, error) {
 			n++

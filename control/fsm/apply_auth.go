@@ -331,7 +331,7 @@ func (t *txn) pruneTokens() error {
 		return err
 	}
 	for _, f := range fams {
-		p := append(join(prefixUserTokens, f.user, f.id), 0)
+		p := familyTokensPrefix(f.user, f.id)
 		left := false
 		if err := t.b.Iterate(p, prefixEnd(p), func(_, _ []byte) (bool, error) {
 			left = true

@@ -89,6 +89,11 @@ func edgeKey(id string) []byte       { return join(prefixEdge, id) }
 func userTokenKey(uid, fid, tid string) []byte {
 	return join(prefixUserTokens, uid, fid, tid)
 }
+
+// familyTokensPrefix is where a family's user-token keys start.
+func familyTokensPrefix(uid, fid string) []byte {
+	return append(join(prefixUserTokens, uid, fid), 0)
+}
 func userTokensPrefix(uid string) []byte {
 	return append(join(prefixUserTokens, uid), 0)
 }

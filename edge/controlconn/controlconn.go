@@ -158,11 +158,7 @@ func (c *Conn) failover(u string, err error) {
 	default:
 		return
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.cfg.URLs[c.next%len(c.cfg.URLs)] == u {
-		c.next++
-	}
+	c.moveOn(u)
 }
 
 // tokenTimeout bounds one attempt to log in or refresh the token.

@@ -217,8 +217,26 @@ func newEnv(t testing.TB, mod func(*Config)) *env {
 	t.Helper()
 	e := &env{t: t, dir: newMemDir(), ring: NewRing(), keys: map[string]ed25519.PrivateKey{}, users: map[string]string{}, reg: prometheus.NewRegistry()}
 	e.ring.Set("k1", []SessionKey{{ID: "k1", Secret: bytes.Repeat([]byte{1}, 32)}})
+	e.startHub("edge-test", mod)
+	return e
+}
+
+// otherEdge starts a second edge's hub beside e's: the same directory,
+// ring and device keys (one control plane), a hub and metrics of its own;
+// mod adjusts its configuration (its mailbox, its mesh).
+func (e *env) otherEdge(edgeID string, mod func(*Config)) *env {
+	e.t.Helper()
+	o := &env{t: e.t, dir: e.dir, ring: e.ring, keys: e.keys, users: e.users, reg: prometheus.NewRegistry()}
+	o.startHub(edgeID, mod)
+	return o
+}
+
+// startHub starts e's hub, drained and waited for at cleanup.
+func (e *env) startHub(edgeID string, mod func(*Config)) {
+	t := e.t
+	t.Helper()
 	cfg := Config{
-		EdgeID: "edge-test", Directory: e.dir, Ring: e.ring, Metrics: NewMetrics(e.reg),
+		EdgeID: edgeID, Directory: e.dir, Ring: e.ring, Metrics: NewMetrics(e.reg),
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CloseLinger: time.Second,
 		// Writers retire quickly, so tests go through their start and end often.
 		WriterLinger: 10 * time.Millisecond,
@@ -239,7 +257,6 @@ func newEnv(t testing.TB, mod func(*Config)) *env {
 		}
 		e.wg.Wait()
 	})
-	return e
 }
 
 // devices adds several devices of one user.

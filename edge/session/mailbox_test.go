@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"math"
 	"slices"
 	"sync"
@@ -13,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/proto"
 
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -1046,20 +1043,10 @@ func TestMeshHopKeepsSenderOrderAcrossAReconnect(t *testing.T) {
 	remote := &heldRemote{ch: make(chan heldForward, 16)}
 	eA, mb := mailboxEnv(t, func(c *Config) { c.Remote = remote })
 	eA.devices("u1", "s", "t")
-	hubB, err := NewHub(Config{EdgeID: "B", Directory: eA.dir, Ring: eA.ring, Mailbox: mb,
-		Metrics: NewMetrics(nil), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CloseLinger: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	eB := &env{t: t, hub: hubB, dir: eA.dir, ring: eA.ring, keys: eA.keys, users: eA.users, reg: prometheus.NewRegistry()}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := hubB.Drain(ctx, 0); err != nil {
-			t.Errorf("drain B: %v", err)
-		}
-		eB.wg.Wait()
+	eB := eA.otherEdge("B", func(c *Config) {
+		c.Mailbox = mb
 	})
+	hubB := eB.hub
 
 	s := eA.online("s")
 	one := s.sendPayload("one", "t")
@@ -1109,20 +1096,11 @@ func TestMeshHopKeepsSenderOrderAcrossAHandBack(t *testing.T) {
 	eA, mb := mailboxEnv(t, func(c *Config) { c.Remote = remote })
 	eA.devices("u1", "s", "b")
 	hook := &announceHook{nth: 2}
-	hubB, err := NewHub(Config{EdgeID: "B", Directory: eA.dir, Ring: eA.ring, Mailbox: mb, Remote: hook,
-		Metrics: NewMetrics(nil), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), CloseLinger: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	eB := &env{t: t, hub: hubB, dir: eA.dir, ring: eA.ring, keys: eA.keys, users: eA.users, reg: prometheus.NewRegistry()}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := hubB.Drain(ctx, 0); err != nil {
-			t.Errorf("drain B: %v", err)
-		}
-		eB.wg.Wait()
+	eB := eA.otherEdge("B", func(c *Config) {
+		c.Mailbox = mb
+		c.Remote = hook
 	})
+	hubB := eB.hub
 	outcomes := make(chan string, 2)
 	answer := func(name string, f heldForward) func(edgev1.ForwardOutcome) {
 		return func(o edgev1.ForwardOutcome) {
