@@ -148,6 +148,7 @@ func (s *EdgeServer) RegisterEdge(ctx context.Context, req *connect.Request[edge
 	lease := now.Add(s.cfg.LeaseTTL)
 	if _, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{
 		Id: m.GetEdgeId(), Addrs: m.GetDeviceAddrs(), MeshAddr: m.GetMeshAddr(), LeaseExpiresAtMs: lease.UnixMilli(),
+		MeshPublicKey: m.GetMeshPublicKey(),
 	}}}}); err != nil {
 		return nil, toConnect(err)
 	}
@@ -158,6 +159,7 @@ func (s *EdgeServer) RegisterEdge(ctx context.Context, req *connect.Request[edge
 	return connect.NewResponse(&edgev1.RegisterEdgeResponse{
 		LeaseExpiresAtMs: lease.UnixMilli(),
 		RenewAfterMs:     now.Add(s.cfg.LeaseTTL / 3).UnixMilli(),
+		LeaseTtlMs:       s.cfg.LeaseTTL.Milliseconds(),
 		MeshCertificate:  cert,
 		CaCertificate:    ca.GetCertificate(),
 	}), nil
@@ -169,7 +171,12 @@ func (s *EdgeServer) DeregisterEdge(ctx context.Context, req *connect.Request[ed
 	if err := fsm.ValidateID("edge_id", req.Msg.GetEdgeId()); err != nil {
 		return nil, invalidArg(err)
 	}
-	_, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{Id: req.Msg.GetEdgeId()}}})
+	if n := len(req.Msg.GetMeshPublicKey()); n != 0 && n != ed25519.PublicKeySize {
+		return nil, invalidArg(fmt.Errorf("mesh_public_key is %d bytes; an Ed25519 public key is %d", n, ed25519.PublicKeySize))
+	}
+	_, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{
+		Id: req.Msg.GetEdgeId(), MeshPublicKey: req.Msg.GetMeshPublicKey(),
+	}}})
 	if err != nil && !errors.Is(err, fsm.ErrNotFound) {
 		return nil, toConnect(err)
 	}

@@ -173,7 +173,8 @@ func TestEdgeLeaseExpires(t *testing.T) {
 	w := liveWatch(t, follower, edge)
 	cl := edgeClient(t, follower, edge)
 	dead := register(t, cl, "dead", "10.0.0.1:7443", meshKey(t))
-	alive := register(t, cl, "alive", "10.0.0.2:7443", meshKey(t))
+	aliveKey := meshKey(t)
+	alive := register(t, cl, "alive", "10.0.0.2:7443", aliveKey)
 	if time.UnixMilli(dead.GetRenewAfterMs()).After(time.UnixMilli(dead.GetLeaseExpiresAtMs()).Add(-600 * time.Millisecond)) {
 		t.Fatalf("renew after %d for a lease until %d", dead.GetRenewAfterMs(), dead.GetLeaseExpiresAtMs())
 	}
@@ -200,7 +201,7 @@ func TestEdgeLeaseExpires(t *testing.T) {
 				continue
 			}
 			resp, err := cl.RegisterEdge(ctxT(t, 10*time.Second), connect.NewRequest(&edgev1.RegisterEdgeRequest{
-				EdgeId: "alive", MeshAddr: "10.0.0.2:7443", DeviceAddrs: []string{"127.0.0.1:4433"}, MeshPublicKey: meshKey(t),
+				EdgeId: "alive", MeshAddr: "10.0.0.2:7443", DeviceAddrs: []string{"127.0.0.1:4433"}, MeshPublicKey: aliveKey,
 			}))
 			if err != nil {
 				t.Error(err)

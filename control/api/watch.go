@@ -335,7 +335,7 @@ func ringOf(r *statev1.SessionKeyRing) *edgev1.SessionKeyRing {
 }
 
 func edgeMember(e *statev1.Edge) *edgev1.EdgeMember {
-	return &edgev1.EdgeMember{Id: e.GetId(), Addrs: e.GetAddrs(), MeshAddr: e.GetMeshAddr()}
+	return &edgev1.EdgeMember{Id: e.GetId(), Addrs: e.GetAddrs(), MeshAddr: e.GetMeshAddr(), MeshPublicKey: e.GetMeshPublicKey()}
 }
 
 func mailboxChanged(userID, deviceID string, seq uint64) *edgev1.WatchEvent {

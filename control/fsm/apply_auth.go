@@ -5,6 +5,7 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -16,6 +17,7 @@ import (
 const (
 	SecretHashLen    = 32 // SHA-256
 	SigningSeedLen   = 32 // Ed25519 seed
+	MeshPublicKeyLen = 32 // Ed25519 public key of an edge's mesh identity
 	SessionSecretLen = 32 // AEAD key
 	MaxEdgeAddrs     = 8
 	MaxActivityBatch = 10_000
@@ -596,10 +598,27 @@ func (t *txn) registerEdge(op *statev1.RegisterEdge) (*statev1.Result, error) {
 	if e.GetLeaseExpiresAtMs() <= t.now {
 		return nil, invalid("edge.lease_expires_at_ms is not in the future")
 	}
+	if n := len(e.GetMeshPublicKey()); n != 0 && n != MeshPublicKeyLen {
+		return nil, invalid("edge.mesh_public_key is %d bytes, want %d", n, MeshPublicKeyLen)
+	}
 	var old statev1.Edge
 	found, err := t.get(edgeKey(e.Id), &old)
 	if err != nil {
 		return nil, err
+	}
+	// An edge id belongs to the process that holds its lease: another key
+	// under the same id, at another mesh address, while the lease is live
+	// is a second process started with that id (a cloned host, a copied
+	// config), which would otherwise take the id over on every renewal and
+	// make the mesh flap between the two. At the same mesh address it is
+	// the holder restarted after a crash (the new process bound the
+	// address, so the old one no longer serves there): it takes over at
+	// once. Records from before the key was kept carry none and bind
+	// nothing.
+	if found && old.LeaseExpiresAtMs > t.now && len(old.MeshPublicKey) != 0 &&
+		!bytes.Equal(old.MeshPublicKey, e.MeshPublicKey) && old.MeshAddr != e.MeshAddr {
+		return nil, exists("edge %q is held by another running edge (mesh address %s, another mesh key) until its lease ends at %s; "+
+			"is a second edge running with the same id?", e.Id, old.MeshAddr, time.UnixMilli(old.LeaseExpiresAtMs).UTC().Format(time.RFC3339Nano))
 	}
 	if found {
 		e.RegisteredAtMs = old.RegisteredAtMs
@@ -610,7 +629,7 @@ func (t *txn) registerEdge(op *statev1.RegisterEdge) (*statev1.Result, error) {
 		return nil, err
 	}
 	// A renewal that changes nothing but the lease is not news to watchers.
-	if !found || !slicesEqual(old.Addrs, e.Addrs) || old.MeshAddr != e.MeshAddr {
+	if !found || !slicesEqual(old.Addrs, e.Addrs) || old.MeshAddr != e.MeshAddr || !bytes.Equal(old.MeshPublicKey, e.MeshPublicKey) {
 		if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_EDGE_PUT, Object: &statev1.Change_Edge{Edge: e}}); err != nil {
 			return nil, err
 		}
@@ -668,6 +687,9 @@ func (t *txn) deregisterEdge(op *statev1.DeregisterEdge) (*statev1.Result, error
 	}
 	if !found {
 		return nil, notFound("edge %q not found", op.GetId())
+	}
+	if len(op.GetMeshPublicKey()) != 0 && !bytes.Equal(op.GetMeshPublicKey(), e.MeshPublicKey) {
+		return nil, notFound("edge %q is held by another mesh key", op.GetId())
 	}
 	if err := t.removeEdge(&e); err != nil {
 		return nil, err

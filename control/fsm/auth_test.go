@@ -1,8 +1,10 @@
 package fsm
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/edge-relay/relay/control/auth"
@@ -515,5 +517,98 @@ func TestDevicesPerUserAreBounded(t *testing.T) {
 	}
 	if list, _ := f.ListDevices("u"); len(list) != 4 {
 		t.Fatalf("%d devices, want 4", len(list))
+	}
+}
+
+// An edge id belongs to the key that holds its lease: another key at
+// another mesh address is refused while the lease is live (a second
+// process with the same id), takes the id once it has run out, and cannot
+// deregister the holder; at the same address (the holder restarted) it
+// takes over at once.
+func TestEdgeIDsBelongToTheKeyHoldingTheLease(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	k1, k2 := key32(1), key32(2)
+	now := func() int64 { return 1_000_000 + int64(a.idx) + 1 }
+	registerAt := func(meshAddr string, key []byte, lease int64) *statev1.Result {
+		return a.apply(&statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{
+			Id: "e1", Addrs: []string{"a:1"}, MeshAddr: meshAddr, LeaseExpiresAtMs: lease, MeshPublicKey: key,
+		}}})
+	}
+	register := func(key []byte, lease int64) *statev1.Result { return registerAt("a:2", key, lease) }
+	held := func() []byte {
+		t.Helper()
+		edges, err := f.Edges()
+		if err != nil || len(edges) != 1 {
+			t.Fatalf("edges %v %v", edges, err)
+		}
+		return edges[0].GetMeshPublicKey()
+	}
+	if r := register(k1, now()+10); r.Code != ok {
+		t.Fatal(r)
+	}
+	lease := now() + 9
+	before := a.idx
+	if r := register(k1, lease); r.Code != ok {
+		t.Fatal(r)
+	}
+	// The clone (another host): refused, naming what happened; the holder
+	// keeps the id and nothing is announced.
+	r := registerAt("b:2", k2, now()+10)
+	if r.Code != statev1.ResultCode_RESULT_CODE_ALREADY_EXISTS || !strings.Contains(r.GetMessage(), "another running edge") {
+		t.Fatalf("second key while the lease is live: %v", r)
+	}
+	if !bytes.Equal(held(), k1) {
+		t.Fatal("the refused key took the id")
+	}
+	if cs, _ := f.Changes(before, 10); len(cs) != 0 {
+		t.Fatalf("changes: %v", cs)
+	}
+	if r := registerAt("b:2", []byte{1, 2, 3}, now()+10); r.Code != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+		t.Fatalf("short key: %v", r)
+	}
+	// Its deregistration (it shuts down) leaves the holder alone.
+	if r := a.apply(&statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{Id: "e1", MeshPublicKey: k2}}); r.Code != statev1.ResultCode_RESULT_CODE_NOT_FOUND {
+		t.Fatalf("deregistration by another key: %v", r)
+	}
+	if !bytes.Equal(held(), k1) {
+		t.Fatal("another key deregistered the holder")
+	}
+	// Once the lease has run out (not yet expired from the list), a new
+	// process takes the id, and watchers hear of the new key.
+	a.advanceTo(lease)
+	before = a.idx
+	if r := registerAt("b:2", k2, now()+10); r.Code != ok {
+		t.Fatalf("second key after the lease ran out: %v", r)
+	}
+	if !bytes.Equal(held(), k2) {
+		t.Fatal("the id did not move to the new key")
+	}
+	cs, _ := f.Changes(before, 10)
+	if len(cs) != 1 || cs[0].Kind != statev1.ChangeKind_CHANGE_KIND_EDGE_PUT || !bytes.Equal(cs[0].GetEdge().GetMeshPublicKey(), k2) {
+		t.Fatalf("key change announced as %v", cs)
+	}
+	// The holder restarted after a crash: a new key at the same mesh
+	// address takes over its live lease at once.
+	if r := registerAt("b:2", k1, now()+10); r.Code != ok || !bytes.Equal(held(), k1) {
+		t.Fatalf("a restarted holder at the same address: %v", r)
+	}
+	if r := a.apply(&statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{Id: "e1", MeshPublicKey: k1}}); r.Code != ok {
+		t.Fatalf("deregistration by the holder: %v", r)
+	}
+	// A record from before keys were kept binds nothing; a deregistration
+	// without a key (an admin, an older edge) removes whoever holds it.
+	if r := register(nil, now()+10); r.Code != ok {
+		t.Fatal(r)
+	}
+	if r := register(k1, now()+10); r.Code != ok {
+		t.Fatalf("key over a keyless record: %v", r)
+	}
+	if r := a.apply(&statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{Id: "e1"}}); r.Code != ok {
+		t.Fatalf("deregistration without a key: %v", r)
+	}
+	if edges, _ := f.Edges(); len(edges) != 0 {
+		t.Fatalf("edges left: %v", edges)
 	}
 }

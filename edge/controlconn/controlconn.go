@@ -318,9 +318,10 @@ func (c *Conn) RegisterEdge(ctx context.Context, m *edgev1.RegisterEdgeRequest) 
 	})
 }
 
-// DeregisterEdge removes the edge from the member list.
-func (c *Conn) DeregisterEdge(ctx context.Context, edgeID string) error {
-	_, err := call(ctx, c, &edgev1.DeregisterEdgeRequest{EdgeId: edgeID}, func(p *peer, r *connect.Request[edgev1.DeregisterEdgeRequest]) (*connect.Response[edgev1.DeregisterEdgeResponse], error) {
+// DeregisterEdge removes the edge from the member list if it still holds
+// the id with meshKey (nil: whoever holds it).
+func (c *Conn) DeregisterEdge(ctx context.Context, edgeID string, meshKey []byte) error {
+	_, err := call(ctx, c, &edgev1.DeregisterEdgeRequest{EdgeId: edgeID, MeshPublicKey: meshKey}, func(p *peer, r *connect.Request[edgev1.DeregisterEdgeRequest]) (*connect.Response[edgev1.DeregisterEdgeResponse], error) {
 		return p.edges.DeregisterEdge(ctx, r)
 	})
 	return err

@@ -7,6 +7,7 @@ package directory
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -84,6 +85,9 @@ type Edge struct {
 	ID       string
 	Addrs    []string // where devices connect
 	MeshAddr string   // where edges connect
+	// MeshKey is the Ed25519 key the edge registered its lease with (nil
+	// in records from before the key was kept).
+	MeshKey ed25519.PublicKey
 }
 
 func (s *snapshot) putDevice(d Device) {
@@ -469,7 +473,11 @@ func (d *Directory) applyEvent(s *snapshot, ev *edgev1.WatchEvent, live bool) []
 		d.cfg.Ring.Set(k.SessionKeys.GetCurrentId(), keys)
 	case *edgev1.WatchEvent_EdgePut:
 		e := k.EdgePut
-		s.edges[e.GetId()] = Edge{ID: e.GetId(), Addrs: e.GetAddrs(), MeshAddr: e.GetMeshAddr()}
+		var key ed25519.PublicKey
+		if k := e.GetMeshPublicKey(); len(k) == ed25519.PublicKeySize {
+			key = ed25519.PublicKey(k)
+		}
+		s.edges[e.GetId()] = Edge{ID: e.GetId(), Addrs: e.GetAddrs(), MeshAddr: e.GetMeshAddr(), MeshKey: key}
 	case *edgev1.WatchEvent_EdgeDeleted:
 		delete(s.edges, k.EdgeDeleted)
 	}

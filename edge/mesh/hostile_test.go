@@ -122,7 +122,7 @@ func TestAPeerThatDoesNotReadItsOutcomes(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	conn, err := quic.DialAddr(ctx, b.Addr().String(), idn.clientTLS("edge-b"), quicConfig(15*time.Second))
+	conn, err := quic.DialAddr(ctx, b.Addr().String(), idn.clientTLS("edge-b", nil), quicConfig(15*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}

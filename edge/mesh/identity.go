@@ -93,18 +93,18 @@ func EdgeIDOf(cert *x509.Certificate) (string, error) {
 func EdgeURI(id string) *url.URL { return &url.URL{Scheme: URIScheme, Host: id} }
 
 // verifyPeer checks a peer's certificate chain against the cluster CA
-// for the given usage and returns the edge id it names.
-func (i *Identity) verifyPeer(raw [][]byte, usage x509.ExtKeyUsage) (string, error) {
+// for the given usage and returns its leaf.
+func (i *Identity) verifyPeer(raw [][]byte, usage x509.ExtKeyUsage) (*x509.Certificate, error) {
 	_, roots, err := i.current()
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	if len(raw) == 0 {
-		return "", errors.New("peer sent no certificate")
+		return nil, errors.New("peer sent no certificate")
 	}
 	leaf, err := x509.ParseCertificate(raw[0])
 	if err != nil {
-		return "", fmt.Errorf("peer certificate: %w", err)
+		return nil, fmt.Errorf("peer certificate: %w", err)
 	}
 	inter := x509.NewCertPool()
 	for _, r := range raw[1:] {
@@ -113,9 +113,9 @@ func (i *Identity) verifyPeer(raw [][]byte, usage x509.ExtKeyUsage) (string, err
 		}
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}, CurrentTime: time.Now()}); err != nil {
-		return "", fmt.Errorf("peer certificate not from the cluster CA: %w", err)
+		return nil, fmt.Errorf("peer certificate not from the cluster CA: %w", err)
 	}
-	return EdgeIDOf(leaf)
+	return leaf, nil
 }
 
 // serverTLS is the listener's configuration: only clients with a
@@ -130,15 +130,18 @@ func (i *Identity) serverTLS() *tls.Config {
 		},
 		ClientAuth: tls.RequireAnyClientCert,
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			_, err := i.verifyPeer(raw, x509.ExtKeyUsageClientAuth)
+			leaf, err := i.verifyPeer(raw, x509.ExtKeyUsageClientAuth)
+			if err == nil {
+				_, err = EdgeIDOf(leaf)
+			}
 			return err
 		},
 	}
 }
 
 // clientTLS is the configuration for dialing peer: its certificate must
-// come from the cluster CA and name peer.
-func (i *Identity) clientTLS(peer string) *tls.Config {
+// come from the cluster CA, name peer, and be for key unless key is nil.
+func (i *Identity) clientTLS(peer string, key ed25519.PublicKey) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		NextProtos: []string{ALPN},
@@ -150,12 +153,19 @@ func (i *Identity) clientTLS(peer string) *tls.Config {
 			return c, err
 		},
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			id, err := i.verifyPeer(raw, x509.ExtKeyUsageServerAuth)
+			leaf, err := i.verifyPeer(raw, x509.ExtKeyUsageServerAuth)
+			if err != nil {
+				return err
+			}
+			id, err := EdgeIDOf(leaf)
 			if err != nil {
 				return err
 			}
 			if id != peer {
 				return fmt.Errorf("peer is %q, want %q", id, peer)
+			}
+			if key != nil && !key.Equal(leaf.PublicKey) {
+				return fmt.Errorf("peer %q presents a certificate for a key other than the one registered for it", peer)
 			}
 			return nil
 		},

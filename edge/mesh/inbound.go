@@ -3,6 +3,7 @@ package mesh
 import (
 	"bufio"
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"net"
@@ -18,6 +19,7 @@ import (
 // in, outcomes go back.
 type inbound struct {
 	peer string
+	key  ed25519.PublicKey // of the peer's certificate
 	conn *quic.Conn
 
 	mu   sync.Mutex // guards out
@@ -60,6 +62,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		log.Warn("mesh peer refused", "err", err)
 		return
 	}
+	key, _ := certs[0].PublicKey.(ed25519.PublicKey)
 	ctx, cancel := context.WithTimeout(m.ctx, 5*time.Second)
 	str, err := conn.AcceptStream(ctx)
 	cancel()
@@ -77,8 +80,15 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		log.Warn("mesh hello does not match the certificate", "certificate", peer, "hello", h.GetEdgeId(), "to", h.GetPeerId())
 		return
 	}
-	in := &inbound{peer: peer, conn: conn, wake: make(chan struct{}, 1), slots: make(chan struct{}, m.cfg.MaxOutstanding)}
+	in := &inbound{peer: peer, key: key, conn: conn, wake: make(chan struct{}, 1), slots: make(chan struct{}, m.cfg.MaxOutstanding)}
 	m.mu.Lock()
+	if !m.keyHolds(peer, key) {
+		// An older process of that id, whose certificate is still valid:
+		// the control plane registered another key for it since.
+		m.mu.Unlock()
+		log.Warn("mesh peer refused: its key is not the one registered for its edge id", "peer", peer)
+		return
+	}
 	if old := m.inbound[peer]; old != nil {
 		// The peer reconnected: its new link replaces the old one.
 		_ = old.conn.CloseWithError(0, "replaced")

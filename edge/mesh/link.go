@@ -3,6 +3,7 @@ package mesh
 import (
 	"bufio"
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"sync"
@@ -18,6 +19,7 @@ import (
 type link struct {
 	m          *Mesh
 	peer, addr string
+	key        ed25519.PublicKey // registered for peer; nil: not known
 	ctx        context.Context
 	cancel     context.CancelFunc
 
@@ -31,8 +33,8 @@ type link struct {
 	wake    chan struct{} // capacity 1
 }
 
-func newLink(m *Mesh, peer, addr string) *link {
-	l := &link{m: m, peer: peer, addr: addr, pending: map[uint64]func(edgev1.ForwardOutcome){}, wake: make(chan struct{}, 1)}
+func newLink(m *Mesh, peer, addr string, key ed25519.PublicKey) *link {
+	l := &link{m: m, peer: peer, addr: addr, key: key, pending: map[uint64]func(edgev1.ForwardOutcome){}, wake: make(chan struct{}, 1)}
 	l.ctx, l.cancel = context.WithCancel(m.ctx)
 	return l
 }
@@ -119,7 +121,7 @@ func (l *link) session() error {
 	if err != nil {
 		return err
 	}
-	conn, err := l.m.tr.Dial(ctx, udpAddr, l.m.cfg.Identity.clientTLS(l.peer), quicConfig(l.m.cfg.IdleTimeout))
+	conn, err := l.m.tr.Dial(ctx, udpAddr, l.m.cfg.Identity.clientTLS(l.peer, l.key), quicConfig(l.m.cfg.IdleTimeout))
 	if err != nil {
 		return fmt.Errorf("dial: %w", err)
 	}

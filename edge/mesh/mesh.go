@@ -9,6 +9,7 @@ package mesh
 import (
 	"bufio"
 	"context"
+	"crypto/ed25519"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -47,6 +48,12 @@ type Local interface {
 type Member struct {
 	ID       string
 	MeshAddr string
+	// Key is the mesh public key the control plane registered for the
+	// edge that holds ID's lease: a peer presenting a certificate for ID
+	// with another key (an older process of that id, whose certificate
+	// has not expired) is refused, in both directions. Nil: not known,
+	// any certificate for ID from the cluster CA is accepted.
+	Key ed25519.PublicKey
 }
 
 // Config configures a Mesh. Zero fields take the defaults in brackets.
@@ -88,9 +95,10 @@ type Mesh struct {
 	wg      sync.WaitGroup
 	metrics metrics
 
-	mu      sync.Mutex // guards links and inbound
+	mu      sync.Mutex // guards links, inbound and keys
 	links   map[string]*link
 	inbound map[string]*inbound
+	keys    map[string]ed25519.PublicKey // members' registered keys, by id
 
 	// presMu orders presence announcements with link set-up, so a link
 	// gets a full set and then every later delta, none missed; it also
@@ -234,25 +242,42 @@ func (m *Mesh) SetMembers(members []Member) {
 	if m.ctx.Err() != nil {
 		return
 	}
-	want := map[string]string{}
+	want := map[string]Member{}
 	for _, mb := range members {
 		if mb.ID != m.cfg.EdgeID && mb.MeshAddr != "" {
-			want[mb.ID] = mb.MeshAddr
+			want[mb.ID] = mb
 		}
 	}
 	for id, l := range m.links {
-		if addr, ok := want[id]; !ok || addr != l.addr {
+		if mb, ok := want[id]; !ok || mb.MeshAddr != l.addr || !mb.Key.Equal(l.key) {
 			l.stop()
 			delete(m.links, id)
 		}
 	}
-	for id, addr := range want {
+	m.keys = make(map[string]ed25519.PublicKey, len(want))
+	for id, mb := range want {
+		if mb.Key != nil {
+			m.keys[id] = mb.Key
+		}
 		if _, ok := m.links[id]; !ok {
-			l := newLink(m, id, addr)
+			l := newLink(m, id, mb.MeshAddr, mb.Key)
 			m.links[id] = l
 			m.wg.Go(l.run)
 		}
 	}
+	// A link from a process that no longer holds its id goes.
+	for id, in := range m.inbound {
+		if !m.keyHolds(id, in.key) {
+			_ = in.conn.CloseWithError(0, "edge id now held by another key")
+		}
+	}
+}
+
+// keyHolds reports whether key may speak for edge id: the member list
+// names that key for it, or names no key (with m.mu held).
+func (m *Mesh) keyHolds(id string, key ed25519.PublicKey) bool {
+	want, ok := m.keys[id]
+	return !ok || want.Equal(key)
 }
 
 // Locate says which peer holds a device.

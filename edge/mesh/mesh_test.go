@@ -246,3 +246,47 @@ func TestForeignCertificatesAreRefused(t *testing.T) {
 		t.Fatal("installed a certificate for another key")
 	}
 }
+
+// A peer with a certificate for an edge id from the cluster CA, but for
+// a key other than the one the member list registers for that id (an
+// older process of the id whose certificate has not expired), is cut off
+// and refused in both directions; the holder of the registered key links.
+func TestOnlyTheRegisteredKeySpeaksForAnEdgeID(t *testing.T) {
+	ca := newTestCA(t)
+	presence := func(id string) []*edgev1.DevicePresence {
+		return []*edgev1.DevicePresence{{DeviceId: id, UserId: "u", SinceNs: 1}}
+	}
+	a := startMesh(t, ca, "edge-a", &fakeLocal{devices: presence("da")})
+	stale := startMesh(t, ca, "edge-b", &fakeLocal{devices: presence("stale")})
+	fresh := startMesh(t, ca, "edge-b", &fakeLocal{devices: presence("fresh")})
+	key := func(m *Mesh) ed25519.PublicKey { return m.cfg.Identity.PublicKey() }
+	memberA := []Member{{ID: "edge-a", MeshAddr: a.Addr().String(), Key: key(a)}}
+	stale.SetMembers(memberA) // fresh links to a only at the end
+	located := func(m *Mesh, device string) func() bool {
+		return func() bool { _, ok := m.Locate(device); return ok }
+	}
+	// While a knows no key for edge-b, the stale process links both ways.
+	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: stale.Addr().String()}})
+	waitFor(t, "a learns the stale process's device", located(a, "stale"))
+	waitFor(t, "the stale process learns a's device", located(stale, "da"))
+
+	// The control plane registered fresh's key for edge-b: a drops the
+	// stale process's links and refuses it, even at the address it knows.
+	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: stale.Addr().String(), Key: key(fresh)}})
+	waitFor(t, "a forgets the stale process's device", func() bool { return !located(a, "stale")() })
+	waitFor(t, "the stale process forgets a's device", func() bool { return !located(stale, "da")() })
+	aDials, staleDials := a.Stats().Dials, stale.Stats().Dials
+	waitFor(t, "both tried again several times", func() bool {
+		return a.Stats().Dials >= aDials+3 && stale.Stats().Dials >= staleDials+3
+	})
+	if located(a, "stale")() || located(stale, "da")() || a.Stats().LinksUp != 0 {
+		t.Fatalf("the stale process is linked: a holds its device %v, it holds a's %v, a's links up %d",
+			located(a, "stale")(), located(stale, "da")(), a.Stats().LinksUp)
+	}
+
+	// At fresh's address, the registered key links both ways.
+	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: fresh.Addr().String(), Key: key(fresh)}})
+	fresh.SetMembers(memberA)
+	waitFor(t, "a learns fresh's device", located(a, "fresh"))
+	waitFor(t, "fresh learns a's device", located(fresh, "da"))
+}

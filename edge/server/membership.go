@@ -5,6 +5,8 @@ import (
 	"net"
 	"time"
 
+	"connectrpc.com/connect"
+
 	"github.com/edge-relay/relay/edge/directory"
 	"github.com/edge-relay/relay/edge/mesh"
 	"github.com/edge-relay/relay/edge/session"
@@ -13,7 +15,10 @@ import (
 
 // register keeps the edge in the member list: it registers (getting a
 // mesh certificate for its key), renews before the lease runs out, and
-// retries with backoff while the control plane is unreachable.
+// retries with backoff while the control plane is unreachable or another
+// running edge holds the id. The lease is tracked on the edge's own
+// clock, counted from each request's sending: once it has run out without
+// a renewal other edges no longer route to this one, and Ready says so.
 func (s *Server) register(ctx context.Context) {
 	meshAddr := s.cfg.MeshAdvertise
 	if meshAddr == "" {
@@ -24,7 +29,9 @@ func (s *Server) register(ctx context.Context) {
 		meshAddr = net.JoinHostPort("127.0.0.1", port)
 	}
 	backoff := 100 * time.Millisecond
+	lapseLogged := false
 	for {
+		sent := time.Now()
 		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		resp, err := s.control.RegisterEdge(rctx, &edgev1.RegisterEdgeRequest{
 			EdgeId: s.cfg.EdgeID, MeshAddr: meshAddr, DeviceAddrs: []string{s.Addr()}, MeshPublicKey: s.identity.PublicKey(),
@@ -34,17 +41,34 @@ func (s *Server) register(ctx context.Context) {
 		if err == nil {
 			err = s.identity.Set(resp.GetMeshCertificate(), resp.GetCaCertificate())
 		}
-		if err == nil {
-			if !s.registered.Swap(true) {
-				s.log.Info("registered as a member", "mesh_addr", meshAddr, "lease_until", time.UnixMilli(resp.GetLeaseExpiresAtMs()))
+		switch {
+		case err == nil:
+			until, renew := time.UnixMilli(resp.GetLeaseExpiresAtMs()), time.UnixMilli(resp.GetRenewAfterMs())
+			if ttl := time.Duration(resp.GetLeaseTtlMs()) * time.Millisecond; ttl > 0 {
+				until, renew = sent.Add(ttl), sent.Add(ttl/3)
 			}
+			s.regErr.Store(nil)
+			switch prev := s.leaseUntil.Swap(until.UnixNano()); {
+			case prev == 0:
+				s.log.Info("registered as a member", "mesh_addr", meshAddr, "lease_until", until)
+			case prev <= sent.UnixNano():
+				s.log.Info("registered as a member again after the lease ran out", "mesh_addr", meshAddr, "lease_until", until)
+			}
+			lapseLogged = false
 			backoff = 100 * time.Millisecond
-			wait = time.Until(time.UnixMilli(resp.GetRenewAfterMs()))
-			if wait < 100*time.Millisecond {
-				wait = 100 * time.Millisecond
+			wait = max(time.Until(renew), 100*time.Millisecond)
+		case ctx.Err() == nil:
+			msg := err.Error()
+			s.regErr.Store(&msg)
+			if connect.CodeOf(err) == connect.CodeAlreadyExists {
+				s.log.Error("another running edge holds this edge id; retrying until its lease ends (give every edge its own --edge-id)", "edge_id", s.cfg.EdgeID, "err", err, "backoff", backoff)
+			} else {
+				s.log.Warn("registration failed; retrying", "err", err, "backoff", backoff)
 			}
-		} else if ctx.Err() == nil {
-			s.log.Warn("registration failed; retrying", "err", err, "backoff", backoff)
+			if until := s.leaseUntil.Load(); until != 0 && until <= time.Now().UnixNano() && !lapseLogged {
+				s.log.Error("the membership lease ran out: other edges no longer route to this edge, and it reports not ready", "lease_until", time.Unix(0, until))
+				lapseLogged = true
+			}
 			backoff = min(2*backoff, 5*time.Second)
 		}
 		t := time.NewTimer(wait)
@@ -57,11 +81,29 @@ func (s *Server) register(ctx context.Context) {
 	}
 }
 
+// membership says why the edge is not a member ("" when it is): never
+// registered, or its lease ran out, with the last registration error.
+func (s *Server) membership() string {
+	var why string
+	switch until := s.leaseUntil.Load(); {
+	case until == 0:
+		why = "not registered as a member yet"
+	case until <= time.Now().UnixNano():
+		why = "membership lease ran out at " + time.Unix(0, until).UTC().Format(time.RFC3339)
+	default:
+		return ""
+	}
+	if e := s.regErr.Load(); e != nil {
+		why += " (last registration error: " + *e + ")"
+	}
+	return why
+}
+
 // onEdges keeps the mesh linked to the current members.
 func (s *Server) onEdges(edges []directory.Edge) {
 	members := make([]mesh.Member, 0, len(edges))
 	for _, e := range edges {
-		members = append(members, mesh.Member{ID: e.ID, MeshAddr: e.MeshAddr})
+		members = append(members, mesh.Member{ID: e.ID, MeshAddr: e.MeshAddr, Key: e.MeshKey})
 	}
 	s.mesh.SetMembers(members)
 }

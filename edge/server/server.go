@@ -138,7 +138,11 @@ type Server struct {
 	mailbox    *mailbox.Client
 	mesh       *mesh.Mesh
 	identity   *mesh.Identity
-	registered atomic.Bool
+	// leaseUntil is when the membership lease runs out on this edge's
+	// clock (Unix nanoseconds; 0 before the first registration); regErr
+	// is the last registration's error (nil after a success).
+	leaseUntil atomic.Int64
+	regErr     atomic.Pointer[string]
 	cutOff     atomic.Bool // last logged state of controlSilent
 
 	cancel     context.CancelFunc
@@ -212,7 +216,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 
 	metrics := session.NewMetrics(cfg.Registry)
 	if err := cfg.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "relay_edge_ready", Help: "1 when the edge serves sessions: listeners up, watch feed synced, registered as a member, control plane heard within the grace.",
+		Name: "relay_edge_ready", Help: "1 when the edge serves sessions: listeners up, watch feed synced, member of the cluster (lease renewed in time), control plane heard within the grace.",
 	}, func() float64 {
 		if s.Ready() {
 			return 1
@@ -453,8 +457,9 @@ func (s *Server) sendActivity(ctx context.Context, acts []session.Activity) {
 
 // Ready reports whether the edge serves sessions: listeners up (and no
 // shutdown begun), the directory synced with the control plane's watch
-// feed, registered as a member, and the control plane heard from within
-// ControlGrace (not checked when ControlGrace is 0).
+// feed, a member (registered, and its lease renewed before it ran out),
+// and the control plane heard from within ControlGrace (not checked when
+// ControlGrace is 0).
 func (s *Server) Ready() bool { return s.notReady() == "" }
 
 // notReady says why the edge does not serve sessions ("" when it does),
@@ -465,9 +470,11 @@ func (s *Server) notReady() string {
 		return "listeners not up, or shutting down"
 	case !s.dir.Synced():
 		return "watch feed not synced"
-	case !s.registered.Load():
-		return "not registered as a member yet"
-	case s.controlSilent():
+	}
+	if why := s.membership(); why != "" {
+		return why
+	}
+	if s.controlSilent() {
 		return "control plane silent for longer than the control grace"
 	}
 	return ""
@@ -663,7 +670,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.sendActivity(dctx, s.hub.TakeActivity())
 		cancel()
 		dctx, cancel = context.WithTimeout(ctx, 5*time.Second)
-		if derr := s.control.DeregisterEdge(dctx, s.cfg.EdgeID); derr != nil && s.registered.Load() {
+		if derr := s.control.DeregisterEdge(dctx, s.cfg.EdgeID, s.identity.PublicKey()); derr != nil && s.leaseUntil.Load() != 0 {
 			s.log.Warn("could not leave the member list; the lease will run out", "err", derr)
 		}
 		cancel()

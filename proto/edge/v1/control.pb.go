@@ -381,7 +381,11 @@ type EdgeMember struct {
 	// Where devices connect (informational).
 	Addrs []string `protobuf:"bytes,2,rep,name=addrs,proto3" json:"addrs,omitempty"`
 	// Where other edges connect (host:port of its mesh listener).
-	MeshAddr      string `protobuf:"bytes,3,opt,name=mesh_addr,json=meshAddr,proto3" json:"mesh_addr,omitempty"`
+	MeshAddr string `protobuf:"bytes,3,opt,name=mesh_addr,json=meshAddr,proto3" json:"mesh_addr,omitempty"`
+	// The Ed25519 key the edge holds its lease with; other edges accept a
+	// mesh certificate for this id only with this key. Empty when the
+	// control plane's record has none (registered by an older release).
+	MeshPublicKey []byte `protobuf:"bytes,4,opt,name=mesh_public_key,json=meshPublicKey,proto3" json:"mesh_public_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -435,6 +439,13 @@ func (x *EdgeMember) GetMeshAddr() string {
 		return x.MeshAddr
 	}
 	return ""
+}
+
+func (x *EdgeMember) GetMeshPublicKey() []byte {
+	if x != nil {
+		return x.MeshPublicKey
+	}
+	return nil
 }
 
 // MailboxChanged says a device's mailbox received entries, up to seq.
@@ -1082,7 +1093,11 @@ func (*ReportActivityResponse) Descriptor() ([]byte, []int) {
 type RegisterEdgeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The edge's id: 1 to 64 bytes of [A-Za-z0-9._-]. The caller must hold
-	// the edge role; any edge account may register any id.
+	// the edge role; any edge account may register any id that no running
+	// edge holds. While an id's lease is live only the mesh key that holds
+	// it may renew it: another key at another mesh_addr gets ALREADY_EXISTS
+	// (a second process started with the same id) until the lease ends; at
+	// the same mesh_addr it takes the id over (the edge restarted).
 	EdgeId string `protobuf:"bytes,1,opt,name=edge_id,json=edgeId,proto3" json:"edge_id,omitempty"`
 	// host:port where other edges reach this edge's mesh listener.
 	MeshAddr string `protobuf:"bytes,2,opt,name=mesh_addr,json=meshAddr,proto3" json:"mesh_addr,omitempty"`
@@ -1165,6 +1180,10 @@ type RegisterEdgeResponse struct {
 	MeshCertificate []byte `protobuf:"bytes,3,opt,name=mesh_certificate,json=meshCertificate,proto3" json:"mesh_certificate,omitempty"`
 	// DER X.509 certificate of the cluster CA, the mesh's only trust root.
 	CaCertificate []byte `protobuf:"bytes,4,opt,name=ca_certificate,json=caCertificate,proto3" json:"ca_certificate,omitempty"`
+	// The lease's length in milliseconds: the edge counts it from when it
+	// sent the request, on its own clock, to know when its membership ends
+	// if renewals keep failing.
+	LeaseTtlMs    int64 `protobuf:"varint,5,opt,name=lease_ttl_ms,json=leaseTtlMs,proto3" json:"lease_ttl_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1227,10 +1246,21 @@ func (x *RegisterEdgeResponse) GetCaCertificate() []byte {
 	return nil
 }
 
+func (x *RegisterEdgeResponse) GetLeaseTtlMs() int64 {
+	if x != nil {
+		return x.LeaseTtlMs
+	}
+	return 0
+}
+
 // DeregisterEdgeRequest names the edge to remove.
 type DeregisterEdgeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	EdgeId        string                 `protobuf:"bytes,1,opt,name=edge_id,json=edgeId,proto3" json:"edge_id,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	EdgeId string                 `protobuf:"bytes,1,opt,name=edge_id,json=edgeId,proto3" json:"edge_id,omitempty"`
+	// The mesh public key the edge registered with: the edge is removed only
+	// if it still holds the id with that key (otherwise the call is a no-op,
+	// as for an edge already gone). Empty removes the id whoever holds it.
+	MeshPublicKey []byte `protobuf:"bytes,2,opt,name=mesh_public_key,json=meshPublicKey,proto3" json:"mesh_public_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1270,6 +1300,13 @@ func (x *DeregisterEdgeRequest) GetEdgeId() string {
 		return x.EdgeId
 	}
 	return ""
+}
+
+func (x *DeregisterEdgeRequest) GetMeshPublicKey() []byte {
+	if x != nil {
+		return x.MeshPublicKey
+	}
+	return nil
 }
 
 // DeregisterEdgeResponse confirms it.
@@ -2004,12 +2041,13 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x0eSessionKeyRing\x12\x1d\n" +
 	"\n" +
 	"current_id\x18\x01 \x01(\tR\tcurrentId\x12'\n" +
-	"\x04keys\x18\x02 \x03(\v2\x13.edge.v1.SessionKeyR\x04keys\"O\n" +
+	"\x04keys\x18\x02 \x03(\v2\x13.edge.v1.SessionKeyR\x04keys\"w\n" +
 	"\n" +
 	"EdgeMember\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05addrs\x18\x02 \x03(\tR\x05addrs\x12\x1b\n" +
-	"\tmesh_addr\x18\x03 \x01(\tR\bmeshAddr\"X\n" +
+	"\tmesh_addr\x18\x03 \x01(\tR\bmeshAddr\x12&\n" +
+	"\x0fmesh_public_key\x18\x04 \x01(\fR\rmeshPublicKey\"X\n" +
 	"\x0eMailboxChanged\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x10\n" +
@@ -2051,14 +2089,17 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\x12\x1b\n" +
 	"\tmesh_addr\x18\x02 \x01(\tR\bmeshAddr\x12!\n" +
 	"\fdevice_addrs\x18\x03 \x03(\tR\vdeviceAddrs\x12&\n" +
-	"\x0fmesh_public_key\x18\x04 \x01(\fR\rmeshPublicKey\"\xbd\x01\n" +
+	"\x0fmesh_public_key\x18\x04 \x01(\fR\rmeshPublicKey\"\xdf\x01\n" +
 	"\x14RegisterEdgeResponse\x12-\n" +
 	"\x13lease_expires_at_ms\x18\x01 \x01(\x03R\x10leaseExpiresAtMs\x12$\n" +
 	"\x0erenew_after_ms\x18\x02 \x01(\x03R\frenewAfterMs\x12)\n" +
 	"\x10mesh_certificate\x18\x03 \x01(\fR\x0fmeshCertificate\x12%\n" +
-	"\x0eca_certificate\x18\x04 \x01(\fR\rcaCertificate\"0\n" +
+	"\x0eca_certificate\x18\x04 \x01(\fR\rcaCertificate\x12 \n" +
+	"\flease_ttl_ms\x18\x05 \x01(\x03R\n" +
+	"leaseTtlMs\"X\n" +
 	"\x15DeregisterEdgeRequest\x12\x17\n" +
-	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\"\x18\n" +
+	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\x12&\n" +
+	"\x0fmesh_public_key\x18\x02 \x01(\fR\rmeshPublicKey\"\x18\n" +
 	"\x16DeregisterEdgeResponse\"\x90\x02\n" +
 	"\fMailboxEntry\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x1b\n" +

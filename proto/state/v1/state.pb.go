@@ -1143,7 +1143,14 @@ type Edge struct {
 	RegisteredAtMs   int64    `protobuf:"varint,3,opt,name=registered_at_ms,json=registeredAtMs,proto3" json:"registered_at_ms,omitempty"`
 	LeaseExpiresAtMs int64    `protobuf:"varint,4,opt,name=lease_expires_at_ms,json=leaseExpiresAtMs,proto3" json:"lease_expires_at_ms,omitempty"`
 	// host:port of its mesh listener, where other edges connect.
-	MeshAddr      string `protobuf:"bytes,5,opt,name=mesh_addr,json=meshAddr,proto3" json:"mesh_addr,omitempty"`
+	MeshAddr string `protobuf:"bytes,5,opt,name=mesh_addr,json=meshAddr,proto3" json:"mesh_addr,omitempty"`
+	// Ed25519 public key of the edge process holding the lease: its mesh
+	// certificate is issued for this key, and while the lease is live no
+	// other key may register under the same id from another mesh address
+	// (a second process started with the same edge id is refused instead
+	// of taking the id over; at the same address it is the edge restarted).
+	// Empty in records written before the field existed.
+	MeshPublicKey []byte `protobuf:"bytes,6,opt,name=mesh_public_key,json=meshPublicKey,proto3" json:"mesh_public_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1211,6 +1218,13 @@ func (x *Edge) GetMeshAddr() string {
 		return x.MeshAddr
 	}
 	return ""
+}
+
+func (x *Edge) GetMeshPublicKey() []byte {
+	if x != nil {
+		return x.MeshPublicKey
+	}
+	return nil
 }
 
 // ClusterCA is the cluster's certificate authority for the edge mesh: an
@@ -3364,8 +3378,12 @@ func (*ExpireEdges) Descriptor() ([]byte, []int) {
 
 // DeregisterEdge removes an edge (graceful shutdown).
 type DeregisterEdge struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// When set, the record is removed only if this key holds it: an edge
+	// process refused as a duplicate does not remove the one that holds
+	// the id when it shuts down. Empty removes whatever holds the id.
+	MeshPublicKey []byte `protobuf:"bytes,2,opt,name=mesh_public_key,json=meshPublicKey,proto3" json:"mesh_public_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3405,6 +3423,13 @@ func (x *DeregisterEdge) GetId() string {
 		return x.Id
 	}
 	return ""
+}
+
+func (x *DeregisterEdge) GetMeshPublicKey() []byte {
+	if x != nil {
+		return x.MeshPublicKey
+	}
+	return nil
 }
 
 // CreateUser adds an account. The id and login must both be new.
@@ -4143,13 +4168,14 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x0eSessionKeyRing\x12\x1d\n" +
 	"\n" +
 	"current_id\x18\x01 \x01(\tR\tcurrentId\x12(\n" +
-	"\x04keys\x18\x02 \x03(\v2\x14.state.v1.SessionKeyR\x04keys\"\xa2\x01\n" +
+	"\x04keys\x18\x02 \x03(\v2\x14.state.v1.SessionKeyR\x04keys\"\xca\x01\n" +
 	"\x04Edge\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05addrs\x18\x02 \x03(\tR\x05addrs\x12(\n" +
 	"\x10registered_at_ms\x18\x03 \x01(\x03R\x0eregisteredAtMs\x12-\n" +
 	"\x13lease_expires_at_ms\x18\x04 \x01(\x03R\x10leaseExpiresAtMs\x12\x1b\n" +
-	"\tmesh_addr\x18\x05 \x01(\tR\bmeshAddr\"t\n" +
+	"\tmesh_addr\x18\x05 \x01(\tR\bmeshAddr\x12&\n" +
+	"\x0fmesh_public_key\x18\x06 \x01(\fR\rmeshPublicKey\"t\n" +
 	"\tClusterCA\x12!\n" +
 	"\fprivate_seed\x18\x01 \x01(\fR\vprivateSeed\x12 \n" +
 	"\vcertificate\x18\x02 \x01(\fR\vcertificate\x12\"\n" +
@@ -4301,9 +4327,10 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\aentries\x18\x01 \x03(\v2\x12.state.v1.ActivityR\aentries\"2\n" +
 	"\fRegisterEdge\x12\"\n" +
 	"\x04edge\x18\x01 \x01(\v2\x0e.state.v1.EdgeR\x04edge\"\r\n" +
-	"\vExpireEdges\" \n" +
+	"\vExpireEdges\"H\n" +
 	"\x0eDeregisterEdge\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"0\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12&\n" +
+	"\x0fmesh_public_key\x18\x02 \x01(\fR\rmeshPublicKey\"0\n" +
 	"\n" +
 	"CreateUser\x12\"\n" +
 	"\x04user\x18\x01 \x01(\v2\x0e.state.v1.UserR\x04user\"\x80\x01\n" +

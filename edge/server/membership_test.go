@@ -1,0 +1,157 @@
+package server_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	controlserver "github.com/edge-relay/relay/control/server"
+	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/internal/relaytest"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
+
+// readyz returns the edge's /readyz status and body.
+func readyz(s *server.Server) (int, string, error) {
+	resp, err := http.Get(s.AdminURL() + "/readyz")
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body), err
+}
+
+// waitNotReady waits until the edge's /readyz is 503 with a reason that
+// contains every one of want.
+func waitNotReady(t *testing.T, s *server.Server, want ...string) {
+	t.Helper()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		code, body, err := readyz(s)
+		if err != nil {
+			return err
+		}
+		if code != http.StatusServiceUnavailable {
+			return fmt.Errorf("/readyz %d %q", code, body)
+		}
+		for _, w := range want {
+			if !strings.Contains(body, w) {
+				return fmt.Errorf("/readyz %q, want %q in it", body, w)
+			}
+		}
+		return nil
+	})
+}
+
+// edgeRecord is the control plane's record of an edge id.
+func edgeRecord(t *testing.T, r *relaytest.Relay, id string) *statev1.Edge {
+	t.Helper()
+	edges, err := r.Cluster.Nodes[0].Server.Node().FSM().Edges()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range edges {
+		if e.GetId() == id {
+			return e
+		}
+	}
+	return nil
+}
+
+// A second edge started with the id of a running one (a cloned host, a
+// copied configuration) is refused and says so, instead of taking the id
+// over and making the mesh flap; when it stops it leaves the running
+// edge's membership alone. The running edge restarted after a crash, at
+// its mesh address, takes its id back at once, without waiting out the
+// lease its previous process held.
+func TestASecondEdgeWithTheSameIDIsRefused(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{
+		// Long enough that only the restart rule can let the restarted
+		// edge in within the test's waits.
+		Cluster: clustertest.Options{Configure: func(c *controlserver.Config) { c.Edges.LeaseTTL = 10 * time.Minute }},
+	})
+	first := r.Edges[0]
+	held := edgeRecord(t, r, "edge-0")
+	if held == nil || held.GetAddrs()[0] != first.Addr() {
+		t.Fatalf("edge-0's record: %v", held)
+	}
+
+	cfg := r.EdgeConfig(0)
+	cfg.AdminAddr = "127.0.0.1:0"
+	clone, err := server.Start(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitNotReady(t, clone, "another running edge", "same id")
+	if !first.Ready() {
+		t.Fatal("the running edge is not ready any more")
+	}
+	if e := edgeRecord(t, r, "edge-0"); e.GetAddrs()[0] != first.Addr() || e.GetMeshAddr() != held.GetMeshAddr() {
+		t.Fatalf("the clone took the record: %v", e)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := clone.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if e := edgeRecord(t, r, "edge-0"); e == nil || e.GetAddrs()[0] != first.Addr() {
+		t.Fatalf("the clone's shutdown removed the running edge: %v", e)
+	}
+
+	// A crash, and a restart on the same mesh address.
+	r.KillEdge(0)
+	cfg = r.EdgeConfig(0)
+	cfg.MeshAddr = held.GetMeshAddr()
+	restarted := r.StartEdgeWith(0, cfg)
+	if e := edgeRecord(t, r, "edge-0"); e.GetAddrs()[0] != restarted.Addr() {
+		t.Fatalf("the restarted edge does not hold its id: %v", e)
+	}
+}
+
+// An edge whose lease renewals keep failing reports not ready once the
+// lease has run out on its own clock (other edges no longer route to it),
+// naming the last error, and ready again once a renewal gets through.
+func TestAnEdgeWhoseLeaseRunsOutIsNotReady(t *testing.T) {
+	var refuse atomic.Bool
+	block := connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			if refuse.Load() && req.Spec().Procedure == edgev1connect.EdgeServiceRegisterEdgeProcedure {
+				return nil, connect.NewError(connect.CodeUnavailable, errors.New("test: registrations refused"))
+			}
+			return next(ctx, req)
+		}
+	})
+	r := relaytest.Start(t, relaytest.Options{
+		Cluster: clustertest.Options{Configure: func(c *controlserver.Config) { c.Edges.LeaseTTL = 1500 * time.Millisecond }},
+		Edge: func(_ int, cfg *server.Config) {
+			cfg.AdminAddr = "127.0.0.1:0"
+			cfg.Control.Options = append(cfg.Control.Options, connect.WithInterceptors(block))
+		},
+	})
+	e := r.Edges[0]
+	if code, body, err := readyz(e); err != nil || code != http.StatusOK {
+		t.Fatalf("/readyz %d %q %v", code, body, err)
+	}
+	refuse.Store(true)
+	waitNotReady(t, e, "membership lease ran out", "registrations refused")
+	if e.Ready() {
+		t.Fatal("Ready disagrees with /readyz")
+	}
+	refuse.Store(false)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if code, body, err := readyz(e); err != nil || code != http.StatusOK {
+			return fmt.Errorf("/readyz %d %q %v", code, body, err)
+		}
+		return nil
+	})
+}
