@@ -9,8 +9,6 @@ import (
 	"hash/crc32"
 	"io"
 	"slices"
-
-	"github.com/cockroachdb/pebble/v2"
 )
 
 // The export format, version 1 (all integers unsigned):
@@ -231,36 +229,4 @@ func (d *Decoder) finish() error {
 	}
 	d.done = true
 	return io.EOF
-}
-
-// Import replaces the whole content of the store with the export read from
-// r, atomically: on any error, including a corrupt export, the store is
-// left exactly as it was. It returns the number of records imported.
-func (s *Store) Import(r io.Reader) (uint64, error) {
-	b := s.db.NewBatch()
-	defer b.Close()
-	// Every key the FSM writes starts with a byte below 0xff.
-	if err := b.DeleteRange([]byte{0x00}, []byte{0xff}, nil); err != nil {
-		return 0, fmt.Errorf("import: clear: %w", err)
-	}
-	dec := NewDecoder(r)
-	for {
-		k, v, err := dec.Next()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			return 0, fmt.Errorf("import: %w", err)
-		}
-		if k[0] == 0xff {
-			return 0, corrupt("key %q outside the store's key space", k)
-		}
-		if err := b.Set(k, v, nil); err != nil {
-			return 0, fmt.Errorf("import: %w", err)
-		}
-	}
-	if err := b.Commit(pebble.Sync); err != nil {
-		return 0, fmt.Errorf("import: commit: %w", err)
-	}
-	return dec.Count(), nil
 }

@@ -47,8 +47,12 @@ func (c *Config) applyDefaults() error {
 // Store is the state machine's Pebble database. It is safe for concurrent
 // use; the FSM is its only writer.
 type Store struct {
-	db  *pebble.DB
-	dir string
+	db   *pebble.DB
+	opts *pebble.Options // as opened, with defaults; Import writes tables with them
+	dir  string
+	log  *slog.Logger
+	// importTableBytes is where Import starts a new table; tests lower it.
+	importTableBytes uint64
 }
 
 // Open opens (or creates) the store in cfg.Dir.
@@ -65,11 +69,12 @@ func Open(cfg Config) (*Store, error) {
 		// by itself (which would prevent rolling the binary back).
 		FormatMajorVersion: pebble.FormatValueSeparation,
 	}
+	opts.EnsureDefaults()
 	db, err := pebble.Open(cfg.Dir, opts)
 	if err != nil {
 		return nil, fmt.Errorf("open state store at %s: %w", cfg.Dir, err)
 	}
-	return &Store{db: db, dir: cfg.Dir}, nil
+	return &Store{db: db, opts: opts, dir: cfg.Dir, log: cfg.Logger, importTableBytes: defaultImportTableBytes}, nil
 }
 
 // Close closes the database.
