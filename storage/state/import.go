@@ -15,7 +15,7 @@ import (
 
 // importDirPrefix names the directories Import builds its tables in. They
 // sit inside the store's directory so that ingesting a table is a hard
-// link.
+// link, and so that Open can remove what a crash left behind.
 const importDirPrefix = "import-"
 
 // defaultImportTableBytes is the size at which Import starts a new table.
@@ -131,4 +131,19 @@ func (s *Store) writeImportTables(dir string, dec *Decoder) ([]string, error) {
 		return nil, err
 	}
 	return paths, nil
+}
+
+// removeImportDirs removes the temporary tables of an import that a crash
+// interrupted; the store had not changed, so they are only garbage.
+func removeImportDirs(dir string) error {
+	stale, err := filepath.Glob(filepath.Join(dir, importDirPrefix+"*"))
+	if err != nil {
+		return err
+	}
+	for _, d := range stale {
+		if err := os.RemoveAll(d); err != nil {
+			return err
+		}
+	}
+	return nil
 }

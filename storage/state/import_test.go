@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
@@ -333,6 +334,38 @@ func TestImportMemoryIsBounded(t *testing.T) {
 	}
 	if count != n || last != fmt.Sprintf("m:%010d", n-1) {
 		t.Fatalf("store holds %d records, last %q", count, last)
+	}
+}
+
+// A crash during an import leaves its tables behind; the next Open
+// removes them.
+func TestOpenRemovesInterruptedImport(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(Config{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	put(t, s, "a", "1")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(dir, importDirPrefix+"123")
+	if err := os.Mkdir(stale, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(stale, "000000.sst"), []byte("partial"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s, err = Open(Config{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if left := importDirs(t, s); len(left) > 0 {
+		t.Fatalf("left %v behind", left)
+	}
+	if v, err := s.Get([]byte("a")); err != nil || string(v) != "1" {
+		t.Fatalf("data after reopen: %q %v", v, err)
 	}
 }
 

@@ -74,6 +74,11 @@ func Open(cfg Config) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open state store at %s: %w", cfg.Dir, err)
 	}
+	// Pebble's lock is held now, so no import is running in this directory.
+	if err := removeImportDirs(cfg.Dir); err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("open state store at %s: remove an interrupted import: %w", cfg.Dir, err)
+	}
 	return &Store{db: db, opts: opts, dir: cfg.Dir, log: cfg.Logger, importTableBytes: defaultImportTableBytes}, nil
 }
 
