@@ -81,6 +81,11 @@ type Config struct {
 	// keep-alives [30s]; MeshIdleTimeout does the same for mesh links
 	// [15s].
 	IdleTimeout, MeshIdleTimeout time.Duration
+	// MaxUnvalidatedHandshakes is how many QUIC handshakes from
+	// addresses not yet validated the device port runs at once before it
+	// sends new connections a Retry first (see transport.Config) [1024;
+	// negative: always].
+	MaxUnvalidatedHandshakes int
 	// HTTPIdleTimeout closes HTTPS and admin connections (HTTP/1.1
 	// keep-alive and HTTP/2) that carry no request for this long [60s]:
 	// a client that opens connections and goes silent holds none for
@@ -308,6 +313,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		s.listener, err = transport.Listen(transport.Config{
 			Addr: cfg.Addr, TLS: tlsConf, Hub: s.hub, Origins: origins,
 			Logger: s.log, Registerer: cfg.Registry, IdleTimeout: cfg.IdleTimeout,
+			MaxUnvalidatedHandshakes: cfg.MaxUnvalidatedHandshakes,
 		})
 		if err != nil {
 			return nil, err

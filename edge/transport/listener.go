@@ -42,6 +42,12 @@ type Config struct {
 	// CloseTimeout bounds how long Close waits for the sessions to end
 	// before it cuts every connection [10s].
 	CloseTimeout time.Duration
+	// MaxUnvalidatedHandshakes is how many QUIC handshakes from source
+	// addresses not yet validated may be in progress before new
+	// connections are sent a Retry first, which proves their address
+	// and costs them a round trip; negative: every new connection is
+	// [DefaultMaxUnvalidatedHandshakes].
+	MaxUnvalidatedHandshakes int
 	// Logger [slog.Default()]; Registerer for metrics [none].
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -56,6 +62,7 @@ type Listener struct {
 	ln    *quic.EarlyListener
 	wt    *webtransport.Server
 	conns *prometheus.CounterVec
+	addrs *addrValidation
 
 	ctx    context.Context // ends when Close starts
 	cancel context.CancelFunc
@@ -105,8 +112,33 @@ func Listen(cfg Config) (*Listener, error) {
 	if cfg.CloseTimeout <= 0 {
 		cfg.CloseTimeout = 10 * time.Second
 	}
+	if cfg.MaxUnvalidatedHandshakes == 0 {
+		cfg.MaxUnvalidatedHandshakes = DefaultMaxUnvalidatedHandshakes
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	l := &Listener{cfg: cfg, h3conns: map[*quic.Conn]*h3Conn{}, addrs: &addrValidation{max: int64(cfg.MaxUnvalidatedHandshakes)}}
+	l.conns = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "relay_edge_connections_total", Help: "QUIC connections accepted, by application protocol and TLS handshake (full, or resumed with a session ticket).",
+	}, []string{"alpn", "tls"})
+	l.addrs.retries = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "relay_edge_quic_retries_total", Help: "QUIC connection attempts from unvalidated addresses answered with a Retry (address validation) instead of a handshake.",
+	})
+	l.addrs.gauge = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "relay_edge_quic_unvalidated_handshakes", Help: "QUIC handshakes in progress from source addresses not yet validated; at the limit, new connections get a Retry.",
+	})
+	// A listener opened again (a port retry) keeps counting in the
+	// collectors of the first.
+	var err error
+	if l.conns, err = registerOrReuse(cfg.Registerer, l.conns); err != nil {
+		return nil, err
+	}
+	if l.addrs.retries, err = registerOrReuse(cfg.Registerer, l.addrs.retries); err != nil {
+		return nil, err
+	}
+	if l.addrs.gauge, err = registerOrReuse(cfg.Registerer, l.addrs.gauge); err != nil {
+		return nil, err
 	}
 	udp, err := net.ListenPacket("udp", cfg.Addr)
 	if err != nil {
@@ -115,29 +147,14 @@ func Listen(cfg Config) (*Listener, error) {
 	tlsConf := cfg.TLS.Clone()
 	tlsConf.NextProtos = []string{http3.NextProtoH3, ALPN}
 	tlsConf.MinVersion = tls.VersionTLS13
-	tr := &quic.Transport{Conn: udp}
+	tr := &quic.Transport{Conn: udp, VerifySourceAddress: l.addrs.verify, ConnContext: l.addrs.connContext}
 	ln, err := tr.ListenEarly(tlsConf, QUICConfig(cfg.IdleTimeout))
 	if err != nil {
 		_ = udp.Close()
 		return nil, fmt.Errorf("listen quic: %w", err)
 	}
-	l := &Listener{cfg: cfg, udp: udp, tr: tr, ln: ln, h3conns: map[*quic.Conn]*h3Conn{}}
+	l.udp, l.tr, l.ln = udp, tr, ln
 	l.ctx, l.cancel = context.WithCancel(context.Background())
-	l.conns = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "relay_edge_connections_total", Help: "QUIC connections accepted, by application protocol and TLS handshake (full, or resumed with a session ticket).",
-	}, []string{"alpn", "tls"})
-	if cfg.Registerer != nil {
-		if err := cfg.Registerer.Register(l.conns); err != nil {
-			var are prometheus.AlreadyRegisteredError
-			if !errors.As(err, &are) {
-				_ = ln.Close()
-				_ = udp.Close()
-				return nil, err
-			}
-			// A listener opened again (a port retry) keeps counting.
-			l.conns = are.ExistingCollector.(*prometheus.CounterVec)
-		}
-	}
 	mux := http.NewServeMux()
 	mux.HandleFunc(WebTransportPath, l.serveWebTransport)
 	l.wt = &webtransport.Server{
@@ -147,6 +164,26 @@ func Listen(cfg Config) (*Listener, error) {
 		ReorderingTimeout: 5 * time.Second,
 	}
 	return l, nil
+}
+
+// registerOrReuse registers c with reg (none: nothing to do), or returns
+// the collector registered before under its name.
+func registerOrReuse[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
+	if reg == nil {
+		return c, nil
+	}
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if !errors.As(err, &are) {
+			return c, err
+		}
+		existing, ok := are.ExistingCollector.(C)
+		if !ok {
+			return c, err
+		}
+		return existing, nil
+	}
+	return c, nil
 }
 
 // TLSHandshake is how a connection's TLS handshake went, as the edge's
@@ -176,6 +213,9 @@ func (l *Listener) Serve() error {
 		st := conn.ConnectionState().TLS
 		alpn := st.NegotiatedProtocol
 		l.conns.WithLabelValues(alpn, TLSHandshake(st)).Inc()
+		if h := counted(conn); h != nil {
+			l.wg.Go(func() { waitHandshake(conn, h, l.ctx.Done()) })
+		}
 		l.wg.Go(func() {
 			switch alpn {
 			case ALPN:

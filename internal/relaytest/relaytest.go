@@ -18,6 +18,7 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
@@ -275,11 +276,18 @@ func (r *Relay) ClientConfig(i int, d Device, tr client.Transport) client.Config
 // Dial connects a device to edge i; the client is closed by t.Cleanup.
 func (r *Relay) Dial(i int, d Device, tr client.Transport) *client.Client {
 	r.t.Helper()
+	return r.DialWith(r.ClientConfig(i, d, tr))
+}
+
+// DialWith connects a client configured as the test needs (from
+// ClientConfig); it is closed by t.Cleanup.
+func (r *Relay) DialWith(cfg client.Config) *client.Client {
+	r.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c, err := client.Dial(ctx, r.ClientConfig(i, d, tr))
+	c, err := client.Dial(ctx, cfg)
 	if err != nil {
-		r.t.Fatalf("dial edge %d as %s: %v", i, d.ID, err)
+		r.t.Fatalf("dial %s as %s: %v", cfg.Addr, cfg.DeviceID, err)
 	}
 	r.t.Cleanup(func() { _ = c.Close() })
 	return c
@@ -344,6 +352,17 @@ func (s *Standalone) Close() {
 // none).
 func Counter(t clustertest.TB, s *server.Server, name, label, value string) float64 {
 	t.Helper()
+	return sum(t, s, name, label, value, func(m *dto.Metric) float64 { return m.GetCounter().GetValue() })
+}
+
+// Gauge is Counter for a gauge.
+func Gauge(t clustertest.TB, s *server.Server, name, label, value string) float64 {
+	t.Helper()
+	return sum(t, s, name, label, value, func(m *dto.Metric) float64 { return m.GetGauge().GetValue() })
+}
+
+func sum(t clustertest.TB, s *server.Server, name, label, value string, of func(*dto.Metric) float64) float64 {
+	t.Helper()
 	mfs, err := s.Registry().Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -355,12 +374,12 @@ func Counter(t clustertest.TB, s *server.Server, name, label, value string) floa
 		}
 		for _, m := range mf.GetMetric() {
 			if label == "" {
-				total += m.GetCounter().GetValue()
+				total += of(m)
 				continue
 			}
 			for _, l := range m.GetLabel() {
 				if l.GetName() == label && l.GetValue() == value {
-					total += m.GetCounter().GetValue()
+					total += of(m)
 				}
 			}
 		}
