@@ -131,6 +131,7 @@ type metrics struct {
 	links    prometheus.Gauge
 	forwards *prometheus.CounterVec
 	devices  prometheus.Gauge
+	retries  prometheus.Counter
 }
 
 // New opens the mesh listener; Run serves it.
@@ -160,7 +161,15 @@ func New(cfg Config) (*Mesh, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen mesh %s: %w", cfg.Addr, err)
 	}
-	tr := &quic.Transport{Conn: udp}
+	retries := prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "relay_edge_mesh_retries_total", Help: "Connection attempts on the mesh port answered with a QUIC Retry (every one that brings no Retry token).",
+	})
+	// Every peer proves its address with a Retry before this edge keeps
+	// any state for it, so a flood of spoofed Initials costs a stateless
+	// answer no larger than what came in. A link's round trip more is
+	// nothing: links are dialled once and again only after they break,
+	// between edges that are close.
+	tr := &quic.Transport{Conn: udp, VerifySourceAddress: func(net.Addr) bool { retries.Inc(); return true }}
 	ln, err := tr.Listen(cfg.Identity.serverTLS(), quicConfig(cfg.IdleTimeout))
 	if err != nil {
 		_ = udp.Close()
@@ -175,6 +184,7 @@ func New(cfg Config) (*Mesh, error) {
 			Name: "relay_edge_mesh_forwards_total", Help: "Events forwarded to peer edges, by outcome.",
 		}, []string{"outcome"}),
 		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_remote_devices", Help: "Devices peers announced as theirs."}),
+		retries: retries,
 	}
 	// Every outcome exists from the start, so rate() and increase() see
 	// the first failure.
@@ -184,7 +194,7 @@ func New(cfg Config) (*Mesh, error) {
 		m.metrics.forwards.WithLabelValues(name)
 	}
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{m.metrics.links, m.metrics.forwards, m.metrics.devices} {
+		for _, c := range []prometheus.Collector{m.metrics.links, m.metrics.forwards, m.metrics.devices, m.metrics.retries} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				_ = ln.Close()
 				_ = udp.Close()

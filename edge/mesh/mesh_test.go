@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/goleak"
 
 	"github.com/edge-relay/relay/control/clustertest"
@@ -190,6 +191,26 @@ func TestPresenceAndForwarding(t *testing.T) {
 		st := b.Stats()
 		return st.RemoteDevices == 0 && st.RemoteUsers == 0 && st.PeerSets == 0 && st.Pending == 0 && st.LinksUp == 0
 	})
+}
+
+// Every link is dialled through a Retry: the mesh port keeps no state
+// for an address that has not shown it receives there.
+func TestLinksComeThroughARetry(t *testing.T) {
+	ca := newTestCA(t)
+	a, b := startMesh(t, ca, "edge-a", &fakeLocal{}), startMesh(t, ca, "edge-b", &fakeLocal{})
+	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
+	a.SetMembers(members)
+	b.SetMembers(members)
+	waitFor(t, "both links up", func() bool { return a.Stats().LinksUp == 1 && b.Stats().LinksUp == 1 })
+	for _, m := range []*Mesh{a, b} {
+		var v dto.Metric
+		if err := m.metrics.retries.Write(&v); err != nil {
+			t.Fatal(err)
+		}
+		if v.GetCounter().GetValue() < 1 {
+			t.Fatalf("%s sent its peer's link no Retry", m.cfg.EdgeID)
+		}
+	}
 }
 
 // A device announced by another edge with a newer session makes the
