@@ -14,6 +14,7 @@ import (
 
 	edgeserver "github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/edge/transport"
 	"github.com/edge-relay/relay/internal/flagenv"
 )
 
@@ -24,6 +25,7 @@ type edgeFlags struct {
 	passwordFile string
 	origins      flagenv.List
 	shutdown     time.Duration
+	unvalidated  int
 }
 
 func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
@@ -64,6 +66,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.IntVar(&cfg.Session.UnackedLen, "unacked-len", 1024, "durable events queued or sent to a device and not yet acknowledged by it, or 4 MiB of them, before senders get QUEUE_FULL: bounds what a device that reads but never acknowledges holds")
 	fs.IntVar(&cfg.Session.MaxSessions, "max-sessions", 0, "most sessions this edge takes; beyond it devices are sent to another edge (0: no bound)")
 	fs.Float64Var(&cfg.Session.HandshakesPerSecond, "handshakes-per-second", 20, "new sessions per second per client IP address")
+	fs.IntVar(&f.unvalidated, "max-unvalidated-handshakes", transport.DefaultMaxUnvalidatedHandshakes, "QUIC handshakes from addresses not yet validated in progress at once; beyond it new connections must first answer a Retry, one round trip more (0: every connection must)")
 	fs.DurationVar(&cfg.DrainWindow, "drain-window", 10*time.Second, "on shutdown, spread clients' reconnects over this long")
 	fs.DurationVar(&f.shutdown, "shutdown-timeout", 30*time.Second, "how long a graceful shutdown may take")
 }
@@ -75,6 +78,10 @@ func (f *edgeFlags) apply(cfg *edgeserver.Config, getenv func(string) string) er
 		cfg.Control.URLs = []string{"http://127.0.0.1:7400"}
 	}
 	cfg.AllowedOrigins = f.origins
+	cfg.MaxUnvalidatedHandshakes = f.unvalidated
+	if f.unvalidated <= 0 {
+		cfg.MaxUnvalidatedHandshakes = -1 // the config's zero is its default
+	}
 	// Secrets come from the environment or a file, never from flags.
 	cfg.Control.Password = getenv("RELAY_EDGE_PASSWORD")
 	if f.passwordFile != "" {
