@@ -125,6 +125,12 @@ type Config struct {
 	// cache of this client's own]. Share one between clients of a
 	// process that reconnect to the same edges.
 	TLSSessions tls.ClientSessionCache
+	// QUICTokens keeps the address-validation tokens edges hand out after
+	// a QUIC handshake (NEW_TOKEN), so a reconnect from the same address
+	// to an edge that makes unknown addresses prove themselves with a
+	// Retry (it does under load) skips that round trip [a store of this
+	// client's own]. Used by the QUIC and WebTransport transports.
+	QUICTokens quic.TokenStore
 	// OnSession, if set, is called each time a session is up: the first
 	// and every reconnect, after the events still unacknowledged were sent
 	// again. It runs on the client's own goroutine, which reads the
@@ -172,6 +178,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.TLSSessions == nil {
 		c.TLSSessions = tls.NewLRUClientSessionCache(8)
+	}
+	if c.QUICTokens == nil {
+		c.QUICTokens = quic.NewLRUTokenStore(8, 4)
 	}
 	if c.ReceiveBuffer <= 0 {
 		c.ReceiveBuffer = 1024

@@ -201,6 +201,7 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	addr := c.edgeAddr()
 	qc := transport.QUICConfig(c.cfg.IdleTimeout)
 	qc.KeepAlivePeriod = c.cfg.IdleTimeout / 3
+	qc.TokenStore = c.cfg.QUICTokens
 	switch c.cfg.Transport {
 	case WebSocket:
 		tlsConf := c.tlsConfig("http/1.1", addr)

@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"sync"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
@@ -64,6 +66,13 @@ func isRetry(b []byte) bool {
 // through a socket that notes Retries.
 func dialSniffed(t *testing.T, r *relaytest.Relay, i int, d relaytest.Device) (*client.Client, *sniffer) {
 	t.Helper()
+	return dialSniffedWith(t, r, i, d, nil)
+}
+
+// dialSniffedWith is dialSniffed with tokens as the client's QUIC token
+// store (nil: the client's own).
+func dialSniffedWith(t *testing.T, r *relaytest.Relay, i int, d relaytest.Device, tokens quic.TokenStore) (*client.Client, *sniffer) {
+	t.Helper()
 	udp, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -73,6 +82,7 @@ func dialSniffed(t *testing.T, r *relaytest.Relay, i int, d relaytest.Device) (*
 	t.Cleanup(func() { _ = tr.Close(); _ = udp.Close() })
 	cfg := r.ClientConfig(i, d, client.QUIC)
 	cfg.QUICTransport = tr
+	cfg.QUICTokens = tokens
 	return r.DialWith(cfg), sn
 }
 
@@ -203,4 +213,46 @@ func TestRetryAlways(t *testing.T) {
 	if v := relaytest.Gauge(t, e, unverified, "", ""); v != 0 {
 		t.Fatalf("%s is %v", unverified, v)
 	}
+}
+
+// notedTokens is a client token store that counts the tokens put in it.
+type notedTokens struct {
+	quic.TokenStore
+	puts atomic.Int64
+}
+
+func (n *notedTokens) Put(key string, token *quic.ClientToken) {
+	n.puts.Add(1)
+	n.TokenStore.Put(key, token)
+}
+
+// After each handshake the edge gives the client an address-validation
+// token; a client that kept it (client.Config.QUICTokens) comes back
+// without a Retry even while the edge makes every unknown address prove
+// itself.
+func TestAKeptTokenSkipsTheRetry(t *testing.T) {
+	r := startRelay(t, 1, func(_ int, cfg *server.Config) { cfg.MaxUnvalidatedHandshakes = -1 })
+	e := r.Edges[0]
+	user := r.User("retry-token")
+	first, second := r.Device(user, "first"), r.Device(user, "second")
+	tokens := &notedTokens{TokenStore: quic.NewLRUTokenStore(4, 4)}
+	a, asn := dialSniffedWith(t, r, 0, first, tokens)
+	if n := asn.retries.Load(); n < 1 {
+		t.Fatal("the first connection got no Retry")
+	}
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		if tokens.puts.Load() == 0 {
+			return errors.New("the edge gave no token")
+		}
+		return nil
+	})
+	before := relaytest.Counter(t, e, retries, "", "")
+	b, bsn := dialSniffedWith(t, r, 0, second, tokens)
+	if n := bsn.retries.Load(); n != 0 {
+		t.Fatalf("a client with a token got %d Retries", n)
+	}
+	if n := relaytest.Counter(t, e, retries, "", ""); n != before {
+		t.Fatalf("the edge counted %v Retries more", n-before)
+	}
+	relays(t, a, b, second.ID)
 }
