@@ -235,13 +235,18 @@ func TestLaggingNodeCatchesUpBySnapshot(t *testing.T) {
 	// snapshot store now holds one at least as new as the leader's, and
 	// its state machine was restored from a snapshot exactly once (the
 	// install; at start it had nothing newer than its own state).
-	lst, err := lagNode.Status()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if lst.LastSnapshotIndex < st.LastSnapshotIndex {
-		t.Fatalf("lagging node's last snapshot at %d, the leader's at %d: no snapshot was installed", lst.LastSnapshotIndex, st.LastSnapshotIndex)
-	}
+	// (Raft records the installed snapshot after the state machine has
+	// restored it, which is when the node counts as converged: wait.)
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		lst, err := lagNode.Status()
+		if err != nil {
+			return err
+		}
+		if lst.LastSnapshotIndex < st.LastSnapshotIndex {
+			return fmt.Errorf("lagging node's last snapshot at %d, the leader's at %d: no snapshot was installed", lst.LastSnapshotIndex, st.LastSnapshotIndex)
+		}
+		return nil
+	})
 	if got := counterValue(t, c.Nodes[lag], "relay_control_snapshot_restores_total", "ok"); got != 1 {
 		t.Fatalf("lagging node restored from a snapshot %v times, want 1 (the install)", got)
 	}
