@@ -139,7 +139,7 @@ func (s *WatchServer) Watch(ctx context.Context, req *connect.Request[edgev1.Wat
 	ws := &watchStream{send: stream.Send, timeout: s.cfg.SendTimeout, rc: rc}
 	s.streams.Inc()
 	defer s.streams.Dec()
-	err := s.watch(ctx, req.Msg.GetFromRevision(), ws)
+	err := s.watch(ctx, req.Msg.GetFromRevision(), req.Msg.GetHistory(), ws)
 	if errors.Is(err, errTooSlow) {
 		s.cutoffs.Inc()
 		s.cfg.Logger.Warn("watch stream cut off: the watcher stopped reading", "last_revision", ws.last, "timeout", s.cfg.SendTimeout)
@@ -151,8 +151,23 @@ func (s *WatchServer) Watch(ctx context.Context, req *connect.Request[edgev1.Wat
 	return err
 }
 
-func (s *WatchServer) watch(ctx context.Context, from uint64, ws *watchStream) error {
+func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws *watchStream) error {
 	f := s.node.FSM()
+	if from > 0 {
+		cur, err := f.History()
+		if err != nil {
+			return toConnect(err)
+		}
+		if history != cur {
+			// The client followed the cluster before a restore from a
+			// backup: revisions go on from the backup's, so its revision
+			// names a point of another history, behind or ahead of this
+			// one's. It gets a full copy.
+			s.cfg.Logger.Warn("watch resumed from another history (the cluster was restored from a backup since); sending a full copy",
+				"from_revision", from, "history", history, "cluster_history", cur)
+			from = 0
+		}
+	}
 	if from > f.AppliedIndex() && s.beyondLog(ctx, from) {
 		// The client followed another history: this cluster was restored
 		// from a backup older than what it saw, and its revisions go on
@@ -312,7 +327,11 @@ func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	}); err != nil {
 		return 0, err
 	}
-	if err := ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{MailboxesAnnounced: true}}}); err != nil {
+	history, err := v.History()
+	if err != nil {
+		return 0, toConnect(err)
+	}
+	if err := ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{MailboxesAnnounced: true, History: history}}}); err != nil {
 		return 0, err
 	}
 	return rev, nil

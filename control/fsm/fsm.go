@@ -114,6 +114,41 @@ func ReadApplied(r state.Reader) (index, term uint64, err error) {
 	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), nil
 }
 
+// ReadHistory returns the id of the history the state belongs to: ""
+// for a cluster never restored from a backup, a fresh random id for one
+// that was (see SetHistory). Revisions of two histories do not compare:
+// after a restore they go on from the backup's, and a watcher that
+// followed the cluster before it must start from a full copy.
+func ReadHistory(r state.Reader) (string, error) {
+	v, err := r.Get(keyHistory)
+	if errors.Is(err, state.ErrNotFound) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("read history: %w", err)
+	}
+	return string(v), nil
+}
+
+// SetHistory gives the state in s a new history id, outside the Raft
+// log: only for a node restoring a backup, before it starts Raft (the
+// snapshot it bootstraps from is exported from s afterwards, so every
+// member gets the id).
+func SetHistory(s *state.Store, id string) error {
+	b := s.NewBatch()
+	if err := b.Set(keyHistory, []byte(id)); err != nil {
+		b.Discard()
+		return err
+	}
+	if err := b.Commit(); err != nil {
+		return fmt.Errorf("set history: %w", err)
+	}
+	return s.Sync()
+}
+
+// History returns the id of the current state's history (see ReadHistory).
+func (f *FSM) History() (string, error) { return ReadHistory(f.store) }
+
 // AppliedIndex returns the index of the last log entry the FSM applied.
 // Raft's own no-op entries (written at each election) are never shown to
 // the FSM, so this can trail raft.AppliedIndex by those.

@@ -30,6 +30,9 @@ import (
 //	m:session                 id of the current session key
 //	e:<edge id>               state.v1.Edge
 //	m:ca                      state.v1.ClusterCA (present once created)
+//	m:history                 id of the state's history, drawn when a node
+//	                          restores a backup (absent: the history the
+//	                          cluster was created with)
 //	b:<dev id>\x00<seq:8>     state.v1.MailboxEntry
 //	B:<dev id>                state.v1.Mailbox (seq counter, count, bytes)
 //	w:<expires:8><dev id>\x00<seq:8>   empty; orders mailbox entries for expiry
@@ -49,6 +52,7 @@ import (
 var (
 	keyApplied = []byte("m:applied")
 	keyHorizon = []byte("m:horizon")
+	keyHistory = []byte("m:history")
 
 	prefixUser        = []byte("u:")
 	prefixLogin       = []byte("l:")

@@ -63,6 +63,9 @@ func (v *View) EachEdge(fn func(*statev1.Edge) error) error {
 	return eachRecord[statev1.Edge](v.snap, prefixEdge, fn)
 }
 
+// History is the id of the state's history (see ReadHistory).
+func (v *View) History() (string, error) { return ReadHistory(v.snap) }
+
 // SessionKeyRing returns the ring as of the view.
 func (v *View) SessionKeyRing() (*statev1.SessionKeyRing, error) {
 	return sessionRing(v.snap)

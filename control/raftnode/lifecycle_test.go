@@ -97,10 +97,23 @@ func TestRestoreFromBackupFile(t *testing.T) {
 		}
 		return nil
 	})
-	// A joining node receives the restored state by snapshot install.
-	r.AddNode()
+	// The restored state starts a history of its own (the backup's was
+	// the source cluster's), which a joining node receives with the state
+	// by snapshot install.
+	srcHistory, err := src.FSM().History()
+	if err != nil {
+		t.Fatal(err)
+	}
+	history, err := node.FSM().History()
+	if err != nil || history == "" || history == srcHistory {
+		t.Fatalf("history after restore %q (%v), source cluster's %q", history, err, srcHistory)
+	}
+	joined := r.AddNode()
 	r.WaitReady()
 	r.WaitConverged()
+	if h, err := joined.Server.Node().FSM().History(); err != nil || h != history {
+		t.Fatalf("joined node's history %q (%v), want %q", h, err, history)
+	}
 
 	// Restoring into a data dir that has state is refused.
 	r.Shutdown(0)

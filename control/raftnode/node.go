@@ -475,21 +475,23 @@ func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
 	if index == 0 {
 		return fmt.Errorf("restore from %s: backup holds no applied index", path)
 	}
-	// The Raft snapshot carries the same bytes, so members that join later
-	// receive the restored state by snapshot install.
+	// A history of its own: revisions go on from the backup's, so edges
+	// that followed the cluster before (further along, or along another
+	// line) cannot resume by revision and get a full copy instead.
+	if err := fsm.SetHistory(n.state, newRequestID()); err != nil {
+		return fmt.Errorf("restore from %s: %w", path, err)
+	}
+	// The Raft snapshot carries the restored state, so members that join
+	// later receive it by snapshot install.
 	const term = 1
 	conf := raft.Configuration{Servers: []raft.Server{{ID: raft.ServerID(n.cfg.NodeID), Address: local, Suffrage: raft.Voter}}}
 	sink, err := n.snaps.Create(raft.SnapshotVersionMax, index, term, conf, index, n.trans)
 	if err != nil {
 		return fmt.Errorf("create restore snapshot: %w", err)
 	}
-	again, err := open(path)
-	if err != nil {
-		_ = sink.Cancel()
-		return fmt.Errorf("restore: reopen: %w", err)
-	}
-	defer again.Close()
-	if _, err := io.Copy(sink, again); err != nil {
+	snap := n.state.Snapshot()
+	defer snap.Close()
+	if _, err := state.Export(sink, snap); err != nil {
 		_ = sink.Cancel()
 		return fmt.Errorf("write restore snapshot: %w", err)
 	}

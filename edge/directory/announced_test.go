@@ -1,6 +1,8 @@
 package directory_test
 
 import (
+	"fmt"
+	"slices"
 	"testing"
 
 	"github.com/edge-relay/relay/edge/directory"
@@ -83,22 +85,39 @@ func TestAnnouncedRevisionFollowsTheAnnouncements(t *testing.T) {
 // control plane's revisions go on from the backup's, and the directory
 // must resume from those (else every resume would be answered with
 // another full copy, and announcements of the new history would count
-// as covered by the old one's).
+// as covered by the old one's). OnRewind hears of it, once, before the
+// copy's mailbox announcements; a copy at a later revision (the feed was
+// compacted) is no rewind.
 func TestAFullCopyFromARestoredClusterSetsTheRevision(t *testing.T) {
-	d := directory.New(directory.Config{Ring: session.NewRing()})
+	var calls []string
+	d := directory.New(directory.Config{Ring: session.NewRing(),
+		OnRewind:  func(from, to uint64) { calls = append(calls, fmt.Sprintf("rewind %d->%d", from, to)) },
+		OnMailbox: func(_, device string, _ uint64) { calls = append(calls, "mailbox "+device) },
+	})
 	d.Apply(&edgev1.WatchResponse{Revision: 100, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}})
 	d.Apply(&edgev1.WatchResponse{Revision: 100, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{MailboxesAnnounced: true}}})
 	d.Apply(&edgev1.WatchResponse{Revision: 120, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}})
 	if got := d.Revision(); got != 120 {
 		t.Fatalf("revision %d, want 120", got)
 	}
+	// A compacted feed's copy, later than what the directory had.
+	d.Apply(&edgev1.WatchResponse{Revision: 130, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}})
+	d.Apply(&edgev1.WatchResponse{Revision: 130, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{MailboxesAnnounced: true}}})
+	if len(calls) != 0 {
+		t.Fatalf("calls %v before any rewind", calls)
+	}
 	d.Apply(&edgev1.WatchResponse{Revision: 40, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}})
-	if got := d.Revision(); got != 120 {
-		t.Fatalf("revision %d while the copy is staged, want 120 (the copy is not complete)", got)
+	d.Apply(&edgev1.WatchResponse{Revision: 40, Kind: &edgev1.WatchResponse_Event{Event: &edgev1.WatchEvent{
+		Kind: &edgev1.WatchEvent_MailboxChanged{MailboxChanged: &edgev1.MailboxChanged{UserId: "u", DeviceId: "d", Seq: 3}}}}})
+	if got := d.Revision(); got != 130 {
+		t.Fatalf("revision %d while the copy is staged, want 130 (the copy is not complete)", got)
 	}
 	d.Apply(&edgev1.WatchResponse{Revision: 40, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{MailboxesAnnounced: true}}})
 	if got := d.Revision(); got != 40 {
 		t.Fatalf("revision %d after the restored cluster's copy at 40, want 40", got)
+	}
+	if want := []string{"rewind 130->40", "mailbox d"}; !slices.Equal(calls, want) {
+		t.Fatalf("calls %v, want %v", calls, want)
 	}
 	if rev, _ := d.AnnouncedRevision(); rev != 40 {
 		t.Fatalf("announced revision %d, want 40", rev)

@@ -65,6 +65,13 @@ type Config struct {
 	// OnEdges is called (from the following goroutine) after the member
 	// list changed, with the new list.
 	OnEdges func([]Edge)
+	// OnRewind is called (from the following goroutine) after a full copy
+	// whose revision is below the one the directory had reached: the
+	// control plane was restored from an older backup (or built anew), so
+	// its revisions and mailbox sequence numbers went back, and whatever
+	// was derived from the old history (sessions' mailbox cursors) is
+	// void. It is called before the copy's mailbox announcements.
+	OnRewind func(from, to uint64)
 	// Logger; default slog.Default().
 	Logger *slog.Logger
 }
@@ -161,6 +168,7 @@ type Directory struct {
 	staging  *snapshot // non-nil during a full copy
 	deleted  tombstones
 	revision uint64
+	history  string // of the last full copy (SnapshotDone.history)
 	synced   bool
 	changed  chan struct{} // closed and replaced when synced or revision moves
 	// current is when the control plane last said the copy is complete
@@ -195,6 +203,9 @@ func New(cfg Config) *Directory {
 	}
 	if cfg.OnEdges == nil {
 		cfg.OnEdges = func([]Edge) {}
+	}
+	if cfg.OnRewind == nil {
+		cfg.OnRewind = func(uint64, uint64) {}
 	}
 	d := &Directory{cfg: cfg, cur: newSnapshot(), changed: make(chan struct{})}
 	d.generation.Store(1) // 0 would say changes are not tracked
@@ -333,6 +344,8 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	var notes []mailboxNote
 	var edges []Edge
 	edgesChanged := false
+	var rewound bool
+	var rewoundFrom uint64
 	if d.cfg.Logger.Enabled(context.Background(), slog.LevelDebug) {
 		d.cfg.Logger.Debug("watch message", "revision", m.GetRevision(), "message", m.String())
 	}
@@ -357,6 +370,13 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 			}
 			d.cur, d.staging = *d.staging, nil
 			d.synced = true
+			// Another history (the cluster was restored from a backup), or
+			// revisions gone back (restored by a release that did not
+			// name histories): what came from the old one is void.
+			if h := k.SnapshotDone.GetHistory(); d.revision > 0 && (h != d.history || m.GetRevision() < d.revision) {
+				rewound, rewoundFrom = true, d.revision
+			}
+			d.history = k.SnapshotDone.GetHistory()
 			// A full copy sets the revision, lower ones too: after a
 			// restore the control plane's revisions go on from its
 			// backup's, and resuming from the old history's would be
@@ -415,6 +435,11 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	d.mu.Unlock()
 	for _, r := range removals {
 		d.cfg.OnRemove(r)
+	}
+	if rewound {
+		d.cfg.Logger.Warn("the control plane's revisions went back (restored from an older backup?): sessions start again",
+			"from", rewoundFrom, "to", rev)
+		d.cfg.OnRewind(rewoundFrom, rev)
 	}
 	for _, n := range notes {
 		d.cfg.OnMailbox(n.user, n.device, n.seq)
@@ -570,11 +595,13 @@ func (d *Directory) followOnce(ctx context.Context, client edgev1connect.WatchSe
 	if err != nil {
 		return fmt.Errorf("%w: %w", errToken, err)
 	}
-	from := uint64(0)
+	from, history := uint64(0), ""
 	if d.Synced() {
-		from = d.Revision()
+		d.mu.Lock()
+		from, history = d.revision, d.history
+		d.mu.Unlock()
 	}
-	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from})
+	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from, History: history})
 	req.Header().Set("Authorization", "Bearer "+tok)
 	stream, err := client.Watch(ctx, req)
 	if err != nil {

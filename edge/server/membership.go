@@ -18,7 +18,8 @@ import (
 // retries with backoff while the control plane is unreachable or another
 // running edge holds the id. The lease is tracked on the edge's own
 // clock, counted from each request's sending: once it has run out without
-// a renewal other edges no longer route to this one, and Ready says so.
+// a renewal other edges no longer route to this one, which
+// relay_edge_member and the log say.
 func (s *Server) register(ctx context.Context) {
 	meshAddr := s.cfg.MeshAdvertise
 	if meshAddr == "" {
@@ -66,7 +67,7 @@ func (s *Server) register(ctx context.Context) {
 				s.log.Warn("registration failed; retrying", "err", err, "backoff", backoff)
 			}
 			if until := s.leaseUntil.Load(); until != 0 && until <= time.Now().UnixNano() && !lapseLogged {
-				s.log.Error("the membership lease ran out: other edges no longer route to this edge, and it reports not ready", "lease_until", time.Unix(0, until))
+				s.log.Error("the membership lease ran out: other edges no longer route to this edge", "lease_until", time.Unix(0, until))
 				lapseLogged = true
 			}
 			backoff = min(2*backoff, 5*time.Second)
@@ -81,22 +82,11 @@ func (s *Server) register(ctx context.Context) {
 	}
 }
 
-// membership says why the edge is not a member ("" when it is): never
-// registered, or its lease ran out, with the last registration error.
-func (s *Server) membership() string {
-	var why string
-	switch until := s.leaseUntil.Load(); {
-	case until == 0:
-		why = "not registered as a member yet"
-	case until <= time.Now().UnixNano():
-		why = "membership lease ran out at " + time.Unix(0, until).UTC().Format(time.RFC3339)
-	default:
-		return ""
-	}
-	if e := s.regErr.Load(); e != nil {
-		why += " (last registration error: " + *e + ")"
-	}
-	return why
+// member reports whether the edge holds its membership lease now, on its
+// own clock.
+func (s *Server) member() bool {
+	until := s.leaseUntil.Load()
+	return until != 0 && time.Now().UnixNano() < until
 }
 
 // onEdges keeps the mesh linked to the current members.

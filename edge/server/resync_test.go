@@ -8,18 +8,14 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
-	"google.golang.org/protobuf/proto"
 
-	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/internal/relaytest"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
-	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
-	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 // watchCutter is a client interceptor that cuts an edge's watch feed on
@@ -121,27 +117,7 @@ func TestEntryStoredDuringAFeedGapReachesTheOpenSession(t *testing.T) {
 	cut.Cut(t)
 	// Stored as another edge would store an event from a for b, then
 	// enough changes that a resume from before it needs a full copy.
-	ev, err := proto.Marshal(&relayv1.Event{Id: "gap-1", SenderDeviceId: a.ID, Targets: []string{b.ID}, Seq: 1,
-		CreatedAtMs: time.Now().UnixMilli(), TtlMs: time.Hour.Milliseconds(), Payload: []byte("stored during the gap")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	d := api.NewDialer(nil)
-	defer d.Close()
-	mb := edgev1connect.NewMailboxServiceClient(d.HTTPClient(), d.URL(node.Server.APIAddr()))
-	req := connect.NewRequest(&edgev1.PutMailboxRequest{Entries: []*edgev1.MailboxEntry{{
-		DeviceId: b.ID, UserId: u, SenderDeviceId: a.ID, EventId: "gap-1", Event: ev, ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli(),
-	}}})
-	req.Header().Set("Authorization", "Bearer "+r.Cluster.TokenFor("edge-other", controlv1.Role_ROLE_EDGE))
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	resp, err := mb.PutMailbox(ctx, req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st := resp.Msg.GetResults()[0].GetStatus(); st != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
-		t.Fatalf("put: %v", st)
-	}
+	putMailbox(t, node.Server.APIAddr(), r.Cluster.TokenFor("edge-other", controlv1.Role_ROLE_EDGE), a, b, "gap-1", "stored during the gap")
 	seen := r.Edges[0].Directory().Revision()
 	for i := 0; ; i++ {
 		if h, err := f.Horizon(); err != nil {
@@ -157,7 +133,7 @@ func TestEntryStoredDuringAFeedGapReachesTheOpenSession(t *testing.T) {
 
 	resyncs := node.Metric(t, "relay_control_watch_resyncs_total")
 	cut.Heal()
-	rctx, rcancel := context.WithTimeout(ctx, 20*time.Second)
+	rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer rcancel()
 	got, err := cb.Receive(rctx)
 	if err != nil {

@@ -220,24 +220,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 
 	metrics := session.NewMetrics(cfg.Registry)
-	if err := cfg.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "relay_edge_ready", Help: "1 when the edge serves sessions: listeners up, watch feed synced, member of the cluster (lease renewed in time), control plane heard within the grace.",
-	}, func() float64 {
-		if s.Ready() {
-			return 1
-		}
-		return 0
-	})); err != nil {
-		return nil, err
-	}
-	if err := cfg.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "relay_edge_control_cut_off", Help: "1 while the control plane has been silent for longer than --control-grace (new sessions refused).",
-	}, func() float64 {
-		if s.controlSilent() {
-			return 1
-		}
-		return 0
-	})); err != nil {
+	if err := registerAll(cfg.Registry,
+		boolGauge("relay_edge_ready", "1 when the edge serves sessions: listeners up, watch feed synced, registered as a member, control plane heard within the grace.", s.Ready),
+		boolGauge("relay_edge_member", "1 while the edge holds its membership lease (registered, renewed before it ran out on the edge's clock): other edges route to it.", s.member),
+		boolGauge("relay_edge_control_cut_off", "1 while the control plane has been silent for longer than --control-grace (new sessions refused).", s.controlSilent),
+	); err != nil {
 		return nil, err
 	}
 	if err := cfg.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -249,6 +236,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		Ring: s.ring, Logger: s.log, OnRemove: s.onRemove,
 		OnMailbox: func(user, device string, seq uint64) { s.hub.MailboxChanged(user, device, seq) },
 		OnEdges:   s.onEdges,
+		// After a restore every session starts again: their mailbox
+		// cursors and start revisions belong to the old history.
+		OnRewind: func(uint64, uint64) {
+			s.hub.Restart(s.cfg.DrainWindow, "the control plane was restored; reconnect")
+		},
 	})
 	sc := cfg.Session
 	sc.EdgeID, sc.Directory, sc.Ring, sc.Logger, sc.Metrics = cfg.EdgeID, s.dir, s.ring, s.log, metrics
@@ -463,9 +455,11 @@ func (s *Server) sendActivity(ctx context.Context, acts []session.Activity) {
 
 // Ready reports whether the edge serves sessions: listeners up (and no
 // shutdown begun), the directory synced with the control plane's watch
-// feed, a member (registered, and its lease renewed before it ran out),
-// and the control plane heard from within ControlGrace (not checked when
-// ControlGrace is 0).
+// feed, registered as a member, and the control plane heard from within
+// ControlGrace (not checked when ControlGrace is 0). A lease that ran out
+// afterwards does not count here (see relay_edge_member): during an
+// outage of the whole control plane every edge's lease runs out, and
+// readiness then follows ControlGrace alone.
 func (s *Server) Ready() bool { return s.notReady() == "" }
 
 // notReady says why the edge does not serve sessions ("" when it does),
@@ -477,7 +471,11 @@ func (s *Server) notReady() string {
 	case !s.dir.Synced():
 		return "watch feed not synced"
 	}
-	if why := s.membership(); why != "" {
+	if s.leaseUntil.Load() == 0 {
+		why := "not registered as a member yet"
+		if e := s.regErr.Load(); e != nil {
+			why += " (last registration error: " + *e + ")"
+		}
 		return why
 	}
 	if s.controlSilent() {
@@ -732,4 +730,14 @@ func (s *Server) closeAll() {
 	if s.control != nil {
 		s.control.Close()
 	}
+}
+
+// boolGauge is a gauge that reads 1 while cond holds, 0 otherwise.
+func boolGauge(name, help string, cond func() bool) prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
+		if cond() {
+			return 1
+		}
+		return 0
+	})
 }

@@ -452,6 +452,16 @@ func (d *dev) handshake() {
 // handshakeWith is handshake with a Hello that mod changed first.
 func (d *dev) handshakeWith(mod func(*relayv1.Hello)) {
 	d.t.Helper()
+	d.answer(d.challenged(mod))
+	if d.welcome = d.readDirect().GetWelcome(); d.welcome == nil {
+		d.t.Fatalf("%s: expected a welcome", d.id)
+	}
+}
+
+// challenged sends a Hello (adjusted by mod, if set) and returns it with
+// the edge's challenge, leaving the handshake there.
+func (d *dev) challenged(mod func(*relayv1.Hello)) (*relayv1.Hello, *relayv1.Challenge) {
+	d.t.Helper()
 	h := d.hello(nil)
 	if mod != nil {
 		mod(h.GetHello())
@@ -462,10 +472,12 @@ func (d *dev) handshakeWith(mod func(*relayv1.Hello)) {
 	if ch == nil {
 		d.t.Fatalf("%s: expected a challenge", d.id)
 	}
-	d.send(sign(h.GetHello(), ch, d.e.keys[d.id]))
-	if d.welcome = d.readDirect().GetWelcome(); d.welcome == nil {
-		d.t.Fatalf("%s: expected a welcome", d.id)
-	}
+	return h.GetHello(), ch
+}
+
+// answer signs a challenge with the device's key.
+func (d *dev) answer(h *relayv1.Hello, ch *relayv1.Challenge) {
+	d.send(sign(h, ch, d.e.keys[d.id]))
 }
 
 // online connects and logs in a device.

@@ -229,8 +229,11 @@ type Hub struct {
 	mu       sync.Mutex // guards the fields below
 	ended    []Activity // activity of sessions that ended since TakeActivity
 	draining bool
-	active   int           // Serve calls running
-	idle     chan struct{} // closed when draining and active reaches 0
+	// epoch counts Restarts: a session started in an earlier one is not
+	// registered (its state comes from the history Restart voided).
+	epoch  uint64
+	active int           // Serve calls running
+	idle   chan struct{} // closed when draining and active reaches 0
 }
 
 // NewHub returns a hub ready to serve.
@@ -268,7 +271,8 @@ func (h *Hub) shardOf(userID string) *shard {
 // Serve runs one session on c until it ends, and returns why. The caller
 // owns the goroutine; the hub closes c before Serve returns.
 func (h *Hub) Serve(ctx context.Context, c Conn) error {
-	switch h.enter() {
+	res, epoch := h.enter()
+	switch res {
 	case enterDraining:
 		_ = c.Abort(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 		return ErrDraining
@@ -292,6 +296,7 @@ func (h *Hub) Serve(ctx context.Context, c Conn) error {
 		return err
 	}
 	s := newSession(h, c)
+	s.epoch = epoch
 	return s.run(ctx)
 }
 
@@ -303,17 +308,24 @@ const (
 	enterFull
 )
 
-func (h *Hub) enter() enterResult {
+// enter admits a Serve call, and says in which epoch (see Restart).
+func (h *Hub) enter() (enterResult, uint64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	switch {
 	case h.draining:
-		return enterDraining
+		return enterDraining, h.epoch
 	case h.cfg.MaxSessions > 0 && h.active >= h.cfg.MaxSessions:
-		return enterFull
+		return enterFull, h.epoch
 	}
 	h.active++
-	return entered
+	return entered, h.epoch
+}
+
+func (h *Hub) isDraining() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.draining
 }
 
 // MaxSessions is the bound on sessions (0: none).
@@ -332,19 +344,21 @@ func (h *Hub) leave() {
 // same device (the newer wins), and tells the user's other devices and s
 // who is online.
 //
-// It returns false, registering nothing, once the hub is draining: a
-// session that finished its handshake after Drain looked must not stay.
+// It returns false, registering nothing, once the hub is draining, or
+// when s started before the latest Restart: a session that finished its
+// handshake after Drain or Restart looked must not stay.
 func (h *Hub) register(s *Session) bool {
 	sh := h.shardOf(s.userID)
 	h.mu.Lock()
-	draining := h.draining
-	if !draining {
-		// Under h.mu so Drain, which sets draining first, then walks the
-		// rooms, either sees this session or refuses it.
+	refused := h.draining || s.epoch != h.epoch
+	if !refused {
+		// Under h.mu so Drain and Restart, which set draining or the
+		// epoch first, then walk the rooms, either see this session or
+		// refuse it.
 		sh.mu.Lock()
 	}
 	h.mu.Unlock()
-	if draining {
+	if refused {
 		return false
 	}
 	r := sh.rooms[s.userID]
@@ -567,6 +581,34 @@ func (h *Hub) Drain(ctx context.Context, window time.Duration) error {
 	}
 	idle := h.idle
 	h.mu.Unlock()
+	h.goAway(window, "edge is shutting down; reconnect")
+	select {
+	case <-idle:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("drain: %d sessions still open: %w", h.Stats().Serving, ctx.Err())
+	}
+}
+
+// Restart closes every open session with GOING_AWAY, each told to come
+// back within window as Drain does, and keeps taking new ones; a session
+// whose handshake began before the call is not registered either. It is
+// for when what sessions hold from the control plane's history is void:
+// after the control plane was restored from an older backup, revisions and
+// mailbox sequence numbers start again from the backup's, and a session's
+// mailbox cursor would skip the entries stored since. It returns once
+// every session was told; they end on their own.
+func (h *Hub) Restart(window time.Duration, reason string) {
+	h.mu.Lock()
+	h.epoch++
+	h.mu.Unlock()
+	h.goAway(window, reason)
+}
+
+// goAway closes every registered session with GOING_AWAY and a random
+// reconnect delay below window (so thousands of clients do not come back
+// in the same second).
+func (h *Hub) goAway(window time.Duration, reason string) {
 	for i := range h.shards {
 		sh := &h.shards[i]
 		sh.mu.Lock()
@@ -587,14 +629,8 @@ func (h *Hub) Drain(ctx context.Context, window time.Duration) error {
 					after = time.Duration(n.Int64())
 				}
 			}
-			s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down; reconnect"), after)
+			s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "%s", reason), after)
 		}
-	}
-	select {
-	case <-idle:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("drain: %d sessions still open: %w", h.Stats().Serving, ctx.Err())
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -734,6 +735,44 @@ func TestDrainSendsGoingAway(t *testing.T) {
 	}
 }
 
+// Restart sends every open session away (GOING_AWAY, a reconnect hint
+// within the window) and keeps serving: a session whose handshake began
+// before it is refused at registration (its mailbox state comes from the
+// voided history), one that begins after it opens as usual.
+func TestRestartSendsSessionsAwayAndKeepsServing(t *testing.T) {
+	e := newEnv(t, nil)
+	e.devices("u1", "a", "b")
+	a := e.online("a")
+	b := e.connect("b")
+	hello, ch := b.challenged(nil)
+
+	e.hub.Restart(time.Minute, "the control plane was restored; reconnect")
+	c := a.nextClose()
+	if c.GetCode() != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY || c.GetReconnectAfterMs() < 0 || c.GetReconnectAfterMs() >= 60_000 ||
+		!strings.Contains(c.GetMessage(), "restored") {
+		t.Fatalf("close: %v", c)
+	}
+	if err := <-a.serve; codeOf(err) != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+		t.Fatalf("a's session ended with %v", err)
+	}
+
+	b.answer(hello, ch)
+	b.startReading()
+	if c := b.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+		t.Fatalf("a session begun before the restart: close %v", c)
+	}
+	if err := <-b.serve; codeOf(err) != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+		t.Fatalf("a session begun before the restart ended with %v", err)
+	}
+
+	a2, b2 := e.online("a"), e.online("b")
+	ev := a2.event()
+	a2.sendEvent(ev)
+	if got := b2.nextDeliver().GetEvent().GetId(); got != ev.GetId() {
+		t.Fatalf("after the restart b got %q, want %q", got, ev.GetId())
+	}
+}
+
 // goroutineWaiting reports whether some goroutine's stack holds every
 // one of frames (function names), in that order from the top.
 func goroutineWaiting(frames ...string) bool {
@@ -779,13 +818,8 @@ func TestDrainSeesASessionRegisteringMeanwhile(t *testing.T) {
 		}
 	}()
 	b := e.connect("b")
-	hello := b.hello(nil)
-	b.send(hello)
-	ch := b.readDirect().GetChallenge()
-	if ch == nil {
-		t.Fatal("no challenge")
-	}
-	b.send(sign(hello.GetHello(), ch, e.keys["b"]))
+	hello, ch := b.challenged(nil)
+	b.answer(hello, ch)
 	waitFor(t, "b's registration waiting for the room", func() bool { return goroutineWaiting("sync.(*RWMutex).Lock", "(*Hub).register") })
 	drained := make(chan error, 1)
 	go func() {

@@ -31,6 +31,10 @@ type Session struct {
 	out    *queue
 	reader *frame.Reader
 
+	// epoch is the hub's Restart count when the session began (set
+	// before it runs).
+	epoch uint64
+
 	// Set by the handshake, then read-only.
 	userID, deviceID string
 	room             *room // set by register
@@ -321,9 +325,12 @@ func (s *Session) open(ctx context.Context) (hsSpan trace.SpanContext, opened bo
 	s.primeMailbox(ctx)
 	if !s.hub.register(s) {
 		s.stopListening()
-		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
+		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down, or restarted its sessions; reconnect")
 		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
-		return span.SpanContext(), false, ErrDraining
+		if s.hub.isDraining() {
+			return span.SpanContext(), false, ErrDraining
+		}
+		return span.SpanContext(), false, ce
 	}
 	m.sessions.WithLabelValues(s.conn.Transport()).Inc()
 	if err := s.writeWelcome(); err != nil {

@@ -95,7 +95,12 @@ func (MailboxStatus) EnumDescriptor() ([]byte, []int) {
 type WatchRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The last revision the client has applied; 0 asks for a full copy.
-	FromRevision  uint64 `protobuf:"varint,1,opt,name=from_revision,json=fromRevision,proto3" json:"from_revision,omitempty"`
+	FromRevision uint64 `protobuf:"varint,1,opt,name=from_revision,json=fromRevision,proto3" json:"from_revision,omitempty"`
+	// The history from_revision belongs to (SnapshotDone.history of the
+	// client's last full copy): when it is not the cluster's, the cluster
+	// was restored from a backup since, revisions do not compare, and the
+	// client gets a full copy.
+	History       string `protobuf:"bytes,2,opt,name=history,proto3" json:"history,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -135,6 +140,13 @@ func (x *WatchRequest) GetFromRevision() uint64 {
 		return x.FromRevision
 	}
 	return 0
+}
+
+func (x *WatchRequest) GetHistory() string {
+	if x != nil {
+		return x.History
+	}
+	return ""
 }
 
 // UserState is what an edge needs to know of an account.
@@ -867,8 +879,14 @@ type SnapshotDone struct {
 	// records). Control planes older than that field leave it false: an
 	// edge cannot tell what was stored while its feed was interrupted.
 	MailboxesAnnounced bool `protobuf:"varint,1,opt,name=mailboxes_announced,json=mailboxesAnnounced,proto3" json:"mailboxes_announced,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The history the copy's revision belongs to: empty for a cluster never
+	// restored from a backup, a new id with every restore. A client keeps
+	// it and sends it back in WatchRequest.history when it resumes; a copy
+	// of another history than its last one means whatever it derived from
+	// the old one (mailbox sequence numbers, revisions) is void.
+	History       string `protobuf:"bytes,2,opt,name=history,proto3" json:"history,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SnapshotDone) Reset() {
@@ -906,6 +924,13 @@ func (x *SnapshotDone) GetMailboxesAnnounced() bool {
 		return x.MailboxesAnnounced
 	}
 	return false
+}
+
+func (x *SnapshotDone) GetHistory() string {
+	if x != nil {
+		return x.History
+	}
+	return ""
 }
 
 // Progress is a heartbeat.
@@ -2021,9 +2046,10 @@ var File_edge_v1_control_proto protoreflect.FileDescriptor
 
 const file_edge_v1_control_proto_rawDesc = "" +
 	"\n" +
-	"\x15edge/v1/control.proto\x12\aedge.v1\"3\n" +
+	"\x15edge/v1/control.proto\x12\aedge.v1\"M\n" +
 	"\fWatchRequest\x12#\n" +
-	"\rfrom_revision\x18\x01 \x01(\x04R\ffromRevision\"3\n" +
+	"\rfrom_revision\x18\x01 \x01(\x04R\ffromRevision\x12\x18\n" +
+	"\ahistory\x18\x02 \x01(\tR\ahistory\"3\n" +
 	"\tUserState\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06active\x18\x02 \x01(\bR\x06active\"o\n" +
@@ -2072,9 +2098,10 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\rsnapshot_done\x18\f \x01(\v2\x15.edge.v1.SnapshotDoneH\x00R\fsnapshotDone\x12/\n" +
 	"\bprogress\x18\r \x01(\v2\x11.edge.v1.ProgressH\x00R\bprogressB\x06\n" +
 	"\x04kind\"\b\n" +
-	"\x06Resync\"?\n" +
+	"\x06Resync\"Y\n" +
 	"\fSnapshotDone\x12/\n" +
-	"\x13mailboxes_announced\x18\x01 \x01(\bR\x12mailboxesAnnounced\"\n" +
+	"\x13mailboxes_announced\x18\x01 \x01(\bR\x12mailboxesAnnounced\x12\x18\n" +
+	"\ahistory\x18\x02 \x01(\tR\ahistory\"\n" +
 	"\n" +
 	"\bProgress\"^\n" +
 	"\bActivity\x12\x17\n" +
