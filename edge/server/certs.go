@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -13,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+	"os"
 	"sync"
 	"time"
 )
@@ -30,32 +32,80 @@ type CertHash struct {
 	NotAfter time.Time
 }
 
-// certSource serves the edge's certificate: loaded from files, or
-// self-signed and renewed before it expires, with the hashes of the
-// current and the previous certificate published so clients pinning
-// either keep working across a renewal.
+// certReloadEvery is how often certificate files are read again: a
+// renewed certificate (cert-manager rewriting a Secret, certbot a file)
+// is served within it, without a restart.
+const certReloadEvery = 30 * time.Second
+
+// certSource serves the edge's certificate: loaded from files (and loaded
+// again when they change), or self-signed and renewed before it expires,
+// with the hashes of the current and the previous certificate published
+// so clients pinning either keep working across a renewal.
 type certSource struct {
 	log      *slog.Logger
 	validity time.Duration
 	renew    time.Duration
 	static   bool
+	// Files of a static certificate, the bytes last loaded from them, and
+	// how often to look at them again.
+	certFile, keyFile string
+	loaded            []byte
+	reloadEvery       time.Duration
 
 	mu     sync.RWMutex // guards the fields below
 	cert   *tls.Certificate
 	hashes []CertHash // newest first
 }
 
-func staticCert(certFile, keyFile string) (*certSource, error) {
-	c, err := tls.LoadX509KeyPair(certFile, keyFile)
+func staticCert(log *slog.Logger, certFile, keyFile string) (*certSource, error) {
+	s := &certSource{log: log, static: true, certFile: certFile, keyFile: keyFile, reloadEvery: certReloadEvery}
+	if _, err := s.reload(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// reload reads the certificate files and serves what they hold if it
+// changed (changed false: the same bytes as last time). A pair that does
+// not load leaves the current certificate in place.
+func (s *certSource) reload() (changed bool, err error) {
+	certPEM, err := os.ReadFile(s.certFile)
 	if err != nil {
-		return nil, fmt.Errorf("load certificate: %w", err)
+		return false, fmt.Errorf("load certificate: %w", err)
+	}
+	keyPEM, err := os.ReadFile(s.keyFile)
+	if err != nil {
+		return false, fmt.Errorf("load certificate key: %w", err)
+	}
+	both := append(append([]byte{}, certPEM...), keyPEM...)
+	if bytes.Equal(both, s.loaded) {
+		return false, nil
+	}
+	c, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return false, fmt.Errorf("load certificate: %w", err)
 	}
 	leaf, err := x509.ParseCertificate(c.Certificate[0])
 	if err != nil {
-		return nil, fmt.Errorf("parse certificate: %w", err)
+		return false, fmt.Errorf("parse certificate: %w", err)
 	}
 	c.Leaf = leaf
-	return &certSource{static: true, cert: &c, hashes: []CertHash{{SHA256: sha256.Sum256(leaf.Raw), NotAfter: leaf.NotAfter}}}, nil
+	s.loaded = both
+	s.serve(&c)
+	return true, nil
+}
+
+// serve makes c the certificate served and publishes its hash, keeping
+// the previous one's while it is valid.
+func (s *certSource) serve(c *tls.Certificate) {
+	h := CertHash{SHA256: sha256.Sum256(c.Leaf.Raw), NotAfter: c.Leaf.NotAfter}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cert = c
+	s.hashes = append([]CertHash{h}, s.hashes...)
+	if len(s.hashes) > 2 {
+		s.hashes = s.hashes[:2]
+	}
 }
 
 func selfSigned(log *slog.Logger, validity, renew time.Duration) (*certSource, error) {
@@ -92,18 +142,12 @@ func (s *certSource) rotate(now time.Time) error {
 	if err != nil {
 		return err
 	}
-	h := CertHash{SHA256: sha256.Sum256(der), NotAfter: leaf.NotAfter}
-	s.mu.Lock()
-	s.cert = &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
-	s.hashes = append([]CertHash{h}, s.hashes...)
-	// Keep the previous one until it expires; older ones have.
-	if len(s.hashes) > 2 {
-		s.hashes = s.hashes[:2]
-	}
-	s.mu.Unlock()
+	// The previous one stays published until it expires; older ones have.
+	s.serve(&tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf})
 	// The encoding clients pin with (relayctl --cert-hash, the banner,
 	// /.well-known/relay/certificate-hashes).
-	s.log.Info("self-signed certificate", "sha256", base64.StdEncoding.EncodeToString(h.SHA256[:]), "not_after", leaf.NotAfter)
+	h := sha256.Sum256(der)
+	s.log.Info("self-signed certificate", "sha256", base64.StdEncoding.EncodeToString(h[:]), "not_after", leaf.NotAfter)
 	return nil
 }
 
@@ -128,10 +172,11 @@ func (s *certSource) Hashes(now time.Time) []CertHash {
 	return out
 }
 
-// run renews a self-signed certificate before it expires, until ctx
-// ends.
+// run renews a self-signed certificate before it expires, or reloads a
+// static one's files when they change, until ctx ends.
 func (s *certSource) run(ctx context.Context) {
 	if s.static {
+		s.watchFiles(ctx)
 		return
 	}
 	var retry time.Time
@@ -152,6 +197,30 @@ func (s *certSource) run(ctx context.Context) {
 				s.log.Error("renew self-signed certificate; retrying in a minute", "err", err)
 				retry = now.Add(time.Minute)
 			}
+		}
+	}
+}
+
+// watchFiles reloads the certificate files every reloadEvery until ctx
+// ends. A pair that does not load (a renewal written halfway, a key that
+// does not match) is logged and the current certificate kept; the next
+// look tries again.
+func (s *certSource) watchFiles(ctx context.Context) {
+	t := time.NewTicker(s.reloadEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		changed, err := s.reload()
+		switch {
+		case err != nil:
+			s.log.Warn("certificate files do not load; serving the current certificate", "cert_file", s.certFile, "err", err)
+		case changed:
+			c, _ := s.GetCertificate(nil)
+			s.log.Info("certificate reloaded", "cert_file", s.certFile, "subject", c.Leaf.Subject.String(), "not_after", c.Leaf.NotAfter)
 		}
 	}
 }

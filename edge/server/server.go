@@ -198,7 +198,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}()
 
 	if cfg.CertFile != "" || cfg.KeyFile != "" {
-		s.certs, err = staticCert(cfg.CertFile, cfg.KeyFile)
+		s.certs, err = staticCert(s.log, cfg.CertFile, cfg.KeyFile)
 	} else {
 		s.certs, err = selfSigned(s.log, selfSignedValidity, selfSignedRenew)
 	}
