@@ -319,10 +319,16 @@ type Client struct {
 	// instance names this client in its Hellos (see Hello.instance).
 	instance string
 
-	dedupMu sync.Mutex
+	dedupMu sync.Mutex                          // guards seen and handing
 	seen    map[string]*idwindow.Window[string] // by sender
-	seed    maphash.Seed                        // the windows' hash seed
+	// handing are the events a reader is handing to the application
+	// (claim), not seen until it took them (settle).
+	handing map[eventKey]struct{}
+	seed    maphash.Seed // the windows' hash seed
 }
+
+// eventKey names an event: its sender's device id and its id.
+type eventKey struct{ sender, id string }
 
 func (c *Client) addrs() []string { return append([]string{c.cfg.Addr}, c.cfg.OtherAddrs...) }
 
@@ -700,16 +706,60 @@ func (c *Client) firstTime(sender, id string) bool {
 	}
 	c.dedupMu.Lock()
 	defer c.dedupMu.Unlock()
-	w := c.seen[sender]
-	if w == nil {
-		w = idwindow.New(c.seed, c.cfg.DedupWindow, func(id string) string { return id })
-		c.seen[sender] = w
-	}
+	w := c.window(sender)
 	if w.Get(id) != "" {
 		return false
 	}
 	w.Add(id)
 	return true
+}
+
+// claim reports whether an event id from sender is new and not being
+// handed over already (the stream's and the datagrams' readers run
+// apart), and if so marks it as being handed over; settle must follow.
+func (c *Client) claim(sender, id string) bool {
+	if id == "" {
+		return true
+	}
+	k := eventKey{sender, id}
+	c.dedupMu.Lock()
+	defer c.dedupMu.Unlock()
+	if c.window(sender).Get(id) != "" {
+		return false
+	}
+	if _, busy := c.handing[k]; busy {
+		return false
+	}
+	if c.handing == nil {
+		c.handing = map[eventKey]struct{}{}
+	}
+	c.handing[k] = struct{}{}
+	return true
+}
+
+// settle ends a claim: the event is seen from now on if the application
+// took it, else forgotten, so that the copy the edge sends again is
+// given.
+func (c *Client) settle(sender, id string, taken bool) {
+	if id == "" {
+		return
+	}
+	c.dedupMu.Lock()
+	defer c.dedupMu.Unlock()
+	delete(c.handing, eventKey{sender, id})
+	if taken {
+		c.window(sender).Add(id)
+	}
+}
+
+// window is sender's window of event ids seen; dedupMu held.
+func (c *Client) window(sender string) *idwindow.Window[string] {
+	w := c.seen[sender]
+	if w == nil {
+		w = idwindow.New(c.seed, c.cfg.DedupWindow, func(id string) string { return id })
+		c.seen[sender] = w
+	}
+	return w
 }
 
 // jitter returns a random duration in [d/2, d].

@@ -515,16 +515,7 @@ func receiverOnOneEdge(t *testing.T, login string) (r *relaytest.Relay, user str
 
 // datagramReaders counts the datagram readers of the edge sessions in
 // this process (the tests' edges run in it).
-func datagramReaders() int {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			return strings.Count(string(buf[:n]), "session.(*Session).datagramLoop(")
-		}
-		buf = make([]byte, 2*len(buf))
-	}
-}
+func datagramReaders() int { return goroutinesIn("session.(*Session).datagramLoop(") }
 
 // A client with NoDatagrams sends its ephemeral events on the stream: the
 // edge, told so in the Hello, reads no datagrams from it, so one sent as
@@ -668,5 +659,87 @@ func TestSendWaitsForASlot(t *testing.T) {
 	}
 	if n := counter(t, reg, "relay_edge_events_total", "result", "accepted"); n != 4 {
 		t.Fatalf("%v events accepted, want 4", n)
+	}
+}
+
+// goroutinesIn counts the goroutines of this process whose stack holds
+// fn (a function's name as a stack prints it, with its opening paren).
+func goroutinesIn(fn string) int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			return strings.Count(string(buf[:n]), fn)
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+}
+
+// waitGoroutines waits until some goroutine's stack holds fn (present),
+// or none does.
+func waitGoroutines(t *testing.T, fn string, present bool) {
+	t.Helper()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if n := goroutinesIn(fn); (n > 0) != present {
+			return fmt.Errorf("%d goroutines in %s", n, fn)
+		}
+		return nil
+	})
+}
+
+// An event the client had read but could not yet give the application
+// (its channel full) when the connection broke is given once after the
+// reconnect: the edge sends it again, unacknowledged, and the client must
+// not take that copy for a duplicate of an event it never gave. Here the
+// receiver's channel holds one event and the application does not read:
+// its reader waits with the second while the next ones wait in its read
+// buffer. The edge then ends the session; once the connection is closed
+// on the client's side the application reads, and the reader, going on
+// with the third while the channel is full again, finds the connection
+// gone.
+func TestEventsHeldUpByTheApplicationSurviveABrokenConnection(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edges: 1})
+	u := r.User("held-up")
+	a, b := r.Device(u, "a"), r.Device(u, "b")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// Stored in b's mailbox while b is offline, so that the edge sends
+	// them together when b connects.
+	const n = 20
+	ca := r.Dial(0, a, client.QUIC)
+	for k := range n {
+		if err := ca.Send(ctx, client.Message{ID: fmt.Sprintf("ev-%d", k), Targets: []string{b.ID}, Payload: fmt.Appendf(nil, "%d", k)}); err != nil {
+			t.Fatalf("event %d: %v", k, err)
+		}
+	}
+	closeWithin(t, ca, 20*time.Second)
+	lost := make(chan client.SessionLost, 8)
+	cfg := r.ClientConfig(0, b, client.QUIC)
+	cfg.ReceiveBuffer = 1
+	cfg.OnSessionLost = func(l client.SessionLost) { lost <- l }
+	cb := dialWith(ctx, t, cfg)
+	waitGoroutines(t, "client.(*Client).handOver(", true) // the reader waits for the application
+	r.Edges[0].Hub().CloseDevice(u, b.ID, relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "the test ends the session")
+	// The connection is closed on the client's side: quic-go fails the
+	// streams before it ends the datagram reader's wait.
+	waitGoroutines(t, "client.(*Client).readDatagrams(", false)
+	for k := range n {
+		ev, err := cb.Receive(ctx)
+		if err != nil {
+			t.Fatalf("after %d events: %v", k, err)
+		}
+		if string(ev.Payload) != fmt.Sprint(k) {
+			t.Fatalf("event %d arrived as %q", k, ev.Payload)
+		}
+	}
+	select {
+	case <-lost:
+	default:
+		t.Fatal("the session did not end")
+	}
+	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancelShort()
+	if ev, err := cb.Receive(short); err == nil {
+		t.Fatalf("extra event %q", ev.Payload)
 	}
 }

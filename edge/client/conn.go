@@ -734,17 +734,24 @@ func (c *Client) readDatagrams(ctx context.Context, cn *conn) {
 	}
 }
 
-// deliver hands an event to the application once (handOver).
+// deliver hands an event to the application once (handOver). The event
+// counts as seen only once the application has it: one that could not
+// be handed over (the connection broke while the application lagged)
+// comes again, unacknowledged, and that copy must be given, not dropped
+// as a duplicate.
 func (c *Client) deliver(ctx context.Context, ev *relayv1.Event, r *receipts) error {
-	if !c.firstTime(ev.GetSenderDeviceId(), ev.GetId()) {
+	sender, id := ev.GetSenderDeviceId(), ev.GetId()
+	if !c.claim(sender, id) {
 		return nil
 	}
 	out := Event{
-		ID: ev.GetId(), Sender: ev.GetSenderDeviceId(), Seq: ev.GetSeq(), Type: ev.GetType(), Payload: ev.GetPayload(),
+		ID: id, Sender: sender, Seq: ev.GetSeq(), Type: ev.GetType(), Payload: ev.GetPayload(),
 		CreatedAt: time.UnixMilli(ev.GetCreatedAtMs()), TTL: time.Duration(ev.GetTtlMs()) * time.Millisecond, Ephemeral: ev.GetEphemeral(),
 		AnyOne: ev.GetAnyOne(),
 	}
-	return c.handOver(ctx, out, r)
+	err := c.handOver(ctx, out, r)
+	c.settle(sender, id, err == nil)
+	return err
 }
 
 // handOver puts ev on the application's channel; ctx's error when the

@@ -99,6 +99,18 @@ func TestQueuedFramesShareOneWrite(t *testing.T) {
 
 }
 
+// readerClient is a client with what readStream needs: an application's
+// channel of buffer events, and no sends pending.
+func readerClient(buffer int) *Client {
+	return &Client{
+		cfg:     Config{DedupWindow: 16},
+		events:  make(chan Event, buffer),
+		pending: map[string]*pendingSend{},
+		seen:    map[string]*idwindow.Window[string]{},
+		seed:    maphash.MakeSeed(),
+	}
+}
+
 // readStream takes the edge's Deliver and Ack frames on the fast path and
 // any other shape of them through the protobuf runtime, with the same
 // result: each event given once, its payload the client's own, every
@@ -130,13 +142,7 @@ func TestReadStreamFastAndSlowFrames(t *testing.T) {
 
 	wc := &writesConn{}
 	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(iotest.OneByteReader(bytes.NewReader(stream)), 0)}
-	c := &Client{
-		cfg:     Config{DedupWindow: 16},
-		events:  make(chan Event, 8),
-		pending: map[string]*pendingSend{},
-		seen:    map[string]*idwindow.Window[string]{},
-		seed:    maphash.MakeSeed(),
-	}
+	c := readerClient(8)
 	sends := map[string]*pendingSend{}
 	for _, id := range []string{"s1", "s2", "s3"} {
 		p := &pendingSend{done: make(chan error, 1)}
@@ -194,31 +200,32 @@ func (c *chanConn) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
+// deliveries encodes the Deliver frames of n events from device a, e1 to
+// en, with delivery ids from first on.
+func deliveries(t *testing.T, n int, first uint64) []byte {
+	t.Helper()
+	var stream []byte
+	for i := range uint64(n) {
+		b, err := frame.Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Deliver{Deliver: &relayv1.Deliver{
+			Event: &relayv1.Event{Id: fmt.Sprintf("e%d", i+1), SenderDeviceId: "a", Seq: i + 1}, DeliveryId: first + i}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		stream = append(stream, b...)
+	}
+	return stream
+}
+
 // An application that lags behind (its channel full) holds back only the
 // events it was not given: the receipts of those it was, which arrived in
 // the same read as the one that waits, go to the edge before the wait, so
 // their senders get their acks now rather than when the application next
 // reads.
 func TestReceiptsGoOutBeforeWaitingForTheApplication(t *testing.T) {
-	var stream []byte
-	for i := range uint64(3) {
-		b, err := frame.Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Deliver{Deliver: &relayv1.Deliver{
-			Event: &relayv1.Event{Id: fmt.Sprintf("e%d", i+1), SenderDeviceId: "a", Seq: i + 1}, DeliveryId: i + 1}}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		stream = append(stream, b...)
-	}
 	wc := &chanConn{writes: make(chan []byte, 8)}
 	// One read gives the reader all three deliveries.
-	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(bytes.NewReader(stream), 0)}
-	c := &Client{
-		cfg:     Config{DedupWindow: 16},
-		events:  make(chan Event, 1),
-		pending: map[string]*pendingSend{},
-		seen:    map[string]*idwindow.Window[string]{},
-		seed:    maphash.MakeSeed(),
-	}
+	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(bytes.NewReader(deliveries(t, 3, 1)), 0)}
+	c := readerClient(1)
 	done := make(chan error, 1)
 	go func() { done <- c.readStream(t.Context(), cn) }()
 	receipt := func(want uint64) {
@@ -544,5 +551,48 @@ func TestSendRefusesAnIDAlreadyBeingSent(t *testing.T) {
 	}
 	if !slices.Equal(seqs, []uint64{1, 2}) {
 		t.Fatalf("written: events with seqs %v, want 1 and 2 (nothing of the refused send)", seqs)
+	}
+}
+
+// An event the reader could not give the application (its channel full,
+// and the write of the receipts it sends before waiting failed: the
+// connection broke) is not taken for seen: the copy the edge sends again
+// on the next connection is given, and acknowledged only then.
+func TestEventNotHandedOverIsGivenWhenSentAgain(t *testing.T) {
+	c := readerClient(1)
+	// e1 fills the channel; e2 waits for room after sending e1's receipt,
+	// which fails.
+	fc := &failingConn{}
+	broken := &conn{c: fc, w: frame.NewWriter(fc, 0), r: frame.NewReader(bytes.NewReader(deliveries(t, 2, 1)), 0)}
+	if err := c.readStream(t.Context(), broken); err == nil || errors.Is(err, io.EOF) {
+		t.Fatalf("readStream on a broken connection ended with %v, want the write's error", err)
+	}
+	if ev := <-c.events; ev.ID != "e1" {
+		t.Fatalf("event %s, want e1", ev.ID)
+	}
+	// The edge sends both again, as deliveries 3 and 4.
+	wc := &writesConn{}
+	again := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(bytes.NewReader(deliveries(t, 2, 3)), 0)}
+	if err := c.readStream(t.Context(), again); !errors.Is(err, io.EOF) {
+		t.Fatalf("readStream ended with %v, want io.EOF", err)
+	}
+	close(c.events)
+	var got []string
+	for ev := range c.events {
+		got = append(got, ev.ID)
+	}
+	if !slices.Equal(got, []string{"e2"}) {
+		t.Fatalf("events given after the reconnect: %v, want e2", got)
+	}
+	var receipts []uint64
+	for _, w := range wc.writes {
+		var f relayv1.Frame
+		if err := frame.NewReader(bytes.NewReader(w), 0).Read(&f); err != nil {
+			t.Fatal(err)
+		}
+		receipts = append(receipts, f.GetReceived().GetDeliveryIds()...)
+	}
+	if !slices.Equal(receipts, []uint64{3, 4}) {
+		t.Fatalf("deliveries acknowledged: %v, want 3 (a duplicate) and 4", receipts)
 	}
 }
