@@ -510,7 +510,15 @@ export class RelayClient extends EventTarget {
   static async connect(opts: RelayOptions): Promise<RelayClient> {
     const c = new RelayClient(opts);
     await c.establish();
-    void c.loop();
+    // The loop handles what a session throws; anything else that escapes
+    // it stops the client, telling listeners, rather than leave its sends
+    // waiting on a loop that is gone.
+    void c.loop().catch((e) => {
+      if (c.stopped) return;
+      c.conn?.close();
+      c.conn = null;
+      c.stop(e instanceof RelayError ? e : new RelayError(ErrorCode.INTERNAL, `the client failed: ${(e as Error)?.message ?? String(e)}`));
+    });
     return c;
   }
 
@@ -907,6 +915,11 @@ export class RelayClient extends EventTarget {
         }
         if (receipts.length > 0 && (receipts.length >= MAX_RECEIPTS || !c.buffered())) flush();
       }
+    } catch (e) {
+      // Whatever failed here (a write on a stream that closed under it, a
+      // frame that does not decode) ends this session, not the client:
+      // the loop reconnects, and a reason worth stopping for shows then.
+      return c.closeReason() ?? new RelayError(ErrorCode.UNSPECIFIED, `session ended: ${(e as Error)?.message ?? String(e)}`);
     } finally {
       if (keepalive) clearInterval(keepalive);
       c.close();

@@ -1,0 +1,77 @@
+package web_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/internal/relaytest"
+)
+
+// pageRig is a relay of one edge with an admin port (its page serves
+// relay.js), configured by edge, a user with devices page and rx, and
+// Chromium on the edge's page.
+type pageRig struct {
+	ctx            context.Context
+	r              *relaytest.Relay
+	edge           *server.Server
+	pageDev, rxDev relaytest.Device
+}
+
+func newPageRig(t *testing.T, login string, edge func(cfg *server.Config)) *pageRig {
+	t.Helper()
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.AdminAddr = "127.0.0.1:0"
+		if edge != nil {
+			edge(cfg)
+		}
+	}})
+	ctx := browser(t) // started after the relay, so closed before it
+	user := r.User(login)
+	g := &pageRig{ctx: ctx, r: r, edge: r.Edges[0], pageDev: r.Device(user, "page"), rxDev: r.Device(user, "rx")}
+	do(ctx, t, "open the page", chromedp.Navigate(g.edge.AdminURL()+"/"))
+	return g
+}
+
+// An error inside the page's session (here the stream write of its
+// answer to the edge's re-authentication challenge rejects, as writes do
+// once the WebTransport stream closed) ends that session, not the
+// client: no unhandled rejection, the page reconnects, and its sends go
+// on.
+func TestRelayJSReconnectsAfterAnErrorInItsSession(t *testing.T) {
+	g := newPageRig(t, "throwing", func(cfg *server.Config) { cfg.Session.MaxSessionAge = 2 * time.Second })
+	rx := g.r.Dial(0, g.rxDev, client.QUIC)
+	connectPage(t, g.ctx, g.edge, g.pageDev, "webtransport", "c", nil, g.rxDev.ID)
+	old := eval[string](g.ctx, t, `(() => {
+		window.states = [];
+		window.unhandled = [];
+		window.addEventListener("unhandledrejection", (e) => unhandled.push(String(e.reason)));
+		window.c.addEventListener("state", (e) => states.push(e.detail.connected));
+		window.c.addEventListener("closed", (e) => states.push("closed"));
+		// The next stream write (the page is idle: the answer to the
+		// challenge the edge sends at the session's maximum age) rejects.
+		const write = WritableStreamDefaultWriter.prototype.write;
+		let failed = false;
+		WritableStreamDefaultWriter.prototype.write = function (chunk) {
+			if (!failed) { failed = true; return Promise.reject(new TypeError("the stream is closed")); }
+			return write.call(this, chunk);
+		};
+		return window.c.sessionId;
+	})()`)
+	waitJS(g.ctx, t, "the page reconnected", fmt.Sprintf(
+		`states[0] === false && states.at(-1) === true && window.c.sessionId !== "" && window.c.sessionId !== %q`, old))
+	if got := eval[[]string](g.ctx, t, `window.unhandled`); len(got) != 0 {
+		t.Fatalf("unhandled rejections in the page: %q", got)
+	}
+	eval[bool](g.ctx, t, fmt.Sprintf(`window.c.send({ targets: [%q], payload: "after" }).then(() => true)`, g.rxDev.ID))
+	ctx, cancel := context.WithTimeout(g.ctx, 30*time.Second)
+	defer cancel()
+	if ev, err := rx.Receive(ctx); err != nil || string(ev.Payload) != "after" {
+		t.Fatalf("received %q, %v", ev.Payload, err)
+	}
+}
