@@ -64,8 +64,10 @@ type Config struct {
 	// Addr is the edge's UDP address, host:port; required.
 	Addr string
 	// OtherAddrs are further edges: after a failed connection attempt,
-	// or when an edge goes away, the client moves to the next (resume
-	// tickets work on every edge of the cluster).
+	// or when an edge goes away, the client moves to the next, in an
+	// order each client draws at random (so the devices of an edge that
+	// died spread over the others), after Addr (resume tickets work on
+	// every edge of the cluster).
 	OtherAddrs []string
 	// UserID and DeviceID name the device; Key is its Ed25519 private
 	// key. Required.
@@ -88,8 +90,10 @@ type Config struct {
 	// bound and the bound, which doubles with each failed attempt and each
 	// session that ended within 30 seconds of its start (or as
 	// RATE_LIMITED), and starts again from ReconnectMin after a session
-	// that lasted. The first attempt after such a session is at once; an
-	// edge that goes away says itself when to come back.
+	// that lasted. The first attempt after such a session waits a moment
+	// drawn at random up to ReconnectMin or a second, whichever is longer
+	// (the devices of an edge that died do not all come back in the same
+	// instant); an edge that goes away says itself when to come back.
 	ReconnectMin, ReconnectMax time.Duration
 	// ReceiveBuffer is how many received events wait for the
 	// application before the client stops reading (and so the edge stops
@@ -315,6 +319,9 @@ type Client struct {
 	err       error // why the client stopped, once it did
 
 	addr int // index into addrs() of the edge to try next; guarded by mu
+	// edges are Addr, then OtherAddrs in an order of this client's
+	// (Config.OtherAddrs); fixed at Dial.
+	edges []string
 
 	// instance names this client in its Hellos (see Hello.instance).
 	instance string
@@ -330,7 +337,15 @@ type Client struct {
 // eventKey names an event: its sender's device id and its id.
 type eventKey struct{ sender, id string }
 
-func (c *Client) addrs() []string { return append([]string{c.cfg.Addr}, c.cfg.OtherAddrs...) }
+func (c *Client) addrs() []string { return c.edges }
+
+// edgeOrder is Addr, then the other edges in an order drawn at random:
+// the devices of an edge that dies do not all move to the same next one.
+func edgeOrder(addr string, others []string) []string {
+	out := append([]string{addr}, others...)
+	mrand.Shuffle(len(others), func(i, j int) { out[1+i], out[1+j] = out[1+j], out[1+i] })
+	return out
+}
 
 // edgeAddr is the edge to connect to now.
 func (c *Client) edgeAddr() string {
@@ -381,6 +396,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		seed:     maphash.MakeSeed(),
 		ticket:   cfg.ResumeTicket,
 		instance: newID(),
+		edges:    edgeOrder(cfg.Addr, cfg.OtherAddrs),
 		// Sequence numbers continue upwards across restarts of the
 		// process: they start from the clock.
 		seq: uint64(time.Now().UnixMicro()),

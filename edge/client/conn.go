@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"runtime"
@@ -484,12 +485,14 @@ const stableSession = 30 * time.Second
 // reconnectWait is how long to wait before reconnecting after a session
 // that lasted for lasted ended with err, and the backoff after that. An
 // edge going away says when to come back. The first reconnect after a
-// session that lasted is at once (a connection lost after a long, healthy
-// session is worth retrying now); a session that ends soon after it began
-// (an edge that accepts and then drops the device, again and again) or
-// one the edge ended as RATE_LIMITED is followed by a wait drawn from
-// the backoff, which doubles up to maxB, so a client cannot spin against
-// its edge.
+// session that lasted is soon (a connection lost after a long, healthy
+// session is worth retrying now), after a wait drawn from [0, spreadMax]:
+// an edge that dies takes all its devices' sessions with it, and they
+// should not all reach the next edge in the same instant. A session
+// that ends soon after it began (an edge that accepts and then drops the
+// device, again and again) or one the edge ended as RATE_LIMITED is
+// followed by a wait drawn from the backoff, which doubles up to maxB, so
+// a client cannot spin against its edge.
 func reconnectWait(err error, lasted, backoff, minB, maxB time.Duration) (wait, next time.Duration) {
 	var e *Error
 	isErr := errors.As(err, &e)
@@ -499,11 +502,16 @@ func reconnectWait(err error, lasted, backoff, minB, maxB time.Duration) (wait, 
 	if lasted >= stableSession {
 		backoff = minB
 		if !isErr || e.Code != relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED {
-			return 0, minB
+			return mrand.N(spreadMax(minB) + 1), minB
 		}
 	}
 	return jitter(backoff), min(backoff*2, maxB)
 }
+
+// spreadMax bounds the wait before the first reconnect after a session
+// that lasted: ReconnectMin, or a second if that is longer. Short: the
+// point is to spread the devices of an edge out, not to slow them down.
+func spreadMax(minB time.Duration) time.Duration { return max(minB, time.Second) }
 
 // stop ends the client: pending sends fail with err, Events closes.
 func (c *Client) stop(err error) {

@@ -313,9 +313,10 @@ func TestFirstEphemeralEventOfAConnectionGoesOnTheStream(t *testing.T) {
 	}
 }
 
-// The wait before a reconnect: at once after a session that lasted, a
-// backoff that doubles after sessions that end soon after they began, and
-// the edge's own word when it goes away.
+// The wait before a reconnect: soon after a session that lasted (see
+// TestReconnectAfterALongSessionIsSpread), a backoff that doubles after
+// sessions that end soon after they began, and the edge's own word when
+// it goes away.
 func TestReconnectWaitBacksOffFromShortSessions(t *testing.T) {
 	const minB, maxB = 100 * time.Millisecond, 2 * time.Second
 	goingAway := &Error{Code: relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, ReconnectAfter: 3 * time.Second}
@@ -327,8 +328,8 @@ func TestReconnectWaitBacksOffFromShortSessions(t *testing.T) {
 		t.Errorf("going away: wait %v, next %v", wait, next)
 	}
 	for _, err := range []error{io.EOF, slow} {
-		if wait, next := reconnectWait(err, time.Minute, maxB, minB, maxB); wait != 0 || next != minB {
-			t.Errorf("%v after a long session: wait %v, next %v; want at once, backoff reset", err, wait, next)
+		if wait, next := reconnectWait(err, time.Minute, maxB, minB, maxB); wait > time.Second || next != minB {
+			t.Errorf("%v after a long session: wait %v, next %v; want within a second, backoff reset", err, wait, next)
 		}
 	}
 	if wait, next := reconnectWait(rateLimited, time.Minute, maxB, minB, maxB); !within(wait, minB) || next != 2*minB {
@@ -594,5 +595,49 @@ func TestEventNotHandedOverIsGivenWhenSentAgain(t *testing.T) {
 	}
 	if !slices.Equal(receipts, []uint64{3, 4}) {
 		t.Fatalf("deliveries acknowledged: %v, want 3 (a duplicate) and 4", receipts)
+	}
+}
+
+// The devices of an edge that died, whose sessions all lasted, do not
+// come back in the same instant: each first wait is drawn from [0,
+// ReconnectMin or a second, whichever is longer], over the whole range.
+func TestReconnectAfterALongSessionIsSpread(t *testing.T) {
+	for _, minB := range []time.Duration{100 * time.Millisecond, 3 * time.Second} {
+		bound := max(minB, time.Second)
+		lo, hi := bound, time.Duration(0)
+		for range 2000 {
+			wait, next := reconnectWait(io.EOF, time.Minute, 8*time.Second, minB, 10*time.Second)
+			if wait < 0 || wait > bound || next != minB {
+				t.Fatalf("ReconnectMin %v: wait %v, next %v; want a wait within [0, %v], backoff reset", minB, wait, next, bound)
+			}
+			lo, hi = min(lo, wait), max(hi, wait)
+		}
+		// 2000 uniform draws all in one end's quarter: a chance of (3/4)^2000.
+		if lo > bound/4 || hi < bound*3/4 {
+			t.Fatalf("ReconnectMin %v: 2000 waits between %v and %v, want them spread over [0, %v]", minB, lo, hi, bound)
+		}
+	}
+}
+
+// Addr comes first; the other edges follow in an order each client draws,
+// so the devices of an edge that died spread over the others.
+func TestEachClientOrdersTheOtherEdgesAtRandom(t *testing.T) {
+	others := []string{"b:1", "c:1", "d:1", "e:1"}
+	second := map[string]int{}
+	for range 1000 {
+		order := edgeOrder("a:1", others)
+		if order[0] != "a:1" || !slices.Equal(slices.Sorted(slices.Values(order[1:])), others) {
+			t.Fatalf("order %v: want a:1, then the others", order)
+		}
+		second[order[1]]++
+	}
+	// Each is second a quarter of the time: 250 of 1000, give or take.
+	for _, a := range others {
+		if n := second[a]; n < 150 || n > 350 {
+			t.Fatalf("after a:1 comes %v; want each of %v about 250 times in 1000", second, others)
+		}
+	}
+	if !slices.Equal(others, []string{"b:1", "c:1", "d:1", "e:1"}) {
+		t.Fatalf("the configuration's list changed: %v", others)
 	}
 }

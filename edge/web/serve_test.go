@@ -75,3 +75,32 @@ func TestRelayJSReconnectsAfterAnErrorInItsSession(t *testing.T) {
 		t.Fatalf("received %q, %v", ev.Payload, err)
 	}
 }
+
+// relay.js's first reconnect after a session that lasted is drawn from
+// [0, max(reconnectMinMs, 1 s)], over the whole range (as the Go client's
+// TestReconnectAfterALongSessionIsSpread), so the pages of an edge that
+// died do not all come back in the same instant.
+func TestRelayJSSpreadsReconnectsAfterLongSessions(t *testing.T) {
+	g := newPageRig(t, "spread", nil)
+	got := eval[map[string][]float64](g.ctx, t, `(async () => {
+		const m = await import("/relay.js");
+		const out = {};
+		for (const min of [100, 3000]) {
+			let lo = Infinity, hi = -Infinity, next = new Set();
+			for (let i = 0; i < 2000; i++) {
+				const [wait, n] = m.reconnectWait(null, 60000, 8000, min, 10000);
+				lo = Math.min(lo, wait); hi = Math.max(hi, wait); next.add(n);
+			}
+			out[min] = [lo, hi, ...next];
+		}
+		return out;
+	})()`)
+	for _, minMs := range []float64{100, 3000} {
+		r := got[fmt.Sprint(minMs)]
+		bound := max(minMs, 1000)
+		// 2000 uniform draws all in one end's quarter: a chance of (3/4)^2000.
+		if len(r) != 3 || r[0] < 0 || r[1] > bound || r[0] > bound/4 || r[1] < bound*3/4 || r[2] != minMs {
+			t.Fatalf("reconnectMinMs %v: waits from %v to %v, then backoffs %v; want waits spread over [0, %v], the backoff reset", minMs, r[0], r[1], r[2:], bound)
+		}
+	}
+}

@@ -978,15 +978,17 @@ export const STABLE_SESSION_MS = 30_000;
 /** The wait before reconnecting after a session that lasted `lastedMs`
  * ended with `why`, and the backoff after it (both ms). An edge going away
  * says when to come back; the first reconnect after a session that lasted
- * is at once; a session that ended soon after it began, or as
- * RATE_LIMITED, is followed by a wait between half the backoff and the
- * backoff, which doubles up to `max`, so a page cannot spin against an
- * edge that accepts and then drops it. (The Go client's reconnectWait.) */
+ * is soon, after a wait drawn from [0, max(min, 1 s)], so the pages of an
+ * edge that died do not all come back in the same instant; a session that
+ * ended soon after it began, or as RATE_LIMITED, is followed by a wait
+ * between half the backoff and the backoff, which doubles up to `max`, so
+ * a page cannot spin against an edge that accepts and then drops it. (The
+ * Go client's reconnectWait.) */
 export function reconnectWait(why: RelayError | null | undefined, lastedMs: number, backoff: number, min: number, max: number): [number, number] {
   if (why?.code === ErrorCode.GOING_AWAY) return [why.reconnectAfterMs, min];
   if (lastedMs >= STABLE_SESSION_MS) {
     backoff = min;
-    if (why?.code !== ErrorCode.RATE_LIMITED) return [0, min];
+    if (why?.code !== ErrorCode.RATE_LIMITED) return [Math.random() * Math.max(min, 1000), min];
   }
   return [backoff / 2 + Math.random() * (backoff / 2), Math.min(backoff * 2, max)];
 }
