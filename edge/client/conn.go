@@ -18,6 +18,7 @@ import (
 	"github.com/coder/websocket"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/webtransport-go"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/session"
@@ -673,10 +674,17 @@ func (c *Client) readFast(ctx context.Context, cn *conn, events *frame.EventDeco
 }
 
 // readFrame decodes a frame from the edge with the protobuf runtime and
-// acts on it; an error ends the session.
+// acts on it; an error ends the session. A frame of a kind this client
+// does not know (a newer edge's: edges are upgraded before clients) or
+// does not take from an edge is skipped, as unknown fields are; bytes
+// that are no frame end the session.
 func (c *Client) readFrame(ctx context.Context, cn *conn, body []byte, receipts *receipts) error {
 	f := &relayv1.Frame{}
 	if err := frame.Decode(body, 0, f); err != nil {
+		if unknownKind(body) {
+			c.log.Debug("skipped a frame of a kind this client does not know")
+			return nil
+		}
 		return closeReason(cn, err)
 	}
 	switch k := f.GetKind().(type) {
@@ -721,9 +729,16 @@ func (c *Client) readFrame(ctx context.Context, cn *conn, body []byte, receipts 
 	case *relayv1.Frame_Close:
 		return closeError(k.Close)
 	default:
-		return &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Message: fmt.Sprintf("unexpected %T from the edge", k)}
+		c.log.Debug("skipped a frame a client does not take", "kind", fmt.Sprintf("%T", k))
 	}
 	return nil
+}
+
+// unknownKind reports whether body decodes as a frame whose kind this
+// client's schema does not have (frame.Decode refuses it for having none).
+func unknownKind(body []byte) bool {
+	var f relayv1.Frame
+	return proto.Unmarshal(body, &f) == nil && f.GetKind() == nil
 }
 
 func (c *Client) readDatagrams(ctx context.Context, cn *conn) {

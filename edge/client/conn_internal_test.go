@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"io"
+	"log/slog"
 	"runtime"
 	"slices"
 	"sync"
@@ -104,6 +105,7 @@ func TestQueuedFramesShareOneWrite(t *testing.T) {
 func readerClient(buffer int) *Client {
 	return &Client{
 		cfg:     Config{DedupWindow: 16},
+		log:     slog.New(slog.DiscardHandler),
 		events:  make(chan Event, buffer),
 		pending: map[string]*pendingSend{},
 		seen:    map[string]*idwindow.Window[string]{},
@@ -639,5 +641,40 @@ func TestEachClientOrdersTheOtherEdgesAtRandom(t *testing.T) {
 	}
 	if !slices.Equal(others, []string{"b:1", "c:1", "d:1", "e:1"}) {
 		t.Fatalf("the configuration's list changed: %v", others)
+	}
+}
+
+// A frame of a kind this client does not know (a newer edge's), or of a
+// kind it knows but does not expect from the edge, is skipped: the
+// session goes on, the events after it are given. Bytes that do not
+// decode as a frame still end the session as malformed.
+func TestReadStreamSkipsFramesOfKindsItDoesNotTake(t *testing.T) {
+	prefixed := func(body []byte) []byte { return protowire.AppendBytes(nil, body) }
+	unknown := protowire.AppendBytes(protowire.AppendTag(nil, 99, protowire.BytesType), []byte{0x08, 0x01})
+	unexpected, err := frame.Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	both := deliveries(t, 2, 1)
+	first := len(deliveries(t, 1, 1))
+	var stream []byte
+	stream = append(stream, both[:first]...)
+	stream = append(stream, prefixed(unknown)...)
+	stream = append(stream, unexpected...)
+	stream = append(stream, both[first:]...)
+	stream = append(stream, prefixed([]byte{0xff, 0xff})...) // not a frame
+	wc := &writesConn{}
+	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(bytes.NewReader(stream), 0)}
+	c := readerClient(8)
+	if err := c.readStream(t.Context(), cn); !errors.Is(err, frame.ErrMalformed) {
+		t.Fatalf("readStream ended with %v, want MALFORMED_FRAME for the bytes that are not a frame", err)
+	}
+	close(c.events)
+	var got []string
+	for ev := range c.events {
+		got = append(got, ev.ID)
+	}
+	if !slices.Equal(got, []string{"e1", "e2"}) {
+		t.Fatalf("events given: %v, want e1 and e2", got)
 	}
 }
