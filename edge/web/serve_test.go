@@ -104,3 +104,35 @@ func TestRelayJSSpreadsReconnectsAfterLongSessions(t *testing.T) {
 		}
 	}
 }
+
+// Events that reach the page before it listens for "event" (here stored
+// in its mailbox while it was offline, and sent by the edge as soon as
+// the session is up) are held, unacknowledged, until it does: a page
+// that attaches its listener a little after connect() resolved gets
+// every one, once, in order.
+func TestRelayJSHoldsEventsUntilThePageListens(t *testing.T) {
+	g := newPageRig(t, "late-listener", nil)
+	ctx, cancel := context.WithTimeout(g.ctx, time.Minute)
+	defer cancel()
+	tx := g.r.Dial(0, g.rxDev, client.QUIC)
+	const n = 20
+	for k := range n {
+		if err := tx.Send(ctx, client.Message{Targets: []string{g.pageDev.ID}, Payload: fmt.Appendf(nil, "%d", k)}); err != nil {
+			t.Fatalf("event %d: %v", k, err)
+		}
+	}
+	connectPage(t, g.ctx, g.edge, g.pageDev, "webtransport", "c", nil, "")
+	eval[bool](g.ctx, t, `(async () => {
+		await new Promise((r) => setTimeout(r, 50));
+		window.got = [];
+		window.c.addEventListener("event", (e) => got.push(new TextDecoder().decode(e.detail.payload)));
+		return true;
+	})()`)
+	waitJS(g.ctx, t, "every event reached the listener", fmt.Sprintf(`window.got.length >= %d`, n))
+	got := eval[[]string](g.ctx, t, `window.got`)
+	for k, p := range got {
+		if p != fmt.Sprint(k) {
+			t.Fatalf("events %q, want 0 to %d once each, in order", got, n-1)
+		}
+	}
+}

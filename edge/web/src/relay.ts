@@ -453,6 +453,22 @@ const SILENT_EDGE_MS = 30_000;
 /** Receipts sent in one Received frame at most. */
 const MAX_RECEIPTS = 256;
 
+/** Ephemeral events held at most while the page does not listen for
+ * "event" yet; later ones are dropped, as where a receiver is slow.
+ * (Durable deliveries are bounded by the edge: it sends no more to a
+ * device that holds its unacknowledged limit.) */
+const MAX_HELD_EPHEMERAL = 1024;
+
+/** A delivery (or cancellation) that came before the page listened for
+ * "event": run passes it on; its receipt goes, once it ran, on the
+ * connection it came on if that is still the current one (else the edge
+ * sends it again, and the copy is acknowledged as a duplicate). */
+interface Held {
+  run: () => void;
+  deliveryId: bigint;
+  conn: Conn;
+}
+
 /** The default of RelayOptions.maxPending (the Go client's too). */
 const DEFAULT_MAX_PENDING = 1024;
 
@@ -495,6 +511,9 @@ export class RelayClient extends EventTarget {
   private waiting = new Map<string, Outgoing>();
   private readonly maxPending: number;
   private seen = new Map<string, Set<string>>();
+  /** Deliveries held, in order, until the page listens for "event". */
+  private held: Held[] = [];
+  private listening = false;
   private onlineSet = new Set<string>();
   private stopped = false;
   private readonly instance = randomId();
@@ -520,6 +539,44 @@ export class RelayClient extends EventTarget {
       c.stop(e instanceof RelayError ? e : new RelayError(ErrorCode.INTERNAL, `the client failed: ${(e as Error)?.message ?? String(e)}`));
     });
     return c;
+  }
+
+  /** Events that arrive before the first "event" listener (the edge
+   * sends what waited in the mailbox as soon as the session is up, maybe
+   * before connect() resolved) are held, unacknowledged, and passed on
+   * once one is attached: none is acknowledged without having been
+   * passed on. */
+  override addEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | AddEventListenerOptions): void {
+    super.addEventListener(type, listener, options);
+    if (type === "event" && listener && !this.listening) {
+      this.listening = true;
+      // Once the code that attached it has run (it may attach others).
+      queueMicrotask(() => this.release());
+    }
+  }
+
+  /** Passes a delivery on now, or holds it while the page does not
+   * listen for "event" yet (or earlier ones are still held); true when it
+   * was passed on, so its receipt may go. */
+  private take(run: () => void, deliveryId: bigint, c: Conn, ephemeral = false): boolean {
+    if (this.listening && this.held.length === 0) { run(); return true; }
+    if (!(ephemeral && this.held.length >= MAX_HELD_EPHEMERAL)) this.held.push({ run, deliveryId, conn: c });
+    return false;
+  }
+
+  /** Passes the held deliveries on, in order, and acknowledges them. */
+  private release(): void {
+    const held = this.held;
+    this.held = [];
+    const ids: bigint[] = [];
+    for (const h of held) {
+      h.run();
+      if (h.deliveryId && h.conn === this.conn) ids.push(h.deliveryId);
+    }
+    const c = this.conn;
+    for (let i = 0; c && i < ids.length; i += MAX_RECEIPTS) {
+      void c.send(frame({ case: "received", value: { deliveryIds: ids.slice(i, i + MAX_RECEIPTS) } })).catch(() => {});
+    }
   }
 
   /** The user's other devices that are online. */
@@ -861,7 +918,10 @@ export class RelayClient extends EventTarget {
     c.onDatagram?.((body) => {
       try {
         const f = fromBinary(FrameSchema, body);
-        if (f.kind.case === "deliver" && !f.kind.value.deliveryId) this.deliver(f.kind.value.event);
+        if (f.kind.case === "deliver" && !f.kind.value.deliveryId) {
+          const ev = f.kind.value.event;
+          this.take(() => this.deliver(ev), 0n, c, true);
+        }
       } catch { /* a malformed datagram is dropped */ }
     });
     // Receipts go out in one Received frame per burst: when no further
@@ -881,8 +941,8 @@ export class RelayClient extends EventTarget {
         switch (f.kind.case) {
           case "deliver": {
             const d = f.kind.value;
-            this.deliver(d.event);
-            if (d.deliveryId) receipts.push(d.deliveryId);
+            const now = this.take(() => this.deliver(d.event), d.deliveryId, c, !d.deliveryId);
+            if (now && d.deliveryId) receipts.push(d.deliveryId);
             break;
           }
           case "ack": this.resolve(f.kind.value.eventId); break;
@@ -893,12 +953,15 @@ export class RelayClient extends EventTarget {
           }
           case "cancel": {
             const cl = f.kind.value;
-            if (!this.firstTime(cl.senderDeviceId, cl.eventId)) {
+            // Only an event passed on needs undoing; one that was not is
+            // just never passed on (a late copy is a duplicate).
+            this.take(() => {
+              if (this.firstTime(cl.senderDeviceId, cl.eventId)) return;
               this.emit("event", {
                 id: cl.eventId, sender: cl.senderDeviceId, seq: 0n, type: "", payload: new Uint8Array(0),
                 createdAt: new Date(), ephemeral: false, anyOne: true, cancelled: true,
               } satisfies RelayEvent);
-            }
+            }, 0n, c);
             break;
           }
           case "presence": {
