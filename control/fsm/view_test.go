@@ -75,3 +75,24 @@ func TestViewStoredMailboxes(t *testing.T) {
 		t.Fatalf("with an ownerless record: %q, want %q", got, want)
 	}
 }
+
+// A state has no history id until a restore draws one (SetHistory, before
+// Raft starts); every reader sees it, the view as the store.
+func TestHistoryIsWhatARestoreSet(t *testing.T) {
+	f := newFSM(t, Config{})
+	if h, err := f.History(); err != nil || h != "" {
+		t.Fatalf("history of a new state %q, %v", h, err)
+	}
+	if err := SetHistory(f.store, "restored-1"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := f.View()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	vh, verr := v.History()
+	if h, err := f.History(); err != nil || verr != nil || h != "restored-1" || vh != "restored-1" {
+		t.Fatalf("history %q (%v), in a view %q (%v)", h, err, vh, verr)
+	}
+}
