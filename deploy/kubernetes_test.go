@@ -38,12 +38,15 @@ type overlay struct {
 	monitoring   bool // ServiceMonitors and PrometheusRule
 	certManager  bool // the control plane's certificate from cert-manager
 	pinnedImage  bool // a released tag, never a moving one
+	// podSecurity is the Pod Security level the namespace enforces
+	// ("" for none: the cluster's default).
+	podSecurity string
 }
 
 var overlays = map[string]overlay{
 	"dev":              {namespace: "relay-dev", controlNodes: 1, edges: 1},
-	"prod":             {namespace: "relay", controlNodes: 3, edges: 3, monitoring: true, certManager: true, pinnedImage: true},
-	"prod-hostnetwork": {namespace: "relay", controlNodes: 3, edgeDaemon: true, monitoring: true, certManager: true, pinnedImage: true},
+	"prod":             {namespace: "relay", controlNodes: 3, edges: 3, monitoring: true, certManager: true, pinnedImage: true, podSecurity: "restricted"},
+	"prod-hostnetwork": {namespace: "relay", controlNodes: 3, edgeDaemon: true, monitoring: true, certManager: true, pinnedImage: true, podSecurity: "privileged"},
 }
 
 // Local, strict mirrors of the two cert-manager kinds the manifests use
@@ -181,6 +184,7 @@ func TestKubernetesOverlays(t *testing.T) {
 			for _, pod := range r.pods() {
 				t.Run(pod.kind+"/"+pod.name, func(t *testing.T) {
 					checkPod(t, r, pod, want, map[string]commandFlags{"control": control, "edge": edge}, ctl)
+					checkPodSecurity(t, r, pod)
 				})
 			}
 			checkServices(t, r)
@@ -195,6 +199,22 @@ func checkNamespaces(t *testing.T, r *rendered, want overlay) {
 	if len(r.namespaces) != 1 || r.namespaces[0].Name != want.namespace {
 		t.Errorf("want exactly the namespace %s, got %v", want.namespace, r.namespaces)
 	}
+	if len(r.namespaces) == 1 {
+		l := r.namespaces[0].Labels
+		if got := l[podSecurityEnforce]; got != want.podSecurity {
+			t.Errorf("namespace %s enforces Pod Security %q, want %q", want.namespace, got, want.podSecurity)
+		}
+		// Where the namespace enforces less than restricted (for the
+		// host-network edges), everything else is still held to it by
+		// warnings and the audit log.
+		if want.podSecurity != "" {
+			for _, mode := range []string{"warn", "audit"} {
+				if got := l["pod-security.kubernetes.io/"+mode]; got != "restricted" {
+					t.Errorf("namespace %s: pod-security.kubernetes.io/%s %q, want restricted", want.namespace, mode, got)
+				}
+			}
+		}
+	}
 	for _, o := range r.objects {
 		if _, ok := o.(*corev1.Namespace); !ok && o.GetNamespace() != want.namespace {
 			t.Errorf("%T %s is in namespace %q, want %q", o, o.GetName(), o.GetNamespace(), want.namespace)
@@ -204,22 +224,22 @@ func checkNamespaces(t *testing.T, r *rendered, want overlay) {
 
 // workload is the pod template of a StatefulSet, Deployment or DaemonSet.
 type workload struct {
-	kind, name string
-	replicas   int
-	labels     labels.Set
-	spec       *corev1.PodSpec
+	kind, name, namespace string
+	replicas              int
+	labels                labels.Set
+	spec                  *corev1.PodSpec
 }
 
 func (r *rendered) pods() []workload {
 	var out []workload
 	for n, s := range r.statefulSets {
-		out = append(out, workload{"StatefulSet", n, int(ptrOr(s.Spec.Replicas, 1)), s.Spec.Template.Labels, &s.Spec.Template.Spec})
+		out = append(out, workload{"StatefulSet", n, s.Namespace, int(ptrOr(s.Spec.Replicas, 1)), s.Spec.Template.Labels, &s.Spec.Template.Spec})
 	}
 	for n, d := range r.deployments {
-		out = append(out, workload{"Deployment", n, int(ptrOr(d.Spec.Replicas, 1)), d.Spec.Template.Labels, &d.Spec.Template.Spec})
+		out = append(out, workload{"Deployment", n, d.Namespace, int(ptrOr(d.Spec.Replicas, 1)), d.Spec.Template.Labels, &d.Spec.Template.Spec})
 	}
 	for n, d := range r.daemonSets {
-		out = append(out, workload{"DaemonSet", n, -1, d.Spec.Template.Labels, &d.Spec.Template.Spec})
+		out = append(out, workload{"DaemonSet", n, d.Namespace, -1, d.Spec.Template.Labels, &d.Spec.Template.Spec})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].kind+out[i].name < out[j].kind+out[j].name })
 	return out
