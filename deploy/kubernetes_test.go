@@ -702,6 +702,73 @@ func checkNetworkPolicies(t *testing.T, r *rendered, want overlay) {
 			t.Errorf("no NetworkPolicy selects %s %s", w.kind, w.name)
 		}
 	}
+	checkControlAPIReachable(t, r)
+}
+
+// checkControlAPIReachable: every workload that calls the control API
+// (RELAY_CONTROL) is let in on the API port by the NetworkPolicies of the
+// pods behind the Service it dials. A pod selector matches only traffic
+// from pod addresses: a host-network pod's comes from its node's address,
+// which common CNIs match to no pod, so it needs an ipBlock peer.
+func checkControlAPIReachable(t *testing.T, r *rendered) {
+	for _, client := range r.pods() {
+		v, ok := env(&client.spec.Containers[0], "RELAY_CONTROL")
+		if !ok {
+			continue
+		}
+		for _, u := range strings.Split(v.Value, ",") {
+			hostport := strings.TrimPrefix(strings.TrimPrefix(u, "https://"), "http://")
+			svc, ok := r.services[hostport[:strings.LastIndexByte(hostport, ':')]]
+			if !ok {
+				continue // checkEdges reports it
+			}
+			var target string
+			for _, sp := range svc.Spec.Ports {
+				if strconv.Itoa(int(sp.Port)) == port(t, hostport) {
+					target = sp.TargetPort.String()
+				}
+			}
+			for _, server := range r.pods() {
+				if !labels.SelectorFromSet(svc.Spec.Selector).Matches(server.labels) {
+					continue
+				}
+				for name, np := range r.netpols {
+					sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
+					if err != nil || !sel.Matches(server.labels) {
+						continue
+					}
+					if !slices.ContainsFunc(np.Spec.Ingress, func(rule networkingv1.NetworkPolicyIngressRule) bool {
+						return admitsPort(rule, target) && admitsPeer(rule, client)
+					}) {
+						how := "a podSelector peer"
+						if client.spec.HostNetwork {
+							how = "an ipBlock peer (its traffic comes from the node's address)"
+						}
+						t.Errorf("NetworkPolicy %s does not let %s %s reach %s on port %s: want %s", name, client.kind, client.name, server.name, target, how)
+					}
+				}
+			}
+		}
+	}
+}
+
+func admitsPort(rule networkingv1.NetworkPolicyIngressRule, name string) bool {
+	return len(rule.Ports) == 0 || slices.ContainsFunc(rule.Ports, func(p networkingv1.NetworkPolicyPort) bool {
+		return p.Port == nil || p.Port.String() == name
+	})
+}
+
+func admitsPeer(rule networkingv1.NetworkPolicyIngressRule, client workload) bool {
+	return len(rule.From) == 0 || slices.ContainsFunc(rule.From, func(p networkingv1.NetworkPolicyPeer) bool {
+		if client.spec.HostNetwork {
+			return p.IPBlock != nil
+		}
+		if p.PodSelector == nil || p.NamespaceSelector != nil {
+			return false
+		}
+		sel, err := metav1.LabelSelectorAsSelector(p.PodSelector)
+		return err == nil && sel.Matches(client.labels)
+	})
 }
 
 func checkMonitoring(t *testing.T, r *rendered, want overlay) {
