@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
 )
 
 const guide = "../docs/operations.md"
@@ -377,6 +379,7 @@ func (g *guideChecker) checkKubectl(line int, w []string) {
 	kinds := map[string]func(string) bool{
 		"statefulset": func(n string) bool { _, ok := r.statefulSets[n]; return ok },
 		"deployment":  func(n string) bool { _, ok := r.deployments[n]; return ok },
+		"pod":         func(n string) bool { return pods[n] },
 	}
 	for _, a := range w[1:] {
 		kind, name, ok := strings.Cut(a, "/")
@@ -411,10 +414,23 @@ func (g *guideChecker) checkKubectl(line int, w []string) {
 			}
 		}
 	case "delete":
+		if len(verb) > 2 && verb[1] == "pod" && !pods[verb[2]] {
+			g.errorf(line, w, "no control pod %s", verb[2])
+		}
 		if len(verb) > 2 && verb[1] == "pvc" {
 			claim, pod, _ := strings.Cut(verb[2], "-")
 			if !pods[pod] || claim != "data" {
 				g.errorf(line, w, "%s is no control pod's volume claim", verb[2])
+			}
+		}
+	case "rollout":
+		// kubectl refuses rollout status for a StatefulSet that updates
+		// OnDelete, and a rollout restart leaves its pods as they are.
+		if len(verb) > 2 && (verb[1] == "status" || verb[1] == "restart") {
+			if name, ok := strings.CutPrefix(verb[2], "statefulset/"); ok {
+				if s, ok := r.statefulSets[name]; ok && s.Spec.UpdateStrategy.Type == appsv1.OnDeleteStatefulSetStrategyType {
+					g.errorf(line, w, "%s updates OnDelete: rollout %s does nothing for it (delete its pods, or wait for them)", name, verb[1])
+				}
 			}
 		}
 	case "set":

@@ -366,6 +366,28 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 			t.Errorf("%s: selector does not match its pods", s.Name)
 		}
 	}
+	// An image change touches both sets' pod templates at once, and each
+	// RollingUpdate set then restarts its pods on its own schedule: the
+	// pods they may take down together must leave a quorum standing.
+	if total > 1 {
+		var down int
+		var rolling []string
+		for _, s := range []*appsv1.StatefulSet{seed, nodes} {
+			if s.Spec.UpdateStrategy.Type == appsv1.OnDeleteStatefulSetStrategyType {
+				continue
+			}
+			n := 1
+			if ru := s.Spec.UpdateStrategy.RollingUpdate; ru != nil && ru.MaxUnavailable != nil {
+				n = ru.MaxUnavailable.IntValue()
+			}
+			down += min(n, int(ptrOr(s.Spec.Replicas, 1)))
+			rolling = append(rolling, s.Name)
+		}
+		if tolerated := total - (total/2 + 1); down > tolerated {
+			t.Errorf("StatefulSets %v roll at once and may restart %d of %d voters together, but the cluster tolerates %d down: "+
+				"make all but one updateStrategy OnDelete", rolling, down, total, tolerated)
+		}
+	}
 	// The two sets' selectors must not overlap.
 	sel, _ := metav1.LabelSelectorAsSelector(seed.Spec.Selector)
 	if sel.Matches(labels.Set(nodes.Spec.Template.Labels)) {
