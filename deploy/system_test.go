@@ -411,6 +411,9 @@ func alertsEndToEnd(t *testing.T, r *relay) {
 	hooks.wait(t, 2*time.Minute, "chat-webhook", "RelayControlLeaderChanged", "firing", "", killed)
 	hooks.wait(t, 30*time.Second, "blackhole", "RelayControlLeaderChanged", "firing", "", killed)
 	hooks.wait(t, time.Minute, "control-team-email", "RelayControlDown", "firing", leader.admin, killed)
+	// One of three voters down: one more failure loses the quorum, which
+	// pages the control plane's on-call.
+	hooks.wait(t, time.Minute, "control-oncall-pagerduty", "RelayControlQuorumAtRisk", "firing", "", killed)
 
 	// Both come back: every alert resolves (the leader change once it is
 	// older than its window).
