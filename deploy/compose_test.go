@@ -178,6 +178,13 @@ func checkComposeRelay(t *testing.T, p *types.Project, name string, s types.Serv
 				}
 			}
 		}
+		if s.Command[0] == "edge" {
+			var cap string
+			if v := s.Environment["RELAY_MAX_SESSIONS"]; v != nil {
+				cap = *v
+			}
+			checkSessionCap(t, name, cap, int64(s.MemLimit))
+		}
 		// Scheduled backups on a volume of their own, apart from the data.
 		if dir := s.Environment["RELAY_BACKUP_DIR"]; dir != nil {
 			var dataVol, backupVol string

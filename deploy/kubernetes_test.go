@@ -544,6 +544,10 @@ func checkPod(t *testing.T, r *rendered, w workload, want overlay, flags map[str
 	if lim.Memory().Cmp(*req.Memory()) < 0 {
 		t.Error("memory limit below the request")
 	}
+	if c.Args[0] == "edge" {
+		v, _ := env(c, "RELAY_MAX_SESSIONS")
+		checkSessionCap(t, w.kind+" "+w.name, v.Value, lim.Memory().Value())
+	}
 
 	// Image: the overlay's, pinned in production.
 	if !strings.Contains(c.Image, "/relay:") && !strings.Contains(c.Image, "/relay@sha256:") {

@@ -102,6 +102,16 @@ func TestSystemdUnits(t *testing.T) {
 					t.Errorf("%s.env sets %s, which is not a flag of relayd %s", c, k, c)
 				}
 			}
+			// An edge bounds its sessions below the unit's MemoryMax.
+			if c == "edge" {
+				var limit int64
+				if m := regexp.MustCompile(`(?m)^MemoryMax=(\S+)$`).FindSubmatch(b); m != nil {
+					if limit, err = systemdBytes(string(m[1])); err != nil {
+						t.Errorf("MemoryMax=%s: %v", m[1], err)
+					}
+				}
+				checkSessionCap(t, unit, env["RELAY_MAX_SESSIONS"], limit)
+			}
 			// The unit gives relayd time for its graceful stop.
 			stop := regexp.MustCompile(`(?m)^TimeoutStopSec=(\d+)$`).FindSubmatch(b)
 			d, err := parseSeconds(env["RELAY_SHUTDOWN_TIMEOUT"])
