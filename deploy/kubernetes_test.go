@@ -619,6 +619,20 @@ func checkPod(t *testing.T, r *rendered, w workload, want overlay, flags map[str
 		}
 	}
 
+	// A control node opens Raft (replaying its log, or installing a
+	// snapshot from the leader) before its admin port listens: the
+	// liveness probe alone would kill a node that restores a large
+	// snapshot, again and again. A startup probe holds liveness off for
+	// minutes.
+	if c.Args[0] == "control" {
+		p := c.StartupProbe
+		if p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/healthz" || p.HTTPGet.Port != intstr.FromString("admin") {
+			t.Errorf("want a startup probe of /healthz on the admin port, got %+v", p)
+		} else if budget := max(p.PeriodSeconds, 10) * max(p.FailureThreshold, 3); budget < 600 {
+			t.Errorf("the startup probe gives a node %ds to open Raft, want at least 600s", budget)
+		}
+	}
+
 	// Graceful stop: the grace period covers the preStop sleep and
 	// relayd's own --shutdown-timeout.
 	shutdown := mustEnv(t, c, "RELAY_SHUTDOWN_TIMEOUT")
