@@ -3,6 +3,7 @@ package deploy
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -403,4 +404,25 @@ func (r *relay) traffic() {
 		r.relayctl(append(args, "hello "+to)...)
 	}
 	listen.kill()
+
+	// A page from an edge's HTTPS port (its TLS handshakes are counted),
+	// and a call to the control API without credentials (refused before
+	// its body is read, and counted).
+	addr, _ := r.edgeUDP(r.edges[0])
+	insecure := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, // the edge's self-signed certificate, on 127.0.0.1
+	}}
+	resp, err := insecure.Get("https://" + addr + "/.well-known/relay/certificate-hashes")
+	if err != nil {
+		t.Fatalf("GET from the edge's HTTPS port: %v", err)
+	}
+	_ = resp.Body.Close()
+	resp, err = http.Post("http://"+r.controls[0].api+"/control.v1.UserService/ListUsers", "application/json", strings.NewReader("{}"))
+	if err != nil {
+		t.Fatalf("a call without credentials: %v", err)
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode == http.StatusOK {
+		t.Fatal("ListUsers without credentials answered 200")
+	}
 }

@@ -99,6 +99,7 @@ var fromPrometheus = map[string][]string{
 // renamed metric or label fails here, not silently in production.
 func checkExportedMetrics(t *testing.T, r *relay) {
 	exp := exported{}
+	families := map[string]bool{}
 	var targets []string
 	for _, n := range r.controls {
 		targets = append(targets, n.admin)
@@ -115,6 +116,9 @@ func checkExportedMetrics(t *testing.T, r *relay) {
 			t.Fatal(err)
 		}
 		exp.add(fams)
+		for name := range fams {
+			families[name] = true
+		}
 	}
 	recorded := map[string]bool{}
 	uses := map[string][]selectorUse{} // where -> what it reads
@@ -187,7 +191,37 @@ func checkExportedMetrics(t *testing.T, r *relay) {
 		}
 	}
 	t.Logf("%d metrics named by rules, unit tests and dashboards found on the running binaries", len(checked))
+
+	// And the other way: every relay_* family the binaries export is read
+	// by an alert, a recording rule or a dashboard, so a new metric is
+	// graphed or alerted on (or listed in notGraphed with the reason).
+	read := map[string]bool{}
+	for where, us := range uses {
+		if strings.Contains(where, " input ") {
+			continue // a unit test's input series reads nothing
+		}
+		for _, u := range us {
+			read[u.metric] = true
+		}
+	}
+	for f := range families {
+		if !strings.HasPrefix(f, "relay_") || notGraphed[f] != "" {
+			continue
+		}
+		if !read[f] && !read[f+"_bucket"] && !read[f+"_sum"] && !read[f+"_count"] {
+			t.Errorf("%s is exported but no alert or dashboard reads it: graph it, alert on it, or say why not in notGraphed", f)
+		}
+	}
+	for f := range notGraphed {
+		if read[f] {
+			t.Errorf("%s is read by an alert or dashboard; take it out of notGraphed", f)
+		}
+	}
 }
+
+// notGraphed are relay_* metrics that no alert or dashboard reads, each
+// with the reason.
+var notGraphed = map[string]string{}
 
 func keys(m map[string]bool) []string {
 	out := make([]string, 0, len(m))
