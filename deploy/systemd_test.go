@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"go.yaml.in/yaml/v3"
 )
 
 // envFile reads a systemd EnvironmentFile: KEY=VALUE lines, # comments.
@@ -102,6 +104,30 @@ func TestSystemdUnits(t *testing.T) {
 					t.Errorf("%s.env sets %s, which is not a flag of relayd %s", c, k, c)
 				}
 			}
+			switch c {
+			case "edge":
+				// The edge id defaults to the host name, unique per host; a
+				// fixed id copied to a second host makes the control plane
+				// refuse that edge ("another running edge holds this edge
+				// id"), and it is never ready.
+				if id, ok := env["RELAY_EDGE_ID"]; ok {
+					t.Errorf("edge.env sets RELAY_EDGE_ID=%s: a second host given the same file is refused; leave it to the host name", id)
+				}
+			case "control":
+				// The file is n1's: what the other nodes change is said at
+				// its top, the bootstrap lines included.
+				eb, err := os.ReadFile(filepath.Join("systemd", "control.env"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				head, _, _ := strings.Cut(string(eb), "\nRELAY_")
+				for _, v := range []string{"RELAY_NODE_ID", "RELAY_BOOTSTRAP", "RELAY_ADMIN_PASSWORD", "RELAY_JOIN"} {
+					if !strings.Contains(head, v) {
+						t.Errorf("control.env's header does not say what the other nodes do with %s", v)
+					}
+				}
+			}
+			checkAdminScraped(t, c, env["RELAY_ADMIN_ADDR"])
 			// An edge bounds its sessions below the unit's MemoryMax.
 			if c == "edge" {
 				var limit int64
@@ -420,4 +446,41 @@ func (h *hostCluster) clusterStatus(server string) []string {
 		ids = append(ids, m.ID)
 	}
 	return ids
+}
+
+// checkAdminScraped: the example Prometheus configuration scrapes the
+// admin address the example environment file binds (the job's first
+// target is this file's host), and that address is not loopback, where
+// no Prometheus on another host could reach it.
+func checkAdminScraped(t *testing.T, command, admin string) {
+	t.Helper()
+	b, err := os.ReadFile("prometheus/prometheus.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		ScrapeConfigs []struct {
+			JobName       string `yaml:"job_name"`
+			StaticConfigs []struct {
+				Targets []string `yaml:"targets"`
+			} `yaml:"static_configs"`
+		} `yaml:"scrape_configs"`
+	}
+	if err := yaml.Unmarshal(b, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if host, _, err := net.SplitHostPort(admin); err != nil || net.ParseIP(host) == nil || net.ParseIP(host).IsLoopback() {
+		t.Errorf("%s.env: RELAY_ADMIN_ADDR=%q: want the host's own address, which Prometheus scrapes", command, admin)
+	}
+	for _, sc := range cfg.ScrapeConfigs {
+		if sc.JobName != "relay-"+command {
+			continue
+		}
+		for _, s := range sc.StaticConfigs {
+			if slices.Contains(s.Targets, admin) {
+				return
+			}
+		}
+	}
+	t.Errorf("prometheus/prometheus.yml's job relay-%s does not scrape %s, the admin address of %s.env", command, admin, command)
 }
