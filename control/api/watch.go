@@ -135,6 +135,9 @@ func (w *watchStream) Send(m *edgev1.WatchResponse) error {
 // Watch streams changes after from_revision; see the service comment in
 // proto/edge/v1/control.proto.
 func (s *WatchServer) Watch(ctx context.Context, req *connect.Request[edgev1.WatchRequest], stream *connect.ServerStream[edgev1.WatchResponse]) error {
+	if n := len(req.Msg.GetHistory()); n > fsm.MaxHistoryLen {
+		return invalidArg(fmt.Errorf("history is %d bytes, at most %d", n, fsm.MaxHistoryLen))
+	}
 	rc, _ := ctx.Value(responseControllerKey{}).(*http.ResponseController)
 	ws := &watchStream{send: stream.Send, timeout: s.cfg.SendTimeout, rc: rc}
 	s.streams.Inc()

@@ -41,13 +41,18 @@ func startWatch(t *testing.T, n *clustertest.Node, token string, from uint64, re
 
 func startWatchWith(t *testing.T, hc *http.Client, n *clustertest.Node, token string, from uint64, read bool) *watcher {
 	t.Helper()
+	return startWatchReq(t, hc, n, token, &edgev1.WatchRequest{FromRevision: from}, read)
+}
+
+func startWatchReq(t *testing.T, hc *http.Client, n *clustertest.Node, token string, req *edgev1.WatchRequest, read bool) *watcher {
+	t.Helper()
 	cl := edgev1connect.NewWatchServiceClient(hc, url(n), connect.WithInterceptors(bearer(token)))
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &watcher{msgs: make(chan *edgev1.WatchResponse, 1<<16), done: make(chan struct{}), cancel: cancel, reading: read}
 	open := func() error {
 		// The call returns once the server sent its headers, which a
 		// node still waiting to catch up has not done yet.
-		s, err := cl.Watch(ctx, connect.NewRequest(&edgev1.WatchRequest{FromRevision: from}))
+		s, err := cl.Watch(ctx, connect.NewRequest(req))
 		w.stream = s
 		return err
 	}
@@ -381,6 +386,55 @@ func TestWatchFromBeyondTheLogGetsFullCopy(t *testing.T) {
 			}
 		}
 		w.stop()
+	}
+}
+
+// A watcher that resumes from a revision of another history (it followed
+// the cluster before a restore from a backup) gets a full copy, even from
+// a revision this cluster has reached, and the copy names the cluster's
+// history; one of this history resumes without. A history id longer than
+// any the cluster draws is refused.
+func TestWatchFromAnotherHistoryGetsFullCopy(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: 50 * time.Millisecond}})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	from := c.Nodes[0].Server.Node().FSM().AppliedIndex()
+
+	w := startWatchReq(t, httpClient(t), c.Nodes[0], edge, &edgev1.WatchRequest{FromRevision: from, History: "before-the-restore"}, true)
+	if m := w.next(t); m.GetResync() == nil {
+		t.Fatalf("watch from another history: first message %v, want a resync", m)
+	}
+	m := w.next(t)
+	for ; m.GetSnapshotDone() == nil; m = w.next(t) {
+	}
+	if h := m.GetSnapshotDone().GetHistory(); h != "" {
+		t.Fatalf("the copy names history %q, want the cluster's (none)", h)
+	}
+	w.stop()
+
+	// From this history: progress, no copy (next would skip progress).
+	same := startWatchReq(t, httpClient(t), c.Nodes[0], edge, &edgev1.WatchRequest{FromRevision: from}, true)
+	select {
+	case m := <-same.msgs:
+		if m.GetProgress() == nil {
+			t.Fatalf("watch from this history: first message %v, want progress", m)
+		}
+	case <-same.done:
+		t.Fatalf("stream ended: %v", same.err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("no watch message within 20s")
+	}
+	same.stop()
+
+	long := startWatchReq(t, httpClient(t), c.Nodes[0], edge, &edgev1.WatchRequest{FromRevision: from, History: strings.Repeat("h", fsm.MaxHistoryLen+1)}, true)
+	select {
+	case <-long.done:
+	case m := <-long.msgs:
+		t.Fatalf("a history of %d bytes: got %v, want the watch refused", fsm.MaxHistoryLen+1, m)
+	case <-time.After(20 * time.Second):
+		t.Fatalf("a history of %d bytes: the watch neither refused nor sent anything in 20s", fsm.MaxHistoryLen+1)
+	}
+	if connect.CodeOf(long.err) != connect.CodeInvalidArgument {
+		t.Fatalf("a history of %d bytes: %v, want invalid_argument", fsm.MaxHistoryLen+1, long.err)
 	}
 }
 

@@ -114,6 +114,9 @@ func ReadApplied(r state.Reader) (index, term uint64, err error) {
 	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), nil
 }
 
+// MaxHistoryLen bounds a history id (SetHistory's are 32 bytes).
+const MaxHistoryLen = 64
+
 // ReadHistory returns the id of the history the state belongs to: ""
 // for a cluster never restored from a backup, a fresh random id for one
 // that was (see SetHistory). Revisions of two histories do not compare:
@@ -135,6 +138,9 @@ func ReadHistory(r state.Reader) (string, error) {
 // snapshot it bootstraps from is exported from s afterwards, so every
 // member gets the id).
 func SetHistory(s *state.Store, id string) error {
+	if id == "" || len(id) > MaxHistoryLen {
+		return fmt.Errorf("set history: id of %d bytes, want 1 to %d", len(id), MaxHistoryLen)
+	}
 	b := s.NewBatch()
 	if err := b.Set(keyHistory, []byte(id)); err != nil {
 		b.Discard()

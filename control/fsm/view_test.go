@@ -83,6 +83,11 @@ func TestHistoryIsWhatARestoreSet(t *testing.T) {
 	if h, err := f.History(); err != nil || h != "" {
 		t.Fatalf("history of a new state %q, %v", h, err)
 	}
+	for _, bad := range []string{"", strings.Repeat("h", MaxHistoryLen+1)} {
+		if err := SetHistory(f.store, bad); err == nil {
+			t.Fatalf("a history id of %d bytes was set", len(bad))
+		}
+	}
 	if err := SetHistory(f.store, "restored-1"); err != nil {
 		t.Fatal(err)
 	}

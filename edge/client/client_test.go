@@ -5,8 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"runtime"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -19,6 +17,7 @@ import (
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/internal/relaytest"
+	"github.com/edge-relay/relay/internal/stacks"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -515,7 +514,7 @@ func receiverOnOneEdge(t *testing.T, login string) (r *relaytest.Relay, user str
 
 // datagramReaders counts the datagram readers of the edge sessions in
 // this process (the tests' edges run in it).
-func datagramReaders() int { return goroutinesIn("session.(*Session).datagramLoop(") }
+func datagramReaders() int { return stacks.Count("session.(*Session).datagramLoop(") }
 
 // A client with NoDatagrams sends its ephemeral events on the stream: the
 // edge, told so in the Hello, reads no datagrams from it, so one sent as
@@ -662,25 +661,12 @@ func TestSendWaitsForASlot(t *testing.T) {
 	}
 }
 
-// goroutinesIn counts the goroutines of this process whose stack holds
-// fn (a function's name as a stack prints it, with its opening paren).
-func goroutinesIn(fn string) int {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			return strings.Count(string(buf[:n]), fn)
-		}
-		buf = make([]byte, 2*len(buf))
-	}
-}
-
 // waitGoroutines waits until some goroutine's stack holds fn (present),
 // or none does.
 func waitGoroutines(t *testing.T, fn string, present bool) {
 	t.Helper()
 	clustertest.Eventually(t, 30*time.Second, func() error {
-		if n := goroutinesIn(fn); (n > 0) != present {
+		if n := stacks.Count(fn); (n > 0) != present {
 			return fmt.Errorf("%d goroutines in %s", n, fn)
 		}
 		return nil

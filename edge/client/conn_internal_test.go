@@ -155,12 +155,7 @@ func TestReadStreamFastAndSlowFrames(t *testing.T) {
 	if err := c.readStream(t.Context(), cn); !errors.Is(err, io.EOF) {
 		t.Fatalf("readStream ended with %v, want io.EOF", err)
 	}
-	close(c.events)
-	var got []string
-	for ev := range c.events {
-		got = append(got, ev.ID+":"+string(ev.Payload))
-	}
-	if !slices.Equal(got, []string{"e1:p1", "e2:p2"}) {
+	if got := given(c, func(ev Event) string { return ev.ID + ":" + string(ev.Payload) }); !slices.Equal(got, []string{"e1:p1", "e2:p2"}) {
 		t.Fatalf("events given: %v", got)
 	}
 	var receipts []uint64
@@ -579,12 +574,7 @@ func TestEventNotHandedOverIsGivenWhenSentAgain(t *testing.T) {
 	if err := c.readStream(t.Context(), again); !errors.Is(err, io.EOF) {
 		t.Fatalf("readStream ended with %v, want io.EOF", err)
 	}
-	close(c.events)
-	var got []string
-	for ev := range c.events {
-		got = append(got, ev.ID)
-	}
-	if !slices.Equal(got, []string{"e2"}) {
+	if got := given(c, eventID); !slices.Equal(got, []string{"e2"}) {
 		t.Fatalf("events given after the reconnect: %v, want e2", got)
 	}
 	var receipts []uint64
@@ -669,12 +659,20 @@ func TestReadStreamSkipsFramesOfKindsItDoesNotTake(t *testing.T) {
 	if err := c.readStream(t.Context(), cn); !errors.Is(err, frame.ErrMalformed) {
 		t.Fatalf("readStream ended with %v, want MALFORMED_FRAME for the bytes that are not a frame", err)
 	}
-	close(c.events)
-	var got []string
-	for ev := range c.events {
-		got = append(got, ev.ID)
-	}
-	if !slices.Equal(got, []string{"e1", "e2"}) {
+	if got := given(c, eventID); !slices.Equal(got, []string{"e1", "e2"}) {
 		t.Fatalf("events given: %v, want e1 and e2", got)
 	}
 }
+
+// given closes c's event channel and returns what the application would
+// have got from it, each event named by name.
+func given(c *Client, name func(Event) string) []string {
+	close(c.events)
+	var got []string
+	for ev := range c.events {
+		got = append(got, name(ev))
+	}
+	return got
+}
+
+func eventID(ev Event) string { return ev.ID }

@@ -596,11 +596,11 @@ func (d *Directory) followOnce(ctx context.Context, client edgev1connect.WatchSe
 		return fmt.Errorf("%w: %w", errToken, err)
 	}
 	from, history := uint64(0), ""
-	if d.Synced() {
-		d.mu.Lock()
+	d.mu.RLock()
+	if d.synced {
 		from, history = d.revision, d.history
-		d.mu.Unlock()
 	}
+	d.mu.RUnlock()
 	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from, History: history})
 	req.Header().Set("Authorization", "Bearer "+tok)
 	stream, err := client.Watch(ctx, req)

@@ -3,14 +3,15 @@ package mesh
 import (
 	"bufio"
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
+	"io"
+	"log/slog"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/edge-relay/relay/internal/stacks"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 )
 
@@ -115,14 +116,9 @@ func TestAPeerThatDoesNotReadItsOutcomes(t *testing.T) {
 	lb := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE}
 	const outstanding = 1000
 	b := startMeshWith(t, ca, "edge-b", lb, func(c *Config) { c.MaxOutstanding = outstanding })
-	_, key, _ := ed25519.GenerateKey(rand.Reader)
-	idn := NewIdentity(key)
-	if err := idn.Set(ca.issue(t, "edge-evil", idn.PublicKey()), ca.der); err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	conn, err := quic.DialAddr(ctx, b.Addr().String(), idn.clientTLS("edge-b", nil), quicConfig(15*time.Second))
+	conn, err := quic.DialAddr(ctx, b.Addr().String(), testIdentity(t, ca, "edge-evil").clientTLS("edge-b", nil), quicConfig(15*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,5 +182,61 @@ func TestAPeerThatDoesNotReadItsOutcomes(t *testing.T) {
 	_ = conn.CloseWithError(0, "")
 	if !finished {
 		<-wrote
+	}
+}
+
+// A peer that opens its link's stream and stalls inside its hello is
+// dropped after HelloTimeout, and cannot hold up Close meanwhile: a
+// connection that is not registered yet is closed with the mesh too
+// (there with a HelloTimeout far beyond the test's waits).
+func TestAPeerStalledInItsHello(t *testing.T) {
+	ca := newTestCA(t)
+	for _, closeMesh := range []bool{false, true} {
+		hello := 200 * time.Millisecond
+		if closeMesh {
+			hello = time.Hour
+		}
+		b, err := New(Config{EdgeID: "edge-b", Identity: testIdentity(t, ca, "edge-b"), Local: &fakeLocal{},
+			HelloTimeout: hello, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ran := make(chan struct{})
+		go func() { b.Run(); close(ran) }()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		conn, err := quic.DialAddr(ctx, b.Addr().String(), testIdentity(t, ca, "edge-evil").clientTLS("edge-b", nil), quicConfig(time.Minute))
+		if err != nil {
+			t.Fatal(err)
+		}
+		str, err := conn.OpenStreamSync(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The first byte of a hello's length, and nothing more: b waits
+		// in the hello's read.
+		if _, err := str.Write([]byte{0x20}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "b reading the hello", func() bool { return stacks.Count("mesh.readFrame(", "mesh.(*Mesh).serveInbound(") > 0 })
+		closed := make(chan error, 1)
+		if closeMesh {
+			go func() { closed <- b.Close() }()
+		}
+		select {
+		case <-conn.Context().Done():
+		case <-time.After(30 * time.Second):
+			t.Fatalf("close %v: a peer stalled in its hello is still connected after 30 s", closeMesh)
+		}
+		if !closeMesh {
+			go func() { closed <- b.Close() }()
+		}
+		select {
+		case <-closed:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("close %v: Close did not return", closeMesh)
+		}
+		<-ran
+		_ = conn.CloseWithError(0, "")
+		cancel()
 	}
 }

@@ -52,6 +52,10 @@ func resolveUDP(addr string) (*net.UDPAddr, error) {
 
 func (m *Mesh) serveInbound(conn *quic.Conn) {
 	defer conn.CloseWithError(0, "")
+	// Closing the mesh ends the connection whatever it is waiting for
+	// (its hello, a read, a write), registered yet or not, so Close never
+	// waits on a peer.
+	defer context.AfterFunc(m.ctx, func() { _ = conn.CloseWithError(0, "edge shutting down") })()
 	log := m.cfg.Logger.With("remote", conn.RemoteAddr().String())
 	certs := conn.ConnectionState().TLS.PeerCertificates
 	if len(certs) == 0 {
@@ -63,7 +67,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		return
 	}
 	key, _ := certs[0].PublicKey.(ed25519.PublicKey)
-	ctx, cancel := context.WithTimeout(m.ctx, 5*time.Second)
+	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.HelloTimeout)
 	str, err := conn.AcceptStream(ctx)
 	cancel()
 	if err != nil {
@@ -72,7 +76,12 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 	r := bufio.NewReaderSize(str, 16<<10)
 	var buf []byte
 	f := &edgev1.MeshFrame{}
-	if buf, err = readFrame(r, buf, f); err != nil || f.GetHello() == nil {
+	// The hello comes within the same bound: a peer that opens the
+	// stream and stalls holds nothing for longer.
+	_ = str.SetReadDeadline(time.Now().Add(m.cfg.HelloTimeout))
+	buf, err = readFrame(r, buf, f)
+	_ = str.SetReadDeadline(time.Time{})
+	if err != nil || f.GetHello() == nil {
 		log.Warn("mesh peer sent no hello", "peer", peer, "err", err)
 		return
 	}

@@ -79,6 +79,9 @@ type Config struct {
 	// counts as broken (keep-alives go at a third of it) [15s]; a peer
 	// that takes nothing written to it for as long is cut off too.
 	IdleTimeout time.Duration
+	// HelloTimeout is how long a peer that connected has to open its
+	// link's stream and send its hello [5s].
+	HelloTimeout time.Duration
 	// Logger [slog.Default()]; Registerer for metrics [none].
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -153,6 +156,9 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = 15 * time.Second
+	}
+	if cfg.HelloTimeout <= 0 {
+		cfg.HelloTimeout = 5 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -230,15 +236,9 @@ func (m *Mesh) Kill() { _ = m.udp.Close() }
 
 // Close ends every link and the listener, and waits for their goroutines.
 func (m *Mesh) Close() error {
+	// Every link's context derives from the mesh's, and every inbound
+	// connection closes with it (serveInbound).
 	m.cancel()
-	m.mu.Lock()
-	for _, l := range m.links {
-		l.stop()
-	}
-	for _, in := range m.inbound {
-		_ = in.conn.CloseWithError(0, "edge shutting down")
-	}
-	m.mu.Unlock()
 	err := m.ln.Close()
 	m.wg.Wait()
 	return errors.Join(err, m.tr.Close(), m.udp.Close())

@@ -105,12 +105,7 @@ func startMesh(t *testing.T, ca *testCA, id string, local *fakeLocal) *Mesh {
 // returns a function that closes it (and is called at cleanup too).
 func startMeshWith(t *testing.T, ca *testCA, id string, local Local, mod func(*Config)) *Mesh {
 	t.Helper()
-	_, key, _ := ed25519.GenerateKey(rand.Reader)
-	idn := NewIdentity(key)
-	if err := idn.Set(ca.issue(t, id, idn.PublicKey()), ca.der); err != nil {
-		t.Fatal(err)
-	}
-	cfg := Config{EdgeID: id, Identity: idn, Local: local, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	cfg := Config{EdgeID: id, Identity: testIdentity(t, ca, id), Local: local, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	if mod != nil {
 		mod(&cfg)
 	}
@@ -122,6 +117,17 @@ func startMeshWith(t *testing.T, ca *testCA, id string, local Local, mod func(*C
 	go func() { m.Run(); close(done) }()
 	t.Cleanup(func() { _ = m.Close(); <-done })
 	return m
+}
+
+// testIdentity is a fresh key with a certificate from ca naming id.
+func testIdentity(t *testing.T, ca *testCA, id string) *Identity {
+	t.Helper()
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	idn := NewIdentity(key)
+	if err := idn.Set(ca.issue(t, id, idn.PublicKey()), ca.der); err != nil {
+		t.Fatal(err)
+	}
+	return idn
 }
 
 func waitFor(t *testing.T, what string, cond func() bool) {

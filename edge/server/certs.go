@@ -1,7 +1,6 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -46,10 +45,10 @@ type certSource struct {
 	validity time.Duration
 	renew    time.Duration
 	static   bool
-	// Files of a static certificate, the bytes last loaded from them, and
-	// how often to look at them again.
+	// Files of a static certificate, the digest of what was last loaded
+	// from them, and how often to look at them again.
 	certFile, keyFile string
-	loaded            []byte
+	loaded            [sha256.Size]byte
 	reloadEvery       time.Duration
 
 	mu     sync.RWMutex // guards the fields below
@@ -77,8 +76,12 @@ func (s *certSource) reload() (changed bool, err error) {
 	if err != nil {
 		return false, fmt.Errorf("load certificate key: %w", err)
 	}
-	both := append(append([]byte{}, certPEM...), keyPEM...)
-	if bytes.Equal(both, s.loaded) {
+	h := sha256.New()
+	h.Write(certPEM)
+	h.Write(keyPEM)
+	var digest [sha256.Size]byte
+	h.Sum(digest[:0])
+	if digest == s.loaded {
 		return false, nil
 	}
 	c, err := tls.X509KeyPair(certPEM, keyPEM)
@@ -90,7 +93,7 @@ func (s *certSource) reload() (changed bool, err error) {
 		return false, fmt.Errorf("parse certificate: %w", err)
 	}
 	c.Leaf = leaf
-	s.loaded = both
+	s.loaded = digest
 	s.serve(&c)
 	return true, nil
 }

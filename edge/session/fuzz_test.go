@@ -6,7 +6,6 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"math"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -15,6 +14,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/internal/stacks"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -275,13 +275,5 @@ func FuzzSessionFrames(f *testing.F) {
 
 // sessionGoroutines counts goroutines running the session core.
 func sessionGoroutines() int {
-	buf := make([]byte, 1<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	n := 0
-	for _, g := range bytes.Split(buf, []byte("\n\n")) {
-		if bytes.Contains(g, []byte("edge/session.(*")) && !bytes.Contains(g, []byte("FuzzSessionFrames")) {
-			n++
-		}
-	}
-	return n
+	return stacks.Count("edge/session.(*") - stacks.Count("edge/session.(*", "FuzzSessionFrames")
 }

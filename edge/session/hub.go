@@ -322,12 +322,6 @@ func (h *Hub) enter() (enterResult, uint64) {
 	return entered, h.epoch
 }
 
-func (h *Hub) isDraining() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.draining
-}
-
 // MaxSessions is the bound on sessions (0: none).
 func (h *Hub) MaxSessions() int { return h.cfg.MaxSessions }
 
@@ -344,22 +338,29 @@ func (h *Hub) leave() {
 // same device (the newer wins), and tells the user's other devices and s
 // who is online.
 //
-// It returns false, registering nothing, once the hub is draining, or
-// when s started before the latest Restart: a session that finished its
-// handshake after Drain or Restart looked must not stay.
-func (h *Hub) register(s *Session) bool {
+// It registers nothing and returns ErrDraining once the hub is draining,
+// or a GOING_AWAY CloseError when s began before the latest Restart: a
+// session that finished its handshake after Drain or Restart looked must
+// not stay.
+func (h *Hub) register(s *Session) error {
 	sh := h.shardOf(s.userID)
 	h.mu.Lock()
-	refused := h.draining || s.epoch != h.epoch
-	if !refused {
+	var refused error
+	switch {
+	case h.draining:
+		refused = ErrDraining
+	case s.epoch != h.epoch:
+		refused = closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "the edge restarted its sessions; reconnect")
+	}
+	if refused == nil {
 		// Under h.mu so Drain and Restart, which set draining or the
 		// epoch first, then walk the rooms, either see this session or
 		// refuse it.
 		sh.mu.Lock()
 	}
 	h.mu.Unlock()
-	if refused {
-		return false
+	if refused != nil {
+		return refused
 	}
 	r := sh.rooms[s.userID]
 	if r == nil {
@@ -419,7 +420,7 @@ func (h *Hub) register(s *Session) bool {
 			o.out.control(presence(s.deviceID, true))
 		}
 	}
-	return true
+	return nil
 }
 
 // unregister removes s if it is still its device's session, and tells the

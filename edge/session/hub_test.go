@@ -7,7 +7,6 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,6 +17,7 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/internal/stacks"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -775,26 +775,7 @@ func TestRestartSendsSessionsAwayAndKeepsServing(t *testing.T) {
 
 // goroutineWaiting reports whether some goroutine's stack holds every
 // one of frames (function names), in that order from the top.
-func goroutineWaiting(frames ...string) bool {
-	buf := make([]byte, 1<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	for _, g := range bytes.Split(buf, []byte("\n\n")) {
-		rest := g
-		found := true
-		for _, f := range frames {
-			i := bytes.Index(rest, []byte(f))
-			if i < 0 {
-				found = false
-				break
-			}
-			rest = rest[i+len(f):]
-		}
-		if found {
-			return true
-		}
-	}
-	return false
-}
+func goroutineWaiting(frames ...string) bool { return stacks.Count(frames...) > 0 }
 
 // A session registering while Drain walks the rooms is either refused or
 // seen by Drain and sent GOING_AWAY: never left open with Drain waiting
@@ -1085,11 +1066,7 @@ func TestIdleSessionsHaveNoWriter(t *testing.T) {
 	e.device("u1", "a")
 	e.device("u1", "b")
 	a, b := e.online("a"), e.online("b")
-	writers := func() int {
-		buf := make([]byte, 1<<20)
-		buf = buf[:runtime.Stack(buf, true)]
-		return bytes.Count(buf, []byte("session.(*Session).writeLoop("))
-	}
+	writers := func() int { return stacks.Count("session.(*Session).writeLoop(") }
 	for round := 1; round <= 3; round++ {
 		waitFor(t, "no writer left for two idle sessions", func() bool { return writers() == 0 })
 		a.sendEvent(a.event())

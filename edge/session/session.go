@@ -323,14 +323,14 @@ func (s *Session) open(ctx context.Context) (hsSpan trace.SpanContext, opened bo
 	s.logAt(slog.LevelDebug, "session open", "resumed", s.hs.resumed)
 
 	s.primeMailbox(ctx)
-	if !s.hub.register(s) {
+	if err := s.hub.register(s); err != nil {
 		s.stopListening()
-		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down, or restarted its sessions; reconnect")
-		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
-		if s.hub.isDraining() {
-			return span.SpanContext(), false, ErrDraining
+		var ce *CloseError
+		if !errors.As(err, &ce) { // ErrDraining
+			ce = closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 		}
-		return span.SpanContext(), false, ce
+		refuse(s.conn, ce, 0, s.hub.cfg.CloseLinger)
+		return span.SpanContext(), false, err
 	}
 	m.sessions.WithLabelValues(s.conn.Transport()).Inc()
 	if err := s.writeWelcome(); err != nil {

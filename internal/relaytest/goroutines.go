@@ -1,15 +1,14 @@
 package relaytest
 
 import (
-	"bytes"
 	"fmt"
-	"runtime"
 	"strings"
 	"time"
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/internal/stacks"
 )
 
 // sessionFrames are functions that appear only in the stacks of an
@@ -30,22 +29,13 @@ var sessionFrames = []string{
 // edge's device connections (see sessionFrames), and returns their
 // stacks.
 func SessionGoroutines() (int, string) {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
 	count := 0
 	var out strings.Builder
-	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+	for _, g := range stacks.All() {
 		for _, f := range sessionFrames {
-			if bytes.Contains(g, []byte(f)) {
+			if strings.Contains(g, f) {
 				count++
-				out.Write(g)
+				out.WriteString(g)
 				out.WriteString("\n\n")
 				break
 			}
