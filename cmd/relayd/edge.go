@@ -40,7 +40,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.BoolVar(&cfg.ClusterTLSTickets, "cluster-tls-tickets", false, "seal TLS 1.3 session tickets with the cluster's session keys, so devices resume TLS on any edge (its keys then also let whoever holds them impersonate an edge to a resuming device: see docs/protocol.md)")
 	fs.Var(&f.control, "control", "control-plane API URL, http:// or https:// (repeatable, comma-separated; default http://127.0.0.1:7400)")
 	fs.StringVar(&f.controlCA, "control-ca", "", "PEM CA bundle to verify https:// control URLs")
-	fs.DurationVar(&cfg.ControlGrace, "control-grace", time.Minute, "refuse new sessions (GOING_AWAY) once the control plane has been silent this long; sessions in place keep relaying (0: never refuse)")
+	fs.DurationVar(&cfg.ControlGrace, "control-grace", time.Minute, "refuse new sessions (GOING_AWAY) once the control plane has been silent this long; sessions in place keep relaying; not ready then only while a peer edge hears the control plane (0: never refuse)")
 	fs.DurationVar(&cfg.Control.DialTimeout, "control-dial-timeout", 500*time.Millisecond, "give up a connection attempt to a control node after this long and try again")
 	fs.StringVar(&cfg.Control.Login, "edge-login", "edge", "the edges' account on the control plane (role edge)")
 	fs.StringVar(&f.passwordFile, "edge-password-file", "", "file holding the account's password (or set RELAY_EDGE_PASSWORD)")

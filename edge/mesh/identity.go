@@ -11,8 +11,16 @@ import (
 	"time"
 )
 
-// ALPN is the mesh's application protocol.
-const ALPN = "relay-mesh/1"
+// ALPN is the mesh's first application protocol; ALPNStatus adds the
+// MeshStatus frame (proto/edge/v1/mesh.proto). Both ends offer both, the
+// newer first, so edges of either version mesh during a rolling upgrade.
+const (
+	ALPN       = "relay-mesh/1"
+	ALPNStatus = "relay-mesh/2"
+)
+
+// alpns returns the protocols offered, preferred first.
+func alpns() []string { return []string{ALPNStatus, ALPN} }
 
 // URIScheme names an edge in its mesh certificate: relay-edge://<id>.
 const URIScheme = "relay-edge"
@@ -123,7 +131,7 @@ func (i *Identity) verifyPeer(raw [][]byte, usage x509.ExtKeyUsage) (*x509.Certi
 func (i *Identity) serverTLS() *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{ALPN},
+		NextProtos: alpns(),
 		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 			c, _, err := i.current()
 			return c, err
@@ -144,7 +152,7 @@ func (i *Identity) serverTLS() *tls.Config {
 func (i *Identity) clientTLS(peer string, key ed25519.PublicKey) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{ALPN},
+		NextProtos: alpns(),
 		// Verified below against the cluster CA and the peer's edge id;
 		// host names play no part in the mesh.
 		InsecureSkipVerify: true, //nolint:gosec // verified in VerifyPeerCertificate

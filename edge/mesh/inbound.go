@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -21,6 +22,8 @@ type inbound struct {
 	peer string
 	key  ed25519.PublicKey // of the peer's certificate
 	conn *quic.Conn
+	// controlHeard is the peer's latest MeshStatus.
+	controlHeard atomic.Bool
 
 	mu   sync.Mutex // guards out
 	out  []*edgev1.MeshFrame
@@ -139,6 +142,10 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 			m.presenceFromPeer(peer, true, k.PresenceSet.GetDevices(), nil)
 		case *edgev1.MeshFrame_PresenceDelta:
 			m.presenceFromPeer(peer, false, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
+		case *edgev1.MeshFrame_Status:
+			if in.controlHeard.Swap(k.Status.GetControlHeard()) != k.Status.GetControlHeard() {
+				log.Info("mesh peer's view of the control plane changed", "peer", peer, "control_heard", k.Status.GetControlHeard())
+			}
 		case *edgev1.MeshFrame_Forward:
 			fw := k.Forward
 			if fw.GetId() == 0 {

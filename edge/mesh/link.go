@@ -25,6 +25,7 @@ type link struct {
 
 	mu      sync.Mutex // guards the fields below
 	up      bool
+	status  bool // the peer speaks relay-mesh/2 (MeshStatus) on this connection
 	queue   []*edgev1.MeshFrame
 	queued  int // bytes of the events in queue
 	nextID  uint64
@@ -58,6 +59,21 @@ func (l *link) sendPresence(f *edgev1.MeshFrame) {
 	}
 	l.mu.Unlock()
 	l.signal()
+}
+
+// sendStatus queues a status frame if the link is up and the peer takes
+// them (with the mesh's presMu held).
+func (l *link) sendStatus(heard bool) {
+	l.mu.Lock()
+	if l.up && l.status {
+		l.queue = append(l.queue, statusFrame(heard))
+	}
+	l.mu.Unlock()
+	l.signal()
+}
+
+func statusFrame(heard bool) *edgev1.MeshFrame {
+	return &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Status{Status: &edgev1.MeshStatus{ControlHeard: heard}}}
 }
 
 func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
@@ -137,12 +153,17 @@ func (l *link) session() error {
 	if buf, err = writeFrame(str, buf, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: l.m.cfg.EdgeID, PeerId: l.peer}}}); err != nil {
 		return err
 	}
-	// The full set, then (the link now up) every delta after it.
+	// The full set and the status, then (the link now up) every delta
+	// and status change after them.
+	status := conn.ConnectionState().TLS.NegotiatedProtocol == ALPNStatus
 	l.m.presMu.Lock()
-	set := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: l.m.cfg.Local.LocalPresence()}}}
+	first := []*edgev1.MeshFrame{{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: l.m.cfg.Local.LocalPresence()}}}}
+	if status {
+		first = append(first, statusFrame(l.m.controlHeard))
+	}
 	l.mu.Lock()
-	l.up = true
-	l.queue = append([]*edgev1.MeshFrame{set}, l.queue...)
+	l.up, l.status = true, status
+	l.queue = append(first, l.queue...)
 	l.mu.Unlock()
 	l.m.presMu.Unlock()
 	l.m.metrics.links.Inc()

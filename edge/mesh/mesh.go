@@ -103,14 +103,17 @@ type Mesh struct {
 	inbound map[string]*inbound
 	keys    map[string]ed25519.PublicKey // members' registered keys, by id
 
-	// presMu orders presence announcements with link set-up, so a link
-	// gets a full set and then every later delta, none missed; it also
-	// guards the table of where devices are.
+	// presMu orders presence announcements and status changes with link
+	// set-up, so a link gets a full set and then every later delta, none
+	// missed, and the latest status; it also guards the table of where
+	// devices are and controlHeard.
 	presMu sync.Mutex
 	where  map[string]holder              // device -> newest holder
 	byPeer map[string]map[string]DevPres  // peer -> devices it announced
 	byUser map[string]map[string]struct{} // user -> its devices in where
 	events []presenceEvent                // to tell Local once presMu is released
+	// controlHeard is this edge's status, as SetControlHeard last set it.
+	controlHeard bool
 }
 
 type presenceEvent struct {
@@ -290,6 +293,38 @@ func (m *Mesh) keyHolds(id string, key ed25519.PublicKey) bool {
 	return !ok || want.Equal(key)
 }
 
+// SetControlHeard tells the peers whether this edge hears the control
+// plane (it heard it within its control grace), when that changed since
+// the last call; a link that comes up gets the latest value. Peers that
+// speak relay-mesh/1 are not told.
+func (m *Mesh) SetControlHeard(heard bool) {
+	m.presMu.Lock()
+	defer m.presMu.Unlock()
+	if m.controlHeard == heard {
+		return
+	}
+	m.controlHeard = heard
+	for _, l := range m.linkList() {
+		l.sendStatus(heard)
+	}
+}
+
+// PeersHearingControl returns the peers, sorted, whose link to this edge
+// is up and whose latest status says they hear the control plane. A peer
+// of relay-mesh/1, or one that sent no status yet, does not count.
+func (m *Mesh) PeersHearingControl() []string {
+	m.mu.Lock()
+	var ids []string
+	for id, in := range m.inbound {
+		if in.controlHeard.Load() {
+			ids = append(ids, id)
+		}
+	}
+	m.mu.Unlock()
+	slices.Sort(ids)
+	return ids
+}
+
 // Locate says which peer holds a device.
 func (m *Mesh) Locate(deviceID string) (string, bool) {
 	m.presMu.Lock()
@@ -309,15 +344,20 @@ func (m *Mesh) Announce(p *edgev1.DevicePresence, online bool) {
 	f := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceDelta{PresenceDelta: d}}
 	m.presMu.Lock()
 	defer m.presMu.Unlock()
+	for _, l := range m.linkList() {
+		l.sendPresence(f)
+	}
+}
+
+// linkList returns the links to the current members.
+func (m *Mesh) linkList() []*link {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	links := make([]*link, 0, len(m.links))
 	for _, l := range m.links {
 		links = append(links, l)
 	}
-	m.mu.Unlock()
-	for _, l := range links {
-		l.sendPresence(f)
-	}
+	return links
 }
 
 // Forward sends an event to the peer holding its device. done (nil for

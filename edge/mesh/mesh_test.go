@@ -1,6 +1,8 @@
 package mesh
 
 import (
+	"bufio"
+	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/x509"
@@ -10,11 +12,13 @@ import (
 	"log/slog"
 	"math/big"
 	"net/url"
+	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+	"github.com/quic-go/quic-go"
 	"go.uber.org/goleak"
 
 	"github.com/edge-relay/relay/control/clustertest"
@@ -316,4 +320,99 @@ func TestOnlyTheRegisteredKeySpeaksForAnEdgeID(t *testing.T) {
 	fresh.SetMembers(memberA)
 	waitFor(t, "a learns fresh's device", located(a, "fresh"))
 	waitFor(t, "fresh learns a's device", located(fresh, "da"))
+}
+
+// Each edge tells its peers whether it hears the control plane: a peer
+// counts it while its link is up and its latest status says so, a link
+// that comes up carries the status set before it, and a peer gone from
+// the mesh no longer counts.
+func TestPeersTellWhetherTheyHearTheControlPlane(t *testing.T) {
+	ca := newTestCA(t)
+	a, b, c := startMesh(t, ca, "edge-a", &fakeLocal{}), startMesh(t, ca, "edge-b", &fakeLocal{}), startMesh(t, ca, "edge-c", &fakeLocal{})
+	hearing := func(m *Mesh, want ...string) func() bool {
+		return func() bool { return slices.Equal(m.PeersHearingControl(), want) }
+	}
+	ab := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
+	a.SetMembers(ab)
+	b.SetMembers(ab)
+	waitFor(t, "both links up", func() bool { return a.Stats().LinksUp == 1 && b.Stats().LinksUp == 1 })
+	if got := a.PeersHearingControl(); len(got) != 0 {
+		t.Fatalf("peers hearing the control plane before any status: %v", got)
+	}
+	b.SetControlHeard(true)
+	waitFor(t, "a learns b hears the control plane", hearing(a, "edge-b"))
+	if got := b.PeersHearingControl(); len(got) != 0 {
+		t.Fatalf("b counts %v, but a said nothing", got)
+	}
+
+	// c set its status before linking: its link brings it.
+	c.SetControlHeard(true)
+	abc := append(ab, Member{ID: "edge-c", MeshAddr: c.Addr().String()})
+	for _, m := range []*Mesh{a, b, c} {
+		m.SetMembers(abc)
+	}
+	waitFor(t, "a learns c hears the control plane", hearing(a, "edge-b", "edge-c"))
+	waitFor(t, "b learns c hears the control plane", hearing(b, "edge-c"))
+
+	b.SetControlHeard(false)
+	waitFor(t, "a learns b no longer hears it", hearing(a, "edge-c"))
+	_ = c.Close()
+	waitFor(t, "a forgets c", hearing(a))
+	waitFor(t, "b forgets c", hearing(b))
+}
+
+// A peer that speaks relay-mesh/1 only (an edge not upgraded yet, which
+// ends a link on a frame it does not know) gets no status frame; the
+// link carries presence and forwards as before.
+func TestAPeerOfTheFirstMeshProtocolGetsNoStatus(t *testing.T) {
+	ca := newTestCA(t)
+	a := startMesh(t, ca, "edge-a", &fakeLocal{})
+	a.SetControlHeard(true)
+	tlsConf := testIdentity(t, ca, "edge-old").serverTLS()
+	tlsConf.NextProtos = []string{ALPN}
+	ln, err := quic.ListenAddr("127.0.0.1:0", tlsConf, quicConfig(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	a.SetMembers([]Member{{ID: "edge-old", MeshAddr: ln.Addr().String()}})
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	conn, err := ln.Accept(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.CloseWithError(0, "")
+	if p := conn.ConnectionState().TLS.NegotiatedProtocol; p != ALPN {
+		t.Fatalf("negotiated %q, want %q", p, ALPN)
+	}
+	str, err := conn.AcceptStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = str.SetReadDeadline(time.Now().Add(30 * time.Second))
+	r := bufio.NewReader(str)
+	var kinds []string
+	var buf []byte
+	for {
+		f := &edgev1.MeshFrame{}
+		if buf, err = readFrame(r, buf, f); err != nil {
+			t.Fatalf("after %v: %v", kinds, err)
+		}
+		kinds = append(kinds, fmt.Sprintf("%T", f.GetKind()))
+		switch {
+		case f.GetPresenceSet() != nil:
+			// The link is up: a status change, then a forward to mark
+			// where the stream is.
+			a.SetControlHeard(false)
+			a.Forward("edge-old", &edgev1.Forward{DeviceId: "d", UserId: "u", Event: []byte("x")}, nil)
+		case f.GetForward() != nil:
+			want := []string{"*edgev1.MeshFrame_Hello", "*edgev1.MeshFrame_PresenceSet", "*edgev1.MeshFrame_Forward"}
+			if !slices.Equal(kinds, want) {
+				t.Fatalf("a relay-mesh/1 peer got %v, want %v", kinds, want)
+			}
+			return
+		}
+	}
 }

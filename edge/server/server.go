@@ -149,6 +149,11 @@ type Server struct {
 	leaseUntil atomic.Int64
 	regErr     atomic.Pointer[string]
 	cutOff     atomic.Bool // last logged state of controlSilent
+	// stepAside holds the peers that hear the control plane while this
+	// edge has been cut off from it for StepAsideAfter (nil otherwise):
+	// the edge is then not ready, so its load balancer sends devices to
+	// them (see Ready).
+	stepAside atomic.Pointer[[]string]
 
 	cancel     context.CancelFunc
 	stopBgWork context.CancelFunc // mailbox writer and registration, stopped last
@@ -453,13 +458,29 @@ func (s *Server) sendActivity(ctx context.Context, acts []session.Activity) {
 	}
 }
 
-// Ready reports whether the edge serves sessions: listeners up (and no
-// shutdown begun), the directory synced with the control plane's watch
-// feed, registered as a member, and the control plane heard from within
-// ControlGrace (not checked when ControlGrace is 0). A lease that ran out
-// afterwards does not count here (see relay_edge_member): during an
-// outage of the whole control plane every edge's lease runs out, and
-// readiness then follows ControlGrace alone.
+// StepAsideAfter is how long an edge cut off from the control plane
+// waits, once a peer edge says it hears the control plane, before it
+// stops being ready. In an outage of the whole control plane the edges'
+// graces end up to one feed heartbeat (5 s) apart, and until the last
+// one's ends some peer still says it hears: twice the heartbeat keeps
+// every edge ready through that.
+const StepAsideAfter = 10 * time.Second
+
+// Ready reports whether the edge should get new devices from its load
+// balancer: listeners up (and no shutdown begun), the directory synced
+// with the control plane's watch feed, registered as a member, and not
+// stepping aside.
+//
+// An edge cut off from the control plane for longer than ControlGrace
+// refuses new sessions (see CutOff). It steps aside, not ready, when a
+// peer edge reachable through the mesh still hears the control plane
+// (for StepAsideAfter): the outage is its own, and devices do better on
+// that peer. When no peer does (the whole control plane is down, or this
+// edge reaches no peer) it stays ready: a load balancer would otherwise
+// drop every edge at once, and with them (Kubernetes flushes a removed
+// endpoint's UDP flows) the sessions they hold, which go on relaying. A
+// lease that ran out after registering does not count either (see
+// relay_edge_member): in such an outage every lease runs out.
 func (s *Server) Ready() bool { return s.notReady() == "" }
 
 // notReady says why the edge does not serve sessions ("" when it does),
@@ -478,8 +499,8 @@ func (s *Server) notReady() string {
 		}
 		return why
 	}
-	if s.controlSilent() {
-		return "control plane silent for longer than the control grace"
+	if peers := s.stepAside.Load(); peers != nil {
+		return fmt.Sprintf("control plane silent for longer than the control grace, while peer edges hear it (%s)", strings.Join(*peers, ", "))
 	}
 	return ""
 }
@@ -497,12 +518,15 @@ func (s *Server) controlSilent() bool {
 }
 
 // watchControlGrace logs when the edge stops and starts admitting
-// sessions because of the control plane's silence.
+// sessions because of the control plane's silence, tells the peers
+// whether it hears the control plane, and decides whether to step aside
+// (see Ready).
 func (s *Server) watchControlGrace(ctx context.Context) {
 	// A quarter of the grace, at most 250 ms; above 0 (NewTicker panics
 	// on 0), which a grace under 4ns would give.
 	tick := time.NewTicker(max(min(s.cfg.ControlGrace/4, 250*time.Millisecond), time.Millisecond))
 	defer tick.Stop()
+	var elsewhereSince time.Time // since when peers heard it while this edge was cut off
 	for {
 		select {
 		case <-ctx.Done():
@@ -510,6 +534,25 @@ func (s *Server) watchControlGrace(ctx context.Context) {
 		case <-tick.C:
 		}
 		cut := s.controlSilent()
+		s.mesh.SetControlHeard(!cut && !s.dir.LastHeard().IsZero())
+		var peers []string
+		if cut {
+			peers = s.mesh.PeersHearingControl()
+		}
+		switch {
+		case len(peers) == 0:
+			elsewhereSince = time.Time{}
+			if s.stepAside.Swap(nil) != nil {
+				s.log.Info("no peer edge hears the control plane any more, or it is heard again; ready")
+			}
+		case elsewhereSince.IsZero():
+			elsewhereSince = time.Now()
+		case time.Since(elsewhereSince) >= StepAsideAfter:
+			if s.stepAside.Swap(&peers) == nil {
+				s.log.Warn("cut off from the control plane while peer edges hear it; not ready, so the load balancer sends devices to them",
+					"peers", peers)
+			}
+		}
 		if s.cutOff.Swap(cut) != cut {
 			silent := time.Since(s.dir.LastHeard())
 			if cut {
@@ -625,6 +668,10 @@ func (s *Server) publicMux() http.Handler {
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if why := s.notReady(); why != "" {
 			http.Error(w, "not ready: "+why, http.StatusServiceUnavailable)
+			return
+		}
+		if s.controlSilent() {
+			_, _ = w.Write([]byte("ready, but cut off from the control plane (as is every peer edge this one reaches): relaying for the sessions it holds, refusing new ones\n"))
 			return
 		}
 		_, _ = w.Write([]byte("ready\n"))

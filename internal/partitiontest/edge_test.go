@@ -10,6 +10,7 @@ import (
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/internal/relaytest"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
@@ -52,26 +53,57 @@ func sendAndReceive(t *testing.T, a, b *client.Client, bID, payload string) {
 
 // An edge cut off from every control node keeps relaying among the
 // sessions it has; once the control plane has been silent for longer
-// than --control-grace it refuses new sessions (GOING_AWAY) and is not
-// ready; after healing, a revocation decided during the split closes the
-// revoked device's session within about a second, and the edge admits
-// sessions again.
+// than --control-grace it refuses new sessions (GOING_AWAY), and since
+// its peer edge still hears the control plane it steps aside (not
+// ready). After healing, a revocation decided during the split closes
+// the revoked device's session within about a second, and the edge
+// admits sessions again. When both edges lose the control plane, one
+// grace after the other (the whole control plane is gone from their
+// view), neither leaves its load balancer at any moment: both stay
+// ready, refusing new sessions and relaying for those in place, across
+// the mesh too.
 func TestEdgeCutOffFromControlPlane(t *testing.T) {
 	// The feed carries a progress message every 5 s (control/api's
 	// default ProgressInterval); the grace is above it.
 	const progressEvery, grace = 5 * time.Second, 7 * time.Second
-	s := relaytest.StartSystem(t, relaytest.SystemOptions{Relayd: relayd, ControlNodes: 3, Edges: 1,
+	s := relaytest.StartSystem(t, relaytest.SystemOptions{Relayd: relayd, ControlNodes: 3, Edges: 2,
 		EdgeArgs: func(int) []string { return []string{"--control-grace", grace.String()} }})
 	user := s.User("alice")
-	devA, devB, devC := s.Device(user, "a"), s.Device(user, "b"), s.Device(user, "c")
-	// Every device known to the edge before the split.
-	clustertest.Eventually(t, 30*time.Second, func() error {
-		if _, err := dial(t, s, 0, devC, nil); err != nil {
-			return err
+	devA, devB, devC, devD := s.Device(user, "a"), s.Device(user, "b"), s.Device(user, "c"), s.Device(user, "d")
+	// Each dial stays on the edge it names: a refusal is what is tested.
+	onlyThere := func(c *client.Config) { c.OtherAddrs = nil }
+	admitted := func(i int) error {
+		c, err := dial(t, s, i, devC, onlyThere)
+		if err == nil {
+			_ = c.Close()
 		}
-		return nil
-	})
-	a, err := dial(t, s, 0, devA, nil)
+		return err
+	}
+	refused := func(i int) {
+		t.Helper()
+		_, err := dial(t, s, i, devC, onlyThere)
+		var ce *client.Error
+		if !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+			t.Fatalf("new session on cut-off edge %d: %v, want GOING_AWAY", i, err)
+		}
+	}
+	cutOff := func(e *relaytest.EdgeNode) func() error {
+		return func() error {
+			if v, err := s.EdgeMetric(e, "relay_edge_control_cut_off"); err != nil || v != 1 {
+				return fmt.Errorf("edge not cut off yet (%v, %v)", v, err)
+			}
+			return nil
+		}
+	}
+	// Every device known to both edges before the split.
+	for i := range s.Edges {
+		clustertest.Eventually(t, 30*time.Second, func() error { return admitted(i) })
+	}
+	a, err := dial(t, s, 0, devA, onlyThere)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := dial(t, s, 1, devD, onlyThere)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,6 +111,7 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 	var bLost time.Time
 	var bWhy error
 	b, err := dial(t, s, 0, devB, func(c *client.Config) {
+		onlyThere(c)
 		c.OnSessionLost = func(l client.SessionLost) {
 			mu.Lock()
 			defer mu.Unlock()
@@ -91,14 +124,15 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 		t.Fatal(err)
 	}
 	sendAndReceive(t, a, b, devB.ID, "before the split")
+	sendAndReceive(t, a, d, devD.ID, "before the split")
 
-	e := s.Edges[0]
+	e0, e1 := s.Edges[0], s.Edges[1]
 	var control []*relaytest.Host
 	for _, n := range s.Control {
 		control = append(control, n.Host)
 	}
 	cut := time.Now()
-	s.Net.Partition([]*relaytest.Host{e.Host}, control)
+	s.Net.Partition([]*relaytest.Host{e0.Host}, control)
 	sendAndReceive(t, a, b, devB.ID, "during the split")
 
 	// B is revoked while the edge cannot hear of it.
@@ -108,13 +142,8 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Past the grace: not ready, new sessions refused with GOING_AWAY.
-	clustertest.Eventually(t, grace+20*time.Second, func() error {
-		if s.EdgeReady(e) {
-			return errors.New("edge still ready")
-		}
-		return nil
-	})
+	// Past the grace: new sessions refused with GOING_AWAY.
+	clustertest.Eventually(t, grace+20*time.Second, cutOff(e0))
 	t.Logf("edge stopped admitting sessions %v after the cut (grace %v)", time.Since(cut).Round(10*time.Millisecond), grace)
 	// The grace counts from the last message heard, at most one progress
 	// interval before the cut (a second more for a busy machine), so the
@@ -122,10 +151,17 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 	if time.Since(cut) < grace-progressEvery-time.Second {
 		t.Errorf("edge refused sessions %v after the cut, before the grace", time.Since(cut))
 	}
-	_, err = dial(t, s, 0, devC, nil)
-	var ce *client.Error
-	if !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
-		t.Fatalf("new session on the cut-off edge: %v, want GOING_AWAY", err)
+	refused(0)
+	// Its peer hears the control plane: it steps aside.
+	clustertest.Eventually(t, server.StepAsideAfter+20*time.Second, func() error {
+		if s.EdgeReady(e0) {
+			return errors.New("cut-off edge still ready while its peer hears the control plane")
+		}
+		return nil
+	})
+	t.Logf("edge stepped aside %v after the cut", time.Since(cut).Round(10*time.Millisecond))
+	if !s.EdgeReady(e1) {
+		t.Fatal("the edge that hears the control plane is not ready")
 	}
 	// The sessions in place still relay.
 	sendAndReceive(t, a, b, devB.ID, "past the grace")
@@ -151,13 +187,58 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 		t.Errorf("revocation took effect %v after healing, want about 1s", took)
 	}
 	clustertest.Eventually(t, 20*time.Second, func() error {
-		if !s.EdgeReady(e) {
-			return fmt.Errorf("edge not ready after healing")
+		if !s.EdgeReady(e0) {
+			return errors.New("edge not ready after healing")
 		}
-		_, err := dial(t, s, 0, devC, nil)
-		return err
+		return admitted(0)
 	})
 	t.Logf("edge admits sessions again %v after healing", time.Since(healed).Round(10*time.Millisecond))
+
+	// The whole control plane goes from the edges' view, edge 1's grace
+	// ending first and edge 0's up to a grace later: while edge 1 is cut
+	// off, edge 0 still hears for a while, which is no reason to step
+	// aside. Readiness of both is watched all along.
+	var unready []string
+	stopWatching, watched := make(chan struct{}), make(chan struct{})
+	cut1 := time.Now()
+	go func() {
+		defer close(watched)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stopWatching:
+				return
+			case <-tick.C:
+			}
+			for i, e := range s.Edges {
+				if !s.EdgeReady(e) {
+					unready = append(unready, fmt.Sprintf("edge %d at %v", i, time.Since(cut1).Round(10*time.Millisecond)))
+				}
+			}
+		}
+	}()
+	s.Net.Partition([]*relaytest.Host{e1.Host}, control)
+	clustertest.Eventually(t, grace+20*time.Second, cutOff(e1))
+	cut0 := time.Now()
+	s.Net.Partition([]*relaytest.Host{e0.Host}, control)
+	clustertest.Eventually(t, grace+20*time.Second, cutOff(e0))
+	t.Logf("whole control plane gone: edge 1 cut off, edge 0 cut off %v later", time.Since(cut0).Round(10*time.Millisecond))
+	refused(0)
+	refused(1)
+	sendAndReceive(t, a, d, devD.ID, "with the whole control plane gone")
+	// Watched until past the time a step aside would have taken
+	// (observation window, workload time).
+	<-time.After(time.Until(cut0.Add(grace + server.StepAsideAfter + 2*time.Second)))
+	close(stopWatching)
+	<-watched
+	if len(unready) > 0 {
+		t.Fatalf("with no edge hearing the control plane, an edge was not ready %d times, from %s to %s", len(unready), unready[0], unready[len(unready)-1])
+	}
+	s.Net.Heal()
+	for i := range s.Edges {
+		clustertest.Eventually(t, 20*time.Second, func() error { return admitted(i) })
+	}
 }
 
 // The edge follows the feed through the control node it watches dying

@@ -92,6 +92,7 @@ type MeshFrame struct {
 	//	*MeshFrame_PresenceDelta
 	//	*MeshFrame_Forward
 	//	*MeshFrame_ForwardResult
+	//	*MeshFrame_Status
 	Kind          isMeshFrame_Kind `protobuf_oneof:"kind"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -179,6 +180,15 @@ func (x *MeshFrame) GetForwardResult() *ForwardResult {
 	return nil
 }
 
+func (x *MeshFrame) GetStatus() *MeshStatus {
+	if x != nil {
+		if x, ok := x.Kind.(*MeshFrame_Status); ok {
+			return x.Status
+		}
+	}
+	return nil
+}
+
 type isMeshFrame_Kind interface {
 	isMeshFrame_Kind()
 }
@@ -203,6 +213,10 @@ type MeshFrame_ForwardResult struct {
 	ForwardResult *ForwardResult `protobuf:"bytes,5,opt,name=forward_result,json=forwardResult,proto3,oneof"`
 }
 
+type MeshFrame_Status struct {
+	Status *MeshStatus `protobuf:"bytes,6,opt,name=status,proto3,oneof"`
+}
+
 func (*MeshFrame_Hello) isMeshFrame_Kind() {}
 
 func (*MeshFrame_PresenceSet) isMeshFrame_Kind() {}
@@ -212,6 +226,60 @@ func (*MeshFrame_PresenceDelta) isMeshFrame_Kind() {}
 func (*MeshFrame_Forward) isMeshFrame_Kind() {}
 
 func (*MeshFrame_ForwardResult) isMeshFrame_Kind() {}
+
+func (*MeshFrame_Status) isMeshFrame_Kind() {}
+
+// MeshStatus is the dialer's view of the control plane, sent after the
+// presence set when a link comes up and whenever it changes (relay-mesh/2
+// only). An edge cut off from the control plane uses its peers' statuses
+// to tell an outage of its own (some peer still hears the control plane:
+// it steps out of its load balancer) from one of the whole control plane
+// (none does: it stays in, so the sessions it holds survive).
+type MeshStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The dialer has heard from the control plane within its control
+	// grace. False until it first does, and on an edge whose grace is off.
+	ControlHeard  bool `protobuf:"varint,1,opt,name=control_heard,json=controlHeard,proto3" json:"control_heard,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MeshStatus) Reset() {
+	*x = MeshStatus{}
+	mi := &file_edge_v1_mesh_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MeshStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MeshStatus) ProtoMessage() {}
+
+func (x *MeshStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_edge_v1_mesh_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MeshStatus.ProtoReflect.Descriptor instead.
+func (*MeshStatus) Descriptor() ([]byte, []int) {
+	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *MeshStatus) GetControlHeard() bool {
+	if x != nil {
+		return x.ControlHeard
+	}
+	return false
+}
 
 // MeshHello opens a link (dialer -> peer).
 type MeshHello struct {
@@ -226,7 +294,7 @@ type MeshHello struct {
 
 func (x *MeshHello) Reset() {
 	*x = MeshHello{}
-	mi := &file_edge_v1_mesh_proto_msgTypes[1]
+	mi := &file_edge_v1_mesh_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -238,7 +306,7 @@ func (x *MeshHello) String() string {
 func (*MeshHello) ProtoMessage() {}
 
 func (x *MeshHello) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_mesh_proto_msgTypes[1]
+	mi := &file_edge_v1_mesh_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -251,7 +319,7 @@ func (x *MeshHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MeshHello.ProtoReflect.Descriptor instead.
 func (*MeshHello) Descriptor() ([]byte, []int) {
-	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{1}
+	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *MeshHello) GetEdgeId() string {
@@ -284,7 +352,7 @@ type DevicePresence struct {
 
 func (x *DevicePresence) Reset() {
 	*x = DevicePresence{}
-	mi := &file_edge_v1_mesh_proto_msgTypes[2]
+	mi := &file_edge_v1_mesh_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -296,7 +364,7 @@ func (x *DevicePresence) String() string {
 func (*DevicePresence) ProtoMessage() {}
 
 func (x *DevicePresence) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_mesh_proto_msgTypes[2]
+	mi := &file_edge_v1_mesh_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -309,7 +377,7 @@ func (x *DevicePresence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DevicePresence.ProtoReflect.Descriptor instead.
 func (*DevicePresence) Descriptor() ([]byte, []int) {
-	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{2}
+	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *DevicePresence) GetDeviceId() string {
@@ -351,7 +419,7 @@ type PresenceSet struct {
 
 func (x *PresenceSet) Reset() {
 	*x = PresenceSet{}
-	mi := &file_edge_v1_mesh_proto_msgTypes[3]
+	mi := &file_edge_v1_mesh_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -363,7 +431,7 @@ func (x *PresenceSet) String() string {
 func (*PresenceSet) ProtoMessage() {}
 
 func (x *PresenceSet) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_mesh_proto_msgTypes[3]
+	mi := &file_edge_v1_mesh_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -376,7 +444,7 @@ func (x *PresenceSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PresenceSet.ProtoReflect.Descriptor instead.
 func (*PresenceSet) Descriptor() ([]byte, []int) {
-	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{3}
+	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *PresenceSet) GetDevices() []*DevicePresence {
@@ -397,7 +465,7 @@ type PresenceDelta struct {
 
 func (x *PresenceDelta) Reset() {
 	*x = PresenceDelta{}
-	mi := &file_edge_v1_mesh_proto_msgTypes[4]
+	mi := &file_edge_v1_mesh_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -409,7 +477,7 @@ func (x *PresenceDelta) String() string {
 func (*PresenceDelta) ProtoMessage() {}
 
 func (x *PresenceDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_mesh_proto_msgTypes[4]
+	mi := &file_edge_v1_mesh_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -422,7 +490,7 @@ func (x *PresenceDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PresenceDelta.ProtoReflect.Descriptor instead.
 func (*PresenceDelta) Descriptor() ([]byte, []int) {
-	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{4}
+	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *PresenceDelta) GetOnline() []*DevicePresence {
@@ -472,7 +540,7 @@ type Forward struct {
 
 func (x *Forward) Reset() {
 	*x = Forward{}
-	mi := &file_edge_v1_mesh_proto_msgTypes[5]
+	mi := &file_edge_v1_mesh_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -484,7 +552,7 @@ func (x *Forward) String() string {
 func (*Forward) ProtoMessage() {}
 
 func (x *Forward) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_mesh_proto_msgTypes[5]
+	mi := &file_edge_v1_mesh_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -497,7 +565,7 @@ func (x *Forward) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Forward.ProtoReflect.Descriptor instead.
 func (*Forward) Descriptor() ([]byte, []int) {
-	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{5}
+	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Forward) GetId() uint64 {
@@ -588,7 +656,7 @@ type ForwardResult struct {
 
 func (x *ForwardResult) Reset() {
 	*x = ForwardResult{}
-	mi := &file_edge_v1_mesh_proto_msgTypes[6]
+	mi := &file_edge_v1_mesh_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -600,7 +668,7 @@ func (x *ForwardResult) String() string {
 func (*ForwardResult) ProtoMessage() {}
 
 func (x *ForwardResult) ProtoReflect() protoreflect.Message {
-	mi := &file_edge_v1_mesh_proto_msgTypes[6]
+	mi := &file_edge_v1_mesh_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -613,7 +681,7 @@ func (x *ForwardResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForwardResult.ProtoReflect.Descriptor instead.
 func (*ForwardResult) Descriptor() ([]byte, []int) {
-	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{6}
+	return file_edge_v1_mesh_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ForwardResult) GetId() uint64 {
@@ -634,14 +702,18 @@ var File_edge_v1_mesh_proto protoreflect.FileDescriptor
 
 const file_edge_v1_mesh_proto_rawDesc = "" +
 	"\n" +
-	"\x12edge/v1/mesh.proto\x12\aedge.v1\"\xaa\x02\n" +
+	"\x12edge/v1/mesh.proto\x12\aedge.v1\"\xd9\x02\n" +
 	"\tMeshFrame\x12*\n" +
 	"\x05hello\x18\x01 \x01(\v2\x12.edge.v1.MeshHelloH\x00R\x05hello\x129\n" +
 	"\fpresence_set\x18\x02 \x01(\v2\x14.edge.v1.PresenceSetH\x00R\vpresenceSet\x12?\n" +
 	"\x0epresence_delta\x18\x03 \x01(\v2\x16.edge.v1.PresenceDeltaH\x00R\rpresenceDelta\x12,\n" +
 	"\aforward\x18\x04 \x01(\v2\x10.edge.v1.ForwardH\x00R\aforward\x12?\n" +
-	"\x0eforward_result\x18\x05 \x01(\v2\x16.edge.v1.ForwardResultH\x00R\rforwardResultB\x06\n" +
-	"\x04kind\"=\n" +
+	"\x0eforward_result\x18\x05 \x01(\v2\x16.edge.v1.ForwardResultH\x00R\rforwardResult\x12-\n" +
+	"\x06status\x18\x06 \x01(\v2\x13.edge.v1.MeshStatusH\x00R\x06statusB\x06\n" +
+	"\x04kind\"1\n" +
+	"\n" +
+	"MeshStatus\x12#\n" +
+	"\rcontrol_heard\x18\x01 \x01(\bR\fcontrolHeard\"=\n" +
 	"\tMeshHello\x12\x17\n" +
 	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\x12\x17\n" +
 	"\apeer_id\x18\x02 \x01(\tR\x06peerId\"}\n" +
@@ -691,32 +763,34 @@ func file_edge_v1_mesh_proto_rawDescGZIP() []byte {
 }
 
 var file_edge_v1_mesh_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_edge_v1_mesh_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_edge_v1_mesh_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_edge_v1_mesh_proto_goTypes = []any{
 	(ForwardOutcome)(0),    // 0: edge.v1.ForwardOutcome
 	(*MeshFrame)(nil),      // 1: edge.v1.MeshFrame
-	(*MeshHello)(nil),      // 2: edge.v1.MeshHello
-	(*DevicePresence)(nil), // 3: edge.v1.DevicePresence
-	(*PresenceSet)(nil),    // 4: edge.v1.PresenceSet
-	(*PresenceDelta)(nil),  // 5: edge.v1.PresenceDelta
-	(*Forward)(nil),        // 6: edge.v1.Forward
-	(*ForwardResult)(nil),  // 7: edge.v1.ForwardResult
+	(*MeshStatus)(nil),     // 2: edge.v1.MeshStatus
+	(*MeshHello)(nil),      // 3: edge.v1.MeshHello
+	(*DevicePresence)(nil), // 4: edge.v1.DevicePresence
+	(*PresenceSet)(nil),    // 5: edge.v1.PresenceSet
+	(*PresenceDelta)(nil),  // 6: edge.v1.PresenceDelta
+	(*Forward)(nil),        // 7: edge.v1.Forward
+	(*ForwardResult)(nil),  // 8: edge.v1.ForwardResult
 }
 var file_edge_v1_mesh_proto_depIdxs = []int32{
-	2, // 0: edge.v1.MeshFrame.hello:type_name -> edge.v1.MeshHello
-	4, // 1: edge.v1.MeshFrame.presence_set:type_name -> edge.v1.PresenceSet
-	5, // 2: edge.v1.MeshFrame.presence_delta:type_name -> edge.v1.PresenceDelta
-	6, // 3: edge.v1.MeshFrame.forward:type_name -> edge.v1.Forward
-	7, // 4: edge.v1.MeshFrame.forward_result:type_name -> edge.v1.ForwardResult
-	3, // 5: edge.v1.PresenceSet.devices:type_name -> edge.v1.DevicePresence
-	3, // 6: edge.v1.PresenceDelta.online:type_name -> edge.v1.DevicePresence
-	3, // 7: edge.v1.PresenceDelta.offline:type_name -> edge.v1.DevicePresence
-	0, // 8: edge.v1.ForwardResult.outcome:type_name -> edge.v1.ForwardOutcome
-	9, // [9:9] is the sub-list for method output_type
-	9, // [9:9] is the sub-list for method input_type
-	9, // [9:9] is the sub-list for extension type_name
-	9, // [9:9] is the sub-list for extension extendee
-	0, // [0:9] is the sub-list for field type_name
+	3,  // 0: edge.v1.MeshFrame.hello:type_name -> edge.v1.MeshHello
+	5,  // 1: edge.v1.MeshFrame.presence_set:type_name -> edge.v1.PresenceSet
+	6,  // 2: edge.v1.MeshFrame.presence_delta:type_name -> edge.v1.PresenceDelta
+	7,  // 3: edge.v1.MeshFrame.forward:type_name -> edge.v1.Forward
+	8,  // 4: edge.v1.MeshFrame.forward_result:type_name -> edge.v1.ForwardResult
+	2,  // 5: edge.v1.MeshFrame.status:type_name -> edge.v1.MeshStatus
+	4,  // 6: edge.v1.PresenceSet.devices:type_name -> edge.v1.DevicePresence
+	4,  // 7: edge.v1.PresenceDelta.online:type_name -> edge.v1.DevicePresence
+	4,  // 8: edge.v1.PresenceDelta.offline:type_name -> edge.v1.DevicePresence
+	0,  // 9: edge.v1.ForwardResult.outcome:type_name -> edge.v1.ForwardOutcome
+	10, // [10:10] is the sub-list for method output_type
+	10, // [10:10] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_edge_v1_mesh_proto_init() }
@@ -730,6 +804,7 @@ func file_edge_v1_mesh_proto_init() {
 		(*MeshFrame_PresenceDelta)(nil),
 		(*MeshFrame_Forward)(nil),
 		(*MeshFrame_ForwardResult)(nil),
+		(*MeshFrame_Status)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -737,7 +812,7 @@ func file_edge_v1_mesh_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_edge_v1_mesh_proto_rawDesc), len(file_edge_v1_mesh_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   7,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
