@@ -430,9 +430,13 @@ func checkEdges(t *testing.T, r *rendered, want overlay, edge, control commandFl
 			t.Error("the LoadBalancer relay-edge is left with host-network edges")
 		}
 		c := &spec.Containers[0]
-		addrPort := port(t, mustEnv(t, c, "RELAY_ADDR"))
-		if got := mustEnv(t, c, "RELAY_PUBLIC_ADDR"); got != "$(HOST_IP):"+addrPort {
-			t.Errorf("RELAY_PUBLIC_ADDR %q, want the node's address and port %s", got, addrPort)
+		// A host alone (relayd adds the bound port): with a port, an IPv6
+		// node address, substituted without brackets, is no host:port.
+		if got := mustEnv(t, c, "RELAY_PUBLIC_ADDR"); got != "$(HOST_IP)" {
+			t.Errorf("RELAY_PUBLIC_ADDR %q, want the node's address alone", got)
+		}
+		if got := mustEnv(t, c, "RELAY_MESH_ADVERTISE"); got != "$(HOST_IP)" {
+			t.Errorf("RELAY_MESH_ADVERTISE %q, want the node's address alone", got)
 		}
 		for _, p := range c.Ports {
 			if p.HostPort != p.ContainerPort {
@@ -461,6 +465,9 @@ func checkEdges(t *testing.T, r *rendered, want overlay, edge, control commandFl
 		}
 		if protos[corev1.ProtocolUDP] == 0 || protos[corev1.ProtocolUDP] != protos[corev1.ProtocolTCP] {
 			t.Errorf("relay-edge must offer UDP and TCP on one port, has %v", protos)
+		}
+		if got := mustEnv(t, &spec.Containers[0], "RELAY_MESH_ADVERTISE"); got != "$(POD_IP)" {
+			t.Errorf("RELAY_MESH_ADVERTISE %q, want the pod's address alone (relayd adds the port; IPv6 needs no brackets then)", got)
 		}
 		if want.edges > 1 && (spec.Affinity == nil || spec.Affinity.PodAntiAffinity == nil) {
 			t.Error("edges have no pod anti-affinity")
@@ -601,7 +608,8 @@ func checkPod(t *testing.T, r *rendered, w workload, want overlay, flags map[str
 		if def := cmd.byEnv[envName].Default; def != "" && port(t, def) != p {
 			t.Errorf("%s port %s differs from relayd's default %s", envName, p, def)
 		}
-		if adv, ok := env(c, strings.Replace(envName, "_ADDR", "_ADVERTISE", 1)); ok && port(t, adv.Value) != p {
+		// An advertised host alone (no colon) takes the bound port.
+		if adv, ok := env(c, strings.Replace(envName, "_ADDR", "_ADVERTISE", 1)); ok && strings.Contains(adv.Value, ":") && port(t, adv.Value) != p {
 			t.Errorf("%s advertises port %s, listens on %s", envName, port(t, adv.Value), p)
 		}
 	}

@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -171,5 +172,26 @@ func TestEdgeInfoForPages(t *testing.T) {
 	e = r.StartEdgeWith(0, cfg)
 	if got := info("relay.example.com"); got.Addr != cfg.PublicAddr {
 		t.Errorf("with PublicAddr: told %+v", got)
+	}
+
+	// A host alone (an IPv6 address as Kubernetes substitutes $(POD_IP):
+	// no brackets) gets the bound port.
+	r.StopEdge(0)
+	cfg = r.EdgeConfig(0)
+	cfg.AdminAddr = "127.0.0.1:0"
+	cfg.PublicAddr = "2001:db8::1"
+	e = r.StartEdgeWith(0, cfg)
+	_, port, _ = net.SplitHostPort(e.Addr())
+	if got, want := info("relay.example.com").Addr, "[2001:db8::1]:"+port; got != want {
+		t.Errorf("with PublicAddr %q: told %q, want %q", cfg.PublicAddr, got, want)
+	}
+	r.StopEdge(0)
+	cfg = r.EdgeConfig(0)
+	cfg.PublicAddr = "2001:db8::1]:443"
+	if s, err := server.Start(context.Background(), cfg); err == nil || !strings.Contains(err.Error(), "public address") {
+		if err == nil {
+			_ = s.Shutdown(context.Background())
+		}
+		t.Errorf("with PublicAddr %q: %v, want an error naming it", cfg.PublicAddr, err)
 	}
 }

@@ -515,3 +515,20 @@ func TestAnyOneAcrossEdges(t *testing.T) {
 		t.Fatalf("the offline device got %s after it was taken", ev.ID)
 	}
 }
+
+// An edge told to advertise a host alone for its mesh (as Kubernetes
+// substitutes $(POD_IP)) registers it with the port its mesh bound, and
+// the edges link.
+func TestMeshAdvertiseAHostAlone(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edges: 2, Edge: func(_ int, cfg *server.Config) {
+		cfg.MeshAdvertise = "127.0.0.1"
+	}})
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		for i, e := range r.Edges {
+			if up := e.Mesh().Stats().LinksUp; up != 1 {
+				return fmt.Errorf("edge %d: %d mesh links up, want 1", i, up)
+			}
+		}
+		return nil
+	})
+}

@@ -66,8 +66,10 @@ type Config struct {
 	// Metrics and Tracer are set by the server).
 	Session session.Config
 	// PublicAddr is the UDP host:port browsers are told to reach for
-	// WebTransport (EdgeInfoPath) [Addr as bound; an unspecified host
-	// such as 0.0.0.0 is replaced by the host the page was loaded from].
+	// WebTransport (EdgeInfoPath), or a host alone (an IPv6 address
+	// with or without brackets) with Addr's port as bound [Addr as bound;
+	// an unspecified host such as 0.0.0.0 is replaced by the host the
+	// page was loaded from].
 	PublicAddr string
 	// AllowedOrigins lists the web origins, besides the edge's own page,
 	// whose pages may open WebTransport and WebSocket sessions; "*" admits
@@ -75,7 +77,8 @@ type Config struct {
 	AllowedOrigins []string
 	// MeshAddr is the UDP address of the mesh listener (other edges
 	// connect there) [the host of Addr, a free port]; MeshAdvertise the
-	// address other edges are told [MeshAddr as bound].
+	// address other edges are told, host:port or a host alone with
+	// MeshAddr's port as bound [MeshAddr as bound].
 	MeshAddr, MeshAdvertise string
 	// IdleTimeout closes device connections that send nothing, not even
 	// keep-alives [30s]; MeshIdleTimeout does the same for mesh links
@@ -195,6 +198,14 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		cfg.Registry = prometheus.NewRegistry()
 		cfg.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
+	for _, a := range []struct{ what, v string }{{"public address", cfg.PublicAddr}, {"mesh advertise address", cfg.MeshAdvertise}} {
+		if a.v == "" {
+			continue
+		}
+		if _, _, err := splitAdvertised(a.v); err != nil {
+			return nil, fmt.Errorf("%s %q: %w", a.what, a.v, err)
+		}
+	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("edge", cfg.EdgeID), ring: session.NewRing()}
 	defer func() {
 		if err != nil {
@@ -282,6 +293,12 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	sc.Remote = s.mesh
+	if cfg.MeshAdvertise != "" {
+		// A host alone gets the port the mesh bound.
+		if s.cfg.MeshAdvertise, err = advertised(cfg.MeshAdvertise, s.mesh.Addr().String()); err != nil {
+			return nil, err
+		}
+	}
 	if s.hub, err = session.NewHub(sc); err != nil {
 		return nil, err
 	}
@@ -323,6 +340,12 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		s.listener = nil
 		if port != "0" || attempt >= 20 {
 			return nil, fmt.Errorf("listen tcp %s: %w", tcpAddr, err)
+		}
+	}
+	if cfg.PublicAddr != "" {
+		// A host alone gets the port the device listener bound.
+		if s.cfg.PublicAddr, err = advertised(cfg.PublicAddr, s.Addr()); err != nil {
+			return nil, err
 		}
 	}
 	httpsConf := &tls.Config{GetCertificate: s.certs.GetCertificate, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
@@ -391,7 +414,7 @@ func (s *Server) originPolicy() transport.OriginPolicy {
 		p.Pages = append(p.Pages, transport.Page{Scheme: "http", Port: port})
 	}
 	if s.cfg.PublicAddr != "" {
-		if h, _, err := net.SplitHostPort(s.cfg.PublicAddr); err == nil {
+		if h, _, err := splitAdvertised(s.cfg.PublicAddr); err == nil {
 			p.Hosts = append(p.Hosts, h)
 		}
 	}
