@@ -2,12 +2,17 @@ package server_test
 
 import (
 	"bytes"
+	"os/exec"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/server"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -60,4 +65,85 @@ func getMetric(mfs []*dto.MetricFamily, name string) []*dto.Metric {
 		}
 	}
 	return nil
+}
+
+// A node reports the size and free space of the filesystems holding its
+// data and backup directories, as df(1) counts them; without a backup
+// directory there is no "backups" series.
+func TestDiskSpaceMetrics(t *testing.T) {
+	backups := t.TempDir()
+	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) { cfg.BackupDir = backups }})
+	node := c.Nodes[0].Server
+	got := diskSpace(t, node.Registry())
+	for dir, path := range map[string]string{"data": c.Nodes[0].DataDir, "backups": backups} {
+		size, avail := df(t, path)
+		m := got[dir]
+		if m.size != size {
+			t.Errorf("%s: size %d bytes, df says %d", dir, m.size, size)
+		}
+		// Other tests write to the same filesystem meanwhile.
+		const slack = 512 << 20
+		if m.free > m.size || m.free+slack < avail || m.free > avail+slack {
+			t.Errorf("%s: %d bytes free of %d, df says %d available", dir, m.free, m.size, avail)
+		}
+	}
+
+	plain := clustertest.Start(t, 1, clustertest.Options{})
+	if got := diskSpace(t, plain.Nodes[0].Server.Registry()); len(got) != 1 || got["data"].size == 0 {
+		t.Errorf("without a backup directory: %v, want data only", got)
+	}
+}
+
+type space struct{ free, size uint64 }
+
+// diskSpace reads relay_control_disk_{free,size}_bytes by dir.
+func diskSpace(t *testing.T, reg *prometheus.Registry) map[string]space {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]space{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			dir := ""
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "dir" {
+					dir = l.GetValue()
+				}
+			}
+			s := out[dir]
+			switch mf.GetName() {
+			case "relay_control_disk_free_bytes":
+				s.free = uint64(m.GetGauge().GetValue())
+			case "relay_control_disk_size_bytes":
+				s.size = uint64(m.GetGauge().GetValue())
+			default:
+				continue
+			}
+			out[dir] = s
+		}
+	}
+	return out
+}
+
+// df returns the size and the available bytes of the filesystem holding
+// path, as coreutils' df reads them (statvfs).
+func df(t *testing.T, path string) (size, avail uint64) {
+	t.Helper()
+	out, err := exec.Command("df", "-B1", "--output=size,avail", path).Output()
+	if err != nil {
+		t.Fatalf("df: %v", err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	f := strings.Fields(lines[len(lines)-1])
+	if len(f) != 2 {
+		t.Fatalf("df printed %q", out)
+	}
+	size, err1 := strconv.ParseUint(f[0], 10, 64)
+	avail, err2 := strconv.ParseUint(f[1], 10, 64)
+	if err1 != nil || err2 != nil {
+		t.Fatalf("df printed %q", out)
+	}
+	return size, avail
 }

@@ -224,6 +224,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), reg: prometheus.NewRegistry(), ready: make(chan struct{})}
 	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	dirs := []diskDir{{"data", cfg.DataDir}}
+	if cfg.BackupDir != "" {
+		dirs = append(dirs, diskDir{"backups", cfg.BackupDir})
+	}
+	s.reg.MustRegister(newDiskSpace(s.log, dirs...))
 	defer func() {
 		if err != nil {
 			_ = s.Shutdown(context.Background())
