@@ -11,10 +11,10 @@ import (
 // hold the node's directories: a control node whose data disk fills up
 // stops (Pebble cannot write its log), so operators are warned before.
 type diskSpace struct {
-	dirs       []diskDir
-	free, size *prometheus.Desc
-	log        *slog.Logger
-	warned     sync.Map // dir label -> struct{}: a failing statfs is logged once
+	dirs        []diskDir
+	avail, size *prometheus.Desc
+	log         *slog.Logger
+	warned      sync.Map // dir label -> struct{}: a failing statfs is logged once
 }
 
 // diskDir is a directory and the value of its "dir" label.
@@ -23,8 +23,8 @@ type diskDir struct{ label, path string }
 func newDiskSpace(log *slog.Logger, dirs ...diskDir) *diskSpace {
 	return &diskSpace{
 		dirs: dirs,
-		free: prometheus.NewDesc("relay_control_disk_free_bytes",
-			"Bytes free to the node (not counting the root-reserved ones) on the filesystem of one of its directories: data (state and Raft log) or backups.",
+		avail: prometheus.NewDesc("relay_control_disk_avail_bytes",
+			"Bytes available to the node (free ones, less those reserved for root) on the filesystem of one of its directories: data (state and Raft log) or backups.",
 			[]string{"dir"}, nil),
 		size: prometheus.NewDesc("relay_control_disk_size_bytes",
 			"Size in bytes of the filesystem of one of the node's directories: data or backups.",
@@ -35,7 +35,7 @@ func newDiskSpace(log *slog.Logger, dirs ...diskDir) *diskSpace {
 
 // Describe implements prometheus.Collector.
 func (d *diskSpace) Describe(ch chan<- *prometheus.Desc) {
-	ch <- d.free
+	ch <- d.avail
 	ch <- d.size
 }
 
@@ -44,14 +44,14 @@ func (d *diskSpace) Describe(ch chan<- *prometheus.Desc) {
 // failing the whole scrape.
 func (d *diskSpace) Collect(ch chan<- prometheus.Metric) {
 	for _, dir := range d.dirs {
-		free, size, err := statDisk(dir.path)
+		avail, size, err := statDisk(dir.path)
 		if err != nil {
 			if _, logged := d.warned.LoadOrStore(dir.label, struct{}{}); !logged {
 				d.log.Warn("cannot read the space of a directory's filesystem; relay_control_disk_* leave it out", "dir", dir.path, "err", err)
 			}
 			continue
 		}
-		ch <- prometheus.MustNewConstMetric(d.free, prometheus.GaugeValue, float64(free), dir.label)
+		ch <- prometheus.MustNewConstMetric(d.avail, prometheus.GaugeValue, float64(avail), dir.label)
 		ch <- prometheus.MustNewConstMetric(d.size, prometheus.GaugeValue, float64(size), dir.label)
 	}
 }

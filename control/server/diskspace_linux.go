@@ -6,9 +6,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// statDisk returns the bytes free to unprivileged users and the size of
+// statDisk returns the bytes available to unprivileged users and the size of
 // the filesystem holding path, as df(1) counts them.
-func statDisk(path string) (free, size uint64, err error) {
+func statDisk(path string) (avail, size uint64, err error) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(path, &st); err != nil {
 		return 0, 0, fmt.Errorf("statfs %s: %w", path, err)

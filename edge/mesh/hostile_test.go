@@ -118,17 +118,10 @@ func TestAPeerThatDoesNotReadItsOutcomes(t *testing.T) {
 	b := startMeshWith(t, ca, "edge-b", lb, func(c *Config) { c.MaxOutstanding = outstanding })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	conn, err := quic.DialAddr(ctx, b.Addr().String(), testIdentity(t, ca, "edge-evil").clientTLS("edge-b", nil), quicConfig(15*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.CloseWithError(0, "")
-	str, err := conn.OpenStreamSync(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn, str := rawLink(ctx, t, b.Addr().String(), testIdentity(t, ca, "edge-evil").clientTLS("edge-b", nil), 15*time.Second)
 	w := bufio.NewWriterSize(str, 64<<10)
 	var buf []byte
+	var err error
 	if buf, err = writeFrame(w, buf, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: "edge-evil", PeerId: "edge-b"}}}); err != nil {
 		t.Fatal(err)
 	}
@@ -186,13 +179,14 @@ func TestAPeerThatDoesNotReadItsOutcomes(t *testing.T) {
 }
 
 // A peer that opens its link's stream and stalls inside its hello is
-// dropped after HelloTimeout, and cannot hold up Close meanwhile: a
+// dropped after HelloTimeout (2 s, long enough to be seen waiting in it
+// on a busy machine), and cannot hold up Close meanwhile: a
 // connection that is not registered yet is closed with the mesh too
 // (there with a HelloTimeout far beyond the test's waits).
 func TestAPeerStalledInItsHello(t *testing.T) {
 	ca := newTestCA(t)
 	for _, closeMesh := range []bool{false, true} {
-		hello := 200 * time.Millisecond
+		hello := 2 * time.Second
 		if closeMesh {
 			hello = time.Hour
 		}

@@ -22,7 +22,9 @@ type inbound struct {
 	peer string
 	key  ed25519.PublicKey // of the peer's certificate
 	conn *quic.Conn
-	// controlHeard is the peer's latest MeshStatus.
+	// status: the link speaks relay-mesh/2, so this edge sends its own
+	// MeshStatus back on it; controlHeard is the peer's latest.
+	status       bool
 	controlHeard atomic.Bool
 
 	mu   sync.Mutex // guards out
@@ -70,7 +72,10 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		return
 	}
 	key, _ := certs[0].PublicKey.(ed25519.PublicKey)
-	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.HelloTimeout)
+	// The stream and the hello on it come within HelloTimeout, together:
+	// a peer that stalls at either holds nothing for longer.
+	helloBy := time.Now().Add(m.cfg.HelloTimeout)
+	ctx, cancel := context.WithDeadline(m.ctx, helloBy)
 	str, err := conn.AcceptStream(ctx)
 	cancel()
 	if err != nil {
@@ -79,9 +84,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 	r := bufio.NewReaderSize(str, 16<<10)
 	var buf []byte
 	f := &edgev1.MeshFrame{}
-	// The hello comes within the same bound: a peer that opens the
-	// stream and stalls holds nothing for longer.
-	_ = str.SetReadDeadline(time.Now().Add(m.cfg.HelloTimeout))
+	_ = str.SetReadDeadline(helloBy)
 	buf, err = readFrame(r, buf, f)
 	_ = str.SetReadDeadline(time.Time{})
 	if err != nil || f.GetHello() == nil {
@@ -92,7 +95,8 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		log.Warn("mesh hello does not match the certificate", "certificate", peer, "hello", h.GetEdgeId(), "to", h.GetPeerId())
 		return
 	}
-	in := &inbound{peer: peer, key: key, conn: conn, wake: make(chan struct{}, 1), slots: make(chan struct{}, m.cfg.MaxOutstanding)}
+	in := &inbound{peer: peer, key: key, conn: conn, wake: make(chan struct{}, 1), slots: make(chan struct{}, m.cfg.MaxOutstanding),
+		status: conn.ConnectionState().TLS.NegotiatedProtocol == ALPNStatus}
 	m.mu.Lock()
 	if !m.keyHolds(peer, key) {
 		// An older process of that id, whose certificate is still valid:
@@ -102,11 +106,20 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		return
 	}
 	if old := m.inbound[peer]; old != nil {
-		// The peer reconnected: its new link replaces the old one.
+		// The peer reconnected: its new link replaces the old one, and
+		// its status holds until the new link brings one.
 		_ = old.conn.CloseWithError(0, "replaced")
+		in.controlHeard.Store(old.controlHeard.Load())
 	}
 	m.inbound[peer] = in
 	m.mu.Unlock()
+	if in.status {
+		// This edge's status goes back on the link (ordered with
+		// SetControlHeard, which sends to registered links).
+		m.presMu.Lock()
+		in.send(statusFrame(m.controlHeard))
+		m.presMu.Unlock()
+	}
 	defer func() {
 		m.mu.Lock()
 		current := m.inbound[peer] == in

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -22,6 +23,9 @@ type link struct {
 	key        ed25519.PublicKey // registered for peer; nil: not known
 	ctx        context.Context
 	cancel     context.CancelFunc
+	// peerHeard is the peer's latest MeshStatus, sent back on this link
+	// (relay-mesh/2); false while the link is down.
+	peerHeard atomic.Bool
 
 	mu      sync.Mutex // guards the fields below
 	up      bool
@@ -211,6 +215,12 @@ func (l *link) readResults(str *quic.Stream) error {
 		if buf, err = readFrame(r, buf, f); err != nil {
 			return err
 		}
+		if st := f.GetStatus(); st != nil {
+			if l.peerHeard.Swap(st.GetControlHeard()) != st.GetControlHeard() {
+				l.m.cfg.Logger.Info("mesh peer's view of the control plane changed", "peer", l.peer, "control_heard", st.GetControlHeard())
+			}
+			continue
+		}
 		res := f.GetForwardResult()
 		if res == nil {
 			return fmt.Errorf("unexpected %T from the peer", f.GetKind())
@@ -231,6 +241,7 @@ func (l *link) readResults(str *quic.Stream) error {
 // store it in the mailboxes in that order.
 func (l *link) down() {
 	l.m.metrics.links.Dec()
+	l.peerHeard.Store(false)
 	l.m.presMu.Lock()
 	l.mu.Lock()
 	l.up = false

@@ -228,7 +228,16 @@ func (m *Mesh) Run() {
 		if err != nil {
 			return
 		}
+		// Under mu, so Close (which cancels under it) waits for this one
+		// or it is not started.
+		m.mu.Lock()
+		if m.ctx.Err() != nil {
+			m.mu.Unlock()
+			_ = conn.CloseWithError(0, "edge shutting down")
+			return
+		}
 		m.wg.Go(func() { m.serveInbound(conn) })
+		m.mu.Unlock()
 	}
 }
 
@@ -240,8 +249,12 @@ func (m *Mesh) Kill() { _ = m.udp.Close() }
 // Close ends every link and the listener, and waits for their goroutines.
 func (m *Mesh) Close() error {
 	// Every link's context derives from the mesh's, and every inbound
-	// connection closes with it (serveInbound).
+	// connection closes with it (serveInbound). Cancelled under mu: a
+	// SetMembers or Run that saw the mesh open has started its goroutines
+	// before Wait below, and none starts after.
+	m.mu.Lock()
 	m.cancel()
+	m.mu.Unlock()
 	err := m.ln.Close()
 	m.wg.Wait()
 	return errors.Join(err, m.tr.Close(), m.udp.Close())
@@ -307,16 +320,31 @@ func (m *Mesh) SetControlHeard(heard bool) {
 	for _, l := range m.linkList() {
 		l.sendStatus(heard)
 	}
+	m.mu.Lock()
+	for _, in := range m.inbound {
+		if in.status {
+			in.send(statusFrame(heard))
+		}
+	}
+	m.mu.Unlock()
 }
 
-// PeersHearingControl returns the peers, sorted, whose link to this edge
-// is up and whose latest status says they hear the control plane. A peer
-// of relay-mesh/1, or one that sent no status yet, does not count.
+// PeersHearingControl returns the peers, sorted, that say they hear the
+// control plane: on their link to this edge, or back on this edge's link
+// to them (so a peer that dropped this edge from its member list, as the
+// control plane does once this edge's lease runs out, still counts while
+// this edge links to it). A peer of relay-mesh/1, one that sent no
+// status yet, or one linked neither way does not count.
 func (m *Mesh) PeersHearingControl() []string {
 	m.mu.Lock()
 	var ids []string
 	for id, in := range m.inbound {
 		if in.controlHeard.Load() {
+			ids = append(ids, id)
+		}
+	}
+	for id, l := range m.links {
+		if l.peerHeard.Load() && !slices.Contains(ids, id) {
 			ids = append(ids, id)
 		}
 	}

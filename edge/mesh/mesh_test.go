@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"fmt"
@@ -132,6 +133,22 @@ func testIdentity(t *testing.T, ca *testCA, id string) *Identity {
 		t.Fatal(err)
 	}
 	return idn
+}
+
+// rawLink dials addr as a peer driven by hand and opens its link's
+// stream; the connection closes at cleanup.
+func rawLink(ctx context.Context, t *testing.T, addr string, tlsConf *tls.Config, idle time.Duration) (*quic.Conn, *quic.Stream) {
+	t.Helper()
+	conn, err := quic.DialAddr(ctx, addr, tlsConf, quicConfig(idle))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.CloseWithError(0, "") })
+	str, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return conn, str
 }
 
 func waitFor(t *testing.T, what string, cond func() bool) {
@@ -414,5 +431,70 @@ func TestAPeerOfTheFirstMeshProtocolGetsNoStatus(t *testing.T) {
 			}
 			return
 		}
+	}
+}
+
+// A peer's status also comes back on this edge's own link to it, so a
+// peer that no longer links to this edge (it dropped this edge from its
+// member list, as the control plane does once this edge's lease runs
+// out) still counts while this edge links to it; the link going down
+// forgets it.
+func TestAStatusComesBackOnTheDialersLink(t *testing.T) {
+	ca := newTestCA(t)
+	a, b := startMesh(t, ca, "edge-a", &fakeLocal{}), startMesh(t, ca, "edge-b", &fakeLocal{})
+	b.SetControlHeard(true)
+	// Only a links to b.
+	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: b.Addr().String()}})
+	waitFor(t, "a learns b hears the control plane", func() bool { return slices.Equal(a.PeersHearingControl(), []string{"edge-b"}) })
+	if st := b.Stats(); st.LinksUp != 0 {
+		t.Fatalf("b links to %d peers, want none", st.LinksUp)
+	}
+	b.SetControlHeard(false)
+	waitFor(t, "a learns b no longer hears it", func() bool { return len(a.PeersHearingControl()) == 0 })
+	b.SetControlHeard(true)
+	waitFor(t, "a learns b hears it again", func() bool { return len(a.PeersHearingControl()) == 1 })
+	a.SetMembers(nil)
+	waitFor(t, "a forgets b with its link", func() bool { return len(a.PeersHearingControl()) == 0 })
+}
+
+// A dialer that speaks relay-mesh/1 only (an edge not upgraded yet,
+// which ends a link on a frame it does not know) gets no status back:
+// only the results of its forwards.
+func TestADialerOfTheFirstMeshProtocolGetsNoStatus(t *testing.T) {
+	ca := newTestCA(t)
+	a := startMesh(t, ca, "edge-a", &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED})
+	a.SetControlHeard(true)
+	tlsConf := testIdentity(t, ca, "edge-old").clientTLS("edge-a", nil)
+	tlsConf.NextProtos = []string{ALPN}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, str := rawLink(ctx, t, a.Addr().String(), tlsConf, time.Minute)
+	var buf []byte
+	var err error
+	for _, f := range []*edgev1.MeshFrame{
+		{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: "edge-old", PeerId: "edge-a"}}},
+		{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{}}},
+	} {
+		if buf, err = writeFrame(str, buf, f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "a registers the link", func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.inbound["edge-old"] != nil
+	})
+	a.SetControlHeard(false)
+	a.SetControlHeard(true)
+	if buf, err = writeFrame(str, buf, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: &edgev1.Forward{Id: 1, DeviceId: "d", UserId: "u", Event: []byte("x")}}}); err != nil {
+		t.Fatal(err)
+	}
+	_ = str.SetReadDeadline(time.Now().Add(30 * time.Second))
+	f := &edgev1.MeshFrame{}
+	if _, err := readFrame(bufio.NewReader(str), nil, f); err != nil {
+		t.Fatal(err)
+	}
+	if f.GetForwardResult().GetId() != 1 {
+		t.Fatalf("a relay-mesh/1 dialer got %v first, want the forward's result", f)
 	}
 }

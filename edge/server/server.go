@@ -489,6 +489,12 @@ func (s *Server) sendActivity(ctx context.Context, acts []session.Activity) {
 // every edge ready through that.
 const StepAsideAfter = 10 * time.Second
 
+// StepBackAfter is how long an edge that stepped aside, still cut off,
+// waits once no peer says it hears the control plane before it is ready
+// again (the control plane went down for every edge): a mesh link that
+// reconnects meanwhile does not make it flap.
+const StepBackAfter = 5 * time.Second
+
 // Ready reports whether the edge should get new devices from its load
 // balancer: listeners up (and no shutdown begun), the directory synced
 // with the control plane's watch feed, registered as a member, and not
@@ -499,7 +505,8 @@ const StepAsideAfter = 10 * time.Second
 // peer edge reachable through the mesh still hears the control plane
 // (for StepAsideAfter): the outage is its own, and devices do better on
 // that peer. When no peer does (the whole control plane is down, or this
-// edge reaches no peer) it stays ready: a load balancer would otherwise
+// edge reaches no peer) it stays ready, or is ready again after
+// StepBackAfter: a load balancer would otherwise
 // drop every edge at once, and with them (Kubernetes flushes a removed
 // endpoint's UDP flows) the sessions they hold, which go on relaying. A
 // lease that ran out after registering does not count either (see
@@ -549,7 +556,9 @@ func (s *Server) watchControlGrace(ctx context.Context) {
 	// on 0), which a grace under 4ns would give.
 	tick := time.NewTicker(max(min(s.cfg.ControlGrace/4, 250*time.Millisecond), time.Millisecond))
 	defer tick.Stop()
-	var elsewhereSince time.Time // since when peers heard it while this edge was cut off
+	// Since when, with this edge cut off, some peer has heard the control
+	// plane (elsewhereSince), or none has (noneSince).
+	var elsewhereSince, noneSince time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -562,18 +571,33 @@ func (s *Server) watchControlGrace(ctx context.Context) {
 		if cut {
 			peers = s.mesh.PeersHearingControl()
 		}
+		now := time.Now()
 		switch {
-		case len(peers) == 0:
-			elsewhereSince = time.Time{}
+		case !cut:
+			elsewhereSince, noneSince = time.Time{}, time.Time{}
 			if s.stepAside.Swap(nil) != nil {
-				s.log.Info("no peer edge hears the control plane any more, or it is heard again; ready")
+				s.log.Info("control plane heard again; ready")
 			}
-		case elsewhereSince.IsZero():
-			elsewhereSince = time.Now()
-		case time.Since(elsewhereSince) >= StepAsideAfter:
-			if s.stepAside.Swap(&peers) == nil {
-				s.log.Warn("cut off from the control plane while peer edges hear it; not ready, so the load balancer sends devices to them",
-					"peers", peers)
+		case len(peers) > 0:
+			noneSince = time.Time{}
+			if elsewhereSince.IsZero() {
+				elsewhereSince = now
+			}
+			if s.stepAside.Load() != nil || now.Sub(elsewhereSince) >= StepAsideAfter {
+				if s.stepAside.Swap(&peers) == nil {
+					s.log.Warn("cut off from the control plane while peer edges hear it; not ready, so the load balancer sends devices to them",
+						"peers", peers)
+				}
+			}
+		default: // cut off, and no peer says it hears the control plane
+			elsewhereSince = time.Time{}
+			if noneSince.IsZero() {
+				noneSince = now
+			}
+			// A link that reconnects, or a peer's status that flips for
+			// a moment, does not bring the edge back.
+			if now.Sub(noneSince) >= StepBackAfter && s.stepAside.Swap(nil) != nil {
+				s.log.Info("no peer edge hears the control plane any more; ready, relaying for the sessions held and refusing new ones")
 			}
 		}
 		if s.cutOff.Swap(cut) != cut {
@@ -694,7 +718,7 @@ func (s *Server) publicMux() http.Handler {
 			return
 		}
 		if s.controlSilent() {
-			_, _ = w.Write([]byte("ready, but cut off from the control plane (as is every peer edge this one reaches): relaying for the sessions it holds, refusing new ones\n"))
+			_, _ = w.Write([]byte("ready, but cut off from the control plane: relaying for the sessions it holds, refusing new ones (it steps aside once a peer edge says it hears the control plane)\n"))
 			return
 		}
 		_, _ = w.Write([]byte("ready\n"))

@@ -55,21 +55,23 @@ func sendAndReceive(t *testing.T, a, b *client.Client, bID, payload string) {
 // sessions it has; once the control plane has been silent for longer
 // than --control-grace it refuses new sessions (GOING_AWAY), and since
 // its peer edge still hears the control plane it steps aside (not
-// ready). After healing, a revocation decided during the split closes
+// ready), and stays aside after its membership lease ran out and the
+// peer dropped it from its member list (the lease here is shorter than
+// the grace, as by default: 30 s against 1 min). After healing, a revocation decided during the split closes
 // the revoked device's session within about a second, and the edge
 // admits sessions again. When both edges lose the control plane, one
 // grace after the other (the whole control plane is gone from their
 // view), neither leaves its load balancer at any moment: both stay
-// ready, refusing new sessions and relaying for those in place, across
-// the mesh too.
+// ready, refusing new sessions and relaying for those in place.
 func TestEdgeCutOffFromControlPlane(t *testing.T) {
 	// The feed carries a progress message every 5 s (control/api's
 	// default ProgressInterval); the grace is above it.
-	const progressEvery, grace = 5 * time.Second, 7 * time.Second
+	const progressEvery, grace, lease = 5 * time.Second, 7 * time.Second, 4 * time.Second
 	s := relaytest.StartSystem(t, relaytest.SystemOptions{Relayd: relayd, ControlNodes: 3, Edges: 2,
-		EdgeArgs: func(int) []string { return []string{"--control-grace", grace.String()} }})
+		ControlArgs: func(int) []string { return []string{"--edge-lease-ttl", lease.String()} },
+		EdgeArgs:    func(int) []string { return []string{"--control-grace", grace.String()} }})
 	user := s.User("alice")
-	devA, devB, devC, devD := s.Device(user, "a"), s.Device(user, "b"), s.Device(user, "c"), s.Device(user, "d")
+	devA, devB, devC, devD, devE := s.Device(user, "a"), s.Device(user, "b"), s.Device(user, "c"), s.Device(user, "d"), s.Device(user, "e")
 	// Each dial stays on the edge it names: a refusal is what is tested.
 	onlyThere := func(c *client.Config) { c.OtherAddrs = nil }
 	admitted := func(i int) error {
@@ -163,6 +165,20 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 	if !s.EdgeReady(e1) {
 		t.Fatal("the edge that hears the control plane is not ready")
 	}
+	// Its lease ran out long ago: the peer no longer links to it, and
+	// tells it what it hears over its own link. Aside it stays.
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if v, err := s.EdgeMetric(e1, "relay_edge_mesh_links"); err != nil || v != 0 {
+			return fmt.Errorf("edge 1 still links to the cut-off edge (%v, %v)", v, err)
+		}
+		return nil
+	})
+	for range 3 * server.StepBackAfter / time.Second {
+		if s.EdgeReady(e0) {
+			t.Fatal("the cut-off edge is ready again though its peer hears the control plane")
+		}
+		<-time.After(time.Second) // observation window (workload time)
+	}
 	// The sessions in place still relay.
 	sendAndReceive(t, a, b, devB.ID, "past the grace")
 
@@ -193,11 +209,16 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 		return admitted(0)
 	})
 	t.Logf("edge admits sessions again %v after healing", time.Since(healed).Round(10*time.Millisecond))
+	e := mustDial(t, s, 0, devE, onlyThere)
+	sendAndReceive(t, a, e, devE.ID, "after healing")
+	sendAndReceive(t, a, d, devD.ID, "after healing")
 
 	// The whole control plane goes from the edges' view, edge 1's grace
-	// ending first and edge 0's up to a grace later: while edge 1 is cut
-	// off, edge 0 still hears for a while, which is no reason to step
-	// aside. Readiness of both is watched all along.
+	// ending first and edge 0's up to a grace (7 s) later, more than the
+	// one feed heartbeat (5 s) by which graces end apart when the control
+	// plane goes down for all: while edge 1 is cut off, edge 0 still
+	// hears for a while, which is no reason to step aside. Readiness of
+	// both is watched all along.
 	var unready []string
 	stopWatching, watched := make(chan struct{}), make(chan struct{})
 	cut1 := time.Now()
@@ -226,7 +247,9 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 	t.Logf("whole control plane gone: edge 1 cut off, edge 0 cut off %v later", time.Since(cut0).Round(10*time.Millisecond))
 	refused(0)
 	refused(1)
-	sendAndReceive(t, a, d, devD.ID, "with the whole control plane gone")
+	// Between sessions of one edge: edge 1's lease ran out while edge 0
+	// still heard the control plane, so edge 0 no longer routes to it.
+	sendAndReceive(t, a, e, devE.ID, "with the whole control plane gone")
 	// Watched until past the time a step aside would have taken
 	// (observation window, workload time).
 	<-time.After(time.Until(cut0.Add(grace + server.StepAsideAfter + 2*time.Second)))

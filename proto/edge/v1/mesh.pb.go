@@ -229,15 +229,19 @@ func (*MeshFrame_ForwardResult) isMeshFrame_Kind() {}
 
 func (*MeshFrame_Status) isMeshFrame_Kind() {}
 
-// MeshStatus is the dialer's view of the control plane, sent after the
-// presence set when a link comes up and whenever it changes (relay-mesh/2
-// only). An edge cut off from the control plane uses its peers' statuses
+// MeshStatus is the sender's view of the control plane, sent when a link
+// comes up (the dialer's after its presence set, the peer's first among
+// its results) and whenever it changes (relay-mesh/2 only). Going both
+// ways, it reaches an edge from a peer that no longer links to it (the
+// control plane dropped the edge from the member list when its lease ran
+// out) as long as the edge links to the peer. An edge cut off from the
+// control plane uses its peers' statuses
 // to tell an outage of its own (some peer still hears the control plane:
 // it steps out of its load balancer) from one of the whole control plane
 // (none does: it stays in, so the sessions it holds survive).
 type MeshStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The dialer has heard from the control plane within its control
+	// The sender has heard from the control plane within its control
 	// grace. False until it first does, and on an edge whose grace is off.
 	ControlHeard  bool `protobuf:"varint,1,opt,name=control_heard,json=controlHeard,proto3" json:"control_heard,omitempty"`
 	unknownFields protoimpl.UnknownFields
