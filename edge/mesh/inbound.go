@@ -105,14 +105,19 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		log.Warn("mesh peer refused: its key is not the one registered for its edge id", "peer", peer)
 		return
 	}
-	if old := m.inbound[peer]; old != nil {
-		// The peer reconnected: its new link replaces the old one, and
-		// its status holds until the new link brings one.
-		_ = old.conn.CloseWithError(0, "replaced")
+	old := m.inbound[peer]
+	if old != nil && in.status && old.key.Equal(key) {
+		// The same process reconnected: its status holds until the new
+		// link brings one.
 		in.controlHeard.Store(old.controlHeard.Load())
 	}
 	m.inbound[peer] = in
 	m.mu.Unlock()
+	if old != nil {
+		// The peer reconnected: its new link replaces the old one
+		// (closed outside mu: closing waits for the connection's loop).
+		_ = old.conn.CloseWithError(0, "replaced")
+	}
 	if in.status {
 		// This edge's status goes back on the link (ordered with
 		// SetControlHeard, which sends to registered links).
@@ -157,7 +162,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 			m.presenceFromPeer(peer, false, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
 		case *edgev1.MeshFrame_Status:
 			if in.controlHeard.Swap(k.Status.GetControlHeard()) != k.Status.GetControlHeard() {
-				log.Info("mesh peer's view of the control plane changed", "peer", peer, "control_heard", k.Status.GetControlHeard())
+				log.Debug("mesh peer's view of the control plane changed", "peer", peer, "control_heard", k.Status.GetControlHeard())
 			}
 		case *edgev1.MeshFrame_Forward:
 			fw := k.Forward

@@ -217,7 +217,7 @@ func (l *link) readResults(str *quic.Stream) error {
 		}
 		if st := f.GetStatus(); st != nil {
 			if l.peerHeard.Swap(st.GetControlHeard()) != st.GetControlHeard() {
-				l.m.cfg.Logger.Info("mesh peer's view of the control plane changed", "peer", l.peer, "control_heard", st.GetControlHeard())
+				l.m.cfg.Logger.Debug("mesh peer's view of the control plane changed", "peer", l.peer, "control_heard", st.GetControlHeard())
 			}
 			continue
 		}

@@ -202,8 +202,12 @@ func New(cfg Config) (*Mesh, error) {
 	for _, name := range edgev1.ForwardOutcome_name {
 		m.metrics.forwards.WithLabelValues(name)
 	}
+	hearing := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "relay_edge_mesh_peers_hearing_control",
+		Help: "Peer edges that say over the mesh that they hear the control plane (relay-mesh/2 links): a cut-off edge steps aside while there is one.",
+	}, func() float64 { return float64(len(m.PeersHearingControl())) })
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{m.metrics.links, m.metrics.forwards, m.metrics.devices, m.metrics.retries} {
+		for _, c := range []prometheus.Collector{m.metrics.links, m.metrics.forwards, m.metrics.devices, m.metrics.retries, hearing} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				_ = ln.Close()
 				_ = udp.Close()
@@ -264,8 +268,8 @@ func (m *Mesh) Close() error {
 // dropped; this edge's own entry is ignored).
 func (m *Mesh) SetMembers(members []Member) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	if m.ctx.Err() != nil {
+		m.mu.Unlock()
 		return
 	}
 	want := map[string]Member{}
@@ -291,11 +295,17 @@ func (m *Mesh) SetMembers(members []Member) {
 			m.wg.Go(l.run)
 		}
 	}
-	// A link from a process that no longer holds its id goes.
+	// A link from a process that no longer holds its id goes (closed
+	// outside mu: closing waits for the connection's loop).
+	var stale []*quic.Conn
 	for id, in := range m.inbound {
 		if !m.keyHolds(id, in.key) {
-			_ = in.conn.CloseWithError(0, "edge id now held by another key")
+			stale = append(stale, in.conn)
 		}
+	}
+	m.mu.Unlock()
+	for _, c := range stale {
+		_ = c.CloseWithError(0, "edge id now held by another key")
 	}
 }
 

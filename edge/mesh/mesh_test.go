@@ -498,3 +498,35 @@ func TestADialerOfTheFirstMeshProtocolGetsNoStatus(t *testing.T) {
 		t.Fatalf("a relay-mesh/1 dialer got %v first, want the forward's result", f)
 	}
 }
+
+// A peer's status carries over to its reconnected link only when that
+// link can correct it (relay-mesh/2, the same key): a process of the
+// first protocol that takes over the id does not inherit "hears".
+func TestAReconnectedLinkInheritsAStatusItCanCorrect(t *testing.T) {
+	ca := newTestCA(t)
+	a := startMesh(t, ca, "edge-a", &fakeLocal{})
+	idn := testIdentity(t, ca, "edge-x")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	link := func(tlsConf *tls.Config, frames ...*edgev1.MeshFrame) *quic.Conn {
+		conn, str := rawLink(ctx, t, a.Addr().String(), tlsConf, time.Minute)
+		var buf []byte
+		var err error
+		for _, f := range append([]*edgev1.MeshFrame{
+			{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: "edge-x", PeerId: "edge-a"}}},
+			{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{}}},
+		}, frames...) {
+			if buf, err = writeFrame(str, buf, f); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return conn
+	}
+	first := link(idn.clientTLS("edge-a", nil), statusFrame(true))
+	waitFor(t, "a learns x hears the control plane", func() bool { return slices.Equal(a.PeersHearingControl(), []string{"edge-x"}) })
+	v1 := idn.clientTLS("edge-a", nil)
+	v1.NextProtos = []string{ALPN}
+	link(v1)
+	waitFor(t, "the first link replaced", func() bool { return first.Context().Err() != nil })
+	waitFor(t, "a no longer counts x", func() bool { return len(a.PeersHearingControl()) == 0 })
+}

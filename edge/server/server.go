@@ -566,7 +566,9 @@ func (s *Server) watchControlGrace(ctx context.Context) {
 		case <-tick.C:
 		}
 		cut := s.controlSilent()
-		s.mesh.SetControlHeard(!cut && !s.dir.LastHeard().IsZero())
+		// A draining edge (not ready) gives its peers no reason to step
+		// aside for it.
+		s.mesh.SetControlHeard(!cut && !s.dir.LastHeard().IsZero() && s.ready.Load())
 		var peers []string
 		if cut {
 			peers = s.mesh.PeersHearingControl()
@@ -576,7 +578,7 @@ func (s *Server) watchControlGrace(ctx context.Context) {
 		case !cut:
 			elsewhereSince, noneSince = time.Time{}, time.Time{}
 			if s.stepAside.Swap(nil) != nil {
-				s.log.Info("control plane heard again; ready")
+				s.log.Info("control plane heard again; no longer stepping aside")
 			}
 		case len(peers) > 0:
 			noneSince = time.Time{}
@@ -718,7 +720,7 @@ func (s *Server) publicMux() http.Handler {
 			return
 		}
 		if s.controlSilent() {
-			_, _ = w.Write([]byte("ready, but cut off from the control plane: relaying for the sessions it holds, refusing new ones (it steps aside once a peer edge says it hears the control plane)\n"))
+			_, _ = fmt.Fprintf(w, "ready, but cut off from the control plane: relaying for the sessions it holds, refusing new ones (it steps aside once a peer edge has said for %s that it hears the control plane)\n", StepAsideAfter)
 			return
 		}
 		_, _ = w.Write([]byte("ready\n"))
@@ -759,6 +761,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	s.once.Do(func() {
 		s.ready.Store(false)
+		s.mesh.SetControlHeard(false)
 		dctx, cancel := context.WithTimeout(ctx, s.cfg.DrainWindow+5*time.Second)
 		err = s.hub.Drain(dctx, s.cfg.DrainWindow)
 		if s.mailbox != nil {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -154,13 +156,18 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 		t.Errorf("edge refused sessions %v after the cut, before the grace", time.Since(cut))
 	}
 	refused(0)
-	// Its peer hears the control plane: it steps aside.
-	clustertest.Eventually(t, server.StepAsideAfter+20*time.Second, func() error {
-		if s.EdgeReady(e0) {
-			return errors.New("cut-off edge still ready while its peer hears the control plane")
+	// Its peer hears the control plane: it steps aside, naming the peer.
+	asideFor := func() error {
+		code, body, err := s.EdgeReadyz(e0)
+		if err != nil {
+			return err
+		}
+		if code != http.StatusServiceUnavailable || !strings.Contains(body, "while peer edges hear it") || !strings.Contains(body, e1.ID) {
+			return fmt.Errorf("cut-off edge not stepping aside for %s: /readyz %d %q", e1.ID, code, body)
 		}
 		return nil
-	})
+	}
+	clustertest.Eventually(t, server.StepAsideAfter+20*time.Second, asideFor)
 	t.Logf("edge stepped aside %v after the cut", time.Since(cut).Round(10*time.Millisecond))
 	if !s.EdgeReady(e1) {
 		t.Fatal("the edge that hears the control plane is not ready")
@@ -174,8 +181,8 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 		return nil
 	})
 	for range 3 * server.StepBackAfter / time.Second {
-		if s.EdgeReady(e0) {
-			t.Fatal("the cut-off edge is ready again though its peer hears the control plane")
+		if err := asideFor(); err != nil {
+			t.Fatalf("after the peer dropped it: %v", err)
 		}
 		<-time.After(time.Second) // observation window (workload time)
 	}
@@ -209,6 +216,19 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 		return admitted(0)
 	})
 	t.Logf("edge admits sessions again %v after healing", time.Since(healed).Round(10*time.Millisecond))
+	// Edge 0 registers again (its lease ran out during the split) and the
+	// mesh links both ways before the next split.
+	for i, e := range s.Edges {
+		clustertest.Eventually(t, 30*time.Second, func() error {
+			for _, m := range []string{"relay_edge_member", "relay_edge_mesh_links", "relay_edge_mesh_peers_hearing_control"} {
+				if v, err := s.EdgeMetric(e, m); err != nil || v != 1 {
+					return fmt.Errorf("edge %d: %s %v (%v), want 1", i, m, v, err)
+				}
+			}
+			return nil
+		})
+	}
+	t.Logf("mesh whole again %v after healing", time.Since(healed).Round(10*time.Millisecond))
 	e := mustDial(t, s, 0, devE, onlyThere)
 	sendAndReceive(t, a, e, devE.ID, "after healing")
 	sendAndReceive(t, a, d, devD.ID, "after healing")
@@ -241,10 +261,16 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 	}()
 	s.Net.Partition([]*relaytest.Host{e1.Host}, control)
 	clustertest.Eventually(t, grace+20*time.Second, cutOff(e1))
+	cutOff1 := time.Now()
+	// Edge 0 still hears the control plane, and edge 1 knows it.
+	if v, err := s.EdgeMetric(e1, "relay_edge_mesh_peers_hearing_control"); err != nil || v != 1 {
+		t.Fatalf("cut-off edge 1 counts %v peers hearing the control plane (%v), want 1", v, err)
+	}
 	cut0 := time.Now()
 	s.Net.Partition([]*relaytest.Host{e0.Host}, control)
 	clustertest.Eventually(t, grace+20*time.Second, cutOff(e0))
-	t.Logf("whole control plane gone: edge 1 cut off, edge 0 cut off %v later", time.Since(cut0).Round(10*time.Millisecond))
+	gap := time.Since(cutOff1)
+	t.Logf("whole control plane gone: edge 0 cut off %v after edge 1 (%v after its own cut)", gap.Round(10*time.Millisecond), time.Since(cut0).Round(10*time.Millisecond))
 	refused(0)
 	refused(1)
 	// Between sessions of one edge: edge 1's lease ran out while edge 0
@@ -256,7 +282,8 @@ func TestEdgeCutOffFromControlPlane(t *testing.T) {
 	close(stopWatching)
 	<-watched
 	if len(unready) > 0 {
-		t.Fatalf("with no edge hearing the control plane, an edge was not ready %d times, from %s to %s", len(unready), unready[0], unready[len(unready)-1])
+		t.Fatalf("with no edge hearing the control plane, an edge was not ready %d times, from %s to %s (edge 0 was cut off %v after edge 1; StepAsideAfter %v)",
+			len(unready), unready[0], unready[len(unready)-1], gap.Round(10*time.Millisecond), server.StepAsideAfter)
 	}
 	s.Net.Heal()
 	for i := range s.Edges {

@@ -279,12 +279,20 @@ func selfSignedFiles(dir, host string) (certFile, keyFile string, err error) {
 
 // EdgeReady asks the edge's /readyz.
 func (s *System) EdgeReady(e *EdgeNode) bool {
+	code, _, err := s.EdgeReadyz(e)
+	return err == nil && code == http.StatusOK
+}
+
+// EdgeReadyz returns the edge's /readyz status code and body (which says
+// why it is not ready).
+func (s *System) EdgeReadyz(e *EdgeNode) (int, string, error) {
 	resp, err := s.plain.Get(e.AdminURL() + "/readyz")
 	if err != nil {
-		return false
+		return 0, "", err
 	}
-	resp.Body.Close()
-	return resp.StatusCode == http.StatusOK
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	return resp.StatusCode, string(b), err
 }
 
 // EdgeMetric sums the samples of a metric on the edge's /metrics (0 when
