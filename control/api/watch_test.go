@@ -41,7 +41,17 @@ func startWatch(t *testing.T, n *clustertest.Node, token string, from uint64, re
 
 func startWatchWith(t *testing.T, hc *http.Client, n *clustertest.Node, token string, from uint64, read bool) *watcher {
 	t.Helper()
-	return startWatchReq(t, hc, n, token, &edgev1.WatchRequest{FromRevision: from}, read)
+	req := &edgev1.WatchRequest{FromRevision: from}
+	if from > 0 {
+		// A watcher resumes in the history of its last copy: this
+		// cluster's (drawn by its InitCluster).
+		h, err := n.Server.Node().FSM().History()
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.History = h
+	}
+	return startWatchReq(t, hc, n, token, req, read)
 }
 
 func startWatchReq(t *testing.T, hc *http.Client, n *clustertest.Node, token string, req *edgev1.WatchRequest, read bool) *watcher {
@@ -406,13 +416,17 @@ func TestWatchFromAnotherHistoryGetsFullCopy(t *testing.T) {
 	m := w.next(t)
 	for ; m.GetSnapshotDone() == nil; m = w.next(t) {
 	}
-	if h := m.GetSnapshotDone().GetHistory(); h != "" {
-		t.Fatalf("the copy names history %q, want the cluster's (none)", h)
+	cur, err := c.Nodes[0].Server.Node().FSM().History()
+	if err != nil || cur == "" {
+		t.Fatalf("the cluster's history %q (%v), want the one its InitCluster drew", cur, err)
+	}
+	if h := m.GetSnapshotDone().GetHistory(); h != cur {
+		t.Fatalf("the copy names history %q, want the cluster's %q", h, cur)
 	}
 	w.stop()
 
 	// From this history: progress, no copy (next would skip progress).
-	same := startWatchReq(t, httpClient(t), c.Nodes[0], edge, &edgev1.WatchRequest{FromRevision: from}, true)
+	same := startWatchReq(t, httpClient(t), c.Nodes[0], edge, &edgev1.WatchRequest{FromRevision: from, History: cur}, true)
 	select {
 	case m := <-same.msgs:
 		if m.GetProgress() == nil {

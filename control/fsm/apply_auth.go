@@ -708,6 +708,9 @@ func (t *txn) initCluster(op *statev1.InitCluster) (*statev1.Result, error) {
 	if admin.GetRole() != "admin" {
 		return nil, invalid("admin.role must be \"admin\"")
 	}
+	if n := len(op.GetHistory()); n > MaxHistoryLen {
+		return nil, invalid("history is %d bytes, at most %d", n, MaxHistoryLen)
+	}
 	if op.GetClusterCa() != nil {
 		if err := validClusterCA("cluster_ca", op.GetClusterCa()); err != nil {
 			return nil, err
@@ -746,6 +749,15 @@ func (t *txn) initCluster(op *statev1.InitCluster) (*statev1.Result, error) {
 			if err := t.storeClusterCA(op.GetClusterCa()); err != nil {
 				return nil, err
 			}
+		}
+	}
+	if h := op.GetHistory(); h != "" {
+		if _, err := t.b.Get(keyHistory); errors.Is(err, state.ErrNotFound) {
+			if err := t.b.Set(keyHistory, []byte(h)); err != nil {
+				return nil, err
+			}
+		} else if err != nil {
+			return nil, err
 		}
 	}
 	if err := t.b.Set(keyInitialized, nil); err != nil {

@@ -114,14 +114,16 @@ func ReadApplied(r state.Reader) (index, term uint64, err error) {
 	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), nil
 }
 
-// MaxHistoryLen bounds a history id (SetHistory's are 32 bytes).
+// MaxHistoryLen bounds a history id (the ones drawn are 32 bytes).
 const MaxHistoryLen = 64
 
-// ReadHistory returns the id of the history the state belongs to: ""
-// for a cluster never restored from a backup, a fresh random id for one
-// that was (see SetHistory). Revisions of two histories do not compare:
-// after a restore they go on from the backup's, and a watcher that
-// followed the cluster before it must start from a full copy.
+// ReadHistory returns the id of the history the state belongs to: the
+// one its InitCluster drew ("" for a cluster initialized before ids were
+// drawn), or a fresh random id once it was restored from a backup (see
+// SetHistory). Revisions of two histories do not compare: after a
+// restore they go on from the backup's, a cluster rebuilt from nothing
+// starts again from 1, and a watcher that followed the cluster before
+// must start from a full copy.
 func ReadHistory(r state.Reader) (string, error) {
 	v, err := r.Get(keyHistory)
 	if errors.Is(err, state.ErrNotFound) {

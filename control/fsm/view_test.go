@@ -101,3 +101,34 @@ func TestHistoryIsWhatARestoreSet(t *testing.T) {
 		t.Fatalf("history %q (%v), in a view %q (%v)", h, err, vh, verr)
 	}
 }
+
+// InitCluster draws the new cluster's history: a watcher of a cluster it
+// replaced (rebuilt from nothing) resumes in another history. An id too
+// long refuses the whole command; a later InitCluster changes nothing.
+func TestInitClusterSetsTheHistory(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	init := func(history string) *statev1.Command_InitCluster {
+		return &statev1.Command_InitCluster{InitCluster: &statev1.InitCluster{
+			Admin:      &statev1.User{Id: "admin", Login: "admin", Role: "admin"},
+			SigningKey: &statev1.SigningKey{Id: "s1", PrivateSeed: key32(1), PublicKey: key32(2)},
+			SessionKey: &statev1.SessionKey{Id: "k1", Secret: key32(3)},
+			History:    history,
+		}}
+	}
+	if r := a.apply(init(strings.Repeat("h", MaxHistoryLen+1))); r.GetCode() != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT || !strings.Contains(r.GetMessage(), "history") {
+		t.Fatalf("init with a history of %d bytes: %v", MaxHistoryLen+1, r)
+	}
+	if done, _ := f.Initialized(); done {
+		t.Fatal("a refused init initialized the cluster")
+	}
+	if r := a.apply(init("new-cluster")); !r.GetInitialized() {
+		t.Fatalf("init: %v", r)
+	}
+	if r := a.apply(init("another")); r.GetInitialized() {
+		t.Fatalf("second init: %v", r)
+	}
+	if h, err := f.History(); err != nil || h != "new-cluster" {
+		t.Fatalf("history %q (%v), want the first init's", h, err)
+	}
+}

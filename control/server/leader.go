@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
@@ -169,6 +170,7 @@ func (s *Server) initCluster(ctx context.Context) error {
 		SigningKey: sk.GetRotateSigningKey().GetKey(),
 		SessionKey: ss.GetRotateSessionKey().GetKey(),
 		ClusterCa:  ca,
+		History:    newHistoryID(),
 	}}})
 	if err != nil {
 		return err
@@ -222,4 +224,11 @@ func (s *Server) rotateDueKeys(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// newHistoryID draws a new cluster's history id (fsm.ReadHistory).
+func newHistoryID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }

@@ -150,3 +150,30 @@ func TestReadyzWaitsUntilCaughtUp(t *testing.T) {
 		return nil
 	})
 }
+
+// A new cluster draws its history id in InitCluster, so every node holds
+// the same one, and it is not the empty one of clusters initialized
+// before ids were drawn.
+func TestANewClusterHasAHistory(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	var first string
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		first, _ = c.Nodes[0].Server.Node().FSM().History()
+		if first == "" {
+			return errors.New("node 0 has no history yet")
+		}
+		for i, n := range c.Nodes {
+			if h, err := n.Server.Node().FSM().History(); err != nil || h != first {
+				return fmt.Errorf("node %d: history %q (%v), want %q", i, h, err, first)
+			}
+		}
+		return nil
+	})
+	other := clustertest.Start(t, 1, clustertest.Options{})
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if h, _ := other.Nodes[0].Server.Node().FSM().History(); h == first || h == "" {
+			return fmt.Errorf("another new cluster's history %q, want its own", h)
+		}
+		return nil
+	})
+}

@@ -2268,11 +2268,17 @@ func (*Command_LoginAttempt) isCommand_Op() {}
 // key, and (when given) the cluster CA. It applies once in a cluster's
 // life; later ones are no-ops that report initialized = false.
 type InitCluster struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Admin         *User                  `protobuf:"bytes,1,opt,name=admin,proto3" json:"admin,omitempty"`
-	SigningKey    *SigningKey            `protobuf:"bytes,2,opt,name=signing_key,json=signingKey,proto3" json:"signing_key,omitempty"`
-	SessionKey    *SessionKey            `protobuf:"bytes,3,opt,name=session_key,json=sessionKey,proto3" json:"session_key,omitempty"`
-	ClusterCa     *ClusterCA             `protobuf:"bytes,4,opt,name=cluster_ca,json=clusterCa,proto3" json:"cluster_ca,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Admin      *User                  `protobuf:"bytes,1,opt,name=admin,proto3" json:"admin,omitempty"`
+	SigningKey *SigningKey            `protobuf:"bytes,2,opt,name=signing_key,json=signingKey,proto3" json:"signing_key,omitempty"`
+	SessionKey *SessionKey            `protobuf:"bytes,3,opt,name=session_key,json=sessionKey,proto3" json:"session_key,omitempty"`
+	ClusterCa  *ClusterCA             `protobuf:"bytes,4,opt,name=cluster_ca,json=clusterCa,proto3" json:"cluster_ca,omitempty"`
+	// The new cluster's history id (at most 64 bytes), so that a watcher
+	// that followed another cluster (one this replaced, rebuilt from
+	// nothing) gets a full copy rather than resuming from a revision of
+	// that other history. Empty: none, as for clusters initialized before
+	// it existed.
+	History       string `protobuf:"bytes,5,opt,name=history,proto3" json:"history,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2333,6 +2339,13 @@ func (x *InitCluster) GetClusterCa() *ClusterCA {
 		return x.ClusterCa
 	}
 	return nil
+}
+
+func (x *InitCluster) GetHistory() string {
+	if x != nil {
+		return x.History
+	}
+	return ""
 }
 
 // SetClusterCA stores the cluster CA when the cluster has none (clusters
@@ -4256,7 +4269,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x0eset_cluster_ca\x18! \x01(\v2\x16.state.v1.SetClusterCAH\x00R\fsetClusterCa\x12:\n" +
 	"\fclaim_events\x18\" \x01(\v2\x15.state.v1.ClaimEventsH\x00R\vclaimEvents\x12=\n" +
 	"\rlogin_attempt\x18# \x01(\v2\x16.state.v1.LoginAttemptH\x00R\floginAttemptB\x04\n" +
-	"\x02op\"\xd5\x01\n" +
+	"\x02op\"\xef\x01\n" +
 	"\vInitCluster\x12$\n" +
 	"\x05admin\x18\x01 \x01(\v2\x0e.state.v1.UserR\x05admin\x125\n" +
 	"\vsigning_key\x18\x02 \x01(\v2\x14.state.v1.SigningKeyR\n" +
@@ -4264,7 +4277,8 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\vsession_key\x18\x03 \x01(\v2\x14.state.v1.SessionKeyR\n" +
 	"sessionKey\x122\n" +
 	"\n" +
-	"cluster_ca\x18\x04 \x01(\v2\x13.state.v1.ClusterCAR\tclusterCa\"3\n" +
+	"cluster_ca\x18\x04 \x01(\v2\x13.state.v1.ClusterCAR\tclusterCa\x12\x18\n" +
+	"\ahistory\x18\x05 \x01(\tR\ahistory\"3\n" +
 	"\fSetClusterCA\x12#\n" +
 	"\x02ca\x18\x01 \x01(\v2\x13.state.v1.ClusterCAR\x02ca\"\xa4\x01\n" +
 	"\n" +
