@@ -31,6 +31,7 @@ type Watcher struct {
 
 	mu         sync.Mutex // guards the fields below
 	synced     bool
+	history    string // of the first full copy, sent back on every resume, as edges do
 	base       uint64 // revision of the first full copy
 	complete   uint64 // last revision whose changes are all recorded
 	lastEvent  uint64
@@ -77,7 +78,7 @@ func (w *Watcher) once(ctx context.Context, n *relaytest.ControlNode) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	w.mu.Lock()
-	from := w.complete
+	from, history := w.complete, w.history
 	if !w.synced {
 		from = 0
 	}
@@ -91,7 +92,7 @@ func (w *Watcher) once(ctx context.Context, n *relaytest.ControlNode) {
 	// (and behind): a resume must never go back in time.
 	life := time.AfterFunc(2*time.Second+time.Duration(streams%4)*time.Second, cancel)
 	defer life.Stop()
-	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from})
+	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from, History: history})
 	req.Header().Set("Authorization", "Bearer "+w.token)
 	stream, err := edgev1connect.NewWatchServiceClient(w.s.HTTPClient(), w.s.URL(n)).Watch(ctx, req)
 	if err != nil {
@@ -126,6 +127,7 @@ func (w *Watcher) apply(from uint64, m *edgev1.WatchResponse) {
 	case *edgev1.WatchResponse_SnapshotDone:
 		if !w.synced {
 			w.synced, w.base, w.complete, w.lastEvent = true, rev, rev, rev
+			w.history = k.SnapshotDone.GetHistory()
 		}
 	case *edgev1.WatchResponse_Event:
 		if !w.synced {
@@ -242,7 +244,10 @@ func (w *Watcher) CheckAgainstFreshRead(t *testing.T, within time.Duration) {
 // probe only looks at the first message.
 func (w *Watcher) freshRead(ctx context.Context, t *testing.T, from, marker uint64, probe bool) ([]watchRecord, bool) {
 	t.Helper()
-	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from})
+	w.mu.Lock()
+	history := w.history
+	w.mu.Unlock()
+	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from, History: history})
 	req.Header().Set("Authorization", "Bearer "+w.token)
 	stream, err := edgev1connect.NewWatchServiceClient(w.s.HTTPClient(), w.s.URL(w.s.Control[1])).Watch(ctx, req)
 	if err != nil {
