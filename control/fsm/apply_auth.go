@@ -752,11 +752,7 @@ func (t *txn) initCluster(op *statev1.InitCluster) (*statev1.Result, error) {
 		}
 	}
 	if h := op.GetHistory(); h != "" {
-		if _, err := t.b.Get(keyHistory); errors.Is(err, state.ErrNotFound) {
-			if err := t.b.Set(keyHistory, []byte(h)); err != nil {
-				return nil, err
-			}
-		} else if err != nil {
+		if err := t.b.Set(keyHistory, []byte(h)); err != nil {
 			return nil, err
 		}
 	}

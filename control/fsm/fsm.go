@@ -9,7 +9,9 @@ package fsm
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -133,6 +135,14 @@ func ReadHistory(r state.Reader) (string, error) {
 		return "", fmt.Errorf("read history: %w", err)
 	}
 	return string(v), nil
+}
+
+// NewHistoryID draws a history id: for InitCluster, and for SetHistory
+// on a restore.
+func NewHistoryID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 // SetHistory gives the state in s a new history id, outside the Raft

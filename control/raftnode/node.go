@@ -478,7 +478,7 @@ func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
 	// A history of its own: revisions go on from the backup's, so edges
 	// that followed the cluster before (further along, or along another
 	// line) cannot resume by revision and get a full copy instead.
-	if err := fsm.SetHistory(n.state, newRequestID()); err != nil {
+	if err := fsm.SetHistory(n.state, fsm.NewHistoryID()); err != nil {
 		return fmt.Errorf("restore from %s: %w", path, err)
 	}
 	// The Raft snapshot carries the restored state, so members that join

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
@@ -170,7 +169,7 @@ func (s *Server) initCluster(ctx context.Context) error {
 		SigningKey: sk.GetRotateSigningKey().GetKey(),
 		SessionKey: ss.GetRotateSessionKey().GetKey(),
 		ClusterCa:  ca,
-		History:    newHistoryID(),
+		History:    fsm.NewHistoryID(),
 	}}})
 	if err != nil {
 		return err
@@ -224,11 +223,4 @@ func (s *Server) rotateDueKeys(ctx context.Context) {
 			}
 		}
 	}
-}
-
-// newHistoryID draws a new cluster's history id (fsm.ReadHistory).
-func newHistoryID() string {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
 }
