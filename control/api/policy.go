@@ -56,7 +56,10 @@ func Policy() auth.Policy {
 			controlv1connect.ClusterServiceAddVoterProcedure:           []auth.Role{auth.RoleAdmin, RoleNode},
 			controlv1connect.ClusterServiceRemoveServerProcedure:       admins,
 			controlv1connect.ClusterServiceTransferLeadershipProcedure: []auth.Role{auth.RoleAdmin, auth.RoleOperator, RoleNode},
-			controlv1connect.ClusterServiceBackupProcedure:             managers,
+			// A backup holds the state's secrets (signing keys, the
+			// cluster CA's key, session keys): whoever takes one can mint
+			// any token, so only an admin may.
+			controlv1connect.ClusterServiceBackupProcedure: admins,
 
 			controlv1connect.PeerServiceApplyProcedure:     nodes,
 			controlv1connect.PeerServiceReadIndexProcedure: nodes,

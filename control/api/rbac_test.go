@@ -3,6 +3,7 @@ package api_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -133,5 +134,23 @@ func TestRBACMatrix(t *testing.T) {
 	var ce *connect.Error
 	if !errors.As(err, &ce) || ce.Code() != connect.CodeUnauthenticated {
 		t.Fatalf("garbage token: %v", err)
+	}
+}
+
+// The procedures whose answers carry the state's secrets (a backup holds
+// the signing keys, the cluster CA's key and the session keys) or replace
+// them are an admin's alone: anyone else with a backup could mint an
+// admin's token. TestRBACMatrix holds the server to the table; this holds
+// the table to that rule.
+func TestSecretsAreForAdminsOnly(t *testing.T) {
+	policy := api.Policy()
+	for _, proc := range []string{
+		controlv1connect.ClusterServiceBackupProcedure,
+		controlv1connect.KeyServiceRotateSigningKeyProcedure,
+		controlv1connect.KeyServiceRotateSessionKeyProcedure,
+	} {
+		if got := policy.Roles[proc]; !slices.Equal(got, []auth.Role{auth.RoleAdmin}) || policy.Public[proc] {
+			t.Errorf("%s is open to %v (public %v), want admins only", proc, got, policy.Public[proc])
+		}
 	}
 }
