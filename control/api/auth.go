@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"runtime"
 	"time"
 
 	"connectrpc.com/connect"
@@ -31,10 +30,6 @@ type AuthServer struct {
 	// dummy is a hash verified for unknown logins so that a wrong login
 	// and a wrong password take the same time.
 	dummy string
-	// hashSlots bounds the password verifications running at once: each
-	// holds the hash's memory (64 MiB with the default parameters) and a
-	// core, so more at once only queue for CPU and add memory.
-	hashSlots chan struct{}
 }
 
 var _ controlv1connect.AuthServiceHandler = (*AuthServer)(nil)
@@ -46,20 +41,18 @@ func NewAuthServer(node *raftnode.Node, authn *Authenticator) (*AuthServer, erro
 	if err != nil {
 		return nil, fmt.Errorf("prepare auth server: %w", err)
 	}
-	return &AuthServer{node: node, authn: authn, cfg: cfg, dummy: dummy,
-		hashSlots: make(chan struct{}, max(1, runtime.GOMAXPROCS(0)))}, nil
+	return &AuthServer{node: node, authn: authn, cfg: cfg, dummy: dummy}, nil
 }
 
-// verifyPassword checks a password against a stored hash, waiting for one
-// of the hash slots.
+// verifyPassword checks a password against a stored hash in one of the
+// node's hashing slots (Authenticator.withHashSlot).
 func (s *AuthServer) verifyPassword(ctx context.Context, hash, password string) (bool, error) {
-	select {
-	case s.hashSlots <- struct{}{}:
-	case <-ctx.Done():
-		return false, ctx.Err()
+	var ok bool
+	var verr error
+	if err := s.authn.withHashSlot(ctx, func() { ok, verr = auth.VerifyPassword(hash, password) }); err != nil {
+		return false, err
 	}
-	defer func() { <-s.hashSlots }()
-	return auth.VerifyPassword(hash, password)
+	return ok, verr
 }
 
 var errBadCredentials = errors.New("invalid login or password")
@@ -139,8 +132,13 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	session := newID("f")
 	_, err = s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
 		Token:     &statev1.RefreshToken{Id: tokID, FamilyId: session, UserId: u.GetId(), SecretHash: auth.HashSecret(secret), ExpiresAtMs: expires.UnixMilli()},
-		Succeeded: attempt,
+		Succeeded: attempt, PasswordHash: u.GetPasswordHash(),
 	}}})
+	if errors.Is(err, fsm.ErrFailedPrecondition) {
+		// The account changed since the password was checked (a new
+		// password, or disabled): what was presented opens nothing.
+		return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
+	}
 	if err != nil {
 		return nil, toConnect(err)
 	}

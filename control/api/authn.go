@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -47,6 +48,9 @@ type AuthConfig struct {
 	KeyRefreshEvery time.Duration
 	// KeyRefreshTimeout bounds one such refresh. Default 1s.
 	KeyRefreshTimeout time.Duration
+	// StreamRecheckEvery is how often a streaming call's account and
+	// session are looked at again while it lasts. Default 5s.
+	StreamRecheckEvery time.Duration
 	// Now is the clock; default time.Now.
 	Now func() time.Time
 }
@@ -82,6 +86,9 @@ func (c *AuthConfig) applyDefaults() {
 	}
 	if c.KeyRefreshTimeout <= 0 {
 		c.KeyRefreshTimeout = time.Second
+	}
+	if c.StreamRecheckEvery <= 0 {
+		c.StreamRecheckEvery = 5 * time.Second
 	}
 }
 
@@ -137,6 +144,37 @@ type Authenticator struct {
 	// keyRefresh bounds the refreshes of the key set that tokens signed
 	// by unknown keys cause.
 	keyRefresh *keyRefresher
+	// streams are the streaming calls open, with their credential checks.
+	streams streamSet
+	// hashSlots bounds the password hashes (logins' checks, new
+	// passwords) computed at once on this node: each holds the hash's
+	// memory (64 MiB with the default parameters) and a core, so more at
+	// once only queue for CPU and add memory.
+	hashSlots chan struct{}
+}
+
+// withHashSlot runs f, a password hash, once one of the node's hashing
+// slots is free, or returns ctx's error without running it.
+func (a *Authenticator) withHashSlot(ctx context.Context, f func()) error {
+	select {
+	case a.hashSlots <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("waiting to hash a password: %w", ctx.Err())
+	}
+	defer func() { <-a.hashSlots }()
+	f()
+	return nil
+}
+
+// hashPassword hashes a new password with the configured parameters, in
+// one of the node's hashing slots.
+func (a *Authenticator) hashPassword(ctx context.Context, password string) (string, error) {
+	var h string
+	var herr error
+	if err := a.withHashSlot(ctx, func() { h, herr = auth.HashPassword(password, a.cfg.Password) }); err != nil {
+		return "", err
+	}
+	return h, herr
 }
 
 // NewAuthenticator returns the interceptor for node.
@@ -149,6 +187,7 @@ func NewAuthenticator(node *raftnode.Node, cfg AuthConfig) *Authenticator {
 		activity: newActivityThrottle(cfg.ActivityEvery),
 		keyRefresh: &keyRefresher{every: cfg.KeyRefreshEvery, timeout: cfg.KeyRefreshTimeout,
 			barrier: node.Barrier, now: cfg.Now},
+		hashSlots: make(chan struct{}, max(1, runtime.GOMAXPROCS(0))),
 	}
 }
 
@@ -377,14 +416,125 @@ func (a *Authenticator) WrapStreamingClient(next connect.StreamingClientFunc) co
 	return next
 }
 
-// WrapStreamingHandler checks streaming calls.
+// WrapStreamingHandler checks streaming calls, and keeps checking while
+// a stream lasts: it ends, unauthenticated, when its access token
+// expires or the account or session behind it is gone, as a unary call
+// made then would be refused. (A Watch stream carries the session keys:
+// revoking an edge's account must stop it, not only its next call.)
 func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
 		ctx, err := a.authenticate(ctx, conn.Spec().Procedure, conn.RequestHeader())
 		if err != nil {
 			return err
 		}
-		return next(ctx, conn)
+		claims, ok := auth.ClaimsFrom(ctx)
+		if !ok || claims.Role == RoleNode || strings.HasPrefix(claims.Subject, "node:") {
+			return next(ctx, conn)
+		}
+		ctx, end := context.WithCancelCause(ctx)
+		defer end(nil) // ends recheck
+		if !a.streams.start(ctx, end, func() { a.recheck(ctx, end, claims) }) {
+			return connect.NewError(connect.CodeUnavailable, errNodeStopping)
+		}
+		err = next(ctx, conn)
+		if errors.Is(context.Cause(ctx), errNodeStopping) {
+			return connect.NewError(connect.CodeUnavailable, errNodeStopping)
+		}
+		if cause := context.Cause(ctx); errors.Is(cause, errTokenExpired) || errors.Is(cause, errAccountGone) || errors.Is(cause, errSessionGone) {
+			ce := connect.NewError(connect.CodeUnauthenticated, cause)
+			if errors.Is(cause, errTokenExpired) {
+				ce.Meta().Set(StreamEndHeader, StreamEndTokenExpired)
+			}
+			return ce
+		}
+		return err
+	}
+}
+
+// StreamEndHeader, set to StreamEndTokenExpired in the error metadata of
+// a stream ended because its access token expired, tells a watcher to
+// call again at once with a fresh token (edge/directory does): the
+// expiry is routine, not a failure to back off from.
+const (
+	StreamEndHeader       = "Relay-Stream-End"
+	StreamEndTokenExpired = "token-expired"
+)
+
+// streamSet is the streams open through the authenticator, each with
+// the goroutine that rechecks its credentials.
+type streamSet struct {
+	mu      sync.Mutex // guards stopped and ends; wg.Add under it
+	stopped bool
+	ends    map[context.Context]context.CancelCauseFunc
+	wg      sync.WaitGroup
+}
+
+// start runs recheck for the stream whose context is ctx (end ends it)
+// until ctx ends, or reports false once stop began.
+func (s *streamSet) start(ctx context.Context, end context.CancelCauseFunc, recheck func()) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return false
+	}
+	if s.ends == nil {
+		s.ends = map[context.Context]context.CancelCauseFunc{}
+	}
+	s.ends[ctx] = end
+	s.wg.Go(func() {
+		recheck()
+		s.mu.Lock()
+		delete(s.ends, ctx)
+		s.mu.Unlock()
+	})
+	return true
+}
+
+// errNodeStopping ends the streams of a node that stops.
+var errNodeStopping = errors.New("this control node is shutting down; call another")
+
+// StopStreams ends every stream open through the authenticator and
+// waits for their credential checks to end, so that none reads the state
+// after the node closed it. New streams are refused from here on. The
+// control node calls it once its API no longer takes requests.
+func (a *Authenticator) StopStreams() {
+	s := &a.streams
+	s.mu.Lock()
+	s.stopped = true
+	for _, end := range s.ends {
+		end(errNodeStopping)
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+}
+
+// errTokenExpired ends a stream whose access token expired.
+var errTokenExpired = errors.New("the access token of this stream expired; call again with a fresh one")
+
+// recheck ends a stream (end, with the reason) when claims' token
+// expires, or when a look at the account and session every
+// StreamRecheckEvery finds them gone, until ctx ends.
+func (a *Authenticator) recheck(ctx context.Context, end context.CancelCauseFunc, claims auth.Claims) {
+	expiry := time.NewTimer(claims.ExpiresAt.Add(a.cfg.Leeway).Sub(a.cfg.Now()))
+	defer expiry.Stop()
+	tick := time.NewTicker(a.cfg.StreamRecheckEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-expiry.C:
+			end(errTokenExpired)
+			return
+		case <-tick.C:
+			if ctx.Err() != nil {
+				return // the stream ended as the tick came
+			}
+			if err := a.accountValid(ctx, claims); err != nil && ctx.Err() == nil {
+				end(err)
+				return
+			}
+		}
 	}
 }
 
@@ -393,27 +543,23 @@ func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) 
 func (a *Authenticator) RunActivity(ctx context.Context) {
 	t := time.NewTicker(a.cfg.ActivityEvery / 4)
 	defer t.Stop()
+	apply := func(ctx context.Context, entries []*statev1.Activity) error {
+		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		_, err := a.node.Apply(actx, &statev1.Command{Op: &statev1.Command_RecordActivity{
+			RecordActivity: &statev1.RecordActivity{Entries: entries}}})
+		if errors.Is(err, fsm.ErrNotFound) {
+			return nil // a user deleted meanwhile: nothing to keep
+		}
+		return err
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		batch := a.activity.drain(a.cfg.Now())
-		if len(batch) == 0 {
-			continue
-		}
-		entries := make([]*statev1.Activity, 0, len(batch))
-		for uid, at := range batch {
-			entries = append(entries, &statev1.Activity{UserId: uid, SeenAtMs: at.UnixMilli()})
-		}
-		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		if _, err := a.node.Apply(actx, &statev1.Command{Op: &statev1.Command_RecordActivity{
-			RecordActivity: &statev1.RecordActivity{Entries: entries}}}); err != nil && !errors.Is(err, fsm.ErrNotFound) {
-			// Activity is advisory; the next batch will carry newer times.
-			_ = err
-		}
-		cancel()
+		a.activity.flush(ctx, a.cfg.Now(), apply)
 	}
 }
 
@@ -422,13 +568,14 @@ func (a *Authenticator) RunActivity(ctx context.Context) {
 // write per user per interval.
 type activityThrottle struct {
 	every   time.Duration
+	batch   int        // users per RecordActivity command
 	mu      sync.Mutex // guards the maps below
 	written map[string]time.Time
 	pending map[string]time.Time
 }
 
 func newActivityThrottle(every time.Duration) *activityThrottle {
-	return &activityThrottle{every: every, written: map[string]time.Time{}, pending: map[string]time.Time{}}
+	return &activityThrottle{every: every, batch: fsm.MaxActivityBatch, written: map[string]time.Time{}, pending: map[string]time.Time{}}
 }
 
 func (t *activityThrottle) touch(uid string, now time.Time) {
@@ -438,6 +585,33 @@ func (t *activityThrottle) touch(uid string, now time.Time) {
 		return
 	}
 	t.pending[uid] = now
+}
+
+// flush writes what drain returns through apply, at most
+// fsm.MaxActivityBatch users per command (a larger one is refused
+// whole). The users of a batch that failed are pending again, unless
+// they came back meanwhile: activity is advisory, but a failed write
+// must not silence a user until their next call.
+func (t *activityThrottle) flush(ctx context.Context, now time.Time, apply func(context.Context, []*statev1.Activity) error) {
+	batch := t.drain(now)
+	entries := make([]*statev1.Activity, 0, len(batch))
+	for uid, at := range batch {
+		entries = append(entries, &statev1.Activity{UserId: uid, SeenAtMs: at.UnixMilli()})
+	}
+	for len(entries) > 0 && ctx.Err() == nil {
+		n := min(len(entries), t.batch)
+		if err := apply(ctx, entries[:n]); err != nil {
+			t.mu.Lock()
+			for _, e := range entries { // this batch and those not tried
+				if _, ok := t.pending[e.GetUserId()]; !ok {
+					t.pending[e.GetUserId()] = batch[e.GetUserId()]
+				}
+			}
+			t.mu.Unlock()
+			return
+		}
+		entries = entries[n:]
+	}
 }
 
 func (t *activityThrottle) drain(now time.Time) map[string]time.Time {
@@ -462,26 +636,29 @@ func (t *activityThrottle) drain(now time.Time) map[string]time.Time {
 const nodeTokenTTL = 5 * time.Minute
 
 type nodeToken struct {
-	mu  sync.Mutex // guards tok and exp
+	mu  sync.Mutex // guards tok, kid and exp
 	tok string
+	kid string // the signing key's id
 	exp time.Time
 }
 
 // NodeToken returns a short-lived token that identifies this node to the
 // others (role node), minted with the cluster's current signing key and
-// cached until shortly before it expires.
+// cached until shortly before it expires or the current key changes: a
+// key rotated out is honoured only for AccessTTL + Leeway, so a token of
+// it must not outlive that (nor, with it, every forwarded call).
 func (a *Authenticator) NodeToken() (string, error) {
-	a.nodeTok.mu.Lock()
-	defer a.nodeTok.mu.Unlock()
-	now := a.cfg.Now()
-	if a.nodeTok.tok != "" && now.Add(time.Minute).Before(a.nodeTok.exp) {
-		return a.nodeTok.tok, nil
-	}
 	key, err := a.keys.Current()
 	if err != nil {
 		return "", err
 	}
-	exp := now.Add(nodeTokenTTL)
+	a.nodeTok.mu.Lock()
+	defer a.nodeTok.mu.Unlock()
+	now := a.cfg.Now()
+	if a.nodeTok.tok != "" && a.nodeTok.kid == key.ID && now.Add(a.nodeTokenTTL()/5).Before(a.nodeTok.exp) {
+		return a.nodeTok.tok, nil
+	}
+	exp := now.Add(a.nodeTokenTTL())
 	tok, err := auth.Sign(key, auth.Claims{
 		Issuer: a.cfg.Issuer, Audience: a.cfg.Audience, Subject: "node:" + a.node.ID(),
 		Role: RoleNode, IssuedAt: now, NotBefore: now, ExpiresAt: exp, ID: newID("nt"),
@@ -489,6 +666,10 @@ func (a *Authenticator) NodeToken() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	a.nodeTok.tok, a.nodeTok.exp = tok, exp
+	a.nodeTok.tok, a.nodeTok.kid, a.nodeTok.exp = tok, key.ID, exp
 	return tok, nil
 }
+
+// nodeTokenTTL is nodeTokenTTL, or AccessTTL when shorter: a node token
+// lives no longer than the grace of the key that signed it.
+func (a *Authenticator) nodeTokenTTL() time.Duration { return min(nodeTokenTTL, a.cfg.AccessTTL) }

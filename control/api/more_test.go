@@ -176,3 +176,48 @@ func TestWatchDeviceEvents(t *testing.T) {
 		t.Fatalf("events %v\nwant %s", kinds, want)
 	}
 }
+
+// A node's token follows the signing key: minted again once the key
+// rotates (a key rotated out is honoured only for AccessTTL + Leeway, so
+// a cached token of it would fail every forwarded call after that), and
+// never living longer than an access token.
+func TestNodeTokensFollowTheSigningKey(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	a := api.NewAuthenticator(c.Nodes[0].Server.Node(), api.AuthConfig{Password: auth.TestParams, AccessTTL: time.Minute})
+	part := func(tok string, i int, v any) {
+		t.Helper()
+		b, err := base64.RawURLEncoding.DecodeString(strings.Split(tok, ".")[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal(b, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mint := func() (tok, kid string, life time.Duration) {
+		t.Helper()
+		tok, err := a.NodeToken()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var h struct{ Kid string }
+		var p struct{ Iat, Exp int64 }
+		part(tok, 0, &h)
+		part(tok, 1, &p)
+		return tok, h.Kid, time.Duration(p.Exp-p.Iat) * time.Second
+	}
+	first, kid, life := mint()
+	if life > time.Minute {
+		t.Fatalf("a node token lives %s, longer than an access token (1m)", life)
+	}
+	if again, _, _ := mint(); again != first {
+		t.Fatal("the node token was not reused while its key is current")
+	}
+	r, err := clientsAs(t, c.Nodes[0], c.AdminToken()).keys.RotateSigningKey(context.Background(), connect.NewRequest(&controlv1.RotateSigningKeyRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, now, _ := mint(); now != r.Msg.GetKeyId() || now == kid {
+		t.Fatalf("after the rotation to %s the node token is signed with %s (before: %s)", r.Msg.GetKeyId(), now, kid)
+	}
+}

@@ -69,7 +69,7 @@ func (s *UserServer) CreateUser(ctx context.Context, req *connect.Request[contro
 		if err := auth.ValidatePassword(m.GetPassword()); err != nil {
 			return nil, invalidArg(fmt.Errorf("password: %w", err))
 		}
-		h, err := auth.HashPassword(m.GetPassword(), s.authn.Config().Password)
+		h, err := s.authn.hashPassword(ctx, m.GetPassword())
 		if err != nil {
 			return nil, toConnect(err)
 		}
@@ -187,7 +187,7 @@ func (s *UserServer) UpdateUser(ctx context.Context, req *connect.Request[contro
 		if err := auth.ValidatePassword(m.GetPassword()); err != nil {
 			return nil, invalidArg(fmt.Errorf("password: %w", err))
 		}
-		h, err := auth.HashPassword(m.GetPassword(), s.authn.Config().Password)
+		h, err := s.authn.hashPassword(ctx, m.GetPassword())
 		if err != nil {
 			return nil, toConnect(err)
 		}

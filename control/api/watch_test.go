@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/http"
 	"slices"
@@ -18,6 +19,7 @@ import (
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
@@ -843,4 +845,58 @@ func TestWatchPagesSplitInsideARevision(t *testing.T) {
 			t.Fatalf("revision %d: %d events after resume, want 4 (%v)", r, n, got2)
 		}
 	}
+}
+
+// A Watch stream lasts no longer than what let it in: it ends,
+// unauthenticated, when its access token expires, and when the edge's
+// account is disabled while it runs, so a stolen edge credential stops
+// reading the feed (the session keys among it) once revoked.
+func TestWatchEndsWithItsCredentials(t *testing.T) {
+	ended := func(t *testing.T, w *watcher) {
+		t.Helper()
+		select {
+		case <-w.done:
+		case <-time.After(30 * time.Second):
+			t.Fatal("the stream is still open")
+		}
+		if connect.CodeOf(w.err) != connect.CodeUnauthenticated {
+			t.Fatalf("the stream ended with %v, want unauthenticated", w.err)
+		}
+	}
+	t.Run("token expires", func(t *testing.T) {
+		c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{AccessTTL: 2 * time.Second, Leeway: time.Millisecond}})
+		w := startWatch(t, c.Nodes[0], c.TokenFor("edge-expiring", controlv1.Role_ROLE_EDGE), 0, true)
+		if w.next(t).GetResync() == nil {
+			t.Fatal("no full copy first")
+		}
+		ended(t, w)
+		var ce *connect.Error
+		if !errors.As(w.err, &ce) || ce.Meta().Get(api.StreamEndHeader) != api.StreamEndTokenExpired || !strings.Contains(w.err.Error(), "expired") {
+			t.Fatalf("ended with %v (metadata %v), want the token's expiry named", w.err, ce.Meta())
+		}
+	})
+	t.Run("account disabled", func(t *testing.T) {
+		c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{StreamRecheckEvery: 100 * time.Millisecond}})
+		tok := c.TokenFor("edge-disabled", controlv1.Role_ROLE_EDGE)
+		w := startWatch(t, c.Nodes[0], tok, 0, true)
+		if w.next(t).GetResync() == nil {
+			t.Fatal("no full copy first")
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		users := controlv1connect.NewUserServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(tok)))
+		me, err := users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		admin := controlv1connect.NewUserServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(c.AdminToken())))
+		disabled := controlv1.UserStatus_USER_STATUS_DISABLED
+		if _, err := admin.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: me.Msg.GetUser().GetId(), Status: &disabled})); err != nil {
+			t.Fatal(err)
+		}
+		ended(t, w)
+		if ce := new(connect.Error); errors.As(w.err, &ce) && ce.Meta().Get(api.StreamEndHeader) != "" {
+			t.Fatalf("a revoked account's stream ended as if its token expired: %v", ce.Meta())
+		}
+	})
 }

@@ -111,8 +111,12 @@ func (t *txn) issueRefreshToken(op *statev1.IssueRefreshToken) (*statev1.Result,
 			return nil, err
 		}
 	}
-	if _, err := t.activeUser(tok.UserId); err != nil {
+	u, err := t.activeUser(tok.UserId)
+	if err != nil {
 		return nil, err
+	}
+	if h := op.GetPasswordHash(); h != "" && h != u.GetPasswordHash() {
+		return nil, precondition("the password of user %q changed since the login checked it", tok.UserId)
 	}
 	var fam statev1.TokenFamily
 	if found, err := t.get(familyKey(tok.FamilyId), &fam); err != nil {

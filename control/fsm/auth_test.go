@@ -438,6 +438,41 @@ func TestAccountChangesRevokeSessions(t *testing.T) {
 	}
 }
 
+// A login checks the password, then issues its session in another
+// command: a change of password applied in between (which revoked every
+// session open then) makes the issue fail, so the old password cannot
+// open a session that outlives the change.
+func TestLoginRacingAPasswordChangeOpensNothing(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	far := int64(1 << 50)
+	old, err := auth.HashPassword("the old password", auth.TestParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed, err := auth.HashPassword("a new password", auth.TestParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u", PasswordHash: old}}})
+	issue := func(id, hash string) statev1.ResultCode {
+		return a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok(id, "f-"+id, "u", 1, far), PasswordHash: hash}}).Code
+	}
+	if got := issue("t1", old); got != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatalf("issue with the current password's hash: %v", got)
+	}
+	a.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u", Fields: []string{"password_hash"}, User: &statev1.User{PasswordHash: changed}}})
+	if got := issue("t2", old); got != statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION {
+		t.Fatalf("issue with the old password's hash after the change: %v, want FAILED_PRECONDITION", got)
+	}
+	if _, err := f.GetTokenFamily("f-t2"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the refused issue left a session: %v", err)
+	}
+	if got := issue("t3", changed); got != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatalf("issue with the new password's hash: %v", got)
+	}
+}
+
 // A family (a login's session) goes with its last refresh token: once
 // every token of it expired and was pruned, so is it, and logins do not
 // pile families up in the state. A family with a token left stays, rotated

@@ -19,8 +19,9 @@ import (
 // that has none, rotates keys on schedule, and removes expired mailbox
 // entries and edges whose lease ran out. Every step is a Raft command
 // whose effect the FSM decides, so two leaders in quick succession cannot
-// both initialize, create two CAs or double-rotate, and every replica
-// expires exactly the same entries.
+// both initialize or create two CAs, and every replica expires exactly the
+// same entries. (Two may both rotate a key that came due: a second
+// rotation soon after the first is harmless.)
 func (s *Server) leaderTasks(ctx context.Context) {
 	select {
 	case <-s.ready:

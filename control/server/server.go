@@ -512,6 +512,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		} else if s.apiLn != nil {
 			_ = s.apiLn.Close()
 		}
+		if s.authn != nil {
+			s.authn.StopStreams()
+		}
 		if s.bg != nil {
 			s.bg()
 		}
@@ -546,6 +549,9 @@ func (s *Server) Kill() {
 	s.stopOnce.Do(func() {
 		if s.apiSrv != nil {
 			_ = s.apiSrv.Close()
+		}
+		if s.authn != nil {
+			s.authn.StopStreams()
 		}
 		if s.bg != nil {
 			s.bg()

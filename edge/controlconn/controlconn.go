@@ -65,8 +65,9 @@ type Conn struct {
 	access  string
 	expires time.Time
 	refresh string
-	// watchURL is where the last watch stream went.
-	watchURL string
+	// watchURL is where the last watch stream went, watchAuth the
+	// Authorization it carried.
+	watchURL, watchAuth string
 
 	// tokenSem is held by the one caller getting a new token.
 	tokenSem chan struct{}
@@ -265,10 +266,11 @@ func (w watchClient) Watch(ctx context.Context, req *connect.Request[edgev1.Watc
 	}
 	u := w.c.url()
 	w.c.mu.Lock()
-	w.c.watchURL = u
+	w.c.watchURL, w.c.watchAuth = u, req.Header().Get("Authorization")
 	w.c.mu.Unlock()
 	s, err := w.c.peers[u].watch.Watch(ctx, req)
 	if err != nil {
+		w.c.refused(req.Header().Get("Authorization"), err)
 		w.c.failover(u, err)
 	}
 	return s, err
@@ -280,8 +282,9 @@ func (w watchClient) Watch(ctx context.Context, req *connect.Request[edgev1.Watc
 // unavailable.
 func (w watchClient) StreamFailed(err error) {
 	w.c.mu.Lock()
-	u := w.c.watchURL
+	u, auth := w.c.watchURL, w.c.watchAuth
 	w.c.mu.Unlock()
+	w.c.refused(auth, err)
 	if u != "" {
 		w.c.failover(u, err)
 	}
@@ -305,10 +308,26 @@ func call[Req, Resp any](ctx context.Context, c *Conn, msg *Req, do func(p *peer
 	u := c.url()
 	resp, err := do(c.peers[u], req)
 	if err != nil {
+		c.refused(req.Header().Get("Authorization"), err)
 		c.failover(u, err)
 		return nil, err
 	}
 	return resp.Msg, nil
+}
+
+// refused forgets the access token an Authorization header carried when
+// the control plane refused it (its session was revoked, or it expired
+// on a stream): the next call refreshes or logs in again rather than
+// present it until its expiry is near.
+func (c *Conn) refused(authorization string, err error) {
+	if connect.CodeOf(err) != connect.CodeUnauthenticated {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.access != "" && authorization == "Bearer "+c.access {
+		c.access = ""
+	}
 }
 
 // RegisterEdge registers the edge or renews its lease.

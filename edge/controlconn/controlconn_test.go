@@ -260,3 +260,51 @@ func TestTokenWaitsOnlyAsLongAsItsContext(t *testing.T) {
 		t.Fatalf("after the login: token %q, %v", tok, err)
 	}
 }
+
+// A token the control plane refuses is forgotten: after the edge's
+// session was revoked (here by disabling and enabling its account), the
+// next call logs in again instead of presenting the refused token until
+// its expiry is near (15 minutes of failed reports, mailbox calls and
+// watches).
+func TestARefusedTokenIsForgotten(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	createAccount(t, c, "edges", "edge-password-1", controlv1.Role_ROLE_EDGE)
+	d := api.NewDialer(nil)
+	defer d.Close()
+	url := d.URL(c.Nodes[0].Server.APIAddr())
+	cc, err := controlconn.New(controlconn.Config{URLs: []string{url}, Login: "edges", Password: "edge-password-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	tok, err := cc.Token(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	me := connect.NewRequest(&controlv1.GetMeRequest{})
+	me.Header().Set("Authorization", "Bearer "+tok)
+	users := controlv1connect.NewUserServiceClient(d.HTTPClient(), url)
+	got, err := users.GetMe(ctx, me)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := c.AdminToken()
+	for _, st := range []controlv1.UserStatus{controlv1.UserStatus_USER_STATUS_DISABLED, controlv1.UserStatus_USER_STATUS_ACTIVE} {
+		req := connect.NewRequest(&controlv1.UpdateUserRequest{Id: got.Msg.GetUser().GetId(), Status: &st})
+		req.Header().Set("Authorization", "Bearer "+admin)
+		if _, err := users.UpdateUser(ctx, req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := cc.ReportActivity(ctx, nil); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("a call with the revoked session's token: %v, want unauthenticated", err)
+	}
+	if err := cc.ReportActivity(ctx, nil); err != nil {
+		t.Fatalf("the call after the refusal: %v", err)
+	}
+	if again, err := cc.Token(ctx); err != nil || again == tok {
+		t.Fatalf("token after the refusal: %v (the refused one: %v)", err, again == tok)
+	}
+}

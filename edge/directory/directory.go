@@ -548,6 +548,12 @@ func (d *Directory) Follow(ctx context.Context, client edgev1connect.WatchServic
 		}
 		wait := backoff
 		switch {
+		case tokenExpired(err):
+			// The control plane ends a stream when its access token
+			// expires: resume at once, with a fresh one (token).
+			backoff = minBackoff
+			d.cfg.Logger.Debug("watch stream ended with its access token; resuming", "revision", d.Revision(), "err", err)
+			continue
 		case d.LastHeard() != before:
 			// The stream worked for a while: resume right away.
 			backoff, wait = minBackoff, minBackoff
@@ -573,6 +579,13 @@ func (d *Directory) Follow(ctx context.Context, client edgev1connect.WatchServic
 // ended (to move to another control node when one is unavailable).
 type StreamFailer interface {
 	StreamFailed(err error)
+}
+
+// tokenExpired reports whether the control plane ended a stream because
+// its access token expired (control/api's StreamEndHeader).
+func tokenExpired(err error) bool {
+	var ce *connect.Error
+	return errors.As(err, &ce) && ce.Code() == connect.CodeUnauthenticated && ce.Meta().Get("Relay-Stream-End") == "token-expired"
 }
 
 // errToken marks a failure to get the edge's token (no stream opened).

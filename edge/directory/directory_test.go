@@ -7,9 +7,11 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
 	"go.uber.org/goleak"
 
 	"github.com/edge-relay/relay/control/api"
@@ -18,6 +20,7 @@ import (
 	"github.com/edge-relay/relay/edge/directory"
 	"github.com/edge-relay/relay/edge/session"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
@@ -29,6 +32,23 @@ func TestMain(m *testing.M) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// captureLogs returns a logger that keeps every record, debug ones
+// included, and a function that returns what it kept.
+func captureLogs() (*slog.Logger, func() string) {
+	var mu sync.Mutex
+	var buf bytes.Buffer
+	logger := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return buf.Write(p)
+	}), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	return logger, func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		return buf.String()
+	}
+}
 
 type removals struct {
 	mu  sync.Mutex
@@ -69,18 +89,10 @@ func TestFollowsTheControlPlane(t *testing.T) {
 
 	var rm removals
 	ring := session.NewRing()
-	var logs bytes.Buffer
-	var logMu sync.Mutex
-	logger := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
-		logMu.Lock()
-		defer logMu.Unlock()
-		return logs.Write(p)
-	}), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	logger, logs := captureLogs()
 	defer func() {
 		if t.Failed() {
-			logMu.Lock()
-			t.Log(logs.String())
-			logMu.Unlock()
+			t.Log(logs())
 		}
 	}()
 	dir := directory.New(directory.Config{Ring: ring, OnRemove: rm.add, Logger: logger})
@@ -277,5 +289,68 @@ func TestFullCopyMailboxesReachOnMailboxAfterTheCopy(t *testing.T) {
 	}
 	if strings.Join(notes, " ") != "u1/d1/2 u1/d3/1" {
 		t.Fatalf("after the gap: %v, want u1/d1/2 u1/d3/1 (d2 was emptied)", notes)
+	}
+}
+
+// The control plane ends a watch stream when its access token expires;
+// the directory resumes at once with a fresh token, from its revision (no
+// new full copy), and quietly: an expiry is not an interruption to warn
+// of. Changes made across the expiries arrive.
+func TestFollowsThroughTokenExpiries(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{AccessTTL: 2 * time.Second, Leeway: time.Millisecond}})
+	c.TokenFor("edge-expiring", controlv1.Role_ROLE_EDGE)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	d := api.NewDialer(nil)
+	defer d.Close()
+	authc := controlv1connect.NewAuthServiceClient(d.HTTPClient(), d.URL(c.Nodes[0].Server.APIAddr()))
+	var logins atomic.Int32
+	token := func(ctx context.Context) (string, error) {
+		r, err := authc.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "edge-expiring", Password: "password-of-edge-expiring"}))
+		if err != nil {
+			return "", err
+		}
+		logins.Add(1)
+		return r.Msg.GetTokens().GetAccessToken(), nil
+	}
+	logger, logs := captureLogs()
+	var rm removals
+	dir := directory.New(directory.Config{Ring: session.NewRing(), OnRemove: rm.add, Logger: logger})
+	client := edgev1connect.NewWatchServiceClient(d.HTTPClient(), d.URL(c.Nodes[0].Server.APIAddr()))
+	fctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- dir.Follow(fctx, client, token) }()
+	defer func() { stop(); <-done }()
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		if !dir.Synced() {
+			return fmt.Errorf("not synced")
+		}
+		return nil
+	})
+	apply := func(cmd *statev1.Command) uint64 {
+		t.Helper()
+		res, err := c.Nodes[0].Server.Node().Apply(ctx, cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.GetRevision()
+	}
+	apply(&statev1.Command{Op: &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u1", Login: "u1"}}}})
+	// Three streams ended with their tokens.
+	clustertest.Eventually(t, 60*time.Second, func() error {
+		if n := logins.Load(); n < 4 {
+			return fmt.Errorf("%d tokens taken", n)
+		}
+		return nil
+	})
+	rev := apply(&statev1.Command{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u1"}}})
+	if err := dir.WaitRevision(ctx, rev); err != nil {
+		t.Fatal(err)
+	}
+	if !rm.has(directory.Removal{UserID: "u1", Reason: "user deleted"}) {
+		t.Fatalf("no removal for the user deleted across the expiries: %v", rm.got)
+	}
+	if got := logs(); strings.Contains(got, "watch feed interrupted") || strings.Count(got, "watch stream ended with its access token") < 3 {
+		t.Fatalf("the directory's log across three expiries:\n%s", got)
 	}
 }

@@ -2681,7 +2681,12 @@ type IssueRefreshToken struct {
 	// The LoginAttempt this login passed, now known to have succeeded: the
 	// failures it reserved are given back and the address becomes trusted
 	// for the login.
-	Succeeded     *LoginAttempt `protobuf:"bytes,2,opt,name=succeeded,proto3" json:"succeeded,omitempty"`
+	Succeeded *LoginAttempt `protobuf:"bytes,2,opt,name=succeeded,proto3" json:"succeeded,omitempty"`
+	// The password hash the login checked the password against: the token
+	// is issued only while the account still has it, so a login that
+	// raced a change of password (which revoked the sessions open then)
+	// cannot open a session that outlives it. Empty: not checked.
+	PasswordHash  string `protobuf:"bytes,3,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2728,6 +2733,13 @@ func (x *IssueRefreshToken) GetSucceeded() *LoginAttempt {
 		return x.Succeeded
 	}
 	return nil
+}
+
+func (x *IssueRefreshToken) GetPasswordHash() string {
+	if x != nil {
+		return x.PasswordHash
+	}
+	return ""
 }
 
 // ThrottlePolicy is the login throttling policy (docs/api.md). It travels
@@ -4297,10 +4309,11 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\fRenameDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\"w\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"\x9c\x01\n" +
 	"\x11IssueRefreshToken\x12,\n" +
 	"\x05token\x18\x01 \x01(\v2\x16.state.v1.RefreshTokenR\x05token\x124\n" +
-	"\tsucceeded\x18\x02 \x01(\v2\x16.state.v1.LoginAttemptR\tsucceeded\"\xca\x01\n" +
+	"\tsucceeded\x18\x02 \x01(\v2\x16.state.v1.LoginAttemptR\tsucceeded\x12#\n" +
+	"\rpassword_hash\x18\x03 \x01(\tR\fpasswordHash\"\xca\x01\n" +
 	"\x0eThrottlePolicy\x12\x1b\n" +
 	"\taddr_free\x18\x01 \x01(\rR\baddrFree\x12\x1d\n" +
 	"\n" +
