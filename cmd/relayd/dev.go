@@ -42,7 +42,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	fs.StringVar(&edgeAddr, "edge-addr", "127.0.0.1:7443", "edge address: UDP for QUIC and WebTransport, TCP for HTTPS")
 	fs.StringVar(&edgeAdminAddr, "edge-admin-addr", "127.0.0.1:7444", "edge's plain-HTTP metrics, health and certificate hashes")
 	edgeSession.Limits = session.DefaultLimits()
-	fs.Float64Var(&edgeSession.HandshakesPerSecond, "edge-handshakes-per-second", 20, "new sessions per second per client address (raise for load tests)")
+	fs.Float64Var(&edgeSession.HandshakesPerSecond, "edge-handshakes-per-second", 20, "new sessions per second per client IPv4 address or IPv6 /64 (raise for load tests)")
 	fs.IntVar(&edgeSession.Limits.EventsPerSecond, "edge-events-per-second", edgeSession.Limits.EventsPerSecond, "events per second per device")
 	common.register(fs)
 	fs.Usage = flagenv.Usage(fs, envPrefix, "relayd dev [flags]")

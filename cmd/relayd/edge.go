@@ -65,7 +65,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.IntVar(&cfg.Session.QueueLen, "queue-len", 256, "events waiting per receiving device before senders get QUEUE_FULL")
 	fs.IntVar(&cfg.Session.UnackedLen, "unacked-len", 1024, "durable events queued or sent to a device and not yet acknowledged by it, or 4 MiB of them, before senders get QUEUE_FULL: bounds what a device that reads but never acknowledges holds")
 	fs.IntVar(&cfg.Session.MaxSessions, "max-sessions", 0, "most sessions this edge takes; beyond it devices are sent to another edge (0: no bound)")
-	fs.Float64Var(&cfg.Session.HandshakesPerSecond, "handshakes-per-second", 20, "new sessions per second per client IP address")
+	fs.Float64Var(&cfg.Session.HandshakesPerSecond, "handshakes-per-second", 20, "new sessions per second per client IPv4 address or IPv6 /64")
 	fs.IntVar(&f.unvalidated, "max-unvalidated-handshakes", transport.DefaultMaxUnvalidatedHandshakes, "QUIC handshakes from addresses not yet validated in progress at once; beyond it new connections must first answer a Retry, one round trip more (0: every connection must)")
 	fs.DurationVar(&cfg.DrainWindow, "drain-window", 10*time.Second, "on shutdown, spread clients' reconnects over this long")
 	fs.DurationVar(&f.shutdown, "shutdown-timeout", 30*time.Second, "how long a graceful shutdown may take")

@@ -156,7 +156,11 @@ func (h *handshake) step(f *relayv1.Frame) (*relayv1.Frame, error) {
 	}
 }
 
-func validID(s string) bool { return s != "" && len(s) <= 128 && utf8.ValidString(s) }
+func validID(s string) bool { return s != "" && len(s) <= maxDeviceIDBytes && utf8.ValidString(s) }
+
+// maxDeviceIDBytes bounds the user and device ids a device sends: in its
+// Hello, and as an event's targets.
+const maxDeviceIDBytes = 128
 
 // maxInstanceBytes bounds Hello.instance.
 const maxInstanceBytes = 64
@@ -232,7 +236,7 @@ func (h *handshake) resumeProofValid(hello *relayv1.Hello, now time.Time) bool {
 	if skew > h.resumeWindow || skew < -h.resumeWindow {
 		return false
 	}
-	return h.replays.first(hello.GetDeviceId()+"\x00"+string(hello.GetResumeNonce()), now.Add(2*h.resumeWindow), now)
+	return h.replays.first(hello.GetDeviceId(), string(hello.GetResumeNonce()), now.Add(2*h.resumeWindow), now)
 }
 
 // keyFor is the key a device's signatures are checked against: its own

@@ -341,7 +341,8 @@ func (h *Hub) leave() {
 // It registers nothing and returns ErrDraining once the hub is draining,
 // or a GOING_AWAY CloseError when s began before the latest Restart: a
 // session that finished its handshake after Drain or Restart looked must
-// not stay.
+// not stay; or a REVOKED CloseError when the device or its user is no
+// longer active.
 func (h *Hub) register(s *Session) error {
 	sh := h.shardOf(s.userID)
 	h.mu.Lock()
@@ -400,6 +401,21 @@ func (h *Hub) register(s *Session) error {
 		}
 	}
 	r.mu.Unlock()
+
+	// A revocation applied while s was between its handshake and here
+	// (its first mailbox read) closed only the sessions listed then
+	// (CloseDevice, CloseUser). The directory changes before it tells the
+	// hub, and from here the hub finds s: one more look refuses what that
+	// missed, before anyone is told s is online. old, which s replaced in
+	// the list, goes too: a CloseDevice still to come would not find it.
+	if !s.hs.usable() {
+		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_REVOKED, "the device or its account is no longer active")
+		if old != nil {
+			old.closeWith(ce, 0)
+		}
+		h.unregister(s)
+		return ce
+	}
 
 	if old != nil {
 		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_REPLACED, "a newer session of this device took over")
@@ -659,6 +675,12 @@ func (l *addrLimiter) allow(addr net.Addr, now time.Time) bool {
 	ip, ok := addrIP(addr)
 	if !ok {
 		return true
+	}
+	if ip.Is6() {
+		// An IPv6 host is given a /64 (RFC 7421) and may pick any address
+		// in it: its budget is the /64's.
+		p, _ := ip.Prefix(64)
+		ip = p.Addr()
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()

@@ -234,6 +234,15 @@ func TestHandshakesPerAddressAreLimited(t *testing.T) {
 	}
 	// Another address is not affected.
 	e.connectFrom("d1", "10.0.0.2:1", true).login()
+
+	// An IPv6 host may take any address of its /64: they share a budget.
+	e.connectFrom("d1", "[2001:db8:1:2::1]:1", true).login()
+	e.connectFrom("d1", "[2001:db8:1:2::2]:1", true).login()
+	d = e.connectFrom("d1", "[2001:db8:1:2:ffff::3]:1", true)
+	if c := d.readDirect().GetClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED {
+		t.Fatalf("third handshake from one /64: %v", c)
+	}
+	e.connectFrom("d1", "[2001:db8:1:3::1]:1", true).login()
 }
 
 func TestFanOutAckAndOrder(t *testing.T) {
@@ -349,6 +358,8 @@ func TestEventRejections(t *testing.T) {
 		{"offline target", func(ev *relayv1.Event) { ev.Targets = []string{"b", "off"} }, relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE},
 		{"itself", func(ev *relayv1.Event) { ev.Targets = []string{"a"} }, relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
 		{"target twice", func(ev *relayv1.Event) { ev.Targets = []string{"b", "b"} }, relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{"target longer than any device id", func(ev *relayv1.Event) { ev.Targets = []string{strings.Repeat("\x01", 129)} }, relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{"empty target", func(ev *relayv1.Event) { ev.Targets = []string{""} }, relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
 		{"no id", func(ev *relayv1.Event) { ev.Id = "" }, relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
 		{"seq not increasing", func(ev *relayv1.Event) { ev.Seq = 1 }, relayv1.ErrorCode_ERROR_CODE_SEQ_OUT_OF_ORDER},
 	}

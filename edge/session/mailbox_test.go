@@ -1145,3 +1145,48 @@ func TestMeshHopKeepsSenderOrderAcrossAHandBack(t *testing.T) {
 	}
 	s.expectAcks(one, two)
 }
+
+// A device revoked (or whose account was disabled) while its session was
+// between the handshake and its registration, waiting for its first
+// mailbox read, does not stay: the edge's revocation closed the sessions
+// registered then, and the session looks again once it is registered.
+func TestRevokedWhileOpeningDoesNotStay(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		revoke func(e *env)
+		left   float64 // sessions after it: b's, unless its user went too
+	}{
+		{"device revoked", func(e *env) {
+			e.dir.setState("a", DeviceRevoked)
+			e.hub.CloseDevice("u1", "a", relayv1.ErrorCode_ERROR_CODE_REVOKED, "device revoked")
+		}, 1},
+		{"user disabled", func(e *env) {
+			e.dir.setUser("u1", false)
+			e.hub.CloseUser("u1", relayv1.ErrorCode_ERROR_CODE_REVOKED, "user disabled")
+		}, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			e, mb := mailboxEnv(t, nil)
+			e.devices("u1", "a", "b")
+			e.online("b")
+			gate, snaps := make(chan struct{}), make(chan string, 16)
+			mb.mu.Lock()
+			mb.fetchGate["a"], mb.snapshots = gate, snaps
+			mb.mu.Unlock()
+			a := e.connect("a")
+			a.answer(a.challenged(nil))
+			for d := range snaps { // a's first mailbox read has begun
+				if d == "a" {
+					break
+				}
+			}
+			c.revoke(e) // as the edge does when the feed brings it
+			close(gate)
+			f := a.readDirect()
+			if f.GetClose().GetCode() != relayv1.ErrorCode_ERROR_CODE_REVOKED {
+				t.Fatalf("after the revocation the device got %v, want a Close with REVOKED", f)
+			}
+			waitFor(t, "the session gone", func() bool { return e.metric("relay_edge_sessions", "transport", "pipe") == c.left })
+		})
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"crypto/rand"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -79,21 +80,47 @@ func TestReplayCacheIsBounded(t *testing.T) {
 	c := newReplayCache(2)
 	now := time.Unix(1000, 0)
 	exp := now.Add(time.Minute)
-	if !c.first("a", exp, now) || !c.first("b", exp, now) {
+	if !c.first("d", "a", exp, now) || !c.first("d", "b", exp, now) {
 		t.Fatal("fresh keys refused")
 	}
-	if c.first("a", exp, now) {
+	if c.first("d", "a", exp, now) {
 		t.Fatal("a repeated key was taken")
 	}
-	if c.first("c", exp, now) {
+	if c.first("d", "c", exp, now) {
 		t.Fatal("a full cache took a key (it would have to forget one)")
 	}
 	later := exp.Add(time.Second)
-	if !c.first("c", later.Add(time.Minute), later) || !c.first("a", later.Add(time.Minute), later) {
+	if !c.first("d", "c", later.Add(time.Minute), later) || !c.first("d", "a", later.Add(time.Minute), later) {
 		t.Fatal("expired entries were not let go")
 	}
 	if c.size() != 2 {
 		t.Fatalf("size %d", c.size())
+	}
+}
+
+// One device cannot take more than its share of the cache: its proofs
+// beyond it are refused (a full handshake instead) while other devices'
+// are taken, and its places come back as its proofs expire. The same
+// nonce of two devices is two proofs.
+func TestReplayCacheSharesPlacesAmongDevices(t *testing.T) {
+	c := newReplayCache(100)
+	c.perOwner = 3
+	now := time.Unix(1000, 0)
+	exp := now.Add(time.Minute)
+	for i := range 3 {
+		if !c.first("greedy", fmt.Sprint(i), exp, now) {
+			t.Fatalf("proof %d of the device refused", i)
+		}
+	}
+	if c.first("greedy", "3", exp, now) {
+		t.Fatal("a device took more than its share")
+	}
+	if !c.first("other", "0", exp, now) {
+		t.Fatal("another device's proof refused (with the first's nonce)")
+	}
+	later := exp.Add(time.Second)
+	if !c.first("greedy", "3", later.Add(time.Minute), later) {
+		t.Fatal("the device's places did not come back when its proofs expired")
 	}
 }
 

@@ -165,34 +165,45 @@ func (r *Ring) Open(b []byte, now time.Time) (Ticket, error) {
 // replayCache remembers the resume proofs an edge accepted until they
 // are too old to be accepted again, so a proof works once. It is bounded:
 // when full, proofs are refused (the device falls back to a full
-// handshake), never forgotten early.
+// handshake), never forgotten early. Each device may hold at most
+// perOwner of its places, so one device signing fresh proofs as fast as
+// it may connect cannot fill it for every other device.
 type replayCache struct {
-	max int
+	max, perOwner int
 
-	mu    sync.Mutex // guards the fields below
-	seen  map[string]time.Time
-	order []replayEntry // in insertion order; expiries grow with it within the window
-	head  int
+	mu     sync.Mutex // guards the fields below
+	seen   map[string]time.Time
+	owners map[string]int // places held, by device
+	order  []replayEntry  // in insertion order; expiries grow with it within the window
+	head   int
 }
 
 type replayEntry struct {
-	key     string
-	expires time.Time
+	owner, key string
+	expires    time.Time
 }
+
+// maxProofsPerDevice bounds the resume proofs of one device an edge
+// remembers at once (twice the resume window): more than a device that
+// reconnects every quarter second needs.
+const maxProofsPerDevice = 256
 
 func newReplayCache(max int) *replayCache {
-	return &replayCache{max: max, seen: map[string]time.Time{}}
+	return &replayCache{max: max, perOwner: maxProofsPerDevice, seen: map[string]time.Time{}, owners: map[string]int{}}
 }
 
-// first records key until expires and reports whether it was new (and
-// there was room for it).
-func (c *replayCache) first(key string, expires, now time.Time) bool {
+// first records owner's key until expires and reports whether it was new
+// (and there was room for it).
+func (c *replayCache) first(owner, key string, expires, now time.Time) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for c.head < len(c.order) && !c.order[c.head].expires.After(now) {
 		e := c.order[c.head]
 		if exp, ok := c.seen[e.key]; ok && !exp.After(now) {
 			delete(c.seen, e.key)
+			if c.owners[e.owner]--; c.owners[e.owner] <= 0 {
+				delete(c.owners, e.owner)
+			}
 		}
 		c.order[c.head] = replayEntry{}
 		c.head++
@@ -201,14 +212,16 @@ func (c *replayCache) first(key string, expires, now time.Time) bool {
 		c.order = append(c.order[:0], c.order[c.head:]...)
 		c.head = 0
 	}
+	key = owner + "\x00" + key
 	if exp, ok := c.seen[key]; ok && exp.After(now) {
 		return false
 	}
-	if len(c.seen) >= c.max {
+	if len(c.seen) >= c.max || c.owners[owner] >= c.perOwner {
 		return false
 	}
 	c.seen[key] = expires
-	c.order = append(c.order, replayEntry{key: key, expires: expires})
+	c.owners[owner]++
+	c.order = append(c.order, replayEntry{owner: owner, key: key, expires: expires})
 	return true
 }
 

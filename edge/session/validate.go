@@ -123,6 +123,14 @@ func ValidateEvent(ev *relayv1.Event, l Limits, now time.Time) (time.Time, *Reje
 	if len(ev.GetTargets()) > l.MaxTargets {
 		return time.Time{}, reject(malformed, "event %s: %d targets, at most %d", ev.GetId(), len(ev.GetTargets()), l.MaxTargets)
 	}
+	for _, t := range ev.GetTargets() {
+		// Device ids are at most maxDeviceIDBytes (the Hello's bound):
+		// a longer target names no device, and would only be echoed back
+		// in the Reject that says so.
+		if t == "" || len(t) > maxDeviceIDBytes {
+			return time.Time{}, reject(malformed, "event %s: a target must be 1 to %d bytes", ev.GetId(), maxDeviceIDBytes)
+		}
+	}
 	if ev.GetAnyOne() && ev.GetEphemeral() {
 		return time.Time{}, reject(malformed, "event %s: an ephemeral event cannot go to any one device", ev.GetId())
 	}

@@ -28,6 +28,7 @@ import (
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/edge/transport"
 	"github.com/edge-relay/relay/internal/relaytest"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -419,6 +420,47 @@ func TestPersistentRefusalsEndTheSession(t *testing.T) {
 			if end.Code != relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED {
 				t.Fatalf("ended with %+v, want RATE_LIMITED", end)
 			}
+		})
+	}
+}
+
+// A device cannot open streams beside its session's beyond the few a
+// device port allows (the edge reads none of them, so what a peer may
+// leave in them is bounded by their number), and its session goes on.
+func TestExtraStreamsAreBounded(t *testing.T) {
+	r := startRelay(t, 1, nil)
+	dev := r.Device(r.User("streams"), "d")
+	base := r.Edges[0].Hub().Stats()
+	goroutines, _ := relaytest.SessionGoroutines()
+	for _, tr := range []client.Transport{client.QUIC, client.WebTransport} {
+		t.Run(tr.String(), func(t *testing.T) {
+			raw := r.DialRaw(t, 0, tr)
+			raw.Login(dev)
+			bidi, uni := raw.OpenExtraStreams(make([]byte, 1<<10))
+			// Native: the session's stream. WebTransport: the CONNECT
+			// request's and the session's.
+			used := 1
+			if tr == client.WebTransport {
+				used = 2
+			}
+			if bidi+used > transport.MaxIncomingStreams || uni > transport.MaxIncomingUniStreams {
+				t.Fatalf("opened %d more bidirectional and %d unidirectional streams; the edge allows %d and %d in all",
+					bidi, uni, transport.MaxIncomingStreams, transport.MaxIncomingUniStreams)
+			}
+			if err := raw.Send(&relayv1.Frame{Kind: &relayv1.Frame_Ping{Ping: &relayv1.Ping{Nonce: 7}}}); err != nil {
+				t.Fatal(err)
+			}
+			for {
+				f, err := raw.Next(10 * time.Second)
+				if err != nil {
+					t.Fatalf("no pong after the extra streams: %v", err)
+				}
+				if f.GetPong().GetNonce() == 7 {
+					break
+				}
+			}
+			raw.Close()
+			settled(t, r.Edges[0], base, goroutines)
 		})
 	}
 }

@@ -98,6 +98,24 @@ func QUICConfig(idle time.Duration) *quic.Config {
 	}
 }
 
+// Streams a device may have open at once on a device port. A native
+// session is one bidirectional stream; a WebTransport session is the
+// CONNECT request's stream and one stream inside the session, beside
+// HTTP/3's control and QPACK streams (and a GREASE stream some browsers
+// add). The edge reads no other stream, so these bound what a peer can
+// leave in streams it is never read from: their receive windows.
+const (
+	MaxIncomingStreams    = 4
+	MaxIncomingUniStreams = 4
+)
+
+// listenerQUICConfig is QUICConfig for a device port.
+func listenerQUICConfig(idle time.Duration) *quic.Config {
+	c := QUICConfig(idle)
+	c.MaxIncomingStreams, c.MaxIncomingUniStreams = MaxIncomingStreams, MaxIncomingUniStreams
+	return c
+}
+
 // Listen opens the UDP socket. Serve then accepts connections.
 func Listen(cfg Config) (*Listener, error) {
 	if cfg.Hub == nil || cfg.TLS == nil {
@@ -148,7 +166,7 @@ func Listen(cfg Config) (*Listener, error) {
 	tlsConf.NextProtos = []string{http3.NextProtoH3, ALPN}
 	tlsConf.MinVersion = tls.VersionTLS13
 	tr := &quic.Transport{Conn: udp, VerifySourceAddress: l.addrs.verify, ConnContext: l.addrs.connContext}
-	ln, err := tr.ListenEarly(tlsConf, QUICConfig(cfg.IdleTimeout))
+	ln, err := tr.ListenEarly(tlsConf, listenerQUICConfig(cfg.IdleTimeout))
 	if err != nil {
 		_ = udp.Close()
 		return nil, fmt.Errorf("listen quic: %w", err)
@@ -158,7 +176,7 @@ func Listen(cfg Config) (*Listener, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc(WebTransportPath, l.serveWebTransport)
 	l.wt = &webtransport.Server{
-		H3: &http3.Server{Handler: mux, TLSConfig: tlsConf, QUICConfig: QUICConfig(cfg.IdleTimeout),
+		H3: &http3.Server{Handler: mux, TLSConfig: tlsConf, QUICConfig: listenerQUICConfig(cfg.IdleTimeout),
 			ConnContext: func(ctx context.Context, c *quic.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) }},
 		CheckOrigin:       l.checkOrigin,
 		ReorderingTimeout: 5 * time.Second,

@@ -50,8 +50,14 @@ type wsConn struct {
 	pumped chan struct{}  // closed when pump returns
 	idleT  *time.Timer    // Read's idle timer (Read is never concurrent)
 
-	rbuf []byte // the current message, prefixed, for Read (reused)
-	roff int    // how much of rbuf Read has returned
+	// The current message as Read returns it: its length prefix (hdr,
+	// of which hoff bytes were returned) and what is left of its body.
+	// Read keeps no buffer of its own: a session that once received a
+	// large frame holds nothing of it once it was read.
+	hdr  [binary.MaxVarintLen64]byte
+	hlen int
+	hoff int
+	body []byte
 	wbuf []byte // written bytes not yet a whole frame (reused)
 	once sync.Once
 }
@@ -96,7 +102,7 @@ func (w *wsConn) pump() {
 }
 
 func (w *wsConn) Read(p []byte) (int, error) {
-	for w.roff == len(w.rbuf) {
+	for w.hoff == w.hlen && len(w.body) == 0 {
 		w.idleT.Reset(w.idle)
 		var m wsMessage
 		select {
@@ -114,13 +120,15 @@ func (w *wsConn) Read(p []byte) (int, error) {
 		if m.err != nil {
 			return 0, m.err
 		}
-		w.rbuf = binary.AppendUvarint(w.rbuf[:0], uint64(len(m.b)))
-		w.rbuf = append(w.rbuf, m.b...)
-		w.roff = 0
+		w.hlen, w.hoff, w.body = binary.PutUvarint(w.hdr[:], uint64(len(m.b))), 0, m.b
 	}
-	n := copy(p, w.rbuf[w.roff:])
-	w.roff += n
-	return n, nil
+	n := copy(p, w.hdr[w.hoff:w.hlen])
+	w.hoff += n
+	k := copy(p[n:], w.body)
+	if w.body = w.body[k:]; len(w.body) == 0 {
+		w.body = nil // the message is the garbage collector's
+	}
+	return n + k, nil
 }
 
 // Write takes length-prefixed frames (the session stream) and sends each

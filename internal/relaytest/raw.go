@@ -151,6 +151,45 @@ func (c *Raw) CloseWrite() {
 	}
 }
 
+// OpenExtraStreams opens as many more streams as the edge lets it, beside
+// the session's, bidirectional and unidirectional, and writes payload on
+// each (the edge never reads them); it reports how many it opened. A
+// WebSocket has no streams: it fails the test.
+func (c *Raw) OpenExtraStreams(payload []byte) (bidi, uni int) {
+	c.t.Helper()
+	type stream interface {
+		Write([]byte) (int, error)
+		SetWriteDeadline(time.Time) error
+	}
+	var openBidi, openUni func() (stream, error)
+	switch {
+	case c.qc != nil:
+		openBidi = func() (stream, error) { return c.qc.OpenStream() }
+		openUni = func() (stream, error) { return c.qc.OpenUniStream() }
+	case c.wts != nil:
+		openBidi = func() (stream, error) { return c.wts.OpenStream() }
+		openUni = func() (stream, error) { return c.wts.OpenUniStream() }
+	default:
+		c.t.Fatalf("%s has no streams", c.tr)
+	}
+	count := func(open func() (stream, error)) int {
+		for n := 0; ; n++ {
+			s, err := open()
+			if err != nil {
+				return n // the edge's limit (a stream limit error)
+			}
+			if n >= 64 {
+				c.t.Fatalf("opened %d extra streams, and the edge allows more", n)
+			}
+			_ = s.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if _, err := s.Write(payload); err != nil {
+				c.t.Fatalf("write on extra stream %d: %v", n, err)
+			}
+		}
+	}
+	return count(openBidi), count(openUni)
+}
+
 // Hello is the Hello of the last Login.
 func (c *Raw) Hello() *relayv1.Hello { return c.hello }
 
