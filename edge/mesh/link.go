@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"google.golang.org/protobuf/proto"
 
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 )
@@ -161,7 +162,7 @@ func (l *link) session() error {
 	// and status change after them.
 	status := conn.ConnectionState().TLS.NegotiatedProtocol == ALPNStatus
 	l.m.presMu.Lock()
-	first := []*edgev1.MeshFrame{{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: l.m.cfg.Local.LocalPresence()}}}}
+	first := presenceFrames(l.m.cfg.Local.LocalPresence())
 	if status {
 		first = append(first, statusFrame(l.m.controlHeard))
 	}
@@ -254,4 +255,36 @@ func (l *link) down() {
 		l.m.metrics.forwards.WithLabelValues("link_down").Inc()
 		pending[id](edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
 	}
+}
+
+// presenceChunk bounds the devices of one presence frame, in encoded
+// bytes: well under maxFrame, which a peer refuses beyond.
+const presenceChunk = 256 << 10
+
+// presenceFrames is the full set of devices here, as a link sends it when
+// it comes up: a PresenceSet (which replaces what the peer knew of this
+// edge) with the first devices, then PresenceDeltas adding the rest, each
+// of at most presenceChunk bytes. In one frame, the set of an edge with
+// some ten thousand devices is over maxFrame, and the peer would refuse
+// it, and the link, for ever.
+func presenceFrames(devs []*edgev1.DevicePresence) []*edgev1.MeshFrame {
+	var frames []*edgev1.MeshFrame
+	emit := func(chunk []*edgev1.DevicePresence) {
+		if len(frames) == 0 {
+			frames = append(frames, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: chunk}}})
+			return
+		}
+		frames = append(frames, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceDelta{PresenceDelta: &edgev1.PresenceDelta{Online: chunk}}})
+	}
+	start, size := 0, 0
+	for i, d := range devs {
+		n := proto.Size(d) + 4 // the field's tag and length
+		if size+n > presenceChunk && i > start {
+			emit(devs[start:i:i])
+			start, size = i, 0
+		}
+		size += n
+	}
+	emit(devs[start:len(devs):len(devs)]) // also the empty set of an edge with none
+	return frames
 }

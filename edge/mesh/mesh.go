@@ -590,12 +590,20 @@ func readFrame(r *bufio.Reader, buf []byte, f *edgev1.MeshFrame) ([]byte, error)
 	if n > maxFrame {
 		return buf, fmt.Errorf("mesh frame of %d bytes", n)
 	}
-	if cap(buf) < int(n) {
-		buf = make([]byte, n)
-	}
-	buf = buf[:n]
-	if _, err := io.ReadFull(r, buf); err != nil {
-		return buf, err
+	// The buffer grows with the bytes that arrive, not with the length
+	// the peer declared: a peer that declares a large frame and sends
+	// little of it holds little.
+	buf = buf[:0]
+	for len(buf) < int(n) {
+		want := min(int(n)-len(buf), max(4<<10, len(buf)))
+		if cap(buf)-len(buf) < want {
+			buf = slices.Grow(buf, want)
+		}
+		k, err := io.ReadFull(r, buf[len(buf):len(buf)+want])
+		buf = buf[:len(buf)+k]
+		if err != nil {
+			return buf, err
+		}
 	}
 	f.Reset()
 	return buf, proto.Unmarshal(buf, f)

@@ -2,18 +2,21 @@ package mesh
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
 	"net/url"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -21,6 +24,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/quic-go/quic-go"
 	"go.uber.org/goleak"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/control/clustertest"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -529,4 +533,70 @@ func TestAReconnectedLinkInheritsAStatusItCanCorrect(t *testing.T) {
 	link(v1)
 	waitFor(t, "the first link replaced", func() bool { return first.Context().Err() != nil })
 	waitFor(t, "a no longer counts x", func() bool { return len(a.PeersHearingControl()) == 0 })
+}
+
+// An edge with tens of thousands of devices sends its full set in frames
+// a peer takes: in one it would be over the frame limit, and the peer
+// would refuse it and the link each time it came back.
+func TestALargeFullSetComesThrough(t *testing.T) {
+	ca := newTestCA(t)
+	const n = 30000
+	devs := make([]*edgev1.DevicePresence, n)
+	for i := range devs {
+		devs[i] = &edgev1.DevicePresence{DeviceId: fmt.Sprintf("device-%08d-%s", i, strings.Repeat("x", 24)), UserId: fmt.Sprintf("user-%08d", i/3),
+			SinceNs: int64(i + 1), Instance: strings.Repeat("i", 64)}
+	}
+	if size := proto.Size(&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: devs}}}); size <= maxFrame {
+		t.Fatalf("the set is %d bytes, not over the frame limit: the test shows nothing", size)
+	}
+	frames := presenceFrames(devs)
+	if frames[0].GetPresenceSet() == nil {
+		t.Fatal("the full set does not start with a PresenceSet")
+	}
+	for i, f := range frames {
+		if size := proto.Size(f); size > maxFrame {
+			t.Fatalf("frame %d of the set is %d bytes, over the limit", i, size)
+		}
+	}
+	if got := presenceFrames(nil); len(got) != 1 || got[0].GetPresenceSet() == nil || len(got[0].GetPresenceSet().GetDevices()) != 0 {
+		t.Fatalf("an edge with no devices sends %v, want one empty PresenceSet", got)
+	}
+
+	la := &fakeLocal{devices: devs}
+	a, b := startMesh(t, ca, "edge-a", la), startMesh(t, ca, "edge-b", &fakeLocal{})
+	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
+	a.SetMembers(members)
+	b.SetMembers(members)
+	for _, i := range []int{0, n / 2, n - 1} {
+		waitFor(t, "b learns where a's devices are", func() bool { e, ok := b.Locate(devs[i].GetDeviceId()); return ok && e == "edge-a" })
+	}
+}
+
+// A frame is read into a buffer that grows with what arrives: a peer
+// that declares the largest frame and sends ten bytes of it makes the
+// reader hold kilobytes, not the megabyte it declared.
+func TestReadFrameGrowsWithWhatArrives(t *testing.T) {
+	decl := binary.AppendUvarint(nil, maxFrame)
+	buf, err := readFrame(bufio.NewReader(io.MultiReader(bytes.NewReader(decl), bytes.NewReader(make([]byte, 10)))), nil, &edgev1.MeshFrame{})
+	if err == nil {
+		t.Fatal("a cut frame was read")
+	}
+	if cap(buf) > 64<<10 {
+		t.Fatalf("the reader holds %d bytes for 10 that came", cap(buf))
+	}
+	// Whole frames still read, the buffer reused.
+	var wire bytes.Buffer
+	want := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: &edgev1.Forward{DeviceId: "d", Event: bytes.Repeat([]byte("e"), 200<<10)}}}
+	for range 2 {
+		if _, err := writeFrame(&wire, nil, want); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := bufio.NewReader(&wire)
+	for range 2 {
+		var got edgev1.MeshFrame
+		if buf, err = readFrame(r, buf, &got); err != nil || !proto.Equal(&got, want) {
+			t.Fatalf("read back: %v (equal %v)", err, proto.Equal(&got, want))
+		}
+	}
 }

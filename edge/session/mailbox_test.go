@@ -1085,6 +1085,71 @@ func TestMeshHopKeepsSenderOrderAcrossAReconnect(t *testing.T) {
 	s.expectAck(three)
 }
 
+// The same with two senders: s1's "one" reaches B while t is between
+// sessions (A stores it), then a forward of s2 that needs s2's own stored
+// entry, then s1's "two". s2's forward shows nothing of s1's store: B
+// still refuses "two", which A stores after "one", so t gets s1's events
+// in s1's order.
+func TestMeshHopKeepsEachSendersOrder(t *testing.T) {
+	remote := &heldRemote{ch: make(chan heldForward, 16)}
+	eA, mb := mailboxEnv(t, func(c *Config) { c.Remote = remote })
+	eA.devices("u1", "s1", "s2", "t")
+	eB := eA.otherEdge("B", func(c *Config) { c.Mailbox = mb })
+	hubB := eB.hub
+	s1, s2 := eA.online("s1"), eA.online("s2")
+
+	// s2's first event finds t nowhere: A stores it, seq 1.
+	early := s2.sendPayload("early", "t")
+	fe := <-remote.ch
+	if fe.fw.GetSenderDeviceId() != "s2" {
+		t.Fatalf("a durable forward without its sender: %v", fe.fw)
+	}
+	hubB.DeliverForwarded(fe.fw, fe.done)
+	waitFor(t, "early stored", func() bool { return mb.stored("t") == 1 })
+	s2.expectAck(early)
+
+	one := s1.sendPayload("one", "t")
+	f1 := <-remote.ch
+	two := s1.sendPayload("two", "t")
+	f2 := <-remote.ch
+	mb.hold.Lock() // A's store of "one" waits
+	held := true
+	defer func() {
+		if held {
+			mb.hold.Unlock()
+		}
+	}()
+	hubB.DeliverForwarded(f1.fw, f1.done) // t is between sessions on B
+	tt := eB.online("t")
+	if got := tt.payloads(1); got[0] != "early" {
+		t.Fatalf("t got %v first, want early", got)
+	}
+	late := s2.sendPayload("late", "t")
+	fl := <-remote.ch
+	if fl.fw.GetNeedMailboxSeq() != 1 {
+		t.Fatalf("s2's forward after its store needs %d, want 1", fl.fw.GetNeedMailboxSeq())
+	}
+	hubB.DeliverForwarded(fl.fw, fl.done)
+	if got := tt.payloads(1); got[0] != "late" {
+		t.Fatalf("t got %v, want late (s2's, after its stored one)", got)
+	}
+	hubB.DeliverForwarded(f2.fw, f2.done)
+	tt.expectNothing("s1's two live ahead of its stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	mb.hold.Unlock()
+	held = false
+	waitFor(t, "one and two stored", func() bool {
+		mb.mu.Lock()
+		defer mb.mu.Unlock()
+		return mb.seq["t"] == 3
+	})
+	hubB.MailboxChanged("u1", "t", 3)
+	if got := tt.payloads(2); !slices.Equal(got, []string{"one", "two"}) {
+		t.Fatalf("t got %v, want [one two]", got)
+	}
+	s1.expectAcks(one, two)
+	s2.expectAck(late)
+}
+
 // The same with a hand-back: "one" was delivered to b's session on B and
 // not acknowledged; b reconnects to B, and "two" (forwarded before A
 // heard of any of this) arrives as the new session registers, while the

@@ -45,9 +45,12 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 	s.fwdPending[r.device] = pf
 	s.routeMu.Unlock()
 	tr := f.trace.child(s.hub.cfg.Tracer, "relay.mesh.forward", trace.SpanKindProducer, attribute.String("relay.edge", r.edge))
-	fw := &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: event, NeedMailboxSeq: r.need, SenderRevision: s.openRev.Load(), Traceparent: tr.traceparent()}
+	// With the sender: the receiving edge's refusals after a NOT_DELIVERED
+	// are per sender, as r.need is (refuseForward).
+	fw := &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: event, NeedMailboxSeq: r.need, SenderRevision: s.openRev.Load(),
+		Traceparent: tr.traceparent(), SenderDeviceId: s.deviceID}
 	if f.anyOne {
-		fw.AnyOne, fw.EventId, fw.SenderDeviceId, fw.ExpiresAtMs = true, f.eventID, s.deviceID, f.claim.GetExpiresAtMs()
+		fw.AnyOne, fw.EventId, fw.ExpiresAtMs = true, f.eventID, f.claim.GetExpiresAtMs()
 	}
 	s.hub.cfg.Remote.Forward(r.edge, fw, func(o edgev1.ForwardOutcome) {
 		if tr.span != nil {

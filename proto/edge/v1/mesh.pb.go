@@ -526,8 +526,11 @@ type Forward struct {
 	NeedMailboxSeq uint64 `protobuf:"varint,5,opt,name=need_mailbox_seq,json=needMailboxSeq,proto3" json:"need_mailbox_seq,omitempty"`
 	// For an "any one" event: the receiving edge claims it (ClaimEvents)
 	// when the device acknowledges it; these identify it.
-	AnyOne         bool   `protobuf:"varint,6,opt,name=any_one,json=anyOne,proto3" json:"any_one,omitempty"`
-	EventId        string `protobuf:"bytes,7,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	AnyOne  bool   `protobuf:"varint,6,opt,name=any_one,json=anyOne,proto3" json:"any_one,omitempty"`
+	EventId string `protobuf:"bytes,7,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	// The sending device, on every durable forward (before 2026-12-04 only
+	// on "any one" ones): the receiving edge keeps its refusals after a
+	// NOT_DELIVERED per sender, as need_mailbox_seq is the sender's.
 	SenderDeviceId string `protobuf:"bytes,8,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
 	ExpiresAtMs    int64  `protobuf:"varint,9,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
 	// W3C traceparent of the sending edge's span for the event, when it is
