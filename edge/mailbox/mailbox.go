@@ -394,31 +394,68 @@ func (c *Client) traceBatch(ctx context.Context, entries []*edgev1.MailboxEntry)
 		trace.WithAttributes(attribute.Int("relay.mailbox.entries", len(entries))))
 }
 
+// maxAckSeqs is the most seqs one AckMailbox call carries (the control
+// plane's fsm.MaxMailboxAck).
+const maxAckSeqs = 4096
+
 func (c *Client) ackLoop(ctx context.Context) {
+	const minBackoff, maxBackoff = 100 * time.Millisecond, 5 * time.Second
+	backoff := minBackoff
+	var again <-chan time.Time // set while acks wait to be tried again
 	for {
 		select {
 		case <-ctx.Done():
-			c.flushAcks(context.WithoutCancel(ctx), time.Second)
+			// One deadline for the last flush, however many devices have
+			// acks left: shutdown stays bounded.
+			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+			c.flushAcks(fctx)
+			cancel()
 			return
 		case <-c.ackNow:
+		case <-again:
 		}
-		c.flushAcks(ctx, 10*time.Second)
+		if c.flushAcks(ctx) {
+			again, backoff = time.After(backoff), min(2*backoff, maxBackoff)
+		} else {
+			again, backoff = nil, minBackoff
+		}
 	}
 }
 
-func (c *Client) flushAcks(ctx context.Context, timeout time.Duration) {
+// flushAcks sends the queued acks, at most maxAckSeqs per call. Those a
+// call failed to send for a passing reason (no leader, a timeout) are
+// queued again, and it reports that some were: an ack that is lost
+// leaves its entry counting against the device's quota until it expires,
+// and delivered again by its next session.
+func (c *Client) flushAcks(ctx context.Context) (requeued bool) {
 	c.mu.Lock()
 	acks := c.acks
 	c.acks = map[string][]uint64{}
 	c.mu.Unlock()
 	for dev, seqs := range acks {
-		actx, cancel := context.WithTimeout(ctx, timeout)
-		err := c.cfg.API.AckMailbox(actx, dev, seqs)
-		cancel()
-		if err != nil {
-			// Unacked entries are delivered again on the device's next
-			// fetch (and dropped there as duplicates), or expire.
-			c.cfg.Logger.Warn("mailbox ack failed", "device", dev, "entries", len(seqs), "err", err)
+		for len(seqs) > 0 {
+			n := min(len(seqs), maxAckSeqs)
+			actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := c.cfg.API.AckMailbox(actx, dev, seqs[:n])
+			cancel()
+			if err == nil {
+				seqs = seqs[n:]
+				continue
+			}
+			switch code := connect.CodeOf(err); {
+			case ctx.Err() == nil && code != connect.CodeInvalidArgument && code != connect.CodePermissionDenied:
+				c.mu.Lock()
+				c.acks[dev] = append(seqs, c.acks[dev]...)
+				c.mu.Unlock()
+				requeued = true
+				c.cfg.Logger.Debug("mailbox ack failed; retrying", "device", dev, "entries", len(seqs), "err", err)
+			default:
+				// Delivered again on the device's next fetch (and dropped
+				// there as duplicates), or they expire.
+				c.cfg.Logger.Warn("mailbox ack failed", "device", dev, "entries", len(seqs), "err", err)
+			}
+			break
 		}
 	}
+	return requeued
 }

@@ -4,9 +4,11 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -37,10 +39,24 @@ func authed[T any](m *T, tok string) *connect.Request[T] {
 	return r
 }
 
+// failingAcks is the control plane's API whose next fail AckMailbox
+// calls fail as they do while it has no leader.
+type failingAcks struct {
+	mailbox.API
+	fail atomic.Int32
+}
+
+func (f *failingAcks) AckMailbox(ctx context.Context, deviceID string, seqs []uint64) error {
+	if f.fail.Add(-1) >= 0 {
+		return connect.NewError(connect.CodeUnavailable, errors.New("no leader"))
+	}
+	return f.API.AckMailbox(ctx, deviceID, seqs)
+}
+
 // Entries are written in the order they were queued, many to a call,
 // each caller told its own outcome; fetch and ack work against a real
-// control plane; an unreachable control plane ends in an error, not a
-// hang.
+// control plane (acks again after a failure); an unreachable control
+// plane ends in an error, not a hang.
 func TestWriterAgainstAControlPlane(t *testing.T) {
 	c := clustertest.Start(t, 1, clustertest.Options{})
 	admin := c.AdminToken()
@@ -71,7 +87,10 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	}
 	defer cc.Close()
 	reg := prometheus.NewRegistry()
-	mb, err := mailbox.New(mailbox.Config{API: cc, MaxBatch: 8, RetryFor: 500 * time.Millisecond, Registerer: reg})
+	// Its first two acks fail as in a leader change: they are sent again.
+	api := &failingAcks{API: cc}
+	api.fail.Store(2)
+	mb, err := mailbox.New(mailbox.Config{API: api, MaxBatch: 8, RetryFor: 500 * time.Millisecond, Registerer: reg})
 	if err != nil {
 		t.Fatal(err)
 	}
