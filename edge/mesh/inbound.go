@@ -35,6 +35,14 @@ type inbound struct {
 	// forward on, the writer gives it back once the outcome is written,
 	// so a peer that does not read its outcomes is read no further.
 	slots chan struct{}
+	// users counts, per user, the forwards whose outcome is not decided
+	// yet (guarded by mu). One user's devices that take deliveries and
+	// never acknowledge them hold their slots until their sessions end:
+	// a user may hold at most userShare of them, and its forwards beyond
+	// are answered QUEUE_FULL at once, so they cannot stop the link for
+	// every other user.
+	users     map[string]int
+	userShare int
 }
 
 func (in *inbound) send(f *edgev1.MeshFrame) {
@@ -96,7 +104,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		return
 	}
 	in := &inbound{peer: peer, key: key, conn: conn, wake: make(chan struct{}, 1), slots: make(chan struct{}, m.cfg.MaxOutstanding),
-		status: conn.ConnectionState().TLS.NegotiatedProtocol == ALPNStatus}
+		users: map[string]int{}, userShare: max(1, m.cfg.MaxOutstanding/8), status: conn.ConnectionState().TLS.NegotiatedProtocol == ALPNStatus}
 	m.mu.Lock()
 	if !m.keyHolds(peer, key) {
 		// An older process of that id, whose certificate is still valid:
@@ -177,10 +185,25 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 			case <-m.ctx.Done():
 				return
 			}
-			id := fw.GetId()
+			id, user := fw.GetId(), fw.GetUserId()
+			in.mu.Lock()
+			full := in.users[user] >= in.userShare
+			if !full {
+				in.users[user]++
+			}
+			in.mu.Unlock()
+			if full {
+				in.send(&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_ForwardResult{ForwardResult: &edgev1.ForwardResult{Id: id, Outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL}}})
+				continue
+			}
 			var once sync.Once
 			m.cfg.Local.DeliverForwarded(fw, func(o edgev1.ForwardOutcome) {
 				once.Do(func() {
+					in.mu.Lock()
+					if in.users[user]--; in.users[user] <= 0 {
+						delete(in.users, user)
+					}
+					in.mu.Unlock()
 					in.send(&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_ForwardResult{ForwardResult: &edgev1.ForwardResult{Id: id, Outcome: o}}})
 				})
 			})

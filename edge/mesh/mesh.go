@@ -73,7 +73,9 @@ type Config struct {
 	QueueLen, QueueBytes int
 	// MaxOutstanding bounds the forwards a peer has sent this edge whose
 	// outcomes it has not read yet; at the bound this edge stops reading
-	// the peer's link until it does [16384].
+	// the peer's link until it does [16384]. The forwards of one user
+	// whose outcome is not decided yet may take an eighth of it; that
+	// user's forwards beyond are answered QUEUE_FULL.
 	MaxOutstanding int
 	// IdleTimeout is how long a silent peer is given before its link
 	// counts as broken (keep-alives go at a third of it) [15s]; a peer

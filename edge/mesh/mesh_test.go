@@ -73,6 +73,7 @@ type fakeLocal struct {
 	got      []*edgev1.Forward
 	moved    []string
 	deliverC chan struct{}
+	holdUser string // its forwards get no outcome, as if never acknowledged
 }
 
 func (f *fakeLocal) LocalPresence() []*edgev1.DevicePresence {
@@ -85,6 +86,9 @@ func (f *fakeLocal) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.Forw
 	f.mu.Lock()
 	f.got = append(f.got, fw)
 	o := f.outcome
+	if fw.GetUserId() == f.holdUser {
+		o = 0
+	}
 	f.mu.Unlock()
 	if report != nil && o != 0 {
 		report(o)
@@ -598,5 +602,46 @@ func TestReadFrameGrowsWithWhatArrives(t *testing.T) {
 		if buf, err = readFrame(r, buf, &got); err != nil || !proto.Equal(&got, want) {
 			t.Fatalf("read back: %v (equal %v)", err, proto.Equal(&got, want))
 		}
+	}
+}
+
+// One user's devices that take forwarded events and never acknowledge
+// them hold at most an eighth of a link's outstanding forwards: that
+// user's forwards beyond are answered QUEUE_FULL at once, and every other
+// user's still come through.
+func TestOneUserCannotHoldALink(t *testing.T) {
+	ca := newTestCA(t)
+	const outstanding = 80 // a user's share: 10
+	lb := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED, holdUser: "hog",
+		devices: []*edgev1.DevicePresence{{DeviceId: "h", UserId: "hog", SinceNs: 1}}}
+	b := startMeshWith(t, ca, "edge-b", lb, func(c *Config) { c.MaxOutstanding = outstanding })
+	a := startMesh(t, ca, "edge-a", &fakeLocal{})
+	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
+	a.SetMembers(members)
+	b.SetMembers(members)
+	waitFor(t, "the link up", func() bool { e, ok := a.Locate("h"); return ok && e == "edge-b" })
+	outcomes := make(chan edgev1.ForwardOutcome, 2*outstanding)
+	for range 2 * outstanding {
+		a.Forward("edge-b", &edgev1.Forward{DeviceId: "h", UserId: "hog", Event: []byte("x")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
+	}
+	for range 2*outstanding - outstanding/8 {
+		select {
+		case o := <-outcomes:
+			if o != edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL {
+				t.Fatalf("a forward of the user beyond its share: %v, want QUEUE_FULL", o)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("the user's forwards beyond its share got no outcome")
+		}
+	}
+	done := make(chan edgev1.ForwardOutcome, 1)
+	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "other", Event: []byte("y")}, func(o edgev1.ForwardOutcome) { done <- o })
+	select {
+	case o := <-done:
+		if o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
+			t.Fatalf("another user's forward: %v", o)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("another user's forward got no outcome")
 	}
 }
