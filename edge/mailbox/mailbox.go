@@ -42,13 +42,28 @@ var _ session.Mailbox = (*Client)(nil)
 // ErrOverloaded is the result of Store when too many entries wait.
 var ErrOverloaded = errors.New("mailbox writer overloaded")
 
+// ErrTooLarge is the result of Store for an entry whose event is larger
+// than the control plane stores (MaxEventBytes): refused alone, before it
+// could fail the batch it would have gone in.
+var ErrTooLarge = fmt.Errorf("mailbox entry's event over %d bytes", MaxEventBytes)
+
+// MaxEventBytes is the largest event a mailbox stores (the control
+// plane's fsm.MaxMailboxEventBytes).
+const MaxEventBytes = 256 << 10
+
 // Config configures a Client. Zero fields take the defaults in brackets.
 type Config struct {
 	API API
 	// MaxBatch bounds the entries of one PutMailbox [256].
 	MaxBatch int
-	// MaxPending bounds the entries waiting to be written [65536].
-	MaxPending int
+	// MaxPending bounds the entries waiting to be written [65536], and
+	// MaxPendingBytes their events' bytes [256 MiB]: beyond either, Store
+	// answers ErrOverloaded at once.
+	MaxPending      int
+	MaxPendingBytes int
+	// MaxBatchBytes bounds the events' bytes of one PutMailbox [8 MiB;
+	// the control plane refuses a call over 16 MiB whole].
+	MaxBatchBytes int
 	// RetryFor is how long a batch is retried while the control plane is
 	// unavailable (retries are safe: a stored entry is stored once) [30s].
 	RetryFor time.Duration
@@ -66,6 +81,8 @@ type pending struct {
 	done  func(Result)
 }
 
+func (p pending) bytes() int { return len(p.entry.GetEvent()) }
+
 type pendingClaim struct {
 	claim *edgev1.EventClaim
 	done  func(won bool)
@@ -75,14 +92,15 @@ type pendingClaim struct {
 type Client struct {
 	cfg Config
 
-	mu       sync.Mutex // guards the fields below
-	queue    []pending
-	claims   []pendingClaim
-	acks     map[string][]uint64
-	closed   bool
-	wake     chan struct{} // capacity 1: entries queued
-	ackNow   chan struct{} // capacity 1: acks queued
-	claimNow chan struct{} // capacity 1: claims queued
+	mu          sync.Mutex // guards the fields below
+	queue       []pending
+	queuedBytes int // of the events in queue
+	claims      []pendingClaim
+	acks        map[string][]uint64
+	closed      bool
+	wake        chan struct{} // capacity 1: entries queued
+	ackNow      chan struct{} // capacity 1: acks queued
+	claimNow    chan struct{} // capacity 1: claims queued
 
 	batchSize prometheus.Histogram
 	commit    prometheus.Histogram
@@ -99,6 +117,12 @@ func New(cfg Config) (*Client, error) {
 	}
 	if cfg.MaxPending <= 0 {
 		cfg.MaxPending = 1 << 16
+	}
+	if cfg.MaxPendingBytes <= 0 {
+		cfg.MaxPendingBytes = 256 << 20
+	}
+	if cfg.MaxBatchBytes <= 0 {
+		cfg.MaxBatchBytes = 8 << 20
 	}
 	if cfg.RetryFor <= 0 {
 		cfg.RetryFor = 30 * time.Second
@@ -146,8 +170,14 @@ func signal(ch chan struct{}) {
 // Store queues an entry; done is called exactly once, from the writer,
 // with its outcome. Entries are written in the order Store was called.
 func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
+	p := pending{entry: e, done: done}
+	if p.bytes() > MaxEventBytes {
+		c.results.WithLabelValues("error").Inc()
+		done(Result{Err: ErrTooLarge})
+		return
+	}
 	c.mu.Lock()
-	if c.closed || len(c.queue) >= c.cfg.MaxPending {
+	if c.closed || len(c.queue) >= c.cfg.MaxPending || c.queuedBytes+p.bytes() > c.cfg.MaxPendingBytes {
 		closed := c.closed
 		c.mu.Unlock()
 		err := ErrOverloaded
@@ -157,7 +187,8 @@ func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
 		done(Result{Err: err})
 		return
 	}
-	c.queue = append(c.queue, pending{entry: e, done: done})
+	c.queue = append(c.queue, p)
+	c.queuedBytes += p.bytes()
 	c.mu.Unlock()
 	signal(c.wake)
 }
@@ -193,7 +224,7 @@ func (c *Client) Run(ctx context.Context) {
 	c.mu.Lock()
 	c.closed = true
 	rest, claims := c.queue, c.claims
-	c.queue, c.claims = nil, nil
+	c.queue, c.claims, c.queuedBytes = nil, nil, 0
 	c.mu.Unlock()
 	for _, p := range rest {
 		p.done(Result{Err: errors.New("edge shutting down")})
@@ -220,7 +251,7 @@ func (c *Client) Claim(cl *edgev1.EventClaim, done func(won bool)) {
 }
 
 func (c *Client) claimLoop(ctx context.Context) {
-	drain(ctx, c, c.claimNow, &c.claims, func(batch []pendingClaim) {
+	drain(ctx, c, c.claimNow, &c.claims, nil, func(batch []pendingClaim) {
 		claims := make([]*edgev1.EventClaim, len(batch))
 		for i, p := range batch {
 			claims[i] = p.claim
@@ -238,9 +269,11 @@ func (c *Client) claimLoop(ctx context.Context) {
 	})
 }
 
-// drain hands handle the queued items in batches of at most MaxBatch,
-// one batch at a time, each time wake fires, until ctx ends.
-func drain[T any](ctx context.Context, c *Client, wake chan struct{}, queue *[]T, handle func([]T)) {
+// drain hands handle the queued items in batches of at most MaxBatch
+// and, when size is set, MaxBatchBytes (but at least one item), one batch
+// at a time, each time wake fires, until ctx ends. The bytes it takes
+// off the queue come off queuedBytes.
+func drain[T any](ctx context.Context, c *Client, wake chan struct{}, queue *[]T, size func(T) int, handle func([]T)) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -250,6 +283,18 @@ func drain[T any](ctx context.Context, c *Client, wake chan struct{}, queue *[]T
 		for {
 			c.mu.Lock()
 			n := min(len(*queue), c.cfg.MaxBatch)
+			if size != nil {
+				bytes := 0
+				for i, it := range (*queue)[:n] {
+					if bytes += size(it); bytes > c.cfg.MaxBatchBytes && i > 0 {
+						n = i
+						break
+					}
+				}
+				for _, it := range (*queue)[:n] {
+					c.queuedBytes -= size(it)
+				}
+			}
 			batch := append([]T(nil), (*queue)[:n]...)
 			*queue = (*queue)[n:]
 			if len(*queue) == 0 {
@@ -308,7 +353,7 @@ func (c *Client) Flush(ctx context.Context) error {
 }
 
 func (c *Client) writeLoop(ctx context.Context) {
-	drain(ctx, c, c.wake, &c.queue, func(batch []pending) { c.write(ctx, batch) })
+	drain(ctx, c, c.wake, &c.queue, pending.bytes, func(batch []pending) { c.write(ctx, batch) })
 }
 
 // write stores one batch, retrying while the control plane is

@@ -170,6 +170,35 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	if err := mb.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// An event larger than a mailbox stores is refused alone, at once.
+	mb.Store(&edgev1.MailboxEntry{DeviceId: devID, UserId: userID, Event: make([]byte, mailbox.MaxEventBytes+1), EventId: "huge", SenderDeviceId: "s",
+		ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) { res <- r })
+	if r := <-res; !errors.Is(r.Err, mailbox.ErrTooLarge) {
+		t.Fatalf("an entry over the size a mailbox stores: %+v", r)
+	}
+	// Large entries go in batches the control plane takes (a call over
+	// 16 MiB is refused whole): 80 of 250 KiB, with room for 256 a call,
+	// each get an outcome of their own.
+	big, err := mailbox.New(mailbox.Config{API: cc, RetryFor: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bigCtx, stopBig := context.WithCancel(context.Background())
+	var bigWG sync.WaitGroup
+	bigWG.Go(func() { big.Run(bigCtx) })
+	const nBig = 80
+	bigRes := make(chan mailbox.Result, nBig)
+	for i := range nBig {
+		big.Store(&edgev1.MailboxEntry{DeviceId: devID, UserId: userID, Event: make([]byte, 250<<10), EventId: fmt.Sprintf("big-%d", i), SenderDeviceId: "s",
+			ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) { bigRes <- r })
+	}
+	for range nBig {
+		if r := <-bigRes; r.Err != nil {
+			t.Fatalf("a large entry failed: %v", r.Err)
+		}
+	}
+	stopBig()
+	bigWG.Wait()
 	// The control plane gone: an error after RetryFor, not a hang.
 	c.Stop()
 	mb.Store(&edgev1.MailboxEntry{DeviceId: devID, UserId: userID, Event: []byte("x"), EventId: "late", SenderDeviceId: "s",
