@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"sync"
 	"time"
 
@@ -95,12 +96,19 @@ type Client struct {
 	mu          sync.Mutex // guards the fields below
 	queue       []pending
 	queuedBytes int // of the events in queue
-	claims      []pendingClaim
-	acks        map[string][]uint64
-	closed      bool
-	wake        chan struct{} // capacity 1: entries queued
-	ackNow      chan struct{} // capacity 1: acks queued
-	claimNow    chan struct{} // capacity 1: claims queued
+	// full remembers, per device, until when its mailbox is taken as
+	// full: the control plane answered FULL, and no ack for it went out
+	// since. Entries for it are answered FULL at once until then, not put
+	// through Raft to be refused there: without it a device broadcasting
+	// to many offline devices of its account would write every event into
+	// the log of every control node long after their mailboxes filled.
+	full     map[string]time.Time
+	claims   []pendingClaim
+	acks     map[string][]uint64
+	closed   bool
+	wake     chan struct{} // capacity 1: entries queued
+	ackNow   chan struct{} // capacity 1: acks queued
+	claimNow chan struct{} // capacity 1: claims queued
 
 	batchSize prometheus.Histogram
 	commit    prometheus.Histogram
@@ -177,6 +185,12 @@ func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
 		return
 	}
 	c.mu.Lock()
+	if until, ok := c.full[e.GetDeviceId()]; ok && e != nil && time.Now().Before(until) {
+		c.mu.Unlock()
+		c.results.WithLabelValues(edgev1.MailboxStatus_MAILBOX_STATUS_FULL.String()).Inc()
+		done(Result{Status: edgev1.MailboxStatus_MAILBOX_STATUS_FULL})
+		return
+	}
 	if c.closed || len(c.queue) >= c.cfg.MaxPending || c.queuedBytes+p.bytes() > c.cfg.MaxPendingBytes {
 		closed := c.closed
 		c.mu.Unlock()
@@ -209,6 +223,7 @@ func (c *Client) Ack(deviceID string, seqs ...uint64) {
 	}
 	c.mu.Lock()
 	c.acks[deviceID] = append(c.acks[deviceID], seqs...)
+	delete(c.full, deviceID) // the acks make room
 	c.mu.Unlock()
 	signal(c.ackNow)
 }
@@ -386,10 +401,41 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 		label := "error"
 		if r.Err == nil {
 			label = r.Status.String()
+			c.noteFull(p.entry.GetDeviceId(), r.Status)
 		}
 		c.results.WithLabelValues(label).Inc()
 		p.done(r)
 	}
+}
+
+// fullFor is how long a device's mailbox is taken as full after the
+// control plane said so (unless an ack for it goes out first): the acks
+// of the device's session on another edge make room unseen from here.
+const fullFor = 2 * time.Second
+
+// maxFull bounds the devices remembered as full.
+const maxFull = 1 << 16
+
+// noteFull remembers whether a device's mailbox is full, from the status
+// the control plane gave an entry for it.
+func (c *Client) noteFull(device string, st edgev1.MailboxStatus) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if st != edgev1.MailboxStatus_MAILBOX_STATUS_FULL {
+		delete(c.full, device)
+		return
+	}
+	now := time.Now()
+	if len(c.full) >= maxFull {
+		maps.DeleteFunc(c.full, func(_ string, until time.Time) bool { return !now.Before(until) })
+		if len(c.full) >= maxFull {
+			return
+		}
+	}
+	if c.full == nil {
+		c.full = map[string]time.Time{}
+	}
+	c.full[device] = now.Add(fullFor)
 }
 
 func (c *Client) put(ctx context.Context, entries []*edgev1.MailboxEntry) (_ *edgev1.PutMailboxResponse, err error) {

@@ -53,6 +53,17 @@ func (f *failingAcks) AckMailbox(ctx context.Context, deviceID string, seqs []ui
 	return f.API.AckMailbox(ctx, deviceID, seqs)
 }
 
+// countingPuts is the control plane's API, counting PutMailbox calls.
+type countingPuts struct {
+	mailbox.API
+	puts atomic.Int32
+}
+
+func (c *countingPuts) PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
+	c.puts.Add(1)
+	return c.API.PutMailbox(ctx, entries)
+}
+
 // Entries are written in the order they were queued, many to a call,
 // each caller told its own outcome; fetch and ack work against a real
 // control plane (acks again after a failure); an unreachable control
@@ -179,7 +190,8 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	// Large entries go in batches the control plane takes (a call over
 	// 16 MiB is refused whole): 80 of 250 KiB, with room for 256 a call,
 	// each get an outcome of their own.
-	big, err := mailbox.New(mailbox.Config{API: cc, RetryFor: 500 * time.Millisecond})
+	counted := &countingPuts{API: cc}
+	big, err := mailbox.New(mailbox.Config{API: counted, RetryFor: 500 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,10 +204,46 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 		big.Store(&edgev1.MailboxEntry{DeviceId: devID, UserId: userID, Event: make([]byte, 250<<10), EventId: fmt.Sprintf("big-%d", i), SenderDeviceId: "s",
 			ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) { bigRes <- r })
 	}
+	var stored []uint64
 	for range nBig {
-		if r := <-bigRes; r.Err != nil {
+		r := <-bigRes
+		if r.Err != nil {
 			t.Fatalf("a large entry failed: %v", r.Err)
 		}
+		if r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+			stored = append(stored, r.Seq)
+		}
+	}
+	// The mailbox filled up on the way (4 MiB a device). Further entries
+	// for it are answered FULL by the writer, without a call through
+	// Raft, until an ack for the device makes room.
+	if len(stored) == nBig || len(stored) == 0 {
+		t.Fatalf("%d of %d entries stored: the mailbox did not fill", len(stored), nBig)
+	}
+	puts := counted.puts.Load()
+	entry := func(id string) *edgev1.MailboxEntry {
+		return &edgev1.MailboxEntry{DeviceId: devID, UserId: userID, Event: []byte("small"), EventId: id, SenderDeviceId: "s",
+			ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}
+	}
+	big.Store(entry("after-full"), func(r mailbox.Result) { bigRes <- r })
+	if r := <-bigRes; r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_FULL || counted.puts.Load() != puts {
+		t.Fatalf("an entry for a full mailbox: %+v after %d more calls, want FULL and none", r, counted.puts.Load()-puts)
+	}
+	before, err := big.Fetch(ctx, devID, 0, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big.Ack(devID, stored...)
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		left, err := big.Fetch(ctx, devID, 0, 1000)
+		if err != nil || len(left.Entries) != len(before.Entries)-len(stored) {
+			return fmt.Errorf("%d entries left, %v", len(left.Entries), err)
+		}
+		return nil
+	})
+	big.Store(entry("after-ack"), func(r mailbox.Result) { bigRes <- r })
+	if r := <-bigRes; r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+		t.Fatalf("an entry after the acks made room: %+v", r)
 	}
 	stopBig()
 	bigWG.Wait()
