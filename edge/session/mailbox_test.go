@@ -167,6 +167,16 @@ func (m *memMailbox) storeAsAnotherEdge(t *testing.T, device, sender, payload st
 	return r.Seq
 }
 
+// pause holds the writer (stores wait) until the returned resume is
+// called, or the test ends: a failure cannot leave it held.
+func (m *memMailbox) pause(t testing.TB) (resume func()) {
+	m.hold.Lock()
+	var once sync.Once
+	resume = func() { once.Do(m.hold.Unlock) }
+	t.Cleanup(resume)
+	return resume
+}
+
 func (m *memMailbox) stored(device string) int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -294,15 +304,7 @@ func TestNothingOvertakesAMailboxWrite(t *testing.T) {
 	e.device("u1", "a")
 	e.device("u1", "b")
 	a := e.online("a")
-	mb.hold.Lock() // the writer stalls
-	held := true
-	release := func() {
-		if held {
-			held = false
-			mb.hold.Unlock()
-		}
-	}
-	t.Cleanup(release) // a failure below must not leave the writer stalled
+	release := mb.pause(t) // the writer stalls
 	e1 := a.sendPayload("first", "b")
 	b := e.connect("b")
 	h := b.hello(nil)
@@ -1053,19 +1055,12 @@ func TestMeshHopKeepsSenderOrderAcrossAReconnect(t *testing.T) {
 	f1 := <-remote.ch
 	two := s.sendPayload("two", "t")
 	f2 := <-remote.ch
-	mb.hold.Lock() // A's store of "one" waits
-	held := true
-	defer func() {
-		if held {
-			mb.hold.Unlock()
-		}
-	}()
+	resume := mb.pause(t)                 // A's store of "one" waits
 	hubB.DeliverForwarded(f1.fw, f1.done) // t is between sessions on B
 	tt := eB.online("t")
 	hubB.DeliverForwarded(f2.fw, f2.done)
 	tt.expectNothing("a live delivery ahead of the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
-	mb.hold.Unlock()
-	held = false
+	resume()
 	waitFor(t, "both stored", func() bool { return mb.stored("t") == 2 })
 	hubB.MailboxChanged("u1", "t", 2) // the watch feed's announcement
 	if got := tt.payloads(2); !slices.Equal(got, []string{"one", "two"}) {
@@ -1112,13 +1107,7 @@ func TestMeshHopKeepsEachSendersOrder(t *testing.T) {
 	f1 := <-remote.ch
 	two := s1.sendPayload("two", "t")
 	f2 := <-remote.ch
-	mb.hold.Lock() // A's store of "one" waits
-	held := true
-	defer func() {
-		if held {
-			mb.hold.Unlock()
-		}
-	}()
+	resume := mb.pause(t)                 // A's store of "one" waits
 	hubB.DeliverForwarded(f1.fw, f1.done) // t is between sessions on B
 	tt := eB.online("t")
 	if got := tt.payloads(1); got[0] != "early" {
@@ -1135,8 +1124,7 @@ func TestMeshHopKeepsEachSendersOrder(t *testing.T) {
 	}
 	hubB.DeliverForwarded(f2.fw, f2.done)
 	tt.expectNothing("s1's two live ahead of its stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
-	mb.hold.Unlock()
-	held = false
+	resume()
 	waitFor(t, "one and two stored", func() bool {
 		mb.mu.Lock()
 		defer mb.mu.Unlock()
@@ -1181,13 +1169,7 @@ func TestMeshHopKeepsSenderOrderAcrossAHandBack(t *testing.T) {
 	b1.nextDeliver() // never acknowledged
 	two := s.sendPayload("two", "b")
 	f2 := <-remote.ch
-	mb.hold.Lock() // A's stores wait
-	held := true
-	defer func() {
-		if held {
-			mb.hold.Unlock()
-		}
-	}()
+	resume := mb.pause(t) // A's stores wait
 	hook.onAnnounce = func() { hubB.DeliverForwarded(f2.fw, answer("two", f2)) }
 	b2 := eB.online("b")
 	for _, want := range []string{"one FORWARD_OUTCOME_NOT_DELIVERED", "two FORWARD_OUTCOME_NOT_DELIVERED"} {
@@ -1201,8 +1183,7 @@ func TestMeshHopKeepsSenderOrderAcrossAHandBack(t *testing.T) {
 		}
 	}
 	b2.expectNothing("a live delivery ahead of the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
-	mb.hold.Unlock()
-	held = false
+	resume()
 	waitFor(t, "both stored", func() bool { return mb.stored("b") == 2 })
 	hubB.MailboxChanged("u1", "b", 2)
 	if got := b2.payloads(2); !slices.Equal(got, []string{"one", "two"}) {
