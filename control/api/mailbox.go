@@ -185,6 +185,17 @@ func (s *MailboxServer) AckMailbox(ctx context.Context, req *connect.Request[edg
 	if len(m.GetSeqs()) == 0 {
 		return connect.NewResponse(&edgev1.AckMailboxResponse{}), nil
 	}
+	if h := m.GetHistory(); h != "" {
+		// A restore replaces a node's whole state, so the history read
+		// here is the one the command applies in.
+		cur, err := s.node.FSM().History()
+		if err != nil {
+			return nil, toConnect(err)
+		}
+		if h != cur {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the seqs are of history %q, the control plane's is %q (restored from a backup since): they name other entries here", h, cur))
+		}
+	}
 	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_AckMailbox{AckMailbox: &statev1.AckMailbox{
 		DeviceId: m.GetDeviceId(), Seqs: m.GetSeqs(),
 	}}}); err != nil {

@@ -165,8 +165,20 @@ func TestMailboxThroughTheAPI(t *testing.T) {
 		t.Fatalf("a2: %s", ids(got))
 	}
 
+	// An ack of another history (queued before a restore from a backup,
+	// whose seqs name other entries here) deletes nothing.
+	if _, err := acker.AckMailbox(ctxT(t, 20*time.Second), connect.NewRequest(&edgev1.AckMailboxRequest{DeviceId: "a1", Seqs: []uint64{1, 2}, History: "another-history"})); connect.CodeOf(err) != connect.CodeFailedPrecondition {
+		t.Fatalf("an ack of another history: %v, want failed_precondition", err)
+	}
+	if got, _ := fetch(t, reader, "a1", 0, 0); ids(got) != "1:e1 2:e2 3:e8" {
+		t.Fatalf("an ack of another history deleted entries: %s", ids(got))
+	}
 	// Acks delete (unknown seqs are ignored); seqs are never reused.
-	if _, err := acker.AckMailbox(ctxT(t, 20*time.Second), connect.NewRequest(&edgev1.AckMailboxRequest{DeviceId: "a1", Seqs: []uint64{1, 2, 99}})); err != nil {
+	history, err := c.Nodes[c.Leader()].Server.Node().FSM().History()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := acker.AckMailbox(ctxT(t, 20*time.Second), connect.NewRequest(&edgev1.AckMailboxRequest{DeviceId: "a1", Seqs: []uint64{1, 2, 99}, History: history})); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := fetch(t, reader, "a1", 0, 0); ids(got) != "3:e8" {
@@ -178,7 +190,7 @@ func TestMailboxThroughTheAPI(t *testing.T) {
 
 	// Errors.
 	ctx := ctxT(t, 20*time.Second)
-	_, err := reader.FetchMailbox(ctx, connect.NewRequest(&edgev1.FetchMailboxRequest{DeviceId: "nope"}))
+	_, err = reader.FetchMailbox(ctx, connect.NewRequest(&edgev1.FetchMailboxRequest{DeviceId: "nope"}))
 	if connect.CodeOf(err) != connect.CodeNotFound {
 		t.Fatalf("fetch of a missing device: %v", err)
 	}

@@ -360,9 +360,10 @@ func (c *Conn) FetchMailbox(ctx context.Context, deviceID string, after uint64, 
 	})
 }
 
-// AckMailbox deletes delivered entries.
-func (c *Conn) AckMailbox(ctx context.Context, deviceID string, seqs []uint64) error {
-	_, err := call(ctx, c, &edgev1.AckMailboxRequest{DeviceId: deviceID, Seqs: seqs}, func(p *peer, r *connect.Request[edgev1.AckMailboxRequest]) (*connect.Response[edgev1.AckMailboxResponse], error) {
+// AckMailbox deletes delivered entries, by their seqs in history (the
+// control plane refuses them in another: failed_precondition).
+func (c *Conn) AckMailbox(ctx context.Context, deviceID, history string, seqs []uint64) error {
+	_, err := call(ctx, c, &edgev1.AckMailboxRequest{DeviceId: deviceID, Seqs: seqs, History: history}, func(p *peer, r *connect.Request[edgev1.AckMailboxRequest]) (*connect.Response[edgev1.AckMailboxResponse], error) {
 		return p.mailbox.AckMailbox(ctx, r)
 	})
 	return err

@@ -296,6 +296,15 @@ func (d *Directory) LastHeard() time.Time {
 	return d.heard
 }
 
+// History is the control plane's history the directory follows (the
+// last full copy's snapshot_done.history; empty before one, or from a
+// control plane that names none).
+func (d *Directory) History() string {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.history
+}
+
 // Revision is the last revision applied completely (every change of it).
 func (d *Directory) Revision() uint64 {
 	d.mu.RLock()

@@ -30,7 +30,9 @@ import (
 type API interface {
 	PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error)
 	FetchMailbox(ctx context.Context, deviceID string, after uint64, limit uint32) (*edgev1.FetchMailboxResponse, error)
-	AckMailbox(ctx context.Context, deviceID string, seqs []uint64) error
+	// AckMailbox deletes a device's entries, by their seqs in history
+	// (refused when the control plane's is another).
+	AckMailbox(ctx context.Context, deviceID, history string, seqs []uint64) error
 	ClaimEvents(ctx context.Context, claims []*edgev1.EventClaim) (*edgev1.ClaimEventsResponse, error)
 }
 
@@ -65,6 +67,11 @@ type Config struct {
 	// MaxBatchBytes bounds the events' bytes of one PutMailbox [8 MiB;
 	// the control plane refuses a call over 16 MiB whole].
 	MaxBatchBytes int
+	// History names the control plane's history acks are queued in (the
+	// watch feed's; edge/directory's History) [none: acks unchecked]. An
+	// ack queued before a restore is refused after it, not applied to the
+	// restored history's entries of the same seqs.
+	History func() string
 	// RetryFor is how long a batch is retried while the control plane is
 	// unavailable (retries are safe: a stored entry is stored once) [30s].
 	RetryFor time.Duration
@@ -76,6 +83,9 @@ type Config struct {
 	Registerer prometheus.Registerer
 	Tracer     trace.Tracer
 }
+
+// ackKey groups queued acks: a device's seqs in one history.
+type ackKey struct{ device, history string }
 
 type pending struct {
 	entry *edgev1.MailboxEntry
@@ -104,7 +114,7 @@ type Client struct {
 	// the log of every control node long after their mailboxes filled.
 	full     map[string]time.Time
 	claims   []pendingClaim
-	acks     map[string][]uint64
+	acks     map[ackKey][]uint64
 	closed   bool
 	wake     chan struct{} // capacity 1: entries queued
 	ackNow   chan struct{} // capacity 1: acks queued
@@ -139,7 +149,7 @@ func New(cfg Config) (*Client, error) {
 		cfg.Logger = slog.Default()
 	}
 	c := &Client{
-		cfg: cfg, acks: map[string][]uint64{}, wake: make(chan struct{}, 1), ackNow: make(chan struct{}, 1), claimNow: make(chan struct{}, 1),
+		cfg: cfg, acks: map[ackKey][]uint64{}, wake: make(chan struct{}, 1), ackNow: make(chan struct{}, 1), claimNow: make(chan struct{}, 1),
 		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "relay_edge_mailbox_batch_entries", Help: "Entries per PutMailbox call.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 10),
@@ -221,8 +231,12 @@ func (c *Client) Ack(deviceID string, seqs ...uint64) {
 	if len(seqs) == 0 {
 		return
 	}
+	k := ackKey{device: deviceID}
+	if c.cfg.History != nil {
+		k.history = c.cfg.History()
+	}
 	c.mu.Lock()
-	c.acks[deviceID] = append(c.acks[deviceID], seqs...)
+	c.acks[k] = append(c.acks[k], seqs...)
 	delete(c.full, deviceID) // the acks make room
 	c.mu.Unlock()
 	signal(c.ackNow)
@@ -521,29 +535,30 @@ func (c *Client) ackLoop(ctx context.Context) {
 func (c *Client) flushAcks(ctx context.Context) (requeued bool) {
 	c.mu.Lock()
 	acks := c.acks
-	c.acks = map[string][]uint64{}
+	c.acks = map[ackKey][]uint64{}
 	c.mu.Unlock()
-	for dev, seqs := range acks {
+	for k, seqs := range acks {
 		for len(seqs) > 0 {
 			n := min(len(seqs), maxAckSeqs)
 			actx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			err := c.cfg.API.AckMailbox(actx, dev, seqs[:n])
+			err := c.cfg.API.AckMailbox(actx, k.device, k.history, seqs[:n])
 			cancel()
 			if err == nil {
 				seqs = seqs[n:]
 				continue
 			}
 			switch code := connect.CodeOf(err); {
-			case ctx.Err() == nil && code != connect.CodeInvalidArgument && code != connect.CodePermissionDenied:
+			case ctx.Err() == nil && code != connect.CodeInvalidArgument && code != connect.CodePermissionDenied && code != connect.CodeFailedPrecondition:
 				c.mu.Lock()
-				c.acks[dev] = append(seqs, c.acks[dev]...)
+				c.acks[k] = append(seqs, c.acks[k]...)
 				c.mu.Unlock()
 				requeued = true
-				c.cfg.Logger.Debug("mailbox ack failed; retrying", "device", dev, "entries", len(seqs), "err", err)
+				c.cfg.Logger.Debug("mailbox ack failed; retrying", "device", k.device, "entries", len(seqs), "err", err)
 			default:
 				// Delivered again on the device's next fetch (and dropped
-				// there as duplicates), or they expire.
-				c.cfg.Logger.Warn("mailbox ack failed", "device", dev, "entries", len(seqs), "err", err)
+				// there as duplicates), or they expire; or, of a history
+				// the control plane left (a restore), void.
+				c.cfg.Logger.Warn("mailbox ack failed", "device", k.device, "entries", len(seqs), "err", err)
 			}
 			break
 		}

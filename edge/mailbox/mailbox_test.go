@@ -46,11 +46,11 @@ type failingAcks struct {
 	fail atomic.Int32
 }
 
-func (f *failingAcks) AckMailbox(ctx context.Context, deviceID string, seqs []uint64) error {
+func (f *failingAcks) AckMailbox(ctx context.Context, deviceID, history string, seqs []uint64) error {
 	if f.fail.Add(-1) >= 0 {
 		return connect.NewError(connect.CodeUnavailable, errors.New("no leader"))
 	}
-	return f.API.AckMailbox(ctx, deviceID, seqs)
+	return f.API.AckMailbox(ctx, deviceID, history, seqs)
 }
 
 // countingPuts is the control plane's API, counting PutMailbox calls.

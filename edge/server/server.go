@@ -263,7 +263,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	sc.Tracer = tracer
 	sc.Ready = func() bool { return s.dir.Synced() && !s.controlSilent() }
 	if !cfg.NoMailbox {
-		if s.mailbox, err = mailbox.New(mailbox.Config{API: s.control, Logger: s.log, Registerer: cfg.Registry, Tracer: tracer}); err != nil {
+		if s.mailbox, err = mailbox.New(mailbox.Config{API: s.control, Logger: s.log, Registerer: cfg.Registry, Tracer: tracer, History: s.dir.History}); err != nil {
 			return nil, err
 		}
 		sc.Mailbox = s.mailbox

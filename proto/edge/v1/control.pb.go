@@ -1774,9 +1774,14 @@ func (x *FetchMailboxResponse) GetRevision() uint64 {
 
 // AckMailboxRequest deletes a device's entries.
 type AckMailboxRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	DeviceId      string                 `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
-	Seqs          []uint64               `protobuf:"varint,2,rep,packed,name=seqs,proto3" json:"seqs,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId string                 `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	Seqs     []uint64               `protobuf:"varint,2,rep,packed,name=seqs,proto3" json:"seqs,omitempty"`
+	// The history (the watch feed's snapshot_done.history) the seqs belong
+	// to. A control plane restored from a backup since numbers entries
+	// again from the backup's seqs, so the same seqs name other entries
+	// there: it refuses the ack (failed_precondition). Empty: not checked.
+	History       string `protobuf:"bytes,3,opt,name=history,proto3" json:"history,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1823,6 +1828,13 @@ func (x *AckMailboxRequest) GetSeqs() []uint64 {
 		return x.Seqs
 	}
 	return nil
+}
+
+func (x *AckMailboxRequest) GetHistory() string {
+	if x != nil {
+		return x.History
+	}
+	return ""
 }
 
 // AckMailboxResponse confirms the deletion.
@@ -2153,10 +2165,11 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x14FetchMailboxResponse\x12/\n" +
 	"\aentries\x18\x01 \x03(\v2\x15.edge.v1.MailboxEntryR\aentries\x12\x12\n" +
 	"\x04more\x18\x02 \x01(\bR\x04more\x12\x1a\n" +
-	"\brevision\x18\x03 \x01(\x04R\brevision\"D\n" +
+	"\brevision\x18\x03 \x01(\x04R\brevision\"^\n" +
 	"\x11AckMailboxRequest\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x12\n" +
-	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"\x14\n" +
+	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\x12\x18\n" +
+	"\ahistory\x18\x03 \x01(\tR\ahistory\"\x14\n" +
 	"\x12AckMailboxResponse\"\xab\x01\n" +
 	"\n" +
 	"EventClaim\x12(\n" +
