@@ -17,6 +17,7 @@ import (
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -433,7 +434,10 @@ func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) 
 		}
 		ctx, end := context.WithCancelCause(ctx)
 		defer end(nil) // ends recheck
-		if !a.streams.start(ctx, end, func() { a.recheck(ctx, end, claims) }) {
+		// A backup takes as long as the state is large: it ends with the
+		// account or session, not with the token's expiry.
+		expires := conn.Spec().Procedure != controlv1connect.ClusterServiceBackupProcedure
+		if !a.streams.start(ctx, end, func() { a.recheck(ctx, end, claims, expires) }) {
 			return connect.NewError(connect.CodeUnavailable, errNodeStopping)
 		}
 		err = next(ctx, conn)
@@ -512,18 +516,22 @@ func (a *Authenticator) StopStreams() {
 var errTokenExpired = errors.New("the access token of this stream expired; call again with a fresh one")
 
 // recheck ends a stream (end, with the reason) when claims' token
-// expires, or when a look at the account and session every
+// expires (if expires), or when a look at the account and session every
 // StreamRecheckEvery finds them gone, until ctx ends.
-func (a *Authenticator) recheck(ctx context.Context, end context.CancelCauseFunc, claims auth.Claims) {
-	expiry := time.NewTimer(claims.ExpiresAt.Add(a.cfg.Leeway).Sub(a.cfg.Now()))
-	defer expiry.Stop()
+func (a *Authenticator) recheck(ctx context.Context, end context.CancelCauseFunc, claims auth.Claims, expires bool) {
+	var expiry <-chan time.Time
+	if expires {
+		t := time.NewTimer(claims.ExpiresAt.Add(a.cfg.Leeway).Sub(a.cfg.Now()))
+		defer t.Stop()
+		expiry = t.C
+	}
 	tick := time.NewTicker(a.cfg.StreamRecheckEvery)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-expiry.C:
+		case <-expiry:
 			end(errTokenExpired)
 			return
 		case <-tick.C:
