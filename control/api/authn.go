@@ -418,10 +418,11 @@ func (a *Authenticator) WrapStreamingClient(next connect.StreamingClientFunc) co
 }
 
 // WrapStreamingHandler checks streaming calls, and keeps checking while
-// a stream lasts: it ends, unauthenticated, when its access token
-// expires or the account or session behind it is gone, as a unary call
-// made then would be refused. (A Watch stream carries the session keys:
-// revoking an edge's account must stop it, not only its next call.)
+// a stream lasts: it ends, unauthenticated, when the account or session
+// behind it is gone, as a unary call made then would be refused, and
+// (but for a Backup) when its access token expires. (A Watch stream
+// carries the session keys: revoking an edge's account must stop it,
+// not only its next call.)
 func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
 		ctx, err := a.authenticate(ctx, conn.Spec().Procedure, conn.RequestHeader())
