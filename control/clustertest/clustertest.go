@@ -114,7 +114,8 @@ func (o *Options) defaults() {
 }
 
 // Start starts an n-node cluster: node 0 bootstraps, the others join
-// through it. It returns once every node is ready.
+// through it. It returns once every node is ready and the cluster is
+// initialized (its first admin, keys and CA are in the state).
 func Start(t TB, n int, opts Options) *Cluster {
 	t.Helper()
 	opts.defaults()
@@ -124,6 +125,15 @@ func Start(t TB, n int, opts Options) *Cluster {
 		c.AddNode()
 	}
 	c.WaitReady()
+	// And initialized (the first admin, keys, the CA: the leader's first
+	// task), so that a test's first login cannot come before the admin.
+	Eventually(t, 30*time.Second, func() error {
+		done, err := c.Nodes[c.Leader()].Server.Node().FSM().Initialized()
+		if err != nil || !done {
+			return fmt.Errorf("not initialized yet (%v)", err)
+		}
+		return nil
+	})
 	return c
 }
 

@@ -615,11 +615,12 @@ func TestOneUserCannotHoldALink(t *testing.T) {
 	lb := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED, holdUser: "hog",
 		devices: []*edgev1.DevicePresence{{DeviceId: "h", UserId: "hog", SinceNs: 1}}}
 	b := startMeshWith(t, ca, "edge-b", lb, func(c *Config) { c.MaxOutstanding = outstanding })
-	a := startMesh(t, ca, "edge-a", &fakeLocal{})
+	a := startMesh(t, ca, "edge-a", &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "s", UserId: "hog", SinceNs: 1}}})
 	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
 	a.SetMembers(members)
 	b.SetMembers(members)
-	waitFor(t, "the link up", func() bool { e, ok := a.Locate("h"); return ok && e == "edge-b" })
+	// a's link to b carries the forwards: up once b heard a's set on it.
+	waitFor(t, "a's link to b up", func() bool { e, ok := b.Locate("s"); return ok && e == "edge-a" })
 	outcomes := make(chan edgev1.ForwardOutcome, 2*outstanding)
 	for range 2 * outstanding {
 		a.Forward("edge-b", &edgev1.Forward{DeviceId: "h", UserId: "hog", Event: []byte("x")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
