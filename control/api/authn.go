@@ -657,15 +657,21 @@ type nodeToken struct {
 // key rotated out is honoured only for AccessTTL + Leeway, so a token of
 // it must not outlive that (nor, with it, every forwarded call).
 func (a *Authenticator) NodeToken() (string, error) {
-	key, err := a.keys.Current()
+	// The current key's id only: building the key (its private half from
+	// the seed) is for minting, not for every forwarded call.
+	_, cur, err := a.node.FSM().SigningKeys()
 	if err != nil {
 		return "", err
 	}
 	a.nodeTok.mu.Lock()
 	defer a.nodeTok.mu.Unlock()
 	now := a.cfg.Now()
-	if a.nodeTok.tok != "" && a.nodeTok.kid == key.ID && now.Add(a.nodeTokenTTL()/5).Before(a.nodeTok.exp) {
+	if a.nodeTok.tok != "" && a.nodeTok.kid == cur && now.Add(a.nodeTokenTTL()/5).Before(a.nodeTok.exp) {
 		return a.nodeTok.tok, nil
+	}
+	key, err := a.keys.Current()
+	if err != nil {
+		return "", err
 	}
 	exp := now.Add(a.nodeTokenTTL())
 	tok, err := auth.Sign(key, auth.Claims{

@@ -221,3 +221,19 @@ func TestNodeTokensFollowTheSigningKey(t *testing.T) {
 		t.Fatalf("after the rotation to %s the node token is signed with %s (before: %s)", r.Msg.GetKeyId(), now, kid)
 	}
 }
+
+// NodeToken runs for every call a node forwards to another: its cached
+// token must cost little to hand out.
+func BenchmarkNodeToken(b *testing.B) {
+	c := clustertest.Start(b, 1, clustertest.Options{})
+	a := api.NewAuthenticator(c.Nodes[0].Server.Node(), api.AuthConfig{Password: auth.TestParams})
+	if _, err := a.NodeToken(); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := a.NodeToken(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -195,7 +195,7 @@ func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
 		return
 	}
 	c.mu.Lock()
-	if until, ok := c.full[e.GetDeviceId()]; ok && e != nil && time.Now().Before(until) {
+	if until, ok := c.full[e.GetDeviceId()]; ok && time.Now().Before(until) {
 		c.mu.Unlock()
 		c.results.WithLabelValues(edgev1.MailboxStatus_MAILBOX_STATUS_FULL.String()).Inc()
 		done(Result{Status: edgev1.MailboxStatus_MAILBOX_STATUS_FULL})
@@ -350,8 +350,7 @@ func retry[T any](ctx context.Context, c *Client, call func(context.Context) (T,
 		if err == nil {
 			return resp, nil
 		}
-		switch connect.CodeOf(err) {
-		case connect.CodeInvalidArgument, connect.CodePermissionDenied, connect.CodeUnauthenticated:
+		if permanent(err) {
 			return resp, err
 		}
 		if ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
@@ -367,6 +366,18 @@ func retry[T any](ctx context.Context, c *Client, call func(context.Context) (T,
 		}
 		backoff = min(backoff*2, time.Second)
 	}
+}
+
+// permanent reports whether a control-plane call failed for a reason a
+// retry cannot mend: the request itself (invalid, not allowed, or of a
+// history the control plane left). Anything else passes (no leader, a
+// timeout, a refused token, which controlconn replaces).
+func permanent(err error) bool {
+	switch connect.CodeOf(err) {
+	case connect.CodeInvalidArgument, connect.CodePermissionDenied, connect.CodeFailedPrecondition:
+		return true
+	}
+	return false
 }
 
 // Flush waits until everything queued so far was written (or ctx ends).
@@ -547,8 +558,8 @@ func (c *Client) flushAcks(ctx context.Context) (requeued bool) {
 				seqs = seqs[n:]
 				continue
 			}
-			switch code := connect.CodeOf(err); {
-			case ctx.Err() == nil && code != connect.CodeInvalidArgument && code != connect.CodePermissionDenied && code != connect.CodeFailedPrecondition:
+			switch {
+			case ctx.Err() == nil && !permanent(err):
 				c.mu.Lock()
 				c.acks[k] = append(seqs, c.acks[k]...)
 				c.mu.Unlock()

@@ -27,7 +27,7 @@ type inbound struct {
 	status       bool
 	controlHeard atomic.Bool
 
-	mu   sync.Mutex // guards out
+	mu   sync.Mutex // guards out and users
 	out  []*edgev1.MeshFrame
 	wake chan struct{}
 	// slots holds a token per forward whose outcome is not written yet
@@ -45,8 +45,17 @@ type inbound struct {
 	userShare int
 }
 
-func (in *inbound) send(f *edgev1.MeshFrame) {
+func (in *inbound) send(f *edgev1.MeshFrame) { in.sendFor(f, false, "") }
+
+// sendFor queues f; counted: f is the outcome of a forward of user that
+// counted in in.users, counted out under the same lock.
+func (in *inbound) sendFor(f *edgev1.MeshFrame, counted bool, user string) {
 	in.mu.Lock()
+	if counted {
+		if in.users[user]--; in.users[user] <= 0 {
+			delete(in.users, user)
+		}
+	}
 	in.out = append(in.out, f)
 	in.mu.Unlock()
 	select {
@@ -199,12 +208,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 			var once sync.Once
 			m.cfg.Local.DeliverForwarded(fw, func(o edgev1.ForwardOutcome) {
 				once.Do(func() {
-					in.mu.Lock()
-					if in.users[user]--; in.users[user] <= 0 {
-						delete(in.users, user)
-					}
-					in.mu.Unlock()
-					in.send(&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_ForwardResult{ForwardResult: &edgev1.ForwardResult{Id: id, Outcome: o}}})
+					in.sendFor(&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_ForwardResult{ForwardResult: &edgev1.ForwardResult{Id: id, Outcome: o}}}, true, user)
 				})
 			})
 		default:

@@ -447,17 +447,8 @@ func TestExtraStreamsAreBounded(t *testing.T) {
 				t.Fatalf("opened %d more bidirectional and %d unidirectional streams; the edge allows %d and %d in all",
 					bidi, uni, transport.MaxIncomingStreams, transport.MaxIncomingUniStreams)
 			}
-			if err := raw.Send(&relayv1.Frame{Kind: &relayv1.Frame_Ping{Ping: &relayv1.Ping{Nonce: 7}}}); err != nil {
-				t.Fatal(err)
-			}
-			for {
-				f, err := raw.Next(10 * time.Second)
-				if err != nil {
-					t.Fatalf("no pong after the extra streams: %v", err)
-				}
-				if f.GetPong().GetNonce() == 7 {
-					break
-				}
+			if err := raw.Ping(7, 10*time.Second); err != nil {
+				t.Fatalf("after the extra streams: %v", err)
 			}
 			raw.Close()
 			settled(t, r.Edges[0], base, goroutines)
@@ -542,20 +533,8 @@ func TestStolenTicketsAndReplayedResumes(t *testing.T) {
 		if st := e.Hub().Stats(); st.Sessions != 1 {
 			t.Fatalf("%d sessions: the real device was disturbed", st.Sessions)
 		}
-		if err := real.Send(&relayv1.Frame{Kind: &relayv1.Frame_Ping{Ping: &relayv1.Ping{Nonce: 9}}}); err != nil {
-			t.Fatal(err)
-		}
-		for {
-			f, err := real.Next(20 * time.Second)
-			if err != nil {
-				t.Fatalf("the real device's session: %v", err)
-			}
-			if f.GetPong().GetNonce() == 9 {
-				break
-			}
-			if f.GetClose() != nil {
-				t.Fatalf("the real device was closed: %v", f)
-			}
+		if err := real.Ping(9, 20*time.Second); err != nil {
+			t.Fatalf("the real device's session: %v", err)
 		}
 	})
 	t.Run("a proof is used once", func(t *testing.T) {

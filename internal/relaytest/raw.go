@@ -190,6 +190,26 @@ func (c *Raw) OpenExtraStreams(payload []byte) (bidi, uni int) {
 	return count(openBidi), count(openUni)
 }
 
+// Ping sends a Ping and reads until its Pong, within d: the session is
+// still served. A Close before it, or nothing in time, is the error.
+func (c *Raw) Ping(nonce uint64, d time.Duration) error {
+	if err := c.Send(&relayv1.Frame{Kind: &relayv1.Frame_Ping{Ping: &relayv1.Ping{Nonce: nonce}}}); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(d)
+	for {
+		f, err := c.Next(time.Until(deadline))
+		switch {
+		case err != nil:
+			return fmt.Errorf("no pong %d: %w", nonce, err)
+		case f.GetClose() != nil:
+			return fmt.Errorf("closed before pong %d: %v", nonce, f.GetClose())
+		case f.GetPong().GetNonce() == nonce:
+			return nil
+		}
+	}
+}
+
 // Hello is the Hello of the last Login.
 func (c *Raw) Hello() *relayv1.Hello { return c.hello }
 
