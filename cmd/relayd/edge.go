@@ -55,7 +55,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.DurationVar(&cfg.Session.Limits.MaxTTL, "max-ttl", l.MaxTTL, "longest event TTL")
 	fs.DurationVar(&cfg.Session.Limits.SkewTolerance, "skew-tolerance", l.SkewTolerance, "how far a device's clock may be off")
 	fs.IntVar(&cfg.Session.Limits.EventsPerSecond, "events-per-second", l.EventsPerSecond, "events per second per device (above it the edge reads more slowly)")
-	fs.IntVar(&cfg.Session.Limits.BytesPerSecond, "bytes-per-second", l.BytesPerSecond, "bytes per second per device, every frame counted as sent (above it the edge reads more slowly)")
+	fs.IntVar(&cfg.Session.Limits.BytesPerSecond, "bytes-per-second", l.BytesPerSecond, "bytes per second per device, every frame counted as sent and each mailbox copy of an event (above it the edge reads more slowly)")
 	fs.IntVar(&cfg.Session.Limits.FramesPerSecond, "frames-per-second", l.FramesPerSecond, "frames of any kind per second per device (above it the edge reads more slowly)")
 	fs.DurationVar(&cfg.Session.Limits.FrameTimeout, "frame-timeout", l.FrameTimeout, "how long a frame may take from its first byte to its last")
 	fs.DurationVar(&cfg.Session.WriteTimeout, "write-timeout", 20*time.Second, "close a device that takes nothing the edge writes for this long (SLOW_CONSUMER)")

@@ -57,6 +57,16 @@ func (b *budget) take(now time.Time, event bool, size int) time.Duration {
 	return max(wait, b.bytes.reserve(float64(size)))
 }
 
+// charge counts size more bytes against the byte bucket, as work a frame
+// already let through causes (its event stored in several mailboxes):
+// nothing waits now, the reader repays the debt before its next frame.
+func (b *budget) charge(now time.Time, size int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.refill(now)
+	b.bytes.reserve(float64(size))
+}
+
 // admit takes an event frame of size bytes only if every bucket has room
 // for it now.
 func (b *budget) admit(now time.Time, size int) bool {

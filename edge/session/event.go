@@ -254,6 +254,13 @@ func (s *Session) acceptEvent(ev *relayv1.Event, tr eventTrace, now, expires tim
 		f.confirm(now)
 		return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, true
 	}
+	// Each mailbox write is a Raft entry replicated to every control node:
+	// the sender pays for every copy beyond the one its frame paid for, so
+	// a broadcast to many offline devices writes no faster than the
+	// device's byte rate.
+	if n := mailboxRoutes(routes); n > 1 {
+		s.budget.charge(now, (n-1)*len(enc))
+	}
 	for _, r := range routes {
 		if r.edge != "" {
 			s.forward(f, r, enc, expires)
@@ -271,6 +278,17 @@ func (s *Session) acceptEvent(ev *relayv1.Event, tr eventTrace, now, expires tim
 		}
 	}
 	return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, true
+}
+
+// mailboxRoutes counts the routes that go to a mailbox.
+func mailboxRoutes(routes []route) int {
+	n := 0
+	for _, r := range routes {
+		if r.to == nil && r.edge == "" {
+			n++
+		}
+	}
+	return n
 }
 
 // dirCache keeps the directory's answers a sender's events ask for most,

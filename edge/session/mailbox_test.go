@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -1234,5 +1235,56 @@ func TestRevokedWhileOpeningDoesNotStay(t *testing.T) {
 			}
 			waitFor(t, "the session gone", func() bool { return e.metric("relay_edge_sessions", "transport", "pipe") == c.left })
 		})
+	}
+}
+
+// A durable event stored for n offline targets costs its sender n times
+// its bytes: a broadcast to many offline devices is paced to the
+// device's byte rate, while the same events for one offline target are
+// not.
+func TestMailboxFanOutIsChargedToTheSender(t *testing.T) {
+	const rate = 128 << 10
+	e, mb := mailboxEnv(t, func(c *Config) {
+		c.Limits.BytesPerSecond = rate // the burst is the same
+	})
+	offline := []string{"b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9"}
+	e.devices("u1", append([]string{"a"}, offline...)...)
+	a := e.online("a")
+	payload := strings.Repeat("x", 4<<10)
+	ping := func(nonce uint64) {
+		a.send(&relayv1.Frame{Kind: &relayv1.Frame_Ping{Ping: &relayv1.Ping{Nonce: nonce}}})
+		a.next("pong", func(f *relayv1.Frame) bool { return f.GetPong().GetNonce() == nonce })
+	}
+	// Ten events of 4 KiB for one offline device: 41 KiB, inside the
+	// burst.
+	var evs []*relayv1.Event
+	for range 10 {
+		evs = append(evs, a.sendPayload(payload, "b1"))
+	}
+	a.expectAcks(evs...)
+	ping(1)
+	if got := e.metric("relay_edge_paced_seconds_total"); got != 0 {
+		t.Fatalf("events for one offline device paced %.2f s", got)
+	}
+	// Ten broadcasts to the nine offline devices: 370 KiB of mailbox
+	// writes, about 240 KiB beyond the burst, about 1.9 s at the rate. The
+	// ping is read once the last broadcast's debt is repaid.
+	evs = evs[:0]
+	for range 10 {
+		evs = append(evs, a.sendPayload(payload))
+	}
+	a.expectAcks(evs...)
+	ping(2)
+	if got := e.metric("relay_edge_paced_seconds_total"); got < 1 {
+		t.Fatalf("broadcasts to nine offline devices paced %.2f s, want about 1.9 s", got)
+	}
+	for _, d := range offline {
+		want := 10
+		if d == "b1" {
+			want = 20
+		}
+		if got := mb.stored(d); got != want {
+			t.Fatalf("%s's mailbox holds %d entries, want %d", d, got, want)
+		}
 	}
 }

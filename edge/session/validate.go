@@ -21,8 +21,10 @@ type Limits struct {
 	SkewTolerance time.Duration
 	// EventsPerSecond, BytesPerSecond and FramesPerSecond are what a
 	// device may send: every frame counts against frames and its bytes
-	// on the wire, events also against events. Above them the edge reads
-	// the device's stream more slowly; nothing is refused.
+	// on the wire, events also against events; a durable event stored in
+	// the mailboxes of n offline targets counts n times its bytes. Above
+	// them the edge reads the device's stream more slowly; nothing is
+	// refused.
 	EventsPerSecond int
 	BytesPerSecond  int
 	FramesPerSecond int

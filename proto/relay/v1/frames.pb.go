@@ -733,7 +733,9 @@ type Limits struct {
 	MaxTtlMs        int64                  `protobuf:"varint,3,opt,name=max_ttl_ms,json=maxTtlMs,proto3" json:"max_ttl_ms,omitempty"`
 	SkewToleranceMs int64                  `protobuf:"varint,4,opt,name=skew_tolerance_ms,json=skewToleranceMs,proto3" json:"skew_tolerance_ms,omitempty"`
 	EventsPerSecond uint32                 `protobuf:"varint,5,opt,name=events_per_second,json=eventsPerSecond,proto3" json:"events_per_second,omitempty"`
-	BytesPerSecond  uint32                 `protobuf:"varint,6,opt,name=bytes_per_second,json=bytesPerSecond,proto3" json:"bytes_per_second,omitempty"`
+	// A durable event stored in the mailboxes of n offline targets counts
+	// n times its bytes.
+	BytesPerSecond uint32 `protobuf:"varint,6,opt,name=bytes_per_second,json=bytesPerSecond,proto3" json:"bytes_per_second,omitempty"`
 	// Every frame counts, whatever its kind; above the rate the edge reads
 	// more slowly.
 	FramesPerSecond uint32 `protobuf:"varint,7,opt,name=frames_per_second,json=framesPerSecond,proto3" json:"frames_per_second,omitempty"`
