@@ -40,6 +40,11 @@ const (
 	MaxMailboxQuotaEntries = 1 << 20
 	MaxMailboxQuotaBytes   = 1 << 30
 
+	// MaxMailboxPageBytes bounds the event bytes one FetchMailbox returns
+	// (a page holds at least one entry): with quotas raised, a page of
+	// entries of MaxMailboxEventBytes would otherwise reach tens of MiB.
+	MaxMailboxPageBytes = 1 << 20
+
 	// DefaultExpireLimit is how many entries one ExpireMailboxes removes
 	// when it names no limit; MaxExpireLimit caps the limit it may name.
 	DefaultExpireLimit = 4096
@@ -499,10 +504,11 @@ func (t *txn) deleteMailbox(did string) error {
 }
 
 // FetchMailbox returns up to limit entries of a device's mailbox with
-// seqs after afterSeq, oldest first, skipping entries that expired at or
-// before nowMs (expiry may not have removed them yet), and whether more
-// unexpired entries follow. One consistent view. A device that does not
-// exist answers ErrNotFound.
+// seqs after afterSeq, oldest first, holding at most MaxMailboxPageBytes
+// of events (always at least one entry), skipping entries that expired at
+// or before nowMs (expiry may not have removed them yet), and whether
+// more unexpired entries follow. One consistent view. A device that does
+// not exist answers ErrNotFound.
 func (f *FSM) FetchMailbox(deviceID string, afterSeq uint64, limit int, nowMs int64) ([]*statev1.MailboxEntry, bool, error) {
 	snap := f.store.Snapshot()
 	defer snap.Close()
@@ -515,7 +521,7 @@ func (f *FSM) FetchMailbox(deviceID string, afterSeq uint64, limit int, nowMs in
 		return nil, false, nil // nothing can follow
 	}
 	var out []*statev1.MailboxEntry
-	more := false
+	more, size := false, 0
 	err := snap.Iterate(mailEntryKey(deviceID, afterSeq+1), prefixEnd(mailEntriesPrefix(deviceID)), func(_, v []byte) (bool, error) {
 		var e statev1.MailboxEntry
 		if err := proto.Unmarshal(v, &e); err != nil {
@@ -524,7 +530,8 @@ func (f *FSM) FetchMailbox(deviceID string, afterSeq uint64, limit int, nowMs in
 		if e.GetExpiresAtMs() <= nowMs {
 			return true, nil
 		}
-		if len(out) == limit {
+		size += len(e.GetEvent())
+		if len(out) == limit || (len(out) > 0 && size > MaxMailboxPageBytes) {
 			more = true
 			return false, nil
 		}

@@ -354,3 +354,29 @@ func TestClusterCA(t *testing.T) {
 		t.Fatalf("CA after init: %v", err)
 	}
 }
+
+// A page holds at most MaxMailboxPageBytes of events, whatever the limit,
+// and says more follow; the next page goes on from where it ended.
+func TestMailboxPagesAreBoundedInBytes(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	const size = 200 << 10 // five fit a page, a sixth would not
+	var entries []*statev1.MailboxEntry
+	for i := range 8 {
+		entries = append(entries, mail("alice", "a1", "a2", fmt.Sprint("big", i), size, far))
+	}
+	if r := a.apply(putOp(entries...)); outcomes(r) != "STORED/1 STORED/2 STORED/3 STORED/4 STORED/5 STORED/6 STORED/7 STORED/8" {
+		t.Fatalf("put: %v", outcomes(r))
+	}
+	got, more, err := f.FetchMailbox("a1", 0, 100, 0)
+	if err != nil || len(got) != MaxMailboxPageBytes/size || !more {
+		t.Fatalf("first page: %d entries, more=%v, err=%v; want %d and more", len(got), more, err, MaxMailboxPageBytes/size)
+	}
+	last := got[len(got)-1].GetSeq()
+	got, more, err = f.FetchMailbox("a1", last, 100, 0)
+	if err != nil || len(got) != 8-int(last) || more {
+		t.Fatalf("second page after %d: %d entries, more=%v, err=%v", last, len(got), more, err)
+	}
+	if got[0].GetSeq() != last+1 {
+		t.Fatalf("second page starts at %d, want %d", got[0].GetSeq(), last+1)
+	}
+}

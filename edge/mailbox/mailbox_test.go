@@ -229,15 +229,15 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	if r := <-bigRes; r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_FULL || counted.puts.Load() != puts {
 		t.Fatalf("an entry for a full mailbox: %+v after %d more calls, want FULL and none", r, counted.puts.Load()-puts)
 	}
-	before, err := big.Fetch(ctx, devID, 0, 1000)
+	before, err := fetchAll(ctx, big, devID)
 	if err != nil {
 		t.Fatal(err)
 	}
 	big.Ack(devID, stored...)
 	clustertest.Eventually(t, 10*time.Second, func() error {
-		left, err := big.Fetch(ctx, devID, 0, 1000)
-		if err != nil || len(left.Entries) != len(before.Entries)-len(stored) {
-			return fmt.Errorf("%d entries left, %v", len(left.Entries), err)
+		left, err := fetchAll(ctx, big, devID)
+		if err != nil || left != before-len(stored) {
+			return fmt.Errorf("%d entries left, %v", left, err)
 		}
 		return nil
 	})
@@ -253,5 +253,22 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 		ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) { res <- r })
 	if r := <-res; r.Err == nil {
 		t.Fatalf("stored with no control plane: %+v", r)
+	}
+}
+
+// fetchAll counts a device's entries, page after page (a page holds at
+// most 1 MiB of events).
+func fetchAll(ctx context.Context, c *mailbox.Client, device string) (int, error) {
+	n, after := 0, uint64(0)
+	for {
+		page, err := c.Fetch(ctx, device, after, 256)
+		if err != nil {
+			return n, err
+		}
+		n += len(page.Entries)
+		if !page.More || len(page.Entries) == 0 {
+			return n, nil
+		}
+		after = page.Entries[len(page.Entries)-1].GetSeq()
 	}
 }
