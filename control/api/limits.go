@@ -1,7 +1,6 @@
 package api
 
 import (
-	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/edge-relay/relay/control/auth"
+	"github.com/edge-relay/relay/internal/gzipbound"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 )
@@ -63,38 +63,6 @@ func (l *Limits) applyDefaults() {
 	}
 }
 
-// errTooLarge ends a decompression that went past the limit.
-var errTooLarge = errors.New("decompressed message exceeds the size limit")
-
-// boundedGzip is a gzip decompressor that stops producing bytes one past
-// its limit: Connect reads at most limit+1 bytes and then drains the rest
-// to report the size, which for a gzip bomb would mean inflating
-// gigabytes. With this reader the drain fails at once.
-type boundedGzip struct {
-	zr    gzip.Reader
-	limit int64
-	n     int64
-}
-
-func (b *boundedGzip) Read(p []byte) (int, error) {
-	if b.n > b.limit {
-		return 0, errTooLarge
-	}
-	if rest := b.limit + 1 - b.n; int64(len(p)) > rest {
-		p = p[:rest]
-	}
-	n, err := b.zr.Read(p)
-	b.n += int64(n)
-	return n, err
-}
-
-func (b *boundedGzip) Reset(r io.Reader) error {
-	b.n = 0
-	return b.zr.Reset(r)
-}
-
-func (b *boundedGzip) Close() error { return b.zr.Close() }
-
 // CompressMinBytes is the smallest response message a node gzips (when
 // the client accepts gzip). Smaller ones go as they are: gzip saves
 // little on them and costs the client a decompressor per call (about
@@ -109,9 +77,7 @@ func messageOptions(limit int64) connect.HandlerOption {
 	return connect.WithHandlerOptions(
 		connect.WithReadMaxBytes(int(limit)),
 		connect.WithCompressMinBytes(CompressMinBytes),
-		connect.WithCompression("gzip",
-			func() connect.Decompressor { return &boundedGzip{limit: limit} },
-			func() connect.Compressor { w, _ := gzip.NewWriterLevel(io.Discard, gzip.DefaultCompression); return w }),
+		connect.WithCompression("gzip", gzipbound.Decompressor(limit), gzipbound.Compressor),
 	)
 }
 

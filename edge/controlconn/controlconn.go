@@ -15,12 +15,14 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"connectrpc.com/connect"
 
+	"github.com/edge-relay/relay/internal/gzipbound"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -53,6 +55,14 @@ type Config struct {
 	// later, and resumes only as TCP's backed-off retransmissions allow.
 	PingAfter, PingTimeout time.Duration
 }
+
+// MaxResponseBytes bounds one message a control node sends the edge, as
+// sent and once decompressed. The largest the control plane sends is a
+// mailbox page: at most 256 entries and 1 MiB of events
+// (fsm.MaxMailboxPageBytes) with their ids; anything larger is refused
+// (resource_exhausted) before it is all in memory, whatever the node
+// that sent it.
+const MaxResponseBytes = 8 << 20
 
 // Conn is safe for concurrent use.
 type Conn struct {
@@ -120,13 +130,16 @@ func New(cfg Config) (*Conn, error) {
 		tr.TLSClientConfig = cfg.TLS.Clone()
 	}
 	c := &Conn{cfg: cfg, http: &http.Client{Transport: tr}, peers: map[string]*peer{}, tokenSem: make(chan struct{}, 1)}
+	opts := append(slices.Clip(cfg.Options),
+		connect.WithReadMaxBytes(MaxResponseBytes),
+		connect.WithAcceptCompression("gzip", gzipbound.Decompressor(MaxResponseBytes), gzipbound.Compressor))
 	for _, u := range cfg.URLs {
 		c.peers[u] = &peer{
-			auth:     controlv1connect.NewAuthServiceClient(c.http, u, cfg.Options...),
-			edges:    edgev1connect.NewEdgeServiceClient(c.http, u, cfg.Options...),
-			mailbox:  edgev1connect.NewMailboxServiceClient(c.http, u, cfg.Options...),
-			activity: edgev1connect.NewActivityServiceClient(c.http, u, cfg.Options...),
-			watch:    edgev1connect.NewWatchServiceClient(c.http, u, cfg.Options...),
+			auth:     controlv1connect.NewAuthServiceClient(c.http, u, opts...),
+			edges:    edgev1connect.NewEdgeServiceClient(c.http, u, opts...),
+			mailbox:  edgev1connect.NewMailboxServiceClient(c.http, u, opts...),
+			activity: edgev1connect.NewActivityServiceClient(c.http, u, opts...),
+			watch:    edgev1connect.NewWatchServiceClient(c.http, u, opts...),
 		}
 	}
 	return c, nil

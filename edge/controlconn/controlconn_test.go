@@ -134,16 +134,22 @@ func (f *fakeControl) start(t *testing.T) string {
 	mux := http.NewServeMux()
 	mux.Handle(controlv1connect.NewAuthServiceHandler(f))
 	mux.Handle(edgev1connect.NewWatchServiceHandler(f))
-	var p http.Protocols
-	p.SetUnencryptedHTTP2(true)
-	p.SetHTTP1(true)
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case f.protos <- r.Proto:
 		default:
 		}
 		mux.ServeHTTP(w, r)
 	}))
+}
+
+// serve serves h over HTTP/1 and cleartext HTTP/2 (what the edge speaks
+// on http:// URLs) until the test ends, and returns its URL.
+func serve(t *testing.T, h http.Handler) string {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	p.SetHTTP1(true)
+	srv := httptest.NewUnstartedServer(h)
 	srv.Config.Protocols = &p
 	srv.Start()
 	t.Cleanup(srv.Close)
@@ -214,14 +220,7 @@ func TestTokenWaitsOnlyAsLongAsItsContext(t *testing.T) {
 	h := &hangingControl{entered: make(chan struct{}, 1), release: make(chan struct{})}
 	mux := http.NewServeMux()
 	mux.Handle(controlv1connect.NewAuthServiceHandler(h))
-	var p http.Protocols
-	p.SetUnencryptedHTTP2(true)
-	p.SetHTTP1(true)
-	srv := httptest.NewUnstartedServer(mux)
-	srv.Config.Protocols = &p
-	srv.Start()
-	defer srv.Close()
-	c, err := controlconn.New(controlconn.Config{URLs: []string{srv.URL}, Login: "edges", Password: "x"})
+	c, err := controlconn.New(controlconn.Config{URLs: []string{serve(t, mux)}, Login: "edges", Password: "x"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -306,5 +305,50 @@ func TestARefusedTokenIsForgotten(t *testing.T) {
 	}
 	if again, err := cc.Token(ctx); err != nil || again == tok {
 		t.Fatalf("token after the refusal: %v (the refused one: %v)", err, again == tok)
+	}
+}
+
+// floodingControl answers FetchMailbox with entries of 256 KiB, as many
+// as the request's limit names.
+type floodingControl struct {
+	fakeControl
+	edgev1connect.UnimplementedMailboxServiceHandler
+}
+
+func (f *floodingControl) FetchMailbox(_ context.Context, req *connect.Request[edgev1.FetchMailboxRequest]) (*connect.Response[edgev1.FetchMailboxResponse], error) {
+	resp := &edgev1.FetchMailboxResponse{}
+	for i := range req.Msg.GetLimit() {
+		resp.Entries = append(resp.Entries, &edgev1.MailboxEntry{Seq: uint64(i) + 1, Event: make([]byte, 256<<10)})
+	}
+	return connect.NewResponse(resp), nil
+}
+
+// The edge refuses an answer larger than MaxResponseBytes, as sent or
+// once inflated, from whatever sent it, and takes one of the size the
+// control plane sends (a page of 1 MiB of events).
+func TestAnOversizedAnswerIsRefused(t *testing.T) {
+	for _, gzipped := range []bool{false, true} {
+		f := &floodingControl{}
+		mux := http.NewServeMux()
+		mux.Handle(controlv1connect.NewAuthServiceHandler(f))
+		opts := []connect.HandlerOption{connect.WithCompressMinBytes(1)}
+		if !gzipped {
+			opts = append(opts, connect.WithCompression("gzip", nil, nil))
+		}
+		mux.Handle(edgev1connect.NewMailboxServiceHandler(f, opts...))
+		cc, err := controlconn.New(controlconn.Config{URLs: []string{serve(t, mux)}, Login: "edges", Password: "x"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if resp, err := cc.FetchMailbox(ctx, "d", 0, 4); err != nil || len(resp.GetEntries()) != 4 {
+			t.Errorf("gzip %v: a page of 1 MiB: %d entries, %v", gzipped, len(resp.GetEntries()), err)
+		}
+		big := uint32(controlconn.MaxResponseBytes/(256<<10) + 1)
+		if _, err := cc.FetchMailbox(ctx, "d", 0, big); connect.CodeOf(err) != connect.CodeResourceExhausted {
+			t.Errorf("gzip %v: an answer of %d MiB: %v, want resource_exhausted", gzipped, big/4, err)
+		}
+		cancel()
+		cc.Close()
 	}
 }
