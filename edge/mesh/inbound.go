@@ -36,13 +36,17 @@ type inbound struct {
 	// so a peer that does not read its outcomes is read no further.
 	slots chan struct{}
 	// users counts, per user, the forwards whose outcome is not decided
-	// yet (guarded by mu). One user's devices that take deliveries and
-	// never acknowledge them hold their slots until their sessions end:
-	// a user may hold at most userShare of them, and its forwards beyond
-	// are answered QUEUE_FULL at once, so they cannot stop the link for
-	// every other user.
-	users     map[string]int
-	userShare int
+	// yet, and undecided all of them (guarded by mu). Devices that take
+	// deliveries and never acknowledge them hold their slots until their
+	// sessions end: a user may hold at most userShare of them and all
+	// users together maxUndecided (half the slots), and forwards beyond
+	// either are answered QUEUE_FULL at once. The slots left are for
+	// outcomes decided at once, so the reader waits for a slot only while
+	// the peer does not read its outcomes, never because of devices: the
+	// link's presence and ephemeral forwards keep flowing.
+	users                   map[string]int
+	undecided               int
+	userShare, maxUndecided int
 }
 
 func (in *inbound) send(f *edgev1.MeshFrame) { in.sendFor(f, false, "") }
@@ -52,6 +56,7 @@ func (in *inbound) send(f *edgev1.MeshFrame) { in.sendFor(f, false, "") }
 func (in *inbound) sendFor(f *edgev1.MeshFrame, counted bool, user string) {
 	in.mu.Lock()
 	if counted {
+		in.undecided--
 		if in.users[user]--; in.users[user] <= 0 {
 			delete(in.users, user)
 		}
@@ -113,7 +118,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		return
 	}
 	in := &inbound{peer: peer, key: key, conn: conn, wake: make(chan struct{}, 1), slots: make(chan struct{}, m.cfg.MaxOutstanding),
-		users: map[string]int{}, userShare: max(1, m.cfg.MaxOutstanding/8), status: conn.ConnectionState().TLS.NegotiatedProtocol == ALPNStatus}
+		users: map[string]int{}, userShare: max(1, m.cfg.MaxOutstanding/8), maxUndecided: max(1, m.cfg.MaxOutstanding/2), status: conn.ConnectionState().TLS.NegotiatedProtocol == ALPNStatus}
 	m.mu.Lock()
 	if !m.keyHolds(peer, key) {
 		// An older process of that id, whose certificate is still valid:
@@ -196,9 +201,10 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 			}
 			id, user := fw.GetId(), fw.GetUserId()
 			in.mu.Lock()
-			full := in.users[user] >= in.userShare
+			full := in.users[user] >= in.userShare || in.undecided >= in.maxUndecided
 			if !full {
 				in.users[user]++
+				in.undecided++
 			}
 			in.mu.Unlock()
 			if full {

@@ -73,9 +73,12 @@ type Config struct {
 	QueueLen, QueueBytes int
 	// MaxOutstanding bounds the forwards a peer has sent this edge whose
 	// outcomes it has not read yet; at the bound this edge stops reading
-	// the peer's link until it does [16384]. The forwards of one user
-	// whose outcome is not decided yet may take an eighth of it; that
-	// user's forwards beyond are answered QUEUE_FULL.
+	// the peer's link until it does [16384]. Forwards whose outcome is
+	// not decided yet (deliveries their devices have not acknowledged)
+	// may take half of it, one user's an eighth; forwards beyond either
+	// are answered QUEUE_FULL at once, so devices that never acknowledge
+	// cannot stop the link: only a peer that does not read its outcomes
+	// does.
 	MaxOutstanding int
 	// IdleTimeout is how long a silent peer is given before its link
 	// counts as broken (keep-alives go at a third of it) [15s]; a peer

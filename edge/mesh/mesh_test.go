@@ -73,7 +73,9 @@ type fakeLocal struct {
 	got      []*edgev1.Forward
 	moved    []string
 	deliverC chan struct{}
-	holdUser string // its forwards get no outcome, as if never acknowledged
+	// hold names users whose forwards get no outcome, as if their
+	// devices never acknowledged them.
+	hold map[string]bool
 }
 
 func (f *fakeLocal) LocalPresence() []*edgev1.DevicePresence {
@@ -86,7 +88,7 @@ func (f *fakeLocal) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.Forw
 	f.mu.Lock()
 	f.got = append(f.got, fw)
 	o := f.outcome
-	if fw.GetUserId() == f.holdUser {
+	if f.hold[fw.GetUserId()] {
 		o = 0
 	}
 	f.mu.Unlock()
@@ -612,7 +614,7 @@ func TestReadFrameGrowsWithWhatArrives(t *testing.T) {
 func TestOneUserCannotHoldALink(t *testing.T) {
 	ca := newTestCA(t)
 	const outstanding = 80 // a user's share: 10
-	lb := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED, holdUser: "hog",
+	lb := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED, hold: map[string]bool{"hog": true},
 		devices: []*edgev1.DevicePresence{{DeviceId: "h", UserId: "hog", SinceNs: 1}}}
 	b := startMeshWith(t, ca, "edge-b", lb, func(c *Config) { c.MaxOutstanding = outstanding })
 	a := startMesh(t, ca, "edge-a", &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "s", UserId: "hog", SinceNs: 1}}})
@@ -641,4 +643,58 @@ func TestOneUserCannotHoldALink(t *testing.T) {
 	}
 	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "other", Event: []byte("y")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
 	expect("another user's forward", edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED)
+}
+
+// Users whose devices never acknowledge, together, hold at most half of
+// a link's slots: beyond, durable forwards are answered QUEUE_FULL at
+// once, and the link is still read, so presence and ephemeral forwards
+// keep flowing. (With every slot held the link's reader would wait for
+// one, and nothing more from the peer would be read.)
+func TestManyUsersCannotHoldALink(t *testing.T) {
+	ca := newTestCA(t)
+	const outstanding = 80 // a user's share 10, all users' 40
+	hogs := map[string]bool{}
+	for i := range 8 {
+		hogs[fmt.Sprint("hog", i)] = true
+	}
+	lb := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED, hold: hogs}
+	b := startMeshWith(t, ca, "edge-b", lb, func(c *Config) { c.MaxOutstanding = outstanding })
+	la := &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "s", UserId: "u", SinceNs: 1}}}
+	a := startMesh(t, ca, "edge-a", la)
+	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
+	a.SetMembers(members)
+	b.SetMembers(members)
+	waitFor(t, "a's link to b up", func() bool { e, ok := b.Locate("s"); return ok && e == "edge-a" })
+	// Eight users' devices take 10 forwards each and never acknowledge:
+	// the first four fill the half, the others' are refused.
+	outcomes := make(chan edgev1.ForwardOutcome, outstanding)
+	for i := range 8 {
+		for range outstanding / 8 {
+			a.Forward("edge-b", &edgev1.Forward{DeviceId: "h", UserId: fmt.Sprint("hog", i), Event: []byte("x")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
+		}
+	}
+	for range outstanding / 2 {
+		select {
+		case o := <-outcomes:
+			if o != edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL {
+				t.Fatalf("a forward beyond the undecided half: %v, want QUEUE_FULL", o)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("a forward beyond the undecided half got no outcome: the link is not read")
+		}
+	}
+	// Another user's durable forward is refused too while the half is
+	// held; its ephemeral forward and a presence change still go through.
+	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "other", Event: []byte("y")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
+	if o := <-outcomes; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL {
+		t.Fatalf("another user's forward while the half is held: %v", o)
+	}
+	before := lb.forwards()
+	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "other", Event: []byte("ephemeral")}, nil)
+	waitFor(t, "the ephemeral forward delivered", func() bool { return lb.forwards() > before })
+	la.mu.Lock()
+	la.devices = append(la.devices, &edgev1.DevicePresence{DeviceId: "s2", UserId: "u", SinceNs: 2})
+	la.mu.Unlock()
+	a.Announce(&edgev1.DevicePresence{DeviceId: "s2", UserId: "u", SinceNs: 2}, true)
+	waitFor(t, "a presence change heard", func() bool { e, ok := b.Locate("s2"); return ok && e == "edge-a" })
 }
