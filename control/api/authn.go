@@ -17,7 +17,6 @@ import (
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
-	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -420,7 +419,8 @@ func (a *Authenticator) WrapStreamingClient(next connect.StreamingClientFunc) co
 // WrapStreamingHandler checks streaming calls, and keeps checking while
 // a stream lasts: it ends, unauthenticated, when the account or session
 // behind it is gone, as a unary call made then would be refused, and
-// (but for a Backup) when its access token expires. (A Watch stream
+// when its access token expires unless the policy lets it outlive its
+// token (a Backup). (A Watch stream
 // carries the session keys: revoking an edge's account must stop it,
 // not only its next call.)
 func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
@@ -435,9 +435,7 @@ func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) 
 		}
 		ctx, end := context.WithCancelCause(ctx)
 		defer end(nil) // ends recheck
-		// A backup takes as long as the state is large: it ends with the
-		// account or session, not with the token's expiry.
-		expires := conn.Spec().Procedure != controlv1connect.ClusterServiceBackupProcedure
+		expires := !a.policy.OutliveToken[conn.Spec().Procedure]
 		if !a.streams.start(ctx, end, func() { a.recheck(ctx, end, claims, expires) }) {
 			return connect.NewError(connect.CodeUnavailable, errNodeStopping)
 		}

@@ -73,5 +73,10 @@ func Policy() auth.Policy {
 			edgev1connect.MailboxServiceAckMailboxProcedure:      edges,
 			edgev1connect.MailboxServiceClaimEventsProcedure:     edges,
 		},
+		OutliveToken: map[string]bool{
+			// A backup takes as long as the state is large, and relayctl
+			// may start one with a token about to expire.
+			controlv1connect.ClusterServiceBackupProcedure: true,
+		},
 	}
 }

@@ -75,8 +75,14 @@ func TestRBACMatrix(t *testing.T) {
 	tokens[api.RoleNode] = nodeTok
 
 	policy := api.Policy()
+	procs := procedures(t)
+	for proc := range policy.OutliveToken {
+		if md, ok := procs[proc]; !ok || !md.IsStreamingServer() || policy.Public[proc] {
+			t.Errorf("%s may outlive its token, but is not a streaming procedure that needs one", proc)
+		}
+	}
 	hc := httpClient(t)
-	for proc, md := range procedures(t) {
+	for proc, md := range procs {
 		allowed, known := policy.Roles[proc]
 		if !known && !policy.Public[proc] {
 			t.Errorf("%s has no entry in the RBAC table (api.Policy)", proc)

@@ -69,6 +69,11 @@ var (
 type Policy struct {
 	Public map[string]bool
 	Roles  map[string][]Role
+	// OutliveToken names the streaming procedures whose streams may run
+	// past their access token's expiry (they still end with the account
+	// or session behind it); every other stream ends when its token
+	// expires.
+	OutliveToken map[string]bool
 }
 
 // Check decides whether a caller with claims (nil: anonymous) may call
