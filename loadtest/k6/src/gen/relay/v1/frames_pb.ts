@@ -314,6 +314,9 @@ export type Limits = Message<"relay.v1.Limits"> & {
   eventsPerSecond: number;
 
   /**
+   * A durable event stored in the mailboxes of n offline targets counts
+   * n times its bytes.
+   *
    * @generated from field: uint32 bytes_per_second = 6;
    */
   bytesPerSecond: number;
