@@ -710,7 +710,6 @@ func (s *Server) publicMux() http.Handler {
 		defer s.wsSessions.Done()
 		s.ws.ServeHTTP(w, r)
 	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
 	})
@@ -739,11 +738,14 @@ func (s *Server) publicMux() http.Handler {
 	return mux
 }
 
-// adminMux is the public endpoints plus the Go profiler, which only the
-// admin port (meant for localhost or a private network) serves.
+// adminMux is the public endpoints plus the metrics and the Go profiler,
+// which only the admin port (meant for localhost or a private network)
+// serves: the metrics tell how many devices an edge holds and what they
+// do, which is no business of the internet's.
 func (s *Server) adminMux() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/", s.publicMux())
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
