@@ -103,20 +103,36 @@ func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 	l.signal()
 }
 
-// run keeps the link up until stopped, reconnecting with backoff.
+// run keeps the link up until stopped, reconnecting with backoff. A link
+// that goes down is logged at warn level, and so is a peer that cannot be
+// reached once the backoff reached its cap; the attempts in between at
+// debug level.
 func (l *link) run() {
+	const maxBackoff = 5 * time.Second
 	backoff := 50 * time.Millisecond
 	log := l.m.cfg.Logger.With("peer", l.peer, "mesh_addr", l.addr)
+	failed, warned := 0, false // attempts that failed since the link was last up; said so
 	for l.ctx.Err() == nil {
 		start := time.Now()
-		err := l.session()
+		up, err := l.session()
 		if l.ctx.Err() != nil {
 			return
 		}
 		if time.Since(start) > 10*time.Second {
 			backoff = 50 * time.Millisecond
 		}
-		log.Debug("mesh link down; reconnecting", "err", err, "backoff", backoff)
+		if up {
+			failed, warned = 0, false
+			log.Warn("mesh link down; reconnecting", "err", err)
+		} else {
+			failed++
+			if backoff == maxBackoff && !warned {
+				warned = true
+				log.Warn("mesh link cannot connect; retrying every 5s", "err", err, "attempts", failed)
+			} else {
+				log.Debug("mesh link down; reconnecting", "err", err, "backoff", backoff)
+			}
+		}
 		t := time.NewTimer(backoff)
 		select {
 		case <-t.C:
@@ -124,27 +140,28 @@ func (l *link) run() {
 			t.Stop()
 			return
 		}
-		backoff = min(2*backoff, 5*time.Second)
+		backoff = min(2*backoff, maxBackoff)
 	}
 }
 
-// session runs one connection to the peer until it fails.
-func (l *link) session() error {
+// session runs one connection to the peer until it fails; up reports
+// whether the link came up on it.
+func (l *link) session() (up bool, err error) {
 	l.mu.Lock()
 	l.dials++
 	l.mu.Unlock()
 	if !l.m.cfg.Identity.Ready() {
-		return errors.New("no mesh certificate yet")
+		return false, errors.New("no mesh certificate yet")
 	}
 	ctx, cancel := context.WithTimeout(l.ctx, 5*time.Second)
 	defer cancel()
 	udpAddr, err := resolveUDP(l.addr)
 	if err != nil {
-		return err
+		return false, err
 	}
 	conn, err := l.m.tr.Dial(ctx, udpAddr, l.m.cfg.Identity.clientTLS(l.peer, l.key), quicConfig(l.m.cfg.IdleTimeout))
 	if err != nil {
-		return fmt.Errorf("dial: %w", err)
+		return false, fmt.Errorf("dial: %w", err)
 	}
 	defer conn.CloseWithError(0, "")
 	// Stopping the link (the peer left the member list, the mesh closes)
@@ -152,11 +169,11 @@ func (l *link) session() error {
 	defer context.AfterFunc(l.ctx, func() { _ = conn.CloseWithError(0, "link stopped") })()
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
-		return fmt.Errorf("open stream: %w", err)
+		return false, fmt.Errorf("open stream: %w", err)
 	}
 	var buf []byte
 	if buf, err = writeFrame(str, buf, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: l.m.cfg.EdgeID, PeerId: l.peer}}}); err != nil {
-		return err
+		return false, err
 	}
 	// The full set and the status, then (the link now up) every delta
 	// and status change after them.
@@ -183,11 +200,11 @@ func (l *link) session() error {
 	for {
 		select {
 		case <-l.ctx.Done():
-			return l.ctx.Err()
+			return true, l.ctx.Err()
 		case err := <-readErr:
-			return err
+			return true, err
 		case <-conn.Context().Done():
-			return context.Cause(conn.Context())
+			return true, context.Cause(conn.Context())
 		case <-l.wake:
 		}
 		l.mu.Lock()
@@ -200,7 +217,7 @@ func (l *link) session() error {
 		_ = str.SetWriteDeadline(time.Now().Add(l.m.cfg.IdleTimeout))
 		for _, f := range batch {
 			if buf, err = writeFrame(str, buf, f); err != nil {
-				return fmt.Errorf("write to the peer: %w", err)
+				return true, fmt.Errorf("write to the peer: %w", err)
 			}
 		}
 		_ = str.SetWriteDeadline(time.Time{})

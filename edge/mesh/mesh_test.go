@@ -698,3 +698,45 @@ func TestManyUsersCannotHoldALink(t *testing.T) {
 	a.Announce(&edgev1.DevicePresence{DeviceId: "s2", UserId: "u", SinceNs: 2}, true)
 	waitFor(t, "a presence change heard", func() bool { e, ok := b.Locate("s2"); return ok && e == "edge-a" })
 }
+
+// warnings is a slog handler that keeps the messages of warn records.
+type warnings struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (w *warnings) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (w *warnings) Handle(_ context.Context, r slog.Record) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.msgs = append(w.msgs, r.Message)
+	return nil
+}
+func (w *warnings) WithAttrs([]slog.Attr) slog.Handler { return w }
+func (w *warnings) WithGroup(string) slog.Handler      { return w }
+
+func (w *warnings) has(msg string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return slices.Contains(w.msgs, msg)
+}
+
+// A link that was up and goes down is logged at warn level (the
+// operator's first clue when an edge lacks mesh links); the retries
+// after it are not, until they slow to their cap.
+func TestALostLinkIsAWarning(t *testing.T) {
+	ca := newTestCA(t)
+	w := &warnings{}
+	a := startMeshWith(t, ca, "edge-a", &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "s", UserId: "u", SinceNs: 1}}},
+		func(c *Config) { c.Logger = slog.New(w) })
+	b := startMesh(t, ca, "edge-b", &fakeLocal{})
+	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
+	a.SetMembers(members)
+	b.SetMembers(members)
+	waitFor(t, "a's link to b up", func() bool { e, ok := b.Locate("s"); return ok && e == "edge-a" })
+	if w.has("mesh link down; reconnecting") {
+		t.Fatal("a link that is up was logged as down")
+	}
+	_ = b.Close()
+	waitFor(t, "the lost link logged at warn level", func() bool { return w.has("mesh link down; reconnecting") })
+}
