@@ -237,7 +237,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 
 	metrics := session.NewMetrics(cfg.Registry)
 	if err := registerAll(cfg.Registry,
-		boolGauge("relay_edge_ready", "1 when the edge serves sessions: listeners up, watch feed synced, registered as a member, control plane heard within the grace.", s.Ready),
+		boolGauge("relay_edge_ready", "1 when /readyz answers 200: listeners up, watch feed synced, registered as a member, and not stepping aside for peer edges that hear the control plane (cut off with no such peer it stays ready, relaying for its sessions: see relay_edge_control_cut_off).", s.Ready),
 		boolGauge("relay_edge_member", "1 while the edge holds its membership lease (registered, renewed before it ran out on the edge's clock): other edges route to it.", s.member),
 		boolGauge("relay_edge_control_cut_off", "1 while the control plane has been silent for longer than --control-grace (new sessions refused).", s.controlSilent),
 	); err != nil {
