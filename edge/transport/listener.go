@@ -75,7 +75,10 @@ type Listener struct {
 
 // h3Conn is an HTTP/3 connection's WebTransport sessions. A connection
 // that carries none for StreamTimeout (it never opened one, or its last
-// ended) is closed, so no peer holds a connection open without a session.
+// ended) is closed, so no peer holds a connection open without a session:
+// only a session that was established counts, so requests that do not
+// become one (a GET of the session path, a refused upgrade, any other
+// path) do not keep the connection.
 type h3Conn struct {
 	sessions int
 	reap     *time.Timer
@@ -307,16 +310,15 @@ func (l *Listener) reapH3(conn *quic.Conn) {
 }
 
 func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
-	conn, _ := r.Context().Value(connKey{}).(*quic.Conn)
-	if conn != nil {
-		l.h3Session(conn, 1)
-		defer l.h3Session(conn, -1)
-	}
 	sess, err := l.wt.Upgrade(w, r)
 	if err != nil {
 		l.cfg.Logger.Debug("webtransport upgrade refused", "remote", r.RemoteAddr, "err", err)
 		w.WriteHeader(http.StatusBadRequest)
 		return
+	}
+	if conn, _ := r.Context().Value(connKey{}).(*quic.Conn); conn != nil {
+		l.h3Session(conn, 1)
+		defer l.h3Session(conn, -1)
 	}
 	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.StreamTimeout)
 	str, err := sess.AcceptStream(ctx)

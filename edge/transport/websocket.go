@@ -308,8 +308,13 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "origin not allowed", http.StatusForbidden)
 		return
 	}
-	// The origin is checked above, as for WebTransport.
-	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true})
+	// The origin is checked above, as for WebTransport. WebSocket pings
+	// go unanswered: each pong is a TLS record and a write of its own, so
+	// a peer streaming 6-byte pings (before authenticating, and outside
+	// every budget) made the edge write for each; the protocol's
+	// keep-alive is its own Ping frame, which the budgets count.
+	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true,
+		OnPingReceived: func(context.Context, []byte) bool { return false }})
 	if err != nil {
 		return // Accept wrote the error response
 	}

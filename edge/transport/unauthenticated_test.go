@@ -1,0 +1,85 @@
+package transport_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
+	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/transport"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// An HTTP/3 connection is closed once it has carried no WebTransport
+// session for the handshake timeout, however many requests it sends that
+// do not become one: plain GETs of the session path (refused upgrades)
+// and of other paths. Anybody can send those, without an account; they
+// kept the connection open for as long as they came.
+func TestRequestsWithoutASessionDoNotKeepAConnection(t *testing.T) {
+	const timeout = time.Second
+	r := startRelay(t, 1, func(_ int, cfg *server.Config) { cfg.Session.HandshakeTimeout = timeout })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	tlsConf := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{http3.NextProtoH3}, MinVersion: tls.VersionTLS13} //nolint:gosec // a hostile client
+	conn, err := quic.DialAddr(ctx, r.Edges[0].Addr(), tlsConf, transport.QUICConfig(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.CloseWithError(0, "")
+	cc := (&http3.Transport{}).NewClientConn(conn)
+	opened := time.Now()
+	// A request every fifth of the timeout, alternating the two paths,
+	// until the edge closes the connection.
+	tick := time.NewTicker(timeout / 5)
+	defer tick.Stop()
+	paths := []string{transport.WebTransportPath, "/"}
+	for i := 0; ; i++ {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+r.Edges[0].Addr()+paths[i%2], nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp, err := cc.RoundTrip(req); err == nil {
+			_ = resp.Body.Close()
+		}
+		select {
+		case <-conn.Context().Done():
+			var ae *quic.ApplicationError
+			if err := context.Cause(conn.Context()); !errors.As(err, &ae) || ae.ErrorCode != quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT) {
+				t.Fatalf("the connection ended with %v, want the edge's TIMEOUT", err)
+			}
+			return
+		case <-ctx.Done():
+			t.Fatalf("the connection was still open after %v of requests without a session", time.Since(opened))
+		case <-tick.C:
+		}
+	}
+}
+
+// WebSocket pings get no pong: the protocol's keep-alive is its own Ping
+// frame, and answering every 6-byte ping with a record of its own let a
+// peer that had not even sent a Hello make the edge write at its will.
+func TestWebSocketPingsAreNotAnswered(t *testing.T) {
+	r := startRelay(t, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} //nolint:gosec // a hostile client
+	defer hc.CloseIdleConnections()
+	ws, _, err := websocket.Dial(ctx, "wss://"+r.Edges[0].Addr()+transport.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.CloseNow()
+	readCtx := ws.CloseRead(ctx) // reads control frames (a pong) in the background
+	pingCtx, stop := context.WithTimeout(readCtx, 2*time.Second)
+	defer stop()
+	if err := ws.Ping(pingCtx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a ping: %v, want no pong (deadline exceeded)", err)
+	}
+}
