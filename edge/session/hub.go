@@ -270,19 +270,17 @@ func (h *Hub) shardOf(userID string) *shard {
 
 // Serve runs one session on c until it ends, and returns why. The caller
 // owns the goroutine; the hub closes c before Serve returns.
+//
+// A connection refused for its address's rate or because the edge is not
+// ready is refused before it takes one of the MaxSessions places: the
+// refusal lingers while the peer takes its Close (up to CloseLinger and
+// the transport's close wait), and a peer that never does must not fill
+// the edge for everybody else.
 func (h *Hub) Serve(ctx context.Context, c Conn) error {
-	res, epoch := h.enter()
-	switch res {
-	case enterDraining:
+	if h.isDraining() {
 		_ = c.Abort(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 		return ErrDraining
-	case enterFull:
-		h.cfg.Metrics.handshakes.WithLabelValues("edge_full").Inc()
-		err := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge full (%d sessions); try another edge", h.cfg.MaxSessions)
-		refuse(c, err, time.Second, h.cfg.CloseLinger)
-		return err
 	}
-	defer h.leave()
 	if h.cfg.Ready != nil && !h.cfg.Ready() {
 		h.cfg.Metrics.handshakes.WithLabelValues(codeLabel(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY)).Inc()
 		err := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge not ready yet; try another edge or come back")
@@ -295,9 +293,28 @@ func (h *Hub) Serve(ctx context.Context, c Conn) error {
 		refuse(c, err, 0, h.cfg.CloseLinger)
 		return err
 	}
+	res, epoch := h.enter()
+	switch res {
+	case enterDraining:
+		_ = c.Abort(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
+		return ErrDraining
+	case enterFull:
+		h.cfg.Metrics.handshakes.WithLabelValues("edge_full").Inc()
+		err := closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge full (%d sessions); try another edge", h.cfg.MaxSessions)
+		refuse(c, err, time.Second, h.cfg.CloseLinger)
+		return err
+	}
+	defer h.leave()
 	s := newSession(h, c)
 	s.epoch = epoch
 	return s.run(ctx)
+}
+
+// isDraining reports whether Drain began.
+func (h *Hub) isDraining() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.draining
 }
 
 type enterResult int

@@ -1063,6 +1063,33 @@ func TestMaxSessions(t *testing.T) {
 	e.online("c")
 }
 
+// Connections refused for their address's rate take no place on a full
+// edge, however long their peers take to hang up: an address above its
+// rate that never reads its refusal cannot make the edge full for others.
+func TestRefusedConnectionsTakeNoPlace(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.MaxSessions = 2
+		c.HandshakesPerSecond, c.HandshakeBurst = 0.001, 1 // one session per address
+		c.CloseLinger = time.Minute                          // a refusal waits that long for a peer that does not read
+	})
+	e.device("u1", "a")
+	e.device("u1", "b")
+	e.connectFrom("a", "10.0.0.9:1000", true).login()
+	// Three more from the same address, refused for its rate; their
+	// peers never read the refusal.
+	for i := range 3 {
+		e.connectFrom("a", fmt.Sprintf("10.0.0.9:%d", 1001+i), true)
+	}
+	waitFor(t, "three connections refused for their rate", func() bool {
+		return e.metric("relay_edge_handshakes_total", "result", "rate_limited") == 3
+	})
+	// Another address still finds the second place free.
+	e.connectFrom("b", "10.0.0.1:1000", true).login()
+	if got := e.metric("relay_edge_handshakes_total", "result", "edge_full"); got != 0 {
+		t.Fatalf("%v connections found the edge full", got)
+	}
+}
+
 // cpuTime is the CPU time this process has used, user and system.
 func cpuTime() time.Duration {
 	var ru syscall.Rusage
