@@ -412,6 +412,21 @@ func TestClientsFollowTheEdgesFrameLimit(t *testing.T) {
 			t.Fatalf("received %d bytes, %v", len(ev.Payload), err)
 		}
 	})
+	// Over a WebSocket too, above the 1 MiB a client's WebSocket reads
+	// before the Welcome.
+	t.Run("larger than a megabyte", func(t *testing.T) {
+		r := relaytest.Start(t, limits(2<<20, 3<<19))
+		u := r.User("huge")
+		a, b := r.Device(u, "a"), r.Device(u, "b")
+		ca, cb := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.WebSocket)
+		payload := bytes.Repeat([]byte{7}, 3<<19)
+		if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: payload}); err != nil {
+			t.Fatalf("send a 1.5 MiB event: %v", err)
+		}
+		if ev, err := cb.Receive(ctx); err != nil || !bytes.Equal(ev.Payload, payload) {
+			t.Fatalf("received %d bytes, %v", len(ev.Payload), err)
+		}
+	})
 	t.Run("smaller", func(t *testing.T) {
 		r := relaytest.Start(t, limits(16<<10, 12<<10))
 		u := r.User("small")

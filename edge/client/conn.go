@@ -320,13 +320,17 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 			rtt := time.Since(sent)
 			// The edge stamped server_time about half a round trip ago.
 			offset := time.UnixMilli(w.GetServerTimeMs()).Add(rtt / 2).Sub(time.Now())
-			if n := int(w.GetLimits().GetMaxFrameBytes()); n > 0 {
+			if n := int(min(w.GetLimits().GetMaxFrameBytes(), frame.MaxFrameLimit)); n > 0 {
 				// The edge refuses (closing the session) a frame longer
 				// than its limit, and relays events up to it, in frames a
 				// little longer: the delivery's wrapping and the sender's
-				// ids.
+				// ids. (No edge announces more than MaxFrameLimit.)
 				c.maxFrame.Store(int64(n))
-				cn.r.SetMax(max(frame.DefaultMaxFrame, n+deliverSlack))
+				read := max(frame.DefaultMaxFrame, n+deliverSlack)
+				cn.r.SetMax(read)
+				if ws, ok := cn.c.(interface{ SetMaxFrame(int) }); ok {
+					ws.SetMaxFrame(read)
+				}
 			}
 			c.mu.Lock()
 			if len(w.GetResumeTicket()) > 0 {
@@ -483,6 +487,11 @@ func (c *Client) loop(first *conn) {
 // reset the reconnect backoff.
 const stableSession = 30 * time.Second
 
+// MaxReconnectHint is the longest wait an edge's GOING_AWAY may ask for
+// that a client takes (an edge spreads its devices' returns over its drain
+// window, seconds).
+const MaxReconnectHint = 5 * time.Minute
+
 // reconnectWait is how long to wait before reconnecting after a session
 // that lasted for lasted ended with err, and the backoff after that. An
 // edge going away says when to come back. The first reconnect after a
@@ -494,11 +503,20 @@ const stableSession = 30 * time.Second
 // device, again and again) or one the edge ended as RATE_LIMITED is
 // followed by a wait drawn from the backoff, which doubles up to maxB, so
 // a client cannot spin against its edge.
+//
+// An edge's hint is taken within [0, MaxReconnectHint], and after a
+// session that ended soon after it began no sooner than the backoff: an
+// edge (faulty or not this client's) can neither park a client for ever
+// nor make it spin.
 func reconnectWait(err error, lasted, backoff, minB, maxB time.Duration) (wait, next time.Duration) {
 	var e *Error
 	isErr := errors.As(err, &e)
 	if isErr && e.Code == relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
-		return e.ReconnectAfter, minB
+		hint := min(max(e.ReconnectAfter, 0), MaxReconnectHint)
+		if lasted >= stableSession {
+			return hint, minB
+		}
+		return max(hint, jitter(backoff)), min(backoff*2, maxB)
 	}
 	if lasted >= stableSession {
 		backoff = minB

@@ -321,8 +321,26 @@ func TestReconnectWaitBacksOffFromShortSessions(t *testing.T) {
 	slow := &Error{Code: relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER}
 	within := func(wait, backoff time.Duration) bool { return wait >= backoff/2 && wait <= backoff }
 
-	if wait, next := reconnectWait(goingAway, time.Second, time.Second, minB, maxB); wait != 3*time.Second || next != minB {
+	if wait, next := reconnectWait(goingAway, time.Minute, time.Second, minB, maxB); wait != 3*time.Second || next != minB {
 		t.Errorf("going away: wait %v, next %v", wait, next)
+	}
+	// The edge's word is bounded: never more than MaxReconnectHint, never
+	// negative, and after a session that ended at once never sooner than
+	// the backoff, which goes on growing (an edge that takes devices and
+	// sends them away at once cannot make them spin).
+	for _, tc := range []struct {
+		hint, lasted, wantMin, wantMax time.Duration
+		next                           time.Duration
+	}{
+		{100 * 24 * time.Hour, time.Minute, MaxReconnectHint, MaxReconnectHint, minB},
+		{-time.Hour, time.Minute, 0, 0, minB},
+		{0, 50 * time.Millisecond, time.Second / 2, time.Second, maxB},
+		{3 * time.Second, 50 * time.Millisecond, 3 * time.Second, 3 * time.Second, maxB},
+	} {
+		e := &Error{Code: relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, ReconnectAfter: tc.hint}
+		if wait, next := reconnectWait(e, tc.lasted, time.Second, minB, maxB); wait < tc.wantMin || wait > tc.wantMax || next != tc.next {
+			t.Errorf("going away with a hint of %v after %v: wait %v, next %v; want %v-%v, next %v", tc.hint, tc.lasted, wait, next, tc.wantMin, tc.wantMax, tc.next)
+		}
 	}
 	for _, err := range []error{io.EOF, slow} {
 		if wait, next := reconnectWait(err, time.Minute, maxB, minB, maxB); wait > time.Second || next != minB {

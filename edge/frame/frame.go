@@ -25,6 +25,12 @@ import (
 // DefaultMaxFrame is the frame size limit when none is given.
 const DefaultMaxFrame = 64 << 10
 
+// MaxFrameLimit is the largest frame limit an edge may announce: an edge
+// refuses to start with a larger one, and clients take no larger one
+// from a Welcome, so an edge (faulty or not theirs) cannot make them hold
+// frames of any size.
+const MaxFrameLimit = 16 << 20
+
 // Error is a protocol violation, with the code the peer is told.
 type Error struct {
 	Code relayv1.ErrorCode

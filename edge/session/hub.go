@@ -125,6 +125,9 @@ func (c *Config) setDefaults() error {
 		return errors.New("session: EdgeID, Directory and Ring are required")
 	}
 	c.Limits = c.Limits.withDefaults()
+	if c.Limits.MaxFrameBytes > frame.MaxFrameLimit {
+		return fmt.Errorf("session: a frame limit of %d bytes is above the protocol's %d", c.Limits.MaxFrameBytes, frame.MaxFrameLimit)
+	}
 	def := func(d *time.Duration, v time.Duration) {
 		if *d <= 0 {
 			*d = v

@@ -1392,3 +1392,18 @@ func TestSessionsGaugeFollowsSessions(t *testing.T) {
 	}
 	waitGauge(0)
 }
+
+// An edge does not start with a frame limit above the protocol's, which
+// clients would not follow.
+func TestAFrameLimitAboveTheProtocolsIsRefused(t *testing.T) {
+	l := DefaultLimits()
+	l.MaxFrameBytes = frame.MaxFrameLimit + 1
+	_, err := NewHub(Config{EdgeID: "e", Directory: newMemDir(), Ring: NewRing(), Limits: l})
+	if err == nil || !strings.Contains(err.Error(), "frame limit") {
+		t.Fatalf("a frame limit of %d: %v", l.MaxFrameBytes, err)
+	}
+	l.MaxFrameBytes = frame.MaxFrameLimit
+	if _, err := NewHub(Config{EdgeID: "e", Directory: newMemDir(), Ring: NewRing(), Limits: l}); err != nil {
+		t.Fatalf("the protocol's own limit: %v", err)
+	}
+}

@@ -81,6 +81,11 @@ func NewWebSocketConn(c *websocket.Conn, remote net.Addr, idle time.Duration, ma
 	return w
 }
 
+// SetMaxFrame sets the largest frame the connection reads (the Go
+// client follows the frame limit its edge announces); a larger message
+// ends the connection.
+func (w *wsConn) SetMaxFrame(n int) { w.c.SetReadLimit(int64(n) + 16) }
+
 // pump reads messages until the connection ends. It is owned by the
 // wsConn: Close and Abort end it and wait for it.
 func (w *wsConn) pump() {

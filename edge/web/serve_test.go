@@ -136,3 +136,67 @@ func TestRelayJSHoldsEventsUntilThePageListens(t *testing.T) {
 		}
 	}
 }
+
+// An edge's GOING_AWAY hint is taken within bounds (the Go client's
+// TestReconnectWaitBacksOffFromShortSessions): never above
+// MAX_RECONNECT_HINT_MS (beyond setTimeout's range a wait would fire at
+// once), never negative, and after a session that ended soon after it
+// began never sooner than the backoff, which grows.
+func TestRelayJSBoundsTheEdgesReconnectHint(t *testing.T) {
+	g := newPageRig(t, "hints", nil)
+	got := eval[[][]float64](g.ctx, t, `(async () => {
+		const m = await import("/relay.js");
+		const away = (ms) => new m.RelayError(m.ErrorCode.GOING_AWAY, "bye", ms);
+		return [
+			m.reconnectWait(away(100 * 86400000), 60000, 1000, 100, 2000),
+			m.reconnectWait(away(-3600000), 60000, 1000, 100, 2000),
+			m.reconnectWait(away(0), 50, 1000, 100, 2000),
+			m.reconnectWait(away(3000), 50, 1000, 100, 2000),
+			[m.MAX_RECONNECT_HINT_MS],
+		];
+	})()`)
+	maxHint := got[4][0]
+	for i, c := range []struct{ lo, hi, next float64 }{
+		{maxHint, maxHint, 100}, {0, 0, 100}, {500, 1000, 2000}, {3000, 3000, 2000},
+	} {
+		if w := got[i]; w[0] < c.lo || w[0] > c.hi || w[1] != c.next {
+			t.Errorf("case %d: wait %v, next backoff %v; want %v-%v, %v", i, w[0], w[1], c.lo, c.hi, c.next)
+		}
+	}
+	if maxHint != 5*60*1000 {
+		t.Errorf("MAX_RECONNECT_HINT_MS = %v, want the Go client's 5 minutes", maxHint)
+	}
+}
+
+// sendEphemeral drops an event (QUEUE_FULL) rather than queue it while the
+// connection holds more than MAX_EPHEMERAL_BACKLOG bytes unsent: a burst
+// sent faster than the connection takes it keeps the first quarter
+// megabyte, and once that went out the page sends again.
+func TestRelayJSDropsEphemeralEventsBehindABacklog(t *testing.T) {
+	g := newPageRig(t, "backlog", nil)
+	connectPage(t, g.ctx, g.edge, g.pageDev, "websocket", "c", nil, "")
+	got := eval[[]float64](g.ctx, t, `(async () => {
+		const m = await import("/relay.js");
+		const c = window.c, payload = new Uint8Array(8 << 10);
+		let sent = 0, full = 0;
+		for (let i = 0; i < 200; i++) { // 1.6 MB at once
+			try { c.sendEphemeral({ payload }); sent++; } catch (e) {
+				if (e.code !== m.ErrorCode.QUEUE_FULL) throw e;
+				full++;
+			}
+		}
+		const deadline = performance.now() + 30000;
+		for (;;) {
+			try { c.sendEphemeral({ payload }); break; } catch (e) {
+				if (e.code !== m.ErrorCode.QUEUE_FULL || performance.now() > deadline) throw e;
+				await new Promise((r) => setTimeout(r, 10));
+			}
+		}
+		return [sent, full, m.MAX_EPHEMERAL_BACKLOG];
+	})()`)
+	sent, full, backlog := got[0], got[1], got[2]
+	perEvent := float64(8<<10) + 64 // the payload and the frame around it, about
+	if full == 0 || sent+full != 200 || sent > backlog/(8<<10)+2 || sent < backlog/perEvent {
+		t.Fatalf("a burst of 200 events of 8 KiB: %v sent, %v refused QUEUE_FULL; want about %v sent", sent, full, backlog/perEvent)
+	}
+}

@@ -157,6 +157,8 @@ interface Conn {
   next(): Promise<Uint8Array | null>; // a frame body, or null at the end
   /** Whether a whole frame is already here, so next() will not wait. */
   buffered(): boolean;
+  /** The bytes given to send and not yet taken by the transport. */
+  backlog(): number;
   /** Frames from the edge may be as long as its Welcome's limit allows
    * (a WebSocket's messages are whole when they come: no limit of its
    * own). */
@@ -252,10 +254,21 @@ export function resumeTranscript(f: {
  * sender's ids. */
 const DEFAULT_MAX_FRAME_BYTES = 64 * 1024;
 const DELIVER_SLACK = 1024;
+/** The largest frame limit an edge may announce (the Go client's
+ * frame.MaxFrameLimit): a larger one in a Welcome is taken as this, so an
+ * edge cannot make the page hold frames of any size. */
+const MAX_FRAME_LIMIT = 16 << 20;
+/** The bytes a connection may hold unsent before sendEphemeral refuses an
+ * event (QUEUE_FULL) rather than queue it behind the others: an
+ * ephemeral event is worth sending now or not at all. */
+export const MAX_EPHEMERAL_BACKLOG = 256 * 1024;
+/** The longest wait an edge's GOING_AWAY may ask for that the page takes
+ * (ms; the Go client's MaxReconnectHint). */
+export const MAX_RECONNECT_HINT_MS = 5 * 60_000;
 
 /** The longest frame from an edge whose Welcome gave limit. */
 function readLimit(limit: number): number {
-  return Math.max(DEFAULT_MAX_FRAME_BYTES, limit) + DELIVER_SLACK;
+  return Math.max(DEFAULT_MAX_FRAME_BYTES, Math.min(limit, MAX_FRAME_LIMIT)) + DELIVER_SLACK;
 }
 
 /** Reads frames (a varint length, then that many bytes of body) from a
@@ -370,9 +383,15 @@ async function dialWebTransport(opts: RelayOptions, hashes: Uint8Array[] | undef
     (info) => { if (info.closeCode) reason = new RelayError(info.closeCode as ErrorCode, info.reason ?? ""); },
     () => {},
   );
+  let unsent = 0;
   return {
     name: "webtransport",
-    send: (body) => writer.write(prefixed(body)),
+    send: (body) => {
+      const b = prefixed(body);
+      unsent += b.length;
+      return writer.write(b).finally(() => { unsent -= b.length; });
+    },
+    backlog: () => unsent,
     sendDatagram: (body) => {
       if (body.length > 1100) return false;
       dgWriter.write(body).catch(() => {});
@@ -432,6 +451,7 @@ function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
       resolve({
         name: "websocket",
         send: async (body) => { ws.send(body); },
+        backlog: () => ws.bufferedAmount,
         next: () => new Promise((res) => {
           const b = queue.shift();
           if (b) res(b); else if (ended) res(null); else waiting.push(res);
@@ -655,12 +675,18 @@ export class RelayClient extends EventTarget {
    * goes on the stream (the edge reads a session's datagrams from then on,
    * so a page that sends none costs it no datagram reader). Throws a
    * RelayError: TARGET_OFFLINE while disconnected, FRAME_TOO_LARGE for an
-   * event longer than the edge's frame limit. */
+   * event longer than the edge's frame limit, QUEUE_FULL while the
+   * connection holds more than MAX_EPHEMERAL_BACKLOG bytes it could not
+   * send yet (the edge reads the page more slowly above its rates, or the
+   * network is slow): the event is dropped, not queued behind the others. */
   sendEphemeral(m: Message): void {
     const c = this.conn;
     if (!c) throw new RelayError(ErrorCode.TARGET_OFFLINE, "not connected");
     const body = this.fits(frame({ case: "event", value: this.build(m, true) }));
     if (c.datagramsOpen && c.sendDatagram?.(body)) return;
+    if (c.backlog() > MAX_EPHEMERAL_BACKLOG) {
+      throw new RelayError(ErrorCode.QUEUE_FULL, `${c.backlog()} bytes wait to be sent: ephemeral event dropped`);
+    }
     // Datagrams from when this frame has gone out (until then they would
     // wait in the edge's small queue, or be dropped beyond it).
     void c.send(body).then(() => { c.datagramsOpen = true; }, () => {});
@@ -856,7 +882,7 @@ export class RelayClient extends EventTarget {
           this.clockOffsetMs = Number(w.serverTimeMs) + rtt / 2 - Date.now();
           if (w.resumeTicket.length > 0) this.ticket = w.resumeTicket;
           if (w.limits?.maxFrameBytes) {
-            this.maxFrameBytes = w.limits.maxFrameBytes;
+            this.maxFrameBytes = Math.min(w.limits.maxFrameBytes, MAX_FRAME_LIMIT);
             c.limitFrames?.(this.maxFrameBytes);
           }
           this.sessionId = w.sessionId;
@@ -1048,7 +1074,14 @@ export const STABLE_SESSION_MS = 30_000;
  * a page cannot spin against an edge that accepts and then drops it. (The
  * Go client's reconnectWait.) */
 export function reconnectWait(why: RelayError | null | undefined, lastedMs: number, backoff: number, min: number, max: number): [number, number] {
-  if (why?.code === ErrorCode.GOING_AWAY) return [why.reconnectAfterMs, min];
+  if (why?.code === ErrorCode.GOING_AWAY) {
+    // The edge's word, bounded: an edge can neither park the page for
+    // ever (nor past setTimeout's range, which fires at once) nor, after
+    // a session that ended soon after it began, make it spin.
+    const hint = Math.min(Math.max(why.reconnectAfterMs || 0, 0), MAX_RECONNECT_HINT_MS);
+    if (lastedMs >= STABLE_SESSION_MS) return [hint, min];
+    return [Math.max(hint, backoff / 2 + Math.random() * (backoff / 2)), Math.min(backoff * 2, max)];
+  }
   if (lastedMs >= STABLE_SESSION_MS) {
     backoff = min;
     if (why?.code !== ErrorCode.RATE_LIMITED) return [Math.random() * Math.max(min, 1000), min];
