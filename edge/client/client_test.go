@@ -399,34 +399,30 @@ func TestClientsFollowTheEdgesFrameLimit(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	t.Run("larger", func(t *testing.T) {
-		r := relaytest.Start(t, limits(256<<10, 200<<10))
-		u := r.User("large")
-		a, b := r.Device(u, "a"), r.Device(u, "b")
-		ca, cb := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.QUIC)
-		payload := bytes.Repeat([]byte{7}, 150<<10)
-		if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: payload}); err != nil {
-			t.Fatalf("send a 150 KiB event: %v", err)
-		}
-		if ev, err := cb.Receive(ctx); err != nil || !bytes.Equal(ev.Payload, payload) {
-			t.Fatalf("received %d bytes, %v", len(ev.Payload), err)
-		}
-	})
-	// Over a WebSocket too, above the 1 MiB a client's WebSocket reads
-	// before the Welcome.
-	t.Run("larger than a megabyte", func(t *testing.T) {
-		r := relaytest.Start(t, limits(2<<20, 3<<19))
-		u := r.User("huge")
-		a, b := r.Device(u, "a"), r.Device(u, "b")
-		ca, cb := r.Dial(0, a, client.QUIC), r.Dial(0, b, client.WebSocket)
-		payload := bytes.Repeat([]byte{7}, 3<<19)
-		if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: payload}); err != nil {
-			t.Fatalf("send a 1.5 MiB event: %v", err)
-		}
-		if ev, err := cb.Receive(ctx); err != nil || !bytes.Equal(ev.Payload, payload) {
-			t.Fatalf("received %d bytes, %v", len(ev.Payload), err)
-		}
-	})
+	// Larger than the default, over QUIC; and over a WebSocket above the
+	// 1 MiB a client's WebSocket reads before the Welcome.
+	for _, tc := range []struct {
+		name                 string
+		frame, payload, send int
+		transport            client.Transport
+	}{
+		{"larger", 256 << 10, 200 << 10, 150 << 10, client.QUIC},
+		{"larger than a megabyte", 2 << 20, 3 << 19, 3 << 19, client.WebSocket},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := relaytest.Start(t, limits(tc.frame, tc.payload))
+			u := r.User("large")
+			a, b := r.Device(u, "a"), r.Device(u, "b")
+			ca, cb := r.Dial(0, a, client.QUIC), r.Dial(0, b, tc.transport)
+			payload := bytes.Repeat([]byte{7}, tc.send)
+			if err := ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: payload}); err != nil {
+				t.Fatalf("send an event of %d bytes: %v", tc.send, err)
+			}
+			if ev, err := cb.Receive(ctx); err != nil || !bytes.Equal(ev.Payload, payload) {
+				t.Fatalf("received %d bytes, %v", len(ev.Payload), err)
+			}
+		})
+	}
 	t.Run("smaller", func(t *testing.T) {
 		r := relaytest.Start(t, limits(16<<10, 12<<10))
 		u := r.User("small")

@@ -1070,7 +1070,7 @@ func TestRefusedConnectionsTakeNoPlace(t *testing.T) {
 	e := newEnv(t, func(c *Config) {
 		c.MaxSessions = 2
 		c.HandshakesPerSecond, c.HandshakeBurst = 0.001, 1 // one session per address
-		c.CloseLinger = time.Minute                          // a refusal waits that long for a peer that does not read
+		c.CloseLinger = time.Minute                        // a refusal waits that long for a peer that does not read
 	})
 	e.device("u1", "a")
 	e.device("u1", "b")
