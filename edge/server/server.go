@@ -371,10 +371,12 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if httpIdle <= 0 {
 		httpIdle = 60 * time.Second
 	}
+	// Request headers: what a WebSocket upgrade or a console call needs
+	// is a few KiB; net/http's default allows 1 MiB a request.
 	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle,
-		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
+		MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	if cfg.AdminAddr != "" {
-		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle}
+		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle, MaxHeaderBytes: MaxHeaderBytes}
 	}
 
 	s.wg.Go(func() { _ = s.listener.Serve() })
@@ -737,6 +739,10 @@ func (s *Server) publicMux() http.Handler {
 	})
 	return mux
 }
+
+// MaxHeaderBytes bounds the request headers the edge's HTTPS and admin
+// ports read (the control plane's API has the same bound).
+const MaxHeaderBytes = 64 << 10
 
 // adminMux is the public endpoints plus the metrics and the Go profiler,
 // which only the admin port (meant for localhost or a private network)

@@ -275,6 +275,14 @@ func TestEdgeEndpoints(t *testing.T) {
 				t.Fatalf("%s%s: %d", base, path, resp.StatusCode)
 			}
 		}
+		// Request headers beyond MaxHeaderBytes are refused.
+		req, _ := http.NewRequest(http.MethodGet, base+"/healthz", nil)
+		req.Header.Set("X-Padding", strings.Repeat("x", 2*server.MaxHeaderBytes))
+		if resp, err := hc.Do(req); err != nil || resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			t.Fatalf("%s: headers of %d KiB: %v, %v; want 431", base, 2*server.MaxHeaderBytes>>10, resp, err)
+		} else {
+			_ = resp.Body.Close()
+		}
 		resp, err := hc.Get(base + server.CertHashesPath)
 		if err != nil {
 			t.Fatal(err)
