@@ -143,6 +143,10 @@ func runEdge(ctx context.Context, args []string, stderr io.Writer, getenv func(s
 	}
 	defer stop()
 	cfg.TracerProvider = common.edgeTracing(tel)
+	if most := f.shutdown - edgeserver.ShutdownReserve - 5*time.Second; cfg.DrainWindow > most {
+		log.Warn("the drain window does not fit the shutdown timeout: a shutdown spreads reconnects over less",
+			"drain_window", cfg.DrainWindow, "shutdown_timeout", f.shutdown, "spread", max(most, 0))
+	}
 	s, err := edgeserver.Start(ctx, cfg)
 	if err != nil {
 		return err

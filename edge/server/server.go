@@ -209,7 +209,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s := &Server{cfg: cfg, log: cfg.Logger.With("edge", cfg.EdgeID), ring: session.NewRing()}
 	defer func() {
 		if err != nil {
-			s.closeAll()
+			s.closeAll(ctx)
 		}
 	}()
 
@@ -760,18 +760,32 @@ func (s *Server) adminMux() http.Handler {
 	return mux
 }
 
+// ShutdownReserve is the part of Shutdown's context the drain leaves for
+// what comes after it: leaving the member list (so peers stop routing
+// here at once, not when the lease runs out) and closing.
+const ShutdownReserve = 10 * time.Second
+
 // Shutdown stops the edge in order: no new sessions; every client told
 // to go away (spread over DrainWindow) and its queued frames flushed;
 // what devices did not acknowledge handed to their mailboxes (or back to
 // the edges that forwarded it); the edge leaves the member list; then
-// listeners, the mesh and the link to the control plane close.
+// listeners, the mesh and the link to the control plane close. With a
+// deadline on ctx, the whole of it ends by then: the drain is cut short
+// to leave ShutdownReserve for the rest.
 func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	s.once.Do(func() {
 		s.ready.Store(false)
 		s.mesh.SetControlHeard(false)
-		dctx, cancel := context.WithTimeout(ctx, s.cfg.DrainWindow+5*time.Second)
-		err = s.hub.Drain(dctx, s.cfg.DrainWindow)
+		// The clients' goodbyes spread over the window, then 5 s for the
+		// last sessions to end and their hand-offs to be stored.
+		const settle = 5 * time.Second
+		window := s.cfg.DrainWindow
+		if dl, ok := ctx.Deadline(); ok {
+			window = max(0, min(window, time.Until(dl)-ShutdownReserve-settle))
+		}
+		dctx, cancel := context.WithTimeout(ctx, window+settle)
+		err = s.hub.Drain(dctx, window)
 		if s.mailbox != nil {
 			err = errors.Join(err, s.mailbox.Flush(dctx))
 		}
@@ -783,7 +797,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			s.log.Warn("could not leave the member list; the lease will run out", "err", derr)
 		}
 		cancel()
-		s.closeAll()
+		s.closeAll(ctx)
 	})
 	return err
 }
@@ -800,11 +814,15 @@ func (s *Server) Kill() {
 		if s.stopBgWork != nil {
 			s.stopBgWork() // no more mailbox writes, no renewals
 		}
-		s.closeAll()
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel() // nothing waits for a graceful close
+		s.closeAll(ctx)
 	})
 }
 
-func (s *Server) closeAll() {
+// closeAll closes what is left; the HTTP servers get what remains of ctx,
+// five seconds at most, to finish their requests, then are cut.
+func (s *Server) closeAll(ctx context.Context) {
 	if s.cancel != nil {
 		s.cancel()
 	}
@@ -820,8 +838,10 @@ func (s *Server) closeAll() {
 	}
 	for _, srv := range []*http.Server{s.https, s.admin} {
 		if srv != nil {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			_ = srv.Shutdown(ctx)
+			sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if srv.Shutdown(sctx) != nil {
+				_ = srv.Close()
+			}
 			cancel()
 		}
 	}
