@@ -524,6 +524,23 @@ func (n *Node) RaftAddr() string { return string(n.trans.LocalAddr()) }
 // IsLeader reports whether this node is the leader now.
 func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
 
+// leaderKnown reports whether this node knows a leader now.
+func (n *Node) leaderKnown() bool {
+	_, id := n.raft.LeaderWithID()
+	return id != ""
+}
+
+// slowLevel is the level of a slow-operation line: a warning, but for an
+// operation that began with no leader known (a node starting, an
+// election), whose time is mostly the wait for one: elections are logged
+// and alerted on by themselves.
+func slowLevel(leaderKnown bool) slog.Level {
+	if leaderKnown {
+		return slog.LevelWarn
+	}
+	return slog.LevelInfo
+}
+
 // Leader returns the current leader's id and API address as far as this
 // node knows; empty strings when no leader is known.
 func (n *Node) Leader() (id, apiAddr string) {
@@ -586,7 +603,7 @@ func (n *Node) Apply(ctx context.Context, cmd *statev1.Command) (*statev1.Result
 	}
 	ctx, span := n.cfg.Tracer.Start(ctx, "raft.apply", trace.WithAttributes(attribute.String("relay.op", opName(cmd))))
 	defer span.End()
-	start := time.Now()
+	start, leaderKnown := time.Now(), n.leaderKnown()
 	res, err := retry(ctx, n.cfg.Raft.LeaderWait, func() (*statev1.Result, error) { return n.applyOnce(ctx, data) })
 	took := time.Since(start)
 	span.SetAttributes(attribute.Int64("relay.revision", int64(res.GetRevision())), attribute.Bool("relay.leader", n.IsLeader()))
@@ -594,8 +611,8 @@ func (n *Node) Apply(ctx context.Context, cmd *statev1.Command) (*statev1.Result
 		span.SetStatus(codes.Error, err.Error())
 	}
 	if took > n.cfg.SlowThreshold {
-		n.log.WarnContext(ctx, "slow raft apply", "op", opName(cmd), "duration", took,
-			"revision", res.GetRevision(), "trace_id", span.SpanContext().TraceID().String(), "err", err)
+		n.log.Log(ctx, slowLevel(leaderKnown), "slow raft apply", "op", opName(cmd), "duration", took,
+			"revision", res.GetRevision(), "leader_known", leaderKnown, "trace_id", span.SpanContext().TraceID().String(), "err", err)
 	}
 	if err != nil {
 		return nil, err
@@ -793,7 +810,7 @@ func (n *Node) ReadIndex(ctx context.Context) (uint64, error) {
 func (n *Node) Barrier(ctx context.Context) error {
 	ctx, span := n.cfg.Tracer.Start(ctx, "raft.read_barrier")
 	defer span.End()
-	start := time.Now()
+	start, leaderKnown := time.Now(), n.leaderKnown()
 	idx, err := n.ReadIndex(ctx)
 	if err == nil {
 		err = n.fsm.WaitApplied(ctx, idx)
@@ -801,8 +818,8 @@ func (n *Node) Barrier(ctx context.Context) error {
 	took := time.Since(start)
 	n.m.observeRead(took)
 	if took > n.cfg.SlowThreshold {
-		n.log.WarnContext(ctx, "slow linearizable read barrier", "op", "read_index", "duration", took,
-			"revision", idx, "err", err)
+		n.log.Log(ctx, slowLevel(leaderKnown), "slow linearizable read barrier", "op", "read_index", "duration", took,
+			"revision", idx, "leader_known", leaderKnown, "err", err)
 	}
 	if err != nil {
 		return fmt.Errorf("linearizable read: %w", err)

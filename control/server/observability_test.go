@@ -216,6 +216,18 @@ func TestSlowOperationsAreLogged(t *testing.T) {
 	if len(read) != before+1 || read[len(read)-1].Attrs["op"].String() != "read_index" || read[len(read)-1].Attrs["duration"].Duration() < threshold {
 		t.Fatalf("slow read barrier records %+v, want one more than %d", read, before)
 	}
+	// Every slow-operation line says whether a leader was known when the
+	// operation began; one that began without (a node starting, an
+	// election: the wait for a leader, logged on its own) is not a
+	// warning.
+	for _, msg := range []string{"slow raft apply", "slow linearizable read barrier"} {
+		for _, r := range rec.Find(msg, func(clustertest.Record) bool { return true }) {
+			known, ok := r.Attrs["leader_known"]
+			if !ok || known.Kind() != slog.KindBool || (r.Level == slog.LevelWarn) != known.Bool() {
+				t.Errorf("%s at level %v with leader_known %v", msg, r.Level, known)
+			}
+		}
+	}
 }
 
 // Every control node serves the OpenAPI document, and it is the one
