@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"strings"
 	"sync"
 	"time"
 
@@ -165,8 +166,10 @@ func New(cfg Config) (*Client, error) {
 	// Every outcome exists from the start, so rate() and increase() see
 	// the first failure.
 	c.results.WithLabelValues("error")
-	for _, name := range edgev1.MailboxStatus_name {
-		c.results.WithLabelValues(name)
+	for v := range edgev1.MailboxStatus_name {
+		if st := edgev1.MailboxStatus(v); st != edgev1.MailboxStatus_MAILBOX_STATUS_UNSPECIFIED {
+			c.results.WithLabelValues(statusLabel(st))
+		}
 	}
 	if cfg.Registerer != nil {
 		for _, m := range []prometheus.Collector{c.batchSize, c.commit, c.results} {
@@ -425,7 +428,7 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 		i++
 		label := "error"
 		if r.Err == nil {
-			label = r.Status.String()
+			label = statusLabel(r.Status)
 			c.noteFull(p.entry.GetDeviceId(), r.Status)
 		}
 		c.results.WithLabelValues(label).Inc()
@@ -575,4 +578,10 @@ func (c *Client) flushAcks(ctx context.Context) (requeued bool) {
 		}
 	}
 	return requeued
+}
+
+// statusLabel is a mailbox status as the metrics name it: "stored",
+// "full", "target_gone", ...
+func statusLabel(st edgev1.MailboxStatus) string {
+	return strings.ToLower(strings.TrimPrefix(st.String(), "MAILBOX_STATUS_"))
 }

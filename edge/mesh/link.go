@@ -248,7 +248,7 @@ func (l *link) readResults(str *quic.Stream) error {
 		delete(l.pending, res.GetId())
 		l.mu.Unlock()
 		if done != nil {
-			l.m.metrics.forwards.WithLabelValues(res.GetOutcome().String()).Inc()
+			l.m.metrics.forwards.WithLabelValues(outcomeLabel(res.GetOutcome())).Inc()
 			done(res.GetOutcome())
 		}
 	}

@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -204,8 +205,10 @@ func New(cfg Config) (*Mesh, error) {
 	// the first failure.
 	m.metrics.forwards.WithLabelValues("no_link")
 	m.metrics.forwards.WithLabelValues("link_down")
-	for _, name := range edgev1.ForwardOutcome_name {
-		m.metrics.forwards.WithLabelValues(name)
+	for v := range edgev1.ForwardOutcome_name {
+		if o := edgev1.ForwardOutcome(v); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_UNSPECIFIED {
+			m.metrics.forwards.WithLabelValues(outcomeLabel(o))
+		}
 	}
 	hearing := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "relay_edge_mesh_peers_hearing_control",
@@ -622,4 +625,10 @@ func sortedIDs[V any](m map[uint64]V) []uint64 {
 	}
 	slices.Sort(ids)
 	return ids
+}
+
+// outcomeLabel is a forward's outcome as the metrics name it:
+// "delivered", "not_delivered", "queue_full", ...
+func outcomeLabel(o edgev1.ForwardOutcome) string {
+	return strings.ToLower(strings.TrimPrefix(o.String(), "FORWARD_OUTCOME_"))
 }

@@ -47,7 +47,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "relay_edge_events_total", Help: "Events received from devices, once each, by what the edge did on arrival: accepted, duplicate, or the code it refused them with (an accepted event that fails later counts in relay_edge_rejects_total only).",
 		}, []string{"result"}),
 		rejects: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_edge_rejects_total", Help: "Rejects sent to devices, by code: events refused on arrival, and accepted events that failed later (QUEUE_FULL, TARGET_OFFLINE, MAILBOX_FULL, INTERNAL, ...).",
+			Name: "relay_edge_rejects_total", Help: "Rejects sent to devices, by code: events refused on arrival, and accepted events that failed later (queue_full, target_offline, mailbox_full, internal, ...).",
 		}, []string{"code"}),
 		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_edge_deliveries_total", Help: "Events queued to receiving devices on this edge.",
