@@ -137,7 +137,7 @@ func words(cmd string) []string {
 // the guide uses as they are.
 var hostTools = map[string]bool{
 	"useradd": true, "install": true, "systemctl": true, "curl": true, "chgrp": true, "chmod": true,
-	"base64": true, "openssl": true, "docker": true, "kind": true, "minikube": true,
+	"base64": true, "openssl": true, "docker": true, "kind": true, "minikube": true, "grep": true,
 }
 
 // TestOperationsGuide checks docs/operations.md against the code and the
@@ -465,4 +465,37 @@ func (g *guideChecker) referenced(kind, name string) bool {
 		}
 	}
 	return false
+}
+
+// Every flag of relayd control, edge and dev is in its section of
+// docs/operations.md (its flag table, or the text around it), so an
+// operator finds each there.
+func TestEveryRelaydFlagIsDocumented(t *testing.T) {
+	b, err := os.ReadFile(guide)
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(b)
+	section := func(from, to string) string {
+		i := strings.Index(doc, from)
+		j := strings.Index(doc[i+1:], to)
+		if i < 0 || j < 0 {
+			t.Fatalf("docs/operations.md has no section from %q to %q", from, to)
+		}
+		return doc[i : i+1+j]
+	}
+	for command, text := range map[string]string{
+		"control": section("### `relayd control` flags", "### `relayd edge` flags"),
+		"edge":    section("### `relayd edge` flags", "## Kubernetes"),
+		"dev":     section("## Single machine", "## TLS and certificates"),
+	} {
+		for name := range relaydFlags(t, command).byName {
+			if name == "help" {
+				continue
+			}
+			if !strings.Contains(text, "`--"+name+"`") {
+				t.Errorf("relayd %s --%s is not in its section of docs/operations.md", command, name)
+			}
+		}
+	}
 }

@@ -17,6 +17,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strings"
@@ -215,6 +216,18 @@ func checkExportedMetrics(t *testing.T, r *relay) {
 	for f := range notGraphed {
 		if read[f] {
 			t.Errorf("%s is read by an alert or dashboard; take it out of notGraphed", f)
+		}
+	}
+
+	// And every relay_* family is in the operator's metric list: the
+	// rules say "metric names are those of docs/operations.md".
+	doc, err := os.ReadFile("../docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for f := range families {
+		if strings.HasPrefix(f, "relay_") && !regexp.MustCompile("`"+regexp.QuoteMeta(f)+"[`{]").Match(doc) {
+			t.Errorf("%s is exported but docs/operations.md does not list it", f)
 		}
 	}
 }
