@@ -21,7 +21,7 @@ PROTO_FILES = $$(find proto -name '*.proto' -o -name '*.go' | LC_ALL=C sort) buf
 	tools/buf/go.mod tools/buf/go.sum tools/protogen/go.mod tools/protogen/go.sum
 PROTO_SUM   = sha256sum $(PROTO_FILES) | sha256sum | cut -c1-64
 
-.PHONY: all run build test test-short vet lint fmt proto verify-proto verify-proto-full web k6 bench bench-compare cover fuzz chaos clean image image-bin release-local
+.PHONY: all run build test test-tools test-short vet lint fmt proto verify-proto verify-proto-full web k6 bench bench-compare cover fuzz chaos clean image image-bin release-local
 
 all: build
 
@@ -37,10 +37,22 @@ build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/...
 
 ## test: everything CI checks: generated code fresh, vet, formatting, tests with -race.
-test: verify-proto vet lint-fmt
+test: verify-proto vet lint-fmt test-tools
 	@echo "running the tests with the race detector (the first run compiles everything with it: minutes)..."
 	$(GO) test -race -count=1 -timeout 20m $(PKGS)
 	@for m in $(SUBMODS); do (cd $$m && $(GO) test -race -count=1 -timeout 10m ./...) || exit 1; done
+
+## test-tools: say which tests will skip because this machine lacks what
+## they run (CI installs all of it and turns those skips into failures).
+test-tools:
+	@missing=""; \
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || missing="$$missing chromium(browser tests)"; \
+	for t in promtool:prometheus prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager \
+		podman:podman systemd-analyze:systemd openssl:openssl; do \
+		command -v $${t%%:*} >/dev/null || missing="$$missing $${t%%:*}(deploy tests; Debian package $${t#*:})"; \
+	done; \
+	{ [ "$$(id -u)" = 0 ] && command -v iptables >/dev/null && command -v ip >/dev/null; } || missing="$$missing root+iptables+ip(partition tests)"; \
+	if [ -n "$$missing" ]; then echo "these tests will SKIP, saying why (go test -v shows it): missing$$missing; .ci/run installs them"; fi
 
 ## test-short: the tests without the race detector, for a quick loop.
 test-short:
