@@ -30,6 +30,13 @@ type WatchConfig struct {
 	SendTimeout time.Duration
 	// BatchLimit: changes read per query of the change feed. Default 512.
 	BatchLimit int
+	// LeaderTimeout: a node that has not heard from a leader for this long
+	// (cut off from the cluster's majority: its state no longer follows the
+	// writes) claims no progress. It ends its streams instead, and opens
+	// no full copy, so the edges move to a node that can vouch for what it
+	// sends. Default 5s (heartbeats come every tenth of Raft's heartbeat
+	// timeout).
+	LeaderTimeout time.Duration
 	// Logger; default slog.Default().
 	Logger *slog.Logger
 	// Metrics registers the feed's metrics; nil disables them.
@@ -45,6 +52,9 @@ func (c *WatchConfig) applyDefaults() {
 	}
 	if c.BatchLimit <= 0 {
 		c.BatchLimit = 512
+	}
+	if c.LeaderTimeout <= 0 {
+		c.LeaderTimeout = 5 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -188,6 +198,9 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 	}
 	last := from
 	if from == 0 {
+		if err := s.inContact(last); err != nil {
+			return err
+		}
 		rev, err := s.resync(ws, f)
 		if err != nil {
 			return err
@@ -246,6 +259,9 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("control node shutting down; resume from revision %d on another node", last))
 		case <-changed:
 		case <-progress.C:
+			if err := s.inContact(last); err != nil {
+				return err
+			}
 			// Claim progress only up to what has really been sent: read
 			// the applied index first, then make sure no change after
 			// `last` exists; otherwise go round and send it.
@@ -267,6 +283,20 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 			}
 		}
 	}
+}
+
+// inContact is nil while this node follows the cluster's writes (it
+// leads, or heard from the leader within LeaderTimeout), else the error
+// that ends a stream at revision last: a node cut off from the majority
+// would otherwise go on telling its watchers that their copy is current
+// while writes (a revocation) go on elsewhere.
+func (s *WatchServer) inContact(last uint64) error {
+	if since := s.node.SinceLeaderContact(); since > s.cfg.LeaderTimeout {
+		s.cfg.Logger.Warn("watch stream ended: this node has not heard from a leader", "for", min(since, 24*time.Hour), "last_revision", last)
+		return connect.NewError(connect.CodeUnavailable,
+			fmt.Errorf("this control node has not heard from a leader for %s; resume from revision %d on another node", s.cfg.LeaderTimeout, last))
+	}
+	return nil
 }
 
 // resync sends a full copy of the watched state from one consistent view

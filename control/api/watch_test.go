@@ -900,3 +900,60 @@ func TestWatchEndsWithItsCredentials(t *testing.T) {
 		}
 	})
 }
+
+// A node cut off from the cluster's majority stops vouching for its copy:
+// its watch streams end (unavailable, naming the revision to resume
+// from) once it has not heard from a leader for LeaderTimeout, instead of
+// sending progress messages that tell its watchers nothing was written
+// (while the majority goes on writing, a revocation among it), and it
+// opens no full copy until it hears from one again.
+func TestACutOffNodeEndsItsWatches(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: 50 * time.Millisecond, LeaderTimeout: time.Second}})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	fi := c.Follower()
+	f := c.Nodes[fi]
+	w := startWatch(t, f, edge, 0, true)
+	for w.next(t).GetSnapshotDone() == nil {
+	}
+	c.Isolate(fi)
+	t.Cleanup(func() { c.Heal(fi) })
+	mkUser(t, c, c.Leader(), "written-while-cut-off")
+	select {
+	case <-w.done:
+		if connect.CodeOf(w.err) != connect.CodeUnavailable || !strings.Contains(w.err.Error(), "resume from revision") {
+			t.Fatalf("the watch on the cut-off node ended with %v, want unavailable naming the revision to resume from", w.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the watch on the cut-off node was still open 30 s after it lost the leader")
+	}
+	full := startWatch(t, f, edge, 0, true)
+	select {
+	case <-full.done:
+		if connect.CodeOf(full.err) != connect.CodeUnavailable {
+			t.Fatalf("a full copy from the cut-off node: %v, want unavailable", full.err)
+		}
+	case m := <-full.msgs:
+		t.Fatalf("the cut-off node sent %v to a new watcher", m)
+	case <-time.After(30 * time.Second):
+		t.Fatal("a new watch on the cut-off node neither ended nor sent anything in 30 s")
+	}
+	// Healed, it serves again, the user written meanwhile included.
+	c.Heal(fi)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		again := startWatch(t, f, edge, 0, true)
+		defer again.stop()
+		for {
+			select {
+			case m := <-again.msgs:
+				if m.GetEvent().GetUserPut().GetId() == "written-while-cut-off" {
+					return nil
+				}
+				if m.GetSnapshotDone() != nil {
+					return errors.New("a full copy without the user written while the node was cut off")
+				}
+			case <-again.done:
+				return fmt.Errorf("watch ended: %v", again.err)
+			}
+		}
+	})
+}

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -523,6 +524,22 @@ func (n *Node) RaftAddr() string { return string(n.trans.LocalAddr()) }
 
 // IsLeader reports whether this node is the leader now.
 func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// SinceLeaderContact is how long ago this node last heard from a leader:
+// 0 while it is the leader (which steps down once it stops hearing from
+// a quorum), and a long time when it never has. A follower that stays
+// out of contact for more than a few heartbeats is cut off from the
+// cluster: its state no longer follows the writes.
+func (n *Node) SinceLeaderContact() time.Duration {
+	if n.raft.State() == raft.Leader {
+		return 0
+	}
+	last := n.raft.LastContact()
+	if last.IsZero() {
+		return math.MaxInt64
+	}
+	return time.Since(last)
+}
 
 // leaderKnown reports whether this node knows a leader now.
 func (n *Node) leaderKnown() bool {
