@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -13,10 +14,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/raft"
+
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/control/server"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/raftlog"
 )
 
 func TestOpenValidatesConfig(t *testing.T) {
@@ -319,4 +323,74 @@ func freeTCPPort(t *testing.T) string {
 	defer ln.Close()
 	_, port, _ := net.SplitHostPort(ln.Addr().String())
 	return port
+}
+
+// A follower that crashed while installing a snapshot from the leader,
+// after the snapshot was durable and before raft deleted the old log, is
+// left with a log that ends before its newest snapshot. At the next
+// start that log is dropped (as raft would have), so the entries the
+// leader sends next, which follow the snapshot, are taken: the node's log
+// then starts after the snapshot. (Kept, the old log's end refused every
+// append that did not follow it, and the leader walked back an entry at
+// a time to refill the gap.)
+func TestALogBehindTheSnapshotIsDropped(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i := range 30 {
+		if _, err := c.CreateUser(ctx, c.Leader(), fmt.Sprintf("b%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.WaitConverged()
+	victim := c.Follower()
+	if err := c.Nodes[victim].Server.Node().Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	c.Shutdown(victim)
+	dir := filepath.Join(c.Nodes[victim].DataDir, "data")
+	snaps, err := raft.NewFileSnapshotStore(dir, 2, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	metas, err := snaps.List()
+	if err != nil || len(metas) == 0 {
+		t.Fatalf("snapshots: %v, %v", metas, err)
+	}
+	snap := metas[0].Index
+	// The log as such a crash leaves it: ending before the snapshot.
+	logs, err := raftlog.Open(raftlog.Config{Dir: filepath.Join(dir, "raft")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	last, err := logs.LastIndex()
+	if err != nil || last < snap {
+		t.Fatalf("log ends at %d (%v), the snapshot at %d", last, err, snap)
+	}
+	if err := logs.DeleteRange(snap-5, last); err != nil {
+		t.Fatal(err)
+	}
+	if err := logs.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.Restart(victim)
+	c.WaitReady()
+	for i := range 5 {
+		if _, err := c.CreateUser(ctx, c.Leader(), fmt.Sprintf("a%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.WaitConverged()
+	if _, err := c.Nodes[victim].Server.Node().FSM().GetUser("a4"); err != nil {
+		t.Fatalf("the restarted node lacks a user written after it came back: %v", err)
+	}
+	c.Shutdown(victim)
+	logs, err = raftlog.Open(raftlog.Config{Dir: filepath.Join(dir, "raft")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logs.Close()
+	if first, err := logs.FirstIndex(); err != nil || first <= snap {
+		t.Fatalf("after the restart the log starts at %d (%v): the log behind snapshot %d was kept", first, err, snap)
+	}
 }

@@ -296,6 +296,9 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if err := n.catchUpWithSnapshot(); err != nil {
 		return nil, err
 	}
+	if err := n.dropLogsBehindSnapshot(); err != nil {
+		return nil, err
+	}
 
 	rc := n.raftConfig()
 	n.raft, err = raft.NewRaft(rc, n.fsm, n.logs, n.logs, n.snaps, syncTransport{n.trans})
@@ -524,6 +527,38 @@ func (n *Node) RaftAddr() string { return string(n.trans.LocalAddr()) }
 
 // IsLeader reports whether this node is the leader now.
 func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// dropLogsBehindSnapshot deletes a log that ends before the newest
+// snapshot. Raft does so itself right after installing a snapshot from
+// the leader (the log store is monotonic: removeOldLogs), but a crash
+// between the snapshot file being durable and that deletion leaves the
+// old log, and the gap after it makes the store refuse the entries the
+// leader sends next (they must follow its last index): the leader would
+// walk back one refused append at a time until it sent the snapshot
+// again. Every entry of such a log is covered by the snapshot.
+func (n *Node) dropLogsBehindSnapshot() error {
+	metas, err := n.snaps.List()
+	if err != nil || len(metas) == 0 {
+		return err
+	}
+	first, err := n.logs.FirstIndex()
+	if err != nil {
+		return err
+	}
+	last, err := n.logs.LastIndex()
+	if err != nil {
+		return err
+	}
+	if last == 0 || last >= metas[0].Index {
+		return nil
+	}
+	n.log.Warn("dropping a raft log that ends before the newest snapshot (a snapshot install was interrupted)",
+		"first", first, "last", last, "snapshot_index", metas[0].Index)
+	if err := n.logs.DeleteRange(first, last); err != nil {
+		return fmt.Errorf("drop raft log entries %d-%d behind snapshot %d: %w", first, last, metas[0].Index, err)
+	}
+	return nil
+}
 
 // SinceLeaderContact is how long ago this node last heard from a leader:
 // 0 while it is the leader (which steps down once it stops hearing from

@@ -381,7 +381,9 @@ func (s *Store) DeleteRange(minIdx, maxIdx uint64) error {
 // discontinuity, which keeps the no-gap invariant true, lets GetLog answer
 // out-of-range reads from the cached bounds, and lets DeleteRange be a
 // single range tombstone whose effect on the bounds is known without a
-// seek.
+// seek. (A crash between a snapshot install and that deletion leaves a
+// log that ends before the snapshot: raftnode drops it at the next start,
+// as raft would have.)
 func (s *Store) IsMonotonic() bool { return true }
 
 // StageCommitIndex implements raft.CommitTrackingLogStore: it records idx to
