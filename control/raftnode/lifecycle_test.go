@@ -137,20 +137,7 @@ func TestRestoreFromBackupFile(t *testing.T) {
 // A node whose state store was lost while its Raft log had been compacted
 // rebuilds the state from its newest snapshot at start and converges.
 func TestLostStateDirRecoversFromSnapshot(t *testing.T) {
-	c := clustertest.Start(t, 3, clustertest.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	for i := 0; i < 30; i++ {
-		if _, err := c.CreateUser(ctx, 0, fmt.Sprintf("l%d", i)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c.WaitConverged()
-	victim := c.Follower()
-	if err := c.Nodes[victim].Server.Node().Snapshot(); err != nil {
-		t.Fatal(err)
-	}
-	c.Shutdown(victim)
+	c, victim := snapshottedFollowerStopped(t, "l")
 	if err := os.RemoveAll(filepath.Join(c.Nodes[victim].DataDir, "data", "state")); err != nil {
 		t.Fatal(err)
 	}
@@ -334,20 +321,9 @@ func freeTCPPort(t *testing.T) string {
 // append that did not follow it, and the leader walked back an entry at
 // a time to refill the gap.)
 func TestALogBehindTheSnapshotIsDropped(t *testing.T) {
-	c := clustertest.Start(t, 3, clustertest.Options{})
+	c, victim := snapshottedFollowerStopped(t, "b")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	for i := range 30 {
-		if _, err := c.CreateUser(ctx, c.Leader(), fmt.Sprintf("b%d", i)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c.WaitConverged()
-	victim := c.Follower()
-	if err := c.Nodes[victim].Server.Node().Snapshot(); err != nil {
-		t.Fatal(err)
-	}
-	c.Shutdown(victim)
 	dir := filepath.Join(c.Nodes[victim].DataDir, "data")
 	snaps, err := raft.NewFileSnapshotStore(dir, 2, io.Discard)
 	if err != nil {
@@ -393,4 +369,26 @@ func TestALogBehindTheSnapshotIsDropped(t *testing.T) {
 	if first, err := logs.FirstIndex(); err != nil || first <= snap {
 		t.Fatalf("after the restart the log starts at %d (%v): the log behind snapshot %d was kept", first, err, snap)
 	}
+}
+
+// snapshottedFollowerStopped starts a cluster of three, writes 30 users
+// (ids prefix0...), has a follower take a snapshot of them and stops it;
+// it returns the cluster and the follower.
+func snapshottedFollowerStopped(t *testing.T, prefix string) (*clustertest.Cluster, int) {
+	t.Helper()
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i := range 30 {
+		if _, err := c.CreateUser(ctx, c.Leader(), fmt.Sprintf("%s%d", prefix, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.WaitConverged()
+	victim := c.Follower()
+	if err := c.Nodes[victim].Server.Node().Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	c.Shutdown(victim)
+	return c, victim
 }
