@@ -331,3 +331,46 @@ func TestEdgeWatchMovesOffADeadControlNode(t *testing.T) {
 		t.Errorf("revocation reached the edge %v after it was made", took)
 	}
 }
+
+// An edge whose control node is cut off from the other control nodes
+// (the edge still reaches all three) moves its watch to a node that
+// follows the writes: the cut-off node stops vouching for its copy, so
+// a revocation made on the majority reaches the edge and closes the
+// revoked device's session. (The cut-off node kept sending progress
+// messages, the edge kept its stale copy as current, and the revoked
+// device stayed connected until the edge's access token expired.)
+func TestEdgeWatchMovesOffACutOffControlNode(t *testing.T) {
+	s := relaytest.StartSystem(t, relaytest.SystemOptions{Relayd: relayd, ControlNodes: 3, Edges: 1})
+	user := s.User("carol")
+	devA, devB := s.Device(user, "a"), s.Device(user, "b")
+	var a *client.Client
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		var err error
+		a, err = dial(t, s, 0, devA, nil)
+		return err
+	})
+	b, err := dial(t, s, 0, devB, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sendAndReceive(t, a, b, devB.ID, "before")
+	// The edge's first watch goes to the first URL: n1, now cut off from
+	// n2 and n3 (not from the edge).
+	s.Net.Partition([]*relaytest.Host{s.Control[0].Host}, []*relaytest.Host{s.Control[1].Host, s.Control[2].Host})
+	cut := time.Now()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err := s.Devices(s.Control[1]).RevokeDevice(ctx, relaytest.Admin(s, &controlv1.RevokeDeviceRequest{UserId: user, DeviceId: devB.ID}))
+		return err
+	})
+	revoked := time.Now()
+	clustertest.Eventually(t, time.Minute, func() error {
+		if b.Err() == nil {
+			return errors.New("revoked device's session still up")
+		}
+		return nil
+	})
+	t.Logf("n1 cut off; revocation through n2 %v later; session closed %v after the revocation (%v)",
+		revoked.Sub(cut).Round(10*time.Millisecond), time.Since(revoked).Round(10*time.Millisecond), b.Err())
+}
