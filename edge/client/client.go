@@ -1,9 +1,10 @@
 // Package client is the Go client of the device protocol: a device
 // connects to an edge over QUIC (or WebTransport), proves its key, sends
 // events with acknowledgement and receives the events of its user's other
-// devices exactly once and in per-sender order. It reconnects by itself
-// (resume tickets, backoff with jitter) and resends what was not
-// acknowledged.
+// devices in per-sender order, each once while the process lives (the
+// window of event ids it drops duplicates with is in memory). It
+// reconnects by itself (resume tickets, backoff with jitter) and resends
+// what was not acknowledged.
 package client
 
 import (
@@ -95,9 +96,15 @@ type Config struct {
 	// (the devices of an edge that died do not all come back in the same
 	// instant); an edge that goes away says itself when to come back.
 	ReconnectMin, ReconnectMax time.Duration
-	// ReceiveBuffer is how many received events wait for the
-	// application before the client stops reading (and so the edge stops
-	// sending) [1024].
+	// ReceiveBuffer is how many received events wait in the Events
+	// channel [1024]. An event is acknowledged to the edge (and so to its
+	// sender, and never stored for this device again) once it is in the
+	// channel; those beyond wait, unacknowledged, until the application
+	// makes room (the edge sends no more than its unacknowledged limit).
+	// A negative value makes the channel unbuffered: an event is then
+	// acknowledged only once the application received it, so a process
+	// killed with events in the buffer (a mobile app in the background)
+	// loses none; they come again on the next connection.
 	ReceiveBuffer int
 	// DedupWindow is how many event ids per sender are remembered to
 	// drop duplicates [4096].
@@ -176,6 +183,11 @@ func (c *Config) setDefaults() error {
 	}
 	if c.ReconnectMin <= 0 {
 		c.ReconnectMin = 100 * time.Millisecond
+		if c.ReconnectMax > 0 {
+			// A ReconnectMax alone below the default minimum is taken
+			// as asked, not raised to the 10 s default.
+			c.ReconnectMin = min(c.ReconnectMin, c.ReconnectMax)
+		}
 	}
 	if c.ReconnectMax < c.ReconnectMin {
 		c.ReconnectMax = max(10*time.Second, c.ReconnectMin)
@@ -186,8 +198,11 @@ func (c *Config) setDefaults() error {
 	if c.QUICTokens == nil {
 		c.QUICTokens = quic.NewLRUTokenStore(8, 4)
 	}
-	if c.ReceiveBuffer <= 0 {
+	switch {
+	case c.ReceiveBuffer == 0:
 		c.ReceiveBuffer = 1024
+	case c.ReceiveBuffer < 0:
+		c.ReceiveBuffer = 0 // unbuffered
 	}
 	if c.MaxPending <= 0 {
 		c.MaxPending = 1024
@@ -204,7 +219,10 @@ func (c *Config) setDefaults() error {
 // Message is an event to send.
 type Message struct {
 	// ID identifies the event for dedup and acks; one is made when empty.
-	// Sending the same ID again (after an error) never delivers twice.
+	// Sending the same ID again (after an error) never delivers twice, so
+	// an application that may retry a send (after a timeout, across a
+	// restart of its process) sets the ID itself: a made one is not
+	// returned.
 	ID string
 	// Targets are device ids of the same user; empty: all other devices.
 	Targets []string
@@ -472,15 +490,21 @@ func (c *Client) Online() []string {
 }
 
 // Events delivers received events, each once, in per-sender order. It is
-// closed after Close. An application that stops reading stops the client
-// reading from the edge once ReceiveBuffer events wait; the events it was
-// given are acknowledged to the edge (and so to their senders) all the
-// same.
+// closed after Close. An application that stops reading holds back the
+// events beyond ReceiveBuffer, unacknowledged (the edge stops sending at
+// its unacknowledged limit), while the client goes on reading the rest of
+// what the edge sends: acks of its sends, the edge's challenges, a close.
+// So Send may be called from the loop that reads Events. The events in
+// the channel are acknowledged to the edge (and so to their senders) all
+// the same; see Config.ReceiveBuffer for an application that must not
+// lose them to a killed process.
 func (c *Client) Events() <-chan Event { return c.events }
 
 // Presence delivers changes of the other devices' presence. Changes the
 // application does not read in time are dropped; Online is always
-// current.
+// current. When a session ends, every device it reported online is
+// reported offline (the next session reports again who is online). It
+// is closed after Close, as Events.
 func (c *Client) Presence() <-chan Presence { return c.presence }
 
 // Receive waits for the next event.

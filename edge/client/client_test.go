@@ -312,35 +312,48 @@ func TestOnSessionMaySendEphemeral(t *testing.T) {
 
 // Close does not wait for a write the edge is not taking: here the edge
 // paces the device to one event a second while megabytes of events wait
-// for the stream.
+// for the stream; in a session, and in the resend of a reconnect (the
+// session ends with the events still waiting, and the client writes them
+// all again in one write).
 func TestCloseIsNotHeldByABlockedWrite(t *testing.T) {
-	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
-		cfg.Session.Limits = session.DefaultLimits()
-		cfg.Session.Limits.EventsPerSecond = 1
-	}})
-	u := r.User("stuck")
-	a, b := r.Device(u, "a"), r.Device(u, "b")
-	rx := r.Dial(0, b, client.QUIC)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	ca, err := client.Dial(ctx, r.ClientConfig(0, a, client.QUIC))
-	if err != nil {
-		t.Fatal(err)
+	for _, resend := range []bool{false, true} {
+		t.Run(fmt.Sprint("resend=", resend), func(t *testing.T) {
+			r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+				cfg.Session.Limits = session.DefaultLimits()
+				cfg.Session.Limits.EventsPerSecond = 1
+			}})
+			u := r.User("stuck")
+			a, b := r.Device(u, "a"), r.Device(u, "b")
+			rx := r.Dial(0, b, client.QUIC)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			ca, err := client.Dial(ctx, r.ClientConfig(0, a, client.QUIC))
+			if err != nil {
+				t.Fatal(err)
+			}
+			const n = 100 // 4 MB: far beyond what the edge's stream window takes
+			payload := make([]byte, 40<<10)
+			var wg sync.WaitGroup
+			for range n {
+				wg.Go(func() { _ = ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: payload}) })
+			}
+			// Two events through: the edge is pacing and the rest wait.
+			for range 2 {
+				if _, err := rx.Receive(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if resend {
+				r.Edges[0].Hub().CloseDevice(u, a.ID, relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the test ends the session")
+				// An event from the resend: the new session is writing it.
+				if _, err := rx.Receive(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			closeWithin(t, ca, 20*time.Second)
+			wg.Wait() // every Send returned
+		})
 	}
-	const n = 100 // 4 MB: far beyond what the edge's stream window takes
-	payload := make([]byte, 40<<10)
-	var wg sync.WaitGroup
-	for range n {
-		wg.Go(func() { _ = ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: payload}) })
-	}
-	// Two events through: the edge is pacing and the rest wait.
-	for range 2 {
-		if _, err := rx.Receive(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
-	closeWithin(t, ca, 20*time.Second)
-	wg.Wait() // every Send returned
 }
 
 // A device whose sessions the edge ends soon after they begin is not
@@ -611,8 +624,8 @@ func TestSendWaitsForASlot(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	// The receiver takes one event into its buffer and acknowledges it;
-	// while nobody reads, its reader then waits with the next one, which
-	// it does not acknowledge.
+	// while nobody reads, the next ones wait in its session's inbox,
+	// unacknowledged.
 	rcfg := r.ClientConfig(0, b, client.QUIC)
 	rcfg.ReceiveBuffer = 1
 	rx := dialWith(ctx, t, rcfg)
@@ -689,11 +702,11 @@ func waitGoroutines(t *testing.T, fn string, present bool) {
 // reconnect: the edge sends it again, unacknowledged, and the client must
 // not take that copy for a duplicate of an event it never gave. Here the
 // receiver's channel holds one event and the application does not read:
-// its reader waits with the second while the next ones wait in its read
-// buffer. The edge then ends the session; once the connection is closed
-// on the client's side the application reads, and the reader, going on
-// with the third while the channel is full again, finds the connection
-// gone.
+// the session's inbox holds the others, unacknowledged, while the reader
+// reads on. The edge then ends the session; once the connection is
+// closed on the client's side the application reads, and gets every
+// event once, in order: the one in its channel, then the others again
+// from the next session.
 func TestEventsHeldUpByTheApplicationSurviveABrokenConnection(t *testing.T) {
 	r := relaytest.Start(t, relaytest.Options{Edges: 1})
 	u := r.User("held-up")
@@ -715,7 +728,9 @@ func TestEventsHeldUpByTheApplicationSurviveABrokenConnection(t *testing.T) {
 	cfg.ReceiveBuffer = 1
 	cfg.OnSessionLost = func(l client.SessionLost) { lost <- l }
 	cb := dialWith(ctx, t, cfg)
-	waitGoroutines(t, "client.(*Client).handOver(", true) // the reader waits for the application
+	// The edge has sent b all of them: one is in the application's
+	// channel, the others in the session's inbox (or on their way).
+	waitSent(t, r, n)
 	r.Edges[0].Hub().CloseDevice(u, b.ID, relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "the test ends the session")
 	// The connection is closed on the client's side: quic-go fails the
 	// streams before it ends the datagram reader's wait.
@@ -741,4 +756,191 @@ func TestEventsHeldUpByTheApplicationSurviveABrokenConnection(t *testing.T) {
 	if ev, err := cb.Receive(short); err == nil {
 		t.Fatalf("extra event %q", ev.Payload)
 	}
+}
+
+// An application that sends from its Events loop cannot deadlock its own
+// client: while its channel is full, the events behind wait in the
+// session's inbox, unacknowledged, and the reader reads on, so the Ack a
+// Send waits for is read although deliveries came before it. (The reader
+// waited for the application with the next delivery, the Ack behind it
+// was never read, and Send never returned.)
+func TestSendWhileEventsWait(t *testing.T) {
+	r, ctx, a, ca, b, cb := lagging(t, "busy", 1)
+	// Five events for b, which reads none yet: one fills its channel,
+	// the others wait (their senders' Sends with them).
+	const n = 5
+	sent := make(chan error, n)
+	for k := range n {
+		sendAsync(ctx, ca, b.ID, fmt.Sprint(k), sent)
+	}
+	waitSent(t, r, n)
+	sctx, scancel := context.WithTimeout(ctx, 20*time.Second)
+	defer scancel()
+	if err := cb.Send(sctx, client.Message{Targets: []string{a.ID}, Payload: []byte("reply")}); err != nil {
+		t.Fatalf("b's send while its events wait: %v", err)
+	}
+	var last uint64
+	for k := range n {
+		ev, err := cb.Receive(ctx)
+		if err != nil {
+			t.Fatalf("event %d: %v", k, err)
+		}
+		if ev.Seq <= last {
+			t.Fatalf("event seq %d after %d", ev.Seq, last)
+		}
+		last = ev.Seq
+	}
+	for range n {
+		if err := <-sent; err != nil {
+			t.Fatalf("a's send: %v", err)
+		}
+	}
+}
+
+// With an unbuffered Events channel (ReceiveBuffer < 0) an event is
+// acknowledged only once the application received it: its sender's Send
+// waits until then, and a process that ends before (killed in the
+// background) loses nothing: the edge keeps the event for the device's
+// next connection, from a new process.
+func TestAnUnbufferedReceiverAcknowledgesWhatItReceived(t *testing.T) {
+	r, ctx, _, ca, b, first := lagging(t, "careful", -1)
+	sent := make(chan error, 1)
+	sendAsync(ctx, ca, b.ID, "kept", sent)
+	waitSent(t, r, 1)
+	select {
+	case err := <-sent:
+		t.Fatalf("a's send ended (%v) before b's application received the event", err)
+	default:
+	}
+	// b's process ends without having received it.
+	closeWithin(t, first, 20*time.Second)
+	if err := <-sent; err != nil {
+		t.Fatalf("a's send: %v", err)
+	}
+	cfg := r.ClientConfig(0, b, client.QUIC)
+	cfg.ReceiveBuffer = -1
+	second := dialWith(ctx, t, cfg)
+	ev, err := second.Receive(ctx)
+	if err != nil || string(ev.Payload) != "kept" {
+		t.Fatalf("b's next process received %q, %v", ev.Payload, err)
+	}
+}
+
+// When a session ends, every device it reported online is reported
+// offline (it may go while the client reconnects, and nothing would say
+// so), and the next session reports it online again; the channel is
+// closed after Close.
+func TestPresenceAcrossAReconnect(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edges: 1})
+	u := r.User("present")
+	a, b := r.Device(u, "a"), r.Device(u, "b")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ca, err := client.Dial(ctx, r.ClientConfig(0, a, client.QUIC))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Dial(0, b, client.QUIC)
+	next := func(want client.Presence) {
+		t.Helper()
+		for {
+			select {
+			case p := <-ca.Presence():
+				if p == want {
+					return
+				}
+			case <-ctx.Done():
+				t.Fatalf("no presence %+v", want)
+			}
+		}
+	}
+	next(client.Presence{DeviceID: b.ID, Online: true})
+	r.Edges[0].Hub().CloseDevice(u, a.ID, relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the test ends the session")
+	next(client.Presence{DeviceID: b.ID, Online: false})
+	next(client.Presence{DeviceID: b.ID, Online: true})
+	closeWithin(t, ca, 20*time.Second)
+	drained := make(chan struct{})
+	go func() {
+		for range ca.Presence() {
+		}
+		close(drained)
+	}()
+	select {
+	case <-drained:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Presence is still open after Close")
+	}
+}
+
+// An event waiting for its ack when the client moves to an edge with a
+// smaller frame limit than the one it was encoded under fails alone
+// (FRAME_TOO_LARGE): resent, it would end the session for good, and with
+// it the client.
+func TestAPendingEventTooLargeForTheNextEdgeFailsAlone(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edges: 2, Edge: func(i int, cfg *server.Config) {
+		cfg.Session.Limits = session.DefaultLimits()
+		if i == 0 {
+			cfg.Session.Limits.MaxFrameBytes, cfg.Session.Limits.MaxPayloadBytes = 1<<20, 512<<10
+		}
+	}})
+	u := r.User("moving")
+	a, b := r.Device(u, "a"), r.Device(u, "b")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	acfg := r.ClientConfig(0, a, client.QUIC)
+	acfg.IdleTimeout = 2 * time.Second // it notices the dead edge soon
+	ca := dialWith(ctx, t, acfg)
+	// b takes nothing: a's event waits for its ack.
+	bcfg := r.ClientConfig(0, b, client.QUIC)
+	bcfg.ReceiveBuffer = -1
+	dialWith(ctx, t, bcfg)
+	waitOnline(t, ca, b.ID)
+	sent := make(chan error, 1)
+	go func() { sent <- ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: make([]byte, 200<<10)}) }()
+	waitSent(t, r, 1)
+	r.KillEdge(0) // a moves to edge 1, whose limit is 64 KiB
+	var ce *client.Error
+	if err := <-sent; !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE {
+		t.Fatalf("the large event after the move: %v, want FRAME_TOO_LARGE", err)
+	}
+	if err := ca.WaitConnected(ctx); err != nil {
+		t.Fatalf("the client after the move: %v", err)
+	}
+	if err := ca.SendEphemeral(client.Message{Targets: []string{b.ID}, Payload: []byte("small")}); err != nil || ca.Err() != nil {
+		t.Fatalf("a small event after the move: %v (client: %v)", err, ca.Err())
+	}
+}
+
+// waitSent waits until edge 0 of r has sent n durable deliveries.
+func waitSent(t *testing.T, r *relaytest.Relay, n int) {
+	t.Helper()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if got := relaytest.Counter(t, r.Edges[0], "relay_edge_deliveries_total", "kind", "durable"); got < float64(n) {
+			return fmt.Errorf("%v of %d events sent", got, n)
+		}
+		return nil
+	})
+}
+
+// lagging starts a relay with two devices of one user connected over
+// QUIC, a and b, b with the given ReceiveBuffer; the context ends with
+// the test (a minute at most).
+func lagging(t *testing.T, login string, receiveBuffer int) (r *relaytest.Relay, ctx context.Context, a relaytest.Device, ca *client.Client, b relaytest.Device, cb *client.Client) {
+	t.Helper()
+	r = relaytest.Start(t, relaytest.Options{Edges: 1})
+	u := r.User(login)
+	a, b = r.Device(u, "a"), r.Device(u, "b")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	ca = r.Dial(0, a, client.QUIC)
+	cfg := r.ClientConfig(0, b, client.QUIC)
+	cfg.ReceiveBuffer = receiveBuffer
+	cb = dialWith(ctx, t, cfg)
+	waitOnline(t, ca, b.ID)
+	return r, ctx, a, ca, b, cb
+}
+
+// sendAsync sends payload from c to device to, and the outcome to out.
+func sendAsync(ctx context.Context, c *client.Client, to, payload string, out chan<- error) {
+	go func() { out <- c.Send(ctx, client.Message{Targets: []string{to}, Payload: []byte(payload)}) }()
 }

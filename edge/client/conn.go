@@ -8,10 +8,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -543,6 +545,7 @@ func (c *Client) stop(err error) {
 		p.done <- err
 	}
 	close(c.events)
+	close(c.presence)
 }
 
 // serve runs one established session: resend what is unacknowledged,
@@ -551,25 +554,36 @@ func (c *Client) serve(cn *conn) error {
 	c.sendMu.Lock()
 	c.mu.Lock()
 	var resend []byte // the unacknowledged events, encoded, in seq order
+	// An event encoded under a larger frame limit (another edge's) than
+	// this session's would end the session for good: it fails alone.
+	limit := int(c.maxFrame.Load())
+	if limit <= 0 {
+		limit = frame.DefaultMaxFrame
+	}
+	var tooLarge []*pendingSend
 	for _, p := range c.order {
+		if n, _ := binary.Uvarint(p.enc); n > uint64(limit) {
+			tooLarge = append(tooLarge, p)
+			continue
+		}
 		resend = append(resend, p.enc...)
+	}
+	if len(tooLarge) > 0 {
+		c.order = slices.DeleteFunc(c.order, func(p *pendingSend) bool { return slices.Contains(tooLarge, p) })
+		maps.DeleteFunc(c.pending, func(_ string, p *pendingSend) bool { return slices.Contains(tooLarge, p) })
+		for _, p := range tooLarge {
+			p.done <- &Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, Message: fmt.Sprintf("the event is longer than this edge's frame limit of %d bytes", limit)}
+		}
 	}
 	c.online = map[string]bool{}
 	c.cur = cn
 	close(c.ready)
 	info := SessionInfo{Edge: c.addrs()[c.addr%len(c.addrs())], SessionID: c.sessionID, Resumed: c.resumed}
 	c.mu.Unlock()
-	if len(resend) > 0 {
-		// In one write; a failure ends the connection, which the reader
-		// sees.
-		_ = cn.writeEncoded(resend)
-	}
-	c.sendMu.Unlock()
-	// Not under sendMu: the callback may send ephemeral events.
-	if c.cfg.OnSession != nil {
-		c.cfg.OnSession(info)
-	}
 
+	// Close is watched from before the resend: a resend of many events
+	// to an edge that paces them, or over a network that just went,
+	// must not hold Close up.
 	ctx, cancel := context.WithCancel(c.ctx)
 	var wg sync.WaitGroup
 	wg.Go(func() {
@@ -584,6 +598,16 @@ func (c *Client) serve(cn *conn) error {
 		}
 		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
 	})
+	if len(resend) > 0 {
+		// In one write; a failure ends the connection, which the reader
+		// sees.
+		_ = cn.writeEncoded(resend)
+	}
+	c.sendMu.Unlock()
+	// Not under sendMu: the callback may send ephemeral events.
+	if c.cfg.OnSession != nil {
+		c.cfg.OnSession(info)
+	}
 	wg.Go(func() { c.readDatagrams(ctx, cn) })
 	if cn.keepalive > 0 {
 		wg.Go(func() {
@@ -608,12 +632,38 @@ func (c *Client) serve(cn *conn) error {
 	c.mu.Lock()
 	c.cur = nil
 	c.ready = make(chan struct{})
+	// What this session said is online is not known any more: reported
+	// offline (the next session reports who is online).
+	var gone []string
+	for id, on := range c.online {
+		if on {
+			gone = append(gone, id)
+		}
+	}
+	c.online = map[string]bool{}
 	c.mu.Unlock()
+	slices.Sort(gone)
+	for _, id := range gone {
+		select {
+		case c.presence <- Presence{DeviceID: id, Online: false}:
+		default:
+		}
+	}
 	return err
 }
 
 func (c *Client) readStream(ctx context.Context, cn *conn) error {
 	rc := &receipts{cn: cn}
+	in := newInbox(c, cn)
+	pctx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { in.pump(pctx) })
+	defer func() {
+		stop()
+		wg.Wait()
+		in.drop()
+	}()
+	rc.in = in
 	var events frame.EventDecoder
 	for {
 		body, err := cn.r.Next()
@@ -640,10 +690,12 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 }
 
 // receipts are the delivery ids of events handed to the application and
-// not yet acknowledged to the edge.
+// not yet acknowledged to the edge; in holds the events that wait for
+// room in the application's channel.
 type receipts struct {
 	cn  *conn
 	ids []uint64
+	in  *inbox
 }
 
 // flush sends the receipts (if any) in one Received frame.
@@ -680,13 +732,7 @@ func (c *Client) readFast(ctx context.Context, cn *conn, events *frame.EventDeco
 			return true, closeReason(cn, err)
 		}
 		ev.Payload = bytes.Clone(ev.Payload) // it pointed into the read buffer
-		if err := c.deliver(ctx, ev, receipts); err != nil {
-			return true, err
-		}
-		if deliveryID != 0 {
-			receipts.ids = append(receipts.ids, deliveryID)
-		}
-		return true, nil
+		return true, c.deliver(ctx, ev, deliveryID, receipts)
 	}
 	return false, nil
 }
@@ -698,7 +744,7 @@ func (c *Client) readFast(ctx context.Context, cn *conn, events *frame.EventDeco
 // that are no frame end the session.
 func (c *Client) readFrame(ctx context.Context, cn *conn, body []byte, receipts *receipts) error {
 	f := &relayv1.Frame{}
-	if err := frame.Decode(body, 0, f); err != nil {
+	if err := frame.Decode(body, cn.r.Max(), f); err != nil {
 		if unknownKind(body) {
 			c.log.Debug("skipped a frame of a kind this client does not know")
 			return nil
@@ -707,18 +753,16 @@ func (c *Client) readFrame(ctx context.Context, cn *conn, body []byte, receipts 
 	}
 	switch k := f.GetKind().(type) {
 	case *relayv1.Frame_Deliver:
-		if err := c.deliver(ctx, k.Deliver.GetEvent(), receipts); err != nil {
-			return err
+		if k.Deliver.GetEvent() == nil {
+			return nil // no event to give (no edge sends that)
 		}
-		if id := k.Deliver.GetDeliveryId(); id != 0 {
-			receipts.ids = append(receipts.ids, id)
-		}
+		return c.deliver(ctx, k.Deliver.GetEvent(), k.Deliver.GetDeliveryId(), receipts)
 	case *relayv1.Frame_Cancel:
 		// Only an event the application was given needs undoing; one
 		// it was not is just never given (a late copy is a duplicate).
 		cl := k.Cancel
 		if !c.firstTime(cl.GetSenderDeviceId(), cl.GetEventId()) {
-			return c.handOver(ctx, Event{ID: cl.GetEventId(), Sender: cl.GetSenderDeviceId(), Cancelled: true}, receipts)
+			return receipts.in.put(Event{ID: cl.GetEventId(), Sender: cl.GetSenderDeviceId(), Cancelled: true}, 0, false, receipts)
 		}
 	case *relayv1.Frame_Ack:
 		c.resolve(k.Ack.GetEventId(), nil)
@@ -769,20 +813,30 @@ func (c *Client) readDatagrams(ctx context.Context, cn *conn) {
 		if err := frame.Decode(b, 0, &f); err != nil || f.GetDeliver() == nil {
 			continue // a datagram is only ever an ephemeral delivery
 		}
-		if c.deliver(ctx, f.GetDeliver().GetEvent(), nil) != nil {
+		if c.deliver(ctx, f.GetDeliver().GetEvent(), 0, nil) != nil {
 			return
 		}
 	}
 }
 
-// deliver hands an event to the application once (handOver). The event
-// counts as seen only once the application has it: one that could not
-// be handed over (the connection broke while the application lagged)
-// comes again, unacknowledged, and that copy must be given, not dropped
-// as a duplicate.
-func (c *Client) deliver(ctx context.Context, ev *relayv1.Event, r *receipts) error {
+// deliver hands an event to the application once: from the stream
+// (r not nil) through the session's inbox, whose receipts r collects or
+// the inbox sends once the application has the event; from a datagram
+// (r nil) straight on the channel, waiting for room. The event counts as
+// seen only once the application has it: one that could not be handed
+// over (the connection broke while the application lagged) comes again,
+// unacknowledged, and that copy must be given, not dropped as a
+// duplicate.
+func (c *Client) deliver(ctx context.Context, ev *relayv1.Event, deliveryID uint64, r *receipts) error {
 	sender, id := ev.GetSenderDeviceId(), ev.GetId()
+	if id == "" {
+		return nil // no event to give (no edge sends one without an id)
+	}
 	if !c.claim(sender, id) {
+		// A duplicate: acknowledged again, not given again.
+		if r != nil && deliveryID != 0 {
+			r.ids = append(r.ids, deliveryID)
+		}
 		return nil
 	}
 	out := Event{
@@ -790,27 +844,17 @@ func (c *Client) deliver(ctx context.Context, ev *relayv1.Event, r *receipts) er
 		CreatedAt: time.UnixMilli(ev.GetCreatedAtMs()), TTL: time.Duration(ev.GetTtlMs()) * time.Millisecond, Ephemeral: ev.GetEphemeral(),
 		AnyOne: ev.GetAnyOne(),
 	}
-	err := c.handOver(ctx, out, r)
+	if r != nil {
+		return r.in.put(out, deliveryID, true, r)
+	}
+	err := c.handOver(ctx, out)
 	c.settle(sender, id, err == nil)
 	return err
 }
 
 // handOver puts ev on the application's channel; ctx's error when the
-// client is closing first. When the application lags (the channel is
-// full) it first sends the receipts r holds (nil: none): the events the
-// application was given already are acknowledged to their senders while
-// this one waits, rather than when the application next reads.
-func (c *Client) handOver(ctx context.Context, ev Event, r *receipts) error {
-	select {
-	case c.events <- ev:
-		return nil
-	default:
-	}
-	if r != nil {
-		if err := r.flush(); err != nil {
-			return err
-		}
-	}
+// client is closing first.
+func (c *Client) handOver(ctx context.Context, ev Event) error {
 	select {
 	case c.events <- ev:
 		return nil
@@ -837,4 +881,173 @@ func (c *Client) WaitConnected(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
+}
+
+// Bounds of what a session's inbox holds for an application that lags.
+// Durable deliveries it holds are not acknowledged, so the edge sends no
+// more than its unacknowledged limit of them (1024 and 4 MiB by
+// default); an edge that sends far more ends the session. Ephemeral ones
+// beyond maxHeldEphemeral are dropped, as where any receiver is slow.
+const (
+	maxHeldEphemeral = 1024
+	maxHeld          = 1 << 16
+	maxHeldBytes     = 64 << 20
+)
+
+// inbox hands a session's events to the application's channel in the
+// order they came, without ever holding up the stream's reader: an event
+// that finds the channel full (or others waiting) waits here, and pump
+// gives them over as the application reads. So the frames behind it (an
+// Ack a Send waits for, a Close, the edge's challenge at the session's
+// maximum age) are read meanwhile: an application that calls Send from
+// its Events loop cannot deadlock its own client. A waiting event's
+// receipt goes once the application has it.
+type inbox struct {
+	c  *Client
+	cn *conn
+
+	mu        sync.Mutex // guards the fields below
+	q         []heldEvent
+	bytes     int
+	ephemeral int
+	wake      chan struct{} // capacity 1: events were added
+}
+
+type heldEvent struct {
+	ev       Event
+	delivery uint64 // 0: nothing to acknowledge
+	claimed  bool   // settle when given or dropped (see Client.claim)
+}
+
+func newInbox(c *Client, cn *conn) *inbox {
+	return &inbox{c: c, cn: cn, wake: make(chan struct{}, 1)}
+}
+
+// put gives ev to the application at once when the channel has room and
+// nothing waits before it (its receipt joining r), else holds it;
+// claimed: ev's id was claimed (Client.claim), and is settled. When
+// the first event is held, the receipts r holds go out first: the events
+// the application was given already are acknowledged to their senders
+// while this one waits.
+func (in *inbox) put(ev Event, delivery uint64, claimed bool, r *receipts) error {
+	settle := func(taken bool) {
+		if claimed {
+			in.c.settle(ev.Sender, ev.ID, taken)
+		}
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if len(in.q) == 0 {
+		select {
+		case in.c.events <- ev:
+			settle(true)
+			if delivery != 0 {
+				r.ids = append(r.ids, delivery)
+			}
+			return nil
+		default:
+		}
+		if err := r.flush(); err != nil {
+			settle(false)
+			return err
+		}
+	}
+	if ev.Ephemeral && in.ephemeral >= maxHeldEphemeral {
+		settle(false)
+		return nil // dropped: the application lags
+	}
+	if len(in.q) >= maxHeld || in.bytes+len(ev.Payload) > maxHeldBytes {
+		settle(false)
+		return fmt.Errorf("the edge sent %d events (%d bytes) this client was not ready for, beyond what it may leave unacknowledged", len(in.q)+1, in.bytes+len(ev.Payload))
+	}
+	in.q = append(in.q, heldEvent{ev: ev, delivery: delivery, claimed: claimed})
+	in.bytes += len(ev.Payload)
+	if ev.Ephemeral {
+		in.ephemeral++
+	}
+	select {
+	case in.wake <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// pump gives the held events to the application, in order, as it reads,
+// and acknowledges them to the edge (in one Received frame for each run
+// of them, at most 256, and before each wait for the application), until
+// ctx ends.
+func (in *inbox) pump(ctx context.Context) {
+	var ids []uint64
+	flush := func() bool {
+		if len(ids) == 0 {
+			return true
+		}
+		err := in.cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: ids}}})
+		ids = ids[:0]
+		return err == nil
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-in.wake:
+		}
+		for {
+			in.mu.Lock()
+			if len(in.q) == 0 {
+				in.mu.Unlock()
+				break
+			}
+			h := in.q[0]
+			in.mu.Unlock()
+			select {
+			case in.c.events <- h.ev:
+			default:
+				// The application lags: what it was given is
+				// acknowledged before the wait.
+				if !flush() {
+					return
+				}
+				select {
+				case in.c.events <- h.ev:
+				case <-ctx.Done():
+					return
+				}
+			}
+			in.mu.Lock()
+			in.q[0] = heldEvent{}
+			in.q = in.q[1:]
+			in.bytes -= len(h.ev.Payload)
+			if h.ev.Ephemeral {
+				in.ephemeral--
+			}
+			in.mu.Unlock()
+			if h.claimed {
+				in.c.settle(h.ev.Sender, h.ev.ID, true)
+			}
+			if h.delivery != 0 {
+				ids = append(ids, h.delivery)
+			}
+			if len(ids) >= 256 && !flush() {
+				return
+			}
+		}
+		if !flush() {
+			return
+		}
+	}
+}
+
+// drop ends the inbox with its session: the events still held were not
+// given, so they count as unseen (unacknowledged, they come again on
+// the next session, and that copy is given). pump has returned.
+func (in *inbox) drop() {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	for _, h := range in.q {
+		if h.claimed {
+			in.c.settle(h.ev.Sender, h.ev.ID, false)
+		}
+	}
+	in.q, in.bytes, in.ephemeral = nil, 0, 0
 }

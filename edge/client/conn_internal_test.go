@@ -3,6 +3,7 @@ package client
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -217,11 +218,13 @@ func deliveries(t *testing.T, n int, first uint64) []byte {
 // events it was not given: the receipts of those it was, which arrived in
 // the same read as the one that waits, go to the edge before the wait, so
 // their senders get their acks now rather than when the application next
-// reads.
+// reads; each held event's receipt goes once the application has it.
 func TestReceiptsGoOutBeforeWaitingForTheApplication(t *testing.T) {
 	wc := &chanConn{writes: make(chan []byte, 8)}
-	// One read gives the reader all three deliveries.
-	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(bytes.NewReader(deliveries(t, 3, 1)), 0)}
+	// One read gives the reader all three deliveries; the stream then
+	// stays open until the end of the test.
+	pr, pw := io.Pipe()
+	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(io.MultiReader(bytes.NewReader(deliveries(t, 3, 1)), pr), 0)}
 	c := readerClient(1)
 	done := make(chan error, 1)
 	go func() { done <- c.readStream(t.Context(), cn) }()
@@ -244,6 +247,7 @@ func TestReceiptsGoOutBeforeWaitingForTheApplication(t *testing.T) {
 			t.Fatalf("event %s, want e%d", ev.ID, i+1)
 		}
 	}
+	_ = pw.Close()
 	if err := <-done; !errors.Is(err, io.EOF) {
 		t.Fatalf("readStream ended with %v, want io.EOF", err)
 	}
@@ -694,3 +698,25 @@ func given(c *Client, name func(Event) string) []string {
 }
 
 func eventID(ev Event) string { return ev.ID }
+
+// A ReconnectMax set alone, below the default ReconnectMin, is taken as
+// asked (it was raised to the 10 s default); one below a ReconnectMin
+// also set is raised.
+func TestReconnectBoundsDefaults(t *testing.T) {
+	_, key, _ := ed25519.GenerateKey(nil)
+	base := Config{Addr: "127.0.0.1:1", UserID: "u", DeviceID: "d", Key: key}
+	for _, tc := range []struct{ min, max, wantMin, wantMax time.Duration }{
+		{0, 50 * time.Millisecond, 50 * time.Millisecond, 50 * time.Millisecond},
+		{0, 0, 100 * time.Millisecond, 10 * time.Second},
+		{time.Second, 500 * time.Millisecond, time.Second, 10 * time.Second},
+	} {
+		c := base
+		c.ReconnectMin, c.ReconnectMax = tc.min, tc.max
+		if err := c.setDefaults(); err != nil {
+			t.Fatal(err)
+		}
+		if c.ReconnectMin != tc.wantMin || c.ReconnectMax != tc.wantMax {
+			t.Errorf("min %v, max %v: got %v, %v; want %v, %v", tc.min, tc.max, c.ReconnectMin, c.ReconnectMax, tc.wantMin, tc.wantMax)
+		}
+	}
+}

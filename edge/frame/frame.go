@@ -164,6 +164,9 @@ func (r *Reader) SetMax(max int) {
 	r.max = max
 }
 
+// Max returns the longest frame the reader accepts.
+func (r *Reader) Max() int { return r.max }
+
 // keepBuf is the largest frame buffer a Reader keeps between frames; a
 // larger one (for a rare large frame) is dropped after use, so idle
 // sessions hold little memory.
