@@ -11,6 +11,7 @@ import (
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/internal/relaytest"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 // pageRig is a relay of one edge with an admin port (its page serves
@@ -199,4 +200,21 @@ func TestRelayJSDropsEphemeralEventsBehindABacklog(t *testing.T) {
 	if full == 0 || sent+full != 200 || sent > backlog/(8<<10)+2 || sent < backlog/perEvent {
 		t.Fatalf("a burst of 200 events of 8 KiB: %v sent, %v refused QUEUE_FULL; want about %v sent", sent, full, backlog/perEvent)
 	}
+}
+
+// When a session ends, the page hears that every device the session
+// reported online is offline, and the next session reports it online
+// again (the Go client's TestPresenceAcrossAReconnect).
+func TestRelayJSPresenceAcrossAReconnect(t *testing.T) {
+	g := newPageRig(t, "presence", nil)
+	g.r.Dial(0, g.rxDev, client.QUIC)
+	connectPage(t, g.ctx, g.edge, g.pageDev, "websocket", "c", nil, g.rxDev.ID)
+	eval[bool](g.ctx, t, `(() => {
+		window.seen = [];
+		window.c.addEventListener("presence", (e) => seen.push(e.detail.deviceId + ":" + e.detail.online));
+		return true;
+	})()`)
+	g.edge.Hub().CloseDevice(g.pageDev.UserID, g.pageDev.ID, relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the test ends the session")
+	want := g.rxDev.ID + ":false," + g.rxDev.ID + ":true"
+	waitJS(g.ctx, t, "offline, then online again", fmt.Sprintf(`seen.slice(0, 2).join(",") === %q`, want))
 }

@@ -1041,6 +1041,10 @@ export class RelayClient extends EventTarget {
         const why = await this.serve(c);
         this.conn = null;
         if (this.stopped) return;
+        // What the ended session said is online is not known any more:
+        // reported offline (the next session reports who is online).
+        for (const id of this.onlineSet) this.emit("presence", { deviceId: id, online: false });
+        this.onlineSet.clear();
         this.emit("state", { connected: false, reason: why });
         if (this.fatal(why)) { this.stop(why!); return; }
         [wait, backoff] = reconnectWait(why, performance.now() - began, backoff, min, max);
