@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -42,6 +43,9 @@ type Config struct {
 	Login, Password string
 	// Options apply to every Connect client (tracing, for one).
 	Options []connect.ClientOption
+	// Logger for what the edge's callers do not see (a console call that
+	// could not be passed on); nil discards it.
+	Logger *slog.Logger
 	// DialTimeout bounds each TCP connection attempt [500ms]. An attempt
 	// that gets no answer (the control plane cut off by a partition) is
 	// given up and made again, which, right after the network heals,
@@ -97,6 +101,9 @@ func New(cfg Config) (*Conn, error) {
 	}
 	if cfg.PingTimeout <= 0 {
 		cfg.PingTimeout = time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	dialer := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 15 * time.Second}
 	tr := &http.Transport{ForceAttemptHTTP2: true, MaxIdleConnsPerHost: 4, IdleConnTimeout: 90 * time.Second,
@@ -436,10 +443,24 @@ func (c *Conn) Proxy(prefix string) http.Handler {
 			r.Out.URL.Path = strings.TrimPrefix(r.In.URL.Path, prefix)
 			r.Out.URL.RawPath = ""
 			r.SetXForwarded()
+			// Only this edge may vouch for an address. Set here, on the
+			// outgoing request, after the proxy removed the hop-by-hop
+			// headers: set on the incoming one, a caller's
+			// "Connection: Relay-Forwarded-For" had them removed, and its
+			// failed logins counted against the edge's own address.
+			r.Out.Header.Del(forwardedForHeader)
+			r.Out.Header.Del(forwardedByHeader)
+			if v, ok := r.In.Context().Value(vouchKey{}).(vouch); ok {
+				r.Out.Header.Set(forwardedForHeader, v.addr)
+				r.Out.Header.Set(forwardedByHeader, "Bearer "+v.token)
+			}
 		},
 		Transport: c.http.Transport,
-		ErrorHandler: func(w http.ResponseWriter, _ *http.Request, err error) {
-			writeJSONError(w, http.StatusServiceUnavailable, "unavailable", "control plane unreachable: "+err.Error())
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			// The cause names the control plane's addresses: logged, not
+			// told to the internet.
+			c.cfg.Logger.Warn("console API call not passed on: control plane unreachable", "path", r.URL.Path, "err", err)
+			writeJSONError(w, http.StatusServiceUnavailable, "unavailable", "control plane unreachable; try again")
 		},
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -447,13 +468,9 @@ func (c *Conn) Proxy(prefix string) http.Handler {
 			writeJSONError(w, http.StatusNotFound, "not_found", "not a procedure this edge passes on")
 			return
 		}
-		// Only this edge may vouch for an address.
-		r.Header.Del(forwardedForHeader)
-		r.Header.Del(forwardedByHeader)
 		if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
 			if tok, err := c.Token(r.Context()); err == nil {
-				r.Header.Set(forwardedForHeader, host)
-				r.Header.Set(forwardedByHeader, "Bearer "+tok)
+				r = r.WithContext(context.WithValue(r.Context(), vouchKey{}, vouch{addr: host, token: tok}))
 			}
 		}
 		r.Body = http.MaxBytesReader(w, r.Body, maxProxiedBody)
@@ -463,6 +480,13 @@ func (c *Conn) Proxy(prefix string) http.Handler {
 		rp.ServeHTTP(w, r)
 	})
 }
+
+// vouch is the address the edge vouches for on a proxied call, with the
+// token that vouches; it travels in the request's context (vouchKey) to
+// the proxy's Rewrite.
+type vouch struct{ addr, token string }
+
+type vouchKey struct{}
 
 // writeJSONError answers in the Connect protocol's JSON error shape.
 func writeJSONError(w http.ResponseWriter, status int, code, msg string) {

@@ -110,6 +110,23 @@ func TestConsoleAPIThroughTheEdge(t *testing.T) {
 		t.Fatalf("login from a second browser: %d %v", code, body)
 	}
 
+	// Nor can a caller have the edge's vouching removed on the way (a
+	// Connection header naming it, hop-by-hop, made the proxy drop it,
+	// and the failures counted against the edge's own address): they
+	// count against its address, and the edge's is untouched.
+	three := from(t, "127.0.0.5")
+	strip := http.Header{"Connection": {"Relay-Forwarded-For, Relay-Forwarded-By"}}
+	for i := range burst + 1 {
+		code, body = call(t, three, base+"control.v1.AuthService/Login", map[string]string{"login": fmt.Sprintf("w%d", i), "password": "wrong"}, strip)
+	}
+	if code != http.StatusTooManyRequests {
+		t.Fatalf("login %d from a browser stripping the vouch: %d %v, want 429", burst+1, code, body)
+	}
+	if code, body = call(t, from(t, "127.0.0.1"), strings.TrimSuffix(r.ControlURLs()[0], "/")+"/control.v1.AuthService/Login",
+		map[string]string{"login": "alice", "password": "password-of-alice"}, nil); code != http.StatusOK {
+		t.Fatalf("a login from the edge's own address after that: %d %v", code, body)
+	}
+
 	// Straight to the control plane, a claimed address without an edge's
 	// token counts for nothing: every claim lands on the caller's own.
 	direct := strings.TrimSuffix(r.ControlURLs()[0], "/") + "/control.v1.AuthService/Login"

@@ -231,6 +231,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	cc := cfg.Control
 	cc.Options = append(cc.Options, connect.WithInterceptors(otel))
+	if cc.Logger == nil {
+		cc.Logger = s.log
+	}
 	if s.control, err = controlconn.New(cc); err != nil {
 		return nil, err
 	}

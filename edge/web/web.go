@@ -27,6 +27,13 @@ func files() fs.FS {
 	return sub
 }
 
+// ContentSecurityPolicy is the console page's policy: scripts and styles
+// from the edge only, connections to any edge (WebTransport may go to
+// another address than the page's), no framing, no <base>, no form
+// posted elsewhere.
+const ContentSecurityPolicy = "default-src 'self'; connect-src 'self' https: wss: ws:; style-src 'self' 'unsafe-inline'; " +
+	"frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+
 // Handler serves the console page at "/" and the scripts beside it. The
 // page is cross-origin isolated (COOP/COEP), which gives it precise
 // timers for latency figures and still allows WebTransport.
@@ -56,7 +63,11 @@ func Handler() http.Handler {
 				h.Set("Cross-Origin-Resource-Policy", "cross-origin")
 			}
 		} else {
-			h.Set("Content-Security-Policy", "default-src 'self'; connect-src 'self' https: wss: ws:; style-src 'self' 'unsafe-inline'")
+			// No framing (the console's buttons under another site's
+			// page), no <base> or form target elsewhere: neither
+			// base-uri nor form-action falls back to default-src.
+			h.Set("Content-Security-Policy", ContentSecurityPolicy)
+			h.Set("X-Frame-Options", "DENY")
 		}
 		serve.ServeHTTP(w, r)
 	})

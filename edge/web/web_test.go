@@ -85,6 +85,18 @@ func TestHandler(t *testing.T) {
 		if resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Content-Type"), want) || resp.Header.Get("Cross-Origin-Opener-Policy") != "same-origin" {
 			t.Fatalf("%s: %d %q", path, resp.StatusCode, resp.Header)
 		}
+		// The page may not be framed, nor post or resolve elsewhere.
+		if want == "text/html" {
+			csp := resp.Header.Get("Content-Security-Policy")
+			for _, d := range []string{"frame-ancestors 'none'", "base-uri 'none'", "form-action 'self'", "default-src 'self'"} {
+				if !strings.Contains(csp, d) {
+					t.Errorf("%s: Content-Security-Policy %q lacks %s", path, csp, d)
+				}
+			}
+			if xfo := resp.Header.Get("X-Frame-Options"); xfo != "DENY" {
+				t.Errorf("%s: X-Frame-Options %q, want DENY", path, xfo)
+			}
+		}
 	}
 	resp, err := http.Get(srv.URL + "/SOURCES.sha256")
 	if err != nil {
