@@ -329,6 +329,45 @@ func TestConsoleInChromium(t *testing.T) {
 	})
 }
 
+// Signing in again in a tab whose access token it lost (expired) ends the
+// session it signed in before, rather than leave it to live until its
+// refresh token expires: that session's access token stops working.
+func TestConsoleSigningInAgainEndsTheOldSession(t *testing.T) {
+	f := newFixture(t)
+	f.signIn(t)
+	old, err := chromedp.Run(f.browser, chromedp.Evaluate[string](`sessionStorage.getItem("relay.token")`))
+	if err != nil || old == "" {
+		t.Fatalf("no access token in the page: %v", err)
+	}
+	getMe := func() int {
+		req, _ := http.NewRequest("POST", f.edge.AdminURL()+"/api/control.v1.UserService/GetMe", strings.NewReader("{}"))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer "+old)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := getMe(); code != http.StatusOK {
+		t.Fatalf("the first session's access token: %d before signing in again", code)
+	}
+	// The page loses its access token (as when it expired) and asks to
+	// sign in again.
+	if _, err := chromedp.Run(f.browser, chromedp.Evaluate[any](`sessionStorage.removeItem("relay.token")`)); err != nil {
+		t.Fatal(err)
+	}
+	do(f.browser, t, "reload", chromedp.Reload())
+	f.signIn(t)
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if code := getMe(); code != http.StatusUnauthorized {
+			return fmt.Errorf("the first session's access token still gets %d", code)
+		}
+		return nil
+	})
+}
+
 // The edge restarts (with a new self-signed certificate) while the page
 // is connected: the page reconnects by itself, resumes with its ticket,
 // and an event sent while the edge was away is delivered once it is

@@ -198,10 +198,14 @@ async function main(): Promise<void> {
       const r = await call<{ tokens: { accessToken: string; refreshToken: string } }>("control.v1.AuthService/Login", {
         login: $<HTMLInputElement>("login").value, password: $<HTMLInputElement>("password").value,
       });
+      // A session this tab signed in before (its access token expired)
+      // is ended, not left to live until its refresh token expires.
+      const old = refreshToken;
       token = r.tokens.accessToken;
       refreshToken = r.tokens.refreshToken;
       sessionStorage.setItem("relay.token", token);
       sessionStorage.setItem("relay.refresh", refreshToken);
+      if (old && old !== refreshToken) await call("control.v1.AuthService/Logout", { refreshToken: old }).catch(() => {});
       $<HTMLInputElement>("password").value = "";
       await signedIn();
     })().catch(showError);
