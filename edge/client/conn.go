@@ -298,6 +298,13 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	if err := cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: cn.hello}}); err != nil {
 		return fmt.Errorf("send hello: %w", err)
 	}
+	// The edge's clock is learnt from the first of its frames: the
+	// Challenge of a full handshake answers the Hello at once, while the
+	// Welcome comes after the signature's round trip and the edge's work
+	// (the device's mailbox read), which would make the offset late by
+	// half of them.
+	var chOffset time.Duration
+	learnt := false
 	for {
 		var f relayv1.Frame
 		if err := cn.r.Read(&f); err != nil {
@@ -308,6 +315,11 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 		}
 		switch k := f.GetKind().(type) {
 		case *relayv1.Frame_Challenge:
+			if !learnt && k.Challenge.GetServerTimeMs() != 0 {
+				// The edge stamped server_time about half a round trip ago.
+				chOffset = time.UnixMilli(k.Challenge.GetServerTimeMs()).Add(time.Since(sent) / 2).Sub(time.Now())
+				learnt = true
+			}
 			if k.Challenge.GetTicketError() != 0 {
 				c.log.Debug("resume ticket refused", "code", k.Challenge.GetTicketError().String())
 				c.mu.Lock()
@@ -319,9 +331,11 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 			}
 		case *relayv1.Frame_Welcome:
 			w := k.Welcome
-			rtt := time.Since(sent)
-			// The edge stamped server_time about half a round trip ago.
-			offset := time.UnixMilli(w.GetServerTimeMs()).Add(rtt / 2).Sub(time.Now())
+			offset := chOffset
+			if !learnt {
+				// A resumed session: the Welcome answers the Hello.
+				offset = time.UnixMilli(w.GetServerTimeMs()).Add(time.Since(sent) / 2).Sub(time.Now())
+			}
 			if n := int(min(w.GetLimits().GetMaxFrameBytes(), frame.MaxFrameLimit)); n > 0 {
 				// The edge refuses (closing the session) a frame longer
 				// than its limit, and relays events up to it, in frames a

@@ -9,6 +9,7 @@ import (
 	"hash/maphash"
 	"io"
 	"log/slog"
+	"net"
 	"runtime"
 	"slices"
 	"sync"
@@ -718,5 +719,60 @@ func TestReconnectBoundsDefaults(t *testing.T) {
 		if c.ReconnectMin != tc.wantMin || c.ReconnectMax != tc.wantMax {
 			t.Errorf("min %v, max %v: got %v, %v; want %v, %v", tc.min, tc.max, c.ReconnectMin, c.ReconnectMax, tc.wantMin, tc.wantMax)
 		}
+	}
+}
+
+// pipeConn is a session.Conn over one end of a net.Pipe, without
+// datagrams.
+type pipeConn struct{ net.Conn }
+
+func (pipeConn) SendDatagram([]byte) error                       { return session.ErrNoDatagrams }
+func (pipeConn) ReceiveDatagram(context.Context) ([]byte, error) { return nil, session.ErrNoDatagrams }
+func (p pipeConn) Close(relayv1.ErrorCode, string) error         { return p.Conn.Close() }
+func (p pipeConn) Abort(relayv1.ErrorCode, string) error         { return p.Conn.Close() }
+func (pipeConn) Transport() string                               { return "pipe" }
+
+// In a full handshake the client learns the edge's clock from the
+// Challenge, which answers its Hello at once, not from the Welcome, which
+// comes after the signature's round trip and the edge's work (here an
+// edge ten minutes ahead that takes 600 ms before its Welcome: the
+// Welcome's half round trip made the offset 300 ms late).
+func TestClockOffsetFromTheChallenge(t *testing.T) {
+	const ahead = 10 * time.Minute
+	cli, edge := net.Pipe()
+	defer cli.Close()
+	defer edge.Close()
+	_, key, _ := ed25519.GenerateKey(nil)
+	c := readerClient(1)
+	c.cfg.UserID, c.cfg.DeviceID, c.cfg.Key = "u", "d", key
+	cn := &conn{c: pipeConn{cli}, r: frame.NewReader(cli, 0), w: frame.NewWriter(cli, 0)}
+	edgeDone := make(chan error, 1)
+	go func() {
+		edgeDone <- func() error {
+			r, w := frame.NewReader(edge, 0), frame.NewWriter(edge, 0)
+			var f relayv1.Frame
+			if err := r.Read(&f); err != nil || f.GetHello() == nil {
+				return fmt.Errorf("hello: %v %v", &f, err)
+			}
+			if err := w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Challenge{Challenge: &relayv1.Challenge{
+				Nonce: make([]byte, 32), EdgeId: "e", ServerTimeMs: time.Now().Add(ahead).UnixMilli()}}}); err != nil {
+				return err
+			}
+			if err := r.Read(&f); err != nil || f.GetAuthenticate() == nil {
+				return fmt.Errorf("authenticate: %v %v", &f, err)
+			}
+			time.Sleep(600 * time.Millisecond) // the edge's work before its Welcome
+			return w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Welcome{Welcome: &relayv1.Welcome{
+				SessionId: "s", ServerTimeMs: time.Now().Add(ahead).UnixMilli()}}})
+		}()
+	}()
+	if err := c.handshake(t.Context(), cn); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-edgeDone; err != nil {
+		t.Fatal(err)
+	}
+	if off := c.ClockOffset(); off < ahead-150*time.Millisecond || off > ahead+150*time.Millisecond {
+		t.Fatalf("offset %v, want %v within 150 ms", off, ahead)
 	}
 }

@@ -867,19 +867,24 @@ export class RelayClient extends EventTarget {
       hello.resumeProof = new Uint8Array(await crypto.subtle.sign("Ed25519", this.opts.key, rt as BufferSource));
     }
     await c.send(frame({ case: "hello", value: hello }));
+    // The edge's clock is learnt from its first frame: a full handshake's
+    // Challenge answers the Hello at once, while the Welcome comes after
+    // the signature's round trip and the edge's work (the Go client's
+    // handshake does the same).
+    let offset: number | null = null;
     for (;;) {
       const body = await c.next();
       if (!body) throw c.closeReason() ?? new Error("the edge closed the connection during the handshake");
       const f = fromBinary(FrameSchema, body);
       switch (f.kind.case) {
         case "challenge":
+          if (offset === null && f.kind.value.serverTimeMs) offset = Number(f.kind.value.serverTimeMs) + (Date.now() - sent) / 2 - Date.now();
           if (f.kind.value.ticketError) this.ticket = new Uint8Array(0);
           await this.answer(c, hello, f.kind.value);
           break;
         case "welcome": {
           const w = f.kind.value;
-          const rtt = Date.now() - sent;
-          this.clockOffsetMs = Number(w.serverTimeMs) + rtt / 2 - Date.now();
+          this.clockOffsetMs = offset ?? Number(w.serverTimeMs) + (Date.now() - sent) / 2 - Date.now();
           if (w.resumeTicket.length > 0) this.ticket = w.resumeTicket;
           if (w.limits?.maxFrameBytes) {
             this.maxFrameBytes = Math.min(w.limits.maxFrameBytes, MAX_FRAME_LIMIT);
