@@ -940,9 +940,9 @@ func newInbox(c *Client, cn *conn) *inbox {
 // put gives ev to the application at once when the channel has room and
 // nothing waits before it (its receipt joining r), else holds it;
 // claimed: ev's id was claimed (Client.claim), and is settled. When
-// the first event is held, the receipts r holds go out first: the events
-// the application was given already are acknowledged to their senders
-// while this one waits.
+// the first event is held, the receipts r holds go out at once: the
+// events the application was given already are acknowledged to their
+// senders while this one waits.
 func (in *inbox) put(ev Event, delivery uint64, claimed bool, r *receipts) error {
 	settle := func(taken bool) {
 		if claimed {
@@ -950,10 +950,11 @@ func (in *inbox) put(ev Event, delivery uint64, claimed bool, r *receipts) error
 		}
 	}
 	in.mu.Lock()
-	defer in.mu.Unlock()
-	if len(in.q) == 0 {
+	first := len(in.q) == 0
+	if first {
 		select {
 		case in.c.events <- ev:
+			in.mu.Unlock()
 			settle(true)
 			if delivery != 0 {
 				r.ids = append(r.ids, delivery)
@@ -961,29 +962,32 @@ func (in *inbox) put(ev Event, delivery uint64, claimed bool, r *receipts) error
 			return nil
 		default:
 		}
-		if err := r.flush(); err != nil {
-			settle(false)
-			return err
+	}
+	var err error
+	switch {
+	case ev.Ephemeral && in.ephemeral >= maxHeldEphemeral:
+		settle(false) // dropped: the application lags
+	case len(in.q) >= maxHeld || in.bytes+len(ev.Payload) > maxHeldBytes:
+		settle(false)
+		err = fmt.Errorf("the edge sent %d events (%d bytes) this client was not ready for, beyond what it may leave unacknowledged", len(in.q)+1, in.bytes+len(ev.Payload))
+	default:
+		in.q = append(in.q, heldEvent{ev: ev, delivery: delivery, claimed: claimed})
+		in.bytes += len(ev.Payload)
+		if ev.Ephemeral {
+			in.ephemeral++
+		}
+		select {
+		case in.wake <- struct{}{}:
+		default:
 		}
 	}
-	if ev.Ephemeral && in.ephemeral >= maxHeldEphemeral {
-		settle(false)
-		return nil // dropped: the application lags
+	in.mu.Unlock()
+	if first && err == nil {
+		// Written outside the lock, which pump takes to give the
+		// application the next held event.
+		err = r.flush()
 	}
-	if len(in.q) >= maxHeld || in.bytes+len(ev.Payload) > maxHeldBytes {
-		settle(false)
-		return fmt.Errorf("the edge sent %d events (%d bytes) this client was not ready for, beyond what it may leave unacknowledged", len(in.q)+1, in.bytes+len(ev.Payload))
-	}
-	in.q = append(in.q, heldEvent{ev: ev, delivery: delivery, claimed: claimed})
-	in.bytes += len(ev.Payload)
-	if ev.Ephemeral {
-		in.ephemeral++
-	}
-	select {
-	case in.wake <- struct{}{}:
-	default:
-	}
-	return nil
+	return err
 }
 
 // pump gives the held events to the application, in order, as it reads,
