@@ -103,6 +103,13 @@ func (r *result) count(name string, n float64) {
 	r.mu.Unlock()
 }
 
+// get returns counter name's value.
+func (r *result) get(name string) float64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.Counts[name]
+}
+
 func (r *result) fail(cause string) {
 	r.mu.Lock()
 	r.Errors[cause]++

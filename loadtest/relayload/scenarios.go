@@ -376,25 +376,60 @@ func (d *driverConfig) driveEphemeral(ctx context.Context, ps []pair, inflight i
 }
 
 // receiveAll counts what every pair's receiver gets as "received" until
-// the returned stop is called; stop waits for the receivers to end.
+// the returned stop is called. An ack can reach a sender before the
+// receiver here counted its event (the receiving client acknowledges
+// what it put in its buffer, before Receive returns it), so stop first
+// waits, up to receiveDrain, until
+// the online receivers have had every acked event, then ends the
+// receivers and waits for them.
 func receiveAll(ctx context.Context, ps []pair, r *result) (stop func()) {
 	var wg sync.WaitGroup
 	rctx, cancel := context.WithCancel(ctx)
+	got := make(chan struct{}, 1)
+	online := false
 	for _, p := range ps {
 		if p.rx == nil {
 			continue // an offline receiver
 		}
+		online = true
 		wg.Go(func() {
 			for {
 				if _, err := p.rx.Receive(rctx); err != nil {
 					return
 				}
 				r.count("received", 1)
+				select {
+				case got <- struct{}{}:
+				default:
+				}
 			}
 		})
 	}
-	return func() { cancel(); wg.Wait() }
+	return func() {
+		defer func() { cancel(); wg.Wait() }()
+		if !online {
+			return
+		}
+		deadline := time.NewTimer(receiveDrain)
+		defer deadline.Stop()
+		for {
+			if r.get("received") >= r.get("acked") {
+				return
+			}
+			select {
+			case <-got:
+			case <-deadline.C:
+				return
+			case <-ctx.Done():
+				return
+			}
+		}
+	}
 }
+
+// receiveDrain bounds how long the end of a durable run waits for
+// acked events still on their way to their receivers.
+const receiveDrain = 2 * time.Second
 
 func (d *driverConfig) rateProgress(r *result) func() string {
 	return func() string {
