@@ -19,14 +19,18 @@ const relayTTL = 2 * time.Minute
 type traffic struct {
 	log  *RelayLog
 	stop chan struct{}
-	wg   sync.WaitGroup
+	wg   sync.WaitGroup // the receivers
+	// senders end on stop, once the event they are sending is acked or
+	// failed: an ack after finish stopped waiting would find its event
+	// missing at a receiver already closed.
+	senders sync.WaitGroup
 }
 
 func newTraffic() *traffic { return &traffic{log: NewRelayLog(), stop: make(chan struct{})} }
 
 // send makes c send events to targets, one at a time, until Stop.
 func (tr *traffic) send(c *client.Client, sender string, targets []string) {
-	tr.wg.Go(func() {
+	tr.senders.Go(func() {
 		for i := 0; ; i++ {
 			select {
 			case <-tr.stop:
@@ -60,11 +64,13 @@ func (tr *traffic) receive(c *client.Client, device string) {
 	})
 }
 
-// finish stops the senders, waits until every acknowledged event has
-// arrived (or within passed), closes the clients and checks the log.
+// finish stops the senders and waits for their last sends, waits until
+// every acknowledged event has arrived (or within passed), closes the
+// clients and checks the log.
 func (tr *traffic) finish(t *testing.T, within time.Duration, clients ...*client.Client) {
 	t.Helper()
 	close(tr.stop)
+	tr.senders.Wait()
 	tr.log.WaitComplete(within)
 	for _, c := range clients {
 		_ = c.Close()
