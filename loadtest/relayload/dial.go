@@ -14,6 +14,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/edge-relay/relay/edge/client"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 // pacer bounds the session attempts in flight by what the edge
@@ -113,14 +114,22 @@ func cause(err error) string {
 }
 
 // retryable: worth another attempt after a pause. The edge's verdicts
-// on the device (AUTH_FAILED, REVOKED, ...) are not.
-func retryable(err error) bool {
+// on the device (AUTH_FAILED, REVOKED, ...) are not, but for
+// AUTH_FAILED within newDeviceGrace of the device's registration: the
+// edge may not have had it from its watch feed yet (it answers a device
+// it does not know as it answers a wrong key).
+func retryable(err error, dev device) bool {
 	var ce *client.Error
 	if errors.As(err, &ce) {
-		return ce.Retryable() || ce.Code.String() == "ERROR_CODE_SESSION_EXPIRED"
+		return ce.Retryable() || ce.Code == relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED ||
+			(ce.Code == relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED && time.Since(dev.registered) < newDeviceGrace)
 	}
 	return !errors.Is(err, context.Canceled)
 }
+
+// newDeviceGrace is how long after its registration a device refused
+// as unknown is tried again.
+const newDeviceGrace = 5 * time.Second
 
 // connect brings one device's session up: paced, retried with
 // exponential backoff and jitter, every failed attempt counted by cause
@@ -156,7 +165,7 @@ func (dl *dialer) connect(ctx context.Context, p *pacer, r *result, metric strin
 			return nil, ctx.Err()
 		}
 		r.fail(cause(err))
-		if !retryable(err) {
+		if !retryable(err, dev) {
 			break
 		}
 	}

@@ -79,6 +79,9 @@ type device struct {
 	// tls keeps the device's TLS session tickets across its reconnects,
 	// as a device's process does: reconnects resume TLS.
 	tls tls.ClientSessionCache
+	// registered is when the control plane answered its registration:
+	// an edge learns the device from its watch feed moments later.
+	registered time.Time
 }
 
 func (d *driverConfig) setup() (token string, err error) {
@@ -135,7 +138,7 @@ func (d *driverConfig) provision(ctx context.Context, users, per int) ([][]devic
 			if err != nil {
 				return fmt.Errorf("register device: %w", err)
 			}
-			out[i] = append(out[i], device{user: uid, id: r.Msg.GetDevice().GetId(), key: priv, tls: tls.NewLRUClientSessionCache(2)})
+			out[i] = append(out[i], device{user: uid, id: r.Msg.GetDevice().GetId(), key: priv, tls: tls.NewLRUClientSessionCache(2), registered: time.Now()})
 		}
 		return nil
 	})

@@ -354,15 +354,17 @@ func (d *driverConfig) driveEphemeral(ctx context.Context, ps []pair, inflight i
 		}
 	}
 	sending = time.Since(start)
-	// What is still on its way arrives within moments on a live edge;
-	// wait until the receivers are quiet (or a second passed).
-	deadline := time.Now().Add(time.Second)
-	for last := -1.0; time.Now().Before(deadline); {
-		c, _, _ := r.snapshot()
-		if c["received"] == last {
+	// What is still on its way arrives within moments on a live edge:
+	// wait until everything sent arrived or, in the open loop, where a
+	// datagram may be lost, until the receivers are quiet for 50 ms; at
+	// most receiveDrain.
+	deadline := time.Now().Add(receiveDrain)
+	for last := -1.0; time.Now().Before(deadline) && ctx.Err() == nil; {
+		got := r.get("received")
+		if got >= r.get("attempts")-r.get("failed") || (inflight == 0 && got == last) {
 			break
 		}
-		last = c["received"]
+		last = got
 		t := time.NewTimer(50 * time.Millisecond)
 		select {
 		case <-t.C:
@@ -751,7 +753,8 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 		return fmt.Sprintf("resumed=%.0f full=%.0f failures=%d window=%.1f resume_p99=%.1fms", c["resumed"], c["full"], errs, p.current(), lat["resume"]/1e3)
 	})
 	// Each device: one full handshake (not timed as a resume), then
-	// close-and-resume until the deadline.
+	// close-and-resume until the deadline, at least once (a run whose
+	// first handshakes outlast a short --duration still resumes).
 	cpu, cpuErr := edgesAt(ctx, admins)
 	deadline := time.Now().Add(*dur)
 	start := time.Now()
@@ -763,7 +766,7 @@ func (d *driverConfig) resume(ctx context.Context, args []string) error {
 			r.count("failed", 1)
 			return nil
 		}
-		for n := 1; time.Now().Before(deadline) && ctx.Err() == nil; n++ {
+		for n := 1; (n == 1 || time.Now().Before(deadline)) && ctx.Err() == nil; n++ {
 			ticket := c.ResumeTicket()
 			_ = c.Close()
 			r.count("attempts", 1)
