@@ -94,7 +94,7 @@ func (s *DeviceServer) RegisterDevice(ctx context.Context, req *connect.Request[
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	return connect.NewResponse(&controlv1.RegisterDeviceResponse{Device: deviceToAPI(res.GetDevice())}), nil
+	return connect.NewResponse(&controlv1.RegisterDeviceResponse{Device: deviceToAPI(res.GetDevice()), Revision: res.GetRevision()}), nil
 }
 
 // ListDevices lists an account's devices.

@@ -2,6 +2,7 @@ package api_test
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -73,6 +74,23 @@ func TestIdempotencyKeyMakesRetriesSafe(t *testing.T) {
 	d2, err := on(2, dora).devices.RegisterDevice(ctx, withKey(reg, "k"))
 	if err != nil || d2.Msg.GetDevice().GetId() != d1.Msg.GetDevice().GetId() {
 		t.Fatalf("RegisterDevice retried: %v %v", d2, err)
+	}
+	// The revision that registered it, the same for the retry: every
+	// replica that reached it has the device.
+	rev := d1.Msg.GetRevision()
+	if rev == 0 || d2.Msg.GetRevision() != rev {
+		t.Fatalf("registration revisions %d and %d", rev, d2.Msg.GetRevision())
+	}
+	for _, n := range c.Nodes {
+		clustertest.Eventually(t, 10*time.Second, func() error {
+			if got := n.Server.Node().FSM().AppliedIndex(); got < rev {
+				return fmt.Errorf("%s applied %d", n.ID, got)
+			}
+			return nil
+		})
+		if _, err := n.Server.Node().FSM().GetDevice(d1.Msg.GetDevice().GetUserId(), d1.Msg.GetDevice().GetId()); err != nil {
+			t.Fatalf("%s at revision %d: %v", n.ID, rev, err)
+		}
 	}
 	list, err := on(0, dora).devices.ListDevices(ctx, connect.NewRequest(&controlv1.ListDevicesRequest{}))
 	if err != nil || len(list.Msg.GetDevices()) != 1 {

@@ -123,6 +123,12 @@ type Config struct {
 	// only at a session's first ephemeral event (see SendEphemeral), so
 	// an idle device costs the same either way.
 	NoDatagrams bool
+	// MinRevision is a control-plane revision the device knows of, such
+	// as RegisterDeviceResponse.revision: every Hello names it, and an
+	// edge that has not caught up with it yet waits (a few seconds at
+	// most) before it looks the device up, so a device that connects
+	// right after its registration is not refused as unknown. 0: none.
+	MinRevision uint64
 	// MaxPending bounds the Send calls under way [1024]: a Send beyond it
 	// waits, on its context, for an earlier one to finish, so an
 	// application sending faster than the edge acknowledges is held back

@@ -289,7 +289,7 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	// must be within the edge's resume window of its clock.
 	cn.noDatagrams = cn.noDatagrams || c.cfg.NoDatagrams
 	cn.hello = &relayv1.Hello{NoDatagrams: cn.noDatagrams, DeferDatagrams: !cn.noDatagrams, UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: session.ProtocolVersion,
-		ClientTimeMs: sent.Add(offset).UnixMilli(), ResumeTicket: ticket, Instance: c.instance}
+		ClientTimeMs: sent.Add(offset).UnixMilli(), ResumeTicket: ticket, Instance: c.instance, MinRevision: c.cfg.MinRevision}
 	if len(ticket) > 0 {
 		if err := c.proveResume(cn.hello); err != nil {
 			return err

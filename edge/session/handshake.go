@@ -1,6 +1,7 @@
 package session
 
 import (
+	"context"
 	"crypto/ed25519"
 	"errors"
 	"fmt"
@@ -53,6 +54,11 @@ type Directory interface {
 	// a session may keep an answer for as long as it stays the same. 0
 	// says changes are not tracked: ask every time.
 	Generation() uint64
+	// Revision is the last control-plane revision the directory applied
+	// completely; WaitRevision returns once the directory (synced with
+	// the feed) has applied rev, or ctx's error.
+	Revision() uint64
+	WaitRevision(ctx context.Context, rev uint64) error
 }
 
 // CloseError ends a session with a protocol code, sent to the client in

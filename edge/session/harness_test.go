@@ -111,8 +111,9 @@ type memDir struct {
 	blind   uint64
 	gen     atomic.Uint64 // moves with every change (Generation)
 	// asked, looked and listed count UserActive, LookupDevice and
-	// UserDevices calls.
-	asked, looked, listed atomic.Int64
+	// UserDevices calls; revisionWaits counts WaitRevision calls.
+	asked, looked, listed, revisionWaits atomic.Int64
+	fed                                  chan struct{} // closed and replaced by setFeed
 }
 
 // setUser makes a user active or not.
@@ -146,11 +147,41 @@ func (d *memDir) blindCopy() {
 func (d *memDir) setFeed(rev uint64) {
 	d.mu.Lock()
 	d.feed, d.lagging = rev, rev != math.MaxUint64
+	close(d.fed)
+	d.fed = make(chan struct{})
 	d.mu.Unlock()
 }
 
+// Revision is the feed's revision: caught up, the largest there is.
+func (d *memDir) Revision() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.lagging {
+		return math.MaxUint64
+	}
+	return d.feed
+}
+
+// WaitRevision waits for the feed to reach rev (setFeed).
+func (d *memDir) WaitRevision(ctx context.Context, rev uint64) error {
+	d.revisionWaits.Add(1)
+	for {
+		d.mu.Lock()
+		ok, fed := !d.lagging || d.feed >= rev, d.fed
+		d.mu.Unlock()
+		if ok {
+			return nil
+		}
+		select {
+		case <-fed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
 func newMemDir() *memDir {
-	return &memDir{devices: map[string]DeviceInfo{}, users: map[string]bool{}}
+	return &memDir{devices: map[string]DeviceInfo{}, users: map[string]bool{}, fed: make(chan struct{})}
 }
 
 func (d *memDir) LookupDevice(id string) DeviceInfo {

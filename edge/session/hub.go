@@ -44,6 +44,11 @@ type Config struct {
 	// HandshakeTimeout bounds the handshake, and the answer to a
 	// re-authentication challenge [10s].
 	HandshakeTimeout time.Duration
+	// RevisionWait bounds how long a Hello's min_revision holds the
+	// handshake while the Directory catches up with it [5s, at most
+	// half of HandshakeTimeout]; then the handshake goes on with what
+	// the Directory knows.
+	RevisionWait time.Duration
 	// QueueLen and QueueBytes bound a session's queue of deliveries
 	// [256, 1 MiB]; ControlQueueLen bounds its acks, rejects and presence
 	// frames [4096], beyond which the device counts as not reading.
@@ -141,6 +146,8 @@ func (c *Config) setDefaults() error {
 	def(&c.TicketTTL, time.Hour)
 	def(&c.MaxSessionAge, 24*time.Hour)
 	def(&c.HandshakeTimeout, 10*time.Second)
+	def(&c.RevisionWait, 5*time.Second)
+	c.RevisionWait = min(c.RevisionWait, c.HandshakeTimeout/2)
 	def(&c.CloseLinger, 2*time.Second)
 	def(&c.WriterLinger, time.Second)
 	def(&c.WriteTimeout, 20*time.Second)

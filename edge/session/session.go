@@ -383,6 +383,9 @@ func (s *Session) handshake(ctx context.Context) error {
 			}
 			return readEnd(err)
 		}
+		if hello := f.GetHello(); hello != nil && s.hs.state == hsAwaitHello && hello.GetMinRevision() > 0 {
+			s.waitRevision(ctx, hello.GetMinRevision(), deadline)
+		}
 		reply, err := s.hs.step(&f)
 		if err != nil {
 			return err
@@ -401,6 +404,34 @@ func (s *Session) handshake(ctx context.Context) error {
 	s.userID, s.deviceID = s.hs.hello.GetUserId(), s.hs.hello.GetDeviceId()
 	s.instance = s.hs.hello.GetInstance()
 	return nil
+}
+
+// waitRevision holds the handshake, at most RevisionWait and never past
+// deadline, until the directory has reached the revision a Hello named
+// (a device registered moments ago, whose registration may still be on
+// its way to this edge). If it is not reached in time, the handshake
+// goes on with what the directory knows: the wait is bounded by the
+// handshake's own time, which a client that sends its frames slowly
+// already has, and does not depend on the device, so it tells nothing
+// about which ids exist.
+func (s *Session) waitRevision(ctx context.Context, rev uint64, deadline time.Time) {
+	dir := s.hub.cfg.Directory
+	at := dir.Revision()
+	if at >= rev {
+		return
+	}
+	if until := time.Now().Add(s.hub.cfg.RevisionWait); until.Before(deadline) {
+		deadline = until
+	}
+	s.logAt(slog.LevelDebug, "handshake waits for the directory to reach the hello's revision", "min_revision", rev, "revision", at)
+	wctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	start := time.Now()
+	if err := dir.WaitRevision(wctx, rev); err != nil && ctx.Err() == nil {
+		// Debug, as the first line: any peer can name a revision, before
+		// it has proved anything.
+		s.logAt(slog.LevelDebug, "handshake went on before the directory reached the hello's revision", "min_revision", rev, "revision", dir.Revision(), "waited", time.Since(start))
+	}
 }
 
 // writeWelcome completes the handshake. The session is registered by

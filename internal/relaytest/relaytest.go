@@ -179,16 +179,32 @@ func (r *Relay) User(login string) string {
 	return resp.Msg.GetUser().GetId()
 }
 
-// Device is a registered device with its key.
+// Device is a registered device with its key, and the control-plane
+// revision that registered it (ClientConfig names it as MinRevision).
 type Device struct {
-	ID     string
-	UserID string
-	Key    ed25519.PrivateKey
+	ID       string
+	UserID   string
+	Key      ed25519.PrivateKey
+	Revision uint64
 }
 
 // Device registers a device for a user, waits until every edge knows
 // it, and returns it with its key.
 func (r *Relay) Device(userID, name string) Device {
+	r.t.Helper()
+	d := r.RegisterDevice(userID, name)
+	r.WaitEdges(func(s *server.Server) error {
+		if s.Directory().LookupDevice(d.ID).UserID != userID {
+			return fmt.Errorf("edge does not know device %s yet", d.ID)
+		}
+		return nil
+	})
+	return d
+}
+
+// RegisterDevice registers a device for a user and returns it at once,
+// edges knowing it or not.
+func (r *Relay) RegisterDevice(userID, name string) Device {
 	r.t.Helper()
 	pub, priv, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
@@ -199,14 +215,7 @@ func (r *Relay) Device(userID, name string) Device {
 	if err != nil {
 		r.t.Fatalf("register device %s: %v", name, err)
 	}
-	d := Device{ID: resp.Msg.GetDevice().GetId(), UserID: userID, Key: priv}
-	r.WaitEdges(func(s *server.Server) error {
-		if s.Directory().LookupDevice(d.ID).UserID != userID {
-			return fmt.Errorf("edge does not know device %s yet", d.ID)
-		}
-		return nil
-	})
-	return d
+	return Device{ID: resp.Msg.GetDevice().GetId(), UserID: userID, Key: priv, Revision: resp.Msg.GetRevision()}
 }
 
 // RevokeDevice revokes a device through the API.
@@ -268,7 +277,7 @@ func (r *Relay) ClientConfig(i int, d Device, tr client.Transport) client.Config
 		}
 	}
 	return client.Config{
-		Addr: s.Addr(), OtherAddrs: others, UserID: d.UserID, DeviceID: d.ID, Key: d.Key, Transport: tr, CertHashes: pins,
+		Addr: s.Addr(), OtherAddrs: others, UserID: d.UserID, DeviceID: d.ID, Key: d.Key, Transport: tr, CertHashes: pins, MinRevision: d.Revision,
 		ReconnectMin: 20 * time.Millisecond, ReconnectMax: 500 * time.Millisecond, Logger: r.logger.With("device", d.ID),
 	}
 }

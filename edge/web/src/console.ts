@@ -147,7 +147,7 @@ async function connect(): Promise<void> {
   const transport = $<HTMLSelectElement>("transport").value as "auto" | "webtransport" | "websocket";
   const me = await RelayClient.connect({
     edge: edge.addr, userId: device.userId, deviceId: device.deviceId, key: device.key, transport,
-    certHashesUrl: location.origin + CERT_HASHES_PATH, webSocketUrl: edge.webSocketUrl,
+    certHashesUrl: location.origin + CERT_HASHES_PATH, webSocketUrl: edge.webSocketUrl, minRevision: device.revision,
   });
   client = me;
   // Only the current client speaks to the page (a replaced one may still
@@ -218,8 +218,10 @@ async function main(): Promise<void> {
       const me = await call<{ user: { id: string } }>("control.v1.UserService/GetMe", {});
       const { privateKey, publicKey } = await generateDeviceKey();
       const name = $<HTMLInputElement>("device-name").value;
-      const r = await call<{ device: { id: string } }>("control.v1.DeviceService/RegisterDevice", { name, publicKey: b64(publicKey) });
-      device = { userId: me.user.id, deviceId: r.device.id, key: privateKey, name };
+      const r = await call<{ device: { id: string }; revision?: string }>("control.v1.DeviceService/RegisterDevice", { name, publicKey: b64(publicKey) });
+      // The edge may not know the device yet: the first connect names the
+      // registration's revision (a uint64, a string in JSON).
+      device = { userId: me.user.id, deviceId: r.device.id, key: privateKey, name, revision: BigInt(r.revision ?? "0") };
       await saveDevice(device);
       await signedIn();
       await connect();

@@ -137,6 +137,12 @@ export interface RelayOptions {
    * a page that awaits its sends is also held back, one that does not
    * keeps its waiting sends in memory. */
   maxPending?: number;
+  /** A control-plane revision this device knows of, such as the
+   * revision RegisterDevice returned: every Hello names it, and an edge
+   * that has not caught up with it yet waits (a few seconds at most)
+   * before it looks the device up, so a device that connects right after
+   * its registration is not refused as unknown. */
+  minRevision?: bigint;
 }
 
 /** Options of one send. */
@@ -856,7 +862,7 @@ export class RelayClient extends EventTarget {
     const hello = create(HelloSchema, {
       userId: this.opts.userId, deviceId: this.opts.deviceId, protocolVersion: PROTOCOL_VERSION,
       clientTimeMs: BigInt(Math.round(sent + this.clockOffsetMs)), resumeTicket: this.ticket, instance: this.instance,
-      deferDatagrams: true,
+      deferDatagrams: true, minRevision: this.opts.minRevision ?? 0n,
     });
     if (hello.resumeTicket.length > 0) {
       hello.resumeNonce = crypto.getRandomValues(new Uint8Array(16));
@@ -1112,7 +1118,11 @@ export async function generateDeviceKey(): Promise<{ privateKey: CryptoKey; publ
 }
 
 /** A device as this browser remembers it. */
-export interface StoredDevice { userId: string; deviceId: string; key: CryptoKey; name?: string }
+export interface StoredDevice {
+  userId: string; deviceId: string; key: CryptoKey; name?: string;
+  /** The revision that registered the device (RelayOptions.minRevision). */
+  revision?: bigint;
+}
 
 function db(): Promise<IDBDatabase> {
   return new Promise((resolve, reject) => {

@@ -190,8 +190,13 @@ func (x *RegisterDeviceRequest) GetPublicKey() []byte {
 
 // RegisterDeviceResponse returns the device with its new id.
 type RegisterDeviceResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Device        *Device                `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Device *Device                `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	// The control-plane revision that registered the device. A device that
+	// connects right away gives it in its Hello (min_revision), and the
+	// edge waits for the registration to reach it instead of refusing an
+	// id it does not know yet.
+	Revision      uint64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -231,6 +236,13 @@ func (x *RegisterDeviceResponse) GetDevice() *Device {
 		return x.Device
 	}
 	return nil
+}
+
+func (x *RegisterDeviceResponse) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
 }
 
 // ListDevicesRequest names the account.
@@ -648,9 +660,10 @@ const file_control_v1_devices_proto_rawDesc = "" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
-	"public_key\x18\x03 \x01(\fR\tpublicKey\"D\n" +
+	"public_key\x18\x03 \x01(\fR\tpublicKey\"`\n" +
 	"\x16RegisterDeviceResponse\x12*\n" +
-	"\x06device\x18\x01 \x01(\v2\x12.control.v1.DeviceR\x06device\"l\n" +
+	"\x06device\x18\x01 \x01(\v2\x12.control.v1.DeviceR\x06device\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\x04R\brevision\"l\n" +
 	"\x12ListDevicesRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12=\n" +
 	"\vconsistency\x18\x02 \x01(\x0e2\x1b.control.v1.ReadConsistencyR\vconsistency\"C\n" +

@@ -501,8 +501,15 @@ type Hello struct {
 	// connection's bounded queue until then. Unset, the edge reads
 	// datagrams from the start; no_datagrams takes precedence.
 	DeferDatagrams bool `protobuf:"varint,10,opt,name=defer_datagrams,json=deferDatagrams,proto3" json:"defer_datagrams,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// A control-plane revision the device knows of, such as the one
+	// RegisterDevice returned: before it looks the device up, the edge
+	// waits until its copy of the control plane's state has reached this
+	// revision (at most a few seconds, within the handshake's time), so a
+	// device that connects right after its registration is not refused as
+	// unknown while the change is on its way to the edge. 0: no wait.
+	MinRevision   uint64 `protobuf:"varint,11,opt,name=min_revision,json=minRevision,proto3" json:"min_revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Hello) Reset() {
@@ -603,6 +610,13 @@ func (x *Hello) GetDeferDatagrams() bool {
 		return x.DeferDatagrams
 	}
 	return false
+}
+
+func (x *Hello) GetMinRevision() uint64 {
+	if x != nil {
+		return x.MinRevision
+	}
+	return 0
 }
 
 // Challenge asks the client to prove its key (edge -> client).
@@ -1600,7 +1614,7 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\x04pong\x18\r \x01(\v2\x0e.relay.v1.PongH\x00R\x04pong\x12*\n" +
 	"\x06ticket\x18\x0e \x01(\v2\x10.relay.v1.TicketH\x00R\x06ticket\x12*\n" +
 	"\x06cancel\x18\x0f \x01(\v2\x10.relay.v1.CancelH\x00R\x06cancelB\x06\n" +
-	"\x04kind\"\xe1\x02\n" +
+	"\x04kind\"\x84\x03\n" +
 	"\x05Hello\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12)\n" +
@@ -1612,7 +1626,8 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\fresume_nonce\x18\b \x01(\fR\vresumeNonce\x12!\n" +
 	"\fno_datagrams\x18\t \x01(\bR\vnoDatagrams\x12'\n" +
 	"\x0fdefer_datagrams\x18\n" +
-	" \x01(\bR\x0edeferDatagrams\"\x98\x01\n" +
+	" \x01(\bR\x0edeferDatagrams\x12!\n" +
+	"\fmin_revision\x18\v \x01(\x04R\vminRevision\"\x98\x01\n" +
 	"\tChallenge\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12$\n" +
 	"\x0eserver_time_ms\x18\x02 \x01(\x03R\fserverTimeMs\x12\x17\n" +

@@ -38,7 +38,7 @@ export function userOf(data: SetupData): User {
 }
 
 export function identity(d: Device): DeviceIdentity {
-  return { userId: d.userId, deviceId: d.id, secret: fromBase64(d.secret) };
+  return { userId: d.userId, deviceId: d.id, secret: fromBase64(d.secret), minRevision: BigInt(d.revision ?? "0") };
 }
 
 /** Connects all of a user's devices; the ones that failed are null. */

@@ -13,6 +13,8 @@ export interface Device {
   userId: string;
   /** The device's Ed25519 seed, base64 (setup data is JSON). */
   secret: string;
+  /** The revision that registered it (a uint64 as a decimal string). */
+  revision?: string;
 }
 
 export interface User {
@@ -64,10 +66,10 @@ export function provision(users: number, perUser: number, opts: { passwords?: bo
       keys.push({ user: i, secret: k.secret, body: { userId: u.id, name: `k6-d${j}`, publicKey: toBase64(k.publicKey) } });
     }
   });
-  const devs = callMany<{ device: { id: string } }>(base, RPC.registerDevice, keys.map((k) => k.body), tok.access);
+  const devs = callMany<{ device: { id: string }; revision?: string }>(base, RPC.registerDevice, keys.map((k) => k.body), tok.access);
   devs.forEach((r, i) => {
     const u = made[keys[i].user];
-    u.devices.push({ id: r.device.id, userId: u.id, secret: toBase64(keys[i].secret) });
+    u.devices.push({ id: r.device.id, userId: u.id, secret: toBase64(keys[i].secret), revision: r.revision });
   });
   return { runId, users: made, refreshToken: tok.refresh };
 }

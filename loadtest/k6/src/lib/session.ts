@@ -43,6 +43,9 @@ export interface DeviceIdentity {
   deviceId: string;
   /** Ed25519 seed. */
   secret: Uint8Array;
+  /** Named in every Hello: an edge behind it waits for it before it
+   * looks the device up (a device registered moments ago). */
+  minRevision?: bigint;
 }
 
 export interface Delivered {
@@ -192,6 +195,7 @@ export class Session {
         instance: randomHex(8),
         resumeNonce: new Uint8Array(0) as Uint8Array,
         resumeProof: new Uint8Array(0) as Uint8Array,
+        minRevision: this.dev.minRevision ?? 0n,
       };
       if (ticket.length > 0) {
         hello.resumeNonce = new Uint8Array(randomBytes(16));
