@@ -114,22 +114,14 @@ func cause(err error) string {
 }
 
 // retryable: worth another attempt after a pause. The edge's verdicts
-// on the device (AUTH_FAILED, REVOKED, ...) are not, but for
-// AUTH_FAILED within newDeviceGrace of the device's registration: the
-// edge may not have had it from its watch feed yet (it answers a device
-// it does not know as it answers a wrong key).
-func retryable(err error, dev device) bool {
+// on the device (AUTH_FAILED, REVOKED, ...) are not.
+func retryable(err error) bool {
 	var ce *client.Error
 	if errors.As(err, &ce) {
-		return ce.Retryable() || ce.Code == relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED ||
-			(ce.Code == relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED && time.Since(dev.registered) < newDeviceGrace)
+		return ce.Retryable() || ce.Code == relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED
 	}
 	return !errors.Is(err, context.Canceled)
 }
-
-// newDeviceGrace is how long after its registration a device refused
-// as unknown is tried again.
-const newDeviceGrace = 5 * time.Second
 
 // connect brings one device's session up: paced, retried with
 // exponential backoff and jitter, every failed attempt counted by cause
@@ -165,7 +157,7 @@ func (dl *dialer) connect(ctx context.Context, p *pacer, r *result, metric strin
 			return nil, ctx.Err()
 		}
 		r.fail(cause(err))
-		if !retryable(err, dev) {
+		if !retryable(err) {
 			break
 		}
 	}

@@ -79,9 +79,10 @@ type device struct {
 	// tls keeps the device's TLS session tickets across its reconnects,
 	// as a device's process does: reconnects resume TLS.
 	tls tls.ClientSessionCache
-	// registered is when the control plane answered its registration:
-	// an edge learns the device from its watch feed moments later.
-	registered time.Time
+	// revision registered the device: its Hellos name it (MinRevision),
+	// so an edge that has not caught up with it yet waits instead of
+	// refusing a device it does not know.
+	revision uint64
 }
 
 func (d *driverConfig) setup() (token string, err error) {
@@ -138,7 +139,7 @@ func (d *driverConfig) provision(ctx context.Context, users, per int) ([][]devic
 			if err != nil {
 				return fmt.Errorf("register device: %w", err)
 			}
-			out[i] = append(out[i], device{user: uid, id: r.Msg.GetDevice().GetId(), key: priv, tls: tls.NewLRUClientSessionCache(2), registered: time.Now()})
+			out[i] = append(out[i], device{user: uid, id: r.Msg.GetDevice().GetId(), key: priv, tls: tls.NewLRUClientSessionCache(2), revision: r.Msg.GetRevision()})
 		}
 		return nil
 	})
@@ -272,7 +273,7 @@ func (dl *dialer) dial(ctx context.Context, dev device) (*client.Client, error) 
 
 // dialTicket connects a device, resuming with ticket when one is given.
 func (dl *dialer) dialTicket(ctx context.Context, dev device, ticket []byte) (*client.Client, error) {
-	cfg := client.Config{Addr: dl.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, MaxPending: maxOutstanding, ResumeTicket: ticket, TLSSessions: dev.tls, NoDatagrams: dl.noDatagrams}
+	cfg := client.Config{Addr: dl.edge, UserID: dev.user, DeviceID: dev.id, Key: dev.key, CertHashes: dl.pins, Logger: dl.d.log, ReceiveBuffer: 8192, MaxPending: maxOutstanding, ResumeTicket: ticket, TLSSessions: dev.tls, NoDatagrams: dl.noDatagrams, MinRevision: dev.revision}
 	if dl.d.transport == "webtransport" {
 		cfg.Transport = client.WebTransport
 	} else {

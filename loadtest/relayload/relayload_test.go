@@ -20,11 +20,9 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/edge-relay/relay/control/clustertest"
-	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/internal/relaytest"
-	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 func TestMain(m *testing.M) {
@@ -453,31 +451,5 @@ func TestHistogram(t *testing.T) {
 	}
 	if h.quantile(1) != 1000 || h.N != 1000 {
 		t.Errorf("max %v, n %d", h.quantile(1), h.N)
-	}
-}
-
-// A device the edge refuses as unknown right after its registration is
-// tried again (the edge's watch feed may not have brought it yet); later,
-// or for a verdict other than AUTH_FAILED, the refusal stands.
-func TestRetryableRefusals(t *testing.T) {
-	fresh, old := device{registered: time.Now()}, device{registered: time.Now().Add(-2 * newDeviceGrace)}
-	authFailed := fmt.Errorf("dial: %w", &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED})
-	revoked := &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_REVOKED}
-	for _, c := range []struct {
-		err  error
-		dev  device
-		want bool
-	}{
-		{authFailed, fresh, true},
-		{authFailed, old, false},
-		{revoked, fresh, false},
-		{&client.Error{Code: relayv1.ErrorCode_ERROR_CODE_SESSION_EXPIRED}, old, true},
-		{&client.Error{Code: relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED}, old, true},
-		{context.Canceled, fresh, false},
-		{errors.New("connection refused"), old, true},
-	} {
-		if got := retryable(c.err, c.dev); got != c.want {
-			t.Errorf("retryable(%v, registered %v ago) = %v, want %v", c.err, time.Since(c.dev.registered).Round(time.Second), got, c.want)
-		}
 	}
 }
