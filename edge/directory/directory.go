@@ -360,6 +360,7 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	}
 	d.mu.Lock()
 	d.heard = time.Now()
+	wasSynced, wasRevision := d.synced, d.revision
 	switch k := m.GetKind().(type) {
 	case *edgev1.WatchResponse_Resync:
 		s := newSnapshot()
@@ -440,7 +441,12 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	// again at the next event; one that reads the new one waits for the
 	// lock and sees the changes.
 	d.generation.Add(1)
-	d.notify()
+	// Waiters (WaitRevision) wake when what they wait for may have come,
+	// not at every message: handshakes that wait for a revision are as
+	// many as peers care to open.
+	if d.synced != wasSynced || d.revision != wasRevision {
+		d.notify()
+	}
 	d.mu.Unlock()
 	for _, r := range removals {
 		d.cfg.OnRemove(r)

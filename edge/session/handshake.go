@@ -149,7 +149,11 @@ func (h *handshake) step(f *relayv1.Frame) (*relayv1.Frame, error) {
 			return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "expected authenticate, got %T", f.GetKind())
 		}
 		// One signature check on every path: against the device's key, or
-		// the dummy key for a device that cannot sign in.
+		// the dummy key for a device that cannot sign in. The device is
+		// looked up again: what the directory learnt while the device
+		// was signing counts (a registration the Hello's min_revision
+		// waited for, a key changed, a device revoked).
+		h.device = h.dir.LookupDevice(h.hello.GetDeviceId())
 		ok := h.tr.verifyWith(h.verifier(), h.keyFor(h.device), auth.GetSignature())
 		// The device may have been revoked while it was signing.
 		if !ok || !h.usable() {

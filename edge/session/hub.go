@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/trace"
@@ -47,8 +48,11 @@ type Config struct {
 	// RevisionWait bounds how long a Hello's min_revision holds the
 	// handshake while the Directory catches up with it [5s, at most
 	// half of HandshakeTimeout]; then the handshake goes on with what
-	// the Directory knows.
+	// the Directory knows. Negative: never wait.
 	RevisionWait time.Duration
+	// MaxRevisionWaits bounds the handshakes waiting for a revision at
+	// once [1024]; one beyond it goes on without waiting.
+	MaxRevisionWaits int
 	// QueueLen and QueueBytes bound a session's queue of deliveries
 	// [256, 1 MiB]; ControlQueueLen bounds its acks, rejects and presence
 	// frames [4096], beyond which the device counts as not reading.
@@ -146,8 +150,11 @@ func (c *Config) setDefaults() error {
 	def(&c.TicketTTL, time.Hour)
 	def(&c.MaxSessionAge, 24*time.Hour)
 	def(&c.HandshakeTimeout, 10*time.Second)
-	def(&c.RevisionWait, 5*time.Second)
+	if c.RevisionWait == 0 {
+		c.RevisionWait = 5 * time.Second
+	}
 	c.RevisionWait = min(c.RevisionWait, c.HandshakeTimeout/2)
+	defInt(&c.MaxRevisionWaits, 1024)
 	def(&c.CloseLinger, 2*time.Second)
 	def(&c.WriterLinger, time.Second)
 	def(&c.WriteTimeout, 20*time.Second)
@@ -244,6 +251,12 @@ type Hub struct {
 	epoch  uint64
 	active int           // Serve calls running
 	idle   chan struct{} // closed when draining and active reaches 0
+
+	// drained is cancelled when Drain begins: handshakes waiting for a
+	// revision stop waiting. revisionWaits counts those waiting.
+	drained       context.Context
+	drain         context.CancelFunc
+	revisionWaits atomic.Int64
 }
 
 // NewHub returns a hub ready to serve.
@@ -259,6 +272,7 @@ func NewHub(cfg Config) (*Hub, error) {
 	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), idle: make(chan struct{}), limits: cfg.Limits.Proto(),
 		dummyKey: dummy, replays: newReplayCache(cfg.MaxResumeProofs), traced: traced,
 		readBufs: frame.NewBufferPool(2 << 10)}
+	h.drained, h.drain = context.WithCancel(context.Background())
 	for i := range h.shards {
 		h.shards[i].rooms = map[string]*room{}
 		h.shards[i].listening = map[string][]*Session{}
@@ -625,6 +639,7 @@ func (h *Hub) Drain(ctx context.Context, window time.Duration) error {
 	}
 	idle := h.idle
 	h.mu.Unlock()
+	h.drain()
 	h.goAway(window, "edge is shutting down; reconnect")
 	select {
 	case <-idle:

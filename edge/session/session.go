@@ -373,6 +373,7 @@ func (s *Session) handshake(ctx context.Context) error {
 	defer stop()
 	w := frame.NewWriter(s.conn, s.hub.cfg.Limits.MaxFrameBytes)
 	var f relayv1.Frame
+	waited := false
 	for !s.hs.done() {
 		if err := s.reader.Read(&f); err != nil {
 			if ctx.Err() != nil {
@@ -383,8 +384,20 @@ func (s *Session) handshake(ctx context.Context) error {
 			}
 			return readEnd(err)
 		}
-		if hello := f.GetHello(); hello != nil && s.hs.state == hsAwaitHello && hello.GetMinRevision() > 0 {
-			s.waitRevision(ctx, hello.GetMinRevision(), deadline)
+		// A Hello's min_revision is waited for once, where the device is
+		// first looked up: before the Authenticate is checked (the
+		// Challenge goes out at once, so the wait overlaps the device's
+		// signing and its clock reading is not delayed), or before a
+		// resume is.
+		if rev := s.hs.hello.GetMinRevision(); !waited && ((s.hs.state == hsAwaitAuth && f.GetAuthenticate() != nil) ||
+			(s.hs.state == hsAwaitHello && len(f.GetHello().GetResumeTicket()) > 0)) {
+			if rev == 0 {
+				rev = f.GetHello().GetMinRevision()
+			}
+			waited = true
+			if err := s.waitRevision(ctx, rev, deadline); err != nil {
+				return err
+			}
 		}
 		reply, err := s.hs.step(&f)
 		if err != nil {
@@ -407,31 +420,47 @@ func (s *Session) handshake(ctx context.Context) error {
 }
 
 // waitRevision holds the handshake, at most RevisionWait and never past
-// deadline, until the directory has reached the revision a Hello named
-// (a device registered moments ago, whose registration may still be on
-// its way to this edge). If it is not reached in time, the handshake
-// goes on with what the directory knows: the wait is bounded by the
+// deadline, until the directory has reached rev, the revision the Hello
+// named (a device registered moments ago, whose registration may still
+// be on its way to this edge). If it is not reached in time, or
+// MaxRevisionWaits handshakes wait already, the handshake goes on with
+// what the directory knows. The wait does not depend on the device (so
+// it tells nothing about which ids exist), and is bounded by the
 // handshake's own time, which a client that sends its frames slowly
-// already has, and does not depend on the device, so it tells nothing
-// about which ids exist.
-func (s *Session) waitRevision(ctx context.Context, rev uint64, deadline time.Time) {
-	dir := s.hub.cfg.Directory
+// already has; it wakes when the directory's revision moves, not at
+// every change. It ends, with GOING_AWAY, when the hub drains or ctx
+// ends.
+func (s *Session) waitRevision(ctx context.Context, rev uint64, deadline time.Time) error {
+	h, dir := s.hub, s.hub.cfg.Directory
 	at := dir.Revision()
-	if at >= rev {
-		return
+	if rev == 0 || at >= rev || h.cfg.RevisionWait < 0 {
+		return nil
 	}
-	if until := time.Now().Add(s.hub.cfg.RevisionWait); until.Before(deadline) {
+	if h.revisionWaits.Add(1) > int64(h.cfg.MaxRevisionWaits) {
+		h.revisionWaits.Add(-1)
+		s.logAt(slog.LevelDebug, "handshake goes on without waiting for the hello's revision: too many wait", "min_revision", rev, "revision", at)
+		return nil
+	}
+	defer h.revisionWaits.Add(-1)
+	if until := time.Now().Add(h.cfg.RevisionWait); until.Before(deadline) {
 		deadline = until
 	}
+	// Debug, as the lines below: any peer can name a revision, before it
+	// has proved anything.
 	s.logAt(slog.LevelDebug, "handshake waits for the directory to reach the hello's revision", "min_revision", rev, "revision", at)
 	wctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
+	stop := context.AfterFunc(h.drained, cancel)
+	defer stop()
 	start := time.Now()
-	if err := dir.WaitRevision(wctx, rev); err != nil && ctx.Err() == nil {
-		// Debug, as the first line: any peer can name a revision, before
-		// it has proved anything.
+	err := dir.WaitRevision(wctx, rev)
+	if ctx.Err() != nil || h.drained.Err() != nil {
+		return closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
+	}
+	if err != nil {
 		s.logAt(slog.LevelDebug, "handshake went on before the directory reached the hello's revision", "min_revision", rev, "revision", dir.Revision(), "waited", time.Since(start))
 	}
+	return nil
 }
 
 // writeWelcome completes the handshake. The session is registered by
