@@ -957,3 +957,26 @@ func TestACutOffNodeEndsItsWatches(t *testing.T) {
 		}
 	})
 }
+
+// A node that stops ends the watch streams open through it at once
+// (unavailable, saying so), so its watchers move to another node, and its
+// shutdown does not wait for them to go away on their own.
+func TestAStoppingNodeEndsItsWatches(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	w := startWatch(t, c.Nodes[0], c.TokenFor("edge-stopping", controlv1.Role_ROLE_EDGE), 0, true)
+	for w.next(t).GetSnapshotDone() == nil {
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := c.Nodes[0].Server.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown with a watch open: %v", err)
+	}
+	select {
+	case <-w.done:
+		if connect.CodeOf(w.err) != connect.CodeUnavailable || !strings.Contains(w.err.Error(), "shutting down") {
+			t.Fatalf("the watch ended with %v, want unavailable: the node is shutting down", w.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the watch was still open 30 s after its node stopped")
+	}
+}
