@@ -28,15 +28,25 @@ func TestAFreshDeviceWaitsForItsRegistration(t *testing.T) {
 			c.Watch.LeaderTimeout = 10 * time.Minute // the watch stays on the cut-off node
 		}},
 		Edge: func(_ int, cfg *server.Config) {
-			u := cfg.Control.URLs
-			cfg.Control.URLs = []string{u[1], u[0], u[2]} // the watch goes to node 1
 			cfg.Session.HandshakeTimeout, cfg.Session.RevisionWait = 2*time.Minute, time.Minute
 			cfg.Logger = slog.New(rec)
 		},
 	})
+	// The node to cut off: a follower (the leader stays, so the
+	// registration commits), not node 0 (registrations go through it).
+	cut := 1
+	if r.Cluster.Leader() == 1 {
+		cut = 2
+	}
+	// The edge again, its watch on that node (the first URL).
+	cfg := r.EdgeConfig(0)
+	urls := r.ControlURLs()
+	cfg.Control.URLs = append([]string{urls[cut]}, append(urls[:cut:cut], urls[cut+1:]...)...)
+	r.StopEdge(0)
+	r.StartEdgeWith(0, cfg)
 	u := r.User("fresh")
-	r.Cluster.Isolate(1)
-	t.Cleanup(func() { r.Cluster.Heal(1) })
+	r.Cluster.Isolate(cut)
+	t.Cleanup(func() { r.Cluster.Heal(cut) })
 	d := r.RegisterDevice(u, "new") // through node 0
 	if d.Revision == 0 {
 		t.Fatal("the registration named no revision")
@@ -68,7 +78,7 @@ func TestAFreshDeviceWaitsForItsRegistration(t *testing.T) {
 	if w := rec.Find(waits, nil)[0]; w.Attrs["min_revision"].Uint64() != d.Revision || w.Attrs["revision"].Uint64() >= d.Revision {
 		t.Fatalf("wait logged as %v", w.Attrs)
 	}
-	r.Cluster.Heal(1)
+	r.Cluster.Heal(cut)
 	if err := <-dialed; err != nil {
 		t.Fatalf("the fresh device, once the edge caught up: %v", err)
 	}
