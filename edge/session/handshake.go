@@ -150,9 +150,9 @@ func (h *handshake) step(f *relayv1.Frame) (*relayv1.Frame, error) {
 		}
 		// One signature check on every path: against the device's key, or
 		// the dummy key for a device that cannot sign in. The device is
-		// looked up again: what the directory learnt while the device
-		// was signing counts (a registration the Hello's min_revision
-		// waited for, a key changed, a device revoked).
+		// looked up now, not at the Hello: what the directory learnt while
+		// the device was signing counts (a registration the Hello's
+		// min_revision waited for, a key changed, a device revoked).
 		h.device = h.dir.LookupDevice(h.hello.GetDeviceId())
 		ok := h.tr.verifyWith(h.verifier(), h.keyFor(h.device), auth.GetSignature())
 		// The device may have been revoked while it was signing.
@@ -164,6 +164,19 @@ func (h *handshake) step(f *relayv1.Frame) (*relayv1.Frame, error) {
 	default:
 		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "handshake already complete")
 	}
+}
+
+// lookupRevision is the Hello's min_revision when step(f) is to look the
+// device up to check a proof (the Authenticate of a full handshake, or a
+// Hello that resumes), else 0: the revision the session waits for first.
+func (h *handshake) lookupRevision(f *relayv1.Frame) uint64 {
+	switch {
+	case h.state == hsAwaitAuth && f.GetAuthenticate() != nil:
+		return h.hello.GetMinRevision()
+	case h.state == hsAwaitHello && len(f.GetHello().GetResumeTicket()) > 0:
+		return f.GetHello().GetMinRevision()
+	}
+	return 0
 }
 
 func validID(s string) bool { return s != "" && len(s) <= maxDeviceIDBytes && utf8.ValidString(s) }
@@ -187,11 +200,11 @@ func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "hello.instance longer than %d bytes", maxInstanceBytes)
 	}
 	h.hello = hello
-	h.device = h.dir.LookupDevice(hello.GetDeviceId())
 	now := h.now()
 
 	var ticketErr relayv1.ErrorCode
 	if t := hello.GetResumeTicket(); len(t) > 0 {
+		h.device = h.dir.LookupDevice(hello.GetDeviceId())
 		tk, err := h.ring.Open(t, now)
 		switch {
 		case err != nil:

@@ -384,16 +384,11 @@ func (s *Session) handshake(ctx context.Context) error {
 			}
 			return readEnd(err)
 		}
-		// A Hello's min_revision is waited for once, where the device is
-		// first looked up: before the Authenticate is checked (the
-		// Challenge goes out at once, so the wait overlaps the device's
-		// signing and its clock reading is not delayed), or before a
-		// resume is.
-		if rev := s.hs.hello.GetMinRevision(); !waited && ((s.hs.state == hsAwaitAuth && f.GetAuthenticate() != nil) ||
-			(s.hs.state == hsAwaitHello && len(f.GetHello().GetResumeTicket()) > 0)) {
-			if rev == 0 {
-				rev = f.GetHello().GetMinRevision()
-			}
+		// A Hello's min_revision is waited for once, before the device is
+		// looked up for a proof: the Challenge goes out at once, so the
+		// wait overlaps the device's signing and its clock reading is not
+		// delayed (a resume waits before its Hello is checked).
+		if rev := s.hs.lookupRevision(&f); rev > 0 && !waited {
 			waited = true
 			if err := s.waitRevision(ctx, rev, deadline); err != nil {
 				return err
@@ -433,7 +428,7 @@ func (s *Session) handshake(ctx context.Context) error {
 func (s *Session) waitRevision(ctx context.Context, rev uint64, deadline time.Time) error {
 	h, dir := s.hub, s.hub.cfg.Directory
 	at := dir.Revision()
-	if rev == 0 || at >= rev || h.cfg.RevisionWait < 0 {
+	if at >= rev || h.cfg.RevisionWait < 0 {
 		return nil
 	}
 	if h.revisionWaits.Add(1) > int64(h.cfg.MaxRevisionWaits) {
