@@ -381,12 +381,14 @@ func (d *driverConfig) driveEphemeral(ctx context.Context, ps []pair, inflight i
 // the returned stop is called. An ack can reach a sender before the
 // receiver here counted its event (the receiving client acknowledges
 // what it put in its buffer, before Receive returns it), so stop first
-// waits, up to receiveDrain, until
-// the online receivers have had every acked event, then ends the
-// receivers and waits for them.
+// waits, up to receiveDrain, until the online receivers have had every
+// acked event, then ends the receivers and waits for them.
 func receiveAll(ctx context.Context, ps []pair, r *result) (stop func()) {
 	var wg sync.WaitGroup
 	rctx, cancel := context.WithCancel(ctx)
+	// While stop waits, each receipt wakes it (not before: the run's
+	// receipts pay nothing for it).
+	var draining atomic.Bool
 	got := make(chan struct{}, 1)
 	online := false
 	for _, p := range ps {
@@ -400,9 +402,11 @@ func receiveAll(ctx context.Context, ps []pair, r *result) (stop func()) {
 					return
 				}
 				r.count("received", 1)
-				select {
-				case got <- struct{}{}:
-				default:
+				if draining.Load() {
+					select {
+					case got <- struct{}{}:
+					default:
+					}
 				}
 			}
 		})
@@ -412,6 +416,7 @@ func receiveAll(ctx context.Context, ps []pair, r *result) (stop func()) {
 		if !online {
 			return
 		}
+		draining.Store(true)
 		deadline := time.NewTimer(receiveDrain)
 		defer deadline.Stop()
 		for {
