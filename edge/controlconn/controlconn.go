@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"golang.org/x/time/rate"
 
 	"github.com/edge-relay/relay/internal/gzipbound"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
@@ -73,6 +74,9 @@ type Conn struct {
 	cfg   Config
 	http  *http.Client
 	peers map[string]*peer // by URL; built once, read-only
+	// proxyFailLog lets through one "console API call not passed on"
+	// line every 10 s: anyone on the internet can make those calls.
+	proxyFailLog rate.Sometimes
 
 	mu      sync.Mutex // guards the fields below
 	next    int        // index of the URL to use
@@ -136,7 +140,8 @@ func New(cfg Config) (*Conn, error) {
 	if cfg.TLS != nil {
 		tr.TLSClientConfig = cfg.TLS.Clone()
 	}
-	c := &Conn{cfg: cfg, http: &http.Client{Transport: tr}, peers: map[string]*peer{}, tokenSem: make(chan struct{}, 1)}
+	c := &Conn{cfg: cfg, http: &http.Client{Transport: tr}, peers: map[string]*peer{}, tokenSem: make(chan struct{}, 1),
+		proxyFailLog: rate.Sometimes{Interval: 10 * time.Second}}
 	opts := append(slices.Clip(cfg.Options),
 		connect.WithReadMaxBytes(MaxResponseBytes),
 		connect.WithAcceptCompression("gzip", gzipbound.Decompressor(MaxResponseBytes), gzipbound.Compressor))
@@ -459,7 +464,9 @@ func (c *Conn) Proxy(prefix string) http.Handler {
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			// The cause names the control plane's addresses: logged, not
 			// told to the internet.
-			c.cfg.Logger.Warn("console API call not passed on: control plane unreachable", "path", r.URL.Path, "err", err)
+			c.proxyFailLog.Do(func() {
+				c.cfg.Logger.Warn("console API call not passed on: control plane unreachable (one line every 10 s at most)", "path", r.URL.Path, "err", err)
+			})
 			writeJSONError(w, http.StatusServiceUnavailable, "unavailable", "control plane unreachable; try again")
 		},
 	}

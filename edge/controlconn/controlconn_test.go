@@ -3,8 +3,11 @@ package controlconn_test
 import (
 	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -350,5 +353,38 @@ func TestAnOversizedAnswerIsRefused(t *testing.T) {
 		}
 		cancel()
 		cc.Close()
+	}
+}
+
+// A console call the edge cannot pass on is answered 503 without the
+// control plane's address (the cause goes to the edge's log), and a burst
+// of them logs one line: anyone can make them.
+func TestProxyUnreachableTellsNoAddress(t *testing.T) {
+	dead := httptest.NewServer(http.NotFoundHandler())
+	url := dead.URL
+	dead.Close() // nothing listens there any more
+	rec := clustertest.NewLogRecorder()
+	c, err := controlconn.New(controlconn.Config{URLs: []string{url}, Login: "edges", Password: "x", Logger: slog.New(rec), DialTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	proxy := httptest.NewServer(c.Proxy("/api"))
+	defer proxy.Close()
+	host := strings.TrimPrefix(url, "http://")
+	for range 3 {
+		resp, err := http.Post(proxy.URL+"/api/"+controlv1connect.AuthServiceLoginProcedure[1:], "application/json", strings.NewReader("{}"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable || strings.Contains(string(body), host) {
+			t.Fatalf("through the proxy to a dead control plane: %d %s", resp.StatusCode, body)
+		}
+	}
+	logged := rec.Find("", func(r clustertest.Record) bool { return strings.HasPrefix(r.Message, "console API call not passed on") })
+	if len(logged) != 1 || !strings.Contains(logged[0].Attrs["err"].String(), host) {
+		t.Fatalf("logged %+v, want one line naming the cause", logged)
 	}
 }
