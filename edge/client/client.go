@@ -737,7 +737,10 @@ func (c *Client) resolve(id string, err error) {
 }
 
 // Close ends the session and stops reconnecting. Sends still waiting
-// return ErrClosed.
+// return ErrClosed. What was written before it (an ephemeral event sent
+// just before, say) still reaches the edge: Close says goodbye and waits
+// for the edge to hang up, at most a second in all; events that arrive
+// meanwhile are not given (a durable one stays in the mailbox).
 func (c *Client) Close() error {
 	c.cancel()
 	<-c.done

@@ -944,3 +944,43 @@ func lagging(t *testing.T, login string, receiveBuffer int) (r *relaytest.Relay,
 func sendAsync(ctx context.Context, c *client.Client, to, payload string, out chan<- error) {
 	go func() { out <- c.Send(ctx, client.Message{Targets: []string{to}, Payload: []byte(payload)}) }()
 }
+
+// What a client wrote before Close reaches the edge: Close says goodbye
+// after it and waits (within its bound) for the edge to hang up, because
+// a QUIC or WebTransport close discards stream data not yet sent. Here
+// each client sends one ephemeral event (on the stream: a new session's
+// first) and closes at once, as `relayctl relay send --ephemeral` does;
+// every one of them must arrive.
+func TestCloseDeliversWhatWasWritten(t *testing.T) {
+	for _, tr := range []client.Transport{client.QUIC, client.WebTransport, client.WebSocket} {
+		t.Run(tr.String(), func(t *testing.T) {
+			r := relaytest.Start(t, relaytest.Options{Edges: 1})
+			u := r.User("parting")
+			a, b := r.Device(u, "a"), r.Device(u, "b")
+			rx := r.Dial(0, b, tr)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			var slowest time.Duration
+			defer func() { t.Logf("the slowest Close took %v", slowest) }()
+			for i := range 8 {
+				tx, err := client.Dial(ctx, r.ClientConfig(0, a, tr))
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := fmt.Sprint("parting ", i)
+				if err := tx.SendEphemeral(client.Message{Targets: []string{b.ID}, Payload: []byte(want)}); err != nil {
+					t.Fatal(err)
+				}
+				began := time.Now()
+				closeWithin(t, tx, 20*time.Second)
+				slowest = max(slowest, time.Since(began))
+				rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
+				ev, err := rx.Receive(rctx)
+				rcancel()
+				if err != nil || string(ev.Payload) != want {
+					t.Fatalf("event %d: received %q, %v; want %q", i, ev.Payload, err, want)
+				}
+			}
+		})
+	}
+}

@@ -168,11 +168,23 @@ func (cn *conn) sendDatagram(enc []byte) bool {
 	return n > 0 && cn.c.SendDatagram(enc[n:]) == nil
 }
 
+// lingerer is a connection that can wait for the edge to hang up after
+// the client's goodbye (transport's QUIC and WebTransport connections; a
+// WebSocket's close handshake does that itself).
+type lingerer interface {
+	Linger(deadline time.Time)
+}
+
 // close ends the connection: gracefully when no write is in progress
 // (Close must not race a Write), else at once, rather than wait for a
-// writer stuck on a dead edge.
-func (cn *conn) close(code relayv1.ErrorCode, msg string) {
+// writer stuck on a dead edge. A non-zero linger (after a goodbye) first
+// waits until then for the edge to hang up, so that what was written
+// reaches it.
+func (cn *conn) close(code relayv1.ErrorCode, msg string, linger time.Time) {
 	if cn.wmu.TryLock() {
+		if l, ok := cn.c.(lingerer); ok && !linger.IsZero() {
+			l.Linger(linger)
+		}
 		_ = cn.c.Close(code, msg)
 		cn.wmu.Unlock()
 	} else {
@@ -267,7 +279,7 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	cn.r = frame.NewReader(cn.c, 0)
 	cn.w = frame.NewWriter(cn.c, 0)
 	if err := c.handshake(ctx, cn); err != nil {
-		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "", time.Time{})
 		return nil, err
 	}
 	return cn, nil
@@ -602,15 +614,20 @@ func (c *Client) serve(cn *conn) error {
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		<-ctx.Done()
+		var linger time.Time
 		if c.ctx.Err() != nil {
 			// Close: say goodbye so the edge tells the others at once,
-			// but give it (and a write already stuck on an edge that
-			// stopped reading, which the deadline ends too) no more than
-			// goodbyeTimeout.
-			_ = cn.c.SetWriteDeadline(time.Now().Add(goodbyeTimeout))
-			_ = cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
+			// and let what was written before it reach the edge, which
+			// hangs up once it read the goodbye; but give it (and a write
+			// already stuck on an edge that stopped reading, which the
+			// deadline ends too) no more than goodbyeTimeout in all.
+			deadline := time.Now().Add(goodbyeTimeout)
+			_ = cn.c.SetWriteDeadline(deadline)
+			if cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}}) == nil {
+				linger = deadline
+			}
 		}
-		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "", linger)
 	})
 	if len(resend) > 0 {
 		// In one write; a failure ends the connection, which the reader
@@ -843,8 +860,12 @@ func (c *Client) readDatagrams(ctx context.Context, cn *conn) {
 // duplicate.
 func (c *Client) deliver(ctx context.Context, ev *relayv1.Event, deliveryID uint64, r *receipts) error {
 	sender, id := ev.GetSenderDeviceId(), ev.GetId()
-	if id == "" {
-		return nil // no event to give (no edge sends one without an id)
+	if id == "" || ctx.Err() != nil {
+		// No event to give (no edge sends one without an id), or the
+		// client is closing: what comes while it waits for the edge to
+		// hang up is neither given nor acknowledged (the edge keeps a
+		// durable one in the mailbox).
+		return nil
 	}
 	if !c.claim(sender, id) {
 		// A duplicate: acknowledged again, not given again.

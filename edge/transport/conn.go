@@ -84,6 +84,17 @@ func (c *quicConn) Close(code relayv1.ErrorCode, msg string) error {
 	return nil
 }
 
+// Linger finishes the stream and waits until the peer hangs up or
+// deadline passes. A client calls it after its goodbye, before Close:
+// the edge reads what was written before the goodbye, then closes the
+// connection, and a CONNECTION_CLOSE sent before that would have
+// discarded whatever quic-go had not sent yet. The caller is the only
+// writer.
+func (c *quicConn) Linger(deadline time.Time) {
+	_ = c.str.Close()
+	waitDone(c.conn.Context(), time.Until(deadline))
+}
+
 // Abort closes the connection at once: quic-go fails blocked stream
 // reads and writes with the connection's error.
 func (c *quicConn) Abort(code relayv1.ErrorCode, msg string) error {
@@ -151,6 +162,13 @@ func (c *wtConn) Close(code relayv1.ErrorCode, msg string) error {
 		_ = c.sess.CloseWithError(webtransport.SessionErrorCode(code), msg)
 	})
 	return nil
+}
+
+// Linger finishes the stream and waits until the peer hangs up or
+// deadline passes (see quicConn.Linger). The caller is the only writer.
+func (c *wtConn) Linger(deadline time.Time) {
+	_ = c.str.Close()
+	waitDone(c.sess.Context(), time.Until(deadline))
 }
 
 // Abort closes the session at once: webtransport-go fails its streams'

@@ -616,3 +616,36 @@ func TestRelayJSAbortingASentSendFreesItsSlot(t *testing.T) {
 		t.Fatalf("the receiver got %v (besides the resends), want a1 to a5 (a2 given up after it was sent)", got)
 	}
 }
+
+// What a page wrote before close() reaches the edge: close() says goodbye
+// after it and lets the edge hang up first (within a bound), because
+// closing a WebTransport session at once discards stream data not yet
+// sent. Each round connects, sends an ephemeral event (on the stream: a
+// new session's first) and closes at once.
+func TestRelayJSCloseDeliversWhatWasWritten(t *testing.T) {
+	for _, transport := range []string{"webtransport", "websocket"} {
+		t.Run(transport, func(t *testing.T) {
+			r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) { cfg.AdminAddr = "127.0.0.1:0" }})
+			ctx := browser(t)
+			user := r.User("parting")
+			pageDev, rxDev := r.Device(user, "page"), r.Device(user, "rx")
+			rx := r.Dial(0, rxDev, client.QUIC)
+			do(ctx, t, "open the page", chromedp.Navigate(r.Edges[0].AdminURL()+"/"))
+			for i := range 5 {
+				connectPage(t, ctx, r.Edges[0], pageDev, transport, "c", nil, "")
+				want := fmt.Sprint("parting ", i)
+				eval[bool](ctx, t, fmt.Sprintf(`(() => {
+					window.c.sendEphemeral({ targets: [%q], payload: %q });
+					window.c.close();
+					return true;
+				})()`, rxDev.ID, want))
+				rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				ev, err := rx.Receive(rctx)
+				cancel()
+				if err != nil || string(ev.Payload) != want {
+					t.Fatalf("event %d: received %q, %v; want %q", i, ev.Payload, err, want)
+				}
+			}
+		})
+	}
+}

@@ -170,6 +170,12 @@ interface Conn {
    * own). */
   limitFrames?(limit: number): void;
   close(code?: number, reason?: string): void;
+  /** Sends the goodbye frame and ends the connection without losing what
+   * was sent before it: a WebTransport session waits (at most
+   * GOODBYE_MS) for the edge, which hangs up once it read the goodbye,
+   * since closing it at once discards stream data not yet sent; a
+   * WebSocket's close already sends what is buffered first. */
+  goodbye(frameBody: Uint8Array): void;
   closeReason(): RelayError | null;
   /** The Hello of this connection's handshake, for re-authentication. */
   hello?: Hello;
@@ -423,6 +429,12 @@ async function dialWebTransport(opts: RelayOptions, hashes: Uint8Array[] | undef
     buffered: () => reader.buffered(),
     limitFrames: (limit) => { reader.max = readLimit(limit); },
     close: (code, msg) => { try { wt.close({ closeCode: code ?? 0, reason: msg ?? "" }); } catch { /* closed */ } },
+    goodbye: (body) => {
+      const end = () => { try { wt.close({ closeCode: 0, reason: "" }); } catch { /* closed */ } };
+      const timer = setTimeout(end, GOODBYE_MS);
+      wt.closed.finally(() => clearTimeout(timer)).catch(() => {});
+      writer.write(prefixed(body)).then(() => writer.close()).catch(end);
+    },
     closeReason: () => reason,
   };
 }
@@ -464,12 +476,16 @@ function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
         }),
         buffered: () => queue.length > 0,
         close: () => ws.close(1000),
+        goodbye: (body) => { ws.send(body); ws.close(1000); },
         closeReason: () => reason,
       });
     };
   });
 }
 
+/** How long close() lets a WebTransport session's edge take to read the
+ * goodbye and hang up (the Go client's goodbyeTimeout). */
+const GOODBYE_MS = 1_000;
 /** How long dialing and the handshake may take together. */
 const HANDSHAKE_TIMEOUT_MS = 10_000;
 /** On a WebSocket (no transport keep-alive): how often to ping, and how
@@ -585,6 +601,10 @@ export class RelayClient extends EventTarget {
    * listen for "event" yet (or earlier ones are still held); true when it
    * was passed on, so its receipt may go. */
   private take(run: () => void, deliveryId: bigint, c: Conn, ephemeral = false): boolean {
+    // Closed: what comes while the edge reads the goodbye is neither
+    // passed on nor acknowledged (the edge keeps a durable one in the
+    // mailbox).
+    if (this.stopped) return false;
     if (this.listening && this.held.length === 0) { run(); return true; }
     if (!(ephemeral && this.held.length >= MAX_HELD_EPHEMERAL)) this.held.push({ run, deliveryId, conn: c });
     return false;
@@ -703,10 +723,7 @@ export class RelayClient extends EventTarget {
     this.stopped = true;
     const c = this.conn;
     this.conn = null;
-    if (c) {
-      void c.send(frame({ case: "close", value: {} })).catch(() => {});
-      c.close();
-    }
+    if (c) c.goodbye(frame({ case: "close", value: {} }));
     this.fail(new RelayError(ErrorCode.UNSPECIFIED, "closed"));
   }
 
