@@ -120,7 +120,7 @@ func (a *app) relayCommand() *cobra.Command {
 	)
 	sendCmd := &cobra.Command{
 		Use:   "send --user U --device D --key FILE [--to D2] [--type T] [--ephemeral] TEXT...",
-		Short: "Send an event as a device and wait for its delivery",
+		Short: "Send an event as a device and wait for its acknowledgement (delivered, or in the mailbox of an offline target)",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.dial(cmd.Context(), &send)
 			if err != nil {
@@ -141,8 +141,10 @@ func (a *app) relayCommand() *cobra.Command {
 				return fmt.Errorf("send: %w", err)
 			}
 			took := time.Since(start)
-			return a.report(map[string]any{"delivered": true, "ackMs": float64(took.Microseconds()) / 1000},
-				"delivered to every target (acknowledged after %s)", took.Round(10*time.Microsecond))
+			// An ack means every target has the event, or holds it in
+			// its mailbox while offline (docs/protocol.md).
+			return a.report(map[string]any{"acknowledged": true, "ackMs": float64(took.Microseconds()) / 1000},
+				"acknowledged after %s: every target has it, or its mailbox holds it while the target is offline", took.Round(10*time.Microsecond))
 		},
 	}
 	send.register(sendCmd)

@@ -107,7 +107,7 @@ func TestDevDeploymentRelaysBetweenDevices(t *testing.T) {
 		if err != nil {
 			return fmt.Errorf("send: %v: %s", err, out)
 		}
-		if !strings.Contains(string(out), "delivered") {
+		if !strings.Contains(string(out), "acknowledged after") {
 			return fmt.Errorf("send said %q", out)
 		}
 		return nil
