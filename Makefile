@@ -12,7 +12,7 @@ PKGS     := ./...
 SUBMODS  := deploy
 # Packages whose coverage the project holds at 80% or more: the session
 # core (handshake, validation, relay), the auth code, the state machine.
-CORE_PKGS := edge/session control/auth control/fsm control/api
+CORE_PKGS := edge/session edge/proof edge/devconn control/auth control/fsm control/api
 
 # The inputs and outputs of `make proto`: their digest, recorded in
 # proto/generated.sum by `make proto`, lets verify-proto skip building buf

@@ -32,7 +32,7 @@ import (
 
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/idwindow"
-	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/edge/proof"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -869,8 +869,8 @@ func (c *Client) tlsConfig(alpn, addr string) *tls.Config {
 }
 
 // transcriptFor is what this device signs for a challenge.
-func transcriptFor(h *relayv1.Hello, ch *relayv1.Challenge) session.Transcript {
-	return session.Transcript{
+func transcriptFor(h *relayv1.Hello, ch *relayv1.Challenge) proof.Transcript {
+	return proof.Transcript{
 		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(),
 		ClientTimeMs: h.GetClientTimeMs(), EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(),
 	}

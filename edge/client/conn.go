@@ -22,15 +22,15 @@ import (
 	"github.com/quic-go/webtransport-go"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
-	"github.com/edge-relay/relay/edge/session"
-	"github.com/edge-relay/relay/edge/transport"
+	"github.com/edge-relay/relay/edge/proof"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 // conn is one session with the edge.
 type conn struct {
-	c     session.Conn
+	c     devconn.Conn
 	r     *frame.Reader
 	hello *relayv1.Hello
 	// closeHook releases what the dial created besides c (WebTransport's
@@ -215,14 +215,14 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
 	addr := c.edgeAddr()
-	qc := transport.QUICConfig(c.cfg.IdleTimeout)
+	qc := devconn.QUICConfig(c.cfg.IdleTimeout)
 	qc.KeepAlivePeriod = c.cfg.IdleTimeout / 3
 	qc.TokenStore = c.cfg.QUICTokens
 	switch c.cfg.Transport {
 	case WebSocket:
 		tlsConf := c.tlsConfig("http/1.1", addr)
 		hc := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf, ForceAttemptHTTP2: false}}
-		ws, _, err := websocket.Dial(ctx, "wss://"+addr+transport.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
+		ws, _, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
 		if err != nil {
 			hc.CloseIdleConnections()
 			return nil, fmt.Errorf("websocket dial %s: %w", addr, err)
@@ -230,11 +230,11 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
 		// The edge sends nothing while idle; the client pings (serve) so
 		// both directions see traffic well within the idle timeout.
-		return &conn{c: transport.NewWebSocketConn(ws, remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections,
+		return &conn{c: devconn.NewWebSocketConn(ws, remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections,
 			keepalive: min(c.cfg.IdleTimeout/3, wsPingEvery), noDatagrams: true}, nil
 	case WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3", addr), QUICConfig: qc}
-		_, sess, err := d.Dial(ctx, "https://"+addr+transport.WebTransportPath, nil)
+		_, sess, err := d.Dial(ctx, "https://"+addr+devconn.WebTransportPath, nil)
 		if err != nil {
 			_ = d.Close()
 			return nil, fmt.Errorf("webtransport dial %s: %w", addr, err)
@@ -245,17 +245,17 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 			_ = d.Close()
 			return nil, fmt.Errorf("open session stream: %w", err)
 		}
-		return &conn{c: transport.NewWebTransportConn(sess, str), closeHook: func() { _ = d.Close() }}, nil
+		return &conn{c: devconn.NewWebTransportConn(sess, str), closeHook: func() { _ = d.Close() }}, nil
 	default:
 		var qconn *quic.Conn
 		var err error
 		if tr := c.cfg.QUICTransport; tr != nil {
 			var ua *net.UDPAddr
 			if ua, err = net.ResolveUDPAddr("udp", addr); err == nil {
-				qconn, err = tr.Dial(ctx, ua, c.tlsConfig(transport.ALPN, addr), qc)
+				qconn, err = tr.Dial(ctx, ua, c.tlsConfig(devconn.ALPN, addr), qc)
 			}
 		} else {
-			qconn, err = quic.DialAddr(ctx, addr, c.tlsConfig(transport.ALPN, addr), qc)
+			qconn, err = quic.DialAddr(ctx, addr, c.tlsConfig(devconn.ALPN, addr), qc)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("quic dial %s: %w", addr, err)
@@ -265,7 +265,7 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 			_ = qconn.CloseWithError(0, "")
 			return nil, fmt.Errorf("open session stream: %w", err)
 		}
-		return &conn{c: transport.NewQUICConn(qconn, str)}, nil
+		return &conn{c: devconn.NewQUICConn(qconn, str)}, nil
 	}
 }
 
@@ -300,7 +300,7 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	// In the edge's time as far as this client knows it: a resume proof
 	// must be within the edge's resume window of its clock.
 	cn.noDatagrams = cn.noDatagrams || c.cfg.NoDatagrams
-	cn.hello = &relayv1.Hello{NoDatagrams: cn.noDatagrams, DeferDatagrams: !cn.noDatagrams, UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: session.ProtocolVersion,
+	cn.hello = &relayv1.Hello{NoDatagrams: cn.noDatagrams, DeferDatagrams: !cn.noDatagrams, UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: proof.ProtocolVersion,
 		ClientTimeMs: sent.Add(offset).UnixMilli(), ResumeTicket: ticket, Instance: c.instance, MinRevision: c.cfg.MinRevision}
 	if len(ticket) > 0 {
 		if err := c.proveResume(cn.hello); err != nil {
@@ -378,11 +378,11 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 // proveResume signs the resume transcript of a Hello that carries a
 // ticket: the ticket is worth nothing without the device's key.
 func (c *Client) proveResume(h *relayv1.Hello) error {
-	h.ResumeNonce = make([]byte, session.ResumeNonceSize)
+	h.ResumeNonce = make([]byte, proof.ResumeNonceSize)
 	if _, err := rand.Read(h.ResumeNonce); err != nil {
 		return fmt.Errorf("resume nonce: %w", err)
 	}
-	h.ResumeProof = session.ResumeTranscript{
+	h.ResumeProof = proof.ResumeTranscript{
 		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
 		Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: h.GetResumeTicket(),
 	}.Sign(c.cfg.Key)
@@ -404,15 +404,7 @@ func closeError(cl *relayv1.Close) *Error {
 // closeReason turns a read error into the edge's close code where the
 // transport carried one.
 func closeReason(cn *conn, err error) error {
-	var appErr *quic.ApplicationError
-	if errors.As(err, &appErr) && appErr.Remote && appErr.ErrorCode != 0 {
-		return &Error{Code: relayv1.ErrorCode(appErr.ErrorCode), Message: appErr.ErrorMessage}
-	}
-	var sessErr *webtransport.SessionError
-	if errors.As(err, &sessErr) && sessErr.Remote && sessErr.ErrorCode != 0 {
-		return &Error{Code: relayv1.ErrorCode(sessErr.ErrorCode), Message: sessErr.Message}
-	}
-	if code, msg, ok := transport.WebSocketCode(err); ok {
+	if code, msg, ok := devconn.PeerCode(err); ok {
 		return &Error{Code: code, Message: msg}
 	}
 	return err

@@ -20,15 +20,15 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/idwindow"
-	"github.com/edge-relay/relay/edge/session"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
-// writesConn is a session.Conn that keeps each Write apart.
+// writesConn is a devconn.Conn that keeps each Write apart.
 type writesConn struct {
-	session.Conn // only Write is used
+	devconn.Conn // only Write is used
 	writes       [][]byte
 }
 
@@ -188,9 +188,9 @@ func TestReadStreamFastAndSlowFrames(t *testing.T) {
 	}
 }
 
-// chanConn is a session.Conn whose writes arrive on a channel.
+// chanConn is a devconn.Conn whose writes arrive on a channel.
 type chanConn struct {
-	session.Conn // only Write is used
+	devconn.Conn // only Write is used
 	writes       chan []byte
 }
 
@@ -254,7 +254,7 @@ func TestReceiptsGoOutBeforeWaitingForTheApplication(t *testing.T) {
 	}
 }
 
-// datagramConn is a session.Conn that keeps what was written to the
+// datagramConn is a devconn.Conn that keeps what was written to the
 // stream and what went as datagrams.
 type datagramConn struct {
 	writesConn
@@ -402,10 +402,10 @@ func TestUnqueueTakesAFrameBackUntilItIsWritten(t *testing.T) {
 	}
 }
 
-// blockedConn is a session.Conn whose writes wait until release is
+// blockedConn is a devconn.Conn whose writes wait until release is
 // closed; entered gets a value as the first write starts.
 type blockedConn struct {
-	session.Conn // only Write is used
+	devconn.Conn // only Write is used
 	entered      chan struct{}
 	release      chan struct{}
 	mu           sync.Mutex
@@ -722,12 +722,12 @@ func TestReconnectBoundsDefaults(t *testing.T) {
 	}
 }
 
-// pipeConn is a session.Conn over one end of a net.Pipe, without
+// pipeConn is a devconn.Conn over one end of a net.Pipe, without
 // datagrams.
 type pipeConn struct{ net.Conn }
 
-func (pipeConn) SendDatagram([]byte) error                       { return session.ErrNoDatagrams }
-func (pipeConn) ReceiveDatagram(context.Context) ([]byte, error) { return nil, session.ErrNoDatagrams }
+func (pipeConn) SendDatagram([]byte) error                       { return devconn.ErrNoDatagrams }
+func (pipeConn) ReceiveDatagram(context.Context) ([]byte, error) { return nil, devconn.ErrNoDatagrams }
 func (p pipeConn) Close(relayv1.ErrorCode, string) error         { return p.Conn.Close() }
 func (p pipeConn) Abort(relayv1.ErrorCode, string) error         { return p.Conn.Close() }
 func (pipeConn) Transport() string                               { return "pipe" }

@@ -26,9 +26,9 @@ import (
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
-	"github.com/edge-relay/relay/edge/transport"
 	"github.com/edge-relay/relay/internal/relaytest"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -159,7 +159,7 @@ func benchTLS(b *testing.B) (*tls.Config, *tls.Config) {
 // benchQUICEcho is the floor: a quic-go stream echo of the same payload.
 func benchQUICEcho(b *testing.B, payload []byte) {
 	srvTLS, cliTLS := benchTLS(b)
-	ln, err := quic.ListenAddr("127.0.0.1:0", srvTLS, transport.QUICConfig(30*time.Second))
+	ln, err := quic.ListenAddr("127.0.0.1:0", srvTLS, devconn.QUICConfig(30*time.Second))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -179,7 +179,7 @@ func benchQUICEcho(b *testing.B, payload []byte) {
 		_, _ = io.Copy(str, str)
 		_ = conn.CloseWithError(0, "")
 	})
-	conn, err := quic.DialAddr(context.Background(), ln.Addr().String(), cliTLS, transport.QUICConfig(30*time.Second))
+	conn, err := quic.DialAddr(context.Background(), ln.Addr().String(), cliTLS, devconn.QUICConfig(30*time.Second))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -210,7 +210,7 @@ func benchQUICEcho(b *testing.B, payload []byte) {
 // through a forwarder to B, which sends them back through it to A.
 func benchQUICForward(b *testing.B, payload []byte) {
 	srvTLS, cliTLS := benchTLS(b)
-	ln, err := quic.ListenAddr("127.0.0.1:0", srvTLS, transport.QUICConfig(30*time.Second))
+	ln, err := quic.ListenAddr("127.0.0.1:0", srvTLS, devconn.QUICConfig(30*time.Second))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -240,7 +240,7 @@ func benchQUICForward(b *testing.B, payload []byte) {
 		}
 	})
 	dial := func() (*quic.Conn, *quic.Stream) {
-		conn, err := quic.DialAddr(context.Background(), ln.Addr().String(), cliTLS, transport.QUICConfig(30*time.Second))
+		conn, err := quic.DialAddr(context.Background(), ln.Addr().String(), cliTLS, devconn.QUICConfig(30*time.Second))
 		if err != nil {
 			b.Fatal(err)
 		}

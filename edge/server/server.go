@@ -33,6 +33,7 @@ import (
 	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/edge-relay/relay/edge/controlconn"
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/directory"
 	"github.com/edge-relay/relay/edge/mailbox"
 	"github.com/edge-relay/relay/edge/mesh"
@@ -708,7 +709,7 @@ func (s *Server) publicMux() http.Handler {
 		w.Header().Set("Cache-Control", "no-store")
 		_ = json.NewEncoder(w).Encode(EdgeInfo{ID: s.cfg.EdgeID, Addr: s.publicAddr(r.Host)})
 	})
-	mux.HandleFunc("GET "+transport.WebSocketPath, func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("GET "+devconn.WebSocketPath, func(w http.ResponseWriter, r *http.Request) {
 		// A hijacked connection is no longer the HTTP server's: the edge
 		// tracks the session itself so shutdown waits for it.
 		s.wsSessions.Add(1)

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/proof"
 	"github.com/edge-relay/relay/internal/stacks"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -177,7 +178,7 @@ func FuzzSessionFrames(f *testing.F) {
 			}
 			switch script[i] % opCount {
 			case opHello:
-				h := &relayv1.Hello{UserId: "u1", DeviceId: "a", ProtocolVersion: ProtocolVersion, ClientTimeMs: time.Now().UnixMilli()}
+				h := &relayv1.Hello{UserId: "u1", DeviceId: "a", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli()}
 				d.mu.Lock()
 				d.hello = h
 				d.mu.Unlock()
@@ -187,7 +188,7 @@ func FuzzSessionFrames(f *testing.F) {
 				select {
 				case ch = <-d.challenge:
 				case <-time.After(200 * time.Millisecond):
-					ch = &relayv1.Challenge{Nonce: make([]byte, NonceSize)}
+					ch = &relayv1.Challenge{Nonce: make([]byte, proof.NonceSize)}
 				}
 				d.mu.Lock()
 				h := d.hello
@@ -231,7 +232,7 @@ func FuzzSessionFrames(f *testing.F) {
 				_ = cli.SendDatagram(body)
 			case opResume:
 				d.mu.Lock()
-				h := &relayv1.Hello{UserId: "u1", DeviceId: "a", ProtocolVersion: ProtocolVersion, ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: d.ticket}
+				h := &relayv1.Hello{UserId: "u1", DeviceId: "a", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: d.ticket}
 				d.hello = h
 				d.mu.Unlock()
 				if len(h.ResumeTicket) > 0 {

@@ -9,6 +9,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/edge-relay/relay/edge/proof"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -122,7 +123,7 @@ type handshake struct {
 	state  hsState
 	hello  *relayv1.Hello
 	device DeviceInfo
-	tr     Transcript
+	tr     proof.Transcript
 
 	// Results, valid once done.
 	authAt  time.Time
@@ -154,7 +155,7 @@ func (h *handshake) step(f *relayv1.Frame) (*relayv1.Frame, error) {
 		// the device was signing counts (a registration the Hello's
 		// min_revision waited for, a key changed, a device revoked).
 		h.device = h.dir.LookupDevice(h.hello.GetDeviceId())
-		ok := h.tr.verifyWith(h.verifier(), h.keyFor(h.device), auth.GetSignature())
+		ok := verified(h.verifier(), h.keyFor(h.device), h.tr.Bytes(), auth.GetSignature(), len(h.tr.Nonce) == proof.NonceSize)
 		// The device may have been revoked while it was signing.
 		if !ok || !h.usable() {
 			return nil, authFailed()
@@ -189,9 +190,9 @@ const maxDeviceIDBytes = 128
 const maxInstanceBytes = 64
 
 func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
-	if hello.GetProtocolVersion() != ProtocolVersion {
+	if hello.GetProtocolVersion() != proof.ProtocolVersion {
 		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION,
-			"protocol version %d not supported, this edge speaks %d", hello.GetProtocolVersion(), ProtocolVersion)
+			"protocol version %d not supported, this edge speaks %d", hello.GetProtocolVersion(), proof.ProtocolVersion)
 	}
 	if !validID(hello.GetUserId()) || !validID(hello.GetDeviceId()) {
 		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "hello needs a user id and a device id of 1 to 128 bytes of UTF-8")
@@ -225,14 +226,14 @@ func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 			return nil, nil
 		}
 	}
-	nonce := make([]byte, NonceSize)
+	nonce := make([]byte, proof.NonceSize)
 	if _, err := io.ReadFull(h.random, nonce); err != nil {
 		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "no randomness for a challenge")
 	}
 	// The challenge goes out even for a device that does not exist or is
 	// not this user's, so the answer never tells which ids are real; the
 	// signature check then fails.
-	h.tr = Transcript{
+	h.tr = proof.Transcript{
 		UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
 		ClientTimeMs: hello.GetClientTimeMs(), EdgeID: h.edgeID, Nonce: nonce, ServerTimeMs: now.UnixMilli(),
 	}
@@ -247,12 +248,12 @@ func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 // resume window of now, and a nonce not seen before. It checks one
 // signature whether the device exists or not.
 func (h *handshake) resumeProofValid(hello *relayv1.Hello, now time.Time) bool {
-	rt := ResumeTranscript{
+	rt := proof.ResumeTranscript{
 		UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
 		ClientTimeMs: hello.GetClientTimeMs(), Instance: hello.GetInstance(), Nonce: hello.GetResumeNonce(),
 		Ticket: hello.GetResumeTicket(),
 	}
-	if !rt.verifyWith(h.verifier(), h.keyFor(h.device), hello.GetResumeProof()) {
+	if !verified(h.verifier(), h.keyFor(h.device), rt.Bytes(), hello.GetResumeProof(), len(rt.Nonce) == proof.ResumeNonceSize) {
 		return false
 	}
 	skew := time.UnixMilli(hello.GetClientTimeMs()).Sub(now)
@@ -278,6 +279,13 @@ func (h *handshake) verifier() func(pub, msg, sig []byte) bool {
 	return verifyEd25519
 }
 
+// verified checks sig over msg with verify, always calling it once: a
+// nonce of the wrong size (nonceOK false) fails after the check, not
+// instead of it.
+func verified(verify func(pub, msg, sig []byte) bool, pub, msg, sig []byte, nonceOK bool) bool {
+	return verify(pub, msg, sig) && nonceOK
+}
+
 // verifyEd25519 is ed25519.Verify without its panic on a key of the wrong
 // size (keyFor always passes 32 bytes; this is the belt to its braces).
 func verifyEd25519(pub, msg, sig []byte) bool {
@@ -294,14 +302,14 @@ func (h *handshake) usable() bool {
 // reauth prepares a fresh challenge for a session that reached its
 // maximum age; verifyReauth checks the answer.
 func (h *handshake) reauth() (*relayv1.Challenge, error) {
-	nonce := make([]byte, NonceSize)
+	nonce := make([]byte, proof.NonceSize)
 	if _, err := io.ReadFull(h.random, nonce); err != nil {
 		return nil, fmt.Errorf("challenge nonce: %w", err)
 	}
 	// From the session's Hello: a session that resumed has no transcript
 	// of its own yet (its opening checked no challenge).
 	hello := h.hello
-	h.tr = Transcript{
+	h.tr = proof.Transcript{
 		UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
 		ClientTimeMs: hello.GetClientTimeMs(), EdgeID: h.edgeID, Nonce: nonce, ServerTimeMs: h.now().UnixMilli(),
 	}

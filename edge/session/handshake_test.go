@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/proof"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -39,7 +40,7 @@ func (w fuzzWorld) handshake() *handshake {
 }
 
 // nonce is what the fixed randomness yields.
-func (w fuzzWorld) nonce() []byte { return bytes.Repeat([]byte{9}, NonceSize) }
+func (w fuzzWorld) nonce() []byte { return bytes.Repeat([]byte{9}, proof.NonceSize) }
 
 func stream(frames ...*relayv1.Frame) []byte {
 	var b []byte
@@ -51,8 +52,8 @@ func stream(frames ...*relayv1.Frame) []byte {
 
 func TestHandshakeStateMachine(t *testing.T) {
 	w := newFuzzWorld()
-	hello := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 42}
-	tr := Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 42, EdgeID: "edge-f",
+	hello := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: 42}
+	tr := proof.Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: 42, EdgeID: "edge-f",
 		Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli()}
 	good := &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: tr.Sign(w.key)}}}
 	helloF := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: hello}}
@@ -80,7 +81,7 @@ func TestHandshakeStateMachine(t *testing.T) {
 		t.Fatalf("hello twice: %v", err)
 	}
 	h = w.handshake()
-	rh := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "r1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 42}}}
+	rh := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "r1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: 42}}}
 	_, _ = h.step(rh)
 	rtr := tr
 	rtr.DeviceID = "r1"
@@ -89,7 +90,7 @@ func TestHandshakeStateMachine(t *testing.T) {
 	}
 	// An instance id above 64 bytes is refused before any challenge.
 	h = w.handshake()
-	long := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: ProtocolVersion, Instance: strings.Repeat("i", 65)}}}
+	long := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion, Instance: strings.Repeat("i", 65)}}}
 	if out, err := h.step(long); out != nil || !errors.Is(err, &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME}) {
 		t.Fatalf("long instance: %v %v", out, err)
 	}
@@ -106,14 +107,14 @@ func TestHandshakeStateMachine(t *testing.T) {
 // carried a valid signature over the transcript or a valid ticket.
 func FuzzHandshake(f *testing.F) {
 	w := newFuzzWorld()
-	hello := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 42}
-	tr := Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: 42, EdgeID: "edge-f",
+	hello := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: 42}
+	tr := proof.Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: 42, EdgeID: "edge-f",
 		Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli()}
 	auth := &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: tr.Sign(w.key)}}}
 	ticket, _ := w.ring.Seal(Ticket{UserID: "u1", DeviceID: "d1", AuthAt: w.now, ExpiresAt: w.now.Add(time.Hour)})
 	helloF := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: hello}}
 	f.Add(stream(helloF, auth))
-	f.Add(stream(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: ProtocolVersion, ResumeTicket: ticket}}}))
+	f.Add(stream(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion, ResumeTicket: ticket}}}))
 	f.Add(stream(auth, helloF))
 	f.Add(stream(helloF, helloF))
 	f.Add([]byte{2, 0x0a, 0x00})
@@ -146,7 +147,7 @@ func FuzzHandshake(f *testing.F) {
 			}
 			return
 		}
-		want := Transcript{UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
+		want := proof.Transcript{UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
 			ClientTimeMs: hello.GetClientTimeMs(), EdgeID: "edge-f", Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli()}
 		dev := w.dir.LookupDevice(hello.GetDeviceId())
 		if dev.State != DeviceActive || dev.UserID != hello.GetUserId() {

@@ -21,7 +21,9 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/proof"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -57,7 +59,7 @@ func newPipe(addr string, datagrams bool) (server, client *pipeConn) {
 
 func (p *pipeConn) SendDatagram(b []byte) error {
 	if !p.datagrams || len(b) > 1200 {
-		return ErrNoDatagrams
+		return devconn.ErrNoDatagrams
 	}
 	select {
 	case p.peer.in <- bytes.Clone(b):
@@ -69,7 +71,7 @@ func (p *pipeConn) SendDatagram(b []byte) error {
 func (p *pipeConn) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 	p.datagramReads.Add(1)
 	if !p.datagrams {
-		return nil, ErrNoDatagrams
+		return nil, devconn.ErrNoDatagrams
 	}
 	select {
 	case b := <-p.in:
@@ -444,15 +446,15 @@ func (d *dev) hello(ticket []byte) *relayv1.Frame {
 // holding only the ticket can send.
 func (d *dev) helloUnproven(ticket []byte) *relayv1.Frame {
 	return &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{
-		UserId: d.user, DeviceId: d.id, ProtocolVersion: ProtocolVersion, ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket,
+		UserId: d.user, DeviceId: d.id, ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket,
 	}}}
 }
 
 // proveResume adds a fresh resume proof to h, signed with key.
 func proveResume(h *relayv1.Hello, key ed25519.PrivateKey) {
-	h.ResumeNonce = make([]byte, ResumeNonceSize)
+	h.ResumeNonce = make([]byte, proof.ResumeNonceSize)
 	_, _ = rand.Read(h.ResumeNonce)
-	h.ResumeProof = ResumeTranscript{
+	h.ResumeProof = proof.ResumeTranscript{
 		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
 		Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: h.GetResumeTicket(),
 	}.Sign(key)
@@ -460,7 +462,7 @@ func proveResume(h *relayv1.Hello, key ed25519.PrivateKey) {
 
 // sign answers a challenge for hello h with key.
 func sign(h *relayv1.Hello, ch *relayv1.Challenge, key ed25519.PrivateKey) *relayv1.Frame {
-	tr := Transcript{UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(),
+	tr := proof.Transcript{UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(),
 		ClientTimeMs: h.GetClientTimeMs(), EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs()}
 	return &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: tr.Sign(key)}}}
 }

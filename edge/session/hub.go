@@ -20,6 +20,7 @@ import (
 	"go.opentelemetry.io/otel/trace/noop"
 	"golang.org/x/time/rate"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -300,7 +301,7 @@ func (h *Hub) shardOf(userID string) *shard {
 // refusal lingers while the peer takes its Close (up to CloseLinger and
 // the transport's close wait), and a peer that never does must not fill
 // the edge for everybody else.
-func (h *Hub) Serve(ctx context.Context, c Conn) error {
+func (h *Hub) Serve(ctx context.Context, c devconn.Conn) error {
 	if h.isDraining() {
 		_ = c.Abort(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
 		return ErrDraining

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/edge-relay/relay/edge/proof"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -31,7 +32,7 @@ func TestResumeNeedsAFreshProof(t *testing.T) {
 		}
 	}
 	proven := func(mod func(*relayv1.Hello)) *relayv1.Hello {
-		h := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket}
+		h := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket}
 		if mod != nil {
 			mod(h)
 		}
@@ -60,7 +61,7 @@ func TestResumeNeedsAFreshProof(t *testing.T) {
 	t.Run("nonce of the wrong size", func(t *testing.T) {
 		h := proven(nil)
 		h.ResumeNonce = h.ResumeNonce[:8]
-		h.ResumeProof = ResumeTranscript{UserID: "u1", DeviceID: "d1", ProtocolVersion: ProtocolVersion, ClientTimeMs: h.GetClientTimeMs(),
+		h.ResumeProof = proof.ResumeTranscript{UserID: "u1", DeviceID: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: h.GetClientTimeMs(),
 			Nonce: h.ResumeNonce, Ticket: ticket}.Sign(e.keys["d1"])
 		refused(t, h)
 	})
@@ -178,7 +179,7 @@ func TestFailedProofsLookAlike(t *testing.T) {
 		mu.Unlock()
 		ticket, _ := e.ring.Seal(Ticket{UserID: "u1", DeviceID: device, AuthAt: time.Now(), ExpiresAt: time.Now().Add(time.Hour)})
 		d := e.connect("dev-1")
-		h := &relayv1.Hello{UserId: "u1", DeviceId: device, ProtocolVersion: ProtocolVersion, ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket}
+		h := &relayv1.Hello{UserId: "u1", DeviceId: device, ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket}
 		proveResume(h, wrongKey)
 		d.send(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: h}})
 		if ch := d.readDirect().GetChallenge(); ch.GetTicketError() != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {

@@ -17,6 +17,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/time/rate"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/idwindow"
 	"github.com/edge-relay/relay/internal/telemetry"
@@ -26,7 +27,7 @@ import (
 // Session is one authenticated device connection on this edge.
 type Session struct {
 	hub    *Hub
-	conn   Conn
+	conn   devconn.Conn
 	id     string
 	out    *queue
 	reader *frame.Reader
@@ -130,7 +131,7 @@ type Session struct {
 	abortT        *time.Timer // the last resort: abort if the writer did not end
 }
 
-func newSession(h *Hub, c Conn) *Session {
+func newSession(h *Hub, c devconn.Conn) *Session {
 	l := h.cfg.Limits
 	s := &Session{
 		hub:  h,
@@ -181,7 +182,7 @@ func (s *Session) logAt(level slog.Level, msg string, args ...any) {
 	_ = l.Handler().Handle(context.Background(), r)
 }
 
-func addrString(c Conn) string {
+func addrString(c devconn.Conn) string {
 	if a := c.RemoteAddr(); a != nil {
 		return a.String()
 	}
@@ -554,7 +555,7 @@ const abortGrace = 3 * time.Second
 // failed handshake, a hub that is draining): the Close frame, written
 // within linger, then the transport's graceful close, or an abort when
 // the frame could not be written. The caller is the only writer.
-func refuse(c Conn, ce *CloseError, reconnectIn, linger time.Duration) {
+func refuse(c devconn.Conn, ce *CloseError, reconnectIn, linger time.Duration) {
 	if ce.Code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
 		b, err := frame.Append(nil, closeFrame(ce, reconnectIn))
 		if err == nil {

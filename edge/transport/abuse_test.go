@@ -26,6 +26,7 @@ import (
 
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/proof"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/edge/transport"
@@ -654,7 +655,7 @@ func TestEveryEndIsTyped(t *testing.T) {
 		}},
 		{name: "no handshake in time", code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT, do: func(*testing.T, *relaytest.Raw, client.Transport) {}},
 		{name: "a wrong signature", code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
-			_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: session.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli()})
+			_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli()})
 			if f, err := raw.Next(10 * time.Second); err == nil && f.GetChallenge() != nil {
 				raw.Answer(f.GetChallenge(), mustKey(t))
 			}
@@ -718,7 +719,7 @@ func TestEveryEndIsTyped(t *testing.T) {
 			var raw *relaytest.Raw
 			for i := range 3 {
 				raw = r.DialRaw(t, fewHellos, tr)
-				_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: session.ProtocolVersion})
+				_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: proof.ProtocolVersion})
 				if i < 2 {
 					if f, err := raw.Next(10 * time.Second); err != nil || (f.GetChallenge() == nil && f.GetClose() == nil) {
 						t.Fatalf("handshake %d: %v, %v; want an answer", i+1, f, err)
@@ -727,7 +728,7 @@ func TestEveryEndIsTyped(t *testing.T) {
 			}
 			run(t, row{code: relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, do: func(t *testing.T, raw *relaytest.Raw, _ client.Transport) {
 				// A QUIC stream reaches the edge with its first bytes.
-				_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: session.ProtocolVersion})
+				_ = raw.SendHello(&relayv1.Hello{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: proof.ProtocolVersion})
 			}}, tr, raw, dev)
 		})
 		t.Run("the edge shuts down/"+tr.String(), func(t *testing.T) {

@@ -1,3 +1,9 @@
+// Package transport is the edge's device port: native QUIC connections
+// (ALPN relay/1) and WebTransport sessions (HTTP/3) on one UDP socket, and
+// the WebSocket fallback on the HTTPS port, each adapted by edge/devconn
+// and served by the session core's Hub. It owns the UDP listener and the
+// per-connection goroutines; everything above the session stream is
+// edge/session's.
 package transport
 
 import (
@@ -16,6 +22,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 	"github.com/quic-go/webtransport-go"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/session"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -87,20 +94,6 @@ type h3Conn struct {
 // connKey carries a request's QUIC connection in its context.
 type connKey struct{}
 
-// QUICConfig is the QUIC configuration edges and clients share: datagrams
-// and partial-delivery resets on (WebTransport needs both).
-func QUICConfig(idle time.Duration) *quic.Config {
-	return &quic.Config{
-		MaxIdleTimeout:                   idle,
-		EnableDatagrams:                  true,
-		EnableStreamResetPartialDelivery: true,
-		HandshakeIdleTimeout:             5 * time.Second,
-		// No 0-RTT: a replayed resume Hello is refused per edge only, and
-		// with --cluster-tls-tickets a ticket opens on every edge.
-		Allow0RTT: false,
-	}
-}
-
 // Streams a device may have open at once on a device port. A native
 // session is one bidirectional stream; a WebTransport session is the
 // CONNECT request's stream and one stream inside the session, beside
@@ -114,7 +107,7 @@ const (
 
 // listenerQUICConfig is QUICConfig for a device port.
 func listenerQUICConfig(idle time.Duration) *quic.Config {
-	c := QUICConfig(idle)
+	c := devconn.QUICConfig(idle)
 	c.MaxIncomingStreams, c.MaxIncomingUniStreams = MaxIncomingStreams, MaxIncomingUniStreams
 	return c
 }
@@ -166,7 +159,7 @@ func Listen(cfg Config) (*Listener, error) {
 		return nil, fmt.Errorf("listen udp %s: %w", cfg.Addr, err)
 	}
 	tlsConf := cfg.TLS.Clone()
-	tlsConf.NextProtos = []string{http3.NextProtoH3, ALPN}
+	tlsConf.NextProtos = []string{http3.NextProtoH3, devconn.ALPN}
 	tlsConf.MinVersion = tls.VersionTLS13
 	tr := &quic.Transport{Conn: udp, VerifySourceAddress: l.addrs.verify, ConnContext: l.addrs.connContext}
 	ln, err := tr.ListenEarly(tlsConf, listenerQUICConfig(cfg.IdleTimeout))
@@ -177,7 +170,7 @@ func Listen(cfg Config) (*Listener, error) {
 	l.udp, l.tr, l.ln = udp, tr, ln
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	mux := http.NewServeMux()
-	mux.HandleFunc(WebTransportPath, l.serveWebTransport)
+	mux.HandleFunc(devconn.WebTransportPath, l.serveWebTransport)
 	l.wt = &webtransport.Server{
 		H3: &http3.Server{Handler: mux, TLSConfig: tlsConf, QUICConfig: listenerQUICConfig(cfg.IdleTimeout),
 			ConnContext: func(ctx context.Context, c *quic.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) }},
@@ -239,7 +232,7 @@ func (l *Listener) Serve() error {
 		}
 		l.wg.Go(func() {
 			switch alpn {
-			case ALPN:
+			case devconn.ALPN:
 				l.serveNative(conn)
 			case http3.NextProtoH3:
 				l.h3Opened(conn)
@@ -262,7 +255,7 @@ func (l *Listener) serveNative(conn *quic.Conn) {
 		_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT), "no session stream in time")
 		return
 	}
-	_ = l.cfg.Hub.Serve(l.ctx, NewQUICConn(conn, str))
+	_ = l.cfg.Hub.Serve(l.ctx, devconn.NewQUICConn(conn, str))
 }
 
 // h3Opened starts tracking an HTTP/3 connection, to be reaped unless a
@@ -327,7 +320,7 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 		_ = sess.CloseWithError(webtransport.SessionErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT), "no session stream in time")
 		return
 	}
-	_ = l.cfg.Hub.Serve(l.ctx, NewWebTransportConn(sess, str))
+	_ = l.cfg.Hub.Serve(l.ctx, devconn.NewWebTransportConn(sess, str))
 }
 
 // Kill drops the UDP socket at once, as a crash would: devices learn of

@@ -20,9 +20,9 @@ import (
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
-	"github.com/edge-relay/relay/edge/transport"
 	"github.com/edge-relay/relay/internal/relaytest"
 )
 
@@ -115,9 +115,9 @@ func holdHandshake(t *testing.T, addr string) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		conf := transport.QUICConfig(time.Minute)
+		conf := devconn.QUICConfig(time.Minute)
 		conf.HandshakeIdleTimeout = time.Minute
-		tlsConf := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{transport.ALPN}, MinVersion: tls.VersionTLS13} //nolint:gosec // never gets that far
+		tlsConf := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{devconn.ALPN}, MinVersion: tls.VersionTLS13} //nolint:gosec // never gets that far
 		_, _ = tr.Dial(ctx, ua, tlsConf, conf)
 	})
 	t.Cleanup(func() {

@@ -12,8 +12,8 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/server"
-	"github.com/edge-relay/relay/edge/transport"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -28,7 +28,7 @@ func TestRequestsWithoutASessionDoNotKeepAConnection(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	tlsConf := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{http3.NextProtoH3}, MinVersion: tls.VersionTLS13} //nolint:gosec // a hostile client
-	conn, err := quic.DialAddr(ctx, r.Edges[0].Addr(), tlsConf, transport.QUICConfig(time.Minute))
+	conn, err := quic.DialAddr(ctx, r.Edges[0].Addr(), tlsConf, devconn.QUICConfig(time.Minute))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,7 +39,7 @@ func TestRequestsWithoutASessionDoNotKeepAConnection(t *testing.T) {
 	// until the edge closes the connection.
 	tick := time.NewTicker(timeout / 5)
 	defer tick.Stop()
-	paths := []string{transport.WebTransportPath, "/"}
+	paths := []string{devconn.WebTransportPath, "/"}
 	for i := 0; ; i++ {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+r.Edges[0].Addr()+paths[i%2], nil)
 		if err != nil {
@@ -71,7 +71,7 @@ func TestWebSocketPingsAreNotAnswered(t *testing.T) {
 	defer cancel()
 	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} //nolint:gosec // a hostile client
 	defer hc.CloseIdleConnections()
-	ws, _, err := websocket.Dial(ctx, "wss://"+r.Edges[0].Addr()+transport.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
+	ws, _, err := websocket.Dial(ctx, "wss://"+r.Edges[0].Addr()+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,9 +16,9 @@ import (
 	"github.com/quic-go/webtransport-go"
 
 	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
-	"github.com/edge-relay/relay/edge/session"
-	"github.com/edge-relay/relay/edge/transport"
+	"github.com/edge-relay/relay/edge/proof"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -33,7 +33,7 @@ type Raw struct {
 	// cannot express (a text message); nil on QUIC and WebTransport.
 	WS *websocket.Conn
 
-	conn  session.Conn
+	conn  devconn.Conn
 	r     *frame.Reader
 	hello *relayv1.Hello
 	qc    *quic.Conn            // QUIC
@@ -81,12 +81,12 @@ func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw,
 	tlsConf := func(alpn string) *tls.Config {
 		return &tls.Config{InsecureSkipVerify: true, NextProtos: []string{alpn}, MinVersion: tls.VersionTLS13} //nolint:gosec // a test's hostile client
 	}
-	qconf := transport.QUICConfig(30 * time.Second)
+	qconf := devconn.QUICConfig(30 * time.Second)
 	qconf.KeepAlivePeriod = 5 * time.Second
 	switch tr {
 	case client.WebSocket:
 		hc := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf("http/1.1")}}
-		ws, _, err := websocket.Dial(ctx, "wss://"+addr+transport.WebSocketPath, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: hdr})
+		ws, _, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: hdr})
 		if err != nil {
 			hc.CloseIdleConnections()
 			return nil, fmt.Errorf("websocket dial %s: %w", addr, err)
@@ -94,11 +94,11 @@ func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw,
 		ws.SetReadLimit(1 << 20)
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
 		raw.WS = ws
-		raw.conn = transport.NewWebSocketConn(ws, remote, time.Hour, 1<<20)
+		raw.conn = devconn.NewWebSocketConn(ws, remote, time.Hour, 1<<20)
 		raw.done = hc.CloseIdleConnections
 	case client.WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: tlsConf("h3"), QUICConfig: qconf}
-		_, sess, err := d.Dial(ctx, "https://"+addr+transport.WebTransportPath, hdr)
+		_, sess, err := d.Dial(ctx, "https://"+addr+devconn.WebTransportPath, hdr)
 		if err != nil {
 			_ = d.Close()
 			return nil, fmt.Errorf("webtransport dial %s: %w", addr, err)
@@ -110,10 +110,10 @@ func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw,
 		}
 		raw.wts = sess
 		raw.fin = str.Close
-		raw.conn = transport.NewWebTransportConn(sess, str)
+		raw.conn = devconn.NewWebTransportConn(sess, str)
 		raw.done = func() { _ = d.Close() }
 	default:
-		qc, err := quic.DialAddr(ctx, addr, tlsConf(transport.ALPN), qconf)
+		qc, err := quic.DialAddr(ctx, addr, tlsConf(devconn.ALPN), qconf)
 		if err != nil {
 			return nil, fmt.Errorf("quic dial %s: %w", addr, err)
 		}
@@ -124,7 +124,7 @@ func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw,
 		}
 		raw.qc = qc
 		raw.fin = str.Close
-		raw.conn = transport.NewQUICConn(qc, str)
+		raw.conn = devconn.NewQUICConn(qc, str)
 	}
 	raw.r = frame.NewReader(raw.conn, 1<<20)
 	t.Cleanup(raw.Close)
@@ -246,7 +246,7 @@ func (c *Raw) Next(d time.Duration) (*relayv1.Frame, error) {
 // Login runs the full handshake as device d.
 func (c *Raw) Login(d Device) *relayv1.Welcome {
 	c.t.Helper()
-	c.hello = &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: session.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli()}
+	c.hello = &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli()}
 	if err := c.Send(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: c.hello}}); err != nil {
 		c.t.Fatalf("send hello: %v", err)
 	}
@@ -267,7 +267,7 @@ func (c *Raw) Login(d Device) *relayv1.Welcome {
 func (c *Raw) Answer(ch *relayv1.Challenge, key ed25519.PrivateKey) {
 	c.t.Helper()
 	h := c.hello
-	sig := session.Transcript{
+	sig := proof.Transcript{
 		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
 		EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(),
 	}.Sign(key)
@@ -279,12 +279,12 @@ func (c *Raw) Answer(ch *relayv1.Challenge, key ed25519.PrivateKey) {
 // ResumeHello is a Hello resuming as d with ticket, proven with key (nil:
 // no proof, as a thief holding only the ticket would send).
 func ResumeHello(d Device, ticket []byte, key ed25519.PrivateKey) *relayv1.Hello {
-	h := &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: session.ProtocolVersion,
+	h := &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: proof.ProtocolVersion,
 		ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket, Instance: "raw"}
 	if key != nil {
-		h.ResumeNonce = make([]byte, session.ResumeNonceSize)
+		h.ResumeNonce = make([]byte, proof.ResumeNonceSize)
 		_, _ = rand.Read(h.ResumeNonce)
-		h.ResumeProof = session.ResumeTranscript{
+		h.ResumeProof = proof.ResumeTranscript{
 			UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
 			Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: ticket,
 		}.Sign(key)
@@ -360,7 +360,7 @@ func transportCode(err error) (relayv1.ErrorCode, string) {
 	if errors.As(err, &sessErr) && sessErr.Remote {
 		return relayv1.ErrorCode(sessErr.ErrorCode), sessErr.Message
 	}
-	if code, msg, ok := transport.WebSocketCode(err); ok {
+	if code, msg, ok := devconn.WebSocketCode(err); ok {
 		return code, msg
 	}
 	return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, err.Error()

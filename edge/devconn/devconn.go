@@ -1,4 +1,9 @@
-package session
+// Package devconn adapts a device's connection to an edge, native QUIC,
+// WebTransport or a WebSocket, to Conn: the session stream and, where the
+// transport has them, datagrams. The edge's session core and the Go
+// client speak the device protocol over it, so this package depends on
+// the transports and the protocol's messages only.
+package devconn
 
 import (
 	"context"
@@ -7,13 +12,16 @@ import (
 	"net"
 	"time"
 
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/webtransport-go"
+
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
-// Conn is one device connection as the session core sees it: the session
-// stream (reliable, ordered) and, where the transport has them,
-// datagrams. QUIC, WebTransport and WebSocket each provide one; nothing in
-// this package knows which it runs on.
+// Conn is one device connection: the session stream (reliable, ordered)
+// and, where the transport has them, datagrams. QUIC, WebTransport and
+// WebSocket each provide one; the session core does not know which it
+// runs on.
 //
 // Read is called by one goroutine and Write by another (never two of
 // either at once). The other methods may be called from any goroutine,
@@ -54,3 +62,19 @@ type Conn interface {
 // ErrNoDatagrams says a transport cannot carry a datagram (none at all, or
 // not one this large).
 var ErrNoDatagrams = errors.New("transport has no datagrams for this")
+
+// PeerCode returns the protocol error code (and message) the peer closed
+// the connection with, on any transport: a QUIC application error, a
+// WebTransport session error or a WebSocket close code. ok is false for
+// an error that carries none, and for code 0 (a goodbye).
+func PeerCode(err error) (code relayv1.ErrorCode, msg string, ok bool) {
+	var appErr *quic.ApplicationError
+	if errors.As(err, &appErr) && appErr.Remote && appErr.ErrorCode != 0 {
+		return relayv1.ErrorCode(appErr.ErrorCode), appErr.ErrorMessage, true
+	}
+	var sessErr *webtransport.SessionError
+	if errors.As(err, &sessErr) && sessErr.Remote && sessErr.ErrorCode != 0 {
+		return relayv1.ErrorCode(sessErr.ErrorCode), sessErr.Message, true
+	}
+	return WebSocketCode(err)
+}

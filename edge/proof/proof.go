@@ -1,4 +1,8 @@
-package session
+// Package proof defines what a device signs to prove its key to an edge:
+// the handshake's transcript and the resume transcript, with the protocol
+// constants they carry. The edge's session core checks these signatures
+// and the clients make them; both encode them here, byte for byte.
+package proof
 
 import (
 	"crypto/ed25519"
@@ -7,7 +11,7 @@ import (
 	"fmt"
 )
 
-// ProtocolVersion is the device protocol version this edge speaks.
+// ProtocolVersion is the version of the device protocol.
 const ProtocolVersion = 1
 
 // NonceSize is the size of a challenge nonce.
@@ -72,13 +76,6 @@ func (t Transcript) Verify(pub []byte, sig []byte) error {
 	return nil
 }
 
-// verifyWith checks sig with verify, always calling it once (a nonce of
-// the wrong size fails after the check, not instead of it).
-func (t Transcript) verifyWith(verify func(pub, msg, sig []byte) bool, pub, sig []byte) bool {
-	ok := verify(pub, t.Bytes(), sig)
-	return ok && len(t.Nonce) == NonceSize
-}
-
 // resumeLabel separates resume proofs from handshake signatures.
 const resumeLabel = "relay/1 device resume"
 
@@ -122,9 +119,4 @@ func (t ResumeTranscript) Bytes() []byte {
 // Sign signs the resume transcript with a device key (what clients do).
 func (t ResumeTranscript) Sign(key ed25519.PrivateKey) []byte {
 	return ed25519.Sign(key, t.Bytes())
-}
-
-func (t ResumeTranscript) verifyWith(verify func(pub, msg, sig []byte) bool, pub, sig []byte) bool {
-	ok := verify(pub, t.Bytes(), sig)
-	return ok && len(t.Nonce) == ResumeNonceSize
 }

@@ -1,9 +1,4 @@
-// Package transport adapts the network to the session core: native QUIC
-// connections (ALPN relay/1) and WebTransport sessions (HTTP/3) on one UDP
-// socket, each turned into a session.Conn. It owns the UDP listener and
-// the per-connection goroutines; everything above the session stream is
-// edge/session's.
-package transport
+package devconn
 
 import (
 	"context"
@@ -15,7 +10,6 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/webtransport-go"
 
-	"github.com/edge-relay/relay/edge/session"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -25,6 +19,20 @@ const ALPN = "relay/1"
 // WebTransportPath is the HTTP/3 path browsers open WebTransport sessions
 // on.
 const WebTransportPath = "/relay/v1/wt"
+
+// QUICConfig is the QUIC configuration edges and clients share: datagrams
+// and partial-delivery resets on (WebTransport needs both).
+func QUICConfig(idle time.Duration) *quic.Config {
+	return &quic.Config{
+		MaxIdleTimeout:                   idle,
+		EnableDatagrams:                  true,
+		EnableStreamResetPartialDelivery: true,
+		HandshakeIdleTimeout:             5 * time.Second,
+		// No 0-RTT: a replayed resume Hello is refused per edge only, and
+		// with --cluster-tls-tickets a ticket opens on every edge.
+		Allow0RTT: false,
+	}
+}
 
 // closeWait bounds how long a closing connection waits for the device to
 // read the Close frame and hang up itself, which lets the frames written
@@ -40,7 +48,7 @@ type quicConn struct {
 
 // NewQUICConn adapts a native QUIC connection whose session stream is
 // str.
-func NewQUICConn(conn *quic.Conn, str *quic.Stream) session.Conn {
+func NewQUICConn(conn *quic.Conn, str *quic.Stream) Conn {
 	return &quicConn{conn: conn, str: str}
 }
 
@@ -53,19 +61,19 @@ func (c *quicConn) Transport() string                  { return "quic" }
 
 func (c *quicConn) SendDatagram(b []byte) error {
 	if !c.conn.ConnectionState().SupportsDatagrams.Remote {
-		return session.ErrNoDatagrams
+		return ErrNoDatagrams
 	}
 	err := c.conn.SendDatagram(b)
 	var tooLarge *quic.DatagramTooLargeError
 	if errors.As(err, &tooLarge) {
-		return session.ErrNoDatagrams
+		return ErrNoDatagrams
 	}
 	return err
 }
 
 func (c *quicConn) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 	if !c.conn.ConnectionState().SupportsDatagrams.Remote {
-		return nil, session.ErrNoDatagrams
+		return nil, ErrNoDatagrams
 	}
 	return c.conn.ReceiveDatagram(ctx)
 }
@@ -120,7 +128,7 @@ type wtConn struct {
 
 // NewWebTransportConn adapts a WebTransport session whose session stream
 // is str.
-func NewWebTransportConn(sess *webtransport.Session, str *webtransport.Stream) session.Conn {
+func NewWebTransportConn(sess *webtransport.Session, str *webtransport.Stream) Conn {
 	return &wtConn{sess: sess, str: str}
 }
 
@@ -137,12 +145,12 @@ const maxWTDatagram = 1100
 
 func (c *wtConn) SendDatagram(b []byte) error {
 	if len(b) > maxWTDatagram {
-		return session.ErrNoDatagrams
+		return ErrNoDatagrams
 	}
 	err := c.sess.SendDatagram(b)
 	var tooLarge *quic.DatagramTooLargeError
 	if errors.As(err, &tooLarge) {
-		return session.ErrNoDatagrams
+		return ErrNoDatagrams
 	}
 	return err
 }

@@ -1,0 +1,443 @@
+package devconn
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"errors"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+	"github.com/quic-go/webtransport-go"
+	"go.uber.org/goleak"
+
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"))
+}
+
+// pair is the two ends of one connection: what the edge adapts (server)
+// and what the Go client adapts (client).
+type pair struct {
+	server, client Conn
+}
+
+// testTLS returns a server configuration with a fresh self-signed
+// certificate for 127.0.0.1 and a client configuration that trusts it.
+func testTLS(t *testing.T, proto string) (server, client *tls.Config) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}, NextProtos: []string{proto}, MinVersion: tls.VersionTLS13},
+		&tls.Config{RootCAs: pool, NextProtos: []string{proto}, MinVersion: tls.VersionTLS13}
+}
+
+// accepted waits for the server end.
+func accepted(t *testing.T, ch <-chan Conn) Conn {
+	t.Helper()
+	select {
+	case c := <-ch:
+		return c
+	case <-time.After(30 * time.Second):
+		t.Fatal("the server end never came")
+		return nil
+	}
+}
+
+func quicPair(t *testing.T) pair {
+	t.Helper()
+	stls, ctls := testTLS(t, ALPN)
+	ln, err := quic.ListenAddr("127.0.0.1:0", stls, QUICConfig(30*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	got := make(chan Conn, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		qc, err := ln.Accept(ctx)
+		if err != nil {
+			return
+		}
+		str, err := qc.AcceptStream(ctx)
+		if err != nil {
+			_ = qc.CloseWithError(0, "")
+			return
+		}
+		got <- NewQUICConn(qc, str)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	qc, err := quic.DialAddr(ctx, ln.Addr().String(), ctls, QUICConfig(30*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	str, err := qc.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := NewQUICConn(qc, str)
+	// A stream is announced to the peer by its first bytes.
+	if _, err := str.Write([]byte{0}); err != nil {
+		t.Fatal(err)
+	}
+	p := pair{server: accepted(t, got), client: client}
+	readExactly(t, p.server, []byte{0})
+	t.Cleanup(func() { _ = p.client.Abort(0, ""); _ = p.server.Abort(0, "") })
+	return p
+}
+
+func webTransportPair(t *testing.T) pair {
+	t.Helper()
+	stls, ctls := testTLS(t, http3.NextProtoH3)
+	udp, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan Conn, 1)
+	mux := http.NewServeMux()
+	srv := &webtransport.Server{H3: &http3.Server{Handler: mux, TLSConfig: stls, QUICConfig: QUICConfig(30 * time.Second)}}
+	mux.HandleFunc(WebTransportPath, func(w http.ResponseWriter, r *http.Request) {
+		sess, err := srv.Upgrade(w, r)
+		if err != nil {
+			w.WriteHeader(http.StatusBadRequest)
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		str, err := sess.AcceptStream(ctx)
+		if err != nil {
+			_ = sess.CloseWithError(0, "")
+			return
+		}
+		got <- NewWebTransportConn(sess, str)
+	})
+	served := make(chan struct{})
+	go func() { defer close(served); _ = srv.Serve(udp) }()
+	t.Cleanup(func() { _ = srv.Close(); _ = udp.Close(); <-served })
+	d := &webtransport.Transport{TLSClientConfig: ctls, QUICConfig: QUICConfig(30 * time.Second)}
+	t.Cleanup(func() { _ = d.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, sess, err := d.Dial(ctx, "https://"+udp.LocalAddr().String()+WebTransportPath, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	str, err := sess.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := str.Write([]byte{0}); err != nil {
+		t.Fatal(err)
+	}
+	p := pair{server: accepted(t, got), client: NewWebTransportConn(sess, str)}
+	readExactly(t, p.server, []byte{0})
+	t.Cleanup(func() { _ = p.client.Abort(0, ""); _ = p.server.Abort(0, "") })
+	return p
+}
+
+func webSocketPair(t *testing.T) pair {
+	t.Helper()
+	got := make(chan Conn, 1)
+	done := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		got <- NewWebSocketConn(ws, nil, time.Minute, 1<<20)
+		<-done // the handler's return would end the connection
+	}))
+	t.Cleanup(func() { close(done); srv.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := pair{server: accepted(t, got), client: NewWebSocketConn(ws, nil, time.Minute, 1<<20)}
+	t.Cleanup(func() { _ = p.client.Abort(0, ""); _ = p.server.Abort(0, "") })
+	return p
+}
+
+var pairs = []struct {
+	name      string
+	make      func(*testing.T) pair
+	datagrams bool
+}{
+	{"quic", quicPair, true},
+	{"webtransport", webTransportPair, true},
+	{"websocket", webSocketPair, false},
+}
+
+// framed is body with its uvarint length prefix: the session stream's
+// unit (a WebSocket carries one per message).
+func framed(body []byte) []byte {
+	return append(binary.AppendUvarint(nil, uint64(len(body))), body...)
+}
+
+func readExactly(t *testing.T, c Conn, want []byte) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("read %q, want %q", got, want)
+	}
+	_ = c.SetReadDeadline(time.Time{})
+}
+
+// Every transport carries the session stream both ways, in order, and
+// frames of any size the stream takes, in one write or in pieces.
+func TestTheStreamCarriesFramesBothWays(t *testing.T) {
+	for _, tc := range pairs {
+		t.Run(tc.name, func(t *testing.T) {
+			p := tc.make(t)
+			big := framed(bytes.Repeat([]byte("x"), 200<<10))
+			hello := framed([]byte("hello"))
+			if _, err := p.client.Write(append(append([]byte{}, hello...), big...)); err != nil {
+				t.Fatal(err)
+			}
+			readExactly(t, p.server, append(append([]byte{}, hello...), big...))
+			// A frame written in two pieces arrives whole.
+			back := framed([]byte("welcome back"))
+			if _, err := p.server.Write(back[:3]); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := p.server.Write(back[3:]); err != nil {
+				t.Fatal(err)
+			}
+			readExactly(t, p.client, back)
+			if p.server.Transport() != tc.name || p.client.Transport() != tc.name {
+				t.Fatalf("transports %q and %q", p.server.Transport(), p.client.Transport())
+			}
+		})
+	}
+}
+
+// A read deadline fails a blocked Read with a timeout, and the
+// connection goes on once it is moved: the session core's frame and idle
+// timers rely on both.
+func TestAReadDeadlineTimesOutAndTheConnectionGoesOn(t *testing.T) {
+	for _, tc := range pairs {
+		t.Run(tc.name, func(t *testing.T) {
+			p := tc.make(t)
+			_ = p.server.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			_, err := p.server.Read(make([]byte, 16))
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() {
+				t.Fatalf("read past the deadline: %v, want a timeout", err)
+			}
+			after := framed([]byte("after the deadline"))
+			if _, err := p.client.Write(after); err != nil {
+				t.Fatal(err)
+			}
+			readExactly(t, p.server, after)
+		})
+	}
+}
+
+// QUIC and WebTransport carry datagrams; one too large for a packet, and
+// any on a WebSocket, is ErrNoDatagrams, so the caller uses the stream.
+func TestDatagrams(t *testing.T) {
+	for _, tc := range pairs {
+		t.Run(tc.name, func(t *testing.T) {
+			p := tc.make(t)
+			if err := p.client.SendDatagram(make([]byte, 4000)); !errors.Is(err, ErrNoDatagrams) {
+				t.Fatalf("a 4000-byte datagram: %v, want ErrNoDatagrams", err)
+			}
+			if !tc.datagrams {
+				if err := p.client.SendDatagram([]byte("d")); !errors.Is(err, ErrNoDatagrams) {
+					t.Fatalf("send: %v, want ErrNoDatagrams", err)
+				}
+				if _, err := p.server.ReceiveDatagram(context.Background()); !errors.Is(err, ErrNoDatagrams) {
+					t.Fatalf("receive: %v, want ErrNoDatagrams", err)
+				}
+				return
+			}
+			// Datagrams may be lost: send until one arrives.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			got := make(chan []byte, 1)
+			go func() {
+				b, err := p.server.ReceiveDatagram(ctx)
+				if err == nil {
+					got <- b
+				}
+				close(got)
+			}()
+			tick := time.NewTicker(20 * time.Millisecond)
+			defer tick.Stop()
+			for {
+				if err := p.client.SendDatagram([]byte("a datagram")); err != nil {
+					t.Fatal(err)
+				}
+				select {
+				case b, ok := <-got:
+					if !ok || string(b) != "a datagram" {
+						t.Fatalf("received %q (%v)", b, ok)
+					}
+					return
+				case <-tick.C:
+				}
+			}
+		})
+	}
+}
+
+// Close finishes the stream, so what was written before it arrives, and
+// the peer learns the code: on QUIC and WebTransport once it hangs up (or
+// the close wait ends), on a WebSocket in the close frame. Abort ends a
+// blocked Read on the other side with the code.
+func TestCloseAndAbortCarryTheCode(t *testing.T) {
+	for _, tc := range pairs {
+		t.Run(tc.name, func(t *testing.T) {
+			p := tc.make(t)
+			last := framed([]byte("the last frame"))
+			if _, err := p.server.Write(last); err != nil {
+				t.Fatal(err)
+			}
+			closed := make(chan struct{})
+			go func() {
+				defer close(closed)
+				_ = p.server.Close(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "shutting down")
+			}()
+			readExactly(t, p.client, last)
+			_ = p.client.SetReadDeadline(time.Now().Add(30 * time.Second))
+			_, err := p.client.Read(make([]byte, 16))
+			if err == nil {
+				t.Fatal("a read after the peer's Close succeeded")
+			}
+			if tc.name == "websocket" {
+				if code, msg, ok := PeerCode(err); !ok || code != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY || msg != "shutting down" {
+					t.Fatalf("read error %v: code %v %q %v", err, code, msg, ok)
+				}
+			} else if !errors.Is(err, io.EOF) {
+				t.Fatalf("read after the stream's end: %v, want EOF", err)
+			}
+			// The device hangs up, as clients do on a Close frame; the
+			// edge's Close returns then.
+			_ = p.client.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+			select {
+			case <-closed:
+			case <-time.After(30 * time.Second):
+				t.Fatal("Close did not return")
+			}
+		})
+		t.Run(tc.name+"/abort", func(t *testing.T) {
+			p := tc.make(t)
+			failed := make(chan error, 1)
+			go func() {
+				_, err := p.client.Read(make([]byte, 16))
+				failed <- err
+			}()
+			if err := p.server.Abort(relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "too slow"); err != nil && tc.name != "websocket" {
+				t.Fatal(err)
+			}
+			select {
+			case err := <-failed:
+				if tc.name == "websocket" {
+					// CloseNow sends no close frame: the reader sees the
+					// connection end, with no code.
+					if err == nil {
+						t.Fatal("read succeeded after Abort")
+					}
+					return
+				}
+				if code, msg, ok := PeerCode(err); !ok || code != relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER || msg != "too slow" {
+					t.Fatalf("read error %v: code %v %q %v", err, code, msg, ok)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("a blocked Read outlived the peer's Abort")
+			}
+		})
+	}
+}
+
+// Linger (the client's, after its goodbye) finishes the stream and
+// returns once the peer hangs up, well before its deadline; what was
+// written before it arrives whole, however much of it was still unsent.
+func TestLingerLetsTheWrittenArrive(t *testing.T) {
+	for _, tc := range pairs[:2] { // a WebSocket's close handshake does this itself
+		t.Run(tc.name, func(t *testing.T) {
+			p := tc.make(t)
+			l, ok := p.client.(interface{ Linger(time.Time) })
+			if !ok {
+				t.Fatalf("%T has no Linger", p.client)
+			}
+			payload := framed(bytes.Repeat([]byte("y"), 1<<20))
+			go func() {
+				_, _ = p.client.Write(payload)
+			}()
+			// The peer reads everything, sees the stream end, hangs up.
+			readExactly(t, p.server, payload)
+			lingered := make(chan struct{})
+			go func() {
+				defer close(lingered)
+				l.Linger(time.Now().Add(time.Minute))
+			}()
+			_ = p.server.SetReadDeadline(time.Now().Add(30 * time.Second))
+			if _, err := p.server.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+				t.Fatalf("after the client's Linger: %v, want EOF", err)
+			}
+			_ = p.server.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+			select {
+			case <-lingered:
+			case <-time.After(30 * time.Second):
+				t.Fatal("Linger did not return when the peer hung up")
+			}
+		})
+	}
+}
+
+// A peer code of 0 is a goodbye, and errors of other kinds carry none.
+func TestPeerCodeIgnoresOtherErrors(t *testing.T) {
+	for _, err := range []error{
+		io.EOF,
+		errors.New("something else"),
+		&quic.ApplicationError{Remote: true, ErrorCode: 0},
+		&quic.ApplicationError{Remote: false, ErrorCode: 5},
+		&webtransport.SessionError{Remote: true, ErrorCode: 0},
+		websocket.CloseError{Code: websocket.StatusNormalClosure},
+	} {
+		if code, _, ok := PeerCode(err); ok {
+			t.Errorf("PeerCode(%v) = %v, want none", err, code)
+		}
+	}
+	if code, _, ok := PeerCode(websocket.CloseError{Code: websocket.StatusMessageTooBig}); !ok || code != relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE {
+		t.Errorf("a WebSocket closed 1009: %v %v", code, ok)
+	}
+}

@@ -1,0 +1,286 @@
+package devconn
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/edge-relay/relay/edge/frame"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
+)
+
+// WebSocketPath is the path of the WebSocket fallback on the edge's HTTPS
+// port, for browsers where UDP is blocked.
+const WebSocketPath = "/relay/v1/ws"
+
+// WebSocketCloseBase is added to a protocol error code to make the
+// WebSocket close code (the 4000-4999 range is the application's).
+const WebSocketCloseBase = 4000
+
+// wsConn carries the session stream over a WebSocket: each binary
+// message is one frame body (the message boundary is its length, so the
+// uvarint prefix of the stream is not sent). There are no datagrams:
+// ephemeral events go on the stream.
+//
+// The WebSocket layer closes the connection when the context of a read
+// ends, which would leave no way to send a close code after a deadline.
+// So one goroutine (pump) reads messages with the connection's own
+// context and hands them over one at a time; Read waits for the next
+// with its deadline and the idle timeout, and the connection survives
+// both. A message is read whole by the WebSocket layer, bounded by the
+// read limit, so a frame never arrives in part.
+type wsConn struct {
+	c      *websocket.Conn
+	remote net.Addr
+	idle   time.Duration
+	ctx    context.Context // ends with Close or Abort
+	cancel context.CancelFunc
+	rdl    deadline
+	wdl    deadline
+	msgs   chan wsMessage // from pump, unbuffered: one message read ahead at most
+	pumped chan struct{}  // closed when pump returns
+	idleT  *time.Timer    // Read's idle timer (Read is never concurrent)
+
+	// The current message as Read returns it: its length prefix (hdr,
+	// of which hoff bytes were returned) and what is left of its body.
+	// Read keeps no buffer of its own: a session that once received a
+	// large frame holds nothing of it once it was read.
+	hdr  [binary.MaxVarintLen64]byte
+	hlen int
+	hoff int
+	body []byte
+	wbuf []byte // written bytes not yet a whole frame (reused)
+	once sync.Once
+}
+
+type wsMessage struct {
+	b   []byte
+	err error
+}
+
+// NewWebSocketConn adapts a WebSocket. A peer silent for longer than idle
+// (no message at all; clients send Ping frames) counts as gone.
+func NewWebSocketConn(c *websocket.Conn, remote net.Addr, idle time.Duration, maxFrame int) Conn {
+	ctx, cancel := context.WithCancel(context.Background())
+	c.SetReadLimit(int64(maxFrame) + 16)
+	w := &wsConn{c: c, remote: remote, idle: idle, ctx: ctx, cancel: cancel,
+		msgs: make(chan wsMessage), pumped: make(chan struct{}), idleT: time.NewTimer(idle)}
+	w.idleT.Stop()
+	w.rdl.init(ctx)
+	w.wdl.init(ctx)
+	go w.pump()
+	return w
+}
+
+// SetMaxFrame sets the largest frame the connection reads (the Go
+// client follows the frame limit its edge announces); a larger message
+// ends the connection.
+func (w *wsConn) SetMaxFrame(n int) { w.c.SetReadLimit(int64(n) + 16) }
+
+// pump reads messages until the connection ends. It is owned by the
+// wsConn: Close and Abort end it and wait for it.
+func (w *wsConn) pump() {
+	defer close(w.pumped)
+	for {
+		typ, msg, err := w.c.Read(w.ctx)
+		if err == nil && typ != websocket.MessageBinary {
+			err = &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Msg: "a text message: frames are binary messages"}
+		}
+		select {
+		case w.msgs <- wsMessage{b: msg, err: err}:
+		case <-w.ctx.Done():
+			return
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (w *wsConn) Read(p []byte) (int, error) {
+	for w.hoff == w.hlen && len(w.body) == 0 {
+		w.idleT.Reset(w.idle)
+		var m wsMessage
+		select {
+		case m = <-w.msgs:
+		case <-w.rdl.context().Done():
+			w.idleT.Stop()
+			return 0, fmt.Errorf("websocket read: %w", os.ErrDeadlineExceeded)
+		case <-w.idleT.C:
+			return 0, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT, Msg: fmt.Sprintf("no message for %s on the WebSocket", w.idle)}
+		case <-w.pumped:
+			w.idleT.Stop()
+			return 0, net.ErrClosed
+		}
+		w.idleT.Stop()
+		if m.err != nil {
+			return 0, m.err
+		}
+		w.hlen, w.hoff, w.body = binary.PutUvarint(w.hdr[:], uint64(len(m.b))), 0, m.b
+	}
+	n := copy(p, w.hdr[w.hoff:w.hlen])
+	w.hoff += n
+	k := copy(p[n:], w.body)
+	if w.body = w.body[k:]; len(w.body) == 0 {
+		w.body = nil // the message is the garbage collector's
+	}
+	return n + k, nil
+}
+
+// Write takes length-prefixed frames (the session stream) and sends each
+// frame body as one message. Whole frames go straight from p; only an
+// incomplete tail is kept for the next Write. A write deadline that
+// passes closes the WebSocket (a half-written message cannot be taken
+// back).
+func (w *wsConn) Write(p []byte) (int, error) {
+	data := p
+	if len(w.wbuf) > 0 {
+		w.wbuf = append(w.wbuf, p...)
+		data = w.wbuf
+	}
+	off := 0
+	for {
+		n, k := binary.Uvarint(data[off:])
+		if k <= 0 || uint64(len(data)-off-k) < n {
+			break
+		}
+		body := data[off+k : off+k+int(n)]
+		dctx := w.wdl.context()
+		if err := w.c.Write(dctx, websocket.MessageBinary, body); err != nil {
+			if dctx.Err() != nil && w.ctx.Err() == nil {
+				return 0, fmt.Errorf("websocket write: %w", os.ErrDeadlineExceeded)
+			}
+			return 0, err
+		}
+		off += k + int(n)
+	}
+	// copy moves the tail to the front (the regions may overlap).
+	w.wbuf = append(w.wbuf[:0], data[off:]...)
+	return len(p), nil
+}
+
+func (w *wsConn) SetReadDeadline(t time.Time) error  { w.rdl.set(t); return nil }
+func (w *wsConn) SetWriteDeadline(t time.Time) error { w.wdl.set(t); return nil }
+
+func (w *wsConn) SendDatagram([]byte) error { return ErrNoDatagrams }
+func (w *wsConn) ReceiveDatagram(context.Context) ([]byte, error) {
+	return nil, ErrNoDatagrams
+}
+func (w *wsConn) RemoteAddr() net.Addr { return w.remote }
+func (w *wsConn) Transport() string    { return "websocket" }
+
+// Close sends the WebSocket close frame with the protocol code (4000 +
+// code) and waits at most closeWait for the peer's.
+func (w *wsConn) Close(code relayv1.ErrorCode, msg string) error {
+	w.once.Do(func() {
+		status := websocket.StatusNormalClosure
+		if code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
+			status = websocket.StatusCode(WebSocketCloseBase + int(code))
+		}
+		if len(msg) > 120 {
+			msg = msg[:120]
+		}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_ = w.c.Close(status, msg)
+		}()
+		t := time.NewTimer(closeWait)
+		select {
+		case <-done:
+		case <-t.C:
+			_ = w.c.CloseNow()
+			<-done
+		}
+		t.Stop()
+		w.stop()
+	})
+	return nil
+}
+
+// Abort drops the connection at once (a peer that is not reading could
+// not take a close frame anyway).
+func (w *wsConn) Abort(relayv1.ErrorCode, string) error {
+	err := w.c.CloseNow()
+	w.stop()
+	return err
+}
+
+// stop ends the pump and the deadlines once the WebSocket is closed.
+func (w *wsConn) stop() {
+	w.cancel()
+	<-w.pumped
+	w.rdl.set(time.Time{})
+	w.wdl.set(time.Time{})
+}
+
+// deadline is a net.Conn-style deadline as a context that ends when it
+// passes.
+type deadline struct {
+	parent context.Context
+
+	mu     sync.Mutex // guards the fields below
+	ctx    context.Context
+	cancel context.CancelFunc
+	timer  *time.Timer
+}
+
+func (d *deadline) init(parent context.Context) {
+	d.parent = parent
+	d.ctx, d.cancel = context.WithCancel(parent)
+}
+
+// context is the context of the current deadline.
+func (d *deadline) context() context.Context {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ctx
+}
+
+// set moves the deadline; the zero time removes it.
+func (d *deadline) set(t time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.timer != nil {
+		d.timer.Stop()
+		d.timer = nil
+	}
+	if d.ctx.Err() != nil {
+		// The last deadline passed: start afresh (a WebSocket closed by
+		// it stays closed, but the context may be asked again).
+		d.ctx, d.cancel = context.WithCancel(d.parent)
+	}
+	if t.IsZero() {
+		return
+	}
+	if dur := time.Until(t); dur > 0 {
+		d.timer = time.AfterFunc(dur, d.cancel)
+	} else {
+		d.cancel()
+	}
+}
+
+// WebSocketCode returns the protocol error code a WebSocket close
+// carried, if it was one. A message over the edge's read limit is closed
+// by the WebSocket layer itself with 1009 (message too big): that is
+// FRAME_TOO_LARGE.
+func WebSocketCode(err error) (relayv1.ErrorCode, string, bool) {
+	var ce websocket.CloseError
+	if !errors.As(err, &ce) {
+		return 0, "", false
+	}
+	switch {
+	case int(ce.Code) > WebSocketCloseBase && int(ce.Code) < WebSocketCloseBase+1000:
+		return relayv1.ErrorCode(int(ce.Code) - WebSocketCloseBase), ce.Reason, true
+	case ce.Code == websocket.StatusMessageTooBig:
+		return relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, ce.Reason, true
+	}
+	return 0, "", false
+}
