@@ -138,6 +138,44 @@ func TestRelayJSHoldsEventsUntilThePageListens(t *testing.T) {
 	}
 }
 
+// Deliveries held for a page that does not listen yet are dropped by
+// close(), not passed to a listener attached after it: they were never
+// acknowledged, so the edge kept them, and the device's next session
+// receives every one.
+func TestRelayJSCloseDropsWhatItHeld(t *testing.T) {
+	g := newPageRig(t, "closing-early", nil)
+	ctx, cancel := context.WithTimeout(g.ctx, time.Minute)
+	defer cancel()
+	tx := g.r.Dial(0, g.rxDev, client.QUIC)
+	const n = 5
+	for k := range n {
+		if err := tx.Send(ctx, client.Message{Targets: []string{g.pageDev.ID}, Payload: fmt.Appendf(nil, "%d", k)}); err != nil {
+			t.Fatalf("event %d: %v", k, err)
+		}
+	}
+	connectPage(t, g.ctx, g.edge, g.pageDev, "webtransport", "c", nil, "")
+	// held is private to TypeScript only: the page holds the mailbox's
+	// events, unacknowledged, while nothing listens.
+	waitJS(g.ctx, t, "the page holds the events", fmt.Sprintf(`window.c.held.length === %d`, n))
+	got := eval[int](g.ctx, t, `(async () => {
+		window.c.close();
+		let got = 0;
+		window.c.addEventListener("event", () => got++);
+		await new Promise((r) => setTimeout(r, 0)); // after the release a listener schedules
+		return got;
+	})()`)
+	if got != 0 {
+		t.Fatalf("%d events passed on after close()", got)
+	}
+	again := g.r.Dial(0, g.pageDev, client.QUIC)
+	for k := range n {
+		ev, err := again.Receive(ctx)
+		if err != nil || string(ev.Payload) != fmt.Sprint(k) {
+			t.Fatalf("the next session's event %d: %q, %v", k, ev.Payload, err)
+		}
+	}
+}
+
 // An edge's GOING_AWAY hint is taken within bounds (the Go client's
 // TestReconnectWaitBacksOffFromShortSessions): never above
 // MAX_RECONNECT_HINT_MS (beyond setTimeout's range a wait would fire at

@@ -614,6 +614,9 @@ export class RelayClient extends EventTarget {
   private release(): void {
     const held = this.held;
     this.held = [];
+    // Closed (or stopped): what was held was never acknowledged, so the
+    // edge keeps it for the device's next session; none is passed on.
+    if (this.stopped) return;
     const ids: bigint[] = [];
     for (const h of held) {
       h.run();
