@@ -188,6 +188,52 @@ func TestReadStreamFastAndSlowFrames(t *testing.T) {
 	}
 }
 
+// While the client closes (its session's context ended: Close said
+// goodbye and waits for the edge to hang up), a delivery is neither
+// given to the application nor acknowledged, so the edge keeps it for
+// the device's next session; an Ack still resolves its send.
+func TestDeliveriesWhileClosingAreNotTaken(t *testing.T) {
+	var stream []byte
+	for i, id := range []string{"e1", "e2"} {
+		b, err := frame.Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Deliver{Deliver: &relayv1.Deliver{
+			Event: &relayv1.Event{Id: id, SenderDeviceId: "a", Seq: uint64(i + 1), Payload: []byte(id)}, DeliveryId: uint64(i + 1)}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		stream = append(stream, b...)
+	}
+	ack, err := frame.Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Ack{Ack: &relayv1.Ack{EventId: "s1"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream = append(stream, ack...)
+	wc := &writesConn{}
+	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(bytes.NewReader(stream), 0)}
+	c := readerClient(8)
+	p := &pendingSend{done: make(chan error, 1)}
+	c.pending["s1"] = p
+	c.order = append(c.order, p)
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := c.readStream(ctx, cn); !errors.Is(err, io.EOF) {
+		t.Fatalf("readStream ended with %v, want io.EOF", err)
+	}
+	if got := given(c, func(ev Event) string { return ev.ID }); len(got) != 0 {
+		t.Fatalf("events given while closing: %v", got)
+	}
+	if len(wc.writes) != 0 {
+		t.Fatalf("%d writes while closing (receipts?)", len(wc.writes))
+	}
+	select {
+	case err := <-p.done:
+		if err != nil {
+			t.Fatalf("the acked send: %v", err)
+		}
+	default:
+		t.Fatal("an Ack while closing did not resolve its send")
+	}
+}
+
 // chanConn is a devconn.Conn whose writes arrive on a channel.
 type chanConn struct {
 	devconn.Conn // only Write is used
