@@ -120,7 +120,7 @@ func (a *app) relayCommand() *cobra.Command {
 	)
 	sendCmd := &cobra.Command{
 		Use:   "send --user U --device D --key FILE [--to D2] [--type T] [--ephemeral] TEXT...",
-		Short: "Send an event as a device and wait for its acknowledgement (delivered, or in the mailbox of an offline target)",
+		Short: "Send an event as a device; a durable one waits for its acknowledgement (delivered, or in the mailbox of an offline target)",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.dial(cmd.Context(), &send)
 			if err != nil {

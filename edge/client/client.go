@@ -738,9 +738,11 @@ func (c *Client) resolve(id string, err error) {
 
 // Close ends the session and stops reconnecting. Sends still waiting
 // return ErrClosed. What was written before it (an ephemeral event sent
-// just before, say) still reaches the edge: Close says goodbye and waits
-// for the edge to hang up, at most a second in all; events that arrive
-// meanwhile are not given (a durable one stays in the mailbox).
+// just before, say, also from other goroutines) still reaches the edge:
+// Close says goodbye and waits for the edge to hang up, at most a second
+// in all on QUIC and WebTransport (a WebSocket's close handshake may take
+// a second more); events that arrive meanwhile are not given (a durable
+// one stays in the mailbox).
 func (c *Client) Close() error {
 	c.cancel()
 	<-c.done

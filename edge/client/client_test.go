@@ -5,7 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -982,5 +985,59 @@ func TestCloseDeliversWhatWasWritten(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Close loses nothing written before it also while other goroutines are
+// sending: the goodbye takes the write lock once, so no send comes between
+// it and the wait for the edge, and every send that returned nil before
+// it reaches the edge (here all ephemeral on the stream, NoDatagrams, so
+// none may be lost on the way); sends after it fail.
+func TestCloseDeliversWhatWasWrittenWhileOthersSend(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edges: 1})
+	u := r.User("busy-parting")
+	a, b := r.Device(u, "a"), r.Device(u, "b")
+	rx := r.Dial(0, b, client.QUIC)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for round := range 5 {
+		cfg := r.ClientConfig(0, a, client.QUIC)
+		cfg.NoDatagrams = true
+		tx, err := client.Dial(ctx, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		const senders, each = 3, 40
+		var sent atomic.Int64
+		var wg sync.WaitGroup
+		for s := range senders {
+			wg.Go(func() {
+				for i := range each {
+					m := client.Message{Targets: []string{b.ID}, Payload: fmt.Appendf(nil, "%d-%d-%d", round, s, i)}
+					if tx.SendEphemeral(m) != nil {
+						return
+					}
+					sent.Add(1)
+				}
+			})
+		}
+		// Close while the senders are busy.
+		for sent.Load() < senders*each/4 {
+			runtime.Gosched()
+		}
+		closeWithin(t, tx, 20*time.Second)
+		wg.Wait()
+		want := sent.Load()
+		for got := int64(0); got < want; {
+			rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
+			ev, err := rx.Receive(rctx)
+			rcancel()
+			if err != nil {
+				t.Fatalf("round %d: received %d of the %d events sent before Close: %v", round, got, want, err)
+			}
+			if strings.HasPrefix(string(ev.Payload), fmt.Sprint(round, "-")) {
+				got++
+			}
+		}
 	}
 }

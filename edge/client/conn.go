@@ -48,8 +48,9 @@ type conn struct {
 	// SendEphemeral). Guarded by the client's sendMu.
 	datagramsOpen bool
 
-	wmu sync.Mutex // guards w
-	w   *frame.Writer
+	wmu  sync.Mutex // guards w and gone
+	gone bool       // the goodbye was written: nothing is written after it
+	w    *frame.Writer
 
 	// Events sent concurrently share a stream write, so QUIC sends them
 	// in one packet rather than a packet each: a send appends its frame
@@ -143,8 +144,12 @@ func (cn *conn) flush(yield bool) error {
 	return cn.writePending()
 }
 
-// writePending writes what sends queued; wmu held.
+// writePending writes what sends queued; wmu held. After the goodbye
+// it writes nothing and returns ErrClosed.
 func (cn *conn) writePending() error {
+	if cn.gone {
+		return ErrClosed
+	}
 	cn.pmu.Lock()
 	b := cn.pend
 	cn.pend, cn.queued, cn.flushing = nil, cn.queued[:0], false
@@ -169,27 +174,51 @@ func (cn *conn) sendDatagram(enc []byte) bool {
 }
 
 // lingerer is a connection that can wait for the edge to hang up after
-// the client's goodbye (transport's QUIC and WebTransport connections; a
+// the client's goodbye (devconn's QUIC and WebTransport connections; a
 // WebSocket's close handshake does that itself).
 type lingerer interface {
-	Linger(deadline time.Time)
+	Linger(ctx context.Context)
 }
 
 // close ends the connection: gracefully when no write is in progress
 // (Close must not race a Write), else at once, rather than wait for a
-// writer stuck on a dead edge. A non-zero linger (after a goodbye) first
-// waits until then for the edge to hang up, so that what was written
-// reaches it.
-func (cn *conn) close(code relayv1.ErrorCode, msg string, linger time.Time) {
+// writer stuck on a dead edge.
+func (cn *conn) close(code relayv1.ErrorCode, msg string) {
 	if cn.wmu.TryLock() {
-		if l, ok := cn.c.(lingerer); ok && !linger.IsZero() {
-			l.Linger(linger)
-		}
 		_ = cn.c.Close(code, msg)
 		cn.wmu.Unlock()
 	} else {
 		_ = cn.c.Abort(code, msg)
 	}
+	if cn.closeHook != nil {
+		cn.closeHook()
+	}
+}
+
+// goodbye ends the connection as the client's Close does, losing nothing
+// written before it: under the write lock, taken once so that no other
+// writer can come between, it writes what sends queued and the Close
+// frame, then (QUIC, WebTransport) finishes the stream and waits until
+// the edge hangs up, which it does once it read the goodbye, or until
+// linger ends, and closes. The write deadline, set before, bounds the
+// wait for the lock (a writer stuck on an edge that stopped reading
+// fails then) and the writes; when they fail the connection is aborted.
+func (cn *conn) goodbye(linger context.Context) {
+	cn.wmu.Lock()
+	err := cn.writePending()
+	if err == nil {
+		err = cn.w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
+	}
+	cn.gone = true
+	if err != nil {
+		_ = cn.c.Abort(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+	} else {
+		if l, ok := cn.c.(lingerer); ok {
+			l.Linger(linger)
+		}
+		_ = cn.c.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+	}
+	cn.wmu.Unlock()
 	if cn.closeHook != nil {
 		cn.closeHook()
 	}
@@ -279,7 +308,7 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	cn.r = frame.NewReader(cn.c, 0)
 	cn.w = frame.NewWriter(cn.c, 0)
 	if err := c.handshake(ctx, cn); err != nil {
-		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "", time.Time{})
+		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
 		return nil, err
 	}
 	return cn, nil
@@ -603,23 +632,27 @@ func (c *Client) serve(cn *conn) error {
 	// to an edge that paces them, or over a network that just went,
 	// must not hold Close up.
 	ctx, cancel := context.WithCancel(c.ctx)
+	// read ends when the reader does: the edge then reads nothing more
+	// either (it closed the session), so a goodbye waits no longer.
+	read, readEnded := context.WithCancel(context.Background())
+	defer readEnded()
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		<-ctx.Done()
-		var linger time.Time
-		if c.ctx.Err() != nil {
-			// Close: say goodbye so the edge tells the others at once,
-			// and let what was written before it reach the edge, which
-			// hangs up once it read the goodbye; but give it (and a write
-			// already stuck on an edge that stopped reading, which the
-			// deadline ends too) no more than goodbyeTimeout in all.
-			deadline := time.Now().Add(goodbyeTimeout)
-			_ = cn.c.SetWriteDeadline(deadline)
-			if cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}}) == nil {
-				linger = deadline
-			}
+		if c.ctx.Err() == nil {
+			cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+			return
 		}
-		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "", linger)
+		// Close: say goodbye so the edge tells the others at once, and
+		// let what was written before it reach the edge; but give it
+		// (and a write already stuck on an edge that stopped reading,
+		// which the deadline ends too) no more than goodbyeTimeout in
+		// all.
+		deadline := time.Now().Add(goodbyeTimeout)
+		_ = cn.c.SetWriteDeadline(deadline)
+		linger, stop := context.WithDeadline(read, deadline)
+		cn.goodbye(linger)
+		stop()
 	})
 	if len(resend) > 0 {
 		// In one write; a failure ends the connection, which the reader
@@ -649,6 +682,7 @@ func (c *Client) serve(cn *conn) error {
 		})
 	}
 	err := c.readStream(ctx, cn)
+	readEnded()
 	cancel()
 	wg.Wait()
 
@@ -773,6 +807,16 @@ func (c *Client) readFrame(ctx context.Context, cn *conn, body []byte, receipts 
 			return nil
 		}
 		return closeReason(cn, err)
+	}
+	if ctx.Err() != nil {
+		// Closing: the edge's answers to sends still count, and its
+		// Close; a cancellation, presence, a challenge or a ping are
+		// for a session that is over.
+		switch f.GetKind().(type) {
+		case *relayv1.Frame_Ack, *relayv1.Frame_Reject, *relayv1.Frame_Close, *relayv1.Frame_Ticket:
+		default:
+			return nil
+		}
 	}
 	switch k := f.GetKind().(type) {
 	case *relayv1.Frame_Deliver:

@@ -234,6 +234,91 @@ func TestDeliveriesWhileClosingAreNotTaken(t *testing.T) {
 	}
 }
 
+// slowConn is a devconn.Conn on a slow network: each Write takes a
+// while. It records the writes' first frames' kinds, and how it ended.
+type slowConn struct {
+	devconn.Conn
+	mu       sync.Mutex
+	kinds    []string
+	lingered bool
+	closed   bool
+	aborted  bool
+}
+
+func (s *slowConn) Write(b []byte) (int, error) {
+	time.Sleep(200 * time.Microsecond) // the network, not synchronisation
+	var f relayv1.Frame
+	if err := frame.NewReader(bytes.NewReader(b), 0).Read(&f); err == nil {
+		s.mu.Lock()
+		s.kinds = append(s.kinds, fmt.Sprintf("%T", f.GetKind()))
+		s.mu.Unlock()
+	}
+	return len(b), nil
+}
+
+func (s *slowConn) Linger(context.Context) { s.mu.Lock(); s.lingered = true; s.mu.Unlock() }
+
+func (s *slowConn) Close(relayv1.ErrorCode, string) error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *slowConn) Abort(relayv1.ErrorCode, string) error {
+	s.mu.Lock()
+	s.aborted = true
+	s.mu.Unlock()
+	return nil
+}
+
+// The goodbye is not given up (the connection aborted, discarding what
+// was written) because other goroutines are writing when Close comes: it
+// waits for the write lock, writes the Close frame after their frames,
+// and lingers. Writes that come after it never reach the connection.
+func TestGoodbyeWaitsForOtherWriters(t *testing.T) {
+	for round := range 20 {
+		sc := &slowConn{}
+		cn := &conn{c: sc, w: frame.NewWriter(sc, 0)}
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		for range 2 {
+			wg.Go(func() {
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					if cn.write(pingFrame(1)) != nil {
+						return
+					}
+				}
+			})
+		}
+		for {
+			sc.mu.Lock()
+			n := len(sc.kinds)
+			sc.mu.Unlock()
+			if n >= 4 {
+				break
+			}
+			runtime.Gosched()
+		}
+		cn.goodbye(t.Context())
+		close(stop)
+		wg.Wait()
+		sc.mu.Lock()
+		if sc.aborted || !sc.lingered || !sc.closed {
+			t.Fatalf("round %d: aborted %v, lingered %v, closed %v", round, sc.aborted, sc.lingered, sc.closed)
+		}
+		if i := slices.Index(sc.kinds, "*relayv1.Frame_Close"); i != len(sc.kinds)-1 {
+			t.Fatalf("round %d: the Close frame is write %d of %d (%v)", round, i, len(sc.kinds), sc.kinds)
+		}
+		sc.mu.Unlock()
+	}
+}
+
 // chanConn is a devconn.Conn whose writes arrive on a channel.
 type chanConn struct {
 	devconn.Conn // only Write is used

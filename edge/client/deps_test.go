@@ -14,7 +14,10 @@ import (
 // of the control plane. Each package below would pull megabytes of code
 // (and gRPC, Prometheus, Pebble) into every application.
 func TestTheClientNeedsNoServerCode(t *testing.T) {
-	goTool := filepath.Join(runtime.GOROOT(), "bin", "go")
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		goTool = filepath.Join(runtime.GOROOT(), "bin", "go") // go test runs where go is
+	}
 	out, err := exec.Command(goTool, "list", "-deps", ".").CombinedOutput()
 	if err != nil {
 		t.Fatalf("go list: %v\n%s", err, out)

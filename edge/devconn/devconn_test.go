@@ -29,7 +29,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"))
+	goleak.VerifyTestMain(m)
 }
 
 // pair is the two ends of one connection: what the edge adapts (server)
@@ -388,36 +388,64 @@ func TestCloseAndAbortCarryTheCode(t *testing.T) {
 }
 
 // Linger (the client's, after its goodbye) finishes the stream and
-// returns once the peer hangs up, well before its deadline; what was
-// written before it arrives whole, however much of it was still unsent.
-func TestLingerLetsTheWrittenArrive(t *testing.T) {
+// waits for the peer to hang up, however long it takes to read what was
+// written (a megabyte here, much of it unsent when Linger begins); it
+// returns once the peer has, or once its context ends.
+func TestLingerWaitsForThePeer(t *testing.T) {
 	for _, tc := range pairs[:2] { // a WebSocket's close handshake does this itself
 		t.Run(tc.name, func(t *testing.T) {
 			p := tc.make(t)
-			l, ok := p.client.(interface{ Linger(time.Time) })
+			l, ok := p.client.(interface{ Linger(context.Context) })
 			if !ok {
 				t.Fatalf("%T has no Linger", p.client)
 			}
 			payload := framed(bytes.Repeat([]byte("y"), 1<<20))
+			wrote := make(chan error, 1)
 			go func() {
-				_, _ = p.client.Write(payload)
+				_, err := p.client.Write(payload)
+				wrote <- err
 			}()
-			// The peer reads everything, sees the stream end, hangs up.
-			readExactly(t, p.server, payload)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
 			lingered := make(chan struct{})
 			go func() {
 				defer close(lingered)
-				l.Linger(time.Now().Add(time.Minute))
+				if err := <-wrote; err != nil {
+					t.Errorf("write: %v", err)
+				}
+				l.Linger(ctx)
 			}()
+			readExactly(t, p.server, payload)
 			_ = p.server.SetReadDeadline(time.Now().Add(30 * time.Second))
 			if _, err := p.server.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
 				t.Fatalf("after the client's Linger: %v, want EOF", err)
+			}
+			select {
+			case <-lingered:
+				t.Fatal("Linger returned before the peer hung up")
+			default:
 			}
 			_ = p.server.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
 			select {
 			case <-lingered:
 			case <-time.After(30 * time.Second):
 				t.Fatal("Linger did not return when the peer hung up")
+			}
+		})
+		t.Run(tc.name+"/context", func(t *testing.T) {
+			p := tc.make(t)
+			ctx, cancel := context.WithCancel(context.Background())
+			lingered := make(chan struct{})
+			go func() {
+				defer close(lingered)
+				p.client.(interface{ Linger(context.Context) }).Linger(ctx)
+			}()
+			// The peer never hangs up: the context ends the wait.
+			cancel()
+			select {
+			case <-lingered:
+			case <-time.After(30 * time.Second):
+				t.Fatal("Linger outlived its context")
 			}
 		})
 	}

@@ -92,15 +92,17 @@ func (c *quicConn) Close(code relayv1.ErrorCode, msg string) error {
 	return nil
 }
 
-// Linger finishes the stream and waits until the peer hangs up or
-// deadline passes. A client calls it after its goodbye, before Close:
-// the edge reads what was written before the goodbye, then closes the
-// connection, and a CONNECTION_CLOSE sent before that would have
-// discarded whatever quic-go had not sent yet. The caller is the only
-// writer.
-func (c *quicConn) Linger(deadline time.Time) {
+// Linger finishes the stream and waits until the peer hangs up or ctx
+// ends. A client calls it after its goodbye, before Close: the edge reads
+// what was written before the goodbye, then closes the connection, and a
+// CONNECTION_CLOSE sent before that would have discarded whatever quic-go
+// had not sent yet. The caller is the only writer.
+func (c *quicConn) Linger(ctx context.Context) {
 	_ = c.str.Close()
-	waitDone(c.conn.Context(), time.Until(deadline))
+	select {
+	case <-c.conn.Context().Done():
+	case <-ctx.Done():
+	}
 }
 
 // Abort closes the connection at once: quic-go fails blocked stream
@@ -172,11 +174,14 @@ func (c *wtConn) Close(code relayv1.ErrorCode, msg string) error {
 	return nil
 }
 
-// Linger finishes the stream and waits until the peer hangs up or
-// deadline passes (see quicConn.Linger). The caller is the only writer.
-func (c *wtConn) Linger(deadline time.Time) {
+// Linger finishes the stream and waits until the peer hangs up or ctx
+// ends (see quicConn.Linger). The caller is the only writer.
+func (c *wtConn) Linger(ctx context.Context) {
 	_ = c.str.Close()
-	waitDone(c.sess.Context(), time.Until(deadline))
+	select {
+	case <-c.sess.Context().Done():
+	case <-ctx.Done():
+	}
 }
 
 // Abort closes the session at once: webtransport-go fails its streams'

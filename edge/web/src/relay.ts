@@ -995,6 +995,11 @@ export class RelayClient extends EventTarget {
         if (!body) return c.closeReason();
         lastHeard = Date.now();
         const f: Frame = fromBinary(FrameSchema, body);
+        // Closed, waiting for the edge to read the goodbye and hang up:
+        // only its Close still matters (a presence change, a challenge
+        // or a ping is for a session that is over, and an answer would
+        // be written after the goodbye).
+        if (this.stopped && f.kind.case !== "close") continue;
         switch (f.kind.case) {
           case "deliver": {
             const d = f.kind.value;
