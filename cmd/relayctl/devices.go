@@ -5,12 +5,15 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/encoding/protojson"
 
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
@@ -28,6 +31,32 @@ func (a *app) printDevices(ds ...*controlv1.Device) error {
 			base64.StdEncoding.EncodeToString(d.GetPublicKey()), when(d.GetCreatedAt()), when(d.GetLastSeen()), rev)
 	}
 	return w.Flush()
+}
+
+// printRegistered prints a registered device with the revision that
+// registered it: the device's record with a "revision" key beside its
+// fields (-o json), or the table and a line saying what the revision is
+// for. An edge that has not applied the revision yet does not know the
+// device; a device that connects at once passes it (relay listen/send
+// --min-revision, client.Config.MinRevision) and the edge waits for it.
+func (a *app) printRegistered(r *controlv1.RegisterDeviceResponse) error {
+	if a.output == "json" {
+		b, err := protojson.MarshalOptions{EmitUnpopulated: true}.Marshal(r.GetDevice())
+		if err != nil {
+			return err
+		}
+		var v map[string]json.RawMessage
+		if err := json.Unmarshal(b, &v); err != nil {
+			return err
+		}
+		v["revision"] = json.RawMessage(strconv.Quote(strconv.FormatUint(r.GetRevision(), 10)))
+		return printValue(a.stdout, v)
+	}
+	if err := a.printDevices(r.GetDevice()); err != nil {
+		return err
+	}
+	_, err := fmt.Fprintf(a.stdout, "registered at revision %d (to connect it at once: relay listen/send --min-revision %d)\n", r.GetRevision(), r.GetRevision())
+	return err
 }
 
 func (a *app) deviceCommand() *cobra.Command {
@@ -84,17 +113,18 @@ func (a *app) deviceCommand() *cobra.Command {
 				}
 				key = k
 			}
-			err := one(cmd.Context(), "register device", func(ctx context.Context, cl controlv1connect.DeviceServiceClient) (*controlv1.Device, error) {
-				resp, err := cl.RegisterDevice(ctx, keyed(a, &controlv1.RegisterDeviceRequest{UserId: user, Name: name, PublicKey: key}))
-				if err != nil {
-					return nil, err
-				}
-				return resp.Msg.GetDevice(), nil
+			var resp *connect.Response[controlv1.RegisterDeviceResponse]
+			err := a.call(cmd.Context(), "register device", retryAlways, func(ctx context.Context, base string) (err error) {
+				resp, err = devices(base).RegisterDevice(ctx, keyed(a, &controlv1.RegisterDeviceRequest{UserId: user, Name: name, PublicKey: key}))
+				return err
 			})
-			if err != nil && gen != "" {
-				_ = os.Remove(gen)
+			if err != nil {
+				if gen != "" {
+					_ = os.Remove(gen)
+				}
+				return err
 			}
-			return err
+			return a.printRegistered(resp.Msg)
 		},
 	}
 	register.Flags().StringVar(&name, "name", "", "device name (required)")

@@ -41,6 +41,7 @@ func (f *relayFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.keyFile, "key", "", "file with the device's private key, base64 seed as written by device register --generate-key (required)")
 	fl.StringSliceVar(&f.hashes, "cert-hash", nil, "base64 SHA-256 of the edge's self-signed certificate to pin (relayd prints it; repeatable)")
 	fl.StringVar(&f.transport, "transport", "quic", "quic or webtransport")
+	fl.Uint64Var(&f.cfg.MinRevision, "min-revision", 0, "the revision that registered the device (device register prints it): the edge waits until it knows the device")
 	for _, name := range []string{"user", "device", "key"} {
 		_ = cmd.MarkFlagRequired(name)
 	}

@@ -104,6 +104,11 @@ func TestJSONOutputForEveryCommand(t *testing.T) {
 	if dev == "" {
 		t.Fatalf("device register: %v", d)
 	}
+	// The revision that registered it, beside the record's fields, for
+	// relay listen/send --min-revision.
+	if rev, _ := d["revision"].(string); rev == "" || rev == "0" || strings.Trim(rev, "0123456789") != "" {
+		t.Fatalf("device register printed revision %q: %v", d["revision"], d)
+	}
 	r.json(srv, "", "device", "list", "--user", id)
 	r.json(srv, "", "device", "rename", dev, "tablet", "--user", id)
 	if v := r.json(srv, "", "device", "revoke", dev, "--user", id); v["revoked"] != true {

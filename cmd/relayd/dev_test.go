@@ -85,13 +85,22 @@ func TestDevDeploymentRelaysBetweenDevices(t *testing.T) {
 		}
 		return v.ID
 	}
+	// A device's id, and the revision that registered it.
+	registered := func(out string) (string, string) {
+		t.Helper()
+		var v struct{ ID, Revision string }
+		if err := json.Unmarshal([]byte(out), &v); err != nil || v.ID == "" || v.Revision == "" {
+			t.Fatalf("no id and revision in %q: %v", out, err)
+		}
+		return v.ID, v.Revision
+	}
 	ctl(adminPassword, "login", "--password-stdin", "admin")
 	user := id(ctl("", "-o", "json", "user", "create", "--login", "alice", "--no-password"))
-	phone := id(ctl("", "-o", "json", "device", "register", "--user", user, "--name", "phone", "--generate-key", "phone.key"))
-	laptop := id(ctl("", "-o", "json", "device", "register", "--user", user, "--name", "laptop", "--generate-key", "laptop.key"))
+	phone, phoneRev := registered(ctl("", "-o", "json", "device", "register", "--user", user, "--name", "phone", "--generate-key", "phone.key"))
+	laptop, laptopRev := registered(ctl("", "-o", "json", "device", "register", "--user", user, "--name", "laptop", "--generate-key", "laptop.key"))
 
 	common := []string{"--edge", edge, "--cert-hash", hash, "--user", user}
-	listen := exec.Command(bins.relayctl, append(append([]string{"-o", "json", "relay", "listen"}, common...), "--device", laptop, "--key", "laptop.key", "--for", "60s")...)
+	listen := exec.Command(bins.relayctl, append(append([]string{"-o", "json", "relay", "listen"}, common...), "--device", laptop, "--key", "laptop.key", "--min-revision", laptopRev, "--for", "60s")...)
 	got := &syncWriter{w: &bytes.Buffer{}}
 	listen.Env, listen.Dir, listen.Stdout = env, dir, got
 	if err := listen.Start(); err != nil {
@@ -101,7 +110,7 @@ func TestDevDeploymentRelaysBetweenDevices(t *testing.T) {
 	// The listener is connected once the sender sees it online; until
 	// then a broadcast reaches nobody, so target it and retry.
 	eventually(t, 30*time.Second, func() error {
-		cmd := exec.Command(bins.relayctl, append(append([]string{"relay", "send"}, common...), "--device", phone, "--key", "phone.key", "--to", laptop, "hello", "laptop")...)
+		cmd := exec.Command(bins.relayctl, append(append([]string{"relay", "send"}, common...), "--device", phone, "--key", "phone.key", "--min-revision", phoneRev, "--to", laptop, "hello", "laptop")...)
 		cmd.Env, cmd.Dir = env, dir
 		out, err := cmd.CombinedOutput()
 		if err != nil {
