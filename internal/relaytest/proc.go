@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -37,6 +38,7 @@ type Proc struct {
 
 	mu     sync.Mutex // guards the fields below
 	logs   []map[string]any
+	tail   []string      // the last tailLines lines as written
 	cond   chan struct{} // closed and replaced on each new line
 	paused bool
 
@@ -85,6 +87,10 @@ func StartCmd(t clustertest.TB, name string, cmd *exec.Cmd) *Proc {
 			}
 			p.mu.Lock()
 			p.logs = append(p.logs, rec)
+			if len(p.tail) == tailLines {
+				p.tail = append(p.tail[:0], p.tail[1:]...)
+			}
+			p.tail = append(p.tail, sc.Text())
 			close(p.cond)
 			p.cond = make(chan struct{})
 			p.mu.Unlock()
@@ -95,8 +101,33 @@ func StartCmd(t clustertest.TB, name string, cmd *exec.Cmd) *Proc {
 		p.mu.Unlock()
 		close(p.done)
 	}()
-	t.Cleanup(func() { p.Kill() })
+	t.Cleanup(func() {
+		// A failed test shows how its process ended and what it said
+		// last (a panic, a fatal error): the first thing to look at when
+		// a process-level test fails in CI, where RELAY_TEST_LOG is off.
+		if f, ok := t.(failedLogger); ok && f.Failed() && !verbose {
+			exited := p.Exited()
+			p.mu.Lock()
+			tail, err := slices.Clone(p.tail), p.err
+			p.mu.Unlock()
+			state := "still running"
+			if exited {
+				state = fmt.Sprintf("exited: %v", err)
+			}
+			f.Logf("%s (pid %d) %s at the failure; its last %d lines:\n%s", name, p.Pid(), state, len(tail), strings.Join(tail, "\n"))
+		}
+		p.Kill()
+	})
 	return p
+}
+
+// tailLines is how many of a process's last lines a failed test shows.
+const tailLines = 40
+
+// failedLogger is the part of testing.TB the failure report needs.
+type failedLogger interface {
+	Failed() bool
+	Logf(format string, args ...any)
 }
 
 // Pid is the process id.
