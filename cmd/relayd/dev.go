@@ -16,6 +16,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/edge/controlconn"
 	edgeserver "github.com/edge-relay/relay/edge/server"
@@ -78,6 +79,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 		RaftAddr: raftAddr, APIAddr: apiAddr, AdminAddr: adminAddr,
 		Bootstrap: true, Logger: log.With("part", "control"), AdminPassword: password, AdminPasswordSource: pwSource,
 		TracerProvider: tel.TracerProvider(),
+		// One voter and no peer to miss: its election at every start
+		// need not wait hashicorp/raft's one to two seconds of silence
+		// first (the first writes waited for it, and were logged slow).
+		Raft: raftnode.Tuning{HeartbeatTimeout: 100 * time.Millisecond, ElectionTimeout: 100 * time.Millisecond, LeaderLeaseTimeout: 100 * time.Millisecond},
 	}
 	s, err := server.Start(ctx, cfg)
 	if err != nil {
