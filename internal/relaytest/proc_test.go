@@ -17,9 +17,11 @@ type recorder struct {
 	logged   []string
 }
 
-func (r *recorder) Failed() bool                    { return r.failed }
-func (r *recorder) Cleanup(f func())                { r.cleanups = append(r.cleanups, f) }
-func (r *recorder) Logf(format string, args ...any) { r.logged = append(r.logged, fmt.Sprintf(format, args...)) }
+func (r *recorder) Failed() bool     { return r.failed }
+func (r *recorder) Cleanup(f func()) { r.cleanups = append(r.cleanups, f) }
+func (r *recorder) Logf(format string, args ...any) {
+	r.logged = append(r.logged, fmt.Sprintf(format, args...))
+}
 
 func (r *recorder) cleanUp() {
 	for i := len(r.cleanups) - 1; i >= 0; i-- {
