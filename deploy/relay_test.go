@@ -375,20 +375,24 @@ func (r *relay) traffic() {
 		t.Fatal(err)
 	}
 	keys := t.TempDir()
-	devices := map[string]string{}
+	devices, revisions := map[string]string{}, map[string]string{}
 	for _, name := range []string{"phone", "laptop", "tablet"} {
 		var d struct {
-			ID string `json:"id"`
+			ID       string `json:"id"`
+			Revision string `json:"revision"`
 		}
 		out := r.relayctl("-o", "json", "device", "register", "--user", user.ID, "--name", name, "--generate-key", filepath.Join(keys, name))
-		if err := json.Unmarshal([]byte(out), &d); err != nil || d.ID == "" {
+		if err := json.Unmarshal([]byte(out), &d); err != nil || d.ID == "" || d.Revision == "" {
 			t.Fatalf("device register: %q: %v", out, err)
 		}
-		devices[name] = d.ID
+		devices[name], revisions[name] = d.ID, d.Revision
 	}
+	// Each device names the revision that registered it: an edge that
+	// has not heard of it yet waits instead of refusing it.
 	device := func(e *edgeNode, name string) []string {
 		addr, hash := r.edgeUDP(e)
-		return []string{"--edge", addr, "--cert-hash", hash, "--user", user.ID, "--device", devices[name], "--key", filepath.Join(keys, name)}
+		return []string{"--edge", addr, "--cert-hash", hash, "--user", user.ID, "--device", devices[name], "--key", filepath.Join(keys, name),
+			"--min-revision", revisions[name]}
 	}
 	lastEdge := r.edges[len(r.edges)-1]
 	listen := startProcess(t, "listen-laptop", []string{"RELAYCTL_CONFIG_DIR=" + r.ctlDir}, bin(t, "relayctl"),

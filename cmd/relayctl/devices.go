@@ -1,15 +1,14 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
-	"strconv"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
@@ -41,16 +40,19 @@ func (a *app) printDevices(ds ...*controlv1.Device) error {
 // --min-revision, client.Config.MinRevision) and the edge waits for it.
 func (a *app) printRegistered(r *controlv1.RegisterDeviceResponse) error {
 	if a.output == "json" {
-		b, err := protojson.MarshalOptions{EmitUnpopulated: true}.Marshal(r.GetDevice())
+		// The device as every command prints it, with the revision as
+		// its last key (a uint64 is a string in the API's JSON).
+		b, err := protojson.MarshalOptions{Multiline: true, Indent: "  ", EmitUnpopulated: true}.Marshal(r.GetDevice())
 		if err != nil {
 			return err
 		}
-		var v map[string]json.RawMessage
-		if err := json.Unmarshal(b, &v); err != nil {
-			return err
+		end := bytes.LastIndexByte(b, '}')
+		if end < 0 {
+			return fmt.Errorf("the device's JSON has no end: %s", b)
 		}
-		v["revision"] = json.RawMessage(strconv.Quote(strconv.FormatUint(r.GetRevision(), 10)))
-		return printValue(a.stdout, v)
+		b = append(bytes.TrimRight(b[:end:end], " \n"), fmt.Sprintf(",\n  \"revision\": \"%d\"\n}", r.GetRevision())...)
+		_, err = fmt.Fprintln(a.stdout, string(b))
+		return err
 	}
 	if err := a.printDevices(r.GetDevice()); err != nil {
 		return err

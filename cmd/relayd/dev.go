@@ -82,6 +82,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 		// One voter and no peer to miss: its election at every start
 		// need not wait hashicorp/raft's one to two seconds of silence
 		// first (the first writes waited for it, and were logged slow).
+		// A dev data dir is a single node's: with a second voter a 100 ms
+		// lease would have the leader step down at any pause of its peer.
 		Raft: raftnode.Tuning{HeartbeatTimeout: 100 * time.Millisecond, ElectionTimeout: 100 * time.Millisecond, LeaderLeaseTimeout: 100 * time.Millisecond},
 	}
 	s, err := server.Start(ctx, cfg)
