@@ -38,20 +38,26 @@ type Transcript struct {
 // every field length-prefixed (strings, nonce) or fixed-width (numbers),
 // in a fixed order, so no two transcripts encode alike.
 func (t Transcript) Bytes() []byte {
-	b := make([]byte, 0, 128)
-	str := func(s string) {
-		b = binary.BigEndian.AppendUint32(b, uint32(len(s)))
-		b = append(b, s...)
-	}
-	str(transcriptLabel)
-	str(t.UserID)
-	str(t.DeviceID)
-	b = binary.BigEndian.AppendUint32(b, t.ProtocolVersion)
-	b = binary.BigEndian.AppendUint64(b, uint64(t.ClientTimeMs))
-	str(t.EdgeID)
-	str(string(t.Nonce))
-	b = binary.BigEndian.AppendUint64(b, uint64(t.ServerTimeMs))
-	return b
+	b := appendHead(make([]byte, 0, 128), transcriptLabel, t.UserID, t.DeviceID, t.ProtocolVersion, t.ClientTimeMs)
+	b = appendString(b, t.EdgeID)
+	b = appendString(b, string(t.Nonce))
+	return binary.BigEndian.AppendUint64(b, uint64(t.ServerTimeMs))
+}
+
+// appendHead appends what both transcripts begin with: the label, the
+// device's ids, the protocol version and the client's time.
+func appendHead(b []byte, label, userID, deviceID string, version uint32, clientTimeMs int64) []byte {
+	b = appendString(b, label)
+	b = appendString(b, userID)
+	b = appendString(b, deviceID)
+	b = binary.BigEndian.AppendUint32(b, version)
+	return binary.BigEndian.AppendUint64(b, uint64(clientTimeMs))
+}
+
+// appendString appends s length-prefixed (a big-endian uint32).
+func appendString(b []byte, s string) []byte {
+	b = binary.BigEndian.AppendUint32(b, uint32(len(s)))
+	return append(b, s...)
 }
 
 // ErrBadSignature is returned when a handshake signature does not verify.
@@ -100,20 +106,10 @@ type ResumeTranscript struct {
 // Bytes returns the canonical encoding that is signed, built like a
 // Transcript's under its own label.
 func (t ResumeTranscript) Bytes() []byte {
-	b := make([]byte, 0, 96+len(t.Ticket))
-	str := func(s string) {
-		b = binary.BigEndian.AppendUint32(b, uint32(len(s)))
-		b = append(b, s...)
-	}
-	str(resumeLabel)
-	str(t.UserID)
-	str(t.DeviceID)
-	b = binary.BigEndian.AppendUint32(b, t.ProtocolVersion)
-	b = binary.BigEndian.AppendUint64(b, uint64(t.ClientTimeMs))
-	str(t.Instance)
-	str(string(t.Nonce))
-	str(string(t.Ticket))
-	return b
+	b := appendHead(make([]byte, 0, 96+len(t.Ticket)), resumeLabel, t.UserID, t.DeviceID, t.ProtocolVersion, t.ClientTimeMs)
+	b = appendString(b, t.Instance)
+	b = appendString(b, string(t.Nonce))
+	return appendString(b, string(t.Ticket))
 }
 
 // Sign signs the resume transcript with a device key (what clients do).

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"testing"
 )
@@ -89,5 +90,25 @@ func TestResumeTranscriptSignatures(t *testing.T) {
 	tr := transcript()
 	if bytes.Equal(tr.Bytes()[:30], base().Bytes()[:30]) {
 		t.Fatal("the two transcripts begin alike")
+	}
+}
+
+// The encodings are the protocol's (docs/protocol.md; relay.js builds
+// the same bytes): pinned, so a refactoring cannot change what devices
+// sign.
+func TestTranscriptEncodingsArePinned(t *testing.T) {
+	tr := Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: 1, ClientTimeMs: 1000, EdgeID: "edge-a", Nonce: []byte{7, 7, 7}, ServerTimeMs: 1001}
+	rt := ResumeTranscript{UserID: "u1", DeviceID: "d1", ProtocolVersion: 1, ClientTimeMs: 1000, Instance: "i1", Nonce: []byte{8, 8}, Ticket: []byte("tk")}
+	for _, c := range []struct {
+		name string
+		got  []byte
+		want string
+	}{
+		{"handshake", tr.Bytes(), "0000001872656c61792f31206465766963652068616e647368616b650000000275310000000264310000000100000000000003e800000006656467652d610000000307070700000000000003e9"},
+		{"resume", rt.Bytes(), "0000001572656c61792f312064657669636520726573756d650000000275310000000264310000000100000000000003e800000002693100000002080800000002746b"},
+	} {
+		if got := hex.EncodeToString(c.got); got != c.want {
+			t.Errorf("%s transcript:\n got %s\nwant %s", c.name, got, c.want)
+		}
 	}
 }
