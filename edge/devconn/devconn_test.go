@@ -62,6 +62,16 @@ func testTLS(t *testing.T, proto string) (server, client *tls.Config) {
 		&tls.Config{RootCAs: pool, NextProtos: []string{proto}, MinVersion: tls.VersionTLS13}
 }
 
+// waitClosed waits until ch is closed: what failed if it is not soon.
+func waitClosed(t *testing.T, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(30 * time.Second):
+		t.Fatal(what)
+	}
+}
+
 // accepted waits for the server end.
 func accepted(t *testing.T, ch <-chan Conn) Conn {
 	t.Helper()
@@ -351,11 +361,7 @@ func TestCloseAndAbortCarryTheCode(t *testing.T) {
 			// The device hangs up, as clients do on a Close frame; the
 			// edge's Close returns then.
 			_ = p.client.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
-			select {
-			case <-closed:
-			case <-time.After(30 * time.Second):
-				t.Fatal("Close did not return")
-			}
+			waitClosed(t, closed, "Close did not return")
 		})
 		t.Run(tc.name+"/abort", func(t *testing.T) {
 			p := tc.make(t)
@@ -426,11 +432,7 @@ func TestLingerWaitsForThePeer(t *testing.T) {
 			default:
 			}
 			_ = p.server.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
-			select {
-			case <-lingered:
-			case <-time.After(30 * time.Second):
-				t.Fatal("Linger did not return when the peer hung up")
-			}
+			waitClosed(t, lingered, "Linger did not return when the peer hung up")
 		})
 		t.Run(tc.name+"/context", func(t *testing.T) {
 			p := tc.make(t)
@@ -442,11 +444,7 @@ func TestLingerWaitsForThePeer(t *testing.T) {
 			}()
 			// The peer never hangs up: the context ends the wait.
 			cancel()
-			select {
-			case <-lingered:
-			case <-time.After(30 * time.Second):
-				t.Fatal("Linger outlived its context")
-			}
+			waitClosed(t, lingered, "Linger outlived its context")
 		})
 	}
 }
