@@ -1,18 +1,18 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/encoding/protojson"
 
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
@@ -42,15 +42,10 @@ func (a *app) printRegistered(r *controlv1.RegisterDeviceResponse) error {
 	if a.output == "json" {
 		// The device as every command prints it, with the revision as
 		// its last key (a uint64 is a string in the API's JSON).
-		b, err := protojson.MarshalOptions{Multiline: true, Indent: "  ", EmitUnpopulated: true}.Marshal(r.GetDevice())
+		b, err := apiJSON(r.GetDevice(), map[string]json.RawMessage{"revision": json.RawMessage(strconv.Quote(strconv.FormatUint(r.GetRevision(), 10)))})
 		if err != nil {
 			return err
 		}
-		end := bytes.LastIndexByte(b, '}')
-		if end < 0 {
-			return fmt.Errorf("the device's JSON has no end: %s", b)
-		}
-		b = append(bytes.TrimRight(b[:end:end], " \n"), fmt.Sprintf(",\n  \"revision\": \"%d\"\n}", r.GetRevision())...)
 		_, err = fmt.Fprintln(a.stdout, string(b))
 		return err
 	}

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -12,9 +13,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -251,12 +254,51 @@ func (t bySchemeTransport) CloseIdleConnections() {
 
 // printJSON writes a message in the API's JSON form.
 func (a *app) printJSON(m proto.Message) error {
-	b, err := protojson.MarshalOptions{Multiline: true, Indent: "  ", EmitUnpopulated: true}.Marshal(m)
+	b, err := apiJSON(m, nil)
 	if err != nil {
 		return err
 	}
 	_, err = fmt.Fprintln(a.stdout, string(b))
 	return err
+}
+
+// apiJSON is m in the API's JSON form (protojson, every field present),
+// with extra appended as its last keys (each value already JSON), laid out
+// the same way by every build: protojson varies its whitespace from build
+// to build on purpose, which scripts that diff or grep the output would
+// trip on, so the text is compacted and indented here.
+func apiJSON(m proto.Message, extra map[string]json.RawMessage) ([]byte, error) {
+	b, err := protojson.MarshalOptions{EmitUnpopulated: true}.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	var compact bytes.Buffer
+	if err := json.Compact(&compact, b); err != nil {
+		return nil, fmt.Errorf("the API's JSON of %s: %w", m.ProtoReflect().Descriptor().FullName(), err)
+	}
+	if len(extra) > 0 {
+		obj := compact.Bytes()
+		if len(obj) < 2 || obj[len(obj)-1] != '}' {
+			return nil, fmt.Errorf("the API's JSON of %s is not an object", m.ProtoReflect().Descriptor().FullName())
+		}
+		compact.Truncate(compact.Len() - 1)
+		keys := slices.Sorted(maps.Keys(extra))
+		for i, k := range keys {
+			if i > 0 || len(obj) > 2 {
+				compact.WriteByte(',')
+			}
+			kb, _ := json.Marshal(k)
+			compact.Write(kb)
+			compact.WriteByte(':')
+			compact.Write(extra[k])
+		}
+		compact.WriteByte('}')
+	}
+	var out bytes.Buffer
+	if err := json.Indent(&out, compact.Bytes(), "", "  "); err != nil {
+		return nil, fmt.Errorf("the API's JSON of %s: %w", m.ProtoReflect().Descriptor().FullName(), err)
+	}
+	return out.Bytes(), nil
 }
 
 // print writes a record: in the API's JSON form with -o json, else as a

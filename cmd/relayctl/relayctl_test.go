@@ -64,6 +64,18 @@ func (c *cli) json(server, stdin string, args ...string) map[string]any {
 	if err := json.Unmarshal([]byte(out), &v); err != nil {
 		c.t.Fatalf("relayctl -o json %v printed %q, not one JSON object: %v", args, out, err)
 	}
+	// Laid out one way whatever the build (protojson's own layout varies
+	// on purpose): two-space indent, one space after a colon.
+	var compact, laid bytes.Buffer
+	if err := json.Compact(&compact, []byte(out)); err != nil {
+		c.t.Fatal(err)
+	}
+	if err := json.Indent(&laid, compact.Bytes(), "", "  "); err != nil {
+		c.t.Fatal(err)
+	}
+	if got := strings.TrimSuffix(out, "\n"); got != laid.String() {
+		c.t.Fatalf("relayctl -o json %v printed\n%s\nnot laid out as\n%s", args, got, laid.String())
+	}
 	return v
 }
 
