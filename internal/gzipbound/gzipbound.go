@@ -18,7 +18,9 @@ import (
 var ErrTooLarge = errors.New("decompressed message exceeds the size limit")
 
 // Decompressor returns a factory of gzip decompressors that produce at
-// most limit+1 bytes per message, then fail with ErrTooLarge.
+// most limit+1 bytes per message (the caller tells a message past the
+// limit by that last byte, as Connect does), then fail with ErrTooLarge
+// if read on while the message has more.
 func Decompressor(limit int64) func() connect.Decompressor {
 	return func() connect.Decompressor { return &reader{limit: limit} }
 }
@@ -33,6 +35,9 @@ type reader struct {
 	zr    gzip.Reader
 	limit int64
 	n     int64
+	// opened is set once a Reset has read a gzip header: before that
+	// the gzip.Reader has no inflater, and its Close would panic.
+	opened bool
 }
 
 func (b *reader) Read(p []byte) (int, error) {
@@ -49,7 +54,17 @@ func (b *reader) Read(p []byte) (int, error) {
 
 func (b *reader) Reset(r io.Reader) error {
 	b.n = 0
-	return b.zr.Reset(r)
+	err := b.zr.Reset(r)
+	if err == nil {
+		b.opened = true
+	}
+	return err
 }
 
-func (b *reader) Close() error { return b.zr.Close() }
+// Close ends the current message; it is safe whatever Reset returned.
+func (b *reader) Close() error {
+	if !b.opened {
+		return nil
+	}
+	return b.zr.Close()
+}
