@@ -22,7 +22,7 @@ import (
 )
 
 // AuthServer serves AuthService: logins, token refresh with rotation and
-// reuse detection, logout.
+// reuse detection, logout, and a caller's change of its own password.
 type AuthServer struct {
 	node  *raftnode.Node
 	authn *Authenticator
@@ -74,31 +74,9 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	if m.GetPassword() == "" || len(m.GetPassword()) > 1024 {
 		return nil, invalidArg(errors.New("password is empty or longer than 1024 bytes"))
 	}
-	addr := clientAddr(req.Peer())
-	if fwd, ok := s.authn.forwardedFor(ctx, req.Header()); ok {
-		addr = fwd
-	}
-	if s.cfg.Limiter != nil {
-		if ok, retry := s.cfg.Limiter.Allow(m.GetLogin(), addr); !ok {
-			return nil, throttled(retry)
-		}
-	}
-	attempt := &statev1.LoginAttempt{Login: m.GetLogin(), AddrHash: addrHash(addr), Policy: s.cfg.Throttle.policy()}
-	// This replica's counts first: a throttled attempt costs no write.
-	if wait, err := s.node.FSM().LoginWait(attempt, s.cfg.Now().UnixMilli()); err != nil {
-		return nil, toConnect(err)
-	} else if wait > 0 {
-		return nil, throttled(time.Duration(wait) * time.Millisecond)
-	}
-	// The cluster's counts decide, in the log: the attempt is counted as
-	// a failure until the login succeeds, so parallel guesses cannot all
-	// pass before the first failure is recorded.
-	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: s.cfg.Now().UnixMilli(), Op: &statev1.Command_LoginAttempt{LoginAttempt: attempt}})
+	attempt, err := s.attempt(ctx, m.GetLogin(), req)
 	if err != nil {
-		return nil, toConnect(err)
-	}
-	if wait := res.GetRetryAfterMs(); wait > 0 {
-		return nil, throttled(time.Duration(wait) * time.Millisecond)
+		return nil, err
 	}
 	f, err := s.node.Read(ctx, raftnode.Linearizable)
 	if err != nil {
@@ -147,6 +125,39 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.LoginResponse{Tokens: tokens}), nil
+}
+
+// attempt counts a check of login's password, made by the client of
+// req, as a login attempt: refused (ResourceExhausted, with Retry-After)
+// while the login or the address must wait, else recorded in the log as
+// a failure until the check succeeds (and gives it back), so parallel
+// guesses cannot all pass before the first failure is recorded.
+func (s *AuthServer) attempt(ctx context.Context, login string, req connect.AnyRequest) (*statev1.LoginAttempt, error) {
+	addr := clientAddr(req.Peer())
+	if fwd, ok := s.authn.forwardedFor(ctx, req.Header()); ok {
+		addr = fwd
+	}
+	if s.cfg.Limiter != nil {
+		if ok, retry := s.cfg.Limiter.Allow(login, addr); !ok {
+			return nil, throttled(retry)
+		}
+	}
+	attempt := &statev1.LoginAttempt{Login: login, AddrHash: addrHash(addr), Policy: s.cfg.Throttle.policy()}
+	// This replica's counts first: a throttled attempt costs no write.
+	if wait, err := s.node.FSM().LoginWait(attempt, s.cfg.Now().UnixMilli()); err != nil {
+		return nil, toConnect(err)
+	} else if wait > 0 {
+		return nil, throttled(time.Duration(wait) * time.Millisecond)
+	}
+	// The cluster's counts decide, in the log.
+	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: s.cfg.Now().UnixMilli(), Op: &statev1.Command_LoginAttempt{LoginAttempt: attempt}})
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	if wait := res.GetRetryAfterMs(); wait > 0 {
+		return nil, throttled(time.Duration(wait) * time.Millisecond)
+	}
+	return attempt, nil
 }
 
 // throttled is the error of a login attempt that must wait.
@@ -260,6 +271,68 @@ func (s *AuthServer) Logout(ctx context.Context, req *connect.Request[controlv1.
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.LogoutResponse{}), nil
+}
+
+// errWrongPassword answers a password change whose current password is
+// not the account's.
+var errWrongPassword = errors.New("current_password is not the account's password")
+
+// ChangePassword sets the caller's own password once its current one is
+// checked, as a login checks it (throttled alike), and ends the caller's
+// other sessions.
+func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[controlv1.ChangePasswordRequest]) (*connect.Response[controlv1.ChangePasswordResponse], error) {
+	claims, _ := auth.ClaimsFrom(ctx)
+	m := req.Msg
+	if m.GetCurrentPassword() == "" || len(m.GetCurrentPassword()) > 1024 {
+		return nil, invalidArg(errors.New("current_password is empty or longer than 1024 bytes"))
+	}
+	if err := auth.ValidatePassword(m.GetNewPassword()); err != nil {
+		return nil, invalidArg(fmt.Errorf("new_password: %w", err))
+	}
+	f, err := s.node.Read(ctx, raftnode.Linearizable)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	u, err := f.GetUser(claims.Subject)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	// Counted against the account's login: a stolen access token buys
+	// no more guesses at the password than the login form gives.
+	attempt, err := s.attempt(ctx, u.GetLogin(), req)
+	if err != nil {
+		return nil, err
+	}
+	if u.GetPasswordHash() == "" {
+		_, _ = s.verifyPassword(ctx, s.dummy, m.GetCurrentPassword())
+		return nil, invalidArg(errWrongPassword)
+	}
+	ok, err := s.verifyPassword(ctx, u.GetPasswordHash(), m.GetCurrentPassword())
+	if err != nil || !ok {
+		return nil, invalidArg(errWrongPassword)
+	}
+	if u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {
+		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("this account is disabled"))
+	}
+	if m.GetNewPassword() == m.GetCurrentPassword() {
+		return nil, invalidArg(errors.New("new_password is the current password"))
+	}
+	h, err := s.authn.hashPassword(ctx, m.GetNewPassword())
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	_, err = s.node.Apply(ctx, &statev1.Command{ProposedAtMs: s.cfg.Now().UnixMilli(), Op: &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{
+		Id: u.GetId(), Fields: []string{"password_hash"}, User: &statev1.User{PasswordHash: h},
+		KeepSessionId: claims.Session, Succeeded: attempt, ExpectPasswordHash: u.GetPasswordHash(),
+	}}})
+	if errors.Is(err, fsm.ErrFailedPrecondition) {
+		// Another change came first: the password checked is gone.
+		return nil, connect.NewError(connect.CodeAborted, errors.New("the password changed while this change was checked; sign in again"))
+	}
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	return connect.NewResponse(&controlv1.ChangePasswordResponse{}), nil
 }
 
 // newID returns a random id with a prefix, e.g. "u_3q2...".

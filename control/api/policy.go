@@ -19,6 +19,7 @@ var (
 	deviceUse  = []auth.Role{auth.RoleAdmin, auth.RoleOperator, auth.RoleUser}
 	deviceRead = []auth.Role{auth.RoleAdmin, auth.RoleOperator, auth.RoleViewer, auth.RoleUser}
 	edges      = []auth.Role{auth.RoleEdge}
+	people     = []auth.Role{auth.RoleAdmin, auth.RoleOperator, auth.RoleViewer, auth.RoleUser}
 	nodes      = []auth.Role{RoleNode}
 )
 
@@ -34,6 +35,9 @@ func Policy() auth.Policy {
 		},
 		Roles: map[string][]auth.Role{
 			controlv1connect.AuthServiceLogoutProcedure: everyone,
+			// An edge's password is in the edges' configuration, which an
+			// admin changes with it (UpdateUser).
+			controlv1connect.AuthServiceChangePasswordProcedure: people,
 
 			controlv1connect.UserServiceCreateUserProcedure: managers,
 			controlv1connect.UserServiceGetUserProcedure:    staff,

@@ -277,6 +277,16 @@ func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
 	if len(op.GetFields()) == 0 {
 		return nil, invalid("fields is empty: name at least one field to update")
 	}
+	if op.GetSucceeded() != nil {
+		if err := ValidateLoginAttempt(op.GetSucceeded()); err != nil {
+			return nil, err
+		}
+	}
+	// A change made with the current password holds only while that is
+	// still the account's password.
+	if h := op.GetExpectPasswordHash(); h != "" && h != u.GetPasswordHash() {
+		return nil, precondition("the password of user %q changed since the change checked it", u.Id)
+	}
 	for _, f := range op.GetFields() {
 		switch f {
 		case "display_name":
@@ -332,6 +342,11 @@ func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
 	}
 	if revoke {
 		if err := t.revokeUserSessions(u.Id, op.GetKeepSessionId(), "account changed (password, role or status)"); err != nil {
+			return nil, err
+		}
+	}
+	if op.GetSucceeded() != nil {
+		if err := t.loginSucceeded(op.GetSucceeded()); err != nil {
 			return nil, err
 		}
 	}

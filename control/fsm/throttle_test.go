@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/edge-relay/relay/control/auth"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -159,5 +160,65 @@ func TestLoginThrottle(t *testing.T) {
 			Token: tok("tz", "fz", "alice", 1, 1<<50), Succeeded: at}}); r.GetCode() != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
 			t.Errorf("issue with %s: %v", name, r)
 		}
+	}
+}
+
+// A password change made with the current password (ChangePassword)
+// applies only while the account still has the hash that was checked,
+// so two changes that raced on the same old password cannot both pass;
+// and, succeeding, it gives back the failure its check reserved, as a
+// login does: an owner who changes its password is not throttled for it.
+func TestPasswordChangeWithTheCurrentPassword(t *testing.T) {
+	f := newFSM(t, Config{})
+	th := &throttler{applier: &applier{t: t, f: f}, t: t, policy: &statev1.ThrottlePolicy{
+		AddrFree: 100, LoginFree: 2, BaseDelayMs: 1 << 30, MaxDelayMs: 1 << 30, WindowMs: 1 << 30, TrustMs: 1,
+	}}
+	first, err := auth.HashPassword("the first password", auth.TestParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := auth.HashPassword("the second password", auth.TestParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	th.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "carol", Login: "carol", PasswordHash: first}}})
+	home := addr(1)
+	change := func(expect, to string, from []byte) *statev1.Result {
+		t.Helper()
+		if w := th.try("carol", from); w != 0 {
+			t.Fatalf("the change's check must wait %d ms", w)
+		}
+		return th.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{
+			Id: "carol", Fields: []string{"password_hash"}, User: &statev1.User{PasswordHash: to},
+			Succeeded: th.attempt("carol", from), ExpectPasswordHash: expect,
+		}})
+	}
+	// More changes than the login's free failures: each gives its back.
+	for i := range 3 {
+		if r := change(first, second, home); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+			t.Fatalf("change %d: %v", i, r)
+		}
+		if r := change(second, first, home); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+			t.Fatalf("change %d back: %v", i, r)
+		}
+	}
+	// The losing change of a race checked a hash that is gone (made
+	// from an address the account has not logged in from).
+	if r := change(second, second, addr(2)); r.GetCode() != statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION {
+		t.Fatalf("a change checked against a replaced hash: %v, want FAILED_PRECONDITION", r)
+	}
+	if u, err := f.GetUser("carol"); err != nil || u.GetPasswordHash() != first {
+		t.Fatalf("the refused change changed the password: %v", err)
+	}
+	// The refused change kept its reserved failure: one more and the
+	// login's two free failures are used, so an address that failed
+	// once waits (without the kept one the login would have one left).
+	th.try("carol", addr(3))
+	if w := th.try("carol", addr(3)); w == 0 {
+		t.Fatal("a guess at carol got through past the login's free failures")
+	}
+	if r := th.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "carol", Fields: []string{"display_name"},
+		Succeeded: &statev1.LoginAttempt{Login: "carol"}}}); r.GetCode() != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+		t.Fatalf("a malformed succeeded attempt: %v, want INVALID_ARGUMENT", r)
 	}
 }

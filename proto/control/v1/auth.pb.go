@@ -377,6 +377,98 @@ func (*LogoutResponse) Descriptor() ([]byte, []int) {
 	return file_control_v1_auth_proto_rawDescGZIP(), []int{6}
 }
 
+// ChangePasswordRequest carries the current password and the new one.
+type ChangePasswordRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The caller's password now.
+	CurrentPassword string `protobuf:"bytes,1,opt,name=current_password,json=currentPassword,proto3" json:"current_password,omitempty"`
+	// 12 to 256 bytes of UTF-8, as every password.
+	NewPassword   string `protobuf:"bytes,2,opt,name=new_password,json=newPassword,proto3" json:"new_password,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChangePasswordRequest) Reset() {
+	*x = ChangePasswordRequest{}
+	mi := &file_control_v1_auth_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChangePasswordRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChangePasswordRequest) ProtoMessage() {}
+
+func (x *ChangePasswordRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_v1_auth_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChangePasswordRequest.ProtoReflect.Descriptor instead.
+func (*ChangePasswordRequest) Descriptor() ([]byte, []int) {
+	return file_control_v1_auth_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ChangePasswordRequest) GetCurrentPassword() string {
+	if x != nil {
+		return x.CurrentPassword
+	}
+	return ""
+}
+
+func (x *ChangePasswordRequest) GetNewPassword() string {
+	if x != nil {
+		return x.NewPassword
+	}
+	return ""
+}
+
+// ChangePasswordResponse confirms the change.
+type ChangePasswordResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChangePasswordResponse) Reset() {
+	*x = ChangePasswordResponse{}
+	mi := &file_control_v1_auth_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChangePasswordResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChangePasswordResponse) ProtoMessage() {}
+
+func (x *ChangePasswordResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_v1_auth_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChangePasswordResponse.ProtoReflect.Descriptor instead.
+func (*ChangePasswordResponse) Descriptor() ([]byte, []int) {
+	return file_control_v1_auth_proto_rawDescGZIP(), []int{8}
+}
+
 var File_control_v1_auth_proto protoreflect.FileDescriptor
 
 const file_control_v1_auth_proto_rawDesc = "" +
@@ -401,11 +493,16 @@ const file_control_v1_auth_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x01(\v2\x12.control.v1.TokensR\x06tokens\"4\n" +
 	"\rLogoutRequest\x12#\n" +
 	"\rrefresh_token\x18\x01 \x01(\tR\frefreshToken\"\x10\n" +
-	"\x0eLogoutResponse2\xd0\x01\n" +
+	"\x0eLogoutResponse\"e\n" +
+	"\x15ChangePasswordRequest\x12)\n" +
+	"\x10current_password\x18\x01 \x01(\tR\x0fcurrentPassword\x12!\n" +
+	"\fnew_password\x18\x02 \x01(\tR\vnewPassword\"\x18\n" +
+	"\x16ChangePasswordResponse2\xa9\x02\n" +
 	"\vAuthService\x12<\n" +
 	"\x05Login\x12\x18.control.v1.LoginRequest\x1a\x19.control.v1.LoginResponse\x12B\n" +
 	"\aRefresh\x12\x1a.control.v1.RefreshRequest\x1a\x1b.control.v1.RefreshResponse\x12?\n" +
-	"\x06Logout\x12\x19.control.v1.LogoutRequest\x1a\x1a.control.v1.LogoutResponseB8Z6github.com/edge-relay/relay/proto/control/v1;controlv1b\x06proto3"
+	"\x06Logout\x12\x19.control.v1.LogoutRequest\x1a\x1a.control.v1.LogoutResponse\x12W\n" +
+	"\x0eChangePassword\x12!.control.v1.ChangePasswordRequest\x1a\".control.v1.ChangePasswordResponseB8Z6github.com/edge-relay/relay/proto/control/v1;controlv1b\x06proto3"
 
 var (
 	file_control_v1_auth_proto_rawDescOnce sync.Once
@@ -419,35 +516,39 @@ func file_control_v1_auth_proto_rawDescGZIP() []byte {
 	return file_control_v1_auth_proto_rawDescData
 }
 
-var file_control_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_control_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_control_v1_auth_proto_goTypes = []any{
-	(*Tokens)(nil),                // 0: control.v1.Tokens
-	(*LoginRequest)(nil),          // 1: control.v1.LoginRequest
-	(*LoginResponse)(nil),         // 2: control.v1.LoginResponse
-	(*RefreshRequest)(nil),        // 3: control.v1.RefreshRequest
-	(*RefreshResponse)(nil),       // 4: control.v1.RefreshResponse
-	(*LogoutRequest)(nil),         // 5: control.v1.LogoutRequest
-	(*LogoutResponse)(nil),        // 6: control.v1.LogoutResponse
-	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
-	(Role)(0),                     // 8: control.v1.Role
+	(*Tokens)(nil),                 // 0: control.v1.Tokens
+	(*LoginRequest)(nil),           // 1: control.v1.LoginRequest
+	(*LoginResponse)(nil),          // 2: control.v1.LoginResponse
+	(*RefreshRequest)(nil),         // 3: control.v1.RefreshRequest
+	(*RefreshResponse)(nil),        // 4: control.v1.RefreshResponse
+	(*LogoutRequest)(nil),          // 5: control.v1.LogoutRequest
+	(*LogoutResponse)(nil),         // 6: control.v1.LogoutResponse
+	(*ChangePasswordRequest)(nil),  // 7: control.v1.ChangePasswordRequest
+	(*ChangePasswordResponse)(nil), // 8: control.v1.ChangePasswordResponse
+	(*timestamppb.Timestamp)(nil),  // 9: google.protobuf.Timestamp
+	(Role)(0),                      // 10: control.v1.Role
 }
 var file_control_v1_auth_proto_depIdxs = []int32{
-	7, // 0: control.v1.Tokens.access_token_expires_at:type_name -> google.protobuf.Timestamp
-	7, // 1: control.v1.Tokens.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
-	8, // 2: control.v1.Tokens.role:type_name -> control.v1.Role
-	0, // 3: control.v1.LoginResponse.tokens:type_name -> control.v1.Tokens
-	0, // 4: control.v1.RefreshResponse.tokens:type_name -> control.v1.Tokens
-	1, // 5: control.v1.AuthService.Login:input_type -> control.v1.LoginRequest
-	3, // 6: control.v1.AuthService.Refresh:input_type -> control.v1.RefreshRequest
-	5, // 7: control.v1.AuthService.Logout:input_type -> control.v1.LogoutRequest
-	2, // 8: control.v1.AuthService.Login:output_type -> control.v1.LoginResponse
-	4, // 9: control.v1.AuthService.Refresh:output_type -> control.v1.RefreshResponse
-	6, // 10: control.v1.AuthService.Logout:output_type -> control.v1.LogoutResponse
-	8, // [8:11] is the sub-list for method output_type
-	5, // [5:8] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	9,  // 0: control.v1.Tokens.access_token_expires_at:type_name -> google.protobuf.Timestamp
+	9,  // 1: control.v1.Tokens.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	10, // 2: control.v1.Tokens.role:type_name -> control.v1.Role
+	0,  // 3: control.v1.LoginResponse.tokens:type_name -> control.v1.Tokens
+	0,  // 4: control.v1.RefreshResponse.tokens:type_name -> control.v1.Tokens
+	1,  // 5: control.v1.AuthService.Login:input_type -> control.v1.LoginRequest
+	3,  // 6: control.v1.AuthService.Refresh:input_type -> control.v1.RefreshRequest
+	5,  // 7: control.v1.AuthService.Logout:input_type -> control.v1.LogoutRequest
+	7,  // 8: control.v1.AuthService.ChangePassword:input_type -> control.v1.ChangePasswordRequest
+	2,  // 9: control.v1.AuthService.Login:output_type -> control.v1.LoginResponse
+	4,  // 10: control.v1.AuthService.Refresh:output_type -> control.v1.RefreshResponse
+	6,  // 11: control.v1.AuthService.Logout:output_type -> control.v1.LogoutResponse
+	8,  // 12: control.v1.AuthService.ChangePassword:output_type -> control.v1.ChangePasswordResponse
+	9,  // [9:13] is the sub-list for method output_type
+	5,  // [5:9] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_control_v1_auth_proto_init() }
@@ -462,7 +563,7 @@ func file_control_v1_auth_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_v1_auth_proto_rawDesc), len(file_control_v1_auth_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   7,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -3514,8 +3514,16 @@ type UpdateUser struct {
 	Fields        []string `protobuf:"bytes,2,rep,name=fields,proto3" json:"fields,omitempty"`
 	User          *User    `protobuf:"bytes,3,opt,name=user,proto3" json:"user,omitempty"`
 	KeepSessionId string   `protobuf:"bytes,4,opt,name=keep_session_id,json=keepSessionId,proto3" json:"keep_session_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Set by a password change the account's holder made with its current
+	// password (ChangePassword): the LoginAttempt that checked it, now
+	// known to have succeeded (the failures it reserved are given back, as
+	// for a login), and the hash it was checked against: the change applies
+	// only while the account still has that hash, so two changes that raced
+	// cannot both pass on the same old password.
+	Succeeded          *LoginAttempt `protobuf:"bytes,5,opt,name=succeeded,proto3" json:"succeeded,omitempty"`
+	ExpectPasswordHash string        `protobuf:"bytes,6,opt,name=expect_password_hash,json=expectPasswordHash,proto3" json:"expect_password_hash,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *UpdateUser) Reset() {
@@ -3572,6 +3580,20 @@ func (x *UpdateUser) GetUser() *User {
 func (x *UpdateUser) GetKeepSessionId() string {
 	if x != nil {
 		return x.KeepSessionId
+	}
+	return ""
+}
+
+func (x *UpdateUser) GetSucceeded() *LoginAttempt {
+	if x != nil {
+		return x.Succeeded
+	}
+	return nil
+}
+
+func (x *UpdateUser) GetExpectPasswordHash() string {
+	if x != nil {
+		return x.ExpectPasswordHash
 	}
 	return ""
 }
@@ -4360,13 +4382,15 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x0fmesh_public_key\x18\x02 \x01(\fR\rmeshPublicKey\"0\n" +
 	"\n" +
 	"CreateUser\x12\"\n" +
-	"\x04user\x18\x01 \x01(\v2\x0e.state.v1.UserR\x04user\"\x80\x01\n" +
+	"\x04user\x18\x01 \x01(\v2\x0e.state.v1.UserR\x04user\"\xe8\x01\n" +
 	"\n" +
 	"UpdateUser\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06fields\x18\x02 \x03(\tR\x06fields\x12\"\n" +
 	"\x04user\x18\x03 \x01(\v2\x0e.state.v1.UserR\x04user\x12&\n" +
-	"\x0fkeep_session_id\x18\x04 \x01(\tR\rkeepSessionId\"\x1c\n" +
+	"\x0fkeep_session_id\x18\x04 \x01(\tR\rkeepSessionId\x124\n" +
+	"\tsucceeded\x18\x05 \x01(\v2\x16.state.v1.LoginAttemptR\tsucceeded\x120\n" +
+	"\x14expect_password_hash\x18\x06 \x01(\tR\x12expectPasswordHash\"\x1c\n" +
 	"\n" +
 	"DeleteUser\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"k\n" +
@@ -4561,19 +4585,20 @@ var file_state_v1_state_proto_depIdxs = []int32{
 	13, // 51: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
 	4,  // 52: state.v1.CreateUser.user:type_name -> state.v1.User
 	4,  // 53: state.v1.UpdateUser.user:type_name -> state.v1.User
-	5,  // 54: state.v1.RegisterDevice.device:type_name -> state.v1.Device
-	6,  // 55: state.v1.PutNode.node:type_name -> state.v1.Node
-	3,  // 56: state.v1.Result.code:type_name -> state.v1.ResultCode
-	4,  // 57: state.v1.Result.user:type_name -> state.v1.User
-	5,  // 58: state.v1.Result.device:type_name -> state.v1.Device
-	8,  // 59: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
-	13, // 60: state.v1.Result.edge:type_name -> state.v1.Edge
-	19, // 61: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
-	62, // [62:62] is the sub-list for method output_type
-	62, // [62:62] is the sub-list for method input_type
-	62, // [62:62] is the sub-list for extension type_name
-	62, // [62:62] is the sub-list for extension extendee
-	0,  // [0:62] is the sub-list for field type_name
+	33, // 54: state.v1.UpdateUser.succeeded:type_name -> state.v1.LoginAttempt
+	5,  // 55: state.v1.RegisterDevice.device:type_name -> state.v1.Device
+	6,  // 56: state.v1.PutNode.node:type_name -> state.v1.Node
+	3,  // 57: state.v1.Result.code:type_name -> state.v1.ResultCode
+	4,  // 58: state.v1.Result.user:type_name -> state.v1.User
+	5,  // 59: state.v1.Result.device:type_name -> state.v1.Device
+	8,  // 60: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
+	13, // 61: state.v1.Result.edge:type_name -> state.v1.Edge
+	19, // 62: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
+	63, // [63:63] is the sub-list for method output_type
+	63, // [63:63] is the sub-list for method input_type
+	63, // [63:63] is the sub-list for extension type_name
+	63, // [63:63] is the sub-list for extension extendee
+	0,  // [0:63] is the sub-list for field type_name
 }
 
 func init() { file_state_v1_state_proto_init() }
