@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -316,4 +317,42 @@ func testBackupKeys(t *testing.T, r *cli, srv string) {
 			t.Errorf("backup verify %v: %v, want %v", c.args, err, c.want)
 		}
 	}
+}
+
+// relayctl user passwd changes the logged-in account's password with its
+// current one (two lines on standard input): relayctl's own session goes
+// on, the account's other logins end, the old password opens nothing; a
+// wrong current password changes nothing and says which field was wrong.
+func TestPasswd(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	srv := c.Nodes[0].Server.APIAddr()
+	admin := newCLI(t)
+	admin.must(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	admin.must(srv, "the first password\n", "user", "create", "--login", "erin", "--password-stdin")
+	erin, other := newCLI(t), newCLI(t)
+	erin.must(srv, "the first password\n", "login", "--password-stdin", "erin")
+	other.must(srv, "the first password\n", "login", "--password-stdin", "erin")
+
+	if out, err := erin.run(srv, "not the password\nthe second password\n", "user", "passwd", "--password-stdin"); err == nil || !strings.Contains(err.Error(), "current_password") {
+		t.Fatalf("a wrong current password: %q, %v; want an error naming current_password", out, err)
+	}
+	if _, err := erin.run(srv, "the first password\n", "user", "passwd", "--password-stdin"); err == nil || !strings.Contains(err.Error(), "new password") {
+		t.Fatalf("no new password: %v; want an error saying so", err)
+	}
+	if v := erin.json(srv, "the first password\nthe second password\n", "user", "passwd", "--password-stdin"); v["changed"] != true {
+		t.Fatalf("user passwd: %v", v)
+	}
+	if v := erin.json(srv, "", "user", "me"); v["login"] != "erin" {
+		t.Fatalf("relayctl's own session after the change: %v", v)
+	}
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if _, err := other.run(srv, "", "user", "me"); err == nil || !strings.Contains(err.Error(), "log in again") {
+			return fmt.Errorf("the other login after the change: %v; want it ended", err)
+		}
+		return nil
+	})
+	if _, err := newCLI(t).run(srv, "the first password\n", "login", "--password-stdin", "erin"); err == nil {
+		t.Fatal("the old password still logs in")
+	}
+	newCLI(t).must(srv, "the second password\n", "login", "--password-stdin", "erin")
 }

@@ -131,6 +131,8 @@ func (a *app) userCommand() *cobra.Command {
 		},
 	})
 
+	cmd.AddCommand(a.passwdCommand())
+
 	var pageSize int32
 	list := &cobra.Command{
 		Use: "list", Short: "List accounts", Args: cobra.NoArgs,
@@ -228,3 +230,59 @@ func (a *app) userCommand() *cobra.Command {
 }
 
 var roleCompletion = cobra.FixedCompletions([]string{"admin", "operator", "viewer", "user", "edge"}, cobra.ShellCompDirectiveNoFileComp)
+
+// passwdCommand changes the logged-in account's own password.
+func (a *app) passwdCommand() *cobra.Command {
+	var fromStdin bool
+	cmd := &cobra.Command{
+		Use:   "passwd [--password-stdin]",
+		Short: "Change your own password (your other sessions end)",
+		Long: `Change the password of the account you are logged in as, given its current one.
+It asks on the terminal for the current password and twice for the new one;
+with --password-stdin it reads two lines from standard input: the current
+password, then the new one. relayctl's own session goes on; the account's other
+sessions (other logins, console pages) end on every member. A wrong current
+password counts as a failed login of the account.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			req := &controlv1.ChangePasswordRequest{}
+			var err error
+			if fromStdin {
+				// Byte by byte: the new password is on the next line.
+				if req.CurrentPassword, err = readLine(a.stdin); err != nil {
+					return errors.New("no current password on standard input (two lines: the current password, then the new one)")
+				}
+				if req.NewPassword, err = readLine(a.stdin); err != nil {
+					return errors.New("no new password on standard input (two lines: the current password, then the new one)")
+				}
+			} else {
+				if req.CurrentPassword, err = a.readSecret("current password: ", false); err != nil {
+					return err
+				}
+				if req.NewPassword, err = a.readSecret("new password: ", false); err != nil {
+					return err
+				}
+				again, err := a.readSecret("new password again: ", false)
+				if err != nil {
+					return err
+				}
+				if again != req.NewPassword {
+					return errors.New("the two new passwords differ; nothing changed")
+				}
+			}
+			// Not repeated once a member may have taken it: a retry after
+			// a change that went through would present a password that is
+			// no longer current.
+			err = a.call(cmd.Context(), "change password", retryIfNotSent, func(ctx context.Context, base string) error {
+				_, err := controlv1connect.NewAuthServiceClient(a.http, base, a.opts(base)).ChangePassword(ctx, connect.NewRequest(req))
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			return a.report(map[string]any{"changed": true}, "password changed; the account's other sessions have ended")
+		},
+	}
+	cmd.Flags().BoolVar(&fromStdin, "password-stdin", false, "read the current and the new password from standard input, one per line")
+	return cmd
+}
