@@ -403,12 +403,13 @@ func (c *Conn) ClaimEvents(ctx context.Context, claims []*edgev1.EventClaim) (*e
 
 // Proxied reports whether the edge passes procedure (a path such as
 // "/control.v1.AuthService/Login") on for browser pages (the device
-// console): a user signs in, sees and manages its own devices. The
-// control plane authenticates and authorizes each call as usual; the
-// list keeps staff and node procedures off the edges.
+// console): a user signs in, sees and manages its own devices, changes
+// its password. The control plane authenticates and authorizes each call
+// as usual; the list keeps staff and node procedures off the edges.
 func Proxied(procedure string) bool {
 	switch procedure {
 	case "/control.v1.AuthService/Login", "/control.v1.AuthService/Refresh", "/control.v1.AuthService/Logout",
+		"/control.v1.AuthService/ChangePassword",
 		"/control.v1.UserService/GetMe",
 		"/control.v1.DeviceService/RegisterDevice", "/control.v1.DeviceService/ListDevices",
 		"/control.v1.DeviceService/RenameDevice", "/control.v1.DeviceService/RevokeDevice",

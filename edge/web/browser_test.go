@@ -180,6 +180,37 @@ func (f *fixture) signIn(t *testing.T) {
 		chromedp.WaitVisible(chromedp.CSS("#register-form")))
 }
 
+// getMe calls GetMe through the edge with an access token and returns
+// the HTTP status: 200 while the token's session is open, 401 once it
+// ended.
+func (f *fixture) getMe(t *testing.T, tok string) (int, error) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", f.edge.AdminURL()+"/api/control.v1.UserService/GetMe", strings.NewReader("{}"))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	_ = resp.Body.Close()
+	return resp.StatusCode, nil
+}
+
+// ended waits until tok's session has ended (GetMe refused).
+func (f *fixture) ended(t *testing.T, what, tok string) {
+	t.Helper()
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		code, err := f.getMe(t, tok)
+		if err != nil {
+			return err
+		}
+		if code != http.StatusUnauthorized {
+			return fmt.Errorf("%s still gets %d", what, code)
+		}
+		return nil
+	})
+}
+
 // register registers the browser as a device, connecting with the
 // transport chosen on the page, and returns its device id.
 func (f *fixture) register(t *testing.T, transport string) string {
@@ -313,20 +344,49 @@ func TestConsoleInChromium(t *testing.T) {
 	}
 	do(f.browser, t, "sign out", chromedp.Click(chromedp.CSS("#signout-button")), chromedp.WaitVisible(chromedp.CSS("#login-form")))
 	waitText(f.browser, t, "#status", "Signed out")
-	clustertest.Eventually(t, 10*time.Second, func() error {
-		req, _ := http.NewRequest("POST", f.edge.AdminURL()+"/api/control.v1.UserService/GetMe", strings.NewReader("{}"))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Authorization", "Bearer "+tok)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			return err
-		}
-		_ = resp.Body.Close()
-		if resp.StatusCode != http.StatusUnauthorized {
-			return fmt.Errorf("the signed-out token still gets %d", resp.StatusCode)
-		}
-		return nil
-	})
+	f.ended(t, "the signed-out token", tok)
+}
+
+// A user changes its password on the console: a wrong current password
+// or two new ones that differ change nothing and say why; the change ends
+// the account's other sessions and keeps the page's; the new password
+// signs in.
+func TestConsoleChangesThePassword(t *testing.T) {
+	f := newFixture(t)
+	other := f.r.Cluster.Login("alice", "alice-password-1") // another login of alice's
+	f.signIn(t)
+	change := func(what, current, next, again string) {
+		t.Helper()
+		do(f.browser, t, what,
+			chromedp.SetValue(chromedp.CSS("#current-password"), current),
+			chromedp.SetValue(chromedp.CSS("#new-password"), next),
+			chromedp.SetValue(chromedp.CSS("#new-password-again"), again),
+			chromedp.Click(chromedp.CSS("#password-button")))
+	}
+	change("a wrong current password", "not alice's password", "alice-password-2", "alice-password-2")
+	waitText(f.browser, t, "#error", "current_password")
+	change("new passwords that differ", "alice-password-1", "alice-password-2", "alice-password-3")
+	waitText(f.browser, t, "#error", "differ")
+	if code, err := f.getMe(t, other.GetAccessToken()); code != http.StatusOK {
+		t.Fatalf("the other session after the refused changes: %d %v", code, err)
+	}
+	change("the change", "alice-password-1", "alice-password-2", "alice-password-2")
+	waitText(f.browser, t, "#password-result", "Password changed")
+	f.screenshot(t, "console-password-changed.png")
+	f.ended(t, "the other session's token", other.GetAccessToken())
+	tok, err := chromedp.Run(f.browser, chromedp.Evaluate[string](`sessionStorage.getItem("relay.token")`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, err := f.getMe(t, tok); code != http.StatusOK {
+		t.Fatalf("the page's own session after its change: %d %v", code, err)
+	}
+	do(f.browser, t, "sign out", chromedp.Click(chromedp.CSS("#signout-button")), chromedp.WaitVisible(chromedp.CSS("#login-form")))
+	do(f.browser, t, "sign in with the new password",
+		chromedp.SetValue(chromedp.CSS("#login"), "alice"),
+		chromedp.SetValue(chromedp.CSS("#password"), "alice-password-2"),
+		chromedp.Click(chromedp.CSS("#login-button")),
+		chromedp.WaitVisible(chromedp.CSS("#register-form")))
 }
 
 // Signing in again in a tab whose access token it lost (expired) ends the
@@ -339,19 +399,8 @@ func TestConsoleSigningInAgainEndsTheOldSession(t *testing.T) {
 	if err != nil || old == "" {
 		t.Fatalf("no access token in the page: %v", err)
 	}
-	getMe := func() int {
-		req, _ := http.NewRequest("POST", f.edge.AdminURL()+"/api/control.v1.UserService/GetMe", strings.NewReader("{}"))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Authorization", "Bearer "+old)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = resp.Body.Close()
-		return resp.StatusCode
-	}
-	if code := getMe(); code != http.StatusOK {
-		t.Fatalf("the first session's access token: %d before signing in again", code)
+	if code, err := f.getMe(t, old); code != http.StatusOK {
+		t.Fatalf("the first session's access token: %d before signing in again (%v)", code, err)
 	}
 	// The page loses its access token (as when it expired) and asks to
 	// sign in again.
@@ -360,12 +409,7 @@ func TestConsoleSigningInAgainEndsTheOldSession(t *testing.T) {
 	}
 	do(f.browser, t, "reload", chromedp.Reload())
 	f.signIn(t)
-	clustertest.Eventually(t, 10*time.Second, func() error {
-		if code := getMe(); code != http.StatusUnauthorized {
-			return fmt.Errorf("the first session's access token still gets %d", code)
-		}
-		return nil
-	})
+	f.ended(t, "the first session's access token", old)
 }
 
 // The edge restarts (with a new self-signed certificate) while the page

@@ -1,8 +1,9 @@
 // The device console page: sign in as a user, register this browser as a
 // device (its key stays in the browser, non-extractable), see the user's
 // devices and which are online, send events, watch what arrives with its
-// latency, revoke a device. Control-plane calls go through the edge
-// (/api/, a fixed set of procedures) in the Connect JSON protocol.
+// latency, revoke a device, change the account's password. Control-plane
+// calls go through the edge (/api/, a fixed set of procedures) in the
+// Connect JSON protocol.
 
 import {
   CERT_HASHES_PATH,
@@ -251,6 +252,24 @@ async function main(): Promise<void> {
       showError(err);
     });
   });
+  $("password-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    void (async () => {
+      await ready;
+      $("error").textContent = "";
+      const current = $<HTMLInputElement>("current-password");
+      const next = $<HTMLInputElement>("new-password");
+      const again = $<HTMLInputElement>("new-password-again");
+      if (next.value !== again.value) throw new Error("The two new passwords differ; nothing changed.");
+      // This page's session goes on; the account's others end.
+      await call("control.v1.AuthService/ChangePassword", { currentPassword: current.value, newPassword: next.value });
+      for (const input of [current, next, again]) input.value = "";
+      $("password-result").textContent = "Password changed; your other sessions have ended.";
+    })().catch((err) => {
+      $("password-result").textContent = "";
+      showError(err);
+    });
+  });
   $("signout-button").addEventListener("click", () => {
     void (async () => {
       await ready;
@@ -263,13 +282,14 @@ async function main(): Promise<void> {
       token = refreshToken = "";
       sessionStorage.removeItem("relay.token");
       sessionStorage.removeItem("relay.refresh");
-      for (const id of ["device-section", "devices-section", "send-section"]) $(id).hidden = true;
+      for (const id of ["device-section", "password-section", "devices-section", "send-section"]) $(id).hidden = true;
+      $("password-result").textContent = "";
       $("login-section").hidden = false;
       $("log").replaceChildren();
       setStatus("Signed out.", "idle");
     })().catch(showError);
   });
-  for (const id of ["login-button", "register-button", "connect-button", "send-button"]) {
+  for (const id of ["login-button", "register-button", "connect-button", "send-button", "password-button"]) {
     $<HTMLButtonElement>(id).disabled = false;
   }
   await ready;
@@ -284,7 +304,10 @@ async function signedIn(): Promise<void> {
   $("login-section").hidden = true;
   const me = await call<{ user: { login: string } }>("control.v1.UserService/GetMe", {});
   $("signed-in-as").textContent = me.user.login;
+  // For password managers: the account the new password is for.
+  $<HTMLInputElement>("password-form-login").value = me.user.login;
   $("device-section").hidden = false;
+  $("password-section").hidden = false;
   $("devices-section").hidden = false;
   await refreshDevices();
   if (device && !devices.some((d) => d.id === device!.deviceId && !d.revoked)) {
