@@ -145,6 +145,22 @@ func TestMembershipThroughFollower(t *testing.T) {
 	if got := c.VoterIDs(c.Leader()); len(got) != 2 {
 		t.Fatalf("voters %v after remove", got)
 	}
+	// A mistyped id, or one removed already, is not reported removed
+	// (hashicorp/raft takes an id it does not know as done): the operator
+	// would go on to stop and wipe a node that is still a voter.
+	for _, id := range []string{victim.ID, victim.ID + "0"} {
+		_, err := client(t, c, asker).RemoveServer(ctx, connect.NewRequest(&controlv1.RemoveServerRequest{Id: id}))
+		if connect.CodeOf(err) != connect.CodeNotFound || !strings.Contains(err.Error(), "not a member") {
+			t.Errorf("remove %s, not a member: %v, want not_found", id, err)
+		}
+		_, err = client(t, c, asker).TransferLeadership(ctx, connect.NewRequest(&controlv1.TransferLeadershipRequest{Id: id}))
+		if connect.CodeOf(err) != connect.CodeNotFound {
+			t.Errorf("transfer leadership to %s, not a member: %v, want not_found", id, err)
+		}
+	}
+	if got := c.VoterIDs(c.Leader()); len(got) != 2 {
+		t.Fatalf("voters %v after removing ids that are not members", got)
+	}
 }
 
 func TestInvalidArguments(t *testing.T) {

@@ -24,7 +24,7 @@ func toConnect(err error) error {
 	switch {
 	case errors.Is(err, fsm.ErrInvalidArgument):
 		code = connect.CodeInvalidArgument
-	case errors.Is(err, fsm.ErrNotFound):
+	case errors.Is(err, fsm.ErrNotFound), errors.Is(err, raftnode.ErrNotMember):
 		code = connect.CodeNotFound
 	case errors.Is(err, fsm.ErrAlreadyExists):
 		code = connect.CodeAlreadyExists

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -124,6 +125,16 @@ func (n *Node) RemoveServer(ctx context.Context, id string) (uint64, error) {
 	if err := n.requireLeader(); err != nil {
 		return 0, err
 	}
+	// hashicorp/raft takes an id it does not know as done: a mistyped id
+	// would be reported removed while the node meant stays a voter, and
+	// the operator would go on to stop it and wipe its data.
+	cf := n.raft.GetConfiguration()
+	if err := cf.Error(); err != nil {
+		return 0, fmt.Errorf("read configuration: %w", err)
+	}
+	if !slices.ContainsFunc(cf.Configuration().Servers, func(s raft.Server) bool { return string(s.ID) == id }) {
+		return 0, fmt.Errorf("remove server %q: %w (relayctl cluster status lists the members)", id, ErrNotMember)
+	}
 	f := n.raft.RemoveServer(raft.ServerID(id), 0, timeoutOf(ctx, n.cfg.ApplyTimeout))
 	if err := f.Error(); err != nil {
 		return 0, mapRaftErr("remove server "+id, err)
@@ -159,7 +170,7 @@ func (n *Node) TransferLeadership(ctx context.Context, id string) (string, error
 			}
 		}
 		if addr == "" {
-			return "", fmt.Errorf("transfer leadership: %q is not a voter of this cluster", id)
+			return "", fmt.Errorf("transfer leadership to %q: %w (not a voter)", id, ErrNotMember)
 		}
 		f = n.raft.LeadershipTransferToServer(raft.ServerID(id), addr)
 	}

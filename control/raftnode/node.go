@@ -52,6 +52,9 @@ var (
 	ErrUnknownOutcome = errors.New("outcome unknown")
 	// ErrShutdown: the node is shutting down.
 	ErrShutdown = errors.New("node is shutting down")
+	// ErrNotMember is returned for a membership change or a leadership
+	// transfer that names a server the configuration does not hold.
+	ErrNotMember = errors.New("not a member of the cluster")
 )
 
 // Tuning holds Raft timing and log compaction settings. Zero values take
