@@ -53,6 +53,7 @@ async function call<T>(procedure: string, body: unknown): Promise<T> {
     // The session ended (expired, or the account changed): sign in again.
     token = "";
     sessionStorage.removeItem("relay.token");
+    for (const id of ["current-password", "new-password", "new-password-again"]) $<HTMLInputElement>(id).value = "";
     $("login-section").hidden = false;
     setStatus("Signed out: sign in again.", "idle");
   }
@@ -254,6 +255,12 @@ async function main(): Promise<void> {
   });
   $("password-form").addEventListener("submit", (e) => {
     e.preventDefault();
+    // One change at a time: a second submit of the same form would
+    // present a current password the first one replaced.
+    const button = $<HTMLButtonElement>("password-button");
+    if (button.dataset.busy) return;
+    button.dataset.busy = "1";
+    button.disabled = true;
     void (async () => {
       await ready;
       $("error").textContent = "";
@@ -261,6 +268,7 @@ async function main(): Promise<void> {
       const next = $<HTMLInputElement>("new-password");
       const again = $<HTMLInputElement>("new-password-again");
       if (next.value !== again.value) throw new Error("The two new passwords differ; nothing changed.");
+      $("password-result").textContent = "Changing...";
       // This page's session goes on; the account's others end.
       await call("control.v1.AuthService/ChangePassword", { currentPassword: current.value, newPassword: next.value });
       for (const input of [current, next, again]) input.value = "";
@@ -268,6 +276,9 @@ async function main(): Promise<void> {
     })().catch((err) => {
       $("password-result").textContent = "";
       showError(err);
+    }).finally(() => {
+      delete button.dataset.busy;
+      button.disabled = false;
     });
   });
   $("signout-button").addEventListener("click", () => {
