@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
@@ -108,7 +109,7 @@ func (a *app) clusterStatus(ctx context.Context) error {
 		fmt.Fprintf(a.stdout, "node %s is %s, term %d, leader %s\ncommit index %d, applied index %d, last snapshot %d\n\n",
 			st.GetNodeId(), st.GetState(), st.GetTerm(), leader, st.GetCommitIndex(), st.GetAppliedIndex(), st.GetLastSnapshotIndex())
 		w := a.table()
-		fmt.Fprintln(w, "ID\tROLE\tRAFT ADDRESS\tAPI ADDRESS\tLEADER")
+		fmt.Fprintln(w, "ID\tROLE\tRAFT ADDRESS\tAPI ADDRESS\tLEADER\tFEATURES")
 		for _, m := range st.GetMembers() {
 			role := "voter"
 			if m.GetSuffrage() == controlv1.Suffrage_SUFFRAGE_NONVOTER {
@@ -118,7 +119,11 @@ func (a *app) clusterStatus(ctx context.Context) error {
 			if m.GetLeader() {
 				l = "*"
 			}
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", m.GetId(), role, m.GetRaftAddr(), m.GetApiAddr(), l)
+			features := strings.Join(m.GetFeatures(), ",")
+			if features == "" {
+				features = "-"
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", m.GetId(), role, m.GetRaftAddr(), m.GetApiAddr(), l, features)
 		}
 		return w.Flush()
 	})

@@ -278,6 +278,10 @@ password counts as a failed login of the account.`,
 				return err
 			})
 			if err != nil {
+				switch connect.CodeOf(err) {
+				case connect.CodeUnavailable, connect.CodeDeadlineExceeded, connect.CodeCanceled, connect.CodeUnknown:
+					return fmt.Errorf("%w (the change may have taken effect: try the new password before running this again)", err)
+				}
 				return err
 			}
 			return a.report(map[string]any{"changed": true}, "password changed; the account's other sessions have ended")

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -283,11 +284,24 @@ var errWrongPassword = errors.New("current_password is not the account's passwor
 func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[controlv1.ChangePasswordRequest]) (*connect.Response[controlv1.ChangePasswordResponse], error) {
 	claims, _ := auth.ClaimsFrom(ctx)
 	m := req.Msg
+	// What the request alone shows wrong costs no attempt.
 	if m.GetCurrentPassword() == "" || len(m.GetCurrentPassword()) > 1024 {
 		return nil, invalidArg(errors.New("current_password is empty or longer than 1024 bytes"))
 	}
 	if err := auth.ValidatePassword(m.GetNewPassword()); err != nil {
 		return nil, invalidArg(fmt.Errorf("new_password: %w", err))
+	}
+	if m.GetNewPassword() == m.GetCurrentPassword() {
+		return nil, invalidArg(errors.New("new_password is the current password"))
+	}
+	// The change's command carries what a node of an older release would
+	// not check (the hash it verified, the attempt it gives back): in a
+	// rolling upgrade the replicas would come apart on it.
+	if missing, err := s.node.VotersWithout(fsm.FeatureChangePassword); err != nil {
+		return nil, toConnect(err)
+	} else if len(missing) > 0 {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf(
+			"not every control node runs a release that changes passwords yet (%s): try again once the upgrade is done", strings.Join(missing, ", ")))
 	}
 	f, err := s.node.Read(ctx, raftnode.Linearizable)
 	if err != nil {
@@ -308,14 +322,14 @@ func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[co
 		return nil, invalidArg(errWrongPassword)
 	}
 	ok, err := s.verifyPassword(ctx, u.GetPasswordHash(), m.GetCurrentPassword())
-	if err != nil || !ok {
+	if err != nil {
+		return nil, toConnect(err) // no hashing slot in time, not a wrong password
+	}
+	if !ok {
 		return nil, invalidArg(errWrongPassword)
 	}
 	if u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {
 		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("this account is disabled"))
-	}
-	if m.GetNewPassword() == m.GetCurrentPassword() {
-		return nil, invalidArg(errors.New("new_password is the current password"))
 	}
 	h, err := s.authn.hashPassword(ctx, m.GetNewPassword())
 	if err != nil {
@@ -326,8 +340,9 @@ func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[co
 		KeepSessionId: claims.Session, Succeeded: attempt, ExpectPasswordHash: u.GetPasswordHash(),
 	}}})
 	if errors.Is(err, fsm.ErrFailedPrecondition) {
-		// Another change came first: the password checked is gone.
-		return nil, connect.NewError(connect.CodeAborted, errors.New("the password changed while this change was checked; sign in again"))
+		// The account changed between the check and the write: nothing
+		// changed (and a retry would check a password that may be gone).
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the account changed while the password was checked; nothing changed: %w", err))
 	}
 	if err != nil {
 		return nil, toConnect(err)

@@ -49,7 +49,7 @@ func (s *ClusterServer) Status(_ context.Context, _ *connect.Request[controlv1.S
 			suf = controlv1.Suffrage_SUFFRAGE_VOTER
 		}
 		out.Members = append(out.Members, &controlv1.Member{
-			Id: m.ID, RaftAddr: m.RaftAddr, ApiAddr: m.APIAddr, Suffrage: suf, Leader: m.Leader,
+			Id: m.ID, RaftAddr: m.RaftAddr, ApiAddr: m.APIAddr, Suffrage: suf, Leader: m.Leader, Features: m.Features,
 		})
 	}
 	return connect.NewResponse(out), nil

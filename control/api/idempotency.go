@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/proto"
@@ -30,8 +31,10 @@ const maxIdempotencyKey = 128
 
 // idempotent lists the procedures that honour IdempotencyKeyHeader: those
 // that make exactly one write and answer from its result. (Reads need no
-// key; Login and Refresh mint secrets per call; key rotations, edge and
-// mailbox calls are safe to repeat as they are.)
+// key; Login and Refresh mint secrets per call; ChangePassword makes two
+// writes, the login attempt and the change, and a retry after a change
+// that went through must fail on the password it replaced; key rotations,
+// edge and mailbox calls are safe to repeat as they are.)
 var idempotent = map[string]bool{
 	controlv1connect.UserServiceCreateUserProcedure:       true,
 	controlv1connect.UserServiceUpdateUserProcedure:       true,
@@ -75,13 +78,13 @@ func withIdempotencyKey(ctx context.Context, procedure string, h http.Header, ms
 	return raftnode.WithRequestID(ctx, "key\x00"+claims.Subject+"\x00"+procedure+"\x00"+key, digest), nil
 }
 
-// requestDigest hashes a request without its secrets (fields named
-// password): the digest is kept in the replicated state.
+// requestDigest hashes a request without its secrets (fields whose name
+// has "password" in it): the digest is kept in the replicated state.
 func requestDigest(procedure string, m proto.Message) ([]byte, error) {
 	c := proto.Clone(m)
 	r := c.ProtoReflect()
 	r.Range(func(fd protoreflect.FieldDescriptor, _ protoreflect.Value) bool {
-		if fd.Name() == "password" {
+		if strings.Contains(string(fd.Name()), "password") {
 			r.Clear(fd)
 		}
 		return true

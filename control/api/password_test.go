@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,6 +13,8 @@ import (
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/server"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 )
 
@@ -93,12 +97,15 @@ func TestChangeOwnPassword(t *testing.T) {
 	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
 	c.TokenFor("mallory", controlv1.Role_ROLE_USER)
 	stolen := c.Login("mallory", "password-of-mallory")
-	guess := func(node int, current string) error {
-		req := connect.NewRequest(&controlv1.ChangePasswordRequest{CurrentPassword: current, NewPassword: "mallory's new password"})
-		req.Header().Set(api.ForwardedForHeader, "203.0.113.66")
+	changeFrom := func(node int, addr, current, next string) error {
+		req := connect.NewRequest(&controlv1.ChangePasswordRequest{CurrentPassword: current, NewPassword: next})
+		req.Header().Set(api.ForwardedForHeader, addr)
 		req.Header().Set(api.ForwardedByHeader, "Bearer "+edge)
 		_, err := clientsAs(t, c.Nodes[node], stolen.GetAccessToken()).auth.ChangePassword(ctx, req)
 		return err
+	}
+	guess := func(node int, current string) error {
+		return changeFrom(node, "203.0.113.66", current, "mallory's new password")
 	}
 	checked := 0
 	for i := range 10 {
@@ -121,8 +128,133 @@ func TestChangeOwnPassword(t *testing.T) {
 	if err := guess(0, "password-of-mallory"); connect.CodeOf(err) != connect.CodeResourceExhausted {
 		t.Errorf("the right password from the guessing address: %v, want resource_exhausted", err)
 	}
-	// The owner, from the address it logged in from, is not held back.
-	if err := change(0, stolen, "password-of-mallory", "mallory's new password"); err != nil {
+	// The owner, from an address of its own that never failed, gets its
+	// attempt although the login's free failures are used, and a change
+	// gives its attempt back as a login does: the next one from there
+	// passes too.
+	const owner = "198.51.100.7"
+	if err := changeFrom(1, owner, "password-of-mallory", "mallory's second password"); err != nil {
 		t.Errorf("the owner's change while its password is guessed at: %v", err)
 	}
+	if err := changeFrom(2, owner, "mallory's second password", "mallory's third password"); err != nil {
+		t.Errorf("the owner's second change from the same address: %v", err)
+	}
+	// From the address it logged in from, too.
+	if err := change(0, stolen, "mallory's third password", "mallory's new password"); err != nil {
+		t.Errorf("the owner's change from where it logged in: %v", err)
+	}
+}
+
+// In a rolling upgrade a voter of the release before does not check
+// what a password change's command carries (the hash it verified, the
+// attempt it gives back), and would apply it differently: the change
+// waits, refused without costing an attempt, until every voter records
+// the feature, and works once the last one runs this release.
+func TestChangePasswordWaitsForEveryVoter(t *testing.T) {
+	var older atomic.Bool // n3 runs the release before
+	older.Store(true)
+	c := clustertest.Start(t, 3, clustertest.Options{Configure: func(cfg *server.Config) {
+		if cfg.NodeID == "n3" && older.Load() {
+			cfg.Features = []string{}
+		}
+	}})
+	ctx := ctxT(t, 5*time.Minute)
+	c.TokenFor("alice", controlv1.Role_ROLE_USER)
+	s := c.Login("alice", "password-of-alice")
+	change := func(node int) error {
+		_, err := clientsAs(t, c.Nodes[node], s.GetAccessToken()).auth.ChangePassword(ctx,
+			connect.NewRequest(&controlv1.ChangePasswordRequest{CurrentPassword: "password-of-alice", NewPassword: "alice's new password"}))
+		return err
+	}
+	for node := range c.Nodes {
+		clustertest.Eventually(t, 10*time.Second, func() error {
+			if err := change(node); connect.CodeOf(err) != connect.CodeFailedPrecondition || !strings.Contains(err.Error(), "n3") {
+				return fmt.Errorf("a change through %s while n3 runs the release before: %v, want failed_precondition naming n3", c.Nodes[node].ID, err)
+			}
+			return nil
+		})
+	}
+	c.Login("alice", "password-of-alice") // unchanged (Login fails the test otherwise)
+	// The cluster's status shows who lacks it.
+	features := func() map[string]string {
+		st, err := client(t, c, c.Nodes[0]).Status(ctx, connect.NewRequest(&controlv1.StatusRequest{}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]string{}
+		for _, m := range st.Msg.GetMembers() {
+			out[m.GetId()] = strings.Join(m.GetFeatures(), ",")
+		}
+		return out
+	}
+	if got := features(); got["n1"] != fsm.FeatureChangePassword || got["n3"] != "" {
+		t.Fatalf("features in the cluster's status: %v", got)
+	}
+
+	c.Shutdown(2)
+	older.Store(false)
+	c.Restart(2)
+	clustertest.Eventually(t, 30*time.Second, func() error { return change(0) })
+	c.Login("alice", "alice's new password")
+	if got := features(); got["n3"] != fsm.FeatureChangePassword {
+		t.Fatalf("features in the cluster's status after the upgrade: %v", got)
+	}
+}
+
+// Changes racing on the same current password through any node, half of
+// them from one session (a form sent twice), the others each from its
+// own: one goes through, the others are refused (the hash they checked is
+// gone, their session ended with the change, or the password they present
+// is no longer current), and every replica holds the same state after.
+func TestConcurrentPasswordChanges(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{Auth: api.AuthConfig{Throttle: api.Throttle{
+		AddrFree: 1000, LoginFree: 1000, BaseDelay: time.Second, MaxDelay: time.Second,
+	}}})
+	ctx := ctxT(t, 5*time.Minute)
+	c.TokenFor("alice", controlv1.Role_ROLE_USER)
+	const racers = 8
+	sessions := make([]*controlv1.Tokens, racers)
+	shared := c.Login("alice", "password-of-alice")
+	for i := range sessions {
+		sessions[i] = shared
+		if i >= racers/2 {
+			sessions[i] = c.Login("alice", "password-of-alice")
+		}
+	}
+	errs := make([]error, racers)
+	var wg sync.WaitGroup
+	for i := range racers {
+		wg.Go(func() {
+			_, errs[i] = clientsAs(t, c.Nodes[i%3], sessions[i].GetAccessToken()).auth.ChangePassword(ctx,
+				connect.NewRequest(&controlv1.ChangePasswordRequest{CurrentPassword: "password-of-alice", NewPassword: fmt.Sprint("new password number ", i)}))
+		})
+	}
+	wg.Wait()
+	won := -1
+	for i, err := range errs {
+		switch {
+		case err == nil:
+			if won >= 0 {
+				t.Fatalf("changes %d and %d both went through", won, i)
+			}
+			won = i
+		case connect.CodeOf(err) == connect.CodeFailedPrecondition, connect.CodeOf(err) == connect.CodeInvalidArgument,
+			connect.CodeOf(err) == connect.CodeUnauthenticated:
+		default:
+			t.Fatalf("change %d: %v", i, err)
+		}
+	}
+	if won < 0 {
+		t.Fatalf("no change went through: %v", errs)
+	}
+	codes := make([]string, racers)
+	for i, err := range errs {
+		codes[i] = "ok"
+		if err != nil {
+			codes[i] = connect.CodeOf(err).String()
+		}
+	}
+	t.Logf("outcomes: %v", codes)
+	c.WaitConverged()
+	c.Login("alice", fmt.Sprint("new password number ", won))
 }

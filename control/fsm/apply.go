@@ -278,7 +278,7 @@ func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
 		return nil, invalid("fields is empty: name at least one field to update")
 	}
 	if op.GetSucceeded() != nil {
-		if err := ValidateLoginAttempt(op.GetSucceeded()); err != nil {
+		if err := t.selfServicePasswordChange(op, &u); err != nil {
 			return nil, err
 		}
 	}
@@ -354,6 +354,35 @@ func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
 		return nil, err
 	}
 	return &statev1.Result{Object: &statev1.Result_User{User: &u}}, nil
+}
+
+// selfServicePasswordChange checks an UpdateUser that an account's
+// holder made with its current password (succeeded set): a new password
+// alone, checked against a known hash, for an account still active and
+// from a session still open, so that nothing that ended the caller's
+// standing between the check and this entry (the account disabled, the
+// session revoked) is overtaken by the change.
+func (t *txn) selfServicePasswordChange(op *statev1.UpdateUser, u *statev1.User) error {
+	if err := ValidateLoginAttempt(op.GetSucceeded()); err != nil {
+		return err
+	}
+	if len(op.GetFields()) != 1 || op.GetFields()[0] != "password_hash" || op.GetExpectPasswordHash() == "" {
+		return invalid("a change made with the current password sets password_hash alone and names the hash it checked")
+	}
+	if u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {
+		return precondition("user %q is not active", u.GetId())
+	}
+	if id := op.GetKeepSessionId(); id != "" {
+		var fam statev1.TokenFamily
+		found, err := t.get(familyKey(id), &fam)
+		if err != nil {
+			return err
+		}
+		if !found || fam.GetRevoked() || fam.GetUserId() != u.GetId() {
+			return precondition("session %q of user %q has ended", id, u.GetId())
+		}
+	}
+	return nil
 }
 
 func (t *txn) deleteUser(op *statev1.DeleteUser) (*statev1.Result, error) {
@@ -532,6 +561,9 @@ func (t *txn) putNode(op *statev1.PutNode) (*statev1.Result, error) {
 	}
 	if err := ValidateText("node.api_addr", n.GetApiAddr(), MaxAddrLen, true); err != nil {
 		return nil, asInvalid(err)
+	}
+	if err := validFeatures(n.GetFeatures()); err != nil {
+		return nil, err
 	}
 	var old statev1.Node
 	found, err := t.get(nodeKey(n.Id), &old)

@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -365,6 +366,10 @@ func TestRejectionsChangeNothing(t *testing.T) {
 		{"rename another user's device", &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{UserId: "bob", DeviceId: "d1", Name: "x"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "d1"},
 		{"rename to empty", &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{UserId: "alice", DeviceId: "d1"}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "name"},
 		{"node without api addr", &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "a"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "node.api_addr"},
+		{"node with too many features", &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "a", ApiAddr: "b",
+			Features: slices.Repeat([]string{FeatureChangePassword}, MaxFeatures+1)}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "node.features"},
+		{"node with an empty feature", &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "a", ApiAddr: "b",
+			Features: []string{FeatureChangePassword, ""}}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "node.features"},
 		{"missing node", &statev1.Command_PutNode{PutNode: &statev1.PutNode{}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "node"},
 		{"session key too short", &statev1.Command_RotateSessionKey{RotateSessionKey: &statev1.RotateSessionKey{Key: &statev1.SessionKey{Id: "k", Secret: []byte{1}}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "secret"},
 		{"signing key missing", &statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "signing key"},

@@ -221,4 +221,55 @@ func TestPasswordChangeWithTheCurrentPassword(t *testing.T) {
 		Succeeded: &statev1.LoginAttempt{Login: "carol"}}}); r.GetCode() != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
 		t.Fatalf("a malformed succeeded attempt: %v, want INVALID_ARGUMENT", r)
 	}
+
+	// What ended the caller's standing between its check and this entry
+	// wins: its session revoked (or another account's), the account
+	// disabled. A change from an open session keeps it and ends the rest.
+	far := int64(1 << 50)
+	th.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "dave", Login: "dave"}}})
+	for i, tk := range []*statev1.RefreshToken{tok("c1", "f-carol", "carol", 1, far), tok("c2", "f-carol-2", "carol", 2, far), tok("d1", "f-dave", "dave", 3, far)} {
+		if r := th.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tk}}); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+			t.Fatalf("issue %d: %v", i, r)
+		}
+	}
+	th.apply(&statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: "f-carol-2", UserId: "carol", Reason: "logout"}})
+	fromSession := func(session string, fields ...string) *statev1.Result {
+		return th.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{
+			Id: "carol", Fields: fields, User: &statev1.User{PasswordHash: second, DisplayName: "C"},
+			KeepSessionId: session, Succeeded: th.attempt("carol", home), ExpectPasswordHash: first,
+		}})
+	}
+	for _, tc := range []struct {
+		name    string
+		session string
+		fields  []string
+		want    statev1.ResultCode
+	}{
+		{"a revoked session", "f-carol-2", []string{"password_hash"}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION},
+		{"another account's session", "f-dave", []string{"password_hash"}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION},
+		{"a session that never was", "f-none", []string{"password_hash"}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION},
+		{"more than the password", "f-carol", []string{"password_hash", "display_name"}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT},
+	} {
+		if r := fromSession(tc.session, tc.fields...); r.GetCode() != tc.want {
+			t.Errorf("a change from %s: %v, want %v", tc.name, r, tc.want)
+		}
+	}
+	if r := th.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "carol", Fields: []string{"password_hash"},
+		User: &statev1.User{PasswordHash: second}, Succeeded: th.attempt("carol", home)}}); r.GetCode() != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+		t.Errorf("a change naming no checked hash: %v, want INVALID_ARGUMENT", r)
+	}
+	if u, err := f.GetUser("carol"); err != nil || u.GetPasswordHash() != first {
+		t.Fatalf("a refused change changed the password: %v", err)
+	}
+	if r := fromSession("f-carol", "password_hash"); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatalf("a change from an open session: %v", r)
+	}
+	if fam, err := f.GetTokenFamily("f-carol"); err != nil || fam.GetRevoked() {
+		t.Fatalf("the caller's session after its change: %v (%v)", fam, err)
+	}
+	th.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "carol", Fields: []string{"status"}, User: &statev1.User{Status: statev1.UserStatus_USER_STATUS_DISABLED}}})
+	if r := th.apply(&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "carol", Fields: []string{"password_hash"},
+		User: &statev1.User{PasswordHash: first}, Succeeded: th.attempt("carol", home), ExpectPasswordHash: second}}); r.GetCode() != statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION {
+		t.Errorf("a change to a disabled account: %v, want FAILED_PRECONDITION", r)
+	}
 }

@@ -22,6 +22,7 @@ type Member struct {
 	APIAddr  string // empty until recorded
 	Voter    bool
 	Leader   bool
+	Features []string // as the node recorded them (VotersWithout)
 }
 
 // Status is this node's view of the cluster.
@@ -59,7 +60,7 @@ func (n *Node) Status() (Status, error) {
 	for _, s := range cf.Configuration().Servers {
 		m := Member{ID: string(s.ID), RaftAddr: string(s.Address), Voter: s.Suffrage == raft.Voter, Leader: string(s.ID) == lid}
 		if rec, err := n.fsm.GetNode(string(s.ID)); err == nil {
-			m.APIAddr = rec.GetApiAddr()
+			m.APIAddr, m.Features = rec.GetApiAddr(), rec.GetFeatures()
 		}
 		st.Members = append(st.Members, m)
 	}
@@ -360,4 +361,31 @@ func (n *Node) Read(ctx context.Context, mode ReadMode) (*fsm.FSM, error) {
 		}
 	}
 	return n.fsm, nil
+}
+
+// VotersWithout returns, sorted, the voters whose record in this node's
+// state does not list feature (fsm.Features): nodes of an older release,
+// or ones that have not recorded themselves yet. A feature that writes
+// commands an older release would apply differently waits until it is
+// empty, so that every replica applies those commands alike.
+func (n *Node) VotersWithout(feature string) ([]string, error) {
+	cf := n.raft.GetConfiguration()
+	if err := cf.Error(); err != nil {
+		return nil, fmt.Errorf("read configuration: %w", err)
+	}
+	var out []string
+	for _, s := range cf.Configuration().Servers {
+		if s.Suffrage != raft.Voter {
+			continue
+		}
+		rec, err := n.fsm.GetNode(string(s.ID))
+		if err != nil && !errors.Is(err, fsm.ErrNotFound) {
+			return nil, err
+		}
+		if rec == nil || !slices.Contains(rec.GetFeatures(), feature) {
+			out = append(out, string(s.ID))
+		}
+	}
+	slices.Sort(out)
+	return out, nil
 }

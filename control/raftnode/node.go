@@ -114,6 +114,10 @@ type Config struct {
 	// the replicated state so followers can forward to the leader.
 	// Required.
 	APIAdvertise string
+	// Features are recorded with the node's addresses: what it can apply
+	// (VotersWithout). Nil: this release's, fsm.Features(); tests set
+	// another list to stand for a node of an older release.
+	Features []string
 	// Bootstrap starts a new single-voter cluster when the data dir is
 	// empty. Ignored when the node has state already.
 	Bootstrap bool
@@ -167,6 +171,9 @@ func (c *Config) applyDefaults() error {
 	}
 	if c.RaftBind == "" {
 		return errors.New("raftnode: Config.RaftBind is required")
+	}
+	if c.Features == nil {
+		c.Features = fsm.Features()
 	}
 	if c.APIAdvertise == "" {
 		return errors.New("raftnode: Config.APIAdvertise is required")
@@ -969,7 +976,7 @@ func (n *Node) reconcileNodes(ctx context.Context) {
 // whenever they are missing or out of date, through whoever leads.
 func (n *Node) registerSelf() {
 	defer n.wg.Done()
-	want := &statev1.Node{Id: n.cfg.NodeID, RaftAddr: n.RaftAddr(), ApiAddr: n.cfg.APIAdvertise}
+	want := &statev1.Node{Id: n.cfg.NodeID, RaftAddr: n.RaftAddr(), ApiAddr: n.cfg.APIAdvertise, Features: n.cfg.Features}
 	backoff := 50 * time.Millisecond
 	for {
 		rec, err := n.fsm.GetNode(n.cfg.NodeID)

@@ -86,6 +86,10 @@ type Config struct {
 	// Raft tunes Raft; FSM tunes the state machine.
 	Raft raftnode.Tuning
 	FSM  fsm.Config
+	// Features the node records as its own (raftnode.Config.Features);
+	// nil: this release's. Tests set another list to stand for a node of
+	// an older release.
+	Features []string
 	// Auth configures tokens, password hashing and login throttling.
 	Auth api.AuthConfig
 	// Limits bound request sizes, body arrival time and the calls without
@@ -283,7 +287,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		raftServerTLS.ClientAuth = tls.RequireAndVerifyClientCert
 	}
 	s.node, err = raftnode.Open(ctx, raftnode.Config{
-		NodeID: cfg.NodeID, DataDir: cfg.DataDir,
+		NodeID: cfg.NodeID, DataDir: cfg.DataDir, Features: cfg.Features,
 		RaftBind: cfg.RaftAddr, RaftAdvertise: cfg.RaftAdvertise, APIAdvertise: apiAdv,
 		Bootstrap: cfg.Bootstrap, RestoreFrom: cfg.RestoreFrom,
 		OpenBackup: func(path string) (io.ReadCloser, error) { return backup.OpenFile(path, cfg.BackupKey) },

@@ -80,9 +80,13 @@ type Member struct {
 	Id       string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	RaftAddr string                 `protobuf:"bytes,2,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
 	// Empty until the node has recorded it.
-	ApiAddr       string   `protobuf:"bytes,3,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
-	Suffrage      Suffrage `protobuf:"varint,4,opt,name=suffrage,proto3,enum=control.v1.Suffrage" json:"suffrage,omitempty"`
-	Leader        bool     `protobuf:"varint,5,opt,name=leader,proto3" json:"leader,omitempty"`
+	ApiAddr  string   `protobuf:"bytes,3,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
+	Suffrage Suffrage `protobuf:"varint,4,opt,name=suffrage,proto3,enum=control.v1.Suffrage" json:"suffrage,omitempty"`
+	Leader   bool     `protobuf:"varint,5,opt,name=leader,proto3" json:"leader,omitempty"`
+	// What the node's release can apply, as it recorded them (empty for a
+	// release before features were recorded, or until it has): a feature
+	// that needs every voter is used once every voter lists it.
+	Features      []string `protobuf:"bytes,6,rep,name=features,proto3" json:"features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -150,6 +154,13 @@ func (x *Member) GetLeader() bool {
 		return x.Leader
 	}
 	return false
+}
+
+func (x *Member) GetFeatures() []string {
+	if x != nil {
+		return x.Features
+	}
+	return nil
 }
 
 // StatusRequest asks for the cluster status.
@@ -675,13 +686,14 @@ var File_control_v1_cluster_proto protoreflect.FileDescriptor
 const file_control_v1_cluster_proto_rawDesc = "" +
 	"\n" +
 	"\x18control/v1/cluster.proto\x12\n" +
-	"control.v1\"\x9a\x01\n" +
+	"control.v1\"\xb6\x01\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x19\n" +
 	"\bapi_addr\x18\x03 \x01(\tR\aapiAddr\x120\n" +
 	"\bsuffrage\x18\x04 \x01(\x0e2\x14.control.v1.SuffrageR\bsuffrage\x12\x16\n" +
-	"\x06leader\x18\x05 \x01(\bR\x06leader\"\x0f\n" +
+	"\x06leader\x18\x05 \x01(\bR\x06leader\x12\x1a\n" +
+	"\bfeatures\x18\x06 \x03(\tR\bfeatures\"\x0f\n" +
 	"\rStatusRequest\"\xbe\x02\n" +
 	"\x0eStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +

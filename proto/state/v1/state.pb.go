@@ -492,10 +492,15 @@ func (x *Device) GetRevokedAtMs() int64 {
 // Raft membership holds its Raft address, this record adds where its API
 // listens so that followers can forward requests to the leader.
 type Node struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	RaftAddr      string                 `protobuf:"bytes,2,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
-	ApiAddr       string                 `protobuf:"bytes,3,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Id       string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	RaftAddr string                 `protobuf:"bytes,2,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
+	ApiAddr  string                 `protobuf:"bytes,3,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
+	// What the node's release can apply and serve (fsm.Features): a
+	// feature whose use writes commands an older release would apply
+	// differently is used only once every voter lists it. Empty for a
+	// release before features were recorded.
+	Features      []string `protobuf:"bytes,4,rep,name=features,proto3" json:"features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -549,6 +554,13 @@ func (x *Node) GetApiAddr() string {
 		return x.ApiAddr
 	}
 	return ""
+}
+
+func (x *Node) GetFeatures() []string {
+	if x != nil {
+		return x.Features
+	}
+	return nil
 }
 
 // Change is one entry of the revisioned change feed. The revision is the
@@ -4163,11 +4175,12 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\flast_seen_ms\x18\x06 \x01(\x03R\n" +
 	"lastSeenMs\x12\x18\n" +
 	"\arevoked\x18\a \x01(\bR\arevoked\x12\"\n" +
-	"\rrevoked_at_ms\x18\b \x01(\x03R\vrevokedAtMs\"N\n" +
+	"\rrevoked_at_ms\x18\b \x01(\x03R\vrevokedAtMs\"j\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x19\n" +
-	"\bapi_addr\x18\x03 \x01(\tR\aapiAddr\"\x8c\x03\n" +
+	"\bapi_addr\x18\x03 \x01(\tR\aapiAddr\x12\x1a\n" +
+	"\bfeatures\x18\x04 \x03(\tR\bfeatures\"\x8c\x03\n" +
 	"\x06Change\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\rR\x03seq\x12(\n" +

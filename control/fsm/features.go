@@ -1,0 +1,44 @@
+package fsm
+
+import (
+	"fmt"
+	"slices"
+)
+
+// Features a release of the state machine can apply, recorded with each
+// control node (Node.features). During a rolling upgrade nodes of two
+// releases apply the same log: a command that carries what an older
+// release ignores (a field it does not know) would leave the replicas
+// with different state. A feature that writes such commands is used only
+// once every voter lists it (raftnode.Node.VotersWithout).
+const (
+	// FeatureChangePassword: UpdateUser's succeeded and
+	// expect_password_hash, written by AuthService.ChangePassword.
+	FeatureChangePassword = "change_password"
+)
+
+// Bounds of a node's feature list.
+const (
+	MaxFeatures   = 64
+	MaxFeatureLen = 64
+)
+
+// Features returns the features of this release, sorted.
+func Features() []string {
+	f := []string{FeatureChangePassword}
+	slices.Sort(f)
+	return f
+}
+
+// validFeatures checks a node's feature list.
+func validFeatures(fs []string) error {
+	if len(fs) > MaxFeatures {
+		return invalid("node.features holds %d entries, at most %d allowed", len(fs), MaxFeatures)
+	}
+	for i, f := range fs {
+		if err := ValidateText("node.features", f, MaxFeatureLen, true); err != nil {
+			return asInvalid(fmt.Errorf("[%d]: %w", i, err))
+		}
+	}
+	return nil
+}
