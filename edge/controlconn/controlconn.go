@@ -464,9 +464,13 @@ func (c *Conn) Proxy(prefix string) http.Handler {
 		Transport: c.http.Transport,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			// The cause names the control plane's addresses: logged, not
-			// told to the internet.
+			// told to the internet. r is the request to the control plane;
+			// its address is logged on its own, as the transport's error
+			// does not always name it ("client conn could not be
+			// established" when a shared HTTP/2 dial failed).
 			c.proxyFailLog.Do(func() {
-				c.cfg.Logger.Warn("console API call not passed on: control plane unreachable (one line every 10 s at most)", "path", r.URL.Path, "err", err)
+				c.cfg.Logger.Warn("console API call not passed on: control plane unreachable (one line every 10 s at most)",
+					"path", r.URL.Path, "control_plane", r.URL.Host, "err", err)
 			})
 			writeJSONError(w, http.StatusServiceUnavailable, "unavailable", "control plane unreachable; try again")
 		},
