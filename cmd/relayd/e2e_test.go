@@ -29,7 +29,11 @@ func TestMain(m *testing.M) {
 	bins.relayd = filepath.Join(dir, "relayd")
 	bins.relayctl = filepath.Join(dir, "relayctl")
 	for _, b := range []struct{ out, pkg string }{{bins.relayd, "."}, {bins.relayctl, "../relayctl"}} {
-		cmd := exec.Command("go", "build", "-o", b.out, b.pkg)
+		args := []string{"build", "-o", b.out}
+		if raceBuild {
+			args = append(args, "-race")
+		}
+		cmd := exec.Command("go", append(args, b.pkg)...)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {
 			fmt.Fprintln(os.Stderr, "build", b.pkg, err)

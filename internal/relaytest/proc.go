@@ -41,6 +41,10 @@ type Proc struct {
 	tail   []string      // the last tailLines lines as written
 	cond   chan struct{} // closed and replaced on each new line
 	paused bool
+	// races holds the race detector's first report (a binary built with
+	// -race), raceLines lines at most; racing is set inside a report.
+	races  []string
+	racing bool
 
 	done chan struct{}
 	err  error // set before done is closed
@@ -91,6 +95,7 @@ func StartCmd(t clustertest.TB, name string, cmd *exec.Cmd) *Proc {
 				p.tail = append(p.tail[:0], p.tail[1:]...)
 			}
 			p.tail = append(p.tail, sc.Text())
+			p.scanRace(sc.Text())
 			close(p.cond)
 			p.cond = make(chan struct{})
 			p.mu.Unlock()
@@ -117,8 +122,33 @@ func StartCmd(t clustertest.TB, name string, cmd *exec.Cmd) *Proc {
 			f.Logf("%s (pid %d) %s at the failure; its last %d lines:\n%s", name, p.Pid(), state, len(tail), strings.Join(tail, "\n"))
 		}
 		p.Kill()
+		// A binary built with -race (the e2e tests build relayd so when
+		// they run under -race) reports races and goes on: the test
+		// fails on the report, whatever else it checked.
+		p.mu.Lock()
+		races := slices.Clone(p.races)
+		p.mu.Unlock()
+		if len(races) > 0 {
+			t.Errorf("%s (pid %d): the race detector reported a data race:\n%s", name, p.Pid(), strings.Join(races, "\n"))
+		}
 	})
 	return p
+}
+
+// raceLines bounds the race report a failed test shows.
+const raceLines = 80
+
+// scanRace keeps the lines of the race detector's first report; p.mu
+// is held.
+func (p *Proc) scanRace(line string) {
+	switch {
+	case strings.HasPrefix(line, "WARNING: DATA RACE") && p.races == nil:
+		p.racing, p.races = true, []string{line}
+	case p.racing && strings.HasPrefix(line, "=================="):
+		p.racing = false
+	case p.racing && len(p.races) < raceLines:
+		p.races = append(p.races, line)
+	}
 }
 
 // tailLines is how many of a process's last lines a failed test shows.

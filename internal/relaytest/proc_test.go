@@ -63,3 +63,51 @@ func TestAFailedTestShowsItsProcessesLastLines(t *testing.T) {
 		}
 	}
 }
+
+// A process that reports a data race (a binary built with -race) fails
+// the test with the report, though the process goes on and the test
+// checked nothing else; a process without one fails nothing.
+func TestARaceReportFailsTheTest(t *testing.T) {
+	for _, raced := range []bool{true, false} {
+		r := &errRecorder{recorder: recorder{T: t}}
+		script := `echo '{"msg":"serving"}' >&2`
+		if raced {
+			script += `; printf '==================\nWARNING: DATA RACE\nWrite at 0x00c000123456 by goroutine 7:\n  main.serve()\n==================\n' >&2`
+		}
+		script += `; echo '{"msg":"still serving"}' >&2; exit 0`
+		p := StartCmd(r, "racy", exec.Command("sh", "-c", script))
+		select {
+		case <-p.Done():
+		case <-time.After(30 * time.Second):
+			t.Fatal("the process did not exit")
+		}
+		r.cleanUp()
+		if !raced {
+			if len(r.errors) != 0 {
+				t.Fatalf("a process without a race report failed the test: %q", r.errors)
+			}
+			continue
+		}
+		if len(r.errors) != 1 {
+			t.Fatalf("%d errors, want 1: %q", len(r.errors), r.errors)
+		}
+		for _, want := range []string{"racy", "WARNING: DATA RACE", "main.serve()"} {
+			if !strings.Contains(r.errors[0], want) {
+				t.Errorf("the error lacks %q:\n%s", want, r.errors[0])
+			}
+		}
+		if strings.Contains(r.errors[0], "still serving") {
+			t.Errorf("the error holds lines after the report:\n%s", r.errors[0])
+		}
+	}
+}
+
+// errRecorder is a recorder that keeps the errors reported.
+type errRecorder struct {
+	recorder
+	errors []string
+}
+
+func (r *errRecorder) Errorf(format string, args ...any) {
+	r.errors = append(r.errors, fmt.Sprintf(format, args...))
+}
