@@ -50,7 +50,9 @@ type Options struct {
 	Raft raftnode.Tuning
 	// FSM tunes the state machines.
 	FSM fsm.Config
-	// Logger; default discards (set RELAY_TEST_LOG=1 to see logs).
+	// Logger; by default a cluster keeps its nodes' last log lines and
+	// logs them if the test fails (set RELAY_TEST_LOG=1 to see every line
+	// as it is written).
 	Logger *slog.Logger
 	// Auth tunes tokens; password hashing defaults to the cheap
 	// auth.TestParams.
@@ -71,6 +73,7 @@ const AdminPassword = "test-admin-password"
 type Cluster struct {
 	t     TB
 	opts  Options
+	tail  *logTail // the nodes' last log lines, when Options.Logger was not set
 	Nodes []*Node
 }
 
@@ -97,7 +100,7 @@ func FastRaft() raftnode.Tuning {
 	}
 }
 
-func (o *Options) defaults() {
+func (o *Options) defaults(c *Cluster) {
 	if o.Raft == (raftnode.Tuning{}) {
 		o.Raft = FastRaft()
 	}
@@ -108,7 +111,8 @@ func (o *Options) defaults() {
 		if os.Getenv("RELAY_TEST_LOG") != "" {
 			o.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 		} else {
-			o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+			c.tail = newLogTail()
+			o.Logger = slog.New(slog.NewTextHandler(c.tail, &slog.HandlerOptions{Level: slog.LevelDebug}))
 		}
 	}
 }
@@ -118,8 +122,10 @@ func (o *Options) defaults() {
 // initialized (its first admin, keys and CA are in the state).
 func Start(t TB, n int, opts Options) *Cluster {
 	t.Helper()
-	opts.defaults()
-	c := &Cluster{t: t, opts: opts}
+	c := &Cluster{t: t}
+	opts.defaults(c)
+	c.opts = opts
+	c.dumpOnFailure()
 	t.Cleanup(c.Stop)
 	for i := 0; i < n; i++ {
 		c.AddNode()
@@ -127,7 +133,7 @@ func Start(t TB, n int, opts Options) *Cluster {
 	c.WaitReady()
 	// And initialized (the first admin, keys, the CA: the leader's first
 	// task), so that a test's first login cannot come before the admin.
-	Eventually(t, 30*time.Second, func() error {
+	c.eventually(30*time.Second, func() error {
 		done, err := c.Nodes[c.Leader()].Server.Node().FSM().Initialized()
 		if err != nil || !done {
 			return fmt.Errorf("not initialized yet (%v)", err)
@@ -140,8 +146,10 @@ func Start(t TB, n int, opts Options) *Cluster {
 // Empty returns a cluster with no nodes, for tests that start nodes
 // themselves (for example from a backup).
 func Empty(t TB, opts Options) *Cluster {
-	opts.defaults()
-	c := &Cluster{t: t, opts: opts}
+	c := &Cluster{t: t}
+	opts.defaults(c)
+	c.opts = opts
+	c.dumpOnFailure()
 	t.Cleanup(c.Stop)
 	return c
 }
@@ -310,6 +318,13 @@ func (c *Cluster) Restart(i int) {
 // passes, then fails the test with cond's last error.
 func Eventually(t TB, within time.Duration, cond func() error) {
 	t.Helper()
+	eventually(t, within, cond, nil)
+}
+
+// eventually is Eventually with, if describe is set, what it says added
+// to the failure.
+func eventually(t TB, within time.Duration, cond func() error, describe func() string) {
+	t.Helper()
 	deadline := time.Now().Add(within)
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
@@ -319,6 +334,9 @@ func Eventually(t TB, within time.Duration, cond func() error) {
 			return
 		}
 		if time.Now().After(deadline) {
+			if describe != nil {
+				t.Fatalf("condition not met within %v: %v; %s", within, err, describe())
+			}
 			t.Fatalf("condition not met within %v: %v", within, err)
 		}
 		<-tick.C
@@ -360,7 +378,7 @@ func SmallWindowClient(t TB) *http.Client {
 // WaitReady waits until every running node is ready.
 func (c *Cluster) WaitReady() {
 	c.t.Helper()
-	Eventually(c.t, 30*time.Second, func() error {
+	c.eventually(30*time.Second, func() error {
 		for _, n := range c.Running() {
 			if !n.Server.Node().Ready() {
 				return fmt.Errorf("node %s not ready", n.ID)
@@ -374,7 +392,7 @@ func (c *Cluster) WaitReady() {
 func (c *Cluster) Leader() int {
 	c.t.Helper()
 	var li int
-	Eventually(c.t, 30*time.Second, func() error {
+	c.eventually(30*time.Second, func() error {
 		leaders := 0
 		for i, n := range c.Nodes {
 			if n.Server != nil && n.Server.Node().IsLeader() {
@@ -396,7 +414,7 @@ func (c *Cluster) Leader() int {
 // transfer that keeps failing for the deadline fails the test.
 func (c *Cluster) TransferLeadership(ctx context.Context, target int) {
 	c.t.Helper()
-	Eventually(c.t, 60*time.Second, func() error {
+	c.eventually(60*time.Second, func() error {
 		l := c.Leader()
 		if l == target {
 			return nil
@@ -430,7 +448,7 @@ func (c *Cluster) Follower() int {
 func (c *Cluster) WaitConverged() [32]byte {
 	c.t.Helper()
 	var sum [32]byte
-	Eventually(c.t, 30*time.Second, func() error {
+	c.eventually(30*time.Second, func() error {
 		run := c.Running()
 		var idx []uint64
 		var sums [][32]byte
@@ -490,7 +508,7 @@ func (c *Cluster) VoterIDs(i int) []string {
 func (c *Cluster) Login(login, password string) *controlv1.Tokens {
 	c.t.Helper()
 	var out *controlv1.Tokens
-	Eventually(c.t, 30*time.Second, func() error {
+	c.eventually(30*time.Second, func() error {
 		run := c.Running()
 		if len(run) == 0 {
 			return fmt.Errorf("no running node")
