@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -355,4 +356,49 @@ func TestPasswd(t *testing.T) {
 		t.Fatal("the old password still logs in")
 	}
 	newCLI(t).must(srv, "the second password\n", "login", "--password-stdin", "erin")
+}
+
+// When user passwd fails without an answer, it says the change may have
+// taken effect only if a member may have taken the request: not when no
+// connection was ever made.
+func TestPasswdSaysWhetherTheChangeMayHaveTakenEffect(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	srv := c.Nodes[0].Server.APIAddr()
+	admin := newCLI(t)
+	admin.must(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	c.Stop() // the session's members now refuse connections
+
+	// A member that takes the connection and never answers.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan net.Conn, 8)
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				close(accepted)
+				return
+			}
+			accepted <- conn
+		}
+	}()
+	t.Cleanup(func() {
+		_ = ln.Close()
+		for conn := range accepted {
+			_ = conn.Close()
+		}
+	})
+
+	const hint = "may have taken effect"
+	stdin := clustertest.AdminPassword + "\nthe next admin password\n"
+	_, err = admin.run(srv, stdin, "--timeout", "2s", "user", "passwd", "--password-stdin")
+	if err == nil || strings.Contains(err.Error(), hint) || !strings.Contains(err.Error(), "refused") {
+		t.Errorf("every member refusing the connection: %v; want the refusal without %q", err, hint)
+	}
+	_, err = admin.run(ln.Addr().String(), stdin, "--timeout", "2s", "user", "passwd", "--password-stdin")
+	if err == nil || !strings.Contains(err.Error(), hint) {
+		t.Errorf("a member that took the request and did not answer: %v; want %q", err, hint)
+	}
 }

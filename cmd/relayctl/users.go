@@ -278,9 +278,15 @@ password counts as a failed login of the account.`,
 				return err
 			})
 			if err != nil {
+				// A connection never made (every member refused it) sent
+				// nothing; any other failure of these kinds came after a
+				// member may have taken the request.
+				sent := !retryable(err, retryIfNotSent)
 				switch connect.CodeOf(err) {
 				case connect.CodeUnavailable, connect.CodeDeadlineExceeded, connect.CodeCanceled, connect.CodeUnknown:
-					return fmt.Errorf("%w (the change may have taken effect: try the new password before running this again)", err)
+					if sent {
+						return fmt.Errorf("%w (the change may have taken effect: try the new password before running this again)", err)
+					}
 				}
 				return err
 			}
