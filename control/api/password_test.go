@@ -145,36 +145,48 @@ func TestChangeOwnPassword(t *testing.T) {
 	}
 }
 
-// In a rolling upgrade a voter of the release before does not check
-// what a password change's command carries (the hash it verified, the
-// attempt it gives back), and would apply it differently: the change
-// waits, refused without costing an attempt, until every voter records
-// the feature, and works once the last one runs this release.
-func TestChangePasswordWaitsForEveryVoter(t *testing.T) {
+// A password change waits until every member runs a release that
+// applies it alike (its record lists the feature): while n3 runs the
+// release before, every node refuses the change with failed_precondition
+// and no attempt spent; the cluster's status shows which member lacks
+// the feature; once n3 runs this release the change goes through. A
+// graceful stop withdraws the node's features at once, so rolling n3
+// back closes the gate before the older binary starts.
+func TestChangePasswordWaitsForEveryMember(t *testing.T) {
 	var older atomic.Bool // n3 runs the release before
 	older.Store(true)
-	c := clustertest.Start(t, 3, clustertest.Options{Configure: func(cfg *server.Config) {
-		if cfg.NodeID == "n3" && older.Load() {
-			cfg.Features = []string{}
-		}
-	}})
+	c := clustertest.Start(t, 3, clustertest.Options{
+		Configure: func(cfg *server.Config) {
+			if cfg.NodeID == "n3" && older.Load() {
+				cfg.Features = []string{}
+			}
+		},
+		// Three failures from the tests' one address would make every
+		// later attempt wait an hour.
+		Auth: api.AuthConfig{Throttle: api.Throttle{AddrFree: 3, LoginFree: 3, BaseDelay: time.Hour, MaxDelay: time.Hour}},
+	})
 	ctx := ctxT(t, 5*time.Minute)
 	c.TokenFor("alice", controlv1.Role_ROLE_USER)
 	s := c.Login("alice", "password-of-alice")
-	change := func(node int) error {
+	change := func(node int, current, next string) error {
 		_, err := clientsAs(t, c.Nodes[node], s.GetAccessToken()).auth.ChangePassword(ctx,
-			connect.NewRequest(&controlv1.ChangePasswordRequest{CurrentPassword: "password-of-alice", NewPassword: "alice's new password"}))
+			connect.NewRequest(&controlv1.ChangePasswordRequest{CurrentPassword: current, NewPassword: next}))
 		return err
 	}
-	for node := range c.Nodes {
-		clustertest.Eventually(t, 10*time.Second, func() error {
-			if err := change(node); connect.CodeOf(err) != connect.CodeFailedPrecondition || !strings.Contains(err.Error(), "n3") {
-				return fmt.Errorf("a change through %s while n3 runs the release before: %v, want failed_precondition naming n3", c.Nodes[node].ID, err)
-			}
-			return nil
-		})
+	refused := func(err error) bool {
+		return connect.CodeOf(err) == connect.CodeFailedPrecondition && strings.Contains(err.Error(), "1 control node(s)")
 	}
-	c.Login("alice", "password-of-alice") // unchanged (Login fails the test otherwise)
+	for node := range c.Nodes {
+		for range 2 { // six refusals in all: twice the free failures
+			clustertest.Eventually(t, 10*time.Second, func() error {
+				if err := change(node, "password-of-alice", "alice's new password"); !refused(err) {
+					return fmt.Errorf("a change through %s while n3 runs the release before: %v, want failed_precondition counting one node", c.Nodes[node].ID, err)
+				}
+				return nil
+			})
+		}
+	}
+	c.Login("alice", "password-of-alice") // unchanged, and not throttled (Login fails the test otherwise)
 	// The cluster's status shows who lacks it.
 	features := func() map[string]string {
 		st, err := client(t, c, c.Nodes[0]).Status(ctx, connect.NewRequest(&controlv1.StatusRequest{}))
@@ -194,11 +206,28 @@ func TestChangePasswordWaitsForEveryVoter(t *testing.T) {
 	c.Shutdown(2)
 	older.Store(false)
 	c.Restart(2)
-	clustertest.Eventually(t, 30*time.Second, func() error { return change(0) })
+	clustertest.Eventually(t, 30*time.Second, func() error { return change(0, "password-of-alice", "alice's new password") })
 	c.Login("alice", "alice's new password")
 	if got := features(); got["n3"] != fsm.FeatureChangePassword {
 		t.Fatalf("features in the cluster's status after the upgrade: %v", got)
 	}
+
+	// Rolled back: from the moment n3's graceful stop returns, before any
+	// binary starts on its data.
+	c.Shutdown(2)
+	if err := change(0, "alice's new password", "alice's third password"); !refused(err) {
+		t.Fatalf("a change while n3 is stopped after a graceful stop: %v, want failed_precondition counting one node", err)
+	}
+	if got := features(); got["n3"] != "" {
+		t.Fatalf("features in the cluster's status with n3 stopped: %v", got)
+	}
+	older.Store(true)
+	c.Restart(2)
+	c.WaitReady()
+	if err := change(1, "alice's new password", "alice's third password"); !refused(err) {
+		t.Fatalf("a change with n3 back on the release before: %v, want failed_precondition counting one node", err)
+	}
+	c.Login("alice", "alice's new password")
 }
 
 // Changes racing on the same current password through any node, half of

@@ -570,7 +570,7 @@ func (t *txn) putNode(op *statev1.PutNode) (*statev1.Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	if found && proto.Equal(&old, n) {
+	if found && proto.Equal(&old, n) || !found && op.GetIfPresent() {
 		return &statev1.Result{}, nil
 	}
 	if err := t.put(nodeKey(n.Id), n); err != nil {

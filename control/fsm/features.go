@@ -10,7 +10,7 @@ import (
 // releases apply the same log: a command that carries what an older
 // release ignores (a field it does not know) would leave the replicas
 // with different state. A feature that writes such commands is used only
-// once every voter lists it (raftnode.Node.VotersWithout).
+// once every member lists it (raftnode.Node.MembersWithout).
 const (
 	// FeatureChangePassword: UpdateUser's succeeded and
 	// expect_password_hash, written by AuthService.ChangePassword.

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/control/fsm"
 
@@ -22,7 +23,7 @@ type Member struct {
 	APIAddr  string // empty until recorded
 	Voter    bool
 	Leader   bool
-	Features []string // as the node recorded them (VotersWithout)
+	Features []string // as the node recorded them (MembersWithout)
 }
 
 // Status is this node's view of the cluster.
@@ -225,6 +226,9 @@ func (n *Node) stop(ctx context.Context, graceful bool) error {
 			}
 			cancel()
 		}
+		if graceful && n.raft != nil {
+			n.withdrawFeatures(ctx)
+		}
 		n.drainApplies(ctx)
 		if n.cancel != nil {
 			n.cancel()
@@ -276,6 +280,50 @@ func (n *Node) drainApplies(ctx context.Context) {
 		n.log.Warn("stopping with Raft applies still in flight", "waited", n.cfg.ApplyTimeout)
 	}
 }
+
+// withdrawFeatures empties the features in this node's record as it
+// stops gracefully. The binary started on its data next may be of an
+// older release (a rollback): until that one records its own features,
+// the record would promise what it may not apply, and a gated command
+// (MembersWithout) committed meanwhile would be applied unchecked there.
+// Registration ends first, or it would write them back. Best effort and
+// bounded: a node that cannot reach a leader (the last of a cluster
+// being stopped) gives up at once; a crash leaves the record as it was.
+func (n *Node) withdrawFeatures(ctx context.Context) {
+	if n.regCancel != nil {
+		n.regCancel()
+		<-n.regDone
+	}
+	rec, err := n.fsm.GetNode(n.cfg.NodeID)
+	if err != nil || len(rec.GetFeatures()) == 0 || n.otherVoters() == 0 || !n.leaderKnown() {
+		return
+	}
+	rec = proto.CloneOf(rec)
+	rec.Features = nil
+	data, err := proto.Marshal(&statev1.Command{RequestId: newRequestID(), ProposedAtMs: time.Now().UnixMilli(),
+		Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: rec, IfPresent: true}}})
+	if err != nil {
+		n.log.Warn("withdraw features before shutdown", "err", err)
+		return
+	}
+	wctx, cancel := context.WithTimeout(ctx, withdrawTimeout)
+	defer cancel()
+	// One attempt, not Apply's retries: with no quorum left there is
+	// nothing to wait for.
+	res, err := n.applyOnce(wctx, data)
+	if err == nil {
+		err = fsm.ResultError(res)
+	}
+	if err != nil {
+		n.log.Warn("could not withdraw this node's features before shutdown: until it records them again, "+
+			"the cluster counts on them", "features", rec.GetFeatures(), "err", err)
+		return
+	}
+	n.log.Info("withdrew this node's features before shutdown")
+}
+
+// withdrawTimeout bounds withdrawFeatures.
+const withdrawTimeout = 2 * time.Second
 
 func (n *Node) otherVoters() int {
 	cf := n.raft.GetConfiguration()
@@ -363,21 +411,20 @@ func (n *Node) Read(ctx context.Context, mode ReadMode) (*fsm.FSM, error) {
 	return n.fsm, nil
 }
 
-// VotersWithout returns, sorted, the voters whose record in this node's
-// state does not list feature (fsm.Features): nodes of an older release,
-// or ones that have not recorded themselves yet. A feature that writes
+// MembersWithout returns, sorted, the members (voters or not: each
+// applies the log) whose record in this node's state does not list
+// feature (fsm.Features): nodes of an older release, ones that have not
+// recorded themselves yet, and ones that stopped gracefully and have not
+// recorded themselves since (withdrawFeatures). A feature that writes
 // commands an older release would apply differently waits until it is
 // empty, so that every replica applies those commands alike.
-func (n *Node) VotersWithout(feature string) ([]string, error) {
+func (n *Node) MembersWithout(feature string) ([]string, error) {
 	cf := n.raft.GetConfiguration()
 	if err := cf.Error(); err != nil {
-		return nil, fmt.Errorf("read configuration: %w", err)
+		return nil, mapRaftErr("read configuration", err)
 	}
 	var out []string
 	for _, s := range cf.Configuration().Servers {
-		if s.Suffrage != raft.Voter {
-			continue
-		}
 		rec, err := n.fsm.GetNode(string(s.ID))
 		if err != nil && !errors.Is(err, fsm.ErrNotFound) {
 			return nil, err

@@ -115,7 +115,7 @@ type Config struct {
 	// Required.
 	APIAdvertise string
 	// Features are recorded with the node's addresses: what it can apply
-	// (VotersWithout). Nil: this release's, fsm.Features(); tests set
+	// (MembersWithout). Nil: this release's, fsm.Features(); tests set
 	// another list to stand for a node of an older release.
 	Features []string
 	// Bootstrap starts a new single-voter cluster when the data dir is
@@ -241,6 +241,11 @@ type Node struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	// registerSelf runs under its own context, so that a graceful stop
+	// can end it before withdrawing the node's features.
+	regCancel context.CancelFunc
+	regDone   chan struct{}
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -331,8 +336,10 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	}
 
 	n.wg.Add(3)
+	regCtx, regCancel := context.WithCancel(n.ctx)
+	n.regCancel, n.regDone = regCancel, make(chan struct{})
 	go n.watchLeadership(n.notifyCh)
-	go n.registerSelf()
+	go n.registerSelf(regCtx)
 	go n.catchUp()
 	log.Info("control node started", "raft_addr", local, "api_addr", cfg.APIAdvertise,
 		"applied_index", n.fsm.AppliedIndex())
@@ -974,8 +981,9 @@ func (n *Node) reconcileNodes(ctx context.Context) {
 
 // registerSelf records this node's addresses in the replicated state
 // whenever they are missing or out of date, through whoever leads.
-func (n *Node) registerSelf() {
+func (n *Node) registerSelf(ctx context.Context) {
 	defer n.wg.Done()
+	defer close(n.regDone)
 	want := &statev1.Node{Id: n.cfg.NodeID, RaftAddr: n.RaftAddr(), ApiAddr: n.cfg.APIAdvertise, Features: n.cfg.Features}
 	backoff := 50 * time.Millisecond
 	for {
@@ -983,15 +991,15 @@ func (n *Node) registerSelf() {
 		if err == nil && proto.Equal(rec, want) {
 			// Re-check when the state changes (a restore may drop it).
 			select {
-			case <-n.ctx.Done():
+			case <-ctx.Done():
 				return
 			case <-n.fsm.Changed():
 				continue
 			}
 		}
 		if n.isMember() {
-			ctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
-			_, err = n.Apply(ctx, &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: want}}})
+			actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			_, err = n.Apply(actx, &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: want}}})
 			cancel()
 			if err == nil {
 				backoff = 50 * time.Millisecond
@@ -1000,7 +1008,7 @@ func (n *Node) registerSelf() {
 			n.log.Debug("record node addresses", "err", err)
 		}
 		select {
-		case <-n.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-n.fsm.Changed():
 		case <-time.After(backoff):

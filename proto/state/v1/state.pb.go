@@ -3820,8 +3820,12 @@ func (x *DeleteDevice) GetDeviceId() string {
 
 // PutNode records (or updates) a control node's addresses.
 type PutNode struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// if_present: update the record only if there is one. A node that
+	// withdraws its features as it stops sets it, so that it cannot bring
+	// back the record of a member removed meanwhile.
+	IfPresent     bool `protobuf:"varint,2,opt,name=if_present,json=ifPresent,proto3" json:"if_present,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3861,6 +3865,13 @@ func (x *PutNode) GetNode() *Node {
 		return x.Node
 	}
 	return nil
+}
+
+func (x *PutNode) GetIfPresent() bool {
+	if x != nil {
+		return x.IfPresent
+	}
+	return false
 }
 
 // RemoveNode forgets a control node's addresses.
@@ -4415,9 +4426,11 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\"D\n" +
 	"\fDeleteDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
-	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\"-\n" +
+	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\"L\n" +
 	"\aPutNode\x12\"\n" +
-	"\x04node\x18\x01 \x01(\v2\x0e.state.v1.NodeR\x04node\"\x1c\n" +
+	"\x04node\x18\x01 \x01(\v2\x0e.state.v1.NodeR\x04node\x12\x1d\n" +
+	"\n" +
+	"if_present\x18\x02 \x01(\bR\tifPresent\"\x1c\n" +
 	"\n" +
 	"RemoveNode\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\" \n" +
