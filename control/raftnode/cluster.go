@@ -215,9 +215,18 @@ func (n *Node) Kill() error {
 	return n.stop(context.Background(), false)
 }
 
-func (n *Node) stop(ctx context.Context, graceful bool) error {
-	n.closeOnce.Do(func() {
-		if graceful && n.raft != nil && n.IsLeader() && n.otherVoters() > 0 {
+// StepDown does what a graceful stop asks of the cluster, while the node
+// still runs: a leader with other voters hands leadership over (bounded
+// by ctx and 5 s), and the node withdraws its features
+// (withdrawFeatures). Shutdown does it if it was not done; a server calls
+// it before it closes its API, so that writes forwarded to this node
+// keep being answered during the hand-over. Once only.
+func (n *Node) StepDown(ctx context.Context) {
+	n.stepDownOnce.Do(func() {
+		if n.raft == nil || n.shutdown.Load() {
+			return
+		}
+		if n.IsLeader() && n.otherVoters() > 0 {
 			tctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			if lid, err := n.TransferLeadership(tctx, ""); err != nil {
 				n.log.Warn("leadership transfer before shutdown failed", "err", err)
@@ -226,8 +235,14 @@ func (n *Node) stop(ctx context.Context, graceful bool) error {
 			}
 			cancel()
 		}
-		if graceful && n.raft != nil {
-			n.withdrawFeatures(ctx)
+		n.withdrawFeatures(ctx)
+	})
+}
+
+func (n *Node) stop(ctx context.Context, graceful bool) error {
+	n.closeOnce.Do(func() {
+		if graceful {
+			n.StepDown(ctx)
 		}
 		n.drainApplies(ctx)
 		if n.cancel != nil {

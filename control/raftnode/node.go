@@ -246,8 +246,9 @@ type Node struct {
 	regCancel context.CancelFunc
 	regDone   chan struct{}
 
-	closeOnce sync.Once
-	closeErr  error
+	stepDownOnce sync.Once
+	closeOnce    sync.Once
+	closeErr     error
 }
 
 // Open starts the node. It returns once Raft runs; the node may not have

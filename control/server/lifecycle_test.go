@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"testing"
@@ -27,10 +28,12 @@ func readyz(t *testing.T, n *clustertest.Node) (int, string) {
 }
 
 // Shutdown (what SIGTERM runs) with a request in flight: /readyz answers
-// 503 at once, the request (a backup stream the client reads slowly)
-// still completes whole, and only then does Shutdown return.
+// 503 at once, the request (a backup stream the client reads slowly,
+// longer than the quiet time after which the API's idle connections are
+// closed) still completes whole, and only then does Shutdown return.
 func TestShutdownFinishesRequestInFlight(t *testing.T) {
-	c := clustertest.Start(t, 3, clustertest.Options{})
+	rec := clustertest.NewLogRecorder()
+	c := clustertest.Start(t, 3, clustertest.Options{Logger: slog.New(rec)})
 	ctx := ctxT(t, 2*time.Minute)
 	// Most of a megabyte of state that does not compress, far more than the
 	// reading client's 64 KiB window.
@@ -73,6 +76,16 @@ func TestShutdownFinishesRequestInFlight(t *testing.T) {
 	clustertest.Eventually(t, 10*time.Second, func() error {
 		if code, body := readyz(t, s); code != http.StatusServiceUnavailable || !strings.Contains(body, "shutting down") {
 			return fmt.Errorf("/readyz during shutdown: %d %s", code, body)
+		}
+		return nil
+	})
+	// The node waits for the request past the time it gives an idle API
+	// (after which it closes the connections left), and says so.
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if len(rec.Find("shutdown waits for the API's requests in flight", func(r clustertest.Record) bool {
+			return r.Attrs["test_node"].String() == s.ID && r.Attrs["requests"].Int64() == 1
+		})) == 0 {
+			return errors.New("no log of the request the shutdown waits for")
 		}
 		return nil
 	})

@@ -213,6 +213,9 @@ type Server struct {
 	// from then on, so load balancers stop sending requests while the
 	// ones in flight finish.
 	stopping atomic.Bool
+	// inflight and served count the API's requests being handled and
+	// handled (shutdownAPI).
+	inflight, served atomic.Int64
 
 	wg       sync.WaitGroup
 	stopOnce sync.Once
@@ -346,7 +349,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	// No ReadTimeout or WriteTimeout: watch and backup streams live long.
 	// Guard gives each request body its own deadline instead.
 	s.apiSrv = &http.Server{
-		Handler:           api.WithClientCert(s.authn.Guard(api.WithResponseController(mux), limits)),
+		Handler:           s.countInflight(api.WithClientCert(s.authn.Guard(api.WithResponseController(mux), limits))),
 		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
@@ -509,8 +512,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.stopping.Store(true)
 	s.stopOnce.Do(func() {
 		var errs []error
+		// The leadership hand-over first, while the API still answers the
+		// writes other nodes forward here.
+		if s.node != nil {
+			s.node.StepDown(ctx)
+		}
 		if s.apiSrv != nil {
-			if err := s.apiSrv.Shutdown(ctx); err != nil {
+			if err := s.shutdownAPI(ctx); err != nil {
 				errs = append(errs, fmt.Errorf("api shutdown: %w", err))
 			}
 		} else if s.apiLn != nil {
@@ -544,6 +552,63 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.stopErr = errors.Join(errs...)
 	})
 	return s.stopErr
+}
+
+// apiQuiet is how long shutdownAPI waits with no request in flight, and
+// none ending, before it closes the API's connections: time for clients
+// to see the HTTP/2 GOAWAY, and for the last response's frames to leave.
+const apiQuiet = 100 * time.Millisecond
+
+// shutdownAPI stops the API gracefully: no new connections, a GOAWAY on
+// every HTTP/2 one, every request in flight answered (bounded by ctx).
+// Once the API has been quiet for apiQuiet, it closes what connections
+// are left: Go's HTTP/2 server would otherwise hold each one open for a
+// second after its GOAWAY, waiting for the client to hang up, and the
+// clients of a control node (other nodes' peer connections, edges) keep
+// theirs open while idle.
+func (s *Server) shutdownAPI(ctx context.Context) error {
+	done := make(chan error, 1)
+	go func() { done <- s.apiSrv.Shutdown(ctx) }()
+	poll := time.NewTicker(5 * time.Millisecond)
+	defer poll.Stop()
+	served, quietSince, start, told := s.served.Load(), time.Now(), time.Now(), false
+	for {
+		select {
+		case err := <-done:
+			return err
+		case <-poll.C:
+		}
+		if n, in := s.served.Load(), s.inflight.Load(); n != served || in != 0 {
+			served, quietSince = n, time.Now()
+			if in != 0 && !told && time.Since(start) >= apiQuiet {
+				s.log.Info("shutdown waits for the API's requests in flight", "requests", in)
+				told = true
+			}
+			continue
+		}
+		if time.Since(quietSince) >= apiQuiet {
+			if err := s.apiSrv.Close(); err != nil {
+				return err
+			}
+			if err := <-done; err != nil && !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		}
+	}
+}
+
+// countInflight counts the requests h is handling, and those it handled
+// (shutdownAPI).
+func (s *Server) countInflight(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.inflight.Add(1)
+		defer func() {
+			s.inflight.Add(-1)
+			s.served.Add(1)
+		}()
+		h.ServeHTTP(w, r)
+	})
 }
 
 // Kill stops the node abruptly, as a crash would (listeners closed, no
