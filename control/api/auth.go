@@ -300,14 +300,9 @@ func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[co
 	// The change's command carries what a node of an older release would
 	// not check (the hash it verified, the attempt it gives back): in a
 	// rolling upgrade the replicas would come apart on it. Checked on
-	// state as fresh as the read's. The members are not named: the
-	// caller may be anyone with an account (relayctl cluster status
-	// names them to operators).
-	if missing, err := s.node.MembersWithout(fsm.FeatureChangePassword); err != nil {
-		return nil, toConnect(err)
-	} else if len(missing) > 0 {
-		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf(
-			"%d control node(s) do not run a release that changes passwords (an upgrade or a restart under way): try again once it is done", len(missing)))
+	// state as fresh as the read's.
+	if err := s.passwordChangeGate(); err != nil {
+		return nil, err
 	}
 	u, err := f.GetUser(claims.Subject)
 	if err != nil {
@@ -337,6 +332,13 @@ func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[co
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	// Again right before the write, so that the time from the last check
+	// to the entry is a proposal's, not the hashing's: a member stopping
+	// meanwhile waits that long (raftnode withdrawFeatures) for what was
+	// checked before its withdrawal. The attempt stays spent.
+	if err := s.passwordChangeGate(); err != nil {
+		return nil, err
+	}
 	_, err = s.node.Apply(ctx, &statev1.Command{ProposedAtMs: s.cfg.Now().UnixMilli(), Op: &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{
 		Id: u.GetId(), Fields: []string{"password_hash"}, User: &statev1.User{PasswordHash: h},
 		KeepSessionId: claims.Session, Succeeded: attempt, ExpectPasswordHash: u.GetPasswordHash(),
@@ -350,6 +352,22 @@ func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[co
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.ChangePasswordResponse{}), nil
+}
+
+// passwordChangeGate answers failed_precondition while a member's
+// record does not list change_password (raftnode.Node.MembersWithout).
+// The members are not named: the caller may be anyone with an account
+// (relayctl cluster status names them to operators).
+func (s *AuthServer) passwordChangeGate() error {
+	missing, err := s.node.MembersWithout(fsm.FeatureChangePassword)
+	if err != nil {
+		return toConnect(err)
+	}
+	if len(missing) > 0 {
+		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf(
+			"%d control node(s) do not run a release that changes passwords (an upgrade or a restart under way): try again once it is done", len(missing)))
+	}
+	return nil
 }
 
 // newID returns a random id with a prefix, e.g. "u_3q2...".

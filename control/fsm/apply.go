@@ -556,6 +556,9 @@ func (t *txn) putNode(op *statev1.PutNode) (*statev1.Result, error) {
 	if err := ValidateID("node.id", n.GetId()); err != nil {
 		return nil, asInvalid(err)
 	}
+	if op.GetWithdrawFeatures() {
+		return t.withdrawNodeFeatures(n.GetId())
+	}
 	if err := ValidateText("node.raft_addr", n.GetRaftAddr(), MaxAddrLen, true); err != nil {
 		return nil, asInvalid(err)
 	}
@@ -570,13 +573,34 @@ func (t *txn) putNode(op *statev1.PutNode) (*statev1.Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	if found && proto.Equal(&old, n) || !found && op.GetIfPresent() {
+	if found && proto.Equal(&old, n) {
 		return &statev1.Result{}, nil
 	}
 	if err := t.put(nodeKey(n.Id), n); err != nil {
 		return nil, err
 	}
 	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_NODE_PUT, Object: &statev1.Change_Node{Node: n}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{}, nil
+}
+
+// withdrawNodeFeatures empties the features of node id's record, if it
+// has a record with any (PutNode.withdraw_features).
+func (t *txn) withdrawNodeFeatures(id string) (*statev1.Result, error) {
+	var rec statev1.Node
+	found, err := t.get(nodeKey(id), &rec)
+	if err != nil {
+		return nil, err
+	}
+	if !found || len(rec.GetFeatures()) == 0 {
+		return &statev1.Result{}, nil
+	}
+	rec.Features = nil
+	if err := t.put(nodeKey(id), &rec); err != nil {
+		return nil, err
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_NODE_PUT, Object: &statev1.Change_Node{Node: &rec}}); err != nil {
 		return nil, err
 	}
 	return &statev1.Result{}, nil

@@ -219,18 +219,20 @@ func TestReads(t *testing.T) {
 	}
 	a.apply(&statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "r", ApiAddr: "a"}}})
 	a.apply(&statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "r", ApiAddr: "a"}}})
-	// if_present updates a record that is there (a node withdrawing its
-	// features as it stops)...
-	withdraw := &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "r", ApiAddr: "a2"}, IfPresent: true}
+	// withdraw_features empties the features of a record that is there,
+	// and nothing else (an outdated address in the command is ignored)...
+	a.apply(&statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "r", ApiAddr: "a2", Features: []string{"f"}}}})
+	withdraw := &statev1.PutNode{Node: &statev1.Node{Id: "n1", ApiAddr: "outdated"}, WithdrawFeatures: true}
 	if r := a.apply(&statev1.Command_PutNode{PutNode: withdraw}); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
 		t.Fatal(r)
 	}
-	if n, err := f.GetNode("n1"); err != nil || n.GetApiAddr() != "a2" {
-		t.Fatalf("after an if_present put of a node that is there: %v, %v", n, err)
+	if n, err := f.GetNode("n1"); err != nil || n.GetApiAddr() != "a2" || n.GetRaftAddr() != "r" || len(n.GetFeatures()) != 0 {
+		t.Fatalf("after withdraw_features: %v, %v", n, err)
 	}
+	a.apply(&statev1.Command_PutNode{PutNode: withdraw}) // nothing left to withdraw: no change
 	a.apply(&statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: "n1"}})
 	a.apply(&statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: "n1"}})
-	// ...and brings back none that was removed.
+	// ...and brings back no record that was removed.
 	if r := a.apply(&statev1.Command_PutNode{PutNode: withdraw}); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
 		t.Fatal(r)
 	}
@@ -242,8 +244,8 @@ func TestReads(t *testing.T) {
 	for _, c := range cs {
 		kinds[c.Kind]++
 	}
-	if kinds[statev1.ChangeKind_CHANGE_KIND_NODE_PUT] != 2 || kinds[statev1.ChangeKind_CHANGE_KIND_NODE_DELETED] != 1 {
-		t.Fatalf("an unchanged put, an if_present put of a missing node or a missing remove made a change: %v", kinds)
+	if kinds[statev1.ChangeKind_CHANGE_KIND_NODE_PUT] != 3 || kinds[statev1.ChangeKind_CHANGE_KIND_NODE_DELETED] != 1 {
+		t.Fatalf("an unchanged put, a withdrawal with nothing to withdraw or a missing remove made a change: %v", kinds)
 	}
 	if got, _ := f.Changes(0, 2); len(got) != 2 {
 		t.Fatal("limit")

@@ -15,6 +15,9 @@ const (
 	// FeatureChangePassword: UpdateUser's succeeded and
 	// expect_password_hash, written by AuthService.ChangePassword.
 	FeatureChangePassword = "change_password"
+	// FeatureWithdrawFeatures: PutNode's withdraw_features, written by a
+	// node as it stops gracefully.
+	FeatureWithdrawFeatures = "withdraw_features"
 )
 
 // Bounds of a node's feature list.
@@ -25,7 +28,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures}
 	slices.Sort(f)
 	return f
 }

@@ -201,9 +201,10 @@ func (n *Node) Snapshot() error {
 	return nil
 }
 
-// Shutdown stops the node: a leader with other voters hands leadership
-// over first (bounded by ctx), then Raft stops and the stores close. It is
-// safe to call more than once.
+// Shutdown stops the node: StepDown first (a leader with other voters
+// hands leadership over, the node withdraws its features; bounded by
+// ctx), then Raft stops and the stores close. It is safe to call more
+// than once.
 func (n *Node) Shutdown(ctx context.Context) error {
 	return n.stop(ctx, true)
 }
@@ -217,26 +218,25 @@ func (n *Node) Kill() error {
 
 // StepDown does what a graceful stop asks of the cluster, while the node
 // still runs: a leader with other voters hands leadership over (bounded
-// by ctx and 5 s), and the node withdraws its features
-// (withdrawFeatures). Shutdown does it if it was not done; a server calls
-// it before it closes its API, so that writes forwarded to this node
-// keep being answered during the hand-over. Once only.
+// by ctx and 5 s), and the node withdraws its features once
+// (withdrawFeatures). A server calls it before it closes its API, so
+// that writes forwarded to this node keep being answered during the
+// hand-over; Shutdown calls it again, which hands leadership over again
+// if the node was elected meanwhile.
 func (n *Node) StepDown(ctx context.Context) {
-	n.stepDownOnce.Do(func() {
-		if n.raft == nil || n.shutdown.Load() {
-			return
+	if n.raft == nil || n.shutdown.Load() {
+		return
+	}
+	if n.IsLeader() && n.otherVoters() > 0 {
+		tctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if lid, err := n.TransferLeadership(tctx, ""); err != nil {
+			n.log.Warn("leadership transfer before shutdown failed", "err", err)
+		} else {
+			n.log.Info("handed leadership over before shutdown", "to", lid)
 		}
-		if n.IsLeader() && n.otherVoters() > 0 {
-			tctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			if lid, err := n.TransferLeadership(tctx, ""); err != nil {
-				n.log.Warn("leadership transfer before shutdown failed", "err", err)
-			} else {
-				n.log.Info("handed leadership over before shutdown", "to", lid)
-			}
-			cancel()
-		}
-		n.withdrawFeatures(ctx)
-	})
+		cancel()
+	}
+	n.withdrawOnce.Do(func() { n.withdrawFeatures(ctx) })
 }
 
 func (n *Node) stop(ctx context.Context, graceful bool) error {
@@ -301,44 +301,79 @@ func (n *Node) drainApplies(ctx context.Context) {
 // older release (a rollback): until that one records its own features,
 // the record would promise what it may not apply, and a gated command
 // (MembersWithout) committed meanwhile would be applied unchecked there.
-// Registration ends first, or it would write them back. Best effort and
-// bounded: a node that cannot reach a leader (the last of a cluster
-// being stopped) gives up at once; a crash leaves the record as it was.
+//
+// Registration ends first, or it would write them back. After the
+// withdrawal commits the node waits withdrawSettle and then applies what
+// the leader has committed (a read barrier): a gated write whose check
+// came just before the withdrawal was visible commits within that time,
+// and is applied here, by this release, before the node stops. A
+// registration forwarded before the stop that commits after the
+// withdrawal is caught there too and withdrawn again.
+//
+// Best effort and bounded by ctx: skipped in a cluster of one voter,
+// without a known leader (the last node of a cluster being stopped),
+// and while a member runs a release that does not know the command
+// (its gates are closed anyway). A crash leaves the record as it was.
 func (n *Node) withdrawFeatures(ctx context.Context) {
 	if n.regCancel != nil {
 		n.regCancel()
-		<-n.regDone
+		select {
+		case <-n.regDone:
+		case <-ctx.Done():
+			return
+		}
 	}
-	rec, err := n.fsm.GetNode(n.cfg.NodeID)
-	if err != nil || len(rec.GetFeatures()) == 0 || n.otherVoters() == 0 || !n.leaderKnown() {
+	if len(n.cfg.Features) == 0 || n.otherVoters() == 0 || !n.leaderKnown() {
 		return
 	}
-	rec = proto.CloneOf(rec)
-	rec.Features = nil
+	if missing, err := n.MembersWithout(fsm.FeatureWithdrawFeatures); err != nil || len(missing) > 0 {
+		n.log.Info("features not withdrawn before shutdown: not every member knows how", "members_without", missing, "err", err)
+		return
+	}
 	data, err := proto.Marshal(&statev1.Command{RequestId: newRequestID(), ProposedAtMs: time.Now().UnixMilli(),
-		Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: rec, IfPresent: true}}})
+		Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: n.cfg.NodeID}, WithdrawFeatures: true}}})
 	if err != nil {
 		n.log.Warn("withdraw features before shutdown", "err", err)
 		return
 	}
 	wctx, cancel := context.WithTimeout(ctx, withdrawTimeout)
 	defer cancel()
-	// One attempt, not Apply's retries: with no quorum left there is
-	// nothing to wait for.
-	res, err := n.applyOnce(wctx, data)
-	if err == nil {
-		err = fsm.ResultError(res)
+	for range 2 {
+		// One attempt each, not Apply's retries: with no quorum left
+		// there is nothing to wait for.
+		res, err := n.applyOnce(wctx, data)
+		if err == nil {
+			err = fsm.ResultError(res)
+		}
+		if err == nil {
+			t := time.NewTimer(withdrawSettle)
+			select {
+			case <-t.C:
+				err = n.Barrier(wctx)
+			case <-wctx.Done():
+				t.Stop()
+				err = wctx.Err()
+			}
+		}
+		if err != nil {
+			n.log.Warn("could not withdraw this node's features before shutdown: until it records them again, "+
+				"the cluster counts on them", "features", n.cfg.Features, "err", err)
+			return
+		}
+		if rec, err := n.fsm.GetNode(n.cfg.NodeID); err != nil || len(rec.GetFeatures()) == 0 {
+			n.log.Info("withdrew this node's features before shutdown")
+			return
+		}
 	}
-	if err != nil {
-		n.log.Warn("could not withdraw this node's features before shutdown: until it records them again, "+
-			"the cluster counts on them", "features", rec.GetFeatures(), "err", err)
-		return
-	}
-	n.log.Info("withdrew this node's features before shutdown")
+	n.log.Warn("this node's features were recorded again after their withdrawal before shutdown", "features", n.cfg.Features)
 }
 
-// withdrawTimeout bounds withdrawFeatures.
-const withdrawTimeout = 2 * time.Second
+// withdrawTimeout bounds withdrawFeatures, withdrawSettle is its wait for
+// gated writes checked before the withdrawal was visible.
+const (
+	withdrawTimeout = 3 * time.Second
+	withdrawSettle  = 250 * time.Millisecond
+)
 
 func (n *Node) otherVoters() int {
 	cf := n.raft.GetConfiguration()

@@ -246,7 +246,7 @@ type Node struct {
 	regCancel context.CancelFunc
 	regDone   chan struct{}
 
-	stepDownOnce sync.Once
+	withdrawOnce sync.Once
 	closeOnce    sync.Once
 	closeErr     error
 }

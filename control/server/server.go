@@ -504,10 +504,13 @@ func (s *Server) AdminAddr() string {
 // Registry returns the node's Prometheus registry.
 func (s *Server) Registry() *prometheus.Registry { return s.reg }
 
-// Shutdown stops the node in order: /readyz turns 503 at once, the API
-// stops taking requests and finishes those in flight, the node hands
-// leadership over if it leads and stops Raft and its stores, then the
-// admin endpoints close. Safe to call more than once.
+// Shutdown stops the node in order: /readyz turns 503 at once; the node
+// steps down (raftnode.Node.StepDown: a leader hands leadership over,
+// the node withdraws its features) while its API still answers; the API
+// stops taking requests and finishes those in flight (shutdownAPI);
+// Raft and the stores stop (handing leadership over again if the node
+// was elected meanwhile); then the admin endpoints close. Safe to call
+// more than once.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.stopping.Store(true)
 	s.stopOnce.Do(func() {
@@ -565,7 +568,10 @@ const apiQuiet = 100 * time.Millisecond
 // are left: Go's HTTP/2 server would otherwise hold each one open for a
 // second after its GOAWAY, waiting for the client to hang up, and the
 // clients of a control node (other nodes' peer connections, edges) keep
-// theirs open while idle.
+// theirs open while idle. What the close can still cut: a connection
+// whose first request had not arrived, and the last bytes a plain
+// (non-Connect) handler left to flush when it returned, if its client's
+// window stayed shut that long; clients see a request never answered.
 func (s *Server) shutdownAPI(ctx context.Context) error {
 	done := make(chan error, 1)
 	go func() { done <- s.apiSrv.Shutdown(ctx) }()

@@ -3822,12 +3822,15 @@ func (x *DeleteDevice) GetDeviceId() string {
 type PutNode struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Node  *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
-	// if_present: update the record only if there is one. A node that
-	// withdraws its features as it stops sets it, so that it cannot bring
-	// back the record of a member removed meanwhile.
-	IfPresent     bool `protobuf:"varint,2,opt,name=if_present,json=ifPresent,proto3" json:"if_present,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// withdraw_features: only empty the features of the record of node.id,
+	// if there is one (the rest of node is ignored): what a node writes as
+	// it stops gracefully. It brings back no record of a member removed
+	// meanwhile, and overwrites no address with an outdated one. Written
+	// only while every member lists the feature "withdraw_features": a
+	// release before it would take the command for a whole record.
+	WithdrawFeatures bool `protobuf:"varint,2,opt,name=withdraw_features,json=withdrawFeatures,proto3" json:"withdraw_features,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *PutNode) Reset() {
@@ -3867,9 +3870,9 @@ func (x *PutNode) GetNode() *Node {
 	return nil
 }
 
-func (x *PutNode) GetIfPresent() bool {
+func (x *PutNode) GetWithdrawFeatures() bool {
 	if x != nil {
-		return x.IfPresent
+		return x.WithdrawFeatures
 	}
 	return false
 }
@@ -4426,11 +4429,10 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\"D\n" +
 	"\fDeleteDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
-	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\"L\n" +
+	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\"Z\n" +
 	"\aPutNode\x12\"\n" +
-	"\x04node\x18\x01 \x01(\v2\x0e.state.v1.NodeR\x04node\x12\x1d\n" +
-	"\n" +
-	"if_present\x18\x02 \x01(\bR\tifPresent\"\x1c\n" +
+	"\x04node\x18\x01 \x01(\v2\x0e.state.v1.NodeR\x04node\x12+\n" +
+	"\x11withdraw_features\x18\x02 \x01(\bR\x10withdrawFeatures\"\x1c\n" +
 	"\n" +
 	"RemoveNode\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\" \n" +
