@@ -596,7 +596,7 @@ func (t *txn) withdrawNodeFeatures(id string) (*statev1.Result, error) {
 	if !found || len(rec.GetFeatures()) == 0 {
 		return &statev1.Result{}, nil
 	}
-	rec.Features = nil
+	rec.Features, rec.FeaturesWithdrawn = nil, true
 	if err := t.put(nodeKey(id), &rec); err != nil {
 		return nil, err
 	}

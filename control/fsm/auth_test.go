@@ -226,7 +226,7 @@ func TestReads(t *testing.T) {
 	if r := a.apply(&statev1.Command_PutNode{PutNode: withdraw}); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
 		t.Fatal(r)
 	}
-	if n, err := f.GetNode("n1"); err != nil || n.GetApiAddr() != "a2" || n.GetRaftAddr() != "r" || len(n.GetFeatures()) != 0 {
+	if n, err := f.GetNode("n1"); err != nil || n.GetApiAddr() != "a2" || n.GetRaftAddr() != "r" || len(n.GetFeatures()) != 0 || !n.GetFeaturesWithdrawn() {
 		t.Fatalf("after withdraw_features: %v, %v", n, err)
 	}
 	a.apply(&statev1.Command_PutNode{PutNode: withdraw}) // nothing left to withdraw: no change

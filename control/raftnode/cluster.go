@@ -326,8 +326,8 @@ func (n *Node) withdrawFeatures(ctx context.Context) {
 	if len(n.cfg.Features) == 0 || n.otherVoters() == 0 || !n.leaderKnown() {
 		return
 	}
-	if missing, err := n.MembersWithout(fsm.FeatureWithdrawFeatures); err != nil || len(missing) > 0 {
-		n.log.Info("features not withdrawn before shutdown: not every member knows how", "members_without", missing, "err", err)
+	if older, err := n.membersUnableToWithdraw(); err != nil || len(older) > 0 {
+		n.log.Info("features not withdrawn before shutdown: not every member knows how", "members_without", older, "err", err)
 		return
 	}
 	data, err := proto.Marshal(&statev1.Command{RequestId: newRequestID(), ProposedAtMs: time.Now().UnixMilli(),
@@ -366,6 +366,21 @@ func (n *Node) withdrawFeatures(ctx context.Context) {
 		}
 	}
 	n.log.Warn("this node's features were recorded again after their withdrawal before shutdown", "features", n.cfg.Features)
+}
+
+// membersUnableToWithdraw returns the members whose release would not
+// apply PutNode.withdraw_features as such: those that neither list the
+// feature nor withdrew their features themselves (a member stopped
+// gracefully before this one still knows the command).
+func (n *Node) membersUnableToWithdraw() ([]string, error) {
+	missing, err := n.MembersWithout(fsm.FeatureWithdrawFeatures)
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(missing, func(id string) bool {
+		rec, err := n.fsm.GetNode(id)
+		return err == nil && rec.GetFeaturesWithdrawn()
+	}), nil
 }
 
 // withdrawTimeout bounds withdrawFeatures, withdrawSettle is its wait for

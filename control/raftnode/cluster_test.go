@@ -227,6 +227,47 @@ func TestRestartAllFromDisk(t *testing.T) {
 	}
 }
 
+// Every node that stops gracefully withdraws its features, also after
+// another member did (whose record then says it withdrew them, not that
+// its release has none); each records them again once it runs.
+func TestGracefulStopsWithdrawFeatures(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	want := strings.Join(fsm.Features(), ",")
+	recorded := func(on int, ids ...string) func() error {
+		return func() error {
+			for _, id := range ids {
+				rec, err := c.Nodes[on].Server.Node().FSM().GetNode(id)
+				if err != nil {
+					return err
+				}
+				if got := strings.Join(rec.GetFeatures(), ","); got != want || rec.GetFeaturesWithdrawn() {
+					return fmt.Errorf("%s's record on %s: features %q, withdrawn %v", id, c.Nodes[on].ID, got, rec.GetFeaturesWithdrawn())
+				}
+			}
+			return nil
+		}
+	}
+	clustertest.Eventually(t, 30*time.Second, recorded(2, "n1", "n2", "n3"))
+	c.Shutdown(0)
+	c.Shutdown(1)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		for _, id := range []string{"n1", "n2"} {
+			rec, err := c.Nodes[2].Server.Node().FSM().GetNode(id)
+			if err != nil {
+				return err
+			}
+			if len(rec.GetFeatures()) != 0 || !rec.GetFeaturesWithdrawn() || rec.GetApiAddr() == "" {
+				return fmt.Errorf("%s's record after its graceful stop: %v", id, rec)
+			}
+		}
+		return nil
+	})
+	c.Restart(0)
+	c.Restart(1)
+	c.WaitReady()
+	clustertest.Eventually(t, 30*time.Second, recorded(2, "n1", "n2", "n3"))
+}
+
 // A node that was down while the leader compacted its log catches up by
 // snapshot install.
 func TestLaggingNodeCatchesUpBySnapshot(t *testing.T) {

@@ -498,11 +498,17 @@ type Node struct {
 	ApiAddr  string                 `protobuf:"bytes,3,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
 	// What the node's release can apply and serve (fsm.Features): a
 	// feature whose use writes commands an older release would apply
-	// differently is used only once every voter lists it. Empty for a
-	// release before features were recorded.
-	Features      []string `protobuf:"bytes,4,rep,name=features,proto3" json:"features,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// differently is used only once every member lists it. Empty for a
+	// release before features were recorded, and for a node that withdrew
+	// them as it stopped (features_withdrawn).
+	Features []string `protobuf:"bytes,4,rep,name=features,proto3" json:"features,omitempty"`
+	// features_withdrawn: the node withdrew its features as it stopped
+	// gracefully (PutNode.withdraw_features), and has not recorded itself
+	// since. Such a node's release knew how to withdraw them, unlike one
+	// that never recorded any.
+	FeaturesWithdrawn bool `protobuf:"varint,5,opt,name=features_withdrawn,json=featuresWithdrawn,proto3" json:"features_withdrawn,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Node) Reset() {
@@ -561,6 +567,13 @@ func (x *Node) GetFeatures() []string {
 		return x.Features
 	}
 	return nil
+}
+
+func (x *Node) GetFeaturesWithdrawn() bool {
+	if x != nil {
+		return x.FeaturesWithdrawn
+	}
+	return false
 }
 
 // Change is one entry of the revisioned change feed. The revision is the
@@ -4189,12 +4202,13 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\flast_seen_ms\x18\x06 \x01(\x03R\n" +
 	"lastSeenMs\x12\x18\n" +
 	"\arevoked\x18\a \x01(\bR\arevoked\x12\"\n" +
-	"\rrevoked_at_ms\x18\b \x01(\x03R\vrevokedAtMs\"j\n" +
+	"\rrevoked_at_ms\x18\b \x01(\x03R\vrevokedAtMs\"\x99\x01\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x19\n" +
 	"\bapi_addr\x18\x03 \x01(\tR\aapiAddr\x12\x1a\n" +
-	"\bfeatures\x18\x04 \x03(\tR\bfeatures\"\x8c\x03\n" +
+	"\bfeatures\x18\x04 \x03(\tR\bfeatures\x12-\n" +
+	"\x12features_withdrawn\x18\x05 \x01(\bR\x11featuresWithdrawn\"\x8c\x03\n" +
 	"\x06Change\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\rR\x03seq\x12(\n" +
