@@ -330,17 +330,19 @@ func (n *Node) withdrawFeatures(ctx context.Context) {
 		n.log.Info("features not withdrawn before shutdown: not every member knows how", "members_without", older, "err", err)
 		return
 	}
-	data, err := proto.Marshal(&statev1.Command{RequestId: newRequestID(), ProposedAtMs: time.Now().UnixMilli(),
-		Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: n.cfg.NodeID}, WithdrawFeatures: true}}})
-	if err != nil {
-		n.log.Warn("withdraw features before shutdown", "err", err)
-		return
-	}
 	wctx, cancel := context.WithTimeout(ctx, withdrawTimeout)
 	defer cancel()
 	for range 2 {
-		// One attempt each, not Apply's retries: with no quorum left
-		// there is nothing to wait for.
+		// A request id of its own each time (a second one under the
+		// first's id would only get the first's outcome back), and one
+		// attempt each, not Apply's retries: with no quorum left there
+		// is nothing to wait for.
+		data, err := proto.Marshal(&statev1.Command{RequestId: newRequestID(), ProposedAtMs: time.Now().UnixMilli(),
+			Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: n.cfg.NodeID}, WithdrawFeatures: true}}})
+		if err != nil {
+			n.log.Warn("withdraw features before shutdown", "err", err)
+			return
+		}
 		res, err := n.applyOnce(wctx, data)
 		if err == nil {
 			err = fsm.ResultError(res)
