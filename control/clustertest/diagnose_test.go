@@ -22,12 +22,14 @@ type fakeTB struct {
 	logs     []string
 }
 
-type fatalCalled struct{}
+// fatalCalled is what Fatalf panics with; its message shows if a call
+// the test did not expect panics out of it.
+type fatalCalled struct{ msg string }
 
 func (f *fakeTB) Fatal(args ...any) { f.Fatalf("%s", fmt.Sprint(args...)) }
 func (f *fakeTB) Fatalf(format string, args ...any) {
 	f.fatal, f.failed = fmt.Sprintf(format, args...), true
-	panic(fatalCalled{})
+	panic(fatalCalled{f.fatal})
 }
 func (f *fakeTB) Errorf(format string, args ...any) {
 	f.failed = true

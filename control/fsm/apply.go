@@ -576,7 +576,12 @@ func (t *txn) putNode(op *statev1.PutNode) (*statev1.Result, error) {
 	if found && proto.Equal(&old, n) {
 		return &statev1.Result{}, nil
 	}
-	if err := t.put(nodeKey(n.Id), n); err != nil {
+	return t.storeNode(n)
+}
+
+// storeNode writes a node's record and its change.
+func (t *txn) storeNode(n *statev1.Node) (*statev1.Result, error) {
+	if err := t.put(nodeKey(n.GetId()), n); err != nil {
 		return nil, err
 	}
 	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_NODE_PUT, Object: &statev1.Change_Node{Node: n}}); err != nil {
@@ -597,13 +602,7 @@ func (t *txn) withdrawNodeFeatures(id string) (*statev1.Result, error) {
 		return &statev1.Result{}, nil
 	}
 	rec.Features, rec.FeaturesWithdrawn = nil, true
-	if err := t.put(nodeKey(id), &rec); err != nil {
-		return nil, err
-	}
-	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_NODE_PUT, Object: &statev1.Change_Node{Node: &rec}}); err != nil {
-		return nil, err
-	}
-	return &statev1.Result{}, nil
+	return t.storeNode(&rec)
 }
 
 func (t *txn) removeNode(op *statev1.RemoveNode) (*statev1.Result, error) {

@@ -130,11 +130,11 @@ func (n *Node) RemoveServer(ctx context.Context, id string) (uint64, error) {
 	// hashicorp/raft takes an id it does not know as done: a mistyped id
 	// would be reported removed while the node meant stays a voter, and
 	// the operator would go on to stop it and wipe its data.
-	cf := n.raft.GetConfiguration()
-	if err := cf.Error(); err != nil {
-		return 0, fmt.Errorf("read configuration: %w", err)
+	servers, err := n.servers()
+	if err != nil {
+		return 0, err
 	}
-	if !slices.ContainsFunc(cf.Configuration().Servers, func(s raft.Server) bool { return string(s.ID) == id }) {
+	if !slices.ContainsFunc(servers, func(s raft.Server) bool { return string(s.ID) == id }) {
 		return 0, fmt.Errorf("remove server %q: %w (relayctl cluster status lists the members)", id, ErrNotMember)
 	}
 	f := n.raft.RemoveServer(raft.ServerID(id), 0, timeoutOf(ctx, n.cfg.ApplyTimeout))
@@ -162,11 +162,11 @@ func (n *Node) TransferLeadership(ctx context.Context, id string) (string, error
 		f = n.raft.LeadershipTransfer()
 	} else {
 		var addr raft.ServerAddress
-		cf := n.raft.GetConfiguration()
-		if err := cf.Error(); err != nil {
-			return "", fmt.Errorf("read configuration: %w", err)
+		servers, err := n.servers()
+		if err != nil {
+			return "", err
 		}
-		for _, s := range cf.Configuration().Servers {
+		for _, s := range servers {
 			if string(s.ID) == id && s.Suffrage == raft.Voter {
 				addr = s.Address
 			}
@@ -392,13 +392,19 @@ const (
 	withdrawSettle  = 250 * time.Millisecond
 )
 
-func (n *Node) otherVoters() int {
+// servers returns the members of the Raft configuration.
+func (n *Node) servers() ([]raft.Server, error) {
 	cf := n.raft.GetConfiguration()
-	if cf.Error() != nil {
-		return 0
+	if err := cf.Error(); err != nil {
+		return nil, mapRaftErr("read configuration", err)
 	}
+	return cf.Configuration().Servers, nil
+}
+
+func (n *Node) otherVoters() int {
+	servers, _ := n.servers()
 	c := 0
-	for _, s := range cf.Configuration().Servers {
+	for _, s := range servers {
 		if s.Suffrage == raft.Voter && string(s.ID) != n.cfg.NodeID {
 			c++
 		}
@@ -486,12 +492,12 @@ func (n *Node) Read(ctx context.Context, mode ReadMode) (*fsm.FSM, error) {
 // commands an older release would apply differently waits until it is
 // empty, so that every replica applies those commands alike.
 func (n *Node) MembersWithout(feature string) ([]string, error) {
-	cf := n.raft.GetConfiguration()
-	if err := cf.Error(); err != nil {
-		return nil, mapRaftErr("read configuration", err)
+	servers, err := n.servers()
+	if err != nil {
+		return nil, err
 	}
 	var out []string
-	for _, s := range cf.Configuration().Servers {
+	for _, s := range servers {
 		rec, err := n.fsm.GetNode(string(s.ID))
 		if err != nil && !errors.Is(err, fsm.ErrNotFound) {
 			return nil, err

@@ -20,6 +20,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -1021,16 +1022,8 @@ func (n *Node) registerSelf(ctx context.Context) {
 }
 
 func (n *Node) isMember() bool {
-	cf := n.raft.GetConfiguration()
-	if cf.Error() != nil {
-		return false
-	}
-	for _, s := range cf.Configuration().Servers {
-		if string(s.ID) == n.cfg.NodeID {
-			return true
-		}
-	}
-	return false
+	servers, _ := n.servers()
+	return slices.ContainsFunc(servers, func(s raft.Server) bool { return string(s.ID) == n.cfg.NodeID })
 }
 
 // catchUp marks the node ready once it has applied everything the leader
