@@ -220,7 +220,7 @@ type Node struct {
 	fsm   *fsm.FSM
 	logs  *raftlog.Store
 	state *state.Store
-	trans *raft.NetworkTransport
+	trans *raftTransport
 	snaps *raft.FileSnapshotStore
 	m     *metrics
 
@@ -318,7 +318,7 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	}
 
 	rc := n.raftConfig()
-	n.raft, err = raft.NewRaft(rc, n.fsm, n.logs, n.logs, n.snaps, syncTransport{n.trans})
+	n.raft, err = raft.NewRaft(rc, n.fsm, n.logs, n.logs, n.snaps, n.trans)
 	if err != nil {
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
@@ -348,7 +348,7 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	return n, nil
 }
 
-func (n *Node) newTransport() (*raft.NetworkTransport, error) {
+func (n *Node) newTransport() (*raftTransport, error) {
 	var adv net.Addr
 	if n.cfg.RaftAdvertise != "" {
 		a, err := parseAdvertise(n.cfg.RaftAdvertise)
@@ -361,25 +361,9 @@ func (n *Node) newTransport() (*raft.NetworkTransport, error) {
 	if err != nil {
 		return nil, err
 	}
-	return raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+	return newRaftTransport(raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 		Stream: layer, MaxPool: 3, Timeout: 10 * time.Second, Logger: newHCLogger(n.log, "raft-net"),
-	}), nil
-}
-
-// syncTransport is the Raft transport with pipelined replication turned
-// off. hashicorp/raft's pipeline (v1.8.0) can deadlock: when a follower
-// refuses an append, the pipeline's decoder is left with nobody reading
-// its results and the next send parks for ever, so that follower gets no
-// more entries (its heartbeats keep coming, so it never calls an
-// election) and the leader's Shutdown hangs (seen in CI: a node's stop
-// never returned). Without the pipeline each follower has one
-// AppendEntries in flight, carrying up to MaxAppendEntries entries.
-type syncTransport struct{ *raft.NetworkTransport }
-
-// AppendEntriesPipeline refuses: raft then replicates with plain
-// AppendEntries calls (and logs nothing for this error).
-func (syncTransport) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
-	return nil, raft.ErrPipelineReplicationNotSupported
+	})), nil
 }
 
 // advertiseAddr is a Raft address as the operator wrote it. A DNS name

@@ -11,7 +11,7 @@ import (
 )
 
 // Replication runs without hashicorp/raft's pipeline, which can deadlock
-// (see syncTransport): the leader never switches a follower to it, and
+// (see raftTransport): the leader never switches a follower to it, and
 // writes still reach every member.
 func TestReplicationIsNotPipelined(t *testing.T) {
 	rec := clustertest.NewLogRecorder()

@@ -223,3 +223,78 @@ func (f *Faults) attach(l *streamLayer) {
 	f.layer = l
 	f.mu.Unlock()
 }
+
+// raftTransport is the transport a node hands to Raft: hashicorp/raft's
+// NetworkTransport with two of its behaviours changed.
+//
+// Pipelined replication is off. hashicorp/raft's pipeline (v1.8.0) can
+// deadlock: when a follower refuses an append, the pipeline's decoder is
+// left with nobody reading its results and the next send parks for ever,
+// so that follower gets no more entries (its heartbeats keep coming, so it
+// never calls an election) and the leader's Shutdown hangs (seen in CI: a
+// node's stop never returned). Without the pipeline each follower has one
+// AppendEntries in flight, carrying up to MaxAppendEntries entries.
+//
+// Heartbeats pass through a gate that Close shuts and drains. Raft handles
+// a heartbeat on the transport's connection goroutine, not on its own,
+// so Raft's Shutdown does not wait for one in flight; such a heartbeat
+// can raise the term and write it to the log store after the node has
+// closed that store, and Raft panics on the failed write
+// (hashicorp/raft#717; seen in CI as "failed to save current term:
+// raftlog: store is closed"). Close therefore waits for the heartbeats in
+// flight, and refuses later ones, before the node closes its stores.
+type raftTransport struct {
+	*raft.NetworkTransport
+
+	mu        sync.Mutex // guards closed and additions to heartbeats
+	closed    bool
+	heartbeat sync.WaitGroup // heartbeats being handled
+}
+
+func newRaftTransport(t *raft.NetworkTransport) *raftTransport {
+	return &raftTransport{NetworkTransport: t}
+}
+
+// AppendEntriesPipeline refuses: raft then replicates with plain
+// AppendEntries calls (and logs nothing for this error).
+func (*raftTransport) AppendEntriesPipeline(raft.ServerID, raft.ServerAddress) (raft.AppendPipeline, error) {
+	return nil, raft.ErrPipelineReplicationNotSupported
+}
+
+// SetHeartbeatHandler installs Raft's heartbeat handler behind the gate.
+func (t *raftTransport) SetHeartbeatHandler(handle func(raft.RPC)) {
+	if handle == nil {
+		t.NetworkTransport.SetHeartbeatHandler(nil)
+		return
+	}
+	t.NetworkTransport.SetHeartbeatHandler(t.gated(handle))
+}
+
+// gated wraps handle so that it runs only before Close, which waits for
+// it; after Close a heartbeat is answered with ErrTransportShutdown.
+func (t *raftTransport) gated(handle func(raft.RPC)) func(raft.RPC) {
+	return func(rpc raft.RPC) {
+		t.mu.Lock()
+		if t.closed {
+			t.mu.Unlock()
+			rpc.Respond(nil, raft.ErrTransportShutdown)
+			return
+		}
+		t.heartbeat.Add(1)
+		t.mu.Unlock()
+		defer t.heartbeat.Done()
+		handle(rpc)
+	}
+}
+
+// Close refuses new heartbeats, waits for those being handled, then
+// closes the transport. A heartbeat handled after Raft's Shutdown returns
+// promptly: Raft's handler gives up on whatever waits on its stopped
+// goroutines.
+func (t *raftTransport) Close() error {
+	t.mu.Lock()
+	t.closed = true
+	t.mu.Unlock()
+	t.heartbeat.Wait()
+	return t.NetworkTransport.Close()
+}
