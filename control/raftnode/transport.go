@@ -227,12 +227,12 @@ func (f *Faults) attach(l *streamLayer) {
 // raftTransport is the transport a node hands to Raft: hashicorp/raft's
 // NetworkTransport with two of its behaviours changed.
 //
-// Pipelined replication is off. hashicorp/raft's pipeline (v1.8.0) can
-// deadlock: when a follower refuses an append, the pipeline's decoder is
-// left with nobody reading its results and the next send parks for ever,
-// so that follower gets no more entries (its heartbeats keep coming, so it
-// never calls an election) and the leader's Shutdown hangs (seen in CI: a
-// node's stop never returned). Without the pipeline each follower has one
+// Pipelined replication is off. hashicorp/raft's pipeline (v1.7.2, as in
+// v1.8.0) can deadlock: when a follower refuses an append, the pipeline's
+// decoder is left with nobody reading its results and the next send parks
+// for ever, so that follower gets no more entries (its heartbeats keep
+// coming, so it never calls an election) and the leader's Shutdown hangs
+// (seen in CI: a node's stop never returned). Without the pipeline each follower has one
 // AppendEntries in flight, carrying up to MaxAppendEntries entries.
 //
 // Heartbeats pass through a gate that Close shuts and drains. Raft handles

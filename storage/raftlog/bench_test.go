@@ -23,9 +23,7 @@ type benchStore interface {
 
 // benchStores opens each store under comparison, durable (fsync per
 // StoreLogs) in both cases and with default settings. "boltdb" is
-// github.com/hashicorp/raft-boltdb/v2 (v2.3.0, the newest release that builds
-// with hashicorp/raft v1.8.0: v2.3.1 imports go-metrics/compat, which
-// go-metrics v0.7.0 removed), used only by this benchmark.
+// github.com/hashicorp/raft-boltdb/v2 v2.3.1, used only by this benchmark.
 var benchStores = []struct {
 	name string
 	open func(b *testing.B) benchStore

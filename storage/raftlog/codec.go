@@ -24,8 +24,10 @@ const (
 const (
 	// metaLayoutKey holds the on-disk layout version (uint64, big-endian).
 	metaLayoutKey = "\x03layout"
-	// metaCommitKey holds the commit index persisted with StoreLogs.
-	metaCommitKey = "\x03commit"
+	// "\x03commit" held a commit index for hashicorp/raft v1.8's
+	// CommitTrackingLogStore, written by builds before the move to raft
+	// v1.7.2. It is no longer read or written; a store that has it keeps it,
+	// harmlessly.
 
 	// logLowerBound and logUpperBound bound the log keyspace: [0x01, 0x02).
 	logLowerBound = "\x01"

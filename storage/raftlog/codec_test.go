@@ -154,7 +154,7 @@ func FuzzDecodeLog(f *testing.F) {
 }
 
 func TestKeyspaces(t *testing.T) {
-	if metaLayoutKey[0] != metaPrefix || metaCommitKey[0] != metaPrefix {
+	if metaLayoutKey[0] != metaPrefix {
 		t.Fatal("metadata keys are outside the metadata keyspace")
 	}
 	if logLowerBound[0] != logPrefix || logUpperBound[0] != logPrefix+1 || stablePrefix != logPrefix+1 {

@@ -6,8 +6,7 @@
 // that Pebble database it owns three keyspaces: the replicated log (entries
 // keyed by big-endian index), the stable store (raft's current term, vote,
 // and whatever else raft asks it to keep), and a small metadata keyspace
-// (layout version and the commit index used by
-// [raft.CommitTrackingLogStore]). Nothing else may write to the directory
+// (the layout version). Nothing else may write to the directory
 // while a [Store] is open; Pebble's directory lock enforces this.
 //
 // Every write raft relies on for safety (StoreLog, StoreLogs, DeleteRange,

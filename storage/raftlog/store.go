@@ -30,8 +30,8 @@ var (
 	ErrNonContiguous = errors.New("raftlog: log indexes must be contiguous")
 )
 
-// Store is a raft.LogStore, raft.StableStore, raft.MonotonicLogStore and
-// raft.CommitTrackingLogStore backed by Pebble. Create it with Open.
+// Store is a raft.LogStore, raft.StableStore and raft.MonotonicLogStore
+// backed by Pebble. Create it with Open.
 type Store struct {
 	db       *pebble.DB
 	fsCloser io.Closer // stops the disk-health checker; after db.Close
@@ -50,18 +50,15 @@ type Store struct {
 
 	// idxMu guards the fields below. They are only modified with both
 	// writeMu and idxMu held, so a writer may read them under writeMu alone.
-	idxMu     sync.RWMutex
-	first     uint64 // first index on disk; 0 when the log is empty
-	last      uint64 // last index on disk; 0 when the log is empty
-	staged    uint64 // commit index from StageCommitIndex, not yet persisted
-	persisted uint64 // commit index on disk
+	idxMu sync.RWMutex
+	first uint64 // first index on disk; 0 when the log is empty
+	last  uint64 // last index on disk; 0 when the log is empty
 }
 
 var (
-	_ raft.LogStore               = (*Store)(nil)
-	_ raft.StableStore            = (*Store)(nil)
-	_ raft.MonotonicLogStore      = (*Store)(nil)
-	_ raft.CommitTrackingLogStore = (*Store)(nil)
+	_ raft.LogStore          = (*Store)(nil)
+	_ raft.StableStore       = (*Store)(nil)
+	_ raft.MonotonicLogStore = (*Store)(nil)
 )
 
 // Open opens (creating if needed) the store in cfg.Dir.
@@ -118,16 +115,6 @@ func (s *Store) load() error {
 	}
 	if err := it.Error(); err != nil {
 		return fmt.Errorf("seek log bounds: %w", err)
-	}
-
-	c, err := s.getMeta(metaCommitKey)
-	switch {
-	case errors.Is(err, pebble.ErrNotFound):
-	case err != nil:
-		return fmt.Errorf("read commit index: %w", err)
-	default:
-		s.persisted = c
-		s.staged = c
 	}
 	return nil
 }
@@ -249,8 +236,7 @@ func (s *Store) StoreLog(log *raft.Log) error {
 // StoreLogs stores entries durably in one atomic, fsynced batch. The entries
 // must have consecutive indexes, and unless the log is empty the first must
 // directly follow LastIndex; otherwise the error wraps ErrNonContiguous and
-// nothing is written. A commit index staged with StageCommitIndex is
-// written in the same batch.
+// nothing is written.
 func (s *Store) StoreLogs(logs []*raft.Log) error {
 	if len(logs) == 0 {
 		return nil
@@ -280,14 +266,6 @@ func (s *Store) StoreLogs(logs []*raft.Log) error {
 			return fmt.Errorf("store raft logs %d-%d: %w", logs[0].Index, logs[len(logs)-1].Index, err)
 		}
 	}
-	commit := s.staged
-	if commit != s.persisted {
-		// Written in the same batch as the entries, so a crash persists both
-		// or neither, as raft.CommitTrackingLogStore requires.
-		if err := b.Set([]byte(metaCommitKey), putUint64(commit), nil); err != nil {
-			return fmt.Errorf("store raft logs %d-%d: stage commit index: %w", logs[0].Index, logs[len(logs)-1].Index, err)
-		}
-	}
 	if err := b.Commit(pebble.Sync); err != nil {
 		return fmt.Errorf("store raft logs %d-%d: %w", logs[0].Index, logs[len(logs)-1].Index, err)
 	}
@@ -297,7 +275,6 @@ func (s *Store) StoreLogs(logs []*raft.Log) error {
 		s.first = logs[0].Index
 	}
 	s.last = logs[len(logs)-1].Index
-	s.persisted = commit
 	s.idxMu.Unlock()
 	return nil
 }
@@ -385,38 +362,6 @@ func (s *Store) DeleteRange(minIdx, maxIdx uint64) error {
 // log that ends before the snapshot: raftnode drops it at the next start,
 // as raft would have.)
 func (s *Store) IsMonotonic() bool { return true }
-
-// StageCommitIndex implements raft.CommitTrackingLogStore: it records idx to
-// be written atomically with the next non-empty StoreLogs batch. Nothing is
-// written by this call.
-func (s *Store) StageCommitIndex(idx uint64) error {
-	if err := s.enter(); err != nil {
-		return err
-	}
-	defer s.exit()
-	// Take writeMu too so a concurrent StoreLogs either includes idx or
-	// leaves it staged for the next batch, never records it as persisted
-	// without writing it.
-	s.writeMu.Lock()
-	defer s.writeMu.Unlock()
-	s.idxMu.Lock()
-	s.staged = idx
-	s.idxMu.Unlock()
-	return nil
-}
-
-// GetCommitIndex implements raft.CommitTrackingLogStore: it returns the last
-// commit index persisted by StoreLogs, capped at LastIndex, or 0 if none was
-// ever persisted.
-func (s *Store) GetCommitIndex() (uint64, error) {
-	if err := s.enter(); err != nil {
-		return 0, err
-	}
-	defer s.exit()
-	s.idxMu.RLock()
-	defer s.idxMu.RUnlock()
-	return min(s.persisted, s.last), nil
-}
 
 // Set durably stores val under key in the stable keyspace.
 func (s *Store) Set(key, val []byte) error {

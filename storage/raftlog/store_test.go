@@ -97,9 +97,6 @@ func TestEmptyStore(t *testing.T) {
 		t.Fatalf("StoreLogs(nil): %v", err)
 	}
 	requireBounds(t, s, 0, 0)
-	if c, err := s.GetCommitIndex(); c != 0 || err != nil {
-		t.Fatalf("GetCommitIndex = %d, %v; want 0, nil", c, err)
-	}
 	if !s.IsMonotonic() {
 		t.Fatal("IsMonotonic = false")
 	}
@@ -340,12 +337,12 @@ func TestStableStore(t *testing.T) {
 	if err := s.Set(logKey(1), []byte("not a log")); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Set([]byte(metaCommitKey), []byte("not meta")); err != nil {
+	if err := s.Set([]byte(metaLayoutKey), []byte("not meta")); err != nil {
 		t.Fatal(err)
 	}
 	requireLog(t, s, testLog(1))
-	if c, err := s.GetCommitIndex(); err != nil || c != 0 {
-		t.Fatalf("GetCommitIndex = %d, %v", c, err)
+	if v, err := s.getMeta(metaLayoutKey); err != nil || v != layoutVersion {
+		t.Fatalf("layout version = %d, %v; want %d", v, err, layoutVersion)
 	}
 
 	for _, n := range []uint64{0, 1, 1 << 32, 1<<64 - 1} {
@@ -373,9 +370,6 @@ func TestReopenKeepsEverything(t *testing.T) {
 	if err := s.DeleteRange(1, 9); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.StageCommitIndex(42); err != nil {
-		t.Fatal(err)
-	}
 	mustStore(t, s, testLogs(51, 60)...)
 	if err := s.SetUint64([]byte("CurrentTerm"), 7); err != nil {
 		t.Fatal(err)
@@ -398,55 +392,9 @@ func TestReopenKeepsEverything(t *testing.T) {
 	if v, err := s.Get([]byte("LastVoteCand")); err != nil || string(v) != "node-2" {
 		t.Fatalf("LastVoteCand = %q, %v", v, err)
 	}
-	if c, err := s.GetCommitIndex(); err != nil || c != 42 {
-		t.Fatalf("GetCommitIndex = %d, %v; want 42", c, err)
-	}
 	// Appending continues where it left off.
 	mustStore(t, s, testLog(61))
 	requireBounds(t, s, 10, 61)
-}
-
-func TestCommitIndex(t *testing.T) {
-	dir := t.TempDir()
-	s := openStore(t, dir)
-	mustStore(t, s, testLogs(1, 10)...)
-
-	if err := s.StageCommitIndex(8); err != nil {
-		t.Fatal(err)
-	}
-	// Staging alone persists nothing.
-	if c, _ := s.GetCommitIndex(); c != 0 {
-		t.Fatalf("GetCommitIndex after staging = %d, want 0", c)
-	}
-	mustStore(t, s, testLog(11))
-	if c, _ := s.GetCommitIndex(); c != 8 {
-		t.Fatalf("GetCommitIndex after StoreLogs = %d, want 8", c)
-	}
-	// A staged value is written once, and a later unchanged batch keeps it.
-	mustStore(t, s, testLog(12))
-	if c, _ := s.GetCommitIndex(); c != 8 {
-		t.Fatalf("GetCommitIndex = %d, want 8", c)
-	}
-	// Never above LastIndex, even if raft staged more or a suffix went away.
-	if err := s.StageCommitIndex(100); err != nil {
-		t.Fatal(err)
-	}
-	mustStore(t, s, testLog(13))
-	if c, _ := s.GetCommitIndex(); c != 13 {
-		t.Fatalf("GetCommitIndex = %d, want it capped at last index 13", c)
-	}
-	if err := s.DeleteRange(6, 13); err != nil {
-		t.Fatal(err)
-	}
-	if c, _ := s.GetCommitIndex(); c != 5 {
-		t.Fatalf("GetCommitIndex after suffix delete = %d, want 5", c)
-	}
-	if err := s.DeleteRange(1, 5); err != nil {
-		t.Fatal(err)
-	}
-	if c, _ := s.GetCommitIndex(); c != 0 {
-		t.Fatalf("GetCommitIndex of empty log = %d, want 0", c)
-	}
 }
 
 func TestClosedStore(t *testing.T) {
@@ -462,19 +410,17 @@ func TestClosedStore(t *testing.T) {
 	}
 	var l raft.Log
 	checks := map[string]error{
-		"StoreLog":         s.StoreLog(testLog(1)),
-		"StoreLogs":        s.StoreLogs(testLogs(1, 2)),
-		"GetLog":           s.GetLog(1, &l),
-		"DeleteRange":      s.DeleteRange(1, 2),
-		"Set":              s.Set([]byte("k"), nil),
-		"SetUint64":        s.SetUint64([]byte("k"), 1),
-		"StageCommitIndex": s.StageCommitIndex(1),
+		"StoreLog":    s.StoreLog(testLog(1)),
+		"StoreLogs":   s.StoreLogs(testLogs(1, 2)),
+		"GetLog":      s.GetLog(1, &l),
+		"DeleteRange": s.DeleteRange(1, 2),
+		"Set":         s.Set([]byte("k"), nil),
+		"SetUint64":   s.SetUint64([]byte("k"), 1),
 	}
 	_, checks["FirstIndex"] = s.FirstIndex()
 	_, checks["LastIndex"] = s.LastIndex()
 	_, checks["Get"] = s.Get([]byte("k"))
 	_, checks["GetUint64"] = s.GetUint64([]byte("k"))
-	_, checks["GetCommitIndex"] = s.GetCommitIndex()
 	for name, err := range checks {
 		if !errors.Is(err, ErrClosed) {
 			t.Errorf("%s after Close: error = %v, want ErrClosed", name, err)
@@ -558,15 +504,23 @@ func TestOpenRejectsMalformedLogKey(t *testing.T) {
 	}
 }
 
-func TestOpenRejectsMalformedCommitIndex(t *testing.T) {
+// Builds on hashicorp/raft v1.8 kept a commit index under "\x03commit".
+// A store that has one (even malformed) opens, and its log is intact.
+func TestOpenIgnoresCommitIndexOfEarlierBuilds(t *testing.T) {
 	dir := t.TempDir()
-	rawWrite(t, dir, []byte(metaCommitKey), []byte{1})
-	if s, err := Open(Config{Dir: dir, Logger: discardLogger()}); !errors.Is(err, ErrCorrupt) {
-		if s != nil {
-			s.Close()
-		}
-		t.Fatalf("Open error = %v, want ErrCorrupt", err)
+	s := openStore(t, dir)
+	mustStore(t, s, testLogs(1, 3)...)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
 	}
+	rawWrite(t, dir, []byte("\x03commit"), []byte{1})
+	s = openStore(t, dir)
+	requireBounds(t, s, 1, 3)
+	for i := uint64(1); i <= 3; i++ {
+		requireLog(t, s, testLog(i))
+	}
+	mustStore(t, s, testLog(4))
+	requireBounds(t, s, 1, 4)
 }
 
 func TestGetLogCorruptEntry(t *testing.T) {
@@ -615,10 +569,6 @@ func TestConcurrentUse(t *testing.T) {
 		defer wg.Done()
 		defer close(appended)
 		for i := uint64(1); i <= total; i += 4 {
-			if err := s.StageCommitIndex(i - 1); err != nil {
-				t.Error(err)
-				return
-			}
 			if err := s.StoreLogs(testLogs(i, i+3)); err != nil {
 				t.Error(err)
 				return
