@@ -332,7 +332,7 @@ func (n *Node) withdrawFeatures(ctx context.Context) {
 	}
 	wctx, cancel := context.WithTimeout(ctx, withdrawTimeout)
 	defer cancel()
-	for range 2 {
+	for attempt := range 2 {
 		// A request id of its own each time (a second one under the
 		// first's id would only get the first's outcome back), and one
 		// attempt each, not Apply's retries: with no quorum left there
@@ -361,6 +361,9 @@ func (n *Node) withdrawFeatures(ctx context.Context) {
 			n.log.Warn("could not withdraw this node's features before shutdown: until it records them again, "+
 				"the cluster counts on them", "features", n.cfg.Features, "err", err)
 			return
+		}
+		if n.afterWithdraw != nil {
+			n.afterWithdraw(attempt)
 		}
 		if rec, err := n.fsm.GetNode(n.cfg.NodeID); err != nil || len(rec.GetFeatures()) == 0 {
 			n.log.Info("withdrew this node's features before shutdown")

@@ -13,6 +13,7 @@ import (
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/raftnode"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -266,6 +267,75 @@ func TestGracefulStopsWithdrawFeatures(t *testing.T) {
 	c.Restart(1)
 	c.WaitReady()
 	clustertest.Eventually(t, 30*time.Second, recorded(2, "n1", "n2", "n3"))
+}
+
+// A registration that lands after a stopping node's withdrawal has
+// committed (one proposed before it, still in flight) records the node's
+// features again; the node then withdraws them a second time, under a
+// request id of its own, so that its record ends without them.
+func TestWithdrawalRepeatsWhenFeaturesReturn(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, 2*time.Minute)
+	stopping := c.Follower()
+	id := c.Nodes[stopping].ID
+	node := c.Nodes[stopping].Server.Node()
+	leader := c.Nodes[c.Leader()].Server.Node()
+	// Every member has recorded its features, as the stopping node sees
+	// it: the withdrawal is sent only then.
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		for _, m := range c.Nodes {
+			rec, err := node.FSM().GetNode(m.ID)
+			if err != nil {
+				return err
+			}
+			if len(rec.GetFeatures()) == 0 {
+				return fmt.Errorf("%s's features are not recorded on %s yet", m.ID, id)
+			}
+		}
+		return nil
+	})
+	var attempts []int
+	raftnode.SetAfterWithdraw(node, func(attempt int) {
+		attempts = append(attempts, attempt)
+		if attempt != 0 {
+			return
+		}
+		rec, err := node.FSM().GetNode(id)
+		if err != nil || len(rec.GetFeatures()) != 0 || !rec.GetFeaturesWithdrawn() {
+			t.Errorf("%s's record after its first withdrawal: %v (%v)", id, rec, err)
+			return
+		}
+		// What a registration of this node writes, landing late.
+		late := &statev1.Node{Id: id, RaftAddr: rec.GetRaftAddr(), ApiAddr: rec.GetApiAddr(), Features: fsm.Features()}
+		if _, err := leader.Apply(ctx, &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: late}}}); err != nil {
+			t.Errorf("late registration: %v", err)
+			return
+		}
+		clustertest.Eventually(t, 30*time.Second, func() error {
+			rec, err := node.FSM().GetNode(id)
+			if err != nil {
+				return err
+			}
+			if len(rec.GetFeatures()) == 0 || rec.GetFeaturesWithdrawn() {
+				return fmt.Errorf("the late registration has not reached %s: %v", id, rec)
+			}
+			return nil
+		})
+	})
+	c.Shutdown(stopping)
+	if len(attempts) != 2 || attempts[0] != 0 || attempts[1] != 1 {
+		t.Fatalf("withdrawal attempts %v, want [0 1]", attempts)
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		rec, err := leader.FSM().GetNode(id)
+		if err != nil {
+			return err
+		}
+		if len(rec.GetFeatures()) != 0 || !rec.GetFeaturesWithdrawn() || rec.GetApiAddr() == "" {
+			return fmt.Errorf("%s's record after its graceful stop: %v", id, rec)
+		}
+		return nil
+	})
 }
 
 // A node that was down while the leader compacted its log catches up by

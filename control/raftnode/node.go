@@ -248,8 +248,12 @@ type Node struct {
 	regDone   chan struct{}
 
 	withdrawOnce sync.Once
-	closeOnce    sync.Once
-	closeErr     error
+	// afterWithdraw, when set (by tests only, before the stop), runs
+	// after each withdrawal attempt has committed and settled, before the
+	// node checks its record: a test can land a late registration there.
+	afterWithdraw func(attempt int)
+	closeOnce     sync.Once
+	closeErr      error
 }
 
 // Open starts the node. It returns once Raft runs; the node may not have
