@@ -347,10 +347,11 @@ func TestConsoleInChromium(t *testing.T) {
 	f.ended(t, "the signed-out token", tok)
 }
 
-// A user changes its password on the console: a wrong current password
-// or two new ones that differ change nothing and say why; the change ends
-// the account's other sessions and keeps the page's; the new password
-// signs in.
+// A user changes its password on the console: a wrong current password,
+// two new ones that differ or one out of bounds change nothing and say
+// why; the change ends the account's other sessions and keeps the page's;
+// a password the server takes is not refused by the page for counting
+// differently (seven two-byte letters, typed); the new password signs in.
 func TestConsoleChangesThePassword(t *testing.T) {
 	f := newFixture(t)
 	other := f.r.Cluster.Login("alice", "alice-password-1") // another login of alice's
@@ -367,6 +368,8 @@ func TestConsoleChangesThePassword(t *testing.T) {
 	waitText(f.browser, t, "#error", "current_password")
 	change("new passwords that differ", "alice-password-1", "alice-password-2", "alice-password-3")
 	waitText(f.browser, t, "#error", "differ")
+	change("a new password of 11 bytes", "alice-password-1", "alice-pw-11", "alice-pw-11")
+	waitText(f.browser, t, "#error", "this one is 11")
 	if code, err := f.getMe(t, other.GetAccessToken()); code != http.StatusOK {
 		t.Fatalf("the other session after the refused changes: %d %v", code, err)
 	}
@@ -392,10 +395,23 @@ func TestConsoleChangesThePassword(t *testing.T) {
 	if code, err := f.getMe(t, tok); code != http.StatusOK {
 		t.Fatalf("the page's own session after its change: %d %v", code, err)
 	}
+	// Typed, as a user would: the browser's length checks apply only to
+	// what was typed, and minlength would count 7 where the server counts
+	// 14 bytes.
+	const accented = "ééééééé"
+	if _, err := chromedp.Run(f.browser, chromedp.Evaluate[bool](`(() => { document.getElementById("password-result").textContent = ""; return true; })()`)); err != nil {
+		t.Fatal(err)
+	}
+	do(f.browser, t, "type a password of seven two-byte letters",
+		chromedp.SetValue(chromedp.CSS("#current-password"), "alice-password-2"),
+		chromedp.SendKeys(chromedp.CSS("#new-password"), accented),
+		chromedp.SendKeys(chromedp.CSS("#new-password-again"), accented),
+		chromedp.Click(chromedp.CSS("#password-button")))
+	waitText(f.browser, t, "#password-result", "Password changed")
 	do(f.browser, t, "sign out", chromedp.Click(chromedp.CSS("#signout-button")), chromedp.WaitVisible(chromedp.CSS("#login-form")))
 	do(f.browser, t, "sign in with the new password",
 		chromedp.SetValue(chromedp.CSS("#login"), "alice"),
-		chromedp.SetValue(chromedp.CSS("#password"), "alice-password-2"),
+		chromedp.SetValue(chromedp.CSS("#password"), accented),
 		chromedp.Click(chromedp.CSS("#login-button")),
 		chromedp.WaitVisible(chromedp.CSS("#register-form")))
 }

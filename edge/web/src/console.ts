@@ -268,6 +268,13 @@ async function main(): Promise<void> {
       const next = $<HTMLInputElement>("new-password");
       const again = $<HTMLInputElement>("new-password-again");
       if (next.value !== again.value) throw new Error("The two new passwords differ; nothing changed.");
+      // The control plane counts a password's UTF-8 bytes, not the UTF-16
+      // units the minlength attribute counts, so the page checks the same
+      // way and lets through what the server takes.
+      const bytes = new TextEncoder().encode(next.value).length;
+      if (bytes < 12 || bytes > 256) {
+        throw new Error(`The new password must be 12 to 256 bytes long in UTF-8; this one is ${bytes}. Nothing changed.`);
+      }
       $("password-result").textContent = "Changing...";
       // This page's session goes on; the account's others end.
       await call("control.v1.AuthService/ChangePassword", { currentPassword: current.value, newPassword: next.value });
