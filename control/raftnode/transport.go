@@ -288,9 +288,14 @@ func (t *raftTransport) gated(handle func(raft.RPC)) func(raft.RPC) {
 }
 
 // Close refuses new heartbeats, waits for those being handled, then
-// closes the transport. A heartbeat handled after Raft's Shutdown returns
-// promptly: Raft's handler gives up on whatever waits on its stopped
-// goroutines.
+// closes the transport. Raft calls it itself at the end of Shutdown (the
+// transport implements raft.WithClose), so the wait is over when
+// Shutdown's future returns; later calls only close again, which
+// NetworkTransport allows. The wait is short: Raft's heartbeat handler
+// checks for shutdown first, and otherwise only takes locks, writes the
+// term and notifies observers, none of which waits on Raft's stopped
+// goroutines. (A blocking raft.Observer would break that; the node
+// registers none.)
 func (t *raftTransport) Close() error {
 	t.mu.Lock()
 	t.closed = true

@@ -3,6 +3,7 @@ package raftnode
 import (
 	"errors"
 	"log/slog"
+	"sync"
 	"testing"
 	"time"
 
@@ -19,11 +20,12 @@ func TestCloseWaitsForHeartbeatInFlight(t *testing.T) {
 	defer leader.Close()
 
 	started := make(chan struct{})
+	var startOnce sync.Once
 	release := make(chan struct{})
 	handled := make(chan struct{}, 2)
 	follower.SetHeartbeatHandler(func(rpc raft.RPC) {
 		handled <- struct{}{}
-		close(started)
+		startOnce.Do(func() { close(started) })
 		<-release
 		rpc.Respond(&raft.AppendEntriesResponse{Term: 7, Success: true}, nil)
 	})
@@ -83,8 +85,10 @@ func TestCloseWaitsForHeartbeatInFlight(t *testing.T) {
 		t.Logf("first heartbeat: %v", err)
 	}
 
-	// After Close a heartbeat never reaches the handler: the gate refuses
-	// it if the connection still delivers it, or the connection is gone.
+	// After Close a heartbeat never reaches the handler. Here the
+	// transport's connections are gone, so it fails to send; the gate's
+	// own refusal, for one a connection still delivers, is
+	// TestGateRefusesHeartbeatAfterClose's.
 	if err := heartbeat(); err == nil {
 		t.Fatal("a heartbeat after Close was answered as handled")
 	}

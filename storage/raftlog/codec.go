@@ -24,10 +24,11 @@ const (
 const (
 	// metaLayoutKey holds the on-disk layout version (uint64, big-endian).
 	metaLayoutKey = "\x03layout"
-	// "\x03commit" held a commit index for hashicorp/raft v1.8's
-	// CommitTrackingLogStore, written by builds before the move to raft
-	// v1.7.2. It is no longer read or written; a store that has it keeps it,
-	// harmlessly.
+	// "\x03commit" was reserved for a commit index, for hashicorp/raft
+	// v1.8's CommitTrackingLogStore, by builds before the move to raft
+	// v1.7.2. Those builds wrote it only if raft staged one, which it does
+	// only with RestoreCommittedLogs, which the control plane never set. It
+	// is no longer read or written; a store that has it keeps it.
 
 	// logLowerBound and logUpperBound bound the log keyspace: [0x01, 0x02).
 	logLowerBound = "\x01"

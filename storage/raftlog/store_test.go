@@ -504,8 +504,10 @@ func TestOpenRejectsMalformedLogKey(t *testing.T) {
 	}
 }
 
-// Builds on hashicorp/raft v1.8 kept a commit index under "\x03commit".
-// A store that has one (even malformed) opens, and its log is intact.
+// Builds on hashicorp/raft v1.8 reserved "\x03commit" for a commit index
+// (8 bytes, big-endian). A store that has one opens, its log is intact,
+// appending goes on, and the key is left as it was, so that a build that
+// reads it finds it unchanged after a rollback.
 func TestOpenIgnoresCommitIndexOfEarlierBuilds(t *testing.T) {
 	dir := t.TempDir()
 	s := openStore(t, dir)
@@ -513,7 +515,8 @@ func TestOpenIgnoresCommitIndexOfEarlierBuilds(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	rawWrite(t, dir, []byte("\x03commit"), []byte{1})
+	commitKey, commit := []byte("\x03commit"), putUint64(2)
+	rawWrite(t, dir, commitKey, commit)
 	s = openStore(t, dir)
 	requireBounds(t, s, 1, 3)
 	for i := uint64(1); i <= 3; i++ {
@@ -521,6 +524,22 @@ func TestOpenIgnoresCommitIndexOfEarlierBuilds(t *testing.T) {
 	}
 	mustStore(t, s, testLog(4))
 	requireBounds(t, s, 1, 4)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db, err := pebble.Open(dir, &pebble.Options{Logger: pebbleLogger{discardLogger()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	v, closer, err := db.Get(commitKey)
+	if err != nil {
+		t.Fatalf("the earlier builds' commit index after reopening and appending: %v", err)
+	}
+	defer closer.Close()
+	if !bytes.Equal(v, commit) {
+		t.Fatalf("commit index = %x, want it left as %x", v, commit)
+	}
 }
 
 func TestGetLogCorruptEntry(t *testing.T) {
