@@ -26,6 +26,7 @@ type edgeFlags struct {
 	origins      flagenv.List
 	shutdown     time.Duration
 	unvalidated  int
+	revisionWait time.Duration
 }
 
 func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
@@ -66,6 +67,8 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.IntVar(&cfg.Session.UnackedLen, "unacked-len", 1024, "durable events queued or sent to a device and not yet acknowledged by it, or 4 MiB of them, before senders get QUEUE_FULL: bounds what a device that reads but never acknowledges holds")
 	fs.IntVar(&cfg.Session.MaxSessions, "max-sessions", 0, "most sessions this edge takes; beyond it devices are sent to another edge (0: no bound)")
 	fs.Float64Var(&cfg.Session.HandshakesPerSecond, "handshakes-per-second", 20, "new sessions per second per client IPv4 address or IPv6 /64")
+	fs.DurationVar(&f.revisionWait, "revision-wait", 5*time.Second, "how long a handshake whose Hello names a control-plane revision (min_revision: a device that connects right after its registration) may wait for this edge to learn of it, at most half the 10s handshake timeout; then it goes on with what the edge knows (0: never wait)")
+	fs.IntVar(&cfg.Session.MaxRevisionWaits, "max-revision-waits", 1024, "handshakes that may wait for a revision at once; beyond it they go on without waiting (0: none waits)")
 	fs.IntVar(&f.unvalidated, "max-unvalidated-handshakes", transport.DefaultMaxUnvalidatedHandshakes, "QUIC handshakes from addresses not yet validated in progress at once; beyond it new connections must first answer a Retry, one round trip more (0: every connection must)")
 	fs.DurationVar(&cfg.DrainWindow, "drain-window", 10*time.Second, "on shutdown, spread clients' reconnects over this long")
 	fs.DurationVar(&f.shutdown, "shutdown-timeout", 30*time.Second, "how long a graceful shutdown may take")
@@ -81,6 +84,12 @@ func (f *edgeFlags) apply(cfg *edgeserver.Config, getenv func(string) string) er
 	cfg.MaxUnvalidatedHandshakes = f.unvalidated
 	if f.unvalidated <= 0 {
 		cfg.MaxUnvalidatedHandshakes = -1 // the config's zero is its default
+	}
+	// The same for the revision waits: the flags' zero is "never", the
+	// session configuration's zero its default.
+	cfg.Session.RevisionWait = f.revisionWait
+	if f.revisionWait <= 0 || cfg.Session.MaxRevisionWaits <= 0 {
+		cfg.Session.RevisionWait = -1
 	}
 	// Secrets come from the environment or a file, never from flags.
 	cfg.Control.Password = getenv("RELAY_EDGE_PASSWORD")
