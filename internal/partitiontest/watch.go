@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -39,6 +40,9 @@ type Watcher struct {
 	violations []string
 	streams    int
 	resyncs    int
+	// ends is how the last stream on each node ended, for a failure's
+	// message: when it ended, what it received, and why.
+	ends map[string]string
 }
 
 type watchRecord struct {
@@ -89,20 +93,33 @@ func (w *Watcher) once(ctx context.Context, n *relaytest.ControlNode) {
 	defer stall.Stop()
 	// Streams end by themselves too, every few seconds, so the watcher
 	// resumes on every node, including those just restarted or healed
-	// (and behind): a resume must never go back in time.
-	life := time.AfterFunc(2*time.Second+time.Duration(streams%4)*time.Second, cancel)
+	// (and behind): a resume must never go back in time. Every fourth
+	// lives past the feed's 5 s progress interval: entries that are no
+	// change for watchers (a new leader's no-op, activity reports) reach
+	// a watcher only in a progress message, so on a quiet feed a watcher
+	// whose streams all end sooner would never count them as complete.
+	lifetime := 2*time.Second + time.Duration(streams%4)*time.Second
+	if streams%4 == 3 {
+		lifetime = 7 * time.Second
+	}
+	life := time.AfterFunc(lifetime, cancel)
 	defer life.Stop()
 	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from, History: history})
 	req.Header().Set("Authorization", "Bearer "+w.token)
+	start := time.Now()
 	stream, err := edgev1connect.NewWatchServiceClient(w.s.HTTPClient(), w.s.URL(n)).Watch(ctx, req)
 	if err != nil {
+		w.ended(n.ID, start, from, 0, err)
 		return
 	}
 	defer stream.Close()
+	received := 0
 	for stream.Receive() {
 		stall.Reset(stallAfter)
+		received++
 		w.apply(from, stream.Msg())
 	}
+	w.ended(n.ID, start, from, received, stream.Err())
 	// Changes of a revision only partly received come again on resume.
 	w.mu.Lock()
 	keep := len(w.events)
@@ -112,6 +129,33 @@ func (w *Watcher) once(ctx context.Context, n *relaytest.ControlNode) {
 	w.events = w.events[:keep]
 	w.lastEvent = w.complete
 	w.mu.Unlock()
+}
+
+// ended records how a stream on node ended.
+func (w *Watcher) ended(node string, start time.Time, from uint64, received int, err error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ends == nil {
+		w.ends = map[string]string{}
+	}
+	w.ends[node] = fmt.Sprintf("%s: from %d, %d messages in %v, ended at %s: %v",
+		node, from, received, time.Since(start).Round(time.Millisecond), time.Now().Format("15:04:05.000"), err)
+}
+
+// describeEnds lists how the last stream on each node ended. Call it
+// with mu held.
+func (w *Watcher) describeEnds() string {
+	ids := make([]string, 0, len(w.ends))
+	for id := range w.ends {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	var b strings.Builder
+	for _, id := range ids {
+		b.WriteString("; last stream on ")
+		b.WriteString(w.ends[id])
+	}
+	return b.String()
 }
 
 func (w *Watcher) apply(from uint64, m *edgev1.WatchResponse) {
@@ -167,11 +211,19 @@ func (w *Watcher) CheckAgainstFreshRead(t *testing.T, within time.Duration) {
 	defer cancel()
 	var marker uint64
 	clustertest.Eventually(t, within, func() error {
-		resp, err := w.s.Users(w.s.Control[0]).CreateUser(ctx, relaytest.Admin(w.s, &controlv1.CreateUserRequest{Login: fmt.Sprintf("marker-%d", time.Now().UnixNano())}))
-		if err != nil {
+		login := fmt.Sprintf("marker-%d", time.Now().UnixNano())
+		if _, err := w.s.Users(w.s.Control[0]).CreateUser(ctx, relaytest.Admin(w.s, &controlv1.CreateUserRequest{Login: login})); err != nil {
 			return err
 		}
-		_ = resp
+		// A failed login after it: an entry that is no change for
+		// watchers, so the marker (the applied index below) is complete
+		// for the watcher only through a progress message, as the end of
+		// a quiet feed always is.
+		_, err := controlv1connect.NewAuthServiceClient(w.s.HTTPClient(), w.s.URL(w.s.Control[0])).
+			Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: login, Password: "not the marker's password"}))
+		if connect.CodeOf(err) != connect.CodeUnauthenticated {
+			return fmt.Errorf("a failed login after the marker: %v, want unauthenticated", err)
+		}
 		st, err := w.s.Status(w.s.Control[0], 5*time.Second)
 		if err != nil {
 			return err
@@ -183,7 +235,7 @@ func (w *Watcher) CheckAgainstFreshRead(t *testing.T, within time.Duration) {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		if w.complete < marker {
-			return fmt.Errorf("watcher complete up to %d, marker at %d", w.complete, marker)
+			return fmt.Errorf("watcher complete up to %d, marker at %d (%d streams%s)", w.complete, marker, w.streams, w.describeEnds())
 		}
 		return nil
 	})
