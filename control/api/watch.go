@@ -209,6 +209,13 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 	}
 	progress := time.NewTicker(s.cfg.ProgressInterval)
 	defer progress.Stop()
+	// A resumed stream says as soon as it has caught up where the watcher
+	// stands, instead of at the first tick: entries that are no change for
+	// watchers (a new leader's no-op, activity, failed logins) may have
+	// been applied since the watcher's revision, and the watcher would
+	// otherwise learn that it is current only after ProgressInterval. A
+	// full copy ends with its own revision (snapshot_done).
+	caughtUp := from == 0
 	// pos is where the next read of the feed starts. It is a (revision,
 	// seq) position, not a revision: a page of BatchLimit changes may end
 	// inside a revision, and the rest of that revision must follow.
@@ -251,6 +258,23 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 			if err := ws.Send(&edgev1.WatchResponse{Revision: last, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}}); err != nil {
 				return err
 			}
+			caughtUp = true
+		}
+		if !caughtUp {
+			caughtUp = true
+			// Not from a node cut off from the leader: the tick ends the
+			// stream then, as it did before (a node that restarted and has
+			// not heard from the leader yet gets its chance to).
+			if s.node.SinceLeaderContact() <= s.cfg.LeaderTimeout {
+				var pending bool
+				if last, pending, err = s.sendProgress(f, ws, last); err != nil {
+					return err
+				}
+				if pending {
+					continue
+				}
+				pos = fsm.ChangePos{Revision: last + 1}
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -262,27 +286,38 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 			if err := s.inContact(last); err != nil {
 				return err
 			}
-			// Claim progress only up to what has really been sent: read
-			// the applied index first, then make sure no change after
-			// `last` exists; otherwise go round and send it.
-			applied := f.AppliedIndex()
-			pending, err := f.Changes(last, 1)
-			if err != nil && !errors.Is(err, fsm.ErrCompacted) {
-				return toConnect(err)
-			}
-			if err != nil || len(pending) > 0 {
-				continue
-			}
-			if applied > last {
-				// Entries with no change for watchers (noops, activity).
-				last = applied
-				pos = fsm.ChangePos{Revision: last + 1}
-			}
-			if err := ws.Send(&edgev1.WatchResponse{Revision: last, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}}); err != nil {
+			var pending bool
+			if last, pending, err = s.sendProgress(f, ws, last); err != nil {
 				return err
+			}
+			if !pending {
+				pos = fsm.ChangePos{Revision: last + 1}
 			}
 		}
 	}
+}
+
+// sendProgress tells the watcher that every change up to the applied index
+// has been sent, last being the revision of the last change sent. It
+// claims only what has really been sent: it reads the applied index
+// first, then makes sure no change after last exists; if one does
+// (pending), it sends nothing and the caller goes round to send it.
+// It returns the revision claimed, which is last or later.
+func (s *WatchServer) sendProgress(f *fsm.FSM, ws *watchStream, last uint64) (claimed uint64, pending bool, err error) {
+	applied := f.AppliedIndex()
+	after, err := f.Changes(last, 1)
+	if err != nil && !errors.Is(err, fsm.ErrCompacted) {
+		return last, false, toConnect(err)
+	}
+	if err != nil || len(after) > 0 {
+		return last, true, nil
+	}
+	// Entries with no change for watchers (noops, activity) up to applied.
+	claimed = max(last, applied)
+	if err := ws.Send(&edgev1.WatchResponse{Revision: claimed, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}}); err != nil {
+		return last, false, err
+	}
+	return claimed, false, nil
 }
 
 // inContact is nil while this node follows the cluster's writes (it

@@ -774,6 +774,48 @@ func (w *watcher) progressHonest(t *testing.T, f *fsm.FSM, after, until uint64) 
 	}
 }
 
+// A watch resumed on a quiet feed hears at once where it stands: a
+// progress at the node's applied index, which entries that are no change
+// for watchers (activity of unknown users here) moved past the watcher's
+// revision, without waiting for the idle tick (an hour here). Without it
+// an edge that resumed learned that it is current, and got past the
+// revisions its handshakes and mailbox fences wait for, only at the tick.
+func TestResumedWatchHearsAtOnceThatItIsCurrent(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: time.Hour}})
+	edge := c.TokenFor("edge-resumes", controlv1.Role_ROLE_EDGE)
+	f := c.Nodes[0].Server.Node().FSM()
+	mkUser(t, c, 0, "quiet")
+	from := feedEnd(t, f, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for range 3 {
+		if _, err := c.Nodes[0].Server.Node().Apply(ctx, &statev1.Command{Op: &statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{
+			Entries: []*statev1.Activity{{UserId: "nobody", SeenAtMs: time.Now().UnixMilli()}}}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	applied := f.AppliedIndex()
+	if end := feedEnd(t, f, 0); applied <= from || end != from {
+		t.Fatalf("applied %d, feed ends at %d: want entries applied after the feed's end at %d", applied, end, from)
+	}
+	w := startWatch(t, c.Nodes[0], edge, from, true)
+	select {
+	case m := <-w.msgs:
+		if m.GetProgress() == nil || m.GetRevision() < applied {
+			t.Fatalf("first message of the resumed watch: %v, want a progress at %d or later", m, applied)
+		}
+	case <-w.done:
+		t.Fatalf("the resumed watch ended: %v", w.err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("the resumed watch heard nothing for 20 s")
+	}
+	// Then the feed goes on as before.
+	mkUser(t, c, 0, "later")
+	if m := w.next(t); m.GetEvent().GetUserPut().GetId() != "later" {
+		t.Fatalf("after the progress: %v, want the user put of \"later\"", m)
+	}
+}
+
 // Regression: a page of the change feed (BatchLimit) that ends inside a
 // revision must not skip the rest of that revision, and progress must
 // not claim such a revision complete early. Deleting a user with three
@@ -913,7 +955,11 @@ func TestACutOffNodeEndsItsWatches(t *testing.T) {
 	fi := c.Follower()
 	f := c.Nodes[fi]
 	w := startWatch(t, f, edge, 0, true)
-	for w.next(t).GetSnapshotDone() == nil {
+	var copied uint64
+	for copied == 0 {
+		if m := w.next(t); m.GetSnapshotDone() != nil {
+			copied = m.GetRevision()
+		}
 	}
 	c.Isolate(fi)
 	t.Cleanup(func() { c.Heal(fi) })
@@ -936,6 +982,19 @@ func TestACutOffNodeEndsItsWatches(t *testing.T) {
 		t.Fatalf("the cut-off node sent %v to a new watcher", m)
 	case <-time.After(30 * time.Second):
 		t.Fatal("a new watch on the cut-off node neither ended nor sent anything in 30 s")
+	}
+	// Nor does a watch resumed there hear that it is current (the progress
+	// a resumed stream gets as soon as it caught up): it ends.
+	resumed := startWatch(t, f, edge, copied, true)
+	select {
+	case <-resumed.done:
+		if connect.CodeOf(resumed.err) != connect.CodeUnavailable {
+			t.Fatalf("a watch resumed on the cut-off node: %v, want unavailable", resumed.err)
+		}
+	case m := <-resumed.msgs:
+		t.Fatalf("the cut-off node sent %v to a resumed watcher", m)
+	case <-time.After(30 * time.Second):
+		t.Fatal("a watch resumed on the cut-off node neither ended nor sent anything in 30 s")
 	}
 	// Healed, it serves again, the user written meanwhile included.
 	c.Heal(fi)

@@ -93,11 +93,12 @@ func (w *Watcher) once(ctx context.Context, n *relaytest.ControlNode) {
 	defer stall.Stop()
 	// Streams end by themselves too, every few seconds, so the watcher
 	// resumes on every node, including those just restarted or healed
-	// (and behind): a resume must never go back in time. Every fourth
-	// lives past the feed's 5 s progress interval: entries that are no
-	// change for watchers (a new leader's no-op, activity reports) reach
-	// a watcher only in a progress message, so on a quiet feed a watcher
-	// whose streams all end sooner would never count them as complete.
+	// (and behind): a resume must never go back in time. Entries that
+	// are no change for watchers (a new leader's no-op, activity
+	// reports) reach a watcher only in a progress message: a resumed
+	// stream gets one as soon as it has caught up, an idle one every 5 s.
+	// Every fourth stream lives past that interval, so the idle path is
+	// checked as well as the resumed one.
 	lifetime := 2*time.Second + time.Duration(streams%4)*time.Second
 	if streams%4 == 3 {
 		lifetime = 7 * time.Second

@@ -823,7 +823,9 @@ type WatchResponse_SnapshotDone struct {
 
 type WatchResponse_Progress struct {
 	// Every change up to `revision` has been sent: sent after each burst
-	// of changes (one revision may carry several) and when idle.
+	// of changes (one revision may carry several), when idle, and as soon
+	// as a resumed stream has caught up (its revision then may be past
+	// the last change: entries that change nothing for watchers).
 	Progress *Progress `protobuf:"bytes,13,opt,name=progress,proto3,oneof"`
 }
 
