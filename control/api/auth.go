@@ -57,6 +57,14 @@ func (s *AuthServer) verifyPassword(ctx context.Context, hash, password string) 
 
 var errBadCredentials = errors.New("invalid login or password")
 
+// gaveUp reports whether err, from verifyPassword, says the caller's
+// context ended while the check waited for a hashing slot: no verdict on
+// the password, and the caller is answered with its own deadline or
+// cancellation rather than as a wrong password.
+func gaveUp(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
 func clientAddr(peer connect.Peer) string {
 	host, _, err := net.SplitHostPort(peer.Addr)
 	if err != nil {
@@ -82,20 +90,23 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	// An unknown login, or one without a password, is checked against a
+	// dummy hash, so it takes the time a wrong password does and ends the
+	// same way when no hashing slot comes in time: the answers tell no
+	// login that exists from one that does not.
+	hash := s.dummy
 	u, err := f.GetUserByLogin(m.GetLogin())
-	if err != nil {
-		if errors.Is(err, fsm.ErrNotFound) {
-			_, _ = s.verifyPassword(ctx, s.dummy, m.GetPassword())
-			return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
-		}
+	switch {
+	case err == nil && u.GetPasswordHash() != "":
+		hash = u.GetPasswordHash()
+	case err != nil && !errors.Is(err, fsm.ErrNotFound):
 		return nil, toConnect(err)
 	}
-	if u.GetPasswordHash() == "" {
-		_, _ = s.verifyPassword(ctx, s.dummy, m.GetPassword())
-		return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
+	ok, err := s.verifyPassword(ctx, hash, m.GetPassword())
+	if gaveUp(err) {
+		return nil, toConnect(err)
 	}
-	ok, err := s.verifyPassword(ctx, u.GetPasswordHash(), m.GetPassword())
-	if err != nil || !ok {
+	if err != nil || !ok || hash == s.dummy {
 		return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
 	}
 	if u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {
@@ -315,7 +326,9 @@ func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[co
 		return nil, err
 	}
 	if u.GetPasswordHash() == "" {
-		_, _ = s.verifyPassword(ctx, s.dummy, m.GetCurrentPassword())
+		if _, err := s.verifyPassword(ctx, s.dummy, m.GetCurrentPassword()); gaveUp(err) {
+			return nil, toConnect(err)
+		}
 		return nil, invalidArg(errWrongPassword)
 	}
 	ok, err := s.verifyPassword(ctx, u.GetPasswordHash(), m.GetCurrentPassword())

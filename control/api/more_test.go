@@ -237,3 +237,44 @@ func BenchmarkNodeToken(b *testing.B) {
 		}
 	}
 }
+
+// A login whose caller gives up while it waits for a hashing slot (all of
+// them busy with other checks) is answered with the caller's deadline,
+// not as a wrong password (which the per-code metrics would count as an
+// authentication failure), and alike for a login that exists and one
+// that does not, so the answer tells neither apart. With a slot, the
+// password decides again; the dummy hash an unknown login is checked
+// against opens nothing, whatever the password.
+func TestLoginWithoutAHashingSlotIsNoVerdict(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	node := c.Nodes[0].Server.Node()
+	a := api.NewAuthenticator(node, api.AuthConfig{Password: auth.TestParams})
+	srv, err := api.NewAuthServer(node, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	login := func(ctx context.Context, login, password string) error {
+		_, err := srv.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: login, Password: password}))
+		return err
+	}
+	release := api.HoldHashSlots(a)
+	for _, l := range []string{"admin", "no-such-login"} {
+		// Generous: the attempt's write and the read before the check
+		// use the same context and must not be what ends it.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		err := login(ctx, l, clustertest.AdminPassword)
+		cancel()
+		if connect.CodeOf(err) != connect.CodeDeadlineExceeded || !strings.Contains(err.Error(), "hash") {
+			t.Errorf("login %q with every hashing slot taken: %v, want deadline exceeded while waiting to hash", l, err)
+		}
+	}
+	release()
+	if err := login(ctxT(t, 20*time.Second), "admin", clustertest.AdminPassword); err != nil {
+		t.Fatalf("the right password with a slot free: %v", err)
+	}
+	for l, pw := range map[string]string{"admin": "not the admin's password", "no-such-login": "not a real password, only for timing"} {
+		if err := login(ctxT(t, 20*time.Second), l, pw); connect.CodeOf(err) != connect.CodeUnauthenticated {
+			t.Errorf("login %q with a wrong password: %v, want unauthenticated", l, err)
+		}
+	}
+}
