@@ -44,26 +44,7 @@ func NewAuthServer(node *raftnode.Node, authn *Authenticator) (*AuthServer, erro
 	return &AuthServer{node: node, authn: authn, cfg: cfg, dummy: dummy}, nil
 }
 
-// verifyPassword checks a password against a stored hash in one of the
-// node's hashing slots (Authenticator.withHashSlot).
-func (s *AuthServer) verifyPassword(ctx context.Context, hash, password string) (bool, error) {
-	var ok bool
-	var verr error
-	if err := s.authn.withHashSlot(ctx, func() { ok, verr = auth.VerifyPassword(hash, password) }); err != nil {
-		return false, err
-	}
-	return ok, verr
-}
-
 var errBadCredentials = errors.New("invalid login or password")
-
-// gaveUp reports whether err, from verifyPassword, says the caller's
-// context ended while the check waited for a hashing slot: no verdict on
-// the password, and the caller is answered with its own deadline or
-// cancellation rather than as a wrong password.
-func gaveUp(err error) bool {
-	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
-}
 
 func clientAddr(peer connect.Peer) string {
 	host, _, err := net.SplitHostPort(peer.Addr)
@@ -82,31 +63,15 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	if m.GetPassword() == "" || len(m.GetPassword()) > 1024 {
 		return nil, invalidArg(errors.New("password is empty or longer than 1024 bytes"))
 	}
-	attempt, err := s.attempt(ctx, m.GetLogin(), req)
+	attempt, err := s.admit(ctx, m.GetLogin(), req)
 	if err != nil {
 		return nil, err
 	}
-	f, err := s.node.Read(ctx, raftnode.Linearizable)
+	u, ok, err := s.checkLogin(ctx, attempt, m)
 	if err != nil {
-		return nil, toConnect(err)
+		return nil, err
 	}
-	// An unknown login, or one without a password, is checked against a
-	// dummy hash, so it takes the time a wrong password does and ends the
-	// same way when no hashing slot comes in time: the answers tell no
-	// login that exists from one that does not.
-	hash := s.dummy
-	u, err := f.GetUserByLogin(m.GetLogin())
-	switch {
-	case err == nil && u.GetPasswordHash() != "":
-		hash = u.GetPasswordHash()
-	case err != nil && !errors.Is(err, fsm.ErrNotFound):
-		return nil, toConnect(err)
-	}
-	ok, err := s.verifyPassword(ctx, hash, m.GetPassword())
-	if gaveUp(err) {
-		return nil, toConnect(err)
-	}
-	if err != nil || !ok || hash == s.dummy {
+	if !ok {
 		return nil, connect.NewError(connect.CodeUnauthenticated, errBadCredentials)
 	}
 	if u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {
@@ -138,12 +103,43 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	return connect.NewResponse(&controlv1.LoginResponse{Tokens: tokens}), nil
 }
 
-// attempt counts a check of login's password, made by the client of
-// req, as a login attempt: refused (ResourceExhausted, with Retry-After)
-// while the login or the address must wait, else recorded in the log as
-// a failure until the check succeeds (and gives it back), so parallel
-// guesses cannot all pass before the first failure is recorded.
-func (s *AuthServer) attempt(ctx context.Context, login string, req connect.AnyRequest) (*statev1.LoginAttempt, error) {
+// checkLogin records the attempt and checks the login's password, in
+// one hashing slot (see recordAttempt), and returns the account when the
+// password is its own. An unknown login, or one without a password, is
+// checked against a dummy hash, so it takes the time a wrong password
+// does and ends the same way when no slot comes in time: the answers
+// tell no login that exists from one that does not.
+func (s *AuthServer) checkLogin(ctx context.Context, attempt *statev1.LoginAttempt, m *controlv1.LoginRequest) (*statev1.User, bool, error) {
+	release, err := s.authn.hashSlot(ctx)
+	if err != nil {
+		return nil, false, toConnect(err)
+	}
+	defer release()
+	if err := s.recordAttempt(ctx, attempt); err != nil {
+		return nil, false, err
+	}
+	f, err := s.node.Read(ctx, raftnode.Linearizable)
+	if err != nil {
+		return nil, false, toConnect(err)
+	}
+	hash := s.dummy
+	u, err := f.GetUserByLogin(m.GetLogin())
+	switch {
+	case err == nil && u.GetPasswordHash() != "":
+		hash = u.GetPasswordHash()
+	case err != nil && !errors.Is(err, fsm.ErrNotFound):
+		return nil, false, toConnect(err)
+	}
+	ok, err := auth.VerifyPassword(hash, m.GetPassword())
+	// The dummy hash's verdict is never taken.
+	return u, err == nil && ok && hash != s.dummy, nil
+}
+
+// admit is the first half of a login attempt: the checks that cost
+// nothing but this node's memory. It refuses (ResourceExhausted, with
+// Retry-After) while the login or the client's address must wait, and
+// else returns the attempt to record (recordAttempt).
+func (s *AuthServer) admit(ctx context.Context, login string, req connect.AnyRequest) (*statev1.LoginAttempt, error) {
 	addr := clientAddr(req.Peer())
 	if fwd, ok := s.authn.forwardedFor(ctx, req.Header()); ok {
 		addr = fwd
@@ -160,15 +156,25 @@ func (s *AuthServer) attempt(ctx context.Context, login string, req connect.AnyR
 	} else if wait > 0 {
 		return nil, throttled(time.Duration(wait) * time.Millisecond)
 	}
-	// The cluster's counts decide, in the log.
+	return attempt, nil
+}
+
+// recordAttempt counts a check of a password as a login attempt, in the
+// log, where the cluster's counts decide: refused (ResourceExhausted,
+// with Retry-After) when the login or the address must wait, else
+// recorded as a failure until the check succeeds (and gives it back),
+// so parallel guesses cannot all pass before the first failure is
+// recorded. The caller holds a hashing slot: one that gives up waiting
+// for a slot had nothing checked, and spends no attempt.
+func (s *AuthServer) recordAttempt(ctx context.Context, attempt *statev1.LoginAttempt) error {
 	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: s.cfg.Now().UnixMilli(), Op: &statev1.Command_LoginAttempt{LoginAttempt: attempt}})
 	if err != nil {
-		return nil, toConnect(err)
+		return toConnect(err)
 	}
 	if wait := res.GetRetryAfterMs(); wait > 0 {
-		return nil, throttled(time.Duration(wait) * time.Millisecond)
+		return throttled(time.Duration(wait) * time.Millisecond)
 	}
-	return attempt, nil
+	return nil
 }
 
 // throttled is the error of a login attempt that must wait.
@@ -321,29 +327,13 @@ func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[co
 	}
 	// Counted against the account's login: a stolen access token buys
 	// no more guesses at the password than the login form gives.
-	attempt, err := s.attempt(ctx, u.GetLogin(), req)
+	attempt, err := s.admit(ctx, u.GetLogin(), req)
 	if err != nil {
 		return nil, err
 	}
-	if u.GetPasswordHash() == "" {
-		if _, err := s.verifyPassword(ctx, s.dummy, m.GetCurrentPassword()); gaveUp(err) {
-			return nil, toConnect(err)
-		}
-		return nil, invalidArg(errWrongPassword)
-	}
-	ok, err := s.verifyPassword(ctx, u.GetPasswordHash(), m.GetCurrentPassword())
+	h, err := s.checkAndHash(ctx, attempt, u, m)
 	if err != nil {
-		return nil, toConnect(err) // no hashing slot in time, not a wrong password
-	}
-	if !ok {
-		return nil, invalidArg(errWrongPassword)
-	}
-	if u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {
-		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("this account is disabled"))
-	}
-	h, err := s.authn.hashPassword(ctx, m.GetNewPassword())
-	if err != nil {
-		return nil, toConnect(err)
+		return nil, err
 	}
 	// Again right before the write, so that the time from the last check
 	// to the entry is a proposal's, not the hashing's: a member stopping
@@ -365,6 +355,39 @@ func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[co
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.ChangePasswordResponse{}), nil
+}
+
+// checkAndHash records the attempt, checks the current password of a
+// password change and hashes the new one, all in one hashing slot (see
+// recordAttempt), and returns the new hash.
+func (s *AuthServer) checkAndHash(ctx context.Context, attempt *statev1.LoginAttempt, u *statev1.User, m *controlv1.ChangePasswordRequest) (string, error) {
+	release, err := s.authn.hashSlot(ctx)
+	if err != nil {
+		return "", toConnect(err)
+	}
+	defer release()
+	if err := s.recordAttempt(ctx, attempt); err != nil {
+		return "", err
+	}
+	hash := u.GetPasswordHash()
+	if hash == "" {
+		hash = s.dummy // the time a wrong password takes; never its verdict
+	}
+	ok, err := auth.VerifyPassword(hash, m.GetCurrentPassword())
+	if err != nil {
+		return "", toConnect(err) // a stored hash this release cannot read
+	}
+	if !ok || hash == s.dummy {
+		return "", invalidArg(errWrongPassword)
+	}
+	if u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {
+		return "", connect.NewError(connect.CodePermissionDenied, errors.New("this account is disabled"))
+	}
+	h, err := auth.HashPassword(m.GetNewPassword(), s.cfg.Password)
+	if err != nil {
+		return "", toConnect(err)
+	}
+	return h, nil
 }
 
 // passwordChangeGate answers failed_precondition while a member's

@@ -153,15 +153,25 @@ type Authenticator struct {
 	hashSlots chan struct{}
 }
 
+// hashSlot waits for one of the node's hashing slots, or returns ctx's
+// error. The caller hashes in it and then calls release, once.
+func (a *Authenticator) hashSlot(ctx context.Context) (release func(), err error) {
+	select {
+	case a.hashSlots <- struct{}{}:
+		return func() { <-a.hashSlots }, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("waiting to hash a password: %w", ctx.Err())
+	}
+}
+
 // withHashSlot runs f, a password hash, once one of the node's hashing
 // slots is free, or returns ctx's error without running it.
 func (a *Authenticator) withHashSlot(ctx context.Context, f func()) error {
-	select {
-	case a.hashSlots <- struct{}{}:
-	case <-ctx.Done():
-		return fmt.Errorf("waiting to hash a password: %w", ctx.Err())
+	release, err := a.hashSlot(ctx)
+	if err != nil {
+		return err
 	}
-	defer func() { <-a.hashSlots }()
+	defer release()
 	f()
 	return nil
 }

@@ -238,18 +238,25 @@ func BenchmarkNodeToken(b *testing.B) {
 	}
 }
 
-// A login whose caller gives up while it waits for a hashing slot (all of
-// them busy with other checks) is answered with the caller's deadline,
-// not as a wrong password (which the per-code metrics would count as an
-// authentication failure), and alike for a login that exists and one
-// that does not, so the answer tells neither apart. With a slot, the
-// password decides again; the dummy hash an unknown login is checked
-// against opens nothing, whatever the password.
-func TestLoginWithoutAHashingSlotIsNoVerdict(t *testing.T) {
+// A login or a password change whose caller gives up while it waits for
+// a hashing slot (all of them busy with other checks) is answered with
+// the caller's deadline, not as a wrong password (which the per-code
+// metrics would count as an authentication failure), and alike for a
+// login that exists and one that does not, so the answer tells neither
+// apart. Nothing was checked, so it spends no attempt: the address's
+// first failures would otherwise make its next attempts wait an hour.
+// With a slot, the password decides again; the dummy hash an unknown
+// login is checked against opens nothing, whatever the password.
+func TestNoHashingSlotNoVerdictNoAttempt(t *testing.T) {
 	c := clustertest.Start(t, 1, clustertest.Options{})
 	node := c.Nodes[0].Server.Node()
-	a := api.NewAuthenticator(node, api.AuthConfig{Password: auth.TestParams})
+	a := api.NewAuthenticator(node, api.AuthConfig{Password: auth.TestParams,
+		Throttle: api.Throttle{AddrFree: 2, LoginFree: 1, BaseDelay: time.Hour, MaxDelay: time.Hour}})
 	srv, err := api.NewAuthServer(node, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, err := node.FSM().GetUserByLogin("admin")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -257,24 +264,34 @@ func TestLoginWithoutAHashingSlotIsNoVerdict(t *testing.T) {
 		_, err := srv.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: login, Password: password}))
 		return err
 	}
+	changePassword := func(ctx context.Context) error {
+		ctx = auth.WithClaims(ctx, auth.Claims{Subject: admin.GetId(), Login: "admin", Role: auth.RoleAdmin, Session: "f_test"})
+		_, err := srv.ChangePassword(ctx, connect.NewRequest(&controlv1.ChangePasswordRequest{
+			CurrentPassword: clustertest.AdminPassword, NewPassword: "a new password of the admin"}))
+		return err
+	}
 	release := api.HoldHashSlots(a)
-	for _, l := range []string{"admin", "no-such-login"} {
-		// Generous: the attempt's write and the read before the check
-		// use the same context and must not be what ends it.
+	for what, call := range map[string]func(context.Context) error{
+		"login as admin":       func(ctx context.Context) error { return login(ctx, "admin", clustertest.AdminPassword) },
+		"login as nobody":      func(ctx context.Context) error { return login(ctx, "no-such-login", clustertest.AdminPassword) },
+		"admin's new password": changePassword,
+	} {
+		// Generous: the reads before the wait use the same context and
+		// must not be what ends it.
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		err := login(ctx, l, clustertest.AdminPassword)
+		err := call(ctx)
 		cancel()
 		if connect.CodeOf(err) != connect.CodeDeadlineExceeded || !strings.Contains(err.Error(), "hash") {
-			t.Errorf("login %q with every hashing slot taken: %v, want deadline exceeded while waiting to hash", l, err)
+			t.Errorf("%s with every hashing slot taken: %v, want deadline exceeded while waiting to hash", what, err)
 		}
 	}
 	release()
-	if err := login(ctxT(t, 20*time.Second), "admin", clustertest.AdminPassword); err != nil {
-		t.Fatalf("the right password with a slot free: %v", err)
+	// A failure of the address's two free ones, then the right password:
+	// one failure more, from any of the calls above, and it waits an hour.
+	if err := login(ctxT(t, 20*time.Second), "no-such-login", "not a real password, only for timing"); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Errorf("an unknown login with the dummy hash's password: %v, want unauthenticated", err)
 	}
-	for l, pw := range map[string]string{"admin": "not the admin's password", "no-such-login": "not a real password, only for timing"} {
-		if err := login(ctxT(t, 20*time.Second), l, pw); connect.CodeOf(err) != connect.CodeUnauthenticated {
-			t.Errorf("login %q with a wrong password: %v, want unauthenticated", l, err)
-		}
+	if err := login(ctxT(t, 20*time.Second), "admin", clustertest.AdminPassword); err != nil {
+		t.Fatalf("the right password once a slot is free: %v (want no attempt counted while none was)", err)
 	}
 }
