@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -64,10 +63,11 @@ func (c *WatchConfig) applyDefaults() {
 // WatchServer serves WatchService: the revisioned change feed edges
 // follow.
 type WatchServer struct {
-	node    *raftnode.Node
-	cfg     WatchConfig
-	closing chan struct{} // closed by Close: open streams end
-	once    sync.Once
+	node *raftnode.Node
+	cfg  WatchConfig
+	// stopped ends with Close: open streams end, and so do their waits.
+	stopped context.Context
+	stop    context.CancelFunc
 	streams prometheus.Gauge
 	cutoffs prometheus.Counter
 	resyncs prometheus.Counter
@@ -78,7 +78,8 @@ var _ edgev1connect.WatchServiceHandler = (*WatchServer)(nil)
 // NewWatchServer returns the WatchService handler.
 func NewWatchServer(node *raftnode.Node, cfg WatchConfig) *WatchServer {
 	cfg.applyDefaults()
-	s := &WatchServer{node: node, cfg: cfg, closing: make(chan struct{}),
+	stopped, stop := context.WithCancel(context.Background())
+	s := &WatchServer{node: node, cfg: cfg, stopped: stopped, stop: stop,
 		streams: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_control_watch_streams", Help: "Open watch streams."}),
 		cutoffs: prometheus.NewCounter(prometheus.CounterOpts{Name: "relay_control_watch_cutoffs_total", Help: "Watch streams ended because the watcher stopped reading."}),
 		resyncs: prometheus.NewCounter(prometheus.CounterOpts{Name: "relay_control_watch_resyncs_total", Help: "Full copies sent to watchers (new, or behind the compacted horizon)."}),
@@ -93,7 +94,7 @@ func NewWatchServer(node *raftnode.Node, cfg WatchConfig) *WatchServer {
 // another node) and refuses new ones. A server shutting down calls it
 // first: streams would otherwise hold the shutdown until its timeout.
 func (s *WatchServer) Close() {
-	s.once.Do(func() { close(s.closing) })
+	s.stop()
 }
 
 type responseControllerKey struct{}
@@ -193,8 +194,8 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 	}
 	// A watch resumed on a node that is behind must not go back in time:
 	// wait until this replica has applied what the client already saw.
-	if err := f.WaitApplied(ctx, from); err != nil {
-		return toConnect(err)
+	if err := s.waitApplied(ctx, f, from); err != nil {
+		return err
 	}
 	last := from
 	if from == 0 {
@@ -224,6 +225,11 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 		changed := f.Changed()
 		changes, err := f.ChangesFrom(pos, s.cfg.BatchLimit)
 		if errors.Is(err, fsm.ErrCompacted) {
+			// A full copy, as for a new watcher: not from a node cut off
+			// from the leader, whose copy may lack a revocation.
+			if err := s.inContact(last); err != nil {
+				return err
+			}
 			rev, err := s.resync(ws, f)
 			if err != nil {
 				return err
@@ -279,8 +285,8 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-s.closing:
-			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("control node shutting down; resume from revision %d on another node", last))
+		case <-s.stopped.Done():
+			return shuttingDown(last)
 		case <-changed:
 		case <-progress.C:
 			if err := s.inContact(last); err != nil {
@@ -320,6 +326,38 @@ func (s *WatchServer) sendProgress(f *fsm.FSM, ws *watchStream, last uint64) (cl
 	return claimed, false, nil
 }
 
+// shuttingDown ends a stream at revision last when the server closes.
+func shuttingDown(last uint64) error {
+	return connect.NewError(connect.CodeUnavailable, fmt.Errorf("control node shutting down; resume from revision %d on another node", last))
+}
+
+// waitApplied waits until this replica has applied rev, the revision a
+// resumed watcher already has. A replica cut off from the leader may
+// never get there: the wait ends as its streams do (inContact), and when
+// the server closes, instead of holding the watcher without a message
+// until its credentials expire.
+func (s *WatchServer) waitApplied(ctx context.Context, f *fsm.FSM, rev uint64) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(s.stopped, cancel)()
+	for {
+		wctx, wcancel := context.WithTimeout(ctx, s.cfg.LeaderTimeout/2)
+		err := f.WaitApplied(wctx, rev)
+		wcancel()
+		switch {
+		case err == nil:
+			return nil
+		case s.stopped.Err() != nil:
+			return shuttingDown(rev)
+		case ctx.Err() != nil:
+			return toConnect(ctx.Err())
+		}
+		if err := s.inContact(rev); err != nil {
+			return err
+		}
+	}
+}
+
 // inContact is nil while this node follows the cluster's writes (it
 // leads, or heard from the leader within LeaderTimeout), else the error
 // that ends a stream at revision last: a node cut off from the majority
@@ -334,15 +372,6 @@ func (s *WatchServer) inContact(last uint64) error {
 	return nil
 }
 
-// resync sends a full copy of the watched state from one consistent view
-// and returns the revision it reflects. It ends, before snapshot_done,
-// with a mailbox_changed for every mailbox that holds entries (seq: the
-// highest given out): a watcher that lost the live announcements of an
-// interrupted feed learns from them which of its open sessions have
-// entries to fetch. A session that already queued up to seq does nothing;
-// one whose newest entries were acked meanwhile makes one fetch that
-// finds nothing new. The copy grows by at most one message per device it
-// already lists.
 // beyondLog reports whether rev is beyond this cluster's log: past the
 // index the leader has committed (a linearizable read index). When the
 // leader cannot be asked, it says no: the watch then waits, as for a
@@ -354,6 +383,15 @@ func (s *WatchServer) beyondLog(ctx context.Context, rev uint64) bool {
 	return err == nil && rev > idx
 }
 
+// resync sends a full copy of the watched state from one consistent view
+// and returns the revision it reflects. It ends, before snapshot_done,
+// with a mailbox_changed for every mailbox that holds entries (seq: the
+// highest given out): a watcher that lost the live announcements of an
+// interrupted feed learns from them which of its open sessions have
+// entries to fetch. A session that already queued up to seq does nothing;
+// one whose newest entries were acked meanwhile makes one fetch that
+// finds nothing new. The copy grows by at most one message per device it
+// already lists.
 func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	v, err := f.View()
 	if err != nil {
@@ -362,8 +400,18 @@ func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	defer v.Close()
 	s.resyncs.Inc()
 	rev := v.AppliedIndex()
+	// An error of the copy's reads is typed (Internal); one of sending
+	// goes back as it is (errTooSlow, the watcher gone).
+	var sendErr error
 	send := func(ev *edgev1.WatchEvent) error {
-		return ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_Event{Event: ev}})
+		sendErr = ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_Event{Event: ev}})
+		return sendErr
+	}
+	failed := func(err error) (uint64, error) {
+		if sendErr != nil {
+			return 0, sendErr
+		}
+		return 0, toConnect(err)
 	}
 	if err := ws.Send(&edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}}); err != nil {
 		return 0, err
@@ -371,17 +419,17 @@ func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	if err := v.EachUser(func(u *statev1.User) error {
 		return send(&edgev1.WatchEvent{Kind: &edgev1.WatchEvent_UserPut{UserPut: userState(u)}})
 	}); err != nil {
-		return 0, err
+		return failed(err)
 	}
 	if err := v.EachDevice(func(d *statev1.Device) error {
 		return send(&edgev1.WatchEvent{Kind: &edgev1.WatchEvent_DevicePut{DevicePut: deviceState(d)}})
 	}); err != nil {
-		return 0, err
+		return failed(err)
 	}
 	if err := v.EachEdge(func(e *statev1.Edge) error {
 		return send(&edgev1.WatchEvent{Kind: &edgev1.WatchEvent_EdgePut{EdgePut: edgeMember(e)}})
 	}); err != nil {
-		return 0, err
+		return failed(err)
 	}
 	ring, err := v.SessionKeyRing()
 	if err != nil {
@@ -393,7 +441,7 @@ func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	if err := v.EachStoredMailbox(func(uid string, mb *statev1.Mailbox) error {
 		return send(mailboxChanged(uid, mb.GetDeviceId(), mb.GetLastSeq()))
 	}); err != nil {
-		return 0, err
+		return failed(err)
 	}
 	history, err := v.History()
 	if err != nil {

@@ -950,10 +950,23 @@ func TestWatchEndsWithItsCredentials(t *testing.T) {
 // (while the majority goes on writing, a revocation among it), and it
 // opens no full copy until it hears from one again.
 func TestACutOffNodeEndsItsWatches(t *testing.T) {
-	c := clustertest.Start(t, 3, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: 50 * time.Millisecond, LeaderTimeout: time.Second}})
+	c := clustertest.Start(t, 3, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: 50 * time.Millisecond, LeaderTimeout: time.Second},
+		FSM: fsm.Config{ChangeRetention: 20, PruneEvery: 8}})
 	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	// Enough changes that the feed's start is compacted away.
+	for i := range 40 {
+		mkUser(t, c, c.Leader(), fmt.Sprintf("early-%d", i))
+	}
 	fi := c.Follower()
 	f := c.Nodes[fi]
+	written := c.Nodes[c.Leader()].Server.Node().FSM().AppliedIndex()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		ff := f.Server.Node().FSM()
+		if h, _ := ff.Horizon(); h < 5 || ff.AppliedIndex() < written {
+			return fmt.Errorf("horizon %d, applied %d of %d on the follower: want something compacted, everything applied", h, ff.AppliedIndex(), written)
+		}
+		return nil
+	})
 	w := startWatch(t, f, edge, 0, true)
 	var copied uint64
 	for copied == 0 {
@@ -983,18 +996,25 @@ func TestACutOffNodeEndsItsWatches(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("a new watch on the cut-off node neither ended nor sent anything in 30 s")
 	}
-	// Nor does a watch resumed there hear that it is current (the progress
-	// a resumed stream gets as soon as it caught up): it ends.
-	resumed := startWatch(t, f, edge, copied, true)
-	select {
-	case <-resumed.done:
-		if connect.CodeOf(resumed.err) != connect.CodeUnavailable {
-			t.Fatalf("a watch resumed on the cut-off node: %v, want unavailable", resumed.err)
+	// Nor does a watch resumed there hear anything: not that it is
+	// current (the progress a resumed stream gets as soon as it caught
+	// up), not a full copy when it is behind the compacted horizon, and
+	// it is not held without a word when it is ahead of the node, which
+	// may never catch up: each ends.
+	ahead := c.Nodes[c.Leader()].Server.Node().FSM().AppliedIndex()
+	for what, from := range map[string]uint64{"where it is": copied, "behind its horizon": 2, "ahead of it": ahead} {
+		resumed := startWatch(t, f, edge, from, true)
+		select {
+		case <-resumed.done:
+			if connect.CodeOf(resumed.err) != connect.CodeUnavailable || !strings.Contains(resumed.err.Error(), "not heard from a leader") {
+				t.Errorf("a watch resumed on the cut-off node %s: %v, want unavailable: no leader", what, resumed.err)
+			}
+		case m := <-resumed.msgs:
+			t.Errorf("the cut-off node sent %v to a watch resumed %s", m, what)
+		case <-time.After(30 * time.Second):
+			t.Errorf("a watch resumed on the cut-off node %s neither ended nor sent anything in 30 s", what)
 		}
-	case m := <-resumed.msgs:
-		t.Fatalf("the cut-off node sent %v to a resumed watcher", m)
-	case <-time.After(30 * time.Second):
-		t.Fatal("a watch resumed on the cut-off node neither ended nor sent anything in 30 s")
+		resumed.stop()
 	}
 	// Healed, it serves again, the user written meanwhile included.
 	c.Heal(fi)
