@@ -17,20 +17,27 @@ import (
 	"github.com/edge-relay/relay/edge/server"
 )
 
+// startLoneEdge starts an edge with no control plane to reach (its HTTPS
+// port serves all the same), killed when the test ends.
+func startLoneEdge(t *testing.T, cfg server.Config) *server.Server {
+	t.Helper()
+	cfg.Addr = "127.0.0.1:0"
+	cfg.Control = controlconn.Config{URLs: []string{"http://127.0.0.1:1"}, Login: "edges", Password: "x"}
+	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	s, err := server.Start(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Kill)
+	return s
+}
+
 // The public HTTPS port closes connections that go silent: an HTTP/1.1
 // keep-alive connection after its request, and an HTTP/2 connection
 // after its preface, are closed once HTTPIdleTimeout passes, instead of
 // each holding a descriptor and goroutines for good.
 func TestHTTPSClosesIdleConnections(t *testing.T) {
-	s, err := server.Start(context.Background(), server.Config{
-		EdgeID: "idle", Addr: "127.0.0.1:0", HTTPIdleTimeout: 300 * time.Millisecond,
-		Control: controlconn.Config{URLs: []string{"http://127.0.0.1:1"}, Login: "edges", Password: "x"},
-		Logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Kill()
+	s := startLoneEdge(t, server.Config{EdgeID: "idle", HTTPIdleTimeout: 300 * time.Millisecond})
 	addr := strings.TrimPrefix(s.HTTPSURL(), "https://")
 
 	// HTTP/1.1: one request, then silence.

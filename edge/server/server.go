@@ -95,6 +95,15 @@ type Config struct {
 	// a client that opens connections and goes silent holds none for
 	// long.
 	HTTPIdleTimeout time.Duration
+	// HTTPWriteTimeout bounds each answer of the HTTPS port, from the end
+	// of its request's headers to its last byte [60s]: the console page,
+	// relay.js, the console's calls passed on to the control plane,
+	// health and info. A client that stops reading (over HTTP/2 it need
+	// only give the edge no flow-control window) holds a handler no
+	// longer. A WebSocket session is not bounded by it: net/http lifts a
+	// connection's deadlines when it is hijacked, and the session's
+	// writer sets its own.
+	HTTPWriteTimeout time.Duration
 	// ClusterTLSTickets seals the device ports' TLS 1.3 session tickets
 	// with the cluster's session keys (session.ShareTLSTickets), so a
 	// device resumes TLS on any edge; off, each edge process keeps its
@@ -375,10 +384,14 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if httpIdle <= 0 {
 		httpIdle = 60 * time.Second
 	}
+	httpWrite := cfg.HTTPWriteTimeout
+	if httpWrite <= 0 {
+		httpWrite = 60 * time.Second
+	}
 	// Request headers: what a WebSocket upgrade or a console call needs
 	// is a few KiB; net/http's default allows 1 MiB a request.
 	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle,
-		MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
+		WriteTimeout: httpWrite, MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	if cfg.AdminAddr != "" {
 		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle, MaxHeaderBytes: MaxHeaderBytes}
 	}
