@@ -1,6 +1,7 @@
 package devconn
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/ecdsa"
@@ -177,26 +178,34 @@ func webTransportPair(t *testing.T) pair {
 	return p
 }
 
-func webSocketPair(t *testing.T) pair {
+// webSocketServer serves WebSockets on a test HTTP server and hands each
+// server end over on got; url is the server's http:// URL.
+func webSocketServer(t *testing.T) (url string, got <-chan Conn) {
 	t.Helper()
-	got := make(chan Conn, 1)
+	ch := make(chan Conn, 1)
 	done := make(chan struct{})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ws, err := websocket.Accept(w, r, nil)
+		ws, raw, err := AcceptWebSocket(w, r, nil)
 		if err != nil {
 			return
 		}
-		got <- NewWebSocketConn(ws, nil, time.Minute, 1<<20)
+		ch <- NewWebSocketConn(ws, raw, nil, time.Minute, 1<<20)
 		<-done // the handler's return would end the connection
 	}))
 	t.Cleanup(func() { close(done); srv.Close() })
+	return srv.URL, ch
+}
+
+func webSocketPair(t *testing.T) pair {
+	t.Helper()
+	url, got := webSocketServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
+	ws, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(url, "http"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := pair{server: accepted(t, got), client: NewWebSocketConn(ws, nil, time.Minute, 1<<20)}
+	p := pair{server: accepted(t, got), client: NewWebSocketConn(ws, resp.Body, nil, time.Minute, 1<<20)}
 	t.Cleanup(func() { _ = p.client.Abort(0, ""); _ = p.server.Abort(0, "") })
 	return p
 }
@@ -465,5 +474,66 @@ func TestPeerCodeIgnoresOtherErrors(t *testing.T) {
 	}
 	if code, _, ok := PeerCode(websocket.CloseError{Code: websocket.StatusMessageTooBig}); !ok || code != relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE {
 		t.Errorf("a WebSocket closed 1009: %v %v", code, ok)
+	}
+}
+
+// A WebSocket peer that takes the edge's close frame but never answers
+// it holds the edge's Close for closeWait (1 s), not for the WebSocket
+// library's own waits of 5 s for its close frame's write and 5 s for the
+// answer; and an Abort while such a Close waits ends it at once (the
+// library's CloseNow only waited for it).
+func TestWebSocketCloseWithASilentPeerIsBounded(t *testing.T) {
+	for _, abort := range []bool{false, true} {
+		t.Run(map[bool]string{false: "close", true: "abort during close"}[abort], func(t *testing.T) {
+			url, got := webSocketServer(t)
+			// The peer upgrades by hand, then reads the close frame and
+			// never answers it.
+			peer, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = peer.Close() })
+			_ = peer.SetDeadline(time.Now().Add(30 * time.Second))
+			if _, err := io.WriteString(peer, "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+				"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"); err != nil {
+				t.Fatal(err)
+			}
+			br := bufio.NewReader(peer)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+				t.Fatalf("upgrade: %v %v", resp, err)
+			}
+			edge := accepted(t, got)
+			if abort {
+				// Whatever the Close would wait, the Abort ends it.
+				edge.(*wsConn).closeWait = time.Minute
+			}
+			start := time.Now()
+			closed := make(chan struct{})
+			go func() {
+				defer close(closed)
+				_ = edge.Close(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "bye")
+			}()
+			if b, err := br.ReadByte(); err != nil || b != 0x88 {
+				t.Fatalf("first byte from the closing edge: %#x %v, want a close frame (0x88)", b, err)
+			}
+			if abort {
+				aborted := make(chan struct{})
+				go func() { defer close(aborted); _ = edge.Abort(relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "") }()
+				waitClosed(t, aborted, "Abort did not return")
+				waitClosed(t, closed, "Close did not return")
+				// Generous against an Abort's few microseconds, short of
+				// the library's 5 s.
+				if took := time.Since(start); took > 4*time.Second {
+					t.Fatalf("Close and Abort with a silent peer took %s", took)
+				}
+				return
+			}
+			waitClosed(t, closed, "Close did not return")
+			// Generous against closeWait's 1 s, short of the library's 5 s.
+			if took := time.Since(start); took > 4*time.Second {
+				t.Fatalf("Close with a silent peer took %s", took)
+			}
+		})
 	}
 }

@@ -1,11 +1,14 @@
 package devconn
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"sync"
 	"time"
@@ -37,16 +40,24 @@ const WebSocketCloseBase = 4000
 // both. A message is read whole by the WebSocket layer, bounded by the
 // read limit, so a frame never arrives in part.
 type wsConn struct {
-	c      *websocket.Conn
-	remote net.Addr
-	idle   time.Duration
-	ctx    context.Context // ends with Close or Abort
-	cancel context.CancelFunc
-	rdl    deadline
-	wdl    deadline
-	msgs   chan wsMessage // from pump, unbuffered: one message read ahead at most
-	pumped chan struct{}  // closed when pump returns
-	idleT  *time.Timer    // Read's idle timer (Read is never concurrent)
+	c *websocket.Conn
+	// raw carries the WebSocket: its connection (the edge's, hijacked),
+	// or the dial's response body (a client's), whose Close closes it.
+	// Close and Abort close it themselves where the WebSocket library
+	// would wait (nil: they cannot).
+	raw io.Closer
+	// closeWait is how long Close waits for the peer's close frame
+	// (the package's closeWait; tests lengthen it).
+	closeWait time.Duration
+	remote    net.Addr
+	idle      time.Duration
+	ctx       context.Context // ends with Close or Abort
+	cancel    context.CancelFunc
+	rdl       deadline
+	wdl       deadline
+	msgs      chan wsMessage // from pump, unbuffered: one message read ahead at most
+	pumped    chan struct{}  // closed when pump returns
+	idleT     *time.Timer    // Read's idle timer (Read is never concurrent)
 
 	// The current message as Read returns it: its length prefix (hdr,
 	// of which hoff bytes were returned) and what is left of its body.
@@ -65,12 +76,14 @@ type wsMessage struct {
 	err error
 }
 
-// NewWebSocketConn adapts a WebSocket. A peer silent for longer than idle
-// (no message at all; clients send Ping frames) counts as gone.
-func NewWebSocketConn(c *websocket.Conn, remote net.Addr, idle time.Duration, maxFrame int) Conn {
+// NewWebSocketConn adapts a WebSocket, carried by raw (AcceptWebSocket's
+// connection, or the body of websocket.Dial's response). A peer silent
+// for longer than idle (no message at all; clients send Ping frames)
+// counts as gone.
+func NewWebSocketConn(c *websocket.Conn, raw io.Closer, remote net.Addr, idle time.Duration, maxFrame int) Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	c.SetReadLimit(int64(maxFrame) + 16)
-	w := &wsConn{c: c, remote: remote, idle: idle, ctx: ctx, cancel: cancel,
+	w := &wsConn{c: c, raw: raw, closeWait: closeWait, remote: remote, idle: idle, ctx: ctx, cancel: cancel,
 		msgs: make(chan wsMessage), pumped: make(chan struct{}), idleT: time.NewTimer(idle)}
 	w.idleT.Stop()
 	w.rdl.init(ctx)
@@ -176,8 +189,32 @@ func (w *wsConn) ReceiveDatagram(context.Context) ([]byte, error) {
 func (w *wsConn) RemoteAddr() net.Addr { return w.remote }
 func (w *wsConn) Transport() string    { return "websocket" }
 
+// AcceptWebSocket accepts a WebSocket as websocket.Accept does, and
+// returns the connection it took over from the HTTP server with it, for
+// NewWebSocketConn.
+func AcceptWebSocket(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOptions) (*websocket.Conn, net.Conn, error) {
+	hw := &hijackRecorder{ResponseWriter: w}
+	c, err := websocket.Accept(hw, r, opts)
+	return c, hw.conn, err
+}
+
+// hijackRecorder keeps the connection a WebSocket upgrade hijacks.
+type hijackRecorder struct {
+	http.ResponseWriter
+	conn net.Conn
+}
+
+func (h *hijackRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, rw, err := http.NewResponseController(h.ResponseWriter).Hijack()
+	h.conn = c
+	return c, rw, err
+}
+
 // Close sends the WebSocket close frame with the protocol code (4000 +
-// code) and waits at most closeWait for the peer's.
+// code) and waits at most closeWait for the peer's. (The library's own
+// close handshake waits up to 5 s for each of the two, and its CloseNow
+// waits for a Close under way rather than end it: past closeWait the
+// connection under the WebSocket is closed.)
 func (w *wsConn) Close(code relayv1.ErrorCode, msg string) error {
 	w.once.Do(func() {
 		status := websocket.StatusNormalClosure
@@ -192,10 +229,11 @@ func (w *wsConn) Close(code relayv1.ErrorCode, msg string) error {
 			defer close(done)
 			_ = w.c.Close(status, msg)
 		}()
-		t := time.NewTimer(closeWait)
+		t := time.NewTimer(w.closeWait)
 		select {
 		case <-done:
 		case <-t.C:
+			w.closeRaw()
 			_ = w.c.CloseNow()
 			<-done
 		}
@@ -206,11 +244,20 @@ func (w *wsConn) Close(code relayv1.ErrorCode, msg string) error {
 }
 
 // Abort drops the connection at once (a peer that is not reading could
-// not take a close frame anyway).
+// not take a close frame anyway), a Close under way included.
 func (w *wsConn) Abort(relayv1.ErrorCode, string) error {
+	w.closeRaw()
 	err := w.c.CloseNow()
 	w.stop()
 	return err
+}
+
+// closeRaw closes the connection under the WebSocket: every read and
+// write on it, the library's close handshake among them, fails at once.
+func (w *wsConn) closeRaw() {
+	if w.raw != nil {
+		_ = w.raw.Close()
+	}
 }
 
 // stop ends the pump and the deadlines once the WebSocket is closed.

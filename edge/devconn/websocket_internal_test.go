@@ -28,7 +28,7 @@ func TestWebSocketReadKeepsNoMessage(t *testing.T) {
 			t.Error(err)
 			return
 		}
-		conns <- NewWebSocketConn(ws, nil, time.Minute, 1<<20).(*wsConn)
+		conns <- NewWebSocketConn(ws, nil, nil, time.Minute, 1<<20).(*wsConn)
 		<-done
 	}))
 	defer srv.Close()

@@ -43,7 +43,7 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// a peer streaming 6-byte pings (before authenticating, and outside
 	// every budget) made the edge write for each; the protocol's
 	// keep-alive is its own Ping frame, which the budgets count.
-	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true,
+	c, raw, err := devconn.AcceptWebSocket(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true,
 		OnPingReceived: func(context.Context, []byte) bool { return false }})
 	if err != nil {
 		return // Accept wrote the error response
@@ -52,5 +52,5 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if idle <= 0 {
 		idle = 30 * time.Second
 	}
-	_ = h.Hub.Serve(h.Ctx, devconn.NewWebSocketConn(c, remoteAddr(r.RemoteAddr), idle, h.Hub.Limits().MaxFrameBytes))
+	_ = h.Hub.Serve(h.Ctx, devconn.NewWebSocketConn(c, raw, remoteAddr(r.RemoteAddr), idle, h.Hub.Limits().MaxFrameBytes))
 }
