@@ -83,9 +83,10 @@ type Listener struct {
 // h3Conn is an HTTP/3 connection's WebTransport sessions. A connection
 // that carries none for StreamTimeout (it never opened one, or its last
 // ended) is closed, so no peer holds a connection open without a session:
-// only a session that was established counts, so requests that do not
-// become one (a GET of the session path, a refused upgrade, any other
-// path) do not keep the connection.
+// only a session that was established (its stream came) counts, so
+// requests that do not become one (a GET of the session path, a refused
+// upgrade, an upgrade with no stream after it, any other path) do not
+// keep the connection.
 type h3Conn struct {
 	sessions int
 	reap     *time.Timer
@@ -309,16 +310,20 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusBadRequest)
 		return
 	}
-	if conn, _ := r.Context().Value(connKey{}).(*quic.Conn); conn != nil {
-		l.h3Session(conn, 1)
-		defer l.h3Session(conn, -1)
-	}
 	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.StreamTimeout)
 	str, err := sess.AcceptStream(ctx)
 	cancel()
 	if err != nil {
 		_ = sess.CloseWithError(webtransport.SessionErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT), "no session stream in time")
 		return
+	}
+	// Counted once its stream came: a session that never opens one
+	// must not keep the connection (a client could otherwise hold it
+	// with a fresh upgrade every StreamTimeout, never reaching the hub's
+	// limits). A browser opens the stream right after the upgrade.
+	if conn, _ := r.Context().Value(connKey{}).(*quic.Conn); conn != nil {
+		l.h3Session(conn, 1)
+		defer l.h3Session(conn, -1)
 	}
 	_ = l.cfg.Hub.Serve(l.ctx, devconn.NewWebTransportConn(sess, str))
 }

@@ -11,20 +11,24 @@ import (
 	"github.com/coder/websocket"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"github.com/quic-go/webtransport-go"
 
 	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/server"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
-// An HTTP/3 connection is closed once it has carried no WebTransport
-// session for the handshake timeout, however many requests it sends that
-// do not become one: plain GETs of the session path (refused upgrades)
-// and of other paths. Anybody can send those, without an account; they
-// kept the connection open for as long as they came.
-func TestRequestsWithoutASessionDoNotKeepAConnection(t *testing.T) {
-	const timeout = time.Second
-	r := startRelay(t, 1, func(_ int, cfg *server.Config) { cfg.Session.HandshakeTimeout = timeout })
+// reapTimeout is the handshake (and so the stream) timeout of the relays
+// below.
+const reapTimeout = time.Second
+
+// untilReaped opens an HTTP/3 connection to a fresh edge and calls do
+// with it every fifth of reapTimeout, none of which may keep it: it
+// returns once the edge closes the connection with TIMEOUT, and fails
+// if it is still open 30 s on.
+func untilReaped(t *testing.T, do func(ctx context.Context, conn *quic.Conn, addr string, i int)) {
+	t.Helper()
+	r := startRelay(t, 1, func(_ int, cfg *server.Config) { cfg.Session.HandshakeTimeout = reapTimeout })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	tlsConf := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{http3.NextProtoH3}, MinVersion: tls.VersionTLS13} //nolint:gosec // a hostile client
@@ -33,21 +37,13 @@ func TestRequestsWithoutASessionDoNotKeepAConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.CloseWithError(0, "")
-	cc := (&http3.Transport{}).NewClientConn(conn)
 	opened := time.Now()
-	// A request every fifth of the timeout, alternating the two paths,
-	// until the edge closes the connection.
-	tick := time.NewTicker(timeout / 5)
+	tick := time.NewTicker(reapTimeout / 5)
 	defer tick.Stop()
-	paths := []string{devconn.WebTransportPath, "/"}
 	for i := 0; ; i++ {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+r.Edges[0].Addr()+paths[i%2], nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if resp, err := cc.RoundTrip(req); err == nil {
-			_ = resp.Body.Close()
-		}
+		dctx, dcancel := context.WithTimeout(ctx, reapTimeout/5)
+		do(dctx, conn, r.Edges[0].Addr(), i)
+		dcancel()
 		select {
 		case <-conn.Context().Done():
 			var ae *quic.ApplicationError
@@ -56,10 +52,51 @@ func TestRequestsWithoutASessionDoNotKeepAConnection(t *testing.T) {
 			}
 			return
 		case <-ctx.Done():
-			t.Fatalf("the connection was still open after %v of requests without a session", time.Since(opened))
+			t.Fatalf("the connection was still open after %v", time.Since(opened))
 		case <-tick.C:
 		}
 	}
+}
+
+// An HTTP/3 connection is closed once it has carried no WebTransport
+// session for the handshake timeout, however many requests it sends that
+// do not become one: plain GETs of the session path (refused upgrades)
+// and of other paths. Anybody can send those, without an account; they
+// kept the connection open for as long as they came.
+func TestRequestsWithoutASessionDoNotKeepAConnection(t *testing.T) {
+	var cc *http3.ClientConn
+	untilReaped(t, func(ctx context.Context, conn *quic.Conn, addr string, i int) {
+		if cc == nil {
+			cc = (&http3.Transport{}).NewClientConn(conn)
+		}
+		// Alternating the two paths.
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+addr+[]string{devconn.WebTransportPath, "/"}[i%2], nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp, err := cc.RoundTrip(req); err == nil {
+			_ = resp.Body.Close()
+		}
+	})
+}
+
+// Nor do WebTransport sessions that never open their stream: each is
+// closed after the stream timeout, and a fresh one before the
+// connection's reap (a client could hold the connection that way, never
+// reaching the hub's limits) does not postpone it.
+func TestSessionsWithoutAStreamDoNotKeepAConnection(t *testing.T) {
+	var cc *webtransport.ClientConn
+	untilReaped(t, func(ctx context.Context, conn *quic.Conn, addr string, _ int) {
+		if cc == nil {
+			var err error
+			if cc, err = (&webtransport.Transport{}).NewClientConn(conn); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, sess, err := cc.Dial(ctx, "https://"+addr+devconn.WebTransportPath, nil); err == nil {
+			t.Cleanup(func() { _ = sess.CloseWithError(0, "") })
+		}
+	})
 }
 
 // WebSocket pings get no pong: the protocol's keep-alive is its own Ping
