@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -49,15 +50,20 @@ type wsConn struct {
 	// closeWait is how long Close waits for the peer's close frame
 	// (the package's closeWait; tests lengthen it).
 	closeWait time.Duration
-	remote    net.Addr
-	idle      time.Duration
-	ctx       context.Context // ends with Close or Abort
-	cancel    context.CancelFunc
-	rdl       deadline
-	wdl       deadline
-	msgs      chan wsMessage // from pump, unbuffered: one message read ahead at most
-	pumped    chan struct{}  // closed when pump returns
-	idleT     *time.Timer    // Read's idle timer (Read is never concurrent)
+	// wire counts what the edge reads under the WebSocket (nil in a
+	// client); over is the bytes it carried beside the messages read so
+	// far and not yet taken (TakeOverhead). Read's goroutine owns over.
+	wire   *wireConn
+	over   int
+	remote net.Addr
+	idle   time.Duration
+	ctx    context.Context // ends with Close or Abort
+	cancel context.CancelFunc
+	rdl    deadline
+	wdl    deadline
+	msgs   chan wsMessage // from pump, unbuffered: one message read ahead at most
+	pumped chan struct{}  // closed when pump returns
+	idleT  *time.Timer    // Read's idle timer (Read is never concurrent)
 
 	// The current message as Read returns it: its length prefix (hdr,
 	// of which hoff bytes were returned) and what is left of its body.
@@ -72,8 +78,9 @@ type wsConn struct {
 }
 
 type wsMessage struct {
-	b   []byte
-	err error
+	b    []byte
+	over int // bytes carried beside b since the message before
+	err  error
 }
 
 // NewWebSocketConn adapts a WebSocket, carried by raw (AcceptWebSocket's
@@ -83,7 +90,11 @@ type wsMessage struct {
 func NewWebSocketConn(c *websocket.Conn, raw io.Closer, remote net.Addr, idle time.Duration, maxFrame int) Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	c.SetReadLimit(int64(maxFrame) + 16)
-	w := &wsConn{c: c, raw: raw, closeWait: closeWait, remote: remote, idle: idle, ctx: ctx, cancel: cancel,
+	if wire, ok := raw.(*wireConn); ok {
+		wire.setLimit(maxFrame)
+	}
+	wire, _ := raw.(*wireConn)
+	w := &wsConn{c: c, raw: raw, closeWait: closeWait, wire: wire, remote: remote, idle: idle, ctx: ctx, cancel: cancel,
 		msgs: make(chan wsMessage), pumped: make(chan struct{}), idleT: time.NewTimer(idle)}
 	w.idleT.Stop()
 	w.rdl.init(ctx)
@@ -95,7 +106,61 @@ func NewWebSocketConn(c *websocket.Conn, raw io.Closer, remote net.Addr, idle ti
 // SetMaxFrame sets the largest frame the connection reads (the Go
 // client follows the frame limit its edge announces); a larger message
 // ends the connection.
-func (w *wsConn) SetMaxFrame(n int) { w.c.SetReadLimit(int64(n) + 16) }
+func (w *wsConn) SetMaxFrame(n int) {
+	w.c.SetReadLimit(int64(n) + 16)
+	if w.wire != nil {
+		w.wire.setLimit(n)
+	}
+}
+
+// TakeOverhead returns the bytes the connection carried beside the
+// frames read since the last call: WebSocket frame headers (a message may
+// come in any number of fragments), pings and pongs, all of which the
+// edge reads and unmasks. The session counts them against the device's
+// byte budget with the frames. Call it from the goroutine that reads.
+func (w *wsConn) TakeOverhead() int {
+	n := w.over
+	w.over = 0
+	return n
+}
+
+// wireConn is the connection under an edge's WebSocket, which counts the
+// bytes read from it and fails a read once more arrived since the last
+// message than one message may carry: its read limit, and
+// wireAllowance for its frame headers and the pings and pongs beside it.
+// The library's own limit counts message payload only: empty
+// fragments, or pings between messages, would pass it without end.
+type wireConn struct {
+	net.Conn
+	read  atomic.Int64 // bytes read
+	mark  atomic.Int64 // read when the last message was complete
+	limit atomic.Int64 // the most read past mark
+}
+
+// wireAllowance is what one message may carry beside its payload and
+// what a reader reads ahead of it: frame headers of its fragments, pings
+// and pongs (none come from the relay's clients, whose keep-alive is
+// their own Ping frame; intermediaries may send a few), and a buffer of
+// read-ahead.
+const wireAllowance = 64 << 10
+
+func (c *wireConn) setLimit(maxFrame int) { c.limit.Store(int64(maxFrame) + 16 + wireAllowance) }
+
+func (c *wireConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if over := c.read.Add(int64(n)) - c.mark.Load(); over > c.limit.Load() {
+		return n, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE,
+			Msg: fmt.Sprintf("%d bytes on the WebSocket for one message, more than %d: frame headers, pings and pongs count", over, c.limit.Load())}
+	}
+	return n, err
+}
+
+// message marks the end of a message of n bytes and returns what was
+// read beside it since the last one.
+func (c *wireConn) message(n int) int {
+	read := c.read.Load()
+	return max(0, int(read-c.mark.Swap(read))-n)
+}
 
 // pump reads messages until the connection ends. It is owned by the
 // wsConn: Close and Abort end it and wait for it.
@@ -106,8 +171,12 @@ func (w *wsConn) pump() {
 		if err == nil && typ != websocket.MessageBinary {
 			err = &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Msg: "a text message: frames are binary messages"}
 		}
+		var over int
+		if w.wire != nil {
+			over = w.wire.message(len(msg))
+		}
 		select {
-		case w.msgs <- wsMessage{b: msg, err: err}:
+		case w.msgs <- wsMessage{b: msg, over: over, err: err}:
 		case <-w.ctx.Done():
 			return
 		}
@@ -136,6 +205,7 @@ func (w *wsConn) Read(p []byte) (int, error) {
 		if m.err != nil {
 			return 0, m.err
 		}
+		w.over += m.over
 		w.hlen, w.hoff, w.body = binary.PutUvarint(w.hdr[:], uint64(len(m.b))), 0, m.b
 	}
 	n := copy(p, w.hdr[w.hoff:w.hlen])
@@ -192,22 +262,31 @@ func (w *wsConn) Transport() string    { return "websocket" }
 // AcceptWebSocket accepts a WebSocket as websocket.Accept does, and
 // returns the connection it took over from the HTTP server with it, for
 // NewWebSocketConn.
+// The connection counts what is read from it (wireConn).
 func AcceptWebSocket(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOptions) (*websocket.Conn, net.Conn, error) {
 	hw := &hijackRecorder{ResponseWriter: w}
 	c, err := websocket.Accept(hw, r, opts)
+	if hw.conn == nil {
+		return c, nil, err
+	}
 	return c, hw.conn, err
 }
 
-// hijackRecorder keeps the connection a WebSocket upgrade hijacks.
+// hijackRecorder keeps the connection a WebSocket upgrade hijacks, and
+// hands the library a wireConn over it.
 type hijackRecorder struct {
 	http.ResponseWriter
-	conn net.Conn
+	conn *wireConn
 }
 
 func (h *hijackRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	c, rw, err := http.NewResponseController(h.ResponseWriter).Hijack()
-	h.conn = c
-	return c, rw, err
+	if err != nil {
+		return c, rw, err
+	}
+	h.conn = &wireConn{Conn: c}
+	h.conn.setLimit(1 << 20) // until NewWebSocketConn sets the session's
+	return h.conn, rw, nil
 }
 
 // Close sends the WebSocket close frame with the protocol code (4000 +

@@ -25,12 +25,16 @@ func (s *Session) readLoop(ctx context.Context) *CloseError {
 	// One Event for all of them: handleEvent keeps nothing of it (what
 	// goes on is its encoding, a copy), and Decode resets it.
 	ev := &relayv1.Event{}
+	oc, _ := s.conn.(overheadConn)
 	for {
 		body, err := s.reader.Next()
 		if err != nil {
 			return readEnd(err)
 		}
 		size := s.reader.LastSize()
+		if oc != nil {
+			size += oc.TakeOverhead()
+		}
 		switch kind, inner, ok := frame.Split(body); {
 		case ok && kind == frame.KindEvent:
 			if err := events.Decode(inner, ev); err != nil {
@@ -74,6 +78,12 @@ func (s *Session) readLoop(ctx context.Context) *CloseError {
 		}
 	}
 }
+
+// overheadConn is a transport that carries bytes beside the session
+// stream (a WebSocket's frame headers, pings and pongs): the budgets
+// count them with the frame read after them, so that limits count the
+// bytes a device actually sends.
+type overheadConn interface{ TakeOverhead() int }
 
 // keepIDs is the most delivery ids a reader keeps room for between
 // receipts.

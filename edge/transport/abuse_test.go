@@ -318,19 +318,28 @@ func padded(target string, n int) []byte {
 	return append(binary.AppendUvarint(nil, uint64(len(body))), body...)
 }
 
+// slowSender starts a relay whose devices may send 128 KiB/s, and logs in
+// two devices of one user: a sender over tr and a receiver over QUIC.
+func slowSender(t *testing.T, login string, tr client.Transport) (r *relaytest.Relay, sender, receiver *relaytest.Raw, rdev relaytest.Device) {
+	t.Helper()
+	r = startRelay(t, 1, func(_ int, cfg *server.Config) {
+		cfg.Session.Limits.BytesPerSecond = 128 << 10
+	})
+	user := r.User(login)
+	sdev := r.Device(user, "sender")
+	rdev = r.Device(user, "receiver")
+	sender = r.DialRaw(t, 0, tr)
+	sender.Login(sdev)
+	receiver = r.DialRaw(t, 0, client.QUIC)
+	receiver.Login(rdev)
+	return r, sender, receiver, rdev
+}
+
 // Unknown fields are not relayed, and what they cost counts against the
 // sender's bytes: padding an empty event with 60 KiB slows the sender to
 // its bytes/s, it does not ride past it.
 func TestUnknownFieldsAreDroppedAndCounted(t *testing.T) {
-	r := startRelay(t, 1, func(_ int, cfg *server.Config) {
-		cfg.Session.Limits.BytesPerSecond = 128 << 10
-	})
-	user := r.User("padding")
-	sdev, rdev := r.Device(user, "sender"), r.Device(user, "receiver")
-	sender := r.DialRaw(t, 0, client.QUIC)
-	sender.Login(sdev)
-	receiver := r.DialRaw(t, 0, client.QUIC)
-	receiver.Login(rdev)
+	r, sender, receiver, rdev := slowSender(t, "padding", client.QUIC)
 	paced := relaytest.Counter(t, r.Edges[0], "relay_edge_paced_seconds_total", "", "")
 	const n = 8
 	for range n {
@@ -359,6 +368,71 @@ func TestUnknownFieldsAreDroppedAndCounted(t *testing.T) {
 	// held back.
 	if got := relaytest.Counter(t, r.Edges[0], "relay_edge_paced_seconds_total", "", "") - paced; got < 2 {
 		t.Fatalf("the sender was held back %.2f s, want about 2.7", got)
+	}
+}
+
+// A WebSocket carries bytes beside its messages that the WebSocket
+// library's read limit does not count and the edge still reads and
+// unmasks: each fragment's header (a message may come in any number of
+// empty fragments), pings and pongs. They count against the sender's
+// bytes with the frame after them, and one message may carry no more
+// than its frame limit and 64 KiB beside it: past that the session ends
+// FRAME_TOO_LARGE, instead of reading empty fragments for as long as
+// they come.
+func TestWebSocketOverheadCounts(t *testing.T) {
+	r, sender, receiver, rdev := slowSender(t, "fragments", client.WebSocket)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// fragmented sends an event to the receiver as one message: empties
+	// empty fragments (6 bytes each, masked), then the frame.
+	fragmented := func(empties int) error {
+		body, err := marshal(event([]byte("x"), rdev.ID))
+		if err != nil {
+			return err
+		}
+		w, err := sender.WS.Writer(ctx, websocket.MessageBinary)
+		if err != nil {
+			return err
+		}
+		for range empties {
+			if _, err := w.Write(nil); err != nil {
+				return err
+			}
+		}
+		if _, err := w.Write(body); err != nil {
+			return err
+		}
+		return w.Close()
+	}
+	paced := relaytest.Counter(t, r.Edges[0], "relay_edge_paced_seconds_total", "", "")
+	const n = 8
+	for range n {
+		if err := fragmented(10_000); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for got := 0; got < n; {
+		f, err := receiver.Next(30 * time.Second)
+		if err != nil {
+			t.Fatalf("after %d deliveries: %v", got, err)
+		}
+		if f.GetDeliver() != nil {
+			got++
+		}
+	}
+	// 8 x 60 KB of headers against 128 KiB/s with a burst of 128 KiB:
+	// about 2.7 s held back.
+	if got := relaytest.Counter(t, r.Edges[0], "relay_edge_paced_seconds_total", "", "") - paced; got < 2 {
+		t.Fatalf("the sender was held back %.2f s, want about 2.7", got)
+	}
+	// 1.2 MB of headers for one message: past 1 MiB + 64 KiB.
+	_ = fragmented(200_000) // the edge may end it before it is all written
+	end, err := sender.WaitEnd(30 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end.Code != relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE {
+		t.Fatalf("a message of endless empty fragments ended the session with %+v, want FRAME_TOO_LARGE", end)
 	}
 }
 
