@@ -110,6 +110,15 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 // does and ends the same way when no slot comes in time: the answers
 // tell no login that exists from one that does not.
 func (s *AuthServer) checkLogin(ctx context.Context, attempt *statev1.LoginAttempt, m *controlv1.LoginRequest) (*statev1.User, bool, error) {
+	// The linearizable read first, outside the slot: it waits for a
+	// leader when there is none, and a slot held through an election
+	// would line every login up behind it. With a leader just heard
+	// from, the attempt's write in the slot is one round trip; the
+	// account is read after it, from state at least as fresh.
+	f, err := s.node.Read(ctx, raftnode.Linearizable)
+	if err != nil {
+		return nil, false, toConnect(err)
+	}
 	release, err := s.authn.hashSlot(ctx)
 	if err != nil {
 		return nil, false, toConnect(err)
@@ -117,10 +126,6 @@ func (s *AuthServer) checkLogin(ctx context.Context, attempt *statev1.LoginAttem
 	defer release()
 	if err := s.recordAttempt(ctx, attempt); err != nil {
 		return nil, false, err
-	}
-	f, err := s.node.Read(ctx, raftnode.Linearizable)
-	if err != nil {
-		return nil, false, toConnect(err)
 	}
 	hash := s.dummy
 	u, err := f.GetUserByLogin(m.GetLogin())
@@ -165,7 +170,9 @@ func (s *AuthServer) admit(ctx context.Context, login string, req connect.AnyReq
 // recorded as a failure until the check succeeds (and gives it back),
 // so parallel guesses cannot all pass before the first failure is
 // recorded. The caller holds a hashing slot: one that gives up waiting
-// for a slot had nothing checked, and spends no attempt.
+// for a slot had nothing checked, and spends no attempt. It has just
+// made a linearizable read, so a leader is known and the write is
+// short.
 func (s *AuthServer) recordAttempt(ctx context.Context, attempt *statev1.LoginAttempt) error {
 	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: s.cfg.Now().UnixMilli(), Op: &statev1.Command_LoginAttempt{LoginAttempt: attempt}})
 	if err != nil {

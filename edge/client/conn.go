@@ -250,8 +250,10 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	switch c.cfg.Transport {
 	case WebSocket:
 		tlsConf := c.tlsConfig("http/1.1", addr)
-		hc := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf, ForceAttemptHTTP2: false}}
-		ws, resp, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
+		tr := &http.Transport{TLSClientConfig: tlsConf, ForceAttemptHTTP2: false}
+		dialed := devconn.RecordDials(tr)
+		hc := &http.Client{Transport: tr}
+		ws, _, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
 		if err != nil {
 			hc.CloseIdleConnections()
 			return nil, fmt.Errorf("websocket dial %s: %w", addr, err)
@@ -259,7 +261,7 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
 		// The edge sends nothing while idle; the client pings (serve) so
 		// both directions see traffic well within the idle timeout.
-		return &conn{c: devconn.NewWebSocketConn(ws, resp.Body, remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections,
+		return &conn{c: devconn.NewWebSocketConn(ws, dialed(), remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections,
 			keepalive: min(c.cfg.IdleTimeout/3, wsPingEvery), noDatagrams: true}, nil
 	case WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3", addr), QUICConfig: qc}

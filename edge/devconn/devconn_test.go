@@ -7,10 +7,13 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha1" //nolint:gosec // the WebSocket handshake's accept key
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
@@ -201,11 +204,14 @@ func webSocketPair(t *testing.T) pair {
 	url, got := webSocketServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	ws, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(url, "http"), nil)
+	tr := &http.Transport{}
+	dialed := RecordDials(tr)
+	t.Cleanup(tr.CloseIdleConnections)
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(url, "http"), &websocket.DialOptions{HTTPClient: &http.Client{Transport: tr}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := pair{server: accepted(t, got), client: NewWebSocketConn(ws, resp.Body, nil, time.Minute, 1<<20)}
+	p := pair{server: accepted(t, got), client: NewWebSocketConn(ws, dialed(), nil, time.Minute, 1<<20)}
 	t.Cleanup(func() { _ = p.client.Abort(0, ""); _ = p.server.Abort(0, "") })
 	return p
 }
@@ -535,5 +541,67 @@ func TestWebSocketCloseWithASilentPeerIsBounded(t *testing.T) {
 				t.Fatalf("Close with a silent peer took %s", took)
 			}
 		})
+	}
+}
+
+// The same bound for a client's Close: an edge that takes the client's
+// close frame and never answers holds it for closeWait, not for the
+// library's close handshake (the connection under the client's
+// WebSocket, kept by RecordDials, is closed).
+func TestWebSocketClientCloseWithASilentEdgeIsBounded(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	sawClose := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			sawClose <- err
+			return
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+		br := bufio.NewReader(c)
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			sawClose <- err
+			return
+		}
+		sum := sha1.Sum([]byte(req.Header.Get("Sec-WebSocket-Key") + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+		if _, err := io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Accept: "+base64.StdEncoding.EncodeToString(sum[:])+"\r\n\r\n"); err != nil {
+			sawClose <- err
+			return
+		}
+		b, err := br.ReadByte()
+		if err == nil && b != 0x88 {
+			err = fmt.Errorf("first byte %#x, want a close frame (0x88)", b)
+		}
+		sawClose <- err
+		// Then silence, until the client hangs up.
+		_, _ = io.Copy(io.Discard, br)
+	}()
+	tr := &http.Transport{}
+	dialed := RecordDials(tr)
+	defer tr.CloseIdleConnections()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws://"+ln.Addr().String(), &websocket.DialOptions{HTTPClient: &http.Client{Transport: tr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewWebSocketConn(ws, dialed(), nil, time.Minute, 1<<20)
+	start := time.Now()
+	closed := make(chan struct{})
+	go func() { defer close(closed); _ = c.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "") }()
+	if err := <-sawClose; err != nil {
+		t.Fatal(err)
+	}
+	waitClosed(t, closed, "Close did not return")
+	// Generous against closeWait's 1 s, short of the library's 5 s.
+	if took := time.Since(start); took > 4*time.Second {
+		t.Fatalf("a client's Close with a silent edge took %s", took)
 	}
 }

@@ -42,28 +42,30 @@ const WebSocketCloseBase = 4000
 // read limit, so a frame never arrives in part.
 type wsConn struct {
 	c *websocket.Conn
-	// raw carries the WebSocket: its connection (the edge's, hijacked),
-	// or the dial's response body (a client's), whose Close closes it.
-	// Close and Abort close it themselves where the WebSocket library
-	// would wait (nil: they cannot).
+	// raw is the connection under the WebSocket (the edge's, hijacked; a
+	// client's, from RecordDials): Close and Abort close it themselves
+	// where the WebSocket library would wait (nil: they cannot).
 	raw io.Closer
 	// closeWait is how long Close waits for the peer's close frame
 	// (the package's closeWait; tests lengthen it).
 	closeWait time.Duration
 	// wire counts what the edge reads under the WebSocket (nil in a
-	// client); over is the bytes it carried beside the messages read so
-	// far and not yet taken (TakeOverhead). Read's goroutine owns over.
-	wire   *wireConn
-	over   int
-	remote net.Addr
-	idle   time.Duration
-	ctx    context.Context // ends with Close or Abort
-	cancel context.CancelFunc
-	rdl    deadline
-	wdl    deadline
-	msgs   chan wsMessage // from pump, unbuffered: one message read ahead at most
-	pumped chan struct{}  // closed when pump returns
-	idleT  *time.Timer    // Read's idle timer (Read is never concurrent)
+	// client). The pump owns payload and charged: the bytes of the
+	// messages read so far, and those beside them already charged. over
+	// is what was charged and not yet taken (TakeOverhead); Read's
+	// goroutine owns it.
+	wire             *wireConn
+	payload, charged int64
+	over             int
+	remote           net.Addr
+	idle             time.Duration
+	ctx              context.Context // ends with Close or Abort
+	cancel           context.CancelFunc
+	rdl              deadline
+	wdl              deadline
+	msgs             chan wsMessage // from pump, unbuffered: one message read ahead at most
+	pumped           chan struct{}  // closed when pump returns
+	idleT            *time.Timer    // Read's idle timer (Read is never concurrent)
 
 	// The current message as Read returns it: its length prefix (hdr,
 	// of which hoff bytes were returned) and what is left of its body.
@@ -84,7 +86,7 @@ type wsMessage struct {
 }
 
 // NewWebSocketConn adapts a WebSocket, carried by raw (AcceptWebSocket's
-// connection, or the body of websocket.Dial's response). A peer silent
+// connection, or the one RecordDials kept for a client). A peer silent
 // for longer than idle (no message at all; clients send Ping frames)
 // counts as gone.
 func NewWebSocketConn(c *websocket.Conn, raw io.Closer, remote net.Addr, idle time.Duration, maxFrame int) Conn {
@@ -155,11 +157,11 @@ func (c *wireConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// message marks the end of a message of n bytes and returns what was
-// read beside it since the last one.
-func (c *wireConn) message(n int) int {
+// message marks the end of a message and returns the bytes read so far.
+func (c *wireConn) message() int64 {
 	read := c.read.Load()
-	return max(0, int(read-c.mark.Swap(read))-n)
+	c.mark.Store(read)
+	return read
 }
 
 // pump reads messages until the connection ends. It is owned by the
@@ -173,7 +175,15 @@ func (w *wsConn) pump() {
 		}
 		var over int
 		if w.wire != nil {
-			over = w.wire.message(len(msg))
+			// What was read beyond the payloads, less what was charged:
+			// a running balance, since a read for one message also takes
+			// in those queued behind it (counted with the first, they
+			// would be counted again as their own payload).
+			w.payload += int64(len(msg))
+			if o := w.wire.message() - w.payload - w.charged; o > 0 {
+				over = int(o)
+				w.charged += o
+			}
 		}
 		select {
 		case w.msgs <- wsMessage{b: msg, over: over, err: err}:
@@ -270,6 +280,34 @@ func AcceptWebSocket(w http.ResponseWriter, r *http.Request, opts *websocket.Acc
 		return c, nil, err
 	}
 	return c, hw.conn, err
+}
+
+// RecordDials makes tr remember the connections it dials, and returns
+// the last one (nil before the first): a client's WebSocket dialed
+// through its own transport gets the connection under it that way, for
+// NewWebSocketConn. (websocket.Dial keeps the upgrade's response body,
+// which would close it, to itself.)
+func RecordDials(tr *http.Transport) (last func() net.Conn) {
+	var mu sync.Mutex
+	var conn net.Conn
+	dial := tr.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err == nil {
+			mu.Lock()
+			conn = c
+			mu.Unlock()
+		}
+		return c, err
+	}
+	return func() net.Conn {
+		mu.Lock()
+		defer mu.Unlock()
+		return conn
+	}
 }
 
 // hijackRecorder keeps the connection a WebSocket upgrade hijacks, and

@@ -19,29 +19,39 @@ import (
 // in as many reads as its reader takes, and keeps nothing of a message
 // once it was read: a session that once received a large frame does not
 // hold a buffer of that size for the rest of its life.
-func TestWebSocketReadKeepsNoMessage(t *testing.T) {
+// edgeAndClient is an edge's end of a WebSocket (as the edge accepts it)
+// and a client's plain WebSocket to it; the test ends both.
+func edgeAndClient(t *testing.T) (*wsConn, *websocket.Conn) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
 	conns := make(chan *wsConn, 1)
 	done := make(chan struct{})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ws, err := websocket.Accept(w, r, nil)
+		ws, raw, err := AcceptWebSocket(w, r, nil)
 		if err != nil {
 			t.Error(err)
 			return
 		}
-		conns <- NewWebSocketConn(ws, nil, nil, time.Minute, 1<<20).(*wsConn)
+		conns <- NewWebSocketConn(ws, raw, nil, time.Minute, 1<<20).(*wsConn)
 		<-done
 	}))
-	defer srv.Close()
-	defer close(done)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	t.Cleanup(srv.Close)
+	t.Cleanup(func() { close(done) })
 	cl, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cl.CloseNow()
+	t.Cleanup(func() { _ = cl.CloseNow() })
 	w := <-conns
-	defer func() { _ = w.Abort(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "") }()
+	t.Cleanup(func() { _ = w.Abort(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "") })
+	return w, cl
+}
+
+func TestWebSocketReadKeepsNoMessage(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	w, cl := edgeAndClient(t)
 
 	for _, size := range []int{64 << 10, 0, 3} {
 		msg := bytes.Repeat([]byte{byte(size)}, size)
@@ -64,5 +74,37 @@ func TestWebSocketReadKeepsNoMessage(t *testing.T) {
 		if w.body != nil || w.hoff != w.hlen {
 			t.Fatalf("after a message of %d bytes was read, the conn still holds %d bytes of it (cap %d)", size, len(w.body), cap(w.body))
 		}
+	}
+}
+
+// What an edge's WebSocket charges beside the messages is what the wire
+// carried beside them, also when messages come back to back (a read for
+// one takes in those queued behind it, which must not be charged twice):
+// a thousand 100-byte messages, each with a 6-byte header (2, and the
+// 4-byte mask), cost 6,000 bytes beside them, give or take one read's
+// worth.
+func TestWebSocketOverheadIsTheWireLessThePayload(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	w, cl := edgeAndClient(t)
+	const n, size = 1000, 100
+	msg := bytes.Repeat([]byte{7}, size)
+	go func() {
+		for range n {
+			if err := cl.Write(ctx, websocket.MessageBinary, msg); err != nil {
+				return
+			}
+		}
+	}()
+	got := make([]byte, n*(1+size)) // each with its one-byte length prefix
+	for off := 0; off < len(got); {
+		k, err := w.Read(got[off:])
+		if err != nil {
+			t.Fatalf("read after %d bytes: %v", off, err)
+		}
+		off += k
+	}
+	if over := w.TakeOverhead(); over < n*6-4096 || over > n*6+4096 {
+		t.Fatalf("%d messages of %d bytes were charged %d bytes beside them, want about %d", n, size, over, n*6)
 	}
 }

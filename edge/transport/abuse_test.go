@@ -425,7 +425,8 @@ func TestWebSocketOverheadCounts(t *testing.T) {
 	if got := relaytest.Counter(t, r.Edges[0], "relay_edge_paced_seconds_total", "", "") - paced; got < 2 {
 		t.Fatalf("the sender was held back %.2f s, want about 2.7", got)
 	}
-	// 1.2 MB of headers for one message: past 1 MiB + 64 KiB.
+	// 1.2 MB of headers for one message: past the frame limit (64 KiB
+	// here) and the 64 KiB beside it.
 	_ = fragmented(200_000) // the edge may end it before it is all written
 	end, err := sender.WaitEnd(30 * time.Second)
 	if err != nil {

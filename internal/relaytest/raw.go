@@ -85,8 +85,10 @@ func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw,
 	qconf.KeepAlivePeriod = 5 * time.Second
 	switch tr {
 	case client.WebSocket:
-		hc := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConf("http/1.1")}}
-		ws, resp, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: hdr})
+		tr := &http.Transport{TLSClientConfig: tlsConf("http/1.1")}
+		dialed := devconn.RecordDials(tr)
+		hc := &http.Client{Transport: tr}
+		ws, _, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: hdr})
 		if err != nil {
 			hc.CloseIdleConnections()
 			return nil, fmt.Errorf("websocket dial %s: %w", addr, err)
@@ -94,7 +96,7 @@ func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw,
 		ws.SetReadLimit(1 << 20)
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
 		raw.WS = ws
-		raw.conn = devconn.NewWebSocketConn(ws, resp.Body, remote, time.Hour, 1<<20)
+		raw.conn = devconn.NewWebSocketConn(ws, dialed(), remote, time.Hour, 1<<20)
 		raw.done = hc.CloseIdleConnections
 	case client.WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: tlsConf("h3"), QUICConfig: qconf}
