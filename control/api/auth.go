@@ -119,25 +119,44 @@ func (s *AuthServer) checkLogin(ctx context.Context, attempt *statev1.LoginAttem
 	if err != nil {
 		return nil, false, toConnect(err)
 	}
-	release, err := s.authn.hashSlot(ctx)
+	release, err := s.attemptInSlot(ctx, attempt)
 	if err != nil {
-		return nil, false, toConnect(err)
-	}
-	defer release()
-	if err := s.recordAttempt(ctx, attempt); err != nil {
 		return nil, false, err
 	}
-	hash := s.dummy
+	defer release()
 	u, err := f.GetUserByLogin(m.GetLogin())
-	switch {
-	case err == nil && u.GetPasswordHash() != "":
-		hash = u.GetPasswordHash()
-	case err != nil && !errors.Is(err, fsm.ErrNotFound):
+	if err != nil && !errors.Is(err, fsm.ErrNotFound) {
 		return nil, false, toConnect(err)
 	}
-	ok, err := auth.VerifyPassword(hash, m.GetPassword())
-	// The dummy hash's verdict is never taken.
-	return u, err == nil && ok && hash != s.dummy, nil
+	ok, err := s.verify(u.GetPasswordHash(), m.GetPassword())
+	return u, err == nil && ok, nil
+}
+
+// attemptInSlot takes one of the node's hashing slots and records the
+// attempt (recordAttempt) in it. The caller checks the password and then
+// calls release, once; on an error nothing is held.
+func (s *AuthServer) attemptInSlot(ctx context.Context, attempt *statev1.LoginAttempt) (release func(), err error) {
+	release, err = s.authn.hashSlot(ctx)
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	if err := s.recordAttempt(ctx, attempt); err != nil {
+		release()
+		return nil, err
+	}
+	return release, nil
+}
+
+// verify checks password against hash, in a hashing slot the caller
+// holds. An empty hash (no such account, or one without a password) is
+// checked against the dummy hash, for the time a wrong password takes,
+// and never matches.
+func (s *AuthServer) verify(hash, password string) (bool, error) {
+	if hash == "" {
+		_, _ = auth.VerifyPassword(s.dummy, password)
+		return false, nil
+	}
+	return auth.VerifyPassword(hash, password)
 }
 
 // admit is the first half of a login attempt: the checks that cost
@@ -368,23 +387,16 @@ func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[co
 // password change and hashes the new one, all in one hashing slot (see
 // recordAttempt), and returns the new hash.
 func (s *AuthServer) checkAndHash(ctx context.Context, attempt *statev1.LoginAttempt, u *statev1.User, m *controlv1.ChangePasswordRequest) (string, error) {
-	release, err := s.authn.hashSlot(ctx)
+	release, err := s.attemptInSlot(ctx, attempt)
 	if err != nil {
-		return "", toConnect(err)
-	}
-	defer release()
-	if err := s.recordAttempt(ctx, attempt); err != nil {
 		return "", err
 	}
-	hash := u.GetPasswordHash()
-	if hash == "" {
-		hash = s.dummy // the time a wrong password takes; never its verdict
-	}
-	ok, err := auth.VerifyPassword(hash, m.GetCurrentPassword())
+	defer release()
+	ok, err := s.verify(u.GetPasswordHash(), m.GetCurrentPassword())
 	if err != nil {
 		return "", toConnect(err) // a stored hash this release cannot read
 	}
-	if !ok || hash == s.dummy {
+	if !ok {
 		return "", invalidArg(errWrongPassword)
 	}
 	if u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {

@@ -271,7 +271,7 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 			// Not from a node cut off from the leader: the tick ends the
 			// stream then, as it did before (a node that restarted and has
 			// not heard from the leader yet gets its chance to).
-			if s.node.SinceLeaderContact() <= s.cfg.LeaderTimeout {
+			if s.leaderHeard() {
 				var pending bool
 				if last, pending, err = s.sendProgress(f, ws, last); err != nil {
 					return err
@@ -326,6 +326,12 @@ func (s *WatchServer) sendProgress(f *fsm.FSM, ws *watchStream, last uint64) (cl
 	return claimed, false, nil
 }
 
+// leaderHeard reports whether this node leads, or heard from the leader
+// within LeaderTimeout: whether it follows the cluster's writes.
+func (s *WatchServer) leaderHeard() bool {
+	return s.node.SinceLeaderContact() <= s.cfg.LeaderTimeout
+}
+
 // shuttingDown ends a stream at revision last when the server closes.
 func shuttingDown(last uint64) error {
 	return connect.NewError(connect.CodeUnavailable, fmt.Errorf("control node shutting down; resume from revision %d on another node", last))
@@ -364,8 +370,8 @@ func (s *WatchServer) waitApplied(ctx context.Context, f *fsm.FSM, rev uint64) e
 // would otherwise go on telling its watchers that their copy is current
 // while writes (a revocation) go on elsewhere.
 func (s *WatchServer) inContact(last uint64) error {
-	if since := s.node.SinceLeaderContact(); since > s.cfg.LeaderTimeout {
-		s.cfg.Logger.Warn("watch stream ended: this node has not heard from a leader", "for", min(since, 24*time.Hour), "last_revision", last)
+	if !s.leaderHeard() {
+		s.cfg.Logger.Warn("watch stream ended: this node has not heard from a leader", "for", min(s.node.SinceLeaderContact(), 24*time.Hour), "last_revision", last)
 		return connect.NewError(connect.CodeUnavailable,
 			fmt.Errorf("this control node has not heard from a leader for %s; resume from revision %d on another node", s.cfg.LeaderTimeout, last))
 	}

@@ -555,7 +555,10 @@ func TestWebSocketClientCloseWithASilentEdgeIsBounded(t *testing.T) {
 	}
 	defer ln.Close()
 	sawClose := make(chan error, 1)
+	served := make(chan struct{})
+	defer func() { _ = ln.Close(); <-served }()
 	go func() {
+		defer close(served)
 		c, err := ln.Accept()
 		if err != nil {
 			sawClose <- err
@@ -592,6 +595,7 @@ func TestWebSocketClientCloseWithASilentEdgeIsBounded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer ws.CloseNow() // ends the server's wait too, should the test fail first
 	c := NewWebSocketConn(ws, dialed(), nil, time.Minute, 1<<20)
 	start := time.Now()
 	closed := make(chan struct{})

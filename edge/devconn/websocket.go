@@ -92,10 +92,10 @@ type wsMessage struct {
 func NewWebSocketConn(c *websocket.Conn, raw io.Closer, remote net.Addr, idle time.Duration, maxFrame int) Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	c.SetReadLimit(int64(maxFrame) + 16)
-	if wire, ok := raw.(*wireConn); ok {
+	wire, _ := raw.(*wireConn) // an edge's (AcceptWebSocket)
+	if wire != nil {
 		wire.setLimit(maxFrame)
 	}
-	wire, _ := raw.(*wireConn)
 	w := &wsConn{c: c, raw: raw, closeWait: closeWait, wire: wire, remote: remote, idle: idle, ctx: ctx, cancel: cancel,
 		msgs: make(chan wsMessage), pumped: make(chan struct{}), idleT: time.NewTimer(idle)}
 	w.idleT.Stop()
@@ -150,9 +150,9 @@ func (c *wireConn) setLimit(maxFrame int) { c.limit.Store(int64(maxFrame) + 16 +
 
 func (c *wireConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
-	if over := c.read.Add(int64(n)) - c.mark.Load(); over > c.limit.Load() {
+	if over, limit := c.read.Add(int64(n))-c.mark.Load(), c.limit.Load(); over > limit {
 		return n, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE,
-			Msg: fmt.Sprintf("%d bytes on the WebSocket for one message, more than %d: frame headers, pings and pongs count", over, c.limit.Load())}
+			Msg: fmt.Sprintf("%d bytes on the WebSocket for one message, more than %d: frame headers, pings and pongs count", over, limit)}
 	}
 	return n, err
 }
@@ -270,14 +270,13 @@ func (w *wsConn) RemoteAddr() net.Addr { return w.remote }
 func (w *wsConn) Transport() string    { return "websocket" }
 
 // AcceptWebSocket accepts a WebSocket as websocket.Accept does, and
-// returns the connection it took over from the HTTP server with it, for
-// NewWebSocketConn.
-// The connection counts what is read from it (wireConn).
+// returns with it the connection it took over from the HTTP server, for
+// NewWebSocketConn: a wireConn, which counts what is read from it.
 func AcceptWebSocket(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOptions) (*websocket.Conn, net.Conn, error) {
 	hw := &hijackRecorder{ResponseWriter: w}
 	c, err := websocket.Accept(hw, r, opts)
 	if hw.conn == nil {
-		return c, nil, err
+		return c, nil, err // no typed nil in the interface
 	}
 	return c, hw.conn, err
 }

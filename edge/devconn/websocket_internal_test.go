@@ -89,7 +89,11 @@ func TestWebSocketOverheadIsTheWireLessThePayload(t *testing.T) {
 	w, cl := edgeAndClient(t)
 	const n, size = 1000, 100
 	msg := bytes.Repeat([]byte{7}, size)
+	wrote := make(chan struct{})
+	// After cancel (deferred above), which ends a write the test left.
+	t.Cleanup(func() { <-wrote })
 	go func() {
+		defer close(wrote)
 		for range n {
 			if err := cl.Write(ctx, websocket.MessageBinary, msg); err != nil {
 				return

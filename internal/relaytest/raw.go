@@ -85,9 +85,9 @@ func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw,
 	qconf.KeepAlivePeriod = 5 * time.Second
 	switch tr {
 	case client.WebSocket:
-		tr := &http.Transport{TLSClientConfig: tlsConf("http/1.1")}
-		dialed := devconn.RecordDials(tr)
-		hc := &http.Client{Transport: tr}
+		ht := &http.Transport{TLSClientConfig: tlsConf("http/1.1")}
+		dialed := devconn.RecordDials(ht)
+		hc := &http.Client{Transport: ht}
 		ws, _, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: hdr})
 		if err != nil {
 			hc.CloseIdleConnections()
