@@ -40,6 +40,9 @@ func TestMain(m *testing.M) {
 // and what the Go client adapts (client).
 type pair struct {
 	server, client Conn
+	// clientQUIC is the client's QUIC connection under a WebTransport
+	// session.
+	clientQUIC *quic.Conn
 }
 
 // testTLS returns a server configuration with a fresh self-signed
@@ -160,7 +163,13 @@ func webTransportPair(t *testing.T) pair {
 	served := make(chan struct{})
 	go func() { defer close(served); _ = srv.Serve(udp) }()
 	t.Cleanup(func() { _ = srv.Close(); _ = udp.Close(); <-served })
-	d := &webtransport.Transport{TLSClientConfig: ctls, QUICConfig: QUICConfig(30 * time.Second)}
+	var qconn *quic.Conn
+	d := &webtransport.Transport{TLSClientConfig: ctls, QUICConfig: QUICConfig(30 * time.Second),
+		DialAddr: func(ctx context.Context, addr string, tc *tls.Config, qc *quic.Config) (*quic.Conn, error) {
+			c, err := quic.DialAddrEarly(ctx, addr, tc, qc)
+			qconn = c
+			return c, err
+		}}
 	t.Cleanup(func() { _ = d.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -175,7 +184,7 @@ func webTransportPair(t *testing.T) pair {
 	if _, err := str.Write([]byte{0}); err != nil {
 		t.Fatal(err)
 	}
-	p := pair{server: accepted(t, got), client: NewWebTransportConn(sess, str)}
+	p := pair{server: accepted(t, got), client: NewWebTransportConn(sess, str), clientQUIC: qconn}
 	readExactly(t, p.server, []byte{0})
 	t.Cleanup(func() { _ = p.client.Abort(0, ""); _ = p.server.Abort(0, "") })
 	return p
@@ -406,6 +415,44 @@ func TestCloseAndAbortCarryTheCode(t *testing.T) {
 			}
 		})
 	}
+}
+
+// When the peer closes a WebTransport session, webtransport-go fails the
+// session's streams with its error and then closes the QUIC connection
+// under it (H3_NO_ERROR, local). A Read blocked at that moment may wake
+// to the connection's error first (quic-go checks it before the stream's
+// cancellation), which carries no code; the adapter answers with the
+// session's error, which does. The race is too narrow to force through a
+// Read (about 1 in 200 aborts under -race), so this hands the adapter the
+// connection's very error once the session has ended.
+func TestWebTransportKeepsThePeersCodeWhenItsConnectionEndsFirst(t *testing.T) {
+	p := webTransportPair(t)
+	if err := p.server.Abort(relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "too slow"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.clientQUIC.Context().Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the client's QUIC connection outlived its only session")
+	}
+	connErr := context.Cause(p.clientQUIC.Context())
+	if _, _, ok := PeerCode(connErr); ok || connErr == nil {
+		t.Fatalf("the connection's own error %v carries a code: nothing to test", connErr)
+	}
+	got := p.client.(*wtConn).sessionErr(connErr)
+	if code, msg, ok := PeerCode(got); !ok || code != relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER || msg != "too slow" {
+		t.Fatalf("a stream error %v became %v: code %v %q %v", connErr, got, code, msg, ok)
+	}
+	// An error of a session that goes on is left as it is.
+	q := webTransportPair(t)
+	timeout := errors.New("not the session's")
+	if got := q.client.(*wtConn).sessionErr(timeout); got != timeout {
+		t.Fatalf("an error of a live session became %v", got)
+	}
+	if _, err := q.client.Write(framed([]byte("still there"))); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, q.server, framed([]byte("still there")))
 }
 
 // Linger (the client's, after its goodbye) finishes the stream and

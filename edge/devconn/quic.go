@@ -134,8 +134,52 @@ func NewWebTransportConn(sess *webtransport.Session, str *webtransport.Stream) C
 	return &wtConn{sess: sess, str: str}
 }
 
-func (c *wtConn) Read(p []byte) (int, error)         { return c.str.Read(p) }
-func (c *wtConn) Write(p []byte) (int, error)        { return c.str.Write(p) }
+func (c *wtConn) Read(p []byte) (int, error) {
+	n, err := c.str.Read(p)
+	if err != nil {
+		err = c.sessionErr(err)
+	}
+	return n, err
+}
+
+func (c *wtConn) Write(p []byte) (int, error) {
+	n, err := c.str.Write(p)
+	if err != nil {
+		err = c.sessionErr(err)
+	}
+	return n, err
+}
+
+// sessionErr returns the session's close error in place of a stream error
+// that carries no code, once the session has ended. When the peer closes
+// the session, webtransport-go fails the stream with the session's error
+// and then closes the QUIC connection under it; a Read blocked at that
+// moment can wake to the connection's error (H3_NO_ERROR, local) instead,
+// and the peer's code would be lost. The session keeps its close error:
+// a closed session's AcceptStream returns it at once.
+func (c *wtConn) sessionErr(err error) error {
+	if _, _, ok := PeerCode(err); ok {
+		return err
+	}
+	select {
+	case <-c.sess.Context().Done():
+	default:
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	str, serr := c.sess.AcceptStream(ctx)
+	if str != nil { // not after the session's end; never left open
+		str.CancelRead(0)
+		str.CancelWrite(0)
+	}
+	var sessErr *webtransport.SessionError
+	if errors.As(serr, &sessErr) {
+		return serr
+	}
+	return err
+}
+
 func (c *wtConn) SetReadDeadline(t time.Time) error  { return c.str.SetReadDeadline(t) }
 func (c *wtConn) SetWriteDeadline(t time.Time) error { return c.str.SetWriteDeadline(t) }
 func (c *wtConn) RemoteAddr() net.Addr               { return c.sess.RemoteAddr() }
