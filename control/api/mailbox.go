@@ -158,7 +158,7 @@ func (s *MailboxServer) FetchMailbox(ctx context.Context, req *connect.Request[e
 	// Read before the entries: everything applied by then is visible to
 	// the read that follows, so the response covers this revision.
 	rev := f.AppliedIndex()
-	list, more, err := f.FetchMailbox(m.GetDeviceId(), m.GetAfterSeq(), limit, s.cfg.Now().UnixMilli())
+	list, more, err := f.FetchMailbox(m.GetDeviceId(), m.GetAfterSeq(), limit, int(m.GetMaxBytes()), s.cfg.Now().UnixMilli())
 	if err != nil {
 		return nil, toConnect(err)
 	}

@@ -143,6 +143,12 @@ func TestMailboxThroughTheAPI(t *testing.T) {
 	if got, more := fetch(t, reader, "a1", 1, 10); ids(got) != "2:e2" || more {
 		t.Fatalf("fetch after 1: %s more=%v", ids(got), more)
 	}
+	// A byte bound (what the edge has room for) holds fewer: one entry
+	// at least.
+	resp, err := reader.FetchMailbox(ctxT(t, 20*time.Second), connect.NewRequest(&edgev1.FetchMailboxRequest{DeviceId: "a1", MaxBytes: 1}))
+	if err != nil || ids(resp.Msg.GetEntries()) != "1:e1" || !resp.Msg.GetMore() {
+		t.Fatalf("fetch of at most 1 byte: %v %v", resp, err)
+	}
 
 	// A retry (an edge that did not see the answer) stores nothing new.
 	if r := put(t, putter, entry("alice", "a1", "e2", 100, hour), entry("alice", "a1", "e1", 100, hour)); results(r) != "STORED/2 STORED/1" {

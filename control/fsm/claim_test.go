@@ -48,7 +48,7 @@ func keysWith(t *testing.T, f *FSM, p []byte) []string {
 // eventIDs lists a device's stored event ids, oldest first.
 func eventIDs(t *testing.T, f *FSM, did string) string {
 	t.Helper()
-	got, _, err := f.FetchMailbox(did, 0, 100, 0)
+	got, _, err := f.FetchMailbox(did, 0, 100, 0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -504,12 +504,16 @@ func (t *txn) deleteMailbox(did string) error {
 }
 
 // FetchMailbox returns up to limit entries of a device's mailbox with
-// seqs after afterSeq, oldest first, holding at most MaxMailboxPageBytes
-// of events (always at least one entry), skipping entries that expired at
+// seqs after afterSeq, oldest first, holding at most maxBytes of events
+// (0 or more than MaxMailboxPageBytes: MaxMailboxPageBytes; always at
+// least one entry), skipping entries that expired at
 // or before nowMs (expiry may not have removed them yet), and whether
 // more unexpired entries follow. One consistent view. A device that does
 // not exist answers ErrNotFound.
-func (f *FSM) FetchMailbox(deviceID string, afterSeq uint64, limit int, nowMs int64) ([]*statev1.MailboxEntry, bool, error) {
+func (f *FSM) FetchMailbox(deviceID string, afterSeq uint64, limit, maxBytes int, nowMs int64) ([]*statev1.MailboxEntry, bool, error) {
+	if maxBytes <= 0 || maxBytes > MaxMailboxPageBytes {
+		maxBytes = MaxMailboxPageBytes
+	}
 	snap := f.store.Snapshot()
 	defer snap.Close()
 	if _, err := snap.Get(deviceOwnerKey(deviceID)); errors.Is(err, state.ErrNotFound) {
@@ -531,7 +535,7 @@ func (f *FSM) FetchMailbox(deviceID string, afterSeq uint64, limit int, nowMs in
 			return true, nil
 		}
 		size += len(e.GetEvent())
-		if len(out) == limit || (len(out) > 0 && size > MaxMailboxPageBytes) {
+		if len(out) == limit || (len(out) > 0 && size > maxBytes) {
 			more = true
 			return false, nil
 		}

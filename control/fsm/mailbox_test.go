@@ -106,23 +106,23 @@ func TestMailboxPutFetchAck(t *testing.T) {
 		}
 	}
 
-	got, more, err := f.FetchMailbox("a1", 0, 1, now)
+	got, more, err := f.FetchMailbox("a1", 0, 1, 0, now)
 	if err != nil || len(got) != 1 || !more || got[0].GetSeq() != 1 || got[0].GetEventId() != "e1" || got[0].GetStoredAtMs() != now {
 		t.Fatalf("fetch 1: %v more=%v err=%v", got, more, err)
 	}
-	got, more, _ = f.FetchMailbox("a1", 1, 10, now)
+	got, more, _ = f.FetchMailbox("a1", 1, 10, 0, now)
 	if len(got) != 1 || more || got[0].GetSeq() != 2 || len(got[0].GetEvent()) != 20 || got[0].GetSenderDeviceId() != "a2" {
 		t.Fatalf("fetch after 1: %v more=%v", got, more)
 	}
 	// Entries whose time has passed are not returned, even before expiry
 	// removed them.
-	if got, _, _ := f.FetchMailbox("a1", 0, 10, far); len(got) != 0 {
+	if got, _, _ := f.FetchMailbox("a1", 0, 10, 0, far); len(got) != 0 {
 		t.Fatalf("fetch at a later time returned %d expired entries", len(got))
 	}
-	if _, _, err := f.FetchMailbox("nope", 0, 10, now); !errors.Is(err, ErrNotFound) {
+	if _, _, err := f.FetchMailbox("nope", 0, 10, 0, now); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("fetch of a missing device: %v", err)
 	}
-	if got, more, err := f.FetchMailbox("b1", 0, 10, now); err != nil || len(got) != 0 || more {
+	if got, more, err := f.FetchMailbox("b1", 0, 10, 0, now); err != nil || len(got) != 0 || more {
 		t.Fatalf("empty mailbox: %v %v %v", got, more, err)
 	}
 
@@ -169,7 +169,7 @@ func TestMailboxQuotas(t *testing.T) {
 	}
 	// A full mailbox keeps what it holds.
 	for did, n := range map[string]int{"a1": 2, "a2": 2} {
-		if got, _, _ := f.FetchMailbox(did, 0, 10, 0); len(got) != n {
+		if got, _, _ := f.FetchMailbox(did, 0, 10, 0, 0); len(got) != n {
 			t.Fatalf("%s holds %d entries, want %d", did, len(got), n)
 		}
 	}
@@ -220,14 +220,14 @@ func TestMailboxExpiry(t *testing.T) {
 		t.Fatal("expiry not due")
 	}
 	a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: 1}})
-	if got, _, _ := f.FetchMailbox("a1", 0, 10, 0); len(got) != 2 || got[0].GetEventId() != "later" {
+	if got, _, _ := f.FetchMailbox("a1", 0, 10, 0, 0); len(got) != 2 || got[0].GetEventId() != "later" {
 		t.Fatalf("a1 after expiring one: %v", got)
 	}
-	if got, _, _ := f.FetchMailbox("a2", 0, 10, 0); len(got) != 1 {
+	if got, _, _ := f.FetchMailbox("a2", 0, 10, 0, 0); len(got) != 1 {
 		t.Fatalf("a2 lost its entry to a limited expiry: %v", got)
 	}
 	a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{}})
-	if got, _, _ := f.FetchMailbox("a2", 0, 10, 0); len(got) != 0 {
+	if got, _, _ := f.FetchMailbox("a2", 0, 10, 0, 0); len(got) != 0 {
 		t.Fatalf("a2 after expiry: %v", got)
 	}
 	for did, want := range map[string][2]uint64{"a1": {2, 20}, "a2": {0, 0}} {
@@ -367,16 +367,26 @@ func TestMailboxPagesAreBoundedInBytes(t *testing.T) {
 	if r := a.apply(putOp(entries...)); outcomes(r) != "STORED/1 STORED/2 STORED/3 STORED/4 STORED/5 STORED/6 STORED/7 STORED/8" {
 		t.Fatalf("put: %v", outcomes(r))
 	}
-	got, more, err := f.FetchMailbox("a1", 0, 100, 0)
+	got, more, err := f.FetchMailbox("a1", 0, 100, 0, 0)
 	if err != nil || len(got) != MaxMailboxPageBytes/size || !more {
 		t.Fatalf("first page: %d entries, more=%v, err=%v; want %d and more", len(got), more, err, MaxMailboxPageBytes/size)
 	}
 	last := got[len(got)-1].GetSeq()
-	got, more, err = f.FetchMailbox("a1", last, 100, 0)
+	got, more, err = f.FetchMailbox("a1", last, 100, 0, 0)
 	if err != nil || len(got) != 8-int(last) || more {
 		t.Fatalf("second page after %d: %d entries, more=%v, err=%v", last, len(got), more, err)
 	}
 	if got[0].GetSeq() != last+1 {
 		t.Fatalf("second page starts at %d, want %d", got[0].GetSeq(), last+1)
+	}
+	// A smaller byte bound (what an edge's queue has room for) holds
+	// fewer, and always one entry; a larger one is the page's.
+	for _, tc := range []struct{ maxBytes, want int }{
+		{2*size + 1, 2}, {size, 1}, {1, 1}, {4 * MaxMailboxPageBytes, MaxMailboxPageBytes / size},
+	} {
+		got, more, err := f.FetchMailbox("a1", 0, 100, tc.maxBytes, 0)
+		if err != nil || len(got) != tc.want || !more {
+			t.Fatalf("at most %d bytes: %d entries, more=%v, err=%v; want %d and more", tc.maxBytes, len(got), more, err, tc.want)
+		}
 	}
 }

@@ -378,9 +378,11 @@ func (c *Conn) PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (
 	})
 }
 
-// FetchMailbox reads a device's entries after a seq.
-func (c *Conn) FetchMailbox(ctx context.Context, deviceID string, after uint64, limit uint32) (*edgev1.FetchMailboxResponse, error) {
-	return call(ctx, c, &edgev1.FetchMailboxRequest{DeviceId: deviceID, AfterSeq: after, Limit: limit}, func(p *peer, r *connect.Request[edgev1.FetchMailboxRequest]) (*connect.Response[edgev1.FetchMailboxResponse], error) {
+// FetchMailbox reads a device's entries after a seq: at most limit, and
+// at most maxBytes of events (at least one entry; 0: the control
+// plane's page size).
+func (c *Conn) FetchMailbox(ctx context.Context, deviceID string, after uint64, limit, maxBytes uint32) (*edgev1.FetchMailboxResponse, error) {
+	return call(ctx, c, &edgev1.FetchMailboxRequest{DeviceId: deviceID, AfterSeq: after, Limit: limit, MaxBytes: maxBytes}, func(p *peer, r *connect.Request[edgev1.FetchMailboxRequest]) (*connect.Response[edgev1.FetchMailboxResponse], error) {
 		return p.mailbox.FetchMailbox(ctx, r)
 	})
 }

@@ -344,11 +344,11 @@ func TestAnOversizedAnswerIsRefused(t *testing.T) {
 			t.Fatal(err)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		if resp, err := cc.FetchMailbox(ctx, "d", 0, 4); err != nil || len(resp.GetEntries()) != 4 {
+		if resp, err := cc.FetchMailbox(ctx, "d", 0, 4, 0); err != nil || len(resp.GetEntries()) != 4 {
 			t.Errorf("gzip %v: a page of 1 MiB: %d entries, %v", gzipped, len(resp.GetEntries()), err)
 		}
 		big := uint32(controlconn.MaxResponseBytes/(256<<10) + 1)
-		if _, err := cc.FetchMailbox(ctx, "d", 0, big); connect.CodeOf(err) != connect.CodeResourceExhausted {
+		if _, err := cc.FetchMailbox(ctx, "d", 0, big, 0); connect.CodeOf(err) != connect.CodeResourceExhausted {
 			t.Errorf("gzip %v: an answer of %d MiB: %v, want resource_exhausted", gzipped, big/4, err)
 		}
 		cancel()

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math"
 	"strings"
 	"sync"
 	"time"
@@ -30,7 +31,7 @@ import (
 // (edge/controlconn provides it).
 type API interface {
 	PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error)
-	FetchMailbox(ctx context.Context, deviceID string, after uint64, limit uint32) (*edgev1.FetchMailboxResponse, error)
+	FetchMailbox(ctx context.Context, deviceID string, after uint64, limit, maxBytes uint32) (*edgev1.FetchMailboxResponse, error)
 	// AckMailbox deletes a device's entries, by their seqs in history
 	// (refused when the control plane's is another).
 	AckMailbox(ctx context.Context, deviceID, history string, seqs []uint64) error
@@ -221,12 +222,17 @@ func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
 }
 
 // Fetch reads a device's entries after seq.
-func (c *Client) Fetch(ctx context.Context, deviceID string, after uint64, limit int) (session.MailboxPage, error) {
-	resp, err := c.cfg.API.FetchMailbox(ctx, deviceID, after, uint32(limit))
+func (c *Client) Fetch(ctx context.Context, deviceID string, after uint64, limit, maxBytes int) (session.MailboxPage, error) {
+	resp, err := c.cfg.API.FetchMailbox(ctx, deviceID, after, clampUint32(limit), clampUint32(maxBytes))
 	if err != nil {
 		return session.MailboxPage{}, fmt.Errorf("fetch mailbox of %s: %w", deviceID, err)
 	}
 	return session.MailboxPage{Entries: resp.GetEntries(), More: resp.GetMore(), Revision: resp.GetRevision()}, nil
+}
+
+// clampUint32 is n as a request's count, 0 for a negative n.
+func clampUint32(n int) uint32 {
+	return uint32(min(max(n, 0), math.MaxUint32))
 }
 
 // Ack queues deletions of a device's entries (written in batches).

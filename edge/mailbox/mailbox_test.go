@@ -128,7 +128,7 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 			t.Fatalf("entry %d: %+v (previous %+v)", i, r, results[max(i-1, 0)])
 		}
 	}
-	page, err := mb.Fetch(ctx, devID, 0, 100)
+	page, err := mb.Fetch(ctx, devID, 0, 100, 0)
 	entries := page.Entries
 	if err != nil || page.More || len(entries) != n {
 		t.Fatalf("fetch: %d entries, more %v, %v", len(entries), page.More, err)
@@ -162,7 +162,7 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	}
 	mb.Ack(devID, seqs...)
 	clustertest.Eventually(t, 10*time.Second, func() error {
-		left, err := mb.Fetch(ctx, devID, 0, 100)
+		left, err := mb.Fetch(ctx, devID, 0, 100, 0)
 		if err != nil || len(left.Entries) != n-10 {
 			return fmt.Errorf("%d left, %v", len(left.Entries), err)
 		}
@@ -261,7 +261,7 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 func fetchAll(ctx context.Context, c *mailbox.Client, device string) (int, error) {
 	n, after := 0, uint64(0)
 	for {
-		page, err := c.Fetch(ctx, device, after, 256)
+		page, err := c.Fetch(ctx, device, after, 256, 0)
 		if err != nil {
 			return n, err
 		}

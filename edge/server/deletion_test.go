@@ -150,7 +150,7 @@ func TestDeletingDevicesDuringTraffic(t *testing.T) {
 				if _, err := f.Mailbox(d.ID); !errors.Is(err, fsm.ErrNotFound) {
 					return fmt.Errorf("node %s still has the mailbox of %s (%v)", n.ID, d.ID, err)
 				}
-				if es, _, err := f.FetchMailbox(d.ID, 0, 10, 0); len(es) > 0 || !errors.Is(err, fsm.ErrNotFound) {
+				if es, _, err := f.FetchMailbox(d.ID, 0, 10, 0, 0); len(es) > 0 || !errors.Is(err, fsm.ErrNotFound) {
 					return fmt.Errorf("node %s still has %d mailbox entries of %s (%v)", n.ID, len(es), d.ID, err)
 				}
 			}

@@ -61,7 +61,7 @@ func (s *Session) handleReceived(ids []uint64, now time.Time) {
 	if settled > 0 {
 		s.out.settle(settled, settledBytes)
 		if s.mb.wake != nil {
-			// A pump waiting for room (ackBound) may go on.
+			// A pump waiting for room may go on.
 			signal(s.mb.wake)
 		}
 	}

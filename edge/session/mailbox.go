@@ -30,8 +30,9 @@ type Mailbox interface {
 	// are stored in the order Store was called.
 	Store(e *edgev1.MailboxEntry, done func(MailboxResult))
 	// Fetch reads a device's entries after seq, oldest first, with a
-	// linearizable read.
-	Fetch(ctx context.Context, deviceID string, after uint64, limit int) (MailboxPage, error)
+	// linearizable read: at most limit, and at most maxBytes of events
+	// (at least one entry; 0: as many as a page holds).
+	Fetch(ctx context.Context, deviceID string, after uint64, limit, maxBytes int) (MailboxPage, error)
 	// Ack deletes entries the device received.
 	Ack(deviceID string, seqs ...uint64)
 	// Claim asks whether a device takes an "any one" event; done is
@@ -68,15 +69,11 @@ type mailboxState struct {
 	wanted  uint64     // highest seq known to exist
 	more    bool       // the last fetch was not complete, or one is due
 	unacked int        // mailbox deliveries not acknowledged yet
-	// ackBound: the queue took no more because the device's deliveries
-	// not acknowledged reached their bound (queue.unackedFull); the pump
-	// then waits for its acks rather than polling.
-	ackBound bool
-	running  bool // the pump goroutine runs
-	stopped  bool
-	held     []heldDelivery
-	fence    uint64 // highest revision a held delivery waits for a fetch to cover
-	primed   bool   // the first read was complete and all of it queued
+	running bool       // the pump goroutine runs
+	stopped bool
+	held    []heldDelivery
+	fence   uint64 // highest revision a held delivery waits for a fetch to cover
+	primed  bool   // the first read was complete and all of it queued
 	// epoch is the directory's count of full copies that announced no
 	// mailboxes, as of the last complete fetch (see fenced).
 	epoch uint64
@@ -302,7 +299,8 @@ func (s *Session) primeMailbox(ctx context.Context) {
 	s.listen()
 	_, blind := s.hub.cfg.Directory.AnnouncedRevision()
 	fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	page, err := mb.Fetch(fctx, s.deviceID, 0, s.hub.cfg.MailboxWindow)
+	_, bytes := s.out.room()
+	page, err := mb.Fetch(fctx, s.deviceID, 0, s.hub.cfg.MailboxWindow, bytes)
 	cancel()
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -348,7 +346,6 @@ func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) boo
 			m.unacked++
 		default:
 			m.more = true
-			m.ackBound = s.out.unackedFull(len(e.GetEvent()))
 			return false
 		}
 	}
@@ -500,10 +497,14 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 			return
 		}
 		after, known, fence := m.cursor, m.wanted, m.fence
+		// No more than the window and the queue have room for (what the
+		// queue refuses is read again later); at least one entry.
+		items, bytes := s.out.room()
+		limit := max(min(window-m.unacked, items), 1)
 		m.mu.Unlock()
 		_, blind := s.hub.cfg.Directory.AnnouncedRevision()
 		ctx, cancel := context.WithTimeout(pctx, 5*time.Second)
-		page, err := s.hub.cfg.Mailbox.Fetch(ctx, s.deviceID, after, window)
+		page, err := s.hub.cfg.Mailbox.Fetch(ctx, s.deviceID, after, limit, max(bytes, 1))
 		cancel()
 		if err != nil {
 			if pctx.Err() != nil {
@@ -524,16 +525,13 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 		}
 		m.mu.Lock()
 		full := !s.queueEntries(page, known, fence, blind)
-		ackBound := m.ackBound
 		m.mu.Unlock()
-		// A full queue drains as the device reads; deliveries it does not
-		// acknowledge free nothing until it does (handleReceived wakes the
-		// pump then), however long that takes.
-		pause := 10 * time.Millisecond
-		if ackBound {
-			pause = time.Minute
-		}
-		if full && !wait(pause) {
+		// A full queue has room once the writer takes what it holds (the
+		// queue's roomed wakes the pump then), and deliveries the device
+		// does not acknowledge free theirs once it does (handleReceived
+		// does), however long either takes: the pump waits for that, not
+		// polling the control plane for a device that reads slowly.
+		if full && !wait(time.Minute) {
 			return
 		}
 	}

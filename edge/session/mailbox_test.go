@@ -32,6 +32,7 @@ type memMailbox struct {
 	fetchGate map[string]chan struct{} // if set, a device's fetches wait for it
 	snapshots chan string              // if set, told the device of each fetch once it read
 	reads     map[string]int           // fetches that read a device's mailbox
+	fetched   map[string]int           // entries those fetches returned
 	acked     map[string][]uint64
 	claims    map[string]string // sender/event -> the device that took it
 
@@ -43,7 +44,7 @@ type memMailbox struct {
 func newMemMailbox(t testing.TB) *memMailbox {
 	m := &memMailbox{seq: map[string]uint64{}, boxes: map[string][]*edgev1.MailboxEntry{}, acked: map[string][]uint64{},
 		queue: make(chan func(), 1024), done: make(chan struct{}), quota: 1000,
-		fails: map[string]int{}, fetchGate: map[string]chan struct{}{}, reads: map[string]int{}}
+		fails: map[string]int{}, fetchGate: map[string]chan struct{}{}, reads: map[string]int{}, fetched: map[string]int{}}
 	go func() {
 		defer close(m.done)
 		for f := range m.queue {
@@ -77,7 +78,7 @@ func (m *memMailbox) Store(e *edgev1.MailboxEntry, done func(MailboxResult)) {
 
 // Fetch reads like a linearizable read: what is stored when the request
 // arrives, answered after the device's gate (if any) opens.
-func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, limit int) (MailboxPage, error) {
+func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, limit, maxBytes int) (MailboxPage, error) {
 	m.mu.Lock()
 	gate := m.fetchGate[device]
 	if m.fails[device] > 0 {
@@ -88,16 +89,18 @@ func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, lim
 	rev := m.rev
 	m.reads[device]++
 	var out []*edgev1.MailboxEntry
-	more := false
+	more, size := false, 0
 	for _, e := range m.boxes[device] {
 		if e.GetSeq() > after {
-			if len(out) == limit {
+			size += len(e.GetEvent())
+			if len(out) == limit || (len(out) > 0 && maxBytes > 0 && size > maxBytes) {
 				more = true
 				break
 			}
 			out = append(out, e)
 		}
 	}
+	m.fetched[device] += len(out)
 	snaps := m.snapshots
 	m.mu.Unlock()
 	if snaps != nil {
@@ -901,14 +904,11 @@ func TestSessionRefusedWhenTheEdgeDrainsDuringItsOpening(t *testing.T) {
 	}
 }
 
-// Mailbox entries count toward a device's unacknowledged deliveries
-// (UnackedLen) like live ones: a device that reads but does not
-// acknowledge gets no more, and its session waits for its acks without
-// reading the mailbox again and again meanwhile; its acks let the rest
-// come, in order.
-func TestMailboxWaitsForAcksAtTheUnacknowledgedBound(t *testing.T) {
-	const bound = 8
-	e, mb := mailboxEnv(t, func(c *Config) { c.UnackedLen = bound })
+// twentyStoredForB has a send payloads "0" to "19" to b while b is
+// offline, then brings b online.
+func twentyStoredForB(t *testing.T, mod func(*Config)) (*memMailbox, *dev) {
+	t.Helper()
+	e, mb := mailboxEnv(t, mod)
 	e.devices("u1", "a", "b")
 	a := e.online("a")
 	var last *relayv1.Event
@@ -916,12 +916,17 @@ func TestMailboxWaitsForAcksAtTheUnacknowledgedBound(t *testing.T) {
 		last = a.sendPayload(fmt.Sprint(i), "b")
 	}
 	a.expectAck(last)
-	b := e.online("b")
-	reads := func() int {
-		mb.mu.Lock()
-		defer mb.mu.Unlock()
-		return mb.reads["b"]
-	}
+	return mb, e.online("b")
+}
+
+// Mailbox entries count toward a device's unacknowledged deliveries
+// (UnackedLen) like live ones: a device that reads but does not
+// acknowledge gets no more, and its session waits for its acks without
+// reading the mailbox again and again meanwhile; its acks let the rest
+// come, in order.
+func TestMailboxWaitsForAcksAtTheUnacknowledgedBound(t *testing.T) {
+	const bound = 8
+	mb, b := twentyStoredForB(t, func(c *Config) { c.UnackedLen = bound })
 	var got []string
 	for len(got) < 20 {
 		var batch []*relayv1.Deliver
@@ -930,18 +935,8 @@ func TestMailboxWaitsForAcksAtTheUnacknowledgedBound(t *testing.T) {
 		}
 		if len(got)+len(batch) < 20 {
 			b.expectNothing("a delivery beyond the bound", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
-			// Held at the bound: the mailbox is not polled (a pump that
-			// polled would read it every 10 ms).
-			before := reads()
-			watch := time.NewTicker(20 * time.Millisecond)
-			for range 25 {
-				<-watch.C
-				if n := reads(); n > before+2 {
-					watch.Stop()
-					t.Fatalf("the mailbox was read %d times while the device held %d unacknowledged", n-before, bound)
-				}
-			}
-			watch.Stop()
+			// Held at the bound: the mailbox is not polled.
+			mb.notPolled(t, "b", fmt.Sprintf("while the device held %d unacknowledged", bound))
 		}
 		for _, d := range batch {
 			got = append(got, string(d.GetEvent().GetPayload()))
@@ -954,6 +949,91 @@ func TestMailboxWaitsForAcksAtTheUnacknowledgedBound(t *testing.T) {
 		}
 	}
 	waitFor(t, "all acked", func() bool { return mb.stored("b") == 0 })
+}
+
+// notPolled checks that device's mailbox is read at most twice more in
+// the next half second (a pump that polled would read it every few
+// milliseconds).
+func (m *memMailbox) notPolled(t *testing.T, device, while string) {
+	t.Helper()
+	before := m.readsOf(device)
+	watch := time.NewTicker(20 * time.Millisecond)
+	defer watch.Stop()
+	for range 25 {
+		<-watch.C
+		if n := m.readsOf(device); n > before+2 {
+			t.Fatalf("the mailbox was read %d times %s", n-before, while)
+		}
+	}
+}
+
+// A device that reads slowly (here: not at all, with a megabyte of
+// mailbox entries waiting) holds what its queue holds; its mailbox is
+// read again once the writer takes what the queue holds, not polled
+// while the writer waits on the device. Every entry still arrives, in
+// order, once it reads.
+func TestASlowReaderDoesNotMakeItsMailboxBePolled(t *testing.T) {
+	e, mb := mailboxEnv(t, func(c *Config) { c.Limits.BytesPerSecond = 64 << 20 })
+	e.devices("u1", "a", "b")
+	a := e.online("a")
+	big := strings.Repeat("x", 40<<10)
+	var sent []*relayv1.Event
+	for i := range 60 { // 2.4 MB: more than two queues' worth
+		sent = append(sent, a.sendPayload(fmt.Sprintf("%02d%s", i, big), "b"))
+	}
+	a.expectAcks(sent...)
+	b := e.connect("b")
+	b.handshake() // and reads nothing
+	// The writer blocks on its first batch; the queue fills again behind
+	// it, up to a refusal.
+	waitFor(t, "the queue to fill behind a blocked write", func() bool {
+		ss := e.hub.sessionsOf("u1", "b")
+		if len(ss) != 1 {
+			return false
+		}
+		q := ss[0].out
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return q.refused && q.nItems > 0
+	})
+	mb.notPolled(t, "b", "while the device read nothing")
+	b.startReading()
+	for i := range 60 {
+		d := b.nextDeliver()
+		if p := string(d.GetEvent().GetPayload()); p[:2] != fmt.Sprintf("%02d", i) {
+			t.Fatalf("delivery %d is entry %s", i, p[:2])
+		}
+		b.received(d.GetDeliveryId())
+	}
+	waitFor(t, "all acked", func() bool { return mb.stored("b") == 0 })
+	// Each read asks for what the queue has room for, so what was read
+	// and not queued (to be read again) is at most the one entry a read
+	// returns whatever its size.
+	mb.mu.Lock()
+	fetched, reads := mb.fetched["b"], mb.reads["b"]
+	mb.mu.Unlock()
+	if fetched > 60+reads {
+		t.Fatalf("60 entries took %d entries read from the mailbox, in %d reads", fetched, reads)
+	}
+}
+
+// The mailbox window bounds the mailbox deliveries awaiting the device's
+// acknowledgement: one acknowledgement lets one more through, not a
+// window's worth.
+func TestTheMailboxWindowIsNeverExceeded(t *testing.T) {
+	const window = 8
+	mb, b := twentyStoredForB(t, func(c *Config) { c.MailboxWindow = window })
+	var first []*relayv1.Deliver
+	for range window {
+		first = append(first, b.nextDeliver())
+	}
+	b.expectNothing("a delivery beyond the window", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	b.received(first[0].GetDeliveryId())
+	if got := string(b.nextDeliver().GetEvent().GetPayload()); got != fmt.Sprint(window) {
+		t.Fatalf("after the first acknowledgement came %q, want %d", got, window)
+	}
+	waitFor(t, "the acknowledgement to reach the mailbox", func() bool { return mb.stored("b") == 19 })
+	b.expectNothing("a second delivery for one acknowledgement", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
 }
 
 // farRemote says one device, far, is on another edge, and records what

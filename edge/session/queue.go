@@ -50,6 +50,10 @@ type queue struct {
 	// start starts a writer goroutine; nil in tests that drive the
 	// queue by hand.
 	start func()
+	// roomed, if set, is called (without mu) when the writer took
+	// deliveries after an offer was refused for want of room: a mailbox
+	// pump waiting for room goes on then, rather than polling.
+	roomed func()
 
 	mu       sync.Mutex // guards the fields below
 	items    []item
@@ -63,6 +67,7 @@ type queue struct {
 	nextID                 uint64 // last delivery id handed out
 	closed                 bool
 	overflow               bool // control bound exceeded
+	refused                bool // an offer was refused since the writer last took deliveries
 	due                    dueWork
 	// running: a writer runs, or the queue is held (newQueue) until the
 	// session may write (release); no second writer starts meanwhile.
@@ -140,6 +145,7 @@ func (q *queue) offer(event []byte, durable, datagram bool, track func(id uint64
 	}
 	if q.nItems >= q.maxItems || (q.nItems > 0 && q.nBytes+len(event) > q.maxBytes) ||
 		(durable && q.unackedFullLocked(len(event))) {
+		q.refused = true
 		q.mu.Unlock()
 		return queueFull
 	}
@@ -160,14 +166,8 @@ func (q *queue) offer(event []byte, durable, datagram bool, track func(id uint64
 	return offered
 }
 
-// unackedFull reports whether a durable delivery of size bytes would be
-// refused for the deliveries not acknowledged yet.
-func (q *queue) unackedFull(size int) bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.unackedFullLocked(size)
-}
-
+// unackedFullLocked reports whether a durable delivery of size bytes
+// would be refused for the deliveries not acknowledged yet (with mu held).
 func (q *queue) unackedFullLocked(size int) bool {
 	return q.maxUnacked > 0 && (q.nUnacked >= q.maxUnacked || (q.nUnacked > 0 && q.unackedBytes+size > q.maxUnackedBytes))
 }
@@ -221,15 +221,45 @@ func (q *queue) controlItem(it item) bool {
 // valid until the next call.
 func (q *queue) next() (batch []item, due dueWork, closed, overflow, ok bool) {
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	if q.emptyLocked() {
+		q.mu.Unlock()
 		return nil, 0, false, false, false
 	}
 	batch, q.items = q.items, q.spare[:0]
 	q.spare = batch
 	due, q.due = q.due, 0
+	roomed := q.refused && q.nItems > 0
+	if roomed {
+		q.refused = false
+	}
 	q.nItems, q.nBytes, q.nControl = 0, 0, 0
-	return batch, due, q.closed, q.overflow, true
+	closed, overflow = q.closed, q.overflow
+	q.mu.Unlock()
+	if roomed && q.roomed != nil {
+		q.roomed()
+	}
+	return batch, due, closed, overflow, true
+}
+
+// room is how many more durable deliveries, and how many bytes of them,
+// the queue takes now: what its own bounds and those of the deliveries
+// not acknowledged yet leave (0 when it takes none). Bytes are not
+// bounded while both are empty (a delivery of any size is taken then):
+// bytes is maxBytes then.
+func (q *queue) room() (items, bytes int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	items, bytes = q.maxItems-q.nItems, q.maxBytes
+	if q.nItems > 0 {
+		bytes -= q.nBytes
+	}
+	if q.maxUnacked > 0 {
+		items = min(items, q.maxUnacked-q.nUnacked)
+		if q.nUnacked > 0 {
+			bytes = min(bytes, q.maxUnackedBytes-q.unackedBytes)
+		}
+	}
+	return max(items, 0), max(bytes, 0)
 }
 
 func (q *queue) emptyLocked() bool {

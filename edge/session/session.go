@@ -150,6 +150,9 @@ func newSession(h *Hub, c devconn.Conn) *Session {
 		refusals: rate.NewLimiter(rate.Limit(h.cfg.RefusalsPerSecond), h.cfg.RefusalBurst),
 	}
 	s.out.start = s.startWriter
+	if h.cfg.Mailbox != nil {
+		s.out.roomed = func() { signal(s.mb.wake) }
+	}
 	s.out.maxUnacked, s.out.maxUnackedBytes = h.cfg.UnackedLen, h.cfg.UnackedBytes
 	s.hs = handshake{
 		edgeID: h.cfg.EdgeID, dir: h.cfg.Directory, ring: h.cfg.Ring, now: h.cfg.Now,

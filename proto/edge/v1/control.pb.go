@@ -1653,7 +1653,11 @@ type FetchMailboxRequest struct {
 	AfterSeq uint64                 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
 	// At most this many (default and maximum 256). A response also holds
 	// at most 1 MiB of events (at least one entry), so it may hold fewer.
-	Limit         uint32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	Limit uint32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	// At most this many bytes of events (at least one entry): what the
+	// edge has room to queue. 0, or more than 1 MiB: 1 MiB. A control
+	// plane that predates the field answers with up to 1 MiB.
+	MaxBytes      uint32 `protobuf:"varint,4,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1705,6 +1709,13 @@ func (x *FetchMailboxRequest) GetAfterSeq() uint64 {
 func (x *FetchMailboxRequest) GetLimit() uint32 {
 	if x != nil {
 		return x.Limit
+	}
+	return 0
+}
+
+func (x *FetchMailboxRequest) GetMaxBytes() uint32 {
+	if x != nil {
+		return x.MaxBytes
 	}
 	return 0
 }
@@ -2160,11 +2171,12 @@ const file_edge_v1_control_proto_rawDesc = "" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\"e\n" +
 	"\x12PutMailboxResponse\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\x123\n" +
-	"\aresults\x18\x02 \x03(\v2\x19.edge.v1.PutMailboxResultR\aresults\"e\n" +
+	"\aresults\x18\x02 \x03(\v2\x19.edge.v1.PutMailboxResultR\aresults\"\x82\x01\n" +
 	"\x13FetchMailboxRequest\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x1b\n" +
 	"\tafter_seq\x18\x02 \x01(\x04R\bafterSeq\x12\x14\n" +
-	"\x05limit\x18\x03 \x01(\rR\x05limit\"w\n" +
+	"\x05limit\x18\x03 \x01(\rR\x05limit\x12\x1b\n" +
+	"\tmax_bytes\x18\x04 \x01(\rR\bmaxBytes\"w\n" +
 	"\x14FetchMailboxResponse\x12/\n" +
 	"\aentries\x18\x01 \x03(\v2\x15.edge.v1.MailboxEntryR\aentries\x12\x12\n" +
 	"\x04more\x18\x02 \x01(\bR\x04more\x12\x1a\n" +
