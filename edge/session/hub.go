@@ -91,9 +91,9 @@ type Config struct {
 	// CloseLinger is how long a closing session waits for its last frames
 	// to reach the device before the connection is cut [2s].
 	CloseLinger time.Duration
-	// WriteTimeout is how long one write to a device may wait for the
-	// device to take it; a device that takes nothing for this long is
-	// closed with SLOW_CONSUMER [20s].
+	// WriteTimeout is how long one write to a device (at most 64 KiB of
+	// a batch) may wait for the device to take it; a device that takes
+	// less than that in this long is closed with SLOW_CONSUMER [20s].
 	WriteTimeout time.Duration
 	// RefusalsPerSecond and RefusalBurst bound the frames a device may
 	// have refused for its own fault (invalid events, datagrams over its

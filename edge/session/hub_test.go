@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1405,5 +1406,53 @@ func TestAFrameLimitAboveTheProtocolsIsRefused(t *testing.T) {
 	l.MaxFrameBytes = frame.MaxFrameLimit
 	if _, err := NewHub(Config{EdgeID: "e", Directory: newMemDir(), Ring: NewRing(), Limits: l}); err != nil {
 		t.Fatalf("the protocol's own limit: %v", err)
+	}
+}
+
+// pacedReader reads at most per bytes per tick: a device on a slow link.
+type pacedReader struct {
+	r    io.Reader
+	per  int
+	tick *time.Ticker
+}
+
+func (p *pacedReader) Read(b []byte) (int, error) {
+	<-p.tick.C
+	return p.r.Read(b[:min(len(b), p.per)])
+}
+
+// A device that reads slowly but steadily is not a slow consumer, however
+// long a batch takes it: the write timeout bounds each 64 KiB of a
+// batch, not the whole (here about 700 KiB at 256 KiB/s, nearly three
+// write timeouts).
+func TestASlowButSteadyReaderIsNotClosed(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.WriteTimeout = time.Second
+		c.Limits = DefaultLimits()
+		c.Limits.BytesPerSecond = 64 << 20
+	})
+	e.devices("u1", "a", "b")
+	a := e.online("a")
+	// Stopped after b's reader ended (cleanups run last first).
+	tick := time.NewTicker(10 * time.Millisecond)
+	t.Cleanup(tick.Stop)
+	b := e.connect("b")
+	b.handshake()
+	b.r = frame.NewReader(&pacedReader{r: b.conn, per: 2560, tick: tick}, 1<<20)
+	big := strings.Repeat("x", 45<<10)
+	var sent []*relayv1.Event
+	for range 16 {
+		sent = append(sent, a.sendPayload(big, "b"))
+	}
+	// The first delivery blocks the writer; the rest queue behind it and
+	// go as one batch.
+	a.expectNothing("an answer before b reads", func(f *relayv1.Frame) bool { return f.GetAck() != nil || f.GetReject() != nil })
+	b.startReading()
+	for range sent {
+		b.received(b.nextDeliver().GetDeliveryId())
+	}
+	a.expectAcks(sent...)
+	if n := e.metric("relay_edge_session_closes_total", "code", "slow_consumer"); n != 0 {
+		t.Fatalf("%v sessions closed as slow consumers", n)
 	}
 }

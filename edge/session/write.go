@@ -213,29 +213,42 @@ func (s *Session) writerEnded() {
 // batches.
 const keepWriteBuf = 16 << 10
 
-// write writes one batch under the writer's deadline.
+// writeChunk is the most one write carries under one deadline: a device
+// must take this much every WriteTimeout, whatever the batch's size.
+const writeChunk = 64 << 10
+
+// write writes one batch, in chunks of at most writeChunk, each under the
+// writer's deadline: a device reading slowly but steadily is not closed
+// because a batch (up to a queue's worth, 1 MiB) takes it longer than
+// WriteTimeout.
 func (s *Session) write(b []byte) error {
-	select {
-	case <-s.closing:
-		// closeWith has set the deadline; it is not moved later.
-	default:
-		_ = s.conn.SetWriteDeadline(time.Now().Add(s.hub.cfg.WriteTimeout))
+	for len(b) > 0 {
+		n := min(len(b), writeChunk)
 		select {
 		case <-s.closing:
-			// closeWith ran meanwhile: put its deadline back.
-			_ = s.conn.SetWriteDeadline(s.closeDeadline)
+			// closeWith has set the deadline; it is not moved later.
 		default:
+			_ = s.conn.SetWriteDeadline(time.Now().Add(s.hub.cfg.WriteTimeout))
+			select {
+			case <-s.closing:
+				// closeWith ran meanwhile: put its deadline back.
+				_ = s.conn.SetWriteDeadline(s.closeDeadline)
+			default:
+			}
 		}
+		if _, err := s.conn.Write(b[:n]); err != nil {
+			return err
+		}
+		b = b[n:]
 	}
-	_, err := s.conn.Write(b)
-	return err
+	return nil
 }
 
 // abort ends a session whose write failed: a write that timed out while
 // the session was open means the device stopped reading.
 func (s *Session) abort(err error) {
 	if isTimeout(err) {
-		s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the device took nothing for %s", s.hub.cfg.WriteTimeout), 0)
+		s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the device took less than %d KiB in %s", writeChunk>>10, s.hub.cfg.WriteTimeout), 0)
 	} else {
 		s.closeWith(&CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "write failed: " + err.Error()}, 0)
 	}
