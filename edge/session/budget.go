@@ -57,13 +57,15 @@ func (b *budget) take(now time.Time, event bool, size int) time.Duration {
 	return max(wait, b.bytes.reserve(float64(size)))
 }
 
-// charge counts size more bytes against the byte bucket, as work a frame
-// already let through causes (its event stored in several mailboxes):
-// nothing waits now, the reader repays the debt before its next frame.
-func (b *budget) charge(now time.Time, size int) {
+// charge counts events and size bytes more against the event and byte
+// buckets, as work a frame already let through causes (its event stored
+// in several mailboxes): nothing waits now, the reader repays the debt
+// before its next frame.
+func (b *budget) charge(now time.Time, events, size int) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.refill(now)
+	b.events.reserve(float64(events))
 	b.bytes.reserve(float64(size))
 }
 

@@ -255,11 +255,11 @@ func (s *Session) acceptEvent(ev *relayv1.Event, tr eventTrace, now, expires tim
 		return relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, true
 	}
 	// Each mailbox write is a Raft entry replicated to every control node:
-	// the sender pays for every copy beyond the one its frame paid for, so
-	// a broadcast to many offline devices writes no faster than the
-	// device's byte rate.
+	// the sender pays for every copy beyond the one its frame paid for, in
+	// events and bytes, so a broadcast to many offline devices writes no
+	// faster than the device's event and byte rates.
 	if n := mailboxRoutes(routes); n > 1 {
-		s.budget.charge(now, (n-1)*len(enc))
+		s.budget.charge(now, n-1, (n-1)*len(enc))
 	}
 	for _, r := range routes {
 		if r.edge != "" {

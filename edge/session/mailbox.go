@@ -72,8 +72,11 @@ type mailboxState struct {
 	running bool       // the pump goroutine runs
 	stopped bool
 	held    []heldDelivery
-	fence   uint64 // highest revision a held delivery waits for a fetch to cover
-	primed  bool   // the first read was complete and all of it queued
+	// heldBytes is the bytes of the held deliveries' events, bounded like
+	// the queue's.
+	heldBytes int
+	fence     uint64 // highest revision a held delivery waits for a fetch to cover
+	primed    bool   // the first read was complete and all of it queued
 	// epoch is the directory's count of full copies that announced no
 	// mailboxes, as of the last complete fetch (see fenced).
 	epoch uint64
@@ -97,6 +100,7 @@ type mailboxState struct {
 	slow    atomic.Bool
 
 	wake   chan struct{} // capacity 1: acks arrived or work appeared
+	rearm  chan struct{} // capacity 1: a delivery was held (a waiting pump sees when it expires)
 	done   chan struct{} // closed when the pump goroutine ends
 	cancel context.CancelFunc
 }
@@ -190,11 +194,13 @@ func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offer
 				f.fail(relayv1.ErrorCode_ERROR_CODE_INTERNAL, errUnreadableMailbox)
 				return offered
 			}
-			if len(m.held) >= s.hub.cfg.QueueLen {
+			if len(m.held) >= s.hub.cfg.QueueLen || (len(m.held) > 0 && m.heldBytes+len(event) > s.hub.cfg.QueueBytes) {
 				m.mu.Unlock()
 				return queueFull
 			}
 			m.held = append(m.held, heldDelivery{f: f, event: event, need: need, rev: rev})
+			m.heldBytes += len(event)
+			signal(m.rearm)
 			m.syncSlowLocked()
 			if rev > m.covered.Load() && rev > m.fence {
 				// The pump fetches until a complete read covers it.
@@ -294,7 +300,7 @@ func (s *Session) primeMailbox(ctx context.Context) {
 		return
 	}
 	m := &s.mb
-	m.wake, m.done = make(chan struct{}, 1), make(chan struct{})
+	m.wake, m.rearm, m.done = make(chan struct{}, 1), make(chan struct{}, 1), make(chan struct{})
 	close(m.done) // no pump yet
 	s.listen()
 	_, blind := s.hub.cfg.Directory.AnnouncedRevision()
@@ -376,6 +382,7 @@ func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) boo
 func (s *Session) releaseHeld() {
 	m := &s.mb
 	defer m.syncSlowLocked()
+	s.expireHeldLocked()
 	if m.behindPredecessorLocked() {
 		return
 	}
@@ -400,6 +407,52 @@ func (s *Session) releaseHeld() {
 			n = copy(m.held, m.held[i:])
 			break
 		}
+	}
+	clear(m.held[n:])
+	m.held = m.held[:n]
+	m.heldBytes = 0
+	for _, h := range m.held {
+		m.heldBytes += len(h.event)
+	}
+}
+
+// heldExpiresInLocked is how long until the first held delivery expires
+// (with m.mu held): an hour when none does.
+func (s *Session) heldExpiresInLocked() time.Duration {
+	m := &s.mb
+	d := time.Hour
+	if len(m.held) == 0 {
+		return d
+	}
+	now := s.hub.cfg.Now()
+	for _, h := range m.held {
+		if !h.f.expires.IsZero() {
+			d = min(d, h.f.expires.Sub(now))
+		}
+	}
+	return d
+}
+
+// expireHeldLocked refuses the held deliveries whose events expired
+// (with m.mu held): one may wait as long as the device takes to
+// acknowledge what is before it, and none is delivered after its time.
+// (A forward from an edge that did not say when its event expires waits
+// without this bound.)
+func (s *Session) expireHeldLocked() {
+	m := &s.mb
+	if len(m.held) == 0 {
+		return
+	}
+	now := s.hub.cfg.Now()
+	n := 0
+	for _, h := range m.held {
+		if !h.f.expires.IsZero() && !now.Before(h.f.expires) {
+			h.f.fail(relayv1.ErrorCode_ERROR_CODE_EXPIRED, "the event expired while it waited for the target's mailbox to be delivered first")
+			m.heldBytes -= len(h.event)
+			continue
+		}
+		m.held[n] = h
+		n++
 	}
 	clear(m.held[n:])
 	m.held = m.held[:n]
@@ -467,16 +520,31 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 	m := &s.mb
 	window := s.hub.cfg.MailboxWindow
 	backoff := 50 * time.Millisecond
+	// wait waits for a wake, or d; meanwhile held deliveries are refused
+	// as they expire, so their senders learn it then.
 	wait := func(d time.Duration) bool {
+		end := time.Now().Add(d)
 		t := time.NewTimer(d)
 		defer t.Stop()
-		select {
-		case <-m.wake:
-		case <-t.C:
-		case <-s.closing:
-			return false
+		for {
+			m.mu.Lock()
+			s.expireHeldLocked()
+			m.syncSlowLocked()
+			next := min(time.Until(end), s.heldExpiresInLocked())
+			m.mu.Unlock()
+			t.Reset(max(next, 0))
+			select {
+			case <-m.wake:
+				return true
+			case <-m.rearm: // something was held: it may expire sooner
+			case <-t.C:
+				if !time.Now().Before(end) {
+					return true
+				}
+			case <-s.closing:
+				return false
+			}
 		}
-		return true
 	}
 	for {
 		m.mu.Lock()
@@ -571,7 +639,7 @@ func (s *Session) takeHeld() []heldDelivery {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	h := m.held
-	m.held = nil
+	m.held, m.heldBytes = nil, 0
 	m.syncSlowLocked()
 	return h
 }

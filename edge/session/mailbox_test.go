@@ -328,9 +328,9 @@ func TestNothingOvertakesAMailboxWrite(t *testing.T) {
 
 // storedForOfflineB connects a, which sends "stored" to b while b is
 // offline; the event is acknowledged once in b's mailbox.
-func storedForOfflineB(t *testing.T) (*env, *memMailbox, *dev) {
+func storedForOfflineB(t *testing.T, mod func(*Config)) (*env, *memMailbox, *dev) {
 	t.Helper()
-	e, mb := mailboxEnv(t, nil)
+	e, mb := mailboxEnv(t, mod)
 	e.devices("u1", "a", "b")
 	a := e.online("a")
 	a.expectAck(a.sendPayload("stored", "b"))
@@ -340,20 +340,139 @@ func storedForOfflineB(t *testing.T) (*env, *memMailbox, *dev) {
 // A live event that must follow a stored one waits until the stored one
 // is queued, even when the mailbox cannot be read for a while.
 func TestLiveEventWaitsForTheMailbox(t *testing.T) {
-	e, mb, a := storedForOfflineB(t)
-	// b connects while the mailbox cannot be read, then the mailbox
-	// answers only when the test says.
-	gate := make(chan struct{})
-	mb.mu.Lock()
-	mb.fails["b"], mb.fetchGate["b"] = 1, gate
-	mb.mu.Unlock()
-	b := e.online("b")
+	_, a, b, gate := heldBehindTheMailbox(t, nil)
 	a.sendPayload("live", "b")
 	b.expectNothing("a live event before the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
 	close(gate)
 	if got := b.payloads(2); !slices.Equal(got, []string{"stored", "live"}) {
 		t.Fatalf("b got %v", got)
 	}
+}
+
+// heldBehindTheMailbox has a store an entry for b while b is offline,
+// then brings b online while its mailbox cannot be read (the first read
+// fails, the next waits for the returned gate): live events from a to b
+// wait behind the stored one.
+func heldBehindTheMailbox(t *testing.T, mod func(*Config)) (e *env, a, b *dev, gate chan struct{}) {
+	t.Helper()
+	e, mb, a := storedForOfflineB(t, mod)
+	gate = make(chan struct{})
+	mb.mu.Lock()
+	mb.fails["b"], mb.fetchGate["b"] = 1, gate
+	mb.mu.Unlock()
+	return e, a, e.online("b"), gate
+}
+
+// Live deliveries held behind the mailbox are bounded by bytes as the
+// queue is, not by count alone (256 events of up to 64 KiB each): past
+// a queue's worth their senders get QUEUE_FULL, and what was held
+// arrives, in order, once the mailbox before it has.
+func TestHeldDeliveriesAreBoundedInBytes(t *testing.T) {
+	const queueBytes = 256 << 10
+	_, a, b, gate := heldBehindTheMailbox(t, func(c *Config) {
+		c.QueueBytes = queueBytes
+		c.Limits.BytesPerSecond = 64 << 20
+	})
+	big := strings.Repeat("x", 20<<10)
+	var sent []*relayv1.Event
+	for i := range 20 { // 400 KiB
+		sent = append(sent, a.sendPayload(fmt.Sprintf("%02d%s", i, big), "b"))
+	}
+	refused := 0
+	for range sent[queueBytes/len(big):] {
+		f := a.nextAckOrReject()
+		if f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL {
+			t.Fatalf("past the held bound: %v", f)
+		}
+		refused++
+	}
+	b.expectNothing("a held event before the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	close(gate)
+	if got := b.payloads(1); got[0] != "stored" {
+		t.Fatalf("b got %q first", got[0])
+	}
+	held := len(sent) - refused
+	for i := range held {
+		if p := b.payloads(1)[0]; p[:2] != fmt.Sprintf("%02d", i) {
+			t.Fatalf("held delivery %d is %s", i, p[:2])
+		}
+	}
+	a.expectAcks(sent[:held]...)
+}
+
+// A live delivery held behind the mailbox is never delivered after its
+// event expired: when the mailbox before it is queued, an expired one is
+// refused EXPIRED to its sender instead.
+func TestAHeldDeliveryThatExpiredIsRefused(t *testing.T) {
+	var ahead atomic.Int64
+	_, a, b, gate := heldBehindTheMailbox(t, func(c *Config) {
+		c.Now = func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
+	})
+	late := a.sendPayload("late", "b") // 60 s and 5 min of skew
+	b.expectNothing("a held event before the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	ahead.Store(int64(6 * time.Minute))
+	close(gate)
+	if got := b.payloads(1); got[0] != "stored" {
+		t.Fatalf("b got %q", got[0])
+	}
+	if f := a.nextAckOrReject(); f.GetReject().GetEventId() != late.GetId() || f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_EXPIRED {
+		t.Fatalf("the expired held event: %v", f)
+	}
+	b.expectNothing("an expired event", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+}
+
+// So is one another edge forwarded, by the expiry the forward carries:
+// its edge learns it was not delivered (and stores it, or finds it
+// expired).
+func TestAHeldForwardThatExpiredIsNotDelivered(t *testing.T) {
+	var ahead atomic.Int64
+	e, _, b, gate := heldBehindTheMailbox(t, func(c *Config) {
+		c.Now = func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
+	})
+	outcome := make(chan edgev1.ForwardOutcome, 1)
+	e.hub.DeliverForwarded(&edgev1.Forward{Id: 1, DeviceId: "b", UserId: "u1", Event: mustEvent(t, "late"), SenderDeviceId: "a",
+		NeedMailboxSeq: 1, ExpiresAtMs: time.Now().Add(time.Minute).UnixMilli()}, func(o edgev1.ForwardOutcome) { outcome <- o })
+	b.expectNothing("a held event before the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	ahead.Store(int64(time.Minute))
+	close(gate)
+	if got := b.payloads(1); got[0] != "stored" {
+		t.Fatalf("b got %q", got[0])
+	}
+	select {
+	case o := <-outcome:
+		if o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+			t.Fatalf("outcome %v", o)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no outcome for the expired forward")
+	}
+	b.expectNothing("an expired event", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+}
+
+// Nor does its sender wait for the target to move: a session whose pump
+// waits (here for the device's acknowledgements, at a mailbox window of
+// one) refuses a held delivery as it expires.
+func TestAHeldDeliveryIsRefusedWhenItExpires(t *testing.T) {
+	e, _ := mailboxEnv(t, func(c *Config) {
+		c.MailboxWindow = 1
+		c.Limits.SkewTolerance = 10 * time.Millisecond
+	})
+	e.devices("u1", "a", "b")
+	a := e.online("a")
+	a.expectAcks(a.sendPayload("s1", "b"), a.sendPayload("s2", "b"))
+	b := e.online("b")
+	first := b.nextDeliver() // and not acknowledged: the pump waits
+	short := a.event("b")
+	short.Payload, short.TtlMs = []byte("short"), 300
+	a.sendEvent(short)
+	if f := a.nextAckOrReject(); f.GetReject().GetEventId() != short.GetId() || f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_EXPIRED {
+		t.Fatalf("the held event that expired: %v", f)
+	}
+	b.received(first.GetDeliveryId())
+	if got := b.payloads(1); got[0] != "s2" {
+		t.Fatalf("after s1 came %q", got[0])
+	}
+	b.expectNothing("an expired event", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
 }
 
 // What a device did not acknowledge before it left goes to its mailbox
@@ -671,13 +790,17 @@ func TestForwardCarriesTheSenderRevision(t *testing.T) {
 	if len(remote.forwards) != 1 || remote.forwards[0].GetSenderRevision() != 2 {
 		t.Fatalf("forwards: %v", remote.forwards)
 	}
+	// And when it expires, which the receiving edge delivers it no later.
+	if got, want := remote.forwards[0].GetExpiresAtMs(), ev.GetCreatedAtMs()+ev.GetTtlMs()+DefaultLimits().SkewTolerance.Milliseconds(); got != want {
+		t.Fatalf("the forward expires at %d, want %d", got, want)
+	}
 }
 
 // A session whose first read was complete and whose mailbox nobody
 // announced while it was set up reads it once: what is stored later is
 // announced to it.
 func TestOneMailboxReadPerQuietConnect(t *testing.T) {
-	e, mb, a := storedForOfflineB(t)
+	e, mb, a := storedForOfflineB(t, nil)
 	b := e.online("b")
 	if got := b.payloads(1); got[0] != "stored" {
 		t.Fatalf("b got %v", got)
@@ -1366,5 +1489,25 @@ func TestMailboxFanOutIsChargedToTheSender(t *testing.T) {
 		if got := mb.stored(d); got != want {
 			t.Fatalf("%s's mailbox holds %d entries, want %d", d, got, want)
 		}
+	}
+}
+
+// The copies count as events too: small broadcasts to many offline
+// devices, cheap in bytes, each make a Raft entry per device, so they
+// write no faster than the device's event rate.
+func TestMailboxFanOutIsChargedInEvents(t *testing.T) {
+	e, _ := mailboxEnv(t, func(c *Config) { c.Limits.EventsPerSecond = 100 }) // the burst is the same
+	offline := []string{"b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9"}
+	e.devices("u1", append([]string{"a"}, offline...)...)
+	a := e.online("a")
+	// 20 broadcasts of 5 bytes to nine offline devices: 180 mailbox
+	// writes, 80 beyond the burst, 0.8 s at the rate.
+	var evs []*relayv1.Event
+	for range 20 {
+		evs = append(evs, a.sendPayload("small"))
+	}
+	a.expectAcks(evs...)
+	if got := e.metric("relay_edge_paced_seconds_total"); got < 0.5 {
+		t.Fatalf("small broadcasts to nine offline devices paced %.2f s, want about 0.8 s", got)
 	}
 }

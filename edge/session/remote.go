@@ -49,9 +49,9 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 	// With the sender: the receiving edge's refusals after a NOT_DELIVERED
 	// are per sender, as r.need is (refuseForward).
 	fw := &edgev1.Forward{DeviceId: r.device, UserId: s.userID, Event: event, NeedMailboxSeq: r.need, SenderRevision: s.openRev.Load(),
-		Traceparent: tr.traceparent(), SenderDeviceId: s.deviceID}
+		Traceparent: tr.traceparent(), SenderDeviceId: s.deviceID, ExpiresAtMs: expires.UnixMilli()}
 	if f.anyOne {
-		fw.AnyOne, fw.EventId, fw.ExpiresAtMs = true, f.eventID, f.claim.GetExpiresAtMs()
+		fw.AnyOne, fw.EventId = true, f.eventID
 	}
 	s.hub.cfg.Remote.Forward(r.edge, fw, func(o edgev1.ForwardOutcome) {
 		if tr.span != nil {
@@ -193,6 +193,9 @@ func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOut
 	}
 	f := &inflight{fwd: report, remaining: 1, arrived: h.cfg.Now(), origin: fwdKey{fw.GetSenderDeviceId(), fw.GetDeviceId()},
 		trace: h.remoteTrace("relay.mesh.deliver", fw.GetTraceparent(), true, attribute.String("relay.device", telemetry.HashID(fw.GetDeviceId())))}
+	if ms := fw.GetExpiresAtMs(); ms > 0 {
+		f.expires = time.UnixMilli(ms)
+	}
 	if fw.GetAnyOne() {
 		f.claim = &edgev1.EventClaim{SenderDeviceId: fw.GetSenderDeviceId(), EventId: fw.GetEventId(), ExpiresAtMs: fw.GetExpiresAtMs()}
 	}

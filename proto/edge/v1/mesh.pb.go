@@ -532,7 +532,10 @@ type Forward struct {
 	// on "any one" ones): the receiving edge keeps its refusals after a
 	// NOT_DELIVERED per sender, as need_mailbox_seq is the sender's.
 	SenderDeviceId string `protobuf:"bytes,8,opt,name=sender_device_id,json=senderDeviceId,proto3" json:"sender_device_id,omitempty"`
-	ExpiresAtMs    int64  `protobuf:"varint,9,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	// When the event expires (its TTL and the skew tolerance), on every
+	// durable forward (before 2026-12-05 only on "any one" ones): the
+	// receiving edge delivers it no later; 0: not said.
+	ExpiresAtMs int64 `protobuf:"varint,9,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
 	// W3C traceparent of the sending edge's span for the event, when it is
 	// traced: the receiving edge's spans join its trace.
 	Traceparent string `protobuf:"bytes,10,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
