@@ -308,7 +308,9 @@ func (t *txn) pruneTokens() error {
 	end := tokenExpiryKey(t.now, "")
 	var ids []string
 	err := t.b.Iterate(prefixTokenExpiry, end, func(k, _ []byte) (bool, error) {
-		ids = append(ids, string(k[len(prefixTokenExpiry)+8:]))
+		if len(k) >= len(prefixTokenExpiry)+8 { // none shorter is written; one imported is skipped
+			ids = append(ids, string(k[len(prefixTokenExpiry)+8:]))
+		}
 		return true, nil
 	})
 	if err != nil {

@@ -116,6 +116,21 @@ func ReadApplied(r state.Reader) (index, term uint64, err error) {
 	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), nil
 }
 
+// CheckRecord checks a record of a snapshot or backup before it is
+// imported (state.Store.ImportChecked): the records the node reads as
+// soon as the state is in place must be well formed, or the import would
+// leave a state it cannot start from (a snapshot that fails after it was
+// ingested stays in the snapshot store and fails again at every start).
+func CheckRecord(key, value []byte) error {
+	switch {
+	case bytes.Equal(key, keyApplied) && len(value) != 16:
+		return fmt.Errorf("%w: applied index record of %d bytes, want 16", state.ErrCorrupt, len(value))
+	case bytes.Equal(key, keyHistory) && len(value) > MaxHistoryLen:
+		return fmt.Errorf("%w: history id of %d bytes, at most %d", state.ErrCorrupt, len(value), MaxHistoryLen)
+	}
+	return nil
+}
+
 // MaxHistoryLen bounds a history id (the ones drawn are 32 bytes).
 const MaxHistoryLen = 64
 
@@ -347,7 +362,9 @@ func (f *FSM) prune(b *state.Batch, rev uint64) error {
 		end := requestRevKey(rev-f.cfg.RequestRetention, "")
 		var ids []string
 		err := b.Iterate(prefixRequestRev, end, func(k, _ []byte) (bool, error) {
-			ids = append(ids, string(k[len(prefixRequestRev)+8:]))
+			if len(k) >= len(prefixRequestRev)+8 { // none shorter is written; one imported is skipped
+				ids = append(ids, string(k[len(prefixRequestRev)+8:]))
+			}
 			return true, nil
 		})
 		if err != nil {
@@ -384,7 +401,7 @@ func (f *FSM) Restore(rc io.ReadCloser) (err error) {
 		start := time.Now()
 		defer func() { f.cfg.OnRestore(time.Since(start), err) }()
 	}
-	n, err := f.store.Import(rc)
+	n, err := f.store.ImportChecked(rc, CheckRecord)
 	if err != nil {
 		return fmt.Errorf("fsm restore: %w", err)
 	}

@@ -702,3 +702,81 @@ func withTraceparent(e *statev1.MailboxEntry, tp string) *statev1.MailboxEntry {
 	e.Traceparent = tp
 	return e
 }
+
+// A snapshot (or backup) whose applied index record is malformed is
+// refused before anything is ingested: the state and its applied index
+// stay as they were, and the error is a corrupt export's.
+func TestRestoreChecksRecordsBeforeIngesting(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	for i := range 5 {
+		a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: fmt.Sprint("u", i), Login: fmt.Sprint("l", i)}}})
+	}
+	var good bytes.Buffer
+	if _, err := f.WriteBackup(&good); err != nil {
+		t.Fatal(err)
+	}
+	scratch := openStore(t, t.TempDir())
+	defer scratch.Close()
+	if _, err := scratch.Import(&good); err != nil {
+		t.Fatal(err)
+	}
+	b := scratch.NewBatch()
+	if err := b.Set(keyApplied, make([]byte, 8)); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	var bad bytes.Buffer
+	snap := scratch.Snapshot()
+	_, err := state.Export(&bad, snap)
+	_ = snap.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	g := newFSM(t, Config{})
+	ga := &applier{t: t, f: g}
+	ga.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "kept", Login: "kept"}}})
+	before, _ := g.Digest()
+	if err := g.Restore(io.NopCloser(&bad)); !errors.Is(err, state.ErrCorrupt) {
+		t.Fatalf("restore of a malformed applied index: %v", err)
+	}
+	if after, _ := g.Digest(); after != before || g.AppliedIndex() != 1 {
+		t.Fatalf("a refused restore changed the state (applied %d)", g.AppliedIndex())
+	}
+	if _, err := g.GetUser("u1"); !errors.Is(err, ErrNotFound) {
+		t.Fatal("a refused restore ingested its records")
+	}
+	if err := CheckRecord(keyHistory, make([]byte, MaxHistoryLen+1)); !errors.Is(err, state.ErrCorrupt) {
+		t.Fatalf("an oversized history id: %v", err)
+	}
+}
+
+// The index records pruning reads a suffix from (request ids by
+// revision, refresh tokens and login throttles by expiry) are never
+// written shorter than their prefix and time; one that came in with a
+// snapshot or backup is skipped, on every node alike, rather than
+// panicking every replica at each prune.
+func TestPruningSkipsMalformedIndexRecords(t *testing.T) {
+	store := openStore(t, t.TempDir())
+	t.Cleanup(func() { _ = store.Close() })
+	b := store.NewBatch()
+	for _, p := range [][]byte{prefixRequestRev, prefixTokenExpiry, prefixThrottleExp} {
+		if err := b.Set(append(bytes.Clone(p), 0), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	f := newFSM(t, Config{Store: store, PruneEvery: 2, RequestRetention: 1})
+	a := &applier{t: t, f: f}
+	for range 4 {
+		a.apply(&statev1.Command_Noop{Noop: &statev1.Noop{}})
+	}
+	if f.AppliedIndex() != 4 {
+		t.Fatalf("applied %d", f.AppliedIndex())
+	}
+}

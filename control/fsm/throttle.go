@@ -240,7 +240,9 @@ func (t *txn) pruneThrottle() error {
 	end := throttleExpiryKey(t.now, nil)
 	var keys [][]byte
 	err := t.b.Iterate(prefixThrottleExp, end, func(k, _ []byte) (bool, error) {
-		keys = append(keys, bytes.Clone(k[len(prefixThrottleExp)+8:]))
+		if len(k) >= len(prefixThrottleExp)+8 { // none shorter is written; one imported is skipped
+			keys = append(keys, bytes.Clone(k[len(prefixThrottleExp)+8:]))
+		}
 		return true, nil
 	})
 	if err != nil {

@@ -1,6 +1,7 @@
 package raftnode_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -21,6 +22,7 @@ import (
 	"github.com/edge-relay/relay/control/server"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 	"github.com/edge-relay/relay/storage/raftlog"
+	"github.com/edge-relay/relay/storage/state"
 )
 
 func TestOpenValidatesConfig(t *testing.T) {
@@ -131,6 +133,110 @@ func TestRestoreFromBackupFile(t *testing.T) {
 		RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", RestoreFrom: filepath.Join(t.TempDir(), "none")})
 	if !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("restore from a missing file: %v", err)
+	}
+}
+
+// A data dir whose Raft data was removed but whose state store was kept
+// does not start: Raft would begin a log the state store takes as
+// applied, and this node would skip what its peers apply. The error says
+// what to remove; with that gone, the node bootstraps afresh.
+func TestStateAheadOfTheRaftDataIsRefused(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := c.CreateUser(ctx, 0, "kept"); err != nil {
+		t.Fatal(err)
+	}
+	c.Shutdown(0)
+	dir := filepath.Join(c.Nodes[0].DataDir, "data")
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if e.Name() != "state" {
+			if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	start := func() (*server.Server, error) {
+		return server.Start(ctx, server.Config{NodeID: "n1", DataDir: dir, Bootstrap: true,
+			RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0"})
+	}
+	if srv, err := start(); !errors.Is(err, raftnode.ErrStateAhead) || !strings.Contains(err.Error(), filepath.Join(dir, "state")) {
+		if srv != nil {
+			_ = srv.Shutdown(ctx)
+		}
+		t.Fatalf("start with the raft data gone: %v", err)
+	}
+	if err := os.RemoveAll(filepath.Join(dir, "state")); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := start()
+	if err != nil {
+		t.Fatalf("start afresh: %v", err)
+	}
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A restore that fails after the backup was imported (here: a backup
+// without an applied index) leaves nothing of it in the state store: a
+// node then started on the data dir is a new one.
+func TestAFailedRestoreLeavesNoState(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := c.CreateUser(ctx, 0, "from-backup"); err != nil {
+		t.Fatal(err)
+	}
+	// The cluster's backup, less its applied index.
+	var backup bytes.Buffer
+	if _, err := c.Nodes[0].Server.Node().FSM().WriteBackup(&backup); err != nil {
+		t.Fatal(err)
+	}
+	scratch, err := state.Open(state.Config{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer scratch.Close()
+	if _, err := scratch.Import(&backup); err != nil {
+		t.Fatal(err)
+	}
+	b := scratch.NewBatch()
+	if err := b.Delete([]byte("m:applied")); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(t.TempDir(), "backup.bin")
+	f, err := os.Create(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := scratch.Snapshot()
+	_, err = state.Export(f, snap)
+	_ = snap.Close()
+	if err != nil || f.Close() != nil {
+		t.Fatalf("write backup: %v", err)
+	}
+
+	dir := t.TempDir()
+	cfg := server.Config{NodeID: "r1", DataDir: dir, RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0", RestoreFrom: file}
+	if _, err := server.Start(ctx, cfg); err == nil || !strings.Contains(err.Error(), "no applied index") {
+		t.Fatalf("restore of a backup without an applied index: %v", err)
+	}
+	cfg.RestoreFrom, cfg.Bootstrap = "", true
+	srv, err := server.Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("start after the failed restore: %v", err)
+	}
+	defer func() { _ = srv.Shutdown(ctx) }()
+	if _, err := srv.Node().FSM().GetUser("from-backup"); err == nil {
+		t.Fatal("the failed restore's state stayed in the data dir")
 	}
 }
 

@@ -56,6 +56,12 @@ var (
 	// ErrNotMember is returned for a membership change or a leadership
 	// transfer that names a server the configuration does not hold.
 	ErrNotMember = errors.New("not a member of the cluster")
+	// ErrStateAhead: the data dir's state store has applied entries but
+	// there is no Raft data beside it (it was removed without the state
+	// store). Raft would start a log the state store takes as applied
+	// already, and the node would diverge from its peers, so it does not
+	// start.
+	ErrStateAhead = errors.New("state store is ahead of the raft data")
 )
 
 // Tuning holds Raft timing and log compaction settings. Zero values take
@@ -314,6 +320,9 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if n.fsm, err = fsm.New(fcfg); err != nil {
 		return nil, err
 	}
+	if err := n.checkStateBehindRaft(hasState); err != nil {
+		return nil, err
+	}
 	if err := n.catchUpWithSnapshot(); err != nil {
 		return nil, err
 	}
@@ -439,6 +448,42 @@ func (n *Node) raftConfig() *raft.Config {
 	return rc
 }
 
+// checkStateBehindRaft refuses a state store that has applied entries
+// while the data dir holds no Raft data at all (log, snapshots, term):
+// the FSM skips entries at or below its applied index, so a log started
+// anew (after --bootstrap on a data dir whose raft files were removed,
+// say) would go unapplied here and be applied on every other member.
+// With Raft data that merely ends before the applied index (a log whose
+// tail was lost), the entries come again from the same cluster, the same
+// ones: the node starts, and says so.
+func (n *Node) checkStateBehindRaft(hasState bool) error {
+	applied := n.fsm.AppliedIndex()
+	if applied == 0 {
+		return nil
+	}
+	if hasState {
+		last, err := n.logs.LastIndex()
+		if err != nil {
+			return fmt.Errorf("read last log index: %w", err)
+		}
+		metas, err := n.snaps.List()
+		if err != nil {
+			return fmt.Errorf("list snapshots: %w", err)
+		}
+		end := last
+		if len(metas) > 0 {
+			end = max(end, metas[0].Index)
+		}
+		if applied > end {
+			n.log.Warn("the state store has applied entries beyond the raft log and snapshots; they will be received again from the cluster",
+				"applied_index", applied, "raft_end", end)
+		}
+		return nil
+	}
+	return fmt.Errorf("data dir %s: the state store has applied index %d, but there is no raft log, snapshot or term beside it; remove %s as well to start this node afresh (it then joins, or is bootstrapped or restored, like a new one): %w",
+		n.cfg.DataDir, applied, filepath.Join(n.cfg.DataDir, "state"), ErrStateAhead)
+}
+
 // catchUpWithSnapshot restores the FSM from the newest Raft snapshot when
 // the state store is older than it (a state dir lost or replaced while the
 // Raft log was compacted past it). With NoSnapshotRestoreOnStart Raft
@@ -464,8 +509,10 @@ func (n *Node) catchUpWithSnapshot() error {
 // store gets the backup's content, and Raft gets a snapshot at the
 // backup's index whose configuration holds only this node, so the new
 // cluster continues the old one's revisions. It runs before the FSM is
-// created.
-func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
+// created. A restore that fails after the import leaves the state store
+// empty again, so nothing of it stays behind without the Raft data that
+// goes with it.
+func (n *Node) restoreBackup(path string, local raft.ServerAddress) (err error) {
 	open := n.cfg.OpenBackup
 	if open == nil {
 		open = func(path string) (io.ReadCloser, error) { return os.Open(path) }
@@ -475,10 +522,18 @@ func (n *Node) restoreBackup(path string, local raft.ServerAddress) error {
 		return fmt.Errorf("restore: %w", err)
 	}
 	defer f.Close()
-	count, err := n.state.Import(f)
+	count, err := n.state.ImportChecked(f, fsm.CheckRecord)
 	if err != nil {
 		return fmt.Errorf("restore from %s: %w", path, err)
 	}
+	defer func() {
+		if err == nil {
+			return
+		}
+		if cerr := n.state.Clear(); cerr != nil {
+			err = fmt.Errorf("%w (and the imported state stays in %s: %w)", err, filepath.Join(n.cfg.DataDir, "state"), cerr)
+		}
+	}()
 	index, _, err := fsm.ReadApplied(n.state)
 	if err != nil {
 		return fmt.Errorf("restore from %s: %w", path, err)

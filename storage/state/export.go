@@ -217,7 +217,10 @@ func (d *Decoder) finish() error {
 	want := d.crc.Sum32()
 	var sum [4]byte
 	if _, err := io.ReadFull(d.r, sum[:]); err != nil {
-		return corrupt("truncated in checksum")
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return corrupt("truncated in checksum")
+		}
+		return fmt.Errorf("read export checksum: %w", err)
 	}
 	if got := binary.BigEndian.Uint32(sum[:]); got != want {
 		return corrupt("checksum mismatch (stored %08x, computed %08x)", got, want)

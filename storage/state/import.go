@@ -32,6 +32,14 @@ const defaultImportTableBytes = 64 << 20
 // decoder has verified its trailer, so memory does not grow with its size.
 // See DESIGN.md for why the tables carry their own range deletions.
 func (s *Store) Import(r io.Reader) (uint64, error) {
+	return s.ImportChecked(r, nil)
+}
+
+// ImportChecked is Import with a check of every record before anything is
+// ingested: an error from check (wrapped) fails the import with the
+// store left as it was, so an export whose records the caller cannot use
+// never replaces the content. check may be nil.
+func (s *Store) ImportChecked(r io.Reader, check func(key, value []byte) error) (uint64, error) {
 	dir, err := os.MkdirTemp(s.dir, importDirPrefix+"*")
 	if err != nil {
 		return 0, fmt.Errorf("import: %w", err)
@@ -42,7 +50,7 @@ func (s *Store) Import(r io.Reader) (uint64, error) {
 		}
 	}()
 	dec := NewDecoder(r)
-	paths, err := s.writeImportTables(dir, dec)
+	paths, err := s.writeImportTables(dir, dec, check)
 	if err != nil {
 		return 0, fmt.Errorf("import: %w", err)
 	}
@@ -63,7 +71,7 @@ func (s *Store) Import(r io.Reader) (uint64, error) {
 // put the new one in place in a single step. An ingested table's keys all
 // share one sequence number and a range deletion only hides keys older
 // than itself, so a table's deletion spares its own records.
-func (s *Store) writeImportTables(dir string, dec *Decoder) ([]string, error) {
+func (s *Store) writeImportTables(dir string, dec *Decoder, check func(key, value []byte) error) ([]string, error) {
 	var paths []string
 	var w *sstable.Writer
 	defer func() {
@@ -110,6 +118,11 @@ func (s *Store) writeImportTables(dir string, dec *Decoder) ([]string, error) {
 		}
 		if k[0] == 0xff {
 			return nil, corrupt("key %q outside the store's key space", k)
+		}
+		if check != nil {
+			if err := check(k, v); err != nil {
+				return nil, fmt.Errorf("record %q: %w", k, err)
+			}
 		}
 		// Splitting only after a record keeps every table's slice non-empty:
 		// k is above every key already in it.

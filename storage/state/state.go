@@ -111,6 +111,20 @@ func (s *Store) Sync() error {
 	return nil
 }
 
+// Clear removes every record, durably: the store is as a new one.
+func (s *Store) Clear() error {
+	b := s.db.NewBatch()
+	defer b.Close()
+	// The FSM's key space, as Import's tables tile it.
+	if err := b.DeleteRange([]byte{0x00}, []byte{0xff}, nil); err != nil {
+		return fmt.Errorf("clear state store: %w", err)
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		return fmt.Errorf("clear state store: %w", err)
+	}
+	return nil
+}
+
 // NewBatch starts an atomic write batch.
 func (s *Store) NewBatch() *Batch {
 	return &Batch{b: s.db.NewIndexedBatch()}

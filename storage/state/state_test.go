@@ -8,6 +8,7 @@ import (
 	"io"
 	"runtime"
 	"testing"
+	"testing/iotest"
 
 	"go.uber.org/goleak"
 )
@@ -212,6 +213,45 @@ func TestImportRefusesCorruptExports(t *testing.T) {
 	_, _ = Export(&b, fakeReader{{"\xffbad", "1"}})
 	if _, err := dst.Import(bytes.NewReader(b.Bytes())); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("key outside the key space: %v", err)
+	}
+}
+
+// A read error is not damage: one that falls on the checksum, as
+// anywhere else, comes back as itself, not as ErrCorrupt. A record the
+// caller's check refuses fails the import with nothing ingested; Clear
+// empties the store.
+func TestImportErrorsKeepTheirType(t *testing.T) {
+	src := open(t)
+	put(t, src, "a:1", "one", "a:2", "two")
+	data := export(t, src)
+	dst := open(t)
+	put(t, dst, "x:keep", "me")
+	want := fmt.Sprint(dump(t, dst))
+	eio := errors.New("input/output error")
+	for _, at := range []int{len(data) - 4, len(data) - 1, 10} {
+		r := io.MultiReader(bytes.NewReader(data[:at]), iotest.ErrReader(eio))
+		if _, err := dst.Import(r); !errors.Is(err, eio) || errors.Is(err, ErrCorrupt) {
+			t.Fatalf("a read error at byte %d of %d: %v", at, len(data), err)
+		}
+	}
+	refused := errors.New("not this one")
+	_, err := dst.ImportChecked(bytes.NewReader(data), func(k, _ []byte) error {
+		if string(k) == "a:2" {
+			return refused
+		}
+		return nil
+	})
+	if !errors.Is(err, refused) {
+		t.Fatalf("a refused record: %v", err)
+	}
+	if fmt.Sprint(dump(t, dst)) != want {
+		t.Fatal("a failed import changed the store")
+	}
+	if err := dst.Clear(); err != nil {
+		t.Fatal(err)
+	}
+	if got := dump(t, dst); len(got) != 0 {
+		t.Fatalf("after Clear: %v", got)
 	}
 }
 
