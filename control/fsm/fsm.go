@@ -116,13 +116,31 @@ func ReadApplied(r state.Reader) (index, term uint64, err error) {
 	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), nil
 }
 
+// StateFormat is the format of the state this release reads and writes:
+// what its records mean. A release that changes the meaning of records
+// it stores raises it, writes it into the state (key m:format, through a
+// command used only once every member has the feature), and so makes
+// older releases refuse that state's snapshots and backups rather than
+// misread them. A state without the record is of format 1.
+const StateFormat = 1
+
+// ErrNewerFormat: a snapshot or backup holds a state of a format this
+// release does not know (written by a newer one). Restore it with a
+// release at least as new.
+var ErrNewerFormat = errors.New("state written by a newer release")
+
 // CheckRecord checks a record of a snapshot or backup before it is
 // imported (state.Store.ImportChecked): the records the node reads as
 // soon as the state is in place must be well formed, or the import would
 // leave a state it cannot start from (a snapshot that fails after it was
-// ingested stays in the snapshot store and fails again at every start).
+// ingested stays in the snapshot store and fails again at every start);
+// and the state's format must be one this release knows.
 func CheckRecord(key, value []byte) error {
 	switch {
+	case bytes.Equal(key, keyFormat) && len(value) != 8:
+		return fmt.Errorf("%w: state format record of %d bytes, want 8", state.ErrCorrupt, len(value))
+	case bytes.Equal(key, keyFormat) && binary.BigEndian.Uint64(value) > StateFormat:
+		return fmt.Errorf("%w: format %d, this release reads up to %d", ErrNewerFormat, binary.BigEndian.Uint64(value), StateFormat)
 	case bytes.Equal(key, keyApplied) && len(value) != 16:
 		return fmt.Errorf("%w: applied index record of %d bytes, want 16", state.ErrCorrupt, len(value))
 	case bytes.Equal(key, keyHistory) && len(value) > MaxHistoryLen:

@@ -3,6 +3,7 @@ package fsm
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -703,15 +704,9 @@ func withTraceparent(e *statev1.MailboxEntry, tp string) *statev1.MailboxEntry {
 	return e
 }
 
-// A snapshot (or backup) whose applied index record is malformed is
-// refused before anything is ingested: the state and its applied index
-// stay as they were, and the error is a corrupt export's.
-func TestRestoreChecksRecordsBeforeIngesting(t *testing.T) {
-	f := newFSM(t, Config{})
-	a := &applier{t: t, f: f}
-	for i := range 5 {
-		a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: fmt.Sprint("u", i), Login: fmt.Sprint("l", i)}}})
-	}
+// backupWith returns f's backup with the record key set to value.
+func backupWith(t *testing.T, f *FSM, key, value []byte) *bytes.Buffer {
+	t.Helper()
 	var good bytes.Buffer
 	if _, err := f.WriteBackup(&good); err != nil {
 		t.Fatal(err)
@@ -722,25 +717,36 @@ func TestRestoreChecksRecordsBeforeIngesting(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := scratch.NewBatch()
-	if err := b.Set(keyApplied, make([]byte, 8)); err != nil {
+	if err := b.Set(key, value); err != nil {
 		t.Fatal(err)
 	}
 	if err := b.Commit(); err != nil {
 		t.Fatal(err)
 	}
-	var bad bytes.Buffer
+	var out bytes.Buffer
 	snap := scratch.Snapshot()
-	_, err := state.Export(&bad, snap)
-	_ = snap.Close()
-	if err != nil {
+	defer snap.Close()
+	if _, err := state.Export(&out, snap); err != nil {
 		t.Fatal(err)
 	}
+	return &out
+}
 
+// A snapshot (or backup) whose applied index record is malformed is
+// refused before anything is ingested: the state and its applied index
+// stay as they were, and the error is a corrupt export's.
+func TestRestoreChecksRecordsBeforeIngesting(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	for i := range 5 {
+		a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: fmt.Sprint("u", i), Login: fmt.Sprint("l", i)}}})
+	}
+	bad := backupWith(t, f, keyApplied, make([]byte, 8))
 	g := newFSM(t, Config{})
 	ga := &applier{t: t, f: g}
 	ga.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "kept", Login: "kept"}}})
 	before, _ := g.Digest()
-	if err := g.Restore(io.NopCloser(&bad)); !errors.Is(err, state.ErrCorrupt) {
+	if err := g.Restore(io.NopCloser(bad)); !errors.Is(err, state.ErrCorrupt) {
 		t.Fatalf("restore of a malformed applied index: %v", err)
 	}
 	if after, _ := g.Digest(); after != before || g.AppliedIndex() != 1 {
@@ -751,6 +757,34 @@ func TestRestoreChecksRecordsBeforeIngesting(t *testing.T) {
 	}
 	if err := CheckRecord(keyHistory, make([]byte, MaxHistoryLen+1)); !errors.Is(err, state.ErrCorrupt) {
 		t.Fatalf("an oversized history id: %v", err)
+	}
+	// The state's format: this release's is taken, a newer one refused
+	// as such, a malformed record as corrupt.
+	format := func(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+	if err := CheckRecord(keyFormat, format(StateFormat)); err != nil {
+		t.Fatalf("this release's format: %v", err)
+	}
+	if err := CheckRecord(keyFormat, format(StateFormat+1)); !errors.Is(err, ErrNewerFormat) {
+		t.Fatalf("a newer format: %v", err)
+	}
+	if err := CheckRecord(keyFormat, []byte{1}); !errors.Is(err, state.ErrCorrupt) {
+		t.Fatalf("a malformed format record: %v", err)
+	}
+}
+
+// A snapshot or backup of a newer release's state format is refused,
+// before anything is ingested, with ErrNewerFormat.
+func TestRestoreRefusesANewerStateFormat(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "l"}}})
+	newer := backupWith(t, f, keyFormat, binary.BigEndian.AppendUint64(nil, StateFormat+1))
+	g := newFSM(t, Config{})
+	if err := g.Restore(io.NopCloser(newer)); !errors.Is(err, ErrNewerFormat) {
+		t.Fatalf("restore of a newer format: %v", err)
+	}
+	if _, err := g.GetUser("u"); !errors.Is(err, ErrNotFound) {
+		t.Fatal("a refused restore ingested its records")
 	}
 }
 

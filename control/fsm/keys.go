@@ -53,6 +53,9 @@ var (
 	keyApplied = []byte("m:applied")
 	keyHorizon = []byte("m:horizon")
 	keyHistory = []byte("m:history")
+	// keyFormat holds the state's format (StateFormat), 8 bytes big
+	// endian; a state without it is of format 1.
+	keyFormat = []byte("m:format")
 
 	prefixUser        = []byte("u:")
 	prefixLogin       = []byte("l:")
