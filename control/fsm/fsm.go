@@ -41,6 +41,13 @@ type Config struct {
 	// PruneEvery is the revision interval at which old changes and request
 	// ids are pruned (at revisions divisible by it, so every replica prunes
 	// the same entries). Default 1024.
+	//
+	// ChangeRetention, RequestRetention and PruneEvery decide what apply
+	// writes, so they are part of the replicated state machine: every
+	// member must use the same values. Nodes take the defaults (only
+	// tests set them), and a release that changes a default changes
+	// apply and must gate it like any such change (see Features), or a
+	// rolling upgrade's members would forget different request ids.
 	PruneEvery uint64
 	// OnApply, if set, observes every applied batch of entries.
 	OnApply func(took time.Duration, entries int)
