@@ -773,6 +773,45 @@ func (r *captureRemote) Forward(_ string, f *edgev1.Forward, done func(edgev1.Fo
 func (r *captureRemote) Announce(*edgev1.DevicePresence, bool) {}
 func (r *captureRemote) Online(string) []string                { return nil }
 
+// The outcomes of a sender's forwards to a device are acted on in the
+// order the events were forwarded, whatever order they come in: a later
+// forward refused at once (the link down or full, the target's session
+// there closing) while an earlier one is still undecided is stored in
+// the mailbox after it, not before.
+func TestForwardOutcomesAreTakenInOrder(t *testing.T) {
+	remote := &heldRemote{ch: make(chan heldForward, 4)}
+	e, mb := mailboxEnv(t, func(c *Config) { c.Remote = remote })
+	e.device("u1", "a")
+	e.device("u1", "far")
+	a := e.online("a")
+	first, second := a.sendPayload("first", "far"), a.sendPayload("second", "far")
+	var dones []func(edgev1.ForwardOutcome)
+	for range 2 {
+		select {
+		case h := <-remote.ch:
+			dones = append(dones, h.done)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the events were not forwarded")
+		}
+	}
+	dones[1](edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+	a.expectNothing("an answer before the first forward's outcome", func(f *relayv1.Frame) bool { return f.GetAck() != nil || f.GetReject() != nil })
+	if n := mb.stored("far"); n != 0 {
+		t.Fatalf("the second event was stored ahead of the first: %d entries", n)
+	}
+	dones[0](edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+	a.expectAcks(first, second)
+	mb.mu.Lock()
+	defer mb.mu.Unlock()
+	var got []string
+	for _, en := range mb.boxes["far"] {
+		got = append(got, en.GetEventId())
+	}
+	if !slices.Equal(got, []string{first.GetId(), second.GetId()}) {
+		t.Fatalf("far's mailbox holds %v", got)
+	}
+}
+
 // A forwarded event carries the revision its sender's session started
 // at: the one of its first mailbox read.
 func TestForwardCarriesTheSenderRevision(t *testing.T) {

@@ -26,11 +26,61 @@ type Remote interface {
 	Online(userID string) []string
 }
 
-// pendingForward counts a sender's forwards to one device still waiting
-// for their outcome, and the edge they went to.
+// pendingForward is a sender's forwards to one device still waiting for
+// their outcome, in the order they were forwarded, and the edge they went
+// to (with routeMu).
+//
+// Outcomes are acted on in that order, whatever order they come in: a
+// refusal can come at once (the link is down or full, the target's
+// session there is closing) while an earlier forward is still undecided,
+// and storing the later one first would put it ahead in the mailbox.
 type pendingForward struct {
-	edge string
-	n    int
+	edge  string
+	slots []*fwdSlot
+	// draining: a goroutine is acting on decided outcomes from the head;
+	// others only record theirs, which it takes in turn.
+	draining bool
+}
+
+// fwdSlot is one forward's place in its pendingForward.
+type fwdSlot struct {
+	decided bool
+	act     func() // what its outcome does, once it is the head's turn
+}
+
+// decide records a forward's outcome, and acts on every decided outcome
+// at the head, in order, unless another goroutine already does: actions
+// run without routeMu, and the device's pending entry goes once none is
+// left (after the last action, so a store it made is pending by then).
+func (s *Session) decide(device string, pf *pendingForward, slot *fwdSlot, act func()) {
+	s.routeMu.Lock()
+	slot.decided, slot.act = true, act
+	if pf.draining {
+		s.routeMu.Unlock()
+		return
+	}
+	pf.draining = true
+	for {
+		var run []func()
+		for len(pf.slots) > 0 && pf.slots[0].decided {
+			run = append(run, pf.slots[0].act)
+			pf.slots[0] = nil
+			pf.slots = pf.slots[1:]
+		}
+		if len(run) == 0 {
+			pf.draining = false
+			if len(pf.slots) == 0 && s.fwdPending[device] == pf {
+				delete(s.fwdPending, device)
+			}
+			s.routeMu.Unlock()
+			return
+		}
+		s.routeMu.Unlock()
+		for _, a := range run {
+			a()
+		}
+		s.routeMu.Lock()
+	}
 }
 
 // forward sends a durable event to the edge holding its target. What
@@ -39,11 +89,16 @@ type pendingForward struct {
 func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time) {
 	s.routeMu.Lock()
 	if s.fwdPending == nil {
-		s.fwdPending = map[string]pendingForward{}
+		s.fwdPending = map[string]*pendingForward{}
 	}
 	pf := s.fwdPending[r.device]
-	pf.edge, pf.n = r.edge, pf.n+1
-	s.fwdPending[r.device] = pf
+	if pf == nil {
+		pf = &pendingForward{}
+		s.fwdPending[r.device] = pf
+	}
+	pf.edge = r.edge
+	slot := &fwdSlot{}
+	pf.slots = append(pf.slots, slot)
 	s.routeMu.Unlock()
 	tr := f.trace.child(s.hub.cfg.Tracer, "relay.mesh.forward", trace.SpanKindProducer, attribute.String("relay.edge", r.edge))
 	// With the sender: the receiving edge's refusals after a NOT_DELIVERED
@@ -58,30 +113,24 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 			tr.span.SetAttributes(attribute.String("relay.forward.outcome", o.String()))
 		}
 		tr.end(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED)
-		switch o {
-		case edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED:
-			f.confirm(s.hub.cfg.Now())
-		case edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL:
-			f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
-		case edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE:
-			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was deleted or revoked")
-		default:
-			if s.hub.cfg.Mailbox != nil {
-				// Stored before the pending count drops, so no later event
-				// finds both paths clear and overtakes it.
-				s.storeMailbox(f, r.device, event, expires, nil)
-			} else {
-				f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline; retry later")
+		s.decide(r.device, pf, slot, func() {
+			switch o {
+			case edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED:
+				f.confirm(s.hub.cfg.Now())
+			case edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL:
+				f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
+			case edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE:
+				f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was deleted or revoked")
+			default:
+				if s.hub.cfg.Mailbox != nil {
+					// Stored before the pending entry goes, so no later event
+					// finds both paths clear and overtakes it.
+					s.storeMailbox(f, r.device, event, expires, nil)
+				} else {
+					f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline; retry later")
+				}
 			}
-		}
-		s.routeMu.Lock()
-		if pf := s.fwdPending[r.device]; pf.n <= 1 {
-			delete(s.fwdPending, r.device)
-		} else {
-			pf.n--
-			s.fwdPending[r.device] = pf
-		}
-		s.routeMu.Unlock()
+		})
 	})
 }
 

@@ -85,7 +85,7 @@ type Session struct {
 	routeMu    sync.Mutex
 	mbPending  map[string]int
 	mbLast     map[string]uint64
-	fwdPending map[string]pendingForward
+	fwdPending map[string]*pendingForward
 	// openRev is a control-plane revision at or after this session
 	// started (its first mailbox read): whatever the device's earlier
 	// sessions stored in mailboxes was committed by then. Its live events
