@@ -40,13 +40,37 @@ type inbound struct {
 	// deliveries and never acknowledge them hold their slots until their
 	// sessions end: a user may hold at most userShare of them and all
 	// users together maxUndecided (half the slots), and forwards beyond
-	// either are answered QUEUE_FULL at once. The slots left are for
-	// outcomes decided at once, so the reader waits for a slot only while
-	// the peer does not read its outcomes, never because of devices: the
-	// link's presence and ephemeral forwards keep flowing.
-	users                   map[string]int
-	undecided               int
-	userShare, maxUndecided int
+	// either are answered QUEUE_FULL at once. Once the half is held, a
+	// user holding fewer than reserveFloor still gets forwards through,
+	// from a reserve of a quarter of the slots: a few users' devices
+	// cannot stop every other user's durable forwards on the link (it
+	// takes a sixteenth of the slots' count in users to hold the reserve
+	// too). The quarter left is for outcomes decided at once, so the
+	// reader waits for a slot only while the peer does not read its
+	// outcomes, never because of devices: the link's presence and
+	// ephemeral forwards keep flowing.
+	users                            map[string]int
+	undecided                        int
+	userShare, maxUndecided, reserve int
+}
+
+// reserveFloor is how few undecided forwards a user must hold to draw on
+// the reserve.
+const reserveFloor = 4
+
+// admitLocked reports whether a durable forward of user may wait for its
+// outcome (with mu held), and counts it if so.
+func (in *inbound) admitLocked(user string) bool {
+	n := in.users[user]
+	switch {
+	case n >= in.userShare:
+		return false
+	case in.undecided >= in.maxUndecided && (n >= reserveFloor || in.undecided >= in.maxUndecided+in.reserve):
+		return false
+	}
+	in.users[user]++
+	in.undecided++
+	return true
 }
 
 func (in *inbound) send(f *edgev1.MeshFrame) { in.sendFor(f, false, "") }
@@ -118,7 +142,8 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		return
 	}
 	in := &inbound{peer: peer, key: key, conn: conn, wake: make(chan struct{}, 1), slots: make(chan struct{}, m.cfg.MaxOutstanding),
-		users: map[string]int{}, userShare: max(1, m.cfg.MaxOutstanding/8), maxUndecided: max(1, m.cfg.MaxOutstanding/2), status: conn.ConnectionState().TLS.NegotiatedProtocol == ALPNStatus}
+		users: map[string]int{}, userShare: max(1, m.cfg.MaxOutstanding/8), maxUndecided: max(1, m.cfg.MaxOutstanding/2),
+		reserve: m.cfg.MaxOutstanding / 4, status: conn.ConnectionState().TLS.NegotiatedProtocol == ALPNStatus}
 	m.mu.Lock()
 	if !m.keyHolds(peer, key) {
 		// An older process of that id, whose certificate is still valid:
@@ -201,11 +226,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 			}
 			id, user := fw.GetId(), fw.GetUserId()
 			in.mu.Lock()
-			full := in.users[user] >= in.userShare || in.undecided >= in.maxUndecided
-			if !full {
-				in.users[user]++
-				in.undecided++
-			}
+			full := !in.admitLocked(user)
 			in.mu.Unlock()
 			if full {
 				in.send(&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_ForwardResult{ForwardResult: &edgev1.ForwardResult{Id: id, Outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL}}})

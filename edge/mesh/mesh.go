@@ -76,10 +76,10 @@ type Config struct {
 	// outcomes it has not read yet; at the bound this edge stops reading
 	// the peer's link until it does [16384]. Forwards whose outcome is
 	// not decided yet (deliveries their devices have not acknowledged)
-	// may take half of it, one user's an eighth; forwards beyond either
-	// are answered QUEUE_FULL at once, so devices that never acknowledge
-	// cannot stop the link: only a peer that does not read its outcomes
-	// does.
+	// may take half of it, one user's an eighth, and users holding fewer
+	// than four a quarter more; forwards beyond are answered QUEUE_FULL at
+	// once, so devices that never acknowledge cannot stop the link: only
+	// a peer that does not read its outcomes does.
 	MaxOutstanding int
 	// IdleTimeout is how long a silent peer is given before its link
 	// counts as broken (keep-alives go at a third of it) [15s]; a peer
@@ -467,6 +467,12 @@ func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresen
 		if set == nil {
 			set = map[string]DevPres{}
 			m.byPeer[peer] = set
+		}
+		if cur, ok := set[p.GetDeviceId()]; ok && cur.Since > p.GetSinceNs() {
+			// An older session's announcement that came late (two
+			// sessions of the device opened together there): the newer
+			// one's stands, and its offline will match it.
+			continue
 		}
 		set[p.GetDeviceId()] = DevPres{User: p.GetUserId(), Since: p.GetSinceNs()}
 		m.recomputeWhere(p.GetDeviceId())

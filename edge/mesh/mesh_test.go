@@ -267,6 +267,30 @@ func TestNewerSessionElsewhereWins(t *testing.T) {
 	})
 }
 
+// A peer's announcements of one device may arrive out of order (two
+// sessions of it opened together there, each announcing after it
+// registered): an online older than the one recorded is stale and
+// ignored, so the newer session's offline clears the device rather than
+// leaving it "online" at that edge for the link's life.
+func TestALateOlderOnlineIsIgnored(t *testing.T) {
+	m := startMesh(t, newTestCA(t), "edge-a", &fakeLocal{})
+	online := func(since int64) []*edgev1.DevicePresence {
+		return []*edgev1.DevicePresence{{DeviceId: "d", UserId: "u", SinceNs: since}}
+	}
+	m.presenceFromPeer("edge-b", false, online(2), nil)
+	m.presenceFromPeer("edge-b", false, online(1), nil)
+	if at, ok := m.Locate("d"); !ok || at != "edge-b" {
+		t.Fatalf("d is at %q %v", at, ok)
+	}
+	m.presenceFromPeer("edge-b", false, nil, online(2))
+	if at, ok := m.Locate("d"); ok {
+		t.Fatalf("d is still at %q after its newest session went offline", at)
+	}
+	if on := m.Online("u"); len(on) != 0 {
+		t.Fatalf("u's devices online elsewhere: %v", on)
+	}
+}
+
 // Only certificates from the cluster CA get into the mesh, in either
 // direction.
 func TestForeignCertificatesAreRefused(t *testing.T) {
@@ -646,15 +670,17 @@ func TestOneUserCannotHoldALink(t *testing.T) {
 }
 
 // Users whose devices never acknowledge, together, hold at most half of
-// a link's slots: beyond, durable forwards are answered QUEUE_FULL at
+// a link's slots, and a quarter more drawn four at a time by users
+// holding fewer: beyond, durable forwards are answered QUEUE_FULL at
 // once, and the link is still read, so presence and ephemeral forwards
 // keep flowing. (With every slot held the link's reader would wait for
-// one, and nothing more from the peer would be read.)
+// one, and nothing more from the peer would be read.) While only the
+// half is held, a user with nothing outstanding still gets through.
 func TestManyUsersCannotHoldALink(t *testing.T) {
 	ca := newTestCA(t)
-	const outstanding = 80 // a user's share 10, all users' 40
+	const outstanding = 80 // a user's share 10, all users' 40, the reserve 20
 	hogs := map[string]bool{}
-	for i := range 8 {
+	for i := range 9 {
 		hogs[fmt.Sprint("hog", i)] = true
 	}
 	lb := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED, hold: hogs}
@@ -665,30 +691,48 @@ func TestManyUsersCannotHoldALink(t *testing.T) {
 	a.SetMembers(members)
 	b.SetMembers(members)
 	waitFor(t, "a's link to b up", func() bool { e, ok := b.Locate("s"); return ok && e == "edge-a" })
-	// Eight users' devices take 10 forwards each and never acknowledge:
-	// the first four fill the half, the others' are refused.
-	outcomes := make(chan edgev1.ForwardOutcome, outstanding)
-	for i := range 8 {
+	outcomes := make(chan edgev1.ForwardOutcome, 2*outstanding)
+	hog := func(i int) {
 		for range outstanding / 8 {
 			a.Forward("edge-b", &edgev1.Forward{DeviceId: "h", UserId: fmt.Sprint("hog", i), Event: []byte("x")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
 		}
 	}
-	for range outstanding / 2 {
-		select {
-		case o := <-outcomes:
-			if o != edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL {
-				t.Fatalf("a forward beyond the undecided half: %v, want QUEUE_FULL", o)
+	refused := func(n int, what string) {
+		t.Helper()
+		for range n {
+			select {
+			case o := <-outcomes:
+				if o != edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL {
+					t.Fatalf("%s: %v, want QUEUE_FULL", what, o)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatalf("%s got no outcome: the link is not read", what)
 			}
-		case <-time.After(30 * time.Second):
-			t.Fatal("a forward beyond the undecided half got no outcome: the link is not read")
 		}
 	}
-	// Another user's durable forward is refused too while the half is
-	// held; its ephemeral forward and a presence change still go through.
-	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "other", Event: []byte("y")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
-	if o := <-outcomes; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL {
-		t.Fatalf("another user's forward while the half is held: %v", o)
+	other := func(name string, want edgev1.ForwardOutcome) {
+		t.Helper()
+		a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: name, Event: []byte("y")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
+		if o := <-outcomes; o != want {
+			t.Fatalf("%s's forward: %v, want %v", name, o, want)
+		}
 	}
+	// Four users' devices take 10 forwards each and never acknowledge:
+	// they fill the half. A user with nothing outstanding still gets
+	// through.
+	for i := range 4 {
+		hog(i)
+	}
+	other("other", edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED)
+	// Five more such users draw four each from the reserve and are
+	// refused the rest; then the reserve is held too, and another user's
+	// durable forward is refused; its ephemeral forward and a presence
+	// change still go through.
+	for i := 4; i < 9; i++ {
+		hog(i)
+	}
+	refused(5*(outstanding/8-reserveFloor), "a forward beyond the half and the reserve's four")
+	other("another", edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL)
 	before := lb.forwards()
 	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "other", Event: []byte("ephemeral")}, nil)
 	waitFor(t, "the ephemeral forward delivered", func() bool { return lb.forwards() > before })
