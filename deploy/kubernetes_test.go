@@ -395,11 +395,21 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 	}
 
 	pdb, ok := r.pdbs["relay-control"]
-	if !ok || pdb.Spec.MinAvailable == nil {
-		t.Fatal("no PodDisruptionBudget relay-control with minAvailable")
+	if !ok {
+		t.Fatal("no PodDisruptionBudget relay-control")
 	}
-	if q := total/2 + 1; pdb.Spec.MinAvailable.IntValue() != q {
-		t.Errorf("PDB minAvailable %s, want the quorum of %d nodes, %d", pdb.Spec.MinAvailable.String(), total, q)
+	switch {
+	case total == 1:
+		// No quorum to keep: a budget that allows no eviction would block
+		// every drain of the node it runs on.
+		if pdb.Spec.MinAvailable != nil || pdb.Spec.MaxUnavailable == nil || pdb.Spec.MaxUnavailable.IntValue() < 1 {
+			t.Errorf("PDB of one control node: minAvailable %v, maxUnavailable %v; want maxUnavailable 1, so that a drain can evict it",
+				pdb.Spec.MinAvailable, pdb.Spec.MaxUnavailable)
+		}
+	case pdb.Spec.MinAvailable == nil:
+		t.Errorf("PDB of %d control nodes without minAvailable, want the quorum, %d", total, total/2+1)
+	case pdb.Spec.MinAvailable.IntValue() != total/2+1:
+		t.Errorf("PDB minAvailable %s, want the quorum of %d nodes, %d", pdb.Spec.MinAvailable.String(), total, total/2+1)
 	}
 	psel, _ := metav1.LabelSelectorAsSelector(pdb.Spec.Selector)
 	for _, s := range []*appsv1.StatefulSet{seed, nodes} {

@@ -483,6 +483,17 @@ func alertsEndToEnd(t *testing.T, r *relay) {
 	if _, ok := hooks.find("edge-team-email", "RelayEdgeSlowAcks", "firing", "inhibited:7444", sent); ok {
 		t.Errorf("the slow acks of an edge that is down were sent:%s", hooks.summary())
 	}
+	// A quorum at risk (one voter of three down, as above; a one-voter
+	// cluster always) still takes writes: an edge whose mailbox writes
+	// fail meanwhile pages its on-call. (RelayControlPlaneDown would hold
+	// it back: TestInhibitRules.) The posted RelayControlQuorumAtRisk has
+	// a label of its own: Prometheus goes on resending the one above,
+	// resolved, under the same labels.
+	postAlerts(t, amAddr,
+		map[string]string{"alertname": "RelayControlQuorumAtRisk", "severity": "page", "component": "control", "posted": "true"},
+		map[string]string{"alertname": "RelayEdgeMailboxWritesFailing", "instance": "mailbox:7444", "severity": "page", "component": "edge"})
+	hooks.wait(t, time.Minute, "control-oncall-pagerduty", "RelayControlQuorumAtRisk", "firing", "", sent)
+	hooks.wait(t, time.Minute, "edge-oncall-pagerduty", "RelayEdgeMailboxWritesFailing", "firing", "mailbox:7444", sent)
 	hooks.mu.Lock()
 	defer hooks.mu.Unlock()
 	for _, n := range hooks.got {

@@ -99,9 +99,18 @@ func TestSystemdUnits(t *testing.T) {
 				t.Fatalf("%s runs relayd %v", unit, args)
 			}
 			env, alt := envFile(t, filepath.Join("systemd", c+".env"))
+			text, err := os.ReadFile(filepath.Join("systemd", c+".env"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The header says every variable is a flag of relayd: it names
+			// the ones that are not (read from the environment only).
+			header, _, _ := strings.Cut(string(text), "\nRELAY_")
 			for k := range joined(env, alt) {
 				if _, ok := flags[c].byEnv[k]; !ok && !secretEnv[k] {
 					t.Errorf("%s.env sets %s, which is not a flag of relayd %s", c, k, c)
+				} else if !ok && !strings.Contains(header, k) {
+					t.Errorf("%s.env sets %s, which is no flag of relayd %s (the environment only), and its header does not name it as an exception", c, k, c)
 				}
 			}
 			switch c {

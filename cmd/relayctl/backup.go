@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -57,6 +58,15 @@ func (a *app) backupKey(file string) (*backup.Key, error) {
 	return nil, nil
 }
 
+// withKeyHint adds to a missing key's error how relayctl takes one (the
+// backup package names no binary's flags: relayd's differ).
+func withKeyHint(err error) error {
+	if errors.Is(err, backup.ErrKeyRequired) {
+		return fmt.Errorf("%w: give it with --key-file (or RELAYCTL_BACKUP_KEY_FILE, or the key itself in RELAY_BACKUP_KEY)", err)
+	}
+	return err
+}
+
 func (a *app) backupVerifyCommand() *cobra.Command {
 	var keyFile string
 	cmd := &cobra.Command{
@@ -95,6 +105,7 @@ backup in it, oldest first, and fails if any does not verify.`,
 			for _, f := range files {
 				info, err := backup.VerifyFile(f, key)
 				if err != nil {
+					err = withKeyHint(err)
 					if len(files) == 1 {
 						return err
 					}

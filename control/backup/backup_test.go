@@ -334,6 +334,31 @@ func TestEncryptedBackups(t *testing.T) {
 		}
 	}
 	check("no key", raw, nil, backup.ErrKeyRequired)
+	// The error names neither relayd's flag nor relayctl's (each binary
+	// adds its own where it reports it), and says which file.
+	path := filepath.Join(t.TempDir(), "b.bin.age")
+	if err := os.WriteFile(path, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for name, open := range map[string]func() error{
+		"VerifyFile": func() error { _, err := backup.VerifyFile(path, nil); return err },
+		"OpenFile": func() error {
+			rc, err := backup.OpenFile(path, nil)
+			if err == nil {
+				rc.Close()
+			}
+			return err
+		},
+	} {
+		err := open()
+		if !errors.Is(err, backup.ErrKeyRequired) {
+			t.Fatalf("%s without a key: %v, want ErrKeyRequired", name, err)
+		}
+		msg := err.Error()
+		if rest := strings.ReplaceAll(msg, path, ""); rest == msg || strings.Contains(rest, "--") || strings.Contains(rest, "RELAY") {
+			t.Errorf("%s without a key: %q names a binary's flag, or not the file", name, msg)
+		}
+	}
 	check("wrong key", raw, mustKey(t, otherKey), backup.ErrWrongKey)
 	tampered := bytes.Clone(raw)
 	tampered[len(tampered)-20] ^= 0x40

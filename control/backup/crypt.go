@@ -16,8 +16,10 @@ import (
 // restore path that is caused by the file's content wraps one of them (or
 // state.ErrCorrupt for a plaintext export that does not check out).
 var (
-	// ErrKeyRequired: the backup is encrypted and no key was given.
-	ErrKeyRequired = errors.New("backup is encrypted: give its key (--backup-key-file or RELAY_BACKUP_KEY)")
+	// ErrKeyRequired: the backup is encrypted and no key was given. It
+	// names no way of giving one: relayd and relayctl take the key by
+	// different flags, and each says its own where it reports the error.
+	ErrKeyRequired = errors.New("backup is encrypted and no key was given")
 	// ErrWrongKey: the backup is encrypted to a different key.
 	ErrWrongKey = errors.New("backup is encrypted to a different key")
 	// ErrTampered: the encrypted backup fails authentication (modified or

@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -35,6 +36,7 @@ import (
 // driverConfig is what every scenario shares.
 type driverConfig struct {
 	control           string
+	controlCA         string // --control-ca: the CA that verifies an https:// --control
 	adminPasswordFile string
 	adminPassword     string
 	adminToken        string
@@ -57,7 +59,8 @@ type driverConfig struct {
 }
 
 func (d *driverConfig) register(fs *flag.FlagSet) {
-	fs.StringVar(&d.control, "control", "http://127.0.0.1:7400", "control API URL (cleartext HTTP/2)")
+	fs.StringVar(&d.control, "control", "http://127.0.0.1:7400", "control API URL: http:// (HTTP/2 without TLS, relayd without --tls-*) or https:// (HTTP/2 over TLS)")
+	fs.StringVar(&d.controlCA, "control-ca", "", "PEM file of the CA that verifies an https:// --control (the control plane's, as relayd edge --control-ca; default: the system's roots)")
 	fs.StringVar(&d.adminPasswordFile, "admin-password-file", "data/admin-password", "file with the admin's password (or set RELAY_ADMIN_PASSWORD)")
 	fs.StringVar(&d.edge, "edge", "127.0.0.1:7443", "the edge's UDP address")
 	fs.StringVar(&d.edgeAdmin, "edge-admin", "http://127.0.0.1:7444", "the edge's admin URL (certificate hashes, /metrics)")
@@ -85,10 +88,45 @@ type device struct {
 	revision uint64
 }
 
-func (d *driverConfig) setup() (token string, err error) {
+// controlClient is the HTTP client of the control API at url: HTTP/2
+// without TLS (h2c, what relayd serves without --tls-*) for http://,
+// HTTP/2 over TLS for https://, the server verified against the CA in
+// caFile, or the system's roots without one.
+func controlClient(url, caFile string) (*http.Client, error) {
+	tr := &http.Transport{MaxIdleConnsPerHost: 64}
 	var p http.Protocols
-	p.SetUnencryptedHTTP2(true)
-	d.http = &http.Client{Transport: &http.Transport{Protocols: &p, MaxIdleConnsPerHost: 64}}
+	switch {
+	case strings.HasPrefix(url, "http://"):
+		if caFile != "" {
+			return nil, fmt.Errorf("--control-ca is for an https:// control URL, not %s", url)
+		}
+		p.SetUnencryptedHTTP2(true)
+	case strings.HasPrefix(url, "https://"):
+		p.SetHTTP2(true)
+		// relayd's API takes TLS 1.3 only.
+		tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS13}
+		if caFile != "" {
+			pem, err := os.ReadFile(caFile)
+			if err != nil {
+				return nil, fmt.Errorf("--control-ca: %w", err)
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("--control-ca %s holds no PEM certificate", caFile)
+			}
+			tr.TLSClientConfig.RootCAs = pool
+		}
+	default:
+		return nil, fmt.Errorf("--control %q: want an http:// or https:// URL", url)
+	}
+	tr.Protocols = &p
+	return &http.Client{Transport: tr}, nil
+}
+
+func (d *driverConfig) setup() (token string, err error) {
+	if d.http, err = controlClient(d.control, d.controlCA); err != nil {
+		return "", err
+	}
 	if d.adminToken != "" {
 		// An access token (relayctl token prints one): no login, which
 		// the control plane throttles per account.
@@ -255,7 +293,7 @@ func (dl *dialer) transport() (*quic.Transport, error) {
 	dl.mu.Lock()
 	defer dl.mu.Unlock()
 	if len(dl.trs) == 0 || dl.onSock >= 1000 {
-		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		pc, err := net.ListenPacket("udp", localUDPAddr(dl.edge))
 		if err != nil {
 			return nil, err
 		}
@@ -265,6 +303,22 @@ func (dl *dialer) transport() (*quic.Transport, error) {
 	}
 	dl.onSock++
 	return dl.trs[len(dl.trs)-1], nil
+}
+
+// localUDPAddr is the address the dialer's sockets bind for an edge at
+// edge: the loopback address for an edge on this machine's loopback
+// (nothing outside can reach the socket then), else every address, the
+// kernel picking each packet's source by its route. A socket bound to
+// 127.0.0.1 cannot send to any other address (sendto: EINVAL), so an
+// edge anywhere else, a Kubernetes Service among them, would see no
+// packet.
+func localUDPAddr(edge string) string {
+	if host, _, err := net.SplitHostPort(edge); err == nil {
+		if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+			return net.JoinHostPort(ip.String(), "0")
+		}
+	}
+	return ":0"
 }
 
 func (dl *dialer) dial(ctx context.Context, dev device) (*client.Client, error) {

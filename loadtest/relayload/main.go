@@ -14,10 +14,12 @@
 //	relayload merge [--threshold ...] [--json] result.json...
 //	relayload plot soak.csv soak.png
 //
-// It logs in as admin with the password in RELAY_ADMIN_PASSWORD (or
-// --admin-password-file), or uses the access token in RELAYCTL_TOKEN
-// (relayctl token prints one), which spares the login throttle when it is
-// run many times. Run it against a deployment whose edge allows the
+// It reaches the control API at --control: an http:// URL over HTTP/2
+// without TLS, an https:// one (every deployment's) over HTTP/2 with TLS,
+// checked against the CA in --control-ca. It logs in as admin with the
+// password in RELAY_ADMIN_PASSWORD (or --admin-password-file), or uses
+// the access token in RELAYCTL_TOKEN (relayctl token prints one), which
+// spares the login throttle when it is run many times. Run it against a deployment whose edge allows the
 // driver's handshake rate (relayd edge --handshakes-per-second).
 package main
 
