@@ -87,7 +87,7 @@ func TestBinariesScheduledEncryptedBackups(t *testing.T) {
 	// Without the key, --restore says what is missing; with it, it works.
 	r := &node{id: "r1", dir: filepath.Join(base, "r1"), raft: freePort(t), api: freePort(t), admin: freePort(t)}
 	rout, err := restoreOutput(r, file)
-	if err == nil || !strings.Contains(rout, "backup is encrypted") {
+	if err == nil || !strings.Contains(rout, "backup is encrypted") || !strings.Contains(rout, "--backup-key-file") {
 		t.Fatalf("restore without the key: err=%v\n%s", err, rout)
 	}
 	_ = os.RemoveAll(r.dir)

@@ -228,7 +228,11 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 	}
 	defer stop()
 	cfg.TracerProvider = tel.TracerProvider()
-	return server.Run(ctx, cfg, shutdown)
+	err = server.Run(ctx, cfg, shutdown)
+	if errors.Is(err, backup.ErrKeyRequired) {
+		return fmt.Errorf("%w; give its key with --backup-key-file or RELAY_BACKUP_KEY", err)
+	}
+	return err
 }
 
 // memoryLimitRatio is the share of its cgroup's memory limit relayd

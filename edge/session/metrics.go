@@ -38,7 +38,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "relay_edge_sessions", Help: "Device sessions open on this edge, by transport.",
 		}, []string{"transport"}),
 		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_edge_handshakes_total", Help: "Handshakes by outcome: full, resumed, reauthenticated (a live session signed again at its maximum age), or the protocol error code that ended them.",
+			Name: "relay_edge_handshakes_total", Help: "Handshakes by outcome: full, resumed, reauthenticated (a live session signed again at its maximum age), edge_full (refused at the session limit), going_away (refused by an edge that is not ready), or the protocol error code that ended them.",
 		}, []string{"result"}),
 		closes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_edge_session_closes_total", Help: "Sessions closed after the handshake, by reason code.",
