@@ -308,8 +308,8 @@ func (t *txn) pruneTokens() error {
 	end := tokenExpiryKey(t.now, "")
 	var ids []string
 	err := t.b.Iterate(prefixTokenExpiry, end, func(k, _ []byte) (bool, error) {
-		if len(k) >= len(prefixTokenExpiry)+8 { // none shorter is written; one imported is skipped
-			ids = append(ids, string(k[len(prefixTokenExpiry)+8:]))
+		if id, ok := timedSuffix(k, prefixTokenExpiry); ok {
+			ids = append(ids, string(id))
 		}
 		return true, nil
 	})

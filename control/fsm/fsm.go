@@ -387,8 +387,8 @@ func (f *FSM) prune(b *state.Batch, rev uint64) error {
 		end := requestRevKey(rev-f.cfg.RequestRetention, "")
 		var ids []string
 		err := b.Iterate(prefixRequestRev, end, func(k, _ []byte) (bool, error) {
-			if len(k) >= len(prefixRequestRev)+8 { // none shorter is written; one imported is skipped
-				ids = append(ids, string(k[len(prefixRequestRev)+8:]))
+			if id, ok := timedSuffix(k, prefixRequestRev); ok {
+				ids = append(ids, string(id))
 			}
 			return true, nil
 		})

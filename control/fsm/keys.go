@@ -201,6 +201,18 @@ func mailExpiryEnd(t int64) []byte {
 	return binary.BigEndian.AppendUint64(k, uint64(t)+1)
 }
 
+// timedSuffix returns what follows the prefix and the 8-byte time or
+// revision of an index key (request ids by revision, refresh tokens and
+// login throttles by expiry). None shorter is written; one that came in
+// with a snapshot or backup is reported not ok, and skipped alike on
+// every node.
+func timedSuffix(k, prefix []byte) ([]byte, bool) {
+	if len(k) < len(prefix)+8 {
+		return nil, false
+	}
+	return k[len(prefix)+8:], true
+}
+
 // parseMailExpiryKey returns the device id and seq of an expiry key.
 func parseMailExpiryKey(k []byte) (did string, seq uint64, ok bool) {
 	rest := k[len(prefixMailExpiry):]

@@ -240,8 +240,8 @@ func (t *txn) pruneThrottle() error {
 	end := throttleExpiryKey(t.now, nil)
 	var keys [][]byte
 	err := t.b.Iterate(prefixThrottleExp, end, func(k, _ []byte) (bool, error) {
-		if len(k) >= len(prefixThrottleExp)+8 { // none shorter is written; one imported is skipped
-			keys = append(keys, bytes.Clone(k[len(prefixThrottleExp)+8:]))
+		if rest, ok := timedSuffix(k, prefixThrottleExp); ok {
+			keys = append(keys, bytes.Clone(rest))
 		}
 		return true, nil
 	})

@@ -197,7 +197,7 @@ func TestPresenceAndForwarding(t *testing.T) {
 		b.Forward("edge-a", &edgev1.Forward{DeviceId: "d1", UserId: "u", Event: []byte("x")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
 	}
 	for range 5 {
-		if o := <-outcomes; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
+		if o := nextOutcome(t, outcomes); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
 			t.Fatalf("outcome %v", o)
 		}
 	}
@@ -206,7 +206,7 @@ func TestPresenceAndForwarding(t *testing.T) {
 	}
 	// A forward to an edge that is not a member: NOT_DELIVERED at once.
 	b.Forward("edge-x", &edgev1.Forward{DeviceId: "d1"}, func(o edgev1.ForwardOutcome) { outcomes <- o })
-	if o := <-outcomes; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+	if o := nextOutcome(t, outcomes); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
 		t.Fatalf("outcome %v", o)
 	}
 
@@ -221,7 +221,7 @@ func TestPresenceAndForwarding(t *testing.T) {
 		t.Fatalf("b's tables: %+v", st)
 	}
 	_ = a.Close()
-	if o := <-outcomes; o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+	if o := nextOutcome(t, outcomes); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
 		t.Fatalf("outcome after the peer left: %v", o)
 	}
 	waitFor(t, "b forgets a's devices", func() bool {
@@ -700,20 +700,15 @@ func TestManyUsersCannotHoldALink(t *testing.T) {
 	refused := func(n int, what string) {
 		t.Helper()
 		for range n {
-			select {
-			case o := <-outcomes:
-				if o != edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL {
-					t.Fatalf("%s: %v, want QUEUE_FULL", what, o)
-				}
-			case <-time.After(30 * time.Second):
-				t.Fatalf("%s got no outcome: the link is not read", what)
+			if o := nextOutcome(t, outcomes); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL {
+				t.Fatalf("%s: %v, want QUEUE_FULL", what, o)
 			}
 		}
 	}
 	other := func(name string, want edgev1.ForwardOutcome) {
 		t.Helper()
 		a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: name, Event: []byte("y")}, func(o edgev1.ForwardOutcome) { outcomes <- o })
-		if o := <-outcomes; o != want {
+		if o := nextOutcome(t, outcomes); o != want {
 			t.Fatalf("%s's forward: %v, want %v", name, o, want)
 		}
 	}
@@ -783,4 +778,17 @@ func TestALostLinkIsAWarning(t *testing.T) {
 	}
 	_ = b.Close()
 	waitFor(t, "the lost link logged at warn level", func() bool { return w.has("mesh link down; reconnecting") })
+}
+
+// nextOutcome waits for the next forward outcome on ch, at most 30 s (a
+// link that stopped being read fails the test rather than hanging it).
+func nextOutcome(t *testing.T, ch <-chan edgev1.ForwardOutcome) edgev1.ForwardOutcome {
+	t.Helper()
+	select {
+	case o := <-ch:
+		return o
+	case <-time.After(30 * time.Second):
+		t.Fatal("no forward outcome within 30 s")
+		return 0
+	}
 }

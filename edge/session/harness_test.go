@@ -46,6 +46,15 @@ type pipeConn struct {
 	// datagramReads counts ReceiveDatagram calls (a session's datagram
 	// reader makes at least one).
 	datagramReads atomic.Int32
+	// onWrite, if set, sees every Write from then on.
+	onWrite atomic.Pointer[func([]byte)]
+}
+
+func (p *pipeConn) Write(b []byte) (int, error) {
+	if f := p.onWrite.Load(); f != nil {
+		(*f)(b)
+	}
+	return p.Conn.Write(b)
 }
 
 func newPipe(addr string, datagrams bool) (server, client *pipeConn) {

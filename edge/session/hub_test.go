@@ -1439,6 +1439,29 @@ func TestASlowButSteadyReaderIsNotClosed(t *testing.T) {
 	b := e.connect("b")
 	b.handshake()
 	b.r = frame.NewReader(&pacedReader{r: b.conn, per: 2560, tick: tick}, 1<<20)
+	// Each write holds whole frames (a transport that frames messages
+	// would otherwise copy and keep a split one) and at most a chunk and
+	// a frame.
+	var (
+		mu              sync.Mutex
+		writes, largest int
+		split           bool
+	)
+	onWrite := func(p []byte) {
+		mu.Lock()
+		defer mu.Unlock()
+		writes++
+		largest = max(largest, len(p))
+		for len(p) > 0 {
+			n, k := binary.Uvarint(p)
+			if k <= 0 || uint64(len(p)-k) < n {
+				split = true
+				return
+			}
+			p = p[k+int(n):]
+		}
+	}
+	b.conn.peer.onWrite.Store(&onWrite)
 	big := strings.Repeat("x", 45<<10)
 	var sent []*relayv1.Event
 	for range 16 {
@@ -1454,5 +1477,12 @@ func TestASlowButSteadyReaderIsNotClosed(t *testing.T) {
 	a.expectAcks(sent...)
 	if n := e.metric("relay_edge_session_closes_total", "code", "slow_consumer"); n != 0 {
 		t.Fatalf("%v sessions closed as slow consumers", n)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	// Sixteen frames of 45 KiB (the first alone, the rest as one batch):
+	// two to a write, not the batch in one.
+	if split || largest > writeChunk+(64<<10) || writes < 4 {
+		t.Fatalf("%d writes, the largest %d bytes, a frame split: %v", writes, largest, split)
 	}
 }

@@ -70,8 +70,13 @@ type mailboxState struct {
 	more    bool       // the last fetch was not complete, or one is due
 	unacked int        // mailbox deliveries not acknowledged yet
 	running bool       // the pump goroutine runs
-	stopped bool
-	held    []heldDelivery
+	// blocked: the queue refused the last entry offered, as of its
+	// freed count blockedAt; until that moves there is no room, and the
+	// pump does not read the mailbox (however often it is woken).
+	blocked   bool
+	blockedAt uint64
+	stopped   bool
+	held      []heldDelivery
 	// heldBytes is the bytes of the held deliveries' events, bounded like
 	// the queue's.
 	heldBytes int
@@ -563,7 +568,16 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 			m.running = false
 			m.mu.Unlock()
 			return
+		case m.blocked && s.out.freedCount() == m.blockedAt:
+			// Woken (an announcement, a held delivery) with no room made:
+			// a read now would be refused whole.
+			m.mu.Unlock()
+			if !wait(time.Minute) {
+				return
+			}
+			continue
 		}
+		m.blocked = false
 		after, known, fence := m.cursor, m.wanted, m.fence
 		// No more than the window and the queue have room for (what the
 		// queue refuses is read again later); at least one entry.
@@ -591,8 +605,11 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 			// The first read failed: this one bounds the session's start.
 			s.noteStart(page.Revision)
 		}
+		// Before the offers: room made while they run counts as made.
+		freed := s.out.freedCount()
 		m.mu.Lock()
 		full := !s.queueEntries(page, known, fence, blind)
+		m.blocked, m.blockedAt = full, freed
 		m.mu.Unlock()
 		// A full queue has room once the writer takes what it holds (the
 		// queue's roomed wakes the pump then), and deliveries the device

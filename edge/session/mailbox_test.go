@@ -1159,8 +1159,18 @@ func TestASlowReaderDoesNotMakeItsMailboxBePolled(t *testing.T) {
 		return q.refused && q.nItems > 0
 	})
 	mb.notPolled(t, "b", "while the device read nothing")
+	// Nor do announcements of entries stored meanwhile make it read: the
+	// queue has no room for them.
+	before := mb.readsOf("b")
+	for i := 60; i < 80; i++ {
+		e.hub.MailboxChanged("u1", "b", mb.storeAsAnotherEdge(t, "b", "a", fmt.Sprintf("%02d", i)))
+	}
+	mb.notPolled(t, "b", "after entries were announced while the device read nothing")
+	if n := mb.readsOf("b") - before; n > 2 {
+		t.Fatalf("20 announcements while the queue had no room made %d reads of the mailbox", n)
+	}
 	b.startReading()
-	for i := range 60 {
+	for i := range 80 {
 		d := b.nextDeliver()
 		if p := string(d.GetEvent().GetPayload()); p[:2] != fmt.Sprintf("%02d", i) {
 			t.Fatalf("delivery %d is entry %s", i, p[:2])
@@ -1174,8 +1184,8 @@ func TestASlowReaderDoesNotMakeItsMailboxBePolled(t *testing.T) {
 	mb.mu.Lock()
 	fetched, reads := mb.fetched["b"], mb.reads["b"]
 	mb.mu.Unlock()
-	if fetched > 60+reads {
-		t.Fatalf("60 entries took %d entries read from the mailbox, in %d reads", fetched, reads)
+	if fetched > 80+reads {
+		t.Fatalf("80 entries took %d entries read from the mailbox, in %d reads", fetched, reads)
 	}
 }
 

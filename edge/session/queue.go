@@ -68,7 +68,11 @@ type queue struct {
 	closed                 bool
 	overflow               bool // control bound exceeded
 	refused                bool // an offer was refused since the writer last took deliveries
-	due                    dueWork
+	// freed counts the times deliveries left the queue or their
+	// acknowledgements came (room may have appeared): a mailbox pump
+	// refused for want of room reads again only once it moved.
+	freed uint64
+	due   dueWork
 	// running: a writer runs, or the queue is held (newQueue) until the
 	// session may write (release); no second writer starts meanwhile.
 	running bool
@@ -178,7 +182,15 @@ func (q *queue) settle(n, size int) {
 	q.mu.Lock()
 	q.nUnacked -= n
 	q.unackedBytes -= size
+	q.freed++
 	q.mu.Unlock()
+}
+
+// freedCount is freed (see there).
+func (q *queue) freedCount() uint64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.freed
 }
 
 // control queues a control frame. It reports false when the queue is
@@ -231,6 +243,9 @@ func (q *queue) next() (batch []item, due dueWork, closed, overflow, ok bool) {
 	roomed := q.refused && q.nItems > 0
 	if roomed {
 		q.refused = false
+	}
+	if q.nItems > 0 {
+		q.freed++
 	}
 	q.nItems, q.nBytes, q.nControl = 0, 0, 0
 	closed, overflow = q.closed, q.overflow

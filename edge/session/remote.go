@@ -60,27 +60,19 @@ func (s *Session) decide(device string, pf *pendingForward, slot *fwdSlot, act f
 		return
 	}
 	pf.draining = true
-	for {
-		var run []func()
-		for len(pf.slots) > 0 && pf.slots[0].decided {
-			run = append(run, pf.slots[0].act)
-			pf.slots[0] = nil
-			pf.slots = pf.slots[1:]
-		}
-		if len(run) == 0 {
-			pf.draining = false
-			if len(pf.slots) == 0 && s.fwdPending[device] == pf {
-				delete(s.fwdPending, device)
-			}
-			s.routeMu.Unlock()
-			return
-		}
+	for len(pf.slots) > 0 && pf.slots[0].decided {
+		run := pf.slots[0].act
+		pf.slots[0] = nil
+		pf.slots = pf.slots[1:]
 		s.routeMu.Unlock()
-		for _, a := range run {
-			a()
-		}
+		run()
 		s.routeMu.Lock()
 	}
+	pf.draining = false
+	if len(pf.slots) == 0 && s.fwdPending[device] == pf {
+		delete(s.fwdPending, device)
+	}
+	s.routeMu.Unlock()
 }
 
 // forward sends a durable event to the edge holding its target. What

@@ -101,12 +101,14 @@ func (s *Session) timerWork(due dueWork) {
 }
 
 // writeLoop writes what the queue holds, in batches (one write per
-// batch); once the queue has stayed empty for WriterLinger it returns,
-// and the next thing queued starts it again. It also does the timer work that came due, and finally sends
-// the Close frame and closes the connection. Every write has a deadline:
-// WriteTimeout while the session runs (a device that takes nothing for
-// that long is a SLOW_CONSUMER), closeDeadline once it is closing. The
-// writer that ends the session closes writerDone.
+// batch, or per writeChunk of whole frames of a larger one); once the
+// queue has stayed empty for WriterLinger it returns, and the next thing
+// queued starts it again. It also does the timer work that came due, and
+// finally sends the Close frame and closes the connection. Every write
+// has a deadline: WriteTimeout while the session runs (a device that
+// takes less than a write in that long is a SLOW_CONSUMER),
+// closeDeadline once it is closing. The writer that ends the session
+// closes writerDone.
 func (s *Session) writeLoop() {
 	m := s.hub.cfg.Metrics
 	var buf, dg []byte
@@ -173,6 +175,16 @@ func (s *Session) writeLoop() {
 			}
 			buf = appendFramed(buf, it.event, it.delivery)
 			it.event = nil
+			if len(buf) >= writeChunk {
+				// A large batch goes out a chunk of whole frames at a
+				// time, each under its own deadline (see write).
+				if err := s.write(buf); err != nil {
+					s.abort(err)
+					s.writerEnded()
+					return
+				}
+				buf = buf[:0]
+			}
 		}
 		if durable > 0 {
 			m.deliveredDurable.Add(float64(durable))
@@ -213,42 +225,38 @@ func (s *Session) writerEnded() {
 // batches.
 const keepWriteBuf = 16 << 10
 
-// writeChunk is the most one write carries under one deadline: a device
-// must take this much every WriteTimeout, whatever the batch's size.
+// writeChunk is how much of a batch the writer gathers before it writes:
+// a larger batch (up to a queue's worth, 1 MiB) goes out in writes of
+// whole frames of about this size (at most this plus one frame), each
+// under its own deadline, so a device reading slowly but steadily is not
+// closed because a whole batch takes it longer than WriteTimeout. Whole
+// frames, because a transport that frames messages (the WebSocket) would
+// otherwise copy and keep a split frame.
 const writeChunk = 64 << 10
 
-// write writes one batch, in chunks of at most writeChunk, each under the
-// writer's deadline: a device reading slowly but steadily is not closed
-// because a batch (up to a queue's worth, 1 MiB) takes it longer than
-// WriteTimeout.
+// write writes b under the writer's deadline.
 func (s *Session) write(b []byte) error {
-	for len(b) > 0 {
-		n := min(len(b), writeChunk)
+	select {
+	case <-s.closing:
+		// closeWith has set the deadline; it is not moved later.
+	default:
+		_ = s.conn.SetWriteDeadline(time.Now().Add(s.hub.cfg.WriteTimeout))
 		select {
 		case <-s.closing:
-			// closeWith has set the deadline; it is not moved later.
+			// closeWith ran meanwhile: put its deadline back.
+			_ = s.conn.SetWriteDeadline(s.closeDeadline)
 		default:
-			_ = s.conn.SetWriteDeadline(time.Now().Add(s.hub.cfg.WriteTimeout))
-			select {
-			case <-s.closing:
-				// closeWith ran meanwhile: put its deadline back.
-				_ = s.conn.SetWriteDeadline(s.closeDeadline)
-			default:
-			}
 		}
-		if _, err := s.conn.Write(b[:n]); err != nil {
-			return err
-		}
-		b = b[n:]
 	}
-	return nil
+	_, err := s.conn.Write(b)
+	return err
 }
 
 // abort ends a session whose write failed: a write that timed out while
 // the session was open means the device stopped reading.
 func (s *Session) abort(err error) {
 	if isTimeout(err) {
-		s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the device took less than %d KiB in %s", writeChunk>>10, s.hub.cfg.WriteTimeout), 0)
+		s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the device did not take a write (at most %d KiB and a frame) in %s", writeChunk>>10, s.hub.cfg.WriteTimeout), 0)
 	} else {
 		s.closeWith(&CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "write failed: " + err.Error()}, 0)
 	}
