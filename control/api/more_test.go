@@ -16,6 +16,7 @@ import (
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
@@ -249,6 +250,7 @@ func BenchmarkNodeToken(b *testing.B) {
 // login is checked against opens nothing, whatever the password.
 func TestNoHashingSlotNoVerdictNoAttempt(t *testing.T) {
 	c := clustertest.Start(t, 1, clustertest.Options{})
+	c.WaitFeature(fsm.FeatureChangePassword)
 	node := c.Nodes[0].Server.Node()
 	a := api.NewAuthenticator(node, api.AuthConfig{Password: auth.TestParams,
 		Throttle: api.Throttle{AddrFree: 2, LoginFree: 1, BaseDelay: time.Hour, MaxDelay: time.Hour}})

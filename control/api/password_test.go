@@ -28,6 +28,7 @@ func TestChangeOwnPassword(t *testing.T) {
 	c := clustertest.Start(t, 3, clustertest.Options{Auth: api.AuthConfig{Throttle: api.Throttle{
 		AddrFree: 1000, LoginFree: 3, BaseDelay: time.Hour, MaxDelay: time.Hour,
 	}}})
+	c.WaitFeature(fsm.FeatureChangePassword)
 	ctx := ctxT(t, 5*time.Minute)
 	c.TokenFor("alice", controlv1.Role_ROLE_USER)
 	const old, next = "password-of-alice", "alice's new password"
@@ -240,6 +241,7 @@ func TestConcurrentPasswordChanges(t *testing.T) {
 	c := clustertest.Start(t, 3, clustertest.Options{Auth: api.AuthConfig{Throttle: api.Throttle{
 		AddrFree: 1000, LoginFree: 1000, BaseDelay: time.Second, MaxDelay: time.Second,
 	}}})
+	c.WaitFeature(fsm.FeatureChangePassword)
 	ctx := ctxT(t, 5*time.Minute)
 	c.TokenFor("alice", controlv1.Role_ROLE_USER)
 	const racers = 8

@@ -388,6 +388,26 @@ func (c *Cluster) WaitReady() {
 	})
 }
 
+// WaitFeature waits until every running node sees every member's record
+// list feature: nodes record their features shortly after they start,
+// and a feature-gated command is refused until all have (a test of the
+// command itself must not race that).
+func (c *Cluster) WaitFeature(feature string) {
+	c.t.Helper()
+	c.eventually(30*time.Second, func() error {
+		for _, n := range c.Running() {
+			without, err := n.Server.Node().MembersWithout(feature)
+			if err != nil {
+				return err
+			}
+			if len(without) > 0 {
+				return fmt.Errorf("node %s sees members without %s: %v", n.ID, feature, without)
+			}
+		}
+		return nil
+	})
+}
+
 // Leader waits for a leader among the running nodes and returns its index.
 func (c *Cluster) Leader() int {
 	c.t.Helper()
