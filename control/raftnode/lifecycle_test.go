@@ -136,17 +136,25 @@ func TestRestoreFromBackupFile(t *testing.T) {
 	}
 }
 
+// oneNodeWithUser starts a one-node cluster holding a user of that login,
+// and returns it with a context for the test's calls.
+func oneNodeWithUser(t *testing.T, login string) (*clustertest.Cluster, context.Context) {
+	t.Helper()
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	if _, err := c.CreateUser(ctx, 0, login); err != nil {
+		t.Fatal(err)
+	}
+	return c, ctx
+}
+
 // A data dir whose Raft data was removed but whose state store was kept
 // does not start: Raft would begin a log the state store takes as
 // applied, and this node would skip what its peers apply. The error says
 // what to remove; with that gone, the node bootstraps afresh.
 func TestStateAheadOfTheRaftDataIsRefused(t *testing.T) {
-	c := clustertest.Start(t, 1, clustertest.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if _, err := c.CreateUser(ctx, 0, "kept"); err != nil {
-		t.Fatal(err)
-	}
+	c, ctx := oneNodeWithUser(t, "kept")
 	c.Shutdown(0)
 	dir := filepath.Join(c.Nodes[0].DataDir, "data")
 	entries, err := os.ReadDir(dir)
@@ -186,12 +194,7 @@ func TestStateAheadOfTheRaftDataIsRefused(t *testing.T) {
 // without an applied index) leaves nothing of it in the state store: a
 // node then started on the data dir is a new one.
 func TestAFailedRestoreLeavesNoState(t *testing.T) {
-	c := clustertest.Start(t, 1, clustertest.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if _, err := c.CreateUser(ctx, 0, "from-backup"); err != nil {
-		t.Fatal(err)
-	}
+	c, ctx := oneNodeWithUser(t, "from-backup")
 	// The cluster's backup, less its applied index.
 	var backup bytes.Buffer
 	if _, err := c.Nodes[0].Server.Node().FSM().WriteBackup(&backup); err != nil {

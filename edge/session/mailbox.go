@@ -421,46 +421,36 @@ func (s *Session) releaseHeld() {
 	}
 }
 
-// heldExpiresInLocked is how long until the first held delivery expires
-// (with m.mu held): an hour when none does.
-func (s *Session) heldExpiresInLocked() time.Duration {
-	m := &s.mb
-	d := time.Hour
-	if len(m.held) == 0 {
-		return d
-	}
-	now := s.hub.cfg.Now()
-	for _, h := range m.held {
-		if !h.f.expires.IsZero() {
-			d = min(d, h.f.expires.Sub(now))
-		}
-	}
-	return d
-}
-
 // expireHeldLocked refuses the held deliveries whose events expired
 // (with m.mu held): one may wait as long as the device takes to
 // acknowledge what is before it, and none is delivered after its time.
-// (A forward from an edge that did not say when its event expires waits
-// without this bound.)
-func (s *Session) expireHeldLocked() {
+// It returns how long until the first one left expires (an hour when
+// none does). (A forward from an edge that did not say when its event
+// expires waits without this bound.)
+func (s *Session) expireHeldLocked() (next time.Duration) {
 	m := &s.mb
+	next = time.Hour
 	if len(m.held) == 0 {
-		return
+		return next
 	}
 	now := s.hub.cfg.Now()
 	n := 0
 	for _, h := range m.held {
-		if !h.f.expires.IsZero() && !now.Before(h.f.expires) {
-			h.f.fail(relayv1.ErrorCode_ERROR_CODE_EXPIRED, "the event expired while it waited for the target's mailbox to be delivered first")
-			m.heldBytes -= len(h.event)
-			continue
+		if !h.f.expires.IsZero() {
+			left := h.f.expires.Sub(now)
+			if left <= 0 {
+				h.f.fail(relayv1.ErrorCode_ERROR_CODE_EXPIRED, "the event expired while it waited for the target's mailbox to be delivered first")
+				m.heldBytes -= len(h.event)
+				continue
+			}
+			next = min(next, left)
 		}
 		m.held[n] = h
 		n++
 	}
 	clear(m.held[n:])
 	m.held = m.held[:n]
+	return next
 }
 
 // kickMailbox notes that the mailbox holds entries up to seq (0: unknown,
@@ -533,9 +523,8 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 		defer t.Stop()
 		for {
 			m.mu.Lock()
-			s.expireHeldLocked()
+			next := min(time.Until(end), s.expireHeldLocked())
 			m.syncSlowLocked()
-			next := min(time.Until(end), s.heldExpiresInLocked())
 			m.mu.Unlock()
 			t.Reset(max(next, 0))
 			select {
