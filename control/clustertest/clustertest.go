@@ -463,6 +463,22 @@ func (c *Cluster) Follower() int {
 	return -1
 }
 
+// StopBehind shuts a follower down and creates n users (ids prefix0,
+// prefix1, ...) through the leader while it is down, so that it restarts
+// behind the cluster. It returns the follower's and the leader's indexes.
+func (c *Cluster) StopBehind(ctx context.Context, n int, prefix string) (follower, leader int) {
+	c.t.Helper()
+	follower = c.Follower()
+	c.Shutdown(follower)
+	leader = c.Leader()
+	for i := range n {
+		if _, err := c.CreateUser(ctx, leader, fmt.Sprintf("%s%d", prefix, i)); err != nil {
+			c.t.Fatal(err)
+		}
+	}
+	return follower, leader
+}
+
 // WaitConverged waits until every running node has applied the same index
 // and holds byte-identical state, and returns that state's digest.
 func (c *Cluster) WaitConverged() [32]byte {

@@ -493,3 +493,36 @@ func TestSingleNode(t *testing.T) {
 		t.Fatalf("unexpected result %v", res)
 	}
 }
+
+// A follower that restarts behind the leader records its addresses and
+// features once. Its write, forwarded, returns once the leader committed
+// it, before the follower has applied the log up to it; a node that then
+// read its own stale record proposed it again and again until it caught
+// up, hundreds of entries per restart (and more to catch up with at the
+// next).
+func TestARestartedFollowerRecordsItselfOnce(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	lag, via := c.StopBehind(ctxT(t, 2*time.Minute), 300, "b")
+	leader := c.Nodes[via].Server.Node()
+	before := leader.FSM().AppliedIndex()
+	id := c.Nodes[lag].ID
+	c.Restart(lag)
+	c.WaitReady()
+	want := strings.Join(fsm.Features(), ",")
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		rec, err := c.Nodes[lag].Server.Node().FSM().GetNode(id)
+		if err != nil {
+			return err
+		}
+		if got := strings.Join(rec.GetFeatures(), ","); got != want || rec.GetFeaturesWithdrawn() {
+			return fmt.Errorf("%s's own record: features %q, withdrawn %v", id, got, rec.GetFeaturesWithdrawn())
+		}
+		return nil
+	})
+	c.WaitConverged()
+	// Its one write, and a little room for a write the test does not
+	// make (none is expected).
+	if wrote := leader.FSM().AppliedIndex() - before; wrote > 3 {
+		t.Fatalf("the restarted follower's registration took %d entries, want 1", wrote)
+	}
+}

@@ -1044,11 +1044,23 @@ func (n *Node) registerSelf(ctx context.Context) {
 		}
 		if n.isMember() {
 			actx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			_, err = n.Apply(actx, &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: want}}})
+			var res *statev1.Result
+			res, err = n.Apply(actx, &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: want}}})
 			cancel()
 			if err == nil {
 				backoff = 50 * time.Millisecond
-				continue
+				// A write forwarded to the leader returns once it is
+				// committed, which may be before this node has applied the
+				// log up to it (a restarted node catching up): until then
+				// its own record reads as before, and must not be taken
+				// for a write still to make. (Bounded: a restore may take
+				// the revision away.)
+				wctx, cancel := context.WithTimeout(ctx, time.Minute)
+				err = n.fsm.WaitApplied(wctx, res.GetRevision())
+				cancel()
+				if err == nil || ctx.Err() != nil {
+					continue
+				}
 			}
 			n.log.Debug("record node addresses", "err", err)
 		}

@@ -121,15 +121,7 @@ func TestShutdownFinishesRequestInFlight(t *testing.T) {
 // applied what the leader had committed; the first 200 comes only after.
 func TestReadyzWaitsUntilCaughtUp(t *testing.T) {
 	c := clustertest.Start(t, 3, clustertest.Options{})
-	ctx := ctxT(t, 2*time.Minute)
-	x := c.Follower()
-	c.Shutdown(x)
-	l := c.Leader()
-	for i := 0; i < 100; i++ {
-		if _, err := c.CreateUser(ctx, l, fmt.Sprintf("r%d", i)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	x, l := c.StopBehind(ctxT(t, 2*time.Minute), 100, "r")
 	st, err := c.Nodes[l].Server.Node().Status()
 	if err != nil {
 		t.Fatal(err)
