@@ -333,17 +333,10 @@ func (c *Raw) WaitEnd(d time.Duration) (End, error) {
 			return end, fmt.Errorf("the connection did not end in time: %w", err)
 		}
 		if !end.Frame {
+			// (devconn's WebTransport adapter already answers with the
+			// session's close error when the stream failed with the
+			// connection's.)
 			end.Code, end.Msg = transportCode(err)
-			if c.wts != nil && end.Code == relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
-				// The stream may fail with the connection's error before the
-				// session's close capsule is read; the session keeps that.
-				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-				_, serr := c.wts.AcceptStream(ctx)
-				cancel()
-				if code, msg := transportCode(serr); code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
-					end.Code, end.Msg = code, msg
-				}
-			}
 		}
 		return end, nil
 	}
