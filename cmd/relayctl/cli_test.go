@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -163,5 +164,42 @@ func TestFailingMemberAndGrowingCluster(t *testing.T) {
 	_, _, err = runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + other.Nodes[0].Server.APIAddr()}, "user", "me")
 	if err == nil || !strings.Contains(oneLine(err), "relayctl login") {
 		t.Fatalf("user me on another cluster: %v", err)
+	}
+}
+
+// With the cluster out of quorum, a read fails with what the member that
+// still runs answered (no leader), and the hint for it, however the
+// attempts on the members that are down and the attempt the timeout cut
+// short ended.
+func TestNoQuorumSaysNoLeader(t *testing.T) {
+	raft := clustertest.FastRaft()
+	// Under the attempt's bound of a second, so the member answers; and
+	// long enough that the run's 1.5 s may cut its next attempt short.
+	raft.LeaderWait = 500 * time.Millisecond
+	c := clustertest.Start(t, 3, clustertest.Options{Raft: raft})
+	srv := c.Nodes[0].Server.APIAddr()
+	r := newCLI(t)
+	r.must(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	c.Kill(1)
+	c.Kill(2)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if st, err := c.Nodes[0].Server.Node().Status(); err != nil || st.LeaderID != "" {
+			return fmt.Errorf("%s still sees a leader (%v)", c.Nodes[0].ID, err)
+		}
+		return nil
+	})
+	for range 3 {
+		_, _, err := runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + srv}, "--timeout", "1.5s", "user", "list")
+		if err == nil {
+			t.Fatal("user list without a quorum succeeded")
+		}
+		if msg := oneLine(err); !strings.Contains(msg, "(the cluster has no leader right now; retry shortly)") {
+			t.Fatalf("user list without a quorum: %s; want the no-leader hint", msg)
+		}
+	}
+	c.Kill(0)
+	_, _, err := runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + srv}, "--timeout", "1s", "user", "list")
+	if msg := oneLine(err); !strings.Contains(msg, "(is the control plane running at --server / RELAYCTL_SERVER?)") {
+		t.Fatalf("user list with every member down: %s; want the hint to check the address", msg)
 	}
 }

@@ -116,11 +116,12 @@ func (a *app) callOn(ctx context.Context, eps []string, what string, mode retryM
 	if len(fails) == 1 && last.n == 1 {
 		return fmt.Errorf("%s: %s: %w", what, a.nodeName(last.base), last.err)
 	}
-	return &callError{msg: fmt.Sprintf("%s: no member answered within --timeout %s: %s", what, a.timeout, fails.String(a)), err: last.err}
+	return &callError{msg: fmt.Sprintf("%s: no member answered within --timeout %s: %s", what, a.timeout, fails.String(a)), err: fails.telling()}
 }
 
-// callError reports every member's failure and unwraps to the last, so
-// that its Connect code still tells what went wrong.
+// callError reports every member's failure and unwraps to the one that
+// tells most (see failures.telling), so that its Connect code still
+// tells what went wrong.
 type callError struct {
 	msg string
 	err error
@@ -129,8 +130,11 @@ type callError struct {
 func (e *callError) Error() string { return e.msg }
 func (e *callError) Unwrap() error { return e.err }
 
-// failures are the failed attempts of a call, one entry per member in
-// the order they first failed, with the last error of each.
+// failures are the failed attempts of a call, one entry per member, the
+// member that failed last at the end, with the last error of each; but
+// an answer the member sent is kept over a later failure to get one (the
+// run's deadline cutting the last attempt short, a refused connection):
+// "no leader known" says more than "context deadline exceeded".
 type failures []struct {
 	base string
 	err  error
@@ -140,7 +144,10 @@ type failures []struct {
 func (f *failures) add(base string, err error) {
 	for i := range *f {
 		if (*f)[i].base == base {
-			(*f)[i].err, (*f)[i].n = err, (*f)[i].n+1
+			if !connect.IsWireError((*f)[i].err) || connect.IsWireError(err) {
+				(*f)[i].err = err
+			}
+			(*f)[i].n++
 			(*f)[i], (*f)[len(*f)-1] = (*f)[len(*f)-1], (*f)[i] // the last to fail goes last
 			return
 		}
@@ -150,6 +157,18 @@ func (f *failures) add(base string, err error) {
 		err  error
 		n    int
 	}{base, err, 1})
+}
+
+// telling is the error that says most of why the call failed: the
+// latest a member answered, else the latest of all. (A member down while
+// another answers "no leader" is not what an operator must fix first.)
+func (f failures) telling() error {
+	for i := len(f) - 1; i >= 0; i-- {
+		if connect.IsWireError(f[i].err) {
+			return f[i].err
+		}
+	}
+	return f[len(f)-1].err
 }
 
 func (f failures) String(a *app) string {

@@ -49,7 +49,10 @@ func oneLine(err error) string {
 	msg := strings.ReplaceAll(err.Error(), "\n", " ")
 	switch connect.CodeOf(err) {
 	case connect.CodeUnavailable:
-		if strings.Contains(msg, "connection refused") || strings.Contains(msg, "no such host") {
+		// (The failure the code came from, not the others a message
+		// naming every member lists.)
+		var ce *connect.Error
+		if errors.As(err, &ce) && (strings.Contains(ce.Message(), "connection refused") || strings.Contains(ce.Message(), "no such host")) {
 			return msg + " (is the control plane running at --server / RELAYCTL_SERVER?)"
 		}
 		return msg + " (the cluster has no leader right now; retry shortly)"
