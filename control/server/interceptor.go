@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"log/slog"
+	"net/http"
 	"time"
 
 	"connectrpc.com/connect"
@@ -12,9 +13,9 @@ import (
 	"go.opentelemetry.io/otel/trace"
 )
 
-// loggingInterceptor gives every RPC a request id (taken from the
-// X-Request-Id header when the caller sent one), counts and times it, and
-// logs failures and calls slower than the threshold.
+// loggingInterceptor counts and times every RPC, and logs failures and
+// calls slower than the threshold under the request's id
+// (withRequestIDs).
 type loggingInterceptor struct {
 	log      *slog.Logger
 	slow     time.Duration
@@ -31,13 +32,30 @@ func newLoggingInterceptor(log *slog.Logger, slow time.Duration, reg prometheus.
 	return &loggingInterceptor{log: log, slow: slow, duration: h}
 }
 
-func requestID(h interface{ Get(string) string }) string {
-	if id := h.Get("X-Request-Id"); id != "" && len(id) <= 128 {
-		return id
-	}
-	var b [8]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
+// requestIDKey holds a request's id in its context (withRequestIDs).
+type requestIDKey struct{}
+
+// withRequestIDs gives every request an id, the caller's X-Request-Id
+// when it sent a usable one, and answers with it whatever answers: a
+// handler, an interceptor's or the credential guard's refusal, an
+// unknown path. A refusal is what a caller most wants to quote.
+func withRequestIDs(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rid := r.Header.Get("X-Request-Id")
+		if rid == "" || len(rid) > 128 {
+			var b [8]byte
+			_, _ = rand.Read(b[:])
+			rid = hex.EncodeToString(b[:])
+		}
+		w.Header().Set("X-Request-Id", rid)
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), requestIDKey{}, rid)))
+	})
+}
+
+// requestID is the id withRequestIDs gave the request of ctx.
+func requestID(ctx context.Context) string {
+	rid, _ := ctx.Value(requestIDKey{}).(string)
+	return rid
 }
 
 func (i *loggingInterceptor) done(ctx context.Context, procedure, rid string, start time.Time, err error) {
@@ -72,11 +90,8 @@ func (i *loggingInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc
 		if req.Spec().IsClient {
 			return next(ctx, req)
 		}
-		start, rid := time.Now(), requestID(req.Header())
+		start, rid := time.Now(), requestID(ctx)
 		resp, err := next(ctx, req)
-		if resp != nil {
-			resp.Header().Set("X-Request-Id", rid)
-		}
 		i.done(ctx, req.Spec().Procedure, rid, start, err)
 		return resp, err
 	}
@@ -88,8 +103,7 @@ func (i *loggingInterceptor) WrapStreamingClient(next connect.StreamingClientFun
 
 func (i *loggingInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
-		start, rid := time.Now(), requestID(conn.RequestHeader())
-		conn.ResponseHeader().Set("X-Request-Id", rid)
+		start, rid := time.Now(), requestID(ctx)
 		err := next(ctx, conn)
 		i.finish(ctx, conn.Spec().Procedure, rid, start, err, false)
 		return err

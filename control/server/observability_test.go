@@ -325,3 +325,55 @@ func TestScheduledKeyRotation(t *testing.T) {
 		}
 	}
 }
+
+// Every answer carries the request id, the caller's or a new one: the
+// refusals too (a malformed request, an unknown record, a role that may
+// not, no or a bad token), since those are what a caller asks about.
+func TestErrorsCarryTheRequestID(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	base := "http://" + c.Nodes[0].Server.APIAddr()
+	admin, user := c.AdminToken(), c.TokenFor("rid-user", controlv1.Role_ROLE_USER)
+	post := func(procedure, token, rid, body string) (int, string) {
+		t.Helper()
+		req, err := http.NewRequestWithContext(ctxT(t, 30*time.Second), http.MethodPost, base+procedure, strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		if rid != "" {
+			req.Header.Set("X-Request-Id", rid)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, strings.Join(resp.Header.Values("X-Request-Id"), ", ")
+	}
+	for _, tc := range []struct {
+		name, procedure, token, body string
+		status                       int
+	}{
+		{"ok", "/control.v1.UserService/GetMe", admin, "{}", http.StatusOK},
+		{"invalid argument", "/control.v1.UserService/CreateUser", admin, `{"login":"carol","password":"short"}`, http.StatusBadRequest},
+		{"not found", "/control.v1.UserService/GetUser", admin, `{"id":"u_nope"}`, http.StatusNotFound},
+		{"permission denied", "/control.v1.UserService/ListUsers", user, "{}", http.StatusForbidden},
+		{"no token", "/control.v1.UserService/GetMe", "", "{}", http.StatusUnauthorized},
+		{"bad token", "/control.v1.UserService/GetMe", "garbage", "{}", http.StatusUnauthorized},
+	} {
+		status, got := post(tc.procedure, tc.token, "rid-"+strings.ReplaceAll(tc.name, " ", "-"), tc.body)
+		if status != tc.status {
+			t.Errorf("%s: status %d, want %d", tc.name, status, tc.status)
+		}
+		if want := "rid-" + strings.ReplaceAll(tc.name, " ", "-"); got != want {
+			t.Errorf("%s: X-Request-Id %q, want the caller's %q", tc.name, got, want)
+		}
+		if _, got := post(tc.procedure, tc.token, "", tc.body); len(got) != 16 {
+			t.Errorf("%s without a request id: X-Request-Id %q, want a new one", tc.name, got)
+		}
+	}
+}

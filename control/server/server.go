@@ -349,7 +349,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	// No ReadTimeout or WriteTimeout: watch and backup streams live long.
 	// Guard gives each request body its own deadline instead.
 	s.apiSrv = &http.Server{
-		Handler:           s.countInflight(api.WithClientCert(s.authn.Guard(api.WithResponseController(mux), limits))),
+		Handler:           withRequestIDs(s.countInflight(api.WithClientCert(s.authn.Guard(api.WithResponseController(mux), limits)))),
 		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
