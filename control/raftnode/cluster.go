@@ -323,7 +323,7 @@ func (n *Node) withdrawFeatures(ctx context.Context) {
 			return
 		}
 	}
-	if len(n.cfg.Features) == 0 || n.otherVoters() == 0 || !n.leaderKnown() {
+	if len(n.cfg.Features) == 0 || n.otherVoters() == 0 || !n.leaderKnown() || !n.isMember() {
 		return
 	}
 	if older, err := n.membersUnableToWithdraw(); err != nil || len(older) > 0 {

@@ -5,6 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -476,6 +479,56 @@ func TestMembershipChanges(t *testing.T) {
 	c.WaitConverged()
 }
 
+// A member removed from the cluster and started again on its data dir
+// (it cannot be ready: no member answers it) says so: Removed, an error
+// in its log naming the fix, and /readyz; it withdraws no features on
+// the way out, since the cluster counts none of its. The cluster is
+// unaffected.
+func TestARemovedNodeStartedAgainSaysSo(t *testing.T) {
+	raft := clustertest.FastRaft()
+	raft.RemovedAfter = 500 * time.Millisecond
+	rec := clustertest.NewLogRecorder()
+	c := clustertest.Start(t, 3, clustertest.Options{Raft: raft, Logger: slog.New(rec)})
+	ctx := ctxT(t, 2*time.Minute)
+	l, victim := c.Leader(), c.Follower()
+	id := c.Nodes[victim].ID
+	if _, err := c.Nodes[l].Server.Node().RemoveServer(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	c.Shutdown(victim)
+	c.Restart(victim)
+	node := c.Nodes[victim].Server.Node()
+	clustertest.Eventually(t, time.Minute, func() error {
+		if !node.Removed() {
+			return fmt.Errorf("%s, removed and started again, does not report it", id)
+		}
+		return nil
+	})
+	said := rec.Find("this node is not a member of the cluster its data dir belongs to: it was removed (relayctl cluster remove) "+
+		"and is not ready until it is added again; to bring it back, stop it, empty its data dir and start it with --join (RELAY_JOIN) "+
+		"to a member, or, if it should be gone, stop it", func(r clustertest.Record) bool { return r.Attrs["test_node"].String() == id })
+	if len(said) != 1 {
+		t.Fatalf("the removed node logged its state %d times, want once", len(said))
+	}
+	resp, err := http.Get("http://" + c.Nodes[victim].Server.AdminAddr() + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "removed from the cluster") {
+		t.Fatalf("/readyz of the removed node: %d %q", resp.StatusCode, body)
+	}
+	if _, err := c.CreateUser(ctx, l, "after-removal"); err != nil {
+		t.Fatal(err)
+	}
+	c.Shutdown(victim)
+	if w := rec.Find("could not withdraw this node's features before shutdown: until it records them again, the cluster counts on them",
+		func(r clustertest.Record) bool { return r.Attrs["test_node"].String() == id }); len(w) != 0 {
+		t.Fatalf("the removed node tried to withdraw features it does not have: %v", w[0].Attrs["err"])
+	}
+}
+
 // A single-node cluster works on its own.
 func TestSingleNode(t *testing.T) {
 	c := clustertest.Start(t, 1, clustertest.Options{})
@@ -524,5 +577,25 @@ func TestARestartedFollowerRecordsItselfOnce(t *testing.T) {
 	// make (none is expected).
 	if wrote := leader.FSM().AppliedIndex() - before; wrote > 3 {
 		t.Fatalf("the restarted follower's registration took %d entries, want 1", wrote)
+	}
+}
+
+// A graceful stop logs no error: the connections its peers had open to
+// it close under hashicorp/raft's reader, which calls that a failure to
+// decode a command; it is logged at debug level.
+func TestAGracefulStopLogsNoError(t *testing.T) {
+	rec := clustertest.NewLogRecorder()
+	c := clustertest.Start(t, 3, clustertest.Options{Logger: slog.New(rec)})
+	if _, err := c.CreateUser(ctxT(t, time.Minute), 0, "before-stop"); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitConverged()
+	c.Shutdown(c.Follower())
+	c.Shutdown(c.Leader())
+	decode := func(level slog.Level) []clustertest.Record {
+		return rec.Find("failed to decode incoming command", func(r clustertest.Record) bool { return r.Level == level })
+	}
+	if errs := decode(slog.LevelError); len(errs) != 0 {
+		t.Fatalf("a graceful stop logged %d errors, the first: %v", len(errs), errs[0].Attrs["error"])
 	}
 }

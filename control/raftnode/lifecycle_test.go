@@ -121,11 +121,13 @@ func TestRestoreFromBackupFile(t *testing.T) {
 		t.Fatalf("joined node's history %q (%v), want %q", h, err, history)
 	}
 
-	// Restoring into a data dir that has state is refused.
+	// Restoring into a data dir that has state is refused, and the error
+	// says what the usual cause (a node restored before, --restore still
+	// set) needs, before the data loss emptying the directory would be.
 	r.Shutdown(0)
 	_, err = server.Start(ctx, server.Config{NodeID: rn.ID, DataDir: filepath.Join(rn.DataDir, "data"),
 		RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", RestoreFrom: file})
-	if err == nil || !strings.Contains(err.Error(), "restore needs an empty one") {
+	if err == nil || !strings.Contains(err.Error(), "restore needs an empty one") || !strings.Contains(err.Error(), "start it without --restore") {
 		t.Fatalf("restore over existing state: %v", err)
 	}
 	// A missing file is reported as such.

@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"net"
+	"strings"
 	"sync"
 
 	"github.com/hashicorp/go-hclog"
@@ -59,6 +61,14 @@ func (w *slogWriter) emit(line []byte) {
 		level = slog.LevelError
 	}
 	msg, _ := rec["@message"].(string)
+	if level == slog.LevelError && msg == "failed to decode incoming command" {
+		// Raft's transport reads each peer connection until it fails, and
+		// its own close (a stop, a connection dropped from the pool) fails
+		// it this way: not an error.
+		if e, _ := rec["error"].(string); strings.Contains(e, net.ErrClosed.Error()) {
+			level = slog.LevelDebug
+		}
+	}
 	attrs := make([]slog.Attr, 0, len(rec))
 	if m, ok := rec["@module"].(string); ok {
 		attrs = append(attrs, slog.String("module", m))

@@ -95,6 +95,12 @@ type Tuning struct {
 	// caller gives up. An election takes a few heartbeat timeouts, well
 	// below it. Default 5s.
 	LeaderWait time.Duration
+	// RemovedAfter is how long a node that holds Raft data must find
+	// itself outside the latest configuration in its log before it
+	// reports that it was removed from the cluster (Removed, an error in
+	// its log): a joining node is outside it only until the entry that
+	// adds it arrives. Default 30s.
+	RemovedAfter time.Duration
 }
 
 // PeerClient is what a node needs from another control node: the
@@ -203,6 +209,9 @@ func (c *Config) applyDefaults() error {
 	if c.Raft.LeaderWait <= 0 {
 		c.Raft.LeaderWait = 5 * time.Second
 	}
+	if c.Raft.RemovedAfter <= 0 {
+		c.Raft.RemovedAfter = 30 * time.Second
+	}
 	if c.RestoreFrom != "" {
 		c.Bootstrap = true
 	}
@@ -234,6 +243,7 @@ type Node struct {
 
 	lead     atomic.Pointer[leadership] // nil when not leader
 	ready    atomic.Bool                // caught up with the leader at start
+	removed  atomic.Bool                // not in its log's configuration (catchUp)
 	shutdown atomic.Bool
 
 	// Raft never answers an apply future still queued in its (buffered)
@@ -305,7 +315,8 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	}
 	if cfg.RestoreFrom != "" {
 		if hasState {
-			return nil, fmt.Errorf("restore from %s: data dir %s already holds a cluster's state; restore needs an empty one", cfg.RestoreFrom, cfg.DataDir)
+			return nil, fmt.Errorf("restore from %s: data dir %s already holds a cluster's state; restore needs an empty one "+
+				"(if this node was restored before, start it without --restore / RELAY_RESTORE: emptying the directory loses what was written since)", cfg.RestoreFrom, cfg.DataDir)
 		}
 		if err := n.restoreBackup(cfg.RestoreFrom, local); err != nil {
 			return nil, err
@@ -346,7 +357,7 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 			return nil, fmt.Errorf("bootstrap cluster: %w", err)
 		}
 		log.Info("bootstrapped a new cluster", "raft_addr", local)
-	} else if cfg.Bootstrap {
+	} else if cfg.Bootstrap && cfg.RestoreFrom == "" {
 		log.Info("data dir holds state; --bootstrap ignored")
 	}
 
@@ -1083,16 +1094,39 @@ func (n *Node) isMember() bool {
 
 // catchUp marks the node ready once it has applied everything the leader
 // had committed when the node started.
+//
+// A node that never gets there because it was removed from the cluster
+// (and started again on its data dir) would only log, every few seconds,
+// that it knows no leader; once it has found itself outside its log's
+// configuration for RemovedAfter it says what happened and what to do,
+// once, and Removed reports it.
 func (n *Node) catchUp() {
 	defer n.wg.Done()
+	var outside time.Time // since when the node was not in its configuration
 	for n.ctx.Err() == nil {
 		ctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
 		err := n.Barrier(ctx)
 		cancel()
 		if err == nil {
+			n.removed.Store(false)
 			n.ready.Store(true)
 			n.log.Info("caught up with the leader", "applied_index", n.fsm.AppliedIndex())
 			return
+		}
+		switch servers, _ := n.servers(); {
+		case len(servers) == 0 || n.raft.LastIndex() == 0 || n.isMember():
+			outside = time.Time{}
+			n.removed.Store(false)
+		case outside.IsZero():
+			outside = time.Now()
+		case time.Since(outside) >= n.cfg.Raft.RemovedAfter && !n.removed.Swap(true):
+			ids := make([]string, 0, len(servers))
+			for _, s := range servers {
+				ids = append(ids, string(s.ID))
+			}
+			n.log.Error("this node is not a member of the cluster its data dir belongs to: it was removed (relayctl cluster remove) "+
+				"and is not ready until it is added again; to bring it back, stop it, empty its data dir and start it with --join (RELAY_JOIN) "+
+				"to a member, or, if it should be gone, stop it", "node_id", n.cfg.NodeID, "data_dir", n.cfg.DataDir, "members", ids)
 		}
 		select {
 		case <-n.ctx.Done():
@@ -1101,6 +1135,11 @@ func (n *Node) catchUp() {
 		}
 	}
 }
+
+// Removed reports whether the node found itself outside the cluster its
+// data dir belongs to (see catchUp): it was removed, and will not be
+// ready.
+func (n *Node) Removed() bool { return n.removed.Load() }
 
 // Ready reports whether the node sees a leader and has caught up with the
 // log it had at start (what /readyz answers).

@@ -74,6 +74,21 @@ func TestTLSClusterRefusesForeignCA(t *testing.T) {
 		_ = s.Shutdown(context.Background())
 		t.Fatal("a node with a foreign CA's certificate joined the cluster")
 	}
+	// A node without certificates: the members drop its plaintext, and
+	// it says they may speak TLS.
+	pctx, pcancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer pcancel()
+	s, err = server.Start(pctx, server.Config{
+		NodeID: "plain", DataDir: t.TempDir(), RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",
+		Join: []string{first.Server.APIAddr()}, Raft: clustertest.FastRaft(),
+	})
+	if err == nil {
+		_ = s.Shutdown(context.Background())
+		t.Fatal("a node without certificates joined a TLS cluster")
+	}
+	if !strings.Contains(err.Error(), "--tls-cert, --tls-key and --tls-ca") {
+		t.Fatalf("a plaintext join of a TLS cluster: %v; want it to name the TLS flags", err)
+	}
 	if got := c.VoterIDs(c.Leader()); len(got) != 3 {
 		t.Fatalf("voters %v, want the 3 original ones", got)
 	}

@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -414,6 +415,16 @@ func (s *Server) serve(srv *http.Server, ln net.Listener, name string) {
 	}()
 }
 
+// joinHint names the likely cause of a join call that got no answer at
+// all (a connection reset or closed, not refused) from a node that
+// speaks plain HTTP: the member speaks TLS, and drops the plaintext.
+func (s *Server) joinHint(err error) string {
+	if err == nil || s.tls != nil || connect.IsWireError(err) || strings.Contains(err.Error(), "connection refused") {
+		return ""
+	}
+	return "if the cluster's members use TLS, give this node --tls-cert, --tls-key and --tls-ca from the cluster's CA"
+}
+
 // join asks the members in cfg.Join, in turn, to add this node, until one
 // accepts or ctx ends.
 func (s *Server) join(ctx context.Context, apiAdv string) error {
@@ -434,13 +445,20 @@ func (s *Server) join(ctx context.Context, apiAdv string) error {
 				return nil
 			}
 			lastErr = err
-			s.log.Warn("join attempt failed", "via", addr, "err", err)
+			if hint := s.joinHint(err); hint != "" {
+				s.log.Warn("join attempt failed", "via", addr, "err", err, "hint", hint)
+			} else {
+				s.log.Warn("join attempt failed", "via", addr, "err", err)
+			}
 			if c := connect.CodeOf(err); c == connect.CodeUnauthenticated || c == connect.CodePermissionDenied {
 				return fmt.Errorf("join cluster via %s: %w (give --join-token with an admin access token, or TLS certificates from the cluster CA)", addr, err)
 			}
 		}
 		select {
 		case <-ctx.Done():
+			if hint := s.joinHint(lastErr); hint != "" {
+				return fmt.Errorf("join cluster via %v: %w (last error: %v; %s)", s.cfg.Join, ctx.Err(), lastErr, hint)
+			}
 			return fmt.Errorf("join cluster via %v: %w (last error: %v)", s.cfg.Join, ctx.Err(), lastErr)
 		case <-time.After(backoff):
 		}
@@ -459,6 +477,10 @@ func (s *Server) adminMux() http.Handler {
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if s.stopping.Load() {
 			http.Error(w, "not ready: shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		if s.node.Removed() {
+			http.Error(w, "not ready: this node was removed from the cluster its data dir belongs to (see its log)", http.StatusServiceUnavailable)
 			return
 		}
 		if !s.node.Ready() {
