@@ -1,8 +1,11 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"flag"
 	"io"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -71,4 +74,25 @@ func parseEdgeFlags(t *testing.T, args []string) edgeserver.Config {
 		t.Fatal(err)
 	}
 	return cfg
+}
+
+// JSON logs write durations as the text format does, not as a bare
+// count of nanoseconds.
+func TestJSONLogsWriteDurations(t *testing.T) {
+	var out bytes.Buffer
+	log, err := (&commonFlags{logLevel: "info", logFormat: "json"}).logger(&out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log.Info("scheduled backups", "every", time.Hour, "group", slog.GroupValue(slog.Duration("window", 10*time.Second)))
+	var line map[string]any
+	if err := json.Unmarshal(out.Bytes(), &line); err != nil {
+		t.Fatalf("%v: %q", err, out.String())
+	}
+	if line["every"] != "1h0m0s" {
+		t.Errorf("every: %#v, want %q (%s)", line["every"], "1h0m0s", out.String())
+	}
+	if g, _ := line["group"].(map[string]any); g == nil || g["window"] != "10s" {
+		t.Errorf("group.window: %#v, want %q (%s)", line["group"], "10s", out.String())
+	}
 }

@@ -120,6 +120,14 @@ func (c *commonFlags) logger(w io.Writer) (*slog.Logger, error) {
 	case "text":
 		return slog.New(telemetry.LogHandler(slog.NewTextHandler(w, opts))), nil
 	case "json":
+		// Durations as the text format writes them ("1h0m0s"), not as
+		// JSON's bare nanoseconds, which a reader takes for anything.
+		opts.ReplaceAttr = func(_ []string, a slog.Attr) slog.Attr {
+			if a.Value.Kind() == slog.KindDuration {
+				a.Value = slog.StringValue(a.Value.Duration().String())
+			}
+			return a
+		}
 		return slog.New(telemetry.LogHandler(slog.NewJSONHandler(w, opts))), nil
 	}
 	return nil, fmt.Errorf("--log-format %q: want text or json", c.logFormat)
