@@ -1,10 +1,21 @@
 // Package client is the Go client of the device protocol: a device
-// connects to an edge over QUIC (or WebTransport), proves its key, sends
-// events with acknowledgement and receives the events of its user's other
-// devices in per-sender order, each once while the process lives (the
-// window of event ids it drops duplicates with is in memory). It
-// reconnects by itself (resume tickets, backoff with jitter) and resends
-// what was not acknowledged.
+// connects to an edge over QUIC, WebTransport (HTTP/3) or a WebSocket
+// (TCP, for networks that block UDP), as Config.Transport selects, proves
+// its key, sends events with acknowledgement and receives the events of
+// its user's other devices in per-sender order, each once while the
+// process lives (the window of event ids it drops duplicates with is in
+// memory). It reconnects by itself (resume tickets, backoff with jitter)
+// and resends what was not acknowledged.
+//
+// A device needs the edge's address, its user and device ids, its
+// Ed25519 key and a way to trust the edge's certificate. The package
+// example (example_device_test.go, a file to copy) builds that Config
+// from what a deployment hands out: the key file `relayctl device
+// register --generate-key` writes (the standard base64 of the key's
+// 32-byte seed, for ed25519.NewKeyFromSeed), the revision the
+// registration returned (Config.MinRevision), and the certificate hashes
+// the edge serves at /.well-known/relay/certificate-hashes
+// (Config.CertHashes).
 package client
 
 import (
@@ -14,6 +25,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -24,6 +36,7 @@ import (
 	mrand "math/rand/v2"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,9 +54,9 @@ type Transport int
 
 // Transports.
 const (
-	// QUIC is native QUIC with the relay's own ALPN (the default).
+	// QUIC is native QUIC (UDP) with the relay's own ALPN (the default).
 	QUIC Transport = iota
-	// WebTransport is HTTP/3 WebTransport, what browsers use.
+	// WebTransport is HTTP/3 WebTransport (UDP), what browsers use.
 	WebTransport
 	// WebSocket is the fallback over TCP (TLS), for networks that block
 	// UDP. No datagrams; the client sends keep-alive pings.
@@ -62,25 +75,36 @@ func (t Transport) String() string {
 
 // Config configures a Client. Zero fields take the defaults in brackets.
 type Config struct {
-	// Addr is the edge's UDP address, host:port; required.
+	// Addr is the edge's address, host:port; required. It is a UDP
+	// address for QUIC and WebTransport and a TCP one (the edge's HTTPS
+	// port) for WebSocket; an edge listens on both with the same port
+	// number, so one address serves every transport.
 	Addr string
-	// OtherAddrs are further edges: after a failed connection attempt,
-	// or when an edge goes away, the client moves to the next, in an
-	// order each client draws at random (so the devices of an edge that
-	// died spread over the others), after Addr (resume tickets work on
-	// every edge of the cluster).
+	// OtherAddrs are further edges, host:port as Addr: after a failed
+	// connection attempt, or when an edge goes away, the client moves to
+	// the next, in an order each client draws at random (so the devices
+	// of an edge that died spread over the others), after Addr (resume
+	// tickets work on every edge of the cluster).
 	OtherAddrs []string
 	// UserID and DeviceID name the device; Key is its Ed25519 private
 	// key. Required.
 	UserID, DeviceID string
 	Key              ed25519.PrivateKey
-	// Transport [QUIC].
+	// Transport is how the client reaches the edge: QUIC, WebTransport
+	// or WebSocket [QUIC]. All of them go to Addr (and OtherAddrs).
 	Transport Transport
 	// TLS verifies the edge: RootCAs and ServerName as for any TLS
 	// client. Ignored for verification when CertHashes is set.
 	TLS *tls.Config
 	// CertHashes pins the edge's certificate by the SHA-256 of its DER
-	// encoding (edges with a self-signed certificate publish it).
+	// encoding, 32 bytes each. An edge with a self-signed certificate
+	// publishes its current ones, each the standard base64 of the hash, in
+	// the JSON document {"hashes": [{"algorithm": "sha-256", "value":
+	// BASE64, "notAfter": TIME}]} at
+	// https://EDGE/.well-known/relay/certificate-hashes and on its admin
+	// port, and logs each as it makes it. Pin every edge's (see
+	// docs/protocol.md, "TLS session tickets"), and fetch them again when
+	// the edge renews its certificate.
 	CertHashes [][]byte
 	// IdleTimeout is how long a silent edge is given before the client
 	// counts the connection as broken and reconnects; keep-alives go at a
@@ -234,7 +258,18 @@ type Message struct {
 	Targets []string
 	Type    string
 	Payload []byte
-	// TTL [1 minute] bounds how long the event may wait for a target.
+	// TTL is how long the event lives, counted from its creation in whole
+	// milliseconds [DefaultTTL, 1 minute]: a target that is offline when
+	// it is sent receives it (from its mailbox) if it connects in time.
+	// The edge adds its clock-skew tolerance (5 minutes, the Welcome's
+	// skew_tolerance_ms; docs/protocol.md, "Validation") before it drops
+	// the event, so a target may still receive it up to TTL plus 5
+	// minutes after it was sent (the TTL is the least time the event is
+	// kept, not the most). Zero takes the default; a negative TTL, or a
+	// positive one under a millisecond, is refused before anything is
+	// sent (an *Error with MALFORMED_FRAME), and one above the edge's
+	// maximum (7 days, the Welcome's max_ttl_ms) by the edge
+	// (TTL_TOO_LONG).
 	TTL time.Duration
 	// AnyOne delivers the event to any one of the targets (a call, a
 	// task): every target receives it, the first to take it keeps it, the
@@ -544,26 +579,54 @@ func newID() string {
 	return hex.EncodeToString(b[:])
 }
 
-func (c *Client) build(m Message, ephemeral bool) *relayv1.Event {
+// DefaultTTL is the TTL of a Message that sets none.
+const DefaultTTL = time.Minute
+
+// ttlMillis is the ttl_ms a Message's TTL is sent as (Message.TTL): the
+// edge counts in whole milliseconds and refuses a TTL that is not
+// positive, so a negative one, or one that would be sent as 0 ms, is
+// refused here as the edge would (MALFORMED_FRAME) rather than replaced
+// by the default: its sender asked for something else.
+func ttlMillis(ttl time.Duration) (int64, error) {
+	switch {
+	case ttl == 0:
+		return DefaultTTL.Milliseconds(), nil
+	case ttl < 0:
+		return 0, &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME,
+			Message: fmt.Sprintf("TTL %s is negative (0 takes the default, %s)", ttl, DefaultTTL)}
+	case ttl < time.Millisecond:
+		return 0, &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME,
+			Message: fmt.Sprintf("TTL %s is under a millisecond, the edge's unit (0 takes the default, %s)", ttl, DefaultTTL)}
+	}
+	return ttl.Milliseconds(), nil
+}
+
+// build makes the event of m, or refuses m (an *Error) before anything
+// is sent.
+func (c *Client) build(m Message, ephemeral bool) (*relayv1.Event, error) {
+	ttl, err := ttlMillis(m.TTL)
+	if err != nil {
+		return nil, err
+	}
 	id := m.ID
 	if id == "" {
 		id = newID()
-	}
-	ttl := m.TTL
-	if ttl <= 0 {
-		ttl = time.Minute
 	}
 	c.mu.Lock()
 	off := c.offset
 	c.mu.Unlock()
 	return &relayv1.Event{
-		Id: id, Targets: m.Targets, CreatedAtMs: time.Now().Add(off).UnixMilli(), TtlMs: ttl.Milliseconds(),
+		Id: id, Targets: m.Targets, CreatedAtMs: time.Now().Add(off).UnixMilli(), TtlMs: ttl,
 		Type: m.Type, Payload: m.Payload, Ephemeral: ephemeral, AnyOne: m.AnyOne && !ephemeral,
-	}
+	}, nil
 }
 
 // Send sends a durable event and waits until every target has it (nil),
-// the edge refuses it (an *Error, see Retryable), or ctx ends. While
+// the edge refuses it (an *Error, see Retryable), or ctx ends. An event
+// the edge would refuse for its form is refused before it is sent, with
+// the *Error the edge would give: a TTL it cannot take (MALFORMED_FRAME,
+// see Message.TTL), a frame above its limit (FRAME_TOO_LARGE), invalid
+// UTF-8 (MALFORMED_FRAME). While
 // disconnected the event waits and is sent after the reconnect; an event
 // sent but not acknowledged is sent again then (receivers drop the
 // duplicate). At most Config.MaxPending sends are under way at once; a
@@ -586,7 +649,10 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 	// A send is done with its slot when it returns: by then its event was
 	// acknowledged, refused, given up (forget) or failed with the client.
 	defer func() { <-c.sends }()
-	ev := c.build(m, false)
+	ev, err := c.build(m, false)
+	if err != nil {
+		return err
+	}
 	c.sendMu.Lock()
 	enc, err := c.encode(ev)
 	if err != nil {
@@ -673,11 +739,15 @@ func (c *Client) encode(ev *relayv1.Event) ([]byte, error) {
 // (Config.MaxPending) but may wait for the stream, which the edge paces.
 // It fails when the client is disconnected (an *Error with TARGET_OFFLINE)
 // or closed, when the event cannot be encoded (an *Error with
-// FRAME_TOO_LARGE, or MALFORMED_FRAME for invalid UTF-8), or when the
+// FRAME_TOO_LARGE, or MALFORMED_FRAME for invalid UTF-8 or a TTL the edge
+// cannot take, see Message.TTL), or when the
 // write fails (the connection is then lost and the client reconnects);
 // a nil error says it was handed to the connection, not that it arrived.
 func (c *Client) SendEphemeral(m Message) error {
-	ev := c.build(m, true)
+	ev, err := c.build(m, true)
+	if err != nil {
+		return err
+	}
 	c.sendMu.Lock()
 	defer c.sendMu.Unlock()
 	enc, err := c.encode(ev)
@@ -825,7 +895,7 @@ func jitter(d time.Duration) time.Duration {
 	return d/2 + time.Duration(n.Int64())
 }
 
-// pinnedTLS returns the TLS configuration for an edge: verified as usual,
+// tlsConfig returns the TLS configuration for an edge: verified as usual,
 // or by certificate hash when pins are given.
 func (c *Client) tlsConfig(alpn, addr string) *tls.Config {
 	var conf *tls.Config
@@ -857,7 +927,7 @@ func (c *Client) tlsConfig(alpn, addr string) *tls.Config {
 					return nil
 				}
 			}
-			return fmt.Errorf("edge certificate %x is not pinned", sum[:8])
+			return notPinned(addr, sum[:], pins)
 		}
 	}
 	// Also with pins (which check no name): the name is the TLS session
@@ -869,6 +939,26 @@ func (c *Client) tlsConfig(alpn, addr string) *tls.Config {
 	}
 	return conf
 }
+
+// notPinned is the error for an edge at addr whose certificate hashes to
+// sum, none of pins. It names the hashes in the encoding the edge
+// publishes and logs them in (standard base64 of the SHA-256), so they
+// can be compared with what the deployment shows, and says where the
+// edge's current ones are.
+func notPinned(addr string, sum []byte, pins [][]byte) error {
+	pinned := make([]string, len(pins))
+	for i, p := range pins {
+		pinned[i] = base64.StdEncoding.EncodeToString(p)
+	}
+	return fmt.Errorf("edge certificate not pinned: the edge at %s presented a certificate whose SHA-256 is %s (base64), "+
+		"not one of Config.CertHashes [%s]; the edge serves its current hashes at https://%s%s (and on its admin port) "+
+		"and logs each as it makes it (\"self-signed certificate\")",
+		addr, base64.StdEncoding.EncodeToString(sum), strings.Join(pinned, " "), addr, certHashesPath)
+}
+
+// certHashesPath is where an edge serves its certificate hashes
+// (edge/server.CertHashesPath, which the client may not import).
+const certHashesPath = "/.well-known/relay/certificate-hashes"
 
 // transcriptFor is what this device signs for a challenge.
 func transcriptFor(h *relayv1.Hello, ch *relayv1.Challenge) proof.Transcript {

@@ -1,55 +1,63 @@
 package client_test
 
 import (
-	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
-	"slices"
-	"time"
+	"os"
+	"path/filepath"
 
 	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/internal/relaytest"
 )
 
-// A phone sends an event to the laptop of the same user; the laptop
-// receives it once, and the phone's Send returns when the laptop has it.
-// (The relay here is a real one, started in this process: one control
-// node and one edge on 127.0.0.1.)
-func Example() {
+// deployment is what the package example connects to: a real relay (one
+// control node and one edge on 127.0.0.1, with its admin port) started
+// in this process, and two devices of one user registered the way
+// `relayctl device register --generate-key FILE` registers them.
+type deployment struct {
+	// EdgeAddr is the edge's host:port (UDP and TCP).
+	EdgeAddr string
+	// AdminURL is the base URL of the edge's admin port.
+	AdminURL      string
+	Phone, Laptop registration
+	env           *relaytest.Standalone
+}
+
+// Close stops the relay and removes the key files.
+func (d *deployment) Close() { d.env.Close() }
+
+// startDeployment starts a relay and registers a phone and a laptop. The
+// devices are only registered, not waited for until the edge knows them:
+// a client that names the registration's revision (Config.MinRevision)
+// connects all the same.
+func startDeployment() (dep *deployment) {
 	env := &relaytest.Standalone{}
-	defer env.Close()
-	relay := relaytest.Start(env, relaytest.Options{})
+	defer func() {
+		if dep == nil {
+			env.Close() // panicking
+		}
+	}()
+	relay := relaytest.Start(env, relaytest.Options{Edge: func(_ int, cfg *server.Config) { cfg.AdminAddr = "127.0.0.1:0" }})
 	user := relay.User("alice")
-	phoneDev, laptopDev := relay.Device(user, "phone"), relay.Device(user, "laptop")
-
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	// A device needs the edge's address, its ids and its Ed25519 key;
-	// this edge has a self-signed certificate, pinned by hash.
-	phone, err := client.Dial(ctx, relay.ClientConfig(0, phoneDev, client.QUIC))
-	if err != nil {
-		panic(err)
+	dir := env.TempDir()
+	register := func(name string) registration {
+		d := relay.RegisterDevice(user, name)
+		// The key file as relayctl writes it (cmd/relayctl, device
+		// register --generate-key).
+		file := filepath.Join(dir, name+".key")
+		if err := os.WriteFile(file, []byte(base64.StdEncoding.EncodeToString(d.Key.Seed())+"\n"), 0o600); err != nil {
+			panic(err)
+		}
+		return registration{UserID: user, DeviceID: d.ID, KeyFile: file, Revision: d.Revision}
 	}
-	defer phone.Close()
-	laptop, err := client.Dial(ctx, relay.ClientConfig(0, laptopDev, client.WebTransport))
-	if err != nil {
-		panic(err)
+	edge := relay.Edges[0]
+	return &deployment{
+		EdgeAddr: edge.Addr(), AdminURL: edge.AdminURL(),
+		Phone: register("phone"), Laptop: register("laptop"),
+		env: env,
 	}
-	defer laptop.Close()
-	for !slices.Contains(phone.Online(), laptopDev.ID) {
-		<-phone.Presence()
-	}
-
-	err = phone.Send(ctx, client.Message{Targets: []string{laptopDev.ID}, Type: "clipboard", Payload: []byte("hello from the phone")})
-	fmt.Println("delivered:", err == nil)
-	ev, err := laptop.Receive(ctx)
-	if err != nil {
-		panic(err)
-	}
-	fmt.Printf("%s from the phone: %s\n", ev.Type, ev.Payload)
-	// Output:
-	// delivered: true
-	// clipboard from the phone: hello from the phone
 }
 
 // A refused event comes back as an *Error whose code says whether sending
