@@ -214,8 +214,22 @@ func (g *guideChecker) check(line int, w []string) {
 			}
 		}
 	}
+	// Leading NAME=value words set the command's environment: for relayd
+	// each RELAY_X must stand for a flag --x of its command.
+	var env []string
+	for len(w) > 1 && regexp.MustCompile(`^[A-Z_][A-Z0-9_]*=`).MatchString(w[0]) {
+		env, w = append(env, w[0]), w[1:]
+	}
 	switch cmd := w[0]; {
 	case cmd == "relayd":
+		for _, e := range env {
+			name, _, _ := strings.Cut(e, "=")
+			if flag, ok := strings.CutPrefix(name, "RELAY_"); !ok {
+				g.errorf(line, w, "%s is not a relayd variable (RELAY_*)", name)
+			} else {
+				w = append(w, "--"+strings.ReplaceAll(strings.ToLower(flag), "_", "-"))
+			}
+		}
 		g.checkRelayd(line, w)
 	case cmd == "relayctl":
 		g.checkRelayctl(line, w)
