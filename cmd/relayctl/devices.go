@@ -56,12 +56,26 @@ func (a *app) printRegistered(r *controlv1.RegisterDeviceResponse) error {
 	return err
 }
 
+// noUserHint is the hint for a device command run without --user that
+// found nothing.
+const noUserHint = "a device is looked up under --user, by default your own account: staff name the owning account with --user"
+
 func (a *app) deviceCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "device", Short: "Manage devices (staff name the account with --user)"}
 	var user string
 	cmd.PersistentFlags().StringVar(&user, "user", "", "the owning account (staff only; default: your own)")
 	devices := func(base string) controlv1connect.DeviceServiceClient {
 		return controlv1connect.NewDeviceServiceClient(a.http, base, a.opts(base))
+	}
+	// ownerHint says, when the device was looked up under the caller's
+	// own account (no --user), where else it may be: the API answers a
+	// device of another account as not found, which an admin reads as
+	// "it does not exist".
+	ownerHint := func(err error) error {
+		if user == "" && connect.CodeOf(err) == connect.CodeNotFound {
+			return withHint(err, noUserHint)
+		}
+		return err
 	}
 	// one makes a DeviceService call that returns a device and prints it.
 	one := func(ctx context.Context, what string, fn func(context.Context, controlv1connect.DeviceServiceClient) (*controlv1.Device, error)) error {
@@ -71,7 +85,7 @@ func (a *app) deviceCommand() *cobra.Command {
 			return err
 		})
 		if err != nil {
-			return err
+			return ownerHint(err)
 		}
 		return a.print(d, func() error { return a.printDevices(d) })
 	}
@@ -141,6 +155,10 @@ func (a *app) deviceCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if user == "" && len(resp.Msg.GetDevices()) == 0 {
+				// On stderr: the output stays an empty list for scripts.
+				fmt.Fprintf(a.stderr, "relayctl: no devices under your own account (%s)\n", noUserHint)
+			}
 			return a.print(resp.Msg, func() error { return a.printDevices(resp.Msg.GetDevices()...) })
 		},
 	}, &cobra.Command{
@@ -173,7 +191,7 @@ func (a *app) deviceCommand() *cobra.Command {
 				return err
 			})
 			if err != nil {
-				return err
+				return ownerHint(err)
 			}
 			return a.report(map[string]any{"id": args[0], "deleted": true}, "deleted device %s", args[0])
 		},

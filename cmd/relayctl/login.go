@@ -125,6 +125,10 @@ func (a *app) login(ctx context.Context, name string, fromStdin bool) error {
 		return err
 	})
 	if err != nil {
+		if connect.CodeOf(err) == connect.CodeUnauthenticated {
+			// Not oneLine's "run relayctl login": that is what failed.
+			return withHint(err, "check the login name and the password")
+		}
 		return err
 	}
 	toks := resp.Msg.GetTokens()

@@ -47,6 +47,9 @@ func main() {
 // for the errors a user can act on.
 func oneLine(err error) string {
 	msg := strings.ReplaceAll(err.Error(), "\n", " ")
+	if _, ok := errors.AsType[*hintedError](err); ok {
+		return msg // it says what to do already, better than its code can
+	}
 	switch connect.CodeOf(err) {
 	case connect.CodeUnavailable:
 		// (The failure the code came from, not the others a message
@@ -67,6 +70,20 @@ func oneLine(err error) string {
 	}
 	return msg
 }
+
+// hintedError is an error with what to do about it, which the command
+// knew better than oneLine's hint for its code would (a refused login is
+// not fixed by logging in).
+type hintedError struct {
+	err  error
+	hint string
+}
+
+func (e *hintedError) Error() string { return e.err.Error() + " (" + e.hint + ")" }
+func (e *hintedError) Unwrap() error { return e.err }
+
+// withHint adds a hint to err, to be printed after it in parentheses.
+func withHint(err error, hint string) error { return &hintedError{err: err, hint: hint} }
 
 // app is one run of relayctl: its global flags, the HTTP client, the
 // token cache and the session resolved for the servers named.
@@ -102,7 +119,13 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 			a.http.CloseIdleConnections()
 		}
 	}()
-	return root.ExecuteContext(ctx)
+	err := root.ExecuteContext(ctx)
+	if _, hinted := errors.AsType[*hintedError](err); !hinted && a.envToken != "" && connect.CodeOf(err) == connect.CodeUnauthenticated {
+		// The token was given, not a login: logging in would not change
+		// what is sent.
+		err = withHint(err, "the access token in RELAYCTL_TOKEN was refused (expired, revoked, or another cluster's): unset RELAYCTL_TOKEN to use your relayctl login, or set it to a valid token")
+	}
+	return err
 }
 
 func (a *app) rootCommand() *cobra.Command {
@@ -117,9 +140,14 @@ Global flags may come before or after the command, and each can also be set
 from the environment variable named in its help (RELAYCTL_SERVER, ...). With
 several --server endpoints (or the members a login learnt), calls that are safe
 to repeat are retried on another member when one fails.`,
-		SilenceUsage:      true,
-		SilenceErrors:     true,
-		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error { return a.setup(cmd) },
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			if cmd.Annotations[groupAnnotation] != "" {
+				return nil // it prints its help, needing nothing set up
+			}
+			return a.setup(cmd)
+		},
 	}
 	pf := root.PersistentFlags()
 	pf.StringSliceVar(&a.servers, "server", []string{"http://127.0.0.1:7400"}, "control API base URL; repeat or separate with commas to name several members [RELAYCTL_SERVER]")
@@ -138,7 +166,47 @@ to repeat are retried on another member when one fails.`,
 	relay := a.relayCommand()
 	relay.GroupID = "device"
 	root.AddCommand(relay)
+	for _, c := range root.Commands() {
+		refuseUnknownSubcommands(c)
+	}
 	return root
+}
+
+// groupAnnotation marks a command that only groups others (see
+// refuseUnknownSubcommands).
+const groupAnnotation = "relayctl-group"
+
+// refuseUnknownSubcommands makes every command under c (c included) that
+// only groups others fail on an argument that names none of them, as
+// cobra fails on an unknown command at the top level: left to cobra, such
+// a command prints its help and succeeds, so a typo (relayctl user lst)
+// looks like success to a script. Alone, or with --help, it still prints
+// its help and succeeds.
+func refuseUnknownSubcommands(c *cobra.Command) {
+	for _, sub := range c.Commands() {
+		refuseUnknownSubcommands(sub)
+	}
+	if !c.HasSubCommands() || c.Runnable() {
+		return
+	}
+	if c.Annotations == nil {
+		c.Annotations = map[string]string{}
+	}
+	c.Annotations[groupAnnotation] = "true"
+	c.Args = func(cmd *cobra.Command, args []string) error {
+		if len(args) == 0 {
+			return nil
+		}
+		msg := fmt.Sprintf("unknown command %q for %q", args[0], cmd.CommandPath())
+		if cmd.SuggestionsMinimumDistance <= 0 {
+			cmd.SuggestionsMinimumDistance = 2 // cobra's default
+		}
+		if s := cmd.SuggestionsFor(args[0]); len(s) > 0 {
+			msg += fmt.Sprintf("; did you mean %s?", strings.Join(s, " or "))
+		}
+		return fmt.Errorf("%s (%s --help lists its commands)", msg, cmd.CommandPath())
+	}
+	c.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
 }
 
 // setup reads the environment for global flags not given, checks them,

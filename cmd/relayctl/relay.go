@@ -21,6 +21,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/edge-relay/relay/edge/client"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 // relayFlags are the flags of `relayctl relay listen|send`: act as one
@@ -35,17 +36,42 @@ type relayFlags struct {
 
 func (f *relayFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
-	fl.StringVar(&f.cfg.Addr, "edge", "127.0.0.1:7443", "the edge's UDP address")
+	fl.StringVar(&f.cfg.Addr, "edge", "127.0.0.1:7443", "the edge's address, host:port (UDP for quic and webtransport, TCP for websocket: the edge serves both on one port number)")
 	fl.StringVar(&f.cfg.UserID, "user", "", "the device's user id (required)")
 	fl.StringVar(&f.cfg.DeviceID, "device", "", "the device id (required)")
 	fl.StringVar(&f.keyFile, "key", "", "file with the device's private key, base64 seed as written by device register --generate-key (required)")
 	fl.StringSliceVar(&f.hashes, "cert-hash", nil, "base64 SHA-256 of the edge's self-signed certificate to pin (relayd prints it; repeatable)")
-	fl.StringVar(&f.transport, "transport", "quic", "quic or webtransport")
+	fl.StringVar(&f.transport, "transport", "quic", "quic, webtransport, or websocket (over TCP, for networks that block UDP)")
 	fl.Uint64Var(&f.cfg.MinRevision, "min-revision", 0, "the revision that registered the device (device register prints it): the edge waits until it knows the device")
 	for _, name := range []string{"user", "device", "key"} {
 		_ = cmd.MarkFlagRequired(name)
 	}
-	_ = cmd.RegisterFlagCompletionFunc("transport", cobra.FixedCompletions([]string{"quic", "webtransport"}, cobra.ShellCompDirectiveNoFileComp))
+	_ = cmd.RegisterFlagCompletionFunc("transport", cobra.FixedCompletions(transportNames(), cobra.ShellCompDirectiveNoFileComp))
+}
+
+// transports are the client's transports, in the order --transport
+// names them.
+func transports() []client.Transport {
+	return []client.Transport{client.QUIC, client.WebTransport, client.WebSocket}
+}
+
+// transportNames are the --transport values: each transport's String.
+func transportNames() []string {
+	var names []string
+	for _, t := range transports() {
+		names = append(names, t.String())
+	}
+	return names
+}
+
+// parseTransport reads a --transport.
+func parseTransport(s string) (client.Transport, error) {
+	for _, t := range transports() {
+		if s == t.String() {
+			return t, nil
+		}
+	}
+	return 0, fmt.Errorf("--transport %q: want %s", s, strings.Join(transportNames(), ", "))
 }
 
 // dial connects to the edge as the device.
@@ -63,12 +89,8 @@ func (a *app) dial(ctx context.Context, f *relayFlags) (*client.Client, error) {
 		}
 		cfg.CertHashes = append(cfg.CertHashes, b)
 	}
-	switch f.transport {
-	case "quic":
-	case "webtransport":
-		cfg.Transport = client.WebTransport
-	default:
-		return nil, fmt.Errorf("--transport %q: want quic or webtransport", f.transport)
+	if cfg.Transport, err = parseTransport(f.transport); err != nil {
+		return nil, err
 	}
 	cfg.Logger = discardLogger()
 	cfg.OnSession = f.cfg.OnSession
@@ -80,9 +102,24 @@ func (a *app) dial(ctx context.Context, f *relayFlags) (*client.Client, error) {
 		if len(cfg.CertHashes) == 0 && isCertError(err) {
 			err = fmt.Errorf("%w (the edge's certificate is not one this machine trusts; a self-signed edge publishes the hash to pin: pass --cert-hash with the value relayd dev prints in its banner, or the one served at http://EDGE-ADMIN/.well-known/relay/certificate-hashes)", err)
 		}
-		return nil, err
+		return nil, authHint(err, f)
 	}
 	return c, nil
+}
+
+// authHint adds to an AUTH_FAILED what to check: the edge says no more,
+// on purpose (a wrong key, an unknown or revoked device and a device of
+// another user look the same to the device).
+func authHint(err error, f *relayFlags) error {
+	if !errors.Is(err, &client.Error{Code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED}) {
+		return err
+	}
+	hint := fmt.Sprintf("the edge refused --device %s of --user %s with the key in --key %s: check that `relayctl device list --user %s` shows that device, not revoked, and that the key file is the one device register --generate-key wrote for it",
+		f.cfg.DeviceID, f.cfg.UserID, f.keyFile, f.cfg.UserID)
+	if f.cfg.MinRevision == 0 {
+		hint += "; right after device register, pass --min-revision with the revision it printed, so that the edge waits until it knows the device"
+	}
+	return withHint(err, hint)
 }
 
 // isCertError reports whether a dial failed on the edge's certificate.
@@ -123,6 +160,12 @@ func (a *app) relayCommand() *cobra.Command {
 		Use:   "send --user U --device D --key FILE [--to D2] [--type T] [--ephemeral] TEXT...",
 		Short: "Send an event as a device; a durable one waits for its acknowledgement (delivered, or in the mailbox of an offline target)",
 		RunE: func(cmd *cobra.Command, args []string) error {
+			// The protocol counts TTLs in whole milliseconds and refuses
+			// 0; the client would replace one not positive with its
+			// default.
+			if ttl < time.Millisecond {
+				return fmt.Errorf("--ttl must be at least 1ms (got %s)", ttl)
+			}
 			c, err := a.dial(cmd.Context(), &send)
 			if err != nil {
 				return err
@@ -151,7 +194,7 @@ func (a *app) relayCommand() *cobra.Command {
 	send.register(sendCmd)
 	sendCmd.Flags().StringSliceVar(&targets, "to", nil, "target device id (repeatable; default: all the user's other devices)")
 	sendCmd.Flags().StringVar(&typ, "type", "text", "event type")
-	sendCmd.Flags().DurationVar(&ttl, "ttl", time.Minute, "how long the event may wait for its targets")
+	sendCmd.Flags().DurationVar(&ttl, "ttl", time.Minute, "how long the event may wait for its targets, at least 1ms; the edge expires it only after this plus its clock-skew tolerance (5 minutes), so a target may still receive it up to TTL+5m after it was sent")
 	sendCmd.Flags().BoolVar(&eph, "ephemeral", false, "send without storage or acknowledgement")
 
 	var listen relayFlags
@@ -159,7 +202,19 @@ func (a *app) relayCommand() *cobra.Command {
 	listenCmd := &cobra.Command{
 		Use:   "listen --user U --device D --key FILE [--edge ADDR] [--cert-hash B64] [--for DUR]",
 		Short: "Connect to an edge as a device and print what arrives",
-		Args:  cobra.NoArgs,
+		Long: `Connect to an edge as a device and print what arrives: the events of the
+user's other devices, and those devices coming online and going offline. The
+client reconnects by itself; a note says when the edge went away and when a
+session is back (on stderr as text).
+
+With -o json each is one JSON object on a line of its own (stdout):
+  an event:     {"id", "sender", "seq", "type", "payload" (base64),
+                 "text" (the payload, when it is UTF-8), "createdAt",
+                 "ephemeral", "ageMs"}
+  presence:     {"presence": "online" or "offline", "device": DEVICE-ID}
+  connection:   {"connection": "lost", "edge"} and
+                {"connection": "back", "edge", "session", "resumed"}`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return a.listen(cmd.Context(), &listen, duration)
 		},
@@ -242,17 +297,23 @@ func (a *app) listen(ctx context.Context, f *relayFlags, duration time.Duration)
 			if p.Online {
 				state = "online"
 			}
-			if a.output != "json" {
-				fmt.Fprintf(a.stdout, "* device %s is %s\n", p.DeviceID, state)
+			if a.output == "json" {
+				_ = enc.Encode(map[string]any{"presence": state, "device": p.DeviceID})
+				continue
 			}
+			fmt.Fprintf(a.stdout, "* device %s is %s\n", p.DeviceID, state)
 		case ev, ok := <-c.Events():
 			if !ok {
 				return c.Err()
 			}
 			age := time.Now().Add(c.ClockOffset()).Sub(ev.CreatedAt)
 			if a.output == "json" {
-				_ = enc.Encode(map[string]any{"id": ev.ID, "sender": ev.Sender, "seq": ev.Seq, "type": ev.Type,
-					"payload": ev.Payload, "createdAt": ev.CreatedAt, "ephemeral": ev.Ephemeral, "ageMs": age.Milliseconds()})
+				v := map[string]any{"id": ev.ID, "sender": ev.Sender, "seq": ev.Seq, "type": ev.Type,
+					"payload": ev.Payload, "createdAt": ev.CreatedAt, "ephemeral": ev.Ephemeral, "ageMs": age.Milliseconds()}
+				if utf8.Valid(ev.Payload) {
+					v["text"] = string(ev.Payload) // as text mode prints it; payload stays for scripts that decode it
+				}
+				_ = enc.Encode(v)
 				continue
 			}
 			body := string(ev.Payload)

@@ -39,6 +39,18 @@ type cli struct {
 
 func newCLI(t *testing.T) *cli { return &cli{t: t, dir: t.TempDir()} }
 
+// adminLoggedIn starts a one-node cluster and a CLI logged in there as
+// its admin: the node's API address, the CLI, and the environment that
+// points relayctl at both (for runEnv).
+func adminLoggedIn(t *testing.T) (srv string, r *cli, env map[string]string) {
+	t.Helper()
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	srv = c.Nodes[0].Server.APIAddr()
+	r = newCLI(t)
+	r.must(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	return srv, r, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + srv}
+}
+
 func (c *cli) run(server, stdin string, args ...string) (string, error) {
 	c.t.Helper()
 	env := map[string]string{"RELAYCTL_CONFIG_DIR": c.dir, "RELAYCTL_SERVER": "http://" + server}
