@@ -162,7 +162,7 @@ func TestFailingMemberAndGrowingCluster(t *testing.T) {
 	// An unknown URL gets no token: it is not the cluster's.
 	other := clustertest.Start(t, 1, clustertest.Options{})
 	_, _, err = runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + other.Nodes[0].Server.APIAddr()}, "user", "me")
-	if err == nil || !strings.Contains(oneLine(err), "relayctl login") {
+	if err == nil || !strings.Contains(oneLine(err), "no login of yours is for http://"+other.Nodes[0].Server.APIAddr()+": it is not a member of a cluster you logged in to") {
 		t.Fatalf("user me on another cluster: %v", err)
 	}
 }

@@ -125,6 +125,15 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		// what is sent.
 		err = withHint(err, "the access token in RELAYCTL_TOKEN was refused (expired, revoked, or another cluster's): unset RELAYCTL_TOKEN to use your relayctl login, or set it to a valid token")
 	}
+	if _, hinted := errors.AsType[*hintedError](err); !hinted && a.prepared && a.sess == nil && connect.CodeOf(err) == connect.CodeUnauthenticated {
+		if m, lerr := a.tokens.load(); lerr == nil && len(m) > 0 {
+			// There are logins, and none of their clusters lists these
+			// servers, so their tokens were not sent: a node removed from
+			// the cluster, or another cluster.
+			err = withHint(err, fmt.Sprintf("no login of yours is for %s: it is not a member of a cluster you logged in to "+
+				"(a node removed from it, or another cluster); to use it anyway, relayctl --server URL login", strings.Join(a.servers, ", ")))
+		}
+	}
 	return err
 }
 
