@@ -133,6 +133,21 @@ func (d *Dialer) ReadIndex(ctx context.Context, addr string) (uint64, error) {
 	return resp.Msg.GetIndex(), nil
 }
 
+// Members asks the node at addr who leads and which members its
+// configuration lists (ClusterService.Status).
+func (d *Dialer) Members(ctx context.Context, addr string) (leaderID string, members []string, err error) {
+	req := connect.NewRequest(&controlv1.StatusRequest{})
+	d.authorize(req.Header())
+	resp, err := d.Cluster(addr).Status(ctx, req)
+	if err != nil {
+		return "", nil, fmt.Errorf("status of %s: %w", addr, err)
+	}
+	for _, m := range resp.Msg.GetMembers() {
+		members = append(members, m.GetId())
+	}
+	return resp.Msg.GetLeaderId(), members, nil
+}
+
 // fromPeer maps a peer's error back onto the node's sentinels so the
 // node's retry logic can act on it.
 func fromPeer(op, addr string, err error) error {

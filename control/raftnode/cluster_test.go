@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -482,51 +483,75 @@ func TestMembershipChanges(t *testing.T) {
 // A member removed from the cluster and started again on its data dir
 // (it cannot be ready: no member answers it) says so: Removed, an error
 // in its log naming the fix, and /readyz; it withdraws no features on
-// the way out, since the cluster counts none of its. The cluster is
-// unaffected.
+// the way out, since the cluster counts none of its. Also when it was
+// down as it was removed, so that its own log still names it a member
+// (the members that know a leader do not). The cluster is unaffected.
 func TestARemovedNodeStartedAgainSaysSo(t *testing.T) {
 	raft := clustertest.FastRaft()
 	raft.RemovedAfter = 500 * time.Millisecond
 	rec := clustertest.NewLogRecorder()
 	c := clustertest.Start(t, 3, clustertest.Options{Raft: raft, Logger: slog.New(rec)})
-	ctx := ctxT(t, 2*time.Minute)
-	l, victim := c.Leader(), c.Follower()
-	id := c.Nodes[victim].ID
-	if _, err := c.Nodes[l].Server.Node().RemoveServer(ctx, id); err != nil {
-		t.Fatal(err)
-	}
-	c.Shutdown(victim)
-	c.Restart(victim)
-	node := c.Nodes[victim].Server.Node()
-	clustertest.Eventually(t, time.Minute, func() error {
-		if !node.Removed() {
-			return fmt.Errorf("%s, removed and started again, does not report it", id)
+	c.AddNode()
+	c.WaitReady()
+	ctx := ctxT(t, 3*time.Minute)
+	removed := func(i int) {
+		t.Helper()
+		if _, err := c.Nodes[c.Leader()].Server.Node().RemoveServer(ctx, c.Nodes[i].ID); err != nil {
+			t.Fatal(err)
 		}
-		return nil
-	})
-	said := rec.Find("this node is not a member of the cluster its data dir belongs to: it was removed (relayctl cluster remove) "+
-		"and is not ready until it is added again; to bring it back, stop it, empty its data dir and start it with --join (RELAY_JOIN) "+
-		"to a member, or, if it should be gone, stop it", func(r clustertest.Record) bool { return r.Attrs["test_node"].String() == id })
-	if len(said) != 1 {
-		t.Fatalf("the removed node logged its state %d times, want once", len(said))
 	}
-	resp, err := http.Get("http://" + c.Nodes[victim].Server.AdminAddr() + "/readyz")
-	if err != nil {
-		t.Fatal(err)
+	saysSo := func(i int) {
+		t.Helper()
+		id := c.Nodes[i].ID
+		node := c.Nodes[i].Server.Node()
+		clustertest.Eventually(t, time.Minute, func() error {
+			if !node.Removed() {
+				return fmt.Errorf("%s, removed and started again, does not report it", id)
+			}
+			return nil
+		})
+		said := rec.Find("this node is not a member of the cluster its data dir belongs to: it was removed (relayctl cluster remove) "+
+			"and is not ready until it is added again; to bring it back, stop it, empty its data dir and start it with --join (RELAY_JOIN) "+
+			"to a member, or, if it should be gone, stop it", func(r clustertest.Record) bool { return r.Attrs["test_node"].String() == id })
+		if len(said) != 1 {
+			t.Fatalf("%s logged its state %d times, want once", id, len(said))
+		}
+		resp, err := http.Get("http://" + c.Nodes[i].Server.AdminAddr() + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "removed from the cluster") {
+			t.Fatalf("/readyz of %s: %d %q", id, resp.StatusCode, body)
+		}
+		if _, err := c.CreateUser(ctx, c.Leader(), "after-removal-of-"+id); err != nil {
+			t.Fatal(err)
+		}
+		c.Shutdown(i)
+		if w := rec.Find("could not withdraw this node's features before shutdown: until it records them again, the cluster counts on them",
+			func(r clustertest.Record) bool { return r.Attrs["test_node"].String() == id }); len(w) != 0 {
+			t.Fatalf("%s tried to withdraw features it does not have: %v", id, w[0].Attrs["err"])
+		}
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "removed from the cluster") {
-		t.Fatalf("/readyz of the removed node: %d %q", resp.StatusCode, body)
+
+	// Removed while it ran: it may or may not have received its removal
+	// (the leader sends it once, as it commits it).
+	ran := c.Follower()
+	removed(ran)
+	c.Shutdown(ran)
+	c.Restart(ran)
+	saysSo(ran)
+
+	// It was down when it was removed: its log still names it.
+	down := c.Follower()
+	c.Shutdown(down)
+	removed(down)
+	c.Restart(down)
+	if ids := c.VoterIDs(down); !slices.Contains(ids, c.Nodes[down].ID) {
+		t.Fatalf("%s, removed while down, does not list itself (%v): the case is not the one meant", c.Nodes[down].ID, ids)
 	}
-	if _, err := c.CreateUser(ctx, l, "after-removal"); err != nil {
-		t.Fatal(err)
-	}
-	c.Shutdown(victim)
-	if w := rec.Find("could not withdraw this node's features before shutdown: until it records them again, the cluster counts on them",
-		func(r clustertest.Record) bool { return r.Attrs["test_node"].String() == id }); len(w) != 0 {
-		t.Fatalf("the removed node tried to withdraw features it does not have: %v", w[0].Attrs["err"])
-	}
+	saysSo(down)
 }
 
 // A single-node cluster works on its own.

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
 )
 
 // newHCLogger returns an hclog.Logger (what hashicorp/raft speaks) whose
@@ -64,8 +65,8 @@ func (w *slogWriter) emit(line []byte) {
 	if level == slog.LevelError && msg == "failed to decode incoming command" {
 		// Raft's transport reads each peer connection until it fails, and
 		// its own close (a stop, a connection dropped from the pool) fails
-		// it this way: not an error.
-		if e, _ := rec["error"].(string); strings.Contains(e, net.ErrClosed.Error()) {
+		// it this way, or with its own shutdown error: not an error.
+		if e, _ := rec["error"].(string); strings.Contains(e, net.ErrClosed.Error()) || e == raft.ErrTransportShutdown.Error() {
 			level = slog.LevelDebug
 		}
 	}

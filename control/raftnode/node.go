@@ -96,10 +96,11 @@ type Tuning struct {
 	// below it. Default 5s.
 	LeaderWait time.Duration
 	// RemovedAfter is how long a node that holds Raft data must find
-	// itself outside the latest configuration in its log before it
-	// reports that it was removed from the cluster (Removed, an error in
-	// its log): a joining node is outside it only until the entry that
-	// adds it arrives. Default 30s.
+	// itself outside its cluster (outsideCluster: its log's latest
+	// configuration, or a member that knows a leader, leaves it out)
+	// before it reports that it was removed (Removed, an error in its
+	// log): a joining node is outside it only until the entry that adds
+	// it arrives. Default 30s.
 	RemovedAfter time.Duration
 }
 
@@ -110,6 +111,9 @@ type PeerClient interface {
 	Apply(ctx context.Context, apiAddr string, cmd []byte) (result []byte, err error)
 	// ReadIndex asks the node at apiAddr for its read index.
 	ReadIndex(ctx context.Context, apiAddr string) (uint64, error)
+	// Members asks the node at apiAddr who leads (empty: none known) and
+	// which members its configuration lists.
+	Members(ctx context.Context, apiAddr string) (leaderID string, members []string, err error)
 }
 
 // Config configures a Node.
@@ -1113,17 +1117,13 @@ func (n *Node) catchUp() {
 			n.log.Info("caught up with the leader", "applied_index", n.fsm.AppliedIndex())
 			return
 		}
-		switch servers, _ := n.servers(); {
-		case len(servers) == 0 || n.raft.LastIndex() == 0 || n.isMember():
+		switch ids, out := n.outsideCluster(); {
+		case !out:
 			outside = time.Time{}
 			n.removed.Store(false)
 		case outside.IsZero():
 			outside = time.Now()
 		case time.Since(outside) >= n.cfg.Raft.RemovedAfter && !n.removed.Swap(true):
-			ids := make([]string, 0, len(servers))
-			for _, s := range servers {
-				ids = append(ids, string(s.ID))
-			}
 			n.log.Error("this node is not a member of the cluster its data dir belongs to: it was removed (relayctl cluster remove) "+
 				"and is not ready until it is added again; to bring it back, stop it, empty its data dir and start it with --join (RELAY_JOIN) "+
 				"to a member, or, if it should be gone, stop it", "node_id", n.cfg.NodeID, "data_dir", n.cfg.DataDir, "members", ids)
@@ -1134,6 +1134,46 @@ func (n *Node) catchUp() {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// outsideCluster reports whether this node, which holds Raft data, is
+// not a member of the cluster that data belongs to, and the members
+// that cluster has: the latest configuration in its own log leaves it
+// out (it received its removal), or, while it knows no leader, a member
+// that knows one lists the cluster without it (it was down or cut off
+// when it was removed, and its log still names it: no member sends it
+// anything since). A node that was never a member holds no Raft data.
+func (n *Node) outsideCluster() (members []string, out bool) {
+	servers, _ := n.servers()
+	if len(servers) == 0 || n.raft.LastIndex() == 0 {
+		return nil, false
+	}
+	if !n.isMember() {
+		for _, s := range servers {
+			members = append(members, string(s.ID))
+		}
+		return members, true
+	}
+	if n.leaderKnown() || n.cfg.Peers == nil {
+		return nil, false
+	}
+	recs, err := n.fsm.Nodes()
+	if err != nil {
+		return nil, false
+	}
+	for _, r := range recs {
+		if r.GetId() == n.cfg.NodeID || r.GetApiAddr() == "" {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(n.ctx, 2*time.Second)
+		leader, ids, err := n.cfg.Peers.Members(ctx, r.GetApiAddr())
+		cancel()
+		if err != nil || leader == "" {
+			continue
+		}
+		return ids, !slices.Contains(ids, n.cfg.NodeID)
+	}
+	return nil, false
 }
 
 // Removed reports whether the node found itself outside the cluster its

@@ -15,9 +15,9 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"connectrpc.com/connect"
@@ -415,11 +415,13 @@ func (s *Server) serve(srv *http.Server, ln net.Listener, name string) {
 	}()
 }
 
-// joinHint names the likely cause of a join call that got no answer at
-// all (a connection reset or closed, not refused) from a node that
-// speaks plain HTTP: the member speaks TLS, and drops the plaintext.
+// joinHint names the likely cause of a join call from a node that
+// speaks plain HTTP whose connection the member ended without an answer
+// (closed or reset: not refused, nor a name or route that failed): the
+// member speaks TLS, and drops the plaintext.
 func (s *Server) joinHint(err error) string {
-	if err == nil || s.tls != nil || connect.IsWireError(err) || strings.Contains(err.Error(), "connection refused") {
+	if err == nil || s.tls != nil || connect.IsWireError(err) ||
+		!(errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)) {
 		return ""
 	}
 	return "if the cluster's members use TLS, give this node --tls-cert, --tls-key and --tls-ca from the cluster's CA"
