@@ -162,7 +162,7 @@ func TestFailingMemberAndGrowingCluster(t *testing.T) {
 	// An unknown URL gets no token: it is not the cluster's.
 	other := clustertest.Start(t, 1, clustertest.Options{})
 	_, _, err = runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + other.Nodes[0].Server.APIAddr()}, "user", "me")
-	if err == nil || !strings.Contains(oneLine(err), "no login of yours is for http://"+other.Nodes[0].Server.APIAddr()+": it is not a member of a cluster you logged in to") {
+	if err == nil || !strings.Contains(oneLine(err), "relayctl knows no login whose cluster lists http://"+other.Nodes[0].Server.APIAddr()+", so it sent none") {
 		t.Fatalf("user me on another cluster: %v", err)
 	}
 }
@@ -173,9 +173,10 @@ func TestFailingMemberAndGrowingCluster(t *testing.T) {
 // short ended.
 func TestNoQuorumSaysNoLeader(t *testing.T) {
 	raft := clustertest.FastRaft()
-	// Under the attempt's bound of a second, so the member answers; and
-	// long enough that the run's 1.5 s may cut its next attempt short.
-	raft.LeaderWait = 500 * time.Millisecond
+	// The member answers after its retries outlast it (about 0.3 s),
+	// well within relayctl's bound of a second per attempt; the run's
+	// 1.2 s may then cut its next attempt short.
+	raft.LeaderWait = 200 * time.Millisecond
 	c := clustertest.Start(t, 3, clustertest.Options{Raft: raft})
 	srv := c.Nodes[0].Server.APIAddr()
 	r := newCLI(t)
@@ -189,7 +190,7 @@ func TestNoQuorumSaysNoLeader(t *testing.T) {
 		return nil
 	})
 	for range 3 {
-		_, _, err := runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + srv}, "--timeout", "1.5s", "user", "list")
+		_, _, err := runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + srv}, "--timeout", "1.2s", "user", "list")
 		if err == nil {
 			t.Fatal("user list without a quorum succeeded")
 		}

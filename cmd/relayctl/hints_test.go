@@ -19,7 +19,7 @@ func TestUnknownSubcommandFails(t *testing.T) {
 
 	for _, args := range [][]string{
 		{"user", "lst"}, {"relay", "sned"}, {"device", "nosuch"}, {"keys", "nosuch"}, {"cluster", "nosuch"},
-		{"user", "lst", "-o", "json"}, {"-o", "json", "cluster", "statuss"},
+		{"user", "lst", "-o", "json"}, {"-o", "json", "cluster", "statuss"}, {"completion", "bsh"},
 	} {
 		out, _, err := runEnv(t, env, args...)
 		if err == nil || !strings.Contains(err.Error(), "unknown command") {
@@ -32,7 +32,7 @@ func TestUnknownSubcommandFails(t *testing.T) {
 	if _, _, err := runEnv(t, env, "user", "lst"); err == nil || !strings.Contains(err.Error(), `"lst" for "relayctl user"; did you mean`) || !strings.Contains(err.Error(), "list?") || !strings.Contains(err.Error(), "relayctl user --help") {
 		t.Errorf("user lst: %v; want it to name the command and suggest list", err)
 	}
-	for _, args := range [][]string{{"user"}, {"device"}, {"keys"}, {"cluster"}, {"relay"}, {"user", "--help"}, {"device", "-h"}} {
+	for _, args := range [][]string{{"user"}, {"device"}, {"keys"}, {"cluster"}, {"relay"}, {"completion"}, {"user", "--help"}, {"device", "-h"}} {
 		out, _, err := runEnv(t, env, args...)
 		if err != nil || !strings.Contains(out, "Usage:") || !strings.Contains(out, "Available Commands:") {
 			t.Errorf("relayctl %s: %v, printed %q; want its help", strings.Join(args, " "), err, out)

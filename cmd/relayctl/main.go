@@ -130,8 +130,9 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 			// There are logins, and none of their clusters lists these
 			// servers, so their tokens were not sent: a node removed from
 			// the cluster, or another cluster.
-			err = withHint(err, fmt.Sprintf("no login of yours is for %s: it is not a member of a cluster you logged in to "+
-				"(a node removed from it, or another cluster); to use it anyway, relayctl --server URL login", strings.Join(a.servers, ", ")))
+			err = withHint(err, fmt.Sprintf("relayctl knows no login whose cluster lists %s, so it sent none: "+
+				"a spelling other than the one the member advertises, a member your role cannot list, a node removed from the cluster, "+
+				"or another cluster; to use it anyway, relayctl --server URL login", strings.Join(a.servers, ", ")))
 		}
 	}
 	return err
@@ -175,6 +176,12 @@ to repeat are retried on another member when one fails.`,
 	relay := a.relayCommand()
 	relay.GroupID = "device"
 	root.AddCommand(relay)
+	// Cobra adds its completion group itself, at Execute; added now, it
+	// refuses unknown subcommands like the others. (It takes its output
+	// writer as it is made: set it first.)
+	root.SetOut(a.stdout)
+	root.SetErr(a.stderr)
+	root.InitDefaultCompletionCmd()
 	for _, c := range root.Commands() {
 		refuseUnknownSubcommands(c)
 	}

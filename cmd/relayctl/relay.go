@@ -161,8 +161,8 @@ func (a *app) relayCommand() *cobra.Command {
 		Short: "Send an event as a device; a durable one waits for its acknowledgement (delivered, or in the mailbox of an offline target)",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			// The protocol counts TTLs in whole milliseconds and refuses
-			// 0; the client would replace one not positive with its
-			// default.
+			// 0 (so does the client, with an error that names no flag):
+			// said before connecting, in the flag's terms.
 			if ttl < time.Millisecond {
 				return fmt.Errorf("--ttl must be at least 1ms (got %s)", ttl)
 			}
