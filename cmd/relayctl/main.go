@@ -132,7 +132,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 			// the cluster, or another cluster.
 			err = withHint(err, fmt.Sprintf("relayctl knows no login whose cluster lists %s, so it sent none: "+
 				"a spelling other than the one the member advertises, a member your role cannot list, a node removed from the cluster, "+
-				"or another cluster; to use it anyway, relayctl --server URL login", strings.Join(a.servers, ", ")))
+				"or another cluster; to use it anyway, log in there: relayctl login --server URL", strings.Join(a.servers, ", ")))
 		}
 	}
 	return err

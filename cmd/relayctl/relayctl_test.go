@@ -198,7 +198,8 @@ func TestLoginSharedAcrossClusterNodes(t *testing.T) {
 	user.must(n0, "password-of-erin\n", "login", "--password-stdin", "erin")
 	user.must(n0, "", "user", "me")
 	_, err := user.run(n1, "", "user", "me")
-	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(oneLine(err), "relayctl login") {
+	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(oneLine(err), "a member your role cannot list") ||
+		!strings.Contains(oneLine(err), "relayctl login --server URL") {
 		t.Fatalf("a user's session used on another URL: %v (%s)", err, oneLine(err))
 	}
 }
