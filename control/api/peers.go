@@ -133,19 +133,20 @@ func (d *Dialer) ReadIndex(ctx context.Context, addr string) (uint64, error) {
 	return resp.Msg.GetIndex(), nil
 }
 
-// Members asks the node at addr who leads and which members its
-// configuration lists (ClusterService.Status).
-func (d *Dialer) Members(ctx context.Context, addr string) (leaderID string, members []string, err error) {
+// Members asks the node at addr who leads, how far it committed and
+// which members its configuration lists (ClusterService.Status).
+func (d *Dialer) Members(ctx context.Context, addr string) (raftnode.PeerView, error) {
 	req := connect.NewRequest(&controlv1.StatusRequest{})
 	d.authorize(req.Header())
 	resp, err := d.Cluster(addr).Status(ctx, req)
 	if err != nil {
-		return "", nil, fmt.Errorf("status of %s: %w", addr, err)
+		return raftnode.PeerView{}, fmt.Errorf("status of %s: %w", addr, err)
 	}
+	v := raftnode.PeerView{LeaderID: resp.Msg.GetLeaderId(), CommitIndex: resp.Msg.GetCommitIndex()}
 	for _, m := range resp.Msg.GetMembers() {
-		members = append(members, m.GetId())
+		v.Members = append(v.Members, m.GetId())
 	}
-	return resp.Msg.GetLeaderId(), members, nil
+	return v, nil
 }
 
 // fromPeer maps a peer's error back onto the node's sentinels so the

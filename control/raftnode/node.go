@@ -95,12 +95,11 @@ type Tuning struct {
 	// caller gives up. An election takes a few heartbeat timeouts, well
 	// below it. Default 5s.
 	LeaderWait time.Duration
-	// RemovedAfter is how long a node that holds Raft data must find
-	// itself outside its cluster (outsideCluster: its log's latest
-	// configuration, or a member that knows a leader, leaves it out)
-	// before it reports that it was removed (Removed, an error in its
-	// log): a joining node is outside it only until the entry that adds
-	// it arrives. Default 30s.
+	// RemovedAfter is how long a node that holds Raft data and knows no
+	// leader must find itself outside its cluster (outsideCluster: a
+	// member that knows a leader, and has committed all this node's log,
+	// lists the cluster without it) before it reports that it was removed
+	// (Removed, an error in its log). Default 30s.
 	RemovedAfter time.Duration
 }
 
@@ -111,9 +110,16 @@ type PeerClient interface {
 	Apply(ctx context.Context, apiAddr string, cmd []byte) (result []byte, err error)
 	// ReadIndex asks the node at apiAddr for its read index.
 	ReadIndex(ctx context.Context, apiAddr string) (uint64, error)
-	// Members asks the node at apiAddr who leads (empty: none known) and
-	// which members its configuration lists.
-	Members(ctx context.Context, apiAddr string) (leaderID string, members []string, err error)
+	// Members asks the node at apiAddr who leads, how far it committed,
+	// and which members its configuration lists.
+	Members(ctx context.Context, apiAddr string) (PeerView, error)
+}
+
+// PeerView is another node's view of the cluster (PeerClient.Members).
+type PeerView struct {
+	LeaderID    string // empty: it knows no leader
+	CommitIndex uint64
+	Members     []string
 }
 
 // Config configures a Node.
@@ -1117,8 +1123,9 @@ func (n *Node) catchUp() {
 			n.log.Info("caught up with the leader", "applied_index", n.fsm.AppliedIndex())
 			return
 		}
-		switch ids, out := n.outsideCluster(); {
-		case !out:
+		switch ids, m := n.outsideCluster(); {
+		case m == membershipUnknown:
+		case m == memberOf:
 			outside = time.Time{}
 			n.removed.Store(false)
 		case outside.IsZero():
@@ -1136,44 +1143,57 @@ func (n *Node) catchUp() {
 	}
 }
 
-// outsideCluster reports whether this node, which holds Raft data, is
-// not a member of the cluster that data belongs to, and the members
-// that cluster has: the latest configuration in its own log leaves it
-// out (it received its removal), or, while it knows no leader, a member
-// that knows one lists the cluster without it (it was down or cut off
-// when it was removed, and its log still names it: no member sends it
-// anything since). A node that was never a member holds no Raft data.
-func (n *Node) outsideCluster() (members []string, out bool) {
-	servers, _ := n.servers()
-	if len(servers) == 0 || n.raft.LastIndex() == 0 {
-		return nil, false
+// membership is what a node not ready knows of its place in the
+// cluster (outsideCluster).
+type membership int
+
+const (
+	membershipUnknown membership = iota // no member that could tell answered
+	memberOf                            // it is a member
+	outsideOf                           // it is not: it was removed
+)
+
+// outsideCluster tells whether this node, which holds Raft data, is a
+// member of the cluster that data belongs to, and the members that
+// cluster has. While it knows a leader it is (a node being added hears
+// from the leader before its log names it). While it knows none, it asks
+// the members its state records: the first that knows a leader and has
+// committed at least this node's whole log (so it holds every
+// configuration this node saw) decides. A node removed while it was down
+// or cut off never receives its removal, and its log still names it: no
+// member sends it anything since, and this is how it finds out. No
+// answer of that kind leaves it unknown.
+func (n *Node) outsideCluster() (members []string, m membership) {
+	if n.raft.LastIndex() == 0 || n.leaderKnown() {
+		return nil, memberOf
 	}
-	if !n.isMember() {
-		for _, s := range servers {
-			members = append(members, string(s.ID))
-		}
-		return members, true
-	}
-	if n.leaderKnown() || n.cfg.Peers == nil {
-		return nil, false
+	if n.cfg.Peers == nil {
+		return nil, membershipUnknown
 	}
 	recs, err := n.fsm.Nodes()
 	if err != nil {
-		return nil, false
+		return nil, membershipUnknown
 	}
+	last := n.raft.LastIndex()
 	for _, r := range recs {
+		if n.ctx.Err() != nil {
+			break
+		}
 		if r.GetId() == n.cfg.NodeID || r.GetApiAddr() == "" {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(n.ctx, 2*time.Second)
-		leader, ids, err := n.cfg.Peers.Members(ctx, r.GetApiAddr())
+		st, err := n.cfg.Peers.Members(ctx, r.GetApiAddr())
 		cancel()
-		if err != nil || leader == "" {
+		if err != nil || st.LeaderID == "" || st.CommitIndex < last {
 			continue
 		}
-		return ids, !slices.Contains(ids, n.cfg.NodeID)
+		if slices.Contains(st.Members, n.cfg.NodeID) {
+			return st.Members, memberOf
+		}
+		return st.Members, outsideOf
 	}
-	return nil, false
+	return nil, membershipUnknown
 }
 
 // Removed reports whether the node found itself outside the cluster its

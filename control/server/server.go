@@ -432,6 +432,7 @@ func (s *Server) joinHint(err error) string {
 func (s *Server) join(ctx context.Context, apiAdv string) error {
 	req := &controlv1.AddVoterRequest{Id: s.cfg.NodeID, RaftAddr: s.node.RaftAddr(), ApiAddr: apiAdv}
 	backoff := 100 * time.Millisecond
+	hint := "" // kept once an attempt gave one: the last may end in the deadline
 	for {
 		var lastErr error
 		for _, addr := range s.cfg.Join {
@@ -447,7 +448,8 @@ func (s *Server) join(ctx context.Context, apiAdv string) error {
 				return nil
 			}
 			lastErr = err
-			if hint := s.joinHint(err); hint != "" {
+			if h := s.joinHint(err); h != "" {
+				hint = h
 				s.log.Warn("join attempt failed", "via", addr, "err", err, "hint", hint)
 			} else {
 				s.log.Warn("join attempt failed", "via", addr, "err", err)
@@ -458,7 +460,7 @@ func (s *Server) join(ctx context.Context, apiAdv string) error {
 		}
 		select {
 		case <-ctx.Done():
-			if hint := s.joinHint(lastErr); hint != "" {
+			if hint != "" {
 				return fmt.Errorf("join cluster via %v: %w (last error: %v; %s)", s.cfg.Join, ctx.Err(), lastErr, hint)
 			}
 			return fmt.Errorf("join cluster via %v: %w (last error: %v)", s.cfg.Join, ctx.Err(), lastErr)
