@@ -395,6 +395,11 @@ func (a *Authenticator) authenticate(ctx context.Context, procedure string, h ht
 			return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("no access rule for %s: %w", procedure, err))
 		}
 	}
+	if id, ok := strings.CutPrefix(claims.Subject, "node:"); ok && a.policy.MembersOnly[procedure] && !a.node.HasMember(id) {
+		// It holds the cluster's keys (a token it minted) or certificate,
+		// but the cluster removed it.
+		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q is not a member of this cluster and may not call %s", id, procedure))
+	}
 	if claims.Role != RoleNode && !strings.HasPrefix(claims.Subject, "node:") {
 		if err := a.accountValid(ctx, *claims); err != nil {
 			return nil, connect.NewError(connect.CodeUnauthenticated, err)

@@ -82,5 +82,12 @@ func Policy() auth.Policy {
 			// may start one with a token about to expire.
 			controlv1connect.ClusterServiceBackupProcedure: true,
 		},
+		// A joining node calls AddVoter before it is a member, and a
+		// removed one Status to learn that it was removed.
+		MembersOnly: map[string]bool{
+			controlv1connect.PeerServiceApplyProcedure:                 true,
+			controlv1connect.PeerServiceReadIndexProcedure:             true,
+			controlv1connect.ClusterServiceTransferLeadershipProcedure: true,
+		},
 	}
 }

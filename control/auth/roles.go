@@ -74,6 +74,11 @@ type Policy struct {
 	// or session behind it); every other stream ends when its token
 	// expires.
 	OutliveToken map[string]bool
+	// MembersOnly names the procedures a node (RoleNode) may call only
+	// while it is a member of the cluster (the API layer checks): a node
+	// removed from it keeps the cluster's keys and certificate, and must
+	// not write to its log nor lead it.
+	MembersOnly map[string]bool
 }
 
 // Check decides whether a caller with claims (nil: anonymous) may call

@@ -437,6 +437,13 @@ func (n *Node) closeStores() error {
 	return errors.Join(errs...)
 }
 
+// HasMember reports whether the node id is in the latest configuration
+// this node knows.
+func (n *Node) HasMember(id string) bool {
+	servers, _ := n.servers()
+	return slices.ContainsFunc(servers, func(s raft.Server) bool { return string(s.ID) == id })
+}
+
 // IsMemberOrHasState reports whether this node already belongs to a
 // cluster (it has Raft state or appears in a configuration), in which case
 // joining again is unnecessary.

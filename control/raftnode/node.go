@@ -1097,10 +1097,7 @@ func (n *Node) registerSelf(ctx context.Context) {
 	}
 }
 
-func (n *Node) isMember() bool {
-	servers, _ := n.servers()
-	return slices.ContainsFunc(servers, func(s raft.Server) bool { return string(s.ID) == n.cfg.NodeID })
-}
+func (n *Node) isMember() bool { return n.HasMember(n.cfg.NodeID) }
 
 // catchUp marks the node ready once it has applied everything the leader
 // had committed when the node started.

@@ -11,12 +11,14 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/testcerts"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
 // With certificates configured, Raft and node-to-node calls use mutual
@@ -111,6 +113,38 @@ func TestTLSClusterRefusesForeignCA(t *testing.T) {
 	}
 	if _, err := d.Cluster(leaderAPI).Status(ctx, connect.NewRequest(&controlv1.StatusRequest{})); connect.CodeOf(err) != connect.CodeUnauthenticated {
 		t.Fatalf("status over TLS without credentials: %v, want Unauthenticated", err)
+	}
+
+	// A certificate of the cluster's CA makes a node, not a member (a
+	// removed node keeps its certificate): a node outside the cluster may
+	// ask its status (to learn it was removed) but not push commands into
+	// its log, read an index or take the lead.
+	ghostCert, ghostKey, err := ca.Issue("ghost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.LoadX509KeyPair(ghostCert, ghostKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ghost := api.NewDialer(&tls.Config{RootCAs: pool, Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS13})
+	defer ghost.Close()
+	cmd, err := proto.Marshal(&statev1.Command{RequestId: "ghost-1", Op: &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{
+		User: &statev1.User{Id: "ghost-user", Login: "ghost", DisplayName: "ghost"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ghost.Apply(ctx, leaderAPI, cmd); connect.CodeOf(err) != connect.CodePermissionDenied || !strings.Contains(err.Error(), "not a member") {
+		t.Fatalf("PeerService.Apply from a node outside the cluster: %v, want PermissionDenied", err)
+	}
+	if _, err := ghost.ReadIndex(ctx, leaderAPI); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("PeerService.ReadIndex from a node outside the cluster: %v, want PermissionDenied", err)
+	}
+	if _, err := ghost.Members(ctx, leaderAPI); err != nil {
+		t.Fatalf("ClusterService.Status from a node outside the cluster: %v", err)
+	}
+	if _, err := c.Nodes[c.Leader()].Server.Node().FSM().GetUser("ghost-user"); err == nil {
+		t.Fatal("a node outside the cluster wrote to its log")
 	}
 }
 
