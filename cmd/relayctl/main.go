@@ -7,7 +7,6 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -28,6 +27,8 @@ import (
 	"github.com/spf13/pflag"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/edge-relay/relay/internal/certpool"
 )
 
 const envPrefix = "RELAYCTL_"
@@ -120,22 +121,32 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		}
 	}()
 	err := root.ExecuteContext(ctx)
-	if _, hinted := errors.AsType[*hintedError](err); !hinted && a.envToken != "" && connect.CodeOf(err) == connect.CodeUnauthenticated {
-		// The token was given, not a login: logging in would not change
-		// what is sent.
-		err = withHint(err, "the access token in RELAYCTL_TOKEN was refused (expired, revoked, or another cluster's): unset RELAYCTL_TOKEN to use your relayctl login, or set it to a valid token")
-	}
-	if _, hinted := errors.AsType[*hintedError](err); !hinted && a.prepared && a.sess == nil && connect.CodeOf(err) == connect.CodeUnauthenticated {
-		if m, lerr := a.tokens.load(); lerr == nil && len(m) > 0 {
-			// There are logins, and none of their clusters lists these
-			// servers, so their tokens were not sent: a node removed from
-			// the cluster, or another cluster.
-			err = withHint(err, fmt.Sprintf("relayctl knows no login whose cluster lists %s, so it sent none: "+
-				"a spelling other than the one the member advertises, a member your role cannot list, a node removed from the cluster, "+
-				"or another cluster; to use it anyway, log in there: relayctl login --server URL", strings.Join(a.servers, ", ")))
+	if _, hinted := errors.AsType[*hintedError](err); !hinted && connect.CodeOf(err) == connect.CodeUnauthenticated {
+		if hint := a.refusedHint(); hint != "" {
+			err = withHint(err, hint)
 		}
 	}
 	return err
+}
+
+// refusedHint says what credentials this run sent, when that is not
+// what oneLine's "(run relayctl login)" would fix; "" otherwise.
+func (a *app) refusedHint() string {
+	switch {
+	case a.envToken != "":
+		// The token was given, not a login: logging in would not change
+		// what is sent.
+		return "the access token in RELAYCTL_TOKEN was refused (expired, revoked, or another cluster's): unset RELAYCTL_TOKEN to use your relayctl login, or set it to a valid token"
+	case a.prepared && a.sess == nil:
+		// There are logins, and none of their clusters lists these
+		// servers, so none was sent.
+		if m, err := a.tokens.load(); err == nil && len(m) > 0 {
+			return fmt.Sprintf("relayctl knows no login whose cluster lists %s, so it sent none: "+
+				"a spelling other than the one the member advertises, a member your role cannot list, a node removed from the cluster, "+
+				"or another cluster; to use it anyway, log in there: relayctl login --server URL", strings.Join(a.servers, ", "))
+		}
+	}
+	return ""
 }
 
 func (a *app) rootCommand() *cobra.Command {
@@ -299,13 +310,9 @@ func httpClient(servers []string, caFile, certFile, keyFile string) (*http.Clien
 	p.SetUnencryptedHTTP2(true)
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
+		pool, err := certpool.FromFile(caFile)
 		if err != nil {
-			return nil, fmt.Errorf("read --tls-ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--tls-ca %s holds no PEM certificates", caFile)
+			return nil, fmt.Errorf("--tls-ca: %w", err)
 		}
 		cfg.RootCAs = pool
 	}

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -12,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -71,25 +69,6 @@ func (f *relayFixture) as(d relaytest.Device, keyFile string) []string {
 func runRelay(t *testing.T, args ...string) (string, string, error) {
 	t.Helper()
 	return runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": t.TempDir()}, append([]string{"relay"}, args...)...)
-}
-
-// syncBuffer is a bytes.Buffer that a running command writes while the
-// test reads it.
-type syncBuffer struct {
-	mu sync.Mutex // guards b
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // A --ttl the protocol cannot carry (not positive, or under its
@@ -153,7 +132,7 @@ func TestRelayOverWebSocketAndPresenceAsJSON(t *testing.T) {
 	f := startRelay(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	var out, errOut syncBuffer
+	var out, errOut relaytest.Buffer
 	done := make(chan struct{})
 	var listenErr error // set before done is closed
 	env := map[string]string{"RELAYCTL_CONFIG_DIR": t.TempDir()}

@@ -1,7 +1,6 @@
 package main_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -12,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -101,7 +99,7 @@ func TestDevDeploymentRelaysBetweenDevices(t *testing.T) {
 
 	common := []string{"--edge", edge, "--cert-hash", hash, "--user", user}
 	listen := exec.Command(bins.relayctl, append(append([]string{"-o", "json", "relay", "listen"}, common...), "--device", laptop, "--key", "laptop.key", "--min-revision", laptopRev, "--for", "60s")...)
-	got := &syncWriter{w: &bytes.Buffer{}}
+	got := &relaytest.Buffer{}
 	listen.Env, listen.Dir, listen.Stdout = env, dir, got
 	if err := listen.Start(); err != nil {
 		t.Fatal(err)
@@ -163,24 +161,6 @@ func freeUDPPort(t *testing.T) string {
 	return ""
 }
 
-// syncWriter lets a test read what a process writes while it runs.
-type syncWriter struct {
-	mu sync.Mutex
-	w  *bytes.Buffer
-}
-
-func (s *syncWriter) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.Write(p)
-}
-
-func (s *syncWriter) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.String()
-}
-
 // A restart of relayd dev keeps the edge's certificate (the hash clients
 // pinned from the first banner still works), says how much state it
 // loaded, and the first start's log line tells the truth about a
@@ -200,7 +180,7 @@ func TestDevRestartKeepsThePinAndTellsTheState(t *testing.T) {
 	// returns the banner and the process.
 	start := func() (string, *proc) {
 		t.Helper()
-		out := &syncWriter{w: &bytes.Buffer{}}
+		out := &relaytest.Buffer{}
 		p := startRelaydWith(t, env, out, args...)
 		eventually(t, 90*time.Second, func() error {
 			if !strings.Contains(out.String(), "Stop with Ctrl-C.") {

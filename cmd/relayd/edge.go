@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -15,6 +14,7 @@ import (
 	edgeserver "github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/edge/transport"
+	"github.com/edge-relay/relay/internal/certpool"
 	"github.com/edge-relay/relay/internal/flagenv"
 )
 
@@ -104,13 +104,9 @@ func (f *edgeFlags) apply(cfg *edgeserver.Config, getenv func(string) string) er
 		return errors.New("the edge needs its account's password: set RELAY_EDGE_PASSWORD or --edge-password-file")
 	}
 	if f.controlCA != "" {
-		pem, err := os.ReadFile(f.controlCA)
+		pool, err := certpool.FromFile(f.controlCA)
 		if err != nil {
-			return fmt.Errorf("read --control-ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("--control-ca %s holds no PEM certificates", f.controlCA)
+			return fmt.Errorf("--control-ca: %w", err)
 		}
 		cfg.Control.TLS = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}

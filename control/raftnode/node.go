@@ -253,7 +253,7 @@ type Node struct {
 
 	lead     atomic.Pointer[leadership] // nil when not leader
 	ready    atomic.Bool                // caught up with the leader at start
-	removed  atomic.Bool                // not in its log's configuration (catchUp)
+	removed  atomic.Bool                // outside its cluster (catchUp, outsideCluster)
 	shutdown atomic.Bool
 
 	// Raft never answers an apply future still queued in its (buffered)
@@ -1104,12 +1104,12 @@ func (n *Node) isMember() bool { return n.HasMember(n.cfg.NodeID) }
 //
 // A node that never gets there because it was removed from the cluster
 // (and started again on its data dir) would only log, every few seconds,
-// that it knows no leader; once it has found itself outside its log's
-// configuration for RemovedAfter it says what happened and what to do,
-// once, and Removed reports it.
+// that it knows no leader; once it has found itself outside its cluster
+// (outsideCluster) for RemovedAfter it says what happened and what to
+// do, once, and Removed reports it.
 func (n *Node) catchUp() {
 	defer n.wg.Done()
-	var outside time.Time // since when the node was not in its configuration
+	var outside time.Time // since when the node has been found outside its cluster
 	for n.ctx.Err() == nil {
 		ctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
 		err := n.Barrier(ctx)
@@ -1161,7 +1161,8 @@ const (
 // member sends it anything since, and this is how it finds out. No
 // answer of that kind leaves it unknown.
 func (n *Node) outsideCluster() (members []string, m membership) {
-	if n.raft.LastIndex() == 0 || n.leaderKnown() {
+	last := n.raft.LastIndex()
+	if last == 0 || n.leaderKnown() {
 		return nil, memberOf
 	}
 	if n.cfg.Peers == nil {
@@ -1171,7 +1172,6 @@ func (n *Node) outsideCluster() (members []string, m membership) {
 	if err != nil {
 		return nil, membershipUnknown
 	}
-	last := n.raft.LastIndex()
 	for _, r := range recs {
 		if n.ctx.Err() != nil {
 			break

@@ -7,14 +7,12 @@ package server
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -34,6 +32,7 @@ import (
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/openapi"
 	"github.com/edge-relay/relay/control/raftnode"
+	"github.com/edge-relay/relay/internal/certpool"
 	"github.com/edge-relay/relay/internal/telemetry"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
@@ -692,13 +691,9 @@ func loadTLS(certFile, keyFile, caFile string) (server, client *tls.Config, err 
 	if err != nil {
 		return nil, nil, fmt.Errorf("load TLS key pair %s, %s: %w", certFile, keyFile, err)
 	}
-	caPEM, err := os.ReadFile(caFile)
+	pool, err := certpool.FromFile(caFile)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read CA %s: %w", caFile, err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(caPEM) {
-		return nil, nil, fmt.Errorf("no certificates in CA file %s", caFile)
+		return nil, nil, fmt.Errorf("--tls-ca: %w", err)
 	}
 	server = &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool, MinVersion: tls.VersionTLS13}
 	client = &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS13}

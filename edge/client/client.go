@@ -43,6 +43,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/idwindow"
 	"github.com/edge-relay/relay/edge/proof"
@@ -953,12 +954,8 @@ func notPinned(addr string, sum []byte, pins [][]byte) error {
 	return fmt.Errorf("edge certificate not pinned: the edge at %s presented a certificate whose SHA-256 is %s (base64), "+
 		"not one of Config.CertHashes [%s]; the edge serves its current hashes at https://%s%s (and on its admin port) "+
 		"and logs each as it makes it (\"self-signed certificate\")",
-		addr, base64.StdEncoding.EncodeToString(sum), strings.Join(pinned, " "), addr, certHashesPath)
+		addr, base64.StdEncoding.EncodeToString(sum), strings.Join(pinned, " "), addr, devconn.CertHashesPath)
 }
-
-// certHashesPath is where an edge serves its certificate hashes
-// (edge/server.CertHashesPath, which the client may not import).
-const certHashesPath = "/.well-known/relay/certificate-hashes"
 
 // transcriptFor is what this device signs for a challenge.
 func transcriptFor(h *relayv1.Hello, ch *relayv1.Challenge) proof.Transcript {

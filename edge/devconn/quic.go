@@ -20,6 +20,10 @@ const ALPN = "relay/1"
 // on.
 const WebTransportPath = "/relay/v1/wt"
 
+// CertHashesPath is where an edge publishes the SHA-256 hashes of its
+// certificates (JSON), for clients that pin them.
+const CertHashesPath = "/.well-known/relay/certificate-hashes"
+
 // QUICConfig is the QUIC configuration edges and clients share: datagrams
 // and partial-delivery resets on (WebTransport needs both).
 func QUICConfig(idle time.Duration) *quic.Config {

@@ -696,7 +696,7 @@ func (s *Server) publicAddr(requestHost string) string {
 }
 
 // CertHashesPath serves the certificate hashes as JSON.
-const CertHashesPath = "/.well-known/relay/certificate-hashes"
+const CertHashesPath = devconn.CertHashesPath
 
 // CertHashesDoc is the JSON document served at CertHashesPath.
 type CertHashesDoc struct {

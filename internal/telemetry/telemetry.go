@@ -9,10 +9,8 @@ package telemetry
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
-	"os"
 
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
 	"go.opentelemetry.io/otel/propagation"
@@ -20,6 +18,8 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	semconv "go.opentelemetry.io/otel/semconv/v1.26.0"
 	"go.opentelemetry.io/otel/trace"
+
+	"github.com/edge-relay/relay/internal/certpool"
 )
 
 // Config configures tracing.
@@ -70,13 +70,9 @@ func New(ctx context.Context, cfg Config) (*Telemetry, error) {
 		if cfg.OTLPInsecure {
 			eopts = append(eopts, otlptracehttp.WithInsecure())
 		} else if cfg.OTLPCAFile != "" {
-			pem, err := os.ReadFile(cfg.OTLPCAFile)
+			pool, err := certpool.FromFile(cfg.OTLPCAFile)
 			if err != nil {
-				return nil, fmt.Errorf("read the collector's CA: %w", err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("no certificate in %s", cfg.OTLPCAFile)
+				return nil, fmt.Errorf("the collector's CA: %w", err)
 			}
 			eopts = append(eopts, otlptracehttp.WithTLSClientConfig(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}))
 		}

@@ -6,7 +6,6 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -29,6 +28,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/internal/certpool"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
@@ -106,13 +106,9 @@ func controlClient(url, caFile string) (*http.Client, error) {
 		// relayd's API takes TLS 1.3 only.
 		tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS13}
 		if caFile != "" {
-			pem, err := os.ReadFile(caFile)
+			pool, err := certpool.FromFile(caFile)
 			if err != nil {
 				return nil, fmt.Errorf("--control-ca: %w", err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("--control-ca %s holds no PEM certificate", caFile)
 			}
 			tr.TLSClientConfig.RootCAs = pool
 		}
