@@ -28,7 +28,7 @@ func toConnect(err error) error {
 		code = connect.CodeNotFound
 	case errors.Is(err, fsm.ErrAlreadyExists):
 		code = connect.CodeAlreadyExists
-	case errors.Is(err, fsm.ErrFailedPrecondition):
+	case errors.Is(err, fsm.ErrFailedPrecondition), errors.Is(err, raftnode.ErrRemoved):
 		code = connect.CodeFailedPrecondition
 	case errors.Is(err, fsm.ErrCompacted):
 		code = connect.CodeOutOfRange

@@ -161,6 +161,10 @@ func fromPeer(op, addr string, err error) error {
 	case connect.CodeFailedPrecondition:
 		// The peer is not (or no longer) the leader: nothing was proposed.
 		return fmt.Errorf("%s at %s: %w: %v", op, addr, raftnode.ErrNoLeader, err)
+	case connect.CodePermissionDenied:
+		// PeerService is the nodes' alone: a node is refused it only once
+		// the cluster removed it (auth.Policy.MembersOnly).
+		return fmt.Errorf("%s at %s: %w: %v", op, addr, raftnode.ErrRemoved, err)
 	}
 	return fmt.Errorf("%s at %s: %w", op, addr, err)
 }

@@ -357,6 +357,12 @@ func (n *Node) withdrawFeatures(ctx context.Context) {
 				err = wctx.Err()
 			}
 		}
+		if errors.Is(err, ErrRemoved) {
+			// Removed a moment ago, before it noticed: the cluster counts
+			// no features of a node it no longer has.
+			n.log.Info("features not withdrawn before shutdown: this node is no longer a member")
+			return
+		}
 		if err != nil {
 			n.log.Warn("could not withdraw this node's features before shutdown: until it records them again, "+
 				"the cluster counts on them", "features", n.cfg.Features, "err", err)

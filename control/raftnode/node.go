@@ -56,6 +56,10 @@ var (
 	// ErrNotMember is returned for a membership change or a leadership
 	// transfer that names a server the configuration does not hold.
 	ErrNotMember = errors.New("not a member of the cluster")
+	// ErrRemoved: the leader refused this node's forwarded write or read
+	// index because the node is not in the cluster's configuration any
+	// more (it was removed). Retrying does not help.
+	ErrRemoved = errors.New("this node is no longer a member of the cluster")
 	// ErrStateAhead: the data dir's state store has applied entries but
 	// there is no Raft data beside it (it was removed without the state
 	// store). Raft would start a log the state store takes as applied

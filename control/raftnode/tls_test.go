@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/testcerts"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
@@ -134,11 +136,13 @@ func TestTLSClusterRefusesForeignCA(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ghost.Apply(ctx, leaderAPI, cmd); connect.CodeOf(err) != connect.CodePermissionDenied || !strings.Contains(err.Error(), "not a member") {
-		t.Fatalf("PeerService.Apply from a node outside the cluster: %v, want PermissionDenied", err)
+	// (The dialer reports the refusal as raftnode.ErrRemoved: only a node
+	// outside the cluster is refused PeerService.)
+	if _, err := ghost.Apply(ctx, leaderAPI, cmd); !errors.Is(err, raftnode.ErrRemoved) || !strings.Contains(err.Error(), "permission_denied: node \"ghost\" is not a member") {
+		t.Fatalf("PeerService.Apply from a node outside the cluster: %v, want PermissionDenied (ErrRemoved)", err)
 	}
-	if _, err := ghost.ReadIndex(ctx, leaderAPI); connect.CodeOf(err) != connect.CodePermissionDenied {
-		t.Fatalf("PeerService.ReadIndex from a node outside the cluster: %v, want PermissionDenied", err)
+	if _, err := ghost.ReadIndex(ctx, leaderAPI); !errors.Is(err, raftnode.ErrRemoved) {
+		t.Fatalf("PeerService.ReadIndex from a node outside the cluster: %v, want PermissionDenied (ErrRemoved)", err)
 	}
 	if _, err := ghost.Members(ctx, leaderAPI); err != nil {
 		t.Fatalf("ClusterService.Status from a node outside the cluster: %v", err)
