@@ -18,6 +18,12 @@ const (
 	// FeatureWithdrawFeatures: PutNode's withdraw_features, written by a
 	// node as it stops gracefully.
 	FeatureWithdrawFeatures = "withdraw_features"
+	// FeatureRaftClusterCheck: the node's Raft connections start with
+	// the cluster check (raftnode's hello), and it reads the check.
+	// Once every member lists it, a connection without the check is
+	// refused. Not a state machine feature, but recorded and gated the
+	// same way.
+	FeatureRaftClusterCheck = "raft_cluster_check"
 )
 
 // Bounds of a node's feature list.
@@ -28,7 +34,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck}
 	slices.Sort(f)
 	return f
 }

@@ -66,7 +66,9 @@ func (w *slogWriter) emit(line []byte) {
 		// Raft's transport reads each peer connection until it fails, and
 		// its own close (a stop, a connection dropped from the pool) fails
 		// it this way, or with its own shutdown error: not an error.
-		if e, _ := rec["error"].(string); strings.Contains(e, net.ErrClosed.Error()) || e == raft.ErrTransportShutdown.Error() {
+		// A connection the cluster check ended was logged by the check.
+		if e, _ := rec["error"].(string); strings.Contains(e, net.ErrClosed.Error()) || e == raft.ErrTransportShutdown.Error() ||
+			strings.HasPrefix(e, helloRefused) {
 			level = slog.LevelDebug
 		}
 	}

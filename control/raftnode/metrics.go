@@ -17,6 +17,7 @@ type metrics struct {
 	snapshots *prometheus.CounterVec
 	snapTime  prometheus.Histogram
 	restores  *prometheus.CounterVec
+	refused   *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
@@ -54,14 +55,27 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 		Name: "relay_control_snapshot_restores_total",
 		Help: "State restored from a snapshot (installed from the leader, or a local one at start), by result.",
 	}, []string{"result"})
+	m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "relay_control_raft_connections_refused_total",
+		Help: "Raft connections refused by the cluster check, dialed or accepted, by reason: other_cluster (the peer's state belongs to another cluster), no_hello (a peer without the check where every member has it), bad_hello.",
+	}, []string{"reason"})
 	// Every result exists from the start, so increase() sees the first
 	// failure.
 	for _, r := range []string{"ok", "error"} {
 		m.snapshots.WithLabelValues(r)
 		m.restores.WithLabelValues(r)
 	}
-	reg.MustRegister(m.commit, m.apply, m.applied, m.read, m.snapshots, m.snapTime, m.restores, &raftCollector{n: n}, &diskCollector{n: n, logs: n.logs})
+	for _, r := range []string{"other_cluster", "no_hello", "bad_hello"} {
+		m.refused.WithLabelValues(r)
+	}
+	reg.MustRegister(m.commit, m.apply, m.applied, m.read, m.snapshots, m.snapTime, m.restores, m.refused, &raftCollector{n: n}, &diskCollector{n: n, logs: n.logs})
 	return m
+}
+
+func (m *metrics) observeRefused(reason string) {
+	if m.refused != nil {
+		m.refused.WithLabelValues(reason).Inc()
+	}
 }
 
 func (m *metrics) observeCommit(d time.Duration) {

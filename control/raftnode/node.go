@@ -143,7 +143,9 @@ type Config struct {
 	APIAdvertise string
 	// Features are recorded with the node's addresses: what it can apply
 	// (MembersWithout). Nil: this release's, fsm.Features(); tests set
-	// another list to stand for a node of an older release.
+	// another list to stand for a node of an older release. Without
+	// fsm.FeatureRaftClusterCheck the node's Raft transport also speaks
+	// as an older release's did: no hello sent, none read.
 	Features []string
 	// Bootstrap starts a new single-voter cluster when the data dir is
 	// empty. Ignored when the node has state already.
@@ -250,6 +252,7 @@ type Node struct {
 	logs  *raftlog.Store
 	state *state.Store
 	trans *raftTransport
+	check *clusterCheck // nil: the transport runs without the cluster check (Config.Features)
 	snaps *raft.FileSnapshotStore
 	m     *metrics
 
@@ -337,6 +340,16 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 		}
 		hasState = true
 	}
+	if cfg.Bootstrap && !hasState {
+		// The new cluster's identity from the first moment, for the
+		// cluster check (hello.go): InitCluster, proposed once this
+		// node leads, records the same id for every member (the server
+		// takes it from the state), so there is no window in which the
+		// node accepts any cluster's Raft traffic.
+		if err := fsm.SetHistory(n.state, fsm.NewHistoryID()); err != nil {
+			return nil, fmt.Errorf("bootstrap cluster: %w", err)
+		}
+	}
 	fcfg := cfg.FSM
 	fcfg.Store, fcfg.Logger = n.state, log
 	fcfg.OnSnapshot = n.m.observeSnapshot
@@ -361,6 +374,10 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
+	if n.check != nil {
+		legacy := n.acceptsNoHello
+		n.check.legacy.Store(&legacy)
+	}
 
 	if cfg.Bootstrap && !hasState {
 		f := n.raft.BootstrapCluster(raft.Configuration{Servers: []raft.Server{{
@@ -386,6 +403,24 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	return n, nil
 }
 
+// acceptsNoHello reports whether a Raft connection without the cluster
+// check is accepted: while some member of the configuration does not
+// record fsm.FeatureRaftClusterCheck (a rolling upgrade from a release
+// without it), while the node knows no configuration yet (a new node
+// waiting for its leader, which may run the older release), or when the
+// members cannot be read.
+func (n *Node) acceptsNoHello() bool {
+	if servers, err := n.servers(); err != nil || len(servers) == 0 {
+		return true
+	}
+	missing, err := n.MembersWithout(fsm.FeatureRaftClusterCheck)
+	return err != nil || len(missing) > 0
+}
+
+// raftNetTimeout bounds a Raft RPC's I/O, and each way of the cluster
+// check's hello.
+const raftNetTimeout = 10 * time.Second
+
 func (n *Node) newTransport() (*raftTransport, error) {
 	var adv net.Addr
 	if n.cfg.RaftAdvertise != "" {
@@ -395,12 +430,28 @@ func (n *Node) newTransport() (*raftTransport, error) {
 		}
 		adv = a
 	}
-	layer, err := newStreamLayer(n.cfg.RaftBind, adv, n.cfg.TLSServer, n.cfg.TLSClient, n.cfg.Faults)
+	var check *clusterCheck
+	if slices.Contains(n.cfg.Features, fsm.FeatureRaftClusterCheck) {
+		st := n.state
+		check = &clusterCheck{
+			nodeID: n.cfg.NodeID,
+			history: func() string {
+				h, err := fsm.ReadHistory(st)
+				if err != nil {
+					return "" // unknown: accept, as a node with no state does
+				}
+				return h
+			},
+			timeout: raftNetTimeout, log: n.log, refused: n.m.observeRefused,
+		}
+	}
+	n.check = check
+	layer, err := newStreamLayer(n.cfg.RaftBind, adv, n.cfg.TLSServer, n.cfg.TLSClient, n.cfg.Faults, check)
 	if err != nil {
 		return nil, err
 	}
 	return newRaftTransport(raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
-		Stream: layer, MaxPool: 3, Timeout: 10 * time.Second, Logger: newHCLogger(n.log, "raft-net"),
+		Stream: layer, MaxPool: 3, Timeout: raftNetTimeout, Logger: newHCLogger(n.log, "raft-net"),
 	})), nil
 }
 

@@ -22,8 +22,9 @@ import (
 type streamLayer struct {
 	ln        net.Listener
 	advertise net.Addr
-	client    *tls.Config // nil: plain TCP
-	faults    *Faults     // nil outside fault tests
+	client    *tls.Config   // nil: plain TCP
+	faults    *Faults       // nil outside fault tests
+	check     *clusterCheck // nil: no hello sent or read (a node of an older release, in tests)
 
 	mu     sync.Mutex // guards the fields below
 	conns  map[*trackedConn]struct{}
@@ -32,7 +33,7 @@ type streamLayer struct {
 
 var _ raft.StreamLayer = (*streamLayer)(nil)
 
-func newStreamLayer(bind string, advertise net.Addr, server, client *tls.Config, faults *Faults) (*streamLayer, error) {
+func newStreamLayer(bind string, advertise net.Addr, server, client *tls.Config, faults *Faults, check *clusterCheck) (*streamLayer, error) {
 	ln, err := net.Listen("tcp", bind)
 	if err != nil {
 		return nil, fmt.Errorf("listen for raft on %s: %w", bind, err)
@@ -44,7 +45,7 @@ func newStreamLayer(bind string, advertise net.Addr, server, client *tls.Config,
 		// A ":0" bind advertises the port the kernel chose.
 		advertise = ln.Addr()
 	}
-	l := &streamLayer{ln: ln, advertise: advertise, client: client, faults: faults, conns: map[*trackedConn]struct{}{}}
+	l := &streamLayer{ln: ln, advertise: advertise, client: client, faults: faults, check: check, conns: map[*trackedConn]struct{}{}}
 	faults.attach(l)
 	return l, nil
 }
@@ -60,7 +61,14 @@ func (s *streamLayer) Accept() (net.Conn, error) {
 			_ = c.Close()
 			continue
 		}
-		return s.track(c)
+		tc, err := s.track(c)
+		if err != nil || s.check == nil {
+			return tc, err
+		}
+		// The hello is read on the first Read, on Raft's goroutine for
+		// this connection: a peer that sends nothing holds up only that
+		// goroutine (until the hello's deadline), never the accept loop.
+		return &helloConn{Conn: tc, check: s.check}, nil
 	}
 }
 
@@ -101,7 +109,28 @@ func (s *streamLayer) Close() error {
 
 func (s *streamLayer) Addr() net.Addr { return s.advertise }
 
+// Dial connects to a peer and, unless the layer runs without the cluster
+// check, greets it (see hello.go). A peer that closes the connection
+// without answering runs an older release: it is dialed again and spoken
+// to without a hello.
 func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	c, err := s.dial(address, timeout)
+	if err != nil || s.check == nil {
+		return c, err
+	}
+	switch err := s.check.greet(c, string(address), timeout); {
+	case err == nil:
+		return c, nil
+	case errors.Is(err, errUnanswered):
+		s.check.log.Debug("raft peer closed the connection without answering the cluster check; "+
+			"speaking to it as to an older release", "peer", address)
+		return s.dial(address, timeout)
+	default:
+		return nil, fmt.Errorf("dial raft peer %s: %w", address, err)
+	}
+}
+
+func (s *streamLayer) dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
 	if s.faults.isolated() {
 		return nil, fmt.Errorf("dial raft peer %s: %w", address, errIsolated)
 	}

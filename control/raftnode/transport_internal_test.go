@@ -124,7 +124,7 @@ func TestGateRefusesHeartbeatAfterClose(t *testing.T) {
 // newTestTransport is a node's Raft transport on a free port of 127.0.0.1.
 func newTestTransport(t *testing.T) *raftTransport {
 	t.Helper()
-	layer, err := newStreamLayer("127.0.0.1:0", nil, nil, nil, nil)
+	layer, err := newStreamLayer("127.0.0.1:0", nil, nil, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -164,13 +164,23 @@ func (s *Server) initCluster(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The bootstrapping node drew the history before Raft started (its
+	// Raft connections carry it from the first); every member records
+	// that one.
+	history, err := s.node.FSM().History()
+	if err != nil {
+		return err
+	}
+	if history == "" {
+		history = fsm.NewHistoryID()
+	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_InitCluster{InitCluster: &statev1.InitCluster{
 		Admin: &statev1.User{Id: "admin", Login: "admin", DisplayName: "Administrator", Role: string(auth.RoleAdmin),
 			PasswordHash: hash, Status: statev1.UserStatus_USER_STATUS_ACTIVE},
 		SigningKey: sk.GetRotateSigningKey().GetKey(),
 		SessionKey: ss.GetRotateSessionKey().GetKey(),
 		ClusterCa:  ca,
-		History:    fsm.NewHistoryID(),
+		History:    history,
 	}}})
 	if err != nil {
 		return err

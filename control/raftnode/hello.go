@@ -1,0 +1,357 @@
+package raftnode
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/edge-relay/relay/control/fsm"
+)
+
+// The cluster check: the first bytes on every Raft connection.
+//
+// hashicorp/raft's plain network transport carries no cluster identity:
+// a node keeps dialing a member's address, and whatever listens there
+// gets its AppendEntries and votes. When that address is taken over by a
+// node of another cluster (a host reused, a port a restarted process got
+// back, a cluster rebuilt from a backup beside the old one still
+// running), the two clusters would mix their logs and terms. Mutual TLS
+// with a cluster's own CA prevents it; a cluster without TLS relies on
+// this check.
+//
+// The dialing node sends a hello naming its cluster (the state's history
+// id, fsm.ReadHistory) and itself; the accepting node answers with its
+// own. Each side refuses the connection when both histories are known
+// and differ. A node with no history yet (a new node waiting to receive
+// the state from its leader) accepts any. A bootstrapping node draws its
+// history before Raft starts, so it never has none.
+//
+// Compatibility: the hello's first byte is one no Raft RPC starts with.
+// A node of an older release reads it as an unknown RPC and closes the
+// connection unanswered; the dialer then dials again without a hello.
+// A connection that starts without a hello (from an older release) is
+// accepted as long as some member of the configuration does not record
+// fsm.FeatureRaftClusterCheck, and refused once every member does.
+//
+// Wire format, the same both ways (all lengths one byte):
+//
+//	0xF0 'R' 'L' 'Y'  version (1)  status  len history  len node-id
+//
+// status is 0 from the dialer; in the answer 0 accepts and
+// helloOtherCluster refuses.
+const (
+	helloMarker  = 0xF0 // hashicorp/raft's RPC types are 0 to 4
+	helloVersion = 1
+	helloHeader  = 6 // marker, "RLY", version, status
+
+	helloAccepted     = 0
+	helloOtherCluster = 1
+
+	// maxHello is the longest hello: the header, two length bytes and
+	// the two bounded strings.
+	maxHello = helloHeader + 2 + fsm.MaxHistoryLen + fsm.MaxIDLen
+)
+
+// ErrOtherCluster is returned for a Raft connection to or from a node
+// whose state belongs to another cluster (see ClusterMismatchError).
+var ErrOtherCluster = errors.New("raft peer belongs to another cluster")
+
+// errBadHello is a connection that starts like a hello but is not one
+// this release reads.
+var errBadHello = errors.New("malformed raft hello")
+
+// errNoHello is a connection without a hello where every member sends one.
+var errNoHello = errors.New("raft connection without the cluster check, and every member of this cluster sends it " +
+	"(a node of an older release outside the cluster?)")
+
+// ClusterMismatchError describes a refused peer: its address, node id
+// and history, and this node's.
+type ClusterMismatchError struct {
+	Addr         string // the peer's address, as dialed or as seen
+	PeerID       string // the node id the peer named
+	PeerHistory  string
+	LocalHistory string
+}
+
+func (e *ClusterMismatchError) Error() string {
+	return fmt.Sprintf("raft peer %s at %s belongs to another cluster (its history %s, this node's %s): "+
+		"the address is now another cluster's node, or one of the two was rebuilt from a backup",
+		e.PeerID, e.Addr, e.PeerHistory, e.LocalHistory)
+}
+
+// Unwrap makes errors.Is(err, ErrOtherCluster) hold.
+func (e *ClusterMismatchError) Unwrap() error { return ErrOtherCluster }
+
+// hello is one side's message.
+type hello struct {
+	status  byte
+	history string
+	nodeID  string
+}
+
+// mismatch reports whether two known histories differ.
+func mismatch(ours, theirs string) bool { return ours != "" && theirs != "" && ours != theirs }
+
+// appendHello encodes h. Strings longer than the bounds are cut (they
+// never are: the node id and history are validated where they are set).
+func appendHello(b []byte, h hello) []byte {
+	hist, id := h.history, h.nodeID
+	if len(hist) > fsm.MaxHistoryLen {
+		hist = hist[:fsm.MaxHistoryLen]
+	}
+	if len(id) > fsm.MaxIDLen {
+		id = id[:fsm.MaxIDLen]
+	}
+	b = append(b, helloMarker, 'R', 'L', 'Y', helloVersion, h.status, byte(len(hist)))
+	b = append(b, hist...)
+	b = append(b, byte(len(id)))
+	return append(b, id...)
+}
+
+// readHello reads one hello from r, whose first byte (the marker) the
+// caller may already have read: first then holds it. It reads no more
+// than the hello and allocates nothing sized by what the peer declares
+// beyond the bounds.
+//
+// It returns io.EOF only when the peer closed before sending a byte; a
+// hello cut short is io.ErrUnexpectedEOF.
+func readHello(r io.Reader, first []byte) (hello, error) {
+	h, err := readHelloParts(r, first)
+	if errors.Is(err, io.EOF) && len(first) > 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	return h, err
+}
+
+func readHelloParts(r io.Reader, first []byte) (hello, error) {
+	var buf [maxHello]byte
+	n := copy(buf[:], first)
+	if _, err := io.ReadFull(r, buf[n:helloHeader]); err != nil {
+		return hello{}, err
+	}
+	if buf[0] != helloMarker || buf[1] != 'R' || buf[2] != 'L' || buf[3] != 'Y' {
+		return hello{}, fmt.Errorf("%w: starts % x", errBadHello, buf[:4])
+	}
+	if buf[4] != helloVersion {
+		return hello{}, fmt.Errorf("%w: version %d, this release speaks %d", errBadHello, buf[4], helloVersion)
+	}
+	h := hello{status: buf[5]}
+	var err error
+	if h.history, err = readField(r, "history", fsm.MaxHistoryLen); err != nil {
+		return hello{}, err
+	}
+	if h.nodeID, err = readField(r, "node id", fsm.MaxIDLen); err != nil {
+		return hello{}, err
+	}
+	return h, nil
+}
+
+// readField reads a length byte and that many bytes, at most limit.
+func readField(r io.Reader, name string, limit int) (string, error) {
+	var l [1]byte
+	if _, err := io.ReadFull(r, l[:]); err != nil {
+		return "", noEOF(err)
+	}
+	if int(l[0]) > limit {
+		return "", fmt.Errorf("%w: %s of %d bytes, at most %d", errBadHello, name, l[0], limit)
+	}
+	var buf [255]byte
+	if _, err := io.ReadFull(r, buf[:l[0]]); err != nil {
+		return "", noEOF(err)
+	}
+	return string(buf[:l[0]]), nil
+}
+
+// noEOF turns the end of the stream within a hello into
+// io.ErrUnexpectedEOF.
+func noEOF(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// errUnanswered is a peer that closed the connection without answering
+// the hello: a node of an older release.
+var errUnanswered = errors.New("raft peer closed the connection without answering the cluster check")
+
+// helloRefused prefixes every error an accepted connection's hello ends
+// it with, so that raft's own log line for it ("failed to decode incoming
+// command") can be told apart: the check logs these itself.
+const helloRefused = "raft cluster check: "
+
+// clusterCheck is a node's side of the hello: who it is, and what it
+// accepts.
+type clusterCheck struct {
+	nodeID  string
+	history func() string // the node's history id now; "" while it has none
+	timeout time.Duration // for the hello exchange, each way
+	log     *slog.Logger
+	refused func(reason string) // counts a refusal (metrics); may be nil
+
+	// legacy reports whether a connection without a hello is accepted;
+	// nil (before Raft runs) accepts.
+	legacy atomic.Pointer[func() bool]
+
+	mu     sync.Mutex // guards warned
+	warned map[string]time.Time
+}
+
+// warnEvery bounds the warnings about one kind of refusal from one
+// address: a foreign node retries every few seconds.
+const warnEvery = time.Minute
+
+func (c *clusterCheck) legacyAllowed() bool {
+	f := c.legacy.Load()
+	return f == nil || (*f)()
+}
+
+// refuse counts a refusal and logs it, at most once per warnEvery for
+// the same reason and peer address.
+func (c *clusterCheck) refuse(reason, addr string, err error) {
+	if c.refused != nil {
+		c.refused(reason)
+	}
+	key := reason + " " + addr
+	now := time.Now()
+	c.mu.Lock()
+	if c.warned == nil {
+		c.warned = map[string]time.Time{}
+	}
+	last, seen := c.warned[key]
+	if !seen || now.Sub(last) >= warnEvery {
+		if len(c.warned) >= 1024 {
+			clear(c.warned) // bounded: forgetting only repeats a warning
+		}
+		c.warned[key] = now
+	}
+	c.mu.Unlock()
+	if seen && now.Sub(last) < warnEvery {
+		return
+	}
+	c.log.Warn("refused a raft connection", "peer", addr, "reason", reason, "err", err)
+}
+
+// greet sends the dialer's hello on c and reads the answer, within
+// timeout. It closes c unless the peer accepted.
+func (c *clusterCheck) greet(conn net.Conn, addr string, timeout time.Duration) (err error) {
+	defer func() {
+		if err != nil {
+			_ = conn.Close()
+		}
+	}()
+	ours := c.history()
+	if err := conn.SetDeadline(time.Now().Add(timeout)); err != nil {
+		return err
+	}
+	if _, err := conn.Write(appendHello(nil, hello{history: ours, nodeID: c.nodeID})); err != nil {
+		return fmt.Errorf("send raft hello: %w", err)
+	}
+	h, err := readHello(conn, nil)
+	switch {
+	case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET):
+		// Closed before a single byte came back: an older release,
+		// whose transport reads the hello as an unknown RPC.
+		return errUnanswered
+	case err != nil:
+		return fmt.Errorf("read raft hello answer: %w", err)
+	}
+	if h.status == helloOtherCluster || mismatch(ours, h.history) {
+		err := &ClusterMismatchError{Addr: addr, PeerID: h.nodeID, PeerHistory: h.history, LocalHistory: ours}
+		c.refuse("other_cluster", addr, err)
+		return err
+	}
+	if h.status != helloAccepted {
+		return fmt.Errorf("%w: answer status %d", errBadHello, h.status)
+	}
+	return conn.SetDeadline(time.Time{})
+}
+
+// helloConn is an accepted connection whose first Read (or Write) reads
+// the peer's hello and answers it.
+type helloConn struct {
+	net.Conn
+	check   *clusterCheck
+	once    sync.Once
+	err     error  // why the connection was refused; set once
+	pending []byte // a first byte that was no hello, still to be read
+}
+
+func (c *helloConn) Read(p []byte) (int, error) {
+	c.once.Do(c.handshake)
+	if c.err != nil {
+		return 0, c.err
+	}
+	if len(c.pending) > 0 {
+		n := copy(p, c.pending)
+		c.pending = c.pending[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *helloConn) Write(p []byte) (int, error) {
+	c.once.Do(c.handshake)
+	if c.err != nil {
+		return 0, c.err
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *helloConn) handshake() {
+	addr := c.Conn.RemoteAddr().String()
+	fail := func(reason string, err error) {
+		if reason != "" {
+			c.check.refuse(reason, addr, err)
+		} else {
+			c.check.log.Debug("raft connection ended during the cluster check", "peer", addr, "err", err)
+		}
+		c.err = fmt.Errorf("%s%w", helloRefused, err)
+		_ = c.Conn.Close()
+	}
+	if err := c.Conn.SetDeadline(time.Now().Add(c.check.timeout)); err != nil {
+		fail("", err)
+		return
+	}
+	var first [1]byte
+	if _, err := io.ReadFull(c.Conn, first[:]); err != nil {
+		fail("", err)
+		return
+	}
+	if first[0] != helloMarker {
+		if !c.check.legacyAllowed() {
+			fail("no_hello", errNoHello)
+			return
+		}
+		c.pending = []byte{first[0]}
+	} else {
+		h, err := readHello(c.Conn, first[:])
+		if errors.Is(err, errBadHello) {
+			fail("bad_hello", err)
+			return
+		} else if err != nil {
+			fail("", err)
+			return
+		}
+		ours := c.check.history()
+		if mismatch(ours, h.history) {
+			// Say why before closing: the dialer names it in its error.
+			_, _ = c.Conn.Write(appendHello(nil, hello{status: helloOtherCluster, history: ours, nodeID: c.check.nodeID}))
+			fail("other_cluster", &ClusterMismatchError{Addr: addr, PeerID: h.nodeID, PeerHistory: h.history, LocalHistory: ours})
+			return
+		}
+		if _, err := c.Conn.Write(appendHello(nil, hello{status: helloAccepted, history: ours, nodeID: c.check.nodeID})); err != nil {
+			fail("", err)
+			return
+		}
+	}
+	if err := c.Conn.SetDeadline(time.Time{}); err != nil {
+		fail("", err)
+	}
+}

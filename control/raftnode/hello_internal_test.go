@@ -1,0 +1,335 @@
+package raftnode
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/edge-relay/relay/control/fsm"
+)
+
+// testPeer is a Raft transport with (or, for an older release, without)
+// the cluster check, answering every vote request it receives.
+type testPeer struct {
+	id      string
+	trans   *raftTransport
+	layer   *streamLayer
+	check   *clusterCheck
+	history atomic.Pointer[string]
+	votes   atomic.Int64 // vote requests that reached Raft's side
+
+	mu      sync.Mutex // guards refused
+	refused map[string]int
+}
+
+// newTestPeer starts a peer on a free port of 127.0.0.1 whose state has
+// the given history ("" none); checked false stands for an older release.
+func newTestPeer(t *testing.T, id, history string, checked bool) *testPeer {
+	t.Helper()
+	return newTestPeerWithin(t, id, history, checked, 10*time.Second)
+}
+
+// newTestPeerWithin is newTestPeer with the hello's timeout.
+func newTestPeerWithin(t *testing.T, id, history string, checked bool, timeout time.Duration) *testPeer {
+	t.Helper()
+	p := &testPeer{id: id, refused: map[string]int{}}
+	p.history.Store(&history)
+	if checked {
+		p.check = &clusterCheck{
+			nodeID: id, history: func() string { return *p.history.Load() }, timeout: timeout,
+			log: slog.New(slog.DiscardHandler),
+			refused: func(reason string) {
+				p.mu.Lock()
+				p.refused[reason]++
+				p.mu.Unlock()
+			},
+		}
+	}
+	layer, err := newStreamLayer("127.0.0.1:0", nil, nil, nil, nil, p.check)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.layer = layer
+	p.trans = newRaftTransport(raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+		Stream: layer, MaxPool: 1, Timeout: 10 * time.Second,
+		Logger: newHCLogger(slog.New(slog.DiscardHandler), "raft-net"),
+	}))
+	done := make(chan struct{})
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		for {
+			select {
+			case rpc := <-p.trans.Consumer():
+				p.votes.Add(1)
+				rpc.Respond(&raft.RequestVoteResponse{Term: 1, Granted: true}, nil)
+			case <-done:
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		_ = p.trans.Close()
+		close(done)
+		<-served
+	})
+	return p
+}
+
+// vote sends p's vote request to q.
+func (p *testPeer) vote(q *testPeer) error {
+	var resp raft.RequestVoteResponse
+	return p.trans.RequestVote(raft.ServerID(q.id), q.trans.LocalAddr(), &raft.RequestVoteRequest{
+		RPCHeader: raft.RPCHeader{ID: []byte(p.id), Addr: []byte(p.trans.LocalAddr())}, Term: 1,
+	}, &resp)
+}
+
+func (p *testPeer) refusals(reason string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.refused[reason]
+}
+
+func (p *testPeer) setLegacy(ok bool) {
+	f := func() bool { return ok }
+	p.check.legacy.Store(&f)
+}
+
+// Nodes of one cluster, and new nodes that have no state yet, talk;
+// nodes whose states belong to two clusters do not, and the dialer's
+// error names the node it reached and both histories.
+func TestClusterCheckRefusesAnotherClustersNode(t *testing.T) {
+	a1 := newTestPeer(t, "n1", "history-a", true)
+	a2 := newTestPeer(t, "n2", "history-a", true)
+	b2 := newTestPeer(t, "n2", "history-b", true)
+	fresh := newTestPeer(t, "n4", "", true)
+
+	if err := a1.vote(a2); err != nil {
+		t.Fatalf("same cluster: %v", err)
+	}
+	if err := a1.vote(fresh); err != nil {
+		t.Fatalf("to a node with no state yet: %v", err)
+	}
+	if err := fresh.vote(b2); err != nil {
+		t.Fatalf("from a node with no state yet: %v", err)
+	}
+	before := b2.votes.Load()
+	err := a1.vote(b2)
+	var mm *ClusterMismatchError
+	if !errors.Is(err, ErrOtherCluster) || !errors.As(err, &mm) {
+		t.Fatalf("to another cluster's node: %v, want ErrOtherCluster", err)
+	}
+	if mm.PeerID != "n2" || mm.PeerHistory != "history-b" || mm.LocalHistory != "history-a" || mm.Addr != string(b2.trans.LocalAddr()) {
+		t.Fatalf("mismatch %+v", mm)
+	}
+	if !strings.Contains(err.Error(), "another cluster") {
+		t.Fatalf("error %q does not say why", err)
+	}
+	if got := b2.votes.Load(); got != before {
+		t.Fatalf("the refused request reached the other cluster's raft (%d votes, had %d)", got, before)
+	}
+	if a1.refusals("other_cluster") != 1 || b2.refusals("other_cluster") != 1 {
+		t.Fatalf("refusals counted: dialer %d, acceptor %d; want 1 each", a1.refusals("other_cluster"), b2.refusals("other_cluster"))
+	}
+	// And the other way.
+	if err := b2.vote(a2); !errors.Is(err, ErrOtherCluster) {
+		t.Fatalf("from another cluster's node: %v, want ErrOtherCluster", err)
+	}
+	// A node learns its history from its leader: from then on it is
+	// checked against it.
+	h := "history-a"
+	fresh.history.Store(&h)
+	fresh.trans.CloseStreams() // pooled connections were checked without one
+	b2.trans.CloseStreams()
+	if err := b2.vote(fresh); !errors.Is(err, ErrOtherCluster) {
+		t.Fatalf("to a node that has learnt its history: %v, want ErrOtherCluster", err)
+	}
+}
+
+// During a rolling upgrade: a node of this release reaches one of an
+// older release (which reads the hello as an unknown RPC and hangs up)
+// by dialing again without it, and accepts the older node's connections
+// until every member has the check; then it refuses them.
+func TestClusterCheckSpeaksToOlderReleases(t *testing.T) {
+	upgraded := newTestPeer(t, "n1", "history-a", true)
+	older := newTestPeer(t, "n2", "history-a", false)
+
+	if err := upgraded.vote(older); err != nil {
+		t.Fatalf("to an older release: %v", err)
+	}
+	if older.votes.Load() != 1 {
+		t.Fatalf("the older node's raft got %d requests, want 1", older.votes.Load())
+	}
+	if err := older.vote(upgraded); err != nil {
+		t.Fatalf("from an older release, before raft runs: %v", err)
+	}
+	upgraded.setLegacy(true)
+	older.trans.CloseStreams()
+	if err := older.vote(upgraded); err != nil {
+		t.Fatalf("from an older release while a member lacks the check: %v", err)
+	}
+	upgraded.setLegacy(false)
+	older.trans.CloseStreams()
+	before := upgraded.votes.Load()
+	if err := older.vote(upgraded); err == nil {
+		t.Fatal("a connection without the check was accepted where every member has it")
+	}
+	if upgraded.refusals("no_hello") != 1 || upgraded.votes.Load() != before {
+		t.Fatalf("no_hello refusals %d (want 1), votes %d (had %d)", upgraded.refusals("no_hello"), upgraded.votes.Load(), before)
+	}
+}
+
+// A connection that sends nothing holds up neither the accept loop nor
+// a goroutine beyond the hello's deadline; a malformed hello is refused.
+func TestClusterCheckBoundsWhatAPeerSends(t *testing.T) {
+	p := newTestPeerWithin(t, "n1", "history-a", true, 200*time.Millisecond)
+	q := newTestPeer(t, "n2", "history-a", true)
+
+	silent, err := net.Dial("tcp", string(p.trans.LocalAddr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	if err := q.vote(p); err != nil {
+		t.Fatalf("a peer beside a silent connection: %v", err)
+	}
+	_ = silent.SetReadDeadline(time.Now().Add(20 * time.Second))
+	if got, err := io.ReadAll(silent); err != nil || len(got) != 0 {
+		t.Fatalf("the silent connection was not closed by the acceptor: read %q, %v", got, err)
+	}
+
+	for name, send := range map[string][]byte{
+		"version": {helloMarker, 'R', 'L', 'Y', 9, 0, 0, 0},
+		"magic":   {helloMarker, 'X', 'L', 'Y', helloVersion, 0, 0, 0},
+		"history": {helloMarker, 'R', 'L', 'Y', helloVersion, 0, fsm.MaxHistoryLen + 1},
+		"node id": append(appendHello(nil, hello{history: "h"})[:8], fsm.MaxIDLen+1),
+	} {
+		c, err := net.Dial("tcp", string(p.trans.LocalAddr()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := p.refusals("bad_hello")
+		if _, err := c.Write(send); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		got, err := io.ReadAll(c)
+		_ = c.Close()
+		if errors.Is(err, syscall.ECONNRESET) {
+			err = nil // closed with the rest of what was sent unread
+		}
+		if err != nil || len(got) != 0 {
+			t.Fatalf("%s: read %q, %v; want the connection closed unanswered", name, got, err)
+		}
+		if p.refusals("bad_hello") != before+1 {
+			t.Fatalf("%s: not counted as a bad hello", name)
+		}
+	}
+}
+
+// What a dialer makes of answers other than a proper one.
+func TestClusterCheckReadsTheAnswerWithCare(t *testing.T) {
+	p := newTestPeer(t, "n1", "history-a", true)
+	for _, tc := range []struct {
+		name   string
+		answer []byte
+		hangUp bool // after the answer
+		want   error
+	}{
+		{"wrong history, accepted", appendHello(nil, hello{history: "history-b", nodeID: "x"}), false, ErrOtherCluster},
+		{"unknown status", appendHello(nil, hello{status: 7, history: "history-a"}), false, errBadHello},
+		{"garbage", []byte("HTTP/1.1 400 Bad Request\r\n"), false, errBadHello},
+		{"cut short", appendHello(nil, hello{history: "history-a"})[:7], true, io.ErrUnexpectedEOF},
+		{"silence", nil, false, errTimeout},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			served := make(chan struct{})
+			go func() {
+				defer close(served)
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				_, _ = io.ReadFull(c, make([]byte, len(appendHello(nil, hello{history: "history-a", nodeID: "n1"}))))
+				_, _ = c.Write(tc.answer)
+				if !tc.hangUp {
+					_, _ = io.Copy(io.Discard, c) // until the dialer hangs up
+				}
+			}()
+			_, err = p.layer.Dial(raft.ServerAddress(ln.Addr().String()), 300*time.Millisecond)
+			<-served
+			if tc.want == errTimeout {
+				var ne net.Error
+				if !errors.As(err, &ne) || !ne.Timeout() {
+					t.Fatalf("got %v, want a timeout", err)
+				}
+				return
+			}
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
+
+var errTimeout = errors.New("timeout")
+
+func TestHelloRoundTrip(t *testing.T) {
+	for _, h := range []hello{
+		{},
+		{status: helloOtherCluster, history: strings.Repeat("h", fsm.MaxHistoryLen), nodeID: strings.Repeat("n", fsm.MaxIDLen)},
+		{history: "0123456789abcdef0123456789abcdef", nodeID: "n1"},
+	} {
+		b := appendHello(nil, h)
+		got, err := readHello(bytes.NewReader(b), nil)
+		if err != nil || got != h {
+			t.Fatalf("%+v: read back %+v, %v", h, got, err)
+		}
+		got, err = readHello(bytes.NewReader(b[1:]), b[:1])
+		if err != nil || got != h {
+			t.Fatalf("%+v after its marker: read back %+v, %v", h, got, err)
+		}
+	}
+}
+
+// FuzzReadHello reads any bytes as a peer's hello: no panic, no read
+// beyond the hello, and a hello accepted is the bytes it came from.
+func FuzzReadHello(f *testing.F) {
+	f.Add(appendHello(nil, hello{}))
+	f.Add(appendHello(nil, hello{history: "0123456789abcdef0123456789abcdef", nodeID: "n1"}))
+	f.Add(appendHello(nil, hello{status: helloOtherCluster, history: strings.Repeat("h", fsm.MaxHistoryLen), nodeID: strings.Repeat("n", fsm.MaxIDLen)}))
+	f.Add([]byte{helloMarker, 'R', 'L', 'Y', helloVersion, 0, 255})
+	f.Add([]byte{helloMarker, 'R', 'L', 'Y', 2, 0, 0, 0})
+	f.Add([]byte{0, 0, 0, 0, 1})
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r := bytes.NewReader(data)
+		h, err := readHello(r, nil)
+		if err != nil {
+			return
+		}
+		used := data[:len(data)-r.Len()]
+		if got := appendHello(nil, h); !bytes.Equal(got, used) {
+			t.Fatalf("read %+v from % x, which encodes as % x", h, used, got)
+		}
+		if len(h.history) > fsm.MaxHistoryLen || len(h.nodeID) > fsm.MaxIDLen {
+			t.Fatalf("accepted over-long fields: %+v", h)
+		}
+	})
+}
