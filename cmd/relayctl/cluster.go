@@ -106,8 +106,12 @@ func (a *app) clusterStatus(ctx context.Context) error {
 		if leader == "" {
 			leader = "(none)"
 		}
-		fmt.Fprintf(a.stdout, "node %s is %s, term %d, leader %s\ncommit index %d, applied index %d, last snapshot %d\n\n",
-			st.GetNodeId(), st.GetState(), st.GetTerm(), leader, st.GetCommitIndex(), st.GetAppliedIndex(), st.GetLastSnapshotIndex())
+		history := st.GetHistory()
+		if history == "" {
+			history = "(none yet)"
+		}
+		fmt.Fprintf(a.stdout, "node %s is %s, term %d, leader %s\ncommit index %d, applied index %d, last snapshot %d\ncluster history %s\n\n",
+			st.GetNodeId(), st.GetState(), st.GetTerm(), leader, st.GetCommitIndex(), st.GetAppliedIndex(), st.GetLastSnapshotIndex(), history)
 		w := a.table()
 		fmt.Fprintln(w, "ID\tROLE\tRAFT ADDRESS\tAPI ADDRESS\tLEADER\tFEATURES")
 		for _, m := range st.GetMembers() {

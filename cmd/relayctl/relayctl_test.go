@@ -149,7 +149,10 @@ func TestJSONOutputForEveryCommand(t *testing.T) {
 		}
 	}
 	r.json(srv, "", "keys", "list")
-	r.json(srv, "", "cluster", "status")
+	// The cluster's identity in the Raft cluster check: 16 random bytes, hex.
+	if v := r.json(srv, "", "cluster", "status"); len(fmt.Sprint(v["history"])) != 32 {
+		t.Fatalf("cluster status names no history: %v", v)
+	}
 	if v := r.json(srv, "", "cluster", "transfer-leader"); v["leaderId"] == nil {
 		t.Fatalf("cluster transfer-leader: %v", v)
 	}

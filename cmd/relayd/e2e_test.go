@@ -249,7 +249,8 @@ func TestBinariesClusterBackupRestore(t *testing.T) {
 	st := startCluster(t, nodes)
 	relayctlAccountFlow(t, nodes)
 	table := relayctl(t, nodes[1].api, "cluster", "status")
-	if !strings.Contains(table, "RAFT ADDRESS") || !strings.Contains(table, nodes[2].raft) {
+	if !strings.Contains(table, "RAFT ADDRESS") || !strings.Contains(table, nodes[2].raft) ||
+		!strings.Contains(table, "cluster history ") || strings.Contains(table, "(none yet)") {
 		t.Fatalf("status table:\n%s", table)
 	}
 

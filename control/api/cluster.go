@@ -38,10 +38,14 @@ func (s *ClusterServer) Status(_ context.Context, _ *connect.Request[controlv1.S
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	history, err := s.node.FSM().History()
+	if err != nil {
+		return nil, toConnect(err)
+	}
 	out := &controlv1.StatusResponse{
 		NodeId: st.NodeID, State: st.State, LeaderId: st.LeaderID, LeaderApiAddr: st.LeaderAPIAddr,
 		Term: st.Term, CommitIndex: st.CommitIndex, AppliedIndex: st.AppliedIndex,
-		LastSnapshotIndex: st.LastSnapshotIndex,
+		LastSnapshotIndex: st.LastSnapshotIndex, History: history,
 	}
 	for _, m := range st.Members {
 		suf := controlv1.Suffrage_SUFFRAGE_NONVOTER

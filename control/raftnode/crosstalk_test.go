@@ -1,15 +1,20 @@
 package raftnode_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/control/server"
 )
 
@@ -159,4 +164,58 @@ func TestRollingUpgradeToTheClusterCheck(t *testing.T) {
 			t.Errorf("%s refused %v raft connections", n.ID, got)
 		}
 	}
+}
+
+// A new node that joins through the API has no state, so no history of
+// its own: without more it would take the traffic of any leader that
+// still dials the address it took over, and become that cluster's
+// before its own join is through. It refuses every Raft connection
+// until its join has asked a member which cluster it joins, and then
+// refuses other clusters' nodes.
+func TestAJoiningNodeTakesNoOtherClustersTraffic(t *testing.T) {
+	ctx := ctxT(t, 2*time.Minute)
+	a := clustertest.Start(t, 3, clustertest.Options{})
+	gone := a.Follower()
+	addr := a.Nodes[gone].Server.Node().RaftAddr()
+	a.Kill(gone)
+	aLeader := a.Leader()
+
+	reg := prometheus.NewRegistry()
+	n, err := raftnode.Open(ctx, raftnode.Config{
+		NodeID: a.Nodes[gone].ID, DataDir: t.TempDir(), RaftBind: addr, APIAdvertise: "127.0.0.1:1",
+		Joining: true, Metrics: reg, Raft: clustertest.FastRaft(), Logger: slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = n.Shutdown(context.Background()) }()
+	refused := func(reason string) float64 {
+		t.Helper()
+		return labeledCounter(t, reg, "relay_control_raft_connections_refused_total", "reason", reason)
+	}
+	untouched := func() {
+		t.Helper()
+		if h, err := n.FSM().History(); err != nil || h != "" || n.FSM().AppliedIndex() != 0 {
+			t.Fatalf("the joining node took cluster A's state: history %q, applied %d, %v", h, n.FSM().AppliedIndex(), err)
+		}
+	}
+	// A's leader knocks before the node knows its cluster.
+	clustertest.Eventually(t, 60*time.Second, func() error {
+		untouched()
+		if got := refused("not_joined"); got < 1 {
+			return fmt.Errorf("%v connections refused as not joined", got)
+		}
+		return nil
+	})
+	untouched()
+	// The node's join names another cluster: A is refused as such.
+	n.ExpectHistory(fsm.NewHistoryID())
+	clustertest.Eventually(t, 60*time.Second, func() error {
+		untouched()
+		if got, dialer := refused("other_cluster"), a.Nodes[aLeader].Metric(t, "relay_control_raft_connections_refused_total"); got < 1 || dialer < 2 {
+			return fmt.Errorf("%v refused as another cluster's by the joining node, %v refusals by A's leader", got, dialer)
+		}
+		return nil
+	})
+	untouched()
 }

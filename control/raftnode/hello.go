@@ -29,8 +29,9 @@ import (
 // id, fsm.ReadHistory) and itself; the accepting node answers with its
 // own. Each side refuses the connection when both histories are known
 // and differ. A node with no history yet (a new node waiting to receive
-// the state from its leader) accepts any. A bootstrapping node draws its
-// history before Raft starts, so it never has none.
+// the state from its leader) accepts any, unless it joins (below). A
+// bootstrapping node draws its history before Raft starts, so it never
+// has none.
 //
 // Compatibility: the hello's first byte is one no Raft RPC starts with.
 // A node of an older release reads it as an unknown RPC and closes the
@@ -39,12 +40,20 @@ import (
 // accepted as long as some member of the configuration does not record
 // fsm.FeatureRaftClusterCheck, and refused once every member does.
 //
-// Wire format, the same both ways (all lengths one byte):
+// Wire format, the same both ways (each length one byte, its string
+// after it, at most 64 bytes each):
 //
 //	0xF0 'R' 'L' 'Y'  version (1)  status  len history  len node-id
 //
-// status is 0 from the dialer; in the answer 0 accepts and
-// helloOtherCluster refuses.
+// status is 0 from the dialer; in the answer 0 accepts, and
+// helloOtherCluster and helloNotJoined refuse.
+//
+// A node that joins through the API (Config.Joining) with no state yet
+// has no history either, and would take any cluster's traffic: one whose
+// leader still dials the address it took over could get in before the
+// cluster it joins. It therefore refuses every connection
+// (helloNotJoined) until it has asked a member for the cluster's history
+// (Node.ExpectHistory), and then speaks for that one.
 const (
 	helloMarker  = 0xF0 // hashicorp/raft's RPC types are 0 to 4
 	helloVersion = 1
@@ -52,6 +61,7 @@ const (
 
 	helloAccepted     = 0
 	helloOtherCluster = 1
+	helloNotJoined    = 2
 
 	// maxHello is the longest hello: the header, two length bytes and
 	// the two bounded strings.
@@ -65,6 +75,10 @@ var ErrOtherCluster = errors.New("raft peer belongs to another cluster")
 // errBadHello is a connection that starts like a hello but is not one
 // this release reads.
 var errBadHello = errors.New("malformed raft hello")
+
+// errNotJoined is a connection to a new node that has not yet learnt
+// which cluster it joins.
+var errNotJoined = errors.New("the node takes no raft traffic until its join names its cluster")
 
 // errNoHello is a connection without a hello where every member sends one.
 var errNoHello = errors.New("raft connection without the cluster check, and every member of this cluster sends it " +
@@ -198,6 +212,12 @@ type clusterCheck struct {
 	// legacy reports whether a connection without a hello is accepted;
 	// nil (before Raft runs) accepts.
 	legacy atomic.Pointer[func() bool]
+	// awaitJoin: a new node that joins through the API refuses every
+	// connection until its join names the cluster (expected).
+	awaitJoin bool
+	// expected is the history of the cluster the node joins, while its
+	// state has none (Node.ExpectHistory); nil until then.
+	expected atomic.Pointer[string]
 
 	mu     sync.Mutex // guards warned
 	warned map[string]time.Time
@@ -206,6 +226,19 @@ type clusterCheck struct {
 // warnEvery bounds the warnings about one kind of refusal from one
 // address: a foreign node retries every few seconds.
 const warnEvery = time.Minute
+
+// ours returns the history this node speaks for: its state's, or while
+// that has none the one its join expects. waiting reports a joining
+// node that has no expectation yet, which takes no traffic.
+func (c *clusterCheck) ours() (history string, waiting bool) {
+	if h := c.history(); h != "" {
+		return h, false
+	}
+	if p := c.expected.Load(); p != nil {
+		return *p, false
+	}
+	return "", c.awaitJoin
+}
 
 func (c *clusterCheck) legacyAllowed() bool {
 	f := c.legacy.Load()
@@ -246,7 +279,7 @@ func (c *clusterCheck) greet(conn net.Conn, addr string, timeout time.Duration) 
 			_ = conn.Close()
 		}
 	}()
-	ours := c.history()
+	ours, _ := c.ours()
 	if err := conn.SetDeadline(time.Now().Add(timeout)); err != nil {
 		return err
 	}
@@ -266,6 +299,9 @@ func (c *clusterCheck) greet(conn net.Conn, addr string, timeout time.Duration) 
 		err := &ClusterMismatchError{Addr: addr, PeerID: h.nodeID, PeerHistory: h.history, LocalHistory: ours}
 		c.refuse("other_cluster", addr, err)
 		return err
+	}
+	if h.status == helloNotJoined {
+		return fmt.Errorf("raft peer %s at %s: %w", h.nodeID, addr, errNotJoined)
 	}
 	if h.status != helloAccepted {
 		return fmt.Errorf("%w: answer status %d", errBadHello, h.status)
@@ -306,52 +342,66 @@ func (c *helloConn) Write(p []byte) (int, error) {
 
 func (c *helloConn) handshake() {
 	addr := c.Conn.RemoteAddr().String()
-	fail := func(reason string, err error) {
+	// fail ends the connection: counted and logged as a refusal when
+	// reason is set, after answering status (unless noAnswer: the peer
+	// sent no hello to answer) so that the dialer can say why.
+	const noAnswer = helloAccepted
+	fail := func(reason string, err error, status byte) {
 		if reason != "" {
 			c.check.refuse(reason, addr, err)
 		} else {
 			c.check.log.Debug("raft connection ended during the cluster check", "peer", addr, "err", err)
 		}
+		if status != noAnswer {
+			ours, _ := c.check.ours()
+			_, _ = c.Conn.Write(appendHello(nil, hello{status: status, history: ours, nodeID: c.check.nodeID}))
+		}
 		c.err = fmt.Errorf("%s%w", helloRefused, err)
 		_ = c.Conn.Close()
 	}
 	if err := c.Conn.SetDeadline(time.Now().Add(c.check.timeout)); err != nil {
-		fail("", err)
+		fail("", err, noAnswer)
 		return
 	}
 	var first [1]byte
 	if _, err := io.ReadFull(c.Conn, first[:]); err != nil {
-		fail("", err)
+		fail("", err, noAnswer)
 		return
 	}
+	ours, waiting := c.check.ours()
 	if first[0] != helloMarker {
+		if waiting {
+			fail("not_joined", errNotJoined, noAnswer)
+			return
+		}
 		if !c.check.legacyAllowed() {
-			fail("no_hello", errNoHello)
+			fail("no_hello", errNoHello, noAnswer)
 			return
 		}
 		c.pending = []byte{first[0]}
 	} else {
 		h, err := readHello(c.Conn, first[:])
 		if errors.Is(err, errBadHello) {
-			fail("bad_hello", err)
+			fail("bad_hello", err, noAnswer)
 			return
 		} else if err != nil {
-			fail("", err)
+			fail("", err, noAnswer)
 			return
 		}
-		ours := c.check.history()
+		if waiting {
+			fail("not_joined", errNotJoined, helloNotJoined)
+			return
+		}
 		if mismatch(ours, h.history) {
-			// Say why before closing: the dialer names it in its error.
-			_, _ = c.Conn.Write(appendHello(nil, hello{status: helloOtherCluster, history: ours, nodeID: c.check.nodeID}))
-			fail("other_cluster", &ClusterMismatchError{Addr: addr, PeerID: h.nodeID, PeerHistory: h.history, LocalHistory: ours})
+			fail("other_cluster", &ClusterMismatchError{Addr: addr, PeerID: h.nodeID, PeerHistory: h.history, LocalHistory: ours}, helloOtherCluster)
 			return
 		}
 		if _, err := c.Conn.Write(appendHello(nil, hello{status: helloAccepted, history: ours, nodeID: c.check.nodeID})); err != nil {
-			fail("", err)
+			fail("", err, noAnswer)
 			return
 		}
 	}
 	if err := c.Conn.SetDeadline(time.Time{}); err != nil {
-		fail("", err)
+		fail("", err, noAnswer)
 	}
 }

@@ -147,6 +147,12 @@ type Config struct {
 	// fsm.FeatureRaftClusterCheck the node's Raft transport also speaks
 	// as an older release's did: no hello sent, none read.
 	Features []string
+	// Joining says that the node, when its data dir holds no Raft state,
+	// joins a cluster through a member's API (the server's --join). Its
+	// Raft transport then refuses every connection until ExpectHistory
+	// names the cluster it joins, so that no other cluster's leader
+	// (one still dialing an address this node took over) gets in first.
+	Joining bool
 	// Bootstrap starts a new single-voter cluster when the data dir is
 	// empty. Ignored when the node has state already.
 	Bootstrap bool
@@ -320,16 +326,15 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 		return nil, fmt.Errorf("open snapshot store in %s: %w", cfg.DataDir, err)
 	}
 
-	n.trans, err = n.newTransport()
-	if err != nil {
-		return nil, err
-	}
-	local := raft.ServerAddress(n.trans.LocalAddr())
-
 	hasState, err := raft.HasExistingState(n.logs, n.logs, n.snaps)
 	if err != nil {
 		return nil, fmt.Errorf("inspect raft state: %w", err)
 	}
+	n.trans, err = n.newTransport(cfg.Joining && !cfg.Bootstrap && !hasState)
+	if err != nil {
+		return nil, err
+	}
+	local := raft.ServerAddress(n.trans.LocalAddr())
 	if cfg.RestoreFrom != "" {
 		if hasState {
 			return nil, fmt.Errorf("restore from %s: data dir %s already holds a cluster's state; restore needs an empty one "+
@@ -421,7 +426,22 @@ func (n *Node) acceptsNoHello() bool {
 // check's hello.
 const raftNetTimeout = 10 * time.Second
 
-func (n *Node) newTransport() (*raftTransport, error) {
+// ExpectHistory names the history (fsm.ReadHistory) of the cluster the
+// node joins, as a member reported it (ClusterService.Status), before it
+// asks to be added: until the node has state of its own, its Raft
+// transport takes traffic only from nodes of that cluster (and from
+// nodes whose history is unknown). An empty history (a member of an
+// older release, or one with no state) accepts any. It ends the refusal
+// that Config.Joining starts with.
+func (n *Node) ExpectHistory(history string) {
+	if n.check != nil {
+		n.check.expected.Store(&history)
+	}
+}
+
+// newTransport starts the Raft transport; awaitJoin makes it refuse
+// every connection until ExpectHistory (Config.Joining).
+func (n *Node) newTransport(awaitJoin bool) (*raftTransport, error) {
 	var adv net.Addr
 	if n.cfg.RaftAdvertise != "" {
 		a, err := parseAdvertise(n.cfg.RaftAdvertise)
@@ -442,7 +462,7 @@ func (n *Node) newTransport() (*raftTransport, error) {
 				}
 				return h
 			},
-			timeout: raftNetTimeout, log: n.log, refused: n.m.observeRefused,
+			timeout: raftNetTimeout, log: n.log, refused: n.m.observeRefused, awaitJoin: awaitJoin,
 		}
 	}
 	n.check = check

@@ -292,7 +292,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.node, err = raftnode.Open(ctx, raftnode.Config{
 		NodeID: cfg.NodeID, DataDir: cfg.DataDir, Features: cfg.Features,
 		RaftBind: cfg.RaftAddr, RaftAdvertise: cfg.RaftAdvertise, APIAdvertise: apiAdv,
-		Bootstrap: cfg.Bootstrap, RestoreFrom: cfg.RestoreFrom,
+		Bootstrap: cfg.Bootstrap, RestoreFrom: cfg.RestoreFrom, Joining: len(cfg.Join) > 0,
 		OpenBackup: func(path string) (io.ReadCloser, error) { return backup.OpenFile(path, cfg.BackupKey) },
 		TLSServer:  raftServerTLS, TLSClient: clientTLS,
 		Peers: s.dialer, Logger: cfg.Logger, SlowThreshold: cfg.SlowThreshold,
@@ -426,6 +426,26 @@ func (s *Server) joinHint(err error) string {
 	return "if the cluster's members use TLS, give this node --tls-cert, --tls-key and --tls-ca from the cluster's CA"
 }
 
+// joinVia asks the member at addr for its cluster's history, which the
+// node's Raft transport then speaks for (raftnode.Node.ExpectHistory:
+// until then it takes no Raft traffic), and then to add this node.
+func (s *Server) joinVia(ctx context.Context, addr string, req *controlv1.AddVoterRequest) error {
+	c := s.dialer.Cluster(addr)
+	sr := connect.NewRequest(&controlv1.StatusRequest{})
+	ar := connect.NewRequest(req)
+	if s.cfg.JoinToken != "" {
+		sr.Header().Set("Authorization", "Bearer "+s.cfg.JoinToken)
+		ar.Header().Set("Authorization", "Bearer "+s.cfg.JoinToken)
+	}
+	st, err := c.Status(ctx, sr)
+	if err != nil {
+		return err
+	}
+	s.node.ExpectHistory(st.Msg.GetHistory())
+	_, err = c.AddVoter(ctx, ar)
+	return err
+}
+
 // join asks the members in cfg.Join, in turn, to add this node, until one
 // accepts or ctx ends.
 func (s *Server) join(ctx context.Context, apiAdv string) error {
@@ -436,11 +456,7 @@ func (s *Server) join(ctx context.Context, apiAdv string) error {
 		var lastErr error
 		for _, addr := range s.cfg.Join {
 			cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-			r := connect.NewRequest(req)
-			if s.cfg.JoinToken != "" {
-				r.Header().Set("Authorization", "Bearer "+s.cfg.JoinToken)
-			}
-			_, err := s.dialer.Cluster(addr).AddVoter(cctx, r)
+			err := s.joinVia(cctx, addr, req)
 			cancel()
 			if err == nil {
 				s.log.Info("joined the cluster", "via", addr)

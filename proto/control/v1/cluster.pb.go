@@ -214,8 +214,14 @@ type StatusResponse struct {
 	AppliedIndex      uint64    `protobuf:"varint,7,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
 	LastSnapshotIndex uint64    `protobuf:"varint,8,opt,name=last_snapshot_index,json=lastSnapshotIndex,proto3" json:"last_snapshot_index,omitempty"`
 	Members           []*Member `protobuf:"bytes,9,rep,name=members,proto3" json:"members,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The id of the history the answering node's state belongs to: the
+	// cluster's identity in the Raft cluster check, new for each cluster
+	// and each restore from a backup. Empty while the node has no state.
+	// A node that joins asks for it first, and takes Raft traffic from
+	// that cluster only.
+	History       string `protobuf:"bytes,10,opt,name=history,proto3" json:"history,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -309,6 +315,13 @@ func (x *StatusResponse) GetMembers() []*Member {
 		return x.Members
 	}
 	return nil
+}
+
+func (x *StatusResponse) GetHistory() string {
+	if x != nil {
+		return x.History
+	}
+	return ""
 }
 
 // AddVoterRequest names the node to add.
@@ -694,7 +707,7 @@ const file_control_v1_cluster_proto_rawDesc = "" +
 	"\bsuffrage\x18\x04 \x01(\x0e2\x14.control.v1.SuffrageR\bsuffrage\x12\x16\n" +
 	"\x06leader\x18\x05 \x01(\bR\x06leader\x12\x1a\n" +
 	"\bfeatures\x18\x06 \x03(\tR\bfeatures\"\x0f\n" +
-	"\rStatusRequest\"\xbe\x02\n" +
+	"\rStatusRequest\"\xd8\x02\n" +
 	"\x0eStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1b\n" +
@@ -704,7 +717,9 @@ const file_control_v1_cluster_proto_rawDesc = "" +
 	"\fcommit_index\x18\x06 \x01(\x04R\vcommitIndex\x12#\n" +
 	"\rapplied_index\x18\a \x01(\x04R\fappliedIndex\x12.\n" +
 	"\x13last_snapshot_index\x18\b \x01(\x04R\x11lastSnapshotIndex\x12,\n" +
-	"\amembers\x18\t \x03(\v2\x12.control.v1.MemberR\amembers\"Y\n" +
+	"\amembers\x18\t \x03(\v2\x12.control.v1.MemberR\amembers\x12\x18\n" +
+	"\ahistory\x18\n" +
+	" \x01(\tR\ahistory\"Y\n" +
 	"\x0fAddVoterRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x19\n" +
