@@ -45,8 +45,26 @@ func ResultError(r *statev1.Result) error {
 	default:
 		return fmt.Errorf("unknown result code %v: %s", r.GetCode(), r.GetMessage())
 	}
-	return fmt.Errorf("%w: %s", base, r.GetMessage())
+	return &resultError{base: base, msg: r.GetMessage()}
 }
+
+// resultError is a rejected command: its text is the result's message
+// alone (which already says what is wrong, "device \"d\" not found"),
+// and it wraps the sentinel of its code, which the API turns into the
+// Connect code that prefixes the message for the caller.
+type resultError struct {
+	base error
+	msg  string
+}
+
+func (e *resultError) Error() string {
+	if e.msg == "" {
+		return e.base.Error()
+	}
+	return e.msg
+}
+
+func (e *resultError) Unwrap() error { return e.base }
 
 // applyError is a rejection decided inside apply; it becomes a Result.
 type applyError struct {

@@ -448,8 +448,12 @@ func TestResultError(t *testing.T) {
 		statev1.ResultCode_RESULT_CODE_ALREADY_EXISTS:      ErrAlreadyExists,
 		statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION: ErrFailedPrecondition,
 	} {
-		if err := ResultError(&statev1.Result{Code: code, Message: "m"}); !errors.Is(err, want) {
+		if err := ResultError(&statev1.Result{Code: code, Message: `device "d" not found`}); !errors.Is(err, want) || err.Error() != `device "d" not found` {
 			t.Errorf("%v -> %v", code, err)
+		}
+		// Without a message the sentinel speaks.
+		if err := ResultError(&statev1.Result{Code: code}); !errors.Is(err, want) || err.Error() != want.Error() {
+			t.Errorf("%v without a message -> %v", code, err)
 		}
 	}
 	if ResultError(&statev1.Result{Code: statev1.ResultCode_RESULT_CODE_OK}) != nil {
