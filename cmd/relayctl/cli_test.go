@@ -67,6 +67,18 @@ func TestHelpEverywhere(t *testing.T) {
 	if err != nil || !strings.Contains(out, "relayctl") {
 		t.Errorf("completion bash: %v", err)
 	}
+	// A completion script needs none of the settings: one the shell holds
+	// for other commands, even a wrong one, does not fail it.
+	for _, shell := range []string{"bash", "zsh", "fish", "powershell"} {
+		bad := map[string]string{"RELAYCTL_CONFIG_DIR": dir, "RELAYCTL_TIMEOUT": "soon", "RELAYCTL_OUTPUT": "yaml"}
+		if out, _, err := runEnv(t, bad, "completion", shell); err != nil || !strings.Contains(out, "relayctl") {
+			t.Errorf("completion %s beside bad RELAYCTL_* variables: %v", shell, err)
+		}
+	}
+	if _, _, err := runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": dir, "RELAYCTL_TIMEOUT": "soon"}, "keys", "list"); err == nil ||
+		!strings.Contains(err.Error(), "RELAYCTL_TIMEOUT") {
+		t.Errorf("keys list with a bad RELAYCTL_TIMEOUT: %v", err)
+	}
 	if idempotencyKeyHeader != api.IdempotencyKeyHeader {
 		t.Errorf("relayctl sends %q, the API reads %q", idempotencyKeyHeader, api.IdempotencyKeyHeader)
 	}

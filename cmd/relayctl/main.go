@@ -167,6 +167,11 @@ to repeat are retried on another member when one fails.`,
 			if cmd.Annotations[groupAnnotation] != "" {
 				return nil // it prints its help, needing nothing set up
 			}
+			if p := cmd.Parent(); p != nil && p.Name() == "completion" && p.Parent() == cmd.Root() {
+				// It prints a shell script: a RELAYCTL_* variable the
+				// shell holds for other commands must not fail it.
+				return nil
+			}
 			return a.setup(cmd)
 		},
 	}
