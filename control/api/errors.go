@@ -33,7 +33,7 @@ func toConnect(err error) error {
 	case errors.Is(err, fsm.ErrCompacted):
 		code = connect.CodeOutOfRange
 	case errors.Is(err, raftnode.ErrNoLeader), errors.Is(err, raftnode.ErrNotLeader),
-		errors.Is(err, raftnode.ErrShutdown), errors.Is(err, raftnode.ErrUnknownOutcome),
+		errors.Is(err, raftnode.ErrShutdown), errors.Is(err, raftnode.ErrUnknownOutcome), errors.Is(err, raftnode.ErrNotInitialized),
 		errors.Is(err, errNoCA):
 		code = connect.CodeUnavailable
 	case errors.Is(err, context.DeadlineExceeded):

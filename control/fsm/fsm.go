@@ -204,6 +204,26 @@ func SetHistory(s *state.Store, id string) error {
 	return s.Sync()
 }
 
+// ClearHistory removes a history id that s holds without any applied
+// entry: one a bootstrap drew before it failed to start Raft. A node
+// that then joins a cluster must not speak for it.
+func ClearHistory(s *state.Store) error {
+	if index, _, err := ReadApplied(s); err != nil {
+		return fmt.Errorf("clear history: %w", err)
+	} else if index != 0 {
+		return fmt.Errorf("clear history: the state has applied index %d", index)
+	}
+	b := s.NewBatch()
+	if err := b.Delete(keyHistory); err != nil {
+		b.Discard()
+		return err
+	}
+	if err := b.Commit(); err != nil {
+		return fmt.Errorf("clear history: %w", err)
+	}
+	return s.Sync()
+}
+
 // History returns the id of the current state's history (see ReadHistory).
 func (f *FSM) History() (string, error) { return ReadHistory(f.store) }
 

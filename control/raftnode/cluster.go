@@ -107,6 +107,16 @@ func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint
 	if err := n.requireLeader(); err != nil {
 		return 0, err
 	}
+	// The first node drew the cluster's history before Raft started, and
+	// its InitCluster records it for everyone. Were a voter added before
+	// that, and the first node lost the lead meanwhile, the new leader
+	// would draw another id, and the two sides would refuse each other
+	// for good (the cluster check, hello.go).
+	if ok, err := n.fsm.Initialized(); err != nil {
+		return 0, fmt.Errorf("add voter %s: %w", id, err)
+	} else if !ok {
+		return 0, fmt.Errorf("add voter %s: %w", id, ErrNotInitialized)
+	}
 	f := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, timeoutOf(ctx, n.cfg.ApplyTimeout))
 	if err := f.Error(); err != nil {
 		return 0, mapRaftErr("add voter "+id, err)

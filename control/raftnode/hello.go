@@ -1,6 +1,7 @@
 package raftnode
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -62,6 +63,10 @@ const (
 	helloAccepted     = 0
 	helloOtherCluster = 1
 	helloNotJoined    = 2
+	// helloUnsupported answers a hello of a version this release does
+	// not speak; the answer's own version byte says which it does, so
+	// that a later release can fall back to it.
+	helloUnsupported = 3
 
 	// maxHello is the longest hello: the header, two length bytes and
 	// the two bounded strings.
@@ -75,6 +80,9 @@ var ErrOtherCluster = errors.New("raft peer belongs to another cluster")
 // errBadHello is a connection that starts like a hello but is not one
 // this release reads.
 var errBadHello = errors.New("malformed raft hello")
+
+// errHelloVersion is a hello of another version than this release's.
+var errHelloVersion = fmt.Errorf("%w: unsupported version", errBadHello)
 
 // errNotJoined is a connection to a new node that has not yet learnt
 // which cluster it joins.
@@ -153,7 +161,7 @@ func readHelloParts(r io.Reader, first []byte) (hello, error) {
 		return hello{}, fmt.Errorf("%w: starts % x", errBadHello, buf[:4])
 	}
 	if buf[4] != helloVersion {
-		return hello{}, fmt.Errorf("%w: version %d, this release speaks %d", errBadHello, buf[4], helloVersion)
+		return hello{}, fmt.Errorf("%w %d, this release speaks %d", errHelloVersion, buf[4], helloVersion)
 	}
 	h := hello{status: buf[5]}
 	var err error
@@ -219,13 +227,19 @@ type clusterCheck struct {
 	// state has none (Node.ExpectHistory); nil until then.
 	expected atomic.Pointer[string]
 
-	mu     sync.Mutex // guards warned
-	warned map[string]time.Time
+	mu           sync.Mutex           // guards the fields below
+	warned       map[string]time.Time // reason and host -> last warning
+	windowStart  time.Time
+	windowWarned int // warnings since windowStart
 }
 
 // warnEvery bounds the warnings about one kind of refusal from one
-// address: a foreign node retries every few seconds.
-const warnEvery = time.Minute
+// host (a foreign node retries every few seconds), and maxWarnings
+// those about all of them, in each warnEvery.
+const (
+	warnEvery   = time.Minute
+	maxWarnings = 20
+)
 
 // ours returns the history this node speaks for: its state's, or while
 // that has none the one its join expects. waiting reports a joining
@@ -245,30 +259,44 @@ func (c *clusterCheck) legacyAllowed() bool {
 	return f == nil || (*f)()
 }
 
-// refuse counts a refusal and logs it, at most once per warnEvery for
-// the same reason and peer address.
+// refuse counts a refusal and logs it: at most once per warnEvery for
+// the same reason and peer host (an accepted connection's port changes
+// with each), and at most maxWarnings times per warnEvery in all, so
+// that whoever reaches the Raft port cannot flood the log. not_joined is
+// logged at info: a member that rejoins with an empty data dir is
+// dialed by its leader before its join has named the cluster.
 func (c *clusterCheck) refuse(reason, addr string, err error) {
 	if c.refused != nil {
 		c.refused(reason)
 	}
-	key := reason + " " + addr
+	host := addr
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		host = h
+	}
+	key := reason + " " + host
 	now := time.Now()
 	c.mu.Lock()
-	if c.warned == nil {
-		c.warned = map[string]time.Time{}
+	if now.Sub(c.windowStart) >= warnEvery {
+		c.windowStart, c.windowWarned = now, 0
 	}
 	last, seen := c.warned[key]
-	if !seen || now.Sub(last) >= warnEvery {
-		if len(c.warned) >= 1024 {
-			clear(c.warned) // bounded: forgetting only repeats a warning
+	quiet := (seen && now.Sub(last) < warnEvery) || c.windowWarned >= maxWarnings
+	if !quiet {
+		if c.warned == nil || len(c.warned) >= 1024 {
+			c.warned = map[string]time.Time{} // bounded: forgetting only repeats a warning
 		}
 		c.warned[key] = now
+		c.windowWarned++
 	}
 	c.mu.Unlock()
-	if seen && now.Sub(last) < warnEvery {
+	if quiet {
 		return
 	}
-	c.log.Warn("refused a raft connection", "peer", addr, "reason", reason, "err", err)
+	level := slog.LevelWarn
+	if reason == "not_joined" {
+		level = slog.LevelInfo
+	}
+	c.log.Log(context.Background(), level, "refused a raft connection", "peer", addr, "reason", reason, "err", err)
 }
 
 // greet sends the dialer's hello on c and reads the answer, within
@@ -302,6 +330,9 @@ func (c *clusterCheck) greet(conn net.Conn, addr string, timeout time.Duration) 
 	}
 	if h.status == helloNotJoined {
 		return fmt.Errorf("raft peer %s at %s: %w", h.nodeID, addr, errNotJoined)
+	}
+	if h.status == helloUnsupported {
+		return fmt.Errorf("%w: raft peer %s at %s speaks another version", errHelloVersion, h.nodeID, addr)
 	}
 	if h.status != helloAccepted {
 		return fmt.Errorf("%w: answer status %d", errBadHello, h.status)
@@ -356,6 +387,10 @@ func (c *helloConn) handshake() {
 			ours, _ := c.check.ours()
 			_, _ = c.Conn.Write(appendHello(nil, hello{status: status, history: ours, nodeID: c.check.nodeID}))
 		}
+		if status == helloUnsupported {
+			_ = c.Conn.SetReadDeadline(time.Now().Add(time.Second))
+			_, _ = io.CopyN(io.Discard, c.Conn, 4<<10)
+		}
 		c.err = fmt.Errorf("%s%w", helloRefused, err)
 		_ = c.Conn.Close()
 	}
@@ -381,7 +416,14 @@ func (c *helloConn) handshake() {
 		c.pending = []byte{first[0]}
 	} else {
 		h, err := readHello(c.Conn, first[:])
-		if errors.Is(err, errBadHello) {
+		if errors.Is(err, errHelloVersion) {
+			// Say which version this node speaks; the rest of that
+			// hello is not read, so wait (briefly) for the dialer to
+			// hang up before closing, or the close would reset the
+			// connection and lose the answer.
+			fail("bad_hello", err, helloUnsupported)
+			return
+		} else if errors.Is(err, errBadHello) {
 			fail("bad_hello", err, noAnswer)
 			return
 		} else if err != nil {

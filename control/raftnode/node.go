@@ -66,6 +66,11 @@ var (
 	// already, and the node would diverge from its peers, so it does not
 	// start.
 	ErrStateAhead = errors.New("state store is ahead of the raft data")
+	// ErrNotInitialized: a voter may join only once the cluster is
+	// initialized (its first leader does so as it takes office), so that
+	// every member speaks for the history the first node drew. Retrying
+	// shortly succeeds.
+	ErrNotInitialized = errors.New("the cluster is not initialized yet")
 )
 
 // Tuning holds Raft timing and log compaction settings. Zero values take
@@ -366,6 +371,14 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if err := n.checkStateBehindRaft(hasState); err != nil {
 		return nil, err
 	}
+	if !hasState && !cfg.Bootstrap {
+		// Nothing applied (checkStateBehindRaft saw to that), but a
+		// bootstrap that failed before Raft started may have left its
+		// history: a node that joins now speaks for its new cluster's.
+		if err := fsm.ClearHistory(n.state); err != nil {
+			return nil, err
+		}
+	}
 	if err := n.catchUpWithSnapshot(); err != nil {
 		return nil, err
 	}
@@ -432,11 +445,16 @@ const raftNetTimeout = 10 * time.Second
 // transport takes traffic only from nodes of that cluster (and from
 // nodes whose history is unknown). An empty history (a member of an
 // older release, or one with no state) accepts any. It ends the refusal
-// that Config.Joining starts with.
-func (n *Node) ExpectHistory(history string) {
+// that Config.Joining starts with. A history longer than any a cluster
+// draws is refused.
+func (n *Node) ExpectHistory(history string) error {
+	if len(history) > fsm.MaxHistoryLen {
+		return fmt.Errorf("expect history: %d bytes, at most %d", len(history), fsm.MaxHistoryLen)
+	}
 	if n.check != nil {
 		n.check.expected.Store(&history)
 	}
+	return nil
 }
 
 // newTransport starts the Raft transport; awaitJoin makes it refuse

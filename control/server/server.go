@@ -441,7 +441,9 @@ func (s *Server) joinVia(ctx context.Context, addr string, req *controlv1.AddVot
 	if err != nil {
 		return err
 	}
-	s.node.ExpectHistory(st.Msg.GetHistory())
+	if err := s.node.ExpectHistory(st.Msg.GetHistory()); err != nil {
+		return fmt.Errorf("status of %s: %w", addr, err)
+	}
 	_, err = c.AddVoter(ctx, ar)
 	return err
 }
