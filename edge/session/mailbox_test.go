@@ -438,14 +438,7 @@ func TestAHeldForwardThatExpiredIsNotDelivered(t *testing.T) {
 	if got := b.payloads(1); got[0] != "stored" {
 		t.Fatalf("b got %q", got[0])
 	}
-	select {
-	case o := <-outcome:
-		if o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
-			t.Fatalf("outcome %v", o)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("no outcome for the expired forward")
-	}
+	wantOutcome(t, outcome, edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED, "the expired forward")
 	b.expectNothing("an expired event", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
 }
 
@@ -1443,6 +1436,68 @@ func TestMeshHopKeepsSenderOrderAcrossAHandBack(t *testing.T) {
 		t.Fatalf("b got %v, want [one two]", got)
 	}
 	s.expectAcks(one, two)
+}
+
+// The same hand-back at the worst moment: "two" has passed B's refusal
+// check (nothing was handed back yet) when b reconnects, its old session
+// hands "one" back and its new session's gate opens; only then is "two"
+// delivered. It must follow "one" to the mailbox, not go live ahead of it
+// (it did, rarely, under load: TestMeshHopKeepsSenderOrderAcrossAHandBack
+// then waited for ever for its outcome).
+func TestAForwardCheckedBeforeAHandBackFollowsIt(t *testing.T) {
+	remote := &heldRemote{ch: make(chan heldForward, 16)}
+	eA, mb := mailboxEnv(t, func(c *Config) { c.Remote = remote })
+	eA.devices("u1", "s", "b")
+	eB := eA.otherEdge("B", func(c *Config) {
+		c.Mailbox = mb
+		c.Remote = &announceHook{onAnnounce: func() {}}
+	})
+	hubB := eB.hub
+
+	s, b1 := eA.online("s"), eB.online("b")
+	one := s.sendPayload("one", "b")
+	f1 := <-remote.ch
+	oneOut := make(chan edgev1.ForwardOutcome, 1)
+	hubB.DeliverForwarded(f1.fw, func(o edgev1.ForwardOutcome) { oneOut <- o; f1.done(o) })
+	b1.nextDeliver() // never acknowledged
+	two := s.sendPayload("two", "b")
+	f2 := <-remote.ch
+	resume := mb.pause(t) // A's stores wait
+
+	var b2 *dev
+	hubB.afterForwardCheck = func() {
+		b2 = eB.online("b")
+		wantOutcome(t, oneOut, edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED, "one, handed back by the old session")
+		waitFor(t, "the new session's gate open", func() bool {
+			ss := hubB.sessionsOf("u1", "b")
+			return len(ss) == 1 && !ss[0].mb.slow.Load()
+		})
+	}
+	twoOut := make(chan edgev1.ForwardOutcome, 1)
+	hubB.DeliverForwarded(f2.fw, func(o edgev1.ForwardOutcome) { twoOut <- o; f2.done(o) })
+	// Without an outcome, two was delivered live, ahead of one.
+	wantOutcome(t, twoOut, edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED, "two, after the hand-back of one")
+	b2.expectNothing("a live delivery ahead of the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	resume()
+	waitFor(t, "both stored", func() bool { return mb.stored("b") == 2 })
+	hubB.MailboxChanged("u1", "b", 2)
+	if got := b2.payloads(2); !slices.Equal(got, []string{"one", "two"}) {
+		t.Fatalf("b got %v, want [one two]", got)
+	}
+	s.expectAcks(one, two)
+}
+
+// wantOutcome waits (10 s at most) for a forward's outcome on ch.
+func wantOutcome(t *testing.T, ch <-chan edgev1.ForwardOutcome, want edgev1.ForwardOutcome, what string) {
+	t.Helper()
+	select {
+	case o := <-ch:
+		if o != want {
+			t.Fatalf("outcome for %s: %v, want %v", what, o, want)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no outcome for %s within 10s, want %v", what, want)
+	}
 }
 
 // A device revoked (or whose account was disabled) while its session was

@@ -210,6 +210,9 @@ func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOut
 			report(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
 			return
 		}
+		if h.afterForwardCheck != nil {
+			h.afterForwardCheck()
+		}
 		answer := report
 		report = func(o edgev1.ForwardOutcome) {
 			if o == edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
