@@ -185,7 +185,18 @@ func TestRollingUpgradeToTheClusterCheck(t *testing.T) {
 
 	// Upgraded, the cluster refuses what only an older release sends: a
 	// connection that starts with a Raft RPC, no hello.
-	conn, err := net.Dial("tcp", c.Nodes[0].Server.Node().RaftAddr())
+	closedWithoutTheCheck(t, c.Nodes[0].Server.Node().RaftAddr())
+	if got := counterOf(t, c.Nodes[0], "no_hello"); got != 1 {
+		t.Fatalf("no_hello refusals %v, want 1", got)
+	}
+}
+
+// closedWithoutTheCheck opens a Raft connection to addr as a node of an
+// older release would, starting with an RPC's type byte, and wants it
+// closed unanswered.
+func closedWithoutTheCheck(t *testing.T, addr string) {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,9 +207,6 @@ func TestRollingUpgradeToTheClusterCheck(t *testing.T) {
 	_ = conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 	if got, err := io.ReadAll(conn); len(got) != 0 || (err != nil && !errors.Is(err, syscall.ECONNRESET)) {
 		t.Fatalf("a connection without the check: read %q, %v; want it closed", got, err)
-	}
-	if got := counterOf(t, c.Nodes[0], "no_hello"); got != 1 {
-		t.Fatalf("no_hello refusals %v, want 1", got)
 	}
 }
 
@@ -250,11 +258,17 @@ func TestAJoiningNodeTakesNoOtherClustersTraffic(t *testing.T) {
 	})
 	untouched()
 	// The node's join names another cluster: A is refused as such.
-	if err := n.ExpectHistory(strings.Repeat("h", fsm.MaxHistoryLen+1)); err == nil {
+	if err := n.ExpectHistory(strings.Repeat("h", fsm.MaxHistoryLen+1), true); err == nil {
 		t.Fatal("an over-long history was taken")
 	}
-	if err := n.ExpectHistory(fsm.NewHistoryID()); err != nil {
+	if err := n.ExpectHistory(fsm.NewHistoryID(), true); err != nil {
 		t.Fatal(err)
+	}
+	// Every member of the cluster it joins has the check: a connection
+	// without it (an older release's, from elsewhere) is refused too.
+	closedWithoutTheCheck(t, addr)
+	if got := refused("no_hello"); got != 1 {
+		t.Fatalf("no_hello refusals %v, want 1", got)
 	}
 	clustertest.Eventually(t, 60*time.Second, func() error {
 		untouched()

@@ -226,6 +226,9 @@ type clusterCheck struct {
 	// expected is the history of the cluster the node joins, while its
 	// state has none (Node.ExpectHistory); nil until then.
 	expected atomic.Pointer[string]
+	// expectChecked: the join found every member of its cluster with the
+	// check (Node.ExpectHistory).
+	expectChecked atomic.Bool
 
 	mu           sync.Mutex           // guards the fields below
 	warned       map[string]time.Time // reason and host -> last warning

@@ -425,11 +425,13 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 // check is accepted: while some member of the configuration does not
 // record fsm.FeatureRaftClusterCheck (a rolling upgrade from a release
 // without it), while the node knows no configuration yet (a new node
-// waiting for its leader, which may run the older release), or when the
+// waiting for its leader, which may run the older release; unless its
+// join found every member with the check, ExpectHistory), or when the
 // members cannot be read.
 func (n *Node) acceptsNoHello() bool {
 	if servers, err := n.servers(); err != nil || len(servers) == 0 {
-		return true
+		// A joining node knows its cluster's members from its join.
+		return !n.check.expectChecked.Load()
 	}
 	missing, err := n.MembersWithout(fsm.FeatureRaftClusterCheck)
 	return err != nil || len(missing) > 0
@@ -445,13 +447,18 @@ const raftNetTimeout = 10 * time.Second
 // transport takes traffic only from nodes of that cluster (and from
 // nodes whose history is unknown). An empty history (a member of an
 // older release, or one with no state) accepts any. It ends the refusal
-// that Config.Joining starts with. A history longer than any a cluster
-// draws is refused.
-func (n *Node) ExpectHistory(history string) error {
+// that Config.Joining starts with. everyMemberChecks says that every
+// member the cluster lists records fsm.FeatureRaftClusterCheck: then,
+// until its configuration arrives, the node also refuses connections
+// without the check (only a node of an older release, which the cluster
+// does not have, sends those). A history longer than any a cluster draws
+// is refused.
+func (n *Node) ExpectHistory(history string, everyMemberChecks bool) error {
 	if len(history) > fsm.MaxHistoryLen {
 		return fmt.Errorf("expect history: %d bytes, at most %d", len(history), fsm.MaxHistoryLen)
 	}
 	if n.check != nil {
+		n.check.expectChecked.Store(everyMemberChecks)
 		n.check.expected.Store(&history)
 	}
 	return nil

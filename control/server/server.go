@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -441,7 +442,11 @@ func (s *Server) joinVia(ctx context.Context, addr string, req *controlv1.AddVot
 	if err != nil {
 		return err
 	}
-	if err := s.node.ExpectHistory(st.Msg.GetHistory()); err != nil {
+	everyMemberChecks := len(st.Msg.GetMembers()) > 0
+	for _, m := range st.Msg.GetMembers() {
+		everyMemberChecks = everyMemberChecks && slices.Contains(m.GetFeatures(), fsm.FeatureRaftClusterCheck)
+	}
+	if err := s.node.ExpectHistory(st.Msg.GetHistory(), everyMemberChecks); err != nil {
 		return fmt.Errorf("status of %s: %w", addr, err)
 	}
 	_, err = c.AddVoter(ctx, ar)
