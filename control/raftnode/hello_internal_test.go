@@ -2,6 +2,7 @@ package raftnode
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,8 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/internal/certpool"
+	"github.com/edge-relay/relay/internal/testcerts"
 )
 
 // testPeer is a Raft transport with (or, for an older release, without)
@@ -37,11 +40,12 @@ type testPeer struct {
 // the given history ("" none); checked false stands for an older release.
 func newTestPeer(t *testing.T, id, history string, checked bool) *testPeer {
 	t.Helper()
-	return newTestPeerWithin(t, id, history, checked, 10*time.Second)
+	return newTestPeerWithin(t, id, history, checked, 10*time.Second, nil, nil)
 }
 
-// newTestPeerWithin is newTestPeer with the hello's timeout.
-func newTestPeerWithin(t *testing.T, id, history string, checked bool, timeout time.Duration) *testPeer {
+// newTestPeerWithin is newTestPeer with the hello's timeout, and with
+// mutual TLS when server and client are set.
+func newTestPeerWithin(t *testing.T, id, history string, checked bool, timeout time.Duration, server, client *tls.Config) *testPeer {
 	t.Helper()
 	p := &testPeer{id: id, refused: map[string]int{}}
 	p.history.Store(&history)
@@ -56,7 +60,7 @@ func newTestPeerWithin(t *testing.T, id, history string, checked bool, timeout t
 			},
 		}
 	}
-	layer, err := newStreamLayer("127.0.0.1:0", nil, nil, nil, nil, p.check)
+	layer, err := newStreamLayer("127.0.0.1:0", nil, server, client, nil, p.check)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,10 +194,48 @@ func TestClusterCheckSpeaksToOlderReleases(t *testing.T) {
 	}
 }
 
+// Over mutual TLS (a CA shared by two clusters) the check runs inside the
+// TLS connection: another cluster's node is refused, and an older
+// release's, which closes the TLS connection on the hello, is dialed
+// again without it.
+func TestClusterCheckOverTLS(t *testing.T) {
+	ca, err := testcerts.NewCA(t.TempDir(), "shared")
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile, err := ca.Issue("node")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, err := certpool.FromFile(ca.CertFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := &tls.Config{Certificates: []tls.Certificate{pair}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS13}
+	client := &tls.Config{Certificates: []tls.Certificate{pair}, RootCAs: pool, MinVersion: tls.VersionTLS13}
+	peer := func(id, history string, checked bool) *testPeer {
+		return newTestPeerWithin(t, id, history, checked, 10*time.Second, server, client)
+	}
+	a1, a2, b2, older := peer("n1", "history-a", true), peer("n2", "history-a", true), peer("n2", "history-b", true), peer("n3", "history-a", false)
+	if err := a1.vote(a2); err != nil {
+		t.Fatalf("same cluster over TLS: %v", err)
+	}
+	if err := a1.vote(b2); !errors.Is(err, ErrOtherCluster) {
+		t.Fatalf("another cluster over TLS: %v, want ErrOtherCluster", err)
+	}
+	if err := a1.vote(older); err != nil || older.votes.Load() != 1 {
+		t.Fatalf("an older release over TLS: %v (its raft got %d requests)", err, older.votes.Load())
+	}
+}
+
 // A connection that sends nothing holds up neither the accept loop nor
 // a goroutine beyond the hello's deadline; a malformed hello is refused.
 func TestClusterCheckBoundsWhatAPeerSends(t *testing.T) {
-	p := newTestPeerWithin(t, "n1", "history-a", true, time.Second)
+	p := newTestPeerWithin(t, "n1", "history-a", true, time.Second, nil, nil)
 	q := newTestPeer(t, "n2", "history-a", true)
 
 	silent, err := net.Dial("tcp", string(p.trans.LocalAddr()))
