@@ -102,6 +102,35 @@ func TestHistoryIsWhatARestoreSet(t *testing.T) {
 	}
 }
 
+// ClearHistory drops an id a failed bootstrap left in a state that has
+// applied nothing; a state that has applied entries keeps its history.
+func TestClearHistoryOnlyWithNothingApplied(t *testing.T) {
+	f := newFSM(t, Config{})
+	if err := SetHistory(f.store, "left-by-a-bootstrap"); err != nil {
+		t.Fatal(err)
+	}
+	if err := ClearHistory(f.store); err != nil {
+		t.Fatal(err)
+	}
+	if h, err := f.History(); err != nil || h != "" {
+		t.Fatalf("history after the clear %q, %v", h, err)
+	}
+	if err := ClearHistory(f.store); err != nil {
+		t.Fatalf("clearing no history: %v", err)
+	}
+	a := &applier{t: t, f: f}
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
+	if err := SetHistory(f.store, "the-cluster"); err != nil {
+		t.Fatal(err)
+	}
+	if err := ClearHistory(f.store); err == nil {
+		t.Fatal("cleared the history of a state with applied entries")
+	}
+	if h, err := f.History(); err != nil || h != "the-cluster" {
+		t.Fatalf("history %q, %v; want it kept", h, err)
+	}
+}
+
 // InitCluster draws the new cluster's history: a watcher of a cluster it
 // replaced (rebuilt from nothing) resumes in another history. An id too
 // long refuses the whole command; a later InitCluster changes nothing.
