@@ -242,11 +242,11 @@ type Hub struct {
 	// readBufs lends the sessions' stream readers their buffers while
 	// frames are arriving; a session waiting for its next frame holds none.
 	readBufs *frame.BufferPool
-	// afterForwardCheck, set by tests only (before any forward arrives),
-	// runs in DeliverForwarded between its refusal check and the
-	// delivery: a test lands a hand-off there.
-	afterForwardCheck func()
-	traced            bool // a Tracer was configured: events get spans
+	// afterForwardArrived, set by tests only (before any forward
+	// arrives), runs in DeliverForwarded before the device's session is
+	// looked up: a test lands a hand-off between arrival and delivery.
+	afterForwardArrived func()
+	traced              bool // a Tracer was configured: events get spans
 
 	mu       sync.Mutex // guards the fields below
 	ended    []Activity // activity of sessions that ended since TakeActivity

@@ -219,11 +219,11 @@ func (s *Session) deliverLive(event []byte, f *inflight, need, rev uint64) offer
 	}
 	if f.fwd != nil && s.hub.cfg.Mailbox != nil && s.hub.refuseForward(s.userID, f.origin, need, s.hub.cfg.Now()) {
 		// An earlier forward of its sender was handed back to be stored
-		// since DeliverForwarded looked: the replaced session's hand-off,
-		// which fails its forwards before it opens this session's gate
-		// (seen open above). This one follows it to the mailbox, as
-		// releaseHeld does for a held one; delivered live, it would
-		// overtake it.
+		// (refuseForward, DeliverForwarded): this one follows it to the
+		// mailbox, as releaseHeld does for a held one; delivered live, it
+		// would overtake it. Looked at here, after the gate was seen open
+		// above, it sees the replaced session's hand-off too, which fails
+		// its forwards before it opens this session's gate.
 		f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "")
 		return offered
 	}

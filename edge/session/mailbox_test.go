@@ -1428,20 +1428,12 @@ func TestMeshHopKeepsSenderOrderAcrossAHandBack(t *testing.T) {
 			t.Fatalf("no outcome within 10s, want %q", want)
 		}
 	}
-	b2.expectNothing("a live delivery ahead of the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
-	resume()
-	waitFor(t, "both stored", func() bool { return mb.stored("b") == 2 })
-	hubB.MailboxChanged("u1", "b", 2)
-	if got := b2.payloads(2); !slices.Equal(got, []string{"one", "two"}) {
-		t.Fatalf("b got %v, want [one two]", got)
-	}
-	s.expectAcks(one, two)
+	bothFromTheMailbox(t, hubB, mb, resume, s, b2, one, two)
 }
 
-// The same hand-back at the worst moment: "two" has passed B's refusal
-// check (nothing was handed back yet) when b reconnects, its old session
-// hands "one" back and its new session's gate opens; only then is "two"
-// delivered. It must follow "one" to the mailbox, not go live ahead of it
+// The same hand-back at the worst moment: "two" has arrived at B (nothing
+// was handed back yet) when b reconnects, its old session hands "one"
+// back and its new session's gate opens; only then is "two" delivered. It must follow "one" to the mailbox, not go live ahead of it
 // (it did, rarely, under load: TestMeshHopKeepsSenderOrderAcrossAHandBack
 // then waited for ever for its outcome).
 func TestAForwardCheckedBeforeAHandBackFollowsIt(t *testing.T) {
@@ -1465,7 +1457,7 @@ func TestAForwardCheckedBeforeAHandBackFollowsIt(t *testing.T) {
 	resume := mb.pause(t) // A's stores wait
 
 	var b2 *dev
-	hubB.afterForwardCheck = func() {
+	hubB.afterForwardArrived = func() {
 		b2 = eB.online("b")
 		wantOutcome(t, oneOut, edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED, "one, handed back by the old session")
 		waitFor(t, "the new session's gate open", func() bool {
@@ -1477,11 +1469,19 @@ func TestAForwardCheckedBeforeAHandBackFollowsIt(t *testing.T) {
 	hubB.DeliverForwarded(f2.fw, func(o edgev1.ForwardOutcome) { twoOut <- o; f2.done(o) })
 	// Without an outcome, two was delivered live, ahead of one.
 	wantOutcome(t, twoOut, edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED, "two, after the hand-back of one")
-	b2.expectNothing("a live delivery ahead of the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+	bothFromTheMailbox(t, hubB, mb, resume, s, b2, one, two)
+}
+
+// bothFromTheMailbox ends a hand-back test: b's new session got nothing
+// live; once A's stores resume, "one" and "two" come from the mailbox in
+// that order, and s has both acknowledged.
+func bothFromTheMailbox(t *testing.T, hubB *Hub, mb *memMailbox, resume func(), s, b *dev, one, two *relayv1.Event) {
+	t.Helper()
+	b.expectNothing("a live delivery ahead of the stored one", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
 	resume()
 	waitFor(t, "both stored", func() bool { return mb.stored("b") == 2 })
 	hubB.MailboxChanged("u1", "b", 2)
-	if got := b2.payloads(2); !slices.Equal(got, []string{"one", "two"}) {
+	if got := b.payloads(2); !slices.Equal(got, []string{"one", "two"}) {
 		t.Fatalf("b got %v, want [one two]", got)
 	}
 	s.expectAcks(one, two)

@@ -192,9 +192,12 @@ func (h *Hub) noteUndelivered(fw *edgev1.Forward, now time.Time) {
 // sessions, or its session ended before acknowledging it) is stored by
 // the sending edge; the same sender's later forwards for the device may
 // already be on their way, and are refused the same way until one shows
-// that store done (refuseForward), so none is delivered live before it:
-// neither those that arrive later nor those held meanwhile in the
-// device's new session until its old one handed off (releaseHeld).
+// that store done (refuseForward), so none is delivered live before it.
+// The look is taken where a delivery goes live, after the device's session
+// has seen every hand-off before it: deliverLive for one queued at once,
+// releaseHeld for one held meanwhile in the device's new session until
+// its old one handed off. (Taken here, on arrival, it would miss a
+// hand-off between arrival and delivery.)
 func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOutcome)) {
 	if d := h.cfg.Directory.LookupDevice(fw.GetDeviceId()); d.UserID != fw.GetUserId() || d.State != DeviceActive {
 		if report != nil {
@@ -205,14 +208,6 @@ func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOut
 	if report != nil && h.cfg.Mailbox != nil {
 		// (Without mailboxes the sending edge stores nothing: it refuses
 		// the event to its sender, and later ones may go on.)
-		now := h.cfg.Now()
-		if h.refuseForward(fw.GetUserId(), fwdKey{fw.GetSenderDeviceId(), fw.GetDeviceId()}, fw.GetNeedMailboxSeq(), now) {
-			report(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
-			return
-		}
-		if h.afterForwardCheck != nil {
-			h.afterForwardCheck()
-		}
 		answer := report
 		report = func(o edgev1.ForwardOutcome) {
 			if o == edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
@@ -220,6 +215,9 @@ func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOut
 			}
 			answer(o)
 		}
+	}
+	if h.afterForwardArrived != nil {
+		h.afterForwardArrived()
 	}
 	ss := h.sessionsOf(fw.GetUserId(), fw.GetDeviceId())
 	if len(ss) == 0 {
