@@ -522,6 +522,11 @@ func (n *Node) MembersWithout(feature string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
+	return n.membersWithout(servers, feature)
+}
+
+// membersWithout is MembersWithout over a configuration already read.
+func (n *Node) membersWithout(servers []raft.Server, feature string) ([]string, error) {
 	var out []string
 	for _, s := range servers {
 		rec, err := n.fsm.GetNode(string(s.ID))

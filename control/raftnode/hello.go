@@ -223,17 +223,20 @@ type clusterCheck struct {
 	// awaitJoin: a new node that joins through the API refuses every
 	// connection until its join names the cluster (expected).
 	awaitJoin bool
-	// expected is the history of the cluster the node joins, while its
-	// state has none (Node.ExpectHistory); nil until then.
-	expected atomic.Pointer[string]
-	// expectChecked: the join found every member of its cluster with the
-	// check (Node.ExpectHistory).
-	expectChecked atomic.Bool
+	// expected is what the node's join learnt of its cluster
+	// (Node.ExpectHistory); nil until then.
+	expected atomic.Pointer[expectation]
 
 	mu           sync.Mutex           // guards the fields below
 	warned       map[string]time.Time // reason and host -> last warning
 	windowStart  time.Time
 	windowWarned int // warnings since windowStart
+}
+
+// expectation is what a joining node learnt of the cluster it joins.
+type expectation struct {
+	history     string // spoken for while the state has none
+	everyChecks bool   // every member records FeatureRaftClusterCheck
 }
 
 // warnEvery bounds the warnings about one kind of refusal from one
@@ -251,8 +254,8 @@ func (c *clusterCheck) ours() (history string, waiting bool) {
 	if h := c.history(); h != "" {
 		return h, false
 	}
-	if p := c.expected.Load(); p != nil {
-		return *p, false
+	if e := c.expected.Load(); e != nil {
+		return e.history, false
 	}
 	return "", c.awaitJoin
 }

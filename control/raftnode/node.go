@@ -429,11 +429,16 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 // join found every member with the check, ExpectHistory), or when the
 // members cannot be read.
 func (n *Node) acceptsNoHello() bool {
-	if servers, err := n.servers(); err != nil || len(servers) == 0 {
-		// A joining node knows its cluster's members from its join.
-		return !n.check.expectChecked.Load()
+	servers, err := n.servers()
+	if err != nil {
+		return true
 	}
-	missing, err := n.MembersWithout(fsm.FeatureRaftClusterCheck)
+	if len(servers) == 0 {
+		// A joining node knows its cluster's members from its join.
+		e := n.check.expected.Load()
+		return e == nil || !e.everyChecks
+	}
+	missing, err := n.membersWithout(servers, fsm.FeatureRaftClusterCheck)
 	return err != nil || len(missing) > 0
 }
 
@@ -458,8 +463,7 @@ func (n *Node) ExpectHistory(history string, everyMemberChecks bool) error {
 		return fmt.Errorf("expect history: %d bytes, at most %d", len(history), fsm.MaxHistoryLen)
 	}
 	if n.check != nil {
-		n.check.expectChecked.Store(everyMemberChecks)
-		n.check.expected.Store(&history)
+		n.check.expected.Store(&expectation{history: history, everyChecks: everyMemberChecks})
 	}
 	return nil
 }
