@@ -88,6 +88,10 @@ var errHelloVersion = fmt.Errorf("%w: unsupported version", errBadHello)
 // which cluster it joins.
 var errNotJoined = errors.New("the node takes no raft traffic until its join names its cluster")
 
+// errBusy is an accepted connection closed at once because maxGreeting
+// others are still in their hello.
+var errBusy = errors.New("too many raft connections in the cluster check at once")
+
 // errNoHello is a connection without a hello where every member sends one.
 var errNoHello = errors.New("raft connection without the cluster check, and every member of this cluster sends it " +
 	"(a node of an older release outside the cluster?)")
@@ -354,6 +358,24 @@ type helloConn struct {
 	once    sync.Once
 	err     error  // why the connection was refused; set once
 	pending []byte // a first byte that was no hello, still to be read
+
+	greeting *atomic.Int64 // the layer's count of connections in their hello
+	left     atomic.Bool   // this one has left that count
+}
+
+// leave takes the connection out of its layer's greeting count, once:
+// when its hello ends either way, or when it is closed before that.
+func (c *helloConn) leave() {
+	if c.left.CompareAndSwap(false, true) {
+		c.greeting.Add(-1)
+	}
+}
+
+// Close closes the connection; one closed before its hello ends leaves
+// the greeting count.
+func (c *helloConn) Close() error {
+	c.leave()
+	return c.Conn.Close()
 }
 
 func (c *helloConn) Read(p []byte) (int, error) {
@@ -378,6 +400,7 @@ func (c *helloConn) Write(p []byte) (int, error) {
 }
 
 func (c *helloConn) handshake() {
+	defer c.leave()
 	addr := c.Conn.RemoteAddr().String()
 	// fail ends the connection: counted and logged as a refusal when
 	// reason is set, after answering status (unless noAnswer: the peer

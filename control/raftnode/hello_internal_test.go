@@ -386,3 +386,78 @@ func TestClusterCheckWarnsSparingly(t *testing.T) {
 		t.Fatalf("%d refusals counted, want every one (%d)", counted, 4+2*maxWarnings)
 	}
 }
+
+// Whoever reaches the Raft port can open connections and say nothing;
+// only so many may wait in their hello at once, and the rest are closed
+// at once, before Raft gives them a goroutine. A connection leaves the
+// count when its hello ends, so members' pooled connections never hold
+// a place.
+func TestClusterCheckBoundsConnectionsInTheHello(t *testing.T) {
+	const limit = 4
+	// A long hello timeout: a connection closed within the test's
+	// deadlines was closed by the bound, not by the timeout.
+	p := newTestPeerWithin(t, "n1", "history-a", true, 10*time.Minute, nil, nil)
+	p.layer.greetLimit.Store(limit)
+	q := newTestPeer(t, "n2", "history-a", true)
+
+	if err := q.vote(p); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the member's connection to leave the hello", func() bool { return p.layer.greeting.Load() == 0 })
+
+	var silent []net.Conn
+	for range limit {
+		c, err := net.Dial("tcp", string(p.trans.LocalAddr()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		silent = append(silent, c)
+	}
+	waitFor(t, "the silent connections to be accepted", func() bool { return p.layer.greeting.Load() == limit })
+
+	extra, err := net.Dial("tcp", string(p.trans.LocalAddr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	_ = extra.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if got, err := io.ReadAll(extra); (err != nil && !errors.Is(err, syscall.ECONNRESET)) || len(got) != 0 {
+		t.Fatalf("a connection beyond the bound: read %q, %v; want it closed at once", got, err)
+	}
+	if n := p.refusals("busy"); n != 1 {
+		t.Fatalf("busy refusals = %d, want 1", n)
+	}
+	if n := p.layer.greeting.Load(); n != limit {
+		t.Fatalf("%d connections in their hello, want the %d silent ones", n, limit)
+	}
+	// The member's pooled connection still carries its votes.
+	if err := q.vote(p); err != nil {
+		t.Fatalf("a member's vote while the hello is full: %v", err)
+	}
+
+	for _, c := range silent {
+		_ = c.Close()
+	}
+	waitFor(t, "the closed connections to leave the hello", func() bool { return p.layer.greeting.Load() == 0 })
+	r := newTestPeer(t, "n3", "history-a", true)
+	if err := r.vote(p); err != nil {
+		t.Fatalf("a new member once the hello has room: %v", err)
+	}
+}
+
+// waitFor polls cond every 10ms for up to 30 s, and fails the test
+// naming what it waited for. (clustertest.Eventually imports this
+// package, so its internal tests cannot use it.)
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 30s for %s", what)
+		}
+		<-tick.C
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -25,6 +26,12 @@ type streamLayer struct {
 	client    *tls.Config   // nil: plain TCP
 	faults    *Faults       // nil outside fault tests
 	check     *clusterCheck // nil: no hello sent or read (a node of an older release, in tests)
+
+	// greeting counts the accepted connections still in their hello
+	// (with TLS, their handshake too), and greetLimit bounds it
+	// (maxGreeting; tests lower it).
+	greeting   atomic.Int64
+	greetLimit atomic.Int64
 
 	mu     sync.Mutex // guards the fields below
 	conns  map[*trackedConn]struct{}
@@ -46,9 +53,18 @@ func newStreamLayer(bind string, advertise net.Addr, server, client *tls.Config,
 		advertise = ln.Addr()
 	}
 	l := &streamLayer{ln: ln, advertise: advertise, client: client, faults: faults, check: check, conns: map[*trackedConn]struct{}{}}
+	l.greetLimit.Store(maxGreeting)
 	faults.attach(l)
 	return l, nil
 }
+
+// maxGreeting bounds the accepted connections still in their hello
+// (with TLS, still in their handshake): whoever reaches the Raft port can
+// open them, and each holds one of Raft's goroutines until the hello's
+// deadline. A cluster's own traffic needs a few: members keep their
+// connections pooled and open. Beyond the bound a new connection is
+// closed at once and counted as busy, so a flood costs no goroutine.
+const maxGreeting = 256
 
 func (s *streamLayer) Accept() (net.Conn, error) {
 	for {
@@ -61,14 +77,24 @@ func (s *streamLayer) Accept() (net.Conn, error) {
 			_ = c.Close()
 			continue
 		}
+		if s.check == nil {
+			return s.track(c)
+		}
+		if s.greeting.Add(1) > s.greetLimit.Load() {
+			s.greeting.Add(-1)
+			_ = c.Close()
+			s.check.refuse("busy", c.RemoteAddr().String(), errBusy)
+			continue
+		}
 		tc, err := s.track(c)
-		if err != nil || s.check == nil {
-			return tc, err
+		if err != nil {
+			s.greeting.Add(-1)
+			return nil, err
 		}
 		// The hello is read on the first Read, on Raft's goroutine for
 		// this connection: a peer that sends nothing holds up only that
 		// goroutine (until the hello's deadline), never the accept loop.
-		return &helloConn{Conn: tc, check: s.check}, nil
+		return &helloConn{Conn: tc, check: s.check, greeting: &s.greeting}, nil
 	}
 }
 
