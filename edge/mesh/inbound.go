@@ -194,6 +194,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		_ = conn.CloseWithError(0, "")
 		wg.Wait()
 	}()
+	var setLeft uint32 // PresenceDeltas still to come that complete the peer's full set
 	for {
 		f = &edgev1.MeshFrame{}
 		if buf, err = readFrame(r, buf, f); err != nil {
@@ -204,9 +205,15 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		}
 		switch k := f.GetKind().(type) {
 		case *edgev1.MeshFrame_PresenceSet:
-			m.presenceFromPeer(peer, true, k.PresenceSet.GetDevices(), nil)
+			setLeft = k.PresenceSet.GetContinuedIn()
+			m.presenceFromPeer(peer, setPart{inSet: true, first: true, last: setLeft == 0}, k.PresenceSet.GetDevices(), nil)
 		case *edgev1.MeshFrame_PresenceDelta:
-			m.presenceFromPeer(peer, false, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
+			part := deltaFrame
+			if setLeft > 0 {
+				setLeft--
+				part = setPart{inSet: true, last: setLeft == 0}
+			}
+			m.presenceFromPeer(peer, part, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
 		case *edgev1.MeshFrame_Status:
 			if in.controlHeard.Swap(k.Status.GetControlHeard()) != k.Status.GetControlHeard() {
 				log.Debug("mesh peer's view of the control plane changed", "peer", peer, "control_heard", k.Status.GetControlHeard())

@@ -280,10 +280,10 @@ const presenceChunk = 256 << 10
 
 // presenceFrames is the full set of devices here, as a link sends it when
 // it comes up: a PresenceSet (which replaces what the peer knew of this
-// edge) with the first devices, then PresenceDeltas adding the rest, each
-// of at most presenceChunk bytes. In one frame, the set of an edge with
-// some ten thousand devices is over maxFrame, and the peer would refuse
-// it, and the link, for ever.
+// edge) with the first devices and the number of frames still to come,
+// then PresenceDeltas adding the rest, each of at most presenceChunk
+// bytes. In one frame, the set of an edge with some ten thousand devices
+// is over maxFrame, and the peer would refuse it, and the link, for ever.
 func presenceFrames(devs []*edgev1.DevicePresence) []*edgev1.MeshFrame {
 	var frames []*edgev1.MeshFrame
 	emit := func(chunk []*edgev1.DevicePresence) {
@@ -303,5 +303,6 @@ func presenceFrames(devs []*edgev1.DevicePresence) []*edgev1.MeshFrame {
 		size += n
 	}
 	emit(devs[start:len(devs):len(devs)]) // also the empty set of an edge with none
+	frames[0].GetPresenceSet().ContinuedIn = uint32(len(frames) - 1)
 	return frames
 }

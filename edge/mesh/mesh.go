@@ -118,6 +118,10 @@ type Mesh struct {
 	byPeer map[string]map[string]DevPres  // peer -> devices it announced
 	byUser map[string]map[string]struct{} // user -> its devices in where
 	events []presenceEvent                // to tell Local once presMu is released
+	// unconfirmed holds, for a peer whose full set is still arriving,
+	// the devices it announced before that the set has not named yet:
+	// they stay where they are until its last frame.
+	unconfirmed map[string]map[string]struct{}
 	// controlHeard is this edge's status, as SetControlHeard last set it.
 	controlHeard bool
 }
@@ -191,7 +195,8 @@ func New(cfg Config) (*Mesh, error) {
 		return nil, fmt.Errorf("listen mesh: %w", err)
 	}
 	m := &Mesh{cfg: cfg, udp: udp, tr: tr, ln: ln, links: map[string]*link{}, inbound: map[string]*inbound{},
-		where: map[string]holder{}, byPeer: map[string]map[string]DevPres{}, byUser: map[string]map[string]struct{}{}}
+		where: map[string]holder{}, byPeer: map[string]map[string]DevPres{}, byUser: map[string]map[string]struct{}{},
+		unconfirmed: map[string]map[string]struct{}{}}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.metrics = metrics{
 		links: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_links", Help: "Mesh links this edge dialed that are up."}),
@@ -428,6 +433,7 @@ type Stats struct {
 	RemoteDevices int // devices peers announced
 	RemoteUsers   int // users with devices on peers
 	PeerSets      int // peers with at least one announced device
+	Settling      int // peers whose full set is still arriving
 	Pending       int // forwards waiting for their outcome
 	LinksUp       int // links this edge dialed that are up
 	Dials         int // connection attempts of this edge's links so far
@@ -436,7 +442,7 @@ type Stats struct {
 // Stats returns the current table sizes.
 func (m *Mesh) Stats() Stats {
 	m.presMu.Lock()
-	st := Stats{RemoteDevices: len(m.where), RemoteUsers: len(m.byUser), PeerSets: len(m.byPeer)}
+	st := Stats{RemoteDevices: len(m.where), RemoteUsers: len(m.byUser), PeerSets: len(m.byPeer), Settling: len(m.unconfirmed)}
 	m.presMu.Unlock()
 	m.mu.Lock()
 	for _, l := range m.links {
@@ -453,13 +459,17 @@ func (m *Mesh) Stats() Stats {
 }
 
 // applyPresence records what a peer announced (with presMu held) and
-// returns the devices whose older local sessions must close.
-func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresence) []*edgev1.DevicePresence {
+// returns the devices whose older local sessions must close. A full
+// set's devices (inSet) are what the peer holds now, whatever it
+// announced before.
+func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresence, inSet bool) []*edgev1.DevicePresence {
 	set := m.byPeer[peer]
+	unconfirmed := m.unconfirmed[peer]
 	var moved []*edgev1.DevicePresence
 	for _, p := range offline {
 		if cur, ok := set[p.GetDeviceId()]; ok && cur.Since == p.GetSinceNs() {
 			delete(set, p.GetDeviceId())
+			delete(unconfirmed, p.GetDeviceId())
 			m.recomputeWhere(p.GetDeviceId())
 		}
 	}
@@ -468,7 +478,8 @@ func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresen
 			set = map[string]DevPres{}
 			m.byPeer[peer] = set
 		}
-		if cur, ok := set[p.GetDeviceId()]; ok && cur.Since > p.GetSinceNs() {
+		delete(unconfirmed, p.GetDeviceId())
+		if cur, ok := set[p.GetDeviceId()]; ok && cur.Since > p.GetSinceNs() && !inSet {
 			// An older session's announcement that came late (two
 			// sessions of the device opened together there): the newer
 			// one's stands, and its offline will match it.
@@ -562,23 +573,66 @@ func (m *Mesh) dropPeer(peer string) {
 func (m *Mesh) forgetPeerLocked(peer string) {
 	set := m.byPeer[peer]
 	delete(m.byPeer, peer)
+	delete(m.unconfirmed, peer)
 	for dev := range set {
 		m.recomputeWhere(dev)
 	}
 }
 
-// presenceFromPeer applies a peer's announcement: its full set (replace:
-// what it announced before is forgotten first) or a delta.
-func (m *Mesh) presenceFromPeer(peer string, replace bool, online, offline []*edgev1.DevicePresence) {
+// setPart places a presence frame within a peer's full set. A delta is
+// in no set; first starts one (what the peer announced before becomes
+// unconfirmed), last ends it (what is still unconfirmed goes). A set in
+// one frame is both.
+type setPart struct{ inSet, first, last bool }
+
+// deltaFrame is a PresenceDelta of the peer's own, in no set.
+var deltaFrame = setPart{}
+
+// presenceFromPeer applies a peer's announcement: a delta, or a frame of
+// its full set. A set replaces what the peer announced before without
+// taking down, even for a moment, a device it names again: those devices
+// keep where they are, and only the ones its last frame leaves unnamed
+// go. Users' devices here hear of a change only (Local.PeerPresence),
+// not of a link that came back or was replaced.
+func (m *Mesh) presenceFromPeer(peer string, part setPart, online, offline []*edgev1.DevicePresence) {
 	m.presMu.Lock()
-	if replace {
-		m.forgetPeerLocked(peer)
+	if part.first {
+		delete(m.unconfirmed, peer)
+		if set := m.byPeer[peer]; len(set) > 0 {
+			u := make(map[string]struct{}, len(set))
+			for dev := range set {
+				u[dev] = struct{}{}
+			}
+			m.unconfirmed[peer] = u
+		}
 	}
-	moved := m.applyPresence(peer, online, offline)
+	moved := m.applyPresence(peer, online, offline, part.inSet)
+	if part.last {
+		m.settleLocked(peer)
+	}
 	ev := m.takeEvents()
 	m.presMu.Unlock()
 	m.tellPresence(ev)
 	m.notifyMoved(moved)
+}
+
+// settleLocked ends a peer's full set: the devices it announced before
+// and did not name again are gone. presMu is held.
+func (m *Mesh) settleLocked(peer string) {
+	unconfirmed := m.unconfirmed[peer]
+	delete(m.unconfirmed, peer)
+	if len(unconfirmed) == 0 {
+		return
+	}
+	set := m.byPeer[peer]
+	for dev := range unconfirmed {
+		delete(set, dev)
+		m.recomputeWhere(dev)
+	}
+	if len(set) == 0 {
+		delete(m.byPeer, peer)
+	}
+	m.metrics.devices.Set(float64(len(m.where)))
 }
 
 // Frames on a link: uvarint length, then the encoded MeshFrame.

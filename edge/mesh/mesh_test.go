@@ -76,6 +76,8 @@ type fakeLocal struct {
 	// hold names users whose forwards get no outcome, as if their
 	// devices never acknowledged them.
 	hold map[string]bool
+	// presence is what PeerPresence told, in order: "+d" online, "-d" gone.
+	presence []string
 }
 
 func (f *fakeLocal) LocalPresence() []*edgev1.DevicePresence {
@@ -103,7 +105,24 @@ func (f *fakeLocal) PeerHolds(user, device string, since time.Time, instance str
 	f.mu.Unlock()
 }
 
-func (f *fakeLocal) PeerPresence(user, device string, online bool) {}
+func (f *fakeLocal) PeerPresence(user, device string, online bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if online {
+		f.presence = append(f.presence, "+"+device)
+	} else {
+		f.presence = append(f.presence, "-"+device)
+	}
+}
+
+// takePresence returns what PeerPresence told since the last call.
+func (f *fakeLocal) takePresence() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p := f.presence
+	f.presence = nil
+	return p
+}
 
 func (f *fakeLocal) forwards() int {
 	f.mu.Lock()
@@ -277,12 +296,12 @@ func TestALateOlderOnlineIsIgnored(t *testing.T) {
 	online := func(since int64) []*edgev1.DevicePresence {
 		return []*edgev1.DevicePresence{{DeviceId: "d", UserId: "u", SinceNs: since}}
 	}
-	m.presenceFromPeer("edge-b", false, online(2), nil)
-	m.presenceFromPeer("edge-b", false, online(1), nil)
+	m.presenceFromPeer("edge-b", deltaFrame, online(2), nil)
+	m.presenceFromPeer("edge-b", deltaFrame, online(1), nil)
 	if at, ok := m.Locate("d"); !ok || at != "edge-b" {
 		t.Fatalf("d is at %q %v", at, ok)
 	}
-	m.presenceFromPeer("edge-b", false, nil, online(2))
+	m.presenceFromPeer("edge-b", deltaFrame, nil, online(2))
 	if at, ok := m.Locate("d"); ok {
 		t.Fatalf("d is still at %q after its newest session went offline", at)
 	}
@@ -790,5 +809,149 @@ func nextOutcome(t *testing.T, ch <-chan edgev1.ForwardOutcome) edgev1.ForwardOu
 	case <-time.After(30 * time.Second):
 		t.Fatal("no forward outcome within 30 s")
 		return 0
+	}
+}
+
+// presenceOf is one session per device, of user u, since 1.
+func presenceOf(devices ...string) []*edgev1.DevicePresence {
+	out := make([]*edgev1.DevicePresence, len(devices))
+	for i, d := range devices {
+		out[i] = &edgev1.DevicePresence{DeviceId: d, UserId: "u", SinceNs: 1}
+	}
+	return out
+}
+
+// A full set replaces what its peer announced before, but the users'
+// devices here hear only what changed: a device it names again never
+// goes offline, not even for a moment, and one it leaves out goes only
+// once the set's last frame is in. Before, a link that came back made
+// every device of its peer flap off and on for every device of their
+// users here.
+func TestAFullSetTellsOnlyWhatChanged(t *testing.T) {
+	local := &fakeLocal{}
+	m := startMesh(t, newTestCA(t), "edge-a", local)
+	wholeSet := setPart{inSet: true, first: true, last: true}
+
+	m.presenceFromPeer("edge-b", wholeSet, presenceOf("d1", "d2", "d3"), nil)
+	if got := local.takePresence(); len(got) != 3 {
+		t.Fatalf("the first set told %v, want three devices online", got)
+	}
+	m.presenceFromPeer("edge-b", wholeSet, presenceOf("d1", "d3", "d4"), nil)
+	if got := local.takePresence(); !slices.Equal(got, []string{"+d4", "-d2"}) {
+		t.Fatalf("a set naming d1 and d3 again, d4 new and d2 gone told %v, want [+d4 -d2]", got)
+	}
+
+	// A set in three frames: what the first frames do not name stays
+	// where it is until the last is in.
+	m.presenceFromPeer("edge-b", setPart{inSet: true, first: true}, presenceOf("d1"), nil)
+	m.presenceFromPeer("edge-b", setPart{inSet: true}, presenceOf("d5"), nil)
+	if got := local.takePresence(); !slices.Equal(got, []string{"+d5"}) {
+		t.Fatalf("mid-set, told %v, want only [+d5]", got)
+	}
+	for _, d := range []string{"d3", "d4"} {
+		if at, ok := m.Locate(d); !ok || at != "edge-b" {
+			t.Fatalf("mid-set, %s is at %q %v; want still at edge-b", d, at, ok)
+		}
+	}
+	if st := m.Stats(); st.Settling != 1 {
+		t.Fatalf("mid-set stats %+v, want one peer settling", st)
+	}
+	// A delta of the peer's own mid-set counts too (a session that ended
+	// there meanwhile on a link that had not yet brought its set).
+	m.presenceFromPeer("edge-b", deltaFrame, nil, presenceOf("d4"))
+	if got := local.takePresence(); !slices.Equal(got, []string{"-d4"}) {
+		t.Fatalf("an offline mid-set told %v, want [-d4]", got)
+	}
+	m.presenceFromPeer("edge-b", setPart{inSet: true, last: true}, presenceOf("d6"), nil)
+	got := local.takePresence()
+	slices.Sort(got)
+	if !slices.Equal(got, []string{"+d6", "-d3"}) {
+		t.Fatalf("the set's last frame told %v, want [+d6 -d3]", got)
+	}
+	if on := m.Online("u"); !slices.Equal(on, []string{"d1", "d5", "d6"}) {
+		t.Fatalf("u's devices on peers: %v, want [d1 d5 d6]", on)
+	}
+
+	// A set is what the peer holds now: an entry it names with an older
+	// session than the one recorded (whose offline the link lost) is
+	// taken, not kept as a late announcement.
+	m.presenceFromPeer("edge-b", deltaFrame, []*edgev1.DevicePresence{{DeviceId: "d1", UserId: "u", SinceNs: 9}}, nil)
+	m.presenceFromPeer("edge-b", wholeSet, presenceOf("d1"), nil)
+	m.presenceFromPeer("edge-b", deltaFrame, nil, presenceOf("d1"))
+	if at, ok := m.Locate("d1"); ok {
+		t.Fatalf("d1 is still at %q after the session the set named went offline", at)
+	}
+	m.presenceFromPeer("edge-b", wholeSet, nil, nil)
+	if st := m.Stats(); st.RemoteDevices != 0 || st.RemoteUsers != 0 || st.PeerSets != 0 || st.Settling != 0 {
+		t.Fatalf("after an empty set, tables %+v", st)
+	}
+}
+
+// Through real links: a peer whose link is replaced (it reconnected)
+// sends its whole set again, in chunks when it is large, and the users'
+// devices here hear nothing, since nothing changed.
+func TestAReplacedLinkFlapsNoPresence(t *testing.T) {
+	ca := newTestCA(t)
+	local := &fakeLocal{}
+	a := startMesh(t, ca, "edge-a", local)
+	idn := testIdentity(t, ca, "edge-x")
+	const n = 12000
+	devs := make([]*edgev1.DevicePresence, n)
+	for i := range devs {
+		devs[i] = &edgev1.DevicePresence{DeviceId: fmt.Sprintf("device-%08d", i), UserId: fmt.Sprintf("user-%08d", i/3),
+			SinceNs: int64(i + 1), Instance: strings.Repeat("i", 16)}
+	}
+	frames := presenceFrames(devs)
+	if len(frames) < 2 || frames[0].GetPresenceSet().GetContinuedIn() != uint32(len(frames)-1) {
+		t.Fatalf("the set goes in %d frames, the first saying %d more follow; want several, counted", len(frames), frames[0].GetPresenceSet().GetContinuedIn())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	link := func(frames []*edgev1.MeshFrame) *quic.Conn {
+		conn, str := rawLink(ctx, t, a.Addr().String(), idn.clientTLS("edge-a", nil), time.Minute)
+		var buf []byte
+		var err error
+		for _, f := range append([]*edgev1.MeshFrame{
+			{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: "edge-x", PeerId: "edge-a"}}},
+		}, frames...) {
+			if buf, err = writeFrame(str, buf, f); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return conn
+	}
+	first := link(frames)
+	// Local hears of a frame's changes once a has taken them in (after
+	// presMu): wait for what it was told.
+	told := func() int {
+		local.mu.Lock()
+		defer local.mu.Unlock()
+		return len(local.presence)
+	}
+	waitFor(t, "a tells of x's devices", func() bool { return told() >= n })
+	if st := a.Stats(); st.RemoteDevices != n || st.Settling != 0 {
+		t.Fatalf("after x's set, a's tables %+v, want %d devices and none settling", st, n)
+	}
+	if got := local.takePresence(); len(got) != n {
+		t.Fatalf("the first set told %d changes, want %d", len(got), n)
+	}
+	// The set again on a new link, with one device gone and one new: a
+	// marker delta after it shows when a has read it all.
+	again := presenceFrames(append(slices.Clone(devs[1:]), presenceOf("new")...))
+	marker := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceDelta{PresenceDelta: &edgev1.PresenceDelta{Online: presenceOf("marker")}}}
+	link(append(again, marker))
+	waitFor(t, "the first link replaced", func() bool { return first.Context().Err() != nil })
+	waitFor(t, "a tells of the marker", func() bool {
+		local.mu.Lock()
+		defer local.mu.Unlock()
+		return slices.Contains(local.presence, "+marker")
+	})
+	got := local.takePresence()
+	slices.Sort(got)
+	if want := []string{"+marker", "+new", "-" + devs[0].GetDeviceId()}; !slices.Equal(got, want) {
+		if len(got) > 6 {
+			got = append(got[:6:6], fmt.Sprintf("... %d in all", len(got)))
+		}
+		t.Fatalf("the replacing link's set told %v, want %v", got, want)
 	}
 }

@@ -415,8 +415,17 @@ func (x *DevicePresence) GetInstance() string {
 // PresenceSet replaces everything the dialer announced before (sent when
 // the link comes up).
 type PresenceSet struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Devices       []*DevicePresence      `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Devices []*DevicePresence      `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	// The set goes on in this many PresenceDelta frames right after this
+	// one, each adding devices (a large set is sent in chunks that stay
+	// under the frame limit). The peer keeps what the dialer announced
+	// before until the set's last frame, so that a device named again in a
+	// later chunk is never taken for offline in between; what the set does
+	// not name goes then. 0: this frame is the whole set. Dialers of
+	// earlier releases chunk without saying so: their later chunks count
+	// as deltas.
+	ContinuedIn   uint32 `protobuf:"varint,2,opt,name=continued_in,json=continuedIn,proto3" json:"continued_in,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -456,6 +465,13 @@ func (x *PresenceSet) GetDevices() []*DevicePresence {
 		return x.Devices
 	}
 	return nil
+}
+
+func (x *PresenceSet) GetContinuedIn() uint32 {
+	if x != nil {
+		return x.ContinuedIn
+	}
+	return 0
 }
 
 // PresenceDelta changes the announced set.
@@ -731,9 +747,10 @@ const file_edge_v1_mesh_proto_rawDesc = "" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x19\n" +
 	"\bsince_ns\x18\x03 \x01(\x03R\asinceNs\x12\x1a\n" +
-	"\binstance\x18\x04 \x01(\tR\binstance\"@\n" +
+	"\binstance\x18\x04 \x01(\tR\binstance\"c\n" +
 	"\vPresenceSet\x121\n" +
-	"\adevices\x18\x01 \x03(\v2\x17.edge.v1.DevicePresenceR\adevices\"s\n" +
+	"\adevices\x18\x01 \x03(\v2\x17.edge.v1.DevicePresenceR\adevices\x12!\n" +
+	"\fcontinued_in\x18\x02 \x01(\rR\vcontinuedIn\"s\n" +
 	"\rPresenceDelta\x12/\n" +
 	"\x06online\x18\x01 \x03(\v2\x17.edge.v1.DevicePresenceR\x06online\x121\n" +
 	"\aoffline\x18\x02 \x03(\v2\x17.edge.v1.DevicePresenceR\aoffline\"\xdc\x02\n" +
