@@ -384,6 +384,18 @@ func (m *Mesh) Locate(deviceID string) (string, bool) {
 	return h.edge, ok
 }
 
+// Since says when the newest session of a device on a peer started, as
+// that peer announced it.
+func (m *Mesh) Since(deviceID string) (time.Time, bool) {
+	m.presMu.Lock()
+	defer m.presMu.Unlock()
+	h, ok := m.where[deviceID]
+	if !ok {
+		return time.Time{}, false
+	}
+	return time.Unix(0, h.since), true
+}
+
 // Announce tells every peer that a device came online here, or left.
 func (m *Mesh) Announce(p *edgev1.DevicePresence, online bool) {
 	d := &edgev1.PresenceDelta{}

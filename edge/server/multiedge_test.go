@@ -561,3 +561,55 @@ func TestMeshAdvertiseAHostAlone(t *testing.T) {
 		return nil
 	})
 }
+
+// The newer session of a device wins across edges, by the start each
+// edge announces; a device that moves to an edge whose clock is behind
+// that of the edge it left (here by two minutes, well within the skew
+// events tolerate) keeps its new session, and the old one is replaced.
+// Before, the new edge's start looked older: the old session, whose
+// client may be gone with its network, stayed, and the device could not
+// be reached where it now was.
+func TestAMoveToAnEdgeWhoseClockIsBehind(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{ControlNodes: 1, Edges: 2, Edge: func(i int, cfg *server.Config) {
+		if i == 0 {
+			cfg.Session.Now = func() time.Time { return time.Now().Add(2 * time.Minute) }
+		}
+	}})
+	waitMeshed(t, r)
+	u := r.User("mover")
+	d, w := r.Device(u, "moving"), r.Device(u, "watching")
+	watcher := dial(t, r, 1, w, client.QUIC)
+	old := dial(t, r, 0, d, client.QUIC)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if at, ok := r.Edges[1].Mesh().Locate(d.ID); !ok || at != "edge-0" {
+			return fmt.Errorf("edge-1 places the device at %q %v, want edge-0", at, ok)
+		}
+		return nil
+	})
+
+	moved := dial(t, r, 1, d, client.QUIC)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if err := moved.Err(); err != nil {
+			return fmt.Errorf("the new session on the edge behind ended: %v", err)
+		}
+		if old.Err() == nil {
+			return errors.New("the old session on the edge ahead still runs")
+		}
+		return nil
+	})
+	var ce *client.Error
+	if err := old.Err(); !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_REPLACED {
+		t.Fatalf("the old session ended with %v, want REPLACED", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := watcher.Send(ctx, client.Message{Targets: []string{d.ID}, Payload: []byte("here")}); err != nil {
+		t.Fatal(err)
+	}
+	if ev, err := moved.Receive(ctx); err != nil || string(ev.Payload) != "here" {
+		t.Fatalf("the moved device got %+v, %v; want the watcher's event", ev, err)
+	}
+	if err := moved.Err(); err != nil {
+		t.Fatalf("the new session ended: %v", err)
+	}
+}

@@ -390,6 +390,15 @@ func (h *Hub) leave() {
 // not stay; or a REVOKED CloseError when the device or its user is no
 // longer active.
 func (h *Hub) register(s *Session) error {
+	// Where another edge holds the device, the newer session wins, by
+	// the start each edge announces; this one must be newer than what
+	// the device had there, whatever the two clocks say (events tolerate
+	// minutes of skew between them). Asked before any of the hub's
+	// locks: the mesh calls LocalPresence with its own held.
+	var elsewhere time.Time
+	if h.cfg.Remote != nil {
+		elsewhere, _ = h.cfg.Remote.Since(s.deviceID)
+	}
 	sh := h.shardOf(s.userID)
 	h.mu.Lock()
 	var refused error
@@ -439,6 +448,9 @@ func (h *Hub) register(s *Session) error {
 	s.since = h.cfg.Now()
 	if old != nil && !s.since.After(old.since) {
 		s.since = old.since.Add(time.Nanosecond)
+	}
+	if !s.since.After(elsewhere) {
+		s.since = elsewhere.Add(time.Nanosecond)
 	}
 	var others []*Session
 	for id, o := range r.devices {

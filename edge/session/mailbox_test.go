@@ -765,6 +765,7 @@ func (r *captureRemote) Forward(_ string, f *edgev1.Forward, done func(edgev1.Fo
 }
 func (r *captureRemote) Announce(*edgev1.DevicePresence, bool) {}
 func (r *captureRemote) Online(string) []string                { return nil }
+func (r *captureRemote) Since(string) (time.Time, bool)        { return time.Time{}, false }
 
 // The outcomes of a sender's forwards to a device are acted on in the
 // order the events were forwarded, whatever order they come in: a later
@@ -957,7 +958,8 @@ func (r *announceHook) Announce(p *edgev1.DevicePresence, online bool) {
 		r.onAnnounce()
 	}
 }
-func (r *announceHook) Online(string) []string { return nil }
+func (r *announceHook) Online(string) []string         { return nil }
+func (r *announceHook) Since(string) (time.Time, bool) { return time.Time{}, false }
 
 // A live event that arrives the moment the target is registered, before
 // its session has looked at what was announced while it was set up,
@@ -1280,6 +1282,7 @@ func (r *heldRemote) Forward(_ string, f *edgev1.Forward, done func(edgev1.Forwa
 }
 func (r *heldRemote) Announce(*edgev1.DevicePresence, bool) {}
 func (r *heldRemote) Online(string) []string                { return nil }
+func (r *heldRemote) Since(string) (time.Time, bool)        { return time.Time{}, false }
 
 // A sender on edge A forwards "one" then "two" to t on edge B before it
 // hears back. "one" reaches B while t is between sessions (NOT_DELIVERED:
@@ -1613,5 +1616,43 @@ func TestMailboxFanOutIsChargedInEvents(t *testing.T) {
 	a.expectAcks(evs...)
 	if got := e.metric("relay_edge_paced_seconds_total"); got < 0.5 {
 		t.Fatalf("small broadcasts to nine offline devices paced %.2f s, want about 0.8 s", got)
+	}
+}
+
+// aheadRemote is a mesh on which every device's newest session started
+// an hour from now: another edge whose clock is that far ahead. It
+// records what this edge announces.
+type aheadRemote struct {
+	captureRemote
+	at        time.Time
+	announced chan *edgev1.DevicePresence
+}
+
+func (r *aheadRemote) Since(string) (time.Time, bool) { return r.at, true }
+func (r *aheadRemote) Announce(p *edgev1.DevicePresence, online bool) {
+	if online {
+		r.announced <- p
+	}
+}
+
+// A session is announced as newer than the device's session on another
+// edge, whatever that edge's clock says, so that it wins there; the
+// device's activity still reads this edge's clock.
+func TestANewSessionIsNewerThanOneElsewhere(t *testing.T) {
+	remote := &aheadRemote{at: time.Now().Add(time.Hour), announced: make(chan *edgev1.DevicePresence, 4)}
+	e := newEnv(t, func(c *Config) { c.Remote = remote })
+	e.device("u1", "b")
+	e.online("b")
+	p := <-remote.announced
+	if since := time.Unix(0, p.GetSinceNs()); !since.After(remote.at) {
+		t.Fatalf("announced since %v, not after the other edge's %v", since, remote.at)
+	}
+	acts := e.hub.TakeActivity()
+	i := slices.IndexFunc(acts, func(a Activity) bool { return a.DeviceID == "b" })
+	if i < 0 {
+		t.Fatal("no activity for b")
+	}
+	if at := acts[i].At; at.After(time.Now()) {
+		t.Fatalf("b's activity is at %v, in this edge's future", at)
 	}
 }

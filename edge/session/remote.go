@@ -17,6 +17,9 @@ import (
 type Remote interface {
 	// Locate says which other edge holds a device.
 	Locate(deviceID string) (edgeID string, ok bool)
+	// Since says when the newest session of a device on another edge
+	// started, by that edge's clock, as it announced it.
+	Since(deviceID string) (time.Time, bool)
 	// Forward sends an event to the edge holding its device; done (nil
 	// for an ephemeral event) gets the outcome once.
 	Forward(edgeID string, f *edgev1.Forward, done func(edgev1.ForwardOutcome))

@@ -97,7 +97,9 @@ type Session struct {
 	heard atomic.Bool
 
 	// since is when the session was registered (it is announced to other
-	// edges; the newer session of a device wins).
+	// edges; the newer session of a device wins), and later than its
+	// device's session before it here or on another edge, whose clock
+	// may be ahead.
 	since time.Time
 	// active is when the device last sent an event (Unix ms), for
 	// activity reports; kept to the second.
@@ -204,6 +206,9 @@ func (s *Session) noteActive(now time.Time) {
 // its last event.
 func (s *Session) activity() Activity {
 	at := s.since
+	if now := s.hub.cfg.Now(); at.After(now) {
+		at = now // moved past another edge's clock (register)
+	}
 	if ms := s.active.Load(); ms > at.UnixMilli() {
 		at = time.UnixMilli(ms)
 	}
