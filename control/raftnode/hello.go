@@ -1,6 +1,7 @@
 package raftnode
 
 import (
+	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -88,9 +89,9 @@ var errHelloVersion = fmt.Errorf("%w: unsupported version", errBadHello)
 // which cluster it joins.
 var errNotJoined = errors.New("the node takes no raft traffic until its join names its cluster")
 
-// errBusy is an accepted connection closed at once because maxGreeting
-// others are still in their hello.
-var errBusy = errors.New("too many raft connections in the cluster check at once")
+// errBusy is a connection closed in its hello to make room for a newer
+// one: maxGreeting were in their hello at once.
+var errBusy = errors.New("too many raft connections in the cluster check at once; the oldest was closed")
 
 // errNoHello is a connection without a hello where every member sends one.
 var errNoHello = errors.New("raft connection without the cluster check, and every member of this cluster sends it " +
@@ -234,7 +235,7 @@ type clusterCheck struct {
 	mu           sync.Mutex           // guards the fields below
 	warned       map[string]time.Time // reason and host -> last warning
 	windowStart  time.Time
-	windowWarned int // warnings since windowStart
+	windowWarned map[string]int // reason -> warnings since windowStart
 }
 
 // expectation is what a joining node learnt of the cluster it joins.
@@ -245,7 +246,8 @@ type expectation struct {
 
 // warnEvery bounds the warnings about one kind of refusal from one
 // host (a foreign node retries every few seconds), and maxWarnings
-// those about all of them, in each warnEvery.
+// those of one kind from all hosts, in each warnEvery: a flood of one
+// kind (busy, bad_hello) does not hide the others.
 const (
 	warnEvery   = time.Minute
 	maxWarnings = 20
@@ -271,8 +273,8 @@ func (c *clusterCheck) legacyAllowed() bool {
 
 // refuse counts a refusal and logs it: at most once per warnEvery for
 // the same reason and peer host (an accepted connection's port changes
-// with each), and at most maxWarnings times per warnEvery in all, so
-// that whoever reaches the Raft port cannot flood the log. not_joined is
+// with each), and at most maxWarnings times per warnEvery for each
+// reason, so that whoever reaches the Raft port cannot flood the log. not_joined is
 // logged at info: a member that rejoins with an empty data dir is
 // dialed by its leader before its join has named the cluster.
 func (c *clusterCheck) refuse(reason, addr string, err error) {
@@ -286,17 +288,17 @@ func (c *clusterCheck) refuse(reason, addr string, err error) {
 	key := reason + " " + host
 	now := time.Now()
 	c.mu.Lock()
-	if now.Sub(c.windowStart) >= warnEvery {
-		c.windowStart, c.windowWarned = now, 0
+	if c.windowWarned == nil || now.Sub(c.windowStart) >= warnEvery {
+		c.windowStart, c.windowWarned = now, map[string]int{} // keys: the few reasons
 	}
 	last, seen := c.warned[key]
-	quiet := (seen && now.Sub(last) < warnEvery) || c.windowWarned >= maxWarnings
+	quiet := (seen && now.Sub(last) < warnEvery) || c.windowWarned[reason] >= maxWarnings
 	if !quiet {
 		if c.warned == nil || len(c.warned) >= 1024 {
 			c.warned = map[string]time.Time{} // bounded: forgetting only repeats a warning
 		}
 		c.warned[key] = now
-		c.windowWarned++
+		c.windowWarned[reason]++
 	}
 	c.mu.Unlock()
 	if quiet {
@@ -359,20 +361,16 @@ type helloConn struct {
 	err     error  // why the connection was refused; set once
 	pending []byte // a first byte that was no hello, still to be read
 
-	greeting *atomic.Int64 // the layer's count of connections in their hello
-	left     atomic.Bool   // this one has left that count
+	layer     *streamLayer
+	greetElem *list.Element // on the layer's greeting list; guarded by layer.greetMu
 }
 
-// leave takes the connection out of its layer's greeting count, once:
-// when its hello ends either way, or when it is closed before that.
-func (c *helloConn) leave() {
-	if c.left.CompareAndSwap(false, true) {
-		c.greeting.Add(-1)
-	}
-}
+// leave takes the connection off its layer's list of those in their
+// hello: when its hello ends either way, or when it is closed before.
+func (c *helloConn) leave() { c.layer.leaveGreeting(c) }
 
 // Close closes the connection; one closed before its hello ends leaves
-// the greeting count.
+// the greeting list.
 func (c *helloConn) Close() error {
 	c.leave()
 	return c.Conn.Close()

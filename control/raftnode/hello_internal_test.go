@@ -379,19 +379,27 @@ func TestClusterCheckWarnsSparingly(t *testing.T) {
 	for i := range 2 * maxWarnings {
 		c.refuse("bad_hello", fmt.Sprintf("10.1.0.%d:1", i), err)
 	}
-	if got := len(lines()); got != maxWarnings {
-		t.Fatalf("%d lines logged, want at most %d", got, maxWarnings)
+	// bad_hello's one line before and the flood's come to maxWarnings;
+	// other_cluster's and not_joined's stay.
+	if got := len(lines()); got != maxWarnings+2 {
+		t.Fatalf("%d lines logged, want %d", got, maxWarnings+2)
 	}
-	if counted != 4+2*maxWarnings {
-		t.Fatalf("%d refusals counted, want every one (%d)", counted, 4+2*maxWarnings)
+	// A flood of one kind does not silence another.
+	c.refuse("other_cluster", "10.2.0.1:1", err)
+	if got := lines(); len(got) != maxWarnings+3 || !strings.Contains(got[len(got)-1], "other_cluster") {
+		t.Fatalf("after a bad_hello flood, another cluster's node was not warned about: %d lines", len(got))
+	}
+	if counted != 5+2*maxWarnings {
+		t.Fatalf("%d refusals counted, want every one (%d)", counted, 5+2*maxWarnings)
 	}
 }
 
 // Whoever reaches the Raft port can open connections and say nothing;
-// only so many may wait in their hello at once, and the rest are closed
-// at once, before Raft gives them a goroutine. A connection leaves the
-// count when its hello ends, so members' pooled connections never hold
-// a place.
+// only so many may wait in their hello at once. Beyond that the oldest
+// is closed to make room, so silent connections cannot keep a member's
+// new connection out: its hello takes a round trip. A connection leaves
+// the list when its hello ends, so members' pooled connections never
+// hold a place.
 func TestClusterCheckBoundsConnectionsInTheHello(t *testing.T) {
 	const limit = 4
 	// A long hello timeout: a connection closed within the test's
@@ -403,47 +411,52 @@ func TestClusterCheckBoundsConnectionsInTheHello(t *testing.T) {
 	if err := q.vote(p); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the member's connection to leave the hello", func() bool { return p.layer.greeting.Load() == 0 })
+	waitFor(t, "the member's connection to leave the hello", func() bool { return p.layer.greetingLen() == 0 })
 
 	var silent []net.Conn
-	for range limit {
+	dialSilent := func() net.Conn {
 		c, err := net.Dial("tcp", string(p.trans.LocalAddr()))
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
+		t.Cleanup(func() { _ = c.Close() })
 		silent = append(silent, c)
+		return c
 	}
-	waitFor(t, "the silent connections to be accepted", func() bool { return p.layer.greeting.Load() == limit })
+	for i := range limit {
+		dialSilent()
+		waitFor(t, "a silent connection to be accepted", func() bool { return p.layer.greetingLen() == i+1 })
+	}
+	closedByTheEdge := func(c net.Conn, what string) {
+		t.Helper()
+		_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		if got, err := io.ReadAll(c); (err != nil && !errors.Is(err, syscall.ECONNRESET)) || len(got) != 0 {
+			t.Fatalf("%s: read %q, %v; want it closed", what, got, err)
+		}
+	}
 
-	extra, err := net.Dial("tcp", string(p.trans.LocalAddr()))
-	if err != nil {
-		t.Fatal(err)
+	// One more: the oldest makes room.
+	dialSilent()
+	closedByTheEdge(silent[0], "the oldest silent connection, once the hello is full")
+	waitFor(t, "the busy refusal to be counted", func() bool { return p.refusals("busy") == 1 })
+	if n := p.layer.greetingLen(); n != limit {
+		t.Fatalf("%d connections in their hello, want %d", n, limit)
 	}
-	defer extra.Close()
-	_ = extra.SetReadDeadline(time.Now().Add(30 * time.Second))
-	if got, err := io.ReadAll(extra); (err != nil && !errors.Is(err, syscall.ECONNRESET)) || len(got) != 0 {
-		t.Fatalf("a connection beyond the bound: read %q, %v; want it closed at once", got, err)
-	}
-	if n := p.refusals("busy"); n != 1 {
-		t.Fatalf("busy refusals = %d, want 1", n)
-	}
-	if n := p.layer.greeting.Load(); n != limit {
-		t.Fatalf("%d connections in their hello, want the %d silent ones", n, limit)
-	}
-	// The member's pooled connection still carries its votes.
+	// The member's pooled connection still carries its votes, and a new
+	// member's connection gets through a hello full of silent ones.
 	if err := q.vote(p); err != nil {
 		t.Fatalf("a member's vote while the hello is full: %v", err)
 	}
+	r := newTestPeer(t, "n3", "history-a", true)
+	if err := r.vote(p); err != nil {
+		t.Fatalf("a new member while the hello is full: %v", err)
+	}
+	closedByTheEdge(silent[1], "the next oldest, for the new member")
 
 	for _, c := range silent {
 		_ = c.Close()
 	}
-	waitFor(t, "the closed connections to leave the hello", func() bool { return p.layer.greeting.Load() == 0 })
-	r := newTestPeer(t, "n3", "history-a", true)
-	if err := r.vote(p); err != nil {
-		t.Fatalf("a new member once the hello has room: %v", err)
-	}
+	waitFor(t, "the closed connections to leave the hello", func() bool { return p.layer.greetingLen() == 0 })
 }
 
 // waitFor polls cond every 10ms for up to 30 s, and fails the test

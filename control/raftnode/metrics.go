@@ -57,7 +57,7 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 	}, []string{"result"})
 	m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "relay_control_raft_connections_refused_total",
-		Help: "Raft connections refused by the cluster check, dialed or accepted, by reason: other_cluster (the peer's state belongs to another cluster), not_joined (this node joins and has not yet learnt its cluster), no_hello (a peer without the check where every member has it), bad_hello, busy (256 accepted connections were still in their hello or TLS handshake).",
+		Help: "Raft connections refused by the cluster check, dialed or accepted, by reason: other_cluster (the peer's state belongs to another cluster), not_joined (this node joins and has not yet learnt its cluster), no_hello (a peer without the check where every member has it), bad_hello, busy (256 accepted connections were still in their hello or TLS handshake: the oldest was closed).",
 	}, []string{"reason"})
 	// Every result exists from the start, so increase() sees the first
 	// failure.

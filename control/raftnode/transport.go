@@ -1,6 +1,7 @@
 package raftnode
 
 import (
+	"container/list"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -27,10 +28,11 @@ type streamLayer struct {
 	faults    *Faults       // nil outside fault tests
 	check     *clusterCheck // nil: no hello sent or read (a node of an older release, in tests)
 
-	// greeting counts the accepted connections still in their hello
-	// (with TLS, their handshake too), and greetLimit bounds it
+	// greeting lists the accepted connections still in their hello (with
+	// TLS, their handshake too), oldest first; greetLimit bounds them
 	// (maxGreeting; tests lower it).
-	greeting   atomic.Int64
+	greetMu    sync.Mutex
+	greeting   list.List // of *helloConn
 	greetLimit atomic.Int64
 
 	mu     sync.Mutex // guards the fields below
@@ -62,8 +64,12 @@ func newStreamLayer(bind string, advertise net.Addr, server, client *tls.Config,
 // (with TLS, still in their handshake): whoever reaches the Raft port can
 // open them, and each holds one of Raft's goroutines until the hello's
 // deadline. A cluster's own traffic needs a few: members keep their
-// connections pooled and open. Beyond the bound a new connection is
-// closed at once and counted as busy, so a flood costs no goroutine.
+// connections pooled and open. Beyond the bound the oldest is closed,
+// counted as busy: a member's hello takes a round trip, so a flood of
+// silent connections cannot keep a member's new one out (refusing the
+// newest instead would let 256 silent connections, renewed every hello
+// timeout, refuse every vote and snapshot), and holds at most this many
+// goroutines.
 const maxGreeting = 256
 
 func (s *streamLayer) Accept() (net.Conn, error) {
@@ -77,25 +83,54 @@ func (s *streamLayer) Accept() (net.Conn, error) {
 			_ = c.Close()
 			continue
 		}
-		if s.check == nil {
-			return s.track(c)
-		}
-		if s.greeting.Add(1) > s.greetLimit.Load() {
-			s.greeting.Add(-1)
-			_ = c.Close()
-			s.check.refuse("busy", c.RemoteAddr().String(), errBusy)
-			continue
-		}
 		tc, err := s.track(c)
-		if err != nil {
-			s.greeting.Add(-1)
-			return nil, err
+		if err != nil || s.check == nil {
+			return tc, err
 		}
 		// The hello is read on the first Read, on Raft's goroutine for
 		// this connection: a peer that sends nothing holds up only that
 		// goroutine (until the hello's deadline), never the accept loop.
-		return &helloConn{Conn: tc, check: s.check, greeting: &s.greeting}, nil
+		hc := &helloConn{Conn: tc, check: s.check, layer: s}
+		if old := s.enterGreeting(hc); old != nil {
+			s.check.refuse("busy", old.RemoteAddr().String(), errBusy)
+			_ = old.Conn.Close() // its hello's read fails, on its own goroutine
+		}
+		return hc, nil
 	}
+}
+
+// enterGreeting lists c among the connections in their hello and, when
+// they are already greetLimit, takes the oldest off the list and returns
+// it to be closed.
+func (s *streamLayer) enterGreeting(c *helloConn) (evicted *helloConn) {
+	s.greetMu.Lock()
+	defer s.greetMu.Unlock()
+	if int64(s.greeting.Len()) >= s.greetLimit.Load() {
+		if front := s.greeting.Front(); front != nil {
+			evicted = s.greeting.Remove(front).(*helloConn)
+			evicted.greetElem = nil
+		}
+	}
+	c.greetElem = s.greeting.PushBack(c)
+	return evicted
+}
+
+// leaveGreeting takes c off the list of connections in their hello, if it
+// is still on it.
+func (s *streamLayer) leaveGreeting(c *helloConn) {
+	s.greetMu.Lock()
+	defer s.greetMu.Unlock()
+	if c.greetElem != nil {
+		s.greeting.Remove(c.greetElem)
+		c.greetElem = nil
+	}
+}
+
+// greetingLen is how many connections are in their hello.
+func (s *streamLayer) greetingLen() int {
+	s.greetMu.Lock()
+	defer s.greetMu.Unlock()
+	return s.greeting.Len()
 }
 
 // track registers a connection so that Close (and a fault test's Isolate)
