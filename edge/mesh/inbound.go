@@ -206,14 +206,18 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		switch k := f.GetKind().(type) {
 		case *edgev1.MeshFrame_PresenceSet:
 			setLeft = k.PresenceSet.GetContinuedIn()
-			m.presenceFromPeer(peer, setPart{inSet: true, first: true, last: setLeft == 0}, k.PresenceSet.GetDevices(), nil)
+			if setLeft > maxSetFrames {
+				log.Warn("mesh peer's presence set claims too many frames", "peer", peer, "frames", setLeft)
+				return
+			}
+			m.presenceFromPeer(peer, in, setPart{inSet: true, first: true, last: setLeft == 0}, k.PresenceSet.GetDevices(), nil)
 		case *edgev1.MeshFrame_PresenceDelta:
 			part := deltaFrame
 			if setLeft > 0 {
 				setLeft--
 				part = setPart{inSet: true, last: setLeft == 0}
 			}
-			m.presenceFromPeer(peer, part, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
+			m.presenceFromPeer(peer, in, part, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
 		case *edgev1.MeshFrame_Status:
 			if in.controlHeard.Swap(k.Status.GetControlHeard()) != k.Status.GetControlHeard() {
 				log.Debug("mesh peer's view of the control plane changed", "peer", peer, "control_heard", k.Status.GetControlHeard())
@@ -252,9 +256,9 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 	}
 }
 
-func (m *Mesh) notifyMoved(ps []*edgev1.DevicePresence) {
+func (m *Mesh) notifyMoved(peer string, ps []*edgev1.DevicePresence) {
 	for _, p := range ps {
-		m.cfg.Local.PeerHolds(p.GetUserId(), p.GetDeviceId(), time.Unix(0, p.GetSinceNs()), p.GetInstance())
+		m.cfg.Local.PeerHolds(p.GetUserId(), p.GetDeviceId(), time.Unix(0, p.GetSinceNs()), p.GetInstance(), peer)
 	}
 }
 

@@ -278,6 +278,12 @@ func (l *link) down() {
 // bytes: well under maxFrame, which a peer refuses beyond.
 const presenceChunk = 256 << 10
 
+// maxSetFrames bounds the frames a full set may say follow it
+// (PresenceSet.continued_in): 16 GiB of presence, far beyond any edge's,
+// but a peer cannot hold the set open, and its since checks off, for
+// ever. A peer that claims more is cut off.
+const maxSetFrames = 1 << 16
+
 // presenceFrames is the full set of devices here, as a link sends it when
 // it comes up: a PresenceSet (which replaces what the peer knew of this
 // edge) with the first devices and the number of frames still to come,

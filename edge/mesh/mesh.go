@@ -37,9 +37,11 @@ type Local interface {
 	// here; report is called once with the outcome (never for an
 	// ephemeral event, whose Forward.id is 0).
 	DeliverForwarded(f *edgev1.Forward, report func(edgev1.ForwardOutcome))
-	// PeerHolds says a peer holds a device since a time: an older session
-	// of it here must close (the device moved).
-	PeerHolds(userID, deviceID string, since time.Time, instance string)
+	// PeerHolds says peer edgeID holds a device since a time: an older
+	// session of it here must close (the device moved), and one as old
+	// too when edgeID sorts before this edge's id (the tie-break the
+	// table of where devices are uses).
+	PeerHolds(userID, deviceID string, since time.Time, instance, edgeID string)
 	// PeerPresence says a device came online on some peer, or is on none
 	// any more, for the presence frames of its user's devices here.
 	PeerPresence(userID, deviceID string, online bool)
@@ -600,17 +602,26 @@ type setPart struct{ inSet, first, last bool }
 // deltaFrame is a PresenceDelta of the peer's own, in no set.
 var deltaFrame = setPart{}
 
-// presenceFromPeer applies a peer's announcement: a delta, or a frame of
-// its full set. A set replaces what the peer announced before without
-// taking down, even for a moment, a device it names again: those devices
-// keep where they are, and only the ones its last frame leaves unnamed
-// go. Users' devices here hear of a change only (Local.PeerPresence),
-// not of a link that came back or was replaced.
-func (m *Mesh) presenceFromPeer(peer string, part setPart, online, offline []*edgev1.DevicePresence) {
+// presenceFromPeer applies a peer's announcement, which came on link
+// from: a delta, or a frame of its full set. A set replaces what the peer
+// announced before without taking down, even for a moment, a device it
+// names again: those devices keep where they are, and only the ones its
+// last frame leaves unnamed go. Users' devices here hear of a change only
+// (Local.PeerPresence), not of a link that was replaced (the peer
+// reconnected before this edge noticed its old link had gone).
+//
+// Frames still coming in on a link that a newer one of the peer replaced
+// are dropped: the newer link's set supersedes them, and counted into it
+// they would end it early or undo it. from nil (tests) is not checked.
+func (m *Mesh) presenceFromPeer(peer string, from *inbound, part setPart, online, offline []*edgev1.DevicePresence) {
 	m.presMu.Lock()
+	if from != nil && !m.isInbound(peer, from) {
+		m.presMu.Unlock()
+		return
+	}
 	if part.first {
-		delete(m.unconfirmed, peer)
-		if set := m.byPeer[peer]; len(set) > 0 {
+		set := m.byPeer[peer]
+		if len(set) > 0 || !part.last {
 			u := make(map[string]struct{}, len(set))
 			for dev := range set {
 				u[dev] = struct{}{}
@@ -625,7 +636,15 @@ func (m *Mesh) presenceFromPeer(peer string, part setPart, online, offline []*ed
 	ev := m.takeEvents()
 	m.presMu.Unlock()
 	m.tellPresence(ev)
-	m.notifyMoved(moved)
+	m.notifyMoved(peer, moved)
+}
+
+// isInbound reports whether in is peer's current inbound link (presMu
+// may be held: it is taken before mu).
+func (m *Mesh) isInbound(peer string, in *inbound) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.inbound[peer] == in
 }
 
 // settleLocked ends a peer's full set: the devices it announced before

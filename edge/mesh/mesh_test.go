@@ -99,7 +99,7 @@ func (f *fakeLocal) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.Forw
 	}
 }
 
-func (f *fakeLocal) PeerHolds(user, device string, since time.Time, instance string) {
+func (f *fakeLocal) PeerHolds(user, device string, since time.Time, instance, edgeID string) {
 	f.mu.Lock()
 	f.moved = append(f.moved, device)
 	f.mu.Unlock()
@@ -180,9 +180,29 @@ func rawLink(ctx context.Context, t *testing.T, addr string, tlsConf *tls.Config
 	return conn, str
 }
 
+// sendOnLink dials addr as a peer driven by hand (rawLink) and writes
+// frames on its link; the connection closes at cleanup.
+func sendOnLink(ctx context.Context, t *testing.T, addr string, tlsConf *tls.Config, frames ...*edgev1.MeshFrame) *quic.Conn {
+	t.Helper()
+	conn, str := rawLink(ctx, t, addr, tlsConf, time.Minute)
+	var buf []byte
+	var err error
+	for _, f := range frames {
+		if buf, err = writeFrame(str, buf, f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return conn
+}
+
+// helloFrom is the hello of edge-x to edge-a.
+func helloFrom() *edgev1.MeshFrame {
+	return &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: "edge-x", PeerId: "edge-a"}}}
+}
+
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	clustertest.Eventually(t, 10*time.Second, func() error {
+	clustertest.Eventually(t, 30*time.Second, func() error {
 		if !cond() {
 			return fmt.Errorf("still waiting for %s", what)
 		}
@@ -296,12 +316,12 @@ func TestALateOlderOnlineIsIgnored(t *testing.T) {
 	online := func(since int64) []*edgev1.DevicePresence {
 		return []*edgev1.DevicePresence{{DeviceId: "d", UserId: "u", SinceNs: since}}
 	}
-	m.presenceFromPeer("edge-b", deltaFrame, online(2), nil)
-	m.presenceFromPeer("edge-b", deltaFrame, online(1), nil)
+	m.presenceFromPeer("edge-b", nil, deltaFrame, online(2), nil)
+	m.presenceFromPeer("edge-b", nil, deltaFrame, online(1), nil)
 	if at, ok := m.Locate("d"); !ok || at != "edge-b" {
 		t.Fatalf("d is at %q %v", at, ok)
 	}
-	m.presenceFromPeer("edge-b", deltaFrame, nil, online(2))
+	m.presenceFromPeer("edge-b", nil, deltaFrame, nil, online(2))
 	if at, ok := m.Locate("d"); ok {
 		t.Fatalf("d is still at %q after its newest session went offline", at)
 	}
@@ -562,18 +582,9 @@ func TestAReconnectedLinkInheritsAStatusItCanCorrect(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	link := func(tlsConf *tls.Config, frames ...*edgev1.MeshFrame) *quic.Conn {
-		conn, str := rawLink(ctx, t, a.Addr().String(), tlsConf, time.Minute)
-		var buf []byte
-		var err error
-		for _, f := range append([]*edgev1.MeshFrame{
-			{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: "edge-x", PeerId: "edge-a"}}},
-			{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{}}},
-		}, frames...) {
-			if buf, err = writeFrame(str, buf, f); err != nil {
-				t.Fatal(err)
-			}
-		}
-		return conn
+		return sendOnLink(ctx, t, a.Addr().String(), tlsConf, append([]*edgev1.MeshFrame{
+			helloFrom(), {Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{}}},
+		}, frames...)...)
 	}
 	first := link(idn.clientTLS("edge-a", nil), statusFrame(true))
 	waitFor(t, "a learns x hears the control plane", func() bool { return slices.Equal(a.PeersHearingControl(), []string{"edge-x"}) })
@@ -832,19 +843,19 @@ func TestAFullSetTellsOnlyWhatChanged(t *testing.T) {
 	m := startMesh(t, newTestCA(t), "edge-a", local)
 	wholeSet := setPart{inSet: true, first: true, last: true}
 
-	m.presenceFromPeer("edge-b", wholeSet, presenceOf("d1", "d2", "d3"), nil)
+	m.presenceFromPeer("edge-b", nil, wholeSet, presenceOf("d1", "d2", "d3"), nil)
 	if got := local.takePresence(); len(got) != 3 {
 		t.Fatalf("the first set told %v, want three devices online", got)
 	}
-	m.presenceFromPeer("edge-b", wholeSet, presenceOf("d1", "d3", "d4"), nil)
+	m.presenceFromPeer("edge-b", nil, wholeSet, presenceOf("d1", "d3", "d4"), nil)
 	if got := local.takePresence(); !slices.Equal(got, []string{"+d4", "-d2"}) {
 		t.Fatalf("a set naming d1 and d3 again, d4 new and d2 gone told %v, want [+d4 -d2]", got)
 	}
 
 	// A set in three frames: what the first frames do not name stays
 	// where it is until the last is in.
-	m.presenceFromPeer("edge-b", setPart{inSet: true, first: true}, presenceOf("d1"), nil)
-	m.presenceFromPeer("edge-b", setPart{inSet: true}, presenceOf("d5"), nil)
+	m.presenceFromPeer("edge-b", nil, setPart{inSet: true, first: true}, presenceOf("d1"), nil)
+	m.presenceFromPeer("edge-b", nil, setPart{inSet: true}, presenceOf("d5"), nil)
 	if got := local.takePresence(); !slices.Equal(got, []string{"+d5"}) {
 		t.Fatalf("mid-set, told %v, want only [+d5]", got)
 	}
@@ -858,11 +869,11 @@ func TestAFullSetTellsOnlyWhatChanged(t *testing.T) {
 	}
 	// A delta of the peer's own mid-set counts too (a session that ended
 	// there meanwhile on a link that had not yet brought its set).
-	m.presenceFromPeer("edge-b", deltaFrame, nil, presenceOf("d4"))
+	m.presenceFromPeer("edge-b", nil, deltaFrame, nil, presenceOf("d4"))
 	if got := local.takePresence(); !slices.Equal(got, []string{"-d4"}) {
 		t.Fatalf("an offline mid-set told %v, want [-d4]", got)
 	}
-	m.presenceFromPeer("edge-b", setPart{inSet: true, last: true}, presenceOf("d6"), nil)
+	m.presenceFromPeer("edge-b", nil, setPart{inSet: true, last: true}, presenceOf("d6"), nil)
 	got := local.takePresence()
 	slices.Sort(got)
 	if !slices.Equal(got, []string{"+d6", "-d3"}) {
@@ -875,13 +886,13 @@ func TestAFullSetTellsOnlyWhatChanged(t *testing.T) {
 	// A set is what the peer holds now: an entry it names with an older
 	// session than the one recorded (whose offline the link lost) is
 	// taken, not kept as a late announcement.
-	m.presenceFromPeer("edge-b", deltaFrame, []*edgev1.DevicePresence{{DeviceId: "d1", UserId: "u", SinceNs: 9}}, nil)
-	m.presenceFromPeer("edge-b", wholeSet, presenceOf("d1"), nil)
-	m.presenceFromPeer("edge-b", deltaFrame, nil, presenceOf("d1"))
+	m.presenceFromPeer("edge-b", nil, deltaFrame, []*edgev1.DevicePresence{{DeviceId: "d1", UserId: "u", SinceNs: 9}}, nil)
+	m.presenceFromPeer("edge-b", nil, wholeSet, presenceOf("d1"), nil)
+	m.presenceFromPeer("edge-b", nil, deltaFrame, nil, presenceOf("d1"))
 	if at, ok := m.Locate("d1"); ok {
 		t.Fatalf("d1 is still at %q after the session the set named went offline", at)
 	}
-	m.presenceFromPeer("edge-b", wholeSet, nil, nil)
+	m.presenceFromPeer("edge-b", nil, wholeSet, nil, nil)
 	if st := m.Stats(); st.RemoteDevices != 0 || st.RemoteUsers != 0 || st.PeerSets != 0 || st.Settling != 0 {
 		t.Fatalf("after an empty set, tables %+v", st)
 	}
@@ -908,17 +919,7 @@ func TestAReplacedLinkFlapsNoPresence(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	link := func(frames []*edgev1.MeshFrame) *quic.Conn {
-		conn, str := rawLink(ctx, t, a.Addr().String(), idn.clientTLS("edge-a", nil), time.Minute)
-		var buf []byte
-		var err error
-		for _, f := range append([]*edgev1.MeshFrame{
-			{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: "edge-x", PeerId: "edge-a"}}},
-		}, frames...) {
-			if buf, err = writeFrame(str, buf, f); err != nil {
-				t.Fatal(err)
-			}
-		}
-		return conn
+		return sendOnLink(ctx, t, a.Addr().String(), idn.clientTLS("edge-a", nil), append([]*edgev1.MeshFrame{helloFrom()}, frames...)...)
 	}
 	first := link(frames)
 	// Local hears of a frame's changes once a has taken them in (after
@@ -953,5 +954,64 @@ func TestAReplacedLinkFlapsNoPresence(t *testing.T) {
 			got = append(got[:6:6], fmt.Sprintf("... %d in all", len(got)))
 		}
 		t.Fatalf("the replacing link's set told %v, want %v", got, want)
+	}
+}
+
+// Frames still arriving on a link that the peer's newer link replaced
+// are dropped: counted into the newer link's set, a leftover last chunk
+// would end that set early (its devices not yet named would flap) and
+// a leftover entry would undo what the set says.
+func TestAReplacedLinksLeftoversAreDropped(t *testing.T) {
+	local := &fakeLocal{}
+	m := startMesh(t, newTestCA(t), "edge-a", local)
+	old, cur := &inbound{}, &inbound{}
+	use := func(in *inbound) {
+		m.mu.Lock()
+		m.inbound["edge-b"] = in
+		m.mu.Unlock()
+	}
+	t.Cleanup(func() {
+		m.mu.Lock()
+		delete(m.inbound, "edge-b")
+		m.mu.Unlock()
+	})
+	use(old)
+	m.presenceFromPeer("edge-b", old, setPart{inSet: true, first: true, last: true}, presenceOf("d1", "d2"), nil)
+	local.takePresence()
+
+	use(cur)
+	m.presenceFromPeer("edge-b", cur, setPart{inSet: true, first: true}, presenceOf("d1"), nil)
+	// The old link's leftovers: the last chunk of a set of its own, and
+	// an offline for d1.
+	m.presenceFromPeer("edge-b", old, setPart{inSet: true, last: true}, []*edgev1.DevicePresence{{DeviceId: "d1", UserId: "u", SinceNs: 0}}, nil)
+	m.presenceFromPeer("edge-b", old, deltaFrame, nil, presenceOf("d1"))
+	if st := m.Stats(); st.Settling != 1 || st.RemoteDevices != 2 {
+		t.Fatalf("after the old link's leftovers, tables %+v; want the new set still arriving, both devices there", st)
+	}
+	m.presenceFromPeer("edge-b", cur, setPart{inSet: true, last: true}, presenceOf("d2"), nil)
+	if got := local.takePresence(); len(got) != 0 {
+		t.Fatalf("the new link's set, naming what the old one did, told %v", got)
+	}
+	// A peer's first set, in chunks, is settling too.
+	m.presenceFromPeer("edge-c", nil, setPart{inSet: true, first: true}, presenceOf("d9"), nil)
+	if st := m.Stats(); st.Settling != 1 {
+		t.Fatalf("a first set in chunks: tables %+v, want one peer settling", st)
+	}
+}
+
+// A peer cannot hold a full set open for ever, with the since checks of
+// its entries off: a set that claims more frames than any edge's could
+// fill cuts its link.
+func TestASetClaimingTooManyFramesCutsTheLink(t *testing.T) {
+	ca := newTestCA(t)
+	a := startMesh(t, ca, "edge-a", &fakeLocal{})
+	idn := testIdentity(t, ca, "edge-x")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	conn := sendOnLink(ctx, t, a.Addr().String(), idn.clientTLS("edge-a", nil), helloFrom(),
+		&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: presenceOf("d1"), ContinuedIn: maxSetFrames + 1}}})
+	waitFor(t, "the link cut", func() bool { return conn.Context().Err() != nil })
+	if st := a.Stats(); st.RemoteDevices != 0 || st.Settling != 0 {
+		t.Fatalf("after the cut, tables %+v", st)
 	}
 }

@@ -112,8 +112,8 @@ func (l lateLocal) LocalPresence() []*edgev1.DevicePresence { return l.hub().Loc
 func (l lateLocal) DeliverForwarded(f *edgev1.Forward, report func(edgev1.ForwardOutcome)) {
 	l.hub().DeliverForwarded(f, report)
 }
-func (l lateLocal) PeerHolds(user, device string, since time.Time, instance string) {
-	l.hub().PeerHolds(user, device, since, instance)
+func (l lateLocal) PeerHolds(user, device string, since time.Time, instance, edgeID string) {
+	l.hub().PeerHolds(user, device, since, instance, edgeID)
 }
 func (l lateLocal) PeerPresence(user, device string, online bool) {
 	l.hub().PeerPresence(user, device, online)

@@ -271,8 +271,8 @@ func (h *Hub) LocalPresence() []*edgev1.DevicePresence {
 }
 
 // PeerHolds closes the session of a device here that is older than its
-// session on another edge: the device moved, the newer session wins.
-func (h *Hub) PeerHolds(userID, deviceID string, since time.Time, instance string) {
+// session on edge edgeID: the device moved, the newer session wins.
+func (h *Hub) PeerHolds(userID, deviceID string, since time.Time, instance, edgeID string) {
 	for _, s := range h.sessionsOf(userID, deviceID) {
 		if s.since.Before(since) {
 			ce := closeErr(relayv1.ErrorCode_ERROR_CODE_REPLACED, "a newer session of this device is on another edge")
