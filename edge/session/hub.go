@@ -398,6 +398,11 @@ func (h *Hub) register(s *Session) error {
 	var elsewhere time.Time
 	if h.cfg.Remote != nil {
 		elsewhere, _ = h.cfg.Remote.Since(s.deviceID)
+		// A peer whose clock is far ahead moves starts here only as far
+		// as clocks are let be off (and never to an overflow).
+		if bound := h.cfg.Now().Add(h.cfg.Limits.SkewTolerance); elsewhere.After(bound) {
+			elsewhere = bound
+		}
 	}
 	sh := h.shardOf(s.userID)
 	h.mu.Lock()

@@ -1620,32 +1620,51 @@ func TestMailboxFanOutIsChargedInEvents(t *testing.T) {
 }
 
 // aheadRemote is a mesh on which every device's newest session started
-// an hour from now: another edge whose clock is that far ahead. It
+// at a time it is set to: on another edge, whose clock may be ahead. It
 // records what this edge announces.
 type aheadRemote struct {
 	captureRemote
-	at        time.Time
+	at        atomic.Pointer[time.Time]
 	announced chan *edgev1.DevicePresence
 }
 
-func (r *aheadRemote) Since(string) (time.Time, bool) { return r.at, true }
+func (r *aheadRemote) Since(string) (time.Time, bool) { return *r.at.Load(), true }
 func (r *aheadRemote) Announce(p *edgev1.DevicePresence, online bool) {
 	if online {
 		r.announced <- p
 	}
 }
 
+// next is the start this edge announces for the next session.
+func (r *aheadRemote) next(t *testing.T) time.Time {
+	t.Helper()
+	select {
+	case p := <-r.announced:
+		return time.Unix(0, p.GetSinceNs())
+	case <-time.After(30 * time.Second):
+		t.Fatal("no session announced")
+		return time.Time{}
+	}
+}
+
 // A session is announced as newer than the device's session on another
-// edge, whatever that edge's clock says, so that it wins there; the
-// device's activity still reads this edge's clock.
+// edge, whose clock may be ahead, so that it wins there: as far as
+// clocks are let be off (SkewTolerance), and no further. The device's
+// activity still reads this edge's clock. Two edges that both took the
+// start just after a third's tell their sessions apart by edge id.
 func TestANewSessionIsNewerThanOneElsewhere(t *testing.T) {
-	remote := &aheadRemote{at: time.Now().Add(time.Hour), announced: make(chan *edgev1.DevicePresence, 4)}
+	remote := &aheadRemote{announced: make(chan *edgev1.DevicePresence, 4)}
 	e := newEnv(t, func(c *Config) { c.Remote = remote })
+	tolerance := e.hub.cfg.Limits.SkewTolerance
 	e.device("u1", "b")
-	e.online("b")
-	p := <-remote.announced
-	if since := time.Unix(0, p.GetSinceNs()); !since.After(remote.at) {
-		t.Fatalf("announced since %v, not after the other edge's %v", since, remote.at)
+	e.device("u1", "c")
+
+	ahead := time.Now().Add(tolerance / 2)
+	remote.at.Store(&ahead)
+	b := e.online("b")
+	bSince := remote.next(t)
+	if !bSince.After(ahead) {
+		t.Fatalf("announced since %v, not after the other edge's %v", bSince, ahead)
 	}
 	acts := e.hub.TakeActivity()
 	i := slices.IndexFunc(acts, func(a Activity) bool { return a.DeviceID == "b" })
@@ -1655,4 +1674,18 @@ func TestANewSessionIsNewerThanOneElsewhere(t *testing.T) {
 	if at := acts[i].At; at.After(time.Now()) {
 		t.Fatalf("b's activity is at %v, in this edge's future", at)
 	}
+
+	far := time.Now().Add(24 * time.Hour)
+	remote.at.Store(&far)
+	e.online("c")
+	if since := remote.next(t); since.After(time.Now().Add(tolerance + time.Second)) {
+		t.Fatalf("a peer a day ahead moved this edge's start to %v, beyond the tolerance of %v", since, tolerance)
+	}
+
+	// A peer with b's start: the lower edge id wins.
+	e.hub.PeerHolds("u1", "b", bSince, "other", "edge-z")
+	e.hub.PeerHolds("u1", "b", bSince.Add(-time.Nanosecond), "other", "edge-a")
+	b.expectNothing("close after a tie with a higher edge id and an older start", func(f *relayv1.Frame) bool { return f.GetClose() != nil })
+	e.hub.PeerHolds("u1", "b", bSince, "other", "edge-a")
+	waitFor(t, "b's session to close for the tie with a lower edge id", func() bool { return len(e.hub.sessionsOf("u1", "b")) == 0 })
 }

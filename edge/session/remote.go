@@ -271,10 +271,13 @@ func (h *Hub) LocalPresence() []*edgev1.DevicePresence {
 }
 
 // PeerHolds closes the session of a device here that is older than its
-// session on edge edgeID: the device moved, the newer session wins.
+// session on edge edgeID: the device moved, the newer session wins. Two
+// sessions as old (two edges both took a start just after the device's
+// session on a third, register) are told apart as the mesh's table of
+// where devices are does: the lower edge id wins.
 func (h *Hub) PeerHolds(userID, deviceID string, since time.Time, instance, edgeID string) {
 	for _, s := range h.sessionsOf(userID, deviceID) {
-		if s.since.Before(since) {
+		if s.since.Before(since) || (s.since.Equal(since) && edgeID < h.cfg.EdgeID) {
 			ce := closeErr(relayv1.ErrorCode_ERROR_CODE_REPLACED, "a newer session of this device is on another edge")
 			ce.ReplacedBy = instance
 			s.closeWith(ce, 0)
