@@ -552,10 +552,15 @@ func TestARemovedNodeStartedAgainSaysSo(t *testing.T) {
 	c.Restart(ran)
 	saysSo(ran)
 
-	// It was down when it was removed: its log still names it.
+	// It was down when it was removed: its log still names it. Its Raft
+	// traffic stays cut: the leader, as it stops replicating to a
+	// removed server, sends it the log up to its removal once more, after
+	// a backoff for the failures while it was down, and a node back by
+	// then would learn of its removal from its own log (the case above).
 	down := c.Follower()
 	c.Shutdown(down)
 	removed(down)
+	c.Isolate(down)
 	c.Restart(down)
 	if ids := c.VoterIDs(down); !slices.Contains(ids, c.Nodes[down].ID) {
 		t.Fatalf("%s, removed while down, does not list itself (%v): the case is not the one meant", c.Nodes[down].ID, ids)
