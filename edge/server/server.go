@@ -104,6 +104,12 @@ type Config struct {
 	// connection's deadlines when it is hijacked, and the session's
 	// writer sets its own.
 	HTTPWriteTimeout time.Duration
+	// MaxPendingHTTPS bounds the HTTPS port's connections that are not a
+	// device session (in their TLS handshake, serving a request, idle
+	// between requests) [DefaultMaxPendingHTTPS]; at the bound the
+	// oldest is closed. A flood of connections that stay silent holds
+	// at most this many, and cannot keep a real client out.
+	MaxPendingHTTPS int
 	// ClusterTLSTickets seals the device ports' TLS 1.3 session tickets
 	// with the cluster's session keys (session.ShareTLSTickets), so a
 	// device resumes TLS on any edge; off, each edge process keeps its
@@ -376,7 +382,15 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if cfg.ClusterTLSTickets {
 		session.ShareTLSTickets(httpsConf, s.ring, "https", time.Now)
 	}
-	s.httpsLn = tls.NewListener(ln, httpsConf)
+	maxPending := cfg.MaxPendingHTTPS
+	if maxPending <= 0 {
+		maxPending = DefaultMaxPendingHTTPS
+	}
+	pending, err := newPendingConns(maxPending, cfg.Registry)
+	if err != nil {
+		return nil, err
+	}
+	s.httpsLn = tls.NewListener(pending.listener(ln), httpsConf)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.cancel = cancel
 	s.ws = &transport.WebSocketHandler{Hub: s.hub, Origins: origins, IdleTimeout: cfg.IdleTimeout, Ctx: runCtx}
@@ -391,7 +405,8 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	// Request headers: what a WebSocket upgrade or a console call needs
 	// is a few KiB; net/http's default allows 1 MiB a request.
 	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle,
-		WriteTimeout: httpWrite, MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
+		WriteTimeout: httpWrite, MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		ConnState: pending.connState}
 	if cfg.AdminAddr != "" {
 		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle, MaxHeaderBytes: MaxHeaderBytes}
 	}
