@@ -10,7 +10,7 @@
 // k6 does); --json prints a result that `relayload merge` adds up with
 // the results of other pods (deploy/loadtest runs it as a Kubernetes Job).
 //
-//	relayload [flags] rtt|rate|breakpoint|sessions|resume|storm|soak [scenario flags]
+//	relayload [flags] rtt|rate|breakpoint|sessions|resume|storm|soak|pending [scenario flags]
 //	relayload merge [--threshold ...] [--json] result.json...
 //	relayload plot soak.csv soak.png
 //
@@ -63,6 +63,7 @@ Scenarios:
   resume     devices close and resume on their tickets over and over: resumes/s, resume latency
   storm      devices all lose their connection at once and come back on their tickets: time to all back
   soak       steady load plus session churn for a long time; samples the edge's heap and goroutines to CSV and a PNG plot
+  pending    hold connections to the HTTPS port that never become a session (--mode idle or silent): the edge's memory per connection, and its bound
 
   oneway     device A sends to device B at a fixed rate: one-way latency through the edge (or --floor: through a bare quic-go forwarder)
   stream     64-byte messages one way into the floor's sink (or --forward: through its forwarder to a receiver): the floor server's CPU per message
@@ -121,6 +122,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return d.storm(ctx, rest)
 	case "soak":
 		return d.soak(ctx, rest)
+	case "pending":
+		return d.pending(ctx, rest)
 	case "oneway":
 		return d.oneway(ctx, rest)
 	case "stream":

@@ -161,6 +161,18 @@ func TestScenarios(t *testing.T) {
 		t.Fatalf("sessions --no-datagrams: %v", res)
 	}
 
+	// Connections to the HTTPS port that never become a session: what
+	// each costs the edge.
+	res = e.mustRun("pending", "--conns", "20", "--mode", "idle")
+	if num(res, "counts", "opened") != 20 || num(res, "peaks", "edge_pending") < 20 || num(res, "peaks", "edge_heap_per_conn_bytes") <= 0 ||
+		num(res, "peaks", "edge_goroutines_per_conn") < 0.9 {
+		t.Fatalf("pending idle: %v", res)
+	}
+	res = e.mustRun("pending", "--conns", "10", "--mode", "silent")
+	if num(res, "counts", "opened") != 10 || num(res, "peaks", "edge_pending") < 10 {
+		t.Fatalf("pending silent: %v", res)
+	}
+
 	res = e.mustRun("resume", "--devices", "4", "--duration", "500ms")
 	if num(res, "counts", "resumed") == 0 || num(res, "counts", "full") != 0 || num(res, "counts", "failed") != 0 || num(res, "figures", "resume_p50_ms") <= 0 ||
 		num(res, "peaks", "edge_cpu_us_per_session") <= 0 || num(res, "counts", "tls_resumed") == 0 {

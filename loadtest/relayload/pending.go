@@ -1,0 +1,130 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+)
+
+// pending: connections to the edge's HTTPS port that never become a
+// session, as anyone can open them without an account: idle (a TLS
+// handshake and one request, then silence, held until the edge's idle
+// timeout) or silent (TCP only, held until the handshake timeout). It
+// reports what each costs the edge (its heap and goroutines, from its
+// own /metrics after a collection) and whether the edge's bound
+// (relayd edge --max-pending-https) held.
+func (d *driverConfig) pending(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("pending", flag.ContinueOnError)
+	count := fs.Int("conns", 1000, "connections to open and hold")
+	mode := fs.String("mode", "idle", "idle (a TLS handshake and one request, then silence) or silent (TCP only)")
+	hold := fs.Duration("hold", 0, "how long to hold them before measuring, beyond the time it takes the edge to count them")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *mode != "idle" && *mode != "silent" {
+		return fmt.Errorf("--mode %q: idle or silent", *mode)
+	}
+	r := newResult("pending", "https")
+	r.Params["conns"], r.Params["mode"] = float64(*count), *mode
+	mem := []string{"go_memstats_heap_inuse_bytes", "go_memstats_stack_inuse_bytes", "go_goroutines",
+		"relay_edge_https_pending_connections", "relay_edge_https_pending_evicted_total"}
+	before, err := d.settledMetrics(ctx, mem)
+	if err != nil {
+		return err
+	}
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	}()
+	start := time.Now()
+	for range *count {
+		c, err := openPending(ctx, d.edge, *mode)
+		if err != nil {
+			r.count("failed", 1)
+			continue
+		}
+		conns = append(conns, c)
+		r.count("opened", 1)
+	}
+	r.Seconds = time.Since(start).Seconds()
+	// Wait until the edge counts them (or its bound stops the count).
+	want := before["relay_edge_https_pending_connections"] + float64(len(conns))
+	for {
+		m, err := d.edgeMetrics(ctx, "relay_edge_https_pending_connections", "relay_edge_https_pending_evicted_total")
+		if err != nil {
+			return err
+		}
+		evicted := m["relay_edge_https_pending_evicted_total"] - before["relay_edge_https_pending_evicted_total"]
+		if m["relay_edge_https_pending_connections"]+evicted >= want {
+			break
+		}
+		select {
+		case <-time.After(20 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	select {
+	case <-time.After(*hold):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	after, err := d.settledMetrics(ctx, mem)
+	if err != nil {
+		return err
+	}
+	held := after["relay_edge_https_pending_connections"] - before["relay_edge_https_pending_connections"]
+	r.peak("edge_pending", after["relay_edge_https_pending_connections"])
+	r.count("evicted", after["relay_edge_https_pending_evicted_total"]-before["relay_edge_https_pending_evicted_total"])
+	if held > 0 {
+		per := func(k string) float64 { return (after[k] - before[k]) / held }
+		r.peak("edge_heap_per_conn_bytes", per("go_memstats_heap_inuse_bytes"))
+		r.peak("edge_stack_per_conn_bytes", per("go_memstats_stack_inuse_bytes"))
+		r.peak("edge_goroutines_per_conn", per("go_goroutines"))
+	}
+	return d.finish(r)
+}
+
+// openPending opens one connection to the HTTPS port at addr (the edge's
+// address: TCP on the UDP port's number) in the given mode.
+func openPending(ctx context.Context, addr, mode string) (net.Conn, error) {
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if mode == "silent" {
+		var dl net.Dialer
+		return dl.DialContext(dctx, "tcp", addr)
+	}
+	td := tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}}} // only the edge's cost is measured
+	c, err := td.DialContext(dctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte("GET /healthz HTTP/1.1\r\nHost: edge\r\n\r\n")); err != nil {
+		_ = c.Close()
+		return nil, err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err == nil {
+		_, err = io.Copy(io.Discard, resp.Body)
+		_ = resp.Body.Close()
+		if err == nil && resp.StatusCode != http.StatusOK {
+			err = fmt.Errorf("GET /healthz: %s", resp.Status)
+		}
+	}
+	if err != nil {
+		_ = c.Close()
+		return nil, errors.Join(errors.New("open an idle HTTPS connection"), err)
+	}
+	_ = c.SetDeadline(time.Time{})
+	return c, nil
+}
