@@ -179,11 +179,14 @@ func checkComposeRelay(t *testing.T, p *types.Project, name string, s types.Serv
 			}
 		}
 		if s.Command[0] == "edge" {
-			var cap string
+			var cap, pending string
 			if v := s.Environment["RELAY_MAX_SESSIONS"]; v != nil {
 				cap = *v
 			}
-			checkSessionCap(t, name, cap, int64(s.MemLimit))
+			if v := s.Environment["RELAY_MAX_PENDING_HTTPS"]; v != nil {
+				pending = *v
+			}
+			checkSessionCap(t, name, cap, pending, int64(s.MemLimit))
 		}
 		// Scheduled backups on a volume of their own, apart from the data.
 		if dir := s.Environment["RELAY_BACKUP_DIR"]; dir != nil {

@@ -563,7 +563,8 @@ func checkPod(t *testing.T, r *rendered, w workload, want overlay, flags map[str
 	}
 	if c.Args[0] == "edge" {
 		v, _ := env(c, "RELAY_MAX_SESSIONS")
-		checkSessionCap(t, w.kind+" "+w.name, v.Value, lim.Memory().Value())
+		pending, _ := env(c, "RELAY_MAX_PENDING_HTTPS")
+		checkSessionCap(t, w.kind+" "+w.name, v.Value, pending.Value, lim.Memory().Value())
 	}
 
 	// Image: the overlay's, pinned in production.

@@ -8,28 +8,45 @@ import (
 
 // sessionBytes is what one device session costs an edge's memory: about
 // 100 KiB of RSS for an idle native session (docs/operations.md,
-// "Memory"; docs/benchmarks.md measures it).
-const sessionBytes = 100 << 10
+// "Memory"; docs/benchmarks.md measures it). pendingBytes is what a
+// connection to the HTTPS port that is not a session costs at most: 19
+// KiB of heap and an 8 KiB stack for an idle one (docs/benchmarks.md,
+// "Connections to the HTTPS port that never become a session").
+const (
+	sessionBytes = 100 << 10
+	pendingBytes = 27 << 10
+	// defaultPending is relayd edge's --max-pending-https default
+	// (edge/server.DefaultMaxPendingHTTPS).
+	defaultPending = 4096
+)
 
-// checkSessionCap: an edge bounds its sessions (--max-sessions) below what
-// its memory limit holds, with a fifth of the limit left for bursts of
-// events and the runtime. Without the cap a reconnect storm sends an edge
-// devices until the OOM killer ends it, and its devices then storm the
-// next edge.
-func checkSessionCap(t *testing.T, where, maxSessions string, memLimit int64) {
+// checkSessionCap: an edge bounds its sessions (--max-sessions) and its
+// HTTPS connections that are not a session (--max-pending-https, a flood
+// of which anyone can send) below what its memory limit holds, with a
+// fifth of the limit left for bursts of events and the runtime. Without
+// the cap a reconnect storm sends an edge devices until the OOM killer
+// ends it, and its devices then storm the next edge.
+func checkSessionCap(t *testing.T, where, maxSessions, maxPending string, memLimit int64) {
 	t.Helper()
 	n, err := strconv.ParseInt(maxSessions, 10, 64)
 	if err != nil || n <= 0 {
 		t.Errorf("%s: RELAY_MAX_SESSIONS %q: want a bound on sessions, set from the memory limit", where, maxSessions)
 		return
 	}
+	p := int64(defaultPending)
+	if maxPending != "" {
+		if p, err = strconv.ParseInt(maxPending, 10, 64); err != nil || p <= 0 {
+			t.Errorf("%s: RELAY_MAX_PENDING_HTTPS %q: want a positive number (or none, for the default)", where, maxPending)
+			return
+		}
+	}
 	if memLimit <= 0 {
 		t.Errorf("%s: no memory limit to size RELAY_MAX_SESSIONS=%d against", where, n)
 		return
 	}
-	if n*sessionBytes > memLimit*8/10 {
-		t.Errorf("%s: RELAY_MAX_SESSIONS=%d needs about %d MiB (100 KiB a session), more than 80%% of the memory limit of %d MiB",
-			where, n, n*sessionBytes>>20, memLimit>>20)
+	if need := n*sessionBytes + p*pendingBytes; need > memLimit*8/10 {
+		t.Errorf("%s: RELAY_MAX_SESSIONS=%d and RELAY_MAX_PENDING_HTTPS=%d need about %d MiB (100 KiB a session, 27 KiB a pending connection), more than 80%% of the memory limit of %d MiB",
+			where, n, p, need>>20, memLimit>>20)
 	}
 }
 

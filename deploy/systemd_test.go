@@ -145,7 +145,7 @@ func TestSystemdUnits(t *testing.T) {
 						t.Errorf("MemoryMax=%s: %v", m[1], err)
 					}
 				}
-				checkSessionCap(t, unit, env["RELAY_MAX_SESSIONS"], limit)
+				checkSessionCap(t, unit, env["RELAY_MAX_SESSIONS"], env["RELAY_MAX_PENDING_HTTPS"], limit)
 			}
 			// The unit gives relayd time for its graceful stop.
 			stop := regexp.MustCompile(`(?m)^TimeoutStopSec=(\d+)$`).FindSubmatch(b)

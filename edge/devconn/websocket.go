@@ -3,6 +3,7 @@ package devconn
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -89,6 +90,28 @@ type wsMessage struct {
 // connection, or the one RecordDials kept for a client). A peer silent
 // for longer than idle (no message at all; clients send Ping frames)
 // counts as gone.
+// Admitter is a connection told once the edge admitted its session: the
+// handshake passed and the session is registered. The edge's HTTPS port
+// counts a connection until then (edge/server's bound on connections
+// that are not a session), so a WebSocket that was upgraded but never
+// authenticates still counts.
+type Admitter interface{ Admitted() }
+
+// Admitted passes the session's admission on to the connection beneath
+// an edge's WebSocket (through its TLS), if that one is an Admitter.
+func (w *wsConn) Admitted() {
+	if w.wire == nil {
+		return
+	}
+	c := w.wire.Conn
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	if a, ok := c.(Admitter); ok {
+		a.Admitted()
+	}
+}
+
 func NewWebSocketConn(c *websocket.Conn, raw io.Closer, remote net.Addr, idle time.Duration, maxFrame int) Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	c.SetReadLimit(int64(maxFrame) + 16)

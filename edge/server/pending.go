@@ -2,26 +2,28 @@ package server
 
 import (
 	"container/list"
-	"crypto/tls"
 	"net"
-	"net/http"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
 
 // DefaultMaxPendingHTTPS is Config.MaxPendingHTTPS's default.
-const DefaultMaxPendingHTTPS = 16384
+// (Some 110 MiB at most: about 27 KiB of heap and stack for an idle
+// connection, docs/benchmarks.md.)
+const DefaultMaxPendingHTTPS = 4096
 
 // pendingConns bounds the HTTPS port's connections that are not a device
-// session: in their TLS handshake, reading or serving a request, or idle
-// between requests. Whoever reaches the port can open them without an
-// account, and each holds a goroutine and buffers until a timeout
-// (ReadHeaderTimeout, HTTPIdleTimeout) closes it. At the bound the oldest
-// is closed: a real client's handshake and WebSocket upgrade take a few
-// round trips, so a flood of silent connections cannot keep it out, and
-// holds at most the bound. A WebSocket session leaves the list when its
-// connection is hijacked (it is a session then, which MaxSessions bounds).
+// session: in their TLS handshake, reading or serving a request, idle
+// between requests, or upgraded to a WebSocket whose session the hub has
+// not admitted yet (its handshake, or a refusal's linger). Whoever
+// reaches the port can open them without an account, and each holds a
+// goroutine and buffers until a timeout closes it. At the bound the
+// oldest is closed: a real client's handshake, upgrade and session
+// handshake take a few round trips, so a flood cannot keep it out unless
+// it fills the bound faster than those take; and it holds at most the
+// bound. A WebSocket leaves the list once the hub admitted its session
+// (devconn.Admitter): from then on it is a session.
 type pendingConns struct {
 	limit   int
 	gauge   prometheus.Gauge
@@ -78,20 +80,6 @@ func (p *pendingConns) leave(c *pendingConn) {
 	}
 }
 
-// connState is the HTTPS server's ConnState hook: a hijacked connection
-// (a WebSocket upgrade) is a session now, no longer pending.
-func (p *pendingConns) connState(c net.Conn, state http.ConnState) {
-	if state != http.StateHijacked {
-		return
-	}
-	if tc, ok := c.(*tls.Conn); ok {
-		c = tc.NetConn()
-	}
-	if pc, ok := c.(*pendingConn); ok {
-		p.leave(pc)
-	}
-}
-
 type pendingListener struct {
 	net.Listener
 	p *pendingConns
@@ -111,12 +99,16 @@ func (l *pendingListener) Accept() (net.Conn, error) {
 }
 
 // pendingConn is an accepted connection on the list until it is closed
-// or hijacked.
+// or its WebSocket session is admitted.
 type pendingConn struct {
 	net.Conn
 	p    *pendingConns
 	elem *list.Element // guarded by p.mu
 }
+
+// Admitted takes the connection off the list: the hub admitted the
+// session of the WebSocket on it (devconn.Admitter).
+func (c *pendingConn) Admitted() { c.p.leave(c) }
 
 func (c *pendingConn) Close() error {
 	c.p.leave(c)

@@ -13,17 +13,21 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
+
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/internal/relaytest"
 )
 
 // The HTTPS port holds at most MaxPendingHTTPS connections that are not
-// a device session; at the bound the oldest is closed. Connections that
-// anyone can open and keep (here idle between requests, which the idle
-// timeout would end only after ten minutes) cannot keep a WebSocket
-// device out, a session no longer counts once upgraded, and the count
+// an admitted device session; at the bound the oldest is closed.
+// Connections that anyone can open and keep (here idle between requests,
+// which the idle timeout would end only after ten minutes) cannot keep a
+// WebSocket device out; a WebSocket counts until its session is admitted
+// (one upgraded that never authenticates still does), and the count
 // comes back to zero once they are gone.
 func TestHTTPSBoundsPendingConnections(t *testing.T) {
 	const limit = 4
@@ -108,9 +112,21 @@ func TestHTTPSBoundsPendingConnections(t *testing.T) {
 		t.Fatalf("b got %+v, %v", ev, err)
 	}
 
+	// Upgraded, and silent: still pending, until the session handshake's
+	// timeout or the bound closes it.
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} //nolint:gosec // a hostile client
+	defer hc.CloseIdleConnections()
+	raw, _, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.CloseNow()
+	waitPending(limit)
+
 	for _, c := range conns {
 		_ = c.Close()
 	}
+	raw.CloseNow()
 	waitPending(0)
 	if err := ws.Err(); err != nil {
 		t.Fatalf("the WebSocket session ended: %v", err)

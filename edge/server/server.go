@@ -106,9 +106,11 @@ type Config struct {
 	HTTPWriteTimeout time.Duration
 	// MaxPendingHTTPS bounds the HTTPS port's connections that are not a
 	// device session (in their TLS handshake, serving a request, idle
-	// between requests) [DefaultMaxPendingHTTPS]; at the bound the
-	// oldest is closed. A flood of connections that stay silent holds
-	// at most this many, and cannot keep a real client out.
+	// between requests, a WebSocket whose session is not admitted yet)
+	// [DefaultMaxPendingHTTPS; 0 takes it]; at the bound the oldest is
+	// closed. A flood of connections that stay silent holds at most this
+	// many, and keeps a real client out only by filling the bound faster
+	// than the client's handshakes take.
 	MaxPendingHTTPS int
 	// ClusterTLSTickets seals the device ports' TLS 1.3 session tickets
 	// with the cluster's session keys (session.ShareTLSTickets), so a
@@ -405,8 +407,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	// Request headers: what a WebSocket upgrade or a console call needs
 	// is a few KiB; net/http's default allows 1 MiB a request.
 	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle,
-		WriteTimeout: httpWrite, MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-		ConnState: pending.connState}
+		WriteTimeout: httpWrite, MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	if cfg.AdminAddr != "" {
 		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle, MaxHeaderBytes: MaxHeaderBytes}
 	}

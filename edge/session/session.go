@@ -342,6 +342,9 @@ func (s *Session) open(ctx context.Context) (hsSpan trace.SpanContext, opened bo
 		return span.SpanContext(), false, err
 	}
 	m.sessions.WithLabelValues(s.conn.Transport()).Inc()
+	if a, ok := s.conn.(devconn.Admitter); ok {
+		a.Admitted()
+	}
 	if err := s.writeWelcome(); err != nil {
 		s.closeWith(&CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, Msg: "write welcome: " + err.Error()}, 0)
 	}
