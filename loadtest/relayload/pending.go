@@ -35,6 +35,11 @@ func (d *driverConfig) pending(ctx context.Context, args []string) error {
 	r.Params["conns"], r.Params["mode"] = float64(*count), *mode
 	mem := []string{"go_memstats_heap_inuse_bytes", "go_memstats_stack_inuse_bytes", "go_goroutines",
 		"relay_edge_https_pending_connections", "relay_edge_https_pending_evicted_total"}
+	// Sessions and connections of an earlier run may still be ending:
+	// start from an edge whose goroutines have stopped changing.
+	if err := d.waitQuiet(ctx); err != nil {
+		return err
+	}
 	before, err := d.settledMetrics(ctx, mem)
 	if err != nil {
 		return err
@@ -56,8 +61,11 @@ func (d *driverConfig) pending(ctx context.Context, args []string) error {
 		r.count("opened", 1)
 	}
 	r.Seconds = time.Since(start).Seconds()
-	// Wait until the edge counts them (or its bound stops the count).
+	// Wait until the edge counts them (or its bound stops the count); a
+	// silent one the edge closed at its handshake timeout meanwhile
+	// would never be counted, hence the deadline.
 	want := before["relay_edge_https_pending_connections"] + float64(len(conns))
+	counted := time.Now().Add(30 * time.Second)
 	for {
 		m, err := d.edgeMetrics(ctx, "relay_edge_https_pending_connections", "relay_edge_https_pending_evicted_total")
 		if err != nil {
@@ -66,6 +74,10 @@ func (d *driverConfig) pending(ctx context.Context, args []string) error {
 		evicted := m["relay_edge_https_pending_evicted_total"] - before["relay_edge_https_pending_evicted_total"]
 		if m["relay_edge_https_pending_connections"]+evicted >= want {
 			break
+		}
+		if time.Now().After(counted) {
+			return fmt.Errorf("the edge counts %.0f pending connections after 30 s, want %.0f (its handshake timeout closed some? open fewer at once)",
+				m["relay_edge_https_pending_connections"], want)
 		}
 		select {
 		case <-time.After(20 * time.Millisecond):
@@ -92,6 +104,31 @@ func (d *driverConfig) pending(ctx context.Context, args []string) error {
 		r.peak("edge_goroutines_per_conn", per("go_goroutines"))
 	}
 	return d.finish(r)
+}
+
+// waitQuiet waits (up to 10 s) until the edge's goroutine count reads the
+// same three times in a row, 250 ms apart.
+func (d *driverConfig) waitQuiet(ctx context.Context) error {
+	last, same := -1.0, 0
+	for range 40 {
+		m, err := d.edgeMetrics(ctx, "go_goroutines")
+		if err != nil {
+			return err
+		}
+		if m["go_goroutines"] == last {
+			if same++; same == 2 {
+				return nil
+			}
+		} else {
+			last, same = m["go_goroutines"], 0
+		}
+		select {
+		case <-time.After(250 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil // measured anyway: an edge under other load never settles
 }
 
 // openPending opens one connection to the HTTPS port at addr (the edge's

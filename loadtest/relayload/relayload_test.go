@@ -162,10 +162,13 @@ func TestScenarios(t *testing.T) {
 	}
 
 	// Connections to the HTTPS port that never become a session: what
-	// each costs the edge.
+	// each costs the edge. (Here the edge shares its process, and its
+	// heap figures, with the driver and the control plane: only the
+	// goroutine each connection holds is told apart.)
 	res = e.mustRun("pending", "--conns", "20", "--mode", "idle")
-	if num(res, "counts", "opened") != 20 || num(res, "peaks", "edge_pending") < 20 || num(res, "peaks", "edge_heap_per_conn_bytes") <= 0 ||
-		num(res, "peaks", "edge_goroutines_per_conn") < 0.9 {
+	peaks, _ := res["peaks"].(map[string]any)
+	if _, ok := peaks["edge_heap_per_conn_bytes"]; !ok || num(res, "counts", "opened") != 20 || num(res, "peaks", "edge_pending") < 20 ||
+		num(res, "peaks", "edge_goroutines_per_conn") < 0.5 || num(res, "peaks", "edge_goroutines_per_conn") > 3 {
 		t.Fatalf("pending idle: %v", res)
 	}
 	res = e.mustRun("pending", "--conns", "10", "--mode", "silent")
