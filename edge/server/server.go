@@ -405,8 +405,13 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		httpWrite = 60 * time.Second
 	}
 	// Request headers: what a WebSocket upgrade or a console call needs
-	// is a few KiB; net/http's default allows 1 MiB a request.
+	// is a few KiB; net/http's default allows 1 MiB a request. An HTTP/2
+	// connection carries at most MaxHTTP2Streams requests at once
+	// (net/http's default is 250): each holds a handler until its answer
+	// is out, up to HTTPWriteTimeout, and a connection counts once
+	// against MaxPendingHTTPS. A browser's console and relay.js need few.
 	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle,
+		HTTP2:        &http.HTTP2Config{MaxConcurrentStreams: MaxHTTP2Streams},
 		WriteTimeout: httpWrite, MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	if cfg.AdminAddr != "" {
 		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle, MaxHeaderBytes: MaxHeaderBytes}
@@ -776,6 +781,10 @@ func (s *Server) publicMux() http.Handler {
 // MaxHeaderBytes bounds the request headers the edge's HTTPS and admin
 // ports read (the control plane's API has the same bound).
 const MaxHeaderBytes = 64 << 10
+
+// MaxHTTP2Streams is how many requests one HTTP/2 connection to the HTTPS
+// port may have under way at once.
+const MaxHTTP2Streams = 16
 
 // adminMux is the public endpoints plus the metrics and the Go profiler,
 // which only the admin port (meant for localhost or a private network)

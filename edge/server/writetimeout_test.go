@@ -28,6 +28,27 @@ func h2Frame(t *testing.T, w io.Writer, typ, flags byte, stream uint32, payload 
 	}
 }
 
+// h2WithoutWindow opens an HTTP/2 connection to s's HTTPS port that gives
+// the edge no flow-control window (SETTINGS_INITIAL_WINDOW_SIZE 0), and
+// returns it with the header block of GET /relay.js (91 KB, more than a
+// handler buffers): each such request holds its handler. HPACK: :method
+// GET, :scheme https (static 2, 7), then :path and :authority as
+// literals without indexing on static names 4 and 1.
+func h2WithoutWindow(t *testing.T, s *server.Server) (*tls.Conn, []byte) {
+	t.Helper()
+	c, err := tls.Dial("tcp", strings.TrimPrefix(s.HTTPSURL(), "https://"), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	if _, err := c.Write([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	h2Frame(t, c, 4, 0, 0, []byte{0, 4, 0, 0, 0, 0})
+	block := append([]byte{0x82, 0x87, 0x04, byte(len("/relay.js"))}, "/relay.js"...)
+	return c, append(block, 0x01, 1, 'x')
+}
+
 // An HTTP/2 client that gives the edge no flow-control window can open
 // streams whose answers never get out. Each held a handler goroutine
 // and its buffers for as long as the connection lived (the idle timeout
@@ -35,21 +56,8 @@ func h2Frame(t *testing.T, w io.Writer, typ, flags byte, stream uint32, payload 
 // such stream (RST_STREAM) and frees its handler.
 func TestHTTPSFreesStreamsAClientDoesNotRead(t *testing.T) {
 	s := startLoneEdge(t, server.Config{EdgeID: "stalled", HTTPWriteTimeout: 300 * time.Millisecond})
-	c, err := tls.Dial("tcp", strings.TrimPrefix(s.HTTPSURL(), "https://"), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if _, err := c.Write([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")); err != nil {
-		t.Fatal(err)
-	}
-	// SETTINGS: SETTINGS_INITIAL_WINDOW_SIZE (4) = 0.
-	h2Frame(t, c, 4, 0, 0, []byte{0, 4, 0, 0, 0, 0})
-	// GET /relay.js (91 KB, more than the handler buffers) on 20 streams.
-	// HPACK: :method GET, :scheme https (static 2, 7), then :path and
-	// :authority as literals without indexing on static names 4 and 1.
-	block := append([]byte{0x82, 0x87, 0x04, byte(len("/relay.js"))}, "/relay.js"...)
-	block = append(block, 0x01, 1, 'x')
+	c, block := h2WithoutWindow(t, s)
+	// GET /relay.js on 20 streams.
 	const streams = 20
 	open := map[uint32]bool{}
 	for i := range uint32(streams) {
@@ -114,6 +122,59 @@ func TestWebSocketSessionOutlivesTheHTTPWriteTimeout(t *testing.T) {
 			}
 		case <-ctx.Done():
 			t.Fatalf("event %d never reached the WebSocket device, %s after it dialed: %v", i, time.Since(dialed), cb.Err())
+		}
+	}
+}
+
+// An HTTP/2 connection to the HTTPS port carries at most MaxHTTP2Streams
+// requests at once (net/http's default is 250): with each request's
+// handler held up to HTTPWriteTimeout, one connection, counted once
+// against MaxPendingHTTPS, would hold 250 handlers. The edge says so in
+// its SETTINGS, and refuses a stream beyond it.
+func TestHTTPSBoundsStreamsPerConnection(t *testing.T) {
+	s := startLoneEdge(t, server.Config{EdgeID: "streams", HTTPWriteTimeout: time.Minute})
+	c, block := h2WithoutWindow(t, s) // every GET /relay.js holds its handler
+	_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	var h [9]byte
+	advertised, sent := uint32(0), uint32(0)
+	for {
+		if _, err := io.ReadFull(c, h[:]); err != nil {
+			t.Fatalf("reading the server's frames (advertised %d streams, sent %d): %v", advertised, sent, err)
+		}
+		n := int(h[0])<<16 | int(h[1])<<8 | int(h[2])
+		payload := make([]byte, n)
+		if _, err := io.ReadFull(c, payload); err != nil {
+			t.Fatal(err)
+		}
+		switch typ, id := h[3], binary.BigEndian.Uint32(h[5:])&0x7fffffff; typ {
+		case 4: // SETTINGS
+			if h[4]&1 != 0 {
+				continue // the ack of ours
+			}
+			for p := payload; len(p) >= 6; p = p[6:] {
+				if binary.BigEndian.Uint16(p) == 3 { // SETTINGS_MAX_CONCURRENT_STREAMS
+					advertised = binary.BigEndian.Uint32(p[2:])
+				}
+			}
+			if advertised != server.MaxHTTP2Streams {
+				t.Fatalf("the edge advertises %d concurrent streams, want %d", advertised, server.MaxHTTP2Streams)
+			}
+			h2Frame(t, c, 4, 1, 0, nil) // ack: the limit now holds
+			// One stream more than the limit.
+			for i := range uint32(server.MaxHTTP2Streams + 1) {
+				h2Frame(t, c, 1, 0x5, 2*i+1, block)
+			}
+			sent = server.MaxHTTP2Streams + 1
+		case 3: // RST_STREAM
+			if id != 2*server.MaxHTTP2Streams+1 {
+				t.Fatalf("stream %d reset, want only the one beyond the limit (%d)", id, 2*server.MaxHTTP2Streams+1)
+			}
+			return
+		case 7: // GOAWAY: a connection error for the stream beyond the limit is also a refusal
+			if sent == 0 {
+				t.Fatal("GOAWAY before any stream")
+			}
+			return
 		}
 	}
 }
