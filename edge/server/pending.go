@@ -92,6 +92,9 @@ func (l *pendingListener) Accept() (net.Conn, error) {
 	}
 	pc := &pendingConn{Conn: c, p: l.p}
 	if old := l.p.enter(pc); old != nil {
+		// Closed outside the lock: a session admitted in between (the
+		// oldest of thousands finishing its handshake in this instant)
+		// goes too, and its device reconnects.
 		l.p.evicted.Inc()
 		_ = old.Conn.Close() // its reads and writes fail; net/http ends it
 	}
