@@ -3,6 +3,7 @@ package server
 import (
 	"container/list"
 	"net"
+	"net/netip"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,21 +25,46 @@ const DefaultMaxPendingHTTPS = 4096
 // it fills the bound faster than those take; and it holds at most the
 // bound. A WebSocket leaves the list once the hub admitted its session
 // (devconn.Admitter): from then on it is a session.
+//
+// One source (an IPv4 address, an IPv6 /64, as the session handshakes'
+// rate limit counts them) holds at most perSource of them: beyond, its
+// own oldest goes, so a flood from a few hosts pushes out only its own
+// connections, never the bound's worth of everyone else's.
 type pendingConns struct {
-	limit   int
-	gauge   prometheus.Gauge
-	evicted prometheus.Counter
+	limit, perSource int
+	gauge            prometheus.Gauge
+	evicted          prometheus.Counter
 
-	mu    sync.Mutex
-	conns list.List // of *pendingConn, oldest first
+	mu       sync.Mutex
+	conns    list.List                 // of *pendingConn, oldest first
+	bySource map[netip.Addr]*list.List // the same, per source
+}
+
+// perSourceShare is the share of the bound one source may hold: a
+// sixteenth, and at least 16 (or the bound, when it is lower).
+func perSourceShare(limit int) int { return max(limit/16, min(limit, 16)) }
+
+// sourceOf is the source a connection counts against: its IPv4 address,
+// or its IPv6 address's /64 (a host may pick any address in it).
+func sourceOf(addr net.Addr) netip.Addr {
+	ap, err := netip.ParseAddrPort(addr.String())
+	if err != nil {
+		return netip.Addr{}
+	}
+	ip := ap.Addr().Unmap()
+	if ip.Is6() {
+		p, _ := ip.Prefix(64)
+		ip = p.Addr()
+	}
+	return ip
 }
 
 func newPendingConns(limit int, reg prometheus.Registerer) (*pendingConns, error) {
-	p := &pendingConns{limit: limit,
+	p := &pendingConns{limit: limit, perSource: perSourceShare(limit), bySource: map[netip.Addr]*list.List{},
 		gauge: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_https_pending_connections",
 			Help: "HTTPS port connections that are not a device session: in their TLS handshake, serving a request or idle between requests."}),
 		evicted: prometheus.NewCounter(prometheus.CounterOpts{Name: "relay_edge_https_pending_evicted_total",
-			Help: "HTTPS port connections closed because MaxPendingHTTPS others were pending (the oldest goes)."}),
+			Help: "HTTPS port connections closed because MaxPendingHTTPS others were pending, or their source's share of them (the oldest goes)."}),
 	}
 	for _, c := range []prometheus.Collector{p.gauge, p.evicted} {
 		if err := reg.Register(c); err != nil {
@@ -53,20 +79,43 @@ func (p *pendingConns) listener(ln net.Listener) net.Listener {
 	return &pendingListener{Listener: ln, p: p}
 }
 
-// enter lists c and, at the bound, takes the oldest off the list and
-// returns it to be closed.
+// enter lists c and, when its source holds its share or the list is at
+// the bound, takes the source's oldest, or the oldest of all, off the
+// list and returns it to be closed.
 func (p *pendingConns) enter(c *pendingConn) (evicted *pendingConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.conns.Len() >= p.limit {
+	src := p.bySource[c.source]
+	if src == nil {
+		src = list.New()
+		p.bySource[c.source] = src
+	}
+	switch {
+	case src.Len() >= p.perSource:
+		evicted = src.Front().Value.(*pendingConn)
+	case p.conns.Len() >= p.limit:
 		if front := p.conns.Front(); front != nil {
-			evicted = p.conns.Remove(front).(*pendingConn)
-			evicted.elem = nil
+			evicted = front.Value.(*pendingConn)
 		}
 	}
+	if evicted != nil {
+		p.removeLocked(evicted)
+	}
 	c.elem = p.conns.PushBack(c)
+	c.srcElem = src.PushBack(c)
 	p.gauge.Set(float64(p.conns.Len()))
 	return evicted
+}
+
+// removeLocked takes c off both lists; p.mu is held and c is on them.
+func (p *pendingConns) removeLocked(c *pendingConn) {
+	p.conns.Remove(c.elem)
+	src := p.bySource[c.source]
+	src.Remove(c.srcElem)
+	if src.Len() == 0 {
+		delete(p.bySource, c.source)
+	}
+	c.elem, c.srcElem = nil, nil
 }
 
 // leave takes c off the list, if it is still on it.
@@ -74,8 +123,7 @@ func (p *pendingConns) leave(c *pendingConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if c.elem != nil {
-		p.conns.Remove(c.elem)
-		c.elem = nil
+		p.removeLocked(c)
 		p.gauge.Set(float64(p.conns.Len()))
 	}
 }
@@ -90,7 +138,7 @@ func (l *pendingListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	pc := &pendingConn{Conn: c, p: l.p}
+	pc := &pendingConn{Conn: c, p: l.p, source: sourceOf(c.RemoteAddr())}
 	if old := l.p.enter(pc); old != nil {
 		// Closed outside the lock: a session admitted in between (the
 		// oldest of thousands finishing its handshake in this instant)
@@ -105,8 +153,9 @@ func (l *pendingListener) Accept() (net.Conn, error) {
 // or its WebSocket session is admitted.
 type pendingConn struct {
 	net.Conn
-	p    *pendingConns
-	elem *list.Element // guarded by p.mu
+	p             *pendingConns
+	source        netip.Addr
+	elem, srcElem *list.Element // on p.conns and p.bySource[source]; guarded by p.mu
 }
 
 // Admitted takes the connection off the list: the hub admitted the

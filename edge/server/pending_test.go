@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"syscall"
@@ -49,32 +50,8 @@ func TestHTTPSBoundsPendingConnections(t *testing.T) {
 		})
 	}
 
-	// idle opens a connection, asks for /healthz and leaves it idle.
-	idle := func() *tls.Conn {
-		t.Helper()
-		c, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
-		if _, err := c.Write([]byte("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")); err != nil {
-			t.Fatal(err)
-		}
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		return c
-	}
-	closedByTheEdge := func(c *tls.Conn, what string) {
-		t.Helper()
-		_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
-		if got, err := io.ReadAll(c); (err != nil && !errors.Is(err, syscall.ECONNRESET)) || len(got) != 0 {
-			t.Fatalf("%s: read %q, %v; want it closed", what, got, err)
-		}
-	}
+	idle := func() *tls.Conn { t.Helper(); return idleHTTPS(t, addr, "127.0.0.1") }
+	closedByTheEdge := func(c *tls.Conn, what string) { t.Helper(); closedByEdge(t, c, what) }
 
 	var conns []*tls.Conn
 	for i := range limit {
@@ -131,4 +108,72 @@ func TestHTTPSBoundsPendingConnections(t *testing.T) {
 	if err := ws.Err(); err != nil {
 		t.Fatalf("the WebSocket session ended: %v", err)
 	}
+}
+
+// idleHTTPS opens a connection to addr from the local address from, asks
+// for /healthz and leaves it idle (HTTP/1.1 keep-alive).
+func idleHTTPS(t *testing.T, addr, from string) *tls.Conn {
+	t.Helper()
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
+	c, err := tls.DialWithDialer(d, "tcp", addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	askHealth(t, c)
+	return c
+}
+
+// askHealth sends GET /healthz on c and reads the answer.
+func askHealth(t *testing.T, c *tls.Conn) {
+	t.Helper()
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	defer c.SetDeadline(time.Time{})
+	if _, err := c.Write([]byte("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /healthz: %s", resp.Status)
+	}
+}
+
+// closedByEdge reads c until the edge closes it (within 30 s).
+func closedByEdge(t *testing.T, c *tls.Conn, what string) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if got, err := io.ReadAll(c); (err != nil && !errors.Is(err, syscall.ECONNRESET)) || len(got) != 0 {
+		t.Fatalf("%s: read %q, %v; want it closed", what, got, err)
+	}
+}
+
+// One source holds at most a sixteenth of the bound (and at least 16):
+// a flood from one host closes its own oldest connections, not another
+// host's, even one older than all of them.
+func TestHTTPSBoundsPendingConnectionsPerSource(t *testing.T) {
+	const limit, share, flood = 64, 16, 20
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.MaxPendingHTTPS = limit
+		cfg.HTTPIdleTimeout = 10 * time.Minute
+	}})
+	e := r.Edges[0]
+	addr := strings.TrimPrefix(e.HTTPSURL(), "https://")
+	other := idleHTTPS(t, addr, "127.0.0.2")
+	var conns []*tls.Conn
+	for range flood {
+		conns = append(conns, idleHTTPS(t, addr, "127.0.0.1"))
+	}
+	for i := range flood - share {
+		closedByEdge(t, conns[i], fmt.Sprintf("the flood's connection %d, beyond its share", i))
+	}
+	if n := relaytest.Counter(t, e, "relay_edge_https_pending_evicted_total", "", ""); n != flood-share {
+		t.Fatalf("%v evictions, want %d", n, flood-share)
+	}
+	askHealth(t, other) // the other host's, the oldest of all, still answers
+	askHealth(t, conns[flood-1])
 }

@@ -108,9 +108,11 @@ type Config struct {
 	// device session (in their TLS handshake, serving a request, idle
 	// between requests, a WebSocket whose session is not admitted yet)
 	// [DefaultMaxPendingHTTPS; 0 takes it]; at the bound the oldest is
-	// closed. A flood of connections that stay silent holds at most this
-	// many, and keeps a real client out only by filling the bound faster
-	// than the client's handshakes take.
+	// closed, and one source (IPv4 address, IPv6 /64) holds at most a
+	// sixteenth of it (at least 16), beyond which its own oldest is. A
+	// flood of connections that stay silent holds at most this many, and
+	// keeps a real client out only by filling the bound, from many
+	// sources, faster than the client's handshakes take.
 	MaxPendingHTTPS int
 	// ClusterTLSTickets seals the device ports' TLS 1.3 session tickets
 	// with the cluster's session keys (session.ShareTLSTickets), so a
