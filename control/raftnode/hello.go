@@ -1,7 +1,6 @@
 package raftnode
 
 import (
-	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +13,7 @@ import (
 	"time"
 
 	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/internal/oldest"
 )
 
 // The cluster check: the first bytes on every Raft connection.
@@ -361,13 +361,13 @@ type helloConn struct {
 	err     error  // why the connection was refused; set once
 	pending []byte // a first byte that was no hello, still to be read
 
-	layer     *streamLayer
-	greetElem *list.Element // on the layer's greeting list; guarded by layer.greetMu
+	greeting *oldest.List[*helloConn]  // the layer's connections in their hello
+	entry    *oldest.Entry[*helloConn] // this one's place on it
 }
 
 // leave takes the connection off its layer's list of those in their
 // hello: when its hello ends either way, or when it is closed before.
-func (c *helloConn) leave() { c.layer.leaveGreeting(c) }
+func (c *helloConn) leave() { c.greeting.Remove(c.entry) }
 
 // Close closes the connection; one closed before its hello ends leaves
 // the greeting list.

@@ -405,13 +405,13 @@ func TestClusterCheckBoundsConnectionsInTheHello(t *testing.T) {
 	// A long hello timeout: a connection closed within the test's
 	// deadlines was closed by the bound, not by the timeout.
 	p := newTestPeerWithin(t, "n1", "history-a", true, 10*time.Minute, nil, nil)
-	p.layer.greetLimit.Store(limit)
+	p.layer.greeting.SetLimit(limit)
 	q := newTestPeer(t, "n2", "history-a", true)
 
 	if err := q.vote(p); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the member's connection to leave the hello", func() bool { return p.layer.greetingLen() == 0 })
+	waitFor(t, "the member's connection to leave the hello", func() bool { return p.layer.greeting.Len() == 0 })
 
 	var silent []net.Conn
 	dialSilent := func() net.Conn {
@@ -425,7 +425,7 @@ func TestClusterCheckBoundsConnectionsInTheHello(t *testing.T) {
 	}
 	for i := range limit {
 		dialSilent()
-		waitFor(t, "a silent connection to be accepted", func() bool { return p.layer.greetingLen() == i+1 })
+		waitFor(t, "a silent connection to be accepted", func() bool { return p.layer.greeting.Len() == i+1 })
 	}
 	closedByTheEdge := func(c net.Conn, what string) {
 		t.Helper()
@@ -439,7 +439,7 @@ func TestClusterCheckBoundsConnectionsInTheHello(t *testing.T) {
 	dialSilent()
 	closedByTheEdge(silent[0], "the oldest silent connection, once the hello is full")
 	waitFor(t, "the busy refusal to be counted", func() bool { return p.refusals("busy") == 1 })
-	if n := p.layer.greetingLen(); n != limit {
+	if n := p.layer.greeting.Len(); n != limit {
 		t.Fatalf("%d connections in their hello, want %d", n, limit)
 	}
 	// The member's pooled connection still carries its votes, and a new
@@ -456,7 +456,7 @@ func TestClusterCheckBoundsConnectionsInTheHello(t *testing.T) {
 	for _, c := range silent {
 		_ = c.Close()
 	}
-	waitFor(t, "the closed connections to leave the hello", func() bool { return p.layer.greetingLen() == 0 })
+	waitFor(t, "the closed connections to leave the hello", func() bool { return p.layer.greeting.Len() == 0 })
 }
 
 // waitFor polls cond every 10ms for up to 30 s, and fails the test

@@ -1,17 +1,18 @@
 package raftnode
 
 import (
-	"container/list"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/edge-relay/relay/internal/oldest"
 )
 
 // streamLayer carries Raft's RPCs over TCP, optionally TLS. With TLS both
@@ -29,11 +30,9 @@ type streamLayer struct {
 	check     *clusterCheck // nil: no hello sent or read (a node of an older release, in tests)
 
 	// greeting lists the accepted connections still in their hello (with
-	// TLS, their handshake too), oldest first; greetLimit bounds them
-	// (maxGreeting; tests lower it).
-	greetMu    sync.Mutex
-	greeting   list.List // of *helloConn
-	greetLimit atomic.Int64
+	// TLS, their handshake too), oldest first, at most maxGreeting (tests
+	// lower it).
+	greeting *oldest.List[*helloConn]
 
 	mu     sync.Mutex // guards the fields below
 	conns  map[*trackedConn]struct{}
@@ -55,7 +54,7 @@ func newStreamLayer(bind string, advertise net.Addr, server, client *tls.Config,
 		advertise = ln.Addr()
 	}
 	l := &streamLayer{ln: ln, advertise: advertise, client: client, faults: faults, check: check, conns: map[*trackedConn]struct{}{}}
-	l.greetLimit.Store(maxGreeting)
+	l.greeting = oldest.New[*helloConn](maxGreeting, 0)
 	faults.attach(l)
 	return l, nil
 }
@@ -90,47 +89,15 @@ func (s *streamLayer) Accept() (net.Conn, error) {
 		// The hello is read on the first Read, on Raft's goroutine for
 		// this connection: a peer that sends nothing holds up only that
 		// goroutine (until the hello's deadline), never the accept loop.
-		hc := &helloConn{Conn: tc, check: s.check, layer: s}
-		if old := s.enterGreeting(hc); old != nil {
-			s.check.refuse("busy", old.RemoteAddr().String(), errBusy)
-			_ = old.Conn.Close() // its hello's read fails, on its own goroutine
+		hc := &helloConn{Conn: tc, check: s.check, greeting: s.greeting}
+		var old *oldest.Entry[*helloConn]
+		hc.entry, old = s.greeting.Add(hc, netip.Addr{})
+		if old != nil {
+			s.check.refuse("busy", old.Value.RemoteAddr().String(), errBusy)
+			_ = old.Value.Conn.Close() // its hello's read fails, on its own goroutine
 		}
 		return hc, nil
 	}
-}
-
-// enterGreeting lists c among the connections in their hello and, when
-// they are already greetLimit, takes the oldest off the list and returns
-// it to be closed.
-func (s *streamLayer) enterGreeting(c *helloConn) (evicted *helloConn) {
-	s.greetMu.Lock()
-	defer s.greetMu.Unlock()
-	if int64(s.greeting.Len()) >= s.greetLimit.Load() {
-		if front := s.greeting.Front(); front != nil {
-			evicted = s.greeting.Remove(front).(*helloConn)
-			evicted.greetElem = nil
-		}
-	}
-	c.greetElem = s.greeting.PushBack(c)
-	return evicted
-}
-
-// leaveGreeting takes c off the list of connections in their hello, if it
-// is still on it.
-func (s *streamLayer) leaveGreeting(c *helloConn) {
-	s.greetMu.Lock()
-	defer s.greetMu.Unlock()
-	if c.greetElem != nil {
-		s.greeting.Remove(c.greetElem)
-		c.greetElem = nil
-	}
-}
-
-// greetingLen is how many connections are in their hello.
-func (s *streamLayer) greetingLen() int {
-	s.greetMu.Lock()
-	defer s.greetMu.Unlock()
-	return s.greeting.Len()
 }
 
 // track registers a connection so that Close (and a fault test's Isolate)

@@ -1,12 +1,12 @@
 package server
 
 import (
-	"container/list"
 	"net"
 	"net/netip"
-	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/edge-relay/relay/internal/oldest"
 )
 
 // DefaultMaxPendingHTTPS is Config.MaxPendingHTTPS's default.
@@ -27,17 +27,12 @@ const DefaultMaxPendingHTTPS = 4096
 // (devconn.Admitter): from then on it is a session.
 //
 // One source (an IPv4 address, an IPv6 /64, as the session handshakes'
-// rate limit counts them) holds at most perSource of them: beyond, its
-// own oldest goes, so a flood from a few hosts pushes out only its own
-// connections, never the bound's worth of everyone else's.
+// rate limit counts them) holds at most perSourceShare of them: beyond,
+// its own oldest goes, so a flood from a few hosts pushes out only its
+// own connections, never the bound's worth of everyone else's.
 type pendingConns struct {
-	limit, perSource int
-	gauge            prometheus.Gauge
-	evicted          prometheus.Counter
-
-	mu       sync.Mutex
-	conns    list.List                 // of *pendingConn, oldest first
-	bySource map[netip.Addr]*list.List // the same, per source
+	conns   *oldest.List[*pendingConn]
+	evicted prometheus.Counter
 }
 
 // perSourceShare is the share of the bound one source may hold: a
@@ -60,13 +55,14 @@ func sourceOf(addr net.Addr) netip.Addr {
 }
 
 func newPendingConns(limit int, reg prometheus.Registerer) (*pendingConns, error) {
-	p := &pendingConns{limit: limit, perSource: perSourceShare(limit), bySource: map[netip.Addr]*list.List{},
-		gauge: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_https_pending_connections",
-			Help: "HTTPS port connections that are not a device session: in their TLS handshake, serving a request or idle between requests."}),
+	p := &pendingConns{conns: oldest.New[*pendingConn](limit, perSourceShare(limit)),
 		evicted: prometheus.NewCounter(prometheus.CounterOpts{Name: "relay_edge_https_pending_evicted_total",
 			Help: "HTTPS port connections closed because MaxPendingHTTPS others were pending, or their source's share of them (the oldest goes)."}),
 	}
-	for _, c := range []prometheus.Collector{p.gauge, p.evicted} {
+	gauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relay_edge_https_pending_connections",
+		Help: "HTTPS port connections that are not a device session: in their TLS handshake, serving a request, idle between requests, or a WebSocket not yet admitted."},
+		func() float64 { return float64(p.conns.Len()) })
+	for _, c := range []prometheus.Collector{gauge, p.evicted} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -79,54 +75,8 @@ func (p *pendingConns) listener(ln net.Listener) net.Listener {
 	return &pendingListener{Listener: ln, p: p}
 }
 
-// enter lists c and, when its source holds its share or the list is at
-// the bound, takes the source's oldest, or the oldest of all, off the
-// list and returns it to be closed.
-func (p *pendingConns) enter(c *pendingConn) (evicted *pendingConn) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	src := p.bySource[c.source]
-	if src == nil {
-		src = list.New()
-		p.bySource[c.source] = src
-	}
-	switch {
-	case src.Len() >= p.perSource:
-		evicted = src.Front().Value.(*pendingConn)
-	case p.conns.Len() >= p.limit:
-		if front := p.conns.Front(); front != nil {
-			evicted = front.Value.(*pendingConn)
-		}
-	}
-	if evicted != nil {
-		p.removeLocked(evicted)
-	}
-	c.elem = p.conns.PushBack(c)
-	c.srcElem = src.PushBack(c)
-	p.gauge.Set(float64(p.conns.Len()))
-	return evicted
-}
-
-// removeLocked takes c off both lists; p.mu is held and c is on them.
-func (p *pendingConns) removeLocked(c *pendingConn) {
-	p.conns.Remove(c.elem)
-	src := p.bySource[c.source]
-	src.Remove(c.srcElem)
-	if src.Len() == 0 {
-		delete(p.bySource, c.source)
-	}
-	c.elem, c.srcElem = nil, nil
-}
-
 // leave takes c off the list, if it is still on it.
-func (p *pendingConns) leave(c *pendingConn) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if c.elem != nil {
-		p.removeLocked(c)
-		p.gauge.Set(float64(p.conns.Len()))
-	}
-}
+func (p *pendingConns) leave(c *pendingConn) { p.conns.Remove(c.entry) }
 
 type pendingListener struct {
 	net.Listener
@@ -138,13 +88,15 @@ func (l *pendingListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	pc := &pendingConn{Conn: c, p: l.p, source: sourceOf(c.RemoteAddr())}
-	if old := l.p.enter(pc); old != nil {
+	pc := &pendingConn{Conn: c, p: l.p}
+	var old *oldest.Entry[*pendingConn]
+	pc.entry, old = l.p.conns.Add(pc, sourceOf(c.RemoteAddr()))
+	if old != nil {
 		// Closed outside the lock: a session admitted in between (the
 		// oldest of thousands finishing its handshake in this instant)
 		// goes too, and its device reconnects.
 		l.p.evicted.Inc()
-		_ = old.Conn.Close() // its reads and writes fail; net/http ends it
+		_ = old.Value.Conn.Close() // its reads and writes fail; net/http ends it
 	}
 	return pc, nil
 }
@@ -153,9 +105,8 @@ func (l *pendingListener) Accept() (net.Conn, error) {
 // or its WebSocket session is admitted.
 type pendingConn struct {
 	net.Conn
-	p             *pendingConns
-	source        netip.Addr
-	elem, srcElem *list.Element // on p.conns and p.bySource[source]; guarded by p.mu
+	p     *pendingConns
+	entry *oldest.Entry[*pendingConn] // its place on p.conns
 }
 
 // Admitted takes the connection off the list: the hub admitted the
