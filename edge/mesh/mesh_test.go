@@ -195,6 +195,18 @@ func sendOnLink(ctx context.Context, t *testing.T, addr string, tlsConf *tls.Con
 	return conn
 }
 
+// meshAndRawPeer starts edge-a's mesh with local, and returns it with the
+// identity of edge-x, a peer of the same CA a test drives by hand
+// (sendOnLink), and a context for a minute of that.
+func meshAndRawPeer(t *testing.T, local *fakeLocal) (*Mesh, *Identity, context.Context) {
+	t.Helper()
+	ca := newTestCA(t)
+	a := startMesh(t, ca, "edge-a", local)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return a, testIdentity(t, ca, "edge-x"), ctx
+}
+
 // helloFrom is the hello of edge-x to edge-a.
 func helloFrom() *edgev1.MeshFrame {
 	return &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: "edge-x", PeerId: "edge-a"}}}
@@ -576,11 +588,7 @@ func TestADialerOfTheFirstMeshProtocolGetsNoStatus(t *testing.T) {
 // link can correct it (relay-mesh/2, the same key): a process of the
 // first protocol that takes over the id does not inherit "hears".
 func TestAReconnectedLinkInheritsAStatusItCanCorrect(t *testing.T) {
-	ca := newTestCA(t)
-	a := startMesh(t, ca, "edge-a", &fakeLocal{})
-	idn := testIdentity(t, ca, "edge-x")
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	a, idn, ctx := meshAndRawPeer(t, &fakeLocal{})
 	link := func(tlsConf *tls.Config, frames ...*edgev1.MeshFrame) *quic.Conn {
 		return sendOnLink(ctx, t, a.Addr().String(), tlsConf, append([]*edgev1.MeshFrame{
 			helloFrom(), {Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{}}},
@@ -902,10 +910,8 @@ func TestAFullSetTellsOnlyWhatChanged(t *testing.T) {
 // sends its whole set again, in chunks when it is large, and the users'
 // devices here hear nothing, since nothing changed.
 func TestAReplacedLinkFlapsNoPresence(t *testing.T) {
-	ca := newTestCA(t)
 	local := &fakeLocal{}
-	a := startMesh(t, ca, "edge-a", local)
-	idn := testIdentity(t, ca, "edge-x")
+	a, idn, ctx := meshAndRawPeer(t, local)
 	const n = 12000
 	devs := make([]*edgev1.DevicePresence, n)
 	for i := range devs {
@@ -916,8 +922,6 @@ func TestAReplacedLinkFlapsNoPresence(t *testing.T) {
 	if len(frames) < 2 || frames[0].GetPresenceSet().GetContinuedIn() != uint32(len(frames)-1) {
 		t.Fatalf("the set goes in %d frames, the first saying %d more follow; want several, counted", len(frames), frames[0].GetPresenceSet().GetContinuedIn())
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
 	link := func(frames []*edgev1.MeshFrame) *quic.Conn {
 		return sendOnLink(ctx, t, a.Addr().String(), idn.clientTLS("edge-a", nil), append([]*edgev1.MeshFrame{helloFrom()}, frames...)...)
 	}
@@ -1003,11 +1007,7 @@ func TestAReplacedLinksLeftoversAreDropped(t *testing.T) {
 // its entries off: a set that claims more frames than any edge's could
 // fill cuts its link.
 func TestASetClaimingTooManyFramesCutsTheLink(t *testing.T) {
-	ca := newTestCA(t)
-	a := startMesh(t, ca, "edge-a", &fakeLocal{})
-	idn := testIdentity(t, ca, "edge-x")
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	a, idn, ctx := meshAndRawPeer(t, &fakeLocal{})
 	conn := sendOnLink(ctx, t, a.Addr().String(), idn.clientTLS("edge-a", nil), helloFrom(),
 		&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: presenceOf("d1"), ContinuedIn: maxSetFrames + 1}}})
 	waitFor(t, "the link cut", func() bool { return conn.Context().Err() != nil })

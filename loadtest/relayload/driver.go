@@ -501,3 +501,15 @@ func bucketQuantile(q float64, before, after map[float64]float64) (v float64, ok
 	}
 	return lower, true
 }
+
+// sleepCtx waits for d, or returns ctx's error if it ends first.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

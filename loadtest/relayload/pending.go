@@ -79,16 +79,12 @@ func (d *driverConfig) pending(ctx context.Context, args []string) error {
 			return fmt.Errorf("the edge counts %.0f pending connections after 30 s, want %.0f (its handshake timeout closed some? open fewer at once)",
 				m["relay_edge_https_pending_connections"], want)
 		}
-		select {
-		case <-time.After(20 * time.Millisecond):
-		case <-ctx.Done():
-			return ctx.Err()
+		if err := sleepCtx(ctx, 20*time.Millisecond); err != nil {
+			return err
 		}
 	}
-	select {
-	case <-time.After(*hold):
-	case <-ctx.Done():
-		return ctx.Err()
+	if err := sleepCtx(ctx, *hold); err != nil {
+		return err
 	}
 	after, err := d.settledMetrics(ctx, mem)
 	if err != nil {
@@ -122,10 +118,8 @@ func (d *driverConfig) waitQuiet(ctx context.Context) error {
 		} else {
 			last, same = m["go_goroutines"], 0
 		}
-		select {
-		case <-time.After(250 * time.Millisecond):
-		case <-ctx.Done():
-			return ctx.Err()
+		if err := sleepCtx(ctx, 250*time.Millisecond); err != nil {
+			return err
 		}
 	}
 	return nil // measured anyway: an edge under other load never settles

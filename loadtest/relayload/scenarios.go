@@ -691,10 +691,8 @@ func (d *driverConfig) sessions(ctx context.Context, args []string) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	select {
-	case <-time.After(*hold):
-	case <-ctx.Done():
-		return ctx.Err()
+	if err := sleepCtx(ctx, *hold); err != nil {
+		return err
 	}
 	after, err := d.settledMetrics(ctx, mem)
 	if err != nil {
