@@ -3,7 +3,6 @@ package devconn
 import (
 	"bufio"
 	"context"
-	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -18,6 +17,7 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/internal/connbound"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -97,18 +97,11 @@ type wsMessage struct {
 // authenticates still counts.
 type Admitter interface{ Admitted() }
 
-// Admitted passes the session's admission on to the connection beneath
-// an edge's WebSocket (through its TLS), if that one is an Admitter.
+// Admitted vouches for the connection beneath an edge's WebSocket
+// (through its TLS), if the HTTPS port's bound counts it (connbound).
 func (w *wsConn) Admitted() {
-	if w.wire == nil {
-		return
-	}
-	c := w.wire.Conn
-	if tc, ok := c.(*tls.Conn); ok {
-		c = tc.NetConn()
-	}
-	if a, ok := c.(Admitter); ok {
-		a.Admitted()
+	if w.wire != nil {
+		connbound.Vouch(w.wire.Conn)
 	}
 }
 

@@ -390,11 +390,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if maxPending <= 0 {
 		maxPending = DefaultMaxPendingHTTPS
 	}
-	pending, err := newPendingConns(maxPending, cfg.Registry)
+	pending, err := pendingHTTPS(ln, maxPending, cfg.Registry)
 	if err != nil {
 		return nil, err
 	}
-	s.httpsLn = tls.NewListener(pending.listener(ln), httpsConf)
+	s.httpsLn = tls.NewListener(pending, httpsConf)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.cancel = cancel
 	s.ws = &transport.WebSocketHandler{Hub: s.hub, Origins: origins, IdleTimeout: cfg.IdleTimeout, Ctx: runCtx}

@@ -1,0 +1,344 @@
+package connbound_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/edge-relay/relay/internal/connbound"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// harness is a bounded listener on 127.0.0.1 and the server's side of
+// every connection it accepted, in order.
+type harness struct {
+	t        *testing.T
+	ln       *connbound.Listener
+	accepted chan *connbound.Conn
+	evicted  struct {
+		sync.Mutex
+		pending, vouched int
+	}
+}
+
+func listen(t *testing.T, cfg connbound.Config) *harness {
+	t.Helper()
+	tl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{t: t, accepted: make(chan *connbound.Conn, 64)}
+	cfg.Evicted = func(vouched bool) {
+		h.evicted.Lock()
+		defer h.evicted.Unlock()
+		if vouched {
+			h.evicted.vouched++
+		} else {
+			h.evicted.pending++
+		}
+	}
+	h.ln = connbound.NewListener(tl, cfg)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := h.ln.Accept()
+			if err != nil {
+				return
+			}
+			h.accepted <- c.(*connbound.Conn)
+		}
+	}()
+	t.Cleanup(func() {
+		_ = h.ln.Close()
+		<-done
+		for {
+			select {
+			case c := <-h.accepted:
+				_ = c.Close()
+			default:
+				return
+			}
+		}
+	})
+	return h
+}
+
+// dial connects from the given loopback address and returns the
+// client's end and the server's.
+func (h *harness) dial(from string) (net.Conn, *connbound.Conn) {
+	h.t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 10 * time.Second}
+	c, err := d.Dial("tcp", h.ln.Addr().String())
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.t.Cleanup(func() { _ = c.Close() })
+	select {
+	case sc := <-h.accepted:
+		h.t.Cleanup(func() { _ = sc.Close() })
+		return c, sc
+	case <-time.After(30 * time.Second):
+		h.t.Fatal("the listener accepted nothing")
+		return nil, nil
+	}
+}
+
+// expectEvicted checks that the server closed gone and none of kept,
+// and the evictions counted so far.
+func (h *harness) expectEvicted(gone net.Conn, kept []net.Conn, pending, vouched int) {
+	h.t.Helper()
+	waitClosed(h.t, gone)
+	for i, c := range kept {
+		if closed(c) {
+			h.t.Fatalf("connection %d of those that should stay was closed", i)
+		}
+	}
+	h.evicted.Lock()
+	p, v := h.evicted.pending, h.evicted.vouched
+	h.evicted.Unlock()
+	if p != pending || v != vouched {
+		h.t.Fatalf("evictions: %d pending, %d vouched; want %d, %d", p, v, pending, vouched)
+	}
+}
+
+// closed reports whether the server closed its end of c: a read from the
+// client's side ends (the server never writes here).
+func closed(c net.Conn) bool {
+	_ = c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	_, err := c.Read(make([]byte, 1))
+	var ne net.Error
+	return !(errors.As(err, &ne) && ne.Timeout())
+}
+
+// waitClosed waits until the server closed its end of c.
+func waitClosed(t *testing.T, c net.Conn) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		t.Fatalf("read after eviction: %v, want EOF", err)
+	}
+}
+
+func TestAtTheBoundTheOldestPendingGoes(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 3})
+	c1, _ := h.dial("127.0.0.1")
+	c2, _ := h.dial("127.0.0.2")
+	c3, _ := h.dial("127.0.0.3")
+	if n := h.ln.Pending(); n != 3 {
+		t.Fatalf("%d pending, want 3", n)
+	}
+	c4, _ := h.dial("127.0.0.4")
+	h.expectEvicted(c1, []net.Conn{c2, c3, c4}, 1, 0)
+	if n := h.ln.Pending(); n != 3 {
+		t.Fatalf("%d pending, want 3", n)
+	}
+}
+
+func TestAVouchedConnectionLeavesThePendingList(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 2})
+	c1, s1 := h.dial("127.0.0.1")
+	s1.Vouch()
+	s1.Vouch() // twice is once
+	if n := h.ln.Pending(); n != 0 {
+		t.Fatalf("%d pending after vouching, want 0", n)
+	}
+	if n := h.ln.Vouched(); n != 0 {
+		t.Fatalf("%d vouched counted without a bound, want 0", n)
+	}
+	c2, _ := h.dial("127.0.0.2")
+	c3, _ := h.dial("127.0.0.3")
+	c4, _ := h.dial("127.0.0.4")
+	waitClosed(t, c2)
+	for _, c := range []net.Conn{c1, c3, c4} {
+		if closed(c) {
+			t.Fatal("the vouched connection or a younger pending one was closed")
+		}
+	}
+}
+
+// One source holds at most its share of the pending list: a flood from
+// it pushes out its own oldest, not another source's.
+func TestOneSourceHoldsItsShare(t *testing.T) {
+	const limit = 32 // share 16
+	h := listen(t, connbound.Config{MaxPending: limit})
+	other, _ := h.dial("127.0.0.2")
+	var flood []net.Conn
+	for range connbound.PerSourceShare(limit) + 3 {
+		c, _ := h.dial("127.0.0.1")
+		flood = append(flood, c)
+	}
+	for _, c := range flood[:3] {
+		waitClosed(t, c)
+	}
+	if closed(other) {
+		t.Fatal("the other source's connection was closed")
+	}
+	if n := h.ln.Pending(); n != connbound.PerSourceShare(limit)+1 {
+		t.Fatalf("%d pending, want %d", n, connbound.PerSourceShare(limit)+1)
+	}
+}
+
+// Vouched connections are bounded per source: the source's oldest goes,
+// and no other source's.
+func TestVouchedConnectionsAreBoundedPerSource(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 64, MaxVouchedPerSource: 2})
+	other, so := h.dial("127.0.0.2")
+	so.Vouch()
+	c1, s1 := h.dial("127.0.0.1")
+	c2, s2 := h.dial("127.0.0.1")
+	s1.Vouch()
+	s2.Vouch()
+	if n := h.ln.Vouched(); n != 3 {
+		t.Fatalf("%d vouched, want 3", n)
+	}
+	c3, s3 := h.dial("127.0.0.1")
+	if closed(c1) {
+		t.Fatal("a pending connection pushed out a vouched one")
+	}
+	s3.Vouch()
+	h.expectEvicted(c1, []net.Conn{c2, c3, other}, 0, 1)
+	// The evicted one's owner closes it: it leaves the count once, and
+	// closing a vouched one takes it off.
+	_ = s1.Close()
+	_ = s2.Close()
+	if n := h.ln.Vouched(); n != 2 {
+		t.Fatalf("%d vouched after two closes, want 2", n)
+	}
+}
+
+// A connection evicted while pending cannot be vouched back onto a list,
+// and one closed is not counted.
+func TestVouchAfterEvictionOrClose(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 1, MaxVouchedPerSource: 4})
+	c1, s1 := h.dial("127.0.0.1")
+	_, s2 := h.dial("127.0.0.2")
+	waitClosed(t, c1)
+	s1.Vouch()
+	if n := h.ln.Vouched(); n != 0 {
+		t.Fatalf("an evicted connection was vouched for: %d vouched", n)
+	}
+	_ = s2.Close()
+	s2.Vouch()
+	if p, v := h.ln.Pending(), h.ln.Vouched(); p != 0 || v != 0 {
+		t.Fatalf("after close: %d pending, %d vouched; want 0, 0", p, v)
+	}
+}
+
+// The server's http.Server sees a *tls.Conn over the bounded one:
+// Vouch and ContextWithConn find it beneath.
+func TestVouchThroughTLSAndAContext(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 4})
+	_, s1 := h.dial("127.0.0.1")
+	if !connbound.Vouch(tls.Server(s1, &tls.Config{})) {
+		t.Fatal("Vouch did not find the connection beneath TLS")
+	}
+	if n := h.ln.Pending(); n != 0 {
+		t.Fatalf("%d pending, want 0", n)
+	}
+	_, s2 := h.dial("127.0.0.1")
+	ctx := connbound.ContextWithConn(context.Background(), tls.Server(s2, &tls.Config{}))
+	connbound.VouchContext(ctx)
+	if n := h.ln.Pending(); n != 0 {
+		t.Fatalf("%d pending after VouchContext, want 0", n)
+	}
+	// Connections of other listeners, and contexts without one, are
+	// left alone.
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	if connbound.Vouch(a) {
+		t.Fatal("Vouch claimed a connection no Listener accepted")
+	}
+	if got := connbound.ContextWithConn(context.Background(), a); got != context.Background() {
+		t.Fatal("ContextWithConn wrapped a context for a connection it does not bound")
+	}
+	connbound.VouchContext(context.Background())
+}
+
+func TestSourceOf(t *testing.T) {
+	for _, tc := range []struct {
+		addr net.Addr
+		want string
+	}{
+		{&net.TCPAddr{IP: net.ParseIP("192.0.2.7"), Port: 1}, "192.0.2.7"},
+		{&net.TCPAddr{IP: net.ParseIP("::ffff:192.0.2.7"), Port: 1}, "192.0.2.7"},
+		{&net.TCPAddr{IP: net.ParseIP("2001:db8:1:2:3:4:5:6"), Port: 1}, "2001:db8:1:2::"},
+		{&net.UnixAddr{Name: "/tmp/x", Net: "unix"}, "invalid IP"},
+	} {
+		if got := connbound.SourceOf(tc.addr); got.String() != tc.want {
+			t.Errorf("SourceOf(%v) = %v, want %v", tc.addr, got, tc.want)
+		}
+	}
+	if got := connbound.PerSourceShare(4096); got != 256 {
+		t.Errorf("PerSourceShare(4096) = %d, want 256", got)
+	}
+	if got := connbound.PerSourceShare(8); got != 8 {
+		t.Errorf("PerSourceShare(8) = %d, want 8", got)
+	}
+}
+
+// Accepts, vouches and closes from many goroutines keep the counts
+// exact (run with -race).
+func TestConcurrentUse(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 8, MaxVouchedPerSource: 4})
+	var wg sync.WaitGroup
+	var dialed atomic.Int64
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(10+g))}}
+			for range 25 {
+				c, err := d.Dial("tcp", h.ln.Addr().String())
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				dialed.Add(1)
+				_ = c.Close()
+			}
+		}()
+	}
+	var served sync.WaitGroup
+	var handled atomic.Int64
+	stop := make(chan struct{})
+	served.Add(1)
+	go func() {
+		defer served.Done()
+		for i := 0; ; i++ {
+			select {
+			case c := <-h.accepted:
+				if i%2 == 0 {
+					c.Vouch()
+				}
+				served.Add(1)
+				go func() { defer served.Done(); c.Vouch() }()
+				_ = c.Close()
+				handled.Add(1)
+			case <-stop:
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	deadline := time.Now().Add(30 * time.Second)
+	for handled.Load() != dialed.Load() || h.ln.Pending() != 0 || h.ln.Vouched() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d connections handled; %d pending, %d vouched after every one closed",
+				handled.Load(), dialed.Load(), h.ln.Pending(), h.ln.Vouched())
+		}
+		time.Sleep(time.Millisecond) // polling a condition, with a deadline
+	}
+	close(stop)
+	served.Wait()
+}
