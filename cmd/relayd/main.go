@@ -148,6 +148,8 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.StringVar(&cfg.CertFile, "tls-cert", "", "PEM certificate for Raft and API TLS")
 	fs.StringVar(&cfg.KeyFile, "tls-key", "", "PEM private key for --tls-cert")
 	fs.StringVar(&cfg.CAFile, "tls-ca", "", "PEM CA bundle that signs every member's certificate")
+	fs.IntVar(&cfg.MaxPendingAPIConns, "max-pending-api-conns", server.DefaultMaxPendingAPIConns, "API port connections that have not carried a call whose credentials verified (in their TLS handshake, logging in, idle or silent) at once; beyond it the oldest is closed, and one source (IPv4 address, IPv6 /64) holds at most a sixteenth of it")
+	fs.IntVar(&cfg.MaxAPIConnsPerSource, "max-api-conns-per-source", server.DefaultMaxAPIConnsPerSource, "API port connections one source (IPv4 address, IPv6 /64) may hold once they carried a call whose credentials verified; beyond it the source's oldest is closed")
 	fs.DurationVar(&cfg.SlowThreshold, "slow-threshold", 100*time.Millisecond, "log Raft applies and reads slower than this")
 	fs.DurationVar(&cfg.SlowRPCThreshold, "slow-rpc-threshold", 300*time.Millisecond, "log API calls slower than this")
 	fs.DurationVar(shutdown, "shutdown-timeout", 30*time.Second, "how long a graceful shutdown may take")

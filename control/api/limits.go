@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/edge-relay/relay/control/auth"
+	"github.com/edge-relay/relay/internal/connbound"
 	"github.com/edge-relay/relay/internal/gzipbound"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
@@ -172,6 +173,9 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 				refuse(w, r, err)
 				return
 			}
+			// The connection proved itself: it leaves the API port's
+			// bound on connections that have not (connbound).
+			connbound.VouchContext(ctx)
 			ctx = context.WithValue(ctx, preauthKey{}, claims)
 			r = r.WithContext(ctx)
 		}

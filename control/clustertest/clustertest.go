@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	dto "github.com/prometheus/client_model/go"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/edge-relay/relay/control/api"
@@ -232,16 +233,27 @@ func (c *Cluster) start(nd *Node, cfg server.Config) {
 // sets; 0 when it has none.
 func (n *Node) Metric(t TB, name string) float64 {
 	t.Helper()
+	return n.LabeledMetric(t, name, "", "")
+}
+
+// LabeledMetric is Metric summed over the label sets whose label has
+// value (every label set when label is "").
+func (n *Node) LabeledMetric(t TB, name, label, value string) float64 {
+	t.Helper()
 	mfs, err := n.Server.Registry().Gather()
 	if err != nil {
 		t.Fatalf("gather metrics of %s: %v", n.ID, err)
 	}
 	var sum float64
 	for _, mf := range mfs {
-		if mf.GetName() == name {
-			for _, m := range mf.GetMetric() {
-				sum += m.GetCounter().GetValue() + m.GetGauge().GetValue() + float64(m.GetHistogram().GetSampleCount())
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if label != "" && !slices.ContainsFunc(m.GetLabel(), func(l *dto.LabelPair) bool { return l.GetName() == label && l.GetValue() == value }) {
+				continue
 			}
+			sum += m.GetCounter().GetValue() + m.GetGauge().GetValue() + float64(m.GetHistogram().GetSampleCount())
 		}
 	}
 	return sum

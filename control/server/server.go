@@ -34,6 +34,7 @@ import (
 	"github.com/edge-relay/relay/control/openapi"
 	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/internal/certpool"
+	"github.com/edge-relay/relay/internal/connbound"
 	"github.com/edge-relay/relay/internal/telemetry"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
@@ -96,6 +97,16 @@ type Config struct {
 	// Limits bound request sizes, body arrival time and the calls without
 	// credentials in flight (api.Limits has the defaults).
 	Limits api.Limits
+	// MaxPendingAPIConns bounds the API port's connections that have not
+	// yet carried a call whose credentials verified (a TLS handshake, a
+	// login, an idle or silent connection); at the bound the oldest is
+	// closed, and one source holds at most a sixteenth of it. Default
+	// DefaultMaxPendingAPIConns.
+	MaxPendingAPIConns int
+	// MaxAPIConnsPerSource bounds one source's (IPv4 address, IPv6 /64)
+	// connections that did carry such a call; beyond it, the source's
+	// oldest is closed. Default DefaultMaxAPIConnsPerSource.
+	MaxAPIConnsPerSource int
 	// AdminPassword is the first admin's password when this node
 	// initializes a new cluster; empty generates one and logs it once.
 	AdminPassword string
@@ -189,6 +200,12 @@ func (c *Config) applyDefaults() error {
 	}
 	if c.BackupEvery <= 0 {
 		c.BackupEvery = time.Hour
+	}
+	if c.MaxPendingAPIConns <= 0 {
+		c.MaxPendingAPIConns = DefaultMaxPendingAPIConns
+	}
+	if c.MaxAPIConnsPerSource <= 0 {
+		c.MaxAPIConnsPerSource = DefaultMaxAPIConnsPerSource
 	}
 	return nil
 }
@@ -353,6 +370,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		Handler:           withRequestIDs(s.countInflight(api.WithClientCert(s.authn.Guard(api.WithResponseController(mux), limits)))),
 		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+		// Guard vouches for the connection of a call whose credentials
+		// verified (connbound.VouchContext).
+		ConnContext: connbound.ContextWithConn,
 	}
 	var protos http.Protocols
 	protos.SetHTTP1(true)
@@ -363,7 +383,10 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.apiSrv.Protocols = &protos
 	// Watch streams never end by themselves: end them as shutdown begins.
 	s.apiSrv.RegisterOnShutdown(watch.Close)
-	apiLn := s.apiLn
+	apiLn, err := boundAPIConns(s.apiLn, cfg.MaxPendingAPIConns, cfg.MaxAPIConnsPerSource, s.reg)
+	if err != nil {
+		return nil, err
+	}
 	if serverTLS != nil {
 		t := serverTLS.Clone()
 		t.ClientAuth = tls.VerifyClientCertIfGiven
