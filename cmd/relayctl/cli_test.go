@@ -5,8 +5,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -214,5 +217,47 @@ func TestNoQuorumSaysNoLeader(t *testing.T) {
 	_, _, err := runEnv(t, map[string]string{"RELAYCTL_CONFIG_DIR": r.dir, "RELAYCTL_SERVER": "http://" + srv}, "--timeout", "1s", "user", "list")
 	if msg := oneLine(err); !strings.Contains(msg, "(is the control plane running at --server / RELAYCTL_SERVER?)") {
 		t.Fatalf("user list with every member down: %s; want the hint to check the address", msg)
+	}
+}
+
+// A --server where nothing listens (a typo, a node not started) ends
+// the command once every member refused the connection for
+// noListenerGrace, and says so, rather than retrying for all of
+// --timeout.
+func TestNobodyListeningEndsTheRetries(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	env := map[string]string{"RELAYCTL_CONFIG_DIR": t.TempDir()}
+	err = run(ctx, []string{"--server", "http://" + addr, "--timeout", "50s", "login", "--password-stdin", "admin"},
+		strings.NewReader("a password\n"), io.Discard, io.Discard, func(k string) string { return env[k] })
+	if err == nil || !strings.Contains(err.Error(), "every member refused the connection for 5s") || !strings.Contains(err.Error(), "connection refused") {
+		t.Fatalf("login where nothing listens: %v; want the refusal and the hint", err)
+	}
+}
+
+// The run of refusals counts only while every attempt is refused, and
+// ends a call only once each member refused and noListenerGrace passed.
+func TestNobodyListens(t *testing.T) {
+	refusedErr := &net.OpError{Op: "dial", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
+	other := &net.OpError{Op: "dial", Err: os.NewSyscallError("connect", syscall.EHOSTUNREACH)}
+	t0 := time.Unix(1000, 0)
+	var r nobodyListens
+	if r.add(refusedErr, 3, t0) || r.add(refusedErr, 3, t0.Add(time.Second)) || r.add(refusedErr, 3, t0.Add(4*time.Second)) {
+		t.Fatal("gave up before noListenerGrace")
+	}
+	if r.add(other, 3, t0.Add(5*time.Second)) {
+		t.Fatal("gave up on a failure that is not a refusal")
+	}
+	if r.add(refusedErr, 3, t0.Add(6*time.Second)) || r.add(refusedErr, 3, t0.Add(12*time.Second)) {
+		t.Fatal("gave up before every member refused in the run (another failure came between)")
+	}
+	if !r.add(refusedErr, 3, t0.Add(13*time.Second)) {
+		t.Fatal("did not give up once every member refused for noListenerGrace")
 	}
 }

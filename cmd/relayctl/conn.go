@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"syscall"
 	"time"
 
 	"connectrpc.com/connect"
@@ -86,6 +87,7 @@ func (a *app) callOn(ctx context.Context, eps []string, what string, mode retryM
 	attempt := max(a.timeout/3, time.Second)
 	backoff := 100 * time.Millisecond
 	var fails failures
+	var refused nobodyListens
 	for i := 0; ; i++ {
 		base := eps[i%len(eps)]
 		actx, acancel := context.WithTimeout(ctx, attempt)
@@ -100,6 +102,10 @@ func (a *app) callOn(ctx context.Context, eps []string, what string, mode retryM
 		fails.add(base, err)
 		if !retryable(err, mode) || ctx.Err() != nil {
 			break
+		}
+		if refused.add(err, len(eps), time.Now()) {
+			return withHint(fmt.Errorf("%s: %s", what, fails.String(a)),
+				fmt.Sprintf("every member refused the connection for %s: is relayd control running there, and are --server and the session's members right?", noListenerGrace))
 		}
 		t := time.NewTimer(backoff)
 		select {
@@ -117,6 +123,33 @@ func (a *app) callOn(ctx context.Context, eps []string, what string, mode retryM
 		return fmt.Errorf("%s: %s: %w", what, a.nodeName(last.base), last.err)
 	}
 	return &callError{msg: fmt.Sprintf("%s: no member answered within --timeout %s: %s", what, a.timeout, fails.String(a)), err: fails.telling()}
+}
+
+// noListenerGrace is how long a call keeps retrying while every member
+// refuses the connection (nothing listens at any address it knows):
+// long enough for a node that restarts to listen again, and much less
+// than --timeout, which a mistyped --server would otherwise wait out.
+const noListenerGrace = 5 * time.Second
+
+// nobodyListens tracks a run of attempts that were all refused.
+type nobodyListens struct {
+	since time.Time // the first refusal of the run; zero: no run
+	n     int       // refusals in the run
+}
+
+// add counts an attempt's failure and reports whether the call should
+// give up: every one of the eps members refused in a run that lasted
+// noListenerGrace.
+func (r *nobodyListens) add(err error, eps int, now time.Time) bool {
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		*r = nobodyListens{}
+		return false
+	}
+	if r.n == 0 {
+		r.since = now
+	}
+	r.n++
+	return r.n >= eps && now.Sub(r.since) >= noListenerGrace
 }
 
 // callError reports every member's failure and unwraps to the one that
