@@ -174,8 +174,15 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 				return
 			}
 			// The connection proved itself: it leaves the API port's
-			// bound on connections that have not (connbound).
-			connbound.VouchContext(ctx)
+			// bound on connections that have not (connbound). Those of
+			// edges and other nodes are trusted: never closed to make
+			// room for others (edges may share a source address with
+			// anyone). People's are bounded per source and in all.
+			if claims.Role == auth.RoleEdge || claims.Role == RoleNode {
+				connbound.TrustContext(ctx)
+			} else {
+				connbound.VouchContext(ctx)
+			}
 			ctx = context.WithValue(ctx, preauthKey{}, claims)
 			r = r.WithContext(ctx)
 		}

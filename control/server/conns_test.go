@@ -2,12 +2,15 @@ package server_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptrace"
+	"os"
 	"testing"
 	"time"
 
@@ -15,12 +18,13 @@ import (
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/server"
+	"github.com/edge-relay/relay/internal/testcerts"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
-// apiClient speaks HTTP/2 to a node from the given loopback address, on
-// one connection, as an edge does.
+// apiClient speaks to a node from the given loopback address, on one
+// connection, in one of the protocols the API port serves.
 type apiClient struct {
 	t     *testing.T
 	users controlv1connect.UserServiceClient
@@ -28,17 +32,38 @@ type apiClient struct {
 	tr    *http.Transport
 }
 
-func newAPIClient(t *testing.T, addr, from string) *apiClient {
+// apiProtocol is how a test client speaks to the API port: HTTP/2 with
+// prior knowledge on a node without TLS (as edges do), or HTTP/2 or
+// HTTP/1.1 over TLS.
+type apiProtocol struct {
+	name  string
+	roots *x509.CertPool // nil: no TLS
+	h1    bool
+}
+
+func newAPIClient(t *testing.T, p apiProtocol, addr, from string) *apiClient {
 	t.Helper()
 	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 10 * time.Second}
-	var p http.Protocols
-	p.SetUnencryptedHTTP2(true)
-	tr := &http.Transport{DialContext: d.DialContext, Protocols: &p}
+	var protos http.Protocols
+	tr := &http.Transport{DialContext: d.DialContext, Protocols: &protos, MaxConnsPerHost: 1}
+	base := "http://" + addr
+	switch {
+	case p.roots == nil:
+		protos.SetUnencryptedHTTP2(true)
+	case p.h1:
+		protos.SetHTTP1(true)
+	default:
+		protos.SetHTTP2(true)
+	}
+	if p.roots != nil {
+		tr.TLSClientConfig = &tls.Config{RootCAs: p.roots}
+		base = "https://" + addr
+	}
 	t.Cleanup(tr.CloseIdleConnections)
 	hc := &http.Client{Transport: tr}
 	return &apiClient{t: t, tr: tr,
-		users: controlv1connect.NewUserServiceClient(hc, "http://"+addr),
-		auth:  controlv1connect.NewAuthServiceClient(hc, "http://"+addr)}
+		users: controlv1connect.NewUserServiceClient(hc, base),
+		auth:  controlv1connect.NewAuthServiceClient(hc, base)}
 }
 
 // getMe calls GetMe with token and reports whether the call went on a
@@ -62,55 +87,115 @@ func (c *apiClient) mustGetMe(token string) bool {
 	return reused
 }
 
+func (c *apiClient) login(login, password string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := c.auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: login, Password: password}))
+	if err != nil {
+		return "", err
+	}
+	return resp.Msg.GetTokens().GetAccessToken(), nil
+}
+
 // The API port holds at most MaxPendingAPIConns connections that have
 // not carried a call whose credentials verified, closing the oldest; a
-// connection that has (an edge's, relayctl's) leaves that list, so a
-// flood of silent connections does not touch it. Those are bounded per
-// source instead: a host holding an account that opens more than
-// MaxAPIConnsPerSource loses its own oldest, and no one else's.
+// connection that has leaves that list, so a flood of silent
+// connections does not touch it. An edge's is trusted from then on and
+// never closed to make room; people's are bounded per source
+// (MaxAPIConnsPerSource: a host holding an account that opens more loses
+// its own oldest, never an edge's at the same address) and in all
+// (MaxAPIConns). The same over every protocol the port serves: the
+// connection is found beneath TLS and HTTP/2.
 func TestAPIBoundsConnections(t *testing.T) {
-	const limit, perSource = 4, 2
-	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) {
-		cfg.MaxPendingAPIConns = limit
-		cfg.MaxAPIConnsPerSource = perSource
-	}})
-	n := c.Nodes[0]
+	ca, err := testcerts.NewCA(t.TempDir(), "cluster")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pem, err := os.ReadFile(ca.CertFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(pem)
+	for _, p := range []apiProtocol{{name: "h2c"}, {name: "h2", roots: roots}, {name: "http1", roots: roots, h1: true}} {
+		t.Run(p.name, func(t *testing.T) { testAPIBoundsConnections(t, p, ca) })
+	}
+}
+
+func testAPIBoundsConnections(t *testing.T, p apiProtocol, ca *testcerts.CA) {
+	const limit, perSource, total = 4, 2, 3
+	c := clustertest.Empty(t, clustertest.Options{})
+	n := c.StartNode(func(cfg *server.Config) {
+		cfg.Bootstrap = true
+		cfg.MaxPendingAPIConns, cfg.MaxAPIConnsPerSource, cfg.MaxAPIConns = limit, perSource, total
+		if p.roots != nil {
+			cert, key, err := ca.Issue("n1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.CertFile, cfg.KeyFile, cfg.CAFile = cert, key, ca.CertFile
+		}
+	})
 	addr := n.Server.APIAddr()
-	token := c.AdminToken()
 	metric := func(name, reason string) float64 {
 		if reason == "" {
 			return n.Metric(t, name)
 		}
 		return n.LabeledMetric(t, name, "reason", reason)
 	}
-	waitFor := func(name, label string, want float64) {
+	waitFor := func(name, reason string, want float64) {
 		t.Helper()
 		clustertest.Eventually(t, 30*time.Second, func() error {
-			if got := metric(name, label); got != want {
-				return fmt.Errorf("%s{%s} = %v, want %v", name, label, got, want)
+			if got := metric(name, reason); got != want {
+				return fmt.Errorf("%s{%s} = %v, want %v", name, reason, got, want)
 			}
 			return nil
 		})
 	}
-	// The login's connection was closed with its dialer.
-	waitFor("relay_control_api_pending_connections", "", 0)
+	const pending, authenticated, evicted = "relay_control_api_pending_connections",
+		"relay_control_api_authenticated_connections", "relay_control_api_connections_evicted_total"
 
-	edge := newAPIClient(t, addr, "127.0.0.2")
-	edge.mustGetMe(token)
-	waitFor("relay_control_api_authenticated_connections", "", 1)
-	waitFor("relay_control_api_pending_connections", "", 0)
-
-	// A client that only logs in (a public call) stays pending.
-	login := newAPIClient(t, addr, "127.0.0.3")
+	// An admin's token, and an edge account's.
+	setup := newAPIClient(t, p, addr, "127.0.0.9")
+	var adminTok string
+	clustertest.Eventually(t, 30*time.Second, func() (err error) {
+		adminTok, err = setup.login("admin", clustertest.AdminPassword) // once the cluster is initialized
+		return err
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if _, err := login.auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "admin", Password: clustertest.AdminPassword})); err != nil {
+	req := connect.NewRequest(&controlv1.CreateUserRequest{Login: "edge1", Password: "password-of-edge1", Role: controlv1.Role_ROLE_EDGE})
+	req.Header().Set("Authorization", "Bearer "+adminTok)
+	if _, err := setup.users.CreateUser(ctx, req); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("relay_control_api_pending_connections", "", 1)
+	edgeTok, err := setup.login("edge1", "password-of-edge1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(authenticated, "", 1)
+	setup.tr.CloseIdleConnections()
+	waitFor(authenticated, "", 0)
+	waitFor(pending, "", 0)
+
+	// An edge's connection is trusted from its first verified call: on
+	// neither list.
+	edge := newAPIClient(t, p, addr, "127.0.0.2")
+	edge.mustGetMe(edgeTok)
+	waitFor(pending, "", 0)
+	if got := metric(authenticated, ""); got != 0 {
+		t.Fatalf("an edge's connection counted among people's: %v", got)
+	}
+
+	// A client that only logs in (a public call) stays pending.
+	login := newAPIClient(t, p, addr, "127.0.0.3")
+	if _, err := login.login("admin", clustertest.AdminPassword); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(pending, "", 1)
 
 	// A flood of silent connections: twice the bound. The oldest go,
-	// the login's first among them.
+	// the login's first among them; the newest stay.
 	var flood []net.Conn
 	for range 2 * limit {
 		fc, err := net.DialTimeout("tcp", addr, 10*time.Second)
@@ -120,51 +205,73 @@ func TestAPIBoundsConnections(t *testing.T) {
 		t.Cleanup(func() { _ = fc.Close() })
 		flood = append(flood, fc)
 	}
-	waitFor("relay_control_api_connections_evicted_total", "pending", limit+1)
-	waitFor("relay_control_api_pending_connections", "", limit)
+	waitFor(evicted, "pending", limit+1)
+	waitFor(pending, "", limit)
+	for i, fc := range flood[limit:] {
+		// Not closed: a read times out. (The node's 10 s handshake and
+		// header timeout would close them later.)
+		_ = fc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		var ne net.Error
+		if _, err := fc.Read(make([]byte, 1)); !errors.As(err, &ne) || !ne.Timeout() {
+			t.Fatalf("flood connection %d of the newest: read %v, want it still open", limit+i, err)
+		}
+	}
 	for i, fc := range flood[:limit-1] {
 		_ = fc.SetReadDeadline(time.Now().Add(30 * time.Second))
 		if _, err := fc.Read(make([]byte, 64)); !errors.Is(err, io.EOF) {
 			t.Fatalf("flood connection %d: read %v, want EOF (closed)", i, err)
 		}
 	}
-	// The authenticated connection is untouched: the next call goes on it.
-	if !edge.mustGetMe(token) {
-		t.Fatal("the authenticated connection was closed by the flood")
+	if !edge.mustGetMe(edgeTok) {
+		t.Fatal("the edge's connection was closed by the flood")
 	}
 
-	// Two more authenticated connections from the edge's host: the
-	// oldest of the three goes, and only that one.
-	other := []*apiClient{newAPIClient(t, addr, "127.0.0.2"), newAPIClient(t, addr, "127.0.0.2")}
-	for _, o := range other {
-		o.mustGetMe(token)
+	// Three admin connections from the edge's host: the oldest of the
+	// three goes, and neither the others nor the edge's.
+	a := []*apiClient{newAPIClient(t, p, addr, "127.0.0.2"), newAPIClient(t, p, addr, "127.0.0.2"), newAPIClient(t, p, addr, "127.0.0.2")}
+	for _, o := range a {
+		o.mustGetMe(adminTok)
 	}
-	waitFor("relay_control_api_connections_evicted_total", "per_source", 1)
-	waitFor("relay_control_api_authenticated_connections", "", perSource)
-	for _, o := range other {
-		if !o.mustGetMe(token) {
-			t.Fatal("a younger authenticated connection was closed")
+	waitFor(evicted, "authenticated", 1)
+	waitFor(authenticated, "", perSource)
+	for i, o := range a[1:] {
+		if !o.mustGetMe(adminTok) {
+			t.Fatalf("admin connection %d, younger, was closed", i+1)
 		}
 	}
-	// The evicted client dials again and is served.
-	edge.mustGetMe(token)
+	if !edge.mustGetMe(edgeTok) {
+		t.Fatal("the edge's connection was closed to make room for people's at its address")
+	}
+
+	// Past the bound of all sources, the oldest of all goes.
+	b := []*apiClient{newAPIClient(t, p, addr, "127.0.0.5"), newAPIClient(t, p, addr, "127.0.0.5")}
+	for _, o := range b {
+		o.mustGetMe(adminTok)
+	}
+	waitFor(evicted, "authenticated", 2)
+	waitFor(authenticated, "", total)
+	for i, o := range []*apiClient{a[2], b[0], b[1]} {
+		if !o.mustGetMe(adminTok) {
+			t.Fatalf("connection %d of the newest three was closed", i)
+		}
+	}
 
 	// A call whose credentials do not verify does not vouch.
-	stranger := newAPIClient(t, addr, "127.0.0.4")
+	stranger := newAPIClient(t, p, addr, "127.0.0.4")
 	if _, err := stranger.getMe("not-a-token"); connect.CodeOf(err) != connect.CodeUnauthenticated {
 		t.Fatalf("GetMe with a bad token: %v, want unauthenticated", err)
 	}
-	if got := metric("relay_control_api_authenticated_connections", ""); got != perSource {
-		t.Fatalf("%v authenticated connections after a refused call, want %v", got, perSource)
+	if got := metric(authenticated, ""); got != total {
+		t.Fatalf("%v authenticated connections after a refused call, want %v", got, total)
 	}
 
 	// Everyone gone: the counts come back to zero.
-	for _, cl := range append(other, edge, login, stranger) {
+	for _, cl := range append(append(a, b...), edge, login, stranger) {
 		cl.tr.CloseIdleConnections()
 	}
 	for _, fc := range flood {
 		_ = fc.Close()
 	}
-	waitFor("relay_control_api_authenticated_connections", "", 0)
-	waitFor("relay_control_api_pending_connections", "", 0)
+	waitFor(authenticated, "", 0)
+	waitFor(pending, "", 0)
 }

@@ -104,9 +104,13 @@ type Config struct {
 	// DefaultMaxPendingAPIConns.
 	MaxPendingAPIConns int
 	// MaxAPIConnsPerSource bounds one source's (IPv4 address, IPv6 /64)
-	// connections that did carry such a call; beyond it, the source's
-	// oldest is closed. Default DefaultMaxAPIConnsPerSource.
+	// connections that did carry such a call, but for edges' and other
+	// nodes' (which are never closed to make room); beyond it, the
+	// source's oldest is closed. Default DefaultMaxAPIConnsPerSource.
 	MaxAPIConnsPerSource int
+	// MaxAPIConns bounds those connections of all sources; beyond it, the
+	// oldest is closed. Default DefaultMaxAPIConns.
+	MaxAPIConns int
 	// AdminPassword is the first admin's password when this node
 	// initializes a new cluster; empty generates one and logs it once.
 	AdminPassword string
@@ -206,6 +210,9 @@ func (c *Config) applyDefaults() error {
 	}
 	if c.MaxAPIConnsPerSource <= 0 {
 		c.MaxAPIConnsPerSource = DefaultMaxAPIConnsPerSource
+	}
+	if c.MaxAPIConns <= 0 {
+		c.MaxAPIConns = DefaultMaxAPIConns
 	}
 	return nil
 }
@@ -383,7 +390,8 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.apiSrv.Protocols = &protos
 	// Watch streams never end by themselves: end them as shutdown begins.
 	s.apiSrv.RegisterOnShutdown(watch.Close)
-	apiLn, err := boundAPIConns(s.apiLn, cfg.MaxPendingAPIConns, cfg.MaxAPIConnsPerSource, s.reg)
+	apiLn, err := boundAPIConns(s.apiLn, apiConnBounds{MaxPending: cfg.MaxPendingAPIConns,
+		MaxPerSource: cfg.MaxAPIConnsPerSource, Max: cfg.MaxAPIConns}, s.reg, s.log)
 	if err != nil {
 		return nil, err
 	}

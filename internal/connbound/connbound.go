@@ -16,9 +16,12 @@
 // request's context) once it proved itself: a session admitted, a call
 // whose credentials verified. It then leaves the pending list. Vouched
 // connections are bounded per source when Config.MaxVouchedPerSource is
-// set (beyond it, the source's oldest vouched connection goes), so that
-// an account holder who opens connections from one host cannot exhaust
-// the server either; they can only close their own.
+// set (beyond it, the source's oldest vouched connection goes), and in
+// all by Config.MaxVouched, so that an account holder who opens
+// connections cannot exhaust the server either. A connection whose
+// caller the server trusts (Conn.Trust: another server of its own, an
+// edge) leaves both lists: it is never closed to make room, so that
+// whoever shares its source address cannot cut it.
 package connbound
 
 import (
@@ -39,11 +42,16 @@ type Config struct {
 	MaxPending int
 	// MaxVouchedPerSource bounds one source's vouched connections; beyond
 	// it, the source's oldest vouched connection is closed. 0: vouched
-	// connections are not bounded (nor counted).
+	// connections are not bounded (nor counted), and MaxVouched is
+	// ignored.
 	MaxVouchedPerSource int
+	// MaxVouched bounds all vouched connections; beyond it, the oldest is
+	// closed. 0: only the share per source bounds them.
+	MaxVouched int
 	// Evicted, if set, is called for every connection the Listener closes
-	// to keep a bound: vouched says which.
-	Evicted func(vouched bool)
+	// to keep a bound: vouched says which list, source whose connection
+	// it was.
+	Evicted func(vouched bool, source netip.Addr)
 }
 
 // Listener is a net.Listener whose connections are bounded as the
@@ -66,7 +74,11 @@ func NewListener(ln net.Listener, cfg Config) *Listener {
 	l := &Listener{Listener: ln, cfg: cfg,
 		pending: oldest.New[*Conn](cfg.MaxPending, PerSourceShare(cfg.MaxPending))}
 	if cfg.MaxVouchedPerSource > 0 {
-		l.vouched = oldest.New[*Conn](math.MaxInt, cfg.MaxVouchedPerSource)
+		total := cfg.MaxVouched
+		if total <= 0 {
+			total = math.MaxInt
+		}
+		l.vouched = oldest.New[*Conn](total, cfg.MaxVouchedPerSource)
 	}
 	return l
 }
@@ -122,43 +134,48 @@ func (l *Listener) evict(e *oldest.Entry[*Conn], vouched bool) {
 		return
 	}
 	if l.cfg.Evicted != nil {
-		l.cfg.Evicted(vouched)
+		l.cfg.Evicted(vouched, e.Value.source)
 	}
 	_ = e.Value.Conn.Close()
 }
 
 // Conn is a connection a Listener accepted: on its pending list until
-// vouched for or closed, then on its vouched list (if bounded) until
-// closed.
+// vouched for, trusted or closed; once vouched for, on its vouched list
+// (if bounded) until trusted or closed.
 type Conn struct {
 	net.Conn
 	l      *Listener
 	source netip.Addr
 
-	mu      sync.Mutex           // guards the fields below
-	entry   *oldest.Entry[*Conn] // its place on the list it is on; nil once off both
-	vouched bool
-	closed  bool
+	mu    sync.Mutex           // guards the fields below
+	entry *oldest.Entry[*Conn] // its place on the list state names; nil once off both
+	state connState
 }
 
-// Vouch takes the connection off the pending list, and puts it on its
-// source's vouched list when those are bounded (which may close the
-// source's oldest). A second call, or one after the connection was
-// closed or evicted, does nothing.
+type connState uint8
+
+const (
+	statePending connState = iota
+	stateVouched
+	stateTrusted // off both lists for good
+	stateClosed
+)
+
+// Vouch takes the connection off the pending list, and puts it on the
+// vouched list when those are bounded (which may close the oldest there,
+// of its source or of all). A call on a connection vouched for, trusted,
+// closed or evicted does nothing.
 func (c *Conn) Vouch() {
 	c.mu.Lock()
-	if c.vouched || c.closed {
+	if c.state != statePending {
 		c.mu.Unlock()
 		return
 	}
-	c.vouched = true
-	if !c.l.pending.Remove(c.entry) {
-		// Evicted: it is being closed.
-		c.entry = nil
-		c.mu.Unlock()
+	if !c.leaveLocked() {
+		c.mu.Unlock() // evicted: it is being closed
 		return
 	}
-	c.entry = nil
+	c.state = stateVouched
 	var old *oldest.Entry[*Conn]
 	if c.l.vouched != nil {
 		c.entry, old = c.l.vouched.Add(c, c.source)
@@ -167,18 +184,40 @@ func (c *Conn) Vouch() {
 	c.l.evict(old, true)
 }
 
+// Trust takes the connection off the list it is on for good: it is not
+// counted, and never closed to make room. A call on a connection closed
+// or evicted does nothing.
+func (c *Conn) Trust() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state == stateTrusted || c.state == stateClosed {
+		return
+	}
+	if c.leaveLocked() {
+		c.state = stateTrusted
+	}
+}
+
+// leaveLocked takes the connection off the list it is on, and reports
+// whether it was still there (not evicted). mu is held.
+func (c *Conn) leaveLocked() bool {
+	if c.entry == nil {
+		return c.state == stateVouched // vouched, unbounded: on no list
+	}
+	list := c.l.pending
+	if c.state == stateVouched {
+		list = c.l.vouched
+	}
+	on := list.Remove(c.entry)
+	c.entry = nil
+	return on
+}
+
 // Close takes the connection off its list and closes it.
 func (c *Conn) Close() error {
 	c.mu.Lock()
-	c.closed = true
-	if c.entry != nil {
-		if c.vouched {
-			c.l.vouched.Remove(c.entry)
-		} else {
-			c.l.pending.Remove(c.entry)
-		}
-		c.entry = nil
-	}
+	c.leaveLocked()
+	c.state = stateClosed
 	c.mu.Unlock()
 	return c.Conn.Close()
 }
@@ -219,5 +258,13 @@ func ContextWithConn(ctx context.Context, c net.Conn) context.Context {
 func VouchContext(ctx context.Context) {
 	if bc, ok := ctx.Value(connKey{}).(*Conn); ok {
 		bc.Vouch()
+	}
+}
+
+// TrustContext trusts the connection of a request whose context derives
+// from ContextWithConn's; a context without one is ignored.
+func TrustContext(ctx context.Context) {
+	if bc, ok := ctx.Value(connKey{}).(*Conn); ok {
+		bc.Trust()
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -37,7 +38,7 @@ func listen(t *testing.T, cfg connbound.Config) *harness {
 		t.Fatal(err)
 	}
 	h := &harness{t: t, accepted: make(chan *connbound.Conn, 64)}
-	cfg.Evicted = func(vouched bool) {
+	cfg.Evicted = func(vouched bool, _ netip.Addr) {
 		h.evicted.Lock()
 		defer h.evicted.Unlock()
 		if vouched {
@@ -93,6 +94,14 @@ func (h *harness) dial(from string) (net.Conn, *connbound.Conn) {
 	}
 }
 
+// expectCounts checks the connections pending and vouched for now.
+func (h *harness) expectCounts(when string, pending, vouched int) {
+	h.t.Helper()
+	if p, v := h.ln.Pending(), h.ln.Vouched(); p != pending || v != vouched {
+		h.t.Fatalf("%s: %d pending, %d vouched; want %d, %d", when, p, v, pending, vouched)
+	}
+}
+
 // expectEvicted checks that the server closed gone and none of kept,
 // and the evictions counted so far.
 func (h *harness) expectEvicted(gone net.Conn, kept []net.Conn, pending, vouched int) {
@@ -134,14 +143,10 @@ func TestAtTheBoundTheOldestPendingGoes(t *testing.T) {
 	c1, _ := h.dial("127.0.0.1")
 	c2, _ := h.dial("127.0.0.2")
 	c3, _ := h.dial("127.0.0.3")
-	if n := h.ln.Pending(); n != 3 {
-		t.Fatalf("%d pending, want 3", n)
-	}
+	h.expectCounts("before the fourth", 3, 0)
 	c4, _ := h.dial("127.0.0.4")
 	h.expectEvicted(c1, []net.Conn{c2, c3, c4}, 1, 0)
-	if n := h.ln.Pending(); n != 3 {
-		t.Fatalf("%d pending, want 3", n)
-	}
+	h.expectCounts("after the fourth", 3, 0)
 }
 
 func TestAVouchedConnectionLeavesThePendingList(t *testing.T) {
@@ -149,12 +154,7 @@ func TestAVouchedConnectionLeavesThePendingList(t *testing.T) {
 	c1, s1 := h.dial("127.0.0.1")
 	s1.Vouch()
 	s1.Vouch() // twice is once
-	if n := h.ln.Pending(); n != 0 {
-		t.Fatalf("%d pending after vouching, want 0", n)
-	}
-	if n := h.ln.Vouched(); n != 0 {
-		t.Fatalf("%d vouched counted without a bound, want 0", n)
-	}
+	h.expectCounts("after vouching (vouched ones not counted without a bound)", 0, 0)
 	c2, _ := h.dial("127.0.0.2")
 	c3, _ := h.dial("127.0.0.3")
 	c4, _ := h.dial("127.0.0.4")
@@ -183,9 +183,7 @@ func TestOneSourceHoldsItsShare(t *testing.T) {
 	if closed(other) {
 		t.Fatal("the other source's connection was closed")
 	}
-	if n := h.ln.Pending(); n != connbound.PerSourceShare(limit)+1 {
-		t.Fatalf("%d pending, want %d", n, connbound.PerSourceShare(limit)+1)
-	}
+	h.expectCounts("after the flood", connbound.PerSourceShare(limit)+1, 0)
 }
 
 // Vouched connections are bounded per source: the source's oldest goes,
@@ -198,9 +196,7 @@ func TestVouchedConnectionsAreBoundedPerSource(t *testing.T) {
 	c2, s2 := h.dial("127.0.0.1")
 	s1.Vouch()
 	s2.Vouch()
-	if n := h.ln.Vouched(); n != 3 {
-		t.Fatalf("%d vouched, want 3", n)
-	}
+	h.expectCounts("three vouched", 0, 3)
 	c3, s3 := h.dial("127.0.0.1")
 	if closed(c1) {
 		t.Fatal("a pending connection pushed out a vouched one")
@@ -211,8 +207,72 @@ func TestVouchedConnectionsAreBoundedPerSource(t *testing.T) {
 	// closing a vouched one takes it off.
 	_ = s1.Close()
 	_ = s2.Close()
-	if n := h.ln.Vouched(); n != 2 {
-		t.Fatalf("%d vouched after two closes, want 2", n)
+	h.expectCounts("after two closes", 0, 2)
+}
+
+// All sources' vouched connections are bounded too: past MaxVouched the
+// oldest of all goes.
+func TestVouchedConnectionsAreBoundedInAll(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 64, MaxVouchedPerSource: 2, MaxVouched: 3})
+	var cs []net.Conn
+	for _, from := range []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"} {
+		c, s := h.dial(from)
+		s.Vouch()
+		cs = append(cs, c)
+	}
+	c4, s4 := h.dial("127.0.0.4")
+	s4.Vouch()
+	h.expectEvicted(cs[0], []net.Conn{cs[1], cs[2], c4}, 0, 1)
+	h.expectCounts("past the bound of all", 0, 3)
+}
+
+// A trusted connection is on neither list: not counted, and never
+// closed to make room, even among many of its source's.
+func TestATrustedConnectionIsNeverEvicted(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 2, MaxVouchedPerSource: 1})
+	trusted, st := h.dial("127.0.0.1")
+	st.Trust()
+	vouched, sv := h.dial("127.0.0.1")
+	sv.Vouch()
+	sv.Trust() // a vouched one may be trusted later: it leaves its list
+	h.expectCounts("after trusting both", 0, 0)
+	var flood []net.Conn
+	for range 2 {
+		c, s := h.dial("127.0.0.1")
+		s.Vouch()
+		flood = append(flood, c)
+	}
+	h.expectEvicted(flood[0], []net.Conn{trusted, vouched, flood[1]}, 0, 1)
+	st.Vouch() // vouching a trusted one changes nothing
+	h.expectCounts("after vouching a trusted one", 0, 1)
+	_ = st.Close()
+	st.Trust()
+	h.expectCounts("after closing a trusted one", 0, 1)
+}
+
+// Two vouches racing an Accept that evicts the same pending connection:
+// it ends either vouched or evicted, once, never both or neither.
+func TestVouchRacesEviction(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 1, MaxVouchedPerSource: 1 << 20})
+	for i := range 200 {
+		_, s := h.dial("127.0.0.1")
+		var wg sync.WaitGroup
+		wg.Add(2)
+		for range 2 {
+			go func() { defer wg.Done(); s.Vouch() }()
+		}
+		_, next := h.dial("127.0.0.1") // evicts s, unless s was vouched first
+		wg.Wait()
+		h.evicted.Lock()
+		evicted := h.evicted.pending
+		h.evicted.Unlock()
+		if got := h.ln.Vouched() + evicted; got != i+1 {
+			t.Fatalf("round %d: %d vouched + %d evicted, want %d", i, h.ln.Vouched(), evicted, i+1)
+		}
+		_ = next.Close()
+		if n := h.ln.Pending(); n != 0 {
+			t.Fatalf("round %d: %d pending, want 0", i, n)
+		}
 	}
 }
 
@@ -224,14 +284,10 @@ func TestVouchAfterEvictionOrClose(t *testing.T) {
 	_, s2 := h.dial("127.0.0.2")
 	waitClosed(t, c1)
 	s1.Vouch()
-	if n := h.ln.Vouched(); n != 0 {
-		t.Fatalf("an evicted connection was vouched for: %d vouched", n)
-	}
+	h.expectCounts("after vouching an evicted one", 1, 0)
 	_ = s2.Close()
 	s2.Vouch()
-	if p, v := h.ln.Pending(), h.ln.Vouched(); p != 0 || v != 0 {
-		t.Fatalf("after close: %d pending, %d vouched; want 0, 0", p, v)
-	}
+	h.expectCounts("after close", 0, 0)
 }
 
 // The server's http.Server sees a *tls.Conn over the bounded one:
@@ -242,15 +298,11 @@ func TestVouchThroughTLSAndAContext(t *testing.T) {
 	if !connbound.Vouch(tls.Server(s1, &tls.Config{})) {
 		t.Fatal("Vouch did not find the connection beneath TLS")
 	}
-	if n := h.ln.Pending(); n != 0 {
-		t.Fatalf("%d pending, want 0", n)
-	}
+	h.expectCounts("after Vouch", 0, 0)
 	_, s2 := h.dial("127.0.0.1")
 	ctx := connbound.ContextWithConn(context.Background(), tls.Server(s2, &tls.Config{}))
 	connbound.VouchContext(ctx)
-	if n := h.ln.Pending(); n != 0 {
-		t.Fatalf("%d pending after VouchContext, want 0", n)
-	}
+	h.expectCounts("after VouchContext", 0, 0)
 	// Connections of other listeners, and contexts without one, are
 	// left alone.
 	a, b := net.Pipe()
