@@ -638,3 +638,37 @@ func TestAGracefulStopLogsNoError(t *testing.T) {
 		t.Fatalf("a graceful stop logged %d errors, the first: %v", len(errs), errs[0].Attrs["error"])
 	}
 }
+
+// A member that is down does not fill the leader's log with errors:
+// hashicorp/raft reports every failed heartbeat (here ten a second) at
+// ERROR; the first for that member comes at WARN, the rest at DEBUG
+// until a minute has passed.
+func TestADownMemberIsLoggedOnceAMinute(t *testing.T) {
+	rec := clustertest.NewLogRecorder()
+	c := clustertest.Start(t, 3, clustertest.Options{Logger: slog.New(rec)})
+	leader := c.Leader()
+	down := c.Follower()
+	peer := c.Nodes[down].Server.Node().RaftAddr()
+	start := time.Now()
+	c.Shutdown(down)
+	heartbeats := func(match func(clustertest.Record) bool) []clustertest.Record {
+		return rec.Find("failed to heartbeat to", func(r clustertest.Record) bool {
+			return r.Attrs["test_node"].String() == c.Nodes[leader].ID && r.Attrs["peer"].String() == peer && (match == nil || match(r))
+		})
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if n := len(heartbeats(nil)); n < 10 {
+			return fmt.Errorf("%d failed heartbeats logged", n)
+		}
+		return nil
+	})
+	at := func(l slog.Level) int {
+		return len(heartbeats(func(r clustertest.Record) bool { return r.Level == l }))
+	}
+	if n := at(slog.LevelError); n != 0 {
+		t.Fatalf("%d failed heartbeats at ERROR", n)
+	}
+	if n, most := at(slog.LevelWarn), 1+int(time.Since(start)/time.Minute); n < 1 || n > most {
+		t.Fatalf("%d failed heartbeats at WARN, want 1 to %d", n, most)
+	}
+}

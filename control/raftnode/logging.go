@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
@@ -16,19 +18,57 @@ import (
 // newHCLogger returns an hclog.Logger (what hashicorp/raft speaks) whose
 // records end up in slog with their level, message and key-value pairs.
 func newHCLogger(l *slog.Logger, name string) hclog.Logger {
+	return newHCLoggerAt(l, name, time.Now)
+}
+
+func newHCLoggerAt(l *slog.Logger, name string, now func() time.Time) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{
 		Name:       name,
 		Level:      hclog.Info,
 		JSONFormat: true,
-		Output:     &slogWriter{l: l},
+		Output:     &slogWriter{l: l, now: now, repeats: map[string]*repeat{}},
 	})
+}
+
+// unreachable are hashicorp/raft's messages about a peer it cannot
+// reach, each with the peer's key. A leader repeats them for as long as
+// a member is down: "failed to heartbeat to" at ERROR twice per
+// heartbeat timeout, for a member that is merely restarting. The bridge
+// logs the first of each peer's at WARN (the member being down is not
+// this node's error; RelayControlQuorumAtRisk and the Raft panels are
+// where it shows), then at most one a repeatWindow with the count of
+// those it held back at DEBUG.
+var unreachable = map[string]string{
+	"failed to heartbeat to":                  "peer",
+	"failed to appendEntries to":              "peer",
+	"failed to start pipeline replication to": "peer",
+	"failed to pipeline appendEntries":        "peer",
+	"failed to contact":                       "server-id",
+}
+
+// repeatWindow is how often a peer's unreachable message is logged at
+// WARN while it repeats.
+const repeatWindow = time.Minute
+
+// maxRepeatKeys bounds the repeats tracked (peers are the cluster's
+// members: a handful; a key past the bound is logged as it comes).
+const maxRepeatKeys = 256
+
+// repeat is a message about one peer and when it was last logged at
+// WARN, with how many came at DEBUG since.
+type repeat struct {
+	logged time.Time
+	held   int
 }
 
 // slogWriter receives hclog's JSON lines and re-emits them through slog.
 type slogWriter struct {
 	l   *slog.Logger
-	mu  sync.Mutex // guards buf
-	buf []byte
+	now func() time.Time
+
+	mu      sync.Mutex // guards the fields below
+	buf     []byte
+	repeats map[string]*repeat // by message and peer
 }
 
 func (w *slogWriter) Write(p []byte) (int, error) {
@@ -72,7 +112,14 @@ func (w *slogWriter) emit(line []byte) {
 			level = slog.LevelDebug
 		}
 	}
-	attrs := make([]slog.Attr, 0, len(rec))
+	attrs := make([]slog.Attr, 0, len(rec)+1)
+	if key, ok := unreachable[msg]; ok {
+		var held int
+		level, held = w.budget(msg, rec[key])
+		if held > 0 {
+			attrs = append(attrs, slog.Int("repeated", held))
+		}
+	}
 	if m, ok := rec["@module"].(string); ok {
 		attrs = append(attrs, slog.String("module", m))
 	}
@@ -83,4 +130,34 @@ func (w *slogWriter) emit(line []byte) {
 		attrs = append(attrs, slog.Any(k, v))
 	}
 	w.l.LogAttrs(context.Background(), level, msg, attrs...)
+}
+
+// budget says at which level an unreachable peer's message goes, and how
+// many of the same were held back at DEBUG since the last at WARN. mu is
+// held.
+func (w *slogWriter) budget(msg string, peer any) (slog.Level, int) {
+	key := fmt.Sprint(msg, "\x00", peer)
+	now := w.now()
+	r := w.repeats[key]
+	if r == nil {
+		if len(w.repeats) >= maxRepeatKeys {
+			for k, old := range w.repeats {
+				if now.Sub(old.logged) >= repeatWindow {
+					delete(w.repeats, k)
+				}
+			}
+			if len(w.repeats) >= maxRepeatKeys {
+				return slog.LevelWarn, 0
+			}
+		}
+		w.repeats[key] = &repeat{logged: now}
+		return slog.LevelWarn, 0
+	}
+	if now.Sub(r.logged) < repeatWindow {
+		r.held++
+		return slog.LevelDebug, 0
+	}
+	held := r.held
+	r.logged, r.held = now, 0
+	return slog.LevelWarn, held
 }
