@@ -50,7 +50,7 @@ func (n *Node) Status() (Status, error) {
 		LeaderID:          lid,
 		LeaderAPIAddr:     laddr,
 		Term:              u("term"),
-		CommitIndex:       n.raft.CommitIndex(),
+		CommitIndex:       n.commitIndex(),
 		AppliedIndex:      n.fsm.AppliedIndex(),
 		LastSnapshotIndex: u("last_snapshot_index"),
 	}
@@ -67,6 +67,13 @@ func (n *Node) Status() (Status, error) {
 	}
 	return st, nil
 }
+
+// commitIndex is the highest log index this node knows committed.
+// hashicorp/raft learns the commit index only from its leader (a
+// follower's first AppendEntries, a leader's first commit in its term)
+// and reports 0 until then; but the entries the durable state applied
+// before a restart were committed, so those count too.
+func (n *Node) commitIndex() uint64 { return max(n.raft.CommitIndex(), n.fsm.AppliedIndex()) }
 
 func (n *Node) requireLeader() error {
 	if n.shutdown.Load() {

@@ -672,3 +672,41 @@ func TestADownMemberIsLoggedOnceAMinute(t *testing.T) {
 		t.Fatalf("%d failed heartbeats at WARN, want 1 to %d", n, most)
 	}
 }
+
+// A restarted node that has not heard from a leader yet reports as
+// committed what its state applied before the restart, not the 0
+// hashicorp/raft knows until a leader tells it (cluster status, the
+// relay_control_raft_commit_index gauge).
+func TestARestartedNodeKnowsWhatItHadCommitted(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	if _, err := c.CreateUser(ctxT(t, time.Minute), 0, "before-restart"); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitConverged()
+	f := c.Follower()
+	c.Shutdown(f)
+	c.Isolate(f) // it hears no leader after the restart
+	c.Restart(f)
+	nd := c.Nodes[f]
+	st, err := nd.Server.Node().Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.LeaderID != "" {
+		t.Fatalf("the isolated node knows a leader, %s: the test needs one that has not heard from it", st.LeaderID)
+	}
+	if st.AppliedIndex == 0 || st.CommitIndex < st.AppliedIndex {
+		t.Fatalf("after the restart: commit index %d, applied %d; want commit >= applied > 0", st.CommitIndex, st.AppliedIndex)
+	}
+	if g := nd.Metric(t, "relay_control_raft_commit_index"); g < float64(st.AppliedIndex) {
+		t.Fatalf("relay_control_raft_commit_index %v, want at least the applied index %d", g, st.AppliedIndex)
+	}
+	c.Heal(f)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		st, err := nd.Server.Node().Status()
+		if err != nil || st.LeaderID == "" {
+			return fmt.Errorf("no leader known yet (%v)", err)
+		}
+		return nil
+	})
+}

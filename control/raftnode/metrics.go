@@ -158,7 +158,7 @@ func (c *raftCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, v, s.String())
 	}
 	ch <- prometheus.MustNewConstMetric(descTerm, prometheus.GaugeValue, float64(n.currentTerm()))
-	ch <- prometheus.MustNewConstMetric(descCommit, prometheus.GaugeValue, float64(n.raft.CommitIndex()))
+	ch <- prometheus.MustNewConstMetric(descCommit, prometheus.GaugeValue, float64(n.commitIndex()))
 	ch <- prometheus.MustNewConstMetric(descApplied, prometheus.GaugeValue, float64(n.fsm.AppliedIndex()))
 	b2f := func(b bool) float64 {
 		if b {
