@@ -194,8 +194,8 @@ func testAPIBoundsConnections(t *testing.T, p apiProtocol, ca *testcerts.CA) {
 	}
 	waitFor(pending, "", 1)
 
-	// A flood of silent connections: twice the bound. The oldest go,
-	// the login's first among them; the newest stay.
+	// A flood of silent connections: twice the bound. They push out
+	// their own oldest, not the login's, whose client spoke.
 	var flood []net.Conn
 	for range 2 * limit {
 		fc, err := net.DialTimeout("tcp", addr, 10*time.Second)
@@ -205,23 +205,30 @@ func testAPIBoundsConnections(t *testing.T, p apiProtocol, ca *testcerts.CA) {
 		t.Cleanup(func() { _ = fc.Close() })
 		flood = append(flood, fc)
 	}
-	waitFor(evicted, "pending", limit+1)
+	survivors := limit - 1 // and the login's
+	waitFor(evicted, "pending", float64(2*limit-survivors))
 	waitFor(pending, "", limit)
-	for i, fc := range flood[limit:] {
+	for i, fc := range flood[2*limit-survivors:] {
 		// Not closed: a read times out. (The node's 10 s handshake and
 		// header timeout would close them later.)
 		_ = fc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 		var ne net.Error
 		if _, err := fc.Read(make([]byte, 1)); !errors.As(err, &ne) || !ne.Timeout() {
-			t.Fatalf("flood connection %d of the newest: read %v, want it still open", limit+i, err)
+			t.Fatalf("flood connection %d of the newest: read %v, want it still open", 2*limit-survivors+i, err)
 		}
 	}
-	for i, fc := range flood[:limit-1] {
+	for i, fc := range flood[:2*limit-survivors] {
 		_ = fc.SetReadDeadline(time.Now().Add(30 * time.Second))
 		if _, err := fc.Read(make([]byte, 64)); !errors.Is(err, io.EOF) {
 			t.Fatalf("flood connection %d: read %v, want EOF (closed)", i, err)
 		}
 	}
+	if !login.mustGetMe(adminTok) {
+		t.Fatal("the login's connection was closed by a flood of silent connections")
+	}
+	waitFor(authenticated, "", 1) // the login's, vouched for by that call
+	login.tr.CloseIdleConnections()
+	waitFor(authenticated, "", 0)
 	if !edge.mustGetMe(edgeTok) {
 		t.Fatal("the edge's connection was closed by the flood")
 	}

@@ -109,10 +109,12 @@ type Config struct {
 	// between requests, a WebSocket whose session is not admitted yet)
 	// [DefaultMaxPendingHTTPS; 0 takes it]; at the bound the oldest is
 	// closed, and one source (IPv4 address, IPv6 /64) holds at most a
-	// sixteenth of it (at least 16), beyond which its own oldest is. A
-	// flood of connections that stay silent holds at most this many, and
-	// keeps a real client out only by filling the bound, from many
-	// sources, faster than the client's handshakes take.
+	// sixteenth of it (at least 16), beyond which its own oldest is.
+	// Those whose peer never sent a byte go first. A flood of
+	// connections holds at most this many; one that stays silent cannot
+	// push out a real client, and one that sends a TLS ClientHello and
+	// stalls keeps it out only by filling the bound, from many sources,
+	// faster than the client's handshakes take.
 	MaxPendingHTTPS int
 	// ClusterTLSTickets seals the device ports' TLS 1.3 session tickets
 	// with the cluster's session keys (session.ShareTLSTickets), so a

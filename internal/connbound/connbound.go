@@ -5,10 +5,12 @@
 // Whoever reaches a port can open connections without an account; each
 // holds a goroutine and buffers until a timeout ends it. A Listener puts
 // every connection it accepts on a list of pending ones, and at
-// Config.MaxPending closes the oldest: a real client's handshake and
-// first request take a round trip or two, so a flood of silent
-// connections cannot keep it out unless it fills the bound faster than
-// that. One source (an IPv4 address, an IPv6 /64) holds at most a
+// Config.MaxPending closes the oldest, those whose peer never sent a
+// byte first (Conn.Read): a flood of connections that stay silent
+// cannot push out a real client, which speaks at once; one of
+// connections that send something and stall (a TLS ClientHello) cannot
+// keep a real client out unless it fills the bound faster than the
+// client's handshake and first request take, a round trip or two. One source (an IPv4 address, an IPv6 /64) holds at most a
 // sixteenth of the bound (PerSourceShare): beyond it its own oldest goes,
 // so a flood from a few hosts pushes out only its own connections.
 //
@@ -31,6 +33,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"github.com/edge-relay/relay/internal/oldest"
 )
@@ -146,6 +149,7 @@ type Conn struct {
 	net.Conn
 	l      *Listener
 	source netip.Addr
+	spoke  atomic.Bool // its peer sent a byte
 
 	mu    sync.Mutex           // guards the fields below
 	entry *oldest.Entry[*Conn] // its place on the list state names; nil once off both
@@ -211,6 +215,25 @@ func (c *Conn) leaveLocked() bool {
 	on := list.Remove(c.entry)
 	c.entry = nil
 	return on
+}
+
+// Read reads from the connection. The first byte its peer sends
+// promotes it on the pending list (oldest.List.Promote): connections
+// whose peer never sent anything go first. A TLS or HTTP client speaks
+// at once, so a flood of connections that stay silent, the cheapest
+// there is, cannot push out a real one however fast it comes; one that
+// sends a TLS ClientHello and stalls costs its sender a handshake.
+func (c *Conn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 && !c.spoke.Load() {
+		c.spoke.Store(true)
+		c.mu.Lock()
+		if c.state == statePending {
+			c.l.pending.Promote(c.entry)
+		}
+		c.mu.Unlock()
+	}
+	return n, err
 }
 
 // Close takes the connection off its list and closes it.

@@ -276,6 +276,39 @@ func TestVouchRacesEviction(t *testing.T) {
 	}
 }
 
+// Connections whose peer never sent a byte go first: a flood of silent
+// ones, however long, pushes out its own oldest and not an older client
+// that spoke; once only those that spoke are left, their oldest goes.
+func TestASilentFloodCannotPushOutAClientThatSpoke(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 3})
+	speak := func(c net.Conn, sc *connbound.Conn) {
+		t.Helper()
+		if _, err := c.Write([]byte("hello")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(sc, make([]byte, 5)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	client, sc := h.dial("127.0.0.1")
+	speak(client, sc)
+	var flood []net.Conn
+	var floodSC []*connbound.Conn
+	for range 4 {
+		c, s := h.dial("127.0.0.2")
+		flood, floodSC = append(flood, c), append(floodSC, s)
+	}
+	h.expectEvicted(flood[0], []net.Conn{client, flood[2], flood[3]}, 2, 0)
+	waitClosed(t, flood[1])
+	h.expectCounts("after the flood", 3, 0)
+
+	// The flood's survivors speak too: now the first that spoke goes.
+	speak(flood[2], floodSC[2])
+	speak(flood[3], floodSC[3])
+	late, _ := h.dial("127.0.0.3")
+	h.expectEvicted(client, []net.Conn{flood[2], flood[3], late}, 3, 0)
+}
+
 // A connection evicted while pending cannot be vouched back onto a list,
 // and one closed is not counted.
 func TestVouchAfterEvictionOrClose(t *testing.T) {

@@ -7,6 +7,12 @@
 // flood of silent connections cannot keep out a real peer, whose
 // handshake takes a round trip or two, and the share keeps one source
 // from pushing out everyone else's.
+//
+// An entry may be promoted (Promote): promoted entries go only once no
+// entry that was not is left to take (of all, or of the key). A listener
+// promotes a connection once its peer sent a byte, so a flood of
+// connections that never send anything (the cheapest there is) cannot
+// push out a real client in its handshake, however fast it comes.
 package oldest
 
 import (
@@ -17,17 +23,25 @@ import (
 
 // List is a bounded list of entries, safe for concurrent use.
 type List[T any] struct {
-	mu     sync.Mutex
+	mu     sync.Mutex // guards the fields below
 	limit  int
 	perKey int // 0: no share per key
-	all    list.List
-	byKey  map[netip.Addr]*list.List
+	// all holds the entries by tier (0: not promoted, evicted first),
+	// each oldest first; byKey the same for each key's entries.
+	all   [2]list.List
+	byKey map[netip.Addr]*tiers
+}
+
+type tiers struct {
+	l [2]list.List
+	n int
 }
 
 // Entry is a value on a List, until it is removed or evicted.
 type Entry[T any] struct {
 	Value T
 	key   netip.Addr
+	tier  int
 	// elem and keyElem place the entry on its list's lists; nil once it
 	// is off them. Guarded by the list's mu.
 	elem, keyElem *list.Element
@@ -36,7 +50,7 @@ type Entry[T any] struct {
 // New returns a list of at most limit entries, and at most perKey of one
 // key (0: no share per key).
 func New[T any](limit, perKey int) *List[T] {
-	return &List[T]{limit: limit, perKey: perKey, byKey: map[netip.Addr]*list.List{}}
+	return &List[T]{limit: limit, perKey: perKey, byKey: map[netip.Addr]*tiers{}}
 }
 
 // SetLimit changes the bound; entries already over it go as new ones
@@ -49,31 +63,50 @@ func (l *List[T]) SetLimit(limit int) {
 
 // Add puts v at the end of the list, under key, and returns its entry.
 // When key already holds its share, the oldest of key's entries is taken
-// off the list; else, at the bound, the oldest of all. The one taken off
-// (nil if none) is returned for its owner to drop.
+// off the list; else, at the bound, the oldest of all (either time, one
+// not promoted if there is one). The one taken off (nil if none) is
+// returned for its owner to drop.
 func (l *List[T]) Add(v T, key netip.Addr) (e, evicted *Entry[T]) {
 	e = &Entry[T]{Value: v, key: key}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	kl := l.byKey[key]
+	kt := l.byKey[key]
 	switch {
-	case l.perKey > 0 && kl != nil && kl.Len() >= l.perKey:
-		evicted = kl.Front().Value.(*Entry[T])
-	case l.all.Len() >= l.limit && l.all.Len() > 0:
-		evicted = l.all.Front().Value.(*Entry[T])
+	case l.perKey > 0 && kt != nil && kt.n >= l.perKey:
+		evicted = front[T](&kt.l)
+	case l.lenLocked() >= l.limit && l.lenLocked() > 0:
+		evicted = front[T](&l.all)
 	}
 	if evicted != nil {
 		l.removeLocked(evicted)
 	}
-	if l.perKey > 0 {
-		if kl = l.byKey[key]; kl == nil {
-			kl = list.New()
-			l.byKey[key] = kl
-		}
-		e.keyElem = kl.PushBack(e)
-	}
-	e.elem = l.all.PushBack(e)
+	l.pushLocked(e)
 	return e, evicted
+}
+
+// front is the oldest entry of the first tier that has one.
+func front[T any](ts *[2]list.List) *Entry[T] {
+	for i := range ts {
+		if f := ts[i].Front(); f != nil {
+			return f.Value.(*Entry[T])
+		}
+	}
+	return nil
+}
+
+// Promote moves e, if it is still on the list and was not promoted, to
+// the end of the promoted entries: it goes only after every entry that
+// was not. It reports whether it did.
+func (l *List[T]) Promote(e *Entry[T]) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if e.elem == nil || e.tier == 1 {
+		return false
+	}
+	l.removeLocked(e)
+	e.tier = 1
+	l.pushLocked(e)
+	return true
 }
 
 // Remove takes e off the list, if it is still on it (not evicted or
@@ -92,16 +125,32 @@ func (l *List[T]) Remove(e *Entry[T]) bool {
 func (l *List[T]) Len() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.all.Len()
+	return l.lenLocked()
+}
+
+func (l *List[T]) lenLocked() int { return l.all[0].Len() + l.all[1].Len() }
+
+// pushLocked puts e at the end of its tier; mu is held.
+func (l *List[T]) pushLocked(e *Entry[T]) {
+	if l.perKey > 0 {
+		kt := l.byKey[e.key]
+		if kt == nil {
+			kt = &tiers{}
+			l.byKey[e.key] = kt
+		}
+		e.keyElem = kt.l[e.tier].PushBack(e)
+		kt.n++
+	}
+	e.elem = l.all[e.tier].PushBack(e)
 }
 
 // removeLocked takes e off the lists; mu is held and e is on them.
 func (l *List[T]) removeLocked(e *Entry[T]) {
-	l.all.Remove(e.elem)
+	l.all[e.tier].Remove(e.elem)
 	if e.keyElem != nil {
-		kl := l.byKey[e.key]
-		kl.Remove(e.keyElem)
-		if kl.Len() == 0 {
+		kt := l.byKey[e.key]
+		kt.l[e.tier].Remove(e.keyElem)
+		if kt.n--; kt.n == 0 {
 			delete(l.byKey, e.key)
 		}
 	}

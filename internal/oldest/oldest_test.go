@@ -82,3 +82,56 @@ func TestConcurrentUse(t *testing.T) {
 		t.Fatalf("left %d entries, %d keys", n, len(l.byKey))
 	}
 }
+
+// Promoted entries go only once none that was not is left: at the bound
+// newer entries that were not promoted go before an older one that was,
+// of all and of a key; among promoted ones the first promoted goes.
+func TestPromotedGoLast(t *testing.T) {
+	expect := func(what string, got, want *Entry[int]) {
+		t.Helper()
+		if got != want {
+			t.Fatalf("%s: evicted %v, want %v", what, got, want)
+		}
+	}
+	l := New[int](3, 0)
+	e0, _ := l.Add(0, a)
+	e1, _ := l.Add(1, b)
+	e2, _ := l.Add(2, b)
+	if !l.Promote(e0) || l.Promote(e0) {
+		t.Fatal("Promote of an entry on the list: want true once, then false")
+	}
+	e3, ev := l.Add(3, a)
+	expect("the fourth", ev, e1)
+	e4, ev := l.Add(4, a)
+	expect("the fifth", ev, e2)
+	e5, ev := l.Add(5, a)
+	expect("the sixth", ev, e3)
+	l.Promote(e5)
+	l.Promote(e4) // promoted after e5: goes after it
+	e6, ev := l.Add(6, a)
+	expect("the seventh, all promoted: the first promoted", ev, e0)
+	_, ev = l.Add(7, a)
+	expect("the eighth: the one not promoted, before e5 and e4", ev, e6)
+	if l.Remove(e1) || l.Promote(e3) {
+		t.Fatal("Remove or Promote of an evicted entry did something")
+	}
+	if !l.Remove(e5) || l.Len() != 2 {
+		t.Fatalf("removing a promoted entry: len %d, want 2", l.Len())
+	}
+	_, ev = l.Add(8, a)
+	expect("below the bound again", ev, nil)
+	_, ev = l.Add(9, a)
+	if ev == nil || ev.Value != 7 {
+		t.Fatalf("the tenth evicted %v, want 7 (not promoted, before e4)", ev)
+	}
+
+	k := New[int](10, 2)
+	k0, _ := k.Add(0, a)
+	k.Promote(k0)
+	k1, _ := k.Add(1, a)
+	k2, ev := k.Add(2, a)
+	expect("a's third", ev, k1)
+	k.Promote(k2)
+	_, ev = k.Add(3, a)
+	expect("a's fourth, both of a's promoted", ev, k0)
+}
