@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
 
 	"github.com/edge-relay/relay/control/api"
@@ -234,10 +236,16 @@ func TestNobodyListeningEndsTheRetries(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	env := map[string]string{"RELAYCTL_CONFIG_DIR": t.TempDir()}
-	err = run(ctx, []string{"--server", "http://" + addr, "--timeout", "50s", "login", "--password-stdin", "admin"},
+	err = run(ctx, []string{"--server", "http://" + addr, "--timeout", "12s", "login", "--password-stdin", "admin"},
 		strings.NewReader("a password\n"), io.Discard, io.Discard, func(k string) string { return env[k] })
 	if err == nil || !strings.Contains(err.Error(), "every member refused the connection for 5s") || !strings.Contains(err.Error(), "connection refused") {
 		t.Fatalf("login where nothing listens: %v; want the refusal and the hint", err)
+	}
+	// The error keeps its code and cause for those who branch on them
+	// (user passwd tells a call never sent from one that may have acted).
+	var op *net.OpError
+	if connect.CodeOf(err) != connect.CodeUnavailable || !errors.As(err, &op) || !retryable(err, retryIfNotSent) {
+		t.Fatalf("the refusal lost its code or cause: %v (code %v)", err, connect.CodeOf(err))
 	}
 }
 
@@ -248,16 +256,16 @@ func TestNobodyListens(t *testing.T) {
 	other := &net.OpError{Op: "dial", Err: os.NewSyscallError("connect", syscall.EHOSTUNREACH)}
 	t0 := time.Unix(1000, 0)
 	var r nobodyListens
-	if r.add(refusedErr, 3, t0) || r.add(refusedErr, 3, t0.Add(time.Second)) || r.add(refusedErr, 3, t0.Add(4*time.Second)) {
+	if r.add(refusedErr, 3, t0, noListenerGrace) || r.add(refusedErr, 3, t0.Add(time.Second), noListenerGrace) || r.add(refusedErr, 3, t0.Add(4*time.Second), noListenerGrace) {
 		t.Fatal("gave up before noListenerGrace")
 	}
-	if r.add(other, 3, t0.Add(5*time.Second)) {
+	if r.add(other, 3, t0.Add(5*time.Second), noListenerGrace) {
 		t.Fatal("gave up on a failure that is not a refusal")
 	}
-	if r.add(refusedErr, 3, t0.Add(6*time.Second)) || r.add(refusedErr, 3, t0.Add(12*time.Second)) {
+	if r.add(refusedErr, 3, t0.Add(6*time.Second), noListenerGrace) || r.add(refusedErr, 3, t0.Add(12*time.Second), noListenerGrace) {
 		t.Fatal("gave up before every member refused in the run (another failure came between)")
 	}
-	if !r.add(refusedErr, 3, t0.Add(13*time.Second)) {
+	if !r.add(refusedErr, 3, t0.Add(13*time.Second), noListenerGrace) {
 		t.Fatal("did not give up once every member refused for noListenerGrace")
 	}
 }

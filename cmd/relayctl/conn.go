@@ -103,9 +103,9 @@ func (a *app) callOn(ctx context.Context, eps []string, what string, mode retryM
 		if !retryable(err, mode) || ctx.Err() != nil {
 			break
 		}
-		if refused.add(err, len(eps), time.Now()) {
-			return withHint(fmt.Errorf("%s: %s", what, fails.String(a)),
-				fmt.Sprintf("every member refused the connection for %s: is relayd control running there, and are --server and the session's members right?", noListenerGrace))
+		if grace := max(noListenerGrace, a.timeout/3); refused.add(err, len(eps), time.Now(), grace) {
+			return withHint(&callError{msg: fmt.Sprintf("%s: %s", what, fails.String(a)), err: fails.telling()},
+				fmt.Sprintf("every member refused the connection for %s: is relayd control running there, and are --server and the session's members right?", grace))
 		}
 		t := time.NewTimer(backoff)
 		select {
@@ -125,10 +125,11 @@ func (a *app) callOn(ctx context.Context, eps []string, what string, mode retryM
 	return &callError{msg: fmt.Sprintf("%s: no member answered within --timeout %s: %s", what, a.timeout, fails.String(a)), err: fails.telling()}
 }
 
-// noListenerGrace is how long a call keeps retrying while every member
-// refuses the connection (nothing listens at any address it knows):
-// long enough for a node that restarts to listen again, and much less
-// than --timeout, which a mistyped --server would otherwise wait out.
+// noListenerGrace is how long at least a call keeps retrying while every
+// member refuses the connection (nothing listens at any address it
+// knows), a third of --timeout when that is longer: long enough for a
+// node that restarts to listen again, and much less than --timeout,
+// which a mistyped --server would otherwise wait out.
 const noListenerGrace = 5 * time.Second
 
 // nobodyListens tracks a run of attempts that were all refused.
@@ -139,8 +140,8 @@ type nobodyListens struct {
 
 // add counts an attempt's failure and reports whether the call should
 // give up: every one of the eps members refused in a run that lasted
-// noListenerGrace.
-func (r *nobodyListens) add(err error, eps int, now time.Time) bool {
+// grace.
+func (r *nobodyListens) add(err error, eps int, now time.Time, grace time.Duration) bool {
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		*r = nobodyListens{}
 		return false
@@ -149,7 +150,7 @@ func (r *nobodyListens) add(err error, eps int, now time.Time) bool {
 		r.since = now
 	}
 	r.n++
-	return r.n >= eps && now.Sub(r.since) >= noListenerGrace
+	return r.n >= eps && now.Sub(r.since) >= grace
 }
 
 // callError reports every member's failure and unwraps to the one that

@@ -17,6 +17,7 @@ import (
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
+	"github.com/edge-relay/relay/internal/connbound"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -406,7 +407,39 @@ func (a *Authenticator) authenticate(ctx context.Context, procedure string, h ht
 		}
 		a.activity.touch(claims.Subject, a.cfg.Now())
 	}
+	a.vouch(ctx, *claims, h)
 	return auth.WithClaims(ctx, *claims), nil
+}
+
+// vouch tells the API port's bound on connections (connbound) who called
+// on this one, once the call passed every check: an edge's or a node's
+// connection, and one an edge passes its browser pages' calls on (its
+// token in Relay-Forwarded-By), is trusted, out of reach of anyone
+// else's floods; anyone else's is bounded per account. The first call
+// that passed decides, but for a trusted caller's coming later.
+func (a *Authenticator) vouch(ctx context.Context, claims auth.Claims, h http.Header) {
+	c, ok := connbound.FromContext(ctx)
+	if !ok {
+		return
+	}
+	st := c.State()
+	if st == connbound.Trusted || st == connbound.Closed {
+		return
+	}
+	if claims.Role == auth.RoleEdge || claims.Role == RoleNode || strings.HasPrefix(claims.Subject, "node:") {
+		c.Trust()
+		return
+	}
+	if st != connbound.Pending {
+		return
+	}
+	if h.Get(ForwardedByHeader) != "" {
+		if _, ok := a.forwardedFor(ctx, h); ok {
+			c.Trust()
+			return
+		}
+	}
+	c.Vouch(claims.Subject)
 }
 
 // WrapUnary checks unary calls.

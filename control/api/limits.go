@@ -13,7 +13,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/edge-relay/relay/control/auth"
-	"github.com/edge-relay/relay/internal/connbound"
 	"github.com/edge-relay/relay/internal/gzipbound"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
@@ -172,16 +171,6 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 				refused.WithLabelValues("unauthenticated").Inc()
 				refuse(w, r, err)
 				return
-			}
-			// The connection proved itself: it leaves the API port's
-			// bound on connections that have not (connbound). Those of
-			// edges and other nodes are trusted: never closed to make
-			// room for others (edges may share a source address with
-			// anyone). People's are bounded per source and in all.
-			if claims.Role == auth.RoleEdge || claims.Role == RoleNode {
-				connbound.TrustContext(ctx)
-			} else {
-				connbound.VouchContext(ctx)
 			}
 			ctx = context.WithValue(ctx, preauthKey{}, claims)
 			r = r.WithContext(ctx)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -361,8 +362,8 @@ type helloConn struct {
 	err     error  // why the connection was refused; set once
 	pending []byte // a first byte that was no hello, still to be read
 
-	greeting *oldest.List[*helloConn]  // the layer's connections in their hello
-	entry    *oldest.Entry[*helloConn] // this one's place on it
+	greeting *oldest.List[netip.Addr, *helloConn]  // the layer's connections in their hello
+	entry    *oldest.Entry[netip.Addr, *helloConn] // this one's place on it
 }
 
 // leave takes the connection off its layer's list of those in their

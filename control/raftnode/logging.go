@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -34,10 +35,13 @@ func newHCLoggerAt(l *slog.Logger, name string, now func() time.Time) hclog.Logg
 // reach, each with the peer's key. A leader repeats them for as long as
 // a member is down: "failed to heartbeat to" at ERROR twice per
 // heartbeat timeout, for a member that is merely restarting. The bridge
-// logs the first of each peer's at WARN (the member being down is not
-// this node's error; RelayControlQuorumAtRisk and the Raft panels are
-// where it shows), then at most one a repeatWindow with the count of
-// those it held back at DEBUG.
+// budgets each peer's: the first of a run comes at its level, the rest
+// at DEBUG, and again at its level once a repeatWindow with the count
+// held back. The level is WARN when the error says the peer is not
+// there (refused, timed out, reset: networkErrors; the member being
+// down is not this node's error, and RelayControlQuorumAtRisk and the
+// Raft panels are where it shows), ERROR for anything else (a
+// certificate refused, another cluster's node at the address).
 var unreachable = map[string]string{
 	"failed to heartbeat to":                  "peer",
 	"failed to appendEntries to":              "peer",
@@ -46,19 +50,31 @@ var unreachable = map[string]string{
 	"failed to contact":                       "server-id",
 }
 
+// networkErrors are the texts of errors that say a peer is not there
+// (down, restarting, cut off), as net and hashicorp/raft word them.
+var networkErrors = []string{
+	"connection refused", "connection reset", "i/o timeout", "EOF", "broken pipe",
+	"no route to host", "network is unreachable", "host is down", "use of closed network connection",
+	"deadline exceeded", raft.ErrTransportShutdown.Error(), raft.ErrPipelineShutdown.Error(),
+}
+
 // repeatWindow is how often a peer's unreachable message is logged at
-// WARN while it repeats.
-const repeatWindow = time.Minute
+// its level while it repeats; a pause of repeatGap ends a run, and the
+// next message starts another.
+const (
+	repeatWindow = time.Minute
+	repeatGap    = 10 * time.Second
+)
 
 // maxRepeatKeys bounds the repeats tracked (peers are the cluster's
 // members: a handful; a key past the bound is logged as it comes).
 const maxRepeatKeys = 256
 
-// repeat is a message about one peer and when it was last logged at
-// WARN, with how many came at DEBUG since.
+// repeat is a run of one message about one peer: when it was last logged
+// at its level, last seen, and how many came at DEBUG since.
 type repeat struct {
-	logged time.Time
-	held   int
+	logged, seen time.Time
+	held         int
 }
 
 // slogWriter receives hclog's JSON lines and re-emits them through slog.
@@ -115,7 +131,8 @@ func (w *slogWriter) emit(line []byte) {
 	attrs := make([]slog.Attr, 0, len(rec)+1)
 	if key, ok := unreachable[msg]; ok {
 		var held int
-		level, held = w.budget(msg, rec[key])
+		errText, _ := rec["error"].(string)
+		level, held = w.budget(msg, rec[key], errText)
 		if held > 0 {
 			attrs = append(attrs, slog.Int("repeated", held))
 		}
@@ -132,32 +149,37 @@ func (w *slogWriter) emit(line []byte) {
 	w.l.LogAttrs(context.Background(), level, msg, attrs...)
 }
 
-// budget says at which level an unreachable peer's message goes, and how
-// many of the same were held back at DEBUG since the last at WARN. mu is
-// held.
-func (w *slogWriter) budget(msg string, peer any) (slog.Level, int) {
-	key := fmt.Sprint(msg, "\x00", peer)
+// budget says at which level an unreachable peer's message goes, and
+// how many of the same were held back at DEBUG since the last at that
+// level. mu is held.
+func (w *slogWriter) budget(msg string, peer any, errText string) (slog.Level, int) {
+	level := slog.LevelError
+	if errText == "" || slices.ContainsFunc(networkErrors, func(e string) bool { return strings.Contains(errText, e) }) {
+		level = slog.LevelWarn
+	}
+	key := fmt.Sprint(msg, "\x00", peer, "\x00", level)
 	now := w.now()
 	r := w.repeats[key]
-	if r == nil {
-		if len(w.repeats) >= maxRepeatKeys {
+	if r == nil || now.Sub(r.seen) >= repeatGap {
+		if r == nil && len(w.repeats) >= maxRepeatKeys {
 			for k, old := range w.repeats {
-				if now.Sub(old.logged) >= repeatWindow {
+				if now.Sub(old.seen) >= repeatGap {
 					delete(w.repeats, k)
 				}
 			}
 			if len(w.repeats) >= maxRepeatKeys {
-				return slog.LevelWarn, 0
+				return level, 0
 			}
 		}
-		w.repeats[key] = &repeat{logged: now}
-		return slog.LevelWarn, 0
+		w.repeats[key] = &repeat{logged: now, seen: now}
+		return level, 0
 	}
+	r.seen = now
 	if now.Sub(r.logged) < repeatWindow {
 		r.held++
 		return slog.LevelDebug, 0
 	}
 	held := r.held
 	r.logged, r.held = now, 0
-	return slog.LevelWarn, held
+	return level, held
 }

@@ -9,6 +9,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/raft"
 )
 
 // A leader's messages about a member it cannot reach come at WARN the
@@ -54,34 +56,55 @@ func TestUnreachablePeerMessagesAreBudgeted(t *testing.T) {
 		t.Fatalf("levels %v", got)
 	}
 
-	now = now.Add(time.Minute)
-	l.Error("failed to heartbeat to", "peer", "10.0.0.2:7401", "error", down)
+	// A run that goes on is logged at its level once a minute, with the
+	// count held back.
+	for range 12 {
+		now = now.Add(5 * time.Second)
+		l.Error("failed to heartbeat to", "peer", "10.0.0.2:7401", "error", down)
+	}
 	recs := records()
-	if got := levels(recs); !slices.Equal(got, []string{"WARN"}) || recs[0]["repeated"] != float64(4) || recs[0]["peer"] != "10.0.0.2:7401" {
+	last := recs[len(recs)-1]
+	if got := levels(recs); !slices.Equal(got[:11], slices.Repeat([]string{"DEBUG"}, 11)) || last["level"] != "WARN" ||
+		last["repeated"] != float64(15) || last["peer"] != "10.0.0.2:7401" {
 		t.Fatalf("a minute on: %v", recs)
 	}
+	// A pause ends the run: the next one starts another.
+	now = now.Add(repeatGap)
 	l.Error("failed to heartbeat to", "peer", "10.0.0.2:7401", "error", down)
-	if got := levels(records()); !slices.Equal(got, []string{"DEBUG"}) {
-		t.Fatalf("right after: %v", got)
+	if recs := records(); len(recs) != 1 || recs[0]["level"] != "WARN" || recs[0]["repeated"] != nil {
+		t.Fatalf("after a pause: %v", recs)
+	}
+
+	// An error that does not say the peer is gone stays an error, in a
+	// run of its own; the peer as appendEntries gives it (a raft.Server)
+	// keys its runs too.
+	refused := errors.New("remote error: tls: bad certificate")
+	member := raft.Server{ID: "n2", Address: "10.0.0.2:7401"}
+	for range 2 {
+		l.Error("failed to heartbeat to", "peer", "10.0.0.2:7401", "error", refused)
+		l.Error("failed to appendEntries to", "peer", member, "error", down)
+	}
+	if got := levels(records()); !slices.Equal(got, []string{"ERROR", "WARN", "DEBUG", "DEBUG"}) {
+		t.Fatalf("another error, a raft.Server peer: %v", got)
 	}
 }
 
-// The repeats tracked stay bounded: past maxRepeatKeys, keys a window
-// old are dropped, and with none to drop a new key is logged as it
+// The repeats tracked stay bounded: past maxRepeatKeys, keys whose run
+// ended are dropped, and with none to drop a new key is logged as it
 // comes.
 func TestUnreachableRepeatsStayBounded(t *testing.T) {
 	now := time.Unix(1_000_000, 0)
 	w := &slogWriter{l: slog.New(slog.DiscardHandler), now: func() time.Time { return now }, repeats: map[string]*repeat{}}
 	for i := range maxRepeatKeys {
-		if lv, _ := w.budget("failed to heartbeat to", i); lv != slog.LevelWarn {
+		if lv, _ := w.budget("failed to heartbeat to", i, ""); lv != slog.LevelWarn {
 			t.Fatalf("key %d: %v", i, lv)
 		}
 	}
-	if lv, _ := w.budget("failed to heartbeat to", "one more"); lv != slog.LevelWarn || len(w.repeats) != maxRepeatKeys {
+	if lv, _ := w.budget("failed to heartbeat to", "one more", ""); lv != slog.LevelWarn || len(w.repeats) != maxRepeatKeys {
 		t.Fatalf("past the bound: %v, %d keys", lv, len(w.repeats))
 	}
 	now = now.Add(repeatWindow)
-	w.budget("failed to heartbeat to", "later")
+	w.budget("failed to heartbeat to", "later", "")
 	if len(w.repeats) != 1 {
 		t.Fatalf("%d keys after the old ones aged out, want 1", len(w.repeats))
 	}

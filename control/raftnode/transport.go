@@ -32,7 +32,7 @@ type streamLayer struct {
 	// greeting lists the accepted connections still in their hello (with
 	// TLS, their handshake too), oldest first, at most maxGreeting (tests
 	// lower it).
-	greeting *oldest.List[*helloConn]
+	greeting *oldest.List[netip.Addr, *helloConn]
 
 	mu     sync.Mutex // guards the fields below
 	conns  map[*trackedConn]struct{}
@@ -54,7 +54,7 @@ func newStreamLayer(bind string, advertise net.Addr, server, client *tls.Config,
 		advertise = ln.Addr()
 	}
 	l := &streamLayer{ln: ln, advertise: advertise, client: client, faults: faults, check: check, conns: map[*trackedConn]struct{}{}}
-	l.greeting = oldest.New[*helloConn](maxGreeting, 0)
+	l.greeting = oldest.New[netip.Addr, *helloConn](maxGreeting, 0)
 	faults.attach(l)
 	return l, nil
 }
@@ -90,7 +90,7 @@ func (s *streamLayer) Accept() (net.Conn, error) {
 		// this connection: a peer that sends nothing holds up only that
 		// goroutine (until the hello's deadline), never the accept loop.
 		hc := &helloConn{Conn: tc, check: s.check, greeting: s.greeting}
-		var old *oldest.Entry[*helloConn]
+		var old *oldest.Entry[netip.Addr, *helloConn]
 		hc.entry, old = s.greeting.Add(hc, netip.Addr{})
 		if old != nil {
 			s.check.refuse("busy", old.Value.RemoteAddr().String(), errBusy)

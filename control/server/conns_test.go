@@ -68,19 +68,29 @@ func newAPIClient(t *testing.T, p apiProtocol, addr, from string) *apiClient {
 
 // getMe calls GetMe with token and reports whether the call went on a
 // connection the client had used before.
-func (c *apiClient) getMe(token string) (reused bool, err error) {
+func (c *apiClient) getMe(token string, headers ...string) (reused bool, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { reused = i.Reused }})
 	req := connect.NewRequest(&controlv1.GetMeRequest{})
 	req.Header().Set("Authorization", "Bearer "+token)
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header().Set(headers[i], headers[i+1])
+	}
 	_, err = c.users.GetMe(ctx, req)
 	return reused, err
 }
 
 func (c *apiClient) mustGetMe(token string) bool {
 	c.t.Helper()
-	reused, err := c.getMe(token)
+	return c.mustGetMeWith(token)
+}
+
+// mustGetMeWith is mustGetMe with more request headers, name and value
+// in turn.
+func (c *apiClient) mustGetMeWith(token string, headers ...string) bool {
+	c.t.Helper()
+	reused, err := c.getMe(token, headers...)
 	if err != nil {
 		c.t.Fatalf("GetMe: %v", err)
 	}
@@ -98,14 +108,17 @@ func (c *apiClient) login(login, password string) (string, error) {
 }
 
 // The API port holds at most MaxPendingAPIConns connections that have
-// not carried a call whose credentials verified, closing the oldest; a
-// connection that has leaves that list, so a flood of silent
-// connections does not touch it. An edge's is trusted from then on and
-// never closed to make room; people's are bounded per source
-// (MaxAPIConnsPerSource: a host holding an account that opens more loses
-// its own oldest, never an edge's at the same address) and in all
-// (MaxAPIConns). The same over every protocol the port serves: the
-// connection is found beneath TLS and HTTP/2.
+// not carried a call that passed authentication, closing the oldest,
+// those that never carried a request first: a flood of silent
+// connections pushes out only its own, not a client that logged in. A
+// connection whose call passed leaves that list: an edge's (and one an
+// edge passes browser calls on) for the trusted list, out of reach of
+// anyone else's connections; people's for a list bounded per account
+// (MaxAPIConnsPerAccount: an account's holder who opens more loses its
+// own oldest, from whatever address) and in all (MaxAPIConns). A call
+// that fails authentication or authorization vouches for nothing. The
+// same over every protocol the port serves: the connection is found
+// beneath TLS and HTTP/2.
 func TestAPIBoundsConnections(t *testing.T) {
 	ca, err := testcerts.NewCA(t.TempDir(), "cluster")
 	if err != nil {
@@ -123,11 +136,11 @@ func TestAPIBoundsConnections(t *testing.T) {
 }
 
 func testAPIBoundsConnections(t *testing.T, p apiProtocol, ca *testcerts.CA) {
-	const limit, perSource, total = 4, 2, 3
+	const limit, perAccount, total = 4, 2, 3
 	c := clustertest.Empty(t, clustertest.Options{})
 	n := c.StartNode(func(cfg *server.Config) {
 		cfg.Bootstrap = true
-		cfg.MaxPendingAPIConns, cfg.MaxAPIConnsPerSource, cfg.MaxAPIConns = limit, perSource, total
+		cfg.MaxPendingAPIConns, cfg.MaxAPIConnsPerAccount, cfg.MaxAPIConns = limit, perAccount, total
 		if p.roots != nil {
 			cert, key, err := ca.Issue("n1")
 			if err != nil {
@@ -152,40 +165,47 @@ func testAPIBoundsConnections(t *testing.T, p apiProtocol, ca *testcerts.CA) {
 			return nil
 		})
 	}
-	const pending, authenticated, evicted = "relay_control_api_pending_connections",
-		"relay_control_api_authenticated_connections", "relay_control_api_connections_evicted_total"
+	const pending, authenticated, trusted, evicted = "relay_control_api_pending_connections",
+		"relay_control_api_authenticated_connections", "relay_control_api_trusted_connections",
+		"relay_control_api_connections_evicted_total"
+	counts := func(p, a, tr float64) {
+		t.Helper()
+		waitFor(pending, "", p)
+		waitFor(authenticated, "", a)
+		waitFor(trusted, "", tr)
+	}
 
-	// An admin's token, and an edge account's.
+	// An admin's token, an edge account's and a user's.
 	setup := newAPIClient(t, p, addr, "127.0.0.9")
 	var adminTok string
 	clustertest.Eventually(t, 30*time.Second, func() (err error) {
 		adminTok, err = setup.login("admin", clustertest.AdminPassword) // once the cluster is initialized
 		return err
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	req := connect.NewRequest(&controlv1.CreateUserRequest{Login: "edge1", Password: "password-of-edge1", Role: controlv1.Role_ROLE_EDGE})
-	req.Header().Set("Authorization", "Bearer "+adminTok)
-	if _, err := setup.users.CreateUser(ctx, req); err != nil {
-		t.Fatal(err)
+	token := func(login string, role controlv1.Role) string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		req := connect.NewRequest(&controlv1.CreateUserRequest{Login: login, Password: "password-of-" + login, Role: role})
+		req.Header().Set("Authorization", "Bearer "+adminTok)
+		if _, err := setup.users.CreateUser(ctx, req); err != nil {
+			t.Fatal(err)
+		}
+		tok, err := setup.login(login, "password-of-"+login)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
 	}
-	edgeTok, err := setup.login("edge1", "password-of-edge1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitFor(authenticated, "", 1)
+	edgeTok, userTok := token("edge1", controlv1.Role_ROLE_EDGE), token("user1", controlv1.Role_ROLE_USER)
+	counts(0, 1, 0)
 	setup.tr.CloseIdleConnections()
-	waitFor(authenticated, "", 0)
-	waitFor(pending, "", 0)
+	counts(0, 0, 0)
 
-	// An edge's connection is trusted from its first verified call: on
-	// neither list.
+	// An edge's connection is trusted from its first call that passed.
 	edge := newAPIClient(t, p, addr, "127.0.0.2")
 	edge.mustGetMe(edgeTok)
-	waitFor(pending, "", 0)
-	if got := metric(authenticated, ""); got != 0 {
-		t.Fatalf("an edge's connection counted among people's: %v", got)
-	}
+	counts(0, 0, 1)
 
 	// A client that only logs in (a public call) stays pending.
 	login := newAPIClient(t, p, addr, "127.0.0.3")
@@ -195,7 +215,7 @@ func testAPIBoundsConnections(t *testing.T, p apiProtocol, ca *testcerts.CA) {
 	waitFor(pending, "", 1)
 
 	// A flood of silent connections: twice the bound. They push out
-	// their own oldest, not the login's, whose client spoke.
+	// their own oldest, not the login's, which carried a request.
 	var flood []net.Conn
 	for range 2 * limit {
 		fc, err := net.DialTimeout("tcp", addr, 10*time.Second)
@@ -228,57 +248,71 @@ func testAPIBoundsConnections(t *testing.T, p apiProtocol, ca *testcerts.CA) {
 	}
 	waitFor(authenticated, "", 1) // the login's, vouched for by that call
 	login.tr.CloseIdleConnections()
-	waitFor(authenticated, "", 0)
+	for _, fc := range flood {
+		_ = fc.Close()
+	}
+	counts(0, 0, 1)
 	if !edge.mustGetMe(edgeTok) {
 		t.Fatal("the edge's connection was closed by the flood")
 	}
 
-	// Three admin connections from the edge's host: the oldest of the
-	// three goes, and neither the others nor the edge's.
-	a := []*apiClient{newAPIClient(t, p, addr, "127.0.0.2"), newAPIClient(t, p, addr, "127.0.0.2"), newAPIClient(t, p, addr, "127.0.0.2")}
+	// Three connections of the admin's account, one of them from the
+	// edge's address: the oldest of the three goes, and neither the
+	// others nor the edge's.
+	a := []*apiClient{newAPIClient(t, p, addr, "127.0.0.2"), newAPIClient(t, p, addr, "127.0.0.6"), newAPIClient(t, p, addr, "127.0.0.7")}
 	for _, o := range a {
 		o.mustGetMe(adminTok)
 	}
 	waitFor(evicted, "authenticated", 1)
-	waitFor(authenticated, "", perSource)
+	counts(0, perAccount, 1)
 	for i, o := range a[1:] {
 		if !o.mustGetMe(adminTok) {
 			t.Fatalf("admin connection %d, younger, was closed", i+1)
 		}
 	}
 	if !edge.mustGetMe(edgeTok) {
-		t.Fatal("the edge's connection was closed to make room for people's at its address")
+		t.Fatal("the edge's connection was closed to make room for people's")
 	}
 
-	// Past the bound of all sources, the oldest of all goes.
+	// Past the bound of all accounts, the oldest of all goes.
 	b := []*apiClient{newAPIClient(t, p, addr, "127.0.0.5"), newAPIClient(t, p, addr, "127.0.0.5")}
 	for _, o := range b {
-		o.mustGetMe(adminTok)
+		o.mustGetMe(userTok)
 	}
 	waitFor(evicted, "authenticated", 2)
-	waitFor(authenticated, "", total)
-	for i, o := range []*apiClient{a[2], b[0], b[1]} {
-		if !o.mustGetMe(adminTok) {
+	counts(0, total, 1)
+	for i, o := range []struct {
+		c   *apiClient
+		tok string
+	}{{a[2], adminTok}, {b[0], userTok}, {b[1], userTok}} {
+		if !o.c.mustGetMe(o.tok) {
 			t.Fatalf("connection %d of the newest three was closed", i)
 		}
 	}
 
-	// A call whose credentials do not verify does not vouch.
+	// Calls that fail authentication or authorization vouch for nothing.
 	stranger := newAPIClient(t, p, addr, "127.0.0.4")
 	if _, err := stranger.getMe("not-a-token"); connect.CodeOf(err) != connect.CodeUnauthenticated {
 		t.Fatalf("GetMe with a bad token: %v, want unauthenticated", err)
 	}
-	if got := metric(authenticated, ""); got != total {
-		t.Fatalf("%v authenticated connections after a refused call, want %v", got, total)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	req := connect.NewRequest(&controlv1.ListUsersRequest{})
+	req.Header().Set("Authorization", "Bearer "+userTok)
+	if _, err := stranger.users.ListUsers(ctx, req); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("ListUsers as a user: %v, want permission_denied", err)
 	}
+	counts(1, total, 1)
+
+	// An edge passing a browser page's call (the page's user's token,
+	// the edge's in Relay-Forwarded-By): its connection is trusted.
+	proxy := newAPIClient(t, p, addr, "127.0.0.2")
+	proxy.mustGetMeWith(userTok, "Relay-Forwarded-By", "Bearer "+edgeTok, "Relay-Forwarded-For", "192.0.2.7")
+	counts(1, total, 2)
 
 	// Everyone gone: the counts come back to zero.
-	for _, cl := range append(append(a, b...), edge, login, stranger) {
+	for _, cl := range append(append(a, b...), edge, stranger, proxy) {
 		cl.tr.CloseIdleConnections()
 	}
-	for _, fc := range flood {
-		_ = fc.Close()
-	}
-	waitFor(authenticated, "", 0)
-	waitFor(pending, "", 0)
+	counts(0, 0, 0)
 }

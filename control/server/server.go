@@ -98,19 +98,21 @@ type Config struct {
 	// credentials in flight (api.Limits has the defaults).
 	Limits api.Limits
 	// MaxPendingAPIConns bounds the API port's connections that have not
-	// yet carried a call whose credentials verified (a TLS handshake, a
+	// yet carried a call that passed authentication (a TLS handshake, a
 	// login, an idle or silent connection); at the bound the oldest is
-	// closed, and one source holds at most a sixteenth of it. Default
-	// DefaultMaxPendingAPIConns.
+	// closed, those that never carried a request first, and one source
+	// holds at most a sixteenth of it. Default DefaultMaxPendingAPIConns.
 	MaxPendingAPIConns int
-	// MaxAPIConnsPerSource bounds one source's (IPv4 address, IPv6 /64)
-	// connections that did carry such a call, but for edges' and other
-	// nodes' (which are never closed to make room); beyond it, the
-	// source's oldest is closed. Default DefaultMaxAPIConnsPerSource.
-	MaxAPIConnsPerSource int
-	// MaxAPIConns bounds those connections of all sources; beyond it, the
-	// oldest is closed. Default DefaultMaxAPIConns.
+	// MaxAPIConnsPerAccount bounds one account's connections that did
+	// carry such a call (edges' aside); beyond it, the account's oldest
+	// is closed. Default DefaultMaxAPIConnsPerAccount.
+	MaxAPIConnsPerAccount int
+	// MaxAPIConns bounds those connections of all accounts; beyond it,
+	// the oldest is closed. Default DefaultMaxAPIConns.
 	MaxAPIConns int
+	// MaxTrustedAPIConns bounds edges' and other nodes' connections;
+	// beyond it, the oldest is closed. Default DefaultMaxTrustedAPIConns.
+	MaxTrustedAPIConns int
 	// AdminPassword is the first admin's password when this node
 	// initializes a new cluster; empty generates one and logs it once.
 	AdminPassword string
@@ -208,8 +210,11 @@ func (c *Config) applyDefaults() error {
 	if c.MaxPendingAPIConns <= 0 {
 		c.MaxPendingAPIConns = DefaultMaxPendingAPIConns
 	}
-	if c.MaxAPIConnsPerSource <= 0 {
-		c.MaxAPIConnsPerSource = DefaultMaxAPIConnsPerSource
+	if c.MaxAPIConnsPerAccount <= 0 {
+		c.MaxAPIConnsPerAccount = DefaultMaxAPIConnsPerAccount
+	}
+	if c.MaxTrustedAPIConns <= 0 {
+		c.MaxTrustedAPIConns = DefaultMaxTrustedAPIConns
 	}
 	if c.MaxAPIConns <= 0 {
 		c.MaxAPIConns = DefaultMaxAPIConns
@@ -377,9 +382,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		Handler:           withRequestIDs(s.countInflight(api.WithClientCert(s.authn.Guard(api.WithResponseController(mux), limits)))),
 		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
-		// Guard vouches for the connection of a call whose credentials
-		// verified (connbound.VouchContext).
+		// The Authenticator vouches for the connection of a call that
+		// passed its checks (connbound); a request that starts moves its
+		// connection behind those that never carried one.
 		ConnContext: connbound.ContextWithConn,
+		ConnState:   connbound.ConnState,
 	}
 	var protos http.Protocols
 	protos.SetHTTP1(true)
@@ -391,7 +398,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	// Watch streams never end by themselves: end them as shutdown begins.
 	s.apiSrv.RegisterOnShutdown(watch.Close)
 	apiLn, err := boundAPIConns(s.apiLn, apiConnBounds{MaxPending: cfg.MaxPendingAPIConns,
-		MaxPerSource: cfg.MaxAPIConnsPerSource, Max: cfg.MaxAPIConns}, s.reg, s.log)
+		MaxPerAccount: cfg.MaxAPIConnsPerAccount, Max: cfg.MaxAPIConns, MaxTrusted: cfg.MaxTrustedAPIConns}, s.reg, s.log)
 	if err != nil {
 		return nil, err
 	}

@@ -25,7 +25,7 @@ const DefaultMaxPendingHTTPS = 4096
 func pendingHTTPS(ln net.Listener, limit int, reg prometheus.Registerer) (*connbound.Listener, error) {
 	evicted := prometheus.NewCounter(prometheus.CounterOpts{Name: "relay_edge_https_pending_evicted_total",
 		Help: "HTTPS port connections closed because MaxPendingHTTPS others were pending, or their source's share of them (the oldest goes)."})
-	bl := connbound.NewListener(ln, connbound.Config{MaxPending: limit, Evicted: func(bool, netip.Addr) { evicted.Inc() }})
+	bl := connbound.NewListener(ln, connbound.Config{MaxPending: limit, Evicted: func(connbound.State, netip.Addr) { evicted.Inc() }})
 	gauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relay_edge_https_pending_connections",
 		Help: "HTTPS port connections that are not a device session: in their TLS handshake, serving a request, idle between requests, or a WebSocket not yet admitted."},
 		func() float64 { return float64(bl.Pending()) })

@@ -40,6 +40,7 @@ import (
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/edge/transport"
 	"github.com/edge-relay/relay/edge/web"
+	"github.com/edge-relay/relay/internal/connbound"
 	"github.com/edge-relay/relay/internal/telemetry"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
@@ -110,11 +111,12 @@ type Config struct {
 	// [DefaultMaxPendingHTTPS; 0 takes it]; at the bound the oldest is
 	// closed, and one source (IPv4 address, IPv6 /64) holds at most a
 	// sixteenth of it (at least 16), beyond which its own oldest is.
-	// Those whose peer never sent a byte go first. A flood of
-	// connections holds at most this many; one that stays silent cannot
-	// push out a real client, and one that sends a TLS ClientHello and
-	// stalls keeps it out only by filling the bound, from many sources,
-	// faster than the client's handshakes take.
+	// Those that never carried a request go first. A flood of
+	// connections holds at most this many; one whose connections stay
+	// silent or stall in their TLS handshake cannot push out a real
+	// client, and one that finishes each handshake (a key exchange each)
+	// and stalls keeps it out only by filling the bound, from many
+	// sources, faster than the client's handshakes take.
 	MaxPendingHTTPS int
 	// ClusterTLSTickets seals the device ports' TLS 1.3 session tickets
 	// with the cluster's session keys (session.ShareTLSTickets), so a
@@ -415,6 +417,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	// is out, up to HTTPWriteTimeout, and a connection counts once
 	// against MaxPendingHTTPS. A browser's console and relay.js need few.
 	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle,
+		ConnState:    connbound.ConnState, // a request started: its connection goes after silent ones
 		HTTP2:        &http.HTTP2Config{MaxConcurrentStreams: MaxHTTP2Streams},
 		WriteTimeout: httpWrite, MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	if cfg.AdminAddr != "" {

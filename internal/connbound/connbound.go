@@ -1,60 +1,86 @@
 // Package connbound bounds the connections a listener holds open for
-// peers that have not proven who they are, and for each source those
-// that have.
+// peers that have not proven who they are, and those of peers that have.
 //
 // Whoever reaches a port can open connections without an account; each
 // holds a goroutine and buffers until a timeout ends it. A Listener puts
 // every connection it accepts on a list of pending ones, and at
-// Config.MaxPending closes the oldest, those whose peer never sent a
-// byte first (Conn.Read): a flood of connections that stay silent
-// cannot push out a real client, which speaks at once; one of
-// connections that send something and stall (a TLS ClientHello) cannot
-// keep a real client out unless it fills the bound faster than the
-// client's handshake and first request take, a round trip or two. One source (an IPv4 address, an IPv6 /64) holds at most a
-// sixteenth of the bound (PerSourceShare): beyond it its own oldest goes,
-// so a flood from a few hosts pushes out only its own connections.
+// Config.MaxPending closes the oldest, those that never carried a
+// request first: an http.Server given ConnState promotes a connection
+// once its first request starts, past its TLS handshake (which costs
+// the sender a key exchange). So a flood of connections that stay
+// silent, or send a few bytes and stall, cannot push out a real client,
+// whose handshake and request come at once; one of connections that
+// finish their handshake and stall keeps a client out only if it fills
+// the bound faster than the client's handshake and first request take,
+// a round trip or two. One source (an IPv4 address, an IPv6 /64) holds
+// at most a sixteenth of the bound (PerSourceShare): beyond it its own
+// oldest goes, so a flood from a few hosts pushes out only its own
+// connections.
 //
-// The server vouches for a connection (Conn.Vouch, or VouchContext from a
-// request's context) once it proved itself: a session admitted, a call
-// whose credentials verified. It then leaves the pending list. Vouched
-// connections are bounded per source when Config.MaxVouchedPerSource is
-// set (beyond it, the source's oldest vouched connection goes), and in
-// all by Config.MaxVouched, so that an account holder who opens
-// connections cannot exhaust the server either. A connection whose
-// caller the server trusts (Conn.Trust: another server of its own, an
-// edge) leaves both lists: it is never closed to make room, so that
-// whoever shares its source address cannot cut it.
+// The server vouches for a connection (Conn.Vouch) once a call on it
+// proved who makes it, naming the account: it leaves the pending list
+// for the vouched one, bounded per account (Config.MaxVouchedPerKey) and
+// in all (Config.MaxVouched), so that an account's holder cannot exhaust
+// the server either; past a bound the oldest goes, of the account or of
+// all. A connection whose caller the server trusts (Conn.Trust: another
+// server of its own, an edge) goes on a list of its own instead
+// (Config.MaxTrusted), out of reach of everyone else's floods.
 package connbound
 
 import (
 	"context"
 	"crypto/tls"
-	"math"
 	"net"
+	"net/http"
 	"net/netip"
 	"sync"
-	"sync/atomic"
 
 	"github.com/edge-relay/relay/internal/oldest"
 )
 
 // Config sets a Listener's bounds.
 type Config struct {
-	// MaxPending bounds the connections not vouched for; at the bound the
-	// oldest is closed. At least 1.
+	// MaxPending bounds the connections not vouched for nor trusted; at
+	// the bound the oldest is closed. At least 1.
 	MaxPending int
-	// MaxVouchedPerSource bounds one source's vouched connections; beyond
-	// it, the source's oldest vouched connection is closed. 0: vouched
-	// connections are not bounded (nor counted), and MaxVouched is
-	// ignored.
-	MaxVouchedPerSource int
+	// MaxVouchedPerKey bounds the vouched connections of one key (an
+	// account); beyond it, the key's oldest is closed. 0: vouched
+	// connections are not bounded nor counted, and MaxVouched is ignored.
+	MaxVouchedPerKey int
 	// MaxVouched bounds all vouched connections; beyond it, the oldest is
-	// closed. 0: only the share per source bounds them.
+	// closed. 0: only the share per key bounds them.
 	MaxVouched int
+	// MaxTrusted bounds the trusted connections; beyond it, the oldest is
+	// closed. 0: they are not bounded nor counted.
+	MaxTrusted int
 	// Evicted, if set, is called for every connection the Listener closes
-	// to keep a bound: vouched says which list, source whose connection
-	// it was.
-	Evicted func(vouched bool, source netip.Addr)
+	// to keep a bound: from which list, and whose (its source) it was.
+	Evicted func(from State, source netip.Addr)
+}
+
+// State is where a connection stands.
+type State uint8
+
+// A connection is Pending from its accept until vouched for, trusted or
+// closed; Vouched until trusted or closed.
+const (
+	Pending State = iota
+	Vouched
+	Trusted
+	Closed // or evicted
+)
+
+// String names the state, as metrics label it.
+func (s State) String() string {
+	switch s {
+	case Pending:
+		return "pending"
+	case Vouched:
+		return "vouched"
+	case Trusted:
+		return "trusted"
+	}
+	return "closed"
 }
 
 // Listener is a net.Listener whose connections are bounded as the
@@ -62,8 +88,9 @@ type Config struct {
 type Listener struct {
 	net.Listener
 	cfg     Config
-	pending *oldest.List[*Conn]
-	vouched *oldest.List[*Conn] // nil: not bounded
+	pending *oldest.List[netip.Addr, *Conn]
+	vouched *oldest.List[string, *Conn] // nil: not bounded
+	trusted *oldest.List[string, *Conn] // nil: not bounded
 }
 
 // PerSourceShare is the share of a bound of pending connections one
@@ -71,31 +98,43 @@ type Listener struct {
 // is lower).
 func PerSourceShare(limit int) int { return max(limit/16, min(limit, 16)) }
 
+// unbounded stands for "no bound in all" on a list bounded per key.
+const unbounded = int(^uint(0) >> 1)
+
 // NewListener bounds ln's connections as cfg says.
 func NewListener(ln net.Listener, cfg Config) *Listener {
 	cfg.MaxPending = max(cfg.MaxPending, 1)
 	l := &Listener{Listener: ln, cfg: cfg,
-		pending: oldest.New[*Conn](cfg.MaxPending, PerSourceShare(cfg.MaxPending))}
-	if cfg.MaxVouchedPerSource > 0 {
+		pending: oldest.New[netip.Addr, *Conn](cfg.MaxPending, PerSourceShare(cfg.MaxPending))}
+	if cfg.MaxVouchedPerKey > 0 {
 		total := cfg.MaxVouched
 		if total <= 0 {
-			total = math.MaxInt
+			total = unbounded
 		}
-		l.vouched = oldest.New[*Conn](total, cfg.MaxVouchedPerSource)
+		l.vouched = oldest.New[string, *Conn](total, cfg.MaxVouchedPerKey)
+	}
+	if cfg.MaxTrusted > 0 {
+		l.trusted = oldest.New[string, *Conn](cfg.MaxTrusted, 0)
 	}
 	return l
 }
 
-// Pending is the number of connections not vouched for.
+// Pending is the number of connections not vouched for nor trusted.
 func (l *Listener) Pending() int { return l.pending.Len() }
 
 // Vouched is the number of vouched connections open, when they are
 // bounded (0 when not).
-func (l *Listener) Vouched() int {
-	if l.vouched == nil {
+func (l *Listener) Vouched() int { return lenOf(l.vouched) }
+
+// Trusted is the number of trusted connections open, when they are
+// bounded (0 when not).
+func (l *Listener) Trusted() int { return lenOf(l.trusted) }
+
+func lenOf(l *oldest.List[string, *Conn]) int {
+	if l == nil {
 		return 0
 	}
-	return l.vouched.Len()
+	return l.Len()
 }
 
 // SourceOf is the source a connection from addr counts against: its IPv4
@@ -122,56 +161,75 @@ func (l *Listener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	bc := &Conn{Conn: c, l: l, source: SourceOf(c.RemoteAddr())}
-	// bc.entry is set before anyone else holds bc: the list hands out
-	// only e.Value.Conn, which evict closes.
-	var old *oldest.Entry[*Conn]
-	bc.entry, old = l.pending.Add(bc, bc.source)
-	l.evict(old, false)
+	// Under bc.mu: an Accept beside this one may evict bc at once.
+	var old *oldest.Entry[netip.Addr, *Conn]
+	bc.mu.Lock()
+	bc.pendingAt, old = l.pending.Add(bc, bc.source)
+	bc.mu.Unlock()
+	if old != nil {
+		l.evict(old.Value, Pending)
+	}
 	return bc, nil
 }
 
-// evict closes the connection a list dropped, if any. Its owner (the
-// server reading it) then sees its reads and writes fail and ends it.
-func (l *Listener) evict(e *oldest.Entry[*Conn], vouched bool) {
-	if e == nil {
-		return
-	}
+// evict closes a connection a list dropped. Its owner (the server
+// reading it) then sees its reads and writes fail and ends it.
+func (l *Listener) evict(c *Conn, from State) {
+	c.mu.Lock()
+	c.state, c.pendingAt, c.provenAt = Closed, nil, nil
+	c.mu.Unlock()
 	if l.cfg.Evicted != nil {
-		l.cfg.Evicted(vouched, e.Value.source)
+		l.cfg.Evicted(from, c.source)
 	}
-	_ = e.Value.Conn.Close()
+	_ = c.Conn.Close()
 }
 
-// Conn is a connection a Listener accepted: on its pending list until
-// vouched for, trusted or closed; once vouched for, on its vouched list
-// (if bounded) until trusted or closed.
+// Conn is a connection a Listener accepted, on the list its state names
+// (if that one is bounded).
 type Conn struct {
 	net.Conn
 	l      *Listener
 	source netip.Addr
-	spoke  atomic.Bool // its peer sent a byte
 
-	mu    sync.Mutex           // guards the fields below
-	entry *oldest.Entry[*Conn] // its place on the list state names; nil once off both
-	state connState
+	mu        sync.Mutex // guards the fields below
+	state     State
+	pendingAt *oldest.Entry[netip.Addr, *Conn] // while Pending
+	provenAt  *oldest.Entry[string, *Conn]     // while Vouched or Trusted, when that list is bounded
 }
 
-type connState uint8
-
-const (
-	statePending connState = iota
-	stateVouched
-	stateTrusted // off both lists for good
-	stateClosed
-)
-
-// Vouch takes the connection off the pending list, and puts it on the
-// vouched list when those are bounded (which may close the oldest there,
-// of its source or of all). A call on a connection vouched for, trusted,
-// closed or evicted does nothing.
-func (c *Conn) Vouch() {
+// State says where the connection stands.
+func (c *Conn) State() State {
 	c.mu.Lock()
-	if c.state != statePending {
+	defer c.mu.Unlock()
+	return c.state
+}
+
+// Promote moves a pending connection behind those that have not carried
+// a request yet (oldest.List.Promote): they go first.
+func (c *Conn) Promote() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state == Pending {
+		c.l.pending.Promote(c.pendingAt)
+	}
+}
+
+// Vouch takes a pending connection off the pending list, and puts it on
+// the vouched list under key (an account) when that one is bounded,
+// which may close the oldest there, of the key or of all. A call on a
+// connection not pending (vouched for, trusted, closed, evicted) does
+// nothing: the first call that proved itself decides.
+func (c *Conn) Vouch(key string) { c.prove(Vouched, key) }
+
+// Trust takes a pending or vouched connection off its list, and puts it
+// on the trusted list when that one is bounded, which may close the
+// oldest trusted connection. A call on one trusted, closed or evicted
+// does nothing.
+func (c *Conn) Trust() { c.prove(Trusted, "") }
+
+func (c *Conn) prove(to State, key string) {
+	c.mu.Lock()
+	if c.state >= to || (to == Vouched && c.state != Pending) {
 		c.mu.Unlock()
 		return
 	}
@@ -179,115 +237,102 @@ func (c *Conn) Vouch() {
 		c.mu.Unlock() // evicted: it is being closed
 		return
 	}
-	c.state = stateVouched
-	var old *oldest.Entry[*Conn]
-	if c.l.vouched != nil {
-		c.entry, old = c.l.vouched.Add(c, c.source)
+	c.state = to
+	list := c.l.vouched
+	if to == Trusted {
+		list = c.l.trusted
+	}
+	var old *oldest.Entry[string, *Conn]
+	if list != nil {
+		c.provenAt, old = list.Add(c, key)
 	}
 	c.mu.Unlock()
-	c.l.evict(old, true)
-}
-
-// Trust takes the connection off the list it is on for good: it is not
-// counted, and never closed to make room. A call on a connection closed
-// or evicted does nothing.
-func (c *Conn) Trust() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.state == stateTrusted || c.state == stateClosed {
-		return
-	}
-	if c.leaveLocked() {
-		c.state = stateTrusted
+	if old != nil {
+		c.l.evict(old.Value, to)
 	}
 }
 
 // leaveLocked takes the connection off the list it is on, and reports
-// whether it was still there (not evicted). mu is held.
+// whether it was still there (not evicted); an evicted one is Closed
+// from then on. mu is held.
 func (c *Conn) leaveLocked() bool {
-	if c.entry == nil {
-		return c.state == stateVouched // vouched, unbounded: on no list
-	}
-	list := c.l.pending
-	if c.state == stateVouched {
-		list = c.l.vouched
-	}
-	on := list.Remove(c.entry)
-	c.entry = nil
-	return on
-}
-
-// Read reads from the connection. The first byte its peer sends
-// promotes it on the pending list (oldest.List.Promote): connections
-// whose peer never sent anything go first. A TLS or HTTP client speaks
-// at once, so a flood of connections that stay silent, the cheapest
-// there is, cannot push out a real one however fast it comes; one that
-// sends a TLS ClientHello and stalls costs its sender a handshake.
-func (c *Conn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	if n > 0 && !c.spoke.Load() {
-		c.spoke.Store(true)
-		c.mu.Lock()
-		if c.state == statePending {
-			c.l.pending.Promote(c.entry)
+	on := true
+	switch {
+	case c.state == Pending:
+		on = c.l.pending.Remove(c.pendingAt)
+		c.pendingAt = nil
+	case c.provenAt != nil:
+		list := c.l.vouched
+		if c.state == Trusted {
+			list = c.l.trusted
 		}
-		c.mu.Unlock()
+		on = list.Remove(c.provenAt)
+		c.provenAt = nil
+	case c.state == Closed:
+		on = false
 	}
-	return n, err
+	if !on {
+		c.state = Closed
+	}
+	return on
 }
 
 // Close takes the connection off its list and closes it.
 func (c *Conn) Close() error {
 	c.mu.Lock()
 	c.leaveLocked()
-	c.state = stateClosed
+	c.state = Closed
 	c.mu.Unlock()
 	return c.Conn.Close()
 }
 
-// Vouch vouches for the Conn c is or carries (through a *tls.Conn), and
-// reports whether there was one.
-func Vouch(c net.Conn) bool {
-	bc := unwrap(c)
-	if bc == nil {
-		return false
-	}
-	bc.Vouch()
-	return true
-}
-
-func unwrap(c net.Conn) *Conn {
+// Of returns the Conn c is or carries (through a *tls.Conn), if any.
+func Of(c net.Conn) (*Conn, bool) {
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
 	}
-	bc, _ := c.(*Conn)
-	return bc
+	bc, ok := c.(*Conn)
+	return bc, ok
+}
+
+// Vouch vouches for the Conn c is or carries (through a *tls.Conn), with
+// no key, and reports whether there was one.
+func Vouch(c net.Conn) bool {
+	bc, ok := Of(c)
+	if ok {
+		bc.Vouch("")
+	}
+	return ok
+}
+
+// ConnState promotes the connection of a request that started (see the
+// package comment). Give it to an http.Server as its ConnState: it sees
+// the connection go active once the first bytes of a request were read,
+// past the TLS handshake.
+func ConnState(c net.Conn, s http.ConnState) {
+	if s != http.StateActive {
+		return
+	}
+	if bc, ok := Of(c); ok {
+		bc.Promote()
+	}
 }
 
 type connKey struct{}
 
 // ContextWithConn returns ctx carrying the Conn c is or carries, for
-// VouchContext; ctx itself when there is none. Give it to an
-// http.Server as its ConnContext.
+// FromContext; ctx itself when there is none. Give it to an http.Server
+// as its ConnContext.
 func ContextWithConn(ctx context.Context, c net.Conn) context.Context {
-	if bc := unwrap(c); bc != nil {
+	if bc, ok := Of(c); ok {
 		return context.WithValue(ctx, connKey{}, bc)
 	}
 	return ctx
 }
 
-// VouchContext vouches for the connection of a request whose context
-// derives from ContextWithConn's; a context without one is ignored.
-func VouchContext(ctx context.Context) {
-	if bc, ok := ctx.Value(connKey{}).(*Conn); ok {
-		bc.Vouch()
-	}
-}
-
-// TrustContext trusts the connection of a request whose context derives
-// from ContextWithConn's; a context without one is ignored.
-func TrustContext(ctx context.Context) {
-	if bc, ok := ctx.Value(connKey{}).(*Conn); ok {
-		bc.Trust()
-	}
+// FromContext returns the Conn of a request whose context derives from
+// ContextWithConn's, if any.
+func FromContext(ctx context.Context) (*Conn, bool) {
+	bc, ok := ctx.Value(connKey{}).(*Conn)
+	return bc, ok
 }

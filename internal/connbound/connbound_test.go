@@ -4,8 +4,10 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -27,7 +29,7 @@ type harness struct {
 	accepted chan *connbound.Conn
 	evicted  struct {
 		sync.Mutex
-		pending, vouched int
+		from map[connbound.State]int
 	}
 }
 
@@ -38,14 +40,11 @@ func listen(t *testing.T, cfg connbound.Config) *harness {
 		t.Fatal(err)
 	}
 	h := &harness{t: t, accepted: make(chan *connbound.Conn, 64)}
-	cfg.Evicted = func(vouched bool, _ netip.Addr) {
+	h.evicted.from = map[connbound.State]int{}
+	cfg.Evicted = func(from connbound.State, _ netip.Addr) {
 		h.evicted.Lock()
 		defer h.evicted.Unlock()
-		if vouched {
-			h.evicted.vouched++
-		} else {
-			h.evicted.pending++
-		}
+		h.evicted.from[from]++
 	}
 	h.ln = connbound.NewListener(tl, cfg)
 	done := make(chan struct{})
@@ -113,7 +112,7 @@ func (h *harness) expectEvicted(gone net.Conn, kept []net.Conn, pending, vouched
 		}
 	}
 	h.evicted.Lock()
-	p, v := h.evicted.pending, h.evicted.vouched
+	p, v := h.evicted.from[connbound.Pending], h.evicted.from[connbound.Vouched]
 	h.evicted.Unlock()
 	if p != pending || v != vouched {
 		h.t.Fatalf("evictions: %d pending, %d vouched; want %d, %d", p, v, pending, vouched)
@@ -152,8 +151,8 @@ func TestAtTheBoundTheOldestPendingGoes(t *testing.T) {
 func TestAVouchedConnectionLeavesThePendingList(t *testing.T) {
 	h := listen(t, connbound.Config{MaxPending: 2})
 	c1, s1 := h.dial("127.0.0.1")
-	s1.Vouch()
-	s1.Vouch() // twice is once
+	s1.Vouch("k")
+	s1.Vouch("k") // twice is once
 	h.expectCounts("after vouching (vouched ones not counted without a bound)", 0, 0)
 	c2, _ := h.dial("127.0.0.2")
 	c3, _ := h.dial("127.0.0.3")
@@ -186,22 +185,22 @@ func TestOneSourceHoldsItsShare(t *testing.T) {
 	h.expectCounts("after the flood", connbound.PerSourceShare(limit)+1, 0)
 }
 
-// Vouched connections are bounded per source: the source's oldest goes,
-// and no other source's.
-func TestVouchedConnectionsAreBoundedPerSource(t *testing.T) {
-	h := listen(t, connbound.Config{MaxPending: 64, MaxVouchedPerSource: 2})
-	other, so := h.dial("127.0.0.2")
-	so.Vouch()
+// Vouched connections are bounded per key (an account): the key's
+// oldest goes, from whatever source, and no other key's.
+func TestVouchedConnectionsAreBoundedPerKey(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 64, MaxVouchedPerKey: 2})
+	other, so := h.dial("127.0.0.1")
+	so.Vouch("bob")
 	c1, s1 := h.dial("127.0.0.1")
-	c2, s2 := h.dial("127.0.0.1")
-	s1.Vouch()
-	s2.Vouch()
+	c2, s2 := h.dial("127.0.0.2")
+	s1.Vouch("alice")
+	s2.Vouch("alice")
 	h.expectCounts("three vouched", 0, 3)
-	c3, s3 := h.dial("127.0.0.1")
+	c3, s3 := h.dial("127.0.0.3")
 	if closed(c1) {
 		t.Fatal("a pending connection pushed out a vouched one")
 	}
-	s3.Vouch()
+	s3.Vouch("alice")
 	h.expectEvicted(c1, []net.Conn{c2, c3, other}, 0, 1)
 	// The evicted one's owner closes it: it leaves the count once, and
 	// closing a vouched one takes it off.
@@ -210,61 +209,101 @@ func TestVouchedConnectionsAreBoundedPerSource(t *testing.T) {
 	h.expectCounts("after two closes", 0, 2)
 }
 
-// All sources' vouched connections are bounded too: past MaxVouched the
+// All keys' vouched connections are bounded too: past MaxVouched the
 // oldest of all goes.
 func TestVouchedConnectionsAreBoundedInAll(t *testing.T) {
-	h := listen(t, connbound.Config{MaxPending: 64, MaxVouchedPerSource: 2, MaxVouched: 3})
+	h := listen(t, connbound.Config{MaxPending: 64, MaxVouchedPerKey: 2, MaxVouched: 3})
 	var cs []net.Conn
-	for _, from := range []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"} {
-		c, s := h.dial(from)
-		s.Vouch()
+	for i, key := range []string{"a", "b", "c"} {
+		c, s := h.dial(fmt.Sprintf("127.0.0.%d", i+1))
+		s.Vouch(key)
 		cs = append(cs, c)
 	}
 	c4, s4 := h.dial("127.0.0.4")
-	s4.Vouch()
+	s4.Vouch("d")
 	h.expectEvicted(cs[0], []net.Conn{cs[1], cs[2], c4}, 0, 1)
 	h.expectCounts("past the bound of all", 0, 3)
 }
 
-// A trusted connection is on neither list: not counted, and never
-// closed to make room, even among many of its source's.
-func TestATrustedConnectionIsNeverEvicted(t *testing.T) {
-	h := listen(t, connbound.Config{MaxPending: 2, MaxVouchedPerSource: 1})
+// A trusted connection is on a list of its own: people's floods of
+// vouched connections, under any key, cannot reach it; past MaxTrusted
+// the oldest trusted one goes. A vouched connection may be trusted
+// later, not the other way round.
+func TestTrustedConnectionsAreBoundedOnTheirOwn(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 4, MaxVouchedPerKey: 1, MaxVouched: 1, MaxTrusted: 2})
 	trusted, st := h.dial("127.0.0.1")
 	st.Trust()
-	vouched, sv := h.dial("127.0.0.1")
-	sv.Vouch()
-	sv.Trust() // a vouched one may be trusted later: it leaves its list
+	later, sl := h.dial("127.0.0.1")
+	sl.Vouch("k")
+	sl.Trust() // it leaves the vouched list
+	if st.State() != connbound.Trusted || sl.State() != connbound.Trusted || h.ln.Trusted() != 2 {
+		t.Fatalf("states %v, %v, %d trusted; want both trusted", st.State(), sl.State(), h.ln.Trusted())
+	}
 	h.expectCounts("after trusting both", 0, 0)
 	var flood []net.Conn
 	for range 2 {
 		c, s := h.dial("127.0.0.1")
-		s.Vouch()
+		s.Vouch("k")
 		flood = append(flood, c)
 	}
-	h.expectEvicted(flood[0], []net.Conn{trusted, vouched, flood[1]}, 0, 1)
-	st.Vouch() // vouching a trusted one changes nothing
+	h.expectEvicted(flood[0], []net.Conn{trusted, later, flood[1]}, 0, 1)
+	st.Vouch("k") // vouching a trusted one changes nothing
 	h.expectCounts("after vouching a trusted one", 0, 1)
-	_ = st.Close()
-	st.Trust()
-	h.expectCounts("after closing a trusted one", 0, 1)
+	third, s3 := h.dial("127.0.0.2")
+	s3.Trust()
+	h.expectEvicted(trusted, []net.Conn{later, third, flood[1]}, 0, 1)
+	h.evicted.Lock()
+	if n := h.evicted.from[connbound.Trusted]; n != 1 {
+		t.Errorf("%d trusted evicted, want 1", n)
+	}
+	h.evicted.Unlock()
+	st.Trust() // evicted: nothing
+	if st.State() != connbound.Closed || h.ln.Trusted() != 2 {
+		t.Fatalf("the evicted trusted one: %v, %d trusted", st.State(), h.ln.Trusted())
+	}
+	_ = sl.Close()
+	if h.ln.Trusted() != 1 {
+		t.Fatalf("%d trusted after a close, want 1", h.ln.Trusted())
+	}
+}
+
+// Without bounds for them, vouched and trusted connections are on no
+// list at all.
+func TestUnboundedListsCountNothing(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 2})
+	_, s1 := h.dial("127.0.0.1")
+	_, s2 := h.dial("127.0.0.1")
+	s1.Vouch("k")
+	s2.Trust()
+	s1.Trust()
+	if s1.State() != connbound.Trusted || s2.State() != connbound.Trusted {
+		t.Fatalf("states %v, %v", s1.State(), s2.State())
+	}
+	h.expectCounts("unbounded", 0, 0)
+	if h.ln.Trusted() != 0 {
+		t.Fatal("trusted counted without a bound")
+	}
+	_ = s1.Close()
+	if s1.State().String() != "closed" || connbound.Pending.String() != "pending" || connbound.Vouched.String() != "vouched" || connbound.Trusted.String() != "trusted" {
+		t.Fatal("state names")
+	}
 }
 
 // Two vouches racing an Accept that evicts the same pending connection:
 // it ends either vouched or evicted, once, never both or neither.
 func TestVouchRacesEviction(t *testing.T) {
-	h := listen(t, connbound.Config{MaxPending: 1, MaxVouchedPerSource: 1 << 20})
+	h := listen(t, connbound.Config{MaxPending: 1, MaxVouchedPerKey: 1 << 20})
 	for i := range 200 {
 		_, s := h.dial("127.0.0.1")
 		var wg sync.WaitGroup
 		wg.Add(2)
 		for range 2 {
-			go func() { defer wg.Done(); s.Vouch() }()
+			go func() { defer wg.Done(); s.Vouch("k") }()
 		}
 		_, next := h.dial("127.0.0.1") // evicts s, unless s was vouched first
 		wg.Wait()
 		h.evicted.Lock()
-		evicted := h.evicted.pending
+		evicted := h.evicted.from[connbound.Pending]
 		h.evicted.Unlock()
 		if got := h.ln.Vouched() + evicted; got != i+1 {
 			t.Fatalf("round %d: %d vouched + %d evicted, want %d", i, h.ln.Vouched(), evicted, i+1)
@@ -276,22 +315,15 @@ func TestVouchRacesEviction(t *testing.T) {
 	}
 }
 
-// Connections whose peer never sent a byte go first: a flood of silent
+// Connections that never carried a request go first: a flood of silent
 // ones, however long, pushes out its own oldest and not an older client
-// that spoke; once only those that spoke are left, their oldest goes.
-func TestASilentFloodCannotPushOutAClientThatSpoke(t *testing.T) {
+// whose request started (http.Server's ConnState, StateActive); once
+// only those are left, the first promoted goes.
+func TestASilentFloodCannotPushOutAClient(t *testing.T) {
 	h := listen(t, connbound.Config{MaxPending: 3})
-	speak := func(c net.Conn, sc *connbound.Conn) {
-		t.Helper()
-		if _, err := c.Write([]byte("hello")); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(sc, make([]byte, 5)); err != nil {
-			t.Fatal(err)
-		}
-	}
 	client, sc := h.dial("127.0.0.1")
-	speak(client, sc)
+	connbound.ConnState(sc, http.StateNew) // not a request yet
+	connbound.ConnState(tls.Server(sc, &tls.Config{}), http.StateActive)
 	var flood []net.Conn
 	var floodSC []*connbound.Conn
 	for range 4 {
@@ -302,30 +334,34 @@ func TestASilentFloodCannotPushOutAClientThatSpoke(t *testing.T) {
 	waitClosed(t, flood[1])
 	h.expectCounts("after the flood", 3, 0)
 
-	// The flood's survivors speak too: now the first that spoke goes.
-	speak(flood[2], floodSC[2])
-	speak(flood[3], floodSC[3])
+	// The flood's survivors start requests too: now the first promoted
+	// goes.
+	connbound.ConnState(floodSC[2], http.StateActive)
+	connbound.ConnState(floodSC[3], http.StateActive)
 	late, _ := h.dial("127.0.0.3")
 	h.expectEvicted(client, []net.Conn{flood[2], flood[3], late}, 3, 0)
+	floodSC[2].Vouch("k")
+	floodSC[2].Promote()                                  // no longer pending: nothing
+	connbound.ConnState(&net.TCPConn{}, http.StateActive) // not one of ours: nothing
 }
 
 // A connection evicted while pending cannot be vouched back onto a list,
 // and one closed is not counted.
 func TestVouchAfterEvictionOrClose(t *testing.T) {
-	h := listen(t, connbound.Config{MaxPending: 1, MaxVouchedPerSource: 4})
+	h := listen(t, connbound.Config{MaxPending: 1, MaxVouchedPerKey: 4})
 	c1, s1 := h.dial("127.0.0.1")
 	_, s2 := h.dial("127.0.0.2")
 	waitClosed(t, c1)
-	s1.Vouch()
+	s1.Vouch("k")
 	h.expectCounts("after vouching an evicted one", 1, 0)
 	_ = s2.Close()
-	s2.Vouch()
+	s2.Vouch("k")
 	h.expectCounts("after close", 0, 0)
 }
 
-// The server's http.Server sees a *tls.Conn over the bounded one:
+// The server's http.Server sees a *tls.Conn over the bounded one: Of,
 // Vouch and ContextWithConn find it beneath.
-func TestVouchThroughTLSAndAContext(t *testing.T) {
+func TestFoundThroughTLSAndAContext(t *testing.T) {
 	h := listen(t, connbound.Config{MaxPending: 4})
 	_, s1 := h.dial("127.0.0.1")
 	if !connbound.Vouch(tls.Server(s1, &tls.Config{})) {
@@ -334,8 +370,9 @@ func TestVouchThroughTLSAndAContext(t *testing.T) {
 	h.expectCounts("after Vouch", 0, 0)
 	_, s2 := h.dial("127.0.0.1")
 	ctx := connbound.ContextWithConn(context.Background(), tls.Server(s2, &tls.Config{}))
-	connbound.VouchContext(ctx)
-	h.expectCounts("after VouchContext", 0, 0)
+	if c, ok := connbound.FromContext(ctx); !ok || c != s2 {
+		t.Fatalf("FromContext: %v, %v; want the connection", c, ok)
+	}
 	// Connections of other listeners, and contexts without one, are
 	// left alone.
 	a, b := net.Pipe()
@@ -347,7 +384,9 @@ func TestVouchThroughTLSAndAContext(t *testing.T) {
 	if got := connbound.ContextWithConn(context.Background(), a); got != context.Background() {
 		t.Fatal("ContextWithConn wrapped a context for a connection it does not bound")
 	}
-	connbound.VouchContext(context.Background())
+	if _, ok := connbound.FromContext(context.Background()); ok {
+		t.Fatal("FromContext found a connection in a bare context")
+	}
 }
 
 func TestSourceOf(t *testing.T) {
@@ -375,7 +414,7 @@ func TestSourceOf(t *testing.T) {
 // Accepts, vouches and closes from many goroutines keep the counts
 // exact (run with -race).
 func TestConcurrentUse(t *testing.T) {
-	h := listen(t, connbound.Config{MaxPending: 8, MaxVouchedPerSource: 4})
+	h := listen(t, connbound.Config{MaxPending: 8, MaxVouchedPerKey: 4})
 	var wg sync.WaitGroup
 	var dialed atomic.Int64
 	for g := range 4 {
@@ -404,10 +443,10 @@ func TestConcurrentUse(t *testing.T) {
 			select {
 			case c := <-h.accepted:
 				if i%2 == 0 {
-					c.Vouch()
+					c.Vouch("k")
 				}
 				served.Add(1)
-				go func() { defer served.Done(); c.Vouch() }()
+				go func() { defer served.Done(); c.Vouch("k") }()
 				_ = c.Close()
 				handled.Add(1)
 			case <-stop:

@@ -10,26 +10,26 @@
 //
 // An entry may be promoted (Promote): promoted entries go only once no
 // entry that was not is left to take (of all, or of the key). A listener
-// promotes a connection once its peer sent a byte, so a flood of
-// connections that never send anything (the cheapest there is) cannot
-// push out a real client in its handshake, however fast it comes.
+// promotes a connection once its first request started, past its TLS
+// handshake, so a flood of connections that stay silent or stall in
+// their handshake cannot push out a real client, however fast it comes.
 package oldest
 
 import (
 	"container/list"
-	"net/netip"
 	"sync"
 )
 
-// List is a bounded list of entries, safe for concurrent use.
-type List[T any] struct {
+// List is a bounded list of entries of type T under keys of type K (a
+// source address, an account), safe for concurrent use.
+type List[K comparable, T any] struct {
 	mu     sync.Mutex // guards the fields below
 	limit  int
 	perKey int // 0: no share per key
 	// all holds the entries by tier (0: not promoted, evicted first),
 	// each oldest first; byKey the same for each key's entries.
 	all   [2]list.List
-	byKey map[netip.Addr]*tiers
+	byKey map[K]*tiers
 }
 
 type tiers struct {
@@ -38,9 +38,9 @@ type tiers struct {
 }
 
 // Entry is a value on a List, until it is removed or evicted.
-type Entry[T any] struct {
+type Entry[K comparable, T any] struct {
 	Value T
-	key   netip.Addr
+	key   K
 	tier  int
 	// elem and keyElem place the entry on its list's lists; nil once it
 	// is off them. Guarded by the list's mu.
@@ -49,13 +49,13 @@ type Entry[T any] struct {
 
 // New returns a list of at most limit entries, and at most perKey of one
 // key (0: no share per key).
-func New[T any](limit, perKey int) *List[T] {
-	return &List[T]{limit: limit, perKey: perKey, byKey: map[netip.Addr]*tiers{}}
+func New[K comparable, T any](limit, perKey int) *List[K, T] {
+	return &List[K, T]{limit: limit, perKey: perKey, byKey: map[K]*tiers{}}
 }
 
 // SetLimit changes the bound; entries already over it go as new ones
 // come.
-func (l *List[T]) SetLimit(limit int) {
+func (l *List[K, T]) SetLimit(limit int) {
 	l.mu.Lock()
 	l.limit = limit
 	l.mu.Unlock()
@@ -66,16 +66,16 @@ func (l *List[T]) SetLimit(limit int) {
 // off the list; else, at the bound, the oldest of all (either time, one
 // not promoted if there is one). The one taken off (nil if none) is
 // returned for its owner to drop.
-func (l *List[T]) Add(v T, key netip.Addr) (e, evicted *Entry[T]) {
-	e = &Entry[T]{Value: v, key: key}
+func (l *List[K, T]) Add(v T, key K) (e, evicted *Entry[K, T]) {
+	e = &Entry[K, T]{Value: v, key: key}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	kt := l.byKey[key]
 	switch {
 	case l.perKey > 0 && kt != nil && kt.n >= l.perKey:
-		evicted = front[T](&kt.l)
+		evicted = front[K, T](&kt.l)
 	case l.lenLocked() >= l.limit && l.lenLocked() > 0:
-		evicted = front[T](&l.all)
+		evicted = front[K, T](&l.all)
 	}
 	if evicted != nil {
 		l.removeLocked(evicted)
@@ -85,10 +85,10 @@ func (l *List[T]) Add(v T, key netip.Addr) (e, evicted *Entry[T]) {
 }
 
 // front is the oldest entry of the first tier that has one.
-func front[T any](ts *[2]list.List) *Entry[T] {
+func front[K comparable, T any](ts *[2]list.List) *Entry[K, T] {
 	for i := range ts {
 		if f := ts[i].Front(); f != nil {
-			return f.Value.(*Entry[T])
+			return f.Value.(*Entry[K, T])
 		}
 	}
 	return nil
@@ -97,7 +97,7 @@ func front[T any](ts *[2]list.List) *Entry[T] {
 // Promote moves e, if it is still on the list and was not promoted, to
 // the end of the promoted entries: it goes only after every entry that
 // was not. It reports whether it did.
-func (l *List[T]) Promote(e *Entry[T]) bool {
+func (l *List[K, T]) Promote(e *Entry[K, T]) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if e.elem == nil || e.tier == 1 {
@@ -111,7 +111,7 @@ func (l *List[T]) Promote(e *Entry[T]) bool {
 
 // Remove takes e off the list, if it is still on it (not evicted or
 // removed before), and reports whether it did.
-func (l *List[T]) Remove(e *Entry[T]) bool {
+func (l *List[K, T]) Remove(e *Entry[K, T]) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if e.elem == nil {
@@ -122,16 +122,16 @@ func (l *List[T]) Remove(e *Entry[T]) bool {
 }
 
 // Len is the number of entries on the list.
-func (l *List[T]) Len() int {
+func (l *List[K, T]) Len() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.lenLocked()
 }
 
-func (l *List[T]) lenLocked() int { return l.all[0].Len() + l.all[1].Len() }
+func (l *List[K, T]) lenLocked() int { return l.all[0].Len() + l.all[1].Len() }
 
 // pushLocked puts e at the end of its tier; mu is held.
-func (l *List[T]) pushLocked(e *Entry[T]) {
+func (l *List[K, T]) pushLocked(e *Entry[K, T]) {
 	if l.perKey > 0 {
 		kt := l.byKey[e.key]
 		if kt == nil {
@@ -145,7 +145,7 @@ func (l *List[T]) pushLocked(e *Entry[T]) {
 }
 
 // removeLocked takes e off the lists; mu is held and e is on them.
-func (l *List[T]) removeLocked(e *Entry[T]) {
+func (l *List[K, T]) removeLocked(e *Entry[K, T]) {
 	l.all[e.tier].Remove(e.elem)
 	if e.keyElem != nil {
 		kt := l.byKey[e.key]

@@ -15,7 +15,7 @@ var (
 // instead, even when another key's entry is older; removing an entry
 // twice, or one evicted, changes nothing.
 func TestEvictsTheOldest(t *testing.T) {
-	l := New[int](4, 2)
+	l := New[netip.Addr, int](4, 2)
 	eb, _ := l.Add(0, b) // the oldest of all
 	e1, ev := l.Add(1, a)
 	if ev != nil {
@@ -43,7 +43,7 @@ func TestEvictsTheOldest(t *testing.T) {
 // Without a share per key only the bound counts; removal empties the
 // list and its keys; a lowered bound evicts as entries come.
 func TestBoundAlone(t *testing.T) {
-	l := New[string](2, 0)
+	l := New[netip.Addr, string](2, 0)
 	x, _ := l.Add("x", a)
 	y, _ := l.Add("y", a)
 	if !l.Remove(x) || l.Len() != 1 {
@@ -63,7 +63,7 @@ func TestBoundAlone(t *testing.T) {
 
 // Concurrent adds and removes keep the bound and leave nothing behind.
 func TestConcurrentUse(t *testing.T) {
-	l := New[int](8, 3)
+	l := New[netip.Addr, int](8, 3)
 	var wg sync.WaitGroup
 	for g := range 8 {
 		wg.Go(func() {
@@ -87,13 +87,13 @@ func TestConcurrentUse(t *testing.T) {
 // newer entries that were not promoted go before an older one that was,
 // of all and of a key; among promoted ones the first promoted goes.
 func TestPromotedGoLast(t *testing.T) {
-	expect := func(what string, got, want *Entry[int]) {
+	expect := func(what string, got, want *Entry[netip.Addr, int]) {
 		t.Helper()
 		if got != want {
 			t.Fatalf("%s: evicted %v, want %v", what, got, want)
 		}
 	}
-	l := New[int](3, 0)
+	l := New[netip.Addr, int](3, 0)
 	e0, _ := l.Add(0, a)
 	e1, _ := l.Add(1, b)
 	e2, _ := l.Add(2, b)
@@ -125,7 +125,7 @@ func TestPromotedGoLast(t *testing.T) {
 		t.Fatalf("the tenth evicted %v, want 7 (not promoted, before e4)", ev)
 	}
 
-	k := New[int](10, 2)
+	k := New[netip.Addr, int](10, 2)
 	k0, _ := k.Add(0, a)
 	k.Promote(k0)
 	k1, _ := k.Add(1, a)
