@@ -51,11 +51,14 @@ var unreachable = map[string]string{
 }
 
 // networkErrors are the texts of errors that say a peer is not there
-// (down, restarting, cut off), as net and hashicorp/raft word them.
+// (down, restarting, cut off), as net and hashicorp/raft word them, or
+// not ready for this node yet (a node still joining, its hello list
+// full for a moment).
 var networkErrors = []string{
 	"connection refused", "connection reset", "i/o timeout", "EOF", "broken pipe",
 	"no route to host", "network is unreachable", "host is down", "use of closed network connection",
 	"deadline exceeded", raft.ErrTransportShutdown.Error(), raft.ErrPipelineShutdown.Error(),
+	errNotJoined.Error(), errBusy.Error(),
 }
 
 // repeatWindow is how often a peer's unreachable message is logged at

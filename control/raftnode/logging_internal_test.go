@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"slices"
 	"testing"
@@ -79,6 +80,11 @@ func TestUnreachablePeerMessagesAreBudgeted(t *testing.T) {
 	// run of its own; the peer as appendEntries gives it (a raft.Server)
 	// keys its runs too.
 	refused := errors.New("remote error: tls: bad certificate")
+	// A node still joining refuses its leader for a moment: not an error.
+	l.Error("failed to heartbeat to", "peer", "10.0.0.4:7401", "error", fmt.Errorf("raft peer n4 at 10.0.0.4:7401: %w", errNotJoined))
+	if recs := records(); len(recs) != 1 || recs[0]["level"] != "WARN" {
+		t.Fatalf("a node not joined yet: %v", recs)
+	}
 	member := raft.Server{ID: "n2", Address: "10.0.0.2:7401"}
 	for range 2 {
 		l.Error("failed to heartbeat to", "peer", "10.0.0.2:7401", "error", refused)

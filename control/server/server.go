@@ -379,14 +379,13 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	// No ReadTimeout or WriteTimeout: watch and backup streams live long.
 	// Guard gives each request body its own deadline instead.
 	s.apiSrv = &http.Server{
-		Handler:           withRequestIDs(s.countInflight(api.WithClientCert(s.authn.Guard(api.WithResponseController(mux), limits)))),
+		Handler:           connbound.Promoting(withRequestIDs(s.countInflight(api.WithClientCert(s.authn.Guard(api.WithResponseController(mux), limits))))),
 		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 		// The Authenticator vouches for the connection of a call that
-		// passed its checks (connbound); a request that starts moves its
-		// connection behind those that never carried one.
+		// passed its checks (connbound); a request moves its connection
+		// behind those that never carried one (Promoting).
 		ConnContext: connbound.ContextWithConn,
-		ConnState:   connbound.ConnState,
 	}
 	var protos http.Protocols
 	protos.SetHTTP1(true)

@@ -113,10 +113,11 @@ type Config struct {
 	// sixteenth of it (at least 16), beyond which its own oldest is.
 	// Those that never carried a request go first. A flood of
 	// connections holds at most this many; one whose connections stay
-	// silent or stall in their TLS handshake cannot push out a real
-	// client, and one that finishes each handshake (a key exchange each)
-	// and stalls keeps it out only by filling the bound, from many
-	// sources, faster than the client's handshakes take.
+	// silent or stall before a request's headers (in their TLS handshake,
+	// after HTTP/2's preface) cannot push out a real client, and one that
+	// sends a request on each (a key exchange each) and stalls keeps it
+	// out only by filling the bound, from many sources, faster than the
+	// client's handshakes take.
 	MaxPendingHTTPS int
 	// ClusterTLSTickets seals the device ports' TLS 1.3 session tickets
 	// with the cluster's session keys (session.ShareTLSTickets), so a
@@ -416,8 +417,10 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	// (net/http's default is 250): each holds a handler until its answer
 	// is out, up to HTTPWriteTimeout, and a connection counts once
 	// against MaxPendingHTTPS. A browser's console and relay.js need few.
-	s.https = &http.Server{Handler: s.publicMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle,
-		ConnState:    connbound.ConnState, // a request started: its connection goes after silent ones
+	// A request's connection goes after those that never carried one
+	// (connbound.Promoting).
+	s.https = &http.Server{Handler: connbound.Promoting(s.publicMux()), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle,
+		ConnContext:  connbound.ContextWithConn,
 		HTTP2:        &http.HTTP2Config{MaxConcurrentStreams: MaxHTTP2Streams},
 		WriteTimeout: httpWrite, MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	if cfg.AdminAddr != "" {

@@ -5,14 +5,15 @@
 // holds a goroutine and buffers until a timeout ends it. A Listener puts
 // every connection it accepts on a list of pending ones, and at
 // Config.MaxPending closes the oldest, those that never carried a
-// request first: an http.Server given ConnState promotes a connection
-// once its first request starts, past its TLS handshake (which costs
-// the sender a key exchange). So a flood of connections that stay
-// silent, or send a few bytes and stall, cannot push out a real client,
-// whose handshake and request come at once; one of connections that
-// finish their handshake and stall keeps a client out only if it fills
-// the bound faster than the client's handshake and first request take,
-// a round trip or two. One source (an IPv4 address, an IPv6 /64) holds
+// request first: Promoting, around an http.Server's handler, promotes a
+// connection once a request's headers were read on it, past its TLS
+// handshake (which costs the sender a key exchange). So a flood of
+// connections that stay silent, or stall in their handshake or before
+// a request's headers, cannot push out a real client, whose handshake
+// and request come at once; one of connections that each send a request
+// and then stall keeps a client out only if it fills the bound faster
+// than the client's handshake and first request take, a round trip or
+// two. One source (an IPv4 address, an IPv6 /64) holds
 // at most a sixteenth of the bound (PerSourceShare): beyond it its own
 // oldest goes, so a flood from a few hosts pushes out only its own
 // connections.
@@ -24,7 +25,8 @@
 // the server either; past a bound the oldest goes, of the account or of
 // all. A connection whose caller the server trusts (Conn.Trust: another
 // server of its own, an edge) goes on a list of its own instead
-// (Config.MaxTrusted), out of reach of everyone else's floods.
+// (Config.MaxTrusted, a sixteenth of it per source), out of reach of
+// everyone else's connections.
 package connbound
 
 import (
@@ -34,6 +36,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"github.com/edge-relay/relay/internal/oldest"
 )
@@ -51,7 +54,9 @@ type Config struct {
 	// closed. 0: only the share per key bounds them.
 	MaxVouched int
 	// MaxTrusted bounds the trusted connections; beyond it, the oldest is
-	// closed. 0: they are not bounded nor counted.
+	// closed, and one source holds at most a sixteenth of it
+	// (PerSourceShare), beyond which its own oldest is. 0: they are not
+	// bounded nor counted.
 	MaxTrusted int
 	// Evicted, if set, is called for every connection the Listener closes
 	// to keep a bound: from which list, and whose (its source) it was.
@@ -89,8 +94,8 @@ type Listener struct {
 	net.Listener
 	cfg     Config
 	pending *oldest.List[netip.Addr, *Conn]
-	vouched *oldest.List[string, *Conn] // nil: not bounded
-	trusted *oldest.List[string, *Conn] // nil: not bounded
+	vouched *oldest.List[string, *Conn]     // by account; nil: not bounded
+	trusted *oldest.List[netip.Addr, *Conn] // by source; nil: not bounded
 }
 
 // PerSourceShare is the share of a bound of pending connections one
@@ -114,7 +119,7 @@ func NewListener(ln net.Listener, cfg Config) *Listener {
 		l.vouched = oldest.New[string, *Conn](total, cfg.MaxVouchedPerKey)
 	}
 	if cfg.MaxTrusted > 0 {
-		l.trusted = oldest.New[string, *Conn](cfg.MaxTrusted, 0)
+		l.trusted = oldest.New[netip.Addr, *Conn](cfg.MaxTrusted, PerSourceShare(cfg.MaxTrusted))
 	}
 	return l
 }
@@ -124,17 +129,20 @@ func (l *Listener) Pending() int { return l.pending.Len() }
 
 // Vouched is the number of vouched connections open, when they are
 // bounded (0 when not).
-func (l *Listener) Vouched() int { return lenOf(l.vouched) }
+func (l *Listener) Vouched() int {
+	if l.vouched == nil {
+		return 0
+	}
+	return l.vouched.Len()
+}
 
 // Trusted is the number of trusted connections open, when they are
 // bounded (0 when not).
-func (l *Listener) Trusted() int { return lenOf(l.trusted) }
-
-func lenOf(l *oldest.List[string, *Conn]) int {
-	if l == nil {
+func (l *Listener) Trusted() int {
+	if l.trusted == nil {
 		return 0
 	}
-	return l.Len()
+	return l.trusted.Len()
 }
 
 // SourceOf is the source a connection from addr counts against: its IPv4
@@ -176,7 +184,7 @@ func (l *Listener) Accept() (net.Conn, error) {
 // reading it) then sees its reads and writes fail and ends it.
 func (l *Listener) evict(c *Conn, from State) {
 	c.mu.Lock()
-	c.state, c.pendingAt, c.provenAt = Closed, nil, nil
+	c.state, c.pendingAt, c.vouchedAt, c.trustedAt = Closed, nil, nil, nil
 	c.mu.Unlock()
 	if l.cfg.Evicted != nil {
 		l.cfg.Evicted(from, c.source)
@@ -191,10 +199,13 @@ type Conn struct {
 	l      *Listener
 	source netip.Addr
 
+	promoted atomic.Bool // a request was served on it
+
 	mu        sync.Mutex // guards the fields below
 	state     State
 	pendingAt *oldest.Entry[netip.Addr, *Conn] // while Pending
-	provenAt  *oldest.Entry[string, *Conn]     // while Vouched or Trusted, when that list is bounded
+	vouchedAt *oldest.Entry[string, *Conn]     // while Vouched, when that list is bounded
+	trustedAt *oldest.Entry[netip.Addr, *Conn] // while Trusted, when that list is bounded
 }
 
 // State says where the connection stands.
@@ -205,8 +216,12 @@ func (c *Conn) State() State {
 }
 
 // Promote moves a pending connection behind those that have not carried
-// a request yet (oldest.List.Promote): they go first.
+// a request yet (oldest.List.Promote): they go first. Only the first
+// call does anything.
 func (c *Conn) Promote() {
+	if c.promoted.Swap(true) {
+		return
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.state == Pending {
@@ -223,8 +238,8 @@ func (c *Conn) Vouch(key string) { c.prove(Vouched, key) }
 
 // Trust takes a pending or vouched connection off its list, and puts it
 // on the trusted list when that one is bounded, which may close the
-// oldest trusted connection. A call on one trusted, closed or evicted
-// does nothing.
+// oldest trusted connection, of its source or of all. A call on one
+// trusted, closed or evicted does nothing.
 func (c *Conn) Trust() { c.prove(Trusted, "") }
 
 func (c *Conn) prove(to State, key string) {
@@ -238,17 +253,22 @@ func (c *Conn) prove(to State, key string) {
 		return
 	}
 	c.state = to
-	list := c.l.vouched
-	if to == Trusted {
-		list = c.l.trusted
-	}
-	var old *oldest.Entry[string, *Conn]
-	if list != nil {
-		c.provenAt, old = list.Add(c, key)
+	var old *Conn
+	switch {
+	case to == Vouched && c.l.vouched != nil:
+		var e *oldest.Entry[string, *Conn]
+		if c.vouchedAt, e = c.l.vouched.Add(c, key); e != nil {
+			old = e.Value
+		}
+	case to == Trusted && c.l.trusted != nil:
+		var e *oldest.Entry[netip.Addr, *Conn]
+		if c.trustedAt, e = c.l.trusted.Add(c, c.source); e != nil {
+			old = e.Value
+		}
 	}
 	c.mu.Unlock()
 	if old != nil {
-		c.l.evict(old.Value, to)
+		c.l.evict(old, to)
 	}
 }
 
@@ -261,13 +281,12 @@ func (c *Conn) leaveLocked() bool {
 	case c.state == Pending:
 		on = c.l.pending.Remove(c.pendingAt)
 		c.pendingAt = nil
-	case c.provenAt != nil:
-		list := c.l.vouched
-		if c.state == Trusted {
-			list = c.l.trusted
-		}
-		on = list.Remove(c.provenAt)
-		c.provenAt = nil
+	case c.vouchedAt != nil:
+		on = c.l.vouched.Remove(c.vouchedAt)
+		c.vouchedAt = nil
+	case c.trustedAt != nil:
+		on = c.l.trusted.Remove(c.trustedAt)
+		c.trustedAt = nil
 	case c.state == Closed:
 		on = false
 	}
@@ -305,17 +324,17 @@ func Vouch(c net.Conn) bool {
 	return ok
 }
 
-// ConnState promotes the connection of a request that started (see the
-// package comment). Give it to an http.Server as its ConnState: it sees
-// the connection go active once the first bytes of a request were read,
-// past the TLS handshake.
-func ConnState(c net.Conn, s http.ConnState) {
-	if s != http.StateActive {
-		return
-	}
-	if bc, ok := Of(c); ok {
-		bc.Promote()
-	}
+// Promoting promotes the connection of every request next serves, once
+// its headers were read (past the TLS handshake; on HTTP/2, a stream's
+// HEADERS, not the connection's preface). Its http.Server needs
+// ConnContext: ContextWithConn.
+func Promoting(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if c, ok := FromContext(r.Context()); ok {
+			c.Promote()
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 type connKey struct{}

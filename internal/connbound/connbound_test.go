@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httptrace"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -267,6 +269,29 @@ func TestTrustedConnectionsAreBoundedOnTheirOwn(t *testing.T) {
 	}
 }
 
+// One source holds at most its share of the trusted list too: whoever
+// holds an edge's credentials cannot push out the other edges' from one
+// host.
+func TestTrustedConnectionsOfOneSourceHoldTheirShare(t *testing.T) {
+	const limit = 32 // share 16
+	h := listen(t, connbound.Config{MaxPending: 64, MaxTrusted: limit})
+	other, so := h.dial("127.0.0.2")
+	so.Trust()
+	var mine []net.Conn
+	for range connbound.PerSourceShare(limit) + 1 {
+		c, s := h.dial("127.0.0.1")
+		s.Trust()
+		mine = append(mine, c)
+	}
+	waitClosed(t, mine[0])
+	if closed(other) || closed(mine[1]) {
+		t.Fatal("another source's trusted connection, or a younger one, was closed")
+	}
+	if n := h.ln.Trusted(); n != connbound.PerSourceShare(limit)+1 {
+		t.Fatalf("%d trusted, want %d", n, connbound.PerSourceShare(limit)+1)
+	}
+}
+
 // Without bounds for them, vouched and trusted connections are on no
 // list at all.
 func TestUnboundedListsCountNothing(t *testing.T) {
@@ -317,13 +342,17 @@ func TestVouchRacesEviction(t *testing.T) {
 
 // Connections that never carried a request go first: a flood of silent
 // ones, however long, pushes out its own oldest and not an older client
-// whose request started (http.Server's ConnState, StateActive); once
-// only those are left, the first promoted goes.
+// whose request was served (Promoting); once only those are left, the
+// first promoted goes.
 func TestASilentFloodCannotPushOutAClient(t *testing.T) {
 	h := listen(t, connbound.Config{MaxPending: 3})
+	serve := connbound.Promoting(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	request := func(c net.Conn) {
+		r := httptest.NewRequest(http.MethodGet, "/", nil)
+		serve.ServeHTTP(httptest.NewRecorder(), r.WithContext(connbound.ContextWithConn(r.Context(), c)))
+	}
 	client, sc := h.dial("127.0.0.1")
-	connbound.ConnState(sc, http.StateNew) // not a request yet
-	connbound.ConnState(tls.Server(sc, &tls.Config{}), http.StateActive)
+	request(tls.Server(sc, &tls.Config{}))
 	var flood []net.Conn
 	var floodSC []*connbound.Conn
 	for range 4 {
@@ -334,15 +363,121 @@ func TestASilentFloodCannotPushOutAClient(t *testing.T) {
 	waitClosed(t, flood[1])
 	h.expectCounts("after the flood", 3, 0)
 
-	// The flood's survivors start requests too: now the first promoted
+	// The flood's survivors make requests too: now the first promoted
 	// goes.
-	connbound.ConnState(floodSC[2], http.StateActive)
-	connbound.ConnState(floodSC[3], http.StateActive)
+	request(floodSC[2])
+	request(floodSC[3])
+	request(floodSC[3]) // twice is once
 	late, _ := h.dial("127.0.0.3")
 	h.expectEvicted(client, []net.Conn{flood[2], flood[3], late}, 3, 0)
 	floodSC[2].Vouch("k")
-	floodSC[2].Promote()                                  // no longer pending: nothing
-	connbound.ConnState(&net.TCPConn{}, http.StateActive) // not one of ours: nothing
+	floodSC[2].Promote()    // no longer pending: nothing
+	request(&net.TCPConn{}) // not one of ours: nothing
+}
+
+// Through a real HTTP/2 server: a connection that finished its TLS
+// handshake and sent the connection preface, but no request, is not
+// promoted (net/http reports such a connection active); one that made a
+// request is, and outlives a silent flood.
+func TestHTTP2PrefaceAloneIsNotARequest(t *testing.T) {
+	h := listen(t, connbound.Config{MaxPending: 2})
+	ts := httptest.NewUnstartedServer(connbound.Promoting(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(w, "ok")
+	})))
+	ts.EnableHTTP2 = true
+	ts.Config.ConnContext = connbound.ContextWithConn
+	// The harness's accept loop races httptest's for the listener: take
+	// the accepts from it and hand them back to Serve.
+	ts.Listener = &handBack{Listener: h.ln, accepted: h.accepted, done: make(chan struct{})}
+	ts.StartTLS()
+	defer ts.Close()
+	addr := h.ln.Addr().String()
+
+	preface, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}}) //nolint:gosec // test server
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer preface.Close()
+	// The preface, then an empty SETTINGS frame; then nothing.
+	if _, err := preface.Write(append([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), 0, 0, 0, 4, 0, 0, 0, 0, 0)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 9) // the server's SETTINGS: it took the preface
+	if _, err := io.ReadFull(preface, buf); err != nil || buf[3] != 4 {
+		t.Fatalf("server's first frame: %v, %v", buf, err)
+	}
+	silent := dialRaw(t, addr)
+	late := dialRaw(t, addr) // evicts the oldest not promoted: the preface's
+	_ = preface.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.ReadAll(preface); err != nil && !errors.Is(err, io.EOF) {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Fatal("the preface-only connection was not closed: it was promoted")
+		}
+	}
+	if closed(silent) {
+		t.Fatal("the silent connection was closed before the older preface-only one")
+	}
+
+	// A client's request promotes its connection.
+	cl := ts.Client()
+	get := func() bool {
+		t.Helper()
+		reused := false
+		req, _ := http.NewRequest(http.MethodGet, ts.URL, nil)
+		req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { reused = i.Reused }}))
+		resp, err := cl.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.ProtoMajor != 2 {
+			t.Fatalf("%s, want HTTP/2", resp.Proto)
+		}
+		return reused
+	}
+	get() // evicts the silent one
+	waitClosed(t, silent)
+	dialRaw(t, addr) // evicts late, not the client's
+	waitClosed(t, late)
+	if !get() {
+		t.Fatal("the client's connection was closed by a silent one")
+	}
+}
+
+// handBack is a listener whose Accept takes what the harness accepted,
+// until it is closed.
+type handBack struct {
+	net.Listener
+	accepted chan *connbound.Conn
+	once     sync.Once
+	done     chan struct{}
+}
+
+func (l *handBack) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.accepted:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *handBack) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil // the harness closes the listener beneath
+}
+
+// dialRaw opens a TCP connection to addr that sends nothing.
+func dialRaw(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
 }
 
 // A connection evicted while pending cannot be vouched back onto a list,

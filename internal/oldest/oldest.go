@@ -10,9 +10,9 @@
 //
 // An entry may be promoted (Promote): promoted entries go only once no
 // entry that was not is left to take (of all, or of the key). A listener
-// promotes a connection once its first request started, past its TLS
-// handshake, so a flood of connections that stay silent or stall in
-// their handshake cannot push out a real client, however fast it comes.
+// promotes a connection once a request's headers were read on it, past
+// its TLS handshake, so a flood of connections that stay silent or stall
+// before a request cannot push out a real client, however fast it comes.
 package oldest
 
 import (
