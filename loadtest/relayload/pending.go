@@ -10,6 +10,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -25,8 +29,19 @@ func (d *driverConfig) pending(ctx context.Context, args []string) error {
 	count := fs.Int("conns", 1000, "connections to open and hold")
 	mode := fs.String("mode", "idle", "idle (a TLS handshake and one request, then silence) or silent (TCP only)")
 	hold := fs.Duration("hold", 0, "how long to hold them before measuring, beyond the time it takes the edge to count them")
+	from := fs.String("from", "", "comma-separated local addresses to open them from, in turn (the edge bounds each source's share of its pending connections; on Linux any 127.0.0.0/8 address reaches an edge on loopback); empty: the system's choice")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	var sources []net.Addr
+	if *from != "" {
+		for _, a := range strings.Split(*from, ",") {
+			ip, err := netip.ParseAddr(strings.TrimSpace(a))
+			if err != nil {
+				return fmt.Errorf("--from: %w", err)
+			}
+			sources = append(sources, &net.TCPAddr{IP: ip.AsSlice()})
+		}
 	}
 	if *mode != "idle" && *mode != "silent" {
 		return fmt.Errorf("--mode %q: idle or silent", *mode)
@@ -51,8 +66,12 @@ func (d *driverConfig) pending(ctx context.Context, args []string) error {
 		}
 	}()
 	start := time.Now()
-	for range *count {
-		c, err := openPending(ctx, d.edge, *mode)
+	for i := range *count {
+		var src net.Addr
+		if len(sources) > 0 {
+			src = sources[i%len(sources)]
+		}
+		c, err := openPending(ctx, d.edge, *mode, src)
 		if err != nil {
 			r.count("failed", 1)
 			continue
@@ -90,6 +109,7 @@ func (d *driverConfig) pending(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	r.count("closed_by_edge", float64(closedByEdge(conns)))
 	held := after["relay_edge_https_pending_connections"] - before["relay_edge_https_pending_connections"]
 	r.peak("edge_pending", after["relay_edge_https_pending_connections"])
 	r.count("evicted", after["relay_edge_https_pending_evicted_total"]-before["relay_edge_https_pending_evicted_total"])
@@ -100,6 +120,30 @@ func (d *driverConfig) pending(ctx context.Context, args []string) error {
 		r.peak("edge_goroutines_per_conn", per("go_goroutines"))
 	}
 	return d.finish(r)
+}
+
+// closedByEdge counts the connections the edge closed (its bound, or a
+// timeout): a short read that times out finds one still open. (Run
+// beside a flood of other connections, this says whether the bound
+// closed these or the flood's.)
+func closedByEdge(conns []net.Conn) int {
+	var closed atomic.Int64
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 64)
+	for _, c := range conns {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			_ = c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+			var ne net.Error
+			if _, err := c.Read(make([]byte, 1)); err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
+				closed.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	return int(closed.Load())
 }
 
 // waitQuiet waits (up to 10 s) until the edge's goroutine count reads the
@@ -127,14 +171,14 @@ func (d *driverConfig) waitQuiet(ctx context.Context) error {
 
 // openPending opens one connection to the HTTPS port at addr (the edge's
 // address: TCP on the UDP port's number) in the given mode.
-func openPending(ctx context.Context, addr, mode string) (net.Conn, error) {
+func openPending(ctx context.Context, addr, mode string, from net.Addr) (net.Conn, error) {
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	dl := &net.Dialer{LocalAddr: from}
 	if mode == "silent" {
-		var dl net.Dialer
 		return dl.DialContext(dctx, "tcp", addr)
 	}
-	td := tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}}} // only the edge's cost is measured
+	td := tls.Dialer{NetDialer: dl, Config: &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}}} // only the edge's cost is measured
 	c, err := td.DialContext(dctx, "tcp", addr)
 	if err != nil {
 		return nil, err

@@ -168,10 +168,11 @@ func TestScenarios(t *testing.T) {
 	res = e.mustRun("pending", "--conns", "20", "--mode", "idle")
 	peaks, _ := res["peaks"].(map[string]any)
 	if _, ok := peaks["edge_heap_per_conn_bytes"]; !ok || num(res, "counts", "opened") != 20 || num(res, "peaks", "edge_pending") < 20 ||
-		num(res, "peaks", "edge_goroutines_per_conn") < 0.5 || num(res, "peaks", "edge_goroutines_per_conn") > 3 {
+		num(res, "peaks", "edge_goroutines_per_conn") < 0.5 || num(res, "peaks", "edge_goroutines_per_conn") > 3 ||
+		num(res, "counts", "closed_by_edge") != 0 {
 		t.Fatalf("pending idle: %v", res)
 	}
-	res = e.mustRun("pending", "--conns", "10", "--mode", "silent")
+	res = e.mustRun("pending", "--conns", "10", "--mode", "silent", "--from", "127.0.0.2,127.0.0.3")
 	if num(res, "counts", "opened") != 10 || num(res, "peaks", "edge_pending") < 10 {
 		t.Fatalf("pending silent: %v", res)
 	}
