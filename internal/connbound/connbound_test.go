@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -386,6 +387,7 @@ func TestHTTP2PrefaceAloneIsNotARequest(t *testing.T) {
 	})))
 	ts.EnableHTTP2 = true
 	ts.Config.ConnContext = connbound.ContextWithConn
+	ts.Config.ErrorLog = log.New(io.Discard, "", 0) // the evicted connections' handshake errors
 	// The harness's accept loop races httptest's for the listener: take
 	// the accepts from it and hand them back to Serve.
 	ts.Listener = &handBack{Listener: h.ln, accepted: h.accepted, done: make(chan struct{})}
