@@ -219,7 +219,7 @@ func (c *Conn) State() State {
 // a request yet (oldest.List.Promote): they go first. Only the first
 // call does anything.
 func (c *Conn) Promote() {
-	if c.promoted.Swap(true) {
+	if c.promoted.Load() || c.promoted.Swap(true) {
 		return
 	}
 	c.mu.Lock()
