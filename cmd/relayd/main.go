@@ -151,7 +151,7 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.IntVar(&cfg.MaxPendingAPIConns, "max-pending-api-conns", server.DefaultMaxPendingAPIConns, "API port connections that have not carried a call that passed authentication (in their TLS handshake, logging in, idle or silent) at once; beyond it the oldest is closed, those that never carried a request first, and one source (IPv4 address, IPv6 /64) holds at most a sixteenth of it")
 	fs.IntVar(&cfg.MaxAPIConnsPerAccount, "max-api-conns-per-account", server.DefaultMaxAPIConnsPerAccount, "API port connections one account (but an edge's) may hold once they carried a call that passed authentication; beyond it the account's oldest is closed")
 	fs.IntVar(&cfg.MaxAPIConns, "max-api-conns", server.DefaultMaxAPIConns, "API port connections all accounts (but edges') may hold once they carried a call that passed authentication; beyond it the oldest is closed")
-	fs.IntVar(&cfg.MaxTrustedAPIConns, "max-trusted-api-conns", server.DefaultMaxTrustedAPIConns, "API port connections of edges and other control nodes; beyond it the oldest is closed")
+	fs.IntVar(&cfg.MaxTrustedAPIConns, "max-trusted-api-conns", server.DefaultMaxTrustedAPIConns, "API port connections of edges and other control nodes; beyond it the oldest is closed, and one source (IPv4 address, IPv6 /64) holds at most a sixteenth of it")
 	fs.DurationVar(&cfg.SlowThreshold, "slow-threshold", 100*time.Millisecond, "log Raft applies and reads slower than this")
 	fs.DurationVar(&cfg.SlowRPCThreshold, "slow-rpc-threshold", 300*time.Millisecond, "log API calls slower than this")
 	fs.DurationVar(shutdown, "shutdown-timeout", 30*time.Second, "how long a graceful shutdown may take")
