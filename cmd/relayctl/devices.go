@@ -57,8 +57,23 @@ func (a *app) printRegistered(r *controlv1.RegisterDeviceResponse) error {
 }
 
 // noUserHint is the hint for a device command run without --user that
-// found nothing.
+// found nothing, for staff (whom --user serves).
 const noUserHint = "a device is looked up under --user, by default your own account: staff name the owning account with --user"
+
+// mayNameOwner reports whether this run's account may name another
+// account's devices (--user): staff may, users and edges may not. Unknown
+// (a token given in RELAYCTL_TOKEN, a cache of an older release) counts
+// as may.
+func (a *app) mayNameOwner() bool {
+	if a.envToken != "" || a.sess == nil {
+		return true
+	}
+	switch a.sess.t.Role {
+	case "user", "edge":
+		return false
+	}
+	return true
+}
 
 func (a *app) deviceCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "device", Short: "Manage devices (staff name the account with --user)"}
@@ -72,7 +87,7 @@ func (a *app) deviceCommand() *cobra.Command {
 	// device of another account as not found, which an admin reads as
 	// "it does not exist".
 	ownerHint := func(err error) error {
-		if user == "" && connect.CodeOf(err) == connect.CodeNotFound {
+		if user == "" && connect.CodeOf(err) == connect.CodeNotFound && a.mayNameOwner() {
 			return withHint(err, noUserHint)
 		}
 		return err
@@ -155,7 +170,7 @@ func (a *app) deviceCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if user == "" && len(resp.Msg.GetDevices()) == 0 {
+			if user == "" && len(resp.Msg.GetDevices()) == 0 && a.mayNameOwner() {
 				// On stderr: the output stays an empty list for scripts.
 				fmt.Fprintf(a.stderr, "relayctl: no devices under your own account (%s)\n", noUserHint)
 			}

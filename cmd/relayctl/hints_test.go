@@ -77,6 +77,21 @@ func TestDeviceCommandsWithoutUserSayWhereToLook(t *testing.T) {
 	if connect.CodeOf(err) != connect.CodeNotFound || strings.Contains(oneLine(err), hint) {
 		t.Errorf("device revoke --user of no device: %v", err)
 	}
+
+	// An account of role user may not name another account: the hint
+	// about --user would send it nowhere.
+	r.must(srv, "password-of-frank\n", "user", "create", "--login", "frank", "--password-stdin", "--role", "user")
+	frank := newCLI(t)
+	frank.must(srv, "password-of-frank\n", "login", "--password-stdin", "frank")
+	fenv := map[string]string{"RELAYCTL_CONFIG_DIR": frank.dir, "RELAYCTL_SERVER": "http://" + srv}
+	_, _, err = runEnv(t, fenv, "device", "revoke", dev)
+	if connect.CodeOf(err) != connect.CodeNotFound || strings.Contains(oneLine(err), hint) {
+		t.Errorf("a user's device revoke of another's device: %v; want not found without the hint", err)
+	}
+	_, stderr, err = runEnv(t, fenv, "device", "list")
+	if err != nil || strings.Contains(stderr, hint) {
+		t.Errorf("a user's device list: %v, printed %q; want no hint", err, stderr)
+	}
 }
 
 // A refused login does not tell the user to log in; a refused

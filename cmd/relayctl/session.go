@@ -27,6 +27,9 @@ type savedTokens struct {
 	RefreshToken   string    `json:"refresh_token"`
 	RefreshExpires time.Time `json:"refresh_expires"`
 	UserID         string    `json:"user_id"`
+	// Role is the account's role as of the login or last refresh
+	// ("admin", "user", ...; empty in caches of older releases).
+	Role string `json:"role,omitempty"`
 	// Members are the API base URLs of the cluster's other nodes as the
 	// cluster last listed them (staff accounts only: users may not read
 	// the member list); the tokens are used for those URLs too.
@@ -128,8 +131,16 @@ func fromTokens(t *controlv1.Tokens) *savedTokens {
 	return &savedTokens{
 		AccessToken: t.GetAccessToken(), AccessExpires: t.GetAccessTokenExpiresAt().AsTime(),
 		RefreshToken: t.GetRefreshToken(), RefreshExpires: t.GetRefreshTokenExpiresAt().AsTime(),
-		UserID: t.GetUserId(),
+		UserID: t.GetUserId(), Role: roleOf(t.GetRole()),
 	}
+}
+
+// roleOf names a role as the cache keeps it; "" when unspecified.
+func roleOf(r controlv1.Role) string {
+	if r == controlv1.Role_ROLE_UNSPECIFIED {
+		return ""
+	}
+	return roleName(r)
 }
 
 // session is the cached login this run uses.
