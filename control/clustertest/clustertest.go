@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"go.opentelemetry.io/otel/trace"
 
@@ -240,9 +241,18 @@ func (n *Node) Metric(t TB, name string) float64 {
 // value (every label set when label is "").
 func (n *Node) LabeledMetric(t TB, name, label, value string) float64 {
 	t.Helper()
-	mfs, err := n.Server.Registry().Gather()
+	return GatherSum(t, n.Server.Registry(), name, label, value)
+}
+
+// GatherSum gathers g and sums the counter or gauge name (of a
+// histogram: its count of observations) over the label sets whose label
+// has value, or over every label set when label is ""; 0 when there is
+// none.
+func GatherSum(t TB, g prometheus.Gatherer, name, label, value string) float64 {
+	t.Helper()
+	mfs, err := g.Gather()
 	if err != nil {
-		t.Fatalf("gather metrics of %s: %v", n.ID, err)
+		t.Fatalf("gather metrics: %v", err)
 	}
 	var sum float64
 	for _, mf := range mfs {

@@ -15,8 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
@@ -412,30 +410,7 @@ func TestLaggingNodeCatchesUpBySnapshot(t *testing.T) {
 // (0 when absent).
 func counterValue(t *testing.T, n *clustertest.Node, name, result string) float64 {
 	t.Helper()
-	return labeledCounter(t, n.Server.Registry(), name, "result", result)
-}
-
-// labeledCounter returns the counter name in g whose label has value (0
-// when absent).
-func labeledCounter(t *testing.T, g prometheus.Gatherer, name, label, value string) float64 {
-	t.Helper()
-	mfs, err := g.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return 0
+	return clustertest.GatherSum(t, n.Server.Registry(), name, "result", result)
 }
 
 // Voters are added up to five, one is removed, leadership moves.

@@ -212,7 +212,7 @@ func closedWithoutTheCheck(t *testing.T, addr string) {
 
 func counterOf(t *testing.T, n *clustertest.Node, reason string) float64 {
 	t.Helper()
-	return labeledCounter(t, n.Server.Registry(), refusedMetric, "reason", reason)
+	return clustertest.GatherSum(t, n.Server.Registry(), refusedMetric, "reason", reason)
 }
 
 // A new node that joins through the API has no state, so no history of
@@ -240,7 +240,7 @@ func TestAJoiningNodeTakesNoOtherClustersTraffic(t *testing.T) {
 	defer func() { _ = n.Shutdown(context.Background()) }()
 	refused := func(reason string) float64 {
 		t.Helper()
-		return labeledCounter(t, reg, refusedMetric, "reason", reason)
+		return clustertest.GatherSum(t, reg, refusedMetric, "reason", reason)
 	}
 	untouched := func() {
 		t.Helper()

@@ -18,7 +18,6 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
@@ -361,37 +360,11 @@ func (s *Standalone) Close() {
 // none).
 func Counter(t clustertest.TB, s *server.Server, name, label, value string) float64 {
 	t.Helper()
-	return sum(t, s, name, label, value, func(m *dto.Metric) float64 { return m.GetCounter().GetValue() })
+	return clustertest.GatherSum(t, s.Registry(), name, label, value)
 }
 
 // Gauge is Counter for a gauge.
 func Gauge(t clustertest.TB, s *server.Server, name, label, value string) float64 {
 	t.Helper()
-	return sum(t, s, name, label, value, func(m *dto.Metric) float64 { return m.GetGauge().GetValue() })
-}
-
-func sum(t clustertest.TB, s *server.Server, name, label, value string, of func(*dto.Metric) float64) float64 {
-	t.Helper()
-	mfs, err := s.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	total := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if label == "" {
-				total += of(m)
-				continue
-			}
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					total += of(m)
-				}
-			}
-		}
-	}
-	return total
+	return clustertest.GatherSum(t, s.Registry(), name, label, value)
 }
