@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -456,9 +457,15 @@ func (s *Server) serve(srv *http.Server, ln net.Listener, name string) {
 // speaks plain HTTP whose connection the member ended without an answer
 // (closed or reset: not refused, nor a name or route that failed): the
 // member speaks TLS, and drops the plaintext.
+//
+// net/http's HTTP/2 client reports a connection the server closed before
+// the first request went out as "client conn could not be established",
+// without the cause (no sentinel is exported): under load a plaintext
+// join sees that rather than the EOF.
 func (s *Server) joinHint(err error) string {
 	if err == nil || s.tls != nil || connect.IsWireError(err) ||
-		!(errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)) {
+		!(errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) ||
+			strings.Contains(err.Error(), "http2: client conn could not be established")) {
 		return ""
 	}
 	return "if the cluster's members use TLS, give this node --tls-cert, --tls-key and --tls-ca from the cluster's CA"
