@@ -141,7 +141,7 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.StringVar(&cfg.RaftAdvertise, "raft-advertise", "", "Raft address other members dial (default: --raft-addr)")
 	fs.StringVar(&cfg.APIAddr, "api-addr", "127.0.0.1:7400", "address the Connect API listens on")
 	fs.StringVar(&cfg.APIAdvertise, "api-advertise", "", "API address other members and clients use (default: --api-addr)")
-	fs.StringVar(&cfg.AdminAddr, "admin-addr", "127.0.0.1:7402", "address for /metrics, /healthz and /readyz (empty: off)")
+	fs.StringVar(&cfg.AdminAddr, "admin-addr", "127.0.0.1:7402", "address for /metrics, /healthz, /readyz and /debug/pprof/ (keep it private; empty: off)")
 	fs.BoolVar(&cfg.Bootstrap, "bootstrap", false, "start a new cluster with this node as its only voter (first start only)")
 	fs.Var(join, "join", "API address of an existing member to join through (repeatable, comma-separated; first start only)")
 	fs.StringVar(&cfg.RestoreFrom, "restore", "", "seed a new single-node cluster from this backup file (empty data dir only)")

@@ -36,6 +36,7 @@ import (
 	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/internal/certpool"
 	"github.com/edge-relay/relay/internal/connbound"
+	"github.com/edge-relay/relay/internal/profiler"
 	"github.com/edge-relay/relay/internal/telemetry"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
@@ -57,7 +58,8 @@ type Config struct {
 	// APIAdvertise is the API address other members and clients use;
 	// default APIAddr with the port actually bound.
 	APIAdvertise string
-	// AdminAddr serves /metrics, /healthz and /readyz; empty disables it.
+	// AdminAddr serves /metrics, /healthz, /readyz and the Go profiler
+	// (/debug/pprof/); empty disables it. Keep it private.
 	AdminAddr string
 	// Bootstrap starts a new cluster when the data dir is empty.
 	Bootstrap bool
@@ -538,9 +540,12 @@ func (s *Server) join(ctx context.Context, apiAdv string) error {
 	}
 }
 
+// adminMux is the metrics, the probes and the Go profiler: the admin
+// port is meant for localhost or a private network.
 func (s *Server) adminMux() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
+	profiler.Register(mux)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
 	})

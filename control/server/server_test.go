@@ -32,7 +32,8 @@ func get(t *testing.T, url string) (int, string) {
 }
 
 // /healthz answers while the process lives; /readyz only while the node
-// sees a leader; /metrics carries the Raft and FSM figures.
+// sees a leader; /metrics carries the Raft and FSM figures; the Go
+// profiler is there for an operator chasing memory or CPU.
 func TestAdminEndpoints(t *testing.T) {
 	c := clustertest.Start(t, 3, clustertest.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -62,6 +63,12 @@ func TestAdminEndpoints(t *testing.T) {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("/metrics lacks %q", want)
 		}
+	}
+	if code, body := get(t, admin+"/debug/pprof/heap?debug=1"); code != 200 || !strings.Contains(body, "heap profile:") {
+		t.Errorf("/debug/pprof/heap = %d %.100q", code, body)
+	}
+	if code, body := get(t, admin+"/debug/pprof/goroutine?debug=1"); code != 200 || !strings.Contains(body, "raftnode") {
+		t.Errorf("/debug/pprof/goroutine = %d, lacks the node's goroutines: %.100q", code, body)
 	}
 	leaderAdmin := "http://" + c.Nodes[c.Leader()].Server.AdminAddr()
 	_, lm := get(t, leaderAdmin+"/metrics")

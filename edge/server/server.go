@@ -17,7 +17,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"net/netip"
 	"strings"
 	"sync"
@@ -41,6 +40,7 @@ import (
 	"github.com/edge-relay/relay/edge/transport"
 	"github.com/edge-relay/relay/edge/web"
 	"github.com/edge-relay/relay/internal/connbound"
+	"github.com/edge-relay/relay/internal/profiler"
 	"github.com/edge-relay/relay/internal/telemetry"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
@@ -804,11 +804,7 @@ func (s *Server) adminMux() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/", s.publicMux())
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Registry, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	profiler.Register(mux)
 	return mux
 }
 
