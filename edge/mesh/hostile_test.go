@@ -104,6 +104,11 @@ func TestAPeerThatStopsReading(t *testing.T) {
 			if got.n[edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED] != n {
 				t.Fatalf("outcomes %v, want all %d NOT_DELIVERED", got.n, n)
 			}
+			// The metrics tell a full link from a broken one.
+			full, down := counterValue(a.metrics.forwards.WithLabelValues("link_full")), counterValue(a.metrics.forwards.WithLabelValues("link_down"))
+			if full == 0 || full+down != n {
+				t.Fatalf("forwards counted link_full %v, link_down %v; want some full, %d in all", full, down, n)
+			}
 		})
 	}
 }

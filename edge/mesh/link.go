@@ -84,9 +84,10 @@ func statusFrame(heard bool) *edgev1.MeshFrame {
 func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 	l.mu.Lock()
 	size := len(f.GetEvent())
-	if !l.up || len(l.queue) >= l.m.cfg.QueueLen || (len(l.queue) > 0 && l.queued+size > l.m.cfg.QueueBytes) {
+	full := len(l.queue) >= l.m.cfg.QueueLen || (len(l.queue) > 0 && l.queued+size > l.m.cfg.QueueBytes)
+	if !l.up || full {
 		l.mu.Unlock()
-		l.m.metrics.forwards.WithLabelValues("link_down").Inc()
+		l.m.metrics.forwards.WithLabelValues(map[bool]string{true: "link_full", false: "link_down"}[l.up]).Inc()
 		if done != nil {
 			done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
 		}
@@ -96,6 +97,9 @@ func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 		l.nextID++
 		f.Id = l.nextID
 		l.pending[f.Id] = done
+	} else {
+		// No outcome comes back for an ephemeral event: count it here.
+		l.m.metrics.forwards.WithLabelValues("ephemeral").Inc()
 	}
 	l.queue = append(l.queue, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: f}})
 	l.queued += size

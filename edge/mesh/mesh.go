@@ -72,7 +72,8 @@ type Config struct {
 	Local Local
 	// QueueLen and QueueBytes bound the frames waiting on one link, by
 	// count and by the bytes of their events; beyond either, forwards are
-	// answered NOT_DELIVERED [65536, 64 MiB].
+	// answered NOT_DELIVERED (the sending edge stores them) [65536,
+	// 64 MiB].
 	QueueLen, QueueBytes int
 	// MaxOutstanding bounds the forwards a peer has sent this edge whose
 	// outcomes it has not read yet; at the bound this edge stops reading
@@ -203,15 +204,17 @@ func New(cfg Config) (*Mesh, error) {
 	m.metrics = metrics{
 		links: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_links", Help: "Mesh links this edge dialed that are up."}),
 		forwards: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_edge_mesh_forwards_total", Help: "Events forwarded to peer edges, by outcome.",
+			Name: "relay_edge_mesh_forwards_total",
+			Help: "Events forwarded to peer edges: durable ones by the outcome the peer answered (delivered, not_delivered, queue_full, target_gone) or found here (no_link, link_down, link_full), ephemeral ones sent (ephemeral; those not sent count as no_link, link_down, link_full).",
 		}, []string{"outcome"}),
 		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_remote_devices", Help: "Devices peers announced as theirs."}),
 		retries: retries,
 	}
 	// Every outcome exists from the start, so rate() and increase() see
 	// the first failure.
-	m.metrics.forwards.WithLabelValues("no_link")
-	m.metrics.forwards.WithLabelValues("link_down")
+	for _, o := range []string{"no_link", "link_down", "link_full", "ephemeral"} {
+		m.metrics.forwards.WithLabelValues(o)
+	}
 	for v := range edgev1.ForwardOutcome_name {
 		if o := edgev1.ForwardOutcome(v); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_UNSPECIFIED {
 			m.metrics.forwards.WithLabelValues(outcomeLabel(o))

@@ -11,6 +11,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/binary"
 	"fmt"
+	"github.com/prometheus/client_golang/prometheus"
 	"io"
 	"log/slog"
 	"math/big"
@@ -255,6 +256,16 @@ func TestPresenceAndForwarding(t *testing.T) {
 	if _, ok := b.Locate("d1"); !ok {
 		t.Fatal("an offline delta of an older session removed the newer one")
 	}
+	// Ephemeral forwards get no outcome: they count when sent.
+	for range 3 {
+		b.Forward("edge-a", &edgev1.Forward{DeviceId: "d1", UserId: "u", Event: []byte("e")}, nil)
+	}
+	waitFor(t, "a got the ephemeral forwards", func() bool { return la.forwards() == 8 })
+	for o, want := range map[string]float64{"delivered": 5, "ephemeral": 3, "link_down": 0, "link_full": 0} {
+		if got := counterValue(b.metrics.forwards.WithLabelValues(o)); got != want {
+			t.Errorf("forwards{outcome=%q} = %v, want %v", o, got, want)
+		}
+	}
 	// A forward to an edge that is not a member: NOT_DELIVERED at once.
 	b.Forward("edge-x", &edgev1.Forward{DeviceId: "d1"}, func(o edgev1.ForwardOutcome) { outcomes <- o })
 	if o := nextOutcome(t, outcomes); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
@@ -267,7 +278,7 @@ func TestPresenceAndForwarding(t *testing.T) {
 	la.outcome = 0
 	la.mu.Unlock()
 	b.Forward("edge-a", &edgev1.Forward{DeviceId: "d1", UserId: "u"}, func(o edgev1.ForwardOutcome) { outcomes <- o })
-	waitFor(t, "a got the forward", func() bool { return la.forwards() == 6 })
+	waitFor(t, "a got the forward", func() bool { return la.forwards() == 9 })
 	if st := b.Stats(); st.Pending != 1 || st.RemoteDevices != 1 {
 		t.Fatalf("b's tables: %+v", st)
 	}
@@ -1014,4 +1025,13 @@ func TestASetClaimingTooManyFramesCutsTheLink(t *testing.T) {
 	if st := a.Stats(); st.RemoteDevices != 0 || st.Settling != 0 {
 		t.Fatalf("after the cut, tables %+v", st)
 	}
+}
+
+// counterValue reads a counter of the mesh's metrics.
+func counterValue(c prometheus.Counter) float64 {
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		panic(err)
+	}
+	return m.GetCounter().GetValue()
 }

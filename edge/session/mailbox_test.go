@@ -1,6 +1,7 @@
 package session
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -804,6 +805,70 @@ func TestForwardOutcomesAreTakenInOrder(t *testing.T) {
 	if !slices.Equal(got, []string{first.GetId(), second.GetId()}) {
 		t.Fatalf("far's mailbox holds %v", got)
 	}
+}
+
+// A forward this edge answers NOT_DELIVERED itself (its link to B was
+// down or replaced) while an earlier one is undecided is stored after
+// it; B never saw the refused one, so nothing there would hold back the
+// sender's next event for the device. That one must follow the refused
+// one into the mailbox, not be forwarded and delivered live ahead of it;
+// and once those stores are done, a new event is forwarded again.
+func TestAForwardRefusedHereTakesTheSendersNextEventsToTheMailbox(t *testing.T) {
+	remote := &refusingRemote{heldRemote: heldRemote{ch: make(chan heldForward, 16)}, refuse: "two"}
+	eA, mb := mailboxEnv(t, func(c *Config) { c.Remote = remote })
+	eA.devices("u1", "s", "t")
+	eB := eA.otherEdge("B", func(c *Config) { c.Mailbox = mb })
+	s := eA.online("s")
+	tt := eB.online("t")
+
+	one := s.sendPayload("one", "t")
+	f1 := <-remote.ch
+	two := s.sendPayload("two", "t") // refused by A's link at once, behind "one"
+	three := s.sendPayload("three", "t")
+	s.expectNothing("an answer before the first forward's outcome", func(f *relayv1.Frame) bool { return f.GetAck() != nil || f.GetReject() != nil })
+	select {
+	case f := <-remote.ch:
+		t.Fatalf("forwarded behind a refusal this edge is about to store: %s", f.fw.GetEvent())
+	default:
+	}
+	eB.hub.DeliverForwarded(f1.fw, f1.done)
+	if got := tt.payloads(1); got[0] != "one" {
+		t.Fatalf("t got %v, want one", got)
+	}
+	waitFor(t, "two and three stored", func() bool { return mb.stored("t") == 2 })
+	s.expectAcks(one, two, three)
+	eB.hub.MailboxChanged("u1", "t", 2)
+	if got := tt.payloads(2); !slices.Equal(got, []string{"two", "three"}) {
+		t.Fatalf("t got %v from its mailbox, want [two three]", got)
+	}
+	// Both stores answered: the next event goes live through B again,
+	// needing what was stored.
+	four := s.sendPayload("four", "t")
+	f4 := <-remote.ch
+	if f4.fw.GetNeedMailboxSeq() != 2 {
+		t.Fatalf("the forward after the stores needs mailbox seq %d, want 2", f4.fw.GetNeedMailboxSeq())
+	}
+	eB.hub.DeliverForwarded(f4.fw, f4.done)
+	if got := tt.payloads(1); got[0] != "four" {
+		t.Fatalf("t got %v, want four", got)
+	}
+	s.expectAck(four)
+}
+
+// refusingRemote answers NOT_DELIVERED at once for a forward whose event
+// holds refuse, as the mesh does for a link that is down, and holds the
+// others like heldRemote.
+type refusingRemote struct {
+	heldRemote
+	refuse string
+}
+
+func (r *refusingRemote) Forward(p string, f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
+	if done != nil && bytes.Contains(f.GetEvent(), []byte(r.refuse)) {
+		done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+		return
+	}
+	r.heldRemote.Forward(p, f, done)
 }
 
 // A forwarded event carries the revision its sender's session started

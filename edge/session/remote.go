@@ -34,15 +34,22 @@ type Remote interface {
 // to (with routeMu).
 //
 // Outcomes are acted on in that order, whatever order they come in: a
-// refusal can come at once (the link is down or full, the target's
-// session there is closing) while an earlier forward is still undecided,
-// and storing the later one first would put it ahead in the mailbox.
+// refusal can come at once (the link is down or was replaced, the
+// target's session there is closing) while an earlier forward is still
+// undecided, and storing the later one first would put it ahead in the
+// mailbox.
 type pendingForward struct {
 	edge  string
 	slots []*fwdSlot
 	// draining: a goroutine is acting on decided outcomes from the head;
 	// others only record theirs, which it takes in turn.
 	draining bool
+	// storing: an outcome was decided for the mailbox. The sender's later
+	// events for the device follow it there, in a slot of their own, and
+	// are not forwarded: the edge they would go to may never have seen
+	// the refused one (this edge answered for a link that was down or
+	// replaced), so nothing there would hold them back.
+	storing bool
 }
 
 // fwdSlot is one forward's place in its pendingForward.
@@ -55,9 +62,13 @@ type fwdSlot struct {
 // at the head, in order, unless another goroutine already does: actions
 // run without routeMu, and the device's pending entry goes once none is
 // left (after the last action, so a store it made is pending by then).
-func (s *Session) decide(device string, pf *pendingForward, slot *fwdSlot, act func()) {
+//
+// store says the outcome stores the event in the mailbox: from then on
+// the sender's events for the device follow it (pendingForward.storing).
+func (s *Session) decide(device string, pf *pendingForward, slot *fwdSlot, store bool, act func()) {
 	s.routeMu.Lock()
 	slot.decided, slot.act = true, act
+	pf.storing = pf.storing || store
 	if pf.draining {
 		s.routeMu.Unlock()
 		return
@@ -81,19 +92,35 @@ func (s *Session) decide(device string, pf *pendingForward, slot *fwdSlot, act f
 // forward sends a durable event to the edge holding its target. What
 // that edge could not deliver is stored in the target's mailbox by this
 // edge, which keeps the sender's order there.
+//
+// The route was chosen before this looks again, under routeMu: if an
+// earlier forward's outcome sent it to the mailbox meanwhile, this one
+// follows it there instead (behind it while that outcome waits its turn;
+// straight to the mailbox once its store is under way).
 func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time) {
+	store := func() { s.storeMailbox(f, r.device, event, expires, nil) }
 	s.routeMu.Lock()
 	if s.fwdPending == nil {
 		s.fwdPending = map[string]*pendingForward{}
 	}
 	pf := s.fwdPending[r.device]
+	if pf == nil && s.mbPending[r.device] > 0 {
+		s.routeMu.Unlock()
+		store()
+		return
+	}
 	if pf == nil {
 		pf = &pendingForward{}
 		s.fwdPending[r.device] = pf
 	}
-	pf.edge = r.edge
 	slot := &fwdSlot{}
 	pf.slots = append(pf.slots, slot)
+	if pf.storing {
+		s.routeMu.Unlock()
+		s.decide(r.device, pf, slot, true, store)
+		return
+	}
+	pf.edge = r.edge
 	s.routeMu.Unlock()
 	tr := f.trace.child(s.hub.cfg.Tracer, "relay.mesh.forward", trace.SpanKindProducer, attribute.String("relay.edge", r.edge))
 	// With the sender: the receiving edge's refusals after a NOT_DELIVERED
@@ -108,7 +135,9 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 			tr.span.SetAttributes(attribute.String("relay.forward.outcome", o.String()))
 		}
 		tr.end(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED)
-		s.decide(r.device, pf, slot, func() {
+		stores := s.hub.cfg.Mailbox != nil && o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED &&
+			o != edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL && o != edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE
+		s.decide(r.device, pf, slot, stores, func() {
 			switch o {
 			case edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED:
 				f.confirm(s.hub.cfg.Now())
@@ -117,10 +146,10 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 			case edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE:
 				f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was deleted or revoked")
 			default:
-				if s.hub.cfg.Mailbox != nil {
+				if stores {
 					// Stored before the pending entry goes, so no later event
 					// finds both paths clear and overtakes it.
-					s.storeMailbox(f, r.device, event, expires, nil)
+					store()
 				} else {
 					f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline; retry later")
 				}
