@@ -94,8 +94,9 @@ func (s *Session) claim(a await) {
 // mailbox (they count as delivered once stored), or, without mailboxes
 // or when the device was revoked, refuses them to their senders: they
 // must not count as delivered. done is called once every store it made
-// is answered, with the highest seq stored (0: none).
-func (s *Session) handOff(done func(maxSeq uint64)) {
+// is answered, with the highest seq stored (0: none) in all and by
+// sender.
+func (s *Session) handOff(done func(stored handedOff)) {
 	t := &handoffStores{done: done}
 	defer t.issued()
 	s.awaitMu.Lock()
@@ -128,7 +129,8 @@ func (s *Session) handOff(done func(maxSeq uint64)) {
 			f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline before receiving it; retry later")
 		default:
 			t.add()
-			f.sender.storeMailbox(f, s.deviceID, event, f.expires, t.stored)
+			sender := f.sender.deviceID
+			f.sender.storeMailbox(f, s.deviceID, event, f.expires, func(seq uint64) { t.stored(sender, seq) })
 		}
 	}
 	for _, id := range ids {
@@ -140,13 +142,20 @@ func (s *Session) handOff(done func(maxSeq uint64)) {
 	}
 }
 
+// handedOff is what a hand-off stored: the highest seq in all, and each
+// sender's highest (0: none).
+type handedOff struct {
+	max      uint64
+	bySender map[string]uint64
+}
+
 // handoffStores counts a hand-off's stores until each is answered.
 type handoffStores struct {
 	mu      sync.Mutex
 	pending int
 	all     bool // every store was issued
-	max     uint64
-	done    func(maxSeq uint64)
+	got     handedOff
+	done    func(handedOff)
 }
 
 func (t *handoffStores) add() {
@@ -155,23 +164,29 @@ func (t *handoffStores) add() {
 	t.mu.Unlock()
 }
 
-func (t *handoffStores) stored(seq uint64) {
+func (t *handoffStores) stored(sender string, seq uint64) {
 	t.mu.Lock()
 	t.pending--
-	t.max = max(t.max, seq)
-	fire, m := t.all && t.pending == 0, t.max
+	if seq > 0 {
+		t.got.max = max(t.got.max, seq)
+		if t.got.bySender == nil {
+			t.got.bySender = map[string]uint64{}
+		}
+		t.got.bySender[sender] = max(t.got.bySender[sender], seq)
+	}
+	fire, got := t.all && t.pending == 0, t.got
 	t.mu.Unlock()
 	if fire {
-		t.done(m)
+		t.done(got)
 	}
 }
 
 func (t *handoffStores) issued() {
 	t.mu.Lock()
 	t.all = true
-	fire, m := t.pending == 0, t.max
+	fire, got := t.pending == 0, t.got
 	t.mu.Unlock()
 	if fire {
-		t.done(m)
+		t.done(got)
 	}
 }

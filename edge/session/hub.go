@@ -246,7 +246,11 @@ type Hub struct {
 	// arrives), runs in DeliverForwarded before the device's session is
 	// looked up: a test lands a hand-off between arrival and delivery.
 	afterForwardArrived func()
-	traced              bool // a Tracer was configured: events get spans
+	// beforeHandOff, set by tests only (before any session ends), runs
+	// as a session that ended is about to hand off what its device did
+	// not acknowledge.
+	beforeHandOff func(*Session)
+	traced        bool // a Tracer was configured: events get spans
 
 	mu       sync.Mutex // guards the fields below
 	ended    []Activity // activity of sessions that ended since TakeActivity

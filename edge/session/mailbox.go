@@ -91,8 +91,10 @@ type mailboxState struct {
 	// floor is the highest seq the session this one replaced here handed
 	// to the mailbox: every live delivery waits until it is queued. gate
 	// is set while that session's hand-off stores are in flight.
-	floor uint64
-	gate  bool
+	// floorBy is floor by the events' senders (see releaseHeldAhead).
+	floor   uint64
+	floorBy map[string]uint64
+	gate    bool
 
 	// covered is a revision every entry stored by then was queued for
 	// (or is gone): a complete fetch covers the revision it read, and the
@@ -259,15 +261,22 @@ func (m *mailboxState) syncSlowLocked() {
 }
 
 // predecessorStored is told by the session this one replaced here that
-// what it handed off is stored, up to seq (0: nothing): live deliveries
-// wait until the mailbox up to seq is queued, so none overtakes those.
-func (s *Session) predecessorStored(seq uint64) {
+// what it handed off is stored (seq 0: nothing): live deliveries wait
+// until the mailbox up to the highest seq is queued, so none overtakes
+// those.
+func (s *Session) predecessorStored(stored handedOff) {
 	m := &s.mb
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.floor, m.gate = max(m.floor, seq), false
+	m.floor, m.gate = max(m.floor, stored.max), false
+	for sender, seq := range stored.bySender {
+		if m.floorBy == nil {
+			m.floorBy = map[string]uint64{}
+		}
+		m.floorBy[sender] = max(m.floorBy[sender], seq)
+	}
 	s.releaseHeld()
-	s.wantLocked(seq)
+	s.wantLocked(stored.max)
 }
 
 // fenced reports whether entries stored before rev may still be missing
@@ -350,6 +359,9 @@ func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) boo
 			continue
 		}
 		seq := e.GetSeq()
+		if len(m.held) > 0 {
+			s.releaseHeldAhead(e.GetSenderDeviceId(), seq)
+		}
 		var claim *edgev1.EventClaim
 		if e.GetAnyOne() {
 			claim = &edgev1.EventClaim{SenderDeviceId: e.GetSenderDeviceId(), EventId: e.GetEventId(), ExpiresAtMs: e.GetExpiresAtMs()}
@@ -392,6 +404,74 @@ func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) boo
 	return true
 }
 
+// releaseHeldAhead queues, ahead of the mailbox entry seq of sender, the
+// held live deliveries of that sender that must come before it (with
+// m.mu held). Without this, a page holding both would be queued whole
+// before the held delivery was released (releaseHeld).
+//
+// A held delivery whose sender's start revision is covered (every entry
+// stored by then is queued, so the entry was stored after it) went live
+// when its sender's session had nothing on its way to the device's
+// mailbox and had stored up to its need: an entry of the same sender
+// with a higher seq, which this session's predecessor did not hand off
+// (its seq is above what that one stored for the sender), was stored
+// after the delivery was sent, and follows it. What the delivery waits
+// for has lower seqs and is queued by now. Held deliveries of other
+// senders keep waiting; those of this one keep their order.
+func (s *Session) releaseHeldAhead(sender string, seq uint64) {
+	m := &s.mb
+	if m.gate || seq <= m.floorBy[sender] {
+		return
+	}
+	s.expireHeldLocked()
+	n, kept := 0, false
+	for _, h := range m.held {
+		if kept || h.sender() != sender || seq <= h.need || s.fenced(h.rev) || !s.offerHeld(h) {
+			kept = kept || h.sender() == sender
+			m.held[n] = h
+			n++
+		}
+	}
+	if n == len(m.held) {
+		return
+	}
+	clear(m.held[n:])
+	m.held = m.held[:n]
+	m.heldBytes = 0
+	for _, h := range m.held {
+		m.heldBytes += len(h.event)
+	}
+	m.syncSlowLocked()
+}
+
+// sender is the device that sent a held delivery's event.
+func (h heldDelivery) sender() string {
+	if h.f.sender != nil {
+		return h.f.sender.deviceID
+	}
+	return h.f.origin.sender
+}
+
+// offerHeld queues a held delivery that may go now, or refuses it; it
+// reports false when the session's queue is closed (the delivery stays
+// held for the hand-off).
+func (s *Session) offerHeld(h heldDelivery) bool {
+	if h.f.fwd != nil && s.hub.cfg.Mailbox != nil && s.hub.refuseForward(s.userID, h.f.origin, h.need, s.hub.cfg.Now()) {
+		// An earlier forward of its sender was handed back to be stored
+		// meanwhile (the old session's hand-off): this one follows it
+		// there.
+		h.f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "")
+		return true
+	}
+	switch s.out.offer(h.event, true, false, func(id uint64) { s.track(id, await{f: h.f, event: h.event, claim: h.f.claim, size: len(h.event)}) }) {
+	case queueFull:
+		h.f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
+	case queueClosed:
+		return false
+	}
+	return true
+}
+
 // releaseHeld queues held live deliveries whose mailbox predecessors are
 // queued (with m.mu held).
 func (s *Session) releaseHeld() {
@@ -408,17 +488,7 @@ func (s *Session) releaseHeld() {
 			n = copy(m.held, m.held[i:])
 			break
 		}
-		if h.f.fwd != nil && s.hub.cfg.Mailbox != nil && s.hub.refuseForward(s.userID, h.f.origin, h.need, s.hub.cfg.Now()) {
-			// An earlier forward of its sender was handed back to be
-			// stored meanwhile (the old session's hand-off): this one
-			// follows it there.
-			h.f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "")
-			continue
-		}
-		res := s.out.offer(h.event, true, false, func(id uint64) { s.track(id, await{f: h.f, event: h.event, claim: h.f.claim, size: len(h.event)}) })
-		if res == queueFull {
-			h.f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
-		} else if res == queueClosed {
+		if !s.offerHeld(h) {
 			n = copy(m.held, m.held[i:])
 			break
 		}

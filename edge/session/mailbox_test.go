@@ -1075,6 +1075,117 @@ func TestReplacedSessionHandsOffBeforeTheNewOneGetsLiveEvents(t *testing.T) {
 	a.expectAcks(first, <-sent)
 }
 
+// The same, with the sender's next event stored in the mailbox while the
+// one sent in between waits in b's new session: "first" is handed off
+// and "third" follows it into the mailbox (its store is pending), and
+// both are committed in one batch, as edge/mailbox's writer does, so one
+// fetch brings both. "second", held until the hand-off is stored, must
+// be queued between them, not after the whole page.
+func TestAHeldLiveEventGoesBetweenTheHandOffAndTheSendersLaterStores(t *testing.T) {
+	hook := &announceHook{nth: 2}
+	var bm *batchingMailbox
+	e, _ := mailboxEnv(t, func(c *Config) {
+		c.Remote = hook
+		bm = &batchingMailbox{memMailbox: c.Mailbox.(*memMailbox)}
+		c.Mailbox = bm
+	})
+	e.devices("u1", "a", "b")
+	a, b1 := e.online("a"), e.online("b")
+	first := a.sendPayload("first", "b")
+	b1.nextDeliver() // never acknowledged
+
+	gate := make(chan struct{})
+	e.hub.beforeHandOff = func(s *Session) {
+		if s.deviceID == "b" {
+			<-gate
+		}
+	}
+	sent := make(chan *relayv1.Event, 1)
+	hook.onAnnounce = func() { sent <- a.sendPayload("second", "b") }
+	b2 := e.online("b")
+	second := <-sent
+	waitFor(t, "second held in b's new session", func() bool {
+		ss := e.hub.sessionsOf("u1", "b")
+		if len(ss) == 0 {
+			return false
+		}
+		ss[0].mb.mu.Lock()
+		defer ss[0].mb.mu.Unlock()
+		return len(ss[0].mb.held) == 1
+	})
+	bm.hold()
+	close(gate) // b's old session hands "first" off now
+	as := e.hub.sessionsOf("u1", "a")[0]
+	waitFor(t, "first's store pending", func() bool {
+		as.routeMu.Lock()
+		defer as.routeMu.Unlock()
+		return as.mbPending["b"] == 1
+	})
+	third := a.sendPayload("third", "b")
+	waitFor(t, "third stored behind first", func() bool { return bm.waiting() == 2 })
+	bm.commit()
+	if got := b2.payloads(3); !slices.Equal(got, []string{"first", "second", "third"}) {
+		t.Fatalf("b got %v, want [first second third]", got)
+	}
+	a.expectAcks(first, second, third)
+}
+
+// batchingMailbox, once held, keeps the stores it is given until commit,
+// which stores them all and only then answers them, in order: one
+// PutMailbox of edge/mailbox's writer.
+type batchingMailbox struct {
+	*memMailbox
+	bmu    sync.Mutex
+	held   bool
+	stores []func() func()
+}
+
+func (b *batchingMailbox) hold() {
+	b.bmu.Lock()
+	b.held = true
+	b.bmu.Unlock()
+}
+
+func (b *batchingMailbox) waiting() int {
+	b.bmu.Lock()
+	defer b.bmu.Unlock()
+	return len(b.stores)
+}
+
+func (b *batchingMailbox) Store(e *edgev1.MailboxEntry, done func(MailboxResult)) {
+	b.bmu.Lock()
+	defer b.bmu.Unlock()
+	if !b.held {
+		b.memMailbox.Store(e, done)
+		return
+	}
+	b.stores = append(b.stores, func() func() {
+		m := b.memMailbox
+		m.seq[e.GetDeviceId()]++
+		m.rev++
+		c := proto.Clone(e).(*edgev1.MailboxEntry)
+		c.Seq = m.seq[e.GetDeviceId()]
+		m.boxes[e.GetDeviceId()] = append(m.boxes[e.GetDeviceId()], c)
+		return func() { done(MailboxResult{Status: edgev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: c.Seq}) }
+	})
+}
+
+func (b *batchingMailbox) commit() {
+	b.bmu.Lock()
+	stores := b.stores
+	b.stores, b.held = nil, false
+	b.bmu.Unlock()
+	b.memMailbox.mu.Lock()
+	answers := make([]func(), 0, len(stores))
+	for _, store := range stores {
+		answers = append(answers, store())
+	}
+	b.memMailbox.mu.Unlock()
+	for _, answer := range answers {
+		answer()
+	}
+}
+
 // A session whose handshake succeeded but that the edge started draining
 // before it could register (here: during its first mailbox read) is
 // refused with GOING_AWAY, and the sessions gauge never counted it.

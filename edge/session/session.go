@@ -284,6 +284,9 @@ func (s *Session) run(ctx context.Context) error {
 	// frames: what it delivers twice, the client drops.
 	s.stopMailbox()
 	s.awaitPredecessor()
+	if s.hub.beforeHandOff != nil {
+		s.hub.beforeHandOff(s)
+	}
 	s.handOff(s.handedOffTo)
 	close(s.issued)
 	s.hub.unregister(s)
@@ -611,15 +614,15 @@ func (s *Session) untilMaxAge(now time.Time) time.Duration {
 }
 
 // handedOffTo tells the session that replaced this one, if any, that what
-// this one handed off is stored (up to maxSeq).
-func (s *Session) handedOffTo(maxSeq uint64) {
+// this one handed off is stored.
+func (s *Session) handedOffTo(stored handedOff) {
 	s.succMu.Lock()
 	s.handedOff = true
 	succ := s.successor
 	s.successor = nil
 	s.succMu.Unlock()
 	if succ != nil {
-		succ.predecessorStored(maxSeq)
+		succ.predecessorStored(stored)
 	}
 }
 
