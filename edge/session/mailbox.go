@@ -432,16 +432,20 @@ func (s *Session) releaseHeldAhead(sender string, seq uint64) {
 			n++
 		}
 	}
-	if n == len(m.held) {
-		return
+	if n < len(m.held) {
+		m.keepHeldLocked(n)
+		m.syncSlowLocked()
 	}
+}
+
+// keepHeldLocked keeps the first n held deliveries (with m.mu held).
+func (m *mailboxState) keepHeldLocked(n int) {
 	clear(m.held[n:])
 	m.held = m.held[:n]
 	m.heldBytes = 0
 	for _, h := range m.held {
 		m.heldBytes += len(h.event)
 	}
-	m.syncSlowLocked()
 }
 
 // sender is the device that sent a held delivery's event.
@@ -493,12 +497,7 @@ func (s *Session) releaseHeld() {
 			break
 		}
 	}
-	clear(m.held[n:])
-	m.held = m.held[:n]
-	m.heldBytes = 0
-	for _, h := range m.held {
-		m.heldBytes += len(h.event)
-	}
+	m.keepHeldLocked(n)
 }
 
 // expireHeldLocked refuses the held deliveries whose events expired
