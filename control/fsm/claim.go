@@ -65,7 +65,13 @@ func (t *txn) claimEvents(op *statev1.ClaimEvents) (*statev1.Result, error) {
 			continue
 		}
 		if c.GetExpiresAtMs() <= t.now {
-			continue // the event is over: nobody takes it, nothing recorded
+			// The event is over and nobody took it: the device, which
+			// acknowledged it in time or the claim would not exist, keeps
+			// it, as when the control plane cannot decide in time (a
+			// duplicate is better than a Cancel for a device nobody beat).
+			// Nothing is recorded: a record would outlive the event.
+			res.ClaimsWon[i] = true
+			continue
 		}
 		rec = statev1.EventClaim{
 			SenderDeviceId: c.GetSenderDeviceId(), EventId: c.GetEventId(),

@@ -127,14 +127,17 @@ func TestClaimEvents(t *testing.T) {
 	}
 	// Dead or foreign devices lose, also as the first claim, and record
 	// nothing: a missing device, a revoked one, another user's, a disabled
-	// user's.
+	// user's. A claim of an event that is over when it is applied, which
+	// nobody claimed in time, is won by every device that makes it, and
+	// records nothing either: none of them was beaten to it.
 	if w := won(t, a.apply(claimOp(
 		claim("alice", "nope", "s", "task", far),
 		claim("alice", "r1", "s", "task", far),
 		claim("alice", "b1", "s", "task", far),
 		claim("off", "o1", "s", "task", far),
 		claim("alice", "a1", "s", "old", 1_000_000+int64(a.idx)+1), // expires at the command's time
-	))); w != "false false false false false" {
+		claim("alice", "a2", "s", "old", 1_000_000+int64(a.idx)+1),
+	))); w != "false false false false true true" {
 		t.Fatalf("dead claims: %s", w)
 	}
 	for _, id := range []string{"task", "old"} {

@@ -2590,8 +2590,9 @@ func (x *ExpireMailboxes) GetLimit() uint32 {
 // the event's any_one mailbox entries of every other device; a later claim
 // by another device loses, one by the winner wins again. A claim by a
 // device that is missing, revoked, not user_id's, or whose user is missing
-// or not active loses, as does a first claim whose expires_at_ms is not
-// after the command's time (nothing is recorded). Result.claims_won holds
+// or not active loses. A first claim whose expires_at_ms is not after the
+// command's time wins without being recorded: the event is over and
+// nobody took it (a later claim of it wins too). Result.claims_won holds
 // the outcomes.
 type ClaimEvents struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
