@@ -322,7 +322,27 @@ func (t *txn) putMailEntry(e *statev1.MailboxEntry, boxes *mailboxes, maxEntries
 		if len(v) != 8 {
 			return nil, false, fmt.Errorf("mailbox dedup record %q: %d bytes", dedup, len(v))
 		}
-		return &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: binary.BigEndian.Uint64(v)}, false, nil
+		seq := binary.BigEndian.Uint64(v)
+		// The first copy may have expired without being removed yet
+		// (ExpireMailboxes runs now and then): no fetch returns it, so
+		// answering STORED would acknowledge an event nobody gets. It is
+		// removed now, and the resend taken as new, as it would be once
+		// ExpireMailboxes had run.
+		var first statev1.MailboxEntry
+		found, err := t.get(mailEntryKey(did, seq), &first)
+		if err != nil {
+			return nil, false, err
+		}
+		if !found || first.GetExpiresAtMs() > t.now {
+			return &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: seq}, false, nil
+		}
+		mb, err := boxes.get(did)
+		if err != nil {
+			return nil, false, err
+		}
+		if err := t.dropMailEntry(&first, mb); err != nil {
+			return nil, false, err
+		}
 	} else if !errors.Is(err, state.ErrNotFound) {
 		return nil, false, err
 	}

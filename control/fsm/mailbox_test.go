@@ -245,6 +245,41 @@ func TestMailboxExpiry(t *testing.T) {
 	}
 }
 
+// A resend of an event whose first copy expired but is not removed yet
+// (no ExpireMailboxes since) is stored anew, in place of that copy, as
+// it would be once the copy was removed: answered STORED with the old
+// seq it would be acknowledged while no fetch returns it. A resend of a
+// copy still live is the duplicate it was.
+func TestAResendOfAnExpiredCopyIsStoredAnew(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	base := 1_000_000 + int64(a.idx) + 1
+	if r := a.apply(putOp(mail("alice", "a1", "a2", "ev", 10, base+5), mail("alice", "a1", "a2", "live", 7, far))); outcomes(r) != "STORED/1 STORED/2" {
+		t.Fatal(outcomes(r))
+	}
+	a.advanceTo(base + 10)
+	r := a.apply(putOp(mail("alice", "a1", "a2", "ev", 10, far), mail("alice", "a1", "a2", "live", 7, far)))
+	if outcomes(r) != "STORED/3 STORED/2" {
+		t.Fatalf("resends: %s, want the expired one stored anew and the live one a duplicate", outcomes(r))
+	}
+	now := 1_000_000 + int64(a.idx)
+	got, _, err := f.FetchMailbox("a1", 0, 10, 0, now)
+	if err != nil || len(got) != 2 || got[0].GetEventId() != "live" || got[1].GetEventId() != "ev" || got[1].GetSeq() != 3 {
+		t.Fatalf("a1's mailbox: %v, %v", got, err)
+	}
+	mb, _ := f.Mailbox("a1")
+	if mb.GetCount() != 2 || mb.GetBytes() != 17 || mb.GetLastSeq() != 3 {
+		t.Fatalf("a1's counters %v, want 2 entries, 17 bytes, last seq 3", mb)
+	}
+	// The old copy left nothing behind for expiry to find.
+	a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{}})
+	if got, _, _ := f.FetchMailbox("a1", 0, 10, 0, now); len(got) != 2 {
+		t.Fatalf("a1's mailbox after expiry: %v", got)
+	}
+	if keys := mailKeys(t, f, "a1"); len(keys) != 7 {
+		t.Fatalf("a1's records: %v (want 2 entries, 2 expiry, 2 dedup, 1 mailbox)", keys)
+	}
+}
+
 // mailKeys lists every mailbox record that mentions a device.
 func mailKeys(t *testing.T, f *FSM, did string) []string {
 	t.Helper()
