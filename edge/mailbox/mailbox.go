@@ -47,6 +47,10 @@ var _ session.Mailbox = (*Client)(nil)
 // ErrOverloaded is the result of Store when too many entries wait.
 var ErrOverloaded = errors.New("mailbox writer overloaded")
 
+// ErrStopped is the result of Store, and Flush's error, once the writer
+// has stopped (its Run returned), and of what was still queued then.
+var ErrStopped = errors.New("mailbox writer stopped")
+
 // ErrTooLarge is the result of Store for an entry whose event is larger
 // than the control plane stores (MaxEventBytes): refused alone, before it
 // could fail the batch it would have gone in.
@@ -66,6 +70,11 @@ type Config struct {
 	// answers ErrOverloaded at once.
 	MaxPending      int
 	MaxPendingBytes int
+	// MaxPendingClaims bounds the claims waiting to be sent [65536]:
+	// beyond it (a control plane that has not answered for long) a claim
+	// counts as won at once, as one the control plane cannot decide in
+	// time does.
+	MaxPendingClaims int
 	// MaxBatchBytes bounds the events' bytes of one PutMailbox [8 MiB;
 	// the control plane refuses a call over 16 MiB whole].
 	MaxBatchBytes int
@@ -141,6 +150,9 @@ func New(cfg Config) (*Client, error) {
 	if cfg.MaxPendingBytes <= 0 {
 		cfg.MaxPendingBytes = 256 << 20
 	}
+	if cfg.MaxPendingClaims <= 0 {
+		cfg.MaxPendingClaims = 1 << 16
+	}
 	if cfg.MaxBatchBytes <= 0 {
 		cfg.MaxBatchBytes = 8 << 20
 	}
@@ -201,7 +213,7 @@ func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
 	c.mu.Lock()
 	if until, ok := c.full[e.GetDeviceId()]; ok && time.Now().Before(until) {
 		c.mu.Unlock()
-		c.results.WithLabelValues(edgev1.MailboxStatus_MAILBOX_STATUS_FULL.String()).Inc()
+		c.results.WithLabelValues(statusLabel(edgev1.MailboxStatus_MAILBOX_STATUS_FULL)).Inc()
 		done(Result{Status: edgev1.MailboxStatus_MAILBOX_STATUS_FULL})
 		return
 	}
@@ -210,7 +222,7 @@ func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
 		c.mu.Unlock()
 		err := ErrOverloaded
 		if closed {
-			err = errors.New("mailbox writer stopped")
+			err = ErrStopped
 		}
 		done(Result{Err: err})
 		return
@@ -265,7 +277,7 @@ func (c *Client) Run(ctx context.Context) {
 	c.queue, c.claims, c.queuedBytes = nil, nil, 0
 	c.mu.Unlock()
 	for _, p := range rest {
-		p.done(Result{Err: errors.New("edge shutting down")})
+		p.done(Result{Err: fmt.Errorf("edge shutting down: %w", ErrStopped)})
 	}
 	for _, p := range claims {
 		p.done(true)
@@ -278,7 +290,7 @@ func (c *Client) Run(ctx context.Context) {
 // Claims are sent in batches.
 func (c *Client) Claim(cl *edgev1.EventClaim, done func(won bool)) {
 	c.mu.Lock()
-	if c.closed {
+	if c.closed || len(c.claims) >= c.cfg.MaxPendingClaims {
 		c.mu.Unlock()
 		done(true)
 		return
@@ -390,12 +402,22 @@ func permanent(err error) bool {
 }
 
 // Flush waits until everything queued so far was written (or ctx ends).
+// Its marker joins the queue whatever the queue's bounds, which only
+// refuse entries; it fails with ErrStopped when the writer has stopped,
+// or stops before writing what is ahead of it.
 func (c *Client) Flush(ctx context.Context) error {
-	done := make(chan struct{})
-	c.Store(nil, func(Result) { close(done) })
+	done := make(chan error, 1)
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return ErrStopped
+	}
+	c.queue = append(c.queue, pending{done: func(r Result) { done <- r.Err }})
+	c.mu.Unlock()
+	signal(c.wake)
 	select {
-	case <-done:
-		return nil
+	case err := <-done:
+		return err
 	case <-ctx.Done():
 		return ctx.Err()
 	}

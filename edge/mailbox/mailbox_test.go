@@ -191,7 +191,8 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	// 16 MiB is refused whole): 80 of 250 KiB, with room for 256 a call,
 	// each get an outcome of their own.
 	counted := &countingPuts{API: cc}
-	big, err := mailbox.New(mailbox.Config{API: counted, RetryFor: 500 * time.Millisecond})
+	bigReg := prometheus.NewRegistry()
+	big, err := mailbox.New(mailbox.Config{API: counted, RetryFor: 500 * time.Millisecond, Registerer: bigReg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,6 +229,22 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	big.Store(entry("after-full"), func(r mailbox.Result) { bigRes <- r })
 	if r := <-bigRes; r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_FULL || counted.puts.Load() != puts {
 		t.Fatalf("an entry for a full mailbox: %+v after %d more calls, want FULL and none", r, counted.puts.Load()-puts)
+	}
+	// Both kinds of FULL count under one label.
+	byResult := map[string]float64{}
+	mfs, err = bigReg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "relay_edge_mailbox_entries_total" {
+			for _, m := range mf.GetMetric() {
+				byResult[m.GetLabel()[0].GetValue()] += m.GetCounter().GetValue()
+			}
+		}
+	}
+	if byResult["full"] != float64(nBig-len(stored)+1) || byResult["stored"] != float64(len(stored)) || len(byResult) != 6 {
+		t.Fatalf("entries counted %v, want %d full and %d stored", byResult, nBig-len(stored)+1, len(stored))
 	}
 	before, err := fetchAll(ctx, big, devID)
 	if err != nil {
@@ -270,5 +287,151 @@ func fetchAll(ctx context.Context, c *mailbox.Client, device string) (int, error
 			return n, nil
 		}
 		after = page.Entries[len(page.Entries)-1].GetSeq()
+	}
+}
+
+// stalledAPI is a control plane that takes calls and does not answer
+// them until released (or the call's context ends).
+type stalledAPI struct {
+	mailbox.API
+	release chan struct{}
+	calls   atomic.Int32
+}
+
+func (a *stalledAPI) wait(ctx context.Context) error {
+	a.calls.Add(1)
+	select {
+	case <-a.release:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (a *stalledAPI) ClaimEvents(ctx context.Context, claims []*edgev1.EventClaim) (*edgev1.ClaimEventsResponse, error) {
+	if err := a.wait(ctx); err != nil {
+		return nil, err
+	}
+	won := make([]bool, len(claims))
+	for i := range won {
+		won[i] = i%2 == 0
+	}
+	return &edgev1.ClaimEventsResponse{Won: won}, nil
+}
+
+func (a *stalledAPI) PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
+	if err := a.wait(ctx); err != nil {
+		return nil, err
+	}
+	out := &edgev1.PutMailboxResponse{}
+	for i := range entries {
+		out.Results = append(out.Results, &edgev1.PutMailboxResult{Status: edgev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: uint64(i + 1)})
+	}
+	return out, nil
+}
+
+// While the control plane does not answer, claims wait up to
+// MaxPendingClaims and beyond it count as won at once, instead of piling
+// up; a Flush waits for what is queued even when the queue is at its
+// bound (it returned at once, as if done); and once the writer stopped,
+// a Flush says so.
+func TestAStalledControlPlaneBoundsClaimsAndFlushWaits(t *testing.T) {
+	api := &stalledAPI{release: make(chan struct{})}
+	mb, err := mailbox.New(mailbox.Config{API: api, MaxBatch: 2, MaxPending: 2, MaxPendingClaims: 4, RetryFor: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { mb.Run(ctx) })
+	defer wg.Wait()
+	defer stop()
+
+	won := make(chan bool, 16)
+	claim := func(i int) {
+		mb.Claim(&edgev1.EventClaim{SenderDeviceId: "s", EventId: fmt.Sprint(i), DeviceId: "d", UserId: "u", ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()},
+			func(w bool) { won <- w })
+	}
+	claim(0)
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if api.calls.Load() != 1 {
+			return errors.New("the first claim is not sent yet")
+		}
+		return nil
+	})
+	for i := 1; i <= 4; i++ {
+		claim(i) // waiting: at the bound
+	}
+	select {
+	case w := <-won:
+		t.Fatalf("a claim within the bound was answered (%v) before the control plane", w)
+	default:
+	}
+	claim(5)
+	select {
+	case w := <-won:
+		if !w {
+			t.Fatal("a claim beyond the bound was lost")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a claim beyond the bound waits")
+	}
+
+	// Entries until one is refused: the first batch in a call under way,
+	// the queue then at its bound.
+	stored := make(chan mailbox.Result, 8)
+	entry := func(i int) *edgev1.MailboxEntry {
+		return &edgev1.MailboxEntry{DeviceId: "d", UserId: "u", Event: []byte("e"), EventId: fmt.Sprint(i), SenderDeviceId: "s"}
+	}
+	mb.Store(entry(0), func(r mailbox.Result) { stored <- r })
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if api.calls.Load() != 2 {
+			return errors.New("the first batch is not sent yet")
+		}
+		return nil
+	})
+	queued := 1
+	for refused := false; !refused; {
+		mb.Store(entry(queued), func(r mailbox.Result) {
+			if errors.Is(r.Err, mailbox.ErrOverloaded) {
+				refused = true // (called at once, on this goroutine)
+				return
+			}
+			stored <- r
+		})
+		if !refused {
+			queued++
+		}
+		if queued > 3 {
+			t.Fatalf("%d entries queued, bound 2", queued)
+		}
+	}
+	flushed := make(chan error, 1)
+	go func() { flushed <- mb.Flush(context.Background()) }()
+	select {
+	case err := <-flushed:
+		t.Fatalf("Flush returned (%v) with entries still unwritten", err)
+	case <-time.After(100 * time.Millisecond): // a bound on a wrong answer, not a wait for a right one
+	}
+	close(api.release)
+	if err := <-flushed; err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+	for range queued {
+		if r := <-stored; r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+			t.Fatalf("a queued entry: %+v", r)
+		}
+	}
+	got := map[bool]int{}
+	for range 5 {
+		got[<-won]++
+	}
+	if got[true] != 3 || got[false] != 2 {
+		t.Fatalf("the waiting claims' answers: %v, want the control plane's (3 won, 2 lost)", got)
+	}
+	stop()
+	wg.Wait()
+	if err := mb.Flush(context.Background()); !errors.Is(err, mailbox.ErrStopped) {
+		t.Fatalf("Flush after the writer stopped: %v", err)
 	}
 }

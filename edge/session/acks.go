@@ -77,16 +77,19 @@ func (s *Session) handleReceived(ids []uint64, now time.Time) {
 func (s *Session) claim(a await) {
 	c := proto.Clone(a.claim).(*edgev1.EventClaim)
 	c.DeviceId, c.UserId = s.deviceID, s.userID
+	// Only what the answer needs: not the event, which the claim would
+	// keep in memory for as long as the control plane takes to answer.
+	f, mbSeq := a.f, a.mbSeq
 	s.hub.cfg.Mailbox.Claim(c, func(won bool) {
 		if !won {
 			s.out.control(&relayv1.Frame{Kind: &relayv1.Frame_Cancel{Cancel: &relayv1.Cancel{EventId: c.GetEventId(), SenderDeviceId: c.GetSenderDeviceId()}}})
 		}
-		if a.mbSeq != 0 {
-			s.hub.cfg.Mailbox.Ack(s.deviceID, a.mbSeq)
+		if mbSeq != 0 {
+			s.hub.cfg.Mailbox.Ack(s.deviceID, mbSeq)
 			s.mailboxAcked(1)
 			return
 		}
-		a.f.confirm(s.hub.cfg.Now())
+		f.confirm(s.hub.cfg.Now())
 	})
 }
 
