@@ -145,6 +145,17 @@ func TestMembershipThroughFollower(t *testing.T) {
 	if got := c.VoterIDs(c.Leader()); len(got) != 2 {
 		t.Fatalf("voters %v after remove", got)
 	}
+	// The removed node goes on running until it is stopped: it answers a
+	// write unavailable, so that a client (an edge, relayctl) takes its
+	// call to another node instead of taking the refusal as final.
+	victimUsers := controlv1connect.NewUserServiceClient(httpClient(t), url(victim), connect.WithInterceptors(bearer(c.AdminToken())))
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		_, err := victimUsers.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: "after-removal"}))
+		if connect.CodeOf(err) != connect.CodeUnavailable {
+			return fmt.Errorf("a write through the removed node: %v, want unavailable", err)
+		}
+		return nil
+	})
 	// A mistyped id, or one removed already, is not reported removed
 	// (hashicorp/raft takes an id it does not know as done): the operator
 	// would go on to stop and wipe a node that is still a voter.

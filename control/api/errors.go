@@ -28,13 +28,16 @@ func toConnect(err error) error {
 		code = connect.CodeNotFound
 	case errors.Is(err, fsm.ErrAlreadyExists):
 		code = connect.CodeAlreadyExists
-	case errors.Is(err, fsm.ErrFailedPrecondition), errors.Is(err, raftnode.ErrRemoved):
+	case errors.Is(err, fsm.ErrFailedPrecondition):
 		code = connect.CodeFailedPrecondition
 	case errors.Is(err, fsm.ErrCompacted):
 		code = connect.CodeOutOfRange
 	case errors.Is(err, raftnode.ErrNoLeader), errors.Is(err, raftnode.ErrNotLeader),
 		errors.Is(err, raftnode.ErrShutdown), errors.Is(err, raftnode.ErrUnknownOutcome), errors.Is(err, raftnode.ErrNotInitialized),
-		errors.Is(err, errNoCA):
+		errors.Is(err, errNoCA),
+		// A node removed from the cluster, which still runs: another node
+		// can serve the call (an edge or relayctl moves on).
+		errors.Is(err, raftnode.ErrRemoved):
 		code = connect.CodeUnavailable
 	case errors.Is(err, context.DeadlineExceeded):
 		code = connect.CodeDeadlineExceeded
