@@ -186,6 +186,14 @@ func (c *Config) applyDefaults() error {
 	if n != 0 && n != 3 {
 		return errors.New("TLS needs --tls-cert, --tls-key and --tls-ca together")
 	}
+	// Every mailbox write carries the quotas, and the state refuses one
+	// above its caps: a node would fail every write it took.
+	if q := c.Mailbox.MaxEntriesPerDevice; q > fsm.MaxMailboxQuotaEntries {
+		return fmt.Errorf("--mailbox-max-entries %d is above the cap %d", q, fsm.MaxMailboxQuotaEntries)
+	}
+	if q := c.Mailbox.MaxBytesPerDevice; q > fsm.MaxMailboxQuotaBytes {
+		return fmt.Errorf("--mailbox-max-bytes %d is above the cap %d", q, fsm.MaxMailboxQuotaBytes)
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}

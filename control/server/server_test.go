@@ -10,7 +10,9 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/server"
 )
 
@@ -108,6 +110,10 @@ func TestConfigValidation(t *testing.T) {
 		"no api addr":        {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0"},
 		"bootstrap and join": {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", Bootstrap: true, Join: []string{"b"}},
 		"half tls":           {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", CertFile: "c"},
+		"mailbox entries above the cap": {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",
+			Mailbox: api.MailboxConfig{MaxEntriesPerDevice: fsm.MaxMailboxQuotaEntries + 1}},
+		"mailbox bytes above the cap": {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",
+			Mailbox: api.MailboxConfig{MaxBytesPerDevice: fsm.MaxMailboxQuotaBytes + 1}},
 	}
 	for name, cfg := range cases {
 		t.Run(name, func(t *testing.T) {
