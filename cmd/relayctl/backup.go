@@ -34,7 +34,7 @@ encrypted to that key.`,
 			return a.backup(cmd.Context(), args[0], key)
 		},
 	}
-	cmd.Flags().StringVar(&keyFile, "key-file", "", "age identity file to encrypt the backup to [RELAYCTL_BACKUP_KEY_FILE]")
+	cmd.Flags().StringVar(&keyFile, "key-file", "", "age identity file to encrypt the backup to [RELAYCTL_BACKUP_KEY_FILE]; or the key itself in RELAY_BACKUP_KEY")
 	cmd.AddCommand(a.backupVerifyCommand(), a.backupKeygenCommand())
 	return cmd
 }
@@ -138,7 +138,7 @@ backup in it, oldest first, and fails if any does not verify.`,
 			return failed
 		},
 	}
-	cmd.Flags().StringVar(&keyFile, "key-file", "", "age identity file the backup is encrypted to [RELAYCTL_BACKUP_KEY_FILE]")
+	cmd.Flags().StringVar(&keyFile, "key-file", "", "age identity file the backup is encrypted to [RELAYCTL_BACKUP_KEY_FILE]; or the key itself in RELAY_BACKUP_KEY")
 	return cmd
 }
 

@@ -160,7 +160,10 @@ device on an edge.
 Global flags may come before or after the command, and each can also be set
 from the environment variable named in its help (RELAYCTL_SERVER, ...). With
 several --server endpoints (or the members a login learnt), calls that are safe
-to repeat are retried on another member when one fails.`,
+to repeat are retried on another member when one fails.
+
+"relayctl login" keeps its tokens in the user's cache directory; set
+RELAYCTL_TOKEN to an access token to use it instead (scripts, CI).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {

@@ -194,7 +194,7 @@ func (a *app) relayCommand() *cobra.Command {
 	send.register(sendCmd)
 	sendCmd.Flags().StringSliceVar(&targets, "to", nil, "target device id (repeatable; default: all the user's other devices)")
 	sendCmd.Flags().StringVar(&typ, "type", "text", "event type")
-	sendCmd.Flags().DurationVar(&ttl, "ttl", client.DefaultTTL, "how long the event may wait for its targets, at least 1ms; the edge expires it only after this plus its clock-skew tolerance (5 minutes), so a target may still receive it up to TTL+5m after it was sent")
+	sendCmd.Flags().DurationVar(&ttl, "ttl", client.DefaultTTL, "how long the event may wait for its targets, at least 1ms; the edge expires it only after this plus its clock-skew tolerance (the edge's --skew-tolerance, 5m by default), so a target may still receive it up to that much after the TTL")
 	sendCmd.Flags().BoolVar(&eph, "ephemeral", false, "send without storage or acknowledgement")
 
 	var listen relayFlags

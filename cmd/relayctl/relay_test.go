@@ -89,7 +89,7 @@ func TestRelaySendRefusesTTLUnderAMillisecond(t *testing.T) {
 		t.Errorf("relay send --ttl 1ms: %v", err)
 	}
 	out, _, err := runRelay(t, "send", "--help")
-	if err != nil || !strings.Contains(out, "clock-skew tolerance (5 minutes)") {
+	if err != nil || !strings.Contains(out, "clock-skew tolerance (the edge's --skew-tolerance, 5m by default)") {
 		t.Errorf("relay send --help does not say the event outlives its TTL by the skew tolerance: %v\n%s", err, out)
 	}
 }

@@ -35,7 +35,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	cfg.Session.Limits = l
 	fs.StringVar(&cfg.EdgeID, "edge-id", host, "this edge's id, signed into every device handshake")
 	fs.StringVar(&cfg.Addr, "addr", "127.0.0.1:7443", "where devices connect: UDP (QUIC, WebTransport) and TCP (HTTPS) on this port")
-	fs.StringVar(&cfg.AdminAddr, "admin-addr", "", "plain-HTTP address for /metrics, /healthz, /readyz and certificate hashes (empty: off)")
+	fs.StringVar(&cfg.AdminAddr, "admin-addr", "", "plain-HTTP address for /metrics, /healthz, /readyz, certificate hashes, the console and /debug/pprof/ (keep it private; empty: off)")
 	fs.StringVar(&cfg.CertFile, "tls-cert", "", "PEM certificate for devices (empty: self-signed, 10 days, renewed, hash published)")
 	fs.StringVar(&cfg.KeyFile, "tls-key", "", "PEM private key for --tls-cert")
 	fs.BoolVar(&cfg.ClusterTLSTickets, "cluster-tls-tickets", false, "seal TLS 1.3 session tickets with the cluster's session keys, so devices resume TLS on any edge (its keys then also let whoever holds them impersonate an edge to a resuming device: see docs/protocol.md)")
@@ -59,7 +59,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.IntVar(&cfg.Session.Limits.BytesPerSecond, "bytes-per-second", l.BytesPerSecond, "bytes per second per device, every frame counted as sent and each mailbox copy of an event (above it the edge reads more slowly)")
 	fs.IntVar(&cfg.Session.Limits.FramesPerSecond, "frames-per-second", l.FramesPerSecond, "frames of any kind per second per device (above it the edge reads more slowly)")
 	fs.DurationVar(&cfg.Session.Limits.FrameTimeout, "frame-timeout", l.FrameTimeout, "how long a frame may take from its first byte to its last")
-	fs.DurationVar(&cfg.Session.WriteTimeout, "write-timeout", 20*time.Second, "close a device that takes nothing the edge writes for this long (SLOW_CONSUMER)")
+	fs.DurationVar(&cfg.Session.WriteTimeout, "write-timeout", 20*time.Second, "close a device that takes less than 64 KiB of what the edge writes in this long (SLOW_CONSUMER)")
 	fs.DurationVar(&cfg.Session.ResumeWindow, "resume-window", 30*time.Second, "how far a resume proof's time may be from the edge's clock")
 	fs.DurationVar(&cfg.Session.TicketTTL, "ticket-ttl", time.Hour, "lifetime of resume tickets")
 	fs.DurationVar(&cfg.Session.MaxSessionAge, "max-session-age", 24*time.Hour, "how long a proof of key lasts before the device must sign again")
