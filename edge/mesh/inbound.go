@@ -173,15 +173,22 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		m.presMu.Unlock()
 	}
 	defer func() {
+		// presMu first, held until the peer's presence is forgotten: a
+		// newer link of the peer that registered in between (after this
+		// one was taken out, before its presence went) would otherwise
+		// have the set it brought forgotten with this one's.
+		m.presMu.Lock()
 		m.mu.Lock()
 		current := m.inbound[peer] == in
 		if current {
 			delete(m.inbound, peer)
 		}
 		m.mu.Unlock()
-		if current {
-			m.dropPeer(peer)
+		if !current {
+			m.presMu.Unlock()
+			return
 		}
+		m.dropPeerLocked(peer)
 	}()
 
 	var wg sync.WaitGroup

@@ -576,9 +576,9 @@ func (m *Mesh) Online(userID string) []string {
 	return out
 }
 
-// dropPeer forgets what a peer announced (its link went away).
-func (m *Mesh) dropPeer(peer string) {
-	m.presMu.Lock()
+// dropPeerLocked forgets what a peer announced (its link went away), and
+// releases presMu, which the caller holds.
+func (m *Mesh) dropPeerLocked(peer string) {
 	m.forgetPeerLocked(peer)
 	m.metrics.devices.Set(float64(len(m.where)))
 	ev := m.takeEvents()

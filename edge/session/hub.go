@@ -526,6 +526,12 @@ func (h *Hub) unregister(s *Session) {
 	r.mu.Unlock()
 	if current && h.cfg.Remote != nil {
 		h.cfg.Remote.Announce(s.presence(), false)
+		if _, ok := h.cfg.Remote.Locate(s.deviceID); ok {
+			// The device is online on another edge: it moved there, and
+			// that edge's newer session closed this one. The others were
+			// told it is online when the mesh learnt of it.
+			others = nil
+		}
 	}
 	for _, o := range others {
 		o.out.control(presence(s.deviceID, false))

@@ -640,6 +640,82 @@ func TestPresence(t *testing.T) {
 	a.next("b offline", isPresence("b", false))
 }
 
+// lastPresence reads o's frames up to a ping's answer and returns what o
+// was last told of device: "on", "off", or "" when nothing.
+func lastPresence(o *dev, device string) string {
+	o.t.Helper()
+	last := ""
+	o.expectNothing("", func(f *relayv1.Frame) bool {
+		if p := f.GetPresence(); p != nil && p.GetDeviceId() == device {
+			last = map[bool]string{true: "on", false: "off"}[p.GetOnline()]
+		}
+		return false
+	})
+	return last
+}
+
+// movedRemote is a mesh that says which devices other edges hold.
+type movedRemote struct {
+	heldRemote
+	mu    sync.Mutex
+	where map[string]string
+}
+
+func (r *movedRemote) Locate(d string) (string, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.where[d]
+	return e, ok
+}
+
+// A device that moves to another edge stays online for its user's other
+// devices on the edge it left: the mesh tells them it is online there,
+// and the close of its older session here, which follows, must not tell
+// them it went offline. And on the edge it moved to, the old edge
+// forgetting it (its old session's offline, or that edge's link going
+// down) does not make it offline there either.
+func TestAMovedDeviceStaysOnline(t *testing.T) {
+	remote := &movedRemote{heldRemote: heldRemote{ch: make(chan heldForward, 16)}, where: map[string]string{}}
+	e := newEnv(t, func(c *Config) { c.Remote = remote })
+	e.devices("u1", "o", "d")
+	o, d := e.online("o"), e.online("d")
+	if got := lastPresence(o, "d"); got != "on" {
+		t.Fatalf("before the move o was told d is %q", got)
+	}
+	// d connects to edge B, whose session is newer.
+	remote.mu.Lock()
+	remote.where["d"] = "B"
+	remote.mu.Unlock()
+	e.hub.PeerPresence("u1", "d", true)
+	e.hub.PeerHolds("u1", "d", time.Now().Add(time.Second), "elsewhere", "B")
+	if c := d.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_REPLACED {
+		t.Fatalf("d's session here: %v", c)
+	}
+	waitFor(t, "d's session here gone", func() bool {
+		e.hub.mu.Lock()
+		defer e.hub.mu.Unlock()
+		return len(e.hub.ended) == 1
+	})
+	if got := lastPresence(o, "d"); got != "on" {
+		t.Fatalf("o was last told d is %q, while d is online on B", got)
+	}
+
+	// d comes back here; then B forgets it.
+	d = e.online("d")
+	remote.mu.Lock()
+	delete(remote.where, "d")
+	remote.mu.Unlock()
+	e.hub.PeerPresence("u1", "d", false)
+	if got := lastPresence(o, "d"); got != "on" {
+		t.Fatalf("o was last told d is %q, while d is connected here", got)
+	}
+	// Gone from everywhere: offline.
+	d.send(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
+	o.next("d offline", func(f *relayv1.Frame) bool {
+		return f.GetPresence().GetDeviceId() == "d" && !f.GetPresence().GetOnline()
+	})
+}
+
 func TestRevocationClosesAndFailsInFlight(t *testing.T) {
 	e := newEnv(t, nil)
 	for _, id := range []string{"a", "b"} {

@@ -319,8 +319,13 @@ func (s *Session) presence() *edgev1.DevicePresence {
 }
 
 // PeerPresence tells the user's devices here that one of their devices
-// came online on another edge, or is on none any more.
+// came online on another edge, or is on none any more. A device with a
+// session here is online whatever the other edges say: it moved here,
+// and the edge it left forgot it.
 func (h *Hub) PeerPresence(userID, deviceID string, online bool) {
+	if !online && len(h.sessionsOf(userID, deviceID)) > 0 {
+		return
+	}
 	for _, s := range h.sessionsOf(userID, "") {
 		if s.deviceID != deviceID {
 			s.out.control(presence(deviceID, online))
