@@ -34,7 +34,7 @@ run: build
 build:
 	@mkdir -p $(BIN)
 	@[ -f $(BIN)/relayd ] || echo "building bin/relayd and bin/relayctl; the first build compiles every dependency (4 to 5 minutes on 2 cores: see README)..."
-	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/...
+	CGO_ENABLED=0 $(GO) build -ldflags='$(VERSION_LDFLAGS)' -o $(BIN)/ ./cmd/...
 
 ## test: everything CI checks: generated code fresh, vet, formatting, tests with -race.
 test: verify-proto vet lint-fmt test-tools
@@ -179,7 +179,11 @@ IMAGE_BASE ?= gcr.io/distroless/static-debian12:nonroot
 IMAGE_ARCH ?= $(shell $(GO) env GOARCH)
 VERSION    ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REVISION   ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
-GO_LDFLAGS := -s -w
+# The release relayd and relayctl say they are (relayd version,
+# relay_build_info): internal/buildinfo.
+VERSION_LDFLAGS = -X github.com/edge-relay/relay/internal/buildinfo.version=$(VERSION) \
+	-X github.com/edge-relay/relay/internal/buildinfo.revision=$(REVISION)
+GO_LDFLAGS = -s -w $(VERSION_LDFLAGS)
 
 ## image-bin: static linux binaries for the image into bin/image/linux/$(IMAGE_ARCH).
 image-bin:

@@ -269,3 +269,23 @@ func TestNobodyListens(t *testing.T) {
 		t.Fatal("did not give up once every member refused for noListenerGrace")
 	}
 }
+
+// version --client asks no server; version without it says relayctl's
+// release, then fails with why the node's is unknown.
+func TestVersionWithoutAServer(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	env := map[string]string{"RELAYCTL_CONFIG_DIR": t.TempDir(), "RELAYCTL_SERVER": "http://" + addr}
+	out, _, err := runEnv(t, env, "version", "--client")
+	if err != nil || !strings.HasPrefix(out, "relayctl devel (go") || strings.Count(out, "\n") != 1 {
+		t.Fatalf("version --client: %v, printed %q", err, out)
+	}
+	out, _, err = runEnv(t, env, "--timeout", "2s", "version")
+	if err == nil || !strings.Contains(err.Error(), "the control node's release") || !strings.HasPrefix(out, "relayctl devel (go") {
+		t.Fatalf("version with nobody listening: %v, printed %q", err, out)
+	}
+}

@@ -91,16 +91,34 @@ func (a *app) clusterCommand() *cobra.Command {
 	return cmd
 }
 
-func (a *app) clusterStatus(ctx context.Context) error {
+// status asks a member for the cluster's status (what for names the call
+// in errors).
+func (a *app) status(ctx context.Context, what string) (*controlv1.StatusResponse, error) {
 	var resp *connect.Response[controlv1.StatusResponse]
-	err := a.call(ctx, "cluster status", retryAlways, func(ctx context.Context, base string) (err error) {
+	err := a.call(ctx, what, retryAlways, func(ctx context.Context, base string) (err error) {
 		resp, err = a.clusterClient(base).Status(ctx, connect.NewRequest(&controlv1.StatusRequest{}))
 		return err
 	})
 	if err != nil {
+		return nil, err
+	}
+	return resp.Msg, nil
+}
+
+// releaseOf is a status's release, or what to print when the node's
+// release predates the field.
+func releaseOf(st *controlv1.StatusResponse) string {
+	if v := st.GetVersion(); v != "" {
+		return v
+	}
+	return "(a release that does not say)"
+}
+
+func (a *app) clusterStatus(ctx context.Context) error {
+	st, err := a.status(ctx, "cluster status")
+	if err != nil {
 		return err
 	}
-	st := resp.Msg
 	return a.print(st, func() error {
 		leader := st.GetLeaderId()
 		if leader == "" {
@@ -110,8 +128,8 @@ func (a *app) clusterStatus(ctx context.Context) error {
 		if history == "" {
 			history = "(none yet)"
 		}
-		fmt.Fprintf(a.stdout, "node %s is %s, term %d, leader %s\ncommit index %d, applied index %d, last snapshot %d\ncluster history %s\n\n",
-			st.GetNodeId(), st.GetState(), st.GetTerm(), leader, st.GetCommitIndex(), st.GetAppliedIndex(), st.GetLastSnapshotIndex(), history)
+		fmt.Fprintf(a.stdout, "node %s is %s, term %d, leader %s\ncommit index %d, applied index %d, last snapshot %d\ncluster history %s\nrelease %s\n\n",
+			st.GetNodeId(), st.GetState(), st.GetTerm(), leader, st.GetCommitIndex(), st.GetAppliedIndex(), st.GetLastSnapshotIndex(), history, releaseOf(st))
 		w := a.table()
 		fmt.Fprintln(w, "ID\tROLE\tRAFT ADDRESS\tAPI ADDRESS\tLEADER\tFEATURES")
 		for _, m := range st.GetMembers() {

@@ -194,7 +194,7 @@ RELAYCTL_TOKEN to an access token to use it instead (scripts, CI).`,
 	}
 	relay := a.relayCommand()
 	relay.GroupID = "device"
-	root.AddCommand(relay)
+	root.AddCommand(relay, a.versionCommand())
 	// Cobra adds its completion group itself, at Execute; added now, it
 	// refuses unknown subcommands like the others. (It takes its output
 	// writer as it is made: set it first.)

@@ -150,8 +150,14 @@ func TestJSONOutputForEveryCommand(t *testing.T) {
 	}
 	r.json(srv, "", "keys", "list")
 	// The cluster's identity in the Raft cluster check: 16 random bytes, hex.
-	if v := r.json(srv, "", "cluster", "status"); len(fmt.Sprint(v["history"])) != 32 {
-		t.Fatalf("cluster status names no history: %v", v)
+	if v := r.json(srv, "", "cluster", "status"); len(fmt.Sprint(v["history"])) != 32 || !strings.HasPrefix(fmt.Sprint(v["version"]), "devel (") {
+		t.Fatalf("cluster status names no history or no release: %v", v)
+	}
+	// The release of relayctl and of the node that answers (a test binary
+	// is not stamped: "devel").
+	if v := r.json(srv, "", "version"); !strings.HasPrefix(fmt.Sprint(v["client"]), "devel (go") ||
+		!strings.HasPrefix(fmt.Sprint(v["server"]), "devel (go") || v["nodeId"] == "" || v["nodeId"] == nil {
+		t.Fatalf("version: %v", v)
 	}
 	if v := r.json(srv, "", "cluster", "transfer-leader"); v["leaderId"] == nil {
 		t.Fatalf("cluster transfer-leader: %v", v)

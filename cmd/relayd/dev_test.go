@@ -49,6 +49,12 @@ func TestDevDeploymentRelaysBetweenDevices(t *testing.T) {
 	if len(hashes.Hashes) == 0 {
 		t.Fatal("the edge publishes no certificate hash")
 	}
+	// Both processes say which release they run, as the build stamped it.
+	for _, a := range []string{admin, edgeAdmin} {
+		if m := get(t, "http://"+a+"/metrics"); !strings.Contains(m, `relay_build_info{goversion="go`) || !strings.Contains(m, `revision="0123456789ab",version="`+stampedVersion+`"} 1`) {
+			t.Fatalf("%s/metrics lacks relay_build_info for the stamped release", a)
+		}
+	}
 	// The banner points a browser at the device console on the edge's
 	// admin port.
 	resp, err := http.Get("http://" + edgeAdmin + "/")

@@ -29,7 +29,8 @@ func TestMain(m *testing.M) {
 	bins.relayd = filepath.Join(dir, "relayd")
 	bins.relayctl = filepath.Join(dir, "relayctl")
 	for _, b := range []struct{ out, pkg string }{{bins.relayd, "."}, {bins.relayctl, "../relayctl"}} {
-		args := []string{"build", "-o", b.out}
+		// Stamped as a release is (Makefile), for TestBinariesSayTheirRelease.
+		args := []string{"build", "-o", b.out, "-ldflags", "-X " + stampedVersionFlag + " -X " + stampedRevisionFlag}
 		if raceBuild {
 			args = append(args, "-race")
 		}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/edge-relay/relay/control/backup"
 	"github.com/edge-relay/relay/control/server"
+	"github.com/edge-relay/relay/internal/buildinfo"
 	"github.com/edge-relay/relay/internal/flagenv"
 	"github.com/edge-relay/relay/internal/memlimit"
 	"github.com/edge-relay/relay/internal/telemetry"
@@ -53,6 +54,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, topUsage)
 		return nil
+	case "version", "--version":
+		fmt.Fprintln(stdout, "relayd", buildinfo.Get())
+		return nil
 	}
 	fmt.Fprint(stderr, topUsage)
 	return fmt.Errorf("unknown command %q", args[0])
@@ -64,6 +68,7 @@ Commands:
   control   run a control-plane node (Raft member serving the Connect API)
   edge      run an edge (devices connect over QUIC and WebTransport)
   dev       run a single-machine deployment (a control node and an edge) with embedded defaults
+  version   print the release this binary is
 
 Run "relayd <command> --help" for the flags of a command.
 `

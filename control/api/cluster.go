@@ -14,6 +14,7 @@ import (
 
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
+	"github.com/edge-relay/relay/internal/buildinfo"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
@@ -45,7 +46,7 @@ func (s *ClusterServer) Status(_ context.Context, _ *connect.Request[controlv1.S
 	out := &controlv1.StatusResponse{
 		NodeId: st.NodeID, State: st.State, LeaderId: st.LeaderID, LeaderApiAddr: st.LeaderAPIAddr,
 		Term: st.Term, CommitIndex: st.CommitIndex, AppliedIndex: st.AppliedIndex,
-		LastSnapshotIndex: st.LastSnapshotIndex, History: history,
+		LastSnapshotIndex: st.LastSnapshotIndex, History: history, Version: buildinfo.Get().String(),
 	}
 	for _, m := range st.Members {
 		suf := controlv1.Suffrage_SUFFRAGE_NONVOTER

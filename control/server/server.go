@@ -34,6 +34,7 @@ import (
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/openapi"
 	"github.com/edge-relay/relay/control/raftnode"
+	"github.com/edge-relay/relay/internal/buildinfo"
 	"github.com/edge-relay/relay/internal/certpool"
 	"github.com/edge-relay/relay/internal/connbound"
 	"github.com/edge-relay/relay/internal/profiler"
@@ -271,7 +272,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), reg: prometheus.NewRegistry(), ready: make(chan struct{})}
-	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildinfo.Get().Collector())
 	dirs := []diskDir{{"data", cfg.DataDir}}
 	if cfg.BackupDir != "" {
 		dirs = append(dirs, diskDir{"backups", cfg.BackupDir})
@@ -449,7 +450,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 			return nil, err
 		}
 	}
-	s.log.Info("control node serving", "api", apiAdv, "raft", s.node.RaftAddr(), "admin", s.AdminAddr())
+	s.log.Info("control node serving", "api", apiAdv, "raft", s.node.RaftAddr(), "admin", s.AdminAddr(), "version", buildinfo.Get().String())
 	return s, nil
 }
 

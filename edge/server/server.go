@@ -39,6 +39,7 @@ import (
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/edge/transport"
 	"github.com/edge-relay/relay/edge/web"
+	"github.com/edge-relay/relay/internal/buildinfo"
 	"github.com/edge-relay/relay/internal/connbound"
 	"github.com/edge-relay/relay/internal/profiler"
 	"github.com/edge-relay/relay/internal/telemetry"
@@ -222,6 +223,10 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if cfg.Registry == nil {
 		cfg.Registry = prometheus.NewRegistry()
 		cfg.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	// (A registry shared with another server of this process has it.)
+	if err := cfg.Registry.Register(buildinfo.Get().Collector()); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
+		return nil, fmt.Errorf("register relay_build_info: %w", err)
 	}
 	for _, a := range []struct{ what, v string }{{"public address", cfg.PublicAddr}, {"mesh advertise address", cfg.MeshAdvertise}} {
 		if a.v == "" {
@@ -449,7 +454,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	s.bg.Go(func() { s.register(bgCtx) })
 	s.ready.Store(true)
-	s.log.Info("edge listening", "quic", s.listener.Addr().String(), "https", s.httpsLn.Addr().String(), "admin", s.AdminURL())
+	s.log.Info("edge listening", "quic", s.listener.Addr().String(), "https", s.httpsLn.Addr().String(), "admin", s.AdminURL(), "version", buildinfo.Get().String())
 	return s, nil
 }
 

@@ -219,7 +219,10 @@ type StatusResponse struct {
 	// and each restore from a backup. Empty while the node has no state.
 	// A node that joins asks for it first, and takes Raft traffic from
 	// that cluster only.
-	History       string `protobuf:"bytes,10,opt,name=history,proto3" json:"history,omitempty"`
+	History string `protobuf:"bytes,10,opt,name=history,proto3" json:"history,omitempty"`
+	// The release the answering node runs ("v1.4.0 (0123456789ab,
+	// go1.26.8)"; relayd version). Empty from releases before the field.
+	Version       string `protobuf:"bytes,11,opt,name=version,proto3" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -320,6 +323,13 @@ func (x *StatusResponse) GetMembers() []*Member {
 func (x *StatusResponse) GetHistory() string {
 	if x != nil {
 		return x.History
+	}
+	return ""
+}
+
+func (x *StatusResponse) GetVersion() string {
+	if x != nil {
+		return x.Version
 	}
 	return ""
 }
@@ -707,7 +717,7 @@ const file_control_v1_cluster_proto_rawDesc = "" +
 	"\bsuffrage\x18\x04 \x01(\x0e2\x14.control.v1.SuffrageR\bsuffrage\x12\x16\n" +
 	"\x06leader\x18\x05 \x01(\bR\x06leader\x12\x1a\n" +
 	"\bfeatures\x18\x06 \x03(\tR\bfeatures\"\x0f\n" +
-	"\rStatusRequest\"\xd8\x02\n" +
+	"\rStatusRequest\"\xf2\x02\n" +
 	"\x0eStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1b\n" +
@@ -719,7 +729,8 @@ const file_control_v1_cluster_proto_rawDesc = "" +
 	"\x13last_snapshot_index\x18\b \x01(\x04R\x11lastSnapshotIndex\x12,\n" +
 	"\amembers\x18\t \x03(\v2\x12.control.v1.MemberR\amembers\x12\x18\n" +
 	"\ahistory\x18\n" +
-	" \x01(\tR\ahistory\"Y\n" +
+	" \x01(\tR\ahistory\x12\x18\n" +
+	"\aversion\x18\v \x01(\tR\aversion\"Y\n" +
 	"\x0fAddVoterRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x19\n" +
