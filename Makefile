@@ -76,12 +76,14 @@ lint-fmt:
 fmt:
 	gofmt -w $$(git ls-files '*.go')
 
-## proto: regenerate the committed Go code from proto/ (and its digest).
+## proto: regenerate the committed Go code from proto/ (and its digest, and
+## docs/openapi.json, which the compiled descriptors make).
 proto:
 	@echo "buf and the protoc plugins are built on first use (minutes on 2 cores)..."
 	$(BUF) lint
 	$(BUF) generate
 	@$(PROTO_SUM) > proto/generated.sum
+	$(GO) test ./control/openapi -run TestCommittedDocumentIsCurrent -update >/dev/null
 
 ## web: rebuild the browser client and console page (edge/web/dist, committed
 ## and embedded in relayd) after changing edge/web or proto/relay; needs npm,
