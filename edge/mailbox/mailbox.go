@@ -78,10 +78,12 @@ type Config struct {
 	// MaxBatchBytes bounds the events' bytes of one PutMailbox [8 MiB;
 	// the control plane refuses a call over 16 MiB whole].
 	MaxBatchBytes int
-	// History names the control plane's history acks are queued in (the
-	// watch feed's; edge/directory's History) [none: acks unchecked]. An
-	// ack queued before a restore is refused after it, not applied to the
-	// restored history's entries of the same seqs.
+	// History names the control plane's history (the watch feed's;
+	// edge/directory's History) [none: acks unchecked]. A page fetched
+	// carries the one named before it was read, and its entries' acks
+	// are sent in it: an ack of an entry read before a restore is refused
+	// after it, not applied to the restored history's entries of the same
+	// seqs.
 	History func() string
 	// RetryFor is how long a batch is retried while the control plane is
 	// unavailable (retries are safe: a stored entry is stored once) [30s].
@@ -233,13 +235,20 @@ func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
 	signal(c.wake)
 }
 
-// Fetch reads a device's entries after seq.
+// Fetch reads a device's entries after seq. The page names the history
+// known before the read: if the control plane moved to another one
+// meanwhile, the acks of its entries are refused and they come again,
+// rather than deleting another history's entries.
 func (c *Client) Fetch(ctx context.Context, deviceID string, after uint64, limit, maxBytes int) (session.MailboxPage, error) {
+	var history string
+	if c.cfg.History != nil {
+		history = c.cfg.History()
+	}
 	resp, err := c.cfg.API.FetchMailbox(ctx, deviceID, after, clampUint32(limit), clampUint32(maxBytes))
 	if err != nil {
 		return session.MailboxPage{}, fmt.Errorf("fetch mailbox of %s: %w", deviceID, err)
 	}
-	return session.MailboxPage{Entries: resp.GetEntries(), More: resp.GetMore(), Revision: resp.GetRevision()}, nil
+	return session.MailboxPage{Entries: resp.GetEntries(), More: resp.GetMore(), Revision: resp.GetRevision(), History: history}, nil
 }
 
 // clampUint32 is n as a request's count, 0 for a negative n.
@@ -247,15 +256,13 @@ func clampUint32(n int) uint32 {
 	return uint32(min(max(n, 0), math.MaxUint32))
 }
 
-// Ack queues deletions of a device's entries (written in batches).
-func (c *Client) Ack(deviceID string, seqs ...uint64) {
+// Ack queues deletions of a device's entries, read from a page of
+// history (MailboxPage.History; "": unchecked), written in batches.
+func (c *Client) Ack(deviceID, history string, seqs ...uint64) {
 	if len(seqs) == 0 {
 		return
 	}
-	k := ackKey{device: deviceID}
-	if c.cfg.History != nil {
-		k.history = c.cfg.History()
-	}
+	k := ackKey{device: deviceID, history: history}
 	c.mu.Lock()
 	c.acks[k] = append(c.acks[k], seqs...)
 	delete(c.full, deviceID) // the acks make room

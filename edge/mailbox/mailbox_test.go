@@ -160,7 +160,7 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	for _, e := range entries[:10] {
 		seqs = append(seqs, e.GetSeq())
 	}
-	mb.Ack(devID, seqs...)
+	mb.Ack(devID, page.History, seqs...)
 	clustertest.Eventually(t, 10*time.Second, func() error {
 		left, err := mb.Fetch(ctx, devID, 0, 100, 0)
 		if err != nil || len(left.Entries) != n-10 {
@@ -250,7 +250,7 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	big.Ack(devID, stored...)
+	big.Ack(devID, "", stored...)
 	clustertest.Eventually(t, 10*time.Second, func() error {
 		left, err := fetchAll(ctx, big, devID)
 		if err != nil || left != before-len(stored) {
@@ -433,5 +433,33 @@ func TestAStalledControlPlaneBoundsClaimsAndFlushWaits(t *testing.T) {
 	wg.Wait()
 	if err := mb.Flush(context.Background()); !errors.Is(err, mailbox.ErrStopped) {
 		t.Fatalf("Flush after the writer stopped: %v", err)
+	}
+}
+
+// historyChangingAPI answers a fetch after the history moved on (the
+// control plane was restored while the read was under way).
+type historyChangingAPI struct {
+	mailbox.API
+	history *atomic.Value
+}
+
+func (a historyChangingAPI) FetchMailbox(context.Context, string, uint64, uint32, uint32) (*edgev1.FetchMailboxResponse, error) {
+	a.history.Store("restored")
+	return &edgev1.FetchMailboxResponse{Entries: []*edgev1.MailboxEntry{{Seq: 1}}}, nil
+}
+
+// A page names the history known before it was read: its acks are then
+// refused by a control plane restored meanwhile (the entries come again)
+// instead of deleting the restored history's entries of the same seqs.
+func TestAPageNamesTheHistoryBeforeItsRead(t *testing.T) {
+	var history atomic.Value
+	history.Store("before")
+	mb, err := mailbox.New(mailbox.Config{API: historyChangingAPI{history: &history}, History: func() string { return history.Load().(string) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, err := mb.Fetch(context.Background(), "d", 0, 10, 0)
+	if err != nil || page.History != "before" || len(page.Entries) != 1 {
+		t.Fatalf("page %+v, %v; want history %q", page, err, "before")
 	}
 }

@@ -18,6 +18,8 @@ type await struct {
 	f     *inflight
 	event []byte
 	mbSeq uint64
+	// mbHistory is the history of the page the entry came from.
+	mbHistory string
 	// For an "any one" event: what to claim when the device acknowledges.
 	claim *edgev1.EventClaim
 	// size is the encoded event's length, which the queue counts until
@@ -38,6 +40,7 @@ func (s *Session) track(id uint64, a await) {
 // handleReceived takes the device's acknowledgements, read at now.
 func (s *Session) handleReceived(ids []uint64, now time.Time) {
 	var acked []uint64
+	history := "" // the history of the pages the acked entries came from
 	settled, settledBytes := 0, 0
 	for _, id := range ids {
 		s.awaitMu.Lock()
@@ -52,8 +55,13 @@ func (s *Session) handleReceived(ids []uint64, now time.Time) {
 		case !ok:
 		case a.claim != nil && s.hub.cfg.Mailbox != nil:
 			s.claim(a)
+		case a.mbSeq != 0 && (len(acked) == 0 || a.mbHistory == history):
+			acked, history = append(acked, a.mbSeq), a.mbHistory
 		case a.mbSeq != 0:
-			acked = append(acked, a.mbSeq)
+			// Entries of two histories (the control plane was restored
+			// between two pages): each ack goes in its own.
+			s.hub.cfg.Mailbox.Ack(s.deviceID, a.mbHistory, a.mbSeq)
+			s.mailboxAcked(1)
 		default:
 			a.f.confirm(now)
 		}
@@ -66,7 +74,7 @@ func (s *Session) handleReceived(ids []uint64, now time.Time) {
 		}
 	}
 	if len(acked) > 0 {
-		s.hub.cfg.Mailbox.Ack(s.deviceID, acked...)
+		s.hub.cfg.Mailbox.Ack(s.deviceID, history, acked...)
 		s.mailboxAcked(len(acked))
 	}
 }
@@ -79,13 +87,13 @@ func (s *Session) claim(a await) {
 	c.DeviceId, c.UserId = s.deviceID, s.userID
 	// Only what the answer needs: not the event, which the claim would
 	// keep in memory for as long as the control plane takes to answer.
-	f, mbSeq := a.f, a.mbSeq
+	f, mbSeq, history := a.f, a.mbSeq, a.mbHistory
 	s.hub.cfg.Mailbox.Claim(c, func(won bool) {
 		if !won {
 			s.out.control(&relayv1.Frame{Kind: &relayv1.Frame_Cancel{Cancel: &relayv1.Cancel{EventId: c.GetEventId(), SenderDeviceId: c.GetSenderDeviceId()}}})
 		}
 		if mbSeq != 0 {
-			s.hub.cfg.Mailbox.Ack(s.deviceID, mbSeq)
+			s.hub.cfg.Mailbox.Ack(s.deviceID, history, mbSeq)
 			s.mailboxAcked(1)
 			return
 		}

@@ -33,8 +33,9 @@ type Mailbox interface {
 	// linearizable read: at most limit, and at most maxBytes of events
 	// (at least one entry; 0: as many as a page holds).
 	Fetch(ctx context.Context, deviceID string, after uint64, limit, maxBytes int) (MailboxPage, error)
-	// Ack deletes entries the device received.
-	Ack(deviceID string, seqs ...uint64)
+	// Ack deletes entries the device received, from pages of history
+	// (MailboxPage.History).
+	Ack(deviceID, history string, seqs ...uint64)
 	// Claim asks whether a device takes an "any one" event; done is
 	// called once (won is true also when the control plane could not
 	// decide: a duplicate is better than a loss).
@@ -50,6 +51,9 @@ type MailboxPage struct {
 	// stored at or before it (after the seq asked for, and still there)
 	// is in this page or after it. 0 when the control plane does not say.
 	Revision uint64
+	// History names the control plane's history the page was read in, as
+	// known before the read ("": unknown); the entries' acks name it.
+	History string
 }
 
 // mailboxState is a session's view of its device's mailbox: what has been
@@ -373,7 +377,9 @@ func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) boo
 				attribute.String("relay.device", telemetry.HashID(s.deviceID)), attribute.Int64("relay.mailbox.seq", int64(seq))).
 				end(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED)
 		}
-		switch s.out.offer(e.GetEvent(), true, false, func(id uint64) { s.track(id, await{mbSeq: seq, claim: claim, size: len(e.GetEvent())}) }) {
+		switch s.out.offer(e.GetEvent(), true, false, func(id uint64) {
+			s.track(id, await{mbSeq: seq, mbHistory: page.History, claim: claim, size: len(e.GetEvent())})
+		}) {
 		case offered:
 			m.cursor = seq
 			m.unacked++

@@ -35,6 +35,8 @@ type memMailbox struct {
 	reads     map[string]int           // fetches that read a device's mailbox
 	fetched   map[string]int           // entries those fetches returned
 	acked     map[string][]uint64
+	history   string            // the history its pages name
+	ackedIn   []string          // the history each Ack named
 	claims    map[string]string // sender/event -> the device that took it
 
 	queue chan func()
@@ -87,7 +89,7 @@ func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, lim
 		m.mu.Unlock()
 		return MailboxPage{}, errors.New("control plane unavailable")
 	}
-	rev := m.rev
+	rev, history := m.rev, m.history
 	m.reads[device]++
 	var out []*edgev1.MailboxEntry
 	more, size := false, 0
@@ -114,12 +116,13 @@ func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, lim
 			return MailboxPage{}, ctx.Err()
 		}
 	}
-	return MailboxPage{Entries: out, More: more, Revision: rev}, nil
+	return MailboxPage{Entries: out, More: more, Revision: rev, History: history}, nil
 }
 
-func (m *memMailbox) Ack(device string, seqs ...uint64) {
+func (m *memMailbox) Ack(device, history string, seqs ...uint64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.ackedIn = append(m.ackedIn, history)
 	m.rev++
 	m.acked[device] = append(m.acked[device], seqs...)
 	m.boxes[device] = slices.DeleteFunc(m.boxes[device], func(e *edgev1.MailboxEntry) bool { return slices.Contains(seqs, e.GetSeq()) })
@@ -336,6 +339,34 @@ func storedForOfflineB(t *testing.T, mod func(*Config)) (*env, *memMailbox, *dev
 	a := e.online("a")
 	a.expectAck(a.sendPayload("stored", "b"))
 	return e, mb, a
+}
+
+// A mailbox entry's ack names the history of the page it was read from,
+// not the one current when the device acknowledges: after a restore from
+// a backup the restored history numbers entries from the backup's seqs
+// again, and an ack of an entry read before it must be refused there,
+// not delete the restored entry of the same seq.
+func TestAMailboxAckNamesItsPagesHistory(t *testing.T) {
+	e, mb, _ := storedForOfflineB(t, nil)
+	mb.mu.Lock()
+	mb.history = "before"
+	mb.mu.Unlock()
+	b := e.connect("b").login()
+	d := b.nextDeliver()
+	mb.mu.Lock()
+	mb.history = "restored"
+	mb.mu.Unlock()
+	b.received(d.GetDeliveryId())
+	waitFor(t, "b's ack", func() bool {
+		mb.mu.Lock()
+		defer mb.mu.Unlock()
+		return len(mb.ackedIn) == 1
+	})
+	mb.mu.Lock()
+	defer mb.mu.Unlock()
+	if mb.ackedIn[0] != "before" {
+		t.Fatalf("the ack named history %q, want the page's, %q", mb.ackedIn[0], "before")
+	}
 }
 
 // A live event that must follow a stored one waits until the stored one
