@@ -165,13 +165,16 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		// (closed outside mu: closing waits for the connection's loop).
 		_ = old.conn.CloseWithError(0, "replaced")
 	}
+	m.presMu.Lock()
+	// What the peer announced on its last link stays until this one's
+	// full set settles it.
+	m.endGraceLocked(peer)
 	if in.status {
 		// This edge's status goes back on the link (ordered with
 		// SetControlHeard, which sends to registered links).
-		m.presMu.Lock()
 		in.send(statusFrame(m.controlHeard))
-		m.presMu.Unlock()
 	}
+	m.presMu.Unlock()
 	defer func() {
 		// presMu first, held until the peer's presence is forgotten: a
 		// newer link of the peer that registered in between (after this
@@ -183,12 +186,18 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		if current {
 			delete(m.inbound, peer)
 		}
+		// A member whose key still holds may come back: its devices wait
+		// out the grace period. Anyone else's go at once.
+		member := m.links[peer] != nil && m.keyHolds(peer, in.key)
 		m.mu.Unlock()
-		if !current {
+		switch {
+		case !current:
 			m.presMu.Unlock()
-			return
+		case member:
+			m.linkEndedLocked(peer)
+		default:
+			m.dropPeerLocked(peer)
 		}
-		m.dropPeerLocked(peer)
 	}()
 
 	var wg sync.WaitGroup

@@ -91,6 +91,14 @@ type Config struct {
 	// HelloTimeout is how long a peer that connected has to open its
 	// link's stream and send its hello [5s].
 	HelloTimeout time.Duration
+	// PresenceGrace is how long the devices a peer announced stay where
+	// they are after its link to this edge ended [10s; negative: none].
+	// A peer that reconnects within it sends its full set, which settles
+	// only what changed meanwhile: a blip of the link neither tells the
+	// users' devices here that those devices went offline and came back,
+	// nor sends the events meant for them into the mailboxes. A peer that
+	// leaves the member list is forgotten at once.
+	PresenceGrace time.Duration
 	// Logger [slog.Default()]; Registerer for metrics [none].
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -125,6 +133,9 @@ type Mesh struct {
 	// the devices it announced before that the set has not named yet:
 	// they stay where they are until its last frame.
 	unconfirmed map[string]map[string]struct{}
+	// graced holds, for a peer whose link ended, the timer that forgets
+	// what it announced once PresenceGrace has passed without a new link.
+	graced map[string]*time.Timer
 	// controlHeard is this edge's status, as SetControlHeard last set it.
 	controlHeard bool
 }
@@ -176,6 +187,9 @@ func New(cfg Config) (*Mesh, error) {
 	if cfg.HelloTimeout <= 0 {
 		cfg.HelloTimeout = 5 * time.Second
 	}
+	if cfg.PresenceGrace == 0 {
+		cfg.PresenceGrace = 10 * time.Second
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -199,7 +213,7 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	m := &Mesh{cfg: cfg, udp: udp, tr: tr, ln: ln, links: map[string]*link{}, inbound: map[string]*inbound{},
 		where: map[string]holder{}, byPeer: map[string]map[string]DevPres{}, byUser: map[string]map[string]struct{}{},
-		unconfirmed: map[string]map[string]struct{}{}}
+		unconfirmed: map[string]map[string]struct{}{}, graced: map[string]*time.Timer{}}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.metrics = metrics{
 		links: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_links", Help: "Mesh links this edge dialed that are up."}),
@@ -279,6 +293,12 @@ func (m *Mesh) Close() error {
 	m.mu.Unlock()
 	err := m.ln.Close()
 	m.wg.Wait()
+	m.presMu.Lock()
+	for peer, t := range m.graced {
+		t.Stop()
+		delete(m.graced, peer)
+	}
+	m.presMu.Unlock()
 	return errors.Join(err, m.tr.Close(), m.udp.Close())
 }
 
@@ -296,10 +316,14 @@ func (m *Mesh) SetMembers(members []Member) {
 			want[mb.ID] = mb
 		}
 	}
+	var gone []string // peers no longer members
 	for id, l := range m.links {
 		if mb, ok := want[id]; !ok || mb.MeshAddr != l.addr || !mb.Key.Equal(l.key) {
 			l.stop()
 			delete(m.links, id)
+			if !ok {
+				gone = append(gone, id)
+			}
 		}
 	}
 	m.keys = make(map[string]ed25519.PublicKey, len(want))
@@ -324,6 +348,16 @@ func (m *Mesh) SetMembers(members []Member) {
 	m.mu.Unlock()
 	for _, c := range stale {
 		_ = c.CloseWithError(0, "edge id now held by another key")
+	}
+	// A peer that left the member list is gone for good: what it
+	// announced does not wait out a grace period.
+	for _, id := range gone {
+		m.presMu.Lock()
+		if m.graced[id] != nil {
+			m.dropPeerLocked(id)
+		} else {
+			m.presMu.Unlock()
+		}
 	}
 }
 
@@ -451,6 +485,7 @@ type Stats struct {
 	RemoteUsers   int // users with devices on peers
 	PeerSets      int // peers with at least one announced device
 	Settling      int // peers whose full set is still arriving
+	Graced        int // peers whose link ended, their devices kept for PresenceGrace
 	Pending       int // forwards waiting for their outcome
 	LinksUp       int // links this edge dialed that are up
 	Dials         int // connection attempts of this edge's links so far
@@ -459,7 +494,7 @@ type Stats struct {
 // Stats returns the current table sizes.
 func (m *Mesh) Stats() Stats {
 	m.presMu.Lock()
-	st := Stats{RemoteDevices: len(m.where), RemoteUsers: len(m.byUser), PeerSets: len(m.byPeer), Settling: len(m.unconfirmed)}
+	st := Stats{RemoteDevices: len(m.where), RemoteUsers: len(m.byUser), PeerSets: len(m.byPeer), Settling: len(m.unconfirmed), Graced: len(m.graced)}
 	m.presMu.Unlock()
 	m.mu.Lock()
 	for _, l := range m.links {
@@ -576,9 +611,51 @@ func (m *Mesh) Online(userID string) []string {
 	return out
 }
 
+// linkEndedLocked is told that peer's inbound link ended (with presMu
+// held, which it releases): what the peer announced is forgotten once
+// PresenceGrace has passed without a new link from it.
+func (m *Mesh) linkEndedLocked(peer string) {
+	if m.cfg.PresenceGrace < 0 || m.ctx.Err() != nil {
+		m.dropPeerLocked(peer)
+		return
+	}
+	if t := m.graced[peer]; t != nil {
+		t.Stop()
+	}
+	if len(m.byPeer[peer]) == 0 {
+		delete(m.graced, peer)
+		m.dropPeerLocked(peer)
+		return
+	}
+	var t *time.Timer
+	t = time.AfterFunc(m.cfg.PresenceGrace, func() {
+		m.presMu.Lock()
+		if m.graced[peer] != t || !m.isInbound(peer, nil) {
+			m.presMu.Unlock()
+			return // a new link took over, or another grace began
+		}
+		delete(m.graced, peer)
+		m.cfg.Logger.Info("mesh peer did not reconnect within the grace period; its devices are offline here", "peer", peer,
+			"devices", len(m.byPeer[peer]), "grace", m.cfg.PresenceGrace)
+		m.dropPeerLocked(peer)
+	})
+	m.graced[peer] = t
+	m.presMu.Unlock()
+}
+
+// endGraceLocked stops peer's grace period, if one runs (presMu held):
+// a new link of it came, whose full set settles what it announced.
+func (m *Mesh) endGraceLocked(peer string) {
+	if t := m.graced[peer]; t != nil {
+		t.Stop()
+		delete(m.graced, peer)
+	}
+}
+
 // dropPeerLocked forgets what a peer announced (its link went away), and
 // releases presMu, which the caller holds.
 func (m *Mesh) dropPeerLocked(peer string) {
+	m.endGraceLocked(peer)
 	m.forgetPeerLocked(peer)
 	m.metrics.devices.Set(float64(len(m.where)))
 	ev := m.takeEvents()

@@ -227,7 +227,9 @@ func TestPresenceAndForwarding(t *testing.T) {
 	ca := newTestCA(t)
 	la := &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "d1", UserId: "u", SinceNs: 10}}, outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED}
 	lb := &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "d9", UserId: "u", SinceNs: 5}}}
-	a, b := startMesh(t, ca, "edge-a", la), startMesh(t, ca, "edge-b", lb)
+	// b forgets a's devices as soon as a is gone (the grace period has a
+	// test of its own).
+	a, b := startMesh(t, ca, "edge-a", la), startMeshWith(t, ca, "edge-b", lb, func(c *Config) { c.PresenceGrace = -1 })
 	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
 	a.SetMembers(members)
 	b.SetMembers(members)
@@ -401,7 +403,7 @@ func TestOnlyTheRegisteredKeySpeaksForAnEdgeID(t *testing.T) {
 		return []*edgev1.DevicePresence{{DeviceId: id, UserId: "u", SinceNs: 1}}
 	}
 	a := startMesh(t, ca, "edge-a", &fakeLocal{devices: presence("da")})
-	stale := startMesh(t, ca, "edge-b", &fakeLocal{devices: presence("stale")})
+	stale := startMeshWith(t, ca, "edge-b", &fakeLocal{devices: presence("stale")}, func(c *Config) { c.PresenceGrace = -1 })
 	fresh := startMesh(t, ca, "edge-b", &fakeLocal{devices: presence("fresh")})
 	key := func(m *Mesh) ed25519.PublicKey { return m.cfg.Identity.PublicKey() }
 	memberA := []Member{{ID: "edge-a", MeshAddr: a.Addr().String(), Key: key(a)}}
@@ -433,6 +435,84 @@ func TestOnlyTheRegisteredKeySpeaksForAnEdgeID(t *testing.T) {
 	fresh.SetMembers(memberA)
 	waitFor(t, "a learns fresh's device", located(a, "fresh"))
 	waitFor(t, "fresh learns a's device", located(fresh, "da"))
+}
+
+// A member's link that ends keeps what it announced for PresenceGrace:
+// a peer that reconnects within it sends its full set, which settles
+// only what changed, so the users' devices here hear of no blip; a peer
+// that leaves the member list is forgotten at once; one that does not
+// come back, once the grace has passed.
+func TestALinkThatEndsKeepsItsPeersDevicesForTheGrace(t *testing.T) {
+	ca := newTestCA(t)
+	local := &fakeLocal{}
+	a := startMeshWith(t, ca, "edge-a", local, func(c *Config) { c.PresenceGrace = time.Minute })
+	idn := testIdentity(t, ca, "edge-x")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// edge-x is a member (at an address where nothing answers: a's own
+	// link to it never comes up, which changes nothing here).
+	a.SetMembers([]Member{{ID: "edge-x", MeshAddr: "127.0.0.1:9"}})
+	marker := func(name string) *edgev1.MeshFrame {
+		return &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceDelta{PresenceDelta: &edgev1.PresenceDelta{Online: presenceOf(name)}}}
+	}
+	told := func(what string) func() bool {
+		return func() bool {
+			local.mu.Lock()
+			defer local.mu.Unlock()
+			return slices.Contains(local.presence, what)
+		}
+	}
+	link := func(frames ...*edgev1.MeshFrame) *quic.Conn {
+		return sendOnLink(ctx, t, a.Addr().String(), idn.clientTLS("edge-a", nil), append([]*edgev1.MeshFrame{helloFrom()}, frames...)...)
+	}
+	first := link(append(presenceFrames(presenceOf("d1", "d2")), marker("m1"))...)
+	waitFor(t, "a learns x's devices", told("+m1"))
+	local.takePresence()
+
+	_ = first.CloseWithError(0, "blip")
+	waitFor(t, "x's link ended", func() bool { return a.Stats().Graced == 1 })
+	if e, ok := a.Locate("d1"); !ok || e != "edge-x" || a.Stats().RemoteDevices != 3 {
+		t.Fatalf("within the grace, d1 is at %q (%v) and a holds %d devices; want x's 3 kept", e, ok, a.Stats().RemoteDevices)
+	}
+	// x is back with d2 gone and d3 new: only that is told.
+	second := link(append(presenceFrames(presenceOf("d1", "d3")), marker("m2"))...)
+	waitFor(t, "a reads x's new set", told("+m2"))
+	got := local.takePresence()
+	slices.Sort(got)
+	if want := []string{"+d3", "+m2", "-d2", "-m1"}; !slices.Equal(got, want) {
+		t.Fatalf("after the blip a told %v, want %v", got, want)
+	}
+	if st := a.Stats(); st.Graced != 0 || st.RemoteDevices != 3 {
+		t.Fatalf("after x came back, a's tables %+v", st)
+	}
+
+	// x's link ends again, and x leaves the member list: gone at once.
+	_ = second.CloseWithError(0, "gone")
+	waitFor(t, "x's link ended again", func() bool { return a.Stats().Graced == 1 })
+	a.SetMembers(nil)
+	if st := a.Stats(); st.Graced != 0 || st.RemoteDevices != 0 {
+		t.Fatalf("after x left the member list, a's tables %+v", st)
+	}
+	got = local.takePresence()
+	slices.Sort(got)
+	if want := []string{"-d1", "-d3", "-m2"}; !slices.Equal(got, want) {
+		t.Fatalf("after x left, a told %v, want %v", got, want)
+	}
+
+	// A member that does not come back: forgotten once the grace passed.
+	local2 := &fakeLocal{}
+	a2 := startMeshWith(t, ca, "edge-a", local2, func(c *Config) { c.PresenceGrace = 200 * time.Millisecond })
+	a2.SetMembers([]Member{{ID: "edge-x", MeshAddr: "127.0.0.1:9"}})
+	third := sendOnLink(ctx, t, a2.Addr().String(), idn.clientTLS("edge-a", nil), helloFrom(), marker("d4"))
+	waitFor(t, "a2 learns d4", func() bool { _, ok := a2.Locate("d4"); return ok })
+	_ = third.CloseWithError(0, "gone for good")
+	waitFor(t, "a2 forgets d4 after the grace", func() bool {
+		st := a2.Stats()
+		return st.RemoteDevices == 0 && st.Graced == 0 && st.PeerSets == 0
+	})
+	if got := local2.takePresence(); !slices.Equal(got, []string{"+d4", "-d4"}) {
+		t.Fatalf("a2 told %v", got)
+	}
 }
 
 // Each edge tells its peers whether it hears the control plane: a peer

@@ -87,6 +87,10 @@ type Config struct {
 	// keep-alives [30s]; MeshIdleTimeout does the same for mesh links
 	// [15s].
 	IdleTimeout, MeshIdleTimeout time.Duration
+	// MeshPresenceGrace is how long the devices a peer edge announced stay
+	// where they are after its mesh link ended, for it to reconnect
+	// (mesh.Config.PresenceGrace) [10s; negative: none].
+	MeshPresenceGrace time.Duration
 	// MaxUnvalidatedHandshakes is how many QUIC handshakes from
 	// addresses not yet validated the device port runs at once before it
 	// sends new connections a Retry first (see transport.Config) [1024;
@@ -320,7 +324,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	hubReady := make(chan struct{})
 	s.mesh, err = mesh.New(mesh.Config{
 		EdgeID: cfg.EdgeID, Addr: meshAddr, Identity: s.identity, Local: lateLocal{s, hubReady},
-		Logger: s.log, Registerer: cfg.Registry, IdleTimeout: cfg.MeshIdleTimeout,
+		Logger: s.log, Registerer: cfg.Registry, IdleTimeout: cfg.MeshIdleTimeout, PresenceGrace: cfg.MeshPresenceGrace,
 	})
 	if err != nil {
 		return nil, err
