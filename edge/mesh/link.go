@@ -87,7 +87,11 @@ func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 	full := len(l.queue) >= l.m.cfg.QueueLen || (len(l.queue) > 0 && l.queued+size > l.m.cfg.QueueBytes)
 	if !l.up || full {
 		l.mu.Unlock()
-		l.m.metrics.forwards.WithLabelValues(map[bool]string{true: "link_full", false: "link_down"}[l.up]).Inc()
+		if l.up {
+			l.m.metrics.linkFull.Inc()
+		} else {
+			l.m.metrics.linkDown.Inc()
+		}
 		if done != nil {
 			done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
 		}
@@ -99,7 +103,7 @@ func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 		l.pending[f.Id] = done
 	} else {
 		// No outcome comes back for an ephemeral event: count it here.
-		l.m.metrics.forwards.WithLabelValues("ephemeral").Inc()
+		l.m.metrics.ephemeral.Inc()
 	}
 	l.queue = append(l.queue, &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: f}})
 	l.queued += size
@@ -252,7 +256,7 @@ func (l *link) readResults(str *quic.Stream) error {
 		delete(l.pending, res.GetId())
 		l.mu.Unlock()
 		if done != nil {
-			l.m.metrics.forwards.WithLabelValues(outcomeLabel(res.GetOutcome())).Inc()
+			l.m.metrics.outcome(res.GetOutcome()).Inc()
 			done(res.GetOutcome())
 		}
 	}
@@ -273,7 +277,7 @@ func (l *link) down() {
 	l.mu.Unlock()
 	l.m.presMu.Unlock()
 	for _, id := range sortedIDs(pending) {
-		l.m.metrics.forwards.WithLabelValues("link_down").Inc()
+		l.m.metrics.linkDown.Inc()
 		pending[id](edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
 	}
 }

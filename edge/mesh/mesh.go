@@ -162,6 +162,20 @@ type metrics struct {
 	forwards *prometheus.CounterVec
 	devices  prometheus.Gauge
 	retries  prometheus.Counter
+	// forwards' series, looked up once: forwarded counts every event of
+	// the mesh hop, a label lookup each would cost it.
+	noLink, linkDown, linkFull, ephemeral prometheus.Counter
+	outcomes                              map[edgev1.ForwardOutcome]prometheus.Counter
+}
+
+// outcome is forwards' series for an outcome a peer answered.
+func (ms *metrics) outcome(o edgev1.ForwardOutcome) prometheus.Counter {
+	if c, ok := ms.outcomes[o]; ok {
+		return c
+	}
+	// One this release does not know, which the sending edge takes as
+	// not delivered (a label per value would let a peer grow the series).
+	return ms.outcomes[edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED]
 }
 
 // New opens the mesh listener; Run serves it.
@@ -226,12 +240,13 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	// Every outcome exists from the start, so rate() and increase() see
 	// the first failure.
-	for _, o := range []string{"no_link", "link_down", "link_full", "ephemeral"} {
-		m.metrics.forwards.WithLabelValues(o)
-	}
+	fw := m.metrics.forwards
+	m.metrics.noLink, m.metrics.linkDown = fw.WithLabelValues("no_link"), fw.WithLabelValues("link_down")
+	m.metrics.linkFull, m.metrics.ephemeral = fw.WithLabelValues("link_full"), fw.WithLabelValues("ephemeral")
+	m.metrics.outcomes = map[edgev1.ForwardOutcome]prometheus.Counter{}
 	for v := range edgev1.ForwardOutcome_name {
 		if o := edgev1.ForwardOutcome(v); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_UNSPECIFIED {
-			m.metrics.forwards.WithLabelValues(outcomeLabel(o))
+			m.metrics.outcomes[o] = fw.WithLabelValues(outcomeLabel(o))
 		}
 	}
 	hearing := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -470,7 +485,7 @@ func (m *Mesh) Forward(peer string, f *edgev1.Forward, done func(edgev1.ForwardO
 	l := m.links[peer]
 	m.mu.Unlock()
 	if l == nil {
-		m.metrics.forwards.WithLabelValues("no_link").Inc()
+		m.metrics.noLink.Inc()
 		if done != nil {
 			done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
 		}
