@@ -457,10 +457,13 @@ func (s *Session) resolveTargets(ev *relayv1.Event, durable bool, out []route) (
 		s.routeMu.Lock()
 		for i := range out {
 			rt := &out[i]
-			if s.mbPending[rt.device] > 0 || unknownStart {
-				rt.to, rt.edge = nil, ""
-			} else if pf, ok := s.fwdPending[rt.device]; ok {
+			// Forwards first: while some are undecided, this one takes
+			// its place behind them (forward), even when an earlier one's
+			// store is under way, which it must not overtake either.
+			if pf, ok := s.fwdPending[rt.device]; ok {
 				rt.to, rt.edge = nil, pf.edge
+			} else if s.mbPending[rt.device] > 0 || unknownStart {
+				rt.to, rt.edge = nil, ""
 			}
 			rt.need = s.mbLast[rt.device]
 		}

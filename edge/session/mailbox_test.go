@@ -886,6 +886,57 @@ func TestAForwardRefusedHereTakesTheSendersNextEventsToTheMailbox(t *testing.T) 
 	s.expectAck(four)
 }
 
+// While the first of two forwards is being stored (the edge holding the
+// target refused it) and the second is undecided, the sender's next event
+// must not go straight to the mailbox: it would be stored ahead of the
+// second, which that edge is about to refuse too. It waits behind both.
+func TestAnEventWaitsBehindAForwardStillUndecided(t *testing.T) {
+	remote := &heldRemote{ch: make(chan heldForward, 4)}
+	e, mb := mailboxEnv(t, func(c *Config) { c.Remote = remote })
+	e.devices("u1", "a", "far")
+	a := e.online("a")
+	one, two := a.sendPayload("one", "far"), a.sendPayload("two", "far")
+	f1, f2 := <-remote.ch, <-remote.ch
+	resume := mb.pause(t)
+	f1.done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED) // one's store under way
+	three := a.sendPayload("three", "far")
+	a.expectNothing("an answer while two is undecided", func(f *relayv1.Frame) bool { return f.GetAck() != nil || f.GetReject() != nil })
+	f2.done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+	resume()
+	a.expectAcks(one, two, three)
+	mb.mu.Lock()
+	defer mb.mu.Unlock()
+	var got []string
+	for _, en := range mb.boxes["far"] {
+		got = append(got, en.GetEventId())
+	}
+	if want := []string{one.GetId(), two.GetId(), three.GetId()}; !slices.Equal(got, want) {
+		t.Fatalf("far's mailbox holds %v, want %v", got, want)
+	}
+}
+
+// A forward whose outcome does not come (the target's edge holds it)
+// holds back the sender's later events for that device, and what waits
+// behind it is bounded: beyond maxPendingForwards, QUEUE_FULL.
+func TestForwardsWaitingForAnOutcomeAreBounded(t *testing.T) {
+	remote := &heldRemote{ch: make(chan heldForward, maxPendingForwards+1)}
+	e, _ := mailboxEnv(t, func(c *Config) { c.Remote = remote })
+	e.devices("u1", "a", "far")
+	a := e.online("a")
+	for i := range maxPendingForwards {
+		a.sendEvent(&relayv1.Event{Id: fmt.Sprintf("e%d", i), Seq: uint64(i + 1), Targets: []string{"far"}, TtlMs: 60_000, CreatedAtMs: time.Now().UnixMilli()})
+	}
+	over := &relayv1.Event{Id: "over", Seq: maxPendingForwards + 1, Targets: []string{"far"}, TtlMs: 60_000, CreatedAtMs: time.Now().UnixMilli()}
+	a.sendEvent(over)
+	f := a.nextAckOrReject()
+	if f.GetReject().GetEventId() != "over" || f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL {
+		t.Fatalf("the event beyond the bound: %v", f)
+	}
+	if n := len(remote.ch); n != maxPendingForwards {
+		t.Fatalf("%d forwards made, want %d", n, maxPendingForwards)
+	}
+}
+
 // refusingRemote answers NOT_DELIVERED at once for a forward whose event
 // holds refuse, as the mesh does for a link that is down, and holds the
 // others like heldRemote.

@@ -95,8 +95,9 @@ func (s *Session) decide(device string, pf *pendingForward, slot *fwdSlot, store
 //
 // The route was chosen before this looks again, under routeMu: if an
 // earlier forward's outcome sent it to the mailbox meanwhile, this one
-// follows it there instead (behind it while that outcome waits its turn;
-// straight to the mailbox once its store is under way).
+// follows it there instead: in a slot of the device's pending forwards,
+// decided as a store, while any are undecided; straight to the mailbox
+// once none is left and a store is under way.
 func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time) {
 	store := func() { s.storeMailbox(f, r.device, event, expires, nil) }
 	s.routeMu.Lock()
@@ -113,9 +114,17 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 		pf = &pendingForward{}
 		s.fwdPending[r.device] = pf
 	}
+	if len(pf.slots) >= maxPendingForwards {
+		// An earlier forward has been undecided for long (its target's
+		// edge holds it): what queues behind it, events and all, is
+		// bounded.
+		s.routeMu.Unlock()
+		f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "too many events for a target wait for an earlier one's outcome; retry later")
+		return
+	}
 	slot := &fwdSlot{}
 	pf.slots = append(pf.slots, slot)
-	if pf.storing {
+	if pf.storing || s.mbPending[r.device] > 0 {
 		s.routeMu.Unlock()
 		s.decide(r.device, pf, slot, true, store)
 		return
@@ -157,6 +166,10 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 		})
 	})
 }
+
+// maxPendingForwards bounds a sender's forwards to one device that wait
+// for their outcome, with the stores decided behind them.
+const maxPendingForwards = 4096
 
 // undeliveredFor is how long a sender's forwards for a device are
 // refused after one of them was answered NOT_DELIVERED (unless they show
