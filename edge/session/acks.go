@@ -1,6 +1,7 @@
 package session
 
 import (
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -110,6 +111,20 @@ func (s *Session) claim(a await) {
 func (s *Session) handOff(done func(stored handedOff)) {
 	t := &handoffStores{done: done}
 	defer t.issued()
+	// What the session this one replaced handed off comes first for the
+	// next one too: once this one's stores are answered, and that one
+	// said it stored its own, done gets both (a device replaced twice in
+	// a row: the third session must not take the first one's floor for
+	// the second's alone, nor open before the first one's are stored).
+	m := &s.mb
+	m.mu.Lock()
+	if m.gate {
+		t.add()
+		m.passOn = t.merge
+	} else {
+		t.got = handedOff{max: m.floor, bySender: maps.Clone(m.floorBy)}
+	}
+	m.mu.Unlock()
 	s.awaitMu.Lock()
 	pending := s.awaiting
 	s.awaiting = nil
@@ -175,21 +190,45 @@ func (t *handoffStores) add() {
 	t.mu.Unlock()
 }
 
-func (t *handoffStores) stored(sender string, seq uint64) {
+// note records seq (0: nothing) stored for sender.
+func (h *handedOff) note(sender string, seq uint64) {
+	if seq == 0 {
+		return
+	}
+	h.max = max(h.max, seq)
+	if h.bySender == nil {
+		h.bySender = map[string]uint64{}
+	}
+	h.bySender[sender] = max(h.bySender[sender], seq)
+}
+
+// answered takes one of the answers the hand-off waits for (add), which
+// record notes, and calls done once the last is in and every store was
+// issued.
+func (t *handoffStores) answered(record func(*handedOff)) {
 	t.mu.Lock()
 	t.pending--
-	if seq > 0 {
-		t.got.max = max(t.got.max, seq)
-		if t.got.bySender == nil {
-			t.got.bySender = map[string]uint64{}
-		}
-		t.got.bySender[sender] = max(t.got.bySender[sender], seq)
-	}
+	record(&t.got)
 	fire, got := t.all && t.pending == 0, t.got
 	t.mu.Unlock()
 	if fire {
 		t.done(got)
 	}
+}
+
+func (t *handoffStores) stored(sender string, seq uint64) {
+	t.answered(func(h *handedOff) { h.note(sender, seq) })
+}
+
+// merge takes what the replaced session stored, which the hand-off
+// waited for (add).
+func (t *handoffStores) merge(prev handedOff) {
+	t.answered(func(h *handedOff) {
+		h.max = max(h.max, prev.max)
+		for sender, seq := range prev.bySender {
+			h.note(sender, seq)
+		}
+	})
 }
 
 func (t *handoffStores) issued() {

@@ -99,6 +99,10 @@ type mailboxState struct {
 	floor   uint64
 	floorBy map[string]uint64
 	gate    bool
+	// passOn, set while gate is, is told what the replaced session
+	// stored once it says: this session's own hand-off waits for it
+	// (handOff), so that what it tells its successor covers both.
+	passOn func(handedOff)
 
 	// covered is a revision every entry stored by then was queued for
 	// (or is gone): a complete fetch covers the revision it read, and the
@@ -271,7 +275,6 @@ func (m *mailboxState) syncSlowLocked() {
 func (s *Session) predecessorStored(stored handedOff) {
 	m := &s.mb
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	m.floor, m.gate = max(m.floor, stored.max), false
 	for sender, seq := range stored.bySender {
 		if m.floorBy == nil {
@@ -281,6 +284,12 @@ func (s *Session) predecessorStored(stored handedOff) {
 	}
 	s.releaseHeld()
 	s.wantLocked(stored.max)
+	passOn := m.passOn
+	m.passOn = nil
+	m.mu.Unlock()
+	if passOn != nil {
+		passOn(stored)
+	}
 }
 
 // fenced reports whether entries stored before rev may still be missing

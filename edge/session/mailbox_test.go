@@ -1212,6 +1212,74 @@ func TestAHeldLiveEventGoesBetweenTheHandOffAndTheSendersLaterStores(t *testing.
 	a.expectAcks(first, second, third)
 }
 
+// heldIn counts the live deliveries held in the current session of dev.
+func heldIn(e *env, dev string) int {
+	ss := e.hub.sessionsOf("u1", dev)
+	if len(ss) == 0 {
+		return -1
+	}
+	ss[0].mb.mu.Lock()
+	defer ss[0].mb.mu.Unlock()
+	return len(ss[0].mb.held)
+}
+
+// b1HandsOffLater has a send "first" to b's session b1, which never
+// acknowledges it; b1 hands it off, once b1 ends, only when gate closes.
+func b1HandsOffLater(t *testing.T) (e *env, mb *memMailbox, a *dev, first *relayv1.Event, gate chan struct{}) {
+	t.Helper()
+	e, mb = mailboxEnv(t, nil)
+	e.devices("u1", "a", "x", "b")
+	a = e.online("a")
+	b1 := e.online("b")
+	first = a.sendPayload("first", "b")
+	b1.nextDeliver()
+	s1 := e.hub.sessionsOf("u1", "b")[0]
+	gate = make(chan struct{})
+	e.hub.beforeHandOff = func(s *Session) {
+		if s == s1 {
+			<-gate
+		}
+	}
+	return e, mb, a, first, gate
+}
+
+// A device replaced twice in a row (sessions b1, b2, b3): what b1 handed
+// off comes before what is held in b3 too, not only what b2 handed off.
+// b2's report to b3 waits for b1's to b2 and carries both.
+func TestATwiceReplacedDeviceKeepsTheFirstHandOffFirst(t *testing.T) {
+	t.Run("both hand off", func(t *testing.T) {
+		e, _, a, first, gate := b1HandsOffLater(t)
+		x := e.online("x")
+		e.online("b")
+		xev := x.sendPayload("xev", "b") // held in b2 until b1's hand-off is stored; then b2's to hand off
+		waitFor(t, "xev held in b2", func() bool { return heldIn(e, "b") == 1 })
+		b3 := e.online("b")
+		second := a.sendPayload("second", "b")
+		waitFor(t, "second held in b3", func() bool { return heldIn(e, "b") == 1 })
+		close(gate)
+		if got := b3.payloads(3); !slices.Equal(got, []string{"first", "xev", "second"}) {
+			t.Fatalf("b3 got %v, want [first xev second]", got)
+		}
+		a.expectAcks(first, second)
+		x.expectAck(xev)
+	})
+	t.Run("the middle one hands off nothing", func(t *testing.T) {
+		e, mb, a, first, gate := b1HandsOffLater(t)
+		e.online("b")
+		b3 := e.online("b")
+		second := a.sendPayload("second", "b")
+		waitFor(t, "second held in b3", func() bool { return heldIn(e, "b") == 1 })
+		resume := mb.pause(t) // b1's store of "first" waits
+		close(gate)
+		b3.expectNothing("a delivery before b1's hand-off is stored", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+		resume()
+		if got := b3.payloads(2); !slices.Equal(got, []string{"first", "second"}) {
+			t.Fatalf("b3 got %v, want [first second]", got)
+		}
+		a.expectAcks(first, second)
+	})
+}
+
 // batchingMailbox, once held, keeps the stores it is given until commit,
 // which stores them all and only then answers them, in order: one
 // PutMailbox of edge/mailbox's writer.
