@@ -157,7 +157,31 @@ func TestClaimEventsThroughTheAPI(t *testing.T) {
 	}
 }
 
-// Claim records expire by the leader's ExpireMailboxes on every replica.
+// A claim's record outlives its event by ClaimRecordGrace: another
+// device's claim that comes after the event expired, and after the
+// leader's expiry removed what expired with it, still loses.
+func TestALateClaimFindsWhoTookTheEvent(t *testing.T) {
+	c, cl := expiryClusterWith(t, time.Hour)
+	soon := time.Now().Add(700 * time.Millisecond)
+	if got := wonList(claimEvents(t, cl, claimOf("alice", "a1", "call", soon))); got != "true" {
+		t.Fatal(got)
+	}
+	put(t, cl, entry("alice", "a2", "same-time", 10, soon))
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		for _, n := range c.Running() {
+			if mb, err := n.Server.Node().FSM().Mailbox("a2"); err != nil || mb.GetCount() != 0 {
+				return fmt.Errorf("%s: the entry that expired with the event is still there: %v, %v", n.ID, mb, err)
+			}
+		}
+		return nil
+	})
+	if got := wonList(claimEvents(t, cl, claimOf("alice", "a2", "call", soon))); got != "false" {
+		t.Fatalf("a late claim of another device: %s, want lost", got)
+	}
+}
+
+// Claim records expire by the leader's ExpireMailboxes on every replica,
+// ClaimRecordGrace (300 ms here) after their event.
 func TestClaimExpiryOnEveryReplica(t *testing.T) {
 	c, cl := expiryCluster(t)
 	soon, hour := time.Now().Add(700*time.Millisecond), time.Now().Add(time.Hour)

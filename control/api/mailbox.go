@@ -26,6 +26,11 @@ type MailboxConfig struct {
 	// PutMailbox command, so the proposing node's values apply.
 	MaxEntriesPerDevice uint64
 	MaxBytesPerDevice   uint64
+	// ClaimRecordGrace is how long a claim's record outlives its event
+	// [DefaultClaimRecordGrace; at most a day]: far longer than an edge
+	// retries a claim batch (30 s) or a leader change takes, so that a
+	// claim that comes late finds who took the event.
+	ClaimRecordGrace time.Duration
 	// Now is the clock; default time.Now.
 	Now func() time.Time
 	// Metrics registers the service's metrics; nil disables them.
@@ -42,6 +47,10 @@ func (c *MailboxConfig) applyDefaults() {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
+	if c.ClaimRecordGrace <= 0 {
+		c.ClaimRecordGrace = DefaultClaimRecordGrace
+	}
+	c.ClaimRecordGrace = min(c.ClaimRecordGrace, time.Duration(fsm.MaxClaimRecordGraceMs)*time.Millisecond)
 }
 
 // MailboxServer serves MailboxService: events waiting for devices that
@@ -54,6 +63,17 @@ type MailboxServer struct {
 }
 
 var _ edgev1connect.MailboxServiceHandler = (*MailboxServer)(nil)
+
+// DefaultClaimRecordGrace is MailboxConfig.ClaimRecordGrace's default.
+const DefaultClaimRecordGrace = 10 * time.Minute
+
+// everyMemberHas reports whether every member's release applies the
+// commands of feature alike (raftnode.Node.MembersWithout); until then
+// the commands are written as older releases apply them.
+func (s *MailboxServer) everyMemberHas(feature string) bool {
+	missing, err := s.node.MembersWithout(feature)
+	return err == nil && len(missing) == 0
+}
 
 // NewMailboxServer returns the MailboxService handler.
 func NewMailboxServer(node *raftnode.Node, cfg MailboxConfig) *MailboxServer {
@@ -122,6 +142,7 @@ func (s *MailboxServer) PutMailbox(ctx context.Context, req *connect.Request[edg
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{
 		Entries: out, MaxEntriesPerDevice: s.cfg.MaxEntriesPerDevice, MaxBytesPerDevice: s.cfg.MaxBytesPerDevice,
+		ReplaceExpired: s.everyMemberHas(fsm.FeatureMailboxReplaceExpired),
 	}}})
 	if err != nil {
 		return nil, toConnect(err)
@@ -225,7 +246,11 @@ func (s *MailboxServer) ClaimEvents(ctx context.Context, req *connect.Request[ed
 		}
 		out[i] = sc
 	}
-	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ClaimEvents{ClaimEvents: &statev1.ClaimEvents{Claims: out}}})
+	claims := &statev1.ClaimEvents{Claims: out}
+	if s.everyMemberHas(fsm.FeatureClaimRecordGrace) {
+		claims.RecordGraceMs = s.cfg.ClaimRecordGrace.Milliseconds()
+	}
+	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ClaimEvents{ClaimEvents: claims}})
 	if err != nil {
 		return nil, toConnect(err)
 	}

@@ -257,8 +257,16 @@ func TestMailboxThroughTheAPI(t *testing.T) {
 // every 50ms, with mailboxUsers, and a follower's client.
 func expiryCluster(t *testing.T) (*clustertest.Cluster, edgev1connect.MailboxServiceClient) {
 	t.Helper()
+	return expiryClusterWith(t, 300*time.Millisecond)
+}
+
+// expiryClusterWith is expiryCluster keeping claim records grace past
+// their events.
+func expiryClusterWith(t *testing.T, grace time.Duration) (*clustertest.Cluster, edgev1connect.MailboxServiceClient) {
+	t.Helper()
 	c := clustertest.Start(t, 3, clustertest.Options{Configure: func(cfg *server.Config) {
 		cfg.MailboxExpireEvery = 50 * time.Millisecond
+		cfg.Mailbox.ClaimRecordGrace = grace
 	}})
 	mailboxUsers(t, c)
 	return c, mailboxClient(t, c.Nodes[c.Follower()], c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE))

@@ -31,6 +31,9 @@ func ValidateEventClaim(field string, c *statev1.EventClaim, nowMs int64) error 
 	return validExpiry(field+".expires_at_ms", c.GetExpiresAtMs(), nowMs)
 }
 
+// MaxClaimRecordGraceMs bounds ClaimEvents' record_grace_ms: a day.
+const MaxClaimRecordGraceMs = 24 * 60 * 60 * 1000
+
 func (t *txn) claimEvents(op *statev1.ClaimEvents) (*statev1.Result, error) {
 	claims := op.GetClaims()
 	if len(claims) == 0 || len(claims) > MaxClaimBatch {
@@ -38,6 +41,10 @@ func (t *txn) claimEvents(op *statev1.ClaimEvents) (*statev1.Result, error) {
 	}
 	if t.now <= 0 {
 		return nil, invalid("proposed_at_ms is not set")
+	}
+	grace := op.GetRecordGraceMs()
+	if grace < 0 || grace > MaxClaimRecordGraceMs {
+		return nil, invalid("record_grace_ms %d is outside 0 to %d", grace, MaxClaimRecordGraceMs)
 	}
 	for i, c := range claims {
 		if err := ValidateEventClaim(fmt.Sprintf("claims[%d]", i), c, t.now); err != nil {
@@ -81,7 +88,10 @@ func (t *txn) claimEvents(op *statev1.ClaimEvents) (*statev1.Result, error) {
 		if err := t.put(key, &rec); err != nil {
 			return nil, err
 		}
-		if err := t.b.Set(claimExpiryKey(rec.ExpiresAtMs, rec.SenderDeviceId, rec.EventId), nil); err != nil {
+		// Removed only grace after the event's expiry: a claim retried
+		// late (batched, through a leader change) must find who took it,
+		// not find nothing and take it too.
+		if err := t.b.Set(claimExpiryKey(rec.ExpiresAtMs+grace, rec.SenderDeviceId, rec.EventId), nil); err != nil {
 			return nil, err
 		}
 		if err := t.dropSiblings(&rec, boxes); err != nil {

@@ -172,6 +172,35 @@ func TestClaimEvents(t *testing.T) {
 	}
 }
 
+// A claim's record outlives its event by record_grace_ms: a claim of
+// another device that comes late, after the event's expiry, still finds
+// who took it and loses; once the grace has passed the record goes.
+func TestAClaimRecordOutlivesItsEventByTheGrace(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	base := 1_000_000 + int64(a.idx) + 1
+	graced := func(grace int64, claims ...*statev1.EventClaim) isCommandOp {
+		return &statev1.Command_ClaimEvents{ClaimEvents: &statev1.ClaimEvents{Claims: claims, RecordGraceMs: grace}}
+	}
+	if w := won(t, a.apply(graced(100, claim("alice", "a1", "s", "call", base+5)))); w != "true" {
+		t.Fatal(w)
+	}
+	a.advanceTo(base + 50)
+	a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{}})
+	if w := won(t, a.apply(graced(100, claim("alice", "a2", "s", "call", base+5)))); w != "false" {
+		t.Fatalf("a late claim of another device within the grace: %s, want lost", w)
+	}
+	a.advanceTo(base + 110)
+	a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{}})
+	if _, err := f.Claim("s", "call"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the record after the grace: %v", err)
+	}
+	for _, g := range []int64{-1, MaxClaimRecordGraceMs + 1} {
+		if r := a.apply(graced(g, claim("alice", "a1", "s", "other", far))); r.GetCode() != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+			t.Fatalf("record_grace_ms %d: %v", g, r)
+		}
+	}
+}
+
 // Claim records expire with ExpireMailboxes (sharing its limit, after
 // the entries); removed, the event can be decided again.
 func TestClaimExpiry(t *testing.T) {

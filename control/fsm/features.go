@@ -24,6 +24,10 @@ const (
 	// refused. Not a state machine feature, but recorded and gated the
 	// same way.
 	FeatureRaftClusterCheck = "raft_cluster_check"
+	// FeatureMailboxReplaceExpired: PutMailbox's replace_expired.
+	FeatureMailboxReplaceExpired = "mailbox_replace_expired"
+	// FeatureClaimRecordGrace: ClaimEvents' record_grace_ms.
+	FeatureClaimRecordGrace = "claim_record_grace"
 )
 
 // Bounds of a node's feature list.
@@ -34,7 +38,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace}
 	slices.Sort(f)
 	return f
 }

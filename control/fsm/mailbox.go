@@ -264,7 +264,7 @@ func (t *txn) putMailbox(op *statev1.PutMailbox) (*statev1.Result, error) {
 			res.MailboxResults[i] = &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_TARGET_GONE}
 			continue
 		}
-		r, stored, err := t.putMailEntry(e, boxes, maxEntries, maxBytes)
+		r, stored, err := t.putMailEntry(e, boxes, maxEntries, maxBytes, op.GetReplaceExpired())
 		if err != nil {
 			return nil, err
 		}
@@ -315,7 +315,7 @@ func (t *txn) mailTargetGone(userID, deviceID string, active map[string]bool) (b
 // putMailEntry stores one entry for a live target, counting it on its
 // device's counters in boxes (flushed by the caller); stored is false
 // when nothing was written (a duplicate, expired, or a full mailbox).
-func (t *txn) putMailEntry(e *statev1.MailboxEntry, boxes *mailboxes, maxEntries, maxBytes uint64) (*statev1.MailboxResult, bool, error) {
+func (t *txn) putMailEntry(e *statev1.MailboxEntry, boxes *mailboxes, maxEntries, maxBytes uint64, replaceExpired bool) (*statev1.MailboxResult, bool, error) {
 	did := e.GetDeviceId()
 	dedup := mailDedupKey(did, e.GetSenderDeviceId(), e.GetEventId())
 	if v, err := t.b.Get(dedup); err == nil {
@@ -327,7 +327,11 @@ func (t *txn) putMailEntry(e *statev1.MailboxEntry, boxes *mailboxes, maxEntries
 		// (ExpireMailboxes runs now and then): no fetch returns it, so
 		// answering STORED would acknowledge an event nobody gets. It is
 		// removed now, and the resend taken as new, as it would be once
-		// ExpireMailboxes had run.
+		// ExpireMailboxes had run (replace_expired: releases before it
+		// answer STORED, and replicas must apply the command alike).
+		if !replaceExpired {
+			return &statev1.MailboxResult{Status: statev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: seq}, false, nil
+		}
 		var first statev1.MailboxEntry
 		found, err := t.get(mailEntryKey(did, seq), &first)
 		if err != nil {

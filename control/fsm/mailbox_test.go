@@ -249,7 +249,9 @@ func TestMailboxExpiry(t *testing.T) {
 // (no ExpireMailboxes since) is stored anew, in place of that copy, as
 // it would be once the copy was removed: answered STORED with the old
 // seq it would be acknowledged while no fetch returns it. A resend of a
-// copy still live is the duplicate it was.
+// copy still live is the duplicate it was. Only with replace_expired,
+// which proposers set once every member's release applies it: without,
+// the command is applied as releases before it did.
 func TestAResendOfAnExpiredCopyIsStoredAnew(t *testing.T) {
 	f, a := mailboxWorld(t, Config{})
 	base := 1_000_000 + int64(a.idx) + 1
@@ -257,7 +259,11 @@ func TestAResendOfAnExpiredCopyIsStoredAnew(t *testing.T) {
 		t.Fatal(outcomes(r))
 	}
 	a.advanceTo(base + 10)
-	r := a.apply(putOp(mail("alice", "a1", "a2", "ev", 10, far), mail("alice", "a1", "a2", "live", 7, far)))
+	if r := a.apply(putOp(mail("alice", "a1", "a2", "ev", 10, far))); outcomes(r) != "STORED/1" {
+		t.Fatalf("a resend without replace_expired: %s, want the older releases' STORED/1", outcomes(r))
+	}
+	r := a.apply(&statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{ReplaceExpired: true,
+		Entries: []*statev1.MailboxEntry{mail("alice", "a1", "a2", "ev", 10, far), mail("alice", "a1", "a2", "live", 7, far)}}})
 	if outcomes(r) != "STORED/3 STORED/2" {
 		t.Fatalf("resends: %s, want the expired one stored anew and the live one a duplicate", outcomes(r))
 	}

@@ -2429,8 +2429,13 @@ type PutMailbox struct {
 	Entries             []*MailboxEntry        `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
 	MaxEntriesPerDevice uint64                 `protobuf:"varint,2,opt,name=max_entries_per_device,json=maxEntriesPerDevice,proto3" json:"max_entries_per_device,omitempty"`
 	MaxBytesPerDevice   uint64                 `protobuf:"varint,3,opt,name=max_bytes_per_device,json=maxBytesPerDevice,proto3" json:"max_bytes_per_device,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// replace_expired: an entry whose (device, sender, event id) is stored
+	// but expired, not yet removed, replaces that copy instead of being
+	// answered STORED with its seq (which no fetch returns). Set only once
+	// every member lists the feature "mailbox_replace_expired".
+	ReplaceExpired bool `protobuf:"varint,4,opt,name=replace_expired,json=replaceExpired,proto3" json:"replace_expired,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *PutMailbox) Reset() {
@@ -2482,6 +2487,13 @@ func (x *PutMailbox) GetMaxBytesPerDevice() uint64 {
 		return x.MaxBytesPerDevice
 	}
 	return 0
+}
+
+func (x *PutMailbox) GetReplaceExpired() bool {
+	if x != nil {
+		return x.ReplaceExpired
+	}
+	return false
 }
 
 // AckMailbox deletes a device's entries; unknown seqs are ignored.
@@ -2595,8 +2607,14 @@ func (x *ExpireMailboxes) GetLimit() uint32 {
 // nobody took it (a later claim of it wins too). Result.claims_won holds
 // the outcomes.
 type ClaimEvents struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Claims        []*EventClaim          `protobuf:"bytes,1,rep,name=claims,proto3" json:"claims,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Claims []*EventClaim          `protobuf:"bytes,1,rep,name=claims,proto3" json:"claims,omitempty"`
+	// record_grace_ms keeps a claim's record this long past its event's
+	// expiry before ExpireMailboxes removes it, so that a claim retried
+	// late still finds who took the event (0: removed at the expiry). Set
+	// only once every member lists the feature "claim_record_grace"; at
+	// most a day.
+	RecordGraceMs int64 `protobuf:"varint,2,opt,name=record_grace_ms,json=recordGraceMs,proto3" json:"record_grace_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2636,6 +2654,13 @@ func (x *ClaimEvents) GetClaims() []*EventClaim {
 		return x.Claims
 	}
 	return nil
+}
+
+func (x *ClaimEvents) GetRecordGraceMs() int64 {
+	if x != nil {
+		return x.RecordGraceMs
+	}
+	return 0
 }
 
 // RenameDevice changes a device's name.
@@ -4356,20 +4381,22 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"cluster_ca\x18\x04 \x01(\v2\x13.state.v1.ClusterCAR\tclusterCa\x12\x18\n" +
 	"\ahistory\x18\x05 \x01(\tR\ahistory\"3\n" +
 	"\fSetClusterCA\x12#\n" +
-	"\x02ca\x18\x01 \x01(\v2\x13.state.v1.ClusterCAR\x02ca\"\xa4\x01\n" +
+	"\x02ca\x18\x01 \x01(\v2\x13.state.v1.ClusterCAR\x02ca\"\xcd\x01\n" +
 	"\n" +
 	"PutMailbox\x120\n" +
 	"\aentries\x18\x01 \x03(\v2\x16.state.v1.MailboxEntryR\aentries\x123\n" +
 	"\x16max_entries_per_device\x18\x02 \x01(\x04R\x13maxEntriesPerDevice\x12/\n" +
-	"\x14max_bytes_per_device\x18\x03 \x01(\x04R\x11maxBytesPerDevice\"=\n" +
+	"\x14max_bytes_per_device\x18\x03 \x01(\x04R\x11maxBytesPerDevice\x12'\n" +
+	"\x0freplace_expired\x18\x04 \x01(\bR\x0ereplaceExpired\"=\n" +
 	"\n" +
 	"AckMailbox\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x12\n" +
 	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"'\n" +
 	"\x0fExpireMailboxes\x12\x14\n" +
-	"\x05limit\x18\x01 \x01(\rR\x05limit\";\n" +
+	"\x05limit\x18\x01 \x01(\rR\x05limit\"c\n" +
 	"\vClaimEvents\x12,\n" +
-	"\x06claims\x18\x01 \x03(\v2\x14.state.v1.EventClaimR\x06claims\"X\n" +
+	"\x06claims\x18\x01 \x03(\v2\x14.state.v1.EventClaimR\x06claims\x12&\n" +
+	"\x0frecord_grace_ms\x18\x02 \x01(\x03R\rrecordGraceMs\"X\n" +
 	"\fRenameDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x12\n" +
