@@ -125,13 +125,17 @@ type Client struct {
 	// through Raft to be refused there: without it a device broadcasting
 	// to many offline devices of its account would write every event into
 	// the log of every control node long after their mailboxes filled.
-	full     map[string]time.Time
-	claims   []pendingClaim
-	acks     map[ackKey][]uint64
-	closed   bool
-	wake     chan struct{} // capacity 1: entries queued
-	ackNow   chan struct{} // capacity 1: acks queued
-	claimNow chan struct{} // capacity 1: claims queued
+	full   map[string]time.Time
+	claims []pendingClaim
+	acks   map[ackKey][]uint64
+	// failed counts the entries whose call failed, lastFailure is the
+	// last such error: Flush tells what failed while it waited.
+	failed      uint64
+	lastFailure error
+	closed      bool
+	wake        chan struct{} // capacity 1: entries queued
+	ackNow      chan struct{} // capacity 1: acks queued
+	claimNow    chan struct{} // capacity 1: claims queued
 
 	batchSize prometheus.Histogram
 	commit    prometheus.Histogram
@@ -408,10 +412,12 @@ func permanent(err error) bool {
 	return false
 }
 
-// Flush waits until everything queued so far was written (or ctx ends).
+// Flush waits until everything queued so far was answered (or ctx ends).
 // Its marker joins the queue whatever the queue's bounds, which only
-// refuse entries; it fails with ErrStopped when the writer has stopped,
-// or stops before writing what is ahead of it.
+// refuse entries. It fails with ErrStopped when the writer has stopped,
+// or stops before writing what is ahead of it, and when entries answered
+// meanwhile were not stored because their call failed (the control plane
+// out of reach for RetryFor, or a call refused), with the last error.
 func (c *Client) Flush(ctx context.Context) error {
 	done := make(chan error, 1)
 	c.mu.Lock()
@@ -419,15 +425,32 @@ func (c *Client) Flush(ctx context.Context) error {
 		c.mu.Unlock()
 		return ErrStopped
 	}
+	failed := c.failed
 	c.queue = append(c.queue, pending{done: func(r Result) { done <- r.Err }})
 	c.mu.Unlock()
 	signal(c.wake)
 	select {
 	case err := <-done:
-		return err
+		if err != nil {
+			return err
+		}
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n := c.failed - failed; n > 0 {
+		return fmt.Errorf("%d mailbox entries answered before the flush were not stored: %w", n, c.lastFailure)
+	}
+	return nil
+}
+
+// noteFailed counts an entry whose call failed.
+func (c *Client) noteFailed(err error) {
+	c.mu.Lock()
+	c.failed++
+	c.lastFailure = err
+	c.mu.Unlock()
 }
 
 func (c *Client) writeLoop(ctx context.Context) {
@@ -451,7 +474,7 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 	i := 0
 	for _, p := range batch {
 		if p.entry == nil {
-			p.done(Result{})
+			p.done(Result{}) // a Flush marker: what was ahead of it is answered
 			continue
 		}
 		r := Result{Err: err}
@@ -465,6 +488,8 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 		if r.Err == nil {
 			label = statusLabel(r.Status)
 			c.noteFull(p.entry.GetDeviceId(), r.Status)
+		} else {
+			c.noteFailed(r.Err)
 		}
 		c.results.WithLabelValues(label).Inc()
 		p.done(r)

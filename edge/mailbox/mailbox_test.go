@@ -463,3 +463,33 @@ func TestAPageNamesTheHistoryBeforeItsRead(t *testing.T) {
 		t.Fatalf("page %+v, %v; want history %q", page, err, "before")
 	}
 }
+
+// refusingPuts is a control plane that refuses every PutMailbox for good.
+type refusingPuts struct{ mailbox.API }
+
+func (refusingPuts) PutMailbox(context.Context, []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
+	return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("refused"))
+}
+
+// A Flush behind entries whose call failed says so: the drain must not
+// take hand-offs for stored that were not.
+func TestFlushReportsAFailedBatch(t *testing.T) {
+	mb, err := mailbox.New(mailbox.Config{API: refusingPuts{}, RetryFor: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { mb.Run(ctx) })
+	defer wg.Wait()
+	defer stop()
+	res := make(chan mailbox.Result, 1)
+	mb.Store(&edgev1.MailboxEntry{DeviceId: "d", UserId: "u", Event: []byte("e"), EventId: "1", SenderDeviceId: "s"}, func(r mailbox.Result) { res <- r })
+	ferr := mb.Flush(ctx)
+	if r := <-res; r.Err == nil {
+		t.Fatalf("the entry: %+v", r)
+	}
+	if connect.CodeOf(ferr) != connect.CodeInvalidArgument {
+		t.Fatalf("Flush after a refused batch: %v", ferr)
+	}
+}
