@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -144,27 +143,6 @@ func TestDevDeploymentRelaysBetweenDevices(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatal("relayd dev did not stop within 60s of SIGTERM")
 	}
-}
-
-// freeUDPPort returns 127.0.0.1:PORT with PORT free for both UDP and TCP
-// (an edge listens on both).
-func freeUDPPort(t *testing.T) string {
-	t.Helper()
-	for range 50 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr := ln.Addr().String()
-		pc, err := net.ListenPacket("udp", addr)
-		ln.Close()
-		if err == nil {
-			pc.Close()
-			return addr
-		}
-	}
-	t.Fatal("no port free for both UDP and TCP")
-	return ""
 }
 
 // A restart of relayd dev keeps the edge's certificate (the hash clients
