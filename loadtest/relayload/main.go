@@ -64,6 +64,7 @@ Scenarios:
   storm      devices all lose their connection at once and come back on their tickets: time to all back
   soak       steady load plus session churn for a long time; samples the edge's heap and goroutines to CSV and a PNG plot
   pending    hold connections to the HTTPS port that never become a session (--mode idle or silent): the edge's memory per connection, and its bound
+  apiconns   hold connections to the control API, each after one authenticated call: the control node's memory per connection
 
   oneway     device A sends to device B at a fixed rate: one-way latency through the edge (or --floor: through a bare quic-go forwarder)
   stream     64-byte messages one way into the floor's sink (or --forward: through its forwarder to a receiver): the floor server's CPU per message
@@ -124,6 +125,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return d.soak(ctx, rest)
 	case "pending":
 		return d.pending(ctx, rest)
+	case "apiconns":
+		return d.apiconns(ctx, rest)
 	case "oneway":
 		return d.oneway(ctx, rest)
 	case "stream":

@@ -177,6 +177,15 @@ func TestScenarios(t *testing.T) {
 		t.Fatalf("pending silent: %v", res)
 	}
 
+	// Connections to the control API after one authenticated call each:
+	// what each costs the node that answers --control (its goroutines;
+	// the heap is shared here too).
+	res = e.mustRun("apiconns", "--conns", "20", "--control-admin", "http://"+e.r.Cluster.Running()[0].Server.AdminAddr())
+	if num(res, "counts", "opened") != 20 || num(res, "peaks", "control_authenticated_connections") < 20 ||
+		num(res, "peaks", "control_goroutines_per_conn") < 0.5 || num(res, "peaks", "control_goroutines_per_conn") > 3 {
+		t.Fatalf("apiconns: %v", res)
+	}
+
 	res = e.mustRun("resume", "--devices", "4", "--duration", "500ms")
 	if num(res, "counts", "resumed") == 0 || num(res, "counts", "full") != 0 || num(res, "counts", "failed") != 0 || num(res, "figures", "resume_p50_ms") <= 0 ||
 		num(res, "peaks", "edge_cpu_us_per_session") <= 0 || num(res, "counts", "tls_resumed") == 0 {

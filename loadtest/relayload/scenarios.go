@@ -922,17 +922,23 @@ func (d *driverConfig) storm(ctx context.Context, args []string) error {
 // in the pool's victim cache, and would count in one reading and not in
 // the next.
 func (d *driverConfig) settledMetrics(ctx context.Context, names []string) (map[string]float64, error) {
+	return settledMetricsAt(ctx, d.edgeAdmin, names)
+}
+
+// settledMetricsAt is settledMetrics of the process whose admin server is
+// at base.
+func settledMetricsAt(ctx context.Context, base string, names []string) (map[string]float64, error) {
 	for range 2 {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, d.edgeAdmin+"/debug/pprof/heap?gc=1", nil)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/debug/pprof/heap?gc=1", nil)
 		if err != nil {
 			return nil, err
 		}
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
-			return nil, fmt.Errorf("have the edge collect garbage: %w", err)
+			return nil, fmt.Errorf("have %s collect garbage: %w", base, err)
 		}
 		_, _ = io.Copy(io.Discard, resp.Body)
 		_ = resp.Body.Close()
 	}
-	return d.edgeMetrics(ctx, names...)
+	return metricsAt(ctx, base, names...)
 }
