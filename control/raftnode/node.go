@@ -335,6 +335,19 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("inspect raft state: %w", err)
 	}
+	if cfg.Bootstrap && !hasState && cfg.RestoreFrom == "" {
+		// The new cluster's identity from the first moment, for the
+		// cluster check (hello.go), written before the transport
+		// listens: until then the check reads no history and accepts
+		// anyone, and another cluster's leader dialing this address
+		// (a reused host or port) would have replicated its own state
+		// here the moment Raft started. InitCluster, proposed once this
+		// node leads, records the same id for every member (the server
+		// takes it from the state).
+		if err := fsm.SetHistory(n.state, fsm.NewHistoryID()); err != nil {
+			return nil, fmt.Errorf("bootstrap cluster: %w", err)
+		}
+	}
 	n.trans, err = n.newTransport(cfg.Joining && !cfg.Bootstrap && !hasState)
 	if err != nil {
 		return nil, err
@@ -349,16 +362,6 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 			return nil, err
 		}
 		hasState = true
-	}
-	if cfg.Bootstrap && !hasState {
-		// The new cluster's identity from the first moment, for the
-		// cluster check (hello.go): InitCluster, proposed once this
-		// node leads, records the same id for every member (the server
-		// takes it from the state), so there is no window in which the
-		// node accepts any cluster's Raft traffic.
-		if err := fsm.SetHistory(n.state, fsm.NewHistoryID()); err != nil {
-			return nil, fmt.Errorf("bootstrap cluster: %w", err)
-		}
 	}
 	fcfg := cfg.FSM
 	fcfg.Store, fcfg.Logger = n.state, log
