@@ -335,7 +335,7 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("inspect raft state: %w", err)
 	}
-	if cfg.Bootstrap && !hasState && cfg.RestoreFrom == "" {
+	if !hasState && (cfg.Bootstrap || cfg.RestoreFrom != "") {
 		// The new cluster's identity from the first moment, for the
 		// cluster check (hello.go), written before the transport
 		// listens: until then the check reads no history and accepts
@@ -343,7 +343,8 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 		// (a reused host or port) would have replicated its own state
 		// here the moment Raft started. InitCluster, proposed once this
 		// node leads, records the same id for every member (the server
-		// takes it from the state).
+		// takes it from the state). A restore replaces it with the
+		// backup's state, then draws its own (restoreBackup).
 		if err := fsm.SetHistory(n.state, fsm.NewHistoryID()); err != nil {
 			return nil, fmt.Errorf("bootstrap cluster: %w", err)
 		}
