@@ -53,6 +53,22 @@ func (f *failingAcks) AckMailbox(ctx context.Context, deviceID, history string, 
 	return f.API.AckMailbox(ctx, deviceID, history, seqs)
 }
 
+// startClient makes a client with cfg and runs it until the returned
+// stop, which waits for Run to return (and which cleanup calls too).
+func startClient(t *testing.T, cfg mailbox.Config) (*mailbox.Client, func()) {
+	t.Helper()
+	mb, err := mailbox.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { mb.Run(ctx) })
+	stop := func() { cancel(); wg.Wait() }
+	t.Cleanup(stop)
+	return mb, stop
+}
+
 // countingPuts is the control plane's API, counting PutMailbox calls.
 type countingPuts struct {
 	mailbox.API
@@ -101,15 +117,7 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	// Its first two acks fail as in a leader change: they are sent again.
 	api := &failingAcks{API: cc}
 	api.fail.Store(2)
-	mb, err := mailbox.New(mailbox.Config{API: api, MaxBatch: 8, RetryFor: 500 * time.Millisecond, Registerer: reg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runCtx, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() { mb.Run(runCtx) })
-	defer wg.Wait()
-	defer stop()
+	mb, _ := startClient(t, mailbox.Config{API: api, MaxBatch: 8, RetryFor: 500 * time.Millisecond, Registerer: reg})
 
 	const n = 50
 	results := make([]mailbox.Result, n)
@@ -192,13 +200,7 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	// each get an outcome of their own.
 	counted := &countingPuts{API: cc}
 	bigReg := prometheus.NewRegistry()
-	big, err := mailbox.New(mailbox.Config{API: counted, RetryFor: 500 * time.Millisecond, Registerer: bigReg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	bigCtx, stopBig := context.WithCancel(context.Background())
-	var bigWG sync.WaitGroup
-	bigWG.Go(func() { big.Run(bigCtx) })
+	big, stopBig := startClient(t, mailbox.Config{API: counted, RetryFor: 500 * time.Millisecond, Registerer: bigReg})
 	const nBig = 80
 	bigRes := make(chan mailbox.Result, nBig)
 	for i := range nBig {
@@ -263,7 +265,6 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 		t.Fatalf("an entry after the acks made room: %+v", r)
 	}
 	stopBig()
-	bigWG.Wait()
 	// The control plane gone: an error after RetryFor, not a hang.
 	c.Stop()
 	mb.Store(&edgev1.MailboxEntry{DeviceId: devID, UserId: userID, Event: []byte("x"), EventId: "late", SenderDeviceId: "s",
@@ -337,15 +338,7 @@ func (a *stalledAPI) PutMailbox(ctx context.Context, entries []*edgev1.MailboxEn
 // a Flush says so.
 func TestAStalledControlPlaneBoundsClaimsAndFlushWaits(t *testing.T) {
 	api := &stalledAPI{release: make(chan struct{})}
-	mb, err := mailbox.New(mailbox.Config{API: api, MaxBatch: 2, MaxPending: 2, MaxPendingClaims: 4, RetryFor: time.Minute})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() { mb.Run(ctx) })
-	defer wg.Wait()
-	defer stop()
+	mb, stop := startClient(t, mailbox.Config{API: api, MaxBatch: 2, MaxPending: 2, MaxPendingClaims: 4, RetryFor: time.Minute})
 
 	won := make(chan bool, 16)
 	claim := func(i int) {
@@ -430,7 +423,6 @@ func TestAStalledControlPlaneBoundsClaimsAndFlushWaits(t *testing.T) {
 		t.Fatalf("the waiting claims' answers: %v, want the control plane's (3 won, 2 lost)", got)
 	}
 	stop()
-	wg.Wait()
 	if err := mb.Flush(context.Background()); !errors.Is(err, mailbox.ErrStopped) {
 		t.Fatalf("Flush after the writer stopped: %v", err)
 	}
@@ -474,18 +466,10 @@ func (refusingPuts) PutMailbox(context.Context, []*edgev1.MailboxEntry) (*edgev1
 // A Flush behind entries whose call failed says so: the drain must not
 // take hand-offs for stored that were not.
 func TestFlushReportsAFailedBatch(t *testing.T) {
-	mb, err := mailbox.New(mailbox.Config{API: refusingPuts{}, RetryFor: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() { mb.Run(ctx) })
-	defer wg.Wait()
-	defer stop()
+	mb, _ := startClient(t, mailbox.Config{API: refusingPuts{}, RetryFor: time.Second})
 	res := make(chan mailbox.Result, 1)
 	mb.Store(&edgev1.MailboxEntry{DeviceId: "d", UserId: "u", Event: []byte("e"), EventId: "1", SenderDeviceId: "s"}, func(r mailbox.Result) { res <- r })
-	ferr := mb.Flush(ctx)
+	ferr := mb.Flush(context.Background())
 	if r := <-res; r.Err == nil {
 		t.Fatalf("the entry: %+v", r)
 	}
