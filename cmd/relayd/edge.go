@@ -50,7 +50,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.StringVar(&cfg.MeshAddr, "mesh-addr", "", "UDP address of the mesh listener other edges connect to (default: the host of --addr, a free port)")
 	fs.StringVar(&cfg.MeshAdvertise, "mesh-advertise", "", "mesh address other edges are told: host:port, or a host alone with the bound port (default: --mesh-addr as bound)")
 	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", 30*time.Second, "close device connections silent this long")
-	fs.DurationVar(&cfg.MeshIdleTimeout, "mesh-idle-timeout", 15*time.Second, "count a silent mesh link as broken after this long")
+	fs.DurationVar(&cfg.MeshIdleTimeout, "mesh-idle-timeout", 5*time.Second, "count a silent mesh link as broken after this long (forwards to a peer that died wait as long)")
 	fs.DurationVar(&cfg.MeshPresenceGrace, "mesh-presence-grace", 10*time.Second, "keep the devices a peer edge announced this long after its mesh link ended, for it to reconnect (negative: none)")
 	fs.IntVar(&cfg.Session.Limits.MaxPayloadBytes, "max-payload-bytes", l.MaxPayloadBytes, "largest event payload")
 	fs.IntVar(&cfg.Session.Limits.MaxFrameBytes, "max-frame-bytes", l.MaxFrameBytes, "largest frame")

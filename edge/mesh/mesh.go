@@ -85,8 +85,11 @@ type Config struct {
 	// a peer that does not read its outcomes does.
 	MaxOutstanding int
 	// IdleTimeout is how long a silent peer is given before its link
-	// counts as broken (keep-alives go at a third of it) [15s]; a peer
-	// that takes nothing written to it for as long is cut off too.
+	// counts as broken (keep-alives go at a third of it) [5s]; a peer
+	// that takes nothing written to it for as long is cut off too. Until
+	// then, forwards to a peer that died wait for their outcome, and so
+	// do their senders' acknowledgements: it is the longest an edge's
+	// crash holds up the events meant for its devices.
 	IdleTimeout time.Duration
 	// HelloTimeout is how long a peer that connected has to open its
 	// link's stream and send its hello [5s].
@@ -196,7 +199,7 @@ func New(cfg Config) (*Mesh, error) {
 		cfg.MaxOutstanding = 1 << 14
 	}
 	if cfg.IdleTimeout <= 0 {
-		cfg.IdleTimeout = 15 * time.Second
+		cfg.IdleTimeout = 5 * time.Second
 	}
 	if cfg.HelloTimeout <= 0 {
 		cfg.HelloTimeout = 5 * time.Second

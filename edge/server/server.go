@@ -85,7 +85,7 @@ type Config struct {
 	MeshAddr, MeshAdvertise string
 	// IdleTimeout closes device connections that send nothing, not even
 	// keep-alives [30s]; MeshIdleTimeout does the same for mesh links
-	// [15s].
+	// [5s].
 	IdleTimeout, MeshIdleTimeout time.Duration
 	// MeshPresenceGrace is how long the devices a peer edge announced stay
 	// where they are after its mesh link ended, for it to reconnect
