@@ -1,18 +1,24 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/netip"
+	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/edge-relay/relay/control/auth"
+	"github.com/edge-relay/relay/internal/connbound"
 	"github.com/edge-relay/relay/internal/gzipbound"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
@@ -33,12 +39,26 @@ type Limits struct {
 	// MaxPublicMessage is MaxMessage for the procedures callable without
 	// credentials (Login, Refresh). Default 64 KiB.
 	MaxPublicMessage int64
-	// MaxUnauthenticated is how many calls without credentials may be in
-	// flight on the node at once; more are refused at once with
-	// resource_exhausted. Default 32.
+	// MaxUnauthenticated is how many calls without credentials may be
+	// served on the node at once, once their bodies have arrived; more
+	// are refused at once with resource_exhausted. Calls an edge or a
+	// node makes on its own trusted connection have as many again of
+	// their own, so that nobody else's logins can keep an edge from
+	// refreshing its token. Default 32.
 	MaxUnauthenticated int
-	// BodyTimeout is how long a request body may take to arrive. Default
-	// 30s.
+	// MaxUnauthenticatedPerSource is how many calls without credentials
+	// one source (an IPv4 address, an IPv6 /64) may have under way at
+	// once, their bodies still arriving or served; and four times
+	// MaxUnauthenticated may be under way from all sources. Beyond
+	// either they are refused with resource_exhausted. Default 4.
+	MaxUnauthenticatedPerSource int
+	// PublicBodyTimeout is how long the body of a call without
+	// credentials may take to arrive. It is read whole before the call
+	// takes one of MaxUnauthenticated, so a caller that sends it slowly
+	// holds only its own source's share. Default 5s.
+	PublicBodyTimeout time.Duration
+	// BodyTimeout is how long any other request body may take to arrive.
+	// Default 30s.
 	BodyTimeout time.Duration
 	// Metrics registers relay_control_unauthenticated_in_flight and
 	// relay_control_requests_refused_total; nil registers nothing.
@@ -57,6 +77,12 @@ func (l *Limits) applyDefaults() {
 	}
 	if l.MaxUnauthenticated <= 0 {
 		l.MaxUnauthenticated = 32
+	}
+	if l.MaxUnauthenticatedPerSource <= 0 {
+		l.MaxUnauthenticatedPerSource = 4
+	}
+	if l.PublicBodyTimeout <= 0 {
+		l.PublicBodyTimeout = 5 * time.Second
 	}
 	if l.BodyTimeout <= 0 {
 		l.BodyTimeout = 30 * time.Second
@@ -107,22 +133,26 @@ type preauthKey struct{}
 // call that needs credentials and presents none that verify (a bearer
 // access token signed by a key this node knows, unexpired, or a client
 // certificate of the cluster CA) is refused before its body is read; a
-// call to a public procedure (Login, Refresh) takes one of
-// Limits.MaxUnauthenticated slots or is refused; every body is cut at its
-// procedure's size limit and must arrive within Limits.BodyTimeout. The
-// claims it verified travel to the Authenticator in the context, so a
-// token is verified once. Wrap the API's HTTP handler with it (inside
-// WithClientCert).
+// call to a public procedure (Login, Refresh) is read whole within
+// Limits.PublicBodyTimeout, holding one of its source's
+// Limits.MaxUnauthenticatedPerSource meanwhile, and then takes one of
+// Limits.MaxUnauthenticated slots to be served, or is refused; every
+// other body is cut at its procedure's size limit and must arrive within
+// Limits.BodyTimeout. The claims it verified travel to the Authenticator
+// in the context, so a token is verified once. Wrap the API's HTTP
+// handler with it (inside WithClientCert).
 func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 	limits.applyDefaults()
 	slots := make(chan struct{}, limits.MaxUnauthenticated)
+	reserve := make(chan struct{}, limits.MaxUnauthenticated)
+	arriving := newSourceGate(limits.MaxUnauthenticatedPerSource, 4*limits.MaxUnauthenticated)
 	inFlight := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "relay_control_unauthenticated_in_flight",
-		Help: "Calls without credentials (logins, refreshes) being served now.",
-	}, func() float64 { return float64(len(slots)) })
+		Help: "Calls without credentials (logins, refreshes) under way now, their bodies arriving or served, edges' and nodes' own included.",
+	}, func() float64 { return float64(arriving.len() + len(reserve)) })
 	refused := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "relay_control_requests_refused_total",
-		Help: "Requests refused before their body was read, by reason: busy (too many calls without credentials in flight), unauthenticated (no credentials that verify).",
+		Help: "Requests refused before they were served, by reason: busy (too many calls without credentials under way, from the caller's source or from all), unauthenticated (no credentials that verify), slow_body (the body of a call without credentials did not arrive in time).",
 	}, []string{"reason"})
 	if limits.Metrics != nil {
 		limits.Metrics.MustRegister(inFlight, refused)
@@ -134,10 +164,19 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 			return
 		}
 		status := http.StatusUnauthorized
-		if err.Code() == connect.CodeResourceExhausted {
+		switch err.Code() {
+		case connect.CodeResourceExhausted:
 			status = http.StatusTooManyRequests
+		case connect.CodeDeadlineExceeded:
+			status = http.StatusRequestTimeout
 		}
 		http.Error(w, err.Message(), status)
+	}
+	busy := func(w http.ResponseWriter, r *http.Request, format string, args ...any) {
+		refused.WithLabelValues("busy").Inc()
+		err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf(format, args...))
+		err.Meta().Set("Retry-After", "1")
+		refuse(w, r, err)
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		procedure := r.URL.Path
@@ -154,33 +193,146 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		if a.policy.Public[procedure] {
-			select {
-			case slots <- struct{}{}:
-				defer func() { <-slots }()
-			default:
-				refused.WithLabelValues("busy").Inc()
-				err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("too many calls without credentials in flight on this node (%d); retry shortly", limits.MaxUnauthenticated))
-				err.Meta().Set("Retry-After", "1")
-				refuse(w, r, err)
-				return
-			}
-		} else {
-			claims, err := a.preauthenticate(ctx, r.Header)
-			if err != nil {
-				refused.WithLabelValues("unauthenticated").Inc()
-				refuse(w, r, err)
-				return
-			}
-			ctx = context.WithValue(ctx, preauthKey{}, claims)
-			r = r.WithContext(ctx)
-		}
 		// A body as sent may be a little larger than its message: gzip
 		// adds a few bytes per block to data that does not compress.
 		max := limits.messageLimit(procedure)
-		r.Body = newDeadlineBody(w, r.Body, max+max/64+1024, limits.BodyTimeout)
+		max += max/64 + 1024
+		if a.policy.Public[procedure] {
+			// An edge's or a node's own call on its trusted connection
+			// (not one it passes on for a browser) is served from the
+			// reserve; anyone else's counts against its source.
+			pool := slots
+			if c, ok := connbound.FromContext(ctx); ok && c.State() == connbound.Trusted && r.Header.Get(ForwardedByHeader) == "" {
+				pool = reserve
+			} else {
+				src := sourceOf(ctx, r)
+				switch arriving.enter(src) {
+				case gateSourceFull:
+					busy(w, r, "too many calls without credentials under way from %s (%d); retry shortly", src, limits.MaxUnauthenticatedPerSource)
+					return
+				case gateFull:
+					busy(w, r, "too many calls without credentials under way on this node; retry shortly")
+					return
+				}
+				defer arriving.leave(src)
+			}
+			body, err := readPublicBody(w, r.Body, max, limits.PublicBodyTimeout)
+			if err != nil {
+				if err.Code() == connect.CodeDeadlineExceeded {
+					refused.WithLabelValues("slow_body").Inc()
+				}
+				refuse(w, r, err)
+				return
+			}
+			r.Body = io.NopCloser(bytes.NewReader(body))
+			select {
+			case pool <- struct{}{}:
+				defer func() { <-pool }()
+			default:
+				busy(w, r, "too many calls without credentials in flight on this node (%d); retry shortly", limits.MaxUnauthenticated)
+				return
+			}
+			next.ServeHTTP(w, r)
+			return
+		}
+		claims, err := a.preauthenticate(ctx, r.Header)
+		if err != nil {
+			refused.WithLabelValues("unauthenticated").Inc()
+			refuse(w, r, err)
+			return
+		}
+		r = r.WithContext(context.WithValue(ctx, preauthKey{}, claims))
+		r.Body = newDeadlineBody(w, r.Body, max, limits.BodyTimeout)
 		next.ServeHTTP(w, r)
 	})
+}
+
+// sourceOf is the source a request counts against: its connection's
+// (an IPv4 address, an IPv6 /64), or its remote address's when it came
+// on a connection connbound does not know.
+func sourceOf(ctx context.Context, r *http.Request) netip.Addr {
+	if c, ok := connbound.FromContext(ctx); ok {
+		return c.Source()
+	}
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return netip.Addr{}
+	}
+	return connbound.SourceOf(net.UDPAddrFromAddrPort(ap))
+}
+
+// readPublicBody reads a body of at most max bytes as it arrives (its
+// buffer grows with what came, never to a length the caller declared),
+// within timeout.
+func readPublicBody(w http.ResponseWriter, body io.ReadCloser, max int64, timeout time.Duration) ([]byte, *connect.Error) {
+	rc := http.NewResponseController(w)
+	deadline := rc.SetReadDeadline(time.Now().Add(timeout)) == nil
+	b, err := io.ReadAll(http.MaxBytesReader(w, body, max))
+	if deadline {
+		_ = rc.SetReadDeadline(time.Time{})
+	}
+	var tooLarge *http.MaxBytesError
+	switch {
+	case err == nil:
+		return b, nil
+	case errors.As(err, &tooLarge):
+		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("request body larger than configured max of %d bytes", max))
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return nil, connect.NewError(connect.CodeDeadlineExceeded, fmt.Errorf("request body did not arrive within %v", timeout))
+	}
+	return nil, connect.NewError(connect.CodeCanceled, fmt.Errorf("read request body: %w", err))
+}
+
+// gateResult is what sourceGate.enter decided.
+type gateResult int
+
+const (
+	gateEntered gateResult = iota
+	gateSourceFull
+	gateFull
+)
+
+// sourceGate counts calls under way by source, bounded per source and
+// in all.
+type sourceGate struct {
+	perSource, total int
+
+	mu    sync.Mutex // guards the fields below
+	n     int
+	count map[netip.Addr]int
+}
+
+func newSourceGate(perSource, total int) *sourceGate {
+	return &sourceGate{perSource: perSource, total: total, count: map[netip.Addr]int{}}
+}
+
+func (g *sourceGate) enter(src netip.Addr) gateResult {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	switch {
+	case g.count[src] >= g.perSource:
+		return gateSourceFull
+	case g.n >= g.total:
+		return gateFull
+	}
+	g.count[src]++
+	g.n++
+	return gateEntered
+}
+
+func (g *sourceGate) len() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.n
+}
+
+func (g *sourceGate) leave(src netip.Addr) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.n--
+	if g.count[src]--; g.count[src] <= 0 {
+		delete(g.count, src)
+	}
 }
 
 // preauthenticate establishes who calls from the headers alone: a bearer

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"runtime"
 	"strings"
@@ -15,10 +16,14 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/server"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
 // gzipBomb returns a gzip stream of about size bytes that inflates to
@@ -134,60 +139,153 @@ func TestCallWithoutCredentialsRefusedBeforeItsBody(t *testing.T) {
 	}
 }
 
-// At most Limits.MaxUnauthenticated logins are in flight: with both slots
-// held by logins whose bodies trickle in, the next is refused at once;
-// the held ones end when their body deadline passes, freeing the slots.
-func TestCallsWithoutCredentialsAreCapped(t *testing.T) {
-	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) {
-		cfg.Limits = api.Limits{MaxUnauthenticated: 2, BodyTimeout: 10 * time.Second}
-	}})
-	hc := httpClient(t)
-	login := url(c.Nodes[0]) + "/control.v1.AuthService/Login"
-	type result struct {
-		status int
-		err    connectError
-	}
-	held := make(chan result, 2)
-	// Two logins whose bodies never end hold the two slots.
-	for range 2 {
+// clientFrom is an HTTP/2 (prior knowledge) client whose calls all go
+// on one connection from the local address from (any 127.0.0.0/8
+// address reaches a node on 127.0.0.1), as one attacker's or one edge's
+// would.
+func clientFrom(t *testing.T, from string) *http.Client {
+	t.Helper()
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 10 * time.Second}
+	var protos http.Protocols
+	protos.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{DialContext: d.DialContext, Protocols: &protos, MaxConnsPerHost: 1}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr}
+}
+
+// slowLogins starts n logins from hc whose bodies never end and returns
+// the channel their errors arrive on.
+func slowLogins(t *testing.T, hc *http.Client, login string, n int) <-chan connectError {
+	t.Helper()
+	held := make(chan connectError, n)
+	for range n {
 		pr, pw := io.Pipe()
 		t.Cleanup(func() { _ = pw.Close() })
 		go func() { _, _ = pw.Write([]byte(`{"login":"admin",`)) }() // and nothing more
 		go func() {
 			status, ce := postJSON(t, hc, login, pr, nil)
-			held <- result{status, ce}
+			if status == http.StatusOK {
+				ce.Code = "ok"
+			}
+			held <- ce
 		}()
 	}
-	clustertest.Eventually(t, 20*time.Second, func() error {
-		if n := c.Nodes[0].Metric(t, "relay_control_unauthenticated_in_flight"); n != 2 {
-			return fmt.Errorf("%v calls without credentials in flight, want the 2 held ones", n)
+	return held
+}
+
+func adminLogin() io.Reader {
+	return strings.NewReader(fmt.Sprintf(`{"login":"admin","password":%q}`, clustertest.AdminPassword))
+}
+
+// A call without credentials is read whole before it takes one of the
+// node's MaxUnauthenticated slots, and what it holds while its body
+// arrives counts against its source: logins whose bodies trickle in
+// from one address (over one HTTP/2 connection, as many streams as it
+// likes) hold that address's share only. Others log in meanwhile,
+// though the node serves one login at a time; the slow ones end when
+// PublicBodyTimeout passes, and their address may log in again.
+func TestSlowLoginBodiesHoldOnlyTheirSourcesShare(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) {
+		cfg.Limits = api.Limits{MaxUnauthenticated: 1, MaxUnauthenticatedPerSource: 2, PublicBodyTimeout: 3 * time.Second}
+	}})
+	n := c.Nodes[0]
+	login := url(n) + "/control.v1.AuthService/Login"
+	attacker, other := clientFrom(t, "127.0.0.2"), clientFrom(t, "127.0.0.3")
+	clustertest.Eventually(t, 30*time.Second, func() error { // once the cluster is initialized
+		if status, ce := postJSON(t, other, login, adminLogin(), nil); status != http.StatusOK {
+			return fmt.Errorf("login: status %d, error %+v", status, ce)
 		}
 		return nil
 	})
-	status, ce := postJSON(t, hc, login, strings.NewReader(fmt.Sprintf(`{"login":"admin","password":%q}`, clustertest.AdminPassword)), nil)
-	if status != http.StatusTooManyRequests || ce.Code != "resource_exhausted" || !strings.Contains(ce.Message, "without credentials") {
-		t.Errorf("a third login: status %d, error %+v; want 429 resource_exhausted", status, ce)
+	held := slowLogins(t, attacker, login, 2)
+	clustertest.Eventually(t, 20*time.Second, func() error {
+		if v := n.Metric(t, "relay_control_unauthenticated_in_flight"); v != 2 {
+			return fmt.Errorf("%v calls without credentials under way, want the 2 held ones", v)
+		}
+		return nil
+	})
+	status, ce := postJSON(t, attacker, login, adminLogin(), nil)
+	if status != http.StatusTooManyRequests || ce.Code != "resource_exhausted" || !strings.Contains(ce.Message, "from 127.0.0.2") {
+		t.Errorf("a third login from the same address: status %d, error %+v; want 429 resource_exhausted naming the address", status, ce)
 	}
-	if n := c.Nodes[0].Metric(t, "relay_control_requests_refused_total"); n != 1 {
-		t.Errorf("relay_control_requests_refused_total = %v, want 1", n)
+	if status, ce := postJSON(t, other, login, adminLogin(), nil); status != http.StatusOK {
+		t.Errorf("a login from another address while the slow ones wait: status %d, error %+v; want 200", status, ce)
 	}
 	for range 2 {
 		select {
-		case r := <-held:
-			if r.status == http.StatusOK {
-				t.Errorf("a login whose body never ended succeeded")
+		case ce := <-held:
+			if ce.Code != "deadline_exceeded" {
+				t.Errorf("a login whose body never ended: %+v; want deadline_exceeded", ce)
 			}
 		case <-time.After(30 * time.Second):
-			t.Fatal("a login whose body never ended was not cut by the body deadline")
+			t.Fatal("a login whose body never ended was not cut by PublicBodyTimeout")
 		}
 	}
+	if v := n.LabeledMetric(t, "relay_control_requests_refused_total", "reason", "slow_body"); v != 2 {
+		t.Errorf("requests refused for a slow body: %v, want 2", v)
+	}
+	if v := n.LabeledMetric(t, "relay_control_requests_refused_total", "reason", "busy"); v != 1 {
+		t.Errorf("requests refused as busy: %v, want 1", v)
+	}
+	if status, ce := postJSON(t, attacker, login, adminLogin(), nil); status != http.StatusOK {
+		t.Errorf("a login from the slow address once its calls ended: status %d, error %+v; want 200", status, ce)
+	}
+}
+
+// An edge refreshes its token from slots of its own: with every call
+// without credentials the node takes under way (logins trickling in from
+// one address after another), a stranger's login is refused, and so is
+// a browser's login the edge passes on, but the edge's own Refresh on
+// its trusted connection goes through.
+func TestAnEdgesRefreshHasSlotsOfItsOwn(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) {
+		cfg.Limits = api.Limits{MaxUnauthenticated: 1, MaxUnauthenticatedPerSource: 2, PublicBodyTimeout: time.Minute}
+	}})
+	n := c.Nodes[0]
+	ctx := ctxT(t, time.Minute)
+	users := controlv1connect.NewUserServiceClient(httpClient(t), url(n), connect.WithInterceptors(bearer(c.AdminToken())))
+	if _, err := users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{
+		Login: "edges", Password: "password-of-the-edges", Role: controlv1.Role_ROLE_EDGE})); err != nil {
+		t.Fatal(err)
+	}
+	edgeHC := clientFrom(t, "127.0.0.4")
+	edgeAuth := controlv1connect.NewAuthServiceClient(edgeHC, url(n))
+	lr, err := edgeAuth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "edges", Password: "password-of-the-edges"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Its first call that needs credentials makes its connection trusted.
+	edgeUsers := controlv1connect.NewUserServiceClient(edgeHC, url(n), connect.WithInterceptors(bearer(lr.Msg.GetTokens().GetAccessToken())))
+	if _, err := edgeUsers.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{})); err != nil {
+		t.Fatal(err)
+	}
+
+	login := url(n) + "/control.v1.AuthService/Login"
+	for _, from := range []string{"127.0.0.2", "127.0.0.5"} { // 4 under way: the node's bound
+		slowLogins(t, clientFrom(t, from), login, 2)
+	}
 	clustertest.Eventually(t, 20*time.Second, func() error {
-		status, ce := postJSON(t, hc, login, strings.NewReader(fmt.Sprintf(`{"login":"admin","password":%q}`, clustertest.AdminPassword)), nil)
-		if status != http.StatusOK {
-			return fmt.Errorf("login after the slots were freed: status %d, error %+v", status, ce)
+		if v := n.Metric(t, "relay_control_unauthenticated_in_flight"); v != 4 {
+			return fmt.Errorf("%v calls without credentials under way, want the 4 held ones", v)
 		}
 		return nil
 	})
+	status, ce := postJSON(t, clientFrom(t, "127.0.0.3"), login, adminLogin(), nil)
+	if status != http.StatusTooManyRequests || ce.Code != "resource_exhausted" || !strings.Contains(ce.Message, "on this node") {
+		t.Errorf("a stranger's login: status %d, error %+v; want 429 resource_exhausted", status, ce)
+	}
+	status, ce = postJSON(t, edgeHC, login, adminLogin(), map[string]string{
+		api.ForwardedByHeader: "Bearer " + lr.Msg.GetTokens().GetAccessToken(), "Relay-Forwarded-For": "192.0.2.7"})
+	if status != http.StatusTooManyRequests || ce.Code != "resource_exhausted" {
+		t.Errorf("a browser's login the edge passes on: status %d, error %+v; want 429 resource_exhausted", status, ce)
+	}
+	rr, err := edgeAuth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: lr.Msg.GetTokens().GetRefreshToken()}))
+	if err != nil {
+		t.Fatalf("the edge's refresh while strangers hold every slot: %v", err)
+	}
+	if rr.Msg.GetTokens().GetAccessToken() == "" {
+		t.Error("the edge's refresh returned no access token")
+	}
 }
 
 // Tokens signed by keys the node does not know are refused from its own

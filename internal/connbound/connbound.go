@@ -208,6 +208,9 @@ type Conn struct {
 	trustedAt *oldest.Entry[netip.Addr, *Conn] // while Trusted, when that list is bounded
 }
 
+// Source is the source the connection counts against (SourceOf).
+func (c *Conn) Source() netip.Addr { return c.source }
+
 // State says where the connection stands.
 func (c *Conn) State() State {
 	c.mu.Lock()
