@@ -18,6 +18,7 @@ import (
 
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/backup"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/buildinfo"
@@ -228,6 +229,9 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 	// Secrets come from the environment only, never from flags (which
 	// other users of the machine can read in the process list).
 	cfg.AdminPassword = getenv("RELAY_ADMIN_PASSWORD")
+	if err := checkFirstAdminPassword(cfg); err != nil {
+		return err
+	}
 	key, err := loadBackupKey(keyFile, getenv)
 	if err != nil {
 		return err
@@ -270,4 +274,26 @@ func applyMemoryLimit(log *slog.Logger, getenv func(string) string) {
 	case set > 0:
 		log.Info("soft memory limit set below the cgroup's", "limit_bytes", set, "cgroup_limit_bytes", cgroup)
 	}
+}
+
+// checkFirstAdminPassword refuses a first admin's password that every
+// later password change would refuse (auth.ValidatePassword), when it
+// is the one the cluster starts with: a node bootstrapping a new cluster
+// from an empty data dir. A node that already has state ignores
+// RELAY_ADMIN_PASSWORD, so a restart with an old one set goes on.
+func checkFirstAdminPassword(cfg server.Config) error {
+	if cfg.AdminPassword == "" || !cfg.Bootstrap {
+		return nil
+	}
+	entries, err := os.ReadDir(cfg.DataDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("read --data-dir: %w", err)
+	}
+	if len(entries) > 0 {
+		return nil
+	}
+	if err := auth.ValidatePassword(cfg.AdminPassword); err != nil {
+		return fmt.Errorf("RELAY_ADMIN_PASSWORD: %w", err)
+	}
+	return nil
 }

@@ -1,0 +1,60 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/edge-relay/relay/control/auth"
+	"github.com/edge-relay/relay/control/server"
+)
+
+// A node bootstrapping a new cluster refuses a first admin's password
+// that no later password change would take; with state in its data dir
+// (RELAY_ADMIN_PASSWORD is ignored then) or without --bootstrap it goes
+// on.
+func TestFirstAdminPasswordFollowsThePolicy(t *testing.T) {
+	empty, used := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(filepath.Join(used, "node-id"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		cfg     server.Config
+		refused bool
+	}{
+		{"weak, bootstrapping an empty dir", server.Config{Bootstrap: true, DataDir: empty, AdminPassword: "admin"}, true},
+		{"weak, bootstrapping a dir not made yet", server.Config{Bootstrap: true, DataDir: filepath.Join(empty, "new"), AdminPassword: "admin"}, true},
+		{"strong, bootstrapping", server.Config{Bootstrap: true, DataDir: empty, AdminPassword: "a long admin password"}, false},
+		{"weak, restarting with state", server.Config{Bootstrap: true, DataDir: used, AdminPassword: "admin"}, false},
+		{"weak, joining", server.Config{DataDir: empty, AdminPassword: "admin"}, false},
+		{"none", server.Config{Bootstrap: true, DataDir: empty}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := checkFirstAdminPassword(tc.cfg)
+			if refused := errors.Is(err, auth.ErrWeakPassword); refused != tc.refused {
+				t.Errorf("err = %v; want refused %v", err, tc.refused)
+			}
+		})
+	}
+	// Through the command: it stops before it starts anything (and were
+	// it to start a node, the cancelled context stops it at once).
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	err := run(ctx, []string{"control", "--bootstrap", "--data-dir", filepath.Join(empty, "cmd")}, io.Discard, io.Discard,
+		func(k string) string {
+			if k == "RELAY_ADMIN_PASSWORD" {
+				return "short"
+			}
+			return ""
+		})
+	if !errors.Is(err, auth.ErrWeakPassword) {
+		t.Errorf("relayd control --bootstrap with RELAY_ADMIN_PASSWORD=short: %v; want the password policy's error", err)
+	}
+	if _, err := os.Stat(filepath.Join(empty, "cmd")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the refused start left its data dir behind: %v", err)
+	}
+}
