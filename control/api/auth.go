@@ -251,11 +251,11 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 	}
 	cur, err := s.node.FSM().GetRefreshToken(id)
 	if err != nil {
-		if errors.Is(err, fsm.ErrNotFound) {
-			// Perhaps issued moments ago on another node: catch up once.
-			if f, rerr := s.node.Read(ctx, raftnode.Linearizable); rerr == nil {
-				cur, err = f.GetRefreshToken(id)
-			}
+		if errors.Is(err, fsm.ErrNotFound) && s.authn.tokenCatchUp.refresh(ctx) {
+			// Perhaps issued moments ago on another node: caught up
+			// (at most once per KeyRefreshEvery for all such calls, which
+			// anyone can make up).
+			cur, err = s.node.FSM().GetRefreshToken(id)
 		}
 		if err != nil {
 			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("refresh token not recognised; log in again"))

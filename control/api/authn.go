@@ -144,7 +144,10 @@ type Authenticator struct {
 	nodeTok  nodeToken
 	// keyRefresh bounds the refreshes of the key set that tokens signed
 	// by unknown keys cause.
-	keyRefresh *keyRefresher
+	keyRefresh *catchUp
+	// tokenCatchUp bounds the same for refresh tokens of ids this
+	// replica does not know.
+	tokenCatchUp *catchUp
 	// streams are the streaming calls open, with their credential checks.
 	streams streamSet
 	// hashSlots bounds the password hashes (logins' checks, new
@@ -196,7 +199,9 @@ func NewAuthenticator(node *raftnode.Node, cfg AuthConfig) *Authenticator {
 		node: node, cfg: cfg, keys: keys, policy: Policy(),
 		verifier: auth.NewVerifier(cfg.Issuer, cfg.Audience, keys.Verify, cfg.Now, cfg.Leeway),
 		activity: newActivityThrottle(cfg.ActivityEvery),
-		keyRefresh: &keyRefresher{every: cfg.KeyRefreshEvery, timeout: cfg.KeyRefreshTimeout,
+		keyRefresh: &catchUp{every: cfg.KeyRefreshEvery, timeout: cfg.KeyRefreshTimeout,
+			barrier: node.Barrier, now: cfg.Now},
+		tokenCatchUp: &catchUp{every: cfg.KeyRefreshEvery, timeout: cfg.KeyRefreshTimeout,
 			barrier: node.Barrier, now: cfg.Now},
 		hashSlots: make(chan struct{}, max(1, runtime.GOMAXPROCS(0))),
 	}
@@ -255,7 +260,7 @@ func (a *Authenticator) forwardedFor(ctx context.Context, h http.Header) (string
 // verifyToken checks an access token against the local key set. A key
 // rotated in moments ago may not have reached this replica yet, so a
 // token signed by a key it does not know gets at most one bounded refresh
-// of the key set (keyRefresher) before it is refused.
+// of the key set (catchUp) before it is refused.
 func (a *Authenticator) verifyToken(ctx context.Context, tok string) (auth.Claims, error) {
 	c, err := a.verifier.Verify(tok)
 	if errors.Is(err, auth.ErrUnknownKey) && a.keyRefresh.refresh(ctx) {
@@ -264,13 +269,14 @@ func (a *Authenticator) verifyToken(ctx context.Context, tok string) (auth.Claim
 	return c, err
 }
 
-// keyRefresher catches the local replica up with the leader (a read
-// barrier, which costs the leader a heartbeat round) for tokens signed by
-// a key it does not know. Anyone can make such tokens, so the refreshes
-// are bounded: one at a time (callers that arrive meanwhile share it), at
-// most one per interval, each within a timeout; outside them a token of
-// an unknown key is refused from the local key set at once.
-type keyRefresher struct {
+// catchUp catches the local replica up with the leader (a read barrier,
+// which costs the leader a heartbeat round) for what this replica may
+// not have applied yet: a token signed by a key it does not know, a
+// refresh token of an id it does not know. Anyone can make either, so
+// the catch-ups are bounded: one at a time (callers that arrive
+// meanwhile share it), at most one per interval, each within a timeout;
+// outside them such a token is refused from the local state at once.
+type catchUp struct {
 	every, timeout time.Duration
 	barrier        func(context.Context) error
 	now            func() time.Time
@@ -283,7 +289,7 @@ type keyRefresher struct {
 // refresh brings the local key set up to date if it may now; it reports
 // whether a refresh ran (or was shared), so that checking again is worth
 // it.
-func (k *keyRefresher) refresh(ctx context.Context) bool {
+func (k *catchUp) refresh(ctx context.Context) bool {
 	k.mu.Lock()
 	if ch := k.running; ch != nil {
 		k.mu.Unlock()

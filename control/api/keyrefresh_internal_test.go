@@ -23,7 +23,7 @@ func TestKeyRefresherIsBounded(t *testing.T) {
 		now     = time.Unix(1000, 0)
 		mu      sync.Mutex // guards now
 	)
-	k := &keyRefresher{every: time.Second, timeout: time.Hour,
+	k := &catchUp{every: time.Second, timeout: time.Hour,
 		barrier: func(ctx context.Context) error {
 			calls.Add(1)
 			started <- struct{}{}

@@ -47,10 +47,11 @@ type Limits struct {
 	// refreshing its token. Default 32.
 	MaxUnauthenticated int
 	// MaxUnauthenticatedPerSource is how many calls without credentials
-	// one source (an IPv4 address, an IPv6 /64) may have under way at
-	// once, their bodies still arriving or served; and four times
-	// MaxUnauthenticated may be under way from all sources. Beyond
-	// either they are refused with resource_exhausted. Default 4.
+	// one source (an IPv4 address, an IPv6 /64; for a call an edge passes
+	// on, the browser's) may have arriving at once, their bodies still
+	// being read; and four times MaxUnauthenticated may be arriving from
+	// all sources. Beyond either they are refused with
+	// resource_exhausted. Default 4.
 	MaxUnauthenticatedPerSource int
 	// PublicBodyTimeout is how long the body of a call without
 	// credentials may take to arrive. It is read whole before the call
@@ -135,8 +136,8 @@ type preauthKey struct{}
 // certificate of the cluster CA) is refused before its body is read; a
 // call to a public procedure (Login, Refresh) is read whole within
 // Limits.PublicBodyTimeout, holding one of its source's
-// Limits.MaxUnauthenticatedPerSource meanwhile, and then takes one of
-// Limits.MaxUnauthenticated slots to be served, or is refused; every
+// Limits.MaxUnauthenticatedPerSource meanwhile, and only then takes one
+// of Limits.MaxUnauthenticated slots to be served, or is refused; every
 // other body is cut at its procedure's size limit and must arrive within
 // Limits.BodyTimeout. The claims it verified travel to the Authenticator
 // in the context, so a token is verified once. Wrap the API's HTTP
@@ -148,8 +149,8 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 	arriving := newSourceGate(limits.MaxUnauthenticatedPerSource, 4*limits.MaxUnauthenticated)
 	inFlight := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "relay_control_unauthenticated_in_flight",
-		Help: "Calls without credentials (logins, refreshes) under way now, their bodies arriving or served, edges' and nodes' own included.",
-	}, func() float64 { return float64(arriving.len() + len(reserve)) })
+		Help: "Calls without credentials (logins, refreshes) under way now: their bodies arriving, or served (edges' and nodes' own included).",
+	}, func() float64 { return float64(arriving.len() + len(slots) + len(reserve)) })
 	refused := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "relay_control_requests_refused_total",
 		Help: "Requests refused before they were served, by reason: busy (too many calls without credentials under way, from the caller's source or from all), unauthenticated (no credentials that verify), slow_body (the body of a call without credentials did not arrive in time).",
@@ -200,26 +201,19 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 		if a.policy.Public[procedure] {
 			// An edge's or a node's own call on its trusted connection
 			// (not one it passes on for a browser) is served from the
-			// reserve; anyone else's counts against its source.
+			// reserve; anyone else's body counts against its source while
+			// it arrives.
 			pool := slots
 			if c, ok := connbound.FromContext(ctx); ok && c.State() == connbound.Trusted && r.Header.Get(ForwardedByHeader) == "" {
 				pool = reserve
-			} else {
-				src := sourceOf(ctx, r)
-				switch arriving.enter(src) {
-				case gateSourceFull:
-					busy(w, r, "too many calls without credentials under way from %s (%d); retry shortly", src, limits.MaxUnauthenticatedPerSource)
-					return
-				case gateFull:
-					busy(w, r, "too many calls without credentials under way on this node; retry shortly")
-					return
-				}
-				defer arriving.leave(src)
 			}
-			body, err := readPublicBody(w, r.Body, max, limits.PublicBodyTimeout)
+			body, reason, err := a.readPublicBody(w, r, limits, arriving, pool == slots, max)
 			if err != nil {
-				if err.Code() == connect.CodeDeadlineExceeded {
-					refused.WithLabelValues("slow_body").Inc()
+				if reason != "" {
+					refused.WithLabelValues(reason).Inc()
+				}
+				if reason == "busy" {
+					err.Meta().Set("Retry-After", "1")
 				}
 				refuse(w, r, err)
 				return
@@ -247,40 +241,60 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 	})
 }
 
-// sourceOf is the source a request counts against: its connection's
-// (an IPv4 address, an IPv6 /64), or its remote address's when it came
-// on a connection connbound does not know.
-func sourceOf(ctx context.Context, r *http.Request) netip.Addr {
-	if c, ok := connbound.FromContext(ctx); ok {
+// sourceOf is the source a request counts against: the browser's
+// address an edge passed the call on for (when the edge's token in
+// Relay-Forwarded-By verifies), else its connection's, or its remote
+// address's when it came on a connection connbound does not know; an
+// IPv4 address or an IPv6 /64.
+func (a *Authenticator) sourceOf(ctx context.Context, r *http.Request) netip.Addr {
+	addr := r.RemoteAddr
+	if r.Header.Get(ForwardedByHeader) != "" {
+		if fwd, ok := a.forwardedFor(ctx, r.Header); ok {
+			addr = net.JoinHostPort(fwd, "0")
+		}
+	} else if c, ok := connbound.FromContext(ctx); ok {
 		return c.Source()
 	}
-	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	ap, err := netip.ParseAddrPort(addr)
 	if err != nil {
 		return netip.Addr{}
 	}
 	return connbound.SourceOf(net.UDPAddrFromAddrPort(ap))
 }
 
-// readPublicBody reads a body of at most max bytes as it arrives (its
-// buffer grows with what came, never to a length the caller declared),
-// within timeout.
-func readPublicBody(w http.ResponseWriter, body io.ReadCloser, max int64, timeout time.Duration) ([]byte, *connect.Error) {
+// readPublicBody reads the body of a call without credentials, of at
+// most max bytes as it arrives (its buffer grows with what came, never
+// to a length the caller declared), within Limits.PublicBodyTimeout;
+// while it arrives, a call that counts (not an edge's or node's own)
+// holds one of its source's share of arriving, or is refused. reason is
+// the refusal's label of relay_control_requests_refused_total, if any.
+func (a *Authenticator) readPublicBody(w http.ResponseWriter, r *http.Request, limits Limits, arriving *sourceGate, counts bool, max int64) (body []byte, reason string, _ *connect.Error) {
+	if counts {
+		src := a.sourceOf(r.Context(), r)
+		switch arriving.enter(src) {
+		case gateSourceFull:
+			return nil, "busy", connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("too many calls without credentials arriving from %s (%d); retry shortly", src, limits.MaxUnauthenticatedPerSource))
+		case gateFull:
+			return nil, "busy", connect.NewError(connect.CodeResourceExhausted, errors.New("too many calls without credentials arriving on this node; retry shortly"))
+		}
+		defer arriving.leave(src)
+	}
 	rc := http.NewResponseController(w)
-	deadline := rc.SetReadDeadline(time.Now().Add(timeout)) == nil
-	b, err := io.ReadAll(http.MaxBytesReader(w, body, max))
+	deadline := rc.SetReadDeadline(time.Now().Add(limits.PublicBodyTimeout)) == nil
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, max))
 	if deadline {
 		_ = rc.SetReadDeadline(time.Time{})
 	}
 	var tooLarge *http.MaxBytesError
 	switch {
 	case err == nil:
-		return b, nil
+		return b, "", nil
 	case errors.As(err, &tooLarge):
-		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("request body larger than configured max of %d bytes", max))
+		return nil, "", connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("request body larger than configured max of %d bytes", max))
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		return nil, connect.NewError(connect.CodeDeadlineExceeded, fmt.Errorf("request body did not arrive within %v", timeout))
+		return nil, "slow_body", connect.NewError(connect.CodeDeadlineExceeded, fmt.Errorf("request body did not arrive within %v", limits.PublicBodyTimeout))
 	}
-	return nil, connect.NewError(connect.CodeCanceled, fmt.Errorf("read request body: %w", err))
+	return nil, "", connect.NewError(connect.CodeCanceled, fmt.Errorf("read request body: %w", err))
 }
 
 // gateResult is what sourceGate.enter decided.

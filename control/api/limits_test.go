@@ -153,9 +153,9 @@ func clientFrom(t *testing.T, from string) *http.Client {
 	return &http.Client{Transport: tr}
 }
 
-// slowLogins starts n logins from hc whose bodies never end and returns
-// the channel their errors arrive on.
-func slowLogins(t *testing.T, hc *http.Client, login string, n int) <-chan connectError {
+// slowLogins starts n logins from hc (with header) whose bodies never
+// end and returns the channel their errors arrive on.
+func slowLogins(t *testing.T, hc *http.Client, login string, n int, header map[string]string) <-chan connectError {
 	t.Helper()
 	held := make(chan connectError, n)
 	for range n {
@@ -163,7 +163,7 @@ func slowLogins(t *testing.T, hc *http.Client, login string, n int) <-chan conne
 		t.Cleanup(func() { _ = pw.Close() })
 		go func() { _, _ = pw.Write([]byte(`{"login":"admin",`)) }() // and nothing more
 		go func() {
-			status, ce := postJSON(t, hc, login, pr, nil)
+			status, ce := postJSON(t, hc, login, pr, header)
 			if status == http.StatusOK {
 				ce.Code = "ok"
 			}
@@ -197,7 +197,7 @@ func TestSlowLoginBodiesHoldOnlyTheirSourcesShare(t *testing.T) {
 		}
 		return nil
 	})
-	held := slowLogins(t, attacker, login, 2)
+	held := slowLogins(t, attacker, login, 2, nil)
 	clustertest.Eventually(t, 20*time.Second, func() error {
 		if v := n.Metric(t, "relay_control_unauthenticated_in_flight"); v != 2 {
 			return fmt.Errorf("%v calls without credentials under way, want the 2 held ones", v)
@@ -232,11 +232,12 @@ func TestSlowLoginBodiesHoldOnlyTheirSourcesShare(t *testing.T) {
 	}
 }
 
-// An edge refreshes its token from slots of its own: with every call
-// without credentials the node takes under way (logins trickling in from
-// one address after another), a stranger's login is refused, and so is
-// a browser's login the edge passes on, but the edge's own Refresh on
-// its trusted connection goes through.
+// A browser's login an edge passes on counts against the browser's
+// address. And an edge refreshes its token from slots of its own: with
+// every call without credentials the node takes arriving (logins
+// trickling in from browsers and strangers), a stranger's login is
+// refused, and so is a browser's login the edge passes on, but the
+// edge's own Refresh on its trusted connection goes through.
 func TestAnEdgesRefreshHasSlotsOfItsOwn(t *testing.T) {
 	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) {
 		cfg.Limits = api.Limits{MaxUnauthenticated: 1, MaxUnauthenticatedPerSource: 2, PublicBodyTimeout: time.Minute}
@@ -261,21 +262,36 @@ func TestAnEdgesRefreshHasSlotsOfItsOwn(t *testing.T) {
 	}
 
 	login := url(n) + "/control.v1.AuthService/Login"
-	for _, from := range []string{"127.0.0.2", "127.0.0.5"} { // 4 under way: the node's bound
-		slowLogins(t, clientFrom(t, from), login, 2)
+	passedOn := func(browser string) map[string]string {
+		return map[string]string{api.ForwardedByHeader: "Bearer " + lr.Msg.GetTokens().GetAccessToken(), "Relay-Forwarded-For": browser}
 	}
-	clustertest.Eventually(t, 20*time.Second, func() error {
-		if v := n.Metric(t, "relay_control_unauthenticated_in_flight"); v != 4 {
-			return fmt.Errorf("%v calls without credentials under way, want the 4 held ones", v)
-		}
-		return nil
-	})
-	status, ce := postJSON(t, clientFrom(t, "127.0.0.3"), login, adminLogin(), nil)
+	// A browser's logins the edge passes on count against the browser's
+	// address, not the edge's.
+	slowLogins(t, edgeHC, login, 2, passedOn("192.0.2.7"))
+	waitUnderWay := func(want float64) {
+		t.Helper()
+		clustertest.Eventually(t, 20*time.Second, func() error {
+			if v := n.Metric(t, "relay_control_unauthenticated_in_flight"); v != want {
+				return fmt.Errorf("%v calls without credentials under way, want the %v held ones", v, want)
+			}
+			return nil
+		})
+	}
+	waitUnderWay(2)
+	status, ce := postJSON(t, edgeHC, login, adminLogin(), passedOn("192.0.2.7"))
+	if status != http.StatusTooManyRequests || !strings.Contains(ce.Message, "from 192.0.2.7") {
+		t.Errorf("a third login passed on for the same browser: status %d, error %+v; want 429 naming the browser", status, ce)
+	}
+	if status, ce := postJSON(t, edgeHC, login, adminLogin(), passedOn("192.0.2.8")); status != http.StatusOK {
+		t.Errorf("a login passed on for another browser: status %d, error %+v; want 200", status, ce)
+	}
+	slowLogins(t, clientFrom(t, "127.0.0.2"), login, 2, nil) // 4 arriving: the node's bound
+	waitUnderWay(4)
+	status, ce = postJSON(t, clientFrom(t, "127.0.0.3"), login, adminLogin(), nil)
 	if status != http.StatusTooManyRequests || ce.Code != "resource_exhausted" || !strings.Contains(ce.Message, "on this node") {
 		t.Errorf("a stranger's login: status %d, error %+v; want 429 resource_exhausted", status, ce)
 	}
-	status, ce = postJSON(t, edgeHC, login, adminLogin(), map[string]string{
-		api.ForwardedByHeader: "Bearer " + lr.Msg.GetTokens().GetAccessToken(), "Relay-Forwarded-For": "192.0.2.7"})
+	status, ce = postJSON(t, edgeHC, login, adminLogin(), passedOn("192.0.2.9"))
 	if status != http.StatusTooManyRequests || ce.Code != "resource_exhausted" {
 		t.Errorf("a browser's login the edge passes on: status %d, error %+v; want 429 resource_exhausted", status, ce)
 	}
@@ -328,6 +344,40 @@ func TestUnknownKeyIDsCostAtMostOneRefresh(t *testing.T) {
 	}
 	if got := n.Metric(t, "relay_control_read_barrier_seconds") - before; got > 1 {
 		t.Errorf("100 tokens of unknown keys made %v read barriers, want at most 1", got)
+	}
+}
+
+// Refresh tokens of ids nobody issued (anyone can make them up) are
+// refused from the local state: however many arrive, at once or one
+// after the other, they cost at most one catch-up with the leader per
+// KeyRefreshEvery.
+func TestUnknownRefreshTokensCostAtMostOneCatchUp(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{KeyRefreshEvery: time.Hour}})
+	n := c.Nodes[0]
+	anon := controlv1connect.NewAuthServiceClient(httpClient(t), url(n))
+	ctx := ctxT(t, time.Minute)
+	call := func() {
+		_, _, tok, err := auth.NewRefreshToken(rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = anon.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: tok}))
+		if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "not recognised") {
+			t.Errorf("refresh token nobody issued: %v; want unauthenticated, not recognised", err)
+		}
+	}
+	before := n.Metric(t, "relay_control_read_barrier_seconds")
+	var wg sync.WaitGroup
+	for range 4 { // as many at once as one source may send
+		wg.Go(func() {
+			for range 25 {
+				call()
+			}
+		})
+	}
+	wg.Wait()
+	if got := n.Metric(t, "relay_control_read_barrier_seconds") - before; got > 1 {
+		t.Errorf("100 refresh tokens nobody issued made %v read barriers, want at most 1", got)
 	}
 }
 
