@@ -173,7 +173,8 @@ func (s *AuthServer) admit(ctx context.Context, login string, req connect.AnyReq
 			return nil, throttled(retry)
 		}
 	}
-	attempt := &statev1.LoginAttempt{Login: login, AddrHash: addrHash(addr), Policy: s.cfg.Throttle.policy()}
+	attempt := &statev1.LoginAttempt{Login: login, AddrHash: addrHash(addr),
+		Policy: s.cfg.Throttle.policy(everyMemberHas(s.node, fsm.FeatureLoginCeiling))}
 	// This replica's counts first: a throttled attempt costs no write.
 	if wait, err := s.node.FSM().LoginWait(attempt, s.cfg.Now().UnixMilli()); err != nil {
 		return nil, toConnect(err)

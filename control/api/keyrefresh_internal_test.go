@@ -94,12 +94,14 @@ func TestKeyRefresherIsBounded(t *testing.T) {
 
 // Whatever the configuration, the throttle policy is one apply accepts.
 func TestThrottleDefaultsAreValid(t *testing.T) {
-	for _, in := range []Throttle{{}, {AddrFree: 1 << 30, LoginFree: 1 << 30, Window: 1 << 62, Trust: 1 << 62, MaxDelay: 1 << 62, BaseDelay: 1 << 62},
+	for _, in := range []Throttle{{}, {AddrFree: 1 << 30, LoginFree: 1 << 30, LoginCeiling: 1 << 30, Window: 1 << 62, Trust: 1 << 62, MaxDelay: 1 << 62, BaseDelay: 1 << 62},
 		{BaseDelay: time.Hour, MaxDelay: time.Second, Window: time.Millisecond}} {
 		in.applyDefaults()
-		at := &statev1.LoginAttempt{Login: "x", AddrHash: addrHash("192.0.2.1"), Policy: in.policy()}
-		if err := fsm.ValidateLoginAttempt(at); err != nil {
-			t.Errorf("%+v: %v", in, err)
+		for _, ceiling := range []bool{false, true} {
+			at := &statev1.LoginAttempt{Login: "x", AddrHash: addrHash("192.0.2.1"), Policy: in.policy(ceiling)}
+			if err := fsm.ValidateLoginAttempt(at); err != nil {
+				t.Errorf("%+v, ceiling %v: %v", in, ceiling, err)
+			}
 		}
 	}
 	if a, b := addrHash("2001:db8::1"), addrHash("2001:db8::2"); string(a) != string(b) {

@@ -70,8 +70,12 @@ const DefaultClaimRecordGrace = 10 * time.Minute
 // everyMemberHas reports whether every member's release applies the
 // commands of feature alike (raftnode.Node.MembersWithout); until then
 // the commands are written as older releases apply them.
-func (s *MailboxServer) everyMemberHas(feature string) bool {
-	missing, err := s.node.MembersWithout(feature)
+func (s *MailboxServer) everyMemberHas(feature string) bool { return everyMemberHas(s.node, feature) }
+
+// everyMemberHas reports whether every member of node's cluster lists
+// feature, so that commands that use it apply alike on every replica.
+func everyMemberHas(node *raftnode.Node, feature string) bool {
+	missing, err := node.MembersWithout(feature)
 	return err == nil && len(missing) == 0
 }
 

@@ -22,6 +22,12 @@ type Throttle struct {
 	// address that is trusted for the login or has no failures of its
 	// own. Default 5.
 	LoginFree int
+	// LoginCeiling: failures one login may take past which attempts at
+	// it from addresses with no failures of their own must wait too, so
+	// that guessing it from ever new addresses (an IPv6 /48 holds 65,536
+	// /64s) gets about one guess per MaxDelay; only addresses trusted for
+	// the login go on at once. Default 100.
+	LoginCeiling int
 	// BaseDelay is the wait after the first failure past the free ones;
 	// it doubles with each further failure, up to MaxDelay. Defaults 1s
 	// and 15 minutes.
@@ -41,6 +47,9 @@ func (t *Throttle) applyDefaults() {
 	if t.LoginFree <= 0 {
 		t.LoginFree = 5
 	}
+	if t.LoginCeiling <= 0 {
+		t.LoginCeiling = 100
+	}
 	if t.BaseDelay <= 0 {
 		t.BaseDelay = time.Second
 	}
@@ -58,17 +67,24 @@ func (t *Throttle) applyDefaults() {
 	// Within what apply accepts, so that a configuration cannot make
 	// every login fail.
 	t.AddrFree, t.LoginFree = min(t.AddrFree, fsm.MaxThrottleFree), min(t.LoginFree, fsm.MaxThrottleFree)
+	t.LoginCeiling = min(t.LoginCeiling, fsm.MaxThrottleFree)
 	t.Window = min(t.Window, fsm.MaxThrottleWindow*time.Millisecond)
 	t.MaxDelay, t.BaseDelay = min(t.MaxDelay, t.Window), min(t.BaseDelay, t.Window)
 	t.Trust = min(t.Trust, fsm.MaxThrottleTrust*time.Millisecond)
 }
 
-func (t Throttle) policy() *statev1.ThrottlePolicy {
-	return &statev1.ThrottlePolicy{
+// policy is the policy an attempt carries; the login ceiling only when
+// every member of the cluster applies it (ceiling).
+func (t Throttle) policy(ceiling bool) *statev1.ThrottlePolicy {
+	p := &statev1.ThrottlePolicy{
 		AddrFree: uint32(t.AddrFree), LoginFree: uint32(t.LoginFree),
 		BaseDelayMs: t.BaseDelay.Milliseconds(), MaxDelayMs: t.MaxDelay.Milliseconds(),
 		WindowMs: t.Window.Milliseconds(), TrustMs: t.Trust.Milliseconds(),
 	}
+	if ceiling {
+		p.LoginCeiling = uint32(t.LoginCeiling)
+	}
+	return p
 }
 
 // addrHash is what the throttle records of a client address are kept

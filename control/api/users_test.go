@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -16,6 +17,7 @@ import (
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/server"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
@@ -461,5 +463,61 @@ func TestDeleteUserDuringRegistrationsAndActivity(t *testing.T) {
 	_, err = clientsAs(t, c.Nodes[0], "").auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: victimTok.GetRefreshToken()}))
 	if connect.CodeOf(err) != connect.CodeUnauthenticated {
 		t.Fatalf("refresh of deleted user's token: %v", err)
+	}
+}
+
+// Guessing one login from ever new addresses, one guess each (an IPv6
+// /48 holds 65,536 /64s), stops at the login's ceiling once every member
+// applies it: past LoginCeiling failures a clean address waits too,
+// while the owner still logs in from home. While a member runs the
+// release before (its record lacks the feature), attempts carry no
+// ceiling, as that release would decide them, and every clean address
+// gets its guess.
+func TestGuessingALoginFromNewAddressesStopsAtItsCeiling(t *testing.T) {
+	for _, older := range []bool{false, true} {
+		t.Run(fmt.Sprint("a member of the release before: ", older), func(t *testing.T) {
+			c := clustertest.Start(t, 1, clustertest.Options{
+				Configure: func(cfg *server.Config) {
+					if older {
+						cfg.Features = slices.DeleteFunc(fsm.Features(), func(f string) bool { return f == fsm.FeatureLoginCeiling })
+					}
+				},
+				Auth: api.AuthConfig{Throttle: api.Throttle{AddrFree: 5, LoginFree: 2, LoginCeiling: 4, BaseDelay: time.Hour, MaxDelay: time.Hour}},
+			})
+			ctx := ctxT(t, 5*time.Minute)
+			edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+			c.TokenFor("alice", controlv1.Role_ROLE_USER) // password "password-of-alice"
+			login := func(from, password string) error {
+				req := connect.NewRequest(&controlv1.LoginRequest{Login: "alice", Password: password})
+				req.Header().Set(api.ForwardedForHeader, from)
+				req.Header().Set(api.ForwardedByHeader, "Bearer "+edge)
+				_, err := clientsAs(t, c.Nodes[0], "").auth.Login(ctx, req)
+				return err
+			}
+			const home = "198.51.100.1"
+			if err := login(home, "password-of-alice"); err != nil {
+				t.Fatal(err)
+			}
+			checked := 0
+			for i := range 10 {
+				switch err := login(fmt.Sprintf("2001:db8:0:%x::1", i), fmt.Sprint("guess-", i)); connect.CodeOf(err) {
+				case connect.CodeUnauthenticated:
+					checked++
+				case connect.CodeResourceExhausted:
+				default:
+					t.Fatalf("guess %d: %v", i, err)
+				}
+			}
+			want := 4
+			if older {
+				want = 10
+			}
+			if checked != want {
+				t.Errorf("%d of 10 guesses from new addresses were checked, want %d", checked, want)
+			}
+			if err := login(home, "password-of-alice"); err != nil {
+				t.Errorf("the owner from home: %v", err)
+			}
+		})
 	}
 }

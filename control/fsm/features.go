@@ -28,6 +28,8 @@ const (
 	FeatureMailboxReplaceExpired = "mailbox_replace_expired"
 	// FeatureClaimRecordGrace: ClaimEvents' record_grace_ms.
 	FeatureClaimRecordGrace = "claim_record_grace"
+	// FeatureLoginCeiling: LoginAttempt's policy.login_ceiling.
+	FeatureLoginCeiling = "login_ceiling"
 )
 
 // Bounds of a node's feature list.
@@ -38,7 +40,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling}
 	slices.Sort(f)
 	return f
 }

@@ -32,6 +32,8 @@ func validPolicy(p *statev1.ThrottlePolicy) error {
 		return invalid("policy: want max_delay_ms <= window_ms <= %d", MaxThrottleWindow)
 	case p.GetTrustMs() < 0 || p.GetTrustMs() > MaxThrottleTrust:
 		return invalid("policy: want 0 <= trust_ms <= %d", MaxThrottleTrust)
+	case p.GetLoginCeiling() > MaxThrottleFree:
+		return invalid("policy: login_ceiling at most %d", MaxThrottleFree)
 	}
 	return nil
 }
@@ -85,18 +87,23 @@ func trusted(login *statev1.LoginThrottle, hash []byte, p *statev1.ThrottlePolic
 // proceed), and whether it counts against its login. An address's own
 // failures always apply. Its login's apply unless the address is trusted
 // for it (a login succeeded from there) or clean (no failures of its own
-// in the window). So guessing from one address stops after its free
-// failures; guessing one login from many addresses gets, once the
-// login's free failures are used, one guess per fresh address; and the
-// owner, from an address it used before or from one that is not
-// guessing, always gets in.
+// in the window) while the login has taken fewer failures than its
+// ceiling (policy.login_ceiling, when set). So guessing from one address
+// stops after its free failures; guessing one login from many addresses
+// gets, once the login's free failures are used, one guess per fresh
+// address, and past the ceiling no more than the login's own waits let
+// through (about one per max_delay_ms); and the owner, from an address it
+// used before, always gets in, and from one that is not guessing, too,
+// until the login's failures reach the ceiling.
 func throttleDecision(addr, login *statev1.LoginThrottle, a *statev1.LoginAttempt, now int64) (waitMs int64, countLogin bool) {
 	p := a.GetPolicy()
 	trust := trusted(login, a.GetAddrHash(), p, now)
 	af := current(addr, p, now)
 	until := blockedUntil(addr, af, p.GetAddrFree(), p)
-	if af > 0 && !trust {
-		until = max(until, blockedUntil(login, current(login, p, now), p.GetLoginFree(), p))
+	lf := current(login, p, now)
+	besieged := p.GetLoginCeiling() > 0 && lf >= p.GetLoginCeiling()
+	if (af > 0 || besieged) && !trust {
+		until = max(until, blockedUntil(login, lf, p.GetLoginFree(), p))
 	}
 	return max(0, until-now), !trust
 }

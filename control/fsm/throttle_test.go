@@ -273,3 +273,53 @@ func TestPasswordChangeWithTheCurrentPassword(t *testing.T) {
 		t.Errorf("a change to a disabled account: %v, want FAILED_PRECONDITION", r)
 	}
 }
+
+// Past its ceiling, a login guessed from ever new addresses lets a clean
+// address through only as its own waits do; an address trusted for it
+// goes on at once. Without a ceiling (the policy of releases before
+// it), every clean address gets its guess.
+func TestLoginCeiling(t *testing.T) {
+	for _, ceiling := range []uint32{0, 4} {
+		t.Run(fmt.Sprint("ceiling ", ceiling), func(t *testing.T) {
+			f := newFSM(t, Config{})
+			th := &throttler{applier: &applier{t: t, f: f}, t: t, policy: &statev1.ThrottlePolicy{
+				AddrFree: 3, LoginFree: 2, LoginCeiling: ceiling, BaseDelayMs: 10, MaxDelayMs: 80, WindowMs: 10_000, TrustMs: 100_000,
+			}}
+			th.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "carol", Login: "carol"}}})
+			home := addr(1)
+			th.succeed("carol", "carol", home)
+			fresh := byte(10)
+			guess := func() int64 {
+				fresh++
+				return th.try("carol", addr(fresh))
+			}
+			for i := range 4 { // up to the ceiling, each clean address guesses
+				if w := guess(); w != 0 {
+					t.Fatalf("clean address %d must wait %d", i, w)
+				}
+			}
+			w := guess()
+			if ceiling == 0 {
+				for i := range 20 {
+					if w != 0 {
+						t.Fatalf("without a ceiling, clean address %d must wait %d", 5+i, w)
+					}
+					w = guess()
+				}
+				return
+			}
+			// carol has 4 failures, 2 past her free ones: 40 ms after the last.
+			if w < 39 || w > 40 {
+				t.Fatalf("a clean address past the ceiling: wait %d, want about 40", w)
+			}
+			th.succeed("carol", "carol", home) // the owner from home
+			th.advanceTo(1_000_000 + int64(th.idx) + w)
+			if w := guess(); w != 0 {
+				t.Fatalf("a clean address once the login's wait passed: wait %d", w)
+			}
+			if w := guess(); w < 79 || w > 80 {
+				t.Fatalf("the next clean address: wait %d, want about 80 (doubled)", w)
+			}
+		})
+	}
+}

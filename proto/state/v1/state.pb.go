@@ -2812,7 +2812,13 @@ type ThrottlePolicy struct {
 	// max_delay_ms).
 	WindowMs int64 `protobuf:"varint,5,opt,name=window_ms,json=windowMs,proto3" json:"window_ms,omitempty"`
 	// An address a login succeeded from stays trusted for it this long.
-	TrustMs       int64 `protobuf:"varint,6,opt,name=trust_ms,json=trustMs,proto3" json:"trust_ms,omitempty"`
+	TrustMs int64 `protobuf:"varint,6,opt,name=trust_ms,json=trustMs,proto3" json:"trust_ms,omitempty"`
+	// Failures a login may take within the window past which attempts at
+	// it from clean addresses wait too (only trusted addresses go on at
+	// once); 0: no ceiling. Set only once every member lists the feature
+	// "login_ceiling": a release that does not know it would decide the
+	// same attempt differently.
+	LoginCeiling  uint32 `protobuf:"varint,7,opt,name=login_ceiling,json=loginCeiling,proto3" json:"login_ceiling,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2885,6 +2891,13 @@ func (x *ThrottlePolicy) GetWindowMs() int64 {
 func (x *ThrottlePolicy) GetTrustMs() int64 {
 	if x != nil {
 		return x.TrustMs
+	}
+	return 0
+}
+
+func (x *ThrottlePolicy) GetLoginCeiling() uint32 {
+	if x != nil {
+		return x.LoginCeiling
 	}
 	return 0
 }
@@ -4404,7 +4417,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x11IssueRefreshToken\x12,\n" +
 	"\x05token\x18\x01 \x01(\v2\x16.state.v1.RefreshTokenR\x05token\x124\n" +
 	"\tsucceeded\x18\x02 \x01(\v2\x16.state.v1.LoginAttemptR\tsucceeded\x12#\n" +
-	"\rpassword_hash\x18\x03 \x01(\tR\fpasswordHash\"\xca\x01\n" +
+	"\rpassword_hash\x18\x03 \x01(\tR\fpasswordHash\"\xef\x01\n" +
 	"\x0eThrottlePolicy\x12\x1b\n" +
 	"\taddr_free\x18\x01 \x01(\rR\baddrFree\x12\x1d\n" +
 	"\n" +
@@ -4413,7 +4426,8 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\fmax_delay_ms\x18\x04 \x01(\x03R\n" +
 	"maxDelayMs\x12\x1b\n" +
 	"\twindow_ms\x18\x05 \x01(\x03R\bwindowMs\x12\x19\n" +
-	"\btrust_ms\x18\x06 \x01(\x03R\atrustMs\"\xbd\x01\n" +
+	"\btrust_ms\x18\x06 \x01(\x03R\atrustMs\x12#\n" +
+	"\rlogin_ceiling\x18\a \x01(\rR\floginCeiling\"\xbd\x01\n" +
 	"\rLoginThrottle\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1a\n" +
 	"\bfailures\x18\x02 \x01(\rR\bfailures\x12&\n" +
