@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -157,5 +158,35 @@ func TestLocalUDPAddr(t *testing.T) {
 		if got := localUDPAddr(edge); got != want {
 			t.Errorf("localUDPAddr(%s) = %s, want %s", edge, got, want)
 		}
+	}
+}
+
+// A read from an admin server that stopped answering (an edge paused in
+// a fault run) fails within its timeout instead of holding the run.
+func TestAnAdminServerThatStopsAnsweringFailsTheRead(t *testing.T) {
+	release := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	t.Cleanup(srv.Close)
+	t.Cleanup(func() { close(release) })
+	done := make(chan error, 1)
+	go func() {
+		resp, err := adminGet(context.Background(), srv.URL+"/metrics", 200*time.Millisecond)
+		if err == nil {
+			_ = resp.Body.Close()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("a read from a server that never answered succeeded")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a read from a server that never answers did not end at its timeout")
 	}
 }

@@ -228,14 +228,24 @@ func parallel(ctx context.Context, n, conc int, f func(context.Context, int) err
 	return ctx.Err()
 }
 
-// certHashes fetches the certificate hashes the edge whose admin server
-// is at admin publishes.
-func certHashes(ctx context.Context, admin string) ([][]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, admin+"/.well-known/relay/certificate-hashes", nil)
+// adminTimeout bounds one request to an admin server, its answer read
+// whole included: one that stopped answering (an edge paused or stopped
+// in a fault run) fails that read instead of holding the run for ever.
+const adminTimeout = 30 * time.Second
+
+// adminGet GETs url from an admin server within timeout.
+func adminGet(ctx context.Context, url string, timeout time.Duration) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return nil, err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	return (&http.Client{Timeout: timeout}).Do(req)
+}
+
+// certHashes fetches the certificate hashes the edge whose admin server
+// is at admin publishes.
+func certHashes(ctx context.Context, admin string) ([][]byte, error) {
+	resp, err := adminGet(ctx, admin+"/.well-known/relay/certificate-hashes", adminTimeout)
 	if err != nil {
 		return nil, fmt.Errorf("fetch the edge's certificate hashes: %w", err)
 	}
@@ -415,11 +425,7 @@ func metricsAt(ctx context.Context, base string, names ...string) (map[string]fl
 // format), calling fn with each sample's name, its labels (without the
 // braces) and its value.
 func scrape(ctx context.Context, base string, fn func(name, labels string, v float64)) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/metrics", nil)
-	if err != nil {
-		return err
-	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := adminGet(ctx, base+"/metrics", adminTimeout)
 	if err != nil {
 		return fmt.Errorf("read the metrics of %s: %w", base, err)
 	}

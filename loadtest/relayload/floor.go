@@ -163,11 +163,7 @@ func floorStream(ctx context.Context, addr string, role, ch byte) (*quic.Conn, *
 // process_cpu_seconds_total.
 func (d *driverConfig) cpuAt(ctx context.Context, floorAdmin string) (time.Duration, error) {
 	if floorAdmin != "" {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, floorAdmin+"/cpu", nil)
-		if err != nil {
-			return 0, err
-		}
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := adminGet(ctx, floorAdmin+"/cpu", adminTimeout)
 		if err != nil {
 			return 0, err
 		}

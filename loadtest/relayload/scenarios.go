@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"runtime"
 	"slices"
 	"sync"
@@ -929,11 +928,7 @@ func (d *driverConfig) settledMetrics(ctx context.Context, names []string) (map[
 // at base.
 func settledMetricsAt(ctx context.Context, base string, names []string) (map[string]float64, error) {
 	for range 2 {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/debug/pprof/heap?gc=1", nil)
-		if err != nil {
-			return nil, err
-		}
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := adminGet(ctx, base+"/debug/pprof/heap?gc=1", adminTimeout)
 		if err != nil {
 			return nil, fmt.Errorf("have %s collect garbage: %w", base, err)
 		}
