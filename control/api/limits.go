@@ -153,7 +153,7 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 	}, func() float64 { return float64(arriving.len() + len(slots) + len(reserve)) })
 	refused := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "relay_control_requests_refused_total",
-		Help: "Requests refused before they were served, by reason: busy (too many calls without credentials under way, from the caller's source or from all), unauthenticated (no credentials that verify), slow_body (the body of a call without credentials did not arrive in time).",
+		Help: "Requests refused before they were served, by reason: busy (too many calls without credentials arriving from the caller's source or from all, or being served), unauthenticated (no credentials that verify), slow_body (the body of a call without credentials did not arrive in time).",
 	}, []string{"reason"})
 	if limits.Metrics != nil {
 		limits.Metrics.MustRegister(inFlight, refused)
