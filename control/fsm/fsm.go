@@ -462,13 +462,19 @@ func (f *FSM) Restore(rc io.ReadCloser) (err error) {
 // WriteBackup writes a consistent copy of the current state in the
 // snapshot format to w and returns the applied index it reflects.
 func (f *FSM) WriteBackup(w io.Writer) (uint64, error) {
+	return f.WriteBackupContext(context.Background(), w)
+}
+
+// WriteBackupContext is WriteBackup that stops with ctx's error once ctx
+// ends (state.ExportContext), having written part of the copy to w.
+func (f *FSM) WriteBackupContext(ctx context.Context, w io.Writer) (uint64, error) {
 	snap := f.store.Snapshot()
 	defer snap.Close()
 	idx, _, err := ReadApplied(snap)
 	if err != nil {
 		return 0, err
 	}
-	if _, err := state.Export(w, snap); err != nil {
+	if _, err := state.ExportContext(ctx, w, snap); err != nil {
 		return 0, fmt.Errorf("write backup: %w", err)
 	}
 	return idx, nil

@@ -2,8 +2,6 @@ package server_test
 
 import (
 	"bytes"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -18,7 +16,6 @@ import (
 	"github.com/edge-relay/relay/control/clustertest"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
-	statev1 "github.com/edge-relay/relay/proto/state/v1"
 	"github.com/edge-relay/relay/storage/state"
 )
 
@@ -37,20 +34,7 @@ func TestShutdownFinishesRequestInFlight(t *testing.T) {
 	ctx := ctxT(t, 2*time.Minute)
 	// Most of a megabyte of state that does not compress, far more than the
 	// reading client's 64 KiB window.
-	leader := c.Nodes[c.Leader()].Server.Node()
-	for i := 0; i < 150; i++ {
-		addrs := make([]string, 8)
-		for j := range addrs {
-			b := make([]byte, 120)
-			_, _ = rand.Read(b)
-			addrs[j] = hex.EncodeToString(b)
-		}
-		if _, err := leader.Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{
-			Id: fmt.Sprintf("e%d", i), Addrs: addrs, LeaseExpiresAtMs: time.Now().Add(time.Hour).UnixMilli(),
-		}}}}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	fillState(t, ctx, c.Nodes[c.Leader()].Server.Node(), 150)
 	s := c.Nodes[c.Follower()]
 	if code, body := readyz(t, s); code != http.StatusOK {
 		t.Fatalf("/readyz before shutdown: %d %s", code, body)

@@ -578,12 +578,14 @@ func (s *Server) adminMux() http.Handler {
 
 // writeBackup is the source of scheduled backups: the same consistent copy
 // ClusterService.Backup streams (a linearizable read barrier, then the
-// FSM's export).
+// FSM's export). It stops once ctx ends, the export too: the scheduler's
+// timeout and its Close (which Shutdown waits for) end a backup of a
+// large state at once, not when the whole state is written.
 func (s *Server) writeBackup(ctx context.Context, w io.Writer) error {
 	if err := s.node.Barrier(ctx); err != nil {
 		return err
 	}
-	_, err := s.node.FSM().WriteBackup(w)
+	_, err := s.node.FSM().WriteBackupContext(ctx, w)
 	return err
 }
 

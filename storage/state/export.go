@@ -2,6 +2,7 @@ package state
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -40,6 +41,15 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // Export writes every key of r in the export format to w and returns the
 // number of records written. Give it a Snapshot for a consistent copy.
 func Export(w io.Writer, r Reader) (uint64, error) {
+	return ExportContext(context.Background(), w, r)
+}
+
+// ExportContext is Export that stops with ctx's error, leaving a partial
+// export in w, once ctx ends: it looks before each record, so a backup
+// of a large state that is cancelled or runs out of time ends at once
+// instead of when the whole state is written.
+func ExportContext(ctx context.Context, w io.Writer, r Reader) (uint64, error) {
+	done := ctx.Done() // nil for a context that never ends
 	crc := crc32.New(castagnoli)
 	bw := bufio.NewWriterSize(io.MultiWriter(w, crc), 256<<10)
 	if _, err := bw.WriteString(exportMagic); err != nil {
@@ -48,6 +58,11 @@ func Export(w io.Writer, r Reader) (uint64, error) {
 	var count uint64
 	var lenBuf [binary.MaxVarintLen64]byte
 	err := r.Iterate(nil, nil, func(k, v []byte) (bool, error) {
+		select {
+		case <-done:
+			return false, ctx.Err()
+		default:
+		}
 		for _, part := range [][]byte{k, v} {
 			n := binary.PutUvarint(lenBuf[:], uint64(len(part)))
 			if _, err := bw.Write(lenBuf[:n]); err != nil {

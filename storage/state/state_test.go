@@ -2,6 +2,7 @@ package state
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -174,6 +175,39 @@ func TestExportImport(t *testing.T) {
 	empty := export(t, open(t))
 	if n, err := open(t).Import(bytes.NewReader(empty)); err != nil || n != 0 {
 		t.Fatal(n, err)
+	}
+}
+
+// cancelOnWrite cancels its context at its first write and counts writes.
+type cancelOnWrite struct {
+	cancel context.CancelFunc
+	writes int
+}
+
+func (w *cancelOnWrite) Write(p []byte) (int, error) {
+	w.writes++
+	w.cancel()
+	return len(p), nil
+}
+
+// An export whose context ends stops at the next record with the
+// context's error: nothing more reaches the writer.
+func TestExportStopsWhenItsContextEnds(t *testing.T) {
+	src := open(t)
+	value := string(bytes.Repeat([]byte("v"), 1<<10))
+	for i := 0; i < 1000; i++ { // 1 MiB: several of the export's buffers
+		put(t, src, fmt.Sprintf("k:%04d", i), value)
+	}
+	snap := src.Snapshot()
+	defer snap.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	w := &cancelOnWrite{cancel: cancel}
+	if _, err := ExportContext(ctx, w, snap); !errors.Is(err, context.Canceled) {
+		t.Fatalf("export whose context ended: %v", err)
+	}
+	if w.writes != 1 {
+		t.Fatalf("%d writes, want only the one during which the context ended", w.writes)
 	}
 }
 
