@@ -166,8 +166,8 @@ type Config struct {
 	RestoreFrom string
 	// OpenBackup opens RestoreFrom and returns its plaintext state export
 	// (control/backup.OpenFile decrypts an encrypted backup); default
-	// os.Open. It is called twice: once to import, once to copy the
-	// export into the first Raft snapshot.
+	// os.Open. It is called once, to import the export; the first Raft
+	// snapshot is written from the imported state.
 	OpenBackup func(path string) (io.ReadCloser, error)
 	// TLSServer / TLSClient enable TLS for Raft; both or neither.
 	TLSServer, TLSClient *tls.Config
