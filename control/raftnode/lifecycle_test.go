@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -137,6 +138,50 @@ func TestRestoreFromBackupFile(t *testing.T) {
 		t.Fatalf("restore from a missing file: %v", err)
 	}
 }
+
+// A restore reads its backup before the node's Raft port answers. The
+// backup holds its source cluster's history, and the cluster check takes
+// the history in the state for this node's: while it is there, that
+// cluster's leader (which may well dial this address, a member's once)
+// would be let in, and would stay in on its connection.
+func TestARestoreImportsBeforeItsRaftPortAnswers(t *testing.T) {
+	c, ctx := oneNodeWithUser(t, "imported")
+	var backup bytes.Buffer
+	if _, err := c.Nodes[0].Server.Node().FSM().WriteBackup(&backup); err != nil {
+		t.Fatal(err)
+	}
+	addr := "127.0.0.1:" + freeTCPPort(t)
+	answered := false
+	cfg := raftnode.Config{NodeID: "r1", DataDir: t.TempDir(), RaftBind: addr, APIAdvertise: "127.0.0.1:1",
+		RestoreFrom: "backup.bin", Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		OpenBackup: func(string) (io.ReadCloser, error) {
+			return readCloser{Reader: bytes.NewReader(backup.Bytes()), close: func() {
+				// Closed once the import is done.
+				if conn, err := net.Dial("tcp", addr); err == nil {
+					answered = true
+					_ = conn.Close()
+				}
+			}}, nil
+		}}
+	n, err := raftnode.Open(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = n.Shutdown(ctx) }()
+	if answered {
+		t.Fatal("the Raft port answered as the backup was imported")
+	}
+	if _, err := n.FSM().GetUser("imported"); err != nil {
+		t.Fatalf("the restored node lacks the backup's user: %v", err)
+	}
+}
+
+type readCloser struct {
+	io.Reader
+	close func()
+}
+
+func (r readCloser) Close() error { r.close(); return nil }
 
 // oneNodeWithUser starts a one-node cluster holding a user of that login,
 // and returns it with a context for the test's calls.

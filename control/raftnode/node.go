@@ -335,16 +335,35 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("inspect raft state: %w", err)
 	}
-	if !hasState && (cfg.Bootstrap || cfg.RestoreFrom != "") {
-		// The new cluster's identity from the first moment, for the
-		// cluster check (hello.go), written before the transport
-		// listens: until then the check reads no history and accepts
-		// anyone, and another cluster's leader dialing this address
-		// (a reused host or port) would have replicated its own state
-		// here the moment Raft started. InitCluster, proposed once this
-		// node leads, records the same id for every member (the server
-		// takes it from the state). A restore replaces it with the
-		// backup's state, then draws its own (restoreBackup).
+	// The new cluster's identity from the first moment, for the cluster
+	// check (hello.go), is in the state before the transport listens:
+	// until then the check reads no history and accepts anyone, and
+	// another cluster's leader dialing this address (a reused host or
+	// port) would have replicated its own state here the moment Raft
+	// started. InitCluster, proposed once this node leads, records the
+	// same id for every member (the server takes it from the state).
+	var restoredIndex uint64
+	restoring := false // the state holds a backup without its Raft snapshot yet
+	if cfg.RestoreFrom != "" {
+		if hasState {
+			return nil, fmt.Errorf("restore from %s: data dir %s already holds a cluster's state; restore needs an empty one "+
+				"(if this node was restored before, start it without --restore / RELAY_RESTORE: emptying the directory loses what was written since)", cfg.RestoreFrom, cfg.DataDir)
+		}
+		// The backup holds its source cluster's history, which the
+		// check would take for this node's while it is there, letting
+		// that cluster's leader in (restoring where one of its members
+		// was is the usual case): import it and draw the new history
+		// before anyone can connect.
+		if restoredIndex, err = n.importBackup(cfg.RestoreFrom); err != nil {
+			return nil, err
+		}
+		restoring = true
+		defer func() {
+			if err != nil && restoring {
+				err = n.dropImport(err)
+			}
+		}()
+	} else if cfg.Bootstrap && !hasState {
 		if err := fsm.SetHistory(n.state, fsm.NewHistoryID()); err != nil {
 			return nil, fmt.Errorf("bootstrap cluster: %w", err)
 		}
@@ -354,15 +373,11 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 		return nil, err
 	}
 	local := raft.ServerAddress(n.trans.LocalAddr())
-	if cfg.RestoreFrom != "" {
-		if hasState {
-			return nil, fmt.Errorf("restore from %s: data dir %s already holds a cluster's state; restore needs an empty one "+
-				"(if this node was restored before, start it without --restore / RELAY_RESTORE: emptying the directory loses what was written since)", cfg.RestoreFrom, cfg.DataDir)
-		}
-		if err := n.restoreBackup(cfg.RestoreFrom, local); err != nil {
+	if restoring {
+		if err := n.snapshotBackup(cfg.RestoreFrom, restoredIndex, local); err != nil {
 			return nil, err
 		}
-		hasState = true
+		restoring, hasState = false, true
 	}
 	fcfg := cfg.FSM
 	fcfg.Store, fcfg.Logger = n.state, log
@@ -634,50 +649,54 @@ func (n *Node) catchUpWithSnapshot() error {
 	return n.fsm.Restore(rc)
 }
 
-// restoreBackup seeds an empty data dir from a backup file: the state
-// store gets the backup's content, and Raft gets a snapshot at the
-// backup's index whose configuration holds only this node, so the new
-// cluster continues the old one's revisions. It runs before the FSM is
+// importBackup seeds an empty data dir's state store from a backup file
+// and gives it a history of its own, and returns the backup's applied
+// index; snapshotBackup then gives Raft the snapshot that goes with it.
+// It runs before the transport listens (Open) and before the FSM is
 // created. A restore that fails after the import leaves the state store
-// empty again, so nothing of it stays behind without the Raft data that
-// goes with it.
-func (n *Node) restoreBackup(path string, local raft.ServerAddress) (err error) {
+// empty again (dropImport), so nothing of it stays behind without the
+// Raft data that goes with it.
+func (n *Node) importBackup(path string) (index uint64, err error) {
 	open := n.cfg.OpenBackup
 	if open == nil {
 		open = func(path string) (io.ReadCloser, error) { return os.Open(path) }
 	}
 	f, err := open(path)
 	if err != nil {
-		return fmt.Errorf("restore: %w", err)
+		return 0, fmt.Errorf("restore: %w", err)
 	}
 	defer f.Close()
 	count, err := n.state.ImportChecked(f, fsm.CheckRecord)
 	if err != nil {
-		return fmt.Errorf("restore from %s: %w", path, err)
+		return 0, fmt.Errorf("restore from %s: %w", path, err)
 	}
 	defer func() {
-		if err == nil {
-			return
-		}
-		if cerr := n.state.Clear(); cerr != nil {
-			err = fmt.Errorf("%w (and the imported state stays in %s: %w)", err, filepath.Join(n.cfg.DataDir, "state"), cerr)
+		if err != nil {
+			err = n.dropImport(err)
 		}
 	}()
-	index, _, err := fsm.ReadApplied(n.state)
+	index, _, err = fsm.ReadApplied(n.state)
 	if err != nil {
-		return fmt.Errorf("restore from %s: %w", path, err)
+		return 0, fmt.Errorf("restore from %s: %w", path, err)
 	}
 	if index == 0 {
-		return fmt.Errorf("restore from %s: backup holds no applied index", path)
+		return 0, fmt.Errorf("restore from %s: backup holds no applied index", path)
 	}
 	// A history of its own: revisions go on from the backup's, so edges
 	// that followed the cluster before (further along, or along another
 	// line) cannot resume by revision and get a full copy instead.
 	if err := fsm.SetHistory(n.state, fsm.NewHistoryID()); err != nil {
-		return fmt.Errorf("restore from %s: %w", path, err)
+		return 0, fmt.Errorf("restore from %s: %w", path, err)
 	}
-	// The Raft snapshot carries the restored state, so members that join
-	// later receive it by snapshot install.
+	n.log.Info("imported state from backup", "file", path, "records", count, "index", index)
+	return index, nil
+}
+
+// snapshotBackup gives Raft a snapshot at the imported backup's index
+// whose configuration holds only this node, at local, so the new cluster
+// continues the old one's revisions and members that join later receive
+// the restored state by snapshot install; and the term that goes with it.
+func (n *Node) snapshotBackup(path string, index uint64, local raft.ServerAddress) error {
 	const term = 1
 	conf := raft.Configuration{Servers: []raft.Server{{ID: raft.ServerID(n.cfg.NodeID), Address: local, Suffrage: raft.Voter}}}
 	sink, err := n.snaps.Create(raft.SnapshotVersionMax, index, term, conf, index, n.trans)
@@ -696,8 +715,17 @@ func (n *Node) restoreBackup(path string, local raft.ServerAddress) (err error) 
 	if err := n.logs.SetUint64([]byte("CurrentTerm"), term); err != nil {
 		return fmt.Errorf("restore: set term: %w", err)
 	}
-	n.log.Info("restored state from backup", "file", path, "records", count, "index", index)
+	n.log.Info("restored state from backup", "file", path, "index", index)
 	return nil
+}
+
+// dropImport empties the state store after a restore failed past its
+// import, and returns err, with what went wrong if it could not.
+func (n *Node) dropImport(err error) error {
+	if cerr := n.state.Clear(); cerr != nil {
+		return fmt.Errorf("%w (and the imported state stays in %s: %w)", err, filepath.Join(n.cfg.DataDir, "state"), cerr)
+	}
+	return err
 }
 
 // newRequestID returns a random id for a command's idempotency check.
