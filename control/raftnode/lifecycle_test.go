@@ -237,6 +237,48 @@ func TestStateAheadOfTheRaftDataIsRefused(t *testing.T) {
 	}
 }
 
+// A node whose raft/ dir (the log, and the stable store with its term and
+// vote) was lost while its snapshots and state survived does not start:
+// it would be a voter at term 0 with no vote and a log ending at its
+// snapshot, able to elect a candidate that lacks entries it had
+// acknowledged. The error names the way back, which works: remove the
+// node from its cluster, empty its data dir, join it again.
+func TestALostRaftDirIsRefused(t *testing.T) {
+	c, victim := snapshottedFollowerStopped(t, "r")
+	ctx := ctxT(t, 2*time.Minute)
+	id := c.Nodes[victim].ID
+	dir := filepath.Join(c.Nodes[victim].DataDir, "data")
+	if err := os.RemoveAll(filepath.Join(dir, "raft")); err != nil {
+		t.Fatal(err)
+	}
+	cfg := server.Config{NodeID: id, DataDir: dir, RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0"}
+	srv, err := server.Start(ctx, cfg)
+	if !errors.Is(err, raftnode.ErrRaftDataLost) || !strings.Contains(err.Error(), "relayctl cluster remove "+id) {
+		if srv != nil {
+			_ = srv.Shutdown(ctx)
+		}
+		t.Fatalf("start with the raft dir lost: %v", err)
+	}
+
+	leader := c.Leader()
+	if _, err := c.Nodes[leader].Server.Node().RemoveServer(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Join, cfg.JoinToken = []string{c.Nodes[leader].Server.APIAddr()}, c.AdminToken()
+	srv, err = server.Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("join again with an empty data dir: %v", err)
+	}
+	t.Cleanup(func() { _ = srv.Shutdown(context.Background()) })
+	clustertest.Eventually(t, time.Minute, func() error {
+		_, err := srv.Node().FSM().GetUser("r29")
+		return err
+	})
+}
+
 // A restore that fails after the backup was imported (here: a backup
 // without an applied index) leaves nothing of it in the state store: a
 // node then started on the data dir is a new one.

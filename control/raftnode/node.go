@@ -66,6 +66,13 @@ var (
 	// already, and the node would diverge from its peers, so it does not
 	// start.
 	ErrStateAhead = errors.New("state store is ahead of the raft data")
+	// ErrRaftDataLost: the data dir holds Raft snapshots (or a log) but
+	// no term: its raft/ dir, the log and the stable store with the term
+	// and vote, was lost. Started so, the node would be a voter with no
+	// memory of the votes it cast or of the entries it acknowledged, and
+	// could elect a candidate that lacks committed entries, so it does
+	// not start.
+	ErrRaftDataLost = errors.New("the raft log and term are lost")
 	// ErrNotInitialized: a voter may join only once the cluster is
 	// initialized (its first leader does so as it takes office), so that
 	// every member speaks for the history the first node drew. Retrying
@@ -592,15 +599,25 @@ func (n *Node) raftConfig() *raft.Config {
 	return rc
 }
 
+// keyCurrentTerm is the stable store's key for Raft's current term
+// (hashicorp/raft's own name for it).
+const keyCurrentTerm = "CurrentTerm"
+
 // checkStateBehindRaft refuses a state store that has applied entries
 // while the data dir holds no Raft data at all (log, snapshots, term):
 // the FSM skips entries at or below its applied index, so a log started
 // anew (after --bootstrap on a data dir whose raft files were removed,
 // say) would go unapplied here and be applied on every other member.
-// With Raft data that merely ends before the applied index (a log whose
-// tail was lost), the entries come again from the same cluster, the same
-// ones: the node starts, and says so.
+// It also refuses Raft data without a term (checkTerm). With Raft data
+// that merely ends before the applied index (a log whose tail was
+// lost), the entries come again from the same cluster, the same ones:
+// the node starts, and says so.
 func (n *Node) checkStateBehindRaft(hasState bool) error {
+	if hasState {
+		if err := n.checkTerm(); err != nil {
+			return err
+		}
+	}
 	applied := n.fsm.AppliedIndex()
 	if applied == 0 {
 		return nil
@@ -626,6 +643,29 @@ func (n *Node) checkStateBehindRaft(hasState bool) error {
 	}
 	return fmt.Errorf("data dir %s: the state store has applied index %d, but there is no raft log, snapshot or term beside it; remove %s as well to start this node afresh (it then joins, or is bootstrapped or restored, like a new one): %w",
 		n.cfg.DataDir, applied, filepath.Join(n.cfg.DataDir, "state"), ErrStateAhead)
+}
+
+// checkTerm refuses Raft data (snapshots, a log) that has no term beside
+// it: the raft/ dir, which holds the log and the stable store (term,
+// vote), was lost while snapshots/ survived. Every node that ran Raft has
+// a term: bootstrapping writes one before its first entry, a node that
+// joins stores its leader's at the first message, before any entry or
+// snapshot arrives, and a restore writes one with its snapshot. Started
+// without it, the node would begin at term 0 with no vote and a log that
+// ends at its snapshot: it could vote twice in a term, or for a
+// candidate lacking entries it had acknowledged, and a committed write
+// could be lost.
+func (n *Node) checkTerm() error {
+	if _, err := n.logs.GetUint64([]byte(keyCurrentTerm)); err == nil {
+		return nil
+	} else if !errors.Is(err, raftlog.ErrKeyNotFound) {
+		return fmt.Errorf("read raft term: %w", err)
+	}
+	return fmt.Errorf("data dir %s: there is raft data (snapshots) but no raft term in %s: that directory, with the log and this node's votes, was lost or replaced; "+
+		"started so, this node could vote against what it had acknowledged, and the cluster could lose committed writes. "+
+		"Remove it from its cluster (relayctl cluster remove %s, on a member), empty %s and start it with --join; "+
+		"if it was the cluster's only node, restore a new cluster from a backup (--restore): %w",
+		n.cfg.DataDir, filepath.Join(n.cfg.DataDir, "raft"), n.cfg.NodeID, n.cfg.DataDir, ErrRaftDataLost)
 }
 
 // catchUpWithSnapshot restores the FSM from the newest Raft snapshot when
@@ -712,7 +752,7 @@ func (n *Node) snapshotBackup(path string, index uint64, local raft.ServerAddres
 	if err := sink.Close(); err != nil {
 		return fmt.Errorf("write restore snapshot: %w", err)
 	}
-	if err := n.logs.SetUint64([]byte("CurrentTerm"), term); err != nil {
+	if err := n.logs.SetUint64([]byte(keyCurrentTerm), term); err != nil {
 		return fmt.Errorf("restore: set term: %w", err)
 	}
 	n.log.Info("restored state from backup", "file", path, "index", index)
