@@ -207,7 +207,7 @@ func (s *ClusterServer) Backup(ctx context.Context, _ *connect.Request[controlv1
 	w := &chunkWriter{send: func(b []byte) error {
 		return stream.Send(&controlv1.BackupResponse{Data: b})
 	}}
-	if _, err := s.node.FSM().WriteBackup(w); err != nil {
+	if _, err := s.node.FSM().WriteBackupContext(ctx, w); err != nil {
 		return toConnect(err)
 	}
 	if err := w.flush(); err != nil {
