@@ -511,6 +511,14 @@ interface Held {
   conn: Conn;
 }
 
+/** An "event" listener attached to a RelayClient: what was registered
+ * with EventTarget for it (a wrapper that forgets it, for a once
+ * listener). One object per attachment, so a signal that aborts after
+ * the listener was removed and attached again forgets nothing. */
+interface Registration {
+  registered: EventListenerOrEventListenerObject;
+}
+
 /** The default of RelayOptions.maxPending (the Go client's too). */
 const DEFAULT_MAX_PENDING = 1024;
 
@@ -555,6 +563,10 @@ export class RelayClient extends EventTarget {
   private seen = new Map<string, Set<string>>();
   /** Deliveries held, in order, until the page listens for "event". */
   private held: Held[] = [];
+  /** The "event" listeners attached, by capture flag: each maps to what
+   * was registered with EventTarget for it. */
+  private readonly eventListeners = { bubble: new Map<EventListenerOrEventListenerObject, Registration>(), capture: new Map<EventListenerOrEventListenerObject, Registration>() };
+  /** Whether an "event" listener is attached. */
   private listening = false;
   private onlineSet = new Set<string>();
   private stopped = false;
@@ -583,18 +595,63 @@ export class RelayClient extends EventTarget {
     return c;
   }
 
-  /** Events that arrive before the first "event" listener (the edge
-   * sends what waited in the mailbox as soon as the session is up, maybe
-   * before connect() resolved) are held, unacknowledged, and passed on
-   * once one is attached: none is acknowledged without having been
-   * passed on. */
+  /** Events that arrive while no "event" listener is attached (the
+   * edge sends what waited in the mailbox as soon as the session is up,
+   * maybe before connect() resolved; or the page removed its last
+   * listener) are held, unacknowledged, and passed on once one is
+   * attached: none is acknowledged without having been passed on. */
   override addEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | AddEventListenerOptions): void {
-    super.addEventListener(type, listener, options);
-    if (type === "event" && listener && !this.listening) {
+    if (type !== "event" || !listener) {
+      super.addEventListener(type, listener, options);
+      return;
+    }
+    const capture = typeof options === "boolean" ? options : !!options?.capture;
+    const signal = typeof options === "object" ? options.signal : undefined;
+    if (signal?.aborted) return; // added and removed at once, as EventTarget does
+    const forCapture = capture ? this.eventListeners.capture : this.eventListeners.bubble;
+    if (forCapture.has(listener)) return; // EventTarget adds it once
+    // The browser removes a once listener, and one whose signal aborts,
+    // without calling removeEventListener: a once listener is registered
+    // through a wrapper that forgets it as it runs, and a signal is
+    // followed, so the count stays true.
+    const reg: Registration = { registered: listener };
+    if (typeof options === "object" && options.once) {
+      reg.registered = (ev: Event) => {
+        this.forget(listener, capture, reg);
+        if (typeof listener === "function") listener.call(this, ev); else listener.handleEvent(ev);
+      };
+    }
+    forCapture.set(listener, reg);
+    signal?.addEventListener("abort", () => this.forget(listener, capture, reg), { once: true });
+    super.addEventListener(type, reg.registered, options);
+    if (!this.listening) {
       this.listening = true;
       // Once the code that attached it has run (it may attach others).
       queueMicrotask(() => this.release());
     }
+  }
+
+  /** Removing the last "event" listener makes the client hold what
+   * arrives again, unacknowledged, until one is attached. */
+  override removeEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | EventListenerOptions): void {
+    if (type !== "event" || !listener) {
+      super.removeEventListener(type, listener, options);
+      return;
+    }
+    const capture = typeof options === "boolean" ? options : !!options?.capture;
+    const reg = (capture ? this.eventListeners.capture : this.eventListeners.bubble).get(listener);
+    if (!reg) return;
+    super.removeEventListener(type, reg.registered, options);
+    this.forget(listener, capture, reg);
+  }
+
+  /** Forgets an "event" listener the browser no longer calls. */
+  private forget(listener: EventListenerOrEventListenerObject, capture: boolean, reg: Registration): void {
+    const forCapture = capture ? this.eventListeners.capture : this.eventListeners.bubble;
+    // Only this registration: the same listener may have been removed
+    // and attached again since (a signal that aborts later).
+    if (forCapture.get(listener) === reg) forCapture.delete(listener);
+    this.listening = this.eventListeners.capture.size + this.eventListeners.bubble.size > 0;
   }
 
   /** Passes a delivery on now, or holds it while the page does not
@@ -610,21 +667,27 @@ export class RelayClient extends EventTarget {
     return false;
   }
 
-  /** Passes the held deliveries on, in order, and acknowledges them. */
+  /** Passes the held deliveries on, in order, and acknowledges them,
+   * until the page stops listening (a listener may remove itself): what
+   * is left stays held. */
   private release(): void {
-    const held = this.held;
-    this.held = [];
     // Closed (or stopped): what was held was never acknowledged, so the
     // edge keeps it for the device's next session; none is passed on.
-    if (this.stopped) return;
+    if (this.stopped) {
+      this.held = [];
+      return;
+    }
     const ids: bigint[] = [];
-    for (const h of held) {
+    let i = 0;
+    for (; i < this.held.length && this.listening; i++) {
+      const h = this.held[i];
       h.run();
       if (h.deliveryId && h.conn === this.conn) ids.push(h.deliveryId);
     }
+    this.held = this.held.slice(i);
     const c = this.conn;
-    for (let i = 0; c && i < ids.length; i += MAX_RECEIPTS) {
-      void c.send(frame({ case: "received", value: { deliveryIds: ids.slice(i, i + MAX_RECEIPTS) } })).catch(() => {});
+    for (let j = 0; c && j < ids.length; j += MAX_RECEIPTS) {
+      void c.send(frame({ case: "received", value: { deliveryIds: ids.slice(j, j + MAX_RECEIPTS) } })).catch(() => {});
     }
   }
 
