@@ -127,8 +127,16 @@ export interface RelayOptions {
   certHashesUrl?: string;
   /** WebSocket URL [wss://<edge>/relay/v1/ws]. */
   webSocketUrl?: string;
+  /** Reconnect backoff: each wait is drawn between half the current
+   * bound and the bound, which doubles from reconnectMinMs [100] up to
+   * reconnectMaxMs [10 000] (see reconnectWait). */
   reconnectMinMs?: number;
   reconnectMaxMs?: number;
+  /** How long an edge may stay silent before the connection counts as
+   * broken and the client reconnects [30 000 ms]; on a WebSocket the
+   * client pings at a third of it, at least every 10 s (WebTransport has
+   * QUIC's keep-alive, the browser's own). */
+  idleTimeoutMs?: number;
   /** How many durable sends may wait for their acks at once [1024], a
    * positive integer: a further send waits, in the order of the send
    * calls, for one of them to finish, and only then is its event built
@@ -170,6 +178,12 @@ interface Conn {
    * own). */
   limitFrames?(limit: number): void;
   close(code?: number, reason?: string): void;
+  /** Ends the connection here and now, whatever the edge does: next()
+   * returns null at once (a pending one too), closeReason() is why, and
+   * the transport's own close goes on in the background. For an edge
+   * that went silent, whose close handshake would never come (a
+   * WebSocket's onclose may wait a minute for it). */
+  abandon?(why: RelayError | null): void;
   /** Sends the goodbye frame and ends the connection without losing what
    * was sent before it: a WebTransport session waits (at most
    * GOODBYE_MS) for the edge, which hangs up once it read the goodbye,
@@ -452,17 +466,31 @@ function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
     const abort = () => ws.close();
     signal.addEventListener("abort", abort);
     ws.onmessage = (m) => {
+      if (ended) return; // abandoned
       const b = new Uint8Array(m.data as ArrayBuffer);
       const w = waiting.shift();
       if (w) w(b); else queue.push(b);
     };
     ws.onclose = (c) => {
+      if (!ended) { // not abandoned: the close says why
+        if (c.code > 4000 && c.code < 5000) reason = new RelayError((c.code - 4000) as ErrorCode, c.reason);
+        else if (c.code === 1009) reason = new RelayError(ErrorCode.FRAME_TOO_LARGE, c.reason); // over the edge's read limit
+        else closeInfo = `websocket closed (${c.code}${c.reason ? ": " + c.reason : ""})`;
+      }
       ended = true;
-      if (c.code > 4000 && c.code < 5000) reason = new RelayError((c.code - 4000) as ErrorCode, c.reason);
-      else if (c.code === 1009) reason = new RelayError(ErrorCode.FRAME_TOO_LARGE, c.reason); // over the edge's read limit
-      else closeInfo = `websocket closed (${c.code}${c.reason ? ": " + c.reason : ""})`;
       for (const w of waiting.splice(0)) w(null);
       reject(reason ?? new Error(closeInfo));
+    };
+    // onclose comes once the edge answered the close, which an edge
+    // gone silent never does (Chromium waits a minute for it): the
+    // connection ends here at once, and the close goes on behind.
+    const abandon = (why: RelayError | null) => {
+      if (ended) return;
+      ended = true;
+      reason = why;
+      queue.length = 0;
+      for (const w of waiting.splice(0)) w(null);
+      try { ws.close(1000); } catch { /* closed */ }
     };
     ws.onopen = () => {
       signal.removeEventListener("abort", abort);
@@ -475,7 +503,10 @@ function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
           if (b) res(b); else if (ended) res(null); else waiting.push(res);
         }),
         buffered: () => queue.length > 0,
-        close: () => ws.close(1000),
+        close: () => abandon(null),
+        abandon,
+        // Not abandoned: the close handshake sends what is buffered, the
+        // goodbye included, before the socket closes.
         goodbye: (body) => { ws.send(body); ws.close(1000); },
         closeReason: () => reason,
       });
@@ -488,10 +519,11 @@ function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
 const GOODBYE_MS = 1_000;
 /** How long dialing and the handshake may take together. */
 const HANDSHAKE_TIMEOUT_MS = 10_000;
-/** On a WebSocket (no transport keep-alive): how often to ping, and how
- * long a silent edge counts as alive. */
+/** On a WebSocket (no transport keep-alive): how often to ping at most,
+ * and the default of RelayOptions.idleTimeoutMs, how long a silent edge
+ * counts as alive (the Go client's wsPingEvery and Config.IdleTimeout). */
 const PING_EVERY_MS = 10_000;
-const SILENT_EDGE_MS = 30_000;
+const DEFAULT_IDLE_TIMEOUT_MS = 30_000;
 /** Receipts sent in one Received frame at most. */
 const MAX_RECEIPTS = 256;
 
@@ -560,6 +592,7 @@ export class RelayClient extends EventTarget {
   /** Sends waiting for a slot in pending, first come first served. */
   private waiting = new Map<string, Outgoing>();
   private readonly maxPending: number;
+  private readonly idleTimeoutMs: number;
   private seen = new Map<string, Set<string>>();
   /** Deliveries held, in order, until the page listens for "event". */
   private held: Held[] = [];
@@ -577,6 +610,9 @@ export class RelayClient extends EventTarget {
     const max = opts.maxPending ?? DEFAULT_MAX_PENDING;
     if (!Number.isSafeInteger(max) || max < 1) throw new RangeError(`maxPending must be a positive integer, not ${String(opts.maxPending)}`);
     this.maxPending = max;
+    const idle = opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
+    if (typeof idle !== "number" || !(idle > 0) || !Number.isFinite(idle)) throw new RangeError(`idleTimeoutMs must be a positive number, not ${String(opts.idleTimeoutMs)}`);
+    this.idleTimeoutMs = idle;
   }
 
   /** Connects (the first session) and keeps the connection up. */
@@ -1029,11 +1065,17 @@ export class RelayClient extends EventTarget {
   private async serve(c: Conn): Promise<RelayError | null> {
     let lastHeard = Date.now();
     // A WebSocket has no keep-alive of its own: ping, and give up on an
-    // edge that stays silent (a half-open TCP connection).
+    // edge that stays silent (a half-open TCP connection) at once, not
+    // after a close handshake it will not answer.
+    const idle = this.idleTimeoutMs;
     const keepalive = c.name === "websocket" ? setInterval(() => {
-      if (Date.now() - lastHeard > SILENT_EDGE_MS) { c.close(); return; }
+      if (Date.now() - lastHeard > idle) {
+        const why = new RelayError(ErrorCode.TIMEOUT, `the edge was silent for ${Math.round((Date.now() - lastHeard) / 1000)} s`);
+        if (c.abandon) c.abandon(why); else c.close();
+        return;
+      }
       void c.send(frame({ case: "ping", value: { nonce: 1n } })).catch(() => {});
-    }, PING_EVERY_MS) : 0;
+    }, Math.min(idle / 3, PING_EVERY_MS)) : 0;
     // Ephemeral deliveries come as datagrams when they fit.
     c.onDatagram?.((body) => {
       try {
