@@ -514,6 +514,10 @@ function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
   });
 }
 
+/** How long the transport that won the race for an edge (the WebSocket,
+ * where UDP is blocked) is used without racing again (ms). */
+export const TRANSPORT_MEMORY_MS = 60 * 60_000;
+
 /** How long close() lets a WebTransport session's edge take to read the
  * goodbye and hang up (the Go client's goodbyeTimeout). */
 const GOODBYE_MS = 1_000;
@@ -873,10 +877,43 @@ export class RelayClient extends EventTarget {
     }
   }
 
+  /** Where the transport the race chose for this edge is kept
+   * (localStorage), and beside it (".at") when it was chosen, in ms since
+   * the epoch. */
   private rememberKey(): string { return `relay.transport.${this.opts.edge}`; }
 
+  /** The WebSocket, when the race chose it for this edge less than
+   * TRANSPORT_MEMORY_MS ago; else null (race again). */
+  private rememberedWebSocket(): boolean {
+    try {
+      const key = this.rememberKey();
+      const at = Number(localStorage.getItem(`${key}.at`));
+      const age = Date.now() - at;
+      return localStorage.getItem(key) === "websocket" && at > 0 && age >= 0 && age < TRANSPORT_MEMORY_MS;
+    } catch {
+      return false; // no storage
+    }
+  }
+
+  /** Keeps the race's winner for this edge, or forgets it (null). */
+  private remember(name: TransportName | null): void {
+    try {
+      const key = this.rememberKey();
+      if (name) {
+        localStorage.setItem(key, name);
+        localStorage.setItem(`${key}.at`, String(Date.now()));
+      } else {
+        localStorage.removeItem(key);
+        localStorage.removeItem(`${key}.at`);
+      }
+    } catch { /* no storage */ }
+  }
+
   /** Dials: WebTransport first, raced against the WebSocket after a head
-   * start, unless one is forced or remembered as the one that works. */
+   * start, unless one is forced, or the WebSocket won the race for this
+   * edge less than TRANSPORT_MEMORY_MS ago (UDP blocked where the page
+   * is) and dials: a network that changed since (or a WebSocket that no
+   * longer works) gets WebTransport back. */
   private async dial(): Promise<Conn> {
     const want = this.opts.transport ?? "auto";
     const hashes = await this.certHashes();
@@ -885,9 +922,15 @@ export class RelayClient extends EventTarget {
     const ws = () => dialWebSocket(this.opts, ctl.signal);
     if (want === "webtransport") return wt();
     if (want === "websocket") return ws();
-    let remembered: string | null = null;
-    try { remembered = localStorage.getItem(this.rememberKey()); } catch { /* no storage */ }
-    if (remembered === "websocket" || typeof WebTransport === "undefined") return ws();
+    if (typeof WebTransport === "undefined") return ws();
+    if (this.rememberedWebSocket()) {
+      try {
+        return await ws();
+      } catch (e) {
+        if (ctl.signal.aborted) throw e;
+        this.remember(null); // the full race, now
+      }
+    }
     const head = this.opts.headStartMs ?? 300;
     const first = wt();
     let timer = 0;
@@ -915,7 +958,7 @@ export class RelayClient extends EventTarget {
     clearTimeout(timer);
     ctl.abort();
     for (const a of attempts) void a.then((c) => { if (c !== winner) c.close(); }, () => {});
-    try { localStorage.setItem(this.rememberKey(), winner.name); } catch { /* no storage */ }
+    this.remember(winner.name);
     return winner;
   }
 
