@@ -113,3 +113,39 @@ func TestRelayJSHoldsEventsAfterTheLastListenerGoes(t *testing.T) {
 		t.Fatalf("the listeners got %q, want 1 to 4 once each, in order", got)
 	}
 }
+
+// Durable deliveries held while the page has no listener are dropped
+// when their session ends: never acknowledged, they come again in the
+// next session, and a page that does not listen across reconnects holds
+// one copy of each, not one per session. Once it listens it gets each
+// once, in order, and their senders are told delivered.
+func TestRelayJSDropsWhatItHeldFromAnEndedSession(t *testing.T) {
+	g := newListenRig(t, "reconnecting-unheard")
+	const n = 5
+	var sends []<-chan error
+	for k := range n {
+		sends = append(sends, g.heldUndelivered(t, fmt.Sprint(k), k+1))
+	}
+	for round := range 2 {
+		endPageSession(g.ctx, t, g.edge, g.pageDev)
+		// The edge gives the next session what the ended one did not
+		// acknowledge.
+		clustertest.Eventually(t, 30*time.Second, func() error {
+			held := eval[[]bool](g.ctx, t, `window.c.held.map((h) => h.conn === window.c.conn)`)
+			if len(held) > n {
+				t.Fatalf("after reconnect %d the page holds %d deliveries, want %d: those of the ended session were kept", round+1, len(held), n)
+			}
+			if len(held) < n || slices.Contains(held, false) {
+				return fmt.Errorf("the page holds %v (true: from the current session), want %d from it", held, n)
+			}
+			return nil
+		})
+	}
+	eval[bool](g.ctx, t, `window.c.addEventListener("event", l), true`)
+	for k, done := range sends {
+		g.delivered(t, done, fmt.Sprint(k))
+	}
+	if got := eval[[]string](g.ctx, t, `window.got`); !slices.Equal(got, []string{"0", "1", "2", "3", "4"}) {
+		t.Fatalf("the listener got %q, want 0 to 4 once each, in order", got)
+	}
+}

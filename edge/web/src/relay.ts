@@ -532,19 +532,22 @@ const DEFAULT_IDLE_TIMEOUT_MS = 30_000;
 const MAX_RECEIPTS = 256;
 
 /** Ephemeral events held at most while the page does not listen for
- * "event" yet; later ones are dropped, as where a receiver is slow.
- * (Durable deliveries are bounded by the edge: it sends no more to a
- * device that holds its unacknowledged limit.) */
+ * "event"; later ones are dropped, as where a receiver is slow. (Durable
+ * deliveries are bounded by the edge, which sends no more to a session
+ * that holds its unacknowledged limit, and by dropHeld when a session
+ * ends.) */
 const MAX_HELD_EPHEMERAL = 1024;
 
-/** A delivery (or cancellation) that came before the page listened for
- * "event": run passes it on; its receipt goes, once it ran, on the
- * connection it came on if that is still the current one (else the edge
- * sends it again, and the copy is acknowledged as a duplicate). */
+/** A delivery (or cancellation) that came while the page had no
+ * "event" listener: run passes it on; a durable one's receipt goes, once
+ * it ran, on the connection it came on, which is still the current one
+ * (a durable delivery held from a session that ended is dropped: the edge
+ * sends it again). */
 interface Held {
   run: () => void;
   deliveryId: bigint;
-  conn: Conn;
+  /** The connection a durable delivery came on (null for the others). */
+  conn: Conn | null;
 }
 
 /** An "event" listener attached to a RelayClient: what was registered
@@ -703,8 +706,16 @@ export class RelayClient extends EventTarget {
     // mailbox).
     if (this.stopped) return false;
     if (this.listening && this.held.length === 0) { run(); return true; }
-    if (!(ephemeral && this.held.length >= MAX_HELD_EPHEMERAL)) this.held.push({ run, deliveryId, conn: c });
+    if (!(ephemeral && this.held.length >= MAX_HELD_EPHEMERAL)) this.held.push({ run, deliveryId, conn: deliveryId ? c : null });
     return false;
+  }
+
+  /** Drops the durable deliveries held from c, whose session ended: they
+   * were never acknowledged, so the edge gives them to the next session
+   * again; kept, a page that does not listen would pile up a copy of
+   * each per reconnect, each holding its ended connection. */
+  private dropHeld(c: Conn): void {
+    this.held = this.held.filter((h) => h.conn !== c);
   }
 
   /** Passes the held deliveries on, in order, and acknowledges them,
@@ -1224,6 +1235,7 @@ export class RelayClient extends EventTarget {
         const began = performance.now();
         const why = await this.serve(c);
         this.conn = null;
+        this.dropHeld(c);
         if (this.stopped) return;
         // What the ended session said is online is not known any more:
         // reported offline (the next session reports who is online).
