@@ -1,12 +1,28 @@
 package web_test
 
 import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
 	"errors"
+	"fmt"
 	"io"
+	"math/big"
 	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
 )
 
 // stallProxy passes TCP connections on to an address until Stall: from
@@ -138,4 +154,148 @@ func TestRelayJSGivesUpASilentWebSocketAtOnce(t *testing.T) {
 		t.Fatalf("the silent edge was given up %.0f ms after it went silent, want about %d", took, idleMs)
 	}
 	waitJS(g.ctx, t, "the page reconnected", `states.at(-1).connected === true`)
+}
+
+// hangingServer answers no request: each waits until its client gives it
+// up. It reports each as it comes (started) and as the client gives it up
+// (abandoned), by path.
+type hangingServer struct {
+	*httptest.Server
+	started, abandoned chan string
+}
+
+func newHangingServer(t *testing.T) *hangingServer {
+	t.Helper()
+	h := &hangingServer{started: make(chan string, 16), abandoned: make(chan string, 16)}
+	quit := make(chan struct{})
+	h.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.started <- r.URL.Path
+		select {
+		case <-r.Context().Done():
+			h.abandoned <- r.URL.Path
+		case <-quit: // the test ended
+		}
+	}))
+	t.Cleanup(func() { close(quit); h.Close() })
+	return h
+}
+
+// hangingQUIC is an HTTP/3 endpoint that completes QUIC handshakes and
+// then says nothing: a WebTransport session's CONNECT is never answered.
+// (Chromium keeps the QUIC connection of a session it gives up, for
+// reuse: the endpoint cannot tell.) hash is its certificate's SHA-256,
+// for serverCertificateHashes.
+type hangingQUIC struct {
+	ln   *quic.Listener
+	hash []byte
+}
+
+func newHangingQUIC(t *testing.T) *hangingQUIC {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Chromium takes a pinned certificate valid for less than 14 days.
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(10 * 24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(der)
+	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}, NextProtos: []string{"h3"}},
+		&quic.Config{MaxIdleTimeout: time.Minute, EnableDatagrams: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		wg    sync.WaitGroup
+		conns []*quic.Conn // owned by the accepting goroutine until it ends
+	)
+	wg.Go(func() {
+		for {
+			conn, err := ln.Accept(context.Background())
+			if err != nil {
+				return
+			}
+			conns = append(conns, conn)
+		}
+	})
+	t.Cleanup(func() {
+		_ = ln.Close()
+		wg.Wait()
+		for _, c := range conns {
+			_ = c.CloseWithError(0, "")
+		}
+	})
+	return &hangingQUIC{ln: ln, hash: sum[:]}
+}
+
+// The handshake's 10 s are for all of it: once they are up, what the
+// attempt still waits for is given up, not left running: the fetch of the
+// certificate hashes (its signal aborts), the WebSocket's dial (its
+// server sees it closed) and WebTransport's (closed), each against
+// something that never answers. connect() rejects with TIMEOUT.
+func TestRelayJSHandshakeTimeoutStopsWhatItWaitsFor(t *testing.T) {
+	g := newPageRig(t, "hanging", nil)
+	h := newHangingServer(t)
+	q := newHangingQUIC(t)
+	// TCP that never answers: an HTTPS fetch to it waits.
+	tarpit, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tarpit.Close() })
+	eval[bool](g.ctx, t, fmt.Sprintf(`(() => {
+		window.wtClosed = 0;
+		const WT = window.WebTransport;
+		window.WebTransport = class extends WT { close(...a) { window.wtClosed++; return super.close(...a); } };
+		window.fetchSignals = [];
+		const f = window.fetch;
+		window.fetch = (url, init) => { fetchSignals.push(init?.signal); return f(url, init); };
+		window.outcome = {};
+		const connect = async (name, opts) => {
+			const m = await import("/relay.js");
+			const key = (await m.generateDeviceKey()).privateKey;
+			try {
+				await m.RelayClient.connect({ userId: "u", deviceId: "d", key, ...opts });
+				outcome[name] = "connected";
+			} catch (e) {
+				outcome[name] = e.name + " " + e.code + " " + e.message;
+			}
+		};
+		connect("hashes", { edge: %[1]q, transport: "webtransport", certHashesUrl: %[2]q });
+		connect("websocket", { edge: %[1]q, transport: "websocket", certHashes: [], webSocketUrl: %[3]q });
+		connect("webtransport", { edge: %[1]q, transport: "webtransport", certHashes: [m_unb64(%[4]q)] });
+		function m_unb64(s) { return Uint8Array.from(atob(s), (c) => c.charCodeAt(0)); }
+		return true;
+	})()`, q.ln.Addr().String(), "https://"+tarpit.Addr().String()+"/hashes", "ws"+strings.TrimPrefix(h.URL, "http")+"/ws",
+		base64.StdEncoding.EncodeToString(q.hash)))
+	deadline := time.After(25 * time.Second)
+	for _, want := range []struct {
+		what string
+		ch   <-chan string
+	}{{"the WebSocket dial", h.started}, {"the WebSocket dial given up", h.abandoned}} {
+		select {
+		case p := <-want.ch:
+			if p != "/ws" {
+				t.Fatalf("%s: %s, want /ws", want.what, p)
+			}
+		case <-deadline:
+			t.Fatalf("%s never reached the hanging server (outcomes %v)", want.what, eval[map[string]string](g.ctx, t, `window.outcome`))
+		}
+	}
+	waitJS(g.ctx, t, "every connect() rejected", `Object.keys(outcome).length === 3`)
+	for name, got := range eval[map[string]string](g.ctx, t, `window.outcome`) {
+		if !strings.HasPrefix(got, "RelayError 24 ") { // ERROR_CODE_TIMEOUT
+			t.Errorf("connect() %s: %q, want a RelayError TIMEOUT (24)", name, got)
+		}
+	}
+	if got := eval[[]bool](g.ctx, t, `fetchSignals.map((s) => !!s?.aborted)`); !slices.Equal(got, []bool{true}) {
+		t.Errorf("the certificate hashes' fetch: signals aborted %v, want one fetch, aborted", got)
+	}
+	if n := eval[int](g.ctx, t, `wtClosed`); n == 0 {
+		t.Error("the WebTransport given up was never closed")
+	}
 }

@@ -386,6 +386,7 @@ function prefixed(body: Uint8Array): Uint8Array {
 
 async function dialWebTransport(opts: RelayOptions, hashes: Uint8Array[] | undefined, signal: AbortSignal): Promise<Conn> {
   if (typeof WebTransport === "undefined") throw new Error("WebTransport is not available here");
+  signal.throwIfAborted();
   const init: WebTransportOptions = {};
   if (hashes && hashes.length > 0) {
     init.serverCertificateHashes = hashes.map((value) => ({ algorithm: "sha-256", value: value as BufferSource }));
@@ -399,8 +400,9 @@ async function dialWebTransport(opts: RelayOptions, hashes: Uint8Array[] | undef
   } finally {
     signal.removeEventListener("abort", abort);
   }
-  if (signal.aborted) { wt.close(); throw new Error("aborted"); }
-  const stream = await wt.createBidirectionalStream();
+  if (signal.aborted) { wt.close(); throw signal.reason; }
+  const stream = await wt.createBidirectionalStream().catch((e) => { wt.close(); throw e; });
+  if (signal.aborted) { wt.close(); throw signal.reason; }
   const writer = stream.writable.getWriter();
   const reader = new FrameReader(stream.readable.getReader() as ReadableStreamDefaultReader<Uint8Array>);
   const dgWriter = wt.datagrams.writable.getWriter();
@@ -456,6 +458,7 @@ async function dialWebTransport(opts: RelayOptions, hashes: Uint8Array[] | undef
 function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
   const url = opts.webSocketUrl ?? `wss://${opts.edge}${WEBSOCKET_PATH}`;
   return new Promise((resolve, reject) => {
+    if (signal.aborted) { reject(signal.reason); return; }
     const ws = new WebSocket(url);
     ws.binaryType = "arraybuffer";
     const queue: Uint8Array[] = [];
@@ -588,6 +591,8 @@ export class RelayClient extends EventTarget {
   error: RelayError | null = null;
 
   private conn: Conn | null = null;
+  /** Aborts the connection being established, if one is. */
+  private connecting: AbortController | null = null;
   private ticket: Uint8Array = new Uint8Array(0);
   private seq = BigInt(Date.now()) * 1000n;
   /** The edge's frame limit, from the last Welcome: a longer frame would
@@ -838,6 +843,7 @@ export class RelayClient extends EventTarget {
   /** Ends the session and stops reconnecting. */
   close(): void {
     this.stopped = true;
+    this.connecting?.abort(new RelayError(ErrorCode.UNSPECIFIED, "closed"));
     const c = this.conn;
     this.conn = null;
     if (c) c.goodbye(frame({ case: "close", value: {} }));
@@ -876,11 +882,11 @@ export class RelayClient extends EventTarget {
 
   /** The hashes to pin: the ones given, else fetched again for every
    * dial (a restarted or renewed edge has a new certificate). */
-  private async certHashes(): Promise<Uint8Array[] | undefined> {
+  private async certHashes(signal: AbortSignal): Promise<Uint8Array[] | undefined> {
     if (this.opts.certHashes) return this.opts.certHashes;
     const url = this.opts.certHashesUrl ?? `https://${this.opts.edge}${CERT_HASHES_PATH}`;
     try {
-      const r = await fetch(url, { cache: "no-store" });
+      const r = await fetch(url, { cache: "no-store", signal });
       const doc = (await r.json()) as { hashes?: { value: string }[] };
       return (doc.hashes ?? []).map((h) => unb64(h.value));
     } catch {
@@ -925,12 +931,14 @@ export class RelayClient extends EventTarget {
    * edge less than TRANSPORT_MEMORY_MS ago (UDP blocked where the page
    * is) and dials: a network that changed since (or a WebSocket that no
    * longer works) gets WebTransport back. */
-  private async dial(): Promise<Conn> {
+  private async dial(signal: AbortSignal): Promise<Conn> {
     const want = this.opts.transport ?? "auto";
-    const hashes = await this.certHashes();
+    // The race's loser is stopped too.
     const ctl = new AbortController();
-    const wt = () => dialWebTransport(this.opts, hashes, ctl.signal);
-    const ws = () => dialWebSocket(this.opts, ctl.signal);
+    const both = AbortSignal.any([signal, ctl.signal]);
+    let hashes: Promise<Uint8Array[] | undefined> | undefined;
+    const wt = async () => dialWebTransport(this.opts, await (hashes ??= this.certHashes(both)), both);
+    const ws = () => dialWebSocket(this.opts, both);
     if (want === "webtransport") return wt();
     if (want === "websocket") return ws();
     if (typeof WebTransport === "undefined") return ws();
@@ -938,7 +946,7 @@ export class RelayClient extends EventTarget {
       try {
         return await ws();
       } catch (e) {
-        if (ctl.signal.aborted) throw e;
+        if (signal.aborted) throw e;
         this.remember(null); // the full race, now
       }
     }
@@ -950,7 +958,7 @@ export class RelayClient extends EventTarget {
       const start = () => {
         if (started) return;
         started = true;
-        if (ctl.signal.aborted) reject(new Error("not needed"));
+        if (both.aborted) reject(new Error("not needed"));
         else ws().then(resolve, reject);
       };
       timer = setTimeout(start, head) as unknown as number;
@@ -976,19 +984,24 @@ export class RelayClient extends EventTarget {
   /** Dials and shakes hands within HANDSHAKE_TIMEOUT_MS, then resends
    * what was not acknowledged before telling listeners. */
   private async establish(): Promise<void> {
-    let timer = 0;
-    let late = false;
+    // What is given up on (the time is up, or close() was called) is
+    // stopped, not left to run: the certificate hashes' fetch, both dials,
+    // the handshake.
+    const ctl = new AbortController();
+    this.connecting = ctl;
     let dialed: Conn | null = null;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        late = true;
+    const timer = setTimeout(() => {
+      ctl.abort(new RelayError(ErrorCode.TIMEOUT, "the edge did not answer the handshake in time"));
+    }, HANDSHAKE_TIMEOUT_MS);
+    const given = new Promise<never>((_, reject) => {
+      ctl.signal.addEventListener("abort", () => {
         dialed?.close(); // ends a handshake the edge does not answer
-        reject(new Error("the edge did not answer the handshake in time"));
-      }, HANDSHAKE_TIMEOUT_MS) as unknown as number;
+        reject(ctl.signal.reason);
+      }, { once: true });
     });
     const attempt = (async () => {
-      const c = await this.dial();
-      if (late) { c.close(); throw new Error("late"); }
+      const c = await this.dial(ctl.signal);
+      if (ctl.signal.aborted) { c.close(); throw ctl.signal.reason; }
       dialed = c;
       try {
         await this.handshake(c);
@@ -1000,9 +1013,10 @@ export class RelayClient extends EventTarget {
     })();
     let c: Conn;
     try {
-      c = await Promise.race([attempt, timeout]);
+      c = await Promise.race([attempt, given]);
     } finally {
       clearTimeout(timer);
+      if (this.connecting === ctl) this.connecting = null;
     }
     attempt.catch(() => {}); // settled, or given up on above
     if (this.stopped) { // closed while connecting
