@@ -86,7 +86,10 @@ export interface Message {
   targets?: string[];
   type?: string;
   payload?: Uint8Array | string;
-  /** How long the event may wait for a target [60 s]. */
+  /** How long the event may wait for a target, in ms [60 000]: 0 (or
+   * none) takes the default; a fraction of a ms is dropped; a negative
+   * TTL, one under a millisecond or not a number is refused
+   * (MALFORMED_FRAME), as by the Go client (see ttlMillis). */
   ttlMs?: number;
   /** Deliver to any one of the targets (see the protocol). */
   anyOne?: boolean;
@@ -579,6 +582,28 @@ function abortReason(signal: AbortSignal): unknown {
   return signal.reason ?? new DOMException("The send was aborted.", "AbortError");
 }
 
+/** The TTL of a Message that sets none (ms; the Go client's DefaultTTL). */
+export const DEFAULT_TTL_MS = 60_000;
+
+/** The ttl_ms a Message's ttlMs is sent as (the Go client's ttlMillis):
+ * the edge counts in whole milliseconds (a fraction is dropped) and
+ * refuses a TTL that is not positive, so a negative one, one under a
+ * millisecond, or one that is not a number is refused here as the edge
+ * would (RelayError MALFORMED_FRAME) rather than replaced by the default:
+ * its sender asked for something else. Undefined, null or 0 take
+ * DEFAULT_TTL_MS. Exported for tests. */
+export function ttlMillis(ttlMs: number | null | undefined): bigint {
+  if (ttlMs === undefined || ttlMs === null || ttlMs === 0) return BigInt(DEFAULT_TTL_MS);
+  if (typeof ttlMs !== "number" || Number.isNaN(ttlMs) || ttlMs < 0) {
+    throw new RelayError(ErrorCode.MALFORMED_FRAME, `ttlMs ${String(ttlMs)} is not a positive number of milliseconds (0 takes the default, ${DEFAULT_TTL_MS})`);
+  }
+  if (ttlMs < 1) {
+    throw new RelayError(ErrorCode.MALFORMED_FRAME, `ttlMs ${ttlMs} is under a millisecond, the edge's unit (0 takes the default, ${DEFAULT_TTL_MS})`);
+  }
+  // Beyond any edge's maximum (TTL_TOO_LONG), but still an int64.
+  return BigInt(Math.floor(Math.min(ttlMs, Number.MAX_SAFE_INTEGER)));
+}
+
 /** Keeps a device connected to the relay. Listen for "event",
  * "presence", "state" and "closed" (CustomEvent) on it. */
 export class RelayClient extends EventTarget {
@@ -755,11 +780,16 @@ export class RelayClient extends EventTarget {
    * sends wait for their acks it first waits for one of them to finish;
    * opts.signal gives it up. */
   send(m: Message, opts: SendOptions = {}): Promise<void> {
-    if (this.stopped) return Promise.reject(this.error ?? new Error("closed"));
+    if (this.stopped) return Promise.reject(this.closedError());
     const { signal } = opts;
     if (signal?.aborted) return Promise.reject(abortReason(signal));
     const id = m.id || randomId();
-    if (this.pending.has(id) || this.waiting.has(id)) return Promise.reject(new Error(`event ${id} is already being sent`));
+    if (this.pending.has(id) || this.waiting.has(id)) {
+      // The edge would drop the second as a duplicate, and its caller
+      // would wait for the first one's ack (the Go client's
+      // ErrAlreadySending).
+      return Promise.reject(new RelayError(ErrorCode.DUPLICATE_ID, `event ${id} is already being sent`));
+    }
     return new Promise((resolve, reject) => {
       let unlisten = () => {};
       const s: Outgoing = {
@@ -829,6 +859,7 @@ export class RelayClient extends EventTarget {
    * network is slow): the event is dropped, not queued behind the others. */
   sendEphemeral(m: Message): void {
     const c = this.conn;
+    if (this.stopped) throw this.closedError();
     if (!c) throw new RelayError(ErrorCode.TARGET_OFFLINE, "not connected");
     const body = this.fits(frame({ case: "event", value: this.build(m, true) }));
     if (c.datagramsOpen && c.sendDatagram?.(body)) return;
@@ -843,11 +874,12 @@ export class RelayClient extends EventTarget {
   /** Ends the session and stops reconnecting. */
   close(): void {
     this.stopped = true;
-    this.connecting?.abort(new RelayError(ErrorCode.UNSPECIFIED, "closed"));
+    this.error ??= new RelayError(ErrorCode.UNSPECIFIED, "closed");
+    this.connecting?.abort(this.error);
     const c = this.conn;
     this.conn = null;
     if (c) c.goodbye(frame({ case: "close", value: {} }));
-    this.fail(new RelayError(ErrorCode.UNSPECIFIED, "closed"));
+    this.fail(this.error);
   }
 
   /** body, when the edge takes a frame that long; else a RelayError
@@ -861,7 +893,7 @@ export class RelayClient extends EventTarget {
 
   private build(m: Message, ephemeral: boolean, id = m.id || randomId()): WireEvent {
     const payload = typeof m.payload === "string" ? enc.encode(m.payload) : (m.payload ?? new Uint8Array(0));
-    const ttlMs = BigInt(m.ttlMs ?? 60_000);
+    const ttlMs = ttlMillis(m.ttlMs);
     this.seq++;
     return create(EventSchema, {
       id,
@@ -874,6 +906,12 @@ export class RelayClient extends EventTarget {
       ephemeral,
       anyOne: !!m.anyOne && !ephemeral,
     });
+  }
+
+  /** Why a call on a client that stopped fails: what stopped it
+   * (RelayError UNSPECIFIED "closed" after close()). */
+  private closedError(): RelayError {
+    return this.error ?? new RelayError(ErrorCode.UNSPECIFIED, "closed");
   }
 
   private emit(type: string, detail: unknown): void {
@@ -1021,7 +1059,7 @@ export class RelayClient extends EventTarget {
     attempt.catch(() => {}); // settled, or given up on above
     if (this.stopped) { // closed while connecting
       c.close();
-      throw new RelayError(ErrorCode.UNSPECIFIED, "closed");
+      throw this.closedError();
     }
     this.conn = c;
     this.transport = c.name;
