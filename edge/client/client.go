@@ -134,9 +134,10 @@ type Config struct {
 	// DedupWindow is how many event ids per sender are remembered to
 	// drop duplicates [4096].
 	DedupWindow int
-	// QUICTransport, if set, carries the QUIC connections (one UDP socket
-	// shared by many clients, as load drivers do); the client never closes
-	// it.
+	// QUICTransport, if set, carries the client's QUIC connections, over
+	// QUIC and over WebTransport alike (one UDP socket shared by many
+	// clients, as load drivers do); the client never closes it. A
+	// WebSocket does not use it.
 	QUICTransport *quic.Transport
 	// ResumeTicket, from ResumeTicket of an earlier client of this
 	// device, lets the first handshake skip the signature.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -265,6 +266,17 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 			keepalive: min(c.cfg.IdleTimeout/3, wsPingEvery), noDatagrams: true}, nil
 	case WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3", addr), QUICConfig: qc}
+		if tr := c.cfg.QUICTransport; tr != nil {
+			// Config.QUICTransport carries WebTransport's QUIC connection
+			// too (webtransport-go would otherwise open a socket of its own).
+			d.DialAddr = func(ctx context.Context, addr string, tlsConf *tls.Config, conf *quic.Config) (*quic.Conn, error) {
+				ua, err := net.ResolveUDPAddr("udp", addr)
+				if err != nil {
+					return nil, err
+				}
+				return tr.DialEarly(ctx, ua, tlsConf, conf)
+			}
+		}
 		_, sess, err := d.Dial(ctx, "https://"+addr+devconn.WebTransportPath, nil)
 		if err != nil {
 			_ = d.Close()
