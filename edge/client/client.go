@@ -334,7 +334,12 @@ func (e *Error) Retryable() bool {
 	return false
 }
 
-// ErrClosed is returned for operations on a closed client.
+// ErrClosed is returned for operations on a closed client. From Send it
+// does not mean the event was not sent: one already written when Close
+// ran (or written with the goodbye, which carries what was written
+// before it) may still be delivered, its ack never seen. To make sure an
+// event arrives, send it again, from a new client of the same device,
+// with the same Message.ID: receivers drop the second copy.
 var ErrClosed = errors.New("client closed")
 
 // ErrAlreadySending is returned (wrapped, with the id) by a Send whose
@@ -809,7 +814,8 @@ func (c *Client) resolve(id string, err error) {
 }
 
 // Close ends the session and stops reconnecting. Sends still waiting
-// return ErrClosed. What was written before it (an ephemeral event sent
+// return ErrClosed, which does not say their events were not delivered
+// (see ErrClosed). What was written before it (an ephemeral event sent
 // just before, say, also from other goroutines) still reaches the edge:
 // Close says goodbye and waits for the edge to hang up, at most a second
 // in all on QUIC and WebTransport (a WebSocket's close handshake may take

@@ -16,19 +16,29 @@ import {
   type Frame,
 } from "./gen/relay/v1/frames_pb.js";
 
+/** The protocol's error codes (proto/relay/v1), RelayError.code. */
 export { ErrorCode };
 
+/** The device protocol version this client speaks (Hello). */
 export const PROTOCOL_VERSION = 1;
+/** Where an edge takes WebTransport sessions (HTTP/3, its UDP port). */
 export const WEBTRANSPORT_PATH = "/relay/v1/wt";
+/** Where an edge takes the WebSocket fallback (its HTTPS port). */
 export const WEBSOCKET_PATH = "/relay/v1/ws";
+/** Where an edge publishes its self-signed certificate's SHA-256 hashes,
+ * for serverCertificateHashes ({"hashes": [{"value": base64}]}). */
 export const CERT_HASHES_PATH = "/.well-known/relay/certificate-hashes";
 
-/** A protocol error: an event refused, or the session closed. */
+/** A protocol error: an event refused (by the edge, or by the client as
+ * the edge would), or the session closed. */
 export class RelayError extends Error {
   constructor(
+    /** Why, as a protocol code (describe gives it in words). */
     readonly code: ErrorCode,
     message: string,
+    /** GOING_AWAY: when the edge asked to come back, in ms. */
     readonly reconnectAfterMs = 0,
+    /** REPLACED: the client instance that took the device's session over. */
     readonly replacedBy = "",
   ) {
     super(message || describe(code));
@@ -80,11 +90,15 @@ export function describe(code: ErrorCode): string {
 
 /** An event to send. */
 export interface Message {
-  /** Identifies the event for dedup and acks; one is made when empty. */
+  /** Identifies the event for dedup and acks; one is made when empty.
+   * Sending the same id again never delivers twice, so a page that may
+   * retry a send (after close(), a reload) sets it itself. */
   id?: string;
   /** Device ids of the same user; empty: all the user's other devices. */
   targets?: string[];
+  /** What the event is, for the application (opaque to the relay). */
   type?: string;
+  /** The content, opaque to the relay; a string is sent as UTF-8. */
   payload?: Uint8Array | string;
   /** How long the event may wait for a target, in ms [60 000]: 0 (or
    * none) takes the default; a fraction of a ms is dropped; a negative
@@ -97,24 +111,37 @@ export interface Message {
 
 /** An event received from another device of the user. */
 export interface RelayEvent {
+  /** The sender's id for the event (unique per sender). */
   id: string;
+  /** The sending device's id. */
   sender: string;
+  /** The sender's sequence number: events of one sender arrive in its
+   * order (0 for a cancellation). */
   seq: bigint;
+  /** Message.type as sent. */
   type: string;
+  /** Message.payload as sent (empty for a cancellation). */
   payload: Uint8Array;
+  /** When the sender made it, by the edge's clock as the sender knew it. */
   createdAt: Date;
+  /** Sent with sendEphemeral: never stored, never acknowledged. */
   ephemeral: boolean;
+  /** Sent to any one of its targets (Message.anyOne). */
   anyOne: boolean;
   /** Another device took this "any one" event. */
   cancelled: boolean;
 }
 
+/** The transports a session runs on. */
 export type TransportName = "webtransport" | "websocket";
 
+/** What RelayClient.connect needs; the rest has defaults. */
 export interface RelayOptions {
   /** The edge, host:port (UDP for WebTransport, TCP for the WebSocket). */
   edge: string;
+  /** The user the device belongs to. */
   userId: string;
+  /** The device, as registered (RegisterDevice) with key's public half. */
   deviceId: string;
   /** The device's Ed25519 private key (it may be non-extractable). */
   key: CryptoKey;
@@ -611,6 +638,7 @@ export class RelayClient extends EventTarget {
   transport: TransportName | null = null;
   /** How far the edge's clock is ahead of this one, in ms. */
   clockOffsetMs = 0;
+  /** The current (or last) session's id, from the edge's Welcome. */
   sessionId = "";
   /** Why the client stopped for good, once it did. */
   error: RelayError | null = null;
@@ -871,7 +899,13 @@ export class RelayClient extends EventTarget {
     void c.send(body).then(() => { c.datagramsOpen = true; }, () => {});
   }
 
-  /** Ends the session and stops reconnecting. */
+  /** Ends the session and stops reconnecting. Sends under way (sent or
+   * waiting for a slot) reject, and later calls fail, with a RelayError
+   * UNSPECIFIED "closed". That does not say an event was not delivered:
+   * one already sent (or written before the goodbye, which the edge
+   * still reads) may be, its ack never seen. To make sure an event
+   * arrives, send it again from a new client of the same device with the
+   * same Message.id: receivers drop the second copy. */
   close(): void {
     this.stopped = true;
     this.error ??= new RelayError(ErrorCode.UNSPECIFIED, "closed");
@@ -1356,7 +1390,10 @@ export async function generateDeviceKey(): Promise<{ privateKey: CryptoKey; publ
 
 /** A device as this browser remembers it. */
 export interface StoredDevice {
-  userId: string; deviceId: string; key: CryptoKey; name?: string;
+  /** RelayOptions.userId, deviceId and key. */
+  userId: string; deviceId: string; key: CryptoKey;
+  /** What the user called it, for people. */
+  name?: string;
   /** The revision that registered the device (RelayOptions.minRevision). */
   revision?: bigint;
 }
@@ -1405,4 +1442,6 @@ export async function forgetDevice(): Promise<void> {
   conn.close();
 }
 
+/** Base64 (standard, padded) of bytes, and back: the encoding of the
+ * certificate hashes' document, handy for keys and payloads too. */
 export { b64, unb64 };
