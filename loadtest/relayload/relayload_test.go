@@ -179,10 +179,13 @@ func TestScenarios(t *testing.T) {
 
 	// Connections to the control API after one authenticated call each:
 	// what each costs the node that answers --control (its goroutines;
-	// the heap is shared here too).
+	// the heap is shared here too, and so are the goroutines: the
+	// driver's end of each connection, one, is in this process as well,
+	// beside the node's two, and anything else the process starts or
+	// ends meanwhile counts too).
 	res = e.mustRun("apiconns", "--conns", "20", "--control-admin", "http://"+e.r.Cluster.Running()[0].Server.AdminAddr())
 	if num(res, "counts", "opened") != 20 || num(res, "peaks", "control_authenticated_connections") < 20 ||
-		num(res, "peaks", "control_goroutines_per_conn") < 0.5 || num(res, "peaks", "control_goroutines_per_conn") > 3 {
+		num(res, "peaks", "control_goroutines_per_conn") < 0.5 || num(res, "peaks", "control_goroutines_per_conn") > 4 {
 		t.Fatalf("apiconns: %v", res)
 	}
 
