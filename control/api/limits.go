@@ -200,11 +200,10 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 		max += max/64 + 1024
 		if a.policy.Public[procedure] {
 			// An edge's or a node's own call on its trusted connection
-			// (not one it passes on for a browser) is served from the
-			// reserve; anyone else's body counts against its source while
-			// it arrives.
+			// is served from the reserve; anyone else's body counts
+			// against its source while it arrives.
 			pool := slots
-			if c, ok := connbound.FromContext(ctx); ok && c.State() == connbound.Trusted && r.Header.Get(ForwardedByHeader) == "" {
+			if ownCall(ctx, r) {
 				pool = reserve
 			}
 			body, reason, err := a.readPublicBody(w, r, limits, arriving, pool == slots, max)
@@ -239,6 +238,16 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 		r.Body = newDeadlineBody(w, r.Body, max, limits.BodyTimeout)
 		next.ServeHTTP(w, r)
 	})
+}
+
+// ownCall reports whether a call is an edge's or a node's own, on its
+// trusted connection: not one an edge passes on for a browser, which
+// carries the X-Forwarded-For the edge's proxy always sets (and its
+// Relay-Forwarded-By, when the edge has a token to vouch with).
+func ownCall(ctx context.Context, r *http.Request) bool {
+	c, ok := connbound.FromContext(ctx)
+	return ok && c.State() == connbound.Trusted &&
+		r.Header.Get(ForwardedByHeader) == "" && r.Header.Get("X-Forwarded-For") == ""
 }
 
 // sourceOf is the source a request counts against: the browser's
