@@ -17,8 +17,12 @@ import (
 // (RELAY_ADMIN_PASSWORD is ignored then) or without --bootstrap it goes
 // on.
 func TestFirstAdminPasswordFollowsThePolicy(t *testing.T) {
-	empty, used := t.TempDir(), t.TempDir()
-	if err := os.WriteFile(filepath.Join(used, "node-id"), nil, 0o600); err != nil {
+	empty, used, volume := t.TempDir(), t.TempDir(), t.TempDir()
+	if err := os.Mkdir(filepath.Join(used, "raft"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	// A fresh volume's root, as a StatefulSet mounts it.
+	if err := os.Mkdir(filepath.Join(volume, "lost+found"), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
@@ -27,6 +31,7 @@ func TestFirstAdminPasswordFollowsThePolicy(t *testing.T) {
 		refused bool
 	}{
 		{"weak, bootstrapping an empty dir", server.Config{Bootstrap: true, DataDir: empty, AdminPassword: "admin"}, true},
+		{"weak, bootstrapping a fresh volume", server.Config{Bootstrap: true, DataDir: volume, AdminPassword: "admin"}, true},
 		{"weak, bootstrapping a dir not made yet", server.Config{Bootstrap: true, DataDir: filepath.Join(empty, "new"), AdminPassword: "admin"}, true},
 		{"strong, bootstrapping", server.Config{Bootstrap: true, DataDir: empty, AdminPassword: "a long admin password"}, false},
 		{"weak, restarting with state", server.Config{Bootstrap: true, DataDir: used, AdminPassword: "admin"}, false},

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -279,18 +280,19 @@ func applyMemoryLimit(log *slog.Logger, getenv func(string) string) {
 // checkFirstAdminPassword refuses a first admin's password that every
 // later password change would refuse (auth.ValidatePassword), when it
 // is the one the cluster starts with: a node bootstrapping a new cluster
-// from an empty data dir. A node that already has state ignores
+// from a data dir without Raft data (its raft/ directory; a volume's
+// lost+found or other files do not count). A node that has run ignores
 // RELAY_ADMIN_PASSWORD, so a restart with an old one set goes on.
 func checkFirstAdminPassword(cfg server.Config) error {
 	if cfg.AdminPassword == "" || !cfg.Bootstrap {
 		return nil
 	}
-	entries, err := os.ReadDir(cfg.DataDir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("read --data-dir: %w", err)
-	}
-	if len(entries) > 0 {
+	_, err := os.Stat(filepath.Join(cfg.DataDir, "raft"))
+	if err == nil {
 		return nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("read --data-dir: %w", err)
 	}
 	if err := auth.ValidatePassword(cfg.AdminPassword); err != nil {
 		return fmt.Errorf("RELAY_ADMIN_PASSWORD: %w", err)

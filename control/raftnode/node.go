@@ -664,8 +664,9 @@ func (n *Node) checkTerm() error {
 	return fmt.Errorf("data dir %s: there is raft data (snapshots) but no raft term in %s: that directory, with the log and this node's votes, was lost or replaced; "+
 		"started so, this node could vote against what it had acknowledged, and the cluster could lose committed writes. "+
 		"Remove it from its cluster (relayctl cluster remove %s, on a member), empty %s and start it with --join; "+
-		"if it was the cluster's only node, restore a new cluster from a backup (--restore): %w",
-		n.cfg.DataDir, filepath.Join(n.cfg.DataDir, "raft"), n.cfg.NodeID, n.cfg.DataDir, ErrRaftDataLost)
+		"if it was the cluster's only node, restore a new cluster from a backup (--restore); "+
+		"if this node was being restored with --restore and that was cut short, empty %s and restore again: %w",
+		n.cfg.DataDir, filepath.Join(n.cfg.DataDir, "raft"), n.cfg.NodeID, n.cfg.DataDir, n.cfg.DataDir, ErrRaftDataLost)
 }
 
 // catchUpWithSnapshot restores the FSM from the newest Raft snapshot when
