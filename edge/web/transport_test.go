@@ -1,9 +1,13 @@
 package web_test
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/edge/client"
 )
 
 // The WebSocket that won the race for an edge (where UDP is blocked) is
@@ -64,4 +68,27 @@ func TestRelayJSRacesAgainAfterTheRememberedWebSocket(t *testing.T) {
 	connectPage(t, g.ctx, g.edge, g.pageDev, "webtransport", "c", auto(map[string]any{"webSocketUrl": dead}), "")
 	eval[bool](g.ctx, t, `window.c.close(), true`)
 	checkRemembered("webtransport")
+}
+
+// relay.js needs no AbortSignal.any, which Safari before 17.4 lacks (and
+// which otherwise meets relay.js's needs, Ed25519 among them): a page
+// without it connects over either transport and sends.
+func TestRelayJSConnectsWithoutAbortSignalAny(t *testing.T) {
+	g := newPageRig(t, "no-any", nil)
+	rx := g.r.Dial(0, g.rxDev, client.QUIC)
+	if got := eval[bool](g.ctx, t, `(() => { delete AbortSignal.any; return AbortSignal.any === undefined; })()`); !got {
+		t.Fatal("AbortSignal.any could not be removed from the page")
+	}
+	for _, transport := range []string{"webtransport", "websocket"} {
+		name := "c" + transport
+		connectPage(t, g.ctx, g.edge, g.pageDev, transport, name, nil, g.rxDev.ID)
+		eval[bool](g.ctx, t, fmt.Sprintf(`(async () => { await window[%q].send({ targets: [%q], type: "no-any", payload: %q }); window[%[1]q].close(); return true; })()`,
+			name, g.rxDev.ID, transport))
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		ev, err := rx.Receive(ctx)
+		cancel()
+		if err != nil || ev.Type != "no-any" || string(ev.Payload) != transport {
+			t.Fatalf("over %s: received %+v, %v", transport, ev, err)
+		}
+	}
 }

@@ -1005,9 +1005,13 @@ export class RelayClient extends EventTarget {
    * longer works) gets WebTransport back. */
   private async dial(signal: AbortSignal): Promise<Conn> {
     const want = this.opts.transport ?? "auto";
-    // The race's loser is stopped too.
+    // The race's loser is stopped too. (By hand, not AbortSignal.any:
+    // Safari before 17.4 has none.)
     const ctl = new AbortController();
-    const both = AbortSignal.any([signal, ctl.signal]);
+    const follow = () => ctl.abort(signal.reason);
+    if (signal.aborted) follow();
+    else signal.addEventListener("abort", follow, { once: true });
+    const both = ctl.signal;
     let hashes: Promise<Uint8Array[] | undefined> | undefined;
     const wt = async () => dialWebTransport(this.opts, await (hashes ??= this.certHashes(both)), both);
     const ws = () => dialWebSocket(this.opts, both);
