@@ -510,6 +510,12 @@ func TestALinkThatEndsKeepsItsPeersDevicesForTheGrace(t *testing.T) {
 		st := a2.Stats()
 		return st.RemoteDevices == 0 && st.Graced == 0 && st.PeerSets == 0
 	})
+	// Local hears of it once the tables' lock is let go: a moment after.
+	waitFor(t, "a2 tells d4 went", func() bool {
+		local2.mu.Lock()
+		defer local2.mu.Unlock()
+		return slices.Contains(local2.presence, "-d4")
+	})
 	if got := local2.takePresence(); !slices.Equal(got, []string{"+d4", "-d4"}) {
 		t.Fatalf("a2 told %v", got)
 	}
