@@ -251,20 +251,16 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 		return nil, invalidArg(fmt.Errorf("refresh_token: %w", err))
 	}
 	cur, err := s.node.FSM().GetRefreshToken(id)
-	if errors.Is(err, fsm.ErrNotFound) {
-		// Perhaps issued moments ago on another node: catch up, at most
-		// once per KeyRefreshEvery for all such calls (anyone can make
-		// them up). One that finds no catch-up to run or share is not
-		// told its token is gone: that is not known yet.
-		if !s.authn.tokenCatchUp.refresh(ctx) {
-			err := connect.NewError(connect.CodeUnavailable, errors.New("refresh token not found on this node yet; retry shortly"))
-			err.Meta().Set("Retry-After", "1")
-			return nil, err
-		}
-		cur, err = s.node.FSM().GetRefreshToken(id)
-	}
 	if err != nil {
-		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("refresh token not recognised; log in again"))
+		if errors.Is(err, fsm.ErrNotFound) && s.authn.tokenCatchUp.refresh(ctx) {
+			// Perhaps issued moments ago on another node: caught up
+			// (at most once per KeyRefreshEvery for all such calls, which
+			// anyone can make up).
+			cur, err = s.node.FSM().GetRefreshToken(id)
+		}
+		if err != nil {
+			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("refresh token not recognised; log in again"))
+		}
 	}
 	nextID, nextSecret, next, err := auth.NewRefreshToken(rand.Reader)
 	if err != nil {

@@ -347,33 +347,23 @@ func TestUnknownKeyIDsCostAtMostOneRefresh(t *testing.T) {
 	}
 }
 
-// Refresh tokens of ids nobody issued (anyone can make them up) cost at
-// most one catch-up with the leader per KeyRefreshEvery, however many
-// arrive, at once or one after the other: the one that catches up is
-// told the token is not recognised; the others, which could not look
-// further, are told to retry (a real token issued moments ago on another
-// node is not refused for good because made-up ones spent the budget).
+// Refresh tokens of ids nobody issued (anyone can make them up) are
+// refused from the local state: however many arrive, at once or one
+// after the other, they cost at most one catch-up with the leader per
+// KeyRefreshEvery.
 func TestUnknownRefreshTokensCostAtMostOneCatchUp(t *testing.T) {
 	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{KeyRefreshEvery: time.Hour}})
 	n := c.Nodes[0]
 	anon := controlv1connect.NewAuthServiceClient(httpClient(t), url(n))
 	ctx := ctxT(t, time.Minute)
-	var mu sync.Mutex // guards codes
-	codes := map[connect.Code]int{}
 	call := func() {
 		_, _, tok, err := auth.NewRefreshToken(rand.Reader)
 		if err != nil {
 			t.Fatal(err)
 		}
 		_, err = anon.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: tok}))
-		switch code := connect.CodeOf(err); {
-		case code == connect.CodeUnauthenticated && strings.Contains(err.Error(), "not recognised"),
-			code == connect.CodeUnavailable && strings.Contains(err.Error(), "retry"):
-			mu.Lock()
-			codes[code]++
-			mu.Unlock()
-		default:
-			t.Errorf("refresh token nobody issued: %v; want unauthenticated (not recognised) or unavailable (retry)", err)
+		if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "not recognised") {
+			t.Errorf("refresh token nobody issued: %v; want unauthenticated, not recognised", err)
 		}
 	}
 	before := n.Metric(t, "relay_control_read_barrier_seconds")
@@ -388,9 +378,6 @@ func TestUnknownRefreshTokensCostAtMostOneCatchUp(t *testing.T) {
 	wg.Wait()
 	if got := n.Metric(t, "relay_control_read_barrier_seconds") - before; got > 1 {
 		t.Errorf("100 refresh tokens nobody issued made %v read barriers, want at most 1", got)
-	}
-	if codes[connect.CodeUnauthenticated] < 1 || codes[connect.CodeUnavailable] < 90 {
-		t.Errorf("answers %v; want the one that caught up (and any sharing it) refused, the rest told to retry", codes)
 	}
 }
 
