@@ -51,16 +51,6 @@ func guardServer(t *testing.T, limits api.Limits) (url string, held <-chan struc
 	return "http://" + ln.Addr().String(), holding
 }
 
-// A client on one HTTP/2 connection, as an edge's.
-func oneConn(t *testing.T) *http.Client {
-	t.Helper()
-	var protos http.Protocols
-	protos.SetUnencryptedHTTP2(true)
-	tr := &http.Transport{Protocols: &protos, MaxConnsPerHost: 1}
-	t.Cleanup(tr.CloseIdleConnections)
-	return &http.Client{Transport: tr, Timeout: 30 * time.Second}
-}
-
 // With the node's one serving slot taken by a stranger's call, another
 // stranger's is refused, and so is a call an edge passes on for a
 // browser (X-Forwarded-For, with or without the edge's token), while the
@@ -70,7 +60,7 @@ func TestOnlyAnEdgesOwnCallsTakeTheReserve(t *testing.T) {
 	t.Cleanup(func() { <-done }) // after the server's cleanup lets the held call go
 	url, holding := guardServer(t, api.Limits{MaxUnauthenticated: 1})
 	refresh := url + controlv1connect.AuthServiceRefreshProcedure
-	stranger := oneConn(t)
+	stranger := clientFrom(t, "127.0.0.2")
 	go func() {
 		defer close(done)
 		req, _ := http.NewRequest(http.MethodPost, refresh, strings.NewReader("{}"))
@@ -85,11 +75,11 @@ func TestOnlyAnEdgesOwnCallsTakeTheReserve(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the first call never reached the handler")
 	}
-	if status, ce := postJSON(t, oneConn(t), refresh, strings.NewReader("{}"), nil); status == http.StatusOK || !strings.Contains(ce.Message, "in flight on this node") {
+	if status, ce := postJSON(t, clientFrom(t, "127.0.0.3"), refresh, strings.NewReader("{}"), nil); status == http.StatusOK || !strings.Contains(ce.Message, "in flight on this node") {
 		t.Errorf("a second stranger's call: %d %+v; want refused, in flight", status, ce)
 	}
 
-	edge := oneConn(t)
+	edge := clientFrom(t, "127.0.0.4")
 	req, _ := http.NewRequest(http.MethodGet, url+"/trust", nil)
 	resp, err := edge.Do(req)
 	if err != nil {

@@ -288,12 +288,7 @@ func (a *Authenticator) readPublicBody(w http.ResponseWriter, r *http.Request, l
 		}
 		defer arriving.leave(src)
 	}
-	rc := http.NewResponseController(w)
-	deadline := rc.SetReadDeadline(time.Now().Add(limits.PublicBodyTimeout)) == nil
-	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, max))
-	if deadline {
-		_ = rc.SetReadDeadline(time.Time{})
-	}
+	b, err := io.ReadAll(newDeadlineBody(w, r.Body, max, limits.PublicBodyTimeout))
 	var tooLarge *http.MaxBytesError
 	switch {
 	case err == nil:

@@ -70,10 +70,6 @@ const DefaultClaimRecordGrace = 10 * time.Minute
 // everyMemberHas reports whether every member's release applies the
 // commands of feature alike (raftnode.Node.MembersWithout); until then
 // the commands are written as older releases apply them.
-func (s *MailboxServer) everyMemberHas(feature string) bool { return everyMemberHas(s.node, feature) }
-
-// everyMemberHas reports whether every member of node's cluster lists
-// feature, so that commands that use it apply alike on every replica.
 func everyMemberHas(node *raftnode.Node, feature string) bool {
 	missing, err := node.MembersWithout(feature)
 	return err == nil && len(missing) == 0
@@ -146,7 +142,7 @@ func (s *MailboxServer) PutMailbox(ctx context.Context, req *connect.Request[edg
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{
 		Entries: out, MaxEntriesPerDevice: s.cfg.MaxEntriesPerDevice, MaxBytesPerDevice: s.cfg.MaxBytesPerDevice,
-		ReplaceExpired: s.everyMemberHas(fsm.FeatureMailboxReplaceExpired),
+		ReplaceExpired: everyMemberHas(s.node, fsm.FeatureMailboxReplaceExpired),
 	}}})
 	if err != nil {
 		return nil, toConnect(err)
@@ -251,7 +247,7 @@ func (s *MailboxServer) ClaimEvents(ctx context.Context, req *connect.Request[ed
 		out[i] = sc
 	}
 	claims := &statev1.ClaimEvents{Claims: out}
-	if s.everyMemberHas(fsm.FeatureClaimRecordGrace) {
+	if everyMemberHas(s.node, fsm.FeatureClaimRecordGrace) {
 		claims.RecordGraceMs = s.cfg.ClaimRecordGrace.Milliseconds()
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ClaimEvents{ClaimEvents: claims}})
