@@ -87,6 +87,11 @@ type Conn struct {
 	// Authorization it carried.
 	watchURL, watchAuth string
 
+	// tokenFailed is when the last attempt to get a token failed, and
+	// tokenErr why; a success clears them.
+	tokenFailed time.Time
+	tokenErr    error
+
 	// tokenSem is held by the one caller getting a new token.
 	tokenSem chan struct{}
 }
@@ -215,8 +220,46 @@ func (c *Conn) Token(ctx context.Context) (string, error) {
 	if tok, ok := c.validToken(); ok {
 		return tok, nil // another caller got one meanwhile
 	}
-	ctx, cancel := context.WithTimeout(ctx, tokenTimeout)
+	tctx, cancel := context.WithTimeout(ctx, tokenTimeout)
 	defer cancel()
+	tok, err := c.newToken(tctx)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case err == nil:
+		c.tokenFailed, c.tokenErr = time.Time{}, nil
+	case ctx.Err() == nil:
+		// The control plane refused, or did not answer within
+		// tokenTimeout; not the caller giving up.
+		c.tokenFailed, c.tokenErr = time.Now(), err
+	}
+	return tok, err
+}
+
+// proxyTokenBackoff is how long after a failed attempt to get a token
+// the proxy answers callers at once instead of trying again: browser
+// pages, many and anyone's, do not turn into a log-in attempt each.
+const proxyTokenBackoff = time.Second
+
+// proxyToken returns the token with which the proxy vouches for a
+// caller: the edge's valid token, or a new one unless an attempt failed
+// less than proxyTokenBackoff ago.
+func (c *Conn) proxyToken(ctx context.Context) (string, error) {
+	if tok, ok := c.validToken(); ok {
+		return tok, nil
+	}
+	c.mu.Lock()
+	failed, err := c.tokenFailed, c.tokenErr
+	c.mu.Unlock()
+	if err != nil && time.Since(failed) < proxyTokenBackoff {
+		return "", err
+	}
+	return c.Token(ctx)
+}
+
+// newToken logs in or refreshes, trying each URL once; the caller holds
+// tokenSem.
+func (c *Conn) newToken(ctx context.Context) (string, error) {
 	c.mu.Lock()
 	refresh := c.refresh
 	c.mu.Unlock()
@@ -482,11 +525,29 @@ func (c *Conn) Proxy(prefix string) http.Handler {
 			writeJSONError(w, http.StatusNotFound, "not_found", "not a procedure this edge passes on")
 			return
 		}
-		if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
-			if tok, err := c.Token(r.Context()); err == nil {
-				r = r.WithContext(context.WithValue(r.Context(), vouchKey{}, vouch{addr: host, token: tok}))
-			}
+		host, _, err := net.SplitHostPort(r.RemoteAddr)
+		if err != nil {
+			writeJSONError(w, http.StatusBadRequest, "invalid_argument", "no caller address")
+			return
 		}
+		// Without the edge's token the call would reach the control plane
+		// unvouched, and every page behind this edge would share the
+		// edge's address in login throttling and the unauthenticated
+		// bounds: one page's failed logins would lock out all of them.
+		tok, err := c.proxyToken(r.Context())
+		if err != nil {
+			if r.Context().Err() != nil {
+				return // the caller went away
+			}
+			c.proxyFailLog.Do(func() {
+				c.cfg.Logger.Warn("console API call not passed on: this edge has no token of its own to vouch for the caller (one line every 10 s at most)",
+					"path", r.URL.Path, "control_plane", strings.TrimPrefix(strings.TrimPrefix(c.url(), "http://"), "https://"), "err", err)
+			})
+			w.Header().Set("Retry-After", "1")
+			writeJSONError(w, http.StatusServiceUnavailable, "unavailable", "this edge cannot reach the control plane; try again")
+			return
+		}
+		r = r.WithContext(context.WithValue(r.Context(), vouchKey{}, vouch{addr: host, token: tok}))
 		r.Body = http.MaxBytesReader(w, r.Body, maxProxiedBody)
 		// A body dripped in slowly must not hold the connection, and a
 		// stream to the control plane, for long.

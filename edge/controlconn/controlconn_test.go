@@ -3,12 +3,14 @@ package controlconn_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -386,5 +388,93 @@ func TestProxyUnreachableTellsNoAddress(t *testing.T) {
 	logged := rec.Find("", func(r clustertest.Record) bool { return strings.HasPrefix(r.Message, "console API call not passed on") })
 	if len(logged) != 1 || logged[0].Attrs["control_plane"].String() != host || logged[0].Attrs["err"].String() == "" {
 		t.Fatalf("logged %+v, want one line naming the control plane it tried and the cause", logged)
+	}
+}
+
+// refusingControl refuses the edge's own login while refuse is set, and
+// records the pages' logins the edge passes on, with the address the
+// edge vouched for.
+type refusingControl struct {
+	controlv1connect.UnimplementedAuthServiceHandler
+	refuse     atomic.Bool
+	edgeLogins atomic.Int64
+	vouched    chan string
+}
+
+func (f *refusingControl) Login(_ context.Context, req *connect.Request[controlv1.LoginRequest]) (*connect.Response[controlv1.LoginResponse], error) {
+	if req.Msg.GetLogin() == "edges" {
+		f.edgeLogins.Add(1)
+		if f.refuse.Load() {
+			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("account disabled"))
+		}
+		return connect.NewResponse(&controlv1.LoginResponse{Tokens: &controlv1.Tokens{AccessToken: "edge-token",
+			AccessTokenExpiresAt: timestamppb.New(time.Now().Add(time.Hour)), Role: controlv1.Role_ROLE_EDGE}}), nil
+	}
+	by := req.Header().Get("Relay-Forwarded-By")
+	f.vouched <- req.Header().Get("Relay-Forwarded-For") + " " + by
+	return connect.NewResponse(&controlv1.LoginResponse{Tokens: &controlv1.Tokens{AccessToken: "page-token"}}), nil
+}
+
+// A page's call the edge cannot vouch for (its own login refused, or the
+// control plane out of reach) is answered 503 at the edge: passed on
+// unvouched, it would count against the edge's own address, with every
+// other page's, in login throttling. Pages do not each cost the control
+// plane a login of the edge's: after a failed attempt the proxy tries
+// again only once proxyTokenBackoff (1 s) has passed.
+func TestProxyPassesOnlyCallsItVouchesFor(t *testing.T) {
+	f := &refusingControl{vouched: make(chan string, 100)}
+	f.refuse.Store(true)
+	mux := http.NewServeMux()
+	mux.Handle(controlv1connect.NewAuthServiceHandler(f))
+	url := serve(t, mux)
+	rec := clustertest.NewLogRecorder()
+	c, err := controlconn.New(controlconn.Config{URLs: []string{url}, Login: "edges", Password: "x", Logger: slog.New(rec)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	proxy := httptest.NewServer(c.Proxy("/api"))
+	defer proxy.Close()
+	login := func() (*http.Response, string) {
+		resp, err := http.Post(proxy.URL+"/api"+controlv1connect.AuthServiceLoginProcedure, "application/json", strings.NewReader(`{"login":"alice","password":"p"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp, string(body)
+	}
+	const pages = 20
+	start := time.Now()
+	for range pages {
+		resp, body := login()
+		if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" || !strings.Contains(body, `"unavailable"`) {
+			t.Fatalf("a page's login while the edge's own is refused: %d %q %s", resp.StatusCode, resp.Header.Get("Retry-After"), body)
+		}
+	}
+	elapsed := time.Since(start)
+	select {
+	case v := <-f.vouched:
+		t.Fatalf("a page's login reached the control plane unvouched (%q)", v)
+	default:
+	}
+	// One attempt, and one more per backoff the loop outlasted.
+	if n, most := f.edgeLogins.Load(), 1+int64(elapsed/time.Second); n < 1 || n > most {
+		t.Fatalf("%d pages' calls in %v cost %d logins of the edge's, want 1 to %d", pages, elapsed, n, most)
+	}
+	if logged := rec.Find("", func(r clustertest.Record) bool { return strings.HasPrefix(r.Message, "console API call not passed on") }); len(logged) != 1 {
+		t.Fatalf("logged %d lines for the refused calls, want 1", len(logged))
+	}
+
+	// Once the edge has a token again, pages' calls go on, vouched for.
+	f.refuse.Store(false)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if resp, body := login(); resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("a page's login once the edge may log in: %d %s", resp.StatusCode, body)
+		}
+		return nil
+	})
+	if v := <-f.vouched; v != "127.0.0.1 Bearer edge-token" {
+		t.Fatalf("the page's login was vouched for as %q", v)
 	}
 }
