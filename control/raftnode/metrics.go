@@ -136,10 +136,12 @@ var (
 		"1 when this node knows a leader.", nil, nil)
 	descReady = prometheus.NewDesc("relay_control_ready",
 		"1 when the node is ready (sees a leader and caught up at start).", nil, nil)
+	descVoters = prometheus.NewDesc("relay_control_raft_voters",
+		"Voters in the latest Raft configuration this node knows, running or not: what a quorum is counted against.", nil, nil)
 )
 
 func (c *raftCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descState, descTerm, descCommit, descApplied, descLeader, descReady} {
+	for _, d := range []*prometheus.Desc{descState, descTerm, descCommit, descApplied, descLeader, descReady, descVoters} {
 		ch <- d
 	}
 }
@@ -169,4 +171,15 @@ func (c *raftCollector) Collect(ch chan<- prometheus.Metric) {
 	lid, _ := n.Leader()
 	ch <- prometheus.MustNewConstMetric(descLeader, prometheus.GaugeValue, b2f(lid != ""))
 	ch <- prometheus.MustNewConstMetric(descReady, prometheus.GaugeValue, b2f(n.Ready()))
+	// GetConfiguration answers from Raft's copy of the latest
+	// configuration, without a trip through its main loop.
+	if cf := n.raft.GetConfiguration(); cf.Error() == nil {
+		voters := 0
+		for _, s := range cf.Configuration().Servers {
+			if s.Suffrage == raft.Voter {
+				voters++
+			}
+		}
+		ch <- prometheus.MustNewConstMetric(descVoters, prometheus.GaugeValue, float64(voters))
+	}
 }

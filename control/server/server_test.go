@@ -60,6 +60,7 @@ func TestAdminEndpoints(t *testing.T) {
 		"relay_control_read_barrier_seconds",
 		"relay_control_raft_has_leader 1",
 		"relay_control_ready 1",
+		"relay_control_raft_voters 3",
 		"go_goroutines",
 	} {
 		if !strings.Contains(metrics, want) {
