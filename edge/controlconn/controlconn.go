@@ -91,9 +91,24 @@ type Conn struct {
 	// tokenErr why; a success clears them.
 	tokenFailed time.Time
 	tokenErr    error
+	// attempt is the log-in or refresh under way, if any: callers wait
+	// for it, or for their own ctx, and share its outcome.
+	attempt *tokenAttempt
+	closed  bool
 
-	// tokenSem is held by the one caller getting a new token.
-	tokenSem chan struct{}
+	// ctx ends an attempt under way when the Conn closes; attempts
+	// counts those running.
+	ctx      context.Context
+	cancel   context.CancelFunc
+	attempts sync.WaitGroup
+}
+
+// tokenAttempt is one log-in or refresh; done is closed once tok and err
+// are set.
+type tokenAttempt struct {
+	done chan struct{}
+	tok  string
+	err  error
 }
 
 // New checks the configuration and builds the HTTP client; it does not
@@ -145,8 +160,9 @@ func New(cfg Config) (*Conn, error) {
 	if cfg.TLS != nil {
 		tr.TLSClientConfig = cfg.TLS.Clone()
 	}
-	c := &Conn{cfg: cfg, http: &http.Client{Transport: tr}, peers: map[string]*peer{}, tokenSem: make(chan struct{}, 1),
+	c := &Conn{cfg: cfg, http: &http.Client{Transport: tr}, peers: map[string]*peer{},
 		proxyFailLog: rate.Sometimes{Interval: 10 * time.Second}}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
 	opts := append(slices.Clip(cfg.Options),
 		connect.WithReadMaxBytes(MaxResponseBytes),
 		connect.WithAcceptCompression("gzip", gzipbound.Decompressor(MaxResponseBytes), gzipbound.Compressor))
@@ -171,8 +187,16 @@ type peer struct {
 	watch    edgev1connect.WatchServiceClient
 }
 
-// Close releases idle connections.
-func (c *Conn) Close() { c.http.CloseIdleConnections() }
+// Close ends a log-in or refresh under way, waits for it, and releases
+// idle connections.
+func (c *Conn) Close() {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	c.cancel()
+	c.attempts.Wait()
+	c.http.CloseIdleConnections()
+}
 
 // url returns the URL to use now; failover moves to the next.
 func (c *Conn) url() string {
@@ -204,61 +228,69 @@ func (c *Conn) validToken() (string, bool) {
 }
 
 // Token returns a valid access token of the edge's account, logging in
-// or refreshing as needed. One caller at a time talks to the control
-// plane for it (the others wait for that, or for their ctx); nothing
-// else waits on it: c.mu is not held across the calls.
+// or refreshing as needed. One attempt at a time talks to the control
+// plane for it, on a goroutine of the Conn's, so that no caller's
+// context can cut a refresh short after the control plane rotated the
+// token (the edge would then present the old one again, which the
+// control plane takes for a stolen token's reuse and revokes the
+// edge's login); callers wait for that attempt's outcome or for their
+// own ctx. Nothing else waits on it: c.mu is not held across the calls.
 func (c *Conn) Token(ctx context.Context) (string, error) {
 	if tok, ok := c.validToken(); ok {
 		return tok, nil
 	}
+	a := c.startAttempt()
 	select {
-	case c.tokenSem <- struct{}{}:
+	case <-a.done:
+		return a.tok, a.err
 	case <-ctx.Done():
 		return "", fmt.Errorf("log in to the control plane: %w", ctx.Err())
 	}
-	defer func() { <-c.tokenSem }()
-	if tok, ok := c.validToken(); ok {
-		return tok, nil // another caller got one meanwhile
-	}
-	tctx, cancel := context.WithTimeout(ctx, tokenTimeout)
-	defer cancel()
-	tok, err := c.newToken(tctx)
+}
+
+// startAttempt returns the attempt under way, or starts one.
+func (c *Conn) startAttempt() *tokenAttempt {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.attempt != nil {
+		return c.attempt
+	}
+	a := &tokenAttempt{done: make(chan struct{})}
 	switch {
-	case err == nil:
-		c.tokenFailed, c.tokenErr = time.Time{}, nil
-	case ctx.Err() == nil:
-		// The control plane refused, or did not answer within
-		// tokenTimeout; not the caller giving up.
-		c.tokenFailed, c.tokenErr = time.Now(), err
+	case c.closed:
+		a.err = errors.New("log in to the control plane: the connection is closed")
+		close(a.done)
+		return a
+	case c.access != "" && time.Until(c.expires) > time.Minute:
+		a.tok = c.access // an attempt ended since the caller looked
+		close(a.done)
+		return a
 	}
-	return tok, err
+	c.attempt = a
+	c.attempts.Add(1)
+	go func() {
+		defer c.attempts.Done()
+		ctx, cancel := context.WithTimeout(c.ctx, tokenTimeout)
+		defer cancel()
+		a.tok, a.err = c.newToken(ctx)
+		c.mu.Lock()
+		c.attempt = nil
+		switch {
+		case a.err == nil:
+			c.tokenFailed, c.tokenErr = time.Time{}, nil
+		case c.ctx.Err() == nil:
+			// The control plane refused, or did not answer within
+			// tokenTimeout; not the Conn closing.
+			c.tokenFailed, c.tokenErr = time.Now(), a.err
+		}
+		c.mu.Unlock()
+		close(a.done)
+	}()
+	return a
 }
 
-// proxyTokenBackoff is how long after a failed attempt to get a token
-// the proxy answers callers at once instead of trying again: browser
-// pages, many and anyone's, do not turn into a log-in attempt each.
-const proxyTokenBackoff = time.Second
-
-// proxyToken returns the token with which the proxy vouches for a
-// caller: the edge's valid token, or a new one unless an attempt failed
-// less than proxyTokenBackoff ago.
-func (c *Conn) proxyToken(ctx context.Context) (string, error) {
-	if tok, ok := c.validToken(); ok {
-		return tok, nil
-	}
-	c.mu.Lock()
-	failed, err := c.tokenFailed, c.tokenErr
-	c.mu.Unlock()
-	if err != nil && time.Since(failed) < proxyTokenBackoff {
-		return "", err
-	}
-	return c.Token(ctx)
-}
-
-// newToken logs in or refreshes, trying each URL once; the caller holds
-// tokenSem.
+// newToken logs in or refreshes, trying each URL once; one runs at a
+// time (startAttempt).
 func (c *Conn) newToken(ctx context.Context) (string, error) {
 	c.mu.Lock()
 	refresh := c.refresh
@@ -272,12 +304,21 @@ func (c *Conn) newToken(ctx context.Context) (string, error) {
 			resp, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: refresh}))
 			if err == nil {
 				tokens = resp.Msg.GetTokens()
-			} else if connect.CodeOf(err) == connect.CodeUnauthenticated {
-				refresh = "" // log in afresh below
 			} else {
-				lastErr = err
-				c.moveOn(u)
-				continue
+				// Refused, or perhaps rotated with the answer lost (a
+				// timeout, a connection cut, a node that stopped after
+				// proposing it): presenting the token again could be
+				// taken for a stolen token's reuse and revoke the login.
+				// It is never presented again; a log-in replaces it.
+				refresh = ""
+				c.mu.Lock()
+				c.refresh = ""
+				c.mu.Unlock()
+				if connect.CodeOf(err) != connect.CodeUnauthenticated {
+					lastErr = err
+					c.moveOn(u)
+					continue
+				}
 			}
 		}
 		if tokens == nil {
@@ -301,6 +342,27 @@ func (c *Conn) newToken(ctx context.Context) (string, error) {
 		return tokens.GetAccessToken(), nil
 	}
 	return "", fmt.Errorf("log in to the control plane: %w", lastErr)
+}
+
+// proxyTokenBackoff is how long after a failed attempt to get a token
+// the proxy answers callers at once instead of trying again: browser
+// pages, many and anyone's, do not turn into a log-in attempt each.
+const proxyTokenBackoff = time.Second
+
+// proxyToken returns the token with which the proxy vouches for a
+// caller: the edge's valid token, or a new one unless an attempt failed
+// less than proxyTokenBackoff ago.
+func (c *Conn) proxyToken(ctx context.Context) (string, error) {
+	if tok, ok := c.validToken(); ok {
+		return tok, nil
+	}
+	c.mu.Lock()
+	failed, err := c.tokenFailed, c.tokenErr
+	c.mu.Unlock()
+	if err != nil && time.Since(failed) < proxyTokenBackoff {
+		return "", err
+	}
+	return c.Token(ctx)
 }
 
 // moveOn moves to the next URL after u failed, unless another caller

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -476,5 +477,115 @@ func TestProxyPassesOnlyCallsItVouchesFor(t *testing.T) {
 	})
 	if v := <-f.vouched; v != "127.0.0.1 Bearer edge-token" {
 		t.Fatalf("the page's login was vouched for as %q", v)
+	}
+}
+
+// rotatingControl logs the edge in with an access token that is due for
+// a refresh at once (it expires within the minute Token keeps in hand)
+// and rotates refresh tokens, recording each one presented. Its first
+// Refresh waits for hold to close, or fails with lose set (as when the
+// rotation was committed and its answer lost).
+type rotatingControl struct {
+	controlv1connect.UnimplementedAuthServiceHandler
+	hold    chan struct{}
+	entered chan struct{}
+	lose    bool
+
+	mu        sync.Mutex
+	logins    int
+	presented []string
+}
+
+func (f *rotatingControl) Login(context.Context, *connect.Request[controlv1.LoginRequest]) (*connect.Response[controlv1.LoginResponse], error) {
+	f.mu.Lock()
+	f.logins++
+	n := f.logins
+	f.mu.Unlock()
+	return connect.NewResponse(&controlv1.LoginResponse{Tokens: &controlv1.Tokens{AccessToken: fmt.Sprintf("login-%d", n),
+		AccessTokenExpiresAt: timestamppb.New(time.Now().Add(30 * time.Second)), RefreshToken: fmt.Sprintf("r-login-%d", n), Role: controlv1.Role_ROLE_EDGE}}), nil
+}
+
+func (f *rotatingControl) Refresh(ctx context.Context, req *connect.Request[controlv1.RefreshRequest]) (*connect.Response[controlv1.RefreshResponse], error) {
+	f.mu.Lock()
+	f.presented = append(f.presented, req.Msg.GetRefreshToken())
+	first := len(f.presented) == 1
+	f.mu.Unlock()
+	if first {
+		if f.lose {
+			return nil, connect.NewError(connect.CodeUnavailable, errors.New("the node stopped after proposing the rotation"))
+		}
+		f.entered <- struct{}{}
+		<-f.hold // the rotation is committed whatever the caller does
+	}
+	return connect.NewResponse(&controlv1.RefreshResponse{Tokens: &controlv1.Tokens{AccessToken: "refreshed",
+		AccessTokenExpiresAt: timestamppb.New(time.Now().Add(time.Hour)), RefreshToken: "r-next", Role: controlv1.Role_ROLE_EDGE}}), nil
+}
+
+func (f *rotatingControl) seen() (logins int, presented []string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.logins, slices.Clone(f.presented)
+}
+
+func startRotating(t *testing.T, f *rotatingControl) *controlconn.Conn {
+	t.Helper()
+	mux := http.NewServeMux()
+	mux.Handle(controlv1connect.NewAuthServiceHandler(f))
+	c, err := controlconn.New(controlconn.Config{URLs: []string{serve(t, mux)}, Login: "edges", Password: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	if tok, err := c.Token(context.Background()); err != nil || tok != "login-1" {
+		t.Fatalf("first token: %q, %v", tok, err)
+	}
+	return c
+}
+
+// A caller that gives up while the edge's refresh is under way (a page's
+// request through the proxy, reset at once) does not cut the refresh
+// short: it would leave the edge holding the refresh token the control
+// plane had already rotated, and its next refresh, presenting it again,
+// would look like a stolen token's reuse and revoke the edge's login.
+func TestACallerGivingUpDoesNotCutTheRefreshShort(t *testing.T) {
+	f := &rotatingControl{hold: make(chan struct{}), entered: make(chan struct{}, 1)}
+	c := startRotating(t, f)
+	ctx, cancel := context.WithCancel(context.Background())
+	gaveUp := make(chan error, 1)
+	go func() {
+		_, err := c.Token(ctx)
+		gaveUp <- err
+	}()
+	<-f.entered
+	cancel()
+	if err := <-gaveUp; !errors.Is(err, context.Canceled) {
+		t.Fatalf("the caller that gave up: %v", err)
+	}
+	close(f.hold)
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel2()
+	if tok, err := c.Token(ctx2); err != nil || tok != "refreshed" {
+		t.Fatalf("the token after the refresh: %q, %v", tok, err)
+	}
+	if logins, presented := f.seen(); logins != 1 || !slices.Equal(presented, []string{"r-login-1"}) {
+		t.Fatalf("%d logins, refresh tokens presented %q: want 1 and the first one once", logins, presented)
+	}
+}
+
+// A refresh whose answer is lost may have been rotated all the same: its
+// token is never presented again; the edge logs in afresh.
+func TestARefreshWithItsAnswerLostIsNotPresentedAgain(t *testing.T) {
+	f := &rotatingControl{lose: true}
+	c := startRotating(t, f)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.Token(ctx); connect.CodeOf(err) != connect.CodeUnavailable {
+		t.Fatalf("the refresh whose answer was lost: %v", err)
+	}
+	if tok, err := c.Token(ctx); err != nil || tok != "login-2" {
+		t.Fatalf("the next token: %q, %v; want a new login's", tok, err)
+	}
+	if logins, presented := f.seen(); logins != 2 || !slices.Equal(presented, []string{"r-login-1"}) {
+		t.Fatalf("%d logins, refresh tokens presented %q: want 2 and the first one once", logins, presented)
 	}
 }
