@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/backup"
+	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/buildinfo"
 	"github.com/edge-relay/relay/internal/flagenv"
@@ -149,8 +149,9 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.StringVar(&cfg.APIAddr, "api-addr", "127.0.0.1:7400", "address the Connect API listens on")
 	fs.StringVar(&cfg.APIAdvertise, "api-advertise", "", "API address other members and clients use (default: --api-addr)")
 	fs.StringVar(&cfg.AdminAddr, "admin-addr", "127.0.0.1:7402", "address for /metrics, /healthz, /readyz and /debug/pprof/ (keep it private; empty: off)")
-	fs.BoolVar(&cfg.Bootstrap, "bootstrap", false, "start a new cluster with this node as its only voter (first start only)")
+	fs.BoolVar(&cfg.Bootstrap, "bootstrap", false, "start a new cluster with this node as its only voter (first start only); with --join, only if no member listed there belongs to a cluster already (else it joins it): a seed that lost its data dir does not found a second cluster")
 	fs.Var(join, "join", "API address of an existing member to join through (repeatable, comma-separated; first start only)")
+	fs.DurationVar(&cfg.BootstrapWait, "bootstrap-wait", 30*time.Second, "with --bootstrap and --join: how long to wait for the members listed in --join that do not answer before founding the cluster")
 	fs.StringVar(&cfg.RestoreFrom, "restore", "", "seed a new single-node cluster from this backup file (empty data dir only)")
 	fs.StringVar(&cfg.CertFile, "tls-cert", "", "PEM certificate for Raft and API TLS")
 	fs.StringVar(&cfg.KeyFile, "tls-key", "", "PEM private key for --tls-cert")
@@ -287,12 +288,12 @@ func checkFirstAdminPassword(cfg server.Config) error {
 	if cfg.AdminPassword == "" || !cfg.Bootstrap {
 		return nil
 	}
-	_, err := os.Stat(filepath.Join(cfg.DataDir, "raft"))
-	if err == nil {
-		return nil
+	has, err := raftnode.HasRaftData(cfg.DataDir)
+	if err != nil {
+		return fmt.Errorf("--data-dir: %w", err)
 	}
-	if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("read --data-dir: %w", err)
+	if has {
+		return nil
 	}
 	if err := auth.ValidatePassword(cfg.AdminPassword); err != nil {
 		return fmt.Errorf("RELAY_ADMIN_PASSWORD: %w", err)

@@ -336,6 +336,28 @@ func (c *Cluster) Restart(i int) {
 	c.start(nd, c.config(nd))
 }
 
+// JoinConfig is node i's configuration with --join through every
+// running member, for a test that starts it itself (server.Start
+// returns only once the node joined).
+func (c *Cluster) JoinConfig(i int) server.Config {
+	c.t.Helper()
+	cfg := c.config(c.Nodes[i])
+	for _, o := range c.Nodes {
+		if o.Server != nil {
+			cfg.Join = append(cfg.Join, o.Server.APIAddr())
+		}
+	}
+	cfg.JoinToken = c.AdminToken()
+	return cfg
+}
+
+// Started records s, started by a test from JoinConfig(i), as node i's
+// server, so that the cluster stops it with the others.
+func (c *Cluster) Started(i int, s *server.Server) {
+	nd := c.Nodes[i]
+	nd.Server, nd.raft, nd.api = s, s.Node().RaftAddr(), s.APIAddr()
+}
+
 // Eventually polls cond every 10ms until it returns nil or the deadline
 // passes, then fails the test with cond's last error.
 func Eventually(t TB, within time.Duration, cond func() error) {

@@ -309,6 +309,20 @@ type Node struct {
 
 // Open starts the node. It returns once Raft runs; the node may not have
 // a leader yet (see Ready).
+// HasRaftData reports whether dataDir holds a node's Raft data (its log
+// store's directory), without opening it: what decides, before a node
+// starts, whether --bootstrap, --join and a first admin apply.
+func HasRaftData(dataDir string) (bool, error) {
+	_, err := os.Stat(filepath.Join(dataDir, "raft"))
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, os.ErrNotExist):
+		return false, nil
+	}
+	return false, fmt.Errorf("read data dir: %w", err)
+}
+
 func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if err := cfg.applyDefaults(); err != nil {
 		return nil, err

@@ -62,8 +62,16 @@ type Config struct {
 	// AdminAddr serves /metrics, /healthz, /readyz and the Go profiler
 	// (/debug/pprof/); empty disables it. Keep it private.
 	AdminAddr string
-	// Bootstrap starts a new cluster when the data dir is empty.
+	// Bootstrap starts a new cluster when the data dir is empty. With
+	// Join set too, it does so only if no member listed there belongs to
+	// a cluster (asked for up to BootstrapWait); if one does, the node
+	// joins it instead: a node that lost its data dir (a new volume under
+	// the same name) does not found a second cluster beside the first.
 	Bootstrap bool
+	// BootstrapWait bounds how long a Bootstrap with Join waits for the
+	// members that do not answer before it founds the cluster. Default
+	// 30s.
+	BootstrapWait time.Duration
 	// Join lists API addresses of existing members to join through (when
 	// the data dir is empty).
 	Join []string
@@ -175,8 +183,8 @@ func (c *Config) applyDefaults() error {
 	if c.APIAddr == "" {
 		return errors.New("api address is required (--api-addr)")
 	}
-	if c.Bootstrap && len(c.Join) > 0 {
-		return errors.New("--bootstrap and --join exclude each other")
+	if c.BootstrapWait <= 0 {
+		c.BootstrapWait = 30 * time.Second
 	}
 	n := 0
 	for _, f := range []string{c.CertFile, c.KeyFile, c.CAFile} {
@@ -325,6 +333,23 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, fmt.Errorf("tracing interceptor: %w", err)
 	}
 	s.dialer = api.NewDialer(clientTLS, connect.WithInterceptors(clientOtel))
+
+	if cfg.Bootstrap && len(cfg.Join) > 0 && cfg.RestoreFrom == "" {
+		has, err := raftnode.HasRaftData(cfg.DataDir)
+		if err != nil {
+			return nil, err
+		}
+		if !has {
+			at, err := s.clusterAt(ctx)
+			if err != nil {
+				return nil, err
+			}
+			if at != "" {
+				s.log.Warn("not founding a new cluster: a member listed in --join belongs to one; joining it instead", "via", at)
+				cfg.Bootstrap, s.cfg.Bootstrap = false, false
+			}
+		}
+	}
 
 	var raftServerTLS *tls.Config
 	if serverTLS != nil {
@@ -482,6 +507,47 @@ func (s *Server) joinHint(err error) string {
 	return "if the cluster's members use TLS, give this node --tls-cert, --tls-key and --tls-ca from the cluster's CA"
 }
 
+// clusterAt asks the members listed in cfg.Join, once a second for up
+// to BootstrapWait, whether they belong to a cluster. It returns the
+// address of the first that does, or "" once every one answered that it
+// does not (new nodes waiting to join this one) or the wait ran out with
+// none saying so; an error only when ctx ends.
+func (s *Server) clusterAt(ctx context.Context) (string, error) {
+	deadline := time.Now().Add(s.cfg.BootstrapWait)
+	for {
+		empty := 0
+		for _, addr := range s.cfg.Join {
+			req := connect.NewRequest(&controlv1.StatusRequest{})
+			if s.cfg.JoinToken != "" {
+				req.Header().Set("Authorization", "Bearer "+s.cfg.JoinToken)
+			}
+			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			st, err := s.dialer.Cluster(addr).Status(cctx, req)
+			cancel()
+			switch {
+			case err != nil:
+				s.log.Info("before founding a cluster: no answer yet", "from", addr, "err", err)
+			case st.Msg.GetHistory() != "":
+				return addr, nil
+			default:
+				empty++
+			}
+		}
+		if empty == len(s.cfg.Join) || !time.Now().Before(deadline) {
+			return "", nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("before founding a cluster, asking %v whether one exists: %w", s.cfg.Join, ctx.Err())
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// errVoterLostData is a join refused because the cluster still counts a
+// voter of this node's id, while this node's data dir is empty.
+var errVoterLostData = errors.New("this node's id is a voter of the cluster, but its data dir holds no Raft state: it lost its data")
+
 // joinVia asks the member at addr for its cluster's history, which the
 // node's Raft transport then speaks for (raftnode.Node.ExpectHistory:
 // until then it takes no Raft traffic), and then to add this node.
@@ -496,6 +562,18 @@ func (s *Server) joinVia(ctx context.Context, addr string, req *controlv1.AddVot
 	st, err := c.Status(ctx, sr)
 	if err != nil {
 		return err
+	}
+	// A voter of this id whose data dir is empty lost its data (a new
+	// volume, a wiped disk). Raft counted it in the majorities that
+	// committed entries; taken back as the same voter with an empty log
+	// (hashicorp/raft accepts AddVoter of a member as done), it would vote
+	// for a candidate that lacks them, and committed writes could be lost
+	// in the next election. It joins again only as a new member, once
+	// removed.
+	if slices.ContainsFunc(st.Msg.GetMembers(), func(m *controlv1.Member) bool {
+		return m.GetId() == s.cfg.NodeID && m.GetSuffrage() == controlv1.Suffrage_SUFFRAGE_VOTER
+	}) {
+		return fmt.Errorf("%w: remove it first (relayctl cluster remove %s), and it joins as a new member", errVoterLostData, s.cfg.NodeID)
 	}
 	everyMemberChecks := len(st.Msg.GetMembers()) > 0
 	for _, m := range st.Msg.GetMembers() {
@@ -517,6 +595,12 @@ func (s *Server) join(ctx context.Context, apiAdv string) error {
 	for {
 		var lastErr error
 		for _, addr := range s.cfg.Join {
+			// An earlier attempt's AddVoter may have committed with its
+			// answer lost: the leader's replication then makes this node
+			// a member, and the member list would now name it.
+			if s.node.IsMemberOrHasState() {
+				return nil
+			}
 			cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 			err := s.joinVia(cctx, addr, req)
 			cancel()
@@ -525,6 +609,12 @@ func (s *Server) join(ctx context.Context, apiAdv string) error {
 				return nil
 			}
 			lastErr = err
+			if errors.Is(err, errVoterLostData) {
+				// Tried again until an operator removes the old member:
+				// then this node joins without a restart.
+				s.log.Error("join refused: this node lost its data", "via", addr, "err", err)
+				break
+			}
 			if h := s.joinHint(err); h != "" {
 				hint = h
 				s.log.Warn("join attempt failed", "via", addr, "err", err, "hint", hint)

@@ -105,12 +105,11 @@ func (e errStatus) Error() string { return http.StatusText(int(e)) }
 func TestConfigValidation(t *testing.T) {
 	ctx := context.Background()
 	cases := map[string]server.Config{
-		"no node id":         {DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0"},
-		"no data dir":        {NodeID: "a", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0"},
-		"no raft addr":       {NodeID: "a", DataDir: "x", APIAddr: "127.0.0.1:0"},
-		"no api addr":        {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0"},
-		"bootstrap and join": {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", Bootstrap: true, Join: []string{"b"}},
-		"half tls":           {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", CertFile: "c"},
+		"no node id":   {DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0"},
+		"no data dir":  {NodeID: "a", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0"},
+		"no raft addr": {NodeID: "a", DataDir: "x", APIAddr: "127.0.0.1:0"},
+		"no api addr":  {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0"},
+		"half tls":     {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", CertFile: "c"},
 		"mailbox entries above the cap": {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",
 			Mailbox: api.MailboxConfig{MaxEntriesPerDevice: fsm.MaxMailboxQuotaEntries + 1}},
 		"mailbox bytes above the cap": {NodeID: "a", DataDir: "x", RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0",

@@ -1,0 +1,125 @@
+package server_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/server"
+)
+
+// A voter that lost its data (a new volume under the same pod name, a
+// wiped disk) is not taken back as the same voter: Raft counted it in
+// the majorities that committed entries, and with an empty log it would
+// vote for a candidate lacking them. Its join is refused, and tried again
+// until an operator removes the old member; then it joins as a new one,
+// without a restart, and catches up. The seed, started with --bootstrap
+// beside --join, does not found a second cluster: a member it lists
+// answers that it belongs to one, so it joins that one the same way.
+func TestAVoterThatLostItsDataJoinsOnlyOnceRemoved(t *testing.T) {
+	for _, seed := range []bool{false, true} {
+		t.Run(map[bool]string{false: "joining node", true: "seed"}[seed], func(t *testing.T) {
+			rejoinAfterLoss(t, seed)
+		})
+	}
+}
+
+func rejoinAfterLoss(t *testing.T, seed bool) {
+	rec := clustertest.NewLogRecorder()
+	c := clustertest.Start(t, 3, clustertest.Options{Logger: slog.New(rec)})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := c.CreateUser(ctx, c.Leader(), "before-the-loss"); err != nil {
+		t.Fatal(err)
+	}
+	victim := c.Follower()
+	if seed {
+		victim = 0 // it bootstrapped the cluster
+	}
+	id := c.Nodes[victim].ID
+	c.Kill(victim)
+	if err := os.RemoveAll(filepath.Join(c.Nodes[victim].DataDir, "data")); err != nil {
+		t.Fatal(err)
+	}
+	cfg := c.JoinConfig(victim)
+	cfg.Bootstrap = seed
+	type started struct {
+		s   *server.Server
+		err error
+	}
+	done := make(chan started, 1)
+	go func() {
+		s, err := server.Start(ctx, cfg)
+		done <- started{s, err}
+	}()
+	var early *started
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		select {
+		case st := <-done:
+			early = &st
+			return nil
+		default:
+		}
+		if len(rec.Find("join refused: this node lost its data", func(r clustertest.Record) bool {
+			return strings.Contains(r.Attrs["err"].String(), "relayctl cluster remove "+id)
+		})) == 0 {
+			return errors.New("no refused join logged")
+		}
+		return nil
+	})
+	if early != nil {
+		if early.s != nil {
+			c.Started(victim, early.s)
+		}
+		t.Fatalf("the node that lost its data started without being removed first (taken back as the same voter, or founding a cluster of its own): %v", early.err)
+	}
+	if seed && len(rec.Find("not founding a new cluster: a member listed in --join belongs to one; joining it instead", nil)) == 0 {
+		t.Fatal("the seed did not say why it joins instead of founding a cluster")
+	}
+
+	leader := c.Nodes[c.Leader()].Server.Node()
+	if _, err := leader.RemoveServer(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	st := <-done
+	if st.err != nil {
+		t.Fatalf("join once removed: %v", st.err)
+	}
+	c.Started(victim, st.s)
+	c.WaitReady()
+	c.WaitConverged()
+	if _, err := st.s.Node().FSM().GetUser("before-the-loss"); err != nil {
+		t.Fatalf("the node that joined again did not catch up: %v", err)
+	}
+}
+
+// On a cluster's first start, the seed (--bootstrap with --join) founds
+// the cluster once no member it lists says it belongs to one: here none
+// answers at all, and it founds it after BootstrapWait.
+func TestASeedFoundsTheClusterWhenNoMemberAnswers(t *testing.T) {
+	c := clustertest.Empty(t, clustertest.Options{})
+	gone, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := gone.Addr().String()
+	gone.Close() // nothing answers there
+	c.StartNode(func(cfg *server.Config) {
+		cfg.Bootstrap, cfg.Join, cfg.BootstrapWait = true, []string{addr}, time.Second
+	})
+	c.WaitReady()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if ok, err := c.Nodes[0].Server.Node().FSM().Initialized(); err != nil || !ok {
+			return fmt.Errorf("not initialized (%v)", err)
+		}
+		return nil
+	})
+}
