@@ -18,23 +18,31 @@ import (
 
 func (a *app) backupCommand() *cobra.Command {
 	var keyFile string
+	var stale bool
 	cmd := &cobra.Command{
 		Use:   "backup FILE",
 		Short: "Write a consistent backup of the state to FILE, verified before it is renamed into place",
 		Long: `Write a consistent backup of the state to FILE, verified before it is renamed
 into place. The backup holds password hashes, token signing keys and session
 keys: with --key-file (an age identity, see "relayctl backup keygen") it is
-encrypted to that key.`,
+encrypted to that key.
+
+With --stale the member answering (give it with --server) backs up what it
+has applied without catching up with the leader first: the way to save a
+cluster that lost its quorum for good from a surviving member, to restore a
+new cluster from (relayd control --restore); it may lack the last writes
+the cluster acknowledged.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			key, err := a.backupKey(keyFile)
 			if err != nil {
 				return err
 			}
-			return a.backup(cmd.Context(), args[0], key)
+			return a.backup(cmd.Context(), args[0], key, stale)
 		},
 	}
 	cmd.Flags().StringVar(&keyFile, "key-file", "", "age identity file to encrypt the backup to [RELAYCTL_BACKUP_KEY_FILE]; or the key itself in RELAY_BACKUP_KEY")
+	cmd.Flags().BoolVar(&stale, "stale", false, "back up what the answering member has applied, without the leader (a cluster that lost its quorum for good); may lack the last acknowledged writes")
 	cmd.AddCommand(a.backupVerifyCommand(), a.backupKeygenCommand())
 	return cmd
 }
@@ -184,7 +192,7 @@ they cannot be restored), and never store it next to them.`,
 // end to end (format, record order, checksum), and only then renames it
 // into place, so dst is either a complete backup or untouched. A stream
 // that fails is started again, from scratch, on the next member.
-func (a *app) backup(ctx context.Context, dst string, key *backup.Key) error {
+func (a *app) backup(ctx context.Context, dst string, key *backup.Key, stale bool) error {
 	// A backup takes as long as it takes: --timeout bounds each attempt
 	// to start it only. Each attempt writes a file of its own, so a
 	// retried stream never appends to a cut one.
@@ -194,7 +202,7 @@ func (a *app) backup(ctx context.Context, dst string, key *backup.Key) error {
 		defer cancel()
 		var err error
 		info, err = backup.WriteFile(dst, key, func(w io.Writer) error {
-			stream, err := a.clusterClient(base).Backup(sctx, connect.NewRequest(&controlv1.BackupRequest{}))
+			stream, err := a.clusterClient(base).Backup(sctx, connect.NewRequest(&controlv1.BackupRequest{Stale: stale}))
 			if err != nil {
 				return err
 			}

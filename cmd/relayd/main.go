@@ -53,6 +53,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return runEdge(ctx, args[1:], stderr, getenv)
 	case "dev":
 		return runDev(ctx, args[1:], stdout, stderr, getenv)
+	case "export-state":
+		return runExportState(ctx, args[1:], stdout, stderr, getenv)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, topUsage)
 		return nil
@@ -70,6 +72,9 @@ Commands:
   control   run a control-plane node (Raft member serving the Connect API)
   edge      run an edge (devices connect over QUIC and WebTransport)
   dev       run a single-machine deployment (a control node and an edge) with embedded defaults
+  export-state
+            write a backup file of what a stopped control node applied, from its data dir
+            (a cluster that lost its quorum for good; restore a new cluster from it)
   version   print the release this binary is
 
 Run "relayd <command> --help" for the flags of a command.

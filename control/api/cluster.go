@@ -200,9 +200,11 @@ const backupChunk = 256 << 10
 // Backup streams a consistent copy of the state. It first waits for a
 // linearizable read barrier, so the copy holds every write acknowledged
 // before the call.
-func (s *ClusterServer) Backup(ctx context.Context, _ *connect.Request[controlv1.BackupRequest], stream *connect.ServerStream[controlv1.BackupResponse]) error {
-	if err := s.node.Barrier(ctx); err != nil {
-		return toConnect(err)
+func (s *ClusterServer) Backup(ctx context.Context, req *connect.Request[controlv1.BackupRequest], stream *connect.ServerStream[controlv1.BackupResponse]) error {
+	if !req.Msg.GetStale() {
+		if err := s.node.Barrier(ctx); err != nil {
+			return toConnect(err)
+		}
 	}
 	w := &chunkWriter{send: func(b []byte) error {
 		return stream.Send(&controlv1.BackupResponse{Data: b})

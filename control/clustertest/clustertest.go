@@ -156,6 +156,16 @@ func Empty(t TB, opts Options) *Cluster {
 	return c
 }
 
+// Restored returns a one-node cluster restored from the backup file
+// (--restore), once it is ready.
+func Restored(t TB, file string, opts Options) *Cluster {
+	t.Helper()
+	c := Empty(t, opts)
+	c.StartNode(func(cfg *server.Config) { cfg.RestoreFrom = file })
+	c.WaitReady()
+	return c
+}
+
 // StartNode starts a new node with custom settings applied by mod.
 func (c *Cluster) StartNode(mod func(*server.Config)) *Node {
 	c.t.Helper()

@@ -1,19 +1,25 @@
 package server_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/server"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
 // A voter that lost its data (a new volume under the same pod name, a
@@ -122,4 +128,57 @@ func TestASeedFoundsTheClusterWhenNoMemberAnswers(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// A cluster that lost its quorum for good (two of three voters' disks)
+// is saved from the survivor: a stale backup, which does not ask the
+// leader there is none of, holds what the survivor applied, and a new
+// cluster restored from it has it. A backup that is not stale waits for a
+// leader and fails.
+func TestAClusterThatLostItsQuorumIsSavedFromASurvivor(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, 2*time.Minute)
+	if _, err := c.CreateUser(ctx, c.Leader(), "kept"); err != nil {
+		t.Fatal(err)
+	}
+	admin := c.AdminToken()
+	survivor := c.Follower()
+	c.WaitConverged()
+	for i := range c.Nodes {
+		if i != survivor {
+			c.Kill(i)
+		}
+	}
+	cl := controlv1connect.NewClusterServiceClient(http.DefaultClient, "http://"+c.Nodes[survivor].Server.APIAddr())
+	backupTo := func(ctx context.Context, stale bool) ([]byte, error) {
+		req := connect.NewRequest(&controlv1.BackupRequest{Stale: stale})
+		req.Header().Set("Authorization", "Bearer "+admin)
+		stream, err := cl.Backup(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		defer stream.Close()
+		var buf bytes.Buffer
+		for stream.Receive() {
+			buf.Write(stream.Msg().GetData())
+		}
+		return buf.Bytes(), stream.Err()
+	}
+	short, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := backupTo(short, false); err == nil {
+		t.Fatal("a backup that is not stale answered without a leader")
+	}
+	b, err := backupTo(ctx, true)
+	if err != nil {
+		t.Fatalf("stale backup from the survivor: %v", err)
+	}
+	file := filepath.Join(t.TempDir(), "survivor.bin")
+	if err := os.WriteFile(file, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	saved := clustertest.Restored(t, file, clustertest.Options{})
+	if _, err := saved.Nodes[0].Server.Node().FSM().GetUser("kept"); err != nil {
+		t.Fatalf("the restored cluster lacks what the survivor had: %v", err)
+	}
 }

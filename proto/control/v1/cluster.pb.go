@@ -623,7 +623,12 @@ func (x *TransferLeadershipResponse) GetLeaderId() string {
 
 // BackupRequest asks for a backup.
 type BackupRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// stale backs up what the answering node has applied, without first
+	// catching up with the leader (a linearizable read): the way to save a
+	// cluster that lost its quorum for good, from a surviving member. It may
+	// lack the last writes the cluster acknowledged.
+	Stale         bool `protobuf:"varint,1,opt,name=stale,proto3" json:"stale,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -656,6 +661,13 @@ func (x *BackupRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use BackupRequest.ProtoReflect.Descriptor instead.
 func (*BackupRequest) Descriptor() ([]byte, []int) {
 	return file_control_v1_cluster_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *BackupRequest) GetStale() bool {
+	if x != nil {
+		return x.Stale
+	}
+	return false
 }
 
 // BackupResponse is one chunk of the backup file. Concatenated in order,
@@ -744,8 +756,9 @@ const file_control_v1_cluster_proto_rawDesc = "" +
 	"\x19TransferLeadershipRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"9\n" +
 	"\x1aTransferLeadershipResponse\x12\x1b\n" +
-	"\tleader_id\x18\x01 \x01(\tR\bleaderId\"\x0f\n" +
-	"\rBackupRequest\"$\n" +
+	"\tleader_id\x18\x01 \x01(\tR\bleaderId\"%\n" +
+	"\rBackupRequest\x12\x14\n" +
+	"\x05stale\x18\x01 \x01(\bR\x05stale\"$\n" +
 	"\x0eBackupResponse\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data*O\n" +
 	"\bSuffrage\x12\x18\n" +
