@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/mailbox"
 	edgeserver "github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/edge/transport"
@@ -52,9 +54,9 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", 30*time.Second, "close device connections silent this long")
 	fs.DurationVar(&cfg.MeshIdleTimeout, "mesh-idle-timeout", 5*time.Second, "count a silent mesh link as broken after this long (forwards to a peer that died wait as long)")
 	fs.DurationVar(&cfg.MeshPresenceGrace, "mesh-presence-grace", 10*time.Second, "keep the devices a peer edge announced this long after its mesh link ended, for it to reconnect (negative: none)")
-	fs.IntVar(&cfg.Session.Limits.MaxPayloadBytes, "max-payload-bytes", l.MaxPayloadBytes, "largest event payload")
+	fs.IntVar(&cfg.Session.Limits.MaxPayloadBytes, "max-payload-bytes", l.MaxPayloadBytes, "largest event payload (with the event's other fields at their longest, at most the 256 KiB a mailbox entry holds: 253458 with the default limits)")
 	fs.IntVar(&cfg.Session.Limits.MaxFrameBytes, "max-frame-bytes", l.MaxFrameBytes, "largest frame")
-	fs.DurationVar(&cfg.Session.Limits.MaxTTL, "max-ttl", l.MaxTTL, "longest event TTL")
+	fs.DurationVar(&cfg.Session.Limits.MaxTTL, "max-ttl", l.MaxTTL, "longest event TTL (plus --skew-tolerance, at most the 365 days a mailbox entry may live)")
 	fs.DurationVar(&cfg.Session.Limits.SkewTolerance, "skew-tolerance", l.SkewTolerance, "how far a device's clock may be off")
 	fs.IntVar(&cfg.Session.Limits.EventsPerSecond, "events-per-second", l.EventsPerSecond, "events per second per device (above it the edge reads more slowly)")
 	fs.IntVar(&cfg.Session.Limits.BytesPerSecond, "bytes-per-second", l.BytesPerSecond, "bytes per second per device, every frame counted as sent and each mailbox copy of an event (above it the edge reads more slowly)")
@@ -114,6 +116,37 @@ func (f *edgeFlags) apply(cfg *edgeserver.Config, getenv func(string) string) er
 	}
 	if cfg.EdgeID == "" {
 		return errors.New("--edge-id is required (the host name was not available)")
+	}
+	return checkMailboxLimits(cfg.Session.Limits)
+}
+
+// checkMailboxLimits refuses event limits that admit events a mailbox
+// cannot keep: the edge would accept them and then fail to store them
+// for an offline target (a TTL beyond the mailbox's even fails the call
+// that carries it, with every other sender's entry in it).
+func checkMailboxLimits(l session.Limits) error {
+	def := session.DefaultLimits()
+	ttl, skew := l.MaxTTL, l.SkewTolerance
+	if ttl <= 0 {
+		ttl = def.MaxTTL
+	}
+	if skew <= 0 {
+		skew = def.SkewTolerance
+	}
+	if ttl > mailbox.MaxEntryTTL-skew {
+		return fmt.Errorf("--max-ttl %v plus --skew-tolerance %v is above the %v a mailbox entry may live: lower --max-ttl to at most %v",
+			ttl, skew, mailbox.MaxEntryTTL, mailbox.MaxEntryTTL-skew)
+	}
+	if n := l.LargestEvent(); n > mailbox.MaxEventBytes {
+		// The largest payload that fits, whatever the frame limit.
+		fit := l
+		fit.MaxFrameBytes, fit.MaxPayloadBytes = frame.MaxFrameLimit, 1
+		fit.MaxPayloadBytes = mailbox.MaxEventBytes - (fit.LargestEvent() - 1)
+		for fit.LargestEvent() > mailbox.MaxEventBytes {
+			fit.MaxPayloadBytes-- // its length's varint grew
+		}
+		return fmt.Errorf("--max-payload-bytes %d admits events of %d bytes with the other fields at their longest (under --max-frame-bytes %d), above the %d a mailbox entry holds: lower --max-payload-bytes to at most %d",
+			l.MaxPayloadBytes, n, l.MaxFrameBytes, mailbox.MaxEventBytes, fit.MaxPayloadBytes)
 	}
 	return nil
 }

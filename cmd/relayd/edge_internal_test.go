@@ -6,6 +6,7 @@ import (
 	"flag"
 	"io"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -56,10 +57,48 @@ func TestRevisionWaitFlags(t *testing.T) {
 	}
 }
 
+// Event limits that admit an event a mailbox cannot keep are refused at
+// start, naming the flag and the bound: a TTL (with the skew tolerance)
+// beyond a mailbox entry's life, a payload (with the other fields at
+// their longest) beyond a mailbox entry's size. Those at the bounds start.
+func TestEventLimitsMustFitAMailbox(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		err  string // "": starts
+	}{
+		{nil, ""},
+		{[]string{"--max-ttl", "8759h55m"}, ""}, // 365 days less the 5 minutes' tolerance
+		{[]string{"--max-ttl", "8759h55m1s"}, "--max-ttl 8759h55m1s plus --skew-tolerance 5m0s is above the 8760h0m0s a mailbox entry may live: lower --max-ttl to at most 8759h55m0s"},
+		{[]string{"--max-ttl", "8000h", "--skew-tolerance", "800h"}, "--max-ttl 8000h0m0s plus --skew-tolerance 800h0m0s"},
+		{[]string{"--max-ttl", "2562047h"}, "--max-ttl 2562047h0m0s plus"}, // no overflow into a pass
+		{[]string{"--max-payload-bytes", "253458", "--max-frame-bytes", "1048576"}, ""},
+		{[]string{"--max-payload-bytes", "253459", "--max-frame-bytes", "1048576"}, "--max-payload-bytes 253459 admits events of 262145 bytes with the other fields at their longest (under --max-frame-bytes 1048576), above the 262144 a mailbox entry holds: lower --max-payload-bytes to at most 253458"},
+		// The frame limit bounds the events too.
+		{[]string{"--max-payload-bytes", "1048576", "--max-frame-bytes", "131072"}, ""},
+		{[]string{"--max-payload-bytes", "1048576", "--max-frame-bytes", "262144"}, "--max-payload-bytes 1048576 admits events of 262275 bytes"},
+	} {
+		_, err := parseEdgeFlagsErr(c.args)
+		switch {
+		case c.err == "" && err != nil:
+			t.Errorf("%q: %v, want a start", c.args, err)
+		case c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)):
+			t.Errorf("%q: %v, want %q", c.args, err, c.err)
+		}
+	}
+}
+
 // parseEdgeFlags is the edge's configuration from args, as relayd edge
 // would make it (the password from the environment).
 func parseEdgeFlags(t *testing.T, args []string) edgeserver.Config {
 	t.Helper()
+	cfg, err := parseEdgeFlagsErr(args)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+func parseEdgeFlagsErr(args []string) (edgeserver.Config, error) {
 	fs := flag.NewFlagSet("edge", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	var (
@@ -68,12 +107,10 @@ func parseEdgeFlags(t *testing.T, args []string) edgeserver.Config {
 	)
 	f.register(fs, &cfg)
 	if err := fs.Parse(args); err != nil {
-		t.Fatal(err)
+		return cfg, err
 	}
-	if err := f.apply(&cfg, func(string) string { return "password" }); err != nil {
-		t.Fatal(err)
-	}
-	return cfg
+	err := f.apply(&cfg, func(string) string { return "password" })
+	return cfg, err
 }
 
 // JSON logs write durations as the text format does, not as a bare

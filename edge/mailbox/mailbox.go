@@ -60,6 +60,13 @@ var ErrTooLarge = fmt.Errorf("mailbox entry's event over %d bytes", MaxEventByte
 // plane's fsm.MaxMailboxEventBytes).
 const MaxEventBytes = 256 << 10
 
+// MaxEntryTTL is the longest an entry may live from when the edge stores
+// it: the control plane refuses an expiry more than fsm.MaxMailboxTTLMs
+// (366 days) after its own clock, and refuses the whole call with it; a
+// day less leaves room for the two clocks to differ. An edge's MaxTTL
+// plus SkewTolerance must stay within it (relayd edge checks at start).
+const MaxEntryTTL = 365 * 24 * time.Hour
+
 // Config configures a Client. Zero fields take the defaults in brackets.
 type Config struct {
 	API API

@@ -3,9 +3,13 @@ package session
 import (
 	"fmt"
 	"math"
+	"strings"
 	"time"
 	"unicode/utf8"
 
+	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/edge-relay/relay/edge/frame"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -73,6 +77,30 @@ func (l Limits) withDefaults() Limits {
 		l.FrameTimeout = d.FrameTimeout
 	}
 	return l
+}
+
+// LargestEvent is the most bytes an event these limits admit takes as
+// the edge relays and stores it (a mailbox entry holds this encoding):
+// its payload, id and type at their longest, as many targets as allowed
+// of the longest device ids, the sender's id the edge fills in, and the
+// numbers at their widest; and no more than what a frame carries, plus
+// that sender's id. Fields left zero count at their defaults.
+func (l Limits) LargestEvent() int {
+	l = l.withDefaults()
+	id := strings.Repeat("d", maxDeviceIDBytes)
+	ev := &relayv1.Event{
+		Id: strings.Repeat("i", l.MaxIDBytes), SenderDeviceId: id, Targets: make([]string, l.MaxTargets),
+		Seq: math.MaxUint64, CreatedAtMs: math.MinInt64, TtlMs: math.MinInt64, Type: strings.Repeat("t", l.MaxTypeBytes),
+		AnyOne: true,
+	}
+	for i := range ev.Targets {
+		ev.Targets[i] = id
+	}
+	// The payload's field without making the payload.
+	const payloadField, senderField = 8, 2
+	fields := frame.EventSize(ev) + protowire.SizeTag(payloadField) + protowire.SizeBytes(l.MaxPayloadBytes)
+	framed := l.MaxFrameBytes + protowire.SizeTag(senderField) + protowire.SizeBytes(maxDeviceIDBytes)
+	return min(fields, framed)
 }
 
 // Proto returns the limits as announced to the client.

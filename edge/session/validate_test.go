@@ -10,6 +10,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/edge-relay/relay/edge/frame"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -103,6 +104,44 @@ func TestLimitsDefaultFieldByField(t *testing.T) {
 	}
 	if (Limits{}).withDefaults() != DefaultLimits() {
 		t.Fatal("zero limits are not the defaults")
+	}
+}
+
+// LargestEvent is the encoding of an event with every field at its
+// longest, as the edge relays and stores it; and no more than a frame
+// carries (plus the sender's id the edge fills in) when the frame limit
+// is the tighter.
+func TestLargestEvent(t *testing.T) {
+	l := DefaultLimits()
+	id := strings.Repeat("d", maxDeviceIDBytes)
+	ev := &relayv1.Event{
+		Id: strings.Repeat("i", l.MaxIDBytes), SenderDeviceId: id, Seq: math.MaxUint64, CreatedAtMs: -1, TtlMs: -1,
+		Type: strings.Repeat("t", l.MaxTypeBytes), Payload: make([]byte, l.MaxPayloadBytes), AnyOne: true,
+	}
+	for range l.MaxTargets {
+		ev.Targets = append(ev.Targets, id)
+	}
+	if got, want := l.LargestEvent(), len(frame.AppendEvent(nil, ev)); got != want {
+		t.Fatalf("LargestEvent %d, the largest event encodes in %d", got, want)
+	}
+	// Zero fields count at their defaults.
+	if got := (Limits{}).LargestEvent(); got != l.LargestEvent() {
+		t.Fatalf("zero limits: LargestEvent %d, the defaults' %d", got, l.LargestEvent())
+	}
+	// A frame limit below the payload's: what a frame holds, with the
+	// sender's id in place of the one the device sent (none here).
+	l.MaxFrameBytes = 16 << 10
+	ev.Targets, ev.Type, ev.SenderDeviceId = nil, "", ""
+	ev.Payload = ev.Payload[:l.MaxFrameBytes]
+	for {
+		if _, err := frame.AppendEventFrame(nil, ev, l.MaxFrameBytes); err == nil {
+			break
+		}
+		ev.Payload = ev.Payload[:len(ev.Payload)-1]
+	}
+	ev.SenderDeviceId = id
+	if got, most := l.LargestEvent(), len(frame.AppendEvent(nil, ev)); got < most || got > l.MaxFrameBytes+3+maxDeviceIDBytes {
+		t.Fatalf("frame limit %d: LargestEvent %d, a framed event stores in %d", l.MaxFrameBytes, got, most)
 	}
 }
 
