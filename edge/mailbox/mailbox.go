@@ -53,8 +53,10 @@ var ErrStopped = errors.New("mailbox writer stopped")
 
 // ErrTooLarge is the result of Store for an entry whose event is larger
 // than the control plane stores (MaxEventBytes): refused alone, before it
-// could fail the batch it would have gone in.
-var ErrTooLarge = fmt.Errorf("mailbox entry's event over %d bytes", MaxEventBytes)
+// could fail the batch it would have gone in. It is a
+// session.ErrMailboxEventTooLarge, which the session core tells the
+// sender as PAYLOAD_TOO_LARGE (a retry cannot succeed).
+var ErrTooLarge = fmt.Errorf("mailbox entry's event over %d bytes: %w", MaxEventBytes, session.ErrMailboxEventTooLarge)
 
 // MaxEventBytes is the largest event a mailbox stores (the control
 // plane's fsm.MaxMailboxEventBytes).

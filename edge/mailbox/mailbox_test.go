@@ -21,6 +21,7 @@ import (
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/controlconn"
 	"github.com/edge-relay/relay/edge/mailbox"
+	"github.com/edge-relay/relay/edge/session"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -192,8 +193,8 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	// An event larger than a mailbox stores is refused alone, at once.
 	mb.Store(&edgev1.MailboxEntry{DeviceId: devID, UserId: userID, Event: make([]byte, mailbox.MaxEventBytes+1), EventId: "huge", SenderDeviceId: "s",
 		ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) { res <- r })
-	if r := <-res; !errors.Is(r.Err, mailbox.ErrTooLarge) {
-		t.Fatalf("an entry over the size a mailbox stores: %+v", r)
+	if r := <-res; !errors.Is(r.Err, mailbox.ErrTooLarge) || !errors.Is(r.Err, session.ErrMailboxEventTooLarge) {
+		t.Fatalf("an entry over the size a mailbox stores: %+v, want ErrTooLarge, which the session core tells the sender as such", r)
 	}
 	// Large entries go in batches the control plane takes (a call over
 	// 16 MiB is refused whole): 80 of 250 KiB, with room for 256 a call,

@@ -2,6 +2,7 @@ package session
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"slices"
 	"sync"
@@ -20,8 +21,16 @@ import (
 type MailboxResult struct {
 	Status edgev1.MailboxStatus
 	Seq    uint64 // the entry's seq in its device's mailbox, when stored
-	Err    error  // the control plane could not be reached in time
+	// Err: not stored. The control plane could not be reached in time
+	// (the sender may retry), or the entry can never be stored
+	// (ErrMailboxEventTooLarge).
+	Err error
 }
+
+// ErrMailboxEventTooLarge is the Err of a MailboxResult (wrapped, as
+// edge/mailbox's ErrTooLarge) for an event larger than a mailbox stores:
+// the sender is told PAYLOAD_TOO_LARGE, not to retry what cannot succeed.
+var ErrMailboxEventTooLarge = errors.New("event larger than a mailbox entry holds")
 
 // Mailbox is the control plane's mailboxes as the session core uses them
 // (edge/mailbox provides it).
@@ -166,6 +175,8 @@ func (s *Session) storeMailbox(f *inflight, device string, event []byte, expires
 			stored(seq)
 		}
 		switch {
+		case errors.Is(r.Err, ErrMailboxEventTooLarge):
+			f.fail(relayv1.ErrorCode_ERROR_CODE_PAYLOAD_TOO_LARGE, "the event is larger than an offline target's mailbox holds")
 		case r.Err != nil:
 			f.fail(relayv1.ErrorCode_ERROR_CODE_INTERNAL, "could not store the event for an offline target; retry")
 		case r.Status == edgev1.MailboxStatus_MAILBOX_STATUS_TAKEN:

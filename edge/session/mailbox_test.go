@@ -29,6 +29,7 @@ type memMailbox struct {
 	seq       map[string]uint64
 	boxes     map[string][]*edgev1.MailboxEntry
 	quota     int
+	maxEvent  int                      // if set, larger events are refused as edge/mailbox does
 	fails     map[string]int           // fail this many fetches of a device
 	fetchGate map[string]chan struct{} // if set, a device's fetches wait for it
 	snapshots chan string              // if set, told the device of each fetch once it read
@@ -64,7 +65,9 @@ func (m *memMailbox) Store(e *edgev1.MailboxEntry, done func(MailboxResult)) {
 	m.queue <- func() {
 		m.mu.Lock()
 		var r MailboxResult
-		if len(m.boxes[e.GetDeviceId()]) >= m.quota {
+		if m.maxEvent > 0 && len(e.GetEvent()) > m.maxEvent {
+			r.Err = fmt.Errorf("mailbox entry's event over %d bytes: %w", m.maxEvent, ErrMailboxEventTooLarge)
+		} else if len(m.boxes[e.GetDeviceId()]) >= m.quota {
 			r.Status = edgev1.MailboxStatus_MAILBOX_STATUS_FULL
 		} else {
 			m.seq[e.GetDeviceId()]++
@@ -536,6 +539,28 @@ func TestMailboxRefusals(t *testing.T) {
 	// Nothing stored was dropped to make room.
 	b := e.online("b")
 	if got := b.payloads(2); !slices.Equal(got, []string{"1", "2"}) {
+		t.Fatalf("b got %v", got)
+	}
+}
+
+// An event larger than an offline target's mailbox holds is refused with
+// PAYLOAD_TOO_LARGE: no retry can store it, which INTERNAL would invite.
+// The sender's next event is stored as usual.
+func TestAnEventTooLargeForTheMailboxIsRefusedAsSuch(t *testing.T) {
+	e, mb := mailboxEnv(t, nil)
+	mb.maxEvent = 1 << 10
+	e.device("u1", "a")
+	e.device("u1", "b")
+	a := e.online("a")
+	big := a.sendPayload(strings.Repeat("x", 2<<10), "b")
+	f := a.next("reject", func(f *relayv1.Frame) bool { return f.GetReject().GetEventId() == big.GetId() })
+	if f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_PAYLOAD_TOO_LARGE {
+		t.Fatalf("an event too large for the mailbox: %v", f)
+	}
+	small := a.sendPayload("small", "b")
+	a.expectAcks(small)
+	b := e.online("b")
+	if got := b.payloads(1); got[0] != "small" {
 		t.Fatalf("b got %v", got)
 	}
 }
