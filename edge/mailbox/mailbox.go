@@ -475,23 +475,14 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 			entries = append(entries, p.entry)
 		}
 	}
-	var resp *edgev1.PutMailboxResponse
-	var err error
-	if len(entries) > 0 {
-		resp, err = c.put(ctx, entries)
-	}
+	results := c.store(ctx, entries)
 	i := 0
 	for _, p := range batch {
 		if p.entry == nil {
 			p.done(Result{}) // a Flush marker: what was ahead of it is answered
 			continue
 		}
-		r := Result{Err: err}
-		if err == nil && i < len(resp.GetResults()) {
-			r.Status, r.Seq = resp.GetResults()[i].GetStatus(), resp.GetResults()[i].GetSeq()
-		} else if err == nil {
-			r.Err = errors.New("control plane returned fewer results than entries")
-		}
+		r := results[i]
 		i++
 		label := "error"
 		if r.Err == nil {
@@ -503,6 +494,35 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 		c.results.WithLabelValues(label).Inc()
 		p.done(r)
 	}
+}
+
+// store writes entries in order and returns each one's result. The
+// control plane refuses a whole call as invalid for one entry it finds
+// malformed: such a call is split in halves, each written in turn, down
+// to the entries at fault, so that one bad entry (an expiry beyond what
+// the control plane allows, say) fails alone and not the other senders'
+// entries that shared its call. log2(MaxBatch) levels bound the calls.
+func (c *Client) store(ctx context.Context, entries []*edgev1.MailboxEntry) []Result {
+	if len(entries) == 0 {
+		return nil
+	}
+	resp, err := c.put(ctx, entries)
+	if connect.CodeOf(err) == connect.CodeInvalidArgument && len(entries) > 1 {
+		half := len(entries) / 2
+		return append(c.store(ctx, entries[:half]), c.store(ctx, entries[half:])...)
+	}
+	results := make([]Result, len(entries))
+	for i := range results {
+		switch {
+		case err != nil:
+			results[i].Err = err
+		case i < len(resp.GetResults()):
+			results[i].Status, results[i].Seq = resp.GetResults()[i].GetStatus(), resp.GetResults()[i].GetSeq()
+		default:
+			results[i].Err = errors.New("control plane returned fewer results than entries")
+		}
+	}
+	return results
 }
 
 // fullFor is how long a device's mailbox is taken as full after the

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -476,5 +477,88 @@ func TestFlushReportsAFailedBatch(t *testing.T) {
 	}
 	if connect.CodeOf(ferr) != connect.CodeInvalidArgument {
 		t.Fatalf("Flush after a refused batch: %v", ferr)
+	}
+}
+
+// pickyAPI stores every entry, but refuses a whole call with
+// invalid_argument when one of its entries is malformed (an event id
+// starting "bad"), as the control plane does; its first call waits for
+// release, so that what is stored meanwhile goes in one batch.
+type pickyAPI struct {
+	mailbox.API
+	release chan struct{}
+	mu      sync.Mutex
+	calls   []int // entries per call
+}
+
+func (a *pickyAPI) PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
+	a.mu.Lock()
+	first := len(a.calls) == 0
+	a.calls = append(a.calls, len(entries))
+	a.mu.Unlock()
+	if first {
+		select {
+		case <-a.release:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	out := &edgev1.PutMailboxResponse{}
+	for i, e := range entries {
+		if strings.HasPrefix(e.GetEventId(), "bad") {
+			return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("entries[%d].expires_at_ms is more than 366 days ahead", i))
+		}
+		out.Results = append(out.Results, &edgev1.PutMailboxResult{Status: edgev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: 1})
+	}
+	return out, nil
+}
+
+func (a *pickyAPI) callCount() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.calls)
+}
+
+// One malformed entry fails alone: the call the control plane refused
+// for it is split down to it, and every other entry of the batch (other
+// senders' events) is stored, in order, in a few calls.
+func TestAMalformedEntryFailsAlone(t *testing.T) {
+	api := &pickyAPI{release: make(chan struct{})}
+	mb, _ := startClient(t, mailbox.Config{API: api, RetryFor: time.Minute})
+	const n = 32
+	results := make([]chan mailbox.Result, n)
+	store := func(i int) {
+		id := fmt.Sprint(i)
+		if i == 13 {
+			id = "bad"
+		}
+		results[i] = make(chan mailbox.Result, 1)
+		mb.Store(&edgev1.MailboxEntry{DeviceId: "d", UserId: "u", Event: []byte("e"), EventId: id, SenderDeviceId: fmt.Sprint("s", i%4)},
+			func(r mailbox.Result) { results[i] <- r })
+	}
+	store(0)
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if api.callCount() != 1 {
+			return errors.New("the first entry is not sent yet")
+		}
+		return nil
+	})
+	for i := 1; i < n; i++ {
+		store(i) // one batch, behind the first call
+	}
+	close(api.release)
+	for i := range n {
+		r := <-results[i]
+		switch {
+		case i == 13 && connect.CodeOf(r.Err) != connect.CodeInvalidArgument:
+			t.Errorf("the malformed entry: %+v, want invalid_argument", r)
+		case i != 13 && (r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED):
+			t.Errorf("entry %d: %+v, want stored", i, r)
+		}
+	}
+	// 1 + the batch of 31 halved down to the bad entry: 5 levels, two
+	// calls each, the bad half split again.
+	if calls := api.callCount(); calls > 1+1+2*5 {
+		t.Errorf("%d calls for one bad entry in %d", calls, n)
 	}
 }
