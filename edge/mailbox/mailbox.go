@@ -51,6 +51,11 @@ var ErrOverloaded = errors.New("mailbox writer overloaded")
 // has stopped (its Run returned), and of what was still queued then.
 var ErrStopped = errors.New("mailbox writer stopped")
 
+// ErrUnavailable is the result (wrapped, with the cause) of an entry the
+// control plane did not take within RetryFor of its Store, and of Store
+// while calls are known to fail (see Config.ProbeAfter).
+var ErrUnavailable = errors.New("control plane unavailable")
+
 // ErrTooLarge is the result of Store for an entry whose event is larger
 // than the control plane stores (MaxEventBytes): refused alone, before it
 // could fail the batch it would have gone in. It is a
@@ -94,9 +99,20 @@ type Config struct {
 	// after it, not applied to the restored history's entries of the same
 	// seqs.
 	History func() string
-	// RetryFor is how long a batch is retried while the control plane is
-	// unavailable (retries are safe: a stored entry is stored once) [30s].
+	// RetryFor bounds how long an entry or a claim waits for the control
+	// plane, from its Store or Claim: its call is retried while the
+	// control plane is unavailable (retries are safe: a stored entry is
+	// stored once) until the oldest entry of the batch has waited this
+	// long, and one that has waited this long when its batch is taken is
+	// answered without a call (ErrUnavailable; a claim as won) [30s].
 	RetryFor time.Duration
+	// ProbeAfter: once a batch gave up on a control plane that has not
+	// answered for RetryFor, what is queued behind it is answered at once
+	// (ErrUnavailable; claims as won), and so is every Store (Claim) for
+	// this long; then the next batch is a probe, one attempt, which
+	// either ends this (the control plane answered) or starts it again.
+	// Puts and claims each have their own [1s].
+	ProbeAfter time.Duration
 	// Logger [slog.Default()]; Registerer for metrics [none]; Tracer
 	// [none]: with one, a PutMailbox call is a span in the trace of its
 	// first traced entry, linked to the others' (a batch serves many
@@ -110,15 +126,35 @@ type Config struct {
 type ackKey struct{ device, history string }
 
 type pending struct {
-	entry *edgev1.MailboxEntry
-	done  func(Result)
+	entry  *edgev1.MailboxEntry
+	done   func(Result)
+	queued time.Time // when Store took it
 }
 
 func (p pending) bytes() int { return len(p.entry.GetEvent()) }
 
 type pendingClaim struct {
-	claim *edgev1.EventClaim
-	done  func(won bool)
+	claim  *edgev1.EventClaim
+	done   func(won bool)
+	queued time.Time // when Claim took it
+}
+
+// circuit keeps the calls of one kind (puts, claims) from making each
+// batch wait RetryFor on a control plane known to be out of reach.
+type circuit struct {
+	down     bool      // a batch gave up since the last answer
+	until    time.Time // while down: answer at once until then, then probe
+	cause    error     // the failure that gave up
+	answered time.Time // the last answer to a call
+}
+
+// fastFail is the error to answer at once with, while the circuit is
+// down and before its probe is due (with Client.mu held).
+func (b *circuit) fastFail(now time.Time) error {
+	if !b.down || !now.Before(b.until) {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", ErrUnavailable, b.cause)
 }
 
 // Client is safe for concurrent use; Run drives it.
@@ -145,6 +181,8 @@ type Client struct {
 	wake        chan struct{} // capacity 1: entries queued
 	ackNow      chan struct{} // capacity 1: acks queued
 	claimNow    chan struct{} // capacity 1: claims queued
+	puts        circuit
+	claimCalls  circuit
 
 	batchSize prometheus.Histogram
 	commit    prometheus.Histogram
@@ -173,6 +211,9 @@ func New(cfg Config) (*Client, error) {
 	}
 	if cfg.RetryFor <= 0 {
 		cfg.RetryFor = 30 * time.Second
+	}
+	if cfg.ProbeAfter <= 0 {
+		cfg.ProbeAfter = time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -219,14 +260,21 @@ func signal(ch chan struct{}) {
 // Store queues an entry; done is called exactly once, from the writer,
 // with its outcome. Entries are written in the order Store was called.
 func (c *Client) Store(e *edgev1.MailboxEntry, done func(Result)) {
-	p := pending{entry: e, done: done}
+	now := time.Now()
+	p := pending{entry: e, done: done, queued: now}
 	if p.bytes() > MaxEventBytes {
 		c.results.WithLabelValues("error").Inc()
 		done(Result{Err: ErrTooLarge})
 		return
 	}
 	c.mu.Lock()
-	if until, ok := c.full[e.GetDeviceId()]; ok && time.Now().Before(until) {
+	if err := c.puts.fastFail(now); err != nil {
+		c.mu.Unlock()
+		c.results.WithLabelValues("error").Inc()
+		done(Result{Err: err})
+		return
+	}
+	if until, ok := c.full[e.GetDeviceId()]; ok && now.Before(until) {
 		c.mu.Unlock()
 		c.results.WithLabelValues(statusLabel(edgev1.MailboxStatus_MAILBOX_STATUS_FULL)).Inc()
 		done(Result{Status: edgev1.MailboxStatus_MAILBOX_STATUS_FULL})
@@ -309,27 +357,43 @@ func (c *Client) Run(ctx context.Context) {
 // could not be asked in time: a duplicate is better than a loss).
 // Claims are sent in batches.
 func (c *Client) Claim(cl *edgev1.EventClaim, done func(won bool)) {
+	now := time.Now()
 	c.mu.Lock()
-	if c.closed || len(c.claims) >= c.cfg.MaxPendingClaims {
+	if c.closed || len(c.claims) >= c.cfg.MaxPendingClaims || c.claimCalls.fastFail(now) != nil {
 		c.mu.Unlock()
 		done(true)
 		return
 	}
-	c.claims = append(c.claims, pendingClaim{claim: cl, done: done})
+	c.claims = append(c.claims, pendingClaim{claim: cl, done: done, queued: now})
 	c.mu.Unlock()
 	signal(c.claimNow)
 }
 
 func (c *Client) claimLoop(ctx context.Context) {
 	drain(ctx, c, c.claimNow, &c.claims, nil, func(batch []pendingClaim) {
+		// Those that waited RetryFor already count as won, uncalled.
+		now := time.Now()
+		late := 0
+		for late < len(batch) && !now.Before(batch[late].queued.Add(c.cfg.RetryFor)) {
+			batch[late].done(true)
+			late++
+		}
+		if batch = batch[late:]; len(batch) == 0 {
+			return
+		}
 		claims := make([]*edgev1.EventClaim, len(batch))
 		for i, p := range batch {
 			claims[i] = p.claim
 		}
-		resp, err := retry(ctx, c, func(ctx context.Context) (*edgev1.ClaimEventsResponse, error) {
-			return c.cfg.API.ClaimEvents(ctx, claims)
-		})
-		if err != nil {
+		resp, err := callUnder(ctx, c, &c.claimCalls, "claims", batch[0].queued.Add(c.cfg.RetryFor),
+			func(ctx context.Context) (*edgev1.ClaimEventsResponse, error) {
+				return c.cfg.API.ClaimEvents(ctx, claims)
+			})
+		switch {
+		case errors.Is(err, ErrUnavailable):
+			// callUnder logged that the control plane is out of reach.
+			c.cfg.Logger.Debug("could not claim events; delivering them as claimed", "claims", len(batch), "err", err)
+		case err != nil:
 			c.cfg.Logger.Warn("could not claim events; delivering them as claimed", "claims", len(batch), "err", err)
 		}
 		won := resp.GetWon()
@@ -379,13 +443,62 @@ func drain[T any](ctx context.Context, c *Client, wake chan struct{}, queue *[]T
 	}
 }
 
+// callTimeout bounds one call to the control plane.
+const callTimeout = 10 * time.Second
+
+// callUnder makes a batch's call under its circuit (kind names the calls
+// in logs): at once an error while the circuit is down and its probe not
+// due; one attempt when it is due; else retries until deadline (when the
+// batch's oldest item has waited RetryFor). A batch that gives up when
+// the control plane has not answered for RetryFor puts the circuit down,
+// so that what is queued behind it is answered at once rather than a
+// RetryFor per batch; any answer lifts it. (A batch that gives up on a
+// control plane that answered the batch before it, slowly, fails alone:
+// the next batch's items have had their own wait.)
+func callUnder[T any](ctx context.Context, c *Client, b *circuit, kind string, deadline time.Time, call func(context.Context) (T, error)) (T, error) {
+	c.mu.Lock()
+	now := time.Now()
+	err, probe := b.fastFail(now), b.down
+	c.mu.Unlock()
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	resp, err := retry(ctx, c, deadline, probe, call)
+	var wasDown, isDown bool
+	c.mu.Lock()
+	switch wasDown = b.down; {
+	case err == nil || permanent(err):
+		b.down, b.cause, b.answered = false, nil, time.Now()
+	case ctx.Err() == nil:
+		if now := time.Now(); b.down || now.Sub(b.answered) >= c.cfg.RetryFor {
+			b.down, b.until, b.cause = true, now.Add(c.cfg.ProbeAfter), err
+		}
+		err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	isDown = b.down
+	c.mu.Unlock()
+	switch {
+	case wasDown && !isDown:
+		c.cfg.Logger.Info("control plane answers again", "calls", kind)
+	case !wasDown && isDown:
+		c.cfg.Logger.Warn("control plane unavailable: answering at once until a probe gets through",
+			"calls", kind, "probe_after", c.cfg.ProbeAfter, "err", err)
+	}
+	return resp, err
+}
+
 // retry calls the control plane until it answers, while it is unavailable
-// and RetryFor allows (the calls are idempotent).
-func retry[T any](ctx context.Context, c *Client, call func(context.Context) (T, error)) (T, error) {
-	deadline := time.Now().Add(c.cfg.RetryFor)
+// and until deadline (the calls are idempotent), each call within
+// deadline too; once only when once is set.
+func retry[T any](ctx context.Context, c *Client, deadline time.Time, once bool, call func(context.Context) (T, error)) (T, error) {
 	backoff := 20 * time.Millisecond
 	for {
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		callDeadline := time.Now().Add(callTimeout)
+		if deadline.Before(callDeadline) {
+			callDeadline = deadline
+		}
+		cctx, cancel := context.WithDeadline(ctx, callDeadline)
 		resp, err := call(cctx)
 		cancel()
 		if err == nil {
@@ -394,7 +507,7 @@ func retry[T any](ctx context.Context, c *Client, call func(context.Context) (T,
 		if permanent(err) {
 			return resp, err
 		}
-		if ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
+		if once || ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
 			return resp, err
 		}
 		c.cfg.Logger.Warn("control plane call failed; retrying", "err", err, "backoff", backoff)
@@ -468,22 +581,35 @@ func (c *Client) writeLoop(ctx context.Context) {
 
 // write stores one batch, retrying while the control plane is
 // unavailable, and reports every entry's result in order.
+// An entry that has waited RetryFor since its Store is answered
+// ErrUnavailable without a call.
 func (c *Client) write(ctx context.Context, batch []pending) {
+	now := time.Now()
+	results := make([]Result, len(batch))
 	entries := make([]*edgev1.MailboxEntry, 0, len(batch))
-	for _, p := range batch {
-		if p.entry != nil { // nil: a Flush marker
-			entries = append(entries, p.entry)
+	at := make([]int, 0, len(batch)) // the batch index of each of entries
+	var deadline time.Time
+	for i, p := range batch {
+		switch {
+		case p.entry == nil: // a Flush marker
+		case !now.Before(p.queued.Add(c.cfg.RetryFor)):
+			results[i].Err = fmt.Errorf("%w: not written within %v", ErrUnavailable, c.cfg.RetryFor)
+		default:
+			if len(entries) == 0 { // the oldest: the queue is in Store's order
+				deadline = p.queued.Add(c.cfg.RetryFor)
+			}
+			entries, at = append(entries, p.entry), append(at, i)
 		}
 	}
-	results := c.store(ctx, entries)
-	i := 0
-	for _, p := range batch {
+	for j, r := range c.store(ctx, entries, deadline) {
+		results[at[j]] = r
+	}
+	for i, p := range batch {
 		if p.entry == nil {
 			p.done(Result{}) // a Flush marker: what was ahead of it is answered
 			continue
 		}
 		r := results[i]
-		i++
 		label := "error"
 		if r.Err == nil {
 			label = statusLabel(r.Status)
@@ -502,14 +628,14 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 // to the entries at fault, so that one bad entry (an expiry beyond what
 // the control plane allows, say) fails alone and not the other senders'
 // entries that shared its call. log2(MaxBatch) levels bound the calls.
-func (c *Client) store(ctx context.Context, entries []*edgev1.MailboxEntry) []Result {
+func (c *Client) store(ctx context.Context, entries []*edgev1.MailboxEntry, deadline time.Time) []Result {
 	if len(entries) == 0 {
 		return nil
 	}
-	resp, err := c.put(ctx, entries)
+	resp, err := c.put(ctx, entries, deadline)
 	if connect.CodeOf(err) == connect.CodeInvalidArgument && len(entries) > 1 {
 		half := len(entries) / 2
-		return append(c.store(ctx, entries[:half]), c.store(ctx, entries[half:])...)
+		return append(c.store(ctx, entries[:half], deadline), c.store(ctx, entries[half:], deadline)...)
 	}
 	results := make([]Result, len(entries))
 	for i := range results {
@@ -555,8 +681,7 @@ func (c *Client) noteFull(device string, st edgev1.MailboxStatus) {
 	c.full[device] = now.Add(fullFor)
 }
 
-func (c *Client) put(ctx context.Context, entries []*edgev1.MailboxEntry) (_ *edgev1.PutMailboxResponse, err error) {
-	c.batchSize.Observe(float64(len(entries)))
+func (c *Client) put(ctx context.Context, entries []*edgev1.MailboxEntry, deadline time.Time) (_ *edgev1.PutMailboxResponse, err error) {
 	if c.cfg.Tracer != nil {
 		var span trace.Span
 		ctx, span = c.traceBatch(ctx, entries)
@@ -569,7 +694,8 @@ func (c *Client) put(ctx context.Context, entries []*edgev1.MailboxEntry) (_ *ed
 			}()
 		}
 	}
-	return retry(ctx, c, func(ctx context.Context) (*edgev1.PutMailboxResponse, error) {
+	return callUnder(ctx, c, &c.puts, "mailbox writes", deadline, func(ctx context.Context) (*edgev1.PutMailboxResponse, error) {
+		c.batchSize.Observe(float64(len(entries)))
 		start := time.Now()
 		resp, err := c.cfg.API.PutMailbox(ctx, entries)
 		if err == nil {

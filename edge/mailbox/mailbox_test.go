@@ -88,33 +88,10 @@ func (c *countingPuts) PutMailbox(ctx context.Context, entries []*edgev1.Mailbox
 // plane ends in an error, not a hang.
 func TestWriterAgainstAControlPlane(t *testing.T) {
 	c := clustertest.Start(t, 1, clustertest.Options{})
-	admin := c.AdminToken()
-	d := api.NewDialer(nil)
-	defer d.Close()
-	url := d.URL(c.Nodes[0].Server.APIAddr())
-	users := controlv1connect.NewUserServiceClient(d.HTTPClient(), url)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if _, err := users.CreateUser(ctx, authed(&controlv1.CreateUserRequest{Login: "edges", Password: "edge-password-1", Role: controlv1.Role_ROLE_EDGE}, admin)); err != nil {
-		t.Fatal(err)
-	}
-	u, err := users.CreateUser(ctx, authed(&controlv1.CreateUserRequest{Login: "u"}, admin))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, _, _ := ed25519.GenerateKey(rand.Reader)
-	dev, err := controlv1connect.NewDeviceServiceClient(d.HTTPClient(), url).RegisterDevice(ctx,
-		authed(&controlv1.RegisterDeviceRequest{UserId: u.Msg.GetUser().GetId(), Name: "d", PublicKey: pub}, admin))
-	if err != nil {
-		t.Fatal(err)
-	}
-	userID, devID := u.Msg.GetUser().GetId(), dev.Msg.GetDevice().GetId()
-
-	cc, err := controlconn.New(controlconn.Config{URLs: []string{url}, Login: "edges", Password: "edge-password-1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
+	cc, userID, devIDs := edgeOf(ctx, t, c, 1)
+	devID := devIDs[0]
 	reg := prometheus.NewRegistry()
 	// Its first two acks fail as in a leader change: they are sent again.
 	api := &failingAcks{API: cc}
@@ -202,7 +179,7 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	// each get an outcome of their own.
 	counted := &countingPuts{API: cc}
 	bigReg := prometheus.NewRegistry()
-	big, stopBig := startClient(t, mailbox.Config{API: counted, RetryFor: 500 * time.Millisecond, Registerer: bigReg})
+	big, stopBig := startClient(t, mailbox.Config{API: counted, Registerer: bigReg})
 	const nBig = 80
 	bigRes := make(chan mailbox.Result, nBig)
 	for i := range nBig {
@@ -274,6 +251,44 @@ func TestWriterAgainstAControlPlane(t *testing.T) {
 	if r := <-res; r.Err == nil {
 		t.Fatalf("stored with no control plane: %+v", r)
 	}
+}
+
+// edgeOf creates an edge account and a user with n devices on c, and
+// returns the edge's connection to every node of c (closed by cleanup),
+// the user's id and the devices'.
+func edgeOf(ctx context.Context, t *testing.T, c *clustertest.Cluster, n int) (*controlconn.Conn, string, []string) {
+	t.Helper()
+	admin := c.AdminToken()
+	d := api.NewDialer(nil)
+	t.Cleanup(d.Close)
+	var urls []string
+	for _, nd := range c.Nodes {
+		urls = append(urls, d.URL(nd.Server.APIAddr()))
+	}
+	users := controlv1connect.NewUserServiceClient(d.HTTPClient(), urls[0])
+	if _, err := users.CreateUser(ctx, authed(&controlv1.CreateUserRequest{Login: "edges", Password: "edge-password-1", Role: controlv1.Role_ROLE_EDGE}, admin)); err != nil {
+		t.Fatal(err)
+	}
+	u, err := users.CreateUser(ctx, authed(&controlv1.CreateUserRequest{Login: "u"}, admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var devIDs []string
+	for i := range n {
+		pub, _, _ := ed25519.GenerateKey(rand.Reader)
+		dev, err := controlv1connect.NewDeviceServiceClient(d.HTTPClient(), urls[0]).RegisterDevice(ctx,
+			authed(&controlv1.RegisterDeviceRequest{UserId: u.Msg.GetUser().GetId(), Name: fmt.Sprint("d", i), PublicKey: pub}, admin))
+		if err != nil {
+			t.Fatal(err)
+		}
+		devIDs = append(devIDs, dev.Msg.GetDevice().GetId())
+	}
+	cc, err := controlconn.New(controlconn.Config{URLs: urls, Login: "edges", Password: "edge-password-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cc.Close)
+	return cc, u.Msg.GetUser().GetId(), devIDs
 }
 
 // fetchAll counts a device's entries, page after page (a page holds at
@@ -560,5 +575,197 @@ func TestAMalformedEntryFailsAlone(t *testing.T) {
 	// calls each, the bad half split again.
 	if calls := api.callCount(); calls > 1+1+2*5 {
 		t.Errorf("%d calls for one bad entry in %d", calls, n)
+	}
+}
+
+// While the control plane has no quorum, every entry and claim of a long
+// queue (many batches) is answered within about RetryFor of its Store or
+// Claim, not a RetryFor per batch ahead of it; and once the quorum is
+// back the writer stores again, and claims are decided by the control
+// plane again.
+func TestEveryEntryIsAnsweredWithinRetryForWhileThereIsNoQuorum(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cc, userID, devs := edgeOf(ctx, t, c, 2)
+	const retryFor = 2 * time.Second
+	mb, _ := startClient(t, mailbox.Config{API: cc, MaxBatch: 4, RetryFor: retryFor, ProbeAfter: 500 * time.Millisecond})
+	entry := func(id string) *edgev1.MailboxEntry {
+		return &edgev1.MailboxEntry{DeviceId: devs[0], UserId: userID, Event: []byte(id), EventId: id, SenderDeviceId: devs[1],
+			ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}
+	}
+	// store waits for an entry's result, at most a bound that only a
+	// wrong answer reaches.
+	store := func(id string) mailbox.Result {
+		res := make(chan mailbox.Result, 1)
+		mb.Store(entry(id), func(r mailbox.Result) { res <- r })
+		select {
+		case r := <-res:
+			return r
+		case <-time.After(time.Minute):
+			t.Fatalf("entry %s not answered in a minute", id)
+			return mailbox.Result{}
+		}
+	}
+	if r := store("before"); r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+		t.Fatalf("with a quorum: %+v", r)
+	}
+
+	c.Isolate(1)
+	c.Isolate(2)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		if _, err := cc.PutMailbox(cctx, []*edgev1.MailboxEntry{entry("probe")}); err == nil {
+			return errors.New("the control plane still takes writes")
+		}
+		return nil
+	})
+
+	// Ten batches of entries, ten of claims, all queued at once.
+	const n = 40
+	type answer struct {
+		after time.Duration
+		err   error
+		won   bool
+	}
+	entries, claims := make(chan answer, n), make(chan answer, n)
+	start := time.Now()
+	for i := range n {
+		mb.Store(entry(fmt.Sprint("e", i)), func(r mailbox.Result) { entries <- answer{after: time.Since(start), err: r.Err} })
+		mb.Claim(&edgev1.EventClaim{SenderDeviceId: devs[1], EventId: fmt.Sprint("c", i), DeviceId: devs[0], UserId: userID,
+			ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(won bool) { claims <- answer{after: time.Since(start), won: won} })
+	}
+	const bound = retryFor + 3*time.Second // slack for a busy machine under -race
+	for i := range n {
+		for kind, ch := range map[string]chan answer{"entry": entries, "claim": claims} {
+			select {
+			case a := <-ch:
+				switch {
+				case kind == "entry" && !errors.Is(a.err, mailbox.ErrUnavailable):
+					t.Fatalf("entry answered %v without a quorum, want ErrUnavailable", a.err)
+				case kind == "claim" && !a.won:
+					t.Fatal("a claim the control plane could not decide was lost")
+				case a.after > bound:
+					t.Fatalf("the %dth %s answered after %v, want at most RetryFor (%v) and slack", i+1, kind, a.after, retryFor)
+				}
+			case <-time.After(time.Minute):
+				t.Fatalf("%d %ss answered in a minute", i, kind)
+			}
+		}
+	}
+	c.Heal(1)
+	c.Heal(2)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if r := store(fmt.Sprint("after-", time.Now().UnixNano())); r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+			return fmt.Errorf("after the quorum came back: %+v", r)
+		}
+		return nil
+	})
+	// Claims are the control plane's again: a second device loses an
+	// event the first took.
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		id := fmt.Sprint("claim-", time.Now().UnixNano())
+		won := make(chan bool, 2)
+		for _, d := range devs {
+			mb.Claim(&edgev1.EventClaim{SenderDeviceId: devs[1], EventId: id, DeviceId: d, UserId: userID,
+				ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(w bool) { won <- w })
+		}
+		if first, second := <-won, <-won; !first || second {
+			return fmt.Errorf("claims answered %v, %v: not decided by the control plane", first, second)
+		}
+		return nil
+	})
+}
+
+// unavailableAPI answers every call Unavailable, as a control plane
+// without a leader does, until ok is set; it counts the calls.
+type unavailableAPI struct {
+	mailbox.API
+	ok     atomic.Bool
+	puts   atomic.Int32
+	claims atomic.Int32
+}
+
+func (a *unavailableAPI) PutMailbox(_ context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
+	a.puts.Add(1)
+	if !a.ok.Load() {
+		return nil, connect.NewError(connect.CodeUnavailable, errors.New("no leader"))
+	}
+	out := &edgev1.PutMailboxResponse{}
+	for range entries {
+		out.Results = append(out.Results, &edgev1.PutMailboxResult{Status: edgev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: 1})
+	}
+	return out, nil
+}
+
+func (a *unavailableAPI) ClaimEvents(_ context.Context, claims []*edgev1.EventClaim) (*edgev1.ClaimEventsResponse, error) {
+	a.claims.Add(1)
+	if !a.ok.Load() {
+		return nil, connect.NewError(connect.CodeUnavailable, errors.New("no leader"))
+	}
+	return &edgev1.ClaimEventsResponse{Won: make([]bool, len(claims))}, nil
+}
+
+// Once a batch gave up on an unavailable control plane, Store and Claim
+// answer at once, without a call, until the probe is due; the probe is
+// one call, which either finds the control plane back (and the writer
+// retries as usual again) or puts the circuit down again.
+func TestAfterABatchGaveUpStoresAreAnsweredAtOnce(t *testing.T) {
+	api := &unavailableAPI{}
+	mb, _ := startClient(t, mailbox.Config{API: api, MaxBatch: 1, RetryFor: 300 * time.Millisecond, ProbeAfter: time.Hour})
+	entry := &edgev1.MailboxEntry{DeviceId: "d", UserId: "u", Event: []byte("e"), EventId: "1", SenderDeviceId: "s"}
+	claim := &edgev1.EventClaim{SenderDeviceId: "s", EventId: "1", DeviceId: "d", UserId: "u"}
+	res, won := make(chan mailbox.Result, 1), make(chan bool, 1)
+	mb.Store(entry, func(r mailbox.Result) { res <- r })
+	mb.Claim(claim, func(w bool) { won <- w })
+	if r := <-res; !errors.Is(r.Err, mailbox.ErrUnavailable) {
+		t.Fatalf("an entry the control plane did not take: %+v", r)
+	}
+	if !<-won {
+		t.Fatal("a claim the control plane did not decide was lost")
+	}
+	puts, claims := api.puts.Load(), api.claims.Load()
+	if puts < 2 || claims < 2 {
+		t.Fatalf("%d puts, %d claims: the first batches were not retried", puts, claims)
+	}
+	// Answered on the caller's goroutine, before Store and Claim return.
+	answered := false
+	mb.Store(entry, func(r mailbox.Result) { answered = errors.Is(r.Err, mailbox.ErrUnavailable) })
+	if !answered {
+		t.Fatal("a store after a batch gave up was not answered at once")
+	}
+	answered = false
+	mb.Claim(claim, func(w bool) { answered = w })
+	if !answered {
+		t.Fatal("a claim after a batch gave up was not answered at once")
+	}
+	if err := mb.Flush(context.Background()); err != nil && !errors.Is(err, mailbox.ErrUnavailable) {
+		t.Fatal(err)
+	}
+	if api.puts.Load() != puts || api.claims.Load() != claims {
+		t.Fatalf("calls while the circuit is down: %d puts, %d claims more", api.puts.Load()-puts, api.claims.Load()-claims)
+	}
+
+	// The probe: due at once here.
+	mb2, _ := startClient(t, mailbox.Config{API: api, MaxBatch: 1, RetryFor: 300 * time.Millisecond, ProbeAfter: time.Nanosecond})
+	mb2.Store(entry, func(r mailbox.Result) { res <- r })
+	<-res // gave up: the circuit is down
+	puts = api.puts.Load()
+	mb2.Store(entry, func(r mailbox.Result) { res <- r })
+	if r := <-res; !errors.Is(r.Err, mailbox.ErrUnavailable) || api.puts.Load() != puts+1 {
+		t.Fatalf("the probe: %+v after %d calls, want ErrUnavailable after one", r, api.puts.Load()-puts)
+	}
+	api.ok.Store(true)
+	mb2.Store(entry, func(r mailbox.Result) { res <- r })
+	if r := <-res; r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+		t.Fatalf("the probe once the control plane is back: %+v", r)
+	}
+	// Back to retrying.
+	api.ok.Store(false)
+	puts = api.puts.Load()
+	mb2.Store(entry, func(r mailbox.Result) { res <- r })
+	if r := <-res; !errors.Is(r.Err, mailbox.ErrUnavailable) || api.puts.Load() < puts+2 {
+		t.Fatalf("after the control plane came back and went: %+v after %d calls, want retries", r, api.puts.Load()-puts)
 	}
 }
