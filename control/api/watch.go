@@ -36,6 +36,13 @@ type WatchConfig struct {
 	// sends. Default 5s (heartbeats come every tenth of Raft's heartbeat
 	// timeout).
 	LeaderTimeout time.Duration
+	// CatchUpWait: a watch resumed from a revision this node has not
+	// applied yet (it lags: replaying its log, installing a snapshot, a
+	// slow disk) waits this long for it, counted from the request, then
+	// ends with Unavailable so that the watcher resumes on another node
+	// instead of hearing nothing for as long as this one lags. Below the
+	// edges' stall timeout (8 s). Default 3s.
+	CatchUpWait time.Duration
 	// Logger; default slog.Default().
 	Logger *slog.Logger
 	// Metrics registers the feed's metrics; nil disables them.
@@ -54,6 +61,9 @@ func (c *WatchConfig) applyDefaults() {
 	}
 	if c.LeaderTimeout <= 0 {
 		c.LeaderTimeout = 5 * time.Second
+	}
+	if c.CatchUpWait <= 0 {
+		c.CatchUpWait = 3 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -167,6 +177,7 @@ func (s *WatchServer) Watch(ctx context.Context, req *connect.Request[edgev1.Wat
 
 func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws *watchStream) error {
 	f := s.node.FSM()
+	catchUp := time.Now().Add(s.cfg.CatchUpWait)
 	if from > 0 {
 		cur, err := f.History()
 		if err != nil {
@@ -182,7 +193,7 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 			from = 0
 		}
 	}
-	if from > f.AppliedIndex() && s.beyondLog(ctx, from) {
+	if from > f.AppliedIndex() && s.beyondLog(ctx, from, catchUp) {
 		// The client followed another history: this cluster was restored
 		// from a backup older than what it saw, and its revisions go on
 		// from the backup's. Waiting would hold the client without a feed
@@ -194,7 +205,7 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 	}
 	// A watch resumed on a node that is behind must not go back in time:
 	// wait until this replica has applied what the client already saw.
-	if err := s.waitApplied(ctx, f, from); err != nil {
+	if err := s.waitApplied(ctx, f, from, catchUp); err != nil {
 		return err
 	}
 	last := from
@@ -338,16 +349,20 @@ func shuttingDown(last uint64) error {
 }
 
 // waitApplied waits until this replica has applied rev, the revision a
-// resumed watcher already has. A replica cut off from the leader may
-// never get there: the wait ends as its streams do (inContact), and when
-// the server closes, instead of holding the watcher without a message
-// until its credentials expire.
-func (s *WatchServer) waitApplied(ctx context.Context, f *fsm.FSM, rev uint64) error {
+// resumed watcher already has, until the deadline. A replica may get
+// there late or never: one cut off from the leader ends the wait as its
+// streams do (inContact); one in contact that lags (replaying its log,
+// installing a snapshot, a slow disk) ends it at the deadline; and so
+// does the server closing. Each with Unavailable, naming rev to resume
+// from elsewhere, instead of holding the watcher without a message,
+// which no HTTP/2 ping would reveal, until its credentials expire.
+func (s *WatchServer) waitApplied(ctx context.Context, f *fsm.FSM, rev uint64, deadline time.Time) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(s.stopped, cancel)()
 	for {
-		wctx, wcancel := context.WithTimeout(ctx, s.cfg.LeaderTimeout/2)
+		wait := min(s.cfg.LeaderTimeout/2, time.Until(deadline))
+		wctx, wcancel := context.WithTimeout(ctx, wait)
 		err := f.WaitApplied(wctx, rev)
 		wcancel()
 		switch {
@@ -360,6 +375,14 @@ func (s *WatchServer) waitApplied(ctx context.Context, f *fsm.FSM, rev uint64) e
 		}
 		if err := s.inContact(rev); err != nil {
 			return err
+		}
+		if !time.Now().Before(deadline) {
+			applied := f.AppliedIndex()
+			s.cfg.Logger.Warn("watch stream ended: this node lags behind the revision the watcher resumes from",
+				"from_revision", rev, "applied_index", applied, "waited", s.cfg.CatchUpWait)
+			return connect.NewError(connect.CodeUnavailable,
+				fmt.Errorf("this control node has applied revision %d, not yet the watcher's %d, after %s; resume from revision %d on another node",
+					applied, rev, s.cfg.CatchUpWait, rev))
 		}
 	}
 }
@@ -380,10 +403,10 @@ func (s *WatchServer) inContact(last uint64) error {
 
 // beyondLog reports whether rev is beyond this cluster's log: past the
 // index the leader has committed (a linearizable read index). When the
-// leader cannot be asked, it says no: the watch then waits, as for a
-// replica that is behind.
-func (s *WatchServer) beyondLog(ctx context.Context, rev uint64) bool {
-	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+// leader cannot be asked by deadline, it says no: the watch then waits,
+// as for a replica that is behind (and within the same deadline).
+func (s *WatchServer) beyondLog(ctx context.Context, rev uint64, deadline time.Time) bool {
+	rctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	idx, err := s.node.ReadIndex(rctx)
 	return err == nil && rev > idx

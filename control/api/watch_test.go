@@ -577,9 +577,10 @@ func TestSlowWatcherIsCutOffAndResumes(t *testing.T) {
 // A watch resumed on another node after a leadership change never sees
 // revisions go backwards nor misses one, even when that node is behind
 // the revision the watcher already saw: the stream waits until the node
-// has caught up, then serves revisions from there on.
+// has caught up (within CatchUpWait: a minute here), then serves
+// revisions from there on.
 func TestWatchResumeAcrossLeaderChange(t *testing.T) {
-	c := clustertest.Start(t, 3, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: 20 * time.Millisecond}})
+	c := clustertest.Start(t, 3, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: 20 * time.Millisecond, CatchUpWait: time.Minute}})
 	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -1035,6 +1036,50 @@ func TestACutOffNodeEndsItsWatches(t *testing.T) {
 			}
 		}
 	})
+}
+
+// A watch resumed on a node that lags behind the watcher's revision while
+// it counts itself in contact with the leader (replaying its log, a slow
+// disk: here a follower cut off with a LeaderTimeout of ten minutes) ends
+// after CatchUpWait, unavailable and naming the revision to resume from
+// on another node, instead of staying open without a message (HTTP/2
+// pings still answered) for as long as the node lags. Resumed on a node
+// that has the revision, it goes on.
+func TestAWatchResumedOnALaggingNodeEnds(t *testing.T) {
+	const catchUp = time.Second
+	c := clustertest.Start(t, 3, clustertest.Options{Watch: api.WatchConfig{ProgressInterval: 50 * time.Millisecond, LeaderTimeout: 10 * time.Minute, CatchUpWait: catchUp}})
+	edge := c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	l := c.Leader()
+	lagging := c.Follower()
+	c.Isolate(lagging)
+	t.Cleanup(func() { c.Heal(lagging) })
+	mkUser(t, c, l, "written-while-it-lags")
+	f := c.Nodes[l].Server.Node().FSM()
+	seen := f.AppliedIndex()
+	if lf := c.Nodes[lagging].Server.Node().FSM(); lf.AppliedIndex() >= seen {
+		t.Fatalf("the lagging node applied %d, the watcher has %d", lf.AppliedIndex(), seen)
+	}
+	start := time.Now()
+	w := startWatch(t, c.Nodes[lagging], edge, seen, true)
+	select {
+	case <-w.done:
+		if connect.CodeOf(w.err) != connect.CodeUnavailable || !strings.Contains(w.err.Error(), fmt.Sprintf("resume from revision %d on another node", seen)) {
+			t.Fatalf("the watch resumed on the lagging node ended with %v, want unavailable naming revision %d", w.err, seen)
+		}
+		if took := time.Since(start); took < catchUp {
+			t.Fatalf("the watch ended after %v, before CatchUpWait (%v)", took, catchUp)
+		}
+	case m := <-w.msgs:
+		t.Fatalf("the lagging node sent %v to a watcher resuming from %d", m, seen)
+	case <-time.After(catchUp + 15*time.Second):
+		t.Fatalf("a watch resumed on the lagging node was still open and silent %v after CatchUpWait", 15*time.Second)
+	}
+	// Elsewhere the resume goes on from there.
+	w2 := startWatch(t, c.Nodes[l], edge, seen, true)
+	mkUser(t, c, l, "after")
+	if m := w2.next(t); m.GetEvent().GetUserPut().GetId() != "after" {
+		t.Fatalf("the watch resumed on the leader: %v, want the user put of \"after\"", m)
+	}
 }
 
 // A node that stops ends the watch streams open through it at once
