@@ -72,6 +72,15 @@ type Config struct {
 	// was derived from the old history (sessions' mailbox cursors) is
 	// void. It is called before the copy's mailbox announcements.
 	OnRewind func(from, to uint64)
+	// StallTimeout: a watch stream that brings no message for this long
+	// (the control plane sends a progress at least every 5 s, its
+	// ProgressInterval, and ends a resumed stream it cannot serve within
+	// its CatchUpWait, 3 s) is given up and resumed, on another control
+	// node when the client moves on Unavailable (controlconn does). HTTP/2
+	// pings do not tell: a node that holds the stream open and sends
+	// nothing (its applied index lags the edge's revision) answers them.
+	// Default 8s.
+	StallTimeout time.Duration
 	// Logger; default slog.Default().
 	Logger *slog.Logger
 }
@@ -206,6 +215,9 @@ func New(cfg Config) *Directory {
 	}
 	if cfg.OnRewind == nil {
 		cfg.OnRewind = func(uint64, uint64) {}
+	}
+	if cfg.StallTimeout <= 0 {
+		cfg.StallTimeout = 8 * time.Second
 	}
 	d := &Directory{cfg: cfg, cur: newSnapshot(), changed: make(chan struct{})}
 	d.generation.Store(1) // 0 would say changes are not tracked
@@ -572,11 +584,12 @@ func (d *Directory) Follow(ctx context.Context, client edgev1connect.WatchServic
 		case d.LastHeard() != before:
 			// The stream worked for a while: resume right away.
 			backoff, wait = minBackoff, minBackoff
-		case isTimeout(err):
-			// Nothing answered (a partition, a paused node): the attempt
-			// itself took its timeout, so try again at once. Right after
-			// the network heals, the next attempt gets through and
-			// revocations decided meanwhile arrive.
+		case isTimeout(err) || errors.Is(err, errStalled):
+			// Nothing answered (a partition, a paused node, a node that
+			// holds the stream silent): the attempt itself took its
+			// timeout, so try again at once (on the next node, after a
+			// stall). Right after the network heals, the next attempt
+			// gets through and revocations decided meanwhile arrive.
 			wait = minBackoff
 		default:
 			backoff = min(2*backoff, maxBackoff)
@@ -606,6 +619,9 @@ func tokenExpired(err error) bool {
 // errToken marks a failure to get the edge's token (no stream opened).
 var errToken = errors.New("edge token")
 
+// errStalled marks a stream given up after StallTimeout without a message.
+var errStalled = errors.New("watch stream silent")
+
 // isTimeout reports whether an attempt failed because nothing answered.
 func isTimeout(err error) bool {
 	var ne net.Error
@@ -631,16 +647,37 @@ func (d *Directory) followOnce(ctx context.Context, client edgev1connect.WatchSe
 	d.mu.RUnlock()
 	req := connect.NewRequest(&edgev1.WatchRequest{FromRevision: from, History: history})
 	req.Header().Set("Authorization", "Bearer "+tok)
-	stream, err := client.Watch(ctx, req)
-	if err != nil {
+	// The stall timer runs while the stream is awaited (its headers
+	// included: a node that lags sends none), not while a message is
+	// applied: a slow apply here is no silence there.
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var stalled atomic.Bool
+	stall := time.AfterFunc(d.cfg.StallTimeout, func() {
+		stalled.Store(true)
+		cancel()
+	})
+	defer stall.Stop()
+	ended := func(err error) error {
+		if stalled.Load() && ctx.Err() == nil {
+			// Unavailable: the client moves to its next node.
+			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("%w for %s (the control node sends a progress at least every 5 s); resuming from revision %d elsewhere",
+				errStalled, d.cfg.StallTimeout, d.Revision()))
+		}
 		return err
+	}
+	stream, err := client.Watch(sctx, req)
+	if err != nil {
+		return ended(err)
 	}
 	defer stream.Close()
 	for stream.Receive() {
+		stall.Stop()
 		d.Apply(stream.Msg())
+		stall.Reset(d.cfg.StallTimeout)
 	}
 	if err := stream.Err(); err != nil {
-		return err
+		return ended(err)
 	}
-	return errors.New("watch stream ended")
+	return ended(errors.New("watch stream ended"))
 }

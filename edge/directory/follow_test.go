@@ -3,15 +3,23 @@ package directory_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/edge/controlconn"
 	"github.com/edge-relay/relay/edge/directory"
 	"github.com/edge-relay/relay/edge/session"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 )
@@ -72,5 +80,129 @@ func TestFollowReportsStreamFailures(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("StreamFailed was not called")
+	}
+}
+
+// feedNode is a control node reduced to what following its feed takes:
+// logins for the edge, and a watch that either holds the stream open
+// without a word (silent: a node whose applied index lags the edge's
+// revision, or that hangs, while HTTP/2 pings are answered) or sends a
+// full copy and then a progress now and then.
+type feedNode struct {
+	controlv1connect.UnimplementedAuthServiceHandler
+	edgev1connect.UnimplementedWatchServiceHandler
+	silent  bool
+	watches atomic.Int32
+}
+
+func (f *feedNode) Login(context.Context, *connect.Request[controlv1.LoginRequest]) (*connect.Response[controlv1.LoginResponse], error) {
+	return connect.NewResponse(&controlv1.LoginResponse{Tokens: &controlv1.Tokens{AccessToken: "t",
+		AccessTokenExpiresAt: timestamppb.New(time.Now().Add(time.Hour)), Role: controlv1.Role_ROLE_EDGE}}), nil
+}
+
+func (f *feedNode) Watch(ctx context.Context, _ *connect.Request[edgev1.WatchRequest], s *connect.ServerStream[edgev1.WatchResponse]) error {
+	f.watches.Add(1)
+	if f.silent {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	for _, m := range []*edgev1.WatchResponse{
+		{Revision: 7, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}},
+		{Revision: 7, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{History: "h"}}},
+	} {
+		if err := s.Send(m); err != nil {
+			return err
+		}
+	}
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+			if err := s.Send(&edgev1.WatchResponse{Revision: 7, Kind: &edgev1.WatchResponse_Progress{Progress: &edgev1.Progress{}}}); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// passOn records how streams ended and tells the client it wraps, as
+// Follow tells controlconn's.
+type passOn struct{ failRecorder }
+
+func (p passOn) StreamFailed(err error) {
+	p.failRecorder.StreamFailed(err)
+	p.WatchServiceClient.(directory.StreamFailer).StreamFailed(err)
+}
+
+// serveFeedNode serves f over cleartext HTTP/2 (what the edge speaks on
+// http:// URLs) until the test ends, and returns its URL.
+func serveFeedNode(t *testing.T, f *feedNode) string {
+	mux := http.NewServeMux()
+	mux.Handle(controlv1connect.NewAuthServiceHandler(f))
+	mux.Handle(edgev1connect.NewWatchServiceHandler(f))
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	srv := httptest.NewUnstartedServer(mux)
+	srv.Config.Protocols = &p
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// A watch stream that brings nothing is given up after StallTimeout and
+// reported as unavailable, so that controlconn sends the next watch to
+// the next control node, where the edge gets its copy. Without the stall
+// timer the edge sat on the silent stream for good: its copy stale, its
+// LastHeard still, and past --control-grace it refused new sessions
+// though a healthy node was there.
+func TestFollowGivesUpASilentStream(t *testing.T) {
+	silent, good := &feedNode{silent: true}, &feedNode{}
+	cc, err := controlconn.New(controlconn.Config{URLs: []string{serveFeedNode(t, silent), serveFeedNode(t, good)}, Login: "edge", Password: "p"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	rec := passOn{failRecorder{cc.Watch(), make(chan error, 8)}}
+	const stall = 500 * time.Millisecond
+	d := directory.New(directory.Config{Ring: session.NewRing(), StallTimeout: stall})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() { done <- d.Follow(ctx, rec, cc.Token) }()
+	defer func() { cancel(); <-done }()
+	select {
+	case err := <-rec.failed:
+		if connect.CodeOf(err) != connect.CodeUnavailable || !strings.Contains(err.Error(), "silent") {
+			t.Fatalf("StreamFailed(%v), want unavailable: silent", err)
+		}
+		if took := time.Since(start); took < stall {
+			t.Fatalf("the silent stream was given up after %v, before StallTimeout (%v)", took, stall)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a silent stream was not given up in 30 s")
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if !d.Synced() || d.Revision() != 7 {
+			return fmt.Errorf("synced %v at revision %d, want the good node's copy at 7", d.Synced(), d.Revision())
+		}
+		return nil
+	})
+	if silent.watches.Load() != 1 {
+		t.Fatalf("%d watches on the silent node, want 1", silent.watches.Load())
+	}
+	// A stream that does bring messages, whatever the gaps between them
+	// (below the timeout), stays: no second watch on the good node.
+	heard := d.LastHeard()
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if !d.LastHeard().After(heard.Add(3 * stall)) {
+			return errors.New("not three stall timeouts of progress yet")
+		}
+		return nil
+	})
+	if n := good.watches.Load(); n != 1 {
+		t.Fatalf("%d watches on the good node, want 1: its stream was given up", n)
 	}
 }
