@@ -461,6 +461,9 @@ func alertsEndToEnd(t *testing.T, r *relay) {
 	// One of three voters down: one more failure loses the quorum, which
 	// pages the control plane's on-call.
 	hooks.wait(t, time.Minute, "control-oncall-pagerduty", "RelayControlQuorumAtRisk", "firing", "", killed)
+	// The other two still report three voters in the configuration: one
+	// has no running node.
+	hooks.wait(t, time.Minute, "control-team-email", "RelayControlVoterMissing", "firing", "", killed)
 
 	// Both come back: every alert resolves (the leader change once it is
 	// older than its window).
@@ -469,6 +472,7 @@ func alertsEndToEnd(t *testing.T, r *relay) {
 	r.restartControl(leader)
 	hooks.wait(t, 2*time.Minute, "edge-oncall-pagerduty", "RelayEdgeDown", "resolved", edge.admin, back)
 	hooks.wait(t, 2*time.Minute, "control-team-email", "RelayControlDown", "resolved", leader.admin, back)
+	hooks.wait(t, 2*time.Minute, "control-team-email", "RelayControlVoterMissing", "resolved", "", back)
 	// (It may resolve while the nodes restart: any time after the kill.)
 	hooks.wait(t, 2*time.Minute, "chat-webhook", "RelayControlLeaderChanged", "resolved", "", killed)
 
