@@ -151,25 +151,32 @@ func TestInhibitRules(t *testing.T) {
 		// write mailboxes are an incident of their own and page.
 		{"a quorum at risk holds back no edge alert",
 			[]map[string]string{alert("RelayControlQuorumAtRisk", ""), alert("RelayControlDown", "c1:7402"),
-				alert("RelayEdgeMailboxWritesFailing", "e1:7444"), alert("RelayEdgeHandshakeFailures", "e1:7444")},
+				alert("RelayEdgeMailboxWritesFailing", "e1:7444"), alert("RelayEdgeHighErrorRate", "e1:7444"), alert("RelayEdgeHandshakeFailures", "e1:7444")},
 			nil},
 		{"a one-voter cluster, always at risk, holds back no edge alert",
 			[]map[string]string{alert("RelayControlQuorumAtRisk", ""), alert("RelayEdgeMailboxWritesFailing", "e1:7444")},
 			nil},
 		{"a control plane that is down pages once",
 			[]map[string]string{alert("RelayControlPlaneDown", ""), alert("RelayControlQuorumAtRisk", ""), alert("RelayControlVoterMissing", ""),
-				alert("RelayControlNoLeader", "c1:7402"), alert("RelayEdgeMailboxWritesFailing", "e1:7444"), alert("RelayEdgeControlCutOff", ""),
-				alert("RelayEdgeNotAMember", "e1:7444"), alert("RelayEdgeHandshakeFailures", "e1:7444")},
+				alert("RelayControlNoLeader", "c1:7402"), alert("RelayEdgeMailboxWritesFailing", "e1:7444"), alert("RelayEdgeHighErrorRate", "e1:7444"),
+				alert("RelayEdgeControlCutOff", ""), alert("RelayEdgeNotAMember", "e1:7444"), alert("RelayEdgeHandshakeFailures", "e1:7444")},
 			[]string{"RelayControlNoLeader@c1:7402", "RelayControlQuorumAtRisk", "RelayControlVoterMissing", "RelayEdgeControlCutOff",
-				"RelayEdgeHandshakeFailures@e1:7444", "RelayEdgeMailboxWritesFailing@e1:7444", "RelayEdgeNotAMember@e1:7444"}},
+				"RelayEdgeHandshakeFailures@e1:7444", "RelayEdgeHighErrorRate@e1:7444", "RelayEdgeMailboxWritesFailing@e1:7444", "RelayEdgeNotAMember@e1:7444"}},
 		// A voter Pending while the rest runs: writes work, so an edge
 		// failing to write mailboxes is an incident of its own.
 		{"a missing voter holds back nothing",
 			[]map[string]string{alert("RelayControlVoterMissing", ""), alert("RelayControlQuorumAtRisk", ""), alert("RelayEdgeMailboxWritesFailing", "e1:7444")},
 			nil},
+		// A failed mailbox write rejects its event with INTERNAL: an edge
+		// cut off pages for the cut, not for the errors that follow.
 		{"every edge cut off pages once",
-			[]map[string]string{alert("RelayEdgeControlCutOff", ""), alert("RelayEdgeNotAMember", "e1:7444"), alert("RelayEdgeHandshakeFailures", "e1:7444")},
-			[]string{"RelayEdgeHandshakeFailures@e1:7444", "RelayEdgeNotAMember@e1:7444"}},
+			[]map[string]string{alert("RelayEdgeControlCutOff", ""), alert("RelayEdgeNotAMember", "e1:7444"), alert("RelayEdgeHandshakeFailures", "e1:7444"),
+				alert("RelayEdgeMailboxWritesFailing", "e1:7444"), alert("RelayEdgeHighErrorRate", "e1:7444")},
+			[]string{"RelayEdgeHandshakeFailures@e1:7444", "RelayEdgeHighErrorRate@e1:7444", "RelayEdgeMailboxWritesFailing@e1:7444", "RelayEdgeNotAMember@e1:7444"}},
+		// Without a control outage, INTERNAL rejects are a page of their own.
+		{"an edge's high error rate alone is sent",
+			[]map[string]string{alert("RelayEdgeHighErrorRate", "e1:7444"), alert("RelayEdgeMailboxWritesFailing", "e1:7444")},
+			nil},
 		// One edge refusing devices while the others take them has no
 		// page of its own to hide behind.
 		{"one edge failing handshakes is sent",
