@@ -19,6 +19,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	schedulingv1 "k8s.io/api/scheduling/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -102,6 +103,7 @@ type rendered struct {
 	rules           map[string]*monitoringv1.PrometheusRule
 	certificates    map[string]*certificate
 	issuers         map[string]*issuer
+	priorityClasses map[string]*schedulingv1.PriorityClass
 	objects         []metav1.Object
 }
 
@@ -121,6 +123,7 @@ func render(t *testing.T, dir string) *rendered {
 		daemonSets: map[string]*appsv1.DaemonSet{}, pdbs: map[string]*policyv1.PodDisruptionBudget{},
 		netpols: map[string]*networkingv1.NetworkPolicy{}, serviceMonitors: map[string]*monitoringv1.ServiceMonitor{},
 		rules: map[string]*monitoringv1.PrometheusRule{}, certificates: map[string]*certificate{}, issuers: map[string]*issuer{},
+		priorityClasses: map[string]*schedulingv1.PriorityClass{},
 	}
 	for _, res := range rm.Resources() {
 		y, err := res.AsYAML()
@@ -155,6 +158,8 @@ func render(t *testing.T, dir string) *rendered {
 			obj = into(r.certificates, res.GetName(), &certificate{})
 		case "cert-manager.io/v1/Issuer":
 			obj = into(r.issuers, res.GetName(), &issuer{})
+		case "scheduling.k8s.io/v1/PriorityClass":
+			obj = into(r.priorityClasses, res.GetName(), &schedulingv1.PriorityClass{})
 		default:
 			t.Fatalf("%s: %s %s is of no kind this test knows; teach it", dir, kind, res.GetName())
 		}
@@ -187,6 +192,7 @@ func TestKubernetesOverlays(t *testing.T) {
 					checkPodSecurity(t, r, pod)
 				})
 			}
+			checkPriorities(t, r)
 			checkServices(t, r)
 			checkNetworkPolicies(t, r, want)
 			checkMonitoring(t, r, want)
@@ -216,8 +222,15 @@ func checkNamespaces(t *testing.T, r *rendered, want overlay) {
 		}
 	}
 	for _, o := range r.objects {
-		if _, ok := o.(*corev1.Namespace); !ok && o.GetNamespace() != want.namespace {
-			t.Errorf("%T %s is in namespace %q, want %q", o, o.GetName(), o.GetNamespace(), want.namespace)
+		switch o.(type) {
+		case *corev1.Namespace, *schedulingv1.PriorityClass: // cluster-scoped
+			if o.GetNamespace() != "" {
+				t.Errorf("%T %s is cluster-scoped but has namespace %q", o, o.GetName(), o.GetNamespace())
+			}
+		default:
+			if o.GetNamespace() != want.namespace {
+				t.Errorf("%T %s is in namespace %q, want %q", o, o.GetName(), o.GetNamespace(), want.namespace)
+			}
 		}
 	}
 }
@@ -553,13 +566,25 @@ func checkPod(t *testing.T, r *rendered, w workload, want overlay, flags map[str
 		t.Errorf("service account %q is not deployed", s.ServiceAccountName)
 	}
 
-	// Resources: requests for scheduling, a memory limit.
+	// Resources: requests for scheduling, a memory limit, and a memory
+	// request as large as the limit. Under node memory pressure the
+	// kubelet evicts first the pods whose use is over their requests, and
+	// a hard eviction kills at once: no drain for an edge, no leadership
+	// transfer for a control node. A pod that requests its limit is never
+	// over it, and then goes by its priority (a class of the relay's own).
 	req, lim := c.Resources.Requests, c.Resources.Limits
 	if req.Cpu().IsZero() || req.Memory().IsZero() || lim.Memory().IsZero() {
 		t.Errorf("resources: want cpu and memory requests and a memory limit, got %v", c.Resources)
 	}
-	if lim.Memory().Cmp(*req.Memory()) < 0 {
-		t.Error("memory limit below the request")
+	if lim.Memory().Cmp(*req.Memory()) != 0 {
+		t.Errorf("memory request %s, limit %s: want the request equal to the limit (a pod over its request is evicted first under node memory pressure, without its graceful stop)",
+			req.Memory(), lim.Memory())
+	}
+	if pc, ok := r.priorityClasses[s.PriorityClassName]; !ok {
+		t.Errorf("priorityClassName %q is no PriorityClass of the overlay", s.PriorityClassName)
+	} else if pc.Value <= 0 || pc.GlobalDefault {
+		t.Errorf("PriorityClass %s: value %d, globalDefault %v; want a priority above pods without a class, and no default for others' pods",
+			pc.Name, pc.Value, pc.GlobalDefault)
 	}
 	if c.Args[0] == "edge" {
 		v, _ := env(c, "RELAY_MAX_SESSIONS")
@@ -709,6 +734,25 @@ func parseSeconds(s string) (int64, error) {
 		return 0, fmt.Errorf("duration %q: write it in seconds (30s)", s)
 	}
 	return strconv.ParseInt(n, 10, 64)
+}
+
+// checkPriorities: the control plane's pods rank above the edges'. A node
+// short of memory evicts an edge before a voter: the edges' devices
+// reconnect to the others, while a voter lost costs the cluster a
+// failure it tolerates (and its pod may stay Pending).
+func checkPriorities(t *testing.T, r *rendered) {
+	prio := map[string][]int32{}
+	for _, w := range r.pods() {
+		if pc, ok := r.priorityClasses[w.spec.PriorityClassName]; ok {
+			prio[w.spec.Containers[0].Args[0]] = append(prio[w.spec.Containers[0].Args[0]], pc.Value)
+		}
+	}
+	if len(prio["control"]) == 0 || len(prio["edge"]) == 0 {
+		t.Fatalf("priorities of control and edge pods: %v", prio)
+	}
+	if slices.Min(prio["control"]) <= slices.Max(prio["edge"]) {
+		t.Errorf("control pods' priorities %v are not above the edges' %v", prio["control"], prio["edge"])
+	}
 }
 
 // checkServices: every Service selects pods, and its ports name ports
