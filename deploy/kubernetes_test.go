@@ -920,6 +920,47 @@ func checkMonitoring(t *testing.T, r *rendered, want overlay) {
 	if len(rule.Spec.Groups) == 0 {
 		t.Error("the PrometheusRule has no rules")
 	}
+	checkMonitoringSelection(t, r)
+}
+
+// monitoringSelection is the label by which a Prometheus of the operator
+// selects ServiceMonitors and PrometheusRules in kube-prometheus-stack
+// (`release: <Helm release>`), set at the patch point of
+// components/monitoring.
+const monitoringSelection = "release"
+
+// checkMonitoringSelection: a Prometheus of the operator ignores every
+// ServiceMonitor and PrometheusRule its selectors do not match, saying
+// nothing. Each of them carries the selection label, with one value, set
+// in one place that is marked for the operator to change; nothing else
+// carries it.
+func checkMonitoringSelection(t *testing.T, r *rendered) {
+	values := map[string][]string{}
+	for _, o := range r.objects {
+		v, ok := o.GetLabels()[monitoringSelection]
+		switch o.(type) {
+		case *monitoringv1.ServiceMonitor, *monitoringv1.PrometheusRule:
+			if !ok || v == "" {
+				t.Errorf("%T %s has no label %s: kube-prometheus-stack's Prometheus would not select it", o, o.GetName(), monitoringSelection)
+			}
+			values[v] = append(values[v], o.GetName())
+		default:
+			if ok {
+				t.Errorf("%T %s has the monitoring selection label %s=%s, meant for ServiceMonitors and PrometheusRules", o, o.GetName(), monitoringSelection, v)
+			}
+		}
+	}
+	if len(values) > 1 {
+		t.Errorf("the monitoring objects carry different %s labels: %v", monitoringSelection, values)
+	}
+	const component = "kubernetes/components/monitoring/kustomization.yaml"
+	b, err := os.ReadFile(component)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(b, []byte("# CHANGE-ME")) || !bytes.Contains(b, []byte("path: /metadata/labels/"+monitoringSelection+"\n")) {
+		t.Errorf("%s: no patch of the label %s marked CHANGE-ME", component, monitoringSelection)
+	}
 }
 
 // checkCertificates: the control plane's certificate names every address
