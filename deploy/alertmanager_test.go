@@ -177,6 +177,13 @@ func TestInhibitRules(t *testing.T) {
 		{"an edge's high error rate alone is sent",
 			[]map[string]string{alert("RelayEdgeHighErrorRate", "e1:7444"), alert("RelayEdgeMailboxWritesFailing", "e1:7444")},
 			nil},
+		// The switch must hear the watchdog whatever else fires (here
+		// every source of an inhibit rule that takes no instance, and
+		// processes down).
+		{"nothing holds back the watchdog",
+			[]map[string]string{alert(watchdog, ""), alert("RelayControlPlaneDown", ""), alert("RelayEdgeControlCutOff", ""),
+				alert("RelayControlDown", "c1:7402"), alert("RelayEdgeDown", "e1:7444")},
+			[]string{"RelayEdgeControlCutOff"}},
 		// One edge refusing devices while the others take them has no
 		// page of its own to hide behind.
 		{"one edge failing handshakes is sent",

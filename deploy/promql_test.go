@@ -34,7 +34,7 @@ type rule struct {
 }
 
 // ruleFiles are the project's rule files.
-var ruleFiles = []string{"prometheus/control-alerts.yml", "prometheus/edge-alerts.yml"}
+var ruleFiles = []string{"prometheus/control-alerts.yml", "prometheus/edge-alerts.yml", "prometheus/monitoring-alerts.yml"}
 
 func readRules(path string) (*ruleFile, error) {
 	b, err := os.ReadFile(path)

@@ -55,7 +55,8 @@ func TestPromtool(t *testing.T) {
 // amtool accepts the Alertmanager configuration, and its routing tree
 // sends every alert of the rules where the configuration says: pages to
 // the component's on-call, warnings to its team's mail, info to the chat
-// only; everything to the chat as well.
+// only; everything to the chat as well; but the watchdog to the dead
+// man's switch alone.
 func TestAlertmanagerConfig(t *testing.T) {
 	amtool := tool(t, "amtool", "prometheus-alertmanager")
 	const config = "alertmanager/alertmanager.yml"
@@ -69,12 +70,15 @@ func TestAlertmanagerConfig(t *testing.T) {
 			continue
 		}
 		sev, comp := r.Labels["severity"], r.Labels["component"]
-		want := map[string]string{
+		want := "chat-webhook," + map[string]string{
 			"page": comp + "-oncall-pagerduty",
 			"warn": comp + "-team-email",
 			"info": "blackhole",
 		}[sev]
-		run(t, amtool, "config", "routes", "test", "--config.file="+config, "--verify.receivers=chat-webhook,"+want,
+		if r.Alert == watchdog {
+			want = "deadmans-switch"
+		}
+		run(t, amtool, "config", "routes", "test", "--config.file="+config, "--verify.receivers="+want,
 			"alertname="+r.Alert, "severity="+sev, "component="+comp, "instance=host:7402")
 	}
 	// An alert without the labels falls through to the operators' mail.

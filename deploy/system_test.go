@@ -430,6 +430,10 @@ func alertsEndToEnd(t *testing.T, r *relay) {
 	})
 	edgeDownFor := forOf(t, rules, "RelayEdgeDown")
 
+	// The dead man's switch hears the watchdog from the start (and no
+	// other receiver does: checked at the end).
+	hooks.wait(t, time.Minute, "deadmans-switch", watchdog, "firing", "", time.Time{})
+
 	// An edge crashes: its page reaches the edges' on-call (and the chat).
 	edge := r.edges[len(r.edges)-1]
 	killed := time.Now()
@@ -503,6 +507,11 @@ func alertsEndToEnd(t *testing.T, r *relay) {
 	for _, n := range hooks.got {
 		if strings.HasPrefix(n.Receiver, "MISROUTED") {
 			t.Errorf("%s", n.Receiver)
+		}
+		for _, a := range n.Alerts {
+			if a.Labels["alertname"] == watchdog && n.Receiver != "deadmans-switch" {
+				t.Errorf("%s reached %s: it is for the dead man's switch alone", watchdog, n.Receiver)
+			}
 		}
 	}
 }
