@@ -365,9 +365,8 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 		}) {
 			t.Errorf("%s: RELAY_BACKUP_DIR=%s is not on the backups volume", s.Name, dir)
 		}
-		for _, name := range []string{"RELAY_BACKUP_EVERY", "RELAY_BACKUP_KEEP"} {
-			mustEnv(t, c, name)
-		}
+		mustEnv(t, c, "RELAY_BACKUP_EVERY")
+		checkBackupVolume(t, s, mustEnv(t, c, "RELAY_BACKUP_KEEP"))
 		if k, ok := env(c, "RELAY_BACKUP_KEY"); !ok || k.ValueFrom == nil || k.ValueFrom.SecretKeyRef == nil {
 			t.Errorf("%s: RELAY_BACKUP_KEY does not come from a Secret", s.Name)
 		}
@@ -435,6 +434,33 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 		if a == nil || a.PodAntiAffinity == nil || len(a.PodAntiAffinity.RequiredDuringSchedulingIgnoredDuringExecution) == 0 {
 			t.Error("control nodes may share a Kubernetes node: want required pod anti-affinity")
 		}
+	}
+}
+
+// stateShareOfData is the largest part of the data volume the state can
+// take: the volume also holds two Raft snapshots (each a copy of the
+// state) and the room Pebble's compactions need, about another.
+const stateShareOfData = 4
+
+// checkBackupVolume: the backups volume holds what relayd keeps there at
+// its fullest, --backup-keep backups and the one being written (old ones
+// are pruned only once a new one verified), of the largest state the
+// data volume holds. A volume that fills stays full: no backup succeeds,
+// so none is pruned, whatever --backup-keep then says.
+func checkBackupVolume(t *testing.T, s *appsv1.StatefulSet, keep string) {
+	n, err := strconv.ParseInt(keep, 10, 64)
+	if err != nil || n <= 0 {
+		t.Errorf("%s: RELAY_BACKUP_KEEP %q: want a positive number", s.Name, keep)
+		return
+	}
+	size := map[string]int64{}
+	for _, c := range s.Spec.VolumeClaimTemplates {
+		size[c.Name] = c.Spec.Resources.Requests.Storage().Value()
+	}
+	state := size["data"] / stateShareOfData
+	if need := (n + 1) * state; size["backups"] < need {
+		t.Errorf("%s: the backups volume (%d MiB) holds fewer than RELAY_BACKUP_KEEP+1 = %d backups of a state of 1/%d of the data volume (%d MiB each, %d MiB in all)",
+			s.Name, size["backups"]>>20, n+1, stateShareOfData, state>>20, need>>20)
 	}
 }
 
