@@ -447,6 +447,18 @@ func (g *guideChecker) checkKubectl(line int, w []string) {
 				}
 			}
 		}
+	case "label":
+		// The relay's own labels on a node or namespace are those a
+		// manifest selects by: a typo would leave a node without its
+		// edge (or with it, at maintenance), a Prometheus shut out.
+		if len(verb) > 3 && (verb[1] == "node" || verb[1] == "namespace") {
+			for _, l := range verb[3:] {
+				key, _, _ := strings.Cut(strings.TrimSuffix(l, "-"), "=")
+				if strings.HasPrefix(key, "relay.edge-relay.dev/") && !g.selectsBy(verb[1], key) {
+					g.errorf(line, w, "no overlay selects a %s by the label %s", verb[1], key)
+				}
+			}
+		}
 	case "set":
 		if len(verb) > 3 && verb[1] == "image" {
 			c, _, _ := strings.Cut(verb[3], "=")
@@ -455,6 +467,31 @@ func (g *guideChecker) checkKubectl(line int, w []string) {
 			}
 		}
 	}
+}
+
+// selectsBy reports whether an overlay selects nodes (a pod's
+// nodeSelector) or namespaces (a NetworkPolicy's peer) by a label key.
+func (g *guideChecker) selectsBy(kind, key string) bool {
+	for _, r := range g.k8s {
+		for _, w := range r.pods() {
+			if _, ok := w.spec.NodeSelector[key]; ok && kind == "node" {
+				return true
+			}
+		}
+		for _, np := range r.netpols {
+			for _, rule := range np.Spec.Ingress {
+				for _, peer := range rule.From {
+					if peer.NamespaceSelector == nil || kind != "namespace" {
+						continue
+					}
+					if _, ok := peer.NamespaceSelector.MatchLabels[key]; ok {
+						return true
+					}
+				}
+			}
+		}
+	}
+	return false
 }
 
 // referenced reports whether a Secret or ConfigMap is used by the prod
