@@ -302,8 +302,24 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 	if v := mustEnv(t, sc, "RELAY_BOOTSTRAP"); v != "true" {
 		t.Errorf("the seed's RELAY_BOOTSTRAP is %q", v)
 	}
-	if _, ok := env(sc, "RELAY_JOIN"); ok {
-		t.Error("the seed has RELAY_JOIN: relayd refuses --bootstrap with --join")
+	// The seed asks the other nodes before it founds the cluster, so that
+	// with a lost volume it joins the live one instead of founding a
+	// second: it names every other node and not itself; alone (dev) it
+	// names none.
+	seedJoin, hasSeedJoin := env(sc, "RELAY_JOIN")
+	switch {
+	case want.controlNodes == 1 && hasSeedJoin:
+		t.Errorf("the seed is the only node and still has RELAY_JOIN %q: it waits for names that never answer", seedJoin.Value)
+	case want.controlNodes > 1 && !hasSeedJoin:
+		t.Error("the seed has no RELAY_JOIN: with a lost volume it founds a second cluster beside the live one")
+	case want.controlNodes > 1:
+		var others []string
+		for i := range min(want.controlNodes-1, 2) {
+			others = append(others, fmt.Sprintf("relay-control-%d.relay-control:%s", i, port(t, flags.flag(t, "api-addr").Default)))
+		}
+		if got := strings.Split(seedJoin.Value, ","); !slices.Equal(got, others) {
+			t.Errorf("the seed's RELAY_JOIN is %q, want the other nodes %q", got, others)
+		}
 	}
 	if _, ok := env(nc, "RELAY_BOOTSTRAP"); ok {
 		t.Error("the joining nodes have RELAY_BOOTSTRAP: each would found a cluster of its own")

@@ -74,7 +74,13 @@ func relaydFlags(t *testing.T, command string) commandFlags {
 	if last != nil {
 		c.byName[last.Name], c.byEnv[last.Env] = *last, *last
 	}
-	if len(c.byName) < 10 {
+	// A parse of the help that went wrong finds few flags: the serving
+	// commands have dozens, export-state its two.
+	least := 10
+	if command == "export-state" {
+		least = 2
+	}
+	if len(c.byName) < least {
 		t.Fatalf("relayd %s --help listed %d flags:\n%s", command, len(c.byName), out.String())
 	}
 	return c
