@@ -390,6 +390,7 @@ func TestMetricsCollector(t *testing.T) {
 		"relay_control_raft_has_leader":            func(v float64) bool { return v == 1 },
 		"relay_control_ready":                      func(v float64) bool { return v == 1 },
 		"relay_control_raft_voters":                func(v float64) bool { return v == 1 },
+		"relay_control_raft_voter":                 func(v float64) bool { return v == 1 },
 		"relay_control_raft_term":                  func(v float64) bool { return v >= 1 },
 		"relay_control_fsm_applied_index":          func(v float64) bool { return v >= 3 },
 		"relay_control_raft_commit_index":          func(v float64) bool { return v >= 3 },

@@ -138,10 +138,12 @@ var (
 		"1 when the node is ready (sees a leader and caught up at start).", nil, nil)
 	descVoters = prometheus.NewDesc("relay_control_raft_voters",
 		"Voters in the latest Raft configuration this node knows, running or not: what a quorum is counted against.", nil, nil)
+	descVoter = prometheus.NewDesc("relay_control_raft_voter",
+		"1 when this node is a voter in the latest Raft configuration it knows (0: joining, removed, or a non-voter).", nil, nil)
 )
 
 func (c *raftCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descState, descTerm, descCommit, descApplied, descLeader, descReady, descVoters} {
+	for _, d := range []*prometheus.Desc{descState, descTerm, descCommit, descApplied, descLeader, descReady, descVoters, descVoter} {
 		ch <- d
 	}
 }
@@ -174,12 +176,14 @@ func (c *raftCollector) Collect(ch chan<- prometheus.Metric) {
 	// GetConfiguration answers from Raft's copy of the latest
 	// configuration, without a trip through its main loop.
 	if cf := n.raft.GetConfiguration(); cf.Error() == nil {
-		voters := 0
+		voters, self := 0, false
 		for _, s := range cf.Configuration().Servers {
 			if s.Suffrage == raft.Voter {
 				voters++
+				self = self || string(s.ID) == n.cfg.NodeID
 			}
 		}
 		ch <- prometheus.MustNewConstMetric(descVoters, prometheus.GaugeValue, float64(voters))
+		ch <- prometheus.MustNewConstMetric(descVoter, prometheus.GaugeValue, b2f(self))
 	}
 }

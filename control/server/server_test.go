@@ -61,6 +61,7 @@ func TestAdminEndpoints(t *testing.T) {
 		"relay_control_raft_has_leader 1",
 		"relay_control_ready 1",
 		"relay_control_raft_voters 3",
+		"relay_control_raft_voter 1",
 		"go_goroutines",
 	} {
 		if !strings.Contains(metrics, want) {
