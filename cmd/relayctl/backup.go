@@ -197,7 +197,15 @@ func (a *app) backup(ctx context.Context, dst string, key *backup.Key, stale boo
 	// to start it only. Each attempt writes a file of its own, so a
 	// retried stream never appends to a cut one.
 	var info backup.Info
-	err := a.call(ctx, "backup", retryAlways, func(actx context.Context, base string) error {
+	a.prepare(ctx)
+	eps := a.endpoints()
+	if stale && len(eps) > 1 {
+		// What this member applied, not another's: survivors differ.
+		eps = eps[:1]
+	}
+	var from string
+	err := a.callOn(ctx, eps, "backup", retryAlways, func(actx context.Context, base string) error {
+		from = base
 		sctx, cancel := context.WithCancel(ctx)
 		defer cancel()
 		var err error
@@ -226,6 +234,9 @@ func (a *app) backup(ctx context.Context, dst string, key *backup.Key, stale boo
 	enc := ""
 	if info.Encrypted {
 		enc = ", encrypted"
+	}
+	if stale {
+		enc += fmt.Sprintf(", stale: applied index %d of %s", info.AppliedIndex, a.nodeName(from))
 	}
 	fmt.Fprintf(a.stdout, "wrote %s: %d bytes, %d records%s, verified\n", dst, info.Size, info.Records, enc)
 	return nil

@@ -165,6 +165,11 @@ func TestJSONOutputForEveryCommand(t *testing.T) {
 	if v := r.json(srv, "", "backup", filepath.Join(t.TempDir(), "b.bin")); v["records"].(float64) == 0 {
 		t.Fatalf("backup: %v", v)
 	}
+	// With a leader known, a stale backup catches up first like any
+	// other; it says which member's state it holds.
+	if out := r.must(srv, "", "backup", "--stale", filepath.Join(t.TempDir(), "s.bin")); !strings.Contains(out, "stale: applied index") || !strings.Contains(out, "verified") {
+		t.Fatalf("backup --stale: %s", out)
+	}
 	testBackupKeys(t, r, srv)
 	if v := r.json(srv, "", "user", "delete", id); v["id"] != id || v["deleted"] != true {
 		t.Fatalf("user delete: %v", v)

@@ -45,7 +45,7 @@ func runExportState(ctx context.Context, args []string, stdout, stderr io.Writer
 	}
 	// Opening takes the store's lock: a node still running there is
 	// refused, as its state moves under the export.
-	st, err := state.Open(state.Config{Dir: filepath.Join(*dataDir, "state"), Logger: slog.New(slog.DiscardHandler)})
+	st, err := state.Open(state.Config{Dir: filepath.Join(*dataDir, "state"), ReadOnly: true, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		return fmt.Errorf("%w (is the node stopped?)", err)
 	}

@@ -8,10 +8,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"connectrpc.com/connect"
 
+	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/internal/buildinfo"
@@ -23,14 +25,15 @@ import (
 type ClusterServer struct {
 	node   *raftnode.Node
 	dialer *Dialer
+	log    *slog.Logger
 }
 
 var _ controlv1connect.ClusterServiceHandler = (*ClusterServer)(nil)
 
 // NewClusterServer returns the ClusterService handler of node; dialer
-// reaches the leader for forwarded requests.
-func NewClusterServer(node *raftnode.Node, dialer *Dialer) *ClusterServer {
-	return &ClusterServer{node: node, dialer: dialer}
+// reaches the leader for forwarded requests; log records stale backups.
+func NewClusterServer(node *raftnode.Node, dialer *Dialer, log *slog.Logger) *ClusterServer {
+	return &ClusterServer{node: node, dialer: dialer, log: log}
 }
 
 // Status reports this node's view of the cluster.
@@ -201,10 +204,17 @@ const backupChunk = 256 << 10
 // linearizable read barrier, so the copy holds every write acknowledged
 // before the call.
 func (s *ClusterServer) Backup(ctx context.Context, req *connect.Request[controlv1.BackupRequest], stream *connect.ServerStream[controlv1.BackupResponse]) error {
-	if !req.Msg.GetStale() {
+	// Stale only where no leader is known: with one, a node cut off from
+	// it (or lagging) might still honour a token the cluster revoked
+	// (accountValid serves from its own state), and the catch-up below
+	// is what checks the caller against the cluster's state.
+	if lid, _ := s.node.Leader(); !req.Msg.GetStale() || lid != "" {
 		if err := s.node.Barrier(ctx); err != nil {
 			return toConnect(err)
 		}
+	} else {
+		c, _ := auth.ClaimsFrom(ctx)
+		s.log.Warn("stale backup: the state this node applied, without a leader", "by", c.Login, "applied_index", s.node.FSM().AppliedIndex())
 	}
 	w := &chunkWriter{send: func(b []byte) error {
 		return stream.Send(&controlv1.BackupResponse{Data: b})

@@ -182,3 +182,24 @@ func TestAClusterThatLostItsQuorumIsSavedFromASurvivor(t *testing.T) {
 		t.Fatalf("the restored cluster lacks what the survivor had: %v", err)
 	}
 }
+
+// A seed whose members refuse to tell it whether they belong to a
+// cluster (no certificate from the cluster's CA, no current join token)
+// does not found one: a second cluster beside a live one costs more than
+// a node that will not start, and the error says what to give it.
+func TestASeedRefusedAnAnswerFoundsNoCluster(t *testing.T) {
+	live := clustertest.Start(t, 1, clustertest.Options{})
+	cfg := live.JoinConfig(0) // a configuration on free ports, in a new dir
+	cfg.NodeID, cfg.DataDir = "seed", filepath.Join(t.TempDir(), "data")
+	cfg.RaftAddr, cfg.APIAddr = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.Bootstrap, cfg.JoinToken, cfg.BootstrapWait = true, "", time.Second
+	ctx := ctxT(t, time.Minute)
+	s, err := server.Start(ctx, cfg)
+	if err == nil {
+		_ = s.Shutdown(ctx)
+		t.Fatal("the seed founded a cluster though a member refused to say whether it belongs to one")
+	}
+	if !strings.Contains(err.Error(), "refused to say whether it belongs to a cluster") || !strings.Contains(err.Error(), "--join-token") {
+		t.Fatalf("the seed's error does not say why or what to give: %v", err)
+	}
+}

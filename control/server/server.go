@@ -384,7 +384,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	opts := func(service string) connect.HandlerOption {
 		return connect.WithHandlerOptions(interceptors, cfg.Limits.HandlerOptions(service))
 	}
-	mux.Handle(controlv1connect.NewClusterServiceHandler(api.NewClusterServer(s.node, s.dialer), opts(controlv1connect.ClusterServiceName)))
+	mux.Handle(controlv1connect.NewClusterServiceHandler(api.NewClusterServer(s.node, s.dialer, s.log), opts(controlv1connect.ClusterServiceName)))
 	mux.Handle(controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts(controlv1connect.PeerServiceName)))
 	mux.Handle(controlv1connect.NewAuthServiceHandler(authServer, opts(controlv1connect.AuthServiceName)))
 	mux.Handle(controlv1connect.NewUserServiceHandler(api.NewUserServer(s.node, s.authn), opts(controlv1connect.UserServiceName)))
@@ -508,32 +508,42 @@ func (s *Server) joinHint(err error) string {
 }
 
 // clusterAt asks the members listed in cfg.Join, once a second for up
-// to BootstrapWait, whether they belong to a cluster. It returns the
-// address of the first that does, or "" once every one answered that it
-// does not (new nodes waiting to join this one) or the wait ran out with
-// none saying so; an error only when ctx ends.
+// to BootstrapWait, whether they belong to a cluster (a history, or a
+// member list: a cluster of a release before histories has none). It
+// returns the address of the first that does, or "" once every one
+// answered that it does not (new nodes waiting to join this one) or the
+// wait ran out with none answering at all. A member that refuses to
+// answer this node (no certificate from the cluster's CA, an expired
+// --join-token) may well belong to one: that is an error, as is ctx
+// ending. A second cluster beside a live one costs far more than a node
+// that will not start.
 func (s *Server) clusterAt(ctx context.Context) (string, error) {
 	deadline := time.Now().Add(s.cfg.BootstrapWait)
 	for {
 		empty := 0
+		var refused error
 		for _, addr := range s.cfg.Join {
-			req := connect.NewRequest(&controlv1.StatusRequest{})
-			if s.cfg.JoinToken != "" {
-				req.Header().Set("Authorization", "Bearer "+s.cfg.JoinToken)
-			}
 			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			st, err := s.dialer.Cluster(addr).Status(cctx, req)
+			st, err := s.dialer.Cluster(addr).Status(cctx, joinRequest(s.cfg.JoinToken, &controlv1.StatusRequest{}))
 			cancel()
-			switch {
-			case err != nil:
-				s.log.Info("before founding a cluster: no answer yet", "from", addr, "err", err)
-			case st.Msg.GetHistory() != "":
+			switch c := connect.CodeOf(err); {
+			case err == nil && (st.Msg.GetHistory() != "" || len(st.Msg.GetMembers()) > 0):
 				return addr, nil
-			default:
+			case err == nil:
 				empty++
+			case c == connect.CodeUnauthenticated || c == connect.CodePermissionDenied:
+				refused = fmt.Errorf("%s refused to say whether it belongs to a cluster: %w", addr, err)
+			default:
+				s.log.Info("before founding a cluster: no answer yet", "from", addr, "err", err)
 			}
 		}
-		if empty == len(s.cfg.Join) || !time.Now().Before(deadline) {
+		if empty == len(s.cfg.Join) {
+			return "", nil
+		}
+		if !time.Now().Before(deadline) {
+			if refused != nil {
+				return "", fmt.Errorf("not founding a cluster: %w (give this node TLS certificates from the cluster's CA, or a current --join-token; to found a new cluster regardless, start it without --join)", refused)
+			}
 			return "", nil
 		}
 		select {
@@ -542,6 +552,16 @@ func (s *Server) clusterAt(ctx context.Context) (string, error) {
 		case <-time.After(time.Second):
 		}
 	}
+}
+
+// joinRequest wraps msg, a call to a member made while joining, with
+// token (the join token) when there is one.
+func joinRequest[T any](token string, msg *T) *connect.Request[T] {
+	req := connect.NewRequest(msg)
+	if token != "" {
+		req.Header().Set("Authorization", "Bearer "+token)
+	}
+	return req
 }
 
 // errVoterLostData is a join refused because the cluster still counts a
@@ -553,13 +573,7 @@ var errVoterLostData = errors.New("this node's id is a voter of the cluster, but
 // until then it takes no Raft traffic), and then to add this node.
 func (s *Server) joinVia(ctx context.Context, addr string, req *controlv1.AddVoterRequest) error {
 	c := s.dialer.Cluster(addr)
-	sr := connect.NewRequest(&controlv1.StatusRequest{})
-	ar := connect.NewRequest(req)
-	if s.cfg.JoinToken != "" {
-		sr.Header().Set("Authorization", "Bearer "+s.cfg.JoinToken)
-		ar.Header().Set("Authorization", "Bearer "+s.cfg.JoinToken)
-	}
-	st, err := c.Status(ctx, sr)
+	st, err := c.Status(ctx, joinRequest(s.cfg.JoinToken, &controlv1.StatusRequest{}))
 	if err != nil {
 		return err
 	}
@@ -582,7 +596,7 @@ func (s *Server) joinVia(ctx context.Context, addr string, req *controlv1.AddVot
 	if err := s.node.ExpectHistory(st.Msg.GetHistory(), everyMemberChecks); err != nil {
 		return fmt.Errorf("status of %s: %w", addr, err)
 	}
-	_, err = c.AddVoter(ctx, ar)
+	_, err = c.AddVoter(ctx, joinRequest(s.cfg.JoinToken, req))
 	return err
 }
 

@@ -29,6 +29,10 @@ type Config struct {
 	Logger *slog.Logger
 	// CacheBytes is Pebble's block cache size. Default: 64 MiB.
 	CacheBytes int64
+	// ReadOnly opens an existing store without writing to it (no WAL
+	// replay into tables, no compactions): for reading a stopped node's
+	// state, which may be the last copy.
+	ReadOnly bool
 }
 
 func (c *Config) applyDefaults() error {
@@ -69,15 +73,19 @@ func Open(cfg Config) (*Store, error) {
 		// by itself (which would prevent rolling the binary back).
 		FormatMajorVersion: pebble.FormatValueSeparation,
 	}
+	opts.ReadOnly = cfg.ReadOnly
 	opts.EnsureDefaults()
 	db, err := pebble.Open(cfg.Dir, opts)
 	if err != nil {
 		return nil, fmt.Errorf("open state store at %s: %w", cfg.Dir, err)
 	}
-	// Pebble's lock is held now, so no import is running in this directory.
-	if err := removeImportDirs(cfg.Dir); err != nil {
-		_ = db.Close()
-		return nil, fmt.Errorf("open state store at %s: remove an interrupted import: %w", cfg.Dir, err)
+	// Pebble's lock is held now, so no import is running in this
+	// directory; a reader leaves what it finds.
+	if !cfg.ReadOnly {
+		if err := removeImportDirs(cfg.Dir); err != nil {
+			_ = db.Close()
+			return nil, fmt.Errorf("open state store at %s: remove an interrupted import: %w", cfg.Dir, err)
+		}
 	}
 	return &Store{db: db, opts: opts, dir: cfg.Dir, log: cfg.Logger, importTableBytes: defaultImportTableBytes}, nil
 }

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"os"
 	"runtime"
 	"testing"
 	"testing/iotest"
@@ -373,4 +375,62 @@ func TestDecoderDoesNotTrustLengths(t *testing.T) {
 	if got := after.TotalAlloc - before.TotalAlloc; got > 4<<20 {
 		t.Fatalf("decoding a %d-byte export allocated %d bytes", len(in), got)
 	}
+}
+
+// A store opened read-only reads what the last writer left, its log
+// included, refuses writes, and leaves the directory as it found it: it
+// may be a stopped node's last copy of the state.
+func TestAReadOnlyStoreReadsAndChangesNothing(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(Config{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := s.NewBatch()
+	if err := b.Set([]byte("k"), []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	before := listing(t, dir)
+	ro, err := Open(Config{Dir: dir, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, err := ro.Get([]byte("k")); err != nil || string(v) != "v" {
+		t.Fatalf("read-only Get: %q, %v", v, err)
+	}
+	w := ro.NewBatch()
+	_ = w.Set([]byte("k2"), []byte("v2"))
+	if err := w.Commit(); err == nil {
+		t.Fatal("a read-only store took a write")
+	}
+	if err := ro.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if after := listing(t, dir); !maps.Equal(before, after) {
+		t.Fatalf("the directory changed under a read-only store:\nbefore %v\nafter  %v", before, after)
+	}
+}
+
+// listing maps each file in dir to its size.
+func listing(t *testing.T, dir string) map[string]int64 {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]int64{}
+	for _, e := range entries {
+		fi, err := e.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = fi.Size()
+	}
+	return out
 }
