@@ -54,7 +54,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", 30*time.Second, "close device connections silent this long")
 	fs.DurationVar(&cfg.MeshIdleTimeout, "mesh-idle-timeout", 5*time.Second, "count a silent mesh link as broken after this long (forwards to a peer that died wait as long)")
 	fs.DurationVar(&cfg.MeshPresenceGrace, "mesh-presence-grace", 10*time.Second, "keep the devices a peer edge announced this long after its mesh link ended, for it to reconnect (negative: none)")
-	fs.IntVar(&cfg.Session.Limits.MaxPayloadBytes, "max-payload-bytes", l.MaxPayloadBytes, "largest event payload (with the event's other fields at their longest, at most the 256 KiB a mailbox entry holds: 253458 with the default limits)")
+	fs.IntVar(&cfg.Session.Limits.MaxPayloadBytes, "max-payload-bytes", l.MaxPayloadBytes, "largest event payload (an event, with its other fields at their longest, must fit the 256 KiB a mailbox entry holds: with --max-frame-bytes letting larger events in, at most 253458 with the other limits at their defaults)")
 	fs.IntVar(&cfg.Session.Limits.MaxFrameBytes, "max-frame-bytes", l.MaxFrameBytes, "largest frame")
 	fs.DurationVar(&cfg.Session.Limits.MaxTTL, "max-ttl", l.MaxTTL, "longest event TTL (plus --skew-tolerance, at most the 365 days a mailbox entry may live)")
 	fs.DurationVar(&cfg.Session.Limits.SkewTolerance, "skew-tolerance", l.SkewTolerance, "how far a device's clock may be off")
@@ -125,14 +125,8 @@ func (f *edgeFlags) apply(cfg *edgeserver.Config, getenv func(string) string) er
 // for an offline target (a TTL beyond the mailbox's even fails the call
 // that carries it, with every other sender's entry in it).
 func checkMailboxLimits(l session.Limits) error {
-	def := session.DefaultLimits()
+	l = l.WithDefaults()
 	ttl, skew := l.MaxTTL, l.SkewTolerance
-	if ttl <= 0 {
-		ttl = def.MaxTTL
-	}
-	if skew <= 0 {
-		skew = def.SkewTolerance
-	}
 	if ttl > mailbox.MaxEntryTTL-skew {
 		return fmt.Errorf("--max-ttl %v plus --skew-tolerance %v is above the %v a mailbox entry may live: lower --max-ttl to at most %v",
 			ttl, skew, mailbox.MaxEntryTTL, mailbox.MaxEntryTTL-skew)

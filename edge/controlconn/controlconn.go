@@ -224,7 +224,12 @@ const tokenTimeout = 10 * time.Second
 func (c *Conn) validToken() (string, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.access, c.access != "" && time.Until(c.expires) > time.Minute
+	return c.access, c.validLocked()
+}
+
+// validLocked is validToken's test; c.mu is held.
+func (c *Conn) validLocked() bool {
+	return c.access != "" && time.Until(c.expires) > time.Minute
 }
 
 // Token returns a valid access token of the edge's account, logging in
@@ -261,7 +266,7 @@ func (c *Conn) startAttempt() *tokenAttempt {
 		a.err = errors.New("log in to the control plane: the connection is closed")
 		close(a.done)
 		return a
-	case c.access != "" && time.Until(c.expires) > time.Minute:
+	case c.validLocked():
 		a.tok = c.access // an attempt ended since the caller looked
 		close(a.done)
 		return a

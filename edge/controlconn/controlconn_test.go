@@ -463,8 +463,9 @@ func TestProxyPassesOnlyCallsItVouchesFor(t *testing.T) {
 	if n, most := f.edgeLogins.Load(), 1+int64(elapsed/time.Second); n < 1 || n > most {
 		t.Fatalf("%d pages' calls in %v cost %d logins of the edge's, want 1 to %d", pages, elapsed, n, most)
 	}
-	if logged := rec.Find("", func(r clustertest.Record) bool { return strings.HasPrefix(r.Message, "console API call not passed on") }); len(logged) != 1 {
-		t.Fatalf("logged %d lines for the refused calls, want 1", len(logged))
+	// One line every 10 s at most.
+	if logged := rec.Find("", func(r clustertest.Record) bool { return strings.HasPrefix(r.Message, "console API call not passed on") }); len(logged) < 1 || len(logged) > 1+int(elapsed/(10*time.Second)) {
+		t.Fatalf("logged %d lines for the refused calls in %v, want one per 10 s", len(logged), elapsed)
 	}
 
 	// Once the edge has a token again, pages' calls go on, vouched for.

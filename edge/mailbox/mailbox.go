@@ -103,8 +103,10 @@ type Config struct {
 	// plane, from its Store or Claim: its call is retried while the
 	// control plane is unavailable (retries are safe: a stored entry is
 	// stored once) until the oldest entry of the batch has waited this
-	// long, and one that has waited this long when its batch is taken is
-	// answered without a call (ErrUnavailable; a claim as won) [30s].
+	// long (the call under way then still gets at least a second: one cut
+	// off sooner may commit all the same, and its entries come back as
+	// resends), and one that has waited this long when its batch is taken
+	// is answered without a call (ErrUnavailable; a claim as won) [30s].
 	RetryFor time.Duration
 	// ProbeAfter: once a batch gave up on a control plane that has not
 	// answered for RetryFor, what is queued behind it is answered at once
@@ -488,15 +490,26 @@ func callUnder[T any](ctx context.Context, c *Client, b *circuit, kind string, d
 	return resp, err
 }
 
+// minCall is the least time a call to the control plane is given, even
+// when its batch's deadline is nearer: a call cut off sooner may still
+// commit on the control plane, and its entries, answered unavailable,
+// would come back as resends.
+const minCall = time.Second
+
 // retry calls the control plane until it answers, while it is unavailable
-// and until deadline (the calls are idempotent), each call within
-// deadline too; once only when once is set.
+// and until deadline (the calls are idempotent): no call starts after
+// deadline, and each runs until deadline, or minCall, whichever is later
+// (at most callTimeout); once only when once is set.
 func retry[T any](ctx context.Context, c *Client, deadline time.Time, once bool, call func(context.Context) (T, error)) (T, error) {
 	backoff := 20 * time.Millisecond
 	for {
-		callDeadline := time.Now().Add(callTimeout)
+		now := time.Now()
+		callDeadline := now.Add(callTimeout)
 		if deadline.Before(callDeadline) {
 			callDeadline = deadline
+			if floor := now.Add(minCall); callDeadline.Before(floor) {
+				callDeadline = floor
+			}
 		}
 		cctx, cancel := context.WithDeadline(ctx, callDeadline)
 		resp, err := call(cctx)

@@ -769,3 +769,36 @@ func TestAfterABatchGaveUpStoresAreAnsweredAtOnce(t *testing.T) {
 		t.Fatalf("after the control plane came back and went: %+v after %d calls, want retries", r, api.puts.Load()-puts)
 	}
 }
+
+// slowPuts stores every entry, taking delay to answer unless the call's
+// context ends first.
+type slowPuts struct {
+	mailbox.API
+	delay time.Duration
+}
+
+func (s *slowPuts) PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
+	select {
+	case <-time.After(s.delay):
+	case <-ctx.Done():
+		return nil, connect.NewError(connect.CodeDeadlineExceeded, ctx.Err())
+	}
+	out := &edgev1.PutMailboxResponse{}
+	for range entries {
+		out.Results = append(out.Results, &edgev1.PutMailboxResult{Status: edgev1.MailboxStatus_MAILBOX_STATUS_STORED, Seq: 1})
+	}
+	return out, nil
+}
+
+// A call whose batch is near its RetryFor still gets at least a second:
+// cut off sooner, a slow but working control plane may commit it all the
+// same, and its entries, answered unavailable, come back as resends.
+func TestACallNearItsDeadlineStillGetsItsSecond(t *testing.T) {
+	api := &slowPuts{delay: 300 * time.Millisecond}
+	mb, _ := startClient(t, mailbox.Config{API: api, MaxBatch: 1, RetryFor: 100 * time.Millisecond})
+	res := make(chan mailbox.Result, 1)
+	mb.Store(&edgev1.MailboxEntry{DeviceId: "d", UserId: "u", Event: []byte("e"), EventId: "1", SenderDeviceId: "s"}, func(r mailbox.Result) { res <- r })
+	if r := <-res; r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+		t.Fatalf("an entry a slow control plane stored: %+v", r)
+	}
+}

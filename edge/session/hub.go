@@ -134,7 +134,7 @@ func (c *Config) setDefaults() error {
 	if c.EdgeID == "" || c.Directory == nil || c.Ring == nil {
 		return errors.New("session: EdgeID, Directory and Ring are required")
 	}
-	c.Limits = c.Limits.withDefaults()
+	c.Limits = c.Limits.WithDefaults()
 	if c.Limits.MaxFrameBytes > frame.MaxFrameLimit {
 		return fmt.Errorf("session: a frame limit of %d bytes is above the protocol's %d", c.Limits.MaxFrameBytes, frame.MaxFrameLimit)
 	}

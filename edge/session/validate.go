@@ -50,9 +50,9 @@ func DefaultLimits() Limits {
 	}
 }
 
-// withDefaults fills each zero field from DefaultLimits, so that setting
+// WithDefaults fills each zero field from DefaultLimits, so that setting
 // one limit does not zero the others.
-func (l Limits) withDefaults() Limits {
+func (l Limits) WithDefaults() Limits {
 	d := DefaultLimits()
 	pick := func(v *int, def int) {
 		if *v <= 0 {
@@ -86,7 +86,7 @@ func (l Limits) withDefaults() Limits {
 // numbers at their widest; and no more than what a frame carries, plus
 // that sender's id. Fields left zero count at their defaults.
 func (l Limits) LargestEvent() int {
-	l = l.withDefaults()
+	l = l.WithDefaults()
 	id := strings.Repeat("d", maxDeviceIDBytes)
 	ev := &relayv1.Event{
 		Id: strings.Repeat("i", l.MaxIDBytes), SenderDeviceId: id, Targets: make([]string, l.MaxTargets),
@@ -97,7 +97,8 @@ func (l Limits) LargestEvent() int {
 		ev.Targets[i] = id
 	}
 	// The payload's field without making the payload.
-	const payloadField, senderField = 8, 2
+	fd := ev.ProtoReflect().Descriptor().Fields()
+	payloadField, senderField := fd.ByName("payload").Number(), fd.ByName("sender_device_id").Number()
 	fields := frame.EventSize(ev) + protowire.SizeTag(payloadField) + protowire.SizeBytes(l.MaxPayloadBytes)
 	framed := l.MaxFrameBytes + protowire.SizeTag(senderField) + protowire.SizeBytes(maxDeviceIDBytes)
 	return min(fields, framed)

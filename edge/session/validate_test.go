@@ -96,13 +96,13 @@ func TestValidateEvent(t *testing.T) {
 // Setting one limit keeps the defaults of the others (a config that
 // raises the event rate must not make every event id too long).
 func TestLimitsDefaultFieldByField(t *testing.T) {
-	got := Limits{EventsPerSecond: 5000, MaxTTL: time.Hour}.withDefaults()
+	got := Limits{EventsPerSecond: 5000, MaxTTL: time.Hour}.WithDefaults()
 	want := DefaultLimits()
 	want.EventsPerSecond, want.MaxTTL = 5000, time.Hour
 	if got != want {
 		t.Fatalf("got %+v, want %+v", got, want)
 	}
-	if (Limits{}).withDefaults() != DefaultLimits() {
+	if (Limits{}).WithDefaults() != DefaultLimits() {
 		t.Fatal("zero limits are not the defaults")
 	}
 }
