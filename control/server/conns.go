@@ -17,6 +17,21 @@ import (
 // TLS connection held by net/http, more for an HTTP/2 one.)
 const DefaultMaxPendingAPIConns = 1024
 
+// MaxAPIReceiveBuffer is the flow-control window the API port grants an
+// HTTP/2 connection, and each of its streams: what request bodies a
+// connection can make the node hold before a handler reads them.
+// net/http's default, 1 MiB of each, let a client that gives the node no
+// window of its own (the port has no write timeout: watch and backup
+// streams live long) park 1 MiB on each of its connections, some 1 GiB
+// at DefaultMaxPendingAPIConns. The window also paces a body that is
+// read as it comes, to a window a round trip: the largest the API takes
+// (api.Limits.MaxBulkMessage, 32 MiB, a peer's forwarded write) arrives
+// within api.Limits.BodyTimeout (30 s) over round trips up to some
+// 230 ms at 256 KiB, and an edge's mailbox batch (8 MiB at most) in 32
+// round trips. Below it those would not fit, above it a pending
+// connection holds more: 256 KiB, 256 MiB at the default bound.
+const MaxAPIReceiveBuffer = 256 << 10
+
 // DefaultMaxAPIConnsPerAccount is Config.MaxAPIConnsPerAccount's
 // default: far more than relayctl or a script that reuses its
 // connections needs, and a bound on what one account's holder can keep

@@ -18,6 +18,7 @@ import (
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/server"
+	"github.com/edge-relay/relay/internal/h2probe"
 	"github.com/edge-relay/relay/internal/testcerts"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
@@ -315,4 +316,26 @@ func testAPIBoundsConnections(t *testing.T, p apiProtocol, ca *testcerts.CA) {
 		cl.tr.CloseIdleConnections()
 	}
 	counts(0, 0, 0)
+}
+
+// A client that gives the node no flow-control window (its answers never
+// get out, and the API port has no write timeout) and sends request
+// bodies no handler reads (a call to no procedure, answered 404 unread)
+// makes the node hold what the port granted it: MaxAPIReceiveBuffer a
+// connection, not net/http's 1 MiB a stream and a connection.
+func TestAPIBoundsWhatAStalledConnectionBuffers(t *testing.T) {
+	c := clustertest.Empty(t, clustertest.Options{})
+	n := c.StartNode(func(cfg *server.Config) { cfg.Bootstrap = true })
+	conn, err := net.DialTimeout("tcp", n.Server.APIAddr(), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
+	// HTTP/2 with prior knowledge: a node without TLS, as edges speak it.
+	sent, err := h2probe.Buffered(conn, "http", "POST", "/no.Such/Procedure", 8, server.MaxAPIReceiveBuffer)
+	if err != nil {
+		t.Fatalf("a stalled connection to the API port (MaxAPIReceiveBuffer %d KiB): %v", server.MaxAPIReceiveBuffer>>10, err)
+	}
+	t.Logf("a stalled connection made the node buffer %d bytes of request bodies", sent)
 }

@@ -427,10 +427,13 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	// is out, up to HTTPWriteTimeout, and a connection counts once
 	// against MaxPendingHTTPS. A browser's console and relay.js need few.
 	// A request's connection goes after those that never carried one
-	// (connbound.Promoting).
+	// (connbound.Promoting). What a connection's requests may have sent
+	// and their handlers not read is MaxHTTPSReceiveBuffer, not
+	// net/http's 1 MiB a stream and a connection.
 	s.https = &http.Server{Handler: connbound.Promoting(s.publicMux()), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle,
-		ConnContext:  connbound.ContextWithConn,
-		HTTP2:        &http.HTTP2Config{MaxConcurrentStreams: MaxHTTP2Streams},
+		ConnContext: connbound.ContextWithConn,
+		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: MaxHTTP2Streams,
+			MaxReceiveBufferPerConnection: MaxHTTPSReceiveBuffer, MaxReceiveBufferPerStream: MaxHTTPSReceiveBuffer},
 		WriteTimeout: httpWrite, MaxHeaderBytes: MaxHeaderBytes, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	if cfg.AdminAddr != "" {
 		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle, MaxHeaderBytes: MaxHeaderBytes}
@@ -804,6 +807,17 @@ const MaxHeaderBytes = 64 << 10
 // MaxHTTP2Streams is how many requests one HTTP/2 connection to the HTTPS
 // port may have under way at once.
 const MaxHTTP2Streams = 16
+
+// MaxHTTPSReceiveBuffer is the flow-control window the HTTPS port grants
+// an HTTP/2 connection, and each of its streams: what request bodies a
+// connection can make the edge hold before a handler reads them.
+// net/http's default, 1 MiB of each, let a client that gives the edge no
+// window of its own (so an answer's last flush blocks until
+// HTTPWriteTimeout) park 1 MiB a connection, at MaxPendingHTTPS
+// connections some 4 GiB. No request to this port has a body above
+// 64 KiB (a proxied API call's is cut there), so none arrives slower
+// for it: one window holds the largest whole.
+const MaxHTTPSReceiveBuffer = 64 << 10
 
 // adminMux is the public endpoints plus the metrics and the Go profiler,
 // which only the admin port (meant for localhost or a private network)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/internal/h2probe"
 	"github.com/edge-relay/relay/internal/relaytest"
 )
 
@@ -177,4 +178,27 @@ func TestHTTPSBoundsStreamsPerConnection(t *testing.T) {
 			return
 		}
 	}
+}
+
+// An HTTP/2 client that gives the edge no flow-control window can open
+// streams whose answers never get out, each held until HTTPWriteTimeout
+// (60 s), and send request bodies the handlers never read: what the
+// edge granted it in flow-control window, net/http then keeps. With
+// net/http's defaults (1 MiB a stream and a connection) that was 1 MiB
+// a connection. The client here sends every byte of body it is granted
+// on all MaxHTTP2Streams streams (GET /healthz, whose handler reads no
+// body).
+func TestHTTPSBoundsWhatAStalledConnectionBuffers(t *testing.T) {
+	s := startLoneEdge(t, server.Config{EdgeID: "buffers", HTTPWriteTimeout: time.Minute})
+	c, err := tls.Dial("tcp", strings.TrimPrefix(s.HTTPSURL(), "https://"), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	sent, err := h2probe.Buffered(c, "https", "GET", "/healthz", server.MaxHTTP2Streams, server.MaxHTTPSReceiveBuffer)
+	if err != nil {
+		t.Fatalf("a stalled connection to the HTTPS port (MaxHTTPSReceiveBuffer %d KiB): %v", server.MaxHTTPSReceiveBuffer>>10, err)
+	}
+	t.Logf("a stalled connection made the edge buffer %d bytes of request bodies", sent)
 }
