@@ -801,8 +801,9 @@ func (s *Server) publicMux() http.Handler {
 }
 
 // MaxHeaderBytes bounds the request headers the edge's HTTPS and admin
-// ports read (the control plane's API has the same bound).
-const MaxHeaderBytes = 64 << 10
+// ports read, and its device port's over HTTP/3 (the control plane's API
+// has the same bound).
+const MaxHeaderBytes = transport.MaxHeaderBytes
 
 // MaxHTTP2Streams is how many requests one HTTP/2 connection to the HTTPS
 // port may have under way at once.

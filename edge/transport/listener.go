@@ -106,6 +106,13 @@ const (
 	MaxIncomingUniStreams = 4
 )
 
+// MaxHeaderBytes bounds the request headers the device port reads on
+// HTTP/3 (a WebTransport CONNECT's; net/http's default, which http3
+// takes, is 1 MiB), as the edge's HTTPS port does its own: a browser's
+// CONNECT carries a few hundred bytes. The port announces it in its
+// SETTINGS and answers a larger header block 431.
+const MaxHeaderBytes = 64 << 10
+
 // listenerQUICConfig is QUICConfig for a device port.
 func listenerQUICConfig(idle time.Duration) *quic.Config {
 	c := devconn.QUICConfig(idle)
@@ -173,7 +180,7 @@ func Listen(cfg Config) (*Listener, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc(devconn.WebTransportPath, l.serveWebTransport)
 	l.wt = &webtransport.Server{
-		H3: &http3.Server{Handler: mux, TLSConfig: tlsConf, QUICConfig: listenerQUICConfig(cfg.IdleTimeout),
+		H3: &http3.Server{Handler: mux, TLSConfig: tlsConf, QUICConfig: listenerQUICConfig(cfg.IdleTimeout), MaxHeaderBytes: MaxHeaderBytes,
 			ConnContext: func(ctx context.Context, c *quic.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) }},
 		CheckOrigin:       l.checkOrigin,
 		ReorderingTimeout: 5 * time.Second,

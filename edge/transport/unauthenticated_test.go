@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,12 +16,25 @@ import (
 
 	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/transport"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 // reapTimeout is the handshake (and so the stream) timeout of the relays
 // below.
 const reapTimeout = time.Second
+
+// dialH3 opens an HTTP/3 connection to addr, closed at the test's end.
+func dialH3(ctx context.Context, t *testing.T, addr string) *quic.Conn {
+	t.Helper()
+	tlsConf := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{http3.NextProtoH3}, MinVersion: tls.VersionTLS13} //nolint:gosec // a hostile client
+	conn, err := quic.DialAddr(ctx, addr, tlsConf, devconn.QUICConfig(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.CloseWithError(0, "") })
+	return conn
+}
 
 // untilReaped opens an HTTP/3 connection to a fresh edge and calls do
 // with it every fifth of reapTimeout, none of which may keep it: it
@@ -31,12 +45,7 @@ func untilReaped(t *testing.T, do func(ctx context.Context, conn *quic.Conn, add
 	r := startRelay(t, 1, func(_ int, cfg *server.Config) { cfg.Session.HandshakeTimeout = reapTimeout })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	tlsConf := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{http3.NextProtoH3}, MinVersion: tls.VersionTLS13} //nolint:gosec // a hostile client
-	conn, err := quic.DialAddr(ctx, r.Edges[0].Addr(), tlsConf, devconn.QUICConfig(time.Minute))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.CloseWithError(0, "")
+	conn := dialH3(ctx, t, r.Edges[0].Addr())
 	opened := time.Now()
 	tick := time.NewTicker(reapTimeout / 5)
 	defer tick.Stop()
@@ -118,5 +127,44 @@ func TestWebSocketPingsAreNotAnswered(t *testing.T) {
 	defer stop()
 	if err := ws.Ping(pingCtx); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("a ping: %v, want no pong (deadline exceeded)", err)
+	}
+}
+
+// The device port reads at most MaxHeaderBytes of an HTTP/3 request's
+// headers (a WebTransport CONNECT's; http3 took net/http's 1 MiB) and
+// refuses a larger block before any handler: it stops the stream's
+// sending (H3_EXCESSIVE_LOAD), which fails a client still writing it,
+// and answers 431. Anybody can send one, without an account.
+func TestOversizedConnectHeadersAreRefused(t *testing.T) {
+	r := startRelay(t, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn := dialH3(ctx, t, r.Edges[0].Addr())
+	cc, err := (&webtransport.Transport{}).NewClientConn(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	connect := func(size int) (*http.Response, error) {
+		resp, sess, err := cc.Dial(ctx, "https://"+r.Edges[0].Addr()+devconn.WebTransportPath, http.Header{"X-Padding": {strings.Repeat("x", size)}})
+		if sess != nil {
+			_ = sess.CloseWithError(0, "")
+		}
+		return resp, err
+	}
+	// Headers within the bound open a session.
+	if resp, err := connect(transport.MaxHeaderBytes / 2); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("CONNECT with %d KiB of headers: %v, %v; want a session", transport.MaxHeaderBytes/2>>10, resp, err)
+	}
+	resp, err := connect(2 * transport.MaxHeaderBytes)
+	var h3err *http3.Error
+	switch {
+	case resp != nil && resp.StatusCode == http.StatusRequestHeaderFieldsTooLarge:
+	case errors.As(err, &h3err) && h3err.Remote && h3err.ErrorCode == http3.ErrCodeExcessiveLoad:
+	default:
+		status := 0
+		if resp != nil {
+			status = resp.StatusCode
+		}
+		t.Fatalf("CONNECT with %d KiB of headers: status %d, %v; want 431 or H3_EXCESSIVE_LOAD", 2*transport.MaxHeaderBytes>>10, status, err)
 	}
 }
