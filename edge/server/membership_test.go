@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -21,9 +22,12 @@ import (
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
-// readyz returns the edge's /readyz status and body.
-func readyz(s *server.Server) (int, string, error) {
-	resp, err := http.Get(s.AdminURL() + "/readyz")
+// readyz returns the status and body of /readyz at base: an edge's admin
+// URL, or its HTTPS URL (whose certificate is not checked).
+func readyz(base string) (int, string, error) {
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Get(base + "/readyz")
 	if err != nil {
 		return 0, "", err
 	}
@@ -37,7 +41,7 @@ func readyz(s *server.Server) (int, string, error) {
 func waitNotReady(t *testing.T, s *server.Server, want ...string) {
 	t.Helper()
 	clustertest.Eventually(t, 30*time.Second, func() error {
-		code, body, err := readyz(s)
+		code, body, err := readyz(s.AdminURL())
 		if err != nil {
 			return err
 		}
@@ -93,6 +97,11 @@ func TestASecondEdgeWithTheSameIDIsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitNotReady(t, clone, "another running edge", "same id")
+	// The HTTPS port, which anyone reaches, says only that it is starting:
+	// the registration error names the control plane's URLs.
+	if code, body, err := readyz(clone.HTTPSURL()); err != nil || code != http.StatusServiceUnavailable || body != "not ready: starting\n" {
+		t.Fatalf("public /readyz %d %q %v, want 503 %q", code, body, err, "not ready: starting\n")
+	}
 	if !first.Ready() {
 		t.Fatal("the running edge is not ready any more")
 	}
@@ -141,7 +150,7 @@ func TestAnEdgeWhoseLeaseRunsOutSaysSo(t *testing.T) {
 		},
 	})
 	e := r.Edges[0]
-	if code, body, err := readyz(e); err != nil || code != http.StatusOK {
+	if code, body, err := readyz(e.AdminURL()); err != nil || code != http.StatusOK {
 		t.Fatalf("/readyz %d %q %v", code, body, err)
 	}
 	member := func(want float64) {
@@ -156,7 +165,7 @@ func TestAnEdgeWhoseLeaseRunsOutSaysSo(t *testing.T) {
 	member(1)
 	refuse.Store(true)
 	member(0)
-	if code, body, err := readyz(e); err != nil || code != http.StatusOK {
+	if code, body, err := readyz(e.AdminURL()); err != nil || code != http.StatusOK {
 		t.Fatalf("/readyz %d %q %v with the lease run out", code, body, err)
 	}
 	refuse.Store(false)

@@ -193,6 +193,7 @@ type Server struct {
 	wg         sync.WaitGroup
 	bg         sync.WaitGroup
 	ready      atomic.Bool // listeners up; the directory's sync is checked live
+	stopping   atomic.Bool // Shutdown or Kill began
 	once       sync.Once
 }
 
@@ -573,28 +574,23 @@ const StepBackAfter = 5 * time.Second
 // endpoint's UDP flows) the sessions they hold, which go on relaying. A
 // lease that ran out after registering does not count either (see
 // relay_edge_member): in such an outage every lease runs out.
-func (s *Server) Ready() bool { return s.notReady() == "" }
+func (s *Server) Ready() bool {
+	why, _ := s.notReady()
+	return why == ""
+}
 
-// notReady says why the edge does not serve sessions ("" when it does),
-// for /readyz.
-func (s *Server) notReady() string {
-	switch {
-	case !s.ready.Load():
-		return "listeners not up, or shutting down"
-	case !s.dir.Synced():
-		return "watch feed not synced"
-	}
-	if s.leaseUntil.Load() == 0 {
-		why := "not registered as a member yet"
-		if e := s.regErr.Load(); e != nil {
-			why += " (last registration error: " + *e + ")"
-		}
-		return why
+// notReady says why the edge does not serve sessions ("" when it does):
+// reason, one of a few fixed words, and detail, which may name the
+// control plane's URLs (a registration error) or peer edges.
+func (s *Server) notReady() (reason, detail string) {
+	st := readiness{listening: s.ready.Load(), stopping: s.stopping.Load(), synced: s.dir.Synced(), registered: s.leaseUntil.Load() != 0}
+	if e := s.regErr.Load(); e != nil {
+		st.regErr = *e
 	}
 	if peers := s.stepAside.Load(); peers != nil {
-		return fmt.Sprintf("control plane silent for longer than the control grace, while peer edges hear it (%s)", strings.Join(*peers, ", "))
+		st.stepAsideFor = *peers
 	}
-	return ""
+	return st.why()
 }
 
 // CutOff reports whether the edge has not heard from the control plane
@@ -775,17 +771,7 @@ func (s *Server) publicMux() http.Handler {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if why := s.notReady(); why != "" {
-			http.Error(w, "not ready: "+why, http.StatusServiceUnavailable)
-			return
-		}
-		if s.controlSilent() {
-			_, _ = fmt.Fprintf(w, "ready, but cut off from the control plane: relaying for the sessions it holds, refusing new ones (it steps aside once a peer edge has said for %s that it hears the control plane)\n", StepAsideAfter)
-			return
-		}
-		_, _ = w.Write([]byte("ready\n"))
-	})
+	mux.HandleFunc("GET /readyz", s.readyz(false))
 	mux.HandleFunc("GET "+CertHashesPath, func(w http.ResponseWriter, _ *http.Request) {
 		var doc CertHashesDoc
 		for _, h := range s.CertHashes() {
@@ -827,6 +813,7 @@ const MaxHTTPSReceiveBuffer = 64 << 10
 func (s *Server) adminMux() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/", s.publicMux())
+	mux.HandleFunc("GET /readyz", s.readyz(true))
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Registry, promhttp.HandlerOpts{}))
 	profiler.Register(mux)
 	return mux
@@ -847,6 +834,7 @@ const ShutdownReserve = 10 * time.Second
 func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	s.once.Do(func() {
+		s.stopping.Store(true)
 		s.ready.Store(false)
 		s.mesh.SetControlHeard(false)
 		// The clients' goodbyes spread over the window, then 5 s for the
@@ -880,6 +868,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // lease runs out. For fault tests.
 func (s *Server) Kill() {
 	s.once.Do(func() {
+		s.stopping.Store(true)
 		s.ready.Store(false)
 		s.listener.Kill()
 		s.mesh.Kill()
