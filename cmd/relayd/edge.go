@@ -74,6 +74,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.IntVar(&cfg.Session.MaxRevisionWaits, "max-revision-waits", 1024, "handshakes that may wait for a revision at once; beyond it they go on without waiting (0: none waits)")
 	fs.IntVar(&f.unvalidated, "max-unvalidated-handshakes", transport.DefaultMaxUnvalidatedHandshakes, "QUIC handshakes from addresses not yet validated in progress at once; beyond it new connections must first answer a Retry, one round trip more (0: every connection must)")
 	fs.IntVar(&cfg.MaxPendingHTTPS, "max-pending-https", edgeserver.DefaultMaxPendingHTTPS, "HTTPS port connections that are not a device session (in their TLS handshake, serving a request, idle between requests, a WebSocket not yet admitted) at once; beyond it the oldest is closed, and one source (IPv4 address, IPv6 /64) holds at most a sixteenth of it")
+	fs.IntVar(&cfg.MaxPendingQUIC, "max-pending-quic", 0, "device port QUIC connections, native and HTTP/3, that are not a device session (in their handshake, waiting for their session stream, in the session's handshake) at once; beyond it the oldest is closed, those that never opened a session stream first, and one source (IPv4 address, IPv6 /64) holds at most a sixteenth of it (0: 1024, or with --max-sessions a sixty-fourth of it, at least 64)")
 	fs.DurationVar(&cfg.DrainWindow, "drain-window", 10*time.Second, "on shutdown, spread clients' reconnects over this long")
 	fs.DurationVar(&f.shutdown, "shutdown-timeout", 30*time.Second, "how long a graceful shutdown may take")
 }

@@ -124,6 +124,16 @@ type Config struct {
 	// out only by filling the bound, from many sources, faster than the
 	// client's handshakes take.
 	MaxPendingHTTPS int
+	// MaxPendingQUIC bounds the device port's QUIC connections, native
+	// and HTTP/3, that are not a device session (in their handshake,
+	// waiting for their session stream or WebTransport session, in the
+	// session's handshake) [transport.MaxPendingQUICFor the session cap:
+	// 1024, or a sixty-fourth of Session.MaxSessions, at least 64]; at
+	// the bound the oldest is closed, those that never opened a
+	// session stream first, and one source (IPv4 address, IPv6 /64)
+	// holds at most a sixteenth of it (at least 16), beyond which its own
+	// oldest is (see transport.Config.MaxPendingQUIC).
+	MaxPendingQUIC int
 	// ClusterTLSTickets seals the device ports' TLS 1.3 session tickets
 	// with the cluster's session keys (session.ShareTLSTickets), so a
 	// device resumes TLS on any edge; off, each edge process keeps its
@@ -365,7 +375,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		s.listener, err = transport.Listen(transport.Config{
 			Addr: cfg.Addr, TLS: tlsConf, Hub: s.hub, Origins: origins,
 			Logger: s.log, Registerer: cfg.Registry, IdleTimeout: cfg.IdleTimeout,
-			MaxUnvalidatedHandshakes: cfg.MaxUnvalidatedHandshakes,
+			MaxUnvalidatedHandshakes: cfg.MaxUnvalidatedHandshakes, MaxPendingQUIC: cfg.MaxPendingQUIC,
 		})
 		if err != nil {
 			return nil, err

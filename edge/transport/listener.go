@@ -1,8 +1,9 @@
 // Package transport is the edge's device port: native QUIC connections
 // (ALPN relay/1) and WebTransport sessions (HTTP/3) on one UDP socket, and
 // the WebSocket fallback on the HTTPS port, each adapted by edge/devconn
-// and served by the session core's Hub. It owns the UDP listener and the
-// per-connection goroutines; everything above the session stream is
+// and served by the session core's Hub. It owns the UDP listener, the
+// per-connection goroutines and the bound on QUIC connections that are
+// not a session yet (pending.go); everything above the session stream is
 // edge/session's.
 package transport
 
@@ -55,6 +56,14 @@ type Config struct {
 	// and costs them a round trip; negative: every new connection is
 	// [DefaultMaxUnvalidatedHandshakes].
 	MaxUnvalidatedHandshakes int
+	// MaxPendingQUIC bounds the QUIC connections, native and HTTP/3, that
+	// are not a device session: from their accept (in their handshake)
+	// until the hub admits a session on them; at the bound the oldest is
+	// closed (those that never opened a session stream, or a WebTransport
+	// session's, first), and one source (IPv4 address, IPv6 /64) holds at
+	// most a sixteenth of it (at least 16), beyond which its own oldest
+	// is [MaxPendingQUICFor the hub's MaxSessions].
+	MaxPendingQUIC int
 	// Logger [slog.Default()]; Registerer for metrics [none].
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -63,13 +72,14 @@ type Config struct {
 // Listener serves native QUIC and WebTransport on one UDP socket,
 // telling them apart by ALPN.
 type Listener struct {
-	cfg   Config
-	udp   net.PacketConn
-	tr    *quic.Transport
-	ln    *quic.EarlyListener
-	wt    *webtransport.Server
-	conns *prometheus.CounterVec
-	addrs *addrValidation
+	cfg     Config
+	udp     net.PacketConn
+	tr      *quic.Transport
+	ln      *quic.EarlyListener
+	wt      *webtransport.Server
+	conns   *prometheus.CounterVec
+	addrs   *addrValidation
+	pending *pendingQUIC
 
 	ctx    context.Context // ends when Close starts
 	cancel context.CancelFunc
@@ -80,7 +90,8 @@ type Listener struct {
 	h3conns map[*quic.Conn]*h3Conn
 }
 
-// h3Conn is an HTTP/3 connection's WebTransport sessions. A connection
+// h3Conn is an HTTP/3 connection's WebTransport sessions, and its place
+// on the pending list until one is admitted. A connection
 // that carries none for StreamTimeout (it never opened one, or its last
 // ended) is closed, so no peer holds a connection open without a session:
 // only a session that was established (its stream came) counts, so
@@ -90,6 +101,7 @@ type Listener struct {
 type h3Conn struct {
 	sessions int
 	reap     *time.Timer
+	pending  *pendingConn
 }
 
 // connKey carries a request's QUIC connection in its context.
@@ -137,10 +149,15 @@ func Listen(cfg Config) (*Listener, error) {
 	if cfg.MaxUnvalidatedHandshakes == 0 {
 		cfg.MaxUnvalidatedHandshakes = DefaultMaxUnvalidatedHandshakes
 	}
+	if cfg.MaxPendingQUIC <= 0 {
+		cfg.MaxPendingQUIC = MaxPendingQUICFor(cfg.Hub.MaxSessions())
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	l := &Listener{cfg: cfg, h3conns: map[*quic.Conn]*h3Conn{}, addrs: &addrValidation{max: int64(cfg.MaxUnvalidatedHandshakes)}}
+	l := &Listener{cfg: cfg, h3conns: map[*quic.Conn]*h3Conn{}, addrs: &addrValidation{max: int64(cfg.MaxUnvalidatedHandshakes)},
+		pending: newPendingQUIC(cfg.MaxPendingQUIC)}
+	l.pending.closeConn = func(f func()) { l.wg.Go(f) }
 	l.conns = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "relay_edge_connections_total", Help: "QUIC connections accepted, by application protocol and TLS handshake (full, or resumed with a session ticket).",
 	}, []string{"alpn", "tls"})
@@ -160,6 +177,12 @@ func Listen(cfg Config) (*Listener, error) {
 		return nil, err
 	}
 	if l.addrs.gauge, err = registerOrReuse(cfg.Registerer, l.addrs.gauge); err != nil {
+		return nil, err
+	}
+	if l.pending.gauge, err = registerOrReuse(cfg.Registerer, l.pending.gauge); err != nil {
+		return nil, err
+	}
+	if l.pending.evicted, err = registerOrReuse(cfg.Registerer, l.pending.evicted); err != nil {
 		return nil, err
 	}
 	udp, err := net.ListenPacket("udp", cfg.Addr)
@@ -238,12 +261,13 @@ func (l *Listener) Serve() error {
 		if h := counted(conn); h != nil {
 			l.wg.Go(func() { waitHandshake(conn, h, l.ctx.Done()) })
 		}
+		pc := l.pending.add(conn)
 		l.wg.Go(func() {
 			switch alpn {
 			case devconn.ALPN:
-				l.serveNative(conn)
+				l.serveNative(conn, pc)
 			case http3.NextProtoH3:
-				l.h3Opened(conn)
+				l.h3Opened(conn, pc)
 				if err := l.wt.ServeQUICConn(conn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 					l.cfg.Logger.Debug("http/3 connection ended", "remote", conn.RemoteAddr().String(), "err", err)
 				}
@@ -255,7 +279,7 @@ func (l *Listener) Serve() error {
 	}
 }
 
-func (l *Listener) serveNative(conn *quic.Conn) {
+func (l *Listener) serveNative(conn *quic.Conn, pc *pendingConn) {
 	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.StreamTimeout)
 	str, err := conn.AcceptStream(ctx)
 	cancel()
@@ -263,15 +287,16 @@ func (l *Listener) serveNative(conn *quic.Conn) {
 		_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT), "no session stream in time")
 		return
 	}
-	_ = l.cfg.Hub.Serve(l.ctx, devconn.NewQUICConn(conn, str))
+	pc.promote()
+	_ = l.cfg.Hub.Serve(l.ctx, admitting{devconn.NewQUICConn(conn, str), pc})
 }
 
 // h3Opened starts tracking an HTTP/3 connection, to be reaped unless a
 // session comes.
-func (l *Listener) h3Opened(conn *quic.Conn) {
+func (l *Listener) h3Opened(conn *quic.Conn, pc *pendingConn) {
 	l.h3mu.Lock()
 	defer l.h3mu.Unlock()
-	l.h3conns[conn] = &h3Conn{reap: time.AfterFunc(l.cfg.StreamTimeout, func() { l.reapH3(conn) })}
+	l.h3conns[conn] = &h3Conn{reap: time.AfterFunc(l.cfg.StreamTimeout, func() { l.reapH3(conn) }), pending: pc}
 }
 
 func (l *Listener) h3Closed(conn *quic.Conn) {
@@ -284,13 +309,18 @@ func (l *Listener) h3Closed(conn *quic.Conn) {
 }
 
 // h3Session counts a WebTransport session starting (+1) or ending (-1)
-// on conn.
-func (l *Listener) h3Session(conn *quic.Conn, delta int) {
+// on conn, and returns the connection's place on the pending list (nil
+// when it is not tracked). A session starts once its stream came, which
+// promotes the connection there.
+func (l *Listener) h3Session(conn *quic.Conn, delta int) *pendingConn {
 	l.h3mu.Lock()
 	defer l.h3mu.Unlock()
 	c := l.h3conns[conn]
 	if c == nil {
-		return
+		return nil
+	}
+	if delta > 0 {
+		c.pending.promote()
 	}
 	c.sessions += delta
 	if c.sessions > 0 {
@@ -298,6 +328,7 @@ func (l *Listener) h3Session(conn *quic.Conn, delta int) {
 	} else {
 		c.reap.Reset(l.cfg.StreamTimeout)
 	}
+	return c.pending
 }
 
 func (l *Listener) reapH3(conn *quic.Conn) {
@@ -328,11 +359,14 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	// must not keep the connection (a client could otherwise hold it
 	// with a fresh upgrade every StreamTimeout, never reaching the hub's
 	// limits). A browser opens the stream right after the upgrade.
+	var dc devconn.Conn = devconn.NewWebTransportConn(sess, str)
 	if conn, _ := r.Context().Value(connKey{}).(*quic.Conn); conn != nil {
-		l.h3Session(conn, 1)
+		if pc := l.h3Session(conn, 1); pc != nil {
+			dc = admitting{dc, pc}
+		}
 		defer l.h3Session(conn, -1)
 	}
-	_ = l.cfg.Hub.Serve(l.ctx, devconn.NewWebTransportConn(sess, str))
+	_ = l.cfg.Hub.Serve(l.ctx, dc)
 }
 
 // Kill drops the UDP socket at once, as a crash would: devices learn of

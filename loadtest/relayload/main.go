@@ -63,7 +63,7 @@ Scenarios:
   resume     devices close and resume on their tickets over and over: resumes/s, resume latency
   storm      devices all lose their connection at once and come back on their tickets: time to all back
   soak       steady load plus session churn for a long time; samples the edge's heap and goroutines to CSV and a PNG plot
-  pending    hold connections to the HTTPS port that never become a session (--mode idle or silent): the edge's memory per connection, and its bound
+  pending    hold connections that never become a session, to the HTTPS port (--mode idle or silent) or the device port (--mode quic or h3): the edge's memory per connection, and its bound
   apiconns   hold connections to the control API, each after one authenticated call: the control node's memory per connection
 
   oneway     device A sends to device B at a fixed rate: one-way latency through the edge (or --floor: through a bare quic-go forwarder)

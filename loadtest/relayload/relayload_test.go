@@ -176,6 +176,16 @@ func TestScenarios(t *testing.T) {
 	if num(res, "counts", "opened") != 10 || num(res, "peaks", "edge_pending") < 10 {
 		t.Fatalf("pending silent: %v", res)
 	}
+	// QUIC connections to the device port that open no stream, native
+	// and HTTP/3 (the edge's and the driver's goroutines both count here:
+	// quic-go's two for each end, and the edge's own).
+	for _, mode := range []string{"quic", "h3"} {
+		res = e.mustRun("pending", "--conns", "10", "--mode", mode, "--from", "127.0.0.2,127.0.0.3")
+		if num(res, "counts", "opened") != 10 || num(res, "peaks", "edge_pending") < 10 || num(res, "peaks", "edge_goroutines_per_conn") < 1 ||
+			num(res, "counts", "closed_by_edge") != 0 {
+			t.Fatalf("pending %s: %v", mode, res)
+		}
+	}
 
 	// Connections to the control API after one authenticated call each:
 	// what each costs the node that answers --control (its goroutines;
