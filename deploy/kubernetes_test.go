@@ -42,12 +42,16 @@ type overlay struct {
 	// podSecurity is the Pod Security level the namespace enforces
 	// ("" for none: the cluster's default).
 	podSecurity string
+	// backupStateMiB is the largest state whose RELAY_BACKUP_KEEP + 1
+	// backups the control pods' backups volume holds, the figure
+	// docs/operations.md gives.
+	backupStateMiB int64
 }
 
 var overlays = map[string]overlay{
-	"dev":              {namespace: "relay-dev", controlNodes: 1, edges: 1},
-	"prod":             {namespace: "relay", controlNodes: 3, edges: 3, monitoring: true, certManager: true, pinnedImage: true, podSecurity: "restricted"},
-	"prod-hostnetwork": {namespace: "relay", controlNodes: 3, edgeDaemon: true, monitoring: true, certManager: true, pinnedImage: true, podSecurity: "privileged"},
+	"dev":              {namespace: "relay-dev", controlNodes: 1, edges: 1, backupStateMiB: 78},
+	"prod":             {namespace: "relay", controlNodes: 3, edges: 3, monitoring: true, certManager: true, pinnedImage: true, podSecurity: "restricted", backupStateMiB: 393},
+	"prod-hostnetwork": {namespace: "relay", controlNodes: 3, edgeDaemon: true, monitoring: true, certManager: true, pinnedImage: true, podSecurity: "privileged", backupStateMiB: 393},
 }
 
 // Local, strict mirrors of the two cert-manager kinds the manifests use
@@ -382,7 +386,7 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 			t.Errorf("%s: RELAY_BACKUP_DIR=%s is not on the backups volume", s.Name, dir)
 		}
 		mustEnv(t, c, "RELAY_BACKUP_EVERY")
-		checkBackupVolume(t, s, mustEnv(t, c, "RELAY_BACKUP_KEEP"))
+		checkBackupVolume(t, s, mustEnv(t, c, "RELAY_BACKUP_KEEP"), want.backupStateMiB)
 		if k, ok := env(c, "RELAY_BACKUP_KEY"); !ok || k.ValueFrom == nil || k.ValueFrom.SecretKeyRef == nil {
 			t.Errorf("%s: RELAY_BACKUP_KEY does not come from a Secret", s.Name)
 		}
@@ -393,6 +397,13 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 		if err != nil || !sel.Matches(labels.Set(s.Spec.Template.Labels)) {
 			t.Errorf("%s: selector does not match its pods", s.Name)
 		}
+	}
+	doc, err := os.ReadFile(guide)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if figure := fmt.Sprintf("%d MiB", want.backupStateMiB); !bytes.Contains(doc, []byte(figure)) {
+		t.Errorf("docs/operations.md does not give the state the backups volume holds, %s", figure)
 	}
 	// An image change touches both sets' pod templates at once, and each
 	// RollingUpdate set then restarts its pods on its own schedule: the
@@ -460,10 +471,14 @@ const stateShareOfData = 4
 
 // checkBackupVolume: the backups volume holds what relayd keeps there at
 // its fullest, --backup-keep backups and the one being written (old ones
-// are pruned only once a new one verified), of the largest state the
-// data volume holds. A volume that fills stays full: no backup succeeds,
-// so none is pruned, whatever --backup-keep then says.
-func checkBackupVolume(t *testing.T, s *appsv1.StatefulSet, keep string) {
+// are pruned only once a new one verified), each about the size of the
+// state. A volume that fills stays full: no backup succeeds, so none is
+// pruned, whatever --backup-keep then says. The volumes' sizes are fixed
+// for an existing StatefulSet (its claim templates are immutable), so
+// the largest state both hold is a figure docs/operations.md gives, what
+// an operator watches relay_backup_last_size_bytes against before growing
+// the PVCs.
+func checkBackupVolume(t *testing.T, s *appsv1.StatefulSet, keep string, wantMiB int64) {
 	n, err := strconv.ParseInt(keep, 10, 64)
 	if err != nil || n <= 0 {
 		t.Errorf("%s: RELAY_BACKUP_KEEP %q: want a positive number", s.Name, keep)
@@ -473,10 +488,11 @@ func checkBackupVolume(t *testing.T, s *appsv1.StatefulSet, keep string) {
 	for _, c := range s.Spec.VolumeClaimTemplates {
 		size[c.Name] = c.Spec.Resources.Requests.Storage().Value()
 	}
-	state := size["data"] / stateShareOfData
-	if need := (n + 1) * state; size["backups"] < need {
-		t.Errorf("%s: the backups volume (%d MiB) holds fewer than RELAY_BACKUP_KEEP+1 = %d backups of a state of 1/%d of the data volume (%d MiB each, %d MiB in all)",
-			s.Name, size["backups"]>>20, n+1, stateShareOfData, state>>20, need>>20)
+	state := min(size["backups"]/(n+1), size["data"]/stateShareOfData) >> 20
+	if state != wantMiB {
+		t.Errorf("%s: the backups volume (%d MiB) holds RELAY_BACKUP_KEEP+1 = %d backups, and the data volume (%d MiB) holds a state with its snapshots, "+
+			"of up to %d MiB, but docs/operations.md and this test say %d MiB: update both (and mind that a volume's size cannot change on a live StatefulSet)",
+			s.Name, size["backups"]>>20, n+1, size["data"]>>20, state, wantMiB)
 	}
 }
 
