@@ -28,7 +28,7 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
-var update = flag.Bool("update", false, "rewrite generated files (kubernetes/components/monitoring/prometheusrule.yaml)")
+var update = flag.Bool("update", false, "rewrite generated files (kubernetes/components/monitoring/prometheusrule.yaml, kubernetes/testdata/immutable-*.json)")
 
 // overlay is what one kustomize overlay must deploy.
 type overlay struct {
