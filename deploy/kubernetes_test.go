@@ -318,7 +318,7 @@ func checkControlPlane(t *testing.T, r *rendered, want overlay, flags commandFla
 		t.Error("the seed has no RELAY_JOIN: with a lost volume it founds a second cluster beside the live one")
 	case want.controlNodes > 1:
 		var others []string
-		for i := range min(want.controlNodes-1, 2) {
+		for i := range int(ptrOr(nodes.Spec.Replicas, 1)) {
 			others = append(others, fmt.Sprintf("relay-control-%d.relay-control:%s", i, port(t, flags.flag(t, "api-addr").Default)))
 		}
 		if got := strings.Split(seedJoin.Value, ","); !slices.Equal(got, others) {
@@ -557,20 +557,39 @@ func checkEdges(t *testing.T, r *rendered, want overlay, edge, control commandFl
 	if _, ok := r.pdbs["relay-edge"]; !ok {
 		t.Error("no PodDisruptionBudget for the edges")
 	}
-	// The edges reach the control plane at the API Service, over TLS
-	// checked against the control plane's CA.
+	// The edges reach the control plane at every control pod's own name
+	// under the headless Service (the certificate's *.relay-control),
+	// over TLS checked against the control plane's CA. Not at the API
+	// Service: the edge keeps one pooled HTTP/2 connection per URL, which
+	// kube-proxy pins to one pod behind a Service, so the edge's failover
+	// (to the next URL when a watch stalls or a node answers unavailable)
+	// could not leave a lagging or hung pod. Each pod is named, so that
+	// the edges can fail over to any.
 	c := &spec.Containers[0]
-	urls := strings.Split(mustEnv(t, c, "RELAY_CONTROL"), ",")
 	apiPort := port(t, control.flag(t, "api-addr").Default)
-	for _, u := range urls {
+	named := map[string]bool{}
+	for _, u := range strings.Split(mustEnv(t, c, "RELAY_CONTROL"), ",") {
 		host, ok := strings.CutPrefix(u, "https://")
 		if !ok {
 			t.Errorf("control URL %q is not https", u)
 			continue
 		}
-		svc, ok := r.services[strings.TrimSuffix(host, ":"+apiPort)]
-		if !ok || !strings.HasSuffix(host, ":"+apiPort) || !servicePort(svc, apiPort) {
-			t.Errorf("control URL %q is not a Service of the control API on port %s", u, apiPort)
+		pod, _, ok := controlPodAt(r, host)
+		switch _, svc := r.services[strings.TrimSuffix(host, ":"+apiPort)]; {
+		case svc:
+			t.Errorf("control URL %q is a Service: kube-proxy pins the edge's pooled HTTP/2 connection to one pod behind it, and the edge's failover cannot leave that pod; "+
+				"name every control pod instead (https://<pod>.relay-control:%s)", u, apiPort)
+		case !ok || port(t, host) != apiPort:
+			t.Errorf("control URL %q is not a control pod's API, https://<pod>.<its headless Service>:%s", u, apiPort)
+		case named[pod]:
+			t.Errorf("RELAY_CONTROL names %s twice", pod)
+		default:
+			named[pod] = true
+		}
+	}
+	for _, pod := range sortedKeys(controlPods(r)) {
+		if !named[pod] {
+			t.Errorf("RELAY_CONTROL does not name the control pod %s: the edges cannot fail over to it", pod)
 		}
 	}
 	if got, want := port(t, mustEnv(t, c, "RELAY_ADDR")), port(t, edge.flag(t, "addr").Default); got != want {
@@ -578,13 +597,32 @@ func checkEdges(t *testing.T, r *rendered, want overlay, edge, control commandFl
 	}
 }
 
-func servicePort(s *corev1.Service, p string) bool {
-	for _, sp := range s.Spec.Ports {
-		if strconv.Itoa(int(sp.Port)) == p {
-			return true
+// controlPods maps the name of every pod of the control plane's
+// StatefulSets to its StatefulSet.
+func controlPods(r *rendered) map[string]*appsv1.StatefulSet {
+	pods := map[string]*appsv1.StatefulSet{}
+	for name, s := range r.statefulSets {
+		for i := range int(ptrOr(s.Spec.Replicas, 1)) {
+			pods[fmt.Sprintf("%s-%d", name, i)] = s
 		}
 	}
-	return false
+	return pods
+}
+
+// controlPodAt resolves host:port, when it names a StatefulSet's pod by
+// its stable name under the set's headless Service (<pod>.<service>), to
+// the pod and its StatefulSet.
+func controlPodAt(r *rendered, hostport string) (string, *appsv1.StatefulSet, bool) {
+	i := strings.LastIndexByte(hostport, ':')
+	if i < 0 {
+		return "", nil, false
+	}
+	pod, svc, _ := strings.Cut(hostport[:i], ".")
+	s, ok := controlPods(r)[pod]
+	if !ok || s.Spec.ServiceName != svc {
+		return "", nil, false
+	}
+	return pod, s, true
 }
 
 var envRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
@@ -879,20 +917,38 @@ func checkControlAPIReachable(t *testing.T, r *rendered) {
 		}
 		for _, u := range strings.Split(v.Value, ",") {
 			hostport := strings.TrimPrefix(strings.TrimPrefix(u, "https://"), "http://")
-			svc, ok := r.services[hostport[:strings.LastIndexByte(hostport, ':')]]
-			if !ok {
-				continue // checkEdges reports it
-			}
+			// The pods it reaches, and the name of the port it reaches
+			// them at: a pod by its own name, on the container port of
+			// that number; or a Service's pods, on its target port.
+			var servers []workload
 			var target string
-			for _, sp := range svc.Spec.Ports {
-				if strconv.Itoa(int(sp.Port)) == port(t, hostport) {
-					target = sp.TargetPort.String()
+			if _, s, ok := controlPodAt(r, hostport); ok {
+				for _, w := range r.pods() {
+					if w.kind == "StatefulSet" && w.name == s.Name {
+						servers = append(servers, w)
+					}
+				}
+				for _, cp := range s.Spec.Template.Spec.Containers[0].Ports {
+					if strconv.Itoa(int(cp.ContainerPort)) == port(t, hostport) {
+						target = cp.Name
+					}
+				}
+			} else if svc, ok := r.services[hostport[:strings.LastIndexByte(hostport, ':')]]; ok {
+				for _, sp := range svc.Spec.Ports {
+					if strconv.Itoa(int(sp.Port)) == port(t, hostport) {
+						target = sp.TargetPort.String()
+					}
+				}
+				for _, w := range r.pods() {
+					if labels.SelectorFromSet(svc.Spec.Selector).Matches(w.labels) {
+						servers = append(servers, w)
+					}
 				}
 			}
-			for _, server := range r.pods() {
-				if !labels.SelectorFromSet(svc.Spec.Selector).Matches(server.labels) {
-					continue
-				}
+			if target == "" {
+				t.Errorf("%s %s: control URL %q reaches no port of a control pod", client.kind, client.name, u)
+			}
+			for _, server := range servers {
 				for name, np := range r.netpols {
 					sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
 					if err != nil || !sel.Matches(server.labels) {
