@@ -184,10 +184,13 @@ func TestKubernetesOverlays(t *testing.T) {
 	control := relaydFlags(t, "control")
 	edge := relaydFlags(t, "edge")
 	ctl := relayctlEnv(t)
+	cluster := renderCluster(t)
 	for name, want := range overlays {
 		t.Run(name, func(t *testing.T) {
 			r := render(t, filepath.Join("kubernetes", "overlays", name))
 			checkNamespaces(t, r, want)
+			// The pods name the classes a cluster admin applied once.
+			r.priorityClasses = cluster.priorityClasses
 			checkControlPlane(t, r, want, control)
 			checkEdges(t, r, want, edge, control)
 			for _, pod := range r.pods() {
@@ -203,6 +206,24 @@ func TestKubernetesOverlays(t *testing.T) {
 			checkCertificates(t, r, want)
 		})
 	}
+}
+
+// renderCluster renders kubernetes/cluster, what a cluster admin applies
+// once for every namespace the relay runs in: cluster-scoped objects
+// alone, PriorityClasses so far.
+func renderCluster(t *testing.T) *rendered {
+	t.Helper()
+	r := render(t, filepath.Join("kubernetes", "cluster"))
+	for _, o := range r.objects {
+		if _, ok := o.(*schedulingv1.PriorityClass); !ok || o.GetNamespace() != "" {
+			t.Errorf("kubernetes/cluster holds %T %s (namespace %q): it is for cluster-scoped objects that every namespace shares",
+				o, o.GetName(), o.GetNamespace())
+		}
+	}
+	if len(r.priorityClasses) == 0 {
+		t.Error("kubernetes/cluster holds no PriorityClass")
+	}
+	return r
 }
 
 func checkNamespaces(t *testing.T, r *rendered, want overlay) {
@@ -227,10 +248,17 @@ func checkNamespaces(t *testing.T, r *rendered, want overlay) {
 	}
 	for _, o := range r.objects {
 		switch o.(type) {
-		case *corev1.Namespace, *schedulingv1.PriorityClass: // cluster-scoped
+		case *corev1.Namespace:
 			if o.GetNamespace() != "" {
 				t.Errorf("%T %s is cluster-scoped but has namespace %q", o, o.GetName(), o.GetNamespace())
 			}
+		case *schedulingv1.PriorityClass:
+			// Cluster-wide, shared by every namespace the relay runs in:
+			// `kubectl delete -k` of one overlay would delete what the
+			// pods of the others name, and Kubernetes would refuse their
+			// new pods; an operator with rights in the namespace alone
+			// could not apply it.
+			t.Errorf("the overlay holds the PriorityClass %s: it is cluster-wide, and belongs in kubernetes/cluster, which a cluster admin applies once", o.GetName())
 		default:
 			if o.GetNamespace() != want.namespace {
 				t.Errorf("%T %s is in namespace %q, want %q", o, o.GetName(), o.GetNamespace(), want.namespace)
@@ -677,7 +705,7 @@ func checkPod(t *testing.T, r *rendered, w workload, want overlay, flags map[str
 			req.Memory(), lim.Memory())
 	}
 	if pc, ok := r.priorityClasses[s.PriorityClassName]; !ok {
-		t.Errorf("priorityClassName %q is no PriorityClass of the overlay", s.PriorityClassName)
+		t.Errorf("priorityClassName %q is no PriorityClass of kubernetes/cluster", s.PriorityClassName)
 	} else if pc.Value <= 0 || pc.GlobalDefault {
 		t.Errorf("PriorityClass %s: value %d, globalDefault %v; want a priority above pods without a class, and no default for others' pods",
 			pc.Name, pc.Value, pc.GlobalDefault)
