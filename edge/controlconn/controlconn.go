@@ -59,6 +59,10 @@ type Config struct {
 	// connection that a partition cut hangs until TCP gives up, minutes
 	// later, and resumes only as TCP's backed-off retransmissions allow.
 	PingAfter, PingTimeout time.Duration
+	// Start is the index of the URL the Conn uses first (modulo their
+	// number): edges that list the same control nodes start at different
+	// ones instead of all at the first.
+	Start int
 }
 
 // MaxResponseBytes bounds one message a control node sends the edge, as
@@ -163,6 +167,7 @@ func New(cfg Config) (*Conn, error) {
 	c := &Conn{cfg: cfg, http: &http.Client{Transport: tr}, peers: map[string]*peer{},
 		proxyFailLog: rate.Sometimes{Interval: 10 * time.Second}}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.next = ((cfg.Start % len(cfg.URLs)) + len(cfg.URLs)) % len(cfg.URLs)
 	opts := append(slices.Clip(cfg.Options),
 		connect.WithReadMaxBytes(MaxResponseBytes),
 		connect.WithAcceptCompression("gzip", gzipbound.Decompressor(MaxResponseBytes), gzipbound.Compressor))

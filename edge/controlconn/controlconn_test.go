@@ -590,3 +590,31 @@ func TestARefreshWithItsAnswerLostIsNotPresentedAgain(t *testing.T) {
 		t.Fatalf("%d logins, refresh tokens presented %q: want 2 and the first one once", logins, presented)
 	}
 }
+
+// Edges that list the same control nodes start at the one Start names
+// (modulo their number), not all at the first.
+func TestStartPicksTheFirstNode(t *testing.T) {
+	served := make(chan string, 8)
+	a := &fakeControl{name: "a", protos: make(chan string, 8), served: served}
+	b := &fakeControl{name: "b", protos: make(chan string, 8), served: served}
+	urls := []string{a.start(t), b.start(t)}
+	for start, want := range map[int]string{0: "a", 1: "b", 3: "b", -1: "b"} {
+		cc, err := controlconn.New(controlconn.Config{URLs: slices.Clone(urls), Login: "edges", Password: "x", Start: start})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		stream, err := cc.Watch().Watch(ctx, connect.NewRequest(&edgev1.WatchRequest{}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for stream.Receive() {
+		}
+		_ = stream.Close()
+		cancel()
+		cc.Close()
+		if got := <-served; got != want {
+			t.Errorf("Start %d: the first watch went to %s, want %s", start, got, want)
+		}
+	}
+}

@@ -14,7 +14,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/netip"
@@ -278,6 +280,13 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	cc.Options = append(cc.Options, connect.WithInterceptors(otel))
 	if cc.Logger == nil {
 		cc.Logger = s.log
+	}
+	// Edges listing the same control nodes spread over them: each starts
+	// at the one its id hashes to (and fails over from there).
+	if cc.Start == 0 {
+		h := fnv.New32a()
+		_, _ = h.Write([]byte(cfg.EdgeID))
+		cc.Start = int(h.Sum32() & math.MaxInt32)
 	}
 	if s.control, err = controlconn.New(cc); err != nil {
 		return nil, err
