@@ -261,8 +261,21 @@ func (l *Listener) Serve() error {
 		if h := counted(conn); h != nil {
 			l.wg.Go(func() { waitHandshake(conn, h, l.ctx.Done()) })
 		}
-		pc := l.pending.add(conn)
 		l.wg.Go(func() {
+			// Listed once its handshake is complete: until then its
+			// address is unproven (a spoofed Initial gets no further), and
+			// MaxUnvalidatedHandshakes and Retry bound such handshakes.
+			// Listed at once, spoofed Initials from ever new addresses
+			// evicted real devices, and each eviction freed its
+			// handshake's place below Retry's threshold.
+			select {
+			case <-conn.HandshakeComplete():
+			case <-conn.Context().Done():
+				return
+			case <-l.ctx.Done():
+				return
+			}
+			pc := l.pending.add(conn)
 			switch alpn {
 			case devconn.ALPN:
 				l.serveNative(conn, pc)
@@ -310,14 +323,14 @@ func (l *Listener) h3Closed(conn *quic.Conn) {
 
 // h3Session counts a WebTransport session starting (+1) or ending (-1)
 // on conn, and returns the connection's place on the pending list (nil
-// when it is not tracked). A session starts once its stream came, which
-// promotes the connection there.
-func (l *Listener) h3Session(conn *quic.Conn, delta int) *pendingConn {
+// when it is not tracked) and the sessions left on it. A session starts
+// once its stream came, which promotes the connection there.
+func (l *Listener) h3Session(conn *quic.Conn, delta int) (*pendingConn, int) {
 	l.h3mu.Lock()
 	defer l.h3mu.Unlock()
 	c := l.h3conns[conn]
 	if c == nil {
-		return nil
+		return nil, 0
 	}
 	if delta > 0 {
 		c.pending.promote()
@@ -328,7 +341,21 @@ func (l *Listener) h3Session(conn *quic.Conn, delta int) *pendingConn {
 	} else {
 		c.reap.Reset(l.cfg.StreamTimeout)
 	}
-	return c.pending
+	return c.pending, c.sessions
+}
+
+// refusedGrace is how long an HTTP/3 connection whose WebTransport
+// session the hub did not admit is kept, with no session on it, for the
+// refusal to reach the client.
+const refusedGrace = time.Second
+
+// reapSoon reaps conn after refusedGrace unless a session is on it.
+func (l *Listener) reapSoon(conn *quic.Conn) {
+	l.h3mu.Lock()
+	defer l.h3mu.Unlock()
+	if c := l.h3conns[conn]; c != nil && c.sessions == 0 {
+		c.reap.Reset(refusedGrace)
+	}
 }
 
 func (l *Listener) reapH3(conn *quic.Conn) {
@@ -361,10 +388,22 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	// limits). A browser opens the stream right after the upgrade.
 	var dc devconn.Conn = devconn.NewWebTransportConn(sess, str)
 	if conn, _ := r.Context().Value(connKey{}).(*quic.Conn); conn != nil {
-		if pc := l.h3Session(conn, 1); pc != nil {
+		pc, _ := l.h3Session(conn, 1)
+		if pc != nil {
 			dc = admitting{dc, pc}
 		}
-		defer l.h3Session(conn, -1)
+		defer func() {
+			l.h3Session(conn, -1)
+			// A session the hub did not admit (refused, or it never got
+			// through its handshake) left its connection promoted on the
+			// pending list, free to try again for StreamTimeout: unless
+			// another session is on it, the connection is reaped soon
+			// (not at once: the session's refusal, with its code, is on
+			// its way to the client).
+			if pc != nil && !pc.wasAdmitted() {
+				l.reapSoon(conn)
+			}
+		}()
 	}
 	_ = l.cfg.Hub.Serve(l.ctx, dc)
 }

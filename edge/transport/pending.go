@@ -3,6 +3,7 @@ package transport
 import (
 	"context"
 	"net/netip"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
@@ -69,6 +70,8 @@ type pendingConn struct {
 	p     *pendingQUIC
 	entry *oldest.Entry[netip.Addr, *quic.Conn]
 	stop  func() bool // stops the removal when the connection ends
+	// done is set once the hub admitted a session on the connection.
+	done atomic.Bool
 }
 
 func newPendingQUIC(limit int) *pendingQUIC {
@@ -118,9 +121,14 @@ func (pc *pendingConn) promote() { pc.p.list.Promote(pc.entry) }
 // admitted takes the connection off the list for good: the hub admitted
 // its session, which MaxSessions bounds from then on.
 func (pc *pendingConn) admitted() {
+	pc.done.Store(true)
 	pc.stop()
 	pc.leave()
 }
+
+// wasAdmitted reports whether the hub admitted a session on the
+// connection.
+func (pc *pendingConn) wasAdmitted() bool { return pc.done.Load() }
 
 // admitting is a device connection whose QUIC connection leaves the
 // pending list when the hub admits its session (devconn.Admitter).

@@ -12,6 +12,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"github.com/quic-go/webtransport-go"
 
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/client"
@@ -283,4 +284,78 @@ func TestMaxPendingQUICFollowsTheSessionCap(t *testing.T) {
 			t.Errorf("MaxPendingQUICFor(%d) = %d, want %d", sessions, got, want)
 		}
 	}
+}
+
+// Handshakes that never complete (spoofed sources: the edge's answer
+// goes elsewhere) take no place on the pending list, from however many
+// addresses they come: there, MaxUnvalidatedHandshakes and Retry bound
+// them. Listed at accept, each evicted real connections, and each
+// eviction freed its handshake's place below Retry's threshold, so Retry
+// never started.
+func TestSpoofedHandshakesTakeNoPendingPlace(t *testing.T) {
+	const limit = 8
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.MaxPendingQUIC = limit
+		cfg.MaxUnvalidatedHandshakes = 1000 // no Retry: the bound alone is tested
+	}})
+	e := r.Edges[0]
+	f := newFlood(t, e.Addr())
+	real := f.open("127.0.0.2", devconn.ALPN)
+	const spoofed = 5 * limit
+	for i := range spoofed {
+		holdHandshakeFrom(t, e.Addr(), fmt.Sprintf("127.0.1.%d", i+1))
+	}
+	// Every spoofed handshake in progress, or (as before the fix) some
+	// evicted, which closes them.
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if v := relaytest.Gauge(t, e, unverified, "", ""); v < spoofed && relaytest.Counter(t, e, pendingQUICEvicted, "", "") == 0 {
+			return fmt.Errorf("%v handshakes in progress, none evicted", v)
+		}
+		return nil
+	})
+	mustBeOpen(t, "the real connection among spoofed handshakes", []*quic.Conn{real})
+	if g, ev := relaytest.Gauge(t, e, pendingQUIC, "", ""), relaytest.Counter(t, e, pendingQUICEvicted, "", ""); g != 1 || ev != 0 {
+		t.Fatalf("%v pending, %v evicted with %d handshakes in progress; want the real connection alone, none evicted", g, ev, spoofed)
+	}
+}
+
+// A WebTransport session the hub does not admit (here, a malformed first
+// frame) does not leave its HTTP/3 connection promoted on the pending
+// list for StreamTimeout, free to try again: the connection is reaped
+// within moments, once the refusal is on its way.
+func TestARefusedWebTransportSessionTakesItsConnection(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.Session.HandshakeTimeout = 2 * time.Minute // and StreamTimeout with it
+	}})
+	e := r.Edges[0]
+	f := newFlood(t, e.Addr())
+	c := f.open("127.0.0.3", http3.NextProtoH3)
+	wt, err := (&webtransport.Transport{}).NewClientConn(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, sess, err := wt.Dial(ctx, "https://"+e.Addr()+devconn.WebTransportPath, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	str, err := sess.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := str.Write([]byte{0x01, 0xff}); err != nil { // a one-byte frame that is no Frame
+		t.Fatal(err)
+	}
+	select {
+	case <-c.Context().Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the connection of a refused WebTransport session was kept (its StreamTimeout is 2 minutes)")
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if g := relaytest.Gauge(t, e, pendingQUIC, "", ""); g != 0 {
+			return fmt.Errorf("%v pending", g)
+		}
+		return nil
+	})
 }

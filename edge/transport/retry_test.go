@@ -103,7 +103,14 @@ func (d deaf) ReadFrom(b []byte) (int, net.Addr, error) {
 // timeout), long after the test is done.
 func holdHandshake(t *testing.T, addr string) {
 	t.Helper()
-	udp, err := net.ListenPacket("udp", "127.0.0.1:0")
+	holdHandshakeFrom(t, addr, "127.0.0.1")
+}
+
+// holdHandshakeFrom is holdHandshake from the loopback address src: a
+// spoofed Initial from an address of its own.
+func holdHandshakeFrom(t *testing.T, addr, src string) {
+	t.Helper()
+	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.ParseIP(src)})
 	if err != nil {
 		t.Fatal(err)
 	}
