@@ -23,6 +23,7 @@ import (
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/controlconn"
 	"github.com/edge-relay/relay/edge/directory"
+	"github.com/edge-relay/relay/internal/relaytest"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -149,18 +150,9 @@ func (f *fakeControl) start(t *testing.T) string {
 	}))
 }
 
-// serve serves h over HTTP/1 and cleartext HTTP/2 (what the edge speaks
-// on http:// URLs) until the test ends, and returns its URL.
-func serve(t *testing.T, h http.Handler) string {
-	var p http.Protocols
-	p.SetUnencryptedHTTP2(true)
-	p.SetHTTP1(true)
-	srv := httptest.NewUnstartedServer(h)
-	srv.Config.Protocols = &p
-	srv.Start()
-	t.Cleanup(srv.Close)
-	return srv.URL
-}
+// serve serves h as a control node until the test ends, and returns its
+// URL.
+func serve(t *testing.T, h http.Handler) string { return relaytest.ServeH2C(t, h) }
 
 // On http:// URLs the edge speaks HTTP/2 (prior knowledge), so its
 // health pings can find a connection a partition cut; and a watch

@@ -18,6 +18,7 @@ import (
 	"github.com/edge-relay/relay/edge/controlconn"
 	"github.com/edge-relay/relay/edge/directory"
 	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/internal/relaytest"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -137,19 +138,13 @@ func (p passOn) StreamFailed(err error) {
 	p.WatchServiceClient.(directory.StreamFailer).StreamFailed(err)
 }
 
-// serveFeedNode serves f over cleartext HTTP/2 (what the edge speaks on
-// http:// URLs) until the test ends, and returns its URL.
+// serveFeedNode serves f as a control node until the test ends, and
+// returns its URL.
 func serveFeedNode(t *testing.T, f *feedNode) string {
 	mux := http.NewServeMux()
 	mux.Handle(controlv1connect.NewAuthServiceHandler(f))
 	mux.Handle(edgev1connect.NewWatchServiceHandler(f))
-	var p http.Protocols
-	p.SetUnencryptedHTTP2(true)
-	srv := httptest.NewUnstartedServer(mux)
-	srv.Config.Protocols = &p
-	srv.Start()
-	t.Cleanup(srv.Close)
-	return srv.URL
+	return relaytest.ServeH2C(t, mux)
 }
 
 // A watch stream that brings nothing is given up after StallTimeout and
