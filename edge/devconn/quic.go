@@ -45,9 +45,10 @@ const closeWait = time.Second
 
 // quicConn is a native QUIC connection with its session stream.
 type quicConn struct {
-	conn *quic.Conn
-	str  *quic.Stream
-	once sync.Once
+	conn     *quic.Conn
+	str      *quic.Stream
+	once     sync.Once
+	admitted func() // set by WhenAdmitted, before the session starts
 }
 
 // NewQUICConn adapts a native QUIC connection whose session stream is
@@ -127,15 +128,45 @@ func waitDone(ctx context.Context, d time.Duration) {
 
 // wtConn is a WebTransport session with its session stream.
 type wtConn struct {
-	sess *webtransport.Session
-	str  *webtransport.Stream
-	once sync.Once
+	sess     *webtransport.Session
+	str      *webtransport.Stream
+	once     sync.Once
+	admitted func() // set by WhenAdmitted, before the session starts
 }
 
 // NewWebTransportConn adapts a WebTransport session whose session stream
 // is str.
 func NewWebTransportConn(sess *webtransport.Session, str *webtransport.Stream) Conn {
 	return &wtConn{sess: sess, str: str}
+}
+
+// WhenAdmitted has the edge call f once it admitted the session on c, a
+// connection of NewQUICConn or NewWebTransportConn (Admitter), and
+// returns c: the device port's bound on connections that are not a
+// session yet lets go of it then. Call it before the session starts.
+// Other connections are returned as they are, f never called.
+func WhenAdmitted(c Conn, f func()) Conn {
+	switch c := c.(type) {
+	case *quicConn:
+		c.admitted = f
+	case *wtConn:
+		c.admitted = f
+	}
+	return c
+}
+
+// Admitted calls the function WhenAdmitted set, if any.
+func (c *quicConn) Admitted() {
+	if c.admitted != nil {
+		c.admitted()
+	}
+}
+
+// Admitted calls the function WhenAdmitted set, if any.
+func (c *wtConn) Admitted() {
+	if c.admitted != nil {
+		c.admitted()
+	}
 }
 
 func (c *wtConn) Read(p []byte) (int, error) {

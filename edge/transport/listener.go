@@ -301,7 +301,7 @@ func (l *Listener) serveNative(conn *quic.Conn, pc *pendingConn) {
 		return
 	}
 	pc.promote()
-	_ = l.cfg.Hub.Serve(l.ctx, admitting{devconn.NewQUICConn(conn, str), pc})
+	_ = l.cfg.Hub.Serve(l.ctx, devconn.WhenAdmitted(devconn.NewQUICConn(conn, str), pc.admitted))
 }
 
 // h3Opened starts tracking an HTTP/3 connection, to be reaped unless a
@@ -390,7 +390,7 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	if conn, _ := r.Context().Value(connKey{}).(*quic.Conn); conn != nil {
 		pc, _ := l.h3Session(conn, 1)
 		if pc != nil {
-			dc = admitting{dc, pc}
+			dc = devconn.WhenAdmitted(dc, pc.admitted)
 		}
 		defer func() {
 			l.h3Session(conn, -1)

@@ -8,7 +8,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 
-	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/internal/connbound"
 	"github.com/edge-relay/relay/internal/oldest"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
@@ -129,12 +128,3 @@ func (pc *pendingConn) admitted() {
 // wasAdmitted reports whether the hub admitted a session on the
 // connection.
 func (pc *pendingConn) wasAdmitted() bool { return pc.done.Load() }
-
-// admitting is a device connection whose QUIC connection leaves the
-// pending list when the hub admits its session (devconn.Admitter).
-type admitting struct {
-	devconn.Conn
-	pending *pendingConn
-}
-
-func (a admitting) Admitted() { a.pending.admitted() }
