@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -74,13 +75,24 @@ func TestAdminEndpoints(t *testing.T) {
 	if code, body := get(t, admin+"/debug/pprof/goroutine?debug=1"); code != 200 || !strings.Contains(body, "raftnode") {
 		t.Errorf("/debug/pprof/goroutine = %d, lacks the node's goroutines: %.100q", code, body)
 	}
-	leaderAdmin := "http://" + c.Nodes[c.Leader()].Server.AdminAddr()
-	_, lm := get(t, leaderAdmin+"/metrics")
-	for _, want := range []string{`relay_control_raft_state{state="Leader"} 1`, "relay_control_raft_commit_seconds_count", "relay_control_rpc_seconds"} {
-		if !strings.Contains(lm, want) {
-			t.Errorf("leader /metrics lacks %q", want)
+	// The leader serves RPCs: a write through a follower is forwarded to
+	// it (asked again should the lead move meanwhile: a leader elected
+	// after the cluster's start may not have served one yet).
+	n := 0
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		leader := c.Leader()
+		n++
+		if _, err := c.CreateUser(ctx, (leader+1)%len(c.Nodes), fmt.Sprintf("forwarded-%d", n)); err != nil {
+			return err
 		}
-	}
+		_, lm := get(t, "http://"+c.Nodes[leader].Server.AdminAddr()+"/metrics")
+		for _, want := range []string{`relay_control_raft_state{state="Leader"} 1`, "relay_control_raft_commit_seconds_count", "relay_control_rpc_seconds"} {
+			if !strings.Contains(lm, want) {
+				return fmt.Errorf("leader /metrics lacks %q", want)
+			}
+		}
+		return nil
+	})
 
 	// Take away the quorum: the survivor stops being ready.
 	for i, n := range c.Nodes {
