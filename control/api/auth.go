@@ -63,11 +63,11 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	if m.GetPassword() == "" || len(m.GetPassword()) > 1024 {
 		return nil, invalidArg(errors.New("password is empty or longer than 1024 bytes"))
 	}
-	attempt, err := s.admit(ctx, m.GetLogin(), req)
+	attempt, forwarded, err := s.admit(ctx, m.GetLogin(), req)
 	if err != nil {
 		return nil, err
 	}
-	u, ok, err := s.checkLogin(ctx, attempt, m)
+	u, ok, err := s.checkLogin(ctx, attempt, m, forwarded)
 	if err != nil {
 		return nil, err
 	}
@@ -109,7 +109,17 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 // checked against a dummy hash, so it takes the time a wrong password
 // does and ends the same way when no slot comes in time: the answers
 // tell no login that exists from one that does not.
-func (s *AuthServer) checkLogin(ctx context.Context, attempt *statev1.LoginAttempt, m *controlv1.LoginRequest) (*statev1.User, bool, error) {
+//
+// A login an edge forwards (a page's, through its console proxy) never
+// opens an edge account, and is neither checked nor counted: pages have
+// no business with the edges' credentials, and failures counted against
+// the login the edges share would let anyone on the Internet push it
+// past its ceiling (LoginCeiling), after which the edges' own logins
+// from addresses not yet trusted for it (a new pod, the ninth edge)
+// wait up to MaxDelay. It answers as a wrong password does, without the
+// hashing: it tells that the login is an edge account, which its name
+// in a deployment's files says anyway.
+func (s *AuthServer) checkLogin(ctx context.Context, attempt *statev1.LoginAttempt, m *controlv1.LoginRequest, forwarded bool) (*statev1.User, bool, error) {
 	// The linearizable read first, outside the slot: it waits for a
 	// leader when there is none, and a slot held through an election
 	// would line every login up behind it. With a leader just heard
@@ -118,6 +128,11 @@ func (s *AuthServer) checkLogin(ctx context.Context, attempt *statev1.LoginAttem
 	f, err := s.node.Read(ctx, raftnode.Linearizable)
 	if err != nil {
 		return nil, false, toConnect(err)
+	}
+	if forwarded {
+		if u, err := f.GetUserByLogin(m.GetLogin()); err == nil && auth.Role(u.GetRole()) == auth.RoleEdge {
+			return nil, false, nil
+		}
 	}
 	release, err := s.attemptInSlot(ctx, attempt)
 	if err != nil {
@@ -162,26 +177,27 @@ func (s *AuthServer) verify(hash, password string) (bool, error) {
 // admit is the first half of a login attempt: the checks that cost
 // nothing but this node's memory. It refuses (ResourceExhausted, with
 // Retry-After) while the login or the client's address must wait, and
-// else returns the attempt to record (recordAttempt).
-func (s *AuthServer) admit(ctx context.Context, login string, req connect.AnyRequest) (*statev1.LoginAttempt, error) {
+// else returns the attempt to record (recordAttempt), and whether an
+// edge forwarded it (a page's login through its console proxy).
+func (s *AuthServer) admit(ctx context.Context, login string, req connect.AnyRequest) (attempt *statev1.LoginAttempt, forwarded bool, err error) {
 	addr := clientAddr(req.Peer())
 	if fwd, ok := s.authn.forwardedFor(ctx, req.Header()); ok {
-		addr = fwd
+		addr, forwarded = fwd, true
 	}
 	if s.cfg.Limiter != nil {
 		if ok, retry := s.cfg.Limiter.Allow(login, addr); !ok {
-			return nil, throttled(retry)
+			return nil, false, throttled(retry)
 		}
 	}
-	attempt := &statev1.LoginAttempt{Login: login, AddrHash: addrHash(addr),
+	attempt = &statev1.LoginAttempt{Login: login, AddrHash: addrHash(addr),
 		Policy: s.cfg.Throttle.policy(everyMemberHas(s.node, fsm.FeatureLoginCeiling))}
 	// This replica's counts first: a throttled attempt costs no write.
 	if wait, err := s.node.FSM().LoginWait(attempt, s.cfg.Now().UnixMilli()); err != nil {
-		return nil, toConnect(err)
+		return nil, false, toConnect(err)
 	} else if wait > 0 {
-		return nil, throttled(time.Duration(wait) * time.Millisecond)
+		return nil, false, throttled(time.Duration(wait) * time.Millisecond)
 	}
-	return attempt, nil
+	return attempt, forwarded, nil
 }
 
 // recordAttempt counts a check of a password as a login attempt, in the
@@ -354,7 +370,7 @@ func (s *AuthServer) ChangePassword(ctx context.Context, req *connect.Request[co
 	}
 	// Counted against the account's login: a stolen access token buys
 	// no more guesses at the password than the login form gives.
-	attempt, err := s.admit(ctx, u.GetLogin(), req)
+	attempt, _, err := s.admit(ctx, u.GetLogin(), req)
 	if err != nil {
 		return nil, err
 	}

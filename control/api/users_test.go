@@ -6,6 +6,8 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -519,5 +521,53 @@ func TestGuessingALoginFromNewAddressesStopsAtItsCeiling(t *testing.T) {
 				t.Errorf("the owner from home: %v", err)
 			}
 		})
+	}
+}
+
+// Pages cannot lock the edges out: a login an edge forwards (a page's,
+// through its console proxy) at an edge account is answered as a wrong
+// password, even with the right one, and counts nothing, so guesses at
+// the login the edges share from ever new addresses do not push it past
+// its ceiling: an edge that logs in from an address not yet trusted for
+// it (a new pod) still gets in. The edge's own login is direct.
+func TestPagesCannotLockTheEdgesOut(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{
+		Auth: api.AuthConfig{Throttle: api.Throttle{AddrFree: 5, LoginFree: 2, LoginCeiling: 4, BaseDelay: time.Hour, MaxDelay: time.Hour}},
+	})
+	ctx := ctxT(t, 5*time.Minute)
+	proxy := c.TokenFor("edge-proxy", controlv1.Role_ROLE_EDGE)
+	c.TokenFor("edges", controlv1.Role_ROLE_EDGE) // password "password-of-edges", from 127.0.0.1
+	page := func(from, login, password string) error {
+		req := connect.NewRequest(&controlv1.LoginRequest{Login: login, Password: password})
+		req.Header().Set(api.ForwardedForHeader, from)
+		req.Header().Set(api.ForwardedByHeader, "Bearer "+proxy)
+		_, err := clientsAs(t, c.Nodes[0], "").auth.Login(ctx, req)
+		return err
+	}
+	for i := range 10 {
+		password := fmt.Sprint("guess-", i)
+		if i == 9 {
+			password = "password-of-edges"
+		}
+		err := page(fmt.Sprintf("2001:db8:0:%x::1", i), "edges", password)
+		if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "invalid login or password") {
+			t.Fatalf("a page's login %d at the edges' account: %v, want unauthenticated as for a wrong password", i, err)
+		}
+	}
+	// A new edge, from an address no edge logged in from.
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}, Timeout: 10 * time.Second}
+	var protos http.Protocols
+	protos.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{DialContext: d.DialContext, Protocols: &protos}
+	t.Cleanup(tr.CloseIdleConnections)
+	newPod := controlv1connect.NewAuthServiceClient(&http.Client{Transport: tr}, url(c.Nodes[0]))
+	if _, err := newPod.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "edges", Password: "password-of-edges"})); err != nil {
+		t.Fatalf("an edge from a new address after pages guessed at the edges' login: %v", err)
+	}
+	// A user's login through the same proxy is checked and counted as
+	// before (TestGuessingALoginFromNewAddressesStopsAtItsCeiling).
+	c.TokenFor("alice", controlv1.Role_ROLE_USER)
+	if err := page("198.51.100.1", "alice", "password-of-alice"); err != nil {
+		t.Fatalf("a page's login at a user's account: %v", err)
 	}
 }
