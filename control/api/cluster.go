@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -120,6 +121,9 @@ func (s *ClusterServer) AddVoter(ctx context.Context, req *connect.Request[contr
 	if err := fsm.ValidateText("api_addr", m.GetApiAddr(), fsm.MaxAddrLen, false); err != nil {
 		return nil, invalidArg(err)
 	}
+	if err := s.mayAdd(ctx, m.GetId()); err != nil {
+		return nil, err
+	}
 	ctx, cancel := withDeadline(ctx)
 	defer cancel()
 	out, err := onLeader(ctx, s,
@@ -138,6 +142,25 @@ func (s *ClusterServer) AddVoter(ctx context.Context, req *connect.Request[contr
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(out), nil
+}
+
+// mayAdd refuses a node caller's AddVoter of another node: a joining node
+// (its certificate from the cluster CA names it) adds itself. Taken as
+// done by hashicorp/raft, an AddVoter of a member's id at another address
+// would move that member's place, its votes and the log it is sent, to
+// whoever asked: a removed node, or any holder of a certificate from the
+// CA. A member, which a follower forwarding a join speaks as, may add any
+// node; so may an admin (--join-token).
+func (s *ClusterServer) mayAdd(ctx context.Context, id string) error {
+	c, ok := auth.ClaimsFrom(ctx)
+	if !ok || c.Role != RoleNode {
+		return nil
+	}
+	caller, _ := strings.CutPrefix(c.Subject, "node:")
+	if caller == id || s.node.HasMember(caller) {
+		return nil
+	}
+	return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q may add only itself, not %q", caller, id))
 }
 
 // RemoveServer removes a member.
