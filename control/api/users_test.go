@@ -237,6 +237,14 @@ func TestUsersAndDevicesThroughTheAPI(t *testing.T) {
 	if _, err := bobCl.devices.ListDevices(ctx, connect.NewRequest(&controlv1.ListDevicesRequest{UserId: alice.GetId()})); connect.CodeOf(err) != connect.CodePermissionDenied {
 		t.Fatalf("bob lists alice's devices: %v", err)
 	}
+	// Nor add his key to her account: a device of hers that he holds the
+	// key of would receive her events.
+	if _, err := bobCl.devices.RegisterDevice(ctx, connect.NewRequest(&controlv1.RegisterDeviceRequest{UserId: alice.GetId(), Name: "bob's", PublicKey: pubKey(t)})); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("bob registers a device to alice: %v, want permission_denied", err)
+	}
+	if list, err := aliceCl.devices.ListDevices(ctx, connect.NewRequest(&controlv1.ListDevicesRequest{})); err != nil || len(list.Msg.GetDevices()) != 1 {
+		t.Fatalf("alice's devices after bob's attempt: %v %v, want her phone alone", list, err)
+	}
 	if _, err := bobCl.users.GetUser(ctx, connect.NewRequest(&controlv1.GetUserRequest{Id: alice.GetId()})); connect.CodeOf(err) != connect.CodePermissionDenied {
 		t.Fatalf("bob reads alice: %v", err)
 	}
