@@ -116,6 +116,10 @@ type handshake struct {
 	// from now; replays refuses a proof seen before.
 	resumeWindow time.Duration
 	replays      *replayCache
+	// proofsSince is when replays began (the hub's start): a resume proof
+	// signed before it is refused, since this edge's previous process
+	// may have accepted it and replays does not know (zero: no bound).
+	proofsSince time.Time
 	// verify checks an Ed25519 signature [ed25519.Verify]; tests count
 	// its calls.
 	verify func(pub, msg, sig []byte) bool
@@ -256,8 +260,16 @@ func (h *handshake) resumeProofValid(hello *relayv1.Hello, now time.Time) bool {
 	if !verified(h.verifier(), h.keyFor(h.device), rt.Bytes(), hello.GetResumeProof(), len(rt.Nonce) == proof.ResumeNonceSize) {
 		return false
 	}
-	skew := time.UnixMilli(hello.GetClientTimeMs()).Sub(now)
+	signed := time.UnixMilli(hello.GetClientTimeMs())
+	skew := signed.Sub(now)
 	if skew > h.resumeWindow || skew < -h.resumeWindow {
+		return false
+	}
+	// The replay cache lives in this process: a proof signed before it
+	// started may have been accepted by the edge's previous process
+	// within the window, and would be taken again. A device whose proof
+	// is refused for it does a full handshake, as for any refused proof.
+	if signed.Before(h.proofsSince) {
 		return false
 	}
 	return h.replays.first(hello.GetDeviceId(), string(hello.GetResumeNonce()), now.Add(2*h.resumeWindow), now)

@@ -239,6 +239,11 @@ type Hub struct {
 	// costs what a wrong signature of a real device costs.
 	dummyKey []byte
 	replays  *replayCache
+	// started is when this hub began, rounded down to the millisecond
+	// (client times are whole milliseconds): replays holds only the
+	// resume proofs accepted since, so one signed earlier is refused
+	// (see handshake.proofsSince).
+	started time.Time
 	// readBufs lends the sessions' stream readers their buffers while
 	// frames are arriving; a session waiting for its next frame holds none.
 	readBufs *frame.BufferPool
@@ -279,7 +284,7 @@ func NewHub(cfg Config) (*Hub, error) {
 		return nil, fmt.Errorf("session: dummy key: %w", err)
 	}
 	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), idle: make(chan struct{}), limits: cfg.Limits.Proto(),
-		dummyKey: dummy, replays: newReplayCache(cfg.MaxResumeProofs), traced: traced,
+		dummyKey: dummy, replays: newReplayCache(cfg.MaxResumeProofs), started: time.UnixMilli(cfg.Now().UnixMilli()), traced: traced,
 		readBufs: frame.NewBufferPool(2 << 10)}
 	h.drained, h.drain = context.WithCancel(context.Background())
 	for i := range h.shards {

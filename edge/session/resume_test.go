@@ -2,6 +2,7 @@ package session
 
 import (
 	"bytes"
+	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"fmt"
@@ -74,6 +75,69 @@ func TestResumeNeedsAFreshProof(t *testing.T) {
 		}
 		refused(t, h)
 	})
+}
+
+// An edge's replay cache dies with its process. A resume Hello captured
+// on its way to an edge (by a TLS-terminating proxy, say) and replayed
+// after the edge restarted is refused all the same: its proof was signed
+// before the new process started. A device that resumes afresh gets in,
+// and one whose proof is stamped a moment before the start (its clock
+// offset a little behind) gets in with a full handshake.
+func TestRestartedEdgeRefusesResumeProofsSignedBeforeItStarted(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u1", "d1")
+	ticket := e.online("d1").welcome.GetResumeTicket()
+
+	d := e.connect("d1")
+	captured := d.hello(ticket)
+	d.send(captured)
+	if w := d.readDirect().GetWelcome(); !w.GetResumed() {
+		t.Fatalf("first use of the proof: want a resumed welcome, got %v", w)
+	}
+	d.startReading() // takes the GOING_AWAY of the drain below
+
+	// The edge stops and starts again: the same id, ring and directory, a
+	// hub of its own. Its clock is a second on from the old one's, so its
+	// start is past the captured proof's millisecond whatever the speed
+	// of this machine.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.hub.Drain(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	restarted := e.otherEdge("edge-test", func(c *Config) {
+		c.Now = func() time.Time { return time.Now().Add(time.Second) }
+	})
+	resume := func(h *relayv1.Hello) (*dev, *relayv1.Frame) {
+		t.Helper()
+		d := restarted.connect("d1")
+		d.send(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: h}})
+		return d, d.readDirect()
+	}
+
+	if _, f := resume(captured.GetHello()); f.GetChallenge().GetTicketError() != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {
+		t.Fatalf("replayed after the restart: want a challenge refusing the ticket (AUTH_FAILED), got %v", f)
+	}
+
+	fresh := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion,
+		ClientTimeMs: restarted.hub.cfg.Now().UnixMilli(), ResumeTicket: ticket}
+	proveResume(fresh, e.keys["d1"])
+	if _, f := resume(fresh); !f.GetWelcome().GetResumed() {
+		t.Fatalf("fresh proof after the restart: want a resumed welcome, got %v", f)
+	}
+
+	early := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion,
+		ClientTimeMs: restarted.hub.started.UnixMilli() - 1, ResumeTicket: ticket}
+	proveResume(early, e.keys["d1"])
+	d, f := resume(early)
+	ch := f.GetChallenge()
+	if ch.GetTicketError() != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {
+		t.Fatalf("proof stamped just before the start: want a challenge refusing the ticket, got %v", f)
+	}
+	d.answer(early, ch)
+	if w := d.readDirect().GetWelcome(); w == nil || w.GetResumed() {
+		t.Fatalf("full handshake after the refused proof: want a welcome, not resumed; got %v", w)
+	}
 }
 
 // The replay cache never forgets a proof early: full, it refuses.

@@ -159,7 +159,7 @@ func newSession(h *Hub, c devconn.Conn) *Session {
 	s.hs = handshake{
 		edgeID: h.cfg.EdgeID, dir: h.cfg.Directory, ring: h.cfg.Ring, now: h.cfg.Now,
 		random: h.cfg.Random, maxAge: h.cfg.MaxSessionAge, dummyKey: h.dummyKey,
-		resumeWindow: h.cfg.ResumeWindow, replays: h.replays, verify: h.cfg.verify,
+		resumeWindow: h.cfg.ResumeWindow, replays: h.replays, proofsSince: h.started, verify: h.cfg.verify,
 	}
 	var id [16]byte
 	_, _ = io.ReadFull(h.cfg.Random, id[:])
