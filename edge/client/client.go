@@ -371,15 +371,21 @@ type Client struct {
 	// the edge in seq order.
 	sendMu sync.Mutex
 
-	mu        sync.Mutex // guards the fields below
-	cur       *conn
-	ready     chan struct{} // closed while cur != nil
-	ticket    []byte
-	seq       uint64
-	pending   map[string]*pendingSend
-	order     []*pendingSend // pending in seq order
-	online    map[string]bool
-	offset    time.Duration
+	mu      sync.Mutex // guards the fields below
+	cur     *conn
+	ready   chan struct{} // closed while cur != nil
+	ticket  []byte
+	seq     uint64
+	pending map[string]*pendingSend
+	order   []*pendingSend // pending in seq order
+	online  map[string]bool
+	offset  time.Duration
+	// offsetErr bounds how far offset may be off: half the round trip
+	// it was learnt over.
+	offsetErr time.Duration
+	// skew is the edge's clock-skew tolerance, from the last Welcome (0:
+	// none given).
+	skew      time.Duration
 	sessionID string
 	resumed   bool
 	err       error // why the client stopped, once it did
@@ -438,6 +444,10 @@ func (c *Client) Edge() string { return c.edgeAddr() }
 type pendingSend struct {
 	enc  []byte     // the event's frame, encoded with its seq
 	done chan error // buffered: one result
+	// id, createdMs and ttlMs are the event's, for the resend's expiry
+	// check (expired).
+	id               string
+	createdMs, ttlMs int64
 }
 
 // Dial connects to the edge (Addr, else each of OtherAddrs in turn) and
@@ -636,7 +646,11 @@ func (c *Client) build(m Message, ephemeral bool) (*relayv1.Event, error) {
 // UTF-8 (MALFORMED_FRAME). While
 // disconnected the event waits and is sent after the reconnect; an event
 // sent but not acknowledged is sent again then (receivers drop the
-// duplicate). At most Config.MaxPending sends are under way at once; a
+// duplicate), unless the new edge would certainly refuse it: one that
+// expired meanwhile (its TTL and the edge's skew tolerance passed, by
+// the edge's clock as the handshake told it) fails with EXPIRED, one
+// longer than the new edge's frame limit with FRAME_TOO_LARGE, each
+// without being sent. At most Config.MaxPending sends are under way at once; a
 // further one first waits for a slot. An error from ctx means the event
 // may or may not have been delivered: if ctx ended while the event was
 // still waiting for the stream it is never sent, but the Send that writes
@@ -668,7 +682,7 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 		c.sendMu.Unlock()
 		return err
 	}
-	p := &pendingSend{enc: enc, done: make(chan error, 1)}
+	p := &pendingSend{enc: enc, done: make(chan error, 1), id: ev.GetId(), createdMs: ev.GetCreatedAtMs(), ttlMs: ev.GetTtlMs()}
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err

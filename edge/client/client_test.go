@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -891,18 +892,7 @@ func TestAPendingEventTooLargeForTheNextEdgeFailsAlone(t *testing.T) {
 			cfg.Session.Limits.MaxFrameBytes, cfg.Session.Limits.MaxPayloadBytes = 1<<20, 512<<10
 		}
 	}})
-	u := r.User("moving")
-	a, b := r.Device(u, "a"), r.Device(u, "b")
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	acfg := r.ClientConfig(0, a, client.QUIC)
-	acfg.IdleTimeout = 2 * time.Second // it notices the dead edge soon
-	ca := dialWith(ctx, t, acfg)
-	// b takes nothing: a's event waits for its ack.
-	bcfg := r.ClientConfig(0, b, client.QUIC)
-	bcfg.ReceiveBuffer = -1
-	dialWith(ctx, t, bcfg)
-	waitOnline(t, ca, b.ID)
+	ctx, _, ca, b, _ := aboutToMove(t, r, "moving", nil)
 	sent := make(chan error, 1)
 	go func() { sent <- ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: make([]byte, 200<<10)}) }()
 	waitSent(t, r, 1)
@@ -917,6 +907,114 @@ func TestAPendingEventTooLargeForTheNextEdgeFailsAlone(t *testing.T) {
 	if err := ca.SendEphemeral(client.Message{Targets: []string{b.ID}, Payload: []byte("small")}); err != nil || ca.Err() != nil {
 		t.Fatalf("a small event after the move: %v (client: %v)", err, ca.Err())
 	}
+}
+
+// Sends whose events expired while the device was away fail alone, with
+// the EXPIRED *Error the edge would give, and are not sent again: the
+// edge would refuse each one for the device's fault, and a device back
+// with more of them than its refusal budget was closed as RATE_LIMITED,
+// session after session, while the events behind them waited. Here the
+// second edge's clock is a minute ahead (as if the device had slept that
+// long) and takes one refusal: the events with a TTL of 10 s are expired
+// by its clock, tolerance included, those with an hour are not. The
+// client learns the edge's clock in the handshake, refuses the expired
+// ones itself, and the edge refuses none: the session stays up and the
+// others reach the receiver.
+func TestExpiredPendingSendsFailWithoutBeingSent(t *testing.T) {
+	const ahead = time.Minute
+	r := relaytest.Start(t, relaytest.Options{Edges: 2, Edge: func(i int, cfg *server.Config) {
+		cfg.Session.Limits = session.DefaultLimits()
+		cfg.Session.Limits.SkewTolerance = time.Second
+		cfg.Session.RefusalBurst, cfg.Session.RefusalsPerSecond = 1, 0.001
+		if i == 1 {
+			cfg.Session.Now = func() time.Time { return time.Now().Add(ahead) }
+		}
+	}})
+	lost := make(chan client.SessionLost, 16)
+	ctx, _, ca, b, cb := aboutToMove(t, r, "sleeper", func(l client.SessionLost) { lost <- l })
+
+	const expiring, lasting = 6, 3
+	send := func(k int, ttl time.Duration) <-chan error {
+		done := make(chan error, 1)
+		m := client.Message{ID: fmt.Sprintf("ev-%d", k), Targets: []string{b.ID}, Payload: fmt.Appendf(nil, "%d", k), TTL: ttl}
+		go func() { done <- ca.Send(ctx, m) }()
+		return done
+	}
+	var sends []<-chan error
+	for k := range expiring {
+		sends = append(sends, send(k, 10*time.Second))
+		waitSent(t, r, k+1) // in seq order
+	}
+	r.KillEdge(0)
+	// Sent while the device is cut off, behind the expiring ones.
+	for k := expiring; k < expiring+lasting; k++ {
+		sends = append(sends, send(k, time.Hour))
+	}
+	var ce *client.Error
+	for k, done := range sends[:expiring] {
+		if err := <-done; !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_EXPIRED || !strings.Contains(ce.Message, fmt.Sprintf("ev-%d", k)) {
+			t.Fatalf("send %d (expired): %v, want EXPIRED", k, err)
+		}
+	}
+	// Sent at once, the lasting ones took their seqs in any order, and
+	// arrive in that order. (b may still be on the dead edge, holding
+	// expiring ones it delivered before it died: given, in order too.)
+	got := map[string]bool{}
+	var last uint64
+	for len(got) < lasting {
+		ev, err := cb.Receive(ctx)
+		if err != nil {
+			t.Fatalf("after %d events: %v", len(got), err)
+		}
+		if got[ev.ID] || ev.Seq <= last {
+			t.Fatalf("received event %q (seq %d, after %d), want each once, in seq order", ev.Payload, ev.Seq, last)
+		}
+		last = ev.Seq
+		if k, _ := strconv.Atoi(string(ev.Payload)); k >= expiring {
+			got[ev.ID] = true
+		}
+	}
+	for k, done := range sends[expiring:] {
+		if err := <-done; err != nil {
+			t.Fatalf("send %d: %v", expiring+k, err)
+		}
+	}
+	// One session lost, the first edge's; the second's is up.
+	if l := <-lost; l.Edge == r.Edges[1].Addr() {
+		t.Fatalf("lost the session on the second edge: %v", l.Err)
+	}
+	select {
+	case l := <-lost:
+		t.Fatalf("lost a second session: %v", l.Err)
+	default:
+	}
+	if n := relaytest.Counter(t, r.Edges[1], "relay_edge_events_total", "result", "expired"); n != 0 {
+		t.Fatalf("the second edge refused %v events as expired: the client sent them again", n)
+	}
+	if ca.Edge() != r.Edges[1].Addr() || ca.SessionID() == "" {
+		t.Fatalf("a is on %s (session %q), want a session on the second edge", ca.Edge(), ca.SessionID())
+	}
+}
+
+// aboutToMove connects two devices of a new user, a and b, to edge 0 of
+// r over QUIC, both noticing a dead edge within 2 s (to move to the
+// next); b's application takes nothing (until the test receives), so
+// a's events wait for their acks. lost, if set, is a's OnSessionLost.
+// The context ends with the test (a minute at most).
+func aboutToMove(t *testing.T, r *relaytest.Relay, login string, lost func(client.SessionLost)) (ctx context.Context, a relaytest.Device, ca *client.Client, b relaytest.Device, cb *client.Client) {
+	t.Helper()
+	u := r.User(login)
+	a, b = r.Device(u, "a"), r.Device(u, "b")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	acfg := r.ClientConfig(0, a, client.QUIC)
+	acfg.IdleTimeout, acfg.OnSessionLost = 2*time.Second, lost
+	ca = dialWith(ctx, t, acfg)
+	bcfg := r.ClientConfig(0, b, client.QUIC)
+	bcfg.ReceiveBuffer, bcfg.IdleTimeout = -1, 2*time.Second
+	cb = dialWith(ctx, t, bcfg)
+	waitOnline(t, ca, b.ID)
+	return ctx, a, ca, b, cb
 }
 
 // waitSent waits until edge 0 of r has sent n durable deliveries.

@@ -358,7 +358,7 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	// Welcome comes after the signature's round trip and the edge's work
 	// (the device's mailbox read), which would make the offset late by
 	// half of them.
-	var chOffset time.Duration
+	var chOffset, chErr time.Duration
 	learnt := false
 	for {
 		var f relayv1.Frame
@@ -372,7 +372,8 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 		case *relayv1.Frame_Challenge:
 			if !learnt && k.Challenge.GetServerTimeMs() != 0 {
 				// The edge stamped server_time about half a round trip ago.
-				chOffset = time.UnixMilli(k.Challenge.GetServerTimeMs()).Add(time.Since(sent) / 2).Sub(time.Now())
+				chErr = time.Since(sent) / 2
+				chOffset = time.UnixMilli(k.Challenge.GetServerTimeMs()).Add(chErr).Sub(time.Now())
 				learnt = true
 			}
 			if k.Challenge.GetTicketError() != 0 {
@@ -386,10 +387,11 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 			}
 		case *relayv1.Frame_Welcome:
 			w := k.Welcome
-			offset := chOffset
+			offset, offsetErr := chOffset, chErr
 			if !learnt {
 				// A resumed session: the Welcome answers the Hello.
-				offset = time.UnixMilli(w.GetServerTimeMs()).Add(time.Since(sent) / 2).Sub(time.Now())
+				offsetErr = time.Since(sent) / 2
+				offset = time.UnixMilli(w.GetServerTimeMs()).Add(offsetErr).Sub(time.Now())
 			}
 			if n := int(min(w.GetLimits().GetMaxFrameBytes(), frame.MaxFrameLimit)); n > 0 {
 				// The edge refuses (closing the session) a frame longer
@@ -407,7 +409,8 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 			if len(w.GetResumeTicket()) > 0 {
 				c.ticket = w.GetResumeTicket()
 			}
-			c.offset, c.sessionID, c.resumed = offset, w.GetSessionId(), w.GetResumed()
+			c.offset, c.offsetErr, c.sessionID, c.resumed = offset, offsetErr, w.GetSessionId(), w.GetResumed()
+			c.skew = time.Duration(w.GetLimits().GetSkewToleranceMs()) * time.Millisecond
 			c.mu.Unlock()
 			return nil
 		case *relayv1.Frame_Close:
@@ -609,6 +612,29 @@ func (c *Client) stop(err error) {
 	close(c.presence)
 }
 
+// expirySlack is how much later than the edge's clock, as this client
+// knows it, an event must have expired before the client refuses it
+// itself rather than resend it: the clocks are read at different moments
+// and in whole milliseconds, and the edge must certainly refuse it.
+const expirySlack = time.Second
+
+// expired is the EXPIRED *Error the edge would refuse p with, by
+// validate's rule (expired once its age is ttl plus the skew tolerance),
+// when its clock says nowMs at the earliest; nil when it might take p, or
+// when the skew tolerance is not known (skew 0).
+func (p *pendingSend) expired(nowMs int64, skew time.Duration) error {
+	skewMs := skew.Milliseconds()
+	if skewMs <= 0 || p.createdMs > nowMs {
+		return nil
+	}
+	// Both non-negative: no overflow.
+	if age := nowMs - p.createdMs; age >= p.ttlMs && age-p.ttlMs >= skewMs {
+		return &Error{Code: relayv1.ErrorCode_ERROR_CODE_EXPIRED, Message: fmt.Sprintf("event %s: created %s ago with a ttl of %d ms, tolerance %s: not sent again",
+			p.id, time.Duration(age)*time.Millisecond, p.ttlMs, skew)}
+	}
+	return nil
+}
+
 // serve runs one established session: resend what is unacknowledged,
 // then read until it ends. It returns why it ended.
 func (c *Client) serve(cn *conn) error {
@@ -616,24 +642,32 @@ func (c *Client) serve(cn *conn) error {
 	c.mu.Lock()
 	var resend []byte // the unacknowledged events, encoded, in seq order
 	// An event encoded under a larger frame limit (another edge's) than
-	// this session's would end the session for good: it fails alone.
+	// this session's would end the session for good, and one the edge
+	// would refuse as expired costs a refusal (a device back after a long
+	// sleep with many of them would be closed as RATE_LIMITED, again and
+	// again): each fails alone, here, as the edge would refuse it.
 	limit := int(c.maxFrame.Load())
 	if limit <= 0 {
 		limit = frame.DefaultMaxFrame
 	}
-	var tooLarge []*pendingSend
+	edgeNow := time.Now().Add(c.offset).Add(-c.offsetErr - expirySlack).UnixMilli()
+	failed := map[*pendingSend]error{}
 	for _, p := range c.order {
 		if n, _ := binary.Uvarint(p.enc); n > uint64(limit) {
-			tooLarge = append(tooLarge, p)
+			failed[p] = &Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, Message: fmt.Sprintf("the event is longer than this edge's frame limit of %d bytes", limit)}
+			continue
+		}
+		if err := p.expired(edgeNow, c.skew); err != nil {
+			failed[p] = err
 			continue
 		}
 		resend = append(resend, p.enc...)
 	}
-	if len(tooLarge) > 0 {
-		c.order = slices.DeleteFunc(c.order, func(p *pendingSend) bool { return slices.Contains(tooLarge, p) })
-		maps.DeleteFunc(c.pending, func(_ string, p *pendingSend) bool { return slices.Contains(tooLarge, p) })
-		for _, p := range tooLarge {
-			p.done <- &Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, Message: fmt.Sprintf("the event is longer than this edge's frame limit of %d bytes", limit)}
+	if len(failed) > 0 {
+		c.order = slices.DeleteFunc(c.order, func(p *pendingSend) bool { return failed[p] != nil })
+		maps.DeleteFunc(c.pending, func(_ string, p *pendingSend) bool { return failed[p] != nil })
+		for p, err := range failed {
+			p.done <- err
 		}
 	}
 	c.online = map[string]bool{}

@@ -906,3 +906,33 @@ func TestClockOffsetFromTheChallenge(t *testing.T) {
 		t.Fatalf("offset %v, want about %v (the Challenge's)", off, ahead)
 	}
 }
+
+// A pending send is refused as expired only when the edge would refuse
+// it by validate's rule: its age, by the edge's earliest clock, at least
+// its TTL plus the skew tolerance; never with the tolerance unknown.
+func TestAPendingSendExpiresByTheEdgesRule(t *testing.T) {
+	const now = int64(1_000_000_000)
+	for _, tc := range []struct {
+		name             string
+		createdMs, ttlMs int64
+		skew             time.Duration
+		expired          bool
+	}{
+		{"a millisecond short", now - 1_000 - 60_000 + 1, 1_000, time.Minute, false},
+		{"at ttl plus tolerance", now - 1_000 - 60_000, 1_000, time.Minute, true},
+		{"long past", 0, 1, time.Minute, true},
+		{"past its ttl, within the tolerance", now - 30_000, 1_000, time.Minute, false},
+		{"created in the future", now + 5_000, 1, time.Minute, false},
+		{"tolerance unknown", 0, 1, 0, false},
+		{"the longest ttl", 0, 1<<63 - 1, time.Minute, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := &pendingSend{id: "e", createdMs: tc.createdMs, ttlMs: tc.ttlMs}
+			err := p.expired(now, tc.skew)
+			var ce *Error
+			if got := errors.As(err, &ce) && ce.Code == relayv1.ErrorCode_ERROR_CODE_EXPIRED; got != tc.expired || (err != nil && !got) {
+				t.Fatalf("expired: %v, want %v", err, tc.expired)
+			}
+		})
+	}
+}
