@@ -242,6 +242,7 @@ func TestRelayJSFollowsTheEdgesFrameLimit(t *testing.T) {
 // the edge's page, not connected yet.
 type slotRig struct {
 	ctx            context.Context
+	r              *relaytest.Relay
 	edge           *server.Server
 	pageDev, rxDev relaytest.Device
 	rx             *relaytest.Raw
@@ -249,16 +250,26 @@ type slotRig struct {
 
 func newSlotRig(t *testing.T, login string) *slotRig {
 	t.Helper()
+	return newSlotRigWith(t, login, nil)
+}
+
+// newSlotRigWith is newSlotRig with the edge's configuration adjusted by
+// edge (if set).
+func newSlotRigWith(t *testing.T, login string, edge func(cfg *server.Config)) *slotRig {
+	t.Helper()
 	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
 		cfg.AdminAddr = "127.0.0.1:0"
 		// The receiver sends nothing while it holds its receipts back: the
 		// edge must not close it as idle, which would give its deliveries
 		// to its mailbox and so acknowledge them.
 		cfg.IdleTimeout = 10 * time.Minute
+		if edge != nil {
+			edge(cfg)
+		}
 	}})
 	ctx := browser(t) // started after the relay, so closed before it
 	user := r.User(login)
-	g := &slotRig{ctx: ctx, edge: r.Edges[0], pageDev: r.Device(user, "page"), rxDev: r.Device(user, "rx")}
+	g := &slotRig{ctx: ctx, r: r, edge: r.Edges[0], pageDev: r.Device(user, "page"), rxDev: r.Device(user, "rx")}
 	g.rx = r.DialRaw(t, 0, client.WebSocket)
 	g.rx.Login(g.rxDev)
 	do(ctx, t, "open the page", chromedp.Navigate(g.edge.AdminURL()+"/"))

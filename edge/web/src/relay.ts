@@ -318,6 +318,10 @@ const MAX_FRAME_LIMIT = 16 << 20;
  * event (QUEUE_FULL) rather than queue it behind the others: an
  * ephemeral event is worth sending now or not at all. */
 export const MAX_EPHEMERAL_BACKLOG = 256 * 1024;
+/** How much later than the edge's clock, as the page knows it, an event
+ * must have expired before the page refuses it itself rather than resend
+ * it (ms; the Go client's expirySlack): the edge must certainly refuse it. */
+const EXPIRY_SLACK_MS = 1000;
 /** The longest wait an edge's GOING_AWAY may ask for that the page takes
  * (ms; the Go client's MaxReconnectHint). */
 export const MAX_RECONNECT_HINT_MS = 5 * 60_000;
@@ -600,6 +604,9 @@ interface Outgoing {
   id: string;
   m: Message;
   body: Uint8Array | null; // the Event frame, once built
+  /** The built event's created_at_ms and ttl_ms (for the resend). */
+  createdAtMs: number;
+  ttlMs: number;
   resolve: () => void;
   reject: (e: unknown) => void;
 }
@@ -638,6 +645,12 @@ export class RelayClient extends EventTarget {
   transport: TransportName | null = null;
   /** How far the edge's clock is ahead of this one, in ms. */
   clockOffsetMs = 0;
+  /** How far clockOffsetMs may be off: half the round trip it was
+   * learnt over (ms). */
+  private clockErrorMs = 0;
+  /** The edge's clock-skew tolerance, from the last Welcome (ms; 0: none
+   * given). */
+  private skewToleranceMs = 0;
   /** The current (or last) session's id, from the edge's Welcome. */
   sessionId = "";
   /** Why the client stopped for good, once it did. */
@@ -821,7 +834,7 @@ export class RelayClient extends EventTarget {
     return new Promise((resolve, reject) => {
       let unlisten = () => {};
       const s: Outgoing = {
-        id, m, body: null,
+        id, m, body: null, createdAtMs: 0, ttlMs: 0,
         resolve: () => { unlisten(); resolve(); },
         reject: (e) => { unlisten(); reject(e); },
       };
@@ -845,7 +858,10 @@ export class RelayClient extends EventTarget {
   /** Builds a send's event, now that it has a slot, and sends it. */
   private start(s: Outgoing): void {
     try {
-      s.body = this.fits(frame({ case: "event", value: this.build(s.m, false, s.id) }));
+      const ev = this.build(s.m, false, s.id);
+      s.body = this.fits(frame({ case: "event", value: ev }));
+      s.createdAtMs = Number(ev.createdAtMs);
+      s.ttlMs = Number(ev.ttlMs);
     } catch (e) {
       s.reject(e); // it cannot be encoded (a bad ttlMs, say): never sent
       return;
@@ -1102,10 +1118,44 @@ export class RelayClient extends EventTarget {
     this.conn = c;
     this.transport = c.name;
     this.onlineSet.clear();
-    // Resend what was not acknowledged, in order, before anything new.
-    // Sends still waiting for a slot follow as acks free slots.
-    for (const p of this.pending.values()) void c.send(p.body!).catch(() => {});
+    // Resend what was not acknowledged, in order, before anything new,
+    // but for what this edge would certainly refuse: each of those fails
+    // alone (see refusedOnResend). Sends still waiting for a slot follow
+    // as acks (and those failures) free slots.
+    const edgeNow = Date.now() + this.clockOffsetMs - this.clockErrorMs - EXPIRY_SLACK_MS;
+    const refused: [Outgoing, RelayError][] = [];
+    for (const p of this.pending.values()) {
+      const why = this.refusedOnResend(p, edgeNow);
+      if (why) refused.push([p, why]);
+      else void c.send(p.body!).catch(() => {});
+    }
+    for (const [p, why] of refused) {
+      this.pending.delete(p.id);
+      p.reject(why);
+    }
+    this.pump();
     this.emit("state", { connected: true, transport: c.name, sessionId: this.sessionId });
+  }
+
+  /** The error the edge would certainly refuse a resent send with, which
+   * the page gives it instead of sending it (the Go client's serve does
+   * the same); null when the edge may take it. An event longer than this
+   * edge's frame limit (encoded under another's) would end the session
+   * for good (FRAME_TOO_LARGE); one expired by the edge's clock at
+   * edgeNowMs, the earliest it can be, by validate's rule (its age at
+   * least its TTL plus the skew tolerance) would cost a refusal, and a
+   * page back after a long sleep with more of them than the edge's
+   * refusal budget would be closed as RATE_LIMITED, session after
+   * session (EXPIRED). Nothing expires while the tolerance is unknown. */
+  private refusedOnResend(p: Outgoing, edgeNowMs: number): RelayError | null {
+    if (p.body!.length > this.maxFrameBytes) {
+      return new RelayError(ErrorCode.FRAME_TOO_LARGE, `event ${p.id}: frame of ${p.body!.length} bytes, longer than this edge's limit of ${this.maxFrameBytes}`);
+    }
+    const skew = this.skewToleranceMs, age = Math.floor(edgeNowMs) - p.createdAtMs;
+    if (skew > 0 && age >= 0 && age >= p.ttlMs + skew) {
+      return new RelayError(ErrorCode.EXPIRED, `event ${p.id}: created ${age} ms ago with a ttl of ${p.ttlMs} ms, tolerance ${skew} ms: not sent again`);
+    }
+    return null;
   }
 
   /** Signs a challenge with the device key (docs/protocol.md). */
@@ -1147,13 +1197,22 @@ export class RelayClient extends EventTarget {
       const f = fromBinary(FrameSchema, body);
       switch (f.kind.case) {
         case "challenge":
-          if (offset === null && f.kind.value.serverTimeMs) offset = Number(f.kind.value.serverTimeMs) + (Date.now() - sent) / 2 - Date.now();
+          if (offset === null && f.kind.value.serverTimeMs) {
+            this.clockErrorMs = (Date.now() - sent) / 2;
+            offset = Number(f.kind.value.serverTimeMs) + this.clockErrorMs - Date.now();
+          }
           if (f.kind.value.ticketError) this.ticket = new Uint8Array(0);
           await this.answer(c, hello, f.kind.value);
           break;
         case "welcome": {
           const w = f.kind.value;
-          this.clockOffsetMs = offset ?? Number(w.serverTimeMs) + (Date.now() - sent) / 2 - Date.now();
+          if (offset === null) {
+            // A resumed session: the Welcome answers the Hello.
+            this.clockErrorMs = (Date.now() - sent) / 2;
+            offset = Number(w.serverTimeMs) + this.clockErrorMs - Date.now();
+          }
+          this.clockOffsetMs = offset;
+          this.skewToleranceMs = Number(w.limits?.skewToleranceMs ?? 0n);
           if (w.resumeTicket.length > 0) this.ticket = w.resumeTicket;
           if (w.limits?.maxFrameBytes) {
             this.maxFrameBytes = Math.min(w.limits.maxFrameBytes, MAX_FRAME_LIMIT);
