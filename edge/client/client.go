@@ -176,11 +176,12 @@ type Config struct {
 	QUICTokens quic.TokenStore
 	// OnSession, if set, is called each time a session is up: the first
 	// and every reconnect, after the events still unacknowledged were sent
-	// again. It runs on the client's own goroutine, which reads the
-	// session only once it returns: keep it short, and do not call Send
-	// (it waits for an ack that goroutine reads) or Close (it waits for
-	// that goroutine) from it; SendEphemeral is fine. Start longer work on
-	// a goroutine of its own.
+	// again. It runs on the client's own goroutine, which serves the
+	// session (its datagrams, its end, the next reconnect) only once it
+	// returns (the stream is read meanwhile): keep it short, and do not
+	// call Send (it may wait for a session that goroutine would make) or
+	// Close (it waits for that goroutine) from it; SendEphemeral is fine.
+	// Start longer work on a goroutine of its own.
 	OnSession func(SessionInfo)
 	// OnSessionLost, if set, is called each time a session ends and the
 	// client goes on reconnecting, with why it ended (an *Error when the

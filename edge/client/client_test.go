@@ -996,6 +996,74 @@ func TestExpiredPendingSendsFailWithoutBeingSent(t *testing.T) {
 	}
 }
 
+// A device that comes back with much to resend, to an edge that paces
+// its reading (bytes_per_second), reads what the edge has for it while
+// its resend goes out: an edge whose writes to the device find no room
+// for its write timeout ends the session as SLOW_CONSUMER, and the
+// device would resend everything again on the next (a loop). Here a's
+// events, 2 MB, wait for b's acks on edge 0, which is killed; a moves to
+// edge 1, which reads 256 KiB a second from it (8 s for the resend) and
+// gives a device 2 s to take a write, while c there sends a 1.2 MB of
+// events: a receives them all, and its session on edge 1 lasts.
+func TestAResendDoesNotStopTheReader(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edges: 2, Edge: func(i int, cfg *server.Config) {
+		if i == 1 {
+			cfg.Session.Limits = session.DefaultLimits()
+			cfg.Session.Limits.BytesPerSecond = 256 << 10
+			cfg.Session.WriteTimeout = 2 * time.Second
+		}
+	}})
+	lost := make(chan client.SessionLost, 16)
+	ctx, a, ca, b, _ := aboutToMove(t, r, "mover", func(l client.SessionLost) { lost <- l })
+	cd := r.Device(b.UserID, "c")
+	cc := r.Dial(1, cd, client.QUIC)
+	const pending, pushed, size = 50, 30, 40 << 10
+	for range pending {
+		go func() { _ = ca.Send(ctx, client.Message{Targets: []string{b.ID}, Payload: make([]byte, size)}) }()
+	}
+	waitSent(t, r, pending)
+	r.KillEdge(0)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if ca.Edge() != r.Edges[1].Addr() || ca.SessionID() == "" {
+			return errors.New("a is not on edge 1 yet")
+		}
+		return nil
+	})
+	sent := make(chan error, pushed)
+	for k := range pushed {
+		go func() {
+			for {
+				err := cc.Send(ctx, client.Message{ID: fmt.Sprint("push-", k), Targets: []string{a.ID}, Payload: make([]byte, size)})
+				var ce *client.Error
+				if errors.As(err, &ce) && ce.Retryable() && ctx.Err() == nil {
+					continue
+				}
+				sent <- err
+				return
+			}
+		}()
+	}
+	for got := 0; got < pushed; {
+		select {
+		case ev := <-ca.Events():
+			if strings.HasPrefix(ev.ID, "push-") {
+				got++
+			}
+		case l := <-lost:
+			if l.Edge == r.Edges[1].Addr() {
+				t.Fatalf("a's session on edge 1 ended after %d of c's events: %v", got, l.Err)
+			}
+		case <-ctx.Done():
+			t.Fatalf("a received %d of c's %d events", got, pushed)
+		}
+	}
+	for range pushed {
+		if err := <-sent; err != nil {
+			t.Fatalf("c's send: %v", err)
+		}
+	}
+}
+
 // aboutToMove connects two devices of a new user, a and b, to edge 0 of
 // r over QUIC, both noticing a dead edge within 2 s (to move to the
 // next); b's application takes nothing (until the test receives), so

@@ -65,6 +65,57 @@ type conn struct {
 	// most the frames of sends that hold a slot (Config.MaxPending).
 	queued []queuedFrame
 	ticket uint64 // the last ticket handed out
+
+	// The reader's own frames (receipts, pongs, the answer to a
+	// challenge) wait in ctl for the session's control writer
+	// (writeControl): a write may wait long behind the device's own sends
+	// on an edge that paces its reading, and a reader waiting with it
+	// leaves the edge's writes to the device without room until the edge
+	// ends the session as SLOW_CONSUMER.
+	cmu     sync.Mutex // guards ctl
+	ctl     []*relayv1.Frame
+	ctlWake chan struct{} // capacity 1: frames were added to ctl
+}
+
+// control queues f for the control writer, without waiting. Receipts
+// that queue up join the Received frame waiting before them, so what
+// waits stays within the deliveries the edge leaves unacknowledged.
+func (cn *conn) control(f *relayv1.Frame) {
+	cn.cmu.Lock()
+	if r := f.GetReceived(); r != nil && len(cn.ctl) > 0 && cn.ctl[len(cn.ctl)-1].GetReceived() != nil {
+		last := cn.ctl[len(cn.ctl)-1].GetReceived()
+		last.DeliveryIds = append(last.DeliveryIds, r.GetDeliveryIds()...)
+	} else {
+		cn.ctl = append(cn.ctl, f)
+	}
+	cn.cmu.Unlock()
+	select {
+	case cn.ctlWake <- struct{}{}:
+	default:
+	}
+}
+
+// writeControl writes the frames control queues, after what sends queued
+// before them, until ctx ends or a write fails, which ends the connection
+// (the reader then learns it), as a failed write always has.
+func (cn *conn) writeControl(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-cn.ctlWake:
+		}
+		cn.cmu.Lock()
+		fs := cn.ctl
+		cn.ctl = nil
+		cn.cmu.Unlock()
+		for _, f := range fs {
+			if cn.write(f) != nil {
+				_ = cn.c.Abort(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+				return
+			}
+		}
+	}
 }
 
 // queuedFrame is a frame in pend: its ticket and length.
@@ -321,6 +372,7 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	}
 	cn.r = frame.NewReader(cn.c, 0)
 	cn.w = frame.NewWriter(cn.c, 0)
+	cn.ctlWake = make(chan struct{}, 1)
 	if err := c.handshake(ctx, cn); err != nil {
 		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
 		return nil, err
@@ -382,7 +434,7 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 				c.ticket = nil
 				c.mu.Unlock()
 			}
-			if err := c.answer(cn, k.Challenge); err != nil {
+			if err := cn.write(c.answer(cn, k.Challenge)); err != nil {
 				return fmt.Errorf("send signature: %w", err)
 			}
 		case *relayv1.Frame_Welcome:
@@ -435,10 +487,11 @@ func (c *Client) proveResume(h *relayv1.Hello) error {
 	return nil
 }
 
-// answer signs a challenge with the device key (docs/protocol.md).
-func (c *Client) answer(cn *conn, ch *relayv1.Challenge) error {
+// answer is the frame that answers a challenge: its transcript signed
+// with the device key (docs/protocol.md).
+func (c *Client) answer(cn *conn, ch *relayv1.Challenge) *relayv1.Frame {
 	sig := transcriptFor(cn.hello, ch).Sign(c.cfg.Key)
-	return cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}})
+	return &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}}
 }
 
 // closeError is the error a Close frame carries.
@@ -702,6 +755,20 @@ func (c *Client) serve(cn *conn) error {
 		cn.goodbye(linger)
 		stop()
 	})
+	// Read from before the resend: a resend of many events to an edge
+	// that paces them takes long, and meanwhile what the edge has for the
+	// device must be taken, or it ends the session as SLOW_CONSUMER.
+	// The reader's frames are written apart from it (control); that
+	// writer ends with the session, its write failing once the
+	// connection is closed, below or by the reader's end.
+	wg.Go(func() { cn.writeControl(ctx) })
+	readErr := make(chan error, 1)
+	wg.Go(func() {
+		err := c.readStream(ctx, cn)
+		readEnded()
+		cancel()
+		readErr <- err
+	})
 	if len(resend) > 0 {
 		// In one write; a failure ends the connection, which the reader
 		// sees.
@@ -729,9 +796,7 @@ func (c *Client) serve(cn *conn) error {
 			}
 		})
 	}
-	err := c.readStream(ctx, cn)
-	readEnded()
-	cancel()
+	err := <-readErr
 	wg.Wait()
 
 	c.mu.Lock()
@@ -808,9 +873,9 @@ func (r *receipts) flush() error {
 	if len(r.ids) == 0 {
 		return nil
 	}
-	err := r.cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: r.ids}}})
+	r.cn.control(&relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: slices.Clone(r.ids)}}})
 	r.ids = r.ids[:0]
-	return err
+	return nil
 }
 
 // readFast handles the frames a busy client reads most, a Deliver and an
@@ -899,9 +964,9 @@ func (c *Client) readFrame(ctx context.Context, cn *conn, body []byte, receipts 
 		c.mu.Unlock()
 	case *relayv1.Frame_Challenge:
 		// The session reached its maximum age: prove the key again.
-		return c.answer(cn, k.Challenge)
+		cn.control(c.answer(cn, k.Challenge))
 	case *relayv1.Frame_Ping:
-		return cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Pong{Pong: &relayv1.Pong{Nonce: k.Ping.GetNonce()}}})
+		cn.control(&relayv1.Frame{Kind: &relayv1.Frame_Pong{Pong: &relayv1.Pong{Nonce: k.Ping.GetNonce()}}})
 	case *relayv1.Frame_Pong:
 	case *relayv1.Frame_Close:
 		return closeError(k.Close)
@@ -1105,9 +1170,9 @@ func (in *inbox) pump(ctx context.Context) {
 		if len(ids) == 0 {
 			return true
 		}
-		err := in.cn.write(&relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: ids}}})
+		in.cn.control(&relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: slices.Clone(ids)}}})
 		ids = ids[:0]
-		return err == nil
+		return true
 	}
 	for {
 		select {
