@@ -121,7 +121,7 @@ func (s *ClusterServer) AddVoter(ctx context.Context, req *connect.Request[contr
 	if err := fsm.ValidateText("api_addr", m.GetApiAddr(), fsm.MaxAddrLen, false); err != nil {
 		return nil, invalidArg(err)
 	}
-	if err := s.mayAdd(ctx, m.GetId()); err != nil {
+	if err := s.mayAdd(ctx, m.GetId(), m.GetRaftAddr()); err != nil {
 		return nil, err
 	}
 	ctx, cancel := withDeadline(ctx)
@@ -144,14 +144,17 @@ func (s *ClusterServer) AddVoter(ctx context.Context, req *connect.Request[contr
 	return connect.NewResponse(out), nil
 }
 
-// mayAdd refuses a node caller's AddVoter of another node: a joining node
-// (its certificate from the cluster CA names it) adds itself. Taken as
-// done by hashicorp/raft, an AddVoter of a member's id at another address
-// would move that member's place, its votes and the log it is sent, to
-// whoever asked: a removed node, or any holder of a certificate from the
-// CA. A member, which a follower forwarding a join speaks as, may add any
-// node; so may an admin (--join-token).
-func (s *ClusterServer) mayAdd(ctx context.Context, id string) error {
+// mayAdd refuses a node caller's AddVoter that would move a member: a
+// certificate from the cluster CA (which one certificate naming every
+// node may serve, so its name need not be the joining node's id) may add
+// a node the cluster does not have, or one it has at the same Raft
+// address (a join whose answer was lost), but not give a member's id
+// another address. hashicorp/raft takes that as the member's move: its
+// place, its votes and the log sent to it would go to whoever asked (a
+// removed node, any holder of such a certificate). A node moves itself
+// (the certificate names it), a member (a follower forwarding a join
+// speaks as itself) and an admin (--join-token) may add any node.
+func (s *ClusterServer) mayAdd(ctx context.Context, id, raftAddr string) error {
 	c, ok := auth.ClaimsFrom(ctx)
 	if !ok || c.Role != RoleNode {
 		return nil
@@ -160,7 +163,16 @@ func (s *ClusterServer) mayAdd(ctx context.Context, id string) error {
 	if caller == id || s.node.HasMember(caller) {
 		return nil
 	}
-	return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q may add only itself, not %q", caller, id))
+	st, err := s.node.Status()
+	if err != nil {
+		return toConnect(err)
+	}
+	for _, m := range st.Members {
+		if m.ID == id && m.RaftAddr != raftAddr {
+			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q may not move member %q to another address", caller, id))
+		}
+	}
+	return nil
 }
 
 // RemoveServer removes a member.
