@@ -572,8 +572,9 @@ func TestPagesCannotLockTheEdgesOut(t *testing.T) {
 	if _, err := newPod.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "edges", Password: "password-of-edges"})); err != nil {
 		t.Fatalf("an edge from a new address after pages guessed at the edges' login: %v", err)
 	}
-	// A user's login through the same proxy is checked and counted as
-	// before (TestGuessingALoginFromNewAddressesStopsAtItsCeiling).
+	// A user's login through the same proxy still opens the account (its
+	// failures are counted as before:
+	// TestGuessingALoginFromNewAddressesStopsAtItsCeiling).
 	c.TokenFor("alice", controlv1.Role_ROLE_USER)
 	if err := page("198.51.100.1", "alice", "password-of-alice"); err != nil {
 		t.Fatalf("a page's login at a user's account: %v", err)

@@ -77,15 +77,29 @@ type conn struct {
 	ctlWake chan struct{} // capacity 1: frames were added to ctl
 }
 
+// maxReceiptIDs is the most delivery ids a Received frame carries: at
+// most ~2.5 KiB encoded, within any frame limit an edge may set.
+const maxReceiptIDs = 256
+
 // control queues f for the control writer, without waiting. Receipts
-// that queue up join the Received frame waiting before them, so what
-// waits stays within the deliveries the edge leaves unacknowledged.
+// that queue up fill the Received frame waiting before them, up to
+// maxReceiptIDs each, so what waits stays within the deliveries the edge
+// leaves unacknowledged.
 func (cn *conn) control(f *relayv1.Frame) {
 	cn.cmu.Lock()
-	if r := f.GetReceived(); r != nil && len(cn.ctl) > 0 && cn.ctl[len(cn.ctl)-1].GetReceived() != nil {
-		last := cn.ctl[len(cn.ctl)-1].GetReceived()
-		last.DeliveryIds = append(last.DeliveryIds, r.GetDeliveryIds()...)
-	} else {
+	r := f.GetReceived()
+	if r != nil && len(cn.ctl) > 0 {
+		if last := cn.ctl[len(cn.ctl)-1].GetReceived(); last != nil {
+			n := min(maxReceiptIDs-len(last.DeliveryIds), len(r.DeliveryIds))
+			last.DeliveryIds = append(last.DeliveryIds, r.DeliveryIds[:n]...)
+			r.DeliveryIds = r.DeliveryIds[n:]
+		}
+	}
+	for r != nil && len(r.DeliveryIds) > maxReceiptIDs {
+		cn.ctl = append(cn.ctl, &relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: r.DeliveryIds[:maxReceiptIDs:maxReceiptIDs]}}})
+		r.DeliveryIds = r.DeliveryIds[maxReceiptIDs:]
+	}
+	if r == nil || len(r.DeliveryIds) > 0 {
 		cn.ctl = append(cn.ctl, f)
 	}
 	cn.cmu.Unlock()
@@ -110,8 +124,12 @@ func (cn *conn) writeControl(ctx context.Context) {
 		cn.ctl = nil
 		cn.cmu.Unlock()
 		for _, f := range fs {
-			if cn.write(f) != nil {
-				_ = cn.c.Abort(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+			if err := cn.write(f); err != nil {
+				if !errors.Is(err, ErrClosed) {
+					// Not after the goodbye, whose linger lets what
+					// it wrote reach the edge.
+					_ = cn.c.Abort(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+				}
 				return
 			}
 		}
@@ -258,6 +276,17 @@ func (cn *conn) close(code relayv1.ErrorCode, msg string) {
 func (cn *conn) goodbye(linger context.Context) {
 	cn.wmu.Lock()
 	err := cn.writePending()
+	// The receipts (and the rest) the control writer has not written
+	// yet: events the application has must not come again.
+	cn.cmu.Lock()
+	fs := cn.ctl
+	cn.ctl = nil
+	cn.cmu.Unlock()
+	for _, f := range fs {
+		if err == nil {
+			err = cn.w.Write(f)
+		}
+	}
 	if err == nil {
 		err = cn.w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Close{Close: &relayv1.Close{}}})
 	}
@@ -671,6 +700,13 @@ func (c *Client) stop(err error) {
 // and in whole milliseconds, and the edge must certainly refuse it.
 const expirySlack = time.Second
 
+// edgeEarliest is the earliest the edge's clock may read, in Unix
+// milliseconds, when this client's reads now: now corrected by the offset
+// learnt in the handshake, less that offset's error and expirySlack.
+func edgeEarliest(now time.Time, offset, offsetErr time.Duration) int64 {
+	return now.Add(offset).Add(-offsetErr - expirySlack).UnixMilli()
+}
+
 // expired is the EXPIRED *Error the edge would refuse p with, by
 // validate's rule (expired once its age is ttl plus the skew tolerance),
 // when its clock says nowMs at the earliest; nil when it might take p, or
@@ -703,7 +739,7 @@ func (c *Client) serve(cn *conn) error {
 	if limit <= 0 {
 		limit = frame.DefaultMaxFrame
 	}
-	edgeNow := time.Now().Add(c.offset).Add(-c.offsetErr - expirySlack).UnixMilli()
+	edgeNow := edgeEarliest(time.Now(), c.offset, c.offsetErr)
 	failed := map[*pendingSend]error{}
 	for _, p := range c.order {
 		if n, _ := binary.Uvarint(p.enc); n > uint64(limit) {
@@ -851,7 +887,7 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 			return err
 		}
 		// Acknowledge in batches: whatever arrived together.
-		if cn.r.Buffered() == 0 || len(rc.ids) >= 256 {
+		if cn.r.Buffered() == 0 || len(rc.ids) >= maxReceiptIDs {
 			if err := rc.flush(); err != nil {
 				return err
 			}
@@ -1166,13 +1202,12 @@ func (in *inbox) put(ev Event, delivery uint64, claimed bool, r *receipts) error
 // ctx ends.
 func (in *inbox) pump(ctx context.Context) {
 	var ids []uint64
-	flush := func() bool {
+	flush := func() {
 		if len(ids) == 0 {
-			return true
+			return
 		}
 		in.cn.control(&relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: slices.Clone(ids)}}})
 		ids = ids[:0]
-		return true
 	}
 	for {
 		select {
@@ -1193,9 +1228,7 @@ func (in *inbox) pump(ctx context.Context) {
 			default:
 				// The application lags: what it was given is
 				// acknowledged before the wait.
-				if !flush() {
-					return
-				}
+				flush()
 				select {
 				case in.c.events <- h.ev:
 				case <-ctx.Done():
@@ -1216,13 +1249,11 @@ func (in *inbox) pump(ctx context.Context) {
 			if h.delivery != 0 {
 				ids = append(ids, h.delivery)
 			}
-			if len(ids) >= 256 && !flush() {
-				return
+			if len(ids) >= maxReceiptIDs {
+				flush()
 			}
 		}
-		if !flush() {
-			return
-		}
+		flush()
 	}
 }
 

@@ -942,3 +942,121 @@ func TestAPendingSendExpiresByTheEdgesRule(t *testing.T) {
 		})
 	}
 }
+
+// The resend's expiry check takes the edge's clock at its earliest: the
+// client's, corrected by the offset, less the offset's error and a
+// second; an event is failed only when that clock says it expired.
+func TestTheEdgesEarliestClock(t *testing.T) {
+	now := time.UnixMilli(1_000_000_000)
+	for _, tc := range []struct {
+		offset, offsetErr time.Duration
+		want              int64
+	}{
+		{0, 0, 1_000_000_000 - 1_000},
+		{10 * time.Second, 100 * time.Millisecond, 1_000_000_000 + 10_000 - 100 - 1_000},
+		{-10 * time.Second, 100 * time.Millisecond, 1_000_000_000 - 10_000 - 100 - 1_000},
+	} {
+		if got := edgeEarliest(now, tc.offset, tc.offsetErr); got != tc.want {
+			t.Errorf("offset %v ± %v: the edge's earliest clock %d, want %d", tc.offset, tc.offsetErr, got, tc.want)
+		}
+	}
+	// An event a millisecond short of expiry by that clock is resent.
+	p := &pendingSend{id: "e", createdMs: edgeEarliest(now, 0, 0) - 61_000 + 1, ttlMs: 1_000}
+	if err := p.expired(edgeEarliest(now, 0, 0), time.Minute); err != nil {
+		t.Fatalf("an event short of expiry at the edge's earliest clock: %v", err)
+	}
+}
+
+// receiptFrame is a Received frame of n delivery ids from *next on.
+func receiptFrame(next *uint64, n int) *relayv1.Frame {
+	ids := make([]uint64, n)
+	for i := range ids {
+		ids[i] = *next
+		*next++
+	}
+	return &relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: ids}}}
+}
+
+// Receipts that wait for the control writer (behind a long resend) fill
+// Received frames of at most maxReceiptIDs ids each, in order, however
+// many queue up: one frame of them all could outgrow the edge's frame
+// limit, which ends the session for good.
+func TestQueuedReceiptsFillFramesOfBoundedSize(t *testing.T) {
+	cn := &conn{ctlWake: make(chan struct{}, 1)}
+	const first = uint64(1 << 21) // 4-byte varints, as in a long session
+	next := first
+	cn.control(receiptFrame(&next, 100))
+	cn.control(receiptFrame(&next, 300))
+	cn.control(pingFrame(1))
+	cn.control(receiptFrame(&next, 600))
+	cn.control(receiptFrame(&next, 0))
+	var sizes []int
+	var ids []uint64
+	for _, f := range cn.ctl {
+		r := f.GetReceived()
+		if r == nil {
+			sizes = append(sizes, -1)
+			continue
+		}
+		sizes = append(sizes, len(r.GetDeliveryIds()))
+		ids = append(ids, r.GetDeliveryIds()...)
+		if b, err := frame.Append(nil, f); err != nil || len(b) > 4<<10 {
+			t.Fatalf("a Received frame of %d ids encodes to %d bytes (%v)", len(r.GetDeliveryIds()), len(b), err)
+		}
+	}
+	if want := []int{256, 144, -1, 256, 256, 88}; !slices.Equal(sizes, want) {
+		t.Fatalf("queued frames of %v ids (-1: the ping), want %v", sizes, want)
+	}
+	for i, id := range ids {
+		if id != first+uint64(i) {
+			t.Fatalf("id %d is %d, want %d: receipts out of order or lost", i, id, first+uint64(i))
+		}
+	}
+	if len(ids) != 1000 {
+		t.Fatalf("%d ids queued, want 1000", len(ids))
+	}
+}
+
+// Closing writes the receipts still waiting for the control writer before
+// the Close frame: the application has those events, which must not come
+// again from the device's mailbox.
+func TestGoodbyeWritesTheReceiptsStillQueued(t *testing.T) {
+	sc := &slowConn{}
+	cn := &conn{c: sc, w: frame.NewWriter(sc, 0), ctlWake: make(chan struct{}, 1)}
+	next := uint64(7)
+	cn.control(receiptFrame(&next, 3))
+	cn.goodbye(t.Context())
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if want := []string{"*relayv1.Frame_Received", "*relayv1.Frame_Close"}; !slices.Equal(sc.kinds, want) {
+		t.Fatalf("the goodbye wrote %v, want %v", sc.kinds, want)
+	}
+	if len(cn.ctl) != 0 || sc.aborted || !sc.lingered {
+		t.Fatalf("after the goodbye: %d frames queued, aborted %v, lingered %v", len(cn.ctl), sc.aborted, sc.lingered)
+	}
+}
+
+// A control frame queued once the goodbye was written is not written, and
+// does not abort the connection while it lingers for the goodbye to reach
+// the edge.
+func TestTheControlWriterLeavesAGoodbyeAlone(t *testing.T) {
+	sc := &slowConn{}
+	cn := &conn{c: sc, w: frame.NewWriter(sc, 0), ctlWake: make(chan struct{}, 1)}
+	cn.goodbye(t.Context())
+	cn.control(&relayv1.Frame{Kind: &relayv1.Frame_Pong{Pong: &relayv1.Pong{Nonce: 1}}})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		cn.writeControl(t.Context())
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the control writer did not end at its write after the goodbye")
+	}
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if sc.aborted || slices.Contains(sc.kinds, "*relayv1.Frame_Pong") {
+		t.Fatalf("after the goodbye the control writer aborted (%v) or wrote %v", sc.aborted, sc.kinds)
+	}
+}
