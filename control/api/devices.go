@@ -62,23 +62,25 @@ func owner(ctx context.Context, userID string) (string, error) {
 // does; another account's devices only where the caller may manage that
 // account (manageable: an operator changes no staff or edge account's
 // devices, which would let it add its own key to an admin's).
-func (s *DeviceServer) changeOwner(ctx context.Context, userID string) (string, error) {
-	uid, err := owner(ctx, userID)
+// onlyUser: the change's command must apply only while the account is a
+// user account (see manageable).
+func (s *DeviceServer) changeOwner(ctx context.Context, userID string) (uid string, onlyUser bool, err error) {
+	uid, err = owner(ctx, userID)
 	if err != nil {
-		return "", err
+		return "", false, err
 	}
 	if caller, _ := auth.ClaimsFrom(ctx); uid != caller.Subject {
-		if err := manageable(ctx, s.node, caller, uid, "change the devices of"); err != nil {
-			return "", err
+		if onlyUser, err = manageable(ctx, s.node, caller, uid, "change the devices of"); err != nil {
+			return "", false, err
 		}
 	}
-	return uid, nil
+	return uid, onlyUser, nil
 }
 
 // RegisterDevice adds a device.
 func (s *DeviceServer) RegisterDevice(ctx context.Context, req *connect.Request[controlv1.RegisterDeviceRequest]) (*connect.Response[controlv1.RegisterDeviceResponse], error) {
 	m := req.Msg
-	uid, err := s.changeOwner(ctx, m.GetUserId())
+	uid, only, err := s.changeOwner(ctx, m.GetUserId())
 	if err != nil {
 		return nil, err
 	}
@@ -90,7 +92,7 @@ func (s *DeviceServer) RegisterDevice(ctx context.Context, req *connect.Request[
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{
 		Id: newID("d"), UserId: uid, Name: m.GetName(), PublicKey: m.GetPublicKey(),
-	}, MaxDevicesPerUser: s.cfg.MaxDevicesPerUser}}})
+	}, MaxDevicesPerUser: s.cfg.MaxDevicesPerUser, OnlyUserAccount: only}}})
 	if err != nil {
 		return nil, toConnect(err)
 	}
@@ -122,20 +124,20 @@ func (s *DeviceServer) ListDevices(ctx context.Context, req *connect.Request[con
 	return connect.NewResponse(out), nil
 }
 
-func (s *DeviceServer) deviceTarget(ctx context.Context, userID, deviceID string) (string, error) {
-	uid, err := s.changeOwner(ctx, userID)
+func (s *DeviceServer) deviceTarget(ctx context.Context, userID, deviceID string) (uid string, onlyUser bool, err error) {
+	uid, onlyUser, err = s.changeOwner(ctx, userID)
 	if err != nil {
-		return "", err
+		return "", false, err
 	}
 	if err := fsm.ValidateID("device_id", deviceID); err != nil {
-		return "", invalidArg(err)
+		return "", false, invalidArg(err)
 	}
-	return uid, nil
+	return uid, onlyUser, nil
 }
 
 // RenameDevice renames a device.
 func (s *DeviceServer) RenameDevice(ctx context.Context, req *connect.Request[controlv1.RenameDeviceRequest]) (*connect.Response[controlv1.RenameDeviceResponse], error) {
-	uid, err := s.deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
+	uid, only, err := s.deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
 	if err != nil {
 		return nil, err
 	}
@@ -143,7 +145,7 @@ func (s *DeviceServer) RenameDevice(ctx context.Context, req *connect.Request[co
 		return nil, invalidArg(err)
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{
-		UserId: uid, DeviceId: req.Msg.GetDeviceId(), Name: req.Msg.GetName(),
+		UserId: uid, DeviceId: req.Msg.GetDeviceId(), Name: req.Msg.GetName(), OnlyUserAccount: only,
 	}}})
 	if err != nil {
 		return nil, toConnect(err)
@@ -153,12 +155,12 @@ func (s *DeviceServer) RenameDevice(ctx context.Context, req *connect.Request[co
 
 // RevokeDevice revokes a device.
 func (s *DeviceServer) RevokeDevice(ctx context.Context, req *connect.Request[controlv1.RevokeDeviceRequest]) (*connect.Response[controlv1.RevokeDeviceResponse], error) {
-	uid, err := s.deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
+	uid, only, err := s.deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
 	if err != nil {
 		return nil, err
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{
-		UserId: uid, DeviceId: req.Msg.GetDeviceId(),
+		UserId: uid, DeviceId: req.Msg.GetDeviceId(), OnlyUserAccount: only,
 	}}})
 	if err != nil {
 		return nil, toConnect(err)
@@ -168,12 +170,12 @@ func (s *DeviceServer) RevokeDevice(ctx context.Context, req *connect.Request[co
 
 // DeleteDevice deletes a device.
 func (s *DeviceServer) DeleteDevice(ctx context.Context, req *connect.Request[controlv1.DeleteDeviceRequest]) (*connect.Response[controlv1.DeleteDeviceResponse], error) {
-	uid, err := s.deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
+	uid, only, err := s.deviceTarget(ctx, req.Msg.GetUserId(), req.Msg.GetDeviceId())
 	if err != nil {
 		return nil, err
 	}
 	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{
-		UserId: uid, DeviceId: req.Msg.GetDeviceId(),
+		UserId: uid, DeviceId: req.Msg.GetDeviceId(), OnlyUserAccount: only,
 	}}}); err != nil {
 		return nil, toConnect(err)
 	}

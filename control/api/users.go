@@ -197,9 +197,11 @@ func (s *UserServer) UpdateUser(ctx context.Context, req *connect.Request[contro
 	if len(up.Fields) == 0 {
 		return nil, invalidArg(errors.New("set at least one of display_name, login, status, role, password"))
 	}
-	if err := manageable(ctx, s.node, caller, m.GetId(), "change"); err != nil {
+	only, err := manageable(ctx, s.node, caller, m.GetId(), "change")
+	if err != nil {
 		return nil, err
 	}
+	up.OnlyUserAccount = only
 	if caller.Subject == m.GetId() {
 		// Changing one's own password ends one's other sessions, not this.
 		up.KeepSessionId = caller.Session
@@ -220,10 +222,11 @@ func (s *UserServer) DeleteUser(ctx context.Context, req *connect.Request[contro
 	if req.Msg.GetId() == caller.Subject {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, errors.New("an account cannot delete itself"))
 	}
-	if err := manageable(ctx, s.node, caller, req.Msg.GetId(), "delete"); err != nil {
+	only, err := manageable(ctx, s.node, caller, req.Msg.GetId(), "delete")
+	if err != nil {
 		return nil, err
 	}
-	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: req.Msg.GetId()}}}); err != nil {
+	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: req.Msg.GetId(), OnlyUserAccount: only}}}); err != nil {
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.DeleteUserResponse{}), nil
@@ -235,23 +238,26 @@ func (s *UserServer) DeleteUser(ctx context.Context, req *connect.Request[contro
 // read linearizably, so a follower that has not applied its latest role,
 // or its creation, cannot let an operator past (not_found when it does
 // not exist). A promotion committed between this read and the caller's
-// write is not seen; only an admin can make one.
-func manageable(ctx context.Context, node *raftnode.Node, caller auth.Claims, id, verb string) error {
+// write is not seen here (only an admin can make one): onlyUser says to
+// have the write check again (the command's only_user_account), true for
+// a caller other than an admin acting on another account once every
+// member applies that check.
+func manageable(ctx context.Context, node *raftnode.Node, caller auth.Claims, id, verb string) (onlyUser bool, err error) {
 	if caller.Role == auth.RoleAdmin {
-		return nil
+		return false, nil
 	}
 	f, err := node.Read(ctx, raftnode.Linearizable)
 	if err != nil {
-		return toConnect(err)
+		return false, toConnect(err)
 	}
 	cur, err := f.GetUser(id)
 	if err != nil {
-		return toConnect(err)
+		return false, toConnect(err)
 	}
 	if r, _ := auth.ParseRole(cur.GetRole()); r != auth.RoleUser {
-		return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("only an admin may %s a staff or edge account", verb))
+		return false, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("only an admin may %s a staff or edge account", verb))
 	}
-	return nil
+	return id != caller.Subject && everyMemberHas(node, fsm.FeatureOnlyUserAccount), nil
 }
 
 // GetMe returns the caller's account.

@@ -188,6 +188,35 @@ func validRole(field, r string) error {
 	return nil
 }
 
+// onlyUserAccount refuses a change that applies only to a user account
+// (only: the command's only_user_account) once the account u is a staff
+// or edge account: the caller's role check was made on a read before the
+// proposal, and a promotion may have been committed since.
+func onlyUserAccount(only bool, u *statev1.User) error {
+	if !only {
+		return nil
+	}
+	if r, err := auth.ParseRole(u.GetRole()); err != nil || r != auth.RoleUser {
+		return precondition("user %q is a staff or edge account now: only an admin may change it", u.GetId())
+	}
+	return nil
+}
+
+// ownerOnlyUserAccount is onlyUserAccount for a change to a device of the
+// account id.
+func (t *txn) ownerOnlyUserAccount(only bool, id string) error {
+	if !only {
+		return nil
+	}
+	var u statev1.User
+	if found, err := t.get(userKey(id), &u); err != nil {
+		return err
+	} else if !found {
+		return notFound("user %q not found", id)
+	}
+	return onlyUserAccount(only, &u)
+}
+
 // validPasswordHash checks a stored password hash: empty (an account that
 // cannot log in with a password) or a well-formed argon2id PHC string.
 func validPasswordHash(field, h string) error {
@@ -266,6 +295,9 @@ func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
 	in := op.GetUser()
 	if in == nil {
 		in = &statev1.User{}
+	}
+	if err := onlyUserAccount(op.GetOnlyUserAccount(), &u); err != nil {
+		return nil, err
 	}
 	oldLogin, oldRole, oldStatus := u.Login, u.Role, u.Status
 	if op.GetKeepSessionId() != "" {
@@ -392,6 +424,9 @@ func (t *txn) deleteUser(op *statev1.DeleteUser) (*statev1.Result, error) {
 	} else if !found {
 		return nil, notFound("user %q not found", op.GetId())
 	}
+	if err := onlyUserAccount(op.GetOnlyUserAccount(), &u); err != nil {
+		return nil, err
+	}
 	// Devices go in the same entry, before the user, so a watcher never
 	// sees a device whose user is gone.
 	var devices []*statev1.Device
@@ -467,6 +502,9 @@ func (t *txn) registerDevice(op *statev1.RegisterDevice) (*statev1.Result, error
 	if u.Status != statev1.UserStatus_USER_STATUS_ACTIVE {
 		return nil, precondition("user %q is not active", d.UserId)
 	}
+	if err := onlyUserAccount(op.GetOnlyUserAccount(), &u); err != nil {
+		return nil, err
+	}
 	if _, err := t.b.Get(deviceOwnerKey(d.Id)); err == nil {
 		return nil, exists("device %q already exists", d.Id)
 	} else if !errors.Is(err, state.ErrNotFound) {
@@ -520,6 +558,9 @@ func (t *txn) revokeDevice(op *statev1.RevokeDevice) (*statev1.Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := t.ownerOnlyUserAccount(op.GetOnlyUserAccount(), op.GetUserId()); err != nil {
+		return nil, err
+	}
 	if d.Revoked {
 		return &statev1.Result{Object: &statev1.Result_Device{Device: d}}, nil
 	}
@@ -540,6 +581,9 @@ func (t *txn) revokeDevice(op *statev1.RevokeDevice) (*statev1.Result, error) {
 func (t *txn) deleteDevice(op *statev1.DeleteDevice) (*statev1.Result, error) {
 	d, err := t.ownedDevice(op.GetUserId(), op.GetDeviceId())
 	if err != nil {
+		return nil, err
+	}
+	if err := t.ownerOnlyUserAccount(op.GetOnlyUserAccount(), op.GetUserId()); err != nil {
 		return nil, err
 	}
 	if err := t.removeDevice(d); err != nil {

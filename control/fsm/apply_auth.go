@@ -31,6 +31,9 @@ func (t *txn) renameDevice(op *statev1.RenameDevice) (*statev1.Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := t.ownerOnlyUserAccount(op.GetOnlyUserAccount(), op.GetUserId()); err != nil {
+		return nil, err
+	}
 	if d.Name == op.GetName() {
 		return &statev1.Result{Object: &statev1.Result_Device{Device: d}}, nil
 	}

@@ -30,6 +30,9 @@ const (
 	FeatureClaimRecordGrace = "claim_record_grace"
 	// FeatureLoginCeiling: LoginAttempt's policy.login_ceiling.
 	FeatureLoginCeiling = "login_ceiling"
+	// FeatureOnlyUserAccount: only_user_account of UpdateUser,
+	// DeleteUser and the device commands.
+	FeatureOnlyUserAccount = "only_user_account"
 )
 
 // Bounds of a node's feature list.
@@ -40,7 +43,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount}
 	slices.Sort(f)
 	return f
 }

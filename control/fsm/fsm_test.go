@@ -326,6 +326,10 @@ func TestRejectionsChangeNothing(t *testing.T) {
 	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "bob", Login: "bob"}}})
 	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "off", Login: "off", Status: statev1.UserStatus_USER_STATUS_DISABLED}}})
 	a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d1", UserId: "alice", Name: "phone", PublicKey: key32(1)}}})
+	// An account promoted (here, created) an operator after an operator's
+	// check of it, and its device.
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "staff", Login: "staff", Role: "operator"}}})
+	a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "sd1", UserId: "staff", Name: "laptop", PublicKey: key32(5)}}})
 	long := string(bytes.Repeat([]byte("x"), 300))
 	dev := func(d *statev1.Device) isCommandOp {
 		return &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: d}}
@@ -365,6 +369,12 @@ func TestRejectionsChangeNothing(t *testing.T) {
 		{"revoke another user's device", &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "bob", DeviceId: "d1"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "d1"},
 		{"delete another user's device", &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "bob", DeviceId: "d1"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "d1"},
 		{"rename another user's device", &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{UserId: "bob", DeviceId: "d1", Name: "x"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "d1"},
+		{"an operator's change of a staff account", &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "staff", Fields: []string{"display_name"}, User: &statev1.User{DisplayName: "x"}, OnlyUserAccount: true}}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION, "staff or edge"},
+		{"an operator's deletion of a staff account", &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "staff", OnlyUserAccount: true}}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION, "staff or edge"},
+		{"an operator's device for a staff account", &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "sd2", UserId: "staff", Name: "x", PublicKey: key32(6)}, OnlyUserAccount: true}}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION, "staff or edge"},
+		{"an operator's rename of a staff device", &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{UserId: "staff", DeviceId: "sd1", Name: "x", OnlyUserAccount: true}}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION, "staff or edge"},
+		{"an operator's revocation of a staff device", &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "staff", DeviceId: "sd1", OnlyUserAccount: true}}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION, "staff or edge"},
+		{"an operator's deletion of a staff device", &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "staff", DeviceId: "sd1", OnlyUserAccount: true}}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION, "staff or edge"},
 		{"rename to empty", &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{UserId: "alice", DeviceId: "d1"}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "name"},
 		{"node without api addr", &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "a"}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "node.api_addr"},
 		{"node with too many features", &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n1", RaftAddr: "a", ApiAddr: "b",
@@ -816,5 +826,32 @@ func TestPruningSkipsMalformedIndexRecords(t *testing.T) {
 	}
 	if f.AppliedIndex() != 4 {
 		t.Fatalf("applied %d", f.AppliedIndex())
+	}
+}
+
+// A change an operator checked against a user account (only_user_account)
+// applies while the account is one: the guard refuses only what became a
+// staff or edge account since (TestRejectionsChangeNothing).
+func TestOnlyUserAccountChangesApplyToUserAccounts(t *testing.T) {
+	a := &applier{t: t, f: newFSM(t, Config{})}
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "alice", Login: "alice"}}})
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "bob", Login: "bob", Role: "user"}}})
+	for _, op := range []isCommandOp{
+		&statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "alice", Fields: []string{"display_name"}, User: &statev1.User{DisplayName: "Alice"}, OnlyUserAccount: true}},
+		&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "d1", UserId: "alice", Name: "phone", PublicKey: key32(1)}, OnlyUserAccount: true}},
+		&statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{UserId: "alice", DeviceId: "d1", Name: "old phone", OnlyUserAccount: true}},
+		&statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "alice", DeviceId: "d1", OnlyUserAccount: true}},
+		&statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "alice", DeviceId: "d1", OnlyUserAccount: true}},
+		&statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "bob", OnlyUserAccount: true}},
+	} {
+		if res := a.apply(op); res.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+			t.Fatalf("%T on a user account: %v %s", op, res.GetCode(), res.GetMessage())
+		}
+	}
+	if u, err := a.f.GetUser("alice"); err != nil || u.GetDisplayName() != "Alice" {
+		t.Fatalf("alice after the changes: %v %v", u, err)
+	}
+	if _, err := a.f.GetUser("bob"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("bob after his deletion: %v", err)
 	}
 }

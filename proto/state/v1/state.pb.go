@@ -2665,12 +2665,14 @@ func (x *ClaimEvents) GetRecordGraceMs() int64 {
 
 // RenameDevice changes a device's name.
 type RenameDevice struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	DeviceId      string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
-	Name          string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	UserId   string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	DeviceId string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	Name     string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// As UpdateUser's only_user_account.
+	OnlyUserAccount bool `protobuf:"varint,4,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *RenameDevice) Reset() {
@@ -2722,6 +2724,13 @@ func (x *RenameDevice) GetName() string {
 		return x.Name
 	}
 	return ""
+}
+
+func (x *RenameDevice) GetOnlyUserAccount() bool {
+	if x != nil {
+		return x.OnlyUserAccount
+	}
+	return false
 }
 
 // IssueRefreshToken starts a new token family (at login) with its first
@@ -3586,8 +3595,15 @@ type UpdateUser struct {
 	// cannot both pass on the same old password.
 	Succeeded          *LoginAttempt `protobuf:"bytes,5,opt,name=succeeded,proto3" json:"succeeded,omitempty"`
 	ExpectPasswordHash string        `protobuf:"bytes,6,opt,name=expect_password_hash,json=expectPasswordHash,proto3" json:"expect_password_hash,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// only_user_account: the change applies only while the account is a
+	// user account (role user), refused (FAILED_PRECONDITION) once it is a
+	// staff or edge account. Set by the API for a caller other than an
+	// admin, which checked the role on a read before proposing this: a
+	// promotion committed in between must not let an operator's change
+	// land on the promoted account (feature only_user_account).
+	OnlyUserAccount bool `protobuf:"varint,7,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *UpdateUser) Reset() {
@@ -3662,12 +3678,21 @@ func (x *UpdateUser) GetExpectPasswordHash() string {
 	return ""
 }
 
+func (x *UpdateUser) GetOnlyUserAccount() bool {
+	if x != nil {
+		return x.OnlyUserAccount
+	}
+	return false
+}
+
 // DeleteUser removes an account with all its devices in the same entry.
 type DeleteUser struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// As UpdateUser's only_user_account.
+	OnlyUserAccount bool `protobuf:"varint,2,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *DeleteUser) Reset() {
@@ -3707,6 +3732,13 @@ func (x *DeleteUser) GetId() string {
 	return ""
 }
 
+func (x *DeleteUser) GetOnlyUserAccount() bool {
+	if x != nil {
+		return x.OnlyUserAccount
+	}
+	return false
+}
+
 // RegisterDevice adds a device to an existing, active user.
 type RegisterDevice struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -3716,8 +3748,10 @@ type RegisterDevice struct {
 	// API sets it from its configuration, so every replica applies the
 	// same limit.
 	MaxDevicesPerUser uint32 `protobuf:"varint,2,opt,name=max_devices_per_user,json=maxDevicesPerUser,proto3" json:"max_devices_per_user,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// As UpdateUser's only_user_account.
+	OnlyUserAccount bool `protobuf:"varint,3,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *RegisterDevice) Reset() {
@@ -3764,13 +3798,22 @@ func (x *RegisterDevice) GetMaxDevicesPerUser() uint32 {
 	return 0
 }
 
+func (x *RegisterDevice) GetOnlyUserAccount() bool {
+	if x != nil {
+		return x.OnlyUserAccount
+	}
+	return false
+}
+
 // RevokeDevice marks a device revoked; it stays listed but cannot connect.
 type RevokeDevice struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	DeviceId      string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	UserId   string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	DeviceId string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	// As UpdateUser's only_user_account.
+	OnlyUserAccount bool `protobuf:"varint,3,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *RevokeDevice) Reset() {
@@ -3817,13 +3860,22 @@ func (x *RevokeDevice) GetDeviceId() string {
 	return ""
 }
 
+func (x *RevokeDevice) GetOnlyUserAccount() bool {
+	if x != nil {
+		return x.OnlyUserAccount
+	}
+	return false
+}
+
 // DeleteDevice removes a device.
 type DeleteDevice struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	DeviceId      string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	UserId   string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	DeviceId string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	// As UpdateUser's only_user_account.
+	OnlyUserAccount bool `protobuf:"varint,3,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *DeleteDevice) Reset() {
@@ -3868,6 +3920,13 @@ func (x *DeleteDevice) GetDeviceId() string {
 		return x.DeviceId
 	}
 	return ""
+}
+
+func (x *DeleteDevice) GetOnlyUserAccount() bool {
+	if x != nil {
+		return x.OnlyUserAccount
+	}
+	return false
 }
 
 // PutNode records (or updates) a control node's addresses.
@@ -4409,11 +4468,12 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x05limit\x18\x01 \x01(\rR\x05limit\"c\n" +
 	"\vClaimEvents\x12,\n" +
 	"\x06claims\x18\x01 \x03(\v2\x14.state.v1.EventClaimR\x06claims\x12&\n" +
-	"\x0frecord_grace_ms\x18\x02 \x01(\x03R\rrecordGraceMs\"X\n" +
+	"\x0frecord_grace_ms\x18\x02 \x01(\x03R\rrecordGraceMs\"\x84\x01\n" +
 	"\fRenameDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\"\x9c\x01\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12*\n" +
+	"\x11only_user_account\x18\x04 \x01(\bR\x0fonlyUserAccount\"\x9c\x01\n" +
 	"\x11IssueRefreshToken\x12,\n" +
 	"\x05token\x18\x01 \x01(\v2\x16.state.v1.RefreshTokenR\x05token\x124\n" +
 	"\tsucceeded\x18\x02 \x01(\v2\x16.state.v1.LoginAttemptR\tsucceeded\x12#\n" +
@@ -4465,7 +4525,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x0fmesh_public_key\x18\x02 \x01(\fR\rmeshPublicKey\"0\n" +
 	"\n" +
 	"CreateUser\x12\"\n" +
-	"\x04user\x18\x01 \x01(\v2\x0e.state.v1.UserR\x04user\"\xe8\x01\n" +
+	"\x04user\x18\x01 \x01(\v2\x0e.state.v1.UserR\x04user\"\x94\x02\n" +
 	"\n" +
 	"UpdateUser\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
@@ -4473,19 +4533,24 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x04user\x18\x03 \x01(\v2\x0e.state.v1.UserR\x04user\x12&\n" +
 	"\x0fkeep_session_id\x18\x04 \x01(\tR\rkeepSessionId\x124\n" +
 	"\tsucceeded\x18\x05 \x01(\v2\x16.state.v1.LoginAttemptR\tsucceeded\x120\n" +
-	"\x14expect_password_hash\x18\x06 \x01(\tR\x12expectPasswordHash\"\x1c\n" +
+	"\x14expect_password_hash\x18\x06 \x01(\tR\x12expectPasswordHash\x12*\n" +
+	"\x11only_user_account\x18\a \x01(\bR\x0fonlyUserAccount\"H\n" +
 	"\n" +
 	"DeleteUser\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"k\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12*\n" +
+	"\x11only_user_account\x18\x02 \x01(\bR\x0fonlyUserAccount\"\x97\x01\n" +
 	"\x0eRegisterDevice\x12(\n" +
 	"\x06device\x18\x01 \x01(\v2\x10.state.v1.DeviceR\x06device\x12/\n" +
-	"\x14max_devices_per_user\x18\x02 \x01(\rR\x11maxDevicesPerUser\"D\n" +
+	"\x14max_devices_per_user\x18\x02 \x01(\rR\x11maxDevicesPerUser\x12*\n" +
+	"\x11only_user_account\x18\x03 \x01(\bR\x0fonlyUserAccount\"p\n" +
 	"\fRevokeDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
-	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\"D\n" +
+	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12*\n" +
+	"\x11only_user_account\x18\x03 \x01(\bR\x0fonlyUserAccount\"p\n" +
 	"\fDeleteDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
-	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\"Z\n" +
+	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12*\n" +
+	"\x11only_user_account\x18\x03 \x01(\bR\x0fonlyUserAccount\"Z\n" +
 	"\aPutNode\x12\"\n" +
 	"\x04node\x18\x01 \x01(\v2\x0e.state.v1.NodeR\x04node\x12+\n" +
 	"\x11withdraw_features\x18\x02 \x01(\bR\x10withdrawFeatures\"\x1c\n" +
