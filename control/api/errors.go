@@ -37,7 +37,9 @@ func toConnect(err error) error {
 		errors.Is(err, errNoCA),
 		// A node removed from the cluster, which still runs: another node
 		// can serve the call (an edge or relayctl moves on).
-		errors.Is(err, raftnode.ErrRemoved):
+		errors.Is(err, raftnode.ErrRemoved),
+		// This node's clock is off: another node can take the call.
+		errors.Is(err, raftnode.ErrClockSkew):
 		code = connect.CodeUnavailable
 	case errors.Is(err, context.DeadlineExceeded):
 		code = connect.CodeDeadlineExceeded

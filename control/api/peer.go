@@ -37,6 +37,11 @@ func (s *PeerServer) Apply(ctx context.Context, req *connect.Request[controlv1.A
 		if errors.Is(err, raftnode.ErrNoLeader) {
 			return nil, notLeader(err)
 		}
+		if errors.Is(err, raftnode.ErrClockSkew) {
+			// Final, and nothing was proposed: the forwarding node's
+			// clock is off (fromPeer makes it ErrClockSkew again).
+			return nil, connect.NewError(connect.CodeInvalidArgument, err)
+		}
 		return nil, toConnect(err)
 	}
 	out, err := proto.Marshal(res)

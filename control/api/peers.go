@@ -161,6 +161,12 @@ func fromPeer(op, addr string, err error) error {
 	case connect.CodeFailedPrecondition:
 		// The peer is not (or no longer) the leader: nothing was proposed.
 		return fmt.Errorf("%s at %s: %w: %v", op, addr, raftnode.ErrNoLeader, err)
+	case connect.CodeInvalidArgument:
+		// PeerServer.Apply's answer to a command stamped too far from
+		// the leader's clock (the command bytes are this node's own).
+		if op == "forward apply" {
+			return fmt.Errorf("%s at %s: %w: %v", op, addr, raftnode.ErrClockSkew, err)
+		}
 	case connect.CodePermissionDenied:
 		// PeerService is the nodes' alone: a node is refused it only once
 		// the cluster removed it (auth.Policy.MembersOnly).

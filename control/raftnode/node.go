@@ -32,6 +32,7 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/control/fsm"
@@ -60,6 +61,14 @@ var (
 	// index because the node is not in the cluster's configuration any
 	// more (it was removed). Retrying does not help.
 	ErrRemoved = errors.New("this node is no longer a member of the cluster")
+	// ErrClockSkew: the leader refused a command whose time (its
+	// proposer's clock: proposed_at_ms) is more than MaxProposalSkew from
+	// its own. Apply decides expiry by that time (refresh tokens, login
+	// records, mailboxes): one node with its clock far ahead would expire
+	// on every replica what is still valid, one far behind would keep
+	// honouring what expired. Nothing was proposed; the proposing node's
+	// clock needs fixing (NTP), and another node can take the call.
+	ErrClockSkew = errors.New("the proposing node's clock is too far from the leader's")
 	// ErrStateAhead: the data dir's state store has applied entries but
 	// there is no Raft data beside it (it was removed without the state
 	// store). Raft would start a log the state store takes as applied
@@ -1020,8 +1029,46 @@ func (n *Node) applyOnce(ctx context.Context, data []byte) (*statev1.Result, err
 	return &res, nil
 }
 
+// MaxProposalSkew is how far a command's time may be from the leader's
+// clock (ErrClockSkew).
+const MaxProposalSkew = time.Minute
+
+// checkProposalTime refuses a command (encoded) whose proposed_at_ms is
+// more than MaxProposalSkew from now. It reads that one field, without
+// decoding the command.
+func checkProposalTime(data []byte, now time.Time) error {
+	var v uint64 // the last proposed_at_ms, as decoding takes it
+	for len(data) > 0 {
+		num, typ, n := protowire.ConsumeTag(data)
+		if n < 0 {
+			return nil // malformed: apply refuses it
+		}
+		data = data[n:]
+		m := protowire.ConsumeFieldValue(num, typ, data)
+		if m < 0 {
+			return nil
+		}
+		if num == 2 && typ == protowire.VarintType { // proposed_at_ms
+			v, _ = protowire.ConsumeVarint(data)
+		}
+		data = data[m:]
+	}
+	if v == 0 {
+		// No time, as a new leader's noop: nothing expires by it (apply
+		// takes 0 for "long ago", before any expiry).
+		return nil
+	}
+	at := time.UnixMilli(int64(v))
+	if d := at.Sub(now); d > MaxProposalSkew || d < -MaxProposalSkew {
+		return fmt.Errorf("%w: its command is stamped %s, %v from the leader's clock (at most %v)", ErrClockSkew, at.UTC().Format(time.RFC3339), d.Round(time.Second), MaxProposalSkew)
+	}
+	return nil
+}
+
 // ApplyLocal proposes an encoded command on this node, which must be the
-// leader. The API's PeerService calls it for forwarded writes.
+// leader. The API's PeerService calls it for forwarded writes. A command
+// stamped more than MaxProposalSkew from this node's clock is refused
+// (ErrClockSkew).
 func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, error) {
 	if err := n.cfg.Faults.waitUnpaused(ctx); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnknownOutcome, err)
@@ -1042,6 +1089,10 @@ func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, er
 		}
 	}
 	start := time.Now()
+	if err := checkProposalTime(data, start); err != nil {
+		n.log.Warn("refused a command stamped too far from this leader's clock", "err", err)
+		return nil, err
+	}
 	f := n.raft.Apply(data, timeout)
 	if err := f.Error(); err != nil {
 		switch {
