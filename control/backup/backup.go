@@ -186,9 +186,18 @@ func Start(cfg Config) (*Scheduler, error) {
 	}
 	s := &Scheduler{cfg: cfg, log: cfg.Logger.With("component", "backup"), done: make(chan struct{})}
 	s.m = newMetrics(cfg.Metrics, cfg.Every)
-	if len(files) > 0 {
-		s.last = files[len(files)-1].Time
+	// The newest backup not named in the future: one that is was written
+	// while this node's clock was ahead (and was stepped back since); its
+	// time says nothing of how long ago it was written, and counted, it
+	// would hold the schedule (and the staleness alert) off until the
+	// clock passes it.
+	now := cfg.Now()
+	if past := pastFiles(files, now); len(past) > 0 {
+		s.last = past[len(past)-1].Time
 		s.m.lastSuccess.Set(float64(s.last.UnixMilli()) / 1e3)
+	}
+	if n := len(files) - len(pastFiles(files, now)); n > 0 {
+		s.log.Warn("backups named in the future: this node's clock was ahead when it wrote them; they are pruned first", "files", n, "newest", files[len(files)-1].Time)
 	}
 	s.m.files.Set(float64(len(files)))
 	if cfg.Key == nil {
@@ -228,14 +237,30 @@ func (s *Scheduler) run(ctx context.Context) {
 }
 
 // due reports whether this node leads and its newest backup is at least
-// Every old.
+// Every old, or newer than the clock by more than futureSlack (the clock
+// was stepped back since: when it was written is not known).
 func (s *Scheduler) due() bool {
 	if !s.cfg.Leading() {
 		return false
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.last.IsZero() || s.cfg.Now().Sub(s.last) >= s.cfg.Every
+	age := s.cfg.Now().Sub(s.last)
+	return s.last.IsZero() || age >= s.cfg.Every || age < -futureSlack
+}
+
+// futureSlack is how far in the future a backup's name may be before it
+// counts as written under a clock that was ahead.
+const futureSlack = time.Minute
+
+// pastFiles is files (oldest first) without those named more than
+// futureSlack after now.
+func pastFiles(files []File, now time.Time) []File {
+	i := len(files)
+	for i > 0 && files[i-1].Time.After(now.Add(futureSlack)) {
+		i--
+	}
+	return files[:i]
 }
 
 // Result describes a backup written by Backup.
@@ -350,12 +375,16 @@ func WriteFile(path string, key *Key, write func(io.Writer) error) (info Info, e
 	return info, nil
 }
 
-// prune removes all but the newest Keep backups.
+// prune removes all but the newest Keep backups. Backups named in the
+// future (written while the clock was ahead) go first: they hold older
+// state than the one just written, whose name is earlier.
 func (s *Scheduler) prune() error {
 	files, err := List(s.cfg.Dir)
 	if err != nil {
 		return err
 	}
+	past := pastFiles(files, s.cfg.Now())
+	files = append(slices.Clone(files[len(past):]), past...)
 	var errs []error
 	removed := 0
 	for len(files)-removed > s.cfg.Keep {

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -451,4 +452,102 @@ func TestCloseCancelsBackupInProgress(t *testing.T) {
 	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
 		t.Fatalf("a cancelled backup left %v", ents)
 	}
+}
+
+// A node whose clock was a day ahead (then stepped back by NTP) named its
+// backups in the future. Started again, it does not take them for fresh:
+// the schedule writes a backup at once rather than once the clock passes
+// their names, the last-success metric is not in the future (which would
+// keep RelayBackupStale, a max over the job, quiet), and pruning removes
+// the future-named ones, which hold older state, before the backup just
+// written, whose name is earlier.
+func TestAClockSteppedBackKeepsTheNewestBackup(t *testing.T) {
+	dir := t.TempDir()
+	real := time.Now()
+	var now atomic.Pointer[time.Time]
+	ahead := real.Add(24 * time.Hour)
+	now.Store(&ahead)
+	var index atomic.Uint64
+	index.Store(100)
+	var leading atomic.Bool
+	cfg := backup.Config{Dir: dir, Every: time.Hour, Keep: 2, CheckEvery: 5 * time.Millisecond, Logger: quiet,
+		Source: func(_ context.Context, w io.Writer) error {
+			_, err := state.Export(w, newState(index.Load(), 3))
+			return err
+		},
+		Leading: leading.Load, Now: func() time.Time { return *now.Load() }}
+	s, err := backup.Start(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		at := ahead.Add(time.Duration(i) * time.Minute)
+		now.Store(&at)
+		if _, err := s.Backup(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+
+	now.Store(&real) // NTP steps the clock back; the state moves on
+	index.Store(200)
+	leading.Store(true)
+	reg := prometheus.NewRegistry()
+	cfg.Metrics = reg
+	s, err = backup.Start(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := gauge(t, reg, "relay_backup_last_success_timestamp_seconds"); got > float64(real.Unix()+1) {
+		t.Fatalf("last success reported %.0f s in the future", got-float64(real.Unix()))
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		files, err := backup.List(dir)
+		if err != nil {
+			return err
+		}
+		var indexes []uint64
+		for _, f := range files {
+			info, err := backup.VerifyFile(f.Path, nil)
+			if err != nil {
+				return err
+			}
+			indexes = append(indexes, info.AppliedIndex)
+		}
+		if !slices.Contains(indexes, 200) || len(indexes) != 2 {
+			return fmt.Errorf("backups of applied indexes %v, want the new one (200) kept beside one older", indexes)
+		}
+		return nil
+	})
+
+	// The same with the clock stepped back while the schedule runs.
+	s.Close()
+	cfg.Dir, cfg.Metrics = t.TempDir(), nil
+	now.Store(&ahead)
+	leading.Store(false)
+	index.Store(300)
+	s, err = backup.Start(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Backup(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	index.Store(400)
+	now.Store(&real)
+	leading.Store(true)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		files, err := backup.List(cfg.Dir)
+		if err != nil {
+			return err
+		}
+		for _, f := range files {
+			if info, err := backup.VerifyFile(f.Path, nil); err == nil && info.AppliedIndex == 400 {
+				return nil
+			}
+		}
+		return fmt.Errorf("no scheduled backup since the clock stepped back (%d files)", len(files))
+	})
 }
