@@ -21,6 +21,7 @@ import (
 
 	"github.com/edge-relay/relay/control/backup"
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/storage/state"
 )
 
@@ -550,4 +551,22 @@ func TestAClockSteppedBackKeepsTheNewestBackup(t *testing.T) {
 		}
 		return fmt.Errorf("no scheduled backup since the clock stepped back (%d files)", len(files))
 	})
+}
+
+// A backup verifies only if a restore would take it: one of a state
+// format a newer release wrote fails verification as it would fail the
+// restore, not after the operator relied on it.
+func TestVerifyRefusesWhatRestoreWould(t *testing.T) {
+	m := newState(7, 2)
+	var format [8]byte
+	binary.BigEndian.PutUint64(format[:], fsm.StateFormat+1)
+	m["m:format"] = string(format[:])
+	if _, err := backup.Verify(bytes.NewReader(exportOf(t, m)), nil); !errors.Is(err, fsm.ErrNewerFormat) {
+		t.Fatalf("verify of a newer release's backup: %v, want ErrNewerFormat", err)
+	}
+	binary.BigEndian.PutUint64(format[:], fsm.StateFormat)
+	m["m:format"] = string(format[:])
+	if _, err := backup.Verify(bytes.NewReader(exportOf(t, m)), nil); err != nil {
+		t.Fatalf("verify of this release's format: %v", err)
+	}
 }

@@ -28,9 +28,10 @@ type Info struct {
 
 // Verify reads a whole backup from r: it decrypts it when it is
 // encrypted (authenticating every chunk), decodes every record, and
-// checks the export's record order, count and CRC-32C. It returns an
-// error wrapping ErrKeyRequired, ErrWrongKey, ErrTampered, ErrNotBackup
-// or state.ErrCorrupt when the content is at fault.
+// checks the export's record order, count and CRC-32C, and each record as
+// a restore does (fsm.CheckRecord). It returns an error wrapping
+// ErrKeyRequired, ErrWrongKey, ErrTampered, ErrNotBackup, state.ErrCorrupt
+// or fsm.ErrNewerFormat when the content is at fault.
 func Verify(r io.Reader, k *Key) (Info, error) {
 	cr := &countingReader{r: r}
 	plain, enc, err := Open(cr, k)
@@ -46,6 +47,11 @@ func Verify(r io.Reader, k *Key) (Info, error) {
 			break
 		}
 		if err != nil {
+			return info, fmt.Errorf("verify backup: %w", err)
+		}
+		// What a restore checks before it imports (a state format of a
+		// newer release among it): a backup verified here restores.
+		if err := fsm.CheckRecord(key, value); err != nil {
 			return info, fmt.Errorf("verify backup: %w", err)
 		}
 		if idx, _, ok := fsm.AppliedFromRecord(key, value); ok {
