@@ -61,6 +61,8 @@ func TestAPeerThatStopsReading(t *testing.T) {
 	stuck := &stuckLocal{release: make(chan struct{})}
 	defer close(stuck.release) // before the meshes close (cleanups run after)
 	b := startMeshWith(t, ca, "edge-b", stuck, nil)
+	// Members of b (their own links never come up): b reads what they send.
+	b.SetMembers([]Member{{ID: "edge-a-short", MeshAddr: "127.0.0.1:9"}, {ID: "edge-a-long", MeshAddr: "127.0.0.1:9"}})
 	payload := make([]byte, 48<<10)
 	for _, tc := range []struct {
 		name string
@@ -121,6 +123,7 @@ func TestAPeerThatDoesNotReadItsOutcomes(t *testing.T) {
 	lb := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE}
 	const outstanding = 1000
 	b := startMeshWith(t, ca, "edge-b", lb, func(c *Config) { c.MaxOutstanding = outstanding })
+	b.SetMembers([]Member{{ID: "edge-evil", MeshAddr: "127.0.0.1:9"}}) // a member gone bad
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	conn, str := rawLink(ctx, t, b.Addr().String(), testIdentity(t, ca, "edge-evil").clientTLS("edge-b", nil), 15*time.Second)

@@ -26,6 +26,16 @@ type inbound struct {
 	// MeshStatus back on it; controlHeard is the peer's latest.
 	status       bool
 	controlHeard atomic.Bool
+	// member: the peer is in the member list, under the key it presented,
+	// so what it sends counts. A link from anyone else (an edge that left
+	// the list, or one this edge has not heard of yet) carries only this
+	// edge's status back, which a cut-off edge whose lease ran out needs
+	// to step aside (docs/consistency.md, "Partitions"): its presence is
+	// dropped, its durable forwards answered NOT_DELIVERED, its ephemeral
+	// ones and its status ignored. Cleared (under the mesh's mu) when the
+	// peer leaves the list; a link from a peer that joins it is closed, so
+	// the peer dials again and sends its full set on a member's link.
+	member atomic.Bool
 
 	mu   sync.Mutex // guards out and users
 	out  []*edgev1.MeshFrame
@@ -152,14 +162,19 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		log.Warn("mesh peer refused: its key is not the one registered for its edge id", "peer", peer)
 		return
 	}
+	member := m.links[peer] != nil
+	in.member.Store(member)
 	old := m.inbound[peer]
-	if old != nil && in.status && old.key.Equal(key) {
+	if old != nil && member && old.member.Load() && in.status && old.key.Equal(key) {
 		// The same process reconnected: its status holds until the new
 		// link brings one.
 		in.controlHeard.Store(old.controlHeard.Load())
 	}
 	m.inbound[peer] = in
 	m.mu.Unlock()
+	if !member {
+		log.Info("mesh link from an edge that is not a member: it hears this edge's status, nothing it sends counts", "peer", peer)
+	}
 	if old != nil {
 		// The peer reconnected: its new link replaces the old one
 		// (closed outside mu: closing waits for the connection's loop).
@@ -235,13 +250,19 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 			}
 			m.presenceFromPeer(peer, in, part, k.PresenceDelta.GetOnline(), k.PresenceDelta.GetOffline())
 		case *edgev1.MeshFrame_Status:
+			if !in.member.Load() {
+				continue
+			}
 			if in.controlHeard.Swap(k.Status.GetControlHeard()) != k.Status.GetControlHeard() {
 				log.Debug("mesh peer's view of the control plane changed", "peer", peer, "control_heard", k.Status.GetControlHeard())
 			}
 		case *edgev1.MeshFrame_Forward:
 			fw := k.Forward
+			member := in.member.Load()
 			if fw.GetId() == 0 {
-				m.cfg.Local.DeliverForwarded(fw, nil)
+				if member {
+					m.cfg.Local.DeliverForwarded(fw, nil)
+				}
 				continue
 			}
 			select {
@@ -252,6 +273,10 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 				return
 			}
 			id, user := fw.GetId(), fw.GetUserId()
+			if !member {
+				in.send(&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_ForwardResult{ForwardResult: &edgev1.ForwardResult{Id: id, Outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED}}})
+				continue
+			}
 			in.mu.Lock()
 			full := !in.admitLocked(user)
 			in.mu.Unlock()

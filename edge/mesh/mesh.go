@@ -321,7 +321,9 @@ func (m *Mesh) Close() error {
 }
 
 // SetMembers makes the mesh link to exactly these peers (others are
-// dropped; this edge's own entry is ignored).
+// dropped; this edge's own entry is ignored), and take presence, forwards
+// and status from these alone: a link from anyone else carries only this
+// edge's status back (inbound.member).
 func (m *Mesh) SetMembers(members []Member) {
 	m.mu.Lock()
 	if m.ctx.Err() != nil {
@@ -355,27 +357,37 @@ func (m *Mesh) SetMembers(members []Member) {
 			m.wg.Go(l.run)
 		}
 	}
-	// A link from a process that no longer holds its id goes (closed
-	// outside mu: closing waits for the connection's loop).
-	var stale []*quic.Conn
+	// A link from a process that no longer holds its id goes; one from a
+	// peer that left the list stays, but nothing it sends counts any more
+	// (it still hears this edge's status); one from a peer that joined
+	// it goes, so the peer dials again and its full set is read. Closed
+	// outside mu: closing waits for the connection's loop.
+	type closing struct {
+		conn *quic.Conn
+		why  string
+	}
+	var closes []closing
 	for id, in := range m.inbound {
-		if !m.keyHolds(id, in.key) {
-			stale = append(stale, in.conn)
+		switch {
+		case !m.keyHolds(id, in.key):
+			in.member.Store(false)
+			closes = append(closes, closing{in.conn, "edge id now held by another key"})
+		case m.links[id] == nil:
+			in.member.Store(false)
+		case !in.member.Load():
+			closes = append(closes, closing{in.conn, "now a member: dial again"})
 		}
 	}
 	m.mu.Unlock()
-	for _, c := range stale {
-		_ = c.CloseWithError(0, "edge id now held by another key")
+	for _, c := range closes {
+		_ = c.conn.CloseWithError(0, c.why)
 	}
 	// A peer that left the member list is gone for good: what it
-	// announced does not wait out a grace period.
+	// announced goes at once, whether its link ended (no grace period)
+	// or is still up (what comes on it no longer counts).
 	for _, id := range gone {
 		m.presMu.Lock()
-		if m.graced[id] != nil {
-			m.dropPeerLocked(id)
-		} else {
-			m.presMu.Unlock()
-		}
+		m.dropPeerLocked(id)
 	}
 }
 
@@ -410,7 +422,7 @@ func (m *Mesh) SetControlHeard(heard bool) {
 }
 
 // PeersHearingControl returns the peers, sorted, that say they hear the
-// control plane: on their link to this edge, or back on this edge's link
+// control plane: members on their link to this edge, or back on this edge's link
 // to them (so a peer that dropped this edge from its member list, as the
 // control plane does once this edge's lease runs out, still counts while
 // this edge links to it). A peer of relay-mesh/1, one that sent no
@@ -419,7 +431,7 @@ func (m *Mesh) PeersHearingControl() []string {
 	m.mu.Lock()
 	var ids []string
 	for id, in := range m.inbound {
-		if in.controlHeard.Load() {
+		if in.member.Load() && in.controlHeard.Load() {
 			ids = append(ids, id)
 		}
 	}
@@ -528,14 +540,28 @@ func (m *Mesh) Stats() Stats {
 	return st
 }
 
+// maxSinceAhead is how far past this edge's clock a session's start
+// that a peer announces may be. Further is a broken clock or a bug: the
+// entry is ignored (not clamped, which would leave the peer's later
+// offline for it unmatched). A session here of that device starts after
+// the one announced, so a start near the end of time would overflow the
+// nanoseconds it is announced in, and the device could then hold a
+// session nowhere but at that peer. An edge an hour ahead is broken
+// anyway: it would refuse its devices' events as expired.
+const maxSinceAhead = time.Hour
+
 // applyPresence records what a peer announced (with presMu held) and
-// returns the devices whose older local sessions must close. A full
+// returns the devices whose older local sessions must close, and how
+// many it ignored for a start too far ahead (maxSinceAhead). A full
 // set's devices (inSet) are what the peer holds now, whatever it
 // announced before.
-func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresence, inSet bool) []*edgev1.DevicePresence {
+func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresence, inSet bool) (moved []*edgev1.DevicePresence, ignored int) {
 	set := m.byPeer[peer]
 	unconfirmed := m.unconfirmed[peer]
-	var moved []*edgev1.DevicePresence
+	var latest int64
+	if len(online) > 0 {
+		latest = time.Now().Add(maxSinceAhead).UnixNano()
+	}
 	for _, p := range offline {
 		if cur, ok := set[p.GetDeviceId()]; ok && cur.Since == p.GetSinceNs() {
 			delete(set, p.GetDeviceId())
@@ -544,6 +570,10 @@ func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresen
 		}
 	}
 	for _, p := range online {
+		if p.GetSinceNs() > latest {
+			ignored++
+			continue
+		}
 		if set == nil {
 			set = map[string]DevPres{}
 			m.byPeer[peer] = set
@@ -563,7 +593,7 @@ func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresen
 		delete(m.byPeer, peer)
 	}
 	m.metrics.devices.Set(float64(len(m.where)))
-	return moved
+	return moved, ignored
 }
 
 // recomputeWhere sets where a device is: the peer with its newest
@@ -713,7 +743,9 @@ var deltaFrame = setPart{}
 // they would end it early or undo it. from nil (tests) is not checked.
 func (m *Mesh) presenceFromPeer(peer string, from *inbound, part setPart, online, offline []*edgev1.DevicePresence) {
 	m.presMu.Lock()
-	if from != nil && !m.isInbound(peer, from) {
+	// Checked under presMu: SetMembers clears member before it takes
+	// presMu to forget a peer that left, so nothing counts after that.
+	if from != nil && (!from.member.Load() || !m.isInbound(peer, from)) {
 		m.presMu.Unlock()
 		return
 	}
@@ -727,12 +759,15 @@ func (m *Mesh) presenceFromPeer(peer string, from *inbound, part setPart, online
 			m.unconfirmed[peer] = u
 		}
 	}
-	moved := m.applyPresence(peer, online, offline, part.inSet)
+	moved, ignored := m.applyPresence(peer, online, offline, part.inSet)
 	if part.last {
 		m.settleLocked(peer)
 	}
 	ev := m.takeEvents()
 	m.presMu.Unlock()
+	if ignored > 0 {
+		m.cfg.Logger.Warn("mesh peer announced sessions that start more than an hour from now: ignored", "peer", peer, "devices", ignored)
+	}
 	m.tellPresence(ev)
 	m.notifyMoved(peer, moved)
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"io"
 	"log/slog"
+	"math"
 	"math/big"
 	"net/url"
 	"slices"
@@ -197,12 +198,14 @@ func sendOnLink(ctx context.Context, t *testing.T, addr string, tlsConf *tls.Con
 }
 
 // meshAndRawPeer starts edge-a's mesh with local, and returns it with the
-// identity of edge-x, a peer of the same CA a test drives by hand
-// (sendOnLink), and a context for a minute of that.
+// identity of edge-x, a member of the same CA a test drives by hand
+// (sendOnLink), and a context for a minute of that. edge-x's address is
+// one where nothing answers: a's own link to it never comes up.
 func meshAndRawPeer(t *testing.T, local *fakeLocal) (*Mesh, *Identity, context.Context) {
 	t.Helper()
 	ca := newTestCA(t)
 	a := startMesh(t, ca, "edge-a", local)
+	a.SetMembers([]Member{{ID: "edge-x", MeshAddr: "127.0.0.1:9"}})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
 	return a, testIdentity(t, ca, "edge-x"), ctx
@@ -437,6 +440,177 @@ func TestOnlyTheRegisteredKeySpeaksForAnEdgeID(t *testing.T) {
 	waitFor(t, "fresh learns a's device", located(fresh, "da"))
 }
 
+// An edge with a certificate from the cluster CA that is not in the
+// member list (deregistered, removed, or not heard of yet) links only to
+// hear this edge's status, which a cut-off edge whose lease ran out
+// needs to step aside (docs/consistency.md, "Partitions"): nothing it
+// sends counts. Its presence is never applied, so it cannot make a
+// device's session here close (PeerHolds); its forwards are answered
+// NOT_DELIVERED and never reach a device; its status does not count. An
+// edge that joins the list has that link closed and is heard on the next;
+// a member the list drops is forgotten at once and speaks no more on
+// the link it keeps.
+func TestOnlyMembersSpeakOnTheMesh(t *testing.T) {
+	ca := newTestCA(t)
+	local := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED}
+	a := startMesh(t, ca, "edge-a", local)
+	notX := []Member{{ID: "edge-b", MeshAddr: "127.0.0.1:9"}}
+	a.SetMembers(notX)
+	idn := testIdentity(t, ca, "edge-x")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	victim := func(dev string) *edgev1.MeshFrame {
+		return &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: []*edgev1.DevicePresence{
+			{DeviceId: dev, UserId: "u", SinceNs: time.Now().UnixNano(), Instance: "not-the-victims"}}}}}
+	}
+	forward := func(id uint64) *edgev1.MeshFrame {
+		return &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: &edgev1.Forward{Id: id, DeviceId: "victim", UserId: "u", Event: []byte("x")}}}
+	}
+	hello := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: "edge-x", PeerId: "edge-a"}}}
+	write := func(str *quic.Stream, frames ...*edgev1.MeshFrame) {
+		t.Helper()
+		var buf []byte
+		var err error
+		for _, f := range frames {
+			if buf, err = writeFrame(str, buf, f); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// next reads a's frames on the link up to a forward's result, and
+	// returns its outcome: a reads a link in order, so it has taken in
+	// every frame sent before that forward.
+	next := func(r *bufio.Reader, id uint64) edgev1.ForwardOutcome {
+		t.Helper()
+		for {
+			f := &edgev1.MeshFrame{}
+			if _, err := readFrame(r, nil, f); err != nil {
+				t.Fatalf("waiting for forward %d's result: %v", id, err)
+			}
+			if res := f.GetForwardResult(); res != nil {
+				if res.GetId() != id {
+					t.Fatalf("result for forward %d, want %d", res.GetId(), id)
+				}
+				return res.GetOutcome()
+			}
+		}
+	}
+	heard := func(r *bufio.Reader) bool {
+		t.Helper()
+		for {
+			f := &edgev1.MeshFrame{}
+			if _, err := readFrame(r, nil, f); err != nil {
+				t.Fatalf("waiting for a's status: %v", err)
+			}
+			if st := f.GetStatus(); st != nil && st.GetControlHeard() {
+				return true
+			}
+		}
+	}
+	nothingCounted := func(when string, devices ...string) {
+		t.Helper()
+		local.mu.Lock()
+		defer local.mu.Unlock()
+		for _, d := range devices {
+			if e, ok := a.Locate(d); ok || slices.Contains(local.moved, d) {
+				t.Fatalf("%s: %s located at %q (%v), sessions told to close %v", when, d, e, ok, local.moved)
+			}
+		}
+		if len(local.got) != 0 || len(a.PeersHearingControl()) != 0 {
+			t.Fatalf("%s: forwards delivered %d, peers hearing the control plane %v", when, len(local.got), a.PeersHearingControl())
+		}
+	}
+
+	// Not a member: the link is taken, but only to tell x a's status.
+	conn, str := rawLink(ctx, t, a.Addr().String(), idn.clientTLS("edge-a", nil), time.Minute)
+	r := bufio.NewReader(str)
+	write(str, hello, victim("victim"), statusFrame(true), forward(0), forward(1))
+	if o := next(r, 1); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+		t.Fatalf("a non-member's forward: %v, want NOT_DELIVERED", o)
+	}
+	nothingCounted("from a non-member", "victim")
+	a.SetControlHeard(true)
+	heard(r)
+
+	// x joins the list: its link goes, and the next one counts.
+	a.SetMembers([]Member{{ID: "edge-x", MeshAddr: "127.0.0.1:9"}})
+	waitFor(t, "x's non-member link closed", func() bool { return conn.Context().Err() != nil })
+	_, str = rawLink(ctx, t, a.Addr().String(), idn.clientTLS("edge-a", nil), time.Minute)
+	r = bufio.NewReader(str)
+	write(str, hello, victim("victim"), forward(1))
+	if o := next(r, 1); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
+		t.Fatalf("a member's forward: %v, want DELIVERED", o)
+	}
+	if e, ok := a.Locate("victim"); !ok || e != "edge-x" {
+		t.Fatalf("a member's device is at %q (%v)", e, ok)
+	}
+
+	// x leaves the list: what it announced goes at once, and its link,
+	// kept, carries nothing that counts.
+	a.SetMembers(notX)
+	if st := a.Stats(); st.RemoteDevices != 0 || st.Graced != 0 {
+		t.Fatalf("after x left the list, a's tables %+v", st)
+	}
+	local.mu.Lock()
+	local.got, local.moved = nil, nil
+	local.mu.Unlock()
+	write(str, victim("victim2"), statusFrame(true), forward(2))
+	if o := next(r, 2); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+		t.Fatalf("an ex-member's forward: %v, want NOT_DELIVERED", o)
+	}
+	nothingCounted("from an ex-member", "victim", "victim2")
+	a.SetControlHeard(false)
+	a.SetControlHeard(true)
+	heard(r)
+}
+
+// An edge that joins links to a peer before the peer has heard of it
+// (each learns the member list from its own watch): the peer closes that
+// link as soon as it learns, and the new edge dials again after its
+// link's first backoff (50 ms), not at the backoff's cap of 5 s.
+func TestAJoiningEdgeIsHeardOnceThePeerLearnsOfIt(t *testing.T) {
+	ca := newTestCA(t)
+	a := startMesh(t, ca, "edge-a", &fakeLocal{})
+	x := startMesh(t, ca, "edge-x", &fakeLocal{devices: presenceOf("dx")})
+	x.SetMembers([]Member{{ID: "edge-a", MeshAddr: a.Addr().String()}})
+	waitFor(t, "x's link to a up", func() bool { return x.Stats().LinksUp == 1 })
+	if _, ok := a.Locate("dx"); ok {
+		t.Fatal("a took the set of an edge it has not heard of")
+	}
+	start := time.Now()
+	a.SetMembers([]Member{{ID: "edge-x", MeshAddr: x.Addr().String()}})
+	waitFor(t, "a learns x's device", func() bool { _, ok := a.Locate("dx"); return ok })
+	took := time.Since(start)
+	t.Logf("x heard %v after a learnt of it", took.Round(time.Millisecond))
+	if took > 2*time.Second {
+		t.Fatalf("x heard %v after a learnt of it, want well under the 5 s backoff cap", took)
+	}
+}
+
+// A peer cannot announce a session that starts far in the future: a
+// session here of the device would start after it, beyond what fits in
+// the nanoseconds it is announced in. An entry more than an hour ahead
+// is ignored; one a minute ahead (a clock a little off) is taken.
+func TestAStartFarAheadIsIgnored(t *testing.T) {
+	local := &fakeLocal{}
+	m := startMesh(t, newTestCA(t), "edge-a", local)
+	m.presenceFromPeer("edge-b", nil, deltaFrame, []*edgev1.DevicePresence{
+		{DeviceId: "pinned", UserId: "u", SinceNs: math.MaxInt64},
+		{DeviceId: "ahead", UserId: "u", SinceNs: time.Now().Add(2 * maxSinceAhead).UnixNano()},
+		{DeviceId: "skewed", UserId: "u", SinceNs: time.Now().Add(time.Minute).UnixNano()},
+	}, nil)
+	for dev, want := range map[string]bool{"pinned": false, "ahead": false, "skewed": true} {
+		if _, ok := m.Locate(dev); ok != want {
+			t.Errorf("%s located %v, want %v", dev, ok, want)
+		}
+	}
+	local.mu.Lock()
+	defer local.mu.Unlock()
+	if !slices.Equal(local.moved, []string{"skewed"}) {
+		t.Fatalf("sessions here told to close: %v, want [skewed]", local.moved)
+	}
+}
+
 // A member's link that ends keeps what it announced for PresenceGrace:
 // a peer that reconnects within it sends its full set, which settles
 // only what changed, so the users' devices here hear of no blip; a peer
@@ -645,6 +819,7 @@ func TestAStatusComesBackOnTheDialersLink(t *testing.T) {
 func TestADialerOfTheFirstMeshProtocolGetsNoStatus(t *testing.T) {
 	ca := newTestCA(t)
 	a := startMesh(t, ca, "edge-a", &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED})
+	a.SetMembers([]Member{{ID: "edge-old", MeshAddr: "127.0.0.1:9"}})
 	a.SetControlHeard(true)
 	tlsConf := testIdentity(t, ca, "edge-old").clientTLS("edge-a", nil)
 	tlsConf.NextProtos = []string{ALPN}
@@ -676,8 +851,8 @@ func TestADialerOfTheFirstMeshProtocolGetsNoStatus(t *testing.T) {
 	if _, err := readFrame(bufio.NewReader(str), nil, f); err != nil {
 		t.Fatal(err)
 	}
-	if f.GetForwardResult().GetId() != 1 {
-		t.Fatalf("a relay-mesh/1 dialer got %v first, want the forward's result", f)
+	if r := f.GetForwardResult(); r.GetId() != 1 || r.GetOutcome() != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
+		t.Fatalf("a relay-mesh/1 dialer got %v first, want the forward's result, delivered", f)
 	}
 }
 
@@ -1066,6 +1241,8 @@ func TestAReplacedLinksLeftoversAreDropped(t *testing.T) {
 	local := &fakeLocal{}
 	m := startMesh(t, newTestCA(t), "edge-a", local)
 	old, cur := &inbound{}, &inbound{}
+	old.member.Store(true)
+	cur.member.Store(true)
 	use := func(in *inbound) {
 		m.mu.Lock()
 		m.inbound["edge-b"] = in
