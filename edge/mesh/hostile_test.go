@@ -3,6 +3,7 @@ package mesh
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"sync"
@@ -240,5 +241,110 @@ func TestAPeerStalledInItsHello(t *testing.T) {
 		<-ran
 		_ = conn.CloseWithError(0, "")
 		cancel()
+	}
+}
+
+// pacedReader reads at most max bytes a tick: a peer that reads steadily
+// but slowly.
+type pacedReader struct {
+	r    io.Reader
+	tick <-chan time.Time
+	max  int
+}
+
+func (p *pacedReader) Read(b []byte) (int, error) {
+	<-p.tick
+	return p.r.Read(b[:min(len(b), p.max)])
+}
+
+// A peer that reads steadily, but more slowly than a burst is queued
+// for it, keeps its link: the batch is written in chunks, each given
+// the idle timeout, rather than the whole batch in it. The peer (driven
+// by hand, with small flow-control windows) reads at most 16 KiB every
+// 10 ms, 1.6 MB/s, and 6 MiB of forwards are queued at once with an
+// idle timeout of 1 s: they take about 4 s, a chunk (64 KiB) some 40 ms
+// (25 times less than the timeout, for a busy machine). Before, the link
+// went down a second into a batch, and the forwards not answered by then
+// were NOT_DELIVERED. (a's writer may take some of the forwards before
+// the rest are queued, but at most two batches carry them, as the peer
+// reads nothing until all are queued: the larger is over 3 MiB, which
+// the peer cannot take in a second.)
+func TestASteadyButSlowPeerKeepsItsLink(t *testing.T) {
+	ca := newTestCA(t)
+	a := startMeshWith(t, ca, "edge-a", &fakeLocal{}, func(c *Config) { c.IdleTimeout = time.Second })
+	qc := quicConfig(time.Second)
+	qc.InitialStreamReceiveWindow, qc.MaxStreamReceiveWindow = 64<<10, 64<<10
+	qc.InitialConnectionReceiveWindow, qc.MaxConnectionReceiveWindow = 128<<10, 128<<10
+	ln, err := quic.ListenAddr("127.0.0.1:0", testIdentity(t, ca, "edge-b").serverTLS(), qc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: ln.Addr().String()}})
+	const n, size = 192, 32 << 10
+	// The peer: once every forward is queued (so all but the few a's
+	// writer took first go in one batch), reads a's frames at its pace
+	// and answers each forward DELIVERED, until it has read them all or
+	// its link breaks.
+	queued := make(chan struct{})
+	peer := make(chan error, 1)
+	go func() {
+		peer <- func() error {
+			conn, err := ln.Accept(ctx)
+			if err != nil {
+				return err
+			}
+			defer conn.CloseWithError(0, "")
+			str, err := conn.AcceptStream(ctx)
+			if err != nil {
+				return err
+			}
+			select {
+			case <-queued:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			tick := time.NewTicker(10 * time.Millisecond)
+			defer tick.Stop()
+			r := bufio.NewReaderSize(&pacedReader{r: str, tick: tick.C, max: 16 << 10}, 16<<10)
+			var buf, out []byte
+			for seen := 0; seen < n; {
+				f := &edgev1.MeshFrame{}
+				if buf, err = readFrame(r, buf, f); err != nil {
+					return fmt.Errorf("after %d forwards: %w", seen, err)
+				}
+				if fw := f.GetForward(); fw != nil {
+					seen++
+					res := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_ForwardResult{ForwardResult: &edgev1.ForwardResult{Id: fw.GetId(), Outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED}}}
+					if out, err = writeFrame(str, out, res); err != nil {
+						return err
+					}
+				}
+			}
+			<-ctx.Done() // the link stays until the test has looked at it
+			return nil
+		}()
+	}()
+	waitFor(t, "the link up", func() bool { return a.Stats().LinksUp == 1 })
+	var got outcomes
+	start := time.Now()
+	for range n {
+		a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "u", Event: make([]byte, size)}, got.done)
+	}
+	close(queued)
+	waitFor(t, "every forward answered", func() bool { return got.total() == n })
+	t.Logf("%d KiB taken in %v", n*size>>10, time.Since(start).Round(time.Millisecond))
+	got.mu.Lock()
+	delivered, all := got.n[edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED], fmt.Sprint(got.n)
+	got.mu.Unlock()
+	if st := a.Stats(); delivered != n || st.LinksUp != 1 || st.Dials != 1 {
+		t.Fatalf("a steadily reading peer: %d of %d forwards DELIVERED (%s), links up %d after %d dials; want all, one link, never down",
+			delivered, n, all, st.LinksUp, st.Dials)
+	}
+	cancel()
+	if err := <-peer; err != nil {
+		t.Fatalf("the peer: %v", err)
 	}
 }

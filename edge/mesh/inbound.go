@@ -303,10 +303,11 @@ func (m *Mesh) notifyMoved(peer string, ps []*edgev1.DevicePresence) {
 	}
 }
 
-// writeLoop writes the outcomes; a peer that takes nothing for timeout
-// is cut off.
+// writeLoop writes the outcomes, in chunks (frameWriter); a peer that
+// takes less than a chunk in timeout is cut off. A forward's slot is
+// given back once its outcome is written.
 func (in *inbound) writeLoop(ctx context.Context, str *quic.Stream, timeout time.Duration) {
-	var buf []byte
+	w := &frameWriter{str: str, timeout: timeout}
 	for {
 		select {
 		case <-ctx.Done():
@@ -317,17 +318,32 @@ func (in *inbound) writeLoop(ctx context.Context, str *quic.Stream, timeout time
 		batch := in.out
 		in.out = nil
 		in.mu.Unlock()
-		_ = str.SetWriteDeadline(time.Now().Add(timeout))
+		unwritten := 0 // outcomes gathered, not written yet
 		for _, f := range batch {
-			var err error
-			if buf, err = writeFrame(str, buf, f); err != nil {
+			if f.GetForwardResult() != nil {
+				unwritten++
+			}
+			wrote, err := w.add(f)
+			if err != nil {
 				_ = in.conn.CloseWithError(0, "write failed")
 				return
 			}
-			if f.GetForwardResult() != nil {
-				<-in.slots
+			if wrote {
+				in.release(unwritten)
+				unwritten = 0
 			}
 		}
-		_ = str.SetWriteDeadline(time.Time{})
+		if err := w.flush(); err != nil {
+			_ = in.conn.CloseWithError(0, "write failed")
+			return
+		}
+		in.release(unwritten)
+	}
+}
+
+// release gives back n forwards' slots.
+func (in *inbound) release(n int) {
+	for range n {
+		<-in.slots
 	}
 }

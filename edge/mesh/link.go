@@ -200,6 +200,7 @@ func (l *link) session() (up bool, err error) {
 	defer l.down()
 	l.signal()
 
+	w := &frameWriter{str: str, timeout: l.m.cfg.IdleTimeout, buf: buf[:0]}
 	var wg sync.WaitGroup
 	readErr := make(chan error, 1)
 	wg.Go(func() { readErr <- l.readResults(str) })
@@ -219,16 +220,19 @@ func (l *link) session() (up bool, err error) {
 		batch := l.queue
 		l.queue, l.queued = nil, 0
 		l.mu.Unlock()
-		// A peer that takes nothing for the idle timeout is as broken as
-		// a silent one: its link goes down, and what it was sent and did
-		// not answer is NOT_DELIVERED (stored by the senders' edges).
-		_ = str.SetWriteDeadline(time.Now().Add(l.m.cfg.IdleTimeout))
+		// A peer that takes nothing (less than a chunk) for the idle
+		// timeout is as broken as a silent one: its link goes down, and
+		// what it was sent and did not answer is NOT_DELIVERED (stored by
+		// the senders' edges). One that reads steadily stays, however
+		// long the batch takes.
 		for _, f := range batch {
-			if buf, err = writeFrame(str, buf, f); err != nil {
+			if _, err = w.add(f); err != nil {
 				return true, fmt.Errorf("write to the peer: %w", err)
 			}
 		}
-		_ = str.SetWriteDeadline(time.Time{})
+		if err = w.flush(); err != nil {
+			return true, fmt.Errorf("write to the peer: %w", err)
+		}
 	}
 }
 

@@ -86,7 +86,7 @@ type Config struct {
 	MaxOutstanding int
 	// IdleTimeout is how long a silent peer is given before its link
 	// counts as broken (keep-alives go at a third of it) [5s]; a peer
-	// that takes nothing written to it for as long is cut off too. Until
+	// that does not take a write (writeChunk) in as long is cut off too. Until
 	// then, forwards to a peer that died wait for their outcome, and so
 	// do their senders' acknowledgements: it is the longest an edge's
 	// crash holds up the events meant for its devices.
@@ -803,15 +803,63 @@ func (m *Mesh) settleLocked(peer string) {
 const maxFrame = 1 << 20
 
 func writeFrame(w io.Writer, buf []byte, f *edgev1.MeshFrame) ([]byte, error) {
-	buf = buf[:0]
-	size := proto.Size(f)
-	buf = binary.AppendUvarint(buf, uint64(size))
-	buf, err := proto.MarshalOptions{}.MarshalAppend(buf, f)
+	buf, err := appendFrame(buf[:0], f)
 	if err != nil {
 		return buf, err
 	}
 	_, err = w.Write(buf)
 	return buf, err
+}
+
+func appendFrame(buf []byte, f *edgev1.MeshFrame) ([]byte, error) {
+	buf = binary.AppendUvarint(buf, uint64(proto.Size(f)))
+	return proto.MarshalOptions{}.MarshalAppend(buf, f)
+}
+
+// writeChunk is how much a link's writer gathers before it writes, and
+// the most it writes at once: a batch (up to a queue's worth, 64 MiB, or
+// MaxOutstanding outcomes) goes out in writes of at most this, each under
+// its own deadline of the idle timeout, so a peer that reads steadily but
+// more slowly than a burst is queued keeps its link. Only one that takes
+// less than this in the idle timeout is cut off (as the device writer in
+// edge/session does).
+const writeChunk = 64 << 10
+
+// frameWriter writes a link's frames in chunks (writeChunk), each under
+// its own deadline.
+type frameWriter struct {
+	str     *quic.Stream
+	timeout time.Duration
+	buf     []byte
+}
+
+// add gathers f, and writes what was gathered once that reaches
+// writeChunk; wrote says it did.
+func (w *frameWriter) add(f *edgev1.MeshFrame) (wrote bool, err error) {
+	if w.buf, err = appendFrame(w.buf, f); err != nil {
+		return false, err
+	}
+	if len(w.buf) < writeChunk {
+		return false, nil
+	}
+	return true, w.flush()
+}
+
+// flush writes what was gathered.
+func (w *frameWriter) flush() error {
+	for b := w.buf; len(b) > 0; {
+		n := min(len(b), writeChunk)
+		_ = w.str.SetWriteDeadline(time.Now().Add(w.timeout))
+		if _, err := w.str.Write(b[:n]); err != nil {
+			return err
+		}
+		b = b[n:]
+	}
+	w.buf = w.buf[:0]
+	if cap(w.buf) > 2*writeChunk {
+		w.buf = nil // a large frame's buffer is not kept
+	}
+	return nil
 }
 
 func readFrame(r *bufio.Reader, buf []byte, f *edgev1.MeshFrame) ([]byte, error) {
