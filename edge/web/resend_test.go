@@ -90,17 +90,22 @@ func TestRelayJSExpiredPendingSendsFailWithoutBeingSent(t *testing.T) {
 // smaller frame limit than its event was encoded under fails alone
 // (FRAME_TOO_LARGE), as in the Go client
 // (TestAPendingEventTooLargeForTheNextEdgeFailsAlone): resent, it would
-// end the session for good, and with it the page. The edge crashes (the
-// receiver never acknowledged: nothing is handed off) and comes back at
-// the same addresses with the default 64 KiB limit; the small event sent
-// with the large one is resent, stored for the receiver, acknowledged.
+// end the session for good, and with it the page. The edge ends the
+// page's session (its sends stay pending: the receiver has not
+// acknowledged them) and, while the page waits to reconnect, crashes and
+// comes back at the same addresses with the default 64 KiB limit; the
+// small event sent with the large one is resent, stored for the receiver
+// (whose session went with the crash), acknowledged. (Crashed with the
+// page still connected, the edge's sessions end in-process before the
+// admin port's connections go, and the receiver's deliveries, which its
+// mailbox can no longer take, would be refused to the page as INTERNAL.)
 func TestRelayJSPendingEventTooLargeForTheNextEdgeFailsAlone(t *testing.T) {
 	g := newSlotRigWith(t, "moving", func(cfg *server.Config) {
 		cfg.Session.Limits = session.DefaultLimits()
 		cfg.Session.Limits.MaxFrameBytes, cfg.Session.Limits.MaxPayloadBytes = 256<<10, 200<<10
 	})
 	ctx, rx, to := g.ctx, g.rx, g.rxDev.ID
-	connectPage(t, ctx, g.edge, g.pageDev, "websocket", "c", map[string]any{"idleTimeoutMs": 3000}, to)
+	connectPage(t, ctx, g.edge, g.pageDev, "websocket", "c", map[string]any{"idleTimeoutMs": 3000, "reconnectMinMs": 4000}, to)
 	sendAll(ctx, t, map[string]string{
 		"big":   fmt.Sprintf(`{ id: "big", targets: [%q], payload: new Uint8Array(100 << 10) }`, to),
 		"small": fmt.Sprintf(`{ id: "small", targets: [%q], payload: "small" }`, to),
@@ -109,6 +114,13 @@ func TestRelayJSPendingEventTooLargeForTheNextEdgeFailsAlone(t *testing.T) {
 		t.Fatalf("on the wire: %v", got)
 	}
 	addr, admin := g.edge.Addr(), strings.TrimPrefix(g.edge.AdminURL(), "http://")
+	eval[bool](ctx, t, `(() => {
+		window.states = [];
+		window.c.addEventListener("state", (e) => states.push(e.detail.connected));
+		return true;
+	})()`)
+	g.edge.Hub().CloseDevice(g.pageDev.UserID, g.pageDev.ID, relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "the test ends the session")
+	waitJS(ctx, t, "the page lost its session", `states[0] === false`)
 	g.r.KillEdge(0)
 	cfg := g.r.EdgeConfig(0)
 	cfg.EdgeID += "-again" // the crashed one is a member until its lease ends
@@ -117,7 +129,7 @@ func TestRelayJSPendingEventTooLargeForTheNextEdgeFailsAlone(t *testing.T) {
 	g.edge = g.r.StartEdgeWith(0, cfg)
 	waitJS(ctx, t, "the large send failed", fmt.Sprintf(`settled.big === "code %d"`, relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE))
 	waitJS(ctx, t, "the small send delivered", `settled.small === "delivered"`)
-	if got := eval[string](ctx, t, `String(window.c.error?.message ?? "running")`); got != "running" {
-		t.Fatalf("the page stopped: %s", got)
+	if got := eval[string](ctx, t, `String(window.c.error?.message ?? "running") + " " + JSON.stringify(states)`); got != "running [false,true]" {
+		t.Fatalf("the page stopped, or did not reconnect once: %s", got)
 	}
 }
