@@ -303,6 +303,11 @@ func runTrafficThrough(t *testing.T, r *relaytest.Relay, fault func()) {
 	for i := range devs {
 		received[i] = map[string]int{}
 	}
+	// Per-sender order: each pair's events are sent one after the other
+	// (the next once the last was acked), so they must arrive in order
+	// (the client drops duplicates by id, and reorders nothing).
+	last := map[key]int{}
+	var reordered []string
 	var sent atomic.Int64
 	var senders, receivers sync.WaitGroup
 	rctx, stopReceivers := context.WithCancel(ctx)
@@ -315,6 +320,14 @@ func runTrafficThrough(t *testing.T, r *relaytest.Relay, fault func()) {
 				}
 				mu.Lock()
 				received[i][ev.ID]++
+				var from, to, n int
+				if _, err := fmt.Sscanf(ev.ID, "%d-%d-%d", &from, &to, &n); err == nil && received[i][ev.ID] == 1 {
+					k := key{from, to}
+					if prev, ok := last[k]; ok && n < prev {
+						reordered = append(reordered, fmt.Sprintf("%s after %d-%d-%d", ev.ID, from, to, prev))
+					}
+					last[k] = max(last[k], n)
+				}
 				mu.Unlock()
 			}
 		})
@@ -374,6 +387,9 @@ func runTrafficThrough(t *testing.T, r *relaytest.Relay, fault func()) {
 				t.Errorf("device %d got %s %d times", to, id, n)
 			}
 		}
+	}
+	if len(reordered) > 0 {
+		t.Errorf("%d events overtook an earlier one of their sender, e.g. %v", len(reordered), reordered[:min(5, len(reordered))])
 	}
 }
 
