@@ -191,12 +191,12 @@ func Start(cfg Config) (*Scheduler, error) {
 	// time says nothing of how long ago it was written, and counted, it
 	// would hold the schedule (and the staleness alert) off until the
 	// clock passes it.
-	now := cfg.Now()
-	if past := pastFiles(files, now); len(past) > 0 {
+	past := pastFiles(files, cfg.Now())
+	if len(past) > 0 {
 		s.last = past[len(past)-1].Time
 		s.m.lastSuccess.Set(float64(s.last.UnixMilli()) / 1e3)
 	}
-	if n := len(files) - len(pastFiles(files, now)); n > 0 {
+	if n := len(files) - len(past); n > 0 {
 		s.log.Warn("backups named in the future: this node's clock was ahead when it wrote them; they are pruned first", "files", n, "newest", files[len(files)-1].Time)
 	}
 	s.m.files.Set(float64(len(files)))

@@ -87,6 +87,18 @@ const maxReceiptIDs = 256
 // leaves unacknowledged.
 func (cn *conn) control(f *relayv1.Frame) {
 	cn.cmu.Lock()
+	// A Pong, or the answer to a challenge, replaces one still queued:
+	// only the latest matters, and an edge that pings or challenges
+	// faster than it reads then holds one of each, not a queue of them.
+	if f.GetPong() != nil || f.GetAuthenticate() != nil {
+		for i, q := range cn.ctl {
+			if (q.GetPong() != nil && f.GetPong() != nil) || (q.GetAuthenticate() != nil && f.GetAuthenticate() != nil) {
+				cn.ctl[i] = f
+				cn.cmu.Unlock()
+				return // the writer was woken for the frame replaced
+			}
+		}
+	}
 	r := f.GetReceived()
 	if r != nil && len(cn.ctl) > 0 {
 		if last := cn.ctl[len(cn.ctl)-1].GetReceived(); last != nil {

@@ -1017,6 +1017,27 @@ func TestQueuedReceiptsFillFramesOfBoundedSize(t *testing.T) {
 	}
 }
 
+// An edge that pings (or challenges) faster than it reads holds one Pong
+// and one answer queued, the latest, not a queue that grows with its
+// frames.
+func TestQueuedPongsAndAnswersDoNotPileUp(t *testing.T) {
+	cn := &conn{ctlWake: make(chan struct{}, 1)}
+	next := uint64(1)
+	for n := range uint64(1000) {
+		cn.control(&relayv1.Frame{Kind: &relayv1.Frame_Pong{Pong: &relayv1.Pong{Nonce: n}}})
+		cn.control(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: []byte{byte(n)}}}})
+		if n%100 == 0 {
+			cn.control(receiptFrame(&next, 1))
+		}
+	}
+	if len(cn.ctl) != 3 {
+		t.Fatalf("%d frames queued, want 3 (a Pong, an answer, the receipts)", len(cn.ctl))
+	}
+	if cn.ctl[0].GetPong().GetNonce() != 999 || cn.ctl[1].GetAuthenticate().GetSignature()[0] != byte(999%256) || len(cn.ctl[2].GetReceived().GetDeliveryIds()) != 10 {
+		t.Fatalf("queued %v, want the latest Pong and answer and 10 receipts", cn.ctl)
+	}
+}
+
 // Closing writes the receipts still waiting for the control writer before
 // the Close frame: the application has those events, which must not come
 // again from the device's mailbox.
