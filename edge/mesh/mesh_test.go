@@ -568,7 +568,7 @@ func TestOnlyMembersSpeakOnTheMesh(t *testing.T) {
 // (each learns the member list from its own watch): the peer does not
 // refuse that link (refusals would grow the new edge's backoff towards
 // its 5 s cap) but closes it as soon as it learns, and the new edge dials
-// once more, after its link's first backoff (50 ms): two dials in all.
+// once more, after its link's first backoff (50 ms): two dials at most.
 func TestAJoiningEdgeIsHeardOnceThePeerLearnsOfIt(t *testing.T) {
 	ca := newTestCA(t)
 	a := startMesh(t, ca, "edge-a", &fakeLocal{})
@@ -582,8 +582,13 @@ func TestAJoiningEdgeIsHeardOnceThePeerLearnsOfIt(t *testing.T) {
 	a.SetMembers([]Member{{ID: "edge-x", MeshAddr: x.Addr().String()}})
 	waitFor(t, "a learns x's device", func() bool { _, ok := a.Locate("dx"); return ok })
 	t.Logf("x heard %v after a learnt of it", time.Since(start).Round(time.Millisecond))
-	if d := x.Stats().Dials; d != 2 {
-		t.Fatalf("x's link dialed %d times, want 2: the first, taken though a had not heard of x, and one after a closed it", d)
+	// a may hear x's device first on its own link to x. x's link, which a
+	// closes if it was still a non-member's when a learnt of x (a link a
+	// registers after that is a member's), is up again after one more
+	// dial at most.
+	waitFor(t, "x's link to a up", func() bool { return x.Stats().LinksUp == 1 })
+	if d := x.Stats().Dials; d > 2 {
+		t.Fatalf("x's link dialed %d times, want at most 2: the first, taken though a had not heard of x, and one after a closed it", d)
 	}
 }
 
