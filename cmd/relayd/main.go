@@ -184,7 +184,7 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	})
 	fs.Uint64Var(&cfg.Mailbox.MaxEntriesPerDevice, "mailbox-max-entries", 1000, "events a device's mailbox keeps at most while it is offline")
 	fs.Uint64Var(&cfg.Mailbox.MaxBytesPerDevice, "mailbox-max-bytes", 4<<20, "event bytes a device's mailbox keeps at most")
-	fs.DurationVar(&cfg.MailboxExpireEvery, "mailbox-expire-every", 10*time.Second, "how often the leader removes expired mailbox entries")
+	fs.DurationVar(&cfg.MailboxExpireEvery, "mailbox-expire-every", 10*time.Second, "how often the leader removes expired mailbox entries and empties deleted devices' mailboxes")
 	fs.DurationVar(&cfg.Edges.LeaseTTL, "edge-lease-ttl", 30*time.Second, "an edge leaves the member list this long after its last renewal")
 	fs.DurationVar(&cfg.Edges.CertTTL, "edge-cert-ttl", 24*time.Hour, "lifetime of the mesh certificates issued to edges")
 	fs.StringVar(&cfg.BackupDir, "backup-dir", "", "write a verified backup of the state here on schedule while this node leads (empty: no scheduled backups)")

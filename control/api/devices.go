@@ -160,7 +160,7 @@ func (s *DeviceServer) RevokeDevice(ctx context.Context, req *connect.Request[co
 		return nil, err
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{
-		UserId: uid, DeviceId: req.Msg.GetDeviceId(), OnlyUserAccount: only,
+		UserId: uid, DeviceId: req.Msg.GetDeviceId(), OnlyUserAccount: only, PurgeLimit: purgeLimit(s.node),
 	}}})
 	if err != nil {
 		return nil, toConnect(err)
@@ -175,7 +175,7 @@ func (s *DeviceServer) DeleteDevice(ctx context.Context, req *connect.Request[co
 		return nil, err
 	}
 	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{
-		UserId: uid, DeviceId: req.Msg.GetDeviceId(), OnlyUserAccount: only,
+		UserId: uid, DeviceId: req.Msg.GetDeviceId(), OnlyUserAccount: only, PurgeLimit: purgeLimit(s.node),
 	}}}); err != nil {
 		return nil, toConnect(err)
 	}

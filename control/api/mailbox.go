@@ -75,6 +75,17 @@ func everyMemberHas(node *raftnode.Node, feature string) bool {
 	return err == nil && len(missing) == 0
 }
 
+// purgeLimit is the purge_limit of a command that deletes or revokes
+// devices: their mailboxes are emptied fsm.DefaultPurgeLimit entries at
+// a time once every member applies that (feature mailbox_purge), all in
+// the command's entry until then.
+func purgeLimit(node *raftnode.Node) uint32 {
+	if everyMemberHas(node, fsm.FeatureMailboxPurge) {
+		return fsm.DefaultPurgeLimit
+	}
+	return 0
+}
+
 // NewMailboxServer returns the MailboxService handler.
 func NewMailboxServer(node *raftnode.Node, cfg MailboxConfig) *MailboxServer {
 	cfg.applyDefaults()

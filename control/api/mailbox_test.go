@@ -303,7 +303,7 @@ func TestMailboxExpiryOnEveryReplica(t *testing.T) {
 			if a1.GetCount() != 1 || a1.GetBytes() != 10 || a2.GetCount() != 0 {
 				return fmt.Errorf("%s: a1 %v, a2 %v", n.ID, a1, a2)
 			}
-			if due, _ := f.MailboxExpiryDue(time.Now().UnixMilli()); due {
+			if due, _ := f.MailboxExpiryDue(time.Now().UnixMilli(), true); due {
 				return fmt.Errorf("%s: expiry still due", n.ID)
 			}
 		}
@@ -500,4 +500,76 @@ func TestFullCopyAnnouncesStoredMailboxes(t *testing.T) {
 			return
 		}
 	}
+}
+
+// A deleted device's mailbox larger than one command's purge goes in
+// steps: the deletion removes fsm.DefaultPurgeLimit entries, the leader
+// the rest (here the next leader, at once; this one's tick is an hour
+// away), on every replica alike; meanwhile the id cannot be registered
+// again.
+func TestALargeMailboxIsEmptiedInSteps(t *testing.T) {
+	const n = fsm.DefaultPurgeLimit + 904
+	c := clustertest.Start(t, 3, clustertest.Options{Configure: func(cfg *server.Config) {
+		cfg.MailboxExpireEvery = time.Hour
+		cfg.Mailbox.MaxEntriesPerDevice = 2 * n
+	}})
+	mailboxUsers(t, c)
+	c.WaitFeature(fsm.FeatureMailboxPurge)
+	ctx := ctxT(t, 2*time.Minute)
+	cl := mailboxClient(t, c.Nodes[c.Leader()], c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE))
+	hour := time.Now().Add(time.Hour)
+	for i := 0; i < n; {
+		var batch []*edgev1.MailboxEntry
+		for ; len(batch) < fsm.MaxMailboxBatch && i < n; i++ {
+			batch = append(batch, entry("alice", "a1", fmt.Sprint("e", i), 10, hour))
+		}
+		if r := put(t, cl, batch...); strings.Count(results(r), "STORED/") != len(batch) {
+			t.Fatalf("put: %s", results(r))
+		}
+	}
+	leader := c.Leader()
+	devices := controlv1connect.NewDeviceServiceClient(httpClient(t), url(c.Nodes[leader]), connect.WithInterceptors(bearer(c.AdminToken())))
+	if _, err := devices.DeleteDevice(ctx, connect.NewRequest(&controlv1.DeleteDeviceRequest{UserId: "alice", DeviceId: "a1"})); err != nil {
+		t.Fatal(err)
+	}
+	rev := c.Nodes[leader].Server.Node().FSM().AppliedIndex()
+	for _, nd := range c.Running() {
+		f := nd.Server.Node().FSM()
+		if err := f.WaitApplied(ctx, rev); err != nil {
+			t.Fatal(err)
+		}
+		// Unless leadership moved meanwhile (its new leader purges at
+		// once), what the deletion left waits for the leader's tick.
+		if c.Leader() != leader {
+			continue
+		}
+		if mb, err := f.Mailbox("a1"); err != nil || mb.GetCount() != n-fsm.DefaultPurgeLimit {
+			t.Fatalf("%s: after the deletion a1's mailbox holds %v (%v), want %d entries", nd.ID, mb, err, n-fsm.DefaultPurgeLimit)
+		}
+	}
+	// (The API draws new devices' ids; a command can name one.)
+	if _, err := c.RegisterDevice(ctx, leader, "bob", "a1"); c.Leader() == leader && !errors.Is(err, fsm.ErrFailedPrecondition) {
+		t.Fatalf("registering a1 again while its mailbox is emptied: %v", err)
+	}
+	if _, err := cl.FetchMailbox(ctx, connect.NewRequest(&edgev1.FetchMailboxRequest{DeviceId: "a1"})); connect.CodeOf(err) != connect.CodeNotFound {
+		t.Fatalf("fetch of the deleted a1: %v", err)
+	}
+	c.TransferLeadership(ctx, (leader+1)%3)
+	clustertest.Eventually(t, time.Minute, func() error {
+		for _, nd := range c.Running() {
+			f := nd.Server.Node().FSM()
+			tot, err := f.MailboxTotals()
+			if err != nil {
+				return err
+			}
+			if _, err := f.Mailbox("a1"); !errors.Is(err, fsm.ErrNotFound) || tot.Purging != 0 {
+				return fmt.Errorf("%s: a1's mailbox %v, %d purging", nd.ID, err, tot.Purging)
+			}
+		}
+		return nil
+	})
+	if _, err := c.RegisterDevice(ctx, c.Leader(), "bob", "a1"); err != nil {
+		t.Fatalf("registering a1 again once its mailbox is gone: %v", err)
+	}
+	c.WaitConverged()
 }

@@ -442,8 +442,12 @@ func (t *txn) deleteUser(op *statev1.DeleteUser) (*statev1.Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	budget, err := newPurgeBudget(op.GetPurgeLimit())
+	if err != nil {
+		return nil, err
+	}
 	for _, d := range devices {
-		if err := t.removeDevice(d); err != nil {
+		if err := t.removeDevice(d, budget); err != nil {
 			return nil, err
 		}
 	}
@@ -462,15 +466,24 @@ func (t *txn) deleteUser(op *statev1.DeleteUser) (*statev1.Result, error) {
 	return &statev1.Result{Object: &statev1.Result_User{User: &u}}, nil
 }
 
-// removeDevice deletes a device with its mailbox, in the same entry.
-func (t *txn) removeDevice(d *statev1.Device) error {
+// removeDevice deletes a device with its mailbox, in the same entry as
+// far as budget allows (deleteMailbox); while the rest is emptied, the
+// device's id stays taken (an empty owner record), so that no device
+// registered under it meanwhile can fetch what was meant for this one.
+func (t *txn) removeDevice(d *statev1.Device, budget *purgeBudget) error {
 	if err := t.b.Delete(deviceKey(d.UserId, d.Id)); err != nil {
 		return err
 	}
-	if err := t.b.Delete(deviceOwnerKey(d.Id)); err != nil {
+	gone, err := t.deleteMailbox(d.Id, budget)
+	if err != nil {
 		return err
 	}
-	if err := t.deleteMailbox(d.Id); err != nil {
+	if gone {
+		err = t.b.Delete(deviceOwnerKey(d.Id))
+	} else {
+		err = t.b.Set(deviceOwnerKey(d.Id), nil)
+	}
+	if err != nil {
 		return err
 	}
 	return t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_DEVICE_DELETED, Object: &statev1.Change_Device{Device: d}})
@@ -505,7 +518,9 @@ func (t *txn) registerDevice(op *statev1.RegisterDevice) (*statev1.Result, error
 	if err := onlyUserAccount(op.GetOnlyUserAccount(), &u); err != nil {
 		return nil, err
 	}
-	if _, err := t.b.Get(deviceOwnerKey(d.Id)); err == nil {
+	if owner, err := t.b.Get(deviceOwnerKey(d.Id)); err == nil && len(owner) == 0 {
+		return nil, precondition("device %q was deleted and its mailbox is still being emptied: register it again in a few seconds", d.Id)
+	} else if err == nil {
 		return nil, exists("device %q already exists", d.Id)
 	} else if !errors.Is(err, state.ErrNotFound) {
 		return nil, err
@@ -568,8 +583,13 @@ func (t *txn) revokeDevice(op *statev1.RevokeDevice) (*statev1.Result, error) {
 	if err := t.put(deviceKey(d.UserId, d.Id), d); err != nil {
 		return nil, err
 	}
-	// Revocation is final: nothing in the mailbox can be delivered any more.
-	if err := t.deleteMailbox(d.Id); err != nil {
+	// Revocation is final: nothing in the mailbox can be delivered any
+	// more. What the budget leaves is emptied later (deleteMailbox).
+	budget, err := newPurgeBudget(op.GetPurgeLimit())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := t.deleteMailbox(d.Id, budget); err != nil {
 		return nil, err
 	}
 	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_DEVICE_PUT, Object: &statev1.Change_Device{Device: d}}); err != nil {
@@ -586,7 +606,11 @@ func (t *txn) deleteDevice(op *statev1.DeleteDevice) (*statev1.Result, error) {
 	if err := t.ownerOnlyUserAccount(op.GetOnlyUserAccount(), op.GetUserId()); err != nil {
 		return nil, err
 	}
-	if err := t.removeDevice(d); err != nil {
+	budget, err := newPurgeBudget(op.GetPurgeLimit())
+	if err != nil {
+		return nil, err
+	}
+	if err := t.removeDevice(d, budget); err != nil {
 		return nil, err
 	}
 	return &statev1.Result{Object: &statev1.Result_Device{Device: d}}, nil

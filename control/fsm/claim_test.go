@@ -210,11 +210,11 @@ func TestClaimExpiry(t *testing.T) {
 	if w := won(t, a.apply(claimOp(claim("alice", "a1", "s", "e1", base+5), claim("alice", "a1", "s", "e2", base+6), claim("alice", "a1", "s", "e3", far)))); w != "true true true" {
 		t.Fatal(w)
 	}
-	if due, _ := f.MailboxExpiryDue(base + 2); due {
+	if due, _ := f.MailboxExpiryDue(base+2, false); due {
 		t.Fatal("expiry due early")
 	}
 	a.advanceTo(base + 6)
-	if due, _ := f.MailboxExpiryDue(base + 5); !due {
+	if due, _ := f.MailboxExpiryDue(base+5, false); !due {
 		t.Fatal("claim expiry not due")
 	}
 	// Next command's time is base+7: the entry and two claims are due; a
@@ -233,7 +233,7 @@ func TestClaimExpiry(t *testing.T) {
 	if got := append(keysWith(t, f, prefixClaim), keysWith(t, f, prefixClaimExpiry)...); len(got) != 2 {
 		t.Fatalf("after expiry: %v", got)
 	}
-	if due, _ := f.MailboxExpiryDue(far - 1); due {
+	if due, _ := f.MailboxExpiryDue(far-1, false); due {
 		t.Fatal("still due")
 	}
 	if w := won(t, a.apply(claimOp(claim("alice", "a2", "s", "e1", far), claim("alice", "a2", "s", "e3", far)))); w != "true false" {

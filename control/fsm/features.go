@@ -33,6 +33,9 @@ const (
 	// FeatureOnlyUserAccount: only_user_account of UpdateUser,
 	// DeleteUser and the device commands.
 	FeatureOnlyUserAccount = "only_user_account"
+	// FeatureMailboxPurge: purge_limit of DeleteUser, DeleteDevice,
+	// RevokeDevice and ExpireMailboxes.
+	FeatureMailboxPurge = "mailbox_purge"
 )
 
 // Bounds of a node's feature list.
@@ -43,7 +46,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge}
 	slices.Sort(f)
 	return f
 }

@@ -196,7 +196,7 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			cmd.Op = &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: pickUser(), Fields: []string{"display_name", "status"},
 				User: &statev1.User{DisplayName: fmt.Sprint("name ", i), Status: statev1.UserStatus(1 + r.IntN(2))}}}
 		case 4:
-			cmd.Op = &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: pickUser()}}
+			cmd.Op = &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: pickUser(), PurgeLimit: uint32(r.IntN(3))}}
 		case 5, 6, 7:
 			uid, did := pickUser(), fmt.Sprintf("d%d", r.IntN(800))
 			devices[did] = uid
@@ -204,10 +204,10 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			cmd.Op = &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: did, UserId: uid, Name: "dev", PublicKey: key32(byte(i))}}}
 		case 8:
 			did := fmt.Sprintf("d%d", r.IntN(800))
-			cmd.Op = &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: devices[did], DeviceId: did}}
+			cmd.Op = &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: devices[did], DeviceId: did, PurgeLimit: uint32(r.IntN(3))}}
 		case 9:
 			did := fmt.Sprintf("d%d", r.IntN(800))
-			cmd.Op = &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: devices[did], DeviceId: did}}
+			cmd.Op = &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: devices[did], DeviceId: did, PurgeLimit: uint32(r.IntN(3))}}
 		case 10:
 			cmd.Op = &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: fmt.Sprintf("n%d", r.IntN(5)), RaftAddr: "a:1", ApiAddr: fmt.Sprintf("b:%d", r.IntN(3))}}}
 		case 12:
@@ -224,7 +224,7 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			_, did := pickDevice()
 			cmd.Op = &statev1.Command_AckMailbox{AckMailbox: &statev1.AckMailbox{DeviceId: did, Seqs: []uint64{uint64(1 + r.IntN(8)), uint64(1 + r.IntN(8))}}}
 		case 14:
-			cmd.Op = &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: uint32(r.IntN(4))}}
+			cmd.Op = &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: uint32(r.IntN(4)), PurgeLimit: uint32(r.IntN(3))}}
 		case 15, 16:
 			// Claims of the events the puts above store (same senders and
 			// ids), by live, dead and foreign devices; some already over.

@@ -14,7 +14,9 @@ import (
 //	u:<user id>               state.v1.User
 //	l:<login>                 user id (unique index on login)
 //	d:<user id>\x00<dev id>   state.v1.Device
-//	D:<device id>             user id (device ids are global)
+//	D:<device id>             user id (device ids are global); empty: the
+//	                          id of a deleted device, taken until its
+//	                          mailbox is emptied (p:)
 //	n:<node id>               state.v1.Node
 //	c:<rev:8><seq:4>          state.v1.Change
 //	q:<request id>            state.v1.Result of the first apply of that id
@@ -35,6 +37,8 @@ import (
 //	                          cluster was created with)
 //	b:<dev id>\x00<seq:8>     state.v1.MailboxEntry
 //	B:<dev id>                state.v1.Mailbox (seq counter, count, bytes)
+//	p:<dev id>                empty; the mailbox of a deleted or revoked
+//	                          device, still being emptied (purge_limit)
 //	w:<expires:8><dev id>\x00<seq:8>   empty; orders mailbox entries for expiry
 //	W:<dev id>\x00<sender id>\x00<event id>  8 bytes: seq of that stored
 //	                          event (dedup; the event id is last, so it may
@@ -74,6 +78,7 @@ var (
 	prefixEdge        = []byte("e:")
 	prefixMailEntry   = []byte("b:")
 	prefixMailbox     = []byte("B:")
+	prefixMailPurge   = []byte("p:")
 	prefixMailExpiry  = []byte("w:")
 	prefixMailDedup   = []byte("W:")
 	prefixEventIndex  = []byte("v:")
@@ -176,6 +181,8 @@ func prefixEnd(p []byte) []byte {
 }
 
 func mailboxKey(did string) []byte { return join(prefixMailbox, did) }
+
+func mailPurgeKey(did string) []byte { return join(prefixMailPurge, did) }
 
 // mailEntriesPrefix is the prefix of every entry of one device's mailbox.
 func mailEntriesPrefix(did string) []byte { return append(join(prefixMailEntry, did), 0) }

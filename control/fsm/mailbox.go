@@ -49,6 +49,16 @@ const (
 	// when it names no limit; MaxExpireLimit caps the limit it may name.
 	DefaultExpireLimit = 4096
 	MaxExpireLimit     = 1 << 16
+
+	// DefaultPurgeLimit is the purge_limit the API and the leader set:
+	// how many entries of deleted and revoked devices' mailboxes one
+	// command removes. MaxPurgeBytes bounds the stored bytes of those
+	// entries one command reads, whatever its limit (an entry holds up
+	// to MaxMailboxEventBytes): with quotas raised to their caps, one
+	// device's mailbox alone would otherwise be read, and its deletions
+	// held, in one apply.
+	DefaultPurgeLimit = 4096
+	MaxPurgeBytes     = 64 << 20
 )
 
 // ValidateEventID checks the id of an event: 1 to MaxIDLen bytes of
@@ -398,6 +408,12 @@ func (t *txn) putMailEntry(e *statev1.MailboxEntry, boxes *mailboxes, maxEntries
 // dropMailEntry deletes one stored entry with its index records and takes
 // it off mb's counters (the caller writes mb).
 func (t *txn) dropMailEntry(e *statev1.MailboxEntry, mb *statev1.Mailbox) error {
+	return t.dropMailEntrySized(e, uint64(len(e.GetEvent())), mb)
+}
+
+// dropMailEntrySized is dropMailEntry for an entry whose event bytes
+// were let go: size is how many it held.
+func (t *txn) dropMailEntrySized(e *statev1.MailboxEntry, size uint64, mb *statev1.Mailbox) error {
 	keys := [][]byte{
 		mailEntryKey(e.GetDeviceId(), e.GetSeq()),
 		mailExpiryKey(e.GetExpiresAtMs(), e.GetDeviceId(), e.GetSeq()),
@@ -411,7 +427,6 @@ func (t *txn) dropMailEntry(e *statev1.MailboxEntry, mb *statev1.Mailbox) error 
 			return err
 		}
 	}
-	size := uint64(len(e.GetEvent()))
 	if mb.Count > 0 {
 		mb.Count--
 	}
@@ -473,8 +488,12 @@ func (t *txn) expireMailboxes(op *statev1.ExpireMailboxes) (*statev1.Result, err
 	if t.now <= 0 {
 		return nil, invalid("proposed_at_ms is not set")
 	}
+	budget, err := newPurgeBudget(op.GetPurgeLimit())
+	if err != nil {
+		return nil, err
+	}
 	var due []indexRef
-	err := t.b.Iterate(prefixMailExpiry, mailExpiryEnd(t.now), func(k, _ []byte) (bool, error) {
+	err = t.b.Iterate(prefixMailExpiry, mailExpiryEnd(t.now), func(k, _ []byte) (bool, error) {
 		if len(due) == limit {
 			return false, nil
 		}
@@ -499,32 +518,127 @@ func (t *txn) expireMailboxes(op *statev1.ExpireMailboxes) (*statev1.Result, err
 	if err := t.expireClaims(limit - len(due)); err != nil {
 		return nil, err
 	}
+	if budget != nil {
+		if err := t.purgeMailboxes(budget); err != nil {
+			return nil, err
+		}
+	}
 	return &statev1.Result{}, nil
 }
 
-// deleteMailbox removes a device's whole mailbox: entries, index records
-// and counters.
-func (t *txn) deleteMailbox(did string) error {
+// purgeBudget is what a command's purge_limit leaves to remove.
+type purgeBudget struct {
+	entries, bytes int
+}
+
+// newPurgeBudget is the budget of a command's purge_limit; nil (no
+// bound: the command predates the feature) for 0.
+func newPurgeBudget(limit uint32) (*purgeBudget, error) {
+	if limit == 0 {
+		return nil, nil
+	}
+	if limit > MaxExpireLimit {
+		return nil, invalid("purge_limit %d is above the cap %d", limit, MaxExpireLimit)
+	}
+	return &purgeBudget{entries: int(limit), bytes: MaxPurgeBytes}, nil
+}
+
+// spent reports whether nothing is left (never for no budget).
+func (b *purgeBudget) spent() bool { return b != nil && (b.entries <= 0 || b.bytes <= 0) }
+
+// deleteMailbox removes a device's mailbox: entries, index records and
+// counters, at most what budget allows (nil: all). A mailbox not emptied
+// keeps its counters and gets a purge record, and later commands'
+// budgets go on with it (purgeMailboxes); gone reports whether it was
+// emptied, its purge record deleted with it.
+func (t *txn) deleteMailbox(did string, budget *purgeBudget) (gone bool, err error) {
+	type dropped struct {
+		e    *statev1.MailboxEntry
+		size uint64
+	}
+	var entries []dropped
+	gone = true
 	p := mailEntriesPrefix(did)
-	var entries []*statev1.MailboxEntry
-	err := t.b.Iterate(p, prefixEnd(p), func(_, v []byte) (bool, error) {
-		var e statev1.MailboxEntry
-		if err := proto.Unmarshal(v, &e); err != nil {
+	err = t.b.Iterate(p, prefixEnd(p), func(_, v []byte) (bool, error) {
+		if budget.spent() {
+			gone = false
+			return false, nil
+		}
+		e := &statev1.MailboxEntry{}
+		if err := proto.Unmarshal(v, e); err != nil {
 			return false, fmt.Errorf("decode mailbox entry: %w", err)
 		}
-		entries = append(entries, &e)
+		entries = append(entries, dropped{e, uint64(len(e.GetEvent()))})
+		e.Event = nil // only its size counts from here
+		if budget != nil {
+			budget.entries--
+			budget.bytes -= len(v)
+		}
 		return true, nil
+	})
+	if err != nil {
+		return false, err
+	}
+	mb := &statev1.Mailbox{DeviceId: did}
+	if !gone {
+		if _, err := t.get(mailboxKey(did), mb); err != nil {
+			return false, err
+		}
+	}
+	for _, d := range entries {
+		if err := t.dropMailEntrySized(d.e, d.size, mb); err != nil {
+			return false, err
+		}
+	}
+	if !gone {
+		if err := t.put(mailboxKey(did), mb); err != nil {
+			return false, err
+		}
+		return false, t.b.Set(mailPurgeKey(did), nil)
+	}
+	if err := t.b.Delete(mailboxKey(did)); err != nil {
+		return false, err
+	}
+	return true, t.b.Delete(mailPurgeKey(did))
+}
+
+// purgeMailboxes goes on emptying the mailboxes of deleted and revoked
+// devices (their purge records), in device id order, within budget. A
+// deleted device's id is free again once its mailbox is gone.
+func (t *txn) purgeMailboxes(budget *purgeBudget) error {
+	var dids []string
+	// Every device looked at either empties its mailbox or spends the
+	// rest of the budget, so no more than the budget's entries (and one)
+	// can be reached.
+	err := t.b.Iterate(prefixMailPurge, prefixEnd(prefixMailPurge), func(k, _ []byte) (bool, error) {
+		dids = append(dids, string(k[len(prefixMailPurge):]))
+		return len(dids) <= budget.entries, nil
 	})
 	if err != nil {
 		return err
 	}
-	mb := &statev1.Mailbox{}
-	for _, e := range entries {
-		if err := t.dropMailEntry(e, mb); err != nil {
+	for _, did := range dids {
+		if budget.spent() {
+			return nil
+		}
+		gone, err := t.deleteMailbox(did, budget)
+		if err != nil || !gone {
 			return err
 		}
+		owner, err := t.b.Get(deviceOwnerKey(did))
+		if errors.Is(err, state.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if len(owner) == 0 { // a deleted device's id, taken until now
+			if err := t.b.Delete(deviceOwnerKey(did)); err != nil {
+				return err
+			}
+		}
 	}
-	return t.b.Delete(mailboxKey(did))
+	return nil
 }
 
 // FetchMailbox returns up to limit entries of a device's mailbox with
@@ -540,10 +654,8 @@ func (f *FSM) FetchMailbox(deviceID string, afterSeq uint64, limit, maxBytes int
 	}
 	snap := f.store.Snapshot()
 	defer snap.Close()
-	if _, err := snap.Get(deviceOwnerKey(deviceID)); errors.Is(err, state.ErrNotFound) {
-		return nil, false, fmt.Errorf("device %q: %w", deviceID, ErrNotFound)
-	} else if err != nil {
-		return nil, false, fmt.Errorf("read device owner: %w", err)
+	if _, err := deviceOwner(snap, deviceID); err != nil {
+		return nil, false, err
 	}
 	if afterSeq == ^uint64(0) {
 		return nil, false, nil // nothing can follow
@@ -583,9 +695,10 @@ func (f *FSM) Mailbox(deviceID string) (*statev1.Mailbox, error) {
 }
 
 // MailboxExpiryDue reports whether some mailbox entry or claim record
-// expires at or before nowMs: the leader proposes ExpireMailboxes only
-// then.
-func (f *FSM) MailboxExpiryDue(nowMs int64) (bool, error) {
+// expires at or before nowMs, or (with purge) a deleted or revoked
+// device's mailbox is still being emptied: the leader proposes
+// ExpireMailboxes only then.
+func (f *FSM) MailboxExpiryDue(nowMs int64, purge bool) (bool, error) {
 	due := false
 	found := func(_, _ []byte) (bool, error) {
 		due = true
@@ -593,6 +706,11 @@ func (f *FSM) MailboxExpiryDue(nowMs int64) (bool, error) {
 	}
 	if err := f.store.Iterate(prefixMailExpiry, mailExpiryEnd(nowMs), found); err != nil || due {
 		return due, err
+	}
+	if purge {
+		if err := f.store.Iterate(prefixMailPurge, prefixEnd(prefixMailPurge), found); err != nil || due {
+			return due, err
+		}
 	}
 	err := f.store.Iterate(prefixClaimExpiry, claimExpiryEnd(nowMs), found)
 	return due, err

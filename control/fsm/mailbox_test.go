@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/state"
 )
 
 const (
@@ -210,13 +211,13 @@ func TestMailboxExpiry(t *testing.T) {
 	if outcomes(r) != "STORED/1 STORED/1 STORED/2 STORED/3" {
 		t.Fatal(outcomes(r))
 	}
-	if due, _ := f.MailboxExpiryDue(base + 4); due {
+	if due, _ := f.MailboxExpiryDue(base+4, false); due {
 		t.Fatal("expiry due before any entry expired")
 	}
 	a.advanceTo(base + 6)
 	// The next command's time is base+7: both "soon" entries are due, but
 	// a limit of 1 removes one, oldest expiry first.
-	if due, _ := f.MailboxExpiryDue(base + 7); !due {
+	if due, _ := f.MailboxExpiryDue(base+7, false); !due {
 		t.Fatal("expiry not due")
 	}
 	a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: 1}})
@@ -236,7 +237,7 @@ func TestMailboxExpiry(t *testing.T) {
 			t.Fatalf("%s counters %v, want %v", did, mb, want)
 		}
 	}
-	if due, _ := f.MailboxExpiryDue(base + 49); due {
+	if due, _ := f.MailboxExpiryDue(base+49, false); due {
 		t.Fatal("expiry still due")
 	}
 	// The expired event's dedup record went with it: put again, it is new.
@@ -329,7 +330,7 @@ func TestMailboxGoesWithDeviceAndUser(t *testing.T) {
 	if k := mailKeys(t, f, "a2"); len(k) != 0 {
 		t.Fatalf("deleted user's mailbox left %v", k)
 	}
-	if due, _ := f.MailboxExpiryDue(far); due {
+	if due, _ := f.MailboxExpiryDue(far, false); due {
 		t.Fatal("expiry index still holds entries")
 	}
 }
@@ -429,5 +430,231 @@ func TestMailboxPagesAreBoundedInBytes(t *testing.T) {
 		if err != nil || len(got) != tc.want || !more {
 			t.Fatalf("at most %d bytes: %d entries, more=%v, err=%v; want %d and more", tc.maxBytes, len(got), more, err, tc.want)
 		}
+	}
+}
+
+// purging reports whether a device's mailbox has a purge record, and
+// what its owner record holds ("-" for none).
+func purging(t *testing.T, f *FSM, did string) (bool, string) {
+	t.Helper()
+	_, err := f.store.Get(mailPurgeKey(did))
+	if err != nil && !errors.Is(err, state.ErrNotFound) {
+		t.Fatal(err)
+	}
+	owner, oerr := f.store.Get(deviceOwnerKey(did))
+	if errors.Is(oerr, state.ErrNotFound) {
+		return err == nil, "-"
+	} else if oerr != nil {
+		t.Fatal(oerr)
+	}
+	return err == nil, string(owner)
+}
+
+func fill(t *testing.T, a *applier, uid, did string, n int) {
+	t.Helper()
+	var entries []*statev1.MailboxEntry
+	for i := range n {
+		e := mail(uid, did, "x", fmt.Sprint(did, "-", i), 10, far)
+		e.AnyOne = i%2 == 0
+		entries = append(entries, e)
+	}
+	if r := a.apply(putOp(entries...)); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK || strings.Count(outcomes(r), "STORED/") != n {
+		t.Fatalf("fill %s: %v %s", did, r, outcomes(r))
+	}
+}
+
+func expireOp(purge uint32) isCommandOp {
+	return &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{PurgeLimit: purge}}
+}
+
+// With purge_limit, a deleted or revoked device's mailbox goes a bounded
+// number of entries per command, the rest under a purge record that
+// ExpireMailboxes' purge_limit works off; meanwhile nothing of it can be
+// fetched or announced, and a deleted device's id cannot be registered
+// again (a new device under it would otherwise fetch the old one's
+// events).
+func TestADeletedDevicesMailboxIsEmptiedInSteps(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	fill(t, a, "alice", "a1", 10)
+	fill(t, a, "alice", "a2", 3)
+
+	if r := a.apply(&statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "alice", DeviceId: "a1", PurgeLimit: 4}}); r.GetCode() != ok {
+		t.Fatal(r)
+	}
+	// 6 entries left, each with its entry, expiry and dedup records (and
+	// the any_one ones an event index record, which mailKeys does not
+	// list), plus the counters.
+	if k := mailKeys(t, f, "a1"); len(k) != 6*3+1 {
+		t.Fatalf("after deleting with a limit of 4: %d records, want 19: %v", len(k), k)
+	}
+	if p, owner := purging(t, f, "a1"); !p || owner != "" {
+		t.Fatalf("purge record %v, owner %q; want one and an empty owner", p, owner)
+	}
+	if _, _, err := f.FetchMailbox("a1", 0, 100, 0, 0); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("fetching a deleted device's mailbox: %v", err)
+	}
+	if _, err := f.DeviceOwner("a1"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("owner of a deleted device: %v", err)
+	}
+	if tot, err := f.MailboxTotals(); err != nil || tot.Purging != 1 || tot.Entries != 6+3 {
+		t.Fatalf("totals %+v, %v; want 1 purging and 9 entries", tot, err)
+	}
+	r := a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "a1", UserId: "bob", Name: "n", PublicKey: key32(20)}}})
+	if r.GetCode() != statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION || !strings.Contains(r.GetMessage(), "still being emptied") {
+		t.Fatalf("registering a1 again while its mailbox is emptied: %v", r)
+	}
+	if due, _ := f.MailboxExpiryDue(0, false); due {
+		t.Fatal("due without purge")
+	}
+	if due, _ := f.MailboxExpiryDue(0, true); !due {
+		t.Fatal("not due with purge while a mailbox is being emptied")
+	}
+	// An ExpireMailboxes without purge_limit (an older release's) leaves it.
+	a.apply(expireOp(0))
+	if k := mailKeys(t, f, "a1"); len(k) != 19 {
+		t.Fatalf("ExpireMailboxes without a purge limit removed records: %d left", len(k))
+	}
+	a.apply(expireOp(4))
+	if k := mailKeys(t, f, "a1"); len(k) != 2*3+1 {
+		t.Fatalf("after one purge of 4: %d records, want 7", len(k))
+	}
+	a.apply(expireOp(4))
+	if k := mailKeys(t, f, "a1"); len(k) != 0 {
+		t.Fatalf("after the last purge: %v", k)
+	}
+	if p, owner := purging(t, f, "a1"); p || owner != "-" {
+		t.Fatalf("after the last purge: purge record %v, owner %q", p, owner)
+	}
+	if due, _ := f.MailboxExpiryDue(0, true); due {
+		t.Fatal("still due once every mailbox is emptied")
+	}
+	// The id is free: a new device under it starts with an empty mailbox.
+	if r := a.apply(&statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{Id: "a1", UserId: "bob", Name: "n", PublicKey: key32(20)}}}); r.GetCode() != ok {
+		t.Fatal(r)
+	}
+	if got, _, err := f.FetchMailbox("a1", 0, 100, 0, 0); err != nil || len(got) != 0 {
+		t.Fatalf("the new a1's mailbox: %v, %v", got, err)
+	}
+	if r := a.apply(putOp(mail("bob", "a1", "x", "a1-1", 10, far))); outcomes(r) != "STORED/1" {
+		t.Fatalf("the new a1's first entry: %s (its seqs start again)", outcomes(r))
+	}
+
+	// A revoked device stays, and so does its owner record; its mailbox
+	// is not announced while it is emptied.
+	if r := a.apply(&statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "alice", DeviceId: "a2", PurgeLimit: 1}}); r.GetCode() != ok {
+		t.Fatal(r)
+	}
+	if p, owner := purging(t, f, "a2"); !p || owner != "alice" {
+		t.Fatalf("revoked: purge record %v, owner %q", p, owner)
+	}
+	v, err := f.View()
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = v.EachStoredMailbox(func(_ string, mb *statev1.Mailbox) error {
+		if mb.GetDeviceId() == "a2" {
+			return fmt.Errorf("the revoked device's mailbox is announced: %v", mb)
+		}
+		return nil
+	})
+	v.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Deleting it meanwhile goes on with its mailbox and takes its id.
+	if r := a.apply(&statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "alice", DeviceId: "a2", PurgeLimit: 1}}); r.GetCode() != ok {
+		t.Fatal(r)
+	}
+	if p, owner := purging(t, f, "a2"); !p || owner != "" || len(mailKeys(t, f, "a2")) != 3+1 {
+		t.Fatalf("deleted while emptied: purge record %v, owner %q, %d records", p, owner, len(mailKeys(t, f, "a2")))
+	}
+	a.apply(expireOp(100))
+	if p, owner := purging(t, f, "a2"); p || owner != "-" || len(mailKeys(t, f, "a2")) != 0 {
+		t.Fatalf("after the purge: purge record %v, owner %q, records %v", p, owner, mailKeys(t, f, "a2"))
+	}
+	if err := indexRecordsOf(t, f, "a1", "a2"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// indexRecordsOf fails when any_one index records of the devices' old
+// events remain (the new a1's are of events named a1-1).
+func indexRecordsOf(t *testing.T, f *FSM, dids ...string) error {
+	t.Helper()
+	return f.store.Iterate(prefixEventIndex, prefixEnd(prefixEventIndex), func(k, _ []byte) (bool, error) {
+		for _, d := range dids {
+			if bytes.Contains(k, []byte(d+"-")) && !bytes.Contains(k, []byte("a1-1")) {
+				return false, fmt.Errorf("index record %q left", k)
+			}
+		}
+		return true, nil
+	})
+}
+
+// A user's deletion shares one budget among its devices, and one purge
+// goes on over several devices' mailboxes, in device id order.
+func TestAUsersMailboxesShareOnePurgeBudget(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	fill(t, a, "alice", "a1", 3)
+	fill(t, a, "alice", "a2", 3)
+	if r := a.apply(&statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "alice", PurgeLimit: 4}}); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatal(r)
+	}
+	// a1 first: emptied (3), then one of a2's.
+	if p, owner := purging(t, f, "a1"); p || owner != "-" {
+		t.Fatalf("a1: purge record %v, owner %q", p, owner)
+	}
+	if p, owner := purging(t, f, "a2"); !p || owner != "" || len(mailKeys(t, f, "a2")) != 2*3+1 {
+		t.Fatalf("a2: purge record %v, owner %q, records %d", p, owner, len(mailKeys(t, f, "a2")))
+	}
+	// Bob's device, deleted with a limit that empties nothing: its id is
+	// taken, its mailbox waits.
+	fill(t, a, "bob", "b1", 2)
+	a.apply(&statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "bob", DeviceId: "b1", PurgeLimit: 1}})
+	if tot, _ := f.MailboxTotals(); tot.Purging != 2 || tot.Entries != 2+1 {
+		t.Fatalf("totals %+v", tot)
+	}
+	a.apply(expireOp(3))
+	for _, did := range []string{"a2", "b1"} {
+		if p, owner := purging(t, f, did); p || owner != "-" || len(mailKeys(t, f, did)) != 0 {
+			t.Fatalf("%s: purge record %v, owner %q, records %v", did, p, owner, mailKeys(t, f, did))
+		}
+	}
+	if tot, _ := f.MailboxTotals(); tot != (MailboxTotals{}) {
+		t.Fatalf("totals %+v, want none", tot)
+	}
+}
+
+// A purge reads at most MaxPurgeBytes of entries per command, whatever
+// its entry limit.
+func TestAPurgeIsBoundedInBytes(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	const perPut = MaxMailboxBatchBytes / MaxMailboxEventBytes
+	n := 0
+	for n*MaxMailboxEventBytes <= MaxPurgeBytes+8*MaxMailboxEventBytes {
+		var entries []*statev1.MailboxEntry
+		for range perPut {
+			entries = append(entries, mail("alice", "a1", "x", fmt.Sprint("big", n), MaxMailboxEventBytes, far))
+			n++
+		}
+		r := a.apply(&statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: entries, MaxEntriesPerDevice: MaxMailboxQuotaEntries, MaxBytesPerDevice: MaxMailboxQuotaBytes}})
+		if r.GetCode() != statev1.ResultCode_RESULT_CODE_OK || strings.Count(outcomes(r), "STORED/") != perPut {
+			t.Fatalf("put: %v", r)
+		}
+	}
+	a.apply(&statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "alice", DeviceId: "a1", PurgeLimit: MaxExpireLimit}})
+	tot, err := f.MailboxTotals()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each record holds a little more than its event: fewer than
+	// MaxPurgeBytes/MaxMailboxEventBytes+1 entries go.
+	removed := uint64(n) - tot.Entries
+	if removed == 0 || removed > MaxPurgeBytes/MaxMailboxEventBytes || tot.Purging != 1 {
+		t.Fatalf("%d of %d entries removed (%+v); want at most %d", removed, n, tot, MaxPurgeBytes/MaxMailboxEventBytes)
+	}
+	if tot.Bytes != tot.Entries*MaxMailboxEventBytes {
+		t.Fatalf("counters %+v: bytes do not match the entries left", tot)
 	}
 }

@@ -14,6 +14,9 @@ type MailboxTotals struct {
 	Devices uint64
 	// Entries and Bytes are the stored entries and their event bytes.
 	Entries, Bytes uint64
+	// Purging is the number of deleted or revoked devices whose mailboxes
+	// are still being emptied (their entries are counted above).
+	Purging uint64
 }
 
 // MailboxTotals reads every device's mailbox counters from one consistent
@@ -37,6 +40,12 @@ func (f *FSM) MailboxTotals() (MailboxTotals, error) {
 		t.Bytes += mb.GetBytes()
 		return true, nil
 	})
+	if err == nil {
+		err = snap.Iterate(prefixMailPurge, prefixEnd(prefixMailPurge), func(_, _ []byte) (bool, error) {
+			t.Purging++
+			return true, nil
+		})
+	}
 	if err != nil {
 		return MailboxTotals{}, fmt.Errorf("sum mailboxes: %w", err)
 	}

@@ -294,7 +294,9 @@ func (f *FSM) DeviceOwner(deviceID string) (string, error) {
 
 func deviceOwner(r state.Reader, deviceID string) (string, error) {
 	v, err := r.Get(deviceOwnerKey(deviceID))
-	if errors.Is(err, state.ErrNotFound) {
+	if errors.Is(err, state.ErrNotFound) || (err == nil && len(v) == 0) {
+		// Empty: the id of a deleted device, whose mailbox is still
+		// being emptied.
 		return "", fmt.Errorf("device %q: %w", deviceID, ErrNotFound)
 	}
 	if err != nil {

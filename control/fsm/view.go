@@ -80,14 +80,20 @@ func (v *View) EachStoredMailbox(fn func(userID string, mb *statev1.Mailbox) err
 		if mb.GetCount() == 0 {
 			return nil
 		}
+		if _, err := v.snap.Get(mailPurgeKey(mb.GetDeviceId())); err == nil {
+			return nil // a revoked or deleted device's, being emptied
+		} else if !errors.Is(err, state.ErrNotFound) {
+			return fmt.Errorf("purge record of %q: %w", mb.GetDeviceId(), err)
+		}
 		owner, err := deviceOwner(v.snap, mb.GetDeviceId())
 		if errors.Is(err, ErrNotFound) {
-			// Not expected: a device's owner record and its whole mailbox
-			// are deleted in one entry (removeDevice), entries are stored
-			// only for existing devices, and this is one view of one
-			// applied index. Should a stray record exist anyway, it has
-			// no device to announce it to; failing here would instead
-			// stop every full copy, and so every edge that needs one.
+			// Not expected: a device's owner record goes with the last of
+			// its mailbox, whose purge record is checked above (removeDevice),
+			// entries are stored only for existing devices, and this is
+			// one view of one applied index. Should a stray record exist
+			// anyway, it has no device to announce it to; failing here
+			// would instead stop every full copy, and so every edge that
+			// needs one.
 			return nil
 		}
 		if err != nil {

@@ -19,6 +19,8 @@ var (
 		"Event bytes stored in mailboxes (this replica's state).", nil, nil)
 	descMailboxDevices = prometheus.NewDesc("relay_control_mailbox_devices",
 		"Devices with at least one stored mailbox entry (this replica's state).", nil, nil)
+	descMailboxPurging = prometheus.NewDesc("relay_control_mailbox_purging_devices",
+		"Deleted or revoked devices whose mailboxes the leader is still emptying, a few thousand entries per command (this replica's state).", nil, nil)
 )
 
 // mailboxScanEvery bounds how often a scrape sums the mailboxes: the sum
@@ -37,7 +39,7 @@ type diskCollector struct {
 }
 
 func (c *diskCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFsync, descMailboxEntries, descMailboxBytes, descMailboxDevices} {
+	for _, d := range []*prometheus.Desc{descFsync, descMailboxEntries, descMailboxBytes, descMailboxDevices, descMailboxPurging} {
 		ch <- d
 	}
 }
@@ -58,6 +60,7 @@ func (c *diskCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descMailboxEntries, prometheus.GaugeValue, float64(c.totals.Entries))
 	ch <- prometheus.MustNewConstMetric(descMailboxBytes, prometheus.GaugeValue, float64(c.totals.Bytes))
 	ch <- prometheus.MustNewConstMetric(descMailboxDevices, prometheus.GaugeValue, float64(c.totals.Devices))
+	ch <- prometheus.MustNewConstMetric(descMailboxPurging, prometheus.GaugeValue, float64(c.totals.Purging))
 }
 
 // scanMailboxes sums the mailboxes as an in-flight operation of the node,

@@ -46,7 +46,7 @@ func TestDiskMetrics(t *testing.T) {
 	if fsync.GetSampleCount() == 0 || fsync.GetSampleSum() <= 0 {
 		t.Fatalf("fsync histogram %v after synced appends", fsync)
 	}
-	for name, want := range map[string]float64{"relay_control_mailbox_entries": 2, "relay_control_mailbox_bytes": 8, "relay_control_mailbox_devices": 1} {
+	for name, want := range map[string]float64{"relay_control_mailbox_entries": 2, "relay_control_mailbox_bytes": 8, "relay_control_mailbox_devices": 1, "relay_control_mailbox_purging_devices": 0} {
 		if v := got[name].GetGauge().GetValue(); v != want {
 			t.Errorf("%s = %v, want %v", name, v, want)
 		}

@@ -51,6 +51,9 @@ func (s *Server) leaderTasks(ctx context.Context) {
 	edges := time.NewTicker(s.cfg.EdgeExpireEvery)
 	defer edges.Stop()
 	s.rotateDueKeys(ctx)
+	// A new leader removes at once what is due (its predecessor may have
+	// stopped in the middle of a purge), rather than a tick later.
+	s.expireMailboxes(ctx)
 	for {
 		select {
 		case <-ctx.Done():
@@ -93,17 +96,25 @@ func (s *Server) ensureClusterCA(ctx context.Context) error {
 const maxExpireRounds = 64
 
 // expireMailboxes proposes ExpireMailboxes while this replica holds
-// mailbox entries or event claims whose time has passed (each command
-// removes a bounded number). Nothing is proposed when nothing expired.
+// mailbox entries or event claims whose time has passed, or mailboxes of
+// deleted or revoked devices still being emptied (each command removes a
+// bounded number). Nothing is proposed when there is nothing to remove.
 func (s *Server) expireMailboxes(ctx context.Context) {
 	f := s.node.FSM()
+	// Deleted and revoked devices' mailboxes are emptied in the same
+	// commands, once every member applies that (feature mailbox_purge).
+	var purge uint32
+	if missing, err := s.node.MembersWithout(fsm.FeatureMailboxPurge); err == nil && len(missing) == 0 {
+		purge = fsm.DefaultPurgeLimit
+	}
 	for range maxExpireRounds {
 		now := time.Now().UnixMilli()
-		due, err := f.MailboxExpiryDue(now)
+		due, err := f.MailboxExpiryDue(now, purge > 0)
 		if err != nil || !due {
 			return
 		}
-		if _, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{}}}); err != nil {
+		op := &statev1.ExpireMailboxes{PurgeLimit: purge}
+		if _, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: op}}); err != nil {
 			if ctx.Err() == nil {
 				s.log.Warn("expire mailbox entries", "err", err)
 			}

@@ -2552,9 +2552,17 @@ func (x *AckMailbox) GetSeqs() []uint64 {
 // ExpireMailboxes deletes up to limit entries (0: the built-in default)
 // whose expires_at_ms is not after the command's proposed time, oldest
 // expiry first. The leader proposes it when its state holds such entries.
+//
+// purge_limit: also remove up to that many entries (and at most
+// MaxPurgeBytes of their events) of the mailboxes whose device was deleted
+// or revoked by a command with purge_limit set, in the order of their
+// device ids; a device's purge record, and the reservation of a deleted
+// device's id, go with its last entry. 0: none. Set only once every member
+// lists the feature "mailbox_purge".
 type ExpireMailboxes struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Limit         uint32                 `protobuf:"varint,1,opt,name=limit,proto3" json:"limit,omitempty"`
+	PurgeLimit    uint32                 `protobuf:"varint,2,opt,name=purge_limit,json=purgeLimit,proto3" json:"purge_limit,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2592,6 +2600,13 @@ func (*ExpireMailboxes) Descriptor() ([]byte, []int) {
 func (x *ExpireMailboxes) GetLimit() uint32 {
 	if x != nil {
 		return x.Limit
+	}
+	return 0
+}
+
+func (x *ExpireMailboxes) GetPurgeLimit() uint32 {
+	if x != nil {
+		return x.PurgeLimit
 	}
 	return 0
 }
@@ -3691,8 +3706,14 @@ type DeleteUser struct {
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// As UpdateUser's only_user_account.
 	OnlyUserAccount bool `protobuf:"varint,2,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// purge_limit: remove at most that many entries (and MaxPurgeBytes of
+	// their events) of the mailboxes it empties in this entry; the rest wait
+	// under a purge record for ExpireMailboxes' purge_limit, and a deleted
+	// device's id stays taken until they are gone. 0: every entry in this
+	// entry. Set only once every member lists the feature "mailbox_purge".
+	PurgeLimit    uint32 `protobuf:"varint,3,opt,name=purge_limit,json=purgeLimit,proto3" json:"purge_limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeleteUser) Reset() {
@@ -3737,6 +3758,13 @@ func (x *DeleteUser) GetOnlyUserAccount() bool {
 		return x.OnlyUserAccount
 	}
 	return false
+}
+
+func (x *DeleteUser) GetPurgeLimit() uint32 {
+	if x != nil {
+		return x.PurgeLimit
+	}
+	return 0
 }
 
 // RegisterDevice adds a device to an existing, active user.
@@ -3812,8 +3840,14 @@ type RevokeDevice struct {
 	DeviceId string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
 	// As UpdateUser's only_user_account.
 	OnlyUserAccount bool `protobuf:"varint,3,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// purge_limit: remove at most that many entries (and MaxPurgeBytes of
+	// their events) of the mailboxes it empties in this entry; the rest wait
+	// under a purge record for ExpireMailboxes' purge_limit, and a deleted
+	// device's id stays taken until they are gone. 0: every entry in this
+	// entry. Set only once every member lists the feature "mailbox_purge".
+	PurgeLimit    uint32 `protobuf:"varint,4,opt,name=purge_limit,json=purgeLimit,proto3" json:"purge_limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RevokeDevice) Reset() {
@@ -3867,6 +3901,13 @@ func (x *RevokeDevice) GetOnlyUserAccount() bool {
 	return false
 }
 
+func (x *RevokeDevice) GetPurgeLimit() uint32 {
+	if x != nil {
+		return x.PurgeLimit
+	}
+	return 0
+}
+
 // DeleteDevice removes a device.
 type DeleteDevice struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
@@ -3874,8 +3915,14 @@ type DeleteDevice struct {
 	DeviceId string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
 	// As UpdateUser's only_user_account.
 	OnlyUserAccount bool `protobuf:"varint,3,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// purge_limit: remove at most that many entries (and MaxPurgeBytes of
+	// their events) of the mailboxes it empties in this entry; the rest wait
+	// under a purge record for ExpireMailboxes' purge_limit, and a deleted
+	// device's id stays taken until they are gone. 0: every entry in this
+	// entry. Set only once every member lists the feature "mailbox_purge".
+	PurgeLimit    uint32 `protobuf:"varint,4,opt,name=purge_limit,json=purgeLimit,proto3" json:"purge_limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeleteDevice) Reset() {
@@ -3927,6 +3974,13 @@ func (x *DeleteDevice) GetOnlyUserAccount() bool {
 		return x.OnlyUserAccount
 	}
 	return false
+}
+
+func (x *DeleteDevice) GetPurgeLimit() uint32 {
+	if x != nil {
+		return x.PurgeLimit
+	}
+	return 0
 }
 
 // PutNode records (or updates) a control node's addresses.
@@ -4463,9 +4517,11 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\n" +
 	"AckMailbox\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x12\n" +
-	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"'\n" +
+	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"H\n" +
 	"\x0fExpireMailboxes\x12\x14\n" +
-	"\x05limit\x18\x01 \x01(\rR\x05limit\"c\n" +
+	"\x05limit\x18\x01 \x01(\rR\x05limit\x12\x1f\n" +
+	"\vpurge_limit\x18\x02 \x01(\rR\n" +
+	"purgeLimit\"c\n" +
 	"\vClaimEvents\x12,\n" +
 	"\x06claims\x18\x01 \x03(\v2\x14.state.v1.EventClaimR\x06claims\x12&\n" +
 	"\x0frecord_grace_ms\x18\x02 \x01(\x03R\rrecordGraceMs\"\x84\x01\n" +
@@ -4534,23 +4590,29 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x0fkeep_session_id\x18\x04 \x01(\tR\rkeepSessionId\x124\n" +
 	"\tsucceeded\x18\x05 \x01(\v2\x16.state.v1.LoginAttemptR\tsucceeded\x120\n" +
 	"\x14expect_password_hash\x18\x06 \x01(\tR\x12expectPasswordHash\x12*\n" +
-	"\x11only_user_account\x18\a \x01(\bR\x0fonlyUserAccount\"H\n" +
+	"\x11only_user_account\x18\a \x01(\bR\x0fonlyUserAccount\"i\n" +
 	"\n" +
 	"DeleteUser\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12*\n" +
-	"\x11only_user_account\x18\x02 \x01(\bR\x0fonlyUserAccount\"\x97\x01\n" +
+	"\x11only_user_account\x18\x02 \x01(\bR\x0fonlyUserAccount\x12\x1f\n" +
+	"\vpurge_limit\x18\x03 \x01(\rR\n" +
+	"purgeLimit\"\x97\x01\n" +
 	"\x0eRegisterDevice\x12(\n" +
 	"\x06device\x18\x01 \x01(\v2\x10.state.v1.DeviceR\x06device\x12/\n" +
 	"\x14max_devices_per_user\x18\x02 \x01(\rR\x11maxDevicesPerUser\x12*\n" +
-	"\x11only_user_account\x18\x03 \x01(\bR\x0fonlyUserAccount\"p\n" +
+	"\x11only_user_account\x18\x03 \x01(\bR\x0fonlyUserAccount\"\x91\x01\n" +
 	"\fRevokeDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12*\n" +
-	"\x11only_user_account\x18\x03 \x01(\bR\x0fonlyUserAccount\"p\n" +
+	"\x11only_user_account\x18\x03 \x01(\bR\x0fonlyUserAccount\x12\x1f\n" +
+	"\vpurge_limit\x18\x04 \x01(\rR\n" +
+	"purgeLimit\"\x91\x01\n" +
 	"\fDeleteDevice\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12*\n" +
-	"\x11only_user_account\x18\x03 \x01(\bR\x0fonlyUserAccount\"Z\n" +
+	"\x11only_user_account\x18\x03 \x01(\bR\x0fonlyUserAccount\x12\x1f\n" +
+	"\vpurge_limit\x18\x04 \x01(\rR\n" +
+	"purgeLimit\"Z\n" +
 	"\aPutNode\x12\"\n" +
 	"\x04node\x18\x01 \x01(\v2\x0e.state.v1.NodeR\x04node\x12+\n" +
 	"\x11withdraw_features\x18\x02 \x01(\bR\x10withdrawFeatures\"\x1c\n" +
