@@ -427,11 +427,15 @@ func (t *txn) deleteUser(op *statev1.DeleteUser) (*statev1.Result, error) {
 	if err := onlyUserAccount(op.GetOnlyUserAccount(), &u); err != nil {
 		return nil, err
 	}
+	budget, err := newPurgeBudget(op.GetPurgeLimit())
+	if err != nil {
+		return nil, err
+	}
 	// Devices go in the same entry, before the user, so a watcher never
 	// sees a device whose user is gone.
 	var devices []*statev1.Device
 	p := userDevicesPrefix(u.Id)
-	err := t.b.Iterate(p, prefixEnd(p), func(_, v []byte) (bool, error) {
+	err = t.b.Iterate(p, prefixEnd(p), func(_, v []byte) (bool, error) {
 		var d statev1.Device
 		if err := proto.Unmarshal(v, &d); err != nil {
 			return false, err
@@ -439,10 +443,6 @@ func (t *txn) deleteUser(op *statev1.DeleteUser) (*statev1.Result, error) {
 		devices = append(devices, &d)
 		return true, nil
 	})
-	if err != nil {
-		return nil, err
-	}
-	budget, err := newPurgeBudget(op.GetPurgeLimit())
 	if err != nil {
 		return nil, err
 	}
@@ -576,6 +576,10 @@ func (t *txn) revokeDevice(op *statev1.RevokeDevice) (*statev1.Result, error) {
 	if err := t.ownerOnlyUserAccount(op.GetOnlyUserAccount(), op.GetUserId()); err != nil {
 		return nil, err
 	}
+	budget, err := newPurgeBudget(op.GetPurgeLimit())
+	if err != nil {
+		return nil, err
+	}
 	if d.Revoked {
 		return &statev1.Result{Object: &statev1.Result_Device{Device: d}}, nil
 	}
@@ -584,11 +588,8 @@ func (t *txn) revokeDevice(op *statev1.RevokeDevice) (*statev1.Result, error) {
 		return nil, err
 	}
 	// Revocation is final: nothing in the mailbox can be delivered any
-	// more. What the budget leaves is emptied later (deleteMailbox).
-	budget, err := newPurgeBudget(op.GetPurgeLimit())
-	if err != nil {
-		return nil, err
-	}
+	// more. What the budget leaves is emptied later (deleteMailbox), and
+	// cannot be fetched meanwhile (FetchMailbox).
 	if _, err := t.deleteMailbox(d.Id, budget); err != nil {
 		return nil, err
 	}

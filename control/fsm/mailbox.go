@@ -52,11 +52,12 @@ const (
 
 	// DefaultPurgeLimit is the purge_limit the API and the leader set:
 	// how many entries of deleted and revoked devices' mailboxes one
-	// command removes. MaxPurgeBytes bounds the stored bytes of those
+	// command removes. MaxPurgeBytes bounds the event bytes of those
 	// entries one command reads, whatever its limit (an entry holds up
-	// to MaxMailboxEventBytes): with quotas raised to their caps, one
-	// device's mailbox alone would otherwise be read, and its deletions
-	// held, in one apply.
+	// to MaxMailboxEventBytes): it stops once they reach it. With quotas
+	// raised to their caps, one device's mailbox alone would otherwise be
+	// read, and its deletions held, in one apply. Changing it changes
+	// what commands do: it needs a feature of its own.
 	DefaultPurgeLimit = 4096
 	MaxPurgeBytes     = 64 << 20
 )
@@ -568,11 +569,15 @@ func (t *txn) deleteMailbox(did string, budget *purgeBudget) (gone bool, err err
 		if err := proto.Unmarshal(v, e); err != nil {
 			return false, fmt.Errorf("decode mailbox entry: %w", err)
 		}
-		entries = append(entries, dropped{e, uint64(len(e.GetEvent()))})
+		size := len(e.GetEvent())
+		entries = append(entries, dropped{e, uint64(size)})
 		e.Event = nil // only its size counts from here
 		if budget != nil {
+			// The event's bytes, as the command that stored it gave them:
+			// the record's length could differ between replicas of two
+			// releases (a field only one of them stores).
 			budget.entries--
-			budget.bytes -= len(v)
+			budget.bytes -= size
 		}
 		return true, nil
 	})
@@ -656,6 +661,11 @@ func (f *FSM) FetchMailbox(deviceID string, afterSeq uint64, limit, maxBytes int
 	defer snap.Close()
 	if _, err := deviceOwner(snap, deviceID); err != nil {
 		return nil, false, err
+	}
+	if _, err := snap.Get(mailPurgeKey(deviceID)); err == nil {
+		return nil, false, nil // a revoked device's, being emptied
+	} else if !errors.Is(err, state.ErrNotFound) {
+		return nil, false, fmt.Errorf("read purge record: %w", err)
 	}
 	if afterSeq == ^uint64(0) {
 		return nil, false, nil // nothing can follow

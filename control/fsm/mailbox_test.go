@@ -548,6 +548,9 @@ func TestADeletedDevicesMailboxIsEmptiedInSteps(t *testing.T) {
 	if p, owner := purging(t, f, "a2"); !p || owner != "alice" {
 		t.Fatalf("revoked: purge record %v, owner %q", p, owner)
 	}
+	if got, more, err := f.FetchMailbox("a2", 0, 100, 0, 0); err != nil || len(got) != 0 || more {
+		t.Fatalf("fetching a revoked device's mailbox being emptied: %d entries, more %v, %v", len(got), more, err)
+	}
 	v, err := f.View()
 	if err != nil {
 		t.Fatal(err)
@@ -626,7 +629,7 @@ func TestAUsersMailboxesShareOnePurgeBudget(t *testing.T) {
 	}
 }
 
-// A purge reads at most MaxPurgeBytes of entries per command, whatever
+// A purge reads entries until their events reach MaxPurgeBytes, whatever
 // its entry limit.
 func TestAPurgeIsBoundedInBytes(t *testing.T) {
 	f, a := mailboxWorld(t, Config{})
@@ -648,11 +651,9 @@ func TestAPurgeIsBoundedInBytes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Each record holds a little more than its event: fewer than
-	// MaxPurgeBytes/MaxMailboxEventBytes+1 entries go.
 	removed := uint64(n) - tot.Entries
-	if removed == 0 || removed > MaxPurgeBytes/MaxMailboxEventBytes || tot.Purging != 1 {
-		t.Fatalf("%d of %d entries removed (%+v); want at most %d", removed, n, tot, MaxPurgeBytes/MaxMailboxEventBytes)
+	if removed != MaxPurgeBytes/MaxMailboxEventBytes || tot.Purging != 1 {
+		t.Fatalf("%d of %d entries removed (%+v); want %d", removed, n, tot, MaxPurgeBytes/MaxMailboxEventBytes)
 	}
 	if tot.Bytes != tot.Entries*MaxMailboxEventBytes {
 		t.Fatalf("counters %+v: bytes do not match the entries left", tot)

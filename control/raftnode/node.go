@@ -811,6 +811,9 @@ func (n *Node) RaftAddr() string { return string(n.trans.LocalAddr()) }
 // IsLeader reports whether this node is the leader now.
 func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
 
+// Term returns the Raft term this node is in: every election raises it.
+func (n *Node) Term() uint64 { return n.raft.CurrentTerm() }
+
 // dropLogsBehindSnapshot deletes a log that ends before the newest
 // snapshot. Raft does so itself right after installing a snapshot from
 // the leader (the log store is monotonic: removeOldLogs), but a crash

@@ -101,13 +101,15 @@ const maxExpireRounds = 64
 // bounded number). Nothing is proposed when there is nothing to remove.
 func (s *Server) expireMailboxes(ctx context.Context) {
 	f := s.node.FSM()
-	// Deleted and revoked devices' mailboxes are emptied in the same
-	// commands, once every member applies that (feature mailbox_purge).
-	var purge uint32
-	if missing, err := s.node.MembersWithout(fsm.FeatureMailboxPurge); err == nil && len(missing) == 0 {
-		purge = fsm.DefaultPurgeLimit
-	}
 	for range maxExpireRounds {
+		// Deleted and revoked devices' mailboxes are emptied in the same
+		// commands, once every member applies that (feature
+		// mailbox_purge), checked before each: a member that withdraws
+		// its features as it stops gets none once the withdrawal applied.
+		var purge uint32
+		if missing, err := s.node.MembersWithout(fsm.FeatureMailboxPurge); err == nil && len(missing) == 0 {
+			purge = fsm.DefaultPurgeLimit
+		}
 		now := time.Now().UnixMilli()
 		due, err := f.MailboxExpiryDue(now, purge > 0)
 		if err != nil || !due {

@@ -2553,8 +2553,8 @@ func (x *AckMailbox) GetSeqs() []uint64 {
 // whose expires_at_ms is not after the command's proposed time, oldest
 // expiry first. The leader proposes it when its state holds such entries.
 //
-// purge_limit: also remove up to that many entries (and at most
-// MaxPurgeBytes of their events) of the mailboxes whose device was deleted
+// purge_limit: also remove up to that many entries (until their
+// events reach MaxPurgeBytes) of the mailboxes whose device was deleted
 // or revoked by a command with purge_limit set, in the order of their
 // device ids; a device's purge record, and the reservation of a deleted
 // device's id, go with its last entry. 0: none. Set only once every member
@@ -3706,7 +3706,7 @@ type DeleteUser struct {
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// As UpdateUser's only_user_account.
 	OnlyUserAccount bool `protobuf:"varint,2,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
-	// purge_limit: remove at most that many entries (and MaxPurgeBytes of
+	// purge_limit: remove at most that many entries (until MaxPurgeBytes of
 	// their events) of the mailboxes it empties in this entry; the rest wait
 	// under a purge record for ExpireMailboxes' purge_limit, and a deleted
 	// device's id stays taken until they are gone. 0: every entry in this
@@ -3840,11 +3840,11 @@ type RevokeDevice struct {
 	DeviceId string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
 	// As UpdateUser's only_user_account.
 	OnlyUserAccount bool `protobuf:"varint,3,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
-	// purge_limit: remove at most that many entries (and MaxPurgeBytes of
-	// their events) of the mailboxes it empties in this entry; the rest wait
-	// under a purge record for ExpireMailboxes' purge_limit, and a deleted
-	// device's id stays taken until they are gone. 0: every entry in this
-	// entry. Set only once every member lists the feature "mailbox_purge".
+	// purge_limit: remove at most that many entries (until MaxPurgeBytes of
+	// their events) of the device's mailbox in this entry; the rest wait
+	// under a purge record for ExpireMailboxes' purge_limit, and nothing of
+	// them is fetched meanwhile. 0: every entry in this entry. Set only once
+	// every member lists the feature "mailbox_purge".
 	PurgeLimit    uint32 `protobuf:"varint,4,opt,name=purge_limit,json=purgeLimit,proto3" json:"purge_limit,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -3915,7 +3915,7 @@ type DeleteDevice struct {
 	DeviceId string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
 	// As UpdateUser's only_user_account.
 	OnlyUserAccount bool `protobuf:"varint,3,opt,name=only_user_account,json=onlyUserAccount,proto3" json:"only_user_account,omitempty"`
-	// purge_limit: remove at most that many entries (and MaxPurgeBytes of
+	// purge_limit: remove at most that many entries (until MaxPurgeBytes of
 	// their events) of the mailboxes it empties in this entry; the rest wait
 	// under a purge record for ExpireMailboxes' purge_limit, and a deleted
 	// device's id stays taken until they are gone. 0: every entry in this
