@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"fmt"
+	"iter"
 	"time"
 
 	"connectrpc.com/connect"
@@ -126,8 +127,40 @@ var statusLabel = map[edgev1.MailboxStatus]string{
 	edgev1.MailboxStatus_MAILBOX_STATUS_TAKEN:       "taken",
 }
 
-// PutMailbox stores a batch in one Raft entry and answers each entry's
-// outcome.
+// MaxCommandEventBytes bounds the event bytes of one PutMailbox command
+// the API proposes (a command holds at least one entry): a call of more,
+// up to fsm.MaxMailboxBatchBytes, goes as several commands, one after the
+// other. Raft sends a lagging follower up to 64 entries in one
+// AppendEntries, which both ends hold in memory several times over (read
+// from the log, decoded, batched into two stores): of 8 MiB commands, as
+// edges send, a follower catching up took gigabytes at once
+// (docs/benchmarks.md, "A follower catching up on large mailbox writes").
+const MaxCommandEventBytes = 1 << 20
+
+// mailboxCommands yields entries in consecutive runs of at most
+// MaxCommandEventBytes of events, each of at least one entry.
+func mailboxCommands(entries []*statev1.MailboxEntry) iter.Seq[[]*statev1.MailboxEntry] {
+	return func(yield func([]*statev1.MailboxEntry) bool) {
+		start, size := 0, 0
+		for i, e := range entries {
+			if n := len(e.GetEvent()); i > start && size+n > MaxCommandEventBytes {
+				if !yield(entries[start:i:i]) {
+					return
+				}
+				start, size = i, 0
+			}
+			size += len(e.GetEvent())
+		}
+		if start < len(entries) {
+			yield(entries[start:])
+		}
+	}
+}
+
+// PutMailbox stores a batch (in one Raft entry, or in several for one of
+// more than MaxCommandEventBytes, in order) and answers each entry's
+// outcome. Each entry is decided against the state the entries before it
+// left, as in one command.
 func (s *MailboxServer) PutMailbox(ctx context.Context, req *connect.Request[edgev1.PutMailboxRequest]) (*connect.Response[edgev1.PutMailboxResponse], error) {
 	in := req.Msg.GetEntries()
 	if len(in) == 0 || len(in) > fsm.MaxMailboxBatch {
@@ -151,18 +184,27 @@ func (s *MailboxServer) PutMailbox(ctx context.Context, req *connect.Request[edg
 	if total > fsm.MaxMailboxBatchBytes {
 		return nil, invalidArg(fmt.Errorf("entries hold %d event bytes, at most %d per call", total, fsm.MaxMailboxBatchBytes))
 	}
-	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{
-		Entries: out, MaxEntriesPerDevice: s.cfg.MaxEntriesPerDevice, MaxBytesPerDevice: s.cfg.MaxBytesPerDevice,
-		ReplaceExpired: everyMemberHas(s.node, fsm.FeatureMailboxReplaceExpired),
-	}}})
-	if err != nil {
-		return nil, toConnect(err)
+	replace := everyMemberHas(s.node, fsm.FeatureMailboxReplaceExpired)
+	var results []*statev1.MailboxResult
+	var rev uint64
+	for chunk := range mailboxCommands(out) {
+		res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{
+			Entries: chunk, MaxEntriesPerDevice: s.cfg.MaxEntriesPerDevice, MaxBytesPerDevice: s.cfg.MaxBytesPerDevice,
+			ReplaceExpired: replace,
+		}}})
+		if err != nil {
+			// What earlier commands stored stays; the caller's retry of
+			// the whole call is answered STORED with the same seqs for it.
+			return nil, toConnect(err)
+		}
+		if len(res.GetMailboxResults()) != len(chunk) {
+			return nil, toConnect(fmt.Errorf("put mailbox: %d results for %d entries", len(res.GetMailboxResults()), len(chunk)))
+		}
+		results = append(results, res.GetMailboxResults()...)
+		rev = res.GetRevision()
 	}
-	if len(res.GetMailboxResults()) != len(in) {
-		return nil, toConnect(fmt.Errorf("put mailbox: %d results for %d entries", len(res.GetMailboxResults()), len(in)))
-	}
-	resp := &edgev1.PutMailboxResponse{Revision: res.GetRevision(), Results: make([]*edgev1.PutMailboxResult, len(in))}
-	for i, r := range res.GetMailboxResults() {
+	resp := &edgev1.PutMailboxResponse{Revision: rev, Results: make([]*edgev1.PutMailboxResult, len(in))}
+	for i, r := range results {
 		st := statusToAPI[r.GetStatus()]
 		resp.Results[i] = &edgev1.PutMailboxResult{Status: st, Seq: r.GetSeq()}
 		if l, ok := statusLabel[st]; ok {

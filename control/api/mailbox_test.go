@@ -591,3 +591,51 @@ func TestALargeMailboxIsEmptiedInSteps(t *testing.T) {
 	}
 	c.WaitConverged()
 }
+
+// A call holding more than MaxCommandEventBytes of events goes as several
+// commands, in order, each entry decided as in one (a copy of an earlier
+// entry is the same stored event): Raft then never carries a command of
+// more than about a megabyte.
+func TestALargePutGoesAsSeveralCommands(t *testing.T) {
+	const size = 100 << 10 // ten to a command
+	c := clustertest.Start(t, 3, clustertest.Options{Configure: func(cfg *server.Config) { cfg.Mailbox.MaxBytesPerDevice = 64 << 20 }})
+	mailboxUsers(t, c)
+	leader := c.Nodes[c.Leader()].Server.Node().FSM()
+	before := leader.AppliedIndex()
+	cl := mailboxClient(t, c.Nodes[c.Follower()], c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE))
+	hour := time.Now().Add(time.Hour)
+	var batch []*edgev1.MailboxEntry
+	var want []string
+	for i := range 100 {
+		batch = append(batch, entry("alice", "a1", fmt.Sprint("e", i), size, hour))
+		want = append(want, fmt.Sprintf("STORED/%d", i+1))
+	}
+	batch = append(batch, entry("alice", "a1", "e5", size, hour))
+	want = append(want, "STORED/6")
+	r := put(t, cl, batch...)
+	if got := results(r); got != strings.Join(want, " ") {
+		t.Fatalf("results\n got  %s\n want %s", got, strings.Join(want, " "))
+	}
+	if err := leader.WaitApplied(ctxT(t, 30*time.Second), r.GetRevision()); err != nil {
+		t.Fatal(err)
+	}
+	// One MAILBOX_CHANGED per command that stored something, with its
+	// highest seq; the last command (e90..e99 and the copy of e5) too.
+	cs, err := leader.Changes(before, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seqs []string
+	for _, ch := range cs {
+		if mc := ch.GetMailboxChanged(); mc != nil && mc.GetDeviceId() == "a1" {
+			seqs = append(seqs, fmt.Sprint(mc.GetSeq()))
+		}
+	}
+	if got := strings.Join(seqs, " "); got != "10 20 30 40 50 60 70 80 90 100" {
+		t.Fatalf("commands ended at seqs %s, want every tenth", got)
+	}
+	if got, _ := fetch(t, cl, "a1", 99, 0); ids(got) != "100:e99" {
+		t.Fatalf("the last entry: %s", ids(got))
+	}
+	c.WaitConverged()
+}
