@@ -162,7 +162,8 @@ from the environment variable named in its help (RELAYCTL_SERVER, ...). With
 several --server endpoints (or the members a login learnt), calls that are safe
 to repeat are retried on another member when one fails.
 
-"relayctl login" keeps its tokens in the user's cache directory; set
+"relayctl login" keeps its tokens in the user's config directory
+($XDG_CONFIG_HOME/relayctl, or RELAYCTL_CONFIG_DIR); set
 RELAYCTL_TOKEN to an access token to use it instead (scripts, CI).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,

@@ -125,8 +125,13 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 		certNote = "the one kept in " + certFile
 	}
 	certNote += fmt.Sprintf(" until %s", certUntil.Local().Format(time.DateOnly))
+	// relayctl calls http://127.0.0.1:7400 unless told otherwise.
+	server := ""
+	if s.APIURL() != "http://127.0.0.1:7400" {
+		server = "\n  export RELAYCTL_SERVER=" + s.APIURL() + "   (the control API above, for relayctl)\n"
+	}
 	fmt.Fprintf(stdout, devBanner, devState(s, fresh, dataDir), s.APIURL(), s.AdminAddr(), e.Addr(), e.HTTPSURL(), e.AdminURL(), e.AdminURL(), hash,
-		certNote, dataDir, pwNote, dataDir, e.Addr(), hash, e.Addr(), hash)
+		certNote, dataDir, pwNote, server, dataDir, e.Addr(), hash, e.Addr(), hash)
 	<-ctx.Done()
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -174,7 +179,7 @@ relayd dev is running: a control node and an edge on this machine.
   admin login     admin, password %s
 
 Try it from another terminal:
-
+%s
   bin/relayctl login --password-stdin admin < %s/admin-password
   bin/relayctl user create --login alice --no-password
   bin/relayctl device register --user <alice's id> --name phone --generate-key phone.key

@@ -25,9 +25,18 @@ func TestDevDeploymentRelaysBetweenDevices(t *testing.T) {
 	dir := t.TempDir()
 	api, raft, admin, edgeAdmin := freePort(t), freePort(t), freePort(t), freePort(t)
 	edge := freeUDPPort(t)
-	p := startRelayd(t, "dev", "--data-dir", filepath.Join(dir, "data"), "--api-addr", api, "--raft-addr", raft,
+	banner := &relaytest.Buffer{}
+	p := startRelaydWith(t, append(os.Environ(), "RELAY_ADMIN_PASSWORD="+adminPassword), banner, "dev", "--data-dir", filepath.Join(dir, "data"), "--api-addr", api, "--raft-addr", raft,
 		"--admin-addr", admin, "--edge-addr", edge, "--edge-admin-addr", edgeAdmin)
 	p.waitLog(t, "edge listening", 60*time.Second)
+	// On ports other than its defaults, the banner points relayctl at the
+	// control API (which RELAYCTL_SERVER does below).
+	eventually(t, 30*time.Second, func() error {
+		if !strings.Contains(banner.String(), "export RELAYCTL_SERVER=http://"+api+" ") {
+			return fmt.Errorf("the banner does not name the API for relayctl: %s", banner.String())
+		}
+		return nil
+	})
 	var hashes edgeserver.CertHashesDoc
 	eventually(t, 30*time.Second, func() error {
 		resp, err := http.Get("http://" + edgeAdmin + "/readyz")

@@ -156,7 +156,7 @@ func Listen(cfg Config) (*Listener, error) {
 		cfg.Logger = slog.Default()
 	}
 	l := &Listener{cfg: cfg, h3conns: map[*quic.Conn]*h3Conn{}, addrs: &addrValidation{max: int64(cfg.MaxUnvalidatedHandshakes)},
-		pending: newPendingQUIC(cfg.MaxPendingQUIC)}
+		pending: newPendingQUIC(cfg.MaxPendingQUIC, cfg.Logger)}
 	l.pending.closeConn = func(f func()) { l.wg.Go(f) }
 	l.conns = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "relay_edge_connections_total", Help: "QUIC connections accepted, by application protocol and TLS handshake (full, or resumed with a session ticket).",

@@ -2,8 +2,12 @@ package transport
 
 import (
 	"context"
+	"log/slog"
 	"net/netip"
 	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
@@ -61,6 +65,9 @@ type pendingQUIC struct {
 	// closeConn closes an evicted connection; the listener runs it on a
 	// goroutine it waits for (CloseWithError waits for quic-go's loop).
 	closeConn func(func())
+	// log says, at most every 10 s, whose connection was closed.
+	log     *slog.Logger
+	logSome rate.Sometimes
 }
 
 // pendingConn is one connection on the list until it is admitted, ends
@@ -73,9 +80,9 @@ type pendingConn struct {
 	done atomic.Bool
 }
 
-func newPendingQUIC(limit int) *pendingQUIC {
+func newPendingQUIC(limit int, log *slog.Logger) *pendingQUIC {
 	limit = max(limit, 1)
-	return &pendingQUIC{
+	return &pendingQUIC{log: log, logSome: rate.Sometimes{Interval: 10 * time.Second},
 		list: oldest.New[netip.Addr, *quic.Conn](limit, connbound.PerSourceShare(limit)),
 		gauge: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_quic_pending_connections",
 			Help: "Device port QUIC connections (native and HTTP/3) that are not a device session: in their handshake, waiting for their session stream or WebTransport session, or in the session's handshake."}),
@@ -97,10 +104,15 @@ func (p *pendingQUIC) add(conn *quic.Conn) *pendingConn {
 		p.evicted.Inc()
 		// The source's own oldest goes once it holds its share; else the
 		// oldest of all, whoever's: a device told to go elsewhere.
-		code, msg := relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "too many connections pending on this edge; try another edge"
-		if connbound.SourceOf(old.Value.RemoteAddr()) == src {
-			code, msg = relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, "too many connections pending from this address"
+		code, msg, reason := relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "too many connections pending on this edge; try another edge", "edge_bound"
+		oldSrc := connbound.SourceOf(old.Value.RemoteAddr())
+		if oldSrc == src {
+			code, msg, reason = relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, "too many connections pending from this address", "source_share"
 		}
+		p.logSome.Do(func() {
+			p.log.Warn("closed a pending QUIC connection to stay within a bound (logged at most every 10s; relay_edge_quic_pending_evicted_total counts them all)",
+				"reason", reason, "source", oldSrc.String(), "newest_from", src.String())
+		})
 		p.closeConn(func() { _ = old.Value.CloseWithError(quic.ApplicationErrorCode(code), msg) })
 	}
 	return pc

@@ -5,8 +5,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -155,7 +157,9 @@ func heapLive() int64 {
 func TestPendingQUICConnectionsAreBounded(t *testing.T) {
 	const limit = 64
 	share := connbound.PerSourceShare(limit) // 16
+	var logs relaytest.Buffer
 	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
 		cfg.MaxPendingQUIC = limit
 		// Nothing here times out while the test runs, however slow the
 		// machine: the bound alone closes what is closed.
@@ -222,6 +226,10 @@ func TestPendingQUICConnectionsAreBounded(t *testing.T) {
 	waitPending(float64(share), 8)
 	waitClosed(t, "the first source's oldest", relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED, first[:8])
 	mustBeOpen(t, "the first source's newest", first[8:])
+	// The edge says whose (once: at most every 10 s).
+	if l := logs.String(); strings.Count(l, "closed a pending QUIC connection") != 1 || !strings.Contains(l, "reason=source_share source=127.0.0.2 ") {
+		t.Fatalf("the edge's warnings: %s", l)
+	}
 
 	// Five more sources, each at its share, 80 connections: past the
 	// bound the oldest of all go, the first source's and then theirs.
