@@ -33,8 +33,10 @@ const maxIdempotencyKey = 128
 // that make exactly one write and answer from its result. (Reads need no
 // key; Login and Refresh mint secrets per call; ChangePassword makes two
 // writes, the login attempt and the change, and a retry after a change
-// that went through must fail on the password it replaced; key rotations,
-// edge and mailbox calls are safe to repeat as they are.)
+// that went through must fail on the password it replaced; PutMailbox may
+// make several, one per MiB of events, which one request id would fold
+// into the first; key rotations, edge and mailbox calls are safe to
+// repeat as they are.)
 var idempotent = map[string]bool{
 	controlv1connect.UserServiceCreateUserProcedure:       true,
 	controlv1connect.UserServiceUpdateUserProcedure:       true,

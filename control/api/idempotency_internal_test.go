@@ -8,6 +8,7 @@ import (
 
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 )
 
 // A request digest is kept in the replicated state: no password of the
@@ -52,5 +53,8 @@ func TestRequestDigestsHoldNoPasswords(t *testing.T) {
 	}
 	if idempotent[controlv1connect.AuthServiceChangePasswordProcedure] {
 		t.Error("ChangePassword honours idempotency keys: its two writes would share one request id")
+	}
+	if idempotent[edgev1connect.MailboxServicePutMailboxProcedure] {
+		t.Error("PutMailbox honours idempotency keys: the commands of a call over MaxCommandEventBytes would share one request id")
 	}
 }

@@ -133,8 +133,9 @@ var statusLabel = map[edgev1.MailboxStatus]string{
 // other. Raft sends a lagging follower up to 64 entries in one
 // AppendEntries, which both ends hold in memory several times over (read
 // from the log, decoded, batched into two stores): of 8 MiB commands, as
-// edges send, a follower catching up took gigabytes at once
-// (docs/benchmarks.md, "A follower catching up on large mailbox writes").
+// edges sent before their batches were bound to this, a follower catching
+// up took gigabytes at once (docs/benchmarks.md, "A follower catching up
+// on large mailbox writes").
 const MaxCommandEventBytes = 1 << 20
 
 // mailboxCommands yields entries in consecutive runs of at most
@@ -158,9 +159,9 @@ func mailboxCommands(entries []*statev1.MailboxEntry) iter.Seq[[]*statev1.Mailbo
 }
 
 // PutMailbox stores a batch (in one Raft entry, or in several for one of
-// more than MaxCommandEventBytes, in order) and answers each entry's
-// outcome. Each entry is decided against the state the entries before it
-// left, as in one command.
+// more than MaxCommandEventBytes, in order, as consecutive calls would:
+// other commands may apply between them, an ack of what the first stored
+// among them) and answers each entry's outcome.
 func (s *MailboxServer) PutMailbox(ctx context.Context, req *connect.Request[edgev1.PutMailboxRequest]) (*connect.Response[edgev1.PutMailboxResponse], error) {
 	in := req.Msg.GetEntries()
 	if len(in) == 0 || len(in) > fsm.MaxMailboxBatch {
@@ -188,13 +189,20 @@ func (s *MailboxServer) PutMailbox(ctx context.Context, req *connect.Request[edg
 	var results []*statev1.MailboxResult
 	var rev uint64
 	for chunk := range mailboxCommands(out) {
-		res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{
+		// Each command at the time it is proposed: a later one stamped
+		// with the call's start would be decided (expiry, a stale copy
+		// replaced) by an older clock, and the leader refuses stamps a
+		// minute off.
+		stamp := max(now, s.cfg.Now().UnixMilli())
+		res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: stamp, Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{
 			Entries: chunk, MaxEntriesPerDevice: s.cfg.MaxEntriesPerDevice, MaxBytesPerDevice: s.cfg.MaxBytesPerDevice,
 			ReplaceExpired: replace,
 		}}})
 		if err != nil {
 			// What earlier commands stored stays; the caller's retry of
-			// the whole call is answered STORED with the same seqs for it.
+			// the whole call is answered STORED with the same seqs for
+			// what is still stored (what was acked meanwhile is stored
+			// again: delivery is at least once).
 			return nil, toConnect(err)
 		}
 		if len(res.GetMailboxResults()) != len(chunk) {

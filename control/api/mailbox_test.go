@@ -516,6 +516,17 @@ func TestALargeMailboxIsEmptiedInSteps(t *testing.T) {
 	mailboxUsers(t, c)
 	c.WaitFeature(fsm.FeatureMailboxPurge)
 	ctx := ctxT(t, 2*time.Minute)
+	// Terms tell whether a leader was elected meanwhile, which empties
+	// what is left at once (read before anything a new leader's first
+	// round could find to remove).
+	maxTerm := func() uint64 {
+		var m uint64
+		for _, nd := range c.Running() {
+			m = max(m, nd.Server.Node().Term())
+		}
+		return m
+	}
+	term := maxTerm()
 	cl := mailboxClient(t, c.Nodes[c.Leader()], c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE))
 	hour := time.Now().Add(time.Hour)
 	for i := 0; i < n; {
@@ -527,17 +538,7 @@ func TestALargeMailboxIsEmptiedInSteps(t *testing.T) {
 			t.Fatalf("put: %s", results(r))
 		}
 	}
-	// Terms tell whether a leader was elected meanwhile, which empties
-	// what is left at once.
-	maxTerm := func() uint64 {
-		var m uint64
-		for _, nd := range c.Running() {
-			m = max(m, nd.Server.Node().Term())
-		}
-		return m
-	}
 	leader := c.Leader()
-	term := maxTerm()
 	devices := controlv1connect.NewDeviceServiceClient(httpClient(t), url(c.Nodes[leader]), connect.WithInterceptors(bearer(c.AdminToken())))
 	if _, err := devices.DeleteDevice(ctx, connect.NewRequest(&controlv1.DeleteDeviceRequest{UserId: "alice", DeviceId: "a1"})); err != nil {
 		t.Fatal(err)
@@ -620,7 +621,8 @@ func TestALargePutGoesAsSeveralCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	// One MAILBOX_CHANGED per command that stored something, with its
-	// highest seq; the last command (e90..e99 and the copy of e5) too.
+	// highest seq: ten of ten entries; the copy of e5, an eleventh command
+	// of its own, stores nothing and changes nothing.
 	cs, err := leader.Changes(before, 1<<20)
 	if err != nil {
 		t.Fatal(err)

@@ -1,6 +1,7 @@
 // Package mailbox is the edge's client of the control plane's mailboxes.
 // Entries from every session of the edge go through one writer that
-// batches them into ordered PutMailbox calls (one Raft entry each), so
+// batches them into ordered PutMailbox calls (one Raft entry each: at
+// most MaxBatchBytes, what the control plane proposes at once), so
 // many sessions share a commit and a sender's entries keep their order;
 // acknowledged entries are deleted in batches too.
 package mailbox
@@ -89,8 +90,12 @@ type Config struct {
 	// counts as won at once, as one the control plane cannot decide in
 	// time does.
 	MaxPendingClaims int
-	// MaxBatchBytes bounds the events' bytes of one PutMailbox [8 MiB;
-	// the control plane refuses a call over 16 MiB whole].
+	// MaxBatchBytes bounds the events' bytes of one PutMailbox [1 MiB:
+	// the most the control plane proposes in one Raft command
+	// (api.MaxCommandEventBytes), so that a call is one command, stored
+	// whole or not at all; a larger call is proposed in several, and a
+	// retry after one of them failed may store again what was acked
+	// meanwhile. The control plane refuses a call over 16 MiB whole].
 	MaxBatchBytes int
 	// History names the control plane's history (the watch feed's;
 	// edge/directory's History) [none: acks unchecked]. A page fetched
@@ -209,7 +214,7 @@ func New(cfg Config) (*Client, error) {
 		cfg.MaxPendingClaims = 1 << 16
 	}
 	if cfg.MaxBatchBytes <= 0 {
-		cfg.MaxBatchBytes = 8 << 20
+		cfg.MaxBatchBytes = 1 << 20
 	}
 	if cfg.RetryFor <= 0 {
 		cfg.RetryFor = 30 * time.Second
