@@ -45,7 +45,7 @@ build:
 ## (without it, saying so, where no C compiler lets cgo build it).
 test: verify-proto vet lint-fmt test-tools
 	@if [ -n "$(RACE)" ]; then echo "running the tests with the race detector (the first run compiles everything with it: minutes)..."; \
-	elif [ -n "$$RELAY_REQUIRE_RACE" ]; then echo "RELAY_REQUIRE_RACE is set but cgo is off (no C compiler: install gcc): the race detector cannot run" >&2; exit 1; \
+	elif [ "$$RELAY_REQUIRE_RACE" = 1 ]; then echo "RELAY_REQUIRE_RACE is set but cgo is off (no C compiler: install gcc): the race detector cannot run" >&2; exit 1; \
 	else echo "NOTE: cgo is off here (no C compiler), so the tests run WITHOUT the race detector; install gcc (Debian: apt-get install gcc) to run them as CI does"; fi
 	$(GO) test $(RACE) -count=1 -timeout 20m $(PKGS)
 	@for m in $(SUBMODS); do (cd $$m && $(GO) test $(RACE) -count=1 -timeout 10m ./...) || exit 1; done

@@ -128,7 +128,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer, getenv
 	// relayctl calls http://127.0.0.1:7400 unless told otherwise.
 	server := ""
 	if s.APIURL() != "http://127.0.0.1:7400" {
-		server = "\n  export RELAYCTL_SERVER=" + s.APIURL() + "   (the control API above, for relayctl)\n"
+		server = "\n  export RELAYCTL_SERVER=" + s.APIURL() + "   # the control API above, for relayctl\n"
 	}
 	fmt.Fprintf(stdout, devBanner, devState(s, fresh, dataDir), s.APIURL(), s.AdminAddr(), e.Addr(), e.HTTPSURL(), e.AdminURL(), e.AdminURL(), hash,
 		certNote, dataDir, pwNote, server, dataDir, e.Addr(), hash, e.Addr(), hash)
