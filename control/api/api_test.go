@@ -505,20 +505,3 @@ func TestRestoreRefusesCorruptBackup(t *testing.T) {
 		t.Fatalf("restore of a corrupt backup: got %v, want ErrCorrupt", err)
 	}
 }
-
-// counterValue reads a counter (or gauge) without labels from node n's
-// registry (0 when absent).
-func counterValue(t *testing.T, n *clustertest.Node, name string) float64 {
-	t.Helper()
-	mfs, err := n.Server.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			m := mf.GetMetric()[0]
-			return m.GetCounter().GetValue() + m.GetGauge().GetValue()
-		}
-	}
-	return 0
-}

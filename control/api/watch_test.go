@@ -462,7 +462,19 @@ func TestSlowWatcherIsCutOffAndResumes(t *testing.T) {
 	node := c.Nodes[0].Server.Node()
 	start := node.FSM().AppliedIndex()
 	w := startWatchWith(t, clustertest.SmallWindowClient(t), c.Nodes[0], edge, start, false)
-	metric := func(name string) float64 { return counterValue(t, c.Nodes[0], name) }
+	metric := func(name string) float64 {
+		mfs, err := c.Nodes[0].Server.Registry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == name {
+				m := mf.GetMetric()[0]
+				return m.GetCounter().GetValue() + m.GetGauge().GetValue()
+			}
+		}
+		return 0
+	}
 	// The server handler must be running before the data is made.
 	clustertest.Eventually(t, 10*time.Second, func() error {
 		if metric("relay_control_watch_streams") < 1 {
@@ -609,7 +621,18 @@ func TestWatchResumeAcrossLeaderChange(t *testing.T) {
 	}
 
 	// Resume on the lagging node: the stream opens but waits.
-	metric := func(name string) float64 { return counterValue(t, c.Nodes[lagging], name) }
+	metric := func(name string) float64 {
+		mfs, err := c.Nodes[lagging].Server.Registry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == name {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		return 0
+	}
 	w2 := startWatch(t, c.Nodes[lagging], edge, seen, true)
 	clustertest.Eventually(t, 10*time.Second, func() error {
 		if metric("relay_control_watch_streams") < 1 {

@@ -152,9 +152,6 @@ type Config struct {
 	// Mailbox tunes mailboxes: per-device quotas (default 1000 entries and
 	// 4 MiB).
 	Mailbox api.MailboxConfig
-	// MailboxFetches bounds the FetchMailbox calls the node serves at once
-	// (default 64, a quarter of them per source, waiting up to 2 s).
-	MailboxFetches api.FetchLimits
 	// Devices tunes device registration: the most devices per account
 	// (default 100).
 	Devices api.DeviceConfig
@@ -401,8 +398,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if mailboxCfg.Metrics == nil {
 		mailboxCfg.Metrics = s.reg
 	}
-	mailboxPath, mailboxHandler := edgev1connect.NewMailboxServiceHandler(api.NewMailboxServer(s.node, mailboxCfg), opts(edgev1connect.MailboxServiceName))
-	mux.Handle(mailboxPath, api.LimitFetches(mailboxHandler, cfg.MailboxFetches, s.reg))
+	mux.Handle(edgev1connect.NewMailboxServiceHandler(api.NewMailboxServer(s.node, mailboxCfg), opts(edgev1connect.MailboxServiceName)))
 	mux.Handle("GET /.well-known/jwks.json", api.JWKSHandler(s.authn.Keys()))
 	doc, err := openapi.Generate(openapi.Info{Title: "relay control API", Version: "v1"},
 		openapi.Services(protoregistry.GlobalFiles, "control.v1", "edge.v1"), api.Policy().Public)
