@@ -607,6 +607,19 @@ func (t *txn) deleteMailbox(did string, budget *purgeBudget) (gone bool, err err
 	return true, t.b.Delete(mailPurgeKey(did))
 }
 
+// purging reports whether a device's mailbox is being emptied (it has a
+// purge record): none of it is fetched or announced any more.
+func purging(r state.Reader, did string) (bool, error) {
+	_, err := r.Get(mailPurgeKey(did))
+	if errors.Is(err, state.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("read the purge record of %q: %w", did, err)
+	}
+	return true, nil
+}
+
 // purgeMailboxes goes on emptying the mailboxes of deleted and revoked
 // devices (their purge records), in device id order, within budget. A
 // deleted device's id is free again once its mailbox is gone.
@@ -662,10 +675,8 @@ func (f *FSM) FetchMailbox(deviceID string, afterSeq uint64, limit, maxBytes int
 	if _, err := deviceOwner(snap, deviceID); err != nil {
 		return nil, false, err
 	}
-	if _, err := snap.Get(mailPurgeKey(deviceID)); err == nil {
-		return nil, false, nil // a revoked device's, being emptied
-	} else if !errors.Is(err, state.ErrNotFound) {
-		return nil, false, fmt.Errorf("read purge record: %w", err)
+	if p, err := purging(snap, deviceID); err != nil || p {
+		return nil, false, err // a revoked device's, being emptied
 	}
 	if afterSeq == ^uint64(0) {
 		return nil, false, nil // nothing can follow

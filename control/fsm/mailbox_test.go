@@ -433,9 +433,9 @@ func TestMailboxPagesAreBoundedInBytes(t *testing.T) {
 	}
 }
 
-// purging reports whether a device's mailbox has a purge record, and
+// purgeState reports whether a device's mailbox has a purge record, and
 // what its owner record holds ("-" for none).
-func purging(t *testing.T, f *FSM, did string) (bool, string) {
+func purgeState(t *testing.T, f *FSM, did string) (bool, string) {
 	t.Helper()
 	_, err := f.store.Get(mailPurgeKey(did))
 	if err != nil && !errors.Is(err, state.ErrNotFound) {
@@ -488,7 +488,7 @@ func TestADeletedDevicesMailboxIsEmptiedInSteps(t *testing.T) {
 	if k := mailKeys(t, f, "a1"); len(k) != 6*3+1 {
 		t.Fatalf("after deleting with a limit of 4: %d records, want 19: %v", len(k), k)
 	}
-	if p, owner := purging(t, f, "a1"); !p || owner != "" {
+	if p, owner := purgeState(t, f, "a1"); !p || owner != "" {
 		t.Fatalf("purge record %v, owner %q; want one and an empty owner", p, owner)
 	}
 	if _, _, err := f.FetchMailbox("a1", 0, 100, 0, 0); !errors.Is(err, ErrNotFound) {
@@ -523,7 +523,7 @@ func TestADeletedDevicesMailboxIsEmptiedInSteps(t *testing.T) {
 	if k := mailKeys(t, f, "a1"); len(k) != 0 {
 		t.Fatalf("after the last purge: %v", k)
 	}
-	if p, owner := purging(t, f, "a1"); p || owner != "-" {
+	if p, owner := purgeState(t, f, "a1"); p || owner != "-" {
 		t.Fatalf("after the last purge: purge record %v, owner %q", p, owner)
 	}
 	if due, _ := f.MailboxExpiryDue(0, true); due {
@@ -545,7 +545,7 @@ func TestADeletedDevicesMailboxIsEmptiedInSteps(t *testing.T) {
 	if r := a.apply(&statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{UserId: "alice", DeviceId: "a2", PurgeLimit: 1}}); r.GetCode() != ok {
 		t.Fatal(r)
 	}
-	if p, owner := purging(t, f, "a2"); !p || owner != "alice" {
+	if p, owner := purgeState(t, f, "a2"); !p || owner != "alice" {
 		t.Fatalf("revoked: purge record %v, owner %q", p, owner)
 	}
 	if got, more, err := f.FetchMailbox("a2", 0, 100, 0, 0); err != nil || len(got) != 0 || more {
@@ -569,11 +569,11 @@ func TestADeletedDevicesMailboxIsEmptiedInSteps(t *testing.T) {
 	if r := a.apply(&statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: "alice", DeviceId: "a2", PurgeLimit: 1}}); r.GetCode() != ok {
 		t.Fatal(r)
 	}
-	if p, owner := purging(t, f, "a2"); !p || owner != "" || len(mailKeys(t, f, "a2")) != 3+1 {
+	if p, owner := purgeState(t, f, "a2"); !p || owner != "" || len(mailKeys(t, f, "a2")) != 3+1 {
 		t.Fatalf("deleted while emptied: purge record %v, owner %q, %d records", p, owner, len(mailKeys(t, f, "a2")))
 	}
 	a.apply(expireOp(100))
-	if p, owner := purging(t, f, "a2"); p || owner != "-" || len(mailKeys(t, f, "a2")) != 0 {
+	if p, owner := purgeState(t, f, "a2"); p || owner != "-" || len(mailKeys(t, f, "a2")) != 0 {
 		t.Fatalf("after the purge: purge record %v, owner %q, records %v", p, owner, mailKeys(t, f, "a2"))
 	}
 	if err := indexRecordsOf(t, f, "a1", "a2"); err != nil {
@@ -605,10 +605,10 @@ func TestAUsersMailboxesShareOnePurgeBudget(t *testing.T) {
 		t.Fatal(r)
 	}
 	// a1 first: emptied (3), then one of a2's.
-	if p, owner := purging(t, f, "a1"); p || owner != "-" {
+	if p, owner := purgeState(t, f, "a1"); p || owner != "-" {
 		t.Fatalf("a1: purge record %v, owner %q", p, owner)
 	}
-	if p, owner := purging(t, f, "a2"); !p || owner != "" || len(mailKeys(t, f, "a2")) != 2*3+1 {
+	if p, owner := purgeState(t, f, "a2"); !p || owner != "" || len(mailKeys(t, f, "a2")) != 2*3+1 {
 		t.Fatalf("a2: purge record %v, owner %q, records %d", p, owner, len(mailKeys(t, f, "a2")))
 	}
 	// Bob's device, deleted with a limit that empties nothing: its id is
@@ -620,7 +620,7 @@ func TestAUsersMailboxesShareOnePurgeBudget(t *testing.T) {
 	}
 	a.apply(expireOp(3))
 	for _, did := range []string{"a2", "b1"} {
-		if p, owner := purging(t, f, did); p || owner != "-" || len(mailKeys(t, f, did)) != 0 {
+		if p, owner := purgeState(t, f, did); p || owner != "-" || len(mailKeys(t, f, did)) != 0 {
 			t.Fatalf("%s: purge record %v, owner %q, records %v", did, p, owner, mailKeys(t, f, did))
 		}
 	}

@@ -80,10 +80,8 @@ func (v *View) EachStoredMailbox(fn func(userID string, mb *statev1.Mailbox) err
 		if mb.GetCount() == 0 {
 			return nil
 		}
-		if _, err := v.snap.Get(mailPurgeKey(mb.GetDeviceId())); err == nil {
-			return nil // a revoked or deleted device's, being emptied
-		} else if !errors.Is(err, state.ErrNotFound) {
-			return fmt.Errorf("purge record of %q: %w", mb.GetDeviceId(), err)
+		if p, err := purging(v.snap, mb.GetDeviceId()); err != nil || p {
+			return err // a revoked or deleted device's, being emptied
 		}
 		owner, err := deviceOwner(v.snap, mb.GetDeviceId())
 		if errors.Is(err, ErrNotFound) {
