@@ -18,6 +18,7 @@ import (
 
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/backup"
 	"github.com/edge-relay/relay/control/raftnode"
@@ -184,6 +185,14 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	})
 	fs.Uint64Var(&cfg.Mailbox.MaxEntriesPerDevice, "mailbox-max-entries", 1000, "events a device's mailbox keeps at most while it is offline")
 	fs.Uint64Var(&cfg.Mailbox.MaxBytesPerDevice, "mailbox-max-bytes", 4<<20, "event bytes a device's mailbox keeps at most")
+	fs.Func("mailbox-fetches", fmt.Sprintf("mailbox reads this node serves at once, a quarter of them per edge (default %d); more wait up to 2s, then are refused as busy and the edge reads from another node", api.DefaultMaxFetches), func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 16)
+		if err != nil || n == 0 {
+			return fmt.Errorf("want a number from 1 to 65535, got %q", v)
+		}
+		cfg.Mailbox.Fetches.Max = int(n)
+		return nil
+	})
 	fs.DurationVar(&cfg.MailboxExpireEvery, "mailbox-expire-every", 10*time.Second, "how often the leader removes expired mailbox entries and empties deleted devices' mailboxes")
 	fs.DurationVar(&cfg.Edges.LeaseTTL, "edge-lease-ttl", 30*time.Second, "an edge leaves the member list this long after its last renewal")
 	fs.DurationVar(&cfg.Edges.CertTTL, "edge-cert-ttl", 24*time.Hour, "lifetime of the mesh certificates issued to edges")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"iter"
+	"net/http"
 	"time"
 
 	"connectrpc.com/connect"
@@ -32,6 +33,9 @@ type MailboxConfig struct {
 	// retries a claim batch (30 s) or a leader change takes, so that a
 	// claim that comes late finds who took the event.
 	ClaimRecordGrace time.Duration
+	// Fetches bounds the FetchMailbox calls the node reads and answers at
+	// once (see FetchLimits; default 64, 16 per edge).
+	Fetches FetchLimits
 	// Now is the clock; default time.Now.
 	Now func() time.Time
 	// Metrics registers the service's metrics; nil disables them.
@@ -61,6 +65,7 @@ type MailboxServer struct {
 	cfg     MailboxConfig
 	entries *prometheus.CounterVec
 	claims  *prometheus.CounterVec
+	fetches *fetchLimiter
 }
 
 var _ edgev1connect.MailboxServiceHandler = (*MailboxServer)(nil)
@@ -90,7 +95,7 @@ func purgeLimit(node *raftnode.Node) uint32 {
 // NewMailboxServer returns the MailboxService handler.
 func NewMailboxServer(node *raftnode.Node, cfg MailboxConfig) *MailboxServer {
 	cfg.applyDefaults()
-	s := &MailboxServer{node: node, cfg: cfg,
+	s := &MailboxServer{node: node, cfg: cfg, fetches: newFetchLimiter(cfg.Fetches),
 		entries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_control_mailbox_put_entries_total",
 			Help: "Mailbox entries proposed through this node, by outcome (stored, full, target_gone, expired, taken).",
@@ -107,8 +112,17 @@ func NewMailboxServer(node *raftnode.Node, cfg MailboxConfig) *MailboxServer {
 	s.claims.WithLabelValues("lost")
 	if cfg.Metrics != nil {
 		cfg.Metrics.MustRegister(s.entries, s.claims)
+		s.fetches.register(cfg.Metrics)
 	}
 	return s
+}
+
+// Handler returns MailboxService's path and HTTP handler (as
+// edgev1connect.NewMailboxServiceHandler), which keeps a FetchMailbox
+// call's place (MailboxConfig.Fetches) until its answer is written.
+func (s *MailboxServer) Handler(opts ...connect.HandlerOption) (string, http.Handler) {
+	path, h := edgev1connect.NewMailboxServiceHandler(s, opts...)
+	return path, s.fetches.wrap(h)
 }
 
 var statusToAPI = map[statev1.MailboxStatus]edgev1.MailboxStatus{
@@ -237,6 +251,12 @@ func (s *MailboxServer) FetchMailbox(ctx context.Context, req *connect.Request[e
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	// The page is read and held from here: the call takes a place first.
+	done, err := s.fetches.acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
 	// Read before the entries: everything applied by then is visible to
 	// the read that follows, so the response covers this revision.
 	rev := f.AppliedIndex()

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/auth"
@@ -427,6 +429,75 @@ func SmallWindowClient(t TB) *http.Client {
 	}}
 	t.Cleanup(tr.CloseIdleConnections)
 	return &http.Client{Transport: tr}
+}
+
+// MetricValue reads a counter or gauge of g: the first series of name
+// whose labels include every name/value pair of labels (0 when none).
+func MetricValue(t TB, g prometheus.Gatherer, name string, labels ...string) float64 {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	series:
+		for _, m := range mf.GetMetric() {
+			for i := 0; i+1 < len(labels); i += 2 {
+				if !slices.ContainsFunc(m.GetLabel(), func(l *dto.LabelPair) bool {
+					return l.GetName() == labels[i] && l.GetValue() == labels[i+1]
+				}) {
+					continue series
+				}
+			}
+			return m.GetCounter().GetValue() + m.GetGauge().GetValue()
+		}
+	}
+	return 0
+}
+
+// UnreadCall makes a unary call of procedure (Connect protocol, proto
+// encoding) with a bearer token from the local address from, and never
+// reads its answer: its connection lets 1 KiB of the answer wait unread
+// (HTTP/2 flow control), so the server's write of a larger one blocks
+// with the call in flight. It returns once the answer's headers arrived
+// with status 200; stop cancels the call (the test's cleanup does too).
+func UnreadCall(t TB, baseURL, from, procedure, token string, msg proto.Message) (body io.ReadCloser, stop func()) {
+	t.Helper()
+	var protos http.Protocols
+	protos.SetUnencryptedHTTP2(true)
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 10 * time.Second}
+	tr := &http.Transport{DialContext: d.DialContext, Protocols: &protos,
+		HTTP2: &http.HTTP2Config{MaxReceiveBufferPerStream: 1 << 10}}
+	b, err := proto.Marshal(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, baseURL+procedure, bytes.NewReader(b))
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/proto")
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	stop = func() {
+		cancel()
+		_ = resp.Body.Close()
+		tr.CloseIdleConnections()
+	}
+	t.Cleanup(stop)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s from %s: status %d", procedure, from, resp.StatusCode)
+	}
+	return resp.Body, stop
 }
 
 // WaitReady waits until every running node is ready.

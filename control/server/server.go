@@ -150,7 +150,8 @@ type Config struct {
 	// certificate lifetime (default 24h).
 	Edges api.EdgeConfig
 	// Mailbox tunes mailboxes: per-device quotas (default 1000 entries and
-	// 4 MiB).
+	// 4 MiB) and the fetches the node serves at once (default 64, 16 per
+	// edge).
 	Mailbox api.MailboxConfig
 	// Devices tunes device registration: the most devices per account
 	// (default 100).
@@ -398,7 +399,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if mailboxCfg.Metrics == nil {
 		mailboxCfg.Metrics = s.reg
 	}
-	mux.Handle(edgev1connect.NewMailboxServiceHandler(api.NewMailboxServer(s.node, mailboxCfg), opts(edgev1connect.MailboxServiceName)))
+	mux.Handle(api.NewMailboxServer(s.node, mailboxCfg).Handler(opts(edgev1connect.MailboxServiceName)))
 	mux.Handle("GET /.well-known/jwks.json", api.JWKSHandler(s.authn.Keys()))
 	doc, err := openapi.Generate(openapi.Info{Title: "relay control API", Version: "v1"},
 		openapi.Services(protoregistry.GlobalFiles, "control.v1", "edge.v1"), api.Policy().Public)

@@ -191,10 +191,20 @@ type Client struct {
 	puts        circuit
 	claimCalls  circuit
 
+	// busySince counts the reads refused as busy since busyToldAt, when
+	// the operator was last told of them (at most every busyTellEvery).
+	busySince  int
+	busyToldAt time.Time
+
 	batchSize prometheus.Histogram
 	commit    prometheus.Histogram
 	results   *prometheus.CounterVec
+	fetches   *prometheus.CounterVec
 }
+
+// busyTellEvery spaces the warnings that mailbox reads were refused as
+// busy: in a reconnect storm every session's first read may be.
+const busyTellEvery = 10 * time.Second
 
 // New returns a client; call Run to start it.
 func New(cfg Config) (*Client, error) {
@@ -238,6 +248,13 @@ func New(cfg Config) (*Client, error) {
 		results: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_edge_mailbox_entries_total", Help: "Mailbox entries written, by outcome.",
 		}, []string{"result"}),
+		fetches: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_edge_mailbox_fetches_total",
+			Help: "Mailbox reads (FetchMailbox calls), by outcome: ok, busy (the control node read as many as it may at once; the session reads again shortly), error.",
+		}, []string{"result"}),
+	}
+	for _, r := range []string{"ok", "busy", "error"} {
+		c.fetches.WithLabelValues(r)
 	}
 	// Every outcome exists from the start, so rate() and increase() see
 	// the first failure.
@@ -248,7 +265,7 @@ func New(cfg Config) (*Client, error) {
 		}
 	}
 	if cfg.Registerer != nil {
-		for _, m := range []prometheus.Collector{c.batchSize, c.commit, c.results} {
+		for _, m := range []prometheus.Collector{c.batchSize, c.commit, c.results, c.fetches} {
 			if err := cfg.Registerer.Register(m); err != nil {
 				return nil, err
 			}
@@ -313,10 +330,44 @@ func (c *Client) Fetch(ctx context.Context, deviceID string, after uint64, limit
 		history = c.cfg.History()
 	}
 	resp, err := c.cfg.API.FetchMailbox(ctx, deviceID, after, clampUint32(limit), clampUint32(maxBytes))
-	if err != nil {
+	switch {
+	case busy(err):
+		c.fetches.WithLabelValues("busy").Inc()
+		c.tellBusy(err)
+		return session.MailboxPage{}, fmt.Errorf("fetch mailbox of %s: %w: %w", deviceID, session.ErrMailboxBusy, err)
+	case err != nil:
+		c.fetches.WithLabelValues("error").Inc()
 		return session.MailboxPage{}, fmt.Errorf("fetch mailbox of %s: %w", deviceID, err)
 	}
+	c.fetches.WithLabelValues("ok").Inc()
 	return session.MailboxPage{Entries: resp.GetEntries(), More: resp.GetMore(), Revision: resp.GetRevision(), History: history}, nil
+}
+
+// busy reports whether the control plane refused a call for load, to be
+// made again shortly (unavailable, with Retry-After), as a node that
+// reads as many mailboxes as it may at once does (control/api's
+// FetchLimits): the call goes to the next node, and the session keeps
+// what it holds behind the mailbox meanwhile.
+func busy(err error) bool {
+	var ce *connect.Error
+	return errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable && ce.Meta().Get("Retry-After") != ""
+}
+
+// tellBusy warns, at most every busyTellEvery, how many mailbox reads the
+// control plane refused as busy; each session logs its own at debug.
+func (c *Client) tellBusy(err error) {
+	c.mu.Lock()
+	c.busySince++
+	n, now := c.busySince, time.Now()
+	tell := now.Sub(c.busyToldAt) >= busyTellEvery
+	if tell {
+		c.busySince, c.busyToldAt = 0, now
+	}
+	c.mu.Unlock()
+	if tell {
+		c.cfg.Logger.Warn("the control plane refused mailbox reads as busy; sessions read again shortly (see relay_control_mailbox_fetches_refused_total, --mailbox-fetches)",
+			"refused_since_last", n, "err", err)
+	}
 }
 
 // clampUint32 is n as a request's count, 0 for a negative n.

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync"
@@ -20,12 +21,15 @@ import (
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/edge/controlconn"
 	"github.com/edge-relay/relay/edge/mailbox"
 	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/internal/relaytest"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 )
 
 func TestMain(m *testing.M) {
@@ -800,5 +804,63 @@ func TestACallNearItsDeadlineStillGetsItsSecond(t *testing.T) {
 	mb.Store(&edgev1.MailboxEntry{DeviceId: "d", UserId: "u", Event: []byte("e"), EventId: "1", SenderDeviceId: "s"}, func(r mailbox.Result) { res <- r })
 	if r := <-res; r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
 		t.Fatalf("an entry a slow control plane stored: %+v", r)
+	}
+}
+
+// A control node that reads as many mailboxes as it may at once refuses
+// a fetch as busy: the client tells that apart from other failures
+// (session.ErrMailboxBusy: the session reads again without refusing what
+// it holds behind the mailbox), counts it and warns once for many.
+func TestABusyControlNodeIsToldApart(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) {
+		cfg.Mailbox.Fetches = api.FetchLimits{Max: 1, Wait: 50 * time.Millisecond, WriteTimeout: 10 * time.Minute}
+	}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cc, userID, devIDs := edgeOf(ctx, t, c, 1)
+	reg := prometheus.NewRegistry()
+	var logs relaytest.Buffer
+	mb, _ := startClient(t, mailbox.Config{API: cc, Registerer: reg, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	event := make([]byte, 64<<10)
+	_, _ = rand.Read(event) // so that compression cannot shrink the answer
+	stored := make(chan mailbox.Result, 1)
+	mb.Store(&edgev1.MailboxEntry{DeviceId: devIDs[0], UserId: userID, Event: event, EventId: "big", SenderDeviceId: "s",
+		ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) { stored <- r })
+	if r := <-stored; r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+		t.Fatalf("store: %+v", r)
+	}
+	tok, err := cc.Token(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A reader that does not take its answer holds the node's one place.
+	_, release := clustertest.UnreadCall(t, "http://"+c.Nodes[0].Server.APIAddr(), "127.0.0.1",
+		edgev1connect.MailboxServiceFetchMailboxProcedure, tok, &edgev1.FetchMailboxRequest{DeviceId: devIDs[0]})
+	for range 3 {
+		if _, err := mb.Fetch(ctx, devIDs[0], 0, 10, 0); !errors.Is(err, session.ErrMailboxBusy) {
+			t.Fatalf("a fetch while the node's place is held: %v, want session.ErrMailboxBusy", err)
+		}
+	}
+	if n := strings.Count(logs.String(), "refused mailbox reads as busy"); n != 1 {
+		t.Fatalf("%d warnings for three busy reads, want 1:\n%s", n, logs.String())
+	}
+	// Other failures are not busy.
+	if _, err := mb.Fetch(ctx, "", 0, 10, 0); err == nil || errors.Is(err, session.ErrMailboxBusy) {
+		t.Fatalf("a malformed fetch: %v, want an error other than busy", err)
+	}
+	release()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		page, err := mb.Fetch(ctx, devIDs[0], 0, 10, 0)
+		if err == nil && len(page.Entries) != 1 {
+			err = fmt.Errorf("fetched %d entries, want 1", len(page.Entries))
+		}
+		return err
+	})
+	// Reads the Eventually made before the place came back count busy.
+	fetches := func(result string) float64 {
+		return clustertest.MetricValue(t, reg, "relay_edge_mailbox_fetches_total", "result", result)
+	}
+	if ok, busy, failed := fetches("ok"), fetches("busy"), fetches("error"); ok != 1 || busy < 3 || failed != 1 {
+		t.Fatalf("relay_edge_mailbox_fetches_total: ok=%v busy=%v error=%v, want ok=1 busy>=3 error=1", ok, busy, failed)
 	}
 }

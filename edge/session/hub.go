@@ -73,6 +73,11 @@ type Config struct {
 	// MailboxWindow bounds a device's mailbox deliveries awaiting its
 	// acknowledgement, and the entries fetched at once [64].
 	MailboxWindow int
+	// MailboxBusyGrace is how long a session's mailbox reads may be
+	// refused as busy (ErrMailboxBusy) while the live deliveries held
+	// behind the mailbox keep waiting; past it they are refused as after
+	// any failed read [10s].
+	MailboxBusyGrace time.Duration
 	// DedupWindow is how many recent event ids per session are remembered
 	// to ack duplicates without relaying them again [1024].
 	DedupWindow int
@@ -173,6 +178,7 @@ func (c *Config) setDefaults() error {
 	defInt(&c.UnackedBytes, 4<<20)
 	defInt(&c.DedupWindow, 1024)
 	defInt(&c.MailboxWindow, 64)
+	def(&c.MailboxBusyGrace, 10*time.Second)
 	defInt(&c.HandshakeBurst, 50)
 	if c.HandshakesPerSecond <= 0 {
 		c.HandshakesPerSecond = 20

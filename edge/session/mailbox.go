@@ -32,6 +32,13 @@ type MailboxResult struct {
 // the sender is told PAYLOAD_TOO_LARGE, not to retry what cannot succeed.
 var ErrMailboxEventTooLarge = errors.New("event larger than a mailbox entry holds")
 
+// ErrMailboxBusy marks (wrapped) a Fetch the control plane refused for
+// load: it reads as many mailboxes as it may at once. The session reads
+// again shortly, and the live deliveries held behind the mailbox keep
+// waiting meanwhile, for up to Config.MailboxBusyGrace, rather than being
+// refused as after other failures: a busy control plane is answering.
+var ErrMailboxBusy = errors.New("the control plane reads as many mailboxes as it may at once")
+
 // Mailbox is the control plane's mailboxes as the session core uses them
 // (edge/mailbox provides it).
 type Mailbox interface {
@@ -364,7 +371,11 @@ func (s *Session) primeMailbox(ctx context.Context) {
 	// stored entries wait (fenced).
 	defer func() { m.more = true }()
 	if err != nil {
-		s.logAt(slog.LevelWarn, "mailbox fetch failed; retrying in the background", "err", err)
+		level := slog.LevelWarn
+		if errors.Is(err, ErrMailboxBusy) {
+			level = slog.LevelDebug // edge/mailbox tells the operator, edge-wide
+		}
+		s.logAt(level, "mailbox fetch failed; retrying in the background", "err", err)
 		return
 	}
 	s.noteStart(page.Revision)
@@ -620,6 +631,7 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 	m := &s.mb
 	window := s.hub.cfg.MailboxWindow
 	backoff := 50 * time.Millisecond
+	var busySince time.Time // since when every read was refused as busy
 	// wait waits for a wake, or d; meanwhile held deliveries are refused
 	// as they expire, so their senders learn it then.
 	wait := func(d time.Duration) bool {
@@ -686,15 +698,23 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 			if pctx.Err() != nil {
 				return // the session ended: not a failure
 			}
-			s.logAt(slog.LevelWarn, "mailbox fetch failed", "err", err, "backoff", backoff)
-			s.failHeld()
+			if errors.Is(err, ErrMailboxBusy) && busySince.IsZero() {
+				busySince = time.Now()
+			}
+			if errors.Is(err, ErrMailboxBusy) && time.Since(busySince) < s.hub.cfg.MailboxBusyGrace {
+				// Edge-wide, edge/mailbox tells the operator.
+				s.logAt(slog.LevelDebug, "mailbox fetch refused as busy", "err", err, "backoff", backoff)
+			} else {
+				s.logAt(slog.LevelWarn, "mailbox fetch failed", "err", err, "backoff", backoff)
+				s.failHeld()
+			}
 			if !wait(backoff) {
 				return
 			}
 			backoff = min(2*backoff, 5*time.Second)
 			continue
 		}
-		backoff = 50 * time.Millisecond
+		backoff, busySince = 50*time.Millisecond, time.Time{}
 		if !s.openKnown.Load() {
 			// The first read failed: this one bounds the session's start.
 			s.noteStart(page.Revision)

@@ -31,6 +31,8 @@ type memMailbox struct {
 	quota     int
 	maxEvent  int                      // if set, larger events are refused as edge/mailbox does
 	fails     map[string]int           // fail this many fetches of a device
+	busy      map[string]int           // refuse this many fetches of a device as busy (ErrMailboxBusy)
+	busyReads map[string]int           // fetches refused as busy
 	fetchGate map[string]chan struct{} // if set, a device's fetches wait for it
 	snapshots chan string              // if set, told the device of each fetch once it read
 	reads     map[string]int           // fetches that read a device's mailbox
@@ -48,7 +50,7 @@ type memMailbox struct {
 func newMemMailbox(t testing.TB) *memMailbox {
 	m := &memMailbox{seq: map[string]uint64{}, boxes: map[string][]*edgev1.MailboxEntry{}, acked: map[string][]uint64{},
 		queue: make(chan func(), 1024), done: make(chan struct{}), quota: 1000,
-		fails: map[string]int{}, fetchGate: map[string]chan struct{}{}, reads: map[string]int{}, fetched: map[string]int{}}
+		fails: map[string]int{}, busy: map[string]int{}, busyReads: map[string]int{}, fetchGate: map[string]chan struct{}{}, reads: map[string]int{}, fetched: map[string]int{}}
 	go func() {
 		defer close(m.done)
 		for f := range m.queue {
@@ -91,6 +93,12 @@ func (m *memMailbox) Fetch(ctx context.Context, device string, after uint64, lim
 		m.fails[device]--
 		m.mu.Unlock()
 		return MailboxPage{}, errors.New("control plane unavailable")
+	}
+	if m.busy[device] > 0 {
+		m.busy[device]--
+		m.busyReads[device]++
+		m.mu.Unlock()
+		return MailboxPage{}, fmt.Errorf("fetch mailbox of %s: %w", device, ErrMailboxBusy)
 	}
 	rev, history := m.rev, m.history
 	m.reads[device]++
@@ -1094,6 +1102,50 @@ func TestWaitingEventsAreRefusedWhileTheMailboxCannotBeRead(t *testing.T) {
 		t.Fatalf("b got %v", got)
 	}
 	a.relay(b, "retry")
+}
+
+// A control plane that refuses reads as busy is answering: a live event
+// waiting for the target's mailbox stays held while the session reads
+// again, and goes after the stored one once a read is served.
+func TestHeldDeliveriesWaitWhileTheMailboxIsBusy(t *testing.T) {
+	e, mb, a := storedForOfflineB(t, nil)
+	mb.mu.Lock()
+	mb.busy["b"] = 1 << 20
+	mb.mu.Unlock()
+	b := e.online("b")
+	live := a.sendPayload("live", "b")
+	a.expectNothing("an outcome of the held event", func(f *relayv1.Frame) bool { return f.GetAck() != nil || f.GetReject() != nil })
+	// Reads refused after the event was held: none refused it.
+	refused := func() int {
+		mb.mu.Lock()
+		defer mb.mu.Unlock()
+		return mb.busyReads["b"]
+	}
+	after := refused()
+	waitFor(t, "two more of b's reads refused as busy", func() bool { return refused() >= after+2 })
+	a.expectNothing("an outcome of the event held while the mailbox is busy", func(f *relayv1.Frame) bool { return f.GetAck() != nil || f.GetReject() != nil })
+	mb.mu.Lock()
+	mb.busy["b"] = 0
+	mb.mu.Unlock()
+	if got := b.payloads(2); !slices.Equal(got, []string{"stored", "live"}) {
+		t.Fatalf("b got %v", got)
+	}
+	a.expectAcks(live)
+}
+
+// Only for a while: once the reads were refused as busy for
+// MailboxBusyGrace, what waits behind the mailbox is refused (retryably)
+// as after any failed read.
+func TestHeldDeliveriesAreRefusedOnceTheMailboxWasBusyTooLong(t *testing.T) {
+	e, mb, a := storedForOfflineB(t, func(c *Config) { c.MailboxBusyGrace = time.Nanosecond })
+	mb.mu.Lock()
+	mb.busy["b"] = 1 << 20
+	mb.mu.Unlock()
+	e.online("b")
+	live := a.sendPayload("live", "b")
+	if f := a.nextAckOrReject(); f.GetReject().GetEventId() != live.GetId() || f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_INTERNAL {
+		t.Fatalf("want INTERNAL for %s, got %v", live.GetId(), f)
+	}
 }
 
 // An edge without mailboxes has nothing to wait for: a forwarded event
