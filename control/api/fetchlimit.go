@@ -50,7 +50,10 @@ type FetchLimits struct {
 	Wait time.Duration
 	// WriteTimeout bounds the time from taking a place to the answer's
 	// last byte [DefaultFetchWriteTimeout]; a reader that does not take
-	// the answer by then has its stream reset and its place freed.
+	// the answer by then has its stream reset and its place freed (an
+	// edge gives up on a fetch after 5 s anyway). A connection whose TCP
+	// window stays shut is closed after Limits.WriteByteTimeout instead:
+	// the reset cannot get out before.
 	WriteTimeout time.Duration
 }
 
@@ -135,11 +138,6 @@ func (l *fetchLimiter) wrap(h http.Handler) http.Handler {
 		if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
 			hold.src = ap.Addr().Unmap()
 		}
-		if r.ProtoMajor < 2 {
-			// The write deadline set for the answer would stay on an
-			// HTTP/1 connection's next request: it carries no other.
-			w.Header().Set("Connection", "close")
-		}
 		defer func() {
 			if hold.release != nil {
 				hold.release()
@@ -148,6 +146,11 @@ func (l *fetchLimiter) wrap(h http.Handler) http.Handler {
 		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), fetchHoldKey{}, hold)))
 	})
 }
+
+// BusyHeader marks a call refused for load, to be made again shortly
+// (with Retry-After), apart from any other unavailable answer: a proxy's
+// 503 in an outage is not a node that is busy but answering.
+const BusyHeader = "Relay-Busy"
 
 // errFetchesBusy is the message of a fetch refused for want of a place.
 var errFetchesBusy = errors.New("this node reads as many mailboxes as it may at once")
@@ -170,6 +173,7 @@ func (l *fetchLimiter) acquire(ctx context.Context) (done func(), _ error) {
 		l.refused.WithLabelValues(reason).Inc()
 		err := connect.NewError(connect.CodeUnavailable, fmt.Errorf("%w (%d, %d per edge); read from another node, or again shortly", errFetchesBusy, l.cfg.Max, l.cfg.PerSource))
 		err.Meta().Set("Retry-After", "1")
+		err.Meta().Set(BusyHeader, "mailbox-fetches")
 		return nil, err
 	}
 	if hold == nil {

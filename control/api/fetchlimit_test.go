@@ -1,17 +1,19 @@
 package api_test
 
 import (
-	"bytes"
+	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
@@ -32,10 +34,13 @@ func stuckFetch(t *testing.T, nodeURL, from, token, device string) (body io.Read
 // fetchLimitCluster starts one node with limits and stores a page far
 // larger than a stuck reader takes for device a1; fetchFrom reads it as
 // an edge calling from an address.
-func fetchLimitCluster(t *testing.T, limits api.FetchLimits) (c *clustertest.Cluster, n *clustertest.Node, token string, fetchFrom func(from, token string) error) {
+func fetchLimitCluster(t *testing.T, limits api.FetchLimits, configure ...func(*server.Config)) (c *clustertest.Cluster, n *clustertest.Node, token string, fetchFrom func(from, token string) error) {
 	t.Helper()
 	c = clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) {
 		cfg.Mailbox.Fetches = limits
+		for _, f := range configure {
+			f(cfg)
+		}
 	}})
 	mailboxUsers(t, c)
 	token = c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
@@ -60,12 +65,12 @@ func fetchLimitCluster(t *testing.T, limits api.FetchLimits) (c *clustertest.Clu
 }
 
 // busyRefusal checks that err is a fetch refused for want of a place:
-// unavailable, with Retry-After (what an edge retries without refusing
-// what it holds).
+// unavailable, with Retry-After and marked busy (what an edge retries
+// without refusing what it holds).
 func busyRefusal(err error) error {
 	var ce *connect.Error
-	if !errors.As(err, &ce) || ce.Code() != connect.CodeUnavailable || ce.Meta().Get("Retry-After") == "" {
-		return fmt.Errorf("got %v, want unavailable with Retry-After", err)
+	if !errors.As(err, &ce) || ce.Code() != connect.CodeUnavailable || ce.Meta().Get("Retry-After") == "" || ce.Meta().Get(api.BusyHeader) == "" {
+		return fmt.Errorf("got %v, want unavailable with Retry-After and %s", err, api.BusyHeader)
 	}
 	return nil
 }
@@ -129,7 +134,7 @@ func TestMailboxFetchesAreBoundedPerNodeAndSource(t *testing.T) {
 // An answer nobody reads holds its place only until its write deadline:
 // then its stream is reset and the place comes back.
 func TestAFetchNobodyReadsLosesItsPlace(t *testing.T) {
-	_, n, token, fetchFrom := fetchLimitCluster(t, api.FetchLimits{Max: 1, Wait: 100 * time.Millisecond, WriteTimeout: 300 * time.Millisecond})
+	_, n, token, fetchFrom := fetchLimitCluster(t, api.FetchLimits{Max: 1, Wait: 100 * time.Millisecond, WriteTimeout: 2 * time.Second})
 	body, _ := stuckFetch(t, url(n), "127.0.0.1", token, "a1")
 	clustertest.Eventually(t, 30*time.Second, func() error { return fetchFrom("127.0.0.1", token) })
 	if _, err := io.ReadAll(body); err == nil {
@@ -144,32 +149,89 @@ func TestAFetchNobodyReadsLosesItsPlace(t *testing.T) {
 	})
 }
 
-// Over HTTP/1 a fetch's connection carries no other request: the write
-// deadline of its answer would stay on it.
-func TestAnHTTP1FetchClosesItsConnection(t *testing.T) {
-	_, n, token, _ := fetchLimitCluster(t, api.FetchLimits{})
-	msg, err := proto.Marshal(&edgev1.FetchMailboxRequest{DeviceId: "a1"})
-	if err != nil {
-		t.Fatal(err)
+// pausedConn is a client's connection that reads nothing until resume
+// closes: what the node writes fills the socket buffers (the receive
+// buffer is set small when dialing), then the node's writes block in TCP
+// with every HTTP/2 window open.
+type pausedConn struct {
+	net.Conn
+	resume <-chan struct{}
+}
+
+func (c pausedConn) Read(p []byte) (int, error) {
+	<-c.resume
+	return c.Conn.Read(p)
+}
+
+// A reader whose connection stops taking bytes at all (a frozen edge, a
+// partition: the TCP window stays shut, however open the HTTP/2 windows
+// are) holds its places only until the node closes the connection, after
+// Limits.WriteByteTimeout: the answers' write deadline alone cannot
+// reset their streams, as the resets wait behind the stuck write.
+func TestAConnectionThatTakesNothingLosesItsPlaces(t *testing.T) {
+	const fetches = 8 // full pages: more than the node's socket buffer (4 MiB at most) holds
+	_, n, token, _ := fetchLimitCluster(t, api.FetchLimits{Max: fetches, PerSource: fetches, WriteTimeout: 10 * time.Minute}, func(cfg *server.Config) {
+		cfg.Limits.WriteByteTimeout = time.Second
+	})
+	cl := mailboxClient(t, n, token)
+	for i := range 4 {
+		e := entry("alice", "a1", fmt.Sprint("big", i), 0, time.Now().Add(time.Hour))
+		e.Event = make([]byte, 255<<10)
+		_, _ = rand.Read(e.Event)
+		put(t, cl, e)
 	}
-	req, err := http.NewRequestWithContext(ctxT(t, 30*time.Second), http.MethodPost, url(n)+edgev1connect.MailboxServiceFetchMailboxProcedure, bytes.NewReader(msg))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/proto")
-	req.Header.Set("Authorization", "Bearer "+token)
-	tr := &http.Transport{}
+	resume := make(chan struct{})
+	var once sync.Once
+	unpause := func() { once.Do(func() { close(resume) }) }
+	t.Cleanup(unpause)
+	d := &net.Dialer{Timeout: 10 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		if cerr := c.Control(func(fd uintptr) { err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) }); cerr != nil {
+			return cerr
+		}
+		return err
+	}}
+	var protos http.Protocols
+	protos.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{Protocols: &protos, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return pausedConn{Conn: c, resume: resume}, nil
+	}}
 	t.Cleanup(tr.CloseIdleConnections)
-	resp, err := (&http.Client{Transport: tr}).Do(req)
-	if err != nil {
-		t.Fatal(err)
+	fc := edgev1connect.NewMailboxServiceClient(&http.Client{Transport: tr}, url(n), connect.WithInterceptors(bearer(token)))
+	done := make(chan error, fetches)
+	for range fetches {
+		go func() {
+			_, err := fc.FetchMailbox(ctxT(t, time.Minute), connect.NewRequest(&edgev1.FetchMailboxRequest{DeviceId: "a1"}))
+			done <- err
+		}()
 	}
-	defer resp.Body.Close()
-	var page edgev1.FetchMailboxResponse
-	if b, err := io.ReadAll(resp.Body); err != nil || proto.Unmarshal(b, &page) != nil || ids(page.GetEntries()) != "1:e1" {
-		t.Fatalf("an HTTP/1 fetch: status %d, %v, %s", resp.StatusCode, err, ids(page.GetEntries()))
+	inFlight := func() float64 {
+		return clustertest.MetricValue(t, n.Server.Registry(), "relay_control_mailbox_fetches_in_flight")
 	}
-	if resp.ProtoMajor != 1 || !resp.Close {
-		t.Fatalf("an HTTP/%d.%d fetch's answer keeps its connection open", resp.ProtoMajor, resp.ProtoMinor)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if inFlight() == 0 {
+			return errors.New("no fetch holds a place yet")
+		}
+		return nil
+	})
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if v := inFlight(); v != 0 {
+			return fmt.Errorf("relay_control_mailbox_fetches_in_flight = %v, want 0 once the node closed the connection", v)
+		}
+		return nil
+	})
+	unpause()
+	failed := 0
+	for range fetches {
+		if err := <-done; err != nil {
+			failed++
+		}
+	}
+	if failed == 0 {
+		t.Fatal("every fetch succeeded: the node's writes never stalled, so this test showed nothing")
 	}
 }

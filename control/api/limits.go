@@ -61,6 +61,13 @@ type Limits struct {
 	// BodyTimeout is how long any other request body may take to arrive.
 	// Default 30s.
 	BodyTimeout time.Duration
+	// WriteByteTimeout is how long an HTTP/2 connection may take none of
+	// what the node has to write to it before the node closes it
+	// [DefaultWriteByteTimeout]. A stream's own write deadline (a mailbox
+	// fetch's answer, a watch message) cannot end a stream while the
+	// connection's writer is stuck on a peer whose TCP window stays shut:
+	// its reset waits behind the stuck write.
+	WriteByteTimeout time.Duration
 	// Metrics registers relay_control_unauthenticated_in_flight and
 	// relay_control_requests_refused_total; nil registers nothing.
 	Metrics prometheus.Registerer
@@ -88,6 +95,18 @@ func (l *Limits) applyDefaults() {
 	if l.BodyTimeout <= 0 {
 		l.BodyTimeout = 30 * time.Second
 	}
+	if l.WriteByteTimeout <= 0 {
+		l.WriteByteTimeout = DefaultWriteByteTimeout
+	}
+}
+
+// DefaultWriteByteTimeout is Limits.WriteByteTimeout's default.
+const DefaultWriteByteTimeout = 30 * time.Second
+
+// WithDefaults returns l with every zero field at its default.
+func (l Limits) WithDefaults() Limits {
+	l.applyDefaults()
+	return l
 }
 
 // CompressMinBytes is the smallest response message a node gzips (when

@@ -419,7 +419,8 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.apiSrv = &http.Server{
 		Handler:           connbound.Promoting(withRequestIDs(s.countInflight(api.WithClientCert(s.authn.Guard(api.WithResponseController(mux), limits))))),
 		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
-		HTTP2:    &http.HTTP2Config{MaxReceiveBufferPerConnection: MaxAPIReceiveBuffer, MaxReceiveBufferPerStream: MaxAPIReceiveBuffer},
+		HTTP2: &http.HTTP2Config{MaxReceiveBufferPerConnection: MaxAPIReceiveBuffer, MaxReceiveBufferPerStream: MaxAPIReceiveBuffer,
+			WriteByteTimeout: limits.WithDefaults().WriteByteTimeout},
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 		// The Authenticator vouches for the connection of a call that
 		// passed its checks (connbound); a request moves its connection

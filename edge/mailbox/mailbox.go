@@ -343,14 +343,20 @@ func (c *Client) Fetch(ctx context.Context, deviceID string, after uint64, limit
 	return session.MailboxPage{Entries: resp.GetEntries(), More: resp.GetMore(), Revision: resp.GetRevision(), History: history}, nil
 }
 
+// busyHeader marks a call the control plane refused for load
+// (control/api.BusyHeader; the edge does not link the control plane's
+// packages).
+const busyHeader = "Relay-Busy"
+
 // busy reports whether the control plane refused a call for load, to be
-// made again shortly (unavailable, with Retry-After), as a node that
+// made again shortly (unavailable, marked busyHeader), as a node that
 // reads as many mailboxes as it may at once does (control/api's
 // FetchLimits): the call goes to the next node, and the session keeps
-// what it holds behind the mailbox meanwhile.
+// what it holds behind the mailbox meanwhile. Any other unavailable
+// answer (a proxy's 503 in an outage) is a failure.
 func busy(err error) bool {
 	var ce *connect.Error
-	return errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable && ce.Meta().Get("Retry-After") != ""
+	return errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable && ce.Meta().Get(busyHeader) != ""
 }
 
 // tellBusy warns, at most every busyTellEvery, how many mailbox reads the
