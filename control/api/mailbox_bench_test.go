@@ -14,6 +14,7 @@ import (
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/control/server"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -133,13 +134,33 @@ func BenchmarkFollowerCatchUp(b *testing.B) {
 	for _, path := range []string{"api", "command"} {
 		b.Run(path, func(b *testing.B) {
 			for range b.N {
-				catchUp(b, path, calls, perCall, eventBytes)
+				catchUp(b, path, calls, perCall, eventBytes, 1)
 			}
 		})
 	}
 }
 
-func catchUp(b *testing.B, path string, calls, perCall, eventBytes int) {
+// BenchmarkFollowerApplyBacklog is BenchmarkFollowerCatchUp with 1,024
+// commands of 1 MiB (4 events of 255 KiB, spread over two devices: a
+// device holds at most 1 GiB), each one Raft entry as the API proposes
+// them. It also reports the largest number of entries the follower had
+// committed but not yet applied (its commit index minus its FSM's
+// applied index, sampled every 5 ms): hashicorp/raft queues up to 128
+// batches of MaxAppendEntries (64) entries for the FSM, each entry read
+// back from the log store, so a follower whose FSM applies slower than
+// its log stores could hold up to 8,192 such entries in memory. Run with
+// RELAY_BENCH_CATCHUP=1 and -benchtime 1x: each run writes some 6 GiB to
+// temporary directories.
+func BenchmarkFollowerApplyBacklog(b *testing.B) {
+	if os.Getenv("RELAY_BENCH_CATCHUP") != "1" {
+		b.Skip("set RELAY_BENCH_CATCHUP=1: this benchmark writes some 6 GiB to temporary directories")
+	}
+	for range b.N {
+		catchUp(b, "command", 1024, 4, 255<<10, 2)
+	}
+}
+
+func catchUp(b *testing.B, path string, calls, perCall, eventBytes, devices int) {
 	b.StopTimer()
 	c := clustertest.Start(b, 3, clustertest.Options{Configure: func(cfg *server.Config) {
 		cfg.Mailbox = api.MailboxConfig{MaxEntriesPerDevice: fsm.MaxMailboxQuotaEntries, MaxBytesPerDevice: fsm.MaxMailboxQuotaBytes}
@@ -151,8 +172,10 @@ func catchUp(b *testing.B, path string, calls, perCall, eventBytes int) {
 	if _, err := c.CreateUser(ctx, li, "u"); err != nil {
 		b.Fatal(err)
 	}
-	if _, err := c.RegisterDevice(ctx, li, "u", "d"); err != nil {
-		b.Fatal(err)
+	for d := range devices {
+		if _, err := c.RegisterDevice(ctx, li, "u", fmt.Sprint("d", d)); err != nil {
+			b.Fatal(err)
+		}
 	}
 	f := c.Follower()
 	c.Shutdown(f)
@@ -167,9 +190,10 @@ func catchUp(b *testing.B, path string, calls, perCall, eventBytes int) {
 	for i := range calls {
 		in := make([]*edgev1.MailboxEntry, perCall)
 		se := make([]*statev1.MailboxEntry, perCall)
+		dev := fmt.Sprint("d", i%devices)
 		for j := range in {
-			in[j] = &edgev1.MailboxEntry{UserId: "u", DeviceId: "d", SenderDeviceId: "s", EventId: fmt.Sprint(i, "-", j), Event: event, ExpiresAtMs: exp}
-			se[j] = &statev1.MailboxEntry{UserId: "u", DeviceId: "d", SenderDeviceId: "s", EventId: in[j].EventId, Event: event, ExpiresAtMs: exp}
+			in[j] = &edgev1.MailboxEntry{UserId: "u", DeviceId: dev, SenderDeviceId: "s", EventId: fmt.Sprint(i, "-", j), Event: event, ExpiresAtMs: exp}
+			se[j] = &statev1.MailboxEntry{UserId: "u", DeviceId: dev, SenderDeviceId: "s", EventId: in[j].EventId, Event: event, ExpiresAtMs: exp}
 		}
 		var err error
 		if path == "api" {
@@ -187,6 +211,10 @@ func catchUp(b *testing.B, path string, calls, perCall, eventBytes int) {
 	runtime.ReadMemStats(&ms)
 	base := ms.HeapInuse
 	peak := base
+	// One sampler: the heap from before the restart, and once the
+	// follower runs, the most entries it had committed and not applied.
+	var follower atomic.Pointer[raftnode.Node]
+	var backlog uint64
 	stop, sampled := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(sampled)
@@ -201,13 +229,19 @@ func catchUp(b *testing.B, path string, calls, perCall, eventBytes int) {
 			var m runtime.MemStats
 			runtime.ReadMemStats(&m)
 			peak = max(peak, m.HeapInuse)
+			if n := follower.Load(); n != nil {
+				if st, err := n.Status(); err == nil && st.CommitIndex > st.AppliedIndex {
+					backlog = max(backlog, st.CommitIndex-st.AppliedIndex)
+				}
+			}
 		}
 	}()
 	want := node.FSM().AppliedIndex()
 	b.StartTimer()
 	start := time.Now()
 	c.Restart(f)
-	err := c.Nodes[f].Server.Node().FSM().WaitApplied(ctx, want)
+	follower.Store(c.Nodes[f].Server.Node())
+	err := follower.Load().FSM().WaitApplied(ctx, want)
 	took := time.Since(start)
 	b.StopTimer()
 	close(stop)
@@ -217,4 +251,5 @@ func catchUp(b *testing.B, path string, calls, perCall, eventBytes int) {
 	}
 	b.ReportMetric(took.Seconds(), "catch-up-s")
 	b.ReportMetric(float64(peak-base)/(1<<20), "peak-heap-MiB")
+	b.ReportMetric(float64(backlog), "max-backlog-entries")
 }
