@@ -35,11 +35,14 @@ func (v *View) Close() error { return v.snap.Close() }
 // AppliedIndex is the revision the view reflects.
 func (v *View) AppliedIndex() uint64 { return v.applied }
 
+// eachRecord decodes the view's records under prefix for fn, which may
+// wait (a watch's full copy sends each to a stream): the view scans with
+// no iterator open while fn runs (state.Snapshot.Scan).
 func eachRecord[T any, P interface {
 	*T
 	proto.Message
-}](r state.Reader, prefix []byte, fn func(P) error) error {
-	return r.Iterate(prefix, prefixEnd(prefix), func(_, val []byte) (bool, error) {
+}](snap *state.Snapshot, prefix []byte, fn func(P) error) error {
+	return snap.Scan(prefix, prefixEnd(prefix), func(_, val []byte) (bool, error) {
 		m := P(new(T))
 		if err := proto.Unmarshal(val, m); err != nil {
 			return false, fmt.Errorf("decode %T: %w", m, err)

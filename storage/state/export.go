@@ -39,7 +39,9 @@ var ErrCorrupt = errors.New("state: corrupt export")
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // Export writes every key of r in the export format to w and returns the
-// number of records written. Give it a Snapshot for a consistent copy.
+// number of records written. Give it a Snapshot for a consistent copy
+// (read with Snapshot.Scan: w may be slow without keeping the store's
+// memtables for it).
 func Export(w io.Writer, r Reader) (uint64, error) {
 	return ExportContext(context.Background(), w, r)
 }
@@ -57,7 +59,13 @@ func ExportContext(ctx context.Context, w io.Writer, r Reader) (uint64, error) {
 	}
 	var count uint64
 	var lenBuf [binary.MaxVarintLen64]byte
-	err := r.Iterate(nil, nil, func(k, v []byte) (bool, error) {
+	scan := r.Iterate
+	if snap, ok := r.(*Snapshot); ok {
+		// A backup's stream may be slow to take what is written: no
+		// iterator stays open while it waits (Snapshot.Scan).
+		scan = snap.Scan
+	}
+	err := scan(nil, nil, func(k, v []byte) (bool, error) {
 		select {
 		case <-done:
 			return false, ctx.Err()

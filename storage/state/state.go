@@ -214,6 +214,53 @@ func (s *Snapshot) Iterate(start, end []byte, fn func(key, value []byte) (bool, 
 	return iterate(s.snap, start, end, fn)
 }
 
+// The most Snapshot.Scan reads ahead of its callback.
+const (
+	scanAheadRecords = 256
+	scanAheadBytes   = 1 << 20
+)
+
+// Scan is Iterate for callers whose fn may wait (on a slow network
+// reader: a watch's full copy, a backup's stream). An open iterator pins
+// the memtables, and the large batches Pebble keeps as memtables of
+// their own, that existed when it opened: held for as long as fn waits,
+// many slow readers would each keep the state's recent writes in memory.
+// Scan reads at most 256 records or 1 MiB (at least one record) with an
+// iterator, closes it, then calls fn on copies, and goes on from the next
+// key with a new iterator on the same snapshot, so what fn sees is the
+// snapshot's, as with Iterate, and no iterator stays open while fn runs.
+func (s *Snapshot) Scan(start, end []byte, fn func(key, value []byte) (bool, error)) error {
+	type record struct{ k, v []byte }
+	var ahead []record
+	for {
+		ahead = ahead[:0]
+		size := 0
+		var next []byte // where the next read starts; nil: at end
+		err := iterate(s.snap, start, end, func(k, v []byte) (bool, error) {
+			if len(ahead) == scanAheadRecords || (len(ahead) > 0 && size+len(k)+len(v) > scanAheadBytes) {
+				next = bytes.Clone(k)
+				return false, nil
+			}
+			ahead = append(ahead, record{bytes.Clone(k), bytes.Clone(v)})
+			size += len(k) + len(v)
+			return true, nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, r := range ahead {
+			more, err := fn(r.k, r.v)
+			if err != nil || !more {
+				return err
+			}
+		}
+		if next == nil {
+			return nil
+		}
+		start = next
+	}
+}
+
 // Close releases the snapshot.
 func (s *Snapshot) Close() error {
 	return s.snap.Close()
