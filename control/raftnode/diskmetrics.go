@@ -8,6 +8,7 @@ import (
 
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/storage/raftlog"
+	"github.com/edge-relay/relay/storage/state"
 )
 
 var (
@@ -19,6 +20,8 @@ var (
 		"Event bytes stored in mailboxes (this replica's state).", nil, nil)
 	descMailboxDevices = prometheus.NewDesc("relay_control_mailbox_devices",
 		"Devices with at least one stored mailbox entry (this replica's state).", nil, nil)
+	descPebbleMemory = prometheus.NewDesc("relay_control_pebble_memory_bytes",
+		"Memory the node's Pebble stores hold as Pebble counts it, outside the Go heap: by db (state, log) and kind (memtables: memtables and large batches kept as such, zombies included; zombie_memtables: of them those kept only for open iterators, and one kept for reuse; block_cache).", []string{"db", "kind"}, nil)
 	descMailboxPurging = prometheus.NewDesc("relay_control_mailbox_purging_devices",
 		"Deleted or revoked devices whose mailboxes the leader is still emptying, a few thousand entries per command (this replica's state).", nil, nil)
 )
@@ -39,7 +42,7 @@ type diskCollector struct {
 }
 
 func (c *diskCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFsync, descMailboxEntries, descMailboxBytes, descMailboxDevices, descMailboxPurging} {
+	for _, d := range []*prometheus.Desc{descFsync, descPebbleMemory, descMailboxEntries, descMailboxBytes, descMailboxDevices, descMailboxPurging} {
 		ch <- d
 	}
 }
@@ -47,6 +50,12 @@ func (c *diskCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c *diskCollector) Collect(ch chan<- prometheus.Metric) {
 	if m, err := c.logs.FsyncLatency(descFsync); err == nil { // ErrClosed once stopped
 		ch <- m
+	}
+	if m, err := c.logs.Memory(); err == nil {
+		pebbleMemory(ch, "log", m.Memtables, m.ZombieMemtables, m.BlockCache)
+	}
+	if m, err := c.stateMemory(); err == nil {
+		pebbleMemory(ch, "state", m.Memtables, m.ZombieMemtables, m.BlockCache)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -63,21 +72,41 @@ func (c *diskCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descMailboxPurging, prometheus.GaugeValue, float64(c.totals.Purging))
 }
 
-// scanMailboxes sums the mailboxes as an in-flight operation of the node,
-// as ApplyLocal does: stop waits for it before it closes the state store.
-func (c *diskCollector) scanMailboxes() (fsm.MailboxTotals, error) {
+func pebbleMemory(ch chan<- prometheus.Metric, db string, memtables, zombies uint64, cache int64) {
+	ch <- prometheus.MustNewConstMetric(descPebbleMemory, prometheus.GaugeValue, float64(memtables), db, "memtables")
+	ch <- prometheus.MustNewConstMetric(descPebbleMemory, prometheus.GaugeValue, float64(zombies), db, "zombie_memtables")
+	ch <- prometheus.MustNewConstMetric(descPebbleMemory, prometheus.GaugeValue, float64(cache), db, "block_cache")
+}
+
+// withStores runs fn as an in-flight operation of the node, as
+// ApplyLocal does: stop waits for it before it closes the stores.
+func (c *diskCollector) withStores(fn func(n *Node)) error {
 	n := c.n
 	n.applyMu.Lock()
-	if n.shutdown.Load() || n.fsm == nil {
+	if n.shutdown.Load() || n.fsm == nil || n.state == nil {
 		n.applyMu.Unlock()
-		return fsm.MailboxTotals{}, ErrShutdown
+		return ErrShutdown
 	}
 	n.applies.Add(1)
 	n.applyMu.Unlock()
 	defer n.applies.Done()
-	t, err := n.fsm.MailboxTotals()
+	fn(n)
+	return nil
+}
+
+// stateMemory reads the state store's memory.
+func (c *diskCollector) stateMemory() (m state.Memory, err error) {
+	err = c.withStores(func(n *Node) { m = n.state.Memory() })
+	return m, err
+}
+
+// scanMailboxes sums the mailboxes.
+func (c *diskCollector) scanMailboxes() (t fsm.MailboxTotals, err error) {
+	if serr := c.withStores(func(n *Node) { t, err = n.fsm.MailboxTotals() }); serr != nil {
+		return t, serr
+	}
 	if err != nil {
-		n.log.Warn("metrics: sum mailboxes", "err", err)
+		c.n.log.Warn("metrics: sum mailboxes", "err", err)
 	}
 	return t, err
 }

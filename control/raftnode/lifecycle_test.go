@@ -400,6 +400,11 @@ func TestMetricsCollector(t *testing.T) {
 		"relay_control_fsm_apply_seconds_count":    func(v float64) bool { return v >= 1 },
 		"relay_control_fsm_applied_entries_total":  func(v float64) bool { return v >= 3 },
 		"relay_control_read_barrier_seconds_count": func(v float64) bool { return v >= 1 },
+		// Pebble's memory: each store has a memtable allocated.
+		"relay_control_pebble_memory_bytes{state}{memtables}":        func(v float64) bool { return v > 0 },
+		"relay_control_pebble_memory_bytes{log}{memtables}":          func(v float64) bool { return v > 0 },
+		"relay_control_pebble_memory_bytes{state}{zombie_memtables}": func(v float64) bool { return v >= 0 },
+		"relay_control_pebble_memory_bytes{log}{block_cache}":        func(v float64) bool { return v >= 0 },
 	}
 	for k, ok := range checks {
 		v, present := got[k]

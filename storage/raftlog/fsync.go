@@ -67,6 +67,23 @@ func (s *Store) FsyncLatency(desc *prometheus.Desc) (prometheus.Metric, error) {
 	return prometheus.NewConstHistogram(desc, ph.GetSampleCount(), ph.GetSampleSum()/1e9, buckets)
 }
 
+// Memory is what the log holds in memory as Pebble counts it (outside
+// the Go heap with cgo): as state.Memory.
+type Memory struct {
+	Memtables, ZombieMemtables uint64
+	BlockCache                 int64
+}
+
+// Memory reports the log's memory; ErrClosed once the store is closed.
+func (s *Store) Memory() (Memory, error) {
+	if err := s.enter(); err != nil {
+		return Memory{}, err
+	}
+	m := s.db.Metrics()
+	s.exit()
+	return Memory{Memtables: m.MemTable.Size, ZombieMemtables: m.MemTable.ZombieSize, BlockCache: m.BlockCache.Size}, nil
+}
+
 func zeroBuckets() map[float64]uint64 {
 	m := make(map[float64]uint64, len(fsyncBounds))
 	for _, b := range fsyncBounds {

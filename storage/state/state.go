@@ -133,6 +133,28 @@ func (s *Store) Clear() error {
 	return nil
 }
 
+// Memory is what a store holds in memory as Pebble counts it. With cgo,
+// Pebble allocates these outside the Go heap: a node's resident memory
+// can be far above its heap because of them.
+type Memory struct {
+	// Memtables is the bytes of memtables and of large batches Pebble
+	// keeps as memtables of their own, zombies included.
+	Memtables uint64
+	// ZombieMemtables is the part of Memtables no longer in the store's
+	// current state: kept for iterators still open (and one memtable
+	// kept to be reused).
+	ZombieMemtables uint64
+	// BlockCache is the bytes in the block cache.
+	BlockCache int64
+}
+
+// Memory reports the store's memory (Pebble's metrics; the caller keeps
+// the store open meanwhile).
+func (s *Store) Memory() Memory {
+	m := s.db.Metrics()
+	return Memory{Memtables: m.MemTable.Size, ZombieMemtables: m.MemTable.ZombieSize, BlockCache: m.BlockCache.Size}
+}
+
 // NewBatch starts an atomic write batch.
 func (s *Store) NewBatch() *Batch {
 	return &Batch{b: s.db.NewIndexedBatch()}

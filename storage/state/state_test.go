@@ -438,7 +438,7 @@ func listing(t *testing.T, dir string) map[string]int64 {
 }
 
 // A Scan keeps no iterator open while its fn runs: memtables flushed
-// meanwhile are freed at once, not kept for it (Pebble counts a flushed
+// meanwhile are freed at once, not kept for it (Memory counts a flushed
 // memtable still referenced as a zombie; Iterate's fn, run with its
 // iterator open, keeps one). Across its read-aheads it yields exactly the
 // snapshot's records in order, whatever is written meanwhile, and it
@@ -463,8 +463,8 @@ func TestAScanPinsNoMemtable(t *testing.T) {
 	if err := s.db.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	base := s.db.Metrics().MemTable.ZombieCount
-	zombies := func() int64 { return s.db.Metrics().MemTable.ZombieCount - base }
+	base := s.Memory().ZombieMemtables
+	zombies := func() int64 { return int64(s.Memory().ZombieMemtables) - int64(base) }
 	// fn writes and flushes now and then, and reports the zombies it saw.
 	run := func(scan func([]byte, []byte, func(k, v []byte) (bool, error)) error) (map[string]string, []string, int64) {
 		got := map[string]string{}
@@ -492,7 +492,7 @@ func TestAScanPinsNoMemtable(t *testing.T) {
 	}
 	got, order, pinned := run(snap.Scan)
 	if pinned != 0 {
-		t.Fatalf("Scan's fn saw %d zombie memtables: an iterator was open while it ran", pinned)
+		t.Fatalf("Scan's fn saw %d bytes of zombie memtables: an iterator was open while it ran", pinned)
 	}
 	if !maps.Equal(got, want) || !slices.IsSorted(order) || len(order) != len(want) {
 		t.Fatalf("Scan yielded %d records (sorted: %v), want the snapshot's %d", len(order), slices.IsSorted(order), len(want))
