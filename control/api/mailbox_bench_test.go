@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -216,6 +217,9 @@ func catchUp(b *testing.B, path string, calls, perCall, eventBytes, devices int)
 	var follower atomic.Pointer[raftnode.Node]
 	var backlog uint64
 	stop, sampled := make(chan struct{}), make(chan struct{})
+	var stopOnce sync.Once
+	end := func() { stopOnce.Do(func() { close(stop); <-sampled }) }
+	defer end() // also when the restart fails
 	go func() {
 		defer close(sampled)
 		t := time.NewTicker(5 * time.Millisecond)
@@ -244,8 +248,7 @@ func catchUp(b *testing.B, path string, calls, perCall, eventBytes, devices int)
 	err := follower.Load().FSM().WaitApplied(ctx, want)
 	took := time.Since(start)
 	b.StopTimer()
-	close(stop)
-	<-sampled
+	end()
 	if err != nil {
 		b.Fatal(err)
 	}

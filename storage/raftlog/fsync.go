@@ -81,7 +81,10 @@ func (s *Store) Memory() (Memory, error) {
 	}
 	m := s.db.Metrics()
 	s.exit()
-	return Memory{Memtables: m.MemTable.Size, ZombieMemtables: m.MemTable.ZombieSize, BlockCache: m.BlockCache.Size}, nil
+	// Pebble's ZombieSize wraps below zero while a large batch is queued
+	// as a memtable (see storage/state's zombieBytes).
+	zombies := uint64(max(int64(m.MemTable.ZombieSize), 0))
+	return Memory{Memtables: m.MemTable.Size, ZombieMemtables: zombies, BlockCache: m.BlockCache.Size}, nil
 }
 
 func zeroBuckets() map[float64]uint64 {

@@ -60,10 +60,12 @@ func ExportContext(ctx context.Context, w io.Writer, r Reader) (uint64, error) {
 	var count uint64
 	var lenBuf [binary.MaxVarintLen64]byte
 	scan := r.Iterate
-	if snap, ok := r.(*Snapshot); ok {
+	if s, ok := r.(interface {
+		Scan(start, end []byte, fn func(key, value []byte) (bool, error)) error
+	}); ok {
 		// A backup's stream may be slow to take what is written: no
 		// iterator stays open while it waits (Snapshot.Scan).
-		scan = snap.Scan
+		scan = s.Scan
 	}
 	err := scan(nil, nil, func(k, v []byte) (bool, error) {
 		select {

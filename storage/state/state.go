@@ -142,7 +142,8 @@ type Memory struct {
 	Memtables uint64
 	// ZombieMemtables is the part of Memtables no longer in the store's
 	// current state: kept for iterators still open (and one memtable
-	// kept to be reused).
+	// kept to be reused). Pebble does not count a large batch an
+	// iterator keeps after its flush here.
 	ZombieMemtables uint64
 	// BlockCache is the bytes in the block cache.
 	BlockCache int64
@@ -152,7 +153,15 @@ type Memory struct {
 // the store open meanwhile).
 func (s *Store) Memory() Memory {
 	m := s.db.Metrics()
-	return Memory{Memtables: m.MemTable.Size, ZombieMemtables: m.MemTable.ZombieSize, BlockCache: m.BlockCache.Size}
+	return Memory{Memtables: m.MemTable.Size, ZombieMemtables: zombieBytes(m), BlockCache: m.BlockCache.Size}
+}
+
+// zombieBytes is Pebble's MemTable.ZombieSize, which it computes as the
+// bytes reserved for memtables minus MemTable.Size: large batches queued
+// as memtables count in the second only, and the difference wraps below
+// zero while one is queued. Read as signed and kept at 0 or more.
+func zombieBytes(m *pebble.Metrics) uint64 {
+	return uint64(max(int64(m.MemTable.ZombieSize), 0))
 }
 
 // NewBatch starts an atomic write batch.
@@ -255,6 +264,7 @@ func (s *Snapshot) Scan(start, end []byte, fn func(key, value []byte) (bool, err
 	type record struct{ k, v []byte }
 	var ahead []record
 	for {
+		clear(ahead) // the last read-ahead's copies go with it
 		ahead = ahead[:0]
 		size := 0
 		var next []byte // where the next read starts; nil: at end
