@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"runtime/metrics"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -122,9 +123,10 @@ func BenchmarkMailboxPut(b *testing.B) {
 // which proposes at most api.MaxCommandEventBytes per command; "command"
 // proposed each call as one command, as the API did before. Raft sends a
 // lagging follower up to 64 log entries per AppendEntries. Reported: the
-// catch-up's duration and the peak of runtime.MemStats.HeapInuse (sampled
-// every 5 ms) over the heap in use before it. Run with -benchtime 1x and
-// RELAY_BENCH_CATCHUP=1: "command" holds some 5 GiB of heap at its peak
+// catch-up's duration, the peak of runtime.MemStats.HeapInuse (sampled
+// every 5 ms) over the heap in use before it, and the peak of the live
+// heap (as of each GC: /gc/heap/live:bytes) over the live heap before
+// it. Run with -benchtime 1x and RELAY_BENCH_CATCHUP=1: "command" holds some 5 GiB of heap at its peak
 // and each run writes some 3 GiB to temporary directories, more than
 // `make bench` on a small machine should.
 func BenchmarkFollowerCatchUp(b *testing.B) {
@@ -212,6 +214,12 @@ func catchUp(b *testing.B, path string, calls, perCall, eventBytes, devices int)
 	runtime.ReadMemStats(&ms)
 	base := ms.HeapInuse
 	peak := base
+	// The live heap as of the last GC: what the heap in use holds beyond
+	// it is garbage not yet collected.
+	live := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	metrics.Read(live)
+	baseLive := live[0].Value.Uint64()
+	peakLive := baseLive
 	// One sampler: the heap from before the restart, and once the
 	// follower runs, the most entries it had committed and not applied.
 	var follower atomic.Pointer[raftnode.Node]
@@ -233,6 +241,8 @@ func catchUp(b *testing.B, path string, calls, perCall, eventBytes, devices int)
 			var m runtime.MemStats
 			runtime.ReadMemStats(&m)
 			peak = max(peak, m.HeapInuse)
+			metrics.Read(live)
+			peakLive = max(peakLive, live[0].Value.Uint64())
 			if n := follower.Load(); n != nil {
 				if st, err := n.Status(); err == nil && st.CommitIndex > st.AppliedIndex {
 					backlog = max(backlog, st.CommitIndex-st.AppliedIndex)
@@ -254,5 +264,6 @@ func catchUp(b *testing.B, path string, calls, perCall, eventBytes, devices int)
 	}
 	b.ReportMetric(took.Seconds(), "catch-up-s")
 	b.ReportMetric(float64(peak-base)/(1<<20), "peak-heap-MiB")
+	b.ReportMetric(float64(peakLive-baseLive)/(1<<20), "peak-live-MiB")
 	b.ReportMetric(float64(backlog), "max-backlog-entries")
 }
