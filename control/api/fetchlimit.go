@@ -180,9 +180,7 @@ func (l *fetchLimiter) acquire(ctx context.Context) (done func(), _ error) {
 		return release, nil
 	}
 	hold.release = release
-	if hold.rc != nil {
-		_ = hold.rc.SetWriteDeadline(time.Now().Add(l.cfg.WriteTimeout))
-	}
+	_ = hold.rc.SetWriteDeadline(time.Now().Add(l.cfg.WriteTimeout))
 	return func() {}, nil
 }
 

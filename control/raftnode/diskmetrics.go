@@ -4,11 +4,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/storage/raftlog"
-	"github.com/edge-relay/relay/storage/state"
 )
 
 var (
@@ -51,11 +51,12 @@ func (c *diskCollector) Collect(ch chan<- prometheus.Metric) {
 	if m, err := c.logs.FsyncLatency(descFsync); err == nil { // ErrClosed once stopped
 		ch <- m
 	}
-	if m, err := c.logs.Memory(); err == nil {
-		pebbleMemory(ch, "log", m.Memtables, m.ZombieMemtables, m.BlockCache)
+	if m, err := c.logs.PebbleMetrics(); err == nil {
+		pebbleMemory(ch, "log", m)
 	}
-	if m, err := c.stateMemory(); err == nil {
-		pebbleMemory(ch, "state", m.Memtables, m.ZombieMemtables, m.BlockCache)
+	var sm *pebble.Metrics
+	if c.withStores(func(n *Node) { sm = n.state.PebbleMetrics() }) == nil {
+		pebbleMemory(ch, "state", sm)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -72,10 +73,21 @@ func (c *diskCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descMailboxPurging, prometheus.GaugeValue, float64(c.totals.Purging))
 }
 
-func pebbleMemory(ch chan<- prometheus.Metric, db string, memtables, zombies uint64, cache int64) {
-	ch <- prometheus.MustNewConstMetric(descPebbleMemory, prometheus.GaugeValue, float64(memtables), db, "memtables")
-	ch <- prometheus.MustNewConstMetric(descPebbleMemory, prometheus.GaugeValue, float64(zombies), db, "zombie_memtables")
-	ch <- prometheus.MustNewConstMetric(descPebbleMemory, prometheus.GaugeValue, float64(cache), db, "block_cache")
+// pebbleMemory reports what a Pebble store holds in memory (outside the
+// Go heap with cgo) as relay_control_pebble_memory_bytes.
+func pebbleMemory(ch chan<- prometheus.Metric, db string, m *pebble.Metrics) {
+	ch <- prometheus.MustNewConstMetric(descPebbleMemory, prometheus.GaugeValue, float64(m.MemTable.Size), db, "memtables")
+	ch <- prometheus.MustNewConstMetric(descPebbleMemory, prometheus.GaugeValue, float64(zombieBytes(m)), db, "zombie_memtables")
+	ch <- prometheus.MustNewConstMetric(descPebbleMemory, prometheus.GaugeValue, float64(m.BlockCache.Size), db, "block_cache")
+}
+
+// zombieBytes is Pebble's MemTable.ZombieSize, which it computes as the
+// bytes reserved for memtables minus MemTable.Size: large batches queued
+// as memtables count in the second only, so the difference wraps below
+// zero while one is queued. Read as signed and kept at 0 or more; a large
+// batch an iterator keeps after its flush is not counted at all.
+func zombieBytes(m *pebble.Metrics) uint64 {
+	return uint64(max(int64(m.MemTable.ZombieSize), 0))
 }
 
 // withStores runs fn as an in-flight operation of the node, as
@@ -92,12 +104,6 @@ func (c *diskCollector) withStores(fn func(n *Node)) error {
 	defer n.applies.Done()
 	fn(n)
 	return nil
-}
-
-// stateMemory reads the state store's memory.
-func (c *diskCollector) stateMemory() (m state.Memory, err error) {
-	err = c.withStores(func(n *Node) { m = n.state.Memory() })
-	return m, err
 }
 
 // scanMailboxes sums the mailboxes.

@@ -191,10 +191,10 @@ type Client struct {
 	puts        circuit
 	claimCalls  circuit
 
-	// busySince counts the reads refused as busy since busyToldAt, when
+	// busyRefused counts the reads refused as busy since busyToldAt, when
 	// the operator was last told of them (at most every busyTellEvery).
-	busySince  int
-	busyToldAt time.Time
+	busyRefused int
+	busyToldAt  time.Time
 
 	batchSize prometheus.Histogram
 	commit    prometheus.Histogram
@@ -363,11 +363,11 @@ func busy(err error) bool {
 // control plane refused as busy; each session logs its own at debug.
 func (c *Client) tellBusy(err error) {
 	c.mu.Lock()
-	c.busySince++
-	n, now := c.busySince, time.Now()
+	c.busyRefused++
+	n, now := c.busyRefused, time.Now()
 	tell := now.Sub(c.busyToldAt) >= busyTellEvery
 	if tell {
-		c.busySince, c.busyToldAt = 0, now
+		c.busyRefused, c.busyToldAt = 0, now
 	}
 	c.mu.Unlock()
 	if tell {

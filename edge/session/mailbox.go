@@ -698,10 +698,11 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 			if pctx.Err() != nil {
 				return // the session ended: not a failure
 			}
-			if errors.Is(err, ErrMailboxBusy) && busySince.IsZero() {
+			busy := errors.Is(err, ErrMailboxBusy)
+			if busy && busySince.IsZero() {
 				busySince = time.Now()
 			}
-			if errors.Is(err, ErrMailboxBusy) && time.Since(busySince) < s.hub.cfg.MailboxBusyGrace {
+			if busy && time.Since(busySince) < s.hub.cfg.MailboxBusyGrace {
 				// Edge-wide, edge/mailbox tells the operator.
 				s.logAt(slog.LevelDebug, "mailbox fetch refused as busy", "err", err, "backoff", backoff)
 			} else {

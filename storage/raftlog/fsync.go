@@ -42,11 +42,11 @@ func pickFsyncBounds() []float64 {
 // for desc in seconds. Pebble measures it; ErrClosed once the store is
 // closed.
 func (s *Store) FsyncLatency(desc *prometheus.Desc) (prometheus.Metric, error) {
-	if err := s.enter(); err != nil {
+	pm, err := s.PebbleMetrics()
+	if err != nil {
 		return nil, err
 	}
-	h := s.db.Metrics().LogWriter.FsyncLatency
-	s.exit()
+	h := pm.LogWriter.FsyncLatency
 	var m dto.Metric
 	if h == nil {
 		return prometheus.NewConstHistogram(desc, 0, 0, zeroBuckets())
@@ -67,24 +67,14 @@ func (s *Store) FsyncLatency(desc *prometheus.Desc) (prometheus.Metric, error) {
 	return prometheus.NewConstHistogram(desc, ph.GetSampleCount(), ph.GetSampleSum()/1e9, buckets)
 }
 
-// Memory is what the log holds in memory as Pebble counts it (outside
-// the Go heap with cgo): as state.Memory.
-type Memory struct {
-	Memtables, ZombieMemtables uint64
-	BlockCache                 int64
-}
-
-// Memory reports the log's memory; ErrClosed once the store is closed.
-func (s *Store) Memory() (Memory, error) {
+// PebbleMetrics returns Pebble's metrics of the log; ErrClosed once the
+// store is closed.
+func (s *Store) PebbleMetrics() (*pebble.Metrics, error) {
 	if err := s.enter(); err != nil {
-		return Memory{}, err
+		return nil, err
 	}
-	m := s.db.Metrics()
-	s.exit()
-	// Pebble's ZombieSize wraps below zero while a large batch is queued
-	// as a memtable (see storage/state's zombieBytes).
-	zombies := uint64(max(int64(m.MemTable.ZombieSize), 0))
-	return Memory{Memtables: m.MemTable.Size, ZombieMemtables: zombies, BlockCache: m.BlockCache.Size}, nil
+	defer s.exit()
+	return s.db.Metrics(), nil
 }
 
 func zeroBuckets() map[float64]uint64 {

@@ -133,36 +133,9 @@ func (s *Store) Clear() error {
 	return nil
 }
 
-// Memory is what a store holds in memory as Pebble counts it. With cgo,
-// Pebble allocates these outside the Go heap: a node's resident memory
-// can be far above its heap because of them.
-type Memory struct {
-	// Memtables is the bytes of memtables and of large batches Pebble
-	// keeps as memtables of their own, zombies included.
-	Memtables uint64
-	// ZombieMemtables is the part of Memtables no longer in the store's
-	// current state: kept for iterators still open (and one memtable
-	// kept to be reused). Pebble does not count a large batch an
-	// iterator keeps after its flush here.
-	ZombieMemtables uint64
-	// BlockCache is the bytes in the block cache.
-	BlockCache int64
-}
-
-// Memory reports the store's memory (Pebble's metrics; the caller keeps
-// the store open meanwhile).
-func (s *Store) Memory() Memory {
-	m := s.db.Metrics()
-	return Memory{Memtables: m.MemTable.Size, ZombieMemtables: zombieBytes(m), BlockCache: m.BlockCache.Size}
-}
-
-// zombieBytes is Pebble's MemTable.ZombieSize, which it computes as the
-// bytes reserved for memtables minus MemTable.Size: large batches queued
-// as memtables count in the second only, and the difference wraps below
-// zero while one is queued. Read as signed and kept at 0 or more.
-func zombieBytes(m *pebble.Metrics) uint64 {
-	return uint64(max(int64(m.MemTable.ZombieSize), 0))
-}
+// PebbleMetrics returns Pebble's metrics of the store (memtables, block
+// cache...); the caller keeps the store open meanwhile.
+func (s *Store) PebbleMetrics() *pebble.Metrics { return s.db.Metrics() }
 
 // NewBatch starts an atomic write batch.
 func (s *Store) NewBatch() *Batch {

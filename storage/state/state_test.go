@@ -15,7 +15,6 @@ import (
 	"testing"
 	"testing/iotest"
 
-	"github.com/cockroachdb/pebble/v2"
 	"go.uber.org/goleak"
 )
 
@@ -439,7 +438,7 @@ func listing(t *testing.T, dir string) map[string]int64 {
 }
 
 // A Scan keeps no iterator open while its fn runs: memtables flushed
-// meanwhile are freed at once, not kept for it (Memory counts a flushed
+// meanwhile are freed at once, not kept for it (Pebble counts a flushed
 // memtable still referenced as a zombie; Iterate's fn, run with its
 // iterator open, keeps one). Across its read-aheads it yields exactly the
 // snapshot's records in order, whatever is written meanwhile, and it
@@ -464,8 +463,8 @@ func TestAScanPinsNoMemtable(t *testing.T) {
 	if err := s.db.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	base := s.Memory().ZombieMemtables
-	zombies := func() int64 { return int64(s.Memory().ZombieMemtables) - int64(base) }
+	base := s.PebbleMetrics().MemTable.ZombieCount
+	zombies := func() int64 { return s.PebbleMetrics().MemTable.ZombieCount - base }
 	// fn writes and flushes now and then, and reports the zombies it saw.
 	run := func(scan func([]byte, []byte, func(k, v []byte) (bool, error)) error) (map[string]string, []string, int64) {
 		got := map[string]string{}
@@ -493,7 +492,7 @@ func TestAScanPinsNoMemtable(t *testing.T) {
 	}
 	got, order, pinned := run(snap.Scan)
 	if pinned != 0 {
-		t.Fatalf("Scan's fn saw %d bytes of zombie memtables: an iterator was open while it ran", pinned)
+		t.Fatalf("Scan's fn saw %d zombie memtables: an iterator was open while it ran", pinned)
 	}
 	if !maps.Equal(got, want) || !slices.IsSorted(order) || len(order) != len(want) {
 		t.Fatalf("Scan yielded %d records (sorted: %v), want the snapshot's %d", len(order), slices.IsSorted(order), len(want))
@@ -508,22 +507,5 @@ func TestAScanPinsNoMemtable(t *testing.T) {
 	boom := errors.New("boom")
 	if err := snap.Scan(nil, nil, func(k, v []byte) (bool, error) { return true, boom }); !errors.Is(err, boom) {
 		t.Fatalf("fn's error: %v", err)
-	}
-}
-
-// Pebble computes ZombieSize as reserved memtable bytes minus
-// MemTable.Size, which counts queued large batches too: while one is
-// queued the difference wraps below zero, and Memory must not report
-// 16 EiB of zombies.
-func TestZombieBytesDoNotWrap(t *testing.T) {
-	var m pebble.Metrics
-	reserved, size := uint64(4<<20), uint64(68<<20) // a 64 MiB batch queued beside a 4 MiB memtable
-	m.MemTable.ZombieSize = reserved - size
-	if got := zombieBytes(&m); got != 0 {
-		t.Fatalf("zombieBytes = %d with a large batch queued, want 0", got)
-	}
-	m.MemTable.ZombieSize = 256 << 10
-	if got := zombieBytes(&m); got != 256<<10 {
-		t.Fatalf("zombieBytes = %d, want %d", got, 256<<10)
 	}
 }
