@@ -2,7 +2,9 @@ package mesh
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"log/slog"
@@ -347,4 +349,127 @@ func TestASteadyButSlowPeerKeepsItsLink(t *testing.T) {
 	if err := <-peer; err != nil {
 		t.Fatalf("the peer: %v", err)
 	}
+}
+
+// A peer that begins a frame and stops sending it has its link closed
+// after the idle timeout (1 s here), on either side of the link: before,
+// a peer stalled inside a frame held the link, and the part of the frame
+// it sent, for as long as its QUIC keep-alives kept the connection up.
+// Only a frame under way is bounded: a peer that has been idle longer
+// still, between frames, keeps its link, and so does one that sends a
+// large frame slowly but steadily (768 KiB at 8 KiB every 20 ms, some
+// 2 s; 64 KiB, what must come within the timeout, some 160 ms).
+func TestAPeerStalledInsideAFrameLosesItsLink(t *testing.T) {
+	ca := newTestCA(t)
+	w := &warnings{}
+	local := &fakeLocal{}
+	a := startMeshWith(t, ca, "edge-a", local, func(c *Config) { c.IdleTimeout, c.Logger = time.Second, slog.New(w) })
+	ln, err := quic.ListenAddr("127.0.0.1:0", testIdentity(t, ca, "edge-b").serverTLS(), quicConfig(time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: ln.Addr().String()},
+		{ID: "edge-x", MeshAddr: "127.0.0.1:9"}, {ID: "edge-y", MeshAddr: "127.0.0.1:9"}, {ID: "edge-z", MeshAddr: "127.0.0.1:9"}})
+	// peer dials a as id, sends its hello and frames, and returns its
+	// connection and link stream.
+	peer := func(id string, frames ...*edgev1.MeshFrame) (*quic.Conn, *quic.Stream) {
+		conn, str := rawLink(ctx, t, a.Addr().String(), testIdentity(t, ca, id).clientTLS("edge-a", nil), time.Second)
+		frames = append([]*edgev1.MeshFrame{{Kind: &edgev1.MeshFrame_Hello{Hello: &edgev1.MeshHello{EdgeId: id, PeerId: "edge-a"}}}}, frames...)
+		for _, f := range frames {
+			if _, err := writeFrame(str, nil, f); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return conn, str
+	}
+	set := func(dev string) *edgev1.MeshFrame {
+		return &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: presenceOf(dev)}}}
+	}
+	forward := func(size int) *edgev1.MeshFrame {
+		return &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: &edgev1.Forward{UserId: "u", DeviceId: "d", Event: make([]byte, size)}}}
+	}
+	// The start of a frame: its length, and a tenth of it.
+	begun := append(binary.AppendUvarint(nil, 100<<10), make([]byte, 10<<10)...)
+
+	// y: up, then idle from before z begins its frame to after z's link
+	// is gone.
+	y, ys := peer("edge-y", set("dy"))
+	waitFor(t, "y's device located", func() bool { e, ok := a.Locate("dy"); return ok && e == "edge-y" })
+	// x: begins a large frame, and sends it slowly but steadily.
+	x, xs := peer("edge-x", set("dx"))
+	waitFor(t, "x's device located", func() bool { e, ok := a.Locate("dx"); return ok && e == "edge-x" })
+	var slow bytes.Buffer
+	if _, err := writeFrame(&slow, nil, forward(768<<10)); err != nil {
+		t.Fatal(err)
+	}
+	sent := make(chan error, 1)
+	go func() {
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for b := slow.Bytes(); len(b) > 0; b = b[min(len(b), 8<<10):] {
+			if _, err := xs.Write(b[:min(len(b), 8<<10)]); err != nil {
+				sent <- err
+				return
+			}
+			<-tick.C
+		}
+		sent <- nil
+	}()
+	// stall begins a frame on str, stops there, and waits for conn to
+	// be closed.
+	stall := func(conn *quic.Conn, str *quic.Stream, who string) {
+		t.Helper()
+		if _, err := str.Write(begun); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-conn.Context().Done():
+		case <-ctx.Done():
+			t.Fatalf("%s stalled inside a frame still holds the link", who)
+		}
+	}
+	// z: begins a frame and stalls in it.
+	z, zs := peer("edge-z")
+	stall(z, zs, "a peer")
+	if !w.has("mesh peer stalled inside a frame; its link is closed") {
+		t.Fatal("the stall was not logged at warn level")
+	}
+	if err := context.Cause(y.Context()); err != nil {
+		t.Fatalf("an idle peer lost its link: %v", err)
+	}
+	if _, err := writeFrame(ys, nil, forward(1)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "y's forward delivered", func() bool { return local.forwards() >= 1 })
+	if err := <-sent; err != nil {
+		t.Fatalf("the slow peer's frame: %v", err)
+	}
+	waitFor(t, "x's slow forward delivered", func() bool { return local.forwards() == 2 })
+	if err := context.Cause(x.Context()); err != nil {
+		t.Fatalf("a slow but steady peer lost its link: %v", err)
+	}
+
+	// The other side: a peer a dialed begins a frame on its link (an
+	// outcome's) and stalls in it; a's link goes down, and a dials again.
+	conn, err := ln.Accept(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	str, err := conn.AcceptStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a's link to b up", func() bool { return a.Stats().LinksUp == 1 })
+	stall(conn, str, "a dialed peer")
+	if !w.has("mesh link down; reconnecting") {
+		t.Fatal("the link's end was not logged at warn level")
+	}
+	again, err := ln.Accept(ctx)
+	if err != nil {
+		t.Fatalf("a did not dial again: %v", err)
+	}
+	_ = again.CloseWithError(0, "")
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -228,8 +229,11 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 	var setLeft uint32 // PresenceDeltas still to come that complete the peer's full set
 	for {
 		f = &edgev1.MeshFrame{}
-		if buf, err = readFrame(r, buf, f); err != nil {
-			if !errors.Is(err, context.Canceled) {
+		if buf, err = readFrameWithin(r, buf, f, str, m.cfg.IdleTimeout); err != nil {
+			switch {
+			case errors.Is(err, os.ErrDeadlineExceeded):
+				log.Warn("mesh peer stalled inside a frame; its link is closed", "peer", peer, "stall", m.cfg.IdleTimeout)
+			case !errors.Is(err, context.Canceled):
 				log.Debug("mesh link from peer ended", "peer", peer, "err", err)
 			}
 			return

@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -242,7 +243,10 @@ func (l *link) readResults(str *quic.Stream) error {
 	f := &edgev1.MeshFrame{}
 	for {
 		var err error
-		if buf, err = readFrame(r, buf, f); err != nil {
+		if buf, err = readFrameWithin(r, buf, f, str, l.m.cfg.IdleTimeout); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return fmt.Errorf("the peer stalled inside a frame for %v: %w", l.m.cfg.IdleTimeout, err)
+			}
 			return err
 		}
 		if st := f.GetStatus(); st != nil {

@@ -86,7 +86,9 @@ type Config struct {
 	MaxOutstanding int
 	// IdleTimeout is how long a silent peer is given before its link
 	// counts as broken (keep-alives go at a third of it) [5s]; a peer
-	// that does not take a write (writeChunk) in as long is cut off too. Until
+	// that does not take a write (writeChunk) in as long is cut off too,
+	// and so is one that sends no more of a frame it began (readPiece)
+	// in as long. Until
 	// then, forwards to a peer that died wait for their outcome, and so
 	// do their senders' acknowledgements: it is the longest an edge's
 	// crash holds up the events meant for its devices.
@@ -167,8 +169,8 @@ type metrics struct {
 	retries  prometheus.Counter
 	// forwards' series, looked up once: forwarded counts every event of
 	// the mesh hop, a label lookup each would cost it.
-	noLink, linkDown, linkFull, ephemeral prometheus.Counter
-	outcomes                              map[edgev1.ForwardOutcome]prometheus.Counter
+	noLink, linkDown, linkFull, tooLarge, ephemeral prometheus.Counter
+	outcomes                                        map[edgev1.ForwardOutcome]prometheus.Counter
 }
 
 // outcome is forwards' series for an outcome a peer answered.
@@ -236,7 +238,7 @@ func New(cfg Config) (*Mesh, error) {
 		links: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_links", Help: "Mesh links this edge dialed that are up."}),
 		forwards: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_edge_mesh_forwards_total",
-			Help: "Events forwarded to peer edges: durable ones by the outcome the peer answered (delivered, not_delivered, queue_full, target_gone) or found here (no_link, link_down, link_full), ephemeral ones sent (ephemeral; those not sent count as no_link, link_down, link_full).",
+			Help: "Events forwarded to peer edges: durable ones by the outcome the peer answered (delivered, not_delivered, queue_full, target_gone) or found here (no_link, link_down, link_full, too_large), ephemeral ones sent (ephemeral; those not sent count as no_link, link_down, link_full, too_large).",
 		}, []string{"outcome"}),
 		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_remote_devices", Help: "Devices peers announced as theirs."}),
 		retries: retries,
@@ -246,6 +248,7 @@ func New(cfg Config) (*Mesh, error) {
 	fw := m.metrics.forwards
 	m.metrics.noLink, m.metrics.linkDown = fw.WithLabelValues("no_link"), fw.WithLabelValues("link_down")
 	m.metrics.linkFull, m.metrics.ephemeral = fw.WithLabelValues("link_full"), fw.WithLabelValues("ephemeral")
+	m.metrics.tooLarge = fw.WithLabelValues("too_large")
 	m.metrics.outcomes = map[edgev1.ForwardOutcome]prometheus.Counter{}
 	for v := range edgev1.ForwardOutcome_name {
 		if o := edgev1.ForwardOutcome(v); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_UNSPECIFIED {
@@ -496,6 +499,15 @@ func (m *Mesh) linkList() []*link {
 // an ephemeral event) gets the outcome exactly once: NOT_DELIVERED when
 // the link is down or breaks before the peer answers.
 func (m *Mesh) Forward(peer string, f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
+	if !fitsFrame(f) {
+		// The peer would refuse the frame, and the link with it, for
+		// every device behind it, each time the sender tried again.
+		m.metrics.tooLarge.Inc()
+		if done != nil {
+			done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+		}
+		return
+	}
 	m.mu.Lock()
 	l := m.links[peer]
 	m.mu.Unlock()
@@ -802,6 +814,19 @@ func (m *Mesh) settleLocked(peer string) {
 // Frames on a link: uvarint length, then the encoded MeshFrame.
 const maxFrame = 1 << 20
 
+// fitsFrame reports whether a forward's frame is within maxFrame once
+// the link gives it an id, measuring it only when its fields' bytes come
+// near: what the frame adds to them (tags, lengths, numbers) is far
+// under a kilobyte.
+func fitsFrame(f *edgev1.Forward) bool {
+	n := len(f.GetEvent()) + len(f.GetDeviceId()) + len(f.GetUserId()) + len(f.GetEventId()) + len(f.GetSenderDeviceId()) + len(f.GetTraceparent())
+	if n <= maxFrame-1<<10 {
+		return true
+	}
+	const idField = 1 + binary.MaxVarintLen64 // the id's tag and value, at most
+	return proto.Size(&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: f}})+idField <= maxFrame
+}
+
 func writeFrame(w io.Writer, buf []byte, f *edgev1.MeshFrame) ([]byte, error) {
 	buf, err := appendFrame(buf[:0], f)
 	if err != nil {
@@ -862,7 +887,54 @@ func (w *frameWriter) flush() error {
 	return nil
 }
 
+// readFrame reads one frame, with no deadline of its own: for a peer's
+// hello, which its caller bounds as a whole, and for tests.
 func readFrame(r *bufio.Reader, buf []byte, f *edgev1.MeshFrame) ([]byte, error) {
+	return readFrameWithin(r, buf, f, nil, 0)
+}
+
+// readDeadliner is the part of a QUIC stream readFrameWithin needs.
+type readDeadliner interface{ SetReadDeadline(time.Time) error }
+
+// readPiece is how much of a frame must arrive within one stall timeout:
+// writeChunk, what the peer's writer is given the same timeout for.
+const readPiece = writeChunk
+
+// readFrameWithin reads the next frame from a link's stream r reads.
+// Waiting for a frame to begin has no deadline (a quiet link is fine;
+// QUIC's keep-alives and idle timeout watch the peer), but once it has
+// begun, every readPiece of it must arrive within stall, else the read
+// fails with os.ErrDeadlineExceeded: a peer stalled inside a frame holds
+// its link, and the part it sent, no longer than that, while one sending
+// a large frame slowly but steadily keeps its link. The deadline is set
+// only when the read must wait on str; a frame already buffered costs
+// nothing. With str nil, nothing is bounded.
+func readFrameWithin(r *bufio.Reader, buf []byte, f *edgev1.MeshFrame, str readDeadliner, stall time.Duration) ([]byte, error) {
+	armed := false
+	// arm gives the next read of want bytes its stall timeout, unless r
+	// already holds them.
+	arm := func(want int) {
+		if str == nil || r.Buffered() >= want {
+			return
+		}
+		_ = str.SetReadDeadline(time.Now().Add(stall))
+		armed = true
+	}
+	if str != nil {
+		if _, err := r.Peek(1); err != nil {
+			return buf, err
+		}
+		defer func() {
+			if armed {
+				_ = str.SetReadDeadline(time.Time{})
+			}
+		}()
+		// The length, unless r holds all of it.
+		b, _ := r.Peek(r.Buffered())
+		if _, k := binary.Uvarint(b); k == 0 {
+			arm(len(b) + 1)
+		}
+	}
 	n, err := binary.ReadUvarint(r)
 	if err != nil {
 		return buf, err
@@ -875,10 +947,11 @@ func readFrame(r *bufio.Reader, buf []byte, f *edgev1.MeshFrame) ([]byte, error)
 	// little of it holds little.
 	buf = buf[:0]
 	for len(buf) < int(n) {
-		want := min(int(n)-len(buf), max(4<<10, len(buf)))
-		if cap(buf)-len(buf) < want {
-			buf = slices.Grow(buf, want)
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, min(int(n)-len(buf), max(4<<10, len(buf))))
 		}
+		want := min(int(n), cap(buf), len(buf)+readPiece) - len(buf)
+		arm(want)
 		k, err := io.ReadFull(r, buf[len(buf):len(buf)+want])
 		buf = buf[:len(buf)+k]
 		if err != nil {

@@ -1303,3 +1303,53 @@ func counterValue(c prometheus.Counter) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// A forward whose frame would be over maxFrame is not sent: the peer
+// would refuse the frame and close the link, for every device behind
+// it, each time its sender tried again (relayd keeps events far smaller,
+// but Mesh does not rely on its caller for that). It is answered
+// NOT_DELIVERED at once (its edge then tries the mailbox, which refuses
+// what it cannot hold) and counted too_large; a frame of exactly
+// maxFrame (with the largest id) still goes, and the link carries on.
+func TestAForwardTooLargeForAFrameIsNotSent(t *testing.T) {
+	ca := newTestCA(t)
+	la := &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "d1", UserId: "u", SinceNs: 10}}, outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED}
+	a, b := startMesh(t, ca, "edge-a", la), startMesh(t, ca, "edge-b", &fakeLocal{})
+	members := []Member{{ID: "edge-a", MeshAddr: a.Addr().String()}, {ID: "edge-b", MeshAddr: b.Addr().String()}}
+	a.SetMembers(members)
+	b.SetMembers(members)
+	waitFor(t, "b learns d1 is on a", func() bool { e, ok := b.Locate("d1"); return ok && e == "edge-a" })
+
+	fw := func(size int) *edgev1.Forward {
+		return &edgev1.Forward{DeviceId: "d1", UserId: "u", EventId: "e", SenderDeviceId: "s", Event: make([]byte, size)}
+	}
+	// The largest event whose frame is at most maxFrame with any id.
+	largest := maxFrame
+	for {
+		f := fw(largest)
+		f.Id = math.MaxUint64
+		if proto.Size(&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_Forward{Forward: f}}) <= maxFrame {
+			break
+		}
+		largest--
+	}
+	outcomes := make(chan edgev1.ForwardOutcome, 10)
+	report := func(o edgev1.ForwardOutcome) { outcomes <- o }
+	b.Forward("edge-a", fw(largest+1), report)
+	if o := nextOutcome(t, outcomes); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+		t.Fatalf("a forward over a frame: outcome %v", o)
+	}
+	b.Forward("edge-a", fw(4<<20), nil) // ephemeral
+	if got := counterValue(b.metrics.forwards.WithLabelValues("too_large")); got != 2 {
+		t.Fatalf("forwards{outcome=too_large} = %v, want 2", got)
+	}
+	for _, size := range []int{largest, 1} {
+		b.Forward("edge-a", fw(size), report)
+		if o := nextOutcome(t, outcomes); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
+			t.Fatalf("a forward of %d bytes after one too large: outcome %v", size, o)
+		}
+	}
+	if la.forwards() != 2 || b.Stats().Dials != 1 {
+		t.Fatalf("a got %d forwards (want 2), b dialed %d times (want 1: the link never broke)", la.forwards(), b.Stats().Dials)
+	}
+}
