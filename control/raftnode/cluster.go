@@ -265,6 +265,9 @@ func (n *Node) stop(ctx context.Context, graceful bool) error {
 		if n.cancel != nil {
 			n.cancel()
 		}
+		if n.gate != nil {
+			n.gate.stop() // Raft's main loop may wait in it
+		}
 		var errs []error
 		if n.raft != nil {
 			if err := n.raft.Shutdown().Error(); err != nil {

@@ -4,3 +4,10 @@ package raftnode
 // withdrawal has committed and settled, before it checks its record. Set
 // it before the node stops.
 func SetAfterWithdraw(n *Node, f func(attempt int)) { n.afterWithdraw = f }
+
+// ApplyGate returns the bytes n's state machine has been handed and has
+// not applied, and whether n's log store waits for it now.
+func ApplyGate(n *Node) (held uint64, waiting bool) {
+	held, waiting, _ = n.gate.stats()
+	return held, waiting
+}

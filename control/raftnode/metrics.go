@@ -140,10 +140,14 @@ var (
 		"Voters in the latest Raft configuration this node knows, running or not: what a quorum is counted against.", nil, nil)
 	descVoter = prometheus.NewDesc("relay_control_raft_voter",
 		"1 when this node is a voter in the latest Raft configuration it knows (0: joining, removed, or a non-voter).", nil, nil)
+	descQueued = prometheus.NewDesc("relay_control_fsm_queued_bytes",
+		"Bytes of committed entries Raft handed to the state machine that it has not applied yet (bounded by the node's MaxUnappliedBytes, 256 MiB by default).", nil, nil)
+	descStoreWait = prometheus.NewDesc("relay_control_raft_store_wait_seconds_total",
+		"Time Raft waited to store entries because the state machine's queue was over its bound: the state machine applies more slowly than the log stores.", nil, nil)
 )
 
 func (c *raftCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descState, descTerm, descCommit, descApplied, descLeader, descReady, descVoters, descVoter} {
+	for _, d := range []*prometheus.Desc{descState, descTerm, descCommit, descApplied, descLeader, descReady, descVoters, descVoter, descQueued, descStoreWait} {
 		ch <- d
 	}
 }
@@ -164,6 +168,9 @@ func (c *raftCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descTerm, prometheus.GaugeValue, float64(n.currentTerm()))
 	ch <- prometheus.MustNewConstMetric(descCommit, prometheus.GaugeValue, float64(n.commitIndex()))
 	ch <- prometheus.MustNewConstMetric(descApplied, prometheus.GaugeValue, float64(n.fsm.AppliedIndex()))
+	held, _, waited := n.gate.stats()
+	ch <- prometheus.MustNewConstMetric(descQueued, prometheus.GaugeValue, float64(held))
+	ch <- prometheus.MustNewConstMetric(descStoreWait, prometheus.CounterValue, waited.Seconds())
 	b2f := func(b bool) float64 {
 		if b {
 			return 1

@@ -105,6 +105,11 @@ type Tuning struct {
 	// MaxAppendEntries caps entries per AppendEntries RPC (and per batch
 	// handed to the FSM).
 	MaxAppendEntries int
+	// MaxUnappliedBytes bounds the bytes of committed entries Raft has
+	// handed to the state machine and it has not applied yet: beyond it,
+	// the node stores no more Raft entries until the state machine
+	// catches up (applyGate) [DefaultMaxUnappliedBytes].
+	MaxUnappliedBytes uint64
 	// NoBatchApply turns off raft's BatchApplyCh: each Apply then goes
 	// through the leader loop on its own. Only benchmarks want this.
 	NoBatchApply bool
@@ -255,6 +260,9 @@ func (c *Config) applyDefaults() error {
 	if c.Raft.RemovedAfter <= 0 {
 		c.Raft.RemovedAfter = 30 * time.Second
 	}
+	if c.Raft.MaxUnappliedBytes == 0 {
+		c.Raft.MaxUnappliedBytes = DefaultMaxUnappliedBytes
+	}
 	if c.RestoreFrom != "" {
 		c.Bootstrap = true
 	}
@@ -277,6 +285,7 @@ type Node struct {
 	raft  *raft.Raft
 	fsm   *fsm.FSM
 	logs  *raftlog.Store
+	gate  *applyGate // in front of logs for Raft
 	state *state.Store
 	trans *raftTransport
 	check *clusterCheck // nil: the transport runs without the cluster check (Config.Features)
@@ -413,6 +422,12 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	fcfg.Store, fcfg.Logger = n.state, log
 	fcfg.OnSnapshot = n.m.observeSnapshot
 	fcfg.OnApply = n.m.observeApply
+	if observe := cfg.FSM.OnApply; observe != nil {
+		fcfg.OnApply = func(took time.Duration, entries int) {
+			n.m.observeApply(took, entries)
+			observe(took, entries)
+		}
+	}
 	fcfg.OnRestore = n.m.observeRestore
 	if n.fsm, err = fsm.New(fcfg); err != nil {
 		return nil, err
@@ -436,10 +451,12 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	}
 
 	rc := n.raftConfig()
-	n.raft, err = raft.NewRaft(rc, n.fsm, n.logs, n.logs, n.snaps, n.trans)
+	n.gate = newApplyGate(cfg.Raft.MaxUnappliedBytes, log)
+	n.raft, err = raft.NewRaft(rc, n.fsm, gatedLogs{Store: n.logs, gate: n.gate}, n.logs, n.snaps, n.trans)
 	if err != nil {
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
+	n.gate.start(n.raft, n.fsm)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	if n.check != nil {
 		legacy := n.acceptsNoHello
