@@ -14,10 +14,13 @@ import (
 // DefaultMaxUnappliedBytes is Tuning.MaxUnappliedBytes's default.
 const DefaultMaxUnappliedBytes = 256 << 20
 
-// applyGateMaxWait bounds one wait of the gate: an FSM that does not
-// catch up in that long is stuck or far too slow, and holding Raft's
-// main loop longer would only add a stalled log to it.
-const applyGateMaxWait = 30 * time.Second
+// applyGateMaxWait bounds one wait of the gate, under the Raft RPC
+// timeout: the leader's AppendEntries to a waiting follower must not
+// time out (the leader would send the batch again, and the follower hold
+// it twice), and a follower that waits answers no vote meanwhile. A
+// state machine that does not catch up in that long lets one more
+// append in, then the gate waits again.
+const applyGateMaxWait = raftNetTimeout / 2
 
 // entryOverhead is what a log entry handed to the FSM holds beyond its
 // data: the raft.Log and the batch's slot for it.
@@ -33,6 +36,11 @@ const entryOverhead = 128
 // leader and follower alike, waits while more than limit bytes were
 // handed over and are not applied, so a slow FSM makes its node fall
 // behind rather than fill its memory.
+//
+// Only a follower waits. A leader's queue holds its proposals' own
+// entries (held by their futures, not read back from the log), and a
+// leader that waited would stop committing, and checking its lease,
+// leadership transfers and read indexes with it.
 //
 // It cannot deadlock: what it waits for is already in the FSM's queue,
 // which the FSM drains without Raft's main loop. Raft counts an entry as
@@ -66,6 +74,7 @@ type applyGate struct {
 	waiting  bool          // StoreLogs waits now
 	waited   time.Duration // time spent in waits that ended
 	since    time.Time     // when the current wait began
+	warned   time.Time     // when a wait that timed out was last logged
 }
 
 func newApplyGate(limit uint64, log interface{ Warn(string, ...any) }) *applyGate {
@@ -136,10 +145,8 @@ func (g *applyGate) forget(applied uint64) {
 	g.idx, g.cum = append(g.idx[:0], g.idx[k:]...), append(g.cum[:0], g.cum[k:]...)
 }
 
-// admit waits, before logs are stored, while the entries handed to the
-// FSM and not applied hold more than the limit; then records logs' sizes.
-func (g *applyGate) admit(logs []*raft.Log) {
-	g.wait()
+// stored records the sizes of logs, once stored.
+func (g *applyGate) stored(logs []*raft.Log) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if n := len(g.idx); n > 0 && g.idx[n-1] >= logs[0].Index {
@@ -172,7 +179,7 @@ func (g *applyGate) wait() {
 			g.waited += time.Since(g.since)
 		}
 	}()
-	for g.raft != nil {
+	for g.raft != nil && g.raft.State() != raft.Leader {
 		applied, handed := g.fsm.AppliedIndex(), g.raft.AppliedIndex()
 		g.forget(applied)
 		held := g.heldLocked(applied, handed)
@@ -192,6 +199,10 @@ func (g *applyGate) wait() {
 		}
 		left := applyGateMaxWait - time.Since(g.since)
 		if left <= 0 {
+			if time.Since(g.warned) < time.Minute {
+				return
+			}
+			g.warned = time.Now()
 			g.log.Warn("the state machine is far behind the Raft log; storing entries without waiting for it any longer",
 				"held_bytes", held, "limit_bytes", g.limit, "applied_index", applied, "handed_index", handed)
 			return
@@ -221,8 +232,12 @@ func (g gatedLogs) StoreLogs(logs []*raft.Log) error {
 	if len(logs) == 0 {
 		return nil
 	}
-	g.gate.admit(logs)
-	return g.Store.StoreLogs(logs)
+	g.gate.wait()
+	if err := g.Store.StoreLogs(logs); err != nil {
+		return err
+	}
+	g.gate.stored(logs)
+	return nil
 }
 
 // DeleteRange deletes entries [minIdx, maxIdx] (raft.LogStore).

@@ -20,7 +20,7 @@ func TestApplyGateCountsWhatWasStored(t *testing.T) {
 		return logs
 	}
 	const e100, e300 = 100 + entryOverhead, 300 + entryOverhead
-	g.admit(entries(1, 5, 100)) // no Raft yet: nothing waits
+	g.stored(entries(1, 5, 100)) // no Raft yet: nothing waits
 	for _, c := range []struct {
 		applied, handed, want uint64
 	}{{0, 5, 5 * e100}, {2, 4, 2 * e100}, {4, 4, 0}, {5, 2, 0}, {3, 9, 2 * e100}} {
@@ -28,7 +28,7 @@ func TestApplyGateCountsWhatWasStored(t *testing.T) {
 			t.Errorf("held after %d up to %d: %d, want %d", c.applied, c.handed, got, c.want)
 		}
 	}
-	g.admit(entries(4, 6, 300)) // 4 and 5 replaced
+	g.stored(entries(4, 6, 300)) // 4 and 5 replaced
 	if got, want := g.heldLocked(0, 6), 3*e100+3*e300; got != uint64(want) {
 		t.Errorf("held after a replaced tail: %d, want %d", got, want)
 	}
@@ -43,7 +43,7 @@ func TestApplyGateCountsWhatWasStored(t *testing.T) {
 		t.Errorf("what was forgotten counts as applied: %d, want %d", got, want)
 	}
 	g.truncate(6)
-	g.admit(entries(6, 7, 100))
+	g.stored(entries(6, 7, 100))
 	if got, want := g.heldLocked(3, 7), 2*e300+2*e100; got != uint64(want) {
 		t.Errorf("held after a truncated tail: %d, want %d", got, want)
 	}

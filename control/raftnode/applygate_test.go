@@ -1,7 +1,9 @@
 package raftnode_test
 
 import (
+	"context"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -12,6 +14,57 @@ import (
 	"github.com/edge-relay/relay/control/server"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
+
+// gateCluster is a cluster of three whose state machines bound their
+// queue at limit bytes, with perAppend entries per AppendEntries, and
+// one of which can be made to stop applying.
+type gateCluster struct {
+	*clustertest.Cluster
+	slowID   atomic.Value // the node whose state machine stops after its next batch
+	release  chan struct{}
+	released sync.Once
+}
+
+func startGateCluster(t *testing.T, limit uint64, perAppend int) *gateCluster {
+	gc := &gateCluster{release: make(chan struct{})}
+	gc.slowID.Store("")
+	tuning := clustertest.FastRaft()
+	tuning.MaxUnappliedBytes, tuning.MaxAppendEntries = limit, perAppend
+	gc.Cluster = clustertest.Start(t, 3, clustertest.Options{Raft: tuning, Configure: func(cfg *server.Config) {
+		id := cfg.NodeID
+		cfg.FSM.OnApply = func(time.Duration, int) {
+			if gc.slowID.Load() == id {
+				<-gc.release
+			}
+		}
+	}})
+	// Before the cluster stops (cleanups run last first): its stop waits
+	// for the state machines.
+	t.Cleanup(gc.resume)
+	ctx := ctxT(t, time.Minute)
+	li := gc.Leader()
+	if _, err := gc.CreateUser(ctx, li, "u"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := gc.RegisterDevice(ctx, li, "u", "d"); err != nil {
+		t.Fatal(err)
+	}
+	return gc
+}
+
+// stall makes node i's state machine stop after its next batch.
+func (gc *gateCluster) stall(i int) { gc.slowID.Store(gc.Nodes[i].ID) }
+
+// resume lets the stalled state machine apply again.
+func (gc *gateCluster) resume() { gc.released.Do(func() { close(gc.release) }) }
+
+// put stores one mailbox entry of size bytes through the leader.
+func put(ctx context.Context, leader *raftnode.Node, i, size int) error {
+	_, err := leader.Apply(ctx, &statev1.Command{ProposedAtMs: time.Now().UnixMilli(), Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{
+		Entries:             []*statev1.MailboxEntry{{UserId: "u", DeviceId: "d", SenderDeviceId: "s", EventId: fmt.Sprint(i), Event: make([]byte, size), ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}},
+		MaxEntriesPerDevice: fsm.MaxMailboxQuotaEntries, MaxBytesPerDevice: fsm.MaxMailboxQuotaBytes}}})
+	return err
+}
 
 // A follower whose state machine stops applying stores no more Raft
 // entries once those Raft handed it and it has not applied hold more
@@ -25,44 +78,14 @@ import (
 // 128 KiB (4 MiB) are proposed against a bound of 1 MiB plus 8 entries.
 func TestASlowStateMachineHoldsItsQueueInBytes(t *testing.T) {
 	const limit, size, entries, perAppend = 1 << 20, 128 << 10, 32, 4
-	var slowID atomic.Value // the node whose state machine stops
-	slowID.Store("")
-	release := make(chan struct{})
-	tuning := clustertest.FastRaft()
-	tuning.MaxUnappliedBytes, tuning.MaxAppendEntries = limit, perAppend
-	c := clustertest.Start(t, 3, clustertest.Options{Raft: tuning, Configure: func(cfg *server.Config) {
-		id := cfg.NodeID
-		cfg.FSM.OnApply = func(time.Duration, int) {
-			if slowID.Load() == id {
-				<-release
-			}
-		}
-	}})
-	released := false
-	defer func() {
-		if !released {
-			close(release) // the cluster's stop waits for the state machines
-		}
-	}()
+	gc := startGateCluster(t, limit, perAppend)
 	ctx := ctxT(t, 2*time.Minute)
-	li := c.Leader()
-	if _, err := c.CreateUser(ctx, li, "u"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.RegisterDevice(ctx, li, "u", "d"); err != nil {
-		t.Fatal(err)
-	}
-	f := c.Follower()
-	follower := c.Nodes[f].Server.Node()
-	slowID.Store(c.Nodes[f].ID)
-	leader := c.Nodes[li].Server.Node()
-	event := make([]byte, size)
-	exp := time.Now().Add(time.Hour).UnixMilli()
+	f := gc.Follower()
+	follower := gc.Nodes[f].Server.Node()
+	gc.stall(f)
+	leader := gc.Nodes[gc.Leader()].Server.Node()
 	for i := range entries {
-		_, err := leader.Apply(ctx, &statev1.Command{ProposedAtMs: time.Now().UnixMilli(), Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{
-			Entries:             []*statev1.MailboxEntry{{UserId: "u", DeviceId: "d", SenderDeviceId: "s", EventId: fmt.Sprint(i), Event: event, ExpiresAtMs: exp}},
-			MaxEntriesPerDevice: fsm.MaxMailboxQuotaEntries, MaxBytesPerDevice: fsm.MaxMailboxQuotaBytes}}})
-		if err != nil {
+		if err := put(ctx, leader, i, size); err != nil {
 			t.Fatalf("entry %d: the cluster did not commit on while a follower's state machine stood still: %v", i, err)
 		}
 	}
@@ -80,8 +103,7 @@ func TestASlowStateMachineHoldsItsQueueInBytes(t *testing.T) {
 	if st, err := follower.Status(); err != nil || st.CommitIndex >= want {
 		t.Fatalf("the slow follower committed up to %d of %d (%v): it should have stopped taking entries", st.CommitIndex, want, err)
 	}
-	released = true
-	close(release)
+	gc.resume()
 	if err := follower.FSM().WaitApplied(ctx, want); err != nil {
 		t.Fatalf("the follower did not catch up once it applied again: %v", err)
 	}
@@ -91,5 +113,62 @@ func TestASlowStateMachineHoldsItsQueueInBytes(t *testing.T) {
 		}
 		return nil
 	})
-	c.WaitConverged()
+	gc.WaitConverged()
+}
+
+// A leader does not wait for its own state machine: its queue holds its
+// proposals' own entries, and a leader whose log store waited would
+// commit nothing meanwhile (nor check its lease, hand leadership over or
+// answer read indexes). With the leader's state machine stopped and more
+// than the bound handed to it, the followers still get and apply every
+// entry proposed after that, and the leader's log store never waited.
+func TestALeaderDoesNotWaitForItsStateMachine(t *testing.T) {
+	const limit, size, entries, perAppend = 1 << 20, 128 << 10, 24, 4
+	gc := startGateCluster(t, limit, perAppend)
+	ctx := ctxT(t, 2*time.Minute)
+	li := gc.Leader()
+	leader := gc.Nodes[li].Server.Node()
+	base := leader.FSM().AppliedIndex()
+	gc.stall(li)
+	// Each proposal returns once the leader has applied it: only after
+	// resume.
+	var wg sync.WaitGroup
+	errs := make(chan error, entries)
+	propose := func(from, to int) {
+		for i := from; i < to; i++ {
+			wg.Go(func() { errs <- put(ctx, leader, i, size) })
+		}
+	}
+	// Half, until the leader's state machine holds more than the bound;
+	// then the rest, which the leader stores with its queue over it.
+	propose(0, entries/2)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if held, _ := raftnode.ApplyGate(leader); held <= limit {
+			return fmt.Errorf("the leader's state machine holds %d bytes", held)
+		}
+		return nil
+	})
+	propose(entries/2, entries)
+	for j, nd := range gc.Nodes {
+		if j == li {
+			continue
+		}
+		if err := nd.Server.Node().FSM().WaitApplied(ctx, base+entries); err != nil {
+			t.Fatalf("follower %s did not apply what the stalled leader proposed: %v", nd.ID, err)
+		}
+	}
+	if held, waiting := raftnode.ApplyGate(leader); held <= limit || waiting {
+		t.Fatalf("the leader holds %d bytes for its state machine (bound %d), waiting: %v", held, limit, waiting)
+	}
+	if w := clustertest.MetricValue(t, gc.Nodes[li].Server.Registry(), "relay_control_raft_store_wait_seconds_total"); w != 0 {
+		t.Fatalf("the leader's log store waited %v s", w)
+	}
+	gc.resume()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatalf("a proposal failed: %v", err)
+		}
+	}
 }

@@ -258,15 +258,17 @@ func (n *Node) StepDown(ctx context.Context) {
 
 func (n *Node) stop(ctx context.Context, graceful bool) error {
 	n.closeOnce.Do(func() {
+		if n.gate != nil {
+			// Raft's main loop may wait in it, and the steps below need
+			// that loop.
+			n.gate.stop()
+		}
 		if graceful {
 			n.StepDown(ctx)
 		}
 		n.drainApplies(ctx)
 		if n.cancel != nil {
 			n.cancel()
-		}
-		if n.gate != nil {
-			n.gate.stop() // Raft's main loop may wait in it
 		}
 		var errs []error
 		if n.raft != nil {

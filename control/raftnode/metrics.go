@@ -141,7 +141,7 @@ var (
 	descVoter = prometheus.NewDesc("relay_control_raft_voter",
 		"1 when this node is a voter in the latest Raft configuration it knows (0: joining, removed, or a non-voter).", nil, nil)
 	descQueued = prometheus.NewDesc("relay_control_fsm_queued_bytes",
-		"Bytes of committed entries Raft handed to the state machine that it has not applied yet (bounded by the node's MaxUnappliedBytes, 256 MiB by default).", nil, nil)
+		"Bytes of committed entries Raft handed to the state machine that it has not applied yet (on a follower bounded by the node's MaxUnappliedBytes, 256 MiB by default).", nil, nil)
 	descStoreWait = prometheus.NewDesc("relay_control_raft_store_wait_seconds_total",
 		"Time Raft waited to store entries because the state machine's queue was over its bound: the state machine applies more slowly than the log stores.", nil, nil)
 )

@@ -106,9 +106,9 @@ type Tuning struct {
 	// handed to the FSM).
 	MaxAppendEntries int
 	// MaxUnappliedBytes bounds the bytes of committed entries Raft has
-	// handed to the state machine and it has not applied yet: beyond it,
-	// the node stores no more Raft entries until the state machine
-	// catches up (applyGate) [DefaultMaxUnappliedBytes].
+	// handed a follower's state machine and it has not applied yet:
+	// beyond it, the follower stores no more Raft entries until the state
+	// machine catches up (applyGate) [DefaultMaxUnappliedBytes].
 	MaxUnappliedBytes uint64
 	// NoBatchApply turns off raft's BatchApplyCh: each Apply then goes
 	// through the leader loop on its own. Only benchmarks want this.
