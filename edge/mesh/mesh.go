@@ -104,6 +104,12 @@ type Config struct {
 	// nor sends the events meant for them into the mailboxes. A peer that
 	// leaves the member list is forgotten at once.
 	PresenceGrace time.Duration
+	// MaxPeerDevices bounds the devices one peer may announce as its own
+	// [DefaultMaxPeerDevices]: a peer that announces more (a bug there,
+	// or a peer that never sends offlines) would fill this edge's memory.
+	// Devices beyond it are ignored, and logged: events for them go to
+	// their mailboxes, from which their edge delivers them.
+	MaxPeerDevices int
 	// Logger [slog.Default()]; Registerer for metrics [none].
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -143,6 +149,31 @@ type Mesh struct {
 	graced map[string]*time.Timer
 	// controlHeard is this edge's status, as SetControlHeard last set it.
 	controlHeard bool
+
+	capMu    sync.Mutex // guards capped and cappedAt
+	capped   int        // devices ignored for a peer's bound since the last warning
+	cappedAt time.Time  // when that warning was logged
+}
+
+// cappedTellEvery is how often, at most, the devices ignored for a
+// peer's bound are logged.
+const cappedTellEvery = time.Minute
+
+// tellCapped logs, at most every cappedTellEvery, the devices ignored
+// because their peer announced more than Config.MaxPeerDevices.
+func (m *Mesh) tellCapped(peer string, n int) {
+	m.capMu.Lock()
+	m.capped += n
+	total := m.capped
+	tell := time.Since(m.cappedAt) >= cappedTellEvery
+	if tell {
+		m.capped, m.cappedAt = 0, time.Now()
+	}
+	m.capMu.Unlock()
+	if tell {
+		m.cfg.Logger.Warn("mesh peer announced more devices than a peer may hold: those beyond are ignored, and their events go to their mailboxes",
+			"peer", peer, "bound", m.cfg.MaxPeerDevices, "ignored_since_last_warning", total)
+	}
 }
 
 type presenceEvent struct {
@@ -208,6 +239,9 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	if cfg.PresenceGrace == 0 {
 		cfg.PresenceGrace = 10 * time.Second
+	}
+	if cfg.MaxPeerDevices <= 0 {
+		cfg.MaxPeerDevices = DefaultMaxPeerDevices
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -562,12 +596,20 @@ func (m *Mesh) Stats() Stats {
 // anyway: it would refuse its devices' events as expired.
 const maxSinceAhead = time.Hour
 
+// DefaultMaxPeerDevices is Config.MaxPeerDevices's default, for a peer
+// far larger than any edge: a device a peer announces takes some 250
+// bytes of this edge's tables (measured with 24-byte ids, five devices
+// a user), so a peer holds at most some 250 MiB here.
+const DefaultMaxPeerDevices = 1 << 20
+
 // applyPresence records what a peer announced (with presMu held) and
-// returns the devices whose older local sessions must close, and how
-// many it ignored for a start too far ahead (maxSinceAhead). A full
-// set's devices (inSet) are what the peer holds now, whatever it
-// announced before.
-func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresence, inSet bool) (moved []*edgev1.DevicePresence, ignored int) {
+// returns the devices whose older local sessions must close, how many it
+// ignored for a start too far ahead (maxSinceAhead), and how many for
+// the peer's bound (Config.MaxPeerDevices). A full set's devices (inSet)
+// are what the peer holds now, whatever it announced before; while one
+// arrives, the devices it has not named yet do not count against the
+// bound (the set's end forgets them).
+func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresence, inSet bool) (moved []*edgev1.DevicePresence, ignored, capped int) {
 	set := m.byPeer[peer]
 	unconfirmed := m.unconfirmed[peer]
 	var latest int64
@@ -584,6 +626,10 @@ func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresen
 	for _, p := range online {
 		if p.GetSinceNs() > latest {
 			ignored++
+			continue
+		}
+		if _, known := set[p.GetDeviceId()]; !known && len(set)-len(unconfirmed) >= m.cfg.MaxPeerDevices {
+			capped++
 			continue
 		}
 		if set == nil {
@@ -605,7 +651,7 @@ func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresen
 		delete(m.byPeer, peer)
 	}
 	m.metrics.devices.Set(float64(len(m.where)))
-	return moved, ignored
+	return moved, ignored, capped
 }
 
 // recomputeWhere sets where a device is: the peer with its newest
@@ -771,7 +817,7 @@ func (m *Mesh) presenceFromPeer(peer string, from *inbound, part setPart, online
 			m.unconfirmed[peer] = u
 		}
 	}
-	moved, ignored := m.applyPresence(peer, online, offline, part.inSet)
+	moved, ignored, capped := m.applyPresence(peer, online, offline, part.inSet)
 	if part.last {
 		m.settleLocked(peer)
 	}
@@ -779,6 +825,9 @@ func (m *Mesh) presenceFromPeer(peer string, from *inbound, part setPart, online
 	m.presMu.Unlock()
 	if ignored > 0 {
 		m.cfg.Logger.Warn("mesh peer announced sessions that start more than an hour from now: ignored", "peer", peer, "devices", ignored)
+	}
+	if capped > 0 {
+		m.tellCapped(peer, capped)
 	}
 	m.tellPresence(ev)
 	m.notifyMoved(peer, moved)
@@ -903,7 +952,8 @@ const readPiece = writeChunk
 // readFrameWithin reads the next frame from a link's stream r reads.
 // Waiting for a frame to begin has no deadline (a quiet link is fine;
 // QUIC's keep-alives and idle timeout watch the peer), but once it has
-// begun, every readPiece of it must arrive within stall, else the read
+// begun, each read of it (at most readPiece; smaller while the buffer
+// grows) must complete within stall, else the read
 // fails with os.ErrDeadlineExceeded: a peer stalled inside a frame holds
 // its link, and the part it sent, no longer than that, while one sending
 // a large frame slowly but steadily keeps its link. The deadline is set

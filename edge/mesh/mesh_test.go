@@ -1310,7 +1310,7 @@ func counterValue(c prometheus.Counter) float64 {
 // but Mesh does not rely on its caller for that). It is answered
 // NOT_DELIVERED at once (its edge then tries the mailbox, which refuses
 // what it cannot hold) and counted too_large; a frame of exactly
-// maxFrame (with the largest id) still goes, and the link carries on.
+// maxFrame with the largest id still goes, and the link carries on.
 func TestAForwardTooLargeForAFrameIsNotSent(t *testing.T) {
 	ca := newTestCA(t)
 	la := &fakeLocal{devices: []*edgev1.DevicePresence{{DeviceId: "d1", UserId: "u", SinceNs: 10}}, outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED}
@@ -1319,6 +1319,7 @@ func TestAForwardTooLargeForAFrameIsNotSent(t *testing.T) {
 	a.SetMembers(members)
 	b.SetMembers(members)
 	waitFor(t, "b learns d1 is on a", func() bool { e, ok := b.Locate("d1"); return ok && e == "edge-a" })
+	waitFor(t, "b's link to a up", func() bool { return b.Stats().LinksUp == 1 })
 
 	fw := func(size int) *edgev1.Forward {
 		return &edgev1.Forward{DeviceId: "d1", UserId: "u", EventId: "e", SenderDeviceId: "s", Event: make([]byte, size)}
@@ -1351,5 +1352,68 @@ func TestAForwardTooLargeForAFrameIsNotSent(t *testing.T) {
 	}
 	if la.forwards() != 2 || b.Stats().Dials != 1 {
 		t.Fatalf("a got %d forwards (want 2), b dialed %d times (want 1: the link never broke)", la.forwards(), b.Stats().Dials)
+	}
+}
+
+// A peer holds at most MaxPeerDevices (3 here) devices in this edge's
+// tables: devices it announces beyond are ignored, and logged, until it
+// announces some offline. A full set that replaces the peer's devices
+// (a reconnect) is not refused for the devices it replaces, which stay
+// until its end and then go.
+func TestAPeerHoldsAtMostItsBoundOfDevices(t *testing.T) {
+	ca := newTestCA(t)
+	w := &warnings{}
+	a := startMeshWith(t, ca, "edge-a", &fakeLocal{}, func(c *Config) { c.MaxPeerDevices, c.Logger = 3, slog.New(w) })
+	a.SetMembers([]Member{{ID: "edge-x", MeshAddr: "127.0.0.1:9"}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	x := testIdentity(t, ca, "edge-x")
+	set := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: presenceOf("d1", "d2", "d3", "d4", "d5")}}}
+	sendOnLink(ctx, t, a.Addr().String(), x.clientTLS("edge-a", nil), helloFrom(), set)
+	waitFor(t, "the peer's first three devices located", func() bool {
+		for _, d := range []string{"d1", "d2", "d3"} {
+			if _, ok := a.Locate(d); !ok {
+				return false
+			}
+		}
+		return true
+	})
+	// One frame: its devices are all taken or ignored once one is located.
+	for _, d := range []string{"d4", "d5"} {
+		if _, ok := a.Locate(d); ok {
+			t.Fatalf("%s, beyond the peer's bound, was located", d)
+		}
+	}
+	if !w.has("mesh peer announced more devices than a peer may hold: those beyond are ignored, and their events go to their mailboxes") {
+		t.Fatal("the devices ignored were not logged")
+	}
+	// An offline makes room (offlines come first in a frame).
+	delta := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceDelta{PresenceDelta: &edgev1.PresenceDelta{
+		Online: presenceOf("d6", "d7"), Offline: presenceOf("d1")}}}
+	conn := sendOnLink(ctx, t, a.Addr().String(), x.clientTLS("edge-a", nil), helloFrom(), set, delta)
+	waitFor(t, "d6 in d1's place", func() bool { _, on := a.Locate("d6"); _, off := a.Locate("d1"); return on && !off })
+	if _, ok := a.Locate("d7"); ok {
+		t.Fatal("d7, beyond the peer's bound, was located")
+	}
+	// A reconnect's full set names three other devices: the three it
+	// replaces do not count against it.
+	_ = conn.CloseWithError(0, "")
+	sendOnLink(ctx, t, a.Addr().String(), x.clientTLS("edge-a", nil), helloFrom(),
+		&edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: presenceOf("d8", "d9", "d10")}}})
+	waitFor(t, "the new set in place of the old", func() bool {
+		for _, d := range []string{"d8", "d9", "d10"} {
+			if _, ok := a.Locate(d); !ok {
+				return false
+			}
+		}
+		for _, d := range []string{"d2", "d3", "d6"} {
+			if _, ok := a.Locate(d); ok {
+				return false
+			}
+		}
+		return true
+	})
+	if st := a.Stats(); st.RemoteDevices != 3 {
+		t.Fatalf("the peer holds %d devices here, over its bound of 3", st.RemoteDevices)
 	}
 }
