@@ -21,7 +21,6 @@ package client
 import (
 	"context"
 	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -32,7 +31,6 @@ import (
 	"fmt"
 	"hash/maphash"
 	"log/slog"
-	"math/big"
 	mrand "math/rand/v2"
 	"net"
 	"slices"
@@ -904,18 +902,6 @@ func (c *Client) window(sender string) *idwindow.Window[string] {
 		c.seen[sender] = w
 	}
 	return w
-}
-
-// jitter returns a random duration in [d/2, d].
-func jitter(d time.Duration) time.Duration {
-	if d <= 1 {
-		return d
-	}
-	n, err := rand.Int(rand.Reader, big.NewInt(int64(d/2)+1))
-	if err != nil {
-		return d
-	}
-	return d/2 + time.Duration(n.Int64())
 }
 
 // tlsConfig returns the TLS configuration for an edge: verified as usual,

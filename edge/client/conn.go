@@ -26,6 +26,7 @@ import (
 	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/proof"
+	"github.com/edge-relay/relay/internal/jitter"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -612,7 +613,7 @@ func (c *Client) loop(first *conn) {
 			}
 			wait, backoff = reconnectWait(err, time.Since(began), backoff, c.cfg.ReconnectMin, c.cfg.ReconnectMax)
 		} else {
-			wait = jitter(backoff)
+			wait = jitter.Spread(backoff)
 			backoff = min(backoff*2, c.cfg.ReconnectMax)
 		}
 		if wait > 0 {
@@ -676,7 +677,7 @@ func reconnectWait(err error, lasted, backoff, minB, maxB time.Duration) (wait, 
 		if lasted >= stableSession {
 			return hint, minB
 		}
-		return max(hint, jitter(backoff)), min(backoff*2, maxB)
+		return max(hint, jitter.Spread(backoff)), min(backoff*2, maxB)
 	}
 	if lasted >= stableSession {
 		backoff = minB
@@ -684,7 +685,7 @@ func reconnectWait(err error, lasted, backoff, minB, maxB time.Duration) (wait, 
 			return mrand.N(spreadMax(minB) + 1), minB
 		}
 	}
-	return jitter(backoff), min(backoff*2, maxB)
+	return jitter.Spread(backoff), min(backoff*2, maxB)
 }
 
 // spreadMax bounds the wait before the first reconnect after a session

@@ -22,6 +22,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/internal/jitter"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 )
@@ -597,7 +598,7 @@ func (d *Directory) Follow(ctx context.Context, client edgev1connect.WatchServic
 		d.cfg.Logger.Warn("watch feed interrupted; resuming", "revision", d.Revision(), "err", err, "backoff", wait)
 		select {
 		case <-ctx.Done():
-		case <-time.After(wait):
+		case <-time.After(jitter.Spread(wait)):
 		}
 	}
 	return ctx.Err()

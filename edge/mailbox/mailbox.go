@@ -24,6 +24,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/internal/jitter"
 	"github.com/edge-relay/relay/internal/telemetry"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 )
@@ -586,7 +587,7 @@ func retry[T any](ctx context.Context, c *Client, deadline time.Time, once bool,
 			return resp, err
 		}
 		c.cfg.Logger.Warn("control plane call failed; retrying", "err", err, "backoff", backoff)
-		t := time.NewTimer(backoff)
+		t := time.NewTimer(jitter.Spread(backoff))
 		select {
 		case <-t.C:
 		case <-ctx.Done():
@@ -824,7 +825,7 @@ func (c *Client) ackLoop(ctx context.Context) {
 		case <-again:
 		}
 		if c.flushAcks(ctx) {
-			again, backoff = time.After(backoff), min(2*backoff, maxBackoff)
+			again, backoff = time.After(jitter.Spread(backoff)), min(2*backoff, maxBackoff)
 		} else {
 			again, backoff = nil, minBackoff
 		}

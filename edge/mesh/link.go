@@ -15,6 +15,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+
+	"github.com/edge-relay/relay/internal/jitter"
 )
 
 // link is this edge's connection to one peer: it carries this edge's
@@ -142,7 +144,7 @@ func (l *link) run() {
 				log.Debug("mesh link down; reconnecting", "err", err, "backoff", backoff)
 			}
 		}
-		t := time.NewTimer(backoff)
+		t := time.NewTimer(jitter.Spread(backoff))
 		select {
 		case <-t.C:
 		case <-l.ctx.Done():

@@ -10,6 +10,7 @@ import (
 	"github.com/edge-relay/relay/edge/directory"
 	"github.com/edge-relay/relay/edge/mesh"
 	"github.com/edge-relay/relay/edge/session"
+	"github.com/edge-relay/relay/internal/jitter"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 )
 
@@ -66,6 +67,7 @@ func (s *Server) register(ctx context.Context) {
 			} else {
 				s.log.Warn("registration failed; retrying", "err", err, "backoff", backoff)
 			}
+			wait = jitter.Spread(backoff)
 			if until := s.leaseUntil.Load(); until != 0 && until <= time.Now().UnixNano() && !lapseLogged {
 				s.log.Error("the membership lease ran out: other edges no longer route to this edge", "lease_until", time.Unix(0, until))
 				lapseLogged = true

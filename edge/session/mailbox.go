@@ -12,6 +12,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/edge-relay/relay/internal/jitter"
 	"github.com/edge-relay/relay/internal/telemetry"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
@@ -709,7 +710,7 @@ func (s *Session) pump(pctx context.Context, done chan struct{}) {
 				s.logAt(slog.LevelWarn, "mailbox fetch failed", "err", err, "backoff", backoff)
 				s.failHeld()
 			}
-			if !wait(backoff) {
+			if !wait(jitter.Spread(backoff)) {
 				return
 			}
 			backoff = min(2*backoff, 5*time.Second)
