@@ -36,6 +36,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/internal/jitter"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 	"github.com/edge-relay/relay/storage/raftlog"
 	"github.com/edge-relay/relay/storage/state"
@@ -1009,7 +1010,9 @@ func retry[T any](ctx context.Context, leaderWait time.Duration, op func() (T, e
 		} else if time.Since(noLeaderSince) >= leaderWait {
 			return v, fail(fmt.Errorf("%w (no leader for %v)", err, leaderWait))
 		}
-		t := time.NewTimer(backoff)
+		// Spread: every write of the node that failed with its leader
+		// retries, and would otherwise reach the new one together.
+		t := time.NewTimer(jitter.Spread(backoff))
 		select {
 		case <-ctx.Done():
 			t.Stop()
