@@ -1,12 +1,15 @@
 package raftnode
 
 import (
+	"cmp"
 	"context"
+	"log/slog"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/raft"
+	"golang.org/x/time/rate"
 
 	"github.com/edge-relay/relay/storage/raftlog"
 )
@@ -52,42 +55,46 @@ const entryOverhead = 128
 // were in the log when the process started are not counted: the gate
 // knows the sizes of what it stored.
 type applyGate struct {
-	limit uint64
-	log   interface {
-		Warn(msg string, args ...any)
-	}
+	limit  uint64
+	log    *slog.Logger
 	ctx    context.Context
 	cancel context.CancelFunc
+	// warnSome spaces the warnings of waits that reached their cap.
+	warnSome rate.Sometimes
 
 	mu sync.Mutex
 	// raft and fsm are set once Raft runs; until then nothing waits.
 	raft *raft.Raft
-	fsm  interface {
-		AppliedIndex() uint64
-		WaitApplied(ctx context.Context, index uint64) error
-	}
-	// The entries stored and not yet known applied, in index order, with
-	// the bytes stored up to and including each; base is the bytes up to
-	// the first.
-	idx, cum []uint64
-	base     uint64
-	waiting  bool          // StoreLogs waits now
-	waited   time.Duration // time spent in waits that ended
-	since    time.Time     // when the current wait began
-	warned   time.Time     // when a wait that timed out was last logged
+	fsm  appliedWaiter
+	// The entries stored and not yet known applied, in index order;
+	// base is the bytes stored up to the first.
+	stored []storedEntry
+	base   uint64
+	// Waits: whether StoreLogs waits now and since when, and the time
+	// spent in waits that ended.
+	waiting bool
+	since   time.Time
+	waited  time.Duration
 }
 
-func newApplyGate(limit uint64, log interface{ Warn(string, ...any) }) *applyGate {
-	g := &applyGate{limit: limit, log: log}
+// appliedWaiter is what the gate needs of the FSM (*fsm.FSM).
+type appliedWaiter interface {
+	AppliedIndex() uint64
+	WaitApplied(ctx context.Context, index uint64) error
+}
+
+// storedEntry is an entry the gate counts: its index, and the bytes
+// stored up to and including it.
+type storedEntry struct{ index, upTo uint64 }
+
+func newApplyGate(limit uint64, log *slog.Logger) *applyGate {
+	g := &applyGate{limit: limit, log: log, warnSome: rate.Sometimes{Interval: time.Minute}}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	return g
 }
 
 // start makes the gate wait on r and f from here on.
-func (g *applyGate) start(r *raft.Raft, f interface {
-	AppliedIndex() uint64
-	WaitApplied(ctx context.Context, index uint64) error
-}) {
+func (g *applyGate) start(r *raft.Raft, f appliedWaiter) {
 	g.mu.Lock()
 	g.raft, g.fsm = r, f
 	g.mu.Unlock()
@@ -120,52 +127,54 @@ func (g *applyGate) heldLocked(applied, handed uint64) uint64 {
 	return g.bytesUpTo(handed) - g.bytesUpTo(applied)
 }
 
-// bytesUpTo is the bytes stored up to index i (g.mu held).
-func (g *applyGate) bytesUpTo(i uint64) uint64 {
-	k, found := slices.BinarySearch(g.idx, i)
-	if found {
-		return g.cum[k]
-	}
-	if k == 0 {
-		return g.base
-	}
-	return g.cum[k-1]
+// find is the position of the first entry at or after index i (g.mu
+// held), and whether it is i's.
+func (g *applyGate) find(i uint64) (int, bool) {
+	return slices.BinarySearchFunc(g.stored, i, func(e storedEntry, i uint64) int { return cmp.Compare(e.index, i) })
 }
 
-// forget drops what the FSM applied (g.mu held).
-func (g *applyGate) forget(applied uint64) {
-	k, found := slices.BinarySearch(g.idx, applied)
+// bytesUpTo is the bytes stored up to index i (g.mu held).
+func (g *applyGate) bytesUpTo(i uint64) uint64 {
+	k, found := g.find(i)
 	if found {
 		k++
 	}
 	if k == 0 {
-		return
+		return g.base
 	}
-	g.base = g.cum[k-1]
-	g.idx, g.cum = append(g.idx[:0], g.idx[k:]...), append(g.cum[:0], g.cum[k:]...)
+	return g.stored[k-1].upTo
 }
 
-// stored records the sizes of logs, once stored.
-func (g *applyGate) stored(logs []*raft.Log) {
+// forget drops what the FSM applied (g.mu held).
+func (g *applyGate) forget(applied uint64) {
+	g.base = g.bytesUpTo(applied)
+	k, found := g.find(applied)
+	if found {
+		k++
+	}
+	g.stored = slices.Delete(g.stored, 0, k)
+}
+
+// record counts logs, once stored, and forgets what the FSM applied: on
+// a leader, which never waits, this is where the books are kept short.
+func (g *applyGate) record(logs []*raft.Log) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if n := len(g.idx); n > 0 && g.idx[n-1] >= logs[0].Index {
-		g.truncate(logs[0].Index) // the log's tail is being replaced
+	if g.fsm != nil {
+		g.forget(g.fsm.AppliedIndex())
 	}
-	total := g.base
-	if n := len(g.cum); n > 0 {
-		total = g.cum[n-1]
-	}
+	g.truncate(logs[0].Index) // a replaced tail, if any
+	total := g.bytesUpTo(logs[0].Index)
 	for _, l := range logs {
 		total += uint64(len(l.Data)+len(l.Extensions)) + entryOverhead
-		g.idx, g.cum = append(g.idx, l.Index), append(g.cum, total)
+		g.stored = append(g.stored, storedEntry{l.Index, total})
 	}
 }
 
 // truncate drops the entries from index min on (g.mu held).
 func (g *applyGate) truncate(min uint64) {
-	k, _ := slices.BinarySearch(g.idx, min)
-	g.idx, g.cum = g.idx[:k], g.cum[:k]
+	k, _ := g.find(min)
+	g.stored = g.stored[:k]
 }
 
 // wait blocks while the FSM's queue holds more than the limit, at most
@@ -189,22 +198,20 @@ func (g *applyGate) wait() {
 		// The first entry whose application brings the queue under the
 		// limit (held > limit, so top > limit).
 		top := g.bytesUpTo(handed)
-		k, _ := slices.BinarySearch(g.cum, top-g.limit)
+		k, _ := slices.BinarySearchFunc(g.stored, top-g.limit, func(e storedEntry, b uint64) int { return cmp.Compare(e.upTo, b) })
 		target := handed
-		if k < len(g.idx) {
-			target = min(g.idx[k], handed)
+		if k < len(g.stored) {
+			target = min(g.stored[k].index, handed)
 		}
 		if !g.waiting {
 			g.waiting, g.since = true, time.Now()
 		}
 		left := applyGateMaxWait - time.Since(g.since)
 		if left <= 0 {
-			if time.Since(g.warned) < time.Minute {
-				return
-			}
-			g.warned = time.Now()
-			g.log.Warn("the state machine is far behind the Raft log; storing entries without waiting for it any longer",
-				"held_bytes", held, "limit_bytes", g.limit, "applied_index", applied, "handed_index", handed)
+			g.warnSome.Do(func() {
+				g.log.Warn("the state machine is far behind the Raft log; storing entries without waiting for it any longer",
+					"held_bytes", held, "limit_bytes", g.limit, "applied_index", applied, "handed_index", handed)
+			})
 			return
 		}
 		g.mu.Unlock()
@@ -236,7 +243,7 @@ func (g gatedLogs) StoreLogs(logs []*raft.Log) error {
 	if err := g.Store.StoreLogs(logs); err != nil {
 		return err
 	}
-	g.gate.stored(logs)
+	g.gate.record(logs)
 	return nil
 }
 
@@ -246,7 +253,7 @@ func (g gatedLogs) DeleteRange(minIdx, maxIdx uint64) error {
 		return err
 	}
 	g.gate.mu.Lock()
-	if n := len(g.gate.idx); n > 0 && g.gate.idx[n-1] <= maxIdx && minIdx <= g.gate.idx[n-1] {
+	if n := len(g.gate.stored); n > 0 && minIdx <= g.gate.stored[n-1].index && g.gate.stored[n-1].index <= maxIdx {
 		g.gate.truncate(minIdx) // a conflicting tail
 	}
 	g.gate.mu.Unlock()

@@ -11,3 +11,10 @@ func ApplyGate(n *Node) (held uint64, waiting bool) {
 	held, waiting, _ = n.gate.stats()
 	return held, waiting
 }
+
+// ApplyGateBooks returns how many stored entries n's gate still counts.
+func ApplyGateBooks(n *Node) int {
+	n.gate.mu.Lock()
+	defer n.gate.mu.Unlock()
+	return len(n.gate.stored)
+}
