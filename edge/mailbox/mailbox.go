@@ -15,6 +15,7 @@ import (
 	"math"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -22,6 +23,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/time/rate"
 
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/internal/jitter"
@@ -192,10 +194,10 @@ type Client struct {
 	puts        circuit
 	claimCalls  circuit
 
-	// busyRefused counts the reads refused as busy since busyToldAt, when
-	// the operator was last told of them (at most every busyTellEvery).
-	busyRefused int
-	busyToldAt  time.Time
+	// busyRefused counts the reads refused as busy since the operator
+	// was last told of them, which busyLog spaces.
+	busyRefused atomic.Int64
+	busyLog     rate.Sometimes
 
 	batchSize prometheus.Histogram
 	commit    prometheus.Histogram
@@ -238,6 +240,7 @@ func New(cfg Config) (*Client, error) {
 	}
 	c := &Client{
 		cfg: cfg, acks: map[ackKey][]uint64{}, wake: make(chan struct{}, 1), ackNow: make(chan struct{}, 1), claimNow: make(chan struct{}, 1),
+		busyLog: rate.Sometimes{Interval: busyTellEvery},
 		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "relay_edge_mailbox_batch_entries", Help: "Entries per PutMailbox call.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 10),
@@ -363,18 +366,11 @@ func busy(err error) bool {
 // tellBusy warns, at most every busyTellEvery, how many mailbox reads the
 // control plane refused as busy; each session logs its own at debug.
 func (c *Client) tellBusy(err error) {
-	c.mu.Lock()
-	c.busyRefused++
-	n, now := c.busyRefused, time.Now()
-	tell := now.Sub(c.busyToldAt) >= busyTellEvery
-	if tell {
-		c.busyRefused, c.busyToldAt = 0, now
-	}
-	c.mu.Unlock()
-	if tell {
+	c.busyRefused.Add(1)
+	c.busyLog.Do(func() {
 		c.cfg.Logger.Warn("the control plane refused mailbox reads as busy; sessions read again shortly (see relay_control_mailbox_fetches_refused_total, --mailbox-fetches)",
-			"refused_since_last", n, "err", err)
-	}
+			"refused_since_last", c.busyRefused.Swap(0), "err", err)
+	})
 }
 
 // clampUint32 is n as a request's count, 0 for a negative n.

@@ -14,9 +14,8 @@ import (
 	"github.com/quic-go/quic-go"
 	"google.golang.org/protobuf/proto"
 
-	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
-
 	"github.com/edge-relay/relay/internal/jitter"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 )
 
 // link is this edge's connection to one peer: it carries this edge's

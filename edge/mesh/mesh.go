@@ -19,10 +19,12 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
+	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
 
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -150,30 +152,20 @@ type Mesh struct {
 	// controlHeard is this edge's status, as SetControlHeard last set it.
 	controlHeard bool
 
-	capMu    sync.Mutex // guards capped and cappedAt
-	capped   int        // devices ignored for a peer's bound since the last warning
-	cappedAt time.Time  // when that warning was logged
+	// capped counts the devices ignored for a peer's bound since the
+	// last warning, which capLog spaces (a minute).
+	capped atomic.Int64
+	capLog rate.Sometimes
 }
 
-// cappedTellEvery is how often, at most, the devices ignored for a
-// peer's bound are logged.
-const cappedTellEvery = time.Minute
-
-// tellCapped logs, at most every cappedTellEvery, the devices ignored
-// because their peer announced more than Config.MaxPeerDevices.
+// tellCapped logs, at most once a minute, the devices ignored because
+// their peer announced more than Config.MaxPeerDevices.
 func (m *Mesh) tellCapped(peer string, n int) {
-	m.capMu.Lock()
-	m.capped += n
-	total := m.capped
-	tell := time.Since(m.cappedAt) >= cappedTellEvery
-	if tell {
-		m.capped, m.cappedAt = 0, time.Now()
-	}
-	m.capMu.Unlock()
-	if tell {
+	m.capped.Add(int64(n))
+	m.capLog.Do(func() {
 		m.cfg.Logger.Warn("mesh peer announced more devices than a peer may hold: those beyond are ignored, and their events go to their mailboxes",
-			"peer", peer, "bound", m.cfg.MaxPeerDevices, "ignored_since_last_warning", total)
-	}
+			"peer", peer, "bound", m.cfg.MaxPeerDevices, "ignored_since_last_warning", m.capped.Swap(0))
+	})
 }
 
 type presenceEvent struct {
@@ -266,7 +258,7 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	m := &Mesh{cfg: cfg, udp: udp, tr: tr, ln: ln, links: map[string]*link{}, inbound: map[string]*inbound{},
 		where: map[string]holder{}, byPeer: map[string]map[string]DevPres{}, byUser: map[string]map[string]struct{}{},
-		unconfirmed: map[string]map[string]struct{}{}, graced: map[string]*time.Timer{}}
+		unconfirmed: map[string]map[string]struct{}{}, graced: map[string]*time.Timer{}, capLog: rate.Sometimes{Interval: time.Minute}}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.metrics = metrics{
 		links: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_links", Help: "Mesh links this edge dialed that are up."}),
