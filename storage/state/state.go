@@ -230,34 +230,41 @@ const (
 // their own, that existed when it opened: held for as long as fn waits,
 // many slow readers would each keep the state's recent writes in memory.
 // Scan reads at most 256 records or 1 MiB (at least one record) with an
-// iterator, closes it, then calls fn on copies, and goes on from the next
-// key with a new iterator on the same snapshot, so what fn sees is the
-// snapshot's, as with Iterate, and no iterator stays open while fn runs.
+// iterator into one buffer, closes it, then calls fn on them, and goes
+// on from the next key with a new iterator on the same snapshot, so what
+// fn sees is the snapshot's, as with Iterate, and no iterator stays open
+// while fn runs. As with Iterate, the key and value passed to fn are
+// only valid during the call (the buffer is reused).
 func (s *Snapshot) Scan(start, end []byte, fn func(key, value []byte) (bool, error)) error {
-	type record struct{ k, v []byte }
-	var ahead []record
+	type record struct{ keyEnd, end int } // in buf, after the last record's end
+	var (
+		buf   []byte
+		ahead []record
+		next  []byte // where the next read starts; nil: at end
+	)
 	for {
-		clear(ahead) // the last read-ahead's copies go with it
-		ahead = ahead[:0]
-		size := 0
-		var next []byte // where the next read starts; nil: at end
+		buf, ahead, next = buf[:0], ahead[:0], nil
 		err := iterate(s.snap, start, end, func(k, v []byte) (bool, error) {
-			if len(ahead) == scanAheadRecords || (len(ahead) > 0 && size+len(k)+len(v) > scanAheadBytes) {
+			if len(ahead) == scanAheadRecords || (len(ahead) > 0 && len(buf)+len(k)+len(v) > scanAheadBytes) {
 				next = bytes.Clone(k)
 				return false, nil
 			}
-			ahead = append(ahead, record{bytes.Clone(k), bytes.Clone(v)})
-			size += len(k) + len(v)
+			buf = append(buf, k...)
+			keyEnd := len(buf)
+			buf = append(buf, v...)
+			ahead = append(ahead, record{keyEnd, len(buf)})
 			return true, nil
 		})
 		if err != nil {
 			return err
 		}
+		from := 0
 		for _, r := range ahead {
-			more, err := fn(r.k, r.v)
+			more, err := fn(buf[from:r.keyEnd:r.keyEnd], buf[r.keyEnd:r.end:r.end])
 			if err != nil || !more {
 				return err
 			}
+			from = r.end
 		}
 		if next == nil {
 			return nil
