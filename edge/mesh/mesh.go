@@ -588,6 +588,12 @@ func (m *Mesh) Stats() Stats {
 // anyway: it would refuse its devices' events as expired.
 const maxSinceAhead = time.Hour
 
+// maxIDLen is the longest id of a user or device (the control plane's
+// fsm.MaxIDLen; the edge does not link the control plane's packages): a
+// peer that announces a longer one announces a device that cannot
+// exist, and with it would make MaxPeerDevices bound no bytes.
+const maxIDLen = 64
+
 // DefaultMaxPeerDevices is Config.MaxPeerDevices's default, for a peer
 // far larger than any edge: a device a peer announces takes some 250
 // bytes of this edge's tables (measured with 24-byte ids, five devices
@@ -596,7 +602,8 @@ const DefaultMaxPeerDevices = 1 << 20
 
 // applyPresence records what a peer announced (with presMu held) and
 // returns the devices whose older local sessions must close, how many it
-// ignored for a start too far ahead (maxSinceAhead), and how many for
+// ignored for a start too far ahead (maxSinceAhead) or an id too long
+// (maxIDLen), and how many for
 // the peer's bound (Config.MaxPeerDevices). A full set's devices (inSet)
 // are what the peer holds now, whatever it announced before; while one
 // arrives, the devices it has not named yet do not count against the
@@ -616,7 +623,7 @@ func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresen
 		}
 	}
 	for _, p := range online {
-		if p.GetSinceNs() > latest {
+		if p.GetSinceNs() > latest || len(p.GetDeviceId()) > maxIDLen || len(p.GetUserId()) > maxIDLen {
 			ignored++
 			continue
 		}
@@ -816,7 +823,7 @@ func (m *Mesh) presenceFromPeer(peer string, from *inbound, part setPart, online
 	ev := m.takeEvents()
 	m.presMu.Unlock()
 	if ignored > 0 {
-		m.cfg.Logger.Warn("mesh peer announced sessions that start more than an hour from now: ignored", "peer", peer, "devices", ignored)
+		m.cfg.Logger.Warn("mesh peer announced sessions that start more than an hour from now, or ids longer than a device's or user's can be: ignored", "peer", peer, "devices", ignored)
 	}
 	if capped > 0 {
 		m.tellCapped(peer, capped)

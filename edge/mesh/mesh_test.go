@@ -595,7 +595,9 @@ func TestAJoiningEdgeIsHeardOnceThePeerLearnsOfIt(t *testing.T) {
 // A peer cannot announce a session that starts far in the future: a
 // session here of the device would start after it, beyond what fits in
 // the nanoseconds it is announced in. An entry more than an hour ahead
-// is ignored; one a minute ahead (a clock a little off) is taken.
+// is ignored; one a minute ahead (a clock a little off) is taken. So is
+// a device whose id, or its user's, is longer than any can be: with such
+// ids a peer's bound of devices would bound no bytes.
 func TestAStartFarAheadIsIgnored(t *testing.T) {
 	local := &fakeLocal{}
 	m := startMesh(t, newTestCA(t), "edge-a", local)
@@ -603,16 +605,20 @@ func TestAStartFarAheadIsIgnored(t *testing.T) {
 		{DeviceId: "pinned", UserId: "u", SinceNs: math.MaxInt64},
 		{DeviceId: "ahead", UserId: "u", SinceNs: time.Now().Add(2 * maxSinceAhead).UnixNano()},
 		{DeviceId: "skewed", UserId: "u", SinceNs: time.Now().Add(time.Minute).UnixNano()},
+		{DeviceId: strings.Repeat("d", maxIDLen+1), UserId: "u", SinceNs: 1},
+		{DeviceId: "long-user", UserId: strings.Repeat("u", maxIDLen+1), SinceNs: 1},
+		{DeviceId: strings.Repeat("d", maxIDLen), UserId: strings.Repeat("u", maxIDLen), SinceNs: 1},
 	}, nil)
-	for dev, want := range map[string]bool{"pinned": false, "ahead": false, "skewed": true} {
+	for dev, want := range map[string]bool{"pinned": false, "ahead": false, "skewed": true,
+		strings.Repeat("d", maxIDLen+1): false, "long-user": false, strings.Repeat("d", maxIDLen): true} {
 		if _, ok := m.Locate(dev); ok != want {
 			t.Errorf("%s located %v, want %v", dev, ok, want)
 		}
 	}
 	local.mu.Lock()
 	defer local.mu.Unlock()
-	if !slices.Equal(local.moved, []string{"skewed"}) {
-		t.Fatalf("sessions here told to close: %v, want [skewed]", local.moved)
+	if !slices.Equal(local.moved, []string{"skewed", strings.Repeat("d", maxIDLen)}) {
+		t.Fatalf("sessions here told to close: %v, want skewed and the longest id", local.moved)
 	}
 }
 
