@@ -156,6 +156,11 @@ type Mesh struct {
 	// last warning, which capLog spaces (a minute).
 	capped atomic.Int64
 	capLog rate.Sometimes
+	// unfit counts the devices ignored for a start too far ahead or an
+	// id too long since the last warning, which unfitLog spaces (a
+	// minute): a peer with a broken clock announces them in every frame.
+	unfit    atomic.Int64
+	unfitLog rate.Sometimes
 }
 
 // tellCapped logs, at most once a minute, the devices ignored because
@@ -165,6 +170,17 @@ func (m *Mesh) tellCapped(peer string, n int) {
 	m.capLog.Do(func() {
 		m.cfg.Logger.Warn("mesh peer announced more devices than a peer may hold: those beyond are ignored, and their events go to their mailboxes",
 			"peer", peer, "bound", m.cfg.MaxPeerDevices, "ignored_since_last_warning", m.capped.Swap(0))
+	})
+}
+
+// tellUnfit logs, at most once a minute, the devices ignored because
+// their peer announced a start more than maxSinceAhead from now or an id
+// longer than maxIDLen.
+func (m *Mesh) tellUnfit(peer string, n int) {
+	m.unfit.Add(int64(n))
+	m.unfitLog.Do(func() {
+		m.cfg.Logger.Warn("mesh peer announced sessions that start more than an hour from now, or ids longer than a device's or user's can be: ignored",
+			"peer", peer, "ignored_since_last_warning", m.unfit.Swap(0))
 	})
 }
 
@@ -258,7 +274,8 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	m := &Mesh{cfg: cfg, udp: udp, tr: tr, ln: ln, links: map[string]*link{}, inbound: map[string]*inbound{},
 		where: map[string]holder{}, byPeer: map[string]map[string]DevPres{}, byUser: map[string]map[string]struct{}{},
-		unconfirmed: map[string]map[string]struct{}{}, graced: map[string]*time.Timer{}, capLog: rate.Sometimes{Interval: time.Minute}}
+		unconfirmed: map[string]map[string]struct{}{}, graced: map[string]*time.Timer{}, capLog: rate.Sometimes{Interval: time.Minute},
+		unfitLog: rate.Sometimes{Interval: time.Minute}}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.metrics = metrics{
 		links: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_links", Help: "Mesh links this edge dialed that are up."}),
@@ -823,7 +840,7 @@ func (m *Mesh) presenceFromPeer(peer string, from *inbound, part setPart, online
 	ev := m.takeEvents()
 	m.presMu.Unlock()
 	if ignored > 0 {
-		m.cfg.Logger.Warn("mesh peer announced sessions that start more than an hour from now, or ids longer than a device's or user's can be: ignored", "peer", peer, "devices", ignored)
+		m.tellUnfit(peer, ignored)
 	}
 	if capped > 0 {
 		m.tellCapped(peer, capped)

@@ -597,10 +597,13 @@ func TestAJoiningEdgeIsHeardOnceThePeerLearnsOfIt(t *testing.T) {
 // the nanoseconds it is announced in. An entry more than an hour ahead
 // is ignored; one a minute ahead (a clock a little off) is taken. So is
 // a device whose id, or its user's, is longer than any can be: with such
-// ids a peer's bound of devices would bound no bytes.
+// ids a peer's bound of devices would bound no bytes. What is ignored is
+// logged, at most once a minute: a peer with a broken clock sends such
+// starts in every frame.
 func TestAStartFarAheadIsIgnored(t *testing.T) {
 	local := &fakeLocal{}
-	m := startMesh(t, newTestCA(t), "edge-a", local)
+	w := &warnings{}
+	m := startMeshWith(t, newTestCA(t), "edge-a", local, func(c *Config) { c.Logger = slog.New(w) })
 	m.presenceFromPeer("edge-b", nil, deltaFrame, []*edgev1.DevicePresence{
 		{DeviceId: "pinned", UserId: "u", SinceNs: math.MaxInt64},
 		{DeviceId: "ahead", UserId: "u", SinceNs: time.Now().Add(2 * maxSinceAhead).UnixNano()},
@@ -609,7 +612,19 @@ func TestAStartFarAheadIsIgnored(t *testing.T) {
 		{DeviceId: "long-user", UserId: strings.Repeat("u", maxIDLen+1), SinceNs: 1},
 		{DeviceId: strings.Repeat("d", maxIDLen), UserId: strings.Repeat("u", maxIDLen), SinceNs: 1},
 	}, nil)
-	for dev, want := range map[string]bool{"pinned": false, "ahead": false, "skewed": true,
+	m.presenceFromPeer("edge-b", nil, deltaFrame, []*edgev1.DevicePresence{
+		{DeviceId: "pinned-again", UserId: "u", SinceNs: math.MaxInt64},
+	}, nil)
+	const unfit = "mesh peer announced sessions that start more than an hour from now, or ids longer than a device's or user's can be: ignored"
+	w.mu.Lock()
+	if n := slices.Index(w.msgs, unfit); n < 0 || slices.Contains(w.msgs[n+1:], unfit) {
+		t.Errorf("warnings %q: want the ignored devices logged once for both frames", w.msgs)
+	}
+	w.mu.Unlock()
+	if m.unfit.Load() != 1 {
+		t.Errorf("%d devices ignored since the warning, want the second frame's 1", m.unfit.Load())
+	}
+	for dev, want := range map[string]bool{"pinned": false, "pinned-again": false, "ahead": false, "skewed": true,
 		strings.Repeat("d", maxIDLen+1): false, "long-user": false, strings.Repeat("d", maxIDLen): true} {
 		if _, ok := m.Locate(dev); ok != want {
 			t.Errorf("%s located %v, want %v", dev, ok, want)
