@@ -382,39 +382,58 @@ func (a *Authenticator) authenticate(ctx context.Context, procedure string, h ht
 	if a.policy.Public[procedure] {
 		return ctx, nil
 	}
-	// Guard verified the credentials before the body was read; without
-	// it (handlers mounted on their own) they are verified here.
+	// Guard verified the credentials and checked them against the
+	// procedure before the body was read; without it (handlers mounted
+	// on their own) that is done here.
 	claims, ok := ctx.Value(preauthKey{}).(*auth.Claims)
 	if !ok {
 		c, err := a.preauthenticate(ctx, h)
 		if err != nil && h.Get("Authorization") != "" {
 			return nil, err
 		}
+		if err := a.authorize(ctx, procedure, c); err != nil {
+			return nil, err
+		}
 		claims = c
 	}
+	if !isNode(claims) {
+		a.activity.touch(claims.Subject, a.cfg.Now())
+	}
+	a.vouch(ctx, *claims, h)
+	return auth.WithClaims(ctx, *claims), nil
+}
+
+// isNode reports whether claims are a control node's (its token, or its
+// certificate of the cluster's CA).
+func isNode(c *auth.Claims) bool {
+	return c.Role == RoleNode || strings.HasPrefix(c.Subject, "node:")
+}
+
+// authorize checks that claims (nil: none were presented) may call
+// procedure now: their role's access rule, a node's membership, and that
+// an account and its session still stand.
+func (a *Authenticator) authorize(ctx context.Context, procedure string, claims *auth.Claims) *connect.Error {
 	if err := a.policy.Check(procedure, claims); err != nil {
 		switch {
 		case errors.Is(err, auth.ErrUnauthenticated):
-			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("this call needs an access token (Authorization: Bearer ...); log in first"))
+			return connect.NewError(connect.CodeUnauthenticated, errors.New("this call needs an access token (Authorization: Bearer ...); log in first"))
 		case errors.Is(err, auth.ErrPermissionDenied):
-			return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("role %q may not call %s", claims.Role, procedure))
+			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("role %q may not call %s", claims.Role, procedure))
 		default:
-			return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("no access rule for %s: %w", procedure, err))
+			return connect.NewError(connect.CodeInternal, fmt.Errorf("no access rule for %s: %w", procedure, err))
 		}
 	}
 	if id, ok := strings.CutPrefix(claims.Subject, "node:"); ok && a.policy.MembersOnly[procedure] && !a.node.HasMember(id) {
 		// It holds the cluster's keys (a token it minted) or certificate,
 		// but the cluster removed it.
-		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q is not a member of this cluster and may not call %s", id, procedure))
+		return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %q is not a member of this cluster and may not call %s", id, procedure))
 	}
-	if claims.Role != RoleNode && !strings.HasPrefix(claims.Subject, "node:") {
+	if !isNode(claims) {
 		if err := a.accountValid(ctx, *claims); err != nil {
-			return nil, connect.NewError(connect.CodeUnauthenticated, err)
+			return connect.NewError(connect.CodeUnauthenticated, err)
 		}
-		a.activity.touch(claims.Subject, a.cfg.Now())
 	}
-	a.vouch(ctx, *claims, h)
-	return auth.WithClaims(ctx, *claims), nil
+	return nil
 }
 
 // vouch tells the API port's bound on connections (connbound) who called
@@ -484,7 +503,7 @@ func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) 
 			return err
 		}
 		claims, ok := auth.ClaimsFrom(ctx)
-		if !ok || claims.Role == RoleNode || strings.HasPrefix(claims.Subject, "node:") {
+		if !ok || isNode(&claims) {
 			return next(ctx, conn)
 		}
 		ctx, end := context.WithCancelCause(ctx)

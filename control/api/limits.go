@@ -172,7 +172,7 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 	}, func() float64 { return float64(arriving.len() + len(slots) + len(reserve)) })
 	refused := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "relay_control_requests_refused_total",
-		Help: "Requests refused before they were served, by reason: busy (too many calls without credentials arriving from the caller's source or from all, or being served), unauthenticated (no credentials that verify), slow_body (the body of a call without credentials did not arrive in time).",
+		Help: "Requests refused before they were served, by reason: busy (too many calls without credentials arriving from the caller's source or from all, or being served), unauthenticated (no credentials that verify, or their account or session is gone), forbidden (the caller's role may not call the procedure), slow_body (the body of a call without credentials did not arrive in time).",
 	}, []string{"reason"})
 	if limits.Metrics != nil {
 		limits.Metrics.MustRegister(inFlight, refused)
@@ -189,6 +189,10 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 			status = http.StatusTooManyRequests
 		case connect.CodeDeadlineExceeded:
 			status = http.StatusRequestTimeout
+		case connect.CodePermissionDenied:
+			status = http.StatusForbidden
+		case connect.CodeInternal:
+			status = http.StatusInternalServerError
 		}
 		http.Error(w, err.Message(), status)
 	}
@@ -248,8 +252,19 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 			return
 		}
 		claims, err := a.preauthenticate(ctx, r.Header)
+		if err == nil {
+			// Before the body: a caller that may not call the procedure
+			// (a user's token on an edge's bulk call), or whose account
+			// or session is gone, must not have a body of the
+			// procedure's size read and decompressed first.
+			err = a.authorize(ctx, procedure, claims)
+		}
 		if err != nil {
-			refused.WithLabelValues("unauthenticated").Inc()
+			reason := "unauthenticated"
+			if err.Code() == connect.CodePermissionDenied {
+				reason = "forbidden"
+			}
+			refused.WithLabelValues(reason).Inc()
 			refuse(w, r, err)
 			return
 		}

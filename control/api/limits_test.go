@@ -139,6 +139,49 @@ func TestCallWithoutCredentialsRefusedBeforeItsBody(t *testing.T) {
 	}
 }
 
+// A caller whose token verifies but who may not make the call is refused
+// before its body is read too, so a user cannot have an edge's 32 MiB
+// body inflated and decoded only to be told no: a user's token on
+// PutMailbox gets permission_denied, and the token of an account deleted
+// since gets unauthenticated on a call its role may make, though both
+// bodies never end. The account's calls before it was deleted were
+// served: the check is the one the handler made, made earlier.
+func TestACallerThatMayNotCallCostsNoBody(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	hc := httpClient(t)
+	base := url(c.Nodes[0])
+	mallory := c.TokenFor("mallory", controlv1.Role_ROLE_USER)
+	auth := map[string]string{"Authorization": "Bearer " + mallory}
+	endless := func() io.Reader {
+		pr, pw := io.Pipe()
+		t.Cleanup(func() { _ = pw.Close() })
+		go func() { _, _ = pw.Write([]byte(`{"entries":[`)) }() // and nothing more
+		return pr
+	}
+	users := controlv1connect.NewUserServiceClient(hc, base)
+	meReq := connect.NewRequest(&controlv1.GetMeRequest{})
+	meReq.Header().Set("Authorization", "Bearer "+mallory)
+	meResp, err := users.GetMe(t.Context(), meReq)
+	if err != nil {
+		t.Fatalf("GetMe before: %v", err)
+	}
+	status, ce := postJSON(t, hc, base+"/edge.v1.MailboxService/PutMailbox", endless(), auth)
+	if status != http.StatusForbidden || ce.Code != "permission_denied" {
+		t.Errorf("a user's PutMailbox: status %d, error %+v; want 403 permission_denied", status, ce)
+	}
+
+	del := connect.NewRequest(&controlv1.DeleteUserRequest{Id: meResp.Msg.GetUser().GetId()})
+	del.Header().Set("Authorization", "Bearer "+c.AdminToken())
+	if _, err := users.DeleteUser(t.Context(), del); err != nil {
+		t.Fatalf("delete mallory: %v", err)
+	}
+	me := base + controlv1connect.UserServiceGetMeProcedure
+	status, ce = postJSON(t, hc, me, endless(), auth)
+	if status != http.StatusUnauthorized || ce.Code != "unauthenticated" {
+		t.Errorf("a deleted account's GetMe: status %d, error %+v; want 401 unauthenticated", status, ce)
+	}
+}
+
 // clientFrom is an HTTP/2 (prior knowledge) client whose calls all go
 // on one connection from the local address from (any 127.0.0.0/8
 // address reaches a node on 127.0.0.1), as one attacker's or one edge's
