@@ -536,6 +536,42 @@ func TestExtraStreamsAreBounded(t *testing.T) {
 	}
 }
 
+// A peer that has not authenticated gets no more than a connection's
+// initial receive window out of its streams while the edge reads none of
+// them (quic-go's defaults would let it park 768 KiB in each pending
+// connection), and its connection ends with the handshake's timeout (the
+// window is the connection's: what it parked leaves its session stream no
+// room either). Others log in meanwhile.
+func TestUnreadBytesOfAPendingConnectionAreBounded(t *testing.T) {
+	r := startRelay(t, 1, func(_ int, cfg *server.Config) { cfg.Session.HandshakeTimeout = 3 * time.Second })
+	dev := r.Device(r.User("flood"), "d")
+	for _, tr := range []client.Transport{client.QUIC, client.WebTransport} {
+		t.Run(tr.String(), func(t *testing.T) {
+			raw := r.DialRaw(t, 0, tr)
+			sent := raw.FloodExtraStreams(1<<20, 2*time.Second)
+			// The streams' headers (WebTransport's) and a packet's worth
+			// of frames beyond the window.
+			if bound := transport.InitialConnectionReceiveWindow + 16<<10; sent > bound {
+				t.Fatalf("%d bytes left on streams the edge does not read, want at most %d", sent, bound)
+			}
+			t.Logf("%d bytes left before the edge's flow control held them", sent)
+			other := r.DialRaw(t, 0, tr)
+			other.Login(dev)
+			if err := other.Ping(1, 10*time.Second); err != nil {
+				t.Fatalf("another device during the flood: %v", err)
+			}
+			// WebTransport writes a stream's header with its first
+			// bytes, so the edge may take a flooded stream for the
+			// session's, and end it at its first (empty) frame.
+			end, err := raw.WaitEnd(30 * time.Second)
+			if err != nil || end.Code != relayv1.ErrorCode_ERROR_CODE_TIMEOUT &&
+				(tr != client.WebTransport || end.Code != relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME) {
+				t.Fatalf("the flooding connection ended %+v (%v), want TIMEOUT", end, err)
+			}
+		})
+	}
+}
+
 // Only the edge's own page, and origins listed, may open sessions.
 func TestOrigins(t *testing.T) {
 	r := startRelay(t, 1, func(_ int, cfg *server.Config) {

@@ -125,10 +125,30 @@ const (
 // SETTINGS and answers a larger header block 431.
 const MaxHeaderBytes = 64 << 10
 
+// Receive windows of a device port's connections: what a device may have
+// sent that the edge has not read yet. quic-go's defaults (512 KiB a
+// stream and 768 KiB a connection, growing to 6 and 15 MiB) would let a
+// peer that never authenticates leave 768 KiB in the streams of each
+// pending connection, and a session whose reading is held to its byte
+// budget keep megabytes there. A connection starts with room for a frame
+// at the default --max-frame-bytes (64 KiB) and a half, so a pending one
+// holds at most that; a stream the edge reads quickly enough grows
+// (quic-go's window auto-tuning) to 512 KiB, which at a device's default
+// 1 MiB/s budget covers round trips up to 500 ms. A larger frame arrives
+// over several round trips.
+const (
+	InitialStreamReceiveWindow     = 64 << 10
+	MaxStreamReceiveWindow         = 512 << 10
+	InitialConnectionReceiveWindow = 96 << 10
+	MaxConnectionReceiveWindow     = 768 << 10
+)
+
 // listenerQUICConfig is QUICConfig for a device port.
 func listenerQUICConfig(idle time.Duration) *quic.Config {
 	c := devconn.QUICConfig(idle)
 	c.MaxIncomingStreams, c.MaxIncomingUniStreams = MaxIncomingStreams, MaxIncomingUniStreams
+	c.InitialStreamReceiveWindow, c.MaxStreamReceiveWindow = InitialStreamReceiveWindow, MaxStreamReceiveWindow
+	c.InitialConnectionReceiveWindow, c.MaxConnectionReceiveWindow = InitialConnectionReceiveWindow, MaxConnectionReceiveWindow
 	return c
 }
 

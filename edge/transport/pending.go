@@ -24,15 +24,17 @@ import (
 // a WebTransport session) of heap and goroutine stacks
 // (docs/benchmarks.md, "QUIC connections that never become a session");
 // one in the session's handshake has taken one of the hub's MaxSessions
-// places, and counts there too. So a flood holds at most some 64 MiB.
+// places, and counts there too. What such a peer sends that the edge
+// has not read is held within the connection's InitialConnectionReceiveWindow
+// (96 KiB). So a flood holds at most some 160 MiB.
 const DefaultMaxPendingQUIC = 1024
 
 // MaxPendingQUICFor is the bound of pending QUIC connections for an edge
 // that takes at most maxSessions sessions (0: no bound): a sixty-fourth
 // of them, at least 64 and at most DefaultMaxPendingQUIC. A pending
-// connection costs at most two thirds of an idle session (about 100 KiB),
-// so the bound adds at most 1% to the memory the session cap was sized
-// for, and grows with the edge: the devices of a reconnect storm come
+// connection costs at most some 160 KiB with what its peer may have sent
+// (an idle session about 100 KiB), so the bound adds at most 2.5% to the
+// memory the session cap was sized for, and grows with the edge: the devices of a reconnect storm come
 // in proportion to its sessions. Legitimate ones each stay pending for a
 // few round trips, the time of their handshakes, and the hub takes at
 // most 20 new sessions a second from one address (HandshakesPerSecond),

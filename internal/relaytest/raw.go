@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -153,43 +155,80 @@ func (c *Raw) CloseWrite() {
 	}
 }
 
+// rawStream is a stream beside the session's that a test writes on.
+type rawStream interface {
+	Write([]byte) (int, error)
+	SetWriteDeadline(time.Time) error
+}
+
+// openExtraStreams opens as many more streams as the edge lets it, beside
+// the session's, bidirectional and unidirectional. A WebSocket has no
+// streams: it fails the test.
+func (c *Raw) openExtraStreams() (bidi, uni []rawStream) {
+	c.t.Helper()
+	var openBidi, openUni func() (rawStream, error)
+	switch {
+	case c.qc != nil:
+		openBidi = func() (rawStream, error) { return c.qc.OpenStream() }
+		openUni = func() (rawStream, error) { return c.qc.OpenUniStream() }
+	case c.wts != nil:
+		openBidi = func() (rawStream, error) { return c.wts.OpenStream() }
+		openUni = func() (rawStream, error) { return c.wts.OpenUniStream() }
+	default:
+		c.t.Fatalf("%s has no streams", c.tr)
+	}
+	open := func(open func() (rawStream, error)) []rawStream {
+		var out []rawStream
+		for {
+			s, err := open()
+			if err != nil {
+				return out // the edge's limit (a stream limit error)
+			}
+			if len(out) >= 64 {
+				c.t.Fatalf("opened %d extra streams, and the edge allows more", len(out))
+			}
+			out = append(out, s)
+		}
+	}
+	return open(openBidi), open(openUni)
+}
+
 // OpenExtraStreams opens as many more streams as the edge lets it, beside
 // the session's, bidirectional and unidirectional, and writes payload on
 // each (the edge never reads them); it reports how many it opened. A
 // WebSocket has no streams: it fails the test.
 func (c *Raw) OpenExtraStreams(payload []byte) (bidi, uni int) {
 	c.t.Helper()
-	type stream interface {
-		Write([]byte) (int, error)
-		SetWriteDeadline(time.Time) error
-	}
-	var openBidi, openUni func() (stream, error)
-	switch {
-	case c.qc != nil:
-		openBidi = func() (stream, error) { return c.qc.OpenStream() }
-		openUni = func() (stream, error) { return c.qc.OpenUniStream() }
-	case c.wts != nil:
-		openBidi = func() (stream, error) { return c.wts.OpenStream() }
-		openUni = func() (stream, error) { return c.wts.OpenUniStream() }
-	default:
-		c.t.Fatalf("%s has no streams", c.tr)
-	}
-	count := func(open func() (stream, error)) int {
-		for n := 0; ; n++ {
-			s, err := open()
-			if err != nil {
-				return n // the edge's limit (a stream limit error)
-			}
-			if n >= 64 {
-				c.t.Fatalf("opened %d extra streams, and the edge allows more", n)
-			}
-			_ = s.SetWriteDeadline(time.Now().Add(10 * time.Second))
-			if _, err := s.Write(payload); err != nil {
-				c.t.Fatalf("write on extra stream %d: %v", n, err)
-			}
+	b, u := c.openExtraStreams()
+	for i, s := range append(b, u...) {
+		_ = s.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		if _, err := s.Write(payload); err != nil {
+			c.t.Fatalf("write on extra stream %d: %v", i, err)
 		}
 	}
-	return count(openBidi), count(openUni)
+	return len(b), len(u)
+}
+
+// FloodExtraStreams opens as many more streams as the edge lets it, beside
+// the session's, writes size bytes on each at once, the writes ending
+// after d, and reports the bytes that left: what the edge's flow control
+// let out though the edge reads none of it. A WebSocket has no streams:
+// it fails the test.
+func (c *Raw) FloodExtraStreams(size int, d time.Duration) int {
+	c.t.Helper()
+	b, u := c.openExtraStreams()
+	deadline := time.Now().Add(d)
+	var sent atomic.Int64
+	var wg sync.WaitGroup
+	for _, s := range append(b, u...) {
+		_ = s.SetWriteDeadline(deadline)
+		wg.Go(func() {
+			n, _ := s.Write(make([]byte, size))
+			sent.Add(int64(n))
+		})
+	}
+	wg.Wait()
+	return int(sent.Load())
 }
 
 // Ping sends a Ping and reads until its Pong, within d: the session is
