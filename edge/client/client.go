@@ -840,20 +840,27 @@ func (c *Client) Close() error {
 	return nil
 }
 
-// firstTime reports whether an event id from sender is new, remembering
-// it. (The edge relays no event without an id.)
-func (c *Client) firstTime(sender, id string) bool {
+// cancelled is told that the edge cancelled an event id from sender (an
+// "any one" event another device took) and reports whether the
+// application has it or is being given it (held for it, or on its way):
+// then the cancellation must follow it. Else the id is remembered as
+// seen, so a late copy is dropped as a duplicate. (The edge relays no
+// event without an id.)
+func (c *Client) cancelled(sender, id string) (given bool) {
 	if id == "" {
-		return true
+		return false
 	}
 	c.dedupMu.Lock()
 	defer c.dedupMu.Unlock()
 	w := c.window(sender)
 	if w.Get(id) != "" {
-		return false
+		return true
+	}
+	if _, busy := c.handing[eventKey{sender, id}]; busy {
+		return true
 	}
 	w.Add(id)
-	return true
+	return false
 }
 
 // claim reports whether an event id from sender is new and not being

@@ -76,6 +76,17 @@ type conn struct {
 	cmu     sync.Mutex // guards ctl
 	ctl     []*relayv1.Frame
 	ctlWake chan struct{} // capacity 1: frames were added to ctl
+
+	// The goodbye acknowledges every event the application was given:
+	// hmu orders the reader's giving of an event (and the noting of its
+	// receipt in rc) against the goodbye's taking of rc's receipts, and
+	// the goodbye waits for the inbox's pump to end (pumped), which
+	// queues the receipts of what it gave as it ends. Once sealed,
+	// nothing more is given.
+	hmu    sync.Mutex // guards sealed, rc and what rc holds
+	sealed bool
+	rc     *receipts
+	pumped chan struct{} // closed when the session's pump ended; nil: no pump
 }
 
 // maxReceiptIDs is the most delivery ids a Received frame carries: at
@@ -287,6 +298,20 @@ func (cn *conn) close(code relayv1.ErrorCode, msg string) {
 // wait for the lock (a writer stuck on an edge that stopped reading
 // fails then) and the writes; when they fail the connection is aborted.
 func (cn *conn) goodbye(linger context.Context) {
+	// What the pump gave (it ends once the client is closing) and what
+	// the reader gave are acknowledged below, and nothing is given after.
+	if cn.pumped != nil {
+		select {
+		case <-cn.pumped:
+		case <-linger.Done():
+		}
+	}
+	cn.hmu.Lock()
+	cn.sealed = true
+	if cn.rc != nil {
+		cn.rc.flush()
+	}
+	cn.hmu.Unlock()
 	cn.wmu.Lock()
 	err := cn.writePending()
 	// The receipts (and the rest) the control writer has not written
@@ -415,6 +440,7 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	cn.r = frame.NewReader(cn.c, 0)
 	cn.w = frame.NewWriter(cn.c, 0)
 	cn.ctlWake = make(chan struct{}, 1)
+	cn.pumped = make(chan struct{})
 	if err := c.handshake(ctx, cn); err != nil {
 		cn.close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
 		return nil, err
@@ -874,9 +900,17 @@ func (c *Client) serve(cn *conn) error {
 func (c *Client) readStream(ctx context.Context, cn *conn) error {
 	rc := &receipts{cn: cn}
 	in := newInbox(c, cn)
+	cn.hmu.Lock()
+	cn.rc = rc
+	cn.hmu.Unlock()
 	pctx, stop := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	wg.Go(func() { in.pump(pctx) })
+	wg.Go(func() {
+		in.pump(pctx)
+		if cn.pumped != nil {
+			close(cn.pumped)
+		}
+	})
 	defer func() {
 		stop()
 		wg.Wait()
@@ -900,32 +934,48 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 			return err
 		}
 		// Acknowledge in batches: whatever arrived together.
+		cn.hmu.Lock()
 		if cn.r.Buffered() == 0 || len(rc.ids) >= maxReceiptIDs {
-			if err := rc.flush(); err != nil {
-				return err
-			}
+			rc.flush()
 		}
+		cn.hmu.Unlock()
 	}
 }
 
 // receipts are the delivery ids of events handed to the application and
-// not yet acknowledged to the edge; in holds the events that wait for
-// room in the application's channel.
+// not yet acknowledged to the edge (guarded by the conn's hmu); in holds
+// the events that wait for room in the application's channel.
 type receipts struct {
 	cn  *conn
 	ids []uint64
 	in  *inbox
 }
 
-// flush sends the receipts (if any) in one Received frame.
-func (r *receipts) flush() error {
+// flush queues the receipts (if any) for the control writer, in one
+// Received frame; the conn's hmu held.
+func (r *receipts) flush() {
 	if len(r.ids) == 0 {
-		return nil
+		return
 	}
 	r.cn.control(&relayv1.Frame{Kind: &relayv1.Frame_Received{Received: &relayv1.Received{DeliveryIds: slices.Clone(r.ids)}}})
 	r.ids = r.ids[:0]
-	return nil
 }
+
+// hold takes the conn's hmu to give the application an event and note
+// its receipt in r, and reports true; or, once the goodbye took the
+// receipts, releases it and reports false: the event is not given
+// (unacknowledged, it comes again).
+func (r *receipts) hold() bool {
+	r.cn.hmu.Lock()
+	if r.cn.sealed {
+		r.cn.hmu.Unlock()
+		return false
+	}
+	return true
+}
+
+// release ends what hold began.
+func (r *receipts) release() { r.cn.hmu.Unlock() }
 
 // readFast handles the frames a busy client reads most, a Deliver and an
 // Ack, without the protobuf runtime: the frame package's decoders, which
@@ -987,10 +1037,16 @@ func (c *Client) readFrame(ctx context.Context, cn *conn, body []byte, receipts 
 		}
 		return c.deliver(ctx, k.Deliver.GetEvent(), k.Deliver.GetDeliveryId(), receipts)
 	case *relayv1.Frame_Cancel:
-		// Only an event the application was given needs undoing; one
-		// it was not is just never given (a late copy is a duplicate).
+		// Only an event the application was given (or is being given:
+		// the cancellation goes behind it in the inbox) needs undoing;
+		// one it was not is just never given (a late copy is a
+		// duplicate).
 		cl := k.Cancel
-		if !c.firstTime(cl.GetSenderDeviceId(), cl.GetEventId()) {
+		if c.cancelled(cl.GetSenderDeviceId(), cl.GetEventId()) {
+			if !receipts.hold() {
+				return nil
+			}
+			defer receipts.release()
 			return receipts.in.put(Event{ID: cl.GetEventId(), Sender: cl.GetSenderDeviceId(), Cancelled: true}, 0, false, receipts)
 		}
 	case *relayv1.Frame_Ack:
@@ -1064,6 +1120,12 @@ func (c *Client) deliver(ctx context.Context, ev *relayv1.Event, deliveryID uint
 		// hang up is neither given nor acknowledged (the edge keeps a
 		// durable one in the mailbox).
 		return nil
+	}
+	if r != nil {
+		if !r.hold() {
+			return nil
+		}
+		defer r.release()
 	}
 	if !c.claim(sender, id) {
 		// A duplicate: acknowledged again, not given again.
@@ -1204,7 +1266,7 @@ func (in *inbox) put(ev Event, delivery uint64, claimed bool, r *receipts) error
 	if first && err == nil {
 		// Written outside the lock, which pump takes to give the
 		// application the next held event.
-		err = r.flush()
+		r.flush()
 	}
 	return err
 }
@@ -1212,7 +1274,8 @@ func (in *inbox) put(ev Event, delivery uint64, claimed bool, r *receipts) error
 // pump gives the held events to the application, in order, as it reads,
 // and acknowledges them to the edge (in one Received frame for each run
 // of them, at most 256, and before each wait for the application), until
-// ctx ends.
+// ctx ends; then it gives no more, and queues the receipts of what it
+// gave before it returns (the goodbye waits for them).
 func (in *inbox) pump(ctx context.Context) {
 	var ids []uint64
 	flush := func() {
@@ -1229,6 +1292,10 @@ func (in *inbox) pump(ctx context.Context) {
 		case <-in.wake:
 		}
 		for {
+			if ctx.Err() != nil {
+				flush()
+				return
+			}
 			in.mu.Lock()
 			if len(in.q) == 0 {
 				in.mu.Unlock()

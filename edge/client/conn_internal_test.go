@@ -251,6 +251,7 @@ type slowConn struct {
 	devconn.Conn
 	mu       sync.Mutex
 	kinds    []string
+	received []uint64 // the delivery ids of the Received frames
 	lingered bool
 	closed   bool
 	aborted  bool
@@ -262,6 +263,7 @@ func (s *slowConn) Write(b []byte) (int, error) {
 	if err := frame.NewReader(bytes.NewReader(b), 0).Read(&f); err == nil {
 		s.mu.Lock()
 		s.kinds = append(s.kinds, fmt.Sprintf("%T", f.GetKind()))
+		s.received = append(s.received, f.GetReceived().GetDeliveryIds()...)
 		s.mu.Unlock()
 	}
 	return len(b), nil
@@ -397,6 +399,63 @@ func TestReceiptsGoOutBeforeWaitingForTheApplication(t *testing.T) {
 	_ = pw.Close()
 	if err := <-done; !errors.Is(err, io.EOF) {
 		t.Fatalf("readStream ended with %v, want io.EOF", err)
+	}
+}
+
+// A cancellation of an "any one" event the application has not been
+// given yet, held for it while it lags, follows the event: the
+// application learns that another device took it, rather than getting
+// the event alone.
+func TestACancellationFollowsAHeldEvent(t *testing.T) {
+	cancelFrame := func(id string) []byte {
+		b, err := frame.Append(nil, &relayv1.Frame{Kind: &relayv1.Frame_Cancel{Cancel: &relayv1.Cancel{SenderDeviceId: "a", EventId: id}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	ping, err := frame.Append(nil, pingFrame(7))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// e1 fills the application's channel, e2 is held; then e2's
+	// cancellation, and a Ping whose Pong says the reader has read the
+	// rest.
+	stream := slices.Concat(deliveries(t, 2, 1), cancelFrame("e2"), ping)
+	wc := &chanConn{writes: make(chan []byte, 8)}
+	pr, pw := io.Pipe()
+	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(io.MultiReader(bytes.NewReader(stream), pr), 0), ctlWake: make(chan struct{}, 1)}
+	c := readerClient(1)
+	done := make(chan error, 1)
+	go func() { done <- c.readStream(t.Context(), cn) }()
+	wctx, stopWriter := context.WithCancel(t.Context())
+	var writer sync.WaitGroup
+	writer.Go(func() { cn.writeControl(wctx) })
+	defer func() { stopWriter(); writer.Wait() }()
+	for pong := false; !pong; {
+		select {
+		case w := <-wc.writes:
+			var f relayv1.Frame
+			pong = frame.NewReader(bytes.NewReader(w), 0).Read(&f) == nil && f.GetPong().GetNonce() == 7
+		case <-time.After(30 * time.Second):
+			t.Fatal("no Pong: the reader did not read the frames before the Ping")
+		}
+	}
+	var got []string
+	for range 3 {
+		select {
+		case ev := <-c.events:
+			got = append(got, fmt.Sprintf("%s cancelled=%v", ev.ID, ev.Cancelled))
+		case <-time.After(30 * time.Second):
+			t.Fatalf("the application got %v, and nothing more", got)
+		}
+	}
+	_ = pw.Close()
+	if err := <-done; !errors.Is(err, io.EOF) {
+		t.Fatalf("readStream ended with %v, want io.EOF", err)
+	}
+	if want := []string{"e1 cancelled=false", "e2 cancelled=false", "e2 cancelled=true"}; !slices.Equal(got, want) {
+		t.Fatalf("the application got %v, want %v", got, want)
 	}
 }
 
@@ -1054,6 +1113,47 @@ func TestGoodbyeWritesTheReceiptsStillQueued(t *testing.T) {
 	}
 	if len(cn.ctl) != 0 || sc.aborted || !sc.lingered {
 		t.Fatalf("after the goodbye: %d frames queued, aborted %v, lingered %v", len(cn.ctl), sc.aborted, sc.lingered)
+	}
+}
+
+// Closing acknowledges the events the reader gave the application and
+// still held the receipts of (it sends them once no more of what arrived
+// together waits to be read): here five deliveries came with half a frame
+// after them, so the reader holds the five while it waits for the rest.
+// Nothing that comes after the goodbye is given.
+func TestGoodbyeAcknowledgesWhatTheReaderGave(t *testing.T) {
+	sc := &slowConn{}
+	half := deliveries(t, 1, 6)
+	pr, pw := io.Pipe()
+	t.Cleanup(func() { _ = pw.Close() })
+	cn := &conn{c: sc, w: frame.NewWriter(sc, 0), ctlWake: make(chan struct{}, 1), pumped: make(chan struct{}),
+		r: frame.NewReader(io.MultiReader(bytes.NewReader(append(deliveries(t, 5, 1), half[:len(half)/2]...)), pr), 0)}
+	c := readerClient(16)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- c.readStream(ctx, cn) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for len(c.events) < 5 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the application was given %d events, want 5", len(c.events))
+		}
+		runtime.Gosched()
+	}
+	cancel() // Close
+	cn.goodbye(t.Context())
+	go func() { _, _ = pw.Write(half[len(half)/2:]) }() // the rest of e6, after the goodbye
+	_ = pw.Close()
+	<-done
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if want := []string{"*relayv1.Frame_Received", "*relayv1.Frame_Close"}; !slices.Equal(sc.kinds, want) {
+		t.Fatalf("the goodbye wrote %v, want %v", sc.kinds, want)
+	}
+	if !slices.Equal(sc.received, []uint64{1, 2, 3, 4, 5}) {
+		t.Fatalf("acknowledged %v, want the five given", sc.received)
+	}
+	if len(c.events) != 5 {
+		t.Fatalf("the application has %d events, want the five given before the goodbye", len(c.events))
 	}
 }
 
