@@ -359,6 +359,23 @@ func deliveries(t *testing.T, n int, first uint64) []byte {
 	return stream
 }
 
+// readBurst runs c's reader on a connection that writes to wc and gives
+// stream in one read, then waits for more until pw is closed; and the
+// connection's control writer, until the test ends. done has the
+// reader's end.
+func readBurst(t *testing.T, c *Client, wc *chanConn, stream []byte) (pw *io.PipeWriter, done <-chan error) {
+	t.Helper()
+	pr, pw := io.Pipe()
+	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(io.MultiReader(bytes.NewReader(stream), pr), 0), ctlWake: make(chan struct{}, 1)}
+	ended := make(chan error, 1)
+	go func() { ended <- c.readStream(t.Context(), cn) }()
+	wctx, stopWriter := context.WithCancel(t.Context())
+	var writer sync.WaitGroup
+	writer.Go(func() { cn.writeControl(wctx) })
+	t.Cleanup(func() { stopWriter(); writer.Wait() })
+	return pw, ended
+}
+
 // An application that lags behind (its channel full) holds back only the
 // events it was not given: the receipts of those it was, which arrived in
 // the same read as the one that waits, go to the edge before the wait, so
@@ -368,15 +385,8 @@ func TestReceiptsGoOutBeforeWaitingForTheApplication(t *testing.T) {
 	wc := &chanConn{writes: make(chan []byte, 8)}
 	// One read gives the reader all three deliveries; the stream then
 	// stays open until the end of the test.
-	pr, pw := io.Pipe()
-	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(io.MultiReader(bytes.NewReader(deliveries(t, 3, 1)), pr), 0), ctlWake: make(chan struct{}, 1)}
 	c := readerClient(1)
-	done := make(chan error, 1)
-	go func() { done <- c.readStream(t.Context(), cn) }()
-	wctx, stopWriter := context.WithCancel(t.Context())
-	var writer sync.WaitGroup
-	writer.Go(func() { cn.writeControl(wctx) })
-	defer func() { stopWriter(); writer.Wait() }()
+	pw, done := readBurst(t, c, wc, deliveries(t, 3, 1))
 	receipt := func(want uint64) {
 		t.Helper()
 		select {
@@ -423,15 +433,8 @@ func TestACancellationFollowsAHeldEvent(t *testing.T) {
 	// rest.
 	stream := slices.Concat(deliveries(t, 2, 1), cancelFrame("e2"), ping)
 	wc := &chanConn{writes: make(chan []byte, 8)}
-	pr, pw := io.Pipe()
-	cn := &conn{c: wc, w: frame.NewWriter(wc, 0), r: frame.NewReader(io.MultiReader(bytes.NewReader(stream), pr), 0), ctlWake: make(chan struct{}, 1)}
 	c := readerClient(1)
-	done := make(chan error, 1)
-	go func() { done <- c.readStream(t.Context(), cn) }()
-	wctx, stopWriter := context.WithCancel(t.Context())
-	var writer sync.WaitGroup
-	writer.Go(func() { cn.writeControl(wctx) })
-	defer func() { stopWriter(); writer.Wait() }()
+	pw, done := readBurst(t, c, wc, stream)
 	for pong := false; !pong; {
 		select {
 		case w := <-wc.writes:
