@@ -674,6 +674,12 @@ export class RelayClient extends EventTarget {
   private seen = new Map<string, Set<string>>();
   /** Deliveries held, in order, until the page listens for "event". */
   private held: Held[] = [];
+  /** The delivery ids of the current session's events passed on and not
+   * acknowledged yet: each joins before its listeners run, so a close()
+   * from one of them acknowledges it with the rest in its goodbye. */
+  private receipts: bigint[] = [];
+  /** The wait before the next reconnect, which close() cuts short. */
+  private reconnectWait: { timer: ReturnType<typeof setTimeout>; wake: () => void } | null = null;
   /** The "event" listeners attached, by capture flag: each maps to what
    * was registered with EventTarget for it. */
   private readonly eventListeners = { bubble: new Map<EventListenerOrEventListenerObject, Registration>(), capture: new Map<EventListenerOrEventListenerObject, Registration>() };
@@ -768,15 +774,19 @@ export class RelayClient extends EventTarget {
     this.listening = this.eventListeners.capture.size + this.eventListeners.bubble.size > 0;
   }
 
-  /** Passes a delivery on now, or holds it while the page does not
-   * listen for "event" yet (or earlier ones are still held); true when it
-   * was passed on, so its receipt may go. */
+  /** Passes a delivery on now, its receipt joining this.receipts, or holds
+   * it while the page does not listen for "event" yet (or earlier ones are
+   * still held); true when it was passed on. */
   private take(run: () => void, deliveryId: bigint, c: Conn, ephemeral = false): boolean {
     // Closed: what comes while the edge reads the goodbye is neither
     // passed on nor acknowledged (the edge keeps a durable one in the
     // mailbox).
     if (this.stopped) return false;
-    if (this.listening && this.held.length === 0) { run(); return true; }
+    if (this.listening && this.held.length === 0) {
+      if (deliveryId) this.receipts.push(deliveryId);
+      run();
+      return true;
+    }
     if (!(ephemeral && this.held.length >= MAX_HELD_EPHEMERAL)) this.held.push({ run, deliveryId, conn: deliveryId ? c : null });
     return false;
   }
@@ -799,16 +809,24 @@ export class RelayClient extends EventTarget {
       this.held = [];
       return;
     }
-    const ids: bigint[] = [];
-    let i = 0;
-    for (; i < this.held.length && this.listening; i++) {
-      const h = this.held[i];
-      h.run();
-      if (h.deliveryId && h.conn === this.conn) ids.push(h.deliveryId);
-    }
-    this.held = this.held.slice(i);
     const c = this.conn;
-    for (let j = 0; c && j < ids.length; j += MAX_RECEIPTS) {
+    let i = 0;
+    // A listener may close() the client: nothing is passed on after.
+    for (; i < this.held.length && this.listening && !this.stopped; i++) {
+      const h = this.held[i];
+      if (h.deliveryId && c && h.conn === c) this.receipts.push(h.deliveryId);
+      h.run();
+    }
+    this.held = this.stopped ? [] : this.held.slice(i);
+    if (c && !this.stopped) this.flushReceipts(c);
+  }
+
+  /** Sends this.receipts on c, in Received frames of at most MAX_RECEIPTS
+   * ids. */
+  private flushReceipts(c: Conn): void {
+    const ids = this.receipts;
+    this.receipts = [];
+    for (let j = 0; j < ids.length; j += MAX_RECEIPTS) {
       void c.send(frame({ case: "received", value: { deliveryIds: ids.slice(j, j + MAX_RECEIPTS) } })).catch(() => {});
     }
   }
@@ -928,7 +946,17 @@ export class RelayClient extends EventTarget {
     this.connecting?.abort(this.error);
     const c = this.conn;
     this.conn = null;
-    if (c) c.goodbye(frame({ case: "close", value: {} }));
+    if (c) {
+      // The events passed on are acknowledged before the goodbye, which
+      // the edge reads last: they must not come again.
+      this.flushReceipts(c);
+      c.goodbye(frame({ case: "close", value: {} }));
+    }
+    this.receipts = [];
+    if (this.reconnectWait) {
+      clearTimeout(this.reconnectWait.timer);
+      this.reconnectWait.wake();
+    }
     this.fail(this.error);
   }
 
@@ -1291,12 +1319,7 @@ export class RelayClient extends EventTarget {
     });
     // Receipts go out in one Received frame per burst: when no further
     // frame is already here to read.
-    let receipts: bigint[] = [];
-    const flush = () => {
-      const ids = receipts;
-      receipts = [];
-      void c.send(frame({ case: "received", value: { deliveryIds: ids } })).catch(() => {});
-    };
+    this.receipts = [];
     try {
       for (;;) {
         const body = await c.next();
@@ -1311,8 +1334,7 @@ export class RelayClient extends EventTarget {
         switch (f.kind.case) {
           case "deliver": {
             const d = f.kind.value;
-            const now = this.take(() => this.deliver(d.event), d.deliveryId, c, !d.deliveryId);
-            if (now && d.deliveryId) receipts.push(d.deliveryId);
+            this.take(() => this.deliver(d.event), d.deliveryId, c, !d.deliveryId);
             break;
           }
           case "ack": this.resolve(f.kind.value.eventId); break;
@@ -1341,12 +1363,14 @@ export class RelayClient extends EventTarget {
             break;
           }
           case "ticket": this.ticket = f.kind.value.resumeTicket; break;
-          case "challenge": await this.answer(c, c.hello!, f.kind.value); break;
-          case "ping": await c.send(frame({ case: "pong", value: { nonce: f.kind.value.nonce } })); break;
+          // Answered without waiting for the write: the reader never waits
+          // behind the page's own sends.
+          case "challenge": void this.answer(c, c.hello!, f.kind.value).catch(() => {}); break;
+          case "ping": void c.send(frame({ case: "pong", value: { nonce: f.kind.value.nonce } })).catch(() => {}); break;
           case "close": return closeError(f.kind.value);
           default: break;
         }
-        if (receipts.length > 0 && (receipts.length >= MAX_RECEIPTS || !c.buffered())) flush();
+        if (this.receipts.length > 0 && (this.receipts.length >= MAX_RECEIPTS || !c.buffered())) this.flushReceipts(c);
       }
     } catch (e) {
       // Whatever failed here (a write on a stream that closed under it, a
@@ -1355,6 +1379,7 @@ export class RelayClient extends EventTarget {
       return c.closeReason() ?? new RelayError(ErrorCode.UNSPECIFIED, `session ended: ${(e as Error)?.message ?? String(e)}`);
     } finally {
       if (keepalive) clearInterval(keepalive);
+      this.receipts = []; // delivery ids are the session's
       c.close();
     }
   }
@@ -1397,7 +1422,10 @@ export class RelayClient extends EventTarget {
         wait = backoff / 2 + Math.random() * (backoff / 2);
         backoff = Math.min(backoff * 2, max);
       }
-      if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+      if (wait > 0) {
+        await new Promise<void>((wake) => { this.reconnectWait = { timer: setTimeout(wake, wait), wake }; });
+        this.reconnectWait = null;
+      }
       if (this.stopped) return;
       try {
         await this.establish();
