@@ -22,6 +22,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/coder/websocket"
 	"github.com/quic-go/quic-go"
@@ -415,6 +416,36 @@ func TestCloseAndAbortCarryTheCode(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A WebSocket's close reason is cut to what a close frame holds at a
+// character's start: a browser fails a connection whose reason is not
+// valid UTF-8, and loses the code with it. (A revocation's reason may
+// come from an operator, in any language.)
+func TestAWebSocketCloseReasonStaysUTF8(t *testing.T) {
+	p := webSocketPair(t)
+	reason := "a" + strings.Repeat("ü", 100) // 201 bytes, each ü two: byte 120 is inside one
+	failed := make(chan error, 1)
+	go func() {
+		_, err := p.client.Read(make([]byte, 16))
+		failed <- err
+	}()
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		_ = p.server.Close(relayv1.ErrorCode_ERROR_CODE_REVOKED, reason)
+	}()
+	select {
+	case err := <-failed:
+		code, msg, ok := PeerCode(err)
+		if !ok || code != relayv1.ErrorCode_ERROR_CODE_REVOKED || !utf8.ValidString(msg) || !strings.HasPrefix(reason, msg) || len(msg) < 100 {
+			t.Fatalf("read error %v: code %v, reason of %d bytes %q (valid UTF-8 %v); want REVOKED and the reason cut at a character", err, code, len(msg), msg, utf8.ValidString(msg))
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a blocked Read outlived the peer's Close")
+	}
+	_ = p.client.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+	waitClosed(t, closed, "Close did not return")
 }
 
 // When the peer closes a WebTransport session, webtransport-go fails the

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/coder/websocket"
 
@@ -353,9 +354,7 @@ func (w *wsConn) Close(code relayv1.ErrorCode, msg string) error {
 		if code != relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED {
 			status = websocket.StatusCode(WebSocketCloseBase + int(code))
 		}
-		if len(msg) > 120 {
-			msg = msg[:120]
-		}
+		msg = closeReason(msg)
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
@@ -444,6 +443,24 @@ func (d *deadline) set(t time.Time) {
 	} else {
 		d.cancel()
 	}
+}
+
+// maxCloseReason is the longest close reason sent: a close frame's
+// payload is at most 125 bytes, two of them the code.
+const maxCloseReason = 120
+
+// closeReason is msg cut to maxCloseReason bytes at a character's start:
+// a browser fails a connection whose close reason is not valid UTF-8,
+// and the close code goes with it.
+func closeReason(msg string) string {
+	if len(msg) <= maxCloseReason {
+		return msg
+	}
+	n := maxCloseReason
+	for n > 0 && !utf8.RuneStart(msg[n]) {
+		n--
+	}
+	return msg[:n]
 }
 
 // WebSocketCode returns the protocol error code a WebSocket close

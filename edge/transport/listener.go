@@ -317,11 +317,23 @@ func (l *Listener) serveNative(conn *quic.Conn, pc *pendingConn) {
 	str, err := conn.AcceptStream(ctx)
 	cancel()
 	if err != nil {
-		_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT), "no session stream in time")
+		code, msg := noStream(l.ctx)
+		_ = conn.CloseWithError(quic.ApplicationErrorCode(code), msg)
 		return
 	}
 	pc.promote()
 	_ = l.cfg.Hub.Serve(l.ctx, devconn.WhenAdmitted(devconn.NewQUICConn(conn, str), pc.admitted))
+}
+
+// noStream is the code and message a connection or WebTransport session
+// whose session stream did not come is closed with: GOING_AWAY once the
+// listener (whose context is ctx) is closing, so the device tries
+// another edge at once, else TIMEOUT.
+func noStream(ctx context.Context) (relayv1.ErrorCode, string) {
+	if ctx.Err() != nil {
+		return relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down"
+	}
+	return relayv1.ErrorCode_ERROR_CODE_TIMEOUT, "no session stream in time"
 }
 
 // h3Opened starts tracking an HTTP/3 connection, to be reaped unless a
@@ -399,7 +411,8 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	str, err := sess.AcceptStream(ctx)
 	cancel()
 	if err != nil {
-		_ = sess.CloseWithError(webtransport.SessionErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT), "no session stream in time")
+		code, msg := noStream(l.ctx)
+		_ = sess.CloseWithError(webtransport.SessionErrorCode(code), msg)
 		return
 	}
 	// Counted once its stream came: a session that never opens one

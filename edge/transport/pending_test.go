@@ -395,3 +395,21 @@ func TestARefusedWebTransportSessionTakesItsConnection(t *testing.T) {
 		return nil
 	})
 }
+
+// A native connection still waiting for its session stream when the edge
+// stops is told GOING_AWAY (another edge takes it now), not TIMEOUT,
+// which would have it back off as after a failure.
+func TestAConnectionWaitingForItsStreamIsToldTheEdgeIsGoing(t *testing.T) {
+	r := startRelay(t, 1, nil)
+	e := r.Edges[0]
+	f := newFlood(t, e.Addr())
+	c := f.open("127.0.0.1", devconn.ALPN)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if g := relaytest.Gauge(t, e, pendingQUIC, "", ""); g != 1 {
+			return fmt.Errorf("%v pending, want the connection listed", g)
+		}
+		return nil
+	})
+	r.StopEdge(0)
+	waitClosed(t, "the edge stopped", relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, []*quic.Conn{c})
+}
