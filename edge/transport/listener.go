@@ -356,7 +356,11 @@ func (l *Listener) h3Closed(conn *quic.Conn) {
 // h3Session counts a WebTransport session starting (+1) or ending (-1)
 // on conn, and returns the connection's place on the pending list (nil
 // when it is not tracked) and the sessions left on it. A session starts
-// once its stream came, which promotes the connection there.
+// once its stream came, which promotes the connection there. A
+// connection whose last session ended after the hub admitted one is
+// pending again: else a client that keeps it (and opens a session that
+// never authenticates on it now and then) would hold it outside
+// MaxPendingQUIC's bound for good.
 func (l *Listener) h3Session(conn *quic.Conn, delta int) (*pendingConn, int) {
 	l.h3mu.Lock()
 	defer l.h3mu.Unlock()
@@ -372,6 +376,9 @@ func (l *Listener) h3Session(conn *quic.Conn, delta int) (*pendingConn, int) {
 		c.reap.Stop()
 	} else {
 		c.reap.Reset(l.cfg.StreamTimeout)
+		if delta < 0 && c.pending.wasAdmitted() {
+			c.pending = l.pending.add(conn)
+		}
 	}
 	return c.pending, c.sessions
 }
