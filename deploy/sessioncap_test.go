@@ -22,10 +22,14 @@ const (
 	sessionBytes     = 100 << 10
 	pendingBytes     = 27 << 10
 	pendingQUICBytes = 160 << 10
-	// defaultPending is relayd edge's --max-pending-https default
-	// (edge/server.DefaultMaxPendingHTTPS).
-	defaultPending = 4096
 )
+
+// defaultPending is relayd edge's --max-pending-https default for an edge
+// that takes at most maxSessions sessions
+// (edge/server.MaxPendingHTTPSFor): an eighth of them, from 64 to 4096.
+func defaultPending(maxSessions int64) int64 {
+	return min(max(maxSessions/8, 64), 4096)
+}
 
 // defaultPendingQUIC is relayd edge's --max-pending-quic default for an
 // edge that takes at most maxSessions sessions
@@ -50,10 +54,10 @@ func checkSessionCap(t *testing.T, where, maxSessions, maxPending string, memLim
 		t.Errorf("%s: RELAY_MAX_SESSIONS %q: want a bound on sessions, set from the memory limit", where, maxSessions)
 		return
 	}
-	p := int64(defaultPending)
+	p := defaultPending(n)
 	if maxPending != "" {
-		if p, err = strconv.ParseInt(maxPending, 10, 64); err != nil || p <= 0 {
-			t.Errorf("%s: RELAY_MAX_PENDING_HTTPS %q: want a positive number (or none, for the default)", where, maxPending)
+		if p, err = strconv.ParseInt(maxPending, 10, 64); err != nil || p <= 0 || p >= n {
+			t.Errorf("%s: RELAY_MAX_PENDING_HTTPS %q: want a positive number below RELAY_MAX_SESSIONS=%d (or none, for the default): WebSockets in their handshakes hold sessions' places", where, maxPending, n)
 			return
 		}
 	}

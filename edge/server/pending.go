@@ -9,10 +9,27 @@ import (
 	"github.com/edge-relay/relay/internal/connbound"
 )
 
-// DefaultMaxPendingHTTPS is Config.MaxPendingHTTPS's default.
+// DefaultMaxPendingHTTPS is Config.MaxPendingHTTPS's default for an edge
+// whose sessions are not bounded, and the most MaxPendingHTTPSFor gives.
 // (Some 110 MiB at most: about 27 KiB of heap and stack for an idle
 // connection, docs/benchmarks.md.)
 const DefaultMaxPendingHTTPS = 4096
+
+// MaxPendingHTTPSFor is Config.MaxPendingHTTPS's default for an edge that
+// takes at most maxSessions sessions (0: no bound): an eighth of them, at
+// least 64 and at most DefaultMaxPendingHTTPS. A WebSocket in its
+// session's handshake is pending here and holds one of the hub's
+// MaxSessions places meanwhile: with a bound at or above the session
+// cap, WebSockets that never finish their handshakes (a few addresses'
+// worth, within the hub's rate per address) could hold every place, and
+// every device would be told the edge is full. An eighth leaves them at
+// most that share, with room for a reconnect storm's handshakes.
+func MaxPendingHTTPSFor(maxSessions int) int {
+	if maxSessions <= 0 {
+		return DefaultMaxPendingHTTPS
+	}
+	return min(max(maxSessions/8, 64), DefaultMaxPendingHTTPS)
+}
 
 // pendingHTTPS bounds the HTTPS port's connections that are not a device
 // session: in their TLS handshake, reading or serving a request, idle

@@ -115,9 +115,11 @@ type Config struct {
 	// MaxPendingHTTPS bounds the HTTPS port's connections that are not a
 	// device session (in their TLS handshake, serving a request, idle
 	// between requests, a WebSocket whose session is not admitted yet)
-	// [DefaultMaxPendingHTTPS; 0 takes it]; at the bound the oldest is
+	// at the bound the oldest is
 	// closed, and one source (IPv4 address, IPv6 /64) holds at most a
-	// sixteenth of it (at least 16), beyond which its own oldest is.
+	// sixteenth of it (at least 16), beyond which its own oldest is
+	// [MaxPendingHTTPSFor the session cap: 4096, or an eighth of
+	// Session.MaxSessions, at least 64; 0 takes it].
 	// Those that never carried a request go first. A flood of
 	// connections holds at most this many; one whose connections stay
 	// silent or stall before a request's headers (in their TLS handshake,
@@ -422,7 +424,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	maxPending := cfg.MaxPendingHTTPS
 	if maxPending <= 0 {
-		maxPending = DefaultMaxPendingHTTPS
+		maxPending = MaxPendingHTTPSFor(cfg.Session.MaxSessions)
+	}
+	if n := cfg.Session.MaxSessions; n > 0 && maxPending >= n {
+		s.log.Warn("the HTTPS port's pending connections are bounded at or above the session cap: WebSockets that never finish their handshakes could hold every session's place (lower --max-pending-https)",
+			"max_pending_https", maxPending, "max_sessions", n)
 	}
 	pending, err := pendingHTTPS(ln, maxPending, cfg.Registry)
 	if err != nil {

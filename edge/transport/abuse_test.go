@@ -572,6 +572,37 @@ func TestUnreadBytesOfAPendingConnectionAreBounded(t *testing.T) {
 	}
 }
 
+// WebSockets that never finish their session's handshake hold places
+// among the edge's sessions while they are pending on the HTTPS port; the
+// port's bound follows the session cap (an eighth of it, at least 64, a
+// sixteenth of that per source) so that they cannot hold every place:
+// with the cap at 80 and as many such WebSockets from one address, a
+// device still gets in.
+func TestStalledWebSocketHandshakesLeaveRoomForDevices(t *testing.T) {
+	const maxSessions = 80
+	r := startRelay(t, 1, func(_ int, cfg *server.Config) {
+		cfg.Session.MaxSessions = maxSessions
+		// Longer than the test: a stalled handshake gives its place
+		// back only when the bound closes its connection.
+		cfg.Session.HandshakeTimeout = 5 * time.Minute
+	})
+	dev := r.Device(r.User("ws-flood"), "d")
+	for range maxSessions {
+		r.DialRaw(t, 0, client.WebSocket) // and no Hello
+	}
+	relaytest.WaitEdge(t, r.Edges[0], 30*time.Second, func(st session.Stats) error {
+		if st.Serving >= maxSessions {
+			return fmt.Errorf("%d sessions in the hub, all of its places", st.Serving)
+		}
+		return nil
+	})
+	raw := r.DialRaw(t, 0, client.QUIC)
+	raw.Login(dev)
+	if err := raw.Ping(1, 10*time.Second); err != nil {
+		t.Fatalf("the device beside the stalled WebSockets: %v", err)
+	}
+}
+
 // Only the edge's own page, and origins listed, may open sessions.
 func TestOrigins(t *testing.T) {
 	r := startRelay(t, 1, func(_ int, cfg *server.Config) {
