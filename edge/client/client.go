@@ -347,6 +347,38 @@ var ErrClosed = errors.New("client closed")
 // first one's.
 var ErrAlreadySending = errors.New("client: an event with this id is already being sent")
 
+// sendLock is a mutex whose waiter can give up when its context ends;
+// the zero value is unlocked.
+type sendLock struct {
+	once sync.Once
+	ch   chan struct{} // holds a token while locked
+}
+
+func (l *sendLock) init() { l.once.Do(func() { l.ch = make(chan struct{}, 1) }) }
+
+// Lock waits for the lock.
+func (l *sendLock) Lock() {
+	l.init()
+	l.ch <- struct{}{}
+}
+
+// lockContext waits for the lock until ctx ends, then returns its error.
+func (l *sendLock) lockContext(ctx context.Context) error {
+	l.init()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	select {
+	case l.ch <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Unlock releases the lock.
+func (l *sendLock) Unlock() { <-l.ch }
+
 // Client is a device's connection to the relay. It is safe for concurrent
 // use.
 type Client struct {
@@ -367,8 +399,10 @@ type Client struct {
 	maxFrame atomic.Int64
 
 	// sendMu serialises seq assignment with the write, so events reach
-	// the edge in seq order.
-	sendMu sync.Mutex
+	// the edge in seq order. A reconnect holds it for its resend, which
+	// may take long (an edge that paces the device, a network that just
+	// went): Send waits for it only as long as its context lets it.
+	sendMu sendLock
 
 	mu      sync.Mutex // guards the fields below
 	cur     *conn
@@ -673,7 +707,9 @@ func (c *Client) Send(ctx context.Context, m Message) error {
 	if err != nil {
 		return err
 	}
-	c.sendMu.Lock()
+	if err := c.sendMu.lockContext(ctx); err != nil {
+		return err
+	}
 	enc, err := c.encode(ev)
 	if err != nil {
 		// It could never be sent (and would hold back the resend of later

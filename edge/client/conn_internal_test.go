@@ -124,6 +124,19 @@ func acknowledged(cn *conn, wc *writesConn) []uint64 {
 	return ids
 }
 
+// until waits, for 30 s at most, until cond holds (a state another
+// goroutine reaches without telling).
+func until(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within 30s: %s", what)
+		}
+		runtime.Gosched()
+	}
+}
+
 // readerClient is a client with what readStream needs: an application's
 // channel of buffer events, and no sends pending.
 func readerClient(buffer int) *Client {
@@ -727,6 +740,33 @@ func TestSendsThatGiveUpDoNotPileUpBehindTheStream(t *testing.T) {
 }
 
 // A Send with the id of a Send still under way is refused with
+// A Send gives up when its context ends while a reconnect's resend holds
+// the stream (which may take long: an edge that paces the device, a
+// network that just went), rather than wait for the resend to end.
+func TestSendGivesUpWhileAResendHoldsTheStream(t *testing.T) {
+	c := &Client{
+		cfg:     Config{MaxPending: 4, DeviceID: "d", UserID: "u"},
+		pending: map[string]*pendingSend{},
+		sends:   make(chan struct{}, 4),
+		done:    make(chan struct{}),
+	}
+	c.sendMu.Lock() // the resend
+	defer c.sendMu.Unlock()
+	ctx, cancel := context.WithCancel(t.Context())
+	sent := make(chan error, 1)
+	go func() { sent <- c.Send(ctx, Message{ID: "e"}) }()
+	until(t, "the Send took its slot (and waits for the stream)", func() bool { return len(c.sends) == 1 })
+	cancel()
+	select {
+	case err := <-sent:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Send ended with %v, want its context's error", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Send waited for the resend past its context")
+	}
+}
+
 // ErrAlreadySending and sends nothing; once the first is done the id
 // may be sent again.
 func TestSendRefusesAnIDAlreadyBeingSent(t *testing.T) {
@@ -1135,13 +1175,7 @@ func TestGoodbyeAcknowledgesWhatTheReaderGave(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() { done <- c.readStream(ctx, cn) }()
-	deadline := time.Now().Add(30 * time.Second)
-	for len(c.events) < 5 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the application was given %d events, want 5", len(c.events))
-		}
-		runtime.Gosched()
-	}
+	until(t, "the application was given 5 events", func() bool { return len(c.events) == 5 })
 	cancel() // Close
 	cn.goodbye(t.Context())
 	go func() { _, _ = pw.Write(half[len(half)/2:]) }() // the rest of e6, after the goodbye
