@@ -53,6 +53,16 @@ type Limits struct {
 	// all sources. Beyond either they are refused with
 	// resource_exhausted. Default 4.
 	MaxUnauthenticatedPerSource int
+	// MaxCallsPerAccount is how many calls one account that is not an
+	// edge's (a person's: admin, operator, viewer, user) may have in
+	// flight on the node at once, their bodies arriving or served (a
+	// backup stream's whole length); more are refused at once with
+	// resource_exhausted. With the bodies of such calls taken only
+	// uncompressed, it bounds what one account's holder can make the node
+	// hold by what it sends: without it, the calls of its connections'
+	// HTTP/2 streams had no bound. Edges and nodes are not bounded here.
+	// Default 64.
+	MaxCallsPerAccount int
 	// PublicBodyTimeout is how long the body of a call without
 	// credentials may take to arrive. It is read whole before the call
 	// takes one of MaxUnauthenticated, so a caller that sends it slowly
@@ -88,6 +98,9 @@ func (l *Limits) applyDefaults() {
 	}
 	if l.MaxUnauthenticatedPerSource <= 0 {
 		l.MaxUnauthenticatedPerSource = 4
+	}
+	if l.MaxCallsPerAccount <= 0 {
+		l.MaxCallsPerAccount = 64
 	}
 	if l.PublicBodyTimeout <= 0 {
 		l.PublicBodyTimeout = 5 * time.Second
@@ -157,13 +170,17 @@ type preauthKey struct{}
 // Limits.PublicBodyTimeout, holding one of its source's
 // Limits.MaxUnauthenticatedPerSource meanwhile, and only then takes one
 // of Limits.MaxUnauthenticated slots to be served, or is refused; every
-// other body is cut at its procedure's size limit and must arrive within
-// Limits.BodyTimeout. The claims it verified travel to the Authenticator
+// other call is authorized first (its role's access to the procedure,
+// its account and session), a person's takes one of its account's
+// Limits.MaxCallsPerAccount places and its body is taken uncompressed
+// only, and its body is cut at its procedure's size limit and must arrive
+// within Limits.BodyTimeout. The claims it verified travel to the Authenticator
 // in the context, so a token is verified once. Wrap the API's HTTP
 // handler with it (inside WithClientCert).
 func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 	limits.applyDefaults()
 	slots := make(chan struct{}, limits.MaxUnauthenticated)
+	perAccount := &accountCalls{max: limits.MaxCallsPerAccount, n: map[string]int{}}
 	reserve := make(chan struct{}, limits.MaxUnauthenticated)
 	arriving := newSourceGate(limits.MaxUnauthenticatedPerSource, 4*limits.MaxUnauthenticated)
 	inFlight := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -172,7 +189,7 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 	}, func() float64 { return float64(arriving.len() + len(slots) + len(reserve)) })
 	refused := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "relay_control_requests_refused_total",
-		Help: "Requests refused before they were served, by reason: busy (too many calls without credentials arriving from the caller's source or from all, or being served), unauthenticated (no credentials that verify, or their account or session is gone), forbidden (the caller's role may not call the procedure), slow_body (the body of a call without credentials did not arrive in time).",
+		Help: "Requests refused before they were served, by reason: busy (too many calls without credentials arriving from the caller's source or from all, or being served), unauthenticated (no credentials that verify, or their account or session is gone), forbidden (the caller's role may not call the procedure), account_busy (the caller's account has MaxCallsPerAccount calls in flight), compressed (a person's request body was compressed), slow_body (the body of a call without credentials did not arrive in time).",
 	}, []string{"reason"})
 	if limits.Metrics != nil {
 		limits.Metrics.MustRegister(inFlight, refused)
@@ -268,10 +285,69 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 			refuse(w, r, err)
 			return
 		}
+		if person(claims) {
+			// A person's body is taken as sent: inflated, a few KiB
+			// would each make the node hold the procedure's limit.
+			if enc := requestEncoding(r.Header); enc != "" {
+				refused.WithLabelValues("compressed").Inc()
+				refuse(w, r, connect.NewError(connect.CodeUnimplemented, fmt.Errorf("request bodies compressed with %q are taken from edges and control nodes only: send it uncompressed", enc)))
+				return
+			}
+			if !perAccount.enter(claims.Subject) {
+				refused.WithLabelValues("account_busy").Inc()
+				err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("this account has %d calls in flight on this node, the most it may; retry when one ends", limits.MaxCallsPerAccount))
+				err.Meta().Set("Retry-After", "1")
+				refuse(w, r, err)
+				return
+			}
+			defer perAccount.leave(claims.Subject)
+		}
 		r = r.WithContext(context.WithValue(ctx, preauthKey{}, claims))
 		r.Body = newDeadlineBody(w, r.Body, max, limits.BodyTimeout)
 		next.ServeHTTP(w, r)
 	})
+}
+
+// person reports whether claims are a person's (any account's but an
+// edge's), not an edge's or a control node's.
+func person(c *auth.Claims) bool { return !isNode(c) && c.Role != auth.RoleEdge }
+
+// requestEncoding is the compression a request's body says it is in (its
+// Connect, Connect streaming or gRPC header), "" for none.
+func requestEncoding(h http.Header) string {
+	for _, k := range []string{"Content-Encoding", "Connect-Content-Encoding", "Grpc-Encoding"} {
+		if v := h.Get(k); v != "" && v != "identity" {
+			return v
+		}
+	}
+	return ""
+}
+
+// accountCalls counts the calls each account has in flight, up to max.
+type accountCalls struct {
+	mu  sync.Mutex
+	max int
+	n   map[string]int
+}
+
+// enter takes one of account's places, if it has one left.
+func (a *accountCalls) enter(account string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.n[account] >= a.max {
+		return false
+	}
+	a.n[account]++
+	return true
+}
+
+// leave gives back a place enter took.
+func (a *accountCalls) leave(account string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.n[account]--; a.n[account] <= 0 {
+		delete(a.n, account)
+	}
 }
 
 // ownCall reports whether a call is an edge's or a node's own, on its

@@ -182,6 +182,62 @@ func TestACallerThatMayNotCallCostsNoBody(t *testing.T) {
 	}
 }
 
+// A person's account may have MaxCallsPerAccount calls in flight on a
+// node (here 4, bodies that never end); one more is refused at once with
+// resource_exhausted, while another account's call is served, and a call
+// that ends gives its place back. A person's body is taken uncompressed
+// only (inflated, a few KiB would each make the node hold the
+// procedure's limit); an edge's compressed body is taken.
+func TestAnAccountsCallsInFlightAreBounded(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) { cfg.Limits.MaxCallsPerAccount = 4 }})
+	hc := httpClient(t)
+	me := url(c.Nodes[0]) + controlv1connect.UserServiceGetMeProcedure
+	mallory := map[string]string{"Authorization": "Bearer " + c.TokenFor("mallory", controlv1.Role_ROLE_USER)}
+	var ends []*io.PipeWriter
+	held := make(chan int, 4)
+	for range 4 {
+		pr, pw := io.Pipe()
+		ends = append(ends, pw)
+		t.Cleanup(func() { _ = pw.Close() })
+		go func() { _, _ = pw.Write([]byte(`{`)) }() // and nothing more, until the test ends it
+		go func() {
+			status, _ := postJSON(t, hc, me, pr, mallory)
+			held <- status
+		}()
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if status, ce := postJSON(t, hc, me, strings.NewReader(`{}`), mallory); status != http.StatusTooManyRequests || ce.Code != "resource_exhausted" {
+			return fmt.Errorf("a fifth call: status %d, error %+v; want 429 resource_exhausted", status, ce)
+		}
+		return nil
+	})
+	admin := map[string]string{"Authorization": "Bearer " + c.AdminToken()}
+	if status, ce := postJSON(t, hc, me, strings.NewReader(`{}`), admin); status != http.StatusOK {
+		t.Fatalf("another account's call beside them: status %d, error %+v", status, ce)
+	}
+	_ = ends[0].Close() // its body ends (malformed): the call ends
+	<-held
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if status, ce := postJSON(t, hc, me, strings.NewReader(`{}`), mallory); status != http.StatusOK {
+			return fmt.Errorf("a call once one ended: status %d, error %+v", status, ce)
+		}
+		return nil
+	})
+
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	_, _ = zw.Write([]byte(`{}`))
+	_ = zw.Close()
+	compressed := map[string]string{"Content-Encoding": "gzip", "Authorization": admin["Authorization"]}
+	if status, ce := postJSON(t, hc, me, bytes.NewReader(gz.Bytes()), compressed); status == http.StatusOK || ce.Code != "unimplemented" {
+		t.Errorf("a person's compressed body: status %d, error %+v; want unimplemented", status, ce)
+	}
+	compressed["Authorization"] = "Bearer " + c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	if status, ce := postJSON(t, hc, me, bytes.NewReader(gz.Bytes()), compressed); status != http.StatusOK {
+		t.Errorf("an edge's compressed body: status %d, error %+v; want it served", status, ce)
+	}
+}
+
 // clientFrom is an HTTP/2 (prior knowledge) client whose calls all go
 // on one connection from the local address from (any 127.0.0.0/8
 // address reaches a node on 127.0.0.1), as one attacker's or one edge's

@@ -151,6 +151,10 @@ func authed[T any](m *T, token string) *connect.Request[T] {
 	return r
 }
 
+// provisionCalls bounds the admin's API calls in flight while
+// provisioning.
+const provisionCalls = 32
+
 // provision creates `users` accounts with `per` devices each.
 func (d *driverConfig) provision(ctx context.Context, users, per int) ([][]device, error) {
 	token, err := d.setup()
@@ -161,7 +165,10 @@ func (d *driverConfig) provision(ctx context.Context, users, per int) ([][]devic
 	dc := controlv1connect.NewDeviceServiceClient(d.http, d.control)
 	run := newRunID()
 	out := make([][]device, users)
-	err = parallel(ctx, users, d.concurrency, func(ctx context.Context, i int) error {
+	// The admin's calls in flight at once stay well within what the API
+	// takes from one account (api.Limits.MaxCallsPerAccount, 64), however
+	// many dials --concurrency lets run.
+	err = parallel(ctx, users, min(d.concurrency, provisionCalls), func(ctx context.Context, i int) error {
 		u, err := uc.CreateUser(ctx, authed(&controlv1.CreateUserRequest{Login: fmt.Sprintf("load-%s-%d", run, i)}, token))
 		if err != nil {
 			return fmt.Errorf("create user: %w", err)
