@@ -118,8 +118,17 @@ func (f *edgeFlags) apply(cfg *edgeserver.Config, getenv func(string) string) er
 	if cfg.EdgeID == "" {
 		return errors.New("--edge-id is required (the host name was not available)")
 	}
+	if cfg.IdleTimeout < minIdleTimeout {
+		return fmt.Errorf("--idle-timeout %v is below %v: clients on a WebSocket ping every 10 s (docs/protocol.md), and each of their sessions would end TIMEOUT", cfg.IdleTimeout, minIdleTimeout)
+	}
 	return checkMailboxLimits(cfg.Session.Limits)
 }
+
+// minIdleTimeout is the shortest --idle-timeout the edge takes: twice the
+// 10 s the clients ping a WebSocket at (QUIC's idle timeout is
+// negotiated, but a WebSocket's is the edge's alone), so that one lost
+// or late ping does not end a session.
+const minIdleTimeout = 20 * time.Second
 
 // checkMailboxLimits refuses event limits that admit events a mailbox
 // cannot keep: the edge would accept them and then fail to store them
