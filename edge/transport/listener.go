@@ -83,6 +83,8 @@ type Listener struct {
 
 	ctx    context.Context // ends when Close starts
 	cancel context.CancelFunc
+	wgMu   sync.Mutex     // orders starting goroutines against Close's wait
+	closed bool           // Close began waiting: no goroutine starts (wgMu)
 	wg     sync.WaitGroup // connection goroutines
 	once   sync.Once
 
@@ -177,7 +179,11 @@ func Listen(cfg Config) (*Listener, error) {
 	}
 	l := &Listener{cfg: cfg, h3conns: map[*quic.Conn]*h3Conn{}, addrs: &addrValidation{max: int64(cfg.MaxUnvalidatedHandshakes)},
 		pending: newPendingQUIC(cfg.MaxPendingQUIC, cfg.Logger)}
-	l.pending.closeConn = func(f func()) { l.wg.Go(f) }
+	l.pending.closeConn = func(f func()) {
+		if !l.goTracked(f) {
+			f() // closing: the connection goes with the transport anyway
+		}
+	}
 	l.conns = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "relay_edge_connections_total", Help: "QUIC connections accepted, by application protocol and TLS handshake (full, or resumed with a session ticket).",
 	}, []string{"alpn", "tls"})
@@ -279,9 +285,11 @@ func (l *Listener) Serve() error {
 		alpn := st.NegotiatedProtocol
 		l.conns.WithLabelValues(alpn, TLSHandshake(st)).Inc()
 		if h := counted(conn); h != nil {
-			l.wg.Go(func() { waitHandshake(conn, h, l.ctx.Done()) })
+			if !l.goTracked(func() { waitHandshake(conn, h, l.ctx.Done()) }) {
+				h.done()
+			}
 		}
-		l.wg.Go(func() {
+		started := l.goTracked(func() {
 			// Listed once its handshake is complete: until then its
 			// address is unproven (a spoofed Initial gets no further), and
 			// MaxUnvalidatedHandshakes and Retry bound such handshakes.
@@ -309,7 +317,25 @@ func (l *Listener) Serve() error {
 				_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION), "unknown application protocol")
 			}
 		})
+		if !started {
+			// Accepted as Close began: it goes with the transport.
+			_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY), "edge is shutting down")
+			return nil
+		}
 	}
+}
+
+// goTracked runs f on a goroutine Close waits for, unless Close already
+// began waiting (then it reports false and f does not run): a WaitGroup
+// must not gain a goroutine while it is being waited for.
+func (l *Listener) goTracked(f func()) bool {
+	l.wgMu.Lock()
+	defer l.wgMu.Unlock()
+	if l.closed {
+		return false
+	}
+	l.wg.Go(f)
+	return true
 }
 
 func (l *Listener) serveNative(conn *quic.Conn, pc *pendingConn) {
@@ -462,6 +488,9 @@ func (l *Listener) Close() error {
 	l.once.Do(func() {
 		l.cancel()
 		err = errors.Join(l.wt.Close(), l.ln.Close())
+		l.wgMu.Lock()
+		l.closed = true
+		l.wgMu.Unlock()
 		done := make(chan struct{})
 		go func() {
 			l.wg.Wait()
