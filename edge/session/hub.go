@@ -322,7 +322,7 @@ func (h *Hub) shardOf(userID string) *shard {
 // the edge for everybody else.
 func (h *Hub) Serve(ctx context.Context, c devconn.Conn) error {
 	if h.isDraining() {
-		_ = c.Abort(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
+		h.refuseDraining(c)
 		return ErrDraining
 	}
 	if h.cfg.Ready != nil && !h.cfg.Ready() {
@@ -340,7 +340,7 @@ func (h *Hub) Serve(ctx context.Context, c devconn.Conn) error {
 	res, epoch := h.enter()
 	switch res {
 	case enterDraining:
-		_ = c.Abort(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down")
+		h.refuseDraining(c)
 		return ErrDraining
 	case enterFull:
 		h.cfg.Metrics.handshakes.WithLabelValues("edge_full").Inc()
@@ -352,6 +352,15 @@ func (h *Hub) Serve(ctx context.Context, c devconn.Conn) error {
 	s := newSession(h, c)
 	s.epoch = epoch
 	return s.run(ctx)
+}
+
+// refuseDraining tells a device that came while the hub drains to go to
+// another edge: in a Close frame, which every transport carries (an
+// abort's code reaches QUIC and WebTransport devices only; a WebSocket
+// one saw a connection that broke, and backed off), lingering at most
+// CloseLinger for it to be read.
+func (h *Hub) refuseDraining(c devconn.Conn) {
+	refuse(c, closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "edge is shutting down"), 0, h.cfg.CloseLinger)
 }
 
 // isDraining reports whether Drain began.

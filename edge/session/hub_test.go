@@ -818,6 +818,11 @@ func TestDrainSendsGoingAway(t *testing.T) {
 		t.Fatalf("close: %v", c)
 	}
 	d := e.connect("a")
+	d.startReading()
+	// Told in a Close frame, which a WebSocket carries too.
+	if c := d.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+		t.Fatalf("a new session while draining was closed %v, want GOING_AWAY", c)
+	}
 	if err := <-d.serve; err != ErrDraining {
 		t.Fatalf("new session while draining: %v", err)
 	}
