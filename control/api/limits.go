@@ -288,7 +288,7 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 		if person(claims) {
 			// A person's body is taken as sent: inflated, a few KiB
 			// would each make the node hold the procedure's limit.
-			if enc := requestEncoding(r.Header); enc != "" {
+			if enc := requestEncoding(r); enc != "" {
 				refused.WithLabelValues("compressed").Inc()
 				refuse(w, r, connect.NewError(connect.CodeUnimplemented, fmt.Errorf("request bodies compressed with %q are taken from edges and control nodes only: send it uncompressed", enc)))
 				return
@@ -312,11 +312,17 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 // edge's), not an edge's or a control node's.
 func person(c *auth.Claims) bool { return !isNode(c) && c.Role != auth.RoleEdge }
 
-// requestEncoding is the compression a request's body says it is in (its
-// Connect, Connect streaming or gRPC header), "" for none.
-func requestEncoding(h http.Header) string {
+// requestEncoding is the compression a request's message says it is in
+// (its Connect, Connect streaming or gRPC header, or a Connect GET's
+// compression parameter), "" for none.
+func requestEncoding(r *http.Request) string {
 	for _, k := range []string{"Content-Encoding", "Connect-Content-Encoding", "Grpc-Encoding"} {
-		if v := h.Get(k); v != "" && v != "identity" {
+		if v := r.Header.Get(k); v != "" && v != "identity" {
+			return v
+		}
+	}
+	if r.Method == http.MethodGet {
+		if v := r.URL.Query().Get("compression"); v != "" && v != "identity" {
 			return v
 		}
 	}

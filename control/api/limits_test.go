@@ -5,6 +5,7 @@ import (
 	"compress/gzip"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -231,6 +232,24 @@ func TestAnAccountsCallsInFlightAreBounded(t *testing.T) {
 	compressed := map[string]string{"Content-Encoding": "gzip", "Authorization": admin["Authorization"]}
 	if status, ce := postJSON(t, hc, me, bytes.NewReader(gz.Bytes()), compressed); status == http.StatusOK || ce.Code != "unimplemented" {
 		t.Errorf("a person's compressed body: status %d, error %+v; want unimplemented", status, ce)
+	}
+	// A Connect GET carries its message in the query, compressed if it
+	// says so.
+	get, err := http.NewRequest(http.MethodGet, me+"?connect=v1&encoding=json&base64=1&compression=gzip&message="+
+		base64.RawURLEncoding.EncodeToString(gz.Bytes()), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	get.Header.Set("Authorization", admin["Authorization"])
+	resp, err := hc.Do(get)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ce connectError
+	_ = json.NewDecoder(resp.Body).Decode(&ce)
+	_ = resp.Body.Close()
+	if resp.StatusCode == http.StatusOK || ce.Code != "unimplemented" {
+		t.Errorf("a person's compressed GET: status %d, error %+v; want unimplemented", resp.StatusCode, ce)
 	}
 	compressed["Authorization"] = "Bearer " + c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
 	if status, ce := postJSON(t, hc, me, bytes.NewReader(gz.Bytes()), compressed); status != http.StatusOK {
