@@ -118,17 +118,16 @@ func (f *edgeFlags) apply(cfg *edgeserver.Config, getenv func(string) string) er
 	if cfg.EdgeID == "" {
 		return errors.New("--edge-id is required (the host name was not available)")
 	}
-	if cfg.IdleTimeout < minIdleTimeout {
-		return fmt.Errorf("--idle-timeout %v is below %v: clients on a WebSocket ping every 10 s (docs/protocol.md), and each of their sessions would end TIMEOUT", cfg.IdleTimeout, minIdleTimeout)
-	}
 	return checkMailboxLimits(cfg.Session.Limits)
 }
 
-// minIdleTimeout is the shortest --idle-timeout the edge takes: twice the
-// 10 s the clients ping a WebSocket at (QUIC's idle timeout is
-// negotiated, but a WebSocket's is the edge's alone), so that one lost
-// or late ping does not end a session.
-const minIdleTimeout = 20 * time.Second
+// minWebSocketIdleTimeout is the shortest --idle-timeout WebSocket
+// devices live with: twice the 10 s the clients ping a WebSocket at
+// (QUIC's idle timeout is negotiated, a WebSocket's is the edge's alone),
+// so that one lost or late ping does not end a session. Shorter is
+// taken, with a warning: an edge whose devices all speak QUIC may want
+// to notice a dead one sooner.
+const minWebSocketIdleTimeout = 20 * time.Second
 
 // checkMailboxLimits refuses event limits that admit events a mailbox
 // cannot keep: the edge would accept them and then fail to store them
@@ -187,6 +186,10 @@ func runEdge(ctx context.Context, args []string, stderr io.Writer, getenv func(s
 	}
 	defer stop()
 	cfg.TracerProvider = common.edgeTracing(tel)
+	if cfg.IdleTimeout < minWebSocketIdleTimeout {
+		log.Warn("--idle-timeout is below two of the clients' WebSocket pings (every 10 s): WebSocket sessions may end TIMEOUT between two pings",
+			"idle_timeout", cfg.IdleTimeout, "at_least", minWebSocketIdleTimeout)
+	}
 	if most := f.shutdown - edgeserver.ShutdownReserve - 5*time.Second; cfg.DrainWindow > most {
 		log.Warn("the drain window does not fit the shutdown timeout: a shutdown spreads reconnects over less",
 			"drain_window", cfg.DrainWindow, "shutdown_timeout", f.shutdown, "spread", max(most, 0))

@@ -87,21 +87,6 @@ func TestEventLimitsMustFitAMailbox(t *testing.T) {
 	}
 }
 
-// An idle timeout shorter than twice the clients' WebSocket ping interval
-// (10 s) is refused at start: every WebSocket session would end TIMEOUT
-// between two pings.
-func TestIdleTimeoutLeavesRoomForTwoPings(t *testing.T) {
-	for _, c := range []struct {
-		timeout string
-		starts  bool
-	}{{"20s", true}, {"19s", false}, {"5s", false}} {
-		_, err := parseEdgeFlagsErr([]string{"--idle-timeout", c.timeout})
-		if starts := err == nil; starts != c.starts || !starts && !strings.Contains(err.Error(), "--idle-timeout "+c.timeout+" is below 20s") {
-			t.Errorf("--idle-timeout %s: %v, want a start %v", c.timeout, err, c.starts)
-		}
-	}
-}
-
 // parseEdgeFlags is the edge's configuration from args, as relayd edge
 // would make it (the password from the environment).
 func parseEdgeFlags(t *testing.T, args []string) edgeserver.Config {

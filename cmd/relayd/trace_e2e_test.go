@@ -280,3 +280,19 @@ func TestTracingOverTLSAndSampleRatio(t *testing.T) {
 		}
 	}
 }
+
+// An --idle-timeout below two of the clients' WebSocket pings is taken
+// (an edge of QUIC devices may want to notice dead ones sooner), with a
+// warning at start: WebSocket sessions may end between two pings.
+func TestAShortIdleTimeoutIsWarnedOf(t *testing.T) {
+	pw := filepath.Join(t.TempDir(), "edge-password")
+	if err := os.WriteFile(pw, []byte("edges-password-1"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e := startRelayd(t, "edge", "--edge-id", "e1", "--addr", freeUDPPort(t), "--admin-addr", freePort(t),
+		"--control", "http://"+freePort(t), "--edge-login", "edges", "--edge-password-file", pw, "--idle-timeout", "5s")
+	rec := e.waitLog(t, "--idle-timeout is below two of the clients' WebSocket pings (every 10 s): WebSocket sessions may end TIMEOUT between two pings", 60*time.Second)
+	if rec["idle_timeout"] != "5s" {
+		t.Fatalf("warning %v, want the timeout named", rec)
+	}
+}
