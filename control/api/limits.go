@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/netip"
@@ -180,9 +181,9 @@ type preauthKey struct{}
 func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 	limits.applyDefaults()
 	slots := make(chan struct{}, limits.MaxUnauthenticated)
-	perAccount := &accountCalls{max: limits.MaxCallsPerAccount, n: map[string]int{}}
+	perAccount := newGate[string](limits.MaxCallsPerAccount, math.MaxInt)
 	reserve := make(chan struct{}, limits.MaxUnauthenticated)
-	arriving := newSourceGate(limits.MaxUnauthenticatedPerSource, 4*limits.MaxUnauthenticated)
+	arriving := newGate[netip.Addr](limits.MaxUnauthenticatedPerSource, 4*limits.MaxUnauthenticated)
 	inFlight := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "relay_control_unauthenticated_in_flight",
 		Help: "Calls without credentials (logins, refreshes) under way now: their bodies arriving, or served (edges' and nodes' own included).",
@@ -293,7 +294,7 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 				refuse(w, r, connect.NewError(connect.CodeUnimplemented, fmt.Errorf("request bodies compressed with %q are taken from edges and control nodes only: send it uncompressed", enc)))
 				return
 			}
-			if !perAccount.enter(claims.Subject) {
+			if perAccount.enter(claims.Subject) != gateEntered {
 				refused.WithLabelValues("account_busy").Inc()
 				err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("this account has %d calls in flight on this node, the most it may; retry when one ends", limits.MaxCallsPerAccount))
 				err.Meta().Set("Retry-After", "1")
@@ -327,33 +328,6 @@ func requestEncoding(r *http.Request) string {
 		}
 	}
 	return ""
-}
-
-// accountCalls counts the calls each account has in flight, up to max.
-type accountCalls struct {
-	mu  sync.Mutex
-	max int
-	n   map[string]int
-}
-
-// enter takes one of account's places, if it has one left.
-func (a *accountCalls) enter(account string) bool {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.n[account] >= a.max {
-		return false
-	}
-	a.n[account]++
-	return true
-}
-
-// leave gives back a place enter took.
-func (a *accountCalls) leave(account string) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.n[account]--; a.n[account] <= 0 {
-		delete(a.n, account)
-	}
 }
 
 // ownCall reports whether a call is an edge's or a node's own, on its
@@ -393,7 +367,7 @@ func (a *Authenticator) sourceOf(ctx context.Context, r *http.Request) netip.Add
 // while it arrives, a call that counts (not an edge's or node's own)
 // holds one of its source's share of arriving, or is refused. reason is
 // the refusal's label of relay_control_requests_refused_total, if any.
-func (a *Authenticator) readPublicBody(w http.ResponseWriter, r *http.Request, limits Limits, arriving *sourceGate, counts bool, max int64) (body []byte, reason string, _ *connect.Error) {
+func (a *Authenticator) readPublicBody(w http.ResponseWriter, r *http.Request, limits Limits, arriving *gate[netip.Addr], counts bool, max int64) (body []byte, reason string, _ *connect.Error) {
 	if counts {
 		src := a.sourceOf(r.Context(), r)
 		switch arriving.enter(src) {
@@ -417,55 +391,55 @@ func (a *Authenticator) readPublicBody(w http.ResponseWriter, r *http.Request, l
 	return nil, "", connect.NewError(connect.CodeCanceled, fmt.Errorf("read request body: %w", err))
 }
 
-// gateResult is what sourceGate.enter decided.
+// gateResult is what gate.enter decided.
 type gateResult int
 
 const (
-	gateEntered gateResult = iota
-	gateSourceFull
+	gateEntered    gateResult = iota
+	gateSourceFull            // the key's share is taken
 	gateFull
 )
 
-// sourceGate counts calls under way by source, bounded per source and
-// in all.
-type sourceGate struct {
-	perSource, total int
+// gate counts calls under way by key (a source, an account), bounded per
+// key and in all.
+type gate[K comparable] struct {
+	perKey, total int
 
 	mu    sync.Mutex // guards the fields below
 	n     int
-	count map[netip.Addr]int
+	count map[K]int
 }
 
-func newSourceGate(perSource, total int) *sourceGate {
-	return &sourceGate{perSource: perSource, total: total, count: map[netip.Addr]int{}}
+func newGate[K comparable](perKey, total int) *gate[K] {
+	return &gate[K]{perKey: perKey, total: total, count: map[K]int{}}
 }
 
-func (g *sourceGate) enter(src netip.Addr) gateResult {
+func (g *gate[K]) enter(k K) gateResult {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	switch {
-	case g.count[src] >= g.perSource:
+	case g.count[k] >= g.perKey:
 		return gateSourceFull
 	case g.n >= g.total:
 		return gateFull
 	}
-	g.count[src]++
+	g.count[k]++
 	g.n++
 	return gateEntered
 }
 
-func (g *sourceGate) len() int {
+func (g *gate[K]) len() int {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.n
 }
 
-func (g *sourceGate) leave(src netip.Addr) {
+func (g *gate[K]) leave(k K) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.n--
-	if g.count[src]--; g.count[src] <= 0 {
-		delete(g.count, src)
+	if g.count[k]--; g.count[k] <= 0 {
+		delete(g.count, k)
 	}
 }
 
