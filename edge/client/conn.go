@@ -933,12 +933,13 @@ func (c *Client) readStream(ctx context.Context, cn *conn) error {
 		if err != nil {
 			return err
 		}
-		// Acknowledge in batches: whatever arrived together.
-		cn.hmu.Lock()
-		if cn.r.Buffered() == 0 || len(rc.ids) >= maxReceiptIDs {
+		// Acknowledge in batches: whatever arrived together (deliver
+		// sends a full batch itself, holding the lock already).
+		if cn.r.Buffered() == 0 {
+			cn.hmu.Lock()
 			rc.flush()
+			cn.hmu.Unlock()
 		}
-		cn.hmu.Unlock()
 	}
 }
 
@@ -1125,7 +1126,12 @@ func (c *Client) deliver(ctx context.Context, ev *relayv1.Event, deliveryID uint
 		if !r.hold() {
 			return nil
 		}
-		defer r.release()
+		defer func() {
+			if len(r.ids) >= maxReceiptIDs {
+				r.flush()
+			}
+			r.release()
+		}()
 	}
 	if !c.claim(sender, id) {
 		// A duplicate: acknowledged again, not given again.
