@@ -909,6 +909,84 @@ func TestAPendingEventTooLargeForTheNextEdgeFailsAlone(t *testing.T) {
 	}
 }
 
+// An event accepted by an edge whose frame limit is larger than the
+// receiver's edge's is not delivered by that edge: its Deliver frame
+// would be longer than the receiver reads (this client would reconnect
+// and meet it again; relay.js would stop). The receiver's edge answers the
+// forward not delivered, the sender's edge stores it, and the receiver's
+// edge passes it by in the mailbox: the sender's next event arrives on
+// the same session, and the large one waits in the mailbox, delivered
+// once the device is on an edge that can. An ephemeral one is dropped.
+func TestAnEventTooLargeForTheReceiversEdgeWaitsInTheMailbox(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edges: 2, Edge: func(i int, cfg *server.Config) {
+		cfg.Session.Limits = session.DefaultLimits()
+		if i == 0 {
+			cfg.Session.Limits.MaxFrameBytes, cfg.Session.Limits.MaxPayloadBytes = 1<<20, 512<<10
+		}
+	}})
+	u := r.User("mismatched")
+	a, b := r.Device(u, "a"), r.Device(u, "b")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ca := r.Dial(0, a, client.QUIC)
+	lost := make(chan client.SessionLost, 16)
+	bcfg := r.ClientConfig(1, b, client.QUIC)
+	bcfg.OnSessionLost = func(l client.SessionLost) { lost <- l }
+	cb := dialWith(ctx, t, bcfg)
+	waitOnline(t, ca, b.ID)
+
+	large := bytes.Repeat([]byte("L"), 200<<10)
+	if err := ca.SendEphemeral(client.Message{ID: "large-ephemeral", Targets: []string{b.ID}, Payload: large}); err != nil {
+		t.Fatalf("send the large ephemeral event: %v", err)
+	}
+	for _, m := range []client.Message{
+		{ID: "large", Targets: []string{b.ID}, Payload: large},
+		{ID: "after", Targets: []string{b.ID}, Payload: []byte("after")},
+	} {
+		if err := ca.Send(ctx, m); err != nil {
+			t.Fatalf("send %s: %v", m.ID, err)
+		}
+	}
+	ev, err := cb.Receive(ctx)
+	if err != nil || ev.ID != "after" {
+		t.Fatalf("b on the edge with the smaller limit received %q (%v), want the event after the large one", ev.ID, err)
+	}
+	select {
+	case l := <-lost:
+		t.Fatalf("b lost its session: %+v", l)
+	default:
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		for _, c := range []struct{ name, label, value string }{
+			{"relay_edge_undeliverable_total", "source", "forward"},
+			{"relay_edge_undeliverable_total", "source", "mailbox"},
+			{"relay_edge_dropped_total", "reason", "too_large"},
+		} {
+			if got := relaytest.Counter(t, r.Edges[1], c.name, c.label, c.value); got != 1 {
+				return fmt.Errorf("%s{%s=%q} = %v, want 1", c.name, c.label, c.value, got)
+			}
+		}
+		return nil
+	})
+	if err := cb.Close(); err != nil {
+		t.Fatalf("close b: %v", err)
+	}
+
+	// On the sender's edge, whose limit took it, the large event is
+	// delivered from the mailbox, and only it: "after" was acknowledged.
+	cb = r.Dial(0, b, client.QUIC)
+	ev, err = cb.Receive(ctx)
+	if err != nil || ev.ID != "large" || !bytes.Equal(ev.Payload, large) {
+		t.Fatalf("b on the larger edge received %q of %d bytes (%v), want the large event", ev.ID, len(ev.Payload), err)
+	}
+	if err := ca.Send(ctx, client.Message{ID: "last", Targets: []string{b.ID}, Payload: []byte("last")}); err != nil {
+		t.Fatalf("send last: %v", err)
+	}
+	if ev, err = cb.Receive(ctx); err != nil || ev.ID != "last" {
+		t.Fatalf("b received %q (%v), want the last event", ev.ID, err)
+	}
+}
+
 // Sends whose events expired while the device was away fail alone, with
 // the EXPIRED *Error the edge would give, and are not sent again: the
 // edge would refuse each one for the device's fault, and a device back

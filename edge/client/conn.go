@@ -345,11 +345,6 @@ func (cn *conn) goodbye(linger context.Context) {
 
 const dialTimeout = 10 * time.Second
 
-// deliverSlack is how much longer than the edge's frame limit a frame
-// from the edge may be: a Deliver wraps a relayed event, which the edge
-// has given its sender's ids.
-const deliverSlack = 1 << 10
-
 // goodbyeTimeout bounds the Close frame's write, and any write still in
 // progress when the client closes.
 const goodbyeTimeout = time.Second
@@ -519,7 +514,7 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 				// little longer: the delivery's wrapping and the sender's
 				// ids. (No edge announces more than MaxFrameLimit.)
 				c.maxFrame.Store(int64(n))
-				read := max(frame.DefaultMaxFrame, n+deliverSlack)
+				read := max(frame.DefaultMaxFrame, n+frame.DeliverSlack)
 				cn.r.SetMax(read)
 				if ws, ok := cn.c.(interface{ SetMaxFrame(int) }); ok {
 					ws.SetMaxFrame(read)

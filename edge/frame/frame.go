@@ -31,6 +31,13 @@ const DefaultMaxFrame = 64 << 10
 // frames of any size.
 const MaxFrameLimit = 16 << 20
 
+// DeliverSlack is how much longer than the frame limit it announces a
+// frame from an edge may be: a Deliver wraps a relayed event, which the
+// edge has given its sender's ids. Clients read frames up to the limit
+// plus this; an edge sends no longer frame, and does not deliver an event
+// (relayed from an edge with a larger limit) that would make one.
+const DeliverSlack = 1 << 10
+
 // Error is a protocol violation, with the code the peer is told.
 type Error struct {
 	Code relayv1.ErrorCode

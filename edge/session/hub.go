@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 	"golang.org/x/time/rate"
@@ -263,6 +264,11 @@ type Hub struct {
 	beforeHandOff func(*Session)
 	traced        bool // a Tracer was configured: events get spans
 
+	// tooLarge counts the events not delivered for their size since the
+	// last warning, which tooLargeLog spaces (see undeliverable).
+	tooLarge    atomic.Int64
+	tooLargeLog rate.Sometimes
+
 	mu       sync.Mutex // guards the fields below
 	ended    []Activity // activity of sessions that ended since TakeActivity
 	draining bool
@@ -291,7 +297,7 @@ func NewHub(cfg Config) (*Hub, error) {
 	}
 	h := &Hub{cfg: cfg, seed: maphash.MakeSeed(), idle: make(chan struct{}), limits: cfg.Limits.Proto(),
 		dummyKey: dummy, replays: newReplayCache(cfg.MaxResumeProofs), started: time.UnixMilli(cfg.Now().UnixMilli()), traced: traced,
-		readBufs: frame.NewBufferPool(2 << 10)}
+		readBufs: frame.NewBufferPool(2 << 10), tooLargeLog: rate.Sometimes{Interval: time.Minute}}
 	h.drained, h.drain = context.WithCancel(context.Background())
 	for i := range h.shards {
 		h.shards[i].rooms = map[string]*room{}
@@ -300,6 +306,17 @@ func NewHub(cfg Config) (*Hub, error) {
 	}
 	h.addrs = newAddrLimiter(rate.Limit(cfg.HandshakesPerSecond), cfg.HandshakeBurst)
 	return h, nil
+}
+
+// undeliverable counts on c an event of size bytes not delivered because
+// it is not deliverable, and warns of it, at most once a minute.
+func (h *Hub) undeliverable(c prometheus.Counter, source string, size int) {
+	c.Inc()
+	h.tooLarge.Add(1)
+	h.tooLargeLog.Do(func() {
+		h.cfg.Logger.Warn("events larger than this edge's frame limit were not delivered: an edge with a larger limit accepted them (edges of one cluster should share their limits)",
+			"source", source, "event_bytes", size, "max_frame_bytes", h.cfg.Limits.MaxFrameBytes, "since_last_warning", h.tooLarge.Swap(0))
+	})
 }
 
 // Limits returns the limits sessions run under.

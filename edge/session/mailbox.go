@@ -398,6 +398,15 @@ func (s *Session) queueEntries(page MailboxPage, known, fence, blind uint64) boo
 		if len(m.held) > 0 {
 			s.releaseHeldAhead(e.GetSenderDeviceId(), seq)
 		}
+		if !s.hub.cfg.Limits.deliverable(len(e.GetEvent())) {
+			// Stored by an edge with a larger limit: delivered, it would
+			// end the session. It stays in the mailbox (not acknowledged)
+			// for an edge that can deliver it, or until it expires; what
+			// follows it is delivered.
+			s.hub.undeliverable(s.hub.cfg.Metrics.tooLargeMailbox, "mailbox", len(e.GetEvent()))
+			m.cursor = seq
+			continue
+		}
 		var claim *edgev1.EventClaim
 		if e.GetAnyOne() {
 			claim = &edgev1.EventClaim{SenderDeviceId: e.GetSenderDeviceId(), EventId: e.GetEventId(), ExpiresAtMs: e.GetExpiresAtMs()}

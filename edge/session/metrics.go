@@ -17,6 +17,7 @@ type Metrics struct {
 	rejects       *prometheus.CounterVec
 	deliveries    *prometheus.CounterVec
 	dropped       *prometheus.CounterVec
+	undeliverable *prometheus.CounterVec
 	ackLatency    prometheus.Histogram
 	handshakeTime prometheus.Histogram
 
@@ -27,6 +28,8 @@ type Metrics struct {
 	deliveredDurable, deliveredEphemeral prometheus.Counter
 	droppedQueueFull                     prometheus.Counter
 	droppedRate, droppedNotEphemeral     prometheus.Counter
+	droppedTooLarge                      prometheus.Counter
+	tooLargeForward, tooLargeMailbox     prometheus.Counter
 	paced                                prometheus.Counter
 }
 
@@ -53,8 +56,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "relay_edge_deliveries_total", Help: "Events queued to receiving devices on this edge.",
 		}, []string{"kind"}),
 		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "relay_edge_dropped_total", Help: "Ephemeral events dropped, by reason: queue_full (the receiver's queue was full), rate_limited (a datagram above the sender's rate), not_ephemeral (a datagram that did not carry an ephemeral event).",
+			Name: "relay_edge_dropped_total", Help: "Ephemeral events dropped, by reason: queue_full (the receiver's queue was full), rate_limited (a datagram above the sender's rate), not_ephemeral (a datagram that did not carry an ephemeral event), too_large (relayed by an edge with a larger frame limit: see relay_edge_undeliverable_total).",
 		}, []string{"reason"}),
+		undeliverable: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_edge_undeliverable_total", Help: "Durable events this edge did not deliver because their Deliver frame would exceed the frame limit its devices read (max_frame_bytes plus 1 KiB): accepted by an edge with a larger limit. By source: forward (answered not delivered: the sending edge stores it in the mailbox) or mailbox (left there, skipped, until it expires or an edge with a larger limit delivers it). Edges of one cluster should share their limits.",
+		}, []string{"source"}),
 		ackLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "relay_edge_ack_seconds",
 			Help:    "From an event's arrival at the edge to its sender's Ack (every target received it).",
@@ -70,7 +76,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.rejects, m.deliveries, m.dropped, m.ackLatency, m.handshakeTime, m.paced)
+		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.rejects, m.deliveries, m.dropped, m.undeliverable, m.ackLatency, m.handshakeTime, m.paced)
 	}
 	m.accepted = m.events.WithLabelValues("accepted")
 	m.duplicate = m.events.WithLabelValues("duplicate")
@@ -86,6 +92,9 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m.droppedQueueFull = m.dropped.WithLabelValues("queue_full")
 	m.droppedRate = m.dropped.WithLabelValues("rate_limited")
 	m.droppedNotEphemeral = m.dropped.WithLabelValues("not_ephemeral")
+	m.droppedTooLarge = m.dropped.WithLabelValues("too_large")
+	m.tooLargeForward = m.undeliverable.WithLabelValues("forward")
+	m.tooLargeMailbox = m.undeliverable.WithLabelValues("mailbox")
 	return m
 }
 

@@ -271,6 +271,20 @@ func (h *Hub) DeliverForwarded(fw *edgev1.Forward, report func(edgev1.ForwardOut
 		}
 		return
 	}
+	if !h.cfg.Limits.deliverable(len(fw.GetEvent())) {
+		// Accepted by an edge with a larger limit. Durable, it goes back
+		// to be stored, as for a device not here: an edge that can
+		// deliver it will, and this one passes it by in the mailbox
+		// (queueEntries); the sender's later events are held behind it
+		// until then, as after any NOT_DELIVERED.
+		if report == nil {
+			h.undeliverable(h.cfg.Metrics.droppedTooLarge, "forward", len(fw.GetEvent()))
+			return
+		}
+		h.undeliverable(h.cfg.Metrics.tooLargeForward, "forward", len(fw.GetEvent()))
+		report(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+		return
+	}
 	d := ss[0]
 	if report == nil {
 		if d.out.offer(fw.GetEvent(), false, true, nil) == queueFull {

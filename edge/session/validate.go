@@ -104,6 +104,17 @@ func (l Limits) LargestEvent() int {
 	return min(fields, framed)
 }
 
+// deliverable reports whether an event of n bytes fits the Deliver frame
+// devices under these limits read: up to the frame limit plus
+// frame.DeliverSlack. An event accepted under them always does (its frame
+// was within the limit, and the edge added no more than its sender's id);
+// one accepted by an edge with a larger limit may not, and would end the
+// device's session (relay.js stops for good; the Go client reconnects and
+// meets the event again, until it expires).
+func (l Limits) deliverable(n int) bool {
+	return deliverBodySize(n, math.MaxUint64) <= l.MaxFrameBytes+frame.DeliverSlack
+}
+
 // Proto returns the limits as announced to the client.
 func (l Limits) Proto() *relayv1.Limits {
 	return &relayv1.Limits{

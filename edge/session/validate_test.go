@@ -145,6 +145,29 @@ func TestLargestEvent(t *testing.T) {
 	}
 }
 
+// An edge delivers whatever it accepts: its largest event fits the
+// Deliver frame its devices read (the frame limit plus frame.DeliverSlack),
+// at any frame limit; and one byte more than that frame holds is not
+// deliverable.
+func TestAnEdgeDeliversWhatItAccepts(t *testing.T) {
+	for _, limit := range []int{512, 16 << 10, 64 << 10, 1 << 20, frame.MaxFrameLimit} {
+		l := DefaultLimits()
+		l.MaxFrameBytes = limit
+		if n := l.LargestEvent(); !l.deliverable(n) {
+			t.Errorf("frame limit %d: the largest event (%d bytes) is not deliverable", limit, n)
+		}
+		read := limit + frame.DeliverSlack
+		n := read
+		for len(appendDeliverBody(nil, make([]byte, n), math.MaxUint64)) > read {
+			n--
+		}
+		if !l.deliverable(n) || l.deliverable(n+1) {
+			t.Errorf("frame limit %d: deliverable(%d) %v, deliverable(%d) %v; the longest that fits a %d-byte read is %d",
+				limit, n, l.deliverable(n), n+1, l.deliverable(n+1), read, n)
+		}
+	}
+}
+
 // checkExpiry asserts the properties of an accepted event's expiry: after
 // now, no later than now + MaxTTL + SkewTolerance, and equal to the
 // reference computed with unbounded integers (so no overflow can make
