@@ -345,6 +345,23 @@ func (cn *conn) goodbye(linger context.Context) {
 
 const dialTimeout = 10 * time.Second
 
+// Bounds on the time a frame from the edge may take from its first byte
+// to its last: the Welcome's frame_timeout_ms, defaultFrameTimeout when
+// it has none, and never less than minFrameTimeout (a Welcome of a few
+// milliseconds would fail every frame that comes in two packets).
+const (
+	defaultFrameTimeout = 10 * time.Second
+	minFrameTimeout     = 100 * time.Millisecond
+)
+
+// frameTimeout is the bound on a frame from an edge whose Welcome gave ms.
+func frameTimeout(ms int64) time.Duration {
+	if ms <= 0 {
+		return defaultFrameTimeout
+	}
+	return max(time.Duration(min(ms, int64(time.Hour/time.Millisecond)))*time.Millisecond, minFrameTimeout)
+}
+
 // goodbyeTimeout bounds the Close frame's write, and any write still in
 // progress when the client closes.
 const goodbyeTimeout = time.Second
@@ -520,6 +537,12 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 					ws.SetMaxFrame(read)
 				}
 			}
+			// The edge gives a device's frame FrameTimeoutMs from its
+			// first byte to its last; the client gives the edge's the
+			// same, so an edge (or a middlebox) that stalls inside a
+			// frame while the connection stays alive does not hold the
+			// reader for good.
+			cn.r.SetFrameTimeout(frameTimeout(w.GetLimits().GetFrameTimeoutMs()))
 			c.mu.Lock()
 			if len(w.GetResumeTicket()) > 0 {
 				c.ticket = w.GetResumeTicket()

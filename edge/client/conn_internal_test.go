@@ -9,6 +9,7 @@ import (
 	"hash/maphash"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"runtime"
 	"slices"
@@ -971,6 +972,38 @@ func (p pipeConn) Close(relayv1.ErrorCode, string) error         { return p.Conn
 func (p pipeConn) Abort(relayv1.ErrorCode, string) error         { return p.Conn.Close() }
 func (pipeConn) Transport() string                               { return "pipe" }
 
+// pipeClient returns a client (with an application channel of buffer
+// events) and its connection over a net.Pipe, and the pipe's edge end,
+// both closed when the test ends.
+func pipeClient(t *testing.T, buffer int) (*Client, *conn, net.Conn) {
+	t.Helper()
+	cli, edge := net.Pipe()
+	t.Cleanup(func() { cli.Close(); edge.Close() })
+	_, key, _ := ed25519.GenerateKey(nil)
+	c := readerClient(buffer)
+	c.cfg.UserID, c.cfg.DeviceID, c.cfg.Key = "u", "d", key
+	return c, &conn{c: pipeConn{cli}, r: frame.NewReader(cli, 0), w: frame.NewWriter(cli, 0), ctlWake: make(chan struct{}, 1)}, edge
+}
+
+// fakeEdgeHandshake plays an edge's part in a full handshake on edge: it
+// reads the Hello, answers with a Challenge whose clock is ahead of this
+// one's, reads the Authenticate and answers with welcome.
+func fakeEdgeHandshake(edge net.Conn, ahead time.Duration, welcome *relayv1.Welcome) error {
+	r, w := frame.NewReader(edge, 0), frame.NewWriter(edge, 0)
+	var f relayv1.Frame
+	if err := r.Read(&f); err != nil || f.GetHello() == nil {
+		return fmt.Errorf("hello: %v %v", &f, err)
+	}
+	if err := w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Challenge{Challenge: &relayv1.Challenge{
+		Nonce: make([]byte, 32), EdgeId: "e", ServerTimeMs: time.Now().Add(ahead).UnixMilli()}}}); err != nil {
+		return err
+	}
+	if err := r.Read(&f); err != nil || f.GetAuthenticate() == nil {
+		return fmt.Errorf("authenticate: %v %v", &f, err)
+	}
+	return w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Welcome{Welcome: welcome}})
+}
+
 // In a full handshake the client learns the edge's clock from the
 // Challenge, which answers its Hello at once, not from the Welcome, which
 // comes after the signature's round trip and the edge's work. Here the
@@ -978,31 +1011,10 @@ func (pipeConn) Transport() string                               { return "pipe"
 // worked that long): the offset is the Challenge's, ten minutes.
 func TestClockOffsetFromTheChallenge(t *testing.T) {
 	const ahead = 10 * time.Minute
-	cli, edge := net.Pipe()
-	defer cli.Close()
-	defer edge.Close()
-	_, key, _ := ed25519.GenerateKey(nil)
-	c := readerClient(1)
-	c.cfg.UserID, c.cfg.DeviceID, c.cfg.Key = "u", "d", key
-	cn := &conn{c: pipeConn{cli}, r: frame.NewReader(cli, 0), w: frame.NewWriter(cli, 0)}
+	c, cn, edge := pipeClient(t, 1)
 	edgeDone := make(chan error, 1)
 	go func() {
-		edgeDone <- func() error {
-			r, w := frame.NewReader(edge, 0), frame.NewWriter(edge, 0)
-			var f relayv1.Frame
-			if err := r.Read(&f); err != nil || f.GetHello() == nil {
-				return fmt.Errorf("hello: %v %v", &f, err)
-			}
-			if err := w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Challenge{Challenge: &relayv1.Challenge{
-				Nonce: make([]byte, 32), EdgeId: "e", ServerTimeMs: time.Now().Add(ahead).UnixMilli()}}}); err != nil {
-				return err
-			}
-			if err := r.Read(&f); err != nil || f.GetAuthenticate() == nil {
-				return fmt.Errorf("authenticate: %v %v", &f, err)
-			}
-			return w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Welcome{Welcome: &relayv1.Welcome{
-				SessionId: "s", ServerTimeMs: time.Now().Add(ahead + time.Hour).UnixMilli()}}})
-		}()
+		edgeDone <- fakeEdgeHandshake(edge, ahead, &relayv1.Welcome{SessionId: "s", ServerTimeMs: time.Now().Add(ahead + time.Hour).UnixMilli()})
 	}()
 	if err := c.handshake(t.Context(), cn); err != nil {
 		t.Fatal(err)
@@ -1012,6 +1024,59 @@ func TestClockOffsetFromTheChallenge(t *testing.T) {
 	}
 	if off := c.ClockOffset(); off < ahead-time.Minute || off > ahead+time.Minute {
 		t.Fatalf("offset %v, want about %v (the Challenge's)", off, ahead)
+	}
+}
+
+// The reader holds the edge to the frame timeout its Welcome announced,
+// the bound the edge holds the device's frames to: an edge (or a
+// middlebox) that stalls inside a frame while the connection stays up
+// ends the session with TIMEOUT, and the client reconnects, instead of
+// waiting for the rest for good. The frames before it are read.
+func TestAFrameTheEdgeStallsInTimesOut(t *testing.T) {
+	c, cn, edge := pipeClient(t, 4)
+	stream := deliveries(t, 2, 1)
+	edgeDone := make(chan error, 1)
+	go func() {
+		edgeDone <- func() error {
+			if err := fakeEdgeHandshake(edge, 0, &relayv1.Welcome{SessionId: "s", ServerTimeMs: time.Now().UnixMilli(),
+				Limits: &relayv1.Limits{FrameTimeoutMs: 200}}); err != nil {
+				return err
+			}
+			// One delivery whole, then all but the end of the next.
+			_, err := edge.Write(stream[:len(stream)-3])
+			return err
+		}()
+	}()
+	if err := c.handshake(t.Context(), cn); err != nil {
+		t.Fatal(err)
+	}
+	read := make(chan error, 1)
+	go func() { read <- c.readStream(t.Context(), cn) }()
+	if err := <-edgeDone; err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-read:
+		if !errors.Is(err, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT}) {
+			t.Fatalf("the reader ended with %v, want a frame TIMEOUT", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the reader still waits for the rest of the frame after 30 s; the Welcome gave 200 ms")
+	}
+	if ev := <-c.events; ev.ID != "e1" {
+		t.Fatalf("the application got %q, want the whole delivery e1", ev.ID)
+	}
+}
+
+// frameTimeout takes the Welcome's bound, within reason.
+func TestFrameTimeoutFromTheWelcome(t *testing.T) {
+	for ms, want := range map[int64]time.Duration{
+		0: defaultFrameTimeout, -5: defaultFrameTimeout, 1: minFrameTimeout, 2500: 2500 * time.Millisecond,
+		math.MaxInt64: time.Hour,
+	} {
+		if got := frameTimeout(ms); got != want {
+			t.Errorf("frame_timeout_ms %d: %v, want %v", ms, got, want)
+		}
 	}
 }
 

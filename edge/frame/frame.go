@@ -126,7 +126,8 @@ type ReaderConfig struct {
 // FrameTimeout of its first byte.
 type Reader struct {
 	r        *bufReader
-	dl       Deadliner // nil: the stream has no deadlines
+	src      Deadliner // the stream's deadlines, if it has them
+	dl       Deadliner // src while a FrameTimeout is set, else nil
 	max      int
 	timeout  time.Duration
 	idle     time.Time // the deadline between frames (zero: none)
@@ -154,10 +155,21 @@ func NewReaderConfig(r io.Reader, cfg ReaderConfig) *Reader {
 		cfg.BufSize = 16 << 10
 	}
 	rd := &Reader{r: newBufReader(r, cfg.BufSize, cfg.Pool), max: cfg.Max}
-	if d, ok := r.(Deadliner); ok && cfg.FrameTimeout > 0 {
-		rd.dl, rd.timeout = d, cfg.FrameTimeout
-	}
+	rd.src, _ = r.(Deadliner)
+	rd.SetFrameTimeout(cfg.FrameTimeout)
 	return rd
+}
+
+// SetFrameTimeout changes FrameTimeout from the next frame on (0: no
+// bound): a client learns the bound its edge holds frames to only from
+// the handshake's last frame. Not safe to call while a read is in
+// progress.
+func (r *Reader) SetFrameTimeout(d time.Duration) {
+	if r.src == nil || d <= 0 {
+		r.dl, r.timeout = nil, 0
+		return
+	}
+	r.dl, r.timeout = r.src, d
 }
 
 // SetMax changes the longest frame the reader accepts, from the next

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"slices"
 	"testing"
 	"time"
 
@@ -239,6 +240,22 @@ func TestReaderDeadlines(t *testing.T) {
 		}
 		if r.LastSize() != len(whole) {
 			t.Fatalf("LastSize %d, want %d", r.LastSize(), len(whole))
+		}
+	})
+	t.Run("a timeout set after the first frame", func(t *testing.T) {
+		// As a client does once the Welcome gave the edge's bound: the
+		// first frame is read without one, the next times out.
+		a, peer := net.Pipe()
+		t.Cleanup(func() { a.Close(); peer.Close() })
+		r := NewReaderConfig(a, ReaderConfig{Max: 1 << 20, BufSize: 64})
+		write(peer, append(slices.Clone(whole), whole[:len(whole)/2]...))
+		var f relayv1.Frame
+		if err := r.Read(&f); err != nil {
+			t.Fatalf("first frame: %v", err)
+		}
+		r.SetFrameTimeout(200 * time.Millisecond)
+		if err := r.Read(&f); !errors.Is(err, &Error{Code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT}) {
+			t.Fatalf("second frame: %v, want a TIMEOUT error", err)
 		}
 	})
 	t.Run("idle between frames is not a frame timeout", func(t *testing.T) {

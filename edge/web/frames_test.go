@@ -84,6 +84,29 @@ func TestRelayJSReadsFramesWithinTheEdgesLimit(t *testing.T) {
 		out.tooLarge = await readAll(tooLarge) + " after " + tooLarge.pulls + " chunks";
 		out.unending = await readAll(reading([new Uint8Array(11).fill(0x80)], 80000));
 		out.cutShort = await readAll(reading([frame(3, 1), frame(300, 2).subarray(0, 100)], 80000));
+		// A stream that gives its chunks, each after a pause, then stays
+		// open and silent (or ends), read with a frame timeout.
+		const pausing = (chunks, pauseMs, timeoutMs, end = false) => {
+			let i = 0;
+			const stream = new ReadableStream({
+				pull(c) {
+					if (i >= chunks.length) {
+						if (end) { c.close(); return; }
+						return new Promise(() => {}); // silent, not ended
+					}
+					const chunk = chunks[i++];
+					return new Promise((done) => setTimeout(() => { c.enqueue(chunk); done(); }, pauseMs));
+				},
+			}, { highWaterMark: 0 });
+			return { r: new m.FrameReader(stream.getReader(), 80000, timeoutMs) };
+		};
+		const f300 = frame(300, 2);
+		out.stalled = await readAll(pausing([frame(3, 1), f300.subarray(0, 100)], 0, 200));
+		out.stalledInPrefix = await readAll(pausing([Uint8Array.of(0x80)], 0, 200));
+		// Three pieces 50 ms apart, within a bound of 10 s: read; the
+		// frame before it, with the silence before its first byte, too.
+		out.slowWithin = await readAll(pausing([frame(3, 1), f300.subarray(0, 1), f300.subarray(1, 100), f300.subarray(100)], 50, 10000, true));
+		out.bounds = [0, -1, 1, 2500, 1e12].map((ms) => m.frameTimeoutMs(ms)).join(",");
 		return out;
 	})()`)
 	want := map[string]string{
@@ -93,6 +116,12 @@ func TestRelayJSReadsFramesWithinTheEdgesLimit(t *testing.T) {
 		"tooLarge":   fmt.Sprintf("RelayError %d after 1 chunks", relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE),
 		"unending":   fmt.Sprintf("RelayError %d", relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME),
 		"cutShort":   "3:1-1,end",
+		// A frame the edge stalls in fails TIMEOUT after the frames before
+		// it; one that comes slowly within the bound is read.
+		"stalled":         fmt.Sprintf("3:1-1,RelayError %d", relayv1.ErrorCode_ERROR_CODE_TIMEOUT),
+		"stalledInPrefix": fmt.Sprintf("RelayError %d", relayv1.ErrorCode_ERROR_CODE_TIMEOUT),
+		"slowWithin":      "3:1-1,300:2-2,end",
+		"bounds":          "10000,10000,100,2500,3600000",
 	}
 	for k, w := range want {
 		if got[k] != w {

@@ -207,6 +207,9 @@ interface Conn {
    * (a WebSocket's messages are whole when they come: no limit of its
    * own). */
   limitFrames?(limit: number): void;
+  /** A frame from the edge must be whole within ms of its first byte
+   * (WebTransport; a WebSocket's messages come whole). */
+  timeFrames?(ms: number): void;
   close(code?: number, reason?: string): void;
   /** Ends the connection here and now, whatever the edge does: next()
    * returns null at once (a pending one too), closeReason() is why, and
@@ -331,20 +334,38 @@ function readLimit(limit: number): number {
   return Math.max(DEFAULT_MAX_FRAME_BYTES, Math.min(limit, MAX_FRAME_LIMIT)) + DELIVER_SLACK;
 }
 
+/** The bound on a frame from an edge whose Welcome gave ms (the Go
+ * client's frameTimeout): ms, 10 s when it gave none, never under 100 ms
+ * (a Welcome of a few milliseconds would fail every frame that comes in
+ * two packets) or above an hour. */
+export function frameTimeoutMs(ms: number): number {
+  if (!(ms > 0)) return 10_000;
+  return Math.min(Math.max(ms, 100), 3_600_000);
+}
+
 /** Reads frames (a varint length, then that many bytes of body) from a
  * stream. A frame longer than max is refused from its length, before its
  * body is buffered (RelayError FRAME_TOO_LARGE), and a length that does
- * not end within 10 bytes is malformed (MALFORMED_FRAME). The chunks of a
+ * not end within 10 bytes is malformed (MALFORMED_FRAME). A frame that is
+ * not whole within timeoutMs of its first byte (when set) is refused
+ * (TIMEOUT): an edge, or a middlebox, that stalls inside a frame while the
+ * connection stays up does not hold the reader for good. The chunks of a
  * frame are joined once it is whole: one copy per frame, however many
  * packets brought it. Exported for tests. */
 export class FrameReader {
   private buf = new Uint8Array(0);
   private chunks: Uint8Array[] = [];
   private chunked = 0; // bytes in chunks, after buf
+  /** When the first byte of the frame under way came (0: none under way). */
+  private started = 0;
   constructor(
     private reader: ReadableStreamDefaultReader<Uint8Array>,
     /** The longest frame body accepted. */
     public max = readLimit(DEFAULT_MAX_FRAME_BYTES),
+    /** How long a frame may take from its first byte to its last (ms; 0:
+     * no bound): the Welcome's frame_timeout_ms, the bound the edge holds
+     * the page's frames to. */
+    public timeoutMs = 0,
   ) {}
 
   /** The header of the first frame in buf: [body start, body length], or
@@ -395,15 +416,33 @@ export class FrameReader {
         this.gather();
         const body = this.buf.slice(h[0], h[0] + h[1]);
         this.buf = this.buf.subarray(h[0] + h[1]);
+        // The next frame's first bytes, if any, came with this one's.
+        this.started = this.buf.length > 0 ? Date.now() : 0;
         return body;
       }
-      const { value, done } = await this.reader.read();
+      const { value, done } = await this.read();
       if (done) return null;
       if (value.length > 0) {
+        if (this.started === 0) this.started = Date.now();
         this.chunks.push(value);
         this.chunked += value.length;
       }
     }
+  }
+
+  /** The stream's next chunk, within what is left of the frame timeout
+   * when a frame is under way. */
+  private read(): Promise<ReadableStreamReadResult<Uint8Array>> {
+    const read = this.reader.read();
+    if (this.started === 0 || !(this.timeoutMs > 0)) return read;
+    const left = this.started + this.timeoutMs - Date.now();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new RelayError(ErrorCode.TIMEOUT,
+        `a frame from the edge was not whole within ${this.timeoutMs} ms of its first byte`)), Math.max(left, 0));
+    });
+    read.catch(() => {}); // outrun by the timeout, it ends with the session
+    return Promise.race([read, late]).finally(() => clearTimeout(timer));
   }
 }
 
@@ -478,6 +517,7 @@ async function dialWebTransport(opts: RelayOptions, hashes: Uint8Array[] | undef
     }),
     buffered: () => reader.buffered(),
     limitFrames: (limit) => { reader.max = readLimit(limit); },
+    timeFrames: (ms) => { reader.timeoutMs = ms; },
     close: (code, msg) => { try { wt.close({ closeCode: code ?? 0, reason: msg ?? "" }); } catch { /* closed */ } },
     goodbye: (body) => {
       const end = () => { try { wt.close({ closeCode: 0, reason: "" }); } catch { /* closed */ } };
@@ -1246,6 +1286,7 @@ export class RelayClient extends EventTarget {
             this.maxFrameBytes = Math.min(w.limits.maxFrameBytes, MAX_FRAME_LIMIT);
             c.limitFrames?.(this.maxFrameBytes);
           }
+          c.timeFrames?.(frameTimeoutMs(Number(w.limits?.frameTimeoutMs ?? 0n)));
           this.sessionId = w.sessionId;
           c.hello = hello;
           return;
