@@ -152,8 +152,46 @@ func CheckRecord(key, value []byte) error {
 		return fmt.Errorf("%w: applied index record of %d bytes, want 16", state.ErrCorrupt, len(value))
 	case bytes.Equal(key, keyHistory) && len(value) > MaxHistoryLen:
 		return fmt.Errorf("%w: history id of %d bytes, at most %d", state.ErrCorrupt, len(value), MaxHistoryLen)
+	// Records apply and the change feed read by their layout, on every
+	// replica alike: a malformed one would fail (or panic) each of them
+	// at the same entry, again at every replay.
+	case bytes.Equal(key, keyHorizon) && len(value) != 8:
+		return fmt.Errorf("%w: change feed horizon record of %d bytes, want 8", state.ErrCorrupt, len(value))
+	case bytes.HasPrefix(key, prefixMailDedup) && len(value) != 8:
+		return fmt.Errorf("%w: mailbox dedup record %q of %d bytes, want 8", state.ErrCorrupt, key, len(value))
+	case bytes.HasPrefix(key, prefixMailExpiry) && !validKey(parseMailExpiryKey(key)):
+		return fmt.Errorf("%w: malformed mailbox expiry key %q", state.ErrCorrupt, key)
+	case bytes.HasPrefix(key, prefixClaimExpiry) && !validClaimExpiryKey(key):
+		return fmt.Errorf("%w: malformed claim expiry key %q", state.ErrCorrupt, key)
+	case bytes.HasPrefix(key, prefixEventIndex) && !validEventIndexKey(key):
+		return fmt.Errorf("%w: malformed event index key %q", state.ErrCorrupt, key)
 	}
 	return nil
+}
+
+// validKey takes a key parser's results and reports whether it parsed.
+func validKey(_ string, _ uint64, ok bool) bool { return ok }
+
+func validClaimExpiryKey(k []byte) bool {
+	_, ok := parseClaimExpiryKey(k)
+	return ok
+}
+
+// validEventIndexKey reports whether k is an event index record's key:
+// the event (sender, 0, the id's length, the id), then a device id, 0
+// and a seq.
+func validEventIndexKey(k []byte) bool {
+	rest := k[len(prefixEventIndex):]
+	i := bytes.IndexByte(rest, 0)
+	if i < 0 || i+1 >= len(rest) {
+		return false
+	}
+	n := int(rest[i+1])
+	if i+2+n > len(rest) {
+		return false
+	}
+	_, _, ok := parseEventIndexKey(k, k[:len(prefixEventIndex)+i+2+n])
+	return ok
 }
 
 // MaxHistoryLen bounds a history id (the ones drawn are 32 bytes).

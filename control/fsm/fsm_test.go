@@ -776,6 +776,34 @@ func TestRestoreChecksRecordsBeforeIngesting(t *testing.T) {
 	if err := CheckRecord(keyHistory, make([]byte, MaxHistoryLen+1)); !errors.Is(err, state.ErrCorrupt) {
 		t.Fatalf("an oversized history id: %v", err)
 	}
+	// The records apply and the change feed read by their layout: each
+	// as written is taken, a malformed one refused as corrupt. (A short
+	// horizon made every watch panic; a malformed expiry key, every
+	// replica fail the same expiry command, again at every replay.)
+	seq := binary.BigEndian.AppendUint64(nil, 3)
+	for _, tc := range []struct {
+		what       string
+		key, value []byte
+		ok         bool
+	}{
+		{"horizon", keyHorizon, seq, true},
+		{"short horizon", keyHorizon, []byte{1, 2, 3}, false},
+		{"dedup record", mailDedupKey("d", "s", "e"), seq, true},
+		{"short dedup record", mailDedupKey("d", "s", "e"), []byte{1}, false},
+		{"mailbox expiry key", mailExpiryKey(5, "d", 3), nil, true},
+		{"short mailbox expiry key", append(slices.Clone(prefixMailExpiry), 1, 2, 3), nil, false},
+		{"claim expiry key", claimExpiryKey(5, "s", "e"), nil, true},
+		{"short claim expiry key", append(slices.Clone(prefixClaimExpiry), 1), nil, false},
+		{"event index key", eventIndexKey("s", "e", "d", 3), nil, true},
+		{"event index key without its seq", eventIndexPrefix("s", "e"), nil, false},
+		{"event index key whose id runs past it", append(slices.Clone(prefixEventIndex), 's', 0, 200, 'e'), nil, false},
+		{"event index key without its event", append(slices.Clone(prefixEventIndex), 's'), nil, false},
+	} {
+		err := CheckRecord(tc.key, tc.value)
+		if tc.ok && err != nil || !tc.ok && !errors.Is(err, state.ErrCorrupt) {
+			t.Errorf("%s: %v", tc.what, err)
+		}
+	}
 	// The state's format: this release's is taken, a newer one refused
 	// as such, a malformed record as corrupt.
 	format := func(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }

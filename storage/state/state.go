@@ -314,8 +314,11 @@ func iterate(r pebble.Reader, start, end []byte, fn func(key, value []byte) (boo
 	for ok := it.First(); ok; ok = it.Next() {
 		v, err := it.ValueAndErr()
 		if err != nil {
+			// The key before Close: Close gives the iterator's memory back
+			// to Pebble's pool.
+			err = fmt.Errorf("read value of %q: %w", it.Key(), err)
 			_ = it.Close()
-			return fmt.Errorf("read value of %q: %w", it.Key(), err)
+			return err
 		}
 		more, err := fn(it.Key(), v)
 		if err != nil {
