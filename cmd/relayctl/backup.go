@@ -209,7 +209,7 @@ func (a *app) backup(ctx context.Context, dst string, key *backup.Key, stale boo
 		sctx, cancel := context.WithCancel(ctx)
 		defer cancel()
 		var err error
-		info, err = backup.WriteFile(dst, key, func(w io.Writer) error {
+		info, err = backup.WriteFile(sctx, dst, key, func(w io.Writer) error {
 			stream, err := a.clusterClient(base).Backup(sctx, connect.NewRequest(&controlv1.BackupRequest{Stale: stale}))
 			if err != nil {
 				return err

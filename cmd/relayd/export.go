@@ -50,7 +50,7 @@ func runExportState(ctx context.Context, args []string, stdout, stderr io.Writer
 		return fmt.Errorf("%w (is the node stopped?)", err)
 	}
 	defer st.Close()
-	info, err := backup.WriteFile(fs.Arg(0), key, func(w io.Writer) error {
+	info, err := backup.WriteFile(ctx, fs.Arg(0), key, func(w io.Writer) error {
 		snap := st.Snapshot()
 		defer snap.Close()
 		_, err := state.ExportContext(ctx, w, snap)

@@ -308,7 +308,7 @@ func (s *Scheduler) Backup(ctx context.Context) (Result, error) {
 // write writes the source's export as the backup of start (WriteFile).
 func (s *Scheduler) write(ctx context.Context, start time.Time) (Result, error) {
 	f := File{Path: filepath.Join(s.cfg.Dir, FileName(start, s.cfg.Key != nil)), Time: start, Encrypted: s.cfg.Key != nil}
-	info, err := WriteFile(f.Path, s.cfg.Key, func(w io.Writer) error {
+	info, err := WriteFile(ctx, f.Path, s.cfg.Key, func(w io.Writer) error {
 		if err := s.cfg.Source(ctx, w); err != nil {
 			return fmt.Errorf("read state: %w", err)
 		}
@@ -327,8 +327,10 @@ func (s *Scheduler) write(ctx context.Context, start time.Time) (Result, error) 
 // checksum, and that the plaintext is the one written), and only then
 // renamed to path, with the directory synced after. On error the
 // temporary file is removed and path is untouched. The scheduler and
-// `relayctl backup` both write through it.
-func WriteFile(path string, key *Key, write func(io.Writer) error) (info Info, err error) {
+// `relayctl backup` both write through it. ctx ends the read-back too
+// (a shutdown does not wait for the whole file to be read again); write
+// must watch it itself.
+func WriteFile(ctx context.Context, path string, key *Key, write func(io.Writer) error) (info Info, err error) {
 	dir := filepath.Dir(path)
 	tmp, err := os.CreateTemp(dir, tmpPattern)
 	if err != nil {
@@ -357,7 +359,7 @@ func WriteFile(path string, key *Key, write func(io.Writer) error) (info Info, e
 	if err := tmp.Close(); err != nil {
 		return info, fmt.Errorf("backup: %w", err)
 	}
-	info, err = VerifyFile(tmp.Name(), key)
+	info, err = verifyFile(ctx, tmp.Name(), key)
 	if err != nil {
 		return info, fmt.Errorf("backup: written file does not verify: %w", err)
 	}

@@ -455,6 +455,36 @@ func TestCloseCancelsBackupInProgress(t *testing.T) {
 	}
 }
 
+// A backup whose context ends once its export is written stops in the
+// read-back, which reads the whole file again: a node that stops does not
+// wait for it. Nothing is left, and the backup is not renamed into place.
+func TestWriteFileStopsItsReadBackWithItsContext(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "b.relaybackup")
+	export := exportOf(t, newState(7, 100))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	_, err := backup.WriteFile(ctx, path, nil, func(w io.Writer) error {
+		_, err := w.Write(export)
+		cancel() // the node stops while the file is read back
+		return err
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("WriteFile: %v, want the context's cancellation", err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("a backup stopped in its read-back left %v", ents)
+	}
+	// The same export with a live context is written and verified.
+	info, err := backup.WriteFile(context.Background(), path, nil, func(w io.Writer) error {
+		_, err := w.Write(export)
+		return err
+	})
+	if err != nil || info.AppliedIndex != 7 {
+		t.Fatalf("WriteFile: %+v, %v", info, err)
+	}
+}
+
 // A node whose clock was a day ahead (then stepped back by NTP) named its
 // backups in the future. Started again, it does not take them for fresh:
 // the schedule writes a backup at once rather than once the clock passes

@@ -1,6 +1,7 @@
 package backup
 
 import (
+	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -76,16 +77,34 @@ func Verify(r io.Reader, k *Key) (Info, error) {
 
 // VerifyFile verifies the backup file at path (see Verify).
 func VerifyFile(path string, k *Key) (Info, error) {
+	return verifyFile(context.Background(), path, k)
+}
+
+// verifyFile is VerifyFile, stopped (with ctx's error) once ctx ends.
+func verifyFile(ctx context.Context, path string, k *Key) (Info, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return Info{}, fmt.Errorf("verify backup: %w", err)
 	}
 	defer f.Close()
-	info, err := Verify(f, k)
+	info, err := Verify(ctxReader{ctx, f}, k)
 	if err != nil {
 		return info, fmt.Errorf("%s: %w", path, err)
 	}
 	return info, nil
+}
+
+// ctxReader fails its reads once ctx ends.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
 }
 
 // OpenFile opens a backup file for restoring: the returned reader yields
