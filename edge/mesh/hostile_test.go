@@ -473,3 +473,53 @@ func TestAPeerStalledInsideAFrameLosesItsLink(t *testing.T) {
 	}
 	_ = again.CloseWithError(0, "")
 }
+
+// A peer's link that is replaced (the peer's address or key changed)
+// is followed by one that comes up only once the old one answered what
+// it held. A forward the peer never answered on the old link is answered
+// NOT_DELIVERED there, and its sender's edge stores it; up before that,
+// the new link would carry the same sender's later events to the peer,
+// which would deliver them live ahead of it. Meanwhile forwards are
+// answered NOT_DELIVERED at once; after, they reach the peer.
+func TestAReplacedLinkAnswersWhatItHeldBeforeTheNextCarriesAny(t *testing.T) {
+	ca := newTestCA(t)
+	stuck := &stuckLocal{release: make(chan struct{})}
+	defer close(stuck.release) // before the meshes close (cleanups run after)
+	b1 := startMeshWith(t, ca, "edge-b", stuck, nil)
+	lb2 := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED}
+	b2 := startMeshWith(t, ca, "edge-b", lb2, nil)
+	a := startMesh(t, ca, "edge-a", &fakeLocal{})
+	for _, b := range []*Mesh{b1, b2} {
+		b.SetMembers([]Member{{ID: "edge-a", MeshAddr: a.Addr().String()}})
+	}
+	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: b1.Addr().String()}})
+	waitFor(t, "the link to b1 up", func() bool { return a.Stats().LinksUp == 1 })
+
+	// F1 reaches b1, which never answers; its sender's edge takes the
+	// NOT_DELIVERED slowly (held until released).
+	hold, first := make(chan struct{}), make(chan edgev1.ForwardOutcome, 1)
+	var release sync.Once
+	defer release.Do(func() { close(hold) }) // a failure below must not leave the old link held
+	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "u", Event: []byte("1")}, func(o edgev1.ForwardOutcome) { <-hold; first <- o })
+	waitFor(t, "F1 sent, unanswered", func() bool { return a.Stats().Pending == 1 })
+	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: b2.Addr().String()}})
+	waitFor(t, "the new link up, or waiting for the old one", func() bool { st := a.Stats(); return st.LinksUp == 1 || st.Waiting == 1 })
+	second := make(chan edgev1.ForwardOutcome, 1)
+	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "u", Event: []byte("2")}, func(o edgev1.ForwardOutcome) { second <- o })
+	if o := nextOutcome(t, second); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+		t.Fatalf("F2, sent while F1 was unanswered: %v, want NOT_DELIVERED (stored behind F1)", o)
+	}
+	release.Do(func() { close(hold) })
+	if o := nextOutcome(t, first); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+		t.Fatalf("F1: %v", o)
+	}
+	waitFor(t, "the link to b2 up", func() bool { return a.Stats().LinksUp == 1 })
+	third := make(chan edgev1.ForwardOutcome, 1)
+	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "u", Event: []byte("3")}, func(o edgev1.ForwardOutcome) { third <- o })
+	if o := nextOutcome(t, third); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
+		t.Fatalf("F3, after F1 was answered: %v", o)
+	}
+	if n := lb2.forwards(); n != 1 {
+		t.Fatalf("b2 got %d forwards, want F3 alone", n)
+	}
+}

@@ -39,10 +39,22 @@ type link struct {
 	dials   int
 	pending map[uint64]func(edgev1.ForwardOutcome)
 	wake    chan struct{} // capacity 1
+
+	// after is closed once the link this one replaced (the same peer id at
+	// another address or key) has answered what it held NOT_DELIVERED;
+	// nil: none. done is closed when run returns.
+	after, done chan struct{}
+	waiting     atomic.Bool // run waits for after
 }
 
-func newLink(m *Mesh, peer, addr string, key ed25519.PublicKey) *link {
-	l := &link{m: m, peer: peer, addr: addr, key: key, pending: map[uint64]func(edgev1.ForwardOutcome){}, wake: make(chan struct{}, 1)}
+// newLink returns a link to peer; replaced is the link it replaces (nil:
+// none), which must have been stopped.
+func newLink(m *Mesh, peer, addr string, key ed25519.PublicKey, replaced *link) *link {
+	l := &link{m: m, peer: peer, addr: addr, key: key, pending: map[uint64]func(edgev1.ForwardOutcome){}, wake: make(chan struct{}, 1),
+		done: make(chan struct{})}
+	if replaced != nil {
+		l.after = replaced.done
+	}
 	l.ctx, l.cancel = context.WithCancel(m.ctx)
 	return l
 }
@@ -118,6 +130,23 @@ func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 // reached once the backoff reached its cap; the attempts in between at
 // debug level.
 func (l *link) run() {
+	defer close(l.done)
+	if l.after != nil {
+		// The link this one replaced may still hold forwards the peer
+		// never saw (queued, or in a batch being written), and answers
+		// them NOT_DELIVERED as it goes down: their senders' edges store
+		// them. Up before that, this link would carry the same senders'
+		// later events, which the peer would deliver live ahead of them.
+		// Meanwhile forwards to the peer are answered NOT_DELIVERED at
+		// once, behind those (the senders decide them in order).
+		l.waiting.Store(true)
+		select {
+		case <-l.after:
+		case <-l.ctx.Done():
+			return
+		}
+		l.waiting.Store(false)
+	}
 	const maxBackoff = 5 * time.Second
 	backoff := 50 * time.Millisecond
 	log := l.m.cfg.Logger.With("peer", l.peer, "mesh_addr", l.addr)

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"slices"
 	"strings"
@@ -128,8 +129,12 @@ type Mesh struct {
 	wg      sync.WaitGroup
 	metrics metrics
 
-	mu      sync.Mutex // guards links, inbound and keys
-	links   map[string]*link
+	mu    sync.Mutex // guards links, inbound and keys
+	links map[string]*link
+	// stopped holds, by peer id, the last link stopped that may still be
+	// answering what it held: a new link to the same id waits for it
+	// (link.after). Pruned as they end.
+	stopped map[string]*link
 	inbound map[string]*inbound
 	keys    map[string]ed25519.PublicKey // members' registered keys, by id
 
@@ -272,7 +277,7 @@ func New(cfg Config) (*Mesh, error) {
 		_ = udp.Close()
 		return nil, fmt.Errorf("listen mesh: %w", err)
 	}
-	m := &Mesh{cfg: cfg, udp: udp, tr: tr, ln: ln, links: map[string]*link{}, inbound: map[string]*inbound{},
+	m := &Mesh{cfg: cfg, udp: udp, tr: tr, ln: ln, links: map[string]*link{}, stopped: map[string]*link{}, inbound: map[string]*inbound{},
 		where: map[string]holder{}, byPeer: map[string]map[string]DevPres{}, byUser: map[string]map[string]struct{}{},
 		unconfirmed: map[string]map[string]struct{}{}, graced: map[string]*time.Timer{}, capLog: rate.Sometimes{Interval: time.Minute},
 		unfitLog: rate.Sometimes{Interval: time.Minute}}
@@ -383,10 +388,19 @@ func (m *Mesh) SetMembers(members []Member) {
 		}
 	}
 	var gone []string // peers no longer members
+	maps.DeleteFunc(m.stopped, func(_ string, l *link) bool {
+		select {
+		case <-l.done:
+			return true
+		default:
+			return false
+		}
+	})
 	for id, l := range m.links {
 		if mb, ok := want[id]; !ok || mb.MeshAddr != l.addr || !mb.Key.Equal(l.key) {
 			l.stop()
 			delete(m.links, id)
+			m.stopped[id] = l
 			if !ok {
 				gone = append(gone, id)
 			}
@@ -398,7 +412,7 @@ func (m *Mesh) SetMembers(members []Member) {
 			m.keys[id] = mb.Key
 		}
 		if _, ok := m.links[id]; !ok {
-			l := newLink(m, id, mb.MeshAddr, mb.Key)
+			l := newLink(m, id, mb.MeshAddr, mb.Key, m.stopped[id])
 			m.links[id] = l
 			m.wg.Go(l.run)
 		}
@@ -574,6 +588,7 @@ type Stats struct {
 	Pending       int // forwards waiting for their outcome
 	LinksUp       int // links this edge dialed that are up
 	Dials         int // connection attempts of this edge's links so far
+	Waiting       int // links that wait for the link they replaced to answer what it held
 }
 
 // Stats returns the current table sizes.
@@ -590,6 +605,9 @@ func (m *Mesh) Stats() Stats {
 		}
 		st.Dials += l.dials
 		l.mu.Unlock()
+		if l.waiting.Load() {
+			st.Waiting++
+		}
 	}
 	m.mu.Unlock()
 	return st
