@@ -28,12 +28,13 @@ func toConnect(err error) error {
 		code = connect.CodeNotFound
 	case errors.Is(err, fsm.ErrAlreadyExists):
 		code = connect.CodeAlreadyExists
-	case errors.Is(err, fsm.ErrFailedPrecondition):
+	case errors.Is(err, fsm.ErrFailedPrecondition), errors.Is(err, raftnode.ErrWrongPeer):
 		code = connect.CodeFailedPrecondition
 	case errors.Is(err, fsm.ErrCompacted):
 		code = connect.CodeOutOfRange
 	case errors.Is(err, raftnode.ErrNoLeader), errors.Is(err, raftnode.ErrNotLeader),
 		errors.Is(err, raftnode.ErrShutdown), errors.Is(err, raftnode.ErrUnknownOutcome), errors.Is(err, raftnode.ErrNotInitialized),
+		errors.Is(err, raftnode.ErrPeerUnreachable),
 		errors.Is(err, errNoCA),
 		// A node removed from the cluster, which still runs: another node
 		// can serve the call (an edge or relayctl moves on).

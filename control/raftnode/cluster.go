@@ -103,6 +103,10 @@ func mapRaftErr(op string, err error) error {
 		return fmt.Errorf("%s: %w", op, ErrShutdown)
 	case errors.Is(err, raft.ErrLeadershipLost), errors.Is(err, raft.ErrEnqueueTimeout):
 		return fmt.Errorf("%s: %w: %v", op, ErrUnknownOutcome, err)
+	case errors.Is(err, raft.ErrLeadershipTransferInProgress):
+		// A configuration change during a hand-over (every graceful stop
+		// makes one): nothing was done, and the next leader takes it.
+		return fmt.Errorf("%s: %w: %v", op, ErrNotLeader, err)
 	}
 	return fmt.Errorf("%s: %w", op, err)
 }
@@ -124,11 +128,33 @@ func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint
 	} else if !ok {
 		return 0, fmt.Errorf("add voter %s: %w", id, ErrNotInitialized)
 	}
+	// A voter counts in every majority from the configuration entry on:
+	// added where another node, or nothing, answers, it would stall
+	// writes until removed (in a cluster of one, for good: the leader
+	// steps down and no node can win an election). Asked again for a
+	// member at the same address (a join whose answer was lost), nothing
+	// changes, and nothing is probed.
+	servers, err := n.servers()
+	if err != nil {
+		return 0, err
+	}
+	if !slices.ContainsFunc(servers, func(s raft.Server) bool {
+		return string(s.ID) == id && string(s.Address) == raftAddr && s.Suffrage == raft.Voter
+	}) && id != n.cfg.NodeID {
+		if err := n.layer.probe(id, raftAddr, min(timeoutOf(ctx, n.cfg.ApplyTimeout), probeTimeout)); err != nil {
+			return 0, fmt.Errorf("add voter %s: %w", id, err)
+		}
+	}
 	f := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, timeoutOf(ctx, n.cfg.ApplyTimeout))
 	if err := f.Error(); err != nil {
 		return 0, mapRaftErr("add voter "+id, err)
 	}
-	if apiAddr != "" {
+	// The record is left as it is when it has these addresses: it may
+	// hold what only the node writes once it runs (its features), which
+	// tells the cluster check it ran (newMember). Rewritten without them,
+	// a node that lost its data and was asked for again would be taken
+	// back as new.
+	if rec, err := n.fsm.GetNode(id); apiAddr != "" && (err != nil || rec.GetRaftAddr() != raftAddr || rec.GetApiAddr() != apiAddr) {
 		if _, err := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{
 			Node: &statev1.Node{Id: id, RaftAddr: raftAddr, ApiAddr: apiAddr}}}}); err != nil {
 			return f.Index(), fmt.Errorf("record addresses of %s: %w", id, err)
@@ -137,6 +163,9 @@ func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint
 	n.log.Info("added voter", "id", id, "raft_addr", raftAddr, "api_addr", apiAddr)
 	return f.Index(), nil
 }
+
+// probeTimeout bounds AddVoter's probe of the new voter's address.
+const probeTimeout = 5 * time.Second
 
 // RemoveServer removes a member; this node must be the leader. Removing
 // the leader itself makes it step down once the change commits.

@@ -48,8 +48,19 @@ import (
 //
 //	0xF0 'R' 'L' 'Y'  version (1)  status  len history  len node-id
 //
-// status is 0 from the dialer; in the answer 0 accepts, and
-// helloOtherCluster and helloNotJoined refuse.
+// status is 0 from the dialer, or helloNewMember (below); in the answer
+// 0 accepts, and helloOtherCluster and helloNotJoined refuse.
+//
+// A node started with neither --join nor --bootstrap, to be added by
+// `relayctl cluster join`, has no history until its state arrives, and
+// cannot tell being added from having been a voter that lost its data
+// (a wiped disk, the same unit restarting it): taken back as the same
+// voter with an empty log, it could elect a node that lacks entries
+// committed with its vote. So it accepts only a dialer that vouches for
+// it as a new member (helloNewMember): one whose state holds no record
+// the node wrote itself (Node.features, features_withdrawn), which a node
+// writes once it runs as a member. Others are refused (lost_data), and the
+// node logs what to do: remove it, and add it again.
 //
 // A node that joins through the API (Config.Joining) with no state yet
 // has no history either, and would take any cluster's traffic: one whose
@@ -69,6 +80,10 @@ const (
 	// not speak; the answer's own version byte says which it does, so
 	// that a later release can fall back to it.
 	helloUnsupported = 3
+	// helloNewMember, from a dialer: its state records the node it dials
+	// as a member that never ran (see above). Releases before it ignore
+	// a dialer's status.
+	helloNewMember = 4
 
 	// maxHello is the longest hello: the header, two length bytes and
 	// the two bounded strings.
@@ -89,6 +104,12 @@ var errHelloVersion = fmt.Errorf("%w: unsupported version", errBadHello)
 // errNotJoined is a connection to a new node that has not yet learnt
 // which cluster it joins.
 var errNotJoined = errors.New("the node takes no raft traffic until its join names its cluster")
+
+// errLostData is a connection to a node without state, started to be
+// added as a member, from a member whose state says it ran before.
+var errLostData = errors.New("this node's data dir holds no Raft state, and the cluster dials it as a member that ran before: " +
+	"it lost its data, and taken back as the same voter it could elect a node that lacks committed entries; " +
+	"remove it (relayctl cluster remove ID) and add it again (relayctl cluster join, or start it with --join)")
 
 // errBusy is a connection closed in its hello to make room for a newer
 // one: maxGreeting were in their hello at once.
@@ -232,6 +253,9 @@ type clusterCheck struct {
 	// expected is what the node's join learnt of its cluster
 	// (Node.ExpectHistory); nil until then.
 	expected atomic.Pointer[expectation]
+	// newMember reports whether this node's state records the member at
+	// a Raft address as one that never ran (helloNewMember); nil: never.
+	newMember func(addr string) bool
 
 	mu           sync.Mutex           // guards the fields below
 	warned       map[string]time.Time // reason and host -> last warning
@@ -320,25 +344,8 @@ func (c *clusterCheck) greet(conn net.Conn, addr string, timeout time.Duration) 
 			_ = conn.Close()
 		}
 	}()
-	ours, _ := c.ours()
-	if err := conn.SetDeadline(time.Now().Add(timeout)); err != nil {
-		return err
-	}
-	if _, err := conn.Write(appendHello(nil, hello{history: ours, nodeID: c.nodeID})); err != nil {
-		return fmt.Errorf("send raft hello: %w", err)
-	}
-	h, err := readHello(conn, nil)
-	switch {
-	case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET):
-		// Closed before a single byte came back: an older release,
-		// whose transport reads the hello as an unknown RPC.
-		return errUnanswered
-	case err != nil:
-		return fmt.Errorf("read raft hello answer: %w", err)
-	}
-	if h.status == helloOtherCluster || mismatch(ours, h.history) {
-		err := &ClusterMismatchError{Addr: addr, PeerID: h.nodeID, PeerHistory: h.history, LocalHistory: ours}
-		c.refuse("other_cluster", addr, err)
+	h, err := c.exchange(conn, addr, timeout)
+	if err != nil {
 		return err
 	}
 	if h.status == helloNotJoined {
@@ -351,6 +358,39 @@ func (c *clusterCheck) greet(conn net.Conn, addr string, timeout time.Duration) 
 		return fmt.Errorf("%w: answer status %d", errBadHello, h.status)
 	}
 	return conn.SetDeadline(time.Time{})
+}
+
+// exchange sends the dialer's hello on conn and reads the answer, with
+// timeout as conn's deadline: errUnanswered when the peer closed without
+// a byte (an older release), a *ClusterMismatchError when it speaks for
+// another cluster.
+func (c *clusterCheck) exchange(conn net.Conn, addr string, timeout time.Duration) (hello, error) {
+	ours, _ := c.ours()
+	if err := conn.SetDeadline(time.Now().Add(timeout)); err != nil {
+		return hello{}, err
+	}
+	var status byte
+	if c.newMember != nil && c.newMember(addr) {
+		status = helloNewMember
+	}
+	if _, err := conn.Write(appendHello(nil, hello{status: status, history: ours, nodeID: c.nodeID})); err != nil {
+		return hello{}, fmt.Errorf("send raft hello: %w", err)
+	}
+	h, err := readHello(conn, nil)
+	switch {
+	case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET):
+		// Closed before a single byte came back: an older release,
+		// whose transport reads the hello as an unknown RPC.
+		return hello{}, errUnanswered
+	case err != nil:
+		return hello{}, fmt.Errorf("read raft hello answer: %w", err)
+	}
+	if h.status == helloOtherCluster || mismatch(ours, h.history) {
+		err := &ClusterMismatchError{Addr: addr, PeerID: h.nodeID, PeerHistory: h.history, LocalHistory: ours}
+		c.refuse("other_cluster", addr, err)
+		return hello{}, err
+	}
+	return h, nil
 }
 
 // helloConn is an accepted connection whose first Read (or Write) reads
@@ -460,6 +500,12 @@ func (c *helloConn) handshake() {
 		}
 		if waiting {
 			fail("not_joined", errNotJoined, helloNotJoined)
+			return
+		}
+		if ours == "" && !c.check.awaitJoin && h.status != helloNewMember {
+			// Started to be added (neither --join nor --bootstrap), no
+			// state, and the dialer's cluster says this node ran before.
+			fail("lost_data", errLostData, helloNotJoined)
 			return
 		}
 		if mismatch(ours, h.history) {

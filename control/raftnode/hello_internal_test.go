@@ -122,8 +122,15 @@ func TestClusterCheckRefusesAnotherClustersNode(t *testing.T) {
 	if err := a1.vote(a2); err != nil {
 		t.Fatalf("same cluster: %v", err)
 	}
+	// A node with no state, started to be added, takes a member's
+	// traffic only when the member vouches for it as new: otherwise it
+	// may be a voter that lost its data.
+	if err := a1.vote(fresh); !errors.Is(err, errNotJoined) || fresh.refusals("lost_data") != 1 {
+		t.Fatalf("to a node with no state yet, not vouched for: %v (lost_data refusals %d)", err, fresh.refusals("lost_data"))
+	}
+	a1.check.newMember = func(string) bool { return true }
 	if err := a1.vote(fresh); err != nil {
-		t.Fatalf("to a node with no state yet: %v", err)
+		t.Fatalf("to a node with no state yet, vouched for as new: %v", err)
 	}
 	if err := fresh.vote(b2); err != nil {
 		t.Fatalf("from a node with no state yet: %v", err)

@@ -40,6 +40,8 @@ func TestOpenValidatesConfig(t *testing.T) {
 		"no advertise host":     {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", RaftAdvertise: ":7401"},
 		"bad advertise port":    {NodeID: "a", DataDir: dir, RaftBind: "127.0.0.1:0", APIAdvertise: "x", RaftAdvertise: "host:http"},
 		"bind in use":           {NodeID: "a", DataDir: dir, RaftBind: "256.0.0.1:1", APIAdvertise: "x"},
+		"every interface":       {NodeID: "a", DataDir: dir, RaftBind: "0.0.0.0:0", APIAdvertise: "x"},
+		"every interface, v6":   {NodeID: "a", DataDir: dir, RaftBind: "[::]:0", APIAdvertise: "x"},
 	}
 	for name, cfg := range cases {
 		t.Run(name, func(t *testing.T) {

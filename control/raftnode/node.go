@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -55,6 +56,13 @@ var (
 	ErrUnknownOutcome = errors.New("outcome unknown")
 	// ErrShutdown: the node is shutting down.
 	ErrShutdown = errors.New("node is shutting down")
+	// ErrPeerUnreachable: a voter to be added does not answer at its Raft
+	// address (nothing listens there, or a firewall is in the way).
+	// Nothing was changed; retrying once it answers may succeed.
+	ErrPeerUnreachable = errors.New("nothing answers at the Raft address")
+	// ErrWrongPeer: what answers at the Raft address of a voter to be
+	// added is another node, or another cluster's. Nothing was changed.
+	ErrWrongPeer = errors.New("the Raft address answers as another node")
 	// ErrNotMember is returned for a membership change or a leadership
 	// transfer that names a server the configuration does not hold.
 	ErrNotMember = errors.New("not a member of the cluster")
@@ -234,6 +242,15 @@ func (c *Config) applyDefaults() error {
 	if c.RaftBind == "" {
 		return errors.New("raftnode: Config.RaftBind is required")
 	}
+	if c.RaftAdvertise == "" {
+		// The bind is advertised, and every interface is no address
+		// another node can dial: [::]:port leads back to the dialer.
+		if host, _, err := net.SplitHostPort(c.RaftBind); err == nil {
+			if ip, err := netip.ParseAddr(host); host == "" || (err == nil && ip.IsUnspecified()) {
+				return fmt.Errorf("raftnode: Config.RaftBind %q is every interface: set RaftAdvertise", c.RaftBind)
+			}
+		}
+	}
 	if c.Features == nil {
 		c.Features = fsm.Features()
 	}
@@ -289,6 +306,7 @@ type Node struct {
 	gate  *applyGate // in front of logs for Raft
 	state *state.Store
 	trans *raftTransport
+	layer *streamLayer  // trans's connections (AddVoter's probe dials through it)
 	check *clusterCheck // nil: the transport runs without the cluster check (Config.Features)
 	snaps *raft.FileSnapshotStore
 	m     *metrics
@@ -559,6 +577,7 @@ func (n *Node) newTransport(awaitJoin bool) (*raftTransport, error) {
 				return h
 			},
 			timeout: raftNetTimeout, log: n.log, refused: n.m.observeRefused, awaitJoin: awaitJoin,
+			newMember: n.newMember,
 		}
 	}
 	n.check = check
@@ -566,6 +585,7 @@ func (n *Node) newTransport(awaitJoin bool) (*raftTransport, error) {
 	if err != nil {
 		return nil, err
 	}
+	n.layer = layer
 	return newRaftTransport(raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 		Stream: layer, MaxPool: 3, Timeout: raftNetTimeout, Logger: newHCLogger(n.log, "raft-net"),
 	})), nil
@@ -1308,6 +1328,26 @@ func (n *Node) reconcileNodes(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// newMember reports whether the state records the member at Raft address
+// addr as one that never ran: no record (AddVoter writes one after the
+// configuration change), or one without anything only the node itself
+// writes (its features, registerSelf, once it is a member; their
+// withdrawal). The cluster check vouches for such a node when it dials
+// it (helloNewMember); one that ran and comes back without state lost
+// its data.
+func (n *Node) newMember(addr string) bool {
+	recs, err := n.fsm.Nodes()
+	if err != nil {
+		return false
+	}
+	for _, r := range recs {
+		if r.GetRaftAddr() == addr {
+			return len(r.GetFeatures()) == 0 && !r.GetFeaturesWithdrawn()
+		}
+	}
+	return true
 }
 
 // registerSelf records this node's addresses in the replicated state

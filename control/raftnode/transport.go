@@ -158,6 +158,39 @@ func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (n
 	}
 }
 
+// probe checks, before node id is added as a voter at address, that
+// the node answering there is that one: it dials and greets it, and
+// closes the connection. ErrPeerUnreachable when nothing answers within
+// timeout; ErrWrongPeer when another node answers (a mistyped address, a
+// loopback one that leads back here, a port of another cluster). A node
+// of a release without the cluster check answers nothing to the greeting
+// and passes as reachable. Added at an address where it does not answer,
+// a voter counts in every majority from then on: in a cluster of one,
+// the leader steps down and no node can be elected again.
+func (s *streamLayer) probe(id, address string, timeout time.Duration) error {
+	c, err := s.dial(raft.ServerAddress(address), timeout)
+	if err != nil {
+		return fmt.Errorf("%w (%s): %v", ErrPeerUnreachable, address, err)
+	}
+	defer c.Close()
+	if s.check == nil {
+		return nil
+	}
+	h, err := s.check.exchange(c, address, timeout)
+	var mismatch *ClusterMismatchError
+	switch {
+	case errors.Is(err, errUnanswered):
+		return nil
+	case errors.As(err, &mismatch):
+		return fmt.Errorf("%w: %v", ErrWrongPeer, err)
+	case err != nil:
+		return fmt.Errorf("%w (%s): %v", ErrPeerUnreachable, address, err)
+	case h.nodeID != id:
+		return fmt.Errorf("%w: %s answers as node %q, not %q", ErrWrongPeer, address, h.nodeID, id)
+	}
+	return nil
+}
+
 func (s *streamLayer) dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
 	if s.faults.isolated() {
 		return nil, fmt.Errorf("dial raft peer %s: %w", address, errIsolated)

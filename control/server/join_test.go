@@ -203,3 +203,94 @@ func TestASeedRefusedAnAnswerFoundsNoCluster(t *testing.T) {
 		t.Fatalf("the seed's error does not say why or what to give: %v", err)
 	}
 }
+
+// A node started with neither --join nor --bootstrap and added with
+// AddVoter (`relayctl cluster join`) that comes back without its data,
+// under the same id and address, is not taken back as the same voter:
+// with an empty log it could elect a node that lacks entries committed
+// with its vote. Its leader's state records that it ran (its features),
+// so the leader's hello does not vouch for it as new, and the node
+// refuses the connection (lost_data) and takes no entries, also when the
+// join is asked for again, until it is removed; added again then, it
+// catches up as a new member.
+func TestANodeAddedByAddVoterThatLostItsDataIsNotTakenBack(t *testing.T) {
+	rec := clustertest.NewLogRecorder()
+	c := clustertest.Start(t, 2, clustertest.Options{Logger: slog.New(rec)})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	n3 := c.StartNode(nil) // neither flag: waits to be added
+	cl := controlv1connect.NewClusterServiceClient(http.DefaultClient, "http://"+c.Nodes[c.Leader()].Server.APIAddr())
+	admin := c.AdminToken()
+	raftAddr, apiAddr := n3.Server.Node().RaftAddr(), n3.Server.APIAddr()
+	add := func() error {
+		req := connect.NewRequest(&controlv1.AddVoterRequest{Id: n3.ID, RaftAddr: raftAddr, ApiAddr: apiAddr})
+		req.Header().Set("Authorization", "Bearer "+admin)
+		_, err := cl.AddVoter(ctx, req)
+		return err
+	}
+	if err := add(); err != nil {
+		t.Fatalf("add n3: %v", err)
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		r, err := c.Nodes[0].Server.Node().FSM().GetNode(n3.ID)
+		if err != nil || len(r.GetFeatures()) == 0 {
+			return fmt.Errorf("n3's record %v (%v): not yet written by n3", r, err)
+		}
+		return nil
+	})
+
+	c.Kill(2)
+	if err := os.RemoveAll(filepath.Join(n3.DataDir, "data")); err != nil {
+		t.Fatal(err)
+	}
+	c.Restart(2)
+	lostData := func() int {
+		return len(rec.Find("refused a raft connection", func(r clustertest.Record) bool {
+			return r.Attrs["test_node"].String() == n3.ID && r.Attrs["reason"].String() == "lost_data"
+		}))
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if lostData() == 0 {
+			return errors.New("n3 has not refused its leader's connection as lost_data")
+		}
+		return nil
+	})
+	// Asked for again without its removal: nothing changes for it. Its
+	// leader dials it again after that, and is refused again.
+	if err := add(); err != nil {
+		t.Fatalf("add n3 again: %v", err)
+	}
+	res, err := c.CreateUser(ctx, c.Leader(), "after-the-loss")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := func() float64 {
+		return n3.LabeledMetric(t, "relay_control_raft_connections_refused_total", "reason", "lost_data")
+	}
+	before := refused()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if refused() == before {
+			return errors.New("n3 refused no connection since it was asked for again")
+		}
+		return nil
+	})
+	if got := n3.Server.Node().FSM().AppliedIndex(); got != 0 {
+		t.Fatalf("n3 applied up to %d after losing its data: taken back as the same voter", got)
+	}
+
+	// Removed and added again, it catches up.
+	remove := connect.NewRequest(&controlv1.RemoveServerRequest{Id: n3.ID})
+	remove.Header().Set("Authorization", "Bearer "+admin)
+	if _, err := cl.RemoveServer(ctx, remove); err != nil {
+		t.Fatalf("remove n3: %v", err)
+	}
+	if err := add(); err != nil {
+		t.Fatalf("add n3 after its removal: %v", err)
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if got, want := n3.Server.Node().FSM().AppliedIndex(), res.GetRevision(); got < want {
+			return fmt.Errorf("n3 applied %d, want at least %d", got, want)
+		}
+		return nil
+	})
+}

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -183,6 +184,17 @@ func (c *Config) applyDefaults() error {
 	}
 	if c.APIAddr == "" {
 		return errors.New("api address is required (--api-addr)")
+	}
+	// The advertised addresses default to the binds, and a bind to every
+	// interface is no address another node can dial: dialed, [::]:port
+	// leads back to the dialer (a leader adding such a node would send
+	// itself entries and votes), and a follower would forward writes to
+	// itself.
+	if c.RaftAdvertise == "" && everyInterface(c.RaftAddr) {
+		return fmt.Errorf("--raft-addr %s listens on every interface: set --raft-advertise to the address the other members dial", c.RaftAddr)
+	}
+	if c.APIAdvertise == "" && everyInterface(c.APIAddr) {
+		return fmt.Errorf("--api-addr %s listens on every interface: set --api-advertise to the address the other members and clients use", c.APIAddr)
 	}
 	if c.BootstrapWait <= 0 {
 		c.BootstrapWait = 30 * time.Second
@@ -898,4 +910,18 @@ func watchConfig(c api.WatchConfig, log *slog.Logger, reg prometheus.Registerer)
 		c.Metrics = reg
 	}
 	return c
+}
+
+// everyInterface reports whether addr (host:port) binds every interface:
+// no host, or an unspecified IP.
+func everyInterface(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false // Listen says what is wrong
+	}
+	if host == "" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsUnspecified()
 }

@@ -111,6 +111,31 @@ func TestAdminEndpoints(t *testing.T) {
 	}
 }
 
+// A bind to every interface without an advertised address is refused at
+// start, naming the flag to set: advertised, [::]:port would lead each
+// node that dials it back to itself.
+func TestEveryInterfaceNeedsAnAdvertisedAddress(t *testing.T) {
+	ctx := context.Background()
+	for name, tc := range map[string]struct {
+		raft, api, want string
+	}{
+		"raft on 0.0.0.0": {"0.0.0.0:0", "127.0.0.1:0", "--raft-advertise"},
+		"raft on :port":   {":0", "127.0.0.1:0", "--raft-advertise"},
+		"api on [::]":     {"127.0.0.1:0", "[::]:0", "--api-advertise"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			s, err := server.Start(ctx, server.Config{NodeID: "a", DataDir: t.TempDir(), RaftAddr: tc.raft, APIAddr: tc.api, Bootstrap: true})
+			if err == nil {
+				_ = s.Shutdown(ctx)
+				t.Fatal("started")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("refused with %q, want it to name %s", err, tc.want)
+			}
+		})
+	}
+}
+
 type errStatus int
 
 func (e errStatus) Error() string { return http.StatusText(int(e)) }
