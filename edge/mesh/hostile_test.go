@@ -523,3 +523,90 @@ func TestAReplacedLinkAnswersWhatItHeldBeforeTheNextCarriesAny(t *testing.T) {
 		t.Fatalf("b2 got %d forwards, want F3 alone", n)
 	}
 }
+
+// A peer that keeps its link but reads presence more slowly than it
+// changes here (a reconnect storm behind a degraded link) does not have
+// the changes queue without bound: at QueueLen of them the link takes no
+// more, and is ended once its writer takes the queue; it comes up again
+// with a full set, which replaces what the peer knew of this edge. Here
+// the peer reads nothing until 20 times QueueLen changes were announced,
+// then everything.
+func TestPresenceForASlowPeerIsBounded(t *testing.T) {
+	ca := newTestCA(t)
+	local := &fakeLocal{devices: presenceOf("kept")}
+	const queueLen = 64
+	a := startMeshWith(t, ca, "edge-a", local, func(c *Config) { c.QueueLen, c.IdleTimeout = queueLen, time.Minute })
+	qc := quicConfig(time.Minute)
+	qc.InitialStreamReceiveWindow, qc.MaxStreamReceiveWindow = 4<<10, 4<<10
+	qc.InitialConnectionReceiveWindow, qc.MaxConnectionReceiveWindow = 8<<10, 8<<10
+	ln, err := quic.ListenAddr("127.0.0.1:0", testIdentity(t, ca, "edge-b").serverTLS(), qc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: ln.Addr().String()}})
+	announced := make(chan struct{})
+	peer := make(chan error, 1)
+	go func() {
+		peer <- func() error {
+			// The first link: read nothing until every change was
+			// announced, then all of it, until a ends the link.
+			conn, err := ln.Accept(ctx)
+			if err != nil {
+				return err
+			}
+			str, err := conn.AcceptStream(ctx)
+			if err != nil {
+				return err
+			}
+			select {
+			case <-announced:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			_, _ = io.Copy(io.Discard, str)
+			_ = conn.CloseWithError(0, "")
+			// The next one starts with the hello and a full set.
+			conn, err = ln.Accept(ctx)
+			if err != nil {
+				return err
+			}
+			defer conn.CloseWithError(0, "")
+			if str, err = conn.AcceptStream(ctx); err != nil {
+				return err
+			}
+			r := bufio.NewReader(str)
+			var buf []byte
+			f := &edgev1.MeshFrame{}
+			if buf, err = readFrame(r, buf, f); err != nil || f.GetHello() == nil {
+				return fmt.Errorf("hello on the second link: %v %v", f, err)
+			}
+			if _, err = readFrame(r, buf, f); err != nil || f.GetPresenceSet() == nil {
+				return fmt.Errorf("a full set on the second link: %v %v", f, err)
+			}
+			return nil
+		}()
+	}()
+	waitFor(t, "the link up", func() bool { return a.Stats().LinksUp == 1 })
+	a.mu.Lock()
+	l := a.links["edge-b"]
+	a.mu.Unlock()
+	for i := range 20 * queueLen {
+		a.Announce(&edgev1.DevicePresence{DeviceId: fmt.Sprintf("d%d", i), UserId: "u", SinceNs: int64(i + 1)}, i%2 == 0)
+		l.mu.Lock()
+		queued := len(l.queue)
+		l.mu.Unlock()
+		if queued > queueLen+1 { // the changes, and the writer's own frames at most
+			t.Fatalf("%d frames wait on the link after %d changes, bound %d", queued, i+1, queueLen)
+		}
+	}
+	close(announced)
+	if err := <-peer; err != nil {
+		t.Fatalf("the peer: %v", err)
+	}
+	if n := counterValue(a.metrics.presenceLag); n != 1 {
+		t.Fatalf("presence lag counted %v times, want 1", n)
+	}
+}

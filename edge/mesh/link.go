@@ -35,6 +35,11 @@ type link struct {
 	status  bool // the peer speaks relay-mesh/2 (MeshStatus) on this connection
 	queue   []*edgev1.MeshFrame
 	queued  int // bytes of the events in queue
+	// presence counts the presence and status frames queued since the
+	// writer last took the queue; lagging says one more came when
+	// QueueLen of them were queued (see sendPresence).
+	presence int
+	lagging  bool
 	nextID  uint64
 	dials   int
 	pending map[uint64]func(edgev1.ForwardOutcome)
@@ -71,21 +76,38 @@ func (l *link) signal() {
 // sendPresence queues a presence frame if the link is up (with the
 // mesh's presMu held). A link that is down gets a full set when it comes
 // up.
+//
+// A peer that reads more slowly than devices come and go here (one that
+// reads steadily keeps its link, however slowly) would have them queue
+// without bound: at QueueLen of them the link is marked lagging and
+// takes no more, and its writer ends it once it takes the queue; the
+// link comes up again with a full set, which replaces what the peer knew.
 func (l *link) sendPresence(f *edgev1.MeshFrame) {
 	l.mu.Lock()
-	if l.up {
-		l.queue = append(l.queue, f)
-	}
+	l.queuePresence(f)
 	l.mu.Unlock()
 	l.signal()
+}
+
+// queuePresence queues a presence or status frame if the link is up and
+// not lagging (with l.mu held).
+func (l *link) queuePresence(f *edgev1.MeshFrame) {
+	switch {
+	case !l.up || l.lagging:
+	case l.presence >= l.m.cfg.QueueLen:
+		l.lagging = true
+	default:
+		l.queue = append(l.queue, f)
+		l.presence++
+	}
 }
 
 // sendStatus queues a status frame if the link is up and the peer takes
 // them (with the mesh's presMu held).
 func (l *link) sendStatus(heard bool) {
 	l.mu.Lock()
-	if l.up && l.status {
-		l.queue = append(l.queue, statusFrame(heard))
+	if l.status {
+		l.queuePresence(statusFrame(heard))
 	}
 	l.mu.Unlock()
 	l.signal()
@@ -248,9 +270,15 @@ func (l *link) session() (up bool, err error) {
 		case <-l.wake:
 		}
 		l.mu.Lock()
-		batch := l.queue
-		l.queue, l.queued = nil, 0
+		batch, lagging := l.queue, l.lagging
+		l.queue, l.queued, l.presence = nil, 0, 0
 		l.mu.Unlock()
+		if lagging {
+			// What the batch holds goes NOT_DELIVERED (down), and the
+			// next link sends a full set in place of what was dropped.
+			l.m.metrics.presenceLag.Inc()
+			return true, fmt.Errorf("the peer reads presence more slowly than it changes here: %d changes waited", l.m.cfg.QueueLen)
+		}
 		// A peer that takes nothing (less than a chunk) for the idle
 		// timeout is as broken as a silent one: its link goes down, and
 		// what it was sent and did not answer is NOT_DELIVERED (stored by
@@ -308,8 +336,8 @@ func (l *link) down() {
 	l.peerHeard.Store(false)
 	l.m.presMu.Lock()
 	l.mu.Lock()
-	l.up = false
-	l.queue, l.queued = nil, 0
+	l.up, l.lagging = false, false
+	l.queue, l.queued, l.presence = nil, 0, 0
 	pending := l.pending
 	l.pending = map[uint64]func(edgev1.ForwardOutcome){}
 	l.mu.Unlock()

@@ -211,6 +211,9 @@ type metrics struct {
 	forwards *prometheus.CounterVec
 	devices  prometheus.Gauge
 	retries  prometheus.Counter
+	// presenceLag counts links ended because their peer read presence
+	// more slowly than it changed here (link.queuePresence).
+	presenceLag prometheus.Counter
 	// forwards' series, looked up once: forwarded counts every event of
 	// the mesh hop, a label lookup each would cost it.
 	noLink, linkDown, linkFull, tooLarge, ephemeral prometheus.Counter
@@ -290,6 +293,10 @@ func New(cfg Config) (*Mesh, error) {
 		}, []string{"outcome"}),
 		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relay_edge_mesh_remote_devices", Help: "Devices peers announced as theirs."}),
 		retries: retries,
+		presenceLag: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "relay_edge_mesh_presence_lag_total",
+			Help: "Mesh links this edge ended because the peer read presence changes more slowly than they came (QueueLen of them waited); each comes up again with a full set.",
+		}),
 	}
 	// Every outcome exists from the start, so rate() and increase() see
 	// the first failure.
@@ -308,7 +315,7 @@ func New(cfg Config) (*Mesh, error) {
 		Help: "Peer edges that say over the mesh that they hear the control plane (relay-mesh/2 links): a cut-off edge steps aside while there is one.",
 	}, func() float64 { return float64(len(m.PeersHearingControl())) })
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{m.metrics.links, m.metrics.forwards, m.metrics.devices, m.metrics.retries, hearing} {
+		for _, c := range []prometheus.Collector{m.metrics.links, m.metrics.forwards, m.metrics.devices, m.metrics.retries, m.metrics.presenceLag, hearing} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				_ = ln.Close()
 				_ = udp.Close()
