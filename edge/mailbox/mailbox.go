@@ -7,12 +7,14 @@
 package mailbox
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
 	"math"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -814,10 +816,24 @@ func (c *Client) ackLoop(ctx context.Context) {
 			// One deadline for the last flush, however many devices have
 			// acks left: shutdown stays bounded.
 			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-			c.flushAcks(fctx)
+			if c.flushAcks(fctx) {
+				c.mu.Lock()
+				left := 0
+				for _, seqs := range c.acks {
+					left += len(seqs)
+				}
+				c.mu.Unlock()
+				c.cfg.Logger.Warn("mailbox acks not sent before shutdown: their entries are delivered again", "entries", left)
+			}
 			cancel()
 			return
 		case <-c.ackNow:
+			if again != nil {
+				// Backing off after a failed pass: new acks wait for the
+				// retry with the others, or each would start a pass
+				// against a control plane that just failed.
+				continue
+			}
 		case <-again:
 		}
 		if c.flushAcks(ctx) {
@@ -828,17 +844,25 @@ func (c *Client) ackLoop(ctx context.Context) {
 	}
 }
 
-// flushAcks sends the queued acks, at most maxAckSeqs per call. Those a
-// call failed to send for a passing reason (no leader, a timeout) are
-// queued again, and it reports that some were: an ack that is lost
-// leaves its entry counting against the device's quota until it expires,
-// and delivered again by its next session.
+// flushAcks sends the queued acks, at most maxAckSeqs per call. A call
+// that fails for a passing reason (no leader, a timeout, the context
+// ending) ends the pass: its acks and every one not tried yet are queued
+// again, and it reports that some were, so that the loop backs off
+// rather than call for every other device a control plane that just
+// failed (each call may wait 10 s). Queued again, the acks of a pass
+// that shutdown cut short go in the last flush. An ack that is lost
+// leaves its entry counting against the device's quota until it
+// expires, and delivered again by its next session.
 func (c *Client) flushAcks(ctx context.Context) (requeued bool) {
 	c.mu.Lock()
 	acks := c.acks
 	c.acks = map[ackKey][]uint64{}
 	c.mu.Unlock()
-	for k, seqs := range acks {
+	keys := slices.SortedFunc(maps.Keys(acks), func(a, b ackKey) int {
+		return cmp.Or(strings.Compare(a.device, b.device), strings.Compare(a.history, b.history))
+	})
+	for i, k := range keys {
+		seqs := acks[k]
 		for len(seqs) > 0 {
 			n := min(len(seqs), maxAckSeqs)
 			actx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -848,23 +872,26 @@ func (c *Client) flushAcks(ctx context.Context) (requeued bool) {
 				seqs = seqs[n:]
 				continue
 			}
-			switch {
-			case ctx.Err() == nil && !permanent(err):
-				c.mu.Lock()
-				c.acks[k] = append(seqs, c.acks[k]...)
-				c.mu.Unlock()
-				requeued = true
-				c.cfg.Logger.Debug("mailbox ack failed; retrying", "device", k.device, "entries", len(seqs), "err", err)
-			default:
+			if permanent(err) {
 				// Delivered again on the device's next fetch (and dropped
 				// there as duplicates), or they expire; or, of a history
 				// the control plane left (a restore), void.
 				c.cfg.Logger.Warn("mailbox ack failed", "device", k.device, "entries", len(seqs), "err", err)
+				break
 			}
-			break
+			acks[k] = seqs
+			left := 0
+			c.mu.Lock()
+			for _, k := range keys[i:] {
+				c.acks[k] = append(acks[k], c.acks[k]...)
+				left += len(acks[k])
+			}
+			c.mu.Unlock()
+			c.cfg.Logger.Debug("mailbox ack failed; retrying", "device", k.device, "entries", left, "err", err)
+			return true
 		}
 	}
-	return requeued
+	return false
 }
 
 // statusLabel is a mailbox status as the metrics name it: "stored",

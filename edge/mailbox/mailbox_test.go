@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -862,5 +863,89 @@ func TestABusyControlNodeIsToldApart(t *testing.T) {
 	}
 	if ok, busy, failed := fetches("ok"), fetches("busy"), fetches("error"); ok != 1 || busy < 3 || failed != 1 {
 		t.Fatalf("relay_edge_mailbox_fetches_total: ok=%v busy=%v error=%v, want ok=1 busy>=3 error=1", ok, busy, failed)
+	}
+}
+
+// ackRecorder is a control plane whose AckMailbox records each call and
+// answers with answer (nil: success); the other calls are not made.
+type ackRecorder struct {
+	mailbox.API
+	mu     sync.Mutex
+	calls  []string // device of each call
+	acked  map[string]int
+	answer func(ctx context.Context, call int) error
+}
+
+func (a *ackRecorder) AckMailbox(ctx context.Context, deviceID, _ string, seqs []uint64) error {
+	a.mu.Lock()
+	a.calls = append(a.calls, deviceID)
+	call := len(a.calls)
+	a.mu.Unlock()
+	if err := a.answer(ctx, call); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.acked[deviceID] += len(seqs)
+	a.mu.Unlock()
+	return nil
+}
+
+func (a *ackRecorder) snapshot() ([]string, map[string]int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.calls), maps.Clone(a.acked)
+}
+
+// A control plane that fails an ack call ends the pass: the acks of the
+// other devices are queued again with it and go after the backoff, rather
+// than each being sent (each call may wait 10 s) to a control plane that
+// just failed. The second call is the first device's again.
+func TestAFailedAckEndsThePass(t *testing.T) {
+	api := &ackRecorder{acked: map[string]int{}, answer: func(_ context.Context, call int) error {
+		if call <= 2 {
+			return connect.NewError(connect.CodeUnavailable, errors.New("no leader"))
+		}
+		return nil
+	}}
+	mb, _ := startClient(t, mailbox.Config{API: api})
+	const devices = 20
+	for i := range devices {
+		mb.Ack(fmt.Sprintf("d%02d", i), "h", uint64(i+1))
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if _, acked := api.snapshot(); len(acked) != devices {
+			return fmt.Errorf("%d of %d devices' acks sent", len(acked), devices)
+		}
+		return nil
+	})
+	calls, _ := api.snapshot()
+	if calls[0] != calls[1] {
+		t.Fatalf("calls %v: after the first failed, the pass went on to %s", calls[:2], calls[1])
+	}
+}
+
+// Acks of a pass that shutdown cuts short go in the last flush: the call
+// under way when the writer stops ends with its context, and its acks and
+// those not tried yet are sent within the flush's own deadline, not
+// dropped.
+func TestAcksOfAPassCutShortGoInTheLastFlush(t *testing.T) {
+	inCall := make(chan struct{})
+	api := &ackRecorder{acked: map[string]int{}, answer: func(ctx context.Context, call int) error {
+		if call == 1 {
+			close(inCall)
+			<-ctx.Done() // the node stops during the first call
+			return ctx.Err()
+		}
+		return nil
+	}}
+	mb, stop := startClient(t, mailbox.Config{API: api})
+	const devices = 5
+	for i := range devices {
+		mb.Ack(fmt.Sprintf("d%d", i), "h", uint64(i+1), uint64(i+100))
+	}
+	<-inCall
+	stop()
+	if _, acked := api.snapshot(); len(acked) != devices {
+		t.Fatalf("acks of %d of %d devices sent by the last flush: %v", len(acked), devices, acked)
 	}
 }
