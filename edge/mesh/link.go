@@ -30,20 +30,20 @@ type link struct {
 	// (relay-mesh/2); false while the link is down.
 	peerHeard atomic.Bool
 
-	mu      sync.Mutex // guards the fields below
-	up      bool
-	status  bool // the peer speaks relay-mesh/2 (MeshStatus) on this connection
-	queue   []*edgev1.MeshFrame
-	queued  int // bytes of the events in queue
+	mu     sync.Mutex // guards the fields below
+	up     bool
+	status bool // the peer speaks relay-mesh/2 (MeshStatus) on this connection
+	queue  []*edgev1.MeshFrame
+	queued int // bytes of the events in queue
 	// presence counts the presence and status frames queued since the
 	// writer last took the queue; lagging says one more came when
 	// QueueLen of them were queued (see sendPresence).
 	presence int
 	lagging  bool
-	nextID  uint64
-	dials   int
-	pending map[uint64]func(edgev1.ForwardOutcome)
-	wake    chan struct{} // capacity 1
+	nextID   uint64
+	dials    int
+	pending  map[uint64]func(edgev1.ForwardOutcome)
+	wake     chan struct{} // capacity 1
 
 	// after is closed once the link this one replaced (the same peer id at
 	// another address or key) has answered what it held NOT_DELIVERED;
