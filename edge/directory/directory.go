@@ -20,6 +20,9 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/encoding/prototext"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/internal/jitter"
@@ -369,7 +372,7 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 	var rewound bool
 	var rewoundFrom uint64
 	if d.cfg.Logger.Enabled(context.Background(), slog.LevelDebug) {
-		d.cfg.Logger.Debug("watch message", "revision", m.GetRevision(), "message", m.String())
+		d.cfg.Logger.Debug("watch message", "revision", m.GetRevision(), "message", redacted(m))
 	}
 	d.mu.Lock()
 	d.heard = time.Now()
@@ -681,4 +684,36 @@ func (d *Directory) followOnce(ctx context.Context, client edgev1connect.WatchSe
 		return ended(err)
 	}
 	return ended(errors.New("watch stream ended"))
+}
+
+// redacted is m as text with its secrets cleared (the session keys'
+// secrets, which seal resume and TLS tickets): a debug log is not a place
+// for them. m itself is left as it is.
+func redacted(m *edgev1.WatchResponse) string {
+	c := proto.Clone(m)
+	clearSecrets(c.ProtoReflect())
+	return prototext.Format(c)
+}
+
+// clearSecrets clears every field named secret in m and the messages
+// it holds.
+func clearSecrets(m protoreflect.Message) {
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		switch {
+		case fd.Name() == "secret":
+			m.Clear(fd)
+		case fd.IsList() && fd.Message() != nil:
+			for i := range v.List().Len() {
+				clearSecrets(v.List().Get(i).Message())
+			}
+		case fd.IsMap() && fd.MapValue().Message() != nil:
+			v.Map().Range(func(_ protoreflect.MapKey, mv protoreflect.Value) bool {
+				clearSecrets(mv.Message())
+				return true
+			})
+		case !fd.IsList() && !fd.IsMap() && fd.Message() != nil:
+			clearSecrets(v.Message())
+		}
+		return true
+	})
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/edge-relay/relay/edge/directory"
 	"github.com/edge-relay/relay/edge/session"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
@@ -352,5 +353,31 @@ func TestFollowsThroughTokenExpiries(t *testing.T) {
 	}
 	if got := logs(); strings.Contains(got, "watch feed interrupted") || strings.Count(got, "watch stream ended with its access token") < 3 {
 		t.Fatalf("the directory's log across three expiries:\n%s", got)
+	}
+}
+
+// The debug log of watch messages leaves the session keys' secrets out
+// (they seal resume tickets, and TLS tickets with --cluster-tls-tickets):
+// the key's id is there, its secret is not, and the ring got it whole.
+func TestTheDebugLogHoldsNoSessionKeySecret(t *testing.T) {
+	var logs bytes.Buffer
+	ring := session.NewRing()
+	dir := directory.New(directory.Config{Ring: ring, Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	secret := bytes.Repeat([]byte("S3cr"), 8)
+	msg := &edgev1.WatchResponse{Revision: 7, Kind: &edgev1.WatchResponse_Event{Event: &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_SessionKeys{
+		SessionKeys: &edgev1.SessionKeyRing{CurrentId: "ss_kept", Keys: []*edgev1.SessionKey{{Id: "ss_kept", Secret: secret}}}}}}}
+	dir.Apply(msg)
+	out := logs.String()
+	if !strings.Contains(out, "ss_kept") {
+		t.Fatalf("the debug log does not show the message: %s", out)
+	}
+	if strings.Contains(out, "S3cr") || bytes.Contains(logs.Bytes(), secret) {
+		t.Fatalf("the debug log holds the session key's secret: %s", out)
+	}
+	if got := msg.GetEvent().GetSessionKeys().GetKeys()[0].GetSecret(); !bytes.Equal(got, secret) {
+		t.Fatal("logging cleared the secret of the message itself")
+	}
+	if _, err := ring.Seal(session.Ticket{UserID: "u", DeviceID: "d"}); err != nil {
+		t.Fatalf("the ring did not get the key: %v", err)
 	}
 }
