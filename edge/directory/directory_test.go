@@ -20,8 +20,8 @@ import (
 	"github.com/edge-relay/relay/edge/directory"
 	"github.com/edge-relay/relay/edge/session"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
-	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
