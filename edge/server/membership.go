@@ -21,7 +21,7 @@ import (
 // clock, counted from each request's sending: once it has run out without
 // a renewal other edges no longer route to this one, which
 // relay_edge_member and the log say.
-func (s *Server) register(ctx context.Context) {
+func (s *Server) register(ctx context.Context, quit <-chan struct{}) {
 	meshAddr := s.cfg.MeshAdvertise
 	if meshAddr == "" {
 		meshAddr = s.mesh.Addr().String()
@@ -77,6 +77,9 @@ func (s *Server) register(ctx context.Context) {
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-quit:
 			t.Stop()
 			return
 		case <-t.C:

@@ -7,7 +7,10 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -170,4 +173,67 @@ func TestAnEdgeWhoseLeaseRunsOutSaysSo(t *testing.T) {
 	}
 	refuse.Store(false)
 	member(1)
+}
+
+// An edge that leaves the member list on shutdown is not put back by its
+// own renewal: its registration stops, and a renewal under way ends,
+// before it deregisters. Before, renewals went on until the last step of
+// the shutdown, and one that started during the deregistration (or
+// landed after it) wrote the edge back for a lease, its peers dialing a
+// closed mesh port meanwhile. Here renewals come every 200 ms and the
+// deregistration takes 600 ms at the control plane (a proxy in front of
+// it holds it): no registration starts after the deregistration began.
+func TestAnEdgeThatLeftIsNotPutBackByItsRenewal(t *testing.T) {
+	var (
+		mu           sync.Mutex
+		deregistered bool
+		late         int // registrations that started after the deregistration did
+	)
+	r := relaytest.Start(t, relaytest.Options{
+		Cluster: clustertest.Options{Configure: func(cfg *controlserver.Config) { cfg.Edges.LeaseTTL = 600 * time.Millisecond }},
+		Edge: func(_ int, cfg *server.Config) {
+			target, err := url.Parse(cfg.Control.URLs[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			proxy := httputil.NewSingleHostReverseProxy(target)
+			var p http.Protocols
+			p.SetUnencryptedHTTP2(true)
+			tr := &http.Transport{Protocols: &p}
+			t.Cleanup(tr.CloseIdleConnections)
+			proxy.Transport, proxy.FlushInterval = tr, -1
+			cfg.Control.URLs = []string{relaytest.ServeH2C(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+				switch req.URL.Path {
+				case edgev1connect.EdgeServiceRegisterEdgeProcedure:
+					mu.Lock()
+					if deregistered {
+						late++
+					}
+					mu.Unlock()
+				case edgev1connect.EdgeServiceDeregisterEdgeProcedure:
+					mu.Lock()
+					deregistered = true
+					mu.Unlock()
+					time.Sleep(600 * time.Millisecond) // a slow control plane, not a synchronisation
+				}
+				proxy.ServeHTTP(w, req)
+			}))}
+			cfg.DrainWindow = 0
+		},
+	})
+	id := r.EdgeConfig(0).EdgeID
+	e := r.Edges[0]
+	r.Edges[0] = nil
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_ = e.Shutdown(ctx)
+	mu.Lock()
+	gotLate, gotDeregistered := late, deregistered
+	mu.Unlock()
+	if !gotDeregistered || gotLate != 0 {
+		t.Fatalf("deregistered %v; %d registrations started after the deregistration did", gotDeregistered, gotLate)
+	}
+	if edgeRecord(t, r, id) != nil {
+		t.Fatalf("edge %s is still a member after its shutdown", id)
+	}
 }

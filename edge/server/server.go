@@ -204,11 +204,16 @@ type Server struct {
 
 	cancel     context.CancelFunc
 	stopBgWork context.CancelFunc // mailbox writer and registration, stopped last
-	wg         sync.WaitGroup
-	bg         sync.WaitGroup
-	ready      atomic.Bool // listeners up; the directory's sync is checked live
-	stopping   atomic.Bool // Shutdown or Kill began
-	once       sync.Once
+	// stopRegister ends the registration loop at its next wait, without
+	// cutting short a registration under way; registerDone is closed once
+	// the loop returned.
+	stopRegister func()
+	registerDone chan struct{}
+	wg           sync.WaitGroup
+	bg           sync.WaitGroup
+	ready        atomic.Bool // listeners up; the directory's sync is checked live
+	stopping     atomic.Bool // Shutdown or Kill began
+	once         sync.Once
 }
 
 // Start starts an edge. It returns once the listeners are up; Ready
@@ -485,7 +490,13 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if s.mailbox != nil {
 		s.bg.Go(func() { s.mailbox.Run(bgCtx) })
 	}
-	s.bg.Go(func() { s.register(bgCtx) })
+	regQuit, regDone := make(chan struct{}), make(chan struct{})
+	s.stopRegister = sync.OnceFunc(func() { close(regQuit) })
+	s.registerDone = regDone
+	s.bg.Go(func() {
+		defer close(regDone)
+		s.register(bgCtx, regQuit)
+	})
 	s.ready.Store(true)
 	s.log.Info("edge listening", "quic", s.listener.Addr().String(), "https", s.httpsLn.Addr().String(), "admin", s.AdminURL(), "version", buildinfo.Get().String())
 	return s, nil
@@ -878,6 +889,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.sendActivity(dctx, s.hub.TakeActivity())
 		cancel()
 		dctx, cancel = context.WithTimeout(ctx, 5*time.Second)
+		// No renewal after the deregistration: one started then, or one
+		// under way whose write lands after it, would put the edge back on
+		// the member list for a lease, and peers would dial a closed mesh
+		// port meanwhile. One under way goes to its end first (cancelled,
+		// its write could still land later).
+		s.stopRegister()
+		select {
+		case <-s.registerDone:
+		case <-dctx.Done():
+		}
 		if derr := s.control.DeregisterEdge(dctx, s.cfg.EdgeID, s.identity.PublicKey()); derr != nil && s.leaseUntil.Load() != 0 {
 			s.log.Warn("could not leave the member list; the lease will run out", "err", derr)
 		}
