@@ -9,6 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
+	"os"
 	"strings"
 	"time"
 
@@ -27,14 +29,22 @@ type ClusterServer struct {
 	node   *raftnode.Node
 	dialer *Dialer
 	log    *slog.Logger
+	// sendTimeout: a Backup client that takes no chunk for this long is
+	// cut off.
+	sendTimeout time.Duration
 }
 
 var _ controlv1connect.ClusterServiceHandler = (*ClusterServer)(nil)
 
 // NewClusterServer returns the ClusterService handler of node; dialer
-// reaches the leader for forwarded requests; log records stale backups.
-func NewClusterServer(node *raftnode.Node, dialer *Dialer, log *slog.Logger) *ClusterServer {
-	return &ClusterServer{node: node, dialer: dialer, log: log}
+// reaches the leader for forwarded requests; log records stale backups;
+// a Backup client that takes no chunk for sendTimeout is cut off (the
+// watch feed's WatchConfig.SendTimeout, 10 s when 0).
+func NewClusterServer(node *raftnode.Node, dialer *Dialer, log *slog.Logger, sendTimeout time.Duration) *ClusterServer {
+	if sendTimeout <= 0 {
+		sendTimeout = 10 * time.Second
+	}
+	return &ClusterServer{node: node, dialer: dialer, log: log, sendTimeout: sendTimeout}
 }
 
 // Status reports this node's view of the cluster.
@@ -251,8 +261,25 @@ func (s *ClusterServer) Backup(ctx context.Context, req *connect.Request[control
 		c, _ := auth.ClaimsFrom(ctx)
 		s.log.Warn("stale backup: the state this node applied, without a leader", "by", c.Login, "applied_index", s.node.FSM().AppliedIndex())
 	}
+	// Each chunk under a write deadline, as the watch feed's messages: a
+	// client that stops reading (a stalled pipe behind relayctl) would
+	// otherwise hold the handler, its place among the account's calls and
+	// the state's snapshot (whose old versions compaction cannot drop)
+	// for good, and a node's shutdown for its whole timeout.
+	rc, _ := ctx.Value(responseControllerKey{}).(*http.ResponseController)
 	w := &chunkWriter{send: func(b []byte) error {
-		return stream.Send(&controlv1.BackupResponse{Data: b})
+		if rc != nil {
+			_ = rc.SetWriteDeadline(time.Now().Add(s.sendTimeout))
+		}
+		err := stream.Send(&controlv1.BackupResponse{Data: b})
+		if rc != nil && err == nil {
+			_ = rc.SetWriteDeadline(time.Time{})
+		}
+		if err != nil && (errors.Is(err, os.ErrDeadlineExceeded) || connect.CodeOf(err) == connect.CodeDeadlineExceeded) {
+			s.log.Warn("backup stream cut off: the client stopped reading", "timeout", s.sendTimeout)
+			return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("no backup chunk taken for %s", s.sendTimeout))
+		}
+		return err
 	}}
 	if _, err := s.node.FSM().WriteBackupContext(ctx, w); err != nil {
 		return toConnect(err)

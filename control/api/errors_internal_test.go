@@ -48,3 +48,29 @@ func TestErrorsMapToTheirCodes(t *testing.T) {
 		t.Errorf("a Connect error was wrapped again: %v", got)
 	}
 }
+
+// A peer's refusal of this node's own call reaches the caller as the
+// code for "try another node", never as one the caller would take for
+// its own: a leader that refuses the forwarding node's token
+// (unauthenticated) would otherwise have an edge drop its valid token and
+// stay on that node. The codes that carry a meaning of their own keep it.
+func TestAPeersRefusalIsNotTheCallersOwn(t *testing.T) {
+	for _, tc := range []struct {
+		code connect.Code
+		op   string
+		want connect.Code
+	}{
+		{connect.CodeUnauthenticated, "forward apply", connect.CodeUnavailable},
+		{connect.CodeUnauthenticated, "read index", connect.CodeUnavailable},
+		{connect.CodeResourceExhausted, "forward apply", connect.CodeUnavailable},
+		{connect.CodeUnimplemented, "read index", connect.CodeUnavailable},
+		{connect.CodeUnavailable, "read index", connect.CodeUnavailable},
+		{connect.CodePermissionDenied, "forward apply", connect.CodeUnavailable},
+		{connect.CodeCanceled, "forward apply", connect.CodeCanceled},
+	} {
+		err := fromPeer(tc.op, "10.0.0.1:7400", connect.NewError(tc.code, fmt.Errorf("refused")))
+		if got := connect.CodeOf(toConnect(err)); got != tc.want {
+			t.Errorf("%s answered %v: the caller gets %v, want %v", tc.op, tc.code, got, tc.want)
+		}
+	}
+}

@@ -171,6 +171,14 @@ func fromPeer(op, addr string, err error) error {
 		// PeerService is the nodes' alone: a node is refused it only once
 		// the cluster removed it (auth.Policy.MembersOnly).
 		return fmt.Errorf("%s at %s: %w: %v", op, addr, raftnode.ErrRemoved, err)
+	case connect.CodeUnauthenticated, connect.CodeResourceExhausted, connect.CodeUnimplemented:
+		// The leader refused this node's own call before anything was
+		// proposed: its node token (a clock beyond the tokens' leeway, a
+		// signing key it does not hold yet), a limit, a release without
+		// the procedure. Passed on, the code would read as the caller's
+		// own (an edge would drop its valid token and stay on this node);
+		// another node can take the call.
+		return fmt.Errorf("%s at %s: %w: %v", op, addr, raftnode.ErrNoLeader, err)
 	}
 	return fmt.Errorf("%s at %s: %w", op, addr, err)
 }

@@ -223,6 +223,12 @@ func (n *Node) TransferLeadership(ctx context.Context, id string) (string, error
 		f = n.raft.LeadershipTransferToServer(raft.ServerID(id), addr)
 	}
 	if err := f.Error(); err != nil {
+		if errors.Is(err, raft.ErrLeadershipTransferInProgress) {
+			// Another hand-over (a graceful stop's) is under way. Not
+			// taken as "not the leader", which the API retries on the next
+			// leader: that would hand leadership on a second time.
+			return "", fmt.Errorf("transfer leadership: %w: another transfer is under way; retry once it is done", ErrNoLeader)
+		}
 		return "", mapRaftErr("transfer leadership", err)
 	}
 	// Wait until this node has seen the new leader.

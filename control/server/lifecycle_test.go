@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +14,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
@@ -39,18 +41,8 @@ func TestShutdownFinishesRequestInFlight(t *testing.T) {
 	if code, body := readyz(t, s); code != http.StatusOK {
 		t.Fatalf("/readyz before shutdown: %d %s", code, body)
 	}
-	cl := controlv1connect.NewClusterServiceClient(clustertest.SmallWindowClient(t), "http://"+s.Server.APIAddr())
-	req := connect.NewRequest(&controlv1.BackupRequest{})
-	req.Header().Set("Authorization", "Bearer "+c.AdminToken())
-	stream, err := cl.Backup(ctx, req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stream.Close()
+	stream := slowBackup(ctx, t, c, s)
 	var buf bytes.Buffer
-	if !stream.Receive() {
-		t.Fatalf("no first backup chunk: %v", stream.Err())
-	}
 	buf.Write(stream.Msg().GetData())
 
 	// The handler is running (it sent a chunk) and cannot finish until
@@ -165,4 +157,48 @@ func TestANewClusterHasAHistory(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// A backup client that stops reading (a stalled pipe behind relayctl)
+// is cut off once it takes no chunk for the send timeout, as a watcher
+// is: before, its handler held the state's snapshot, a place among the
+// account's calls and the node's shutdown for as long as the client
+// kept its connection. Here the timeout is 1 s; the node then stops
+// without waiting for the backup.
+func TestABackupClientThatStopsReadingIsCutOff(t *testing.T) {
+	rec := clustertest.NewLogRecorder()
+	c := clustertest.Start(t, 1, clustertest.Options{Logger: slog.New(rec), Watch: api.WatchConfig{SendTimeout: time.Second}})
+	ctx := ctxT(t, 2*time.Minute)
+	fillState(t, ctx, c.Nodes[0].Server.Node(), 150)
+	slowBackup(ctx, t, c, c.Nodes[0]) // its first chunk taken, nothing more
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if len(rec.Find("backup stream cut off: the client stopped reading", nil)) == 0 {
+			return errors.New("the backup stream was not cut off")
+		}
+		return nil
+	})
+	sctx, cancel := context.WithTimeout(ctx, 45*time.Second)
+	defer cancel()
+	if err := c.Nodes[0].Server.Shutdown(sctx); err != nil {
+		t.Fatalf("shutdown after the cut-off: %v", err)
+	}
+}
+
+// slowBackup starts a backup from node n of c as the admin, with a client
+// whose flow-control windows are 64 KiB, and returns its stream once the
+// first chunk came (in Msg); the stream closes when the test ends.
+func slowBackup(ctx context.Context, t *testing.T, c *clustertest.Cluster, n *clustertest.Node) *connect.ServerStreamForClient[controlv1.BackupResponse] {
+	t.Helper()
+	cl := controlv1connect.NewClusterServiceClient(clustertest.SmallWindowClient(t), "http://"+n.Server.APIAddr())
+	req := connect.NewRequest(&controlv1.BackupRequest{})
+	req.Header().Set("Authorization", "Bearer "+c.AdminToken())
+	stream, err := cl.Backup(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stream.Close() })
+	if !stream.Receive() {
+		t.Fatalf("no first backup chunk: %v", stream.Err())
+	}
+	return stream
 }

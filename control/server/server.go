@@ -397,7 +397,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	opts := func(service string) connect.HandlerOption {
 		return connect.WithHandlerOptions(interceptors, cfg.Limits.HandlerOptions(service))
 	}
-	mux.Handle(controlv1connect.NewClusterServiceHandler(api.NewClusterServer(s.node, s.dialer, s.log), opts(controlv1connect.ClusterServiceName)))
+	mux.Handle(controlv1connect.NewClusterServiceHandler(api.NewClusterServer(s.node, s.dialer, s.log, cfg.Watch.SendTimeout), opts(controlv1connect.ClusterServiceName)))
 	mux.Handle(controlv1connect.NewPeerServiceHandler(api.NewPeerServer(s.node), opts(controlv1connect.PeerServiceName)))
 	mux.Handle(controlv1connect.NewAuthServiceHandler(authServer, opts(controlv1connect.AuthServiceName)))
 	mux.Handle(controlv1connect.NewUserServiceHandler(api.NewUserServer(s.node, s.authn), opts(controlv1connect.UserServiceName)))
