@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"connectrpc.com/connect"
+	"filippo.io/edwards25519"
 
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/fsm"
@@ -89,6 +90,9 @@ func (s *DeviceServer) RegisterDevice(ctx context.Context, req *connect.Request[
 	}
 	if len(m.GetPublicKey()) != fsm.PublicKeyLen {
 		return nil, invalidArg(fmt.Errorf("public_key is %d bytes; an Ed25519 public key is %d", len(m.GetPublicKey()), fsm.PublicKeyLen))
+	}
+	if err := usableKey(m.GetPublicKey()); err != nil {
+		return nil, invalidArg(err)
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{Device: &statev1.Device{
 		Id: newID("d"), UserId: uid, Name: m.GetName(), PublicKey: m.GetPublicKey(),
@@ -180,4 +184,23 @@ func (s *DeviceServer) DeleteDevice(ctx context.Context, req *connect.Request[co
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.DeleteDeviceResponse{}), nil
+}
+
+// usableKey refuses a device key no device can use safely: one that is
+// not a point of the curve (no signature verifies for it), and one of
+// small order, for which signatures that verify can be made without any
+// private key (crypto/ed25519 accepts them, as RFC 8032 allows): with
+// such a key registered, anyone who knows the device's id could sign in
+// as it. No key made by a key generator is either. Checked here, before
+// the command, not in the state machine: an apply rule would differ
+// between releases during an upgrade.
+func usableKey(pub []byte) error {
+	p, err := new(edwards25519.Point).SetBytes(pub)
+	if err != nil {
+		return errors.New("public_key is not an Ed25519 public key (not a point of the curve)")
+	}
+	if new(edwards25519.Point).MultByCofactor(p).Equal(edwards25519.NewIdentityPoint()) == 1 {
+		return errors.New("public_key is a point of small order, for which anyone can make signatures: generate a new key")
+	}
+	return nil
 }
