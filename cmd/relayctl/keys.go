@@ -19,8 +19,9 @@ func (a *app) keysCommand() *cobra.Command {
 	}
 	// rotate is a rotation command. One the cluster may have taken is
 	// not repeated: the retry would rotate once more.
+	var retireNow bool
 	rotate := func(use, short, kind string, do func(context.Context, controlv1connect.KeyServiceClient) (proto.Message, string, error)) *cobra.Command {
-		return &cobra.Command{
+		c := &cobra.Command{
 			Use: use, Short: short, Args: cobra.NoArgs,
 			RunE: func(cmd *cobra.Command, _ []string) error {
 				var msg proto.Message
@@ -35,17 +36,19 @@ func (a *app) keysCommand() *cobra.Command {
 				return a.print(msg, func() error { _, err := fmt.Fprintf(a.stdout, "new %s key %s\n", kind, id); return err })
 			},
 		}
+		c.Flags().BoolVar(&retireNow, "now", false, "the replaced key stops at once instead of after its grace (after a leak: what it signed or sealed is refused from then on)")
+		return c
 	}
 	cmd.AddCommand(rotate("rotate-signing", "Rotate the access-token signing key", "signing",
 		func(ctx context.Context, cl controlv1connect.KeyServiceClient) (proto.Message, string, error) {
-			r, err := cl.RotateSigningKey(ctx, connect.NewRequest(&controlv1.RotateSigningKeyRequest{}))
+			r, err := cl.RotateSigningKey(ctx, connect.NewRequest(&controlv1.RotateSigningKeyRequest{RetireNow: retireNow}))
 			if err != nil {
 				return nil, "", err
 			}
 			return r.Msg, r.Msg.GetKeyId(), nil
 		}), rotate("rotate-session", "Rotate the resume-ticket (session) key", "session",
 		func(ctx context.Context, cl controlv1connect.KeyServiceClient) (proto.Message, string, error) {
-			r, err := cl.RotateSessionKey(ctx, connect.NewRequest(&controlv1.RotateSessionKeyRequest{}))
+			r, err := cl.RotateSessionKey(ctx, connect.NewRequest(&controlv1.RotateSessionKeyRequest{RetireNow: retireNow}))
 			if err != nil {
 				return nil, "", err
 			}

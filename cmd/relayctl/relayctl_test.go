@@ -148,7 +148,15 @@ func TestJSONOutputForEveryCommand(t *testing.T) {
 			t.Fatalf("keys %s: %v", k, v)
 		}
 	}
-	r.json(srv, "", "keys", "list")
+	// --now: the session key just rotated in leaves at once instead of
+	// after its grace; the first one, retired by the plain rotation,
+	// keeps its grace.
+	if v := r.json(srv, "", "keys", "rotate-session", "--now"); v["keyId"] == "" || v["keyId"] == nil {
+		t.Fatalf("keys rotate-session --now: %v", v)
+	}
+	if v := r.json(srv, "", "keys", "list"); len(v["sessionKeys"].([]any)) != 2 {
+		t.Fatalf("keys list after rotate-session --now: %v, want 2 session keys (the new one, the first in its grace)", v["sessionKeys"])
+	}
 	// The cluster's identity in the Raft cluster check: 16 random bytes, hex.
 	if v := r.json(srv, "", "cluster", "status"); len(fmt.Sprint(v["history"])) != 32 || !strings.HasPrefix(fmt.Sprint(v["version"]), "devel (") {
 		t.Fatalf("cluster status names no history or no release: %v", v)

@@ -60,9 +60,13 @@ func NewSessionKeyCommand(grace time.Duration) (*statev1.Command, string, error)
 }
 
 // RotateSigningKey rotates the token signing key.
-func (s *KeyServer) RotateSigningKey(ctx context.Context, _ *connect.Request[controlv1.RotateSigningKeyRequest]) (*connect.Response[controlv1.RotateSigningKeyResponse], error) {
+func (s *KeyServer) RotateSigningKey(ctx context.Context, req *connect.Request[controlv1.RotateSigningKeyRequest]) (*connect.Response[controlv1.RotateSigningKeyResponse], error) {
 	cfg := s.authn.Config()
-	cmd, id, err := NewSigningKeyCommand(cfg.AccessTTL + cfg.Leeway)
+	retain := cfg.AccessTTL + cfg.Leeway
+	if req.Msg.GetRetireNow() {
+		retain = 0
+	}
+	cmd, id, err := NewSigningKeyCommand(retain)
 	if err != nil {
 		return nil, toConnect(err)
 	}
@@ -73,8 +77,12 @@ func (s *KeyServer) RotateSigningKey(ctx context.Context, _ *connect.Request[con
 }
 
 // RotateSessionKey rotates the ticket-sealing key.
-func (s *KeyServer) RotateSessionKey(ctx context.Context, _ *connect.Request[controlv1.RotateSessionKeyRequest]) (*connect.Response[controlv1.RotateSessionKeyResponse], error) {
-	cmd, id, err := NewSessionKeyCommand(s.sessionGrace)
+func (s *KeyServer) RotateSessionKey(ctx context.Context, req *connect.Request[controlv1.RotateSessionKeyRequest]) (*connect.Response[controlv1.RotateSessionKeyResponse], error) {
+	grace := s.sessionGrace
+	if req.Msg.GetRetireNow() {
+		grace = 0
+	}
+	cmd, id, err := NewSessionKeyCommand(grace)
 	if err != nil {
 		return nil, toConnect(err)
 	}

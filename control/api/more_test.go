@@ -297,3 +297,41 @@ func TestNoHashingSlotNoVerdictNoAttempt(t *testing.T) {
 		t.Fatalf("the right password once a slot is free: %v (want no attempt counted while none was)", err)
 	}
 }
+
+// After a leak, a rotation with retire_now stops the replaced keys at
+// once: an access token of the old signing key is refused from then on
+// (a plain rotation keeps it verifying for the tokens' lifetime, above),
+// and the old session key leaves the ring the edges follow.
+func TestARotationWithRetireNowStopsTheOldKeyAtOnce(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx := ctxT(t, 30*time.Second)
+	old := c.TokenFor("op-now", controlv1.Role_ROLE_ADMIN)
+	oldCl := clientsAs(t, c.Nodes[0], old)
+	if _, err := oldCl.users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{})); err != nil {
+		t.Fatalf("the token before any rotation: %v", err)
+	}
+	if _, err := oldCl.keys.RotateSigningKey(ctx, connect.NewRequest(&controlv1.RotateSigningKeyRequest{RetireNow: true})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := oldCl.users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{})); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("a token of the key retired now: %v, want unauthenticated", err)
+	}
+	admin := clientsAs(t, c.Nodes[0], c.AdminToken())
+	before, err := admin.keys.ListKeys(ctx, connect.NewRequest(&controlv1.ListKeysRequest{}))
+	if err != nil || len(before.Msg.GetSessionKeys()) != 1 {
+		t.Fatalf("session keys: %v %v", before, err)
+	}
+	r, err := admin.keys.RotateSessionKey(ctx, connect.NewRequest(&controlv1.RotateSessionKeyRequest{RetireNow: true}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := admin.keys.ListKeys(ctx, connect.NewRequest(&controlv1.ListKeysRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range after.Msg.GetSessionKeys() {
+		if k.GetId() != r.Msg.GetKeyId() && (k.GetExpiresAt() == nil || k.GetExpiresAt().AsTime().After(time.Now())) {
+			t.Fatalf("the replaced session key %s is still in use: %v", k.GetId(), k)
+		}
+	}
+}

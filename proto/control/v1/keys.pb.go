@@ -103,7 +103,12 @@ func (x *KeyInfo) GetCurrent() bool {
 
 // RotateSigningKeyRequest asks for a new signing key.
 type RotateSigningKeyRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key it replaces stops verifying at once, instead of after the
+	// access tokens' lifetime: after a leak. Every access token it signed
+	// is refused from then on (clients refresh; a node mints a new one).
+	// A key retired by an earlier rotation keeps its time.
+	RetireNow     bool `protobuf:"varint,1,opt,name=retire_now,json=retireNow,proto3" json:"retire_now,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -136,6 +141,13 @@ func (x *RotateSigningKeyRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use RotateSigningKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateSigningKeyRequest) Descriptor() ([]byte, []int) {
 	return file_control_v1_keys_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RotateSigningKeyRequest) GetRetireNow() bool {
+	if x != nil {
+		return x.RetireNow
+	}
+	return false
 }
 
 // RotateSigningKeyResponse names the new key.
@@ -185,7 +197,13 @@ func (x *RotateSigningKeyResponse) GetKeyId() string {
 
 // RotateSessionKeyRequest asks for a new session key.
 type RotateSessionKeyRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key it replaces leaves the ring at once, instead of after the
+	// session-key grace: after a leak. Every resume ticket (and, with
+	// --cluster-tls-tickets, TLS ticket) it sealed is refused from then
+	// on, and devices authenticate in full. A key retired by an earlier
+	// rotation keeps its time.
+	RetireNow     bool `protobuf:"varint,1,opt,name=retire_now,json=retireNow,proto3" json:"retire_now,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -218,6 +236,13 @@ func (x *RotateSessionKeyRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use RotateSessionKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateSessionKeyRequest) Descriptor() ([]byte, []int) {
 	return file_control_v1_keys_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *RotateSessionKeyRequest) GetRetireNow() bool {
+	if x != nil {
+		return x.RetireNow
+	}
+	return false
 }
 
 // RotateSessionKeyResponse names the new key.
@@ -369,11 +394,15 @@ const file_control_v1_keys_proto_rawDesc = "" +
 	"retired_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tretiredAt\x129\n" +
 	"\n" +
 	"expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x18\n" +
-	"\acurrent\x18\x05 \x01(\bR\acurrent\"\x19\n" +
-	"\x17RotateSigningKeyRequest\"1\n" +
+	"\acurrent\x18\x05 \x01(\bR\acurrent\"8\n" +
+	"\x17RotateSigningKeyRequest\x12\x1d\n" +
+	"\n" +
+	"retire_now\x18\x01 \x01(\bR\tretireNow\"1\n" +
 	"\x18RotateSigningKeyResponse\x12\x15\n" +
-	"\x06key_id\x18\x01 \x01(\tR\x05keyId\"\x19\n" +
-	"\x17RotateSessionKeyRequest\"1\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\"8\n" +
+	"\x17RotateSessionKeyRequest\x12\x1d\n" +
+	"\n" +
+	"retire_now\x18\x01 \x01(\bR\tretireNow\"1\n" +
 	"\x18RotateSessionKeyResponse\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\tR\x05keyId\"\x11\n" +
 	"\x0fListKeysRequest\"\x82\x01\n" +
