@@ -19,7 +19,9 @@ import (
 
 	"github.com/edge-relay/relay/control/clustertest"
 	controlserver "github.com/edge-relay/relay/control/server"
+	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
+	"github.com/edge-relay/relay/edge/session"
 	"github.com/edge-relay/relay/internal/relaytest"
 	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
@@ -192,17 +194,7 @@ func TestAnEdgeThatLeftIsNotPutBackByItsRenewal(t *testing.T) {
 	r := relaytest.Start(t, relaytest.Options{
 		Cluster: clustertest.Options{Configure: func(cfg *controlserver.Config) { cfg.Edges.LeaseTTL = 600 * time.Millisecond }},
 		Edge: func(_ int, cfg *server.Config) {
-			target, err := url.Parse(cfg.Control.URLs[0])
-			if err != nil {
-				t.Fatal(err)
-			}
-			proxy := httputil.NewSingleHostReverseProxy(target)
-			var p http.Protocols
-			p.SetUnencryptedHTTP2(true)
-			tr := &http.Transport{Protocols: &p}
-			t.Cleanup(tr.CloseIdleConnections)
-			proxy.Transport, proxy.FlushInterval = tr, -1
-			cfg.Control.URLs = []string{relaytest.ServeH2C(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+			controlProxy(t, cfg, func(w http.ResponseWriter, req *http.Request, pass http.Handler) {
 				switch req.URL.Path {
 				case edgev1connect.EdgeServiceRegisterEdgeProcedure:
 					mu.Lock()
@@ -216,8 +208,8 @@ func TestAnEdgeThatLeftIsNotPutBackByItsRenewal(t *testing.T) {
 					mu.Unlock()
 					time.Sleep(600 * time.Millisecond) // a slow control plane, not a synchronisation
 				}
-				proxy.ServeHTTP(w, req)
-			}))}
+				pass.ServeHTTP(w, req)
+			})
 			cfg.DrainWindow = 0
 		},
 	})
@@ -236,4 +228,77 @@ func TestAnEdgeThatLeftIsNotPutBackByItsRenewal(t *testing.T) {
 	if edgeRecord(t, r, id) != nil {
 		t.Fatalf("edge %s is still a member after its shutdown", id)
 	}
+}
+
+// controlProxy puts a proxy before the control plane cfg reaches: every
+// call goes through handle, which passes it on (or not) with pass.
+func controlProxy(t *testing.T, cfg *server.Config, handle func(w http.ResponseWriter, req *http.Request, pass http.Handler)) {
+	t.Helper()
+	target, err := url.Parse(cfg.Control.URLs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{Protocols: &p}
+	t.Cleanup(tr.CloseIdleConnections)
+	proxy.Transport, proxy.FlushInterval = tr, -1
+	cfg.Control.URLs = []string{relaytest.ServeH2C(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		handle(w, req, proxy)
+	}))}
+}
+
+// A device whose session ended while the control plane refused the edge's
+// activity report still gets its last_seen: the failed report's devices
+// go with the next one. Before, they were dropped, and a device that left
+// meanwhile was reported by no later report (only those online are).
+func TestActivityOfAFailedReportGoesWithTheNext(t *testing.T) {
+	var failing atomic.Bool
+	failing.Store(true)
+	var failed atomic.Int64
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.ActivityEvery = 100 * time.Millisecond
+		controlProxy(t, cfg, func(w http.ResponseWriter, req *http.Request, pass http.Handler) {
+			if req.URL.Path == edgev1connect.ActivityServiceReportActivityProcedure && failing.Load() {
+				failed.Add(1)
+				http.Error(w, "no leader", http.StatusServiceUnavailable)
+				return
+			}
+			pass.ServeHTTP(w, req)
+		})
+	}})
+	u := r.User("seen")
+	d := r.Device(u, "phone")
+	c := r.Dial(0, d, client.QUIC)
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	relaytest.WaitEdge(t, r.Edges[0], 30*time.Second, func(st session.Stats) error {
+		if st.Sessions != 0 {
+			return fmt.Errorf("%d sessions", st.Sessions)
+		}
+		return nil
+	})
+	// Two reports after the session ended fail: the first (or one in
+	// flight as it ended) had its activity; with nobody online, only that
+	// activity, kept for the next, makes the edge report again.
+	n := failed.Load()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if failed.Load() < n+2 {
+			return errors.New("the edge reported nothing again after a failed report: it dropped the ended session's activity")
+		}
+		return nil
+	})
+	failing.Store(false)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		dev, err := r.Cluster.Nodes[0].Server.Node().FSM().GetDevice(u, d.ID)
+		if err != nil {
+			return err
+		}
+		if dev.GetLastSeenMs() == 0 {
+			return errors.New("no last_seen yet")
+		}
+		return nil
+	})
 }

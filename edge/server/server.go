@@ -209,11 +209,16 @@ type Server struct {
 	// the loop returned.
 	stopRegister func()
 	registerDone chan struct{}
-	wg           sync.WaitGroup
-	bg           sync.WaitGroup
-	ready        atomic.Bool // listeners up; the directory's sync is checked live
-	stopping     atomic.Bool // Shutdown or Kill began
-	once         sync.Once
+
+	activityMu sync.Mutex // guards unreported; one activity report at a time
+	// unreported is, by device, the activity of a report that failed,
+	// sent with the next one.
+	unreported map[string]session.Activity
+	wg         sync.WaitGroup
+	bg         sync.WaitGroup
+	ready      atomic.Bool // listeners up; the directory's sync is checked live
+	stopping   atomic.Bool // Shutdown or Kill began
+	once       sync.Once
 }
 
 // Start starts an edge. It returns once the listeners are up; Ready
@@ -558,16 +563,28 @@ func (s *Server) reportActivity(ctx context.Context) {
 	}
 }
 
+// maxUnreported bounds the devices whose activity a failed report keeps
+// for the next one.
+const maxUnreported = 1 << 16
+
 func (s *Server) sendActivity(ctx context.Context, acts []session.Activity) {
-	if len(acts) == 0 {
-		return
+	s.activityMu.Lock()
+	defer s.activityMu.Unlock()
+	// One entry per device: its latest activity, with what a failed
+	// report left (the devices whose sessions ended then are in no later
+	// TakeActivity; those online are again).
+	latest := s.unreported
+	if latest == nil {
+		latest = make(map[string]session.Activity, len(acts))
 	}
-	// One entry per device: its latest activity.
-	latest := make(map[string]session.Activity, len(acts))
+	s.unreported = nil
 	for _, a := range acts {
 		if cur, ok := latest[a.DeviceID]; !ok || a.At.After(cur.At) {
 			latest[a.DeviceID] = a
 		}
+	}
+	if len(latest) == 0 {
+		return
 	}
 	entries := make([]*edgev1.Activity, 0, len(latest))
 	for _, a := range latest {
@@ -575,8 +592,13 @@ func (s *Server) sendActivity(ctx context.Context, acts []session.Activity) {
 	}
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := s.control.ReportActivity(rctx, entries); err != nil && ctx.Err() == nil {
-		s.log.Warn("activity report failed", "devices", len(entries), "err", err)
+	if err := s.control.ReportActivity(rctx, entries); err != nil {
+		if len(latest) <= maxUnreported {
+			s.unreported = latest
+		}
+		if ctx.Err() == nil {
+			s.log.Warn("activity report failed; its devices go with the next one", "devices", len(entries), "err", err)
+		}
 	}
 }
 
@@ -885,9 +907,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		if s.mailbox != nil {
 			err = errors.Join(err, s.mailbox.Flush(dctx))
 		}
-		// What the drained sessions did since the last report.
-		s.sendActivity(dctx, s.hub.TakeActivity())
 		cancel()
+		// What the drained sessions did since the last report, with its
+		// own time: the drain may have used dctx up.
+		actx, acancel := context.WithTimeout(ctx, 2*time.Second)
+		s.sendActivity(actx, s.hub.TakeActivity())
+		acancel()
 		dctx, cancel = context.WithTimeout(ctx, 5*time.Second)
 		// No renewal after the deregistration: one started then, or one
 		// under way whose write lands after it, would put the edge back on
