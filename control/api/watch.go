@@ -104,6 +104,9 @@ func NewWatchServer(node *raftnode.Node, cfg WatchConfig) *WatchServer {
 // another node) and refuses new ones. A server shutting down calls it
 // first: streams would otherwise hold the shutdown until its timeout.
 func (s *WatchServer) Close() {
+	if s.stopped.Err() == nil {
+		s.cfg.Logger.Info("watch streams end: the node is stopping")
+	}
 	s.stop()
 }
 
@@ -125,14 +128,27 @@ var errTooSlow = errors.New("watcher too slow")
 // watchStream sends messages with a write deadline per message: when the
 // client stops reading and HTTP/2 flow control holds a message for longer
 // than the timeout, the write fails and the stream ends.
+//
+// Once the server closes (stopped), a message is not sent: the stream
+// ends Unavailable, also in the middle of a full copy or of a run of full
+// pages, which otherwise went on to their end (each message allowed the
+// send timeout) while the node's shutdown waited for them.
 type watchStream struct {
 	send    func(*edgev1.WatchResponse) error
 	timeout time.Duration
 	rc      *http.ResponseController // nil: no deadline possible
+	stopped context.Context          // the server's; nil: never
 	last    uint64                   // revision of the last message taken by the transport
+	copying bool                     // a full copy is under way (resync)
 }
 
 func (w *watchStream) Send(m *edgev1.WatchResponse) error {
+	if w.stopped != nil && w.stopped.Err() != nil {
+		if w.copying {
+			return connect.NewError(connect.CodeUnavailable, errors.New("control node shutting down during a full copy; watch on another node"))
+		}
+		return shuttingDown(w.last)
+	}
 	if w.rc != nil {
 		_ = w.rc.SetWriteDeadline(time.Now().Add(w.timeout))
 	}
@@ -160,7 +176,7 @@ func (s *WatchServer) Watch(ctx context.Context, req *connect.Request[edgev1.Wat
 		return invalidArg(fmt.Errorf("history is %d bytes, at most %d", n, fsm.MaxHistoryLen))
 	}
 	rc, _ := ctx.Value(responseControllerKey{}).(*http.ResponseController)
-	ws := &watchStream{send: stream.Send, timeout: s.cfg.SendTimeout, rc: rc}
+	ws := &watchStream{send: stream.Send, timeout: s.cfg.SendTimeout, rc: rc, stopped: s.stopped}
 	s.streams.Inc()
 	defer s.streams.Dec()
 	err := s.watch(ctx, req.Msg.GetFromRevision(), req.Msg.GetHistory(), ws)
@@ -428,6 +444,8 @@ func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	}
 	defer v.Close()
 	s.resyncs.Inc()
+	ws.copying = true
+	defer func() { ws.copying = false }()
 	rev := v.AppliedIndex()
 	// An error of the copy's reads is typed (Internal); one of sending
 	// goes back as it is (errTooSlow, the watcher gone).

@@ -18,6 +18,8 @@ import (
 	"github.com/edge-relay/relay/control/clustertest"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
+	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
+	"github.com/edge-relay/relay/proto/edge/v1/edgev1connect"
 	"github.com/edge-relay/relay/storage/state"
 )
 
@@ -201,4 +203,50 @@ func slowBackup(ctx context.Context, t *testing.T, c *clustertest.Cluster, n *cl
 		t.Fatalf("no first backup chunk: %v", stream.Err())
 	}
 	return stream
+}
+
+// A node that shuts down while it sends a full copy ends the copy with
+// Unavailable instead of sending it to its end (each message may take
+// the send timeout, and the shutdown waited for all of them): the
+// watcher reads the copy's first message, stops reading, and once the
+// shutdown waits for its stream reads on: the stream ends without the
+// copy's SnapshotDone.
+func TestAFullCopyEndsWhenTheNodeStops(t *testing.T) {
+	rec := clustertest.NewLogRecorder()
+	c := clustertest.Start(t, 1, clustertest.Options{Logger: slog.New(rec)})
+	ctx := ctxT(t, 2*time.Minute)
+	// Most of a megabyte of edges in the copy, far more than the
+	// watcher's 64 KiB window.
+	fillState(t, ctx, c.Nodes[0].Server.Node(), 150)
+	s := c.Nodes[0]
+	cl := edgev1connect.NewWatchServiceClient(clustertest.SmallWindowClient(t), "http://"+s.Server.APIAddr())
+	req := connect.NewRequest(&edgev1.WatchRequest{})
+	req.Header().Set("Authorization", "Bearer "+c.TokenFor("edge-watch", controlv1.Role_ROLE_EDGE))
+	stream, err := cl.Watch(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	if !stream.Receive() || stream.Msg().GetResync() == nil {
+		t.Fatalf("the copy's first message: %v %v", stream.Msg(), stream.Err())
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Server.Shutdown(ctx) }()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if len(rec.Find("watch streams end: the node is stopping", nil)) == 0 {
+			return errors.New("the watch server is not closed yet")
+		}
+		return nil
+	})
+	for stream.Receive() {
+		if stream.Msg().GetSnapshotDone() != nil {
+			t.Fatal("the copy was sent to its end after the node began to stop")
+		}
+	}
+	if code := connect.CodeOf(stream.Err()); code != connect.CodeUnavailable {
+		t.Fatalf("the stream ended with %v, want unavailable", stream.Err())
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
 }
