@@ -302,3 +302,21 @@ func TestActivityOfAFailedReportGoesWithTheNext(t *testing.T) {
 		return nil
 	})
 }
+
+// A device port that stops accepting (a fatal error of its socket) makes
+// the edge not ready, and the admin port says which and why, so that a
+// load balancer or Kubernetes takes it out and its devices move on;
+// before, /readyz answered 200 while no QUIC or WebTransport session
+// could come in, and nothing was logged.
+func TestADeadDevicePortMakesTheEdgeNotReady(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) { cfg.AdminAddr = "127.0.0.1:0" }})
+	e := r.Edges[0]
+	if !e.Ready() {
+		t.Fatal("the edge is not ready before its port failed")
+	}
+	e.KillDevicePort()
+	waitNotReady(t, e, "device port down", "quic port")
+	if code, body, err := readyz(e.HTTPSURL()); err != nil || code != http.StatusServiceUnavailable || body != "not ready: device port down\n" {
+		t.Fatalf("the public /readyz: %d %q %v", code, body, err)
+	}
+}

@@ -15,6 +15,7 @@ const (
 	notReadyStarting = "starting"
 	notReadyDraining = "draining"
 	notReadyControl  = "control plane"
+	notReadyPort     = "device port down"
 )
 
 // readiness is what decides whether an edge is ready (see Ready).
@@ -22,6 +23,7 @@ type readiness struct {
 	listening, stopping bool // listeners up (Start done); Shutdown or Kill began
 	synced, registered  bool // the watch feed's first full copy in; a membership lease held once
 	regErr              string
+	portDown            string   // a device port that stopped accepting, and why ("": none)
 	stepAsideFor        []string // peers that hear the control plane while this edge does not
 }
 
@@ -33,6 +35,8 @@ func (r readiness) why() (reason, detail string) {
 		return notReadyDraining, "shutting down"
 	case !r.listening:
 		return notReadyStarting, "listeners not up"
+	case r.portDown != "":
+		return notReadyPort, "device port down: " + r.portDown + " (restart the edge)"
 	case !r.synced:
 		return notReadyStarting, "watch feed not synced"
 	case !r.registered:

@@ -25,6 +25,8 @@ func TestReadinessReasons(t *testing.T) {
 		{"not registered", readiness{listening: true, synced: true}, notReadyStarting, []string{"not registered"}},
 		{"registration failed", readiness{listening: true, synced: true, regErr: "unavailable: dial " + url + ": connection refused"},
 			notReadyStarting, []string{"not registered", url}},
+		{"a device port down", readiness{listening: true, synced: true, registered: true, portDown: "quic port: accept: use of closed network connection"},
+			notReadyPort, []string{"device port down", "quic port", "restart"}},
 		{"stepping aside", readiness{listening: true, synced: true, registered: true, stepAsideFor: []string{"edge-b", "edge-c"}},
 			notReadyControl, []string{"peer edges hear it", "edge-b, edge-c"}},
 	} {

@@ -210,7 +210,8 @@ type Server struct {
 	stopRegister func()
 	registerDone chan struct{}
 
-	activityMu sync.Mutex // guards unreported; one activity report at a time
+	portDown   atomic.Pointer[string] // a device port that stopped accepting, and why
+	activityMu sync.Mutex             // guards unreported; one activity report at a time
 	// unreported is, by device, the activity of a report that failed,
 	// sent with the next one.
 	unreported map[string]session.Activity
@@ -475,8 +476,16 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: httpIdle, MaxHeaderBytes: MaxHeaderBytes}
 	}
 
-	s.wg.Go(func() { _ = s.listener.Serve() })
-	s.wg.Go(func() { serveHTTP(s.log, s.https, s.httpsLn) })
+	s.wg.Go(func() {
+		if err := s.listener.Serve(); err != nil {
+			s.portFailed("quic", err)
+		}
+	})
+	s.wg.Go(func() {
+		if err := s.https.Serve(s.httpsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.portFailed("https", err)
+		}
+	})
 	if s.admin != nil {
 		s.wg.Go(func() { serveHTTP(s.log, s.admin, s.adminLn) })
 	}
@@ -531,6 +540,23 @@ func (s *Server) originPolicy() transport.OriginPolicy {
 	}
 	return p
 }
+
+// portFailed records that a device port stopped accepting (a fatal
+// socket error): unless the edge is stopping, it is not ready from then
+// on, and says why, so that a load balancer or Kubernetes takes it out
+// and its devices move on. It does not come back by itself: restart it.
+func (s *Server) portFailed(port string, err error) {
+	if s.stopping.Load() {
+		return
+	}
+	msg := port + " port: " + err.Error()
+	s.portDown.Store(&msg)
+	s.log.Error("a device port stopped accepting connections; the edge is not ready until it is restarted", "port", port, "err", err)
+}
+
+// KillDevicePort closes the QUIC device port's socket, as a fatal socket
+// error would, and leaves the rest running. For fault tests.
+func (s *Server) KillDevicePort() { s.listener.Kill() }
 
 func serveHTTP(log *slog.Logger, srv *http.Server, ln net.Listener) {
 	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -642,6 +668,9 @@ func (s *Server) Ready() bool {
 // control plane's URLs (a registration error) or peer edges.
 func (s *Server) notReady() (reason, detail string) {
 	st := readiness{listening: s.ready.Load(), stopping: s.stopping.Load(), synced: s.dir.Synced(), registered: s.leaseUntil.Load() != 0}
+	if down := s.portDown.Load(); down != nil {
+		st.portDown = *down
+	}
 	if e := s.regErr.Load(); e != nil {
 		st.regErr = *e
 	}
