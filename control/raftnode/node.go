@@ -242,14 +242,10 @@ func (c *Config) applyDefaults() error {
 	if c.RaftBind == "" {
 		return errors.New("raftnode: Config.RaftBind is required")
 	}
-	if c.RaftAdvertise == "" {
+	if c.RaftAdvertise == "" && EveryInterface(c.RaftBind) {
 		// The bind is advertised, and every interface is no address
 		// another node can dial: [::]:port leads back to the dialer.
-		if host, _, err := net.SplitHostPort(c.RaftBind); err == nil {
-			if ip, err := netip.ParseAddr(host); host == "" || (err == nil && ip.IsUnspecified()) {
-				return fmt.Errorf("raftnode: Config.RaftBind %q is every interface: set RaftAdvertise", c.RaftBind)
-			}
-		}
+		return fmt.Errorf("raftnode: Config.RaftBind %q is every interface: set RaftAdvertise", c.RaftBind)
 	}
 	if c.Features == nil {
 		c.Features = fsm.Features()
@@ -603,6 +599,20 @@ func (a advertiseAddr) String() string  { return string(a) }
 
 // parseAdvertise checks an advertised address: host:port with a host
 // others can dial (a name or a specific IP) and a numeric port.
+// EveryInterface reports whether addr (host:port) binds every interface:
+// no host, or an unspecified IP. Such a bind is no address to advertise.
+func EveryInterface(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false // Listen says what is wrong
+	}
+	if host == "" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsUnspecified()
+}
+
 func parseAdvertise(s string) (net.Addr, error) {
 	host, port, err := net.SplitHostPort(s)
 	if err != nil {

@@ -13,7 +13,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -190,10 +189,10 @@ func (c *Config) applyDefaults() error {
 	// leads back to the dialer (a leader adding such a node would send
 	// itself entries and votes), and a follower would forward writes to
 	// itself.
-	if c.RaftAdvertise == "" && everyInterface(c.RaftAddr) {
+	if c.RaftAdvertise == "" && raftnode.EveryInterface(c.RaftAddr) {
 		return fmt.Errorf("--raft-addr %s listens on every interface: set --raft-advertise to the address the other members dial", c.RaftAddr)
 	}
-	if c.APIAdvertise == "" && everyInterface(c.APIAddr) {
+	if c.APIAdvertise == "" && raftnode.EveryInterface(c.APIAddr) {
 		return fmt.Errorf("--api-addr %s listens on every interface: set --api-advertise to the address the other members and clients use", c.APIAddr)
 	}
 	if c.BootstrapWait <= 0 {
@@ -910,18 +909,4 @@ func watchConfig(c api.WatchConfig, log *slog.Logger, reg prometheus.Registerer)
 		c.Metrics = reg
 	}
 	return c
-}
-
-// everyInterface reports whether addr (host:port) binds every interface:
-// no host, or an unspecified IP.
-func everyInterface(addr string) bool {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return false // Listen says what is wrong
-	}
-	if host == "" {
-		return true
-	}
-	ip, err := netip.ParseAddr(host)
-	return err == nil && ip.IsUnspecified()
 }

@@ -246,6 +246,23 @@ func TestAPeerStalledInItsHello(t *testing.T) {
 	}
 }
 
+// peerListener listens as edge-b, a peer a test drives by hand, with
+// flow-control windows of window bytes a stream (twice that a
+// connection), so that a peer that does not read holds a's writer soon;
+// it closes when the test ends.
+func peerListener(t *testing.T, ca *testCA, idle time.Duration, window int) *quic.Listener {
+	t.Helper()
+	qc := quicConfig(idle)
+	qc.InitialStreamReceiveWindow, qc.MaxStreamReceiveWindow = uint64(window), uint64(window)
+	qc.InitialConnectionReceiveWindow, qc.MaxConnectionReceiveWindow = uint64(2*window), uint64(2*window)
+	ln, err := quic.ListenAddr("127.0.0.1:0", testIdentity(t, ca, "edge-b").serverTLS(), qc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	return ln
+}
+
 // pacedReader reads at most max bytes a tick: a peer that reads steadily
 // but slowly.
 type pacedReader struct {
@@ -274,14 +291,7 @@ func (p *pacedReader) Read(b []byte) (int, error) {
 func TestASteadyButSlowPeerKeepsItsLink(t *testing.T) {
 	ca := newTestCA(t)
 	a := startMeshWith(t, ca, "edge-a", &fakeLocal{}, func(c *Config) { c.IdleTimeout = time.Second })
-	qc := quicConfig(time.Second)
-	qc.InitialStreamReceiveWindow, qc.MaxStreamReceiveWindow = 64<<10, 64<<10
-	qc.InitialConnectionReceiveWindow, qc.MaxConnectionReceiveWindow = 128<<10, 128<<10
-	ln, err := quic.ListenAddr("127.0.0.1:0", testIdentity(t, ca, "edge-b").serverTLS(), qc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := peerListener(t, ca, time.Second, 64<<10)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: ln.Addr().String()}})
@@ -536,14 +546,7 @@ func TestPresenceForASlowPeerIsBounded(t *testing.T) {
 	local := &fakeLocal{devices: presenceOf("kept")}
 	const queueLen = 64
 	a := startMeshWith(t, ca, "edge-a", local, func(c *Config) { c.QueueLen, c.IdleTimeout = queueLen, time.Minute })
-	qc := quicConfig(time.Minute)
-	qc.InitialStreamReceiveWindow, qc.MaxStreamReceiveWindow = 4<<10, 4<<10
-	qc.InitialConnectionReceiveWindow, qc.MaxConnectionReceiveWindow = 8<<10, 8<<10
-	ln, err := quic.ListenAddr("127.0.0.1:0", testIdentity(t, ca, "edge-b").serverTLS(), qc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := peerListener(t, ca, time.Minute, 4<<10)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: ln.Addr().String()}})
@@ -557,25 +560,32 @@ func TestPresenceForASlowPeerIsBounded(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			str, err := conn.AcceptStream(ctx)
-			if err != nil {
-				return err
-			}
 			select {
 			case <-announced:
 			case <-ctx.Done():
 				return ctx.Err()
 			}
-			_, _ = io.Copy(io.Discard, str)
-			_ = conn.CloseWithError(0, "")
-			// The next one starts with the hello and a full set.
-			conn, err = ln.Accept(ctx)
-			if err != nil {
-				return err
+			// a may have ended the link already (its writer took the
+			// queue): then its stream is gone with it.
+			str, err := conn.AcceptStream(ctx)
+			if err == nil {
+				_, _ = io.Copy(io.Discard, str)
 			}
-			defer conn.CloseWithError(0, "")
-			if str, err = conn.AcceptStream(ctx); err != nil {
-				return err
+			_ = conn.CloseWithError(0, "")
+			// The next link starts with the hello and a full set. (A
+			// connection a gave up before its stream, which a busy
+			// machine can show, is passed by.)
+			for {
+				if conn, err = ln.Accept(ctx); err != nil {
+					return err
+				}
+				defer conn.CloseWithError(0, "")
+				if str, err = conn.AcceptStream(ctx); err == nil {
+					break
+				}
+				if ctx.Err() != nil {
+					return err
+				}
 			}
 			r := bufio.NewReader(str)
 			var buf []byte
