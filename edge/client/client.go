@@ -1008,10 +1008,12 @@ func notPinned(addr string, sum []byte, pins [][]byte) error {
 		addr, base64.StdEncoding.EncodeToString(sum), strings.Join(pinned, " "), addr, devconn.CertHashesPath)
 }
 
-// transcriptFor is what this device signs for a challenge.
-func transcriptFor(h *relayv1.Hello, ch *relayv1.Challenge) proof.Transcript {
+// transcriptFor is what this device signs for a challenge on the
+// connection whose channel binding is binding.
+func transcriptFor(h *relayv1.Hello, ch *relayv1.Challenge, binding []byte) proof.Transcript {
 	return proof.Transcript{
 		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(),
 		ClientTimeMs: h.GetClientTimeMs(), EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(),
+		Binding: binding,
 	}
 }

@@ -35,6 +35,9 @@ type conn struct {
 	c     devconn.Conn
 	r     *frame.Reader
 	hello *relayv1.Hello
+	// binding is the connection's channel binding, which the proofs
+	// sign (proof.ProtocolVersion binds them to the connection).
+	binding []byte
 	// closeHook releases what the dial created besides c (WebTransport's
 	// dialer).
 	closeHook func()
@@ -384,7 +387,7 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		tr := &http.Transport{TLSClientConfig: tlsConf, ForceAttemptHTTP2: false}
 		dialed := devconn.RecordDials(tr)
 		hc := &http.Client{Transport: tr}
-		ws, _, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
+		ws, resp, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc})
 		if err != nil {
 			hc.CloseIdleConnections()
 			return nil, fmt.Errorf("websocket dial %s: %w", addr, err)
@@ -392,7 +395,7 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
 		// The edge sends nothing while idle; the client pings (serve) so
 		// both directions see traffic well within the idle timeout.
-		return &conn{c: devconn.NewWebSocketConn(ws, dialed(), remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections,
+		return &conn{c: devconn.NewWebSocketConn(ws, dialed(), resp.TLS, remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections,
 			keepalive: min(c.cfg.IdleTimeout/3, wsPingEvery), noDatagrams: true}, nil
 	case WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3", addr), QUICConfig: qc}
@@ -475,10 +478,16 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	// In the edge's time as far as this client knows it: a resume proof
 	// must be within the edge's resume window of its clock.
 	cn.noDatagrams = cn.noDatagrams || c.cfg.NoDatagrams
+	// The proofs sign the binding of the TLS connection as this end sees
+	// it: one made here is worthless on the connection of anything in
+	// the middle (one that holds an edge's certificate or session key).
+	if cn.binding = cn.c.ChannelBinding(); len(cn.binding) != proof.BindingSize {
+		return fmt.Errorf("handshake: %w", proof.ErrNoBinding)
+	}
 	cn.hello = &relayv1.Hello{NoDatagrams: cn.noDatagrams, DeferDatagrams: !cn.noDatagrams, UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: proof.ProtocolVersion,
 		ClientTimeMs: sent.Add(offset).UnixMilli(), ResumeTicket: ticket, Instance: c.instance, MinRevision: c.cfg.MinRevision}
 	if len(ticket) > 0 {
-		if err := c.proveResume(cn.hello); err != nil {
+		if err := c.proveResume(cn.hello, cn.binding); err != nil {
 			return err
 		}
 	}
@@ -560,15 +569,16 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 }
 
 // proveResume signs the resume transcript of a Hello that carries a
-// ticket: the ticket is worth nothing without the device's key.
-func (c *Client) proveResume(h *relayv1.Hello) error {
+// ticket, on the connection whose channel binding is binding: the ticket
+// is worth nothing without the device's key.
+func (c *Client) proveResume(h *relayv1.Hello, binding []byte) error {
 	h.ResumeNonce = make([]byte, proof.ResumeNonceSize)
 	if _, err := rand.Read(h.ResumeNonce); err != nil {
 		return fmt.Errorf("resume nonce: %w", err)
 	}
 	h.ResumeProof = proof.ResumeTranscript{
 		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
-		Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: h.GetResumeTicket(),
+		Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: h.GetResumeTicket(), Binding: binding,
 	}.Sign(c.cfg.Key)
 	return nil
 }
@@ -576,7 +586,7 @@ func (c *Client) proveResume(h *relayv1.Hello) error {
 // answer is the frame that answers a challenge: its transcript signed
 // with the device key (docs/protocol.md).
 func (c *Client) answer(cn *conn, ch *relayv1.Challenge) *relayv1.Frame {
-	sig := transcriptFor(cn.hello, ch).Sign(c.cfg.Key)
+	sig := transcriptFor(cn.hello, ch, cn.binding).Sign(c.cfg.Key)
 	return &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}}
 }
 

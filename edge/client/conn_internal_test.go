@@ -24,6 +24,7 @@ import (
 	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/idwindow"
+	"github.com/edge-relay/relay/edge/proof"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -971,6 +972,10 @@ func (pipeConn) ReceiveDatagram(context.Context) ([]byte, error) { return nil, d
 func (p pipeConn) Close(relayv1.ErrorCode, string) error         { return p.Conn.Close() }
 func (p pipeConn) Abort(relayv1.ErrorCode, string) error         { return p.Conn.Close() }
 func (pipeConn) Transport() string                               { return "pipe" }
+
+// ChannelBinding is a fixed binding (a pipe has no TLS; the fake edges
+// here check no signature).
+func (pipeConn) ChannelBinding() []byte { return make([]byte, proof.BindingSize) }
 
 // pipeClient returns a client (with an application channel of buffer
 // events) and its connection over a net.Pipe, and the pipe's edge end,

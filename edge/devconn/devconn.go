@@ -57,6 +57,11 @@ type Conn interface {
 	// Transport names the transport ("quic", "webtransport", "websocket")
 	// for logs and metrics.
 	Transport() string
+	// ChannelBinding is the channel binding (proof.Binding, RFC 9266) of
+	// the TLS connection that carries the session, as this end of it
+	// computes it; nil when TLS does not end here or has no exporter.
+	// Version 2 of the protocol signs it into the handshake's proofs.
+	ChannelBinding() []byte
 }
 
 // ErrNoDatagrams says a transport cannot carry a datagram (none at all, or

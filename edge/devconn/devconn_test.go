@@ -30,6 +30,7 @@ import (
 	"github.com/quic-go/webtransport-go"
 	"go.uber.org/goleak"
 
+	"github.com/edge-relay/relay/edge/proof"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -191,37 +192,45 @@ func webTransportPair(t *testing.T) pair {
 	return p
 }
 
-// webSocketServer serves WebSockets on a test HTTP server and hands each
-// server end over on got; url is the server's http:// URL.
-func webSocketServer(t *testing.T) (url string, got <-chan Conn) {
+// webSocketServer serves WebSockets on a test HTTP server, over TLS
+// with serverTLS (plain HTTP without), and hands each server end over on
+// got; url is the server's http:// or https:// URL.
+func webSocketServer(t *testing.T, serverTLS *tls.Config) (url string, got <-chan Conn) {
 	t.Helper()
 	ch := make(chan Conn, 1)
 	done := make(chan struct{})
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ws, raw, err := AcceptWebSocket(w, r, nil)
 		if err != nil {
 			return
 		}
-		ch <- NewWebSocketConn(ws, raw, nil, time.Minute, 1<<20)
+		ch <- NewWebSocketConn(ws, raw, r.TLS, nil, time.Minute, 1<<20)
 		<-done // the handler's return would end the connection
 	}))
+	if serverTLS != nil {
+		srv.TLS = serverTLS
+		srv.StartTLS()
+	} else {
+		srv.Start()
+	}
 	t.Cleanup(func() { close(done); srv.Close() })
 	return srv.URL, ch
 }
 
 func webSocketPair(t *testing.T) pair {
 	t.Helper()
-	url, got := webSocketServer(t)
+	stls, ctls := testTLS(t, "http/1.1")
+	url, got := webSocketServer(t, stls)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	tr := &http.Transport{}
+	tr := &http.Transport{TLSClientConfig: ctls}
 	dialed := RecordDials(tr)
 	t.Cleanup(tr.CloseIdleConnections)
-	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(url, "http"), &websocket.DialOptions{HTTPClient: &http.Client{Transport: tr}})
+	ws, resp, err := websocket.Dial(ctx, "wss"+strings.TrimPrefix(url, "https"), &websocket.DialOptions{HTTPClient: &http.Client{Transport: tr}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := pair{server: accepted(t, got), client: NewWebSocketConn(ws, dialed(), nil, time.Minute, 1<<20)}
+	p := pair{server: accepted(t, got), client: NewWebSocketConn(ws, dialed(), resp.TLS, nil, time.Minute, 1<<20)}
 	t.Cleanup(func() { _ = p.client.Abort(0, ""); _ = p.server.Abort(0, "") })
 	return p
 }
@@ -280,6 +289,41 @@ func TestTheStreamCarriesFramesBothWays(t *testing.T) {
 				t.Fatalf("transports %q and %q", p.server.Transport(), p.client.Transport())
 			}
 		})
+	}
+}
+
+// Both ends of a connection, on every transport, see the same channel
+// binding, and another connection has another: version 2 of the protocol
+// signs it, so a proof made on one connection fails on any other.
+func TestBothEndsShareTheChannelBinding(t *testing.T) {
+	for _, tc := range pairs {
+		t.Run(tc.name, func(t *testing.T) {
+			p, q := tc.make(t), tc.make(t)
+			b := p.server.ChannelBinding()
+			if len(b) != proof.BindingSize {
+				t.Fatalf("the edge's end has a binding of %d bytes", len(b))
+			}
+			if !bytes.Equal(b, p.client.ChannelBinding()) {
+				t.Fatalf("the ends disagree: %x / %x", b, p.client.ChannelBinding())
+			}
+			if bytes.Equal(b, q.server.ChannelBinding()) || bytes.Equal(b, q.client.ChannelBinding()) {
+				t.Fatal("two connections have one binding")
+			}
+		})
+	}
+	// A WebSocket whose TLS does not end here has none.
+	url, got := webSocketServer(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(url, "http"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.CloseNow()
+	edge := accepted(t, got)
+	defer edge.Abort(0, "")
+	if b := edge.ChannelBinding(); b != nil {
+		t.Fatalf("a WebSocket over plain HTTP has a binding: %x", b)
 	}
 }
 
@@ -569,7 +613,7 @@ func TestPeerCodeIgnoresOtherErrors(t *testing.T) {
 func TestWebSocketCloseWithASilentPeerIsBounded(t *testing.T) {
 	for _, abort := range []bool{false, true} {
 		t.Run(map[bool]string{false: "close", true: "abort during close"}[abort], func(t *testing.T) {
-			url, got := webSocketServer(t)
+			url, got := webSocketServer(t, nil)
 			// The peer upgrades by hand, then reads the close frame and
 			// never answers it.
 			peer, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
@@ -674,7 +718,7 @@ func TestWebSocketClientCloseWithASilentEdgeIsBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ws.CloseNow() // ends the server's wait too, should the test fail first
-	c := NewWebSocketConn(ws, dialed(), nil, time.Minute, 1<<20)
+	c := NewWebSocketConn(ws, dialed(), nil, nil, time.Minute, 1<<20)
 	start := time.Now()
 	closed := make(chan struct{})
 	go func() { defer close(closed); _ = c.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "") }()

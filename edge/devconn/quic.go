@@ -10,6 +10,7 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/webtransport-go"
 
+	"github.com/edge-relay/relay/edge/proof"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -63,6 +64,13 @@ func (c *quicConn) SetReadDeadline(t time.Time) error  { return c.str.SetReadDea
 func (c *quicConn) SetWriteDeadline(t time.Time) error { return c.str.SetWriteDeadline(t) }
 func (c *quicConn) RemoteAddr() net.Addr               { return c.conn.RemoteAddr() }
 func (c *quicConn) Transport() string                  { return "quic" }
+
+// ChannelBinding is the binding of the QUIC connection's TLS.
+func (c *quicConn) ChannelBinding() []byte {
+	cs := c.conn.ConnectionState().TLS
+	b, _ := proof.Binding(&cs)
+	return b
+}
 
 func (c *quicConn) SendDatagram(b []byte) error {
 	if !c.conn.ConnectionState().SupportsDatagrams.Remote {
@@ -219,6 +227,14 @@ func (c *wtConn) SetReadDeadline(t time.Time) error  { return c.str.SetReadDeadl
 func (c *wtConn) SetWriteDeadline(t time.Time) error { return c.str.SetWriteDeadline(t) }
 func (c *wtConn) RemoteAddr() net.Addr               { return c.sess.RemoteAddr() }
 func (c *wtConn) Transport() string                  { return "webtransport" }
+
+// ChannelBinding is the binding of the TLS of the QUIC connection that
+// carries the WebTransport session.
+func (c *wtConn) ChannelBinding() []byte {
+	cs := c.sess.SessionState().ConnectionState.TLS
+	b, _ := proof.Binding(&cs)
+	return b
+}
 
 // maxWTDatagram keeps a datagram within one QUIC packet after the
 // HTTP/3 datagram header; larger ones go on the stream.

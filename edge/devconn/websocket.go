@@ -3,6 +3,7 @@ package devconn
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -18,6 +19,7 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/edge-relay/relay/edge/frame"
+	"github.com/edge-relay/relay/edge/proof"
 	"github.com/edge-relay/relay/internal/connbound"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -48,6 +50,9 @@ type wsConn struct {
 	// client's, from RecordDials): Close and Abort close it themselves
 	// where the WebSocket library would wait (nil: they cannot).
 	raw io.Closer
+	// tls is the state of the TLS connection that carries the WebSocket
+	// (nil: TLS does not end here).
+	tls *tls.ConnectionState
 	// closeWait is how long Close waits for the peer's close frame
 	// (the package's closeWait; tests lengthen it).
 	closeWait time.Duration
@@ -87,10 +92,6 @@ type wsMessage struct {
 	err  error
 }
 
-// NewWebSocketConn adapts a WebSocket, carried by raw (AcceptWebSocket's
-// connection, or the one RecordDials kept for a client). A peer silent
-// for longer than idle (no message at all; clients send Ping frames)
-// counts as gone.
 // Admitter is a connection told once the edge admitted its session: the
 // handshake passed and the session is registered. The edge's HTTPS port
 // counts a connection until then (edge/server's bound on connections
@@ -106,14 +107,21 @@ func (w *wsConn) Admitted() {
 	}
 }
 
-func NewWebSocketConn(c *websocket.Conn, raw io.Closer, remote net.Addr, idle time.Duration, maxFrame int) Conn {
+// NewWebSocketConn adapts a WebSocket, carried by raw (AcceptWebSocket's
+// connection, or the one RecordDials kept for a client) over the TLS
+// connection whose state is tlsState (the request's on the edge, the
+// upgrade response's in a client; nil where TLS does not end at this
+// end: then the connection has no ChannelBinding). A peer silent for
+// longer than idle (no message at all; clients send Ping frames) counts
+// as gone.
+func NewWebSocketConn(c *websocket.Conn, raw io.Closer, tlsState *tls.ConnectionState, remote net.Addr, idle time.Duration, maxFrame int) Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	c.SetReadLimit(int64(maxFrame) + 16)
 	wire, _ := raw.(*wireConn) // an edge's (AcceptWebSocket)
 	if wire != nil {
 		wire.setLimit(maxFrame)
 	}
-	w := &wsConn{c: c, raw: raw, closeWait: closeWait, wire: wire, remote: remote, idle: idle, ctx: ctx, cancel: cancel,
+	w := &wsConn{c: c, raw: raw, tls: tlsState, closeWait: closeWait, wire: wire, remote: remote, idle: idle, ctx: ctx, cancel: cancel,
 		msgs: make(chan wsMessage), pumped: make(chan struct{}), idleT: time.NewTimer(idle)}
 	w.idleT.Stop()
 	w.rdl.init(ctx)
@@ -285,6 +293,13 @@ func (w *wsConn) ReceiveDatagram(context.Context) ([]byte, error) {
 }
 func (w *wsConn) RemoteAddr() net.Addr { return w.remote }
 func (w *wsConn) Transport() string    { return "websocket" }
+
+// ChannelBinding is the binding of the TLS connection under the
+// WebSocket (nil without one).
+func (w *wsConn) ChannelBinding() []byte {
+	b, _ := proof.Binding(w.tls)
+	return b
+}
 
 // AcceptWebSocket accepts a WebSocket as websocket.Accept does, and
 // returns with it the connection it took over from the HTTP server, for

@@ -33,7 +33,7 @@ func edgeAndClient(t *testing.T) (*wsConn, *websocket.Conn) {
 			t.Error(err)
 			return
 		}
-		conns <- NewWebSocketConn(ws, raw, nil, time.Minute, 1<<20).(*wsConn)
+		conns <- NewWebSocketConn(ws, raw, nil, nil, time.Minute, 1<<20).(*wsConn)
 		<-done
 	}))
 	t.Cleanup(srv.Close)

@@ -90,6 +90,10 @@ func authFailed() *CloseError {
 	return closeErr(relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED, "authentication failed")
 }
 
+// binder is what the handshake needs of the connection: its channel
+// binding (devconn.Conn.ChannelBinding).
+type binder interface{ ChannelBinding() []byte }
+
 type hsState int
 
 const (
@@ -123,11 +127,17 @@ type handshake struct {
 	// verify checks an Ed25519 signature [ed25519.Verify]; tests count
 	// its calls.
 	verify func(pub, msg, sig []byte) bool
+	// conn gives the channel binding of the session's connection, which
+	// version 2's proofs sign.
+	conn binder
 
 	state  hsState
 	hello  *relayv1.Hello
 	device DeviceInfo
 	tr     proof.Transcript
+	// binding is the connection's channel binding, for a Hello whose
+	// version signs it (nil for version 1).
+	binding []byte
 
 	// Results, valid once done.
 	authAt  time.Time
@@ -194,9 +204,21 @@ const maxDeviceIDBytes = 128
 const maxInstanceBytes = 64
 
 func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
-	if hello.GetProtocolVersion() != proof.ProtocolVersion {
+	v := hello.GetProtocolVersion()
+	if v < proof.UnboundVersion || v > proof.ProtocolVersion {
 		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION,
-			"protocol version %d not supported, this edge speaks %d", hello.GetProtocolVersion(), proof.ProtocolVersion)
+			"protocol version %d not supported, this edge speaks %d to %d", v, proof.UnboundVersion, proof.ProtocolVersion)
+	}
+	if proof.Bound(v) {
+		// The device signs the binding of the TLS connection it sees; the
+		// edge checks it against the one it sees. Where TLS does not end
+		// at the edge (a proxy that terminates it) there is nothing to
+		// compare: say so rather than fail every signature.
+		if h.binding = h.conn.ChannelBinding(); len(h.binding) != proof.BindingSize {
+			return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION,
+				"protocol version %d binds its proofs to the TLS connection, and this connection's TLS does not end at the edge; connect to the edge itself, or speak version %d",
+				v, proof.UnboundVersion)
+		}
 	}
 	if !validID(hello.GetUserId()) || !validID(hello.GetDeviceId()) {
 		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, "hello needs a user id and a device id of 1 to 128 bytes of UTF-8")
@@ -239,7 +261,7 @@ func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 	// signature check then fails.
 	h.tr = proof.Transcript{
 		UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
-		ClientTimeMs: hello.GetClientTimeMs(), EdgeID: h.edgeID, Nonce: nonce, ServerTimeMs: now.UnixMilli(),
+		ClientTimeMs: hello.GetClientTimeMs(), EdgeID: h.edgeID, Nonce: nonce, ServerTimeMs: now.UnixMilli(), Binding: h.binding,
 	}
 	h.state = hsAwaitAuth
 	return &relayv1.Frame{Kind: &relayv1.Frame_Challenge{Challenge: &relayv1.Challenge{
@@ -255,7 +277,7 @@ func (h *handshake) resumeProofValid(hello *relayv1.Hello, now time.Time) bool {
 	rt := proof.ResumeTranscript{
 		UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
 		ClientTimeMs: hello.GetClientTimeMs(), Instance: hello.GetInstance(), Nonce: hello.GetResumeNonce(),
-		Ticket: hello.GetResumeTicket(),
+		Ticket: hello.GetResumeTicket(), Binding: h.binding,
 	}
 	if !verified(h.verifier(), h.keyFor(h.device), rt.Bytes(), hello.GetResumeProof(), len(rt.Nonce) == proof.ResumeNonceSize) {
 		return false
@@ -323,7 +345,7 @@ func (h *handshake) reauth() (*relayv1.Challenge, error) {
 	hello := h.hello
 	h.tr = proof.Transcript{
 		UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
-		ClientTimeMs: hello.GetClientTimeMs(), EdgeID: h.edgeID, Nonce: nonce, ServerTimeMs: h.now().UnixMilli(),
+		ClientTimeMs: hello.GetClientTimeMs(), EdgeID: h.edgeID, Nonce: nonce, ServerTimeMs: h.now().UnixMilli(), Binding: h.binding,
 	}
 	h.device = h.dir.LookupDevice(h.hello.GetDeviceId())
 	h.state = hsAwaitAuth

@@ -36,8 +36,13 @@ func (w fuzzWorld) handshake() *handshake {
 	return &handshake{edgeID: "edge-f", dir: w.dir, ring: w.ring, now: func() time.Time { return w.now },
 		random: bytes.NewReader(bytes.Repeat([]byte{9}, 1<<10)), maxAge: 24 * time.Hour,
 		dummyKey:     ed25519.NewKeyFromSeed(bytes.Repeat([]byte{7}, 32)).Public().(ed25519.PublicKey),
-		resumeWindow: 30 * time.Second, replays: newReplayCache(1000)}
+		resumeWindow: 30 * time.Second, replays: newReplayCache(1000), conn: fixedBinding(pipeBinding)}
 }
+
+// fixedBinding is a connection with the given channel binding.
+type fixedBinding []byte
+
+func (b fixedBinding) ChannelBinding() []byte { return b }
 
 // nonce is what the fixed randomness yields.
 func (w fuzzWorld) nonce() []byte { return bytes.Repeat([]byte{9}, proof.NonceSize) }
@@ -54,7 +59,7 @@ func TestHandshakeStateMachine(t *testing.T) {
 	w := newFuzzWorld()
 	hello := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: 42}
 	tr := proof.Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: 42, EdgeID: "edge-f",
-		Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli()}
+		Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli(), Binding: pipeBinding}
 	good := &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: tr.Sign(w.key)}}}
 	helloF := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: hello}}
 
@@ -109,11 +114,17 @@ func FuzzHandshake(f *testing.F) {
 	w := newFuzzWorld()
 	hello := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: 42}
 	tr := proof.Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: 42, EdgeID: "edge-f",
-		Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli()}
+		Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli(), Binding: pipeBinding}
 	auth := &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: tr.Sign(w.key)}}}
 	ticket, _ := w.ring.Seal(Ticket{UserID: "u1", DeviceID: "d1", AuthAt: w.now, ExpiresAt: w.now.Add(time.Hour)})
 	helloF := &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: hello}}
 	f.Add(stream(helloF, auth))
+	// Version 1, as browsers sign: no binding.
+	tr1 := tr
+	tr1.ProtocolVersion = proof.UnboundVersion
+	hello1 := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.UnboundVersion, ClientTimeMs: 42}
+	f.Add(stream(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: hello1}},
+		&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: tr1.Sign(w.key)}}}))
 	f.Add(stream(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion, ResumeTicket: ticket}}}))
 	f.Add(stream(auth, helloF))
 	f.Add(stream(helloF, helloF))
@@ -148,7 +159,7 @@ func FuzzHandshake(f *testing.F) {
 			return
 		}
 		want := proof.Transcript{UserID: hello.GetUserId(), DeviceID: hello.GetDeviceId(), ProtocolVersion: hello.GetProtocolVersion(),
-			ClientTimeMs: hello.GetClientTimeMs(), EdgeID: "edge-f", Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli()}
+			ClientTimeMs: hello.GetClientTimeMs(), EdgeID: "edge-f", Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli(), Binding: pipeBinding}
 		dev := w.dir.LookupDevice(hello.GetDeviceId())
 		if dev.State != DeviceActive || dev.UserID != hello.GetUserId() {
 			t.Fatalf("authenticated an unusable device %+v", dev)
@@ -157,4 +168,106 @@ func FuzzHandshake(f *testing.F) {
 			t.Fatalf("authenticated without a valid signature: %v", err)
 		}
 	})
+}
+
+// Version 2's proofs are bound to the connection: a signature or resume
+// proof made over another connection's binding (a machine in the middle
+// passing on what a device signed for it) fails, while version 1, which
+// browsers speak, signs none. A Hello of version 2 on a connection with
+// no binding is refused at once, with a code that says why.
+func TestProofsAreBoundToTheConnection(t *testing.T) {
+	w := newFuzzWorld()
+	other := bytes.Repeat([]byte{0xee}, proof.BindingSize)
+	hello := func(v uint32) *relayv1.Frame {
+		return &relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: v, ClientTimeMs: 42}}}
+	}
+	signed := func(v uint32, binding []byte) *relayv1.Frame {
+		tr := proof.Transcript{UserID: "u1", DeviceID: "d1", ProtocolVersion: v, ClientTimeMs: 42, EdgeID: "edge-f",
+			Nonce: w.nonce(), ServerTimeMs: w.now.UnixMilli(), Binding: binding}
+		return &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: tr.Sign(w.key)}}}
+	}
+	for _, c := range []struct {
+		name    string
+		version uint32
+		signed  []byte // the binding the device signed
+		ok      bool
+	}{
+		{"version 2 on its connection", proof.ProtocolVersion, pipeBinding, true},
+		{"version 2 signed for another connection", proof.ProtocolVersion, other, false},
+		{"version 2 signed without a binding", proof.ProtocolVersion, nil, false},
+		{"version 1", proof.UnboundVersion, nil, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h := w.handshake()
+			if out, err := h.step(hello(c.version)); err != nil || out.GetChallenge() == nil {
+				t.Fatalf("hello: %v %v", out, err)
+			}
+			_, err := h.step(signed(c.version, c.signed))
+			if c.ok != (err == nil && h.done()) {
+				t.Fatalf("want ok %v, got %v", c.ok, err)
+			}
+			if !c.ok && !errors.Is(err, &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED}) {
+				t.Fatalf("want AUTH_FAILED, got %v", err)
+			}
+			if c.ok && (h.binding != nil) != proof.Bound(c.version) {
+				t.Fatalf("version %d recorded binding %x", c.version, h.binding)
+			}
+			if !c.ok {
+				return
+			}
+			// A re-authentication at the maximum age signs the same
+			// connection's binding.
+			ch, err := h.reauth()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(h.tr.Binding, h.binding) || !bytes.Equal(ch.GetNonce(), h.tr.Nonce) {
+				t.Fatalf("re-authentication transcript: %+v", h.tr)
+			}
+		})
+	}
+	for _, v := range []uint32{0, 3} {
+		h := w.handshake()
+		if _, err := h.step(hello(v)); !errors.Is(err, &CloseError{Code: relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION}) {
+			t.Fatalf("version %d: %v", v, err)
+		}
+	}
+	// TLS that does not end at the edge: version 2 cannot be checked,
+	// version 1 can.
+	h := w.handshake()
+	h.conn = fixedBinding(nil)
+	_, err := h.step(hello(proof.ProtocolVersion))
+	var ce *CloseError
+	if !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION || !strings.Contains(ce.Msg, "TLS") {
+		t.Fatalf("version 2 without a binding: %v", err)
+	}
+	h = w.handshake()
+	h.conn = fixedBinding(nil)
+	if _, err := h.step(hello(proof.UnboundVersion)); err != nil {
+		t.Fatalf("version 1 without a binding: %v", err)
+	}
+	if _, err := h.step(signed(proof.UnboundVersion, nil)); err != nil || !h.done() {
+		t.Fatalf("version 1 without a binding: %v", err)
+	}
+
+	// A resume proof made for another connection: the ticket is refused
+	// (a challenge with a ticket error follows), and the proof's nonce
+	// is not spent: the same proof still resumes on its own connection.
+	ticket, _ := w.ring.Seal(Ticket{UserID: "u1", DeviceID: "d1", AuthAt: w.now, ExpiresAt: w.now.Add(time.Hour)})
+	resume := &relayv1.Hello{UserId: "u1", DeviceId: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: w.now.UnixMilli(),
+		ResumeTicket: ticket, Instance: "i", ResumeNonce: bytes.Repeat([]byte{3}, proof.ResumeNonceSize)}
+	resume.ResumeProof = proof.ResumeTranscript{UserID: "u1", DeviceID: "d1", ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: resume.GetClientTimeMs(),
+		Instance: "i", Nonce: resume.GetResumeNonce(), Ticket: ticket, Binding: pipeBinding}.Sign(w.key)
+	replays := newReplayCache(1000) // one edge's
+	h = w.handshake()
+	h.conn, h.replays = fixedBinding(other), replays
+	out, err := h.step(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: resume}})
+	if err != nil || out.GetChallenge().GetTicketError() != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {
+		t.Fatalf("a resume proof for another connection: %v %v", out, err)
+	}
+	h = w.handshake()
+	h.replays = replays
+	if out, err := h.step(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: resume}}); err != nil || out != nil || !h.resumed {
+		t.Fatalf("the resume proof on its own connection: %v %v", out, err)
+	}
 }

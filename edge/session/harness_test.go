@@ -48,7 +48,18 @@ type pipeConn struct {
 	datagramReads atomic.Int32
 	// onWrite, if set, sees every Write from then on.
 	onWrite atomic.Pointer[func([]byte)]
+	// binding is the channel binding both ends see (pipeBinding unless
+	// a test gives the pipe another, as a machine in the middle would
+	// have; nil: TLS does not end here).
+	binding []byte
 }
+
+// pipeBinding is the channel binding of a test's pipes, which the
+// harness's devices sign (proof.ProtocolVersion binds proofs to it).
+var pipeBinding = bytes.Repeat([]byte{0xcb}, proof.BindingSize)
+
+// ChannelBinding is the pipe's binding.
+func (p *pipeConn) ChannelBinding() []byte { return p.binding }
 
 func (p *pipeConn) Write(b []byte) (int, error) {
 	if f := p.onWrite.Load(); f != nil {
@@ -60,8 +71,8 @@ func (p *pipeConn) Write(b []byte) (int, error) {
 func newPipe(addr string, datagrams bool) (server, client *pipeConn) {
 	a, b := net.Pipe()
 	ua, _ := net.ResolveUDPAddr("udp", addr)
-	server = &pipeConn{Conn: a, addr: ua, datagrams: datagrams, in: make(chan []byte, 64), closed: make(chan struct{})}
-	client = &pipeConn{Conn: b, addr: ua, datagrams: datagrams, in: make(chan []byte, 64), closed: make(chan struct{})}
+	server = &pipeConn{Conn: a, addr: ua, datagrams: datagrams, in: make(chan []byte, 64), closed: make(chan struct{}), binding: pipeBinding}
+	client = &pipeConn{Conn: b, addr: ua, datagrams: datagrams, in: make(chan []byte, 64), closed: make(chan struct{}), binding: pipeBinding}
 	server.peer, client.peer = client, server
 	return server, client
 }
@@ -465,14 +476,14 @@ func proveResume(h *relayv1.Hello, key ed25519.PrivateKey) {
 	_, _ = rand.Read(h.ResumeNonce)
 	h.ResumeProof = proof.ResumeTranscript{
 		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
-		Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: h.GetResumeTicket(),
+		Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: h.GetResumeTicket(), Binding: pipeBinding,
 	}.Sign(key)
 }
 
 // sign answers a challenge for hello h with key.
 func sign(h *relayv1.Hello, ch *relayv1.Challenge, key ed25519.PrivateKey) *relayv1.Frame {
 	tr := proof.Transcript{UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(),
-		ClientTimeMs: h.GetClientTimeMs(), EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs()}
+		ClientTimeMs: h.GetClientTimeMs(), EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(), Binding: pipeBinding}
 	return &relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: tr.Sign(key)}}}
 }
 

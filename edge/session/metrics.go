@@ -18,6 +18,7 @@ type Metrics struct {
 	deliveries    *prometheus.CounterVec
 	dropped       *prometheus.CounterVec
 	undeliverable *prometheus.CounterVec
+	proofs        *prometheus.CounterVec
 	ackLatency    prometheus.Histogram
 	handshakeTime prometheus.Histogram
 
@@ -61,6 +62,9 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		undeliverable: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "relay_edge_undeliverable_total", Help: "Durable events this edge did not deliver because their Deliver frame would exceed the frame limit its devices read (max_frame_bytes plus 1 KiB): accepted by an edge with a larger limit. By source: forward (answered not delivered: the sending edge stores it in the mailbox) or mailbox (left there, skipped, until it expires or an edge with a larger limit delivers it). Edges of one cluster should share their limits.",
 		}, []string{"source"}),
+		proofs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_edge_handshake_proofs_total", Help: "Handshakes that passed (full and resumed), by transport and by whether the device's proof was bound to the TLS connection: binding tls_exporter (protocol version 2, the Go client) or none (version 1: browsers and older clients). With --cluster-tls-tickets a holder of a session key can pose as an edge to a device whose proofs are not bound, and pass them on (docs/protocol.md).",
+		}, []string{"binding", "transport"}),
 		ackLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "relay_edge_ack_seconds",
 			Help:    "From an event's arrival at the edge to its sender's Ack (every target received it).",
@@ -76,7 +80,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.rejects, m.deliveries, m.dropped, m.undeliverable, m.ackLatency, m.handshakeTime, m.paced)
+		reg.MustRegister(m.sessions, m.handshakes, m.closes, m.events, m.rejects, m.deliveries, m.dropped, m.undeliverable, m.proofs, m.ackLatency, m.handshakeTime, m.paced)
 	}
 	m.accepted = m.events.WithLabelValues("accepted")
 	m.duplicate = m.events.WithLabelValues("duplicate")
@@ -96,6 +100,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m.tooLargeForward = m.undeliverable.WithLabelValues("forward")
 	m.tooLargeMailbox = m.undeliverable.WithLabelValues("mailbox")
 	return m
+}
+
+// proof is the counter of passed handshakes whose proof was bound or not,
+// on a transport.
+func (m *Metrics) proof(bound bool, transport string) prometheus.Counter {
+	binding := "none"
+	if bound {
+		binding = "tls_exporter"
+	}
+	return m.proofs.WithLabelValues(binding, transport)
 }
 
 // refuse counts an event refused on arrival with code: its result, and

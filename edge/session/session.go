@@ -159,7 +159,7 @@ func newSession(h *Hub, c devconn.Conn) *Session {
 	s.hs = handshake{
 		edgeID: h.cfg.EdgeID, dir: h.cfg.Directory, ring: h.cfg.Ring, now: h.cfg.Now,
 		random: h.cfg.Random, maxAge: h.cfg.MaxSessionAge, dummyKey: h.dummyKey,
-		resumeWindow: h.cfg.ResumeWindow, replays: h.replays, proofsSince: h.started, verify: h.cfg.verify,
+		resumeWindow: h.cfg.ResumeWindow, replays: h.replays, proofsSince: h.started, verify: h.cfg.verify, conn: c,
 	}
 	var id [16]byte
 	_, _ = io.ReadFull(h.cfg.Random, id[:])
@@ -329,6 +329,7 @@ func (s *Session) open(ctx context.Context) (hsSpan trace.SpanContext, opened bo
 		result = "resumed"
 	}
 	m.handshakes.WithLabelValues(result).Inc()
+	m.proof(s.hs.binding != nil, s.conn.Transport()).Inc()
 	m.handshakeTime.Observe(s.hub.cfg.Now().Sub(start).Seconds())
 	span.SetAttributes(attribute.String("relay.device", telemetry.HashID(s.deviceID)), attribute.Bool("relay.resumed", s.hs.resumed))
 	span.End()

@@ -11,6 +11,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
 	"net"
@@ -672,7 +673,7 @@ func TestStolenTicketsAndReplayedResumes(t *testing.T) {
 	e := r.Edges[0]
 	t.Run("ticket without proof", func(t *testing.T) {
 		thief := r.DialRaw(t, 0, client.QUIC)
-		if err := thief.SendHello(relaytest.ResumeHello(dev, ticket, nil)); err != nil {
+		if err := thief.SendHello(relaytest.ResumeHello(dev, ticket, nil, thief.Binding())); err != nil {
 			t.Fatal(err)
 		}
 		f, err := thief.Next(20 * time.Second)
@@ -693,7 +694,9 @@ func TestStolenTicketsAndReplayedResumes(t *testing.T) {
 		}
 	})
 	t.Run("a proof is used once", func(t *testing.T) {
-		h := relaytest.ResumeHello(dev, ticket, dev.Key)
+		// Version 1's proofs (a browser's) name no connection: the
+		// edge's replay cache is what keeps one from being used twice.
+		h := relaytest.ResumeHello(dev, ticket, dev.Key, nil)
 		first := r.DialRaw(t, 0, client.QUIC)
 		if err := first.SendHello(h); err != nil {
 			t.Fatal(err)
@@ -710,6 +713,83 @@ func TestStolenTicketsAndReplayedResumes(t *testing.T) {
 			t.Fatalf("a replayed resume: want a challenge refusing it, got %v (%v)", f, err)
 		}
 	})
+	t.Run("a bound proof works on its own connection only", func(t *testing.T) {
+		// Made for one connection (a device talking to a machine in the
+		// middle), presented on another (the middle's to the edge): the
+		// ticket is refused, as for a wrong signature, though the proof
+		// was never used.
+		mine, other := r.DialRaw(t, 0, client.QUIC), r.DialRaw(t, 0, client.QUIC)
+		h := relaytest.ResumeHello(dev, ticket, dev.Key, mine.Binding())
+		if err := other.SendHello(h); err != nil {
+			t.Fatal(err)
+		}
+		f, err := other.Next(20 * time.Second)
+		if err != nil || f.GetChallenge().GetTicketError() != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {
+			t.Fatalf("a proof on another connection: want a challenge refusing the ticket, got %v (%v)", f, err)
+		}
+		// On its own connection the same proof resumes.
+		if err := mine.SendHello(h); err != nil {
+			t.Fatal(err)
+		}
+		if f, err := mine.Next(20 * time.Second); err != nil || !f.GetWelcome().GetResumed() {
+			t.Fatalf("want a resumed welcome, got %v (%v)", f, err)
+		}
+	})
+}
+
+// A machine in the middle that a device trusts (it holds a certificate
+// the device pins; with --cluster-tls-tickets a session key is enough to
+// pose as an edge to a resuming device) passes on all the device sends,
+// unchanged, over a connection of its own to a real edge. A device of
+// protocol version 2 (the Go client) signs the channel binding of its
+// own connection, which is not the middle's: neither its full handshake
+// nor its resume opens a session there. A device of version 1 (what a
+// browser speaks) is let in: that is what the binding closes.
+func TestAMiddlemanCannotPassOnADevicesProofs(t *testing.T) {
+	r := startRelay(t, 1, nil)
+	e := r.Edges[0]
+	mm := relaytest.StartMiddleman(t, e.Addr())
+	dev := r.Device(r.User("middle"), "d")
+	refused := func(what string, err error) {
+		t.Helper()
+		var ce *client.Error
+		if !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {
+			t.Fatalf("%s through the middle: want AUTH_FAILED, got %v", what, err)
+		}
+	}
+	cfg := r.ClientConfig(0, dev, client.QUIC)
+	cfg.Addr, cfg.OtherAddrs, cfg.CertHashes = mm.Addr, nil, [][]byte{mm.CertHash}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	_, err := client.Dial(ctx, cfg)
+	refused("a full handshake", err)
+
+	// With a ticket the device got from the edge itself: the edge
+	// refuses the resume proof, and the full handshake after it.
+	direct := r.Dial(0, dev, client.QUIC)
+	cfg.ResumeTicket = direct.ResumeTicket()
+	if len(cfg.ResumeTicket) == 0 {
+		t.Fatal("no ticket")
+	}
+	_, err = client.Dial(ctx, cfg)
+	refused("a resume", err)
+	if n := relaytest.Counter(t, e, "relay_edge_handshakes_total", "result", "auth_failed"); n != 2 {
+		t.Fatalf("%v handshakes failed authentication at the edge, want 2 (one per attempt through the middle)", n)
+	}
+	if n := relaytest.Counter(t, e, "relay_edge_handshake_proofs_total", "binding", "tls_exporter"); n != 1 {
+		t.Fatalf("%v bound proofs passed, want 1 (the direct session)", n)
+	}
+	if st := e.Hub().Stats(); st.Sessions != 1 {
+		t.Fatalf("%d sessions on the edge, want the device's own", st.Sessions)
+	}
+
+	// Version 1 through the same middle gets a session as the device.
+	raw := relaytest.DialRaw(t, mm.Addr, client.QUIC)
+	raw.Version = proof.UnboundVersion
+	raw.Login(dev)
+	if n := relaytest.Counter(t, e, "relay_edge_handshake_proofs_total", "binding", "none"); n != 1 {
+		t.Fatalf("%v unbound proofs passed, want 1", n)
+	}
 }
 
 func marshal(m proto.Message) ([]byte, error) { return proto.Marshal(m) }

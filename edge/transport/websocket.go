@@ -52,5 +52,5 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if idle <= 0 {
 		idle = 30 * time.Second
 	}
-	_ = h.Hub.Serve(h.Ctx, devconn.NewWebSocketConn(c, raw, remoteAddr(r.RemoteAddr), idle, h.Hub.Limits().MaxFrameBytes))
+	_ = h.Hub.Serve(h.Ctx, devconn.NewWebSocketConn(c, raw, r.TLS, remoteAddr(r.RemoteAddr), idle, h.Hub.Limits().MaxFrameBytes))
 }

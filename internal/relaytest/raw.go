@@ -34,6 +34,10 @@ type Raw struct {
 	// WS is the WebSocket, for tests that send what the session stream
 	// cannot express (a text message); nil on QUIC and WebTransport.
 	WS *websocket.Conn
+	// Version is the protocol version Login speaks (0:
+	// proof.ProtocolVersion); proof.UnboundVersion signs as a browser
+	// does, without the connection's channel binding.
+	Version uint32
 
 	conn  devconn.Conn
 	r     *frame.Reader
@@ -90,7 +94,7 @@ func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw,
 		ht := &http.Transport{TLSClientConfig: tlsConf("http/1.1")}
 		dialed := devconn.RecordDials(ht)
 		hc := &http.Client{Transport: ht}
-		ws, _, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: hdr})
+		ws, resp, err := websocket.Dial(ctx, "wss://"+addr+devconn.WebSocketPath, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: hdr})
 		if err != nil {
 			hc.CloseIdleConnections()
 			return nil, fmt.Errorf("websocket dial %s: %w", addr, err)
@@ -98,7 +102,7 @@ func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw,
 		ws.SetReadLimit(1 << 20)
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
 		raw.WS = ws
-		raw.conn = devconn.NewWebSocketConn(ws, dialed(), remote, time.Hour, 1<<20)
+		raw.conn = devconn.NewWebSocketConn(ws, dialed(), resp.TLS, remote, time.Hour, 1<<20)
 		raw.done = hc.CloseIdleConnections
 	case client.WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: tlsConf("h3"), QUICConfig: qconf}
@@ -287,7 +291,11 @@ func (c *Raw) Next(d time.Duration) (*relayv1.Frame, error) {
 // Login runs the full handshake as device d.
 func (c *Raw) Login(d Device) *relayv1.Welcome {
 	c.t.Helper()
-	c.hello = &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: proof.ProtocolVersion, ClientTimeMs: time.Now().UnixMilli()}
+	v := c.Version
+	if v == 0 {
+		v = proof.ProtocolVersion
+	}
+	c.hello = &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: v, ClientTimeMs: time.Now().UnixMilli()}
 	if err := c.Send(&relayv1.Frame{Kind: &relayv1.Frame_Hello{Hello: c.hello}}); err != nil {
 		c.t.Fatalf("send hello: %v", err)
 	}
@@ -310,24 +318,34 @@ func (c *Raw) Answer(ch *relayv1.Challenge, key ed25519.PrivateKey) {
 	h := c.hello
 	sig := proof.Transcript{
 		UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
-		EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(),
+		EdgeID: ch.GetEdgeId(), Nonce: ch.GetNonce(), ServerTimeMs: ch.GetServerTimeMs(), Binding: c.Binding(),
 	}.Sign(key)
 	if err := c.Send(&relayv1.Frame{Kind: &relayv1.Frame_Authenticate{Authenticate: &relayv1.Authenticate{Signature: sig}}}); err != nil {
 		c.t.Fatalf("send signature: %v", err)
 	}
 }
 
+// Binding is the channel binding of the connection, as the device
+// computes it (proof.Binding).
+func (c *Raw) Binding() []byte { return c.conn.ChannelBinding() }
+
 // ResumeHello is a Hello resuming as d with ticket, proven with key (nil:
-// no proof, as a thief holding only the ticket would send).
-func ResumeHello(d Device, ticket []byte, key ed25519.PrivateKey) *relayv1.Hello {
-	h := &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: proof.ProtocolVersion,
+// no proof, as a thief holding only the ticket would send) on the
+// connection whose channel binding is binding (proof.ProtocolVersion;
+// nil: proof.UnboundVersion, as a browser resumes).
+func ResumeHello(d Device, ticket []byte, key ed25519.PrivateKey, binding []byte) *relayv1.Hello {
+	v := uint32(proof.ProtocolVersion)
+	if binding == nil {
+		v = proof.UnboundVersion
+	}
+	h := &relayv1.Hello{UserId: d.UserID, DeviceId: d.ID, ProtocolVersion: v,
 		ClientTimeMs: time.Now().UnixMilli(), ResumeTicket: ticket, Instance: "raw"}
 	if key != nil {
 		h.ResumeNonce = make([]byte, proof.ResumeNonceSize)
 		_, _ = rand.Read(h.ResumeNonce)
 		h.ResumeProof = proof.ResumeTranscript{
 			UserID: h.GetUserId(), DeviceID: h.GetDeviceId(), ProtocolVersion: h.GetProtocolVersion(), ClientTimeMs: h.GetClientTimeMs(),
-			Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: ticket,
+			Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: ticket, Binding: binding,
 		}.Sign(key)
 	}
 	return h

@@ -19,7 +19,10 @@ import {
 /** The protocol's error codes (proto/relay/v1), RelayError.code. */
 export { ErrorCode };
 
-/** The device protocol version this client speaks (Hello). */
+/** The device protocol version this client speaks (Hello). Version 2
+ * binds the proofs to the TLS connection's exporter (RFC 9266), which no
+ * browser API gives a page; a browser signs version 1's transcripts
+ * (docs/protocol.md, "Channel binding"). */
 export const PROTOCOL_VERSION = 1;
 /** Where an edge takes WebTransport sessions (HTTP/3, its UDP port). */
 export const WEBTRANSPORT_PATH = "/relay/v1/wt";
