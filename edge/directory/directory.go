@@ -187,8 +187,16 @@ type Directory struct {
 	// current is when the control plane last said the copy is complete
 	// (a progress message, or the end of a full copy): see metrics.go.
 	current time.Time
-	// heard is when the last message of the feed arrived.
+	// heard is when the last message of the feed arrived that keeps the
+	// state fresh: every message, except those of a full copy begun after
+	// another was cut off halfway (cutCopy), until one completes.
 	heard time.Time
+	// cutCopy says a full copy was cut off halfway since the state was
+	// last current: the messages of the copies after it prove only that
+	// the control plane answers, not that the state will be brought
+	// current, so they do not count as hearing it (a copy that keeps
+	// breaking would otherwise hold off --control-grace for good).
+	cutCopy bool
 
 	// announced is the revision up to which every mailbox announcement
 	// was handed to OnMailbox (it trails revision, which moves before the
@@ -305,7 +313,10 @@ func (d *Directory) Synced() bool {
 // LastHeard is when the last message of the watch feed arrived (zero
 // before the first). The control plane sends one at least every few
 // seconds on a healthy feed, so its age is how long the edge has been
-// cut off from the control plane.
+// cut off from the control plane. After a full copy was cut off halfway,
+// the messages of the next copies do not count until one is complete:
+// an edge whose copies keep breaking is as cut off as one that hears
+// nothing (its state stays as old as the last complete copy).
 func (d *Directory) LastHeard() time.Time {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
@@ -375,10 +386,12 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 		d.cfg.Logger.Debug("watch message", "revision", m.GetRevision(), "message", redacted(m))
 	}
 	d.mu.Lock()
-	d.heard = time.Now()
 	wasSynced, wasRevision := d.synced, d.revision
 	switch k := m.GetKind().(type) {
 	case *edgev1.WatchResponse_Resync:
+		if d.staging != nil {
+			d.cutCopy = true // a new copy while one was under way
+		}
 		s := newSnapshot()
 		d.staging = &s
 	case *edgev1.WatchResponse_SnapshotDone:
@@ -448,6 +461,12 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 		if complete > d.revision {
 			d.revision = complete
 		}
+	}
+	if d.staging == nil {
+		d.cutCopy = false
+	}
+	if d.staging == nil || !d.cutCopy {
+		d.heard = time.Now()
 	}
 	if edgesChanged {
 		edges = d.edgesLocked()
@@ -637,6 +656,9 @@ func (d *Directory) followOnce(ctx context.Context, client edgev1connect.WatchSe
 	// A full copy cut off halfway is discarded; the server sends a new
 	// one if it is still needed.
 	d.mu.Lock()
+	if d.staging != nil {
+		d.cutCopy = true
+	}
 	d.staging = nil
 	d.mu.Unlock()
 	tok, err := token(ctx)

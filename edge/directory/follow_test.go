@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -87,12 +88,14 @@ func TestFollowReportsStreamFailures(t *testing.T) {
 // feedNode is a control node reduced to what following its feed takes:
 // logins for the edge, and a watch that either holds the stream open
 // without a word (silent: a node whose applied index lags the edge's
-// revision, or that hangs, while HTTP/2 pings are answered) or sends a
-// full copy and then a progress now and then.
+// revision, or that hangs, while HTTP/2 pings are answered), or breaks
+// off every full copy halfway (cut), or sends a full copy and then a
+// progress now and then.
 type feedNode struct {
 	controlv1connect.UnimplementedAuthServiceHandler
 	edgev1connect.UnimplementedWatchServiceHandler
 	silent  bool
+	cut     atomic.Bool
 	watches atomic.Int32
 }
 
@@ -106,6 +109,17 @@ func (f *feedNode) Watch(ctx context.Context, _ *connect.Request[edgev1.WatchReq
 	if f.silent {
 		<-ctx.Done()
 		return ctx.Err()
+	}
+	if f.cut.Load() {
+		for _, m := range []*edgev1.WatchResponse{
+			{Revision: 7, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}},
+			{Revision: 7, Kind: &edgev1.WatchResponse_Event{Event: &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_UserPut{UserPut: &edgev1.UserState{Id: "u1", Active: true}}}}},
+		} {
+			if err := s.Send(m); err != nil {
+				return err
+			}
+		}
+		return connect.NewError(connect.CodeUnavailable, errors.New("the copy breaks off"))
 	}
 	for _, m := range []*edgev1.WatchResponse{
 		{Revision: 7, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}},
@@ -201,5 +215,88 @@ func TestFollowGivesUpASilentStream(t *testing.T) {
 	})
 	if n := good.watches.Load(); n != 1 {
 		t.Fatalf("%d watches on the good node, want 1: its stream was given up", n)
+	}
+}
+
+// A full copy that breaks off halfway, again and again, does not count as
+// hearing the control plane: the edge's state stays that of its last
+// complete copy, however many messages the broken copies bring, so past
+// --control-grace the edge must refuse new sessions as if it heard
+// nothing. Once a copy completes, LastHeard moves again.
+func TestCopiesThatKeepBreakingAreNotHearing(t *testing.T) {
+	f := &feedNode{}
+	f.cut.Store(true)
+	cc, err := controlconn.New(controlconn.Config{URLs: []string{serveFeedNode(t, f)}, Login: "edge", Password: "p"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	d := directory.New(directory.Config{Ring: session.NewRing()})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Follow(ctx, cc.Watch(), cc.Token) }()
+	defer func() { cancel(); <-done }()
+	// The first copy's messages count (nothing was cut before them);
+	// once the second stream begins they are all applied.
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if n := f.watches.Load(); n < 2 {
+			return fmt.Errorf("%d watches", n)
+		}
+		return nil
+	})
+	heard := d.LastHeard()
+	if heard.IsZero() {
+		t.Fatal("the first copy's messages were not heard")
+	}
+	clustertest.Eventually(t, 60*time.Second, func() error {
+		if n := f.watches.Load(); n < 5 {
+			return fmt.Errorf("%d watches", n)
+		}
+		return nil
+	})
+	if h := d.LastHeard(); !h.Equal(heard) {
+		t.Fatalf("LastHeard moved from %v to %v with copies that all broke off", heard, h)
+	}
+	if d.Synced() {
+		t.Fatal("synced without a complete copy")
+	}
+	f.cut.Store(false)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if !d.Synced() || !d.LastHeard().After(heard) {
+			return errors.New("no complete copy heard yet")
+		}
+		return nil
+	})
+
+	// Within one stream too: a copy begun while another is under way
+	// counts only once it is complete; then messages count again.
+	d = directory.New(directory.Config{Ring: session.NewRing()})
+	apply := func(m *edgev1.WatchResponse) time.Time {
+		t.Helper()
+		for !time.Now().After(d.LastHeard()) {
+			runtime.Gosched() // LastHeard must be able to move past its value
+		}
+		m.Revision = 9
+		d.Apply(m)
+		return d.LastHeard()
+	}
+	resync := &edgev1.WatchResponse{Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}}
+	event := &edgev1.WatchResponse{Kind: &edgev1.WatchResponse_Event{Event: &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_UserPut{UserPut: &edgev1.UserState{Id: "u1", Active: true}}}}}
+	done1 := &edgev1.WatchResponse{Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{History: "h"}}}
+	apply(resync)
+	h1 := apply(event)
+	if h := apply(resync); !h.Equal(h1) {
+		t.Fatal("a copy begun over another counted")
+	}
+	if h := apply(event); !h.Equal(h1) {
+		t.Fatal("the second copy's event counted")
+	}
+	h2 := apply(done1)
+	if !h2.After(h1) {
+		t.Fatal("the complete copy did not count")
+	}
+	apply(resync)
+	if h := apply(event); !h.After(h2) {
+		t.Fatal("after a complete copy, a new copy's messages do not count")
 	}
 }
