@@ -482,7 +482,9 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	// it: one made here is worthless on the connection of anything in
 	// the middle (one that holds an edge's certificate or session key).
 	if cn.binding = cn.c.ChannelBinding(); len(cn.binding) != proof.BindingSize {
-		return fmt.Errorf("handshake: %w", proof.ErrNoBinding)
+		// Not expected: the client's TLS is always 1.3. Final, as
+		// reconnecting would meet the same.
+		return &Error{Code: relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION, Message: proof.ErrNoBinding.Error()}
 	}
 	cn.hello = &relayv1.Hello{NoDatagrams: cn.noDatagrams, DeferDatagrams: !cn.noDatagrams, UserId: c.cfg.UserID, DeviceId: c.cfg.DeviceID, ProtocolVersion: proof.ProtocolVersion,
 		ClientTimeMs: sent.Add(offset).UnixMilli(), ResumeTicket: ticket, Instance: c.instance, MinRevision: c.cfg.MinRevision}
@@ -516,6 +518,12 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 				chErr = time.Since(sent) / 2
 				chOffset = time.UnixMilli(k.Challenge.GetServerTimeMs()).Add(chErr).Sub(time.Now())
 				learnt = true
+			}
+			if err := checkBinding(cn, k.Challenge); err != nil {
+				// Signing would be of no use: the edge checks the
+				// binding it sees. (The ticket is kept: it is not what
+				// failed.)
+				return err
 			}
 			if k.Challenge.GetTicketError() != 0 {
 				c.log.Debug("resume ticket refused", "code", k.Challenge.GetTicketError().String())
@@ -581,6 +589,22 @@ func (c *Client) proveResume(h *relayv1.Hello, binding []byte) error {
 		Instance: h.GetInstance(), Nonce: h.GetResumeNonce(), Ticket: h.GetResumeTicket(), Binding: binding,
 	}.Sign(c.cfg.Key)
 	return nil
+}
+
+// checkBinding compares the binding check of the edge's challenge with
+// this end's binding: another value means the TLS connection does not
+// end at the edge (a proxy terminates it, or someone is in the middle),
+// and the edge will refuse every proof made on it. Without a check (an
+// edge, or a middleman, that sends none) the proof goes out and the edge
+// decides.
+func checkBinding(cn *conn, ch *relayv1.Challenge) error {
+	check := ch.GetBindingCheck()
+	if len(check) == 0 || bytes.Equal(check, proof.BindingCheck(cn.binding)) {
+		return nil
+	}
+	return &Error{Code: relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION, Message: fmt.Sprintf(
+		"the edge is not at the other end of this TLS connection: TLS ends before it (a proxy that terminates TLS, "+
+			"which protocol version %d does not allow: use a TCP or UDP load balancer) or someone is in the middle", proof.ProtocolVersion)}
 }
 
 // answer is the frame that answers a challenge: its transcript signed

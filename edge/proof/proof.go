@@ -6,6 +6,7 @@ package proof
 
 import (
 	"crypto/ed25519"
+	"crypto/sha256"
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
@@ -39,16 +40,21 @@ const BindingLabel = "EXPORTER-Channel-Binding"
 const BindingSize = 32
 
 // ErrNoBinding is returned by Binding for a connection that has no
-// exporter: TLS 1.2 without the extended master secret, or a handshake
-// not complete.
+// channel binding to offer: not TLS 1.3, or a handshake not complete.
 var ErrNoBinding = errors.New("the TLS connection has no channel binding")
 
-// Binding is the channel binding of a TLS connection (RFC 9266): both
+// Binding is the channel binding of a TLS 1.3 connection (RFC 9266): both
 // ends of one connection compute the same value, and the two connections
-// of a machine in the middle get two different ones.
+// of a machine in the middle get two different ones. TLS 1.2 is refused:
+// its exporter binds the connection only with the extended master secret
+// (RFC 9266, section 4.2), which a GODEBUG setting could take away
+// unnoticed.
 func Binding(cs *tls.ConnectionState) ([]byte, error) {
 	if cs == nil || !cs.HandshakeComplete {
 		return nil, ErrNoBinding
+	}
+	if cs.Version != tls.VersionTLS13 {
+		return nil, fmt.Errorf("%w: %s, not TLS 1.3", ErrNoBinding, tls.VersionName(cs.Version))
 	}
 	b, err := cs.ExportKeyingMaterial(BindingLabel, nil, BindingSize)
 	if err != nil {
@@ -63,6 +69,20 @@ const NonceSize = 32
 // transcriptLabel separates these signatures from any other use of a
 // device key.
 const transcriptLabel = "relay/1 device handshake"
+
+// bindingCheckLabel separates a binding check from any other hash of a
+// binding.
+const bindingCheckLabel = "relay/1 channel binding check"
+
+// BindingCheck is what an edge tells a device of its channel binding
+// (Challenge.binding_check): a hash that lets the device see whether the
+// two ends are one connection, without giving the binding itself away.
+func BindingCheck(binding []byte) []byte {
+	h := sha256.New()
+	h.Write([]byte(bindingCheckLabel))
+	h.Write(binding)
+	return h.Sum(nil)
+}
 
 // Transcript is what a device signs to prove its key: everything both
 // sides said in the handshake, including the edge's nonce and id, so a

@@ -147,12 +147,16 @@ func TestTranscriptEncodingsArePinned(t *testing.T) {
 // transcript signed on one connection does not verify on the other.
 func TestBindingIsTheConnections(t *testing.T) {
 	cert := selfSigned(t)
-	pair := func() (client, server tls.ConnectionState) {
+	pair := func(version ...uint16) (client, server tls.ConnectionState) {
+		v := uint16(tls.VersionTLS13)
+		if len(version) > 0 {
+			v = version[0]
+		}
 		a, b := net.Pipe()
 		defer a.Close()
 		defer b.Close()
-		srv := tls.Server(b, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})
-		cl := tls.Client(a, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13}) //nolint:gosec // a test's own certificate
+		srv := tls.Server(b, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: v, MaxVersion: v})
+		cl := tls.Client(a, &tls.Config{InsecureSkipVerify: true, MinVersion: v, MaxVersion: v}) //nolint:gosec // a test's own certificate
 		errs := make(chan error, 1)
 		go func() { errs <- srv.Handshake() }()
 		if err := cl.Handshake(); err != nil {
@@ -190,6 +194,18 @@ func TestBindingIsTheConnections(t *testing.T) {
 	tr.Binding = other
 	if err := tr.Verify(pub, sig); !errors.Is(err, ErrBadSignature) {
 		t.Fatalf("a signature made on one connection verified on another: %v", err)
+	}
+	if !bytes.Equal(BindingCheck(bc), BindingCheck(bs)) || bytes.Equal(BindingCheck(bc), BindingCheck(other)) || len(BindingCheck(bc)) != 32 {
+		t.Fatal("binding checks do not tell the connections apart")
+	}
+	// TLS 1.2's exporter binds the connection only with the extended
+	// master secret: refused.
+	c12, s12 := pair(tls.VersionTLS12)
+	if _, err := Binding(&c12); !errors.Is(err, ErrNoBinding) {
+		t.Fatalf("TLS 1.2 client: %v", err)
+	}
+	if _, err := Binding(&s12); !errors.Is(err, ErrNoBinding) {
+		t.Fatalf("TLS 1.2 server: %v", err)
 	}
 	if _, err := Binding(nil); !errors.Is(err, ErrNoBinding) {
 		t.Fatalf("no connection: %v", err)

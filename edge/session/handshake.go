@@ -211,12 +211,14 @@ func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 	}
 	if proof.Bound(v) {
 		// The device signs the binding of the TLS connection it sees; the
-		// edge checks it against the one it sees. Where TLS does not end
-		// at the edge (a proxy that terminates it) there is nothing to
-		// compare: say so rather than fail every signature.
+		// edge checks it against the one it sees (and tells the device a
+		// hash of it in the Challenge, so a device behind a proxy that
+		// ends its TLS learns why it would fail). A connection with no
+		// binding (not TLS 1.3) cannot carry this version: say so rather
+		// than fail every signature.
 		if h.binding = h.conn.ChannelBinding(); len(h.binding) != proof.BindingSize {
 			return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION,
-				"protocol version %d binds its proofs to the TLS connection, and this connection's TLS does not end at the edge; connect to the edge itself, or speak version %d",
+				"protocol version %d binds its proofs to the TLS connection, and this connection has no channel binding (it needs TLS 1.3 from the device to the edge); speak version %d",
 				v, proof.UnboundVersion)
 		}
 	}
@@ -265,7 +267,7 @@ func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 	}
 	h.state = hsAwaitAuth
 	return &relayv1.Frame{Kind: &relayv1.Frame_Challenge{Challenge: &relayv1.Challenge{
-		Nonce: nonce, ServerTimeMs: h.tr.ServerTimeMs, EdgeId: h.edgeID, TicketError: ticketErr,
+		Nonce: nonce, ServerTimeMs: h.tr.ServerTimeMs, EdgeId: h.edgeID, TicketError: ticketErr, BindingCheck: h.bindingCheck(),
 	}}}, nil
 }
 
@@ -349,7 +351,17 @@ func (h *handshake) reauth() (*relayv1.Challenge, error) {
 	}
 	h.device = h.dir.LookupDevice(h.hello.GetDeviceId())
 	h.state = hsAwaitAuth
-	return &relayv1.Challenge{Nonce: nonce, ServerTimeMs: h.tr.ServerTimeMs, EdgeId: h.edgeID}, nil
+	return &relayv1.Challenge{Nonce: nonce, ServerTimeMs: h.tr.ServerTimeMs, EdgeId: h.edgeID, BindingCheck: h.bindingCheck()}, nil
+}
+
+// bindingCheck is the Challenge's binding_check: for a Hello whose
+// version binds its proofs, a hash of the connection's binding as the
+// edge sees it (nil for version 1).
+func (h *handshake) bindingCheck() []byte {
+	if h.binding == nil {
+		return nil
+	}
+	return proof.BindingCheck(h.binding)
 }
 
 func ticketCode(err error) relayv1.ErrorCode {

@@ -199,10 +199,17 @@ func TestProofsAreBoundToTheConnection(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			h := w.handshake()
-			if out, err := h.step(hello(c.version)); err != nil || out.GetChallenge() == nil {
+			out, err := h.step(hello(c.version))
+			if err != nil || out.GetChallenge() == nil {
 				t.Fatalf("hello: %v %v", out, err)
 			}
-			_, err := h.step(signed(c.version, c.signed))
+			// Version 2's challenge tells the device what binding the
+			// edge sees, as a hash; version 1's says nothing of it.
+			if check := out.GetChallenge().GetBindingCheck(); proof.Bound(c.version) != bytes.Equal(check, proof.BindingCheck(pipeBinding)) ||
+				!proof.Bound(c.version) && check != nil {
+				t.Fatalf("version %d: binding check %x", c.version, check)
+			}
+			_, err = h.step(signed(c.version, c.signed))
 			if c.ok != (err == nil && h.done()) {
 				t.Fatalf("want ok %v, got %v", c.ok, err)
 			}
@@ -221,7 +228,7 @@ func TestProofsAreBoundToTheConnection(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !bytes.Equal(h.tr.Binding, h.binding) || !bytes.Equal(ch.GetNonce(), h.tr.Nonce) {
+			if !bytes.Equal(h.tr.Binding, h.binding) || !bytes.Equal(ch.GetNonce(), h.tr.Nonce) || !bytes.Equal(ch.GetBindingCheck(), out.GetChallenge().GetBindingCheck()) {
 				t.Fatalf("re-authentication transcript: %+v", h.tr)
 			}
 		})

@@ -97,6 +97,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m.droppedRate = m.dropped.WithLabelValues("rate_limited")
 	m.droppedNotEphemeral = m.dropped.WithLabelValues("not_ephemeral")
 	m.droppedTooLarge = m.dropped.WithLabelValues("too_large")
+	// Every series from the start, so a dashboard shows 0 rather than
+	// no data before the first handshake of each kind.
+	for _, bound := range []bool{false, true} {
+		for _, tr := range []string{"quic", "webtransport", "websocket"} {
+			m.proof(bound, tr)
+		}
+	}
 	m.tooLargeForward = m.undeliverable.WithLabelValues("forward")
 	m.tooLargeMailbox = m.undeliverable.WithLabelValues("mailbox")
 	return m

@@ -740,41 +740,49 @@ func TestStolenTicketsAndReplayedResumes(t *testing.T) {
 // A machine in the middle that a device trusts (it holds a certificate
 // the device pins; with --cluster-tls-tickets a session key is enough to
 // pose as an edge to a resuming device) passes on all the device sends,
-// unchanged, over a connection of its own to a real edge. A device of
-// protocol version 2 (the Go client) signs the channel binding of its
-// own connection, which is not the middle's: neither its full handshake
-// nor its resume opens a session there. A device of version 1 (what a
-// browser speaks) is let in: that is what the binding closes.
+// over a connection of its own to a real edge. A device of protocol
+// version 2 (the Go client) signs the channel binding of its own
+// connection, which is not the middle's: neither its full handshake nor
+// its resume opens a session there. One that passes bytes on unchanged
+// passes on the edge's binding check too, and the client stops before it
+// signs anything, saying TLS does not end at the edge (what a proxy that
+// terminates TLS shows); one that strips the check gets the signature,
+// which the edge refuses. A device of version 1 (what a browser speaks)
+// is let in: that is what the binding closes.
 func TestAMiddlemanCannotPassOnADevicesProofs(t *testing.T) {
 	r := startRelay(t, 1, nil)
 	e := r.Edges[0]
-	mm := relaytest.StartMiddleman(t, e.Addr())
 	dev := r.Device(r.User("middle"), "d")
-	refused := func(what string, err error) {
-		t.Helper()
-		var ce *client.Error
-		if !errors.As(err, &ce) || ce.Code != relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED {
-			t.Fatalf("%s through the middle: want AUTH_FAILED, got %v", what, err)
-		}
-	}
-	cfg := r.ClientConfig(0, dev, client.QUIC)
-	cfg.Addr, cfg.OtherAddrs, cfg.CertHashes = mm.Addr, nil, [][]byte{mm.CertHash}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	_, err := client.Dial(ctx, cfg)
-	refused("a full handshake", err)
-
-	// With a ticket the device got from the edge itself: the edge
-	// refuses the resume proof, and the full handshake after it.
 	direct := r.Dial(0, dev, client.QUIC)
-	cfg.ResumeTicket = direct.ResumeTicket()
-	if len(cfg.ResumeTicket) == 0 {
+	ticket := direct.ResumeTicket()
+	if len(ticket) == 0 {
 		t.Fatal("no ticket")
 	}
-	_, err = client.Dial(ctx, cfg)
-	refused("a resume", err)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, strip := range []bool{false, true} {
+		mm := relaytest.StartMiddleman(t, e.Addr())
+		mm.StripBindingCheck = strip
+		want := relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION // the client saw the edge's check
+		if strip {
+			want = relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED // the edge refused the proofs
+		}
+		cfg := r.ClientConfig(0, dev, client.QUIC)
+		cfg.Addr, cfg.OtherAddrs, cfg.CertHashes = mm.Addr, nil, [][]byte{mm.CertHash}
+		for _, resume := range [][]byte{nil, ticket} {
+			cfg.ResumeTicket = resume
+			_, err := client.Dial(ctx, cfg)
+			var ce *client.Error
+			if !errors.As(err, &ce) || ce.Code != want {
+				t.Fatalf("through the middle (stripping the check %v, resuming %v): want %v, got %v", strip, resume != nil, want, err)
+			}
+		}
+	}
+	// Two attempts signed through the stripping middle, and refused: its
+	// full handshake's signature, its resume's proof and the signature
+	// after it. Nobody got in.
 	if n := relaytest.Counter(t, e, "relay_edge_handshakes_total", "result", "auth_failed"); n != 2 {
-		t.Fatalf("%v handshakes failed authentication at the edge, want 2 (one per attempt through the middle)", n)
+		t.Fatalf("%v handshakes failed authentication at the edge, want 2", n)
 	}
 	if n := relaytest.Counter(t, e, "relay_edge_handshake_proofs_total", "binding", "tls_exporter"); n != 1 {
 		t.Fatalf("%v bound proofs passed, want 1 (the direct session)", n)
@@ -784,6 +792,7 @@ func TestAMiddlemanCannotPassOnADevicesProofs(t *testing.T) {
 	}
 
 	// Version 1 through the same middle gets a session as the device.
+	mm := relaytest.StartMiddleman(t, e.Addr())
 	raw := relaytest.DialRaw(t, mm.Addr, client.QUIC)
 	raw.Version = proof.UnboundVersion
 	raw.Login(dev)

@@ -12,6 +12,8 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/edge-relay/relay/edge/devconn"
+	"github.com/edge-relay/relay/edge/frame"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 // Middleman is a machine in the middle of native QUIC sessions: it ends
@@ -27,6 +29,10 @@ type Middleman struct {
 	// CertHash is the SHA-256 of its certificate, for
 	// client.Config.CertHashes.
 	CertHash []byte
+	// StripBindingCheck makes it take the binding check out of the
+	// edge's challenges (set before devices connect), as a middleman
+	// that knows the protocol would, so that the device signs anyway.
+	StripBindingCheck bool
 
 	ln     *quic.Listener
 	edge   string
@@ -105,7 +111,14 @@ func (m *Middleman) relay(dev *quic.Conn) {
 	// the device hangs up once it read the rest.
 	var copies sync.WaitGroup
 	copies.Go(func() { _, _ = io.Copy(estr, dstr); _ = estr.Close() })
-	copies.Go(func() { _, _ = io.Copy(dstr, estr); _ = dstr.Close() })
+	copies.Go(func() {
+		if m.StripBindingCheck {
+			_ = stripBindingChecks(dstr, estr)
+		} else {
+			_, _ = io.Copy(dstr, estr)
+		}
+		_ = dstr.Close()
+	})
 	select {
 	case <-m.ctx.Done():
 	case <-dev.Context().Done():
@@ -122,4 +135,22 @@ func (m *Middleman) relay(dev *quic.Conn) {
 	_ = dev.CloseWithError(code, msg)
 	_ = edge.CloseWithError(0, "")
 	copies.Wait()
+}
+
+// stripBindingChecks copies the edge's frames from r to w, frame by
+// frame, with the binding check taken out of every Challenge.
+func stripBindingChecks(w io.Writer, r io.Reader) error {
+	fr, fw := frame.NewReader(r, frame.MaxFrameLimit), frame.NewWriter(w, frame.MaxFrameLimit)
+	for {
+		var f relayv1.Frame
+		if err := fr.Read(&f); err != nil {
+			return err
+		}
+		if ch := f.GetChallenge(); ch != nil {
+			ch.BindingCheck = nil
+		}
+		if err := fw.Write(&f); err != nil {
+			return err
+		}
+	}
 }

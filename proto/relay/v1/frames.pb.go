@@ -630,7 +630,16 @@ type Challenge struct {
 	// none): the client drops it. A Challenge after the Welcome asks a
 	// session that reached its maximum age to prove its key again; it is
 	// answered with Authenticate like the first one.
-	TicketError   ErrorCode `protobuf:"varint,4,opt,name=ticket_error,json=ticketError,proto3,enum=relay.v1.ErrorCode" json:"ticket_error,omitempty"`
+	TicketError ErrorCode `protobuf:"varint,4,opt,name=ticket_error,json=ticketError,proto3,enum=relay.v1.ErrorCode" json:"ticket_error,omitempty"`
+	// For a Hello of protocol version 2: SHA-256 of "relay/1 channel
+	// binding check" followed by the channel binding of the connection as
+	// the edge sees it. A client whose own binding gives another value
+	// knows that its TLS does not end at the edge (a proxy that terminates
+	// it, or someone in the middle) and stops without signing. It proves
+	// nothing (whoever is in the middle can compute it for the client's
+	// connection); it tells an honest misconfiguration apart from a wrong
+	// key.
+	BindingCheck  []byte `protobuf:"bytes,5,opt,name=binding_check,json=bindingCheck,proto3" json:"binding_check,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -691,6 +700,13 @@ func (x *Challenge) GetTicketError() ErrorCode {
 		return x.TicketError
 	}
 	return ErrorCode_ERROR_CODE_UNSPECIFIED
+}
+
+func (x *Challenge) GetBindingCheck() []byte {
+	if x != nil {
+		return x.BindingCheck
+	}
+	return nil
 }
 
 // Authenticate answers a Challenge: an Ed25519 signature with the
@@ -1627,12 +1643,13 @@ const file_relay_v1_frames_proto_rawDesc = "" +
 	"\fno_datagrams\x18\t \x01(\bR\vnoDatagrams\x12'\n" +
 	"\x0fdefer_datagrams\x18\n" +
 	" \x01(\bR\x0edeferDatagrams\x12!\n" +
-	"\fmin_revision\x18\v \x01(\x04R\vminRevision\"\x98\x01\n" +
+	"\fmin_revision\x18\v \x01(\x04R\vminRevision\"\xbd\x01\n" +
 	"\tChallenge\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12$\n" +
 	"\x0eserver_time_ms\x18\x02 \x01(\x03R\fserverTimeMs\x12\x17\n" +
 	"\aedge_id\x18\x03 \x01(\tR\x06edgeId\x126\n" +
-	"\fticket_error\x18\x04 \x01(\x0e2\x13.relay.v1.ErrorCodeR\vticketError\",\n" +
+	"\fticket_error\x18\x04 \x01(\x0e2\x13.relay.v1.ErrorCodeR\vticketError\x12#\n" +
+	"\rbinding_check\x18\x05 \x01(\fR\fbindingCheck\",\n" +
 	"\fAuthenticate\x12\x1c\n" +
 	"\tsignature\x18\x01 \x01(\fR\tsignature\"\xd2\x02\n" +
 	"\x06Limits\x12&\n" +
