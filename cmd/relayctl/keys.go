@@ -33,7 +33,17 @@ func (a *app) keysCommand() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return a.print(msg, func() error { _, err := fmt.Fprintf(a.stdout, "new %s key %s\n", kind, id); return err })
+				return a.print(msg, func() error {
+					if _, err := fmt.Fprintf(a.stdout, "new %s key %s\n", kind, id); err != nil {
+						return err
+					}
+					if r, ok := msg.(interface{ GetOlderRetired() bool }); ok && retireNow && !r.GetOlderRetired() {
+						_, err := fmt.Fprintf(a.stdout, "the %s keys retired by earlier rotations keep their time: some control node runs a release "+
+							"that cannot retire them (see relayctl keys list; upgrade every node, then rotate with --now again)\n", kind)
+						return err
+					}
+					return nil
+				})
 			},
 		}
 		c.Flags().BoolVar(&retireNow, "now", false, "the replaced key stops at once instead of after its grace (after a leak: what it signed or sealed is refused from then on)")

@@ -8,6 +8,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
@@ -70,10 +71,12 @@ func (s *KeyServer) RotateSigningKey(ctx context.Context, req *connect.Request[c
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	all := req.Msg.GetRetireNow() && everyMemberHas(s.node, fsm.FeatureRetireAllKeys)
+	cmd.GetRotateSigningKey().RetireAll = all
 	if _, err := s.node.Apply(ctx, cmd); err != nil {
 		return nil, toConnect(err)
 	}
-	return connect.NewResponse(&controlv1.RotateSigningKeyResponse{KeyId: id}), nil
+	return connect.NewResponse(&controlv1.RotateSigningKeyResponse{KeyId: id, OlderRetired: all}), nil
 }
 
 // RotateSessionKey rotates the ticket-sealing key.
@@ -86,10 +89,15 @@ func (s *KeyServer) RotateSessionKey(ctx context.Context, req *connect.Request[c
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	// Keys retired by earlier rotations go too, where every member can
+	// apply that (an older release would keep them: replicas would
+	// differ).
+	all := req.Msg.GetRetireNow() && everyMemberHas(s.node, fsm.FeatureRetireAllKeys)
+	cmd.GetRotateSessionKey().RetireAll = all
 	if _, err := s.node.Apply(ctx, cmd); err != nil {
 		return nil, toConnect(err)
 	}
-	return connect.NewResponse(&controlv1.RotateSessionKeyResponse{KeyId: id}), nil
+	return connect.NewResponse(&controlv1.RotateSessionKeyResponse{KeyId: id, OlderRetired: all}), nil
 }
 
 // ListKeys lists key ids and ages, never material.

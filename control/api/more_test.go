@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/control/server"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
@@ -333,5 +335,64 @@ func TestARotationWithRetireNowStopsTheOldKeyAtOnce(t *testing.T) {
 		if k.GetId() != r.Msg.GetKeyId() && (k.GetExpiresAt() == nil || k.GetExpiresAt().AsTime().After(time.Now())) {
 			t.Fatalf("the replaced session key %s is still in use: %v", k.GetId(), k)
 		}
+	}
+
+	// Keys retired by earlier rotations, still in their grace, stop too.
+	sessionKeys := func() []string {
+		t.Helper()
+		l, err := admin.keys.ListKeys(ctx, connect.NewRequest(&controlv1.ListKeysRequest{}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for _, k := range l.Msg.GetSessionKeys() {
+			ids = append(ids, k.GetId())
+		}
+		return ids
+	}
+	c.WaitFeature(fsm.FeatureRetireAllKeys)
+	if _, err := admin.keys.RotateSessionKey(ctx, connect.NewRequest(&controlv1.RotateSessionKeyRequest{})); err != nil {
+		t.Fatal(err)
+	}
+	if ids := sessionKeys(); len(ids) != 2 {
+		t.Fatalf("after a plain rotation: %v, want the new key and the one in its grace", ids)
+	}
+	r, err = admin.keys.RotateSessionKey(ctx, connect.NewRequest(&controlv1.RotateSessionKeyRequest{RetireNow: true}))
+	if err != nil || !r.Msg.GetOlderRetired() {
+		t.Fatalf("retire now: %v %v", r, err)
+	}
+	if ids := sessionKeys(); len(ids) != 1 || ids[0] != r.Msg.GetKeyId() {
+		t.Fatalf("after retire now: %v, want %s alone", ids, r.Msg.GetKeyId())
+	}
+	sr, err := admin.keys.RotateSigningKey(ctx, connect.NewRequest(&controlv1.RotateSigningKeyRequest{RetireNow: true}))
+	if err != nil || !sr.Msg.GetOlderRetired() {
+		t.Fatalf("retire now (signing): %v %v", sr, err)
+	}
+	// Every access token signed before is refused now, the admin's too:
+	// it logs in again.
+	if _, err := admin.keys.ListKeys(ctx, connect.NewRequest(&controlv1.ListKeysRequest{})); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("a token of a key retired by an earlier rotation: %v, want unauthenticated", err)
+	}
+	admin = clientsAs(t, c.Nodes[0], c.AdminToken())
+	if l, err := admin.keys.ListKeys(ctx, connect.NewRequest(&controlv1.ListKeysRequest{})); err != nil || len(l.Msg.GetSigningKeys()) != 1 {
+		t.Fatalf("signing keys after retire now: %v %v", l, err)
+	}
+
+	// A cluster with a member whose release cannot apply that (a node of
+	// an older release): only the replaced key stops, and the answer
+	// says so.
+	c = clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) {
+		cfg.Features = slices.DeleteFunc(fsm.Features(), func(f string) bool { return f == fsm.FeatureRetireAllKeys })
+	}})
+	admin = clientsAs(t, c.Nodes[0], c.AdminToken())
+	if _, err := admin.keys.RotateSessionKey(ctx, connect.NewRequest(&controlv1.RotateSessionKeyRequest{})); err != nil {
+		t.Fatal(err)
+	}
+	r, err = admin.keys.RotateSessionKey(ctx, connect.NewRequest(&controlv1.RotateSessionKeyRequest{RetireNow: true}))
+	if err != nil || r.Msg.GetOlderRetired() {
+		t.Fatalf("retire now with a member that cannot: %v %v", r, err)
+	}
+	if ids := sessionKeys(); len(ids) != 2 {
+		t.Fatalf("with a member that cannot retire older keys: %v, want the new key and the one retired earlier", ids)
 	}
 }

@@ -387,7 +387,7 @@ func (t *txn) rotateSigningKey(op *statev1.RotateSigningKey) (*statev1.Result, e
 		if err := proto.Unmarshal(v, &old); err != nil {
 			return false, err
 		}
-		return old.VerifyUntilMs != 0 && old.VerifyUntilMs <= t.now, nil
+		return op.GetRetireAll() || old.VerifyUntilMs != 0 && old.VerifyUntilMs <= t.now, nil
 	}); err != nil {
 		return nil, err
 	}
@@ -432,7 +432,7 @@ func (t *txn) rotateSessionKey(op *statev1.RotateSessionKey) (*statev1.Result, e
 		if err := proto.Unmarshal(v, &old); err != nil {
 			return false, err
 		}
-		return old.ExpiresAtMs != 0 && old.ExpiresAtMs <= t.now, nil
+		return op.GetRetireAll() || old.ExpiresAtMs != 0 && old.ExpiresAtMs <= t.now, nil
 	}); err != nil {
 		return nil, err
 	}

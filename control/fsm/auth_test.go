@@ -124,6 +124,31 @@ func TestKeysEdgesActivityAndInit(t *testing.T) {
 	if len(cs) != 1 || cs[0].Kind != statev1.ChangeKind_CHANGE_KIND_SESSION_KEYS || len(cs[0].GetSessionKeys().GetKeys()) != 2 {
 		t.Fatalf("session key change %v", cs)
 	}
+	// retire_all (after a leak): every other key goes at once, the one
+	// replaced and those still in the window of earlier rotations; the
+	// edges are told a ring of the new key alone.
+	a.apply(&statev1.Command_RotateSessionKey{RotateSessionKey: &statev1.RotateSessionKey{Key: ss("k3"), GraceMs: 1000}})
+	if ring, _ := f.SessionKeyRing(); len(ring.GetKeys()) != 3 {
+		t.Fatalf("ring before retire_all %v", ring)
+	}
+	before = a.idx
+	if r := a.apply(&statev1.Command_RotateSessionKey{RotateSessionKey: &statev1.RotateSessionKey{Key: ss("k4"), GraceMs: 1000, RetireAll: true}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	if ring, _ := f.SessionKeyRing(); ring.GetCurrentId() != "k4" || len(ring.GetKeys()) != 1 {
+		t.Fatalf("ring after retire_all %v", ring)
+	}
+	if cs, _ := f.Changes(before, 10); len(cs) != 1 || len(cs[0].GetSessionKeys().GetKeys()) != 1 {
+		t.Fatalf("retire_all's change %v", cs)
+	}
+	a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: sk("s4"), RetainMs: 1000}})
+	if keys, _, _ := f.SigningKeys(); len(keys) != 3 {
+		t.Fatalf("signing keys before retire_all %v", keys)
+	}
+	a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: sk("s5"), RetainMs: 1000, RetireAll: true}})
+	if keys, cur, _ := f.SigningKeys(); cur != "s5" || len(keys) != 1 {
+		t.Fatalf("signing keys after retire_all %v", keys)
+	}
 	// Edges: register, renew (no change event), expire.
 	edge := func(id string, addrs []string, lease int64) *statev1.Result {
 		return a.apply(&statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{Id: id, Addrs: addrs, LeaseExpiresAtMs: lease}}})
@@ -183,7 +208,7 @@ func TestKeysEdgesActivityAndInit(t *testing.T) {
 	_ = v.EachDevice(func(*statev1.Device) error { devs++; return nil })
 	_ = v.EachEdge(func(*statev1.Edge) error { return fmt.Errorf("no edges expected") })
 	r2, _ := v.SessionKeyRing()
-	if users != 1 || devs != 1 || v.AppliedIndex() != a.idx || r2.GetCurrentId() != "k2" {
+	if users != 1 || devs != 1 || v.AppliedIndex() != a.idx || r2.GetCurrentId() != "k4" {
 		t.Fatalf("view: %d users %d devices at %d", users, devs, v.AppliedIndex())
 	}
 }

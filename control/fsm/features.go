@@ -36,6 +36,9 @@ const (
 	// FeatureMailboxPurge: purge_limit of DeleteUser, DeleteDevice,
 	// RevokeDevice and ExpireMailboxes.
 	FeatureMailboxPurge = "mailbox_purge"
+	// FeatureRetireAllKeys: retire_all of RotateSigningKey and
+	// RotateSessionKey.
+	FeatureRetireAllKeys = "retire_all_keys"
 )
 
 // Bounds of a node's feature list.
@@ -46,7 +49,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys}
 	slices.Sort(f)
 	return f
 }

@@ -107,7 +107,9 @@ type RotateSigningKeyRequest struct {
 	// The key it replaces stops verifying at once, instead of after the
 	// access tokens' lifetime: after a leak. Every access token it signed
 	// is refused from then on (clients refresh; a node mints a new one).
-	// A key retired by an earlier rotation keeps its time.
+	// Keys retired by earlier rotations stop too, once every control node
+	// runs a release that can apply that (older_retired says whether they
+	// did); until then they keep their time.
 	RetireNow     bool `protobuf:"varint,1,opt,name=retire_now,json=retireNow,proto3" json:"retire_now,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -152,8 +154,12 @@ func (x *RotateSigningKeyRequest) GetRetireNow() bool {
 
 // RotateSigningKeyResponse names the new key.
 type RotateSigningKeyResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	KeyId string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// With retire_now: the keys retired by earlier rotations stopped too
+	// (false: some control node runs an older release, and they keep their
+	// time; ListKeys shows them).
+	OlderRetired  bool `protobuf:"varint,2,opt,name=older_retired,json=olderRetired,proto3" json:"older_retired,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -195,14 +201,22 @@ func (x *RotateSigningKeyResponse) GetKeyId() string {
 	return ""
 }
 
+func (x *RotateSigningKeyResponse) GetOlderRetired() bool {
+	if x != nil {
+		return x.OlderRetired
+	}
+	return false
+}
+
 // RotateSessionKeyRequest asks for a new session key.
 type RotateSessionKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The key it replaces leaves the ring at once, instead of after the
 	// session-key grace: after a leak. Every resume ticket (and, with
 	// --cluster-tls-tickets, TLS ticket) it sealed is refused from then
-	// on, and devices authenticate in full. A key retired by an earlier
-	// rotation keeps its time.
+	// on, and devices authenticate in full. Keys retired by earlier
+	// rotations leave too, once every control node runs a release that can
+	// apply that (older_retired says whether they did).
 	RetireNow     bool `protobuf:"varint,1,opt,name=retire_now,json=retireNow,proto3" json:"retire_now,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -247,8 +261,12 @@ func (x *RotateSessionKeyRequest) GetRetireNow() bool {
 
 // RotateSessionKeyResponse names the new key.
 type RotateSessionKeyResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	KeyId string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// With retire_now: the keys retired by earlier rotations left the ring
+	// too (false: some control node runs an older release, and they keep
+	// their grace; ListKeys shows them).
+	OlderRetired  bool `protobuf:"varint,2,opt,name=older_retired,json=olderRetired,proto3" json:"older_retired,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -288,6 +306,13 @@ func (x *RotateSessionKeyResponse) GetKeyId() string {
 		return x.KeyId
 	}
 	return ""
+}
+
+func (x *RotateSessionKeyResponse) GetOlderRetired() bool {
+	if x != nil {
+		return x.OlderRetired
+	}
+	return false
 }
 
 // ListKeysRequest asks for the key list.
@@ -397,14 +422,16 @@ const file_control_v1_keys_proto_rawDesc = "" +
 	"\acurrent\x18\x05 \x01(\bR\acurrent\"8\n" +
 	"\x17RotateSigningKeyRequest\x12\x1d\n" +
 	"\n" +
-	"retire_now\x18\x01 \x01(\bR\tretireNow\"1\n" +
+	"retire_now\x18\x01 \x01(\bR\tretireNow\"V\n" +
 	"\x18RotateSigningKeyResponse\x12\x15\n" +
-	"\x06key_id\x18\x01 \x01(\tR\x05keyId\"8\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12#\n" +
+	"\rolder_retired\x18\x02 \x01(\bR\folderRetired\"8\n" +
 	"\x17RotateSessionKeyRequest\x12\x1d\n" +
 	"\n" +
-	"retire_now\x18\x01 \x01(\bR\tretireNow\"1\n" +
+	"retire_now\x18\x01 \x01(\bR\tretireNow\"V\n" +
 	"\x18RotateSessionKeyResponse\x12\x15\n" +
-	"\x06key_id\x18\x01 \x01(\tR\x05keyId\"\x11\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12#\n" +
+	"\rolder_retired\x18\x02 \x01(\bR\folderRetired\"\x11\n" +
 	"\x0fListKeysRequest\"\x82\x01\n" +
 	"\x10ListKeysResponse\x126\n" +
 	"\fsigning_keys\x18\x01 \x03(\v2\x13.control.v1.KeyInfoR\vsigningKeys\x126\n" +

@@ -3255,9 +3255,14 @@ func (x *RevokeTokenFamily) GetReason() string {
 // RotateSigningKey makes key the current signing key; the previous one
 // keeps verifying until retain_ms after now.
 type RotateSigningKey struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           *SigningKey            `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
-	RetainMs      int64                  `protobuf:"varint,2,opt,name=retain_ms,json=retainMs,proto3" json:"retain_ms,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Key      *SigningKey            `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	RetainMs int64                  `protobuf:"varint,2,opt,name=retain_ms,json=retainMs,proto3" json:"retain_ms,omitempty"`
+	// Every other signing key is dropped at once, the previous one and
+	// those retired by earlier rotations alike (after a leak). Written only
+	// once every member has the feature retire_all_keys: a release that
+	// does not know the field would keep the keys.
+	RetireAll     bool `protobuf:"varint,3,opt,name=retire_all,json=retireAll,proto3" json:"retire_all,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3306,12 +3311,22 @@ func (x *RotateSigningKey) GetRetainMs() int64 {
 	return 0
 }
 
+func (x *RotateSigningKey) GetRetireAll() bool {
+	if x != nil {
+		return x.RetireAll
+	}
+	return false
+}
+
 // RotateSessionKey makes key the current session key; the previous one
 // stays in the ring for grace_ms.
 type RotateSessionKey struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           *SessionKey            `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
-	GraceMs       int64                  `protobuf:"varint,2,opt,name=grace_ms,json=graceMs,proto3" json:"grace_ms,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Key     *SessionKey            `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	GraceMs int64                  `protobuf:"varint,2,opt,name=grace_ms,json=graceMs,proto3" json:"grace_ms,omitempty"`
+	// Every other session key leaves the ring at once; as
+	// RotateSigningKey.retire_all.
+	RetireAll     bool `protobuf:"varint,3,opt,name=retire_all,json=retireAll,proto3" json:"retire_all,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3358,6 +3373,13 @@ func (x *RotateSessionKey) GetGraceMs() int64 {
 		return x.GraceMs
 	}
 	return 0
+}
+
+func (x *RotateSessionKey) GetRetireAll() bool {
+	if x != nil {
+		return x.RetireAll
+	}
+	return false
 }
 
 // RecordActivity raises last_seen / last_activity times (never lowers
@@ -4564,13 +4586,17 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x11RevokeTokenFamily\x12\x1b\n" +
 	"\tfamily_id\x18\x01 \x01(\tR\bfamilyId\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"W\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"v\n" +
 	"\x10RotateSigningKey\x12&\n" +
 	"\x03key\x18\x01 \x01(\v2\x14.state.v1.SigningKeyR\x03key\x12\x1b\n" +
-	"\tretain_ms\x18\x02 \x01(\x03R\bretainMs\"U\n" +
+	"\tretain_ms\x18\x02 \x01(\x03R\bretainMs\x12\x1d\n" +
+	"\n" +
+	"retire_all\x18\x03 \x01(\bR\tretireAll\"t\n" +
 	"\x10RotateSessionKey\x12&\n" +
 	"\x03key\x18\x01 \x01(\v2\x14.state.v1.SessionKeyR\x03key\x12\x19\n" +
-	"\bgrace_ms\x18\x02 \x01(\x03R\agraceMs\">\n" +
+	"\bgrace_ms\x18\x02 \x01(\x03R\agraceMs\x12\x1d\n" +
+	"\n" +
+	"retire_all\x18\x03 \x01(\bR\tretireAll\">\n" +
 	"\x0eRecordActivity\x12,\n" +
 	"\aentries\x18\x01 \x03(\v2\x12.state.v1.ActivityR\aentries\"2\n" +
 	"\fRegisterEdge\x12\"\n" +
