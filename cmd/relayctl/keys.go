@@ -38,15 +38,16 @@ func (a *app) keysCommand() *cobra.Command {
 						return err
 					}
 					if r, ok := msg.(interface{ GetOlderRetired() bool }); ok && retireNow && !r.GetOlderRetired() {
-						_, err := fmt.Fprintf(a.stdout, "the %s keys retired by earlier rotations keep their time: some control node runs a release "+
-							"that cannot retire them (see relayctl keys list; upgrade every node, then rotate with --now again)\n", kind)
+						_, err := fmt.Fprintf(a.stdout, "the %s keys retired by earlier rotations keep their time: some control node does not record "+
+							"the feature retire_all_keys (an older release, or a node stopped or restarting); see relayctl keys list and relayctl "+
+							"cluster status, and rotate with --now again once every node runs\n", kind)
 						return err
 					}
 					return nil
 				})
 			},
 		}
-		c.Flags().BoolVar(&retireNow, "now", false, "the replaced key stops at once instead of after its grace (after a leak: what it signed or sealed is refused from then on)")
+		c.Flags().BoolVar(&retireNow, "now", false, "the replaced key, and those retired by earlier rotations, stop at once instead of after their grace (after a leak: what they signed or sealed is refused from then on)")
 		return c
 	}
 	cmd.AddCommand(rotate("rotate-signing", "Rotate the access-token signing key", "signing",

@@ -71,7 +71,10 @@ func (s *KeyServer) RotateSigningKey(ctx context.Context, req *connect.Request[c
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	all := req.Msg.GetRetireNow() && everyMemberHas(s.node, fsm.FeatureRetireAllKeys)
+	all, err := s.retireAll(ctx, req.Msg.GetRetireNow())
+	if err != nil {
+		return nil, toConnect(err)
+	}
 	cmd.GetRotateSigningKey().RetireAll = all
 	if _, err := s.node.Apply(ctx, cmd); err != nil {
 		return nil, toConnect(err)
@@ -89,15 +92,31 @@ func (s *KeyServer) RotateSessionKey(ctx context.Context, req *connect.Request[c
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	// Keys retired by earlier rotations go too, where every member can
-	// apply that (an older release would keep them: replicas would
-	// differ).
-	all := req.Msg.GetRetireNow() && everyMemberHas(s.node, fsm.FeatureRetireAllKeys)
+	all, err := s.retireAll(ctx, req.Msg.GetRetireNow())
+	if err != nil {
+		return nil, toConnect(err)
+	}
 	cmd.GetRotateSessionKey().RetireAll = all
 	if _, err := s.node.Apply(ctx, cmd); err != nil {
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.RotateSessionKeyResponse{KeyId: id, OlderRetired: all}), nil
+}
+
+// retireAll reports whether a rotation asked to retire now also retires
+// the keys retired by earlier rotations: only where every member can
+// apply that (an older release would keep them, and replicas would
+// differ on which keys verify). The members' records are read after a
+// barrier, so a withdrawal of features already committed (a member
+// stopping) is seen.
+func (s *KeyServer) retireAll(ctx context.Context, now bool) (bool, error) {
+	if !now {
+		return false, nil
+	}
+	if _, err := s.node.Read(ctx, raftnode.Linearizable); err != nil {
+		return false, err
+	}
+	return everyMemberHas(s.node, fsm.FeatureRetireAllKeys), nil
 }
 
 // ListKeys lists key ids and ages, never material.

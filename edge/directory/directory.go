@@ -591,6 +591,16 @@ func (d *Directory) Follow(ctx context.Context, client edgev1connect.WatchServic
 		if ctx.Err() != nil {
 			break
 		}
+		// A full copy the stream ended halfway is cut off (the next
+		// stream drops it): the messages of the copies after it do not
+		// count until one completes. Not when the stream ended with its
+		// access token, as every long enough stream does: that is no
+		// trouble with the feed.
+		d.mu.Lock()
+		if d.staging != nil && !tokenExpired(err) {
+			d.cutCopy = true
+		}
+		d.mu.Unlock()
 		if f, ok := client.(StreamFailer); ok && !errors.Is(err, errToken) {
 			// Not a token failure: controlconn's Token moves between
 			// nodes itself, and no stream was tried.
@@ -605,7 +615,10 @@ func (d *Directory) Follow(ctx context.Context, client edgev1connect.WatchServic
 			d.cfg.Logger.Debug("watch stream ended with its access token; resuming", "revision", d.Revision(), "err", err)
 			continue
 		case d.LastHeard() != before:
-			// The stream worked for a while: resume right away.
+			// The stream worked for a while: resume right away. (A
+			// stream that only brought a copy after a broken one, which
+			// does not count, backs off: copies that keep breaking are
+			// not retried in a tight loop.)
 			backoff, wait = minBackoff, minBackoff
 		case isTimeout(err) || errors.Is(err, errStalled):
 			// Nothing answered (a partition, a paused node, a node that
@@ -656,9 +669,6 @@ func (d *Directory) followOnce(ctx context.Context, client edgev1connect.WatchSe
 	// A full copy cut off halfway is discarded; the server sends a new
 	// one if it is still needed.
 	d.mu.Lock()
-	if d.staging != nil {
-		d.cutCopy = true
-	}
 	d.staging = nil
 	d.mu.Unlock()
 	tok, err := token(ctx)

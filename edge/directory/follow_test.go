@@ -94,8 +94,11 @@ func TestFollowReportsStreamFailures(t *testing.T) {
 type feedNode struct {
 	controlv1connect.UnimplementedAuthServiceHandler
 	edgev1connect.UnimplementedWatchServiceHandler
-	silent  bool
-	cut     atomic.Bool
+	silent bool
+	cut    atomic.Bool
+	// expire makes a cut stream end as the control plane ends one whose
+	// access token expired.
+	expire  atomic.Bool
 	watches atomic.Int32
 }
 
@@ -118,6 +121,11 @@ func (f *feedNode) Watch(ctx context.Context, _ *connect.Request[edgev1.WatchReq
 			if err := s.Send(m); err != nil {
 				return err
 			}
+		}
+		if f.expire.Load() {
+			err := connect.NewError(connect.CodeUnauthenticated, errors.New("access token expired"))
+			err.Meta().Set("Relay-Stream-End", "token-expired")
+			return err
 		}
 		return connect.NewError(connect.CodeUnavailable, errors.New("the copy breaks off"))
 	}
@@ -264,6 +272,36 @@ func TestCopiesThatKeepBreakingAreNotHearing(t *testing.T) {
 	clustertest.Eventually(t, 30*time.Second, func() error {
 		if !d.Synced() || !d.LastHeard().After(heard) {
 			return errors.New("no complete copy heard yet")
+		}
+		return nil
+	})
+
+	// A stream that ends with its access token, as every long one does,
+	// cuts nothing: the copy after it counts message by message.
+	d2 := directory.New(directory.Config{Ring: session.NewRing()})
+	f2 := &feedNode{}
+	f2.cut.Store(true)
+	f2.expire.Store(true)
+	cc2, err := controlconn.New(controlconn.Config{URLs: []string{serveFeedNode(t, f2)}, Login: "edge", Password: "p"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc2.Close()
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	done2 := make(chan error, 1)
+	go func() { done2 <- d2.Follow(ctx2, cc2.Watch(), cc2.Token) }()
+	defer func() { cancel2(); <-done2 }()
+	var first time.Time
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if n := f2.watches.Load(); n < 2 || d2.LastHeard().IsZero() {
+			return fmt.Errorf("%d watches", n)
+		}
+		first = d2.LastHeard()
+		return nil
+	})
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if !d2.LastHeard().After(first) {
+			return errors.New("the copies after a token expiry are not heard")
 		}
 		return nil
 	})
