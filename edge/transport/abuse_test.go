@@ -761,8 +761,7 @@ func TestAMiddlemanCannotPassOnADevicesProofs(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	for _, strip := range []bool{false, true} {
-		mm := relaytest.StartMiddleman(t, e.Addr())
-		mm.StripBindingCheck = strip
+		mm := relaytest.StartMiddleman(t, e.Addr(), strip)
 		want := relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION // the client saw the edge's check
 		if strip {
 			want = relayv1.ErrorCode_ERROR_CODE_AUTH_FAILED // the edge refused the proofs
@@ -792,7 +791,7 @@ func TestAMiddlemanCannotPassOnADevicesProofs(t *testing.T) {
 	}
 
 	// Version 1 through the same middle gets a session as the device.
-	mm := relaytest.StartMiddleman(t, e.Addr())
+	mm := relaytest.StartMiddleman(t, e.Addr(), false)
 	raw := relaytest.DialRaw(t, mm.Addr, client.QUIC)
 	raw.Version = proof.UnboundVersion
 	raw.Login(dev)

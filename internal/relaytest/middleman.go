@@ -29,11 +29,9 @@ type Middleman struct {
 	// CertHash is the SHA-256 of its certificate, for
 	// client.Config.CertHashes.
 	CertHash []byte
-	// StripBindingCheck makes it take the binding check out of the
-	// edge's challenges (set before devices connect), as a middleman
-	// that knows the protocol would, so that the device signs anyway.
-	StripBindingCheck bool
 
+	// strip takes the binding check out of the edge's challenges.
+	strip  bool
 	ln     *quic.Listener
 	edge   string
 	ctx    context.Context
@@ -42,8 +40,10 @@ type Middleman struct {
 }
 
 // StartMiddleman starts a Middleman on 127.0.0.1 in front of the edge at
-// edgeAddr; it stops when the test ends.
-func StartMiddleman(t TB, edgeAddr string) *Middleman {
+// edgeAddr; it stops when the test ends. With stripBindingCheck it takes
+// the binding check out of the edge's challenges, as a middleman that
+// knows the protocol would, so that the device signs anyway.
+func StartMiddleman(t TB, edgeAddr string, stripBindingCheck bool) *Middleman {
 	t.Helper()
 	cert, err := selfSigned("127.0.0.1")
 	if err != nil {
@@ -56,7 +56,7 @@ func StartMiddleman(t TB, edgeAddr string) *Middleman {
 	}
 	sum := sha256.Sum256(cert.Certificate[0])
 	ctx, cancel := context.WithCancel(context.Background())
-	m := &Middleman{Addr: ln.Addr().String(), CertHash: sum[:], ln: ln, edge: edgeAddr, ctx: ctx, cancel: cancel}
+	m := &Middleman{Addr: ln.Addr().String(), CertHash: sum[:], strip: stripBindingCheck, ln: ln, edge: edgeAddr, ctx: ctx, cancel: cancel}
 	m.wg.Add(1)
 	go m.accept()
 	t.Cleanup(m.stop)
@@ -112,7 +112,7 @@ func (m *Middleman) relay(dev *quic.Conn) {
 	var copies sync.WaitGroup
 	copies.Go(func() { _, _ = io.Copy(estr, dstr); _ = estr.Close() })
 	copies.Go(func() {
-		if m.StripBindingCheck {
+		if m.strip {
 			_ = stripBindingChecks(dstr, estr)
 		} else {
 			_, _ = io.Copy(dstr, estr)
