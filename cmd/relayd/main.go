@@ -172,6 +172,18 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.StringVar(&cfg.JoinToken, "join-token", "", "admin access token for --join when the cluster has no TLS client certificates (relayctl prints one with: relayctl login ... && relayctl token)")
 	fs.DurationVar(&cfg.Auth.AccessTTL, "access-token-ttl", 15*time.Minute, "lifetime of access tokens")
 	fs.DurationVar(&cfg.Auth.RefreshTTL, "refresh-token-ttl", 30*24*time.Hour, "lifetime of refresh tokens")
+	cfg.Auth.LoginMaxAge = api.DefaultLoginMaxAge
+	fs.Func("login-max-age", "longest a login lasts however often its refresh token is refreshed, then log in again; 0: no limit (default 2160h, 90 days)", func(v string) error {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			return fmt.Errorf("want a duration of 0 or more, got %q", v)
+		}
+		if d == 0 {
+			d = -1 // api.AuthConfig: negative is no limit
+		}
+		cfg.Auth.LoginMaxAge = d
+		return nil
+	})
 	fs.DurationVar(&cfg.SessionKeyRotateEvery, "session-key-rotate", 24*time.Hour, "rotate the resume-ticket key this often")
 	fs.DurationVar(&cfg.SessionKeyGrace, "session-key-grace", 24*time.Hour, "keep accepting tickets of a rotated-out key this long")
 	fs.DurationVar(&cfg.SigningKeyRotateEvery, "signing-key-rotate", 30*24*time.Hour, "rotate the access-token signing key this often")

@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"crypto/rand"
+	"crypto/subtle"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -82,7 +83,7 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 		return nil, toConnect(err)
 	}
 	now := s.cfg.Now()
-	expires := now.Add(s.cfg.RefreshTTL)
+	expires := refreshExpiry(s.cfg, now, now)
 	session := newID("f")
 	_, err = s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
 		Token:     &statev1.RefreshToken{Id: tokID, FamilyId: session, UserId: u.GetId(), SecretHash: auth.HashSecret(secret), ExpiresAtMs: expires.UnixMilli()},
@@ -282,8 +283,25 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	if subtle.ConstantTimeCompare(cur.GetSecretHash(), auth.HashSecret(secret)) != 1 {
+		// (Apply checks it too; checked here first so that nothing
+		// below tells anything of a token to whoever only knows its id.)
+		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("refresh token not recognised; log in again"))
+	}
 	now := s.cfg.Now()
-	expires := now.Add(s.cfg.RefreshTTL)
+	// A login lasts LoginMaxAge at most, however often it is refreshed
+	// (a thief who keeps refreshing a stolen token is cut off then too).
+	// The family is written with the login's first token, so a replica
+	// that knows the token knows it.
+	fam, err := s.node.FSM().GetTokenFamily(cur.GetFamilyId())
+	if err != nil {
+		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("refresh token not recognised; log in again"))
+	}
+	loggedIn := time.UnixMilli(fam.GetCreatedAtMs())
+	if s.cfg.LoginMaxAge > 0 && !now.Before(loggedIn.Add(s.cfg.LoginMaxAge)) {
+		return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("this login is older than its longest life (%s); log in again", s.cfg.LoginMaxAge))
+	}
+	expires := refreshExpiry(s.cfg, now, loggedIn)
 	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
 		TokenId: id, PresentedSecretHash: auth.HashSecret(secret),
 		Next: &statev1.RefreshToken{Id: nextID, FamilyId: cur.GetFamilyId(), UserId: cur.GetUserId(), SecretHash: auth.HashSecret(nextSecret), ExpiresAtMs: expires.UnixMilli()},
@@ -306,6 +324,17 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.RefreshResponse{Tokens: tokens}), nil
+}
+
+// refreshExpiry is when a refresh token issued at now, in a login made
+// at loggedIn, expires: RefreshTTL from now, and never past the login's
+// LoginMaxAge.
+func refreshExpiry(cfg AuthConfig, now, loggedIn time.Time) time.Time {
+	exp := now.Add(cfg.RefreshTTL)
+	if limit := loggedIn.Add(cfg.LoginMaxAge); cfg.LoginMaxAge > 0 && limit.Before(exp) {
+		return limit
+	}
+	return exp
 }
 
 // Logout revokes the refresh token's family. The caller's access token

@@ -21,6 +21,9 @@ import (
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
+// DefaultLoginMaxAge is AuthConfig.LoginMaxAge's default.
+const DefaultLoginMaxAge = 90 * 24 * time.Hour
+
 // AuthConfig configures token issuing and checking.
 type AuthConfig struct {
 	// Issuer and Audience go into every access token and are required on
@@ -30,6 +33,12 @@ type AuthConfig struct {
 	AccessTTL time.Duration
 	// RefreshTTL is a refresh token's lifetime. Default 30 days.
 	RefreshTTL time.Duration
+	// LoginMaxAge is the longest a login (a refresh token family, a
+	// session) lasts however often it is refreshed: no refresh token of
+	// it expires later, and a refresh after it is refused (log in
+	// again). It bounds what a stolen refresh token gives a thief who
+	// keeps refreshing it. Default 90 days; negative: no limit.
+	LoginMaxAge time.Duration
 	// Leeway tolerates clock differences between nodes. Default 30s.
 	Leeway time.Duration
 	// Password hashing parameters. Default auth.DefaultParams.
@@ -68,6 +77,9 @@ func (c *AuthConfig) applyDefaults() {
 	}
 	if c.RefreshTTL <= 0 {
 		c.RefreshTTL = 30 * 24 * time.Hour
+	}
+	if c.LoginMaxAge == 0 {
+		c.LoginMaxAge = DefaultLoginMaxAge
 	}
 	if c.Leeway <= 0 {
 		c.Leeway = 30 * time.Second

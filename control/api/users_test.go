@@ -105,6 +105,64 @@ func TestRefreshRotationAndReuse(t *testing.T) {
 	}
 }
 
+// A login lasts LoginMaxAge at most, however often it is refreshed:
+// every refresh token it gets expires by then, and a refresh after it
+// is refused, so a thief who keeps refreshing a stolen token (its owner
+// gone, never to present the rotated one) is cut off too. A new login
+// starts a new life.
+func TestALoginLastsItsMaxAgeHoweverOftenRefreshed(t *testing.T) {
+	// Long enough for a login and two refreshes on a busy machine; the
+	// test then waits it out (the passage of time is what is tested).
+	const maxAge = 8 * time.Second
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{LoginMaxAge: maxAge}})
+	ctx := ctxT(t, time.Minute)
+	anon := clientsAs(t, c.Nodes[0], "")
+	login := func() *controlv1.Tokens {
+		t.Helper()
+		r, err := anon.auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "admin", Password: clustertest.AdminPassword}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Msg.GetTokens()
+	}
+	tok := login()
+	loggedIn := time.Now()
+	// 30 days from now (RefreshTTL), were it not for the login's max age.
+	if exp := tok.GetRefreshTokenExpiresAt().AsTime(); exp.After(loggedIn.Add(maxAge)) {
+		t.Fatalf("the login's refresh token expires at %v, past its max age (%v)", exp, loggedIn.Add(maxAge))
+	}
+	for range 2 {
+		r, err := anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: tok.GetRefreshToken()}))
+		if err != nil {
+			t.Fatalf("refresh within the login's life: %v", err)
+		}
+		tok = r.Msg.GetTokens()
+		if exp := tok.GetRefreshTokenExpiresAt().AsTime(); exp.After(loggedIn.Add(maxAge)) {
+			t.Fatalf("a refreshed token expires at %v, past the login's max age (%v)", exp, loggedIn.Add(maxAge))
+		}
+	}
+	clustertest.Eventually(t, 2*maxAge, func() error {
+		if time.Since(loggedIn) <= maxAge {
+			return errors.New("the login is not that old yet")
+		}
+		return nil
+	})
+	_, err := anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: tok.GetRefreshToken()}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "older than its longest life") {
+		t.Fatalf("a refresh past the login's max age: %v, want unauthenticated, saying why", err)
+	}
+	if again := login(); again.GetRefreshToken() == "" {
+		t.Fatal("a new login got no refresh token")
+	}
+	// Knowing a token's id is not knowing the token: the answer to a
+	// wrong secret tells nothing of the login's age.
+	id, _, _ := strings.Cut(tok.GetRefreshToken(), ".")
+	_, err = anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: id + ".AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "not recognised") {
+		t.Fatalf("a wrong secret for a known id: %v", err)
+	}
+}
+
 // Login throttling as issue 11 found it wanting: 50 wrong passwords
 // from one address, sent round-robin to the three nodes of a cluster,
 // get the login's 3 free failures checked (not 3 per node), the rest

@@ -1,0 +1,47 @@
+package main
+
+import (
+	"flag"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/server"
+	"github.com/edge-relay/relay/internal/flagenv"
+)
+
+// --login-max-age reaches the auth configuration; 0 means no limit,
+// which the configuration spells as a negative age (its zero is the
+// default); a negative or malformed value is refused.
+func TestLoginMaxAgeFlag(t *testing.T) {
+	parse := func(args ...string) (time.Duration, error) {
+		var cfg server.Config
+		var join flagenv.List
+		var shutdown time.Duration
+		var keyFile string
+		fs := flag.NewFlagSet("relayd control", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		controlFlags(fs, &cfg, &join, &shutdown, &keyFile)
+		err := fs.Parse(args)
+		return cfg.Auth.LoginMaxAge, err
+	}
+	for _, c := range []struct {
+		args []string
+		want time.Duration
+	}{
+		{nil, api.DefaultLoginMaxAge},
+		{[]string{"--login-max-age", "720h"}, 720 * time.Hour},
+		{[]string{"--login-max-age", "0"}, -1},
+	} {
+		got, err := parse(c.args...)
+		if err != nil || got != c.want {
+			t.Errorf("%q: LoginMaxAge %v (%v), want %v", c.args, got, err, c.want)
+		}
+	}
+	for _, bad := range []string{"-1h", "soon"} {
+		if _, err := parse("--login-max-age", bad); err == nil {
+			t.Errorf("--login-max-age %s was taken", bad)
+		}
+	}
+}
