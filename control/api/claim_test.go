@@ -162,6 +162,10 @@ func TestClaimEventsThroughTheAPI(t *testing.T) {
 // leader's expiry removed what expired with it, still loses.
 func TestALateClaimFindsWhoTookTheEvent(t *testing.T) {
 	c, cl := expiryClusterWith(t, time.Hour)
+	// The claims go to a follower, which writes record_grace_ms only once
+	// it sees every member record the feature (registered as the nodes
+	// start): without it a claim's record expires with its event.
+	c.WaitFeature(fsm.FeatureClaimRecordGrace)
 	soon := time.Now().Add(700 * time.Millisecond)
 	if got := wonList(claimEvents(t, cl, claimOf("alice", "a1", "call", soon))); got != "true" {
 		t.Fatal(got)

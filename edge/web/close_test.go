@@ -2,6 +2,7 @@ package web_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/internal/relaytest"
+	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
 // A page's listener that closes the client on an event still has that
@@ -38,8 +40,20 @@ func TestRelayJSAcknowledgesWhatItGaveBeforeItsGoodbye(t *testing.T) {
 			ids := make([]string, 5)
 			for i := range ids {
 				ids[i] = fmt.Sprintf("%s-%d", tr, i+1)
-				if err := tx.Send(sctx, client.Message{ID: ids[i], Targets: []string{pageDev.ID}, Payload: []byte("x")}); err != nil {
-					t.Fatalf("send %s: %v", ids[i], err)
+				for {
+					err := tx.Send(sctx, client.Message{ID: ids[i], Targets: []string{pageDev.ID}, Payload: []byte("x")})
+					var ce *client.Error
+					if errors.As(err, &ce) && ce.Code == relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE {
+						// Routed to the page's session as it closed (its
+						// listener closes it on the first event): refused,
+						// not delivered; sent again, as the code says, it
+						// goes to the mailbox.
+						continue
+					}
+					if err != nil {
+						t.Fatalf("send %s: %v", ids[i], err)
+					}
+					break
 				}
 			}
 			waitJS(ctx, t, "the first client has its one event", `got.length === 1`)
