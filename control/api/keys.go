@@ -71,12 +71,8 @@ func (s *KeyServer) RotateSigningKey(ctx context.Context, req *connect.Request[c
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	all, err := s.retireAll(ctx, req.Msg.GetRetireNow())
+	all, err := s.rotate(ctx, cmd, req.Msg.GetRetireNow(), &cmd.GetRotateSigningKey().RetireAll)
 	if err != nil {
-		return nil, toConnect(err)
-	}
-	cmd.GetRotateSigningKey().RetireAll = all
-	if _, err := s.node.Apply(ctx, cmd); err != nil {
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.RotateSigningKeyResponse{KeyId: id, OlderRetired: all}), nil
@@ -92,31 +88,30 @@ func (s *KeyServer) RotateSessionKey(ctx context.Context, req *connect.Request[c
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	all, err := s.retireAll(ctx, req.Msg.GetRetireNow())
+	all, err := s.rotate(ctx, cmd, req.Msg.GetRetireNow(), &cmd.GetRotateSessionKey().RetireAll)
 	if err != nil {
-		return nil, toConnect(err)
-	}
-	cmd.GetRotateSessionKey().RetireAll = all
-	if _, err := s.node.Apply(ctx, cmd); err != nil {
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.RotateSessionKeyResponse{KeyId: id, OlderRetired: all}), nil
 }
 
-// retireAll reports whether a rotation asked to retire now also retires
-// the keys retired by earlier rotations: only where every member can
-// apply that (an older release would keep them, and replicas would
-// differ on which keys verify). The members' records are read after a
-// barrier, so a withdrawal of features already committed (a member
-// stopping) is seen.
-func (s *KeyServer) retireAll(ctx context.Context, now bool) (bool, error) {
-	if !now {
-		return false, nil
+// rotate applies a key rotation, cmd. With now (retire_now) it also
+// retires the keys retired by earlier rotations (sets *retireAll), where
+// every member can apply that: an older release would keep them, and
+// replicas would differ on which keys verify. The members' records are
+// read after a barrier, so a withdrawal of features already committed (a
+// member stopping) is seen. It reports whether the older keys went.
+func (s *KeyServer) rotate(ctx context.Context, cmd *statev1.Command, now bool, retireAll *bool) (bool, error) {
+	if now {
+		if _, err := s.node.Read(ctx, raftnode.Linearizable); err != nil {
+			return false, err
+		}
+		*retireAll = everyMemberHas(s.node, fsm.FeatureRetireAllKeys)
 	}
-	if _, err := s.node.Read(ctx, raftnode.Linearizable); err != nil {
+	if _, err := s.node.Apply(ctx, cmd); err != nil {
 		return false, err
 	}
-	return everyMemberHas(s.node, fsm.FeatureRetireAllKeys), nil
+	return *retireAll, nil
 }
 
 // ListKeys lists key ids and ages, never material.

@@ -210,11 +210,7 @@ func TestClusterCheckOverTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	certFile, keyFile, err := ca.Issue("node")
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	pair, err := ca.IssuePair("node")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -121,11 +121,7 @@ func TestTLSClusterRefusesForeignCA(t *testing.T) {
 	// removed node keeps its certificate): a node outside the cluster may
 	// ask its status (to learn it was removed) but not push commands into
 	// its log, read an index or take the lead.
-	ghostCert, ghostKey, err := ca.Issue("ghost")
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair, err := tls.LoadX509KeyPair(ghostCert, ghostKey)
+	pair, err := ca.IssuePair("ghost")
 	if err != nil {
 		t.Fatal(err)
 	}

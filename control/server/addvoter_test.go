@@ -86,11 +86,7 @@ func TestANodeCertificateCannotMoveAMember(t *testing.T) {
 	}
 	roots := x509.NewCertPool()
 	roots.AppendCertsFromPEM(pem)
-	certFile, keyFile, err := ca.Issue("n9")
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	pair, err := ca.IssuePair("n9")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -65,11 +65,11 @@ const (
 func (t Transport) String() string {
 	switch t {
 	case WebTransport:
-		return "webtransport"
+		return devconn.TransportWebTransport
 	case WebSocket:
-		return "websocket"
+		return devconn.TransportWebSocket
 	}
-	return "quic"
+	return devconn.TransportQUIC
 }
 
 // Config configures a Client. Zero fields take the defaults in brackets.

@@ -54,8 +54,8 @@ type Conn interface {
 	Abort(code relayv1.ErrorCode, msg string) error
 	// RemoteAddr is the device's network address.
 	RemoteAddr() net.Addr
-	// Transport names the transport ("quic", "webtransport", "websocket")
-	// for logs and metrics.
+	// Transport names the transport (TransportQUIC, TransportWebTransport,
+	// TransportWebSocket) for logs and metrics.
 	Transport() string
 	// ChannelBinding is the channel binding (proof.Binding, RFC 9266) of
 	// the TLS connection that carries the session, as this end of it
@@ -63,6 +63,13 @@ type Conn interface {
 	// Version 2 of the protocol signs it into the handshake's proofs.
 	ChannelBinding() []byte
 }
+
+// The transports a Conn names (Conn.Transport).
+const (
+	TransportQUIC         = "quic"
+	TransportWebTransport = "webtransport"
+	TransportWebSocket    = "websocket"
+)
 
 // ErrNoDatagrams says a transport cannot carry a datagram (none at all, or
 // not one this large).

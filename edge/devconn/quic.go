@@ -63,7 +63,7 @@ func (c *quicConn) Write(p []byte) (int, error)        { return c.str.Write(p) }
 func (c *quicConn) SetReadDeadline(t time.Time) error  { return c.str.SetReadDeadline(t) }
 func (c *quicConn) SetWriteDeadline(t time.Time) error { return c.str.SetWriteDeadline(t) }
 func (c *quicConn) RemoteAddr() net.Addr               { return c.conn.RemoteAddr() }
-func (c *quicConn) Transport() string                  { return "quic" }
+func (c *quicConn) Transport() string                  { return TransportQUIC }
 
 // ChannelBinding is the binding of the QUIC connection's TLS.
 func (c *quicConn) ChannelBinding() []byte {
@@ -226,7 +226,7 @@ func (c *wtConn) sessionErr(err error) error {
 func (c *wtConn) SetReadDeadline(t time.Time) error  { return c.str.SetReadDeadline(t) }
 func (c *wtConn) SetWriteDeadline(t time.Time) error { return c.str.SetWriteDeadline(t) }
 func (c *wtConn) RemoteAddr() net.Addr               { return c.sess.RemoteAddr() }
-func (c *wtConn) Transport() string                  { return "webtransport" }
+func (c *wtConn) Transport() string                  { return TransportWebTransport }
 
 // ChannelBinding is the binding of the TLS of the QUIC connection that
 // carries the WebTransport session.

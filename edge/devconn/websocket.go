@@ -292,7 +292,7 @@ func (w *wsConn) ReceiveDatagram(context.Context) ([]byte, error) {
 	return nil, ErrNoDatagrams
 }
 func (w *wsConn) RemoteAddr() net.Addr { return w.remote }
-func (w *wsConn) Transport() string    { return "websocket" }
+func (w *wsConn) Transport() string    { return TransportWebSocket }
 
 // ChannelBinding is the binding of the TLS connection under the
 // WebSocket (nil without one).

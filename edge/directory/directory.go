@@ -463,9 +463,9 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 		}
 	}
 	if d.staging == nil {
-		d.cutCopy = false
+		d.cutCopy = false // the state is whole again
 	}
-	if d.staging == nil || !d.cutCopy {
+	if !d.cutCopy {
 		d.heard = time.Now()
 	}
 	if edgesChanged {

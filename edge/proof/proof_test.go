@@ -222,11 +222,7 @@ func selfSigned(t *testing.T) tls.Certificate {
 	if err != nil {
 		t.Fatal(err)
 	}
-	certFile, keyFile, err := ca.Issue("edge")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	cert, err := ca.IssuePair("edge")
 	if err != nil {
 		t.Fatal(err)
 	}

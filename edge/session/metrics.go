@@ -5,6 +5,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -100,7 +101,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	// Every series from the start, so a dashboard shows 0 rather than
 	// no data before the first handshake of each kind.
 	for _, bound := range []bool{false, true} {
-		for _, tr := range []string{"quic", "webtransport", "websocket"} {
+		for _, tr := range []string{devconn.TransportQUIC, devconn.TransportWebTransport, devconn.TransportWebSocket} {
 			m.proof(bound, tr)
 		}
 	}

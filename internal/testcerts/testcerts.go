@@ -7,6 +7,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -95,6 +96,15 @@ func (ca *CA) Issue(name string) (certFile, keyFile string, err error) {
 		return "", "", err
 	}
 	return certFile, keyFile, nil
+}
+
+// IssuePair is Issue with the leaf loaded, for a tls.Config.
+func (ca *CA) IssuePair(name string) (tls.Certificate, error) {
+	certFile, keyFile, err := ca.Issue(name)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.LoadX509KeyPair(certFile, keyFile)
 }
 
 func writePEM(path, typ string, der []byte) error {
