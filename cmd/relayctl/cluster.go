@@ -128,8 +128,12 @@ func (a *app) clusterStatus(ctx context.Context) error {
 		if history == "" {
 			history = "(none yet)"
 		}
-		fmt.Fprintf(a.stdout, "node %s is %s, term %d, leader %s\ncommit index %d, applied index %d, last snapshot %d\ncluster history %s\nrelease %s\n\n",
-			st.GetNodeId(), st.GetState(), st.GetTerm(), leader, st.GetCommitIndex(), st.GetAppliedIndex(), st.GetLastSnapshotIndex(), history, releaseOf(st))
+		gated := "off (until every member records gated_apply)"
+		if st.GetGatedApply() {
+			gated = "on"
+		}
+		fmt.Fprintf(a.stdout, "node %s is %s, term %d, leader %s\ncommit index %d, applied index %d, last snapshot %d\ncluster history %s\nrelease %s\ngated apply %s\n\n",
+			st.GetNodeId(), st.GetState(), st.GetTerm(), leader, st.GetCommitIndex(), st.GetAppliedIndex(), st.GetLastSnapshotIndex(), history, releaseOf(st), gated)
 		w := a.table()
 		fmt.Fprintln(w, "ID\tROLE\tRAFT ADDRESS\tAPI ADDRESS\tLEADER\tFEATURES")
 		for _, m := range st.GetMembers() {

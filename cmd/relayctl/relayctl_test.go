@@ -173,6 +173,16 @@ func TestJSONOutputForEveryCommand(t *testing.T) {
 	if v := r.json(srv, "", "cluster", "status"); len(fmt.Sprint(v["history"])) != 32 || !strings.HasPrefix(fmt.Sprint(v["version"]), "devel (") {
 		t.Fatalf("cluster status names no history or no release: %v", v)
 	}
+	// Gated apply goes on once every member records it (here at once).
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if v := r.json(srv, "", "cluster", "status"); v["gatedApply"] != true {
+			return fmt.Errorf("cluster status: gated apply %v", v["gatedApply"])
+		}
+		return nil
+	})
+	if out := r.must(srv, "", "cluster", "status"); !strings.Contains(out, "\ngated apply on\n") {
+		t.Fatalf("cluster status says nothing of gated apply:\n%s", out)
+	}
 	// The release of relayctl and of the node that answers (a test binary
 	// is not stamped: "devel").
 	if v := r.json(srv, "", "version"); !strings.HasPrefix(fmt.Sprint(v["client"]), "devel (go") ||

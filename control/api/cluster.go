@@ -57,7 +57,11 @@ func (s *ClusterServer) Status(_ context.Context, _ *connect.Request[controlv1.S
 	if err != nil {
 		return nil, toConnect(err)
 	}
-	out := &controlv1.StatusResponse{
+	gated, err := s.node.FSM().GatedApply()
+	if err != nil {
+		return nil, toConnect(err)
+	}
+	out := &controlv1.StatusResponse{GatedApply: gated,
 		NodeId: st.NodeID, State: st.State, LeaderId: st.LeaderID, LeaderApiAddr: st.LeaderAPIAddr,
 		Term: st.Term, CommitIndex: st.CommitIndex, AppliedIndex: st.AppliedIndex,
 		LastSnapshotIndex: st.LastSnapshotIndex, History: history, Version: buildinfo.Get().String(),

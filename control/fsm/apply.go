@@ -29,10 +29,11 @@ var marshalOpts = proto.MarshalOptions{Deterministic: true}
 // txn is the context of one command's apply: the shared batch, the
 // revision (Raft index) and the proposer's clock.
 type txn struct {
-	b   *state.Batch
-	rev uint64
-	now int64
-	seq uint32
+	b     *state.Batch
+	rev   uint64
+	now   int64
+	seq   uint32
+	gates *gates // invalidated by writes to node records
 }
 
 func (t *txn) put(key []byte, m proto.Message) error {
@@ -122,6 +123,8 @@ func (f *FSM) dispatch(t *txn, cmd *statev1.Command) (*statev1.Result, error) {
 		return t.claimEvents(op.ClaimEvents)
 	case *statev1.Command_LoginAttempt:
 		return t.loginAttempt(op.LoginAttempt)
+	case *statev1.Command_EnableGatedApply:
+		return t.enableGatedApply()
 	case nil:
 		return nil, invalid("command has no operation")
 	default:
@@ -631,7 +634,14 @@ func (t *txn) putNode(op *statev1.PutNode) (*statev1.Result, error) {
 	if err := ValidateText("node.raft_addr", n.GetRaftAddr(), MaxAddrLen, true); err != nil {
 		return nil, asInvalid(err)
 	}
-	if err := ValidateText("node.api_addr", n.GetApiAddr(), MaxAddrLen, true); err != nil {
+	// Once gated apply is on, a record may lack its API address: the one
+	// AddVoter writes for a node before it is a member (the node records
+	// its address itself once it runs).
+	on, err := t.gatedApplyOn()
+	if err != nil {
+		return nil, err
+	}
+	if err := ValidateText("node.api_addr", n.GetApiAddr(), MaxAddrLen, !on); err != nil {
 		return nil, asInvalid(err)
 	}
 	if err := validFeatures(n.GetFeatures()); err != nil {
@@ -650,6 +660,7 @@ func (t *txn) putNode(op *statev1.PutNode) (*statev1.Result, error) {
 
 // storeNode writes a node's record and its change.
 func (t *txn) storeNode(n *statev1.Node) (*statev1.Result, error) {
+	t.gates.invalidate()
 	if err := t.put(nodeKey(n.GetId()), n); err != nil {
 		return nil, err
 	}
@@ -683,6 +694,7 @@ func (t *txn) removeNode(op *statev1.RemoveNode) (*statev1.Result, error) {
 	if !found {
 		return &statev1.Result{}, nil
 	}
+	t.gates.invalidate()
 	if err := t.b.Delete(nodeKey(n.Id)); err != nil {
 		return nil, err
 	}

@@ -72,13 +72,16 @@ func TestRefreshTokenLifecycle(t *testing.T) {
 	}
 }
 
+// testSigningKey is a signing key with fixed bytes.
+func testSigningKey(id string) *statev1.SigningKey {
+	return &statev1.SigningKey{Id: id, PrivateSeed: key32(1), PublicKey: key32(2)}
+}
+
 func TestKeysEdgesActivityAndInit(t *testing.T) {
 	f := newFSM(t, Config{})
 	a := &applier{t: t, f: f}
 	ok := statev1.ResultCode_RESULT_CODE_OK
-	sk := func(id string) *statev1.SigningKey {
-		return &statev1.SigningKey{Id: id, PrivateSeed: key32(1), PublicKey: key32(2)}
-	}
+	sk := testSigningKey
 	ss := func(id string) *statev1.SessionKey { return &statev1.SessionKey{Id: id, Secret: key32(3)} }
 	init := &statev1.Command_InitCluster{InitCluster: &statev1.InitCluster{
 		Admin:      &statev1.User{Id: "admin", Login: "admin", Role: "admin"},

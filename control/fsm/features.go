@@ -3,6 +3,8 @@ package fsm
 import (
 	"fmt"
 	"slices"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
 // Features a release of the state machine can apply, recorded with each
@@ -10,7 +12,12 @@ import (
 // releases apply the same log: a command that carries what an older
 // release ignores (a field it does not know) would leave the replicas
 // with different state. A feature that writes such commands is used only
-// once every member lists it (raftnode.Node.MembersWithout).
+// once every member lists it (raftnode.Node.MembersWithout), and, once
+// gated apply is on (EnableGatedApply), its fields are also ignored at
+// apply while a node record does not list it (ignoreFeature): the
+// proposer's check reads its own replica, which may not have applied a
+// member's withdrawal yet, while apply decides at the entry's place in
+// the log, the same on every replica.
 const (
 	// FeatureChangePassword: UpdateUser's succeeded and
 	// expect_password_hash, written by AuthService.ChangePassword.
@@ -39,6 +46,9 @@ const (
 	// FeatureRetireAllKeys: retire_all of RotateSigningKey and
 	// RotateSessionKey.
 	FeatureRetireAllKeys = "retire_all_keys"
+	// FeatureGatedApply: EnableGatedApply, and the gating of the other
+	// features at apply time that it turns on (ignoreFeature).
+	FeatureGatedApply = "gated_apply"
 )
 
 // Bounds of a node's feature list.
@@ -49,7 +59,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys, FeatureGatedApply}
 	slices.Sort(f)
 	return f
 }
@@ -65,4 +75,92 @@ func validFeatures(fs []string) error {
 		}
 	}
 	return nil
+}
+
+// gatedAtApply reports whether feature's fields are ignored at apply
+// while a node record does not list it (ignoreFeature). Not gated there:
+// withdraw_features (a node that withdrew lists none, and the next
+// member's withdrawal must still apply as one; proposers check
+// membersUnableToWithdraw), raft_cluster_check (no command fields) and
+// gated_apply itself (EnableGatedApply checks the records).
+func gatedAtApply(feature string) bool {
+	switch feature {
+	case FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureGatedApply:
+		return false
+	}
+	return true
+}
+
+// ignoreFeature clears from cmd the fields that belong to feature, so
+// that it applies as a release without the feature applies it (a field
+// a release does not know decodes as unset). It reports whether cmd
+// carried any of them. Every feature gatedAtApply reports must have a
+// case here (TestEveryGatedFeatureHasItsFields).
+func ignoreFeature(feature string, cmd *statev1.Command) bool {
+	switch feature {
+	case FeatureChangePassword:
+		if op := cmd.GetUpdateUser(); op != nil && (op.Succeeded != nil || op.ExpectPasswordHash != "") {
+			op.Succeeded, op.ExpectPasswordHash = nil, ""
+			return true
+		}
+	case FeatureOnlyUserAccount:
+		switch {
+		case cmd.GetUpdateUser() != nil:
+			return clearBool(&cmd.GetUpdateUser().OnlyUserAccount)
+		case cmd.GetDeleteUser() != nil:
+			return clearBool(&cmd.GetDeleteUser().OnlyUserAccount)
+		case cmd.GetRegisterDevice() != nil:
+			return clearBool(&cmd.GetRegisterDevice().OnlyUserAccount)
+		case cmd.GetRevokeDevice() != nil:
+			return clearBool(&cmd.GetRevokeDevice().OnlyUserAccount)
+		case cmd.GetDeleteDevice() != nil:
+			return clearBool(&cmd.GetDeleteDevice().OnlyUserAccount)
+		case cmd.GetRenameDevice() != nil:
+			return clearBool(&cmd.GetRenameDevice().OnlyUserAccount)
+		}
+	case FeatureMailboxPurge:
+		switch {
+		case cmd.GetDeleteUser() != nil:
+			return clearUint32(&cmd.GetDeleteUser().PurgeLimit)
+		case cmd.GetRevokeDevice() != nil:
+			return clearUint32(&cmd.GetRevokeDevice().PurgeLimit)
+		case cmd.GetDeleteDevice() != nil:
+			return clearUint32(&cmd.GetDeleteDevice().PurgeLimit)
+		case cmd.GetExpireMailboxes() != nil:
+			return clearUint32(&cmd.GetExpireMailboxes().PurgeLimit)
+		}
+	case FeatureMailboxReplaceExpired:
+		if op := cmd.GetPutMailbox(); op != nil {
+			return clearBool(&op.ReplaceExpired)
+		}
+	case FeatureClaimRecordGrace:
+		if op := cmd.GetClaimEvents(); op != nil && op.RecordGraceMs != 0 {
+			op.RecordGraceMs = 0
+			return true
+		}
+	case FeatureLoginCeiling:
+		if p := cmd.GetLoginAttempt().GetPolicy(); p != nil {
+			return clearUint32(&p.LoginCeiling)
+		}
+	case FeatureRetireAllKeys:
+		switch {
+		case cmd.GetRotateSigningKey() != nil:
+			return clearBool(&cmd.GetRotateSigningKey().RetireAll)
+		case cmd.GetRotateSessionKey() != nil:
+			return clearBool(&cmd.GetRotateSessionKey().RetireAll)
+		}
+	}
+	return false
+}
+
+func clearBool(b *bool) bool {
+	was := *b
+	*b = false
+	return was
+}
+
+func clearUint32(v *uint32) bool {
+	was := *v != 0
+	*v = 0
+	return was
 }

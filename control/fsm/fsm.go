@@ -88,6 +88,7 @@ type FSM struct {
 	applied   uint64        // index of the last entry applied (durable with the state)
 	term      uint64        // term of that entry
 	appliedCh chan struct{} // closed and replaced whenever applied advances
+	members   uint64        // counts batches that changed node records or the configuration
 }
 
 var _ raft.BatchingFSM = (*FSM)(nil)
@@ -291,6 +292,16 @@ func (f *FSM) WaitApplied(ctx context.Context, index uint64) error {
 	}
 }
 
+// MembersVersion counts the applied batches that changed a node record,
+// the Raft configuration or the gated apply switch, and restores: what
+// decides the features in use changed since a caller last read it when
+// it reads another value.
+func (f *FSM) MembersVersion() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.members
+}
+
 // Changed returns a channel that is closed the next time the applied index
 // advances. Watchers read the change feed, then wait on it.
 func (f *FSM) Changed() <-chan struct{} {
@@ -299,9 +310,12 @@ func (f *FSM) Changed() <-chan struct{} {
 	return f.appliedCh
 }
 
-func (f *FSM) setApplied(index, term uint64) {
+func (f *FSM) setApplied(index, term uint64, members bool) {
 	f.mu.Lock()
 	f.applied, f.term = index, term
+	if members {
+		f.members++
+	}
 	close(f.appliedCh)
 	f.appliedCh = make(chan struct{})
 	f.mu.Unlock()
@@ -324,13 +338,14 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 
 	start := time.Now()
 	b := f.store.NewBatch()
+	var g gates
 	var last *raft.Log
 	for i, l := range logs {
 		if l.Index <= applied {
 			// Already applied before a restart: the store has its effect.
 			continue
 		}
-		out[i] = f.applyEntry(b, l)
+		out[i] = f.applyEntry(b, &g, l)
 		last = l
 	}
 	if last == nil {
@@ -346,7 +361,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	if err := b.Commit(); err != nil {
 		f.fatal("commit applied batch", err)
 	}
-	f.setApplied(last.Index, last.Term)
+	f.setApplied(last.Index, last.Term, g.touched)
 	if f.cfg.OnApply != nil {
 		f.cfg.OnApply(time.Since(start), len(logs))
 	}
@@ -361,9 +376,11 @@ func (f *FSM) fatal(what string, err error) {
 	panic(fmt.Sprintf("fsm: %s: %v", what, err))
 }
 
-func (f *FSM) applyEntry(b *state.Batch, l *raft.Log) *statev1.Result {
+func (f *FSM) applyEntry(b *state.Batch, g *gates, l *raft.Log) *statev1.Result {
 	if l.Type != raft.LogCommand {
-		// Configuration entries only advance the applied index.
+		// Configuration entries only advance the applied index (and
+		// MembersVersion).
+		g.touched = g.touched || l.Type == raft.LogConfiguration
 		return nil
 	}
 	var cmd statev1.Command
@@ -374,7 +391,7 @@ func (f *FSM) applyEntry(b *state.Batch, l *raft.Log) *statev1.Result {
 			Revision: l.Index,
 		}
 	}
-	tx := &txn{b: b, rev: l.Index, now: cmd.GetProposedAtMs()}
+	tx := &txn{b: b, rev: l.Index, now: cmd.GetProposedAtMs(), gates: g}
 	if id := cmd.GetRequestId(); id != "" {
 		if prev, err := b.Get(requestKey(id)); err == nil {
 			var r statev1.Result
@@ -392,6 +409,14 @@ func (f *FSM) applyEntry(b *state.Batch, l *raft.Log) *statev1.Result {
 			f.fatal("read request id", err)
 		}
 	}
+	ignored, err := g.ignoreShut(b, &cmd)
+	if err != nil {
+		f.fatal("read node records for gated apply", err)
+	}
+	if len(ignored) > 0 {
+		f.log.Warn("applied a command without features some node record does not list, as a release without them would",
+			"features", ignored, "revision", l.Index)
+	}
 	res, err := f.dispatch(tx, &cmd)
 	if err != nil {
 		var ae *applyError
@@ -404,6 +429,7 @@ func (f *FSM) applyEntry(b *state.Batch, l *raft.Log) *statev1.Result {
 	}
 	res.Revision = l.Index
 	res.RequestDigest = cmd.GetRequestDigest()
+	res.FeaturesIgnored = ignored
 	if id := cmd.GetRequestId(); id != "" {
 		if err := tx.put(requestKey(id), res); err != nil {
 			f.fatal("remember request id", err)
@@ -493,7 +519,7 @@ func (f *FSM) Restore(rc io.ReadCloser) (err error) {
 		return fmt.Errorf("fsm restore: %w", err)
 	}
 	f.log.Info("fsm restored from snapshot", "records", n, "applied_index", idx)
-	f.setApplied(idx, term)
+	f.setApplied(idx, term, true)
 	return nil
 }
 

@@ -209,7 +209,24 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			did := fmt.Sprintf("d%d", r.IntN(800))
 			cmd.Op = &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{UserId: devices[did], DeviceId: did, PurgeLimit: uint32(r.IntN(3))}}
 		case 10:
-			cmd.Op = &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: fmt.Sprintf("n%d", r.IntN(5)), RaftAddr: "a:1", ApiAddr: fmt.Sprintf("b:%d", r.IntN(3))}}}
+			// Node records listing some features, withdrawals and the
+			// gated apply switch: the gated fields below are ignored at
+			// some entries and not at others, also inside one batch.
+			id := fmt.Sprintf("n%d", r.IntN(5))
+			switch r.IntN(6) {
+			case 0:
+				cmd.Op = &statev1.Command_EnableGatedApply{EnableGatedApply: &statev1.EnableGatedApply{}}
+			case 1:
+				cmd.Op = &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: id}, WithdrawFeatures: true}}
+			case 2:
+				cmd.Op = &statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: id}}
+			default:
+				features := Features()
+				if r.IntN(2) == 0 {
+					features = slices.DeleteFunc(features, func(string) bool { return r.IntN(6) == 0 })
+				}
+				cmd.Op = &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: id, RaftAddr: "a:1", ApiAddr: fmt.Sprintf("b:%d", r.IntN(3)), Features: features}}}
+			}
 		case 12:
 			// Few senders and event ids, so retries (dedup) happen; small
 			// quotas, so mailboxes fill; some entries already expired.
@@ -219,7 +236,7 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 				entries = append(entries, &statev1.MailboxEntry{UserId: uid, DeviceId: did, SenderDeviceId: sender,
 					EventId: id, Event: make([]byte, 1+r.IntN(100)), ExpiresAtMs: exp, AnyOne: r.IntN(2) == 0})
 			}
-			cmd.Op = &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: entries, MaxEntriesPerDevice: 4, MaxBytesPerDevice: 200}}
+			cmd.Op = &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: entries, MaxEntriesPerDevice: 4, MaxBytesPerDevice: 200, ReplaceExpired: r.IntN(2) == 0}}
 		case 13:
 			_, did := pickDevice()
 			cmd.Op = &statev1.Command_AckMailbox{AckMailbox: &statev1.AckMailbox{DeviceId: did, Seqs: []uint64{uint64(1 + r.IntN(8)), uint64(1 + r.IntN(8))}}}
@@ -233,7 +250,7 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 				uid, did, sender, id, exp := pickEvent(cmd.ProposedAtMs, 100)
 				claims = append(claims, &statev1.EventClaim{UserId: uid, DeviceId: did, SenderDeviceId: sender, EventId: id, ExpiresAtMs: exp})
 			}
-			cmd.Op = &statev1.Command_ClaimEvents{ClaimEvents: &statev1.ClaimEvents{Claims: claims}}
+			cmd.Op = &statev1.Command_ClaimEvents{ClaimEvents: &statev1.ClaimEvents{Claims: claims, RecordGraceMs: int64(r.IntN(2) * 300)}}
 		case 11:
 			if r.IntN(2) == 0 {
 				cmd.Op = &statev1.Command_RecordActivity{RecordActivity: &statev1.RecordActivity{Entries: []*statev1.Activity{{UserId: pickUser(), SeenAtMs: int64(i)}}}}
@@ -294,6 +311,24 @@ func TestDeterminism(t *testing.T) {
 			for _, w := range res.GetClaimsWon() {
 				claims[w]++
 			}
+		}
+	}
+	// Gated apply went on, and the gated fields were ignored at some
+	// entries and applied at others.
+	if on, _ := a.GatedApply(); !on {
+		t.Fatal("the log never switched gated apply on")
+	}
+	ignored := map[string]int{}
+	for _, r := range resA {
+		if res, _ := r.(*statev1.Result); res != nil {
+			for _, f := range res.GetFeaturesIgnored() {
+				ignored[f]++
+			}
+		}
+	}
+	for _, f := range []string{FeatureMailboxPurge, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace} {
+		if ignored[f] < 5 {
+			t.Fatalf("feature %s ignored at too few entries: %v", f, ignored)
 		}
 	}
 	if claims[true] < 10 || claims[false] < 10 {
@@ -390,6 +425,7 @@ func TestRejectionsChangeNothing(t *testing.T) {
 		{"signing key missing", &statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "signing key"},
 		{"edge without addrs", &statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{Id: "e1", LeaseExpiresAtMs: 1 << 50}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "edge.addrs"},
 		{"edge lease in the past", &statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{Id: "e1", Addrs: []string{"a"}, LeaseExpiresAtMs: 1}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "lease"},
+		{"gated apply while no record lists it", &statev1.Command_EnableGatedApply{EnableGatedApply: &statev1.EnableGatedApply{}}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION, "gated_apply"},
 		{"deregister missing edge", &statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{Id: "nope"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nope"},
 		{"token for missing user", &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "nobody", SecretHash: key32(3), ExpiresAtMs: 1 << 50}}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nobody"},
 		{"token with short hash", &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "alice", SecretHash: []byte{1}, ExpiresAtMs: 1 << 50}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "secret_hash"},

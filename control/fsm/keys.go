@@ -32,6 +32,7 @@ import (
 //	m:session                 id of the current session key
 //	e:<edge id>               state.v1.Edge
 //	m:ca                      state.v1.ClusterCA (present once created)
+//	m:gated                   empty; present once EnableGatedApply applied
 //	m:history                 id of the state's history, drawn when a node
 //	                          restores a backup (absent: the history the
 //	                          cluster was created with)

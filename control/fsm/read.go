@@ -306,13 +306,16 @@ func deviceOwner(r state.Reader, deviceID string) (string, error) {
 }
 
 // Initialized reports whether InitCluster has applied.
-func (f *FSM) Initialized() (bool, error) {
-	_, err := f.store.Get(keyInitialized)
+func (f *FSM) Initialized() (bool, error) { return f.has(keyInitialized, "initialized flag") }
+
+// has reports whether the store holds key (a flag named what).
+func (f *FSM) has(key []byte, what string) (bool, error) {
+	_, err := f.store.Get(key)
 	if errors.Is(err, state.ErrNotFound) {
 		return false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("read initialized flag: %w", err)
+		return false, fmt.Errorf("read %s: %w", what, err)
 	}
 	return true, nil
 }

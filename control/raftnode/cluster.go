@@ -128,6 +128,8 @@ func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint
 	} else if !ok {
 		return 0, fmt.Errorf("add voter %s: %w", id, ErrNotInitialized)
 	}
+	n.membership.Lock()
+	defer n.membership.Unlock()
 	// A voter counts in every majority from the configuration entry on:
 	// added where another node, or nothing, answers, it would stall
 	// writes until removed (in a cluster of one, for good: the leader
@@ -145,8 +147,39 @@ func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint
 			return 0, fmt.Errorf("add voter %s: %w", id, err)
 		}
 	}
+	// Once gated apply is on (fsm.EnableGatedApply), apply ignores the
+	// fields of a feature some node record does not list: a node must
+	// have a record before it applies its first entry as a member, or a
+	// node of a release without a feature would not count. So it gets
+	// one (addresses, no features) before the configuration change, if
+	// it has none; it records its features itself once it runs. (Such a
+	// record may lack the API address, which only a release with gated
+	// apply takes: an older node that replays the entry refuses it and
+	// lacks its own record until it writes it, which changes nothing it
+	// applies, since it does not gate.)
+	created := false
+	on, err := n.fsm.GatedApply()
+	if err != nil {
+		return 0, fmt.Errorf("add voter %s: %w", id, err)
+	}
+	if _, err := n.fsm.GetNode(id); on && errors.Is(err, fsm.ErrNotFound) {
+		if _, err := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{
+			Node: &statev1.Node{Id: id, RaftAddr: raftAddr, ApiAddr: apiAddr}}}}); err != nil {
+			return 0, fmt.Errorf("add voter %s: record it: %w", id, err)
+		}
+		created = true
+	} else if err != nil && !errors.Is(err, fsm.ErrNotFound) {
+		return 0, fmt.Errorf("add voter %s: %w", id, err)
+	}
 	f := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, timeoutOf(ctx, n.cfg.ApplyTimeout))
 	if err := f.Error(); err != nil {
+		if created && !n.HasMember(id) {
+			// A record of no member would keep every gated feature
+			// from being used (until the next leader's reconcileNodes).
+			if _, rerr := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: id}}}); rerr != nil {
+				n.log.Warn("forget the record of a voter not added", "id", id, "err", rerr)
+			}
+		}
 		return 0, mapRaftErr("add voter "+id, err)
 	}
 	// The record is left as it is when it has these addresses: it may
@@ -173,6 +206,8 @@ func (n *Node) RemoveServer(ctx context.Context, id string) (uint64, error) {
 	if err := n.requireLeader(); err != nil {
 		return 0, err
 	}
+	n.membership.Lock()
+	defer n.membership.Unlock()
 	// hashicorp/raft takes an id it does not know as done: a mistyped id
 	// would be reported removed while the node meant stays a voter, and
 	// the operator would go on to stop it and wipe its data.
@@ -561,9 +596,12 @@ func (n *Node) Read(ctx context.Context, mode ReadMode) (*fsm.FSM, error) {
 // applies the log) whose record in this node's state does not list
 // feature (fsm.Features): nodes of an older release, ones that have not
 // recorded themselves yet, and ones that stopped gracefully and have not
-// recorded themselves since (withdrawFeatures). A feature that writes
-// commands an older release would apply differently waits until it is
-// empty, so that every replica applies those commands alike.
+// recorded themselves since (withdrawFeatures); and the nodes that have a
+// record without it but are not members (one AddVoter is adding, one
+// that left and is not forgotten yet), since apply counts every record.
+// A feature that writes commands an older release would apply
+// differently waits until it is empty, so that every replica applies
+// those commands alike.
 func (n *Node) MembersWithout(feature string) ([]string, error) {
 	servers, err := n.servers()
 	if err != nil {
@@ -582,6 +620,18 @@ func (n *Node) membersWithout(servers []raft.Server, feature string) ([]string, 
 		}
 		if rec == nil || !slices.Contains(rec.GetFeatures(), feature) {
 			out = append(out, string(s.ID))
+		}
+	}
+	// Apply counts every record (gated apply), members or not: a record
+	// of a node that is not a member (yet, or any more) counts here too,
+	// so that what a proposer writes is what apply takes.
+	recs, err := n.fsm.Nodes()
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range recs {
+		if !slices.Contains(r.GetFeatures(), feature) && !slices.Contains(out, r.GetId()) {
+			out = append(out, r.GetId())
 		}
 	}
 	slices.Sort(out)

@@ -142,16 +142,8 @@ func refusedByRunning(t *testing.T, c *clustertest.Cluster) float64 {
 // time, and once every member records the check the cluster goes on as
 // before. No connection is refused on the way.
 func TestRollingUpgradeToTheClusterCheck(t *testing.T) {
-	older := slices.DeleteFunc(fsm.Features(), func(f string) bool { return f == fsm.FeatureRaftClusterCheck })
-	var mu sync.Mutex
-	upgraded := map[string]bool{"n3": true}
-	c := clustertest.Start(t, 3, clustertest.Options{Configure: func(cfg *server.Config) {
-		mu.Lock()
-		defer mu.Unlock()
-		if !upgraded[cfg.NodeID] {
-			cfg.Features = older
-		}
-	}})
+	rel := newReleases(fsm.FeatureRaftClusterCheck, "n3")
+	c := clustertest.Start(t, 3, clustertest.Options{Configure: rel.configure})
 	ctx := ctxT(t, 4*time.Minute)
 	round := func(name string) {
 		t.Helper()
@@ -168,9 +160,7 @@ func TestRollingUpgradeToTheClusterCheck(t *testing.T) {
 	round("mixed")
 
 	for _, i := range []int{0, 1} {
-		mu.Lock()
-		upgraded[c.Nodes[i].ID] = true
-		mu.Unlock()
+		rel.upgrade(c.Nodes[i].ID)
 		c.Shutdown(i)
 		c.Restart(i)
 		c.WaitReady()
@@ -189,6 +179,40 @@ func TestRollingUpgradeToTheClusterCheck(t *testing.T) {
 	if got := counterOf(t, c.Nodes[0], "no_hello"); got != 1 {
 		t.Fatalf("no_hello refusals %v, want 1", got)
 	}
+}
+
+// releases runs a cluster of two releases: nodes not upgraded run one
+// without a feature.
+type releases struct {
+	older    []string
+	mu       sync.Mutex
+	upgraded map[string]bool
+}
+
+// newReleases returns releases whose older one lacks feature, with the
+// nodes ids upgraded already.
+func newReleases(feature string, ids ...string) *releases {
+	r := &releases{older: slices.DeleteFunc(fsm.Features(), func(f string) bool { return f == feature }), upgraded: map[string]bool{}}
+	for _, id := range ids {
+		r.upgraded[id] = true
+	}
+	return r
+}
+
+// configure is a clustertest.Options.Configure.
+func (r *releases) configure(cfg *server.Config) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.upgraded[cfg.NodeID] {
+		cfg.Features = r.older
+	}
+}
+
+// upgrade makes node id start with the newer release from now on.
+func (r *releases) upgrade(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.upgraded[id] = true
 }
 
 // closedWithoutTheCheck opens a Raft connection to addr as a node of an

@@ -1,5 +1,7 @@
 package raftnode
 
+import "github.com/hashicorp/raft"
+
 // SetAfterWithdraw makes n call f after each attempt of its feature
 // withdrawal has committed and settled, before it checks its record. Set
 // it before the node stops.
@@ -17,4 +19,28 @@ func ApplyGateBooks(n *Node) int {
 	n.gate.mu.Lock()
 	defer n.gate.mu.Unlock()
 	return len(n.gate.stored)
+}
+
+// ConfigurationIndex returns the index of the newest configuration entry
+// in n's Raft log (0 when it holds none): hashicorp/raft's
+// GetConfiguration does not say.
+func ConfigurationIndex(n *Node) (uint64, error) {
+	first, err := n.logs.FirstIndex()
+	if err != nil {
+		return 0, err
+	}
+	last, err := n.logs.LastIndex()
+	if err != nil {
+		return 0, err
+	}
+	for i := last; i >= first && i > 0; i-- {
+		var l raft.Log
+		if err := n.logs.GetLog(i, &l); err != nil {
+			return 0, err
+		}
+		if l.Type == raft.LogConfiguration {
+			return i, nil
+		}
+	}
+	return 0, nil
 }

@@ -331,6 +331,11 @@ type Node struct {
 	regCancel context.CancelFunc
 	regDone   chan struct{}
 
+	// membership orders the leader's changes of members with their
+	// records (AddVoter, RemoveServer, reconcileNodes): a record written
+	// for a voter about to be added must not be taken for one that left.
+	membership sync.Mutex
+
 	withdrawOnce sync.Once
 	// afterWithdraw, when set (by tests only, before the stop), runs
 	// after each withdrawal attempt has committed and settled, before the
@@ -1309,6 +1314,8 @@ func (n *Node) onElected(ctx context.Context, ls *leadership) {
 		}
 	}
 	n.reconcileNodes(ctx)
+	n.wg.Add(1)
+	go n.switchOnGatedApply(ctx)
 	if n.cfg.OnLeader != nil {
 		n.cfg.OnLeader(ctx)
 	}
@@ -1318,6 +1325,8 @@ func (n *Node) onElected(ctx context.Context, ls *leadership) {
 // configuration: this node's own record is current and members that left
 // are forgotten (after a restore, the backup's nodes are all gone).
 func (n *Node) reconcileNodes(ctx context.Context) {
+	n.membership.Lock()
+	defer n.membership.Unlock()
 	cf := n.raft.GetConfiguration()
 	if err := cf.Error(); err != nil {
 		return
@@ -1338,6 +1347,68 @@ func (n *Node) reconcileNodes(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// switchOnGatedApply writes EnableGatedApply once every member, and
+// every node record, lists the feature gated_apply (fsm.Features), so
+// that from then on apply ignores a feature's fields while a record does
+// not list it, at the same entry on every replica. It runs while this
+// node leads, until the switch is on; it looks again whenever a record
+// or the configuration changes.
+func (n *Node) switchOnGatedApply(ctx context.Context) {
+	defer n.wg.Done()
+	seen := ^uint64(0)
+	var retry <-chan time.Time
+	for {
+		changed := n.fsm.Changed()
+		if v := n.fsm.MembersVersion(); v != seen {
+			seen = v
+			switch done, err := n.trySwitchOnGatedApply(ctx); {
+			case done:
+				return
+			case err != nil && ctx.Err() == nil:
+				// No quorum, a lost lead: look again in a while. (A
+				// refusal needs no retry: the record that caused it
+				// changed MembersVersion.)
+				n.log.Debug("switch on gated apply", "err", err)
+				retry = time.After(time.Second)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-retry:
+			seen, retry = ^uint64(0), nil
+		}
+	}
+}
+
+// trySwitchOnGatedApply writes EnableGatedApply if every member lists
+// the feature; done once the switch is on.
+func (n *Node) trySwitchOnGatedApply(ctx context.Context) (done bool, err error) {
+	if on, err := n.fsm.GatedApply(); err != nil || on {
+		return on, err
+	}
+	// Under membership: a voter AddVoter is adding either is in the
+	// configuration read here or gets its record before it joins.
+	n.membership.Lock()
+	defer n.membership.Unlock()
+	if missing, err := n.MembersWithout(fsm.FeatureGatedApply); err != nil || len(missing) > 0 {
+		return false, err
+	}
+	res, err := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_EnableGatedApply{EnableGatedApply: &statev1.EnableGatedApply{}}})
+	if err != nil {
+		return false, err
+	}
+	if err := fsm.ResultError(res); err != nil {
+		if errors.Is(err, fsm.ErrFailedPrecondition) {
+			return false, nil
+		}
+		return false, err
+	}
+	n.log.Info("gated apply is on: a command field of a feature that a node record does not list is ignored at apply from now on")
+	return true, nil
 }
 
 // newMember reports whether the state records the member at Raft address

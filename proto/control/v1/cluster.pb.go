@@ -222,7 +222,13 @@ type StatusResponse struct {
 	History string `protobuf:"bytes,10,opt,name=history,proto3" json:"history,omitempty"`
 	// The release the answering node runs ("v1.4.0 (0123456789ab,
 	// go1.26.8)"; relayd version). Empty from releases before the field.
-	Version       string `protobuf:"bytes,11,opt,name=version,proto3" json:"version,omitempty"`
+	Version string `protobuf:"bytes,11,opt,name=version,proto3" json:"version,omitempty"`
+	// gated_apply: the answering node's state has gated apply on: a
+	// command's field of a feature that some node record does not list
+	// is ignored at apply, at the same entry on every replica (docs/
+	// operations.md, "Version skew"). The leader switches it on once every
+	// member records the feature "gated_apply", for good.
+	GatedApply    bool `protobuf:"varint,12,opt,name=gated_apply,json=gatedApply,proto3" json:"gated_apply,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -332,6 +338,13 @@ func (x *StatusResponse) GetVersion() string {
 		return x.Version
 	}
 	return ""
+}
+
+func (x *StatusResponse) GetGatedApply() bool {
+	if x != nil {
+		return x.GatedApply
+	}
+	return false
 }
 
 // AddVoterRequest names the node to add.
@@ -729,7 +742,7 @@ const file_control_v1_cluster_proto_rawDesc = "" +
 	"\bsuffrage\x18\x04 \x01(\x0e2\x14.control.v1.SuffrageR\bsuffrage\x12\x16\n" +
 	"\x06leader\x18\x05 \x01(\bR\x06leader\x12\x1a\n" +
 	"\bfeatures\x18\x06 \x03(\tR\bfeatures\"\x0f\n" +
-	"\rStatusRequest\"\xf2\x02\n" +
+	"\rStatusRequest\"\x93\x03\n" +
 	"\x0eStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1b\n" +
@@ -742,7 +755,9 @@ const file_control_v1_cluster_proto_rawDesc = "" +
 	"\amembers\x18\t \x03(\v2\x12.control.v1.MemberR\amembers\x12\x18\n" +
 	"\ahistory\x18\n" +
 	" \x01(\tR\ahistory\x12\x18\n" +
-	"\aversion\x18\v \x01(\tR\aversion\"Y\n" +
+	"\aversion\x18\v \x01(\tR\aversion\x12\x1f\n" +
+	"\vgated_apply\x18\f \x01(\bR\n" +
+	"gatedApply\"Y\n" +
 	"\x0fAddVoterRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x19\n" +

@@ -1831,6 +1831,7 @@ type Command struct {
 	//	*Command_SetClusterCa
 	//	*Command_ClaimEvents
 	//	*Command_LoginAttempt
+	//	*Command_EnableGatedApply
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2128,6 +2129,15 @@ func (x *Command) GetLoginAttempt() *LoginAttempt {
 	return nil
 }
 
+func (x *Command) GetEnableGatedApply() *EnableGatedApply {
+	if x != nil {
+		if x, ok := x.Op.(*Command_EnableGatedApply); ok {
+			return x.EnableGatedApply
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -2236,6 +2246,10 @@ type Command_LoginAttempt struct {
 	LoginAttempt *LoginAttempt `protobuf:"bytes,35,opt,name=login_attempt,json=loginAttempt,proto3,oneof"`
 }
 
+type Command_EnableGatedApply struct {
+	EnableGatedApply *EnableGatedApply `protobuf:"bytes,36,opt,name=enable_gated_apply,json=enableGatedApply,proto3,oneof"`
+}
+
 func (*Command_CreateUser) isCommand_Op() {}
 
 func (*Command_UpdateUser) isCommand_Op() {}
@@ -2287,6 +2301,8 @@ func (*Command_SetClusterCa) isCommand_Op() {}
 func (*Command_ClaimEvents) isCommand_Op() {}
 
 func (*Command_LoginAttempt) isCommand_Op() {}
+
+func (*Command_EnableGatedApply) isCommand_Op() {}
 
 // InitCluster creates what a new cluster needs before anyone can log in:
 // the first admin account, the first signing key and the first session
@@ -4109,6 +4125,50 @@ func (x *RemoveNode) GetId() string {
 	return ""
 }
 
+// EnableGatedApply turns on, for good, the gating of features at apply
+// time: from the entry after it on, a command field that belongs to a
+// feature (fsm.Features) some node record does not list is applied as
+// a release without that feature applies it (as if unset), and reported
+// in Result.features_ignored. Applies only while every node record
+// lists the feature "gated_apply" (FAILED_PRECONDITION otherwise); once
+// on, a later record without it does not turn it off. The leader writes
+// it as soon as every member records the feature.
+type EnableGatedApply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EnableGatedApply) Reset() {
+	*x = EnableGatedApply{}
+	mi := &file_state_v1_state_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EnableGatedApply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EnableGatedApply) ProtoMessage() {}
+
+func (x *EnableGatedApply) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EnableGatedApply.ProtoReflect.Descriptor instead.
+func (*EnableGatedApply) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{46}
+}
+
 // Noop changes nothing. A new leader commits one so that reads can be
 // served linearizably in its term; the padding lets benchmarks size it.
 type Noop struct {
@@ -4120,7 +4180,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_state_v1_state_proto_msgTypes[46]
+	mi := &file_state_v1_state_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4132,7 +4192,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[46]
+	mi := &file_state_v1_state_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4145,7 +4205,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{46}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *Noop) GetPadding() []byte {
@@ -4184,13 +4244,18 @@ type Result struct {
 	// The request_digest of the command that produced this result, kept
 	// with it while its request id is remembered.
 	RequestDigest []byte `protobuf:"bytes,25,opt,name=request_digest,json=requestDigest,proto3" json:"request_digest,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The features whose fields the command carried but which were
+	// ignored at apply because a node record did not list them (see
+	// EnableGatedApply): the command applied as a release without them
+	// applies it.
+	FeaturesIgnored []string `protobuf:"bytes,26,rep,name=features_ignored,json=featuresIgnored,proto3" json:"features_ignored,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_state_v1_state_proto_msgTypes[47]
+	mi := &file_state_v1_state_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4202,7 +4267,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[47]
+	mi := &file_state_v1_state_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4215,7 +4280,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{47}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -4320,6 +4385,13 @@ func (x *Result) GetRetryAfterMs() int64 {
 func (x *Result) GetRequestDigest() []byte {
 	if x != nil {
 		return x.RequestDigest
+	}
+	return nil
+}
+
+func (x *Result) GetFeaturesIgnored() []string {
+	if x != nil {
+		return x.FeaturesIgnored
 	}
 	return nil
 }
@@ -4479,7 +4551,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x1c\n" +
 	"\n" +
-	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\xf5\r\n" +
+	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\xc1\x0e\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -4517,7 +4589,8 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x10expire_mailboxes\x18  \x01(\v2\x19.state.v1.ExpireMailboxesH\x00R\x0fexpireMailboxes\x12>\n" +
 	"\x0eset_cluster_ca\x18! \x01(\v2\x16.state.v1.SetClusterCAH\x00R\fsetClusterCa\x12:\n" +
 	"\fclaim_events\x18\" \x01(\v2\x15.state.v1.ClaimEventsH\x00R\vclaimEvents\x12=\n" +
-	"\rlogin_attempt\x18# \x01(\v2\x16.state.v1.LoginAttemptH\x00R\floginAttemptB\x04\n" +
+	"\rlogin_attempt\x18# \x01(\v2\x16.state.v1.LoginAttemptH\x00R\floginAttempt\x12J\n" +
+	"\x12enable_gated_apply\x18$ \x01(\v2\x1a.state.v1.EnableGatedApplyH\x00R\x10enableGatedApplyB\x04\n" +
 	"\x02op\"\xef\x01\n" +
 	"\vInitCluster\x12$\n" +
 	"\x05admin\x18\x01 \x01(\v2\x0e.state.v1.UserR\x05admin\x125\n" +
@@ -4644,9 +4717,10 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x11withdraw_features\x18\x02 \x01(\bR\x10withdrawFeatures\"\x1c\n" +
 	"\n" +
 	"RemoveNode\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\" \n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x12\n" +
+	"\x10EnableGatedApply\" \n" +
 	"\x04Noop\x12\x18\n" +
-	"\apadding\x18\x01 \x01(\fR\apadding\"\xa0\x04\n" +
+	"\apadding\x18\x01 \x01(\fR\apadding\"\xcb\x04\n" +
 	"\x06Result\x12(\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x14.state.v1.ResultCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1a\n" +
@@ -4662,7 +4736,8 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\n" +
 	"claims_won\x18\x17 \x03(\bR\tclaimsWon\x12$\n" +
 	"\x0eretry_after_ms\x18\x18 \x01(\x03R\fretryAfterMs\x12%\n" +
-	"\x0erequest_digest\x18\x19 \x01(\fR\rrequestDigestB\b\n" +
+	"\x0erequest_digest\x18\x19 \x01(\fR\rrequestDigest\x12)\n" +
+	"\x10features_ignored\x18\x1a \x03(\tR\x0ffeaturesIgnoredB\b\n" +
 	"\x06object*[\n" +
 	"\n" +
 	"UserStatus\x12\x1b\n" +
@@ -4712,7 +4787,7 @@ func file_state_v1_state_proto_rawDescGZIP() []byte {
 }
 
 var file_state_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_state_v1_state_proto_goTypes = []any{
 	(UserStatus)(0),            // 0: state.v1.UserStatus
 	(ChangeKind)(0),            // 1: state.v1.ChangeKind
@@ -4764,8 +4839,9 @@ var file_state_v1_state_proto_goTypes = []any{
 	(*DeleteDevice)(nil),       // 47: state.v1.DeleteDevice
 	(*PutNode)(nil),            // 48: state.v1.PutNode
 	(*RemoveNode)(nil),         // 49: state.v1.RemoveNode
-	(*Noop)(nil),               // 50: state.v1.Noop
-	(*Result)(nil),             // 51: state.v1.Result
+	(*EnableGatedApply)(nil),   // 50: state.v1.EnableGatedApply
+	(*Noop)(nil),               // 51: state.v1.Noop
+	(*Result)(nil),             // 52: state.v1.Result
 }
 var file_state_v1_state_proto_depIdxs = []int32{
 	0,  // 0: state.v1.User.status:type_name -> state.v1.UserStatus
@@ -4786,7 +4862,7 @@ var file_state_v1_state_proto_depIdxs = []int32{
 	47, // 15: state.v1.Command.delete_device:type_name -> state.v1.DeleteDevice
 	48, // 16: state.v1.Command.put_node:type_name -> state.v1.PutNode
 	49, // 17: state.v1.Command.remove_node:type_name -> state.v1.RemoveNode
-	50, // 18: state.v1.Command.noop:type_name -> state.v1.Noop
+	51, // 18: state.v1.Command.noop:type_name -> state.v1.Noop
 	28, // 19: state.v1.Command.rename_device:type_name -> state.v1.RenameDevice
 	29, // 20: state.v1.Command.issue_refresh_token:type_name -> state.v1.IssueRefreshToken
 	34, // 21: state.v1.Command.rotate_refresh_token:type_name -> state.v1.RotateRefreshToken
@@ -4804,38 +4880,39 @@ var file_state_v1_state_proto_depIdxs = []int32{
 	23, // 33: state.v1.Command.set_cluster_ca:type_name -> state.v1.SetClusterCA
 	27, // 34: state.v1.Command.claim_events:type_name -> state.v1.ClaimEvents
 	33, // 35: state.v1.Command.login_attempt:type_name -> state.v1.LoginAttempt
-	4,  // 36: state.v1.InitCluster.admin:type_name -> state.v1.User
-	10, // 37: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
-	11, // 38: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
-	14, // 39: state.v1.InitCluster.cluster_ca:type_name -> state.v1.ClusterCA
-	14, // 40: state.v1.SetClusterCA.ca:type_name -> state.v1.ClusterCA
-	15, // 41: state.v1.PutMailbox.entries:type_name -> state.v1.MailboxEntry
-	16, // 42: state.v1.ClaimEvents.claims:type_name -> state.v1.EventClaim
-	8,  // 43: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
-	33, // 44: state.v1.IssueRefreshToken.succeeded:type_name -> state.v1.LoginAttempt
-	32, // 45: state.v1.LoginThrottle.trusted:type_name -> state.v1.TrustedAddress
-	30, // 46: state.v1.LoginAttempt.policy:type_name -> state.v1.ThrottlePolicy
-	8,  // 47: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
-	10, // 48: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
-	11, // 49: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
-	20, // 50: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
-	13, // 51: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
-	4,  // 52: state.v1.CreateUser.user:type_name -> state.v1.User
-	4,  // 53: state.v1.UpdateUser.user:type_name -> state.v1.User
-	33, // 54: state.v1.UpdateUser.succeeded:type_name -> state.v1.LoginAttempt
-	5,  // 55: state.v1.RegisterDevice.device:type_name -> state.v1.Device
-	6,  // 56: state.v1.PutNode.node:type_name -> state.v1.Node
-	3,  // 57: state.v1.Result.code:type_name -> state.v1.ResultCode
-	4,  // 58: state.v1.Result.user:type_name -> state.v1.User
-	5,  // 59: state.v1.Result.device:type_name -> state.v1.Device
-	8,  // 60: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
-	13, // 61: state.v1.Result.edge:type_name -> state.v1.Edge
-	19, // 62: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
-	63, // [63:63] is the sub-list for method output_type
-	63, // [63:63] is the sub-list for method input_type
-	63, // [63:63] is the sub-list for extension type_name
-	63, // [63:63] is the sub-list for extension extendee
-	0,  // [0:63] is the sub-list for field type_name
+	50, // 36: state.v1.Command.enable_gated_apply:type_name -> state.v1.EnableGatedApply
+	4,  // 37: state.v1.InitCluster.admin:type_name -> state.v1.User
+	10, // 38: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
+	11, // 39: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
+	14, // 40: state.v1.InitCluster.cluster_ca:type_name -> state.v1.ClusterCA
+	14, // 41: state.v1.SetClusterCA.ca:type_name -> state.v1.ClusterCA
+	15, // 42: state.v1.PutMailbox.entries:type_name -> state.v1.MailboxEntry
+	16, // 43: state.v1.ClaimEvents.claims:type_name -> state.v1.EventClaim
+	8,  // 44: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
+	33, // 45: state.v1.IssueRefreshToken.succeeded:type_name -> state.v1.LoginAttempt
+	32, // 46: state.v1.LoginThrottle.trusted:type_name -> state.v1.TrustedAddress
+	30, // 47: state.v1.LoginAttempt.policy:type_name -> state.v1.ThrottlePolicy
+	8,  // 48: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
+	10, // 49: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
+	11, // 50: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
+	20, // 51: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
+	13, // 52: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
+	4,  // 53: state.v1.CreateUser.user:type_name -> state.v1.User
+	4,  // 54: state.v1.UpdateUser.user:type_name -> state.v1.User
+	33, // 55: state.v1.UpdateUser.succeeded:type_name -> state.v1.LoginAttempt
+	5,  // 56: state.v1.RegisterDevice.device:type_name -> state.v1.Device
+	6,  // 57: state.v1.PutNode.node:type_name -> state.v1.Node
+	3,  // 58: state.v1.Result.code:type_name -> state.v1.ResultCode
+	4,  // 59: state.v1.Result.user:type_name -> state.v1.User
+	5,  // 60: state.v1.Result.device:type_name -> state.v1.Device
+	8,  // 61: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
+	13, // 62: state.v1.Result.edge:type_name -> state.v1.Edge
+	19, // 63: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
+	64, // [64:64] is the sub-list for method output_type
+	64, // [64:64] is the sub-list for method input_type
+	64, // [64:64] is the sub-list for extension type_name
+	64, // [64:64] is the sub-list for extension extendee
+	0,  // [0:64] is the sub-list for field type_name
 }
 
 func init() { file_state_v1_state_proto_init() }
@@ -4878,8 +4955,9 @@ func file_state_v1_state_proto_init() {
 		(*Command_SetClusterCa)(nil),
 		(*Command_ClaimEvents)(nil),
 		(*Command_LoginAttempt)(nil),
+		(*Command_EnableGatedApply)(nil),
 	}
-	file_state_v1_state_proto_msgTypes[47].OneofWrappers = []any{
+	file_state_v1_state_proto_msgTypes[48].OneofWrappers = []any{
 		(*Result_User)(nil),
 		(*Result_Device)(nil),
 		(*Result_RefreshToken)(nil),
@@ -4891,7 +4969,7 @@ func file_state_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_v1_state_proto_rawDesc), len(file_state_v1_state_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   48,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

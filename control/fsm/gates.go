@@ -1,0 +1,123 @@
+package fsm
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+
+	"google.golang.org/protobuf/proto"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+	"github.com/edge-relay/relay/storage/state"
+)
+
+// keyGatedApply is present once EnableGatedApply applied (m:gated).
+var keyGatedApply = []byte("m:gated")
+
+// gates is what apply knows, within one batch, about the features the
+// node records list: read from the batch (so the records written by
+// the batch's earlier entries count) the first time a command needs
+// it, and read again after an entry changed a record or the switch.
+type gates struct {
+	valid   bool
+	on      bool     // EnableGatedApply applied
+	shut    []string // features gated at apply that some record lacks
+	touched bool     // the batch changed a record or the switch (FSM.MembersVersion)
+}
+
+// invalidate makes the next command read the records again.
+func (g *gates) invalidate() { g.valid, g.touched = false, true }
+
+// load reads the switch and the records through b.
+func (g *gates) load(b *state.Batch) error {
+	g.valid, g.on, g.shut = true, false, g.shut[:0]
+	if _, err := b.Get(keyGatedApply); errors.Is(err, state.ErrNotFound) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("read gated apply switch: %w", err)
+	}
+	g.on = true
+	recs, common, err := commonFeatures(b)
+	if err != nil {
+		return err
+	}
+	for _, f := range Features() {
+		if gatedAtApply(f) && (recs == 0 || !slices.Contains(common, f)) {
+			g.shut = append(g.shut, f)
+		}
+	}
+	return nil
+}
+
+// commonFeatures returns how many node records r holds and the features
+// every one of them lists.
+func commonFeatures(r state.Reader) (records int, common []string, err error) {
+	err = r.Iterate(prefixNode, prefixEnd(prefixNode), func(_, v []byte) (bool, error) {
+		var n statev1.Node
+		if err := proto.Unmarshal(v, &n); err != nil {
+			return false, fmt.Errorf("decode node: %w", err)
+		}
+		if records == 0 {
+			common = slices.Clone(n.GetFeatures())
+		} else {
+			common = slices.DeleteFunc(common, func(f string) bool { return !slices.Contains(n.GetFeatures(), f) })
+		}
+		records++
+		return true, nil
+	})
+	return records, common, err
+}
+
+// ignoreShut clears from cmd the fields of the features gated shut
+// (ignoreFeature) and returns those it carried, sorted.
+func (g *gates) ignoreShut(b *state.Batch, cmd *statev1.Command) ([]string, error) {
+	if !g.valid {
+		if err := g.load(b); err != nil {
+			return nil, err
+		}
+	}
+	if !g.on {
+		return nil, nil
+	}
+	var ignored []string
+	for _, f := range g.shut {
+		if ignoreFeature(f, cmd) {
+			ignored = append(ignored, f)
+		}
+	}
+	return ignored, nil
+}
+
+// gatedApplyOn reports whether gated apply is on at this entry.
+func (t *txn) gatedApplyOn() (bool, error) {
+	if !t.gates.valid {
+		if err := t.gates.load(t.b); err != nil {
+			return false, err
+		}
+	}
+	return t.gates.on, nil
+}
+
+// enableGatedApply applies EnableGatedApply.
+func (t *txn) enableGatedApply() (*statev1.Result, error) {
+	if _, err := t.b.Get(keyGatedApply); err == nil {
+		return &statev1.Result{}, nil
+	} else if !errors.Is(err, state.ErrNotFound) {
+		return nil, err
+	}
+	recs, common, err := commonFeatures(t.b)
+	if err != nil {
+		return nil, err
+	}
+	if recs == 0 || !slices.Contains(common, FeatureGatedApply) {
+		return nil, precondition("gated apply needs every node record to list the feature %q", FeatureGatedApply)
+	}
+	if err := t.b.Set(keyGatedApply, nil); err != nil {
+		return nil, err
+	}
+	t.gates.invalidate()
+	return &statev1.Result{}, nil
+}
+
+// GatedApply reports whether gated apply is on (EnableGatedApply).
+func (f *FSM) GatedApply() (bool, error) { return f.has(keyGatedApply, "gated apply switch") }
