@@ -8,9 +8,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/mailbox"
 	edgeserver "github.com/edge-relay/relay/edge/server"
@@ -26,6 +28,7 @@ type edgeFlags struct {
 	controlCA    string
 	passwordFile string
 	origins      flagenv.List
+	requireBound flagenv.List
 	shutdown     time.Duration
 	unvalidated  int
 	revisionWait time.Duration
@@ -65,6 +68,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, cfg *edgeserver.Config) {
 	fs.DurationVar(&cfg.Session.WriteTimeout, "write-timeout", 20*time.Second, "close a device that takes less than 64 KiB of what the edge writes in this long (SLOW_CONSUMER)")
 	fs.DurationVar(&cfg.Session.ResumeWindow, "resume-window", 30*time.Second, "how far a resume proof's time may be from the edge's clock")
 	fs.DurationVar(&cfg.Session.TicketTTL, "ticket-ttl", time.Hour, "lifetime of resume tickets")
+	fs.Var(&f.requireBound, "require-bound-proofs", "transports (quic, webtransport, websocket; repeatable, comma-separated) on which devices must speak protocol version 2, whose proofs are bound to the TLS connection: version 1 is refused UNSUPPORTED_VERSION there (browsers speak 1 only; default: none)")
 	fs.DurationVar(&cfg.Session.MaxSessionAge, "max-session-age", 24*time.Hour, "how long a proof of key lasts before the device must sign again")
 	fs.IntVar(&cfg.Session.QueueLen, "queue-len", 256, "events waiting per receiving device before senders get QUEUE_FULL")
 	fs.IntVar(&cfg.Session.UnackedLen, "unacked-len", 1024, "durable events queued or sent to a device and not yet acknowledged by it, or 4 MiB of them, before senders get QUEUE_FULL: bounds what a device that reads but never acknowledges holds")
@@ -86,6 +90,12 @@ func (f *edgeFlags) apply(cfg *edgeserver.Config, getenv func(string) string) er
 		cfg.Control.URLs = []string{"http://127.0.0.1:7400"}
 	}
 	cfg.AllowedOrigins = f.origins
+	for _, tr := range f.requireBound {
+		if !slices.Contains(devconn.Transports(), tr) {
+			return fmt.Errorf("--require-bound-proofs: %q is not a transport (%s)", tr, strings.Join(devconn.Transports(), ", "))
+		}
+	}
+	cfg.Session.RequireBoundProofs = f.requireBound
 	cfg.MaxUnvalidatedHandshakes = f.unvalidated
 	if f.unvalidated <= 0 {
 		cfg.MaxUnvalidatedHandshakes = -1 // the config's zero is its default

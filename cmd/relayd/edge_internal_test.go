@@ -6,6 +6,7 @@ import (
 	"flag"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -131,5 +132,20 @@ func TestJSONLogsWriteDurations(t *testing.T) {
 	}
 	if g, _ := line["group"].(map[string]any); g == nil || g["window"] != "10s" {
 		t.Errorf("group.window: %#v, want %q (%s)", line["group"], "10s", out.String())
+	}
+}
+
+// --require-bound-proofs reaches the session configuration, and a name
+// that is no transport is refused at start.
+func TestRequireBoundProofsFlag(t *testing.T) {
+	if cfg := parseEdgeFlags(t, nil); len(cfg.Session.RequireBoundProofs) != 0 {
+		t.Fatalf("default: %v", cfg.Session.RequireBoundProofs)
+	}
+	cfg := parseEdgeFlags(t, []string{"--require-bound-proofs", "quic,websocket"})
+	if !slices.Equal(cfg.Session.RequireBoundProofs, []string{"quic", "websocket"}) {
+		t.Fatalf("quic,websocket: %v", cfg.Session.RequireBoundProofs)
+	}
+	if _, err := parseEdgeFlagsErr([]string{"--require-bound-proofs", "tcp"}); err == nil || !strings.Contains(err.Error(), `"tcp" is not a transport`) {
+		t.Fatalf("tcp: %v", err)
 	}
 }

@@ -71,6 +71,11 @@ const (
 	TransportWebSocket    = "websocket"
 )
 
+// Transports returns the transports a Conn may name.
+func Transports() []string {
+	return []string{TransportQUIC, TransportWebTransport, TransportWebSocket}
+}
+
 // ErrNoDatagrams says a transport cannot carry a datagram (none at all, or
 // not one this large).
 var ErrNoDatagrams = errors.New("transport has no datagrams for this")

@@ -92,7 +92,10 @@ func authFailed() *CloseError {
 
 // binder is what the handshake needs of the connection: its channel
 // binding (devconn.Conn.ChannelBinding).
-type binder interface{ ChannelBinding() []byte }
+type binder interface {
+	ChannelBinding() []byte
+	Transport() string
+}
 
 type hsState int
 
@@ -130,6 +133,9 @@ type handshake struct {
 	// conn gives the channel binding of the session's connection, which
 	// version 2's proofs sign.
 	conn binder
+	// requireBound refuses a version whose proofs are not bound to the
+	// connection (Config.RequireBoundProofs names its transport).
+	requireBound bool
 
 	state  hsState
 	hello  *relayv1.Hello
@@ -208,6 +214,11 @@ func (h *handshake) onHello(hello *relayv1.Hello) (*relayv1.Frame, error) {
 	if v < proof.UnboundVersion || v > proof.ProtocolVersion {
 		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION,
 			"protocol version %d not supported, this edge speaks %d to %d", v, proof.UnboundVersion, proof.ProtocolVersion)
+	}
+	if !proof.Bound(v) && h.requireBound {
+		return nil, closeErr(relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION,
+			"protocol version %d does not bind its proofs to the TLS connection, which this edge requires on %s; speak version %d",
+			v, h.conn.Transport(), proof.ProtocolVersion)
 	}
 	if proof.Bound(v) {
 		// The device signs the binding of the TLS connection it sees; the

@@ -43,6 +43,7 @@ func (w fuzzWorld) handshake() *handshake {
 type fixedBinding []byte
 
 func (b fixedBinding) ChannelBinding() []byte { return b }
+func (b fixedBinding) Transport() string      { return "pipe" }
 
 // nonce is what the fixed randomness yields.
 func (w fuzzWorld) nonce() []byte { return bytes.Repeat([]byte{9}, proof.NonceSize) }

@@ -12,6 +12,7 @@ import (
 	"math/big"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,6 +42,16 @@ type Config struct {
 	// TicketTTL is how long a resume ticket is valid [1h]. A fresh one is
 	// sent when two thirds of it have passed.
 	TicketTTL time.Duration
+	// RequireBoundProofs names the transports (devconn.TransportQUIC,
+	// TransportWebTransport, TransportWebSocket) on which a device must
+	// speak a protocol version whose proofs are bound to its TLS
+	// connection (proof.Bound): a Hello of an older version is refused
+	// UNSUPPORTED_VERSION there. Once every native client speaks version
+	// 2, listing quic keeps a middleman the device trusts from passing a
+	// version 1 device's proofs on. Browsers speak version 1 only (no
+	// browser API gives the TLS exporter): list webtransport or websocket
+	// only for an edge no browser uses. Empty: every version, everywhere.
+	RequireBoundProofs []string
 	// MaxSessionAge is how long a proof of key lasts, across resumes
 	// [24h]: then the session must sign a new challenge or is closed.
 	MaxSessionAge time.Duration
@@ -139,6 +150,11 @@ type Config struct {
 func (c *Config) setDefaults() error {
 	if c.EdgeID == "" || c.Directory == nil || c.Ring == nil {
 		return errors.New("session: EdgeID, Directory and Ring are required")
+	}
+	for _, tr := range c.RequireBoundProofs {
+		if !slices.Contains(devconn.Transports(), tr) {
+			return fmt.Errorf("session: RequireBoundProofs names %q, not one of the transports %q", tr, devconn.Transports())
+		}
 	}
 	c.Limits = c.Limits.WithDefaults()
 	if c.Limits.MaxFrameBytes > frame.MaxFrameLimit {

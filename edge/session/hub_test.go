@@ -17,6 +17,7 @@ import (
 
 	"google.golang.org/protobuf/encoding/protowire"
 
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/internal/stacks"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
@@ -1487,6 +1488,18 @@ func TestAFrameLimitAboveTheProtocolsIsRefused(t *testing.T) {
 	l.MaxFrameBytes = frame.MaxFrameLimit
 	if _, err := NewHub(Config{EdgeID: "e", Directory: newMemDir(), Ring: NewRing(), Limits: l}); err != nil {
 		t.Fatalf("the protocol's own limit: %v", err)
+	}
+}
+
+// RequireBoundProofs names transports a connection can name, nothing
+// else: a misspelt one would require nothing anywhere.
+func TestRequireBoundProofsNamesTransports(t *testing.T) {
+	_, err := NewHub(Config{EdgeID: "e", Directory: newMemDir(), Ring: NewRing(), RequireBoundProofs: []string{"quic", "QUIC"}})
+	if err == nil || !strings.Contains(err.Error(), `"QUIC"`) {
+		t.Fatalf("QUIC: %v", err)
+	}
+	if _, err := NewHub(Config{EdgeID: "e", Directory: newMemDir(), Ring: NewRing(), RequireBoundProofs: devconn.Transports()}); err != nil {
+		t.Fatalf("every transport: %v", err)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -160,6 +161,7 @@ func newSession(h *Hub, c devconn.Conn) *Session {
 		edgeID: h.cfg.EdgeID, dir: h.cfg.Directory, ring: h.cfg.Ring, now: h.cfg.Now,
 		random: h.cfg.Random, maxAge: h.cfg.MaxSessionAge, dummyKey: h.dummyKey,
 		resumeWindow: h.cfg.ResumeWindow, replays: h.replays, proofsSince: h.started, verify: h.cfg.verify, conn: c,
+		requireBound: slices.Contains(h.cfg.RequireBoundProofs, c.Transport()),
 	}
 	var id [16]byte
 	_, _ = io.ReadFull(h.cfg.Random, id[:])

@@ -16,6 +16,7 @@ import (
 	"math"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -26,6 +27,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/edge/client"
+	"github.com/edge-relay/relay/edge/devconn"
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/proof"
 	"github.com/edge-relay/relay/edge/server"
@@ -797,6 +799,55 @@ func TestAMiddlemanCannotPassOnADevicesProofs(t *testing.T) {
 	raw.Login(dev)
 	if n := relaytest.Counter(t, e, "relay_edge_handshake_proofs_total", "binding", "none"); n != 1 {
 		t.Fatalf("%v unbound proofs passed, want 1", n)
+	}
+}
+
+// An edge that requires bound proofs on QUIC (RequireBoundProofs,
+// relayd --require-bound-proofs) refuses a version 1 Hello there, full
+// handshake or resume, UNSUPPORTED_VERSION naming the transport, before
+// any proof; version 2 gets in as before, and so does version 1 on a
+// transport not listed (browsers).
+func TestAnEdgeCanRequireBoundProofs(t *testing.T) {
+	r := startRelay(t, 1, func(_ int, cfg *server.Config) {
+		cfg.Session.RequireBoundProofs = []string{devconn.TransportQUIC}
+	})
+	dev := r.Device(r.User("bound"), "d")
+	direct := r.Dial(0, dev, client.QUIC) // version 2
+	ticket := direct.ResumeTicket()
+	if len(ticket) == 0 {
+		t.Fatal("no ticket")
+	}
+	for _, h := range []*relayv1.Hello{
+		{UserId: dev.UserID, DeviceId: dev.ID, ProtocolVersion: proof.UnboundVersion, ClientTimeMs: time.Now().UnixMilli()},
+		relaytest.ResumeHello(dev, ticket, dev.Key, nil),
+	} {
+		raw := r.DialRaw(t, 0, client.QUIC)
+		if err := raw.SendHello(h); err != nil {
+			t.Fatal(err)
+		}
+		end, err := raw.WaitEnd(30 * time.Second)
+		if err != nil || end.Code != relayv1.ErrorCode_ERROR_CODE_UNSUPPORTED_VERSION || !strings.Contains(end.Msg, "requires on quic") {
+			t.Fatalf("version 1 on QUIC (resuming %v): %+v, %v", len(h.GetResumeTicket()) > 0, end, err)
+		}
+	}
+	if n := relaytest.Counter(t, r.Edges[0], "relay_edge_handshake_proofs_total", "binding", "none"); n != 0 {
+		t.Fatalf("%v unbound proofs passed, want none", n)
+	}
+	// A resume of version 2 on QUIC, and version 1 on WebSocket.
+	cfg := r.ClientConfig(0, dev, client.QUIC)
+	cfg.ResumeTicket = ticket
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	c, err := client.Dial(ctx, cfg)
+	if err != nil {
+		t.Fatalf("version 2 resume: %v", err)
+	}
+	defer c.Close()
+	raw := r.DialRaw(t, 0, client.WebSocket)
+	raw.Version = proof.UnboundVersion
+	raw.Login(dev)
+	if n := relaytest.Counter(t, r.Edges[0], "relay_edge_handshake_proofs_total", "binding", "none"); n != 1 {
+		t.Fatalf("%v unbound proofs passed, want the WebSocket one", n)
 	}
 }
 
