@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
-	"slices"
 	"time"
 
 	"connectrpc.com/connect"
@@ -101,9 +100,7 @@ func (s *KeyServer) RotateSessionKey(ctx context.Context, req *connect.Request[c
 // every member can apply that: an older release would keep them, and
 // replicas would differ on which keys verify. The members' records are
 // read after a barrier, so a withdrawal of features already committed (a
-// member stopping) is seen; apply itself ignores retire_all if a node
-// record does not list the feature at the command's entry (gated
-// apply). It reports whether the older keys went.
+// member stopping) is seen. It reports whether the older keys went.
 func (s *KeyServer) rotate(ctx context.Context, cmd *statev1.Command, now bool, retireAll *bool) (bool, error) {
 	if now {
 		if _, err := s.node.Read(ctx, raftnode.Linearizable); err != nil {
@@ -111,11 +108,10 @@ func (s *KeyServer) rotate(ctx context.Context, cmd *statev1.Command, now bool, 
 		}
 		*retireAll = everyMemberHas(s.node, fsm.FeatureRetireAllKeys)
 	}
-	res, err := s.node.Apply(ctx, cmd)
-	if err != nil {
+	if _, err := s.node.Apply(ctx, cmd); err != nil {
 		return false, err
 	}
-	return *retireAll && !slices.Contains(res.GetFeaturesIgnored(), fsm.FeatureRetireAllKeys), nil
+	return *retireAll, nil
 }
 
 // ListKeys lists key ids and ages, never material.

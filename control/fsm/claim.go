@@ -124,7 +124,8 @@ func (t *txn) dropSiblings(rec *statev1.EventClaim, boxes *mailboxes) error {
 	if err != nil {
 		return err
 	}
-	return boxes.dropIndexed(refs)
+	_, err = boxes.dropIndexed(refs, 0)
+	return err
 }
 
 // expireClaims removes up to limit claim records whose time is at or

@@ -12,12 +12,13 @@ import (
 // releases apply the same log: a command that carries what an older
 // release ignores (a field it does not know) would leave the replicas
 // with different state. A feature that writes such commands is used only
-// once every member lists it (raftnode.Node.MembersWithout), and, once
-// gated apply is on (EnableGatedApply), its fields are also ignored at
-// apply while a node record does not list it (ignoreFeature): the
-// proposer's check reads its own replica, which may not have applied a
-// member's withdrawal yet, while apply decides at the entry's place in
-// the log, the same on every replica.
+// once every member lists it (raftnode.Node.MembersWithout), and, for
+// the features added after gated_apply, once gated apply is on
+// (EnableGatedApply), its fields are also ignored at apply while a node
+// record does not list it (ignoreFeature): the proposer's check reads its
+// own replica, which may not have applied a member's withdrawal yet,
+// while apply decides at the entry's place in the log, the same on every
+// replica.
 const (
 	// FeatureChangePassword: UpdateUser's succeeded and
 	// expect_password_hash, written by AuthService.ChangePassword.
@@ -46,9 +47,12 @@ const (
 	// FeatureRetireAllKeys: retire_all of RotateSigningKey and
 	// RotateSessionKey.
 	FeatureRetireAllKeys = "retire_all_keys"
-	// FeatureGatedApply: EnableGatedApply, and the gating of the other
-	// features at apply time that it turns on (ignoreFeature).
+	// FeatureGatedApply: EnableGatedApply, and the gating at apply time
+	// that it turns on (ignoreFeature) of the features after it.
 	FeatureGatedApply = "gated_apply"
+	// FeatureMailboxExpireBytes: ExpireMailboxes' max_bytes. The first
+	// feature gated at apply too.
+	FeatureMailboxExpireBytes = "mailbox_expire_bytes"
 )
 
 // Bounds of a node's feature list.
@@ -59,7 +63,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys, FeatureGatedApply}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys, FeatureGatedApply, FeatureMailboxExpireBytes}
 	slices.Sort(f)
 	return f
 }
@@ -78,14 +82,17 @@ func validFeatures(fs []string) error {
 }
 
 // gatedAtApply reports whether feature's fields are ignored at apply
-// while a node record does not list it (ignoreFeature). Not gated there:
-// withdraw_features (a node that withdrew lists none, and the next
-// member's withdrawal must still apply as one; proposers check
-// membersUnableToWithdraw), raft_cluster_check (no command fields) and
-// gated_apply itself (EnableGatedApply checks the records).
+// while a node record does not list it (ignoreFeature): every feature
+// added after gated_apply. Not the features before it, which a release
+// without gated apply may know: after a rollback to such a release, it
+// would apply a field the others ignore (a node that stopped gracefully
+// lists no features until it runs again, whatever release it comes back
+// with). Those stay gated by their writers only.
 func gatedAtApply(feature string) bool {
 	switch feature {
-	case FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureGatedApply:
+	case FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired,
+		FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys,
+		FeatureGatedApply:
 		return false
 	}
 	return true
@@ -98,69 +105,11 @@ func gatedAtApply(feature string) bool {
 // case here (TestEveryGatedFeatureHasItsFields).
 func ignoreFeature(feature string, cmd *statev1.Command) bool {
 	switch feature {
-	case FeatureChangePassword:
-		if op := cmd.GetUpdateUser(); op != nil && (op.Succeeded != nil || op.ExpectPasswordHash != "") {
-			op.Succeeded, op.ExpectPasswordHash = nil, ""
+	case FeatureMailboxExpireBytes:
+		if op := cmd.GetExpireMailboxes(); op != nil && op.MaxBytes != 0 {
+			op.MaxBytes = 0
 			return true
-		}
-	case FeatureOnlyUserAccount:
-		switch {
-		case cmd.GetUpdateUser() != nil:
-			return clearBool(&cmd.GetUpdateUser().OnlyUserAccount)
-		case cmd.GetDeleteUser() != nil:
-			return clearBool(&cmd.GetDeleteUser().OnlyUserAccount)
-		case cmd.GetRegisterDevice() != nil:
-			return clearBool(&cmd.GetRegisterDevice().OnlyUserAccount)
-		case cmd.GetRevokeDevice() != nil:
-			return clearBool(&cmd.GetRevokeDevice().OnlyUserAccount)
-		case cmd.GetDeleteDevice() != nil:
-			return clearBool(&cmd.GetDeleteDevice().OnlyUserAccount)
-		case cmd.GetRenameDevice() != nil:
-			return clearBool(&cmd.GetRenameDevice().OnlyUserAccount)
-		}
-	case FeatureMailboxPurge:
-		switch {
-		case cmd.GetDeleteUser() != nil:
-			return clearUint32(&cmd.GetDeleteUser().PurgeLimit)
-		case cmd.GetRevokeDevice() != nil:
-			return clearUint32(&cmd.GetRevokeDevice().PurgeLimit)
-		case cmd.GetDeleteDevice() != nil:
-			return clearUint32(&cmd.GetDeleteDevice().PurgeLimit)
-		case cmd.GetExpireMailboxes() != nil:
-			return clearUint32(&cmd.GetExpireMailboxes().PurgeLimit)
-		}
-	case FeatureMailboxReplaceExpired:
-		if op := cmd.GetPutMailbox(); op != nil {
-			return clearBool(&op.ReplaceExpired)
-		}
-	case FeatureClaimRecordGrace:
-		if op := cmd.GetClaimEvents(); op != nil && op.RecordGraceMs != 0 {
-			op.RecordGraceMs = 0
-			return true
-		}
-	case FeatureLoginCeiling:
-		if p := cmd.GetLoginAttempt().GetPolicy(); p != nil {
-			return clearUint32(&p.LoginCeiling)
-		}
-	case FeatureRetireAllKeys:
-		switch {
-		case cmd.GetRotateSigningKey() != nil:
-			return clearBool(&cmd.GetRotateSigningKey().RetireAll)
-		case cmd.GetRotateSessionKey() != nil:
-			return clearBool(&cmd.GetRotateSessionKey().RetireAll)
 		}
 	}
 	return false
-}
-
-func clearBool(b *bool) bool {
-	was := *b
-	*b = false
-	return was
-}
-
-func clearUint32(v *uint32) bool {
-	was := *v != 0
-	*v = 0
-	return was
 }

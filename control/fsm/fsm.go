@@ -89,6 +89,11 @@ type FSM struct {
 	term      uint64        // term of that entry
 	appliedCh chan struct{} // closed and replaced whenever applied advances
 	members   uint64        // counts batches that changed node records or the configuration
+	// gates as the last batch left them, while members has not moved
+	// since (a restore moves it): the next batch starts from them
+	// instead of reading the node records again.
+	gateCache   gates
+	gateVersion uint64
 }
 
 var _ raft.BatchingFSM = (*FSM)(nil)
@@ -332,13 +337,16 @@ func (f *FSM) Apply(l *raft.Log) any {
 // loses one the FSM reported applied.
 func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	out := make([]any, len(logs))
+	var g gates
 	f.mu.Lock()
 	applied := f.applied
+	if f.gateVersion == f.members {
+		g = f.gateCache
+	}
 	f.mu.Unlock()
 
 	start := time.Now()
 	b := f.store.NewBatch()
-	var g gates
 	var last *raft.Log
 	for i, l := range logs {
 		if l.Index <= applied {
@@ -362,6 +370,10 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 		f.fatal("commit applied batch", err)
 	}
 	f.setApplied(last.Index, last.Term, g.touched)
+	f.mu.Lock()
+	f.gateCache, f.gateVersion = g, f.members // (invalid if an entry wrote a record last)
+	f.gateCache.touched = false
+	f.mu.Unlock()
 	if f.cfg.OnApply != nil {
 		f.cfg.OnApply(time.Since(start), len(logs))
 	}

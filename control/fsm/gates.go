@@ -14,10 +14,11 @@ import (
 // keyGatedApply is present once EnableGatedApply applied (m:gated).
 var keyGatedApply = []byte("m:gated")
 
-// gates is what apply knows, within one batch, about the features the
-// node records list: read from the batch (so the records written by
-// the batch's earlier entries count) the first time a command needs
-// it, and read again after an entry changed a record or the switch.
+// gates is what apply knows about the features the node records list:
+// read through the batch (so the records written by the batch's earlier
+// entries count) the first time a command needs it, and again after an
+// entry changed a record or the switch. The FSM keeps it from one batch
+// to the next while no record changed (FSM.gateCache).
 type gates struct {
 	valid   bool
 	on      bool     // EnableGatedApply applied
@@ -30,7 +31,8 @@ func (g *gates) invalidate() { g.valid, g.touched = false, true }
 
 // load reads the switch and the records through b.
 func (g *gates) load(b *state.Batch) error {
-	g.valid, g.on, g.shut = true, false, g.shut[:0]
+	// A new slice: the FSM's cache may still hold the old one.
+	g.valid, g.on, g.shut = true, false, nil
 	if _, err := b.Get(keyGatedApply); errors.Is(err, state.ErrNotFound) {
 		return nil
 	} else if err != nil {

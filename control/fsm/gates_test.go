@@ -3,7 +3,9 @@ package fsm
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"slices"
 	"testing"
 
@@ -22,30 +24,36 @@ func putNode(id string, features []string) *statev1.Command_PutNode {
 	return &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: id, RaftAddr: id + ":1", ApiAddr: id + ":2", Features: features}}}
 }
 
-// Once gated apply is on, a command's field of a feature that some node
-// record does not list is ignored at apply, as a release without that
-// feature ignores it, at the same entry on every replica, and the result
-// says so; before, the command applies as written. The switch needs
-// every record to list gated_apply, and stays on.
+// Once gated apply is on, a command's field of a feature added after
+// gated_apply that some node record does not list is ignored at apply,
+// as a release without that feature ignores it, at the same entry on
+// every replica, and the result says so; before, the command applies as
+// written. The switch needs every record to list gated_apply, and stays
+// on.
 func TestGatedApplyIgnoresWhatARecordDoesNotList(t *testing.T) {
-	f := newFSM(t, Config{})
-	a := &applier{t: t, f: f}
+	f, a := mailboxWorld(t, Config{})
 	ok := statev1.ResultCode_RESULT_CODE_OK
-	sk := testSigningKey
-	// rotate rotates the signing key with retire_all and returns the
-	// result and how many keys are left.
-	rotate := func(id string) (*statev1.Result, int) {
+	// expire stores three entries of 10 bytes, due at once, and expires
+	// with max_bytes 10; it returns the result and how many are left.
+	expire := func() (*statev1.Result, int) {
 		t.Helper()
-		a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: sk(id + "-a"), RetainMs: 1_000_000}})
-		r := a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: sk(id), RetainMs: 1_000_000, RetireAll: true}})
+		now := 1_000_000 + int64(a.idx)
+		var entries []*statev1.MailboxEntry
+		for i := range 3 {
+			entries = append(entries, mail("alice", "a1", "x", fmt.Sprint("e", a.idx, "-", i), 10, now+3))
+		}
+		if r := a.apply(putOp(entries...)); outcomes(r) != "STORED/"+fmt.Sprint(r.GetMailboxResults()[0].GetSeq())+" STORED/"+fmt.Sprint(r.GetMailboxResults()[0].GetSeq()+1)+" STORED/"+fmt.Sprint(r.GetMailboxResults()[0].GetSeq()+2) {
+			t.Fatalf("put: %s", outcomes(r))
+		}
+		a.advanceTo(now + 3)
+		r := a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{MaxBytes: 10}})
 		if r.Code != ok {
-			t.Fatalf("rotate %s: %v", id, r)
+			t.Fatalf("expire: %v", r)
 		}
-		keys, _, err := f.SigningKeys()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return r, len(keys)
+		left, _, _ := f.FetchMailbox("a1", 0, 100, 0, 0)
+		// Empty the mailbox for the next round.
+		a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{}})
+		return r, len(left)
 	}
 	enable := func() *statev1.Result {
 		return a.apply(&statev1.Command_EnableGatedApply{EnableGatedApply: &statev1.EnableGatedApply{}})
@@ -72,15 +80,17 @@ func TestGatedApplyIgnoresWhatARecordDoesNotList(t *testing.T) {
 	if r := a.apply(bare); r.Code != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
 		t.Fatalf("record without an API address while the switch is off: %v", r)
 	}
-	// Off: applied as written, whatever the records say (the proposers'
+	// Off: applied as written, whatever the records say (the writers'
 	// check is all there is, as in releases before gated apply).
-	if r, keys := rotate("s1"); keys != 1 || len(r.GetFeaturesIgnored()) != 0 {
-		t.Fatalf("switch off: %d keys, %v", keys, r)
+	a.apply(putNode("n3", withoutFeature(FeatureMailboxExpireBytes)))
+	if r, left := expire(); left != 2 || len(r.GetFeaturesIgnored()) != 0 {
+		t.Fatalf("switch off: %d left, %v", left, r)
 	}
+	a.apply(putNode("n3", withoutFeature(FeatureGatedApply)))
 	if r := enable(); r.Code != statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION || !errors.Is(ResultError(r), ErrFailedPrecondition) || on() {
 		t.Fatalf("switched on while n3 does not list gated_apply: %v", r)
 	}
-	a.apply(putNode("n3", withoutFeature(FeatureRetireAllKeys)))
+	a.apply(putNode("n3", withoutFeature(FeatureMailboxExpireBytes)))
 	if r := enable(); r.Code != ok || !on() {
 		t.Fatalf("switch on: %v", r)
 	}
@@ -88,28 +98,43 @@ func TestGatedApplyIgnoresWhatARecordDoesNotList(t *testing.T) {
 		t.Fatalf("record without an API address while the switch is on: %v", r)
 	}
 	a.apply(&statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: "n9"}})
-	// n3 does not list retire_all_keys: the older keys stay.
-	r, keys := rotate("s2")
-	if keys != 3 || !slices.Equal(r.GetFeaturesIgnored(), []string{FeatureRetireAllKeys}) {
-		t.Fatalf("retire_all applied while n3 does not list it: %d keys, %v", keys, r)
+	// n3 does not list mailbox_expire_bytes: the bound is ignored.
+	if r, left := expire(); left != 0 || !slices.Equal(r.GetFeaturesIgnored(), []string{FeatureMailboxExpireBytes}) {
+		t.Fatalf("max_bytes applied while n3 does not list it: %d left, %v", left, r)
+	}
+	// Features before gated_apply are not gated at apply: a release
+	// without gated apply may know them.
+	a.apply(putNode("n3", withoutFeature(FeatureRetireAllKeys)))
+	a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: testSigningKey("s1"), RetainMs: 1_000_000}})
+	a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: testSigningKey("s2"), RetainMs: 1_000_000}})
+	if r := a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: testSigningKey("s3"), RetainMs: 1_000_000, RetireAll: true}}); r.Code != ok || len(r.GetFeaturesIgnored()) != 0 {
+		t.Fatalf("retire_all: %v", r)
+	}
+	if keys, _, _ := f.SigningKeys(); len(keys) != 1 {
+		t.Fatalf("retire_all, a feature before gated apply, was ignored: %v", keys)
 	}
 	a.apply(putNode("n3", Features()))
-	if r, keys := rotate("s3"); keys != 1 || len(r.GetFeaturesIgnored()) != 0 {
-		t.Fatalf("every record lists it: %d keys, %v", keys, r)
+	if r, left := expire(); left != 2 || len(r.GetFeaturesIgnored()) != 0 {
+		t.Fatalf("every record lists it: %d left, %v", left, r)
 	}
 
 	// In one batch, each entry sees the records as the entries before
 	// it left them: a withdrawal shuts the gate for the next command, a
 	// record listing the feature opens it again.
-	rot := func(id string) *statev1.Command {
-		return &statev1.Command{ProposedAtMs: 1_000_000 + int64(a.idx),
-			Op: &statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: sk(id), RetainMs: 1_000_000, RetireAll: true}}}
+	now := 1_000_000 + int64(a.idx)
+	var entries []*statev1.MailboxEntry
+	for i := range 6 {
+		entries = append(entries, mail("alice", "a1", "x", fmt.Sprint("b", i), 10, now+3))
+	}
+	a.apply(putOp(entries...))
+	a.advanceTo(now + 3)
+	exp := func() *statev1.Command {
+		return &statev1.Command{ProposedAtMs: 1_000_000 + int64(a.idx) + 1,
+			Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{MaxBytes: 10}}}
 	}
 	cmds := []*statev1.Command{
 		{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: "n2"}, WithdrawFeatures: true}}},
-		rot("s4"),
-		{Op: putNode("n2", Features())},
-		rot("s5"),
+		exp(), // all six go
 	}
 	var batch []*raft.Log
 	for _, c := range cmds {
@@ -117,14 +142,29 @@ func TestGatedApplyIgnoresWhatARecordDoesNotList(t *testing.T) {
 		batch = append(batch, entry(t, a.idx, c))
 	}
 	out := f.ApplyBatch(batch)
-	for i, want := range [][]string{nil, {FeatureRetireAllKeys}, nil, nil} {
-		if r := out[i].(*statev1.Result); r.Code != ok || !slices.Equal(r.GetFeaturesIgnored(), want) {
-			t.Fatalf("batch entry %d: %v, want ignored %v", i, r, want)
-		}
+	if r := out[1].(*statev1.Result); r.Code != ok || !slices.Equal(r.GetFeaturesIgnored(), []string{FeatureMailboxExpireBytes}) {
+		t.Fatalf("after a withdrawal in the batch: %v", r)
 	}
-	if keys, _, _ := f.SigningKeys(); len(keys) != 1 {
-		t.Fatalf("after the batch: %v", keys)
+	now = 1_000_000 + int64(a.idx)
+	entries = nil
+	for i := range 3 {
+		entries = append(entries, mail("alice", "a1", "x", fmt.Sprint("c", i), 10, now+3))
 	}
+	a.apply(putOp(entries...))
+	a.advanceTo(now + 3)
+	batch = nil
+	for _, c := range []*statev1.Command{{Op: putNode("n2", Features())}, exp()} {
+		a.idx++
+		batch = append(batch, entry(t, a.idx, c))
+	}
+	out = f.ApplyBatch(batch)
+	if r := out[1].(*statev1.Result); r.Code != ok || len(r.GetFeaturesIgnored()) != 0 {
+		t.Fatalf("after a record listing it in the batch: %v", r)
+	}
+	if left, _, _ := f.FetchMailbox("a1", 0, 100, 0, 0); len(left) != 2 {
+		t.Fatalf("%d entries left after a bounded expiry, want 2", len(left))
+	}
+	a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{}})
 
 	// Sticky: a record without gated_apply does not turn it off, and it
 	// shuts every gated feature it does not list.
@@ -132,18 +172,18 @@ func TestGatedApplyIgnoresWhatARecordDoesNotList(t *testing.T) {
 	if r := enable(); r.Code != ok || !on() {
 		t.Fatalf("switch after a record without gated_apply: %v", r)
 	}
-	if r, keys := rotate("s6"); keys != 3 || !slices.Equal(r.GetFeaturesIgnored(), []string{FeatureRetireAllKeys}) {
-		t.Fatalf("n4 lists nothing: %d keys, %v", keys, r)
+	if r, left := expire(); left != 0 || !slices.Equal(r.GetFeaturesIgnored(), []string{FeatureMailboxExpireBytes}) {
+		t.Fatalf("n4 lists nothing: %d left, %v", left, r)
 	}
 	// A record removed counts no more.
 	a.apply(&statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: "n4"}})
-	if r, keys := rotate("s7"); keys != 1 || len(r.GetFeaturesIgnored()) != 0 {
-		t.Fatalf("n4 removed: %d keys, %v", keys, r)
+	if r, left := expire(); left != 2 || len(r.GetFeaturesIgnored()) != 0 {
+		t.Fatalf("n4 removed: %d left, %v", left, r)
 	}
 	// A command without the feature's fields is not reported.
 	a.apply(putNode("n4", nil))
-	if r := a.apply(&statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{Key: sk("s8")}}); r.Code != ok || len(r.GetFeaturesIgnored()) != 0 {
-		t.Fatalf("plain rotation: %v", r)
+	if r := a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{}}); r.Code != ok || len(r.GetFeaturesIgnored()) != 0 {
+		t.Fatalf("plain expiry: %v", r)
 	}
 
 	// The switch goes with the state: a snapshot restored elsewhere has
@@ -164,6 +204,47 @@ func TestGatedApplyIgnoresWhatARecordDoesNotList(t *testing.T) {
 	}
 	if on, _ := g.GatedApply(); !on || g.MembersVersion() == v {
 		t.Fatalf("restored: gated apply %v, members version %d (was %d)", on, g.MembersVersion(), v)
+	}
+}
+
+// The gates a batch starts from are those the last batch left, unless a
+// restore came between: then the restored records decide.
+func TestARestoreDecidesTheGatesAnew(t *testing.T) {
+	// snapshot returns a state with gated apply on whose n3 does or does
+	// not list mailbox_expire_bytes.
+	snapshot := func(n3 []string) []byte {
+		g := newFSM(t, Config{})
+		a := &applier{t: t, f: g}
+		a.apply(putNode("n1", Features()))
+		a.apply(putNode("n3", n3))
+		a.apply(&statev1.Command_EnableGatedApply{EnableGatedApply: &statev1.EnableGatedApply{}})
+		snap, err := g.Snapshot()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer snap.Release()
+		var sink bufSink
+		if err := snap.Persist(&sink); err != nil {
+			t.Fatal(err)
+		}
+		return sink.Bytes()
+	}
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	for i, c := range []struct {
+		n3      []string
+		ignored bool
+	}{{Features(), false}, {withoutFeature(FeatureMailboxExpireBytes), true}, {Features(), false}} {
+		if err := f.Restore(io.NopCloser(bytes.NewReader(snapshot(c.n3)))); err != nil {
+			t.Fatal(err)
+		}
+		a.idx = f.AppliedIndex()
+		for range 2 { // the second from the gates the first left
+			r := a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{MaxBytes: 1}})
+			if r.GetCode() != statev1.ResultCode_RESULT_CODE_OK || (len(r.GetFeaturesIgnored()) > 0) != c.ignored {
+				t.Fatalf("restore %d: %v, want ignored %v", i, r, c.ignored)
+			}
+		}
 	}
 }
 
@@ -199,42 +280,11 @@ func TestMembersVersion(t *testing.T) {
 // carry its fields, each with the command as a release without the
 // feature applies it.
 func gatedSamples() map[string][][2]*statev1.Command {
-	attempt := &statev1.LoginAttempt{Login: "l"}
 	return map[string][][2]*statev1.Command{
-		FeatureChangePassword: {{
-			{Op: &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u", Succeeded: attempt, ExpectPasswordHash: "h"}}},
-			{Op: &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u"}}},
+		FeatureMailboxExpireBytes: {{
+			{Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: 3, PurgeLimit: 9, MaxBytes: 7}}},
+			{Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: 3, PurgeLimit: 9}}},
 		}},
-		FeatureOnlyUserAccount: {
-			{{Op: &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u", OnlyUserAccount: true}}}, {Op: &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: "u"}}}},
-			{{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u", OnlyUserAccount: true}}}, {Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u"}}}},
-			{{Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{OnlyUserAccount: true}}}, {Op: &statev1.Command_RegisterDevice{RegisterDevice: &statev1.RegisterDevice{}}}},
-			{{Op: &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{DeviceId: "d", OnlyUserAccount: true}}}, {Op: &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{DeviceId: "d"}}}},
-			{{Op: &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{DeviceId: "d", OnlyUserAccount: true}}}, {Op: &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{DeviceId: "d"}}}},
-			{{Op: &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{DeviceId: "d", OnlyUserAccount: true}}}, {Op: &statev1.Command_RenameDevice{RenameDevice: &statev1.RenameDevice{DeviceId: "d"}}}},
-		},
-		FeatureMailboxPurge: {
-			{{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u", PurgeLimit: 9}}}, {Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u"}}}},
-			{{Op: &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{DeviceId: "d", PurgeLimit: 9}}}, {Op: &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{DeviceId: "d"}}}},
-			{{Op: &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{DeviceId: "d", PurgeLimit: 9}}}, {Op: &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{DeviceId: "d"}}}},
-			{{Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: 3, PurgeLimit: 9}}}, {Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: 3}}}},
-		},
-		FeatureMailboxReplaceExpired: {{
-			{Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{MaxEntriesPerDevice: 2, ReplaceExpired: true}}},
-			{Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{MaxEntriesPerDevice: 2}}},
-		}},
-		FeatureClaimRecordGrace: {{
-			{Op: &statev1.Command_ClaimEvents{ClaimEvents: &statev1.ClaimEvents{Claims: []*statev1.EventClaim{{EventId: "e"}}, RecordGraceMs: 5}}},
-			{Op: &statev1.Command_ClaimEvents{ClaimEvents: &statev1.ClaimEvents{Claims: []*statev1.EventClaim{{EventId: "e"}}}}},
-		}},
-		FeatureLoginCeiling: {{
-			{Op: &statev1.Command_LoginAttempt{LoginAttempt: &statev1.LoginAttempt{Login: "l", Policy: &statev1.ThrottlePolicy{AddrFree: 2, LoginCeiling: 7}}}},
-			{Op: &statev1.Command_LoginAttempt{LoginAttempt: &statev1.LoginAttempt{Login: "l", Policy: &statev1.ThrottlePolicy{AddrFree: 2}}}},
-		}},
-		FeatureRetireAllKeys: {
-			{{Op: &statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{RetainMs: 4, RetireAll: true}}}, {Op: &statev1.Command_RotateSigningKey{RotateSigningKey: &statev1.RotateSigningKey{RetainMs: 4}}}},
-			{{Op: &statev1.Command_RotateSessionKey{RotateSessionKey: &statev1.RotateSessionKey{GraceMs: 4, RetireAll: true}}}, {Op: &statev1.Command_RotateSessionKey{RotateSessionKey: &statev1.RotateSessionKey{GraceMs: 4}}}},
-		},
 	}
 }
 
@@ -275,5 +325,45 @@ func TestEveryGatedFeatureHasItsFields(t *testing.T) {
 		if ignoreFeature(feature, cmd) {
 			t.Errorf("%s: a no-op carries it", feature)
 		}
+	}
+}
+
+// BenchmarkApplyGates is the cost of gated apply on the apply path: one
+// small command per batch (the worst case: the records are read once per
+// batch), with three node records, the switch off and on, and with one
+// record shutting a feature the command carries.
+func BenchmarkApplyGates(b *testing.B) {
+	for _, c := range []struct {
+		name     string
+		on       bool
+		features []string // of the third record
+	}{
+		{"off", false, Features()},
+		{"on", true, Features()},
+		{"on-shut", true, withoutFeature(FeatureMailboxExpireBytes)},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			f := newFSM(b, Config{Logger: slog.New(slog.DiscardHandler)})
+			var idx uint64
+			apply := func(cmd *statev1.Command) *statev1.Result {
+				idx++
+				res, _ := f.Apply(entry(b, idx, cmd)).(*statev1.Result)
+				return res
+			}
+			for i, fs := range [][]string{Features(), Features(), c.features} {
+				id := fmt.Sprint("n", i)
+				apply(&statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{Node: &statev1.Node{Id: id, RaftAddr: id + ":1", ApiAddr: id + ":2", Features: fs}}}})
+			}
+			if c.on {
+				if r := apply(&statev1.Command{Op: &statev1.Command_EnableGatedApply{EnableGatedApply: &statev1.EnableGatedApply{}}}); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+					b.Fatal(r)
+				}
+			}
+			cmd := &statev1.Command{ProposedAtMs: 1_000_000, Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{MaxBytes: 1}}}
+			b.ResetTimer()
+			for range b.N {
+				apply(cmd) // nothing due
+			}
+		})
 	}
 }

@@ -49,6 +49,10 @@ const (
 	// when it names no limit; MaxExpireLimit caps the limit it may name.
 	DefaultExpireLimit = 4096
 	MaxExpireLimit     = 1 << 16
+	// DefaultExpireBytes is the max_bytes the leader sets on its
+	// ExpireMailboxes (feature mailbox_expire_bytes): 4096 entries of
+	// MaxMailboxEventBytes would otherwise be a GiB read in one apply.
+	DefaultExpireBytes = 64 << 20
 
 	// DefaultPurgeLimit is the purge_limit the API and the leader set:
 	// how many entries of deleted and revoked devices' mailboxes one
@@ -170,27 +174,34 @@ type indexRef struct {
 	key []byte // the index record's own key
 }
 
-// dropIndexed drops the entries the index records point at. A record
-// without its entry cannot happen (they are written and deleted
+// dropIndexed drops the entries the index records point at, in order,
+// until their events reach maxBytes (0: no bound; the entry that
+// reaches it is dropped too), and returns how many records it took. A
+// record without its entry cannot happen (they are written and deleted
 // together); it is deleted rather than looped on.
-func (m *mailboxes) dropIndexed(refs []indexRef) error {
-	for _, r := range refs {
+func (m *mailboxes) dropIndexed(refs []indexRef, maxBytes uint64) (dropped int, err error) {
+	var read uint64
+	for i, r := range refs {
+		if maxBytes > 0 && read >= maxBytes {
+			return i, nil
+		}
 		var e statev1.MailboxEntry
 		ok, err := m.t.get(mailEntryKey(r.did, r.seq), &e)
 		if err != nil {
-			return err
+			return i, err
 		}
 		if !ok {
 			if err := m.t.b.Delete(r.key); err != nil {
-				return err
+				return i, err
 			}
 			continue
 		}
+		read += uint64(len(e.GetEvent()))
 		if err := m.drop(&e); err != nil {
-			return err
+			return i, err
 		}
 	}
-	return nil
+	return len(refs), nil
 }
 
 // targetGone reports, cached for the command (nothing in it changes
@@ -509,15 +520,19 @@ func (t *txn) expireMailboxes(op *statev1.ExpireMailboxes) (*statev1.Result, err
 		return nil, err
 	}
 	boxes := t.mailboxes()
-	if err := boxes.dropIndexed(due); err != nil {
+	dropped, err := boxes.dropIndexed(due, op.GetMaxBytes())
+	if err != nil {
 		return nil, err
 	}
 	if err := boxes.flush(); err != nil {
 		return nil, err
 	}
-	// Claim records share the limit, after the entries.
-	if err := t.expireClaims(limit - len(due)); err != nil {
-		return nil, err
+	// Claim records share the limit, after the entries (none once the
+	// bytes stopped them: more are due).
+	if dropped == len(due) {
+		if err := t.expireClaims(limit - len(due)); err != nil {
+			return nil, err
+		}
 	}
 	if budget != nil {
 		if err := t.purgeMailboxes(budget); err != nil {

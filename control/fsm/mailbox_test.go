@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -243,6 +244,38 @@ func TestMailboxExpiry(t *testing.T) {
 	// The expired event's dedup record went with it: put again, it is new.
 	if r := a.apply(putOp(mail("alice", "a1", "x", "soon", 10, far))); outcomes(r) != "STORED/4" {
 		t.Fatal(outcomes(r))
+	}
+}
+
+// An expiry with max_bytes stops once the events it removed reach it
+// (the entry that reaches it goes too), oldest expiry first; the next
+// one goes on. Without it, the limit of entries is the only bound.
+func TestExpiryStopsAtItsBytes(t *testing.T) {
+	f, a := mailboxWorld(t, Config{})
+	base := 1_000_000 + int64(a.idx)
+	a.apply(putOp(mail("alice", "a1", "x", "e1", 100, base+5), mail("alice", "a1", "x", "e2", 100, base+6),
+		mail("alice", "a2", "x", "e3", 100, base+7), mail("alice", "a2", "x", "e4", 100, base+8)))
+	a.advanceTo(base + 8)
+	left := func() []string {
+		var ids []string
+		for _, did := range []string{"a1", "a2"} {
+			got, _, _ := f.FetchMailbox(did, 0, 10, 0, 0)
+			for _, e := range got {
+				ids = append(ids, e.GetEventId())
+			}
+		}
+		return ids
+	}
+	for _, want := range [][]string{{"e3", "e4"}, nil} { // e1 and e2 (which reaches 150), then the rest
+		a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{MaxBytes: 150}})
+		if got := left(); !slices.Equal(got, want) {
+			t.Fatalf("left %v, want %v", got, want)
+		}
+	}
+	for did, n := range map[string]uint64{"a1": 0, "a2": 0} {
+		if mb, _ := f.Mailbox(did); mb.GetCount() != n || mb.GetBytes() != 0 {
+			t.Fatalf("%s counters %v", did, mb)
+		}
 	}
 }
 

@@ -174,11 +174,14 @@ func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint
 	f := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, timeoutOf(ctx, n.cfg.ApplyTimeout))
 	if err := f.Error(); err != nil {
 		if created && !n.HasMember(id) {
-			// A record of no member would keep every gated feature
-			// from being used (until the next leader's reconcileNodes).
-			if _, rerr := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: id}}}); rerr != nil {
+			// A record of no member keeps the features it does not list
+			// from being used (until the leader's reconcileNodes): forget
+			// it, also when ctx ended (an enqueue timeout ends with it).
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), probeTimeout)
+			if _, rerr := n.Apply(cctx, &statev1.Command{Op: &statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: id}}}); rerr != nil {
 				n.log.Warn("forget the record of a voter not added", "id", id, "err", rerr)
 			}
+			cancel()
 		}
 		return 0, mapRaftErr("add voter "+id, err)
 	}
@@ -476,7 +479,11 @@ func (n *Node) withdrawFeatures(ctx context.Context) {
 // feature nor withdrew their features themselves (a member stopped
 // gracefully before this one still knows the command).
 func (n *Node) membersUnableToWithdraw() ([]string, error) {
-	missing, err := n.MembersWithout(fsm.FeatureWithdrawFeatures)
+	servers, err := n.servers()
+	if err != nil {
+		return nil, err
+	}
+	missing, err := n.onlyMembersWithout(servers, fsm.FeatureWithdrawFeatures)
 	if err != nil {
 		return nil, err
 	}
@@ -612,15 +619,9 @@ func (n *Node) MembersWithout(feature string) ([]string, error) {
 
 // membersWithout is MembersWithout over a configuration already read.
 func (n *Node) membersWithout(servers []raft.Server, feature string) ([]string, error) {
-	var out []string
-	for _, s := range servers {
-		rec, err := n.fsm.GetNode(string(s.ID))
-		if err != nil && !errors.Is(err, fsm.ErrNotFound) {
-			return nil, err
-		}
-		if rec == nil || !slices.Contains(rec.GetFeatures(), feature) {
-			out = append(out, string(s.ID))
-		}
+	out, err := n.onlyMembersWithout(servers, feature)
+	if err != nil {
+		return nil, err
 	}
 	// Apply counts every record (gated apply), members or not: a record
 	// of a node that is not a member (yet, or any more) counts here too,
@@ -632,6 +633,25 @@ func (n *Node) membersWithout(servers []raft.Server, feature string) ([]string, 
 	for _, r := range recs {
 		if !slices.Contains(r.GetFeatures(), feature) && !slices.Contains(out, r.GetId()) {
 			out = append(out, r.GetId())
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// onlyMembersWithout is membersWithout without the records of nodes that
+// are not members: for what concerns the members alone (the cluster
+// check, the withdrawal of features), which a record left by an add in
+// progress must not hold back.
+func (n *Node) onlyMembersWithout(servers []raft.Server, feature string) ([]string, error) {
+	var out []string
+	for _, s := range servers {
+		rec, err := n.fsm.GetNode(string(s.ID))
+		if err != nil && !errors.Is(err, fsm.ErrNotFound) {
+			return nil, err
+		}
+		if rec == nil || !slices.Contains(rec.GetFeatures(), feature) {
+			out = append(out, string(s.ID))
 		}
 	}
 	slices.Sort(out)

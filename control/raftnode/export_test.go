@@ -1,6 +1,11 @@
 package raftnode
 
-import "github.com/hashicorp/raft"
+import (
+	"github.com/hashicorp/raft"
+	"google.golang.org/protobuf/proto"
+
+	statev1 "github.com/edge-relay/relay/proto/state/v1"
+)
 
 // SetAfterWithdraw makes n call f after each attempt of its feature
 // withdrawal has committed and settled, before it checks its record. Set
@@ -43,4 +48,32 @@ func ConfigurationIndex(n *Node) (uint64, error) {
 		}
 	}
 	return 0, nil
+}
+
+// LogCommands decodes the commands in n's Raft log.
+func LogCommands(n *Node) ([]*statev1.Command, error) {
+	first, err := n.logs.FirstIndex()
+	if err != nil {
+		return nil, err
+	}
+	last, err := n.logs.LastIndex()
+	if err != nil {
+		return nil, err
+	}
+	var out []*statev1.Command
+	for i := max(first, 1); i <= last; i++ {
+		var l raft.Log
+		if err := n.logs.GetLog(i, &l); err != nil {
+			return nil, err
+		}
+		if l.Type != raft.LogCommand {
+			continue
+		}
+		var cmd statev1.Command
+		if err := proto.Unmarshal(l.Data, &cmd); err != nil {
+			return nil, err
+		}
+		out = append(out, &cmd)
+	}
+	return out, nil
 }

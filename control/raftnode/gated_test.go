@@ -1,12 +1,12 @@
 package raftnode_test
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"testing"
 	"time"
 
-	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
@@ -27,32 +27,22 @@ func waitGatedApply(t *testing.T, c *clustertest.Cluster, want bool) {
 	})
 }
 
-// sessionKeys returns how many session keys node i's replica holds.
-func sessionKeys(t *testing.T, c *clustertest.Cluster, i int) int {
-	t.Helper()
-	ring, err := c.Nodes[i].Server.Node().FSM().SessionKeyRing()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ring.GetKeys())
-}
-
 // During a rolling upgrade gated apply stays off while a member's release
 // does not record it (here the first node's: a cluster of one upgraded
 // node switches it on at once, and then counts the older nodes that join
 // by their records); the leader switches it on once every member does.
-// From then on, a command that carries a feature's field while a member's
-// record does not list it (what a proposer writes whose replica had not
-// applied that member's withdrawal yet) applies without that field on
-// every replica, the stopped member's included once it runs again, and
-// the result says so; once the member records its features again, the
-// same command applies whole.
+// From then on, a command that carries the field of a feature added
+// after gated_apply while a member's record does not list it (what a
+// writer sends whose replica had not applied that member's withdrawal
+// yet) applies without that field on every replica, the stopped member's
+// included once it runs again, and the result says so; once the member
+// records its features again, the same command applies whole.
 func TestGatedApplyIgnoresWhatAStoppedMemberWithdrew(t *testing.T) {
 	rel := newReleases(fsm.FeatureGatedApply, "n2", "n3")
 	c := clustertest.Start(t, 3, clustertest.Options{Configure: rel.configure})
 	ctx := ctxT(t, 2*time.Minute)
 	c.WaitReady()
-	c.WaitFeature(fsm.FeatureRetireAllKeys)
+	c.WaitFeature(fsm.FeatureMailboxExpireBytes)
 	// Every member records its features, n1 without gated apply: off.
 	waitGatedApply(t, c, false)
 
@@ -62,51 +52,94 @@ func TestGatedApplyIgnoresWhatAStoppedMemberWithdrew(t *testing.T) {
 	c.WaitReady()
 	waitGatedApply(t, c, true)
 
-	// rotate writes a session key rotation through node i, with
-	// retire_all, as a proposer does that found every member with the
-	// feature.
-	rotate := func(i int, retireAll bool) *statev1.Result {
+	if _, err := c.CreateUser(ctx, 0, "u"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.RegisterDevice(ctx, 0, "u", "d"); err != nil {
+		t.Fatal(err)
+	}
+	// expire stores three events of 10 bytes for d, due in 30 s (so the
+	// leader's own expiry leaves them), then expires through node i as
+	// of 40 s on, at most 10 bytes, as a writer does that found every
+	// member with the feature.
+	expire := func(i int) *statev1.Result {
 		t.Helper()
-		cmd, _, err := api.NewSessionKeyCommand(time.Hour)
-		if err != nil {
+		now := time.Now()
+		var entries []*statev1.MailboxEntry
+		for k := range 3 {
+			entries = append(entries, &statev1.MailboxEntry{UserId: "u", DeviceId: "d", SenderDeviceId: "s",
+				EventId: fmt.Sprint(now.UnixNano(), "-", k), Event: make([]byte, 10), ExpiresAtMs: now.Add(30 * time.Second).UnixMilli()})
+		}
+		node := c.Nodes[i].Server.Node()
+		if _, err := node.Apply(ctx, &statev1.Command{Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: entries}}}); err != nil {
 			t.Fatal(err)
 		}
-		cmd.GetRotateSessionKey().RetireAll = retireAll
-		res, err := c.Nodes[i].Server.Node().Apply(ctx, cmd)
+		res, err := node.Apply(ctx, &statev1.Command{ProposedAtMs: now.Add(40 * time.Second).UnixMilli(),
+			Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{MaxBytes: 10}}})
 		if err != nil {
 			t.Fatal(err)
 		}
 		return res
 	}
+	// held returns how many entries the replicas, converged, hold for d.
+	held := func() uint64 {
+		t.Helper()
+		c.WaitConverged()
+		mb, err := c.Nodes[0].Server.Node().FSM().Mailbox("d")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return mb.GetCount()
+	}
+
 	stopped := c.Follower()
 	c.Shutdown(stopped)
 	l := c.Leader()
 	if rec, err := c.Nodes[l].Server.Node().FSM().GetNode(c.Nodes[stopped].ID); err != nil || !rec.GetFeaturesWithdrawn() {
 		t.Fatalf("%s's record after its graceful stop: %v, %v", c.Nodes[stopped].ID, rec, err)
 	}
-	rotate(l, false)
-	res := rotate(l, true)
-	if !slices.Equal(res.GetFeaturesIgnored(), []string{fsm.FeatureRetireAllKeys}) {
-		t.Fatalf("retire_all with a member's features withdrawn: %v", res)
+	if res := expire(l); !slices.Equal(res.GetFeaturesIgnored(), []string{fsm.FeatureMailboxExpireBytes}) {
+		t.Fatalf("max_bytes with a member's features withdrawn: %v", res)
 	}
 	c.Restart(stopped)
 	c.WaitReady()
-	c.WaitConverged()
-	for i := range c.Nodes {
-		if got := sessionKeys(t, c, i); got != 3 {
-			t.Fatalf("%s holds %d session keys, want 3 (retire_all ignored)", c.Nodes[i].ID, got)
-		}
+	if n := held(); n != 0 {
+		t.Fatalf("the replicas hold %d entries, want none (max_bytes ignored)", n)
 	}
 
-	c.WaitFeature(fsm.FeatureRetireAllKeys)
-	if res := rotate(c.Leader(), true); len(res.GetFeaturesIgnored()) != 0 {
-		t.Fatalf("retire_all once every member records it again: %v", res)
+	c.WaitFeature(fsm.FeatureMailboxExpireBytes)
+	if res := expire(c.Leader()); len(res.GetFeaturesIgnored()) != 0 {
+		t.Fatalf("max_bytes once every member records it again: %v", res)
 	}
-	c.WaitConverged()
-	for i := range c.Nodes {
-		if got := sessionKeys(t, c, i); got != 1 {
-			t.Fatalf("%s holds %d session keys after retire_all, want 1", c.Nodes[i].ID, got)
+	if n := held(); n != 2 {
+		t.Fatalf("the replicas hold %d entries after a bounded expiry, want 2", n)
+	}
+
+	// The leader's own expiry reads at most fsm.DefaultExpireBytes, now
+	// that every member records the feature.
+	soon := &statev1.MailboxEntry{UserId: "u", DeviceId: "d", SenderDeviceId: "s", EventId: "soon",
+		Event: make([]byte, 10), ExpiresAtMs: time.Now().Add(300 * time.Millisecond).UnixMilli()}
+	if _, err := c.Nodes[0].Server.Node().Apply(ctx, &statev1.Command{Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: []*statev1.MailboxEntry{soon}}}}); err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if n := held(); n != 2 {
+			return fmt.Errorf("%d entries held, want 2 once the leader expired the one due", n)
 		}
+		return nil
+	})
+	cmds, err := raftnode.LogCommands(c.Nodes[c.Leader()].Server.Node())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bounds []uint64
+	for _, cmd := range cmds {
+		if e := cmd.GetExpireMailboxes(); e != nil && cmd.GetProposedAtMs() < time.Now().UnixMilli() {
+			bounds = append(bounds, e.GetMaxBytes())
+		}
+	}
+	if len(bounds) == 0 || bounds[len(bounds)-1] != fsm.DefaultExpireBytes {
+		t.Fatalf("the leader's expiries' max_bytes: %v, want the last at %d", bounds, fsm.DefaultExpireBytes)
 	}
 }
 
@@ -147,13 +180,19 @@ func TestAVoterIsRecordedBeforeItIsAMember(t *testing.T) {
 		}
 		return nil
 	})
-	// A record of a node that is not a member counts for proposers as it
-	// does for apply.
+	// A record of a node that is not a member (one a failed add left)
+	// holds back every feature it does not list: the leader forgets it
+	// as soon as it sees it, not only at its next election.
 	if _, err := l.Apply(ctxT(t, time.Minute), &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{
 		Node: &statev1.Node{Id: "stranger", RaftAddr: "127.0.0.1:1"}}}}); err != nil {
 		t.Fatal(err)
 	}
-	if without, err := l.MembersWithout(fsm.FeatureRetireAllKeys); err != nil || !slices.Equal(without, []string{"stranger"}) {
-		t.Fatalf("members without retire_all_keys: %v, %v", without, err)
-	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		for _, n := range c.Running() {
+			if _, err := n.Server.Node().FSM().GetNode("stranger"); !errors.Is(err, fsm.ErrNotFound) {
+				return fmt.Errorf("%s still has the stranger's record (%v)", n.ID, err)
+			}
+		}
+		return nil
+	})
 }

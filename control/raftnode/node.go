@@ -524,7 +524,7 @@ func (n *Node) acceptsNoHello() bool {
 		e := n.check.expected.Load()
 		return e == nil || !e.everyChecks
 	}
-	missing, err := n.membersWithout(servers, fsm.FeatureRaftClusterCheck)
+	missing, err := n.onlyMembersWithout(servers, fsm.FeatureRaftClusterCheck)
 	return err != nil || len(missing) > 0
 }
 
@@ -1315,7 +1315,7 @@ func (n *Node) onElected(ctx context.Context, ls *leadership) {
 	}
 	n.reconcileNodes(ctx)
 	n.wg.Add(1)
-	go n.switchOnGatedApply(ctx)
+	go n.tendMembers(ctx)
 	if n.cfg.OnLeader != nil {
 		n.cfg.OnLeader(ctx)
 	}
@@ -1349,29 +1349,35 @@ func (n *Node) reconcileNodes(ctx context.Context) {
 	}
 }
 
-// switchOnGatedApply writes EnableGatedApply once every member, and
-// every node record, lists the feature gated_apply (fsm.Features), so
-// that from then on apply ignores a feature's fields while a record does
-// not list it, at the same entry on every replica. It runs while this
-// node leads, until the switch is on; it looks again whenever a record
-// or the configuration changes.
-func (n *Node) switchOnGatedApply(ctx context.Context) {
+// tendMembers runs while this node leads. Whenever a node record or the
+// configuration changes (FSM.MembersVersion) it forgets the records of
+// nodes that are not members (reconcileNodes: one a failed add or a
+// removal left would hold back every feature it does not list, for
+// writers and, with gated apply, for apply), and, until gated apply is
+// on, writes EnableGatedApply once every member, and every record,
+// lists the feature gated_apply, so that from then on apply ignores the
+// fields of a feature some record does not list (fsm.gatedAtApply), at
+// the same entry on every replica.
+func (n *Node) tendMembers(ctx context.Context) {
 	defer n.wg.Done()
-	seen := ^uint64(0)
+	seen := n.fsm.MembersVersion() // onElected has just reconciled
+	first, gated := true, false
 	var retry <-chan time.Time
 	for {
 		changed := n.fsm.Changed()
-		if v := n.fsm.MembersVersion(); v != seen {
-			seen = v
-			switch done, err := n.trySwitchOnGatedApply(ctx); {
-			case done:
-				return
-			case err != nil && ctx.Err() == nil:
-				// No quorum, a lost lead: look again in a while. (A
-				// refusal needs no retry: the record that caused it
-				// changed MembersVersion.)
-				n.log.Debug("switch on gated apply", "err", err)
-				retry = time.After(time.Second)
+		if v := n.fsm.MembersVersion(); v != seen || first {
+			if v != seen {
+				n.reconcileNodes(ctx)
+			}
+			seen, first = v, false
+			if !gated {
+				var err error
+				switch gated, err = n.trySwitchOnGatedApply(ctx); {
+				case err != nil && ctx.Err() == nil:
+					// No quorum, a lost lead: look again in a while.
+					n.log.Debug("switch on gated apply", "err", err)
+					retry = time.After(time.Second)
+				}
 			}
 		}
 		select {
@@ -1379,7 +1385,7 @@ func (n *Node) switchOnGatedApply(ctx context.Context) {
 			return
 		case <-changed:
 		case <-retry:
-			seen, retry = ^uint64(0), nil
+			first, retry = true, nil
 		}
 	}
 }
@@ -1397,12 +1403,10 @@ func (n *Node) trySwitchOnGatedApply(ctx context.Context) (done bool, err error)
 	if missing, err := n.MembersWithout(fsm.FeatureGatedApply); err != nil || len(missing) > 0 {
 		return false, err
 	}
-	res, err := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_EnableGatedApply{EnableGatedApply: &statev1.EnableGatedApply{}}})
-	if err != nil {
-		return false, err
-	}
-	if err := fsm.ResultError(res); err != nil {
+	if _, err := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_EnableGatedApply{EnableGatedApply: &statev1.EnableGatedApply{}}}); err != nil {
 		if errors.Is(err, fsm.ErrFailedPrecondition) {
+			// A record changed meanwhile: that moved MembersVersion,
+			// which brings the next look.
 			return false, nil
 		}
 		return false, err

@@ -116,6 +116,11 @@ func (s *Server) expireMailboxes(ctx context.Context) {
 			return
 		}
 		op := &statev1.ExpireMailboxes{PurgeLimit: purge}
+		// One command reads at most DefaultExpireBytes of events, once
+		// every member applies that (feature mailbox_expire_bytes).
+		if missing, err := s.node.MembersWithout(fsm.FeatureMailboxExpireBytes); err == nil && len(missing) == 0 {
+			op.MaxBytes = fsm.DefaultExpireBytes
+		}
 		if _, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: op}}); err != nil {
 			if ctx.Err() == nil {
 				s.log.Warn("expire mailbox entries", "err", err)

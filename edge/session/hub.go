@@ -46,11 +46,12 @@ type Config struct {
 	// TransportWebTransport, TransportWebSocket) on which a device must
 	// speak a protocol version whose proofs are bound to its TLS
 	// connection (proof.Bound): a Hello of an older version is refused
-	// UNSUPPORTED_VERSION there. Once every native client speaks version
-	// 2, listing quic keeps a middleman the device trusts from passing a
-	// version 1 device's proofs on. Browsers speak version 1 only (no
-	// browser API gives the TLS exporter): list webtransport or websocket
-	// only for an edge no browser uses. Empty: every version, everywhere.
+	// UNSUPPORTED_VERSION there, a minimum protocol version. A version 1
+	// proof names no transport, so only all three keep a middleman the
+	// device trusts from passing it on; browsers speak version 1 only (no
+	// browser API gives the TLS exporter), so list webtransport or
+	// websocket only for an edge no browser uses. Empty: every version,
+	// everywhere.
 	RequireBoundProofs []string
 	// MaxSessionAge is how long a proof of key lasts, across resumes
 	// [24h]: then the session must sign a new challenge or is closed.

@@ -2575,10 +2575,18 @@ func (x *AckMailbox) GetSeqs() []uint64 {
 // device ids; a device's purge record, and the reservation of a deleted
 // device's id, go with its last entry. 0: none. Set only once every member
 // lists the feature "mailbox_purge".
+//
+// max_bytes: stop once the expired entries' events reach that many bytes
+// (the entry that reaches it is removed too), so that one command never
+// reads more than that however large the entries due are; the next
+// command goes on. 0: no bound. Set only once every member lists the
+// feature "mailbox_expire_bytes" (and ignored at apply while a node
+// record does not: EnableGatedApply).
 type ExpireMailboxes struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Limit         uint32                 `protobuf:"varint,1,opt,name=limit,proto3" json:"limit,omitempty"`
 	PurgeLimit    uint32                 `protobuf:"varint,2,opt,name=purge_limit,json=purgeLimit,proto3" json:"purge_limit,omitempty"`
+	MaxBytes      uint64                 `protobuf:"varint,3,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2623,6 +2631,13 @@ func (x *ExpireMailboxes) GetLimit() uint32 {
 func (x *ExpireMailboxes) GetPurgeLimit() uint32 {
 	if x != nil {
 		return x.PurgeLimit
+	}
+	return 0
+}
+
+func (x *ExpireMailboxes) GetMaxBytes() uint64 {
+	if x != nil {
+		return x.MaxBytes
 	}
 	return 0
 }
@@ -4127,9 +4142,9 @@ func (x *RemoveNode) GetId() string {
 
 // EnableGatedApply turns on, for good, the gating of features at apply
 // time: from the entry after it on, a command field that belongs to a
-// feature (fsm.Features) some node record does not list is applied as
-// a release without that feature applies it (as if unset), and reported
-// in Result.features_ignored. Applies only while every node record
+// feature added after "gated_apply" (fsm.Features) that some node record
+// does not list is applied as a release without that feature applies it
+// (as if unset), and reported in Result.features_ignored. Applies only while every node record
 // lists the feature "gated_apply" (FAILED_PRECONDITION otherwise); once
 // on, a later record without it does not turn it off. The leader writes
 // it as soon as every member records the feature.
@@ -4612,11 +4627,12 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\n" +
 	"AckMailbox\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x12\n" +
-	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"H\n" +
+	"\x04seqs\x18\x02 \x03(\x04R\x04seqs\"e\n" +
 	"\x0fExpireMailboxes\x12\x14\n" +
 	"\x05limit\x18\x01 \x01(\rR\x05limit\x12\x1f\n" +
 	"\vpurge_limit\x18\x02 \x01(\rR\n" +
-	"purgeLimit\"c\n" +
+	"purgeLimit\x12\x1b\n" +
+	"\tmax_bytes\x18\x03 \x01(\x04R\bmaxBytes\"c\n" +
 	"\vClaimEvents\x12,\n" +
 	"\x06claims\x18\x01 \x03(\v2\x14.state.v1.EventClaimR\x06claims\x12&\n" +
 	"\x0frecord_grace_ms\x18\x02 \x01(\x03R\rrecordGraceMs\"\x84\x01\n" +
