@@ -528,6 +528,11 @@ func (f *FSM) Restore(rc io.ReadCloser) (err error) {
 	}
 	idx, term, err := ReadApplied(f.store)
 	if err != nil {
+		// The records are the import's: what the FSM kept from the
+		// state before must not outlive it (gateCache).
+		f.mu.Lock()
+		f.members++
+		f.mu.Unlock()
 		return fmt.Errorf("fsm restore: %w", err)
 	}
 	f.log.Info("fsm restored from snapshot", "records", n, "applied_index", idx)

@@ -255,6 +255,11 @@ func TestExpiryStopsAtItsBytes(t *testing.T) {
 	base := 1_000_000 + int64(a.idx)
 	a.apply(putOp(mail("alice", "a1", "x", "e1", 100, base+5), mail("alice", "a1", "x", "e2", 100, base+6),
 		mail("alice", "a2", "x", "e3", 100, base+7), mail("alice", "a2", "x", "e4", 100, base+8)))
+	// A claim record due too: it goes with the command that removes the
+	// last entries due, not with one the bytes stopped.
+	if w := won(t, a.apply(claimOp(claim("alice", "a1", "s", "c1", base+6)))); w != "true" {
+		t.Fatal(w)
+	}
 	a.advanceTo(base + 8)
 	left := func() []string {
 		var ids []string
@@ -266,15 +271,18 @@ func TestExpiryStopsAtItsBytes(t *testing.T) {
 		}
 		return ids
 	}
-	for _, want := range [][]string{{"e3", "e4"}, nil} { // e1 and e2 (which reaches 150), then the rest
+	for i, want := range [][]string{{"e3", "e4"}, nil} { // e1 and e2 (which reaches 150), then the rest
 		a.apply(&statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{MaxBytes: 150}})
 		if got := left(); !slices.Equal(got, want) {
 			t.Fatalf("left %v, want %v", got, want)
 		}
+		if _, err := f.Claim("s", "c1"); (i == 0) != (err == nil) {
+			t.Fatalf("round %d: the claim record: %v", i, err)
+		}
 	}
-	for did, n := range map[string]uint64{"a1": 0, "a2": 0} {
-		if mb, _ := f.Mailbox(did); mb.GetCount() != n || mb.GetBytes() != 0 {
-			t.Fatalf("%s counters %v", did, mb)
+	for _, did := range []string{"a1", "a2"} {
+		if mb, err := f.Mailbox(did); err != nil || mb.GetCount() != 0 || mb.GetBytes() != 0 {
+			t.Fatalf("%s counters %v, %v", did, mb, err)
 		}
 	}
 }

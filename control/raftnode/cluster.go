@@ -178,7 +178,7 @@ func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint
 			// from being used (until the leader's reconcileNodes): forget
 			// it, also when ctx ended (an enqueue timeout ends with it).
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), probeTimeout)
-			if _, rerr := n.Apply(cctx, &statev1.Command{Op: &statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: id}}}); rerr != nil {
+			if rerr := n.forgetNode(cctx, id); rerr != nil {
 				n.log.Warn("forget the record of a voter not added", "id", id, "err", rerr)
 			}
 			cancel()

@@ -10,6 +10,7 @@ import (
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
+	"github.com/edge-relay/relay/control/server"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
 
@@ -39,7 +40,10 @@ func waitGatedApply(t *testing.T, c *clustertest.Cluster, want bool) {
 // records its features again, the same command applies whole.
 func TestGatedApplyIgnoresWhatAStoppedMemberWithdrew(t *testing.T) {
 	rel := newReleases(fsm.FeatureGatedApply, "n2", "n3")
-	c := clustertest.Start(t, 3, clustertest.Options{Configure: rel.configure})
+	c := clustertest.Start(t, 3, clustertest.Options{Configure: func(cfg *server.Config) {
+		rel.configure(cfg)
+		cfg.MailboxExpireEvery = 100 * time.Millisecond
+	}})
 	ctx := ctxT(t, 2*time.Minute)
 	c.WaitReady()
 	c.WaitFeature(fsm.FeatureMailboxExpireBytes)
@@ -58,23 +62,24 @@ func TestGatedApplyIgnoresWhatAStoppedMemberWithdrew(t *testing.T) {
 	if _, err := c.RegisterDevice(ctx, 0, "u", "d"); err != nil {
 		t.Fatal(err)
 	}
-	// expire stores three events of 10 bytes for d, due in 30 s (so the
-	// leader's own expiry leaves them), then expires through node i as
-	// of 40 s on, at most 10 bytes, as a writer does that found every
-	// member with the feature.
+	// expire stores three events of 10 bytes for d, due in 50 s (so the
+	// leader's own expiry leaves them while the test runs), then expires
+	// through node i as of 55 s on (a command may be stamped up to a
+	// minute from the leader's clock), at most 10 bytes, as a writer
+	// does that found every member with the feature.
 	expire := func(i int) *statev1.Result {
 		t.Helper()
 		now := time.Now()
 		var entries []*statev1.MailboxEntry
 		for k := range 3 {
 			entries = append(entries, &statev1.MailboxEntry{UserId: "u", DeviceId: "d", SenderDeviceId: "s",
-				EventId: fmt.Sprint(now.UnixNano(), "-", k), Event: make([]byte, 10), ExpiresAtMs: now.Add(30 * time.Second).UnixMilli()})
+				EventId: fmt.Sprint(now.UnixNano(), "-", k), Event: make([]byte, 10), ExpiresAtMs: now.Add(50 * time.Second).UnixMilli()})
 		}
 		node := c.Nodes[i].Server.Node()
 		if _, err := node.Apply(ctx, &statev1.Command{Op: &statev1.Command_PutMailbox{PutMailbox: &statev1.PutMailbox{Entries: entries}}}); err != nil {
 			t.Fatal(err)
 		}
-		res, err := node.Apply(ctx, &statev1.Command{ProposedAtMs: now.Add(40 * time.Second).UnixMilli(),
+		res, err := node.Apply(ctx, &statev1.Command{ProposedAtMs: now.Add(55 * time.Second).UnixMilli(),
 			Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{MaxBytes: 10}}})
 		if err != nil {
 			t.Fatal(err)

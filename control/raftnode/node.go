@@ -8,6 +8,7 @@
 package raftnode
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -1313,9 +1314,10 @@ func (n *Node) onElected(ctx context.Context, ls *leadership) {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	n.reconcileNodes(ctx)
+	seen := n.fsm.MembersVersion()
+	err := n.reconcileNodes(ctx)
 	n.wg.Add(1)
-	go n.tendMembers(ctx)
+	go n.tendMembers(ctx, seen, err == nil)
 	if n.cfg.OnLeader != nil {
 		n.cfg.OnLeader(ctx)
 	}
@@ -1324,12 +1326,12 @@ func (n *Node) onElected(ctx context.Context, ls *leadership) {
 // reconcileNodes makes the recorded node addresses match the Raft
 // configuration: this node's own record is current and members that left
 // are forgotten (after a restore, the backup's nodes are all gone).
-func (n *Node) reconcileNodes(ctx context.Context) {
+func (n *Node) reconcileNodes(ctx context.Context) error {
 	n.membership.Lock()
 	defer n.membership.Unlock()
 	cf := n.raft.GetConfiguration()
 	if err := cf.Error(); err != nil {
-		return
+		return err
 	}
 	members := map[string]bool{}
 	for _, s := range cf.Configuration().Servers {
@@ -1338,15 +1340,35 @@ func (n *Node) reconcileNodes(ctx context.Context) {
 	recs, err := n.fsm.Nodes()
 	if err != nil {
 		n.log.Warn("read node records", "err", err)
-		return
+		return err
 	}
+	var first error
 	for _, r := range recs {
 		if !members[r.GetId()] {
-			if _, err := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: r.GetId()}}}); err != nil {
+			if err := n.forgetNode(ctx, r.GetId()); err != nil {
 				n.log.Warn("forget departed node", "id", r.GetId(), "err", err)
+				first = cmp.Or(first, err)
 			}
 		}
 	}
+	return first
+}
+
+// forgetNode removes node id's record through this node's own Raft, as
+// its leader: never forwarded, so that a leader deposed meanwhile does
+// not delete a record its successor wrote (AddVoter's, before the
+// configuration entry reached it).
+func (n *Node) forgetNode(ctx context.Context, id string) error {
+	data, err := proto.Marshal(&statev1.Command{ProposedAtMs: time.Now().UnixMilli(),
+		Op: &statev1.Command_RemoveNode{RemoveNode: &statev1.RemoveNode{Id: id}}})
+	if err != nil {
+		return err
+	}
+	res, err := n.ApplyLocal(ctx, data)
+	if err == nil {
+		err = fsm.ResultError(res)
+	}
+	return err
 }
 
 // tendMembers runs while this node leads. Whenever a node record or the
@@ -1358,26 +1380,39 @@ func (n *Node) reconcileNodes(ctx context.Context) {
 // lists the feature gated_apply, so that from then on apply ignores the
 // fields of a feature some record does not list (fsm.gatedAtApply), at
 // the same entry on every replica.
-func (n *Node) tendMembers(ctx context.Context) {
+func (n *Node) tendMembers(ctx context.Context, seen uint64, reconciled bool) {
 	defer n.wg.Done()
-	seen := n.fsm.MembersVersion() // onElected has just reconciled
-	first, gated := true, false
+	reconcile, look, gated := !reconciled, true, false
+	blocked := false // after a failure, until retry fires or something changes
 	var retry <-chan time.Time
 	for {
 		changed := n.fsm.Changed()
-		if v := n.fsm.MembersVersion(); v != seen || first {
-			if v != seen {
-				n.reconcileNodes(ctx)
-			}
-			seen, first = v, false
-			if !gated {
-				var err error
-				switch gated, err = n.trySwitchOnGatedApply(ctx); {
-				case err != nil && ctx.Err() == nil:
-					// No quorum, a lost lead: look again in a while.
-					n.log.Debug("switch on gated apply", "err", err)
-					retry = time.After(time.Second)
+		if v := n.fsm.MembersVersion(); v != seen {
+			seen, reconcile, look, blocked = v, true, true, false
+		}
+		if !blocked {
+			failed := false
+			if reconcile {
+				if err := n.reconcileNodes(ctx); err != nil {
+					failed = true
+				} else {
+					reconcile = false
 				}
+			}
+			if look && !gated {
+				var err error
+				if gated, err = n.trySwitchOnGatedApply(ctx); err != nil {
+					failed = true
+					if ctx.Err() == nil {
+						n.log.Debug("switch on gated apply", "err", err)
+					}
+				} else {
+					look = false
+				}
+			}
+			if failed && ctx.Err() == nil {
+				// No quorum, a lost lead: try again in a while.
+				blocked, retry = true, time.After(time.Second)
 			}
 		}
 		select {
@@ -1385,7 +1420,7 @@ func (n *Node) tendMembers(ctx context.Context) {
 			return
 		case <-changed:
 		case <-retry:
-			first, retry = true, nil
+			blocked, retry = false, nil
 		}
 	}
 }
