@@ -81,6 +81,13 @@ func validFeatures(fs []string) error {
 	return nil
 }
 
+// FeaturesGatedAtApply returns, sorted, the features of this release
+// whose fields apply ignores while a node record does not list them,
+// once gated apply is on.
+func FeaturesGatedAtApply() []string {
+	return slices.DeleteFunc(Features(), func(f string) bool { return !gatedAtApply(f) })
+}
+
 // gatedAtApply reports whether feature's fields are ignored at apply
 // while a node record does not list it (ignoreFeature): every feature
 // added after gated_apply. Not the features before it, which a release

@@ -53,6 +53,10 @@ type Config struct {
 	OnApply func(took time.Duration, entries int)
 	// OnSnapshot, if set, observes every persisted snapshot.
 	OnSnapshot func(took time.Duration, records uint64, err error)
+	// OnFeatureIgnored, if set, observes each feature whose fields a
+	// command carried and apply ignored (gated apply: a node record did
+	// not list it).
+	OnFeatureIgnored func(feature string)
 	// OnRestore, if set, observes every restore from a snapshot (one
 	// installed from the leader, or the local one a node behind it starts
 	// from).
@@ -428,6 +432,11 @@ func (f *FSM) applyEntry(b *state.Batch, g *gates, l *raft.Log) *statev1.Result 
 	if len(ignored) > 0 {
 		f.log.Warn("applied a command without features some node record does not list, as a release without them would",
 			"features", ignored, "revision", l.Index)
+		if f.cfg.OnFeatureIgnored != nil {
+			for _, ft := range ignored {
+				f.cfg.OnFeatureIgnored(ft)
+			}
+		}
 	}
 	res, err := f.dispatch(tx, &cmd)
 	if err != nil {

@@ -106,6 +106,9 @@ func TestGatedApplyIgnoresWhatAStoppedMemberWithdrew(t *testing.T) {
 	if res := expire(l); !slices.Equal(res.GetFeaturesIgnored(), []string{fsm.FeatureMailboxExpireBytes}) {
 		t.Fatalf("max_bytes with a member's features withdrawn: %v", res)
 	}
+	if n := c.Nodes[l].LabeledMetric(t, "relay_control_features_ignored_total", "feature", fsm.FeatureMailboxExpireBytes); n != 1 {
+		t.Fatalf("the leader counted %v commands with a feature ignored, want 1", n)
+	}
 	c.Restart(stopped)
 	c.WaitReady()
 	if n := held(); n != 0 {

@@ -5,6 +5,8 @@ import (
 
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/edge-relay/relay/control/fsm"
 )
 
 // metrics are the node's Prometheus metrics. A nil registerer gives a
@@ -18,6 +20,7 @@ type metrics struct {
 	snapTime  prometheus.Histogram
 	restores  *prometheus.CounterVec
 	refused   *prometheus.CounterVec
+	ignored   *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
@@ -59,6 +62,13 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 		Name: "relay_control_raft_connections_refused_total",
 		Help: "Raft connections refused by the cluster check, dialed or accepted, by reason: other_cluster (the peer's state belongs to another cluster), not_joined (this node joins and has not yet learnt its cluster), no_hello (a peer without the check where every member has it), bad_hello, busy (256 accepted connections were still in their hello or TLS handshake: the oldest was closed).",
 	}, []string{"reason"})
+	m.ignored = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "relay_control_features_ignored_total",
+		Help: "Commands this node applied without a feature's fields because a node record did not list the feature (gated apply): written by a node whose replica had not yet seen a member's withdrawal. Every replica ignores them alike.",
+	}, []string{"feature"})
+	for _, f := range fsm.FeaturesGatedAtApply() {
+		m.ignored.WithLabelValues(f)
+	}
 	// Every result exists from the start, so increase() sees the first
 	// failure.
 	for _, r := range []string{"ok", "error"} {
@@ -68,8 +78,14 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 	for _, r := range []string{"other_cluster", "not_joined", "no_hello", "bad_hello", "busy"} {
 		m.refused.WithLabelValues(r)
 	}
-	reg.MustRegister(m.commit, m.apply, m.applied, m.read, m.snapshots, m.snapTime, m.restores, m.refused, &raftCollector{n: n}, &diskCollector{n: n, logs: n.logs})
+	reg.MustRegister(m.commit, m.apply, m.applied, m.read, m.snapshots, m.snapTime, m.restores, m.refused, m.ignored, &raftCollector{n: n}, &diskCollector{n: n, logs: n.logs})
 	return m
+}
+
+func (m *metrics) observeIgnored(feature string) {
+	if m.ignored != nil {
+		m.ignored.WithLabelValues(feature).Inc()
+	}
 }
 
 func (m *metrics) observeRefused(reason string) {

@@ -450,6 +450,7 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 		}
 	}
 	fcfg.OnRestore = n.m.observeRestore
+	fcfg.OnFeatureIgnored = n.m.observeIgnored
 	if n.fsm, err = fsm.New(fcfg); err != nil {
 		return nil, err
 	}
