@@ -185,11 +185,6 @@ func (s *AuthServer) admit(ctx context.Context, login string, req connect.AnyReq
 	if fwd, ok := s.authn.forwardedFor(ctx, req.Header()); ok {
 		addr, forwarded = fwd, true
 	}
-	if s.cfg.Limiter != nil {
-		if ok, retry := s.cfg.Limiter.Allow(login, addr); !ok {
-			return nil, false, throttled(retry)
-		}
-	}
 	attempt = &statev1.LoginAttempt{Login: login, AddrHash: addrHash(addr),
 		Policy: s.cfg.Throttle.policy(everyMemberHas(s.node, fsm.FeatureLoginCeiling))}
 	// This replica's counts first: a throttled attempt costs no write.

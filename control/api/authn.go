@@ -46,10 +46,6 @@ type AuthConfig struct {
 	// Throttle is the cluster-wide login throttling policy
 	// (docs/api.md); zero fields take the defaults.
 	Throttle Throttle
-	// Limiter, if set, throttles logins on this node alone before the
-	// cluster-wide Throttle. Deprecated: it counts per node, so a
-	// cluster of n nodes allows n times its budget; use Throttle.
-	Limiter *auth.LoginLimiter
 	// ActivityEvery throttles last_activity writes per user. Default 1m.
 	ActivityEvery time.Duration
 	// KeyRefreshEvery: a token signed by a key this replica does not know

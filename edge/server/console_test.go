@@ -11,10 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/time/rate"
-
 	"github.com/edge-relay/relay/control/api"
-	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/edge/server"
 	"github.com/edge-relay/relay/internal/relaytest"
@@ -60,12 +57,13 @@ func call(t *testing.T, hc *http.Client, url string, body any, header http.Heade
 // which the edge vouches for with its own token; nobody else can claim
 // an address.
 func TestConsoleAPIThroughTheEdge(t *testing.T) {
-	// Each address may try `burst` logins (the set-up's own logins come
-	// from 127.0.0.1, the test's browsers from other loopback addresses).
+	// Each address may fail burst-1 logins, then waits (the set-up's own
+	// logins come from 127.0.0.1, the test's browsers from other loopback
+	// addresses; each failure below is at another login, so the per-login
+	// count is not the one).
 	const burst = 8
-	limiter := auth.NewLoginLimiter(auth.LimiterConfig{PerLogin: 1000, PerLoginBurst: 1000, PerAddr: rate.Limit(1e-6), PerAddrBurst: burst})
 	r := relaytest.Start(t, relaytest.Options{
-		Cluster: clustertest.Options{Auth: api.AuthConfig{Limiter: limiter}},
+		Cluster: clustertest.Options{Auth: api.AuthConfig{Throttle: api.Throttle{AddrFree: burst - 1}}},
 		Edge:    func(_ int, cfg *server.Config) { cfg.AdminAddr = "127.0.0.1:0" },
 	})
 	e := r.Edges[0]
