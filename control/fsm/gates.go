@@ -43,12 +43,20 @@ func (g *gates) load(b *state.Batch) error {
 	if err != nil {
 		return err
 	}
-	for _, f := range Features() {
-		if gatedAtApply(f) && (recs == 0 || !slices.Contains(common, f)) {
+	for _, f := range FeaturesGatedAtApply() {
+		if recs == 0 || !slices.Contains(common, f) {
 			g.shut = append(g.shut, f)
 		}
 	}
 	return nil
+}
+
+// ensure loads the gates unless they are valid.
+func (g *gates) ensure(b *state.Batch) error {
+	if g.valid {
+		return nil
+	}
+	return g.load(b)
 }
 
 // commonFeatures returns how many node records r holds and the features
@@ -73,10 +81,8 @@ func commonFeatures(r state.Reader) (records int, common []string, err error) {
 // ignoreShut clears from cmd the fields of the features gated shut
 // (ignoreFeature) and returns those it carried, sorted.
 func (g *gates) ignoreShut(b *state.Batch, cmd *statev1.Command) ([]string, error) {
-	if !g.valid {
-		if err := g.load(b); err != nil {
-			return nil, err
-		}
+	if err := g.ensure(b); err != nil {
+		return nil, err
 	}
 	if !g.on {
 		return nil, nil
@@ -92,12 +98,8 @@ func (g *gates) ignoreShut(b *state.Batch, cmd *statev1.Command) ([]string, erro
 
 // gatedApplyOn reports whether gated apply is on at this entry.
 func (t *txn) gatedApplyOn() (bool, error) {
-	if !t.gates.valid {
-		if err := t.gates.load(t.b); err != nil {
-			return false, err
-		}
-	}
-	return t.gates.on, nil
+	err := t.gates.ensure(t.b)
+	return t.gates.on, err
 }
 
 // enableGatedApply applies EnableGatedApply.
