@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"slices"
 	"strings"
 	"time"
 
@@ -90,10 +89,8 @@ func (f *edgeFlags) apply(cfg *edgeserver.Config, getenv func(string) string) er
 		cfg.Control.URLs = []string{"http://127.0.0.1:7400"}
 	}
 	cfg.AllowedOrigins = f.origins
-	for _, tr := range f.requireBound {
-		if !slices.Contains(devconn.Transports(), tr) {
-			return fmt.Errorf("--require-bound-proofs: %q is not a transport (%s)", tr, strings.Join(devconn.Transports(), ", "))
-		}
+	if err := devconn.CheckTransports(f.requireBound); err != nil {
+		return fmt.Errorf("--require-bound-proofs: %w", err)
 	}
 	cfg.Session.RequireBoundProofs = f.requireBound
 	cfg.MaxUnvalidatedHandshakes = f.unvalidated

@@ -186,7 +186,7 @@ func (s *AuthServer) admit(ctx context.Context, login string, req connect.AnyReq
 		addr, forwarded = fwd, true
 	}
 	attempt = &statev1.LoginAttempt{Login: login, AddrHash: addrHash(addr),
-		Policy: s.cfg.Throttle.policy(everyMemberHas(s.node, fsm.FeatureLoginCeiling))}
+		Policy: s.cfg.Throttle.policy(s.node.EveryMemberHas(fsm.FeatureLoginCeiling))}
 	// This replica's counts first: a throttled attempt costs no write.
 	if wait, err := s.node.FSM().LoginWait(attempt, s.cfg.Now().UnixMilli()); err != nil {
 		return nil, false, toConnect(err)
@@ -289,8 +289,10 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 	// The family is written with the login's first token, so a replica
 	// that knows the token knows it.
 	fam, err := s.node.FSM().GetTokenFamily(cur.GetFamilyId())
-	if err != nil {
+	if errors.Is(err, fsm.ErrNotFound) {
 		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("refresh token not recognised; log in again"))
+	} else if err != nil {
+		return nil, toConnect(err)
 	}
 	loggedIn := time.UnixMilli(fam.GetCreatedAtMs())
 	if s.cfg.LoginMaxAge > 0 && !now.Before(loggedIn.Add(s.cfg.LoginMaxAge)) {

@@ -106,7 +106,7 @@ func (s *KeyServer) rotate(ctx context.Context, cmd *statev1.Command, now bool, 
 		if _, err := s.node.Read(ctx, raftnode.Linearizable); err != nil {
 			return false, err
 		}
-		*retireAll = everyMemberHas(s.node, fsm.FeatureRetireAllKeys)
+		*retireAll = s.node.EveryMemberHas(fsm.FeatureRetireAllKeys)
 	}
 	if _, err := s.node.Apply(ctx, cmd); err != nil {
 		return false, err

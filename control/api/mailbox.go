@@ -73,20 +73,12 @@ var _ edgev1connect.MailboxServiceHandler = (*MailboxServer)(nil)
 // DefaultClaimRecordGrace is MailboxConfig.ClaimRecordGrace's default.
 const DefaultClaimRecordGrace = 10 * time.Minute
 
-// everyMemberHas reports whether every member's release applies the
-// commands of feature alike (raftnode.Node.MembersWithout); until then
-// the commands are written as older releases apply them.
-func everyMemberHas(node *raftnode.Node, feature string) bool {
-	missing, err := node.MembersWithout(feature)
-	return err == nil && len(missing) == 0
-}
-
 // purgeLimit is the purge_limit of a command that deletes or revokes
 // devices: their mailboxes are emptied fsm.DefaultPurgeLimit entries at
 // a time once every member applies that (feature mailbox_purge), all in
 // the command's entry until then.
 func purgeLimit(node *raftnode.Node) uint32 {
-	if everyMemberHas(node, fsm.FeatureMailboxPurge) {
+	if node.EveryMemberHas(fsm.FeatureMailboxPurge) {
 		return fsm.DefaultPurgeLimit
 	}
 	return 0
@@ -199,7 +191,7 @@ func (s *MailboxServer) PutMailbox(ctx context.Context, req *connect.Request[edg
 	if total > fsm.MaxMailboxBatchBytes {
 		return nil, invalidArg(fmt.Errorf("entries hold %d event bytes, at most %d per call", total, fsm.MaxMailboxBatchBytes))
 	}
-	replace := everyMemberHas(s.node, fsm.FeatureMailboxReplaceExpired)
+	replace := s.node.EveryMemberHas(fsm.FeatureMailboxReplaceExpired)
 	var results []*statev1.MailboxResult
 	var rev uint64
 	for chunk := range mailboxCommands(out) {
@@ -328,7 +320,7 @@ func (s *MailboxServer) ClaimEvents(ctx context.Context, req *connect.Request[ed
 		out[i] = sc
 	}
 	claims := &statev1.ClaimEvents{Claims: out}
-	if everyMemberHas(s.node, fsm.FeatureClaimRecordGrace) {
+	if s.node.EveryMemberHas(fsm.FeatureClaimRecordGrace) {
 		claims.RecordGraceMs = s.cfg.ClaimRecordGrace.Milliseconds()
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ClaimEvents{ClaimEvents: claims}})

@@ -257,7 +257,7 @@ func manageable(ctx context.Context, node *raftnode.Node, caller auth.Claims, id
 	if r, _ := auth.ParseRole(cur.GetRole()); r != auth.RoleUser {
 		return false, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("only an admin may %s a staff or edge account", verb))
 	}
-	return id != caller.Subject && everyMemberHas(node, fsm.FeatureOnlyUserAccount), nil
+	return id != caller.Subject && node.EveryMemberHas(fsm.FeatureOnlyUserAccount), nil
 }
 
 // GetMe returns the caller's account.

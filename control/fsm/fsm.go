@@ -319,11 +319,18 @@ func (f *FSM) Changed() <-chan struct{} {
 	return f.appliedCh
 }
 
-func (f *FSM) setApplied(index, term uint64, members bool) {
+// setApplied records the applied index and term. members says that what
+// decides the gates changed (MembersVersion); g, if not nil, is the gates
+// the batch left, which the next batch starts from.
+func (f *FSM) setApplied(index, term uint64, members bool, g *gates) {
 	f.mu.Lock()
 	f.applied, f.term = index, term
 	if members {
 		f.members++
+	}
+	if g != nil {
+		f.gateCache, f.gateVersion = *g, f.members // (invalid if an entry wrote a record last)
+		f.gateCache.touched = false
 	}
 	close(f.appliedCh)
 	f.appliedCh = make(chan struct{})
@@ -373,11 +380,7 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	if err := b.Commit(); err != nil {
 		f.fatal("commit applied batch", err)
 	}
-	f.setApplied(last.Index, last.Term, g.touched)
-	f.mu.Lock()
-	f.gateCache, f.gateVersion = g, f.members // (invalid if an entry wrote a record last)
-	f.gateCache.touched = false
-	f.mu.Unlock()
+	f.setApplied(last.Index, last.Term, g.touched, &g)
 	if f.cfg.OnApply != nil {
 		f.cfg.OnApply(time.Since(start), len(logs))
 	}
@@ -545,7 +548,7 @@ func (f *FSM) Restore(rc io.ReadCloser) (err error) {
 		return fmt.Errorf("fsm restore: %w", err)
 	}
 	f.log.Info("fsm restored from snapshot", "records", n, "applied_index", idx)
-	f.setApplied(idx, term, true)
+	f.setApplied(idx, term, true, nil)
 	return nil
 }
 

@@ -1,7 +1,6 @@
 package fsm
 
 import (
-	"errors"
 	"fmt"
 	"slices"
 
@@ -32,13 +31,11 @@ func (g *gates) invalidate() { g.valid, g.touched = false, true }
 // load reads the switch and the records through b.
 func (g *gates) load(b *state.Batch) error {
 	// A new slice: the FSM's cache may still hold the old one.
-	g.valid, g.on, g.shut = true, false, nil
-	if _, err := b.Get(keyGatedApply); errors.Is(err, state.ErrNotFound) {
-		return nil
-	} else if err != nil {
-		return fmt.Errorf("read gated apply switch: %w", err)
+	g.valid, g.shut = true, nil
+	on, err := hasKey(b, keyGatedApply, "gated apply switch")
+	if g.on = on; err != nil || !on {
+		return err
 	}
-	g.on = true
 	recs, common, err := commonFeatures(b)
 	if err != nil {
 		return err
@@ -104,10 +101,8 @@ func (t *txn) gatedApplyOn() (bool, error) {
 
 // enableGatedApply applies EnableGatedApply.
 func (t *txn) enableGatedApply() (*statev1.Result, error) {
-	if _, err := t.b.Get(keyGatedApply); err == nil {
-		return &statev1.Result{}, nil
-	} else if !errors.Is(err, state.ErrNotFound) {
-		return nil, err
+	if on, err := t.gatedApplyOn(); err != nil || on {
+		return &statev1.Result{}, err
 	}
 	recs, common, err := commonFeatures(t.b)
 	if err != nil {
@@ -124,4 +119,4 @@ func (t *txn) enableGatedApply() (*statev1.Result, error) {
 }
 
 // GatedApply reports whether gated apply is on (EnableGatedApply).
-func (f *FSM) GatedApply() (bool, error) { return f.has(keyGatedApply, "gated apply switch") }
+func (f *FSM) GatedApply() (bool, error) { return hasKey(f.store, keyGatedApply, "gated apply switch") }

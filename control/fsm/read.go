@@ -306,11 +306,11 @@ func deviceOwner(r state.Reader, deviceID string) (string, error) {
 }
 
 // Initialized reports whether InitCluster has applied.
-func (f *FSM) Initialized() (bool, error) { return f.has(keyInitialized, "initialized flag") }
+func (f *FSM) Initialized() (bool, error) { return hasKey(f.store, keyInitialized, "initialized flag") }
 
-// has reports whether the store holds key (a flag named what).
-func (f *FSM) has(key []byte, what string) (bool, error) {
-	_, err := f.store.Get(key)
+// hasKey reports whether r holds key (a flag named what).
+func hasKey(r state.Reader, key []byte, what string) (bool, error) {
+	_, err := r.Get(key)
 	if errors.Is(err, state.ErrNotFound) {
 		return false, nil
 	}

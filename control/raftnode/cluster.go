@@ -162,14 +162,16 @@ func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint
 	if err != nil {
 		return 0, fmt.Errorf("add voter %s: %w", id, err)
 	}
-	if _, err := n.fsm.GetNode(id); on && errors.Is(err, fsm.ErrNotFound) {
+	rec, err := n.fsm.GetNode(id)
+	if err != nil && !errors.Is(err, fsm.ErrNotFound) {
+		return 0, fmt.Errorf("add voter %s: %w", id, err)
+	}
+	if on && rec == nil {
 		if _, err := n.Apply(ctx, &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{
 			Node: &statev1.Node{Id: id, RaftAddr: raftAddr, ApiAddr: apiAddr}}}}); err != nil {
 			return 0, fmt.Errorf("add voter %s: record it: %w", id, err)
 		}
 		created = true
-	} else if err != nil && !errors.Is(err, fsm.ErrNotFound) {
-		return 0, fmt.Errorf("add voter %s: %w", id, err)
 	}
 	f := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, timeoutOf(ctx, n.cfg.ApplyTimeout))
 	if err := f.Error(); err != nil {
@@ -615,6 +617,15 @@ func (n *Node) MembersWithout(feature string) ([]string, error) {
 		return nil, err
 	}
 	return n.membersWithout(servers, feature)
+}
+
+// EveryMemberHas reports whether every member's record, and every other
+// record, lists feature (MembersWithout is empty): whether a command
+// that carries the feature's fields may be written. False when the
+// members cannot be read.
+func (n *Node) EveryMemberHas(feature string) bool {
+	missing, err := n.MembersWithout(feature)
+	return err == nil && len(missing) == 0
 }
 
 // membersWithout is MembersWithout over a configuration already read.

@@ -107,7 +107,7 @@ func (s *Server) expireMailboxes(ctx context.Context) {
 		// mailbox_purge), checked before each: a member that withdraws
 		// its features as it stops gets none once the withdrawal applied.
 		var purge uint32
-		if missing, err := s.node.MembersWithout(fsm.FeatureMailboxPurge); err == nil && len(missing) == 0 {
+		if s.node.EveryMemberHas(fsm.FeatureMailboxPurge) {
 			purge = fsm.DefaultPurgeLimit
 		}
 		now := time.Now().UnixMilli()
@@ -118,7 +118,7 @@ func (s *Server) expireMailboxes(ctx context.Context) {
 		op := &statev1.ExpireMailboxes{PurgeLimit: purge}
 		// One command reads at most DefaultExpireBytes of events, once
 		// every member applies that (feature mailbox_expire_bytes).
-		if missing, err := s.node.MembersWithout(fsm.FeatureMailboxExpireBytes); err == nil && len(missing) == 0 {
+		if s.node.EveryMemberHas(fsm.FeatureMailboxExpireBytes) {
 			op.MaxBytes = fsm.DefaultExpireBytes
 		}
 		if _, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now, Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: op}}); err != nil {

@@ -8,8 +8,11 @@ package devconn
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -74,6 +77,16 @@ const (
 // Transports returns the transports a Conn may name.
 func Transports() []string {
 	return []string{TransportQUIC, TransportWebTransport, TransportWebSocket}
+}
+
+// CheckTransports refuses a name that is not one of Transports.
+func CheckTransports(names []string) error {
+	for _, n := range names {
+		if !slices.Contains(Transports(), n) {
+			return fmt.Errorf("%q is not a transport (%s)", n, strings.Join(Transports(), ", "))
+		}
+	}
+	return nil
 }
 
 // ErrNoDatagrams says a transport cannot carry a datagram (none at all, or

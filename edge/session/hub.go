@@ -12,7 +12,6 @@ import (
 	"math/big"
 	"net"
 	"net/netip"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -152,10 +151,8 @@ func (c *Config) setDefaults() error {
 	if c.EdgeID == "" || c.Directory == nil || c.Ring == nil {
 		return errors.New("session: EdgeID, Directory and Ring are required")
 	}
-	for _, tr := range c.RequireBoundProofs {
-		if !slices.Contains(devconn.Transports(), tr) {
-			return fmt.Errorf("session: RequireBoundProofs names %q, not one of the transports %q", tr, devconn.Transports())
-		}
+	if err := devconn.CheckTransports(c.RequireBoundProofs); err != nil {
+		return fmt.Errorf("session: RequireBoundProofs: %w", err)
 	}
 	c.Limits = c.Limits.WithDefaults()
 	if c.Limits.MaxFrameBytes > frame.MaxFrameLimit {

@@ -101,7 +101,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	// Every series from the start, so a dashboard shows 0 rather than
 	// no data before the first handshake of each kind.
 	for _, bound := range []bool{false, true} {
-		for _, tr := range []string{devconn.TransportQUIC, devconn.TransportWebTransport, devconn.TransportWebSocket} {
+		for _, tr := range devconn.Transports() {
 			m.proof(bound, tr)
 		}
 	}
