@@ -86,7 +86,7 @@ type Node struct {
 	ID      string
 	DataDir string
 	Server  *server.Server
-	// Faults cuts the node's Raft traffic (Cluster.Isolate); it stays
+	// Faults cuts the node's Raft traffic (Cluster.Isolate) or fails its writes; it stays
 	// with the node across restarts.
 	Faults *raftnode.Faults
 	raft   string // raft address, kept across restarts

@@ -204,3 +204,37 @@ func TestAVoterIsRecordedBeforeItIsAMember(t *testing.T) {
 		return nil
 	})
 }
+
+// When the leader fails to forget a record of a node that is not a
+// member (here two writes fail, as they do while it cannot reach a
+// quorum for a moment), it tries again a second later, although nothing
+// else changes meanwhile that would wake it: a record left behind holds
+// back every feature it does not list.
+func TestTheLeaderTriesAgainToForgetAStranger(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	c.WaitReady()
+	c.WaitFeature(fsm.FeatureGatedApply)
+	waitGatedApply(t, c, true)
+	nd := c.Nodes[0]
+	l := nd.Server.Node()
+	nd.Faults.FailWrites("remove_node", 2)
+	if _, err := l.Apply(ctxT(t, time.Minute), &statev1.Command{Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{
+		Node: &statev1.Node{Id: "stranger", RaftAddr: "127.0.0.1:1"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	put := l.FSM().MembersVersion()
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if _, err := l.FSM().GetNode("stranger"); !errors.Is(err, fsm.ErrNotFound) {
+			return fmt.Errorf("the stranger's record is still there (%v) after %d failed tries", err, nd.Faults.FailedWrites())
+		}
+		return nil
+	})
+	if n := nd.Faults.FailedWrites(); n != 2 {
+		t.Fatalf("%d tries failed, want 2", n)
+	}
+	// Only the removal moved the members version: the tries after the
+	// failures came from the retry, not from another change.
+	if v := l.FSM().MembersVersion(); v != put+1 {
+		t.Fatalf("members version %d after the removal, %d after the put", v, put)
+	}
+}

@@ -228,7 +228,7 @@ type Config struct {
 	OnLeader func(ctx context.Context)
 	// Tracer traces writes and read barriers; default: no tracing.
 	Tracer trace.Tracer
-	// Faults, if set, lets a test cut this node's Raft traffic (see
+	// Faults, if set, lets a test cut this node's Raft traffic or fail its writes (see
 	// Faults). Nil in production.
 	Faults *Faults
 }
@@ -1131,6 +1131,9 @@ func checkProposalTime(data []byte, now time.Time) error {
 // (ErrClockSkew).
 func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, error) {
 	if err := n.cfg.Faults.waitUnpaused(ctx); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnknownOutcome, err)
+	}
+	if err := n.cfg.Faults.failWrite(data); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnknownOutcome, err)
 	}
 	n.applyMu.Lock()

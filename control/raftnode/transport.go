@@ -1,7 +1,6 @@
 package raftnode
 
 import (
-	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -224,94 +223,6 @@ func (c *trackedConn) Close() error {
 		c.layer.mu.Unlock()
 	})
 	return c.Conn.Close()
-}
-
-var errIsolated = errors.New("raft traffic cut by a fault test")
-
-// Faults lets a test cut one node's Raft traffic, as a network partition
-// would, while its API stays reachable: the node neither sends nor
-// receives AppendEntries, votes or snapshots until Heal. Production code
-// leaves Config.Faults nil.
-type Faults struct {
-	mu     sync.Mutex // guards the fields below
-	cutOff bool
-	paused chan struct{} // non-nil while paused; closed by Heal
-	layer  *streamLayer
-}
-
-// Pause makes the node behave, to the others, like a process that was
-// stopped (SIGSTOP): its Raft traffic is cut as by Isolate, and the
-// writes and read indexes other nodes forward to it hang, unanswered,
-// until Heal.
-func (f *Faults) Pause() {
-	f.mu.Lock()
-	if f.paused == nil {
-		f.paused = make(chan struct{})
-	}
-	f.mu.Unlock()
-	f.Isolate()
-}
-
-// waitUnpaused blocks while the node is paused, or until ctx ends.
-func (f *Faults) waitUnpaused(ctx context.Context) error {
-	if f == nil {
-		return nil
-	}
-	f.mu.Lock()
-	ch := f.paused
-	f.mu.Unlock()
-	if ch == nil {
-		return nil
-	}
-	select {
-	case <-ch:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-// Isolate cuts the node off from its peers: open Raft connections close,
-// new ones are refused in both directions.
-func (f *Faults) Isolate() {
-	f.mu.Lock()
-	f.cutOff = true
-	l := f.layer
-	f.mu.Unlock()
-	if l != nil {
-		l.cut()
-	}
-}
-
-// Heal lets Raft traffic flow again and ends a pause.
-func (f *Faults) Heal() {
-	f.mu.Lock()
-	f.cutOff = false
-	if f.paused != nil {
-		close(f.paused)
-		f.paused = nil
-	}
-	f.mu.Unlock()
-}
-
-func (f *Faults) isolated() bool {
-	if f == nil {
-		return false
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.cutOff
-}
-
-// attach binds the faults to a node's (new) transport; a node restarted
-// with the same Faults starts isolated if it was.
-func (f *Faults) attach(l *streamLayer) {
-	if f == nil {
-		return
-	}
-	f.mu.Lock()
-	f.layer = l
-	f.mu.Unlock()
 }
 
 // raftTransport is the transport a node hands to Raft: hashicorp/raft's

@@ -166,7 +166,7 @@ type Config struct {
 	// TracerProvider traces API calls and Raft applies; nil traces
 	// nothing (trace context from callers is still passed on).
 	TracerProvider trace.TracerProvider
-	// RaftFaults lets fault tests cut this node's Raft traffic; nil in
+	// RaftFaults lets fault tests cut this node's Raft traffic or fail its writes; nil in
 	// production.
 	RaftFaults *raftnode.Faults
 }
