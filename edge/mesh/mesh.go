@@ -634,6 +634,7 @@ const maxSinceAhead = time.Hour
 // fsm.MaxIDLen; the edge does not link the control plane's packages): a
 // peer that announces a longer one announces a device that cannot
 // exist, and with it would make MaxPeerDevices bound no bytes.
+// TestAStartFarAheadIsIgnored fails when the two differ.
 const maxIDLen = 64
 
 // DefaultMaxPeerDevices is Config.MaxPeerDevices's default, for a peer

@@ -29,6 +29,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
 )
 
@@ -596,8 +597,9 @@ func TestAJoiningEdgeIsHeardOnceThePeerLearnsOfIt(t *testing.T) {
 // session here of the device would start after it, beyond what fits in
 // the nanoseconds it is announced in. An entry more than an hour ahead
 // is ignored; one a minute ahead (a clock a little off) is taken. So is
-// a device whose id, or its user's, is longer than any can be: with such
-// ids a peer's bound of devices would bound no bytes. What is ignored is
+// a device whose id, or its user's, is longer than any can be (the
+// control plane's bound, fsm.MaxIDLen: an id it accepts is taken): with
+// such ids a peer's bound of devices would bound no bytes. What is ignored is
 // logged, at most once a minute: a peer with a broken clock sends such
 // starts in every frame.
 func TestAStartFarAheadIsIgnored(t *testing.T) {
@@ -608,9 +610,9 @@ func TestAStartFarAheadIsIgnored(t *testing.T) {
 		{DeviceId: "pinned", UserId: "u", SinceNs: math.MaxInt64},
 		{DeviceId: "ahead", UserId: "u", SinceNs: time.Now().Add(2 * maxSinceAhead).UnixNano()},
 		{DeviceId: "skewed", UserId: "u", SinceNs: time.Now().Add(time.Minute).UnixNano()},
-		{DeviceId: strings.Repeat("d", maxIDLen+1), UserId: "u", SinceNs: 1},
-		{DeviceId: "long-user", UserId: strings.Repeat("u", maxIDLen+1), SinceNs: 1},
-		{DeviceId: strings.Repeat("d", maxIDLen), UserId: strings.Repeat("u", maxIDLen), SinceNs: 1},
+		{DeviceId: strings.Repeat("d", fsm.MaxIDLen+1), UserId: "u", SinceNs: 1},
+		{DeviceId: "long-user", UserId: strings.Repeat("u", fsm.MaxIDLen+1), SinceNs: 1},
+		{DeviceId: strings.Repeat("d", fsm.MaxIDLen), UserId: strings.Repeat("u", fsm.MaxIDLen), SinceNs: 1},
 	}, nil)
 	m.presenceFromPeer("edge-b", nil, deltaFrame, []*edgev1.DevicePresence{
 		{DeviceId: "pinned-again", UserId: "u", SinceNs: math.MaxInt64},
@@ -625,14 +627,14 @@ func TestAStartFarAheadIsIgnored(t *testing.T) {
 		t.Errorf("%d devices ignored since the warning, want the second frame's 1", m.unfit.Load())
 	}
 	for dev, want := range map[string]bool{"pinned": false, "pinned-again": false, "ahead": false, "skewed": true,
-		strings.Repeat("d", maxIDLen+1): false, "long-user": false, strings.Repeat("d", maxIDLen): true} {
+		strings.Repeat("d", fsm.MaxIDLen+1): false, "long-user": false, strings.Repeat("d", fsm.MaxIDLen): true} {
 		if _, ok := m.Locate(dev); ok != want {
 			t.Errorf("%s located %v, want %v", dev, ok, want)
 		}
 	}
 	local.mu.Lock()
 	defer local.mu.Unlock()
-	if !slices.Equal(local.moved, []string{"skewed", strings.Repeat("d", maxIDLen)}) {
+	if !slices.Equal(local.moved, []string{"skewed", strings.Repeat("d", fsm.MaxIDLen)}) {
 		t.Fatalf("sessions here told to close: %v, want skewed and the longest id", local.moved)
 	}
 }
