@@ -299,9 +299,20 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 		return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("this login is older than its longest life (%s); log in again", s.cfg.LoginMaxAge))
 	}
 	expires := refreshExpiry(s.cfg, now, loggedIn)
+	// The presented token, once rotated, is kept until the login ends, so
+	// that presenting it even after its own expiry is seen as reuse: a
+	// thief who used it first is cut off when its owner comes back with
+	// it, however long after. A login without a longest life keeps it
+	// until its own expiry only (else its rotated tokens would pile up
+	// for ever).
+	var keep int64
+	if s.cfg.LoginMaxAge > 0 && s.node.EveryMemberHas(fsm.FeatureRefreshKeepRotated) {
+		keep = loggedIn.Add(s.cfg.LoginMaxAge).UnixMilli()
+	}
 	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
 		TokenId: id, PresentedSecretHash: auth.HashSecret(secret),
-		Next: &statev1.RefreshToken{Id: nextID, FamilyId: cur.GetFamilyId(), UserId: cur.GetUserId(), SecretHash: auth.HashSecret(nextSecret), ExpiresAtMs: expires.UnixMilli()},
+		Next:               &statev1.RefreshToken{Id: nextID, FamilyId: cur.GetFamilyId(), UserId: cur.GetUserId(), SecretHash: auth.HashSecret(nextSecret), ExpiresAtMs: expires.UnixMilli()},
+		KeepRotatedUntilMs: keep,
 	}}})
 	if err != nil {
 		if errors.Is(err, fsm.ErrNotFound) || errors.Is(err, fsm.ErrFailedPrecondition) {

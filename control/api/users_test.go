@@ -163,6 +163,42 @@ func TestALoginLastsItsMaxAgeHoweverOftenRefreshed(t *testing.T) {
 	}
 }
 
+// A thief who refreshed a stolen token first is cut off when the
+// token's owner comes back with it, even after the token's own expiry:
+// the rotated token is kept until the login ends, so presenting it then
+// is still reuse, and the thief's successor dies with the family.
+func TestReuseIsSeenPastTheTokensExpiry(t *testing.T) {
+	const ttl = 3 * time.Second
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{RefreshTTL: ttl, LoginMaxAge: time.Hour}})
+	c.WaitFeature(fsm.FeatureRefreshKeepRotated)
+	ctx := ctxT(t, time.Minute)
+	anon := clientsAs(t, c.Nodes[0], "")
+	stolen := c.Login("admin", clustertest.AdminPassword)
+	r, err := anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: stolen.GetRefreshToken()}))
+	if err != nil {
+		t.Fatalf("the thief's refresh: %v", err)
+	}
+	thief := r.Msg.GetTokens()
+	exp := stolen.GetRefreshTokenExpiresAt().AsTime()
+	clustertest.Eventually(t, time.Minute, func() error {
+		if now := time.Now(); !now.After(exp) {
+			return fmt.Errorf("the stolen token expires at %v, now %v", exp, now)
+		}
+		return nil
+	})
+	_, err = anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: stolen.GetRefreshToken()}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "already used") {
+		t.Fatalf("the owner's refresh after the token's expiry: %v, want reuse detected", err)
+	}
+	_, err = anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: thief.GetRefreshToken()}))
+	if connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("the thief's refresh after the reuse: %v, want unauthenticated", err)
+	}
+	if _, err := clientsAs(t, c.Nodes[0], thief.GetAccessToken()).users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{})); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("the thief's access token after the reuse: %v, want unauthenticated", err)
+	}
+}
+
 // Login throttling as issue 11 found it wanting: 50 wrong passwords
 // from one address, sent round-robin to the three nodes of a cluster,
 // get the login's 3 free failures checked (not 3 per node), the rest

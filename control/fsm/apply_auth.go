@@ -159,6 +159,9 @@ func (t *txn) rotateRefreshToken(op *statev1.RotateRefreshToken) (*statev1.Resul
 	if err := validToken(next); err != nil {
 		return nil, err
 	}
+	if op.GetKeepRotatedUntilMs() < 0 {
+		return nil, invalid("keep_rotated_until_ms is negative")
+	}
 	var cur statev1.RefreshToken
 	found, err := t.get(tokenKey(op.GetTokenId()), &cur)
 	if err != nil {
@@ -197,6 +200,18 @@ func (t *txn) rotateRefreshToken(op *statev1.RotateRefreshToken) (*statev1.Resul
 		return nil, exists("token %q already exists", next.Id)
 	}
 	cur.Rotated = true
+	if keep := op.GetKeepRotatedUntilMs(); keep > cur.ExpiresAtMs {
+		// Kept, rotated, until the login's end: presenting it after its
+		// own expiry is still reuse (a thief who used it first is cut
+		// off when its owner comes back with it).
+		if err := t.b.Delete(tokenExpiryKey(cur.ExpiresAtMs, cur.Id)); err != nil {
+			return nil, err
+		}
+		cur.ExpiresAtMs = keep
+		if err := t.b.Set(tokenExpiryKey(cur.ExpiresAtMs, cur.Id), nil); err != nil {
+			return nil, err
+		}
+	}
 	if err := t.put(tokenKey(cur.Id), &cur); err != nil {
 		return nil, err
 	}

@@ -72,6 +72,89 @@ func TestRefreshTokenLifecycle(t *testing.T) {
 	}
 }
 
+// A rotation that says to keep the rotated token until its login ends
+// keeps it past its own expiry: presented then, it is still reuse and
+// revokes the family (the owner of a stolen token, back after the token
+// expired, cuts off the thief who used it first). It goes at the keep,
+// with its family once nothing else of it is left. Without the keep the
+// rotated token goes at its own expiry and presenting it later is not
+// recognised.
+func TestARotatedTokenIsKeptUntilItsLoginEnds(t *testing.T) {
+	f := newFSM(t, Config{PruneEvery: 4})
+	a := &applier{t: t, f: f}
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
+	issue := func(id, fam string, hash byte, exp int64) {
+		t.Helper()
+		if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok(id, fam, "u", hash, exp)}}); r.Code != ok {
+			t.Fatal(r)
+		}
+	}
+	rotate := func(id string, hash byte, next *statev1.RefreshToken, keep int64) *statev1.Result {
+		return a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
+			TokenId: id, PresentedSecretHash: key32(hash), Next: next, KeepRotatedUntilMs: keep}})
+	}
+	now := func() int64 { return 1_000_000 + int64(a.idx) }
+	if r := rotate("t1", 1, tok("t2", "f1", "u", 2, now()+1000), -1); r.Code != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT {
+		t.Fatalf("a negative keep: %v", r)
+	}
+
+	// f1: t1 expires at +20 and is kept until +200; the thief's t2 (and
+	// its successor) live long.
+	issue("t1", "f1", 1, now()+20)
+	exp1, keep := now()+20, now()+200
+	if r := rotate("t1", 1, tok("t2", "f1", "u", 2, now()+10_000), keep); r.Code != ok {
+		t.Fatalf("rotate with a keep: %v", r)
+	}
+	// f2: the same without the keep.
+	issue("t3", "f2", 3, now()+20)
+	exp3 := now() + 20
+	if r := rotate("t3", 3, tok("t4", "f2", "u", 4, now()+10_000), 0); r.Code != ok {
+		t.Fatalf("rotate without a keep: %v", r)
+	}
+	// f3: a keep earlier than the token's own expiry changes nothing.
+	exp5 := now() + 500
+	issue("t5", "f3", 5, exp5)
+	if r := rotate("t5", 5, tok("t6", "f3", "u", 6, now()+10_000), now()+100); r.Code != ok {
+		t.Fatalf("rotate with an early keep: %v", r)
+	}
+	if got, err := f.GetRefreshToken("t5"); err != nil || got.GetExpiresAtMs() != exp5 {
+		t.Fatalf("t5 after a keep before its expiry: %v, %v; want its expiry %d", got, err, exp5)
+	}
+	a.advanceTo(max(exp1, exp3) + 10) // past both expiries, prunes included
+	if got, err := f.GetRefreshToken("t1"); err != nil || !got.GetRotated() || got.GetExpiresAtMs() != keep {
+		t.Fatalf("t1 past its own expiry: %v, %v; want kept, rotated, until %d", got, err, keep)
+	}
+	if _, err := f.GetRefreshToken("t3"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("t3, rotated without a keep, past its expiry: %v, want pruned", err)
+	}
+	if r := rotate("t3", 3, tok("t7", "f2", "u", 7, now()+10_000), 0); r.Code != statev1.ResultCode_RESULT_CODE_NOT_FOUND {
+		t.Fatalf("t3 presented again after its expiry: %v, want not found", r)
+	}
+	if r := rotate("t1", 1, tok("t8", "f1", "u", 8, now()+10_000), keep); r.Code != ok || !r.ReuseDetected {
+		t.Fatalf("t1 presented again after its own expiry: %v, want reuse detected", r)
+	}
+	if fam, _ := f.GetTokenFamily("f1"); !fam.GetRevoked() {
+		t.Fatal("f1 not revoked on the reuse of a kept token")
+	}
+	if r := rotate("t2", 2, tok("t9", "f1", "u", 9, now()+10_000), keep); r.Code != statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION {
+		t.Fatalf("the thief's t2 after the reuse: %v, want refused", r)
+	}
+	if fam, _ := f.GetTokenFamily("f2"); fam.GetRevoked() {
+		t.Fatal("f2 revoked: nothing of it was reused")
+	}
+	// At the keep t1 goes, and its index entry with it.
+	a.advanceTo(keep + 10)
+	if _, err := f.GetRefreshToken("t1"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("t1 past its keep: %v, want pruned", err)
+	}
+	for _, k := range keysWith(t, f, prefixTokenExpiry) {
+		if strings.Contains(k, "t1") {
+			t.Fatalf("t1's expiry index entry %s outlived it", k)
+		}
+	}
+}
+
 // testSigningKey is a signing key with fixed bytes.
 func testSigningKey(id string) *statev1.SigningKey {
 	return &statev1.SigningKey{Id: id, PrivateSeed: key32(1), PublicKey: key32(2)}

@@ -53,6 +53,9 @@ const (
 	// FeatureMailboxExpireBytes: ExpireMailboxes' max_bytes. The first
 	// feature gated at apply too.
 	FeatureMailboxExpireBytes = "mailbox_expire_bytes"
+	// FeatureRefreshKeepRotated: RotateRefreshToken's
+	// keep_rotated_until_ms.
+	FeatureRefreshKeepRotated = "refresh_keep_rotated"
 )
 
 // Bounds of a node's feature list.
@@ -63,7 +66,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys, FeatureGatedApply, FeatureMailboxExpireBytes}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys, FeatureGatedApply, FeatureMailboxExpireBytes, FeatureRefreshKeepRotated}
 	slices.Sort(f)
 	return f
 }
@@ -115,6 +118,11 @@ func ignoreFeature(feature string, cmd *statev1.Command) bool {
 	case FeatureMailboxExpireBytes:
 		if op := cmd.GetExpireMailboxes(); op != nil && op.MaxBytes != 0 {
 			op.MaxBytes = 0
+			return true
+		}
+	case FeatureRefreshKeepRotated:
+		if op := cmd.GetRotateRefreshToken(); op != nil && op.KeepRotatedUntilMs != 0 {
+			op.KeepRotatedUntilMs = 0
 			return true
 		}
 	}

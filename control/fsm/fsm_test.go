@@ -108,6 +108,7 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 	users, devices := []string{}, map[string]string{}
 	var devList []string
 	var reqIDs []string
+	var refresh []*statev1.RefreshToken // issued and rotated-in tokens, for rotations
 	for i := 1; i <= n; i++ {
 		idx := uint64(i)
 		// Mailbox owners no other random command touches (users mu0..mu2
@@ -185,9 +186,21 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 		case 17:
 			cmd.Op = &statev1.Command_LoginAttempt{LoginAttempt: pickAttempt()}
 		case 18:
+			if len(refresh) > 0 && r.IntN(2) == 0 {
+				// Rotations of tokens issued above (some twice: reuse),
+				// some kept until later, so that a kept token is presented
+				// again past its own expiry, and pruned at the keep.
+				cur := refresh[len(refresh)-1-r.IntN(min(len(refresh), 3))]
+				next := tok(fmt.Sprint("rt", i), cur.FamilyId, cur.UserId, byte(i), cmd.ProposedAtMs+int64(r.IntN(3000)))
+				refresh = append(refresh, next)
+				cmd.Op = &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: cur.Id,
+					PresentedSecretHash: cur.SecretHash, Next: next, KeepRotatedUntilMs: int64(r.IntN(2)) * (cmd.ProposedAtMs + int64(r.IntN(6000)))}}
+				break
+			}
 			uid := pickUser()
-			cmd.Op = &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
-				Token: tok(fmt.Sprint("rt", i), fmt.Sprint("rf", i), uid, byte(i), cmd.ProposedAtMs+int64(r.IntN(3000))), Succeeded: pickAttempt()}}
+			issued := tok(fmt.Sprint("rt", i), fmt.Sprint("rf", i), uid, byte(i), cmd.ProposedAtMs+int64(r.IntN(3000)))
+			refresh = append(refresh, issued)
+			cmd.Op = &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: issued, Succeeded: pickAttempt()}}
 		case 0, 1, 2:
 			id := fmt.Sprintf("u%d", r.IntN(400))
 			users = append(users, id)
@@ -326,7 +339,7 @@ func TestDeterminism(t *testing.T) {
 			}
 		}
 	}
-	for _, f := range []string{FeatureMailboxExpireBytes} {
+	for _, f := range []string{FeatureMailboxExpireBytes, FeatureRefreshKeepRotated} {
 		if ignored[f] < 5 {
 			t.Fatalf("feature %s ignored at too few entries: %v", f, ignored)
 		}

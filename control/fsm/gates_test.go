@@ -285,6 +285,12 @@ func gatedSamples() map[string][][2]*statev1.Command {
 			{Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: 3, PurgeLimit: 9, MaxBytes: 7}}},
 			{Op: &statev1.Command_ExpireMailboxes{ExpireMailboxes: &statev1.ExpireMailboxes{Limit: 3, PurgeLimit: 9}}},
 		}},
+		FeatureRefreshKeepRotated: {{
+			{Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: "t1", PresentedSecretHash: key32(1),
+				Next: tok("t2", "f", "u", 2, 5_000_000), KeepRotatedUntilMs: 9_000_000}}},
+			{Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: "t1", PresentedSecretHash: key32(1),
+				Next: tok("t2", "f", "u", 2, 5_000_000)}}},
+		}},
 	}
 }
 

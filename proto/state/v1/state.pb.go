@@ -762,7 +762,9 @@ type RefreshToken struct {
 	// SHA-256 of the token's secret.
 	SecretHash  []byte `protobuf:"bytes,4,opt,name=secret_hash,json=secretHash,proto3" json:"secret_hash,omitempty"`
 	CreatedAtMs int64  `protobuf:"varint,5,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
-	ExpiresAtMs int64  `protobuf:"varint,6,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
+	// When the token stops being accepted and its record goes; a rotated
+	// token may be kept longer (RotateRefreshToken.keep_rotated_until_ms).
+	ExpiresAtMs int64 `protobuf:"varint,6,opt,name=expires_at_ms,json=expiresAtMs,proto3" json:"expires_at_ms,omitempty"`
 	// Set once the token was exchanged for its successor: presenting it
 	// again is reuse, and revokes the whole family.
 	Rotated       bool `protobuf:"varint,7,opt,name=rotated,proto3" json:"rotated,omitempty"`
@@ -3161,11 +3163,22 @@ func (x *LoginAttempt) GetPolicy() *ThrottlePolicy {
 // RotateRefreshToken exchanges a token for its successor. Apply checks the
 // presented secret's hash; presenting a token that was already rotated
 // revokes its family (reuse detection) and returns reuse_detected.
+//
+// keep_rotated_until_ms: when later than the presented token's
+// expires_at_ms, the token, once rotated, is kept until then (its
+// expires_at_ms moves there) rather than dropped at its own expiry, so
+// that presenting it even after that is still seen as reuse. The writer
+// sets its login's end (the family's creation plus the longest life of
+// a login): a thief who used a stolen token first is cut off when its
+// owner comes back with the rotated one, however long after. Set only
+// once every member lists the feature "refresh_keep_rotated"; ignored at
+// apply while a node record does not list it.
 type RotateRefreshToken struct {
 	state               protoimpl.MessageState `protogen:"open.v1"`
 	TokenId             string                 `protobuf:"bytes,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
 	PresentedSecretHash []byte                 `protobuf:"bytes,2,opt,name=presented_secret_hash,json=presentedSecretHash,proto3" json:"presented_secret_hash,omitempty"`
 	Next                *RefreshToken          `protobuf:"bytes,3,opt,name=next,proto3" json:"next,omitempty"`
+	KeepRotatedUntilMs  int64                  `protobuf:"varint,4,opt,name=keep_rotated_until_ms,json=keepRotatedUntilMs,proto3" json:"keep_rotated_until_ms,omitempty"`
 	unknownFields       protoimpl.UnknownFields
 	sizeCache           protoimpl.SizeCache
 }
@@ -3219,6 +3232,13 @@ func (x *RotateRefreshToken) GetNext() *RefreshToken {
 		return x.Next
 	}
 	return nil
+}
+
+func (x *RotateRefreshToken) GetKeepRotatedUntilMs() int64 {
+	if x != nil {
+		return x.KeepRotatedUntilMs
+	}
+	return 0
 }
 
 // RevokeTokenFamily ends a family (logout).
@@ -4667,11 +4687,12 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\fLoginAttempt\x12\x14\n" +
 	"\x05login\x18\x01 \x01(\tR\x05login\x12\x1b\n" +
 	"\taddr_hash\x18\x02 \x01(\fR\baddrHash\x120\n" +
-	"\x06policy\x18\x03 \x01(\v2\x18.state.v1.ThrottlePolicyR\x06policy\"\x8f\x01\n" +
+	"\x06policy\x18\x03 \x01(\v2\x18.state.v1.ThrottlePolicyR\x06policy\"\xc2\x01\n" +
 	"\x12RotateRefreshToken\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\tR\atokenId\x122\n" +
 	"\x15presented_secret_hash\x18\x02 \x01(\fR\x13presentedSecretHash\x12*\n" +
-	"\x04next\x18\x03 \x01(\v2\x16.state.v1.RefreshTokenR\x04next\"a\n" +
+	"\x04next\x18\x03 \x01(\v2\x16.state.v1.RefreshTokenR\x04next\x121\n" +
+	"\x15keep_rotated_until_ms\x18\x04 \x01(\x03R\x12keepRotatedUntilMs\"a\n" +
 	"\x11RevokeTokenFamily\x12\x1b\n" +
 	"\tfamily_id\x18\x01 \x01(\tR\bfamilyId\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x16\n" +
