@@ -18,6 +18,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/server"
@@ -190,9 +191,16 @@ func TestReuseIsSeenPastTheTokensExpiry(t *testing.T) {
 	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "already used") {
 		t.Fatalf("the owner's refresh after the token's expiry: %v, want reuse detected", err)
 	}
-	_, err = anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: thief.GetRefreshToken()}))
-	if connect.CodeOf(err) != connect.CodeUnauthenticated {
-		t.Fatalf("the thief's refresh after the reuse: %v, want unauthenticated", err)
+	id, _, err := auth.ParseRefreshToken(stolen.GetRefreshToken())
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, err := c.Nodes[0].Server.Node().FSM().GetRefreshToken(id)
+	if err != nil {
+		t.Fatalf("the kept token: %v", err)
+	}
+	if fam, err := c.Nodes[0].Server.Node().FSM().GetTokenFamily(kept.GetFamilyId()); err != nil || !fam.GetRevoked() || fam.GetRevokeReason() != "refresh token reuse" {
+		t.Fatalf("the login after the reuse: %v, %v; want revoked for reuse", fam, err)
 	}
 	if _, err := clientsAs(t, c.Nodes[0], thief.GetAccessToken()).users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{})); connect.CodeOf(err) != connect.CodeUnauthenticated {
 		t.Fatalf("the thief's access token after the reuse: %v, want unauthenticated", err)

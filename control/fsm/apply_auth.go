@@ -151,6 +151,11 @@ func (t *txn) issueRefreshToken(op *statev1.IssueRefreshToken) (*statev1.Result,
 	return &statev1.Result{Object: &statev1.Result_RefreshToken{RefreshToken: tok}}, nil
 }
 
+// MaxKeptRotated bounds how many rotated tokens of one family (login)
+// are kept past their own expiry (RotateRefreshToken.keep_rotated_until_ms):
+// a login refreshed every 15 minutes for 90 days rotates 8,640 times.
+const MaxKeptRotated = 10_000
+
 // rotateRefreshToken checks the presented token inside apply, so two
 // racing refreshes with the same token cannot both succeed: the second
 // sees it rotated and revokes the family.
@@ -200,10 +205,16 @@ func (t *txn) rotateRefreshToken(op *statev1.RotateRefreshToken) (*statev1.Resul
 		return nil, exists("token %q already exists", next.Id)
 	}
 	cur.Rotated = true
-	if keep := op.GetKeepRotatedUntilMs(); keep > cur.ExpiresAtMs {
+	if keep := op.GetKeepRotatedUntilMs(); keep > cur.ExpiresAtMs && fam.KeptRotated < MaxKeptRotated {
 		// Kept, rotated, until the login's end: presenting it after its
 		// own expiry is still reuse (a thief who used it first is cut
-		// off when its owner comes back with it).
+		// off when its owner comes back with it). Counted in the family:
+		// past MaxKeptRotated, rotated tokens go at their own expiry (the
+		// early ones stay kept: a thief's loop cannot push them out).
+		fam.KeptRotated++
+		if err := t.put(familyKey(fam.Id), &fam); err != nil {
+			return nil, err
+		}
 		if err := t.b.Delete(tokenExpiryKey(cur.ExpiresAtMs, cur.Id)); err != nil {
 			return nil, err
 		}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 
@@ -106,6 +107,10 @@ func TestARotatedTokenIsKeptUntilItsLoginEnds(t *testing.T) {
 	if r := rotate("t1", 1, tok("t2", "f1", "u", 2, now()+10_000), keep); r.Code != ok {
 		t.Fatalf("rotate with a keep: %v", r)
 	}
+	if got := keysWith(t, f, prefixTokenExpiry); !slices.ContainsFunc(got, func(k string) bool { return k == fmt.Sprintf("%q", tokenExpiryKey(keep, "t1")) }) ||
+		slices.ContainsFunc(got, func(k string) bool { return k == fmt.Sprintf("%q", tokenExpiryKey(exp1, "t1")) }) {
+		t.Fatalf("t1's expiry index after the keep: %v; want it at %d only", got, keep)
+	}
 	// f2: the same without the keep.
 	issue("t3", "f2", 3, now()+20)
 	exp3 := now() + 20
@@ -143,15 +148,56 @@ func TestARotatedTokenIsKeptUntilItsLoginEnds(t *testing.T) {
 	if fam, _ := f.GetTokenFamily("f2"); fam.GetRevoked() {
 		t.Fatal("f2 revoked: nothing of it was reused")
 	}
-	// At the keep t1 goes, and its index entry with it.
+	// At the keep t1 goes, and its family with it once nothing else of
+	// it is left (t2 lives on).
 	a.advanceTo(keep + 10)
 	if _, err := f.GetRefreshToken("t1"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("t1 past its keep: %v, want pruned", err)
 	}
-	for _, k := range keysWith(t, f, prefixTokenExpiry) {
-		if strings.Contains(k, "t1") {
-			t.Fatalf("t1's expiry index entry %s outlived it", k)
+	if _, err := f.GetTokenFamily("f1"); err != nil {
+		t.Fatalf("f1 with t2 alive: %v", err)
+	}
+	// Deleting the user takes every token, kept ones included, with
+	// their index entries.
+	issue("t10", "f4", 10, now()+20)
+	if r := rotate("t10", 10, tok("t11", "f4", "u", 11, now()+10_000), now()+5000); r.Code != ok {
+		t.Fatal(r)
+	}
+	if r := a.apply(&statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u"}}); r.Code != ok {
+		t.Fatalf("delete the user: %v", r)
+	}
+	if got := keysWith(t, f, prefixTokenExpiry); len(got) != 0 {
+		t.Fatalf("expiry index entries after the user's deletion: %v", got)
+	}
+}
+
+// A family keeps at most MaxKeptRotated of its rotated tokens past their
+// own expiry: a login refreshed in a loop stops piling up records, and
+// the first ones (a thief's loop cannot push them out) stay kept.
+func TestKeptRotatedTokensAreBoundedPerLogin(t *testing.T) {
+	f := newFSM(t, Config{PruneEvery: 1 << 20})
+	a := &applier{t: t, f: f}
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
+	const far = int64(1 << 50)
+	keep := far + 1
+	if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t0", "f", "u", 0, far)}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	for i := range MaxKeptRotated + 1 {
+		r := a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
+			TokenId: fmt.Sprint("t", i), PresentedSecretHash: key32(byte(i)), Next: tok(fmt.Sprint("t", i+1), "f", "u", byte(i+1), far), KeepRotatedUntilMs: keep}})
+		if r.Code != ok {
+			t.Fatalf("rotation %d: %v", i, r)
 		}
+	}
+	for id, want := range map[string]int64{"t0": keep, fmt.Sprint("t", MaxKeptRotated-1): keep, fmt.Sprint("t", MaxKeptRotated): far} {
+		if got, err := f.GetRefreshToken(id); err != nil || got.GetExpiresAtMs() != want || !got.GetRotated() {
+			t.Fatalf("%s: %v, %v; want rotated, expiring at %d", id, got, err, want)
+		}
+	}
+	if fam, err := f.GetTokenFamily("f"); err != nil || fam.GetKeptRotated() != MaxKeptRotated {
+		t.Fatalf("family: %v, %v; want %d kept", fam, err, MaxKeptRotated)
 	}
 }
 

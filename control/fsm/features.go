@@ -88,17 +88,17 @@ func validFeatures(fs []string) error {
 // whose fields apply ignores while a node record does not list them,
 // once gated apply is on.
 func FeaturesGatedAtApply() []string {
-	return slices.DeleteFunc(Features(), func(f string) bool { return !gatedAtApply(f) })
+	return slices.DeleteFunc(Features(), func(f string) bool { return !GatedAtApply(f) })
 }
 
-// gatedAtApply reports whether feature's fields are ignored at apply
+// GatedAtApply reports whether feature's fields are ignored at apply
 // while a node record does not list it (ignoreFeature): every feature
 // added after gated_apply. Not the features before it, which a release
 // without gated apply may know: after a rollback to such a release, it
 // would apply a field the others ignore (a node that stopped gracefully
 // lists no features until it runs again, whatever release it comes back
 // with). Those stay gated by their writers only.
-func gatedAtApply(feature string) bool {
+func GatedAtApply(feature string) bool {
 	switch feature {
 	case FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired,
 		FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys,
@@ -111,7 +111,7 @@ func gatedAtApply(feature string) bool {
 // ignoreFeature clears from cmd the fields that belong to feature, so
 // that it applies as a release without the feature applies it (a field
 // a release does not know decodes as unset). It reports whether cmd
-// carried any of them. Every feature gatedAtApply reports must have a
+// carried any of them. Every feature GatedAtApply reports must have a
 // case here (TestEveryGatedFeatureHasItsFields).
 func ignoreFeature(feature string, cmd *statev1.Command) bool {
 	switch feature {

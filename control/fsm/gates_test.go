@@ -300,7 +300,7 @@ func gatedSamples() map[string][][2]*statev1.Command {
 func TestEveryGatedFeatureHasItsFields(t *testing.T) {
 	samples := gatedSamples()
 	for _, feature := range Features() {
-		if !gatedAtApply(feature) {
+		if !GatedAtApply(feature) {
 			if _, ok := samples[feature]; ok {
 				t.Errorf("%s has samples but is not gated at apply", feature)
 			}

@@ -621,11 +621,20 @@ func (n *Node) MembersWithout(feature string) ([]string, error) {
 
 // EveryMemberHas reports whether every member's record, and every other
 // record, lists feature (MembersWithout is empty): whether a command
-// that carries the feature's fields may be written. False when the
-// members cannot be read.
+// that carries the feature's fields may be written. For a feature gated
+// at apply (fsm.GatedAtApply) gated apply must be on too, so that apply
+// checks the records as well, not only this replica's possibly older
+// copy. False when the members cannot be read.
 func (n *Node) EveryMemberHas(feature string) bool {
 	missing, err := n.MembersWithout(feature)
-	return err == nil && len(missing) == 0
+	if err != nil || len(missing) > 0 {
+		return false
+	}
+	if fsm.GatedAtApply(feature) {
+		on, err := n.fsm.GatedApply()
+		return err == nil && on
+	}
+	return true
 }
 
 // membersWithout is MembersWithout over a configuration already read.

@@ -30,14 +30,16 @@ type Faults struct {
 }
 
 // FailWrites makes the next n writes of the command op (its field name
-// in state.v1.Command's oneof, such as "remove_node") that this node
-// proposes as leader fail before they reach Raft, as a write does while
-// the leader cannot reach a quorum for a moment: nothing is written and
-// the caller sees ErrUnknownOutcome. It replaces an earlier FailWrites.
+// in state.v1.Command's oneof, such as "remove_node") that reach this
+// node's ApplyLocal (its own as leader, and those followers forward to
+// it) fail before they reach Raft, as a write does while the leader
+// cannot reach a quorum for a moment: nothing is written and the caller
+// sees ErrUnknownOutcome. It replaces an earlier FailWrites; n <= 0
+// fails none.
 func (f *Faults) FailWrites(op string, n int) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.failOp, f.failLeft = op, n
+	f.failOp, f.failLeft = op, max(n, 0)
 }
 
 // FailedWrites returns how many writes FailWrites has failed.

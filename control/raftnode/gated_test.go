@@ -48,13 +48,26 @@ func TestGatedApplyIgnoresWhatAStoppedMemberWithdrew(t *testing.T) {
 	c.WaitReady()
 	c.WaitFeature(fsm.FeatureMailboxExpireBytes)
 	// Every member records its features, n1 without gated apply: off.
+	// A feature gated at apply is not written then, though every member
+	// lists it: only the writer's replica would check the records.
 	waitGatedApply(t, c, false)
+	for _, n := range c.Running() {
+		if n.Server.Node().EveryMemberHas(fsm.FeatureMailboxExpireBytes) {
+			t.Fatalf("%s would write %s with gated apply off", n.ID, fsm.FeatureMailboxExpireBytes)
+		}
+	}
 
 	rel.upgrade("n1")
 	c.Shutdown(0)
 	c.Restart(0)
 	c.WaitReady()
 	waitGatedApply(t, c, true)
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if !c.Nodes[c.Leader()].Server.Node().EveryMemberHas(fsm.FeatureMailboxExpireBytes) {
+			return fmt.Errorf("the leader does not write %s with gated apply on", fsm.FeatureMailboxExpireBytes)
+		}
+		return nil
+	})
 
 	if _, err := c.CreateUser(ctx, 0, "u"); err != nil {
 		t.Fatal(err)

@@ -1382,7 +1382,7 @@ func (n *Node) forgetNode(ctx context.Context, id string) error {
 // writers and, with gated apply, for apply), and, until gated apply is
 // on, writes EnableGatedApply once every member, and every record,
 // lists the feature gated_apply, so that from then on apply ignores the
-// fields of a feature some record does not list (fsm.gatedAtApply), at
+// fields of a feature some record does not list (fsm.GatedAtApply), at
 // the same entry on every replica.
 func (n *Node) tendMembers(ctx context.Context, seen uint64, reconciled bool) {
 	defer n.wg.Done()

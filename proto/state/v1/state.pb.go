@@ -855,13 +855,18 @@ func (x *RefreshToken) GetRotated() bool {
 // a session. Its id is the session id (sid) of every access token issued
 // in it, so revoking it ends those too.
 type TokenFamily struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	UserId        string                 `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	CreatedAtMs   int64                  `protobuf:"varint,3,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
-	Revoked       bool                   `protobuf:"varint,4,opt,name=revoked,proto3" json:"revoked,omitempty"`
-	RevokedAtMs   int64                  `protobuf:"varint,5,opt,name=revoked_at_ms,json=revokedAtMs,proto3" json:"revoked_at_ms,omitempty"`
-	RevokeReason  string                 `protobuf:"bytes,6,opt,name=revoke_reason,json=revokeReason,proto3" json:"revoke_reason,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Id           string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	UserId       string                 `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	CreatedAtMs  int64                  `protobuf:"varint,3,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	Revoked      bool                   `protobuf:"varint,4,opt,name=revoked,proto3" json:"revoked,omitempty"`
+	RevokedAtMs  int64                  `protobuf:"varint,5,opt,name=revoked_at_ms,json=revokedAtMs,proto3" json:"revoked_at_ms,omitempty"`
+	RevokeReason string                 `protobuf:"bytes,6,opt,name=revoke_reason,json=revokeReason,proto3" json:"revoke_reason,omitempty"`
+	// How many of its rotated tokens were kept past their own expiry
+	// (RotateRefreshToken.keep_rotated_until_ms): at most
+	// fsm.MaxKeptRotated, so that a login refreshed in a loop does not
+	// pile up records until its end.
+	KeptRotated   uint32 `protobuf:"varint,7,opt,name=kept_rotated,json=keptRotated,proto3" json:"kept_rotated,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -936,6 +941,13 @@ func (x *TokenFamily) GetRevokeReason() string {
 		return x.RevokeReason
 	}
 	return ""
+}
+
+func (x *TokenFamily) GetKeptRotated() uint32 {
+	if x != nil {
+		return x.KeptRotated
+	}
+	return 0
 }
 
 // SigningKey is a key that signs access tokens (Ed25519).
@@ -3167,7 +3179,10 @@ func (x *LoginAttempt) GetPolicy() *ThrottlePolicy {
 // keep_rotated_until_ms: when later than the presented token's
 // expires_at_ms, the token, once rotated, is kept until then (its
 // expires_at_ms moves there) rather than dropped at its own expiry, so
-// that presenting it even after that is still seen as reuse. The writer
+// that presenting it even after that is still seen as reuse (for the
+// first fsm.MaxKeptRotated rotations of a family; later ones go at their
+// own expiry, which keeps a thief from pushing the owner's token out).
+// The writer
 // sets its login's end (the family's creation plus the longest life of
 // a login): a thief who used a stolen token first is cut off when its
 // owner comes back with the rotated one, however long after. Set only
@@ -4510,14 +4525,15 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"secretHash\x12\"\n" +
 	"\rcreated_at_ms\x18\x05 \x01(\x03R\vcreatedAtMs\x12\"\n" +
 	"\rexpires_at_ms\x18\x06 \x01(\x03R\vexpiresAtMs\x12\x18\n" +
-	"\arotated\x18\a \x01(\bR\arotated\"\xbd\x01\n" +
+	"\arotated\x18\a \x01(\bR\arotated\"\xe0\x01\n" +
 	"\vTokenFamily\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\"\n" +
 	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\x12\x18\n" +
 	"\arevoked\x18\x04 \x01(\bR\arevoked\x12\"\n" +
 	"\rrevoked_at_ms\x18\x05 \x01(\x03R\vrevokedAtMs\x12#\n" +
-	"\rrevoke_reason\x18\x06 \x01(\tR\frevokeReason\"\xce\x01\n" +
+	"\rrevoke_reason\x18\x06 \x01(\tR\frevokeReason\x12!\n" +
+	"\fkept_rotated\x18\a \x01(\rR\vkeptRotated\"\xce\x01\n" +
 	"\n" +
 	"SigningKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
