@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
@@ -132,6 +133,9 @@ func (a *app) login(ctx context.Context, name string, fromStdin bool) error {
 		return err
 	}
 	toks := resp.Msg.GetTokens()
+	if old, ok := a.tokens.find(at); ok && old.key == at && old.t.RefreshToken != "" {
+		a.endReplaced(ctx, at, old.t.RefreshToken, toks.GetAccessToken())
+	}
 	a.sess = &session{key: at, t: *fromTokens(toks)}
 	a.prepared = true
 	a.refreshMembers(ctx, a.sess)
@@ -147,6 +151,20 @@ func (a *app) login(ctx context.Context, name string, fromStdin bool) error {
 		"server": at, "login": name, "userId": toks.GetUserId(), "role": role,
 		"accessTokenExpiresAt": a.sess.t.AccessExpires, "alsoFor": also,
 	}, "logged in to %s as %s (%s)", at, name, role)
+}
+
+// endReplaced logs out the session a new login replaces in the token
+// cache, with the new login's access token (the server ends it only if
+// it is the same account's). Not kept, it would live on unused until
+// its login's end; and should a copy of the cache have been refreshed
+// elsewhere, that copy's session ends with it. Best effort: any error is
+// ignored.
+func (a *app) endReplaced(ctx context.Context, base, refresh, access string) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req := connect.NewRequest(&controlv1.LogoutRequest{RefreshToken: refresh})
+	req.Header().Set("Authorization", "Bearer "+access)
+	_, _ = controlv1connect.NewAuthServiceClient(a.http, base).Logout(ctx, req)
 }
 
 func (a *app) logoutCommand() *cobra.Command {

@@ -279,6 +279,69 @@ func TestExpiredAccessTokenIsRefreshed(t *testing.T) {
 	}
 }
 
+// A session whose refresh token expired is still presented once: if a
+// copy of the token cache was refreshed elsewhere first, the cluster
+// sees the reuse (it keeps rotated tokens until the login ends), relayctl
+// says so, and the copy's session ends too.
+func TestAnExpiredSessionIsPresentedOnce(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{AccessTTL: time.Second, RefreshTTL: 3 * time.Second,
+		LoginMaxAge: time.Hour, Leeway: time.Millisecond}})
+	c.WaitFeature(fsm.FeatureRefreshKeepRotated)
+	srv := c.Nodes[0].Server.APIAddr()
+	r := newCLI(t)
+	r.must(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	stolen := r.cache()["http://"+srv]
+	auth := controlv1connect.NewAuthServiceClient(httpClientForTest(t), "http://"+srv)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	copied, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: stolen.RefreshToken}))
+	if err != nil {
+		t.Fatalf("the copy's refresh: %v", err)
+	}
+	clustertest.Eventually(t, time.Minute, func() error {
+		if !time.Now().After(stolen.RefreshExpires) {
+			return errString("the cached refresh token has not expired yet")
+		}
+		return nil
+	})
+	_, err = r.run(srv, "", "user", "me")
+	if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "already used") || !strings.Contains(err.Error(), "run relayctl login") {
+		t.Fatalf("user me with an expired session whose copy was refreshed: %v", err)
+	}
+	if _, ok := r.cache()["http://"+srv]; ok {
+		t.Fatal("the ended session is still cached")
+	}
+	if _, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: copied.Msg.GetTokens().GetRefreshToken()})); connect.CodeOf(err) != connect.CodeUnauthenticated ||
+		!strings.Contains(err.Error(), "revoked") {
+		t.Fatalf("the copy's refresh after the reuse: %v, want refused, its session revoked", err)
+	}
+}
+
+// A login replaces the cached session of its server: the replaced one
+// is logged out when it is the same account's (a copy of the cache
+// stops working), and left alone when it is another account's.
+func TestALoginEndsTheSessionItReplaces(t *testing.T) {
+	srv, r, _ := adminLoggedIn(t)
+	auth := controlv1connect.NewAuthServiceClient(httpClientForTest(t), "http://"+srv)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	refresh := func(tok string) error {
+		_, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: tok}))
+		return err
+	}
+	first := r.cache()["http://"+srv]
+	r.must(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
+	if err := refresh(first.RefreshToken); connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "revoked") {
+		t.Fatalf("the replaced session's refresh token: %v, want refused, its session revoked", err)
+	}
+	second := r.cache()["http://"+srv]
+	r.must(srv, "password-of-erin\n", "user", "create", "--login", "erin", "--password-stdin")
+	r.must(srv, "password-of-erin\n", "login", "--password-stdin", "erin")
+	if err := refresh(second.RefreshToken); err != nil {
+		t.Fatalf("the admin's session replaced by erin's login: %v, want it left alone", err)
+	}
+}
+
 // Without a login name and without a terminal to ask on, login says what
 // to do instead of waiting.
 func TestLoginNeedsNameWithoutTerminal(t *testing.T) {

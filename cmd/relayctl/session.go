@@ -147,6 +147,9 @@ func roleOf(r controlv1.Role) string {
 type session struct {
 	key string // the URL logged in to: its entry in the cache
 	t   savedTokens
+	// ended is why the session ended in this run (its refresh was
+	// refused), for every later call of the run.
+	ended error
 }
 
 // urls are the API URLs the session's tokens may go to.
@@ -290,9 +293,18 @@ func (a *app) tokenOf(ctx context.Context, sess *session) (string, error) {
 	if time.Until(t.AccessExpires) > 30*time.Second {
 		return t.AccessToken, nil
 	}
-	if t.RefreshToken == "" || time.Until(t.RefreshExpires) <= 0 {
-		return "", errors.New("your session has expired: run relayctl login")
+	if sess.ended != nil {
+		return "", sess.ended
 	}
+	if t.RefreshToken == "" {
+		// Unauthenticated: not retried on another member, as no member
+		// would take it.
+		return "", connect.NewError(connect.CodeUnauthenticated, errors.New("your session has expired: run relayctl login"))
+	}
+	// Presented even past its expiry: the cluster keeps a rotated token
+	// until its login ends, so if someone refreshed this one first (a
+	// copy of the token cache), presenting it ends their session too and
+	// says so; otherwise it is refused as expired, as it would be here.
 	var resp *connect.Response[controlv1.RefreshResponse]
 	// A refresh token is single-use: a refresh is repeated only when it
 	// cannot have reached a node.
@@ -303,7 +315,8 @@ func (a *app) tokenOf(ctx context.Context, sess *session) (string, error) {
 	if err != nil {
 		if connect.CodeOf(err) == connect.CodeUnauthenticated {
 			_ = a.tokens.put(sess.key, nil)
-			return "", fmt.Errorf("your session ended (%v): run relayctl login", err)
+			sess.ended = connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("your session ended (%v): run relayctl login", err))
+			return "", sess.ended
 		}
 		return "", err
 	}
