@@ -8,8 +8,11 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -287,5 +290,39 @@ func TestVersionWithoutAServer(t *testing.T) {
 	out, _, err = runEnv(t, env, "--timeout", "2s", "version")
 	if err == nil || !strings.Contains(err.Error(), "the control node's release") || !strings.HasPrefix(out, "relayctl devel (go") {
 		t.Fatalf("version with nobody listening: %v, printed %q", err, out)
+	}
+}
+
+// h2cServer serves handler over HTTP/1 and h2c on 127.0.0.1, as the API
+// does without TLS.
+func h2cServer(t *testing.T, handler http.Handler) *httptest.Server {
+	t.Helper()
+	s := httptest.NewUnstartedServer(handler)
+	s.Config.Protocols = new(http.Protocols)
+	s.Config.Protocols.SetHTTP1(true)
+	s.Config.Protocols.SetUnencryptedHTTP2(true)
+	s.Start()
+	t.Cleanup(s.Close)
+	return s
+}
+
+// A redirect is not followed: the login's password (or a refresh token)
+// is not sent again to wherever it points.
+func TestARedirectIsNotFollowed(t *testing.T) {
+	var reached atomic.Int32
+	target := h2cServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		reached.Add(1)
+		w.WriteHeader(http.StatusNotFound)
+	}))
+	redirector := h2cServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, target.URL+r.URL.Path, http.StatusTemporaryRedirect)
+	}))
+	r := newCLI(t)
+	_, err := r.run(strings.TrimPrefix(redirector.URL, "http://"), "a-password\n", "login", "--password-stdin", "admin")
+	if err == nil {
+		t.Fatal("a login answered by a redirect succeeded")
+	}
+	if n := reached.Load(); n != 0 {
+		t.Fatalf("the redirect was followed %d times: the password went to its target", n)
 	}
 }

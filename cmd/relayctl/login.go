@@ -133,14 +133,17 @@ func (a *app) login(ctx context.Context, name string, fromStdin bool) error {
 		return err
 	}
 	toks := resp.Msg.GetTokens()
-	if old, ok := a.tokens.find(at); ok && old.key == at && old.t.RefreshToken != "" {
-		a.endReplaced(ctx, at, old.t.RefreshToken, toks.GetAccessToken())
-	}
+	old, replaces := a.tokens.find(at)
 	a.sess = &session{key: at, t: *fromTokens(toks)}
 	a.prepared = true
 	a.refreshMembers(ctx, a.sess)
 	if err := a.tokens.put(at, &a.sess.t); err != nil {
 		return err
+	}
+	// Once the new tokens are saved: ended first, an interrupted login
+	// would leave neither.
+	if replaces && old.key == at && old.t.RefreshToken != "" {
+		a.endReplaced(ctx, at, old.t.RefreshToken, toks.GetAccessToken())
 	}
 	role := roleName(toks.GetRole())
 	also := a.sess.t.Members

@@ -332,10 +332,16 @@ func httpClient(servers []string, caFile, certFile, keyFile string) (*http.Clien
 		}
 		cfg.Certificates = []tls.Certificate{cert}
 	}
-	return &http.Client{Transport: bySchemeTransport{
-		h2c: &http.Transport{Protocols: &p},
-		tls: &http.Transport{ForceAttemptHTTP2: true, TLSClientConfig: cfg},
-	}}, nil
+	return &http.Client{
+		Transport: bySchemeTransport{
+			h2c: &http.Transport{Protocols: &p},
+			tls: &http.Transport{ForceAttemptHTTP2: true, TLSClientConfig: cfg},
+		},
+		// Redirects are not followed: a call's body may hold a password
+		// or a refresh token, which a 307 or 308 would have sent again to
+		// wherever it points. The API never redirects.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}, nil
 }
 
 // bySchemeTransport sends http:// requests as h2c (which the API speaks

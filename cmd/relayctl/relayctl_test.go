@@ -286,7 +286,7 @@ func TestExpiredAccessTokenIsRefreshed(t *testing.T) {
 func TestAnExpiredSessionIsPresentedOnce(t *testing.T) {
 	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{AccessTTL: time.Second, RefreshTTL: 3 * time.Second,
 		LoginMaxAge: time.Hour, Leeway: time.Millisecond}})
-	c.WaitFeature(fsm.FeatureRefreshKeepRotated)
+	c.WaitFeatureUsable(fsm.FeatureRefreshKeepRotated)
 	srv := c.Nodes[0].Server.APIAddr()
 	r := newCLI(t)
 	r.must(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
@@ -314,6 +314,57 @@ func TestAnExpiredSessionIsPresentedOnce(t *testing.T) {
 	if _, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: copied.Msg.GetTokens().GetRefreshToken()})); connect.CodeOf(err) != connect.CodeUnauthenticated ||
 		!strings.Contains(err.Error(), "revoked") {
 		t.Fatalf("the copy's refresh after the reuse: %v, want refused, its session revoked", err)
+	}
+}
+
+// A cached login whose refresh token expired is presented only for a
+// command that names its server: looking for a session among the cached
+// ones (a server no login names) skips it, so a cluster that is gone
+// does not make every run wait on it.
+func TestAnExpiredLoginIsNotTriedForAnotherServer(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	srv := c.Nodes[0].Server.APIAddr()
+	gone, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan string, 64) // the peers' addresses
+	go func() {
+		for {
+			conn, err := gone.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- conn.RemoteAddr().String()
+			_ = conn.Close()
+		}
+	}()
+	t.Cleanup(func() { _ = gone.Close() })
+	r := newCLI(t)
+	past := time.Now().Add(-time.Hour)
+	if err := (&tokenStore{path: filepath.Join(r.dir, "tokens.json")}).put("http://"+gone.Addr().String(), &savedTokens{
+		AccessToken: "at", AccessExpires: past, RefreshToken: "rt_AAAAAAAAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", RefreshExpires: past,
+		UserID: "admin"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.run(srv, "", "user", "me"); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("user me without a login for the server: %v", err)
+	}
+	// A dial of our own: accepted after anything relayctl sent there.
+	marker, err := net.Dial("tcp", gone.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer marker.Close()
+	for waiting := true; waiting; {
+		select {
+		case peer := <-accepted:
+			if waiting = peer != marker.LocalAddr().String(); waiting {
+				t.Errorf("relayctl connected to the server of the expired login (from %s)", peer)
+			}
+		case <-time.After(time.Minute):
+			t.Fatal("the marker connection was not accepted")
+		}
 	}
 }
 

@@ -186,6 +186,12 @@ func (a *app) discover(ctx context.Context) *session {
 		return nil
 	}
 	for _, k := range sortedKeys(m) {
+		if t := m[k]; t.RefreshToken == "" || time.Until(t.RefreshExpires) <= 0 && time.Until(t.AccessExpires) <= accessMargin {
+			// Its next use presents an expired refresh token: done only
+			// for the session a command names (a cluster that is gone
+			// would make every run wait on it here).
+			continue
+		}
 		sess := &session{key: k, t: m[k]}
 		a.refreshMembers(ctx, sess, a.servers...)
 		for _, s := range a.servers {
@@ -286,11 +292,14 @@ func (a *app) accessToken(ctx context.Context) (string, error) {
 	return a.tokenOf(ctx, a.sess)
 }
 
+// accessMargin: an access token that expires sooner is refreshed first.
+const accessMargin = 30 * time.Second
+
 // tokenOf returns a valid access token of a session, refreshing it
 // through any of its members when it is about to expire.
 func (a *app) tokenOf(ctx context.Context, sess *session) (string, error) {
 	t := sess.t
-	if time.Until(t.AccessExpires) > 30*time.Second {
+	if time.Until(t.AccessExpires) > accessMargin {
 		return t.AccessToken, nil
 	}
 	if sess.ended != nil {

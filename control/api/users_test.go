@@ -171,7 +171,7 @@ func TestALoginLastsItsMaxAgeHoweverOftenRefreshed(t *testing.T) {
 func TestReuseIsSeenPastTheTokensExpiry(t *testing.T) {
 	const ttl = 3 * time.Second
 	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{RefreshTTL: ttl, LoginMaxAge: time.Hour}})
-	c.WaitFeature(fsm.FeatureRefreshKeepRotated)
+	c.WaitFeatureUsable(fsm.FeatureRefreshKeepRotated)
 	ctx := ctxT(t, time.Minute)
 	anon := clientsAs(t, c.Nodes[0], "")
 	stolen := c.Login("admin", clustertest.AdminPassword)

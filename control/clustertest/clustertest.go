@@ -533,6 +533,22 @@ func (c *Cluster) WaitFeature(feature string) {
 	})
 }
 
+// WaitFeatureUsable waits until every running node would write the
+// fields of feature (raftnode.Node.EveryMemberHas): for a feature gated
+// at apply that is once gated apply is on too, an entry after the
+// records WaitFeature waits for.
+func (c *Cluster) WaitFeatureUsable(feature string) {
+	c.t.Helper()
+	c.eventually(30*time.Second, func() error {
+		for _, n := range c.Running() {
+			if !n.Server.Node().EveryMemberHas(feature) {
+				return fmt.Errorf("node %s would not write %s yet", n.ID, feature)
+			}
+		}
+		return nil
+	})
+}
+
 // Leader waits for a leader among the running nodes and returns its index.
 func (c *Cluster) Leader() int {
 	c.t.Helper()
