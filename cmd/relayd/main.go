@@ -146,6 +146,23 @@ func (c *commonFlags) logger(w io.Writer) (*slog.Logger, error) {
 	return nil, fmt.Errorf("--log-format %q: want text or json", c.logFormat)
 }
 
+// zeroIsNoLimit is a flag.Func for a bound whose 0 on the command line
+// means no limit, which api.AuthConfig spells as a negative value (its
+// zero takes the default); a negative or malformed value is refused.
+func zeroIsNoLimit[T int | time.Duration](dst *T, parse func(string) (T, error), what string) func(string) error {
+	return func(v string) error {
+		n, err := parse(v)
+		if err != nil || n < 0 {
+			return fmt.Errorf("want %s of 0 or more, got %q", what, v)
+		}
+		if n == 0 {
+			n = -1
+		}
+		*dst = n
+		return nil
+	}
+}
+
 // controlFlags registers the flags of a control node into cfg.
 func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shutdown *time.Duration, backupKeyFile *string) {
 	fs.StringVar(&cfg.NodeID, "node-id", "", "this node's stable id (letters, digits, '-', '_', '.')")
@@ -173,17 +190,11 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.DurationVar(&cfg.Auth.AccessTTL, "access-token-ttl", 15*time.Minute, "lifetime of access tokens")
 	fs.DurationVar(&cfg.Auth.RefreshTTL, "refresh-token-ttl", 30*24*time.Hour, "lifetime of refresh tokens")
 	cfg.Auth.LoginMaxAge = api.DefaultLoginMaxAge
-	fs.Func("login-max-age", "longest a login lasts however often its refresh token is refreshed, then log in again; 0: no limit (default 2160h, 90 days)", func(v string) error {
-		d, err := time.ParseDuration(v)
-		if err != nil || d < 0 {
-			return fmt.Errorf("want a duration of 0 or more, got %q", v)
-		}
-		if d == 0 {
-			d = -1 // api.AuthConfig: negative is no limit
-		}
-		cfg.Auth.LoginMaxAge = d
-		return nil
-	})
+	fs.Func("login-max-age", "longest a login lasts however often its refresh token is refreshed, then log in again; 0: no limit (default 2160h, 90 days)",
+		zeroIsNoLimit(&cfg.Auth.LoginMaxAge, time.ParseDuration, "a duration"))
+	cfg.Auth.TokensPerMinute = api.DefaultTokensPerMinute
+	fs.Func("account-tokens-per-minute", fmt.Sprintf("logins and refreshes one account (not an edge's) may complete on this node in a minute; 0: no limit (default %d)", api.DefaultTokensPerMinute),
+		zeroIsNoLimit(&cfg.Auth.TokensPerMinute, strconv.Atoi, "a count"))
 	fs.DurationVar(&cfg.SessionKeyRotateEvery, "session-key-rotate", 24*time.Hour, "rotate the resume-ticket key this often")
 	fs.DurationVar(&cfg.SessionKeyGrace, "session-key-grace", 24*time.Hour, "keep accepting tickets of a rotated-out key this long")
 	fs.DurationVar(&cfg.SigningKeyRotateEvery, "signing-key-rotate", 30*24*time.Hour, "rotate the access-token signing key this often")

@@ -64,6 +64,14 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	if m.GetPassword() == "" || len(m.GetPassword()) > 1024 {
 		return nil, invalidArg(errors.New("password is empty or longer than 1024 bytes"))
 	}
+	// An account past its logins and refreshes waits, before anything is
+	// checked or counted: only completed ones take from its bucket, so
+	// this tells only that someone with its password is busy with it.
+	if u, err := s.node.FSM().GetUserByLogin(m.GetLogin()); err == nil {
+		if err := s.mayIssue(u); err != nil {
+			return nil, err
+		}
+	}
 	attempt, forwarded, err := s.admit(ctx, m.GetLogin(), req)
 	if err != nil {
 		return nil, err
@@ -97,12 +105,38 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	if err != nil {
 		return nil, toConnect(err)
 	}
+	s.issued(u)
 	tokens, err := s.tokens(u, session, refresh, expires)
 	if err != nil {
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.LoginResponse{Tokens: tokens}), nil
 }
+
+// mayIssue refuses (resource_exhausted, with Retry-After) a login or
+// refresh of an account that has completed too many on this node
+// (AuthConfig.TokensPerMinute). Edges' accounts are not bounded: every
+// edge of a deployment may share one, and they log in by themselves.
+func (s *AuthServer) mayIssue(u *statev1.User) error {
+	if !issueBounded(u) {
+		return nil
+	}
+	if wait := s.authn.issues.wait(u.GetId(), s.cfg.Now()); wait > 0 {
+		return tooMany(wait, s.cfg.TokensPerMinute)
+	}
+	return nil
+}
+
+// issued counts a completed login or refresh of u's.
+func (s *AuthServer) issued(u *statev1.User) {
+	if issueBounded(u) {
+		s.authn.issues.take(u.GetId(), s.cfg.Now())
+	}
+}
+
+// issueBounded reports whether u's logins and refreshes are bounded:
+// every account's but an edge's.
+func issueBounded(u *statev1.User) bool { return auth.Role(u.GetRole()) != auth.RoleEdge }
 
 // checkLogin records the attempt and checks the login's password, in
 // one hashing slot (see recordAttempt), and returns the account when the
@@ -298,6 +332,13 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 	if s.cfg.LoginMaxAge > 0 && !now.Before(loggedIn.Add(s.cfg.LoginMaxAge)) {
 		return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("this login is older than its longest life (%s); log in again", s.cfg.LoginMaxAge))
 	}
+	owner, err := s.node.FSM().GetUser(cur.GetUserId())
+	if err != nil {
+		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("account no longer exists"))
+	}
+	if err := s.mayIssue(owner); err != nil {
+		return nil, err
+	}
 	expires := refreshExpiry(s.cfg, now, loggedIn)
 	// The presented token, once rotated, is kept until the login ends, so
 	// that presenting it even after its own expiry is seen as reuse: a
@@ -323,6 +364,7 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 	if res.GetReuseDetected() {
 		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("refresh token was already used: every token of this login is revoked; log in again"))
 	}
+	s.issued(owner)
 	u, err := s.node.FSM().GetUser(cur.GetUserId())
 	if err != nil {
 		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("account no longer exists"))

@@ -39,6 +39,13 @@ type AuthConfig struct {
 	// again). It bounds what a stolen refresh token gives a thief who
 	// keeps refreshing it. Default 90 days; negative: no limit.
 	LoginMaxAge time.Duration
+	// TokensPerMinute bounds the logins and refreshes one account that
+	// is not an edge's completes on this node (a bucket of that many,
+	// refilled evenly over a minute; failed ones do not count): each
+	// leaves records in the replicated state for weeks. Past it they are
+	// refused resource_exhausted with Retry-After. Default
+	// DefaultTokensPerMinute; negative: no limit.
+	TokensPerMinute int
 	// Leeway tolerates clock differences between nodes. Default 30s.
 	Leeway time.Duration
 	// Password hashing parameters. Default auth.DefaultParams.
@@ -79,6 +86,9 @@ func (c *AuthConfig) applyDefaults() {
 	}
 	if c.Leeway <= 0 {
 		c.Leeway = 30 * time.Second
+	}
+	if c.TokensPerMinute == 0 {
+		c.TokensPerMinute = DefaultTokensPerMinute
 	}
 	if c.Password == (auth.Params{}) {
 		c.Password = auth.DefaultParams
@@ -163,6 +173,8 @@ type Authenticator struct {
 	// memory (64 MiB with the default parameters) and a core, so more at
 	// once only queue for CPU and add memory.
 	hashSlots chan struct{}
+	// issues bounds each account's logins and refreshes on this node.
+	issues *issueLimit
 }
 
 // hashSlot waits for one of the node's hashing slots, or returns ctx's
@@ -212,6 +224,7 @@ func NewAuthenticator(node *raftnode.Node, cfg AuthConfig) *Authenticator {
 		tokenCatchUp: &catchUp{every: cfg.KeyRefreshEvery, timeout: cfg.KeyRefreshTimeout,
 			barrier: node.Barrier, now: cfg.Now},
 		hashSlots: make(chan struct{}, max(1, runtime.GOMAXPROCS(0))),
+		issues:    newIssueLimit(cfg.TokensPerMinute),
 	}
 }
 

@@ -207,6 +207,70 @@ func TestReuseIsSeenPastTheTokensExpiry(t *testing.T) {
 	}
 }
 
+// An account's completed logins and refreshes are bounded per node
+// (TokensPerMinute): past the bucket both are refused resource_exhausted
+// with Retry-After, before anything is written; failed ones cost the
+// account nothing (nobody else can use up its bucket); another account,
+// and an edge's, are not held back.
+func TestAnAccountsLoginsAndRefreshesAreBounded(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{TokensPerMinute: 2,
+		Throttle: api.Throttle{AddrFree: 1000, LoginFree: 1000}}})
+	ctx := ctxT(t, time.Minute)
+	anon := clientsAs(t, c.Nodes[0], "")
+	admin := clientsAs(t, c.Nodes[0], c.AdminToken()) // one of the admin's two
+	for _, login := range []string{"alice", "bob"} {
+		if _, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: login, Password: "password-of-" + login, Role: controlv1.Role_ROLE_USER})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	login := func(name, password string) (*controlv1.Tokens, error) {
+		r, err := anon.auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: name, Password: password}))
+		if err != nil {
+			return nil, err
+		}
+		return r.Msg.GetTokens(), nil
+	}
+	// Wrong passwords first: they take nothing from alice's bucket.
+	for range 5 {
+		if _, err := login("alice", "not-the-password"); connect.CodeOf(err) != connect.CodeUnauthenticated {
+			t.Fatalf("a wrong password: %v", err)
+		}
+	}
+	first, err := login("alice", "password-of-alice")
+	if err != nil {
+		t.Fatalf("alice's first login: %v", err)
+	}
+	if _, err := anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: first.GetRefreshToken()})); err != nil {
+		t.Fatalf("alice's refresh: %v", err)
+	}
+	// Two completed: a third login, and a refresh, wait.
+	sessions, err := c.Nodes[0].Server.Node().FSM().UserTokenCount(first.GetUserId())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = login("alice", "password-of-alice")
+	var ce *connect.Error
+	if connect.CodeOf(err) != connect.CodeResourceExhausted || !errors.As(err, &ce) || ce.Meta().Get("Retry-After") == "" {
+		t.Fatalf("alice's third login in a minute: %v, want resource_exhausted with Retry-After", err)
+	}
+	if _, err := login("bob", "password-of-bob"); err != nil {
+		t.Fatalf("bob's login while alice waits: %v", err)
+	}
+	if _, err := anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: first.GetRefreshToken()})); connect.CodeOf(err) != connect.CodeResourceExhausted {
+		t.Fatalf("alice's refresh past the bound: %v, want resource_exhausted (before the token is looked at for reuse)", err)
+	}
+	if after, err := c.Nodes[0].Server.Node().FSM().UserTokenCount(first.GetUserId()); err != nil || after != sessions {
+		t.Fatalf("alice's refresh tokens: %d (%v) after the refused calls, %d before", after, err, sessions)
+	}
+	// An edge's account is not bounded.
+	c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	for i := range 4 {
+		if _, err := login("edge-1", "password-of-edge-1"); err != nil {
+			t.Fatalf("the edge's login %d: %v", i+2, err)
+		}
+	}
+}
+
 // Login throttling as issue 11 found it wanting: 50 wrong passwords
 // from one address, sent round-robin to the three nodes of a cluster,
 // get the login's 3 free failures checked (not 3 per node), the rest

@@ -59,7 +59,9 @@ type Options struct {
 	// as it is written).
 	Logger *slog.Logger
 	// Auth tunes tokens; password hashing defaults to the cheap
-	// auth.TestParams.
+	// auth.TestParams, and an account's logins and refreshes are not
+	// bounded (TokensPerMinute; AdminToken logs in on every call) unless
+	// the test sets a bound.
 	Auth api.AuthConfig
 	// Watch tunes the watch feed.
 	Watch api.WatchConfig
@@ -110,6 +112,9 @@ func (o *Options) defaults(c *Cluster) {
 	}
 	if o.Auth.Password == (auth.Params{}) {
 		o.Auth.Password = auth.TestParams
+	}
+	if o.Auth.TokensPerMinute == 0 {
+		o.Auth.TokensPerMinute = -1
 	}
 	if o.Logger == nil {
 		if os.Getenv("RELAY_TEST_LOG") != "" {

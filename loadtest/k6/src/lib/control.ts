@@ -24,6 +24,8 @@ export class ControlError extends Error {
 
 export interface Tokens {
   accessToken: string;
+  /** RFC 3339, as protojson writes a Timestamp. */
+  accessTokenExpiresAt?: string;
   refreshToken: string;
   userId: string;
 }

@@ -1,8 +1,10 @@
 // Control-API load: users log in (once per VU, then refresh their tokens
-// every iteration), read their account, register a device, list their
-// devices and delete it again, at RATE iterations per second. Logins are
-// throttled per login and per client address (docs/api.md): a throttled
-// login waits its Retry-After and is counted, not failed.
+// when the access token is about to expire, as clients do), read their
+// account, register a device, list their devices and delete it again, at
+// RATE iterations per second. Logins are throttled per login and per
+// client address, and an account's logins and refreshes per node
+// (docs/api.md): a throttled one waits its Retry-After and is counted,
+// not failed.
 import { check, sleep } from "k6";
 import { Counter, Rate } from "k6/metrics";
 import { call, ControlError, RPC, type Tokens } from "../lib/control.js";
@@ -65,9 +67,12 @@ export function control(data: SetupData): void {
   const base = controlURL();
   const user = userOf(data);
   const was = tokens;
-  tokens = was
-    ? attempt(() => call<{ tokens: Tokens }>(base, RPC.refresh, { refreshToken: was.refreshToken }).tokens)
-    : attempt(() => call<{ tokens: Tokens }>(base, RPC.login, { login: user.login, password: user.password }).tokens);
+  const fresh = was !== null && Date.parse(was.accessTokenExpiresAt ?? "") - Date.now() > 30_000;
+  tokens = fresh
+    ? was
+    : was
+      ? attempt(() => call<{ tokens: Tokens }>(base, RPC.refresh, { refreshToken: was.refreshToken }).tokens)
+      : attempt(() => call<{ tokens: Tokens }>(base, RPC.login, { login: user.login, password: user.password }).tokens);
   if (!tokens) return; // throttled (counted) or failed (counted): log in again next time
   check(tokens, { "signed in as the user": (t) => t.userId === user.id });
   const tok = tokens.accessToken;

@@ -1,0 +1,103 @@
+package api
+
+import (
+	"fmt"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+)
+
+// DefaultTokensPerMinute is AuthConfig.TokensPerMinute's default.
+const DefaultTokensPerMinute = 30
+
+// issueLimit bounds the logins and refreshes one account completes on
+// this node: each writes records (a session, a refresh token) that stay
+// for weeks, so an account's owner, or whoever holds its password or a
+// refresh token, looping on them would grow the replicated state
+// without bound. A bucket of perMinute per account, refilled evenly;
+// only completed ones take from it (a wrong password or secret costs the
+// account nothing, so nobody else can use up its bucket). Buckets that
+// are full again are dropped, so memory follows the accounts active in
+// the last minute.
+type issueLimit struct {
+	perMinute int // <= 0: no limit
+	mu        sync.Mutex
+	buckets   map[string]*issueBucket
+	sweepAt   int // len(buckets) that makes take drop the full ones
+}
+
+type issueBucket struct {
+	tokens float64
+	at     time.Time
+}
+
+func newIssueLimit(perMinute int) *issueLimit {
+	return &issueLimit{perMinute: perMinute, buckets: map[string]*issueBucket{}, sweepAt: 1024}
+}
+
+// level returns b's tokens at now (refilled since b.at, at most full).
+func (l *issueLimit) level(b *issueBucket, now time.Time) float64 {
+	full := float64(l.perMinute)
+	return min(full, b.tokens+now.Sub(b.at).Minutes()*full)
+}
+
+// wait returns how long account must wait before it may complete one
+// more, 0 when it may now. It takes nothing.
+func (l *issueLimit) wait(account string, now time.Time) time.Duration {
+	if l.perMinute <= 0 {
+		return 0
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b, ok := l.buckets[account]
+	if !ok {
+		return 0
+	}
+	lvl := l.level(b, now)
+	if lvl >= 1 {
+		return 0
+	}
+	return time.Duration((1 - lvl) / float64(l.perMinute) * float64(time.Minute))
+}
+
+// take counts one completed for account at now.
+func (l *issueLimit) take(account string, now time.Time) {
+	if l.perMinute <= 0 {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b, ok := l.buckets[account]
+	if !ok {
+		if len(l.buckets) >= l.sweepAt {
+			l.sweep(now)
+		}
+		b = &issueBucket{tokens: float64(l.perMinute), at: now}
+		l.buckets[account] = b
+	}
+	// Concurrent calls that all passed wait may take it below zero: the
+	// next ones wait the longer.
+	b.tokens, b.at = l.level(b, now)-1, now
+}
+
+// sweep drops the buckets that are full again (with l.mu held), and sets
+// the size that brings the next sweep: twice what is left, so that its
+// cost spreads over as many takes as it walks buckets.
+func (l *issueLimit) sweep(now time.Time) {
+	for k, b := range l.buckets {
+		if l.level(b, now) >= float64(l.perMinute) {
+			delete(l.buckets, k)
+		}
+	}
+	l.sweepAt = max(1024, 2*len(l.buckets))
+}
+
+// tooMany is the error of a login or refresh an account must wait for.
+func tooMany(wait time.Duration, perMinute int) error {
+	secs := int((wait + time.Second - 1) / time.Second)
+	err := connect.NewError(connect.CodeResourceExhausted,
+		fmt.Errorf("this account logs in or refreshes more often than %d times a minute on this node; retry in %ds", perMinute, secs))
+	err.Meta().Set("Retry-After", fmt.Sprint(secs))
+	return err
+}
