@@ -64,14 +64,6 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	if m.GetPassword() == "" || len(m.GetPassword()) > 1024 {
 		return nil, invalidArg(errors.New("password is empty or longer than 1024 bytes"))
 	}
-	// An account past its logins and refreshes waits, before anything is
-	// checked or counted: only completed ones take from its bucket, so
-	// this tells only that someone with its password is busy with it.
-	if u, err := s.node.FSM().GetUserByLogin(m.GetLogin()); err == nil {
-		if err := s.mayIssue(u); err != nil {
-			return nil, err
-		}
-	}
 	attempt, forwarded, err := s.admit(ctx, m.GetLogin(), req)
 	if err != nil {
 		return nil, err
@@ -85,6 +77,12 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	}
 	if u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {
 		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("this account is disabled"))
+	}
+	// Only once the password is known right: whoever does not know it
+	// learns nothing of the account's bucket, not even that the login
+	// exists. The attempt stays counted as a failure (no session opened).
+	if err := s.mayIssue(u); err != nil {
+		return nil, err
 	}
 	tokID, secret, refresh, err := auth.NewRefreshToken(rand.Reader)
 	if err != nil {

@@ -39,7 +39,7 @@ func newIssueLimit(perMinute int) *issueLimit {
 // level returns b's tokens at now (refilled since b.at, at most full).
 func (l *issueLimit) level(b *issueBucket, now time.Time) float64 {
 	full := float64(l.perMinute)
-	return min(full, b.tokens+now.Sub(b.at).Minutes()*full)
+	return min(full, b.tokens+max(0, now.Sub(b.at).Minutes())*full)
 }
 
 // wait returns how long account must wait before it may complete one

@@ -36,6 +36,10 @@ func TestIssueLimit(t *testing.T) {
 	if w := l.wait("a", t0.Add(20*time.Second)); w != 40*time.Second {
 		t.Fatalf("below empty: wait %v, want 40s", w)
 	}
+	// A clock that steps back refills nothing and takes nothing away.
+	if w := l.wait("a", t0.Add(10*time.Second)); w != 40*time.Second {
+		t.Fatalf("a clock 10 s back: wait %v, want 40s", w)
+	}
 	// Nothing bounded without a limit.
 	off := newIssueLimit(-1)
 	for range 100 {

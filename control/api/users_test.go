@@ -253,6 +253,11 @@ func TestAnAccountsLoginsAndRefreshesAreBounded(t *testing.T) {
 	if connect.CodeOf(err) != connect.CodeResourceExhausted || !errors.As(err, &ce) || ce.Meta().Get("Retry-After") == "" {
 		t.Fatalf("alice's third login in a minute: %v, want resource_exhausted with Retry-After", err)
 	}
+	// Without the password nobody learns of the bound (nor that the
+	// login exists): a wrong one is answered as ever.
+	if _, err := login("alice", "not-the-password"); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("a wrong password while alice waits: %v, want unauthenticated", err)
+	}
 	if _, err := login("bob", "password-of-bob"); err != nil {
 		t.Fatalf("bob's login while alice waits: %v", err)
 	}
