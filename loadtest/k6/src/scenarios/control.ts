@@ -46,7 +46,11 @@ export function setup(): SetupData { return provision(VUS, 0, { passwords: true 
 /** This VU's tokens (module state is per VU). */
 let tokens: Tokens | null = null;
 
+/** Whether the last attempt was throttled (resource_exhausted). */
+let wasThrottled = false;
+
 function attempt<T>(f: () => T): T | null {
+  wasThrottled = false;
   try {
     const v = f();
     failed.add(false);
@@ -54,6 +58,7 @@ function attempt<T>(f: () => T): T | null {
   } catch (e) {
     if (e instanceof ControlError && e.code === "resource_exhausted") {
       throttled.add(1);
+      wasThrottled = true;
       sleep(Math.min(Math.max(e.retryAfter, 1), 10));
       return null;
     }
@@ -73,7 +78,12 @@ export function control(data: SetupData): void {
     : was
       ? attempt(() => call<{ tokens: Tokens }>(base, RPC.refresh, { refreshToken: was.refreshToken }).tokens)
       : attempt(() => call<{ tokens: Tokens }>(base, RPC.login, { login: user.login, password: user.password }).tokens);
-  if (!tokens) return; // throttled (counted) or failed (counted): log in again next time
+  if (!tokens) {
+    // Throttled (counted): a refresh token not taken is kept for the next
+    // iteration; failed (counted): log in again next time.
+    if (wasThrottled) tokens = was;
+    return;
+  }
   check(tokens, { "signed in as the user": (t) => t.userId === user.id });
   const tok = tokens.accessToken;
   const me = attempt(() => call<{ user: { id: string } }>(base, RPC.getMe, {}, tok));
