@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"testing"
@@ -817,5 +818,42 @@ func TestEdgeIDsBelongToTheKeyHoldingTheLease(t *testing.T) {
 	}
 	if edges, _ := f.Edges(); len(edges) != 0 {
 		t.Fatalf("edges left: %v", edges)
+	}
+}
+
+// BenchmarkRotateRefreshToken is the apply of one refresh, a chain of
+// rotations in one login: without a keep, and with one (the family's
+// count written, the rotated token's index entry moved).
+func BenchmarkRotateRefreshToken(b *testing.B) {
+	for _, c := range []struct {
+		name string
+		keep int64
+	}{{"plain", 0}, {"kept", 1 << 51}} {
+		b.Run(c.name, func(b *testing.B) {
+			f := newFSM(b, Config{Logger: slog.New(slog.DiscardHandler)})
+			var idx uint64
+			apply := func(cmd *statev1.Command) *statev1.Result {
+				idx++
+				cmd.ProposedAtMs = 1_000_000
+				res, _ := f.Apply(entry(b, idx, cmd)).(*statev1.Result)
+				return res
+			}
+			ok := statev1.ResultCode_RESULT_CODE_OK
+			const far = int64(1 << 50)
+			if r := apply(&statev1.Command{Op: &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}}}); r.GetCode() != ok {
+				b.Fatal(r)
+			}
+			if r := apply(&statev1.Command{Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t0", "f", "u", 0, far)}}}); r.GetCode() != ok {
+				b.Fatal(r)
+			}
+			b.ResetTimer()
+			for i := range b.N {
+				r := apply(&statev1.Command{Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
+					TokenId: fmt.Sprint("t", i), PresentedSecretHash: key32(byte(i)), Next: tok(fmt.Sprint("t", i+1), "f", "u", byte(i+1), far), KeepRotatedUntilMs: c.keep}}})
+				if r.GetCode() != ok {
+					b.Fatal(r)
+				}
+			}
+		})
 	}
 }
