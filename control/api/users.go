@@ -202,8 +202,12 @@ func (s *UserServer) UpdateUser(ctx context.Context, req *connect.Request[contro
 		return nil, err
 	}
 	up.OnlyUserAccount = only
-	if caller.Subject == m.GetId() {
-		// Changing one's own password ends one's other sessions, not this.
+	if caller.Subject == m.GetId() && m.Role == nil && m.Status == nil {
+		// Changing one's own password ends one's other sessions, not
+		// this one. A change of one's own role or status ends them all,
+		// as it would another's: this session's tokens were issued for
+		// what changed (and a disabled account enabled again gets none
+		// of its sessions back).
 		up.KeepSessionId = caller.Session
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_UpdateUser{UpdateUser: up}})

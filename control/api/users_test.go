@@ -207,6 +207,56 @@ func TestReuseIsSeenPastTheTokensExpiry(t *testing.T) {
 	}
 }
 
+// A change of one's own role or status ends every session of the
+// account, the caller's own included (its refresh token would otherwise
+// outlive the role or status it was issued for, and a disabled account
+// enabled again would get it back); one's own password change keeps the
+// caller's session and ends the others.
+func TestOwnRoleOrStatusChangeEndsOwnSession(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx := ctxT(t, time.Minute)
+	anon := clientsAs(t, c.Nodes[0], "")
+	admin := clientsAs(t, c.Nodes[0], c.AdminToken())
+	viewer, disabled := controlv1.Role_ROLE_VIEWER, controlv1.UserStatus_USER_STATUS_DISABLED
+	newPassword := "another-password-of-ada"
+	for _, tc := range []struct {
+		name     string
+		change   *controlv1.UpdateUserRequest
+		keepsOwn bool
+	}{
+		{"role", &controlv1.UpdateUserRequest{Role: &viewer}, false},
+		{"status", &controlv1.UpdateUserRequest{Status: &disabled}, false},
+		{"password", &controlv1.UpdateUserRequest{Password: &newPassword}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			login := "ada-" + tc.name
+			created, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: login, Password: "password-of-" + login, Role: controlv1.Role_ROLE_ADMIN}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			own, other := c.Login(login, "password-of-"+login), c.Login(login, "password-of-"+login)
+			tc.change.Id = created.Msg.GetUser().GetId()
+			if _, err := clientsAs(t, c.Nodes[0], own.GetAccessToken()).users.UpdateUser(ctx, connect.NewRequest(tc.change)); err != nil {
+				t.Fatalf("%s changes its own %s: %v", login, tc.name, err)
+			}
+			refresh := func(tok *controlv1.Tokens) error {
+				_, err := anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: tok.GetRefreshToken()}))
+				return err
+			}
+			if err := refresh(other); connect.CodeOf(err) != connect.CodeUnauthenticated {
+				t.Fatalf("the other session after its own %s change: %v, want ended", tc.name, err)
+			}
+			err = refresh(own)
+			if tc.keepsOwn && err != nil {
+				t.Fatalf("the caller's session after its own %s change: %v, want kept", tc.name, err)
+			}
+			if !tc.keepsOwn && (connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "revoked")) {
+				t.Fatalf("the caller's session after its own %s change: %v, want ended", tc.name, err)
+			}
+		})
+	}
+}
+
 // An account's completed logins and refreshes are bounded per node
 // (TokensPerMinute): past the bucket both are refused resource_exhausted
 // with Retry-After, before anything is written; failed ones cost the
