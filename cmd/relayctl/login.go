@@ -133,7 +133,8 @@ func (a *app) login(ctx context.Context, name string, fromStdin bool) error {
 		return err
 	}
 	toks := resp.Msg.GetTokens()
-	old, replaces := a.tokens.find(at)
+	cached, _ := a.tokens.load() // the session logged in to at, if any
+	old, replaces := cached[at]
 	a.sess = &session{key: at, t: *fromTokens(toks)}
 	a.prepared = true
 	a.refreshMembers(ctx, a.sess)
@@ -142,8 +143,8 @@ func (a *app) login(ctx context.Context, name string, fromStdin bool) error {
 	}
 	// Once the new tokens are saved: ended first, an interrupted login
 	// would leave neither.
-	if replaces && old.key == at && old.t.RefreshToken != "" {
-		a.endReplaced(ctx, at, old.t.RefreshToken, toks.GetAccessToken())
+	if replaces && old.RefreshToken != "" {
+		a.endReplaced(ctx, at, old.RefreshToken, toks.GetAccessToken())
 	}
 	role := roleName(toks.GetRole())
 	also := a.sess.t.Members
@@ -163,7 +164,7 @@ func (a *app) login(ctx context.Context, name string, fromStdin bool) error {
 // elsewhere, that copy's session ends with it. Best effort: any error is
 // ignored.
 func (a *app) endReplaced(ctx context.Context, base, refresh, access string) {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, min(a.timeout, 5*time.Second))
 	defer cancel()
 	req := connect.NewRequest(&controlv1.LogoutRequest{RefreshToken: refresh})
 	req.Header().Set("Authorization", "Bearer "+access)

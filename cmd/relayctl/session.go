@@ -186,7 +186,7 @@ func (a *app) discover(ctx context.Context) *session {
 		return nil
 	}
 	for _, k := range sortedKeys(m) {
-		if t := m[k]; t.RefreshToken == "" || time.Until(t.RefreshExpires) <= 0 && time.Until(t.AccessExpires) <= accessMargin {
+		if t := m[k]; !t.accessFresh() && (t.RefreshToken == "" || time.Until(t.RefreshExpires) <= 0) {
 			// Its next use presents an expired refresh token: done only
 			// for the session a command names (a cluster that is gone
 			// would make every run wait on it here).
@@ -295,11 +295,15 @@ func (a *app) accessToken(ctx context.Context) (string, error) {
 // accessMargin: an access token that expires sooner is refreshed first.
 const accessMargin = 30 * time.Second
 
+// accessFresh reports whether the access token is used as it is (it
+// expires later than accessMargin from now).
+func (t *savedTokens) accessFresh() bool { return time.Until(t.AccessExpires) > accessMargin }
+
 // tokenOf returns a valid access token of a session, refreshing it
 // through any of its members when it is about to expire.
 func (a *app) tokenOf(ctx context.Context, sess *session) (string, error) {
 	t := sess.t
-	if time.Until(t.AccessExpires) > accessMargin {
+	if t.accessFresh() {
 		return t.AccessToken, nil
 	}
 	if sess.ended != nil {

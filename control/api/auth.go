@@ -120,7 +120,7 @@ func (s *AuthServer) mayIssue(u *statev1.User) error {
 		return nil
 	}
 	if wait := s.authn.issues.wait(u.GetId(), s.cfg.Now()); wait > 0 {
-		return tooMany(wait, s.cfg.TokensPerMinute)
+		return retryIn(wait, "this account logs in or refreshes more often than %d times a minute on this node", s.cfg.TokensPerMinute)
 	}
 	return nil
 }
@@ -250,8 +250,14 @@ func (s *AuthServer) recordAttempt(ctx context.Context, attempt *statev1.LoginAt
 
 // throttled is the error of a login attempt that must wait.
 func throttled(wait time.Duration) error {
+	return retryIn(wait, "too many failed login attempts")
+}
+
+// retryIn is a resource_exhausted error whose message, and Retry-After,
+// say to try again after wait (in whole seconds, rounded up).
+func retryIn(wait time.Duration, format string, args ...any) error {
 	secs := int((wait + time.Second - 1) / time.Second)
-	err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("too many failed login attempts; retry in %ds", secs))
+	err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf(format+"; retry in %ds", append(args, secs)...))
 	err.Meta().Set("Retry-After", fmt.Sprint(secs))
 	return err
 }
@@ -363,11 +369,10 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("refresh token was already used: every token of this login is revoked; log in again"))
 	}
 	s.issued(owner)
-	u, err := s.node.FSM().GetUser(cur.GetUserId())
-	if err != nil {
-		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("account no longer exists"))
-	}
-	tokens, err := s.tokens(u, cur.GetFamilyId(), next, expires)
+	// The account as read before the rotation: a change of its role or
+	// status since would have revoked the family, and the rotation with
+	// it.
+	tokens, err := s.tokens(owner, cur.GetFamilyId(), next, expires)
 	if err != nil {
 		return nil, toConnect(err)
 	}

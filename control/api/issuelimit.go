@@ -1,11 +1,8 @@
 package api
 
 import (
-	"fmt"
 	"sync"
 	"time"
-
-	"connectrpc.com/connect"
 )
 
 // DefaultTokensPerMinute is AuthConfig.TokensPerMinute's default.
@@ -32,8 +29,11 @@ type issueBucket struct {
 	at     time.Time
 }
 
+// minSweep is the fewest buckets that make take sweep.
+const minSweep = 1024
+
 func newIssueLimit(perMinute int) *issueLimit {
-	return &issueLimit{perMinute: perMinute, buckets: map[string]*issueBucket{}, sweepAt: 1024}
+	return &issueLimit{perMinute: perMinute, buckets: map[string]*issueBucket{}, sweepAt: minSweep}
 }
 
 // level returns b's tokens at now (refilled since b.at, at most full).
@@ -77,8 +77,12 @@ func (l *issueLimit) take(account string, now time.Time) {
 		l.buckets[account] = b
 	}
 	// Concurrent calls that all passed wait may take it below zero: the
-	// next ones wait the longer.
-	b.tokens, b.at = l.level(b, now)-1, now
+	// next ones wait the longer. A clock that stepped back leaves b.at
+	// as it was (else that stretch would refill twice).
+	b.tokens = l.level(b, now) - 1
+	if now.After(b.at) {
+		b.at = now
+	}
 }
 
 // sweep drops the buckets that are full again (with l.mu held), and sets
@@ -90,14 +94,5 @@ func (l *issueLimit) sweep(now time.Time) {
 			delete(l.buckets, k)
 		}
 	}
-	l.sweepAt = max(1024, 2*len(l.buckets))
-}
-
-// tooMany is the error of a login or refresh an account must wait for.
-func tooMany(wait time.Duration, perMinute int) error {
-	secs := int((wait + time.Second - 1) / time.Second)
-	err := connect.NewError(connect.CodeResourceExhausted,
-		fmt.Errorf("this account logs in or refreshes more often than %d times a minute on this node; retry in %ds", perMinute, secs))
-	err.Meta().Set("Retry-After", fmt.Sprint(secs))
-	return err
+	l.sweepAt = max(minSweep, 2*len(l.buckets))
 }

@@ -36,9 +36,14 @@ func TestIssueLimit(t *testing.T) {
 	if w := l.wait("a", t0.Add(20*time.Second)); w != 40*time.Second {
 		t.Fatalf("below empty: wait %v, want 40s", w)
 	}
-	// A clock that steps back refills nothing and takes nothing away.
+	// A clock that steps back refills nothing and takes nothing away,
+	// nor refills that stretch again once it is past.
 	if w := l.wait("a", t0.Add(10*time.Second)); w != 40*time.Second {
 		t.Fatalf("a clock 10 s back: wait %v, want 40s", w)
+	}
+	l.take("a", t0.Add(10*time.Second))
+	if w := l.wait("a", t0.Add(20*time.Second)); w != time.Minute {
+		t.Fatalf("back at 20 s after a take at 10 s: wait %v, want 1m0s", w)
 	}
 	// Nothing bounded without a limit.
 	off := newIssueLimit(-1)
@@ -51,7 +56,7 @@ func TestIssueLimit(t *testing.T) {
 	// Buckets full again are dropped when the map grows: memory follows
 	// the accounts of the last minute.
 	l = newIssueLimit(3)
-	for i := range 1024 {
+	for i := range minSweep {
 		l.take(fmt.Sprint("old", i), t0)
 	}
 	l.take("new", t0.Add(time.Minute))

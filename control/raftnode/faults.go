@@ -3,9 +3,11 @@ package raftnode
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 )
@@ -37,6 +39,9 @@ type Faults struct {
 // sees ErrUnknownOutcome. It replaces an earlier FailWrites; n <= 0
 // fails none.
 func (f *Faults) FailWrites(op string, n int) {
+	if (&statev1.Command{}).ProtoReflect().Descriptor().Oneofs().ByName("op").Fields().ByName(protoreflect.Name(op)) == nil {
+		panic(fmt.Sprintf("raftnode.Faults.FailWrites: %q is no command of state.v1.Command's oneof op", op))
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.failOp, f.failLeft = op, max(n, 0)
@@ -51,8 +56,8 @@ func (f *Faults) FailedWrites() int {
 
 var errWriteFault = errors.New("write failed by a fault test")
 
-// failWrite reports whether the encoded command is one FailWrites still
-// fails (and counts it).
+// failWrite returns errWriteFault, and counts it, when the encoded
+// command is one FailWrites still fails; else nil.
 func (f *Faults) failWrite(data []byte) error {
 	if f == nil {
 		return nil

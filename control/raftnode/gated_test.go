@@ -62,12 +62,7 @@ func TestGatedApplyIgnoresWhatAStoppedMemberWithdrew(t *testing.T) {
 	c.Restart(0)
 	c.WaitReady()
 	waitGatedApply(t, c, true)
-	clustertest.Eventually(t, 30*time.Second, func() error {
-		if !c.Nodes[c.Leader()].Server.Node().EveryMemberHas(fsm.FeatureMailboxExpireBytes) {
-			return fmt.Errorf("the leader does not write %s with gated apply on", fsm.FeatureMailboxExpireBytes)
-		}
-		return nil
-	})
+	c.WaitFeatureUsable(fsm.FeatureMailboxExpireBytes)
 
 	if _, err := c.CreateUser(ctx, 0, "u"); err != nil {
 		t.Fatal(err)

@@ -3179,15 +3179,15 @@ func (x *LoginAttempt) GetPolicy() *ThrottlePolicy {
 // keep_rotated_until_ms: when later than the presented token's
 // expires_at_ms, the token, once rotated, is kept until then (its
 // expires_at_ms moves there) rather than dropped at its own expiry, so
-// that presenting it even after that is still seen as reuse (for the
-// first fsm.MaxKeptRotated rotations of a family; later ones go at their
-// own expiry, which keeps a thief from pushing the owner's token out).
-// The writer
-// sets its login's end (the family's creation plus the longest life of
-// a login): a thief who used a stolen token first is cut off when its
-// owner comes back with the rotated one, however long after. Set only
-// once every member lists the feature "refresh_keep_rotated"; ignored at
-// apply while a node record does not list it.
+// that presenting it even after that is still seen as reuse; a family
+// keeps at most fsm.MaxKeptRotated such tokens (TokenFamily.kept_rotated;
+// later ones go at their own expiry, so a thief's loop cannot push the
+// owner's token out). The writer sets its login's end (the family's
+// creation plus the longest life of a login): a thief who used a stolen
+// token first is cut off when its owner comes back with the rotated one,
+// until then. Set only once every member lists the feature
+// "refresh_keep_rotated" and gated apply is on; ignored at apply while a
+// node record does not list it.
 type RotateRefreshToken struct {
 	state               protoimpl.MessageState `protogen:"open.v1"`
 	TokenId             string                 `protobuf:"bytes,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
@@ -3681,7 +3681,7 @@ func (x *CreateUser) GetUser() *User {
 // UpdateUser changes the mutable fields of an account. A new password, a
 // change of role and disabling the account revoke every session (token
 // family) of the account, except keep_session_id: the session of a caller
-// that changes its own account.
+// that changes its own account's password (not its role or status).
 type UpdateUser struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`

@@ -46,53 +46,64 @@ export function setup(): SetupData { return provision(VUS, 0, { passwords: true 
 /** This VU's tokens (module state is per VU). */
 let tokens: Tokens | null = null;
 
-/** Whether the last attempt was throttled (resource_exhausted). */
-let wasThrottled = false;
+/** What a call that may be throttled gave: its value, or why not. */
+type Outcome<T> = { value: T } | { throttled: true } | { failed: true };
 
-function attempt<T>(f: () => T): T | null {
-  wasThrottled = false;
+/** attempt runs f, counting a throttled call (after waiting its Retry-After) and a failed one. */
+function attempt<T>(f: () => T): Outcome<T> {
   try {
-    const v = f();
+    const value = f();
     failed.add(false);
-    return v;
+    return { value };
   } catch (e) {
     if (e instanceof ControlError && e.code === "resource_exhausted") {
       throttled.add(1);
-      wasThrottled = true;
       sleep(Math.min(Math.max(e.retryAfter, 1), 10));
-      return null;
+      return { throttled: true };
     }
     failed.add(true);
     console.warn(String(e));
-    return null;
+    return { failed: true };
   }
+}
+
+/** valueOf is an outcome's value, null when the call gave none. */
+function valueOf<T>(o: Outcome<T>): T | null {
+  return "value" in o ? o.value : null;
+}
+
+/** signIn returns the VU's tokens for this iteration: those it holds while their access token has
+ *  more than 30 s left, else refreshed (kept, for the next iteration, when the refresh was
+ *  throttled), else a login. Null when it has none this iteration. */
+function signIn(base: string, user: { login: string; password?: string }): Tokens | null {
+  const was = tokens;
+  if (was && Date.parse(was.accessTokenExpiresAt ?? "") - Date.now() > 30_000) return was;
+  const got = was
+    ? attempt(() => call<{ tokens: Tokens }>(base, RPC.refresh, { refreshToken: was.refreshToken }).tokens)
+    : attempt(() => call<{ tokens: Tokens }>(base, RPC.login, { login: user.login, password: user.password }).tokens);
+  if ("value" in got) {
+    tokens = got.value;
+    return tokens;
+  }
+  // Throttled: a refresh token not taken is kept; failed: log in again next time.
+  tokens = "throttled" in got ? was : null;
+  return null;
 }
 
 export function control(data: SetupData): void {
   const base = controlURL();
   const user = userOf(data);
-  const was = tokens;
-  const fresh = was !== null && Date.parse(was.accessTokenExpiresAt ?? "") - Date.now() > 30_000;
-  tokens = fresh
-    ? was
-    : was
-      ? attempt(() => call<{ tokens: Tokens }>(base, RPC.refresh, { refreshToken: was.refreshToken }).tokens)
-      : attempt(() => call<{ tokens: Tokens }>(base, RPC.login, { login: user.login, password: user.password }).tokens);
-  if (!tokens) {
-    // Throttled (counted): a refresh token not taken is kept for the next
-    // iteration; failed (counted): log in again next time.
-    if (wasThrottled) tokens = was;
-    return;
-  }
-  check(tokens, { "signed in as the user": (t) => t.userId === user.id });
-  const tok = tokens.accessToken;
-  const me = attempt(() => call<{ user: { id: string } }>(base, RPC.getMe, {}, tok));
+  const signed = signIn(base, user);
+  if (!signed) return; // throttled or failed: counted
+  check(signed, { "signed in as the user": (t) => t.userId === user.id });
+  const tok = signed.accessToken;
+  const me = valueOf(attempt(() => call<{ user: { id: string } }>(base, RPC.getMe, {}, tok)));
   check(me, { "GetMe answers the user": (m) => m?.user.id === user.id });
-  const reg = attempt(() => call<{ device: { id: string } }>(base, RPC.registerDevice, { name: "k6", publicKey: toBase64(newDeviceKey().publicKey) }, tok));
+  const reg = valueOf(attempt(() => call<{ device: { id: string } }>(base, RPC.registerDevice, { name: "k6", publicKey: toBase64(newDeviceKey().publicKey) }, tok)));
   if (!check(reg, { "device registered": (r) => !!r?.device.id })) return;
-  const list = attempt(() => call<{ devices?: { id: string }[] }>(base, RPC.listDevices, {}, tok));
+  const list = valueOf(attempt(() => call<{ devices?: { id: string }[] }>(base, RPC.listDevices, {}, tok)));
   check(list, { "the new device is listed": (l) => !!l?.devices?.some((d) => d.id === reg!.device.id) });
-  const del = attempt(() => call(base, RPC.deleteDevice, { deviceId: reg!.device.id }, tok));
+  const del = valueOf(attempt(() => call(base, RPC.deleteDevice, { deviceId: reg!.device.id }, tok)));
   check(del, { "device deleted": (d) => d !== null });
 }
 
