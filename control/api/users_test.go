@@ -326,6 +326,39 @@ func TestAnAccountsLoginsAndRefreshesAreBounded(t *testing.T) {
 	}
 }
 
+// A login refused for its account's bound was checked (its password
+// was right), so it stays counted as a failure of its address: a loop of
+// them throttles the address that runs it, whatever login it tries next.
+func TestALoginRefusedForTheBoundCountsAsAFailure(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{TokensPerMinute: 1,
+		Throttle: api.Throttle{AddrFree: 2, LoginFree: 1000, BaseDelay: time.Hour, MaxDelay: time.Hour}}})
+	ctx := ctxT(t, time.Minute)
+	admin := clientsAs(t, c.Nodes[0], c.AdminToken())
+	for _, name := range []string{"carol", "dave"} {
+		if _, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: name, Password: "password-of-" + name, Role: controlv1.Role_ROLE_USER})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	anon := clientsAs(t, c.Nodes[0], "")
+	login := func(name, password string) error {
+		_, err := anon.auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: name, Password: password}))
+		return err
+	}
+	if err := login("carol", "password-of-carol"); err != nil {
+		t.Fatalf("carol's login: %v", err)
+	}
+	for i := range 2 {
+		if err := login("carol", "password-of-carol"); connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "times a minute") {
+			t.Fatalf("carol's login %d past her bound: %v", i+2, err)
+		}
+	}
+	// Two failures of this address: dave's login from it (his bucket
+	// full) waits.
+	if err := login("dave", "password-of-dave"); connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "failed login attempts") {
+		t.Fatalf("a login from the address after two refused for the bound: %v, want throttled for failed attempts", err)
+	}
+}
+
 // Login throttling as issue 11 found it wanting: 50 wrong passwords
 // from one address, sent round-robin to the three nodes of a cluster,
 // get the login's 3 free failures checked (not 3 per node), the rest
