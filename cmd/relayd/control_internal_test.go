@@ -23,58 +23,36 @@ func parseControlFlags(args ...string) (server.Config, error) {
 	return cfg, fs.Parse(args)
 }
 
-// --login-max-age reaches the auth configuration; 0 means no limit,
-// which the configuration spells as a negative age (its zero is the
-// default); a negative or malformed value is refused.
-func TestLoginMaxAgeFlag(t *testing.T) {
-	parse := func(args ...string) (time.Duration, error) {
-		cfg, err := parseControlFlags(args...)
-		return cfg.Auth.LoginMaxAge, err
-	}
+// The auth bounds whose 0 on the command line means no limit
+// (zeroIsNoLimit) reach the auth configuration: by default the
+// configuration's default, a value as given, 0 as a negative value (the
+// configuration's zero is its default); a negative or malformed value is
+// refused.
+func TestZeroIsNoLimitFlags(t *testing.T) {
 	for _, c := range []struct {
-		args []string
-		want time.Duration
+		flag, value string
+		read        func(server.Config) int64
+		dflt, given int64
+		bad         []string
 	}{
-		{nil, api.DefaultLoginMaxAge},
-		{[]string{"--login-max-age", "720h"}, 720 * time.Hour},
-		{[]string{"--login-max-age", "0"}, -1},
+		{"--login-max-age", "720h", func(c server.Config) int64 { return int64(c.Auth.LoginMaxAge) },
+			int64(api.DefaultLoginMaxAge), int64(720 * time.Hour), []string{"-1h", "soon"}},
+		{"--account-tokens-per-minute", "120", func(c server.Config) int64 { return int64(c.Auth.TokensPerMinute) },
+			api.DefaultTokensPerMinute, 120, []string{"-1", "many"}},
 	} {
-		got, err := parse(c.args...)
-		if err != nil || got != c.want {
-			t.Errorf("%q: LoginMaxAge %v (%v), want %v", c.args, got, err, c.want)
+		for _, tc := range []struct {
+			args []string
+			want int64
+		}{{nil, c.dflt}, {[]string{c.flag, c.value}, c.given}, {[]string{c.flag, "0"}, -1}} {
+			cfg, err := parseControlFlags(tc.args...)
+			if got := c.read(cfg); err != nil || got != tc.want {
+				t.Errorf("%q: %s reads %d (%v), want %d", tc.args, c.flag, got, err, tc.want)
+			}
 		}
-	}
-	for _, bad := range []string{"-1h", "soon"} {
-		if _, err := parse("--login-max-age", bad); err == nil {
-			t.Errorf("--login-max-age %s was taken", bad)
-		}
-	}
-}
-
-// --account-tokens-per-minute reaches the auth configuration; 0 means no
-// limit (a negative count in the configuration, whose zero is the
-// default); a negative or malformed value is refused.
-func TestAccountTokensPerMinuteFlag(t *testing.T) {
-	parse := func(args ...string) (int, error) {
-		cfg, err := parseControlFlags(args...)
-		return cfg.Auth.TokensPerMinute, err
-	}
-	for _, c := range []struct {
-		args []string
-		want int
-	}{
-		{nil, api.DefaultTokensPerMinute},
-		{[]string{"--account-tokens-per-minute", "120"}, 120},
-		{[]string{"--account-tokens-per-minute", "0"}, -1},
-	} {
-		got, err := parse(c.args...)
-		if err != nil || got != c.want {
-			t.Errorf("%q: TokensPerMinute %v (%v), want %v", c.args, got, err, c.want)
-		}
-	}
-	for _, bad := range []string{"-1", "many"} {
-		if _, err := parse("--account-tokens-per-minute", bad); err == nil {
-			t.Errorf("--account-tokens-per-minute %s was taken", bad)
+		for _, bad := range c.bad {
+			if _, err := parseControlFlags(c.flag, bad); err == nil {
+				t.Errorf("%s %s was taken", c.flag, bad)
+			}
 		}
 	}
 }
