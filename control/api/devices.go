@@ -164,7 +164,7 @@ func (s *DeviceServer) RevokeDevice(ctx context.Context, req *connect.Request[co
 		return nil, err
 	}
 	res, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RevokeDevice{RevokeDevice: &statev1.RevokeDevice{
-		UserId: uid, DeviceId: req.Msg.GetDeviceId(), OnlyUserAccount: only, PurgeLimit: purgeLimit(s.node),
+		UserId: uid, DeviceId: req.Msg.GetDeviceId(), OnlyUserAccount: only, PurgeLimit: PurgeLimit(s.node),
 	}}})
 	if err != nil {
 		return nil, toConnect(err)
@@ -179,7 +179,7 @@ func (s *DeviceServer) DeleteDevice(ctx context.Context, req *connect.Request[co
 		return nil, err
 	}
 	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeleteDevice{DeleteDevice: &statev1.DeleteDevice{
-		UserId: uid, DeviceId: req.Msg.GetDeviceId(), OnlyUserAccount: only, PurgeLimit: purgeLimit(s.node),
+		UserId: uid, DeviceId: req.Msg.GetDeviceId(), OnlyUserAccount: only, PurgeLimit: PurgeLimit(s.node),
 	}}}); err != nil {
 		return nil, toConnect(err)
 	}

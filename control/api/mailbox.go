@@ -73,11 +73,11 @@ var _ edgev1connect.MailboxServiceHandler = (*MailboxServer)(nil)
 // DefaultClaimRecordGrace is MailboxConfig.ClaimRecordGrace's default.
 const DefaultClaimRecordGrace = 10 * time.Minute
 
-// purgeLimit is the purge_limit of a command that deletes or revokes
+// PurgeLimit is the purge_limit of a command that deletes or revokes
 // devices: their mailboxes are emptied fsm.DefaultPurgeLimit entries at
 // a time once every member applies that (feature mailbox_purge), all in
 // the command's entry until then.
-func purgeLimit(node *raftnode.Node) uint32 {
+func PurgeLimit(node *raftnode.Node) uint32 {
 	if node.EveryMemberHas(fsm.FeatureMailboxPurge) {
 		return fsm.DefaultPurgeLimit
 	}

@@ -230,7 +230,7 @@ func (s *UserServer) DeleteUser(ctx context.Context, req *connect.Request[contro
 	if err != nil {
 		return nil, err
 	}
-	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: req.Msg.GetId(), OnlyUserAccount: only, PurgeLimit: purgeLimit(s.node)}}}); err != nil {
+	if _, err := s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: req.Msg.GetId(), OnlyUserAccount: only, PurgeLimit: PurgeLimit(s.node)}}}); err != nil {
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.DeleteUserResponse{}), nil

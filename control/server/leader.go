@@ -106,10 +106,7 @@ func (s *Server) expireMailboxes(ctx context.Context) {
 		// commands, once every member applies that (feature
 		// mailbox_purge), checked before each: a member that withdraws
 		// its features as it stops gets none once the withdrawal applied.
-		var purge uint32
-		if s.node.EveryMemberHas(fsm.FeatureMailboxPurge) {
-			purge = fsm.DefaultPurgeLimit
-		}
+		purge := api.PurgeLimit(s.node)
 		now := time.Now().UnixMilli()
 		due, err := f.MailboxExpiryDue(now, purge > 0)
 		if err != nil || !due {
