@@ -3,6 +3,7 @@ package fsm
 import (
 	"bytes"
 	"crypto/subtle"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"time"
@@ -114,6 +115,12 @@ func (t *txn) issueRefreshToken(op *statev1.IssueRefreshToken) (*statev1.Result,
 			return nil, err
 		}
 	}
+	if op.GetMaxSessions() > MaxSessionCap {
+		return nil, invalid("max_sessions is %d, at most %d allowed", op.GetMaxSessions(), MaxSessionCap)
+	}
+	if op.GetEndedKeptUntilMs() < 0 {
+		return nil, invalid("ended_kept_until_ms is negative")
+	}
 	u, err := t.activeUser(tok.UserId)
 	if err != nil {
 		return nil, err
@@ -137,6 +144,14 @@ func (t *txn) issueRefreshToken(op *statev1.IssueRefreshToken) (*statev1.Result,
 		tok.CreatedAtMs = t.now
 	}
 	fam = statev1.TokenFamily{Id: tok.FamilyId, UserId: tok.UserId, CreatedAtMs: t.now}
+	if limit := op.GetMaxSessions(); limit > 0 {
+		if err := t.capSessions(tok.UserId, int(limit), op.GetEndedKeptUntilMs()); err != nil {
+			return nil, err
+		}
+		if err := t.b.Set(userFamilyKey(fam.UserId, fam.CreatedAtMs, fam.Id), nil); err != nil {
+			return nil, err
+		}
+	}
 	if err := t.put(familyKey(fam.Id), &fam); err != nil {
 		return nil, err
 	}
@@ -154,7 +169,140 @@ func (t *txn) issueRefreshToken(op *statev1.IssueRefreshToken) (*statev1.Result,
 // MaxKeptRotated bounds how many rotated tokens of one family (login)
 // are kept past their own expiry (RotateRefreshToken.keep_rotated_until_ms):
 // a login refreshed every 15 minutes for 90 days rotates 8,640 times.
+// With RotateRefreshToken.bound_rotations it also bounds the rotated
+// tokens a family keeps at all: past that many rotations only the token
+// rotated last of those rotated since is kept.
 const MaxKeptRotated = 10_000
+
+// Bounds of a session cap (IssueRefreshToken.max_sessions).
+const (
+	// MaxSessionCap is the largest cap a login may carry. A capped login
+	// reads every index key of its account (as many as the largest cap
+	// they were opened under: some 200 µs at 1,000, BenchmarkLogin).
+	MaxSessionCap = 1_000
+	// MaxEndedPerLogin bounds the sessions one login ends (each deletes
+	// at most MaxKeptRotated + 1 tokens with bound rotations): at a
+	// steady cap a login ends one; a lowered cap is reached over the
+	// account's next logins.
+	MaxEndedPerLogin = 2
+)
+
+// capSessions ends the oldest sessions (token families) user uid opened
+// under a cap, so that with the one being opened at most limit remain,
+// at most MaxEndedPerLogin of them. It reads the index's keys and the
+// oldest few families. An entry whose family is gone (pruned while the
+// feature was shut, when nothing keeps the index up) is dropped when it
+// comes up among the oldest, counting nothing from then on.
+func (t *txn) capSessions(uid string, limit int, keepUntil int64) error {
+	p := userFamiliesPrefix(uid)
+	n := 0
+	var oldest [][]byte
+	err := t.b.Iterate(p, prefixEnd(p), func(k, _ []byte) (bool, error) {
+		if len(k) <= len(p)+8 {
+			return false, fmt.Errorf("malformed user family key %q", k)
+		}
+		if n++; len(oldest) < maxCapLooks {
+			oldest = append(oldest, bytes.Clone(k))
+		}
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	ended := 0
+	for _, k := range oldest {
+		if n < limit || ended == MaxEndedPerLogin {
+			break
+		}
+		created, fid := int64(binary.BigEndian.Uint64(k[len(p):])), string(k[len(p)+8:])
+		var fam statev1.TokenFamily
+		found, err := t.get(familyKey(fid), &fam)
+		if err != nil {
+			return err
+		}
+		if found && fam.UserId == uid && fam.CreatedAtMs == created {
+			if err := t.endFamily(&fam, keepUntil, "ended by a newer login past the account's session cap"); err != nil {
+				return err
+			}
+			ended++
+		}
+		if err := t.b.Delete(k); err != nil {
+			return err
+		}
+		n--
+	}
+	return nil
+}
+
+// maxCapLooks bounds the index entries a capped login looks at: the
+// sessions it may end and the entries left without a family before them.
+const maxCapLooks = 8 * MaxEndedPerLogin
+
+// Bounds of ending a session (endFamily).
+const (
+	// MaxEndedKeepMs bounds how long an ended session's record is kept
+	// for its access tokens (ended_kept_until_ms).
+	MaxEndedKeepMs = 24 * 60 * 60 * 1000
+	// maxEndTokens bounds the tokens ending one session deletes: a
+	// session with bound rotations holds at most MaxKeptRotated + 2 (the
+	// early rotated ones, the one rotated last, the live one); one opened
+	// before the feature may hold more, which go at their own expiry.
+	maxEndTokens = MaxKeptRotated + 2
+)
+
+// endFamily ends a session: it deletes the family's tokens (at most
+// maxEndTokens of them) and its record, or keeps the record, revoked:
+// until keepUntil (at most MaxEndedKeepMs from now; indexed under Y: for
+// pruning), so that every node refuses the session's access tokens from
+// its own state until they expire, and, when tokens are left, until
+// pruning takes the last of them.
+func (t *txn) endFamily(fam *statev1.TokenFamily, keepUntil int64, reason string) error {
+	p := familyTokensPrefix(fam.UserId, fam.Id)
+	var ids []string
+	left := false
+	err := t.b.Iterate(p, prefixEnd(p), func(k, _ []byte) (bool, error) {
+		if left = len(ids) == maxEndTokens; left {
+			return false, nil
+		}
+		ids = append(ids, string(k[len(p):]))
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		if err := t.deleteTokenRef(fam.UserId, fam.Id, id); err != nil {
+			return err
+		}
+	}
+	keepUntil = min(keepUntil, t.now+MaxEndedKeepMs)
+	if !left && keepUntil <= t.now {
+		return t.b.Delete(familyKey(fam.Id))
+	}
+	if !fam.Revoked {
+		fam.Revoked, fam.RevokedAtMs, fam.RevokeReason = true, t.now, reason
+	}
+	if !left {
+		if err := t.b.Set(endedFamilyKey(keepUntil, fam.Id), nil); err != nil {
+			return err
+		}
+	}
+	return t.put(familyKey(fam.Id), fam)
+}
+
+// deleteTokenRef deletes the token a user-token key names, or the key
+// alone if the token is gone.
+func (t *txn) deleteTokenRef(uid, fid, tid string) error {
+	var tok statev1.RefreshToken
+	found, err := t.get(tokenKey(tid), &tok)
+	if err != nil {
+		return err
+	}
+	if found {
+		return t.deleteToken(&tok)
+	}
+	return t.b.Delete(userTokenKey(uid, fid, tid))
+}
 
 // rotateRefreshToken checks the presented token inside apply, so two
 // racing refreshes with the same token cannot both succeed: the second
@@ -205,7 +353,28 @@ func (t *txn) rotateRefreshToken(op *statev1.RotateRefreshToken) (*statev1.Resul
 		return nil, exists("token %q already exists", next.Id)
 	}
 	cur.Rotated = true
-	if keep := op.GetKeepRotatedUntilMs(); keep > cur.ExpiresAtMs && fam.KeptRotated < MaxKeptRotated {
+	pastBound := false
+	if op.GetBoundRotations() {
+		if fam.Rotations <= MaxKeptRotated {
+			fam.Rotations++
+		}
+		if pastBound = fam.Rotations > MaxKeptRotated; pastBound {
+			// Past the bound only the token rotated last is kept (until
+			// its own expiry, or the next rotation): a login refreshed in
+			// a loop holds a bounded number, and a token presented twice
+			// in a row is still seen as reuse.
+			if fam.LastRotatedId != "" {
+				if err := t.deleteTokenRef(fam.UserId, fam.Id, fam.LastRotatedId); err != nil {
+					return nil, err
+				}
+			}
+			fam.LastRotatedId = cur.Id
+		}
+		if err := t.put(familyKey(fam.Id), &fam); err != nil {
+			return nil, err
+		}
+	}
+	if keep := op.GetKeepRotatedUntilMs(); !pastBound && keep > cur.ExpiresAtMs && fam.KeptRotated < MaxKeptRotated {
 		// Kept, rotated, until the login's end: presenting it after its
 		// own expiry is still reuse (a thief who used it first is cut
 		// off when its owner comes back with it). Counted in the family:
@@ -237,6 +406,9 @@ func (t *txn) rotateRefreshToken(op *statev1.RotateRefreshToken) (*statev1.Resul
 }
 
 func (t *txn) revokeTokenFamily(op *statev1.RevokeTokenFamily) (*statev1.Result, error) {
+	if op.GetEndedKeptUntilMs() < 0 {
+		return nil, invalid("ended_kept_until_ms is negative")
+	}
 	var fam statev1.TokenFamily
 	found, err := t.get(familyKey(op.GetFamilyId()), &fam)
 	if err != nil {
@@ -244,6 +416,15 @@ func (t *txn) revokeTokenFamily(op *statev1.RevokeTokenFamily) (*statev1.Result,
 	}
 	if !found || fam.UserId != op.GetUserId() {
 		return nil, notFound("token family %q not found", op.GetFamilyId())
+	}
+	if op.GetEnd() {
+		// Ended rather than only revoked: its tokens go at once, so a
+		// logged-out session takes no room under its account's session
+		// cap.
+		if err := t.endFamily(&fam, op.GetEndedKeptUntilMs(), op.GetReason()); err != nil {
+			return nil, err
+		}
+		return &statev1.Result{}, t.b.Delete(userFamilyKey(fam.UserId, fam.CreatedAtMs, fam.Id))
 	}
 	if fam.Revoked {
 		return &statev1.Result{}, nil
@@ -307,23 +488,20 @@ func (t *txn) deleteUserTokens(uid string) error {
 		return err
 	}
 	for _, r := range refs {
-		var tok statev1.RefreshToken
-		found, err := t.get(tokenKey(r.tok), &tok)
-		if err != nil {
-			return err
-		}
-		if found {
-			if err := t.deleteToken(&tok); err != nil {
-				return err
-			}
-		} else if err := t.b.Delete(userTokenKey(uid, r.fam, r.tok)); err != nil {
+		if err := t.deleteTokenRef(uid, r.fam, r.tok); err != nil {
 			return err
 		}
 		if err := t.b.Delete(familyKey(r.fam)); err != nil {
 			return err
 		}
 	}
-	return nil
+	// The index is kept only while the feature is in use (a release
+	// without it keeps nothing), so that every replica holds the same.
+	if open, err := t.featureOpen(FeatureSessionCap); err != nil || !open {
+		return err
+	}
+	fp := userFamiliesPrefix(uid)
+	return t.b.DeleteRange(fp, prefixEnd(fp))
 }
 
 // pruneTokens drops refresh tokens that expired before now, and the
@@ -335,13 +513,7 @@ func (t *txn) pruneTokens() error {
 		return nil
 	}
 	end := tokenExpiryKey(t.now, "")
-	var ids []string
-	err := t.b.Iterate(prefixTokenExpiry, end, func(k, _ []byte) (bool, error) {
-		if id, ok := timedSuffix(k, prefixTokenExpiry); ok {
-			ids = append(ids, string(id))
-		}
-		return true, nil
-	})
+	ids, err := dueIDs(t.b, prefixTokenExpiry, end)
 	if err != nil {
 		return err
 	}
@@ -367,6 +539,9 @@ func (t *txn) pruneTokens() error {
 	if err := t.b.DeleteRange(prefixTokenExpiry, end); err != nil {
 		return err
 	}
+	if err := t.pruneEndedFamilies(); err != nil {
+		return err
+	}
 	for _, f := range fams {
 		p := familyTokensPrefix(f.user, f.id)
 		left := false
@@ -377,12 +552,53 @@ func (t *txn) pruneTokens() error {
 			return err
 		}
 		if !left {
-			if err := t.b.Delete(familyKey(f.id)); err != nil {
+			if err := t.deleteFamily(f.user, f.id); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// pruneEndedFamilies deletes the records of ended families kept until
+// now (endFamily), while the feature that writes them is in use (a
+// release without it leaves them, so its replicas hold the same).
+func (t *txn) pruneEndedFamilies() error {
+	if open, err := t.featureOpen(FeatureSessionCap); err != nil || !open {
+		return err
+	}
+	end := endedFamilyKey(t.now+1, "")
+	ids, err := dueIDs(t.b, prefixEndedFamily, end)
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		if err := t.b.Delete(familyKey(id)); err != nil {
+			return err
+		}
+	}
+	return t.b.DeleteRange(prefixEndedFamily, end)
+}
+
+// deleteFamily deletes a family record of user uid that holds no token
+// any more, and its index entry while the feature that keeps the index
+// is in use (as in deleteUserTokens).
+func (t *txn) deleteFamily(uid, fid string) error {
+	if open, err := t.featureOpen(FeatureSessionCap); err != nil {
+		return err
+	} else if open {
+		var fam statev1.TokenFamily
+		found, err := t.get(familyKey(fid), &fam)
+		if err != nil {
+			return err
+		}
+		if found {
+			if err := t.b.Delete(userFamilyKey(uid, fam.CreatedAtMs, fid)); err != nil {
+				return err
+			}
+		}
+	}
+	return t.b.Delete(familyKey(fid))
 }
 
 func (t *txn) rotateSigningKey(op *statev1.RotateSigningKey) (*statev1.Result, error) {

@@ -175,19 +175,26 @@ func TestARotatedTokenIsKeptUntilItsLoginEnds(t *testing.T) {
 	}
 }
 
+// oneLogin is a state with user u logged in once: token t0 (secret
+// key32(0)) of family f, expiring at far, never pruned.
+func oneLogin(t *testing.T) (*FSM, *applier) {
+	t.Helper()
+	f := newFSM(t, Config{PruneEvery: 1 << 20})
+	a := &applier{t: t, f: f}
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
+	if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t0", "f", "u", 0, far)}}); r.Code != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatal(r)
+	}
+	return f, a
+}
+
 // A family keeps at most MaxKeptRotated of its rotated tokens past their
 // own expiry: a login refreshed in a loop stops piling up records, and
 // the first ones (a thief's loop cannot push them out) stay kept.
 func TestKeptRotatedTokensAreBoundedPerLogin(t *testing.T) {
-	f := newFSM(t, Config{PruneEvery: 1 << 20})
-	a := &applier{t: t, f: f}
+	f, a := oneLogin(t)
 	ok := statev1.ResultCode_RESULT_CODE_OK
-	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
-	const far = int64(1 << 50)
 	keep := far + 1
-	if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t0", "f", "u", 0, far)}}); r.Code != ok {
-		t.Fatal(r)
-	}
 	for i := range MaxKeptRotated + 1 {
 		r := a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
 			TokenId: fmt.Sprint("t", i), PresentedSecretHash: key32(byte(i)), Next: tok(fmt.Sprint("t", i+1), "f", "u", byte(i+1), far), KeepRotatedUntilMs: keep}})
@@ -829,9 +836,10 @@ func TestEdgeIDsBelongToTheKeyHoldingTheLease(t *testing.T) {
 // count written, the rotated token's index entry moved).
 func BenchmarkRotateRefreshToken(b *testing.B) {
 	for _, c := range []struct {
-		name string
-		keep int64
-	}{{"plain", 0}, {"kept", 1 << 51}} {
+		name  string
+		keep  int64
+		bound bool
+	}{{"plain", 0, false}, {"kept", 1 << 51, false}, {"kept-bounded", 1 << 51, true}} {
 		b.Run(c.name, func(b *testing.B) {
 			f := newFSM(b, Config{Logger: slog.New(slog.DiscardHandler)})
 			var idx uint64
@@ -852,11 +860,430 @@ func BenchmarkRotateRefreshToken(b *testing.B) {
 			b.ResetTimer()
 			for i := range b.N {
 				r := apply(&statev1.Command{Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
-					TokenId: fmt.Sprint("t", i), PresentedSecretHash: key32(byte(i)), Next: tok(fmt.Sprint("t", i+1), "f", "u", byte(i+1), far), KeepRotatedUntilMs: c.keep}}})
+					TokenId: fmt.Sprint("t", i), PresentedSecretHash: key32(byte(i)), Next: tok(fmt.Sprint("t", i+1), "f", "u", byte(i+1), far), KeepRotatedUntilMs: c.keep, BoundRotations: c.bound}}})
 				if r.GetCode() != ok {
 					b.Fatal(r)
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkLogin is a login's apply (IssueRefreshToken) without a
+// session cap and at a steady cap (every login ends the oldest session),
+// the account holding as many sessions as its cap allows.
+func BenchmarkLogin(b *testing.B) {
+	for _, limit := range []uint32{0, 100, MaxSessionCap} {
+		b.Run(fmt.Sprint("cap-", limit), func(b *testing.B) {
+			f := newFSM(b, Config{Logger: slog.New(slog.DiscardHandler), PruneEvery: 1 << 40})
+			var idx uint64
+			login := func(i int) {
+				idx++
+				cmd := &statev1.Command{ProposedAtMs: 1_000_000 + int64(idx), Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
+					Token: tok(fmt.Sprint("t", i), fmt.Sprint("f", i), "u", byte(i), 1<<50), MaxSessions: limit}}}
+				if r, _ := f.Apply(entry(b, idx, cmd)).(*statev1.Result); r.GetCode() != statev1.ResultCode_RESULT_CODE_OK {
+					b.Fatal(r)
+				}
+			}
+			idx++
+			f.Apply(entry(b, idx, &statev1.Command{ProposedAtMs: 1_000_000, Op: &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}}}))
+			for i := range int(max(limit, 100)) {
+				login(-1 - i)
+			}
+			b.ResetTimer()
+			for i := range b.N {
+				login(i)
+			}
+		})
+	}
+}
+
+// cappedWorld is a state where the feature session_cap is in use (gated
+// apply on, the one node record lists every feature) with user u.
+func cappedWorld(t *testing.T, pruneEvery uint64) (*FSM, *applier) {
+	t.Helper()
+	f := newFSM(t, Config{PruneEvery: pruneEvery})
+	a := &applier{t: t, f: f}
+	a.apply(putNode("n1", Features()))
+	if r := a.apply(&statev1.Command_EnableGatedApply{EnableGatedApply: &statev1.EnableGatedApply{}}); r.Code != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatal(r)
+	}
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u"}}})
+	return f, a
+}
+
+// A login under a session cap ends the account's oldest sessions past
+// it: their tokens and index entries go (their records too, when the
+// login keeps them for no access token), so that an
+// account's sessions hold a bounded part of the state however often it
+// logs in. A logged-out session (RevokeTokenFamily.end) goes at once and
+// takes no room; a revoked one counts in its turn. Sessions opened
+// without a cap are not counted; a lowered cap is reached over several
+// logins; an index entry whose family is gone counts nothing once it
+// comes up.
+func TestASessionCapEndsTheOldestSessions(t *testing.T) {
+	f, a := cappedWorld(t, 1<<20)
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "v", Login: "v"}}})
+	const far = int64(1 << 50)
+	n := 0
+	login := func(uid, fam string, limit uint32) string {
+		t.Helper()
+		n++
+		id := fmt.Sprint("t", n)
+		if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok(id, fam, uid, byte(n), far), MaxSessions: limit}}); r.Code != ok {
+			t.Fatalf("login %s: %v", fam, r)
+		}
+		return id
+	}
+	families := func(want ...string) {
+		t.Helper()
+		var got []string
+		if err := f.store.Iterate(prefixFamily, prefixEnd(prefixFamily), func(k, _ []byte) (bool, error) {
+			got = append(got, string(k[len(prefixFamily):]))
+			return true, nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if slices.Sort(want); !slices.Equal(got, want) {
+			t.Fatalf("families %v, want %v", got, want)
+		}
+		// Every token and index entry left belongs to a family left.
+		for _, p := range [][]byte{prefixUserTokens, prefixUserFamily} {
+			for _, k := range keysWith(t, f, p) {
+				if !slices.ContainsFunc(want, func(fam string) bool { return strings.Contains(k, fam) }) {
+					t.Fatalf("%s left of a family that is gone", k)
+				}
+			}
+		}
+		if toks, exps := len(keysWith(t, f, prefixToken)), len(keysWith(t, f, prefixTokenExpiry)); toks != len(keysWith(t, f, prefixUserTokens)) || toks != exps {
+			t.Fatalf("%d tokens, %d expiry entries, %d user entries", toks, exps, len(keysWith(t, f, prefixUserTokens)))
+		}
+	}
+	revoke := func(fam string, end bool) {
+		t.Helper()
+		if r := a.apply(&statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: fam, UserId: "u", End: end}}); r.Code != ok {
+			t.Fatalf("revoke %s: %v", fam, r)
+		}
+	}
+
+	if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("tx", "fx", "u", 1, far), MaxSessions: MaxSessionCap + 1}}); r.Code != statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT || !strings.Contains(r.Message, "max_sessions") {
+		t.Fatalf("a cap past MaxSessionCap: %v", r)
+	}
+	login("u", "f0", 0) // no cap: not counted, never ended by one
+	t1, h1 := login("u", "f1", 3), byte(n)
+	// f1 refreshed twice: its rotated tokens, kept, go with it.
+	for i := range 2 {
+		next := tok(fmt.Sprint("r", i), "f1", "u", byte(100+i), far)
+		if r := a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: t1, PresentedSecretHash: key32(h1), Next: next, KeepRotatedUntilMs: far + 1}}); r.Code != ok {
+			t.Fatalf("rotate f1: %v", r)
+		}
+		t1, h1 = next.Id, byte(100+i)
+	}
+	login("u", "f2", 3)
+	t3 := login("u", "f3", 3)
+	login("v", "g1", 1)
+	families("f0", "f1", "f2", "f3", "g1")
+	login("u", "f4", 3) // f1, the oldest, ends
+	families("f0", "f2", "f3", "f4", "g1")
+	if r := a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: t1, PresentedSecretHash: key32(h1), Next: tok("r9", "f1", "u", 9, far)}}); r.Code != statev1.ResultCode_RESULT_CODE_NOT_FOUND {
+		t.Fatalf("a token of an ended session: %v, want not recognised", r)
+	}
+	// A logout that ends its session leaves nothing of it, and frees its
+	// room: the next login ends nothing.
+	revoke("f3", true)
+	families("f0", "f2", "f4", "g1")
+	if r := a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: t3, PresentedSecretHash: key32(4), Next: tok("r8", "f3", "u", 8, far)}}); r.Code != statev1.ResultCode_RESULT_CODE_NOT_FOUND {
+		t.Fatalf("a token of a logged-out session: %v, want not recognised", r)
+	}
+	login("u", "f5", 3)
+	families("f0", "f2", "f4", "f5", "g1")
+	// A revoked session (reuse, a new password) is kept, and counts.
+	revoke("f2", false)
+	login("u", "f6", 3)
+	families("f0", "f4", "f5", "f6", "g1")
+	// Another account's logins leave u's sessions alone; its cap of 1
+	// keeps one.
+	login("v", "g2", 1)
+	families("f0", "f4", "f5", "f6", "g2")
+	// A lowered cap ends at most MaxEndedPerLogin a login.
+	login("u", "f7", 1)
+	families("f0", "f6", "f7", "g2")
+	login("u", "f8", 1)
+	families("f0", "f8", "g2")
+	// Entries whose family is gone (as the index is left when a family is
+	// pruned while the feature is shut), the oldest, count nothing once
+	// they come up, and go.
+	b := f.store.NewBatch()
+	if err := b.Set(userFamilyKey("u", 1, "gone"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Set(userFamilyKey("u", 2, "g2"), nil); err != nil { // v's family
+		t.Fatal(err)
+	}
+	if err := b.Set(userFamilyKey("u", 3, "f8"), nil); err != nil { // u's, but not opened then
+		t.Fatal(err)
+	}
+	if err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	login("u", "f9", 2)
+	families("f0", "f8", "f9", "g2")
+	var left []string
+	for _, k := range keysWith(t, f, userFamiliesPrefix("u")) {
+		left = append(left, k[len(k)-3:len(k)-1])
+	}
+	if !slices.Equal(left, []string{"f8", "f9"}) {
+		t.Fatalf("u's index: %v, want f8, f9", left)
+	}
+	// Deleting the user leaves none of its entries.
+	if r := a.apply(&statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "u"}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	families("g2")
+	if got := keysWith(t, f, prefixUserFamily); len(got) != 1 {
+		t.Fatalf("index after u's deletion: %v, want v's entry only", got)
+	}
+}
+
+// With bound_rotations a family counts its rotations and, past
+// MaxKeptRotated of them, keeps only the token rotated last of those
+// rotated since: a login refreshed in a loop holds at most
+// MaxKeptRotated + 2 tokens, whatever their expiry. The early ones stay,
+// and so does the last (reuse of either is still seen); one in between
+// presented again is not recognised.
+func TestBoundRotationsKeepALoginsTokensBounded(t *testing.T) {
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	const rotations = MaxKeptRotated + 3
+	looped := func(t *testing.T) (*FSM, *applier) {
+		f, a := oneLogin(t)
+		for i := range rotations {
+			// Half without a keep (a login with no longest life): counted too.
+			r := a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
+				TokenId: fmt.Sprint("t", i), PresentedSecretHash: key32(byte(i)), Next: tok(fmt.Sprint("t", i+1), "f", "u", byte(i+1), far),
+				KeepRotatedUntilMs: int64(i%2) * (far + 1), BoundRotations: true}})
+			if r.Code != ok {
+				t.Fatalf("rotation %d: %v", i, r)
+			}
+		}
+		return f, a
+	}
+	present := func(a *applier, i int) *statev1.Result {
+		return a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: fmt.Sprint("t", i),
+			PresentedSecretHash: key32(byte(i % 256)), Next: tok(fmt.Sprint("x", i), "f", "u", 1, far), BoundRotations: true}})
+	}
+	f, a := looped(t)
+	for _, i := range []int{0, MaxKeptRotated - 1, rotations - 1} {
+		if got, err := f.GetRefreshToken(fmt.Sprint("t", i)); err != nil || !got.GetRotated() {
+			t.Fatalf("t%d: %v, %v; want kept, rotated", i, got, err)
+		}
+	}
+	for _, i := range []int{MaxKeptRotated, MaxKeptRotated + 1} {
+		if _, err := f.GetRefreshToken(fmt.Sprint("t", i)); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("t%d, rotated past the bound and not last: %v, want deleted", i, err)
+		}
+	}
+	if got, err := f.GetRefreshToken(fmt.Sprint("t", rotations)); err != nil || got.GetRotated() {
+		t.Fatalf("the live token: %v, %v", got, err)
+	}
+	fam, err := f.GetTokenFamily("f")
+	if err != nil || fam.GetRotations() != MaxKeptRotated+1 || fam.GetKeptRotated() != MaxKeptRotated/2 || fam.GetLastRotatedId() != fmt.Sprint("t", rotations-1) {
+		t.Fatalf("family: %v, %v; want %d rotations counted, %d kept, the last rotated t%d", fam, err, MaxKeptRotated+1, MaxKeptRotated/2, rotations-1)
+	}
+	for _, p := range [][]byte{prefixToken, prefixTokenExpiry, prefixUserTokens} {
+		if got := len(keysWith(t, f, p)); got != MaxKeptRotated+2 {
+			t.Fatalf("%d %q entries, want %d", got, p, MaxKeptRotated+2)
+		}
+	}
+	if r := present(a, MaxKeptRotated); r.Code != statev1.ResultCode_RESULT_CODE_NOT_FOUND {
+		t.Fatalf("a deleted rotated token: %v, want not recognised", r)
+	}
+	if r := present(a, rotations-1); r.Code != ok || !r.ReuseDetected {
+		t.Fatalf("the token rotated last: %v, want reuse", r)
+	}
+	_, a = looped(t)
+	if r := present(a, 1); r.Code != ok || !r.ReuseDetected {
+		t.Fatalf("an early rotated token: %v, want reuse", r)
+	}
+}
+
+// A session opened under a cap whose tokens all expire is pruned with its
+// index entry while the feature is in use. While a record lacks it the
+// index is left as a release without the feature leaves it (so that its
+// replicas hold the same), and the entry left counts nothing once it
+// comes up at a capped login.
+func TestAPrunedSessionLeavesNoIndexEntry(t *testing.T) {
+	f, a := cappedWorld(t, 4)
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	now := func() int64 { return 1_000_000 + int64(a.idx) }
+	login := func(i int, exp int64) {
+		t.Helper()
+		if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
+			Token: tok(fmt.Sprint("t", i), fmt.Sprint("f", i), "u", byte(i), exp), MaxSessions: 3}}); r.Code != ok || len(r.FeaturesIgnored) != 0 {
+			t.Fatal(r)
+		}
+	}
+	index := func() (out []string) {
+		for _, k := range keysWith(t, f, prefixUserFamily) {
+			out = append(out, k[len(k)-3:len(k)-1]) // the family id, inside the quotes
+		}
+		return out
+	}
+	login(0, now()+10)
+	login(1, now()+1_000_000)
+	if got := index(); !slices.Equal(got, []string{"f0", "f1"}) {
+		t.Fatalf("index: %v", got)
+	}
+	a.advanceTo(now() + 20)
+	if _, err := f.GetTokenFamily("f0"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("f0 past its token's expiry: %v, want pruned", err)
+	}
+	if got := index(); !slices.Equal(got, []string{"f1"}) {
+		t.Fatalf("index after f0 was pruned: %v, want f1's entry only", got)
+	}
+
+	// Shut: f2 is pruned, its entry stays; so do the entries of a user
+	// deleted meanwhile.
+	login(2, now()+10)
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "w", Login: "w"}}})
+	if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("tw", "fw", "w", 9, now()+1_000_000), MaxSessions: 3}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	a.apply(putNode("n2", withoutFeature(FeatureSessionCap)))
+	if r := a.apply(&statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: "w"}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	a.advanceTo(now() + 20)
+	if _, err := f.GetTokenFamily("f2"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("f2 past its token's expiry: %v, want pruned", err)
+	}
+	if got := index(); !slices.Equal(got, []string{"f1", "f2", "fw"}) {
+		t.Fatalf("index after f2 was pruned and w deleted with the feature shut: %v, want their entries kept", got)
+	}
+	// Open again: f3's login counts f2's entry too (3 of 3), f4's ends
+	// the oldest, f1; f5's, under a cap of 1, drops f2's entry without
+	// counting it among the sessions it may end, and ends f3 and f4.
+	a.apply(putNode("n2", Features()))
+	login(3, now()+1_000_000)
+	login(4, now()+1_000_000)
+	if got := index(); !slices.Equal(got, []string{"f2", "f3", "f4", "fw"}) {
+		t.Fatalf("index: %v, want f2, f3, f4 (and the deleted w's fw)", got)
+	}
+	if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
+		Token: tok("t5", "f5", "u", 5, now()+1_000_000), MaxSessions: 1}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	if got := index(); !slices.Equal(got, []string{"f5", "fw"}) {
+		t.Fatalf("index after a login with a cap of 1: %v, want f5 (and the deleted w's fw)", got)
+	}
+	for _, fam := range []string{"f1", "f3", "f4"} {
+		if _, err := f.GetTokenFamily(fam); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("%s: %v, want ended", fam, err)
+		}
+	}
+}
+
+// An ended session (by the cap, or a logout that ends it) loses its
+// tokens at once, and its record stays, revoked, until the time the
+// command gives (at most MaxEndedKeepMs away), so every node refuses its
+// access tokens from its own state until they expire; pruning then
+// deletes it, while the feature is in use.
+func TestAnEndedSessionIsKeptRevokedForItsAccessTokens(t *testing.T) {
+	f, a := cappedWorld(t, 4)
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	now := func() int64 { return 1_000_000 + int64(a.idx) }
+	login := func(i int, limit uint32, keep int64) {
+		t.Helper()
+		if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
+			Token: tok(fmt.Sprint("t", i), fmt.Sprint("f", i), "u", byte(i), far), MaxSessions: limit, EndedKeptUntilMs: keep}}); r.Code != ok {
+			t.Fatal(r)
+		}
+	}
+	end := func(i int, keep int64) {
+		t.Helper()
+		if r := a.apply(&statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{
+			FamilyId: fmt.Sprint("f", i), UserId: "u", Reason: "logout", End: true, EndedKeptUntilMs: keep}}); r.Code != ok {
+			t.Fatal(r)
+		}
+	}
+	// kept reports whether family i is kept revoked without tokens (and
+	// fails if it is there otherwise).
+	kept := func(i int) bool {
+		t.Helper()
+		fam, err := f.GetTokenFamily(fmt.Sprint("f", i))
+		if errors.Is(err, ErrNotFound) {
+			return false
+		}
+		if err != nil || !fam.GetRevoked() {
+			t.Fatalf("f%d: %v, %v; want revoked", i, fam, err)
+		}
+		if n, _ := f.UserTokenCount("u"); slices.ContainsFunc(keysWith(t, f, prefixUserTokens), func(k string) bool { return strings.Contains(k, fmt.Sprintf(`\x00f%d\x00`, i)) }) {
+			t.Fatalf("f%d ended with tokens left (%d for u)", i, n)
+		}
+		return true
+	}
+	login(1, 1, 0)
+	at := now()
+	login(2, 1, at+50) // ends f1, kept until +50
+	end(2, at+60)      // a logout: kept until +60
+	login(3, 5, 0)
+	end(3, at+10*MaxEndedKeepMs) // kept a day at most
+	if !kept(1) || !kept(2) || !kept(3) {
+		t.Fatal("an ended session's record is not kept")
+	}
+	if got, want := keysWith(t, f, prefixEndedFamily), []string{
+		fmt.Sprintf("%q", endedFamilyKey(at+50, "f1")), fmt.Sprintf("%q", endedFamilyKey(at+60, "f2")), fmt.Sprintf("%q", endedFamilyKey(now()+MaxEndedKeepMs, "f3")),
+	}; !slices.Equal(got, want) {
+		t.Fatalf("ended families: %v, want %v", got, want)
+	}
+	// f4, ended with no keep: deleted at once.
+	login(4, 5, 0)
+	end(4, 0)
+	if kept(4) {
+		t.Fatal("f4 ended without a keep is still there")
+	}
+	a.advanceTo(at + 55)
+	if kept(1) || !kept(2) {
+		t.Fatal("past f1's keep: want f1 pruned, f2 kept")
+	}
+	// While a record lacks the feature, nothing is pruned (a release
+	// without it would not); once all list it again, it is.
+	a.apply(putNode("n2", withoutFeature(FeatureSessionCap)))
+	a.advanceTo(at + 70)
+	if !kept(2) {
+		t.Fatal("f2 pruned while the feature was shut")
+	}
+	a.apply(putNode("n2", Features()))
+	a.advanceTo(at + 80)
+	if kept(2) || !kept(3) {
+		t.Fatal("with the feature open again: want f2 pruned, f3 kept")
+	}
+}
+
+// Ending a session deletes at most maxEndTokens of its tokens in one
+// entry: a session from before the bound on rotations may hold more
+// (they went at their own expiry); it stays revoked until pruning takes
+// the rest.
+func TestEndingASessionDeletesABoundedNumberOfTokens(t *testing.T) {
+	f, a := oneLogin(t)
+	ok := statev1.ResultCode_RESULT_CODE_OK
+	const total = maxEndTokens + 2
+	for i := range total - 1 {
+		if r := a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
+			TokenId: fmt.Sprint("t", i), PresentedSecretHash: key32(byte(i)), Next: tok(fmt.Sprint("t", i+1), "f", "u", byte(i+1), far)}}); r.Code != ok {
+			t.Fatalf("rotation %d: %v", i, r)
+		}
+	}
+	if r := a.apply(&statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: "f", UserId: "u", End: true, EndedKeptUntilMs: 1}}); r.Code != ok {
+		t.Fatal(r)
+	}
+	if n, err := f.UserTokenCount("u"); err != nil || n != total-maxEndTokens {
+		t.Fatalf("tokens left: %d, %v; want %d", n, err, total-maxEndTokens)
+	}
+	if fam, err := f.GetTokenFamily("f"); err != nil || !fam.GetRevoked() {
+		t.Fatalf("the family with tokens left: %v, %v; want kept, revoked", fam, err)
+	}
+	if got := keysWith(t, f, prefixEndedFamily); len(got) != 0 {
+		t.Fatalf("ended-family entries: %v; want none while tokens are left (pruning takes the family with the last)", got)
 	}
 }

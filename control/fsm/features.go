@@ -56,6 +56,12 @@ const (
 	// FeatureRefreshKeepRotated: RotateRefreshToken's
 	// keep_rotated_until_ms.
 	FeatureRefreshKeepRotated = "refresh_keep_rotated"
+	// FeatureSessionCap: IssueRefreshToken's max_sessions (and the
+	// per-user family index it writes, kept up by pruning and user
+	// deletion while the feature is in use), RotateRefreshToken's
+	// bound_rotations, RevokeTokenFamily's end, and both commands'
+	// ended_kept_until_ms (and the ended records' pruning).
+	FeatureSessionCap = "session_cap"
 )
 
 // Bounds of a node's feature list.
@@ -66,7 +72,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys, FeatureGatedApply, FeatureMailboxExpireBytes, FeatureRefreshKeepRotated}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys, FeatureGatedApply, FeatureMailboxExpireBytes, FeatureRefreshKeepRotated, FeatureSessionCap}
 	slices.Sort(f)
 	return f
 }
@@ -123,6 +129,19 @@ func ignoreFeature(feature string, cmd *statev1.Command) bool {
 	case FeatureRefreshKeepRotated:
 		if op := cmd.GetRotateRefreshToken(); op != nil && op.KeepRotatedUntilMs != 0 {
 			op.KeepRotatedUntilMs = 0
+			return true
+		}
+	case FeatureSessionCap:
+		if op := cmd.GetIssueRefreshToken(); op != nil && (op.MaxSessions != 0 || op.EndedKeptUntilMs != 0) {
+			op.MaxSessions, op.EndedKeptUntilMs = 0, 0
+			return true
+		}
+		if op := cmd.GetRotateRefreshToken(); op != nil && op.BoundRotations {
+			op.BoundRotations = false
+			return true
+		}
+		if op := cmd.GetRevokeTokenFamily(); op != nil && (op.End || op.EndedKeptUntilMs != 0) {
+			op.End, op.EndedKeptUntilMs = false, 0
 			return true
 		}
 	}

@@ -493,13 +493,7 @@ func (f *FSM) prune(b *state.Batch, rev uint64) error {
 	}
 	if rev > f.cfg.RequestRetention {
 		end := requestRevKey(rev-f.cfg.RequestRetention, "")
-		var ids []string
-		err := b.Iterate(prefixRequestRev, end, func(k, _ []byte) (bool, error) {
-			if id, ok := timedSuffix(k, prefixRequestRev); ok {
-				ids = append(ids, string(id))
-			}
-			return true, nil
-		})
+		ids, err := dueIDs(b, prefixRequestRev, end)
 		if err != nil {
 			return err
 		}

@@ -191,16 +191,29 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 				// some kept until later, so that a kept token is presented
 				// again past its own expiry, and pruned at the keep.
 				cur := refresh[len(refresh)-1-r.IntN(min(len(refresh), 3))]
+				if r.IntN(5) == 0 {
+					// A logout, some ending their session.
+					end := r.IntN(2) == 0
+					cmd.Op = &statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: cur.FamilyId, UserId: cur.UserId,
+						Reason: "logout", End: end, EndedKeptUntilMs: int64(r.IntN(2)) * (cmd.ProposedAtMs + int64(r.IntN(3000)))}}
+					break
+				}
 				next := tok(fmt.Sprint("rt", i), cur.FamilyId, cur.UserId, byte(i), cmd.ProposedAtMs+int64(r.IntN(3000)))
 				refresh = append(refresh, next)
 				cmd.Op = &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: cur.Id,
-					PresentedSecretHash: cur.SecretHash, Next: next, KeepRotatedUntilMs: int64(r.IntN(2)) * (cmd.ProposedAtMs + int64(r.IntN(6000)))}}
+					PresentedSecretHash: cur.SecretHash, Next: next, KeepRotatedUntilMs: int64(r.IntN(2)) * (cmd.ProposedAtMs + int64(r.IntN(6000))),
+					BoundRotations: r.IntN(2) == 0}}
 				break
 			}
 			uid := pickUser()
+			if len(users) > 0 && r.IntN(2) == 0 {
+				uid = users[r.IntN(min(len(users), 3))] // a few accounts with many logins: caps end some
+			}
 			issued := tok(fmt.Sprint("rt", i), fmt.Sprint("rf", i), uid, byte(i), cmd.ProposedAtMs+int64(r.IntN(3000)))
 			refresh = append(refresh, issued)
-			cmd.Op = &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: issued, Succeeded: pickAttempt()}}
+			// Some under a session cap of 1 to 3 (ending earlier ones).
+			cmd.Op = &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: issued, Succeeded: pickAttempt(),
+				MaxSessions: uint32(r.IntN(4)), EndedKeptUntilMs: int64(r.IntN(2)) * (cmd.ProposedAtMs + int64(r.IntN(3000)))}}
 		case 0, 1, 2:
 			id := fmt.Sprintf("u%d", r.IntN(400))
 			users = append(users, id)
@@ -339,7 +352,7 @@ func TestDeterminism(t *testing.T) {
 			}
 		}
 	}
-	for _, f := range []string{FeatureMailboxExpireBytes, FeatureRefreshKeepRotated} {
+	for _, f := range []string{FeatureMailboxExpireBytes, FeatureRefreshKeepRotated, FeatureSessionCap} {
 		if ignored[f] < 5 {
 			t.Fatalf("feature %s ignored at too few entries: %v", f, ignored)
 		}
@@ -441,6 +454,9 @@ func TestRejectionsChangeNothing(t *testing.T) {
 		{"gated apply while no record lists it", &statev1.Command_EnableGatedApply{EnableGatedApply: &statev1.EnableGatedApply{}}, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION, "gated_apply"},
 		{"deregister missing edge", &statev1.Command_DeregisterEdge{DeregisterEdge: &statev1.DeregisterEdge{Id: "nope"}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nope"},
 		{"token for missing user", &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "nobody", SecretHash: key32(3), ExpiresAtMs: 1 << 50}}}, statev1.ResultCode_RESULT_CODE_NOT_FOUND, "nobody"},
+		{"token with too high a session cap", &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "alice", SecretHash: key32(3), ExpiresAtMs: 1 << 50}, MaxSessions: MaxSessionCap + 1}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "max_sessions"},
+		{"token with a negative keep for ended sessions", &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "alice", SecretHash: key32(3), ExpiresAtMs: 1 << 50}, MaxSessions: 1, EndedKeptUntilMs: -1}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "ended_kept_until_ms"},
+		{"logout with a negative keep", &statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: "f1", UserId: "alice", End: true, EndedKeptUntilMs: -1}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "ended_kept_until_ms"},
 		{"token with short hash", &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: &statev1.RefreshToken{Id: "t1", FamilyId: "f1", UserId: "alice", SecretHash: []byte{1}, ExpiresAtMs: 1 << 50}}}, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "secret_hash"},
 		{"unknown role", user(&statev1.User{Id: "x", Login: "x", Role: "root"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.role"},
 		{"node role for an account", user(&statev1.User{Id: "x", Login: "x", Role: "node"}), statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "user.role"},

@@ -99,6 +99,18 @@ func (t *txn) gatedApplyOn() (bool, error) {
 	return t.gates.on, err
 }
 
+// featureOpen reports whether a feature gated at apply is in use at this
+// entry: gated apply is on and every node record lists it. What apply
+// does by itself for such a feature (upkeep in pruning, in a deletion)
+// waits for it as the commands' fields do, so that a replica of a release
+// without the feature, which does none of it, holds the same state.
+func (t *txn) featureOpen(feature string) (bool, error) {
+	if err := t.gates.ensure(t.b); err != nil {
+		return false, err
+	}
+	return t.gates.on && !slices.Contains(t.gates.shut, feature), nil
+}
+
 // enableGatedApply applies EnableGatedApply.
 func (t *txn) enableGatedApply() (*statev1.Result, error) {
 	if on, err := t.gatedApplyOn(); err != nil || on {

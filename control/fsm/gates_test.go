@@ -291,6 +291,18 @@ func gatedSamples() map[string][][2]*statev1.Command {
 			{Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: "t1", PresentedSecretHash: key32(1),
 				Next: tok("t2", "f", "u", 2, 5_000_000)}}},
 		}},
+		FeatureSessionCap: {{
+			{Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t1", "f", "u", 2, 5_000_000), MaxSessions: 3, EndedKeptUntilMs: 9}}},
+			{Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t1", "f", "u", 2, 5_000_000)}}},
+		}, {
+			{Op: &statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: "f", UserId: "u", Reason: "logout", End: true, EndedKeptUntilMs: 9}}},
+			{Op: &statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: "f", UserId: "u", Reason: "logout"}}},
+		}, {
+			{Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: "t1", PresentedSecretHash: key32(1),
+				Next: tok("t2", "f", "u", 2, 5_000_000), BoundRotations: true}}},
+			{Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: "t1", PresentedSecretHash: key32(1),
+				Next: tok("t2", "f", "u", 2, 5_000_000)}}},
+		}},
 	}
 }
 

@@ -3,6 +3,8 @@ package fsm
 import (
 	"encoding/binary"
 	"encoding/hex"
+
+	"github.com/edge-relay/relay/storage/state"
 )
 
 // Key layout of the state store. Every key starts with a one-byte prefix
@@ -25,6 +27,14 @@ import (
 //	X:<expires:8><token id>   empty; orders refresh tokens for expiry
 //	f:<family id>             state.v1.TokenFamily
 //	x:<user>\x00<family>\x00<token>  empty; a user's tokens, for deletion
+//	F:<user>\x00<created:8><family>   empty; a user's families opened
+//	                          under a session cap (IssueRefreshToken.
+//	                          max_sessions), oldest first; kept up only
+//	                          while the feature session_cap is in use
+//	Y:<until:8><family id>    empty; a family ended (its tokens deleted)
+//	                          whose record is kept, revoked, until then
+//	                          for its access tokens; pruned while the
+//	                          feature session_cap is in use
 //	s:<key id>                state.v1.SigningKey
 //	k:<key id>                state.v1.SessionKey
 //	m:initialized             present once InitCluster applied
@@ -74,6 +84,8 @@ var (
 	prefixTokenExpiry = []byte("X:")
 	prefixFamily      = []byte("f:")
 	prefixUserTokens  = []byte("x:")
+	prefixUserFamily  = []byte("F:")
+	prefixEndedFamily = []byte("Y:")
 	prefixSigningKey  = []byte("s:")
 	prefixSessionKey  = []byte("k:")
 	prefixEdge        = []byte("e:")
@@ -111,6 +123,17 @@ func userTokensPrefix(uid string) []byte {
 	return append(join(prefixUserTokens, uid), 0)
 }
 
+// userFamilyKey indexes a family under its user, ordered by when it was
+// opened (then by id).
+func userFamilyKey(uid string, created int64, fid string) []byte {
+	k := userFamiliesPrefix(uid)
+	k = binary.BigEndian.AppendUint64(k, uint64(created))
+	return append(k, fid...)
+}
+func userFamiliesPrefix(uid string) []byte {
+	return append(join(prefixUserFamily, uid), 0)
+}
+
 func tokenExpiryKey(expires int64, id string) []byte {
 	k := make([]byte, 0, len(prefixTokenExpiry)+8+len(id))
 	k = append(k, prefixTokenExpiry...)
@@ -120,6 +143,14 @@ func tokenExpiryKey(expires int64, id string) []byte {
 
 func throttleAddrKey(hash []byte) []byte   { return join(prefixThrottle, "a"+hex.EncodeToString(hash)) }
 func throttleLoginKey(login string) []byte { return join(prefixThrottle, "l"+login) }
+
+// endedFamilyKey indexes an ended family's record for pruning at until.
+func endedFamilyKey(until int64, id string) []byte {
+	k := make([]byte, 0, len(prefixEndedFamily)+8+len(id))
+	k = append(k, prefixEndedFamily...)
+	k = binary.BigEndian.AppendUint64(k, uint64(until))
+	return append(k, id...)
+}
 
 func throttleExpiryKey(expires int64, key []byte) []byte {
 	k := make([]byte, 0, len(prefixThrottleExp)+8+len(key))
@@ -219,6 +250,20 @@ func timedSuffix(k, prefix []byte) ([]byte, bool) {
 		return nil, false
 	}
 	return k[len(prefix)+8:], true
+}
+
+// dueIDs returns, in key order, the ids of the index entries under
+// prefix before end (prefix, an 8-byte time or revision, an id), those
+// timedSuffix takes.
+func dueIDs(r state.Reader, prefix, end []byte) ([]string, error) {
+	var ids []string
+	err := r.Iterate(prefix, end, func(k, _ []byte) (bool, error) {
+		if id, ok := timedSuffix(k, prefix); ok {
+			ids = append(ids, string(id))
+		}
+		return true, nil
+	})
+	return ids, err
 }
 
 // parseMailExpiryKey returns the device id and seq of an expiry key.

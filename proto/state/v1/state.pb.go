@@ -866,7 +866,19 @@ type TokenFamily struct {
 	// (RotateRefreshToken.keep_rotated_until_ms): at most
 	// fsm.MaxKeptRotated, so that a login refreshed in a loop does not
 	// pile up records until its end.
-	KeptRotated   uint32 `protobuf:"varint,7,opt,name=kept_rotated,json=keptRotated,proto3" json:"kept_rotated,omitempty"`
+	KeptRotated uint32 `protobuf:"varint,7,opt,name=kept_rotated,json=keptRotated,proto3" json:"kept_rotated,omitempty"`
+	// Rotations counted since the feature session_cap
+	// (RotateRefreshToken.bound_rotations), up to fsm.MaxKeptRotated + 1:
+	// past fsm.MaxKeptRotated of them only the token rotated last of those
+	// rotated since is kept for reuse detection (last_rotated_id), so that
+	// one login holds a bounded number of tokens however long it is
+	// refreshed in a loop.
+	Rotations uint32 `protobuf:"varint,8,opt,name=rotations,proto3" json:"rotations,omitempty"`
+	// Past fsm.MaxKeptRotated rotations (bound_rotations): the token
+	// rotated last, kept until the next rotation deletes it, so that a
+	// token presented twice in a row (two racing refreshes, a thief and
+	// its owner one after the other) is still seen as reuse.
+	LastRotatedId string `protobuf:"bytes,9,opt,name=last_rotated_id,json=lastRotatedId,proto3" json:"last_rotated_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -948,6 +960,20 @@ func (x *TokenFamily) GetKeptRotated() uint32 {
 		return x.KeptRotated
 	}
 	return 0
+}
+
+func (x *TokenFamily) GetRotations() uint32 {
+	if x != nil {
+		return x.Rotations
+	}
+	return 0
+}
+
+func (x *TokenFamily) GetLastRotatedId() string {
+	if x != nil {
+		return x.LastRotatedId
+	}
+	return ""
 }
 
 // SigningKey is a key that signs access tokens (Ed25519).
@@ -2806,9 +2832,26 @@ type IssueRefreshToken struct {
 	// is issued only while the account still has it, so a login that
 	// raced a change of password (which revoked the sessions open then)
 	// cannot open a session that outlives it. Empty: not checked.
-	PasswordHash  string `protobuf:"bytes,3,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PasswordHash string `protobuf:"bytes,3,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	// The most sessions (token families) the account may hold; 0: no cap.
+	// When set, the family is indexed under its user and, before it is
+	// opened, the account's oldest indexed families past max_sessions - 1
+	// are ended (their tokens deleted, their records revoked until
+	// ended_kept_until_ms), at most
+	// fsm.MaxEndedPerLogin of them per login, so that a lowered cap is
+	// reached over the next logins. Families opened without it are not
+	// counted and end at their own expiry. At most fsm.MaxSessionCap.
+	// Written only once every member lists the feature session_cap (gated
+	// at apply too); never for an edge's account (edges share one).
+	MaxSessions uint32 `protobuf:"varint,4,opt,name=max_sessions,json=maxSessions,proto3" json:"max_sessions,omitempty"`
+	// Until when the record of a family this login ends stays, revoked,
+	// without its tokens, so that every node refuses that session's access
+	// tokens from its own state until they expire (the writer sets now +
+	// the access tokens' lifetime and leeway; at most a day after the
+	// command's time); 0: deleted at once.
+	EndedKeptUntilMs int64 `protobuf:"varint,5,opt,name=ended_kept_until_ms,json=endedKeptUntilMs,proto3" json:"ended_kept_until_ms,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *IssueRefreshToken) Reset() {
@@ -2860,6 +2903,20 @@ func (x *IssueRefreshToken) GetPasswordHash() string {
 		return x.PasswordHash
 	}
 	return ""
+}
+
+func (x *IssueRefreshToken) GetMaxSessions() uint32 {
+	if x != nil {
+		return x.MaxSessions
+	}
+	return 0
+}
+
+func (x *IssueRefreshToken) GetEndedKeptUntilMs() int64 {
+	if x != nil {
+		return x.EndedKeptUntilMs
+	}
+	return 0
 }
 
 // ThrottlePolicy is the login throttling policy (docs/api.md). It travels
@@ -3194,8 +3251,16 @@ type RotateRefreshToken struct {
 	PresentedSecretHash []byte                 `protobuf:"bytes,2,opt,name=presented_secret_hash,json=presentedSecretHash,proto3" json:"presented_secret_hash,omitempty"`
 	Next                *RefreshToken          `protobuf:"bytes,3,opt,name=next,proto3" json:"next,omitempty"`
 	KeepRotatedUntilMs  int64                  `protobuf:"varint,4,opt,name=keep_rotated_until_ms,json=keepRotatedUntilMs,proto3" json:"keep_rotated_until_ms,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// The family counts this rotation (TokenFamily.rotations) and, past
+	// fsm.MaxKeptRotated rotations, keeps only the token rotated last
+	// (TokenFamily.last_rotated_id) of those rotated since: the one before
+	// it is deleted (a later presentation of that one is not recognised
+	// rather than reuse).
+	// Written only once every member lists the feature session_cap (gated
+	// at apply too).
+	BoundRotations bool `protobuf:"varint,5,opt,name=bound_rotations,json=boundRotations,proto3" json:"bound_rotations,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *RotateRefreshToken) Reset() {
@@ -3256,15 +3321,30 @@ func (x *RotateRefreshToken) GetKeepRotatedUntilMs() int64 {
 	return 0
 }
 
+func (x *RotateRefreshToken) GetBoundRotations() bool {
+	if x != nil {
+		return x.BoundRotations
+	}
+	return false
+}
+
 // RevokeTokenFamily ends a family (logout).
 type RevokeTokenFamily struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	FamilyId string                 `protobuf:"bytes,1,opt,name=family_id,json=familyId,proto3" json:"family_id,omitempty"`
 	// The family must belong to this user.
-	UserId        string `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	UserId string `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The family's tokens are deleted (its refresh tokens are then not
+	// recognised) and its record kept, revoked, only until
+	// ended_kept_until_ms, so that a logged-out session takes no room
+	// under its account's session cap. Written only once every member
+	// lists the feature session_cap (gated at apply too).
+	End bool `protobuf:"varint,4,opt,name=end,proto3" json:"end,omitempty"`
+	// With end: as IssueRefreshToken.ended_kept_until_ms.
+	EndedKeptUntilMs int64 `protobuf:"varint,5,opt,name=ended_kept_until_ms,json=endedKeptUntilMs,proto3" json:"ended_kept_until_ms,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *RevokeTokenFamily) Reset() {
@@ -3316,6 +3396,20 @@ func (x *RevokeTokenFamily) GetReason() string {
 		return x.Reason
 	}
 	return ""
+}
+
+func (x *RevokeTokenFamily) GetEnd() bool {
+	if x != nil {
+		return x.End
+	}
+	return false
+}
+
+func (x *RevokeTokenFamily) GetEndedKeptUntilMs() int64 {
+	if x != nil {
+		return x.EndedKeptUntilMs
+	}
+	return 0
 }
 
 // RotateSigningKey makes key the current signing key; the previous one
@@ -4525,7 +4619,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"secretHash\x12\"\n" +
 	"\rcreated_at_ms\x18\x05 \x01(\x03R\vcreatedAtMs\x12\"\n" +
 	"\rexpires_at_ms\x18\x06 \x01(\x03R\vexpiresAtMs\x12\x18\n" +
-	"\arotated\x18\a \x01(\bR\arotated\"\xe0\x01\n" +
+	"\arotated\x18\a \x01(\bR\arotated\"\xa6\x02\n" +
 	"\vTokenFamily\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\"\n" +
@@ -4533,7 +4627,9 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\arevoked\x18\x04 \x01(\bR\arevoked\x12\"\n" +
 	"\rrevoked_at_ms\x18\x05 \x01(\x03R\vrevokedAtMs\x12#\n" +
 	"\rrevoke_reason\x18\x06 \x01(\tR\frevokeReason\x12!\n" +
-	"\fkept_rotated\x18\a \x01(\rR\vkeptRotated\"\xce\x01\n" +
+	"\fkept_rotated\x18\a \x01(\rR\vkeptRotated\x12\x1c\n" +
+	"\trotations\x18\b \x01(\rR\trotations\x12&\n" +
+	"\x0flast_rotated_id\x18\t \x01(\tR\rlastRotatedId\"\xce\x01\n" +
 	"\n" +
 	"SigningKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
@@ -4676,11 +4772,13 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x12\n" +
 	"\x04name\x18\x03 \x01(\tR\x04name\x12*\n" +
-	"\x11only_user_account\x18\x04 \x01(\bR\x0fonlyUserAccount\"\x9c\x01\n" +
+	"\x11only_user_account\x18\x04 \x01(\bR\x0fonlyUserAccount\"\xee\x01\n" +
 	"\x11IssueRefreshToken\x12,\n" +
 	"\x05token\x18\x01 \x01(\v2\x16.state.v1.RefreshTokenR\x05token\x124\n" +
 	"\tsucceeded\x18\x02 \x01(\v2\x16.state.v1.LoginAttemptR\tsucceeded\x12#\n" +
-	"\rpassword_hash\x18\x03 \x01(\tR\fpasswordHash\"\xef\x01\n" +
+	"\rpassword_hash\x18\x03 \x01(\tR\fpasswordHash\x12!\n" +
+	"\fmax_sessions\x18\x04 \x01(\rR\vmaxSessions\x12-\n" +
+	"\x13ended_kept_until_ms\x18\x05 \x01(\x03R\x10endedKeptUntilMs\"\xef\x01\n" +
 	"\x0eThrottlePolicy\x12\x1b\n" +
 	"\taddr_free\x18\x01 \x01(\rR\baddrFree\x12\x1d\n" +
 	"\n" +
@@ -4703,16 +4801,19 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\fLoginAttempt\x12\x14\n" +
 	"\x05login\x18\x01 \x01(\tR\x05login\x12\x1b\n" +
 	"\taddr_hash\x18\x02 \x01(\fR\baddrHash\x120\n" +
-	"\x06policy\x18\x03 \x01(\v2\x18.state.v1.ThrottlePolicyR\x06policy\"\xc2\x01\n" +
+	"\x06policy\x18\x03 \x01(\v2\x18.state.v1.ThrottlePolicyR\x06policy\"\xeb\x01\n" +
 	"\x12RotateRefreshToken\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\tR\atokenId\x122\n" +
 	"\x15presented_secret_hash\x18\x02 \x01(\fR\x13presentedSecretHash\x12*\n" +
 	"\x04next\x18\x03 \x01(\v2\x16.state.v1.RefreshTokenR\x04next\x121\n" +
-	"\x15keep_rotated_until_ms\x18\x04 \x01(\x03R\x12keepRotatedUntilMs\"a\n" +
+	"\x15keep_rotated_until_ms\x18\x04 \x01(\x03R\x12keepRotatedUntilMs\x12'\n" +
+	"\x0fbound_rotations\x18\x05 \x01(\bR\x0eboundRotations\"\xa2\x01\n" +
 	"\x11RevokeTokenFamily\x12\x1b\n" +
 	"\tfamily_id\x18\x01 \x01(\tR\bfamilyId\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"v\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x10\n" +
+	"\x03end\x18\x04 \x01(\bR\x03end\x12-\n" +
+	"\x13ended_kept_until_ms\x18\x05 \x01(\x03R\x10endedKeptUntilMs\"v\n" +
 	"\x10RotateSigningKey\x12&\n" +
 	"\x03key\x18\x01 \x01(\v2\x14.state.v1.SigningKeyR\x03key\x12\x1b\n" +
 	"\tretain_ms\x18\x02 \x01(\x03R\bretainMs\x12\x1d\n" +

@@ -52,7 +52,13 @@ type AuthServiceClient interface {
 	// Refresh exchanges a refresh token for new tokens. The presented token
 	// is used up; presenting it again revokes its whole family.
 	Refresh(context.Context, *connect.Request[v1.RefreshRequest]) (*connect.Response[v1.RefreshResponse], error)
-	// Logout revokes the refresh token's family.
+	// Logout ends the refresh token's session (its family): its access and
+	// refresh tokens stop working on every member. Once every member runs
+	// a release with the feature session_cap its refresh tokens are
+	// deleted (then "not recognised": a second Logout with the same token
+	// is not_found) and its record is kept, revoked, only as long as its
+	// access tokens live, so that it takes no room under the account's
+	// session cap; before, it is kept, revoked, until its tokens expire.
 	Logout(context.Context, *connect.Request[v1.LogoutRequest]) (*connect.Response[v1.LogoutResponse], error)
 	// ChangePassword sets the caller's own password, given its current
 	// one. The caller's other sessions end (their refresh and access tokens
@@ -137,7 +143,13 @@ type AuthServiceHandler interface {
 	// Refresh exchanges a refresh token for new tokens. The presented token
 	// is used up; presenting it again revokes its whole family.
 	Refresh(context.Context, *connect.Request[v1.RefreshRequest]) (*connect.Response[v1.RefreshResponse], error)
-	// Logout revokes the refresh token's family.
+	// Logout ends the refresh token's session (its family): its access and
+	// refresh tokens stop working on every member. Once every member runs
+	// a release with the feature session_cap its refresh tokens are
+	// deleted (then "not recognised": a second Logout with the same token
+	// is not_found) and its record is kept, revoked, only as long as its
+	// access tokens live, so that it takes no room under the account's
+	// session cap; before, it is kept, revoked, until its tokens expire.
 	Logout(context.Context, *connect.Request[v1.LogoutRequest]) (*connect.Response[v1.LogoutResponse], error)
 	// ChangePassword sets the caller's own password, given its current
 	// one. The caller's other sessions end (their refresh and access tokens
