@@ -382,8 +382,12 @@ func TestALoginEndsTheSessionItReplaces(t *testing.T) {
 	}
 	first := r.cache()["http://"+srv]
 	r.must(srv, clustertest.AdminPassword+"\n", "login", "--password-stdin", "admin")
-	if err := refresh(first.RefreshToken); connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "revoked") {
-		t.Fatalf("the replaced session's refresh token: %v, want refused, its session revoked", err)
+	// Logged out: its refresh token is refused, as revoked, or, once
+	// the cluster uses the feature session_cap (which this young cluster
+	// may not yet), as deleted.
+	if err := refresh(first.RefreshToken); connect.CodeOf(err) != connect.CodeUnauthenticated ||
+		!strings.Contains(err.Error(), "revoked") && !strings.Contains(err.Error(), "not recognised") {
+		t.Fatalf("the replaced session's refresh token: %v, want refused, its session ended", err)
 	}
 	second := r.cache()["http://"+srv]
 	r.must(srv, "password-of-erin\n", "user", "create", "--login", "erin", "--password-stdin")

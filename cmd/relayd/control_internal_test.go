@@ -2,11 +2,13 @@ package main
 
 import (
 	"flag"
+	"fmt"
 	"io"
 	"testing"
 	"time"
 
 	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/flagenv"
 )
@@ -39,6 +41,8 @@ func TestZeroIsNoLimitFlags(t *testing.T) {
 			int64(api.DefaultLoginMaxAge), int64(720 * time.Hour), []string{"-1h", "soon"}},
 		{"--account-tokens-per-minute", "120", func(c server.Config) int64 { return int64(c.Auth.TokensPerMinute) },
 			api.DefaultTokensPerMinute, 120, []string{"-1", "many"}},
+		{"--account-max-sessions", "500", func(c server.Config) int64 { return int64(c.Auth.MaxSessions) },
+			api.DefaultMaxSessions, 500, []string{"-1", "many", fmt.Sprint(fsm.MaxSessionCap + 1)}},
 	} {
 		for _, tc := range []struct {
 			args []string

@@ -21,6 +21,7 @@ import (
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/backup"
+	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/buildinfo"
@@ -152,14 +153,28 @@ func (c *commonFlags) logger(w io.Writer) (*slog.Logger, error) {
 func zeroIsNoLimit[T int | time.Duration](dst *T, parse func(string) (T, error), what string) func(string) error {
 	return func(v string) error {
 		n, err := parse(v)
-		if err != nil || n < 0 {
-			return fmt.Errorf("want %s of 0 or more, got %q", what, v)
+		if err == nil && n < 0 {
+			err = errors.New("negative")
+		}
+		if err != nil {
+			return fmt.Errorf("want %s of 0 or more, got %q: %w", what, v, err)
 		}
 		if n == 0 {
 			n = -1
 		}
 		*dst = n
 		return nil
+	}
+}
+
+// atMost parses a count no larger than limit.
+func atMost(limit int) func(string) (int, error) {
+	return func(v string) (int, error) {
+		n, err := strconv.Atoi(v)
+		if err == nil && n > limit {
+			err = fmt.Errorf("%d is more than %d", n, limit)
+		}
+		return n, err
 	}
 }
 
@@ -195,6 +210,9 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	cfg.Auth.TokensPerMinute = api.DefaultTokensPerMinute
 	fs.Func("account-tokens-per-minute", fmt.Sprintf("logins and refreshes one account (not an edge's) may complete on this node in a minute; 0: no limit (default %d)", api.DefaultTokensPerMinute),
 		zeroIsNoLimit(&cfg.Auth.TokensPerMinute, strconv.Atoi, "a count"))
+	cfg.Auth.MaxSessions = api.DefaultMaxSessions
+	fs.Func("account-max-sessions", fmt.Sprintf("sessions (logins not yet ended) one account (not an edge's) may hold; a login past it ends the account's oldest (a logout ends its own session); at most %d; 0: no cap (default %d)", fsm.MaxSessionCap, api.DefaultMaxSessions),
+		zeroIsNoLimit(&cfg.Auth.MaxSessions, atMost(fsm.MaxSessionCap), "a count"))
 	fs.DurationVar(&cfg.SessionKeyRotateEvery, "session-key-rotate", 24*time.Hour, "rotate the resume-ticket key this often")
 	fs.DurationVar(&cfg.SessionKeyGrace, "session-key-grace", 24*time.Hour, "keep accepting tickets of a rotated-out key this long")
 	fs.DurationVar(&cfg.SigningKeyRotateEvery, "signing-key-rotate", 30*24*time.Hour, "rotate the access-token signing key this often")

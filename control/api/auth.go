@@ -93,7 +93,7 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 	session := newID("f")
 	_, err = s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{
 		Token:     &statev1.RefreshToken{Id: tokID, FamilyId: session, UserId: u.GetId(), SecretHash: auth.HashSecret(secret), ExpiresAtMs: expires.UnixMilli()},
-		Succeeded: attempt, PasswordHash: u.GetPasswordHash(),
+		Succeeded: attempt, PasswordHash: u.GetPasswordHash(), MaxSessions: s.sessionCap(u), EndedKeptUntilMs: s.endedKept(now),
 	}}})
 	if errors.Is(err, fsm.ErrFailedPrecondition) {
 		// The account changed since the password was checked (a new
@@ -130,6 +130,29 @@ func (s *AuthServer) issued(u *statev1.User) {
 	if issueBounded(u) {
 		s.authn.issues.take(u.GetId(), s.cfg.Now())
 	}
+}
+
+// sessionCap is the IssueRefreshToken.max_sessions of a login of u's:
+// AuthConfig.MaxSessions once every member has the feature, never for an
+// edge's account (every edge may share it); 0, no cap, otherwise.
+func (s *AuthServer) sessionCap(u *statev1.User) uint32 {
+	if s.cfg.MaxSessions <= 0 || !issueBounded(u) || !s.node.EveryMemberHas(fsm.FeatureSessionCap) {
+		return 0
+	}
+	return uint32(s.cfg.MaxSessions)
+}
+
+// endedKept is until when the record of a session ended now stays,
+// revoked, once every member has the feature session_cap: as long as an
+// access token issued now may be taken (its lifetime and the leeway), so
+// that every node refuses the session's access tokens from its own state
+// (a record it has never seen would cost a read barrier per call, and a
+// node cut off from the leader would take them).
+func (s *AuthServer) endedKept(now time.Time) int64 {
+	if !s.node.EveryMemberHas(fsm.FeatureSessionCap) {
+		return 0
+	}
+	return now.Add(s.cfg.AccessTTL + s.cfg.Leeway).UnixMilli()
 }
 
 // issueBounded reports whether u's logins and refreshes are bounded:
@@ -357,7 +380,7 @@ func (s *AuthServer) Refresh(ctx context.Context, req *connect.Request[controlv1
 	res, err := s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
 		TokenId: id, PresentedSecretHash: auth.HashSecret(secret),
 		Next:               &statev1.RefreshToken{Id: nextID, FamilyId: cur.GetFamilyId(), UserId: cur.GetUserId(), SecretHash: auth.HashSecret(nextSecret), ExpiresAtMs: expires.UnixMilli()},
-		KeepRotatedUntilMs: keep,
+		KeepRotatedUntilMs: keep, BoundRotations: s.node.EveryMemberHas(fsm.FeatureSessionCap),
 	}}})
 	if err != nil {
 		if errors.Is(err, fsm.ErrNotFound) || errors.Is(err, fsm.ErrFailedPrecondition) {
@@ -406,8 +429,13 @@ func (s *AuthServer) Logout(ctx context.Context, req *connect.Request[controlv1.
 	if err != nil || cur.GetUserId() != claims.Subject {
 		return nil, connect.NewError(connect.CodeNotFound, errors.New("refresh token not found"))
 	}
-	_, err = s.node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{
+	now := s.cfg.Now()
+	_, err = s.node.Apply(ctx, &statev1.Command{ProposedAtMs: now.UnixMilli(), Op: &statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{
 		FamilyId: cur.GetFamilyId(), UserId: claims.Subject, Reason: "logout",
+		// Its tokens deleted, its record kept only for its access
+		// tokens: a logged-out session takes no room under the account's
+		// session cap.
+		End: s.node.EveryMemberHas(fsm.FeatureSessionCap), EndedKeptUntilMs: s.endedKept(now),
 	}}})
 	if err != nil {
 		return nil, toConnect(err)

@@ -24,6 +24,11 @@ import (
 // DefaultLoginMaxAge is AuthConfig.LoginMaxAge's default.
 const DefaultLoginMaxAge = 90 * 24 * time.Hour
 
+// DefaultMaxSessions is AuthConfig.MaxSessions's default: far more
+// logins than one person keeps open (a browser, a phone, relayctl on a
+// few machines), few enough that an account's records stay small.
+const DefaultMaxSessions = 100
+
 // AuthConfig configures token issuing and checking.
 type AuthConfig struct {
 	// Issuer and Audience go into every access token and are required on
@@ -46,6 +51,13 @@ type AuthConfig struct {
 	// refused resource_exhausted with Retry-After. Default
 	// DefaultTokensPerMinute; negative: no limit.
 	TokensPerMinute int
+	// MaxSessions is the most sessions (logins not yet ended) an account
+	// that is not an edge's holds: a login past it ends the account's
+	// oldest ones (a logout ends its own), so that an account's sessions
+	// hold a bounded part of the replicated state. Default
+	// DefaultMaxSessions; negative: no cap; above fsm.MaxSessionCap taken
+	// as fsm.MaxSessionCap.
+	MaxSessions int
 	// Leeway tolerates clock differences between nodes. Default 30s.
 	Leeway time.Duration
 	// Password hashing parameters. Default auth.DefaultParams.
@@ -90,6 +102,10 @@ func (c *AuthConfig) applyDefaults() {
 	if c.TokensPerMinute == 0 {
 		c.TokensPerMinute = DefaultTokensPerMinute
 	}
+	if c.MaxSessions == 0 {
+		c.MaxSessions = DefaultMaxSessions
+	}
+	c.MaxSessions = min(c.MaxSessions, fsm.MaxSessionCap)
 	if c.Password == (auth.Params{}) {
 		c.Password = auth.DefaultParams
 	}
@@ -343,7 +359,7 @@ func (k *catchUp) refresh(ctx context.Context) bool {
 // Why a verified token is refused: the account or the session behind it.
 var (
 	errAccountGone = errors.New("the account behind this token no longer exists, is disabled, or changed role; log in again")
-	errSessionGone = errors.New("the session of this token was revoked (logout, refresh token reuse, or a change of password, role or status); log in again")
+	errSessionGone = errors.New("the session of this token was revoked or has ended (logout, refresh token reuse, a change of password, role or status, or newer logins of the account past its session cap); log in again")
 )
 
 // accountValid reports whether the account behind a token still exists,

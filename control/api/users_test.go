@@ -326,6 +326,142 @@ func TestAnAccountsLoginsAndRefreshesAreBounded(t *testing.T) {
 	}
 }
 
+// An account holds at most MaxSessions sessions, counted across the
+// cluster (the count is in the replicated state): a login past it ends
+// the oldest, whose access and refresh tokens stop working on every
+// member; a logged-out session loses its tokens and takes no room; edges'
+// accounts are not capped; a refresh counts in its login's rotations.
+func TestAnAccountsSessionsAreCapped(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{Auth: api.AuthConfig{MaxSessions: 2}})
+	c.WaitFeatureUsable(fsm.FeatureSessionCap)
+	ctx := ctxT(t, time.Minute)
+	admin := clientsAs(t, c.Nodes[0], c.AdminToken())
+	if _, err := admin.users.CreateUser(ctx, connect.NewRequest(&controlv1.CreateUserRequest{Login: "carol", Password: "password-of-carol", Role: controlv1.Role_ROLE_USER})); err != nil {
+		t.Fatal(err)
+	}
+	login := func(node int, name string) *controlv1.Tokens {
+		t.Helper()
+		r, err := clientsAs(t, c.Nodes[node], "").auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: name, Password: "password-of-" + name}))
+		if err != nil {
+			t.Fatalf("%s's login on node %d: %v", name, node, err)
+		}
+		return r.Msg.GetTokens()
+	}
+	refresh := func(node int, tok *controlv1.Tokens) (*controlv1.Tokens, error) {
+		r, err := clientsAs(t, c.Nodes[node], "").auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: tok.GetRefreshToken()}))
+		if err != nil {
+			return nil, err
+		}
+		return r.Msg.GetTokens(), nil
+	}
+	// works reports whether a session's access token is taken by every
+	// member (each catches up with the log before it says no).
+	works := func(tok *controlv1.Tokens) error {
+		for i := range c.Nodes {
+			if _, err := clientsAs(t, c.Nodes[i], tok.GetAccessToken()).users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{})); err != nil {
+				return fmt.Errorf("node %d: %w", i, err)
+			}
+		}
+		return nil
+	}
+	// ended waits for every member to refuse a session's access token (a
+	// follower refuses once it has applied the login that ended it).
+	ended := func(what string, tok *controlv1.Tokens) {
+		t.Helper()
+		clustertest.Eventually(t, 30*time.Second, func() error {
+			for i := range c.Nodes {
+				_, err := clientsAs(t, c.Nodes[i], tok.GetAccessToken()).users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{}))
+				if connect.CodeOf(err) != connect.CodeUnauthenticated || !strings.Contains(err.Error(), "session cap") {
+					return fmt.Errorf("%s's access token on node %d: %v, want its session ended", what, i, err)
+				}
+			}
+			return nil
+		})
+		if _, err := refresh(1, tok); connect.CodeOf(err) != connect.CodeUnauthenticated {
+			t.Fatalf("%s's refresh token: %v, want refused", what, err)
+		}
+	}
+	s1 := login(0, "carol")
+	id1, _, err := auth.ParseRefreshToken(s1.GetRefreshToken())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok1, err := c.Nodes[c.Leader()].Server.Node().FSM().GetRefreshToken(id1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2 := login(1, "carol")
+	if err := works(s1); err != nil {
+		t.Fatalf("the first of two sessions: %v", err)
+	}
+	s3 := login(2, "carol")
+	ended("the oldest session", s1)
+	// Its tokens are gone; its record stays, revoked, for its access
+	// tokens (so a node refuses them from its own state).
+	if fam, err := c.Nodes[c.Leader()].Server.Node().FSM().GetTokenFamily(tok1.GetFamilyId()); err != nil || !fam.GetRevoked() || !strings.Contains(fam.GetRevokeReason(), "session cap") {
+		t.Fatalf("the oldest session's family: %v, %v; want it kept, revoked for the session cap", fam, err)
+	}
+	if _, err := c.Nodes[c.Leader()].Server.Node().FSM().GetRefreshToken(id1); !errors.Is(err, fsm.ErrNotFound) {
+		t.Fatalf("the oldest session's refresh token: %v; want it deleted", err)
+	}
+	s2, err = refresh(0, s2)
+	if err != nil {
+		t.Fatalf("the second session's refresh: %v", err)
+	}
+	for _, s := range []*controlv1.Tokens{s2, s3} {
+		if err := works(s); err != nil {
+			t.Fatalf("a session within the cap: %v", err)
+		}
+	}
+	id, _, err := auth.ParseRefreshToken(s2.GetRefreshToken())
+	if err != nil {
+		t.Fatal(err)
+	}
+	leader := c.Nodes[c.Leader()].Server.Node().FSM() // applied every write it answered
+	tok, err := leader.GetRefreshToken(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fam, err := leader.GetTokenFamily(tok.GetFamilyId()); err != nil || fam.GetRotations() != 1 {
+		t.Fatalf("the refreshed login's family: %v, %v; want one rotation counted", fam, err)
+	}
+	// s3 logged out: it is gone, and the next login ends nothing.
+	id3, _, err := auth.ParseRefreshToken(s3.GetRefreshToken())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok3, err := leader.GetRefreshToken(id3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := clientsAs(t, c.Nodes[2], s3.GetAccessToken()).auth.Logout(ctx, connect.NewRequest(&controlv1.LogoutRequest{RefreshToken: s3.GetRefreshToken()})); err != nil {
+		t.Fatal(err)
+	}
+	if fam, err := leader.GetTokenFamily(tok3.GetFamilyId()); err != nil || !fam.GetRevoked() {
+		t.Fatalf("a logged-out session's family: %v, %v; want it kept revoked (for its access tokens)", fam, err)
+	}
+	if _, err := leader.GetRefreshToken(id3); !errors.Is(err, fsm.ErrNotFound) {
+		t.Fatalf("a logged-out session's refresh token: %v; want it deleted", err)
+	}
+	s4 := login(0, "carol")
+	// Every member that takes s4 has applied its login, s2 works on all.
+	for _, s := range []*controlv1.Tokens{s4, s2} {
+		if err := works(s); err != nil {
+			t.Fatalf("a session within the cap, s3 logged out: %v", err)
+		}
+	}
+	ended("the logged-out session", s3)
+	// An edge's account is not capped (every edge may share it).
+	c.TokenFor("edge-1", controlv1.Role_ROLE_EDGE)
+	first := login(0, "edge-1")
+	for range 3 {
+		login(1, "edge-1")
+	}
+	if _, err := refresh(2, first); err != nil {
+		t.Fatalf("the edge's first session after three more logins: %v", err)
+	}
+}
+
 // A login refused for its account's bound was checked (its password
 // was right), so it stays counted as a failure of its address: a loop of
 // them throttles the address that runs it, whatever login it tries next.

@@ -60,8 +60,8 @@ type Options struct {
 	Logger *slog.Logger
 	// Auth tunes tokens; password hashing defaults to the cheap
 	// auth.TestParams, and an account's logins and refreshes are not
-	// bounded (TokensPerMinute; AdminToken logs in on every call) unless
-	// the test sets a bound.
+	// bounded (TokensPerMinute), nor its sessions (MaxSessions), unless
+	// the test sets a bound: AdminToken logs in on every call.
 	Auth api.AuthConfig
 	// Watch tunes the watch feed.
 	Watch api.WatchConfig
@@ -115,6 +115,9 @@ func (o *Options) defaults(c *Cluster) {
 	}
 	if o.Auth.TokensPerMinute == 0 {
 		o.Auth.TokensPerMinute = -1
+	}
+	if o.Auth.MaxSessions == 0 {
+		o.Auth.MaxSessions = -1
 	}
 	if o.Logger == nil {
 		if os.Getenv("RELAY_TEST_LOG") != "" {
