@@ -181,7 +181,7 @@ const (
 	// they were opened under: some 200 µs at 1,000, BenchmarkLogin).
 	MaxSessionCap = 1_000
 	// MaxEndedPerLogin bounds the sessions one login ends (each deletes
-	// at most MaxKeptRotated + 1 tokens with bound rotations): at a
+	// at most maxEndTokens tokens): at a
 	// steady cap a login ends one; a lowered cap is reached over the
 	// account's next logins.
 	MaxEndedPerLogin = 2
@@ -252,10 +252,12 @@ const (
 
 // endFamily ends a session: it deletes the family's tokens (at most
 // maxEndTokens of them) and its record, or keeps the record, revoked:
-// until keepUntil (at most MaxEndedKeepMs from now; indexed under Y: for
-// pruning), so that every node refuses the session's access tokens from
-// its own state until they expire, and, when tokens are left, until
-// pruning takes the last of them.
+// until keepUntil (at most MaxEndedKeepMs from now; ended_until_ms,
+// indexed under Y: for pruning), so that every node refuses the
+// session's access tokens from its own state until they expire, and,
+// when tokens are left, at least until pruning takes the last of them.
+// A family ended before (a logout racing the cap) keeps one Y: entry, at
+// the later of the two keeps.
 func (t *txn) endFamily(fam *statev1.TokenFamily, keepUntil int64, reason string) error {
 	p := familyTokensPrefix(fam.UserId, fam.Id)
 	var ids []string
@@ -276,13 +278,22 @@ func (t *txn) endFamily(fam *statev1.TokenFamily, keepUntil int64, reason string
 		}
 	}
 	keepUntil = min(keepUntil, t.now+MaxEndedKeepMs)
-	if !left && keepUntil <= t.now {
+	if fam.EndedUntilMs != 0 {
+		if err := t.b.Delete(endedFamilyKey(fam.EndedUntilMs, fam.Id)); err != nil {
+			return err
+		}
+		keepUntil = max(keepUntil, fam.EndedUntilMs)
+	}
+	if keepUntil <= t.now {
+		keepUntil = 0
+	}
+	if !left && keepUntil == 0 {
 		return t.b.Delete(familyKey(fam.Id))
 	}
 	if !fam.Revoked {
 		fam.Revoked, fam.RevokedAtMs, fam.RevokeReason = true, t.now, reason
 	}
-	if !left {
+	if fam.EndedUntilMs = keepUntil; keepUntil != 0 {
 		if err := t.b.Set(endedFamilyKey(keepUntil, fam.Id), nil); err != nil {
 			return err
 		}
@@ -561,28 +572,50 @@ func (t *txn) pruneTokens() error {
 }
 
 // pruneEndedFamilies deletes the records of ended families kept until
-// now (endFamily), while the feature that writes them is in use (a
-// release without it leaves them, so its replicas hold the same).
+// now (endFamily) that hold no token any more (one with tokens left goes
+// with the last of them), while the feature that writes them is in use
+// (a release without it leaves them, so its replicas hold the same).
 func (t *txn) pruneEndedFamilies() error {
 	if open, err := t.featureOpen(FeatureSessionCap); err != nil || !open {
 		return err
 	}
 	end := endedFamilyKey(t.now+1, "")
 	ids, err := dueIDs(t.b, prefixEndedFamily, end)
-	if err != nil {
+	if err != nil || len(ids) == 0 {
+		// (No range deletion for nothing: each one in the memtable costs
+		// every later read until it is flushed.)
 		return err
 	}
 	for _, id := range ids {
-		if err := t.b.Delete(familyKey(id)); err != nil {
+		var fam statev1.TokenFamily
+		found, err := t.get(familyKey(id), &fam)
+		if err != nil {
 			return err
+		}
+		if !found {
+			continue
+		}
+		p := familyTokensPrefix(fam.UserId, id)
+		left := false
+		if err := t.b.Iterate(p, prefixEnd(p), func(_, _ []byte) (bool, error) {
+			left = true
+			return false, nil
+		}); err != nil {
+			return err
+		}
+		if !left {
+			if err := t.b.Delete(familyKey(id)); err != nil {
+				return err
+			}
 		}
 	}
 	return t.b.DeleteRange(prefixEndedFamily, end)
 }
 
 // deleteFamily deletes a family record of user uid that holds no token
-// any more, and its index entry while the feature that keeps the index
-// is in use (as in deleteUserTokens).
+// any more, and its index entry, while the feature that keeps the index
+// is in use (as in deleteUserTokens); then an ended family kept for its
+// access tokens stays until its keep (pruneEndedFamilies takes it).
 func (t *txn) deleteFamily(uid, fid string) error {
 	if open, err := t.featureOpen(FeatureSessionCap); err != nil {
 		return err
@@ -591,6 +624,9 @@ func (t *txn) deleteFamily(uid, fid string) error {
 		found, err := t.get(familyKey(fid), &fam)
 		if err != nil {
 			return err
+		}
+		if found && fam.EndedUntilMs > t.now {
+			return nil
 		}
 		if found {
 			if err := t.b.Delete(userFamilyKey(uid, fam.CreatedAtMs, fid)); err != nil {

@@ -1225,14 +1225,15 @@ func TestAnEndedSessionIsKeptRevokedForItsAccessTokens(t *testing.T) {
 	login(1, 1, 0)
 	at := now()
 	login(2, 1, at+50) // ends f1, kept until +50
-	end(2, at+60)      // a logout: kept until +60
+	end(2, at+65)      // a logout: kept until +65
+	end(2, at+60)      // again (a logout racing the cap): one entry, the later keep
 	login(3, 5, 0)
 	end(3, at+10*MaxEndedKeepMs) // kept a day at most
 	if !kept(1) || !kept(2) || !kept(3) {
 		t.Fatal("an ended session's record is not kept")
 	}
 	if got, want := keysWith(t, f, prefixEndedFamily), []string{
-		fmt.Sprintf("%q", endedFamilyKey(at+50, "f1")), fmt.Sprintf("%q", endedFamilyKey(at+60, "f2")), fmt.Sprintf("%q", endedFamilyKey(now()+MaxEndedKeepMs, "f3")),
+		fmt.Sprintf("%q", endedFamilyKey(at+50, "f1")), fmt.Sprintf("%q", endedFamilyKey(at+65, "f2")), fmt.Sprintf("%q", endedFamilyKey(now()+MaxEndedKeepMs, "f3")),
 	}; !slices.Equal(got, want) {
 		t.Fatalf("ended families: %v, want %v", got, want)
 	}
@@ -1262,28 +1263,66 @@ func TestAnEndedSessionIsKeptRevokedForItsAccessTokens(t *testing.T) {
 
 // Ending a session deletes at most maxEndTokens of its tokens in one
 // entry: a session from before the bound on rotations may hold more
-// (they went at their own expiry); it stays revoked until pruning takes
-// the rest.
+// (they go at their own expiry). Its record stays, revoked, until both
+// its keep and its last token have passed, whichever passes first.
 func TestEndingASessionDeletesABoundedNumberOfTokens(t *testing.T) {
-	f, a := oneLogin(t)
-	ok := statev1.ResultCode_RESULT_CODE_OK
-	const total = maxEndTokens + 2
-	for i := range total - 1 {
-		if r := a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
-			TokenId: fmt.Sprint("t", i), PresentedSecretHash: key32(byte(i)), Next: tok(fmt.Sprint("t", i+1), "f", "u", byte(i+1), far)}}); r.Code != ok {
-			t.Fatalf("rotation %d: %v", i, r)
-		}
-	}
-	if r := a.apply(&statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: "f", UserId: "u", End: true, EndedKeptUntilMs: 1}}); r.Code != ok {
-		t.Fatal(r)
-	}
-	if n, err := f.UserTokenCount("u"); err != nil || n != total-maxEndTokens {
-		t.Fatalf("tokens left: %d, %v; want %d", n, err, total-maxEndTokens)
-	}
-	if fam, err := f.GetTokenFamily("f"); err != nil || !fam.GetRevoked() {
-		t.Fatalf("the family with tokens left: %v, %v; want kept, revoked", fam, err)
-	}
-	if got := keysWith(t, f, prefixEndedFamily); len(got) != 0 {
-		t.Fatalf("ended-family entries: %v; want none while tokens are left (pruning takes the family with the last)", got)
+	for _, c := range []struct {
+		name          string
+		left, keptFor int64 // the tokens left expire, the keep ends, this long after the end
+	}{{"tokens left go first", 500, 1000}, {"the keep ends first", 1000, 500}} {
+		t.Run(c.name, func(t *testing.T) {
+			f, a := cappedWorld(t, 64)
+			ok := statev1.ResultCode_RESULT_CODE_OK
+			const total = maxEndTokens + 2
+			// Ids sort as they were issued, so the two last (short-lived)
+			// are the ones left.
+			id := func(i int) string { return fmt.Sprintf("t%05d", i) }
+			at := 1_000_000 + int64(a.idx) + total + 1 // when the rotations are done
+			exp := func(i int) int64 {
+				if i >= total-2 {
+					return at + c.left
+				}
+				return far
+			}
+			if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok(id(0), "f", "u", 0, far)}}); r.Code != ok {
+				t.Fatal(r)
+			}
+			for i := range total - 1 {
+				if r := a.apply(&statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{
+					TokenId: id(i), PresentedSecretHash: key32(byte(i)), Next: tok(id(i+1), "f", "u", byte(i+1), exp(i+1))}}); r.Code != ok {
+					t.Fatalf("rotation %d: %v", i, r)
+				}
+			}
+			keep := at + c.keptFor
+			if r := a.apply(&statev1.Command_RevokeTokenFamily{RevokeTokenFamily: &statev1.RevokeTokenFamily{FamilyId: "f", UserId: "u", End: true, EndedKeptUntilMs: keep}}); r.Code != ok {
+				t.Fatal(r)
+			}
+			if n, err := f.UserTokenCount("u"); err != nil || n != total-maxEndTokens {
+				t.Fatalf("tokens left: %d, %v; want %d", n, err, total-maxEndTokens)
+			}
+			for _, i := range []int{total - 2, total - 1} {
+				if _, err := f.GetRefreshToken(id(i)); err != nil {
+					t.Fatalf("%s, left: %v", id(i), err)
+				}
+			}
+			if fam, err := f.GetTokenFamily("f"); err != nil || !fam.GetRevoked() || fam.GetEndedUntilMs() != keep {
+				t.Fatalf("the family with tokens left: %v, %v; want kept, revoked, until %d", fam, err, keep)
+			}
+			// Past the first of the two (a prune or more): still there.
+			a.advanceTo(at + min(c.left, c.keptFor) + 100)
+			if fam, err := f.GetTokenFamily("f"); err != nil || !fam.GetRevoked() {
+				t.Fatalf("the family past the first of its keep and its last token: %v, %v; want kept, revoked", fam, err)
+			}
+			a.advanceTo(at + max(c.left, c.keptFor) + 100)
+			if _, err := f.GetTokenFamily("f"); !errors.Is(err, ErrNotFound) {
+				t.Fatalf("the family past both: %v, want pruned", err)
+			}
+			if n, _ := f.UserTokenCount("u"); n != 0 {
+				t.Fatalf("%d tokens left past their expiry", n)
+			}
+			if got := keysWith(t, f, prefixEndedFamily); len(got) != 0 {
+				t.Fatalf("ended-family entries left: %v", got)
+			}
+		})
 	}
 }

@@ -879,6 +879,10 @@ type TokenFamily struct {
 	// token presented twice in a row (two racing refreshes, a thief and
 	// its owner one after the other) is still seen as reuse.
 	LastRotatedId string `protobuf:"bytes,9,opt,name=last_rotated_id,json=lastRotatedId,proto3" json:"last_rotated_id,omitempty"`
+	// Once ended (fsm's endFamily) with a keep: until when its record stays
+	// for its access tokens (indexed under Y:); pruning does not take it
+	// before then, even once its last token goes.
+	EndedUntilMs  int64 `protobuf:"varint,10,opt,name=ended_until_ms,json=endedUntilMs,proto3" json:"ended_until_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -974,6 +978,13 @@ func (x *TokenFamily) GetLastRotatedId() string {
 		return x.LastRotatedId
 	}
 	return ""
+}
+
+func (x *TokenFamily) GetEndedUntilMs() int64 {
+	if x != nil {
+		return x.EndedUntilMs
+	}
+	return 0
 }
 
 // SigningKey is a key that signs access tokens (Ed25519).
@@ -4619,7 +4630,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"secretHash\x12\"\n" +
 	"\rcreated_at_ms\x18\x05 \x01(\x03R\vcreatedAtMs\x12\"\n" +
 	"\rexpires_at_ms\x18\x06 \x01(\x03R\vexpiresAtMs\x12\x18\n" +
-	"\arotated\x18\a \x01(\bR\arotated\"\xa6\x02\n" +
+	"\arotated\x18\a \x01(\bR\arotated\"\xcc\x02\n" +
 	"\vTokenFamily\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\"\n" +
@@ -4629,7 +4640,9 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\rrevoke_reason\x18\x06 \x01(\tR\frevokeReason\x12!\n" +
 	"\fkept_rotated\x18\a \x01(\rR\vkeptRotated\x12\x1c\n" +
 	"\trotations\x18\b \x01(\rR\trotations\x12&\n" +
-	"\x0flast_rotated_id\x18\t \x01(\tR\rlastRotatedId\"\xce\x01\n" +
+	"\x0flast_rotated_id\x18\t \x01(\tR\rlastRotatedId\x12$\n" +
+	"\x0eended_until_ms\x18\n" +
+	" \x01(\x03R\fendedUntilMs\"\xce\x01\n" +
 	"\n" +
 	"SigningKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
