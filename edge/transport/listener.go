@@ -100,8 +100,18 @@ type Listener struct {
 // requests that do not become one (a GET of the session path, a refused
 // upgrade, an upgrade with no stream after it, any other path) do not
 // keep the connection.
+//
+// An upgrade still waiting for its stream when the connection is due
+// defers the reaping once: its own wait ends it with a session close
+// that carries TIMEOUT, which the client reads as such, where a close of
+// the connection under it reaches a WebTransport client as a datagram
+// error with the code lost (webtransport-go reports any failure of the
+// CONNECT stream so). Once only, so upgrades in a row cannot hold the
+// connection.
 type h3Conn struct {
 	sessions int
+	waiting  int  // upgrades waiting for their stream
+	deferred bool // the reaping was deferred for one
 	reap     *time.Timer
 	pending  *pendingConn
 }
@@ -423,10 +433,24 @@ func (l *Listener) reapSoon(conn *quic.Conn) {
 	}
 }
 
+// h3Waiting counts an upgrade on conn starting (+1) or ending (-1) its
+// wait for the session's stream.
+func (l *Listener) h3Waiting(conn *quic.Conn, delta int) {
+	l.h3mu.Lock()
+	defer l.h3mu.Unlock()
+	if c := l.h3conns[conn]; c != nil {
+		c.waiting += delta
+	}
+}
+
 func (l *Listener) reapH3(conn *quic.Conn) {
 	l.h3mu.Lock()
 	c := l.h3conns[conn]
 	idle := c != nil && c.sessions == 0
+	if idle && c.waiting > 0 && !c.deferred {
+		// The waiting upgrade's end reaps it soon (serveWebTransport).
+		c.deferred, idle = true, false
+	}
 	l.h3mu.Unlock()
 	if idle {
 		_ = conn.CloseWithError(quic.ApplicationErrorCode(relayv1.ErrorCode_ERROR_CODE_TIMEOUT), "no WebTransport session")
@@ -440,12 +464,22 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusBadRequest)
 		return
 	}
+	conn, _ := r.Context().Value(connKey{}).(*quic.Conn)
+	if conn != nil {
+		l.h3Waiting(conn, 1)
+	}
 	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.StreamTimeout)
 	str, err := sess.AcceptStream(ctx)
 	cancel()
+	if conn != nil {
+		l.h3Waiting(conn, -1)
+	}
 	if err != nil {
 		code, msg := noStream(l.ctx)
 		_ = sess.CloseWithError(webtransport.SessionErrorCode(code), msg)
+		if conn != nil {
+			l.reapSoon(conn)
+		}
 		return
 	}
 	// Counted once its stream came: a session that never opens one
@@ -453,7 +487,7 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	// with a fresh upgrade every StreamTimeout, never reaching the hub's
 	// limits). A browser opens the stream right after the upgrade.
 	var dc devconn.Conn = devconn.NewWebTransportConn(sess, str)
-	if conn, _ := r.Context().Value(connKey{}).(*quic.Conn); conn != nil {
+	if conn != nil {
 		pc, _ := l.h3Session(conn, 1)
 		if pc != nil {
 			dc = devconn.WhenAdmitted(dc, pc.admitted)

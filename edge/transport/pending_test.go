@@ -396,6 +396,48 @@ func TestARefusedWebTransportSessionTakesItsConnection(t *testing.T) {
 	})
 }
 
+// A WebTransport upgrade that never opens its session stream is ended by
+// its own wait, with a session close that carries TIMEOUT, and its
+// connection is reaped moments later. The reaping of the connection, due
+// as early (StreamTimeout from its start), came first before: a
+// WebTransport client reads the close of the connection under its
+// session as a datagram error, with the code lost (TestEveryEndIsTyped
+// met it now and then on a busy machine, where a stream came late).
+func TestAnUpgradeWithoutItsStreamEndsWithItsCode(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) {
+		cfg.Session.HandshakeTimeout = time.Second // and StreamTimeout with it
+	}})
+	e := r.Edges[0]
+	c := newFlood(t, e.Addr()).open("127.0.0.3", http3.NextProtoH3)
+	wt, err := (&webtransport.Transport{}).NewClientConn(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, sess, err := wt.Dial(ctx, "https://"+e.Addr()+devconn.WebTransportPath, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sess.Context().Done():
+	case <-ctx.Done():
+		t.Fatal("a session without its stream was kept")
+	}
+	ended, stop := context.WithCancel(ctx)
+	stop()
+	_, err = sess.AcceptStream(ended) // a closed session's answers with its close
+	var se *webtransport.SessionError
+	if !errors.As(err, &se) || !se.Remote || relayv1.ErrorCode(se.ErrorCode) != relayv1.ErrorCode_ERROR_CODE_TIMEOUT {
+		t.Fatalf("the session ended with %v, want the edge's TIMEOUT", err)
+	}
+	select {
+	case <-c.Context().Done():
+	case <-ctx.Done():
+		t.Fatal("the connection of a session that never opened its stream was kept")
+	}
+}
+
 // A native connection still waiting for its session stream when the edge
 // stops is told GOING_AWAY (another edge takes it now), not TIMEOUT,
 // which would have it back off as after a failure.
