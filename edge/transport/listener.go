@@ -434,12 +434,18 @@ func (l *Listener) reapSoon(conn *quic.Conn) {
 }
 
 // h3Waiting counts an upgrade on conn starting (+1) or ending (-1) its
-// wait for the session's stream.
+// wait for the session's stream. The last wait to end on a connection
+// whose reaping it deferred, with no session on it, has it reaped after
+// refusedGrace (the session's close is on its way to the client).
 func (l *Listener) h3Waiting(conn *quic.Conn, delta int) {
 	l.h3mu.Lock()
 	defer l.h3mu.Unlock()
-	if c := l.h3conns[conn]; c != nil {
-		c.waiting += delta
+	c := l.h3conns[conn]
+	if c == nil {
+		return
+	}
+	if c.waiting += delta; c.waiting == 0 && c.deferred && c.sessions == 0 {
+		c.reap.Reset(refusedGrace)
 	}
 }
 
@@ -448,7 +454,7 @@ func (l *Listener) reapH3(conn *quic.Conn) {
 	c := l.h3conns[conn]
 	idle := c != nil && c.sessions == 0
 	if idle && c.waiting > 0 && !c.deferred {
-		// The waiting upgrade's end reaps it soon (serveWebTransport).
+		// The waiting upgrade's end reaps it soon (h3Waiting).
 		c.deferred, idle = true, false
 	}
 	l.h3mu.Unlock()
@@ -458,27 +464,29 @@ func (l *Listener) reapH3(conn *quic.Conn) {
 }
 
 func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
-	sess, err := l.wt.Upgrade(w, r)
-	if err != nil {
-		l.cfg.Logger.Debug("webtransport upgrade refused", "remote", r.RemoteAddr, "err", err)
-		w.WriteHeader(http.StatusBadRequest)
-		return
-	}
+	// Waiting from before the upgrade: the reaping may come while the
+	// client already holds the session.
 	conn, _ := r.Context().Value(connKey{}).(*quic.Conn)
 	if conn != nil {
 		l.h3Waiting(conn, 1)
 	}
+	sess, err := l.wt.Upgrade(w, r)
+	if err != nil {
+		if conn != nil {
+			l.h3Waiting(conn, -1)
+		}
+		l.cfg.Logger.Debug("webtransport upgrade refused", "remote", r.RemoteAddr, "err", err)
+		w.WriteHeader(http.StatusBadRequest)
+		return
+	}
 	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.StreamTimeout)
 	str, err := sess.AcceptStream(ctx)
 	cancel()
-	if conn != nil {
-		l.h3Waiting(conn, -1)
-	}
 	if err != nil {
 		code, msg := noStream(l.ctx)
 		_ = sess.CloseWithError(webtransport.SessionErrorCode(code), msg)
 		if conn != nil {
-			l.reapSoon(conn)
+			l.h3Waiting(conn, -1)
 		}
 		return
 	}
@@ -489,6 +497,7 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	var dc devconn.Conn = devconn.NewWebTransportConn(sess, str)
 	if conn != nil {
 		pc, _ := l.h3Session(conn, 1)
+		l.h3Waiting(conn, -1)
 		if pc != nil {
 			dc = devconn.WhenAdmitted(dc, pc.admitted)
 		}

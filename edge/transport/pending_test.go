@@ -355,6 +355,22 @@ func TestSpoofedHandshakesTakeNoPendingPlace(t *testing.T) {
 	}
 }
 
+// upgrade opens an HTTP/3 connection to the edge at addr (from
+// 127.0.0.3) and a WebTransport session on it, with no stream yet.
+func upgrade(ctx context.Context, t *testing.T, addr string) (*quic.Conn, *webtransport.Session) {
+	t.Helper()
+	c := newFlood(t, addr).open("127.0.0.3", http3.NextProtoH3)
+	wt, err := (&webtransport.Transport{}).NewClientConn(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sess, err := wt.Dial(ctx, "https://"+addr+devconn.WebTransportPath, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, sess
+}
+
 // A WebTransport session the hub does not admit (here, a malformed first
 // frame) does not leave its HTTP/3 connection promoted on the pending
 // list for StreamTimeout, free to try again: the connection is reaped
@@ -364,18 +380,9 @@ func TestARefusedWebTransportSessionTakesItsConnection(t *testing.T) {
 		cfg.Session.HandshakeTimeout = 2 * time.Minute // and StreamTimeout with it
 	}})
 	e := r.Edges[0]
-	f := newFlood(t, e.Addr())
-	c := f.open("127.0.0.3", http3.NextProtoH3)
-	wt, err := (&webtransport.Transport{}).NewClientConn(c)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	_, sess, err := wt.Dial(ctx, "https://"+e.Addr()+devconn.WebTransportPath, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, sess := upgrade(ctx, t, e.Addr())
 	str, err := sess.OpenStreamSync(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -408,17 +415,9 @@ func TestAnUpgradeWithoutItsStreamEndsWithItsCode(t *testing.T) {
 		cfg.Session.HandshakeTimeout = time.Second // and StreamTimeout with it
 	}})
 	e := r.Edges[0]
-	c := newFlood(t, e.Addr()).open("127.0.0.3", http3.NextProtoH3)
-	wt, err := (&webtransport.Transport{}).NewClientConn(c)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	_, sess, err := wt.Dial(ctx, "https://"+e.Addr()+devconn.WebTransportPath, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, sess := upgrade(ctx, t, e.Addr())
 	select {
 	case <-sess.Context().Done():
 	case <-ctx.Done():
@@ -426,7 +425,7 @@ func TestAnUpgradeWithoutItsStreamEndsWithItsCode(t *testing.T) {
 	}
 	ended, stop := context.WithCancel(ctx)
 	stop()
-	_, err = sess.AcceptStream(ended) // a closed session's answers with its close
+	_, err := sess.AcceptStream(ended) // a closed session's answers with its close
 	var se *webtransport.SessionError
 	if !errors.As(err, &se) || !se.Remote || relayv1.ErrorCode(se.ErrorCode) != relayv1.ErrorCode_ERROR_CODE_TIMEOUT {
 		t.Fatalf("the session ended with %v, want the edge's TIMEOUT", err)
