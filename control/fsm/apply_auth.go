@@ -181,9 +181,8 @@ const (
 	// they were opened under: some 200 µs at 1,000, BenchmarkLogin).
 	MaxSessionCap = 1_000
 	// MaxEndedPerLogin bounds the sessions one login ends (each deletes
-	// at most maxEndTokens tokens): at a
-	// steady cap a login ends one; a lowered cap is reached over the
-	// account's next logins.
+	// at most maxEndTokens tokens): at a steady cap a login ends one; a
+	// lowered cap is reached over the account's next logins.
 	MaxEndedPerLogin = 2
 )
 
