@@ -553,21 +553,26 @@ func (t *txn) pruneTokens() error {
 		return err
 	}
 	for _, f := range fams {
-		p := familyTokensPrefix(f.user, f.id)
-		left := false
-		if err := t.b.Iterate(p, prefixEnd(p), func(_, _ []byte) (bool, error) {
-			left = true
-			return false, nil
-		}); err != nil {
+		if left, err := t.familyHasTokens(f.user, f.id); err != nil {
 			return err
-		}
-		if !left {
+		} else if !left {
 			if err := t.deleteFamily(f.user, f.id); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// familyHasTokens reports whether family fid of user uid holds a token.
+func (t *txn) familyHasTokens(uid, fid string) (bool, error) {
+	p := familyTokensPrefix(uid, fid)
+	left := false
+	err := t.b.Iterate(p, prefixEnd(p), func(_, _ []byte) (bool, error) {
+		left = true
+		return false, nil
+	})
+	return left, err
 }
 
 // pruneEndedFamilies deletes the records of ended families kept until
@@ -594,15 +599,9 @@ func (t *txn) pruneEndedFamilies() error {
 		if !found {
 			continue
 		}
-		p := familyTokensPrefix(fam.UserId, id)
-		left := false
-		if err := t.b.Iterate(p, prefixEnd(p), func(_, _ []byte) (bool, error) {
-			left = true
-			return false, nil
-		}); err != nil {
+		if left, err := t.familyHasTokens(fam.UserId, id); err != nil {
 			return err
-		}
-		if !left {
+		} else if !left {
 			if err := t.b.Delete(familyKey(id)); err != nil {
 				return err
 			}

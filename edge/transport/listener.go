@@ -102,12 +102,13 @@ type Listener struct {
 // keep the connection.
 //
 // An upgrade still waiting for its stream when the connection is due
-// defers the reaping once: its own wait ends it with a session close
-// that carries TIMEOUT, which the client reads as such, where a close of
-// the connection under it reaches a WebTransport client as a datagram
-// error with the code lost (webtransport-go reports any failure of the
-// CONNECT stream so). Once only, so upgrades in a row cannot hold the
-// connection.
+// defers the reaping once, by StreamTimeout and refusedGrace: its own
+// wait ends it first with a session close that carries TIMEOUT, which
+// the client reads as such, where a close of the connection under it
+// reaches a WebTransport client as a datagram error with the code lost
+// (webtransport-go reports any failure of the CONNECT stream so). Once
+// only, and by a fixed time, so upgrades in a row or overlapping cannot
+// hold the connection.
 type h3Conn struct {
 	sessions int
 	waiting  int  // upgrades waiting for their stream
@@ -434,18 +435,12 @@ func (l *Listener) reapSoon(conn *quic.Conn) {
 }
 
 // h3Waiting counts an upgrade on conn starting (+1) or ending (-1) its
-// wait for the session's stream. The last wait to end on a connection
-// whose reaping it deferred, with no session on it, has it reaped after
-// refusedGrace (the session's close is on its way to the client).
+// wait for the session's stream.
 func (l *Listener) h3Waiting(conn *quic.Conn, delta int) {
 	l.h3mu.Lock()
 	defer l.h3mu.Unlock()
-	c := l.h3conns[conn]
-	if c == nil {
-		return
-	}
-	if c.waiting += delta; c.waiting == 0 && c.deferred && c.sessions == 0 {
-		c.reap.Reset(refusedGrace)
+	if c := l.h3conns[conn]; c != nil {
+		c.waiting += delta
 	}
 }
 
@@ -454,8 +449,11 @@ func (l *Listener) reapH3(conn *quic.Conn) {
 	c := l.h3conns[conn]
 	idle := c != nil && c.sessions == 0
 	if idle && c.waiting > 0 && !c.deferred {
-		// The waiting upgrade's end reaps it soon (h3Waiting).
+		// The waiting upgrade began before now, so its wait ends within
+		// StreamTimeout; then the reaping, whatever else waits (upgrades
+		// overlapping one another must not hold the connection).
 		c.deferred, idle = true, false
+		c.reap.Reset(l.cfg.StreamTimeout + refusedGrace)
 	}
 	l.h3mu.Unlock()
 	if idle {
