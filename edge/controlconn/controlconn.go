@@ -87,6 +87,10 @@ type Conn struct {
 	access  string
 	expires time.Time
 	refresh string
+	// abandoned is a refresh token given up after a refresh failed in a
+	// way that may have rotated it: its session is ended with the next
+	// log-in's access token (endAbandoned), or by Logout.
+	abandoned string
 	// watchURL is where the last watch stream went, watchAuth the
 	// Authorization it carried.
 	watchURL, watchAuth string
@@ -192,6 +196,82 @@ type peer struct {
 	watch    edgev1connect.WatchServiceClient
 }
 
+// Logout ends the edge's session on the control plane: its refresh
+// token and its access tokens stop working on every control node. An
+// edge that stops without it leaves its login live until the refresh
+// token expires (30 days by default), one more with each restart. It
+// waits for a log-in or refresh under way (so as to end the session that
+// one leaves), also ends a session given up that no log-in has ended yet
+// (see Conn.abandoned), moves to the next control node only while one is
+// unavailable, and leaves the Conn unable to log in again: call it last,
+// before Close. With no session to end
+// (none opened, or it was refused) it returns nil at once; one whose
+// access token has lapsed (the edge made no call for its lifetime) is
+// left to expire.
+func (c *Conn) Logout(ctx context.Context) error {
+	c.mu.Lock()
+	c.closed = true
+	a := c.attempt
+	c.mu.Unlock()
+	if a != nil {
+		select {
+		case <-a.done:
+		case <-ctx.Done():
+			return fmt.Errorf("log out of the control plane: %w", ctx.Err())
+		}
+	}
+	c.mu.Lock()
+	access, expires, refresh, abandoned := c.access, c.expires, c.refresh, c.abandoned
+	c.access, c.refresh, c.abandoned = "", "", ""
+	c.mu.Unlock()
+	if refresh == "" && abandoned == "" {
+		return nil
+	}
+	if access == "" || !time.Now().Before(expires) {
+		c.cfg.Logger.Info("no access token left to log out with; the edge's session ends when its refresh token expires")
+		return nil
+	}
+	var errs []error
+	if refresh != "" {
+		// Refused, the access token's session has ended already (and
+		// with it refresh's): nothing is left to end.
+		if err := c.endSession(ctx, access, refresh); err != nil && connect.CodeOf(err) != connect.CodeUnauthenticated {
+			errs = append(errs, err)
+		}
+	}
+	if abandoned != "" {
+		if err := c.endSession(ctx, access, abandoned); err != nil {
+			errs = append(errs, fmt.Errorf("the session given up: %w", err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("log out of the control plane: %w", err)
+	}
+	return nil
+}
+
+// endSession ends the session refresh belongs to, with access, an access
+// token of the edge's account: through the current control node, then
+// the others while a node is unavailable. A session the control plane
+// does not know (ended already) counts as ended.
+func (c *Conn) endSession(ctx context.Context, access, refresh string) error {
+	var err error
+	for range len(c.cfg.URLs) {
+		u := c.url()
+		req := connect.NewRequest(&controlv1.LogoutRequest{RefreshToken: refresh})
+		req.Header().Set("Authorization", "Bearer "+access)
+		_, err = c.peers[u].auth.Logout(ctx, req)
+		switch {
+		case connect.CodeOf(err) == connect.CodeNotFound:
+			return nil
+		case err == nil || !nodeFailed(err) || ctx.Err() != nil:
+			return err
+		}
+		c.moveOn(u)
+	}
+	return err
+}
+
 // Close ends a log-in or refresh under way, waits for it, and releases
 // idle connections.
 func (c *Conn) Close() {
@@ -213,12 +293,22 @@ func (c *Conn) url() string {
 // failover moves to the next URL after a call to u failed in a way that
 // another node may not.
 func (c *Conn) failover(u string, err error) {
+	if nodeFailed(err) {
+		c.moveOn(u)
+	}
+}
+
+// nodeFailed reports whether a call failed in a way that another control
+// node may not.
+func nodeFailed(err error) bool {
+	if err == nil {
+		return false
+	}
 	switch connect.CodeOf(err) {
 	case connect.CodeUnavailable, connect.CodeUnknown, connect.CodeDeadlineExceeded, connect.CodeInternal:
-	default:
-		return
+		return true
 	}
-	c.moveOn(u)
+	return false
 }
 
 // tokenTimeout bounds one attempt to log in or refresh the token.
@@ -283,6 +373,12 @@ func (c *Conn) startAttempt() *tokenAttempt {
 		ctx, cancel := context.WithTimeout(c.ctx, tokenTimeout)
 		defer cancel()
 		a.tok, a.err = c.newToken(ctx)
+		if a.err == nil {
+			// Before its callers go on, so that a Logout waiting for
+			// this attempt finds the session given up either ended or
+			// back in c.abandoned.
+			c.endAbandoned(ctx, a.tok)
+		}
 		c.mu.Lock()
 		c.attempt = nil
 		switch {
@@ -297,6 +393,33 @@ func (c *Conn) startAttempt() *tokenAttempt {
 		close(a.done)
 	}()
 	return a
+}
+
+// endAbandoned ends the session of a refresh token given up, if any (see
+// Conn.abandoned), with access, the new log-in's access token. When no
+// control node answers, the token is kept for the next log-in or
+// refresh, or the Logout, to try again; when the control plane refuses,
+// that session is left to expire with its refresh token.
+func (c *Conn) endAbandoned(ctx context.Context, access string) {
+	c.mu.Lock()
+	abandoned := c.abandoned
+	c.abandoned = ""
+	c.mu.Unlock()
+	if abandoned == "" {
+		return
+	}
+	err := c.endSession(ctx, access, abandoned)
+	switch {
+	case err == nil:
+	case nodeFailed(err) || ctx.Err() != nil:
+		c.mu.Lock()
+		if c.abandoned == "" {
+			c.abandoned = abandoned
+		}
+		c.mu.Unlock()
+	default:
+		c.cfg.Logger.Info("could not end the session of a refresh token given up; it ends when that token expires", "err", err)
+	}
 }
 
 // newToken logs in or refreshes, trying each URL once; one runs at a
@@ -320,10 +443,15 @@ func (c *Conn) newToken(ctx context.Context) (string, error) {
 				// proposing it): presenting the token again could be
 				// taken for a stolen token's reuse and revoke the login.
 				// It is never presented again; a log-in replaces it.
-				refresh = ""
+				// The session it belongs to is ended once a new
+				// log-in succeeds (endAbandoned).
 				c.mu.Lock()
 				c.refresh = ""
+				if connect.CodeOf(err) != connect.CodeUnauthenticated {
+					c.abandoned = refresh
+				}
 				c.mu.Unlock()
+				refresh = ""
 				if connect.CodeOf(err) != connect.CodeUnauthenticated {
 					lastErr = err
 					c.moveOn(u)

@@ -21,6 +21,7 @@ import (
 
 	"github.com/edge-relay/relay/control/api"
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/edge/controlconn"
 	"github.com/edge-relay/relay/edge/directory"
 	"github.com/edge-relay/relay/internal/relaytest"
@@ -258,43 +259,77 @@ func TestTokenWaitsOnlyAsLongAsItsContext(t *testing.T) {
 	}
 }
 
+// loggedInEdge is a one-node control plane with the edges' account, and
+// a Conn logged in to it as that account.
+type loggedInEdge struct {
+	cluster *clustertest.Cluster
+	url     string // the control node's
+	conn    *controlconn.Conn
+	users   controlv1connect.UserServiceClient
+	token   string          // the Conn's access token
+	account *controlv1.User // the edges' account
+}
+
+// logInEdge starts a loggedInEdge; the test's end stops it.
+func logInEdge(ctx context.Context, t *testing.T) *loggedInEdge {
+	t.Helper()
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	c.WaitFeatureUsable(fsm.FeatureSessionCap)
+	createAccount(t, c, "edges", "edge-password-1", controlv1.Role_ROLE_EDGE)
+	d := api.NewDialer(nil)
+	t.Cleanup(d.Close)
+	url := d.URL(c.Nodes[0].Server.APIAddr())
+	cc, err := controlconn.New(controlconn.Config{URLs: []string{url}, Login: "edges", Password: "edge-password-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cc.Close)
+	e := &loggedInEdge{cluster: c, url: url, conn: cc, users: controlv1connect.NewUserServiceClient(d.HTTPClient(), url)}
+	if e.token, err = cc.Token(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if e.account, err = getMe(ctx, e.users, e.token); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// revokeSessions revokes every session of the edges' account, by
+// disabling and enabling it.
+func (e *loggedInEdge) revokeSessions(ctx context.Context, t *testing.T) {
+	t.Helper()
+	admin := e.cluster.AdminToken()
+	for _, st := range []controlv1.UserStatus{controlv1.UserStatus_USER_STATUS_DISABLED, controlv1.UserStatus_USER_STATUS_ACTIVE} {
+		req := connect.NewRequest(&controlv1.UpdateUserRequest{Id: e.account.GetId(), Status: &st})
+		req.Header().Set("Authorization", "Bearer "+admin)
+		if _, err := e.users.UpdateUser(ctx, req); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// getMe asks users whose access token tok is.
+func getMe(ctx context.Context, users controlv1connect.UserServiceClient, tok string) (*controlv1.User, error) {
+	me := connect.NewRequest(&controlv1.GetMeRequest{})
+	me.Header().Set("Authorization", "Bearer "+tok)
+	resp, err := users.GetMe(ctx, me)
+	if err != nil {
+		return nil, err
+	}
+	return resp.Msg.GetUser(), nil
+}
+
 // A token the control plane refuses is forgotten: after the edge's
 // session was revoked (here by disabling and enabling its account), the
 // next call logs in again instead of presenting the refused token until
 // its expiry is near (15 minutes of failed reports, mailbox calls and
 // watches).
 func TestARefusedTokenIsForgotten(t *testing.T) {
-	c := clustertest.Start(t, 1, clustertest.Options{})
-	createAccount(t, c, "edges", "edge-password-1", controlv1.Role_ROLE_EDGE)
-	d := api.NewDialer(nil)
-	defer d.Close()
-	url := d.URL(c.Nodes[0].Server.APIAddr())
-	cc, err := controlconn.New(controlconn.Config{URLs: []string{url}, Login: "edges", Password: "edge-password-1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	tok, err := cc.Token(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	me := connect.NewRequest(&controlv1.GetMeRequest{})
-	me.Header().Set("Authorization", "Bearer "+tok)
-	users := controlv1connect.NewUserServiceClient(d.HTTPClient(), url)
-	got, err := users.GetMe(ctx, me)
-	if err != nil {
-		t.Fatal(err)
-	}
-	admin := c.AdminToken()
-	for _, st := range []controlv1.UserStatus{controlv1.UserStatus_USER_STATUS_DISABLED, controlv1.UserStatus_USER_STATUS_ACTIVE} {
-		req := connect.NewRequest(&controlv1.UpdateUserRequest{Id: got.Msg.GetUser().GetId(), Status: &st})
-		req.Header().Set("Authorization", "Bearer "+admin)
-		if _, err := users.UpdateUser(ctx, req); err != nil {
-			t.Fatal(err)
-		}
-	}
+	e := logInEdge(ctx, t)
+	cc, tok := e.conn, e.token
+	e.revokeSessions(ctx, t)
 	if err := cc.ReportActivity(ctx, nil); connect.CodeOf(err) != connect.CodeUnauthenticated {
 		t.Fatalf("a call with the revoked session's token: %v, want unauthenticated", err)
 	}
@@ -303,6 +338,62 @@ func TestARefusedTokenIsForgotten(t *testing.T) {
 	}
 	if again, err := cc.Token(ctx); err != nil || again == tok {
 		t.Fatalf("token after the refusal: %v (the refused one: %v)", err, again == tok)
+	}
+}
+
+// An edge that logs out ends its session on the control plane: the
+// access token it held is refused, its refresh token is gone, and the
+// Conn logs in no more. With nothing to end, Logout calls nobody.
+func TestLogoutEndsTheEdgesSession(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e := logInEdge(ctx, t)
+	cc := e.conn
+	f := e.cluster.Nodes[0].Server.Node().FSM()
+	if n, err := f.UserTokenCount(e.account.GetId()); err != nil || n != 1 {
+		t.Fatalf("the edge's refresh tokens before it logs out: %d, %v; want 1", n, err)
+	}
+	if err := cc.Logout(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := getMe(ctx, e.users, e.token); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("a call with the access token of the ended session: %v, want unauthenticated", err)
+	}
+	if n, err := f.UserTokenCount(e.account.GetId()); err != nil || n != 0 {
+		t.Fatalf("the edge's refresh tokens after it logged out: %d, %v; want none", n, err)
+	}
+	if _, err := cc.Token(ctx); err == nil {
+		t.Fatal("the Conn logged in again after its logout")
+	}
+	if err := cc.Logout(ctx); err != nil {
+		t.Fatalf("a second logout: %v", err)
+	}
+
+	// A session revoked already has nothing left to end: its logout,
+	// refused, is no error.
+	other, err := controlconn.New(controlconn.Config{URLs: []string{e.url}, Login: "edges", Password: "edge-password-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if _, err := other.Token(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.revokeSessions(ctx, t)
+	if err := other.Logout(ctx); err != nil {
+		t.Fatalf("the logout of a revoked session: %v", err)
+	}
+
+	idle, err := controlconn.New(controlconn.Config{URLs: []string{serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t.Errorf("a Conn with no session called %s", r.URL.Path)
+		w.WriteHeader(http.StatusInternalServerError)
+	}))}, Login: "edges", Password: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	if err := idle.Logout(ctx); err != nil {
+		t.Fatalf("the logout of a Conn that never logged in: %v", err)
 	}
 }
 
@@ -483,6 +574,11 @@ type rotatingControl struct {
 	hold    chan struct{}
 	entered chan struct{}
 	lose    bool
+	// ended receives the Authorization and the refresh token of each
+	// Logout taken; the first downLogouts are refused as by a node that
+	// is down.
+	ended       chan [2]string
+	downLogouts int
 
 	mu        sync.Mutex
 	logins    int
@@ -512,6 +608,18 @@ func (f *rotatingControl) Refresh(ctx context.Context, req *connect.Request[cont
 	}
 	return connect.NewResponse(&controlv1.RefreshResponse{Tokens: &controlv1.Tokens{AccessToken: "refreshed",
 		AccessTokenExpiresAt: timestamppb.New(time.Now().Add(time.Hour)), RefreshToken: "r-next", Role: controlv1.Role_ROLE_EDGE}}), nil
+}
+
+func (f *rotatingControl) Logout(_ context.Context, req *connect.Request[controlv1.LogoutRequest]) (*connect.Response[controlv1.LogoutResponse], error) {
+	f.mu.Lock()
+	down := f.downLogouts > 0
+	f.downLogouts--
+	f.mu.Unlock()
+	if down {
+		return nil, connect.NewError(connect.CodeUnavailable, errors.New("the node is down"))
+	}
+	f.ended <- [2]string{req.Header().Get("Authorization"), req.Msg.GetRefreshToken()}
+	return connect.NewResponse(&controlv1.LogoutResponse{}), nil
 }
 
 func (f *rotatingControl) seen() (logins int, presented []string) {
@@ -566,20 +674,48 @@ func TestACallerGivingUpDoesNotCutTheRefreshShort(t *testing.T) {
 }
 
 // A refresh whose answer is lost may have been rotated all the same: its
-// token is never presented again; the edge logs in afresh.
+// token is never presented again for a refresh; the edge logs in afresh,
+// and ends the session it gave up with the new login's access token (it
+// would otherwise stay live until its refresh token expired). When no
+// control node takes that logout, the edge's own Logout ends it.
 func TestARefreshWithItsAnswerLostIsNotPresentedAgain(t *testing.T) {
-	f := &rotatingControl{lose: true}
-	c := startRotating(t, f)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if _, err := c.Token(ctx); connect.CodeOf(err) != connect.CodeUnavailable {
-		t.Fatalf("the refresh whose answer was lost: %v", err)
-	}
-	if tok, err := c.Token(ctx); err != nil || tok != "login-2" {
-		t.Fatalf("the next token: %q, %v; want a new login's", tok, err)
-	}
-	if logins, presented := f.seen(); logins != 2 || !slices.Equal(presented, []string{"r-login-1"}) {
-		t.Fatalf("%d logins, refresh tokens presented %q: want 2 and the first one once", logins, presented)
+	for _, down := range []int{0, 1} {
+		t.Run(fmt.Sprintf("logouts refused while the node is down: %d", down), func(t *testing.T) {
+			f := &rotatingControl{lose: true, ended: make(chan [2]string, 4), downLogouts: down}
+			c := startRotating(t, f)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if _, err := c.Token(ctx); connect.CodeOf(err) != connect.CodeUnavailable {
+				t.Fatalf("the refresh whose answer was lost: %v", err)
+			}
+			if tok, err := c.Token(ctx); err != nil || tok != "login-2" {
+				t.Fatalf("the next token: %q, %v; want a new login's", tok, err)
+			}
+			if logins, presented := f.seen(); logins != 2 || !slices.Equal(presented, []string{"r-login-1"}) {
+				t.Fatalf("%d logins, refresh tokens presented %q: want 2 and the first one once", logins, presented)
+			}
+			var want [][2]string
+			if down == 0 {
+				// Ended by the log-in, before Token returned.
+				want = append(want, [2]string{"Bearer login-2", "r-login-1"})
+			}
+			if err := c.Logout(ctx); err != nil {
+				t.Fatal(err)
+			}
+			want = append(want, [2]string{"Bearer login-2", "r-login-2"})
+			if down > 0 {
+				want = append(want, [2]string{"Bearer login-2", "r-login-1"})
+			}
+			// Each session once, with the live session's access token.
+			close(f.ended)
+			var got [][2]string
+			for e := range f.ended {
+				got = append(got, e)
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("logouts (access token, refresh token): %q, want %q", got, want)
+			}
+		})
 	}
 }
 

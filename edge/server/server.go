@@ -269,7 +269,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s := &Server{cfg: cfg, log: cfg.Logger.With("edge", cfg.EdgeID), ring: session.NewRing()}
 	defer func() {
 		if err != nil {
-			s.closeAll(ctx)
+			s.closeAll(ctx, true)
 		}
 	}()
 
@@ -908,14 +908,18 @@ func (s *Server) adminMux() http.Handler {
 
 // ShutdownReserve is the part of Shutdown's context the drain leaves for
 // what comes after it: leaving the member list (so peers stop routing
-// here at once, not when the lease runs out) and closing.
+// here at once, not when the lease runs out), closing, and logging out
+// of the control plane. Each step is bounded on its own too; those that
+// hang (a control plane that does not answer) leave the later ones less,
+// down to none once ctx is done.
 const ShutdownReserve = 10 * time.Second
 
 // Shutdown stops the edge in order: no new sessions; every client told
 // to go away (spread over DrainWindow) and its queued frames flushed;
 // what devices did not acknowledge handed to their mailboxes (or back to
 // the edges that forwarded it); the edge leaves the member list; then
-// listeners, the mesh and the link to the control plane close. With a
+// listeners and the mesh close, and last the edge logs out of the
+// control plane (its session there ends) and its link to it closes. With a
 // deadline on ctx, the whole of it ends by then: the drain is cut short
 // to leave ShutdownReserve for the rest.
 func (s *Server) Shutdown(ctx context.Context) error {
@@ -957,7 +961,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			s.log.Warn("could not leave the member list; the lease will run out", "err", derr)
 		}
 		cancel()
-		s.closeAll(ctx)
+		s.closeAll(ctx, true)
 	})
 	return err
 }
@@ -977,13 +981,20 @@ func (s *Server) Kill() {
 		}
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel() // nothing waits for a graceful close
-		s.closeAll(ctx)
+		s.closeAll(ctx, false)
 	})
 }
 
+// logoutTimeout bounds the edge's logout from the control plane when it
+// stops, as DeregisterEdge's is.
+const logoutTimeout = 5 * time.Second
+
 // closeAll closes what is left; the HTTP servers get what remains of ctx,
-// five seconds at most, to finish their requests, then are cut.
-func (s *Server) closeAll(ctx context.Context) {
+// five seconds at most, to finish their requests, then are cut. With
+// logout, the edge's session on the control plane is ended last (within
+// what remains of ctx, logoutTimeout at most), once nothing of the edge
+// uses it any more.
+func (s *Server) closeAll(ctx context.Context, logout bool) {
 	if s.cancel != nil {
 		s.cancel()
 	}
@@ -1014,6 +1025,13 @@ func (s *Server) closeAll(ctx context.Context) {
 	s.wg.Wait()
 	s.wsSessions.Wait()
 	if s.control != nil {
+		if logout {
+			lctx, cancel := context.WithTimeout(ctx, logoutTimeout)
+			if err := s.control.Logout(lctx); err != nil {
+				s.log.Warn("could not end the edge's session on the control plane; it ends when its refresh token expires", "err", err)
+			}
+			cancel()
+		}
 		s.control.Close()
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/edge-relay/relay/control/clustertest"
+	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/edge/client"
 	"github.com/edge-relay/relay/edge/controlconn"
 	"github.com/edge-relay/relay/edge/server"
@@ -471,4 +472,30 @@ func TestShutdownFitsItsDeadline(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// An edge that stops ends its session on the control plane, so that
+// restarts leave no live logins of the edges' account behind (each would
+// stay until its refresh token expired, 30 days by default).
+func TestAStoppedEdgeEndsItsSession(t *testing.T) {
+	r := relaytest.Start(t, relaytest.Options{})
+	r.Cluster.WaitFeatureUsable(fsm.FeatureSessionCap)
+	f := r.Cluster.Nodes[0].Server.Node().FSM()
+	edges, err := f.GetUserByLogin("edges")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := f.UserTokenCount(edges.GetId()); err != nil || n == 0 {
+		t.Fatalf("the running edge's refresh tokens: %d, %v; want its session's", n, err)
+	}
+	e := r.Edges[0]
+	r.Edges[0] = nil
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := e.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := f.UserTokenCount(edges.GetId()); err != nil || n != 0 {
+		t.Fatalf("the stopped edge's refresh tokens: %d, %v; want none", n, err)
+	}
 }
