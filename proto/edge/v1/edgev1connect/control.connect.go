@@ -256,9 +256,11 @@ func (UnimplementedEdgeServiceHandler) DeregisterEdge(context.Context, *connect.
 
 // MailboxServiceClient is a client for the edge.v1.MailboxService service.
 type MailboxServiceClient interface {
-	// PutMailbox stores events in their targets' mailboxes, all in one Raft entry
-	// and in the order given; each entry gets its own result. A stored
-	// entry is committed (durable on a quorum) when PutMailbox returns.
+	// PutMailbox stores events in their targets' mailboxes in the order
+	// given, in one Raft entry (or, past api.MaxCommandEventBytes of events,
+	// in several applied in turn, as consecutive calls would be); each entry
+	// gets its own result. A stored entry is committed (durable on a quorum)
+	// when PutMailbox returns.
 	PutMailbox(context.Context, *connect.Request[v1.PutMailboxRequest]) (*connect.Response[v1.PutMailboxResponse], error)
 	// FetchMailbox returns a device's entries after a sequence number, oldest
 	// first (a linearizable read).
@@ -343,9 +345,11 @@ func (c *mailboxServiceClient) ClaimEvents(ctx context.Context, req *connect.Req
 
 // MailboxServiceHandler is an implementation of the edge.v1.MailboxService service.
 type MailboxServiceHandler interface {
-	// PutMailbox stores events in their targets' mailboxes, all in one Raft entry
-	// and in the order given; each entry gets its own result. A stored
-	// entry is committed (durable on a quorum) when PutMailbox returns.
+	// PutMailbox stores events in their targets' mailboxes in the order
+	// given, in one Raft entry (or, past api.MaxCommandEventBytes of events,
+	// in several applied in turn, as consecutive calls would be); each entry
+	// gets its own result. A stored entry is committed (durable on a quorum)
+	// when PutMailbox returns.
 	PutMailbox(context.Context, *connect.Request[v1.PutMailboxRequest]) (*connect.Response[v1.PutMailboxResponse], error)
 	// FetchMailbox returns a device's entries after a sequence number, oldest
 	// first (a linearizable read).
