@@ -182,9 +182,17 @@ type Client struct {
 	// through Raft to be refused there: without it a device broadcasting
 	// to many offline devices of its account would write every event into
 	// the log of every control node long after their mailboxes filled.
-	full   map[string]time.Time
-	claims []pendingClaim
-	acks   map[ackKey][]uint64
+	full map[string]time.Time
+	// An ack lifts a device's mark twice: when it is queued, and once it
+	// is written (the room is made then; a call made in between may have
+	// been answered FULL, which marked the device again). sending holds
+	// the devices of the entries in the call under way (the writer makes
+	// one at a time), each true once an ack for it was written during the
+	// call: a FULL the call gets for such a device marks nothing, as that
+	// ack may have made the room the call did not find.
+	sending map[string]bool
+	claims  []pendingClaim
+	acks    map[ackKey][]uint64
 	// failed counts the entries whose call failed, lastFailure is the
 	// last such error: Flush tells what failed while it waited.
 	failed      uint64
@@ -675,6 +683,14 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 			entries, at = append(entries, p.entry), append(at, i)
 		}
 	}
+	c.mu.Lock()
+	if c.sending == nil {
+		c.sending = map[string]bool{}
+	}
+	for _, e := range entries {
+		c.sending[e.GetDeviceId()] = false
+	}
+	c.mu.Unlock()
 	for j, r := range c.store(ctx, entries, deadline) {
 		results[at[j]] = r
 	}
@@ -694,6 +710,9 @@ func (c *Client) write(ctx context.Context, batch []pending) {
 		c.results.WithLabelValues(label).Inc()
 		p.done(r)
 	}
+	c.mu.Lock()
+	clear(c.sending)
+	c.mu.Unlock()
 }
 
 // store writes entries in order and returns each one's result. The
@@ -734,11 +753,12 @@ const fullFor = 2 * time.Second
 const maxFull = 1 << 16
 
 // noteFull remembers whether a device's mailbox is full, from the status
-// the control plane gave an entry for it.
+// the control plane gave an entry for it in the call under way; not when
+// an ack for the device went out during the call (see Client.sending).
 func (c *Client) noteFull(device string, st edgev1.MailboxStatus) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if st != edgev1.MailboxStatus_MAILBOX_STATUS_FULL {
+	if st != edgev1.MailboxStatus_MAILBOX_STATUS_FULL || c.sending[device] {
 		delete(c.full, device)
 		return
 	}
@@ -870,6 +890,7 @@ func (c *Client) flushAcks(ctx context.Context) (requeued bool) {
 			cancel()
 			if err == nil {
 				seqs = seqs[n:]
+				c.acked(k.device)
 				continue
 			}
 			if permanent(err) {
@@ -892,6 +913,17 @@ func (c *Client) flushAcks(ctx context.Context) (requeued bool) {
 		}
 	}
 	return false
+}
+
+// acked lifts device's mark once acks for it were written (see
+// Client.sending).
+func (c *Client) acked(device string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.full, device)
+	if _, ok := c.sending[device]; ok {
+		c.sending[device] = true
+	}
 }
 
 // statusLabel is a mailbox status as the metrics name it: "stored",

@@ -949,3 +949,112 @@ func TestAcksOfAPassCutShortGoInTheLastFlush(t *testing.T) {
 		t.Fatalf("acks of %d of %d devices sent by the last flush: %v", len(acked), devices, acked)
 	}
 }
+
+// gatedAPI is the control plane's API with its calls held at will: a
+// PutMailbox answered waits for holdPut (when set) before it returns,
+// and an AckMailbox waits for holdAck (when set) before it is made.
+// ackCalls receives the device of each AckMailbox call as it starts,
+// answered a signal as each held PutMailbox got its answer.
+type gatedAPI struct {
+	mailbox.API
+	puts     atomic.Int32
+	holdPut  atomic.Pointer[chan struct{}]
+	holdAck  atomic.Pointer[chan struct{}]
+	ackCalls chan string
+	answered chan struct{}
+}
+
+func (g *gatedAPI) PutMailbox(ctx context.Context, entries []*edgev1.MailboxEntry) (*edgev1.PutMailboxResponse, error) {
+	g.puts.Add(1)
+	resp, err := g.API.PutMailbox(ctx, entries)
+	if hold := g.holdPut.Load(); hold != nil {
+		g.answered <- struct{}{}
+		<-*hold
+	}
+	return resp, err
+}
+
+func (g *gatedAPI) AckMailbox(ctx context.Context, deviceID, history string, seqs []uint64) error {
+	g.ackCalls <- deviceID
+	if hold := g.holdAck.Load(); hold != nil {
+		<-*hold
+	}
+	return g.API.AckMailbox(ctx, deviceID, history, seqs)
+}
+
+// An ack written while a call for the same device is on its way makes
+// room the call may not have found: a FULL that call gets does not mark
+// the mailbox full (which would answer the device's next entries FULL
+// for 2 s without asking, though they fit now).
+func TestAnAckWrittenDuringACallLiftsTheFullMark(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) { cfg.Mailbox.MaxEntriesPerDevice = 2 }})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cc, userID, devIDs := edgeOf(ctx, t, c, 2)
+	dev := devIDs[0]
+	g := &gatedAPI{API: cc, ackCalls: make(chan string, 16), answered: make(chan struct{}, 1)}
+	mb, _ := startClient(t, mailbox.Config{API: g})
+	store := func(id string) mailbox.Result {
+		t.Helper()
+		res := make(chan mailbox.Result, 1)
+		mb.Store(&edgev1.MailboxEntry{DeviceId: dev, UserId: userID, Event: []byte(id), EventId: id, SenderDeviceId: "s",
+			ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) { res <- r })
+		select {
+		case r := <-res:
+			return r
+		case <-ctx.Done():
+			t.Fatalf("no answer for %s", id)
+			return mailbox.Result{}
+		}
+	}
+	var seqs []uint64
+	for _, id := range []string{"e1", "e2"} {
+		r := store(id)
+		if r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED {
+			t.Fatalf("%s: %+v", id, r)
+		}
+		seqs = append(seqs, r.Seq)
+	}
+	// Full: the control plane says so, and the next entry is answered so
+	// without a call.
+	if r := store("e3"); r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_FULL {
+		t.Fatalf("e3 into a full mailbox: %+v", r)
+	}
+	puts := g.puts.Load()
+	if r := store("e4"); r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_FULL || g.puts.Load() != puts {
+		t.Fatalf("e4 into a mailbox marked full: %+v after %d calls, want FULL and none", r, g.puts.Load()-puts)
+	}
+
+	// e1's ack is queued (the mark goes) and held before it is written;
+	// e5 is answered FULL, and held before its answer is taken; e1's ack
+	// is written then.
+	ackHold, putHold := make(chan struct{}), make(chan struct{})
+	g.holdAck.Store(&ackHold)
+	mb.Ack(dev, "", seqs[0])
+	if got := <-g.ackCalls; got != dev {
+		t.Fatalf("ack call for %s", got)
+	}
+	g.holdPut.Store(&putHold)
+	e5 := make(chan mailbox.Result, 1)
+	mb.Store(&edgev1.MailboxEntry{DeviceId: dev, UserId: userID, Event: []byte("e5"), EventId: "e5", SenderDeviceId: "s",
+		ExpiresAtMs: time.Now().Add(time.Hour).UnixMilli()}, func(r mailbox.Result) { e5 <- r })
+	<-g.answered
+	g.holdAck.Store(nil)
+	close(ackHold)
+	// Another device's ack, queued now, is called only after the pass
+	// that wrote e1's has ended.
+	mb.Ack(devIDs[1], "", 1)
+	if got := <-g.ackCalls; got != devIDs[1] {
+		t.Fatalf("ack call for %s, want the second device's", got)
+	}
+	g.holdPut.Store(nil)
+	close(putHold)
+	if r := <-e5; r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_FULL {
+		t.Fatalf("e5, answered before the ack was written: %+v, want FULL", r)
+	}
+	// The room e1's ack made is asked for, and found.
+	puts = g.puts.Load()
+	if r := store("e6"); r.Err != nil || r.Status != edgev1.MailboxStatus_MAILBOX_STATUS_STORED || g.puts.Load() != puts+1 {
+		t.Fatalf("e6 after the ack: %+v after %d calls, want STORED by one call", r, g.puts.Load()-puts)
+	}
+}
