@@ -162,6 +162,43 @@ type wireConn struct {
 	read  atomic.Int64 // bytes read
 	mark  atomic.Int64 // read when the last message was complete
 	limit atomic.Int64 // the most read past mark
+
+	// Pings and pongs the peer sent, against a bucket of
+	// controlFrameBurst refilled at controlFramesPerSecond: past it, the
+	// next read fails (RATE_LIMITED). Each costs the WebSocket library a
+	// timer and a context, some 2-5 µs, where the bytes they carry, the
+	// only charge against the device's budget, cost the peer 6: a peer
+	// sending nothing else kept an edge core busy within its byte budget,
+	// and before any Hello.
+	ctlMu     sync.Mutex
+	ctlTokens float64
+	ctlAt     time.Time
+	ctlOver   atomic.Bool
+}
+
+// The peer's pings and pongs: none come from the relay's clients (their
+// keep-alive is the protocol's Ping frame, and the edge sends no pings
+// to answer); an intermediary's keep-alives come seconds apart.
+const (
+	controlFrameBurst      = 16
+	controlFramesPerSecond = 2
+)
+
+// controlFrame takes a ping or pong the peer sent, at now.
+func (c *wireConn) controlFrame(now time.Time) {
+	c.ctlMu.Lock()
+	defer c.ctlMu.Unlock()
+	if c.ctlAt.IsZero() {
+		c.ctlTokens = controlFrameBurst
+	} else {
+		c.ctlTokens = min(controlFrameBurst, c.ctlTokens+now.Sub(c.ctlAt).Seconds()*controlFramesPerSecond)
+	}
+	c.ctlAt = now
+	if c.ctlTokens < 1 {
+		c.ctlOver.Store(true)
+		return
+	}
+	c.ctlTokens--
 }
 
 // wireAllowance is what one message may carry beside its payload and
@@ -174,6 +211,10 @@ const wireAllowance = 64 << 10
 func (c *wireConn) setLimit(maxFrame int) { c.limit.Store(int64(maxFrame) + 16 + wireAllowance) }
 
 func (c *wireConn) Read(p []byte) (int, error) {
+	if c.ctlOver.Load() {
+		return 0, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED,
+			Msg: fmt.Sprintf("more than %d WebSocket pings and pongs at once, or %d a second", controlFrameBurst, controlFramesPerSecond)}
+	}
 	n, err := c.Conn.Read(p)
 	if over, limit := c.read.Add(int64(n))-c.mark.Load(), c.limit.Load(); over > limit {
 		return n, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE,
@@ -195,7 +236,10 @@ func (w *wsConn) pump() {
 	defer close(w.pumped)
 	for {
 		typ, msg, err := w.c.Read(w.ctx)
-		if err == nil && typ != websocket.MessageBinary {
+		switch {
+		case err != nil:
+			err = readError(err)
+		case typ != websocket.MessageBinary:
 			err = &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Msg: "a text message: frames are binary messages"}
 		}
 		var over int
@@ -219,6 +263,29 @@ func (w *wsConn) pump() {
 			return
 		}
 	}
+}
+
+// readError types what a read of the WebSocket layer failed with: a
+// message over the read limit is FRAME_TOO_LARGE, a breach of the
+// WebSocket protocol (an unmasked client frame, reserved bits, an
+// unknown opcode, a control frame too long) MALFORMED_FRAME, so that the
+// session ends with its code (where the library sent no close frame of
+// its own, the peer gets it too) and counts it as such. The connection's
+// own ends and failures, and errors already typed, pass as they are.
+func readError(err error) error {
+	var fe *frame.Error
+	var ce websocket.CloseError
+	var ne net.Error
+	switch {
+	case errors.As(err, &fe), errors.As(err, &ce):
+		return err
+	case errors.Is(err, websocket.ErrMessageTooBig):
+		return &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, Msg: err.Error()}
+	case errors.As(err, &ne), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed),
+		errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return err
+	}
+	return &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Msg: err.Error()}
 }
 
 func (w *wsConn) Read(p []byte) (int, error) {
@@ -303,10 +370,28 @@ func (w *wsConn) ChannelBinding() []byte {
 
 // AcceptWebSocket accepts a WebSocket as websocket.Accept does, and
 // returns with it the connection it took over from the HTTP server, for
-// NewWebSocketConn: a wireConn, which counts what is read from it.
+// NewWebSocketConn: a wireConn, which counts what is read from it, and
+// the peer's pings and pongs (opts' callbacks for them still run).
 func AcceptWebSocket(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOptions) (*websocket.Conn, net.Conn, error) {
 	hw := &hijackRecorder{ResponseWriter: w}
-	c, err := websocket.Accept(hw, r, opts)
+	// The peer's pings and pongs are counted on the connection the
+	// upgrade hijacks (hw.conn, set before any frame is read).
+	o := websocket.AcceptOptions{}
+	if opts != nil {
+		o = *opts
+	}
+	onPing, onPong := o.OnPingReceived, o.OnPongReceived
+	o.OnPingReceived = func(ctx context.Context, b []byte) bool {
+		hw.conn.controlFrame(time.Now())
+		return onPing == nil || onPing(ctx, b)
+	}
+	o.OnPongReceived = func(ctx context.Context, b []byte) {
+		hw.conn.controlFrame(time.Now())
+		if onPong != nil {
+			onPong(ctx, b)
+		}
+	}
+	c, err := websocket.Accept(hw, r, &o)
 	if hw.conn == nil {
 		return c, nil, err // no typed nil in the interface
 	}
@@ -481,7 +566,8 @@ func closeReason(msg string) string {
 // WebSocketCode returns the protocol error code a WebSocket close
 // carried, if it was one. A message over the edge's read limit is closed
 // by the WebSocket layer itself with 1009 (message too big): that is
-// FRAME_TOO_LARGE.
+// FRAME_TOO_LARGE; a breach of the WebSocket protocol with 1002
+// (protocol error): MALFORMED_FRAME.
 func WebSocketCode(err error) (relayv1.ErrorCode, string, bool) {
 	var ce websocket.CloseError
 	if !errors.As(err, &ce) {
@@ -492,6 +578,9 @@ func WebSocketCode(err error) (relayv1.ErrorCode, string, bool) {
 		return relayv1.ErrorCode(int(ce.Code) - WebSocketCloseBase), ce.Reason, true
 	case ce.Code == websocket.StatusMessageTooBig:
 		return relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE, ce.Reason, true
+	case ce.Code == websocket.StatusProtocolError:
+		// The WebSocket layer's own close for a breach of its protocol.
+		return relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, ce.Reason, true
 	}
 	return 0, "", false
 }

@@ -1,9 +1,13 @@
 package transport_test
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -166,5 +170,139 @@ func TestOversizedConnectHeadersAreRefused(t *testing.T) {
 			status = resp.StatusCode
 		}
 		t.Fatalf("CONNECT with %d KiB of headers: status %d, %v; want 431 or H3_EXCESSIVE_LOAD", 2*transport.MaxHeaderBytes>>10, status, err)
+	}
+}
+
+// rawWebSocket upgrades a TLS connection to the edge's WebSocket path by
+// hand, for a client that writes frames the library would not.
+func rawWebSocket(ctx context.Context, t *testing.T, addr string) (*tls.Conn, *bufio.Reader) {
+	t.Helper()
+	conn, err := (&tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true}}).DialContext(ctx, "tcp", addr) //nolint:gosec // a hostile client
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	}
+	if _, err := fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", devconn.WebSocketPath, addr); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v, %v", resp, err)
+	}
+	return conn.(*tls.Conn), br
+}
+
+// closeCode reads server frames until a close frame, and returns its code.
+func closeCode(t *testing.T, br *bufio.Reader) int {
+	t.Helper()
+	for {
+		var h [2]byte
+		if _, err := io.ReadFull(br, h[:]); err != nil {
+			t.Fatalf("reading for a close frame: %v", err)
+		}
+		n := uint64(h[1] & 0x7f)
+		switch n {
+		case 126:
+			var l [2]byte
+			if _, err := io.ReadFull(br, l[:]); err != nil {
+				t.Fatal(err)
+			}
+			n = uint64(binary.BigEndian.Uint16(l[:]))
+		case 127:
+			var l [8]byte
+			if _, err := io.ReadFull(br, l[:]); err != nil {
+				t.Fatal(err)
+			}
+			n = binary.BigEndian.Uint64(l[:])
+		}
+		payload := make([]byte, min(n, 1<<20))
+		if _, err := io.ReadFull(br, payload); err != nil {
+			t.Fatal(err)
+		}
+		if h[0]&0x0f == 8 {
+			if len(payload) < 2 {
+				return 0
+			}
+			return int(binary.BigEndian.Uint16(payload))
+		}
+	}
+}
+
+// A peer's WebSocket pings and pongs are bounded by their number, not
+// only by the bytes they carry: each costs the edge some microseconds
+// for 6 bytes of the peer's, so a flood of them (before any Hello, or
+// within a device's byte budget) kept a core busy. A few pass (here
+// followed by a text message, refused as such); a flood ends the
+// connection with RATE_LIMITED.
+func TestWebSocketControlFrameFloodsAreRefused(t *testing.T) {
+	r := startRelay(t, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	frames := func(n int, last ...byte) []byte {
+		var b []byte
+		for i := range n {
+			op := byte(0x89) // ping
+			if i%2 == 1 {
+				op = 0x8a // pong
+			}
+			b = append(b, op, 0x80, 1, 2, 3, 4) // empty, masked
+		}
+		return append(b, last...)
+	}
+	for _, c := range []struct {
+		name string
+		send []byte
+		want relayv1.ErrorCode
+	}{
+		{"a few, then a text message", frames(10, 0x81, 0x81, 1, 2, 3, 4, 'x'^1), relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{"a flood", frames(2000), relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			conn, br := rawWebSocket(ctx, t, r.Edges[0].Addr())
+			if _, err := conn.Write(c.send); err != nil {
+				t.Fatal(err)
+			}
+			if got := closeCode(t, br); got != devconn.WebSocketCloseBase+int(c.want) {
+				t.Fatalf("close code %d, want %d (%s)", got, devconn.WebSocketCloseBase+int(c.want), c.want)
+			}
+		})
+	}
+}
+
+// A breach of the WebSocket protocol ends the connection with a code a
+// client reads as MALFORMED_FRAME: an unmasked frame with the edge's own
+// close (the WebSocket layer sends none), reserved bits or an unknown
+// opcode with the layer's 1002.
+func TestWebSocketProtocolBreachesAreTyped(t *testing.T) {
+	r := startRelay(t, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, c := range []struct {
+		name string
+		send []byte
+		want int
+	}{
+		{"unmasked", []byte{0x82, 0x01, 'x'}, devconn.WebSocketCloseBase + int(relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME)},
+		{"reserved bits", []byte{0xa2, 0x81, 1, 2, 3, 4, 'x' ^ 1}, int(websocket.StatusProtocolError)},
+		{"unknown opcode", []byte{0x83, 0x81, 1, 2, 3, 4, 'x' ^ 1}, int(websocket.StatusProtocolError)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			conn, br := rawWebSocket(ctx, t, r.Edges[0].Addr())
+			if _, err := conn.Write(c.send); err != nil {
+				t.Fatal(err)
+			}
+			got := closeCode(t, br)
+			if got != c.want {
+				t.Fatalf("close code %d, want %d", got, c.want)
+			}
+			code, _, ok := devconn.WebSocketCode(websocket.CloseError{Code: websocket.StatusCode(got)})
+			if !ok || code != relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME {
+				t.Fatalf("close code %d reads as %s (%v), want MALFORMED_FRAME", got, code, ok)
+			}
+		})
 	}
 }
