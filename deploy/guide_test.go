@@ -138,6 +138,7 @@ func words(cmd string) []string {
 var hostTools = map[string]bool{
 	"useradd": true, "install": true, "systemctl": true, "curl": true, "chgrp": true, "chmod": true,
 	"base64": true, "openssl": true, "docker": true, "kind": true, "minikube": true, "grep": true,
+	"sysctl": true,
 }
 
 // TestOperationsGuide checks docs/operations.md against the code and the

@@ -493,3 +493,34 @@ func checkAdminScraped(t *testing.T, command, admin string) {
 	}
 	t.Errorf("prometheus/prometheus.yml's job relay-%s does not scrape %s, the admin address of %s.env", command, admin, command)
 }
+
+// The sysctl file for edge hosts lets a UDP socket's buffers reach what
+// quic-go asks for its sockets (7 MiB, its internal/udp desiredBufferSize),
+// both ways.
+func TestUDPBufferSysctlsReachWhatQUICAsks(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("systemd", "90-relayd-udp-buffers.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]int{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if l = strings.TrimSpace(l); l == "" || strings.HasPrefix(l, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(l, "=")
+		n, err := strconv.Atoi(strings.TrimSpace(v))
+		if !ok || err != nil {
+			t.Fatalf("line %q is not key=number", l)
+		}
+		got[strings.TrimSpace(k)] = n
+	}
+	const quicWants = 7 << 20
+	for _, k := range []string{"net.core.rmem_max", "net.core.wmem_max"} {
+		if got[k] < quicWants {
+			t.Errorf("%s = %d, below the %d quic-go asks", k, got[k], quicWants)
+		}
+	}
+	if len(got) != 2 {
+		t.Errorf("settings %v, want the two buffer ceilings only", got)
+	}
+}

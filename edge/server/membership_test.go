@@ -29,10 +29,13 @@ import (
 
 // readyz returns the status and body of /readyz at base: an edge's admin
 // URL, or its HTTPS URL (whose certificate is not checked).
-func readyz(base string) (int, string, error) {
+func readyz(base string) (int, string, error) { return get(base, "/readyz") }
+
+// get fetches path from an edge's port at base.
+func get(base, path string) (int, string, error) {
 	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
 	defer hc.CloseIdleConnections()
-	resp, err := hc.Get(base + "/readyz")
+	resp, err := hc.Get(base + path)
 	if err != nil {
 		return 0, "", err
 	}
@@ -307,16 +310,29 @@ func TestActivityOfAFailedReportGoesWithTheNext(t *testing.T) {
 // the edge not ready, and the admin port says which and why, so that a
 // load balancer or Kubernetes takes it out and its devices move on;
 // before, /readyz answered 200 while no QUIC or WebTransport session
-// could come in, and nothing was logged.
+// could come in, and nothing was logged. Only a restart mends it, so
+// /healthz fails too, and a liveness probe restarts the edge (before, it
+// answered 200 and the edge stayed up, useless, until someone noticed).
 func TestADeadDevicePortMakesTheEdgeNotReady(t *testing.T) {
 	r := relaytest.Start(t, relaytest.Options{Edge: func(_ int, cfg *server.Config) { cfg.AdminAddr = "127.0.0.1:0" }})
 	e := r.Edges[0]
 	if !e.Ready() {
 		t.Fatal("the edge is not ready before its port failed")
 	}
+	for _, base := range []string{e.AdminURL(), e.HTTPSURL()} {
+		if code, body, err := get(base, "/healthz"); err != nil || code != http.StatusOK || body != "ok\n" {
+			t.Fatalf("%s/healthz before the port failed: %d %q %v", base, code, body, err)
+		}
+	}
 	e.KillDevicePort()
 	waitNotReady(t, e, "device port down", "quic port")
 	if code, body, err := readyz(e.HTTPSURL()); err != nil || code != http.StatusServiceUnavailable || body != "not ready: device port down\n" {
 		t.Fatalf("the public /readyz: %d %q %v", code, body, err)
+	}
+	if code, body, err := get(e.AdminURL(), "/healthz"); err != nil || code != http.StatusServiceUnavailable || !strings.Contains(body, "device port down: quic port") {
+		t.Fatalf("the admin /healthz: %d %q %v", code, body, err)
+	}
+	if code, body, err := get(e.HTTPSURL(), "/healthz"); err != nil || code != http.StatusServiceUnavailable || body != "unhealthy: device port down (restart the edge)\n" {
+		t.Fatalf("the public /healthz: %d %q %v", code, body, err)
 	}
 }

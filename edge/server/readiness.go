@@ -72,3 +72,21 @@ func (s *Server) readyz(detail bool) http.HandlerFunc {
 		_, _ = w.Write([]byte("ready\n"))
 	}
 }
+
+// healthz answers 200 while the edge can serve, and 503 once a device
+// port stopped accepting (portFailed), which only a restart mends: a
+// liveness probe then restarts the edge. With detail (the admin port)
+// it names the port and the error.
+func (s *Server) healthz(detail bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, _ *http.Request) {
+		if down := s.portDown.Load(); down != nil {
+			reason := "device port down"
+			if detail {
+				reason += ": " + *down
+			}
+			http.Error(w, "unhealthy: "+reason+" (restart the edge)", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	}
+}

@@ -542,9 +542,10 @@ func (s *Server) originPolicy() transport.OriginPolicy {
 }
 
 // portFailed records that a device port stopped accepting (a fatal
-// socket error): unless the edge is stopping, it is not ready from then
-// on, and says why, so that a load balancer or Kubernetes takes it out
-// and its devices move on. It does not come back by itself: restart it.
+// socket error): unless the edge is stopping, it is neither ready nor
+// healthy from then on, and says why, so that a load balancer or
+// Kubernetes takes it out and its devices move on, and a liveness probe
+// restarts it. It does not come back by itself.
 func (s *Server) portFailed(port string, err error) {
 	if s.stopping.Load() {
 		return
@@ -855,9 +856,7 @@ func (s *Server) publicMux() http.Handler {
 		defer s.wsSessions.Done()
 		s.ws.ServeHTTP(w, r)
 	})
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
-		_, _ = w.Write([]byte("ok\n"))
-	})
+	mux.HandleFunc("GET /healthz", s.healthz(false))
 	mux.HandleFunc("GET /readyz", s.readyz(false))
 	mux.HandleFunc("GET "+CertHashesPath, func(w http.ResponseWriter, _ *http.Request) {
 		var doc CertHashesDoc
@@ -900,6 +899,7 @@ const MaxHTTPSReceiveBuffer = 64 << 10
 func (s *Server) adminMux() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/", s.publicMux())
+	mux.HandleFunc("GET /healthz", s.healthz(true))
 	mux.HandleFunc("GET /readyz", s.readyz(true))
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Registry, promhttp.HandlerOpts{}))
 	profiler.Register(mux)
