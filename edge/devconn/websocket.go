@@ -485,10 +485,20 @@ func (w *wsConn) Abort(relayv1.ErrorCode, string) error {
 
 // closeRaw closes the connection under the WebSocket: every read and
 // write on it, the library's close handshake among them, fails at once.
+// Under an edge's TLS it closes the TCP connection itself: closing the
+// TLS connection would first send a close_notify alert, which, to a peer
+// that stopped reading with its window full, waits crypto/tls's 5 s.
 func (w *wsConn) closeRaw() {
-	if w.raw != nil {
-		_ = w.raw.Close()
+	if w.raw == nil {
+		return
 	}
+	if wc, ok := w.raw.(*wireConn); ok {
+		if tc, ok := wc.Conn.(*tls.Conn); ok {
+			_ = tc.NetConn().Close()
+			return
+		}
+	}
+	_ = w.raw.Close()
 }
 
 // stop ends the pump and the deadlines once the WebSocket is closed.

@@ -3,7 +3,11 @@ package devconn
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
+	"errors"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -111,4 +115,38 @@ func TestWebSocketOverheadIsTheWireLessThePayload(t *testing.T) {
 	if over := w.TakeOverhead(); over < n*6-4096 || over > n*6+4096 {
 		t.Fatalf("%d messages of %d bytes were charged %d bytes beside them, want about %d", n, size, over, n*6)
 	}
+}
+
+// Closing the connection under an edge's WebSocket closes its TCP
+// connection, not its TLS: crypto/tls would first write a close_notify
+// alert, which waits up to 5 s on a peer that stopped reading with its
+// window full (Close and Abort must not). Over a pipe, where any write
+// waits for the peer's read, the peer reads the end of the connection,
+// not an alert record.
+func TestClosingTheRawConnectionSendsNoTLSAlert(t *testing.T) {
+	stls, ctls := testTLS(t, "http/1.1")
+	ctls = ctls.Clone()
+	ctls.ServerName = "127.0.0.1" // the certificate's address
+	edgeEnd, peerEnd := net.Pipe()
+	t.Cleanup(func() { _ = peerEnd.Close(); _ = edgeEnd.Close() })
+	srv, cli := tls.Server(edgeEnd, stls), tls.Client(peerEnd, ctls)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	errs := make(chan error, 1)
+	go func() { errs <- srv.HandshakeContext(ctx) }()
+	if err := cli.HandshakeContext(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+	w := &wsConn{raw: &wireConn{Conn: srv}}
+	closed := make(chan struct{})
+	go func() { defer close(closed); w.closeRaw() }()
+	_ = peerEnd.SetReadDeadline(time.Now().Add(20 * time.Second))
+	var b [64]byte
+	if n, err := peerEnd.Read(b[:]); n != 0 || !errors.Is(err, io.EOF) {
+		t.Fatalf("the peer read %d bytes (%x), %v; want the connection's end and no alert", n, b[:n], err)
+	}
+	<-closed
 }
