@@ -250,17 +250,26 @@ func (c *Conn) Logout(ctx context.Context) error {
 	return nil
 }
 
+// logoutAttemptTimeout bounds one control node's answer to a logout (a
+// linearizable read and a Raft write).
+const logoutAttemptTimeout = 2 * time.Second
+
 // endSession ends the session refresh belongs to, with access, an access
 // token of the edge's account: through the current control node, then
-// the others while a node is unavailable. A session the control plane
-// does not know (ended already) counts as ended.
+// the others while a node is unavailable or does not answer within
+// logoutAttemptTimeout. A session the control plane does not know (ended
+// already) counts as ended.
 func (c *Conn) endSession(ctx context.Context, access, refresh string) error {
 	var err error
 	for range len(c.cfg.URLs) {
 		u := c.url()
 		req := connect.NewRequest(&controlv1.LogoutRequest{RefreshToken: refresh})
 		req.Header().Set("Authorization", "Bearer "+access)
-		_, err = c.peers[u].auth.Logout(ctx, req)
+		// A node that does not answer (paused, cut off) does not hold
+		// the whole of ctx: the next one is tried.
+		actx, cancel := context.WithTimeout(ctx, logoutAttemptTimeout)
+		_, err = c.peers[u].auth.Logout(actx, req)
+		cancel()
 		switch {
 		case connect.CodeOf(err) == connect.CodeNotFound:
 			return nil

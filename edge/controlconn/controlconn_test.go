@@ -719,6 +719,45 @@ func TestARefreshWithItsAnswerLostIsNotPresentedAgain(t *testing.T) {
 	}
 }
 
+// stalledLogouts is a control node that logs the edge in but never
+// answers a Logout (paused, or cut off after the edge reached it).
+type stalledLogouts struct{ rotatingControl }
+
+func (f *stalledLogouts) Logout(ctx context.Context, _ *connect.Request[controlv1.LogoutRequest]) (*connect.Response[controlv1.LogoutResponse], error) {
+	<-ctx.Done()
+	return nil, connect.NewError(connect.CodeDeadlineExceeded, ctx.Err())
+}
+
+// A control node that does not answer a logout does not hold the whole
+// of the edge's stop: the logout goes to the next node within the stop's
+// time.
+func TestALogoutMovesOnFromANodeThatDoesNotAnswer(t *testing.T) {
+	stalled := &stalledLogouts{}
+	mux := http.NewServeMux()
+	mux.Handle(controlv1connect.NewAuthServiceHandler(stalled))
+	working := &rotatingControl{ended: make(chan [2]string, 1)}
+	wmux := http.NewServeMux()
+	wmux.Handle(controlv1connect.NewAuthServiceHandler(working))
+	c, err := controlconn.New(controlconn.Config{URLs: []string{serve(t, mux), serve(t, wmux)}, Login: "edges", Password: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	if tok, err := c.Token(context.Background()); err != nil || tok != "login-1" {
+		t.Fatalf("first token: %q, %v", tok, err)
+	}
+	// Five times what one node gets; a node that never answers would
+	// take all of it.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.Logout(ctx); err != nil {
+		t.Fatalf("the logout past a node that does not answer: %v", err)
+	}
+	if got := <-working.ended; got != [2]string{"Bearer login-1", "r-login-1"} {
+		t.Fatalf("the next node ended %q with %q", got[1], got[0])
+	}
+}
+
 // Edges that list the same control nodes start at the one Start names
 // (modulo their number), not all at the first.
 func TestStartPicksTheFirstNode(t *testing.T) {
