@@ -209,7 +209,7 @@ func TestAPeerStalledInItsHello(t *testing.T) {
 		ran := make(chan struct{})
 		go func() { b.Run(); close(ran) }()
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		conn, err := quic.DialAddr(ctx, b.Addr().String(), testIdentity(t, ca, "edge-evil").clientTLS("edge-b", nil), quicConfig(time.Minute))
+		conn, err := quic.DialAddr(ctx, b.Addr().String(), testIdentity(t, ca, "edge-evil").clientTLS("edge-b", nil), quicConfig(time.Minute, false))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -252,7 +252,7 @@ func TestAPeerStalledInItsHello(t *testing.T) {
 // it closes when the test ends.
 func peerListener(t *testing.T, ca *testCA, idle time.Duration, window int) *quic.Listener {
 	t.Helper()
-	qc := quicConfig(idle)
+	qc := quicConfig(idle, true)
 	qc.InitialStreamReceiveWindow, qc.MaxStreamReceiveWindow = uint64(window), uint64(window)
 	qc.InitialConnectionReceiveWindow, qc.MaxConnectionReceiveWindow = uint64(2*window), uint64(2*window)
 	ln, err := quic.ListenAddr("127.0.0.1:0", testIdentity(t, ca, "edge-b").serverTLS(), qc)
@@ -374,7 +374,7 @@ func TestAPeerStalledInsideAFrameLosesItsLink(t *testing.T) {
 	w := &warnings{}
 	local := &fakeLocal{}
 	a := startMeshWith(t, ca, "edge-a", local, func(c *Config) { c.IdleTimeout, c.Logger = time.Second, slog.New(w) })
-	ln, err := quic.ListenAddr("127.0.0.1:0", testIdentity(t, ca, "edge-b").serverTLS(), quicConfig(time.Second))
+	ln, err := quic.ListenAddr("127.0.0.1:0", testIdentity(t, ca, "edge-b").serverTLS(), quicConfig(time.Second, true))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -492,14 +492,34 @@ func TestAPeerStalledInsideAFrameLosesItsLink(t *testing.T) {
 // which would deliver them live ahead of it. Meanwhile forwards are
 // answered NOT_DELIVERED at once; after, they reach the peer.
 func TestAReplacedLinkAnswersWhatItHeldBeforeTheNextCarriesAny(t *testing.T) {
+	// Replaced once; and twice before the first link answered what it
+	// held (the peer's address changed twice, or it left and came back,
+	// within that time): the newest link still waits for the first, not
+	// only for the one in between, which was stopped while it waited
+	// (before, that one ended at once, and the newest came up and carried
+	// the senders' later events ahead of the first link's answers).
+	for _, replacements := range []int{1, 2} {
+		t.Run(fmt.Sprintf("replaced %d times", replacements), func(t *testing.T) { replacedLinkWaits(t, replacements) })
+	}
+}
+
+// replacedLinkWaits has a's link to edge-b (at b1, which never answers)
+// replaced by links to other addresses of edge-b, the given number of
+// times, while a forward on the first is unanswered.
+func replacedLinkWaits(t *testing.T, replacements int) {
 	ca := newTestCA(t)
 	stuck := &stuckLocal{release: make(chan struct{})}
 	defer close(stuck.release) // before the meshes close (cleanups run after)
 	b1 := startMeshWith(t, ca, "edge-b", stuck, nil)
-	lb2 := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED}
-	b2 := startMeshWith(t, ca, "edge-b", lb2, nil)
+	bs := []*Mesh{b1}
+	var locals []*fakeLocal
+	for range replacements {
+		l := &fakeLocal{outcome: edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED}
+		locals = append(locals, l)
+		bs = append(bs, startMeshWith(t, ca, "edge-b", l, nil))
+	}
 	a := startMesh(t, ca, "edge-a", &fakeLocal{})
-	for _, b := range []*Mesh{b1, b2} {
+	for _, b := range bs {
 		b.SetMembers([]Member{{ID: "edge-a", MeshAddr: a.Addr().String()}})
 	}
 	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: b1.Addr().String()}})
@@ -512,8 +532,10 @@ func TestAReplacedLinkAnswersWhatItHeldBeforeTheNextCarriesAny(t *testing.T) {
 	defer release.Do(func() { close(hold) }) // a failure below must not leave the old link held
 	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "u", Event: []byte("1")}, func(o edgev1.ForwardOutcome) { <-hold; first <- o })
 	waitFor(t, "F1 sent, unanswered", func() bool { return a.Stats().Pending == 1 })
-	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: b2.Addr().String()}})
-	waitFor(t, "the new link up, or waiting for the old one", func() bool { st := a.Stats(); return st.LinksUp == 1 || st.Waiting == 1 })
+	for _, b := range bs[1:] {
+		a.SetMembers([]Member{{ID: "edge-b", MeshAddr: b.Addr().String()}})
+	}
+	waitFor(t, "the newest link up, or waiting for the old one", func() bool { st := a.Stats(); return st.LinksUp == 1 || st.Waiting == 1 })
 	second := make(chan edgev1.ForwardOutcome, 1)
 	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "u", Event: []byte("2")}, func(o edgev1.ForwardOutcome) { second <- o })
 	if o := nextOutcome(t, second); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
@@ -523,14 +545,16 @@ func TestAReplacedLinkAnswersWhatItHeldBeforeTheNextCarriesAny(t *testing.T) {
 	if o := nextOutcome(t, first); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
 		t.Fatalf("F1: %v", o)
 	}
-	waitFor(t, "the link to b2 up", func() bool { return a.Stats().LinksUp == 1 })
+	waitFor(t, "the newest link up", func() bool { return a.Stats().LinksUp == 1 })
 	third := make(chan edgev1.ForwardOutcome, 1)
 	a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "u", Event: []byte("3")}, func(o edgev1.ForwardOutcome) { third <- o })
 	if o := nextOutcome(t, third); o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED {
 		t.Fatalf("F3, after F1 was answered: %v", o)
 	}
-	if n := lb2.forwards(); n != 1 {
-		t.Fatalf("b2 got %d forwards, want F3 alone", n)
+	for i, l := range locals {
+		if n, want := l.forwards(), map[bool]int{false: 0, true: 1}[i == len(locals)-1]; n != want {
+			t.Fatalf("replacement %d got %d forwards, want %d (F3 alone, at the newest)", i+1, n, want)
+		}
 	}
 }
 

@@ -227,6 +227,7 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		wg.Wait()
 	}()
 	var setLeft uint32 // PresenceDeltas still to come that complete the peer's full set
+	sets := 0          // PresenceSets on this link: a peer sends one, first
 	for {
 		f = &edgev1.MeshFrame{}
 		if buf, err = readFrameWithin(r, buf, f, str, m.cfg.IdleTimeout); err != nil {
@@ -240,6 +241,15 @@ func (m *Mesh) serveInbound(conn *quic.Conn) {
 		}
 		switch k := f.GetKind().(type) {
 		case *edgev1.MeshFrame_PresenceSet:
+			if sets++; sets > 1 && in.member.Load() {
+				// Only a broken or hostile peer: each set marks the
+				// devices before it unconfirmed, and they would hold
+				// room beside the new set's for as long as it lasts.
+				// (A link that is not a member's counts nothing it
+				// sends, and stays for the status it hears.)
+				log.Warn("mesh peer sent a second presence set on one link; its link is closed", "peer", peer)
+				return
+			}
 			setLeft = k.PresenceSet.GetContinuedIn()
 			if setLeft > maxSetFrames {
 				log.Warn("mesh peer's presence set claims too many frames", "peer", peer, "frames", setLeft)

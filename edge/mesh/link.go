@@ -152,7 +152,16 @@ func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 // reached once the backoff reached its cap; the attempts in between at
 // debug level.
 func (l *link) run() {
-	defer close(l.done)
+	defer func() {
+		// A link stopped while it waited still ends after the one it
+		// replaced: the link that replaces it in turn waits on this one
+		// alone, and must not come up while the first still holds
+		// forwards it has not answered.
+		if l.after != nil {
+			<-l.after
+		}
+		close(l.done)
+	}()
 	if l.after != nil {
 		// The link this one replaced may still hold forwards the peer
 		// never saw (queued, or in a batch being written), and answers
@@ -220,7 +229,7 @@ func (l *link) session() (up bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	conn, err := l.m.tr.Dial(ctx, udpAddr, l.m.cfg.Identity.clientTLS(l.peer, l.key), quicConfig(l.m.cfg.IdleTimeout))
+	conn, err := l.m.tr.Dial(ctx, udpAddr, l.m.cfg.Identity.clientTLS(l.peer, l.key), quicConfig(l.m.cfg.IdleTimeout, false))
 	if err != nil {
 		return false, fmt.Errorf("dial: %w", err)
 	}

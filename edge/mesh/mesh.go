@@ -275,7 +275,7 @@ func New(cfg Config) (*Mesh, error) {
 	// nothing: links are dialled once and again only after they break,
 	// between edges that are close.
 	tr := &quic.Transport{Conn: udp, VerifySourceAddress: func(net.Addr) bool { retries.Inc(); return true }}
-	ln, err := tr.Listen(cfg.Identity.serverTLS(), quicConfig(cfg.IdleTimeout))
+	ln, err := tr.Listen(cfg.Identity.serverTLS(), quicConfig(cfg.IdleTimeout, true))
 	if err != nil {
 		_ = udp.Close()
 		return nil, fmt.Errorf("listen mesh: %w", err)
@@ -326,8 +326,18 @@ func New(cfg Config) (*Mesh, error) {
 	return m, nil
 }
 
-func quicConfig(idle time.Duration) *quic.Config {
-	return &quic.Config{MaxIdleTimeout: idle, KeepAlivePeriod: idle / 3, HandshakeIdleTimeout: min(idle, 5*time.Second)}
+// quicConfig is a mesh connection's: the dialing edge opens its link's
+// one stream (listen: the peer may open that one, and no other), and
+// nothing else is opened either way, so a peer cannot park data on
+// streams nobody accepts (quic-go's default lets it open 100 of each
+// kind, each buffered up to the connection's window).
+func quicConfig(idle time.Duration, listen bool) *quic.Config {
+	bidi := int64(-1) // none
+	if listen {
+		bidi = 1
+	}
+	return &quic.Config{MaxIdleTimeout: idle, KeepAlivePeriod: idle / 3, HandshakeIdleTimeout: min(idle, 5*time.Second),
+		MaxIncomingStreams: bidi, MaxIncomingUniStreams: -1}
 }
 
 // Addr is the mesh listener's address.
@@ -670,7 +680,12 @@ func (m *Mesh) applyPresence(peer string, online, offline []*edgev1.DevicePresen
 			ignored++
 			continue
 		}
-		if _, known := set[p.GetDeviceId()]; !known && len(set)-len(unconfirmed) >= m.cfg.MaxPeerDevices {
+		// The bound counts the devices the peer named since its set
+		// began; those of its last set still unconfirmed hold room too,
+		// but at most as many again: a peer that began set after set
+		// and finished none (a new link each time) would otherwise have
+		// each one's devices taken on top of the last one's.
+		if _, known := set[p.GetDeviceId()]; !known && (len(set)-len(unconfirmed) >= m.cfg.MaxPeerDevices || len(set) >= 2*m.cfg.MaxPeerDevices) {
 			capped++
 			continue
 		}

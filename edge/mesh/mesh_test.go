@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"github.com/prometheus/client_golang/prometheus"
 	"io"
@@ -171,7 +172,7 @@ func testIdentity(t *testing.T, ca *testCA, id string) *Identity {
 // stream; the connection closes at cleanup.
 func rawLink(ctx context.Context, t *testing.T, addr string, tlsConf *tls.Config, idle time.Duration) (*quic.Conn, *quic.Stream) {
 	t.Helper()
-	conn, err := quic.DialAddr(ctx, addr, tlsConf, quicConfig(idle))
+	conn, err := quic.DialAddr(ctx, addr, tlsConf, quicConfig(idle, false))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -771,7 +772,7 @@ func TestAPeerOfTheFirstMeshProtocolGetsNoStatus(t *testing.T) {
 	a.SetControlHeard(true)
 	tlsConf := testIdentity(t, ca, "edge-old").serverTLS()
 	tlsConf.NextProtos = []string{ALPN}
-	ln, err := quic.ListenAddr("127.0.0.1:0", tlsConf, quicConfig(time.Minute))
+	ln, err := quic.ListenAddr("127.0.0.1:0", tlsConf, quicConfig(time.Minute, true))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1378,19 +1379,27 @@ func TestAForwardTooLargeForAFrameIsNotSent(t *testing.T) {
 	}
 }
 
+// boundedPeer is edge-a's mesh, where a peer may hold 3 devices, with
+// its warnings; and edge-x, a member a test drives by hand, with a
+// context for a minute of that.
+func boundedPeer(t *testing.T) (*Mesh, *warnings, *Identity, context.Context) {
+	t.Helper()
+	ca := newTestCA(t)
+	w := &warnings{}
+	a := startMeshWith(t, ca, "edge-a", &fakeLocal{}, func(c *Config) { c.MaxPeerDevices, c.Logger = 3, slog.New(w) })
+	a.SetMembers([]Member{{ID: "edge-x", MeshAddr: "127.0.0.1:9"}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return a, w, testIdentity(t, ca, "edge-x"), ctx
+}
+
 // A peer holds at most MaxPeerDevices (3 here) devices in this edge's
 // tables: devices it announces beyond are ignored, and logged, until it
 // announces some offline. A full set that replaces the peer's devices
 // (a reconnect) is not refused for the devices it replaces, which stay
 // until its end and then go.
 func TestAPeerHoldsAtMostItsBoundOfDevices(t *testing.T) {
-	ca := newTestCA(t)
-	w := &warnings{}
-	a := startMeshWith(t, ca, "edge-a", &fakeLocal{}, func(c *Config) { c.MaxPeerDevices, c.Logger = 3, slog.New(w) })
-	a.SetMembers([]Member{{ID: "edge-x", MeshAddr: "127.0.0.1:9"}})
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	x := testIdentity(t, ca, "edge-x")
+	a, w, x, ctx := boundedPeer(t)
 	set := &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: presenceOf("d1", "d2", "d3", "d4", "d5")}}}
 	sendOnLink(ctx, t, a.Addr().String(), x.clientTLS("edge-a", nil), helloFrom(), set)
 	waitFor(t, "the peer's first three devices located", func() bool {
@@ -1438,5 +1447,74 @@ func TestAPeerHoldsAtMostItsBoundOfDevices(t *testing.T) {
 	})
 	if st := a.Stats(); st.RemoteDevices != 3 {
 		t.Fatalf("the peer holds %d devices here, over its bound of 3", st.RemoteDevices)
+	}
+}
+
+// A peer cannot get past its bound by beginning full sets it never
+// finishes: a second set on one link closes the link, and across links
+// (each a new set that marks the last one's devices unconfirmed) the
+// peer holds at most twice its bound here. Before, each unfinished set
+// took MaxPeerDevices more devices on top of the last one's.
+func TestUnfinishedSetsDoNotGrowAPeerPastItsBound(t *testing.T) {
+	a, w, x, ctx := boundedPeer(t)
+	unfinished := func(devs ...string) *edgev1.MeshFrame {
+		return &edgev1.MeshFrame{Kind: &edgev1.MeshFrame_PresenceSet{PresenceSet: &edgev1.PresenceSet{Devices: presenceOf(devs...), ContinuedIn: 1}}}
+	}
+	located := func(devs ...string) func() bool {
+		return func() bool {
+			for _, d := range devs {
+				if _, ok := a.Locate(d); !ok {
+					return false
+				}
+			}
+			return true
+		}
+	}
+
+	// Two sets on one link: the first counts, the second ends the link.
+	conn := sendOnLink(ctx, t, a.Addr().String(), x.clientTLS("edge-a", nil), helloFrom(), unfinished("d1", "d2", "d3"), unfinished("e1", "e2", "e3"))
+	waitFor(t, "the first set's devices located", located("d1", "d2", "d3"))
+	select {
+	case <-conn.Context().Done():
+	case <-ctx.Done():
+		t.Fatal("the link that sent a second set is still open")
+	}
+	if !w.has("mesh peer sent a second presence set on one link; its link is closed") {
+		t.Fatal("the second set was not logged")
+	}
+	if _, ok := a.Locate("e1"); ok {
+		t.Fatal("the second set's devices were taken")
+	}
+
+	// A new link, a new unfinished set: three more, beside the first
+	// three it has not confirmed yet (a reconnect's set is not refused for
+	// the devices it replaces).
+	sendOnLink(ctx, t, a.Addr().String(), x.clientTLS("edge-a", nil), helloFrom(), unfinished("f1", "f2", "f3"))
+	waitFor(t, "the second link's devices located", located("f1", "f2", "f3"))
+	// A third: the peer holds twice its bound already.
+	sendOnLink(ctx, t, a.Addr().String(), x.clientTLS("edge-a", nil), helloFrom(), unfinished("g1", "g2", "g3"))
+	waitFor(t, "the third link's devices refused", func() bool {
+		return w.has("mesh peer announced more devices than a peer may hold: those beyond are ignored, and their events go to their mailboxes")
+	})
+	if _, ok := a.Locate("g1"); ok {
+		t.Fatal("a device past twice the bound was located")
+	}
+	if st := a.Stats(); st.RemoteDevices != 6 {
+		t.Fatalf("the peer holds %d devices here, want twice its bound of 3", st.RemoteDevices)
+	}
+}
+
+// A peer's link is its one stream: it can open no other of either kind,
+// on which it could park data nobody reads (up to the connection's
+// window each).
+func TestAPeerOpensNoStreamBesideItsLink(t *testing.T) {
+	a, x, ctx := meshAndRawPeer(t, &fakeLocal{})
+	conn := sendOnLink(ctx, t, a.Addr().String(), x.clientTLS("edge-a", nil), helloFrom())
+	var limit *quic.StreamLimitReachedError
+	if _, err := conn.OpenStream(); !errors.As(err, &limit) {
+		t.Fatalf("a second stream: %v, want the stream limit", err)
+	}
+	if _, err := conn.OpenUniStream(); !errors.As(err, &limit) {
+		t.Fatalf("a unidirectional stream: %v, want the stream limit", err)
 	}
 }
