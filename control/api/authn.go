@@ -303,7 +303,40 @@ func (a *Authenticator) verifyToken(ctx context.Context, tok string) (auth.Claim
 	if errors.Is(err, auth.ErrUnknownKey) && a.keyRefresh.refresh(ctx) {
 		c, err = a.verifier.Verify(tok)
 	}
+	if err == nil {
+		err = a.issuedHere(c)
+	}
 	return c, err
+}
+
+// minLifetimeBound is the least maxTokenLifetime allows beyond
+// --access-token-ttl: nodes configured with different lifetimes (during a
+// change of it) take each other's tokens.
+const minLifetimeBound = 24 * time.Hour
+
+// issuedHere checks that a verified token has the shape of those the
+// cluster issues: an account's carries its session and lives
+// --access-token-ttl, a node's names the node (node:<id>) and lives no
+// longer. A token of another shape was minted with the signing keys
+// (which a removed node keeps): one with no session, or an expiry years
+// away, would stand whatever sessions end; one naming no node, or a node
+// with an account's role, would pass for a node without the membership
+// check or for an account without its account check.
+func (a *Authenticator) issuedHere(c auth.Claims) error {
+	longest := max(a.cfg.AccessTTL, minLifetimeBound) + a.cfg.Leeway
+	if c.IssuedAt.IsZero() || c.ExpiresAt.Sub(c.IssuedAt) > longest {
+		return fmt.Errorf("it lives longer than %v, longer than any this cluster issues", longest)
+	}
+	node := strings.HasPrefix(c.Subject, "node:")
+	switch {
+	case c.Role == RoleNode && !node:
+		return errors.New("a node's token that names no node")
+	case c.Role != RoleNode && node:
+		return errors.New("an account's token that names a node")
+	case c.Role != RoleNode && c.Session == "":
+		return errors.New("an account's token without a session; log in again")
+	}
+	return nil
 }
 
 // catchUp catches the local replica up with the leader (a read barrier,
@@ -375,11 +408,11 @@ func (a *Authenticator) accountValid(ctx context.Context, c auth.Claims) error {
 		return err == nil && u.GetStatus() == statev1.UserStatus_USER_STATUS_ACTIVE &&
 			(u.GetRole() == string(c.Role) || u.GetRole() == "" && c.Role == auth.RoleUser)
 	}
-	// Tokens issued before sessions were carried have none; they live out
-	// their lifetime (15 minutes by default).
+	// Every account token carries its session (verifyToken refuses one
+	// without).
 	sessionOK := func() (ok, final bool) {
 		if c.Session == "" {
-			return true, true
+			return false, true
 		}
 		fam, err := f.GetTokenFamily(c.Session)
 		if err != nil {

@@ -550,3 +550,74 @@ func TestOnlyLargeResponsesAreCompressed(t *testing.T) {
 		t.Errorf("ListUsers of 41 accounts: %q, %d bytes; want gzip", enc, n)
 	}
 }
+
+// Tokens signed with the cluster's own key but not of the shape it
+// issues, which only a holder of its signing keys can make (a removed
+// node keeps them), are refused: an account's without a session (it
+// would stand whatever sessions end), one living years, an account's
+// naming a node (it would skip the account's checks), a node's naming no
+// node (it would skip the membership check). One of the shape the
+// cluster issues, signed the same way, is taken.
+func TestTokensOfAShapeTheClusterDoesNotIssueAreRefused(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	n := c.Nodes[0]
+	hc := httpClient(t)
+	f := n.Server.Node().FSM()
+	refreshID, _, err := auth.ParseRefreshToken(c.Login("admin", clustertest.AdminPassword).GetRefreshToken())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt, err := f.GetRefreshToken(refreshID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	session := rt.GetFamilyId()
+	admin, err := f.GetUserByLogin("admin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, cur, err := f.SigningKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var key auth.SigningKey
+	for _, k := range keys {
+		if k.GetId() == cur {
+			key = auth.SigningKey{ID: k.GetId(), Private: ed25519.NewKeyFromSeed(k.GetPrivateSeed())}
+		}
+	}
+	if key.Private == nil {
+		t.Fatal("no current signing key")
+	}
+	now := time.Now()
+	issued := auth.Claims{Issuer: "relay", Audience: "relay-api", Subject: admin.GetId(), Login: "admin", Role: auth.RoleAdmin,
+		IssuedAt: now, NotBefore: now, ExpiresAt: now.Add(15 * time.Minute), ID: "at-test", Session: session}
+	getMe := func(change func(*auth.Claims)) (int, connectError) {
+		t.Helper()
+		cl := issued
+		change(&cl)
+		tok, err := auth.Sign(key, cl)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return postJSON(t, hc, url(n)+"/control.v1.UserService/GetMe", strings.NewReader("{}"), map[string]string{"Authorization": "Bearer " + tok})
+	}
+	if status, ce := getMe(func(*auth.Claims) {}); status != http.StatusOK {
+		t.Fatalf("a token of the shape the cluster issues: %d %+v", status, ce)
+	}
+	for _, bad := range []struct {
+		name   string
+		change func(*auth.Claims)
+		why    string
+	}{
+		{"no session", func(c *auth.Claims) { c.Session = "" }, "without a session"},
+		{"two years", func(c *auth.Claims) { c.ExpiresAt = now.Add(2 * 365 * 24 * time.Hour) }, "lives longer than"},
+		{"no issue time", func(c *auth.Claims) { c.IssuedAt = time.Time{} }, "lives longer than"},
+		{"an account naming a node", func(c *auth.Claims) { c.Subject = "node:" + n.ID }, "names a node"},
+		{"a node naming no node", func(c *auth.Claims) { c.Role, c.Session = api.RoleNode, "" }, "names no node"},
+	} {
+		if status, ce := getMe(bad.change); status != http.StatusUnauthorized || !strings.Contains(ce.Message, bad.why) {
+			t.Errorf("%s: %d %+v; want unauthenticated, %q", bad.name, status, ce, bad.why)
+		}
+	}
+}
