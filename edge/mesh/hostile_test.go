@@ -644,3 +644,60 @@ func TestPresenceForASlowPeerIsBounded(t *testing.T) {
 		t.Fatalf("presence lag counted %v times, want 1", n)
 	}
 }
+
+// A peer that takes forwards and never answers them (it reads, so its
+// link stays up) holds at most MaxOutstanding + 2 x QueueLen of them
+// waiting here, with their events; later ones are answered NOT_DELIVERED
+// at once, and their senders' edges store them. Before, they piled up
+// until the link dropped.
+func TestAPeerThatNeverAnswersHoldsABoundedNumberOfForwards(t *testing.T) {
+	ca := newTestCA(t)
+	const outstanding, queueLen = 4, 4
+	a := startMeshWith(t, ca, "edge-a", &fakeLocal{}, func(c *Config) { c.MaxOutstanding, c.QueueLen = outstanding, queueLen })
+	ln := peerListener(t, ca, time.Minute, 1<<20)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	read := make(chan uint64, 64) // the ids of the forwards the peer read
+	go func() {
+		conn, err := ln.Accept(ctx)
+		if err != nil {
+			return
+		}
+		str, err := conn.AcceptStream(ctx)
+		if err != nil {
+			return
+		}
+		r := bufio.NewReader(str)
+		for {
+			f := &edgev1.MeshFrame{}
+			if _, err := readFrame(r, nil, f); err != nil {
+				return
+			}
+			if fw := f.GetForward(); fw != nil {
+				read <- fw.GetId()
+			}
+		}
+	}()
+	a.SetMembers([]Member{{ID: "edge-b", MeshAddr: ln.Addr().String()}})
+	waitFor(t, "the link up", func() bool { return a.Stats().LinksUp == 1 })
+	const bound = outstanding + 2*queueLen
+	for i := range bound + 3 {
+		out := make(chan edgev1.ForwardOutcome, 1)
+		a.Forward("edge-b", &edgev1.Forward{DeviceId: "d", UserId: "u", Event: []byte("x")}, func(o edgev1.ForwardOutcome) { out <- o })
+		select {
+		case <-read:
+			if i >= bound {
+				t.Fatalf("forward %d reached the peer, with %d unanswered before it", i+1, i)
+			}
+		case o := <-out:
+			if i < bound || o != edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED {
+				t.Fatalf("forward %d answered %v, with %d unanswered before it (bound %d)", i+1, o, i, bound)
+			}
+		case <-ctx.Done():
+			t.Fatalf("forward %d neither reached the peer nor was answered", i+1)
+		}
+	}
+	if n := a.Stats().Pending; n != bound {
+		t.Fatalf("%d forwards wait for their outcome, want the bound, %d", n, bound)
+	}
+}

@@ -120,7 +120,8 @@ func statusFrame(heard bool) *edgev1.MeshFrame {
 func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 	l.mu.Lock()
 	size := len(f.GetEvent())
-	full := len(l.queue) >= l.m.cfg.QueueLen || (len(l.queue) > 0 && l.queued+size > l.m.cfg.QueueBytes)
+	full := len(l.queue) >= l.m.cfg.QueueLen || (len(l.queue) > 0 && l.queued+size > l.m.cfg.QueueBytes) ||
+		(done != nil && len(l.pending) >= l.maxPending())
 	if !l.up || full {
 		l.mu.Unlock()
 		if l.up {
@@ -146,6 +147,14 @@ func (l *link) forward(f *edgev1.Forward, done func(edgev1.ForwardOutcome)) {
 	l.mu.Unlock()
 	l.signal()
 }
+
+// maxPending bounds the forwards waiting for their outcome on a link:
+// those the peer holds (at most its MaxOutstanding, taken to be this
+// edge's), those queued, and the batch being written. Only a peer that
+// takes forwards and never answers (they would stay, with their events,
+// until the link drops) reaches it; forwards beyond are answered
+// NOT_DELIVERED at once, as when the queue is full.
+func (l *link) maxPending() int { return l.m.cfg.MaxOutstanding + 2*l.m.cfg.QueueLen }
 
 // run keeps the link up until stopped, reconnecting with backoff. A link
 // that goes down is logged at warn level, and so is a peer that cannot be
