@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/edge-relay/relay/edge/frame"
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
 
@@ -149,4 +151,68 @@ func TestClosingTheRawConnectionSendsNoTLSAlert(t *testing.T) {
 		t.Fatalf("the peer read %d bytes (%x), %v; want the connection's end and no alert", n, b[:n], err)
 	}
 	<-closed
+}
+
+// The peer's pings and pongs are let through 16 at once, then 2 a
+// second; past that the connection's next read fails RATE_LIMITED, and
+// every read after it.
+func TestControlFramesAreBoundedByNumber(t *testing.T) {
+	edgeEnd, peerEnd := net.Pipe()
+	t.Cleanup(func() { _ = peerEnd.Close(); _ = edgeEnd.Close() })
+	c := &wireConn{Conn: edgeEnd}
+	c.setLimit(1 << 10)
+	_ = edgeEnd.SetReadDeadline(time.Now().Add(20 * time.Second)) // a read past the bound must not wait
+	go func() { _, _ = peerEnd.Write([]byte("ok")) }()
+	now := time.Now()
+	for range controlFrameBurst {
+		c.controlFrame(now)
+	}
+	// Half a second refills one.
+	c.controlFrame(now.Add(time.Second / controlFramesPerSecond))
+	var b [2]byte
+	if n, err := c.Read(b[:]); err != nil || string(b[:n]) != "ok" {
+		t.Fatalf("a read within the bound: %q, %v", b[:n], err)
+	}
+	c.controlFrame(now.Add(time.Second / controlFramesPerSecond))
+	for range 2 {
+		var fe *frame.Error
+		if _, err := c.Read(b[:]); !errors.As(err, &fe) || fe.Code != relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED {
+			t.Fatalf("a read past the bound: %v, want RATE_LIMITED", err)
+		}
+	}
+}
+
+// What the WebSocket layer's reads fail with is typed: a message over
+// the limit FRAME_TOO_LARGE, a breach of the protocol MALFORMED_FRAME;
+// the connection's own ends, and errors typed already, pass as they are.
+// And a close with the layer's 1002 reads as MALFORMED_FRAME.
+func TestWebSocketReadErrorsAreTyped(t *testing.T) {
+	typed := &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_RATE_LIMITED}
+	closed := websocket.CloseError{Code: websocket.StatusNormalClosure}
+	for _, c := range []struct {
+		err  error
+		code relayv1.ErrorCode // 0: passed as it is
+	}{
+		{fmt.Errorf("read: %w: limit", websocket.ErrMessageTooBig), relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE},
+		{errors.New("received unmasked frame from client"), relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME},
+		{fmt.Errorf("failed to read frame header: %w", io.EOF), 0},
+		{io.ErrUnexpectedEOF, 0},
+		{net.ErrClosed, 0},
+		{context.Canceled, 0},
+		{&net.OpError{Op: "read", Err: errors.New("connection reset")}, 0},
+		{typed, 0},
+		{closed, 0},
+	} {
+		got := readError(c.err)
+		var fe *frame.Error
+		switch {
+		case c.code == 0 && got != c.err:
+			t.Errorf("%v became %v, want it as it was", c.err, got)
+		case c.code != 0 && (!errors.As(got, &fe) || fe.Code != c.code):
+			t.Errorf("%v became %v, want %s", c.err, got, c.code)
+		}
+	}
+	if code, _, ok := WebSocketCode(websocket.CloseError{Code: websocket.StatusProtocolError}); !ok || code != relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME {
+		t.Errorf("1002 reads as %s (%v), want MALFORMED_FRAME", code, ok)
+	}
 }
