@@ -452,16 +452,17 @@ func (c *Conn) newToken(ctx context.Context) (string, error) {
 				// proposing it): presenting the token again could be
 				// taken for a stolen token's reuse and revoke the login.
 				// It is never presented again; a log-in replaces it.
-				// The session it belongs to is ended once a new
-				// log-in succeeds (endAbandoned).
+				// Unless it was refused, the session it belongs to is
+				// ended once a new log-in succeeds (endAbandoned).
+				refused := connect.CodeOf(err) == connect.CodeUnauthenticated
 				c.mu.Lock()
 				c.refresh = ""
-				if connect.CodeOf(err) != connect.CodeUnauthenticated {
+				if !refused {
 					c.abandoned = refresh
 				}
 				c.mu.Unlock()
 				refresh = ""
-				if connect.CodeOf(err) != connect.CodeUnauthenticated {
+				if !refused {
 					lastErr = err
 					c.moveOn(u)
 					continue

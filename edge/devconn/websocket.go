@@ -17,6 +17,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/coder/websocket"
+	"golang.org/x/time/rate"
 
 	"github.com/edge-relay/relay/edge/frame"
 	"github.com/edge-relay/relay/edge/proof"
@@ -163,17 +164,20 @@ type wireConn struct {
 	mark  atomic.Int64 // read when the last message was complete
 	limit atomic.Int64 // the most read past mark
 
-	// Pings and pongs the peer sent, against a bucket of
-	// controlFrameBurst refilled at controlFramesPerSecond: past it, the
-	// next read fails (RATE_LIMITED). Each costs the WebSocket library a
-	// timer and a context, some 2-5 µs, where the bytes they carry, the
-	// only charge against the device's budget, cost the peer 6: a peer
-	// sending nothing else kept an edge core busy within its byte budget,
-	// and before any Hello.
-	ctlMu     sync.Mutex
-	ctlTokens float64
-	ctlAt     time.Time
-	ctlOver   atomic.Bool
+	// ctl takes the pings and pongs the peer sends (controlFrameBurst
+	// at once, controlFramesPerSecond after): past it, ctlOver is set and
+	// the next read fails (RATE_LIMITED). Each costs the WebSocket
+	// library a timer and a context, some 2-5 µs, where the bytes they
+	// carry, the only charge against the device's budget, cost the peer 6:
+	// a peer sending nothing else kept an edge core busy within its byte
+	// budget, and before any Hello.
+	ctl     *rate.Limiter
+	ctlOver atomic.Bool
+}
+
+// newWireConn counts what is read from c.
+func newWireConn(c net.Conn) *wireConn {
+	return &wireConn{Conn: c, ctl: rate.NewLimiter(controlFramesPerSecond, controlFrameBurst)}
 }
 
 // The peer's pings and pongs: none come from the relay's clients (their
@@ -186,19 +190,9 @@ const (
 
 // controlFrame takes a ping or pong the peer sent, at now.
 func (c *wireConn) controlFrame(now time.Time) {
-	c.ctlMu.Lock()
-	defer c.ctlMu.Unlock()
-	if c.ctlAt.IsZero() {
-		c.ctlTokens = controlFrameBurst
-	} else {
-		c.ctlTokens = min(controlFrameBurst, c.ctlTokens+now.Sub(c.ctlAt).Seconds()*controlFramesPerSecond)
-	}
-	c.ctlAt = now
-	if c.ctlTokens < 1 {
+	if !c.ctl.AllowN(now, 1) {
 		c.ctlOver.Store(true)
-		return
 	}
-	c.ctlTokens--
 }
 
 // wireAllowance is what one message may carry beside its payload and
@@ -438,7 +432,7 @@ func (h *hijackRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return c, rw, err
 	}
-	h.conn = &wireConn{Conn: c}
+	h.conn = newWireConn(c)
 	h.conn.setLimit(1 << 20) // until NewWebSocketConn sets the session's
 	return h.conn, rw, nil
 }

@@ -142,7 +142,7 @@ func TestClosingTheRawConnectionSendsNoTLSAlert(t *testing.T) {
 	if err := <-errs; err != nil {
 		t.Fatal(err)
 	}
-	w := &wsConn{raw: &wireConn{Conn: srv}}
+	w := &wsConn{raw: newWireConn(srv)}
 	closed := make(chan struct{})
 	go func() { defer close(closed); w.closeRaw() }()
 	_ = peerEnd.SetReadDeadline(time.Now().Add(20 * time.Second))
@@ -159,7 +159,7 @@ func TestClosingTheRawConnectionSendsNoTLSAlert(t *testing.T) {
 func TestControlFramesAreBoundedByNumber(t *testing.T) {
 	edgeEnd, peerEnd := net.Pipe()
 	t.Cleanup(func() { _ = peerEnd.Close(); _ = edgeEnd.Close() })
-	c := &wireConn{Conn: edgeEnd}
+	c := newWireConn(edgeEnd)
 	c.setLimit(1 << 10)
 	_ = edgeEnd.SetReadDeadline(time.Now().Add(20 * time.Second)) // a read past the bound must not wait
 	go func() { _, _ = peerEnd.Write([]byte("ok")) }()

@@ -465,14 +465,16 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	// Waiting from before the upgrade: the reaping may come while the
 	// client already holds the session.
 	conn, _ := r.Context().Value(connKey{}).(*quic.Conn)
+	waited := func() {}
 	if conn != nil {
 		l.h3Waiting(conn, 1)
+		// Once, on whichever way the wait ends (with its stream: after
+		// the session is counted, so the connection never looks idle).
+		waited = sync.OnceFunc(func() { l.h3Waiting(conn, -1) })
 	}
+	defer waited()
 	sess, err := l.wt.Upgrade(w, r)
 	if err != nil {
-		if conn != nil {
-			l.h3Waiting(conn, -1)
-		}
 		l.cfg.Logger.Debug("webtransport upgrade refused", "remote", r.RemoteAddr, "err", err)
 		w.WriteHeader(http.StatusBadRequest)
 		return
@@ -483,9 +485,6 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		code, msg := noStream(l.ctx)
 		_ = sess.CloseWithError(webtransport.SessionErrorCode(code), msg)
-		if conn != nil {
-			l.h3Waiting(conn, -1)
-		}
 		return
 	}
 	// Counted once its stream came: a session that never opens one
@@ -495,7 +494,7 @@ func (l *Listener) serveWebTransport(w http.ResponseWriter, r *http.Request) {
 	var dc devconn.Conn = devconn.NewWebTransportConn(sess, str)
 	if conn != nil {
 		pc, _ := l.h3Session(conn, 1)
-		l.h3Waiting(conn, -1)
+		waited()
 		if pc != nil {
 			dc = devconn.WhenAdmitted(dc, pc.admitted)
 		}
