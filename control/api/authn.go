@@ -537,20 +537,23 @@ func (a *Authenticator) vouch(ctx context.Context, claims auth.Claims, h http.He
 	c.Vouch(claims.Subject)
 }
 
-// WrapUnary checks unary calls.
+// WrapUnary checks unary calls, and keeps the cluster's inside out of
+// the failures it answers a caller who is not the cluster's own
+// (shield).
 func (a *Authenticator) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
 		if req.Spec().IsClient {
 			return next(ctx, req)
 		}
-		ctx, err := a.authenticate(ctx, req.Spec().Procedure, req.Header())
+		actx, err := a.authenticate(ctx, req.Spec().Procedure, req.Header())
 		if err != nil {
-			return nil, err
+			return nil, shield(ctx, req.Header(), err)
 		}
-		if ctx, err = withIdempotencyKey(ctx, req.Spec().Procedure, req.Header(), req.Any()); err != nil {
-			return nil, err
+		if actx, err = withIdempotencyKey(actx, req.Spec().Procedure, req.Header(), req.Any()); err != nil {
+			return nil, shield(ctx, req.Header(), err)
 		}
-		return next(ctx, req)
+		resp, err := next(actx, req)
+		return resp, shield(actx, req.Header(), err)
 	}
 }
 
@@ -565,13 +568,22 @@ func (a *Authenticator) WrapStreamingClient(next connect.StreamingClientFunc) co
 // when its access token expires unless the policy lets it outlive its
 // token (a Backup). (A Watch stream
 // carries the session keys: revoking an edge's account must stop it,
-// not only its next call.)
+// not only its next call.) Its failures are shielded as a unary call's.
 func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	serve := a.serveStream(next)
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
-		ctx, err := a.authenticate(ctx, conn.Spec().Procedure, conn.RequestHeader())
+		actx, err := a.authenticate(ctx, conn.Spec().Procedure, conn.RequestHeader())
 		if err != nil {
-			return err
+			return shield(ctx, conn.RequestHeader(), err)
 		}
+		return shield(actx, conn.RequestHeader(), serve(actx, conn))
+	}
+}
+
+// serveStream serves an authenticated stream, ending it when its
+// credentials lapse.
+func (a *Authenticator) serveStream(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
 		claims, ok := auth.ClaimsFrom(ctx)
 		if !ok || isNode(&claims) {
 			return next(ctx, conn)
@@ -582,7 +594,7 @@ func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) 
 		if !a.streams.start(ctx, end, func() { a.recheck(ctx, end, claims, expires) }) {
 			return connect.NewError(connect.CodeUnavailable, errNodeStopping)
 		}
-		err = next(ctx, conn)
+		err := next(ctx, conn)
 		if errors.Is(context.Cause(ctx), errNodeStopping) {
 			return connect.NewError(connect.CodeUnavailable, errNodeStopping)
 		}

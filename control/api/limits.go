@@ -244,7 +244,7 @@ func (a *Authenticator) Guard(next http.Handler, limits Limits) http.Handler {
 			// is served from the reserve; anyone else's body counts
 			// against its source while it arrives.
 			pool := slots
-			if ownCall(ctx, r) {
+			if ownCall(ctx, r.Header) {
 				pool = reserve
 			}
 			body, reason, err := a.readPublicBody(w, r, limits, arriving, pool == slots, max)
@@ -334,10 +334,10 @@ func requestEncoding(r *http.Request) string {
 // trusted connection: not one an edge passes on for a browser, which
 // carries the X-Forwarded-For the edge's proxy always sets (and its
 // Relay-Forwarded-By, when the edge has a token to vouch with).
-func ownCall(ctx context.Context, r *http.Request) bool {
+func ownCall(ctx context.Context, h http.Header) bool {
 	c, ok := connbound.FromContext(ctx)
 	return ok && c.State() == connbound.Trusted &&
-		r.Header.Get(ForwardedByHeader) == "" && r.Header.Get("X-Forwarded-For") == ""
+		h.Get(ForwardedByHeader) == "" && h.Get("X-Forwarded-For") == ""
 }
 
 // sourceOf is the source a request counts against: the browser's

@@ -11,6 +11,8 @@ import (
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
+
+	"github.com/edge-relay/relay/control/api"
 )
 
 // loggingInterceptor counts and times every RPC, and logs failures and
@@ -32,9 +34,6 @@ func newLoggingInterceptor(log *slog.Logger, slow time.Duration, reg prometheus.
 	return &loggingInterceptor{log: log, slow: slow, duration: h}
 }
 
-// requestIDKey holds a request's id in its context (withRequestIDs).
-type requestIDKey struct{}
-
 // withRequestIDs gives every request an id, the caller's X-Request-Id
 // when it sent a usable one, and answers with it whatever answers: a
 // handler, an interceptor's or the credential guard's refusal, an
@@ -48,14 +47,8 @@ func withRequestIDs(next http.Handler) http.Handler {
 			rid = hex.EncodeToString(b[:])
 		}
 		w.Header().Set("X-Request-Id", rid)
-		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), requestIDKey{}, rid)))
+		next.ServeHTTP(w, r.WithContext(api.WithRequestID(r.Context(), rid)))
 	})
-}
-
-// requestID is the id withRequestIDs gave the request of ctx.
-func requestID(ctx context.Context) string {
-	rid, _ := ctx.Value(requestIDKey{}).(string)
-	return rid
 }
 
 func (i *loggingInterceptor) done(ctx context.Context, procedure, rid string, start time.Time, err error) {
@@ -75,6 +68,7 @@ func (i *loggingInterceptor) finish(ctx context.Context, procedure, rid string, 
 		code = connect.CodeOf(err).String()
 	}
 	i.duration.WithLabelValues(procedure, code).Observe(took.Seconds())
+	err = api.Detail(err) // what the caller may not have been told
 	switch {
 	case err != nil && connect.CodeOf(err) == connect.CodeInternal:
 		i.log.ErrorContext(ctx, "rpc failed", "procedure", procedure, "request_id", rid, "trace_id", traceID, "duration", took, "err", err)
@@ -90,7 +84,7 @@ func (i *loggingInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc
 		if req.Spec().IsClient {
 			return next(ctx, req)
 		}
-		start, rid := time.Now(), requestID(ctx)
+		start, rid := time.Now(), api.RequestID(ctx)
 		resp, err := next(ctx, req)
 		i.done(ctx, req.Spec().Procedure, rid, start, err)
 		return resp, err
@@ -103,7 +97,7 @@ func (i *loggingInterceptor) WrapStreamingClient(next connect.StreamingClientFun
 
 func (i *loggingInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
-		start, rid := time.Now(), requestID(ctx)
+		start, rid := time.Now(), api.RequestID(ctx)
 		err := next(ctx, conn)
 		i.finish(ctx, conn.Spec().Procedure, rid, start, err, false)
 		return err
