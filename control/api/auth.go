@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"time"
@@ -31,18 +32,19 @@ type AuthServer struct {
 	// dummy is a hash verified for unknown logins so that a wrong login
 	// and a wrong password take the same time.
 	dummy string
+	log   *slog.Logger
 }
 
 var _ controlv1connect.AuthServiceHandler = (*AuthServer)(nil)
 
-// NewAuthServer returns the AuthService handler.
-func NewAuthServer(node *raftnode.Node, authn *Authenticator) (*AuthServer, error) {
+// NewAuthServer returns the AuthService handler; it logs to log.
+func NewAuthServer(node *raftnode.Node, authn *Authenticator, log *slog.Logger) (*AuthServer, error) {
 	cfg := authn.Config()
 	dummy, err := auth.HashPassword("not a real password, only for timing", cfg.Password)
 	if err != nil {
 		return nil, fmt.Errorf("prepare auth server: %w", err)
 	}
-	return &AuthServer{node: node, authn: authn, cfg: cfg, dummy: dummy}, nil
+	return &AuthServer{node: node, authn: authn, cfg: cfg, dummy: dummy, log: log}, nil
 }
 
 var errBadCredentials = errors.New("invalid login or password")
@@ -104,11 +106,38 @@ func (s *AuthServer) Login(ctx context.Context, req *connect.Request[controlv1.L
 		return nil, toConnect(err)
 	}
 	s.issued(u)
+	s.rehash(ctx, u, m.GetPassword())
 	tokens, err := s.tokens(u, session, refresh, expires)
 	if err != nil {
 		return nil, toConnect(err)
 	}
 	return connect.NewResponse(&controlv1.LoginResponse{Tokens: tokens}), nil
+}
+
+// rehash replaces the stored hash of u's password, just checked right,
+// when it was made with other parameters than this node's
+// (AuthConfig.Password): after a change of them, an account's login
+// would otherwise take another time than an unknown login's check of the
+// dummy (made with the current ones), telling the accounts that exist
+// from those that do not, and a raised cost would never reach the hashes
+// already stored. It costs that login one more hash, in a hashing slot,
+// and one write, once. A failure fails nothing (the next login tries
+// again); a password changed meanwhile wins (RehashPassword applies only
+// over the hash that was checked). Not before every member can apply it
+// (feature password_rehash).
+func (s *AuthServer) rehash(ctx context.Context, u *statev1.User, password string) {
+	if !auth.NeedsRehash(u.GetPasswordHash(), s.cfg.Password) || !s.node.EveryMemberHas(fsm.FeaturePasswordRehash) {
+		return
+	}
+	h, err := s.authn.hashPassword(ctx, password)
+	if err == nil {
+		_, err = s.node.Apply(ctx, &statev1.Command{ProposedAtMs: s.cfg.Now().UnixMilli(), Op: &statev1.Command_RehashPassword{RehashPassword: &statev1.RehashPassword{
+			UserId: u.GetId(), ExpectPasswordHash: u.GetPasswordHash(), PasswordHash: h,
+		}}})
+	}
+	if err != nil && !errors.Is(err, fsm.ErrFailedPrecondition) {
+		s.log.WarnContext(ctx, "could not store the password hash with the current parameters; the next login tries again", "user", u.GetId(), "err", err)
+	}
 }
 
 // mayIssue refuses (resource_exhausted, with Retry-After) a login or

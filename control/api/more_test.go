@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"slices"
 	"strings"
@@ -256,7 +257,7 @@ func TestNoHashingSlotNoVerdictNoAttempt(t *testing.T) {
 	node := c.Nodes[0].Server.Node()
 	a := api.NewAuthenticator(node, api.AuthConfig{Password: auth.TestParams,
 		Throttle: api.Throttle{AddrFree: 2, LoginFree: 1, BaseDelay: time.Hour, MaxDelay: time.Hour}})
-	srv, err := api.NewAuthServer(node, a)
+	srv, err := api.NewAuthServer(node, a, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

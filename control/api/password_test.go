@@ -12,6 +12,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/clustertest"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/server"
@@ -289,4 +290,63 @@ func TestConcurrentPasswordChanges(t *testing.T) {
 	t.Logf("outcomes: %v", codes)
 	c.WaitConverged()
 	c.Login("alice", fmt.Sprint("new password number ", won))
+}
+
+// After the password-hashing parameters change, an account's next login
+// stores its password hashed with the new ones: from then on its logins
+// cost what an unknown login's check of the dummy hash costs (made with
+// the current parameters), so timing no longer tells the accounts that
+// exist from those that do not. The password and the account's sessions
+// stay; the next login rehashes nothing.
+func TestALoginRehashesAPasswordHashedWithOtherParameters(t *testing.T) {
+	params := auth.TestParams
+	c := clustertest.Start(t, 1, clustertest.Options{Configure: func(cfg *server.Config) { cfg.Auth.Password = params }})
+	c.WaitFeatureUsable(fsm.FeaturePasswordRehash)
+	ctx := ctxT(t, 2*time.Minute)
+	c.TokenFor("alice", controlv1.Role_ROLE_USER)
+	const pw = "password-of-alice"
+	stored := func() string {
+		t.Helper()
+		u, err := c.Nodes[0].Server.Node().FSM().GetUserByLogin("alice")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return u.GetPasswordHash()
+	}
+	before := c.Login("alice", pw)
+	first := stored()
+	if auth.NeedsRehash(first, params) {
+		t.Fatal("a login rehashed a password hashed with the node's own parameters")
+	}
+
+	c.Shutdown(0)
+	params = auth.Params{Memory: 2 * auth.TestParams.Memory, Time: 1, Threads: 1, SaltLen: 16, KeyLen: 32}
+	c.Restart(0)
+	if stored() != first {
+		t.Fatal("the hash changed without a login")
+	}
+	c.Login("alice", pw)
+	second := stored()
+	if second == first || auth.NeedsRehash(second, params) {
+		t.Fatalf("after a login under new parameters the hash is %q, want one made with %+v", second, params)
+	}
+	if ok, err := auth.VerifyPassword(second, pw); err != nil || !ok {
+		t.Fatalf("the new hash does not take the password: %v %v", ok, err)
+	}
+	// The session opened before the rehash stands, and refreshes.
+	me := clientsAs(t, c.Nodes[0], before.GetAccessToken())
+	if _, err := me.users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{})); err != nil {
+		t.Fatalf("the rehash ended a session: %v", err)
+	}
+	anon := clientsAs(t, c.Nodes[0], "")
+	if _, err := anon.auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: before.GetRefreshToken()})); err != nil {
+		t.Fatalf("the session's refresh token after the rehash: %v", err)
+	}
+	c.Login("alice", pw)
+	if stored() != second {
+		t.Error("a login under the hash's own parameters rehashed it again")
+	}
+	if _, err := anon.auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: "alice", Password: "not-alice's-password"})); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Errorf("a wrong password after the rehash: %v, want unauthenticated", err)
+	}
 }

@@ -125,6 +125,8 @@ func (f *FSM) dispatch(t *txn, cmd *statev1.Command) (*statev1.Result, error) {
 		return t.loginAttempt(op.LoginAttempt)
 	case *statev1.Command_EnableGatedApply:
 		return t.enableGatedApply()
+	case *statev1.Command_RehashPassword:
+		return t.rehashPassword(op.RehashPassword)
 	case nil:
 		return nil, invalid("command has no operation")
 	default:
@@ -384,6 +386,38 @@ func (t *txn) updateUser(op *statev1.UpdateUser) (*statev1.Result, error) {
 		if err := t.loginSucceeded(op.GetSucceeded()); err != nil {
 			return nil, err
 		}
+	}
+	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_USER_PUT, Object: &statev1.Change_User{User: &u}}); err != nil {
+		return nil, err
+	}
+	return &statev1.Result{Object: &statev1.Result_User{User: &u}}, nil
+}
+
+// rehashPassword applies RehashPassword: the same password under a new
+// hash, while the account still has the hash a login checked it
+// against. No session ends: the password did not change.
+func (t *txn) rehashPassword(op *statev1.RehashPassword) (*statev1.Result, error) {
+	if err := ValidateID("user_id", op.GetUserId()); err != nil {
+		return nil, asInvalid(err)
+	}
+	if op.GetExpectPasswordHash() == "" || op.GetPasswordHash() == "" {
+		return nil, invalid("a rehash names the hash the login checked and the new one")
+	}
+	if err := validPasswordHash("password_hash", op.GetPasswordHash()); err != nil {
+		return nil, err
+	}
+	var u statev1.User
+	if found, err := t.get(userKey(op.GetUserId()), &u); err != nil {
+		return nil, err
+	} else if !found {
+		return nil, notFound("user %q not found", op.GetUserId())
+	}
+	if u.GetPasswordHash() != op.GetExpectPasswordHash() {
+		return nil, precondition("the password of user %q changed since the login checked it", u.GetId())
+	}
+	u.PasswordHash = op.GetPasswordHash()
+	if err := t.put(userKey(u.Id), &u); err != nil {
+		return nil, err
 	}
 	if err := t.emit(&statev1.Change{Kind: statev1.ChangeKind_CHANGE_KIND_USER_PUT, Object: &statev1.Change_User{User: &u}}); err != nil {
 		return nil, err

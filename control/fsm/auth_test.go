@@ -621,6 +621,79 @@ func TestAccountChangesRevokeSessions(t *testing.T) {
 	}
 }
 
+// A rehash stores the same password under a new hash: the account's
+// sessions stay open and nothing else of it changes, and it applies only
+// over the hash the login checked, so a password change committed in
+// between wins.
+func TestARehashKeepsThePasswordAndItsSessions(t *testing.T) {
+	f := newFSM(t, Config{})
+	a := &applier{t: t, f: f}
+	hash := func(params auth.Params) string {
+		h, err := auth.HashPassword("the same password", params)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	old, cheaper := hash(auth.TestParams), hash(auth.Params{Memory: 32, Time: 1, Threads: 1, SaltLen: 16, KeyLen: 32})
+	a.apply(&statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: "u", Login: "u", DisplayName: "U", PasswordHash: old}}})
+	if r := a.apply(&statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t1", "f1", "u", 1, 1<<50)}}); r.Code != statev1.ResultCode_RESULT_CODE_OK {
+		t.Fatal(r)
+	}
+	rehash := func(uid, expect, next string) *statev1.Result {
+		return a.apply(&statev1.Command_RehashPassword{RehashPassword: &statev1.RehashPassword{UserId: uid, ExpectPasswordHash: expect, PasswordHash: next}})
+	}
+	for _, tc := range []struct {
+		name        string
+		uid, expect string
+		next        string
+		code        statev1.ResultCode
+	}{
+		{"malformed id", "bad id!", old, cheaper, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT},
+		{"no expected hash", "u", "", cheaper, statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT},
+		{"no new hash", "u", old, "", statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT},
+		{"malformed new hash", "u", old, "$argon2id$nonsense", statev1.ResultCode_RESULT_CODE_INVALID_ARGUMENT},
+		{"no such account", "nobody", old, cheaper, statev1.ResultCode_RESULT_CODE_NOT_FOUND},
+		{"over another hash", "u", cheaper, cheaper, statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION},
+	} {
+		if r := rehash(tc.uid, tc.expect, tc.next); r.Code != tc.code {
+			t.Errorf("%s: %v, want %v", tc.name, r, tc.code)
+		}
+		if u, _ := f.GetUser("u"); u.GetPasswordHash() != old {
+			t.Fatalf("%s: a refused rehash changed the hash", tc.name)
+		}
+	}
+	rev := f.AppliedIndex()
+	if r := rehash("u", old, cheaper); r.Code != statev1.ResultCode_RESULT_CODE_OK || r.GetUser().GetPasswordHash() != cheaper {
+		t.Fatalf("rehash: %v", r)
+	}
+	u, err := f.GetUser("u")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u.GetPasswordHash() != cheaper || u.GetLogin() != "u" || u.GetDisplayName() != "U" || u.GetStatus() != statev1.UserStatus_USER_STATUS_ACTIVE {
+		t.Errorf("after the rehash the account is %v", u)
+	}
+	if ok, err := auth.VerifyPassword(u.GetPasswordHash(), "the same password"); err != nil || !ok {
+		t.Errorf("the password no longer verifies: %v %v", ok, err)
+	}
+	if fam, err := f.GetTokenFamily("f1"); err != nil || fam.GetRevoked() {
+		t.Errorf("the rehash ended the account's session: %v %v", fam, err)
+	}
+	changes, err := f.Changes(rev, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(changes) != 1 || changes[0].GetKind() != statev1.ChangeKind_CHANGE_KIND_USER_PUT {
+		t.Errorf("watchers were told %v, want the account put", changes)
+	}
+	// A second login's rehash, over the hash the first replaced, changes
+	// nothing.
+	if r := rehash("u", old, hash(auth.TestParams)); r.Code != statev1.ResultCode_RESULT_CODE_FAILED_PRECONDITION {
+		t.Errorf("a rehash over a replaced hash: %v", r)
+	}
+}
+
 // A login checks the password, then issues its session in another
 // command: a change of password applied in between (which revoked every
 // session open then) makes the issue fail, so the old password cannot

@@ -62,6 +62,10 @@ const (
 	// bound_rotations, RevokeTokenFamily's end, and both commands'
 	// ended_kept_until_ms (and the ended records' pruning).
 	FeatureSessionCap = "session_cap"
+	// FeaturePasswordRehash: the RehashPassword command, written by a
+	// login that found the account's hash made with other parameters
+	// than the node's.
+	FeaturePasswordRehash = "password_rehash"
 )
 
 // Bounds of a node's feature list.
@@ -72,7 +76,7 @@ const (
 
 // Features returns the features of this release, sorted.
 func Features() []string {
-	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys, FeatureGatedApply, FeatureMailboxExpireBytes, FeatureRefreshKeepRotated, FeatureSessionCap}
+	f := []string{FeatureChangePassword, FeatureWithdrawFeatures, FeatureRaftClusterCheck, FeatureMailboxReplaceExpired, FeatureClaimRecordGrace, FeatureLoginCeiling, FeatureOnlyUserAccount, FeatureMailboxPurge, FeatureRetireAllKeys, FeatureGatedApply, FeatureMailboxExpireBytes, FeatureRefreshKeepRotated, FeatureSessionCap, FeaturePasswordRehash}
 	slices.Sort(f)
 	return f
 }
@@ -129,6 +133,13 @@ func ignoreFeature(feature string, cmd *statev1.Command) bool {
 	case FeatureRefreshKeepRotated:
 		if op := cmd.GetRotateRefreshToken(); op != nil && op.KeepRotatedUntilMs != 0 {
 			op.KeepRotatedUntilMs = 0
+			return true
+		}
+	case FeaturePasswordRehash:
+		// A release without the feature reads the command as one with no
+		// operation (an unknown case of the oneof), which it refuses.
+		if cmd.GetRehashPassword() != nil {
+			cmd.Op = nil
 			return true
 		}
 	case FeatureSessionCap:

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/edge-relay/relay/control/auth"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 	"github.com/edge-relay/relay/storage/state"
 )
@@ -109,6 +110,15 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 	var devList []string
 	var reqIDs []string
 	var refresh []*statev1.RefreshToken // issued and rotated-in tokens, for rotations
+	// Two password hashes, for password changes and rehashes between them.
+	var hashes [2]string
+	for i := range hashes {
+		h, err := auth.HashPassword(fmt.Sprint("password number ", i), auth.TestParams)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hashes[i] = h
+	}
 	for i := 1; i <= n; i++ {
 		idx := uint64(i)
 		// Mailbox owners no other random command touches (users mu0..mu2
@@ -219,8 +229,18 @@ func randomLog(t *testing.T, n int, seed uint64) []*raft.Log {
 			users = append(users, id)
 			cmd.Op = &statev1.Command_CreateUser{CreateUser: &statev1.CreateUser{User: &statev1.User{Id: id, Login: "login-" + id, DisplayName: "User " + id}}}
 		case 3:
-			cmd.Op = &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: pickUser(), Fields: []string{"display_name", "status"},
-				User: &statev1.User{DisplayName: fmt.Sprint("name ", i), Status: statev1.UserStatus(1 + r.IntN(2))}}}
+			switch r.IntN(3) {
+			case 0:
+				cmd.Op = &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: pickUser(), Fields: []string{"display_name", "status"},
+					User: &statev1.User{DisplayName: fmt.Sprint("name ", i), Status: statev1.UserStatus(1 + r.IntN(2))}}}
+			case 1:
+				cmd.Op = &statev1.Command_UpdateUser{UpdateUser: &statev1.UpdateUser{Id: pickUser(), Fields: []string{"password_hash"},
+					User: &statev1.User{PasswordHash: hashes[r.IntN(2)]}}}
+			default:
+				// Over the right hash or the other, some while gated shut.
+				cmd.Op = &statev1.Command_RehashPassword{RehashPassword: &statev1.RehashPassword{UserId: pickUser(),
+					ExpectPasswordHash: hashes[r.IntN(2)], PasswordHash: hashes[r.IntN(2)]}}
+			}
 		case 4:
 			cmd.Op = &statev1.Command_DeleteUser{DeleteUser: &statev1.DeleteUser{Id: pickUser(), PurgeLimit: uint32(r.IntN(3))}}
 		case 5, 6, 7:

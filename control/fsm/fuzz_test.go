@@ -26,6 +26,7 @@ func FuzzApply(f *testing.F) {
 		{ProposedAtMs: 5, Op: &statev1.Command_PutNode{PutNode: &statev1.PutNode{}}},
 		{ProposedAtMs: 5, Op: &statev1.Command_InitCluster{InitCluster: &statev1.InitCluster{}}},
 		{ProposedAtMs: 5, Op: &statev1.Command_LoginAttempt{LoginAttempt: &statev1.LoginAttempt{}}},
+		{ProposedAtMs: 5, Op: &statev1.Command_RehashPassword{RehashPassword: &statev1.RehashPassword{UserId: "alice", ExpectPasswordHash: "x", PasswordHash: "y"}}},
 		{ProposedAtMs: 5, Op: &statev1.Command_Noop{Noop: &statev1.Noop{}}},
 	}
 	for _, c := range seeds {

@@ -291,6 +291,10 @@ func gatedSamples() map[string][][2]*statev1.Command {
 			{Op: &statev1.Command_RotateRefreshToken{RotateRefreshToken: &statev1.RotateRefreshToken{TokenId: "t1", PresentedSecretHash: key32(1),
 				Next: tok("t2", "f", "u", 2, 5_000_000)}}},
 		}},
+		FeaturePasswordRehash: {{
+			{Op: &statev1.Command_RehashPassword{RehashPassword: &statev1.RehashPassword{UserId: "u", ExpectPasswordHash: "old", PasswordHash: "new"}}},
+			{},
+		}},
 		FeatureSessionCap: {{
 			{Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t1", "f", "u", 2, 5_000_000), MaxSessions: 3, EndedKeptUntilMs: 9}}},
 			{Op: &statev1.Command_IssueRefreshToken{IssueRefreshToken: &statev1.IssueRefreshToken{Token: tok("t1", "f", "u", 2, 5_000_000)}}},

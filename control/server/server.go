@@ -384,7 +384,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	s.authn = api.NewAuthenticator(s.node, cfg.Auth)
 	s.dialer.SetTokenSource(s.authn.NodeToken)
-	authServer, err := api.NewAuthServer(s.node, s.authn)
+	authServer, err := api.NewAuthServer(s.node, s.authn, s.log)
 	if err != nil {
 		return nil, err
 	}

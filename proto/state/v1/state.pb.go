@@ -1883,6 +1883,7 @@ type Command struct {
 	//	*Command_ClaimEvents
 	//	*Command_LoginAttempt
 	//	*Command_EnableGatedApply
+	//	*Command_RehashPassword
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2189,6 +2190,15 @@ func (x *Command) GetEnableGatedApply() *EnableGatedApply {
 	return nil
 }
 
+func (x *Command) GetRehashPassword() *RehashPassword {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RehashPassword); ok {
+			return x.RehashPassword
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -2301,6 +2311,10 @@ type Command_EnableGatedApply struct {
 	EnableGatedApply *EnableGatedApply `protobuf:"bytes,36,opt,name=enable_gated_apply,json=enableGatedApply,proto3,oneof"`
 }
 
+type Command_RehashPassword struct {
+	RehashPassword *RehashPassword `protobuf:"bytes,37,opt,name=rehash_password,json=rehashPassword,proto3,oneof"`
+}
+
 func (*Command_CreateUser) isCommand_Op() {}
 
 func (*Command_UpdateUser) isCommand_Op() {}
@@ -2354,6 +2368,8 @@ func (*Command_ClaimEvents) isCommand_Op() {}
 func (*Command_LoginAttempt) isCommand_Op() {}
 
 func (*Command_EnableGatedApply) isCommand_Op() {}
+
+func (*Command_RehashPassword) isCommand_Op() {}
 
 // InitCluster creates what a new cluster needs before anyone can log in:
 // the first admin account, the first signing key and the first session
@@ -4324,6 +4340,76 @@ func (*EnableGatedApply) Descriptor() ([]byte, []int) {
 	return file_state_v1_state_proto_rawDescGZIP(), []int{46}
 }
 
+// RehashPassword replaces an account's password hash by a hash of the
+// same password with the proposer's current hashing parameters, which a
+// login made after it checked the password against the stored hash: the
+// password stays, so no session ends and nothing else changes. It
+// applies only while the account still has expect_password_hash, the
+// hash the login checked (FAILED_PRECONDITION otherwise: a change of
+// password committed in between wins). Written only once every member
+// lists the feature "password_rehash", and ignored at apply while a node
+// record does not (EnableGatedApply): the command then has no operation,
+// as a release without the feature reads it, and changes nothing.
+type RehashPassword struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	UserId             string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	ExpectPasswordHash string                 `protobuf:"bytes,2,opt,name=expect_password_hash,json=expectPasswordHash,proto3" json:"expect_password_hash,omitempty"`
+	PasswordHash       string                 `protobuf:"bytes,3,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *RehashPassword) Reset() {
+	*x = RehashPassword{}
+	mi := &file_state_v1_state_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RehashPassword) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RehashPassword) ProtoMessage() {}
+
+func (x *RehashPassword) ProtoReflect() protoreflect.Message {
+	mi := &file_state_v1_state_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RehashPassword.ProtoReflect.Descriptor instead.
+func (*RehashPassword) Descriptor() ([]byte, []int) {
+	return file_state_v1_state_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *RehashPassword) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *RehashPassword) GetExpectPasswordHash() string {
+	if x != nil {
+		return x.ExpectPasswordHash
+	}
+	return ""
+}
+
+func (x *RehashPassword) GetPasswordHash() string {
+	if x != nil {
+		return x.PasswordHash
+	}
+	return ""
+}
+
 // Noop changes nothing. A new leader commits one so that reads can be
 // served linearizably in its term; the padding lets benchmarks size it.
 type Noop struct {
@@ -4335,7 +4421,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_state_v1_state_proto_msgTypes[47]
+	mi := &file_state_v1_state_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4347,7 +4433,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[47]
+	mi := &file_state_v1_state_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4360,7 +4446,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{47}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *Noop) GetPadding() []byte {
@@ -4410,7 +4496,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_state_v1_state_proto_msgTypes[48]
+	mi := &file_state_v1_state_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4422,7 +4508,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_state_v1_state_proto_msgTypes[48]
+	mi := &file_state_v1_state_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4435,7 +4521,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_state_v1_state_proto_rawDescGZIP(), []int{48}
+	return file_state_v1_state_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -4711,7 +4797,7 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x1c\n" +
 	"\n" +
-	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\xc1\x0e\n" +
+	"seen_at_ms\x18\x03 \x01(\x03R\bseenAtMs\"\x86\x0f\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -4750,7 +4836,8 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\x0eset_cluster_ca\x18! \x01(\v2\x16.state.v1.SetClusterCAH\x00R\fsetClusterCa\x12:\n" +
 	"\fclaim_events\x18\" \x01(\v2\x15.state.v1.ClaimEventsH\x00R\vclaimEvents\x12=\n" +
 	"\rlogin_attempt\x18# \x01(\v2\x16.state.v1.LoginAttemptH\x00R\floginAttempt\x12J\n" +
-	"\x12enable_gated_apply\x18$ \x01(\v2\x1a.state.v1.EnableGatedApplyH\x00R\x10enableGatedApplyB\x04\n" +
+	"\x12enable_gated_apply\x18$ \x01(\v2\x1a.state.v1.EnableGatedApplyH\x00R\x10enableGatedApply\x12C\n" +
+	"\x0frehash_password\x18% \x01(\v2\x18.state.v1.RehashPasswordH\x00R\x0erehashPasswordB\x04\n" +
 	"\x02op\"\xef\x01\n" +
 	"\vInitCluster\x12$\n" +
 	"\x05admin\x18\x01 \x01(\v2\x0e.state.v1.UserR\x05admin\x125\n" +
@@ -4885,7 +4972,11 @@ const file_state_v1_state_proto_rawDesc = "" +
 	"\n" +
 	"RemoveNode\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x12\n" +
-	"\x10EnableGatedApply\" \n" +
+	"\x10EnableGatedApply\"\x80\x01\n" +
+	"\x0eRehashPassword\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x120\n" +
+	"\x14expect_password_hash\x18\x02 \x01(\tR\x12expectPasswordHash\x12#\n" +
+	"\rpassword_hash\x18\x03 \x01(\tR\fpasswordHash\" \n" +
 	"\x04Noop\x12\x18\n" +
 	"\apadding\x18\x01 \x01(\fR\apadding\"\xcb\x04\n" +
 	"\x06Result\x12(\n" +
@@ -4954,7 +5045,7 @@ func file_state_v1_state_proto_rawDescGZIP() []byte {
 }
 
 var file_state_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
+var file_state_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_state_v1_state_proto_goTypes = []any{
 	(UserStatus)(0),            // 0: state.v1.UserStatus
 	(ChangeKind)(0),            // 1: state.v1.ChangeKind
@@ -5007,8 +5098,9 @@ var file_state_v1_state_proto_goTypes = []any{
 	(*PutNode)(nil),            // 48: state.v1.PutNode
 	(*RemoveNode)(nil),         // 49: state.v1.RemoveNode
 	(*EnableGatedApply)(nil),   // 50: state.v1.EnableGatedApply
-	(*Noop)(nil),               // 51: state.v1.Noop
-	(*Result)(nil),             // 52: state.v1.Result
+	(*RehashPassword)(nil),     // 51: state.v1.RehashPassword
+	(*Noop)(nil),               // 52: state.v1.Noop
+	(*Result)(nil),             // 53: state.v1.Result
 }
 var file_state_v1_state_proto_depIdxs = []int32{
 	0,  // 0: state.v1.User.status:type_name -> state.v1.UserStatus
@@ -5029,7 +5121,7 @@ var file_state_v1_state_proto_depIdxs = []int32{
 	47, // 15: state.v1.Command.delete_device:type_name -> state.v1.DeleteDevice
 	48, // 16: state.v1.Command.put_node:type_name -> state.v1.PutNode
 	49, // 17: state.v1.Command.remove_node:type_name -> state.v1.RemoveNode
-	51, // 18: state.v1.Command.noop:type_name -> state.v1.Noop
+	52, // 18: state.v1.Command.noop:type_name -> state.v1.Noop
 	28, // 19: state.v1.Command.rename_device:type_name -> state.v1.RenameDevice
 	29, // 20: state.v1.Command.issue_refresh_token:type_name -> state.v1.IssueRefreshToken
 	34, // 21: state.v1.Command.rotate_refresh_token:type_name -> state.v1.RotateRefreshToken
@@ -5048,38 +5140,39 @@ var file_state_v1_state_proto_depIdxs = []int32{
 	27, // 34: state.v1.Command.claim_events:type_name -> state.v1.ClaimEvents
 	33, // 35: state.v1.Command.login_attempt:type_name -> state.v1.LoginAttempt
 	50, // 36: state.v1.Command.enable_gated_apply:type_name -> state.v1.EnableGatedApply
-	4,  // 37: state.v1.InitCluster.admin:type_name -> state.v1.User
-	10, // 38: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
-	11, // 39: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
-	14, // 40: state.v1.InitCluster.cluster_ca:type_name -> state.v1.ClusterCA
-	14, // 41: state.v1.SetClusterCA.ca:type_name -> state.v1.ClusterCA
-	15, // 42: state.v1.PutMailbox.entries:type_name -> state.v1.MailboxEntry
-	16, // 43: state.v1.ClaimEvents.claims:type_name -> state.v1.EventClaim
-	8,  // 44: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
-	33, // 45: state.v1.IssueRefreshToken.succeeded:type_name -> state.v1.LoginAttempt
-	32, // 46: state.v1.LoginThrottle.trusted:type_name -> state.v1.TrustedAddress
-	30, // 47: state.v1.LoginAttempt.policy:type_name -> state.v1.ThrottlePolicy
-	8,  // 48: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
-	10, // 49: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
-	11, // 50: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
-	20, // 51: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
-	13, // 52: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
-	4,  // 53: state.v1.CreateUser.user:type_name -> state.v1.User
-	4,  // 54: state.v1.UpdateUser.user:type_name -> state.v1.User
-	33, // 55: state.v1.UpdateUser.succeeded:type_name -> state.v1.LoginAttempt
-	5,  // 56: state.v1.RegisterDevice.device:type_name -> state.v1.Device
-	6,  // 57: state.v1.PutNode.node:type_name -> state.v1.Node
-	3,  // 58: state.v1.Result.code:type_name -> state.v1.ResultCode
-	4,  // 59: state.v1.Result.user:type_name -> state.v1.User
-	5,  // 60: state.v1.Result.device:type_name -> state.v1.Device
-	8,  // 61: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
-	13, // 62: state.v1.Result.edge:type_name -> state.v1.Edge
-	19, // 63: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
-	64, // [64:64] is the sub-list for method output_type
-	64, // [64:64] is the sub-list for method input_type
-	64, // [64:64] is the sub-list for extension type_name
-	64, // [64:64] is the sub-list for extension extendee
-	0,  // [0:64] is the sub-list for field type_name
+	51, // 37: state.v1.Command.rehash_password:type_name -> state.v1.RehashPassword
+	4,  // 38: state.v1.InitCluster.admin:type_name -> state.v1.User
+	10, // 39: state.v1.InitCluster.signing_key:type_name -> state.v1.SigningKey
+	11, // 40: state.v1.InitCluster.session_key:type_name -> state.v1.SessionKey
+	14, // 41: state.v1.InitCluster.cluster_ca:type_name -> state.v1.ClusterCA
+	14, // 42: state.v1.SetClusterCA.ca:type_name -> state.v1.ClusterCA
+	15, // 43: state.v1.PutMailbox.entries:type_name -> state.v1.MailboxEntry
+	16, // 44: state.v1.ClaimEvents.claims:type_name -> state.v1.EventClaim
+	8,  // 45: state.v1.IssueRefreshToken.token:type_name -> state.v1.RefreshToken
+	33, // 46: state.v1.IssueRefreshToken.succeeded:type_name -> state.v1.LoginAttempt
+	32, // 47: state.v1.LoginThrottle.trusted:type_name -> state.v1.TrustedAddress
+	30, // 48: state.v1.LoginAttempt.policy:type_name -> state.v1.ThrottlePolicy
+	8,  // 49: state.v1.RotateRefreshToken.next:type_name -> state.v1.RefreshToken
+	10, // 50: state.v1.RotateSigningKey.key:type_name -> state.v1.SigningKey
+	11, // 51: state.v1.RotateSessionKey.key:type_name -> state.v1.SessionKey
+	20, // 52: state.v1.RecordActivity.entries:type_name -> state.v1.Activity
+	13, // 53: state.v1.RegisterEdge.edge:type_name -> state.v1.Edge
+	4,  // 54: state.v1.CreateUser.user:type_name -> state.v1.User
+	4,  // 55: state.v1.UpdateUser.user:type_name -> state.v1.User
+	33, // 56: state.v1.UpdateUser.succeeded:type_name -> state.v1.LoginAttempt
+	5,  // 57: state.v1.RegisterDevice.device:type_name -> state.v1.Device
+	6,  // 58: state.v1.PutNode.node:type_name -> state.v1.Node
+	3,  // 59: state.v1.Result.code:type_name -> state.v1.ResultCode
+	4,  // 60: state.v1.Result.user:type_name -> state.v1.User
+	5,  // 61: state.v1.Result.device:type_name -> state.v1.Device
+	8,  // 62: state.v1.Result.refresh_token:type_name -> state.v1.RefreshToken
+	13, // 63: state.v1.Result.edge:type_name -> state.v1.Edge
+	19, // 64: state.v1.Result.mailbox_results:type_name -> state.v1.MailboxResult
+	65, // [65:65] is the sub-list for method output_type
+	65, // [65:65] is the sub-list for method input_type
+	65, // [65:65] is the sub-list for extension type_name
+	65, // [65:65] is the sub-list for extension extendee
+	0,  // [0:65] is the sub-list for field type_name
 }
 
 func init() { file_state_v1_state_proto_init() }
@@ -5123,8 +5216,9 @@ func file_state_v1_state_proto_init() {
 		(*Command_ClaimEvents)(nil),
 		(*Command_LoginAttempt)(nil),
 		(*Command_EnableGatedApply)(nil),
+		(*Command_RehashPassword)(nil),
 	}
-	file_state_v1_state_proto_msgTypes[48].OneofWrappers = []any{
+	file_state_v1_state_proto_msgTypes[49].OneofWrappers = []any{
 		(*Result_User)(nil),
 		(*Result_Device)(nil),
 		(*Result_RefreshToken)(nil),
@@ -5136,7 +5230,7 @@ func file_state_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_state_v1_state_proto_rawDesc), len(file_state_v1_state_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   49,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
