@@ -395,7 +395,7 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
 		// The edge sends nothing while idle; the client pings (serve) so
 		// both directions see traffic well within the idle timeout.
-		return &conn{c: devconn.NewWebSocketConn(ws, dialed(), resp.TLS, remote, c.cfg.IdleTimeout, 1<<20), closeHook: hc.CloseIdleConnections,
+		return &conn{c: devconn.NewWebSocketConn(ws, dialed(), resp.TLS, remote, devconn.WebSocketLimits{Idle: c.cfg.IdleTimeout, MaxFrame: 1 << 20}), closeHook: hc.CloseIdleConnections,
 			keepalive: min(c.cfg.IdleTimeout/3, wsPingEvery), noDatagrams: true}, nil
 	case WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: c.tlsConfig("h3", addr), QUICConfig: qc}

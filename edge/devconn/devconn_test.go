@@ -204,7 +204,7 @@ func webSocketServer(t *testing.T, serverTLS *tls.Config) (url string, got <-cha
 		if err != nil {
 			return
 		}
-		ch <- NewWebSocketConn(ws, raw, r.TLS, nil, time.Minute, 1<<20)
+		ch <- NewWebSocketConn(ws, raw, r.TLS, nil, WebSocketLimits{Idle: time.Minute, MaxFrame: 1 << 20})
 		<-done // the handler's return would end the connection
 	}))
 	if serverTLS != nil {
@@ -230,7 +230,7 @@ func webSocketPair(t *testing.T) pair {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := pair{server: accepted(t, got), client: NewWebSocketConn(ws, dialed(), resp.TLS, nil, time.Minute, 1<<20)}
+	p := pair{server: accepted(t, got), client: NewWebSocketConn(ws, dialed(), resp.TLS, nil, WebSocketLimits{Idle: time.Minute, MaxFrame: 1 << 20})}
 	t.Cleanup(func() { _ = p.client.Abort(0, ""); _ = p.server.Abort(0, "") })
 	return p
 }
@@ -718,7 +718,7 @@ func TestWebSocketClientCloseWithASilentEdgeIsBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ws.CloseNow() // ends the server's wait too, should the test fail first
-	c := NewWebSocketConn(ws, dialed(), nil, nil, time.Minute, 1<<20)
+	c := NewWebSocketConn(ws, dialed(), nil, nil, WebSocketLimits{Idle: time.Minute, MaxFrame: 1 << 20})
 	start := time.Now()
 	closed := make(chan struct{})
 	go func() { defer close(closed); _ = c.Close(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "") }()

@@ -108,20 +108,35 @@ func (w *wsConn) Admitted() {
 	}
 }
 
+// WebSocketLimits bound what a WebSocket connection reads.
+type WebSocketLimits struct {
+	// Idle: a peer silent for longer (no message at all; clients send
+	// Ping frames) counts as gone.
+	Idle time.Duration
+	// MaxFrame is the largest frame (message) read.
+	MaxFrame int
+	// FrameTimeout bounds a message from its first byte under the
+	// WebSocket to its last, as the session bounds a frame on QUIC (the
+	// frame reader cannot: it sees a message only once it is whole).
+	// Counted on an edge's connection only (AcceptWebSocket's); 0: no
+	// bound but Idle.
+	FrameTimeout time.Duration
+}
+
 // NewWebSocketConn adapts a WebSocket, carried by raw (AcceptWebSocket's
 // connection, or the one RecordDials kept for a client) over the TLS
 // connection whose state is tlsState (the request's on the edge, the
 // upgrade response's in a client; nil where TLS does not end at this
-// end: then the connection has no ChannelBinding). A peer silent for
-// longer than idle (no message at all; clients send Ping frames) counts
-// as gone.
-func NewWebSocketConn(c *websocket.Conn, raw io.Closer, tlsState *tls.ConnectionState, remote net.Addr, idle time.Duration, maxFrame int) Conn {
+// end: then the connection has no ChannelBinding), within limits.
+func NewWebSocketConn(c *websocket.Conn, raw io.Closer, tlsState *tls.ConnectionState, remote net.Addr, limits WebSocketLimits) Conn {
 	ctx, cancel := context.WithCancel(context.Background())
-	c.SetReadLimit(int64(maxFrame) + 16)
+	c.SetReadLimit(int64(limits.MaxFrame) + 16)
 	wire, _ := raw.(*wireConn) // an edge's (AcceptWebSocket)
 	if wire != nil {
-		wire.setLimit(maxFrame)
+		wire.setLimit(limits.MaxFrame)
+		wire.frameTimeout = limits.FrameTimeout // before the pump reads
 	}
+	idle := limits.Idle
 	w := &wsConn{c: c, raw: raw, tls: tlsState, closeWait: closeWait, wire: wire, remote: remote, idle: idle, ctx: ctx, cancel: cancel,
 		msgs: make(chan wsMessage), pumped: make(chan struct{}), idleT: time.NewTimer(idle)}
 	w.idleT.Stop()
@@ -173,6 +188,15 @@ type wireConn struct {
 	// budget, and before any Hello.
 	ctl     *rate.Limiter
 	ctlOver atomic.Bool
+
+	// frameTimeout bounds a message from the first bytes read of it
+	// (WebSocketLimits.FrameTimeout; 0: no bound). The goroutine that
+	// reads owns armed: the connection's read deadline is set for the
+	// message under way, from its first bytes on, until the message or a
+	// control frame is whole (a ping between messages must not start a
+	// message's clock; one inside a message restarts it, within Idle).
+	frameTimeout time.Duration
+	armed        bool
 }
 
 // newWireConn counts what is read from c.
@@ -192,6 +216,16 @@ const (
 func (c *wireConn) controlFrame(now time.Time) {
 	if !c.ctl.AllowN(now, 1) {
 		c.ctlOver.Store(true)
+	}
+	c.disarm()
+}
+
+// disarm lifts the deadline of a message once it, or a control frame,
+// is whole: the next bytes read start the clock again.
+func (c *wireConn) disarm() {
+	if c.armed {
+		c.armed = false
+		_ = c.Conn.SetReadDeadline(time.Time{})
 	}
 }
 
@@ -214,11 +248,20 @@ func (c *wireConn) Read(p []byte) (int, error) {
 		return n, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE,
 			Msg: fmt.Sprintf("%d bytes on the WebSocket for one message, more than %d: frame headers, pings and pongs count", over, limit)}
 	}
+	if err != nil && c.armed && errors.Is(err, os.ErrDeadlineExceeded) {
+		return n, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT,
+			Msg: fmt.Sprintf("a WebSocket message not whole %s after its first bytes", c.frameTimeout)}
+	}
+	if n > 0 && !c.armed && c.frameTimeout > 0 {
+		c.armed = true
+		_ = c.Conn.SetReadDeadline(time.Now().Add(c.frameTimeout))
+	}
 	return n, err
 }
 
 // message marks the end of a message and returns the bytes read so far.
 func (c *wireConn) message() int64 {
+	c.disarm()
 	read := c.read.Load()
 	c.mark.Store(read)
 	return read

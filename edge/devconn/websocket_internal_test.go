@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -39,7 +40,7 @@ func edgeAndClient(t *testing.T) (*wsConn, *websocket.Conn) {
 			t.Error(err)
 			return
 		}
-		conns <- NewWebSocketConn(ws, raw, nil, nil, time.Minute, 1<<20).(*wsConn)
+		conns <- NewWebSocketConn(ws, raw, nil, nil, WebSocketLimits{Idle: time.Minute, MaxFrame: 1 << 20}).(*wsConn)
 		<-done
 	}))
 	t.Cleanup(srv.Close)
@@ -214,5 +215,90 @@ func TestWebSocketReadErrorsAreTyped(t *testing.T) {
 	}
 	if code, _, ok := WebSocketCode(websocket.CloseError{Code: websocket.StatusProtocolError}); !ok || code != relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME {
 		t.Errorf("1002 reads as %s (%v), want MALFORMED_FRAME", code, ok)
+	}
+}
+
+// deadlineConn reads what it is given and records the read deadline set
+// on it; a read returns err once given no bytes.
+type deadlineConn struct {
+	net.Conn
+	next     []byte
+	err      error
+	deadline time.Time
+	sets     int
+}
+
+func (c *deadlineConn) Read(p []byte) (int, error) {
+	if len(c.next) == 0 {
+		return 0, c.err
+	}
+	n := copy(p, c.next)
+	c.next = c.next[n:]
+	return n, nil
+}
+
+func (c *deadlineConn) SetReadDeadline(t time.Time) error {
+	c.deadline, c.sets = t, c.sets+1
+	return nil
+}
+
+// The wire's clock of a message starts with the first bytes read after
+// the last message or control frame, and stops with the next: a read
+// deadline FrameTimeout ahead is set once per message, lifted when the
+// message or a ping or pong is whole, and a read that passes it fails
+// TIMEOUT. Without a frame timeout nothing is set; a deadline the wire did
+// not set is not its TIMEOUT.
+func TestTheWireTimesAMessageFromItsFirstBytes(t *testing.T) {
+	raw := &deadlineConn{err: os.ErrDeadlineExceeded}
+	c := newWireConn(raw)
+	c.setLimit(1 << 20)
+	c.frameTimeout = time.Minute
+	buf := make([]byte, 16)
+	read := func(b ...byte) {
+		t.Helper()
+		raw.next = b
+		if n, err := c.Read(buf); n != len(b) || err != nil {
+			t.Fatalf("read %d, %v", n, err)
+		}
+	}
+	before := time.Now()
+	read(1, 2, 3)
+	if raw.deadline.Before(before.Add(time.Minute)) || raw.deadline.After(time.Now().Add(time.Minute)) || raw.sets != 1 {
+		t.Fatalf("after a message's first bytes the deadline is %v (%d sets), want a minute ahead", raw.deadline, raw.sets)
+	}
+	read(4, 5)
+	if raw.sets != 1 {
+		t.Fatalf("the deadline was set again within one message (%d sets)", raw.sets)
+	}
+	_, err := c.Read(buf)
+	var fe *frame.Error
+	if !errors.As(err, &fe) || fe.Code != relayv1.ErrorCode_ERROR_CODE_TIMEOUT {
+		t.Fatalf("a read past the message's deadline: %v, want TIMEOUT", err)
+	}
+	c.message()
+	if !raw.deadline.IsZero() {
+		t.Fatalf("the deadline stayed after the message: %v", raw.deadline)
+	}
+	if _, err := c.Read(buf); !errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &fe) {
+		t.Fatalf("a deadline passing between messages: %v, want the connection's own error", err)
+	}
+	// A ping between messages stops the clock its bytes started.
+	read(0x89, 0x80, 1, 2, 3, 4)
+	c.controlFrame(time.Now())
+	if !raw.deadline.IsZero() {
+		t.Fatalf("a ping left a message deadline: %v", raw.deadline)
+	}
+	read(1)
+	if raw.deadline.IsZero() {
+		t.Fatal("the next message's first byte set no deadline")
+	}
+	c.message()
+
+	off := newWireConn(&deadlineConn{})
+	off.setLimit(1 << 20)
+	offRaw := off.Conn.(*deadlineConn)
+	offRaw.next = []byte{1, 2, 3}
+	if _, err := off.Read(buf); err != nil || offRaw.sets != 0 {
+		t.Fatalf("without a frame timeout: %v, %d deadlines set", err, offRaw.sets)
 	}
 }

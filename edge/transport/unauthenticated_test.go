@@ -273,6 +273,28 @@ func TestWebSocketControlFrameFloodsAreRefused(t *testing.T) {
 	}
 }
 
+// A WebSocket message must arrive whole within the frame timeout of its
+// first bytes, as a frame must on QUIC: a peer that sends part of one and
+// stops is cut off with TIMEOUT then, not only once the idle or the
+// handshake timeout (here minutes) passes. The frame reader cannot see
+// it, as the WebSocket layer hands over whole messages only.
+func TestAHalfSentWebSocketMessageTimesOut(t *testing.T) {
+	r := startRelay(t, 1, func(_ int, cfg *server.Config) {
+		cfg.IdleTimeout, cfg.Session.HandshakeTimeout = 10*time.Minute, 10*time.Minute
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	conn, br := rawWebSocket(ctx, t, r.Edges[0].Addr())
+	// A binary message of 100 bytes, masked, of which 10 are sent.
+	half := append([]byte{0x82, 0x80 | 100, 1, 2, 3, 4}, make([]byte, 10)...)
+	if _, err := conn.Write(half); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := closeCode(t, br), devconn.WebSocketCloseBase+int(relayv1.ErrorCode_ERROR_CODE_TIMEOUT); got != want {
+		t.Fatalf("close code %d, want %d (TIMEOUT)", got, want)
+	}
+}
+
 // A breach of the WebSocket protocol ends the connection with a code a
 // client reads as MALFORMED_FRAME: an unmasked frame with the edge's own
 // close (the WebSocket layer sends none), reserved bits or an unknown

@@ -52,5 +52,6 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if idle <= 0 {
 		idle = 30 * time.Second
 	}
-	_ = h.Hub.Serve(h.Ctx, devconn.NewWebSocketConn(c, raw, r.TLS, remoteAddr(r.RemoteAddr), idle, h.Hub.Limits().MaxFrameBytes))
+	_ = h.Hub.Serve(h.Ctx, devconn.NewWebSocketConn(c, raw, r.TLS, remoteAddr(r.RemoteAddr), devconn.WebSocketLimits{
+		Idle: idle, MaxFrame: h.Hub.Limits().MaxFrameBytes, FrameTimeout: h.Hub.Limits().FrameTimeout}))
 }

@@ -102,7 +102,7 @@ func DialRawOrigin(t TB, addr string, tr client.Transport, origin string) (*Raw,
 		ws.SetReadLimit(1 << 20)
 		remote, _ := net.ResolveTCPAddr("tcp", addr)
 		raw.WS = ws
-		raw.conn = devconn.NewWebSocketConn(ws, dialed(), resp.TLS, remote, time.Hour, 1<<20)
+		raw.conn = devconn.NewWebSocketConn(ws, dialed(), resp.TLS, remote, devconn.WebSocketLimits{Idle: time.Hour, MaxFrame: 1 << 20})
 		raw.done = hc.CloseIdleConnections
 	case client.WebTransport:
 		d := &webtransport.Transport{TLSClientConfig: tlsConf("h3"), QUICConfig: qconf}
