@@ -65,3 +65,27 @@ func FuzzParsePHC(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkLoginCheck is what a login's password check costs with the
+// default parameters (Verify), and what a login that rehashes adds to it
+// (Hash: once per account after the parameters change).
+func BenchmarkLoginCheck(b *testing.B) {
+	h, err := HashPassword("a password of twelve", DefaultParams)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("Verify", func(b *testing.B) {
+		for b.Loop() {
+			if ok, err := VerifyPassword(h, "a password of twelve"); !ok || err != nil {
+				b.Fatal(ok, err)
+			}
+		}
+	})
+	b.Run("Hash", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := HashPassword("a password of twelve", DefaultParams); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
