@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/server"
+	"github.com/edge-relay/relay/storage/raftlog"
 )
 
 // A node bootstrapping a new cluster refuses a first admin's password
@@ -17,9 +19,22 @@ import (
 // (RELAY_ADMIN_PASSWORD is ignored then) or without --bootstrap it goes
 // on.
 func TestFirstAdminPasswordFollowsThePolicy(t *testing.T) {
-	empty, used, volume := t.TempDir(), t.TempDir(), t.TempDir()
-	if err := os.Mkdir(filepath.Join(used, "raft"), 0o700); err != nil {
-		t.Fatal(err)
+	empty, used, volume, unjoined := t.TempDir(), t.TempDir(), t.TempDir(), t.TempDir()
+	// A node's Raft store with a term in it (Raft state), and one a start
+	// created before a join that never finished (none).
+	for dir, term := range map[string]uint64{used: 1, unjoined: 0} {
+		logs, err := raftlog.Open(raftlog.Config{Dir: filepath.Join(dir, "raft"), Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if term > 0 {
+			if err := logs.SetUint64([]byte("CurrentTerm"), term); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := logs.Close(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// A fresh volume's root, as a StatefulSet mounts it.
 	if err := os.Mkdir(filepath.Join(volume, "lost+found"), 0o700); err != nil {
@@ -35,6 +50,7 @@ func TestFirstAdminPasswordFollowsThePolicy(t *testing.T) {
 		{"weak, bootstrapping a dir not made yet", server.Config{Bootstrap: true, DataDir: filepath.Join(empty, "new"), AdminPassword: "admin"}, true},
 		{"strong, bootstrapping", server.Config{Bootstrap: true, DataDir: empty, AdminPassword: "a long admin password"}, false},
 		{"weak, restarting with state", server.Config{Bootstrap: true, DataDir: used, AdminPassword: "admin"}, false},
+		{"weak, bootstrapping after a join that did not finish", server.Config{Bootstrap: true, DataDir: unjoined, AdminPassword: "admin"}, true},
 		{"weak, joining", server.Config{DataDir: empty, AdminPassword: "admin"}, false},
 		{"none", server.Config{Bootstrap: true, DataDir: empty}, false},
 	} {

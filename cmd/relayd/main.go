@@ -336,14 +336,15 @@ func applyMemoryLimit(log *slog.Logger, getenv func(string) string) {
 // checkFirstAdminPassword refuses a first admin's password that every
 // later password change would refuse (auth.ValidatePassword), when it
 // is the one the cluster starts with: a node bootstrapping a new cluster
-// from a data dir without Raft data (its raft/ directory; a volume's
-// lost+found or other files do not count). A node that has run ignores
+// from a data dir without Raft state (raftnode.HasRaftState; a volume's
+// lost+found or other files do not count, nor the empty store of a join
+// that did not finish). A node that has run ignores
 // RELAY_ADMIN_PASSWORD, so a restart with an old one set goes on.
 func checkFirstAdminPassword(cfg server.Config) error {
 	if cfg.AdminPassword == "" || !cfg.Bootstrap {
 		return nil
 	}
-	has, err := raftnode.HasRaftData(cfg.DataDir)
+	has, err := raftnode.HasRaftState(cfg.DataDir)
 	if err != nil {
 		return fmt.Errorf("--data-dir: %w", err)
 	}

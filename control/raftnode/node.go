@@ -348,9 +348,9 @@ type Node struct {
 
 // Open starts the node. It returns once Raft runs; the node may not have
 // a leader yet (see Ready).
-// HasRaftData reports whether dataDir holds a node's Raft data (its log
-// store's directory), without opening it: what decides, before a node
-// starts, whether --bootstrap, --join and a first admin apply.
+// HasRaftData reports whether dataDir holds a node's Raft store (its log
+// store's directory), without opening it. Whether the store holds a
+// cluster's state is HasRaftState's question.
 func HasRaftData(dataDir string) (bool, error) {
 	_, err := os.Stat(filepath.Join(dataDir, "raft"))
 	switch {
@@ -360,6 +360,35 @@ func HasRaftData(dataDir string) (bool, error) {
 		return false, nil
 	}
 	return false, fmt.Errorf("read data dir: %w", err)
+}
+
+// HasRaftState reports whether dataDir holds a node's Raft state: a
+// term, log entries or a snapshot (raft.HasExistingState), what a node
+// that bootstrapped, joined or was restored has. The Raft store a start
+// creates before its join is accepted holds none: a node stopped while
+// it waited (its join refused until an operator removes its old self, or
+// the process restarted) decides again at its next start whether it
+// founds a cluster or joins one. It opens the stores, so no node may run
+// on dataDir.
+func HasRaftState(dataDir string) (bool, error) {
+	if has, err := HasRaftData(dataDir); err != nil || !has {
+		return false, err
+	}
+	quiet := slog.New(slog.DiscardHandler)
+	logs, err := raftlog.Open(raftlog.Config{Dir: filepath.Join(dataDir, "raft"), Logger: quiet})
+	if err != nil {
+		return false, err
+	}
+	defer logs.Close()
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(dataDir, 2, newHCLogger(quiet, "snapshots"))
+	if err != nil {
+		return false, fmt.Errorf("open snapshot store in %s: %w", dataDir, err)
+	}
+	has, err := raft.HasExistingState(logs, logs, snaps)
+	if err != nil {
+		return false, fmt.Errorf("inspect raft state in %s: %w", dataDir, err)
+	}
+	return has, nil
 }
 
 func Open(ctx context.Context, cfg Config) (_ *Node, err error) {

@@ -294,3 +294,91 @@ func TestANodeAddedByAddVoterThatLostItsDataIsNotTakenBack(t *testing.T) {
 		return nil
 	})
 }
+
+// A seed whose join is still waiting (here refused until the node is
+// removed) when it is restarted, as a pod deleted or a unit restarted
+// meanwhile would be, asks the members again at the next start and goes
+// on joining: the empty Raft store its first start created is not a
+// cluster's data, and taken for one it made the seed skip the question
+// and found a second cluster beside the live one.
+func TestASeedRestartedDuringItsJoinDoesNotFoundACluster(t *testing.T) {
+	rec := clustertest.NewLogRecorder()
+	c := clustertest.Start(t, 3, clustertest.Options{Logger: slog.New(rec)})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if _, err := c.CreateUser(ctx, c.Leader(), "before-the-loss"); err != nil {
+		t.Fatal(err)
+	}
+	id := c.Nodes[0].ID
+	c.Kill(0)
+	if err := os.RemoveAll(filepath.Join(c.Nodes[0].DataDir, "data")); err != nil {
+		t.Fatal(err)
+	}
+	cfg := c.JoinConfig(0)
+	cfg.Bootstrap = true
+	type started struct {
+		s   *server.Server
+		err error
+	}
+	start := func(ctx context.Context) chan started {
+		done := make(chan started, 1)
+		go func() {
+			s, err := server.Start(ctx, cfg)
+			done <- started{s, err}
+		}()
+		return done
+	}
+	refusals := func() int {
+		return len(rec.Find("join refused: this node lost its data", func(r clustertest.Record) bool {
+			return strings.Contains(r.Attrs["err"].String(), "relayctl cluster remove "+id)
+		}))
+	}
+	waitRefused := func(done chan started, after int) {
+		t.Helper()
+		var early *started
+		clustertest.Eventually(t, 30*time.Second, func() error {
+			select {
+			case st := <-done:
+				early = &st
+				return nil
+			default:
+			}
+			if refusals() <= after {
+				return errors.New("no refused join logged")
+			}
+			return nil
+		})
+		if early != nil {
+			if early.s != nil {
+				c.Started(0, early.s)
+			}
+			t.Fatalf("the seed started without being removed first (founding a cluster of its own?): %v", early.err)
+		}
+	}
+	first, stop := context.WithCancel(ctx)
+	done := start(first)
+	waitRefused(done, 0)
+	stop() // the restart
+	if st := <-done; st.err == nil {
+		c.Started(0, st.s)
+		t.Fatal("a start whose context ended returned a server")
+	}
+	if _, err := os.Stat(filepath.Join(cfg.DataDir, "raft")); err != nil {
+		t.Fatalf("the first start left no Raft store (the case this test is about): %v", err)
+	}
+	done = start(ctx)
+	waitRefused(done, refusals())
+	if _, err := c.Nodes[c.Leader()].Server.Node().RemoveServer(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	st := <-done
+	if st.err != nil {
+		t.Fatalf("join once removed: %v", st.err)
+	}
+	c.Started(0, st.s)
+	c.WaitReady()
+	c.WaitConverged()
+	if _, err := st.s.Node().FSM().GetUser("before-the-loss"); err != nil {
+		t.Fatalf("the seed did not join the live cluster: %v", err)
+	}
+}

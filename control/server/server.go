@@ -347,7 +347,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.dialer = api.NewDialer(clientTLS, connect.WithInterceptors(clientOtel))
 
 	if cfg.Bootstrap && len(cfg.Join) > 0 && cfg.RestoreFrom == "" {
-		has, err := raftnode.HasRaftData(cfg.DataDir)
+		// Raft state, not a Raft store: a start that waited to join and
+		// was stopped left an empty store, and asks again.
+		has, err := raftnode.HasRaftState(cfg.DataDir)
 		if err != nil {
 			return nil, err
 		}
