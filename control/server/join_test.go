@@ -57,31 +57,8 @@ func rejoinAfterLoss(t *testing.T, seed bool) {
 	}
 	cfg := c.JoinConfig(victim)
 	cfg.Bootstrap = seed
-	type started struct {
-		s   *server.Server
-		err error
-	}
-	done := make(chan started, 1)
-	go func() {
-		s, err := server.Start(ctx, cfg)
-		done <- started{s, err}
-	}()
-	var early *started
-	clustertest.Eventually(t, 30*time.Second, func() error {
-		select {
-		case st := <-done:
-			early = &st
-			return nil
-		default:
-		}
-		if len(rec.Find("join refused: this node lost its data", func(r clustertest.Record) bool {
-			return strings.Contains(r.Attrs["err"].String(), "relayctl cluster remove "+id)
-		})) == 0 {
-			return errors.New("no refused join logged")
-		}
-		return nil
-	})
-	if early != nil {
+	done := startAsync(ctx, cfg)
+	if early := waitJoinRefused(t, rec, id, done, 0); early != nil {
 		if early.s != nil {
 			c.Started(victim, early.s)
 		}
@@ -105,6 +82,49 @@ func rejoinAfterLoss(t *testing.T, seed bool) {
 	if _, err := st.s.Node().FSM().GetUser("before-the-loss"); err != nil {
 		t.Fatalf("the node that joined again did not catch up: %v", err)
 	}
+}
+
+// started is what server.Start returned.
+type started struct {
+	s   *server.Server
+	err error
+}
+
+// startAsync starts a node from cfg in the background.
+func startAsync(ctx context.Context, cfg server.Config) chan started {
+	done := make(chan started, 1)
+	go func() {
+		s, err := server.Start(ctx, cfg)
+		done <- started{s, err}
+	}()
+	return done
+}
+
+// joinRefusals counts the refused joins of node id that rec holds.
+func joinRefusals(rec *clustertest.LogRecorder, id string) int {
+	return len(rec.Find("join refused: this node lost its data", func(r clustertest.Record) bool {
+		return strings.Contains(r.Attrs["err"].String(), "relayctl cluster remove "+id)
+	}))
+}
+
+// waitJoinRefused waits until rec holds more than after refused joins of
+// node id; it returns what Start returned if it returned first.
+func waitJoinRefused(t *testing.T, rec *clustertest.LogRecorder, id string, done chan started, after int) *started {
+	t.Helper()
+	var early *started
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		select {
+		case st := <-done:
+			early = &st
+			return nil
+		default:
+		}
+		if joinRefusals(rec, id) <= after {
+			return errors.New("no refused join logged")
+		}
+		return nil
+	})
+	return early
 }
 
 // On a cluster's first start, the seed (--bootstrap with --join) founds
@@ -316,39 +336,9 @@ func TestASeedRestartedDuringItsJoinDoesNotFoundACluster(t *testing.T) {
 	}
 	cfg := c.JoinConfig(0)
 	cfg.Bootstrap = true
-	type started struct {
-		s   *server.Server
-		err error
-	}
-	start := func(ctx context.Context) chan started {
-		done := make(chan started, 1)
-		go func() {
-			s, err := server.Start(ctx, cfg)
-			done <- started{s, err}
-		}()
-		return done
-	}
-	refusals := func() int {
-		return len(rec.Find("join refused: this node lost its data", func(r clustertest.Record) bool {
-			return strings.Contains(r.Attrs["err"].String(), "relayctl cluster remove "+id)
-		}))
-	}
 	waitRefused := func(done chan started, after int) {
 		t.Helper()
-		var early *started
-		clustertest.Eventually(t, 30*time.Second, func() error {
-			select {
-			case st := <-done:
-				early = &st
-				return nil
-			default:
-			}
-			if refusals() <= after {
-				return errors.New("no refused join logged")
-			}
-			return nil
-		})
-		if early != nil {
+		if early := waitJoinRefused(t, rec, id, done, after); early != nil {
 			if early.s != nil {
 				c.Started(0, early.s)
 			}
@@ -356,7 +346,7 @@ func TestASeedRestartedDuringItsJoinDoesNotFoundACluster(t *testing.T) {
 		}
 	}
 	first, stop := context.WithCancel(ctx)
-	done := start(first)
+	done := startAsync(first, cfg)
 	waitRefused(done, 0)
 	stop() // the restart
 	if st := <-done; st.err == nil {
@@ -366,8 +356,8 @@ func TestASeedRestartedDuringItsJoinDoesNotFoundACluster(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(cfg.DataDir, "raft")); err != nil {
 		t.Fatalf("the first start left no Raft store (the case this test is about): %v", err)
 	}
-	done = start(ctx)
-	waitRefused(done, refusals())
+	done = startAsync(ctx, cfg)
+	waitRefused(done, joinRefusals(rec, id))
 	if _, err := c.Nodes[c.Leader()].Server.Node().RemoveServer(ctx, id); err != nil {
 		t.Fatal(err)
 	}
