@@ -549,6 +549,13 @@ func (s *Session) sealTicket(now time.Time) ([]byte, time.Time, bool) {
 //
 // It never blocks.
 func (s *Session) closeWith(reason *CloseError, reconnectIn time.Duration) {
+	if reason == nil {
+		// A reader stopped with no reason recorded: the handshake's stop
+		// (its context ending) fired after the handshake was done, and
+		// before the session's own watch of that context closed it. The
+		// writer, the abort and the metrics all read the reason.
+		reason = closeErr(relayv1.ErrorCode_ERROR_CODE_GOING_AWAY, "the session's reader was stopped")
+	}
 	s.closeOnce.Do(func() {
 		linger := s.hub.cfg.CloseLinger
 		s.closeReason, s.reconnectIn = reason, reconnectIn

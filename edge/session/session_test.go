@@ -156,3 +156,31 @@ func TestSessionLogLinesCarryTheSession(t *testing.T) {
 		t.Fatalf("debug lines logged at level info: %s", quiet.String())
 	}
 }
+
+// A session whose reader is stopped with no close reason recorded (the
+// handshake's stop hook firing just after the handshake, as the edge
+// shuts down) still ends cleanly: with a reason, its close counted, the
+// device told. It used to close with a nil reason, which the writer, the
+// abort timer and the metrics dereferenced: a panic that took the edge
+// down during its shutdown.
+func TestAReaderStoppedWithoutAReasonEndsTheSession(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u", "a")
+	d := e.online("a")
+	sessions := e.hub.sessionsOf("u", "a")
+	if len(sessions) != 1 {
+		t.Fatalf("%d sessions of the device, want 1", len(sessions))
+	}
+	sessions[0].reader.Stop()
+	if c := d.nextClose(); c.GetCode() != relayv1.ErrorCode_ERROR_CODE_GOING_AWAY {
+		t.Fatalf("close %v, want GOING_AWAY", c)
+	}
+	select {
+	case <-d.serve:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session did not end")
+	}
+	if got := e.metric("relay_edge_session_closes_total", "code", "going_away"); got != 1 {
+		t.Errorf("closes counted going_away: %v, want 1", got)
+	}
+}
