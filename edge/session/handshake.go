@@ -348,6 +348,20 @@ func (h *handshake) usable() bool {
 
 // reauth prepares a fresh challenge for a session that reached its
 // maximum age; verifyReauth checks the answer.
+// trimHello keeps of the Hello only what the session reads once the
+// handshake is done (the ids and version a re-authentication signs, the
+// datagram flags): its resume ticket, proof and nonce, and fields the
+// edge does not know, are the device's to size, and a session lives
+// long. Call it when the handshake is done.
+func (h *handshake) trimHello() {
+	in := h.hello
+	h.hello = &relayv1.Hello{
+		UserId: in.GetUserId(), DeviceId: in.GetDeviceId(), ProtocolVersion: in.GetProtocolVersion(),
+		ClientTimeMs: in.GetClientTimeMs(), Instance: in.GetInstance(),
+		NoDatagrams: in.GetNoDatagrams(), DeferDatagrams: in.GetDeferDatagrams(), MinRevision: in.GetMinRevision(),
+	}
+}
+
 func (h *handshake) reauth() (*relayv1.Challenge, error) {
 	nonce := make([]byte, proof.NonceSize)
 	if _, err := io.ReadFull(h.random, nonce); err != nil {

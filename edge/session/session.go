@@ -427,6 +427,7 @@ func (s *Session) handshake(ctx context.Context) error {
 	}
 	_ = s.reader.SetIdleDeadline(time.Time{})
 	_ = s.conn.SetWriteDeadline(time.Time{})
+	s.hs.trimHello()
 	s.userID, s.deviceID = s.hs.hello.GetUserId(), s.hs.hello.GetDeviceId()
 	s.instance = s.hs.hello.GetInstance()
 	return nil

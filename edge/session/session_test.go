@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 
 	relayv1 "github.com/edge-relay/relay/proto/relay/v1"
 )
@@ -182,5 +184,32 @@ func TestAReaderStoppedWithoutAReasonEndsTheSession(t *testing.T) {
 	}
 	if got := e.metric("relay_edge_session_closes_total", "code", "going_away"); got != 1 {
 		t.Errorf("closes counted going_away: %v, want 1", got)
+	}
+}
+
+// A session keeps of its Hello only what it reads later: the resume
+// fields and unknown fields a device sent, sized as it likes, are gone
+// once the handshake is done, so that a device cannot make each of its
+// idle sessions hold tens of KiB of its own choosing.
+func TestASessionKeepsOnlyTheHelloFieldsItUses(t *testing.T) {
+	e := newEnv(t, nil)
+	e.device("u", "a")
+	d := e.connect("a")
+	d.handshakeWith(func(h *relayv1.Hello) {
+		h.ResumeNonce = bytes.Repeat([]byte{1}, 24<<10)
+		h.ResumeProof = bytes.Repeat([]byte{2}, 16<<10)
+		h.Instance = "i1"
+		h.ProtoReflect().SetUnknown(protowire.AppendBytes(protowire.AppendTag(nil, 1000, protowire.BytesType), make([]byte, 16<<10)))
+	})
+	sessions := e.hub.sessionsOf("u", "a")
+	if len(sessions) != 1 {
+		t.Fatalf("%d sessions of the device, want 1", len(sessions))
+	}
+	kept := sessions[0].hs.hello
+	if n := proto.Size(kept); n > 256 {
+		t.Errorf("the session keeps %d bytes of its Hello, want its ids and flags only", n)
+	}
+	if kept.GetUserId() != "u" || kept.GetDeviceId() != "a" || kept.GetInstance() != "i1" || kept.GetProtocolVersion() != d.lastHello.GetProtocolVersion() {
+		t.Errorf("kept %v, want the ids, the instance and the version", kept)
 	}
 }
