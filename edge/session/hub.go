@@ -77,6 +77,14 @@ type Config struct {
 	// deliveries but never acknowledges them holds a bounded share of
 	// the edge's memory.
 	UnackedLen, UnackedBytes int
+	// PendingForwardBytes bounds the bytes of a session's durable events
+	// forwarded to other edges that it still holds: in flight to their
+	// edge, or answered and waiting, in its target's order, behind an
+	// earlier forward whose outcome has not come (the target's edge
+	// holds it until the device acknowledges it) [4 MiB]. Beyond it a
+	// forward is refused QUEUE_FULL. An outcome that stores nothing
+	// (delivered, QUEUE_FULL, TARGET_GONE) frees its event at once.
+	PendingForwardBytes int
 	// Mailbox keeps durable events for devices that are not connected
 	// here; nil: such events are refused with TARGET_OFFLINE.
 	Mailbox Mailbox
@@ -191,6 +199,7 @@ func (c *Config) setDefaults() error {
 	defInt(&c.ControlQueueLen, 4096)
 	defInt(&c.UnackedLen, 1024)
 	defInt(&c.UnackedBytes, 4<<20)
+	defInt(&c.PendingForwardBytes, 4<<20)
 	defInt(&c.DedupWindow, 1024)
 	defInt(&c.MailboxWindow, 64)
 	def(&c.MailboxBusyGrace, 10*time.Second)

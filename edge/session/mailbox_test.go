@@ -975,6 +975,73 @@ func TestForwardsWaitingForAnOutcomeAreBounded(t *testing.T) {
 	}
 }
 
+// The events a sender's forwards hold while their outcomes wait are
+// bounded in bytes too (PendingForwardBytes), across its targets: a
+// target's edge that holds the first forward (its device reads and never
+// acknowledges) while the later ones are answered made this edge keep
+// every later event, up to 4,096 a target. An answer that stores
+// nothing frees its event at once, though it waits for the first's
+// outcome to be acted on; one that stores keeps it until it is stored.
+func TestForwardsWaitingForAnOutcomeAreBoundedInBytes(t *testing.T) {
+	remote := &heldRemote{ch: make(chan heldForward, 64)}
+	e, _ := mailboxEnv(t, func(c *Config) { c.Remote = remote; c.PendingForwardBytes = 64 << 10 })
+	e.devices("u1", "a", "far", "other")
+	a := e.online("a")
+	payload := strings.Repeat("x", 10<<10)
+	send := func(target string) *relayv1.Event { return a.sendPayload(payload, target) }
+	next := func() heldForward {
+		t.Helper()
+		select {
+		case h := <-remote.ch:
+			return h
+		case <-time.After(10 * time.Second):
+			t.Fatal("no forward made")
+			return heldForward{}
+		}
+	}
+	refused := func(ev *relayv1.Event) {
+		t.Helper()
+		f := a.nextAckOrReject()
+		if f.GetReject().GetEventId() != ev.GetId() || f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL {
+			t.Fatalf("%s beyond the bytes: %v, want QUEUE_FULL", ev.GetId(), f)
+		}
+	}
+	// Six events of 10 KiB fit 64 KiB; the seventh does not, whatever
+	// its target.
+	var held []heldForward
+	var sent []*relayv1.Event
+	for range 6 {
+		sent = append(sent, send("far"))
+		held = append(held, next())
+	}
+	refused(send("other"))
+	// Answers that store nothing free their events while the first is
+	// still undecided (they wait behind it): room again.
+	for _, h := range held[1:] {
+		h.done(edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL)
+	}
+	a.expectNothing("an answer before the first forward's outcome", func(f *relayv1.Frame) bool { return f.GetAck() != nil || f.GetReject() != nil })
+	more := send("other")
+	next().done(edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED)
+	a.expectAck(more)
+	// Outcomes that store hold their events until stored: behind the
+	// undecided first, one forward answered NOT_DELIVERED and the four
+	// events that follow it to the mailbox (not forwarded) fill the bytes
+	// again.
+	stores := []*relayv1.Event{send("far")}
+	next().done(edgev1.ForwardOutcome_FORWARD_OUTCOME_NOT_DELIVERED)
+	for range 4 {
+		stores = append(stores, send("far"))
+	}
+	refused(send("other"))
+	held[0].done(edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED)
+	a.expectAcks(append(stores, sent[0])...)
+	// All acted on: the bytes are free.
+	last := send("other")
+	next().done(edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED)
+	a.expectAck(last)
+}
+
 // refusingRemote answers NOT_DELIVERED at once for a forward whose event
 // holds refuse, as the mesh does for a link that is down, and holds the
 // others like heldRemote.

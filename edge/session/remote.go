@@ -56,6 +56,15 @@ type pendingForward struct {
 type fwdSlot struct {
 	decided bool
 	act     func() // what its outcome does, once it is the head's turn
+	// bytes is what its event weighs in Session.fwdBytes while the slot
+	// may still need it (0 once released).
+	bytes int
+}
+
+// releaseFwd takes a slot's event out of Session.fwdBytes. With routeMu.
+func (s *Session) releaseFwd(slot *fwdSlot) {
+	s.fwdBytes -= slot.bytes
+	slot.bytes = 0
 }
 
 // decide records a forward's outcome, and acts on every decided outcome
@@ -69,6 +78,10 @@ func (s *Session) decide(device string, pf *pendingForward, slot *fwdSlot, store
 	s.routeMu.Lock()
 	slot.decided, slot.act = true, act
 	pf.storing = pf.storing || store
+	if !store {
+		// Its action holds no event (forward builds it so).
+		s.releaseFwd(slot)
+	}
 	if pf.draining {
 		s.routeMu.Unlock()
 		return
@@ -76,6 +89,7 @@ func (s *Session) decide(device string, pf *pendingForward, slot *fwdSlot, store
 	pf.draining = true
 	for len(pf.slots) > 0 && pf.slots[0].decided {
 		run := pf.slots[0].act
+		s.releaseFwd(pf.slots[0]) // a store hands its event on to the mailbox writer
 		pf.slots[0] = nil
 		pf.slots = pf.slots[1:]
 		s.routeMu.Unlock()
@@ -110,6 +124,18 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 		store()
 		return
 	}
+	if n := len(event); s.fwdBytes+n > s.hub.cfg.PendingForwardBytes && s.fwdBytes > 0 {
+		// The events of forwards whose outcomes are not acted on yet
+		// weigh what one session may hold: a target's edge that holds an
+		// early forward (its device reads but does not acknowledge) must
+		// not make this edge keep the sender's later events, each up to
+		// the frame limit, four thousand a target. (Before an entry is
+		// made for the device: an empty one would route its next events
+		// to the mailbox.)
+		s.routeMu.Unlock()
+		f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "too many bytes of events wait for an earlier one's outcome; retry later")
+		return
+	}
 	if pf == nil {
 		pf = &pendingForward{}
 		s.fwdPending[r.device] = pf
@@ -122,7 +148,8 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 		f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "too many events for a target wait for an earlier one's outcome; retry later")
 		return
 	}
-	slot := &fwdSlot{}
+	slot := &fwdSlot{bytes: len(event)}
+	s.fwdBytes += slot.bytes
 	pf.slots = append(pf.slots, slot)
 	if pf.storing || s.mbPending[r.device] > 0 {
 		s.routeMu.Unlock()
@@ -146,24 +173,24 @@ func (s *Session) forward(f *inflight, r route, event []byte, expires time.Time)
 		tr.end(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED)
 		stores := s.hub.cfg.Mailbox != nil && o != edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED &&
 			o != edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL && o != edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE
-		s.decide(r.device, pf, slot, stores, func() {
-			switch o {
-			case edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED:
-				f.confirm(s.hub.cfg.Now())
-			case edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL:
-				f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later")
-			case edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE:
-				f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was deleted or revoked")
-			default:
-				if stores {
-					// Stored before the pending entry goes, so no later event
-					// finds both paths clear and overtakes it.
-					store()
-				} else {
-					f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline; retry later")
-				}
-			}
-		})
+		// Only the action that stores refers to the event: the others
+		// let it go now, though they wait for earlier outcomes.
+		var act func()
+		switch {
+		case o == edgev1.ForwardOutcome_FORWARD_OUTCOME_DELIVERED:
+			act = func() { f.confirm(s.hub.cfg.Now()) }
+		case o == edgev1.ForwardOutcome_FORWARD_OUTCOME_QUEUE_FULL:
+			act = func() { f.fail(relayv1.ErrorCode_ERROR_CODE_QUEUE_FULL, "a target's queue is full; retry later") }
+		case o == edgev1.ForwardOutcome_FORWARD_OUTCOME_TARGET_GONE:
+			act = func() { f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED, "a target was deleted or revoked") }
+		case stores:
+			// Stored before the pending entry goes, so no later event
+			// finds both paths clear and overtakes it.
+			act = store
+		default:
+			act = func() { f.fail(relayv1.ErrorCode_ERROR_CODE_TARGET_OFFLINE, "a target went offline; retry later") }
+		}
+		s.decide(r.device, pf, slot, stores, act)
 	})
 }
 

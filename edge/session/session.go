@@ -87,6 +87,9 @@ type Session struct {
 	mbPending  map[string]int
 	mbLast     map[string]uint64
 	fwdPending map[string]*pendingForward
+	// fwdBytes is what the events of fwdPending's slots weigh until their
+	// outcomes are acted on, or decided not to need them (Config.PendingForwardBytes).
+	fwdBytes int
 	// openRev is a control-plane revision at or after this session
 	// started (its first mailbox read): whatever the device's earlier
 	// sessions stored in mailboxes was committed by then. Its live events
