@@ -48,6 +48,10 @@ type pipeConn struct {
 	datagramReads atomic.Int32
 	// onWrite, if set, sees every Write from then on.
 	onWrite atomic.Pointer[func([]byte)]
+	// stuckDatagrams makes SendDatagram block until the pipe closes, as
+	// quic-go's does once its queue is full and the peer acknowledges no
+	// packets.
+	stuckDatagrams atomic.Bool
 	// binding is the channel binding both ends see (pipeBinding unless
 	// a test gives the pipe another, as a machine in the middle would
 	// have; nil: TLS does not end here).
@@ -80,6 +84,10 @@ func newPipe(addr string, datagrams bool) (server, client *pipeConn) {
 func (p *pipeConn) SendDatagram(b []byte) error {
 	if !p.datagrams || len(b) > 1200 {
 		return devconn.ErrNoDatagrams
+	}
+	if p.stuckDatagrams.Load() {
+		<-p.closed
+		return net.ErrClosed
 	}
 	select {
 	case p.peer.in <- bytes.Clone(b):

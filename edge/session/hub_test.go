@@ -1580,3 +1580,34 @@ func TestASlowButSteadyReaderIsNotClosed(t *testing.T) {
 		t.Fatalf("%d writes, the largest %d bytes, a frame split: %v", writes, largest, split)
 	}
 }
+
+// A device whose connection takes no datagram (quic-go's queue full, the
+// peer acknowledging no packets) is a SLOW_CONSUMER once WriteTimeout
+// passes, as one that takes no stream write is: the writer does not wait
+// on it for good.
+func TestADatagramNotTakenEndsTheSession(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.WriteTimeout = 300 * time.Millisecond })
+	e.devices("u", "a", "b")
+	a, b := e.online("a"), e.online("b")
+	ephemeral := func() {
+		ev := a.event("b")
+		ev.Ephemeral = true
+		a.sendEvent(ev)
+	}
+	// One through, so that nothing else is queued for b (its presence
+	// frames): the next event is alone in its batch, sent as a datagram.
+	ephemeral()
+	waitFor(t, "the first event at b", func() bool {
+		return e.metric("relay_edge_deliveries_total", "kind", "ephemeral") == 1
+	})
+	b.conn.peer.stuckDatagrams.Store(true)
+	ephemeral()
+	select {
+	case <-b.serve:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session whose datagrams are not taken did not end")
+	}
+	if got := e.metric("relay_edge_session_closes_total", "code", "slow_consumer"); got != 1 {
+		t.Errorf("closes counted slow_consumer: %v, want 1", got)
+	}
+}

@@ -112,6 +112,14 @@ func (s *Session) timerWork(due dueWork) {
 func (s *Session) writeLoop() {
 	m := s.hub.cfg.Metrics
 	var buf, dg []byte
+	// dgStuck aborts the session should a datagram not be taken in
+	// WriteTimeout (made at the writer's first datagram).
+	var dgStuck *time.Timer
+	defer func() {
+		if dgStuck != nil {
+			dgStuck.Stop()
+		}
+	}()
 	// The linger timer runs while the writer does and is not reset per
 	// batch (a busy session's writer would pay for that on every wake):
 	// when it fires, a writer that wrote since the last time carries on,
@@ -168,7 +176,17 @@ func (s *Session) writeLoop() {
 			}
 			if it.datagram && lone {
 				dg = appendDeliverBody(dg[:0], it.event, 0)
-				if err := s.conn.SendDatagram(dg); err == nil {
+				// quic-go queues 32 datagrams and then blocks the sender
+				// until a packet takes one, with no deadline; packets stop
+				// when the peer acknowledges none. Bounded as a write is.
+				if dgStuck == nil {
+					dgStuck = time.AfterFunc(s.hub.cfg.WriteTimeout, s.datagramStuck)
+				} else {
+					dgStuck.Reset(s.hub.cfg.WriteTimeout)
+				}
+				err := s.conn.SendDatagram(dg)
+				dgStuck.Stop()
+				if err == nil {
 					it.event = nil
 					continue
 				}
@@ -250,6 +268,14 @@ func (s *Session) write(b []byte) error {
 	}
 	_, err := s.conn.Write(b)
 	return err
+}
+
+// datagramStuck ends a session whose connection took no datagram in
+// WriteTimeout, as a write past its deadline does: the device stopped
+// acknowledging what it is sent. Aborting the connection ends the send.
+func (s *Session) datagramStuck() {
+	s.closeWith(closeErr(relayv1.ErrorCode_ERROR_CODE_SLOW_CONSUMER, "the device's connection took no datagram in %s", s.hub.cfg.WriteTimeout), 0)
+	_ = s.conn.Abort(s.closeReason.Code, s.closeReason.Msg)
 }
 
 // abort ends a session whose write failed: a write that timed out while
