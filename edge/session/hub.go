@@ -228,6 +228,11 @@ func (c *Config) setDefaults() error {
 // ErrDraining is returned by Serve once the hub is draining or closed.
 var ErrDraining = errors.New("edge is draining")
 
+// errClosedInRoom is register's answer for a session it registered and
+// closed at once (its device revoked meanwhile): the session runs to its
+// end as any closed one does, handing back what was queued to it.
+var errClosedInRoom = errors.New("session closed as it registered")
+
 const shardCount = 64
 
 // shard holds the rooms of the users hashing to it. The per-event path
@@ -285,7 +290,11 @@ type Hub struct {
 	// as a session that ended is about to hand off what its device did
 	// not acknowledge.
 	beforeHandOff func(*Session)
-	traced        bool // a Tracer was configured: events get spans
+	// inRoom, set by tests only (before any session registers), runs in
+	// register once the session is in its user's room, before it looks
+	// again whether its device may stay.
+	inRoom func(*Session)
+	traced bool // a Tracer was configured: events get spans
 
 	// tooLarge counts the events not delivered for their size since the
 	// last warning, which tooLargeLog spaces (see undeliverable).
@@ -535,13 +544,19 @@ func (h *Hub) register(s *Session) error {
 	// hub, and from here the hub finds s: one more look refuses what that
 	// missed, before anyone is told s is online. old, which s replaced in
 	// the list, goes too: a CloseDevice still to come would not find it.
+	if h.inRoom != nil {
+		h.inRoom(s)
+	}
 	if !s.hs.usable() {
 		ce := closeErr(relayv1.ErrorCode_ERROR_CODE_REVOKED, "the device or its account is no longer active")
 		if old != nil {
 			old.closeWith(ce, 0)
 		}
-		h.unregister(s)
-		return ce
+		// Senders may have queued events to s since it entered the room:
+		// it stays registered, closed, and its end (run) answers them and
+		// unregisters it, as for any session that ends.
+		s.closeWith(ce, 0)
+		return errClosedInRoom
 	}
 
 	if old != nil {

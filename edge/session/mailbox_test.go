@@ -2023,6 +2023,37 @@ func TestRevokedWhileOpeningDoesNotStay(t *testing.T) {
 	}
 }
 
+// An event queued to a session in the moment between its entering the
+// room and its being refused there (its device revoked meanwhile) is
+// answered: the refused session ends as any other does, handing what it
+// holds back (TARGET_DELETED for a revoked target), instead of leaving
+// the sender waiting for an ack that never comes and dropping its
+// retries as duplicates in flight. The device gets the Close, no Welcome.
+func TestAnEventQueuedToASessionRefusedAsItRegistersIsAnswered(t *testing.T) {
+	e, _ := mailboxEnv(t, nil)
+	e.devices("u1", "a", "b")
+	b := e.online("b")
+	var ev *relayv1.Event
+	e.hub.inRoom = func(s *Session) {
+		if s.deviceID != "a" {
+			return
+		}
+		ev = b.sendPayload("for a", "a")
+		waitFor(t, "b's event accepted", func() bool { return e.metric("relay_edge_events_total", "result", "accepted") == 1 })
+		e.dir.setState("a", DeviceRevoked)
+	}
+	a := e.connect("a")
+	a.answer(a.challenged(nil))
+	if f := a.readDirect(); f.GetClose().GetCode() != relayv1.ErrorCode_ERROR_CODE_REVOKED {
+		t.Fatalf("a got %v, want a Close with REVOKED", f)
+	}
+	f := b.nextAckOrReject()
+	if f.GetReject().GetEventId() != ev.GetId() || f.GetReject().GetCode() != relayv1.ErrorCode_ERROR_CODE_TARGET_DELETED {
+		t.Fatalf("b's event to the refused session: %v, want TARGET_DELETED", f)
+	}
+	waitFor(t, "a's session gone", func() bool { return e.metric("relay_edge_sessions", "transport", "pipe") == 1 })
+}
+
 // A durable event stored for n offline targets costs its sender n times
 // its bytes: a broadcast to many offline devices is paced to the
 // device's byte rate, while the same events for one offline target are

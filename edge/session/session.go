@@ -341,7 +341,15 @@ func (s *Session) open(ctx context.Context) (hsSpan trace.SpanContext, opened bo
 	s.logAt(slog.LevelDebug, "session open", "resumed", s.hs.resumed)
 
 	s.primeMailbox(ctx)
-	if err := s.hub.register(s); err != nil {
+	if err := s.hub.register(s); errors.Is(err, errClosedInRoom) {
+		// The Close goes now, ahead of what senders queued meanwhile (the
+		// device got no Welcome, and a revoked one gets no event); the
+		// writer's later writes fail on the closed connection, and run
+		// ends the session as any closed one, answering those senders.
+		refuse(s.conn, s.closeReason, 0, s.hub.cfg.CloseLinger)
+		m.sessions.WithLabelValues(s.conn.Transport()).Inc()
+		return span.SpanContext(), true, nil
+	} else if err != nil {
 		s.stopListening()
 		var ce *CloseError
 		if !errors.As(err, &ce) { // ErrDraining
