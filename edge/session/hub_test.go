@@ -1611,3 +1611,47 @@ func TestADatagramNotTakenEndsTheSession(t *testing.T) {
 		t.Errorf("closes counted slow_consumer: %v, want 1", got)
 	}
 }
+
+// Acks and control frames that queued up go out a chunk at a time, as
+// deliveries do: a batch of a thousand rejects went out in one write
+// under one deadline, so a device reading slowly but steadily, not slow
+// enough to fail a chunk, was closed SLOW_CONSUMER for a burst of its
+// own refusals.
+func TestControlFramesGoOutInChunks(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.Limits = DefaultLimits()
+		c.Limits.EventsPerSecond, c.Limits.BytesPerSecond, c.Limits.FramesPerSecond = 1e6, 64<<20, 1e6
+	})
+	e.devices("u1", "b", "off")
+	b := e.connect("b")
+	b.handshake()
+	var mu sync.Mutex
+	largest := 0
+	onWrite := func(p []byte) {
+		mu.Lock()
+		largest = max(largest, len(p))
+		mu.Unlock()
+	}
+	b.conn.peer.onWrite.Store(&onWrite)
+	// b does not read yet: its writer blocks on the first reject and the
+	// rest queue behind it.
+	const n = 1500
+	var sent []*relayv1.Event
+	for range n {
+		sent = append(sent, b.sendPayload("x", "off"))
+	}
+	waitFor(t, "every event refused", func() bool {
+		return e.metric("relay_edge_events_total", "result", "target_offline") == n
+	})
+	b.startReading()
+	for _, ev := range sent {
+		if f := b.nextAckOrReject(); f.GetReject().GetEventId() != ev.GetId() {
+			t.Fatalf("got %v, want the reject of %s", f, ev.GetId())
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if largest > writeChunk+(1<<10) {
+		t.Fatalf("the largest write held %d bytes, more than a chunk (%d) and a frame", largest, writeChunk)
+	}
+}

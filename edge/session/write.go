@@ -159,43 +159,44 @@ func (s *Session) writeLoop() {
 		lone := len(batch) == 1
 		for i := range batch {
 			it := &batch[i]
-			if it.frame != nil {
+			switch {
+			case it.frame != nil:
 				buf, _ = frame.Append(buf, it.frame)
 				it.frame = nil
-				continue
-			}
-			if it.ack != "" {
+			case it.ack != "":
 				buf = appendAckFrame(buf, it.ack)
 				it.ack = ""
-				continue
-			}
-			if it.delivery != 0 {
-				durable++
-			} else {
-				ephemeral++
-			}
-			if it.datagram && lone {
-				dg = appendDeliverBody(dg[:0], it.event, 0)
-				// quic-go queues 32 datagrams and then blocks the sender
-				// until a packet takes one, with no deadline; packets stop
-				// when the peer acknowledges none. Bounded as a write is.
-				if dgStuck == nil {
-					dgStuck = time.AfterFunc(s.hub.cfg.WriteTimeout, s.datagramStuck)
+			default:
+				if it.delivery != 0 {
+					durable++
 				} else {
-					dgStuck.Reset(s.hub.cfg.WriteTimeout)
+					ephemeral++
 				}
-				err := s.conn.SendDatagram(dg)
-				dgStuck.Stop()
-				if err == nil {
-					it.event = nil
-					continue
+				if it.datagram && lone {
+					dg = appendDeliverBody(dg[:0], it.event, 0)
+					// quic-go queues 32 datagrams and then blocks the sender
+					// until a packet takes one, with no deadline; packets
+					// stop when the peer acknowledges none. Bounded as a
+					// write is.
+					if dgStuck == nil {
+						dgStuck = time.AfterFunc(s.hub.cfg.WriteTimeout, s.datagramStuck)
+					} else {
+						dgStuck.Reset(s.hub.cfg.WriteTimeout)
+					}
+					err := s.conn.SendDatagram(dg)
+					dgStuck.Stop()
+					if err == nil {
+						it.event = nil
+						continue
+					}
 				}
+				buf = appendFramed(buf, it.event, it.delivery)
+				it.event = nil
 			}
-			buf = appendFramed(buf, it.event, it.delivery)
-			it.event = nil
 			if len(buf) >= writeChunk {
 				// A large batch goes out a chunk of whole frames at a
-				// time, each under its own deadline (see write).
+				// time, each under its own deadline (see write): acks and
+				// control frames too, of which thousands may queue up.
 				if err := s.write(buf); err != nil {
 					s.abort(err)
 					s.writerEnded()
