@@ -1655,3 +1655,42 @@ func TestControlFramesGoOutInChunks(t *testing.T) {
 		t.Fatalf("the largest write held %d bytes, more than a chunk (%d) and a frame", largest, writeChunk)
 	}
 }
+
+// A closed session relays no more of its device's datagrams, as its
+// reader takes no more frames: its datagram reader used to go on until
+// the hand-off, after the close linger.
+func TestAClosedSessionRelaysNoDatagram(t *testing.T) {
+	e := newEnv(t, nil)
+	e.devices("u", "a", "b")
+	b := e.online("b")
+	// a reads nothing: its writer holds its connection open (the Close
+	// frame unwritten) for the close linger, as a device's link that is
+	// slow to take the last frames does.
+	a := e.connect("a")
+	a.handshake()
+	released := make(chan struct{})
+	e.hub.beforeHandOff = func(s *Session) {
+		if s.deviceID != "a" {
+			return
+		}
+		// a's session is closed and not yet handed off: its datagram
+		// reader still runs.
+		ev := a.event("b")
+		ev.Ephemeral = true
+		body, err := marshalDeterministic.Marshal(&relayv1.Frame{Kind: &relayv1.Frame_Event{Event: ev}})
+		if err != nil {
+			t.Error(err)
+		}
+		srv := a.conn.peer
+		srv.in <- body
+		waitFor(t, "the datagram taken", func() bool { return len(srv.in) == 0 })
+		b.expectNothing("an event from a closed session", func(f *relayv1.Frame) bool { return f.GetDeliver() != nil })
+		close(released)
+	}
+	e.hub.CloseDevice("u", "a", relayv1.ErrorCode_ERROR_CODE_REVOKED, "revoked")
+	select {
+	case <-released:
+	case <-time.After(20 * time.Second):
+		t.Fatal("a's session did not reach its hand-off")
+	}
+}

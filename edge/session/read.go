@@ -208,6 +208,13 @@ func (s *Session) datagramLoop(ctx context.Context) {
 		if err != nil {
 			return
 		}
+		select {
+		case <-s.closing:
+			// A closed session relays nothing more, as its reader stops at
+			// once; this loop's context ends only with the hand-off.
+			return
+		default:
+		}
 		if !s.admitDatagram(len(b)) {
 			m.droppedRate.Inc()
 			s.refused()
