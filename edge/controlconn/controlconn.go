@@ -320,7 +320,8 @@ func nodeFailed(err error) bool {
 	return false
 }
 
-// tokenTimeout bounds one attempt to log in or refresh the token.
+// tokenTimeout bounds one attempt to log in or refresh the token, which
+// shares it between the control nodes it asks (newToken).
 const tokenTimeout = 10 * time.Second
 
 // validToken returns the access token while it has more than a minute
@@ -432,64 +433,108 @@ func (c *Conn) endAbandoned(ctx context.Context, access string) {
 }
 
 // newToken logs in or refreshes, trying each URL once; one runs at a
-// time (startAttempt).
+// time (startAttempt). Each URL gets its share of what is left of ctx
+// (nodeShare): a node that takes the connection and never answers (a
+// process stopped behind TLS, a Login handler that hangs) costs the
+// attempt that share, not all of it, so the nodes after it are still
+// asked, and the next attempt starts past it. A node is moved on from
+// only once it was asked and failed within its share: nodes the attempt
+// had no time left for, or a call the Conn's closing cut short, say
+// nothing about the node.
 func (c *Conn) newToken(ctx context.Context) (string, error) {
 	c.mu.Lock()
 	refresh := c.refresh
 	c.mu.Unlock()
 	var lastErr error
-	for range len(c.cfg.URLs) {
+	for left := len(c.cfg.URLs); left > 0; left-- {
+		if ctx.Err() != nil {
+			break
+		}
 		u := c.url()
-		auth := c.peers[u].auth
-		var tokens *controlv1.Tokens
-		if refresh != "" {
-			resp, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: refresh}))
-			if err == nil {
-				tokens = resp.Msg.GetTokens()
-			} else {
-				// Refused, or perhaps rotated with the answer lost (a
-				// timeout, a connection cut, a node that stopped after
-				// proposing it): presenting the token again could be
-				// taken for a stolen token's reuse and revoke the login.
-				// It is never presented again; a log-in replaces it.
-				// Unless it was refused, the session it belongs to is
-				// ended once a new log-in succeeds (endAbandoned).
-				refused := connect.CodeOf(err) == connect.CodeUnauthenticated
-				c.mu.Lock()
-				c.refresh = ""
-				if !refused {
-					c.abandoned = refresh
-				}
-				c.mu.Unlock()
-				refresh = ""
-				if !refused {
-					lastErr = err
-					c.moveOn(u)
-					continue
-				}
-			}
+		nctx, cancel := nodeShare(ctx, left)
+		tokens, elsewhere, err := c.tokensFrom(nctx, u, &refresh)
+		cancel()
+		switch {
+		case err == nil:
+			c.mu.Lock()
+			c.access, c.expires, c.refresh = tokens.GetAccessToken(), tokens.GetAccessTokenExpiresAt().AsTime(), tokens.GetRefreshToken()
+			c.mu.Unlock()
+			return tokens.GetAccessToken(), nil
+		case !elsewhere:
+			return "", err
 		}
-		if tokens == nil {
-			resp, err := auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: c.cfg.Login, Password: c.cfg.Password}))
-			if err != nil {
-				lastErr = err
-				if connect.CodeOf(err) == connect.CodeUnauthenticated || connect.CodeOf(err) == connect.CodePermissionDenied {
-					return "", fmt.Errorf("edge credential refused: %w", err)
-				}
-				c.moveOn(u)
-				continue
-			}
-			tokens = resp.Msg.GetTokens()
+		lastErr = err
+		if c.ctx.Err() != nil {
+			break // the Conn is closing: the node was cut short, not failed
 		}
-		if tokens.GetRole() != controlv1.Role_ROLE_EDGE {
-			return "", fmt.Errorf("account %q has role %s, not edge", c.cfg.Login, tokens.GetRole())
-		}
-		c.mu.Lock()
-		c.access, c.expires, c.refresh = tokens.GetAccessToken(), tokens.GetAccessTokenExpiresAt().AsTime(), tokens.GetRefreshToken()
-		c.mu.Unlock()
-		return tokens.GetAccessToken(), nil
+		c.moveOn(u)
+	}
+	if lastErr == nil {
+		lastErr = ctx.Err()
 	}
 	return "", fmt.Errorf("log in to the control plane: %w", lastErr)
+}
+
+// nodeShare bounds one control node's part of a token attempt: what is
+// left of ctx split evenly between the left nodes still to ask. A log-in
+// costs a node tens of milliseconds (its password hash), so even five
+// nodes' shares of tokenTimeout leave each plenty; and a node that
+// answers at once leaves its share to the nodes after it.
+func nodeShare(ctx context.Context, left int) (context.Context, context.CancelFunc) {
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, time.Until(deadline)/time.Duration(left))
+}
+
+// tokensFrom refreshes *refresh (when set) or logs in at the control
+// node u. A refresh token that fails is never presented again (it is
+// cleared, and *refresh with it); unless it was refused, a log-in at the
+// next node replaces it, else a log-in here. elsewhere reports whether
+// another node may answer err differently: not when the edge's
+// credential was refused, nor for an account of another role.
+func (c *Conn) tokensFrom(ctx context.Context, u string, refresh *string) (tokens *controlv1.Tokens, elsewhere bool, err error) {
+	auth := c.peers[u].auth
+	if *refresh != "" {
+		resp, err := auth.Refresh(ctx, connect.NewRequest(&controlv1.RefreshRequest{RefreshToken: *refresh}))
+		if err == nil {
+			tokens = resp.Msg.GetTokens()
+		} else {
+			// Refused, or perhaps rotated with the answer lost (a
+			// timeout, a connection cut, a node that stopped after
+			// proposing it): presenting the token again could be
+			// taken for a stolen token's reuse and revoke the login.
+			// It is never presented again; a log-in replaces it.
+			// Unless it was refused, the session it belongs to is
+			// ended once a new log-in succeeds (endAbandoned).
+			refused := connect.CodeOf(err) == connect.CodeUnauthenticated
+			c.mu.Lock()
+			c.refresh = ""
+			if !refused {
+				c.abandoned = *refresh
+			}
+			c.mu.Unlock()
+			*refresh = ""
+			if !refused {
+				return nil, true, err
+			}
+		}
+	}
+	if tokens == nil {
+		resp, err := auth.Login(ctx, connect.NewRequest(&controlv1.LoginRequest{Login: c.cfg.Login, Password: c.cfg.Password}))
+		if err != nil {
+			if connect.CodeOf(err) == connect.CodeUnauthenticated || connect.CodeOf(err) == connect.CodePermissionDenied {
+				return nil, false, fmt.Errorf("edge credential refused: %w", err)
+			}
+			return nil, true, err
+		}
+		tokens = resp.Msg.GetTokens()
+	}
+	if tokens.GetRole() != controlv1.Role_ROLE_EDGE {
+		return nil, false, fmt.Errorf("account %q has role %s, not edge", c.cfg.Login, tokens.GetRole())
+	}
+	return tokens, false, nil
 }
 
 // proxyTokenBackoff is how long after a failed attempt to get a token

@@ -758,6 +758,57 @@ func TestALogoutMovesOnFromANodeThatDoesNotAnswer(t *testing.T) {
 	}
 }
 
+// A control node that takes the connection and never answers a log-in
+// (a process stopped behind TLS, a Login handler that hangs) costs a
+// token attempt its share of the attempt's time, not all of it: the edge
+// gets its token from the next node, and its later attempts start there
+// instead of going back to the node that did not answer.
+func TestATokenAttemptMovesOnFromANodeThatDoesNotAnswer(t *testing.T) {
+	// Access tokens shorter than the minute of margin: every Token call
+	// after the first is an attempt of its own (a refresh).
+	c := clustertest.Start(t, 1, clustertest.Options{Auth: api.AuthConfig{AccessTTL: 30 * time.Second}})
+	createAccount(t, c, "edges", "edge-password-1", controlv1.Role_ROLE_EDGE)
+	d := api.NewDialer(nil)
+	defer d.Close()
+	live := d.URL(c.Nodes[0].Server.APIAddr())
+
+	hung := &hangingControl{entered: make(chan struct{}, 8), release: make(chan struct{})}
+	mux := http.NewServeMux()
+	mux.Handle(controlv1connect.NewAuthServiceHandler(hung))
+	var asked atomic.Int64
+	hungURL := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		mux.ServeHTTP(w, r)
+	}))
+	t.Cleanup(func() { close(hung.release) }) // before the server closes
+
+	cc, err := controlconn.New(controlconn.Config{URLs: []string{hungURL, live}, Login: "edges", Password: "edge-password-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	if _, err := cc.Token(ctx); err != nil {
+		t.Fatalf("token past a node that does not answer: %v", err)
+	}
+	// The attempt's 10 s (tokenTimeout) split between two nodes: the
+	// live one is asked after 5 s. A node that does not answer took all
+	// 10 s, and the attempt failed.
+	if took := time.Since(start); took >= 10*time.Second {
+		t.Fatalf("the token took %v, want less than one attempt's 10 s", took)
+	}
+	for i := range 3 {
+		if _, err := cc.Token(ctx); err != nil {
+			t.Fatalf("attempt %d after the first: %v", i+2, err)
+		}
+	}
+	if n := asked.Load(); n != 1 {
+		t.Fatalf("the node that does not answer was asked %d times, want once", n)
+	}
+}
+
 // Edges that list the same control nodes start at the one Start names
 // (modulo their number), not all at the first.
 func TestStartPicksTheFirstNode(t *testing.T) {
