@@ -581,7 +581,10 @@ func (a *Authenticator) WrapStreamingHandler(next connect.StreamingHandlerFunc) 
 }
 
 // serveStream serves an authenticated stream, ending it when its
-// credentials lapse.
+// credentials lapse: it cancels the context it passes on, with the
+// reason. connect's ServerStream.Send does not look at that context, so
+// a handler that sends on and on must (the Watch's sends do): it then
+// ends at its next message, and is answered Unauthenticated here.
 func (a *Authenticator) serveStream(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
 		claims, ok := auth.ClaimsFrom(ctx)

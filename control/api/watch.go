@@ -12,6 +12,7 @@ import (
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/edge-relay/relay/control/auth"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
 	edgev1 "github.com/edge-relay/relay/proto/edge/v1"
@@ -133,11 +134,21 @@ var errTooSlow = errors.New("watcher too slow")
 // ends Unavailable, also in the middle of a full copy or of a run of full
 // pages, which otherwise went on to their end (each message allowed the
 // send timeout) while the node's shutdown waited for them.
+//
+// Nor once the stream's own context has ended with a cause (ended): the
+// Authenticator ends it when the watcher's credentials lapse (its token
+// expired, its account disabled, its session revoked), and connect's
+// ServerStream.Send does not look at it. Without this check a full copy (the session-key ring,
+// secrets included, comes after every user, device and edge) or a long
+// catch-up went on to its end for a revoked watcher that kept reading;
+// now it ends at the next message, with the cause, which the
+// Authenticator answers Unauthenticated.
 type watchStream struct {
 	send    func(*edgev1.WatchResponse) error
 	timeout time.Duration
 	rc      *http.ResponseController // nil: no deadline possible
 	stopped context.Context          // the server's; nil: never
+	ctx     context.Context          // the stream's; nil: never ends
 	last    uint64                   // revision of the last message taken by the transport
 	copying bool                     // a full copy is under way (resync)
 }
@@ -148,6 +159,9 @@ func (w *watchStream) Send(m *edgev1.WatchResponse) error {
 			return connect.NewError(connect.CodeUnavailable, errors.New("control node shutting down during a full copy; watch on another node"))
 		}
 		return shuttingDown(w.last)
+	}
+	if err := w.ended(); err != nil {
+		return err
 	}
 	if w.rc != nil {
 		_ = w.rc.SetWriteDeadline(time.Now().Add(w.timeout))
@@ -169,6 +183,23 @@ func (w *watchStream) Send(m *edgev1.WatchResponse) error {
 	return nil
 }
 
+// ended returns why the stream's context ended when something other than
+// the request's own end ended it: the Authenticator, once the watcher's
+// credentials lapsed, or a deadline the watcher set. It is nil while the
+// context lasts, and also when the request itself ended (the watcher
+// went away, or a write deadline reset the stream): the next write
+// fails then, and says how (errTooSlow), where the context says only
+// "canceled".
+func (w *watchStream) ended() error {
+	if w.ctx == nil || w.ctx.Err() == nil {
+		return nil
+	}
+	if cause := context.Cause(w.ctx); !errors.Is(cause, context.Canceled) {
+		return cause
+	}
+	return nil
+}
+
 // Watch streams changes after from_revision; see the service comment in
 // proto/edge/v1/control.proto.
 func (s *WatchServer) Watch(ctx context.Context, req *connect.Request[edgev1.WatchRequest], stream *connect.ServerStream[edgev1.WatchResponse]) error {
@@ -176,9 +207,18 @@ func (s *WatchServer) Watch(ctx context.Context, req *connect.Request[edgev1.Wat
 		return invalidArg(fmt.Errorf("history is %d bytes, at most %d", n, fsm.MaxHistoryLen))
 	}
 	rc, _ := ctx.Value(responseControllerKey{}).(*http.ResponseController)
-	ws := &watchStream{send: stream.Send, timeout: s.cfg.SendTimeout, rc: rc, stopped: s.stopped}
+	ws := &watchStream{send: stream.Send, timeout: s.cfg.SendTimeout, rc: rc, stopped: s.stopped, ctx: ctx}
 	s.streams.Inc()
 	defer s.streams.Dec()
+	// A revoked watcher's stream ends at its next message, which one that
+	// holds the message under way unread puts off by up to SendTimeout:
+	// say when the revocation reached it.
+	defer context.AfterFunc(ctx, func() {
+		if cause := context.Cause(ctx); errors.Is(cause, errAccountGone) || errors.Is(cause, errSessionGone) {
+			claims, _ := auth.ClaimsFrom(ctx)
+			s.cfg.Logger.Info("watch stream ends at its next message: its credentials were revoked", "account", claims.Subject, "cause", cause)
+		}
+	})()
 	err := s.watch(ctx, req.Msg.GetFromRevision(), req.Msg.GetHistory(), ws)
 	if errors.Is(err, errTooSlow) {
 		s.cutoffs.Inc()
@@ -249,6 +289,11 @@ func (s *WatchServer) watch(ctx context.Context, from uint64, history string, ws
 	// inside a revision, and the rest of that revision must follow.
 	pos := fsm.ChangePos{Revision: last + 1}
 	for {
+		// A run of pages without a change for watchers sends nothing, so
+		// watchStream.Send would not see the stream end.
+		if err := ws.ended(); err != nil {
+			return err
+		}
 		changed := f.Changed()
 		changes, err := f.ChangesFrom(pos, s.cfg.BatchLimit)
 		if errors.Is(err, fsm.ErrCompacted) {
@@ -436,7 +481,8 @@ func (s *WatchServer) beyondLog(ctx context.Context, rev uint64, deadline time.T
 // entries to fetch. A session that already queued up to seq does nothing;
 // one whose newest entries were acked meanwhile makes one fetch that
 // finds nothing new. The copy grows by at most one message per device it
-// already lists.
+// already lists. Every record is a message, so the copy ends at the next
+// one once the watcher's credentials lapse (watchStream.Send).
 func (s *WatchServer) resync(ws *watchStream, f *fsm.FSM) (uint64, error) {
 	v, err := f.View()
 	if err != nil {

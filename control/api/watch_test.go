@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"slices"
 	"strings"
@@ -942,6 +943,101 @@ func TestWatchEndsWithItsCredentials(t *testing.T) {
 			t.Fatalf("a revoked account's stream ended as if its token expired: %v", ce.Meta())
 		}
 	})
+}
+
+// A full copy ends at the next message once the watcher's credentials
+// are revoked, however fast the watcher reads: it does not go on to the
+// session keys (secrets) after the users, devices and edges.
+func TestAFullCopyEndsWithItsCredentials(t *testing.T) {
+	rec := clustertest.NewLogRecorder()
+	c := clustertest.Start(t, 1, clustertest.Options{Logger: slog.New(rec), Auth: api.AuthConfig{StreamRecheckEvery: 50 * time.Millisecond}})
+	node := c.Nodes[0].Server.Node()
+	// 160 edge registrations of 2 KB each (1 KB once compressed: random
+	// hex): the copy lists them before the session keys, and they are far
+	// more than the watcher's window of 8 KiB, so the server is still
+	// sending them when the revocation comes.
+	const edges = 160
+	addrs := make([]string, fsm.MaxEdgeAddrs)
+	for i := range addrs {
+		b := make([]byte, 120)
+		_, _ = rand.Read(b)
+		addrs[i] = hex.EncodeToString(b)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range edges / 8 {
+				if _, err := node.Apply(ctx, &statev1.Command{Op: &statev1.Command_RegisterEdge{RegisterEdge: &statev1.RegisterEdge{Edge: &statev1.Edge{
+					Id: fmt.Sprintf("e%d-%d", g, i), Addrs: addrs, LeaseExpiresAtMs: time.Now().Add(time.Hour).UnixMilli(),
+				}}}}); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+
+	tok := c.TokenFor("edge-revoked", controlv1.Role_ROLE_EDGE)
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{Protocols: &p, HTTP2: &http.HTTP2Config{MaxReceiveBufferPerStream: 8 << 10}}
+	t.Cleanup(tr.CloseIdleConnections)
+	w := startWatchWith(t, &http.Client{Transport: tr}, c.Nodes[0], tok, 0, false)
+	go func() {
+		// Bound the reads so that a stream that never ends fails the
+		// test instead of hanging it.
+		select {
+		case <-w.done:
+		case <-time.After(30 * time.Second):
+			w.cancel()
+		}
+	}()
+	defer close(w.done)
+	if !w.stream.Receive() || w.stream.Msg().GetResync() == nil {
+		t.Fatalf("first message %v (%v), want the full copy's start", w.stream.Msg(), w.stream.Err())
+	}
+
+	users := controlv1connect.NewUserServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(tok)))
+	me, err := users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := controlv1connect.NewUserServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(c.AdminToken())))
+	disabled := controlv1.UserStatus_USER_STATUS_DISABLED
+	if _, err := admin.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: me.Msg.GetUser().GetId(), Status: &disabled})); err != nil {
+		t.Fatal(err)
+	}
+	// The stream's next look at its account (every 50 ms) finds it
+	// disabled; only then does the watcher read on, as fast as it can.
+	clustertest.Eventually(t, 10*time.Second, func() error {
+		if len(rec.Find("watch stream ends at its next message: its credentials were revoked", nil)) == 0 {
+			return errors.New("the revocation has not reached the stream yet")
+		}
+		return nil
+	})
+	events := 0
+	for w.stream.Receive() {
+		m := w.stream.Msg()
+		if m.GetEvent().GetSessionKeys() != nil || m.GetSnapshotDone() != nil {
+			t.Fatalf("after %d more events, the revoked watcher got %v", events, describe(m))
+		}
+		events++
+	}
+	if connect.CodeOf(w.stream.Err()) != connect.CodeUnauthenticated {
+		t.Fatalf("the copy ended with %v after %d more events, want unauthenticated", w.stream.Err(), events)
+	}
+	// What the watcher's window held when the revocation came (about ten
+	// edges), and the message under way: not the copy's rest.
+	if events > 16 {
+		t.Fatalf("the revoked watcher got %d more events of a copy of %d edges", events, edges)
+	}
+	t.Logf("%d events after the revocation", events)
 }
 
 // A node cut off from the cluster's majority stops vouching for its copy:
