@@ -98,6 +98,19 @@ type snapshot struct {
 	// it announced (one per mailbox with entries): they are passed to
 	// OnMailbox once the copy is in place. Always empty in d.cur.
 	mail []mailboxNote
+	// ring holds, while this is a full copy being staged, the session
+	// keys it carried: set in the Ring once the copy is in place, with the
+	// rest. Set at once, a copy cut off after its keys (and the feed
+	// resumed, from the revision before it, on a node behind the one that
+	// sent it) would have the keys go back to an older ring, one whose
+	// retired keys open tickets again. Always nil in d.cur.
+	ring *stagedRing
+}
+
+// stagedRing is a session-key ring a full copy carried.
+type stagedRing struct {
+	current string
+	keys    []session.SessionKey
 }
 
 // Edge is a member of the mesh.
@@ -404,6 +417,10 @@ func (d *Directory) Apply(m *edgev1.WatchResponse) {
 				}
 			}
 			notes, d.staging.mail = d.staging.mail, nil
+			if r := d.staging.ring; r != nil {
+				d.cfg.Ring.Set(r.current, r.keys)
+				d.staging.ring = nil
+			}
 			if !k.SnapshotDone.GetMailboxesAnnounced() {
 				d.blind.Add(1)
 			}
@@ -545,7 +562,11 @@ func (d *Directory) applyEvent(s *snapshot, ev *edgev1.WatchEvent, live bool) []
 			}
 			keys = append(keys, key)
 		}
-		d.cfg.Ring.Set(k.SessionKeys.GetCurrentId(), keys)
+		if live {
+			d.cfg.Ring.Set(k.SessionKeys.GetCurrentId(), keys)
+		} else {
+			s.ring = &stagedRing{current: k.SessionKeys.GetCurrentId(), keys: keys}
+		}
 	case *edgev1.WatchEvent_EdgePut:
 		e := k.EdgePut
 		var key ed25519.PublicKey

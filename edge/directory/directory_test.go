@@ -381,3 +381,49 @@ func TestTheDebugLogHoldsNoSessionKeySecret(t *testing.T) {
 		t.Fatalf("the ring did not get the key: %v", err)
 	}
 }
+
+// The session keys a full copy carries take effect with the copy, not
+// before: a copy cut off after its keys (the feed then resumed from the
+// revision before it, perhaps on a node behind the one that sent it)
+// leaves the ring as it was, rather than holding keys of a state the
+// directory never reached, or going back to an older ring afterwards.
+func TestAFullCopysSessionKeysTakeEffectWithTheCopy(t *testing.T) {
+	ring := session.NewRing()
+	dir := directory.New(directory.Config{Ring: ring})
+	keys := func(rev uint64, ids ...string) *edgev1.WatchResponse {
+		var ks []*edgev1.SessionKey
+		for _, id := range ids {
+			ks = append(ks, &edgev1.SessionKey{Id: id, Secret: bytes.Repeat([]byte(id[:1]), 32)})
+		}
+		return &edgev1.WatchResponse{Revision: rev, Kind: &edgev1.WatchResponse_Event{Event: &edgev1.WatchEvent{Kind: &edgev1.WatchEvent_SessionKeys{
+			SessionKeys: &edgev1.SessionKeyRing{CurrentId: ids[len(ids)-1], Keys: ks}}}}}
+	}
+	resync := &edgev1.WatchResponse{Revision: 10, Kind: &edgev1.WatchResponse_Resync{Resync: &edgev1.Resync{}}}
+	dir.Apply(keys(5, "a1"))
+	ticket, err := ring.Seal(session.Ticket{UserID: "u", DeviceID: "d", AuthAt: time.Now(), ExpiresAt: time.Now().Add(time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	opens := func() bool {
+		_, err := ring.Open(ticket, time.Now())
+		return err == nil
+	}
+	// A copy whose ring retired a1, cut off before its end.
+	dir.Apply(resync)
+	dir.Apply(keys(10, "b2"))
+	if !opens() {
+		t.Fatal("a staged copy's keys took effect before the copy was in place")
+	}
+	dir.Apply(resync) // the next copy: the first was cut off
+	if !opens() {
+		t.Fatal("a cut-off copy's keys took effect")
+	}
+	dir.Apply(keys(10, "b2"))
+	dir.Apply(&edgev1.WatchResponse{Revision: 10, Kind: &edgev1.WatchResponse_SnapshotDone{SnapshotDone: &edgev1.SnapshotDone{}}})
+	if opens() {
+		t.Fatal("the copy is in place and the key it retired still opens tickets")
+	}
+	if _, err := ring.Seal(session.Ticket{UserID: "u", DeviceID: "d", AuthAt: time.Now()}); err != nil {
+		t.Fatalf("the copy's ring seals nothing: %v", err)
+	}
+}
