@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/edge-relay/relay/control/auth"
@@ -76,6 +77,23 @@ func TestFirstAdminPasswordFollowsThePolicy(t *testing.T) {
 		t.Errorf("relayd control --bootstrap with RELAY_ADMIN_PASSWORD=short: %v; want the password policy's error", err)
 	}
 	if _, err := os.Stat(filepath.Join(empty, "cmd")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the refused start left its data dir behind: %v", err)
+	}
+}
+
+// An access-token lifetime a client would take for expired on arrival (a
+// minute or less left counts as expired) is refused at start: every call
+// would log in or refresh, a Raft write each.
+func TestAShortAccessTokenLifetimeIsRefused(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	dir := filepath.Join(t.TempDir(), "data")
+	err := run(ctx, []string{"control", "--bootstrap", "--data-dir", dir, "--access-token-ttl", "90s"}, io.Discard, io.Discard,
+		func(string) string { return "" })
+	if err == nil || !strings.Contains(err.Error(), "--access-token-ttl") {
+		t.Fatalf("relayd control --access-token-ttl 90s: %v; want it refused", err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the refused start left its data dir behind: %v", err)
 	}
 }

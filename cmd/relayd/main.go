@@ -283,6 +283,12 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg.Join = join
+	if cfg.Auth.AccessTTL <= minAccessTTL {
+		// Clients take a token with a minute or less left for expired
+		// (edges, relayctl): one shorter than this would have every call
+		// log in or refresh, a Raft write each.
+		return fmt.Errorf("--access-token-ttl %s: must be longer than %s", cfg.Auth.AccessTTL, minAccessTTL)
+	}
 	// Secrets come from the environment only, never from flags (which
 	// other users of the machine can read in the process list).
 	cfg.AdminPassword = getenv("RELAY_ADMIN_PASSWORD")
@@ -332,6 +338,9 @@ func applyMemoryLimit(log *slog.Logger, getenv func(string) string) {
 		log.Info("soft memory limit set below the cgroup's", "limit_bytes", set, "cgroup_limit_bytes", cgroup)
 	}
 }
+
+// minAccessTTL is the shortest access-token lifetime a node takes.
+const minAccessTTL = 2 * time.Minute
 
 // checkFirstAdminPassword refuses a first admin's password that every
 // later password change would refuse (auth.ValidatePassword), when it

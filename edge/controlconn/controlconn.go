@@ -8,6 +8,7 @@ package controlconn
 import (
 	"context"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -63,6 +64,9 @@ type Config struct {
 	// number): edges that list the same control nodes start at different
 	// ones instead of all at the first.
 	Start int
+	// Now is the edge's clock [time.Now]; tests set one that is off the
+	// control plane's.
+	Now func() time.Time
 }
 
 // MaxResponseBytes bounds one message a control node sends the edge, as
@@ -133,6 +137,9 @@ func New(cfg Config) (*Conn, error) {
 	}
 	if cfg.PingTimeout <= 0 {
 		cfg.PingTimeout = time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -227,7 +234,7 @@ func (c *Conn) Logout(ctx context.Context) error {
 	if refresh == "" && abandoned == "" {
 		return nil
 	}
-	if access == "" || !time.Now().Before(expires) {
+	if access == "" || !c.cfg.Now().Before(expires) {
 		c.cfg.Logger.Info("no access token left to log out with; the edge's session ends when its refresh token expires")
 		return nil
 	}
@@ -334,7 +341,34 @@ func (c *Conn) validToken() (string, bool) {
 
 // validLocked is validToken's test; c.mu is held.
 func (c *Conn) validLocked() bool {
-	return c.access != "" && time.Until(c.expires) > time.Minute
+	return c.access != "" && c.expires.Sub(c.cfg.Now()) > time.Minute
+}
+
+// localExpiry is when an access token received at received expires by
+// the edge's clock: received plus its lifetime (its exp less its iat,
+// both the control node's clock), so that an edge whose clock is off the
+// control plane's still uses a token for its lifetime. (Against the
+// control node's absolute expiry, an edge a quarter of an hour ahead
+// took every token for expired on arrival and asked for a new one, a
+// Raft write, at every call.) A token whose claims cannot be read (it
+// is opaque to the edge) keeps the control node's expiry.
+func localExpiry(access string, serverExpiry, received time.Time) time.Time {
+	parts := strings.Split(access, ".")
+	if len(parts) != 3 {
+		return serverExpiry
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return serverExpiry
+	}
+	var claims struct {
+		IssuedAt  int64 `json:"iat"`
+		ExpiresAt int64 `json:"exp"`
+	}
+	if json.Unmarshal(payload, &claims) != nil || claims.ExpiresAt <= claims.IssuedAt || claims.IssuedAt <= 0 {
+		return serverExpiry
+	}
+	return received.Add(time.Duration(claims.ExpiresAt-claims.IssuedAt) * time.Second)
 }
 
 // Token returns a valid access token of the edge's account, logging in
@@ -457,7 +491,8 @@ func (c *Conn) newToken(ctx context.Context) (string, error) {
 		switch {
 		case err == nil:
 			c.mu.Lock()
-			c.access, c.expires, c.refresh = tokens.GetAccessToken(), tokens.GetAccessTokenExpiresAt().AsTime(), tokens.GetRefreshToken()
+			c.access, c.refresh = tokens.GetAccessToken(), tokens.GetRefreshToken()
+			c.expires = localExpiry(c.access, tokens.GetAccessTokenExpiresAt().AsTime(), c.cfg.Now())
 			c.mu.Unlock()
 			return tokens.GetAccessToken(), nil
 		case !elsewhere:

@@ -836,3 +836,36 @@ func TestStartPicksTheFirstNode(t *testing.T) {
 		}
 	}
 }
+
+// An edge whose clock is off the control plane's keeps a token for its
+// lifetime, counted from when it came: ahead by more than the lifetime
+// less a minute, it took every token for expired on arrival (the control
+// node's absolute expiry by the edge's clock) and asked for a new one, a
+// Raft write, at every call. Behind, it kept using a token the control
+// plane had already let expire.
+func TestATokenLastsItsLifetimeWhateverTheEdgesClock(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	createAccount(t, c, "edges", "edge-password-1", controlv1.Role_ROLE_EDGE)
+	d := api.NewDialer(nil)
+	t.Cleanup(d.Close)
+	url := d.URL(c.Nodes[0].Server.APIAddr())
+	for _, skew := range []time.Duration{14*time.Minute + 30*time.Second, -time.Hour} {
+		cc, err := controlconn.New(controlconn.Config{URLs: []string{url}, Login: "edges", Password: "edge-password-1",
+			Now: func() time.Time { return time.Now().Add(skew) }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		first, err := cc.Token(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			if tok, err := cc.Token(ctx); err != nil || tok != first {
+				t.Fatalf("edge clock %v off: the next call got another token (%v): a log-in or refresh per call", skew, err)
+			}
+		}
+		cc.Close()
+	}
+}
