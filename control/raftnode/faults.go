@@ -16,8 +16,9 @@ var errIsolated = errors.New("raft traffic cut by a fault test")
 
 // Faults lets a test cut one node's Raft traffic, as a network partition
 // would, while its API stays reachable: the node neither sends nor
-// receives AppendEntries, votes or snapshots until Heal; or fail some of
-// the writes it proposes (FailWrites). Production code leaves
+// receives AppendEntries, votes or snapshots until Heal; fail some of
+// the writes it proposes (FailWrites); or fail a restore part way
+// (FailRestoreTerm). Production code leaves
 // Config.Faults nil.
 type Faults struct {
 	mu     sync.Mutex // guards the fields below
@@ -29,6 +30,36 @@ type Faults struct {
 	failOp   string
 	failLeft int
 	failed   int
+	// failRestore: the next restore fails once its snapshot is written.
+	failRestore bool
+}
+
+// FailRestoreTerm makes the next restore (Config.RestoreFrom) of a node
+// given these faults fail right after its Raft snapshot is written, where
+// it records its term, as a failing disk would there: the one step of a
+// restore after which the data dir holds Raft state, so the one whose
+// failure must undo more than the import.
+func (f *Faults) FailRestoreTerm() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.failRestore = true
+}
+
+var errRestoreFault = errors.New("restore failed by a fault test")
+
+// failRestoreTerm returns errRestoreFault once after FailRestoreTerm;
+// else nil.
+func (f *Faults) failRestoreTerm() error {
+	if f == nil {
+		return nil
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.failRestore {
+		return nil
+	}
+	f.failRestore = false
+	return errRestoreFault
 }
 
 // FailWrites makes the next n writes of the command op (its field name

@@ -334,6 +334,43 @@ func TestAFailedRestoreLeavesNoState(t *testing.T) {
 	}
 }
 
+// A restore that fails after its Raft snapshot was written (the term
+// could not be recorded) takes the snapshot away with the imported state:
+// the data dir is empty again, and the same --restore then succeeds,
+// without anyone emptying the directory by hand.
+func TestARestoreFailingAfterItsSnapshotCanBeRunAgain(t *testing.T) {
+	c, ctx := oneNodeWithUser(t, "from-backup")
+	file := filepath.Join(t.TempDir(), "backup.bin")
+	f, err := os.Create(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Nodes[0].Server.Node().FSM().WriteBackup(f); err != nil || f.Close() != nil {
+		t.Fatalf("write backup: %v", err)
+	}
+
+	dir := t.TempDir()
+	faults := &raftnode.Faults{}
+	faults.FailRestoreTerm()
+	cfg := server.Config{NodeID: "r1", DataDir: dir, RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0",
+		RestoreFrom: file, RaftFaults: faults}
+	if _, err := server.Start(ctx, cfg); err == nil || !strings.Contains(err.Error(), "set term") {
+		t.Fatalf("restore failing at its term: %v", err)
+	}
+	if has, err := raftnode.HasRaftState(dir); err != nil || has {
+		t.Fatalf("after the failed restore the data dir holds raft state: %v, %v", has, err)
+	}
+	cfg.RaftFaults = nil
+	srv, err := server.Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("restore again after the failed one: %v", err)
+	}
+	defer func() { _ = srv.Shutdown(ctx) }()
+	if _, err := srv.Node().FSM().GetUser("from-backup"); err != nil {
+		t.Fatalf("the restored node lacks the backup's user: %v", err)
+	}
+}
+
 // A node whose state store was lost while its Raft log had been compacted
 // rebuilds the state from its newest snapshot at start and converges.
 func TestLostStateDirRecoversFromSnapshot(t *testing.T) {

@@ -228,8 +228,8 @@ type Config struct {
 	OnLeader func(ctx context.Context)
 	// Tracer traces writes and read barriers; default: no tracing.
 	Tracer trace.Tracer
-	// Faults, if set, lets a test cut this node's Raft traffic or fail its writes (see
-	// Faults). Nil in production.
+	// Faults, if set, lets a test cut this node's Raft traffic, fail its
+	// writes or fail its restore (see Faults). Nil in production.
 	Faults *Faults
 }
 
@@ -857,13 +857,57 @@ func (n *Node) snapshotBackup(path string, index uint64, local raft.ServerAddres
 		_ = sink.Cancel()
 		return fmt.Errorf("write restore snapshot: %w", err)
 	}
+	// From here on the snapshot may be in place (Close can fail after it
+	// renamed it there), and a snapshot alone makes the data dir one that
+	// holds Raft state: a later --restore would be refused, and a start
+	// without it too (a snapshot without a term). So a failure takes it
+	// away again, and the data dir is as empty as before the restore.
 	if err := sink.Close(); err != nil {
-		return fmt.Errorf("write restore snapshot: %w", err)
+		return n.dropRestoreSnapshot(sink.ID(), fmt.Errorf("write restore snapshot: %w", err))
+	}
+	if err := n.cfg.Faults.failRestoreTerm(); err != nil {
+		return n.dropRestoreSnapshot(sink.ID(), fmt.Errorf("restore: set term: %w", err))
 	}
 	if err := n.logs.SetUint64([]byte(keyCurrentTerm), term); err != nil {
-		return fmt.Errorf("restore: set term: %w", err)
+		return n.dropRestoreSnapshot(sink.ID(), fmt.Errorf("restore: set term: %w", err))
 	}
 	n.log.Info("restored state from backup", "file", path, "index", index)
+	return nil
+}
+
+// snapshotsDir is where hashicorp/raft's FileSnapshotStore keeps its
+// snapshots under the directory it is given (the data dir), one directory
+// per snapshot named by its ID; it has no call that deletes one.
+const snapshotsDir = "snapshots"
+
+// dropRestoreSnapshot removes the restore's snapshot id after the restore
+// failed past writing it, and returns err, with what went wrong if it
+// could not. The snapshot store lists only finished snapshots, so the
+// temporary directory of one whose Close failed before its rename counts
+// for nothing, and goes too.
+func (n *Node) dropRestoreSnapshot(id string, err error) error {
+	dir := filepath.Join(n.cfg.DataDir, snapshotsDir)
+	final := filepath.Join(dir, id)
+	rerr := errors.Join(os.RemoveAll(final), os.RemoveAll(final+".tmp"))
+	if rerr == nil {
+		rerr = syncDir(dir)
+	}
+	if rerr != nil {
+		return fmt.Errorf("%w (and the restore's snapshot stays in %s: remove it, or empty the data dir, before restoring again: %w)", err, final, rerr)
+	}
+	return err
+}
+
+// syncDir makes the entries removed from dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
 	return nil
 }
 

@@ -166,8 +166,8 @@ type Config struct {
 	// TracerProvider traces API calls and Raft applies; nil traces
 	// nothing (trace context from callers is still passed on).
 	TracerProvider trace.TracerProvider
-	// RaftFaults lets fault tests cut this node's Raft traffic or fail its writes; nil in
-	// production.
+	// RaftFaults lets fault tests cut this node's Raft traffic, fail its
+	// writes or fail its restore; nil in production.
 	RaftFaults *raftnode.Faults
 }
 
