@@ -13,7 +13,9 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/edge-relay/relay/control/backup"
+	"github.com/edge-relay/relay/internal/gzipbound"
 	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
 func (a *app) backupCommand() *cobra.Command {
@@ -210,7 +212,7 @@ func (a *app) backup(ctx context.Context, dst string, key *backup.Key, stale boo
 		defer cancel()
 		var err error
 		info, err = backup.WriteFile(sctx, dst, key, func(w io.Writer) error {
-			stream, err := a.clusterClient(base).Backup(sctx, connect.NewRequest(&controlv1.BackupRequest{Stale: stale}))
+			stream, err := a.backupClient(base).Backup(sctx, connect.NewRequest(&controlv1.BackupRequest{Stale: stale}))
 			if err != nil {
 				return err
 			}
@@ -220,7 +222,7 @@ func (a *app) backup(ctx context.Context, dst string, key *backup.Key, stale boo
 					return fmt.Errorf("write: %w", err)
 				}
 			}
-			return stream.Err()
+			return oversizedBackupMessage(stream.Err())
 		})
 		return err
 	})
@@ -240,4 +242,34 @@ func (a *app) backup(ctx context.Context, dst string, key *backup.Key, stale boo
 	}
 	fmt.Fprintf(a.stdout, "wrote %s: %d bytes, %d records%s, verified\n", dst, info.Size, info.Records, enc)
 	return nil
+}
+
+// maxBackupMessageBytes bounds one message of the Backup stream, as sent
+// and once decompressed. The control plane sends messages of
+// backup.StreamChunkBytes (256 KiB) of data; four times that leaves room
+// for a release that sends larger ones, and keeps what a compromised
+// node, or anyone in the middle of a plain http:// connection, can make
+// relayctl allocate per message at 1 MiB instead of Connect's 4 GiB.
+const maxBackupMessageBytes = 4 * backup.StreamChunkBytes
+
+// backupClient is the ClusterService client of the Backup stream, whose
+// messages it bounds by maxBackupMessageBytes; gzipbound stops inflating
+// a compressed one at that size (Connect's own decompressor inflates all
+// of it to tell its size).
+func (a *app) backupClient(base string) controlv1connect.ClusterServiceClient {
+	return controlv1connect.NewClusterServiceClient(a.http, base, a.opts(base),
+		connect.WithReadMaxBytes(maxBackupMessageBytes),
+		connect.WithAcceptCompression("gzip", gzipbound.Decompressor(maxBackupMessageBytes), gzipbound.Compressor))
+}
+
+// oversizedBackupMessage says what a Backup stream refused by its read
+// limit means: Connect reports it as resource_exhausted made here (not
+// sent by the server, which uses that code when the client stopped
+// reading), with the sizes only.
+func oversizedBackupMessage(err error) error {
+	if err == nil || connect.CodeOf(err) != connect.CodeResourceExhausted || connect.IsWireError(err) {
+		return err
+	}
+	return fmt.Errorf("the server sent a backup message larger than relayctl accepts (at most %d bytes; the control plane sends messages of %d): refused, nothing written: %w",
+		maxBackupMessageBytes, backup.StreamChunkBytes, err)
 }

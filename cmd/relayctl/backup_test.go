@@ -1,13 +1,20 @@
 package main
 
 import (
+	"context"
 	"errors"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"connectrpc.com/connect"
+
 	"github.com/edge-relay/relay/control/backup"
+	"github.com/edge-relay/relay/internal/gzipbound"
+	controlv1 "github.com/edge-relay/relay/proto/control/v1"
+	"github.com/edge-relay/relay/proto/control/v1/controlv1connect"
 )
 
 // backup verify of an encrypted backup without a key says how relayctl
@@ -35,5 +42,65 @@ func TestBackupVerifyNamesItsKeyFlag(t *testing.T) {
 	}
 	if strings.Contains(msg, "--backup-key-file") {
 		t.Errorf("%q names relayd's flag", msg)
+	}
+}
+
+// chunkedBackupServer serves ClusterService.Backup with the messages it
+// is given, as a compromised control node could.
+type chunkedBackupServer struct {
+	controlv1connect.UnimplementedClusterServiceHandler
+	messages [][]byte
+}
+
+func (f *chunkedBackupServer) Backup(_ context.Context, _ *connect.Request[controlv1.BackupRequest], stream *connect.ServerStream[controlv1.BackupResponse]) error {
+	for _, m := range f.messages {
+		if err := stream.Send(&controlv1.BackupResponse{Data: m}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// relayctl backup takes a Backup stream's messages up to
+// maxBackupMessageBytes, and refuses a larger one (as sent, or once
+// inflated) with an error saying so, instead of allocating whatever size
+// the server names; nothing is written then.
+func TestBackupRefusesAnOversizedMessage(t *testing.T) {
+	sample, err := os.ReadFile(filepath.Join("..", "..", "control", "backup", "testdata", "sample-v1.bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, gzipped := range []bool{false, true} {
+		f := &chunkedBackupServer{}
+		opts := []connect.HandlerOption{connect.WithCompressMinBytes(1)}
+		if !gzipped {
+			opts = append(opts, connect.WithCompression("gzip", nil, nil))
+		}
+		mux := http.NewServeMux()
+		mux.Handle(controlv1connect.NewClusterServiceHandler(f, opts...))
+		srv := h2cServer(t, mux)
+		addr := strings.TrimPrefix(srv.URL, "http://")
+		dir := t.TempDir()
+		r := newCLI(t)
+
+		// A whole backup in one message: written and verified.
+		f.messages = [][]byte{sample}
+		if out, err := r.run(addr, "", "backup", filepath.Join(dir, "ok.bin")); err != nil || !strings.Contains(out, "verified") {
+			t.Fatalf("gzip %v: a backup in one message: %q, %v", gzipped, out, err)
+		}
+
+		// A message of 2 MiB: refused.
+		f.messages = [][]byte{sample[:8], make([]byte, 2<<20)}
+		file := filepath.Join(dir, "big.bin")
+		_, err = r.run(addr, "", "backup", file)
+		if connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "larger than relayctl accepts") {
+			t.Fatalf("gzip %v: a message of 2 MiB: %v, want resource_exhausted saying the message was too large", gzipped, err)
+		}
+		if gzipped && !errors.Is(err, gzipbound.ErrTooLarge) {
+			t.Fatalf("a gzipped message of 2 MiB was inflated whole to be refused: %v", err)
+		}
+		if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+			t.Fatalf("gzip %v: the refused backup left files: %v", gzipped, ents)
+		}
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/edge-relay/relay/control/auth"
+	"github.com/edge-relay/relay/control/backup"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/raftnode"
 	"github.com/edge-relay/relay/internal/buildinfo"
@@ -246,8 +247,9 @@ func (s *ClusterServer) TransferLeadership(ctx context.Context, req *connect.Req
 	return connect.NewResponse(out), nil
 }
 
-// backupChunk is the size of one BackupResponse message.
-const backupChunk = 256 << 10
+// backupChunk is the size of one BackupResponse message; clients size
+// their read limit by the same constant.
+const backupChunk = backup.StreamChunkBytes
 
 // Backup streams a consistent copy of the state. It first waits for a
 // linearizable read barrier, so the copy holds every write acknowledged

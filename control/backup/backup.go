@@ -103,6 +103,14 @@ const (
 	tmpPattern = ".relay-backup-*.tmp"
 )
 
+// StreamChunkBytes is the size of one message of the control API's
+// Backup stream (ClusterService.Backup), which carries a backup's
+// plaintext export: the server (control/api) cuts the export into
+// messages of this size, and a client bounds the messages it accepts by
+// it (relayctl takes a few times as much, and refuses more), so the two
+// sides are sized in one place.
+const StreamChunkBytes = 256 << 10
+
 // FileName is the name of a backup started at t.
 func FileName(t time.Time, encrypted bool) string {
 	ext := plainExt
