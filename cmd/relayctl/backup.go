@@ -68,17 +68,22 @@ func (a *app) backupKey(file string) (*backup.Key, error) {
 	return nil, nil
 }
 
-// withKeyHint adds to a missing key's error how relayctl takes one (the
-// backup package names no binary's flags: relayd's differ).
+// withKeyHint adds to a missing key's error how relayctl takes one, and
+// to a refused plaintext backup's how relayctl accepts it (the backup
+// package names no binary's flags: relayd's differ).
 func withKeyHint(err error) error {
-	if errors.Is(err, backup.ErrKeyRequired) {
+	switch {
+	case errors.Is(err, backup.ErrKeyRequired):
 		return fmt.Errorf("%w: give it with --key-file (or RELAYCTL_BACKUP_KEY_FILE, or the key itself in RELAY_BACKUP_KEY)", err)
+	case errors.Is(err, backup.ErrPlaintext):
+		return fmt.Errorf("%w; to check a plaintext backup you wrote yourself without a key, add --allow-plaintext", err)
 	}
 	return err
 }
 
 func (a *app) backupVerifyCommand() *cobra.Command {
 	var keyFile string
+	var allowPlaintext bool
 	cmd := &cobra.Command{
 		Use:   "verify FILE|DIR",
 		Short: "Check a backup file (or every backup in a directory) offline: decrypt, decode every record, check the checksums",
@@ -87,6 +92,12 @@ decrypted with --key-file (every chunk authenticated), every record is decoded
 and the export's order, record count and CRC-32C are checked. It exits non-zero
 with the reason when the file is truncated, modified, encrypted to another key,
 or not a backup; a backup that verifies restores with "relayd control --restore".
+
+With a key, a plaintext (unencrypted) backup fails unless --allow-plaintext is
+given: nothing authenticates one, so where backups are encrypted, one that is
+not may have been put in place of one (relayd control refuses to restore it
+too, without --restore-allow-plaintext). A backup named .age that is not
+encrypted is reported as such.
 
 Given a directory (a control node's --backup-dir), it checks every scheduled
 backup in it, oldest first, and fails if any does not verify.`,
@@ -113,7 +124,7 @@ backup in it, oldest first, and fails if any does not verify.`,
 			var results []map[string]any
 			var failed error
 			for _, f := range files {
-				info, err := backup.VerifyFile(f, key)
+				info, err := backup.VerifyFile(f, key, backup.AllowPlaintext(allowPlaintext))
 				if err != nil {
 					err = withKeyHint(err)
 					if len(files) == 1 {
@@ -123,14 +134,28 @@ backup in it, oldest first, and fails if any does not verify.`,
 					failed = fmt.Errorf("some backups in %s do not verify", args[0])
 					continue
 				}
+				// A file whose name says it is encrypted and whose content
+				// is not was replaced, or misnamed: said plainly, even
+				// when plaintext is allowed.
+				misnamed := ""
+				if !info.Encrypted && backup.NamedEncrypted(f) {
+					misnamed = backup.MisnamedPlaintext
+				}
 				if a.output == "json" {
-					results = append(results, map[string]any{"file": f, "encrypted": info.Encrypted, "records": info.Records,
-						"applied_index": info.AppliedIndex, "bytes": info.Size, "sha256": hex.EncodeToString(info.PlainSHA256[:])})
+					v := map[string]any{"file": f, "encrypted": info.Encrypted, "records": info.Records,
+						"applied_index": info.AppliedIndex, "bytes": info.Size, "sha256": hex.EncodeToString(info.PlainSHA256[:])}
+					if misnamed != "" {
+						v["warning"] = misnamed
+					}
+					results = append(results, v)
 					continue
 				}
 				enc := "not encrypted"
-				if info.Encrypted {
+				switch {
+				case info.Encrypted:
 					enc = "encrypted to " + key.Recipient()
+				case misnamed != "":
+					enc = misnamed
 				}
 				fmt.Fprintf(a.stdout, "%s verified: %d records, applied index %d, %d bytes, %s\n", f, info.Records, info.AppliedIndex, info.Size, enc)
 			}
@@ -149,6 +174,7 @@ backup in it, oldest first, and fails if any does not verify.`,
 		},
 	}
 	cmd.Flags().StringVar(&keyFile, "key-file", "", "age identity file the backup is encrypted to [RELAYCTL_BACKUP_KEY_FILE]; or the key itself in RELAY_BACKUP_KEY")
+	cmd.Flags().BoolVar(&allowPlaintext, "allow-plaintext", false, "with a key: check a plaintext backup too, instead of failing (nothing authenticates one: only a file you wrote without a key)")
 	return cmd
 }
 

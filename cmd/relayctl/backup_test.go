@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -102,5 +103,53 @@ func TestBackupRefusesAnOversizedMessage(t *testing.T) {
 		if ents, _ := os.ReadDir(dir); len(ents) != 1 {
 			t.Fatalf("gzip %v: the refused backup left files: %v", gzipped, ents)
 		}
+	}
+}
+
+// backup verify with a key fails on a plaintext backup (nothing
+// authenticates one; where backups are encrypted it may have been put in
+// place of one) and names relayctl's way to allow it, which checks it;
+// a plaintext file named .age is reported as not encrypted, plainly,
+// whether it fails or verifies. Offline, no cluster.
+func TestBackupVerifyWithAKeyRefusesPlaintext(t *testing.T) {
+	sample, err := os.ReadFile(filepath.Join("..", "..", "control", "backup", "testdata", "sample-v1.bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	plain, misnamed := filepath.Join(dir, "b.bin"), filepath.Join(dir, "b.bin.age")
+	for _, p := range []string{plain, misnamed} {
+		if err := os.WriteFile(p, sample, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := newCLI(t)
+	keyFile := filepath.Join(dir, "backup.key")
+	r.must("127.0.0.1:1", "", "backup", "keygen", keyFile)
+
+	for _, file := range []string{plain, misnamed} {
+		_, err := r.run("127.0.0.1:1", "", "backup", "verify", "--key-file", keyFile, file)
+		if !errors.Is(err, backup.ErrPlaintext) {
+			t.Fatalf("verify %s with a key: %v, want ErrPlaintext", file, err)
+		}
+		msg := err.Error()
+		if !strings.Contains(msg, "--allow-plaintext") || strings.Contains(msg, "--restore-allow-plaintext") {
+			t.Errorf("%q does not name relayctl's --allow-plaintext (or names relayd's flag)", msg)
+		}
+		if says := strings.Contains(msg, "NOT encrypted"); says != (file == misnamed) {
+			t.Errorf("%q: want it to say NOT encrypted exactly for the file named .age", msg)
+		}
+		out := r.must("127.0.0.1:1", "", "backup", "verify", "--key-file", keyFile, "--allow-plaintext", file)
+		if !strings.Contains(out, "verified") || strings.Contains(out, "NOT encrypted") != (file == misnamed) {
+			t.Errorf("verify --allow-plaintext %s: %q", file, out)
+		}
+	}
+	// Without a key a plaintext backup is what there is to read: it
+	// verifies, and one named .age still says it is not encrypted.
+	if out := r.must("127.0.0.1:1", "", "backup", "verify", misnamed); !strings.Contains(out, "verified") || !strings.Contains(out, "NOT encrypted") {
+		t.Errorf("verify of a plaintext .age file without a key: %q", out)
+	}
+	if v := r.json("127.0.0.1:1", "", "backup", "verify", misnamed); v["encrypted"] != false || !strings.Contains(fmt.Sprint(v["warning"]), "NOT encrypted") {
+		t.Errorf("verify -o json of a plaintext .age file: %v", v)
 	}
 }

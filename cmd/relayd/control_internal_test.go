@@ -1,13 +1,18 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/edge-relay/relay/control/api"
+	"github.com/edge-relay/relay/control/backup"
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/control/server"
 	"github.com/edge-relay/relay/internal/flagenv"
@@ -58,5 +63,44 @@ func TestZeroIsNoLimitFlags(t *testing.T) {
 				t.Errorf("%s %s was taken", c.flag, bad)
 			}
 		}
+	}
+}
+
+// relayd control with a backup key refuses to restore a plaintext backup
+// and says how to allow it, with relayd's own flag and variable; the
+// variable (like the flag) allows it.
+func TestRestoreOfAPlaintextBackupWithAKey(t *testing.T) {
+	_, secret, err := backup.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sample := filepath.Join("..", "..", "control", "backup", "testdata", "sample-v1.bin")
+	env := map[string]string{"RELAY_BACKUP_KEY": secret}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err = run(ctx, []string{"control", "--node-id", "r1", "--data-dir", t.TempDir(), "--raft-addr", "127.0.0.1:0",
+		"--api-addr", "127.0.0.1:0", "--admin-addr", "", "--restore", sample}, io.Discard, io.Discard, func(k string) string { return env[k] })
+	if !errors.Is(err, backup.ErrPlaintext) {
+		t.Fatalf("restore of a plaintext backup with a key: %v, want ErrPlaintext", err)
+	}
+	for _, want := range []string{"--restore-allow-plaintext", "RELAY_RESTORE_ALLOW_PLAINTEXT"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("%q does not name %s", err, want)
+		}
+	}
+
+	var cfg server.Config
+	var join flagenv.List
+	var shutdown time.Duration
+	var keyFile string
+	fs := flag.NewFlagSet("relayd control", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	controlFlags(fs, &cfg, &join, &shutdown, &keyFile)
+	allow := map[string]string{"RELAY_RESTORE_ALLOW_PLAINTEXT": "true"}
+	if err := flagenv.Parse(fs, envPrefix, nil, func(k string) string { return allow[k] }); err != nil || !cfg.RestoreAllowPlaintext {
+		t.Fatalf("RELAY_RESTORE_ALLOW_PLAINTEXT=true: %v, allowed %v", err, cfg.RestoreAllowPlaintext)
+	}
+	if cfg, err := parseControlFlags(); err != nil || cfg.RestoreAllowPlaintext {
+		t.Fatalf("by default plaintext is allowed (%v)", err)
 	}
 }

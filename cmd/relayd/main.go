@@ -191,6 +191,7 @@ func controlFlags(fs *flag.FlagSet, cfg *server.Config, join *flagenv.List, shut
 	fs.Var(join, "join", "API address of an existing member to join through (repeatable, comma-separated; first start only)")
 	fs.DurationVar(&cfg.BootstrapWait, "bootstrap-wait", 30*time.Second, "with --bootstrap and --join: how long to wait for the members listed in --join that do not answer before founding the cluster")
 	fs.StringVar(&cfg.RestoreFrom, "restore", "", "seed a new single-node cluster from this backup file (empty data dir only)")
+	fs.BoolVar(&cfg.RestoreAllowPlaintext, "restore-allow-plaintext", false, "with a backup key: let --restore take a plaintext backup, which nothing authenticates (one you wrote without a key and whose origin you checked)")
 	fs.StringVar(&cfg.CertFile, "tls-cert", "", "PEM certificate for Raft and API TLS")
 	fs.StringVar(&cfg.KeyFile, "tls-key", "", "PEM private key for --tls-cert")
 	fs.StringVar(&cfg.CAFile, "tls-ca", "", "PEM CA bundle that signs every member's certificate")
@@ -313,8 +314,11 @@ func runControl(ctx context.Context, args []string, stderr io.Writer, getenv fun
 	defer stop()
 	cfg.TracerProvider = tel.TracerProvider()
 	err = server.Run(ctx, cfg, shutdown)
-	if errors.Is(err, backup.ErrKeyRequired) {
+	switch {
+	case errors.Is(err, backup.ErrKeyRequired):
 		return fmt.Errorf("%w; give its key with --backup-key-file or RELAY_BACKUP_KEY", err)
+	case errors.Is(err, backup.ErrPlaintext):
+		return fmt.Errorf("%w; if you wrote this file yourself without a key (relayd export-state, relayctl backup) and checked it is that file, restore it with --restore-allow-plaintext (RELAY_RESTORE_ALLOW_PLAINTEXT)", err)
 	}
 	return err
 }

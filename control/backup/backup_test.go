@@ -371,13 +371,65 @@ func TestEncryptedBackups(t *testing.T) {
 	check("header MAC modified", hdr, key, backup.ErrTampered)
 	check("not a backup", []byte("hello world, not a backup at all"), key, backup.ErrNotBackup)
 
-	// A plaintext backup verifies with or without a key, and its own
-	// checksum catches corruption.
+	// A plaintext backup verifies without a key, and its own checksum
+	// catches corruption.
 	plainExport := exportOf(t, st)
-	check("plaintext, key given", plainExport, key, nil)
+	check("plaintext, no key", plainExport, nil, nil)
 	bad := bytes.Clone(plainExport)
 	bad[len(bad)/2] ^= 1
 	check("plaintext corrupted", bad, nil, state.ErrCorrupt)
+}
+
+// Where a key is configured, a plaintext backup is refused: its CRC-32C
+// is no authentication, and anyone who can write where the backups are
+// kept could have made it (with their own admin hash, signing and CA
+// keys). It is read only when the caller allows it (AllowPlaintext: an
+// operator restoring an export they made without a key), and a file
+// named .age that is not encrypted says so.
+func TestAKeyRefusesAPlaintextBackup(t *testing.T) {
+	key := mustKey(t, testKey)
+	plainExport := exportOf(t, newState(99, 20))
+	if _, err := backup.Verify(bytes.NewReader(plainExport), key); !errors.Is(err, backup.ErrPlaintext) {
+		t.Fatalf("plaintext verified with a key: %v, want ErrPlaintext", err)
+	}
+	if _, _, err := backup.Open(bytes.NewReader(plainExport), key); !errors.Is(err, backup.ErrPlaintext) {
+		t.Fatalf("plaintext opened with a key: %v, want ErrPlaintext", err)
+	}
+	if info, err := backup.Verify(bytes.NewReader(plainExport), key, backup.AllowPlaintext(true)); err != nil || info.Encrypted || info.AppliedIndex != 99 {
+		t.Fatalf("plaintext allowed, key given: %+v, %v", info, err)
+	}
+	if _, err := backup.Verify(bytes.NewReader(plainExport), key, backup.AllowPlaintext(false)); !errors.Is(err, backup.ErrPlaintext) {
+		t.Fatalf("AllowPlaintext(false): %v, want ErrPlaintext", err)
+	}
+
+	dir := t.TempDir()
+	for _, name := range []string{"relay-backup.bin", "relay-backup.bin.age"} {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, plainExport, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		for what, open := range map[string]func(...backup.ReadOption) error{
+			"VerifyFile": func(opts ...backup.ReadOption) error { _, err := backup.VerifyFile(path, key, opts...); return err },
+			"OpenFile": func(opts ...backup.ReadOption) error {
+				rc, err := backup.OpenFile(path, key, opts...)
+				if err == nil {
+					rc.Close()
+				}
+				return err
+			},
+		} {
+			err := open()
+			if !errors.Is(err, backup.ErrPlaintext) {
+				t.Fatalf("%s %s with a key: %v, want ErrPlaintext", what, name, err)
+			}
+			if says := strings.Contains(err.Error(), "NOT encrypted"); says != backup.NamedEncrypted(path) {
+				t.Errorf("%s %s: %q; want it to say it is not encrypted exactly when named .age", what, name, err)
+			}
+			if err := open(backup.AllowPlaintext(true)); err != nil {
+				t.Errorf("%s %s allowed: %v", what, name, err)
+			}
+		}
+	}
 }
 
 func TestKeys(t *testing.T) {

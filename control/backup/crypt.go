@@ -27,7 +27,41 @@ var (
 	ErrTampered = errors.New("encrypted backup fails authentication: modified or truncated")
 	// ErrNotBackup: the file is neither a state export nor an age file.
 	ErrNotBackup = errors.New("not a relay backup")
+	// ErrPlaintext: a key was given and the backup is not encrypted. A
+	// plaintext export is protected by nothing but a CRC-32C anyone can
+	// recompute, so whoever can write where the backups are kept could
+	// have made it, with their own admin password hash and signing and CA
+	// keys: where backups are encrypted, one that is not is refused unless
+	// the caller allows it (AllowPlaintext). Like ErrKeyRequired it names
+	// no binary's flag.
+	ErrPlaintext = errors.New("backup is not encrypted, though a key was given: refused, as nothing authenticates a plaintext backup " +
+		"(anyone who can write where backups are kept can make one)")
 )
+
+// ReadOption changes which backups Open, Verify, VerifyFile and OpenFile
+// accept.
+type ReadOption func(*readOptions)
+
+type readOptions struct {
+	allowPlaintext bool
+}
+
+// AllowPlaintext(true) makes a reader given a key accept a plaintext
+// backup too, instead of refusing it with ErrPlaintext: for an operator
+// who wrote that file without a key and knows it is the one (relayd's
+// --restore-allow-plaintext). Without a key a plaintext backup is
+// accepted anyway: it is the only kind that can be read then.
+func AllowPlaintext(allow bool) ReadOption {
+	return func(o *readOptions) { o.allowPlaintext = allow }
+}
+
+func applyReadOptions(opts []ReadOption) readOptions {
+	var o readOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return o
+}
 
 // The two formats a backup file has: a plaintext state export
 // (storage/state, magic "RLYSTAT1"), or that export encrypted with age
@@ -129,11 +163,13 @@ func (nopCloser) Close() error { return nil }
 
 // Open returns a reader of the plaintext state export held in r, which
 // is either a plaintext export or an age-encrypted one; encrypted tells
-// which. A plaintext export is returned as it is (its own checksum is
-// checked by the decoder that reads it), whether or not a key is given.
-// An encrypted one needs k. Read errors of the returned reader caused by
-// the content wrap ErrTampered.
-func Open(r io.Reader, k *Key) (plain io.Reader, encrypted bool, err error) {
+// which. An encrypted one needs k. A plaintext export is returned as it
+// is (its own checksum is checked by the decoder that reads it) when no
+// key is given, or when opts allow it (AllowPlaintext); with a key it is
+// refused with ErrPlaintext otherwise. Read errors of the returned reader
+// caused by the content wrap ErrTampered.
+func Open(r io.Reader, k *Key, opts ...ReadOption) (plain io.Reader, encrypted bool, err error) {
+	o := applyReadOptions(opts)
 	br := bufio.NewReader(r)
 	head, err := br.Peek(len(ageMagic))
 	if err != nil && !errors.Is(err, io.EOF) {
@@ -141,6 +177,9 @@ func Open(r io.Reader, k *Key) (plain io.Reader, encrypted bool, err error) {
 	}
 	switch {
 	case bytes.HasPrefix(head, []byte(plainMagic)):
+		if k != nil && !o.allowPlaintext {
+			return nil, false, ErrPlaintext
+		}
 		return br, false, nil
 	case bytes.Equal(head, []byte(ageMagic)):
 	default:

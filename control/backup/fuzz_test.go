@@ -20,7 +20,7 @@ import (
 func TestReleasedSamples(t *testing.T) {
 	key := mustKey(t, testKey)
 	want := exportOf(t, newState(99, 20))
-	for _, name := range []string{"sample-v1.bin", "sample-v1.bin.age"} {
+	for name, key := range map[string]*backup.Key{"sample-v1.bin": nil, "sample-v1.bin.age": key} {
 		p := filepath.Join("testdata", name)
 		info, err := backup.VerifyFile(p, key)
 		if err != nil {
@@ -49,8 +49,11 @@ func FuzzVerify(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
+	// Plaintext allowed, so that both formats' parsers are fuzzed with
+	// the key given.
+	allow := backup.AllowPlaintext(true)
 	f.Fuzz(func(t *testing.T, data []byte) {
-		info, err := backup.Verify(bytes.NewReader(data), key)
+		info, err := backup.Verify(bytes.NewReader(data), key, allow)
 		if err != nil {
 			if !errors.Is(err, state.ErrCorrupt) && !errors.Is(err, backup.ErrTampered) && !errors.Is(err, backup.ErrWrongKey) &&
 				!errors.Is(err, backup.ErrNotBackup) {
@@ -61,7 +64,7 @@ func FuzzVerify(f *testing.F) {
 		if info.Size != int64(len(data)) {
 			t.Fatalf("accepted %d bytes, read %d", len(data), info.Size)
 		}
-		plain, _, err := backup.Open(bytes.NewReader(data), key)
+		plain, _, err := backup.Open(bytes.NewReader(data), key, allow)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/edge-relay/relay/control/fsm"
 	"github.com/edge-relay/relay/storage/state"
@@ -30,12 +31,14 @@ type Info struct {
 // Verify reads a whole backup from r: it decrypts it when it is
 // encrypted (authenticating every chunk), decodes every record, and
 // checks the export's record order, count and CRC-32C, and each record as
-// a restore does (fsm.CheckRecord). It returns an error wrapping
-// ErrKeyRequired, ErrWrongKey, ErrTampered, ErrNotBackup, state.ErrCorrupt
-// or fsm.ErrNewerFormat when the content is at fault.
-func Verify(r io.Reader, k *Key) (Info, error) {
+// a restore does (fsm.CheckRecord). It accepts what Open accepts (with a
+// key, a plaintext backup only if opts allow it). It returns an error
+// wrapping ErrKeyRequired, ErrWrongKey, ErrTampered, ErrNotBackup,
+// ErrPlaintext, state.ErrCorrupt or fsm.ErrNewerFormat when the content is
+// at fault.
+func Verify(r io.Reader, k *Key, opts ...ReadOption) (Info, error) {
 	cr := &countingReader{r: r}
-	plain, enc, err := Open(cr, k)
+	plain, enc, err := Open(cr, k, opts...)
 	if err != nil {
 		return Info{Encrypted: enc}, err
 	}
@@ -76,22 +79,40 @@ func Verify(r io.Reader, k *Key) (Info, error) {
 }
 
 // VerifyFile verifies the backup file at path (see Verify).
-func VerifyFile(path string, k *Key) (Info, error) {
-	return verifyFile(context.Background(), path, k)
+func VerifyFile(path string, k *Key, opts ...ReadOption) (Info, error) {
+	return verifyFile(context.Background(), path, k, opts...)
 }
 
 // verifyFile is VerifyFile, stopped (with ctx's error) once ctx ends.
-func verifyFile(ctx context.Context, path string, k *Key) (Info, error) {
+func verifyFile(ctx context.Context, path string, k *Key, opts ...ReadOption) (Info, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return Info{}, fmt.Errorf("verify backup: %w", err)
 	}
 	defer f.Close()
-	info, err := Verify(ctxReader{ctx, f}, k)
+	info, err := Verify(ctxReader{ctx, f}, k, opts...)
 	if err != nil {
-		return info, fmt.Errorf("%s: %w", path, err)
+		return info, fileError(path, err)
 	}
 	return info, nil
+}
+
+// NamedEncrypted reports whether a backup file's name says it is
+// encrypted (it ends in .age, as the scheduled backups' and age's own
+// files do), so that one whose content is not can be reported as such.
+func NamedEncrypted(path string) bool { return strings.HasSuffix(path, ".age") }
+
+// MisnamedPlaintext says what a plaintext backup whose name ends in .age
+// is (NamedEncrypted): its name promises encryption its content lacks.
+const MisnamedPlaintext = "NOT encrypted although its name ends in .age: replaced after it was written, or misnamed"
+
+// fileError names path in an error of the backup file's content, and
+// adds MisnamedPlaintext where it applies.
+func fileError(path string, err error) error {
+	if errors.Is(err, ErrPlaintext) && NamedEncrypted(path) {
+		return fmt.Errorf("%s: %w; %s", path, err, MisnamedPlaintext)
+	}
+	return fmt.Errorf("%s: %w", path, err)
 }
 
 // ctxReader fails its reads once ctx ends.
@@ -108,16 +129,18 @@ func (c ctxReader) Read(p []byte) (int, error) {
 }
 
 // OpenFile opens a backup file for restoring: the returned reader yields
-// the plaintext export (decrypted with k when the file is encrypted).
-func OpenFile(path string, k *Key) (io.ReadCloser, error) {
+// the plaintext export (decrypted with k when the file is encrypted). It
+// accepts what Open accepts: with a key, a plaintext file only if opts
+// allow it.
+func OpenFile(path string, k *Key, opts ...ReadOption) (io.ReadCloser, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("open backup: %w", err)
 	}
-	plain, _, err := Open(f, k)
+	plain, _, err := Open(f, k, opts...)
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("open backup %s: %w", path, err)
+		return nil, fmt.Errorf("open backup %w", fileError(path, err))
 	}
 	return struct {
 		io.Reader

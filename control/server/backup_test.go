@@ -9,6 +9,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -126,5 +128,57 @@ func TestABackupInProgressEndsWithItsContext(t *testing.T) {
 				t.Fatalf("the ended backup left %v", ents)
 			}
 		})
+	}
+}
+
+// Where backups are encrypted, a plaintext one put in place of one (here:
+// a whole state export under a scheduled backup's .age name, as whoever
+// can write the backup storage could craft, with their own admin hash and
+// keys) is refused by --restore before anything is imported: its CRC-32C
+// authenticates nothing. The data dir stays empty, and the operator who
+// made such a file on purpose restores it with RestoreAllowPlaintext.
+func TestARestoreWithAKeyRefusesAPlaintextBackup(t *testing.T) {
+	c := clustertest.Start(t, 1, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := c.CreateUser(ctx, 0, "planted"); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(t.TempDir(), backup.FileName(time.Now(), true))
+	f, err := os.Create(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Nodes[0].Server.Node().FSM().WriteBackup(f); err != nil || f.Close() != nil {
+		t.Fatalf("write backup: %v", err)
+	}
+	key, _, err := backup.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	dir := t.TempDir()
+	cfg := server.Config{NodeID: "r1", DataDir: dir, RaftAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0",
+		RestoreFrom: file, BackupKey: key}
+	if _, err := server.Start(ctx, cfg); !errors.Is(err, backup.ErrPlaintext) || !strings.Contains(err.Error(), "NOT encrypted") {
+		t.Fatalf("restore of a plaintext backup named .age with a key: %v, want ErrPlaintext saying it is not encrypted", err)
+	}
+	if has, err := raftnode.HasRaftState(dir); err != nil || has {
+		t.Fatalf("the refused restore left raft state: %v, %v", has, err)
+	}
+	rec := clustertest.NewLogRecorder()
+	cfg.RestoreAllowPlaintext, cfg.Logger = true, slog.New(rec)
+	srv, err := server.Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("restore with RestoreAllowPlaintext: %v", err)
+	}
+	defer func() { _ = srv.Shutdown(ctx) }()
+	if _, err := srv.Node().FSM().GetUser("planted"); err != nil {
+		t.Fatalf("the allowed restore lacks the backup's user: %v", err)
+	}
+	if len(rec.Find("", func(r clustertest.Record) bool {
+		return r.Level == slog.LevelWarn && strings.Contains(r.Message, "restoring a plaintext backup")
+	})) != 1 {
+		t.Fatal("the allowed plaintext restore logged no warning")
 	}
 }

@@ -75,9 +75,15 @@ type Config struct {
 	// Join lists API addresses of existing members to join through (when
 	// the data dir is empty).
 	Join []string
-	// RestoreFrom seeds a new single-node cluster from a backup file
-	// (plaintext, or encrypted to BackupKey).
+	// RestoreFrom seeds a new single-node cluster from a backup file:
+	// one encrypted to BackupKey, or, without BackupKey, a plaintext one.
 	RestoreFrom string
+	// RestoreAllowPlaintext lets RestoreFrom be a plaintext backup although
+	// BackupKey is set. Without it such a file is refused
+	// (backup.ErrPlaintext): nothing authenticates a plaintext backup, and
+	// where backups are encrypted one that is not may have been put in
+	// place of the real one by whoever can write the backup storage.
+	RestoreAllowPlaintext bool
 	// BackupDir, if set, turns on scheduled backups: while this node
 	// leads it writes a verified backup there every BackupEvery (default
 	// 1h) and keeps the newest BackupKeep (default 7).
@@ -374,7 +380,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		NodeID: cfg.NodeID, DataDir: cfg.DataDir, Features: cfg.Features,
 		RaftBind: cfg.RaftAddr, RaftAdvertise: cfg.RaftAdvertise, APIAdvertise: apiAdv,
 		Bootstrap: cfg.Bootstrap, RestoreFrom: cfg.RestoreFrom, Joining: len(cfg.Join) > 0,
-		OpenBackup: func(path string) (io.ReadCloser, error) { return backup.OpenFile(path, cfg.BackupKey) },
+		OpenBackup: s.openBackup,
 		TLSServer:  raftServerTLS, TLSClient: clientTLS,
 		Peers: s.dialer, Logger: cfg.Logger, SlowThreshold: cfg.SlowThreshold,
 		Metrics: s.reg, FSM: cfg.FSM, Raft: cfg.Raft,
@@ -707,6 +713,20 @@ func (s *Server) writeBackup(ctx context.Context, w io.Writer) error {
 	}
 	_, err := s.node.FSM().WriteBackupContext(ctx, w)
 	return err
+}
+
+// openBackup opens the backup file a restore reads (RestoreFrom). A
+// plaintext one where a key is configured is refused unless
+// RestoreAllowPlaintext, and restored with a warning when it is: the
+// operator vouches for a file nothing authenticates.
+func (s *Server) openBackup(path string) (io.ReadCloser, error) {
+	rc, err := backup.OpenFile(path, s.cfg.BackupKey)
+	if errors.Is(err, backup.ErrPlaintext) && s.cfg.RestoreAllowPlaintext {
+		s.log.Warn("restoring a plaintext backup although a backup key is configured, as --restore-allow-plaintext allows: nothing authenticates its content",
+			"file", path)
+		return backup.OpenFile(path, s.cfg.BackupKey, backup.AllowPlaintext(true))
+	}
+	return rc, err
 }
 
 // Backups returns the backup scheduler, nil unless BackupDir is set.
