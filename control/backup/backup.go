@@ -11,6 +11,7 @@ package backup
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -305,8 +306,13 @@ func (s *Scheduler) Backup(ctx context.Context) (Result, error) {
 	s.m.size.Set(float64(res.Info.Size))
 	s.m.records.Set(float64(res.Info.Records))
 	s.m.duration.Set(res.Duration.Seconds())
+	// The plaintext's SHA-256 (relayctl backup verify -o json prints the
+	// same for a file): encryption does not tell who wrote a backup, since
+	// anyone with the recipient can write one, so the log is what shows a
+	// file about to be restored is one this cluster wrote.
 	s.log.Info("wrote a verified backup", "file", res.File.Path, "bytes", res.Info.Size, "records", res.Info.Records,
-		"applied_index", res.Info.AppliedIndex, "encrypted", res.Info.Encrypted, "duration", res.Duration)
+		"applied_index", res.Info.AppliedIndex, "encrypted", res.Info.Encrypted, "sha256", hex.EncodeToString(res.Info.PlainSHA256[:]),
+		"duration", res.Duration)
 	if err := s.prune(); err != nil {
 		s.log.Warn("prune old backups", "err", err)
 	}

@@ -380,6 +380,36 @@ func TestEncryptedBackups(t *testing.T) {
 	check("plaintext corrupted", bad, nil, state.ErrCorrupt)
 }
 
+// Each scheduled backup's log line carries the SHA-256 of its plaintext,
+// the one verifying the file gives: encryption does not tell who wrote a
+// file (anyone with the recipient can), so comparing the two is how an
+// operator tells a backup this cluster wrote from one put in its place.
+func TestTheLogNamesEachBackupsDigest(t *testing.T) {
+	key := mustKey(t, testKey)
+	st := newState(7, 3)
+	rec := clustertest.NewLogRecorder()
+	s, err := backup.Start(backup.Config{Dir: t.TempDir(), Every: time.Hour, Key: key, Logger: slog.New(rec),
+		Source:  func(_ context.Context, w io.Writer) error { _, err := state.Export(w, st); return err },
+		Leading: func() bool { return false }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := s.Backup(context.Background())
+	s.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := backup.VerifyFile(res.File.Path, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf("%x", info.PlainSHA256)
+	logged := rec.Find("wrote a verified backup", nil)
+	if len(logged) != 1 || logged[0].Attrs["sha256"].String() != want || logged[0].Attrs["file"].String() != res.File.Path {
+		t.Fatalf("backup log %+v, want file %s with sha256 %s", logged, res.File.Path, want)
+	}
+}
+
 // Where a key is configured, a plaintext backup is refused: its CRC-32C
 // is no authentication, and anyone who can write where the backups are
 // kept could have made it (with their own admin hash, signing and CA
