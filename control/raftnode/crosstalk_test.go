@@ -361,3 +361,56 @@ func TestALeftoverHistoryIsDropped(t *testing.T) {
 		t.Fatalf("history after the start: %q, %v; want none", h, err)
 	}
 }
+
+// A cluster made by a release before histories has none in any member's
+// state. Restarted (upgraded) to this release, its members must still
+// take each other's Raft connections: the refusal of a node that lost its
+// data ("lost_data") is for a node with no Raft state, not for one with
+// no history, which every member of such a cluster is.
+func TestAClusterWithoutAHistoryRunsAfterARestart(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, 2*time.Minute)
+	if _, err := c.CreateUser(ctx, c.Leader(), "before"); err != nil {
+		t.Fatal(err)
+	}
+	c.WaitConverged()
+	for i := range c.Nodes {
+		c.Shutdown(i)
+	}
+	for _, n := range c.Nodes {
+		st, err := state.Open(state.Config{Dir: filepath.Join(n.DataDir, "data", "state"), Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// As the state of a release before histories: no m:history
+		// (fsm.ClearHistory refuses a state with entries applied).
+		b := st.NewBatch()
+		if err := b.Delete([]byte("m:history")); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		if h, err := fsm.ReadHistory(st); err != nil || h != "" {
+			t.Fatalf("history %q, %v: the test's state still has one", h, err)
+		}
+		if err := st.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range c.Nodes {
+		c.Restart(i)
+	}
+	c.WaitReady()
+	for i := range c.Nodes {
+		if _, err := c.CreateUser(ctx, i, fmt.Sprintf("after-%d", i)); err != nil {
+			t.Fatalf("a write through %s after the restart: %v", c.Nodes[i].ID, err)
+		}
+	}
+	c.WaitConverged()
+	for _, n := range c.Nodes {
+		if got := counterOf(t, n, "lost_data"); got != 0 {
+			t.Errorf("%s refused %v connections as from a node that lost its data", n.ID, got)
+		}
+	}
+}

@@ -256,6 +256,11 @@ type clusterCheck struct {
 	// newMember reports whether this node's state records the member at
 	// a Raft address as one that never ran (helloNewMember); nil: never.
 	newMember func(addr string) bool
+	// stateless reports whether the node holds no Raft state now (no
+	// term, log or snapshot): a node started to be added that has not
+	// been yet. nil: never. Not "no history": every member of a cluster
+	// made by a release before histories has none, and runs.
+	stateless func() bool
 
 	mu           sync.Mutex           // guards the fields below
 	warned       map[string]time.Time // reason and host -> last warning
@@ -502,7 +507,7 @@ func (c *helloConn) handshake() {
 			fail("not_joined", errNotJoined, helloNotJoined)
 			return
 		}
-		if ours == "" && !c.check.awaitJoin && h.status != helloNewMember {
+		if ours == "" && !c.check.awaitJoin && h.status != helloNewMember && c.check.stateless != nil && c.check.stateless() {
 			// Started to be added (neither --join nor --bootstrap), no
 			// state, and the dialer's cluster says this node ran before.
 			fail("lost_data", errLostData, helloNotJoined)

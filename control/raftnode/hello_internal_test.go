@@ -52,7 +52,9 @@ func newTestPeerWithin(t *testing.T, id, history string, checked bool, timeout t
 	if checked {
 		p.check = &clusterCheck{
 			nodeID: id, history: func() string { return *p.history.Load() }, timeout: timeout,
-			log: slog.New(slog.DiscardHandler),
+			// A peer without a history stands for a node with no state.
+			stateless: func() bool { return *p.history.Load() == "" },
+			log:       slog.New(slog.DiscardHandler),
 			refused: func(reason string) {
 				p.mu.Lock()
 				p.refused[reason]++

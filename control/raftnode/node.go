@@ -346,8 +346,6 @@ type Node struct {
 	closeErr      error
 }
 
-// Open starts the node. It returns once Raft runs; the node may not have
-// a leader yet (see Ready).
 // HasRaftData reports whether dataDir holds a node's Raft store (its log
 // store's directory), without opening it. Whether the store holds a
 // cluster's state is HasRaftState's question.
@@ -391,6 +389,8 @@ func HasRaftState(dataDir string) (bool, error) {
 	return has, nil
 }
 
+// Open starts the node. It returns once Raft runs; the node may not have
+// a leader yet (see Ready).
 func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if err := cfg.applyDefaults(); err != nil {
 		return nil, err
@@ -610,6 +610,10 @@ func (n *Node) newTransport(awaitJoin bool) (*raftTransport, error) {
 			},
 			timeout: raftNetTimeout, log: n.log, refused: n.m.observeRefused, awaitJoin: awaitJoin,
 			newMember: n.newMember,
+			stateless: func() bool {
+				has, err := raft.HasExistingState(n.logs, n.logs, n.snaps)
+				return err == nil && !has
+			},
 		}
 	}
 	n.check = check
