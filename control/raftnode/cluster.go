@@ -351,6 +351,7 @@ func (n *Node) stop(ctx context.Context, graceful bool) error {
 				errs = append(errs, fmt.Errorf("raft shutdown: %w", err))
 			}
 		}
+		close(n.raftDown) // applies Raft will not answer now end (await)
 		n.wg.Wait()
 		n.trans.CloseStreams()
 		if err := n.trans.Close(); err != nil {

@@ -322,6 +322,11 @@ type Node struct {
 	// stop sets shutdown under applyMu, so no apply is added after it.
 	applyMu sync.Mutex     // orders setting shutdown with additions to applies
 	applies sync.WaitGroup // ApplyLocal calls waiting on Raft
+	// raftDown is closed once Raft has shut down: an apply still waiting
+	// then (a drain that ran out of time) gets ErrShutdown instead of
+	// waiting forever, and with it the node's own goroutines that stop
+	// waits for.
+	raftDown chan struct{}
 
 	ctx    context.Context // cancelled by Shutdown; owns the goroutines below
 	cancel context.CancelFunc
@@ -399,7 +404,7 @@ func Open(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
 	}
-	n := &Node{cfg: cfg, log: log, notifyCh: make(chan bool, 16)}
+	n := &Node{cfg: cfg, log: log, notifyCh: make(chan bool, 16), raftDown: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			n.closeStores()
@@ -1234,7 +1239,7 @@ func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, er
 		return nil, err
 	}
 	f := n.raft.Apply(data, timeout)
-	if err := f.Error(); err != nil {
+	if err := n.await(f); err != nil {
 		switch {
 		case errors.Is(err, raft.ErrNotLeader):
 			// Not appended here: nothing was written; the caller may retry
@@ -1257,6 +1262,28 @@ func (n *Node) ApplyLocal(ctx context.Context, data []byte) (*statev1.Result, er
 		return nil, fmt.Errorf("raft apply: unexpected response %T", f.Response())
 	}
 	return res, nil
+}
+
+// await waits for f's answer, or for Raft to have shut down: Raft never
+// answers a future still queued in its apply channel when it stops
+// (hashicorp/raft#498), which a drain that ran out of time leaves behind.
+// It answers raft.ErrRaftShutdown then (an unknown outcome: the entry
+// may have reached followers). The waiter it leaves lives on until the
+// process ends, as the future does.
+func (n *Node) await(f raft.ApplyFuture) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return err
+	case <-n.raftDown:
+		select {
+		case err := <-done:
+			return err
+		default:
+			return raft.ErrRaftShutdown
+		}
+	}
 }
 
 func opName(cmd *statev1.Command) string {
