@@ -146,19 +146,29 @@ func (cn *conn) writeControl(ctx context.Context) {
 			return
 		case <-cn.ctlWake:
 		}
+		// The frames are taken under the write lock, as the goodbye takes
+		// them: taken before it, they could wait for the lock while the
+		// goodbye wrote the Close, and then be dropped (receipts the edge
+		// never got, whose events would come again to the next process).
+		cn.wmu.Lock()
 		cn.cmu.Lock()
 		fs := cn.ctl
 		cn.ctl = nil
 		cn.cmu.Unlock()
+		err := cn.writePending()
 		for _, f := range fs {
-			if err := cn.write(f); err != nil {
-				if !errors.Is(err, ErrClosed) {
-					// Not after the goodbye, whose linger lets what
-					// it wrote reach the edge.
-					_ = cn.c.Abort(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
-				}
-				return
+			if err == nil {
+				err = cn.w.Write(f)
 			}
+		}
+		cn.wmu.Unlock()
+		if err != nil {
+			if !errors.Is(err, ErrClosed) {
+				// Not after the goodbye, whose linger lets what it
+				// wrote reach the edge.
+				_ = cn.c.Abort(relayv1.ErrorCode_ERROR_CODE_UNSPECIFIED, "")
+			}
+			return
 		}
 	}
 }

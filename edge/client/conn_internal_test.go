@@ -1288,3 +1288,52 @@ func TestTheControlWriterLeavesAGoodbyeAlone(t *testing.T) {
 		t.Fatalf("after the goodbye the control writer aborted (%v) or wrote %v", sc.aborted, sc.kinds)
 	}
 }
+
+// A receipt the control writer takes as the goodbye runs reaches the
+// edge before the Close, whichever gets to write first: taken before the
+// write lock, it could wait for the lock while the goodbye wrote the
+// Close, and be dropped (its event would come again to the device's next
+// process). The race is run many times over.
+func TestAReceiptTakenAsTheGoodbyeRunsIsWritten(t *testing.T) {
+	for i := range 2000 {
+		sc := &slowConn{}
+		cn := &conn{c: sc, w: frame.NewWriter(sc, 0), ctlWake: make(chan struct{}, 1)}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			cn.writeControl(ctx)
+		}()
+		// The write lock is busy (a send being written) when the receipt
+		// is queued: the control writer wakes and, in the old order, took
+		// the receipt and waited for the lock beside the goodbye.
+		cn.wmu.Lock()
+		next := uint64(1)
+		cn.control(receiptFrame(&next, 1))
+		for range 100 {
+			cn.cmu.Lock()
+			taken := len(cn.ctl) == 0
+			cn.cmu.Unlock()
+			if taken {
+				break
+			}
+			runtime.Gosched()
+		}
+		bye := make(chan struct{})
+		go func() {
+			defer close(bye)
+			cn.goodbye(t.Context())
+		}()
+		runtime.Gosched()
+		cn.wmu.Unlock()
+		<-bye
+		cancel()
+		<-done
+		sc.mu.Lock()
+		kinds := slices.Clone(sc.kinds)
+		sc.mu.Unlock()
+		if want := []string{"*relayv1.Frame_Received", "*relayv1.Frame_Close"}; !slices.Equal(kinds, want) {
+			t.Fatalf("run %d: the connection got %v, want %v", i, kinds, want)
+		}
+	}
+}
