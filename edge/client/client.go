@@ -851,6 +851,7 @@ func (c *Client) resolve(id string, err error) {
 	if p != nil {
 		delete(c.pending, id)
 		if len(c.order) > 0 && c.order[0] == p {
+			c.order[0] = nil // the backing array keeps no acknowledged send
 			c.order = c.order[1:]
 		} else {
 			c.order = slices.DeleteFunc(c.order, func(q *pendingSend) bool { return q == p })

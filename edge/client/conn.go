@@ -515,7 +515,16 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 	learnt := false
 	for {
 		var f relayv1.Frame
-		if err := cn.r.Read(&f); err != nil {
+		body, err := cn.r.Next()
+		if err == nil {
+			if err = frame.Decode(body, cn.r.Max(), &f); err != nil && unknownKind(body) {
+				// A newer edge's kind (edges are upgraded before
+				// clients): skipped, as in the session (readFrame).
+				c.log.Debug("skipped a frame of a kind this client does not know, in the handshake")
+				continue
+			}
+		}
+		if err != nil {
 			if hsCtx.Err() != nil {
 				return fmt.Errorf("handshake: %w", hsCtx.Err())
 			}
@@ -552,17 +561,21 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 				offsetErr = time.Since(sent) / 2
 				offset = time.UnixMilli(w.GetServerTimeMs()).Add(offsetErr).Sub(time.Now())
 			}
-			if n := int(min(w.GetLimits().GetMaxFrameBytes(), frame.MaxFrameLimit)); n > 0 {
-				// The edge refuses (closing the session) a frame longer
-				// than its limit, and relays events up to it, in frames a
-				// little longer: the delivery's wrapping and the sender's
-				// ids. (No edge announces more than MaxFrameLimit.)
-				c.maxFrame.Store(int64(n))
-				read := max(frame.DefaultMaxFrame, n+frame.DeliverSlack)
-				cn.r.SetMax(read)
-				if ws, ok := cn.c.(interface{ SetMaxFrame(int) }); ok {
-					ws.SetMaxFrame(read)
-				}
+			n := int(min(w.GetLimits().GetMaxFrameBytes(), frame.MaxFrameLimit))
+			if n <= 0 {
+				// An edge that announces no limit holds the default one,
+				// not the one the previous edge announced.
+				n = frame.DefaultMaxFrame
+			}
+			// The edge refuses (closing the session) a frame longer than
+			// its limit, and relays events up to it, in frames a little
+			// longer: the delivery's wrapping and the sender's ids. (No
+			// edge announces more than MaxFrameLimit.)
+			c.maxFrame.Store(int64(n))
+			read := max(frame.DefaultMaxFrame, n+frame.DeliverSlack)
+			cn.r.SetMax(read)
+			if ws, ok := cn.c.(interface{ SetMaxFrame(int) }); ok {
+				ws.SetMaxFrame(read)
 			}
 			// The edge gives a device's frame FrameTimeoutMs from its
 			// first byte to its last; the client gives the edge's the
@@ -580,6 +593,11 @@ func (c *Client) handshake(ctx context.Context, cn *conn) error {
 			return nil
 		case *relayv1.Frame_Close:
 			return closeError(k.Close)
+		case *relayv1.Frame_Ping, *relayv1.Frame_Pong, *relayv1.Frame_Presence, *relayv1.Frame_Ticket:
+			// Frames that may come at any time and ask nothing of a
+			// client not yet welcomed: skipped, as the session skips
+			// what it does not take.
+			c.log.Debug("skipped a frame in the handshake", "kind", fmt.Sprintf("%T", k))
 		default:
 			return &Error{Code: relayv1.ErrorCode_ERROR_CODE_MALFORMED_FRAME, Message: fmt.Sprintf("unexpected %T in the handshake", k)}
 		}

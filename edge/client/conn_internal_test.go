@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -1335,5 +1336,49 @@ func TestAReceiptTakenAsTheGoodbyeRunsIsWritten(t *testing.T) {
 		if want := []string{"*relayv1.Frame_Received", "*relayv1.Frame_Close"}; !slices.Equal(kinds, want) {
 			t.Fatalf("run %d: the connection got %v, want %v", i, kinds, want)
 		}
+	}
+}
+
+// Frames a newer edge may send in the handshake are skipped, as in the
+// session: a kind this client does not know, and frames that may come
+// at any time (a Ping). A Welcome that announces no frame limit leaves
+// the default one, not the limit an earlier edge announced.
+func TestTheHandshakeSkipsWhatItDoesNotTake(t *testing.T) {
+	c, cn, edge := pipeClient(t, 1)
+	c.maxFrame.Store(1 << 20) // an earlier edge's
+	// Field 999, not a kind of this schema: a frame with no kind here.
+	unknown := protowire.AppendBytes(protowire.AppendTag(nil, 999, protowire.BytesType), []byte("new"))
+	edgeDone := make(chan error, 1)
+	go func() {
+		edgeDone <- func() error {
+			r, w := frame.NewReader(edge, 0), frame.NewWriter(edge, 0)
+			var f relayv1.Frame
+			if err := r.Read(&f); err != nil || f.GetHello() == nil {
+				return fmt.Errorf("hello: %v %v", &f, err)
+			}
+			if _, err := edge.Write(append(binary.AppendUvarint(nil, uint64(len(unknown))), unknown...)); err != nil {
+				return err
+			}
+			if err := w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Ping{Ping: &relayv1.Ping{Nonce: 7}}}); err != nil {
+				return err
+			}
+			if err := w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Challenge{Challenge: &relayv1.Challenge{
+				Nonce: make([]byte, 32), EdgeId: "e", ServerTimeMs: time.Now().UnixMilli()}}}); err != nil {
+				return err
+			}
+			if err := r.Read(&f); err != nil || f.GetAuthenticate() == nil {
+				return fmt.Errorf("authenticate: %v %v", &f, err)
+			}
+			return w.Write(&relayv1.Frame{Kind: &relayv1.Frame_Welcome{Welcome: &relayv1.Welcome{SessionId: "s", ServerTimeMs: time.Now().UnixMilli()}}})
+		}()
+	}()
+	if err := c.handshake(t.Context(), cn); err != nil {
+		t.Fatalf("a handshake with frames it does not take: %v", err)
+	}
+	if err := <-edgeDone; err != nil {
+		t.Fatal(err)
+	}
+	if got := c.maxFrame.Load(); got != frame.DefaultMaxFrame {
+		t.Fatalf("frame limit %d after a Welcome without one, want the default %d", got, frame.DefaultMaxFrame)
 	}
 }

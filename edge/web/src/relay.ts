@@ -1285,10 +1285,10 @@ export class RelayClient extends EventTarget {
           this.clockOffsetMs = offset;
           this.skewToleranceMs = Number(w.limits?.skewToleranceMs ?? 0n);
           if (w.resumeTicket.length > 0) this.ticket = w.resumeTicket;
-          if (w.limits?.maxFrameBytes) {
-            this.maxFrameBytes = Math.min(w.limits.maxFrameBytes, MAX_FRAME_LIMIT);
-            c.limitFrames?.(this.maxFrameBytes);
-          }
+          // An edge that announces no limit holds the default one, not
+          // the one an earlier edge announced.
+          this.maxFrameBytes = w.limits?.maxFrameBytes ? Math.min(w.limits.maxFrameBytes, MAX_FRAME_LIMIT) : DEFAULT_MAX_FRAME_BYTES;
+          c.limitFrames?.(this.maxFrameBytes);
           c.timeFrames?.(frameTimeoutMs(Number(w.limits?.frameTimeoutMs ?? 0n)));
           this.sessionId = w.sessionId;
           c.hello = hello;
@@ -1296,6 +1296,14 @@ export class RelayClient extends EventTarget {
         }
         case "close":
           throw closeError(f.kind.value);
+        case undefined: // a kind of a newer edge's: skipped, as in the session
+        case "ping":
+        case "pong":
+        case "presence":
+        case "ticket":
+          // Frames that may come at any time and ask nothing of a client
+          // not yet welcomed (the Go client skips them too).
+          break;
         default:
           throw new RelayError(ErrorCode.MALFORMED_FRAME, `unexpected ${f.kind.case} in the handshake`);
       }
