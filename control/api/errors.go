@@ -28,7 +28,7 @@ func toConnect(err error) error {
 		code = connect.CodeNotFound
 	case errors.Is(err, fsm.ErrAlreadyExists):
 		code = connect.CodeAlreadyExists
-	case errors.Is(err, fsm.ErrFailedPrecondition), errors.Is(err, raftnode.ErrWrongPeer):
+	case errors.Is(err, fsm.ErrFailedPrecondition), errors.Is(err, raftnode.ErrWrongPeer), errors.Is(err, raftnode.ErrVoterMoveWithoutState):
 		code = connect.CodeFailedPrecondition
 	case errors.Is(err, fsm.ErrCompacted):
 		code = connect.CodeOutOfRange

@@ -30,6 +30,8 @@ func TestErrorsMapToTheirCodes(t *testing.T) {
 		{raftnode.ErrNotLeader, connect.CodeUnavailable},
 		{raftnode.ErrUnknownOutcome, connect.CodeUnavailable},
 		{raftnode.ErrRemoved, connect.CodeUnavailable},
+		{raftnode.ErrWrongPeer, connect.CodeFailedPrecondition},
+		{raftnode.ErrVoterMoveWithoutState, connect.CodeFailedPrecondition},
 		{context.DeadlineExceeded, connect.CodeDeadlineExceeded},
 		{context.Canceled, connect.CodeCanceled},
 		{fmt.Errorf("something else"), connect.CodeInternal},

@@ -64,6 +64,12 @@ var (
 	// ErrWrongPeer: what answers at the Raft address of a voter to be
 	// added is another node, or another cluster's. Nothing was changed.
 	ErrWrongPeer = errors.New("the Raft address answers as another node")
+	// ErrVoterMoveWithoutState: AddVoter was asked to move a voter to
+	// another Raft address where its node answers without this cluster's
+	// state (its data lost: taken back as the same voter, it would vote
+	// with an empty log). Nothing was changed: remove the voter first,
+	// then add it.
+	ErrVoterMoveWithoutState = errors.New("the voter's node answers at its new address without the cluster's state")
 	// ErrNotMember is returned for a membership change or a leadership
 	// transfer that names a server the configuration does not hold.
 	ErrNotMember = errors.New("not a member of the cluster")

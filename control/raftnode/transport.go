@@ -166,28 +166,32 @@ func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (n
 // and passes as reachable. Added at an address where it does not answer,
 // a voter counts in every majority from then on: in a cluster of one,
 // the leader steps down and no node can be elected again.
-func (s *streamLayer) probe(id, address string, timeout time.Duration) error {
+//
+// It reports whether the node answered as one holding this cluster's
+// state (its history, and not "not joined"): a node of a release without
+// the check, or a node without the check, says nothing of it (false).
+func (s *streamLayer) probe(id, address string, timeout time.Duration) (hasState bool, err error) {
 	c, err := s.dial(raft.ServerAddress(address), timeout)
 	if err != nil {
-		return fmt.Errorf("%w (%s): %v", ErrPeerUnreachable, address, err)
+		return false, fmt.Errorf("%w (%s): %v", ErrPeerUnreachable, address, err)
 	}
 	defer c.Close()
 	if s.check == nil {
-		return nil
+		return false, nil
 	}
 	h, err := s.check.exchange(c, address, timeout)
 	var mismatch *ClusterMismatchError
 	switch {
 	case errors.Is(err, errUnanswered):
-		return nil
+		return false, nil
 	case errors.As(err, &mismatch):
-		return fmt.Errorf("%w: %v", ErrWrongPeer, err)
+		return false, fmt.Errorf("%w: %v", ErrWrongPeer, err)
 	case err != nil:
-		return fmt.Errorf("%w (%s): %v", ErrPeerUnreachable, address, err)
+		return false, fmt.Errorf("%w (%s): %v", ErrPeerUnreachable, address, err)
 	case h.nodeID != id:
-		return fmt.Errorf("%w: %s answers as node %q, not %q", ErrWrongPeer, address, h.nodeID, id)
+		return false, fmt.Errorf("%w: %s answers as node %q, not %q", ErrWrongPeer, address, h.nodeID, id)
 	}
-	return nil
+	return h.history != "" && h.status == helloAccepted, nil
 }
 
 func (s *streamLayer) dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {

@@ -372,3 +372,56 @@ func TestASeedRestartedDuringItsJoinDoesNotFoundACluster(t *testing.T) {
 		t.Fatalf("the seed did not join the live cluster: %v", err)
 	}
 }
+
+// A member that lost its data and comes back at another Raft address (a
+// new host under the same node id) is not taken back as the same voter
+// by an AddVoter naming the new address: the node there answers with
+// none of the cluster's state, and with an empty log it could elect a
+// node lacking acknowledged writes. The move is refused
+// (failed_precondition) until the member is removed; then it is added
+// and catches up.
+func TestAVoterMovedToANewAddressWithoutItsDataIsNotTakenBack(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	res, err := c.CreateUser(ctx, c.Leader(), "before-the-loss")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.WaitConverged()
+	victim := c.Follower()
+	id := c.Nodes[victim].ID
+	c.Kill(victim)
+	// The same node id on a new host: a new data dir and new addresses,
+	// started with neither flag, to be added.
+	moved := c.StartNode(func(cfg *server.Config) { cfg.NodeID = id })
+	leader := c.Nodes[c.Leader()]
+	cl := controlv1connect.NewClusterServiceClient(http.DefaultClient, "http://"+leader.Server.APIAddr())
+	admin := c.AdminToken()
+	add := func() error {
+		req := connect.NewRequest(&controlv1.AddVoterRequest{Id: id, RaftAddr: moved.Server.Node().RaftAddr(), ApiAddr: moved.Server.APIAddr()})
+		req.Header().Set("Authorization", "Bearer "+admin)
+		_, err := cl.AddVoter(ctx, req)
+		return err
+	}
+	if err := add(); connect.CodeOf(err) != connect.CodeFailedPrecondition || !strings.Contains(err.Error(), "relayctl cluster remove "+id) {
+		t.Fatalf("moving %s to a node without its data: %v, want failed_precondition naming the removal", id, err)
+	}
+	if got := moved.Server.Node().FSM().AppliedIndex(); got != 0 {
+		t.Fatalf("the node without the data applied up to %d: taken back as the same voter", got)
+	}
+	remove := connect.NewRequest(&controlv1.RemoveServerRequest{Id: id})
+	remove.Header().Set("Authorization", "Bearer "+admin)
+	if _, err := cl.RemoveServer(ctx, remove); err != nil {
+		t.Fatalf("remove %s: %v", id, err)
+	}
+	if err := add(); err != nil {
+		t.Fatalf("add %s after its removal: %v", id, err)
+	}
+	clustertest.Eventually(t, 30*time.Second, func() error {
+		if got, want := moved.Server.Node().FSM().AppliedIndex(), res.GetRevision(); got < want {
+			return fmt.Errorf("applied %d, want at least %d", got, want)
+		}
+		return nil
+	})
+}
