@@ -1304,6 +1304,14 @@ func newInbox(c *Client, cn *conn) *inbox {
 	return &inbox{c: c, cn: cn, wake: make(chan struct{}, 1)}
 }
 
+// heldSize is what a held event weighs against maxHeldBytes: all it
+// holds that the edge chose, its ids and type with its payload (an edge
+// could otherwise fill the inbox with events of an empty payload and ids
+// near the frame limit).
+func heldSize(ev Event) int {
+	return len(ev.Payload) + len(ev.ID) + len(ev.Sender) + len(ev.Type)
+}
+
 // put gives ev to the application at once when the channel has room and
 // nothing waits before it (its receipt joining r), else holds it;
 // claimed: ev's id was claimed (Client.claim), and is settled. When
@@ -1334,12 +1342,12 @@ func (in *inbox) put(ev Event, delivery uint64, claimed bool, r *receipts) error
 	switch {
 	case ev.Ephemeral && in.ephemeral >= maxHeldEphemeral:
 		settle(false) // dropped: the application lags
-	case len(in.q) >= maxHeld || in.bytes+len(ev.Payload) > maxHeldBytes:
+	case len(in.q) >= maxHeld || in.bytes+heldSize(ev) > maxHeldBytes:
 		settle(false)
-		err = fmt.Errorf("the edge sent %d events (%d bytes) this client was not ready for, beyond what it may leave unacknowledged", len(in.q)+1, in.bytes+len(ev.Payload))
+		err = fmt.Errorf("the edge sent %d events (%d bytes) this client was not ready for, beyond what it may leave unacknowledged", len(in.q)+1, in.bytes+heldSize(ev))
 	default:
 		in.q = append(in.q, heldEvent{ev: ev, delivery: delivery, claimed: claimed})
-		in.bytes += len(ev.Payload)
+		in.bytes += heldSize(ev)
 		if ev.Ephemeral {
 			in.ephemeral++
 		}
@@ -1404,7 +1412,7 @@ func (in *inbox) pump(ctx context.Context) {
 			in.mu.Lock()
 			in.q[0] = heldEvent{}
 			in.q = in.q[1:]
-			in.bytes -= len(h.ev.Payload)
+			in.bytes -= heldSize(h.ev)
 			if h.ev.Ephemeral {
 				in.ephemeral--
 			}

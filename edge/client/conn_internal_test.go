@@ -14,6 +14,7 @@ import (
 	"net"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"testing/iotest"
@@ -1380,5 +1381,26 @@ func TestTheHandshakeSkipsWhatItDoesNotTake(t *testing.T) {
 	}
 	if got := c.maxFrame.Load(); got != frame.DefaultMaxFrame {
 		t.Fatalf("frame limit %d after a Welcome without one, want the default %d", got, frame.DefaultMaxFrame)
+	}
+}
+
+// What the inbox holds for an application that lags is bounded by all
+// the bytes of the events the edge chose, not by their payloads alone:
+// events of an empty payload with long ids and types count too.
+func TestTheInboxCountsAHeldEventsIdsAndType(t *testing.T) {
+	c := readerClient(0)
+	in := newInbox(c, nil)
+	r := &receipts{in: in} // no receipts to send: the events carry none
+	long := strings.Repeat("x", 1<<10)
+	var err error
+	held := 0
+	for held = 0; held < maxHeld && err == nil; held++ {
+		err = in.put(Event{ID: fmt.Sprint(held, long), Sender: long, Type: long}, 0, false, r)
+	}
+	if err == nil {
+		t.Fatalf("%d events of 3 KiB of ids and type, no payload, were all held", held)
+	}
+	if in.bytes > maxHeldBytes || held > maxHeldBytes/(3<<10)+1 {
+		t.Fatalf("held %d events, %d bytes, before refusing: the bound is %d bytes", held, in.bytes, maxHeldBytes)
 	}
 }
