@@ -690,3 +690,44 @@ func TestARestartedNodeKnowsWhatItHadCommitted(t *testing.T) {
 		return nil
 	})
 }
+
+// A leader whose first entry never commits (here its no-op writes fail)
+// and which then loses its leadership (cut off) ends the linearizable
+// reads waiting on it with ErrNoLeader, which callers retry on the next
+// leader; they used to wait for their own deadline, for good without one.
+func TestAReadOnALeaderThatNeverCommittedEndsWithItsLeadership(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, 2*time.Minute)
+	target := c.Follower()
+	c.Nodes[target].Faults.FailWrites("noop", 1<<30)
+	t.Cleanup(func() { c.Nodes[target].Faults.FailWrites("noop", 0) })
+	node := c.Nodes[target].Server.Node()
+	clustertest.Eventually(t, 60*time.Second, func() error {
+		if node.IsLeader() {
+			return nil
+		}
+		for _, n := range c.Running() {
+			if n.Server.Node().IsLeader() {
+				if _, err := n.Server.Node().TransferLeadership(ctx, c.Nodes[target].ID); err != nil {
+					return err
+				}
+			}
+		}
+		return errors.New("not leader yet")
+	})
+	read := make(chan error, 1)
+	go func() {
+		_, err := node.ReadIndexLocal(ctx)
+		read <- err
+	}()
+	c.Isolate(target)
+	t.Cleanup(func() { c.Heal(target) })
+	select {
+	case err := <-read:
+		if !errors.Is(err, raftnode.ErrNoLeader) {
+			t.Fatalf("the read ended with %v, want ErrNoLeader", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the read still waits on a leadership that ended")
+	}
+}

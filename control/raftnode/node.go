@@ -296,7 +296,8 @@ func (c *Config) applyDefaults() error {
 // leadership is this node's current leader term, if it leads.
 type leadership struct {
 	term  uint64
-	ready chan struct{} // closed once an entry of this term committed
+	ready chan struct{}   // closed once an entry of this term committed
+	ended <-chan struct{} // closed once this term's leadership is over
 }
 
 // Node is one running control-plane member.
@@ -1314,6 +1315,11 @@ func (n *Node) ReadIndexLocal(ctx context.Context) (uint64, error) {
 	}
 	select {
 	case <-ls.ready:
+	case <-ls.ended:
+		// Its first entry never committed (the leader was cut off): the
+		// caller's retry finds the next leader within LeaderWait,
+		// rather than this read waiting for its own deadline.
+		return 0, fmt.Errorf("%w: leadership ended before its first commit", ErrNoLeader)
 	case <-ctx.Done():
 		return 0, fmt.Errorf("wait for leader's first commit: %w", ctx.Err())
 	}
@@ -1321,7 +1327,11 @@ func (n *Node) ReadIndexLocal(ctx context.Context) (uint64, error) {
 	if err := n.raft.VerifyLeader().Error(); err != nil {
 		return 0, fmt.Errorf("%w: %v", ErrNoLeader, err)
 	}
-	if cur := n.lead.Load(); cur != ls {
+	// Leadership lost and won again between the commit index and the
+	// heartbeat round (a later term, which the notifications have not
+	// reached yet) would confirm an index that an interim leader may
+	// have passed: the term must be the one whose entry committed.
+	if cur := n.lead.Load(); cur != ls || n.raft.CurrentTerm() != ls.term {
 		return 0, fmt.Errorf("%w: leadership changed during read", ErrNoLeader)
 	}
 	return idx, nil
@@ -1395,11 +1405,11 @@ func (n *Node) watchLeadership(ch <-chan bool) {
 				n.log.Info("lost leadership")
 				continue
 			}
-			ls := &leadership{term: n.currentTerm(), ready: make(chan struct{})}
-			n.lead.Store(ls)
-			n.log.Info("became leader", "term", ls.term)
 			tctx, cancel := context.WithCancel(n.ctx)
 			termCancel = cancel
+			ls := &leadership{term: n.raft.CurrentTerm(), ready: make(chan struct{}), ended: tctx.Done()}
+			n.lead.Store(ls)
+			n.log.Info("became leader", "term", ls.term)
 			n.wg.Add(1)
 			go n.onElected(tctx, ls)
 		}
