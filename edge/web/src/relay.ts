@@ -545,9 +545,17 @@ function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
     let closeInfo = "";
     const abort = () => ws.close();
     signal.addEventListener("abort", abort);
+    // The longest message taken from the edge, as over WebTransport
+    // (limitFrames): the browser has it whole by now, but a session that
+    // goes on holds no more of them.
+    let maxMessage = readLimit(DEFAULT_MAX_FRAME_BYTES);
     ws.onmessage = (m) => {
       if (ended) return; // abandoned
       const b = new Uint8Array(m.data as ArrayBuffer);
+      if (b.byteLength > maxMessage) {
+        abandon(new RelayError(ErrorCode.FRAME_TOO_LARGE, `the edge sent a message of ${b.byteLength} bytes, more than ${maxMessage}`));
+        return;
+      }
       const w = waiting.shift();
       if (w) w(b); else queue.push(b);
     };
@@ -583,6 +591,7 @@ function dialWebSocket(opts: RelayOptions, signal: AbortSignal): Promise<Conn> {
           if (b) res(b); else if (ended) res(null); else waiting.push(res);
         }),
         buffered: () => queue.length > 0,
+        limitFrames: (n: number) => { maxMessage = readLimit(n); },
         close: () => abandon(null),
         abandon,
         // Not abandoned: the close handshake sends what is buffered, the
@@ -1471,6 +1480,9 @@ export class RelayClient extends EventTarget {
         if (this.fatal(why)) { this.stop(why!); return; }
         [wait, backoff] = reconnectWait(why, performance.now() - began, backoff, min, max);
       } else {
+        // close() from a "state" listener of the session that just came
+        // up leaves no connection and nothing to wait for.
+        if (this.stopped) return;
         wait = backoff / 2 + Math.random() * (backoff / 2);
         backoff = Math.min(backoff * 2, max);
       }
