@@ -731,3 +731,29 @@ func TestAReadOnALeaderThatNeverCommittedEndsWithItsLeadership(t *testing.T) {
 		t.Fatal("the read still waits on a leadership that ended")
 	}
 }
+
+// A follower cut off from Raft right after it got a read index from its
+// leader never applies it: the read ends Unavailable-bound (ErrNoLeader)
+// within LeaderWait, which callers retry on another node, instead of
+// waiting for its caller's own deadline.
+func TestAReadOnACutOffFollowerEndsWithinLeaderWait(t *testing.T) {
+	c := clustertest.Start(t, 3, clustertest.Options{})
+	ctx := ctxT(t, 2*time.Minute)
+	f := c.Follower()
+	c.Isolate(f) // Raft traffic only: its API, and its forwarding, still work
+	t.Cleanup(func() { c.Heal(f) })
+	// Committed by the other two, which the cut-off follower never gets.
+	if _, err := c.CreateUser(ctx, c.Leader(), "behind-the-cut"); err != nil {
+		t.Fatal(err)
+	}
+	read := make(chan error, 1)
+	go func() { read <- c.Nodes[f].Server.Node().Barrier(ctx) }()
+	select {
+	case err := <-read:
+		if !errors.Is(err, raftnode.ErrNoLeader) {
+			t.Fatalf("the read on the cut-off follower: %v, want ErrNoLeader", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("the read on the cut-off follower still waits after a minute (LeaderWait is 5 s)")
+	}
+}

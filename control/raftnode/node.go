@@ -139,7 +139,9 @@ type Tuning struct {
 	// node cut off from the majority then answers Unavailable (which
 	// clients retry elsewhere) instead of holding the call until the
 	// caller gives up. An election takes a few heartbeat timeouts, well
-	// below it. Default 5s.
+	// below it. A linearizable read also waits at most this long for
+	// this node to apply the read index it got (a follower cut off right
+	// after). Default 5s.
 	LeaderWait time.Duration
 	// RemovedAfter is how long a node that holds Raft data and knows no
 	// leader must find itself outside its cluster (outsideCluster: a
@@ -1373,7 +1375,15 @@ func (n *Node) Barrier(ctx context.Context) error {
 	start, leaderKnown := time.Now(), n.leaderKnown()
 	idx, err := n.ReadIndex(ctx)
 	if err == nil {
-		err = n.fsm.WaitApplied(ctx, idx)
+		// Bounded as the wait for a leader is: a follower cut off right
+		// after it got the index never applies it, and the caller (whose
+		// own deadline may be far, or none) does better on another node.
+		wctx, cancel := context.WithTimeout(ctx, n.cfg.Raft.LeaderWait)
+		err = n.fsm.WaitApplied(wctx, idx)
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			err = fmt.Errorf("%w: this node did not apply the read index %d within %s", ErrNoLeader, idx, n.cfg.Raft.LeaderWait)
+		}
 	}
 	took := time.Since(start)
 	n.m.observeRead(took)
