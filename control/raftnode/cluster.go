@@ -143,7 +143,7 @@ func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint
 	if !slices.ContainsFunc(servers, func(s raft.Server) bool {
 		return string(s.ID) == id && string(s.Address) == raftAddr && s.Suffrage == raft.Voter
 	}) && id != n.cfg.NodeID {
-		hasState, err := n.layer.probe(id, raftAddr, min(timeoutOf(ctx, n.cfg.ApplyTimeout), probeTimeout))
+		noState, err := n.layer.probe(id, raftAddr, min(timeoutOf(ctx, n.cfg.ApplyTimeout), probeTimeout))
 		if err != nil {
 			return 0, fmt.Errorf("add voter %s: %w", id, err)
 		}
@@ -152,7 +152,7 @@ func (n *Node) AddVoter(ctx context.Context, id, raftAddr, apiAddr string) (uint
 		// its data (a new host, a wiped disk), and taken back as the
 		// same voter it could elect a node lacking acknowledged writes,
 		// as on the --join path (which refuses it until it is removed).
-		if i := slices.IndexFunc(servers, func(s raft.Server) bool { return string(s.ID) == id }); i >= 0 && !hasState {
+		if i := slices.IndexFunc(servers, func(s raft.Server) bool { return string(s.ID) == id && string(s.Address) != raftAddr }); i >= 0 && noState {
 			return 0, fmt.Errorf("add voter %s: %w: it is a member at %s, and the node answering at %s holds none of this cluster's state; "+
 				"remove it first (relayctl cluster remove %s), then add it", id, ErrVoterMoveWithoutState, servers[i].Address, raftAddr, id)
 		}

@@ -139,9 +139,9 @@ type Tuning struct {
 	// node cut off from the majority then answers Unavailable (which
 	// clients retry elsewhere) instead of holding the call until the
 	// caller gives up. An election takes a few heartbeat timeouts, well
-	// below it. A linearizable read also waits at most this long for
-	// this node to apply the read index it got (a follower cut off right
-	// after). Default 5s.
+	// below it. A linearizable read also gives up when this node applies
+	// nothing for this long while it waits for the read index it got (a
+	// follower cut off right after). Default 5s.
 	LeaderWait time.Duration
 	// RemovedAfter is how long a node that holds Raft data and knows no
 	// leader must find itself outside its cluster (outsideCluster: a
@@ -1375,15 +1375,7 @@ func (n *Node) Barrier(ctx context.Context) error {
 	start, leaderKnown := time.Now(), n.leaderKnown()
 	idx, err := n.ReadIndex(ctx)
 	if err == nil {
-		// Bounded as the wait for a leader is: a follower cut off right
-		// after it got the index never applies it, and the caller (whose
-		// own deadline may be far, or none) does better on another node.
-		wctx, cancel := context.WithTimeout(ctx, n.cfg.Raft.LeaderWait)
-		err = n.fsm.WaitApplied(wctx, idx)
-		cancel()
-		if err != nil && ctx.Err() == nil {
-			err = fmt.Errorf("%w: this node did not apply the read index %d within %s", ErrNoLeader, idx, n.cfg.Raft.LeaderWait)
-		}
+		err = n.waitApplied(ctx, idx)
 	}
 	took := time.Since(start)
 	n.m.observeRead(took)
@@ -1395,6 +1387,27 @@ func (n *Node) Barrier(ctx context.Context) error {
 		return fmt.Errorf("linearizable read: %w", err)
 	}
 	return nil
+}
+
+// waitApplied waits until this node applied idx, a read index: within
+// ctx, and for as long as it applies anything. One that applies nothing
+// for LeaderWait (a follower cut off from Raft right after it got the
+// index never applies it) gives up, so that its caller, whose own
+// deadline may be far or none, does better on another node; one that is
+// only slow (catching up, a burst of writes) goes on.
+func (n *Node) waitApplied(ctx context.Context, idx uint64) error {
+	for {
+		from := n.fsm.AppliedIndex()
+		wctx, cancel := context.WithTimeout(ctx, n.cfg.Raft.LeaderWait)
+		err := n.fsm.WaitApplied(wctx, idx)
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return err
+		}
+		if n.fsm.AppliedIndex() == from {
+			return fmt.Errorf("%w: this node applied nothing for %s while a read waited for index %d", ErrNoLeader, n.cfg.Raft.LeaderWait, idx)
+		}
+	}
 }
 
 // watchLeadership drains NotifyCh. On gaining leadership it commits a

@@ -167,10 +167,12 @@ func (s *streamLayer) Dial(address raft.ServerAddress, timeout time.Duration) (n
 // a voter counts in every majority from then on: in a cluster of one,
 // the leader steps down and no node can be elected again.
 //
-// It reports whether the node answered as one holding this cluster's
-// state (its history, and not "not joined"): a node of a release without
-// the check, or a node without the check, says nothing of it (false).
-func (s *streamLayer) probe(id, address string, timeout time.Duration) (hasState bool, err error) {
+// It reports noState when the node said it holds none of this cluster's
+// state: it refused the greeting as one not joined (a node started to be
+// added, with no Raft state), or it has no history where this node has
+// one. A node of a release without the check, or a check that is off,
+// says nothing of it (false).
+func (s *streamLayer) probe(id, address string, timeout time.Duration) (noState bool, err error) {
 	c, err := s.dial(raft.ServerAddress(address), timeout)
 	if err != nil {
 		return false, fmt.Errorf("%w (%s): %v", ErrPeerUnreachable, address, err)
@@ -191,7 +193,8 @@ func (s *streamLayer) probe(id, address string, timeout time.Duration) (hasState
 	case h.nodeID != id:
 		return false, fmt.Errorf("%w: %s answers as node %q, not %q", ErrWrongPeer, address, h.nodeID, id)
 	}
-	return h.history != "" && h.status == helloAccepted, nil
+	ours, _ := s.check.ours()
+	return h.status == helloNotJoined || (h.history == "" && ours != ""), nil
 }
 
 func (s *streamLayer) dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {

@@ -190,13 +190,13 @@ type wireConn struct {
 	ctlOver atomic.Bool
 
 	// frameTimeout bounds a message from the first bytes read of it
-	// (WebSocketLimits.FrameTimeout; 0: no bound). The goroutine that
-	// reads owns armed: the connection's read deadline is set for the
+	// (WebSocketLimits.FrameTimeout; 0: no bound). armed says the
+	// connection's read deadline is set for the
 	// message under way, from its first bytes on, until the message or a
 	// control frame is whole (a ping between messages must not start a
 	// message's clock; one inside a message restarts it, within Idle).
 	frameTimeout time.Duration
-	armed        bool
+	armed        atomic.Bool
 }
 
 // newWireConn counts what is read from c.
@@ -223,8 +223,9 @@ func (c *wireConn) controlFrame(now time.Time) {
 // disarm lifts the deadline of a message once it, or a control frame,
 // is whole: the next bytes read start the clock again.
 func (c *wireConn) disarm() {
-	if c.armed {
-		c.armed = false
+	// Atomic: the library reads on Close's goroutine too (its close
+	// handshake) while the pump marks a message's end.
+	if c.armed.CompareAndSwap(true, false) {
 		_ = c.Conn.SetReadDeadline(time.Time{})
 	}
 }
@@ -248,12 +249,11 @@ func (c *wireConn) Read(p []byte) (int, error) {
 		return n, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_FRAME_TOO_LARGE,
 			Msg: fmt.Sprintf("%d bytes on the WebSocket for one message, more than %d: frame headers, pings and pongs count", over, limit)}
 	}
-	if err != nil && c.armed && errors.Is(err, os.ErrDeadlineExceeded) {
+	if err != nil && c.armed.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
 		return n, &frame.Error{Code: relayv1.ErrorCode_ERROR_CODE_TIMEOUT,
 			Msg: fmt.Sprintf("a WebSocket message not whole %s after its first bytes", c.frameTimeout)}
 	}
-	if n > 0 && !c.armed && c.frameTimeout > 0 {
-		c.armed = true
+	if n > 0 && c.frameTimeout > 0 && c.armed.CompareAndSwap(false, true) {
 		_ = c.Conn.SetReadDeadline(time.Now().Add(c.frameTimeout))
 	}
 	return n, err
