@@ -20,6 +20,12 @@ import (
 
 // parseControlFlags parses relayd control's flags into a configuration.
 func parseControlFlags(args ...string) (server.Config, error) {
+	return parseControlFlagsEnv(func(string) string { return "" }, args...)
+}
+
+// parseControlFlagsEnv is parseControlFlags with the environment getenv
+// gives (RELAY_ variables for the flags not given).
+func parseControlFlagsEnv(getenv func(string) string, args ...string) (server.Config, error) {
 	var cfg server.Config
 	var join flagenv.List
 	var shutdown time.Duration
@@ -27,7 +33,7 @@ func parseControlFlags(args ...string) (server.Config, error) {
 	fs := flag.NewFlagSet("relayd control", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	controlFlags(fs, &cfg, &join, &shutdown, &keyFile)
-	return cfg, fs.Parse(args)
+	return cfg, flagenv.Parse(fs, envPrefix, args, getenv)
 }
 
 // The auth bounds whose 0 on the command line means no limit
@@ -89,15 +95,8 @@ func TestRestoreOfAPlaintextBackupWithAKey(t *testing.T) {
 		}
 	}
 
-	var cfg server.Config
-	var join flagenv.List
-	var shutdown time.Duration
-	var keyFile string
-	fs := flag.NewFlagSet("relayd control", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	controlFlags(fs, &cfg, &join, &shutdown, &keyFile)
 	allow := map[string]string{"RELAY_RESTORE_ALLOW_PLAINTEXT": "true"}
-	if err := flagenv.Parse(fs, envPrefix, nil, func(k string) string { return allow[k] }); err != nil || !cfg.RestoreAllowPlaintext {
+	if cfg, err := parseControlFlagsEnv(func(k string) string { return allow[k] }); err != nil || !cfg.RestoreAllowPlaintext {
 		t.Fatalf("RELAY_RESTORE_ALLOW_PLAINTEXT=true: %v, allowed %v", err, cfg.RestoreAllowPlaintext)
 	}
 	if cfg, err := parseControlFlags(); err != nil || cfg.RestoreAllowPlaintext {

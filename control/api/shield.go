@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 
 	"connectrpc.com/connect"
 
@@ -91,11 +92,7 @@ func seesDetail(ctx context.Context, h http.Header) bool {
 	if !ok {
 		return ownCall(ctx, h)
 	}
-	switch claims.Role {
-	case auth.RoleAdmin, auth.RoleOperator, auth.RoleViewer, auth.RoleEdge, RoleNode:
-		return true
-	}
-	return isNode(&claims)
+	return slices.Contains(staff, claims.Role) || claims.Role == auth.RoleEdge || isNode(&claims)
 }
 
 // shield replaces the message of an error whose code describes the

@@ -926,18 +926,7 @@ func TestWatchEndsWithItsCredentials(t *testing.T) {
 		if w.next(t).GetResync() == nil {
 			t.Fatal("no full copy first")
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		users := controlv1connect.NewUserServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(tok)))
-		me, err := users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{}))
-		if err != nil {
-			t.Fatal(err)
-		}
-		admin := controlv1connect.NewUserServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(c.AdminToken())))
-		disabled := controlv1.UserStatus_USER_STATUS_DISABLED
-		if _, err := admin.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: me.Msg.GetUser().GetId(), Status: &disabled})); err != nil {
-			t.Fatal(err)
-		}
+		disableAccountOf(t, c, tok)
 		ended(t, w)
 		if ce := new(connect.Error); errors.As(w.err, &ce) && ce.Meta().Get(api.StreamEndHeader) != "" {
 			t.Fatalf("a revoked account's stream ended as if its token expired: %v", ce.Meta())
@@ -1003,16 +992,7 @@ func TestAFullCopyEndsWithItsCredentials(t *testing.T) {
 		t.Fatalf("first message %v (%v), want the full copy's start", w.stream.Msg(), w.stream.Err())
 	}
 
-	users := controlv1connect.NewUserServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(tok)))
-	me, err := users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	admin := controlv1connect.NewUserServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(c.AdminToken())))
-	disabled := controlv1.UserStatus_USER_STATUS_DISABLED
-	if _, err := admin.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: me.Msg.GetUser().GetId(), Status: &disabled})); err != nil {
-		t.Fatal(err)
-	}
+	disableAccountOf(t, c, tok)
 	// The stream's next look at its account (every 50 ms) finds it
 	// disabled; only then does the watcher read on, as fast as it can.
 	clustertest.Eventually(t, 10*time.Second, func() error {
@@ -1198,5 +1178,23 @@ func TestAStoppingNodeEndsItsWatches(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("the watch was still open 30 s after its node stopped")
+	}
+}
+
+// disableAccountOf disables, through the admin, the account whose access
+// token tok is.
+func disableAccountOf(t *testing.T, c *clustertest.Cluster, tok string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	users := controlv1connect.NewUserServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(tok)))
+	me, err := users.GetMe(ctx, connect.NewRequest(&controlv1.GetMeRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := controlv1connect.NewUserServiceClient(httpClient(t), url(c.Nodes[0]), connect.WithInterceptors(bearer(c.AdminToken())))
+	disabled := controlv1.UserStatus_USER_STATUS_DISABLED
+	if _, err := admin.UpdateUser(ctx, connect.NewRequest(&controlv1.UpdateUserRequest{Id: me.Msg.GetUser().GetId(), Status: &disabled})); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -24,6 +24,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/edge-relay/relay/internal/dirsync"
 )
 
 // Source writes a consistent copy of the state (a state export) to w. The
@@ -385,7 +387,7 @@ func WriteFile(ctx context.Context, path string, key *Key, write func(io.Writer)
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return info, fmt.Errorf("backup: %w", err)
 	}
-	if err := syncDir(dir); err != nil {
+	if err := dirsync.Sync(dir); err != nil {
 		return info, fmt.Errorf("backup: %w", err)
 	}
 	return info, nil
@@ -411,21 +413,9 @@ func (s *Scheduler) prune() error {
 	}
 	s.m.files.Set(float64(len(files) - removed))
 	if removed > 0 {
-		errs = append(errs, syncDir(s.cfg.Dir))
+		errs = append(errs, dirsync.Sync(s.cfg.Dir))
 	}
 	return errors.Join(errs...)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
-	}
-	return nil
 }
 
 type metrics struct {

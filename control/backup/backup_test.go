@@ -289,17 +289,7 @@ func TestEncryptedBackups(t *testing.T) {
 	dir := t.TempDir()
 	key := mustKey(t, testKey)
 	st := newState(99, 20)
-	s, err := backup.Start(backup.Config{Dir: dir, Every: time.Hour, Key: key, Logger: quiet,
-		Source:  func(_ context.Context, w io.Writer) error { _, err := state.Export(w, st); return err },
-		Leading: func() bool { return false }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	res, err := s.Backup(context.Background())
-	s.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := backupOnce(t, dir, key, quiet, st)
 	if !res.File.Encrypted || !strings.HasSuffix(res.File.Path, ".bin.age") {
 		t.Fatalf("encrypted backup named %s", res.File.Path)
 	}
@@ -388,17 +378,7 @@ func TestTheLogNamesEachBackupsDigest(t *testing.T) {
 	key := mustKey(t, testKey)
 	st := newState(7, 3)
 	rec := clustertest.NewLogRecorder()
-	s, err := backup.Start(backup.Config{Dir: t.TempDir(), Every: time.Hour, Key: key, Logger: slog.New(rec),
-		Source:  func(_ context.Context, w io.Writer) error { _, err := state.Export(w, st); return err },
-		Leading: func() bool { return false }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	res, err := s.Backup(context.Background())
-	s.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := backupOnce(t, t.TempDir(), key, slog.New(rec), st)
 	info, err := backup.VerifyFile(res.File.Path, key)
 	if err != nil {
 		t.Fatal(err)
@@ -681,4 +661,22 @@ func TestVerifyRefusesWhatRestoreWould(t *testing.T) {
 	if _, err := backup.Verify(bytes.NewReader(exportOf(t, m)), nil); err != nil {
 		t.Fatalf("verify of this release's format: %v", err)
 	}
+}
+
+// backupOnce writes one backup of st into dir (encrypted to key, when
+// set) through a scheduler that does not run on its own, and returns it.
+func backupOnce(t *testing.T, dir string, key *backup.Key, log *slog.Logger, st memState) backup.Result {
+	t.Helper()
+	s, err := backup.Start(backup.Config{Dir: dir, Every: time.Hour, Key: key, Logger: log,
+		Source:  func(_ context.Context, w io.Writer) error { _, err := state.Export(w, st); return err },
+		Leading: func() bool { return false }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	res, err := s.Backup(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
 }

@@ -38,6 +38,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/edge-relay/relay/control/fsm"
+	"github.com/edge-relay/relay/internal/dirsync"
 	"github.com/edge-relay/relay/internal/jitter"
 	statev1 "github.com/edge-relay/relay/proto/state/v1"
 	"github.com/edge-relay/relay/storage/raftlog"
@@ -908,25 +909,12 @@ func (n *Node) dropRestoreSnapshot(id string, err error) error {
 	final := filepath.Join(dir, id)
 	rerr := errors.Join(os.RemoveAll(final), os.RemoveAll(final+".tmp"))
 	if rerr == nil {
-		rerr = syncDir(dir)
+		rerr = dirsync.Sync(dir)
 	}
 	if rerr != nil {
 		return fmt.Errorf("%w (and the restore's snapshot stays in %s: remove it, or empty the data dir, before restoring again: %w)", err, final, rerr)
 	}
 	return err
-}
-
-// syncDir makes the entries removed from dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
-	}
-	return nil
 }
 
 // dropImport empties the state store after a restore failed past its

@@ -426,6 +426,19 @@ func (e *env) connectFrom(id, addr string, datagrams bool) *dev {
 	return d
 }
 
+// served waits (10 s at most) for the hub's Serve of d's connection to
+// return, and returns what it returned.
+func (d *dev) served() error {
+	d.t.Helper()
+	select {
+	case err := <-d.serve:
+		return err
+	case <-time.After(10 * time.Second):
+		d.t.Fatalf("%s: the session did not end within 10s", d.id)
+		return nil
+	}
+}
+
 // startReading reads frames into d.frames from now on.
 func (d *dev) startReading() {
 	d.reading = true

@@ -1602,11 +1602,7 @@ func TestADatagramNotTakenEndsTheSession(t *testing.T) {
 	})
 	b.conn.peer.stuckDatagrams.Store(true)
 	ephemeral()
-	select {
-	case <-b.serve:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the session whose datagrams are not taken did not end")
-	}
+	_ = b.served()
 	if got := e.metric("relay_edge_session_closes_total", "code", "slow_consumer"); got != 1 {
 		t.Errorf("closes counted slow_consumer: %v, want 1", got)
 	}
